@@ -1,0 +1,356 @@
+//! Group `storage.stratus.dev`: volumes, snapshots and the pools they live in (Cinder's job).
+
+// kube's `printcolumn(...)`/`selectable` repeat keys by design; clippy reads that as duplicates.
+#![allow(clippy::duplicated_attributes)]
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Condition, LABEL_PATTERN, NAME_PATTERN, Time};
+
+/// A block device that can be attached to a Server.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "storage.stratus.dev",
+    version = "v1",
+    kind = "Volume",
+    namespaced,
+    status = "VolumeStatus",
+    derive = "PartialEq",
+    shortname = "vol",
+    category = "stratus",
+    selectable = ".status.node",
+    selectable = ".status.pool",
+    doc = "A volume (Cinder volume): a persistent block device.",
+    printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Size GiB", type_ = "integer", json_path = ".spec.sizeGiB"),
+    printcolumn(
+        name = "Attached To",
+        type_ = "string",
+        json_path = ".status.attachedTo"
+    ),
+    printcolumn(
+        name = "Bootable",
+        type_ = "boolean",
+        json_path = ".spec.bootable",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Pool",
+        type_ = "string",
+        json_path = ".status.pool",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Node",
+        type_ = "string",
+        json_path = ".status.node",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeSpec {
+    /// Size, in GiB. It can grow (the volume is extended) but never shrink.
+    #[serde(rename = "sizeGiB")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub size_gib: u64,
+    /// Name of the StoragePool to create the volume in. Absent: chosen by the scheduler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    pub storage_pool: Option<String>,
+    /// Volume type, matched against pools' capabilities (Cinder volume type).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    pub volume_type: Option<String>,
+    /// Availability zone to create the volume in. Absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = LABEL_PATTERN))]
+    pub availability_zone: Option<String>,
+    /// Initial contents. Absent: zeroes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<VolumeSource>,
+    /// Whether Servers may boot from the volume.
+    #[serde(default)]
+    pub bootable: bool,
+    /// Free-form description.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 255))]
+    pub description: Option<String>,
+}
+
+/// Initial contents of a Volume: exactly one of the fields.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeSource {
+    /// Name of an Image to copy into the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    pub image: Option<String>,
+    /// Name of a VolumeSnapshot to restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    pub snapshot: Option<String>,
+    /// Name of a Volume to clone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    pub volume: Option<String>,
+}
+
+/// Lifecycle phase of a Volume.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum VolumePhase {
+    /// Waiting for a pool.
+    #[default]
+    Pending,
+    /// Being created (and filled from its source) in its pool.
+    Creating,
+    /// Ready, not attached.
+    Available,
+    /// Attached to a Server (`status.attachedTo`).
+    InUse,
+    /// Growing to a new `spec.sizeGiB`.
+    Extending,
+    /// Creation or an operation failed; see the conditions.
+    Error,
+    /// Being deleted.
+    Deleting,
+}
+
+/// Observed state of a Volume.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeStatus {
+    /// Lifecycle phase.
+    #[serde(default)]
+    pub phase: VolumePhase,
+    /// Name of the StoragePool holding the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Node holding the volume's data (the pool's node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Size actually provisioned, in GiB; less than `spec.sizeGiB` while extending.
+    #[serde(default, rename = "sizeGiB", skip_serializing_if = "Option::is_none")]
+    pub size_gib: Option<u64>,
+    /// Path of the block device on `node` (e.g. `/dev/stratus/volume-<uid>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_path: Option<String>,
+    /// Name of the Server the volume is attached to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attached_to: Option<String>,
+    /// Latest observations of the volume's state (`Scheduled`, `Ready`, `Attached`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// A point-in-time copy of a Volume.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "storage.stratus.dev",
+    version = "v1",
+    kind = "VolumeSnapshot",
+    namespaced,
+    status = "VolumeSnapshotStatus",
+    derive = "PartialEq",
+    shortname = "snap",
+    category = "stratus",
+    selectable = ".spec.volume",
+    doc = "A volume snapshot (Cinder snapshot): a point-in-time copy of a Volume.",
+    printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Volume", type_ = "string", json_path = ".spec.volume"),
+    printcolumn(name = "Size GiB", type_ = "integer", json_path = ".status.sizeGiB"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeSnapshotSpec {
+    /// Name of the Volume to snapshot.
+    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    pub volume: String,
+    /// Snapshot the volume even while it is attached (the copy is then only crash-consistent),
+    /// as Cinder's `--force`.
+    #[serde(default)]
+    pub force: bool,
+    /// Free-form description.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 255))]
+    pub description: Option<String>,
+}
+
+/// Lifecycle phase of a VolumeSnapshot.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum VolumeSnapshotPhase {
+    /// Waiting for its volume.
+    #[default]
+    Pending,
+    /// The copy is being made.
+    Creating,
+    /// Ready to restore from.
+    Available,
+    /// The copy failed; see the conditions.
+    Error,
+    /// Being deleted.
+    Deleting,
+}
+
+/// Observed state of a VolumeSnapshot.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeSnapshotStatus {
+    /// Lifecycle phase.
+    #[serde(default)]
+    pub phase: VolumeSnapshotPhase,
+    /// Size of the snapshotted volume at snapshot time, in GiB.
+    #[serde(default, rename = "sizeGiB", skip_serializing_if = "Option::is_none")]
+    pub size_gib: Option<u64>,
+    /// Name of the StoragePool holding the snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Node holding the snapshot's data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// When the copy was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<Time>,
+    /// Latest observations of the snapshot's state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Space on one node where Volumes are created.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "storage.stratus.dev",
+    version = "v1",
+    kind = "StoragePool",
+    status = "StoragePoolStatus",
+    derive = "PartialEq",
+    shortname = "sp",
+    category = "stratus",
+    selectable = ".spec.node",
+    doc = "A storage pool (Cinder backend): where Volumes are created on one node.",
+    printcolumn(name = "Backend", type_ = "string", json_path = ".spec.backend"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".spec.node"),
+    printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Capacity GiB",
+        type_ = "integer",
+        json_path = ".status.capacityGiB"
+    ),
+    printcolumn(
+        name = "Allocated GiB",
+        type_ = "integer",
+        json_path = ".status.allocatedGiB",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StoragePoolSpec {
+    /// How volumes are stored.
+    pub backend: StorageBackend,
+    /// Name of the node (its storage agent) holding the pool.
+    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    pub node: String,
+    /// For `lvm`: the LVM volume group volumes are created in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 127),
+        regex(pattern = r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]*$")
+    )]
+    pub vg_name: Option<String>,
+    /// For `file`: the absolute directory volume files are created in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 4096), regex(pattern = r"^/[^\x00]*$"))]
+    pub path: Option<String>,
+    /// Availability zone of the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = LABEL_PATTERN))]
+    pub availability_zone: Option<String>,
+    /// Percentage of the capacity never allocated (Cinder `reserved_percentage`).
+    #[serde(default)]
+    #[schemars(range(max = 100))]
+    pub reserved_percentage: u32,
+    /// A disabled pool keeps its volumes but gets no new ones.
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+/// How a StoragePool stores volumes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// Logical volumes in an LVM volume group (`vgName`).
+    Lvm,
+    /// Sparse files in a directory (`path`).
+    File,
+}
+
+/// Lifecycle phase of a StoragePool.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum StoragePoolPhase {
+    /// The node's agent has not reported yet.
+    #[default]
+    Pending,
+    /// The pool can take volumes.
+    Ready,
+    /// The agent's report is overdue or the backing store is missing.
+    NotReady,
+}
+
+/// Observed state of a StoragePool.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StoragePoolStatus {
+    /// Lifecycle phase.
+    #[serde(default)]
+    pub phase: StoragePoolPhase,
+    /// Total size of the backing store, in GiB.
+    #[serde(
+        default,
+        rename = "capacityGiB",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub capacity_gib: Option<u64>,
+    /// Space claimed by volumes and snapshots, in GiB.
+    #[serde(
+        default,
+        rename = "allocatedGiB",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub allocated_gib: Option<u64>,
+    /// Number of volumes in the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<u32>,
+    /// When the agent last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_time: Option<Time>,
+    /// Latest observations of the pool's state (`Ready`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}

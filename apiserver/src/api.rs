@@ -1,0 +1,1224 @@
+//! The resource verbs: create, get, list, update, patch, delete, deletecollection, over etcd.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use serde_json::{Value, json};
+
+use crate::body;
+use crate::error::{ApiError, ApiResult, Cause};
+use crate::meta;
+use crate::registry::{Registry, ResourceType};
+use crate::selector::{FieldSelector, LabelSelector};
+use crate::store::{Store, StoreError, Stored, Write};
+use crate::table::{self, Rendering};
+
+/// How many times a patch or delete is retried when a concurrent writer got there first.
+const WRITE_RETRIES: usize = 8;
+
+/// What the server does with fields the schema does not declare (`fieldValidation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldValidation {
+    /// Refuse the request (400) naming every unknown or duplicate field. The default.
+    Strict,
+    /// Drop them and say so in `Warning` headers.
+    Warn,
+    /// Drop them silently.
+    Ignore,
+}
+
+/// The query parameters of a request.
+#[derive(Debug, Default, Clone)]
+pub struct Params(BTreeMap<String, String>);
+
+impl Params {
+    /// Parses a query string.
+    pub fn parse(query: Option<&str>) -> ApiResult<Self> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
+            .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
+        Ok(Self(pairs.into_iter().collect()))
+    }
+
+    /// A parameter's value.
+    pub fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(String::as_str).filter(|v| !v.is_empty())
+    }
+
+    /// A boolean parameter, read as Go's `strconv.ParseBool` reads it (clients send `true`,
+    /// `True` or `1`).
+    pub fn flag(&self, k: &str) -> bool {
+        matches!(
+            self.get(k),
+            Some("1" | "t" | "T" | "true" | "TRUE" | "True")
+        )
+    }
+
+    /// Drops `limit` and `continue` (for reads that need every object).
+    pub fn remove_paging(&mut self) {
+        self.0.remove("limit");
+        self.0.remove("continue");
+    }
+
+    fn dry_run(&self) -> ApiResult<bool> {
+        match self.get("dryRun") {
+            None => Ok(false),
+            Some("All") => Ok(true),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "unsupported dryRun value \"{other}\": only \"All\" is supported"
+            ))),
+        }
+    }
+
+    fn field_validation(&self) -> ApiResult<FieldValidation> {
+        match self.get("fieldValidation") {
+            None | Some("Strict") => Ok(FieldValidation::Strict),
+            Some("Warn") => Ok(FieldValidation::Warn),
+            Some("Ignore") => Ok(FieldValidation::Ignore),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "fieldValidation: invalid value \"{other}\": must be one of Strict, Warn, Ignore"
+            ))),
+        }
+    }
+
+    fn int(&self, k: &str) -> ApiResult<Option<i64>> {
+        self.get(k)
+            .map(|v| {
+                v.parse::<i64>().map_err(|_| {
+                    ApiError::bad_request(format!("{k}: invalid value \"{v}\": must be an integer"))
+                })
+            })
+            .transpose()
+    }
+}
+
+/// Who is asking, after authentication.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The user name recorded in audit and managedFields.
+    pub user: String,
+    /// The default field manager (from the user agent), when the request names none.
+    pub user_agent: String,
+}
+
+/// Which object a request addresses.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The resource type.
+    pub rt: Arc<ResourceType>,
+    /// Namespace from the path (None: cluster-scoped or all namespaces).
+    pub namespace: Option<String>,
+    /// Object name from the path.
+    pub name: Option<String>,
+    /// `status`, when the path ends in `/status`.
+    pub subresource: Option<String>,
+}
+
+impl Target {
+    fn key(&self, api: &Api) -> String {
+        self.rt.key(
+            &api.prefix,
+            self.namespace.as_deref(),
+            self.name.as_deref().unwrap_or_default(),
+        )
+    }
+
+    fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or_default()
+    }
+
+    fn not_found(&self) -> ApiError {
+        ApiError::not_found(&self.rt.group, &self.rt.plural, self.name())
+    }
+
+    fn conflict(&self) -> ApiError {
+        ApiError::conflict(
+            &self.rt.group,
+            &self.rt.plural,
+            self.name(),
+            "the object has been modified; please apply your changes to the latest version and try again",
+        )
+    }
+}
+
+/// The API over one etcd.
+#[derive(Debug, Clone)]
+pub struct Api {
+    /// The store.
+    pub store: Store,
+    /// Served types.
+    pub registry: Arc<Registry>,
+    /// Key prefix of every object in etcd.
+    pub prefix: String,
+}
+
+pub(crate) fn store_err(e: StoreError) -> ApiError {
+    match e {
+        StoreError::Compacted => {
+            ApiError::gone("The resourceVersion for the provided list is too old.")
+        }
+        StoreError::FutureRevision => ApiError::timeout("Too large resource version"),
+        StoreError::Corrupt { key, .. } => {
+            ApiError::internal(format!("stored object at {key} cannot be decoded"))
+        }
+        StoreError::Etcd(e) => {
+            ApiError::unavailable(format!("the object store is unavailable: {e}"))
+        }
+    }
+}
+
+/// Sets `metadata.resourceVersion` from the etcd revision.
+pub fn with_rv(mut v: Value, rev: i64) -> Value {
+    meta::meta_mut(&mut v).insert("resourceVersion".into(), Value::String(rev.to_string()));
+    v
+}
+
+fn parse_rv(rv: &str) -> ApiResult<i64> {
+    rv.parse::<i64>().ok().filter(|r| *r >= 0).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "invalid resourceVersion \"{rv}\": must be a non-negative integer"
+        ))
+    })
+}
+
+/// A JSON response with `Warning` headers.
+pub fn json_response(code: StatusCode, v: &Value, warnings: &[String]) -> Response {
+    let mut resp = (code, v.to_string()).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    for w in warnings {
+        let text = format!("299 - {}", serde_json::Value::String(w.clone()));
+        if let Ok(v) = HeaderValue::from_str(&text) {
+            h.append(axum::http::header::WARNING, v);
+        }
+    }
+    resp
+}
+
+/// The continue token of a paginated list: where to resume and at which revision.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Continue {
+    start: String,
+    rv: i64,
+}
+
+fn encode_continue(start: &str, rv: i64) -> String {
+    let raw = json!({"start": start, "rv": rv}).to_string();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
+fn decode_continue(token: &str, prefix: &str) -> ApiResult<Continue> {
+    let bad = || {
+        ApiError::bad_request(
+            "continue key is not valid: the token is malformed or for another list",
+        )
+    };
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let c: Continue = serde_json::from_slice(&raw).map_err(|_| bad())?;
+    if !c.start.starts_with(prefix) || c.rv <= 0 {
+        return Err(bad());
+    }
+    Ok(c)
+}
+
+/// The selectors of a list, watch or deletecollection.
+#[derive(Debug, Clone, Default)]
+pub struct Selectors {
+    /// `labelSelector`.
+    pub labels: LabelSelector,
+    /// `fieldSelector`.
+    pub fields: FieldSelector,
+}
+
+impl Selectors {
+    /// Reads the selectors from the query.
+    pub fn parse(rt: &ResourceType, p: &Params) -> ApiResult<Self> {
+        Ok(Self {
+            labels: LabelSelector::parse(p.get("labelSelector").unwrap_or(""))?,
+            fields: FieldSelector::parse(
+                p.get("fieldSelector").unwrap_or(""),
+                |f| rt.field_selectable(f),
+                &rt.kind,
+            )?,
+        })
+    }
+
+    /// Whether an object is selected.
+    pub fn matches(&self, obj: &Value) -> bool {
+        self.labels.matches(obj) && self.fields.matches(obj)
+    }
+}
+
+/// What a write-side admission produced besides the object.
+struct Admitted {
+    warnings: Vec<String>,
+}
+
+impl Api {
+    /// Decodes a body, applying `fieldValidation` to duplicate fields.
+    fn decode(
+        &self,
+        bytes: &[u8],
+        content_type: &str,
+        fv: FieldValidation,
+    ) -> ApiResult<(Value, Vec<String>)> {
+        let d = body::decode(bytes, body::is_yaml(content_type))?;
+        if !d.value.is_object() {
+            return Err(ApiError::bad_request(
+                "the request body must be a JSON or YAML object",
+            ));
+        }
+        let mut warnings = Vec::new();
+        if !d.duplicates.is_empty() {
+            match fv {
+                FieldValidation::Strict => {
+                    let causes: Vec<Cause> = d.duplicates.iter().map(Cause::duplicate).collect();
+                    let list: Vec<String> = causes.iter().map(|c| c.message.clone()).collect();
+                    return Err(ApiError::bad_request_fields(
+                        format!("strict decoding error: {}", list.join(", ")),
+                        causes,
+                    ));
+                }
+                FieldValidation::Warn => warnings.extend(
+                    d.duplicates
+                        .iter()
+                        .map(|f| format!("duplicate field \"{f}\"")),
+                ),
+                FieldValidation::Ignore => {}
+            }
+        }
+        Ok((d.value, warnings))
+    }
+
+    /// Checks `apiVersion` and `kind` of a body against the path.
+    fn check_type(&self, rt: &ResourceType, obj: &Value) -> ApiResult<()> {
+        let api_version = obj
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let kind = obj.get("kind").and_then(Value::as_str).unwrap_or_default();
+        if kind.is_empty() {
+            return Err(ApiError::bad_request(
+                "Object 'Kind' is missing in the request body",
+            ));
+        }
+        if api_version.is_empty() {
+            return Err(ApiError::bad_request(
+                "Object 'apiVersion' is missing in the request body",
+            ));
+        }
+        if kind != rt.kind || api_version != rt.api_version() {
+            return Err(ApiError::bad_request(format!(
+                "the API version in the data ({api_version}) and kind ({kind}) do not match the resource {}/{} ({}) of the request",
+                rt.api_version(),
+                rt.plural,
+                rt.kind
+            )));
+        }
+        Ok(())
+    }
+
+    /// Prunes, defaults and validates an object about to be stored.
+    fn admit(&self, t: &Target, obj: &mut Value, fv: FieldValidation) -> ApiResult<Admitted> {
+        let rt = &t.rt;
+        let mut warnings = Vec::new();
+        let unknown = rt.structural.prune_and_default(obj);
+        if !unknown.is_empty() {
+            match fv {
+                FieldValidation::Strict => {
+                    let causes: Vec<Cause> = unknown.iter().map(Cause::unknown).collect();
+                    let list: Vec<String> = causes.iter().map(|c| c.message.clone()).collect();
+                    return Err(ApiError::bad_request_fields(
+                        format!(
+                            "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
+                            rt.kind,
+                            rt.version,
+                            rt.kind,
+                            list.join(", ")
+                        ),
+                        causes,
+                    ));
+                }
+                FieldValidation::Warn => {
+                    warnings.extend(unknown.iter().map(|f| format!("unknown field \"{f}\"")))
+                }
+                FieldValidation::Ignore => {}
+            }
+        }
+        let mut causes = meta::validate(obj.get("metadata").unwrap_or(&Value::Null), rt.namespaced);
+        causes.extend(rt.structural.validate(obj));
+        if causes.is_empty()
+            && rt.group.ends_with(".stratus.dev")
+            && let Err(errs) = stratus_api_types::validate::validate(&rt.group, &rt.kind, obj)
+        {
+            causes.extend(
+                errs.into_iter()
+                    .map(|e| Cause::invalid(e.field.clone(), e.to_string())),
+            );
+        }
+        if !causes.is_empty() {
+            return Err(ApiError::invalid(
+                &rt.kind,
+                &rt.group,
+                &rt.plural,
+                meta::meta_str(obj, "name").unwrap_or_default(),
+                causes,
+            ));
+        }
+        Ok(Admitted { warnings })
+    }
+
+    /// `POST` a new object.
+    pub async fn create(
+        &self,
+        t: &Target,
+        bytes: &[u8],
+        content_type: &str,
+        p: &Params,
+        caller: &Caller,
+    ) -> ApiResult<Response> {
+        let fv = p.field_validation()?;
+        let (obj, warnings) = self.decode(bytes, content_type, fv)?;
+        self.check_type(&t.rt, &obj)?;
+        self.create_object(t, obj, warnings, p, Some(self.manager(p, caller)))
+            .await
+    }
+
+    /// Creates a decoded object. `manager` records an Update entry in managedFields; `None`
+    /// keeps the entries the object carries (server-side apply made them).
+    async fn create_object(
+        &self,
+        t: &Target,
+        mut obj: Value,
+        mut warnings: Vec<String>,
+        p: &Params,
+        manager: Option<String>,
+    ) -> ApiResult<Response> {
+        let fv = p.field_validation()?;
+        let dry_run = p.dry_run()?;
+        let namespace = t.namespace.clone();
+        {
+            let m = meta::meta_mut(&mut obj);
+            match (m.get("namespace").and_then(Value::as_str), &namespace) {
+                (Some(body_ns), Some(ns)) if !body_ns.is_empty() && body_ns != ns => {
+                    return Err(ApiError::bad_request(
+                        "the namespace of the provided object does not match the namespace sent on the request",
+                    ));
+                }
+                _ => {}
+            }
+            match &namespace {
+                Some(ns) if t.rt.namespaced => {
+                    m.insert("namespace".into(), json!(ns));
+                }
+                _ => {
+                    m.remove("namespace");
+                }
+            }
+            if m.get("resourceVersion")
+                .and_then(Value::as_str)
+                .is_some_and(|s| !s.is_empty())
+            {
+                return Err(ApiError::invalid(
+                    &t.rt.kind,
+                    &t.rt.group,
+                    &t.rt.plural,
+                    m.get("name").and_then(Value::as_str).unwrap_or_default(),
+                    vec![Cause::invalid(
+                        "metadata.resourceVersion",
+                        "must be empty on create",
+                    )],
+                ));
+            }
+            let name = m
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            if name.is_empty() {
+                match m.get("generateName").and_then(Value::as_str) {
+                    Some(prefix) if !prefix.is_empty() => {
+                        m.insert("name".into(), json!(meta::generate_name(prefix)));
+                    }
+                    _ => {
+                        return Err(ApiError::invalid(
+                            &t.rt.kind,
+                            &t.rt.group,
+                            &t.rt.plural,
+                            "",
+                            vec![Cause {
+                                reason: "FieldValueRequired".into(),
+                                message: "Required value: name or generateName is required".into(),
+                                field: "metadata.name".into(),
+                            }],
+                        ));
+                    }
+                }
+            }
+            for f in [
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+                "selfLink",
+            ] {
+                m.remove(f);
+            }
+            if manager.is_some() {
+                m.remove("managedFields");
+            }
+            m.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
+            m.insert("creationTimestamp".into(), json!(meta::now()));
+            if t.rt.tracks_generation {
+                m.insert("generation".into(), json!(1));
+            }
+        }
+        if t.rt.status_subresource
+            && let Some(o) = obj.as_object_mut()
+        {
+            o.remove("status");
+        }
+        let admitted = self.admit(t, &mut obj, fv)?;
+        warnings.extend(admitted.warnings);
+        if let Some(manager) = &manager {
+            crate::fields::record_update(
+                &mut obj,
+                None,
+                manager,
+                &t.rt.api_version(),
+                t.subresource.as_deref(),
+            );
+        }
+        let name = meta::meta_str(&obj, "name").unwrap_or_default().to_string();
+        if dry_run {
+            return Ok(json_response(StatusCode::CREATED, &obj, &warnings));
+        }
+        let key = t.rt.key(&self.prefix, namespace.as_deref(), &name);
+        match self.store.create(&key, &obj).await.map_err(store_err)? {
+            Write::Done(rev) => Ok(json_response(
+                StatusCode::CREATED,
+                &with_rv(obj, rev),
+                &warnings,
+            )),
+            Write::Conflict(_) => Err(ApiError::already_exists(&t.rt.group, &t.rt.plural, &name)),
+        }
+    }
+
+    fn manager(&self, p: &Params, caller: &Caller) -> String {
+        p.get("fieldManager").map(String::from).unwrap_or_else(|| {
+            caller
+                .user_agent
+                .split('/')
+                .next()
+                .unwrap_or("unknown")
+                .to_string()
+        })
+    }
+
+    /// Reads one object.
+    pub async fn read(&self, t: &Target) -> ApiResult<Stored> {
+        self.store
+            .get(&t.key(self))
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| t.not_found())
+    }
+
+    /// `GET` one object.
+    pub async fn get(&self, t: &Target, headers: &HeaderMap, p: &Params) -> ApiResult<Response> {
+        let s = self.read(t).await?;
+        let obj = with_rv(s.value, s.mod_revision);
+        let rendering = Rendering::from_accept(accept(headers));
+        let out = match rendering {
+            Rendering::Full => obj,
+            Rendering::Metadata => table::partial(&obj),
+            Rendering::Table => table::table(
+                &t.rt,
+                &[obj],
+                json!({"resourceVersion": s.mod_revision.to_string()}),
+                p.get("includeObject").unwrap_or("Metadata"),
+                true,
+            ),
+        };
+        Ok(json_response(StatusCode::OK, &out, &[]))
+    }
+
+    /// Lists objects matching the selectors; pages with `limit`/`continue`. Returns the items,
+    /// the revision they were read at and the continue token.
+    pub async fn list_items(
+        &self,
+        t: &Target,
+        p: &Params,
+    ) -> ApiResult<(Vec<Value>, i64, Option<String>)> {
+        let sel = Selectors::parse(&t.rt, p)?;
+        let prefix = t.rt.key_prefix(&self.prefix, t.namespace.as_deref());
+        let limit = p.int("limit")?.unwrap_or(0).max(0);
+        let (mut start, mut revision) = match p.get("continue") {
+            Some(tok) => {
+                let c = decode_continue(tok, &prefix)?;
+                (Some(c.start), c.rv)
+            }
+            None => (None, 0),
+        };
+        if let Some(name) = sel.fields.pinned_name()
+            && start.is_none()
+            && (t.namespace.is_some() || !t.rt.namespaced)
+        {
+            let key = format!("{prefix}{name}");
+            let page = self
+                .store
+                .list(&key, None, revision, 1)
+                .await
+                .map_err(store_err)?;
+            let items = page
+                .items
+                .into_iter()
+                .filter(|(k, s)| *k == key && sel.matches(&s.value))
+                .map(|(_, s)| with_rv(s.value, s.mod_revision))
+                .collect();
+            return Ok((items, page.revision, None));
+        }
+        let mut items = Vec::new();
+        let mut token = None;
+        loop {
+            let want = if limit > 0 {
+                (limit - items.len() as i64).max(1)
+            } else {
+                0
+            };
+            let page = self.store.list(&prefix, start.as_deref(), revision, want).await.map_err(|e| match e {
+                StoreError::Compacted if p.get("continue").is_some() => ApiError::gone(
+                    "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+                ),
+                e => store_err(e),
+            })?;
+            revision = page.revision;
+            let mut last = None;
+            let n = page.items.len();
+            for (key, s) in page.items {
+                last = Some(key.clone());
+                if sel.matches(&s.value) {
+                    items.push(with_rv(s.value, s.mod_revision));
+                }
+                if limit > 0 && items.len() as i64 >= limit {
+                    break;
+                }
+            }
+            let consumed_all = last.is_some() && n > 0;
+            let more = page.more || (limit > 0 && items.len() as i64 >= limit && consumed_all);
+            match last {
+                Some(k) if more => {
+                    let next = format!("{k}\0");
+                    if limit > 0 && items.len() as i64 >= limit {
+                        // Only hand out a token when something is left after `k`.
+                        let probe = self
+                            .store
+                            .list(&prefix, Some(&next), revision, 1)
+                            .await
+                            .map_err(store_err)?;
+                        if !probe.items.is_empty() {
+                            token = Some(encode_continue(&next, revision));
+                        }
+                        break;
+                    }
+                    start = Some(next);
+                }
+                _ => break,
+            }
+        }
+        Ok((items, revision, token))
+    }
+
+    /// `GET` a collection.
+    pub async fn list(&self, t: &Target, headers: &HeaderMap, p: &Params) -> ApiResult<Response> {
+        let (items, revision, token) = self.list_items(t, p).await?;
+        let mut list_meta = json!({"resourceVersion": revision.to_string()});
+        if let Some(tok) = &token {
+            list_meta["continue"] = json!(tok);
+        }
+        let out = match Rendering::from_accept(accept(headers)) {
+            Rendering::Full => json!({
+                "kind": format!("{}List", t.rt.kind),
+                "apiVersion": t.rt.api_version(),
+                "metadata": list_meta,
+                "items": items,
+            }),
+            Rendering::Metadata => json!({
+                "kind": "PartialObjectMetadataList",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": list_meta,
+                "items": items.iter().map(table::partial).collect::<Vec<_>>(),
+            }),
+            Rendering::Table => table::table(
+                &t.rt,
+                &items,
+                list_meta,
+                p.get("includeObject").unwrap_or("Metadata"),
+                true,
+            ),
+        };
+        Ok(json_response(StatusCode::OK, &out, &[]))
+    }
+
+    /// `PUT` an object (or its status).
+    pub async fn update(
+        &self,
+        t: &Target,
+        bytes: &[u8],
+        content_type: &str,
+        p: &Params,
+        caller: &Caller,
+    ) -> ApiResult<Response> {
+        let fv = p.field_validation()?;
+        let (obj, warnings) = self.decode(bytes, content_type, fv)?;
+        self.check_type(&t.rt, &obj)?;
+        let rv = match meta::meta_str(&obj, "resourceVersion") {
+            Some(rv) if !rv.is_empty() => parse_rv(rv)?,
+            _ => {
+                return Err(ApiError::invalid(
+                    &t.rt.kind,
+                    &t.rt.group,
+                    &t.rt.plural,
+                    t.name(),
+                    vec![Cause::invalid(
+                        "metadata.resourceVersion",
+                        "Invalid value: 0x0: must be specified for an update",
+                    )],
+                ));
+            }
+        };
+        let current = self.read(t).await?;
+        if current.mod_revision != rv {
+            return Err(t.conflict());
+        }
+        self.write_update(t, current, obj, p, Some(self.manager(p, caller)), warnings)
+            .await
+    }
+
+    /// Stores `incoming` as the new state of `current`: keeps what the client may not change,
+    /// bumps generation, deletes the object when its last finalizer is gone.
+    async fn write_update(
+        &self,
+        t: &Target,
+        current: Stored,
+        mut incoming: Value,
+        p: &Params,
+        manager: Option<String>,
+        mut warnings: Vec<String>,
+    ) -> ApiResult<Response> {
+        let fv = p.field_validation()?;
+        let dry_run = p.dry_run()?;
+        match meta::meta_str(&incoming, "name") {
+            Some(n) if !n.is_empty() && n != t.name() => {
+                return Err(ApiError::bad_request(format!(
+                    "the name of the object ({n}) does not match the name on the URL ({})",
+                    t.name()
+                )));
+            }
+            _ => {}
+        }
+        if let (Some(ns), Some(body_ns)) = (&t.namespace, meta::meta_str(&incoming, "namespace"))
+            && !body_ns.is_empty()
+            && body_ns != ns
+        {
+            return Err(ApiError::bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request",
+            ));
+        }
+        let old = &current.value;
+        let status_write = t.subresource.as_deref() == Some("status");
+        let mut new = if status_write {
+            let mut n = old.clone();
+            match incoming.get("status") {
+                Some(s) => n["status"] = s.clone(),
+                None => {
+                    if let Some(o) = n.as_object_mut() {
+                        o.remove("status");
+                    }
+                }
+            }
+            n
+        } else {
+            if t.rt.status_subresource {
+                match old.get("status") {
+                    Some(s) => incoming["status"] = s.clone(),
+                    None => {
+                        if let Some(o) = incoming.as_object_mut() {
+                            o.remove("status");
+                        }
+                    }
+                }
+            }
+            // System fields are the server's; the client's copies are ignored.
+            {
+                let m = meta::meta_mut(&mut incoming);
+                m.insert("name".into(), json!(t.name()));
+                for f in [
+                    "uid",
+                    "creationTimestamp",
+                    "deletionTimestamp",
+                    "deletionGracePeriodSeconds",
+                    "generation",
+                    "namespace",
+                ] {
+                    match old.pointer(&format!("/metadata/{f}")) {
+                        Some(v) => m.insert(f.into(), v.clone()),
+                        None => m.remove(f),
+                    };
+                }
+                m.remove("selfLink");
+                if !m.contains_key("managedFields")
+                    && let Some(mf) = old.pointer("/metadata/managedFields")
+                {
+                    m.insert("managedFields".into(), mf.clone());
+                }
+            }
+            incoming
+        };
+        meta::meta_mut(&mut new).remove("resourceVersion");
+        let admitted = self.admit(t, &mut new, fv)?;
+        warnings.extend(admitted.warnings);
+
+        let deleting = old.pointer("/metadata/deletionTimestamp").is_some();
+        if deleting {
+            let before = meta::finalizers(old);
+            let added: Vec<String> = meta::finalizers(&new)
+                .into_iter()
+                .filter(|f| !before.contains(f))
+                .collect();
+            if !added.is_empty() {
+                return Err(ApiError::invalid(
+                    &t.rt.kind,
+                    &t.rt.group,
+                    &t.rt.plural,
+                    t.name(),
+                    vec![Cause::invalid(
+                        "metadata.finalizers",
+                        format!(
+                            "Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers {added:?}"
+                        ),
+                    )],
+                ));
+            }
+        }
+        if t.rt.tracks_generation && meta::spec_part(&new) != meta::spec_part(old) {
+            let g = old
+                .pointer("/metadata/generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+            meta::meta_mut(&mut new).insert("generation".into(), json!(g + 1));
+        }
+        if let Some(manager) = &manager {
+            crate::fields::record_update(
+                &mut new,
+                Some(old),
+                manager,
+                &t.rt.api_version(),
+                t.subresource.as_deref(),
+            );
+        }
+        if &new == old {
+            return Ok(json_response(
+                StatusCode::OK,
+                &with_rv(new, current.mod_revision),
+                &warnings,
+            ));
+        }
+        let key = t.key(self);
+        if deleting && meta::finalizers(&new).is_empty() {
+            if dry_run {
+                return Ok(json_response(StatusCode::OK, &new, &warnings));
+            }
+            return match self
+                .store
+                .delete(&key, current.mod_revision)
+                .await
+                .map_err(store_err)?
+            {
+                Write::Done(rev) => {
+                    Ok(json_response(StatusCode::OK, &with_rv(new, rev), &warnings))
+                }
+                Write::Conflict(_) => Err(t.conflict()),
+            };
+        }
+        if dry_run {
+            return Ok(json_response(
+                StatusCode::OK,
+                &with_rv(new, current.mod_revision),
+                &warnings,
+            ));
+        }
+        match self
+            .store
+            .update(&key, &new, current.mod_revision)
+            .await
+            .map_err(store_err)?
+        {
+            Write::Done(rev) => Ok(json_response(StatusCode::OK, &with_rv(new, rev), &warnings)),
+            Write::Conflict(_) => Err(t.conflict()),
+        }
+    }
+
+    /// `PATCH` an object (or its status): JSON merge patch, JSON patch or server-side apply.
+    pub async fn patch(
+        &self,
+        t: &Target,
+        bytes: &[u8],
+        content_type: &str,
+        p: &Params,
+        caller: &Caller,
+    ) -> ApiResult<Response> {
+        let ct = content_type.split(';').next().unwrap_or("").trim();
+        let fv = p.field_validation()?;
+        enum Kind {
+            Merge(Value),
+            Json(json_patch::Patch),
+            Apply(Value),
+        }
+        let (patch, warnings) = match ct {
+            "application/merge-patch+json" => {
+                let (v, w) = self.decode(bytes, "application/json", fv)?;
+                (Kind::Merge(v), w)
+            }
+            "application/json-patch+json" => {
+                let ops: json_patch::Patch = serde_json::from_slice(bytes).map_err(|e| {
+                    ApiError::bad_request(format!("the JSON patch is not valid: {e}"))
+                })?;
+                (Kind::Json(ops), Vec::new())
+            }
+            "application/apply-patch+yaml" | "application/apply-patch+json" => {
+                let (v, w) = self.decode(bytes, content_type, fv)?;
+                self.check_type(&t.rt, &v)?;
+                if p.get("fieldManager").is_none() {
+                    return Err(ApiError::bad_request(
+                        "PATCH with apply requires the fieldManager query parameter",
+                    ));
+                }
+                (Kind::Apply(v), w)
+            }
+            "application/strategic-merge-patch+json" => {
+                return Err(ApiError::unsupported_media_type(&format!(
+                    "{ct}: strategic merge patch is not supported for {}; use --type=merge or --type=json",
+                    t.rt.kind
+                )));
+            }
+            other => return Err(ApiError::unsupported_media_type(other)),
+        };
+        for _ in 0..WRITE_RETRIES {
+            let current = match self.store.get(&t.key(self)).await.map_err(store_err)? {
+                Some(c) => c,
+                None => match &patch {
+                    Kind::Apply(v) if t.subresource.is_none() => {
+                        return self.apply_create(t, v.clone(), p, warnings).await;
+                    }
+                    _ => return Err(t.not_found()),
+                },
+            };
+            let base = with_rv(current.value.clone(), current.mod_revision);
+            let patched = match &patch {
+                Kind::Merge(m) => {
+                    let mut doc = base.clone();
+                    json_patch::merge(&mut doc, m);
+                    doc
+                }
+                Kind::Json(ops) => {
+                    let mut doc = base.clone();
+                    json_patch::patch(&mut doc, ops).map_err(|e| {
+                        ApiError::invalid(
+                            &t.rt.kind,
+                            &t.rt.group,
+                            &t.rt.plural,
+                            t.name(),
+                            vec![Cause::invalid(
+                                pointer_of(&e.to_string()),
+                                format!("the JSON patch cannot be applied: {e}"),
+                            )],
+                        )
+                    })?;
+                    doc
+                }
+                Kind::Apply(applied) => {
+                    let manager = p.get("fieldManager").unwrap_or_default();
+                    crate::fields::apply(
+                        &base,
+                        applied,
+                        manager,
+                        &t.rt.api_version(),
+                        p.flag("force"),
+                        t.subresource.as_deref(),
+                    )
+                    .map_err(|conflicts| {
+                        ApiError::apply_conflict(&t.rt.group, &t.rt.plural, t.name(), conflicts)
+                    })?
+                }
+            };
+            if !patched.is_object() {
+                return Err(ApiError::bad_request(
+                    "the patch does not result in an object",
+                ));
+            }
+            if let Some(rv) = meta::meta_str(&patched, "resourceVersion")
+                && rv != current.mod_revision.to_string()
+            {
+                return Err(t.conflict());
+            }
+            let manager = match &patch {
+                Kind::Apply(_) => None,
+                _ => Some(self.manager(p, caller)),
+            };
+            match self
+                .write_update(t, current, patched, p, manager, warnings.clone())
+                .await
+            {
+                Err(e)
+                    if e.code == 409 && e.reason == "Conflict" && e.details.causes.is_empty() =>
+                {
+                    continue;
+                }
+                other => return other,
+            }
+        }
+        Err(t.conflict())
+    }
+
+    async fn apply_create(
+        &self,
+        t: &Target,
+        applied: Value,
+        p: &Params,
+        warnings: Vec<String>,
+    ) -> ApiResult<Response> {
+        let manager = p.get("fieldManager").unwrap_or_default();
+        let obj = crate::fields::apply(
+            &json!({}),
+            &applied,
+            manager,
+            &t.rt.api_version(),
+            false,
+            None,
+        )
+        .map_err(|c| ApiError::apply_conflict(&t.rt.group, &t.rt.plural, t.name(), c))?;
+        self.create_object(t, obj, warnings, p, None).await
+    }
+
+    /// `DELETE` an object: at once, or by setting `deletionTimestamp` while finalizers remain.
+    pub async fn delete(&self, t: &Target, bytes: &[u8], p: &Params) -> ApiResult<Response> {
+        let opts: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
+            json!({})
+        } else {
+            body::decode(bytes, false)?.value
+        };
+        let dry_run = p.dry_run()?
+            || opts
+                .get("dryRun")
+                .and_then(Value::as_array)
+                .is_some_and(|a| a.iter().any(|v| v == "All"));
+        let policy = p
+            .get("propagationPolicy")
+            .map(String::from)
+            .or_else(|| {
+                opts.get("propagationPolicy")
+                    .and_then(Value::as_str)
+                    .map(String::from)
+            })
+            .or_else(|| {
+                match opts
+                    .get("orphanDependents")
+                    .and_then(Value::as_bool)
+                    .or(p.get("orphanDependents").map(|v| v == "true"))
+                {
+                    Some(true) => Some("Orphan".into()),
+                    _ => None,
+                }
+            })
+            .unwrap_or_else(|| "Background".into());
+        let extra_finalizer = match policy.as_str() {
+            "Background" => None,
+            "Foreground" => Some("foregroundDeletion"),
+            "Orphan" => Some("orphan"),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "propagationPolicy: unsupported value \"{other}\": must be Orphan, Background or Foreground"
+                )));
+            }
+        };
+        for _ in 0..WRITE_RETRIES {
+            let current = self.read(t).await?;
+            if let Some(uid) = opts.pointer("/preconditions/uid").and_then(Value::as_str)
+                && meta::meta_str(&current.value, "uid") != Some(uid)
+            {
+                return Err(ApiError::conflict(
+                    &t.rt.group,
+                    &t.rt.plural,
+                    t.name(),
+                    format!(
+                        "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                        meta::meta_str(&current.value, "uid").unwrap_or_default()
+                    ),
+                ));
+            }
+            if let Some(rv) = opts
+                .pointer("/preconditions/resourceVersion")
+                .and_then(Value::as_str)
+                && rv != current.mod_revision.to_string()
+            {
+                return Err(ApiError::conflict(
+                    &t.rt.group,
+                    &t.rt.plural,
+                    t.name(),
+                    format!(
+                        "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                        current.mod_revision
+                    ),
+                ));
+            }
+            let mut finalizers = meta::finalizers(&current.value);
+            if let Some(f) = extra_finalizer
+                && !finalizers.iter().any(|x| x == f)
+            {
+                finalizers.push(f.to_string());
+            }
+            let key = t.key(self);
+            if finalizers.is_empty() {
+                if dry_run {
+                    return Ok(json_response(
+                        StatusCode::OK,
+                        &with_rv(current.value, current.mod_revision),
+                        &[],
+                    ));
+                }
+                match self
+                    .store
+                    .delete(&key, current.mod_revision)
+                    .await
+                    .map_err(store_err)?
+                {
+                    Write::Done(rev) => {
+                        return Ok(json_response(
+                            StatusCode::OK,
+                            &with_rv(current.value, rev),
+                            &[],
+                        ));
+                    }
+                    Write::Conflict(_) => continue,
+                }
+            }
+            let mut obj = current.value.clone();
+            let already = obj.pointer("/metadata/deletionTimestamp").is_some();
+            {
+                let m = meta::meta_mut(&mut obj);
+                m.insert("finalizers".into(), json!(finalizers));
+                if !already {
+                    m.insert("deletionTimestamp".into(), json!(meta::now()));
+                    m.insert("deletionGracePeriodSeconds".into(), json!(0));
+                    if let Some(g) = m.get("generation").and_then(Value::as_i64) {
+                        m.insert("generation".into(), json!(g + 1));
+                    }
+                }
+            }
+            if obj == current.value || dry_run {
+                return Ok(json_response(
+                    StatusCode::ACCEPTED,
+                    &with_rv(obj, current.mod_revision),
+                    &[],
+                ));
+            }
+            match self
+                .store
+                .update(&key, &obj, current.mod_revision)
+                .await
+                .map_err(store_err)?
+            {
+                Write::Done(rev) => {
+                    return Ok(json_response(StatusCode::ACCEPTED, &with_rv(obj, rev), &[]));
+                }
+                Write::Conflict(_) => continue,
+            }
+        }
+        Err(t.conflict())
+    }
+
+    /// `DELETE` a collection: every selected object, as `DELETE` would.
+    pub async fn delete_collection(
+        &self,
+        t: &Target,
+        bytes: &[u8],
+        p: &Params,
+    ) -> ApiResult<Response> {
+        let mut lp = p.clone();
+        lp.remove_paging();
+        let (items, revision, _) = self.list_items(t, &lp).await?;
+        let mut deleted = Vec::new();
+        for item in items {
+            let one = Target {
+                rt: Arc::clone(&t.rt),
+                namespace: meta::meta_str(&item, "namespace").map(String::from),
+                name: meta::meta_str(&item, "name").map(String::from),
+                subresource: None,
+            };
+            match self.delete(&one, bytes, p).await {
+                Ok(_) => deleted.push(item),
+                Err(e) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({
+                "kind": format!("{}List", t.rt.kind),
+                "apiVersion": t.rt.api_version(),
+                "metadata": {"resourceVersion": revision.to_string()},
+                "items": deleted,
+            }),
+            &[],
+        ))
+    }
+}
+
+impl Api {
+    /// The namespaces (projects) that hold at least one object.
+    pub async fn namespaces_in_use(&self) -> ApiResult<Vec<String>> {
+        let mut out = std::collections::BTreeSet::new();
+        for rt in self.registry.all().iter().filter(|t| t.namespaced) {
+            let prefix = rt.key_prefix(&self.prefix, None);
+            for key in self.store.keys(&prefix).await.map_err(store_err)? {
+                if let Some((ns, _)) = key[prefix.len()..].split_once('/') {
+                    out.insert(ns.to_string());
+                }
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+}
+
+/// A core/v1 Namespace as Stratus presents a project's namespace (every valid name exists).
+pub fn namespace_object(name: &str) -> Value {
+    json!({"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": name}, "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+}
+
+fn pointer_of(msg: &str) -> String {
+    msg.split_whitespace()
+        .find(|w| w.starts_with("\"/") || w.starts_with('/'))
+        .map(|w| {
+            crate::schema::pointer_to_path(
+                w.trim_matches(|c| c == '"' || c == '\'' || c == ',' || c == ':'),
+            )
+        })
+        .unwrap_or_else(|| "<patch>".into())
+}
+
+/// The `Accept` header, or `application/json`.
+pub fn accept(headers: &HeaderMap) -> &str {
+    headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+}

@@ -1,0 +1,18 @@
+//! The Stratus API server: Kubernetes API conventions over etcd.
+
+pub mod api;
+pub mod body;
+pub mod discovery;
+pub mod error;
+pub mod fields;
+pub mod meta;
+pub mod registry;
+pub mod schema;
+pub mod selector;
+pub mod server;
+pub mod store;
+pub mod table;
+pub mod tls;
+pub mod watch;
+
+pub use server::{Config, Server, start};

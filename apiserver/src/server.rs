@@ -1,0 +1,401 @@
+//! The HTTP(S) front: routing of Kubernetes-style paths, authentication, serving.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::api::{Api, Caller, Params, Target, json_response};
+use crate::discovery;
+use crate::error::{ApiError, ApiResult};
+use crate::registry::Registry;
+use crate::store::Store;
+
+/// API server settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// etcd client URLs.
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of every object in etcd.
+    pub prefix: String,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// PEM certificate chain and key; plain HTTP when absent (tests of the HTTP layer only).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Bearer tokens and the user each one authenticates.
+    pub tokens: HashMap<String, String>,
+    /// How often watches that asked for bookmarks get one.
+    pub bookmark_interval: Duration,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+}
+
+impl Config {
+    /// Defaults for everything but the etcd endpoints.
+    pub fn new(etcd_endpoints: Vec<String>) -> Self {
+        Self {
+            etcd_endpoints,
+            prefix: "/stratus".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 6443)),
+            tls: None,
+            tokens: HashMap::new(),
+            bookmark_interval: Duration::from_secs(60),
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Reads a token file: one `token,user` per line (`#` comments allowed).
+pub fn read_token_file(path: &std::path::Path) -> std::io::Result<HashMap<String, String>> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            l.split_once(',')
+                .map(|(t, u)| (t.trim().to_string(), u.trim().to_string()))
+        })
+        .collect())
+}
+
+struct AppState {
+    api: Api,
+    config: Config,
+}
+
+/// The router of every API path.
+fn router(state: Arc<AppState>) -> Router {
+    Router::new().fallback(handle).with_state(state)
+}
+
+fn authenticate(state: &AppState, req: &axum::http::request::Parts) -> ApiResult<Caller> {
+    let token = req
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(ApiError::unauthorized)?;
+    let user = state
+        .config
+        .tokens
+        .get(token)
+        .ok_or_else(ApiError::unauthorized)?;
+    let user_agent = req
+        .headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("unknown")
+        .to_string();
+    Ok(Caller {
+        user: user.clone(),
+        user_agent,
+    })
+}
+
+async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let method = parts.method.clone();
+    let result = async {
+        match path.as_str() {
+            "/healthz" | "/livez" => return Ok((StatusCode::OK, "ok").into_response()),
+            "/readyz" => {
+                return match state.api.store.revision().await {
+                    Ok(_) => Ok((StatusCode::OK, "ok").into_response()),
+                    Err(_) => Ok((StatusCode::SERVICE_UNAVAILABLE, "etcd not ready").into_response()),
+                };
+            }
+            "/version" => {
+                return Ok(json_response(StatusCode::OK, &json!({
+                    "major": "1", "minor": "32", "gitVersion": concat!("v1.32.0-stratus.", env!("CARGO_PKG_VERSION")),
+                    "gitCommit": "", "gitTreeState": "clean", "buildDate": "", "goVersion": "", "compiler": "rustc", "platform": "linux/amd64",
+                }), &[]));
+            }
+            _ => {}
+        }
+        let caller = authenticate(&state, &parts)?;
+        let bytes = axum::body::to_bytes(body, state.config.max_body_bytes)
+            .await
+            .map_err(|_| ApiError::too_large(state.config.max_body_bytes))?;
+        let params = Params::parse(parts.uri.query())?;
+        let response = route(&state, &method, &path, &parts.headers, &params, &bytes, &caller).await;
+        let code = response.as_ref().map(|r| r.status().as_u16()).unwrap_or_else(|e| e.code);
+        tracing::debug!(user = %caller.user, %method, %path, query = parts.uri.query().unwrap_or(""), code, "request");
+        response
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn route(
+    state: &AppState,
+    method: &Method,
+    path: &str,
+    headers: &axum::http::HeaderMap,
+    params: &Params,
+    bytes: &[u8],
+    caller: &Caller,
+) -> ApiResult<Response> {
+    let reg = &state.api.registry;
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let ok = |v: serde_json::Value| Ok(json_response(StatusCode::OK, &v, &[]));
+    let none = || ApiError::no_route(path);
+    let get_only = |m: &Method| {
+        if m == Method::GET {
+            Ok(())
+        } else {
+            Err(ApiError::method_not_allowed(format!(
+                "{m} is not allowed on {path}"
+            )))
+        }
+    };
+    match segs.as_slice() {
+        ["api"] => {
+            get_only(method)?;
+            return ok(discovery::core_versions());
+        }
+        ["apis"] => {
+            get_only(method)?;
+            return ok(discovery::groups(reg));
+        }
+        ["api", v] => {
+            get_only(method)?;
+            return ok(discovery::resources(reg, "", v).ok_or_else(none)?);
+        }
+        ["apis", g] => {
+            get_only(method)?;
+            return ok(discovery::group(reg, g).ok_or_else(none)?);
+        }
+        ["apis", g, v] => {
+            get_only(method)?;
+            return ok(discovery::resources(reg, g, v).ok_or_else(none)?);
+        }
+        ["openapi", "v2"] => {
+            get_only(method)?;
+            return ok(discovery::openapi_v2(reg));
+        }
+        ["openapi", "v3"] => {
+            get_only(method)?;
+            return ok(discovery::openapi_v3_index(reg));
+        }
+        ["openapi", "v3", "api", v] => {
+            get_only(method)?;
+            return ok(discovery::openapi_v3(reg, "", v).ok_or_else(none)?);
+        }
+        ["openapi", "v3", "apis", g, v] => {
+            get_only(method)?;
+            return ok(discovery::openapi_v3(reg, g, v).ok_or_else(none)?);
+        }
+        _ => {}
+    }
+    // Namespaces are read-only views: a project's objects live in the namespace named after it.
+    match segs.as_slice() {
+        ["api", "v1", "namespaces"] => {
+            get_only(method)?;
+            let items: Vec<serde_json::Value> = state
+                .api
+                .namespaces_in_use()
+                .await?
+                .iter()
+                .map(|n| crate::api::namespace_object(n))
+                .collect();
+            return ok(
+                json!({"kind": "NamespaceList", "apiVersion": "v1", "metadata": {}, "items": items}),
+            );
+        }
+        ["api", "v1", "namespaces", ns] => {
+            get_only(method)?;
+            if !crate::meta::is_dns1123_label(ns) {
+                return Err(ApiError::not_found("", "namespaces", ns));
+            }
+            return ok(crate::api::namespace_object(ns));
+        }
+        _ => {}
+    }
+    let (group, version, rest) = match segs.as_slice() {
+        ["api", v, rest @ ..] => ("", *v, rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => return Err(none()),
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, plural, tail @ ..] => (Some(ns.to_string()), {
+            let mut r = vec![*plural];
+            r.extend_from_slice(tail);
+            r
+        }),
+        other => (None, other.to_vec()),
+    };
+    let (plural, name, sub) = match rest.as_slice() {
+        [plural] => (*plural, None, None),
+        [plural, name] => (*plural, Some(name.to_string()), None),
+        [plural, name, sub] => (*plural, Some(name.to_string()), Some(sub.to_string())),
+        _ => return Err(none()),
+    };
+    let rt = reg.get(group, version, plural).ok_or_else(none)?;
+    if namespace.is_some() && !rt.namespaced {
+        return Err(none());
+    }
+    if let Some(s) = &sub
+        && !(s == "status" && rt.status_subresource)
+    {
+        return Err(none());
+    }
+    if let Some(ns) = &namespace
+        && !crate::meta::is_dns1123_label(ns)
+    {
+        return Err(ApiError::bad_request(format!(
+            "invalid namespace \"{ns}\": must be a DNS-1123 label"
+        )));
+    }
+    if rt.namespaced && namespace.is_none() && name.is_some() {
+        return Err(none());
+    }
+    let t = Target {
+        rt: Arc::clone(rt),
+        namespace,
+        name,
+        subresource: sub,
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let api = &state.api;
+    match (method, t.name.is_some()) {
+        (&Method::GET, false) if params.flag("watch") => {
+            crate::watch::watch(api, &t, headers, params, state.config.bookmark_interval).await
+        }
+        (&Method::GET, false) => api.list(&t, headers, params).await,
+        (&Method::GET, true) => api.get(&t, headers, params).await,
+        (&Method::POST, false) if t.namespace.is_some() || !t.rt.namespaced => {
+            api.create(&t, bytes, content_type, params, caller).await
+        }
+        (&Method::PUT, true) => api.update(&t, bytes, content_type, params, caller).await,
+        (&Method::PATCH, true) => api.patch(&t, bytes, content_type, params, caller).await,
+        (&Method::DELETE, true) if t.subresource.is_none() => api.delete(&t, bytes, params).await,
+        (&Method::DELETE, false) => api.delete_collection(&t, bytes, params).await,
+        (m, _) => Err(ApiError::method_not_allowed(format!(
+            "{m} is not allowed on {path}"
+        ))),
+    }
+}
+
+/// A running API server.
+pub struct Server {
+    /// The address it listens on (useful with port 0).
+    pub local_addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Stops serving.
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+
+    /// Waits until the server stops.
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The kinds could not be loaded.
+    #[error("load resource kinds")]
+    Registry(#[from] crate::registry::RegistryError),
+    /// etcd is unreachable.
+    #[error("connect to etcd")]
+    Store(#[from] crate::store::StoreError),
+    /// The listen address is taken or not allowed.
+    #[error("listen on {0}")]
+    Listen(SocketAddr, #[source] std::io::Error),
+    /// The TLS files are missing or invalid.
+    #[error("load TLS certificate and key")]
+    Tls(#[source] std::io::Error),
+}
+
+/// Starts serving; returns once the listener is bound.
+pub async fn start(config: Config) -> Result<Server, StartError> {
+    let registry = Arc::new(Registry::stratus()?);
+    let store = Store::connect(&config.etcd_endpoints).await?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| StartError::Listen(config.listen, e))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| StartError::Listen(config.listen, e))?;
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(crate::tls::acceptor(cert, key).map_err(StartError::Tls)?),
+        None => None,
+    };
+    let api = Api {
+        store,
+        registry,
+        prefix: config.prefix.clone(),
+    };
+    let app = router(Arc::new(AppState { api, config }));
+    let task = tokio::spawn(async move {
+        loop {
+            let (sock, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = sock.set_nodelay(true);
+            let app = app.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let app = app.clone();
+                        async move {
+                            use tower::ServiceExt;
+                            app.oneshot(req.map(Body::new)).await
+                        }
+                    },
+                );
+                let builder = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                let result = match tls {
+                    Some(acceptor) => match acceptor.accept(sock).await {
+                        Ok(stream) => {
+                            builder
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                    },
+                    None => {
+                        builder
+                            .serve_connection(hyper_util::rt::TokioIo::new(sock), service)
+                            .await
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+        }
+    });
+    Ok(Server { local_addr, task })
+}

@@ -1,0 +1,283 @@
+//! Object storage on etcd: one key per object, every write one transaction comparing
+//! `mod_revision`, `resourceVersion` = etcd revision.
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, Error as EtcdError, GetOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
+};
+use serde_json::Value;
+use std::time::Duration;
+
+/// Failures of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// etcd could not be reached or answered with an error.
+    #[error("etcd request failed")]
+    Etcd(#[source] EtcdError),
+    /// The requested revision has been compacted away.
+    #[error("the requested revision has been compacted")]
+    Compacted,
+    /// The requested revision is newer than the store's.
+    #[error("the requested revision is in the future")]
+    FutureRevision,
+    /// A stored value is not a JSON object (written by something other than Stratus).
+    #[error("stored value at {key} is not valid JSON")]
+    Corrupt {
+        /// The key holding the value.
+        key: String,
+        /// Why it does not parse.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl From<EtcdError> for StoreError {
+    fn from(e: EtcdError) -> Self {
+        let text = e.to_string();
+        if text.contains("required revision has been compacted") {
+            StoreError::Compacted
+        } else if text.contains("required revision is a future revision") {
+            StoreError::FutureRevision
+        } else {
+            StoreError::Etcd(e)
+        }
+    }
+}
+
+/// One stored object with its revisions.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// The object as stored (without `metadata.resourceVersion`).
+    pub value: Value,
+    /// The revision of its last change: its `resourceVersion`.
+    pub mod_revision: i64,
+}
+
+/// One page of a range read.
+#[derive(Debug)]
+pub struct Page {
+    /// Keys and objects in key order.
+    pub items: Vec<(String, Stored)>,
+    /// The revision the page was read at.
+    pub revision: i64,
+    /// Whether keys remain after the last one returned.
+    pub more: bool,
+}
+
+/// The outcome of a conditional write.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Write {
+    /// Written at this revision.
+    Done(i64),
+    /// The key's current revision was not the expected one (0: the key is absent).
+    Conflict(i64),
+}
+
+/// A handle on etcd; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+fn decode(key: &[u8], value: &[u8], mod_revision: i64) -> Result<(String, Stored), StoreError> {
+    let key = String::from_utf8_lossy(key).into_owned();
+    let value = serde_json::from_slice(value).map_err(|source| StoreError::Corrupt {
+        key: key.clone(),
+        source,
+    })?;
+    Ok((
+        key,
+        Stored {
+            value,
+            mod_revision,
+        },
+    ))
+}
+
+/// The first key after every key starting with `prefix`.
+pub fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+impl Store {
+    /// Connects to etcd.
+    pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(30))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(10));
+        let client = Client::connect(endpoints, Some(opts)).await?;
+        Ok(Self { client })
+    }
+
+    /// Reads one object.
+    pub async fn get(&self, key: &str) -> Result<Option<Stored>, StoreError> {
+        let resp = self.client.kv_client().get(key, None).await?;
+        match resp.kvs().first() {
+            Some(kv) => Ok(Some(decode(kv.key(), kv.value(), kv.mod_revision())?.1)),
+            None => Ok(None),
+        }
+    }
+
+    /// The store's current revision.
+    pub async fn revision(&self) -> Result<i64, StoreError> {
+        let resp = self
+            .client
+            .kv_client()
+            .get("\0", Some(GetOptions::new().with_count_only()))
+            .await?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    }
+
+    /// Creates `key` if it is absent.
+    pub async fn create(&self, key: &str, value: &Value) -> Result<Write, StoreError> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value.to_string(), None)])
+            .or_else([TxnOp::get(key, None)]);
+        self.run(key, txn).await
+    }
+
+    /// Replaces `key` if its revision is still `expected`.
+    pub async fn update(
+        &self,
+        key: &str,
+        value: &Value,
+        expected: i64,
+    ) -> Result<Write, StoreError> {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
+            .and_then([TxnOp::put(key, value.to_string(), None)])
+            .or_else([TxnOp::get(key, None)]);
+        self.run(key, txn).await
+    }
+
+    /// Deletes `key` if its revision is still `expected`.
+    pub async fn delete(&self, key: &str, expected: i64) -> Result<Write, StoreError> {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
+            .and_then([TxnOp::delete(key, None)])
+            .or_else([TxnOp::get(key, None)]);
+        self.run(key, txn).await
+    }
+
+    async fn run(&self, _key: &str, txn: Txn) -> Result<Write, StoreError> {
+        let resp = self.client.kv_client().txn(txn).await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        if resp.succeeded() {
+            return Ok(Write::Done(revision));
+        }
+        let current = resp
+            .op_responses()
+            .into_iter()
+            .find_map(|op| match op {
+                TxnOpResponse::Get(g) => {
+                    Some(g.kvs().first().map(|kv| kv.mod_revision()).unwrap_or(0))
+                }
+                _ => None,
+            })
+            .unwrap_or(0);
+        Ok(Write::Conflict(current))
+    }
+
+    /// Reads keys in `[start, prefix_end(prefix))` at `revision` (0: latest), at most `limit`
+    /// (0: all).
+    pub async fn list(
+        &self,
+        prefix: &str,
+        start: Option<&str>,
+        revision: i64,
+        limit: i64,
+    ) -> Result<Page, StoreError> {
+        let mut opts = GetOptions::new().with_range(prefix_end(prefix));
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        if limit > 0 {
+            opts = opts.with_limit(limit);
+        }
+        let resp = self
+            .client
+            .kv_client()
+            .get(start.unwrap_or(prefix), Some(opts))
+            .await?;
+        let revision = if revision > 0 {
+            revision
+        } else {
+            resp.header().map(|h| h.revision()).unwrap_or(0)
+        };
+        let items = resp
+            .kvs()
+            .iter()
+            .map(|kv| decode(kv.key(), kv.value(), kv.mod_revision()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Page {
+            items,
+            revision,
+            more: resp.more(),
+        })
+    }
+
+    /// Every key under `prefix` (values are not read).
+    pub async fn keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let opts = GetOptions::new()
+            .with_range(prefix_end(prefix))
+            .with_keys_only();
+        let resp = self.client.kv_client().get(prefix, Some(opts)).await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+            .collect())
+    }
+
+    /// Opens an etcd watch on every key under `prefix`, from `start_revision` on, with previous
+    /// values (so deletions and selector transitions can be reported).
+    pub async fn watch(
+        &self,
+        prefix: &str,
+        start_revision: i64,
+    ) -> Result<etcd_client::WatchStream, StoreError> {
+        let opts = WatchOptions::new()
+            .with_range(prefix_end(prefix))
+            .with_start_revision(start_revision)
+            .with_prev_key()
+            .with_progress_notify();
+        Ok(self.client.watch_client().watch(prefix, Some(opts)).await?)
+    }
+
+    /// Compacts history up to `revision` (used by tests of `410 Gone` and by maintenance).
+    pub async fn compact(&self, revision: i64) -> Result<(), StoreError> {
+        self.client.kv_client().compact(revision, None).await?;
+        Ok(())
+    }
+
+    /// Decodes one key/value pair of a watch event.
+    pub fn decode(key: &[u8], value: &[u8], mod_revision: i64) -> Result<Stored, StoreError> {
+        decode(key, value, mod_revision).map(|(_, s)| s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_end_is_the_next_key() {
+        assert_eq!(prefix_end("/a/b/"), b"/a/b0".to_vec());
+        assert_eq!(prefix_end("a\u{7f}"), b"a\x80".to_vec());
+    }
+}

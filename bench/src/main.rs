@@ -1,0 +1,427 @@
+//! Benchmarks of the Stratus API server against raw etcd, side by side in one run on one etcd.
+//!
+//! `stratus-bench api`   — creates/s and latency through the API vs raw etcd transactions.
+//! `stratus-bench watch` — watch delivery latency to many watchers vs raw etcd watches.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use etcd_client::{Compare, CompareOp, EventType, Txn, TxnOp, WatchOptions};
+use futures::TryStreamExt;
+use serde_json::{Value, json};
+use stratus_e2e::Etcd;
+
+#[derive(Parser)]
+#[command(about = "Stratus benchmarks: the reference and Stratus, side by side in one run")]
+struct Cli {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Subcommand)]
+enum What {
+    /// Creates through the API vs raw etcd transactions.
+    Api {
+        /// Objects created per measurement.
+        #[arg(long, default_value_t = 3000)]
+        objects: usize,
+        /// Concurrency levels.
+        #[arg(long, value_delimiter = ',', default_value = "1,64")]
+        concurrency: Vec<usize>,
+    },
+    /// Watch delivery latency to many watchers vs raw etcd watches.
+    Watch {
+        /// Concurrent watchers.
+        #[arg(long, default_value_t = 100)]
+        watchers: usize,
+        /// Writes observed by every watcher.
+        #[arg(long, default_value_t = 200)]
+        events: usize,
+    },
+}
+
+/// Latency summary.
+struct Stats {
+    per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn stats(mut lat: Vec<Duration>, wall: Duration) -> Stats {
+    lat.sort();
+    let pick = |q: f64| {
+        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    Stats {
+        per_sec: lat.len() as f64 / wall.as_secs_f64(),
+        p50: pick(0.50),
+        p99: pick(0.99),
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+/// A Flavor body of realistic size, the same bytes for both paths.
+fn flavor(name: &str) -> Value {
+    json!({
+        "apiVersion": "compute.stratus.dev/v1", "kind": "Flavor",
+        "metadata": {"name": name, "labels": {"bench": "true"}},
+        "spec": {"vcpus": 2, "ramMiB": 2048, "diskGiB": 20, "description": "benchmark flavor", "extraSpecs": {"hw:cpu_policy": "shared"}}
+    })
+}
+
+/// Runs `n` operations `op(i)` on `c` concurrent tasks; returns each operation's latency and
+/// the wall time.
+async fn drive<F, Fut>(n: usize, c: usize, op: F) -> Result<(Vec<Duration>, Duration)>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let op = Arc::new(op);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..c {
+        let (next, op) = (next.clone(), op.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<_, anyhow::Error>(lat);
+                }
+                let t = Instant::now();
+                op(i).await?;
+                lat.push(t.elapsed());
+            }
+        }));
+    }
+    let mut all = Vec::with_capacity(n);
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok((all, start.elapsed()))
+}
+
+struct Stack {
+    etcd: Etcd,
+    _server: stratus_apiserver::Server,
+    client: kube::Client,
+    _dir: tempfile::TempDir,
+}
+
+async fn stack() -> Result<Stack> {
+    let etcd = Etcd::start()?;
+    let dir = tempfile::tempdir()?;
+    let pki = stratus_apiserver::tls::ensure_pki(&dir.path().join("pki"), &["127.0.0.1".into()])?;
+    let mut cfg = stratus_apiserver::Config::new(vec![etcd.endpoint.clone()]);
+    cfg.listen = "127.0.0.1:0".parse()?;
+    cfg.tls = Some((pki.server_cert.clone(), pki.server_key.clone()));
+    cfg.tokens = [("bench-token".to_string(), "admin".to_string())].into();
+    let server = stratus_apiserver::start(cfg).await?;
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: b\n  cluster:\n    server: https://{}\n    certificate-authority: {}\nusers:\n- name: a\n  user:\n    token: bench-token\ncontexts:\n- name: a@b\n  context:\n    cluster: b\n    user: a\ncurrent-context: a@b\n",
+        server.local_addr,
+        pki.ca_cert.display()
+    );
+    let path = dir.path().join("kubeconfig");
+    std::fs::write(&path, kubeconfig)?;
+    let kc = kube::config::Kubeconfig::read_from(&path)?;
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
+    )?;
+    Ok(Stack {
+        etcd,
+        _server: server,
+        client,
+        _dir: dir,
+    })
+}
+
+fn req(method: &str, path: &str, ct: &str, body: Vec<u8>) -> Result<http::Request<Vec<u8>>> {
+    Ok(http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("Content-Type", ct)
+        .body(body)?)
+}
+
+async fn bench_api(objects: usize, levels: &[usize]) -> Result<()> {
+    let s = stack().await?;
+    let etcd = etcd_client::Client::connect([s.etcd.endpoint.as_str()], None).await?;
+    println!("| concurrency | path | creates/s | p50 ms | p99 ms |");
+    println!("|---|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for &c in levels {
+        // Warm both paths.
+        for (tag, n) in [("warm", 200usize)] {
+            let e = etcd.clone();
+            drive(n, c, move |i| {
+                let mut kv = e.kv_client();
+                async move {
+                    kv.put(
+                        format!("/bench/{tag}/{c}/{i}"),
+                        flavor("w").to_string(),
+                        None,
+                    )
+                    .await?;
+                    Ok(())
+                }
+            })
+            .await?;
+            let cl = s.client.clone();
+            drive(n, c, move |i| {
+                let cl = cl.clone();
+                async move {
+                    let body = flavor(&format!("{tag}-{c}-{i}")).to_string().into_bytes();
+                    cl.request::<Value>(req(
+                        "POST",
+                        "/apis/compute.stratus.dev/v1/flavors",
+                        "application/json",
+                        body,
+                    )?)
+                    .await?;
+                    Ok(())
+                }
+            })
+            .await?;
+        }
+        let e = etcd.clone();
+        let (lat, wall) = drive(objects, c, move |i| {
+            let mut kv = e.kv_client();
+            async move {
+                let key = format!("/bench/raw/{c}/f{i}");
+                let txn = Txn::new()
+                    .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(
+                        key.as_str(),
+                        flavor(&format!("f{i}")).to_string(),
+                        None,
+                    )])
+                    .or_else([TxnOp::get(key.as_str(), None)]);
+                let r = kv.txn(txn).await?;
+                anyhow::ensure!(r.succeeded(), "raw create of {key} found it existing");
+                Ok(())
+            }
+        })
+        .await?;
+        let raw = stats(lat, wall);
+        let cl = s.client.clone();
+        let (lat, wall) = drive(objects, c, move |i| {
+            let cl = cl.clone();
+            async move {
+                let body = flavor(&format!("c{c}-f{i}")).to_string().into_bytes();
+                cl.request::<Value>(req(
+                    "POST",
+                    "/apis/compute.stratus.dev/v1/flavors",
+                    "application/json",
+                    body,
+                )?)
+                .await
+                .context("create through the API")?;
+                Ok(())
+            }
+        })
+        .await?;
+        let api = stats(lat, wall);
+        println!(
+            "| {c} | raw etcd txn | {:.0} | {} | {} |",
+            raw.per_sec,
+            ms(raw.p50),
+            ms(raw.p99)
+        );
+        println!(
+            "| {c} | Stratus API | {:.0} | {} | {} |",
+            api.per_sec,
+            ms(api.p50),
+            ms(api.p99)
+        );
+        ratios.push((
+            c,
+            api.per_sec / raw.per_sec,
+            api.p50.as_secs_f64() * 1000.0 - raw.p50.as_secs_f64() * 1000.0,
+        ));
+    }
+    println!();
+    for (c, r, d) in ratios {
+        println!("concurrency {c}: API/raw throughput = {r:.2}x; p50 overhead = {d:+.2} ms");
+    }
+    Ok(())
+}
+
+async fn bench_watch(watchers: usize, events: usize) -> Result<()> {
+    let s = stack().await?;
+    let etcd = etcd_client::Client::connect([s.etcd.endpoint.as_str()], None).await?;
+    println!("| path | watchers | events delivered | p50 ms | p99 ms |");
+    println!("|---|---|---|---|---|");
+    let mut p99s = Vec::new();
+
+    // Raw etcd watches.
+    let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; events]));
+    let got: Arc<Mutex<Vec<(usize, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..watchers {
+        let mut w = etcd.watch_client();
+        let got = got.clone();
+        let mut stream = w
+            .watch("/bench/w/", Some(WatchOptions::new().with_prefix()))
+            .await?;
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0;
+            while n < events {
+                let Some(resp) = stream.message().await? else {
+                    break;
+                };
+                for ev in resp.events() {
+                    if ev.event_type() == EventType::Put
+                        && let Some(kv) = ev.kv()
+                    {
+                        let seq: usize = String::from_utf8_lossy(kv.value())
+                            .parse()
+                            .unwrap_or(usize::MAX);
+                        got.lock()
+                            .map_err(|_| anyhow::anyhow!("lock"))?
+                            .push((seq, Instant::now()));
+                        n += 1;
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut kv = etcd.kv_client();
+    for i in 0..events {
+        if let Ok(mut v) = sent.lock() {
+            v[i] = Some(Instant::now());
+        }
+        kv.put("/bench/w/obj", i.to_string(), None).await?;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t).await???;
+    }
+    p99s.push(report("raw etcd watch", watchers, &sent, &got)?);
+
+    // Watches through the API.
+    let body = flavor("watched").to_string().into_bytes();
+    let created: Value = s
+        .client
+        .request(req(
+            "POST",
+            "/apis/compute.stratus.dev/v1/flavors",
+            "application/json",
+            body,
+        )?)
+        .await?;
+    let rv = created["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or("0")
+        .to_string();
+    let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; events]));
+    let got: Arc<Mutex<Vec<(usize, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..watchers {
+        let path = format!(
+            "/apis/compute.stratus.dev/v1/flavors?watch=true&resourceVersion={rv}&fieldSelector=metadata.name%3Dwatched&timeoutSeconds=120"
+        );
+        let stream = s
+            .client
+            .request_events::<Value>(req("GET", &path, "application/json", vec![])?)
+            .await?;
+        let got = got.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            let mut n = 0;
+            while n < events {
+                let Some(ev) = stream.try_next().await? else {
+                    break;
+                };
+                if let kube::core::WatchEvent::Modified(o) = ev {
+                    let seq: usize = o["metadata"]["annotations"]["seq"]
+                        .as_str()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(usize::MAX);
+                    got.lock()
+                        .map_err(|_| anyhow::anyhow!("lock"))?
+                        .push((seq, Instant::now()));
+                    n += 1;
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..events {
+        if let Ok(mut v) = sent.lock() {
+            v[i] = Some(Instant::now());
+        }
+        let patch = json!({"metadata": {"annotations": {"seq": i.to_string()}}})
+            .to_string()
+            .into_bytes();
+        s.client
+            .request::<Value>(req(
+                "PATCH",
+                "/apis/compute.stratus.dev/v1/flavors/watched",
+                "application/merge-patch+json",
+                patch,
+            )?)
+            .await?;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t).await???;
+    }
+    p99s.push(report("Stratus API watch", watchers, &sent, &got)?);
+    println!();
+    println!(
+        "watch p99 API/raw = {:.2}x",
+        p99s[1].as_secs_f64() / p99s[0].as_secs_f64()
+    );
+    Ok(())
+}
+
+fn report(
+    label: &str,
+    watchers: usize,
+    sent: &Mutex<Vec<Option<Instant>>>,
+    got: &Mutex<Vec<(usize, Instant)>>,
+) -> Result<Duration> {
+    let sent = sent.lock().map_err(|_| anyhow::anyhow!("lock"))?;
+    let got = got.lock().map_err(|_| anyhow::anyhow!("lock"))?;
+    let lat: Vec<Duration> = got
+        .iter()
+        .filter_map(|(seq, at)| {
+            sent.get(*seq)
+                .copied()
+                .flatten()
+                .map(|t| at.saturating_duration_since(t))
+        })
+        .collect();
+    let n = lat.len();
+    let st = stats(lat, Duration::from_secs(1));
+    println!(
+        "| {label} | {watchers} | {n} | {} | {} |",
+        ms(st.p50),
+        ms(st.p99)
+    );
+    Ok(st.p99)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Cli::parse().what {
+        What::Api {
+            objects,
+            concurrency,
+        } => bench_api(objects, &concurrency).await,
+        What::Watch { watchers, events } => bench_watch(watchers, events).await,
+    }
+}

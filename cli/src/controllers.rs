@@ -1,0 +1,55 @@
+//! `stratus controllers`: the cluster-wide reconcilers, against any API server.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+/// Options of `stratus controllers`.
+#[derive(Debug, clap::Args)]
+pub struct ControllersArgs {
+    /// kubeconfig of the controllers' identity (defaults to $KUBECONFIG or ~/.kube/config).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+async fn client(kubeconfig: Option<PathBuf>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(&path)
+                .with_context(|| format!("read {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .context("load kubeconfig")?
+        }
+        None => kube::Config::infer().await.context("find a kubeconfig")?,
+    };
+    kube::Client::try_from(config).context("build the API client")
+}
+
+/// Runs every controller until it fails.
+pub async fn run(args: ControllersArgs) -> Result<()> {
+    run_with_client(client(args.kubeconfig).await?).await
+}
+
+/// Runs every controller with the credentials of a kubeconfig file.
+pub async fn run_with_kubeconfig(path: PathBuf) -> Result<()> {
+    run_with_client(client(Some(path)).await?).await
+}
+
+/// Runs the controllers, starting them again (after a growing pause) whenever they stop with
+/// an error, so a slow API server at start-up or a transient failure does not leave the cloud
+/// without them.
+async fn run_with_client(client: kube::Client) -> Result<()> {
+    let mut pause = std::time::Duration::from_millis(200);
+    loop {
+        match stratus_controllers::run(client.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                let e = anyhow::Error::new(e).context("run the controllers");
+                tracing::error!(error = format!("{e:#}"), "controllers stopped; restarting");
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,157 @@
+//! The `stratus` binary: every role of a Stratus cloud and the client verbs.
+
+mod client;
+mod controllers;
+mod up;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "stratus",
+    version,
+    about = "Stratus: an IaaS cloud run the way Kubernetes runs things"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a whole single-node cloud: etcd, the API server and the controllers.
+    Up(up::UpArgs),
+    /// Run the API server alone against an etcd cluster (several replicas may run at once).
+    Apiserver(ApiserverArgs),
+    /// Run the cluster-wide controllers against an API server.
+    Controllers(controllers::ControllersArgs),
+    /// Create or update objects from YAML (server-side apply).
+    Apply {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(flatten)]
+        args: client::ApplyArgs,
+    },
+    /// List objects or show one.
+    Get {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(flatten)]
+        args: client::GetArgs,
+    },
+    /// Show an object and its events.
+    Describe {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(flatten)]
+        args: client::DescribeArgs,
+    },
+    /// Delete objects and wait until they are gone.
+    Delete {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(flatten)]
+        args: client::DeleteArgs,
+    },
+    /// Wait for a condition on an object.
+    Wait {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(flatten)]
+        args: client::WaitArgs,
+    },
+    /// Show what applying files would change (exit 1 when something would).
+    Diff {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(flatten)]
+        args: client::DiffArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ApiserverArgs {
+    /// etcd client URLs, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix of every object in etcd.
+    #[arg(long, default_value = "/stratus")]
+    etcd_prefix: String,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    listen: SocketAddr,
+    /// PEM serving certificate.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM serving key.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Bearer tokens: one `token,user` per line.
+    #[arg(long)]
+    token_file: PathBuf,
+    /// Seconds between watch bookmarks.
+    #[arg(long, default_value_t = 60)]
+    bookmark_seconds: u64,
+}
+
+async fn apiserver(args: ApiserverArgs) -> Result<()> {
+    let mut config = stratus_apiserver::Config::new(args.etcd_endpoints);
+    config.prefix = args.etcd_prefix;
+    config.listen = args.listen;
+    config.tls = args.tls_cert.zip(args.tls_key);
+    config.tokens = stratus_apiserver::server::read_token_file(&args.token_file)
+        .with_context(|| format!("read {}", args.token_file.display()))?;
+    config.bookmark_interval = std::time::Duration::from_secs(args.bookmark_seconds.max(1));
+    let server = stratus_apiserver::start(config)
+        .await
+        .context("start the API server")?;
+    tracing::info!(addr = %server.local_addr, "API server ready");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    server.abort();
+    Ok(())
+}
+
+/// Servers log at info; client verbs only warnings, so their output stays readable.
+fn init_tracing(server: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STRATUS_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if server { "info" } else { "warn" })
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing(matches!(
+        cli.command,
+        Command::Up(_) | Command::Apiserver(_) | Command::Controllers(_)
+    ));
+    match cli.command {
+        Command::Up(a) => up::run(a).await,
+        Command::Apiserver(a) => apiserver(a).await,
+        Command::Controllers(a) => controllers::run(a).await,
+        Command::Apply { client, args } => client::apply(&client, args).await,
+        Command::Get { client, args } => client::get(&client, args).await,
+        Command::Describe { client, args } => client::describe(&client, args).await,
+        Command::Delete { client, args } => client::delete(&client, args).await,
+        Command::Wait { client, args } => client::wait(&client, args).await,
+        Command::Diff { client, args } => {
+            if client::diff(&client, args).await? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+    }
+}

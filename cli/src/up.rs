@@ -1,0 +1,208 @@
+//! `stratus up`: a whole single-node cloud (etcd, API server, controllers) in one process tree.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+use tokio::process::{Child, Command};
+
+/// Options of `stratus up`.
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Where etcd's data, the PKI, the token file and the kubeconfig live.
+    #[arg(long, default_value = ".stratus")]
+    pub data_dir: PathBuf,
+    /// Address the API server listens on.
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    pub listen: SocketAddr,
+    /// etcd's client port on 127.0.0.1.
+    #[arg(long, default_value_t = 2379)]
+    pub etcd_client_port: u16,
+    /// etcd's peer port on 127.0.0.1.
+    #[arg(long, default_value_t = 2380)]
+    pub etcd_peer_port: u16,
+    /// Seconds between watch bookmarks.
+    #[arg(long, default_value_t = 60)]
+    pub bookmark_seconds: u64,
+}
+
+/// The etcd child process.
+struct Etcd {
+    child: Child,
+}
+
+impl Etcd {
+    async fn start(dir: &Path, client_port: u16, peer_port: u16) -> Result<(Self, String)> {
+        let data = dir.join("etcd");
+        std::fs::create_dir_all(&data).with_context(|| format!("create {}", data.display()))?;
+        let client = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let log = std::fs::File::create(dir.join("etcd.log")).context("create etcd.log")?;
+        let child = Command::new("etcd")
+            .arg("--name")
+            .arg("stratus")
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--listen-client-urls")
+            .arg(&client)
+            .arg("--advertise-client-urls")
+            .arg(&client)
+            .arg("--listen-peer-urls")
+            .arg(&peer)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer)
+            .arg("--initial-cluster")
+            .arg(format!("stratus={peer}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("start etcd (is etcd-server installed and on PATH?)")?;
+        Ok((Self { child }, client))
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await;
+            if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+        let _ = self.child.kill().await;
+    }
+}
+
+async fn wait_for_etcd(endpoint: &str, child: &mut Child) -> Result<()> {
+    for _ in 0..100 {
+        if let Some(status) = child.try_wait()? {
+            bail!("etcd exited at start-up with {status}; see etcd.log in the data directory");
+        }
+        if let Ok(store) = stratus_apiserver::store::Store::connect(&[endpoint.to_string()]).await
+            && store.revision().await.is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("etcd did not become ready at {endpoint} within 10 s")
+}
+
+fn random_token() -> String {
+    format!("{}{}", uuid_hex(), uuid_hex())
+}
+
+fn uuid_hex() -> String {
+    // 122 random bits from the OS generator.
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// The admin token, made once and kept in the data directory.
+fn ensure_tokens(dir: &Path) -> Result<(PathBuf, String)> {
+    let path = dir.join("tokens.csv");
+    if let Ok(map) = stratus_apiserver::server::read_token_file(&path)
+        && let Some((token, _)) = map.iter().find(|(_, user)| user.as_str() == "admin")
+    {
+        return Ok((path, token.clone()));
+    }
+    let token = random_token();
+    write_private(&path, &format!("# token,user\n{token},admin\n"))?;
+    Ok((path, token))
+}
+
+fn write_private(path: &Path, data: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("write {}", path.display()))?;
+    f.write_all(data.as_bytes())
+        .with_context(|| format!("write {}", path.display()))
+}
+
+/// Writes a kubeconfig for `server` with the CA and a bearer token.
+pub fn write_kubeconfig(
+    path: &Path,
+    server: &str,
+    ca_pem: &[u8],
+    token: &str,
+    user: &str,
+) -> Result<()> {
+    use base64::Engine;
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    let cfg = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "stratus", "cluster": {"server": server, "certificate-authority-data": ca}}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": format!("{user}@stratus"), "context": {"cluster": "stratus", "user": user, "namespace": "default"}}],
+        "current-context": format!("{user}@stratus"),
+    });
+    let yaml = serde_saphyr::to_string(&cfg).context("render kubeconfig")?;
+    write_private(path, &yaml)
+}
+
+/// Runs the cloud until Ctrl-C or SIGTERM.
+pub async fn run(args: UpArgs) -> Result<()> {
+    let dir = &args.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let (mut etcd, endpoint) = Etcd::start(dir, args.etcd_client_port, args.etcd_peer_port).await?;
+    if let Err(e) = wait_for_etcd(&endpoint, &mut etcd.child).await {
+        etcd.stop().await;
+        return Err(e);
+    }
+    tracing::info!(%endpoint, "etcd ready");
+
+    let host = args.listen.ip().to_string();
+    let pki = stratus_apiserver::tls::ensure_pki(
+        &dir.join("pki"),
+        &[host.clone(), "localhost".into(), "127.0.0.1".into()],
+    )
+    .context("make the CA and serving certificate")?;
+    let (token_file, token) = ensure_tokens(dir)?;
+    let mut config = stratus_apiserver::Config::new(vec![endpoint]);
+    config.listen = args.listen;
+    config.tls = Some((pki.server_cert.clone(), pki.server_key.clone()));
+    config.tokens =
+        stratus_apiserver::server::read_token_file(&token_file).context("read tokens.csv")?;
+    config.bookmark_interval = Duration::from_secs(args.bookmark_seconds.max(1));
+    let server = match stratus_apiserver::start(config).await {
+        Ok(s) => s,
+        Err(e) => {
+            etcd.stop().await;
+            return Err(anyhow::Error::new(e).context("start the API server"));
+        }
+    };
+    let url = format!("https://{}", server.local_addr);
+    let kubeconfig = dir.join("kubeconfig");
+    let ca = std::fs::read(&pki.ca_cert).context("read the CA certificate")?;
+    write_kubeconfig(&kubeconfig, &url, &ca, &token, "admin")?;
+    tracing::info!(%url, kubeconfig = %kubeconfig.display(), "API server ready");
+
+    let controllers = tokio::spawn(crate::controllers::run_with_kubeconfig(kubeconfig.clone()));
+    eprintln!("Stratus is up: export KUBECONFIG={}", kubeconfig.display());
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
+        _ = term.recv() => tracing::info!("terminated"),
+    }
+    controllers.abort();
+    server.abort();
+    etcd.stop().await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! The garbage collector: cascading deletion through `ownerReferences` (background, foreground
+//! and orphan), as Kubernetes' garbage collector does it.
+//!
+//! # Guarantees
+//! - An object is deleted only when every owner it names is gone: the absence seen in the cache
+//!   is confirmed by a live read, and the delete carries a uid precondition, so an object
+//!   recreated under the same name is never touched.
+//! - An owner being deleted in the foreground keeps its `foregroundDeletion` finalizer until no
+//!   dependent of it remains; one deleted with `orphan` keeps its `orphan` finalizer until no
+//!   dependent references it any more.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{
+    Api, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions, PropagationPolicy,
+};
+use kube::discovery::{ApiCapabilities, ApiResource, Discovery, Scope, verbs};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+/// Failures that stop the collector.
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    /// The API server's discovery failed; retrying may help once it is up.
+    #[error("discover served resources")]
+    Discovery(#[source] kube::Error),
+}
+
+/// A served resource the collector follows.
+struct Kind {
+    ar: ApiResource,
+    caps: ApiCapabilities,
+    store: Store<DynamicObject>,
+}
+
+const FOREGROUND: &str = "foregroundDeletion";
+const ORPHAN: &str = "orphan";
+/// How often a full pass runs even when nothing changed.
+const RESYNC: Duration = Duration::from_secs(30);
+
+/// Runs the collector until the process ends.
+///
+/// # Errors
+/// Only when the served resources cannot be discovered.
+pub async fn run(client: Client) -> Result<(), GcError> {
+    let discovery = Discovery::new(client.clone())
+        .run()
+        .await
+        .map_err(GcError::Discovery)?;
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let mut kinds = Vec::new();
+    for group in discovery.groups() {
+        for (ar, caps) in group.recommended_resources() {
+            if !(caps.supports_operation(verbs::WATCH) && caps.supports_operation(verbs::DELETE))
+                || ar.kind == "Event"
+            {
+                continue;
+            }
+            let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+            let store = writer.as_reader();
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+            let stream = reflector::reflector(
+                writer,
+                watcher(api, watcher::Config::default()).default_backoff(),
+            );
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut stream = std::pin::pin!(stream);
+                while let Some(ev) = stream.next().await {
+                    if let Err(e) = ev {
+                        tracing::debug!(error = %e, "gc watch error; the watcher backs off and retries");
+                    }
+                    let _ = tx.try_send(());
+                }
+            });
+            kinds.push(Kind { ar, caps, store });
+        }
+    }
+    let by_kind: HashMap<(String, String), usize> = kinds
+        .iter()
+        .enumerate()
+        .map(|(i, k)| ((k.ar.api_version.clone(), k.ar.kind.clone()), i))
+        .collect();
+    let gc = Collector {
+        client,
+        kinds,
+        by_kind,
+    };
+    loop {
+        let _ = tokio::time::timeout(RESYNC, rx.recv()).await;
+        // Let a burst of changes settle into one pass.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while rx.try_recv().is_ok() {}
+        gc.pass().await;
+    }
+}
+
+struct Collector {
+    client: Client,
+    kinds: Vec<Kind>,
+    by_kind: HashMap<(String, String), usize>,
+}
+
+fn has_finalizer(o: &DynamicObject, f: &str) -> bool {
+    o.finalizers().iter().any(|x| x == f)
+}
+
+impl Collector {
+    fn api(&self, kind: usize, namespace: Option<&str>) -> Api<DynamicObject> {
+        let k = &self.kinds[kind];
+        match (namespace, &k.caps.scope) {
+            (Some(ns), Scope::Namespaced) => Api::namespaced_with(self.client.clone(), ns, &k.ar),
+            _ => Api::all_with(self.client.clone(), &k.ar),
+        }
+    }
+
+    /// One look at every object: collect dependents of deleted owners, finish foreground and
+    /// orphan deletions.
+    async fn pass(&self) {
+        let mut all: Vec<(usize, std::sync::Arc<DynamicObject>)> = Vec::new();
+        for (i, k) in self.kinds.iter().enumerate() {
+            all.extend(k.store.state().into_iter().map(|o| (i, o)));
+        }
+        let uids: HashSet<String> = all.iter().filter_map(|(_, o)| o.uid()).collect();
+        let mut dependents: HashMap<String, Vec<(usize, std::sync::Arc<DynamicObject>)>> =
+            HashMap::new();
+        for (i, o) in &all {
+            for r in o.owner_references() {
+                dependents
+                    .entry(r.uid.clone())
+                    .or_default()
+                    .push((*i, o.clone()));
+            }
+        }
+        for (i, o) in &all {
+            if o.metadata.deletion_timestamp.is_none() {
+                continue;
+            }
+            let uid = o.uid().unwrap_or_default();
+            let deps = dependents.get(&uid).cloned().unwrap_or_default();
+            if has_finalizer(o, FOREGROUND) {
+                if deps.is_empty() {
+                    self.remove_finalizer(*i, o, FOREGROUND).await;
+                } else {
+                    for (di, d) in &deps {
+                        if d.metadata.deletion_timestamp.is_none() {
+                            self.delete(*di, d, PropagationPolicy::Foreground).await;
+                        }
+                    }
+                }
+            } else if has_finalizer(o, ORPHAN) {
+                for (di, d) in &deps {
+                    self.drop_owner_refs(*di, d, std::slice::from_ref(&uid))
+                        .await;
+                }
+                if deps.is_empty() {
+                    self.remove_finalizer(*i, o, ORPHAN).await;
+                }
+            }
+        }
+        for (i, o) in &all {
+            let refs = o.owner_references();
+            if refs.is_empty() {
+                continue;
+            }
+            let missing: Vec<&OwnerReference> =
+                refs.iter().filter(|r| !uids.contains(&r.uid)).collect();
+            if missing.is_empty() {
+                continue;
+            }
+            let mut gone = Vec::new();
+            for r in missing {
+                if self.owner_gone(r, o.namespace().as_deref()).await {
+                    gone.push(r.uid.clone());
+                }
+            }
+            if gone.is_empty() {
+                continue;
+            }
+            if gone.len() == refs.len() {
+                self.delete(*i, o, PropagationPolicy::Background).await;
+            } else {
+                self.drop_owner_refs(*i, o, &gone).await;
+            }
+        }
+    }
+
+    /// Confirms with a live read that the owner a reference names no longer exists.
+    async fn owner_gone(&self, r: &OwnerReference, namespace: Option<&str>) -> bool {
+        let Some(&kind) = self.by_kind.get(&(r.api_version.clone(), r.kind.clone())) else {
+            // An owner of a kind nobody serves cannot exist.
+            return true;
+        };
+        match self.api(kind, namespace).get_opt(&r.name).await {
+            Ok(Some(owner)) => owner.uid().as_deref() != Some(r.uid.as_str()),
+            Ok(None) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, owner = %r.name, "cannot confirm owner is gone; will retry");
+                false
+            }
+        }
+    }
+
+    async fn delete(&self, kind: usize, o: &DynamicObject, policy: PropagationPolicy) {
+        let dp = DeleteParams {
+            propagation_policy: Some(policy),
+            preconditions: Some(Preconditions {
+                uid: o.uid(),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        let name = o.name_any();
+        match self
+            .api(kind, o.namespace().as_deref())
+            .delete(&name, &dp)
+            .await
+        {
+            Ok(_) => tracing::info!(kind = %self.kinds[kind].ar.kind, %name, "garbage-collected"),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => tracing::warn!(error = %e, %name, "garbage collection failed; will retry"),
+        }
+    }
+
+    async fn patch_meta(&self, kind: usize, o: &DynamicObject, meta: serde_json::Value) {
+        let mut meta = meta;
+        meta["resourceVersion"] = json!(o.resource_version());
+        let name = o.name_any();
+        let pp = PatchParams {
+            field_manager: Some("stratus-gc".into()),
+            ..Default::default()
+        };
+        match self
+            .api(kind, o.namespace().as_deref())
+            .patch(&name, &pp, &Patch::Merge(json!({"metadata": meta})))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => {
+                tracing::warn!(error = %e, %name, "garbage collector update failed; will retry")
+            }
+        }
+    }
+
+    async fn remove_finalizer(&self, kind: usize, o: &DynamicObject, f: &str) {
+        let rest: Vec<&String> = o.finalizers().iter().filter(|x| *x != f).collect();
+        let rest = if rest.is_empty() {
+            serde_json::Value::Null
+        } else {
+            json!(rest)
+        };
+        self.patch_meta(kind, o, json!({"finalizers": rest})).await;
+    }
+
+    async fn drop_owner_refs(&self, kind: usize, o: &DynamicObject, uids: &[String]) {
+        let keep: Vec<&OwnerReference> = o
+            .owner_references()
+            .iter()
+            .filter(|r| !uids.contains(&r.uid))
+            .collect();
+        // null removes the field: an orphan is left with no ownerReferences at all.
+        let refs = if keep.is_empty() {
+            serde_json::Value::Null
+        } else {
+            json!(keep)
+        };
+        self.patch_meta(kind, o, json!({"ownerReferences": refs}))
+            .await;
+    }
+}

@@ -1,0 +1,462 @@
+//! Helpers for end-to-end tests: a real etcd, the real `stratus` binary, the real kubectl.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// The `stratus` binary built with the tests (`STRATUS_BIN` overrides).
+pub fn stratus_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("STRATUS_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/<test> → target/debug/stratus
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    dir.join("stratus")
+}
+
+/// Polls `f` until it returns `Some`, or fails after `timeout`.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    child: Child,
+    /// What it is, for messages.
+    pub name: String,
+}
+
+impl Proc {
+    /// Starts a command with its output going to `log`.
+    pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Self> {
+        let out =
+            std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdout(out)
+            .stderr(err)
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("start {name}"))?;
+        Ok(Self {
+            child,
+            name: name.to_string(),
+        })
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()?;
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                self.child.kill()?;
+                bail!("{} did not stop within 20 s of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills it at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A single-member etcd in a temporary directory.
+pub struct Etcd {
+    /// Client URL.
+    pub endpoint: String,
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers.
+    pub fn start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let proc = Proc::spawn(
+            "etcd",
+            Command::new("etcd")
+                .arg("--data-dir")
+                .arg(dir.path().join("data"))
+                .args([
+                    "--listen-client-urls",
+                    &endpoint,
+                    "--advertise-client-urls",
+                    &endpoint,
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &peer_url,
+                    "--initial-advertise-peer-urls",
+                    &peer_url,
+                ])
+                .args(["--initial-cluster", &format!("default={peer_url}")]),
+            &dir.path().join("etcd.log"),
+        )?;
+        let etcd = Self {
+            endpoint,
+            _proc: proc,
+            _dir: dir,
+        };
+        wait_until(Duration::from_secs(20), "etcd to answer", || {
+            Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .args(["--endpoints", &etcd.endpoint, "endpoint", "health"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+        })?;
+        Ok(etcd)
+    }
+
+    /// Runs etcdctl against this etcd.
+    pub fn ctl(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.endpoint])
+            .args(args)
+            .output()?)
+    }
+}
+
+/// A whole cloud started with `stratus up` in a temporary data directory.
+pub struct Cloud {
+    /// The data directory (kubeconfig, PKI, etcd data).
+    pub dir: tempfile::TempDir,
+    /// The `stratus up` process.
+    pub proc: Proc,
+    /// `https://127.0.0.1:PORT`.
+    pub url: String,
+    ports: (u16, u16, u16),
+}
+
+impl Cloud {
+    /// Runs `stratus up` and waits until the API server answers.
+    pub fn up() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let ports = (free_port(), free_port(), free_port());
+        let proc = Self::spawn(dir.path(), ports)?;
+        let cloud = Self {
+            url: format!("https://127.0.0.1:{}", ports.0),
+            dir,
+            proc,
+            ports,
+        };
+        cloud.wait_ready()?;
+        Ok(cloud)
+    }
+
+    fn spawn(dir: &Path, ports: (u16, u16, u16)) -> Result<Proc> {
+        Proc::spawn(
+            "stratus up",
+            Command::new(stratus_bin())
+                .arg("up")
+                .arg("--data-dir")
+                .arg(dir)
+                .args(["--listen", &format!("127.0.0.1:{}", ports.0)])
+                .args([
+                    "--etcd-client-port",
+                    &ports.1.to_string(),
+                    "--etcd-peer-port",
+                    &ports.2.to_string(),
+                ])
+                .args(["--bookmark-seconds", "1"]),
+            &dir.join("stratus.log"),
+        )
+    }
+
+    /// Stops `stratus up` with SIGTERM and starts it again on the same data directory.
+    pub fn restart(&mut self) -> Result<()> {
+        let status = self.proc.terminate()?;
+        if !status.success() {
+            bail!("stratus up exited with {status} on SIGTERM");
+        }
+        self.proc = Self::spawn(self.dir.path(), self.ports)?;
+        self.wait_ready()
+    }
+
+    fn wait_ready(&self) -> Result<()> {
+        let kubeconfig = self.kubeconfig();
+        wait_until(
+            Duration::from_secs(30),
+            "the API server to be ready",
+            || {
+                if !kubeconfig.exists() {
+                    return None;
+                }
+                self.kubectl(&["get", "--raw", "/readyz"])
+                    .ok()
+                    .filter(|o| o.status.success())
+            },
+        )
+        .with_context(|| format!("stratus log:\n{}", self.log()))?;
+        Ok(())
+    }
+
+    /// The etcd client URL `stratus up` started.
+    pub fn etcd_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.1)
+    }
+
+    /// A kube-rs client with the admin kubeconfig.
+    pub async fn client(&self) -> Result<kube::Client> {
+        let kc = kube::config::Kubeconfig::read_from(self.kubeconfig())?;
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+        Ok(kube::Client::try_from(cfg)?)
+    }
+
+    /// The admin kubeconfig.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    /// The `stratus up` log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stratus.log")).unwrap_or_default()
+    }
+
+    /// A kubectl command with this cloud's kubeconfig.
+    pub fn kubectl_cmd(&self) -> Command {
+        let mut c = Command::new("kubectl");
+        c.env("KUBECONFIG", self.kubeconfig())
+            .env("HOME", self.dir.path());
+        c
+    }
+
+    /// A `stratus` client command with this cloud's kubeconfig.
+    pub fn stratus_cmd(&self) -> Command {
+        let mut c = Command::new(stratus_bin());
+        c.env("KUBECONFIG", self.kubeconfig());
+        c
+    }
+
+    /// Runs kubectl.
+    pub fn kubectl(&self, args: &[&str]) -> Result<Output> {
+        Ok(self.kubectl_cmd().args(args).output()?)
+    }
+
+    /// Runs kubectl with `stdin` and expects success; returns stdout.
+    pub fn kubectl_in(&self, args: &[&str], stdin: &str) -> Result<String> {
+        use std::io::Write;
+        let mut child = self
+            .kubectl_cmd()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(stdin.as_bytes())?;
+        let out = child.wait_with_output()?;
+        ok(args, out)
+    }
+
+    /// Runs kubectl and expects success; returns stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
+        ok(args, self.kubectl(args)?)
+    }
+
+    /// Runs kubectl and expects failure; returns stderr.
+    pub fn kubectl_err(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl(args)?;
+        if out.status.success() {
+            bail!(
+                "kubectl {} succeeded but should have failed:\n{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// The current resourceVersion of a collection (a read, so it shows whether etcd changed).
+    pub fn list_rv(&self, path: &str) -> Result<String> {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.kubectl_ok(&["get", "--raw", path])?)?;
+        Ok(v["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    }
+}
+
+fn ok(args: &[&str], out: Output) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "kubectl {} failed ({}):\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The repository's root (for `examples/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
+}
+
+/// One `stratus apiserver` process (HTTPS on loopback, certificate from Stratus' own PKI code)
+/// against a given etcd.
+pub struct Apiserver {
+    /// The process.
+    pub proc: Proc,
+    /// `https://127.0.0.1:PORT`.
+    pub url: String,
+    dir: tempfile::TempDir,
+    endpoint: String,
+    port: u16,
+}
+
+/// The token every test API server accepts for the admin user.
+pub const TEST_TOKEN: &str = "e2e-admin-token-0123456789abcdef";
+
+impl Apiserver {
+    /// Starts an API server on a free port and waits until it is ready.
+    pub fn start(etcd_endpoint: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(
+            dir.path().join("tokens.csv"),
+            format!("{TEST_TOKEN},admin\n"),
+        )?;
+        let pki = stratus_apiserver::tls::ensure_pki(
+            &dir.path().join("pki"),
+            &["127.0.0.1".to_string()],
+        )?;
+        let ca = pki.ca_cert.display();
+        let port = free_port();
+        let kubeconfig = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: s\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    token: {TEST_TOKEN}\ncontexts:\n- name: admin@s\n  context:\n    cluster: s\n    user: admin\ncurrent-context: admin@s\n"
+        );
+        std::fs::write(dir.path().join("kubeconfig"), kubeconfig)?;
+        let proc = Self::spawn(dir.path(), etcd_endpoint, port)?;
+        let s = Self {
+            proc,
+            url: format!("https://127.0.0.1:{port}"),
+            dir,
+            endpoint: etcd_endpoint.to_string(),
+            port,
+        };
+        s.wait_ready()?;
+        Ok(s)
+    }
+
+    fn spawn(dir: &Path, endpoint: &str, port: u16) -> Result<Proc> {
+        Proc::spawn(
+            "stratus apiserver",
+            Command::new(stratus_bin())
+                .arg("apiserver")
+                .args([
+                    "--etcd-endpoints",
+                    endpoint,
+                    "--listen",
+                    &format!("127.0.0.1:{port}"),
+                    "--bookmark-seconds",
+                    "1",
+                ])
+                .arg("--token-file")
+                .arg(dir.join("tokens.csv"))
+                .arg("--tls-cert")
+                .arg(dir.join("pki/apiserver.crt"))
+                .arg("--tls-key")
+                .arg(dir.join("pki/apiserver.key")),
+            &dir.join("apiserver.log"),
+        )
+    }
+
+    /// Starts it again (same port) after a kill.
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc.kill();
+        self.proc = Self::spawn(self.dir.path(), &self.endpoint, self.port)?;
+        self.wait_ready()
+    }
+
+    fn wait_ready(&self) -> Result<()> {
+        wait_until(
+            Duration::from_secs(20),
+            "the API server to be ready",
+            || {
+                self.kubectl(&["get", "--raw", "/readyz"])
+                    .ok()
+                    .filter(|o| o.status.success())
+            },
+        )
+        .map(|_| ())
+    }
+
+    /// Runs kubectl against this replica.
+    pub fn kubectl(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new("kubectl")
+            .env("KUBECONFIG", self.dir.path().join("kubeconfig"))
+            .env("HOME", self.dir.path())
+            .args(args)
+            .output()?)
+    }
+
+    /// Runs kubectl and expects success.
+    pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
+        ok(args, self.kubectl(args)?)
+    }
+
+    /// A kube-rs client for this replica.
+    pub async fn client(&self) -> Result<kube::Client> {
+        let kc = kube::config::Kubeconfig::read_from(self.dir.path().join("kubeconfig"))?;
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+        Ok(kube::Client::try_from(cfg)?)
+    }
+}

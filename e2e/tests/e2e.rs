@@ -1,0 +1,10 @@
+//! End-to-end tests: the real `stratus` binary, real etcd, real kubectl and client libraries.
+
+mod e2e {
+    mod bad_input;
+    mod cli;
+    mod clients;
+    mod gc;
+    mod kubectl;
+    mod replicas;
+}

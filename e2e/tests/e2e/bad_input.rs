@@ -1,0 +1,365 @@
+//! Bad input answers 4xx with a `Status` naming the field, and leaves etcd unchanged.
+
+use anyhow::Result;
+use serde_json::{Value, json};
+use stratus_e2e::Cloud;
+
+struct Raw {
+    client: kube::Client,
+}
+
+impl Raw {
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, Value)> {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("Content-Type", content_type)
+            .body(body)?;
+        let resp = self.client.send(req.map(kube::client::Body::from)).await?;
+        let code = resp.status().as_u16();
+        let bytes = http_body_util::BodyExt::collect(resp.into_body())
+            .await?
+            .to_bytes();
+        Ok((
+            code,
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)})),
+        ))
+    }
+}
+
+const FLAVORS: &str = "/apis/compute.stratus.dev/v1/flavors";
+
+/// Sends a bad request and checks: the code, a Status body, the field named, nothing written.
+#[allow(clippy::too_many_arguments)] // one line per case reads best in the test below
+async fn refused(
+    cloud: &Cloud,
+    raw: &Raw,
+    method: &str,
+    path: &str,
+    ct: &str,
+    body: &str,
+    code: u16,
+    field: &str,
+) -> Result<Value> {
+    let before = cloud.list_rv(FLAVORS)?;
+    let (got, status) = raw.send(method, path, ct, body.as_bytes().to_vec()).await?;
+    assert_eq!(got, code, "{method} {path} with {body}: {status}");
+    assert_eq!(status["kind"], "Status", "{status}");
+    assert_eq!(status["code"], code, "{status}");
+    let text = status.to_string();
+    assert!(
+        text.contains(field),
+        "the answer does not name {field}: {status}"
+    );
+    assert_eq!(
+        cloud.list_rv(FLAVORS)?,
+        before,
+        "etcd changed after a refused request"
+    );
+    Ok(status)
+}
+
+fn flavor(spec: &str) -> String {
+    format!(
+        r#"{{"apiVersion":"compute.stratus.dev/v1","kind":"Flavor","metadata":{{"name":"f1"}},"spec":{spec}}}"#
+    )
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_the_field_named() -> Result<()> {
+    let cloud = Cloud::up()?;
+    let raw = Raw {
+        client: cloud.client().await?,
+    };
+    let j = "application/json";
+    refused(
+        &cloud,
+        &raw,
+        "POST",
+        FLAVORS,
+        j,
+        r#"{"apiVersion": "compute.stratus.dev/v1", "kind": "#,
+        400,
+        "decoding JSON",
+    )
+    .await?;
+    refused(
+        &cloud,
+        &raw,
+        "POST",
+        FLAVORS,
+        "application/yaml",
+        "apiVersion: compute.stratus.dev/v1\nkind: [Flavor\n",
+        400,
+        "decoding YAML",
+    )
+    .await?;
+    let s = refused(
+        &cloud,
+        &raw,
+        "POST",
+        FLAVORS,
+        j,
+        &flavor(r#"{"vcpus":1,"ramMiB":512,"diskGiB":1,"bogus":true}"#),
+        400,
+        "spec.bogus",
+    )
+    .await?;
+    assert_eq!(s["reason"], "BadRequest");
+    refused(
+        &cloud,
+        &raw,
+        "POST",
+        FLAVORS,
+        j,
+        &flavor(r#"{"vcpus":1,"vcpus":2,"ramMiB":512,"diskGiB":1}"#),
+        400,
+        "spec.vcpus",
+    )
+    .await?;
+    let s = refused(
+        &cloud,
+        &raw,
+        "POST",
+        FLAVORS,
+        j,
+        &flavor(r#"{"vcpus":"two","ramMiB":512,"diskGiB":1}"#),
+        422,
+        "spec.vcpus",
+    )
+    .await?;
+    assert_eq!(s["reason"], "Invalid");
+    assert_eq!(s["details"]["causes"][0]["field"], "spec.vcpus");
+    refused(
+        &cloud,
+        &raw,
+        "POST",
+        FLAVORS,
+        j,
+        &flavor(r#"{"vcpus":-4,"ramMiB":512,"diskGiB":1}"#),
+        422,
+        "spec.vcpus",
+    )
+    .await?;
+    refused(
+        &cloud,
+        &raw,
+        "POST",
+        FLAVORS,
+        j,
+        &flavor(r#"{"ramMiB":512,"diskGiB":1}"#),
+        422,
+        "vcpus",
+    )
+    .await?;
+    let bad_name = r#"{"apiVersion":"compute.stratus.dev/v1","kind":"Flavor","metadata":{"name":"Bad_Name<x>"},"spec":{"vcpus":1,"ramMiB":512,"diskGiB":1}}"#;
+    refused(
+        &cloud,
+        &raw,
+        "POST",
+        FLAVORS,
+        j,
+        bad_name,
+        422,
+        "metadata.name",
+    )
+    .await?;
+    let wrong_kind = r#"{"apiVersion":"compute.stratus.dev/v1","kind":"Server","metadata":{"name":"x"},"spec":{}}"#;
+    refused(&cloud, &raw, "POST", FLAVORS, j, wrong_kind, 400, "Server").await?;
+    refused(&cloud, &raw, "POST", FLAVORS, j, "[1, 2]", 400, "object").await?;
+
+    // Namespaced kinds: negative size and a bad CIDR.
+    let vols = "/apis/storage.stratus.dev/v1/namespaces/demo/volumes";
+    let vol = r#"{"apiVersion":"storage.stratus.dev/v1","kind":"Volume","metadata":{"name":"v1"},"spec":{"sizeGiB":-1}}"#;
+    refused(&cloud, &raw, "POST", vols, j, vol, 422, "spec.sizeGiB").await?;
+    let subnets = "/apis/network.stratus.dev/v1/namespaces/demo/subnets";
+    let subnet = r#"{"apiVersion":"network.stratus.dev/v1","kind":"Subnet","metadata":{"name":"s1"},"spec":{"network":"private","cidr":"10.0.0.0/33"}}"#;
+    refused(&cloud, &raw, "POST", subnets, j, subnet, 422, "spec.cidr").await?;
+    let subnet = r#"{"apiVersion":"network.stratus.dev/v1","kind":"Subnet","metadata":{"name":"s1"},"spec":{"network":"private","cidr":"10.0.0.0/24","gatewayIP":"10.9.9.1"}}"#;
+    refused(
+        &cloud,
+        &raw,
+        "POST",
+        subnets,
+        j,
+        subnet,
+        422,
+        "spec.gatewayIP",
+    )
+    .await?;
+
+    // Too large a body.
+    let big = flavor(&format!(
+        r#"{{"vcpus":1,"ramMiB":512,"diskGiB":1,"description":"{}"}}"#,
+        "x".repeat(2 * 1024 * 1024)
+    ));
+    refused(&cloud, &raw, "POST", FLAVORS, j, &big, 413, "too large").await?;
+
+    // Stale resourceVersion: 409, the newer write kept.
+    let (code, created) = raw
+        .send(
+            "POST",
+            FLAVORS,
+            j,
+            flavor(r#"{"vcpus":1,"ramMiB":512,"diskGiB":1}"#).into_bytes(),
+        )
+        .await?;
+    assert_eq!(code, 201, "{created}");
+    let mut first = created.clone();
+    first["spec"]["vcpus"] = json!(2);
+    let (code, _) = raw
+        .send(
+            "PUT",
+            &format!("{FLAVORS}/f1"),
+            j,
+            first.to_string().into_bytes(),
+        )
+        .await?;
+    assert_eq!(code, 200);
+    let mut stale = created.clone();
+    stale["spec"]["vcpus"] = json!(3);
+    let s = refused(
+        &cloud,
+        &raw,
+        "PUT",
+        &format!("{FLAVORS}/f1"),
+        j,
+        &stale.to_string(),
+        409,
+        "modified",
+    )
+    .await?;
+    assert_eq!(s["reason"], "Conflict");
+    let (_, now) = raw.send("GET", &format!("{FLAVORS}/f1"), j, vec![]).await?;
+    assert_eq!(now["spec"]["vcpus"], 2);
+    // A PUT without resourceVersion is refused, not a blind overwrite.
+    let mut blind = now.clone();
+    blind["metadata"]
+        .as_object_mut()
+        .map(|m| m.remove("resourceVersion"));
+    refused(
+        &cloud,
+        &raw,
+        "PUT",
+        &format!("{FLAVORS}/f1"),
+        j,
+        &blind.to_string(),
+        422,
+        "metadata.resourceVersion",
+    )
+    .await?;
+    // Creating it again: 409 AlreadyExists.
+    let s = refused(
+        &cloud,
+        &raw,
+        "POST",
+        FLAVORS,
+        j,
+        &flavor(r#"{"vcpus":1,"ramMiB":512,"diskGiB":1}"#),
+        409,
+        "already exists",
+    )
+    .await?;
+    assert_eq!(s["reason"], "AlreadyExists");
+    // Unknown paths and kinds: 404 Status, never a 500.
+    let (code, s) = raw
+        .send("GET", "/apis/compute.stratus.dev/v1/nothings", j, vec![])
+        .await?;
+    assert_eq!((code, s["kind"].as_str()), (404, Some("Status")));
+    let (code, _) = raw
+        .send(
+            "GET",
+            "/apis/compute.stratus.dev/v1/namespaces/demo/flavors",
+            j,
+            vec![],
+        )
+        .await?;
+    assert_eq!(code, 404, "a cluster-scoped kind has no namespaced path");
+    let (code, _) = raw
+        .send("GET", &format!("{FLAVORS}?limit=abc"), j, vec![])
+        .await?;
+    assert_eq!(code, 400);
+    let (code, _) = raw
+        .send("GET", &format!("{FLAVORS}?continue=garbage"), j, vec![])
+        .await?;
+    assert_eq!(code, 400);
+    Ok(())
+}
+
+#[tokio::test]
+async fn watch_on_a_compacted_revision_is_gone() -> Result<()> {
+    let cloud = Cloud::up()?;
+    let raw = Raw {
+        client: cloud.client().await?,
+    };
+    let (code, created) = raw
+        .send(
+            "POST",
+            FLAVORS,
+            "application/json",
+            flavor(r#"{"vcpus":1,"ramMiB":512,"diskGiB":1}"#).into_bytes(),
+        )
+        .await?;
+    assert_eq!(code, 201);
+    let old_rv: i64 = created["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()?;
+    for v in 2..5 {
+        let (code, _) = raw
+            .send(
+                "PATCH",
+                &format!("{FLAVORS}/f1"),
+                "application/merge-patch+json",
+                format!(r#"{{"spec":{{"vcpus":{v}}}}}"#).into_bytes(),
+            )
+            .await?;
+        assert_eq!(code, 200);
+    }
+    let now: i64 = cloud.list_rv(FLAVORS)?.parse()?;
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &cloud.etcd_endpoint(),
+            "compact",
+            &now.to_string(),
+        ])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The watch answers 200 and then a single ERROR event with a 410 Status, as client-go expects.
+    let (code, body) = raw
+        .send(
+            "GET",
+            &format!("{FLAVORS}?watch=true&resourceVersion={old_rv}"),
+            "application/json",
+            vec![],
+        )
+        .await?;
+    assert_eq!(code, 200);
+    assert_eq!(body["type"], "ERROR", "{body}");
+    assert_eq!(body["object"]["code"], 410, "{body}");
+    assert_eq!(body["object"]["reason"], "Expired");
+    // A list continuing at a compacted revision is 410 too; a fresh list works.
+    let (code, _) = raw
+        .send(
+            "GET",
+            &format!("{FLAVORS}?watch=true&resourceVersion={now}&timeoutSeconds=1"),
+            "application/json",
+            vec![],
+        )
+        .await?;
+    assert_eq!(code, 200);
+    Ok(())
+}

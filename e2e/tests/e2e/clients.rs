@@ -1,0 +1,120 @@
+//! Client libraries other than kubectl: the Python kubernetes client and kube-rs.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use futures::{StreamExt, TryStreamExt};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use serde_json::{Value, json};
+use stratus_api_types::compute::{Flavor, FlavorSpec};
+use stratus_e2e::{Cloud, repo_root};
+
+#[test]
+fn python_dynamic_client_crud_and_watch() -> Result<()> {
+    let cloud = Cloud::up()?;
+    let script = repo_root().join("e2e/python/dynamic_client.py");
+    let out = std::process::Command::new("/usr/bin/python3")
+        .arg(&script)
+        .arg(cloud.kubeconfig())
+        .output()
+        .context("run python3")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let steps: Vec<Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let step = |name: &str| {
+        steps
+            .iter()
+            .find(|s| s["step"] == name)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(step("create")["name"], "py.small");
+    assert_eq!(step("get")["vcpus"], 1);
+    assert_eq!(
+        step("patch"),
+        json!({"step": "patch", "vcpus": 3, "generation": 2})
+    );
+    assert_eq!(step("stale-replace")["status"], 409);
+    assert_eq!(step("list")["names"], json!(["k1"]));
+    assert_eq!(step("list")["namespace"], "pyproj");
+    assert_eq!(step("get-after-delete")["status"], 404);
+    assert_eq!(
+        step("watch")["events"],
+        json!([
+            ["ADDED", "py.small", 1],
+            ["MODIFIED", "py.small", 3],
+            ["DELETED", "py.small", 3]
+        ])
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn kube_rs_typed_api_watcher_and_reflector() -> Result<()> {
+    let cloud = Cloud::up()?;
+    let client = cloud.client().await?;
+    let api: Api<Flavor> = Api::all(client);
+    let (reader, writer) = reflector::store();
+    let events = watcher(api.clone(), watcher::Config::default().timeout(5))
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
+    let mut events = Box::pin(events);
+    let spec: FlavorSpec =
+        serde_json::from_value(json!({"vcpus": 2, "ramMiB": 1024, "diskGiB": 5}))?;
+    let mut f = Flavor::new("rs.medium", spec);
+    f.metadata.labels = Some([("made-by".to_string(), "kube-rs".to_string())].into());
+    let created = api.create(&PostParams::default(), &f).await?;
+    assert_eq!(created.spec.vcpus, 2);
+    let seen = tokio::time::timeout(Duration::from_secs(20), events.try_next())
+        .await??
+        .context("watch ended")?;
+    assert_eq!(seen.metadata.name.as_deref(), Some("rs.medium"));
+    api.patch(
+        "rs.medium",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"vcpus": 4}})),
+    )
+    .await?;
+    let seen = tokio::time::timeout(Duration::from_secs(20), events.try_next())
+        .await??
+        .context("watch ended")?;
+    assert_eq!(seen.spec.vcpus, 4);
+    // Server-side apply through kube-rs, then the reflector's store agrees with the server.
+    let applied = json!({"apiVersion": "compute.stratus.dev/v1", "kind": "Flavor", "metadata": {"name": "rs.medium"}, "spec": {"vcpus": 6, "ramMiB": 1024, "diskGiB": 5}});
+    api.patch(
+        "rs.medium",
+        &PatchParams::apply("e2e").force(),
+        &Patch::Apply(applied),
+    )
+    .await?;
+    let seen = tokio::time::timeout(Duration::from_secs(20), events.try_next())
+        .await??
+        .context("watch ended")?;
+    assert_eq!(seen.spec.vcpus, 6);
+    let cached = reader
+        .get(&reflector::ObjectRef::new("rs.medium"))
+        .context("reflector has the object")?;
+    assert_eq!(cached.spec.vcpus, 6);
+    api.delete("rs.medium", &DeleteParams::default()).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while reader
+        .get(&reflector::ObjectRef::new("rs.medium"))
+        .is_some()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reflector never saw the deletion"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(200), events.next()).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! Cascading deletion through ownerReferences, by the garbage collector of `stratus up`.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use stratus_e2e::{Cloud, wait_until};
+
+fn owned_keypair(name: &str, owner: &str, uid: &str, finalizer: bool) -> String {
+    format!(
+        "apiVersion: compute.stratus.dev/v1\nkind: Keypair\nmetadata:\n  name: {name}\n  namespace: demo\n{}  ownerReferences:\n  - apiVersion: compute.stratus.dev/v1\n    kind: Flavor\n    name: {owner}\n    uid: {uid}\n    blockOwnerDeletion: true\nspec:\n  publicKey: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGJ1c3RlZC10ZXN0LWtleS1mb3ItcGFnaW5n gc\n",
+        if finalizer {
+            "  finalizers: [stratus.dev/hold]\n"
+        } else {
+            ""
+        }
+    )
+}
+
+fn flavor(cloud: &Cloud, name: &str) -> Result<String> {
+    cloud.kubectl_in(&["apply", "-f", "-"], &format!("apiVersion: compute.stratus.dev/v1\nkind: Flavor\nmetadata:\n  name: {name}\nspec:\n  vcpus: 1\n  ramMiB: 256\n  diskGiB: 1\n"))?;
+    cloud.kubectl_ok(&["get", "flavor", name, "-o", "jsonpath={.metadata.uid}"])
+}
+
+fn gone(cloud: &Cloud, args: &[&str]) -> bool {
+    cloud
+        .kubectl(args)
+        .map(|o| !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("not found"))
+        .unwrap_or(false)
+}
+
+#[test]
+fn owner_deletion_cascades_background_foreground_and_orphan() -> Result<()> {
+    let cloud = Cloud::up()?;
+    let t = Duration::from_secs(30);
+
+    // Background: the owner goes at once, its dependents after it.
+    let uid = flavor(&cloud, "bg")?;
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        &owned_keypair("bg-child", "bg", &uid, false),
+    )?;
+    // An object whose owner still exists is left alone.
+    let keep_uid = flavor(&cloud, "keep")?;
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        &owned_keypair("keep-child", "keep", &keep_uid, false),
+    )?;
+    cloud.kubectl_ok(&["delete", "flavor", "bg"])?;
+    wait_until(t, "bg-child to be collected", || {
+        gone(&cloud, &["-n", "demo", "get", "keypair", "bg-child"]).then_some(())
+    })
+    .with_context(|| cloud.log())?;
+    // A dependent naming an owner uid that never existed (a recreated owner) is collected too,
+    // while one whose owner lives stays.
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        &owned_keypair(
+            "stale-child",
+            "keep",
+            "00000000-0000-0000-0000-000000000000",
+            false,
+        ),
+    )?;
+    wait_until(t, "stale-child to be collected", || {
+        gone(&cloud, &["-n", "demo", "get", "keypair", "stale-child"]).then_some(())
+    })?;
+    cloud.kubectl_ok(&["-n", "demo", "get", "keypair", "keep-child"])?;
+
+    // Foreground: the owner waits, with its finalizer, until its dependents are gone.
+    let uid = flavor(&cloud, "fg")?;
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        &owned_keypair("fg-child", "fg", &uid, true),
+    )?;
+    cloud.kubectl_ok(&[
+        "delete",
+        "flavor",
+        "fg",
+        "--cascade=foreground",
+        "--wait=false",
+    ])?;
+    wait_until(t, "fg-child to be marked for deletion", || {
+        cloud
+            .kubectl_ok(&[
+                "-n",
+                "demo",
+                "get",
+                "keypair",
+                "fg-child",
+                "-o",
+                "jsonpath={.metadata.deletionTimestamp}",
+            ])
+            .ok()
+            .filter(|s| !s.is_empty())
+    })?;
+    std::thread::sleep(Duration::from_millis(500));
+    let fins = cloud.kubectl_ok(&[
+        "get",
+        "flavor",
+        "fg",
+        "-o",
+        "jsonpath={.metadata.finalizers}",
+    ])?;
+    assert!(
+        fins.contains("foregroundDeletion"),
+        "the owner went before its dependent: {fins}"
+    );
+    cloud.kubectl_ok(&[
+        "-n",
+        "demo",
+        "patch",
+        "keypair",
+        "fg-child",
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+    ])?;
+    wait_until(t, "fg to be deleted", || {
+        gone(&cloud, &["get", "flavor", "fg"]).then_some(())
+    })?;
+
+    // Orphan: the owner goes, the dependent stays without its ownerReference.
+    let uid = flavor(&cloud, "or")?;
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        &owned_keypair("or-child", "or", &uid, false),
+    )?;
+    cloud.kubectl_ok(&["delete", "flavor", "or", "--cascade=orphan"])?;
+    assert!(gone(&cloud, &["get", "flavor", "or"]));
+    let refs = cloud.kubectl_ok(&[
+        "-n",
+        "demo",
+        "get",
+        "keypair",
+        "or-child",
+        "-o",
+        "jsonpath={.metadata.ownerReferences}",
+    ])?;
+    assert!(
+        refs.trim().is_empty(),
+        "orphan keeps an ownerReference: {refs}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    cloud.kubectl_ok(&["-n", "demo", "get", "keypair", "or-child"])?;
+    Ok(())
+}
