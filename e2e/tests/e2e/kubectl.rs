@@ -453,6 +453,32 @@ fn describe_shows_events() -> Result<()> {
     // Events of other objects are not shown.
     let d2 = cloud.kubectl_ok(&["-n", "demo", "describe", "server", "web-2"])?;
     assert!(!d2.contains("placed on node-1"), "{d2}");
+    // The field agents select on: the hypervisor a Server is placed on (status, set by the scheduler).
+    cloud.kubectl_ok(&[
+        "-n",
+        "demo",
+        "patch",
+        "server",
+        "web-1",
+        "--subresource=status",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"status":{"hypervisor":"node-1"}}"#,
+    ])?;
+    let on_node = cloud.kubectl_ok(&[
+        "-n",
+        "demo",
+        "get",
+        "servers",
+        "--field-selector",
+        "status.hypervisor=node-1",
+        "-o",
+        "name",
+    ])?;
+    assert_eq!(on_node.trim(), "server.compute.stratus.dev/web-1");
+    let wide = cloud.kubectl_ok(&["-n", "demo", "get", "server", "web-1"])?;
+    assert!(wide.contains("node-1"), "the NODE column is empty: {wide}");
     let events = cloud.kubectl_ok(&["-n", "demo", "get", "events"])?;
     assert!(events.contains("Scheduled"), "{events}");
     Ok(())
@@ -551,5 +577,117 @@ fn restart_keeps_objects_and_watches_resume() -> Result<()> {
     assert_eq!(events.len(), 1, "{out}");
     assert_eq!(events[0]["type"], "MODIFIED");
     assert_eq!(events[0]["object"]["spec"]["vcpus"], 5);
+    Ok(())
+}
+
+#[test]
+fn leases_and_strict_validation_through_kubectl() -> Result<()> {
+    let cloud = Cloud::up()?;
+    // Leases, as leader election and node heartbeats use them.
+    let lease = "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: stratus-controllers\n  namespace: stratus-system\nspec:\n  holderIdentity: node-1\n  leaseDurationSeconds: 15\n";
+    cloud.kubectl_in(&["apply", "-f", "-"], lease)?;
+    let out = cloud.kubectl_ok(&["-n", "stratus-system", "get", "leases"])?;
+    assert!(out.contains("HOLDER") && out.contains("node-1"), "{out}");
+    let now = "2026-01-01T00:00:00.000000Z";
+    cloud.kubectl_ok(&[
+        "-n",
+        "stratus-system",
+        "patch",
+        "lease",
+        "stratus-controllers",
+        "--type",
+        "merge",
+        "-p",
+        &format!(r#"{{"spec":{{"holderIdentity":"node-2","renewTime":"{now}"}}}}"#),
+    ])?;
+    let v = json(&cloud.kubectl_ok(&[
+        "-n",
+        "stratus-system",
+        "get",
+        "lease",
+        "stratus-controllers",
+        "-o",
+        "json",
+    ])?)?;
+    assert_eq!(v["spec"]["holderIdentity"], "node-2");
+    assert_eq!(v["spec"]["renewTime"], now);
+    let err = cloud.kubectl_err(&[
+        "-n",
+        "stratus-system",
+        "patch",
+        "lease",
+        "stratus-controllers",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"leaseDurationSeconds":"long"}}"#,
+    ])?;
+    assert!(err.contains("spec.leaseDurationSeconds"), "{err}");
+
+    // kubectl's default (server-side strict validation) names the unknown field.
+    let err = cloud
+        .kubectl_cmd()
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let out = feed(
+        err,
+        &FLAVOR.replace("  vcpus: 2\n", "  vcpus: 2\n  vcpu: 3\n"),
+    )?;
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("spec.vcpu"), "{text}");
+    // With --validate=false the unknown field is dropped and the object stored.
+    let ok = cloud
+        .kubectl_cmd()
+        .args(["apply", "--validate=false", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    assert!(
+        feed(
+            ok,
+            &FLAVOR.replace("  vcpus: 2\n", "  vcpus: 2\n  vcpu: 3\n")
+        )?
+        .status
+        .success()
+    );
+    let v = json(&cloud.kubectl_ok(&["get", "flavor", "t1.test", "-o", "json"])?)?;
+    assert!(v["spec"].get("vcpu").is_none(), "{v}");
+    // generateName makes a fresh name each time.
+    let generated = "apiVersion: compute.stratus.dev/v1\nkind: Flavor\nmetadata:\n  generateName: auto-\nspec:\n  vcpus: 1\n  ramMiB: 128\n  diskGiB: 1\n";
+    let a = cloud.kubectl_in(&["create", "-f", "-", "-o", "name"], generated)?;
+    let b = cloud.kubectl_in(&["create", "-f", "-", "-o", "name"], generated)?;
+    assert!(
+        a.starts_with("flavor.compute.stratus.dev/auto-") && a != b,
+        "{a} {b}"
+    );
+    // deletecollection by label.
+    cloud.kubectl_ok(&["label", "flavor", "t1.test", "gone=yes"])?;
+    // (kubectl delete -l lists then deletes one by one; --raw sends one deletecollection.)
+    cloud.kubectl_ok(&[
+        "delete",
+        "--raw",
+        "/apis/compute.stratus.dev/v1/flavors?labelSelector=gone%3Dyes",
+    ])?;
+    assert!(
+        cloud
+            .kubectl_err(&["get", "flavor", "t1.test"])?
+            .contains("not found")
+    );
+    assert!(
+        cloud
+            .kubectl_ok(&["get", "flavors", "-o", "name"])?
+            .contains("auto-")
+    );
+    // OpenAPI v2 carries every kind with its group-version-kind.
+    let v2 = json(&cloud.kubectl_ok(&["get", "--raw", "/openapi/v2"])?)?;
+    let server = &v2["definitions"]["dev.stratus.compute.v1.Server"];
+    assert_eq!(
+        server["x-kubernetes-group-version-kind"][0]["kind"],
+        "Server"
+    );
+    assert!(server["properties"]["spec"]["properties"]["flavor"].is_object());
     Ok(())
 }
