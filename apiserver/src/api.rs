@@ -152,6 +152,8 @@ pub struct Api {
     pub registry: Arc<Registry>,
     /// Key prefix of every object in etcd.
     pub prefix: String,
+    /// Shared watch feeds.
+    pub hub: Arc<crate::hub::Hub>,
 }
 
 pub(crate) fn store_err(e: StoreError) -> ApiError {

@@ -343,13 +343,19 @@ pub fn apply(
     }
     merge(&mut out, &body);
 
+    // Re-applying the same fields is a no-op: the entry keeps its time, so nothing is written.
+    let time = list
+        .iter()
+        .find(|e| mine(e) && e.fields == applied_set && e.api_version == api_version)
+        .map(|e| e.time.clone())
+        .unwrap_or_else(meta::now);
     list.retain(|e| !mine(e));
     list.push(Entry {
         manager: manager.into(),
         operation: "Apply".into(),
         api_version: api_version.into(),
         subresource: subresource.map(String::from),
-        time: meta::now(),
+        time,
         fields: applied_set,
     });
     store_entries(&mut out, list);
@@ -384,6 +390,16 @@ mod tests {
             .expect("managed");
         assert_eq!(mf.len(), 1);
         assert_eq!(mf[0]["fieldsV1"], json!({"f:spec": {"f:vcpus": {}}}));
+    }
+
+    #[test]
+    fn reapplying_the_same_configuration_changes_nothing() {
+        let cfg = obj(json!({"vcpus": 1}));
+        let mut first = apply(&json!({}), &cfg, "a", "v1", false, None).expect("applies");
+        // Make the recorded time clearly in the past.
+        first["metadata"]["managedFields"][0]["time"] = json!("2020-01-01T00:00:00Z");
+        let again = apply(&first, &cfg, "a", "v1", false, None).expect("applies");
+        assert_eq!(again, first);
     }
 
     #[test]

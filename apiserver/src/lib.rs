@@ -5,6 +5,7 @@ pub mod body;
 pub mod discovery;
 pub mod error;
 pub mod fields;
+pub mod hub;
 pub mod meta;
 pub mod registry;
 pub mod schema;

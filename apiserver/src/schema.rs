@@ -223,6 +223,10 @@ impl Structural {
 
     /// Validates a pruned, defaulted object; each error names the field at fault.
     pub fn validate(&self, obj: &Value) -> Vec<Cause> {
+        // The common case, a valid object, stops at the first check instead of collecting.
+        if self.validator.is_valid(obj) {
+            return Vec::new();
+        }
         let mut causes: Vec<Cause> = self
             .validator
             .iter_errors(obj)

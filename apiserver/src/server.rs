@@ -341,10 +341,15 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         Some((cert, key)) => Some(crate::tls::acceptor(cert, key).map_err(StartError::Tls)?),
         None => None,
     };
+    let hub = Arc::new(crate::hub::Hub::new(
+        store.clone(),
+        config.bookmark_interval,
+    ));
     let api = Api {
         store,
         registry,
         prefix: config.prefix.clone(),
+        hub,
     };
     let app = router(Arc::new(AppState { api, config }));
     let task = tokio::spawn(async move {

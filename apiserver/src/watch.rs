@@ -10,8 +10,9 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::api::{Api, Params, Selectors, Target, accept, with_rv};
+use crate::api::{Api, Params, Selectors, Target, accept};
 use crate::error::{ApiError, ApiResult};
+use crate::hub::{Change, Item, Subscription};
 use crate::store::Store;
 use crate::table::{self, Rendering};
 
@@ -40,6 +41,22 @@ impl Encoder {
         let mut line = json!({"type": type_, "object": object}).to_string();
         line.push('\n');
         Bytes::from(line)
+    }
+
+    /// An event from a shared change: the object's JSON is encoded once for every watcher.
+    fn shared(&self, type_: &str, obj: &Value, json: Option<Bytes>) -> Bytes {
+        match (self.rendering, json) {
+            (Rendering::Full, Some(json)) => {
+                let mut line = Vec::with_capacity(json.len() + 32);
+                line.extend_from_slice(b"{\"type\":\"");
+                line.extend_from_slice(type_.as_bytes());
+                line.extend_from_slice(b"\",\"object\":");
+                line.extend_from_slice(&json);
+                line.extend_from_slice(b"}\n");
+                Bytes::from(line)
+            }
+            _ => self.event(type_, obj),
+        }
     }
 
     fn bookmark(&self, rev: i64, initial_end: bool) -> Bytes {
@@ -113,28 +130,37 @@ pub async fn watch(
         }
     };
     let prefix = t.rt.key_prefix(&api.prefix, t.namespace.as_deref());
+    let type_prefix = t.rt.key_prefix(&api.prefix, None);
+    let shared = api
+        .hub
+        .subscribe(&type_prefix, start)
+        .await
+        .map_err(crate::api::store_err)?;
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(256);
     let store = api.store.clone();
+    let w = Watcher {
+        prefix,
+        start,
+        sel,
+        enc,
+        tx,
+        bookmarks,
+        bookmark_every,
+        timeout,
+    };
     tokio::spawn(async move {
         for obj in &initial {
-            if tx.send(Ok(enc.event("ADDED", obj))).await.is_err() {
+            if !w.send(w.enc.event("ADDED", obj)).await {
                 return;
             }
         }
-        if send_initial && tx.send(Ok(enc.bookmark(start - 1, true))).await.is_err() {
+        if send_initial && !w.send(w.enc.bookmark(start - 1, true)).await {
             return;
         }
-        stream(
-            store,
-            prefix,
-            start,
-            sel,
-            enc,
-            tx,
-            bookmarks.then_some(bookmark_every),
-            timeout,
-        )
-        .await;
+        match shared {
+            Some(sub) => w.serve_feed(sub).await,
+            None => w.serve_etcd(store).await,
+        }
     });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     let mut resp = Response::new(body);
@@ -146,95 +172,147 @@ pub async fn watch(
     Ok(resp)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn stream(
-    store: Store,
+/// One client watch being served.
+struct Watcher {
+    /// Keys this watch covers (a namespace's, or the whole type's).
     prefix: String,
     start: i64,
     sel: Selectors,
     enc: Encoder,
     tx: mpsc::Sender<Result<Bytes, std::convert::Infallible>>,
-    bookmark_every: Option<Duration>,
+    bookmarks: bool,
+    bookmark_every: Duration,
     timeout: Duration,
-) {
-    let mut ws = match store.watch(&prefix, start).await {
-        Ok(ws) => ws,
-        Err(e) => {
-            let _ = tx.send(Ok(Encoder::error(&crate::api::store_err(e)))).await;
-            return;
-        }
-    };
-    let deadline = tokio::time::sleep(timeout);
-    tokio::pin!(deadline);
-    let mut tick = tokio::time::interval(bookmark_every.unwrap_or(Duration::from_secs(3600)));
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            msg = ws.message() => {
-                let resp = match msg {
-                    Ok(Some(r)) => r,
-                    Ok(None) => return,
-                    Err(e) => {
-                        let _ = tx.send(Ok(Encoder::error(&crate::api::store_err(e.into())))).await;
-                        return;
-                    }
-                };
-                if resp.canceled() {
-                    let err = if resp.compact_revision() > 0 {
-                        ApiError::gone(format!("too old resource version: {} ({})", start - 1, resp.compact_revision()))
-                    } else {
-                        ApiError::unavailable(format!("watch canceled by the store: {}", resp.cancel_reason()))
-                    };
-                    let _ = tx.send(Ok(Encoder::error(&err))).await;
-                    return;
-                }
-                if resp.events().is_empty() {
-                    if !resp.created() && bookmark_every.is_some() {
-                        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-                        if rev >= start - 1 && tx.send(Ok(enc.bookmark(rev, false))).await.is_err() {
-                            return;
-                        }
-                    }
-                    continue;
-                }
-                for ev in resp.events() {
-                    if let Some(line) = translate(ev, &sel, &enc)
-                        && tx.send(Ok(line)).await.is_err() {
-                            return;
-                        }
-                }
-            }
-            _ = tick.tick(), if bookmark_every.is_some() => {
-                if ws.request_progress().await.is_err() {
-                    return;
-                }
-            }
-            () = &mut deadline => return,
-            () = tx.closed() => return,
-        }
-    }
 }
 
-fn translate(ev: &etcd_client::Event, sel: &Selectors, enc: &Encoder) -> Option<Bytes> {
-    let decode = |kv: &etcd_client::KeyValue, rev: i64| {
-        Store::decode(kv.key(), kv.value(), kv.mod_revision())
-            .ok()
-            .map(|s| with_rv(s.value, rev))
-    };
-    let kv = ev.kv()?;
-    let rev = kv.mod_revision();
-    let old = ev.prev_kv().and_then(|p| decode(p, rev));
-    let was = old.as_ref().is_some_and(|o| sel.matches(o));
-    match ev.event_type() {
-        etcd_client::EventType::Delete => old.filter(|_| was).map(|o| enc.event("DELETED", &o)),
-        etcd_client::EventType::Put => {
-            let new = decode(kv, rev)?;
-            let is = sel.matches(&new);
-            match (was, is) {
-                (true, true) => Some(enc.event("MODIFIED", &new)),
-                (false, true) => Some(enc.event("ADDED", &new)),
-                (true, false) => Some(enc.event("DELETED", &new)),
-                (false, false) => None,
+impl Watcher {
+    async fn send(&self, b: Bytes) -> bool {
+        self.tx.send(Ok(b)).await.is_ok()
+    }
+
+    /// The watch event a change makes for this watcher, if any: selector transitions turn
+    /// into ADDED / DELETED as Kubernetes reports them.
+    fn change(&self, c: &Change) -> Option<Bytes> {
+        if c.rev < self.start || !c.key.starts_with(&self.prefix) {
+            return None;
+        }
+        let was = c.old.as_ref().is_some_and(|o| self.sel.matches(o));
+        match &c.new {
+            None => c
+                .old
+                .as_ref()
+                .filter(|_| was)
+                .map(|o| self.enc.shared("DELETED", o, c.json(false))),
+            Some(new) => {
+                let type_ = match (was, self.sel.matches(new)) {
+                    (true, true) => "MODIFIED",
+                    (false, true) => "ADDED",
+                    (true, false) => "DELETED",
+                    (false, false) => return None,
+                };
+                Some(self.enc.shared(type_, new, c.json(true)))
+            }
+        }
+    }
+
+    /// Serves the watch from the API server's shared feed of the type.
+    async fn serve_feed(self, (past, mut rx): Subscription) {
+        for c in past {
+            if let Some(line) = self.change(&c)
+                && !self.send(line).await
+            {
+                return;
+            }
+        }
+        let deadline = tokio::time::sleep(self.timeout);
+        tokio::pin!(deadline);
+        let mut last_bookmark = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                item = rx.recv() => match item {
+                    Ok(Item::Change(c)) => {
+                        if let Some(line) = self.change(&c)
+                            && !self.send(line).await
+                        {
+                            return;
+                        }
+                    }
+                    Ok(Item::Progress(rev)) => {
+                        if self.bookmarks
+                            && rev >= self.start - 1
+                            && last_bookmark.elapsed() >= self.bookmark_every / 2
+                        {
+                            last_bookmark = tokio::time::Instant::now();
+                            if !self.send(self.enc.bookmark(rev, false)).await {
+                                return;
+                            }
+                        }
+                    }
+                    // Fell too far behind, or the feed ended: end the stream; the client
+                    // watches again from the last revision it saw.
+                    Err(_) => return,
+                },
+                () = &mut deadline => return,
+                () = self.tx.closed() => return,
+            }
+        }
+    }
+
+    /// Serves the watch from an etcd watch of its own (for revisions the feed cannot serve).
+    async fn serve_etcd(self, store: Store) {
+        let mut ws = match store.watch(&self.prefix, self.start).await {
+            Ok(ws) => ws,
+            Err(e) => {
+                self.send(Encoder::error(&crate::api::store_err(e))).await;
+                return;
+            }
+        };
+        let deadline = tokio::time::sleep(self.timeout);
+        tokio::pin!(deadline);
+        let mut tick = tokio::time::interval(self.bookmark_every);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                msg = ws.message() => {
+                    let resp = match msg {
+                        Ok(Some(r)) => r,
+                        Ok(None) => return,
+                        Err(e) => {
+                            self.send(Encoder::error(&crate::api::store_err(e.into()))).await;
+                            return;
+                        }
+                    };
+                    if resp.canceled() {
+                        let err = if resp.compact_revision() > 0 {
+                            ApiError::gone(format!("too old resource version: {} ({})", self.start - 1, resp.compact_revision()))
+                        } else {
+                            ApiError::unavailable(format!("watch canceled by the store: {}", resp.cancel_reason()))
+                        };
+                        self.send(Encoder::error(&err)).await;
+                        return;
+                    }
+                    if resp.events().is_empty() {
+                        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+                        if !resp.created() && self.bookmarks && rev >= self.start - 1 && !self.send(self.enc.bookmark(rev, false)).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    for ev in resp.events() {
+                        if let Some(line) = crate::hub::decode(ev).and_then(|c| self.change(&c))
+                            && !self.send(line).await
+                        {
+                            return;
+                        }
+                    }
+                }
+                _ = tick.tick(), if self.bookmarks => {
+                    if ws.request_progress().await.is_err() {
+                        return;
+                    }
+                }
+                () = &mut deadline => return,
+                () = self.tx.closed() => return,
             }
         }
     }

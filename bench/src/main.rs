@@ -14,6 +14,10 @@ use futures::TryStreamExt;
 use serde_json::{Value, json};
 use stratus_e2e::Etcd;
 
+// The same allocator as the stratus binary.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(about = "Stratus benchmarks: the reference and Stratus, side by side in one run")]
 struct Cli {

@@ -7,4 +7,5 @@ mod e2e {
     mod gc;
     mod kubectl;
     mod replicas;
+    mod watch_feed;
 }

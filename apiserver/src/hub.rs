@@ -1,0 +1,238 @@
+//! Shared watch feeds: one etcd watch per resource type and API server, decoded once and fanned
+//! out to every client watch of that type, with a bounded history so watches starting a
+//! little in the past are served from memory (what kube-apiserver's watch cache does).
+//!
+//! # Guarantees
+//! A subscriber gets every change with a revision at or after the one it asked for, in
+//! revision order, with no gap and no duplicate — or no subscription at all (`None`), when the
+//! feed cannot prove it has every such change; the caller then opens its own etcd watch.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::sync::broadcast;
+
+use crate::api::with_rv;
+use crate::store::{Store, StoreError};
+
+/// Changes kept in memory per resource type.
+const HISTORY: usize = 4096;
+/// Items a slow subscriber may fall behind before it is cut off (it then watches again).
+const BACKLOG: usize = 4096;
+
+/// One change of one object.
+#[derive(Debug)]
+pub struct Change {
+    /// The etcd revision of the change.
+    pub rev: i64,
+    /// The object's key.
+    pub key: String,
+    /// The object after the change (None: deleted).
+    pub new: Option<Value>,
+    /// The object before the change (None: created).
+    pub old: Option<Value>,
+    new_json: OnceLock<Bytes>,
+    old_json: OnceLock<Bytes>,
+}
+
+impl Change {
+    /// The JSON of the object after the change (or before, for a deletion), encoded once for
+    /// every subscriber.
+    pub fn json(&self, after: bool) -> Option<Bytes> {
+        let (v, cell) = if after {
+            (&self.new, &self.new_json)
+        } else {
+            (&self.old, &self.old_json)
+        };
+        v.as_ref()
+            .map(|v| cell.get_or_init(|| Bytes::from(v.to_string())).clone())
+    }
+}
+
+/// What a subscriber receives.
+#[derive(Debug, Clone)]
+pub enum Item {
+    /// A change.
+    Change(Arc<Change>),
+    /// Every change up to this revision has been sent (a bookmark may be emitted).
+    Progress(i64),
+}
+
+struct Feed {
+    /// Every change from this revision on is in `history` or still to come.
+    complete_from: i64,
+    history: VecDeque<Arc<Change>>,
+    tx: broadcast::Sender<Item>,
+    alive: bool,
+}
+
+/// The feeds of one API server.
+#[derive(Debug)]
+pub struct Hub {
+    store: Store,
+    progress_every: Duration,
+    feeds: Mutex<HashMap<String, Arc<Mutex<Feed>>>>,
+}
+
+impl std::fmt::Debug for Feed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Feed")
+            .field("complete_from", &self.complete_from)
+            .field("len", &self.history.len())
+            .finish()
+    }
+}
+
+/// A subscription: the changes already known, then the live receiver.
+pub type Subscription = (Vec<Arc<Change>>, broadcast::Receiver<Item>);
+
+impl Hub {
+    /// A hub whose feeds report progress every `progress_every`.
+    pub fn new(store: Store, progress_every: Duration) -> Self {
+        Self {
+            store,
+            progress_every,
+            feeds: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Subscribes to changes of the type stored under `type_prefix`, from revision `from` on.
+    ///
+    /// # Errors
+    /// When the feed cannot be started (etcd unreachable, `from` compacted).
+    pub async fn subscribe(
+        &self,
+        type_prefix: &str,
+        from: i64,
+    ) -> Result<Option<Subscription>, StoreError> {
+        // Revisions etcd has compacted are not served from memory either: the caller's own etcd
+        // watch then answers `410 Gone` the way clients expect.
+        if from > 1 {
+            match self.store.list(type_prefix, None, from - 1, 1).await {
+                Err(StoreError::Compacted) => return Ok(None),
+                Err(StoreError::FutureRevision) | Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let existing = match self.feeds.lock() {
+            Ok(mut map) => {
+                map.retain(|_, f| f.lock().map(|f| f.alive).unwrap_or(false));
+                map.get(type_prefix).cloned()
+            }
+            Err(_) => return Ok(None),
+        };
+        let feed = match existing {
+            Some(f) => f,
+            None => {
+                let f = self.start(type_prefix, from).await?;
+                let Ok(mut map) = self.feeds.lock() else {
+                    return Ok(None);
+                };
+                // Another subscriber may have started one meanwhile; keep the first.
+                map.entry(type_prefix.to_string()).or_insert(f).clone()
+            }
+        };
+        let Ok(f) = feed.lock() else { return Ok(None) };
+        if !f.alive || from < f.complete_from {
+            return Ok(None);
+        }
+        let past = f
+            .history
+            .iter()
+            .filter(|c| c.rev >= from)
+            .cloned()
+            .collect();
+        Ok(Some((past, f.tx.subscribe())))
+    }
+
+    async fn start(&self, type_prefix: &str, from: i64) -> Result<Arc<Mutex<Feed>>, StoreError> {
+        let mut ws = self.store.watch(type_prefix, from).await?;
+        let (tx, _) = broadcast::channel(BACKLOG);
+        let feed = Arc::new(Mutex::new(Feed {
+            complete_from: from,
+            history: VecDeque::new(),
+            tx,
+            alive: true,
+        }));
+        let task_feed = Arc::clone(&feed);
+        let every = self.progress_every;
+        let prefix = type_prefix.to_string();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    msg = ws.message() => {
+                        let resp = match msg {
+                            Ok(Some(r)) => r,
+                            Ok(None) | Err(_) => break,
+                        };
+                        if resp.canceled() {
+                            break;
+                        }
+                        let Ok(mut f) = task_feed.lock() else { break };
+                        if resp.events().is_empty() {
+                            if !resp.created() {
+                                let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+                                let _ = f.tx.send(Item::Progress(rev));
+                            }
+                            continue;
+                        }
+                        for ev in resp.events() {
+                            let Some(change) = decode(ev) else { continue };
+                            let change = Arc::new(change);
+                            if f.history.len() >= HISTORY
+                                && let Some(evicted) = f.history.pop_front() {
+                                    f.complete_from = evicted.rev + 1;
+                                }
+                            f.history.push_back(Arc::clone(&change));
+                            let _ = f.tx.send(Item::Change(change));
+                        }
+                    }
+                    _ = tick.tick() => {
+                        if ws.request_progress().await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            // The feed is gone: its subscribers see the channel close and their clients watch
+            // again from their last revision (served by a new feed or their own etcd watch).
+            tracing::debug!(prefix, "watch feed ended");
+            if let Ok(mut f) = task_feed.lock() {
+                f.alive = false;
+                f.history.clear();
+                let (tx, _) = broadcast::channel(1);
+                f.tx = tx;
+            }
+        });
+        Ok(feed)
+    }
+}
+
+/// The change an etcd watch event records (None for a value Stratus cannot decode).
+pub fn decode(ev: &etcd_client::Event) -> Option<Change> {
+    let kv = ev.kv()?;
+    let rev = kv.mod_revision();
+    let parse = |kv: &etcd_client::KeyValue| {
+        Store::decode(kv.key(), kv.value(), kv.mod_revision())
+            .ok()
+            .map(|s| with_rv(s.value, rev))
+    };
+    let old = ev.prev_kv().and_then(parse);
+    let new = match ev.event_type() {
+        etcd_client::EventType::Put => Some(parse(kv)?),
+        etcd_client::EventType::Delete => None,
+    };
+    Some(Change {
+        rev,
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        new,
+        old,
+        new_json: OnceLock::new(),
+        old_json: OnceLock::new(),
+    })
+}
