@@ -162,6 +162,9 @@ pub(crate) fn store_err(e: StoreError) -> ApiError {
             ApiError::gone("The resourceVersion for the provided list is too old.")
         }
         StoreError::FutureRevision => ApiError::timeout("Too large resource version"),
+        StoreError::Poisoned => {
+            ApiError::unavailable("the API server's watch state is unavailable; retry")
+        }
         StoreError::Corrupt { key, .. } => {
             ApiError::internal(format!("stored object at {key} cannot be decoded"))
         }

@@ -5,7 +5,7 @@
 //! # Guarantees
 //! A subscriber gets every change with a revision at or after the one it asked for, in
 //! revision order, with no gap and no duplicate — or no subscription at all (`None`), when the
-//! feed cannot prove it has every such change; the caller then opens its own etcd watch.
+//! shared feed cannot prove it has every such change; the subscriber then gets a private feed.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -59,6 +59,8 @@ pub enum Item {
     Change(Arc<Change>),
     /// Every change up to this revision has been sent (a bookmark may be emitted).
     Progress(i64),
+    /// The requested revision has been compacted (etcd's compaction revision): `410 Gone`.
+    Gone(i64),
 }
 
 struct Feed {
@@ -67,6 +69,8 @@ struct Feed {
     history: VecDeque<Arc<Change>>,
     tx: broadcast::Sender<Item>,
     alive: bool,
+    /// etcd refused the start revision as compacted (at this compaction revision).
+    gone: Option<i64>,
 }
 
 /// The feeds of one API server.
@@ -87,7 +91,15 @@ impl std::fmt::Debug for Feed {
 }
 
 /// A subscription: the changes already known, then the live receiver.
-pub type Subscription = (Vec<Arc<Change>>, broadcast::Receiver<Item>);
+#[derive(Debug)]
+pub struct Subscription {
+    /// Changes from the requested revision on that the feed already has.
+    pub past: Vec<Arc<Change>>,
+    /// Set when the requested revision was compacted: etcd's compaction revision.
+    pub gone: Option<i64>,
+    /// Changes still to come.
+    pub rx: broadcast::Receiver<Item>,
+}
 
 impl Hub {
     /// A hub whose feeds report progress every `progress_every`.
@@ -99,17 +111,31 @@ impl Hub {
         }
     }
 
-    /// Subscribes to changes of the type stored under `type_prefix`, from revision `from` on.
+    /// Subscribes to changes of the type stored under `type_prefix`, from revision `from` on:
+    /// from the type's shared feed when it holds every such change, otherwise from a private
+    /// feed (an etcd watch of the subscriber's own, ended when the subscriber goes).
     ///
     /// # Errors
-    /// When the feed cannot be started (etcd unreachable, `from` compacted).
+    /// When etcd cannot be reached.
     pub async fn subscribe(
         &self,
         type_prefix: &str,
         from: i64,
+    ) -> Result<Subscription, StoreError> {
+        if let Some(sub) = self.shared(type_prefix, from).await? {
+            return Ok(sub);
+        }
+        let feed = self.start(type_prefix, from, true).await?;
+        take(&feed, from).ok_or(StoreError::Poisoned)
+    }
+
+    async fn shared(
+        &self,
+        type_prefix: &str,
+        from: i64,
     ) -> Result<Option<Subscription>, StoreError> {
-        // Revisions etcd has compacted are not served from memory either: the caller's own etcd
-        // watch then answers `410 Gone` the way clients expect.
+        // Revisions etcd has compacted are not served from memory either: a private feed then
+        // reports them `Gone` as etcd does.
         if from > 1 {
             match self.store.list(type_prefix, None, from - 1, 1).await {
                 Err(StoreError::Compacted) => return Ok(None),
@@ -127,7 +153,7 @@ impl Hub {
         let feed = match existing {
             Some(f) => f,
             None => {
-                let f = self.start(type_prefix, from).await?;
+                let f = self.start(type_prefix, from, false).await?;
                 let Ok(mut map) = self.feeds.lock() else {
                     return Ok(None);
                 };
@@ -135,20 +161,16 @@ impl Hub {
                 map.entry(type_prefix.to_string()).or_insert(f).clone()
             }
         };
-        let Ok(f) = feed.lock() else { return Ok(None) };
-        if !f.alive || from < f.complete_from {
-            return Ok(None);
-        }
-        let past = f
-            .history
-            .iter()
-            .filter(|c| c.rev >= from)
-            .cloned()
-            .collect();
-        Ok(Some((past, f.tx.subscribe())))
+        Ok(take(&feed, from))
     }
 
-    async fn start(&self, type_prefix: &str, from: i64) -> Result<Arc<Mutex<Feed>>, StoreError> {
+    /// Starts a feed at `from`. A private feed ends once nobody listens.
+    async fn start(
+        &self,
+        type_prefix: &str,
+        from: i64,
+        private: bool,
+    ) -> Result<Arc<Mutex<Feed>>, StoreError> {
         let mut ws = self.store.watch(type_prefix, from).await?;
         let (tx, _) = broadcast::channel(BACKLOG);
         let feed = Arc::new(Mutex::new(Feed {
@@ -156,9 +178,15 @@ impl Hub {
             history: VecDeque::new(),
             tx,
             alive: true,
+            gone: None,
         }));
         let task_feed = Arc::clone(&feed);
-        let every = self.progress_every;
+        // A private feed checks often whether its subscriber is still there.
+        let every = if private {
+            self.progress_every.min(Duration::from_secs(5))
+        } else {
+            self.progress_every
+        };
         let prefix = type_prefix.to_string();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -171,6 +199,10 @@ impl Hub {
                             Ok(None) | Err(_) => break,
                         };
                         if resp.canceled() {
+                            if resp.compact_revision() > 0 && let Ok(mut f) = task_feed.lock() {
+                                f.gone = Some(resp.compact_revision());
+                                let _ = f.tx.send(Item::Gone(resp.compact_revision()));
+                            }
                             break;
                         }
                         let Ok(mut f) = task_feed.lock() else { break };
@@ -193,14 +225,15 @@ impl Hub {
                         }
                     }
                     _ = tick.tick() => {
-                        if ws.request_progress().await.is_err() {
+                        let unused = task_feed.lock().map(|f| f.tx.receiver_count() == 0).unwrap_or(true);
+                        if (private && unused) || ws.request_progress().await.is_err() {
                             break;
                         }
                     }
                 }
             }
             // The feed is gone: its subscribers see the channel close and their clients watch
-            // again from their last revision (served by a new feed or their own etcd watch).
+            // again from their last revision (served by a new feed).
             tracing::debug!(prefix, "watch feed ended");
             if let Ok(mut f) = task_feed.lock() {
                 f.alive = false;
@@ -211,6 +244,26 @@ impl Hub {
         });
         Ok(feed)
     }
+}
+
+/// History from `from` on plus a live receiver, taken under the feed's lock so that nothing
+/// falls between them; None when the feed cannot serve `from`.
+fn take(feed: &Mutex<Feed>, from: i64) -> Option<Subscription> {
+    let f = feed.lock().ok()?;
+    if f.gone.is_none() && (!f.alive || from < f.complete_from) {
+        return None;
+    }
+    let past = f
+        .history
+        .iter()
+        .filter(|c| c.rev >= from)
+        .cloned()
+        .collect();
+    Some(Subscription {
+        past,
+        gone: f.gone,
+        rx: f.tx.subscribe(),
+    })
 }
 
 /// The change an etcd watch event records (None for a value Stratus cannot decode).

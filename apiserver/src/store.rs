@@ -20,6 +20,9 @@ pub enum StoreError {
     /// The requested revision is newer than the store's.
     #[error("the requested revision is in the future")]
     FutureRevision,
+    /// A lock was poisoned by a panic elsewhere (a bug; the request may be retried).
+    #[error("internal state is unavailable after a failure")]
+    Poisoned,
     /// A stored value is not a JSON object (written by something other than Stratus).
     #[error("stored value at {key} is not valid JSON")]
     Corrupt {

@@ -13,7 +13,6 @@ use tokio::sync::mpsc;
 use crate::api::{Api, Params, Selectors, Target, accept};
 use crate::error::{ApiError, ApiResult};
 use crate::hub::{Change, Item, Subscription};
-use crate::store::Store;
 use crate::table::{self, Rendering};
 
 /// How long a watch lasts when the client does not say (`timeoutSeconds`).
@@ -131,13 +130,12 @@ pub async fn watch(
     };
     let prefix = t.rt.key_prefix(&api.prefix, t.namespace.as_deref());
     let type_prefix = t.rt.key_prefix(&api.prefix, None);
-    let shared = api
+    let sub = api
         .hub
         .subscribe(&type_prefix, start)
         .await
         .map_err(crate::api::store_err)?;
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(256);
-    let store = api.store.clone();
     let w = Watcher {
         prefix,
         start,
@@ -157,10 +155,7 @@ pub async fn watch(
         if send_initial && !w.send(w.enc.bookmark(start - 1, true)).await {
             return;
         }
-        match shared {
-            Some(sub) => w.serve_feed(sub).await,
-            None => w.serve_etcd(store).await,
-        }
+        w.serve(sub).await;
     });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     let mut resp = Response::new(body);
@@ -186,6 +181,13 @@ struct Watcher {
 }
 
 impl Watcher {
+    fn gone(&self, compacted: i64) -> ApiError {
+        ApiError::gone(format!(
+            "too old resource version: {} ({compacted})",
+            self.start - 1
+        ))
+    }
+
     async fn send(&self, b: Bytes) -> bool {
         self.tx.send(Ok(b)).await.is_ok()
     }
@@ -215,8 +217,13 @@ impl Watcher {
         }
     }
 
-    /// Serves the watch from the API server's shared feed of the type.
-    async fn serve_feed(self, (past, mut rx): Subscription) {
+    /// Serves the watch from a feed of the type (shared, or private to this watch).
+    async fn serve(self, sub: Subscription) {
+        let Subscription { past, gone, mut rx } = sub;
+        if let Some(compacted) = gone {
+            self.send(Encoder::error(&self.gone(compacted))).await;
+            return;
+        }
         for c in past {
             if let Some(line) = self.change(&c)
                 && !self.send(line).await
@@ -237,6 +244,10 @@ impl Watcher {
                             return;
                         }
                     }
+                    Ok(Item::Gone(compacted)) => {
+                        self.send(Encoder::error(&self.gone(compacted))).await;
+                        return;
+                    }
                     Ok(Item::Progress(rev)) => {
                         if self.bookmarks
                             && rev >= self.start - 1
@@ -252,65 +263,6 @@ impl Watcher {
                     // watches again from the last revision it saw.
                     Err(_) => return,
                 },
-                () = &mut deadline => return,
-                () = self.tx.closed() => return,
-            }
-        }
-    }
-
-    /// Serves the watch from an etcd watch of its own (for revisions the feed cannot serve).
-    async fn serve_etcd(self, store: Store) {
-        let mut ws = match store.watch(&self.prefix, self.start).await {
-            Ok(ws) => ws,
-            Err(e) => {
-                self.send(Encoder::error(&crate::api::store_err(e))).await;
-                return;
-            }
-        };
-        let deadline = tokio::time::sleep(self.timeout);
-        tokio::pin!(deadline);
-        let mut tick = tokio::time::interval(self.bookmark_every);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                msg = ws.message() => {
-                    let resp = match msg {
-                        Ok(Some(r)) => r,
-                        Ok(None) => return,
-                        Err(e) => {
-                            self.send(Encoder::error(&crate::api::store_err(e.into()))).await;
-                            return;
-                        }
-                    };
-                    if resp.canceled() {
-                        let err = if resp.compact_revision() > 0 {
-                            ApiError::gone(format!("too old resource version: {} ({})", self.start - 1, resp.compact_revision()))
-                        } else {
-                            ApiError::unavailable(format!("watch canceled by the store: {}", resp.cancel_reason()))
-                        };
-                        self.send(Encoder::error(&err)).await;
-                        return;
-                    }
-                    if resp.events().is_empty() {
-                        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-                        if !resp.created() && self.bookmarks && rev >= self.start - 1 && !self.send(self.enc.bookmark(rev, false)).await {
-                            return;
-                        }
-                        continue;
-                    }
-                    for ev in resp.events() {
-                        if let Some(line) = crate::hub::decode(ev).and_then(|c| self.change(&c))
-                            && !self.send(line).await
-                        {
-                            return;
-                        }
-                    }
-                }
-                _ = tick.tick(), if self.bookmarks => {
-                    if ws.request_progress().await.is_err() {
-                        return;
-                    }
-                }
                 () = &mut deadline => return,
                 () = self.tx.closed() => return,
             }

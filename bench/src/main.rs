@@ -68,6 +68,44 @@ fn stats(mut lat: Vec<Duration>, wall: Duration) -> Stats {
     }
 }
 
+/// CPU time (user + system) a process has used so far.
+fn cpu(pid: &str) -> Duration {
+    // /proc/PID/stat: after "(comm)", the fields from `state` on; utime and stime are the
+    // 12th and 13th of those, in clock ticks (100 per second).
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let tick = |i: usize| rest.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    Duration::from_millis((tick(11) + tick(12)) * 10)
+}
+
+/// CPU used by etcd and by this process (load generator and, for the API path, the server).
+struct Cpu {
+    etcd: String,
+    at: (Duration, Duration),
+}
+
+impl Cpu {
+    fn start(etcd_pid: u32) -> Self {
+        let etcd = etcd_pid.to_string();
+        let at = (cpu(&etcd), cpu("self"));
+        Self { etcd, at }
+    }
+
+    /// Microseconds of CPU per operation: (etcd, this process).
+    fn per_op(&self, ops: usize) -> (f64, f64) {
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / ops.max(1) as f64;
+        (
+            per(cpu(&self.etcd).saturating_sub(self.at.0)),
+            per(cpu("self").saturating_sub(self.at.1)),
+        )
+    }
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
@@ -160,8 +198,10 @@ fn req(method: &str, path: &str, ct: &str, body: Vec<u8>) -> Result<http::Reques
 async fn bench_api(objects: usize, levels: &[usize]) -> Result<()> {
     let s = stack().await?;
     let etcd = etcd_client::Client::connect([s.etcd.endpoint.as_str()], None).await?;
-    println!("| concurrency | path | creates/s | p50 ms | p99 ms |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| concurrency | path | creates/s | p50 ms | p99 ms | etcd CPU µs/create | client (+ API server) CPU µs/create |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     let mut ratios = Vec::new();
     for &c in levels {
         // Warm both paths.
@@ -198,6 +238,7 @@ async fn bench_api(objects: usize, levels: &[usize]) -> Result<()> {
             .await?;
         }
         let e = etcd.clone();
+        let raw_cpu = Cpu::start(s.etcd.pid());
         let (lat, wall) = drive(objects, c, move |i| {
             let mut kv = e.kv_client();
             async move {
@@ -217,6 +258,8 @@ async fn bench_api(objects: usize, levels: &[usize]) -> Result<()> {
         })
         .await?;
         let raw = stats(lat, wall);
+        let raw_cpu = raw_cpu.per_op(objects);
+        let api_cpu = Cpu::start(s.etcd.pid());
         let cl = s.client.clone();
         let (lat, wall) = drive(objects, c, move |i| {
             let cl = cl.clone();
@@ -235,17 +278,22 @@ async fn bench_api(objects: usize, levels: &[usize]) -> Result<()> {
         })
         .await?;
         let api = stats(lat, wall);
+        let api_cpu = api_cpu.per_op(objects);
         println!(
-            "| {c} | raw etcd txn | {:.0} | {} | {} |",
+            "| {c} | raw etcd txn | {:.0} | {} | {} | {:.0} | {:.0} |",
             raw.per_sec,
             ms(raw.p50),
-            ms(raw.p99)
+            ms(raw.p99),
+            raw_cpu.0,
+            raw_cpu.1
         );
         println!(
-            "| {c} | Stratus API | {:.0} | {} | {} |",
+            "| {c} | Stratus API | {:.0} | {} | {} | {:.0} | {:.0} |",
             api.per_sec,
             ms(api.p50),
-            ms(api.p99)
+            ms(api.p99),
+            api_cpu.0,
+            api_cpu.1
         );
         ratios.push((
             c,

@@ -68,6 +68,11 @@ impl Proc {
         })
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether it is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -154,6 +159,11 @@ impl Etcd {
                 .filter(|o| o.status.success())
         })?;
         Ok(etcd)
+    }
+
+    /// The etcd process id.
+    pub fn pid(&self) -> u32 {
+        self._proc.pid()
     }
 
     /// Runs etcdctl against this etcd.

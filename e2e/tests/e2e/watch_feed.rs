@@ -1,4 +1,4 @@
-//! Watches served from the API server's shared feed and from etcd directly agree exactly.
+//! Watches served from the shared feed, its history, and a private feed agree exactly.
 
 use std::time::Duration;
 
@@ -60,7 +60,7 @@ async fn feed_history_and_etcd_watches_deliver_the_same_events() -> Result<()> {
         .resource_version
         .unwrap_or_default();
     // The first watch starts the shared feed at rv1; later watches from rv1 are served from its
-    // history, and a watch from rv0 (before the feed) from etcd directly.
+    // history, and a watch from rv0 (before the feed) from a private feed of its own.
     let first = tokio::spawn({
         let api = api.clone();
         let rv1 = rv1.clone();
@@ -78,7 +78,7 @@ async fn feed_history_and_etcd_watches_deliver_the_same_events() -> Result<()> {
     api.delete("w", &Default::default()).await?;
     let from_feed = first.await??;
     let from_history = collect(&api, &rv1, 3).await?;
-    let from_etcd = collect(&api, &rv0, 4).await?;
+    let from_private = collect(&api, &rv0, 4).await?;
     assert_eq!(
         from_feed
             .iter()
@@ -87,11 +87,14 @@ async fn feed_history_and_etcd_watches_deliver_the_same_events() -> Result<()> {
         vec![("MODIFIED", 3), ("MODIFIED", 4), ("DELETED", 4)]
     );
     assert_eq!(from_history, from_feed);
-    assert_eq!(from_etcd[0].0, "MODIFIED");
-    assert_eq!(from_etcd[0].2, 2);
-    assert_eq!(&from_etcd[1..], &from_feed[..]);
+    assert_eq!(from_private[0].0, "MODIFIED");
+    assert_eq!(from_private[0].2, 2);
+    assert_eq!(&from_private[1..], &from_feed[..]);
     // Revisions strictly increase.
-    let revs: Vec<i64> = from_etcd.iter().filter_map(|e| e.1.parse().ok()).collect();
+    let revs: Vec<i64> = from_private
+        .iter()
+        .filter_map(|e| e.1.parse().ok())
+        .collect();
     assert!(revs.windows(2).all(|w| w[0] < w[1]), "{revs:?}");
     Ok(())
 }
