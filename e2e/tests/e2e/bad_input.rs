@@ -363,3 +363,91 @@ async fn watch_on_a_compacted_revision_is_gone() -> Result<()> {
     assert_eq!(code, 200);
     Ok(())
 }
+
+#[tokio::test]
+async fn bookmarks_initial_events_and_dry_run() -> Result<()> {
+    let cloud = Cloud::up()?;
+    let raw = Raw {
+        client: cloud.client().await?,
+    };
+    let j = "application/json";
+    // dryRun=All: the answer is the object as it would be stored; nothing is stored.
+    let before = cloud.list_rv(FLAVORS)?;
+    let (code, obj) = raw
+        .send(
+            "POST",
+            &format!("{FLAVORS}?dryRun=All"),
+            j,
+            flavor(r#"{"vcpus":1,"ramMiB":512,"diskGiB":1}"#).into_bytes(),
+        )
+        .await?;
+    assert_eq!(code, 201, "{obj}");
+    assert_eq!(
+        obj["spec"]["isPublic"], true,
+        "defaults were not applied: {obj}"
+    );
+    assert_eq!(cloud.list_rv(FLAVORS)?, before);
+    let (code, _) = raw.send("GET", &format!("{FLAVORS}/f1"), j, vec![]).await?;
+    assert_eq!(code, 404);
+    let (code, s) = raw
+        .send(
+            "POST",
+            &format!("{FLAVORS}?dryRun=Some"),
+            j,
+            flavor(r#"{"vcpus":1,"ramMiB":512,"diskGiB":1}"#).into_bytes(),
+        )
+        .await?;
+    assert_eq!(code, 400, "{s}");
+
+    let (code, created) = raw
+        .send(
+            "POST",
+            FLAVORS,
+            j,
+            flavor(r#"{"vcpus":1,"ramMiB":512,"diskGiB":1}"#).into_bytes(),
+        )
+        .await?;
+    assert_eq!(code, 201);
+    // Bookmarks arrive on a quiet watch (the test cloud sends one a second) and carry a
+    // resourceVersion at least as new as the watch's start.
+    let rv: i64 = created["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()?;
+    let out = cloud.kubectl_ok(&[
+        "get",
+        "--raw",
+        &format!(
+            "{FLAVORS}?watch=true&allowWatchBookmarks=true&resourceVersion={rv}&timeoutSeconds=4"
+        ),
+    ])?;
+    let events: Vec<Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let bookmarks: Vec<&Value> = events.iter().filter(|e| e["type"] == "BOOKMARK").collect();
+    assert!(!bookmarks.is_empty(), "no bookmark in 4 s: {out}");
+    let brv: i64 = bookmarks[0]["object"]["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()?;
+    assert!(brv >= rv, "bookmark {brv} older than the watch start {rv}");
+    assert!(
+        events.iter().all(|e| e["type"] == "BOOKMARK"),
+        "events on a quiet watch: {out}"
+    );
+    // sendInitialEvents: the current objects as ADDED, then a bookmark marking their end.
+    let out = cloud.kubectl_ok(&["get", "--raw", &format!("{FLAVORS}?watch=true&sendInitialEvents=true&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan&timeoutSeconds=2")])?;
+    let events: Vec<Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(events[0]["type"], "ADDED");
+    assert_eq!(events[0]["object"]["metadata"]["name"], "f1");
+    assert_eq!(events[1]["type"], "BOOKMARK");
+    assert_eq!(
+        events[1]["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"],
+        "true"
+    );
+    Ok(())
+}

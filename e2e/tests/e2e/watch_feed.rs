@@ -34,7 +34,7 @@ async fn collect(api: &Api<Flavor>, from: &str, n: usize) -> Result<Vec<(String,
 }
 
 #[tokio::test]
-async fn feed_history_and_etcd_watches_deliver_the_same_events() -> Result<()> {
+async fn shared_history_and_private_feeds_deliver_the_same_events() -> Result<()> {
     let etcd = Etcd::start()?;
     let server = Apiserver::start(&etcd.endpoint)?;
     let api: Api<Flavor> = Api::all(server.client().await?);
