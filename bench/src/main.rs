@@ -156,7 +156,67 @@ struct Stack {
     etcd: Etcd,
     _server: stratus_apiserver::Server,
     client: kube::Client,
+    h2: H2,
     _dir: tempfile::TempDir,
+}
+
+/// A client speaking HTTP/2 over one TLS connection, as kubectl and client-go do (kube-rs
+/// speaks HTTP/1.1 with a connection per concurrent request).
+#[derive(Clone)]
+struct H2 {
+    client: hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+    base: String,
+}
+
+impl H2 {
+    fn new(base: String, ca: &std::path::Path) -> Result<Self> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(ca)?)) {
+            roots.add(cert?)?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        // Go's net/http (kubectl, client-go) sets TCP_NODELAY; without it HTTP/2 frames wait
+        // on Nagle's algorithm for 40 ms.
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http2()
+            .wrap_connector(http);
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .build(https);
+        Ok(Self { client, base })
+    }
+
+    async fn post(&self, path: &str, body: Vec<u8>) -> Result<()> {
+        let req = http::Request::post(format!("{}{path}", self.base))
+            .header("Authorization", "Bearer bench-token")
+            .header("Content-Type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+        let resp = self.client.request(req).await?;
+        let status = resp.status();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await?
+            .to_bytes();
+        anyhow::ensure!(
+            status.is_success(),
+            "POST {path}: {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        let _: Value = serde_json::from_slice(&body)?;
+        Ok(())
+    }
 }
 
 async fn stack() -> Result<Stack> {
@@ -179,12 +239,27 @@ async fn stack() -> Result<Stack> {
     let client = kube::Client::try_from(
         kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
     )?;
+    let h2 = H2::new(format!("https://{}", server.local_addr), &pki.ca_cert)?;
     Ok(Stack {
         etcd,
         _server: server,
         client,
+        h2,
         _dir: dir,
     })
+}
+
+const FLAVORS: &str = "/apis/compute.stratus.dev/v1/flavors";
+
+fn row(c: usize, label: &str, st: &Stats, cpu: (f64, f64)) {
+    println!(
+        "| {c} | {label} | {:.0} | {} | {} | {:.0} | {:.0} |",
+        st.per_sec,
+        ms(st.p50),
+        ms(st.p99),
+        cpu.0,
+        cpu.1
+    );
 }
 
 fn req(method: &str, path: &str, ct: &str, body: Vec<u8>) -> Result<http::Request<Vec<u8>>> {
@@ -259,51 +334,63 @@ async fn bench_api(objects: usize, levels: &[usize]) -> Result<()> {
         .await?;
         let raw = stats(lat, wall);
         let raw_cpu = raw_cpu.per_op(objects);
+        row(c, "raw etcd txn", &raw, raw_cpu);
+
         let api_cpu = Cpu::start(s.etcd.pid());
         let cl = s.client.clone();
         let (lat, wall) = drive(objects, c, move |i| {
             let cl = cl.clone();
             async move {
                 let body = flavor(&format!("c{c}-f{i}")).to_string().into_bytes();
-                cl.request::<Value>(req(
-                    "POST",
-                    "/apis/compute.stratus.dev/v1/flavors",
-                    "application/json",
-                    body,
-                )?)
-                .await
-                .context("create through the API")?;
+                cl.request::<Value>(req("POST", FLAVORS, "application/json", body)?)
+                    .await
+                    .context("create through the API")?;
                 Ok(())
             }
         })
         .await?;
         let api = stats(lat, wall);
-        let api_cpu = api_cpu.per_op(objects);
-        println!(
-            "| {c} | raw etcd txn | {:.0} | {} | {} | {:.0} | {:.0} |",
-            raw.per_sec,
-            ms(raw.p50),
-            ms(raw.p99),
-            raw_cpu.0,
-            raw_cpu.1
-        );
-        println!(
-            "| {c} | Stratus API | {:.0} | {} | {} | {:.0} | {:.0} |",
-            api.per_sec,
-            ms(api.p50),
-            ms(api.p99),
-            api_cpu.0,
-            api_cpu.1
-        );
-        ratios.push((
+        row(
             c,
-            api.per_sec / raw.per_sec,
-            api.p50.as_secs_f64() * 1000.0 - raw.p50.as_secs_f64() * 1000.0,
-        ));
+            "Stratus API, kube-rs (HTTP/1.1)",
+            &api,
+            api_cpu.per_op(objects),
+        );
+
+        let h2_cpu = Cpu::start(s.etcd.pid());
+        let h2 = s.h2.clone();
+        let (lat, wall) = drive(objects, c, move |i| {
+            let h2 = h2.clone();
+            async move {
+                h2.post(
+                    FLAVORS,
+                    flavor(&format!("h{c}-f{i}")).to_string().into_bytes(),
+                )
+                .await
+            }
+        })
+        .await?;
+        let api2 = stats(lat, wall);
+        row(
+            c,
+            "Stratus API, HTTP/2 (as kubectl)",
+            &api2,
+            h2_cpu.per_op(objects),
+        );
+        for (label, st) in [("kube-rs", &api), ("HTTP/2", &api2)] {
+            ratios.push((
+                c,
+                label,
+                st.per_sec / raw.per_sec,
+                (st.p50.as_secs_f64() - raw.p50.as_secs_f64()) * 1000.0,
+            ));
+        }
     }
     println!();
-    for (c, r, d) in ratios {
-        println!("concurrency {c}: API/raw throughput = {r:.2}x; p50 overhead = {d:+.2} ms");
+    for (c, label, r, d) in ratios {
+        println!(
+            "concurrency {c}, {label}: API/raw throughput = {r:.2}x; p50 overhead = {d:+.2} ms"
+        );
     }
     Ok(())
 }
