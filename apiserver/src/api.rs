@@ -56,6 +56,25 @@ impl Params {
         )
     }
 
+    /// The same parameters with every field of the field selector renamed by `f`.
+    pub fn map_field_selector(&self, f: impl Fn(&str) -> String) -> Self {
+        let mut out = self.clone();
+        if let Some(sel) = self.get("fieldSelector") {
+            let mapped: Vec<String> = sel
+                .split(',')
+                .map(|part| {
+                    let (field, rest) = match part.find(['=', '!']) {
+                        Some(i) => part.split_at(i),
+                        None => (part, ""),
+                    };
+                    format!("{}{rest}", f(field.trim()))
+                })
+                .collect();
+            out.0.insert("fieldSelector".into(), mapped.join(","));
+        }
+        out
+    }
+
     /// Drops `limit` and `continue` (for reads that need every object).
     pub fn remove_paging(&mut self) {
         self.0.remove("limit");
@@ -1192,7 +1211,12 @@ impl Api {
     /// The namespaces (projects) that hold at least one object.
     pub async fn namespaces_in_use(&self) -> ApiResult<Vec<String>> {
         let mut out = std::collections::BTreeSet::new();
-        for rt in self.registry.all().iter().filter(|t| t.namespaced) {
+        for rt in self
+            .registry
+            .all()
+            .iter()
+            .filter(|t| t.namespaced && t.view.is_none())
+        {
             let prefix = rt.key_prefix(&self.prefix, None);
             for key in self.store.keys(&prefix).await.map_err(store_err)? {
                 if let Some((ns, _)) = key[prefix.len()..].split_once('/') {

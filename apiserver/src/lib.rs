@@ -14,6 +14,7 @@ pub mod server;
 pub mod store;
 pub mod table;
 pub mod tls;
+pub mod view;
 pub mod watch;
 
 pub use server::{Config, Server, start};

@@ -58,6 +58,8 @@ pub struct ResourceType {
     pub status_subresource: bool,
     /// Whether a change outside metadata and status bumps `metadata.generation`.
     pub tracks_generation: bool,
+    /// Set for a type served from another type's storage.
+    pub view: Option<crate::view::View>,
 }
 
 impl ResourceType {
@@ -185,6 +187,7 @@ impl Registry {
                 selectable_fields,
                 status_subresource: v.subresources.as_ref().is_some_and(|s| s.status.is_some()),
                 tracks_generation: true,
+                view: None,
             });
         }
         Ok(())
@@ -217,6 +220,7 @@ impl Registry {
             selectable_fields: vec![],
             status_subresource: false,
             tracks_generation: false,
+            view: None,
         });
         let event = crate::schema::schema_for::<Event>();
         let col = |name: &str, path: &str, priority| PrinterColumn {
@@ -265,6 +269,30 @@ impl Registry {
             .collect(),
             status_subresource: false,
             tracks_generation: false,
+            view: None,
+        });
+        let events_v1 = crate::schema::schema_for::<k8s_openapi::api::events::v1::Event>();
+        self.insert(ResourceType {
+            group: "events.k8s.io".into(),
+            version: "v1".into(),
+            kind: "Event".into(),
+            plural: "events".into(),
+            singular: "event".into(),
+            namespaced: true,
+            short_names: vec![],
+            categories: vec![],
+            structural: Structural::compile(&events_v1).map_err(|reason| {
+                RegistryError::BadSchema {
+                    kind: "Event".into(),
+                    reason,
+                }
+            })?,
+            schema: events_v1,
+            printer_columns: vec![],
+            selectable_fields: vec![],
+            status_subresource: false,
+            tracks_generation: false,
+            view: Some(crate::view::EVENTS),
         });
         Ok(())
     }

@@ -271,24 +271,139 @@ async fn route(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
+    match t.rt.view {
+        Some(view) => {
+            serve_view(
+                state,
+                view,
+                t,
+                method,
+                path,
+                headers,
+                params,
+                bytes,
+                content_type,
+                caller,
+            )
+            .await
+        }
+        None => {
+            dispatch(
+                state,
+                &t,
+                method,
+                path,
+                headers,
+                params,
+                bytes,
+                content_type,
+                caller,
+            )
+            .await
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn dispatch(
+    state: &AppState,
+    t: &Target,
+    method: &Method,
+    path: &str,
+    headers: &axum::http::HeaderMap,
+    params: &Params,
+    bytes: &[u8],
+    content_type: &str,
+    caller: &Caller,
+) -> ApiResult<Response> {
     let api = &state.api;
     match (method, t.name.is_some()) {
         (&Method::GET, false) if params.flag("watch") => {
-            crate::watch::watch(api, &t, headers, params, state.config.bookmark_interval).await
+            crate::watch::watch(api, t, headers, params, state.config.bookmark_interval).await
         }
-        (&Method::GET, false) => api.list(&t, headers, params).await,
-        (&Method::GET, true) => api.get(&t, headers, params).await,
+        (&Method::GET, false) => api.list(t, headers, params).await,
+        (&Method::GET, true) => api.get(t, headers, params).await,
         (&Method::POST, false) if t.namespace.is_some() || !t.rt.namespaced => {
-            api.create(&t, bytes, content_type, params, caller).await
+            api.create(t, bytes, content_type, params, caller).await
         }
-        (&Method::PUT, true) => api.update(&t, bytes, content_type, params, caller).await,
-        (&Method::PATCH, true) => api.patch(&t, bytes, content_type, params, caller).await,
-        (&Method::DELETE, true) if t.subresource.is_none() => api.delete(&t, bytes, params).await,
-        (&Method::DELETE, false) => api.delete_collection(&t, bytes, params).await,
+        (&Method::PUT, true) => api.update(t, bytes, content_type, params, caller).await,
+        (&Method::PATCH, true) => api.patch(t, bytes, content_type, params, caller).await,
+        (&Method::DELETE, true) if t.subresource.is_none() => api.delete(t, bytes, params).await,
+        (&Method::DELETE, false) => api.delete_collection(t, bytes, params).await,
         (m, _) => Err(ApiError::method_not_allowed(format!(
             "{m} is not allowed on {path}"
         ))),
     }
+}
+
+/// Serves a view type: the request is translated to its backing type, served as usual, and
+/// the answer translated back.
+#[allow(clippy::too_many_arguments)]
+async fn serve_view(
+    state: &AppState,
+    view: crate::view::View,
+    t: Target,
+    method: &Method,
+    path: &str,
+    headers: &axum::http::HeaderMap,
+    params: &Params,
+    bytes: &[u8],
+    content_type: &str,
+    caller: &Caller,
+) -> ApiResult<Response> {
+    let (group, version) = match view.backing_api_version.split_once('/') {
+        Some((g, v)) => (g, v),
+        None => ("", view.backing_api_version),
+    };
+    let backing = state
+        .api
+        .registry
+        .get(group, version, &t.rt.plural)
+        .ok_or_else(|| ApiError::internal(format!("no backing type for {}", t.rt.plural)))?;
+    let bt = Target {
+        rt: Arc::clone(backing),
+        ..t
+    };
+    let params = params.map_field_selector(|f| view.backing_path(f));
+    let ct = content_type.split(';').next().unwrap_or("").trim();
+    let body: Vec<u8> = if bytes.iter().all(u8::is_ascii_whitespace) || method == Method::DELETE {
+        bytes.to_vec()
+    } else {
+        let decoded = crate::body::decode(bytes, crate::body::is_yaml(content_type))?;
+        if let Some(dup) = decoded.duplicates.first() {
+            return Err(ApiError::bad_request(format!(
+                "strict decoding error: duplicate field \"{dup}\""
+            )));
+        }
+        let v = if ct == "application/json-patch+json" {
+            view.json_patch_to_backing(decoded.value)
+        } else {
+            view.to_backing(decoded.value)
+        };
+        v.to_string().into_bytes()
+    };
+    let ct = match ct {
+        "application/apply-patch+yaml" => "application/apply-patch+json",
+        "application/yaml" => "application/json",
+        other => other,
+    };
+    let resp = dispatch(
+        state, &bt, method, path, headers, &params, &body, ct, caller,
+    )
+    .await?;
+    let (mut parts, body) = resp.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    if params.flag("watch") && method == Method::GET {
+        return Ok(Response::from_parts(parts, view.watch_body(body)));
+    }
+    let raw = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .map_err(|e| ApiError::internal(format!("read a response body: {e}")))?;
+    let out = match serde_json::from_slice::<serde_json::Value>(&raw) {
+        Ok(v) => view.response(v).to_string().into_bytes(),
+        Err(_) => raw.to_vec(),
+    };
+    Ok(Response::from_parts(parts, Body::from(out)))
 }
 
 /// A running API server.

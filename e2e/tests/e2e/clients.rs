@@ -118,3 +118,74 @@ async fn kube_rs_typed_api_watcher_and_reflector() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn kube_runtime_event_recorder_shows_in_kubectl_describe() -> Result<()> {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let cloud = Cloud::up()?;
+    cloud.kubectl_ok(&[
+        "apply",
+        "-f",
+        repo_root()
+            .join("examples/server.yaml")
+            .to_str()
+            .unwrap_or_default(),
+    ])?;
+    let client = cloud.client().await?;
+    let servers: Api<stratus_api_types::compute::Server> = Api::namespaced(client.clone(), "demo");
+    let server = servers.get("web-1").await?;
+    let reporter = Reporter {
+        controller: "stratus-scheduler".into(),
+        instance: Some("e2e".into()),
+    };
+    let recorder = Recorder::new(client, reporter);
+    let reference = kube::Resource::object_ref(&server, &());
+    for _ in 0..2 {
+        recorder
+            .publish(
+                &Event {
+                    type_: EventType::Normal,
+                    reason: "Scheduled".into(),
+                    note: Some("placed on node-7".into()),
+                    action: "Schedule".into(),
+                    secondary: None,
+                },
+                &reference,
+            )
+            .await?;
+    }
+    // Written through events.k8s.io/v1, read through core/v1 by kubectl describe.
+    let d = cloud.kubectl_ok(&["-n", "demo", "describe", "server", "web-1"])?;
+    assert!(
+        d.contains("Scheduled") && d.contains("placed on node-7"),
+        "{d}"
+    );
+    // Both APIs list the same single event; the repeat became a series, not a second event.
+    let core = serde_json::from_str::<Value>(
+        &cloud.kubectl_ok(&["-n", "demo", "get", "events", "-o", "json"])?,
+    )?;
+    let items = core["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(items.len(), 1, "{core}");
+    assert_eq!(items[0]["involvedObject"]["name"], "web-1");
+    assert_eq!(items[0]["reportingComponent"], "stratus-scheduler");
+    let v1 = serde_json::from_str::<Value>(&cloud.kubectl_ok(&[
+        "-n",
+        "demo",
+        "get",
+        "events.v1.events.k8s.io",
+        "-o",
+        "json",
+        "--field-selector",
+        "regarding.name=web-1",
+    ])?)?;
+    let items = v1["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(items.len(), 1, "{v1}");
+    assert_eq!(items[0]["apiVersion"], "events.k8s.io/v1");
+    assert_eq!(items[0]["note"], "placed on node-7");
+    assert_eq!(items[0]["regarding"]["kind"], "Server");
+    assert!(
+        items[0]["series"]["count"].as_i64().unwrap_or(0) >= 2,
+        "{v1}"
+    );
+    Ok(())
+}
