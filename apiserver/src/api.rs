@@ -904,6 +904,7 @@ impl Api {
         let fv = p.field_validation()?;
         enum Kind {
             Merge(Value),
+            Strategic(Value),
             Json(json_patch::Patch),
             Apply(Value),
         }
@@ -927,6 +928,10 @@ impl Api {
                     ));
                 }
                 (Kind::Apply(v), w)
+            }
+            "application/strategic-merge-patch+json" if t.rt.strategic_merge => {
+                let (v, w) = self.decode(bytes, "application/json", fv)?;
+                (Kind::Strategic(v), w)
             }
             "application/strategic-merge-patch+json" => {
                 return Err(ApiError::unsupported_media_type(&format!(
@@ -953,6 +958,9 @@ impl Api {
                     json_patch::merge(&mut doc, m);
                     doc
                 }
+                Kind::Strategic(m) => crate::strategic::patch(&base, m).map_err(|e| {
+                    ApiError::invalid(&t.rt.kind, &t.rt.group, &t.rt.plural, t.name(), vec![e])
+                })?,
                 Kind::Json(ops) => {
                     let mut doc = base.clone();
                     json_patch::patch(&mut doc, ops).map_err(|e| {

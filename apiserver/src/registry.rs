@@ -60,6 +60,8 @@ pub struct ResourceType {
     pub tracks_generation: bool,
     /// Set for a type served from another type's storage.
     pub view: Option<crate::view::View>,
+    /// Whether strategic merge patch is accepted (Kubernetes built-ins; never custom kinds).
+    pub strategic_merge: bool,
 }
 
 impl ResourceType {
@@ -188,6 +190,7 @@ impl Registry {
                 status_subresource: v.subresources.as_ref().is_some_and(|s| s.status.is_some()),
                 tracks_generation: true,
                 view: None,
+                strategic_merge: false,
             });
         }
         Ok(())
@@ -221,6 +224,7 @@ impl Registry {
             status_subresource: false,
             tracks_generation: false,
             view: None,
+            strategic_merge: true,
         });
         let event = crate::schema::schema_for::<Event>();
         let col = |name: &str, path: &str, priority| PrinterColumn {
@@ -270,6 +274,7 @@ impl Registry {
             status_subresource: false,
             tracks_generation: false,
             view: None,
+            strategic_merge: true,
         });
         let events_v1 = crate::schema::schema_for::<k8s_openapi::api::events::v1::Event>();
         self.insert(ResourceType {
@@ -293,6 +298,7 @@ impl Registry {
             status_subresource: false,
             tracks_generation: false,
             view: Some(crate::view::EVENTS),
+            strategic_merge: true,
         });
         Ok(())
     }

@@ -10,6 +10,9 @@ pub struct ControllersArgs {
     /// kubeconfig of the controllers' identity (defaults to $KUBECONFIG or ~/.kube/config).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
+    /// Seconds the leader holds its Lease without renewing it before a standby takes over.
+    #[arg(long, default_value_t = 15)]
+    pub lease_seconds: u64,
 }
 
 async fn client(kubeconfig: Option<PathBuf>) -> Result<kube::Client> {
@@ -28,21 +31,24 @@ async fn client(kubeconfig: Option<PathBuf>) -> Result<kube::Client> {
 
 /// Runs every controller until it fails.
 pub async fn run(args: ControllersArgs) -> Result<()> {
-    run_with_client(client(args.kubeconfig).await?).await
+    run_with_client(client(args.kubeconfig).await?, args.lease_seconds).await
 }
 
 /// Runs every controller with the credentials of a kubeconfig file.
+/// (`stratus up` is the only candidate for the Lease, so a short one lets a restarted cloud
+/// take its controllers back quickly.)
 pub async fn run_with_kubeconfig(path: PathBuf) -> Result<()> {
-    run_with_client(client(Some(path)).await?).await
+    run_with_client(client(Some(path)).await?, 4).await
 }
 
 /// Runs the controllers, starting them again (after a growing pause) whenever they stop with
 /// an error, so a slow API server at start-up or a transient failure does not leave the cloud
 /// without them.
-async fn run_with_client(client: kube::Client) -> Result<()> {
+async fn run_with_client(client: kube::Client, lease_seconds: u64) -> Result<()> {
+    let election = stratus_controllers::Election::new(lease_seconds);
     let mut pause = std::time::Duration::from_millis(200);
     loop {
-        match stratus_controllers::run(client.clone()).await {
+        match stratus_controllers::run(client.clone(), election.clone()).await {
             Ok(()) => return Ok(()),
             Err(e) => {
                 let e = anyhow::Error::new(e).context("run the controllers");

@@ -1,6 +1,16 @@
-//! Stratus cluster-wide reconcilers, each driven by kube-runtime against the API server.
+//! Stratus cluster-wide reconcilers, each driven by kube-runtime against the API server, run
+//! by whichever `stratus controllers` instance holds the leader Lease.
 
 pub mod gc;
+
+use std::time::Duration;
+
+use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
+
+/// Namespace of the controllers' leader Lease.
+pub const LEASE_NAMESPACE: &str = "stratus-system";
+/// Name of the controllers' leader Lease.
+pub const LEASE_NAME: &str = "stratus-controllers";
 
 /// Failures that stop the controllers.
 #[derive(Debug, thiserror::Error)]
@@ -8,13 +18,84 @@ pub enum Error {
     /// The garbage collector stopped.
     #[error("garbage collector")]
     Gc(#[from] gc::GcError),
+    /// The leader Lease could not be read or written.
+    #[error("leader election")]
+    Lease(#[from] LeaseManagerError),
+    /// The leader election task ended.
+    #[error("leader election task ended")]
+    LeaseTask,
 }
 
-/// Runs every controller until one fails.
+/// Leader election settings.
+#[derive(Debug, Clone)]
+pub struct Election {
+    /// This instance's identity, recorded as the Lease holder.
+    pub identity: String,
+    /// Seconds a leader holds the Lease without renewing it; a standby takes over after that.
+    pub lease_seconds: u64,
+}
+
+impl Election {
+    /// An identity unique to this process.
+    pub fn new(lease_seconds: u64) -> Self {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let identity = format!("{}-{}", host.trim(), uuid::Uuid::new_v4().simple());
+        Self {
+            identity,
+            lease_seconds: lease_seconds.max(2),
+        }
+    }
+}
+
+/// Runs every controller while this instance holds the leader Lease; stands by otherwise.
 ///
 /// # Errors
-/// The first controller failure that retrying cannot fix.
-pub async fn run(client: kube::Client) -> Result<(), Error> {
-    gc::run(client).await?;
-    Ok(())
+/// The first controller failure that retrying cannot fix, or a lost connection to the Lease.
+pub async fn run(client: kube::Client, election: Election) -> Result<(), Error> {
+    let duration = election.lease_seconds;
+    let manager = LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
+        .with_namespace(LEASE_NAMESPACE)
+        .with_identity(&election.identity)
+        .with_duration(duration)
+        .with_grace((duration / 3).max(1))
+        .build()
+        .await?;
+    let (mut leader, task) = manager.watch().await;
+    tracing::info!(identity = %election.identity, "waiting for the controllers' leader lease");
+    let result = loop {
+        while !*leader.borrow_and_update() {
+            if leader.changed().await.is_err() {
+                break;
+            }
+        }
+        if task.is_finished() {
+            break Err(Error::LeaseTask);
+        }
+        tracing::info!(identity = %election.identity, "leading: controllers started");
+        let mut controllers = tokio::spawn(gc::run(client.clone()));
+        tokio::select! {
+            done = &mut controllers => {
+                break match done {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(_) => Err(Error::LeaseTask),
+                };
+            }
+            _ = async {
+                loop {
+                    if leader.changed().await.is_err() || !*leader.borrow_and_update() {
+                        return;
+                    }
+                }
+            } => {
+                controllers.abort();
+                tracing::warn!(identity = %election.identity, "lost the leader lease: controllers stopped");
+                // Give the new leader a moment before competing again.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    drop(leader);
+    let _ = task.await;
+    result
 }

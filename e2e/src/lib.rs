@@ -449,6 +449,11 @@ impl Apiserver {
         .map(|_| ())
     }
 
+    /// Its admin kubeconfig.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
     /// Runs kubectl against this replica.
     pub fn kubectl(&self, args: &[&str]) -> Result<Output> {
         Ok(Command::new("kubectl")

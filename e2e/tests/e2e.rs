@@ -6,6 +6,7 @@ mod e2e {
     mod clients;
     mod gc;
     mod kubectl;
+    mod leader;
     mod replicas;
     mod watch_feed;
 }

@@ -584,17 +584,17 @@ fn restart_keeps_objects_and_watches_resume() -> Result<()> {
 fn leases_and_strict_validation_through_kubectl() -> Result<()> {
     let cloud = Cloud::up()?;
     // Leases, as leader election and node heartbeats use them.
-    let lease = "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: stratus-controllers\n  namespace: stratus-system\nspec:\n  holderIdentity: node-1\n  leaseDurationSeconds: 15\n";
+    let lease = "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: test-lease\n  namespace: leases-test\nspec:\n  holderIdentity: node-1\n  leaseDurationSeconds: 15\n";
     cloud.kubectl_in(&["apply", "-f", "-"], lease)?;
-    let out = cloud.kubectl_ok(&["-n", "stratus-system", "get", "leases"])?;
+    let out = cloud.kubectl_ok(&["-n", "leases-test", "get", "leases"])?;
     assert!(out.contains("HOLDER") && out.contains("node-1"), "{out}");
     let now = "2026-01-01T00:00:00.000000Z";
     cloud.kubectl_ok(&[
         "-n",
-        "stratus-system",
+        "leases-test",
         "patch",
         "lease",
-        "stratus-controllers",
+        "test-lease",
         "--type",
         "merge",
         "-p",
@@ -602,21 +602,47 @@ fn leases_and_strict_validation_through_kubectl() -> Result<()> {
     ])?;
     let v = json(&cloud.kubectl_ok(&[
         "-n",
-        "stratus-system",
+        "leases-test",
         "get",
         "lease",
-        "stratus-controllers",
+        "test-lease",
         "-o",
         "json",
     ])?)?;
     assert_eq!(v["spec"]["holderIdentity"], "node-2");
+    // Built-in types take kubectl's default strategic merge patch, as in Kubernetes.
+    cloud.kubectl_ok(&[
+        "-n",
+        "leases-test",
+        "patch",
+        "lease",
+        "test-lease",
+        "-p",
+        r#"{"spec":{"leaseTransitions":3}}"#,
+    ])?;
+    let v2 = json(&cloud.kubectl_ok(&[
+        "-n",
+        "leases-test",
+        "get",
+        "lease",
+        "test-lease",
+        "-o",
+        "json",
+    ])?)?;
+    assert_eq!(
+        (
+            v2["spec"]["leaseTransitions"].as_i64(),
+            v2["spec"]["holderIdentity"].as_str()
+        ),
+        (Some(3), Some("node-2"))
+    );
     assert_eq!(v["spec"]["renewTime"], now);
     let err = cloud.kubectl_err(&[
         "-n",
-        "stratus-system",
+        "leases-test",
         "patch",
         "lease",
-        "stratus-controllers",
+        "test-lease",
         "--type",
         "merge",
         "-p",
