@@ -1,6 +1,7 @@
 //! The Stratus API server: Kubernetes API conventions over etcd.
 
 pub mod api;
+pub mod audit;
 pub mod body;
 pub mod discovery;
 pub mod error;

@@ -37,6 +37,8 @@ pub struct Config {
     pub bookmark_interval: Duration,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Where to append the audit log (JSON lines); none when absent.
+    pub audit_log: Option<PathBuf>,
 }
 
 impl Config {
@@ -50,6 +52,7 @@ impl Config {
             tokens: HashMap::new(),
             bookmark_interval: Duration::from_secs(60),
             max_body_bytes: 1024 * 1024,
+            audit_log: None,
         }
     }
 }
@@ -71,6 +74,7 @@ pub fn read_token_file(path: &std::path::Path) -> std::io::Result<HashMap<String
 struct AppState {
     api: Api,
     config: Config,
+    audit: Option<crate::audit::AuditLog>,
 }
 
 /// The router of every API path.
@@ -104,38 +108,80 @@ fn authenticate(state: &AppState, req: &axum::http::request::Parts) -> ApiResult
 }
 
 async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let received = crate::meta::now_micro();
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let method = parts.method.clone();
-    let result = async {
-        match path.as_str() {
-            "/healthz" | "/livez" => return Ok((StatusCode::OK, "ok").into_response()),
-            "/readyz" => {
-                return match state.api.store.revision().await {
-                    Ok(_) => Ok((StatusCode::OK, "ok").into_response()),
-                    Err(_) => Ok((StatusCode::SERVICE_UNAVAILABLE, "etcd not ready").into_response()),
-                };
-            }
-            "/version" => {
-                return Ok(json_response(StatusCode::OK, &json!({
+    match path.as_str() {
+        "/healthz" | "/livez" => return (StatusCode::OK, "ok").into_response(),
+        "/readyz" => {
+            return match state.api.store.revision().await {
+                Ok(_) => (StatusCode::OK, "ok").into_response(),
+                Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "etcd not ready").into_response(),
+            };
+        }
+        "/version" => {
+            return json_response(
+                StatusCode::OK,
+                &json!({
                     "major": "1", "minor": "32", "gitVersion": concat!("v1.32.0-stratus.", env!("CARGO_PKG_VERSION")),
                     "gitCommit": "", "gitTreeState": "clean", "buildDate": "", "goVersion": "", "compiler": "rustc", "platform": "linux/amd64",
-                }), &[]));
-            }
-            _ => {}
+                }),
+                &[],
+            );
         }
-        let caller = authenticate(&state, &parts)?;
-        let bytes = axum::body::to_bytes(body, state.config.max_body_bytes)
-            .await
-            .map_err(|_| ApiError::too_large(state.config.max_body_bytes))?;
-        let params = Params::parse(parts.uri.query())?;
-        let response = route(&state, &method, &path, &parts.headers, &params, &bytes, &caller).await;
-        let code = response.as_ref().map(|r| r.status().as_u16()).unwrap_or_else(|e| e.code);
-        tracing::debug!(user = %caller.user, %method, %path, query = parts.uri.query().unwrap_or(""), code, "request");
-        response
+        _ => {}
     }
-    .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+    let caller = authenticate(&state, &parts);
+    let params = Params::parse(parts.uri.query());
+    let response = match (&caller, &params) {
+        (Ok(caller), Ok(params)) => {
+            match axum::body::to_bytes(body, state.config.max_body_bytes).await {
+                Ok(bytes) => {
+                    route(
+                        &state,
+                        &method,
+                        &path,
+                        &parts.headers,
+                        params,
+                        &bytes,
+                        caller,
+                    )
+                    .await
+                }
+                Err(_) => Err(ApiError::too_large(state.config.max_body_bytes)),
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => Err(e.clone()),
+    };
+    let response = response.unwrap_or_else(IntoResponse::into_response);
+    let code = response.status().as_u16();
+    let user = caller.as_ref().ok().map(|c| c.user.as_str());
+    tracing::debug!(user, %method, %path, query = parts.uri.query().unwrap_or(""), code, "request");
+    if let Some(audit) = &state.audit {
+        let watch = params.as_ref().is_ok_and(|p| p.flag("watch"));
+        let info = crate::audit::RequestInfo::parse(method.as_str(), &path, watch);
+        let uri = parts
+            .uri
+            .path_and_query()
+            .map_or(path.as_str(), |pq| pq.as_str());
+        let user_agent = parts
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let source = parts.extensions.get::<SocketAddr>().map(|a| a.ip());
+        audit.record(&crate::audit::Record {
+            info: &info,
+            user,
+            uri,
+            source,
+            user_agent,
+            code,
+            received: &received,
+        });
+    }
+    response
 }
 
 async fn route(
@@ -440,6 +486,9 @@ pub enum StartError {
     /// The TLS files are missing or invalid.
     #[error("load TLS certificate and key")]
     Tls(#[source] std::io::Error),
+    /// The audit log cannot be opened.
+    #[error("open the audit log")]
+    Audit(#[source] std::io::Error),
 }
 
 /// Starts serving; returns once the listener is bound.
@@ -466,10 +515,14 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         prefix: config.prefix.clone(),
         hub,
     };
-    let app = router(Arc::new(AppState { api, config }));
+    let audit = match &config.audit_log {
+        Some(path) => Some(crate::audit::AuditLog::open(path).map_err(StartError::Audit)?),
+        None => None,
+    };
+    let app = router(Arc::new(AppState { api, config, audit }));
     let task = tokio::spawn(async move {
         loop {
-            let (sock, _) = match listener.accept().await {
+            let (sock, peer) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -482,7 +535,8 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
             let tls = tls.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
+                    move |mut req: hyper::Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(peer);
                         let app = app.clone();
                         async move {
                             use tower::ServiceExt;

@@ -100,6 +100,9 @@ struct ApiserverArgs {
     /// Seconds between watch bookmarks.
     #[arg(long, default_value_t = 60)]
     bookmark_seconds: u64,
+    /// Append an audit record (audit.k8s.io/v1 Event, JSON lines) of every request here.
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
 }
 
 async fn apiserver(args: ApiserverArgs) -> Result<()> {
@@ -110,6 +113,7 @@ async fn apiserver(args: ApiserverArgs) -> Result<()> {
     config.tokens = stratus_apiserver::server::read_token_file(&args.token_file)
         .with_context(|| format!("read {}", args.token_file.display()))?;
     config.bookmark_interval = std::time::Duration::from_secs(args.bookmark_seconds.max(1));
+    config.audit_log = args.audit_log;
     let server = stratus_apiserver::start(config)
         .await
         .context("start the API server")?;

@@ -178,6 +178,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
     config.tokens =
         stratus_apiserver::server::read_token_file(&token_file).context("read tokens.csv")?;
     config.bookmark_interval = Duration::from_secs(args.bookmark_seconds.max(1));
+    config.audit_log = Some(dir.join("audit.log"));
     let server = match stratus_apiserver::start(config).await {
         Ok(s) => s,
         Err(e) => {

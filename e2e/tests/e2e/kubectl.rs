@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::Value;
 use stratus_e2e::{Cloud, repo_root, wait_until};
 
@@ -715,5 +715,62 @@ fn leases_and_strict_validation_through_kubectl() -> Result<()> {
         "Server"
     );
     assert!(server["properties"]["spec"]["properties"]["flavor"].is_object());
+    Ok(())
+}
+
+#[test]
+fn audit_log_records_who_did_what_with_which_outcome() -> Result<()> {
+    let cloud = Cloud::up()?;
+    cloud.kubectl_in(&["apply", "-f", "-"], FLAVOR)?;
+    cloud.kubectl_ok(&["delete", "flavor", "t1.test"])?;
+    cloud.kubectl_err(&["get", "flavor", "nothing-here"])?;
+    // A request with a bad token is refused and recorded as anonymous.
+    let out = cloud
+        .kubectl_cmd()
+        .args(["--token", "not-a-token", "get", "flavors"])
+        .output()?;
+    assert!(!out.status.success());
+    let log_path = cloud.dir.path().join("audit.log");
+    let records = wait_until(Duration::from_secs(10), "the audit records", || {
+        let text = std::fs::read_to_string(&log_path).ok()?;
+        let recs: Vec<Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        recs.iter()
+            .any(|r| r["responseStatus"]["code"] == 401)
+            .then_some(recs)
+    })?;
+    let find = |verb: &str, code: i64| {
+        records.iter().find(|r| {
+            r["verb"] == verb
+                && r["objectRef"]["resource"] == "flavors"
+                && r["responseStatus"]["code"] == code
+        })
+    };
+    let created = find("create", 201).context("no audit record of the create")?;
+    assert_eq!(created["user"]["username"], "admin");
+    assert_eq!(created["objectRef"]["apiGroup"], "compute.stratus.dev");
+    assert_eq!(created["apiVersion"], "audit.k8s.io/v1");
+    assert!(
+        created["userAgent"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("kubectl"))
+    );
+    assert_eq!(created["sourceIPs"][0], "127.0.0.1");
+    let deleted = find("delete", 200).context("no audit record of the delete")?;
+    assert_eq!(deleted["objectRef"]["name"], "t1.test");
+    assert!(find("get", 404).is_some(), "the failed get is not recorded");
+    let refused = records
+        .iter()
+        .find(|r| r["responseStatus"]["code"] == 401)
+        .context("no 401 record")?;
+    assert_eq!(refused["user"]["username"], "system:anonymous");
+    // Nothing secret is logged: no token, no object bodies.
+    let text = std::fs::read_to_string(&log_path)?;
+    assert!(
+        !text.contains("not-a-token") && !text.contains("ramMiB"),
+        "the audit log leaks request content"
+    );
     Ok(())
 }

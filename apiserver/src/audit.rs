@@ -1,0 +1,233 @@
+//! The audit log: one `audit.k8s.io/v1` Event per request, as JSON lines — who did what to
+//! which object, when, and with what outcome.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+/// What a request asks for, read from its method, path and query the way Kubernetes'
+/// RequestInfo reads them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RequestInfo {
+    /// get, list, watch, create, update, patch, delete, deletecollection; for paths that name no
+    /// resource, the lower-case HTTP method.
+    pub verb: String,
+    /// API group ("" for the core group); None for non-resource paths.
+    pub group: Option<String>,
+    /// API version.
+    pub version: String,
+    /// Resource (plural).
+    pub resource: String,
+    /// `status` and the like.
+    pub subresource: String,
+    /// Namespace (project).
+    pub namespace: String,
+    /// Object name.
+    pub name: String,
+}
+
+impl RequestInfo {
+    /// Reads a request.
+    pub fn parse(method: &str, path: &str, watch: bool) -> Self {
+        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let (group, version, rest) = match segs.as_slice() {
+            ["api", v, rest @ ..] if !rest.is_empty() => ("", *v, rest),
+            ["apis", g, v, rest @ ..] if !rest.is_empty() => (*g, *v, rest),
+            _ => {
+                return Self {
+                    verb: method.to_lowercase(),
+                    ..Default::default()
+                };
+            }
+        };
+        let (namespace, rest): (&str, &[&str]) = match rest {
+            ["namespaces", ns, tail @ ..] if !tail.is_empty() => (ns, tail),
+            other => ("", other),
+        };
+        // (`/api/v1/namespaces/NAME` names the namespace itself: resource "namespaces".)
+        let (resource, name, subresource) = match rest {
+            [r] => (*r, "", ""),
+            [r, n] => (*r, *n, ""),
+            [r, n, s, ..] => (*r, *n, *s),
+            [] => {
+                return Self {
+                    verb: method.to_lowercase(),
+                    ..Default::default()
+                };
+            }
+        };
+        let verb = match (method, name.is_empty()) {
+            ("GET", true) if watch => "watch",
+            ("GET", true) => "list",
+            ("GET", false) => "get",
+            ("POST", _) => "create",
+            ("PUT", _) => "update",
+            ("PATCH", _) => "patch",
+            ("DELETE", true) => "deletecollection",
+            ("DELETE", false) => "delete",
+            (m, _) => {
+                return Self {
+                    verb: m.to_lowercase(),
+                    ..Default::default()
+                };
+            }
+        };
+        Self {
+            verb: verb.into(),
+            group: Some(group.into()),
+            version: version.into(),
+            resource: resource.into(),
+            subresource: subresource.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+/// One finished request, as the audit log records it.
+#[derive(Debug)]
+pub struct Record<'a> {
+    /// The request.
+    pub info: &'a RequestInfo,
+    /// Authenticated user; None when authentication failed.
+    pub user: Option<&'a str>,
+    /// The request URI (path and query).
+    pub uri: &'a str,
+    /// Client address.
+    pub source: Option<std::net::IpAddr>,
+    /// User-Agent.
+    pub user_agent: &'a str,
+    /// HTTP status code answered.
+    pub code: u16,
+    /// When the request arrived (RFC 3339, microseconds).
+    pub received: &'a str,
+}
+
+impl Record<'_> {
+    fn to_json(&self) -> Value {
+        let mut ev = json!({
+            "kind": "Event",
+            "apiVersion": "audit.k8s.io/v1",
+            "level": "Metadata",
+            "auditID": uuid::Uuid::new_v4().to_string(),
+            "stage": "ResponseComplete",
+            "requestURI": self.uri,
+            "verb": self.info.verb,
+            "user": {"username": self.user.unwrap_or("system:anonymous")},
+            "sourceIPs": self.source.map(|s| vec![s.to_string()]).unwrap_or_default(),
+            "userAgent": self.user_agent,
+            "responseStatus": {"metadata": {}, "code": self.code},
+            "requestReceivedTimestamp": self.received,
+            "stageTimestamp": crate::meta::now_micro(),
+        });
+        if let Some(group) = &self.info.group {
+            let mut r = json!({"resource": self.info.resource, "apiGroup": group, "apiVersion": self.info.version});
+            for (k, v) in [
+                ("namespace", &self.info.namespace),
+                ("name", &self.info.name),
+                ("subresource", &self.info.subresource),
+            ] {
+                if !v.is_empty() {
+                    r[k] = json!(v);
+                }
+            }
+            ev["objectRef"] = r;
+        }
+        ev
+    }
+}
+
+/// A handle that appends records to the log from a background thread.
+#[derive(Debug, Clone)]
+pub struct AuditLog {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+}
+
+impl AuditLog {
+    /// Opens (appends to) the log file.
+    ///
+    /// # Errors
+    /// When the file cannot be opened.
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        std::thread::Builder::new()
+            .name("audit".into())
+            .spawn(move || {
+                let mut out = std::io::BufWriter::new(file);
+                while let Some(line) = rx.blocking_recv() {
+                    let mut ok = out.write_all(&line).is_ok();
+                    // Write out every record that is already queued, then flush once.
+                    while let Ok(more) = rx.try_recv() {
+                        ok &= out.write_all(&more).is_ok();
+                    }
+                    if !(ok && out.flush().is_ok()) {
+                        tracing::error!("cannot write the audit log");
+                    }
+                }
+            })?;
+        Ok(Self { tx })
+    }
+
+    /// Records a finished request.
+    pub fn record(&self, r: &Record<'_>) {
+        let mut line = r.to_json().to_string().into_bytes();
+        line.push(b'\n');
+        let _ = self.tx.send(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_info_reads_verbs_and_objects() {
+        let i = RequestInfo::parse(
+            "GET",
+            "/apis/compute.stratus.dev/v1/namespaces/demo/servers/web-1",
+            false,
+        );
+        assert_eq!(
+            (
+                i.verb.as_str(),
+                i.resource.as_str(),
+                i.namespace.as_str(),
+                i.name.as_str()
+            ),
+            ("get", "servers", "demo", "web-1")
+        );
+        let i = RequestInfo::parse(
+            "GET",
+            "/apis/compute.stratus.dev/v1/namespaces/demo/servers",
+            true,
+        );
+        assert_eq!(i.verb, "watch");
+        let i = RequestInfo::parse(
+            "PATCH",
+            "/apis/compute.stratus.dev/v1/namespaces/demo/servers/web-1/status",
+            false,
+        );
+        assert_eq!(
+            (i.verb.as_str(), i.subresource.as_str()),
+            ("patch", "status")
+        );
+        let i = RequestInfo::parse("DELETE", "/apis/compute.stratus.dev/v1/flavors", false);
+        assert_eq!(
+            (i.verb.as_str(), i.namespace.as_str()),
+            ("deletecollection", "")
+        );
+        let i = RequestInfo::parse("GET", "/api/v1/namespaces/demo", false);
+        assert_eq!(
+            (i.verb.as_str(), i.resource.as_str(), i.name.as_str()),
+            ("get", "namespaces", "demo")
+        );
+        let i = RequestInfo::parse("GET", "/apis", false);
+        assert_eq!((i.verb.as_str(), i.group.as_deref()), ("get", None));
+    }
+}
