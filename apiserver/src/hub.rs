@@ -226,7 +226,9 @@ impl Hub {
                     }
                     _ = tick.tick() => {
                         let unused = task_feed.lock().map(|f| f.tx.receiver_count() == 0).unwrap_or(true);
-                        if (private && unused) || ws.request_progress().await.is_err() {
+                        // A shared feed that lost the race to be registered is held by nobody else.
+                        let orphaned = Arc::strong_count(&task_feed) == 1;
+                        if (private && unused) || orphaned || ws.request_progress().await.is_err() {
                             break;
                         }
                     }
