@@ -8,7 +8,7 @@ cargo build --release --locked -p stratus
 data="${STRATUS_DATA_DIR:-.stratus}"
 ./target/release/stratus up --data-dir "$data" &
 pid=$!
-trap 'kill -TERM $pid 2>/dev/null; wait $pid' INT TERM EXIT
+trap 'kill -TERM $pid 2>/dev/null || true; wait $pid || true' INT TERM EXIT
 export KUBECONFIG="$data/kubeconfig"
 for _ in $(seq 1 100); do
   [ -f "$KUBECONFIG" ] && kubectl get --raw /readyz >/dev/null 2>&1 && break

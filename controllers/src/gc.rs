@@ -18,9 +18,10 @@ use kube::api::{
     Api, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions, PropagationPolicy,
 };
 use kube::discovery::{ApiCapabilities, ApiResource, Discovery, Scope, verbs};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -55,6 +56,8 @@ pub async fn run(client: Client) -> Result<(), GcError> {
         .map_err(GcError::Discovery)?;
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let mut kinds = Vec::new();
+    // The watchers end with this function (when leadership is lost, or at shutdown).
+    let mut watchers = Vec::new();
     for group in discovery.groups() {
         for (ar, caps) in group.recommended_resources() {
             if !(caps.supports_operation(verbs::WATCH) && caps.supports_operation(verbs::DELETE))
@@ -70,7 +73,7 @@ pub async fn run(client: Client) -> Result<(), GcError> {
                 watcher(api, watcher::Config::default()).default_backoff(),
             );
             let tx = tx.clone();
-            tokio::spawn(async move {
+            watchers.push(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
                 let mut stream = std::pin::pin!(stream);
                 while let Some(ev) = stream.next().await {
                     if let Err(e) = ev {
@@ -78,7 +81,7 @@ pub async fn run(client: Client) -> Result<(), GcError> {
                     }
                     let _ = tx.try_send(());
                 }
-            });
+            })));
             kinds.push(Kind { ar, caps, store });
         }
     }
@@ -87,10 +90,16 @@ pub async fn run(client: Client) -> Result<(), GcError> {
         .enumerate()
         .map(|(i, k)| ((k.ar.api_version.clone(), k.ar.kind.clone()), i))
         .collect();
+    let reporter = Reporter {
+        controller: "stratus-garbage-collector".into(),
+        instance: None,
+    };
     let gc = Collector {
+        recorder: Recorder::new(client.clone(), reporter),
         client,
         kinds,
         by_kind,
+        told: std::sync::Mutex::new(HashMap::new()),
     };
     loop {
         let _ = tokio::time::timeout(RESYNC, rx.recv()).await;
@@ -105,6 +114,10 @@ struct Collector {
     client: Client,
     kinds: Vec<Kind>,
     by_kind: HashMap<(String, String), usize>,
+    recorder: Recorder,
+    /// The last waiting message published per owner uid, so an unchanged wait is not
+    /// published again on every pass (only an optimisation: losing it re-publishes once).
+    told: std::sync::Mutex<HashMap<String, String>>,
 }
 
 fn has_finalizer(o: &DynamicObject, f: &str) -> bool {
@@ -148,6 +161,7 @@ impl Collector {
                 if deps.is_empty() {
                     self.remove_finalizer(*i, o, FOREGROUND).await;
                 } else {
+                    self.tell_waiting(*i, o, &deps).await;
                     for (di, d) in &deps {
                         if d.metadata.deletion_timestamp.is_none() {
                             self.delete(*di, d, PropagationPolicy::Foreground).await;
@@ -188,6 +202,62 @@ impl Collector {
             } else {
                 self.drop_owner_refs(*i, o, &gone).await;
             }
+        }
+    }
+
+    /// Says on the owner, as an Event, which dependents its foreground deletion waits for.
+    async fn tell_waiting(
+        &self,
+        kind: usize,
+        owner: &DynamicObject,
+        deps: &[(usize, std::sync::Arc<DynamicObject>)],
+    ) {
+        let mut names: Vec<String> = deps
+            .iter()
+            .map(|(k, d)| format!("{}/{}", self.kinds[*k].ar.kind, d.name_any()))
+            .collect();
+        names.sort();
+        let shown = names
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        let more = if names.len() > 10 {
+            format!(" and {} more", names.len() - 10)
+        } else {
+            String::new()
+        };
+        let note = format!(
+            "waiting for {} dependent(s) to be deleted: {shown}{more}",
+            names.len()
+        );
+        let uid = owner.uid().unwrap_or_default();
+        if self
+            .told
+            .lock()
+            .ok()
+            .and_then(|t| t.get(&uid).cloned())
+            .as_deref()
+            == Some(note.as_str())
+        {
+            return;
+        }
+        let event = Event {
+            type_: EventType::Normal,
+            reason: "WaitingForDependents".into(),
+            note: Some(note.clone()),
+            action: "ForegroundDelete".into(),
+            secondary: None,
+        };
+        let reference = owner.object_ref(&self.kinds[kind].ar);
+        match self.recorder.publish(&event, &reference).await {
+            Ok(()) => {
+                if let Ok(mut t) = self.told.lock() {
+                    t.insert(uid, note);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot publish an event; will retry"),
         }
     }
 

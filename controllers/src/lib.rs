@@ -61,6 +61,8 @@ pub async fn run(client: kube::Client, election: Election) -> Result<(), Error> 
         .build()
         .await?;
     let (mut leader, task) = manager.watch().await;
+    // Whoever stops this function (an abort at shutdown) stops lease renewal with it.
+    let mut task = tokio_util::task::AbortOnDropHandle::new(task);
     tracing::info!(identity = %election.identity, "waiting for the controllers' leader lease");
     let result = loop {
         while !*leader.borrow_and_update() {
@@ -72,7 +74,8 @@ pub async fn run(client: kube::Client, election: Election) -> Result<(), Error> 
             break Err(Error::LeaseTask);
         }
         tracing::info!(identity = %election.identity, "leading: controllers started");
-        let mut controllers = tokio::spawn(gc::run(client.clone()));
+        let mut controllers =
+            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(gc::run(client.clone())));
         tokio::select! {
             done = &mut controllers => {
                 break match done {
@@ -96,6 +99,6 @@ pub async fn run(client: kube::Client, election: Election) -> Result<(), Error> 
         }
     };
     drop(leader);
-    let _ = task.await;
+    let _ = (&mut task).await;
     result
 }

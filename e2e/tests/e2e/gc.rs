@@ -105,6 +105,14 @@ fn owner_deletion_cascades_background_foreground_and_orphan() -> Result<()> {
         fins.contains("foregroundDeletion"),
         "the owner went before its dependent: {fins}"
     );
+    // The owner says what its deletion waits for.
+    let told = wait_until(t, "an event saying what the deletion waits for", || {
+        cloud
+            .kubectl_ok(&["describe", "flavor", "fg"])
+            .ok()
+            .filter(|d| d.contains("WaitingForDependents"))
+    })?;
+    assert!(told.contains("Keypair/fg-child"), "{told}");
     cloud.kubectl_ok(&[
         "-n",
         "demo",
