@@ -526,7 +526,13 @@ impl Api {
             return Ok(json_response(StatusCode::CREATED, &obj, &warnings));
         }
         let key = t.rt.key(&self.prefix, namespace.as_deref(), &name);
-        match self.store.create(&key, &obj).await.map_err(store_err)? {
+        let written = match namespace.as_deref() {
+            Some(ns) if crate::quota::counted(&t.rt.group, &t.rt.kind) => {
+                self.create_within_quota(t, ns, &key, &obj).await?
+            }
+            _ => self.store.create(&key, &obj).await.map_err(store_err)?,
+        };
+        match written {
             Write::Done(rev) => Ok(json_response(
                 StatusCode::CREATED,
                 &with_rv(obj, rev),

@@ -8,6 +8,7 @@ pub mod error;
 pub mod fields;
 pub mod hub;
 pub mod meta;
+pub mod quota;
 pub mod registry;
 pub mod schema;
 pub mod selector;

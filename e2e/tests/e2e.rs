@@ -7,6 +7,7 @@ mod e2e {
     mod gc;
     mod kubectl;
     mod leader;
+    mod quota;
     mod replicas;
     mod watch_feed;
 }

@@ -1,0 +1,215 @@
+//! Quota at admission: a create that would take a project over one of its Quotas' limits is
+//! refused, and the check is atomic with the write.
+//!
+//! # Guarantees
+//! Usage is computed from the store at one revision R, and the create's etcd transaction
+//! requires that neither the counted kind's objects in the project nor its Quotas changed
+//! since R. Concurrent creates therefore serialise on the project: 50 at once against a limit
+//! of 10 leave exactly 10, with no counter that could drift.
+
+use serde_json::Value;
+
+use crate::api::{Api, Target, store_err};
+use crate::error::{ApiError, ApiResult};
+use crate::store::{Stored, Write};
+
+/// The quota resources one object of a kind uses, as `(quota field, amount)`.
+fn usage(
+    group: &str,
+    kind: &str,
+    obj: &Value,
+    flavor: &dyn Fn(&str) -> Option<(u64, u64)>,
+) -> Vec<(&'static str, u64)> {
+    let u = |p: &str| obj.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+    match (group, kind) {
+        ("compute.stratus.dev", "Server") => {
+            let (vcpus, ram) = obj
+                .pointer("/spec/flavor")
+                .and_then(Value::as_str)
+                .and_then(flavor)
+                .unwrap_or((0, 0));
+            vec![("servers", 1), ("vcpus", vcpus), ("ramMiB", ram)]
+        }
+        ("storage.stratus.dev", "Volume") => {
+            vec![("volumes", 1), ("volumeGiB", u("/spec/sizeGiB"))]
+        }
+        ("storage.stratus.dev", "VolumeSnapshot") => vec![("snapshots", 1)],
+        ("network.stratus.dev", "Network") => vec![("networks", 1)],
+        ("network.stratus.dev", "Subnet") => vec![("subnets", 1)],
+        ("network.stratus.dev", "Port") => vec![("ports", 1)],
+        ("network.stratus.dev", "Router") => vec![("routers", 1)],
+        ("network.stratus.dev", "FloatingIP") => vec![("floatingIPs", 1)],
+        ("network.stratus.dev", "SecurityGroup") => vec![("securityGroups", 1)],
+        _ => Vec::new(),
+    }
+}
+
+/// Whether objects of a kind count against quotas.
+pub fn counted(group: &str, kind: &str) -> bool {
+    !usage(group, kind, &Value::Null, &|_| None).is_empty()
+}
+
+/// How many times a create is retried when another write to the same project's counted
+/// objects got in between.
+const RETRIES: usize = 64;
+
+impl Api {
+    /// Creates `obj` at `key` if the project's Quotas allow it, atomically with the check.
+    pub(crate) async fn create_within_quota(
+        &self,
+        t: &Target,
+        ns: &str,
+        key: &str,
+        obj: &Value,
+    ) -> ApiResult<Write> {
+        let rt = &t.rt;
+        let quota_rt = self
+            .registry
+            .by_kind("identity.stratus.dev", "Quota")
+            .ok_or_else(|| ApiError::internal("the Quota kind is not served"))?;
+        let quota_prefix = quota_rt.key_prefix(&self.prefix, Some(ns));
+        let kind_prefix = rt.key_prefix(&self.prefix, Some(ns));
+        for _ in 0..RETRIES {
+            let quotas = self
+                .store
+                .list(&quota_prefix, None, 0, 0)
+                .await
+                .map_err(store_err)?;
+            let limited: Vec<&(String, Stored)> = quotas
+                .items
+                .iter()
+                .filter(|(_, q)| {
+                    q.value
+                        .pointer("/spec/limits")
+                        .and_then(Value::as_object)
+                        .is_some_and(|m| !m.is_empty())
+                })
+                .collect();
+            if limited.is_empty() {
+                return self.store.create(key, obj).await.map_err(store_err);
+            }
+            let at = quotas.revision;
+            let existing = self
+                .store
+                .list(&kind_prefix, None, at, 0)
+                .await
+                .map_err(store_err)?;
+            let flavors = self.flavors(obj, &existing.items, at).await?;
+            let flavor = |name: &str| flavors.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+            let wanted = usage(&rt.group, &rt.kind, obj, &flavor);
+            for (field, amount) in &wanted {
+                if *amount == 0 {
+                    continue;
+                }
+                let used: u64 = existing
+                    .items
+                    .iter()
+                    .flat_map(|(_, s)| usage(&rt.group, &rt.kind, &s.value, &flavor))
+                    .filter(|(f, _)| f == field)
+                    .map(|(_, a)| a)
+                    .sum();
+                for (_, q) in &limited {
+                    let Some(limit) = q
+                        .value
+                        .pointer(&format!("/spec/limits/{field}"))
+                        .and_then(Value::as_u64)
+                    else {
+                        continue;
+                    };
+                    if used + amount > limit {
+                        let name = q
+                            .value
+                            .pointer("/metadata/name")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default();
+                        return Err(ApiError::forbidden(format!(
+                            "{}.{} \"{}\" is forbidden: exceeded quota: {name}, requested: {field}={amount}, used: {field}={used}, limited: {field}={limit}",
+                            rt.plural,
+                            rt.group,
+                            obj.pointer("/metadata/name")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default(),
+                        )));
+                    }
+                }
+            }
+            match self
+                .store
+                .create_guarded(key, obj, &[(&kind_prefix, at), (&quota_prefix, at)])
+                .await
+                .map_err(store_err)?
+            {
+                Write::Done(rev) => return Ok(Write::Done(rev)),
+                // The key exists: a plain conflict, no retry can help.
+                Write::Conflict(rev) if rev > 0 => return Ok(Write::Conflict(rev)),
+                // Something counted changed since `at`: count again.
+                Write::Conflict(_) => continue,
+            }
+        }
+        Err(ApiError::conflict(
+            &rt.group,
+            &rt.plural,
+            obj.pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default(),
+            "too many concurrent changes to the project's quota-counted objects; retry",
+        ))
+    }
+
+    /// The (vCPUs, RAM MiB) of every flavor the new object and the existing ones name.
+    async fn flavors(
+        &self,
+        obj: &Value,
+        existing: &[(String, Stored)],
+        at: i64,
+    ) -> ApiResult<Vec<(String, (u64, u64))>> {
+        let mut names: Vec<&str> = existing
+            .iter()
+            .filter_map(|(_, s)| s.value.pointer("/spec/flavor").and_then(Value::as_str))
+            .collect();
+        names.extend(obj.pointer("/spec/flavor").and_then(Value::as_str));
+        names.sort_unstable();
+        names.dedup();
+        let Some(flavor_rt) = self.registry.by_kind("compute.stratus.dev", "Flavor") else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for n in names {
+            let key = flavor_rt.key(&self.prefix, None, n);
+            let page = self
+                .store
+                .list(&key, None, at, 1)
+                .await
+                .map_err(store_err)?;
+            if let Some((k, s)) = page.items.first().filter(|(k, _)| *k == key) {
+                let _ = k;
+                let get = |p: &str| s.value.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+                out.push((n.to_string(), (get("/spec/vcpus"), get("/spec/ramMiB"))));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn servers_use_their_flavor_and_volumes_their_size() {
+        let flavor = |n: &str| (n == "m1.small").then_some((2, 2048));
+        let s = json!({"spec": {"flavor": "m1.small"}});
+        assert_eq!(
+            usage("compute.stratus.dev", "Server", &s, &flavor),
+            vec![("servers", 1), ("vcpus", 2), ("ramMiB", 2048)]
+        );
+        let v = json!({"spec": {"sizeGiB": 20}});
+        assert_eq!(
+            usage("storage.stratus.dev", "Volume", &v, &flavor),
+            vec![("volumes", 1), ("volumeGiB", 20)]
+        );
+        assert!(counted("network.stratus.dev", "Port"));
+        assert!(!counted("compute.stratus.dev", "Keypair"));
+    }
+}
