@@ -13,41 +13,7 @@ use crate::api::{Api, Target, store_err};
 use crate::error::{ApiError, ApiResult};
 use crate::store::{Stored, Write};
 
-/// The quota resources one object of a kind uses, as `(quota field, amount)`.
-fn usage(
-    group: &str,
-    kind: &str,
-    obj: &Value,
-    flavor: &dyn Fn(&str) -> Option<(u64, u64)>,
-) -> Vec<(&'static str, u64)> {
-    let u = |p: &str| obj.pointer(p).and_then(Value::as_u64).unwrap_or(0);
-    match (group, kind) {
-        ("compute.stratus.dev", "Server") => {
-            let (vcpus, ram) = obj
-                .pointer("/spec/flavor")
-                .and_then(Value::as_str)
-                .and_then(flavor)
-                .unwrap_or((0, 0));
-            vec![("servers", 1), ("vcpus", vcpus), ("ramMiB", ram)]
-        }
-        ("storage.stratus.dev", "Volume") => {
-            vec![("volumes", 1), ("volumeGiB", u("/spec/sizeGiB"))]
-        }
-        ("storage.stratus.dev", "VolumeSnapshot") => vec![("snapshots", 1)],
-        ("network.stratus.dev", "Network") => vec![("networks", 1)],
-        ("network.stratus.dev", "Subnet") => vec![("subnets", 1)],
-        ("network.stratus.dev", "Port") => vec![("ports", 1)],
-        ("network.stratus.dev", "Router") => vec![("routers", 1)],
-        ("network.stratus.dev", "FloatingIP") => vec![("floatingIPs", 1)],
-        ("network.stratus.dev", "SecurityGroup") => vec![("securityGroups", 1)],
-        _ => Vec::new(),
-    }
-}
-
-/// Whether objects of a kind count against quotas.
-pub fn counted(group: &str, kind: &str) -> bool {
-    !usage(group, kind, &Value::Null, &|_| None).is_empty()
-}
+pub use stratus_api_types::quota::{counted, usage};
 
 /// How many times a create is retried when another write to the same project's counted
 /// objects got in between.
@@ -188,28 +154,5 @@ impl Api {
             }
         }
         Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn servers_use_their_flavor_and_volumes_their_size() {
-        let flavor = |n: &str| (n == "m1.small").then_some((2, 2048));
-        let s = json!({"spec": {"flavor": "m1.small"}});
-        assert_eq!(
-            usage("compute.stratus.dev", "Server", &s, &flavor),
-            vec![("servers", 1), ("vcpus", 2), ("ramMiB", 2048)]
-        );
-        let v = json!({"spec": {"sizeGiB": 20}});
-        assert_eq!(
-            usage("storage.stratus.dev", "Volume", &v, &flavor),
-            vec![("volumes", 1), ("volumeGiB", 20)]
-        );
-        assert!(counted("network.stratus.dev", "Port"));
-        assert!(!counted("compute.stratus.dev", "Keypair"));
     }
 }

@@ -2,6 +2,7 @@
 //! by whichever `stratus controllers` instance holds the leader Lease.
 
 pub mod gc;
+pub mod quota;
 
 use std::time::Duration;
 
@@ -74,8 +75,9 @@ pub async fn run(client: kube::Client, election: Election) -> Result<(), Error> 
             break Err(Error::LeaseTask);
         }
         tracing::info!(identity = %election.identity, "leading: controllers started");
-        let mut controllers =
-            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(gc::run(client.clone())));
+        let mut controllers = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+            every_controller(client.clone()),
+        ));
         tokio::select! {
             done = &mut controllers => {
                 break match done {
@@ -101,4 +103,12 @@ pub async fn run(client: kube::Client, election: Election) -> Result<(), Error> 
     drop(leader);
     let _ = (&mut task).await;
     result
+}
+
+/// Every controller, until one stops.
+async fn every_controller(client: kube::Client) -> Result<(), gc::GcError> {
+    tokio::select! {
+        r = gc::run(client.clone()) => r,
+        () = quota::run(client) => Ok(()),
+    }
 }

@@ -1,6 +1,7 @@
 //! Quota enforced at admission, atomically with the write.
 
 use anyhow::Result;
+use kube::ResourceExt;
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::discovery::ApiResource;
 use serde_json::json;
@@ -70,13 +71,20 @@ async fn fifty_concurrent_creates_against_a_quota_of_ten_leave_ten() -> Result<(
         other.create(&PostParams::default(), &obj).await?;
     }
     // Freeing one makes room for exactly one.
-    nets.delete("net-0", &Default::default()).await.ok();
-    let (code_ok, code_refused) = (
-        cloud.kubectl_in(&["-n", "q", "create", "-f", "-"], "apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: again\nspec: {}\n").is_ok(),
-        cloud.kubectl_in(&["-n", "q", "create", "-f", "-"], "apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: again2\nspec: {}\n").is_ok(),
+    let first = nets.list(&Default::default()).await?.items[0].name_any();
+    nets.delete(&first, &Default::default()).await?;
+    let net = |n: &str| {
+        format!(
+            "apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: {n}\nspec: {{}}\n"
+        )
+    };
+    cloud.kubectl_in(&["-n", "q", "create", "-f", "-"], &net("again"))?;
+    assert!(
+        cloud
+            .kubectl_in(&["-n", "q", "create", "-f", "-"], &net("again2"))
+            .is_err(),
+        "the quota let an eleventh network in"
     );
-    let deleted_first = nets.get_opt("net-0").await?.is_none();
-    assert!(deleted_first && code_ok && !code_refused);
 
     // vCPUs are counted through each Server's flavor.
     cloud.kubectl_in(&["apply", "-f", "-"], "apiVersion: compute.stratus.dev/v1\nkind: Flavor\nmetadata:\n  name: two\nspec:\n  vcpus: 2\n  ramMiB: 256\n  diskGiB: 1\n")?;
@@ -109,5 +117,24 @@ async fn fifty_concurrent_creates_against_a_quota_of_ten_leave_ten() -> Result<(
             && text.contains("limited: vcpus=5"),
         "{text}"
     );
+    // The quota controller shows used against the limits.
+    let used = stratus_e2e::wait_until(
+        std::time::Duration::from_secs(30),
+        "status.used to count",
+        || {
+            let v: serde_json::Value = serde_json::from_str(
+                &cloud
+                    .kubectl_ok(&["-n", "q", "get", "quota", "default", "-o", "json"])
+                    .ok()?,
+            )
+            .ok()?;
+            (v["status"]["used"]["networks"] == 10 && v["status"]["used"]["vcpus"] == 4)
+                .then_some(v)
+        },
+    )?;
+    assert_eq!(used["status"]["used"]["servers"], 2);
+    assert_eq!(used["status"]["used"]["ramMiB"], 512);
+    assert_eq!(used["status"]["used"]["volumes"], 0);
+    assert_eq!(used["status"]["phase"], "Active");
     Ok(())
 }
