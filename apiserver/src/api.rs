@@ -886,12 +886,18 @@ impl Api {
                 &warnings,
             ));
         }
-        match self
-            .store
-            .update(&key, &new, current.mod_revision)
-            .await
-            .map_err(store_err)?
-        {
+        let written = match t.namespace.as_deref() {
+            Some(ns) if crate::quota::counted(&t.rt.group, &t.rt.kind) => {
+                self.update_within_quota(t, ns, &key, old, &new, current.mod_revision)
+                    .await?
+            }
+            _ => self
+                .store
+                .update(&key, &new, current.mod_revision)
+                .await
+                .map_err(store_err)?,
+        };
+        match written {
             Write::Done(rev) => Ok(json_response(StatusCode::OK, &with_rv(new, rev), &warnings)),
             Write::Conflict(_) => Err(t.conflict()),
         }

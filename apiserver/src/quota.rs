@@ -122,6 +122,115 @@ impl Api {
         ))
     }
 
+    /// Updates `key` from `old` to `new` (revision `expected`) if the project's Quotas allow
+    /// what the change adds (a resize to a larger flavor, a grown volume), atomically.
+    pub(crate) async fn update_within_quota(
+        &self,
+        t: &Target,
+        ns: &str,
+        key: &str,
+        old: &Value,
+        new: &Value,
+        expected: i64,
+    ) -> ApiResult<Write> {
+        let rt = &t.rt;
+        let quota_rt = self
+            .registry
+            .by_kind("identity.stratus.dev", "Quota")
+            .ok_or_else(|| ApiError::internal("the Quota kind is not served"))?;
+        let quota_prefix = quota_rt.key_prefix(&self.prefix, Some(ns));
+        let kind_prefix = rt.key_prefix(&self.prefix, Some(ns));
+        for _ in 0..RETRIES {
+            let quotas = self
+                .store
+                .list(&quota_prefix, None, 0, 0)
+                .await
+                .map_err(store_err)?;
+            let at = quotas.revision;
+            let existing = self
+                .store
+                .list(&kind_prefix, None, at, 0)
+                .await
+                .map_err(store_err)?;
+            let mut flavors = self.flavors(new, &existing.items, at).await?;
+            flavors.extend(self.flavors(old, &[], at).await?);
+            let flavor = |name: &str| flavors.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+            let before = usage(&rt.group, &rt.kind, old, &flavor);
+            let grows: Vec<(&str, u64)> = usage(&rt.group, &rt.kind, new, &flavor)
+                .into_iter()
+                .filter(|(f, a)| {
+                    before
+                        .iter()
+                        .find(|(g, _)| g == f)
+                        .is_none_or(|(_, b)| a > b)
+                })
+                .collect();
+            if grows.is_empty() {
+                return self
+                    .store
+                    .update(key, new, expected)
+                    .await
+                    .map_err(store_err);
+            }
+            for (field, amount) in &grows {
+                let others: u64 = existing
+                    .items
+                    .iter()
+                    .filter(|(k, _)| k != key)
+                    .flat_map(|(_, s)| usage(&rt.group, &rt.kind, &s.value, &flavor))
+                    .filter(|(f, _)| f == field)
+                    .map(|(_, a)| a)
+                    .sum();
+                for (_, q) in &quotas.items {
+                    let Some(limit) = q
+                        .value
+                        .pointer(&format!("/spec/limits/{field}"))
+                        .and_then(Value::as_u64)
+                    else {
+                        continue;
+                    };
+                    if others + amount > limit {
+                        let qname = q
+                            .value
+                            .pointer("/metadata/name")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default();
+                        return Err(ApiError::forbidden(format!(
+                            "{}.{} \"{}\" is forbidden: exceeded quota: {qname}, requested: {field}={amount}, used by others: {field}={others}, limited: {field}={limit}",
+                            rt.plural,
+                            rt.group,
+                            new.pointer("/metadata/name")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default(),
+                        )));
+                    }
+                }
+            }
+            match self
+                .store
+                .update_guarded(
+                    key,
+                    new,
+                    expected,
+                    &[(&kind_prefix, at), (&quota_prefix, at)],
+                )
+                .await
+                .map_err(store_err)?
+            {
+                Write::Conflict(rev) if rev == expected => continue,
+                other => return Ok(other),
+            }
+        }
+        Err(ApiError::conflict(
+            &rt.group,
+            &rt.plural,
+            new.pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default(),
+            "too many concurrent changes to the project's quota-counted objects; retry",
+        ))
+    }
+
     /// The (vCPUs, RAM MiB) of every flavor the new object and the existing ones name.
     async fn flavors(
         &self,

@@ -177,6 +177,30 @@ impl Store {
         self.run(key, txn).await
     }
 
+    /// Replaces `key` if its revision is still `expected` and no key under any of the `guards`
+    /// prefixes changed after the guard's revision. `Conflict(rev)` carries the key's current
+    /// revision: `expected` when only a guard failed.
+    pub async fn update_guarded(
+        &self,
+        key: &str,
+        value: &Value,
+        expected: i64,
+        guards: &[(&str, i64)],
+    ) -> Result<Write, StoreError> {
+        let mut compares = vec![Compare::mod_revision(key, CompareOp::Equal, expected)];
+        for (prefix, at) in guards {
+            compares.push(
+                Compare::mod_revision(*prefix, CompareOp::Less, at + 1)
+                    .with_range(prefix_end(prefix)),
+            );
+        }
+        let txn = Txn::new()
+            .when(compares)
+            .and_then([TxnOp::put(key, value.to_string(), None)])
+            .or_else([TxnOp::get(key, None)]);
+        self.run(key, txn).await
+    }
+
     /// Replaces `key` if its revision is still `expected`.
     pub async fn update(
         &self,

@@ -117,6 +117,48 @@ async fn fifty_concurrent_creates_against_a_quota_of_ten_leave_ten() -> Result<(
             && text.contains("limited: vcpus=5"),
         "{text}"
     );
+    // Resizing counts too: to 4 vCPUs would make 6 of 5; to 3 makes exactly 5.
+    for (name, vcpus) in [("four", 4), ("three", 3)] {
+        cloud.kubectl_in(&["apply", "-f", "-"], &format!("apiVersion: compute.stratus.dev/v1\nkind: Flavor\nmetadata:\n  name: {name}\nspec:\n  vcpus: {vcpus}\n  ramMiB: 256\n  diskGiB: 1\n"))?;
+    }
+    let err = cloud.kubectl_err(&[
+        "-n",
+        "q",
+        "patch",
+        "server",
+        "s1",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"flavor":"four"}}"#,
+    ])?;
+    assert!(
+        err.contains("exceeded quota") && err.contains("vcpus=4"),
+        "{err}"
+    );
+    cloud.kubectl_ok(&[
+        "-n",
+        "q",
+        "patch",
+        "server",
+        "s1",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"flavor":"three"}}"#,
+    ])?;
+    // Shrinking is always allowed.
+    cloud.kubectl_ok(&[
+        "-n",
+        "q",
+        "patch",
+        "server",
+        "s1",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"flavor":"two"}}"#,
+    ])?;
     // The quota controller shows used against the limits.
     let used = stratus_e2e::wait_until(
         std::time::Duration::from_secs(30),
