@@ -61,7 +61,9 @@ impl Proc {
             .stderr(err)
             .stdin(Stdio::null())
             .spawn()
-            .with_context(|| format!("start {name}"))?;
+            .with_context(|| {
+                format!("start {name} (is it built? `cargo build --workspace --bins`)")
+            })?;
         Ok(Self {
             child,
             name: name.to_string(),
