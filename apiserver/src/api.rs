@@ -120,6 +120,23 @@ pub struct Caller {
     pub user: String,
     /// The default field manager (from the user agent), when the request names none.
     pub user_agent: String,
+    /// A system identity from the API server's token file: allowed everything.
+    pub system: bool,
+    /// The caller's role assignments (users with issued tokens).
+    pub grants: Vec<crate::identity::Grant>,
+    /// The token's claims (users with issued tokens).
+    pub claims: Option<crate::identity::Claims>,
+}
+
+impl Caller {
+    /// Whether the caller may do anything anywhere.
+    pub fn cluster_admin(&self) -> bool {
+        self.system
+            || self
+                .grants
+                .iter()
+                .any(|g| g.namespace.is_none() && g.role == "admin")
+    }
 }
 
 /// Which object a request addresses.

@@ -18,8 +18,9 @@ use tokio::sync::broadcast;
 use crate::api::with_rv;
 use crate::store::{Store, StoreError};
 
-/// Changes kept in memory per resource type.
-const HISTORY: usize = 4096;
+/// Changes kept in memory per resource type (a watch resuming from further back gets a private
+/// etcd watch instead; memory stays bounded at a few MB per busy type).
+const HISTORY: usize = 1024;
 /// Items a slow subscriber may fall behind before it is cut off (it then watches again).
 const BACKLOG: usize = 4096;
 

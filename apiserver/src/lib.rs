@@ -7,6 +7,7 @@ pub mod discovery;
 pub mod error;
 pub mod fields;
 pub mod hub;
+pub mod identity;
 pub mod meta;
 pub mod quota;
 pub mod registry;

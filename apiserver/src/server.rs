@@ -75,6 +75,7 @@ struct AppState {
     api: Api,
     config: Config,
     audit: Option<crate::audit::AuditLog>,
+    identity: crate::identity::Identity,
 }
 
 /// The router of every API path.
@@ -82,7 +83,9 @@ fn router(state: Arc<AppState>) -> Router {
     Router::new().fallback(handle).with_state(state)
 }
 
-fn authenticate(state: &AppState, req: &axum::http::request::Parts) -> ApiResult<Caller> {
+/// Who sent the request: a system identity from the token file, or a user with a token this
+/// cluster issued that is neither expired nor revoked, whose user exists and is enabled.
+async fn authenticate(state: &AppState, req: &axum::http::request::Parts) -> ApiResult<Caller> {
     let token = req
         .headers
         .get(header::AUTHORIZATION)
@@ -90,21 +93,100 @@ fn authenticate(state: &AppState, req: &axum::http::request::Parts) -> ApiResult
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .ok_or_else(ApiError::unauthorized)?;
-    let user = state
-        .config
-        .tokens
-        .get(token)
-        .ok_or_else(ApiError::unauthorized)?;
     let user_agent = req
         .headers
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("unknown")
         .to_string();
+    if let Some(user) = state.config.tokens.get(token) {
+        return Ok(Caller {
+            user: user.clone(),
+            user_agent,
+            system: true,
+            grants: Vec::new(),
+            claims: None,
+        });
+    }
+    let id = &state.identity;
+    let claims = id.signer.verify(token).ok_or_else(ApiError::unauthorized)?;
+    if !id.still_valid(&claims).await? {
+        return Err(ApiError::unauthorized());
+    }
+    let grants = id.grants(&claims.user).await?;
     Ok(Caller {
-        user: user.clone(),
+        user: claims.user.clone(),
         user_agent,
+        system: false,
+        grants,
+        claims: Some(claims),
     })
+}
+
+/// `POST .../tokens`: a token for a user and password (no other authentication needed).
+async fn issue_token(state: &AppState, bytes: &[u8]) -> ApiResult<Response> {
+    let req = crate::body::decode(bytes, false)?.value;
+    let user = req
+        .get("user")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or_default();
+    let password = req
+        .get("password")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or_default();
+    let ttl = req
+        .get("expirationSeconds")
+        .and_then(serde_json::Value::as_i64)
+        .unwrap_or(3600);
+    if !(1..=86_400).contains(&ttl) {
+        return Err(ApiError::bad_request(
+            "expirationSeconds: must be between 1 and 86400",
+        ));
+    }
+    let id = &state.identity;
+    // The same answer for an unknown user, a wrong password and a disabled user.
+    let ok = id.check_password(user, password).await?;
+    let (token, claims) = id.signer.issue(user, ttl);
+    if !ok || !id.still_valid(&claims).await? {
+        return Err(ApiError::unauthorized());
+    }
+    let expires = jiff::Timestamp::from_second(claims.exp)
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_default();
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({
+            "apiVersion": "identity.stratus.dev/v1", "kind": "Token", "user": user, "token": token, "expiresAt": expires,
+        }),
+        &[],
+    ))
+}
+
+/// Identity endpoints beside the resources: logout and password changes.
+async fn identity_call(
+    state: &AppState,
+    method: &Method,
+    segs: &[&str],
+    bytes: &[u8],
+    caller: &Caller,
+) -> Option<ApiResult<Response>> {
+    match (method, segs) {
+        (&Method::DELETE, ["apis", "identity.stratus.dev", "v1", "tokens", "self"]) => Some(async {
+            let claims = caller.claims.as_ref().ok_or_else(|| ApiError::bad_request("only an issued token can be revoked"))?;
+            state.identity.revoke(claims).await?;
+            Ok(json_response(StatusCode::OK, &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}), &[]))
+        }.await),
+        (&Method::PUT, ["apis", "identity.stratus.dev", "v1", "users", name, "password"]) => Some(async {
+            if !(caller.cluster_admin() || caller.user == *name) {
+                return Err(ApiError::forbidden(format!("User \"{}\" cannot set the password of another user", caller.user)));
+            }
+            let body = crate::body::decode(bytes, false)?.value;
+            let password = body.get("password").and_then(serde_json::Value::as_str).ok_or_else(|| ApiError::bad_request("password: required"))?;
+            state.identity.set_password(name, password).await?;
+            Ok(json_response(StatusCode::OK, &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}), &[]))
+        }.await),
+        _ => None,
+    }
 }
 
 async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
@@ -132,7 +214,14 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
         }
         _ => {}
     }
-    let caller = authenticate(&state, &parts);
+    if method == Method::POST && path == "/apis/identity.stratus.dev/v1/tokens" {
+        let response = match axum::body::to_bytes(body, 64 * 1024).await {
+            Ok(bytes) => issue_token(&state, &bytes).await,
+            Err(_) => Err(ApiError::too_large(64 * 1024)),
+        };
+        return response.unwrap_or_else(IntoResponse::into_response);
+    }
+    let caller = authenticate(&state, &parts).await;
     let params = Params::parse(parts.uri.query());
     let response = match (&caller, &params) {
         (Ok(caller), Ok(params)) => {
@@ -195,6 +284,12 @@ async fn route(
 ) -> ApiResult<Response> {
     let reg = &state.api.registry;
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    if let Some(r) = identity_call(state, method, &segs, bytes, caller).await {
+        return r;
+    }
+    if !caller.system {
+        authorize(state, method, path, params, bytes, caller)?;
+    }
     let ok = |v: serde_json::Value| Ok(json_response(StatusCode::OK, &v, &[]));
     let none = || ApiError::no_route(path);
     let get_only = |m: &Method| {
@@ -348,6 +443,47 @@ async fn route(
             .await
         }
     }
+}
+
+/// Refuses what the caller's roles do not allow, before anything is read or written.
+fn authorize(
+    state: &AppState,
+    method: &Method,
+    path: &str,
+    params: &Params,
+    bytes: &[u8],
+    caller: &Caller,
+) -> ApiResult<()> {
+    let info = crate::audit::RequestInfo::parse(method.as_str(), path, params.flag("watch"));
+    let Some(group) = info.group.as_deref() else {
+        return Ok(());
+    };
+    let namespaced = state
+        .api
+        .registry
+        .get(group, &info.version, &info.resource)
+        .is_some_and(|rt| rt.namespaced);
+    crate::identity::authorize(&caller.user, &caller.grants, &info, namespaced)?;
+    // Only a cluster admin hands out cluster-wide roles.
+    if info.resource == "roleassignments"
+        && matches!(info.verb.as_str(), "create" | "update" | "patch")
+        && !caller.cluster_admin()
+    {
+        let asks =
+            crate::body::decode(bytes, crate::body::is_yaml("application/json")).is_ok_and(|d| {
+                d.value
+                    .pointer("/spec/clusterWide")
+                    .and_then(serde_json::Value::as_bool)
+                    == Some(true)
+            }) || String::from_utf8_lossy(bytes).contains("clusterWide");
+        if asks {
+            return Err(ApiError::forbidden(format!(
+                "User \"{}\" cannot grant cluster-wide roles",
+                caller.user
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -519,7 +655,13 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         Some(path) => Some(crate::audit::AuditLog::open(path).map_err(StartError::Audit)?),
         None => None,
     };
-    let app = router(Arc::new(AppState { api, config, audit }));
+    let identity = crate::identity::Identity::load(api.store.clone(), &config.prefix).await?;
+    let app = router(Arc::new(AppState {
+        api,
+        config,
+        audit,
+        identity,
+    }));
     let task = tokio::spawn(async move {
         loop {
             let (sock, peer) = match listener.accept().await {

@@ -281,6 +281,14 @@ impl Store {
         })
     }
 
+    /// Writes an empty marker at `key` that etcd removes after `ttl` seconds.
+    pub async fn put_with_ttl(&self, key: &str, ttl: i64) -> Result<(), StoreError> {
+        let lease = self.client.lease_client().grant(ttl, None).await?;
+        let opts = etcd_client::PutOptions::new().with_lease(lease.id());
+        self.client.kv_client().put(key, "", Some(opts)).await?;
+        Ok(())
+    }
+
     /// Every key under `prefix` (values are not read).
     pub async fn keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let opts = GetOptions::new()

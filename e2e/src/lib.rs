@@ -264,6 +264,38 @@ impl Cloud {
         Ok(kube::Client::try_from(cfg)?)
     }
 
+    /// A kubeconfig for this cloud with another bearer token (None: an unknown one, as an
+    /// anonymous client), written beside the admin's; returns its path.
+    pub fn kubeconfig_with(&self, name: &str, token: Option<&str>) -> Result<PathBuf> {
+        let admin = kube::config::Kubeconfig::read_from(self.kubeconfig())?;
+        let ca = admin
+            .clusters
+            .first()
+            .and_then(|c| c.cluster.as_ref())
+            .and_then(|c| c.certificate_authority_data.clone())
+            .context("no CA in the admin kubeconfig")?;
+        // Without any credential kubectl would prompt for a user name; a token the server does
+        // not know makes an anonymous client.
+        let token = token.unwrap_or("anonymous");
+        let user = format!("users:\n- name: {name}\n  user:\n    token: {token}\n");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: stratus\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\n{user}contexts:\n- name: {name}\n  context:\n    cluster: stratus\n    user: {name}\ncurrent-context: {name}\n",
+            self.url
+        );
+        let path = self.dir.path().join(format!("kubeconfig-{name}"));
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// Runs kubectl with another kubeconfig.
+    pub fn kubectl_as(&self, kubeconfig: &Path, args: &[&str]) -> Result<Output> {
+        Ok(Command::new("kubectl")
+            .env("KUBECONFIG", kubeconfig)
+            .env("HOME", self.dir.path())
+            .args(args)
+            .output()?)
+    }
+
     /// The admin kubeconfig.
     pub fn kubeconfig(&self) -> PathBuf {
         self.dir.path().join("kubeconfig")

@@ -1,0 +1,518 @@
+//! Identity: passwords (argon2 hashes, never served), signed expiring bearer tokens with
+//! revocation, and the role assignments that authorise every request.
+//!
+//! Secrets live under `{prefix}/_system/`, outside every served resource's keys, so no API
+//! call can read them.
+
+use argon2::{Argon2, PasswordHasher, PasswordVerifier};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use ring::hmac;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::audit::RequestInfo;
+use crate::error::ApiError;
+use crate::store::{Store, StoreError, Write};
+
+/// What a verified token says.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    /// The user.
+    #[serde(rename = "u")]
+    pub user: String,
+    /// Token id, for revocation.
+    #[serde(rename = "j")]
+    pub jti: String,
+    /// Expiry, seconds since the epoch.
+    #[serde(rename = "e")]
+    pub exp: i64,
+}
+
+/// A role a user holds: in one project, or everywhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The project; None for a cluster-wide assignment.
+    pub namespace: Option<String>,
+    /// admin, member or reader.
+    pub role: String,
+}
+
+/// Signs and verifies tokens.
+#[derive(Debug)]
+pub struct Signer {
+    key: hmac::Key,
+}
+
+/// Signing key, passwords, revocations, grants.
+#[derive(Debug)]
+pub struct Identity {
+    store: Store,
+    prefix: String,
+    /// A hash of a password nobody has, checked for unknown users so that they take as long
+    /// to refuse as a wrong password.
+    dummy_hash: String,
+    /// The token signer every replica shares.
+    pub signer: Signer,
+}
+
+const TOKEN_PREFIX: &str = "st1.";
+
+fn now() -> i64 {
+    jiff::Timestamp::now().as_second()
+}
+
+impl Identity {
+    /// Loads the token signing key from etcd, making it on first start (every API server
+    /// replica shares it).
+    ///
+    /// # Errors
+    /// When etcd cannot be reached.
+    pub async fn load(store: Store, prefix: &str) -> Result<Self, StoreError> {
+        let key_path = format!("{prefix}/_system/token-key");
+        let fresh = ring::rand::SystemRandom::new();
+        let mut bytes = [0u8; 32];
+        ring::rand::SecureRandom::fill(&fresh, &mut bytes).map_err(|_| StoreError::Poisoned)?;
+        // Whoever writes it first wins; everyone then reads the winner's key.
+        let _ = store
+            .create(&key_path, &Value::String(B64.encode(bytes)))
+            .await?;
+        let stored = store
+            .get(&key_path)
+            .await?
+            .and_then(|s| s.value.as_str().and_then(|k| B64.decode(k).ok()));
+        let material = stored.ok_or(StoreError::Poisoned)?;
+        let dummy_hash = Argon2::default()
+            .hash_password(uuid::Uuid::new_v4().to_string().as_bytes())
+            .map(|h| h.to_string())
+            .map_err(|_| StoreError::Poisoned)?;
+        Ok(Self {
+            store,
+            prefix: prefix.to_string(),
+            dummy_hash,
+            signer: Signer {
+                key: hmac::Key::new(hmac::HMAC_SHA256, &material),
+            },
+        })
+    }
+}
+
+impl Signer {
+    /// A token for `user`, valid for `ttl` seconds.
+    pub fn issue(&self, user: &str, ttl: i64) -> (String, Claims) {
+        let claims = Claims {
+            user: user.to_string(),
+            jti: uuid::Uuid::new_v4().simple().to_string(),
+            exp: now() + ttl,
+        };
+        let payload = B64.encode(serde_json::to_vec(&claims).unwrap_or_default());
+        let signed = format!("{TOKEN_PREFIX}{payload}");
+        let sig = B64.encode(hmac::sign(&self.key, signed.as_bytes()).as_ref());
+        (format!("{signed}.{sig}"), claims)
+    }
+
+    /// The claims of a token this cluster signed and that has not expired.
+    pub fn verify(&self, token: &str) -> Option<Claims> {
+        let rest = token.strip_prefix(TOKEN_PREFIX)?;
+        let (payload, sig) = rest.rsplit_once('.')?;
+        let sig = B64.decode(sig).ok()?;
+        hmac::verify(
+            &self.key,
+            format!("{TOKEN_PREFIX}{payload}").as_bytes(),
+            &sig,
+        )
+        .ok()?;
+        let claims: Claims = serde_json::from_slice(&B64.decode(payload).ok()?).ok()?;
+        (claims.exp > now()).then_some(claims)
+    }
+}
+
+impl Identity {
+    fn password_key(&self, user: &str) -> String {
+        format!("{}/_system/passwords/{user}", self.prefix)
+    }
+
+    fn revoked_key(&self, jti: &str) -> String {
+        format!("{}/_system/revoked/{jti}", self.prefix)
+    }
+
+    /// Sets a user's password (stored only as an argon2 hash).
+    ///
+    /// # Errors
+    /// 422 for a password shorter than 8 characters; 503 when etcd is unreachable.
+    pub async fn set_password(&self, user: &str, password: &str) -> Result<(), ApiError> {
+        if password.chars().count() < 8 {
+            return Err(ApiError::invalid(
+                "User",
+                "identity.stratus.dev",
+                "users",
+                user,
+                vec![crate::error::Cause::invalid(
+                    "password",
+                    "must be at least 8 characters",
+                )],
+            ));
+        }
+        let hash = Argon2::default()
+            .hash_password(password.as_bytes())
+            .map_err(|e| ApiError::internal(format!("hash a password: {e}")))?
+            .to_string();
+        let key = self.password_key(user);
+        loop {
+            let current = self.store.get(&key).await.map_err(crate::api::store_err)?;
+            let written = match current {
+                Some(c) => {
+                    self.store
+                        .update(&key, &Value::String(hash.clone()), c.mod_revision)
+                        .await
+                }
+                None => self.store.create(&key, &Value::String(hash.clone())).await,
+            }
+            .map_err(crate::api::store_err)?;
+            if let Write::Done(_) = written {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Whether `password` is the user's. Unknown users and users without a password take as
+    /// long as a wrong password and answer the same.
+    pub async fn check_password(&self, user: &str, password: &str) -> Result<bool, ApiError> {
+        let stored = self
+            .store
+            .get(&self.password_key(user))
+            .await
+            .map_err(crate::api::store_err)?;
+        let hash = stored
+            .as_ref()
+            .and_then(|s| s.value.as_str())
+            .unwrap_or(&self.dummy_hash)
+            .to_string();
+        let ok = Argon2::default()
+            .verify_password(password.as_bytes(), hash.as_str())
+            .is_ok();
+        Ok(ok && stored.is_some())
+    }
+
+    /// Revokes a token until it would have expired anyway.
+    pub async fn revoke(&self, c: &Claims) -> Result<(), ApiError> {
+        let ttl = (c.exp - now()).max(1);
+        self.store
+            .put_with_ttl(&self.revoked_key(&c.jti), ttl)
+            .await
+            .map_err(crate::api::store_err)
+    }
+
+    /// Whether a token's user may still use it: not revoked, the user exists and is enabled.
+    pub async fn still_valid(&self, c: &Claims) -> Result<bool, ApiError> {
+        if self
+            .store
+            .get(&self.revoked_key(&c.jti))
+            .await
+            .map_err(crate::api::store_err)?
+            .is_some()
+        {
+            return Ok(false);
+        }
+        let user = self
+            .store
+            .get(&format!(
+                "{}/identity.stratus.dev/users/{}",
+                self.prefix, c.user
+            ))
+            .await
+            .map_err(crate::api::store_err)?;
+        Ok(user.is_some_and(|u| {
+            u.value.pointer("/spec/enabled").and_then(Value::as_bool) != Some(false)
+        }))
+    }
+
+    /// The user's role assignments, read from the store (so a removed one counts at once).
+    pub async fn grants(&self, user: &str) -> Result<Vec<Grant>, ApiError> {
+        let prefix = format!("{}/identity.stratus.dev/roleassignments/", self.prefix);
+        let page = self
+            .store
+            .list(&prefix, None, 0, 0)
+            .await
+            .map_err(crate::api::store_err)?;
+        Ok(page
+            .items
+            .into_iter()
+            .filter(|(_, s)| s.value.pointer("/spec/user").and_then(Value::as_str) == Some(user))
+            .filter(|(_, s)| s.value.pointer("/metadata/deletionTimestamp").is_none())
+            .map(|(_, s)| Grant {
+                namespace: if s
+                    .value
+                    .pointer("/spec/clusterWide")
+                    .and_then(Value::as_bool)
+                    == Some(true)
+                {
+                    None
+                } else {
+                    s.value
+                        .pointer("/metadata/namespace")
+                        .and_then(Value::as_str)
+                        .map(String::from)
+                },
+                role: s
+                    .value
+                    .pointer("/spec/role")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+            })
+            .collect())
+    }
+}
+
+fn allows(role: &str, verb: &str, group: &str, resource: &str) -> bool {
+    let read = matches!(verb, "get" | "list" | "watch");
+    match role {
+        "admin" => true,
+        // Members run the project but do not set its quota or hand out roles.
+        "member" => {
+            read || !(group == "identity.stratus.dev"
+                && matches!(resource, "quotas" | "roleassignments"))
+        }
+        "reader" => read,
+        _ => false,
+    }
+}
+
+/// Cluster-scoped resources every authenticated user may read (the flavor catalogue).
+const PUBLIC_READ: [(&str, &str); 1] = [("compute.stratus.dev", "flavors")];
+
+/// Whether `grants` allow the request. Requests that name no resource (discovery, OpenAPI) are
+/// open to every authenticated user.
+pub fn authorize(
+    user: &str,
+    grants: &[Grant],
+    info: &RequestInfo,
+    namespaced: bool,
+) -> Result<(), ApiError> {
+    let Some(group) = info.group.as_deref() else {
+        return Ok(());
+    };
+    let cluster = |g: &Grant| g.namespace.is_none();
+    let ok = if !namespaced {
+        let read = matches!(info.verb.as_str(), "get" | "list" | "watch");
+        let self_user = group == "identity.stratus.dev"
+            && info.resource == "users"
+            && info.name == user
+            && info.verb == "get";
+        let own_namespace = info.resource == "namespaces"
+            && info.verb == "get"
+            && grants
+                .iter()
+                .any(|g| g.namespace.as_deref() == Some(info.name.as_str()));
+        self_user
+            || own_namespace
+            || (read && PUBLIC_READ.contains(&(group, info.resource.as_str())))
+            || grants.iter().filter(|g| cluster(g)).any(|g| {
+                allows(&g.role, &info.verb, group, &info.resource) && (read || g.role == "admin")
+            })
+    } else if info.namespace.is_empty() {
+        grants
+            .iter()
+            .filter(|g| cluster(g))
+            .any(|g| allows(&g.role, &info.verb, group, &info.resource))
+    } else {
+        grants
+            .iter()
+            .filter(|g| cluster(g) || g.namespace.as_deref() == Some(info.namespace.as_str()))
+            .any(|g| allows(&g.role, &info.verb, group, &info.resource))
+    };
+    if ok {
+        return Ok(());
+    }
+    let scope = if info.namespace.is_empty() {
+        "at the cluster scope".to_string()
+    } else {
+        format!("in the namespace \"{}\"", info.namespace)
+    };
+    Err(ApiError::forbidden(format!(
+        "{}{} is forbidden: User \"{user}\" cannot {} resource \"{}\" in API group \"{group}\" {scope}",
+        info.resource,
+        if group.is_empty() {
+            String::new()
+        } else {
+            format!(".{group}")
+        },
+        info.verb,
+        info.resource,
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(verb: &str, group: &str, resource: &str, ns: &str, name: &str) -> RequestInfo {
+        RequestInfo {
+            verb: verb.into(),
+            group: Some(group.into()),
+            version: "v1".into(),
+            resource: resource.into(),
+            subresource: String::new(),
+            namespace: ns.into(),
+            name: name.into(),
+        }
+    }
+
+    fn grant(ns: Option<&str>, role: &str) -> Grant {
+        Grant {
+            namespace: ns.map(String::from),
+            role: role.into(),
+        }
+    }
+
+    #[test]
+    fn members_work_in_their_project_only() {
+        let g = vec![grant(Some("a"), "member")];
+        assert!(
+            authorize(
+                "alice",
+                &g,
+                &info("create", "compute.stratus.dev", "servers", "a", ""),
+                true
+            )
+            .is_ok()
+        );
+        assert!(
+            authorize(
+                "alice",
+                &g,
+                &info("get", "compute.stratus.dev", "servers", "b", "x"),
+                true
+            )
+            .is_err()
+        );
+        assert!(
+            authorize(
+                "alice",
+                &g,
+                &info("list", "compute.stratus.dev", "servers", "", ""),
+                true
+            )
+            .is_err(),
+            "all-namespace list"
+        );
+        assert!(
+            authorize(
+                "alice",
+                &g,
+                &info("create", "identity.stratus.dev", "roleassignments", "a", ""),
+                true
+            )
+            .is_err()
+        );
+        assert!(
+            authorize(
+                "alice",
+                &g,
+                &info("list", "compute.stratus.dev", "flavors", "", ""),
+                false
+            )
+            .is_ok()
+        );
+        assert!(
+            authorize(
+                "alice",
+                &g,
+                &info("create", "compute.stratus.dev", "flavors", "", ""),
+                false
+            )
+            .is_err()
+        );
+        assert!(
+            authorize(
+                "alice",
+                &g,
+                &info("get", "identity.stratus.dev", "users", "", "alice"),
+                false
+            )
+            .is_ok()
+        );
+        assert!(
+            authorize(
+                "alice",
+                &g,
+                &info("get", "identity.stratus.dev", "users", "", "bob"),
+                false
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn readers_read_and_cluster_admins_do_everything() {
+        let r = vec![grant(Some("a"), "reader")];
+        assert!(
+            authorize(
+                "rita",
+                &r,
+                &info("watch", "network.stratus.dev", "networks", "a", ""),
+                true
+            )
+            .is_ok()
+        );
+        assert!(
+            authorize(
+                "rita",
+                &r,
+                &info("delete", "network.stratus.dev", "networks", "a", "n"),
+                true
+            )
+            .is_err()
+        );
+        let a = vec![grant(None, "admin")];
+        assert!(
+            authorize(
+                "root",
+                &a,
+                &info("create", "compute.stratus.dev", "flavors", "", ""),
+                false
+            )
+            .is_ok()
+        );
+        assert!(
+            authorize(
+                "root",
+                &a,
+                &info("list", "compute.stratus.dev", "servers", "", ""),
+                true
+            )
+            .is_ok()
+        );
+        let e = authorize(
+            "bob",
+            &[],
+            &info("get", "compute.stratus.dev", "servers", "a", "secret-name"),
+            true,
+        )
+        .expect_err("denied");
+        assert_eq!(e.code, 403);
+        assert!(
+            !e.message.contains("secret-name"),
+            "the answer names the object: {}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn tokens_verify_and_expire() {
+        let id = Signer {
+            key: hmac::Key::new(hmac::HMAC_SHA256, b"k"),
+        };
+        let (tok, claims) = id.issue("alice", 60);
+        assert_eq!(id.verify(&tok), Some(claims));
+        let (old, _) = id.issue("alice", -1);
+        assert_eq!(id.verify(&old), None);
+        let forged = tok.replace("st1.", "st1.x");
+        assert_eq!(id.verify(&forged), None);
+        let other = Signer {
+            key: hmac::Key::new(hmac::HMAC_SHA256, b"other"),
+        };
+        assert_eq!(other.verify(&tok), None);
+    }
+}

@@ -1,0 +1,275 @@
+//! Users, passwords and tokens; roles authorising every request; projects isolated.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use stratus_e2e::Cloud;
+
+/// Creates a user with a password and a role in a project (or cluster-wide).
+fn user(cloud: &Cloud, name: &str, role: &str, project: &str, cluster_wide: bool) -> Result<()> {
+    cloud.kubectl_in(&["apply", "-f", "-"], &format!("apiVersion: identity.stratus.dev/v1\nkind: User\nmetadata:\n  name: {name}\nspec:\n  enabled: true\n"))?;
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        &format!("apiVersion: identity.stratus.dev/v1\nkind: RoleAssignment\nmetadata:\n  name: {name}-{role}\n  namespace: {project}\nspec:\n  user: {name}\n  role: {role}\n  clusterWide: {cluster_wide}\n"),
+    )?;
+    let body = std::env::temp_dir().join(format!("pw-{name}-{}.json", std::process::id()));
+    std::fs::write(
+        &body,
+        json!({"password": format!("{name}-secret-pw")}).to_string(),
+    )?;
+    cloud.kubectl_ok(&[
+        "replace",
+        "--raw",
+        &format!("/apis/identity.stratus.dev/v1/users/{name}/password"),
+        "-f",
+        body.to_str().unwrap_or_default(),
+    ])?;
+    let _ = std::fs::remove_file(body);
+    Ok(())
+}
+
+/// Logs in as `name` with `password`; returns the token.
+fn login(cloud: &Cloud, anon: &Path, name: &str, password: &str, ttl: i64) -> Result<String> {
+    let body = std::env::temp_dir().join(format!("login-{name}-{}.json", std::process::id()));
+    std::fs::write(
+        &body,
+        json!({"user": name, "password": password, "expirationSeconds": ttl}).to_string(),
+    )?;
+    let out = cloud.kubectl_as(
+        anon,
+        &[
+            "create",
+            "--raw",
+            "/apis/identity.stratus.dev/v1/tokens",
+            "-f",
+            body.to_str().unwrap_or_default(),
+        ],
+    )?;
+    let _ = std::fs::remove_file(body);
+    if !out.status.success() {
+        bail!("login failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    v["token"]
+        .as_str()
+        .map(String::from)
+        .context("no token in the answer")
+}
+
+struct As<'a> {
+    cloud: &'a Cloud,
+    kc: PathBuf,
+}
+
+impl As<'_> {
+    fn ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.cloud.kubectl_as(&self.kc, args)?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {} refused: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn denied(&self, args: &[&str]) -> Result<String> {
+        let out = self.cloud.kubectl_as(&self.kc, args)?;
+        if out.status.success() {
+            bail!(
+                "kubectl {} was allowed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    fn create(&self, ns: &str, doc: &str) -> Result<std::process::Output> {
+        use std::io::Write;
+        let mut child = std::process::Command::new("kubectl")
+            .env("KUBECONFIG", &self.kc)
+            .env("HOME", self.cloud.dir.path())
+            .args(["-n", ns, "create", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(doc.as_bytes())?;
+        Ok(child.wait_with_output()?)
+    }
+}
+
+fn network(name: &str) -> String {
+    format!(
+        "apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: {name}\nspec: {{}}\n"
+    )
+}
+
+#[test]
+fn roles_isolate_projects_and_tokens_can_be_revoked() -> Result<()> {
+    let cloud = Cloud::up()?;
+    user(&cloud, "alice", "member", "a", false)?;
+    user(&cloud, "bob", "member", "b", false)?;
+    user(&cloud, "rita", "reader", "a", false)?;
+    cloud.kubectl_in(
+        &["-n", "b", "create", "-f", "-"],
+        &network("bobs-secret-net"),
+    )?;
+    let anon = cloud.kubeconfig_with("anonymous", None)?;
+
+    // Wrong password and unknown user: the same 401.
+    let wrong = login(&cloud, &anon, "alice", "not-her-password", 600).expect_err("wrong password");
+    let unknown = login(&cloud, &anon, "mallory", "whatever-pw", 600).expect_err("unknown user");
+    assert!(
+        wrong.to_string().contains("Unauthorized") && unknown.to_string().contains("Unauthorized"),
+        "{wrong} / {unknown}"
+    );
+    // No anonymous access to resources.
+    let out = cloud.kubectl_as(&anon, &["get", "flavors"])?;
+    assert!(!out.status.success());
+
+    let alice = As {
+        cloud: &cloud,
+        kc: cloud.kubeconfig_with(
+            "alice",
+            Some(&login(&cloud, &anon, "alice", "alice-secret-pw", 600)?),
+        )?,
+    };
+    let bob = As {
+        cloud: &cloud,
+        kc: cloud.kubeconfig_with(
+            "bob",
+            Some(&login(&cloud, &anon, "bob", "bob-secret-pw", 600)?),
+        )?,
+    };
+    let rita = As {
+        cloud: &cloud,
+        kc: cloud.kubeconfig_with(
+            "rita",
+            Some(&login(&cloud, &anon, "rita", "rita-secret-pw", 600)?),
+        )?,
+    };
+
+    // A member works in her project.
+    assert!(alice.create("a", &network("alices-net"))?.status.success());
+    alice.ok(&["-n", "a", "get", "networks", "alices-net"])?;
+    let watched = alice.ok(&[
+        "get",
+        "--raw",
+        "/apis/network.stratus.dev/v1/namespaces/a/networks?watch=true&timeoutSeconds=1",
+    ])?;
+    assert!(watched.contains("alices-net"), "{watched}");
+    alice.ok(&["get", "flavors"])?;
+    // ...and nowhere else: another project's objects are invisible, by get, list, watch or events.
+    for args in [
+        vec!["-n", "b", "get", "networks"],
+        vec!["-n", "b", "get", "network", "bobs-secret-net"],
+        vec!["-n", "b", "get", "events"],
+        vec!["get", "networks", "-A"],
+        vec![
+            "get",
+            "--raw",
+            "/apis/network.stratus.dev/v1/namespaces/b/networks?watch=true&timeoutSeconds=1",
+        ],
+    ] {
+        let err = alice.denied(&args)?;
+        assert!(
+            err.contains("Forbidden") || err.contains("forbidden"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !err.contains("bobs-secret-net"),
+            "{args:?} leaks a name: {err}"
+        );
+    }
+    assert!(!alice.create("b", &network("intruder"))?.status.success());
+    // Members do not set quotas, hand out roles, or change flavors.
+    assert!(!alice.create("a", "apiVersion: identity.stratus.dev/v1\nkind: Quota\nmetadata:\n  name: q\nspec:\n  limits: {}\n")?.status.success());
+    assert!(!alice.create("a", "apiVersion: identity.stratus.dev/v1\nkind: RoleAssignment\nmetadata:\n  name: up\nspec:\n  user: alice\n  role: admin\n")?.status.success());
+    alice.denied(&["delete", "flavor", "anything"])?;
+    // The others: bob cannot see a; rita reads a but cannot change it.
+    bob.denied(&["-n", "a", "get", "networks"])?;
+    rita.ok(&["-n", "a", "get", "networks", "alices-net"])?;
+    assert!(!rita.create("a", &network("ritas-net"))?.status.success());
+    rita.denied(&["-n", "a", "delete", "network", "alices-net"])?;
+
+    // Removing the role assignment takes effect on the next request.
+    cloud.kubectl_ok(&["-n", "a", "delete", "roleassignment", "rita-reader"])?;
+    rita.denied(&["-n", "a", "get", "networks"])?;
+    // Disabling a user stops her tokens at once; enabling restores them.
+    cloud.kubectl_ok(&[
+        "patch",
+        "user",
+        "bob",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"enabled":false}}"#,
+    ])?;
+    let err = bob.denied(&["-n", "b", "get", "networks"])?;
+    assert!(
+        err.contains("Unauthorized") || err.contains("provide credentials"),
+        "{err}"
+    );
+    cloud.kubectl_ok(&[
+        "patch",
+        "user",
+        "bob",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"enabled":true}}"#,
+    ])?;
+    bob.ok(&["-n", "b", "get", "networks"])?;
+    // Logout revokes the token; a new login works.
+    bob.ok(&[
+        "delete",
+        "--raw",
+        "/apis/identity.stratus.dev/v1/tokens/self",
+    ])?;
+    bob.denied(&["-n", "b", "get", "networks"])?;
+    // An expired token stops working.
+    let short = As {
+        cloud: &cloud,
+        kc: cloud.kubeconfig_with(
+            "short",
+            Some(&login(&cloud, &anon, "alice", "alice-secret-pw", 1)?),
+        )?,
+    };
+    std::thread::sleep(Duration::from_millis(2100));
+    short.denied(&["-n", "a", "get", "networks"])?;
+    // Passwords are never served.
+    let u = cloud.kubectl_ok(&["get", "user", "alice", "-o", "json"])?;
+    assert!(
+        !u.contains("argon2") && !u.contains("alice-secret-pw"),
+        "{u}"
+    );
+    // A user changes her own password, not someone else's.
+    let pw = std::env::temp_dir().join(format!("pw-change-{}.json", std::process::id()));
+    std::fs::write(&pw, json!({"password": "a-new-password"}).to_string())?;
+    alice.ok(&[
+        "replace",
+        "--raw",
+        "/apis/identity.stratus.dev/v1/users/alice/password",
+        "-f",
+        pw.to_str().unwrap_or_default(),
+    ])?;
+    alice.denied(&[
+        "replace",
+        "--raw",
+        "/apis/identity.stratus.dev/v1/users/bob/password",
+        "-f",
+        pw.to_str().unwrap_or_default(),
+    ])?;
+    let _ = std::fs::remove_file(pw);
+    login(&cloud, &anon, "alice", "a-new-password", 60)?;
+    Ok(())
+}
