@@ -31,17 +31,21 @@ fn group_doc(group: &str, versions: &[String]) -> Value {
 
 /// `/apis`.
 pub fn groups(reg: &Registry) -> Value {
-    let groups: Vec<Value> = reg
+    let mut groups: Vec<Value> = reg
         .groups()
         .into_iter()
         .filter(|(g, _)| !g.is_empty())
         .map(|(g, vs)| group_doc(&g, &vs))
         .collect();
+    groups.push(group_doc(AUTHZ_GROUP, &["v1".to_string()]));
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
 /// `/apis/{group}`.
 pub fn group(reg: &Registry, group: &str) -> Option<Value> {
+    if group == AUTHZ_GROUP {
+        return Some(group_doc(AUTHZ_GROUP, &["v1".to_string()]));
+    }
     reg.groups()
         .into_iter()
         .find(|(g, _)| g == group && !g.is_empty())
@@ -49,7 +53,18 @@ pub fn group(reg: &Registry, group: &str) -> Option<Value> {
 }
 
 /// `/apis/{group}/{version}` or `/api/v1`.
+/// The group of SelfSubjectAccessReview (`kubectl auth can-i`), served beside the kinds.
+pub const AUTHZ_GROUP: &str = "authorization.k8s.io";
+
+/// `/apis/{group}/{version}` or `/api/v1`.
 pub fn resources(reg: &Registry, group: &str, version: &str) -> Option<Value> {
+    if group == AUTHZ_GROUP && version == "v1" {
+        return Some(
+            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "authorization.k8s.io/v1", "resources": [
+                {"name": "selfsubjectaccessreviews", "singularName": "selfsubjectaccessreview", "namespaced": false, "kind": "SelfSubjectAccessReview", "verbs": ["create"]},
+            ]}),
+        );
+    }
     let types: Vec<&std::sync::Arc<ResourceType>> = reg
         .all()
         .iter()

@@ -9,6 +9,7 @@ pub mod fields;
 pub mod hub;
 pub mod identity;
 pub mod meta;
+pub mod protobuf;
 pub mod quota;
 pub mod registry;
 pub mod schema;

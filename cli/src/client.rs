@@ -787,3 +787,125 @@ pub async fn diff(c: &ClientArgs, a: DiffArgs) -> Result<bool> {
     }
     Ok(changed)
 }
+
+/// `stratus login`.
+#[derive(Debug, clap::Args)]
+pub struct LoginArgs {
+    /// The user to log in as.
+    #[arg(long)]
+    pub user: String,
+    /// The project the new context selects (its namespace).
+    #[arg(long)]
+    pub project: Option<String>,
+    /// How long the token lasts, in seconds (at most a day).
+    #[arg(long, default_value_t = 3600)]
+    pub expiration_seconds: i64,
+    /// Read the password from this environment variable instead of standard input.
+    #[arg(long, default_value = "STRATUS_PASSWORD")]
+    pub password_env: String,
+}
+
+fn set_named(list: &mut Value, name: &str, entry: Value) {
+    let Some(items) = list.as_array_mut() else {
+        return;
+    };
+    items.retain(|i| i["name"] != name);
+    items.push(entry);
+}
+
+/// `stratus login`: trades a user name and password for a token and adds a kubeconfig
+/// context using it (kubectl then works as that user with no other change).
+pub async fn login(c: &ClientArgs, a: LoginArgs) -> Result<()> {
+    let path = match &c.kubeconfig {
+        Some(p) => p.clone(),
+        None => std::env::var_os("KUBECONFIG")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".kube/config")))
+            .context("no kubeconfig: set KUBECONFIG or pass --kubeconfig")?,
+    };
+    let kc = kube::config::Kubeconfig::read_from(&path)
+        .with_context(|| format!("read {}", path.display()))?;
+    let password = match std::env::var(&a.password_env) {
+        Ok(p) => p,
+        Err(_) => {
+            eprint!("Password for {}: ", a.user);
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("read the password")?;
+            line.trim_end_matches(['\r', '\n']).to_string()
+        }
+    };
+    // Log in without the kubeconfig's own credentials.
+    let mut config = kube::Config::from_custom_kubeconfig(kc.clone(), &Default::default())
+        .await
+        .context("load kubeconfig")?;
+    config.auth_info = Default::default();
+    let client = kube::Client::try_from(config).context("build the API client")?;
+    let body = serde_json::to_vec(
+        &json!({"user": a.user, "password": password, "expirationSeconds": a.expiration_seconds}),
+    )?;
+    let answer: Value = client
+        .request(request(
+            "POST",
+            "/apis/identity.stratus.dev/v1/tokens",
+            "application/json",
+            body,
+        )?)
+        .await
+        .map_err(|e| match e {
+            kube::Error::Api(s) if s.code == 401 => {
+                anyhow::anyhow!("login failed: wrong user name or password")
+            }
+            e => anyhow::Error::new(e).context("log in"),
+        })?;
+    let token = answer["token"]
+        .as_str()
+        .context("the server answered no token")?;
+
+    let mut v = serde_json::to_value(&kc)?;
+    let current = kc.current_context.clone().unwrap_or_default();
+    let cluster = kc
+        .contexts
+        .iter()
+        .find(|x| x.name == current)
+        .and_then(|x| x.context.as_ref())
+        .map(|x| x.cluster.clone())
+        .or_else(|| kc.clusters.first().map(|x| x.name.clone()))
+        .context("the kubeconfig names no cluster")?;
+    let name = format!("{}@{cluster}", a.user);
+    set_named(
+        &mut v["users"],
+        &name,
+        json!({"name": name, "user": {"token": token}}),
+    );
+    let mut ctx = json!({"cluster": cluster, "user": name});
+    if let Some(p) = &a.project {
+        ctx["namespace"] = json!(p);
+    }
+    set_named(
+        &mut v["contexts"],
+        &name,
+        json!({"name": name, "context": ctx}),
+    );
+    v["current-context"] = json!(name);
+    let yaml = serde_saphyr::to_string(&v)?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        f.write_all(yaml.as_bytes())?;
+    }
+    println!(
+        "Logged in as {} (token valid until {}); context \"{name}\" is now current in {}",
+        a.user,
+        answer["expiresAt"].as_str().unwrap_or("?"),
+        path.display()
+    );
+    Ok(())
+}

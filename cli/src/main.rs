@@ -68,6 +68,13 @@ enum Command {
         #[command(flatten)]
         args: client::WaitArgs,
     },
+    /// Log in with a user name and password; adds and selects a kubeconfig context.
+    Login {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(flatten)]
+        args: client::LoginArgs,
+    },
     /// Show what applying files would change (exit 1 when something would).
     Diff {
         #[command(flatten)]
@@ -155,6 +162,7 @@ async fn main() -> Result<()> {
         Command::Describe { client, args } => client::describe(&client, args).await,
         Command::Delete { client, args } => client::delete(&client, args).await,
         Command::Wait { client, args } => client::wait(&client, args).await,
+        Command::Login { client, args } => client::login(&client, args).await,
         Command::Diff { client, args } => {
             if client::diff(&client, args).await? {
                 std::process::exit(1);

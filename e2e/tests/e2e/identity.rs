@@ -195,6 +195,22 @@ fn roles_isolate_projects_and_tokens_can_be_revoked() -> Result<()> {
     assert!(!alice.create("a", "apiVersion: identity.stratus.dev/v1\nkind: Quota\nmetadata:\n  name: q\nspec:\n  limits: {}\n")?.status.success());
     assert!(!alice.create("a", "apiVersion: identity.stratus.dev/v1\nkind: RoleAssignment\nmetadata:\n  name: up\nspec:\n  user: alice\n  role: admin\n")?.status.success());
     alice.denied(&["delete", "flavor", "anything"])?;
+    // kubectl auth can-i asks the server (SelfSubjectAccessReview).
+    assert_eq!(
+        alice
+            .ok(&["auth", "can-i", "create", "networks", "-n", "a"])?
+            .trim(),
+        "yes"
+    );
+    // (kubectl prints "no - <the reason>".)
+    let out = cloud.kubectl_as(
+        &alice.kc,
+        &["auth", "can-i", "create", "networks", "-n", "b"],
+    )?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("no"));
+    let out = cloud.kubectl_as(&alice.kc, &["auth", "can-i", "create", "flavors"])?;
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("no"));
     // The others: bob cannot see a; rita reads a but cannot change it.
     bob.denied(&["-n", "a", "get", "networks"])?;
     rita.ok(&["-n", "a", "get", "networks", "alices-net"])?;
@@ -271,5 +287,35 @@ fn roles_isolate_projects_and_tokens_can_be_revoked() -> Result<()> {
     ])?;
     let _ = std::fs::remove_file(pw);
     login(&cloud, &anon, "alice", "a-new-password", 60)?;
+    // `stratus login` adds a context kubectl uses as is.
+    let kc = cloud.dir.path().join("kubeconfig-login");
+    std::fs::copy(cloud.kubeconfig(), &kc)?;
+    let out = std::process::Command::new(stratus_e2e::stratus_bin())
+        .args(["login", "--user", "alice", "--project", "a", "--kubeconfig"])
+        .arg(&kc)
+        .env("STRATUS_PASSWORD", "a-new-password")
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let logged = As { cloud: &cloud, kc };
+    assert!(
+        logged
+            .ok(&["get", "networks", "-o", "name"])?
+            .contains("alices-net"),
+        "the context's project is not a"
+    );
+    logged.denied(&["-n", "b", "get", "networks"])?;
+    let bad = std::process::Command::new(stratus_e2e::stratus_bin())
+        .args(["login", "--user", "alice", "--kubeconfig"])
+        .arg(cloud.dir.path().join("kubeconfig-login"))
+        .env("STRATUS_PASSWORD", "wrong-password")
+        .output()?;
+    assert!(
+        !bad.status.success()
+            && String::from_utf8_lossy(&bad.stderr).contains("wrong user name or password")
+    );
     Ok(())
 }
