@@ -14,6 +14,8 @@ use futures::TryStreamExt;
 use serde_json::{Value, json};
 use stratus_e2e::Etcd;
 
+mod auth;
+
 // The same allocator as the stratus binary.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -44,6 +46,15 @@ enum What {
         /// Writes observed by every watcher.
         #[arg(long, default_value_t = 200)]
         events: usize,
+    },
+    /// What authentication and authorisation cost per request.
+    Auth {
+        /// GETs per measurement.
+        #[arg(long, default_value_t = 3000)]
+        requests: usize,
+        /// Concurrency levels.
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        concurrency: Vec<usize>,
     },
 }
 
@@ -153,6 +164,10 @@ where
 }
 
 struct Stack {
+    ca: std::path::PathBuf,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    addr: std::net::SocketAddr,
     etcd: Etcd,
     _server: stratus_apiserver::Server,
     client: kube::Client,
@@ -241,6 +256,10 @@ async fn stack() -> Result<Stack> {
     )?;
     let h2 = H2::new(format!("https://{}", server.local_addr), &pki.ca_cert)?;
     Ok(Stack {
+        ca: pki.ca_cert.clone(),
+        cert: pki.server_cert.clone(),
+        key: pki.server_key.clone(),
+        addr: server.local_addr,
         etcd,
         _server: server,
         client,
@@ -562,5 +581,9 @@ async fn main() -> Result<()> {
             concurrency,
         } => bench_api(objects, &concurrency).await,
         What::Watch { watchers, events } => bench_watch(watchers, events).await,
+        What::Auth {
+            requests,
+            concurrency,
+        } => auth::bench(requests, &concurrency).await,
     }
 }
