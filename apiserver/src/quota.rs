@@ -28,101 +28,10 @@ impl Api {
         key: &str,
         obj: &Value,
     ) -> ApiResult<Write> {
-        let rt = &t.rt;
-        let quota_rt = self
-            .registry
-            .by_kind("identity.stratus.dev", "Quota")
-            .ok_or_else(|| ApiError::internal("the Quota kind is not served"))?;
-        let quota_prefix = quota_rt.key_prefix(&self.prefix, Some(ns));
-        let kind_prefix = rt.key_prefix(&self.prefix, Some(ns));
-        for _ in 0..RETRIES {
-            let quotas = self
-                .store
-                .list(&quota_prefix, None, 0, 0)
-                .await
-                .map_err(store_err)?;
-            let limited: Vec<&(String, Stored)> = quotas
-                .items
-                .iter()
-                .filter(|(_, q)| {
-                    q.value
-                        .pointer("/spec/limits")
-                        .and_then(Value::as_object)
-                        .is_some_and(|m| !m.is_empty())
-                })
-                .collect();
-            if limited.is_empty() {
-                return self.store.create(key, obj).await.map_err(store_err);
-            }
-            let at = quotas.revision;
-            let existing = self
-                .store
-                .list(&kind_prefix, None, at, 0)
-                .await
-                .map_err(store_err)?;
-            let flavors = self.flavors(obj, &existing.items, at).await?;
-            let flavor = |name: &str| flavors.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
-            let wanted = usage(&rt.group, &rt.kind, obj, &flavor);
-            for (field, amount) in &wanted {
-                if *amount == 0 {
-                    continue;
-                }
-                let used: u64 = existing
-                    .items
-                    .iter()
-                    .flat_map(|(_, s)| usage(&rt.group, &rt.kind, &s.value, &flavor))
-                    .filter(|(f, _)| f == field)
-                    .map(|(_, a)| a)
-                    .sum();
-                for (_, q) in &limited {
-                    let Some(limit) = q
-                        .value
-                        .pointer(&format!("/spec/limits/{field}"))
-                        .and_then(Value::as_u64)
-                    else {
-                        continue;
-                    };
-                    if used + amount > limit {
-                        let name = q
-                            .value
-                            .pointer("/metadata/name")
-                            .and_then(Value::as_str)
-                            .unwrap_or_default();
-                        return Err(ApiError::forbidden(format!(
-                            "{}.{} \"{}\" is forbidden: exceeded quota: {name}, requested: {field}={amount}, used: {field}={used}, limited: {field}={limit}",
-                            rt.plural,
-                            rt.group,
-                            obj.pointer("/metadata/name")
-                                .and_then(Value::as_str)
-                                .unwrap_or_default(),
-                        )));
-                    }
-                }
-            }
-            match self
-                .store
-                .create_guarded(key, obj, &[(&kind_prefix, at), (&quota_prefix, at)])
-                .await
-                .map_err(store_err)?
-            {
-                Write::Done(rev) => return Ok(Write::Done(rev)),
-                // The key exists: a plain conflict, no retry can help.
-                Write::Conflict(rev) if rev > 0 => return Ok(Write::Conflict(rev)),
-                // Something counted changed since `at`: count again.
-                Write::Conflict(_) => continue,
-            }
-        }
-        Err(ApiError::conflict(
-            &rt.group,
-            &rt.plural,
-            obj.pointer("/metadata/name")
-                .and_then(Value::as_str)
-                .unwrap_or_default(),
-            "too many concurrent changes to the project's quota-counted objects; retry",
-        ))
+        self.write_within_quota(t, ns, key, None, obj).await
     }
 
-    /// Updates `key` from `old` to `new` (revision `expected`) if the project's Quotas allow
+    /// Updates `key` from `old` (at revision `expected`) to `new` if the project's Quotas allow
     /// what the change adds (a resize to a larger flavor, a grown volume), atomically.
     pub(crate) async fn update_within_quota(
         &self,
@@ -133,19 +42,50 @@ impl Api {
         new: &Value,
         expected: i64,
     ) -> ApiResult<Write> {
+        self.write_within_quota(t, ns, key, Some((old, expected)), new)
+            .await
+    }
+
+    async fn write_within_quota(
+        &self,
+        t: &Target,
+        ns: &str,
+        key: &str,
+        old: Option<(&Value, i64)>,
+        new: &Value,
+    ) -> ApiResult<Write> {
         let rt = &t.rt;
+        let name = new
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let quota_rt = self
             .registry
             .by_kind("identity.stratus.dev", "Quota")
             .ok_or_else(|| ApiError::internal("the Quota kind is not served"))?;
         let quota_prefix = quota_rt.key_prefix(&self.prefix, Some(ns));
         let kind_prefix = rt.key_prefix(&self.prefix, Some(ns));
+        let expected = old.map(|(_, rev)| rev);
         for _ in 0..RETRIES {
             let quotas = self
                 .store
                 .list(&quota_prefix, None, 0, 0)
                 .await
                 .map_err(store_err)?;
+            let limited = quotas.items.iter().any(|(_, q)| {
+                q.value
+                    .pointer("/spec/limits")
+                    .and_then(Value::as_object)
+                    .is_some_and(|m| !m.is_empty())
+            });
+            if !limited {
+                // No limit in the project: nothing to count (and no list of its objects).
+                return match expected {
+                    Some(rev) => self.store.update(key, new, rev).await,
+                    None => self.store.create(key, new).await,
+                }
+                .map_err(store_err);
+            }
             let at = quotas.revision;
             let existing = self
                 .store
@@ -153,27 +93,20 @@ impl Api {
                 .await
                 .map_err(store_err)?;
             let mut flavors = self.flavors(new, &existing.items, at).await?;
-            flavors.extend(self.flavors(old, &[], at).await?);
-            let flavor = |name: &str| flavors.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
-            let before = usage(&rt.group, &rt.kind, old, &flavor);
+            if let Some((o, _)) = old {
+                flavors.extend(self.flavors(o, &[], at).await?);
+            }
+            let flavor = |n: &str| flavors.iter().find(|(f, _)| f == n).map(|(_, v)| *v);
+            let before = old
+                .map(|(o, _)| usage(&rt.group, &rt.kind, o, &flavor))
+                .unwrap_or_default();
+            // Only what the write adds is checked: a shrink or an unchanged size always passes.
             let grows: Vec<(&str, u64)> = usage(&rt.group, &rt.kind, new, &flavor)
                 .into_iter()
-                .filter(|(f, a)| {
-                    before
-                        .iter()
-                        .find(|(g, _)| g == f)
-                        .is_none_or(|(_, b)| a > b)
-                })
+                .filter(|(f, a)| *a > before.iter().find(|(g, _)| g == f).map_or(0, |(_, b)| *b))
                 .collect();
-            if grows.is_empty() {
-                return self
-                    .store
-                    .update(key, new, expected)
-                    .await
-                    .map_err(store_err);
-            }
             for (field, amount) in &grows {
-                let others: u64 = existing
+                let used: u64 = existing
                     .items
                     .iter()
                     .filter(|(k, _)| k != key)
@@ -189,26 +122,22 @@ impl Api {
                     else {
                         continue;
                     };
-                    if others + amount > limit {
-                        let qname = q
+                    if used + amount > limit {
+                        let quota = q
                             .value
                             .pointer("/metadata/name")
                             .and_then(Value::as_str)
                             .unwrap_or_default();
                         return Err(ApiError::forbidden(format!(
-                            "{}.{} \"{}\" is forbidden: exceeded quota: {qname}, requested: {field}={amount}, used by others: {field}={others}, limited: {field}={limit}",
-                            rt.plural,
-                            rt.group,
-                            new.pointer("/metadata/name")
-                                .and_then(Value::as_str)
-                                .unwrap_or_default(),
+                            "{}.{} \"{name}\" is forbidden: exceeded quota: {quota}, requested: {field}={amount}, used: {field}={used}, limited: {field}={limit}",
+                            rt.plural, rt.group,
                         )));
                     }
                 }
             }
             match self
                 .store
-                .update_guarded(
+                .write_guarded(
                     key,
                     new,
                     expected,
@@ -217,16 +146,18 @@ impl Api {
                 .await
                 .map_err(store_err)?
             {
-                Write::Conflict(rev) if rev == expected => continue,
-                other => return Ok(other),
+                Write::Done(rev) => return Ok(Write::Done(rev)),
+                // Only a guard failed (the key is as expected): something counted changed since
+                // `at`, so count again.
+                Write::Conflict(rev) if rev == expected.unwrap_or(0) => continue,
+                // The key itself changed (or exists, on create): no retry can help.
+                conflict => return Ok(conflict),
             }
         }
         Err(ApiError::conflict(
             &rt.group,
             &rt.plural,
-            new.pointer("/metadata/name")
-                .and_then(Value::as_str)
-                .unwrap_or_default(),
+            name,
             "too many concurrent changes to the project's quota-counted objects; retry",
         ))
     }

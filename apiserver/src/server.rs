@@ -181,6 +181,15 @@ async fn issue_token(state: &AppState, bytes: &[u8]) -> ApiResult<Response> {
     ))
 }
 
+/// A `Status` of success, for calls that return no object.
+fn success() -> Response {
+    json_response(
+        StatusCode::OK,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+        &[],
+    )
+}
+
 /// Identity endpoints beside the resources: logout and password changes.
 async fn identity_call(
     state: &AppState,
@@ -190,51 +199,111 @@ async fn identity_call(
     caller: &Caller,
 ) -> Option<ApiResult<Response>> {
     match (method, segs) {
-        (&Method::DELETE, ["apis", "identity.stratus.dev", "v1", "tokens", "self"]) => Some(async {
-            let claims = caller.claims.as_ref().ok_or_else(|| ApiError::bad_request("only an issued token can be revoked"))?;
-            state.identity.revoke(claims).await?;
-            Ok(json_response(StatusCode::OK, &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}), &[]))
-        }.await),
-        (&Method::POST, ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"]) => Some(async {
-            let mut review = if crate::protobuf::is_protobuf(bytes) {
-                crate::protobuf::self_subject_access_review(bytes)
-                    .ok_or_else(|| ApiError::bad_request("the protobuf body is not a SelfSubjectAccessReview"))?
-            } else {
-                crate::body::decode(bytes, false)?.value
-            };
-            let (allowed, reason) = match review.pointer("/spec/resourceAttributes") {
-                Some(ra) if !caller.system => {
-                    let field = |k: &str| ra.get(k).and_then(serde_json::Value::as_str).unwrap_or_default().to_string();
-                    let info = crate::audit::RequestInfo {
-                        verb: field("verb"),
-                        group: Some(field("group")),
-                        version: if field("version").is_empty() { "v1".into() } else { field("version") },
-                        resource: field("resource"),
-                        subresource: field("subresource"),
-                        namespace: field("namespace"),
-                        name: field("name"),
-                    };
-                    let namespaced = state.api.registry.all().iter().any(|t| t.group == field("group") && t.plural == info.resource && t.namespaced);
-                    match crate::identity::authorize(&caller.user, &caller.grants, &info, namespaced) {
-                        Ok(()) => (true, "allowed by a role assignment".to_string()),
-                        Err(e) => (false, e.message),
-                    }
-                }
-                // Non-resource paths are open to every authenticated user; system identities may do anything.
-                _ => (true, if caller.system { "system identity".into() } else { "non-resource request".into() }),
-            };
-            review["status"] = json!({"allowed": allowed, "reason": reason});
-            Ok(json_response(StatusCode::CREATED, &review, &[]))
-        }.await),
-        (&Method::PUT, ["apis", "identity.stratus.dev", "v1", "users", name, "password"]) => Some(async {
-            if !(caller.cluster_admin() || caller.user == *name) {
-                return Err(ApiError::forbidden(format!("User \"{}\" cannot set the password of another user", caller.user)));
+        (&Method::DELETE, ["apis", "identity.stratus.dev", "v1", "tokens", "self"]) => Some(
+            async {
+                let claims = caller
+                    .claims
+                    .as_ref()
+                    .ok_or_else(|| ApiError::bad_request("only an issued token can be revoked"))?;
+                state.identity.revoke(claims).await?;
+                Ok(success())
             }
-            let body = crate::body::decode(bytes, false)?.value;
-            let password = body.get("password").and_then(serde_json::Value::as_str).ok_or_else(|| ApiError::bad_request("password: required"))?;
-            state.identity.set_password(name, password).await?;
-            Ok(json_response(StatusCode::OK, &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}), &[]))
-        }.await),
+            .await,
+        ),
+        (
+            &Method::POST,
+            [
+                "apis",
+                "authorization.k8s.io",
+                "v1",
+                "selfsubjectaccessreviews",
+            ],
+        ) => Some(
+            async {
+                let mut review = if crate::protobuf::is_protobuf(bytes) {
+                    crate::protobuf::self_subject_access_review(bytes).ok_or_else(|| {
+                        ApiError::bad_request("the protobuf body is not a SelfSubjectAccessReview")
+                    })?
+                } else {
+                    crate::body::decode(bytes, false)?.value
+                };
+                let (allowed, reason) = match review.pointer("/spec/resourceAttributes") {
+                    Some(ra) if !caller.system => {
+                        let field = |k: &str| {
+                            ra.get(k)
+                                .and_then(serde_json::Value::as_str)
+                                .unwrap_or_default()
+                                .to_string()
+                        };
+                        let info = crate::audit::RequestInfo {
+                            verb: field("verb"),
+                            group: Some(field("group")),
+                            version: if field("version").is_empty() {
+                                "v1".into()
+                            } else {
+                                field("version")
+                            },
+                            resource: field("resource"),
+                            subresource: field("subresource"),
+                            namespace: field("namespace"),
+                            name: field("name"),
+                        };
+                        let namespaced = state.api.registry.all().iter().any(|t| {
+                            t.group == field("group") && t.plural == info.resource && t.namespaced
+                        });
+                        match crate::identity::authorize(
+                            &caller.user,
+                            &caller.grants,
+                            &info,
+                            namespaced,
+                        ) {
+                            Ok(()) => (true, "allowed by a role assignment".to_string()),
+                            Err(e) => (false, e.message),
+                        }
+                    }
+                    // Non-resource paths are open to every authenticated user; system identities may do anything.
+                    _ => (
+                        true,
+                        if caller.system {
+                            "system identity".into()
+                        } else {
+                            "non-resource request".into()
+                        },
+                    ),
+                };
+                review["status"] = json!({"allowed": allowed, "reason": reason});
+                Ok(json_response(StatusCode::CREATED, &review, &[]))
+            }
+            .await,
+        ),
+        (
+            &Method::PUT,
+            [
+                "apis",
+                "identity.stratus.dev",
+                "v1",
+                "users",
+                name,
+                "password",
+            ],
+        ) => Some(
+            async {
+                if !(caller.cluster_admin() || caller.user == *name) {
+                    return Err(ApiError::forbidden(format!(
+                        "User \"{}\" cannot set the password of another user",
+                        caller.user
+                    )));
+                }
+                let body = crate::body::decode(bytes, false)?.value;
+                let password = body
+                    .get("password")
+                    .and_then(serde_json::Value::as_str)
+                    .ok_or_else(|| ApiError::bad_request("password: required"))?;
+                state.identity.set_password(name, password).await?;
+                Ok(success())
+            }
+            .await,
+        ),
         _ => None,
     }
 }

@@ -154,40 +154,21 @@ impl Store {
         self.run(key, txn).await
     }
 
-    /// Creates `key` if it is absent and no key under any of the `guards` prefixes changed
-    /// after the guard's revision. `Conflict(0)` means a guard failed, `Conflict(rev)` that the
-    /// key exists.
-    pub async fn create_guarded(
+    /// Writes `key` if its revision is still `expected` (None: if it is absent) and no key
+    /// under any of the `guards` prefixes changed after the guard's revision. `Conflict(rev)`
+    /// carries the key's current revision (0: absent), so a caller can tell a failed guard
+    /// (`rev` is what it expected) from a changed key.
+    pub async fn write_guarded(
         &self,
         key: &str,
         value: &Value,
+        expected: Option<i64>,
         guards: &[(&str, i64)],
     ) -> Result<Write, StoreError> {
-        let mut compares = vec![Compare::create_revision(key, CompareOp::Equal, 0)];
-        for (prefix, at) in guards {
-            compares.push(
-                Compare::mod_revision(*prefix, CompareOp::Less, at + 1)
-                    .with_range(prefix_end(prefix)),
-            );
-        }
-        let txn = Txn::new()
-            .when(compares)
-            .and_then([TxnOp::put(key, value.to_string(), None)])
-            .or_else([TxnOp::get(key, None)]);
-        self.run(key, txn).await
-    }
-
-    /// Replaces `key` if its revision is still `expected` and no key under any of the `guards`
-    /// prefixes changed after the guard's revision. `Conflict(rev)` carries the key's current
-    /// revision: `expected` when only a guard failed.
-    pub async fn update_guarded(
-        &self,
-        key: &str,
-        value: &Value,
-        expected: i64,
-        guards: &[(&str, i64)],
-    ) -> Result<Write, StoreError> {
-        let mut compares = vec![Compare::mod_revision(key, CompareOp::Equal, expected)];
+        let mut compares = vec![match expected {
+            Some(rev) => Compare::mod_revision(key, CompareOp::Equal, rev),
+            None => Compare::create_revision(key, CompareOp::Equal, 0),
+        }];
         for (prefix, at) in guards {
             compares.push(
                 Compare::mod_revision(*prefix, CompareOp::Less, at + 1)
