@@ -211,6 +211,43 @@ fn roles_isolate_projects_and_tokens_can_be_revoked() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("no"));
     let out = cloud.kubectl_as(&alice.kc, &["auth", "can-i", "create", "flavors"])?;
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("no"));
+    // Every namespaced kind, every verb: nothing in project b for alice; reads in a.
+    let kinds = cloud.kubectl_ok(&["api-resources", "--namespaced=true", "-o", "name"])?;
+    let kinds: Vec<&str> = kinds
+        .lines()
+        .filter(|k| k.contains(".stratus.dev"))
+        .collect();
+    assert!(kinds.len() >= 14, "{kinds:?}");
+    let body = std::env::temp_dir().join(format!("matrix-{}.json", std::process::id()));
+    std::fs::write(&body, "{}")?;
+    let body = body.to_str().unwrap_or_default().to_string();
+    for kind in &kinds {
+        let (plural, group) = kind.split_once('.').context("kind.group")?;
+        let coll = |ns: &str| format!("/apis/{group}/v1/namespaces/{ns}/{plural}");
+        alice.ok(&["get", "--raw", &coll("a")])?;
+        let (b, one) = (coll("b"), format!("{}/x", coll("b")));
+        let watch = format!("{b}?watch=true&timeoutSeconds=1");
+        for args in [
+            vec!["get", "--raw", b.as_str()],
+            vec!["get", "--raw", one.as_str()],
+            vec!["get", "--raw", watch.as_str()],
+            vec!["create", "--raw", b.as_str(), "-f", body.as_str()],
+            vec!["replace", "--raw", one.as_str(), "-f", body.as_str()],
+            vec!["delete", "--raw", one.as_str()],
+            vec!["delete", "--raw", b.as_str()],
+        ] {
+            let err = alice.denied(&args)?;
+            assert!(err.contains("orbidden"), "{args:?}: {err}");
+        }
+        let out = cloud.kubectl_as(
+            &alice.kc,
+            &["-n", "b", "patch", kind, "x", "--type", "merge", "-p", "{}"],
+        )?;
+        assert!(
+            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("orbidden"),
+            "patch {kind}"
+        );
+    }
     // The others: bob cannot see a; rita reads a but cannot change it.
     bob.denied(&["-n", "a", "get", "networks"])?;
     rita.ok(&["-n", "a", "get", "networks", "alices-net"])?;
