@@ -992,7 +992,21 @@ impl Api {
                 })?,
                 Kind::Json(ops) => {
                     let mut doc = base.clone();
-                    json_patch::patch(&mut doc, ops).map_err(|e| {
+                    // As in Kubernetes, `test` of an absent field against null passes (kube-rs'
+                    // finalizer helper relies on it).
+                    let ops = json_patch::Patch(
+                        ops.0
+                            .iter()
+                            .filter(|op| match op {
+                                json_patch::PatchOperation::Test(t) => {
+                                    !(t.value.is_null() && doc.pointer(t.path.as_str()).is_none())
+                                }
+                                _ => true,
+                            })
+                            .cloned()
+                            .collect(),
+                    );
+                    json_patch::patch(&mut doc, &ops).map_err(|e| {
                         ApiError::invalid(
                             &t.rt.kind,
                             &t.rt.group,

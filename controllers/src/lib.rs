@@ -2,6 +2,7 @@
 //! by whichever `stratus controllers` instance holds the leader Lease.
 
 pub mod gc;
+pub mod project;
 pub mod quota;
 
 use std::time::Duration;
@@ -109,6 +110,7 @@ pub async fn run(client: kube::Client, election: Election) -> Result<(), Error> 
 async fn every_controller(client: kube::Client) -> Result<(), gc::GcError> {
     tokio::select! {
         r = gc::run(client.clone()) => r,
-        () = quota::run(client) => Ok(()),
+        () = quota::run(client.clone()) => Ok(()),
+        () = project::run(client) => Ok(()),
     }
 }

@@ -153,3 +153,70 @@ fn owner_deletion_cascades_background_foreground_and_orphan() -> Result<()> {
     cloud.kubectl_ok(&["-n", "demo", "get", "keypair", "or-child"])?;
     Ok(())
 }
+
+#[test]
+fn deleting_a_project_deletes_its_objects_first() -> Result<()> {
+    let cloud = Cloud::up()?;
+    let t = Duration::from_secs(30);
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: identity.stratus.dev/v1\nkind: Project\nmetadata:\n  name: gone\nspec: {}\n",
+    )?;
+    wait_until(t, "the project's cleanup finalizer", || {
+        cloud
+            .kubectl_ok(&[
+                "get",
+                "project",
+                "gone",
+                "-o",
+                "jsonpath={.metadata.finalizers}",
+            ])
+            .ok()
+            .filter(|f| f.contains("project-cleanup"))
+    })?;
+    cloud.kubectl_in(
+        &["-n", "gone", "create", "-f", "-"],
+        "apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: n1\nspec: {}\n",
+    )?;
+    // An object whose own finalizer (an agent's host cleanup) holds it.
+    cloud.kubectl_in(
+        &["-n", "gone", "create", "-f", "-"],
+        "apiVersion: compute.stratus.dev/v1\nkind: Keypair\nmetadata:\n  name: k1\n  finalizers: [stratus.dev/hold]\nspec:\n  publicKey: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGJ1c3RlZC10ZXN0LWtleS1mb3ItcGFnaW5n p\n",
+    )?;
+    cloud.kubectl_ok(&["delete", "project", "gone", "--wait=false"])?;
+    wait_until(t, "the network to go", || {
+        gone(&cloud, &["-n", "gone", "get", "network", "n1"]).then_some(())
+    })?;
+    wait_until(t, "the keypair to be marked", || {
+        cloud
+            .kubectl_ok(&[
+                "-n",
+                "gone",
+                "get",
+                "keypair",
+                "k1",
+                "-o",
+                "jsonpath={.metadata.deletionTimestamp}",
+            ])
+            .ok()
+            .filter(|s| !s.is_empty())
+    })?;
+    std::thread::sleep(Duration::from_secs(1));
+    let phase = cloud.kubectl_ok(&["get", "project", "gone", "-o", "jsonpath={.status.phase}"])?;
+    assert_eq!(phase, "Terminating", "the project went before its objects");
+    cloud.kubectl_ok(&[
+        "-n",
+        "gone",
+        "patch",
+        "keypair",
+        "k1",
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+    ])?;
+    wait_until(t, "the project to go", || {
+        gone(&cloud, &["get", "project", "gone"]).then_some(())
+    })?;
+    Ok(())
+}
