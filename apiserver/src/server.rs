@@ -406,7 +406,13 @@ async fn route(
     if let Some(r) = identity_call(state, method, &segs, bytes, caller).await {
         return r;
     }
-    if !caller.system {
+    if let Some(node) = caller
+        .user
+        .strip_prefix("system:node:")
+        .filter(|_| caller.system)
+    {
+        restrict_node(state, method, path, params, bytes, node).await?;
+    } else if !caller.system {
         authorize(state, method, path, params, bytes, caller)?;
     }
     let ok = |v: serde_json::Value| Ok(json_response(StatusCode::OK, &v, &[]));
@@ -562,6 +568,107 @@ async fn route(
             .await
         }
     }
+}
+
+/// What a node agent's identity (`system:node:NAME` in the token file) may do: read, record
+/// events and heartbeats, write its own Hypervisor and StoragePools, and write the status of
+/// objects placed on its node — nothing else, so a compromised node cannot touch another's.
+async fn restrict_node(
+    state: &AppState,
+    method: &Method,
+    path: &str,
+    params: &Params,
+    bytes: &[u8],
+    node: &str,
+) -> ApiResult<()> {
+    let info = crate::audit::RequestInfo::parse(method.as_str(), path, params.flag("watch"));
+    let Some(group) = info.group.as_deref() else {
+        return Ok(());
+    };
+    if matches!(info.verb.as_str(), "get" | "list" | "watch") {
+        return Ok(());
+    }
+    let body = crate::body::decode(bytes, false)
+        .map(|d| d.value)
+        .unwrap_or(serde_json::Value::Null);
+    let deny = || {
+        ApiError::forbidden(format!(
+            "node \"{node}\" cannot {} {} \"{}\": a node writes only its own objects and the status of what is placed on it",
+            info.verb, info.resource, info.name
+        ))
+    };
+    // A body (object, merge patch or JSON patch) leaves `pointer` absent or naming this node.
+    let ours = |v: &serde_json::Value, pointer: &str| match v.as_array() {
+        Some(ops) => ops.iter().all(|op| {
+            op.get("path").and_then(serde_json::Value::as_str) != Some(pointer)
+                || op.get("value").and_then(serde_json::Value::as_str) == Some(node)
+        }),
+        None => v.pointer(pointer).is_none_or(|x| x.as_str() == Some(node)),
+    };
+    let existing = || async {
+        let rt = state
+            .api
+            .registry
+            .get(group, &info.version, &info.resource)
+            .ok_or_else(deny)?;
+        let t = Target {
+            rt: Arc::clone(rt),
+            namespace: (!info.namespace.is_empty()).then(|| info.namespace.clone()),
+            name: Some(info.name.clone()),
+            subresource: None,
+        };
+        match state.api.read(&t).await {
+            Ok(s) => Ok(Some(s.value)),
+            Err(e) if e.code == 404 => Ok(None),
+            Err(e) => Err(e),
+        }
+    };
+    let allowed = match (group, info.resource.as_str()) {
+        ("" | "events.k8s.io", "events") => {
+            info.verb != "delete" && info.verb != "deletecollection"
+        }
+        ("coordination.k8s.io", "leases") => {
+            info.name == node
+                || body
+                    .pointer("/metadata/name")
+                    .and_then(serde_json::Value::as_str)
+                    == Some(node)
+        }
+        ("compute.stratus.dev", "hypervisors") => {
+            let name = if info.name.is_empty() {
+                body.pointer("/metadata/name")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or_default()
+            } else {
+                info.name.as_str()
+            };
+            name == node && info.verb != "deletecollection"
+        }
+        ("storage.stratus.dev", "storagepools") => {
+            let current = if info.name.is_empty() {
+                None
+            } else {
+                existing().await?
+            };
+            ours(&body, "/spec/node")
+                && current.as_ref().is_none_or(|c| ours(c, "/spec/node"))
+                && info.verb != "deletecollection"
+        }
+        (_, resource)
+            if info.subresource == "status" && matches!(info.verb.as_str(), "update" | "patch") =>
+        {
+            let placed = match resource {
+                "volumes" => "/status/node",
+                _ => "/status/hypervisor",
+            };
+            let current = existing().await?;
+            current.is_some_and(|c| {
+                c.pointer(placed).and_then(serde_json::Value::as_str) == Some(node)
+            }) && ours(&body, placed)
+        }
+        _ => false,
+    };
+    if allowed { Ok(()) } else { Err(deny()) }
 }
 
 /// Refuses what the caller's roles do not allow, before anything is read or written.

@@ -356,3 +356,99 @@ fn roles_isolate_projects_and_tokens_can_be_revoked() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_node_writes_only_its_own_objects() -> Result<()> {
+    let mut cloud = Cloud::up()?;
+    // Node identities come from the API server's token file.
+    let tokens = cloud.dir.path().join("tokens.csv");
+    let mut text = std::fs::read_to_string(&tokens)?;
+    text.push_str("node-1-token-0123456789,system:node:node-1\n");
+    std::fs::write(&tokens, text)?;
+    cloud.restart()?;
+    cloud.kubectl_ok(&[
+        "apply",
+        "-f",
+        stratus_e2e::repo_root()
+            .join("examples/server.yaml")
+            .to_str()
+            .unwrap_or_default(),
+    ])?;
+    for (server, node) in [("web-1", "node-1"), ("web-2", "node-2")] {
+        cloud.kubectl_ok(&[
+            "-n",
+            "demo",
+            "patch",
+            "server",
+            server,
+            "--subresource=status",
+            "--type",
+            "merge",
+            "-p",
+            &format!(r#"{{"status":{{"hypervisor":"{node}"}}}}"#),
+        ])?;
+    }
+    let node = As {
+        cloud: &cloud,
+        kc: cloud.kubeconfig_with("node-1", Some("node-1-token-0123456789"))?,
+    };
+    node.ok(&["-n", "demo", "get", "servers"])?;
+    // Its own server's status: yes; the other node's, the spec, or moving a server away: no.
+    node.ok(&[
+        "-n",
+        "demo",
+        "patch",
+        "server",
+        "web-1",
+        "--subresource=status",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"status":{"phase":"Running"}}"#,
+    ])?;
+    node.denied(&[
+        "-n",
+        "demo",
+        "patch",
+        "server",
+        "web-2",
+        "--subresource=status",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"status":{"phase":"Running"}}"#,
+    ])?;
+    node.denied(&[
+        "-n",
+        "demo",
+        "patch",
+        "server",
+        "web-1",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"flavor":"m1.large"}}"#,
+    ])?;
+    node.denied(&[
+        "-n",
+        "demo",
+        "patch",
+        "server",
+        "web-1",
+        "--subresource=status",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"status":{"hypervisor":"node-2"}}"#,
+    ])?;
+    node.denied(&["-n", "demo", "delete", "server", "web-1"])?;
+    // Its own Hypervisor: yes; another node's: no.
+    let hv = |n: &str| {
+        format!(
+            "apiVersion: compute.stratus.dev/v1\nkind: Hypervisor\nmetadata:\n  name: {n}\nspec:\n  hypervisorType: qemu\n"
+        )
+    };
+    assert!(node.create("default", &hv("node-1"))?.status.success());
+    assert!(!node.create("default", &hv("node-2"))?.status.success());
+    Ok(())
+}

@@ -28,11 +28,20 @@ fn examples_apply_get_explain_diff() -> Result<()> {
         out.contains("server.compute.stratus.dev/web-1 created"),
         "{out}"
     );
-    // Applying again writes nothing: the store's revision stays put.
-    let before = cloud.list_rv("/apis/compute.stratus.dev/v1/flavors")?;
+    // Applying again writes nothing: no object's resourceVersion moves.
+    let versions = || {
+        cloud.kubectl_ok(&[
+            "get",
+            "stratus",
+            "-A",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}={.metadata.resourceVersion} {end}",
+        ])
+    };
+    let before = versions()?;
     cloud.kubectl_ok(&["apply", "-f", examples])?;
     assert_eq!(
-        cloud.list_rv("/apis/compute.stratus.dev/v1/flavors")?,
+        versions()?,
         before,
         "re-applying the examples wrote to etcd"
     );
