@@ -142,6 +142,31 @@ async fn authenticate(state: &AppState, req: &axum::http::request::Parts) -> Api
     })
 }
 
+/// Reads a request body of at most `limit` bytes. A longer one is read on (and dropped, up to
+/// 16 times the limit) before the 413 goes out, so the client gets to read the answer instead
+/// of a connection reset mid-upload.
+async fn read_body(mut body: Body, limit: usize) -> Result<bytes::Bytes, ()> {
+    use http_body_util::BodyExt;
+    let mut buf = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { return Err(()) };
+        if let Ok(data) = frame.into_data() {
+            total += data.len();
+            if total <= limit {
+                buf.extend_from_slice(&data);
+            } else if total > limit.saturating_mul(16) {
+                break;
+            }
+        }
+    }
+    if total > limit {
+        Err(())
+    } else {
+        Ok(bytes::Bytes::from(buf))
+    }
+}
+
 /// `POST .../tokens`: a token for a user and password (no other authentication needed).
 async fn issue_token(state: &AppState, bytes: &[u8]) -> ApiResult<Response> {
     let req = crate::body::decode(bytes, false)?.value;
@@ -343,23 +368,21 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let caller = authenticate(&state, &parts).await;
     let params = Params::parse(parts.uri.query());
     let response = match (&caller, &params) {
-        (Ok(caller), Ok(params)) => {
-            match axum::body::to_bytes(body, state.config.max_body_bytes).await {
-                Ok(bytes) => {
-                    route(
-                        &state,
-                        &method,
-                        &path,
-                        &parts.headers,
-                        params,
-                        &bytes,
-                        caller,
-                    )
-                    .await
-                }
-                Err(_) => Err(ApiError::too_large(state.config.max_body_bytes)),
+        (Ok(caller), Ok(params)) => match read_body(body, state.config.max_body_bytes).await {
+            Ok(bytes) => {
+                route(
+                    &state,
+                    &method,
+                    &path,
+                    &parts.headers,
+                    params,
+                    &bytes,
+                    caller,
+                )
+                .await
             }
-        }
+            Err(_) => Err(ApiError::too_large(state.config.max_body_bytes)),
+        },
         (Err(e), _) | (_, Err(e)) => Err(e.clone()),
     };
     let response = response.unwrap_or_else(IntoResponse::into_response);
