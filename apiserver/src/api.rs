@@ -543,17 +543,32 @@ impl Api {
             return Ok(json_response(StatusCode::CREATED, &obj, &warnings));
         }
         let key = t.rt.key(&self.prefix, namespace.as_deref(), &name);
+        let parent = namespace
+            .as_deref()
+            .filter(|_| t.rt.namespaced)
+            .and_then(|ns| self.project_key(ns));
         let written = match namespace.as_deref() {
             Some(ns) if crate::quota::counted(&t.rt.group, &t.rt.kind) => {
-                self.create_within_quota(t, ns, &key, &obj).await?
+                self.create_within_quota(t, ns, &key, &obj, parent.as_deref())
+                    .await?
             }
-            _ => self.store.create(&key, &obj).await.map_err(store_err)?,
+            _ => self
+                .store
+                .create_under(&key, &obj, parent.as_deref())
+                .await
+                .map_err(store_err)?,
         };
         match written {
             Write::Done(rev) => Ok(json_response(
                 StatusCode::CREATED,
                 &with_rv(obj, rev),
                 &warnings,
+            )),
+            // The object is absent, so what failed is its namespace's Project.
+            Write::Conflict(0) if parent.is_some() => Err(ApiError::not_found(
+                "",
+                "namespaces",
+                namespace.as_deref().unwrap_or_default(),
             )),
             Write::Conflict(_) => Err(ApiError::already_exists(&t.rt.group, &t.rt.plural, &name)),
         }
@@ -1258,30 +1273,71 @@ impl Api {
     }
 }
 
+/// Namespaces that always exist, as in Kubernetes: they hold the system's own Leases and
+/// Events and cluster-wide role assignments. Every other namespace is a Project's.
+pub const SYSTEM_NAMESPACES: [&str; 5] = [
+    "default",
+    "kube-node-lease",
+    "kube-public",
+    "kube-system",
+    "stratus-system",
+];
+
 impl Api {
-    /// The namespaces (projects) that hold at least one object.
-    pub async fn namespaces_in_use(&self) -> ApiResult<Vec<String>> {
-        let mut out = std::collections::BTreeSet::new();
-        for rt in self
-            .registry
-            .all()
-            .iter()
-            .filter(|t| t.namespaced && t.view.is_none())
-        {
-            let prefix = rt.key_prefix(&self.prefix, None);
-            for key in self.store.keys(&prefix).await.map_err(store_err)? {
-                if let Some((ns, _)) = key[prefix.len()..].split_once('/') {
-                    out.insert(ns.to_string());
-                }
-            }
+    /// The key of the Project that namespace `ns` belongs to; `None` for a system namespace.
+    pub fn project_key(&self, ns: &str) -> Option<String> {
+        if SYSTEM_NAMESPACES.contains(&ns) {
+            return None;
         }
-        Ok(out.into_iter().collect())
+        self.registry
+            .by_kind("identity.stratus.dev", "Project")
+            .map(|rt| rt.key(&self.prefix, None, ns))
+    }
+
+    /// The namespace `ns` as a core/v1 Namespace: a system namespace, or a Project's (then
+    /// Terminating while the Project is being deleted). `None` if there is no such namespace.
+    pub async fn namespace(&self, ns: &str) -> ApiResult<Option<Value>> {
+        let Some(key) = self.project_key(ns) else {
+            return Ok(Some(namespace_object(ns, false)));
+        };
+        Ok(self.store.get(&key).await.map_err(store_err)?.map(|p| {
+            namespace_object(ns, p.value.pointer("/metadata/deletionTimestamp").is_some())
+        }))
+    }
+
+    /// Every namespace: the system ones and one per Project.
+    pub async fn namespaces(&self) -> ApiResult<Vec<Value>> {
+        let mut out: Vec<Value> = SYSTEM_NAMESPACES
+            .iter()
+            .map(|n| namespace_object(n, false))
+            .collect();
+        if let Some(rt) = self.registry.by_kind("identity.stratus.dev", "Project") {
+            let projects = self
+                .store
+                .list(&rt.key_prefix(&self.prefix, None), None, 0, 0)
+                .await
+                .map_err(store_err)?;
+            out.extend(projects.items.iter().filter_map(|(_, p)| {
+                let name = meta::meta_str(&p.value, "name")?;
+                Some(namespace_object(
+                    name,
+                    p.value.pointer("/metadata/deletionTimestamp").is_some(),
+                ))
+            }));
+        }
+        out.sort_by(|a, b| {
+            a["metadata"]["name"]
+                .as_str()
+                .cmp(&b["metadata"]["name"].as_str())
+        });
+        Ok(out)
     }
 }
 
-/// A core/v1 Namespace as Stratus presents a project's namespace (every valid name exists).
-pub fn namespace_object(name: &str) -> Value {
-    json!({"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": name}, "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+/// A core/v1 Namespace as Stratus presents a namespace.
+fn namespace_object(name: &str, terminating: bool) -> Value {
+    let phase = if terminating { "Terminating" } else { "Active" };
+    json!({"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": name}, "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": phase}})
 }
 
 fn pointer_of(msg: &str) -> String {

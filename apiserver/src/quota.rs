@@ -27,8 +27,9 @@ impl Api {
         ns: &str,
         key: &str,
         obj: &Value,
+        parent: Option<&str>,
     ) -> ApiResult<Write> {
-        self.write_within_quota(t, ns, key, None, obj).await
+        self.write_within_quota(t, ns, key, None, obj, parent).await
     }
 
     /// Updates `key` from `old` (at revision `expected`) to `new` if the project's Quotas allow
@@ -42,7 +43,7 @@ impl Api {
         new: &Value,
         expected: i64,
     ) -> ApiResult<Write> {
-        self.write_within_quota(t, ns, key, Some((old, expected)), new)
+        self.write_within_quota(t, ns, key, Some((old, expected)), new, None)
             .await
     }
 
@@ -53,6 +54,7 @@ impl Api {
         key: &str,
         old: Option<(&Value, i64)>,
         new: &Value,
+        parent: Option<&str>,
     ) -> ApiResult<Write> {
         let rt = &t.rt;
         let name = new
@@ -82,7 +84,7 @@ impl Api {
                 // No limit in the project: nothing to count (and no list of its objects).
                 return match expected {
                     Some(rev) => self.store.update(key, new, rev).await,
-                    None => self.store.create(key, new).await,
+                    None => self.store.create_under(key, new, parent).await,
                 }
                 .map_err(store_err);
             }
@@ -142,6 +144,7 @@ impl Api {
                     new,
                     expected,
                     &[(&kind_prefix, at), (&quota_prefix, at)],
+                    parent,
                 )
                 .await
                 .map_err(store_err)?
@@ -149,7 +152,15 @@ impl Api {
                 Write::Done(rev) => return Ok(Write::Done(rev)),
                 // Only a guard failed (the key is as expected): something counted changed since
                 // `at`, so count again.
-                Write::Conflict(rev) if rev == expected.unwrap_or(0) => continue,
+                Write::Conflict(rev) if rev == expected.unwrap_or(0) => {
+                    // Unless what failed is the parent (the Project) being gone.
+                    if let Some(parent) = parent
+                        && self.store.get(parent).await.map_err(store_err)?.is_none()
+                    {
+                        return Ok(Write::Conflict(0));
+                    }
+                    continue;
+                }
                 // The key itself changed (or exists, on create): no retry can help.
                 conflict => return Ok(conflict),
             }

@@ -488,27 +488,22 @@ async fn route(
         }
         _ => {}
     }
-    // Namespaces are read-only views: a project's objects live in the namespace named after it.
+    // Namespaces are read-only views of Projects (and the system namespaces): a project's
+    // objects live in the namespace named after it.
     match segs.as_slice() {
         ["api", "v1", "namespaces"] => {
             get_only(method)?;
-            let items: Vec<serde_json::Value> = state
-                .api
-                .namespaces_in_use()
-                .await?
-                .iter()
-                .map(|n| crate::api::namespace_object(n))
-                .collect();
+            let items = state.api.namespaces().await?;
             return ok(
                 json!({"kind": "NamespaceList", "apiVersion": "v1", "metadata": {}, "items": items}),
             );
         }
         ["api", "v1", "namespaces", ns] => {
             get_only(method)?;
-            if !crate::meta::is_dns1123_label(ns) {
-                return Err(ApiError::not_found("", "namespaces", ns));
-            }
-            return ok(crate::api::namespace_object(ns));
+            return match state.api.namespace(ns).await? {
+                Some(n) => ok(n),
+                None => Err(ApiError::not_found("", "namespaces", ns)),
+            };
         }
         _ => {}
     }

@@ -147,15 +147,24 @@ impl Store {
 
     /// Creates `key` if it is absent.
     pub async fn create(&self, key: &str, value: &Value) -> Result<Write, StoreError> {
-        let txn = Txn::new()
-            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, value.to_string(), None)])
-            .or_else([TxnOp::get(key, None)]);
-        self.run(key, txn).await
+        self.create_under(key, value, None).await
+    }
+
+    /// Creates `key` if it is absent and, when given, the `parent` key exists (a namespaced
+    /// object's Project), checked in the same transaction. `Conflict(0)` then means the parent
+    /// is missing.
+    pub async fn create_under(
+        &self,
+        key: &str,
+        value: &Value,
+        parent: Option<&str>,
+    ) -> Result<Write, StoreError> {
+        self.write_guarded(key, value, None, &[], parent).await
     }
 
     /// Writes `key` if its revision is still `expected` (None: if it is absent) and no key
-    /// under any of the `guards` prefixes changed after the guard's revision. `Conflict(rev)`
+    /// under any of the `guards` prefixes changed after the guard's revision (and the `parent`
+    /// key, when given, exists). `Conflict(rev)`
     /// carries the key's current revision (0: absent), so a caller can tell a failed guard
     /// (`rev` is what it expected) from a changed key.
     pub async fn write_guarded(
@@ -164,11 +173,15 @@ impl Store {
         value: &Value,
         expected: Option<i64>,
         guards: &[(&str, i64)],
+        parent: Option<&str>,
     ) -> Result<Write, StoreError> {
         let mut compares = vec![match expected {
             Some(rev) => Compare::mod_revision(key, CompareOp::Equal, rev),
             None => Compare::create_revision(key, CompareOp::Equal, 0),
         }];
+        if let Some(parent) = parent {
+            compares.push(Compare::create_revision(parent, CompareOp::Greater, 0));
+        }
         for (prefix, at) in guards {
             compares.push(
                 Compare::mod_revision(*prefix, CompareOp::Less, at + 1)

@@ -47,6 +47,7 @@ pub async fn bench(requests: usize, levels: &[usize]) -> Result<()> {
             body.to_string().into_bytes(),
         )
     };
+    admin.request::<Value>(send("POST", "/apis/identity.stratus.dev/v1/projects", json!({"apiVersion": "identity.stratus.dev/v1", "kind": "Project", "metadata": {"name": "bench"}, "spec": {}}))?).await?;
     admin.request::<Value>(send("POST", "/apis/identity.stratus.dev/v1/users", json!({"apiVersion": "identity.stratus.dev/v1", "kind": "User", "metadata": {"name": "alice"}, "spec": {"enabled": true}}))?).await?;
     admin
         .request::<Value>(send("POST", "/apis/identity.stratus.dev/v1/namespaces/bench/roleassignments", json!({"apiVersion": "identity.stratus.dev/v1", "kind": "RoleAssignment", "metadata": {"name": "alice"}, "spec": {"user": "alice", "role": "member"}}))?)

@@ -105,17 +105,92 @@ fn uuid_hex() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-/// The admin token, made once and kept in the data directory.
-fn ensure_tokens(dir: &Path) -> Result<(PathBuf, String)> {
+/// The bootstrap administrator (break-glass, like kubeadm's admin.conf) and the controllers'
+/// service identity, both in the token file.
+const ADMIN_IDENTITY: &str = "system:admin";
+const CONTROLLERS_IDENTITY: &str = "system:stratus-controllers";
+
+/// The token-file tokens of [`ADMIN_IDENTITY`] and [`CONTROLLERS_IDENTITY`], made once and
+/// kept in the data directory.
+fn ensure_tokens(dir: &Path) -> Result<(PathBuf, String, String)> {
     let path = dir.join("tokens.csv");
-    if let Ok(map) = stratus_apiserver::server::read_token_file(&path)
-        && let Some((token, _)) = map.iter().find(|(_, user)| user.as_str() == "admin")
+    let existing = stratus_apiserver::server::read_token_file(&path).unwrap_or_default();
+    let token_of = |identity: &str| {
+        existing
+            .iter()
+            .find(|(_, user)| user.as_str() == identity)
+            .map(|(token, _)| token.clone())
+    };
+    let (admin, controllers) = match (token_of(ADMIN_IDENTITY), token_of(CONTROLLERS_IDENTITY)) {
+        (Some(a), Some(c)) => return Ok((path, a, c)),
+        (a, c) => (
+            a.unwrap_or_else(random_token),
+            c.unwrap_or_else(random_token),
+        ),
+    };
+    write_private(
+        &path,
+        &format!("# token,user\n{admin},{ADMIN_IDENTITY}\n{controllers},{CONTROLLERS_IDENTITY}\n"),
+    )?;
+    Ok((path, admin, controllers))
+}
+
+/// Makes the `admin` User (a cluster-wide admin) on the first start, with a random password
+/// written to `DIR/admin-password`, so people log in as a user of the cloud (`stratus login`)
+/// rather than with the bootstrap token.
+async fn ensure_admin_user(kubeconfig: &Path, dir: &Path) -> Result<()> {
+    use kube::api::{Api, PostParams};
+    use stratus_api_types::identity::{RoleAssignment, User};
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig).context("read the kubeconfig")?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .context("load the kubeconfig")?;
+    let client = kube::Client::try_from(config).context("build the API client")?;
+    let users: Api<User> = Api::all(client.clone());
+    if users
+        .get_opt("admin")
+        .await
+        .context("read user admin")?
+        .is_some()
     {
-        return Ok((path, token.clone()));
+        return Ok(());
     }
-    let token = random_token();
-    write_private(&path, &format!("# token,user\n{token},admin\n"))?;
-    Ok((path, token))
+    let user: User = serde_json::from_value(json!({
+        "apiVersion": "identity.stratus.dev/v1", "kind": "User",
+        "metadata": {"name": "admin"},
+        "spec": {"displayName": "Cloud administrator", "enabled": true},
+    }))?;
+    users
+        .create(&PostParams::default(), &user)
+        .await
+        .context("create user admin")?;
+    let grants: Api<RoleAssignment> = Api::namespaced(client.clone(), "stratus-system");
+    let grant: RoleAssignment = serde_json::from_value(json!({
+        "apiVersion": "identity.stratus.dev/v1", "kind": "RoleAssignment",
+        "metadata": {"name": "admin-cluster-admin"},
+        "spec": {"user": "admin", "role": "admin", "clusterWide": true},
+    }))?;
+    match grants.create(&PostParams::default(), &grant).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(anyhow::Error::new(e).context("assign the admin role")),
+    }
+    let password = random_token();
+    let body = serde_json::to_vec(&json!({ "password": password }))?;
+    let req = http::Request::put("/apis/identity.stratus.dev/v1/users/admin/password")
+        .header("content-type", "application/json")
+        .body(body)
+        .context("build the password request")?;
+    client
+        .request::<serde_json::Value>(req)
+        .await
+        .context("set the admin password")?;
+    write_private(&dir.join("admin-password"), &format!("{password}\n"))?;
+    tracing::info!(
+        file = %dir.join("admin-password").display(),
+        "created user admin (cluster admin); its password is in the file"
+    );
+    Ok(())
 }
 
 fn write_private(path: &Path, data: &str) -> Result<()> {
@@ -156,6 +231,10 @@ pub fn write_kubeconfig(
 
 /// Runs the cloud until Ctrl-C or SIGTERM.
 pub async fn run(args: UpArgs) -> Result<()> {
+    // Signals that arrive while starting are kept and acted on once everything is up.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let dir = &args.data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let (mut etcd, endpoint) = Etcd::start(dir, args.etcd_client_port, args.etcd_peer_port).await?;
@@ -171,7 +250,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         &[host.clone(), "localhost".into(), "127.0.0.1".into()],
     )
     .context("make the CA and serving certificate")?;
-    let (token_file, token) = ensure_tokens(dir)?;
+    let (token_file, token, controllers_token) = ensure_tokens(dir)?;
     let mut config = stratus_apiserver::Config::new(vec![endpoint]);
     config.listen = args.listen;
     config.tls = Some((pki.server_cert.clone(), pki.server_key.clone()));
@@ -189,16 +268,29 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let url = format!("https://{}", server.local_addr);
     let kubeconfig = dir.join("kubeconfig");
     let ca = std::fs::read(&pki.ca_cert).context("read the CA certificate")?;
-    write_kubeconfig(&kubeconfig, &url, &ca, &token, "admin")?;
+    write_kubeconfig(&kubeconfig, &url, &ca, &token, ADMIN_IDENTITY)?;
+    let controllers_kubeconfig = dir.join("controllers.kubeconfig");
+    write_kubeconfig(
+        &controllers_kubeconfig,
+        &url,
+        &ca,
+        &controllers_token,
+        CONTROLLERS_IDENTITY,
+    )?;
     tracing::info!(%url, kubeconfig = %kubeconfig.display(), "API server ready");
+    if let Err(e) = ensure_admin_user(&kubeconfig, dir).await {
+        server.abort();
+        etcd.stop().await;
+        return Err(e);
+    }
 
-    let controllers = tokio::spawn(crate::controllers::run_with_kubeconfig(kubeconfig.clone()));
+    let controllers = tokio::spawn(crate::controllers::run_with_kubeconfig(
+        controllers_kubeconfig,
+    ));
     eprintln!("Stratus is up: export KUBECONFIG={}", kubeconfig.display());
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("install SIGTERM handler")?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
+        _ = int.recv() => tracing::info!("interrupted"),
         _ = term.recv() => tracing::info!("terminated"),
     }
     controllers.abort();

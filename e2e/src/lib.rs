@@ -224,6 +224,12 @@ impl Cloud {
         )
     }
 
+    /// Creates the Projects `names` (objects can only be created in a Project's namespace).
+    pub fn projects(&self, names: &[&str]) -> Result<()> {
+        self.kubectl_in(&["apply", "-f", "-"], &projects_yaml(names))?;
+        Ok(())
+    }
+
     /// Stops `stratus up` with SIGTERM and starts it again on the same data directory.
     pub fn restart(&mut self) -> Result<()> {
         let status = self.proc.terminate()?;
@@ -328,21 +334,9 @@ impl Cloud {
 
     /// Runs kubectl with `stdin` and expects success; returns stdout.
     pub fn kubectl_in(&self, args: &[&str], stdin: &str) -> Result<String> {
-        use std::io::Write;
-        let mut child = self
-            .kubectl_cmd()
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(stdin.as_bytes())?;
-        let out = child.wait_with_output()?;
-        ok(args, out)
+        let mut cmd = self.kubectl_cmd();
+        cmd.args(args);
+        ok(args, with_stdin(cmd, stdin)?)
     }
 
     /// Runs kubectl and expects success; returns stdout.
@@ -463,6 +457,16 @@ impl Apiserver {
         )
     }
 
+    /// Creates the Projects `names` (objects can only be created in a Project's namespace).
+    pub fn projects(&self, names: &[&str]) -> Result<()> {
+        let mut cmd = Command::new("kubectl");
+        cmd.arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(["apply", "-f", "-"]);
+        ok(&["apply"], with_stdin(cmd, &projects_yaml(names))?)?;
+        Ok(())
+    }
+
     /// Starts it again (same port) after a kill.
     pub fn restart(&mut self) -> Result<()> {
         self.proc.kill();
@@ -508,4 +512,30 @@ impl Apiserver {
         let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
         Ok(kube::Client::try_from(cfg)?)
     }
+}
+
+/// A YAML stream of Projects named `names`.
+pub fn projects_yaml(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| {
+            format!("---\napiVersion: identity.stratus.dev/v1\nkind: Project\nmetadata:\n  name: {n}\nspec: {{}}\n")
+        })
+        .collect()
+}
+
+/// Runs `cmd` with `stdin` written to its standard input.
+pub fn with_stdin(mut cmd: Command, stdin: &str) -> Result<Output> {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(stdin.as_bytes())?;
+    Ok(child.wait_with_output()?)
 }

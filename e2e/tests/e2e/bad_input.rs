@@ -110,6 +110,7 @@ fn flavor(spec: &str) -> String {
 #[tokio::test]
 async fn bad_input_is_refused_with_the_field_named() -> Result<()> {
     let cloud = Cloud::up()?;
+    cloud.projects(&["demo"])?;
     let raw = Raw {
         client: cloud.client().await?,
     };

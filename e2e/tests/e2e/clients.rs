@@ -13,6 +13,7 @@ use stratus_e2e::{Cloud, repo_root};
 #[test]
 fn python_dynamic_client_crud_and_watch() -> Result<()> {
     let cloud = Cloud::up()?;
+    cloud.projects(&["pyproj"])?;
     let script = repo_root().join("e2e/python/dynamic_client.py");
     let out = std::process::Command::new("/usr/bin/python3")
         .arg(&script)
@@ -123,6 +124,7 @@ async fn kube_rs_typed_api_watcher_and_reflector() -> Result<()> {
 async fn kube_runtime_event_recorder_shows_in_kubectl_describe() -> Result<()> {
     use kube::runtime::events::{Event, EventType, Recorder, Reporter};
     let cloud = Cloud::up()?;
+    cloud.projects(&["demo"])?;
     cloud.kubectl_ok(&[
         "apply",
         "-f",

@@ -31,6 +31,7 @@ fn gone(cloud: &Cloud, args: &[&str]) -> bool {
 #[test]
 fn owner_deletion_cascades_background_foreground_and_orphan() -> Result<()> {
     let cloud = Cloud::up()?;
+    cloud.projects(&["demo"])?;
     let t = Duration::from_secs(30);
 
     // Background: the owner goes at once, its dependents after it.
@@ -158,10 +159,27 @@ fn owner_deletion_cascades_background_foreground_and_orphan() -> Result<()> {
 fn deleting_a_project_deletes_its_objects_first() -> Result<()> {
     let cloud = Cloud::up()?;
     let t = Duration::from_secs(30);
+    let network =
+        "apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: n1\nspec: {}\n";
+    // No Project, no namespace: nothing can be created in it.
+    let err = cloud
+        .kubectl_in(&["-n", "gone", "create", "-f", "-"], network)
+        .expect_err("created in a namespace with no Project");
+    assert!(
+        err.to_string().contains(r#"namespaces "gone" not found"#),
+        "{err}"
+    );
+    assert!(gone(&cloud, &["get", "namespace", "gone"]));
+    let listed = cloud.kubectl_ok(&["get", "namespaces", "-o", "name"])?;
+    assert!(!listed.contains("namespace/gone"), "{listed}");
+    assert!(listed.contains("namespace/default"), "{listed}");
     cloud.kubectl_in(
         &["apply", "-f", "-"],
         "apiVersion: identity.stratus.dev/v1\nkind: Project\nmetadata:\n  name: gone\nspec: {}\n",
     )?;
+    let phase =
+        cloud.kubectl_ok(&["get", "namespace", "gone", "-o", "jsonpath={.status.phase}"])?;
+    assert_eq!(phase, "Active");
     wait_until(t, "the project's cleanup finalizer", || {
         cloud
             .kubectl_ok(&[
@@ -174,10 +192,7 @@ fn deleting_a_project_deletes_its_objects_first() -> Result<()> {
             .ok()
             .filter(|f| f.contains("project-cleanup"))
     })?;
-    cloud.kubectl_in(
-        &["-n", "gone", "create", "-f", "-"],
-        "apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: n1\nspec: {}\n",
-    )?;
+    cloud.kubectl_in(&["-n", "gone", "create", "-f", "-"], network)?;
     // An object whose own finalizer (an agent's host cleanup) holds it.
     cloud.kubectl_in(
         &["-n", "gone", "create", "-f", "-"],
@@ -204,6 +219,9 @@ fn deleting_a_project_deletes_its_objects_first() -> Result<()> {
     std::thread::sleep(Duration::from_secs(1));
     let phase = cloud.kubectl_ok(&["get", "project", "gone", "-o", "jsonpath={.status.phase}"])?;
     assert_eq!(phase, "Terminating", "the project went before its objects");
+    let phase =
+        cloud.kubectl_ok(&["get", "namespace", "gone", "-o", "jsonpath={.status.phase}"])?;
+    assert_eq!(phase, "Terminating");
     cloud.kubectl_ok(&[
         "-n",
         "gone",
@@ -218,5 +236,12 @@ fn deleting_a_project_deletes_its_objects_first() -> Result<()> {
     wait_until(t, "the project to go", || {
         gone(&cloud, &["get", "project", "gone"]).then_some(())
     })?;
+    // Its namespace went with it.
+    assert!(gone(&cloud, &["get", "namespace", "gone"]));
+    assert!(
+        cloud
+            .kubectl_in(&["-n", "gone", "create", "-f", "-"], network)
+            .is_err()
+    );
     Ok(())
 }

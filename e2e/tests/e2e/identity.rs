@@ -116,6 +116,7 @@ fn network(name: &str) -> String {
 #[test]
 fn roles_isolate_projects_and_tokens_can_be_revoked() -> Result<()> {
     let cloud = Cloud::up()?;
+    cloud.projects(&["a", "b"])?;
     user(&cloud, "alice", "member", "a", false)?;
     user(&cloud, "bob", "member", "b", false)?;
     user(&cloud, "rita", "reader", "a", false)?;
@@ -354,12 +355,34 @@ fn roles_isolate_projects_and_tokens_can_be_revoked() -> Result<()> {
         !bad.status.success()
             && String::from_utf8_lossy(&bad.stderr).contains("wrong user name or password")
     );
+    // `stratus up` made the admin user, a cluster admin, with its password in the data dir.
+    let admin_pw = std::fs::read_to_string(cloud.dir.path().join("admin-password"))?;
+    let kc = cloud.dir.path().join("kubeconfig-admin");
+    std::fs::copy(cloud.kubeconfig(), &kc)?;
+    let out = std::process::Command::new(stratus_e2e::stratus_bin())
+        .args(["login", "--user", "admin", "--kubeconfig"])
+        .arg(&kc)
+        .env("STRATUS_PASSWORD", admin_pw.trim())
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let admin = As { cloud: &cloud, kc };
+    let networks = admin.ok(&["get", "networks", "-A", "-o", "name"])?;
+    assert!(
+        networks.contains("bobs-secret-net") && networks.contains("alices-net"),
+        "{networks}"
+    );
+    admin.ok(&["auth", "can-i", "create", "flavors"])?;
     Ok(())
 }
 
 #[test]
 fn a_node_writes_only_its_own_objects() -> Result<()> {
     let mut cloud = Cloud::up()?;
+    cloud.projects(&["demo"])?;
     // Node identities come from the API server's token file.
     let tokens = cloud.dir.path().join("tokens.csv");
     let mut text = std::fs::read_to_string(&tokens)?;

@@ -86,7 +86,7 @@ fn examples_apply_get_explain_diff() -> Result<()> {
             && all.contains("flavor.compute.stratus.dev/m1.small"),
         "{all}"
     );
-    // A project's namespace is listed once it holds objects.
+    // A Project is a namespace.
     let ns = cloud.kubectl_ok(&["get", "namespaces", "-o", "name"])?;
     assert!(ns.lines().any(|l| l == "namespace/demo"), "{ns}");
     // Short names work.
@@ -439,6 +439,7 @@ fn watch_sees_updates_and_deletion_waits_for_finalizers() -> Result<()> {
 #[test]
 fn describe_shows_events() -> Result<()> {
     let cloud = Cloud::up()?;
+    cloud.projects(&["demo"])?;
     let examples = repo_root().join("examples/server.yaml");
     cloud.kubectl_ok(&["apply", "-f", examples.to_str().unwrap_or_default()])?;
     let uid = cloud.kubectl_ok(&[
@@ -496,6 +497,7 @@ fn describe_shows_events() -> Result<()> {
 #[test]
 fn pagination_over_a_thousand_objects() -> Result<()> {
     let cloud = Cloud::up()?;
+    cloud.projects(&["paging"])?;
     let mut docs = String::new();
     for i in 0..1000 {
         docs.push_str(&format!("---\napiVersion: compute.stratus.dev/v1\nkind: Keypair\nmetadata:\n  name: key-{i:04}\n  namespace: paging\nspec:\n  publicKey: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGJ1c3RlZC10ZXN0LWtleS1mb3ItcGFnaW5n test-{i}\n"));
@@ -592,6 +594,7 @@ fn restart_keeps_objects_and_watches_resume() -> Result<()> {
 #[test]
 fn leases_and_strict_validation_through_kubectl() -> Result<()> {
     let cloud = Cloud::up()?;
+    cloud.projects(&["leases-test"])?;
     // Leases, as leader election and node heartbeats use them.
     let lease = "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: test-lease\n  namespace: leases-test\nspec:\n  holderIdentity: node-1\n  leaseDurationSeconds: 15\n";
     cloud.kubectl_in(&["apply", "-f", "-"], lease)?;
@@ -758,7 +761,7 @@ fn audit_log_records_who_did_what_with_which_outcome() -> Result<()> {
         })
     };
     let created = find("create", 201).context("no audit record of the create")?;
-    assert_eq!(created["user"]["username"], "admin");
+    assert_eq!(created["user"]["username"], "system:admin");
     assert_eq!(created["objectRef"]["apiGroup"], "compute.stratus.dev");
     assert_eq!(created["apiVersion"], "audit.k8s.io/v1");
     assert!(
@@ -775,6 +778,14 @@ fn audit_log_records_who_did_what_with_which_outcome() -> Result<()> {
         .find(|r| r["responseStatus"]["code"] == 401)
         .context("no 401 record")?;
     assert_eq!(refused["user"]["username"], "system:anonymous");
+    // The controllers act as their own service identity (here: holding their Lease).
+    assert!(
+        records
+            .iter()
+            .any(|r| r["user"]["username"] == "system:stratus-controllers"
+                && r["objectRef"]["resource"] == "leases"),
+        "no request by the controllers' identity"
+    );
     // Nothing secret is logged: no token, no object bodies.
     let text = std::fs::read_to_string(&log_path)?;
     assert!(

@@ -60,6 +60,7 @@ fn gc_works(server: &Apiserver, tag: &str) -> Result<()> {
 fn one_leader_and_a_standby_that_takes_over() -> Result<()> {
     let etcd = Etcd::start()?;
     let server = Apiserver::start(&etcd.endpoint)?;
+    server.projects(&["demo"])?;
     let dir = tempfile::tempdir()?;
     let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
     let mut a = controllers(&server, &log_a)?;

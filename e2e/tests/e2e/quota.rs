@@ -20,6 +20,7 @@ fn resource(group: &str, kind: &str, plural: &str) -> ApiResource {
 #[tokio::test]
 async fn fifty_concurrent_creates_against_a_quota_of_ten_leave_ten() -> Result<()> {
     let cloud = Cloud::up()?;
+    cloud.projects(&["q", "free"])?;
     cloud.kubectl_in(
         &["apply", "-f", "-"],
         "apiVersion: identity.stratus.dev/v1\nkind: Quota\nmetadata:\n  name: default\n  namespace: q\nspec:\n  limits:\n    networks: 10\n    vcpus: 5\n",
