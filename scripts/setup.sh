@@ -10,6 +10,7 @@ packages=(
   libvirt-dev libvirt-daemon-system qemu-system-x86 qemu-utils  # compute
   dnsmasq-base nftables iproute2 # network
   lvm2                          # storage
+  cpio genisoimage              # the test guest's initramfs; config drives
   python3-kubernetes            # e2e: the Python kubernetes client
   pkg-config ca-certificates curl
 )

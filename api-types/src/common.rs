@@ -63,3 +63,95 @@ pub mod condition {
 pub(crate) fn default_true() -> bool {
     true
 }
+
+/// Sets the condition `type_` in `conditions` (adding it if absent). `lastTransitionTime`
+/// moves to `now` only when the status changes, as the Kubernetes conventions ask. Returns
+/// whether anything changed.
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Time,
+) -> bool {
+    let status = if status { "True" } else { "False" };
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            let before = c.clone();
+            if c.status != status {
+                c.last_transition_time = now;
+            }
+            c.status = status.into();
+            c.reason = reason.into();
+            c.message = message.into();
+            c.observed_generation = generation;
+            *c != before
+        }
+        None => {
+            conditions.push(Condition {
+                type_: type_.into(),
+                status: status.into(),
+                reason: reason.into(),
+                message: message.into(),
+                observed_generation: generation,
+                last_transition_time: now,
+            });
+            true
+        }
+    }
+}
+
+#[cfg(test)]
+mod condition_tests {
+    use super::*;
+
+    fn at(s: &str) -> Time {
+        Time(s.parse().expect("a timestamp"))
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_the_status_does() {
+        let mut c = Vec::new();
+        assert!(set_condition(
+            &mut c,
+            "Ready",
+            false,
+            "Building",
+            "",
+            Some(1),
+            at("2026-01-01T00:00:00Z")
+        ));
+        assert!(set_condition(
+            &mut c,
+            "Ready",
+            false,
+            "Building",
+            "disks",
+            Some(1),
+            at("2026-01-01T00:01:00Z")
+        ));
+        assert_eq!(c[0].last_transition_time, at("2026-01-01T00:00:00Z"));
+        assert!(!set_condition(
+            &mut c,
+            "Ready",
+            false,
+            "Building",
+            "disks",
+            Some(1),
+            at("2026-01-01T00:02:00Z")
+        ));
+        assert!(set_condition(
+            &mut c,
+            "Ready",
+            true,
+            "Running",
+            "",
+            Some(1),
+            at("2026-01-01T00:03:00Z")
+        ));
+        assert_eq!(c[0].last_transition_time, at("2026-01-01T00:03:00Z"));
+        assert_eq!(c.len(), 1);
+    }
+}

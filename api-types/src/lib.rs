@@ -8,6 +8,7 @@ pub mod identity;
 pub mod image;
 pub mod network;
 pub mod object;
+pub mod placement;
 pub mod quota;
 pub mod storage;
 pub mod validate;

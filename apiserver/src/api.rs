@@ -153,7 +153,7 @@ pub struct Target {
 }
 
 impl Target {
-    fn key(&self, api: &Api) -> String {
+    pub(crate) fn key(&self, api: &Api) -> String {
         self.rt.key(
             &api.prefix,
             self.namespace.as_deref(),
@@ -161,15 +161,15 @@ impl Target {
         )
     }
 
-    fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         self.name.as_deref().unwrap_or_default()
     }
 
-    fn not_found(&self) -> ApiError {
+    pub(crate) fn not_found(&self) -> ApiError {
         ApiError::not_found(&self.rt.group, &self.rt.plural, self.name())
     }
 
-    fn conflict(&self) -> ApiError {
+    pub(crate) fn conflict(&self) -> ApiError {
         ApiError::conflict(
             &self.rt.group,
             &self.rt.plural,
@@ -525,7 +525,10 @@ impl Api {
         if t.rt.status_subresource
             && let Some(o) = obj.as_object_mut()
         {
-            o.remove("status");
+            match crate::binding::initial_status(&t.rt) {
+                Some(s) => o.insert("status".into(), s),
+                None => o.remove("status"),
+            };
         }
         let admitted = self.admit(t, &mut obj, fv)?;
         warnings.extend(admitted.warnings);
@@ -894,6 +897,9 @@ impl Api {
                 &warnings,
             ));
         }
+        if status_write {
+            crate::binding::check_status_write(&t.rt, old, &new)?;
+        }
         let key = t.key(self);
         if deleting && meta::finalizers(&new).is_empty() {
             if dry_run {
@@ -901,7 +907,7 @@ impl Api {
             }
             return match self
                 .store
-                .delete(&key, current.mod_revision)
+                .delete(&key, current.mod_revision, &self.attached_keys(&t.rt, old))
                 .await
                 .map_err(store_err)?
             {
@@ -1187,7 +1193,11 @@ impl Api {
                 }
                 match self
                     .store
-                    .delete(&key, current.mod_revision)
+                    .delete(
+                        &key,
+                        current.mod_revision,
+                        &self.attached_keys(&t.rt, &current.value),
+                    )
                     .await
                     .map_err(store_err)?
                 {

@@ -294,6 +294,13 @@ pub fn authorize(
         return Ok(());
     };
     let cluster = |g: &Grant| g.namespace.is_none();
+    // Status and placement are the cloud's own (written by its controllers and agents); of the
+    // users, only admins may write them.
+    let sub_write =
+        !info.subresource.is_empty() && !matches!(info.verb.as_str(), "get" | "list" | "watch");
+    let role_allows = |g: &Grant| {
+        allows(&g.role, &info.verb, group, &info.resource) && (!sub_write || g.role == "admin")
+    };
     let ok = if !namespaced {
         let read = matches!(info.verb.as_str(), "get" | "list" | "watch");
         let self_user = group == "identity.stratus.dev"
@@ -312,15 +319,12 @@ pub fn authorize(
                 allows(&g.role, &info.verb, group, &info.resource) && (read || g.role == "admin")
             })
     } else if info.namespace.is_empty() {
-        grants
-            .iter()
-            .filter(|g| cluster(g))
-            .any(|g| allows(&g.role, &info.verb, group, &info.resource))
+        grants.iter().filter(|g| cluster(g)).any(role_allows)
     } else {
         grants
             .iter()
             .filter(|g| cluster(g) || g.namespace.as_deref() == Some(info.namespace.as_str()))
-            .any(|g| allows(&g.role, &info.verb, group, &info.resource))
+            .any(role_allows)
     };
     if ok {
         return Ok(());
@@ -364,6 +368,26 @@ mod tests {
             namespace: ns.map(String::from),
             role: role.into(),
         }
+    }
+
+    #[test]
+    fn only_admins_write_status_and_placement() {
+        let sub = |verb: &str, subresource: &str| RequestInfo {
+            subresource: subresource.into(),
+            ..info(verb, "compute.stratus.dev", "servers", "a", "web")
+        };
+        let member = vec![grant(Some("a"), "member")];
+        let admin = vec![grant(None, "admin")];
+        for (verb, subresource) in [
+            ("patch", "status"),
+            ("update", "status"),
+            ("create", "binding"),
+        ] {
+            assert!(authorize("alice", &member, &sub(verb, subresource), true).is_err());
+            assert!(authorize("root", &admin, &sub(verb, subresource), true).is_ok());
+        }
+        assert!(authorize("alice", &member, &sub("get", "status"), true).is_ok());
+        assert!(authorize("alice", &member, &sub("patch", ""), true).is_ok());
     }
 
     #[test]

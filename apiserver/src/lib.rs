@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod binding;
 pub mod body;
 pub mod discovery;
 pub mod error;

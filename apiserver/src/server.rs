@@ -532,6 +532,7 @@ async fn route(
     }
     if let Some(s) = &sub
         && !(s == "status" && rt.status_subresource)
+        && !(s == "binding" && crate::binding::has_binding(rt))
     {
         return Err(none());
     }
@@ -684,6 +685,38 @@ async fn restrict_node(
                 c.pointer(placed).and_then(serde_json::Value::as_str) == Some(node)
             }) && ours(&body, placed)
         }
+        // Finalizers of what is placed on the node (the agent releases an object once its
+        // host resources are gone): a patch touching nothing but metadata.finalizers (a JSON
+        // patch, or a merge patch that may carry a resourceVersion precondition).
+        (_, resource) if info.subresource.is_empty() && info.verb == "patch" => {
+            let placed = match resource {
+                "volumes" => "/status/node",
+                _ => "/status/hypervisor",
+            };
+            let json_patch = body.as_array().is_some_and(|ops| {
+                ops.iter().all(|op| {
+                    op.get("path")
+                        .and_then(serde_json::Value::as_str)
+                        .is_some_and(|p| {
+                            p == "/metadata/finalizers" || p.starts_with("/metadata/finalizers/")
+                        })
+                })
+            });
+            let merge_patch = body.as_object().is_some_and(|o| {
+                o.len() == 1
+                    && o.get("metadata")
+                        .and_then(serde_json::Value::as_object)
+                        .is_some_and(|m| {
+                            m.keys()
+                                .all(|k| k == "finalizers" || k == "resourceVersion")
+                        })
+            });
+            let only_finalizers = json_patch || merge_patch;
+            only_finalizers
+                && existing().await?.is_some_and(|c| {
+                    c.pointer(placed).and_then(serde_json::Value::as_str) == Some(node)
+                })
+        }
         _ => false,
     };
     if allowed { Ok(()) } else { Err(deny()) }
@@ -748,6 +781,15 @@ async fn dispatch(
             crate::watch::watch(api, t, headers, params, state.config.bookmark_interval).await
         }
         (&Method::GET, false) => api.list(t, headers, params).await,
+        (&Method::POST, true) if t.subresource.as_deref() == Some("binding") => {
+            api.bind(t, bytes, content_type).await
+        }
+        (&Method::DELETE, true) if t.subresource.as_deref() == Some("binding") => {
+            api.unbind(t).await
+        }
+        (_, true) if t.subresource.as_deref() == Some("binding") => Err(
+            ApiError::method_not_allowed(format!("{method} is not allowed on {path}")),
+        ),
         (&Method::GET, true) => api.get(t, headers, params).await,
         (&Method::POST, false) if t.namespace.is_some() || !t.rt.namespaced => {
             api.create(t, bytes, content_type, params, caller).await

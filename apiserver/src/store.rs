@@ -76,6 +76,26 @@ pub enum Write {
     Conflict(i64),
 }
 
+/// One read of [`Store::read_many`].
+#[derive(Debug, Clone, Copy)]
+pub enum Read<'a> {
+    /// One key.
+    Key(&'a str),
+    /// Every key under a prefix.
+    Prefix(&'a str),
+}
+
+/// A condition of [`Store::write_many`].
+#[derive(Debug, Clone, Copy)]
+pub enum Guard<'a> {
+    /// The key is at this revision.
+    Revision(&'a str, i64),
+    /// The key is absent.
+    Absent(&'a str),
+    /// No key under the prefix changed (or appeared) after the revision.
+    Unchanged(&'a str, i64),
+}
+
 /// A handle on etcd; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -209,11 +229,20 @@ impl Store {
         self.run(key, txn).await
     }
 
-    /// Deletes `key` if its revision is still `expected`.
-    pub async fn delete(&self, key: &str, expected: i64) -> Result<Write, StoreError> {
+    /// Deletes `key` if its revision is still `expected`, together with `attached` keys
+    /// (what the object holds, such as its placement claim).
+    pub async fn delete(
+        &self,
+        key: &str,
+        expected: i64,
+        attached: &[String],
+    ) -> Result<Write, StoreError> {
+        let ops: Vec<TxnOp> = std::iter::once(TxnOp::delete(key, None))
+            .chain(attached.iter().map(|k| TxnOp::delete(k.as_str(), None)))
+            .collect();
         let txn = Txn::new()
             .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
-            .and_then([TxnOp::delete(key, None)])
+            .and_then(ops)
             .or_else([TxnOp::get(key, None)]);
         self.run(key, txn).await
     }
@@ -273,6 +302,74 @@ impl Store {
             revision,
             more: resp.more(),
         })
+    }
+
+    /// Reads several keys and prefixes at one revision, in one request: one `Vec` per read
+    /// (a key's holds zero or one item), and the revision.
+    pub async fn read_many(
+        &self,
+        reads: &[Read<'_>],
+    ) -> Result<(Vec<Vec<(String, Stored)>>, i64), StoreError> {
+        let ops: Vec<TxnOp> = reads
+            .iter()
+            .map(|r| match r {
+                Read::Key(k) => TxnOp::get(*k, None),
+                Read::Prefix(p) => {
+                    TxnOp::get(*p, Some(GetOptions::new().with_range(prefix_end(p))))
+                }
+            })
+            .collect();
+        let resp = self
+            .client
+            .kv_client()
+            .txn(Txn::new().and_then(ops))
+            .await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let mut out = Vec::with_capacity(reads.len());
+        for op in resp.op_responses() {
+            if let TxnOpResponse::Get(g) = op {
+                out.push(
+                    g.kvs()
+                        .iter()
+                        .map(|kv| decode(kv.key(), kv.value(), kv.mod_revision()))
+                        .collect::<Result<Vec<_>, _>>()?,
+                );
+            }
+        }
+        Ok((out, revision))
+    }
+
+    /// Applies `puts` and `deletes` in one transaction if every guard holds; `Ok(None)` when
+    /// one does not (nothing is written), else the revision written at.
+    pub async fn write_many(
+        &self,
+        guards: &[Guard<'_>],
+        puts: &[(&str, &Value)],
+        deletes: &[&str],
+    ) -> Result<Option<i64>, StoreError> {
+        let compares: Vec<Compare> = guards
+            .iter()
+            .map(|g| match g {
+                Guard::Revision(k, rev) => Compare::mod_revision(*k, CompareOp::Equal, *rev),
+                Guard::Absent(k) => Compare::create_revision(*k, CompareOp::Equal, 0),
+                Guard::Unchanged(p, at) => {
+                    Compare::mod_revision(*p, CompareOp::Less, at + 1).with_range(prefix_end(p))
+                }
+            })
+            .collect();
+        let ops: Vec<TxnOp> = puts
+            .iter()
+            .map(|(k, v)| TxnOp::put(*k, v.to_string(), None))
+            .chain(deletes.iter().map(|k| TxnOp::delete(*k, None)))
+            .collect();
+        let resp = self
+            .client
+            .kv_client()
+            .txn(Txn::new().when(compares).and_then(ops))
+            .await?;
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
     }
 
     /// Writes an empty marker at `key` that etcd removes after `ttl` seconds.

@@ -909,3 +909,69 @@ pub async fn login(c: &ClientArgs, a: LoginArgs) -> Result<()> {
     );
     Ok(())
 }
+
+/// `stratus console`.
+#[derive(Debug, clap::Args)]
+pub struct ConsoleArgs {
+    /// Server name.
+    pub name: String,
+    /// Wait until the console shows this text (then print it all).
+    #[arg(long)]
+    pub wait_for: Option<String>,
+    /// Seconds to wait for `--wait-for`.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+}
+
+/// `stratus console SERVER`: prints the server's serial console log. The log lives on its
+/// hypervisor (`status.console.logPath`), so this reads it on that node.
+pub async fn console(c: &ClientArgs, a: ConsoleArgs) -> Result<()> {
+    let s = Session::connect(c).await?;
+    let r = s.resolve("servers")?;
+    let ns = s.ns_for(&r, None);
+    let deadline = Instant::now() + Duration::from_secs(a.timeout);
+    loop {
+        let obj = s
+            .get_json(&format!("{}/{}", r.collection(ns.as_deref()), a.name))
+            .await
+            .with_context(|| format!("get server {}", a.name))?;
+        let path = obj
+            .pointer("/status/console/logPath")
+            .and_then(Value::as_str)
+            .map(PathBuf::from);
+        let text = path
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|t| t.replace('\r', ""));
+        let done = match (&text, &a.wait_for) {
+            (Some(t), Some(w)) => t.contains(w.as_str()),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if done {
+            print!("{}", text.unwrap_or_default());
+            return Ok(());
+        }
+        if a.wait_for.is_none() || Instant::now() >= deadline {
+            let node = obj
+                .pointer("/status/hypervisor")
+                .and_then(Value::as_str)
+                .unwrap_or("(not placed yet)");
+            match (text, path) {
+                (Some(t), _) => {
+                    print!("{t}");
+                    bail!(
+                        "the console did not show {:?} in time",
+                        a.wait_for.unwrap_or_default()
+                    );
+                }
+                (None, Some(p)) => bail!(
+                    "the console log is on hypervisor {node} at {}; run this on that node",
+                    p.display()
+                ),
+                (None, None) => bail!("server {} has no console yet (hypervisor: {node})", a.name),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -13,9 +13,14 @@ pub struct ControllersArgs {
     /// Seconds the leader holds its Lease without renewing it before a standby takes over.
     #[arg(long, default_value_t = 15)]
     pub lease_seconds: u64,
+    /// How the scheduler orders hypervisors a server fits on: `spread` (most free RAM first)
+    /// or `pack` (fill one hypervisor before the next).
+    #[arg(long, default_value = "spread", value_parser = ["spread", "pack"])]
+    pub weigher: String,
 }
 
-async fn client(kubeconfig: Option<PathBuf>) -> Result<kube::Client> {
+/// A client from a kubeconfig file, or the one kubectl would use.
+pub async fn client(kubeconfig: Option<PathBuf>) -> Result<kube::Client> {
     let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(&path)
@@ -31,21 +36,36 @@ async fn client(kubeconfig: Option<PathBuf>) -> Result<kube::Client> {
 
 /// Runs every controller until it fails.
 pub async fn run(args: ControllersArgs) -> Result<()> {
-    run_with_client(client(args.kubeconfig).await?, args.lease_seconds).await
+    let weigher = if args.weigher == "pack" {
+        stratus_controllers::scheduler::Weigher::Pack
+    } else {
+        stratus_controllers::scheduler::Weigher::Spread
+    };
+    run_with_client(client(args.kubeconfig).await?, args.lease_seconds, weigher).await
 }
 
 /// Runs every controller with the credentials of a kubeconfig file.
 /// (`stratus up` is the only candidate for the Lease, so a short one lets a restarted cloud
 /// take its controllers back quickly.)
 pub async fn run_with_kubeconfig(path: PathBuf) -> Result<()> {
-    run_with_client(client(Some(path)).await?, 4).await
+    run_with_client(
+        client(Some(path)).await?,
+        4,
+        stratus_controllers::scheduler::Weigher::Spread,
+    )
+    .await
 }
 
 /// Runs the controllers, starting them again (after a growing pause) whenever they stop with
 /// an error, so a slow API server at start-up or a transient failure does not leave the cloud
 /// without them.
-async fn run_with_client(client: kube::Client, lease_seconds: u64) -> Result<()> {
-    let election = stratus_controllers::Election::new(lease_seconds);
+async fn run_with_client(
+    client: kube::Client,
+    lease_seconds: u64,
+    weigher: stratus_controllers::scheduler::Weigher,
+) -> Result<()> {
+    let mut election = stratus_controllers::Election::new(lease_seconds);
+    election.weigher = weigher;
     let mut pause = std::time::Duration::from_millis(200);
     loop {
         match stratus_controllers::run(client.clone(), election.clone()).await {

@@ -1,5 +1,6 @@
 //! The `stratus` binary: every role of a Stratus cloud and the client verbs.
 
+mod agent;
 mod client;
 mod controllers;
 mod up;
@@ -33,6 +34,8 @@ enum Command {
     Apiserver(ApiserverArgs),
     /// Run the cluster-wide controllers against an API server.
     Controllers(controllers::ControllersArgs),
+    /// Run one node's agents (compute: libvirt guests) against an API server.
+    Agent(agent::AgentArgs),
     /// Create or update objects from YAML (server-side apply).
     Apply {
         #[command(flatten)]
@@ -74,6 +77,13 @@ enum Command {
         client: client::ClientArgs,
         #[command(flatten)]
         args: client::LoginArgs,
+    },
+    /// Print a server's serial console log (read on its hypervisor's node).
+    Console {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(flatten)]
+        args: client::ConsoleArgs,
     },
     /// Show what applying files would change (exit 1 when something would).
     Diff {
@@ -151,18 +161,20 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing(matches!(
         cli.command,
-        Command::Up(_) | Command::Apiserver(_) | Command::Controllers(_)
+        Command::Up(_) | Command::Apiserver(_) | Command::Controllers(_) | Command::Agent(_)
     ));
     match cli.command {
         Command::Up(a) => up::run(a).await,
         Command::Apiserver(a) => apiserver(a).await,
         Command::Controllers(a) => controllers::run(a).await,
+        Command::Agent(a) => agent::run(a).await,
         Command::Apply { client, args } => client::apply(&client, args).await,
         Command::Get { client, args } => client::get(&client, args).await,
         Command::Describe { client, args } => client::describe(&client, args).await,
         Command::Delete { client, args } => client::delete(&client, args).await,
         Command::Wait { client, args } => client::wait(&client, args).await,
         Command::Login { client, args } => client::login(&client, args).await,
+        Command::Console { client, args } => client::console(&client, args).await,
         Command::Diff { client, args } => {
             if client::diff(&client, args).await? {
                 std::process::exit(1);

@@ -26,6 +26,26 @@ pub struct UpArgs {
     /// Seconds between watch bookmarks.
     #[arg(long, default_value_t = 60)]
     pub bookmark_seconds: u64,
+    /// Run this host's compute agent with this libvirt URI (`qemu:///system`, or
+    /// `test:///default` for a cloud whose guests are not real).
+    #[arg(long)]
+    pub compute: Option<String>,
+    /// The name of this host's node, with `--compute`.
+    #[arg(long, default_value = "node-1")]
+    pub node_name: String,
+    /// Issue node identities (`system:node:NAME`, with `DIR/node-NAME.kubeconfig`) for agents
+    /// run elsewhere, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub nodes: Vec<String>,
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 /// The etcd child process.
@@ -110,29 +130,33 @@ fn uuid_hex() -> String {
 const ADMIN_IDENTITY: &str = "system:admin";
 const CONTROLLERS_IDENTITY: &str = "system:stratus-controllers";
 
-/// The token-file tokens of [`ADMIN_IDENTITY`] and [`CONTROLLERS_IDENTITY`], made once and
-/// kept in the data directory.
-fn ensure_tokens(dir: &Path) -> Result<(PathBuf, String, String)> {
+/// The token-file token of every identity in `identities`, made once and kept in the data
+/// directory (tokens already there are kept).
+fn ensure_tokens(dir: &Path, identities: &[String]) -> Result<(PathBuf, Vec<String>)> {
     let path = dir.join("tokens.csv");
     let existing = stratus_apiserver::server::read_token_file(&path).unwrap_or_default();
-    let token_of = |identity: &str| {
-        existing
-            .iter()
-            .find(|(_, user)| user.as_str() == identity)
-            .map(|(token, _)| token.clone())
-    };
-    let (admin, controllers) = match (token_of(ADMIN_IDENTITY), token_of(CONTROLLERS_IDENTITY)) {
-        (Some(a), Some(c)) => return Ok((path, a, c)),
-        (a, c) => (
-            a.unwrap_or_else(random_token),
-            c.unwrap_or_else(random_token),
-        ),
-    };
-    write_private(
-        &path,
-        &format!("# token,user\n{admin},{ADMIN_IDENTITY}\n{controllers},{CONTROLLERS_IDENTITY}\n"),
-    )?;
-    Ok((path, admin, controllers))
+    let mut changed = false;
+    let tokens: Vec<String> = identities
+        .iter()
+        .map(|identity| {
+            existing
+                .iter()
+                .find(|(_, user)| *user == identity)
+                .map(|(token, _)| token.clone())
+                .unwrap_or_else(|| {
+                    changed = true;
+                    random_token()
+                })
+        })
+        .collect();
+    if changed {
+        let mut text = String::from("# token,user\n");
+        for (identity, token) in identities.iter().zip(&tokens) {
+            text.push_str(&format!("{token},{identity}\n"));
+        }
+        write_private(&path, &text)?;
+    }
+    Ok((path, tokens))
 }
 
 /// Makes the `admin` User (a cluster-wide admin) on the first start, with a random password
@@ -250,7 +274,19 @@ pub async fn run(args: UpArgs) -> Result<()> {
         &[host.clone(), "localhost".into(), "127.0.0.1".into()],
     )
     .context("make the CA and serving certificate")?;
-    let (token_file, token, controllers_token) = ensure_tokens(dir)?;
+    let mut nodes = args.nodes.clone();
+    if args.compute.is_some() && !nodes.contains(&args.node_name) {
+        nodes.insert(0, args.node_name.clone());
+    }
+    for n in &nodes {
+        if !is_dns_label(n) {
+            bail!("node name {n:?} is not a DNS-1123 label");
+        }
+    }
+    let mut identities = vec![ADMIN_IDENTITY.to_string(), CONTROLLERS_IDENTITY.to_string()];
+    identities.extend(nodes.iter().map(|n| format!("system:node:{n}")));
+    let (token_file, tokens) = ensure_tokens(dir, &identities)?;
+    let (token, controllers_token) = (tokens[0].clone(), tokens[1].clone());
     let mut config = stratus_apiserver::Config::new(vec![endpoint]);
     config.listen = args.listen;
     config.tls = Some((pki.server_cert.clone(), pki.server_key.clone()));
@@ -277,6 +313,15 @@ pub async fn run(args: UpArgs) -> Result<()> {
         &controllers_token,
         CONTROLLERS_IDENTITY,
     )?;
+    for (n, token) in nodes.iter().zip(&tokens[2..]) {
+        write_kubeconfig(
+            &dir.join(format!("node-{n}.kubeconfig")),
+            &url,
+            &ca,
+            token,
+            &format!("system:node:{n}"),
+        )?;
+    }
     tracing::info!(%url, kubeconfig = %kubeconfig.display(), "API server ready");
     if let Err(e) = ensure_admin_user(&kubeconfig, dir).await {
         server.abort();
@@ -287,11 +332,25 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let controllers = tokio::spawn(crate::controllers::run_with_kubeconfig(
         controllers_kubeconfig,
     ));
+    let agent = match &args.compute {
+        Some(uri) => Some(tokio::spawn(crate::agent::run(crate::agent::AgentArgs {
+            node: args.node_name.clone(),
+            kubeconfig: Some(dir.join(format!("node-{}.kubeconfig", args.node_name))),
+            libvirt_uri: uri.clone(),
+            state_dir: dir.join("compute"),
+            zone: "nova".into(),
+            heartbeat_seconds: 10,
+        }))),
+        None => None,
+    };
     eprintln!("Stratus is up: export KUBECONFIG={}", kubeconfig.display());
 
     tokio::select! {
         _ = int.recv() => tracing::info!("interrupted"),
         _ = term.recv() => tracing::info!("terminated"),
+    }
+    if let Some(a) = agent {
+        a.abort();
     }
     controllers.abort();
     server.abort();

@@ -2,8 +2,10 @@
 //! by whichever `stratus controllers` instance holds the leader Lease.
 
 pub mod gc;
+pub mod nodes;
 pub mod project;
 pub mod quota;
+pub mod scheduler;
 
 use std::time::Duration;
 
@@ -35,6 +37,8 @@ pub struct Election {
     pub identity: String,
     /// Seconds a leader holds the Lease without renewing it; a standby takes over after that.
     pub lease_seconds: u64,
+    /// How the scheduler orders the hypervisors a server fits on.
+    pub weigher: scheduler::Weigher,
 }
 
 impl Election {
@@ -45,6 +49,7 @@ impl Election {
         Self {
             identity,
             lease_seconds: lease_seconds.max(2),
+            weigher: scheduler::Weigher::Spread,
         }
     }
 }
@@ -77,7 +82,7 @@ pub async fn run(client: kube::Client, election: Election) -> Result<(), Error> 
         }
         tracing::info!(identity = %election.identity, "leading: controllers started");
         let mut controllers = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
-            every_controller(client.clone()),
+            every_controller(client.clone(), election.weigher),
         ));
         tokio::select! {
             done = &mut controllers => {
@@ -107,10 +112,15 @@ pub async fn run(client: kube::Client, election: Election) -> Result<(), Error> 
 }
 
 /// Every controller, until one stops.
-async fn every_controller(client: kube::Client) -> Result<(), gc::GcError> {
+async fn every_controller(
+    client: kube::Client,
+    weigher: scheduler::Weigher,
+) -> Result<(), gc::GcError> {
     tokio::select! {
         r = gc::run(client.clone()) => r,
         () = quota::run(client.clone()) => Ok(()),
-        () = project::run(client) => Ok(()),
+        () = project::run(client.clone()) => Ok(()),
+        () = scheduler::run(client.clone(), weigher) => Ok(()),
+        () = nodes::run(client) => Ok(()),
     }
 }

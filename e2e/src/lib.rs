@@ -1,5 +1,7 @@
 //! Helpers for end-to-end tests: a real etcd, the real `stratus` binary, the real kubectl.
 
+pub mod node;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -187,25 +189,34 @@ pub struct Cloud {
     /// `https://127.0.0.1:PORT`.
     pub url: String,
     ports: (u16, u16, u16),
+    extra: Vec<String>,
 }
 
 impl Cloud {
     /// Runs `stratus up` and waits until the API server answers.
     pub fn up() -> Result<Self> {
+        Self::up_with(&[])
+    }
+
+    /// Runs `stratus up` with extra arguments (kept across restarts) and waits until the API
+    /// server answers.
+    pub fn up_with(extra: &[&str]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let ports = (free_port(), free_port(), free_port());
-        let proc = Self::spawn(dir.path(), ports)?;
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let proc = Self::spawn(dir.path(), ports, &extra)?;
         let cloud = Self {
             url: format!("https://127.0.0.1:{}", ports.0),
             dir,
             proc,
             ports,
+            extra,
         };
         cloud.wait_ready()?;
         Ok(cloud)
     }
 
-    fn spawn(dir: &Path, ports: (u16, u16, u16)) -> Result<Proc> {
+    fn spawn(dir: &Path, ports: (u16, u16, u16), extra: &[String]) -> Result<Proc> {
         Proc::spawn(
             "stratus up",
             Command::new(stratus_bin())
@@ -219,7 +230,8 @@ impl Cloud {
                     "--etcd-peer-port",
                     &ports.2.to_string(),
                 ])
-                .args(["--bookmark-seconds", "1"]),
+                .args(["--bookmark-seconds", "1"])
+                .args(extra),
             &dir.join("stratus.log"),
         )
     }
@@ -230,13 +242,48 @@ impl Cloud {
         Ok(())
     }
 
+    /// Places a Server on hypervisor `node` through the binding subresource, as the scheduler
+    /// does, making the Hypervisor (with room, but not Ready, so the scheduler itself leaves
+    /// it alone) if it is absent. The Server's flavor must exist.
+    pub fn place(&self, namespace: &str, server: &str, node: &str) -> Result<()> {
+        if !self.kubectl(&["get", "hypervisor", node])?.status.success() {
+            self.kubectl_in(
+                &["create", "-f", "-"],
+                &format!("apiVersion: compute.stratus.dev/v1\nkind: Hypervisor\nmetadata:\n  name: {node}\nspec: {{}}\n"),
+            )?;
+            self.kubectl_ok(&[
+                "patch",
+                "hypervisor",
+                node,
+                "--subresource=status",
+                "--type",
+                "merge",
+                "-p",
+                r#"{"status":{"capacity":{"vcpus":64,"ramMiB":262144,"diskGiB":4096}}}"#,
+            ])?;
+        }
+        self.kubectl_in(
+            &[
+                "create",
+                "--raw",
+                &format!(
+                    "/apis/compute.stratus.dev/v1/namespaces/{namespace}/servers/{server}/binding"
+                ),
+                "-f",
+                "-",
+            ],
+            &serde_json::json!({"target": {"name": node}}).to_string(),
+        )?;
+        Ok(())
+    }
+
     /// Stops `stratus up` with SIGTERM and starts it again on the same data directory.
     pub fn restart(&mut self) -> Result<()> {
         let status = self.proc.terminate()?;
         if !status.success() {
             bail!("stratus up exited with {status} on SIGTERM");
         }
-        self.proc = Self::spawn(self.dir.path(), self.ports)?;
+        self.proc = Self::spawn(self.dir.path(), self.ports, &self.extra)?;
         self.wait_ready()
     }
 

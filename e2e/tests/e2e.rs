@@ -4,6 +4,7 @@ mod e2e {
     mod bad_input;
     mod cli;
     mod clients;
+    mod compute;
     mod gc;
     mod identity;
     mod kubectl;

@@ -397,19 +397,16 @@ fn a_node_writes_only_its_own_objects() -> Result<()> {
             .to_str()
             .unwrap_or_default(),
     ])?;
+    cloud.kubectl_ok(&[
+        "apply",
+        "-f",
+        stratus_e2e::repo_root()
+            .join("examples/flavors.yaml")
+            .to_str()
+            .unwrap_or_default(),
+    ])?;
     for (server, node) in [("web-1", "node-1"), ("web-2", "node-2")] {
-        cloud.kubectl_ok(&[
-            "-n",
-            "demo",
-            "patch",
-            "server",
-            server,
-            "--subresource=status",
-            "--type",
-            "merge",
-            "-p",
-            &format!(r#"{{"status":{{"hypervisor":"{node}"}}}}"#),
-        ])?;
+        cloud.place("demo", server, node)?;
     }
     let node = As {
         cloud: &cloud,
@@ -465,13 +462,15 @@ fn a_node_writes_only_its_own_objects() -> Result<()> {
         r#"{"status":{"hypervisor":"node-2"}}"#,
     ])?;
     node.denied(&["-n", "demo", "delete", "server", "web-1"])?;
-    // Its own Hypervisor: yes; another node's: no.
+    // Its own Hypervisor (registered again after an operator deleted it): yes; another
+    // node's: no.
+    cloud.kubectl_ok(&["delete", "hypervisor", "node-1"])?;
     let hv = |n: &str| {
         format!(
             "apiVersion: compute.stratus.dev/v1\nkind: Hypervisor\nmetadata:\n  name: {n}\nspec:\n  hypervisorType: qemu\n"
         )
     };
     assert!(node.create("default", &hv("node-1"))?.status.success());
-    assert!(!node.create("default", &hv("node-2"))?.status.success());
+    assert!(!node.create("default", &hv("node-3"))?.status.success());
     Ok(())
 }

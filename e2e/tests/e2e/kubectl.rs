@@ -463,19 +463,11 @@ fn describe_shows_events() -> Result<()> {
     // Events of other objects are not shown.
     let d2 = cloud.kubectl_ok(&["-n", "demo", "describe", "server", "web-2"])?;
     assert!(!d2.contains("placed on node-1"), "{d2}");
-    // The field agents select on: the hypervisor a Server is placed on (status, set by the scheduler).
-    cloud.kubectl_ok(&[
-        "-n",
-        "demo",
-        "patch",
-        "server",
-        "web-1",
-        "--subresource=status",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"status":{"hypervisor":"node-1"}}"#,
-    ])?;
+    // The field agents select on: the hypervisor a Server is placed on (status, set by the
+    // binding the scheduler makes).
+    let flavors = repo_root().join("examples/flavors.yaml");
+    cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
+    cloud.place("demo", "web-1", "node-1")?;
     let on_node = cloud.kubectl_ok(&[
         "-n",
         "demo",

@@ -1,0 +1,158 @@
+//! The compute driver: what the agent asks of a hypervisor (libvirt) and of the node's disks
+//! (image cache, qcow2 overlays, config drives). Blocking calls; the agent runs them on
+//! tokio's blocking pool.
+
+use std::path::PathBuf;
+
+pub mod disk;
+pub mod image;
+pub mod libvirt;
+pub mod xml;
+
+/// A guest as the agent wants it defined.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DomainSpec {
+    /// libvirt domain name (`stratus-<server uid>`).
+    pub name: String,
+    /// libvirt domain UUID (the Server's uid).
+    pub uuid: String,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Direct kernel boot, when the image has a kernel (and ramdisk).
+    pub kernel: Option<KernelBoot>,
+    /// Disks in guest order: the root disk first (`vda`), then the config drive.
+    pub disks: Vec<DiskSpec>,
+    /// Where the serial console is logged.
+    pub console_log: PathBuf,
+    /// The Server the guest belongs to, recorded in the domain's metadata.
+    pub owner: Owner,
+}
+
+/// Kernel, initramfs and command line for direct kernel boot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelBoot {
+    /// The kernel file.
+    pub kernel: PathBuf,
+    /// The initramfs file.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+}
+
+/// One disk of a guest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskSpec {
+    /// The file on the host.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: DiskFormat,
+    /// Read-only (the config drive).
+    pub readonly: bool,
+}
+
+/// Formats of disk files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// qcow2.
+    Qcow2,
+    /// raw (also ISO images).
+    Raw,
+}
+
+/// The Server a domain belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// Namespace (project).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// uid.
+    pub uid: String,
+}
+
+/// State of a domain, as libvirt reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainState {
+    /// Running (or blocked, idle: the guest is up).
+    Running,
+    /// Paused by the hypervisor.
+    Paused,
+    /// Being shut down.
+    ShuttingDown,
+    /// Shut off (defined, not running).
+    Shutoff,
+    /// Crashed.
+    Crashed,
+    /// Anything else libvirt reports.
+    Other,
+}
+
+/// A domain on the hypervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainInfo {
+    /// libvirt domain name.
+    pub name: String,
+    /// libvirt domain UUID.
+    pub uuid: String,
+    /// Current state.
+    pub state: DomainState,
+    /// The Server recorded in its metadata; `None` for a domain Stratus did not create.
+    pub owner: Option<Owner>,
+}
+
+/// What the node offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Logical CPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Hypervisor name and version, e.g. `QEMU 7.2.0 (TCG)`.
+    pub hypervisor_version: String,
+}
+
+/// Failures of a hypervisor call.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// libvirt refused or failed the call.
+    #[error("libvirt: {0}")]
+    Libvirt(String),
+    /// The domain does not exist.
+    #[error("no domain {0}")]
+    NoDomain(String),
+    /// The call needs a running domain and this one is off.
+    #[error("domain {0} is not running")]
+    NotRunning(String),
+    /// The call needs a stopped domain and this one is running.
+    #[error("domain {0} is running")]
+    Active(String),
+    /// The spec cannot be turned into a domain definition.
+    #[error("invalid domain spec: {0}")]
+    InvalidSpec(String),
+}
+
+/// A hypervisor: libvirt (QEMU or the `test:///` driver), or a test double.
+pub trait Hypervisor: Send + Sync + 'static {
+    /// What the node offers.
+    fn node_info(&self) -> Result<NodeInfo, DriverError>;
+    /// Every domain (defined or running) whose name starts with `stratus-`.
+    fn list(&self) -> Result<Vec<DomainInfo>, DriverError>;
+    /// One domain by name.
+    fn lookup(&self, name: &str) -> Result<Option<DomainInfo>, DriverError>;
+    /// Defines (or redefines) a persistent domain; does not start it.
+    fn define(&self, spec: &DomainSpec) -> Result<(), DriverError>;
+    /// Starts a defined domain.
+    fn start(&self, name: &str) -> Result<(), DriverError>;
+    /// Asks the guest to shut down (ACPI power button).
+    fn shutdown(&self, name: &str) -> Result<(), DriverError>;
+    /// Powers the domain off at once.
+    fn destroy(&self, name: &str) -> Result<(), DriverError>;
+    /// Removes the domain's definition (it must not be running).
+    fn undefine(&self, name: &str) -> Result<(), DriverError>;
+    /// Asks the guest to reboot (ACPI).
+    fn reboot(&self, name: &str) -> Result<(), DriverError>;
+    /// Resets the domain (power cycle without asking the guest).
+    fn reset(&self, name: &str) -> Result<(), DriverError>;
+}

@@ -1,0 +1,629 @@
+//! libvirt domain XML for a [`DomainSpec`], and the Stratus metadata element read back from it.
+//!
+//! Everything is written through quick-xml's writer, so names, paths and the kernel command line
+//! (all of which come from users or images) are escaped by the library, never spliced in by hand.
+
+use std::borrow::Cow;
+use std::io;
+use std::path::Path;
+
+use quick_xml::Writer;
+use quick_xml::events::{BytesText, Event};
+use quick_xml::reader::Reader;
+
+use super::{DiskFormat, DomainSpec, Owner};
+
+/// XML namespace of the Stratus metadata element in a domain's `<metadata>`.
+pub const METADATA_NS: &str = "https://stratus.dev/xmlns/libvirt/server/v1";
+
+/// Prefix bound to [`METADATA_NS`] in the XML Stratus writes.
+pub const METADATA_PREFIX: &str = "stratus";
+
+/// Local name of the Stratus metadata element.
+const METADATA_ELEMENT: &str = "server";
+
+/// The element's qualified name and namespace declaration, spelled out to match
+/// [`METADATA_PREFIX`] (a test checks they agree).
+const METADATA_QNAME: &str = "stratus:server";
+const METADATA_XMLNS: &str = "xmlns:stratus";
+
+/// Which libvirt domain type to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainKind {
+    /// QEMU with hardware acceleration (`<domain type='kvm'>`, host CPU passed through).
+    Kvm,
+    /// QEMU with software emulation, TCG (`<domain type='qemu'>`).
+    Qemu,
+    /// libvirt's in-process `test:///` driver (`<domain type='test'>`).
+    Test,
+}
+
+impl DomainKind {
+    /// The value of `<domain type=…>`.
+    pub fn domain_type(self) -> &'static str {
+        match self {
+            DomainKind::Kvm => "kvm",
+            DomainKind::Qemu => "qemu",
+            DomainKind::Test => "test",
+        }
+    }
+
+    /// How the hypervisor version string names the accelerator.
+    pub fn accelerator(self) -> &'static str {
+        match self {
+            DomainKind::Kvm => "KVM",
+            DomainKind::Qemu => "TCG",
+            DomainKind::Test => "test",
+        }
+    }
+}
+
+/// Failures reading the Stratus metadata element back.
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    /// The text is not well-formed XML.
+    #[error("malformed metadata XML")]
+    Xml(#[source] quick_xml::Error),
+    /// An attribute could not be read.
+    #[error("malformed metadata attribute")]
+    Attribute(#[source] quick_xml::events::attributes::AttrError),
+    /// The root element is not `<server>`.
+    #[error("metadata element is <{0}>, not <server>")]
+    WrongElement(String),
+    /// A required attribute is absent.
+    #[error("metadata element lacks attribute {0:?}")]
+    MissingAttribute(&'static str),
+    /// No element at all.
+    #[error("metadata holds no element")]
+    Empty,
+}
+
+/// The domain XML libvirt should define for `spec`.
+///
+/// Paths that are not UTF-8 are written lossily; callers that take paths from outside should
+/// reject those first (the libvirt driver's `define` does).
+pub fn domain_xml(spec: &DomainSpec, kind: DomainKind) -> String {
+    let mut writer = Writer::new_with_indent(Vec::new(), b' ', 2);
+    // Writing into a Vec<u8> has no I/O that could fail.
+    write_domain(&mut writer, spec, kind).expect("writing XML into a Vec<u8> cannot fail");
+    // Every piece written came from a &str, so the buffer is UTF-8.
+    String::from_utf8_lossy(&writer.into_inner()).into_owned()
+}
+
+/// libvirt's name for a virtio disk at `index` in guest order: `vda`…`vdz`, `vdaa`, ….
+pub fn virtio_disk_name(index: usize) -> String {
+    let mut letters = Vec::new();
+    let mut n = index;
+    loop {
+        // n % 26 < 26, so the cast cannot truncate.
+        letters.push(b'a' + (n % 26) as u8);
+        if n < 26 {
+            break;
+        }
+        n = n / 26 - 1;
+    }
+    letters.reverse();
+    let mut name = String::from("vd");
+    name.extend(letters.into_iter().map(char::from));
+    name
+}
+
+/// Reads the [`Owner`] from the metadata element libvirt returns for [`METADATA_NS`].
+///
+/// libvirt hands the element back without its prefix (`<server namespace=… name=… uid=…/>`);
+/// the prefixed form Stratus wrote is accepted as well.
+pub fn parse_owner_metadata(xml: &str) -> Result<Owner, MetadataError> {
+    let mut reader = Reader::from_str(xml);
+    loop {
+        let event = reader.read_event().map_err(MetadataError::Xml)?;
+        let start = match event {
+            Event::Start(start) | Event::Empty(start) => start,
+            Event::Eof => return Err(MetadataError::Empty),
+            _ => continue,
+        };
+        let local = start.local_name();
+        if local.as_ref() != METADATA_ELEMENT {
+            return Err(MetadataError::WrongElement(local.as_ref().to_owned()));
+        }
+        let (mut namespace, mut name, mut uid) = (None, None, None);
+        for attr in start.attributes() {
+            let attr = attr.map_err(MetadataError::Attribute)?;
+            let value = attr
+                .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                .map_err(MetadataError::Xml)?
+                .into_owned();
+            match attr.key.local_name().as_ref() {
+                "namespace" => namespace = Some(value),
+                "name" => name = Some(value),
+                "uid" => uid = Some(value),
+                _ => {}
+            }
+        }
+        return Ok(Owner {
+            namespace: namespace.ok_or(MetadataError::MissingAttribute("namespace"))?,
+            name: name.ok_or(MetadataError::MissingAttribute("name"))?,
+            uid: uid.ok_or(MetadataError::MissingAttribute("uid"))?,
+        });
+    }
+}
+
+/// The metadata element on its own, as `virDomainSetMetadata` would take it.
+pub fn owner_metadata_xml(owner: &Owner) -> String {
+    let mut writer = Writer::new(Vec::new());
+    write_owner(&mut writer, owner).expect("writing XML into a Vec<u8> cannot fail");
+    String::from_utf8_lossy(&writer.into_inner()).into_owned()
+}
+
+fn path_text(path: &Path) -> Cow<'_, str> {
+    path.to_string_lossy()
+}
+
+fn write_owner<W: io::Write>(w: &mut Writer<W>, owner: &Owner) -> io::Result<()> {
+    w.create_element(METADATA_QNAME)
+        .with_attribute((METADATA_XMLNS, METADATA_NS))
+        .with_attribute(("namespace", owner.namespace.as_str()))
+        .with_attribute(("name", owner.name.as_str()))
+        .with_attribute(("uid", owner.uid.as_str()))
+        .write_empty()?;
+    Ok(())
+}
+
+fn text_element<W: io::Write>(w: &mut Writer<W>, name: &str, text: &str) -> io::Result<()> {
+    w.create_element(name)
+        .write_text_content(BytesText::new(text))?;
+    Ok(())
+}
+
+fn write_domain<W: io::Write>(
+    w: &mut Writer<W>,
+    spec: &DomainSpec,
+    kind: DomainKind,
+) -> io::Result<()> {
+    w.create_element("domain")
+        .with_attribute(("type", kind.domain_type()))
+        .write_inner_content(|w| {
+            text_element(w, "name", &spec.name)?;
+            text_element(w, "uuid", &spec.uuid)?;
+            w.create_element("metadata")
+                .write_inner_content(|w| write_owner(w, &spec.owner))?;
+            w.create_element("memory")
+                .with_attribute(("unit", "MiB"))
+                .write_text_content(BytesText::new(&spec.memory_mib.to_string()))?;
+            text_element(w, "vcpu", &spec.vcpus.to_string())?;
+            write_os(w, spec, kind)?;
+            w.create_element("features").write_inner_content(|w| {
+                w.create_element("acpi").write_empty()?;
+                Ok(())
+            })?;
+            match kind {
+                // Without this KVM guests get the lowest-common-denominator qemu64 model.
+                DomainKind::Kvm => {
+                    w.create_element("cpu")
+                        .with_attribute(("mode", "host-passthrough"))
+                        .write_empty()?;
+                }
+                // qemu64 lacks x86-64-v2, which current distribution kernels require.
+                DomainKind::Qemu => {
+                    w.create_element("cpu")
+                        .with_attribute(("mode", "maximum"))
+                        .write_empty()?;
+                }
+                DomainKind::Test => {}
+            }
+            w.create_element("clock")
+                .with_attribute(("offset", "utc"))
+                .write_empty()?;
+            text_element(w, "on_poweroff", "destroy")?;
+            text_element(w, "on_reboot", "restart")?;
+            text_element(w, "on_crash", "destroy")?;
+            write_devices(w, spec)
+        })?;
+    Ok(())
+}
+
+fn write_os<W: io::Write>(
+    w: &mut Writer<W>,
+    spec: &DomainSpec,
+    kind: DomainKind,
+) -> io::Result<()> {
+    w.create_element("os").write_inner_content(|w| {
+        let ty = w.create_element("type").with_attribute(("arch", "x86_64"));
+        // The test driver takes any machine string; keep its XML free of QEMU specifics.
+        let ty = match kind {
+            DomainKind::Kvm | DomainKind::Qemu => ty.with_attribute(("machine", "q35")),
+            DomainKind::Test => ty,
+        };
+        ty.write_text_content(BytesText::new("hvm"))?;
+        match &spec.kernel {
+            Some(boot) => {
+                text_element(w, "kernel", &path_text(&boot.kernel))?;
+                if let Some(initrd) = &boot.initrd {
+                    text_element(w, "initrd", &path_text(initrd))?;
+                }
+                text_element(w, "cmdline", &boot.cmdline)?;
+            }
+            None => {
+                w.create_element("boot")
+                    .with_attribute(("dev", "hd"))
+                    .write_empty()?;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+fn write_devices<W: io::Write>(w: &mut Writer<W>, spec: &DomainSpec) -> io::Result<()> {
+    w.create_element("devices").write_inner_content(|w| {
+        for (index, disk) in spec.disks.iter().enumerate() {
+            let format = match disk.format {
+                DiskFormat::Qcow2 => "qcow2",
+                DiskFormat::Raw => "raw",
+            };
+            let target = virtio_disk_name(index);
+            w.create_element("disk")
+                .with_attribute(("type", "file"))
+                .with_attribute(("device", "disk"))
+                .write_inner_content(|w| {
+                    w.create_element("driver")
+                        .with_attribute(("name", "qemu"))
+                        .with_attribute(("type", format))
+                        .write_empty()?;
+                    w.create_element("source")
+                        .with_attribute(("file", path_text(&disk.path).as_ref()))
+                        .write_empty()?;
+                    w.create_element("target")
+                        .with_attribute(("dev", target.as_str()))
+                        .with_attribute(("bus", "virtio"))
+                        .write_empty()?;
+                    if disk.readonly {
+                        w.create_element("readonly").write_empty()?;
+                    }
+                    Ok(())
+                })?;
+        }
+        let log = path_text(&spec.console_log);
+        w.create_element("serial")
+            .with_attribute(("type", "pty"))
+            .write_inner_content(|w| {
+                w.create_element("log")
+                    .with_attribute(("file", log.as_ref()))
+                    .with_attribute(("append", "on"))
+                    .write_empty()?;
+                w.create_element("target")
+                    .with_attribute(("port", "0"))
+                    .write_empty()?;
+                Ok(())
+            })?;
+        w.create_element("console")
+            .with_attribute(("type", "pty"))
+            .write_inner_content(|w| {
+                w.create_element("target")
+                    .with_attribute(("type", "serial"))
+                    .with_attribute(("port", "0"))
+                    .write_empty()?;
+                Ok(())
+            })?;
+        w.create_element("memballoon")
+            .with_attribute(("model", "none"))
+            .write_empty()?;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use quick_xml::events::Event;
+    use quick_xml::reader::Reader;
+
+    use super::*;
+    use crate::compute::driver::{DiskSpec, KernelBoot};
+
+    const HOSTILE: &str = "a<b>c&d'e\"f]]>g&amp;\tline\nnext";
+
+    fn spec() -> DomainSpec {
+        DomainSpec {
+            name: format!("stratus-{HOSTILE}"),
+            uuid: "5b1c9f51-9d0e-4a53-9a34-0f6b1d2c3e4f".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            kernel: Some(KernelBoot {
+                kernel: PathBuf::from("/var/lib/stratus/images/k<1>&'\"/vmlinuz"),
+                initrd: Some(PathBuf::from("/var/lib/stratus/images/initrd&.img")),
+                cmdline: format!("console=ttyS0 root=/dev/vda1 {HOSTILE}"),
+            }),
+            disks: vec![
+                DiskSpec {
+                    path: PathBuf::from("/var/lib/stratus/servers/x/root<&>.qcow2"),
+                    format: DiskFormat::Qcow2,
+                    readonly: false,
+                },
+                DiskSpec {
+                    path: PathBuf::from("/var/lib/stratus/servers/x/config'\".iso"),
+                    format: DiskFormat::Raw,
+                    readonly: true,
+                },
+            ],
+            console_log: PathBuf::from("/var/log/stratus/console \"<&>\".log"),
+            owner: Owner {
+                namespace: format!("ns-{HOSTILE}"),
+                name: format!("name-{HOSTILE}"),
+                uid: "5b1c9f51-9d0e-4a53-9a34-0f6b1d2c3e4f".into(),
+            },
+        }
+    }
+
+    /// One element as the test sees it: its path from the root, attributes and text.
+    #[derive(Debug, Default)]
+    struct Node {
+        path: String,
+        attrs: Vec<(String, String)>,
+        text: String,
+        empty: bool,
+    }
+
+    impl Node {
+        fn attr(&self, key: &str) -> Option<&str> {
+            self.attrs
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    /// Parses the document into a flat list of elements, failing on anything malformed.
+    fn parse(xml: &str) -> Vec<Node> {
+        let mut reader = Reader::from_str(xml);
+        let mut stack: Vec<String> = Vec::new();
+        let mut open: Vec<usize> = Vec::new();
+        let mut nodes: Vec<Node> = Vec::new();
+        loop {
+            match reader.read_event().expect("well-formed XML") {
+                ev @ (Event::Start(_) | Event::Empty(_)) => {
+                    let (start, empty) = match ev {
+                        Event::Start(s) => (s, false),
+                        Event::Empty(s) => (s, true),
+                        _ => unreachable!(),
+                    };
+                    let name = start.name().as_ref().to_owned();
+                    stack.push(name);
+                    let attrs = start
+                        .attributes()
+                        .map(|a| {
+                            let a = a.expect("attribute");
+                            let key = a.key.as_ref().to_owned();
+                            let value = a
+                                .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                                .expect("attribute value")
+                                .into_owned();
+                            (key, value)
+                        })
+                        .collect();
+                    nodes.push(Node {
+                        path: stack.join("/"),
+                        attrs,
+                        text: String::new(),
+                        empty,
+                    });
+                    if empty {
+                        stack.pop();
+                    } else {
+                        open.push(nodes.len() - 1);
+                    }
+                }
+                Event::End(_) => {
+                    stack.pop();
+                    open.pop();
+                }
+                Event::Text(t) => {
+                    if let Some(&i) = open.last() {
+                        nodes[i].text.push_str(&t.xml10_content());
+                    }
+                }
+                Event::GeneralRef(r) => {
+                    let i = *open.last().expect("reference inside an element");
+                    match r.resolve_char_ref().expect("char ref") {
+                        Some(c) => nodes[i].text.push(c),
+                        None => nodes[i].text.push_str(
+                            quick_xml::escape::resolve_predefined_entity(&r)
+                                .expect("predefined entity"),
+                        ),
+                    }
+                }
+                Event::Eof => break,
+                _ => {}
+            }
+        }
+        assert!(stack.is_empty(), "unbalanced document");
+        nodes
+    }
+
+    fn one<'a>(nodes: &'a [Node], path: &str) -> &'a Node {
+        let found: Vec<&Node> = nodes.iter().filter(|n| n.path == path).collect();
+        assert_eq!(found.len(), 1, "{path}: {found:?}");
+        found[0]
+    }
+
+    #[test]
+    fn hostile_values_are_escaped_and_round_trip() {
+        let spec = spec();
+        let xml = domain_xml(&spec, DomainKind::Qemu);
+        // Nothing user-derived appears raw: the metacharacters only occur escaped.
+        assert!(!xml.contains(HOSTILE), "{xml}");
+        assert!(!xml.contains("a<b>"), "{xml}");
+        assert!(xml.contains("a&lt;b&gt;c&amp;d"), "{xml}");
+
+        let nodes = parse(&xml);
+        let domain = one(&nodes, "domain");
+        assert_eq!(domain.attr("type"), Some("qemu"));
+        assert_eq!(one(&nodes, "domain/name").text, spec.name);
+        assert_eq!(one(&nodes, "domain/uuid").text, spec.uuid);
+        let meta = one(&nodes, "domain/metadata/stratus:server");
+        assert_eq!(meta.attr("xmlns:stratus"), Some(METADATA_NS));
+        assert_eq!(meta.attr("namespace"), Some(spec.owner.namespace.as_str()));
+        assert_eq!(meta.attr("name"), Some(spec.owner.name.as_str()));
+        assert_eq!(meta.attr("uid"), Some(spec.owner.uid.as_str()));
+        let boot = spec.kernel.as_ref().expect("kernel");
+        assert_eq!(one(&nodes, "domain/os/cmdline").text, boot.cmdline);
+        assert_eq!(
+            one(&nodes, "domain/os/kernel").text,
+            boot.kernel.to_str().expect("utf-8")
+        );
+        let sources: Vec<&str> = nodes
+            .iter()
+            .filter(|n| n.path == "domain/devices/disk/source")
+            .filter_map(|n| n.attr("file"))
+            .collect();
+        let expected: Vec<&str> = spec
+            .disks
+            .iter()
+            .map(|d| d.path.to_str().expect("utf-8"))
+            .collect();
+        assert_eq!(sources, expected);
+        assert_eq!(
+            one(&nodes, "domain/devices/serial/log").attr("file"),
+            spec.console_log.to_str()
+        );
+    }
+
+    #[test]
+    fn metadata_names_agree() {
+        assert_eq!(
+            METADATA_QNAME,
+            [METADATA_PREFIX, METADATA_ELEMENT].join(":")
+        );
+        assert_eq!(METADATA_XMLNS, ["xmlns", METADATA_PREFIX].join(":"));
+    }
+
+    #[test]
+    fn metadata_parses_back_from_what_we_write() {
+        let owner = spec().owner;
+        let xml = owner_metadata_xml(&owner);
+        assert_eq!(parse_owner_metadata(&xml).expect("parse"), owner);
+    }
+
+    #[test]
+    fn metadata_parses_libvirts_unprefixed_form() {
+        let xml = r#"<server namespace="a&amp;b" name="n&lt;1&gt;" uid="u&quot;"/>"#;
+        let owner = parse_owner_metadata(xml).expect("parse");
+        assert_eq!(
+            owner,
+            Owner {
+                namespace: "a&b".into(),
+                name: "n<1>".into(),
+                uid: "u\"".into()
+            }
+        );
+        assert!(matches!(
+            parse_owner_metadata(r#"<other name="x"/>"#),
+            Err(MetadataError::WrongElement(e)) if e == "other"
+        ));
+        assert!(matches!(
+            parse_owner_metadata(r#"<server name="x" uid="u"/>"#),
+            Err(MetadataError::MissingAttribute("namespace"))
+        ));
+        assert!(matches!(
+            parse_owner_metadata(""),
+            Err(MetadataError::Empty)
+        ));
+        assert!(parse_owner_metadata("<server namespace='x").is_err());
+    }
+
+    #[test]
+    fn shape_of_a_qemu_domain() {
+        let mut spec = spec();
+        spec.kernel = None;
+        let nodes = parse(&domain_xml(&spec, DomainKind::Kvm));
+        assert_eq!(one(&nodes, "domain").attr("type"), Some("kvm"));
+        let memory = one(&nodes, "domain/memory");
+        assert_eq!(
+            (memory.attr("unit"), memory.text.as_str()),
+            (Some("MiB"), "512")
+        );
+        assert_eq!(one(&nodes, "domain/vcpu").text, "2");
+        let ty = one(&nodes, "domain/os/type");
+        assert_eq!(ty.text, "hvm");
+        assert_eq!(ty.attr("arch"), Some("x86_64"));
+        assert_eq!(ty.attr("machine"), Some("q35"));
+        assert_eq!(one(&nodes, "domain/os/boot").attr("dev"), Some("hd"));
+        assert!(!nodes.iter().any(|n| n.path == "domain/os/kernel"));
+        assert!(one(&nodes, "domain/features/acpi").empty);
+        assert_eq!(
+            one(&nodes, "domain/cpu").attr("mode"),
+            Some("host-passthrough")
+        );
+        assert_eq!(one(&nodes, "domain/on_poweroff").text, "destroy");
+        assert_eq!(one(&nodes, "domain/on_reboot").text, "restart");
+        assert_eq!(one(&nodes, "domain/on_crash").text, "destroy");
+
+        let targets: Vec<_> = nodes
+            .iter()
+            .filter(|n| n.path == "domain/devices/disk/target")
+            .map(|n| (n.attr("dev"), n.attr("bus")))
+            .collect();
+        assert_eq!(
+            targets,
+            vec![(Some("vda"), Some("virtio")), (Some("vdb"), Some("virtio"))]
+        );
+        let drivers: Vec<_> = nodes
+            .iter()
+            .filter(|n| n.path == "domain/devices/disk/driver")
+            .map(|n| (n.attr("name"), n.attr("type")))
+            .collect();
+        assert_eq!(
+            drivers,
+            vec![(Some("qemu"), Some("qcow2")), (Some("qemu"), Some("raw"))]
+        );
+        assert_eq!(
+            nodes
+                .iter()
+                .filter(|n| n.path == "domain/devices/disk/readonly")
+                .count(),
+            1
+        );
+        assert_eq!(
+            one(&nodes, "domain/devices/serial").attr("type"),
+            Some("pty")
+        );
+        assert_eq!(
+            one(&nodes, "domain/devices/serial/log").attr("append"),
+            Some("on")
+        );
+        assert_eq!(
+            one(&nodes, "domain/devices/console").attr("type"),
+            Some("pty")
+        );
+        assert_eq!(
+            one(&nodes, "domain/devices/memballoon").attr("model"),
+            Some("none")
+        );
+        assert!(!nodes.iter().any(|n| n.path == "domain/devices/graphics"));
+    }
+
+    #[test]
+    fn test_driver_domains_have_no_qemu_specifics() {
+        let nodes = parse(&domain_xml(&spec(), DomainKind::Test));
+        assert_eq!(one(&nodes, "domain").attr("type"), Some("test"));
+        assert_eq!(one(&nodes, "domain/os/type").attr("machine"), None);
+        assert!(!nodes.iter().any(|n| n.path == "domain/cpu"));
+        let tcg = parse(&domain_xml(&spec(), DomainKind::Qemu));
+        assert_eq!(one(&tcg, "domain/cpu").attr("mode"), Some("maximum"));
+    }
+
+    #[test]
+    fn disk_names_continue_past_z() {
+        let names: Vec<String> = [0, 1, 25, 26, 27, 51, 52, 701, 702]
+            .into_iter()
+            .map(virtio_disk_name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "vda", "vdb", "vdz", "vdaa", "vdab", "vdaz", "vdba", "vdzz", "vdaaa"
+            ]
+        );
+    }
+}

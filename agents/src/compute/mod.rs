@@ -1,0 +1,70 @@
+//! The compute agent: the node's Hypervisor object and the libvirt guests of its Servers.
+
+pub mod driver;
+pub mod node;
+pub mod server;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+use stratus_api_types::compute::HypervisorType;
+
+use driver::Hypervisor;
+use driver::image::ImageCache;
+
+/// How the agent runs on its node.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The node's name: its Hypervisor object and its `system:node:NAME` identity.
+    pub node: String,
+    /// Where the image cache and the guests' disks, config drives and console logs live.
+    pub state_dir: PathBuf,
+    /// Availability zone the node registers in.
+    pub zone: String,
+    /// The hypervisor type it registers as.
+    pub hypervisor_type: HypervisorType,
+    /// How often the node's Lease is renewed (it lasts four of these).
+    pub heartbeat: Duration,
+}
+
+/// How often guests whose Server is gone are looked for.
+const SWEEP: Duration = Duration::from_secs(30);
+
+/// Runs the compute agent until it is dropped: registers the node, heartbeats, reconciles the
+/// Servers placed on it, and sweeps away guests nothing owns any more.
+pub async fn run(client: Client, hypervisor: Arc<dyn Hypervisor>, config: Config) {
+    let ctx = Arc::new(server::Ctx {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "stratus-compute-agent".into(),
+                instance: Some(config.node.clone()),
+            },
+        ),
+        images: Arc::new(ImageCache::new(config.state_dir.join("images"))),
+        client: client.clone(),
+        hypervisor: Arc::clone(&hypervisor),
+        config: config.clone(),
+    });
+    let (servers, reconcile) = server::controller(Arc::clone(&ctx));
+    let heartbeat = node::run(client, hypervisor, config, servers);
+    let sweeper = async {
+        let mut tick = tokio::time::interval(SWEEP);
+        loop {
+            tick.tick().await;
+            match server::sweep(&ctx).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "removed guests whose servers are gone"),
+                Err(e) => tracing::warn!(error = %e, "sweep failed"),
+            }
+        }
+    };
+    tokio::select! {
+        () = reconcile => tracing::warn!("the server controller stopped"),
+        () = heartbeat => {}
+        () = sweeper => {}
+    }
+}

@@ -1,0 +1,973 @@
+//! Servers placed on this node: their libvirt guests, disks and config drives, kept as the
+//! Server asks (built, powered, rebooted, resized, rebuilt, torn down), with status read back
+//! from libvirt on every pass.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use futures::StreamExt;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::{Value, json};
+use stratus_api_types::common::{Time, set_condition};
+use stratus_api_types::compute::{
+    Flavor, Keypair, ObservedPowerState, PowerState, RebootType, Server, ServerPhase, ServerStatus,
+};
+use stratus_api_types::image::{DiskFormat as ImageFormat, Image, Visibility};
+use stratus_api_types::placement;
+
+use super::Config;
+use super::driver::disk::{self, ConfigDrive};
+use super::driver::image::{ImageCache, ImageError};
+use super::driver::{
+    DiskFormat, DiskSpec, DomainInfo, DomainSpec, DomainState, Hypervisor, KernelBoot, Owner,
+};
+
+/// The finalizer the API server's binding puts on a placed Server; removed here once the
+/// guest and its disks are gone from the host.
+pub const TEARDOWN_FINALIZER: &str = "compute.stratus.dev/teardown";
+
+/// How long a guest has to shut down after an ACPI request before it is powered off.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How often a guest's state is read back from libvirt (drift shows within this).
+pub const POLL: Duration = Duration::from_secs(3);
+
+/// Why a reconcile failed, and whether retrying can help.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A request to the API server failed (retry).
+    #[error("request to the API server")]
+    Api(#[source] kube::Error),
+    /// libvirt failed (retry).
+    #[error("hypervisor")]
+    Driver(#[from] super::driver::DriverError),
+    /// A disk or config drive could not be made (retry).
+    #[error("disk")]
+    Disk(#[from] disk::DiskError),
+    /// Removing the guest's files failed (retry).
+    #[error("remove {path}")]
+    Files {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A blocking task panicked (a bug; retry).
+    #[error("blocking task failed")]
+    Join(#[from] tokio::task::JoinError),
+    /// A Server without a namespace or uid (a bug elsewhere).
+    #[error("server lacks a namespace or uid")]
+    Incomplete,
+}
+
+/// What a pass does to a guest, decided from the Server and what libvirt reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// No domain: build disks and define and start it. `recreate`: it existed before (drift).
+    Build {
+        /// The Server had been built, so the domain went behind Stratus's back.
+        recreate: bool,
+    },
+    /// `spec.image` changed: recreate the root disk from the new image.
+    Rebuild,
+    /// `spec.flavor` changed and its resources are claimed: restart with the new size.
+    Resize,
+    /// `spec.flavor` changed but the claim for it is not made yet: wait for the scheduler.
+    AwaitResizeClaim,
+    /// Power on.
+    Start,
+    /// Ask the guest to shut down.
+    Shutdown,
+    /// Power off (the guest did not shut down in time).
+    PowerOff,
+    /// Reboot as asked.
+    Reboot(RebootType),
+    /// Nothing to change; report what libvirt says.
+    Observe,
+}
+
+/// Decides the next step. `stopping_for`: how long ago the guest was asked to shut down, if it
+/// was; `resize_claimed`: whether `status.allocated` is the claim of `spec.flavor`.
+pub fn plan(
+    server: &Server,
+    state: Option<DomainState>,
+    stopping_for: Option<Duration>,
+    resize_claimed: bool,
+) -> Step {
+    let status = server.status.clone().unwrap_or_default();
+    let Some(state) = state else {
+        return Step::Build {
+            recreate: status.launched_at.is_some(),
+        };
+    };
+    if status.image.is_some() && status.image != server.spec.image {
+        return Step::Rebuild;
+    }
+    if status
+        .flavor
+        .as_ref()
+        .is_some_and(|f| *f != server.spec.flavor)
+    {
+        return if resize_claimed {
+            Step::Resize
+        } else {
+            Step::AwaitResizeClaim
+        };
+    }
+    let up = matches!(
+        state,
+        DomainState::Running | DomainState::Paused | DomainState::ShuttingDown
+    );
+    match server.spec.power_state {
+        PowerState::Running if !up => Step::Start,
+        PowerState::Running => {
+            let asked = server.spec.reboot_request.as_ref();
+            if asked.is_some() && asked != status.last_reboot_request.as_ref() {
+                Step::Reboot(server.spec.reboot_type)
+            } else {
+                Step::Observe
+            }
+        }
+        PowerState::Stopped if up => match stopping_for {
+            None => Step::Shutdown,
+            Some(t) if t >= SHUTDOWN_GRACE => Step::PowerOff,
+            Some(_) => Step::Observe,
+        },
+        PowerState::Stopped => Step::Observe,
+    }
+}
+
+/// The libvirt domain name of a Server.
+pub fn instance_name(uid: &str) -> String {
+    format!("stratus-{uid}")
+}
+
+pub(crate) struct Ctx {
+    pub client: Client,
+    pub hypervisor: Arc<dyn Hypervisor>,
+    pub config: Config,
+    pub images: Arc<ImageCache>,
+    pub recorder: Recorder,
+}
+
+impl Ctx {
+    fn server_dir(&self, uid: &str) -> PathBuf {
+        self.config.state_dir.join("servers").join(uid)
+    }
+}
+
+/// Runs a blocking driver call on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ServerError> {
+    Ok(tokio::task::spawn_blocking(f).await?)
+}
+
+fn now() -> Time {
+    Time(jiff::Timestamp::now())
+}
+
+fn observed(state: Option<DomainState>) -> ObservedPowerState {
+    match state {
+        Some(DomainState::Running | DomainState::ShuttingDown) => ObservedPowerState::Running,
+        Some(DomainState::Paused) => ObservedPowerState::Paused,
+        Some(DomainState::Shutoff) => ObservedPowerState::Shutdown,
+        Some(DomainState::Crashed) => ObservedPowerState::Crashed,
+        Some(DomainState::Other) | None => ObservedPowerState::NoState,
+    }
+}
+
+async fn publish(ctx: &Ctx, server: &Server, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &server.object_ref(&())).await {
+        tracing::debug!(error = %e, "cannot publish an event");
+    }
+}
+
+/// Writes `status` if it differs from the Server's.
+async fn write_status(ctx: &Ctx, server: &Server, status: ServerStatus) -> Result<(), ServerError> {
+    if server.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let ns = server.namespace().ok_or(ServerError::Incomplete)?;
+    let mut body = serde_json::to_value(&status).unwrap_or(Value::Null);
+    // Placement fields are the binding's; a merge patch that leaves them out keeps them.
+    if let Some(o) = body.as_object_mut() {
+        o.remove("hypervisor");
+        o.remove("allocated");
+        // Absent lists and options must be cleared explicitly in a merge patch.
+        for k in ["addresses", "conditions"] {
+            o.entry(k).or_insert(json!([]));
+        }
+    }
+    Api::<Server>::namespaced(ctx.client.clone(), &ns)
+        .patch_status(
+            &server.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": body })),
+        )
+        .await
+        .map_err(ServerError::Api)?;
+    Ok(())
+}
+
+/// A problem with what the Server asks for, that no retry fixes until something changes.
+struct Blocked {
+    reason: &'static str,
+    message: String,
+}
+
+/// Marks the server as failed for `b`, with an Event when the reason is new.
+async fn block(ctx: &Ctx, server: &Server, b: Blocked) -> Result<Action, ServerError> {
+    let mut status = server.status.clone().unwrap_or_default();
+    let new_reason = !status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.reason == b.reason && c.message == b.message);
+    status.phase = ServerPhase::Error;
+    set_condition(
+        &mut status.conditions,
+        "Ready",
+        false,
+        b.reason,
+        &b.message,
+        server.metadata.generation,
+        now(),
+    );
+    write_status(ctx, server, status).await?;
+    if new_reason {
+        publish(ctx, server, EventType::Warning, b.reason, b.message).await;
+    }
+    Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+/// An Image usable from `ns`: its own, or a public one from any namespace.
+async fn find_image(client: &Client, ns: &str, name: &str) -> Result<Option<Image>, ServerError> {
+    if let Some(i) = Api::<Image>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .map_err(ServerError::Api)?
+    {
+        return Ok(Some(i));
+    }
+    let all = Api::<Image>::all(client.clone())
+        .list(&ListParams::default().fields(&format!("metadata.name={name}")))
+        .await
+        .map_err(ServerError::Api)?;
+    Ok(all
+        .items
+        .into_iter()
+        .find(|i| i.spec.visibility == Visibility::Public))
+}
+
+/// Downloads (once per node) and verifies an Image's data.
+async fn fetch(ctx: &Ctx, image: &Image) -> Result<Result<PathBuf, Blocked>, ServerError> {
+    let cache = Arc::clone(&ctx.images);
+    let url = image.spec.source.url.clone();
+    let sum = image.spec.sha256.clone();
+    let got = blocking(move || cache.fetch(&url, sum.as_deref())).await?;
+    Ok(match got {
+        Ok(c) => Ok(c.path),
+        Err(ImageError::ChecksumMismatch { expected, actual }) => Err(Blocked {
+            reason: "ImageChecksumMismatch",
+            message: format!(
+                "image \"{}\": the data's sha256 is {actual}, not {expected}",
+                image.name_any()
+            ),
+        }),
+        Err(e) => Err(Blocked {
+            reason: "ImageDownloadFailed",
+            message: format!("image \"{}\": {e}", image.name_any()),
+        }),
+    })
+}
+
+/// Everything a guest is built from, resolved through the API.
+struct Plan {
+    domain: DomainSpec,
+    root_base: PathBuf,
+    root_format: DiskFormat,
+    root_gib: u64,
+    drive: DriveData,
+}
+
+struct DriveData {
+    hostname: String,
+    keys: Vec<String>,
+    user_data: Option<Vec<u8>>,
+}
+
+async fn resolve(ctx: &Ctx, server: &Server) -> Result<Result<Plan, Blocked>, ServerError> {
+    let ns = server.namespace().ok_or(ServerError::Incomplete)?;
+    let uid = server.uid().ok_or(ServerError::Incomplete)?;
+    let Some(flavor) = Api::<Flavor>::all(ctx.client.clone())
+        .get_opt(&server.spec.flavor)
+        .await
+        .map_err(ServerError::Api)?
+    else {
+        return Ok(Err(Blocked {
+            reason: "FlavorNotFound",
+            message: format!("flavor \"{}\" not found", server.spec.flavor),
+        }));
+    };
+    if !server.spec.networks.is_empty() {
+        // Building the guest without the NICs it asks for would report a server that is not
+        // what the user applied.
+        return Ok(Err(Blocked {
+            reason: "NetworkingUnavailable",
+            message: "this server asks for networks; tenant networking (the network agent) is not available yet".into(),
+        }));
+    }
+    if !server.spec.volumes.is_empty() {
+        return Ok(Err(Blocked {
+            reason: "VolumesUnavailable",
+            message: "this server asks for volumes; the storage agent is not available yet".into(),
+        }));
+    }
+    let Some(image_name) = server.spec.image.as_deref() else {
+        return Ok(Err(Blocked {
+            reason: "BootVolumeUnsupported",
+            message: "booting from a volume needs the storage agent, which is not available yet"
+                .into(),
+        }));
+    };
+    let missing = |n: &str| Blocked {
+        reason: "ImageNotFound",
+        message: format!("image \"{n}\" not found"),
+    };
+    let Some(image) = find_image(&ctx.client, &ns, image_name).await? else {
+        return Ok(Err(missing(image_name)));
+    };
+    let root_format = match image.spec.disk_format {
+        ImageFormat::Qcow2 => DiskFormat::Qcow2,
+        ImageFormat::Raw => DiskFormat::Raw,
+        other => {
+            return Ok(Err(Blocked {
+                reason: "ImageNotBootable",
+                message: format!(
+                    "image \"{image_name}\" has diskFormat {other:?}; a server boots from a qcow2 or raw image"
+                ),
+            }));
+        }
+    };
+    let root_base = match fetch(ctx, &image).await? {
+        Ok(p) => p,
+        Err(b) => return Ok(Err(b)),
+    };
+    let mut kernel = None;
+    if let Some(k) = &image.spec.kernel_image {
+        let Some(k_img) = find_image(&ctx.client, &ns, k).await? else {
+            return Ok(Err(missing(k)));
+        };
+        let k_path = match fetch(ctx, &k_img).await? {
+            Ok(p) => p,
+            Err(b) => return Ok(Err(b)),
+        };
+        let mut initrd = None;
+        if let Some(r) = &image.spec.ramdisk_image {
+            let Some(r_img) = find_image(&ctx.client, &ns, r).await? else {
+                return Ok(Err(missing(r)));
+            };
+            initrd = match fetch(ctx, &r_img).await? {
+                Ok(p) => Some(p),
+                Err(b) => return Ok(Err(b)),
+            };
+        }
+        kernel = Some(KernelBoot {
+            kernel: k_path,
+            initrd,
+            cmdline: image
+                .spec
+                .kernel_cmdline
+                .clone()
+                .unwrap_or_else(|| "console=ttyS0".into()),
+        });
+    }
+    let mut keys = Vec::new();
+    if let Some(k) = &server.spec.keypair {
+        match Api::<Keypair>::namespaced(ctx.client.clone(), &ns)
+            .get_opt(k)
+            .await
+            .map_err(ServerError::Api)?
+        {
+            Some(kp) => keys.push(kp.spec.public_key.clone()),
+            None => {
+                return Ok(Err(Blocked {
+                    reason: "KeypairNotFound",
+                    message: format!("keypair \"{k}\" not found"),
+                }));
+            }
+        }
+    }
+    let user_data = match &server.spec.user_data {
+        Some(b64) => {
+            let clean: String = b64.chars().filter(|c| !c.is_whitespace()).collect();
+            match base64::engine::general_purpose::STANDARD.decode(clean) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    return Ok(Err(Blocked {
+                        reason: "InvalidUserData",
+                        message: format!("spec.userData is not base64: {e}"),
+                    }));
+                }
+            }
+        }
+        None => None,
+    };
+    let name = server.name_any();
+    let hostname = server.spec.hostname.clone().unwrap_or_else(|| {
+        // A valid host name is a DNS label; a dotted object name keeps its first label.
+        name.split('.').next().unwrap_or("server").to_string()
+    });
+    let dir = ctx.server_dir(&uid);
+    let claim = placement::claim(&flavor.spec);
+    Ok(Ok(Plan {
+        domain: DomainSpec {
+            name: instance_name(&uid),
+            uuid: uid.clone(),
+            vcpus: flavor.spec.vcpus,
+            memory_mib: flavor.spec.ram_mib,
+            kernel,
+            disks: vec![
+                DiskSpec {
+                    path: dir.join("root.qcow2"),
+                    format: DiskFormat::Qcow2,
+                    readonly: false,
+                },
+                DiskSpec {
+                    path: dir.join("config.iso"),
+                    format: DiskFormat::Raw,
+                    readonly: true,
+                },
+            ],
+            console_log: dir.join("console.log"),
+            owner: Owner {
+                namespace: ns,
+                name,
+                uid,
+            },
+        },
+        root_base,
+        root_format,
+        root_gib: claim.disk_gib.max(flavor.spec.disk_gib),
+        drive: DriveData {
+            hostname,
+            keys,
+            user_data,
+        },
+    }))
+}
+
+/// Makes the disks (the root disk only when absent, or always with `fresh_root`), defines the
+/// domain and starts it.
+async fn build(ctx: &Ctx, plan: Plan, fresh_root: bool) -> Result<(), ServerError> {
+    let hv = Arc::clone(&ctx.hypervisor);
+    blocking(move || -> Result<(), ServerError> {
+        let root = &plan.domain.disks[0].path;
+        let dir = root.parent().map(Path::to_path_buf).unwrap_or_default();
+        std::fs::create_dir_all(&dir).map_err(|source| ServerError::Files {
+            path: dir.clone(),
+            source,
+        })?;
+        if fresh_root && root.exists() {
+            std::fs::remove_file(root).map_err(|source| ServerError::Files {
+                path: root.clone(),
+                source,
+            })?;
+        }
+        if !root.exists() {
+            disk::create_overlay(&plan.root_base, plan.root_format, root, plan.root_gib)?;
+        }
+        disk::write_config_drive(
+            &plan.domain.disks[1].path,
+            &ConfigDrive {
+                instance_id: &plan.domain.uuid,
+                hostname: &plan.drive.hostname,
+                public_keys: &plan.drive.keys,
+                user_data: plan.drive.user_data.as_deref(),
+                network_config: None,
+            },
+        )?;
+        hv.define(&plan.domain)?;
+        if !hv
+            .lookup(&plan.domain.name)?
+            .is_some_and(|d| d.state == DomainState::Running)
+        {
+            hv.start(&plan.domain.name)?;
+        }
+        Ok(())
+    })
+    .await?
+}
+
+/// Removes the guest and its files; idempotent.
+async fn teardown(ctx: &Ctx, uid: &str) -> Result<(), ServerError> {
+    let hv = Arc::clone(&ctx.hypervisor);
+    let name = instance_name(uid);
+    let dir = ctx.server_dir(uid);
+    blocking(move || -> Result<(), ServerError> {
+        if let Some(d) = hv.lookup(&name)? {
+            if d.state != DomainState::Shutoff {
+                hv.destroy(&name)?;
+            }
+            hv.undefine(&name)?;
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(ServerError::Files { path: dir, source }),
+        }
+    })
+    .await?
+}
+
+/// Drops this node's finalizer, on the version of the Server that was read (a merge patch
+/// with its resourceVersion: a concurrent change makes it a conflict, retried).
+async fn release(ctx: &Ctx, server: &Server) -> Result<(), ServerError> {
+    if !server.finalizers().iter().any(|f| f == TEARDOWN_FINALIZER) {
+        return Ok(());
+    }
+    let ns = server.namespace().ok_or(ServerError::Incomplete)?;
+    let rest: Vec<&String> = server
+        .finalizers()
+        .iter()
+        .filter(|f| *f != TEARDOWN_FINALIZER)
+        .collect();
+    let patch = json!({"metadata": {
+        "finalizers": rest,
+        "resourceVersion": server.resource_version(),
+    }});
+    match Api::<Server>::namespaced(ctx.client.clone(), &ns)
+        .patch(
+            &server.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(ServerError::Api(e)),
+    }
+}
+
+fn stopping_for(server: &Server) -> Option<Duration> {
+    let c = server
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Stopping" && c.status == "True")?;
+    let since = jiff::Timestamp::now().duration_since(c.last_transition_time.0);
+    Some(Duration::try_from(since).unwrap_or_default())
+}
+
+/// The status after a pass, from the Server's and libvirt's state.
+fn observe(server: &Server, info: Option<&DomainInfo>, dir: &Path) -> ServerStatus {
+    let mut status = server.status.clone().unwrap_or_default();
+    let state = info.map(|d| d.state);
+    let gen_ = server.metadata.generation;
+    status.power_state = Some(observed(state));
+    status.instance_name = info.map(|d| d.name.clone());
+    status.console = Some(stratus_api_types::compute::ServerConsole {
+        log_path: Some(dir.join("console.log").display().to_string()),
+        url: None,
+    });
+    let running = matches!(state, Some(DomainState::Running));
+    status.phase = match (server.spec.power_state, running) {
+        (PowerState::Running, true) => ServerPhase::Running,
+        (PowerState::Stopped, false) => ServerPhase::Stopped,
+        (PowerState::Stopped, true) => status.phase,
+        (PowerState::Running, false) => ServerPhase::Building,
+    };
+    let t = now();
+    if server.spec.power_state == PowerState::Stopped && !running {
+        set_condition(
+            &mut status.conditions,
+            "Stopping",
+            false,
+            "Stopped",
+            "",
+            gen_,
+            t.clone(),
+        );
+    }
+    let (ready, reason, msg) = match status.phase {
+        ServerPhase::Running => (true, "Running", "the guest is running".to_string()),
+        ServerPhase::Stopped => (false, "Stopped", "stopped as requested".to_string()),
+        _ => (
+            false,
+            "NotRunning",
+            format!("the guest is {:?}", observed(state)),
+        ),
+    };
+    set_condition(
+        &mut status.conditions,
+        "Ready",
+        ready,
+        reason,
+        &msg,
+        gen_,
+        t,
+    );
+    status.observed_generation = gen_;
+    status
+}
+
+async fn reconcile(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, ServerError> {
+    let uid = server.uid().ok_or(ServerError::Incomplete)?;
+    let placed = server.status.as_ref().and_then(|s| s.hypervisor.as_deref());
+    if placed != Some(ctx.config.node.as_str()) {
+        return Ok(Action::await_change());
+    }
+    let name = instance_name(&uid);
+    if server.metadata.deletion_timestamp.is_some() {
+        teardown(&ctx, &uid).await?;
+        release(&ctx, &server).await?;
+        return Ok(Action::await_change());
+    }
+    let hv = Arc::clone(&ctx.hypervisor);
+    let lookup_name = name.clone();
+    let info = blocking(move || hv.lookup(&lookup_name)).await??;
+    let resize_claimed = match &server.status.as_ref().and_then(|s| s.flavor.clone()) {
+        Some(f) if *f != server.spec.flavor => {
+            match Api::<Flavor>::all(ctx.client.clone())
+                .get_opt(&server.spec.flavor)
+                .await
+                .map_err(ServerError::Api)?
+            {
+                Some(fl) => {
+                    server.status.as_ref().and_then(|s| s.allocated.as_ref())
+                        == Some(&placement::claim(&fl.spec))
+                }
+                None => false,
+            }
+        }
+        _ => false,
+    };
+    let step = plan(
+        &server,
+        info.as_ref().map(|d| d.state),
+        stopping_for(&server),
+        resize_claimed,
+    );
+    tracing::debug!(server = %server.name_any(), ?step, "reconcile");
+    let dir = ctx.server_dir(&uid);
+    let mut status = server.status.clone().unwrap_or_default();
+    let gen_ = server.metadata.generation;
+    match step {
+        Step::Build { .. } | Step::Rebuild | Step::Resize => {
+            // Resolved first: a server that cannot be built keeps one stable Error status
+            // instead of flapping through Building on every pass.
+            let plan = match resolve(&ctx, &server).await? {
+                Ok(p) => p,
+                Err(b) => return block(&ctx, &server, b).await,
+            };
+            status.phase = match step {
+                Step::Rebuild => ServerPhase::Rebuilding,
+                Step::Resize => ServerPhase::Resizing,
+                _ => ServerPhase::Building,
+            };
+            set_condition(
+                &mut status.conditions,
+                "Ready",
+                false,
+                "Building",
+                "preparing disks and the guest",
+                gen_,
+                now(),
+            );
+            write_status(&ctx, &server, status.clone()).await?;
+            if !matches!(step, Step::Build { .. }) {
+                // Rebuild and resize start from a powered-off guest.
+                let hv = Arc::clone(&ctx.hypervisor);
+                let n = name.clone();
+                blocking(move || hv.destroy(&n)).await??;
+            }
+            build(&ctx, plan, step == Step::Rebuild).await?;
+            let (reason, note) = match step {
+                Step::Build { recreate: true } => (
+                    "Recreated",
+                    format!("domain {name} was missing from the hypervisor; recreated it"),
+                ),
+                Step::Rebuild => (
+                    "Rebuilt",
+                    format!(
+                        "root disk rebuilt from image {}",
+                        server.spec.image.as_deref().unwrap_or_default()
+                    ),
+                ),
+                Step::Resize => (
+                    "Resized",
+                    format!("now running with flavor {}", server.spec.flavor),
+                ),
+                _ => ("Started", format!("domain {name} defined and started")),
+            };
+            let kind = if reason == "Recreated" {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
+            publish(&ctx, &server, kind, reason, note).await;
+            status.flavor = Some(server.spec.flavor.clone());
+            status.image = server.spec.image.clone();
+            status.launched_at = Some(now());
+            status.last_reboot_request = server.spec.reboot_request.clone();
+        }
+        Step::AwaitResizeClaim => {
+            set_condition(
+                &mut status.conditions,
+                "Resized",
+                false,
+                "AwaitingCapacity",
+                &format!(
+                    "waiting for the scheduler to claim flavor {} on this hypervisor",
+                    server.spec.flavor
+                ),
+                gen_,
+                now(),
+            );
+            status.phase = ServerPhase::Resizing;
+            write_status(&ctx, &server, status).await?;
+            return Ok(Action::requeue(POLL));
+        }
+        Step::Start => {
+            let hv = Arc::clone(&ctx.hypervisor);
+            let n = name.clone();
+            blocking(move || hv.start(&n)).await??;
+            status.launched_at = Some(now());
+            publish(
+                &ctx,
+                &server,
+                EventType::Normal,
+                "Started",
+                format!("domain {name} started"),
+            )
+            .await;
+        }
+        Step::Shutdown => {
+            let hv = Arc::clone(&ctx.hypervisor);
+            let n = name.clone();
+            blocking(move || hv.shutdown(&n)).await??;
+            set_condition(
+                &mut status.conditions,
+                "Stopping",
+                true,
+                "ShutdownRequested",
+                &format!(
+                    "asked the guest to shut down; it is powered off after {}s",
+                    SHUTDOWN_GRACE.as_secs()
+                ),
+                gen_,
+                now(),
+            );
+            write_status(&ctx, &server, status).await?;
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
+        Step::PowerOff => {
+            let hv = Arc::clone(&ctx.hypervisor);
+            let n = name.clone();
+            blocking(move || hv.destroy(&n)).await??;
+            publish(
+                &ctx,
+                &server,
+                EventType::Warning,
+                "PoweredOff",
+                format!(
+                    "the guest did not shut down within {}s; powered it off",
+                    SHUTDOWN_GRACE.as_secs()
+                ),
+            )
+            .await;
+        }
+        Step::Reboot(kind) => {
+            let hv = Arc::clone(&ctx.hypervisor);
+            let n = name.clone();
+            match kind {
+                RebootType::Soft => blocking(move || hv.reboot(&n)).await??,
+                RebootType::Hard => blocking(move || hv.reset(&n)).await??,
+            }
+            status.last_reboot_request = server.spec.reboot_request.clone();
+            publish(
+                &ctx,
+                &server,
+                EventType::Normal,
+                "Rebooted",
+                format!("{kind:?} reboot of {name}"),
+            )
+            .await;
+        }
+        Step::Observe => {}
+    }
+    let hv = Arc::clone(&ctx.hypervisor);
+    let n = name.clone();
+    let info = blocking(move || hv.lookup(&n)).await??;
+    let mut server_now = (*server).clone();
+    server_now.status = Some(status);
+    let next = observe(&server_now, info.as_ref(), &dir);
+    write_status(&ctx, &server, next).await?;
+    Ok(Action::requeue(POLL))
+}
+
+fn error_policy(server: Arc<Server>, e: &ServerError, _ctx: Arc<Ctx>) -> Action {
+    tracing::warn!(server = %server.name_any(), error = %e, source = ?std::error::Error::source(e), "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(2))
+}
+
+/// Reconciles every Server placed on this node until the watch ends. Returns the Server
+/// cache (for the node's heartbeat and the janitor).
+pub(crate) fn controller(ctx: Arc<Ctx>) -> (Store<Server>, impl std::future::Future<Output = ()>) {
+    let api = Api::<Server>::all(ctx.client.clone());
+    let cfg = watcher::Config::default().fields(&format!("status.hypervisor={}", ctx.config.node));
+    let controller = Controller::new(api, cfg)
+        .with_config(kube::runtime::controller::Config::default().concurrency(16));
+    let store = controller.store();
+    let run = controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {});
+    (store, run)
+}
+
+/// Removes guests (and their files) whose Server is gone or placed elsewhere: what a
+/// deletion behind the finalizer's back, or an agent dying mid-teardown, leaves.
+pub(crate) async fn sweep(ctx: &Ctx) -> Result<usize, ServerError> {
+    let hv = Arc::clone(&ctx.hypervisor);
+    let domains = blocking(move || hv.list()).await??;
+    let mut removed = 0;
+    for d in domains {
+        let Some(owner) = &d.owner else { continue };
+        let server = Api::<Server>::namespaced(ctx.client.clone(), &owner.namespace)
+            .get_opt(&owner.name)
+            .await
+            .map_err(ServerError::Api)?;
+        let ours = server.as_ref().is_some_and(|s| {
+            s.uid().as_deref() == Some(owner.uid.as_str())
+                && s.status.as_ref().and_then(|st| st.hypervisor.as_deref())
+                    == Some(ctx.config.node.as_str())
+        });
+        if !ours {
+            tracing::info!(domain = %d.name, server = %owner.name, "removing a guest whose server is gone");
+            teardown(ctx, &owner.uid).await?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(power: &str) -> Server {
+        serde_json::from_value(json!({
+            "apiVersion": "compute.stratus.dev/v1", "kind": "Server",
+            "metadata": {"name": "web", "namespace": "demo", "uid": "u1"},
+            "spec": {"flavor": "m1.tiny", "image": "tiny", "powerState": power},
+            "status": {"hypervisor": "n1", "flavor": "m1.tiny", "image": "tiny",
+                       "launchedAt": "2026-01-01T00:00:00Z"}
+        }))
+        .expect("a server")
+    }
+
+    #[test]
+    fn a_missing_domain_is_built_and_a_vanished_one_recreated() {
+        let mut s = server("Running");
+        assert_eq!(plan(&s, None, None, false), Step::Build { recreate: true });
+        s.status = None;
+        assert_eq!(plan(&s, None, None, false), Step::Build { recreate: false });
+    }
+
+    #[test]
+    fn power_follows_the_spec() {
+        let run = server("Running");
+        assert_eq!(
+            plan(&run, Some(DomainState::Shutoff), None, false),
+            Step::Start
+        );
+        assert_eq!(
+            plan(&run, Some(DomainState::Crashed), None, false),
+            Step::Start
+        );
+        assert_eq!(
+            plan(&run, Some(DomainState::Running), None, false),
+            Step::Observe
+        );
+        let stop = server("Stopped");
+        assert_eq!(
+            plan(&stop, Some(DomainState::Running), None, false),
+            Step::Shutdown
+        );
+        assert_eq!(
+            plan(
+                &stop,
+                Some(DomainState::Running),
+                Some(Duration::from_secs(3)),
+                false
+            ),
+            Step::Observe
+        );
+        assert_eq!(
+            plan(
+                &stop,
+                Some(DomainState::Running),
+                Some(SHUTDOWN_GRACE),
+                false
+            ),
+            Step::PowerOff
+        );
+        assert_eq!(
+            plan(&stop, Some(DomainState::Shutoff), None, false),
+            Step::Observe
+        );
+    }
+
+    #[test]
+    fn reboot_once_per_request() {
+        let mut s = server("Running");
+        s.spec.reboot_request = Some("t1".into());
+        assert_eq!(
+            plan(&s, Some(DomainState::Running), None, false),
+            Step::Reboot(RebootType::Soft)
+        );
+        if let Some(st) = s.status.as_mut() {
+            st.last_reboot_request = Some("t1".into());
+        }
+        assert_eq!(
+            plan(&s, Some(DomainState::Running), None, false),
+            Step::Observe
+        );
+    }
+
+    #[test]
+    fn image_and_flavor_changes_rebuild_and_resize() {
+        let mut s = server("Running");
+        s.spec.image = Some("other".into());
+        assert_eq!(
+            plan(&s, Some(DomainState::Running), None, false),
+            Step::Rebuild
+        );
+        let mut s = server("Running");
+        s.spec.flavor = "m1.small".into();
+        assert_eq!(
+            plan(&s, Some(DomainState::Running), None, false),
+            Step::AwaitResizeClaim
+        );
+        assert_eq!(
+            plan(&s, Some(DomainState::Running), None, true),
+            Step::Resize
+        );
+    }
+}

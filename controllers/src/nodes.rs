@@ -1,0 +1,245 @@
+//! Node lifecycle: a Hypervisor whose heartbeat Lease expired is marked NotReady (so nothing
+//! new is placed there), and its Servers are handled as their policy says: `Evacuate` ones are
+//! taken off it (the scheduler places them elsewhere and that node's agent rebuilds them),
+//! `Manual` ones are marked Error, and ones being deleted are released (the lost host cannot
+//! run their cleanup; its agent sweeps them away if it comes back).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use stratus_api_types::common::{Time, set_condition};
+use stratus_api_types::compute::{EvacuationPolicy, Hypervisor, Server, ServerPhase};
+
+/// Namespace of the nodes' heartbeat Leases.
+pub const LEASE_NAMESPACE: &str = "kube-node-lease";
+
+/// Why a reconcile failed; every one may succeed on retry.
+#[derive(Debug, thiserror::Error)]
+pub enum NodesError {
+    /// A request to the API server failed.
+    #[error("request to the API server")]
+    Api(#[source] kube::Error),
+}
+
+struct Ctx {
+    client: Client,
+    leases: Store<Lease>,
+    servers: Store<Server>,
+    recorder: Recorder,
+}
+
+/// When the node's heartbeat stops counting, from its Lease; `None` without a usable Lease.
+fn expiry(lease: &Lease) -> Option<jiff::Timestamp> {
+    let spec = lease.spec.as_ref()?;
+    let renewed = spec.renew_time.as_ref()?.0;
+    let seconds = i64::from(spec.lease_duration_seconds?);
+    renewed
+        .checked_add(jiff::SignedDuration::from_secs(seconds))
+        .ok()
+}
+
+fn ready(hv: &Hypervisor) -> bool {
+    hv.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
+}
+
+async fn publish<K: Resource<DynamicType = ()>>(
+    ctx: &Ctx,
+    obj: &K,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "NodeLifecycle".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+        tracing::debug!(error = %e, "cannot publish an event");
+    }
+}
+
+/// Takes a Server off its hypervisor (`DELETE servers/{name}/binding`).
+async fn unbind(client: &Client, ns: &str, name: &str) -> Result<(), NodesError> {
+    let req = http::Request::delete(format!(
+        "/apis/compute.stratus.dev/v1/namespaces/{ns}/servers/{name}/binding"
+    ))
+    .body(Vec::new())
+    .map_err(|e| NodesError::Api(kube::Error::HttpError(e)))?;
+    match client.request::<serde_json::Value>(req).await {
+        Ok(_) => Ok(()),
+        // Gone, or no longer placed: nothing left to do.
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(NodesError::Api(e)),
+    }
+}
+
+/// Handles the Servers of a lost hypervisor.
+async fn handle_servers(ctx: &Ctx, hv: &str) -> Result<(), NodesError> {
+    for s in ctx.servers.state() {
+        let Some(st) = s.status.as_ref() else {
+            continue;
+        };
+        if st.hypervisor.as_deref() != Some(hv) {
+            continue;
+        }
+        let Some(ns) = s.namespace() else { continue };
+        let name = s.name_any();
+        if s.metadata.deletion_timestamp.is_some() {
+            unbind(&ctx.client, &ns, &name).await?;
+            continue;
+        }
+        match s.spec.evacuation_policy {
+            EvacuationPolicy::Evacuate => {
+                unbind(&ctx.client, &ns, &name).await?;
+                publish(
+                    ctx,
+                    &*s,
+                    EventType::Warning,
+                    "Evacuating",
+                    format!(
+                        "hypervisor {hv} stopped heartbeating; rebuilding the server elsewhere"
+                    ),
+                )
+                .await;
+            }
+            EvacuationPolicy::Manual if st.phase != ServerPhase::Error => {
+                let mut conditions = st.conditions.clone();
+                let message = format!(
+                    "hypervisor {hv} stopped heartbeating; evacuationPolicy is Manual, so the server waits for an operator"
+                );
+                set_condition(
+                    &mut conditions,
+                    "Ready",
+                    false,
+                    "HypervisorLost",
+                    &message,
+                    s.metadata.generation,
+                    Time(jiff::Timestamp::now()),
+                );
+                Api::<Server>::namespaced(ctx.client.clone(), &ns)
+                    .patch_status(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(
+                            json!({"status": {"phase": "Error", "conditions": conditions}}),
+                        ),
+                    )
+                    .await
+                    .map_err(NodesError::Api)?;
+                publish(ctx, &*s, EventType::Warning, "HypervisorLost", message).await;
+            }
+            EvacuationPolicy::Manual => {}
+        }
+    }
+    Ok(())
+}
+
+async fn reconcile(hv: Arc<Hypervisor>, ctx: Arc<Ctx>) -> Result<Action, NodesError> {
+    ctx.leases.wait_until_ready().await.ok();
+    ctx.servers.wait_until_ready().await.ok();
+    let name = hv.name_any();
+    let lease = ctx
+        .leases
+        .get(&ObjectRef::new(&name).within(LEASE_NAMESPACE));
+    let Some(until) = lease.as_deref().and_then(expiry) else {
+        // Never heartbeated (registered by hand, or its agent not started yet).
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    };
+    let now = jiff::Timestamp::now();
+    if until > now {
+        // Look again just after the heartbeat would expire.
+        let left = Duration::try_from(until.duration_since(now)).unwrap_or_default();
+        return Ok(Action::requeue(left + Duration::from_secs(1)));
+    }
+    if ready(&hv) {
+        let mut status = hv.status.clone().unwrap_or_default();
+        let message = format!("no heartbeat since {until}");
+        set_condition(
+            &mut status.conditions,
+            "Ready",
+            false,
+            "HeartbeatLost",
+            &message,
+            None,
+            Time(now),
+        );
+        Api::<Hypervisor>::all(ctx.client.clone())
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"status": {"phase": "NotReady", "conditions": status.conditions}}),
+                ),
+            )
+            .await
+            .map_err(NodesError::Api)?;
+        publish(&ctx, &*hv, EventType::Warning, "NodeNotReady", message).await;
+    }
+    handle_servers(&ctx, &name).await?;
+    Ok(Action::requeue(Duration::from_secs(10)))
+}
+
+fn error_policy(_hv: Arc<Hypervisor>, e: &NodesError, _ctx: Arc<Ctx>) -> Action {
+    tracing::warn!(error = %e, "node lifecycle failed; retrying");
+    Action::requeue(Duration::from_secs(2))
+}
+
+/// Runs the node lifecycle controller until its watches end.
+pub async fn run(client: Client) {
+    let (leases, lease_writer) = reflector::store();
+    let (servers, server_writer) = reflector::store();
+    let lease_stream = watcher(
+        Api::<Lease>::namespaced(client.clone(), LEASE_NAMESPACE),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(lease_writer)
+    .applied_objects();
+    let server_stream = watcher(
+        Api::<Server>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(server_writer)
+    .touched_objects();
+    let ctx = Arc::new(Ctx {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "stratus-node-lifecycle".into(),
+                instance: None,
+            },
+        ),
+        client: client.clone(),
+        leases,
+        servers,
+    });
+    Controller::new(Api::<Hypervisor>::all(client), watcher::Config::default())
+        // A renewed Lease is its hypervisor's heartbeat.
+        .watches_stream(lease_stream, |l: Lease| Some(ObjectRef::new(&l.name_any())))
+        // A server placed on a lost hypervisor gets handled as it appears.
+        .watches_stream(server_stream, |s: Server| {
+            s.status
+                .and_then(|st| st.hypervisor)
+                .map(|h| ObjectRef::new(&h))
+        })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {})
+        .await;
+}

@@ -1,0 +1,718 @@
+//! The scheduler: places each unplaced Server on a Hypervisor (filters, then weighers) through
+//! the `binding` subresource, which claims the capacity in the same etcd transaction as the
+//! placement, so a stale view here can cost a retry but never an overcommit.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use stratus_api_types::compute::{
+    Flavor, Hypervisor, Server, ServerGroup, ServerGroupPolicy, ServerGroupSpec,
+};
+use stratus_api_types::placement::{self, Amount};
+
+/// How candidates that pass the filters are ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Weigher {
+    /// Most free RAM first: spreads servers over hypervisors (Nova's default).
+    #[default]
+    Spread,
+    /// Least free RAM first: fills one hypervisor before the next.
+    Pack,
+}
+
+/// Why a reconcile failed; every one may succeed on retry.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// A request to the API server failed.
+    #[error("request to the API server")]
+    Api(#[source] kube::Error),
+    /// A Server without a namespace (a bug elsewhere: Server is namespaced).
+    #[error("server has no namespace")]
+    NoNamespace,
+}
+
+/// A placement that cannot be made now, with the reason for the Server's condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unschedulable {
+    /// Condition reason (`Unschedulable`, `FlavorNotFound`, `ServerGroupNotFound`).
+    pub reason: &'static str,
+    /// What stops it, for people.
+    pub message: String,
+}
+
+/// The group a server belongs to and where its other members are.
+pub struct Group<'a> {
+    /// The group's policy.
+    pub spec: &'a ServerGroupSpec,
+    /// Hypervisor name → members placed there (this server excluded).
+    pub members: &'a HashMap<String, u32>,
+}
+
+fn ready(hv: &Hypervisor) -> bool {
+    hv.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
+}
+
+/// Ranks the hypervisors a server needing `need` may go to, best first; or says why there is
+/// none (`0/N hypervisors are available: …`, as kube-scheduler puts it).
+pub fn rank(
+    zone: Option<&str>,
+    need: Amount,
+    hypervisors: &[Arc<Hypervisor>],
+    used: &HashMap<String, Amount>,
+    group: Option<&Group<'_>>,
+    weigher: Weigher,
+) -> Result<Vec<String>, Unschedulable> {
+    let mut refused: BTreeMap<String, usize> = BTreeMap::new();
+    let mut fit: Vec<(f64, f64, String)> = Vec::new();
+    let affinity_hosts: Vec<&String> = group
+        .filter(|g| g.spec.policy == ServerGroupPolicy::Affinity)
+        .map(|g| {
+            g.members
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(h, _)| h)
+                .collect()
+        })
+        .unwrap_or_default();
+    for hv in hypervisors {
+        let name = hv.name_any();
+        let capacity = hv.status.as_ref().and_then(|s| s.capacity.as_ref());
+        let used_here = used.get(&name).copied().unwrap_or_default();
+        let members_here = group
+            .and_then(|g| g.members.get(&name))
+            .copied()
+            .unwrap_or(0);
+        let why: Option<String> = if hv.spec.disabled {
+            Some("disabled".into())
+        } else if !ready(hv) {
+            Some("not ready".into())
+        } else if zone.is_some_and(|z| z != hv.spec.availability_zone) {
+            Some("in another availability zone".into())
+        } else if group.is_some_and(|g| {
+            g.spec.policy == ServerGroupPolicy::AntiAffinity
+                && members_here >= g.spec.max_server_per_host.unwrap_or(1)
+        }) {
+            Some("hosting the anti-affinity group's members".into())
+        } else if !affinity_hosts.is_empty() && !affinity_hosts.contains(&&name) {
+            Some("not hosting the affinity group's members".into())
+        } else {
+            match capacity {
+                None => Some("not reporting capacity".into()),
+                Some(c) => {
+                    let limit = placement::allocatable(&hv.spec, c);
+                    match placement::shortfall(limit, used_here, need) {
+                        Some((what, _)) => Some(format!("insufficient {what}")),
+                        None => {
+                            let free_ram = limit.ram_mib - used_here.ram_mib - need.ram_mib;
+                            let ram = match weigher {
+                                Weigher::Spread => free_ram,
+                                Weigher::Pack => -free_ram,
+                            };
+                            let grouped = match group.map(|g| g.spec.policy) {
+                                Some(ServerGroupPolicy::SoftAffinity) => f64::from(members_here),
+                                Some(ServerGroupPolicy::SoftAntiAffinity) => {
+                                    -f64::from(members_here)
+                                }
+                                _ => 0.0,
+                            };
+                            fit.push((grouped, ram, name.clone()));
+                            None
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(why) = why {
+            *refused.entry(why).or_default() += 1;
+        }
+    }
+    if fit.is_empty() {
+        let mut reasons: Vec<(usize, String)> =
+            refused.into_iter().map(|(why, n)| (n, why)).collect();
+        reasons.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let detail: Vec<String> = reasons
+            .iter()
+            .map(|(n, why)| format!("{n} {why}"))
+            .collect();
+        let message = if hypervisors.is_empty() {
+            "0/0 hypervisors are available: no hypervisor is registered".to_string()
+        } else {
+            format!(
+                "0/{} hypervisors are available: {}",
+                hypervisors.len(),
+                detail.join(", ")
+            )
+        };
+        return Err(Unschedulable {
+            reason: "Unschedulable",
+            message,
+        });
+    }
+    // The group weigher first (it is a preference between hosts that all fit), then RAM, then
+    // the name so equal hosts are ordered the same way every time.
+    fit.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(b.1.total_cmp(&a.1))
+            .then(a.2.cmp(&b.2))
+    });
+    Ok(fit.into_iter().map(|(_, _, n)| n).collect())
+}
+
+struct Ctx {
+    client: Client,
+    servers: Store<Server>,
+    hypervisors: Store<Hypervisor>,
+    flavors: Store<Flavor>,
+    groups: Store<ServerGroup>,
+    /// Placements made here that the Server cache may not show yet (server key → hypervisor
+    /// and claim), so concurrent reconciles see each other's choices at once.
+    assumed: Mutex<HashMap<String, (String, Amount)>>,
+    weigher: Weigher,
+    recorder: Recorder,
+}
+
+fn server_key(s: &Server) -> String {
+    format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any())
+}
+
+impl Ctx {
+    /// What each hypervisor holds (from the cache and this scheduler's own recent binds), and
+    /// where the members of `group` (in `ns`) are.
+    fn usage(
+        &self,
+        me: &str,
+        ns: &str,
+        group: Option<&str>,
+    ) -> (HashMap<String, Amount>, HashMap<String, u32>) {
+        let mut used: HashMap<String, Amount> = HashMap::new();
+        let mut members: HashMap<String, u32> = HashMap::new();
+        let mut seen: HashMap<String, bool> = HashMap::new();
+        let mut in_group: HashSet<String> = HashSet::new();
+        for s in self.servers.state() {
+            let key = server_key(&s);
+            let placed = s.status.as_ref().and_then(|st| st.hypervisor.as_ref());
+            seen.insert(key.clone(), placed.is_some());
+            if group.is_some()
+                && s.namespace().as_deref() == Some(ns)
+                && s.spec.server_group.as_deref() == group
+            {
+                in_group.insert(key.clone());
+            }
+            let Some(hv) = placed else { continue };
+            if let Some(a) = s.status.as_ref().and_then(|st| st.allocated.as_ref()) {
+                let e = used.entry(hv.clone()).or_default();
+                *e = e.plus(Amount::from(a));
+            }
+            if key != me && in_group.contains(&key) {
+                *members.entry(hv.clone()).or_default() += 1;
+            }
+        }
+        if let Ok(mut assumed) = self.assumed.lock() {
+            // Once the cache shows a placement (or the server is gone), it counts from there.
+            assumed.retain(|k, _| seen.get(k) == Some(&false));
+            for (k, (hv, a)) in assumed.iter() {
+                let e = used.entry(hv.clone()).or_default();
+                *e = e.plus(*a);
+                if k != me && in_group.contains(k) {
+                    *members.entry(hv.clone()).or_default() += 1;
+                }
+            }
+        }
+        (used, members)
+    }
+
+    fn assume(&self, key: &str, hv: &str, a: Amount) {
+        if let Ok(mut m) = self.assumed.lock() {
+            m.insert(key.to_string(), (hv.to_string(), a));
+        }
+    }
+
+    fn forget(&self, key: &str) {
+        if let Ok(mut m) = self.assumed.lock() {
+            m.remove(key);
+        }
+    }
+}
+
+/// Binds `server` to `hypervisor`. `Ok(false)`: the API server refused it as a conflict (the
+/// hypervisor filled up or changed meanwhile), so the next candidate may be tried.
+async fn bind(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    hypervisor: &str,
+) -> Result<bool, kube::Error> {
+    let body = json!({
+        "apiVersion": "compute.stratus.dev/v1",
+        "kind": "Binding",
+        "metadata": {"name": name, "namespace": ns},
+        "target": {"name": hypervisor},
+    });
+    let req = http::Request::post(format!(
+        "/apis/compute.stratus.dev/v1/namespaces/{ns}/servers/{name}/binding"
+    ))
+    .header(http::header::CONTENT_TYPE, "application/json")
+    .body(body.to_string().into_bytes())
+    .map_err(kube::Error::HttpError)?;
+    match client.request::<serde_json::Value>(req).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+async fn publish(ctx: &Ctx, server: &Server, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Scheduling".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &server.object_ref(&())).await {
+        tracing::debug!(error = %e, "cannot publish an event");
+    }
+}
+
+/// Records why the server waits, unless its condition already says so.
+async fn mark_unschedulable(
+    ctx: &Ctx,
+    server: &Server,
+    u: &Unschedulable,
+) -> Result<(), SchedulerError> {
+    let current = server
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Scheduled"));
+    if current.is_some_and(|c| c.status == "False" && c.message == u.message) {
+        return Ok(());
+    }
+    let ns = server.namespace().ok_or(SchedulerError::NoNamespace)?;
+    let mut conditions = server
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    stratus_api_types::common::set_condition(
+        &mut conditions,
+        "Scheduled",
+        false,
+        u.reason,
+        &u.message,
+        server.metadata.generation,
+        stratus_api_types::common::Time(jiff::Timestamp::now()),
+    );
+    let api: Api<Server> = Api::namespaced(ctx.client.clone(), &ns);
+    api.patch_status(
+        &server.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Pending", "conditions": conditions}})),
+    )
+    .await
+    .map_err(SchedulerError::Api)?;
+    publish(
+        ctx,
+        server,
+        EventType::Warning,
+        "FailedScheduling",
+        u.message.clone(),
+    )
+    .await;
+    Ok(())
+}
+
+async fn reconcile(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, SchedulerError> {
+    if server.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    ctx.hypervisors.wait_until_ready().await.ok();
+    ctx.flavors.wait_until_ready().await.ok();
+    ctx.groups.wait_until_ready().await.ok();
+    let ns = server.namespace().ok_or(SchedulerError::NoNamespace)?;
+    let name = server.name_any();
+    if let Some(hv) = server.status.as_ref().and_then(|s| s.hypervisor.as_ref()) {
+        return reclaim(&ctx, &server, &ns, hv).await;
+    }
+    let key = server_key(&server);
+    let Some(flavor) = ctx.flavors.get(&ObjectRef::new(&server.spec.flavor)) else {
+        let u = Unschedulable {
+            reason: "FlavorNotFound",
+            message: format!("flavor \"{}\" not found", server.spec.flavor),
+        };
+        mark_unschedulable(&ctx, &server, &u).await?;
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    };
+    let group = match &server.spec.server_group {
+        Some(g) => match ctx.groups.get(&ObjectRef::new(g).within(&ns)) {
+            Some(group) => Some(group),
+            None => {
+                let u = Unschedulable {
+                    reason: "ServerGroupNotFound",
+                    message: format!("server group \"{g}\" not found"),
+                };
+                mark_unschedulable(&ctx, &server, &u).await?;
+                return Ok(Action::requeue(Duration::from_secs(30)));
+            }
+        },
+        None => None,
+    };
+    let need = Amount::from(&placement::claim(&flavor.spec));
+    let hypervisors = ctx.hypervisors.state();
+    let (used, members) = ctx.usage(&key, &ns, server.spec.server_group.as_deref());
+    let g = group.as_ref().map(|g| Group {
+        spec: &g.spec,
+        members: &members,
+    });
+    let ranked = rank(
+        server.spec.availability_zone.as_deref(),
+        need,
+        &hypervisors,
+        &used,
+        g.as_ref(),
+        ctx.weigher,
+    );
+    let candidates = match ranked {
+        Ok(c) => c,
+        Err(u) => {
+            mark_unschedulable(&ctx, &server, &u).await?;
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+    };
+    for hv in candidates.iter().take(5) {
+        ctx.assume(&key, hv, need);
+        match bind(&ctx.client, &ns, &name, hv).await {
+            Ok(true) => {
+                tracing::debug!(server = %key, hypervisor = %hv, "placed");
+                publish(
+                    &ctx,
+                    &server,
+                    EventType::Normal,
+                    "Scheduled",
+                    format!("placed on hypervisor {hv}"),
+                )
+                .await;
+                return Ok(Action::await_change());
+            }
+            Ok(false) => ctx.forget(&key),
+            Err(e) => {
+                ctx.forget(&key);
+                return Err(SchedulerError::Api(e));
+            }
+        }
+    }
+    // Every candidate filled up meanwhile: look again with a fresher view.
+    Ok(Action::requeue(Duration::from_millis(200)))
+}
+
+/// A placed Server whose flavor changed (a resize): claims the new flavor's resources on
+/// its hypervisor (the agent resizes the guest once the claim is made), or says why it cannot.
+async fn reclaim(ctx: &Ctx, server: &Server, ns: &str, hv: &str) -> Result<Action, SchedulerError> {
+    let Some(flavor) = ctx.flavors.get(&ObjectRef::new(&server.spec.flavor)) else {
+        // The agent reports a missing flavor.
+        return Ok(Action::await_change());
+    };
+    let claim = placement::claim(&flavor.spec);
+    if server.status.as_ref().and_then(|s| s.allocated.as_ref()) == Some(&claim) {
+        return Ok(Action::await_change());
+    }
+    if bind(&ctx.client, ns, &server.name_any(), hv)
+        .await
+        .map_err(SchedulerError::Api)?
+    {
+        publish(
+            ctx,
+            server,
+            EventType::Normal,
+            "ResizeClaimed",
+            format!("claimed flavor {} on hypervisor {hv}", server.spec.flavor),
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
+    let message = format!(
+        "hypervisor {hv} has no room for flavor {} (cold migration to another hypervisor is not supported yet)",
+        server.spec.flavor
+    );
+    let current = server
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Resized"));
+    if current.is_none_or(|c| c.message != message) {
+        let mut conditions = server
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        stratus_api_types::common::set_condition(
+            &mut conditions,
+            "Resized",
+            false,
+            "InsufficientCapacity",
+            &message,
+            server.metadata.generation,
+            stratus_api_types::common::Time(jiff::Timestamp::now()),
+        );
+        Api::<Server>::namespaced(ctx.client.clone(), ns)
+            .patch_status(
+                &server.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"conditions": conditions}})),
+            )
+            .await
+            .map_err(SchedulerError::Api)?;
+        publish(ctx, server, EventType::Warning, "ResizeFailed", message).await;
+    }
+    Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+fn error_policy(_s: Arc<Server>, e: &SchedulerError, _ctx: Arc<Ctx>) -> Action {
+    tracing::warn!(error = %e, "scheduling failed; retrying");
+    Action::requeue(Duration::from_secs(2))
+}
+
+/// A mapper from any change to every Server still waiting for a placement.
+fn waiting<T>(
+    store: Store<Server>,
+) -> impl Fn(T) -> Vec<ObjectRef<Server>> + Send + Sync + 'static {
+    move |_| {
+        store
+            .state()
+            .into_iter()
+            .filter(|s| {
+                s.status
+                    .as_ref()
+                    .and_then(|st| st.hypervisor.as_ref())
+                    .is_none()
+            })
+            .map(|s| ObjectRef::from_obj(&*s))
+            .collect()
+    }
+}
+
+/// Runs the scheduler until its watches end.
+pub async fn run(client: Client, weigher: Weigher) {
+    let (hypervisors, hv_writer) = reflector::store();
+    let (flavors, flavor_writer) = reflector::store();
+    let (groups, group_writer) = reflector::store();
+    let cfg = watcher::Config::default;
+    let hv_stream = watcher(Api::<Hypervisor>::all(client.clone()), cfg())
+        .default_backoff()
+        .reflect(hv_writer)
+        .applied_objects();
+    let flavor_stream = watcher(Api::<Flavor>::all(client.clone()), cfg())
+        .default_backoff()
+        .reflect(flavor_writer)
+        .applied_objects();
+    let group_stream = watcher(Api::<ServerGroup>::all(client.clone()), cfg())
+        .default_backoff()
+        .reflect(group_writer)
+        .applied_objects();
+    let controller = Controller::new(Api::<Server>::all(client.clone()), cfg())
+        .with_config(kube::runtime::controller::Config::default().concurrency(64));
+    let servers = controller.store();
+    let ctx_servers = servers.clone();
+    let ctx = Arc::new(Ctx {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "stratus-scheduler".into(),
+                instance: None,
+            },
+        ),
+        client,
+        servers: ctx_servers,
+        hypervisors,
+        flavors,
+        groups,
+        assumed: Mutex::new(HashMap::new()),
+        weigher,
+    });
+    controller
+        // A hypervisor, flavor or group that appears or changes may let waiting servers fit.
+        .watches_stream(hv_stream, waiting(servers.clone()))
+        .watches_stream(flavor_stream, waiting(servers.clone()))
+        .watches_stream(group_stream, waiting(servers))
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {})
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stratus_api_types::compute::{ComputeResources, HypervisorStatus};
+
+    /// A Ready hypervisor with 4 vCPUs, `ram` MiB and 100 GiB, ratios 1.0 and no reservation.
+    fn hv(name: &str, ram: u64) -> Arc<Hypervisor> {
+        let mut h = Hypervisor::new(
+            name,
+            serde_json::from_value(json!({
+                "cpuAllocationRatio": 1.0, "ramAllocationRatio": 1.0, "reservedHostMemoryMiB": 0
+            }))
+            .expect("a hypervisor spec"),
+        );
+        h.status = Some(HypervisorStatus {
+            capacity: Some(ComputeResources {
+                vcpus: 4,
+                ram_mib: ram,
+                disk_gib: 100,
+            }),
+            conditions: vec![
+                serde_json::from_value(json!({
+                    "type": "Ready", "status": "True", "reason": "Heartbeat", "message": "",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z"
+                }))
+                .expect("a condition"),
+            ],
+            ..Default::default()
+        });
+        Arc::new(h)
+    }
+
+    fn need(ram: f64) -> Amount {
+        Amount {
+            vcpus: 1.0,
+            ram_mib: ram,
+            disk_gib: 1.0,
+        }
+    }
+
+    fn group(policy: &str) -> ServerGroupSpec {
+        serde_json::from_value(json!({ "policy": policy })).expect("a group spec")
+    }
+
+    #[test]
+    fn spread_prefers_free_ram_and_pack_the_fullest_host() {
+        let hvs = [hv("a", 4096), hv("b", 8192), hv("c", 2048)];
+        let used = HashMap::new();
+        let spread = rank(None, need(512.0), &hvs, &used, None, Weigher::Spread);
+        assert_eq!(spread, Ok(vec!["b".into(), "a".into(), "c".into()]));
+        let pack = rank(None, need(512.0), &hvs, &used, None, Weigher::Pack);
+        assert_eq!(pack, Ok(vec!["c".into(), "a".into(), "b".into()]));
+    }
+
+    #[test]
+    fn nothing_fits_says_why_for_each_host() {
+        let mut down = (*hv("down", 8192)).clone();
+        if let Some(s) = down.status.as_mut() {
+            s.conditions.clear();
+        }
+        let mut off = (*hv("off", 8192)).clone();
+        off.spec.disabled = true;
+        let hvs = [
+            hv("small", 1024),
+            hv("small2", 1024),
+            Arc::new(down),
+            Arc::new(off),
+        ];
+        let err = rank(
+            None,
+            need(2048.0),
+            &hvs,
+            &HashMap::new(),
+            None,
+            Weigher::Spread,
+        )
+        .expect_err("nothing fits");
+        assert_eq!(err.reason, "Unschedulable");
+        assert_eq!(
+            err.message,
+            "0/4 hypervisors are available: 2 insufficient ram, 1 disabled, 1 not ready"
+        );
+        // What is already claimed counts.
+        let used = HashMap::from([("big".to_string(), need(7680.0))]);
+        let err = rank(
+            None,
+            need(1024.0),
+            &[hv("big", 8192)],
+            &used,
+            None,
+            Weigher::Spread,
+        )
+        .expect_err("full");
+        assert!(
+            err.message.contains("1 insufficient ram"),
+            "{}",
+            err.message
+        );
+        let err = rank(None, need(1.0), &[], &HashMap::new(), None, Weigher::Spread)
+            .expect_err("no hosts");
+        assert!(err.message.contains("no hypervisor is registered"));
+    }
+
+    #[test]
+    fn zones_are_filtered() {
+        let mut other = (*hv("other", 8192)).clone();
+        other.spec.availability_zone = "az2".into();
+        let hvs = [hv("home", 4096), Arc::new(other)];
+        let r = rank(
+            Some("az2"),
+            need(512.0),
+            &hvs,
+            &HashMap::new(),
+            None,
+            Weigher::Spread,
+        );
+        assert_eq!(r, Ok(vec!["other".into()]));
+    }
+
+    #[test]
+    fn server_groups_place_members_apart_or_together() {
+        let hvs = [hv("a", 8192), hv("b", 4096)];
+        let used = HashMap::new();
+        let members = HashMap::from([("a".to_string(), 1)]);
+        let anti = group("anti-affinity");
+        let g = Group {
+            spec: &anti,
+            members: &members,
+        };
+        assert_eq!(
+            rank(None, need(512.0), &hvs, &used, Some(&g), Weigher::Spread),
+            Ok(vec!["b".into()])
+        );
+        let aff = group("affinity");
+        let g = Group {
+            spec: &aff,
+            members: &members,
+        };
+        assert_eq!(
+            rank(None, need(512.0), &hvs, &used, Some(&g), Weigher::Spread),
+            Ok(vec!["a".into()])
+        );
+        // Soft anti-affinity prefers the other host even with less RAM, but keeps both.
+        let soft = group("soft-anti-affinity");
+        let g = Group {
+            spec: &soft,
+            members: &members,
+        };
+        assert_eq!(
+            rank(None, need(512.0), &hvs, &used, Some(&g), Weigher::Spread),
+            Ok(vec!["b".into(), "a".into()])
+        );
+        // Hard anti-affinity with every host taken: nowhere.
+        let both = HashMap::from([("a".to_string(), 1), ("b".to_string(), 1)]);
+        let g = Group {
+            spec: &anti,
+            members: &both,
+        };
+        let err = rank(None, need(512.0), &hvs, &used, Some(&g), Weigher::Spread)
+            .expect_err("no host left");
+        assert!(
+            err.message
+                .contains("2 hosting the anti-affinity group's members")
+        );
+    }
+}

@@ -1,0 +1,300 @@
+//! Simulated nodes for compute tests: each is a libvirtd (with its virtlogd) in its own network
+//! and mount namespace, with its own /run/libvirt, /var/lib/libvirt and /etc/libvirt, and a
+//! `stratus agent` reaching it through its socket. Also the test guest and a file server for
+//! its Images.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{Cloud, Proc, free_port, repo_root, stratus_bin, wait_until};
+
+/// Starts libvirtd inside the namespaces: the node's directories are bound over the paths
+/// libvirt uses, so each daemon sees only its own state. Paths come in as arguments.
+const START_LIBVIRTD: &str = r#"set -e
+mount --bind "$1/run" /run/libvirt
+mount --bind "$1/lib" /var/lib/libvirt
+mount --bind "$1/etc" /etc/libvirt
+ip link set lo up
+virtlogd -d --pid-file "$1/virtlogd.pid"
+exec libvirtd --pid-file "$1/libvirtd.pid"
+"#;
+
+/// One simulated node.
+pub struct Node {
+    /// The node's name.
+    pub name: String,
+    /// Its directory (libvirt's state, the agent's state, logs).
+    pub dir: tempfile::TempDir,
+    libvirtd: Proc,
+    /// The node's agent, while it runs.
+    pub agent: Option<Proc>,
+}
+
+impl Node {
+    /// Starts the node's libvirtd and waits for its socket.
+    pub fn start(name: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path();
+        for sub in ["run", "lib", "etc", "state"] {
+            std::fs::create_dir_all(d.join(sub))?;
+        }
+        std::fs::create_dir_all("/run/libvirt")?;
+        std::fs::create_dir_all("/var/log/libvirt/qemu")?;
+        copy_tree(Path::new("/etc/libvirt"), &d.join("etc"))?;
+        // libvirt's own directory layout, without its contents.
+        for entry in walk_dirs(Path::new("/var/lib/libvirt"))? {
+            if let Ok(rel) = entry.strip_prefix("/var/lib/libvirt") {
+                std::fs::create_dir_all(d.join("lib").join(rel))?;
+            }
+        }
+        // QEMU runs as root: the test's files are root's.
+        let conf = d.join("etc/qemu.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap_or_default();
+        text.push_str("\nuser = \"root\"\ngroup = \"root\"\n");
+        std::fs::write(&conf, text)?;
+        let libvirtd = Proc::spawn(
+            &format!("libvirtd of {name}"),
+            Command::new("unshare")
+                .args(["--net", "--mount", "--propagation", "private", "--"])
+                .args(["sh", "-c", START_LIBVIRTD, "sh"])
+                .arg(d),
+            &d.join("libvirtd.log"),
+        )?;
+        let node = Self {
+            name: name.to_string(),
+            dir,
+            libvirtd,
+            agent: None,
+        };
+        let sock = node.dir.path().join("run/libvirt-sock");
+        wait_until(Duration::from_secs(30), "libvirtd's socket", || {
+            sock.exists().then_some(())
+        })?;
+        wait_until(Duration::from_secs(30), "libvirtd to answer", || {
+            node.virsh(&["version"])
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|_| ())
+        })?;
+        Ok(node)
+    }
+
+    /// The libvirt URI of this node's daemon.
+    pub fn uri(&self) -> String {
+        format!(
+            "qemu:///system?socket={}",
+            self.dir.path().join("run/libvirt-sock").display()
+        )
+    }
+
+    /// Runs virsh against this node.
+    pub fn virsh(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(Command::new("virsh")
+            .args(["-c", &self.uri()])
+            .args(args)
+            .output()?)
+    }
+
+    /// Names of the domains defined on this node.
+    pub fn domains(&self) -> Result<Vec<String>> {
+        let out = self.virsh(&["list", "--all", "--name"])?;
+        if !out.status.success() {
+            bail!("virsh list: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect())
+    }
+
+    /// Starts (or restarts) the node's agent against `cloud`, which must have issued the
+    /// node's identity (`Cloud::up_with(&["--nodes", NAME])`).
+    pub fn start_agent(&mut self, cloud: &Cloud) -> Result<()> {
+        if let Some(mut a) = self.agent.take() {
+            a.kill();
+        }
+        let kubeconfig = cloud
+            .dir
+            .path()
+            .join(format!("node-{}.kubeconfig", self.name));
+        self.agent = Some(Proc::spawn(
+            &format!("agent of {}", self.name),
+            Command::new(stratus_bin())
+                .args(["agent", "--node", &self.name, "--libvirt-uri", &self.uri()])
+                .args(["--heartbeat-seconds", "2"])
+                .arg("--kubeconfig")
+                .arg(kubeconfig)
+                .arg("--state-dir")
+                .arg(self.dir.path().join("state"))
+                .env("STRATUS_LOG", "info,stratus_agents=debug"),
+            &self.dir.path().join("agent.log"),
+        )?);
+        Ok(())
+    }
+
+    /// Kills the agent at once (SIGKILL), as a crash would.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            a.kill();
+        }
+    }
+
+    /// The agent's log so far.
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// The serial console log of a domain, stripped of carriage returns.
+    pub fn console(&self, uid: &str) -> String {
+        std::fs::read_to_string(
+            self.dir
+                .path()
+                .join("state/servers")
+                .join(uid)
+                .join("console.log"),
+        )
+        .unwrap_or_default()
+        .replace('\r', "")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill_agent();
+        // Guests first (libvirtd's children), then the daemons.
+        if let Ok(names) = self.domains() {
+            for n in names {
+                let _ = self.virsh(&["destroy", &n]);
+            }
+        }
+        for pid_file in ["libvirtd.pid", "virtlogd.pid"] {
+            if let Ok(pid) = std::fs::read_to_string(self.dir.path().join(pid_file)) {
+                let _ = Command::new("kill").arg(pid.trim()).status();
+            }
+        }
+        self.libvirtd.kill();
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", from.display()))
+        .arg(to)
+        .status()?;
+    if !status.success() {
+        bail!("copy {} to {}", from.display(), to.display());
+    }
+    Ok(())
+}
+
+fn walk_dirs(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                todo.push(e.path());
+                out.push(e.path());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The test guest (kernel, initramfs, empty root disk), built once by scripts/build-guest.sh,
+/// served over HTTP on 127.0.0.1 for Images to download.
+pub struct Guest {
+    server: Proc,
+    /// Base URL of the files.
+    pub url: String,
+    /// The directory served.
+    pub dir: PathBuf,
+}
+
+impl Guest {
+    /// Builds the guest if needed and serves it.
+    pub fn serve() -> Result<Self> {
+        let dir = repo_root().join("target/stratus-guest");
+        let out = Command::new(repo_root().join("scripts/build-guest.sh"))
+            .arg(&dir)
+            .output()
+            .context("run scripts/build-guest.sh")?;
+        if !out.status.success() {
+            bail!(
+                "build-guest.sh failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let port = free_port();
+        let log = std::env::temp_dir().join(format!("guest-http-{port}.log"));
+        let server = Proc::spawn(
+            "guest file server",
+            Command::new("/usr/bin/python3")
+                .args([
+                    "-m",
+                    "http.server",
+                    "--bind",
+                    "127.0.0.1",
+                    &port.to_string(),
+                ])
+                .arg("--directory")
+                .arg(&dir),
+            &log,
+        )?;
+        let url = format!("http://127.0.0.1:{port}");
+        wait_until(Duration::from_secs(10), "the guest file server", || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        })?;
+        Ok(Self { server, url, dir })
+    }
+
+    /// The sha256 of one of the guest's files.
+    pub fn sha256(&self, file: &str) -> Result<String> {
+        let sums = std::fs::read_to_string(self.dir.join("SHA256SUMS"))?;
+        sums.lines()
+            .find_map(|l| {
+                let (sum, name) = l.split_once("  ")?;
+                (name == file).then(|| sum.to_string())
+            })
+            .with_context(|| format!("no checksum for {file}"))
+    }
+
+    /// YAML for the guest's three Images in `namespace` (public ones, so any project boots
+    /// them): `tiny-kernel`, `tiny-initrd` and `tiny`, the disk image naming the other two.
+    pub fn images_yaml(&self, namespace: &str) -> Result<String> {
+        let image = |name: &str, file: &str, format: &str, extra: &str| -> Result<String> {
+            Ok(format!(
+                "---\napiVersion: image.stratus.dev/v1\nkind: Image\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  diskFormat: {format}\n  containerFormat: {container}\n  visibility: public\n  source:\n    url: {url}/{file}\n  sha256: {sum}\n{extra}",
+                container = if format == "qcow2" { "bare" } else { format },
+                url = self.url,
+                sum = self.sha256(file)?,
+            ))
+        };
+        Ok([
+            image("tiny-kernel", "vmlinuz", "aki", "")?,
+            image("tiny-initrd", "initrd.img", "ari", "")?,
+            image(
+                "tiny",
+                "disk.qcow2",
+                "qcow2",
+                "  kernelImage: tiny-kernel\n  ramdiskImage: tiny-initrd\n  kernelCmdline: console=ttyS0 quiet\n",
+            )?,
+        ]
+        .concat())
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.server.kill();
+    }
+}
