@@ -157,6 +157,8 @@ impl Api {
         let ns = t.namespace.clone().unwrap_or_default();
         let server_key = t.key(self);
         let hv_key = hv_rt.key(&self.prefix, None, &target);
+        // Flavors are few: reading them all in the same request saves a round trip.
+        let flavors = flavor_rt.key_prefix(&self.prefix, None);
         let claims = claims_prefix(&self.prefix, &target);
         let claim = claim_key(&self.prefix, &target, &ns, t.name());
         let conflict = |why: String| ApiError::conflict(GROUP, "servers", t.name(), why);
@@ -167,9 +169,11 @@ impl Api {
                     Read::Key(&server_key),
                     Read::Key(&hv_key),
                     Read::Prefix(&claims),
+                    Read::Prefix(&flavors),
                 ])
                 .await
                 .map_err(store_err)?;
+            let all_flavors = std::mem::take(&mut reads[3]);
             let held = std::mem::take(&mut reads[2]);
             let hv = reads[1].pop().map(|(_, s)| s);
             let server = reads[0]
@@ -205,11 +209,10 @@ impl Api {
                 .and_then(Value::as_str)
                 .unwrap_or_default();
             let flavor_key = flavor_rt.key(&self.prefix, None, flavor_name);
-            let flavor = self
-                .store
-                .get(&flavor_key)
-                .await
-                .map_err(store_err)?
+            let flavor = all_flavors
+                .into_iter()
+                .find(|(k, _)| *k == flavor_key)
+                .map(|(_, f)| f)
                 .ok_or_else(|| {
                     invalid(
                         "spec.flavor",
@@ -348,6 +351,7 @@ impl Api {
             status.remove("hypervisor");
             status.remove("allocated");
             status.remove("instanceName");
+            status.remove("launchedAt");
             status.insert("phase".into(), json!("Evacuating"));
             set_condition(
                 status,

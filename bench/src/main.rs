@@ -15,6 +15,8 @@ use serde_json::{Value, json};
 use stratus_e2e::Etcd;
 
 mod auth;
+mod boot;
+mod sched;
 
 // The same allocator as the stratus binary.
 #[global_allocator]
@@ -46,6 +48,26 @@ enum What {
         /// Writes observed by every watcher.
         #[arg(long, default_value_t = 200)]
         events: usize,
+    },
+    /// The scheduler placing many servers onto many hypervisors (no agents) vs the bare etcd
+    /// transactions of a placement.
+    Sched {
+        /// Servers to place.
+        #[arg(long, default_value_t = 10000)]
+        servers: usize,
+        /// Hypervisors to place them on.
+        #[arg(long, default_value_t = 1000)]
+        hypervisors: usize,
+    },
+    /// Apply → Running with libvirt's test driver (scheduler + compute agent) vs defining and
+    /// starting the same domains through libvirt directly.
+    Boot {
+        /// Servers to create.
+        #[arg(long, default_value_t = 1000)]
+        servers: usize,
+        /// Concurrent creates.
+        #[arg(long, default_value_t = 50)]
+        concurrency: usize,
     },
     /// What authentication and authorisation cost per request.
     Auth {
@@ -581,6 +603,14 @@ async fn main() -> Result<()> {
             concurrency,
         } => bench_api(objects, &concurrency).await,
         What::Watch { watchers, events } => bench_watch(watchers, events).await,
+        What::Sched {
+            servers,
+            hypervisors,
+        } => sched::bench(servers, hypervisors).await,
+        What::Boot {
+            servers,
+            concurrency,
+        } => boot::bench(servers, concurrency).await,
         What::Auth {
             requests,
             concurrency,

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -177,11 +177,59 @@ struct Ctx {
     hypervisors: Store<Hypervisor>,
     flavors: Store<Flavor>,
     groups: Store<ServerGroup>,
-    /// Placements made here that the Server cache may not show yet (server key → hypervisor
-    /// and claim), so concurrent reconciles see each other's choices at once.
-    assumed: Mutex<HashMap<String, (String, Amount)>>,
+    /// Placements made here that the index may not show yet (server key → hypervisor, claim
+    /// and when), so concurrent reconciles see each other's choices at once.
+    assumed: Mutex<HashMap<String, (String, Amount, std::time::Instant)>>,
+    /// Where every placed server is, from the Server watch.
+    placements: Arc<Mutex<Placements>>,
     weigher: Weigher,
     recorder: Recorder,
+}
+
+/// How long a placement made here counts before the watch must have shown it.
+const ASSUME_FOR: Duration = Duration::from_secs(30);
+
+/// Where every placed Server is and what it claims, kept from the Server watch as it happens:
+/// an index beside the cache, so a placement does not walk every Server.
+#[derive(Default)]
+struct Placements {
+    by_server: HashMap<String, (String, Amount)>,
+    by_hv: HashMap<String, Amount>,
+}
+
+impl Placements {
+    fn set(&mut self, key: String, placed: Option<(String, Amount)>) {
+        if let Some((hv, a)) = self.by_server.remove(&key)
+            && let Some(e) = self.by_hv.get_mut(&hv)
+        {
+            *e = Amount {
+                vcpus: e.vcpus - a.vcpus,
+                ram_mib: e.ram_mib - a.ram_mib,
+                disk_gib: e.disk_gib - a.disk_gib,
+            };
+        }
+        if let Some((hv, a)) = placed {
+            let e = self.by_hv.entry(hv.clone()).or_default();
+            *e = e.plus(a);
+            self.by_server.insert(key, (hv, a));
+        }
+    }
+
+    fn observe(&mut self, event: &watcher::Event<Server>) {
+        let placement = |s: &Server| {
+            let st = s.status.as_ref()?;
+            Some((st.hypervisor.clone()?, Amount::from(st.allocated.as_ref()?)))
+        };
+        match event {
+            watcher::Event::Apply(s) | watcher::Event::InitApply(s) => {
+                self.set(server_key(s), placement(s));
+            }
+            watcher::Event::Delete(s) => self.set(server_key(s), None),
+            // A relist: rebuilt from the InitApply events that follow.
+            watcher::Event::Init => *self = Self::default(),
+            watcher::Event::InitDone => {}
+        }
+    }
 }
 
 fn server_key(s: &Server) -> String {
@@ -197,33 +245,33 @@ impl Ctx {
         ns: &str,
         group: Option<&str>,
     ) -> (HashMap<String, Amount>, HashMap<String, u32>) {
-        let mut used: HashMap<String, Amount> = HashMap::new();
+        let Ok(index) = self.placements.lock() else {
+            return Default::default();
+        };
+        let mut used = index.by_hv.clone();
         let mut members: HashMap<String, u32> = HashMap::new();
-        let mut seen: HashMap<String, bool> = HashMap::new();
         let mut in_group: HashSet<String> = HashSet::new();
-        for s in self.servers.state() {
-            let key = server_key(&s);
-            let placed = s.status.as_ref().and_then(|st| st.hypervisor.as_ref());
-            seen.insert(key.clone(), placed.is_some());
-            if group.is_some()
-                && s.namespace().as_deref() == Some(ns)
-                && s.spec.server_group.as_deref() == group
-            {
-                in_group.insert(key.clone());
+        if let Some(group) = group {
+            for s in self.servers.state() {
+                if s.namespace().as_deref() == Some(ns)
+                    && s.spec.server_group.as_deref() == Some(group)
+                {
+                    in_group.insert(server_key(&s));
+                }
             }
-            let Some(hv) = placed else { continue };
-            if let Some(a) = s.status.as_ref().and_then(|st| st.allocated.as_ref()) {
-                let e = used.entry(hv.clone()).or_default();
-                *e = e.plus(Amount::from(a));
-            }
-            if key != me && in_group.contains(&key) {
-                *members.entry(hv.clone()).or_default() += 1;
+            for k in in_group.iter().filter(|k| *k != me) {
+                if let Some((hv, _)) = index.by_server.get(k) {
+                    *members.entry(hv.clone()).or_default() += 1;
+                }
             }
         }
         if let Ok(mut assumed) = self.assumed.lock() {
-            // Once the cache shows a placement (or the server is gone), it counts from there.
-            assumed.retain(|k, _| seen.get(k) == Some(&false));
-            for (k, (hv, a)) in assumed.iter() {
+            // Once the index shows a placement it counts from there; an assumption the index
+            // never confirms (the server went at once) expires.
+            assumed.retain(|k, (_, _, at)| {
+                !index.by_server.contains_key(k) && at.elapsed() < ASSUME_FOR
+            });
+            for (k, (hv, a, _)) in assumed.iter() {
                 let e = used.entry(hv.clone()).or_default();
                 *e = e.plus(*a);
                 if k != me && in_group.contains(k) {
@@ -236,7 +284,10 @@ impl Ctx {
 
     fn assume(&self, key: &str, hv: &str, a: Amount) {
         if let Ok(mut m) = self.assumed.lock() {
-            m.insert(key.to_string(), (hv.to_string(), a));
+            m.insert(
+                key.to_string(),
+                (hv.to_string(), a, std::time::Instant::now()),
+            );
         }
     }
 
@@ -520,9 +571,21 @@ pub async fn run(client: Client, weigher: Weigher) {
         .default_backoff()
         .reflect(group_writer)
         .applied_objects();
-    let controller = Controller::new(Api::<Server>::all(client.clone()), cfg())
+    let placements: Arc<Mutex<Placements>> = Arc::default();
+    let (servers, server_writer) = reflector::store();
+    let index = placements.clone();
+    let server_stream = watcher(Api::<Server>::all(client.clone()), cfg())
+        .default_backoff()
+        .reflect(server_writer)
+        .map_ok(move |event| {
+            if let Ok(mut p) = index.lock() {
+                p.observe(&event);
+            }
+            event
+        })
+        .touched_objects();
+    let controller = Controller::for_stream(server_stream, servers.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(64));
-    let servers = controller.store();
     let ctx_servers = servers.clone();
     let ctx = Arc::new(Ctx {
         recorder: Recorder::new(
@@ -538,6 +601,7 @@ pub async fn run(client: Client, weigher: Weigher) {
         flavors,
         groups,
         assumed: Mutex::new(HashMap::new()),
+        placements,
         weigher,
     });
     controller
@@ -592,6 +656,40 @@ mod tests {
 
     fn group(policy: &str) -> ServerGroupSpec {
         serde_json::from_value(json!({ "policy": policy })).expect("a group spec")
+    }
+
+    fn placed(name: &str, hv: Option<&str>, ram: u64) -> Server {
+        serde_json::from_value(json!({
+            "apiVersion": "compute.stratus.dev/v1", "kind": "Server",
+            "metadata": {"name": name, "namespace": "p"},
+            "spec": {"flavor": "f", "image": "i"},
+            "status": hv.map(|h| json!({"hypervisor": h, "allocated": {"vcpus": 1, "ramMiB": ram, "diskGiB": 1}})),
+        }))
+        .expect("a server")
+    }
+
+    #[test]
+    fn the_placement_index_follows_the_watch() {
+        let mut p = Placements::default();
+        p.observe(&watcher::Event::Apply(placed("a", None, 0)));
+        assert!(p.by_hv.is_empty());
+        p.observe(&watcher::Event::Apply(placed("a", Some("h1"), 512)));
+        p.observe(&watcher::Event::Apply(placed("b", Some("h1"), 256)));
+        assert_eq!(p.by_hv["h1"].ram_mib, 768.0);
+        // Resized, moved, deleted.
+        p.observe(&watcher::Event::Apply(placed("a", Some("h1"), 1024)));
+        assert_eq!(p.by_hv["h1"].ram_mib, 1280.0);
+        p.observe(&watcher::Event::Apply(placed("b", Some("h2"), 256)));
+        assert_eq!(
+            (p.by_hv["h1"].ram_mib, p.by_hv["h2"].ram_mib),
+            (1024.0, 256.0)
+        );
+        p.observe(&watcher::Event::Delete(placed("a", Some("h1"), 1024)));
+        assert_eq!(p.by_hv["h1"].ram_mib, 0.0);
+        // A relist starts over.
+        p.observe(&watcher::Event::Init);
+        p.observe(&watcher::Event::InitApply(placed("b", Some("h2"), 256)));
+        assert_eq!(p.by_server.len(), 1);
     }
 
     #[test]

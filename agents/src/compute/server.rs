@@ -722,6 +722,17 @@ async fn reconcile(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, ServerE
                 EventType::Normal
             };
             publish(&ctx, &server, kind, reason, note).await;
+            if step == Step::Resize {
+                set_condition(
+                    &mut status.conditions,
+                    "Resized",
+                    true,
+                    "Resized",
+                    &format!("running with flavor {}", server.spec.flavor),
+                    gen_,
+                    now(),
+                );
+            }
             status.flavor = Some(server.spec.flavor.clone());
             status.image = server.spec.image.clone();
             status.launched_at = Some(now());

@@ -73,8 +73,10 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
     let cloud = Cloud::up_with(&["--nodes", "node-a,node-b"])?;
     cloud.projects(&["demo"])?;
     let dir = tempfile::tempdir()?;
-    let _a = test_agent(&cloud, "node-a", dir.path())?;
-    let _b = test_agent(&cloud, "node-b", dir.path())?;
+    let mut agents = [
+        ("node-a", test_agent(&cloud, "node-a", dir.path())?),
+        ("node-b", test_agent(&cloud, "node-b", dir.path())?),
+    ];
     wait_until(T, "both hypervisors Ready", || {
         let out = cloud.kubectl_ok(&["get", "hypervisors"]).ok()?;
         (out.lines()
@@ -260,6 +262,63 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
             "{hv}"
         );
     }
+
+    // Evacuation: a node whose heartbeat stops goes NotReady; its servers with
+    // evacuationPolicy Evacuate are rebuilt on another node, the others marked Error.
+    let together = "---\napiVersion: compute.stratus.dev/v1\nkind: ServerGroup\nmetadata:\n  name: together\n  namespace: demo\nspec:\n  policy: soft-affinity\n";
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        &format!(
+            "{together}{}",
+            server(
+                "evac",
+                "m1.nano",
+                "tiny",
+                "  serverGroup: together\n  evacuationPolicy: Evacuate\n"
+            )
+        ),
+    )?;
+    let evac = wait_server(&cloud, "evac", "evac running", |s| {
+        s["status"]["phase"] == "Running"
+    })?;
+    let lost = evac["status"]["hypervisor"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        &server("manual", "m1.nano", "tiny", "  serverGroup: together\n"),
+    )?;
+    let manual = wait_server(&cloud, "manual", "manual running", |s| {
+        s["status"]["phase"] == "Running"
+    })?;
+    assert_eq!(
+        manual["status"]["hypervisor"],
+        lost.as_str(),
+        "soft affinity ignored"
+    );
+    for (node, agent) in agents.iter_mut() {
+        if *node == lost {
+            agent.kill();
+        }
+    }
+    wait_until(T, "the lost node to be NotReady", || {
+        json(&cloud, &["get", "hypervisor", &lost])
+            .ok()
+            .filter(|h| h["status"]["phase"] == "NotReady")
+    })?;
+    let moved = wait_server(&cloud, "evac", "evac rebuilt elsewhere", |s| {
+        s["status"]["phase"] == "Running" && s["status"]["hypervisor"] != lost.as_str()
+    })?;
+    assert!(moved["status"]["hypervisor"].is_string());
+    let stuck = wait_server(&cloud, "manual", "manual marked Error", |s| {
+        s["status"]["phase"] == "Error"
+    })?;
+    assert_eq!(
+        condition(&stuck, "Ready").map(|c| c["reason"].clone()),
+        Some("HypervisorLost".into())
+    );
+    assert_eq!(stuck["status"]["hypervisor"], lost.as_str());
     Ok(())
 }
 
@@ -423,6 +482,29 @@ fn real_guests_on_two_simulated_nodes() -> Result<()> {
                 e.lines()
                     .any(|l| l.contains("Recreated") && l.contains("alpha"))
             })
+    })?;
+
+    // Resize (cold: the new size is claimed on the hypervisor, then the guest restarts with
+    // it) and rebuild (the root disk recreated from another image).
+    patch(r#"{"spec":{"flavor":"m1.tiny"}}"#)?;
+    let s = wait_server(&cloud, "alpha", "the resize", |s| {
+        s["status"]["flavor"] == "m1.tiny" && s["status"]["phase"] == "Running"
+    })?;
+    assert_eq!(s["status"]["allocated"]["ramMiB"], 512);
+    let xml = node.virsh(&["dumpxml", &dom])?;
+    let xml = String::from_utf8_lossy(&xml.stdout).into_owned();
+    assert!(xml.contains("<memory unit='KiB'>524288</memory>"), "{xml}");
+    let before = boots(node);
+    let tiny2 = guest
+        .images_yaml("demo")?
+        .replace("name: tiny\n", "name: tiny-again\n");
+    cloud.kubectl_in(&["apply", "-f", "-"], &tiny2)?;
+    patch(r#"{"spec":{"image":"tiny-again"}}"#)?;
+    wait_server(&cloud, "alpha", "the rebuild", |s| {
+        s["status"]["image"] == "tiny-again" && s["status"]["phase"] == "Running"
+    })?;
+    wait_until(T, "a boot of the rebuilt disk", || {
+        (boots(node) > before).then_some(())
     })?;
 
     // Killing the agent mid-create: exactly one domain per server after it restarts.

@@ -1,0 +1,247 @@
+//! Apply → Running with libvirt's test driver: servers created through the API, placed by the
+//! scheduler and built by a compute agent (image from the node's cache, qcow2 overlay, config
+//! drive, domain defined and started), side by side with the same domains defined and started
+//! straight through libvirt (the agent's own driver) at the same concurrency.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::TryStreamExt;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::discovery::ApiResource;
+use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::{Value, json};
+use stratus_agents::compute::driver::libvirt::Libvirt;
+use stratus_agents::compute::driver::{DiskFormat, DiskSpec, DomainSpec, Hypervisor, Owner};
+
+use crate::{drive, ms, stack, stats};
+
+const NODE: &str = "bench-node";
+
+fn servers_api(client: &kube::Client) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        client.clone(),
+        "bench",
+        &ApiResource {
+            group: "compute.stratus.dev".into(),
+            version: "v1".into(),
+            api_version: "compute.stratus.dev/v1".into(),
+            kind: "Server".into(),
+            plural: "servers".into(),
+        },
+    )
+}
+
+/// The reference: `n` domains defined and started through libvirt directly, `c` at a time.
+async fn reference(dir: &std::path::Path, n: usize, c: usize) -> Result<(f64, Vec<Duration>)> {
+    let hv: Arc<dyn Hypervisor> = Arc::new(Libvirt::connect("test:///default")?);
+    let dir = dir.to_path_buf();
+    let (lat, wall) = drive(n, c, move |i| {
+        let (hv, dir) = (hv.clone(), dir.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let uid = format!("00000000-0000-4000-8000-{i:012}");
+                let spec = DomainSpec {
+                    name: format!("stratus-{uid}"),
+                    uuid: uid.clone(),
+                    vcpus: 1,
+                    memory_mib: 64,
+                    kernel: None,
+                    disks: vec![DiskSpec {
+                        path: dir.join("disk.qcow2"),
+                        format: DiskFormat::Qcow2,
+                        readonly: false,
+                    }],
+                    console_log: dir.join(format!("{i}.log")),
+                    owner: Owner {
+                        namespace: "ref".into(),
+                        name: format!("ref-{i}"),
+                        uid,
+                    },
+                };
+                hv.define(&spec)?;
+                hv.start(&spec.name)?;
+                anyhow::Ok(())
+            })
+            .await??;
+            Ok(())
+        }
+    })
+    .await?;
+    Ok((n as f64 / wall.as_secs_f64(), lat))
+}
+
+/// `stratus-bench boot`.
+pub async fn bench(servers: usize, concurrency: usize) -> Result<()> {
+    let s = stack().await?;
+    let files = tempfile::tempdir()?;
+    let status = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(files.path().join("disk.qcow2"))
+        .arg("1M")
+        .status()?;
+    anyhow::ensure!(status.success(), "qemu-img create");
+    let port = stratus_e2e::free_port();
+    let mut http = Command::new("/usr/bin/python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+        ])
+        .arg("--directory")
+        .arg(files.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("start the image file server")?;
+    let post = |path: &str, body: Value| {
+        let (client, path) = (s.client.clone(), path.to_string());
+        async move {
+            let req = crate::req(
+                "POST",
+                &path,
+                "application/json",
+                body.to_string().into_bytes(),
+            )?;
+            client.request::<Value>(req).await?;
+            anyhow::Ok(())
+        }
+    };
+    post("/apis/identity.stratus.dev/v1/projects", json!({"apiVersion": "identity.stratus.dev/v1", "kind": "Project", "metadata": {"name": "bench"}, "spec": {}})).await?;
+    post("/apis/compute.stratus.dev/v1/flavors", json!({"apiVersion": "compute.stratus.dev/v1", "kind": "Flavor", "metadata": {"name": "b1"}, "spec": {"vcpus": 1, "ramMiB": 64, "diskGiB": 1}})).await?;
+    post("/apis/image.stratus.dev/v1/namespaces/bench/images", json!({"apiVersion": "image.stratus.dev/v1", "kind": "Image", "metadata": {"name": "tiny"}, "spec": {"diskFormat": "qcow2", "source": {"url": format!("http://127.0.0.1:{port}/disk.qcow2")}}})).await?;
+
+    // The reference first, on its own: the same driver, the same domain shape.
+    let (ref_rate, ref_lat) = reference(files.path(), servers, concurrency).await?;
+
+    // Stratus: the scheduler and one compute agent on the test driver, in this process.
+    let state = tempfile::tempdir()?;
+    let scheduler = tokio::spawn(stratus_controllers::scheduler::run(
+        s.client.clone(),
+        stratus_controllers::scheduler::Weigher::Spread,
+    ));
+    let driver: Arc<dyn Hypervisor> = Arc::new(Libvirt::connect("test:///default")?);
+    let agent = tokio::spawn(stratus_agents::compute::run(
+        s.client.clone(),
+        driver,
+        stratus_agents::compute::Config {
+            node: NODE.into(),
+            state_dir: state.path().to_path_buf(),
+            zone: "nova".into(),
+            hypervisor_type: stratus_api_types::compute::HypervisorType::Test,
+            heartbeat: Duration::from_secs(10),
+        },
+    ));
+    let hvs: Api<DynamicObject> = Api::all_with(
+        s.client.clone(),
+        &ApiResource {
+            group: "compute.stratus.dev".into(),
+            version: "v1".into(),
+            api_version: "compute.stratus.dev/v1".into(),
+            kind: "Hypervisor".into(),
+            plural: "hypervisors".into(),
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let hv = hvs.get_opt(NODE).await?;
+        if hv.is_some_and(|h| h.data.pointer("/status/capacity").is_some()) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the agent did not register its hypervisor");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The operator's knob: the test driver's host is small, the run is large.
+    hvs.patch(
+        NODE,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"cpuAllocationRatio": 1000.0, "ramAllocationRatio": 1000.0, "diskAllocationRatio": 1000.0}})),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let api = servers_api(&s.client);
+    let running: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let watch = {
+        let running = running.clone();
+        let stream = watcher(api.clone(), watcher::Config::default()).applied_objects();
+        tokio::spawn(async move {
+            let mut stream = Box::pin(stream);
+            while let Ok(Some(o)) = stream.try_next().await {
+                if o.data.pointer("/status/phase").and_then(Value::as_str) == Some("Running")
+                    && let Ok(mut r) = running.lock()
+                {
+                    r.entry(o.metadata.name.clone().unwrap_or_default())
+                        .or_insert_with(Instant::now);
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let start = Instant::now();
+    let (api2, created2) = (Arc::new(api.clone()), created.clone());
+    drive(servers, concurrency, move |i| {
+        let (api, created) = (api2.clone(), created2.clone());
+        async move {
+            let name = format!("b-{i:05}");
+            let o: DynamicObject = serde_json::from_value(json!({
+                "apiVersion": "compute.stratus.dev/v1", "kind": "Server",
+                "metadata": {"name": name},
+                "spec": {"flavor": "b1", "image": "tiny"},
+            }))?;
+            let t = Instant::now();
+            api.create(&PostParams::default(), &o).await?;
+            if let Ok(mut c) = created.lock() {
+                c.insert(name, t);
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let n = running.lock().map(|r| r.len()).unwrap_or(0);
+        if n >= servers {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {n} of {servers} servers reached Running");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let wall = start.elapsed();
+    watch.abort();
+    agent.abort();
+    scheduler.abort();
+    let _ = http.kill();
+    let running = running.lock().map(|r| r.clone()).unwrap_or_default();
+    let created = created.lock().map(|c| c.clone()).unwrap_or_default();
+    let lat: Vec<Duration> = running
+        .iter()
+        .filter_map(|(n, t)| created.get(n).map(|c| t.saturating_duration_since(*c)))
+        .collect();
+    let st = stats(lat, wall);
+    let rf = stats(ref_lat, Duration::from_secs(1));
+    println!("| {servers} servers at c={concurrency} | per second | p50 (ms) | p99 (ms) |");
+    println!("|---|---|---|---|");
+    println!(
+        "| reference: define + start through libvirt (test driver) | {ref_rate:.0} | {} | {} |",
+        ms(rf.p50),
+        ms(rf.p99)
+    );
+    println!(
+        "| Stratus: create → scheduler → agent (image cache, overlay, config drive, define, start) → Running seen by a watch | {:.0} | {} | {} |",
+        st.per_sec,
+        ms(st.p50),
+        ms(st.p99)
+    );
+    Ok(())
+}
