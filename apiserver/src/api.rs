@@ -190,6 +190,8 @@ pub struct Api {
     pub prefix: String,
     /// Shared watch feeds.
     pub hub: Arc<crate::hub::Hub>,
+    /// Placements onto one hypervisor, one at a time in this process.
+    pub(crate) placement_locks: Arc<crate::binding::PlacementLocks>,
 }
 
 pub(crate) fn store_err(e: StoreError) -> ApiError {

@@ -7,6 +7,9 @@
 //! revision; the write succeeds only if no claim appeared there since, so the check and the
 //! claim are one atomic step. A claim goes in the transaction that deletes its Server.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde_json::{Value, json};
@@ -38,6 +41,22 @@ pub fn initial_status(rt: &ResourceType) -> Option<Value> {
 /// Whether `rt` has a `binding` subresource.
 pub fn has_binding(rt: &ResourceType) -> bool {
     is_server(rt)
+}
+
+/// One lock per hypervisor: concurrent placements onto the same hypervisor take turns in this
+/// process instead of failing each other's transaction guard and retrying. (The guard still
+/// makes placements from several API servers safe; this only spares the retries.)
+#[derive(Debug, Default)]
+pub struct PlacementLocks(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl PlacementLocks {
+    fn of(&self, hypervisor: &str) -> Arc<tokio::sync::Mutex<()>> {
+        match self.0.lock() {
+            Ok(mut m) => m.entry(hypervisor.to_string()).or_default().clone(),
+            // A poisoned map only loses the turn-taking, never correctness.
+            Err(_) => Arc::default(),
+        }
+    }
 }
 
 fn claims_prefix(prefix: &str, hypervisor: &str) -> String {
@@ -162,6 +181,8 @@ impl Api {
         let claims = claims_prefix(&self.prefix, &target);
         let claim = claim_key(&self.prefix, &target, &ns, t.name());
         let conflict = |why: String| ApiError::conflict(GROUP, "servers", t.name(), why);
+        let turn = self.placement_locks.of(&target);
+        let _turn = turn.lock().await;
         for _ in 0..RETRIES {
             let (mut reads, at) = self
                 .store

@@ -936,6 +936,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         registry,
         prefix: config.prefix.clone(),
         hub,
+        placement_locks: Arc::default(),
     };
     let audit = match &config.audit_log {
         Some(path) => Some(crate::audit::AuditLog::open(path).map_err(StartError::Audit)?),

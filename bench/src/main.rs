@@ -17,6 +17,7 @@ use stratus_e2e::Etcd;
 mod auth;
 mod boot;
 mod sched;
+mod tcg;
 
 // The same allocator as the stratus binary.
 #[global_allocator]
@@ -68,6 +69,16 @@ enum What {
         /// Concurrent creates.
         #[arg(long, default_value_t = 50)]
         concurrency: usize,
+        /// Compute agents (nodes), each on its own test driver.
+        #[arg(long, default_value_t = 20)]
+        nodes: usize,
+    },
+    /// A real TCG guest: apply → marker on its console vs `virsh create` of the same kind of
+    /// domain (needs root: it starts a libvirtd in namespaces of its own).
+    Tcg {
+        /// Boots of each.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
     },
     /// What authentication and authorisation cost per request.
     Auth {
@@ -610,7 +621,9 @@ async fn main() -> Result<()> {
         What::Boot {
             servers,
             concurrency,
-        } => boot::bench(servers, concurrency).await,
+            nodes,
+        } => boot::bench(servers, concurrency, nodes).await,
+        What::Tcg { rounds } => tcg::bench(rounds).await,
         What::Auth {
             requests,
             concurrency,
