@@ -16,27 +16,19 @@ use kube::discovery::ApiResource;
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 use stratus_agents::compute::driver::libvirt::Libvirt;
-use stratus_agents::compute::driver::{DiskFormat, DiskSpec, DomainSpec, Hypervisor, Owner};
+use stratus_agents::compute::driver::{DiskFormat, DiskSpec, DomainSpec, Owner};
+use stratus_api_types::compute::{Hypervisor, Server};
 
 use crate::{drive, ms, stack, stats};
 
 fn servers_api(client: &kube::Client) -> Api<DynamicObject> {
-    Api::namespaced_with(
-        client.clone(),
-        "bench",
-        &ApiResource {
-            group: "compute.stratus.dev".into(),
-            version: "v1".into(),
-            api_version: "compute.stratus.dev/v1".into(),
-            kind: "Server".into(),
-            plural: "servers".into(),
-        },
-    )
+    Api::namespaced_with(client.clone(), "bench", &ApiResource::erase::<Server>(&()))
 }
 
 /// The reference: `n` domains defined and started through libvirt directly, `c` at a time.
 async fn reference(dir: &std::path::Path, n: usize, c: usize) -> Result<(f64, Vec<Duration>)> {
-    let hv: Arc<dyn Hypervisor> = Arc::new(Libvirt::connect("test:///default")?);
+    let hv: Arc<dyn stratus_agents::compute::driver::Hypervisor> =
+        Arc::new(Libvirt::connect("test:///default")?);
     let dir = dir.to_path_buf();
     let (lat, wall) = drive(n, c, move |i| {
         let (hv, dir) = (hv.clone(), dir.clone());
@@ -132,7 +124,8 @@ pub async fn bench(servers: usize, concurrency: usize, nodes: usize) -> Result<(
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("node.xml"), "<node/>")?;
         let uri = format!("test://{}", dir.join("node.xml").display());
-        let driver: Arc<dyn Hypervisor> = Arc::new(Libvirt::connect(&uri)?);
+        let driver: Arc<dyn stratus_agents::compute::driver::Hypervisor> =
+            Arc::new(Libvirt::connect(&uri)?);
         agents.push(tokio::spawn(stratus_agents::compute::run(
             s.client.clone(),
             driver,
@@ -145,16 +138,8 @@ pub async fn bench(servers: usize, concurrency: usize, nodes: usize) -> Result<(
             },
         )));
     }
-    let hvs: Api<DynamicObject> = Api::all_with(
-        s.client.clone(),
-        &ApiResource {
-            group: "compute.stratus.dev".into(),
-            version: "v1".into(),
-            api_version: "compute.stratus.dev/v1".into(),
-            kind: "Hypervisor".into(),
-            plural: "hypervisors".into(),
-        },
-    );
+    let hvs: Api<DynamicObject> =
+        Api::all_with(s.client.clone(), &ApiResource::erase::<Hypervisor>(&()));
     for n in 0..nodes {
         let node = format!("bench-node-{n:02}");
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -16,23 +16,13 @@ use serde_json::{Value, json};
 
 use crate::{drive, ms, stack, stats};
 
-fn resource(group: &str, kind: &str, plural: &str) -> ApiResource {
-    ApiResource {
-        group: group.into(),
-        version: "v1".into(),
-        api_version: format!("{group}/v1"),
-        kind: kind.into(),
-        plural: plural.into(),
-    }
-}
-
 /// Registers `n` Ready hypervisors that each hold exactly `per` servers of the benchmark
 /// flavor (1 vCPU, 512 MiB, 1 GiB; ratios 1.0, nothing reserved), so the whole run fits only
 /// if nothing is overcommitted.
 async fn hypervisors(client: &kube::Client, n: usize, per: u64) -> Result<()> {
     let api: Api<DynamicObject> = Api::all_with(
         client.clone(),
-        &resource("compute.stratus.dev", "Hypervisor", "hypervisors"),
+        &ApiResource::erase::<stratus_api_types::compute::Hypervisor>(&()),
     );
     let api = Arc::new(api);
     let now = jiff::Timestamp::now().to_string();
@@ -77,7 +67,7 @@ async fn stratus_run(
     let api: Api<DynamicObject> = Api::namespaced_with(
         client.clone(),
         "bench",
-        &resource("compute.stratus.dev", "Server", "servers"),
+        &ApiResource::erase::<stratus_api_types::compute::Server>(&()),
     );
     let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let bound: Arc<Mutex<HashMap<String, (Instant, String)>>> = Arc::default();

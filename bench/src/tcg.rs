@@ -23,13 +23,7 @@ fn servers(client: &kube::Client) -> Api<DynamicObject> {
     Api::namespaced_with(
         client.clone(),
         "demo",
-        &ApiResource {
-            group: "compute.stratus.dev".into(),
-            version: "v1".into(),
-            api_version: "compute.stratus.dev/v1".into(),
-            kind: "Server".into(),
-            plural: "servers".into(),
-        },
+        &ApiResource::erase::<stratus_api_types::compute::Server>(&()),
     )
 }
 
