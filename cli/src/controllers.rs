@@ -17,6 +17,9 @@ pub struct ControllersArgs {
     /// or `pack` (fill one hypervisor before the next).
     #[arg(long, default_value = "spread", value_parser = ["spread", "pack"])]
     pub weigher: String,
+    /// Where the image controller keeps the image data it downloads and verifies.
+    #[arg(long, default_value = "/var/lib/stratus/images")]
+    pub image_dir: PathBuf,
 }
 
 /// A client from a kubeconfig file, or the one kubectl would use.
@@ -41,17 +44,24 @@ pub async fn run(args: ControllersArgs) -> Result<()> {
     } else {
         stratus_controllers::scheduler::Weigher::Spread
     };
-    run_with_client(client(args.kubeconfig).await?, args.lease_seconds, weigher).await
+    run_with_client(
+        client(args.kubeconfig).await?,
+        args.lease_seconds,
+        weigher,
+        args.image_dir,
+    )
+    .await
 }
 
 /// Runs every controller with the credentials of a kubeconfig file.
 /// (`stratus up` is the only candidate for the Lease, so a short one lets a restarted cloud
 /// take its controllers back quickly.)
-pub async fn run_with_kubeconfig(path: PathBuf) -> Result<()> {
+pub async fn run_with_kubeconfig(path: PathBuf, image_dir: PathBuf) -> Result<()> {
     run_with_client(
         client(Some(path)).await?,
         4,
         stratus_controllers::scheduler::Weigher::Spread,
+        image_dir,
     )
     .await
 }
@@ -63,9 +73,11 @@ async fn run_with_client(
     client: kube::Client,
     lease_seconds: u64,
     weigher: stratus_controllers::scheduler::Weigher,
+    image_dir: PathBuf,
 ) -> Result<()> {
     let mut election = stratus_controllers::Election::new(lease_seconds);
     election.weigher = weigher;
+    election.image_dir = image_dir;
     let mut pause = std::time::Duration::from_millis(200);
     loop {
         match stratus_controllers::run(client.clone(), election.clone()).await {

@@ -331,6 +331,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
 
     let controllers = tokio::spawn(crate::controllers::run_with_kubeconfig(
         controllers_kubeconfig,
+        dir.join("images"),
     ));
     let agent = match &args.compute {
         Some(uri) => Some(tokio::spawn(crate::agent::run(crate::agent::AgentArgs {

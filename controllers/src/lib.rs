@@ -2,6 +2,7 @@
 //! by whichever `stratus controllers` instance holds the leader Lease.
 
 pub mod gc;
+pub mod images;
 pub mod nodes;
 pub mod project;
 pub mod quota;
@@ -39,6 +40,8 @@ pub struct Election {
     pub lease_seconds: u64,
     /// How the scheduler orders the hypervisors a server fits on.
     pub weigher: scheduler::Weigher,
+    /// Where the image controller keeps the image data it verifies.
+    pub image_dir: std::path::PathBuf,
 }
 
 impl Election {
@@ -50,6 +53,7 @@ impl Election {
             identity,
             lease_seconds: lease_seconds.max(2),
             weigher: scheduler::Weigher::Spread,
+            image_dir: std::env::temp_dir().join("stratus-images"),
         }
     }
 }
@@ -82,7 +86,7 @@ pub async fn run(client: kube::Client, election: Election) -> Result<(), Error> 
         }
         tracing::info!(identity = %election.identity, "leading: controllers started");
         let mut controllers = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
-            every_controller(client.clone(), election.weigher),
+            every_controller(client.clone(), election.weigher, election.image_dir.clone()),
         ));
         tokio::select! {
             done = &mut controllers => {
@@ -115,12 +119,14 @@ pub async fn run(client: kube::Client, election: Election) -> Result<(), Error> 
 async fn every_controller(
     client: kube::Client,
     weigher: scheduler::Weigher,
+    image_dir: std::path::PathBuf,
 ) -> Result<(), gc::GcError> {
     tokio::select! {
         r = gc::run(client.clone()) => r,
         () = quota::run(client.clone()) => Ok(()),
         () = project::run(client.clone()) => Ok(()),
         () = scheduler::run(client.clone(), weigher) => Ok(()),
-        () = nodes::run(client) => Ok(()),
+        () = nodes::run(client.clone()) => Ok(()),
+        () = images::run(client, image_dir) => Ok(()),
     }
 }

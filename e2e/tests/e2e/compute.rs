@@ -154,6 +154,29 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
         ]
         .concat(),
     )?;
+    // The image controller verified the data and reports it.
+    let tiny = wait_until(T, "image tiny Active", || {
+        json(&cloud, &["-n", "demo", "get", "image", "tiny"])
+            .ok()
+            .filter(|i| i["status"]["phase"] == "Active")
+    })?;
+    assert_eq!(
+        tiny["status"]["sha256"],
+        guest.sha256("disk.qcow2")?.as_str()
+    );
+    assert!(
+        tiny["status"]["sizeBytes"].as_u64().unwrap_or(0) > 0,
+        "{tiny}"
+    );
+    let corrupt = wait_until(T, "image corrupt in Error", || {
+        json(&cloud, &["-n", "demo", "get", "image", "corrupt"])
+            .ok()
+            .filter(|i| i["status"]["phase"] == "Error")
+    })?;
+    assert_eq!(
+        condition(&corrupt, "Verified").map(|c| c["reason"].clone()),
+        Some("ChecksumMismatch".into())
+    );
     let s = wait_server(&cloud, "big", "the huge server to wait", |s| {
         condition(s, "Scheduled").is_some_and(|c| c["status"] == "False")
     })?;
