@@ -352,6 +352,25 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Result<Plan, Blocked>, Se
     let Some(image) = find_image(&ctx.client, &ns, image_name).await? else {
         return Ok(Err(missing(image_name)));
     };
+    // As Nova does: an image states the smallest disk and memory it runs with.
+    if image.spec.min_disk_gib > flavor.spec.disk_gib && flavor.spec.disk_gib > 0 {
+        return Ok(Err(Blocked {
+            reason: "FlavorDiskTooSmall",
+            message: format!(
+                "flavor \"{}\" has a {} GiB disk; image \"{image_name}\" needs {} GiB",
+                server.spec.flavor, flavor.spec.disk_gib, image.spec.min_disk_gib
+            ),
+        }));
+    }
+    if image.spec.min_ram_mib > flavor.spec.ram_mib {
+        return Ok(Err(Blocked {
+            reason: "FlavorMemoryTooSmall",
+            message: format!(
+                "flavor \"{}\" has {} MiB of memory; image \"{image_name}\" needs {} MiB",
+                server.spec.flavor, flavor.spec.ram_mib, image.spec.min_ram_mib
+            ),
+        }));
+    }
     let root_format = match image.spec.disk_format {
         ImageFormat::Qcow2 => DiskFormat::Qcow2,
         ImageFormat::Raw => DiskFormat::Raw,
@@ -497,7 +516,10 @@ async fn build(ctx: &Ctx, plan: Plan, fresh_root: bool) -> Result<(), ServerErro
                 source,
             })?;
         }
-        if !root.exists() {
+        if root.exists() {
+            // A resize to a flavor with a larger disk grows the root disk (never shrinks it).
+            disk::grow(root, plan.root_gib)?;
+        } else {
             disk::create_overlay(&plan.root_base, plan.root_format, root, plan.root_gib)?;
         }
         disk::write_config_drive(

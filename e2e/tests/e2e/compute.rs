@@ -144,6 +144,11 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
         "ab".repeat(32)
     );
     cloud.kubectl_in(&["apply", "-f", "-"], &bad_image)?;
+    let needy = format!(
+        "---\napiVersion: image.stratus.dev/v1\nkind: Image\nmetadata:\n  name: needy\n  namespace: demo\nspec:\n  diskFormat: qcow2\n  minRamMiB: 4096\n  source:\n    url: {}/disk.qcow2\n",
+        guest.url
+    );
+    cloud.kubectl_in(&["apply", "-f", "-"], &needy)?;
     cloud.kubectl_in(
         &["apply", "-f", "-"],
         &[
@@ -151,6 +156,7 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
             server("noflavor", "m9.nothing", "tiny", ""),
             server("noimage", "m1.nano", "no-such-image", ""),
             server("badsum", "m1.nano", "corrupt", ""),
+            server("small", "m1.nano", "needy", ""),
         ]
         .concat(),
     )?;
@@ -194,6 +200,7 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
     for (name, reason) in [
         ("noimage", "ImageNotFound"),
         ("badsum", "ImageChecksumMismatch"),
+        ("small", "FlavorMemoryTooSmall"),
     ] {
         let s = wait_server(&cloud, name, "an image error", |s| {
             s["status"]["phase"] == "Error"
@@ -325,10 +332,28 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
             agent.kill();
         }
     }
-    wait_until(T, "the lost node to be NotReady", || {
-        json(&cloud, &["get", "hypervisor", &lost])
-            .ok()
-            .filter(|h| h["status"]["phase"] == "NotReady")
+    wait_until(
+        Duration::from_secs(90),
+        "the lost node to be NotReady",
+        || {
+            json(&cloud, &["get", "hypervisor", &lost])
+                .ok()
+                .filter(|h| h["status"]["phase"] == "NotReady")
+        },
+    )
+    .with_context(|| {
+        let log = cloud.log();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        format!(
+            "hypervisor: {}\nlease: {}\nlast lines of stratus up:\n{}",
+            cloud
+                .kubectl_ok(&["get", "hypervisor", &lost, "-o", "yaml"])
+                .unwrap_or_default(),
+            cloud
+                .kubectl_ok(&["-n", "kube-node-lease", "get", "lease", &lost, "-o", "yaml"])
+                .unwrap_or_default(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
     })?;
     let moved = wait_server(&cloud, "evac", "evac rebuilt elsewhere", |s| {
         s["status"]["phase"] == "Running" && s["status"]["hypervisor"] != lost.as_str()
@@ -509,14 +534,31 @@ fn real_guests_on_two_simulated_nodes() -> Result<()> {
 
     // Resize (cold: the new size is claimed on the hypervisor, then the guest restarts with
     // it) and rebuild (the root disk recreated from another image).
-    patch(r#"{"spec":{"flavor":"m1.tiny"}}"#)?;
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: compute.stratus.dev/v1\nkind: Flavor\nmetadata:\n  name: t.bigger\nspec:\n  vcpus: 1\n  ramMiB: 512\n  diskGiB: 2\n",
+    )?;
+    patch(r#"{"spec":{"flavor":"t.bigger"}}"#)?;
     let s = wait_server(&cloud, "alpha", "the resize", |s| {
-        s["status"]["flavor"] == "m1.tiny" && s["status"]["phase"] == "Running"
+        s["status"]["flavor"] == "t.bigger" && s["status"]["phase"] == "Running"
     })?;
     assert_eq!(s["status"]["allocated"]["ramMiB"], 512);
     let xml = node.virsh(&["dumpxml", &dom])?;
     let xml = String::from_utf8_lossy(&xml.stdout).into_owned();
     assert!(xml.contains("<memory unit='KiB'>524288</memory>"), "{xml}");
+    // The root disk grew with the flavor's.
+    let info = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(
+            node.dir
+                .path()
+                .join("state/servers")
+                .join(&alpha_uid)
+                .join("root.qcow2"),
+        )
+        .output()?;
+    let info: Value = serde_json::from_slice(&info.stdout)?;
+    assert_eq!(info["virtual-size"], 2u64 << 30, "{info}");
     let before = boots(node);
     let tiny2 = guest
         .images_yaml("demo")?

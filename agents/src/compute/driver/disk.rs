@@ -259,6 +259,38 @@ fn parent(path: &Path) -> &Path {
 }
 
 /// Makes a rename in `dir` durable.
+/// Grows the disk image at `path` to `size_gib` GiB if it is smaller (`qemu-img resize`);
+/// never shrinks it, since the guest's file system would lose data. Returns whether it grew.
+///
+/// # Errors
+///
+/// [`DiskError::Command`] with `qemu-img`'s stderr if reading or resizing the image fails.
+pub fn grow(path: &Path, size_gib: u64) -> Result<bool, DiskError> {
+    let path = std::path::absolute(path).map_err(io_error("resolve", path))?;
+    let info = run_output(
+        "qemu-img info",
+        Command::new(QEMU_IMG)
+            .args(["info", "--output=json", "-U"])
+            .arg(&path),
+    )?;
+    let current = serde_json::from_slice::<serde_json::Value>(&info)
+        .ok()
+        .and_then(|v| v.get("virtual-size").and_then(serde_json::Value::as_u64))
+        .unwrap_or(0);
+    let wanted = size_gib << 30;
+    if wanted <= current {
+        return Ok(false);
+    }
+    run(
+        "qemu-img resize",
+        Command::new(QEMU_IMG)
+            .args(["resize", "-q"])
+            .arg(&path)
+            .arg(format!("{size_gib}G")),
+    )?;
+    Ok(true)
+}
+
 fn sync_dir(dir: &Path) -> Result<(), DiskError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -266,12 +298,17 @@ fn sync_dir(dir: &Path) -> Result<(), DiskError> {
 }
 
 fn run(command: &'static str, cmd: &mut Command) -> Result<(), DiskError> {
+    run_output(command, cmd).map(|_| ())
+}
+
+/// Runs `cmd`; its standard output when it succeeds.
+fn run_output(command: &'static str, cmd: &mut Command) -> Result<Vec<u8>, DiskError> {
     let output = cmd
         .stdin(Stdio::null())
         .output()
         .map_err(|source| DiskError::Spawn { command, source })?;
     if output.status.success() {
-        Ok(())
+        Ok(output.stdout)
     } else {
         Err(DiskError::Command {
             command,
@@ -294,6 +331,25 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
+
+    #[test]
+    fn grow_enlarges_but_never_shrinks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join("base.qcow2");
+        let out = Command::new(QEMU_IMG)
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&base)
+            .arg("64M")
+            .output()
+            .expect("qemu-img");
+        assert!(out.status.success());
+        let disk = dir.path().join("root.qcow2");
+        create_overlay(&base, DiskFormat::Qcow2, &disk, 1).expect("overlay");
+        assert!(grow(&disk, 2).expect("grow"));
+        assert_eq!(qemu_img_info(&disk)["virtual-size"], json!(2u64 << 30));
+        assert!(!grow(&disk, 1).expect("no shrink"));
+        assert_eq!(qemu_img_info(&disk)["virtual-size"], json!(2u64 << 30));
+    }
 
     fn qemu_img_info(path: &Path) -> Value {
         let out = Command::new(QEMU_IMG)
