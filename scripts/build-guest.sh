@@ -24,6 +24,12 @@ usage() { echo "usage: $0 OUTDIR" >&2; exit 2; }
 outdir=$1
 self=$(readlink -f "$0")
 
+# One build at a time per OUTDIR (tests running side by side all ask for the guest): the
+# others wait here, then find it built.
+mkdir -p -- "$outdir"
+exec 9>"$outdir/.build.lock"
+flock 9
+
 # Idempotent: outputs newer than this script were built by this same recipe.
 # Only the output paths go to stdout, so callers can capture them.
 if [ -f "$outdir/vmlinuz" ] && [ -f "$outdir/initrd.img" ] && [ -f "$outdir/disk.qcow2" ] \

@@ -81,7 +81,8 @@ async fn run_with_client(
     let mut pause = std::time::Duration::from_millis(200);
     loop {
         match stratus_controllers::run(client.clone(), election.clone()).await {
-            Ok(()) => return Ok(()),
+            // The controllers never finish on their own: one that stopped is started again.
+            Ok(()) => tracing::warn!("controllers stopped; restarting"),
             Err(e) => {
                 let e = anyhow::Error::new(e).context("run the controllers");
                 tracing::error!(error = format!("{e:#}"), "controllers stopped; restarting");

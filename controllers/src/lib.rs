@@ -121,12 +121,14 @@ async fn every_controller(
     weigher: scheduler::Weigher,
     image_dir: std::path::PathBuf,
 ) -> Result<(), gc::GcError> {
+    // None of them ends on its own; if one does, say which (the caller starts them again).
+    let stopped = |which: &str| tracing::warn!(controller = which, "a controller stopped");
     tokio::select! {
         r = gc::run(client.clone()) => r,
-        () = quota::run(client.clone()) => Ok(()),
-        () = project::run(client.clone()) => Ok(()),
-        () = scheduler::run(client.clone(), weigher) => Ok(()),
-        () = nodes::run(client.clone()) => Ok(()),
-        () = images::run(client, image_dir) => Ok(()),
+        () = quota::run(client.clone()) => { stopped("quota"); Ok(()) }
+        () = project::run(client.clone()) => { stopped("project"); Ok(()) }
+        () = scheduler::run(client.clone(), weigher) => { stopped("scheduler"); Ok(()) }
+        () = nodes::run(client.clone()) => { stopped("node lifecycle"); Ok(()) }
+        () = images::run(client, image_dir) => { stopped("images"); Ok(()) }
     }
 }

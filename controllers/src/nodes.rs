@@ -22,6 +22,9 @@ use stratus_api_types::compute::{EvacuationPolicy, Hypervisor, Server, ServerPha
 /// Namespace of the nodes' heartbeat Leases.
 pub const LEASE_NAMESPACE: &str = "kube-node-lease";
 
+/// How often every hypervisor is checked regardless of events.
+const RESYNC: Duration = Duration::from_secs(5);
+
 /// Why a reconcile failed; every one may succeed on retry.
 #[derive(Debug, thiserror::Error)]
 pub enum NodesError {
@@ -154,10 +157,19 @@ async fn reconcile(hv: Arc<Hypervisor>, ctx: Arc<Ctx>) -> Result<Action, NodesEr
     ctx.leases.wait_until_ready().await.ok();
     ctx.servers.wait_until_ready().await.ok();
     let name = hv.name_any();
-    let lease = ctx
+    let lease = match ctx
         .leases
-        .get(&ObjectRef::new(&name).within(LEASE_NAMESPACE));
-    let Some(until) = lease.as_deref().and_then(expiry) else {
+        .get(&ObjectRef::new(&name).within(LEASE_NAMESPACE))
+    {
+        Some(l) => Some((*l).clone()),
+        // Not in the cache (yet): ask the API server rather than take the node for one that
+        // never heartbeated.
+        None => Api::<Lease>::namespaced(ctx.client.clone(), LEASE_NAMESPACE)
+            .get_opt(&name)
+            .await
+            .map_err(NodesError::Api)?,
+    };
+    let Some(until) = lease.as_ref().and_then(expiry) else {
         // Never heartbeated (registered by hand, or its agent not started yet).
         return Ok(Action::requeue(Duration::from_secs(30)));
     };
@@ -230,7 +242,14 @@ pub async fn run(client: Client) {
         leases,
         servers,
     });
+    // Every hypervisor is looked at again every few seconds as well: a heartbeat that stops
+    // produces no event, and a missed requeue must not leave a lost node Ready.
+    let resync = futures::stream::unfold((), |()| async {
+        tokio::time::sleep(RESYNC).await;
+        Some(((), ()))
+    });
     Controller::new(Api::<Hypervisor>::all(client), watcher::Config::default())
+        .reconcile_all_on(resync)
         // A renewed Lease is its hypervisor's heartbeat.
         .watches_stream(lease_stream, |l: Lease| Some(ObjectRef::new(&l.name_any())))
         // A server placed on a lost hypervisor gets handled as it appears.
