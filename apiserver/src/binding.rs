@@ -18,6 +18,7 @@ use crate::api::{Api, Target, json_response, store_err};
 use crate::error::{ApiError, ApiResult, Cause};
 use crate::registry::ResourceType;
 use crate::store::{Guard, Read};
+use stratus_api_types::common::{self, Condition, Time};
 use stratus_api_types::compute::{ComputeResources, FlavorSpec, HypervisorSpec};
 use stratus_api_types::placement::{self, Amount};
 
@@ -82,42 +83,31 @@ fn amount(v: &Value) -> Amount {
         .unwrap_or_default()
 }
 
-fn condition(
+/// Sets a condition in a stored object's `status.conditions`, by the rule every Stratus
+/// component uses (`lastTransitionTime` moves only when the status does).
+fn set_condition(
+    status: &mut serde_json::Map<String, Value>,
     type_: &str,
-    status: &str,
+    ok: bool,
     reason: &str,
     message: &str,
     generation: Option<i64>,
-) -> Value {
-    json!({
-        "type": type_,
-        "status": status,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": crate::meta::now(),
-        "observedGeneration": generation,
-    })
-}
-
-/// Sets `cond` in `status.conditions`, keeping the transition time when the status is unchanged.
-pub(crate) fn set_condition(status: &mut serde_json::Map<String, Value>, cond: Value) {
-    let list = status.entry("conditions").or_insert_with(|| json!([]));
-    if !list.is_array() {
-        *list = json!([]);
-    }
-    let Some(items) = list.as_array_mut() else {
-        return;
-    };
-    match items.iter_mut().find(|c| c["type"] == cond["type"]) {
-        Some(c) => {
-            let keep = c["status"] == cond["status"];
-            let time = c["lastTransitionTime"].clone();
-            *c = cond;
-            if keep {
-                c["lastTransitionTime"] = time;
-            }
-        }
-        None => items.push(cond),
+) {
+    let mut conditions: Vec<Condition> = status
+        .get("conditions")
+        .and_then(|c| serde_json::from_value(c.clone()).ok())
+        .unwrap_or_default();
+    common::set_condition(
+        &mut conditions,
+        type_,
+        ok,
+        reason,
+        message,
+        generation,
+        Time(jiff::Timestamp::now()),
+    );
+    if let Ok(v) = serde_json::to_value(conditions) {
+        status.insert("conditions".into(), v);
     }
 }
 
@@ -286,13 +276,11 @@ impl Api {
             }
             set_condition(
                 status,
-                condition(
-                    "Scheduled",
-                    "True",
-                    "Bound",
-                    &format!("placed on hypervisor {target}"),
-                    generation,
-                ),
+                "Scheduled",
+                true,
+                "Bound",
+                &format!("placed on hypervisor {target}"),
+                generation,
             );
             if new == server.value {
                 return Ok(json_response(StatusCode::CREATED, &success(201), &[]));
@@ -376,13 +364,11 @@ impl Api {
             status.insert("phase".into(), json!("Evacuating"));
             set_condition(
                 status,
-                condition(
-                    "Scheduled",
-                    "False",
-                    "Evacuating",
-                    &format!("taken off hypervisor {hv}; waiting to be placed again"),
-                    generation,
-                ),
+                "Scheduled",
+                false,
+                "Evacuating",
+                &format!("taken off hypervisor {hv}; waiting to be placed again"),
+                generation,
             );
         }
         // A Server whose only finalizer was the host's, already being deleted, just goes.

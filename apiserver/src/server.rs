@@ -589,6 +589,14 @@ async fn route(
     }
 }
 
+/// Where an object records the node it is placed on.
+fn placement_field(resource: &str) -> &'static str {
+    match resource {
+        "volumes" => "/status/node",
+        _ => "/status/hypervisor",
+    }
+}
+
 /// What a node agent's identity (`system:node:NAME` in the token file) may do: read, record
 /// events and heartbeats, write its own Hypervisor and StoragePools, and write the status of
 /// objects placed on its node — nothing else, so a compromised node cannot touch another's.
@@ -676,10 +684,7 @@ async fn restrict_node(
         (_, resource)
             if info.subresource == "status" && matches!(info.verb.as_str(), "update" | "patch") =>
         {
-            let placed = match resource {
-                "volumes" => "/status/node",
-                _ => "/status/hypervisor",
-            };
+            let placed = placement_field(resource);
             let current = existing().await?;
             current.is_some_and(|c| {
                 c.pointer(placed).and_then(serde_json::Value::as_str) == Some(node)
@@ -689,10 +694,7 @@ async fn restrict_node(
         // host resources are gone): a patch touching nothing but metadata.finalizers (a JSON
         // patch, or a merge patch that may carry a resourceVersion precondition).
         (_, resource) if info.subresource.is_empty() && info.verb == "patch" => {
-            let placed = match resource {
-                "volumes" => "/status/node",
-                _ => "/status/hypervisor",
-            };
+            let placed = placement_field(resource);
             let json_patch = body.as_array().is_some_and(|ops| {
                 ops.iter().all(|op| {
                     op.get("path")

@@ -39,15 +39,6 @@ pub struct UpArgs {
     pub nodes: Vec<String>,
 }
 
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 /// The etcd child process.
 struct Etcd {
     child: Child,
@@ -279,7 +270,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         nodes.insert(0, args.node_name.clone());
     }
     for n in &nodes {
-        if !is_dns_label(n) {
+        if !stratus_apiserver::meta::is_dns1123_label(n) {
             bail!("node name {n:?} is not a DNS-1123 label");
         }
     }
