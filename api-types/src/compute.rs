@@ -536,6 +536,10 @@ pub struct ServerSpec {
     /// What happens when the server's hypervisor is lost.
     #[serde(default)]
     pub evacuation_policy: EvacuationPolicy,
+    /// What the node's agent does when the guest changes behind Stratus's back (its domain
+    /// destroyed, undefined or powered off outside Stratus).
+    #[serde(default)]
+    pub drift_policy: DriftPolicy,
     /// Free-form description.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 255))]
@@ -598,6 +602,18 @@ pub enum EvacuationPolicy {
     /// Rebuild the server on another hypervisor (`nova evacuate`). A server booted from an
     /// image loses its root disk's contents; one booted from a volume keeps them.
     Evacuate,
+}
+
+/// What the agent does when a Server's guest drifts from what Stratus made: its domain gone
+/// from the hypervisor, or shut off while the Server should run.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DriftPolicy {
+    /// Put it back: define the domain again (same disks) or start it, with a Warning Event.
+    #[default]
+    Recreate,
+    /// Leave it as found for an operator to look at: phase Error, condition `Drifted`, a
+    /// Warning Event. Setting the policy back to `Recreate` repairs it.
+    Report,
 }
 
 /// Observed power state of a Server's guest.

@@ -135,6 +135,7 @@ pub async fn bench(servers: usize, concurrency: usize, nodes: usize) -> Result<(
                 zone: "nova".into(),
                 hypervisor_type: stratus_api_types::compute::HypervisorType::Test,
                 heartbeat: Duration::from_secs(10),
+                resync: Duration::from_secs(10),
             },
         )));
     }

@@ -29,6 +29,10 @@ pub struct AgentArgs {
     /// Seconds between heartbeats; the node is NotReady after missing four.
     #[arg(long, default_value_t = 10)]
     pub heartbeat_seconds: u64,
+    /// Seconds between reads of each guest's state from libvirt. libvirt's domain events
+    /// already report changes at once; this is the safety net for a missed one.
+    #[arg(long, default_value_t = 10)]
+    pub resync_seconds: u64,
 }
 
 /// Runs the node's agents until Ctrl-C or SIGTERM.
@@ -46,6 +50,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         state_dir: std::path::absolute(&args.state_dir).context("resolve the state directory")?,
         zone: args.zone,
         heartbeat: std::time::Duration::from_secs(args.heartbeat_seconds.max(1)),
+        resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
         hypervisor_type: if args.libvirt_uri.starts_with("test:") {
             HypervisorType::Test
         } else {

@@ -332,6 +332,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
             state_dir: dir.join("compute"),
             zone: "nova".into(),
             heartbeat_seconds: 10,
+            resync_seconds: 10,
         }))),
         None => None,
     };

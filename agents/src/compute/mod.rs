@@ -28,6 +28,8 @@ pub struct Config {
     pub hypervisor_type: HypervisorType,
     /// How often the node's Lease is renewed (it lasts four of these).
     pub heartbeat: Duration,
+    /// How often each guest is read back from libvirt even without an event.
+    pub resync: Duration,
 }
 
 /// How often guests whose Server is gone are looked for.
@@ -49,7 +51,16 @@ pub async fn run(client: Client, hypervisor: Arc<dyn Hypervisor>, config: Config
         hypervisor: Arc::clone(&hypervisor),
         config: config.clone(),
     });
-    let (servers, reconcile) = server::controller(Arc::clone(&ctx));
+    // libvirt's lifecycle events make a guest changed behind Stratus's back (destroyed,
+    // undefined, crashed, powered off) be looked at at once; without them, every `resync`.
+    let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let hv = Arc::clone(&hypervisor);
+    match tokio::task::spawn_blocking(move || hv.subscribe(tx)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "no domain events; guests are only polled"),
+        Err(e) => tracing::warn!(error = %e, "no domain events; guests are only polled"),
+    }
+    let (servers, reconcile) = server::controller(Arc::clone(&ctx), events);
     let heartbeat = node::run(client, hypervisor, config, servers);
     let sweeper = async {
         let mut tick = tokio::time::interval(SWEEP);

@@ -11,14 +11,14 @@ use futures::StreamExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 use stratus_api_types::common::{Time, set_condition};
 use stratus_api_types::compute::{
-    Flavor, HypervisorType, Keypair, ObservedPowerState, PowerState, RebootType, Server,
-    ServerPhase, ServerStatus,
+    DriftPolicy, Flavor, HypervisorType, Keypair, ObservedPowerState, PowerState, RebootType,
+    Server, ServerPhase, ServerStatus,
 };
 use stratus_api_types::image::{DiskFormat as ImageFormat, Image, Visibility};
 use stratus_api_types::placement;
@@ -36,8 +36,6 @@ pub const TEARDOWN_FINALIZER: &str = "compute.stratus.dev/teardown";
 
 /// How long a guest has to shut down after an ACPI request before it is powered off.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// How often a guest's state is read back from libvirt (drift shows within this).
-pub const POLL: Duration = Duration::from_secs(10);
 
 /// Why a reconcile failed, and whether retrying can help.
 #[derive(Debug, thiserror::Error)]
@@ -90,8 +88,26 @@ pub enum Step {
     PowerOff,
     /// Reboot as asked.
     Reboot(RebootType),
+    /// The guest drifted and the Server's `driftPolicy` is `Report`: say so, touch nothing.
+    ReportDrift(Drift),
     /// Nothing to change; report what libvirt says.
     Observe,
+}
+
+/// How a guest drifted from what Stratus made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drift {
+    /// Its domain is gone from the hypervisor.
+    Missing,
+    /// It is shut off (or crashed) while the Server should run, and Stratus did not stop it.
+    PoweredOff,
+}
+
+fn drifted(status: &ServerStatus) -> bool {
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Drifted" && c.status == "True")
 }
 
 /// Decides the next step. `stopping_for`: how long ago the guest was asked to shut down, if it
@@ -103,9 +119,13 @@ pub fn plan(
     resize_claimed: bool,
 ) -> Step {
     let status = server.status.clone().unwrap_or_default();
+    let report = server.spec.drift_policy == DriftPolicy::Report;
     let Some(state) = state else {
-        return Step::Build {
-            recreate: status.launched_at.is_some(),
+        let recreate = status.launched_at.is_some();
+        return if recreate && report {
+            Step::ReportDrift(Drift::Missing)
+        } else {
+            Step::Build { recreate }
         };
     };
     if status.image.is_some() && status.image != server.spec.image {
@@ -127,7 +147,15 @@ pub fn plan(
         DomainState::Running | DomainState::Paused | DomainState::ShuttingDown
     );
     match server.spec.power_state {
-        PowerState::Running if !up => Step::Start,
+        PowerState::Running if !up => {
+            // Down although it last ran: not Stratus's doing (a stop is PowerState::Stopped).
+            let went_down = status.power_state == Some(ObservedPowerState::Running);
+            if report && (went_down || drifted(&status)) {
+                Step::ReportDrift(Drift::PoweredOff)
+            } else {
+                Step::Start
+            }
+        }
         PowerState::Running => {
             let asked = server.spec.reboot_request.as_ref();
             if asked.is_some() && asked != status.last_reboot_request.as_ref() {
@@ -618,13 +646,24 @@ fn observe(server: &Server, info: Option<&DomainInfo>, dir: &Path) -> ServerStat
         url: None,
     });
     let running = matches!(state, Some(DomainState::Running));
+    let t = now();
+    if drifted(&status) {
+        set_condition(
+            &mut status.conditions,
+            "Drifted",
+            false,
+            "InSync",
+            "the guest is as the Server asks",
+            gen_,
+            t.clone(),
+        );
+    }
     status.phase = match (server.spec.power_state, running) {
         (PowerState::Running, true) => ServerPhase::Running,
         (PowerState::Stopped, false) => ServerPhase::Stopped,
         (PowerState::Stopped, true) => status.phase,
         (PowerState::Running, false) => ServerPhase::Building,
     };
-    let t = now();
     if server.spec.power_state == PowerState::Stopped && !running {
         set_condition(
             &mut status.conditions,
@@ -784,21 +823,63 @@ async fn reconcile(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, ServerE
             );
             status.phase = ServerPhase::Resizing;
             write_status(&ctx, &server, status).await?;
-            return Ok(Action::requeue(POLL));
+            return Ok(Action::requeue(ctx.config.resync));
+        }
+        Step::ReportDrift(drift) => {
+            let (reason, what) = match drift {
+                Drift::Missing => ("DomainMissing", "is gone from the hypervisor"),
+                Drift::PoweredOff => ("PoweredOff", "was shut off outside Stratus"),
+            };
+            let msg = format!("domain {name} {what}; driftPolicy Report leaves it as it is");
+            let new = !drifted(&status);
+            status.phase = ServerPhase::Error;
+            status.power_state = Some(observed(info.as_ref().map(|d| d.state)));
+            set_condition(
+                &mut status.conditions,
+                "Drifted",
+                true,
+                reason,
+                &msg,
+                gen_,
+                now(),
+            );
+            set_condition(
+                &mut status.conditions,
+                "Ready",
+                false,
+                "Drifted",
+                &msg,
+                gen_,
+                now(),
+            );
+            status.observed_generation = gen_;
+            write_status(&ctx, &server, status).await?;
+            if new {
+                publish(&ctx, &server, EventType::Warning, "DriftDetected", msg).await;
+            }
+            return Ok(Action::requeue(ctx.config.resync));
         }
         Step::Start => {
             let hv = Arc::clone(&ctx.hypervisor);
             let n = name.clone();
             blocking(move || hv.start(&n)).await??;
             status.launched_at = Some(now());
-            publish(
-                &ctx,
-                &server,
-                EventType::Normal,
-                "Started",
-                format!("domain {name} started"),
-            )
-            .await;
+            // It last ran and nobody asked it to stop: it went down behind Stratus's back.
+            let went_down = status.power_state == Some(ObservedPowerState::Running);
+            let (kind, reason, note) = if went_down {
+                (
+                    EventType::Warning,
+                    "Restarted",
+                    format!("domain {name} was shut off outside Stratus; started it again"),
+                )
+            } else {
+                (
+                    EventType::Normal,
+                    "Started",
+                    format!("domain {name} started"),
+                )
+            };
+            publish(&ctx, &server, kind, reason, note).await;
         }
         Step::Shutdown => {
             let hv = Arc::clone(&ctx.hypervisor);
@@ -861,7 +942,7 @@ async fn reconcile(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, ServerE
     server_now.status = Some(status);
     let next = observe(&server_now, info.as_ref(), &dir);
     write_status(&ctx, &server, next).await?;
-    Ok(Action::requeue(POLL))
+    Ok(Action::requeue(ctx.config.resync))
 }
 
 fn error_policy(server: Arc<Server>, e: &ServerError, _ctx: Arc<Ctx>) -> Action {
@@ -869,15 +950,32 @@ fn error_policy(server: Arc<Server>, e: &ServerError, _ctx: Arc<Ctx>) -> Action 
     Action::requeue(Duration::from_secs(2))
 }
 
-/// Reconciles every Server placed on this node until the watch ends. Returns the Server
-/// cache (for the node's heartbeat and the janitor).
-pub(crate) fn controller(ctx: Arc<Ctx>) -> (Store<Server>, impl std::future::Future<Output = ()>) {
+/// Reconciles every Server placed on this node until the watch ends, and at once the one
+/// whose domain a libvirt event names. Returns the Server cache (for the node's heartbeat and
+/// the janitor).
+pub(crate) fn controller(
+    ctx: Arc<Ctx>,
+    domain_events: tokio::sync::mpsc::UnboundedReceiver<String>,
+) -> (Store<Server>, impl std::future::Future<Output = ()>) {
     let api = Api::<Server>::all(ctx.client.clone());
     let cfg = watcher::Config::default().fields(&format!("status.hypervisor={}", ctx.config.node));
     let controller = Controller::new(api, cfg)
         .with_config(kube::runtime::controller::Config::default().concurrency(64));
     let store = controller.store();
+    let servers = store.clone();
+    let triggers = futures::stream::unfold(domain_events, |mut rx| async move {
+        rx.recv().await.map(|name| (name, rx))
+    })
+    .filter_map(move |domain| {
+        let uid = domain.strip_prefix("stratus-").map(str::to_owned);
+        let server = uid.and_then(|uid| servers.find(|s| s.uid().as_deref() == Some(uid.as_str())));
+        if let Some(s) = &server {
+            tracing::debug!(%domain, server = %s.name_any(), "domain event");
+        }
+        std::future::ready(server.map(|s| ObjectRef::from_obj(&*s)))
+    });
     let run = controller
+        .reconcile_on(triggers)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {});
     (store, run)
@@ -973,6 +1071,62 @@ mod tests {
         assert_eq!(
             plan(&stop, Some(DomainState::Shutoff), None, false),
             Step::Observe
+        );
+    }
+
+    #[test]
+    fn drift_is_repaired_or_reported_as_the_policy_says() {
+        let mut s = server("Running");
+        if let Some(st) = s.status.as_mut() {
+            st.power_state = Some(ObservedPowerState::Running);
+        }
+        // Recreate (the default): a vanished domain is built again, a stopped one started.
+        assert_eq!(plan(&s, None, None, false), Step::Build { recreate: true });
+        assert_eq!(
+            plan(&s, Some(DomainState::Shutoff), None, false),
+            Step::Start
+        );
+        s.spec.drift_policy = DriftPolicy::Report;
+        assert_eq!(
+            plan(&s, None, None, false),
+            Step::ReportDrift(Drift::Missing)
+        );
+        assert_eq!(
+            plan(&s, Some(DomainState::Crashed), None, false),
+            Step::ReportDrift(Drift::PoweredOff)
+        );
+        // Once reported (the status now says Shutdown), it stays reported.
+        if let Some(st) = s.status.as_mut() {
+            st.power_state = Some(ObservedPowerState::Shutdown);
+            set_condition(
+                &mut st.conditions,
+                "Drifted",
+                true,
+                "PoweredOff",
+                "",
+                None,
+                now(),
+            );
+        }
+        assert_eq!(
+            plan(&s, Some(DomainState::Shutoff), None, false),
+            Step::ReportDrift(Drift::PoweredOff)
+        );
+        // A server that was stopped on request and is asked to run again is simply started.
+        let mut stopped = server("Running");
+        if let Some(st) = stopped.status.as_mut() {
+            st.power_state = Some(ObservedPowerState::Shutdown);
+        }
+        stopped.spec.drift_policy = DriftPolicy::Report;
+        assert_eq!(
+            plan(&stopped, Some(DomainState::Shutoff), None, false),
+            Step::Start
+        );
+        // Never built yet: built, whatever the policy.
+        stopped.status = None;
+        assert_eq!(
+            plan(&stopped, None, None, false),
+            Step::Build { recreate: false }
         );
     }
 

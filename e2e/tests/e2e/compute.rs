@@ -531,6 +531,56 @@ fn real_guests_on_two_simulated_nodes() -> Result<()> {
                     .any(|l| l.contains("Recreated") && l.contains("alpha"))
             })
     })?;
+    // (The agents resync only every 300 s here: what repaired it was libvirt's event.)
+
+    // With driftPolicy Report, a guest powered off behind Stratus's back is reported and left
+    // as it is; setting the policy back to Recreate repairs it.
+    patch(r#"{"spec":{"driftPolicy":"Report"}}"#)?;
+    wait_server(&cloud, "alpha", "the agent to see the policy", |s| {
+        s["status"]["observedGeneration"] == s["metadata"]["generation"]
+            && s["status"]["phase"] == "Running"
+    })?;
+    node.virsh(&["destroy", &dom])?;
+    let drifted = |s: &Value, status: &str| {
+        s["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Drifted" && c["status"] == status)
+        })
+    };
+    let s = wait_server(&cloud, "alpha", "the drift to be reported", |s| {
+        s["status"]["phase"] == "Error" && drifted(s, "True")
+    })?;
+    let cond = |s: &Value, t: &str| {
+        s["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == t).cloned())
+            .unwrap_or_default()
+    };
+    assert_eq!(cond(&s, "Drifted")["reason"], "PoweredOff", "{s}");
+    assert_eq!(cond(&s, "Ready")["reason"], "Drifted", "{s}");
+    let state = node.virsh(&["domstate", &dom])?;
+    assert_eq!(
+        String::from_utf8_lossy(&state.stdout).trim(),
+        "shut off",
+        "the Report policy must leave the guest as it was found"
+    );
+    wait_until(T, "a DriftDetected event", || {
+        cloud
+            .kubectl_ok(&["-n", "demo", "get", "events"])
+            .ok()
+            .filter(|e| {
+                e.lines()
+                    .any(|l| l.contains("DriftDetected") && l.contains("alpha"))
+            })
+    })?;
+    let before = boots(node);
+    patch(r#"{"spec":{"driftPolicy":"Recreate"}}"#)?;
+    wait_server(&cloud, "alpha", "the repair", |s| {
+        s["status"]["phase"] == "Running" && drifted(s, "False")
+    })?;
+    wait_until(T, "a boot after the repair", || {
+        (boots(node) > before).then_some(())
+    })?;
 
     // Resize (cold: the new size is claimed on the hypervisor, then the guest restarts with
     // it) and rebuild (the root disk recreated from another image).

@@ -23,6 +23,7 @@ use virt::domain::{Domain, DomainState as VirtState};
 use virt::error::ErrorNumber;
 use virt::sys;
 
+use super::events;
 use super::xml::{self, DomainKind, METADATA_NS};
 use super::{DomainInfo, DomainSpec, DomainState, DriverError, Hypervisor, NodeInfo};
 
@@ -37,6 +38,7 @@ pub const NAME_PREFIX: &str = "stratus-";
 pub struct Libvirt {
     conn: Connect,
     kind: DomainKind,
+    events: std::sync::Mutex<Vec<events::Subscription>>,
 }
 
 impl Libvirt {
@@ -56,7 +58,11 @@ impl Libvirt {
         let conn = open(uri)?;
         let kind = detect_kind(&conn);
         tracing::info!(uri, kind = ?kind, "connected to libvirt");
-        Ok(Self { conn, kind })
+        Ok(Self {
+            conn,
+            kind,
+            events: std::sync::Mutex::default(),
+        })
     }
 
     /// Opens `uri` and uses `kind` without probing, for operators who know better than the probe
@@ -69,6 +75,7 @@ impl Libvirt {
         Ok(Self {
             conn: open(uri)?,
             kind,
+            events: std::sync::Mutex::default(),
         })
     }
 
@@ -276,6 +283,15 @@ impl Hypervisor for Libvirt {
         let domain = self.require(name)?;
         domain.reset().map_err(|e| self.refused(&domain, name, e))
     }
+
+    fn subscribe(&self, tx: tokio::sync::mpsc::UnboundedSender<String>) -> Result<(), DriverError> {
+        let sub = events::subscribe(&self.conn, tx).map_err(libvirt)?;
+        self.events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(sub);
+        Ok(())
+    }
 }
 
 fn open(uri: &str) -> Result<Connect, DriverError> {
@@ -288,6 +304,8 @@ fn open(uri: &str) -> Result<Connect, DriverError> {
     // libvirt's default handler prints every error to stderr, including the expected ones
     // (a lookup of a missing domain); ours come back as values.
     virt::error::clear_error_callback();
+    // Before the connection: only then does it deliver domain events.
+    events::ensure_event_loop();
     Connect::open(Some(uri)).map_err(libvirt)
 }
 
@@ -518,6 +536,40 @@ mod tests {
         lv.undefine(&name)
             .expect("undefine of a missing domain is a no-op");
         assert!(!lv.list().expect("list").iter().any(|d| d.name == name));
+    }
+
+    #[test]
+    fn lifecycle_events_name_the_domain() {
+        use tokio::sync::mpsc::error::TryRecvError;
+        let lv = Libvirt::connect(TEST_URI).expect("connect");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        lv.subscribe(tx).expect("subscribe");
+        let (name, uuid) = unique(NAME_PREFIX);
+        lv.define(&spec(&name, &uuid)).expect("define");
+        lv.start(&name).expect("start");
+        lv.destroy(&name).expect("destroy");
+        lv.undefine(&name).expect("undefine");
+        // Other tests share the driver: count only this domain's events.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut ours = 0;
+        while ours < 4 && std::time::Instant::now() < deadline {
+            match rx.try_recv() {
+                Ok(n) if n == name => ours += 1,
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+        assert_eq!(ours, 4, "defined, started, stopped, undefined");
+        // Dropping the connection ends the subscription and frees its sender.
+        drop(lv);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match rx.try_recv() {
+                Err(TryRecvError::Disconnected) => break,
+                _ if std::time::Instant::now() > deadline => panic!("the sender was never freed"),
+                _ => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 pub mod disk;
+pub mod events;
 pub mod image;
 pub mod libvirt;
 pub mod xml;
@@ -155,4 +156,7 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn reboot(&self, name: &str) -> Result<(), DriverError>;
     /// Resets the domain (power cycle without asking the guest).
     fn reset(&self, name: &str) -> Result<(), DriverError>;
+    /// From now on, sends the name of every domain whose lifecycle changes (defined,
+    /// started, stopped, crashed, undefined …) to `tx`, until the hypervisor is dropped.
+    fn subscribe(&self, tx: tokio::sync::mpsc::UnboundedSender<String>) -> Result<(), DriverError>;
 }
