@@ -154,9 +154,10 @@ async fn handle_servers(ctx: &Ctx, hv: &str) -> Result<(), NodesError> {
 }
 
 async fn reconcile(hv: Arc<Hypervisor>, ctx: Arc<Ctx>) -> Result<Action, NodesError> {
-    ctx.leases.wait_until_ready().await.ok();
-    ctx.servers.wait_until_ready().await.ok();
     let name = hv.name_any();
+    tracing::trace!(hypervisor = %name, "node lifecycle: looking");
+    crate::store_ready(&ctx.leases).await;
+    crate::store_ready(&ctx.servers).await;
     let lease = match ctx
         .leases
         .get(&ObjectRef::new(&name).within(LEASE_NAMESPACE))
@@ -164,11 +165,15 @@ async fn reconcile(hv: Arc<Hypervisor>, ctx: Arc<Ctx>) -> Result<Action, NodesEr
         Some(l) => Some((*l).clone()),
         // Not in the cache (yet): ask the API server rather than take the node for one that
         // never heartbeated.
-        None => Api::<Lease>::namespaced(ctx.client.clone(), LEASE_NAMESPACE)
-            .get_opt(&name)
-            .await
-            .map_err(NodesError::Api)?,
+        None => {
+            tracing::trace!(hypervisor = %name, "node lifecycle: lease not cached, reading it");
+            Api::<Lease>::namespaced(ctx.client.clone(), LEASE_NAMESPACE)
+                .get_opt(&name)
+                .await
+                .map_err(NodesError::Api)?
+        }
     };
+    tracing::trace!(hypervisor = %name, found = lease.is_some(), "node lifecycle: lease read");
     let Some(until) = lease.as_ref().and_then(expiry) else {
         // Never heartbeated (registered by hand, or its agent not started yet).
         return Ok(Action::requeue(Duration::from_secs(30)));
@@ -177,11 +182,13 @@ async fn reconcile(hv: Arc<Hypervisor>, ctx: Arc<Ctx>) -> Result<Action, NodesEr
     if until > now {
         // Look again just after the heartbeat would expire.
         let left = Duration::try_from(until.duration_since(now)).unwrap_or_default();
+        tracing::trace!(hypervisor = %name, %until, "node lifecycle: heartbeat current");
         return Ok(Action::requeue(left + Duration::from_secs(1)));
     }
     if ready(&hv) {
         let mut status = hv.status.clone().unwrap_or_default();
         let message = format!("no heartbeat since {until}");
+        tracing::info!(hypervisor = %name, %until, "node lifecycle: heartbeat lost, marking NotReady");
         set_condition(
             &mut status.conditions,
             "Ready",

@@ -389,9 +389,9 @@ async fn reconcile(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, Schedul
     if server.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    ctx.hypervisors.wait_until_ready().await.ok();
-    ctx.flavors.wait_until_ready().await.ok();
-    ctx.groups.wait_until_ready().await.ok();
+    crate::store_ready(&ctx.hypervisors).await;
+    crate::store_ready(&ctx.flavors).await;
+    crate::store_ready(&ctx.groups).await;
     let ns = server.namespace().ok_or(SchedulerError::NoNamespace)?;
     let name = server.name_any();
     if let Some(hv) = server.status.as_ref().and_then(|s| s.hypervisor.as_ref()) {

@@ -231,7 +231,9 @@ impl Cloud {
                     &ports.2.to_string(),
                 ])
                 .args(["--bookmark-seconds", "1"])
-                .args(extra),
+                .args(extra)
+                // The node lifecycle controller's every look, for the evacuation tests.
+                .env("STRATUS_LOG", "info,stratus_controllers::nodes=trace"),
             &dir.join("stratus.log"),
         )
     }

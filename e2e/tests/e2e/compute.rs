@@ -343,7 +343,16 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
     )
     .with_context(|| {
         let log = cloud.log();
-        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        let tail: Vec<&str> = log
+            .lines()
+            .rev()
+            .filter(|l| {
+                (l.contains("node lifecycle") && l.contains(lost.as_str()))
+                    || l.contains("WARN")
+                    || l.contains("ERROR")
+            })
+            .take(150)
+            .collect();
         format!(
             "hypervisor: {}\nlease: {}\nlast lines of stratus up:\n{}",
             cloud
