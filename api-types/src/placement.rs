@@ -58,6 +58,20 @@ pub fn allocatable(spec: &HypervisorSpec, capacity: &ComputeResources) -> Amount
 }
 
 /// The first resource (`vcpus`, `ram` or `disk`) that `need` does not fit in `limit - used`,
+/// without saying by how much (no allocation: the scheduler asks this of every hypervisor).
+pub fn lacking(limit: Amount, used: Amount, need: Amount) -> Option<&'static str> {
+    if used.vcpus + need.vcpus > limit.vcpus {
+        Some("vcpus")
+    } else if used.ram_mib + need.ram_mib > limit.ram_mib {
+        Some("ram")
+    } else if used.disk_gib + need.disk_gib > limit.disk_gib {
+        Some("disk")
+    } else {
+        None
+    }
+}
+
+/// The first resource (`vcpus`, `ram` or `disk`) that `need` does not fit in `limit - used`,
 /// with a message saying by how much.
 pub fn shortfall(limit: Amount, used: Amount, need: Amount) -> Option<(&'static str, String)> {
     [

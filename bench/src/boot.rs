@@ -299,6 +299,9 @@ pub async fn bench(servers: usize, concurrency: usize, nodes: usize) -> Result<(
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // Warm-up, not measured (as the reference reads a local disk): each node downloads the
+    // image into its cache once, on its first servers.
+    phase(&api, &seen, "w", nodes * 3, concurrency, false).await?;
     // As a user runs `kubectl apply` then `kubectl wait --for=jsonpath=.status.phase=Running`:
     // `concurrency` of them at a time, each applying its next server once its last one runs.
     let closed = phase(&api, &seen, "c", servers, concurrency, true).await?;

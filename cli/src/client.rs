@@ -923,6 +923,24 @@ pub struct ConsoleArgs {
     pub timeout: u64,
 }
 
+/// `stratus evacuate SERVER…`: `DELETE servers/NAME/binding` for each, which takes the server
+/// off its hypervisor (its claim, placement and host-cleanup finalizer go in one transaction);
+/// the scheduler then places it again and that node's agent rebuilds it.
+pub async fn evacuate(c: &ClientArgs, names: &[String]) -> Result<()> {
+    let s = Session::connect(c).await?;
+    let r = s.resolve("servers")?;
+    let ns = s.ns_for(&r, None);
+    for name in names {
+        let path = format!("{}/{name}/binding", r.collection(ns.as_deref()));
+        s.client
+            .request::<Value>(request("DELETE", &path, "application/json", vec![])?)
+            .await
+            .with_context(|| format!("evacuate server {name}"))?;
+        println!("server/{name} evacuated: it waits for the scheduler to place it again");
+    }
+    Ok(())
+}
+
 /// `stratus console SERVER`: prints the server's serial console log. The log lives on its
 /// hypervisor (`status.console.logPath`), so this reads it on that node.
 pub async fn console(c: &ClientArgs, a: ConsoleArgs) -> Result<()> {

@@ -78,6 +78,15 @@ enum Command {
         #[command(flatten)]
         args: client::LoginArgs,
     },
+    /// Take servers off their hypervisor so they are rebuilt elsewhere (`nova evacuate`; for
+    /// servers with `evacuationPolicy: Manual` on a lost hypervisor). Needs an admin role.
+    Evacuate {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        /// Server names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Print a server's serial console log (read on its hypervisor's node).
     Console {
         #[command(flatten)]
@@ -175,6 +184,7 @@ async fn main() -> Result<()> {
         Command::Wait { client, args } => client::wait(&client, args).await,
         Command::Login { client, args } => client::login(&client, args).await,
         Command::Console { client, args } => client::console(&client, args).await,
+        Command::Evacuate { client, names } => client::evacuate(&client, &names).await,
         Command::Diff { client, args } => {
             if client::diff(&client, args).await? {
                 std::process::exit(1);

@@ -65,18 +65,25 @@ fn ready(hv: &Hypervisor) -> bool {
     })
 }
 
-/// Ranks the hypervisors a server needing `need` may go to, best first; or says why there is
-/// none (`0/N hypervisors are available: …`, as kube-scheduler puts it).
+/// How many of the best hypervisors [`rank`] returns: the ones a placement tries in turn.
+pub const CANDIDATES: usize = 5;
+
+/// Ranks the hypervisors a server needing `need` may go to, best first (at most
+/// [`CANDIDATES`]); or says why there is none (`0/N hypervisors are available: …`, as
+/// kube-scheduler puts it). `used(name)` is what a hypervisor already holds.
+///
+/// Called for every placement over every hypervisor, so it allocates only for the hosts
+/// that fit.
 pub fn rank(
     zone: Option<&str>,
     need: Amount,
     hypervisors: &[Arc<Hypervisor>],
-    used: &HashMap<String, Amount>,
+    used: &dyn Fn(&str) -> Amount,
     group: Option<&Group<'_>>,
     weigher: Weigher,
 ) -> Result<Vec<String>, Unschedulable> {
-    let mut refused: BTreeMap<String, usize> = BTreeMap::new();
-    let mut fit: Vec<(f64, f64, String)> = Vec::new();
+    let mut refused: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut fit: Vec<(f64, f64, &str)> = Vec::new();
     let affinity_hosts: Vec<&String> = group
         .filter(|g| g.spec.policy == ServerGroupPolicy::Affinity)
         .map(|g| {
@@ -88,33 +95,35 @@ pub fn rank(
         })
         .unwrap_or_default();
     for hv in hypervisors {
-        let name = hv.name_any();
+        let name = hv.metadata.name.as_deref().unwrap_or_default();
         let capacity = hv.status.as_ref().and_then(|s| s.capacity.as_ref());
-        let used_here = used.get(&name).copied().unwrap_or_default();
         let members_here = group
-            .and_then(|g| g.members.get(&name))
+            .and_then(|g| g.members.get(name))
             .copied()
             .unwrap_or(0);
-        let why: Option<String> = if hv.spec.disabled {
-            Some("disabled".into())
+        let why: Option<&'static str> = if hv.spec.disabled {
+            Some("disabled")
         } else if !ready(hv) {
-            Some("not ready".into())
+            Some("not ready")
         } else if zone.is_some_and(|z| z != hv.spec.availability_zone) {
-            Some("in another availability zone".into())
+            Some("in another availability zone")
         } else if group.is_some_and(|g| {
             g.spec.policy == ServerGroupPolicy::AntiAffinity
                 && members_here >= g.spec.max_server_per_host.unwrap_or(1)
         }) {
-            Some("hosting the anti-affinity group's members".into())
-        } else if !affinity_hosts.is_empty() && !affinity_hosts.contains(&&name) {
-            Some("not hosting the affinity group's members".into())
+            Some("hosting the anti-affinity group's members")
+        } else if !affinity_hosts.is_empty() && !affinity_hosts.iter().any(|h| *h == name) {
+            Some("not hosting the affinity group's members")
         } else {
             match capacity {
-                None => Some("not reporting capacity".into()),
+                None => Some("not reporting capacity"),
                 Some(c) => {
                     let limit = placement::allocatable(&hv.spec, c);
-                    match placement::shortfall(limit, used_here, need) {
-                        Some((what, _)) => Some(format!("insufficient {what}")),
+                    let used_here = used(name);
+                    match placement::lacking(limit, used_here, need) {
+                        Some("vcpus") => Some("insufficient vcpus"),
+                        Some("ram") => Some("insufficient ram"),
+                        Some(_) => Some("insufficient disk"),
                         None => {
                             let free_ram = limit.ram_mib - used_here.ram_mib - need.ram_mib;
                             let ram = match weigher {
@@ -128,7 +137,7 @@ pub fn rank(
                                 }
                                 _ => 0.0,
                             };
-                            fit.push((grouped, ram, name.clone()));
+                            fit.push((grouped, ram, name));
                             None
                         }
                     }
@@ -140,9 +149,9 @@ pub fn rank(
         }
     }
     if fit.is_empty() {
-        let mut reasons: Vec<(usize, String)> =
+        let mut reasons: Vec<(usize, &str)> =
             refused.into_iter().map(|(why, n)| (n, why)).collect();
-        reasons.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        reasons.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
         let detail: Vec<String> = reasons
             .iter()
             .map(|(n, why)| format!("{n} {why}"))
@@ -163,12 +172,17 @@ pub fn rank(
     }
     // The group weigher first (it is a preference between hosts that all fit), then RAM, then
     // the name so equal hosts are ordered the same way every time.
-    fit.sort_by(|a, b| {
+    let order = |a: &(f64, f64, &str), b: &(f64, f64, &str)| {
         b.0.total_cmp(&a.0)
             .then(b.1.total_cmp(&a.1))
-            .then(a.2.cmp(&b.2))
-    });
-    Ok(fit.into_iter().map(|(_, _, n)| n).collect())
+            .then(a.2.cmp(b.2))
+    };
+    if fit.len() > CANDIDATES {
+        fit.select_nth_unstable_by(CANDIDATES - 1, order);
+        fit.truncate(CANDIDATES);
+    }
+    fit.sort_by(order);
+    Ok(fit.into_iter().map(|(_, _, n)| n.to_string()).collect())
 }
 
 struct Ctx {
@@ -237,24 +251,32 @@ fn server_key(s: &Server) -> String {
 }
 
 impl Ctx {
-    /// What each hypervisor holds (from the cache and this scheduler's own recent binds), and
-    /// where the members of `group` (in `ns`) are.
-    fn usage(
+    /// Ranks the hypervisors for the server `me` (in `ns`, of `group`) from what each holds:
+    /// the index from the cache plus this scheduler's own recent binds the cache may not show
+    /// yet, and where the group's other members are.
+    fn rank_for(
         &self,
         me: &str,
         ns: &str,
-        group: Option<&str>,
-    ) -> (HashMap<String, Amount>, HashMap<String, u32>) {
+        group: Option<&ServerGroup>,
+        zone: Option<&str>,
+        need: Amount,
+        hypervisors: &[Arc<Hypervisor>],
+    ) -> Result<Vec<String>, Unschedulable> {
         let Ok(index) = self.placements.lock() else {
-            return Default::default();
+            return Err(Unschedulable {
+                reason: "Unschedulable",
+                message: "the scheduler's placement index is unusable".into(),
+            });
         };
-        let mut used = index.by_hv.clone();
+        let mut recent: HashMap<String, Amount> = HashMap::new();
         let mut members: HashMap<String, u32> = HashMap::new();
         let mut in_group: HashSet<String> = HashSet::new();
         if let Some(group) = group {
+            let name = group.name_any();
             for s in self.servers.state() {
                 if s.namespace().as_deref() == Some(ns)
-                    && s.spec.server_group.as_deref() == Some(group)
+                    && s.spec.server_group.as_deref() == Some(name.as_str())
                 {
                     in_group.insert(server_key(&s));
                 }
@@ -272,14 +294,22 @@ impl Ctx {
                 !index.by_server.contains_key(k) && at.elapsed() < ASSUME_FOR
             });
             for (k, (hv, a, _)) in assumed.iter() {
-                let e = used.entry(hv.clone()).or_default();
+                let e = recent.entry(hv.clone()).or_default();
                 *e = e.plus(*a);
                 if k != me && in_group.contains(k) {
                     *members.entry(hv.clone()).or_default() += 1;
                 }
             }
         }
-        (used, members)
+        let used = |hv: &str| {
+            let base = index.by_hv.get(hv).copied().unwrap_or_default();
+            recent.get(hv).map_or(base, |r| base.plus(*r))
+        };
+        let g = group.map(|g| Group {
+            spec: &g.spec,
+            members: &members,
+        });
+        rank(zone, need, hypervisors, &used, g.as_ref(), self.weigher)
     }
 
     fn assume(&self, key: &str, hv: &str, a: Amount) {
@@ -422,18 +452,13 @@ async fn reconcile(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, Schedul
     };
     let need = Amount::from(&placement::claim(&flavor.spec));
     let hypervisors = ctx.hypervisors.state();
-    let (used, members) = ctx.usage(&key, &ns, server.spec.server_group.as_deref());
-    let g = group.as_ref().map(|g| Group {
-        spec: &g.spec,
-        members: &members,
-    });
-    let ranked = rank(
+    let ranked = ctx.rank_for(
+        &key,
+        &ns,
+        group.as_deref(),
         server.spec.availability_zone.as_deref(),
         need,
         &hypervisors,
-        &used,
-        g.as_ref(),
-        ctx.weigher,
     );
     let candidates = match ranked {
         Ok(c) => c,
@@ -442,19 +467,27 @@ async fn reconcile(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, Schedul
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
     };
-    for hv in candidates.iter().take(5) {
+    for hv in &candidates {
         ctx.assume(&key, hv, need);
         match bind(&ctx.client, &ns, &name, hv).await {
             Ok(true) => {
                 tracing::debug!(server = %key, hypervisor = %hv, "placed");
-                publish(
-                    &ctx,
-                    &server,
-                    EventType::Normal,
-                    "Scheduled",
-                    format!("placed on hypervisor {hv}"),
-                )
-                .await;
+                // Recorded on the side, as kube-scheduler's event broadcaster does: the next
+                // placement need not wait for it.
+                let (recorder, reference) = (ctx.recorder.clone(), server.object_ref(&()));
+                let note = format!("placed on hypervisor {hv}");
+                tokio::spawn(async move {
+                    let event = Event {
+                        type_: EventType::Normal,
+                        reason: "Scheduled".into(),
+                        note: Some(note),
+                        action: "Scheduling".into(),
+                        secondary: None,
+                    };
+                    if let Err(e) = recorder.publish(&event, &reference).await {
+                        tracing::debug!(error = %e, "cannot publish an event");
+                    }
+                });
                 return Ok(Action::await_change());
             }
             Ok(false) => ctx.forget(&key),
@@ -695,10 +728,24 @@ mod tests {
     #[test]
     fn spread_prefers_free_ram_and_pack_the_fullest_host() {
         let hvs = [hv("a", 4096), hv("b", 8192), hv("c", 2048)];
-        let used = HashMap::new();
-        let spread = rank(None, need(512.0), &hvs, &used, None, Weigher::Spread);
+        let used: HashMap<String, Amount> = HashMap::new();
+        let spread = rank(
+            None,
+            need(512.0),
+            &hvs,
+            &|h: &str| used.get(h).copied().unwrap_or_default(),
+            None,
+            Weigher::Spread,
+        );
         assert_eq!(spread, Ok(vec!["b".into(), "a".into(), "c".into()]));
-        let pack = rank(None, need(512.0), &hvs, &used, None, Weigher::Pack);
+        let pack = rank(
+            None,
+            need(512.0),
+            &hvs,
+            &|h: &str| used.get(h).copied().unwrap_or_default(),
+            None,
+            Weigher::Pack,
+        );
         assert_eq!(pack, Ok(vec!["c".into(), "a".into(), "b".into()]));
     }
 
@@ -720,7 +767,7 @@ mod tests {
             None,
             need(2048.0),
             &hvs,
-            &HashMap::new(),
+            &|_: &str| Amount::default(),
             None,
             Weigher::Spread,
         )
@@ -736,7 +783,7 @@ mod tests {
             None,
             need(1024.0),
             &[hv("big", 8192)],
-            &used,
+            &|h: &str| used.get(h).copied().unwrap_or_default(),
             None,
             Weigher::Spread,
         )
@@ -746,8 +793,15 @@ mod tests {
             "{}",
             err.message
         );
-        let err = rank(None, need(1.0), &[], &HashMap::new(), None, Weigher::Spread)
-            .expect_err("no hosts");
+        let err = rank(
+            None,
+            need(1.0),
+            &[],
+            &|_: &str| Amount::default(),
+            None,
+            Weigher::Spread,
+        )
+        .expect_err("no hosts");
         assert!(err.message.contains("no hypervisor is registered"));
     }
 
@@ -760,7 +814,7 @@ mod tests {
             Some("az2"),
             need(512.0),
             &hvs,
-            &HashMap::new(),
+            &|_: &str| Amount::default(),
             None,
             Weigher::Spread,
         );
@@ -770,7 +824,7 @@ mod tests {
     #[test]
     fn server_groups_place_members_apart_or_together() {
         let hvs = [hv("a", 8192), hv("b", 4096)];
-        let used = HashMap::new();
+        let used: HashMap<String, Amount> = HashMap::new();
         let members = HashMap::from([("a".to_string(), 1)]);
         let anti = group("anti-affinity");
         let g = Group {
@@ -778,7 +832,14 @@ mod tests {
             members: &members,
         };
         assert_eq!(
-            rank(None, need(512.0), &hvs, &used, Some(&g), Weigher::Spread),
+            rank(
+                None,
+                need(512.0),
+                &hvs,
+                &|h: &str| used.get(h).copied().unwrap_or_default(),
+                Some(&g),
+                Weigher::Spread
+            ),
             Ok(vec!["b".into()])
         );
         let aff = group("affinity");
@@ -787,7 +848,14 @@ mod tests {
             members: &members,
         };
         assert_eq!(
-            rank(None, need(512.0), &hvs, &used, Some(&g), Weigher::Spread),
+            rank(
+                None,
+                need(512.0),
+                &hvs,
+                &|h: &str| used.get(h).copied().unwrap_or_default(),
+                Some(&g),
+                Weigher::Spread
+            ),
             Ok(vec!["a".into()])
         );
         // Soft anti-affinity prefers the other host even with less RAM, but keeps both.
@@ -797,7 +865,14 @@ mod tests {
             members: &members,
         };
         assert_eq!(
-            rank(None, need(512.0), &hvs, &used, Some(&g), Weigher::Spread),
+            rank(
+                None,
+                need(512.0),
+                &hvs,
+                &|h: &str| used.get(h).copied().unwrap_or_default(),
+                Some(&g),
+                Weigher::Spread
+            ),
             Ok(vec!["b".into(), "a".into()])
         );
         // Hard anti-affinity with every host taken: nowhere.
@@ -806,8 +881,15 @@ mod tests {
             spec: &anti,
             members: &both,
         };
-        let err = rank(None, need(512.0), &hvs, &used, Some(&g), Weigher::Spread)
-            .expect_err("no host left");
+        let err = rank(
+            None,
+            need(512.0),
+            &hvs,
+            &|h: &str| used.get(h).copied().unwrap_or_default(),
+            Some(&g),
+            Weigher::Spread,
+        )
+        .expect_err("no host left");
         assert!(
             err.message
                 .contains("2 hosting the anti-affinity group's members")

@@ -376,6 +376,19 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
         Some("HypervisorLost".into())
     );
     assert_eq!(stuck["status"]["hypervisor"], lost.as_str());
+    // The operator's request (`nova evacuate`): rebuilt on a live hypervisor.
+    let out = cloud
+        .stratus_cmd()
+        .args(["evacuate", "-n", "demo", "manual"])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_server(&cloud, "manual", "manual rebuilt elsewhere", |s| {
+        s["status"]["phase"] == "Running" && s["status"]["hypervisor"] != lost.as_str()
+    })?;
     Ok(())
 }
 
