@@ -650,6 +650,11 @@ pub async fn run(client: Client, weigher: Weigher) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What each hypervisor holds, from a map (absent: nothing).
+    fn holding(used: &HashMap<String, Amount>) -> impl Fn(&str) -> Amount + '_ {
+        |h| used.get(h).copied().unwrap_or_default()
+    }
     use stratus_api_types::compute::{ComputeResources, HypervisorStatus};
 
     /// A Ready hypervisor with 4 vCPUs, `ram` MiB and 100 GiB, ratios 1.0 and no reservation.
@@ -733,7 +738,7 @@ mod tests {
             None,
             need(512.0),
             &hvs,
-            &|h: &str| used.get(h).copied().unwrap_or_default(),
+            &holding(&used),
             None,
             Weigher::Spread,
         );
@@ -742,7 +747,7 @@ mod tests {
             None,
             need(512.0),
             &hvs,
-            &|h: &str| used.get(h).copied().unwrap_or_default(),
+            &holding(&used),
             None,
             Weigher::Pack,
         );
@@ -783,7 +788,7 @@ mod tests {
             None,
             need(1024.0),
             &[hv("big", 8192)],
-            &|h: &str| used.get(h).copied().unwrap_or_default(),
+            &holding(&used),
             None,
             Weigher::Spread,
         )
@@ -824,72 +829,33 @@ mod tests {
     #[test]
     fn server_groups_place_members_apart_or_together() {
         let hvs = [hv("a", 8192), hv("b", 4096)];
-        let used: HashMap<String, Amount> = HashMap::new();
-        let members = HashMap::from([("a".to_string(), 1)]);
-        let anti = group("anti-affinity");
-        let g = Group {
-            spec: &anti,
-            members: &members,
-        };
-        assert_eq!(
+        let nothing: HashMap<String, Amount> = HashMap::new();
+        let one_on_a = HashMap::from([("a".to_string(), 1)]);
+        let one_on_each = HashMap::from([("a".to_string(), 1), ("b".to_string(), 1)]);
+        let place = |policy: &str, members: &HashMap<String, u32>| {
+            let spec = group(policy);
+            let g = Group {
+                spec: &spec,
+                members,
+            };
             rank(
                 None,
                 need(512.0),
                 &hvs,
-                &|h: &str| used.get(h).copied().unwrap_or_default(),
+                &holding(&nothing),
                 Some(&g),
-                Weigher::Spread
-            ),
-            Ok(vec!["b".into()])
-        );
-        let aff = group("affinity");
-        let g = Group {
-            spec: &aff,
-            members: &members,
+                Weigher::Spread,
+            )
         };
-        assert_eq!(
-            rank(
-                None,
-                need(512.0),
-                &hvs,
-                &|h: &str| used.get(h).copied().unwrap_or_default(),
-                Some(&g),
-                Weigher::Spread
-            ),
-            Ok(vec!["a".into()])
-        );
+        assert_eq!(place("anti-affinity", &one_on_a), Ok(vec!["b".into()]));
+        assert_eq!(place("affinity", &one_on_a), Ok(vec!["a".into()]));
         // Soft anti-affinity prefers the other host even with less RAM, but keeps both.
-        let soft = group("soft-anti-affinity");
-        let g = Group {
-            spec: &soft,
-            members: &members,
-        };
         assert_eq!(
-            rank(
-                None,
-                need(512.0),
-                &hvs,
-                &|h: &str| used.get(h).copied().unwrap_or_default(),
-                Some(&g),
-                Weigher::Spread
-            ),
+            place("soft-anti-affinity", &one_on_a),
             Ok(vec!["b".into(), "a".into()])
         );
         // Hard anti-affinity with every host taken: nowhere.
-        let both = HashMap::from([("a".to_string(), 1), ("b".to_string(), 1)]);
-        let g = Group {
-            spec: &anti,
-            members: &both,
-        };
-        let err = rank(
-            None,
-            need(512.0),
-            &hvs,
-            &|h: &str| used.get(h).copied().unwrap_or_default(),
-            Some(&g),
-            Weigher::Spread,
-        )
-        .expect_err("no host left");
+        let err = place("anti-affinity", &one_on_each).expect_err("no host left");
         assert!(
             err.message
                 .contains("2 hosting the anti-affinity group's members")

@@ -53,6 +53,16 @@ fn condition<'a>(s: &'a Value, type_: &str) -> Option<&'a Value> {
         .find(|c| c["type"] == type_)
 }
 
+/// Waits until `kubectl get events` in `demo` lists one with `reason` about `name`.
+fn wait_event(cloud: &Cloud, reason: &str, name: &str) -> Result<String> {
+    wait_until(T, &format!("a {reason} event for {name}"), || {
+        cloud
+            .kubectl_ok(&["-n", "demo", "get", "events"])
+            .ok()
+            .filter(|e| e.lines().any(|l| l.contains(reason) && l.contains(name)))
+    })
+}
+
 fn test_agent(cloud: &Cloud, node: &str, dir: &std::path::Path) -> Result<Proc> {
     Proc::spawn(
         &format!("agent of {node}"),
@@ -544,15 +554,7 @@ fn real_guests_on_two_simulated_nodes() -> Result<()> {
             .filter(|d| d.len() == 1 && d[0] == dom)
             .map(|_| ())
     })?;
-    wait_until(T, "a Recreated event", || {
-        cloud
-            .kubectl_ok(&["-n", "demo", "get", "events"])
-            .ok()
-            .filter(|e| {
-                e.lines()
-                    .any(|l| l.contains("Recreated") && l.contains("alpha"))
-            })
-    })?;
+    wait_event(&cloud, "Recreated", "alpha")?;
     // (The agents resync only every 300 s here: what repaired it was libvirt's event.)
 
     // With driftPolicy Report, a guest powered off behind Stratus's back is reported and left
@@ -572,29 +574,16 @@ fn real_guests_on_two_simulated_nodes() -> Result<()> {
     let s = wait_server(&cloud, "alpha", "the drift to be reported", |s| {
         s["status"]["phase"] == "Error" && drifted(s, "True")
     })?;
-    let cond = |s: &Value, t: &str| {
-        s["status"]["conditions"]
-            .as_array()
-            .and_then(|c| c.iter().find(|c| c["type"] == t).cloned())
-            .unwrap_or_default()
-    };
-    assert_eq!(cond(&s, "Drifted")["reason"], "PoweredOff", "{s}");
-    assert_eq!(cond(&s, "Ready")["reason"], "Drifted", "{s}");
+    let reason = |t: &str| condition(&s, t).map(|c| c["reason"].clone());
+    assert_eq!(reason("Drifted"), Some("PoweredOff".into()), "{s}");
+    assert_eq!(reason("Ready"), Some("Drifted".into()), "{s}");
     let state = node.virsh(&["domstate", &dom])?;
     assert_eq!(
         String::from_utf8_lossy(&state.stdout).trim(),
         "shut off",
         "the Report policy must leave the guest as it was found"
     );
-    wait_until(T, "a DriftDetected event", || {
-        cloud
-            .kubectl_ok(&["-n", "demo", "get", "events"])
-            .ok()
-            .filter(|e| {
-                e.lines()
-                    .any(|l| l.contains("DriftDetected") && l.contains("alpha"))
-            })
-    })?;
+    wait_event(&cloud, "DriftDetected", "alpha")?;
     let before = boots(node);
     patch(r#"{"spec":{"driftPolicy":"Recreate"}}"#)?;
     wait_server(&cloud, "alpha", "the repair", |s| {
