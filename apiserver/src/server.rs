@@ -613,7 +613,7 @@ async fn restrict_node(
         return Ok(());
     };
     if matches!(info.verb.as_str(), "get" | "list" | "watch") {
-        return Ok(());
+        return node_may_read(state, &info, params, node).await;
     }
     let body = crate::body::decode(bytes, false)
         .map(|d| d.value)
@@ -722,6 +722,105 @@ async fn restrict_node(
         _ => false,
     };
     if allowed { Ok(()) } else { Err(deny()) }
+}
+
+/// What a node may read. Servers carry their users' `userData` (often secrets), so a node sees
+/// only the ones placed on it, as a kubelet sees only its pods: a list or watch must select
+/// `status.hypervisor=NODE`, a get must name one placed there. A Keypair is readable only by a
+/// node running a server of its project that uses it. The rest (flavors, images, hypervisors,
+/// leases, events, …) is readable.
+async fn node_may_read(
+    state: &AppState,
+    info: &crate::audit::RequestInfo,
+    params: &Params,
+    node: &str,
+) -> ApiResult<()> {
+    let deny = |why: &str| {
+        ApiError::forbidden(format!(
+            "node \"{node}\" cannot {} {}{}: {why}",
+            info.verb,
+            info.resource,
+            if info.name.is_empty() {
+                String::new()
+            } else {
+                format!(" \"{}\"", info.name)
+            }
+        ))
+    };
+    if info.group.as_deref() != Some("compute.stratus.dev") {
+        return Ok(());
+    }
+    let servers = || {
+        state
+            .api
+            .registry
+            .by_kind("compute.stratus.dev", "Server")
+            .ok_or_else(|| ApiError::internal("the Server kind is not served"))
+    };
+    let on_node = |s: &serde_json::Value| {
+        s.pointer("/status/hypervisor")
+            .and_then(serde_json::Value::as_str)
+            == Some(node)
+    };
+    match info.resource.as_str() {
+        "servers" if info.name.is_empty() => {
+            let wanted = [
+                format!("status.hypervisor={node}"),
+                format!("status.hypervisor=={node}"),
+            ];
+            let selects_node = params.get("fieldSelector").is_some_and(|f| {
+                f.split(',')
+                    .any(|term| wanted.iter().any(|w| w == term.trim()))
+            });
+            if selects_node {
+                Ok(())
+            } else {
+                Err(deny(&format!(
+                    "a node lists only the servers placed on it (fieldSelector status.hypervisor={node})"
+                )))
+            }
+        }
+        "servers" => {
+            let t = Target {
+                rt: Arc::clone(servers()?),
+                namespace: Some(info.namespace.clone()),
+                name: Some(info.name.clone()),
+                subresource: None,
+            };
+            match state.api.read(&t).await {
+                Ok(s) if on_node(&s.value) => Ok(()),
+                Ok(_) => Err(deny("it is not placed on this node")),
+                // Absent: the request answers 404 itself.
+                Err(e) if e.code == 404 => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+        "keypairs" if info.name.is_empty() => Err(deny(
+            "a node reads only the keypairs its servers use, by name",
+        )),
+        "keypairs" => {
+            let prefix = servers()?.key_prefix(&state.api.prefix, Some(&info.namespace));
+            let page = state
+                .api
+                .store
+                .list(&prefix, None, 0, 0)
+                .await
+                .map_err(crate::api::store_err)?;
+            let used = page.items.iter().any(|(_, s)| {
+                on_node(&s.value)
+                    && s.value
+                        .pointer("/spec/keypair")
+                        .and_then(serde_json::Value::as_str)
+                        == Some(info.name.as_str())
+            });
+            if used {
+                Ok(())
+            } else {
+                Err(deny("no server placed on this node uses it"))
+            }
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Refuses what the caller's roles do not allow, before anything is read or written.

@@ -989,10 +989,15 @@ pub(crate) async fn sweep(ctx: &Ctx) -> Result<usize, ServerError> {
     let mut removed = 0;
     for d in domains {
         let Some(owner) = &d.owner else { continue };
-        let server = Api::<Server>::namespaced(ctx.client.clone(), &owner.namespace)
+        let server = match Api::<Server>::namespaced(ctx.client.clone(), &owner.namespace)
             .get_opt(&owner.name)
             .await
-            .map_err(ServerError::Api)?;
+        {
+            Ok(s) => s,
+            // A node may read only the servers placed on it: this one is placed elsewhere.
+            Err(kube::Error::Api(e)) if e.code == 403 => None,
+            Err(e) => return Err(ServerError::Api(e)),
+        };
         let ours = server.as_ref().is_some_and(|s| {
             s.uid().as_deref() == Some(owner.uid.as_str())
                 && s.status.as_ref().and_then(|st| st.hypervisor.as_deref())

@@ -380,7 +380,7 @@ fn roles_isolate_projects_and_tokens_can_be_revoked() -> Result<()> {
 }
 
 #[test]
-fn a_node_writes_only_its_own_objects() -> Result<()> {
+fn a_node_reads_and_writes_only_what_is_placed_on_it() -> Result<()> {
     let mut cloud = Cloud::up()?;
     cloud.projects(&["demo"])?;
     // Node identities come from the API server's token file.
@@ -412,7 +412,37 @@ fn a_node_writes_only_its_own_objects() -> Result<()> {
         cloud: &cloud,
         kc: cloud.kubeconfig_with("node-1", Some("node-1-token-0123456789"))?,
     };
-    node.ok(&["-n", "demo", "get", "servers"])?;
+    // Reads: the servers placed on it (their user data is theirs), by selector or by name;
+    // a keypair only when one of its servers uses it.
+    let mine = node.ok(&[
+        "get",
+        "servers",
+        "-A",
+        "--field-selector",
+        "status.hypervisor=node-1",
+        "-o",
+        "name",
+    ])?;
+    assert_eq!(mine.trim(), "server.compute.stratus.dev/web-1", "{mine}");
+    node.ok(&["-n", "demo", "get", "server", "web-1"])?;
+    let why = node.denied(&["-n", "demo", "get", "servers"])?;
+    assert!(why.contains("status.hypervisor=node-1"), "{why}");
+    node.denied(&["-n", "demo", "get", "server", "web-2"])?;
+    node.denied(&[
+        "get",
+        "servers",
+        "-A",
+        "--field-selector",
+        "status.hypervisor=node-2",
+    ])?;
+    node.ok(&["-n", "demo", "get", "keypair", "demo-key"])?;
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: compute.stratus.dev/v1\nkind: Keypair\nmetadata:\n  name: unused\n  namespace: demo\nspec:\n  publicKey: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIAE4COqXr5at+NWW12Pky2bcpuhb0DP+OskDhJRD6a1 x@y\n",
+    )?;
+    node.denied(&["-n", "demo", "get", "keypair", "unused"])?;
+    node.denied(&["-n", "demo", "get", "keypairs"])?;
+    node.ok(&["get", "flavors"])?;
     // Its own server's status: yes; the other node's, the spec, or moving a server away: no.
     node.ok(&[
         "-n",
