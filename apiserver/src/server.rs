@@ -727,8 +727,10 @@ async fn restrict_node(
 /// What a node may read. Servers carry their users' `userData` (often secrets), so a node sees
 /// only the ones placed on it, as a kubelet sees only its pods: a list or watch must select
 /// `status.hypervisor=NODE`, a get must name one placed there. A Keypair is readable only by a
-/// node running a server of its project that uses it. The rest (flavors, images, hypervisors,
-/// leases, events, …) is readable.
+/// node running a server of its project that uses it; a private Image only by one running a
+/// server of its project booted from it (or from an image whose kernel or ramdisk it is),
+/// and lists of images must select `spec.visibility=public`. The rest (flavors,
+/// hypervisors, leases, events, …) is readable.
 async fn node_may_read(
     state: &AppState,
     info: &crate::audit::RequestInfo,
@@ -747,9 +749,17 @@ async fn node_may_read(
             }
         ))
     };
-    if info.group.as_deref() != Some("compute.stratus.dev") {
+    let group = info.group.as_deref().unwrap_or_default();
+    if group != "compute.stratus.dev" && group != "image.stratus.dev" {
         return Ok(());
     }
+    let selects = |field: &str, value: &str| {
+        let wanted = [format!("{field}={value}"), format!("{field}=={value}")];
+        params.get("fieldSelector").is_some_and(|f| {
+            f.split(',')
+                .any(|term| wanted.iter().any(|w| w == term.trim()))
+        })
+    };
     let servers = || {
         state
             .api
@@ -764,15 +774,7 @@ async fn node_may_read(
     };
     match info.resource.as_str() {
         "servers" if info.name.is_empty() => {
-            let wanted = [
-                format!("status.hypervisor={node}"),
-                format!("status.hypervisor=={node}"),
-            ];
-            let selects_node = params.get("fieldSelector").is_some_and(|f| {
-                f.split(',')
-                    .any(|term| wanted.iter().any(|w| w == term.trim()))
-            });
-            if selects_node {
+            if selects("status.hypervisor", node) {
                 Ok(())
             } else {
                 Err(deny(&format!(
@@ -799,28 +801,102 @@ async fn node_may_read(
             "a node reads only the keypairs its servers use, by name",
         )),
         "keypairs" => {
-            let prefix = servers()?.key_prefix(&state.api.prefix, Some(&info.namespace));
-            let page = state
-                .api
-                .store
-                .list(&prefix, None, 0, 0)
-                .await
-                .map_err(crate::api::store_err)?;
-            let used = page.items.iter().any(|(_, s)| {
-                on_node(&s.value)
-                    && s.value
-                        .pointer("/spec/keypair")
-                        .and_then(serde_json::Value::as_str)
-                        == Some(info.name.as_str())
-            });
+            let used = mine(state, servers()?, &info.namespace, node)
+                .await?
+                .iter()
+                .any(|s| spec_str(s, "keypair") == Some(info.name.as_str()));
             if used {
                 Ok(())
             } else {
                 Err(deny("no server placed on this node uses it"))
             }
         }
+        "images" if info.name.is_empty() => {
+            if selects("spec.visibility", "public") {
+                Ok(())
+            } else {
+                Err(deny(
+                    "a node lists only public images (fieldSelector spec.visibility=public)",
+                ))
+            }
+        }
+        "images" => {
+            let images = state
+                .api
+                .registry
+                .by_kind("image.stratus.dev", "Image")
+                .ok_or_else(|| ApiError::internal("the Image kind is not served"))?;
+            let read = |name: &str| {
+                let t = Target {
+                    rt: Arc::clone(images),
+                    namespace: Some(info.namespace.clone()),
+                    name: Some(name.to_string()),
+                    subresource: None,
+                };
+                async move {
+                    match state.api.read(&t).await {
+                        Ok(s) => Ok(Some(s.value)),
+                        Err(e) if e.code == 404 => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            let Some(image) = read(&info.name).await? else {
+                // Absent: the request answers 404 itself.
+                return Ok(());
+            };
+            if spec_str(&image, "visibility") == Some("public") {
+                return Ok(());
+            }
+            for server in mine(state, servers()?, &info.namespace, node).await? {
+                let Some(boot) = spec_str(&server, "image") else {
+                    continue;
+                };
+                if boot == info.name {
+                    return Ok(());
+                }
+                if let Some(b) = read(boot).await?
+                    && (spec_str(&b, "kernelImage") == Some(info.name.as_str())
+                        || spec_str(&b, "ramdiskImage") == Some(info.name.as_str()))
+                {
+                    return Ok(());
+                }
+            }
+            Err(deny("no server placed on this node boots from it"))
+        }
         _ => Ok(()),
     }
+}
+
+/// `spec.FIELD` of `v` as a string.
+fn spec_str<'a>(v: &'a serde_json::Value, field: &str) -> Option<&'a str> {
+    v.get("spec")?.get(field)?.as_str()
+}
+
+/// The Servers of namespace `ns` placed on `node`.
+async fn mine(
+    state: &AppState,
+    servers: &crate::registry::ResourceType,
+    ns: &str,
+    node: &str,
+) -> ApiResult<Vec<serde_json::Value>> {
+    let prefix = servers.key_prefix(&state.api.prefix, Some(ns));
+    let page = state
+        .api
+        .store
+        .list(&prefix, None, 0, 0)
+        .await
+        .map_err(crate::api::store_err)?;
+    Ok(page
+        .items
+        .into_iter()
+        .map(|(_, s)| s.value)
+        .filter(|s| {
+            s.pointer("/status/hypervisor")
+                .and_then(serde_json::Value::as_str)
+                == Some(node)
+        })
+        .collect())
 }
 
 /// Refuses what the caller's roles do not allow, before anything is read or written.

@@ -293,7 +293,9 @@ async fn find_image(client: &Client, ns: &str, name: &str) -> Result<Option<Imag
         return Ok(Some(i));
     }
     let all = Api::<Image>::all(client.clone())
-        .list(&ListParams::default().fields(&format!("metadata.name={name}")))
+        .list(
+            &ListParams::default().fields(&format!("metadata.name={name},spec.visibility=public")),
+        )
         .await
         .map_err(ServerError::Api)?;
     Ok(all

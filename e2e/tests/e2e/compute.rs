@@ -131,6 +131,30 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
     }
     nodes.sort();
     assert_eq!(nodes, ["node-a", "node-b"], "anti-affinity broken");
+    // Another project boots demo's public image: the agent finds it through the one list of
+    // images a node may make (public ones), then reads its kernel and ramdisk.
+    cloud.projects(&["other"])?;
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        &server("elsewhere", "m1.nano", "tiny", "").replace("namespace: demo", "namespace: other"),
+    )?;
+    wait_until(
+        T,
+        "a server booted from another project's public image",
+        || {
+            json(&cloud, &["-n", "other", "get", "server", "elsewhere"])
+                .ok()
+                .filter(|s| s["status"]["phase"] == "Running")
+        },
+    )?;
+    cloud.kubectl_ok(&[
+        "-n",
+        "other",
+        "delete",
+        "server",
+        "elsewhere",
+        "--timeout=60s",
+    ])?;
     // A third member has nowhere to go.
     cloud.kubectl_in(
         &["apply", "-f", "-"],

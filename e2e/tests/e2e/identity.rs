@@ -443,6 +443,27 @@ fn a_node_reads_and_writes_only_what_is_placed_on_it() -> Result<()> {
     node.denied(&["-n", "demo", "get", "keypair", "unused"])?;
     node.denied(&["-n", "demo", "get", "keypairs"])?;
     node.ok(&["get", "flavors"])?;
+    // Images: those its servers boot from (kernel and ramdisk included) and public ones.
+    for image in [
+        "cirros-0.6.2",
+        "cirros-0.6.2-kernel",
+        "cirros-0.6.2-initramfs",
+    ] {
+        node.ok(&["-n", "demo", "get", "image", image])?;
+    }
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: image.stratus.dev/v1\nkind: Image\nmetadata:\n  name: private-unused\n  namespace: demo\nspec:\n  diskFormat: qcow2\n  source:\n    url: http://example.invalid/x.qcow2\n",
+    )?;
+    node.denied(&["-n", "demo", "get", "image", "private-unused"])?;
+    node.denied(&["-n", "demo", "get", "images"])?;
+    node.ok(&[
+        "get",
+        "images",
+        "-A",
+        "--field-selector",
+        "spec.visibility=public",
+    ])?;
     // Its own server's status: yes; the other node's, the spec, or moving a server away: no.
     node.ok(&[
         "-n",
