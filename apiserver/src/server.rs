@@ -768,7 +768,7 @@ async fn node_may_read(
             .ok_or_else(|| ApiError::internal("the Server kind is not served"))
     };
     let on_node = |s: &serde_json::Value| {
-        s.pointer("/status/hypervisor")
+        s.pointer(placement_field("servers"))
             .and_then(serde_json::Value::as_str)
             == Some(node)
     };
@@ -892,7 +892,7 @@ async fn mine(
         .into_iter()
         .map(|(_, s)| s.value)
         .filter(|s| {
-            s.pointer("/status/hypervisor")
+            s.pointer(placement_field("servers"))
                 .and_then(serde_json::Value::as_str)
                 == Some(node)
         })

@@ -325,18 +325,20 @@ pub async fn bench(servers: usize, concurrency: usize, nodes: usize) -> Result<(
     );
     for (what, st) in [
         (
-            "Stratus, each of 50 clients applies a server and waits until it runs, then the next: create → scheduler → agent → Running seen by a watch",
+            format!(
+                "Stratus, each of {concurrency} clients applies a server and waits until it runs, then the next: create → scheduler → agent → Running seen by a watch"
+            ),
             &closed,
         ),
         (
-            "Stratus, burst: all 1,000 created at once (50 creates in flight), then waited for",
+            format!(
+                "Stratus, burst: all {servers} created at once ({concurrency} creates in flight), then waited for"
+            ),
             &burst,
         ),
     ] {
         println!(
-            "| {} | {:.0} | {} | {} |",
-            what.replace("50", &concurrency.to_string())
-                .replace("1,000", &servers.to_string()),
+            "| {what} | {:.0} | {} | {} |",
             st.all.per_sec,
             ms(st.all.p50),
             ms(st.all.p99)

@@ -356,6 +356,17 @@ async fn bind(
 }
 
 async fn publish(ctx: &Ctx, server: &Server, type_: EventType, reason: &str, note: String) {
+    record(&ctx.recorder, &server.object_ref(&()), type_, reason, note).await;
+}
+
+/// Records a scheduling Event about `reference`.
+async fn record(
+    recorder: &Recorder,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     let event = Event {
         type_,
         reason: reason.into(),
@@ -363,7 +374,7 @@ async fn publish(ctx: &Ctx, server: &Server, type_: EventType, reason: &str, not
         action: "Scheduling".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &server.object_ref(&())).await {
+    if let Err(e) = recorder.publish(&event, reference).await {
         tracing::debug!(error = %e, "cannot publish an event");
     }
 }
@@ -477,16 +488,7 @@ async fn reconcile(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, Schedul
                 let (recorder, reference) = (ctx.recorder.clone(), server.object_ref(&()));
                 let note = format!("placed on hypervisor {hv}");
                 tokio::spawn(async move {
-                    let event = Event {
-                        type_: EventType::Normal,
-                        reason: "Scheduled".into(),
-                        note: Some(note),
-                        action: "Scheduling".into(),
-                        secondary: None,
-                    };
-                    if let Err(e) = recorder.publish(&event, &reference).await {
-                        tracing::debug!(error = %e, "cannot publish an event");
-                    }
+                    record(&recorder, &reference, EventType::Normal, "Scheduled", note).await;
                 });
                 return Ok(Action::await_change());
             }
