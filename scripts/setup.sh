@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 packages=(
   etcd-server etcd-client       # the store
-  protobuf-compiler             # etcd-client's build needs protoc
+  protobuf-compiler libprotobuf-dev # etcd-client's build needs protoc and its well-known .proto files
   libvirt-dev libvirt-daemon-system qemu-system-x86 qemu-utils  # compute
   dnsmasq-base nftables iproute2 # network
   lvm2                          # storage
