@@ -228,7 +228,7 @@ fn parse_rv(rv: &str) -> ApiResult<i64> {
 
 /// A JSON response with `Warning` headers.
 pub fn json_response(code: StatusCode, v: &Value, warnings: &[String]) -> Response {
-    let mut resp = (code, v.to_string()).into_response();
+    let mut resp = (code, meta::to_json(v)).into_response();
     let h = resp.headers_mut();
     h.insert(
         axum::http::header::CONTENT_TYPE,
@@ -459,7 +459,7 @@ impl Api {
             }
             match &namespace {
                 Some(ns) if t.rt.namespaced => {
-                    m.insert("namespace".into(), json!(ns));
+                    m.insert("namespace".into(), Value::String(ns.clone()));
                 }
                 _ => {
                     m.remove("namespace");
@@ -518,10 +518,13 @@ impl Api {
             if manager.is_some() {
                 m.remove("managedFields");
             }
-            m.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
-            m.insert("creationTimestamp".into(), json!(meta::now()));
+            m.insert(
+                "uid".into(),
+                Value::String(uuid::Uuid::new_v4().to_string()),
+            );
+            m.insert("creationTimestamp".into(), Value::String(meta::now()));
             if t.rt.tracks_generation {
-                m.insert("generation".into(), json!(1));
+                m.insert("generation".into(), Value::from(1));
             }
         }
         if t.rt.status_subresource

@@ -7,6 +7,7 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
 use crate::error::ApiError;
+use crate::field_path::FieldPath;
 
 /// A decoded body and the paths of the fields that appeared more than once in it.
 #[derive(Debug)]
@@ -18,7 +19,7 @@ pub struct Decoded {
 }
 
 struct Seed<'a> {
-    path: String,
+    at: FieldPath<'a>,
     dups: &'a RefCell<Vec<String>>,
 }
 
@@ -65,7 +66,7 @@ impl<'de> Visitor<'de> for Seed<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let mut out = Vec::new();
         while let Some(v) = seq.next_element_seed(Seed {
-            path: format!("{}[{}]", self.path, out.len()),
+            at: FieldPath::Index(&self.at, out.len()),
             dups: self.dups,
         })? {
             out.push(v);
@@ -75,18 +76,16 @@ impl<'de> Visitor<'de> for Seed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
-            let path = if self.path.is_empty() {
-                key.clone()
-            } else {
-                format!("{}.{key}", self.path)
-            };
             let v = map.next_value_seed(Seed {
-                path: path.clone(),
+                at: FieldPath::Key(&self.at, &key),
                 dups: self.dups,
             })?;
-            if out.insert(key, v).is_some() {
-                self.dups.borrow_mut().push(path);
+            if out.contains_key(&key) {
+                self.dups
+                    .borrow_mut()
+                    .push(FieldPath::Key(&self.at, &key).render());
             }
+            out.insert(key, v);
         }
         Ok(Value::Object(out))
     }
@@ -108,7 +107,7 @@ pub fn is_yaml(content_type: &str) -> bool {
 pub fn decode(bytes: &[u8], yaml: bool) -> Result<Decoded, ApiError> {
     let dups = RefCell::new(Vec::new());
     let seed = Seed {
-        path: String::new(),
+        at: FieldPath::Root,
         dups: &dups,
     };
     let value = if yaml {

@@ -190,23 +190,43 @@ fn entries(obj: &Value) -> Vec<Entry> {
         .collect()
 }
 
+/// One managedFields entry, built in place (`json!` would copy `fields` through the
+/// serializer).
+fn entry_json(
+    manager: String,
+    operation: String,
+    api_version: String,
+    time: String,
+    subresource: Option<String>,
+    fields: Value,
+) -> Value {
+    let mut entry = Map::new();
+    entry.insert("manager".into(), Value::String(manager));
+    entry.insert("operation".into(), Value::String(operation));
+    entry.insert("apiVersion".into(), Value::String(api_version));
+    entry.insert("time".into(), Value::String(time));
+    entry.insert("fieldsType".into(), Value::String("FieldsV1".into()));
+    entry.insert("fieldsV1".into(), fields);
+    if let Some(s) = subresource {
+        entry.insert("subresource".into(), Value::String(s));
+    }
+    Value::Object(entry)
+}
+
 fn store_entries(obj: &mut Value, list: Vec<Entry>) {
     let list: Vec<Value> = list
         .into_iter()
         .filter(|e| !e.fields.is_empty())
         .map(|e| {
-            let mut v = json!({
-                "manager": e.manager,
-                "operation": e.operation,
-                "apiVersion": e.api_version,
-                "time": e.time,
-                "fieldsType": "FieldsV1",
-                "fieldsV1": to_fields_v1(&e.fields),
-            });
-            if let Some(s) = e.subresource {
-                v["subresource"] = json!(s);
-            }
-            v
+            let fields = to_fields_v1(&e.fields);
+            entry_json(
+                e.manager,
+                e.operation,
+                e.api_version,
+                e.time,
+                e.subresource,
+                fields,
+            )
         })
         .collect();
     let m = meta::meta_mut(obj);
@@ -239,18 +259,15 @@ pub fn record_update(
         // A create: every field is the creator's.
         let fields = fields_v1_of(new);
         if fields.as_object().is_some_and(|f| !f.is_empty()) {
-            let mut entry = json!({
-                "manager": manager,
-                "operation": "Update",
-                "apiVersion": api_version,
-                "time": meta::now(),
-                "fieldsType": "FieldsV1",
-                "fieldsV1": fields,
-            });
-            if let Some(s) = subresource {
-                entry["subresource"] = json!(s);
-            }
-            meta::meta_mut(new).insert("managedFields".into(), json!([entry]));
+            let entry = entry_json(
+                manager.into(),
+                "Update".into(),
+                api_version.into(),
+                meta::now(),
+                subresource.map(String::from),
+                fields,
+            );
+            meta::meta_mut(new).insert("managedFields".into(), Value::Array(vec![entry]));
         }
         return;
     }

@@ -48,8 +48,10 @@ impl Change {
         } else {
             (&self.old, &self.old_json)
         };
-        v.as_ref()
-            .map(|v| cell.get_or_init(|| Bytes::from(v.to_string())).clone())
+        v.as_ref().map(|v| {
+            cell.get_or_init(|| Bytes::from(crate::meta::to_json(v)))
+                .clone()
+        })
     }
 }
 

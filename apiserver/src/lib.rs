@@ -6,6 +6,7 @@ pub mod binding;
 pub mod body;
 pub mod discovery;
 pub mod error;
+pub mod field_path;
 pub mod fields;
 pub mod hub;
 pub mod identity;

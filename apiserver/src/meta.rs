@@ -4,6 +4,13 @@ use serde_json::{Map, Value, json};
 
 use crate::error::Cause;
 
+/// The JSON encoding of a value, written straight into bytes (`Value`'s `Display` goes through
+/// the formatter, which costs more per field).
+pub fn to_json(v: &Value) -> Vec<u8> {
+    // Encoding a `Value` cannot fail: its map keys are strings.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
 /// The current time as Kubernetes writes `metav1.Time` (RFC 3339, seconds).
 pub fn now() -> String {
     jiff::Timestamp::now()

@@ -7,6 +7,7 @@ use schemars::JsonSchema;
 use serde_json::{Map, Value};
 
 use crate::error::Cause;
+use crate::field_path::FieldPath;
 
 /// The schema of `T` in the structural form Kubernetes uses for CRDs (no `$ref`, enums and
 /// nullable fields rewritten), as kube-derive generates it.
@@ -100,14 +101,14 @@ impl Node {
 
     /// Removes unknown fields and nulls where the schema does not allow null, recording the
     /// unknown fields' paths; then fills defaults for absent fields.
-    fn prune_and_default(&self, v: &mut Value, path: &str, unknown: &mut Vec<String>) {
+    fn prune_and_default(&self, v: &mut Value, at: FieldPath<'_>, unknown: &mut Vec<String>) {
         match v {
             Value::Object(map) => {
                 if let Some(add) = &self.additional {
-                    for (k, child) in map.iter_mut() {
-                        add.prune_and_default(child, &join(path, k), unknown);
-                    }
-                    drop_disallowed_nulls(map, |_| add.nullable);
+                    map.retain(|k, child| {
+                        add.prune_and_default(child, FieldPath::Key(&at, k), unknown);
+                        !child.is_null() || add.nullable
+                    });
                     return;
                 }
                 if self.preserve_unknown && self.properties.is_empty() {
@@ -116,28 +117,25 @@ impl Node {
                 if !self.is_object {
                     return;
                 }
-                let keys: Vec<String> = map.keys().cloned().collect();
-                for k in keys {
-                    match self.properties.get(&k) {
-                        Some(child) => {
-                            if let Some(cv) = map.get_mut(&k) {
-                                child.prune_and_default(cv, &join(path, &k), unknown);
-                            }
-                        }
-                        None if self.preserve_unknown => {}
-                        None => {
-                            unknown.push(join(path, &k));
-                            map.remove(&k);
-                        }
+                // Known fields are walked, unknown ones kept only where the schema preserves
+                // them, and nulls dropped where the schema does not allow null.
+                map.retain(|k, cv| match self.properties.get(k) {
+                    Some(child) => {
+                        child.prune_and_default(cv, FieldPath::Key(&at, k), unknown);
+                        !cv.is_null() || child.nullable
                     }
-                }
-                drop_disallowed_nulls(map, |k| self.properties.get(k).is_some_and(|c| c.nullable));
+                    None if self.preserve_unknown => !cv.is_null(),
+                    None => {
+                        unknown.push(FieldPath::Key(&at, k).render());
+                        false
+                    }
+                });
                 for (k, child) in &self.properties {
                     if !map.contains_key(k)
                         && let Some(d) = &child.default
                     {
                         let mut d = d.clone();
-                        child.prune_and_default(&mut d, &join(path, k), &mut Vec::new());
+                        child.prune_and_default(&mut d, FieldPath::Key(&at, k), &mut Vec::new());
                         map.insert(k.clone(), d);
                     }
                 }
@@ -145,24 +143,12 @@ impl Node {
             Value::Array(items) => {
                 if let Some(item) = &self.items {
                     for (i, child) in items.iter_mut().enumerate() {
-                        item.prune_and_default(child, &format!("{path}[{i}]"), unknown);
+                        item.prune_and_default(child, FieldPath::Index(&at, i), unknown);
                     }
                 }
             }
             _ => {}
         }
-    }
-}
-
-fn drop_disallowed_nulls(map: &mut Map<String, Value>, nullable: impl Fn(&str) -> bool) {
-    map.retain(|k, v| !v.is_null() || nullable(k));
-}
-
-fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_string()
-    } else {
-        format!("{path}.{key}")
     }
 }
 
@@ -217,7 +203,8 @@ impl Structural {
     /// Prunes unknown fields (returned, as paths) and fills defaults.
     pub fn prune_and_default(&self, obj: &mut Value) -> Vec<String> {
         let mut unknown = Vec::new();
-        self.root.prune_and_default(obj, "", &mut unknown);
+        self.root
+            .prune_and_default(obj, FieldPath::Root, &mut unknown);
         unknown
     }
 

@@ -334,7 +334,8 @@ async fn identity_call(
 }
 
 async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    let received = crate::meta::now_micro();
+    // Only the audit log needs the arrival time.
+    let received = state.audit.as_ref().map(|_| crate::meta::now_micro());
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let method = parts.method.clone();
@@ -389,7 +390,7 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let code = response.status().as_u16();
     let user = caller.as_ref().ok().map(|c| c.user.as_str());
     tracing::debug!(user, %method, %path, query = parts.uri.query().unwrap_or(""), code, "request");
-    if let Some(audit) = &state.audit {
+    if let (Some(audit), Some(received)) = (&state.audit, &received) {
         let watch = params.as_ref().is_ok_and(|p| p.flag("watch"));
         let info = crate::audit::RequestInfo::parse(method.as_str(), &path, watch);
         let uri = parts
@@ -409,7 +410,7 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
             source,
             user_agent,
             code,
-            received: &received,
+            received,
         });
     }
     response

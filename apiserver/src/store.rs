@@ -210,7 +210,7 @@ impl Store {
         }
         let txn = Txn::new()
             .when(compares)
-            .and_then([TxnOp::put(key, value.to_string(), None)])
+            .and_then([TxnOp::put(key, crate::meta::to_json(value), None)])
             .or_else([TxnOp::get(key, None)]);
         self.run(key, txn).await
     }
@@ -224,7 +224,7 @@ impl Store {
     ) -> Result<Write, StoreError> {
         let txn = Txn::new()
             .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
-            .and_then([TxnOp::put(key, value.to_string(), None)])
+            .and_then([TxnOp::put(key, crate::meta::to_json(value), None)])
             .or_else([TxnOp::get(key, None)]);
         self.run(key, txn).await
     }
@@ -359,7 +359,7 @@ impl Store {
             .collect();
         let ops: Vec<TxnOp> = puts
             .iter()
-            .map(|(k, v)| TxnOp::put(*k, v.to_string(), None))
+            .map(|(k, v)| TxnOp::put(*k, crate::meta::to_json(v), None))
             .chain(deletes.iter().map(|k| TxnOp::delete(*k, None)))
             .collect();
         let resp = self

@@ -26,20 +26,25 @@ struct Encoder {
 
 impl Encoder {
     fn event(&self, type_: &str, obj: &Value) -> Bytes {
+        let rendered;
         let object = match self.rendering {
-            Rendering::Full => obj.clone(),
-            Rendering::Metadata => table::partial(obj),
-            Rendering::Table => table::table(
-                &self.target.rt,
-                std::slice::from_ref(obj),
-                json!({}),
-                &self.include,
-                true,
-            ),
+            Rendering::Full => obj,
+            Rendering::Metadata => {
+                rendered = table::partial(obj);
+                &rendered
+            }
+            Rendering::Table => {
+                rendered = table::table(
+                    &self.target.rt,
+                    std::slice::from_ref(obj),
+                    json!({}),
+                    &self.include,
+                    true,
+                );
+                &rendered
+            }
         };
-        let mut line = json!({"type": type_, "object": object}).to_string();
-        line.push('\n');
-        Bytes::from(line)
+        line(type_, object)
     }
 
     /// An event from a shared change: the object's JSON is encoded once for every watcher.
@@ -64,16 +69,26 @@ impl Encoder {
             meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
         }
         let object = json!({"kind": self.target.rt.kind, "apiVersion": self.target.rt.api_version(), "metadata": meta});
-        let mut line = json!({"type": "BOOKMARK", "object": object}).to_string();
-        line.push('\n');
-        Bytes::from(line)
+        line("BOOKMARK", &object)
     }
 
     fn error(e: &ApiError) -> Bytes {
-        let mut line = json!({"type": "ERROR", "object": e.status()}).to_string();
-        line.push('\n');
-        Bytes::from(line)
+        line("ERROR", &e.status())
     }
+}
+
+/// One watch event as a line of newline-delimited JSON.
+fn line(type_: &str, object: &Value) -> Bytes {
+    #[derive(serde::Serialize)]
+    struct Event<'a> {
+        #[serde(rename = "type")]
+        type_: &'a str,
+        object: &'a Value,
+    }
+    // Encoding borrowed values cannot fail: map keys are strings.
+    let mut out = serde_json::to_vec(&Event { type_, object }).unwrap_or_default();
+    out.push(b'\n');
+    Bytes::from(out)
 }
 
 /// `GET ...?watch=true`: streams changes as newline-delimited JSON watch events.

@@ -40,6 +40,12 @@ enum What {
         /// Concurrency levels.
         #[arg(long, value_delimiter = ',', default_value = "1,64")]
         concurrency: Vec<usize>,
+        /// Rounds; each measures every path once, in rotated order.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// The paths to measure.
+        #[arg(long, value_delimiter = ',', default_value = "raw,kube,h2,floor")]
+        paths: Vec<CreatePath>,
     },
     /// Watch delivery latency to many watchers vs raw etcd watches.
     Watch {
@@ -248,7 +254,16 @@ impl H2 {
     }
 
     async fn post(&self, path: &str, body: Vec<u8>) -> Result<()> {
-        let req = http::Request::post(format!("{}{path}", self.base))
+        let body = self.send(http::Method::POST, path, body).await?;
+        let _: Value = serde_json::from_slice(&body)?;
+        Ok(())
+    }
+
+    /// Sends a request; the body of a successful answer.
+    async fn send(&self, method: http::Method, path: &str, body: Vec<u8>) -> Result<bytes::Bytes> {
+        let req = http::Request::builder()
+            .method(method.clone())
+            .uri(format!("{}{path}", self.base))
             .header("Authorization", "Bearer bench-token")
             .header("Content-Type", "application/json")
             .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
@@ -259,11 +274,10 @@ impl H2 {
             .to_bytes();
         anyhow::ensure!(
             status.is_success(),
-            "POST {path}: {status}: {}",
+            "{method} {path}: {status}: {}",
             String::from_utf8_lossy(&body)
         );
-        let _: Value = serde_json::from_slice(&body)?;
-        Ok(())
+        Ok(body)
     }
 }
 
@@ -322,127 +336,196 @@ fn req(method: &str, path: &str, ct: &str, body: Vec<u8>) -> Result<http::Reques
         .body(body)?)
 }
 
-async fn bench_api(objects: usize, levels: &[usize]) -> Result<()> {
+/// A way of creating objects that the `api` benchmark measures.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum CreatePath {
+    /// Raw etcd transactions through the official gRPC client (the reference).
+    Raw,
+    /// `POST` through the API with kube-rs (HTTP/1.1).
+    Kube,
+    /// `POST` through the API with a plain HTTP/2 client, as kubectl and client-go.
+    H2,
+    /// Not a create: `GET /healthz` with the HTTP/2 client, which the API server answers
+    /// without touching etcd. What the load generator, TLS and HTTP/2 cost on their own.
+    Floor,
+}
+
+impl CreatePath {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Raw => "raw etcd txn",
+            Self::Kube => "Stratus API, kube-rs (HTTP/1.1)",
+            Self::H2 => "Stratus API, HTTP/2 (as kubectl)",
+            Self::Floor => "transport floor: HTTP/2 GET /healthz (no etcd)",
+        }
+    }
+}
+
+/// One measurement of `n` creates at concurrency `c` along `path`; `tag` keeps names unique.
+/// The raw path writes `stored` (an object as the API server stored it) under each new name.
+async fn creates(
+    s: &Stack,
+    etcd: &etcd_client::Client,
+    stored: &Value,
+    path: CreatePath,
+    tag: &str,
+    n: usize,
+    c: usize,
+) -> Result<(Vec<Duration>, Duration)> {
+    let tag = format!("{tag}-{}", format!("{path:?}").to_lowercase());
+    match path {
+        CreatePath::Raw => {
+            let e = etcd.clone();
+            let stored = stored.clone();
+            drive(n, c, move |i| {
+                let mut kv = e.kv_client();
+                let name = format!("{tag}-{i}");
+                let key = format!("/bench/raw/{name}");
+                let mut object = stored.clone();
+                object["metadata"]["name"] = Value::String(name);
+                let value = serde_json::to_vec(&object);
+                async move {
+                    let value = value?;
+                    let txn = Txn::new()
+                        .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+                        .and_then([TxnOp::put(key.as_str(), value, None)])
+                        .or_else([TxnOp::get(key.as_str(), None)]);
+                    let r = kv.txn(txn).await?;
+                    anyhow::ensure!(r.succeeded(), "raw create of {key} found it existing");
+                    Ok(())
+                }
+            })
+            .await
+        }
+        CreatePath::Kube => {
+            let cl = s.client.clone();
+            drive(n, c, move |i| {
+                let cl = cl.clone();
+                let body = flavor(&format!("{tag}-{i}")).to_string().into_bytes();
+                async move {
+                    cl.request::<Value>(req("POST", FLAVORS, "application/json", body)?)
+                        .await
+                        .context("create through the API")?;
+                    Ok(())
+                }
+            })
+            .await
+        }
+        CreatePath::H2 => {
+            let h2 = s.h2.clone();
+            drive(n, c, move |i| {
+                let h2 = h2.clone();
+                let body = flavor(&format!("{tag}-{i}")).to_string().into_bytes();
+                async move { h2.post(FLAVORS, body).await }
+            })
+            .await
+        }
+        CreatePath::Floor => {
+            let h2 = s.h2.clone();
+            drive(n, c, move |_| {
+                let h2 = h2.clone();
+                async move {
+                    h2.send(http::Method::GET, "/healthz", Vec::new()).await?;
+                    Ok(())
+                }
+            })
+            .await
+        }
+    }
+}
+
+/// Creates through each path at each concurrency, in `rounds` rounds. Each round measures
+/// every path once, in an order rotated from round to round, so that no path always runs
+/// first (on the smallest database) or last.
+async fn bench_api(
+    objects: usize,
+    levels: &[usize],
+    rounds: usize,
+    paths: &[CreatePath],
+) -> Result<()> {
     let s = stack().await?;
     let etcd = etcd_client::Client::connect([s.etcd.endpoint.as_str()], None).await?;
     println!(
         "| concurrency | path | creates/s | p50 ms | p99 ms | etcd CPU µs/create | client (+ API server) CPU µs/create |"
     );
     println!("|---|---|---|---|---|---|---|");
-    let mut ratios = Vec::new();
+    let mut summary = Vec::new();
+    // What the raw path writes: the bytes the API server stores for a Flavor (the request's
+    // fields plus uid, creationTimestamp, generation and managedFields), so that etcd does the
+    // same work on both paths.
+    let mut stored = flavor("template");
     for &c in levels {
-        // Warm both paths.
-        for (tag, n) in [("warm", 200usize)] {
-            let e = etcd.clone();
-            drive(n, c, move |i| {
-                let mut kv = e.kv_client();
-                async move {
-                    kv.put(
-                        format!("/bench/{tag}/{c}/{i}"),
-                        flavor("w").to_string(),
-                        None,
-                    )
-                    .await?;
-                    Ok(())
-                }
-            })
-            .await?;
-            let cl = s.client.clone();
-            drive(n, c, move |i| {
-                let cl = cl.clone();
-                async move {
-                    let body = flavor(&format!("{tag}-{c}-{i}")).to_string().into_bytes();
-                    cl.request::<Value>(req(
-                        "POST",
-                        "/apis/compute.stratus.dev/v1/flavors",
-                        "application/json",
-                        body,
-                    )?)
-                    .await?;
-                    Ok(())
-                }
-            })
-            .await?;
+        for &path in paths {
+            creates(&s, &etcd, &stored, path, &format!("warm-{c}"), 200, c).await?;
         }
-        let e = etcd.clone();
-        let raw_cpu = Cpu::start(s.etcd.pid());
-        let (lat, wall) = drive(objects, c, move |i| {
-            let mut kv = e.kv_client();
-            async move {
-                let key = format!("/bench/raw/{c}/f{i}");
-                let txn = Txn::new()
-                    .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-                    .and_then([TxnOp::put(
-                        key.as_str(),
-                        flavor(&format!("f{i}")).to_string(),
-                        None,
-                    )])
-                    .or_else([TxnOp::get(key.as_str(), None)]);
-                let r = kv.txn(txn).await?;
-                anyhow::ensure!(r.succeeded(), "raw create of {key} found it existing");
-                Ok(())
+        let mut kv = etcd.kv_client();
+        for name in [format!("warm-{c}-kube-0"), format!("warm-{c}-h2-0")] {
+            let got = kv
+                .get(format!("/stratus/compute.stratus.dev/flavors/{name}"), None)
+                .await?;
+            if let Some(found) = got.kvs().first() {
+                stored = serde_json::from_slice(found.value())?;
             }
-        })
-        .await?;
-        let raw = stats(lat, wall);
-        let raw_cpu = raw_cpu.per_op(objects);
-        row(c, "raw etcd txn", &raw, raw_cpu);
-
-        let api_cpu = Cpu::start(s.etcd.pid());
-        let cl = s.client.clone();
-        let (lat, wall) = drive(objects, c, move |i| {
-            let cl = cl.clone();
-            async move {
-                let body = flavor(&format!("c{c}-f{i}")).to_string().into_bytes();
-                cl.request::<Value>(req("POST", FLAVORS, "application/json", body)?)
-                    .await
-                    .context("create through the API")?;
-                Ok(())
-            }
-        })
-        .await?;
-        let api = stats(lat, wall);
-        row(
-            c,
-            "Stratus API, kube-rs (HTTP/1.1)",
-            &api,
-            api_cpu.per_op(objects),
-        );
-
-        let h2_cpu = Cpu::start(s.etcd.pid());
-        let h2 = s.h2.clone();
-        let (lat, wall) = drive(objects, c, move |i| {
-            let h2 = h2.clone();
-            async move {
-                h2.post(
-                    FLAVORS,
-                    flavor(&format!("h{c}-f{i}")).to_string().into_bytes(),
+        }
+        // Per path: every latency, total wall time, total CPU (etcd, this process) and the
+        // throughput of each round.
+        type Tally = (Vec<Duration>, Duration, (f64, f64), Vec<f64>);
+        let mut tally: Vec<Tally> = paths
+            .iter()
+            .map(|_| (Vec::new(), Duration::ZERO, (0.0, 0.0), Vec::new()))
+            .collect();
+        for round in 0..rounds.max(1) {
+            for k in 0..paths.len() {
+                let at = (k + round) % paths.len();
+                let cpu = Cpu::start(s.etcd.pid());
+                let (lat, wall) = creates(
+                    &s,
+                    &etcd,
+                    &stored,
+                    paths[at],
+                    &format!("r{round}-c{c}"),
+                    objects,
+                    c,
                 )
-                .await
+                .await?;
+                let (e, p) = cpu.per_op(objects);
+                let t = &mut tally[at];
+                t.3.push(objects as f64 / wall.as_secs_f64());
+                t.0.extend(lat);
+                t.1 += wall;
+                t.2 = (t.2.0 + e, t.2.1 + p);
             }
-        })
-        .await?;
-        let api2 = stats(lat, wall);
-        row(
-            c,
-            "Stratus API, HTTP/2 (as kubectl)",
-            &api2,
-            h2_cpu.per_op(objects),
-        );
-        for (label, st) in [("kube-rs", &api), ("HTTP/2", &api2)] {
-            ratios.push((
-                c,
-                label,
-                st.per_sec / raw.per_sec,
-                (st.p50.as_secs_f64() - raw.p50.as_secs_f64()) * 1000.0,
-            ));
+        }
+        let n = rounds.max(1) as f64;
+        let mut rows = Vec::new();
+        for (&path, (lat, wall, cpu, per_round)) in paths.iter().zip(tally) {
+            let st = stats(lat, wall);
+            row(c, path.label(), &st, (cpu.0 / n, cpu.1 / n));
+            rows.push((path, st, per_round));
+        }
+        if let Some((_, raw, raw_rounds)) = rows.iter().find(|r| r.0 == CreatePath::Raw) {
+            for (path, st, per_round) in rows
+                .iter()
+                .filter(|r| matches!(r.0, CreatePath::Kube | CreatePath::H2))
+            {
+                let each: Vec<String> = per_round
+                    .iter()
+                    .zip(raw_rounds)
+                    .map(|(a, r)| format!("{:.2}", a / r))
+                    .collect();
+                summary.push(format!(
+                    "concurrency {c}, {}: API/raw throughput = {:.2}x (rounds: {}); p50 overhead = {:+.2} ms",
+                    path.label(),
+                    st.per_sec / raw.per_sec,
+                    each.join(", "),
+                    (st.p50.as_secs_f64() - raw.p50.as_secs_f64()) * 1000.0,
+                ));
+            }
         }
     }
     println!();
-    for (c, label, r, d) in ratios {
-        println!(
-            "concurrency {c}, {label}: API/raw throughput = {r:.2}x; p50 overhead = {d:+.2} ms"
-        );
+    for line in summary {
+        println!("{line}");
     }
     Ok(())
 }
@@ -612,7 +695,9 @@ async fn main() -> Result<()> {
         What::Api {
             objects,
             concurrency,
-        } => bench_api(objects, &concurrency).await,
+            rounds,
+            paths,
+        } => bench_api(objects, &concurrency, rounds, &paths).await,
         What::Watch { watchers, events } => bench_watch(watchers, events).await,
         What::Sched {
             servers,
