@@ -35,13 +35,13 @@ enum What {
     /// Creates through the API vs raw etcd transactions.
     Api {
         /// Objects created per measurement.
-        #[arg(long, default_value_t = 3000)]
+        #[arg(long, default_value_t = 5000)]
         objects: usize,
         /// Concurrency levels.
         #[arg(long, value_delimiter = ',', default_value = "1,64")]
         concurrency: Vec<usize>,
         /// Rounds; each measures every path once, in rotated order.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 5)]
         rounds: usize,
         /// The paths to measure.
         #[arg(long, value_delimiter = ',', default_value = "raw,kube,h2,floor")]
