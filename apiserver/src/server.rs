@@ -590,6 +590,26 @@ async fn route(
     }
 }
 
+/// The stored event a request names, if there is one (events.k8s.io events are kept as core
+/// events, with the same `reportingInstance`).
+async fn stored_event(
+    state: &AppState,
+    info: &crate::audit::RequestInfo,
+) -> ApiResult<crate::store::Stored> {
+    let rt = state
+        .api
+        .registry
+        .get("", "v1", "events")
+        .ok_or_else(|| ApiError::internal("the Event kind is not served"))?;
+    let t = Target {
+        rt: Arc::clone(rt),
+        namespace: Some(info.namespace.clone()),
+        name: Some(info.name.clone()),
+        subresource: None,
+    };
+    state.api.read(&t).await
+}
+
 /// Where an object records the node it is placed on.
 fn placement_field(resource: &str) -> &'static str {
     match resource {
@@ -625,6 +645,12 @@ async fn restrict_node(
             info.verb, info.resource, info.name
         ))
     };
+    // An event whose reporting instance is this node.
+    let reported = |v: &serde_json::Value| {
+        v.get("reportingInstance")
+            .and_then(serde_json::Value::as_str)
+            == Some(node)
+    };
     // A body (object, merge patch or JSON patch) leaves `pointer` absent or naming this node.
     let ours = |v: &serde_json::Value, pointer: &str| match v.as_array() {
         Some(ops) => ops.iter().all(|op| {
@@ -652,9 +678,20 @@ async fn restrict_node(
         }
     };
     let allowed = match (group, info.resource.as_str()) {
-        ("" | "events.k8s.io", "events") => {
-            info.verb != "delete" && info.verb != "deletecollection"
-        }
+        // Events it reports itself: the body, and for a change the stored event too, name
+        // this node as the reporting instance.
+        ("" | "events.k8s.io", "events") => match info.verb.as_str() {
+            "create" => ours(&body, "/reportingInstance") && reported(&body),
+            "update" | "patch" => {
+                ours(&body, "/reportingInstance")
+                    && match stored_event(state, &info).await {
+                        Ok(e) => reported(&e.value),
+                        Err(e) if e.code == 404 => false,
+                        Err(e) => return Err(e),
+                    }
+            }
+            _ => false,
+        },
         ("coordination.k8s.io", "leases") => {
             info.name == node
                 || body
@@ -751,6 +788,28 @@ async fn node_may_read(
         ))
     };
     let group = info.group.as_deref().unwrap_or_default();
+    if matches!(group, "" | "events.k8s.io") && info.resource == "events" {
+        // Events name other projects' objects and what happened to them: a node reads back
+        // only one it reported itself, by name.
+        let denied = || deny("a node reads only the events it reported, by name");
+        if info.name.is_empty() {
+            return Err(denied());
+        }
+        return match stored_event(state, info).await {
+            Ok(e)
+                if e.value
+                    .get("reportingInstance")
+                    .and_then(serde_json::Value::as_str)
+                    == Some(node) =>
+            {
+                Ok(())
+            }
+            Ok(_) => Err(denied()),
+            // Absent: the request answers 404 itself.
+            Err(e) if e.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        };
+    }
     if group != "compute.stratus.dev" && group != "image.stratus.dev" {
         return Ok(());
     }

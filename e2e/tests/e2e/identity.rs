@@ -523,5 +523,55 @@ fn a_node_reads_and_writes_only_what_is_placed_on_it() -> Result<()> {
     };
     assert!(node.create("default", &hv("node-1"))?.status.success());
     assert!(!node.create("default", &hv("node-3"))?.status.success());
+    // Events: it reports its own (reporting instance: the node), reads none, and cannot
+    // report as another node or change an event another reporter wrote.
+    let event = |name: &str, instance: &str| {
+        format!(
+            "apiVersion: events.k8s.io/v1\nkind: Event\nmetadata:\n  name: {name}\neventTime: \"2026-01-01T00:00:00.000000Z\"\nreportingController: stratus-compute-agent\nreportingInstance: {instance}\naction: Reconcile\nreason: Started\ntype: Normal\nnote: guest started\nregarding:\n  apiVersion: compute.stratus.dev/v1\n  kind: Server\n  name: web-1\n  namespace: demo\n"
+        )
+    };
+    let created = node.create("demo", &event("web-1.started", "node-1"))?;
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let forged = node.create("demo", &event("web-2.started", "node-2"))?;
+    assert!(!forged.status.success());
+    assert!(
+        String::from_utf8_lossy(&forged.stderr).contains("Forbidden"),
+        "{}",
+        String::from_utf8_lossy(&forged.stderr)
+    );
+    cloud.kubectl_in(
+        &["-n", "demo", "create", "-f", "-"],
+        &event("web-2.moved", "node-2"),
+    )?;
+    node.denied(&[
+        "-n",
+        "demo",
+        "patch",
+        "events.events.k8s.io",
+        "web-2.moved",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"reportingInstance":"node-1","note":"hijacked"}"#,
+    ])?;
+    node.ok(&[
+        "-n",
+        "demo",
+        "patch",
+        "events.events.k8s.io",
+        "web-1.started",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"note":"guest started again"}"#,
+    ])?;
+    let why = node.denied(&["-n", "demo", "get", "events"])?;
+    assert!(why.contains("only the events it reported"), "{why}");
+    node.denied(&["get", "events.events.k8s.io", "-A"])?;
+    node.denied(&["-n", "demo", "get", "events.events.k8s.io", "web-2.moved"])?;
     Ok(())
 }
