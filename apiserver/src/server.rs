@@ -610,6 +610,14 @@ async fn stored_event(
     state.api.read(&t).await
 }
 
+/// Whether an event names `node` as its reporting instance.
+fn reported_by(event: &serde_json::Value, node: &str) -> bool {
+    event
+        .get("reportingInstance")
+        .and_then(serde_json::Value::as_str)
+        == Some(node)
+}
+
 /// Where an object records the node it is placed on.
 fn placement_field(resource: &str) -> &'static str {
     match resource {
@@ -645,12 +653,6 @@ async fn restrict_node(
             info.verb, info.resource, info.name
         ))
     };
-    // An event whose reporting instance is this node.
-    let reported = |v: &serde_json::Value| {
-        v.get("reportingInstance")
-            .and_then(serde_json::Value::as_str)
-            == Some(node)
-    };
     // A body (object, merge patch or JSON patch) leaves `pointer` absent or naming this node.
     let ours = |v: &serde_json::Value, pointer: &str| match v.as_array() {
         Some(ops) => ops.iter().all(|op| {
@@ -681,11 +683,11 @@ async fn restrict_node(
         // Events it reports itself: the body, and for a change the stored event too, name
         // this node as the reporting instance.
         ("" | "events.k8s.io", "events") => match info.verb.as_str() {
-            "create" => ours(&body, "/reportingInstance") && reported(&body),
+            "create" => reported_by(&body, node),
             "update" | "patch" => {
                 ours(&body, "/reportingInstance")
                     && match stored_event(state, &info).await {
-                        Ok(e) => reported(&e.value),
+                        Ok(e) => reported_by(&e.value, node),
                         Err(e) if e.code == 404 => false,
                         Err(e) => return Err(e),
                     }
@@ -796,14 +798,7 @@ async fn node_may_read(
             return Err(denied());
         }
         return match stored_event(state, info).await {
-            Ok(e)
-                if e.value
-                    .get("reportingInstance")
-                    .and_then(serde_json::Value::as_str)
-                    == Some(node) =>
-            {
-                Ok(())
-            }
+            Ok(e) if reported_by(&e.value, node) => Ok(()),
             Ok(_) => Err(denied()),
             // Absent: the request answers 404 itself.
             Err(e) if e.code == 404 => Ok(()),

@@ -434,6 +434,38 @@ async fn creates(
     }
 }
 
+/// What the measurements of one path add up to over the rounds.
+#[derive(Default)]
+struct Tally {
+    /// Every create's latency.
+    lat: Vec<Duration>,
+    /// Total wall time.
+    wall: Duration,
+    /// Total CPU µs per create: etcd, this process.
+    cpu: (f64, f64),
+    /// Creates/s of each round.
+    per_round: Vec<f64>,
+}
+
+/// A Flavor created through the API, as the API server stored it in etcd: the request's
+/// fields plus uid, creationTimestamp, generation and managedFields. The raw path writes it,
+/// so that etcd does the same work on both paths.
+async fn stored_flavor(s: &Stack, etcd: &etcd_client::Client, name: &str) -> Result<Value> {
+    let body = flavor(name).to_string().into_bytes();
+    s.client
+        .request::<Value>(req("POST", FLAVORS, "application/json", body)?)
+        .await?;
+    let got = etcd
+        .kv_client()
+        .get(format!("/stratus/compute.stratus.dev/flavors/{name}"), None)
+        .await?;
+    let kv = got
+        .kvs()
+        .first()
+        .with_context(|| format!("the Flavor {name} is not in etcd"))?;
+    Ok(serde_json::from_slice(kv.value())?)
+}
+
 /// Creates through each path at each concurrency, in `rounds` rounds. Each round measures
 /// every path once, in an order rotated from round to round, so that no path always runs
 /// first (on the smallest database) or last.
@@ -450,30 +482,12 @@ async fn bench_api(
     );
     println!("|---|---|---|---|---|---|---|");
     let mut summary = Vec::new();
-    // What the raw path writes: the bytes the API server stores for a Flavor (the request's
-    // fields plus uid, creationTimestamp, generation and managedFields), so that etcd does the
-    // same work on both paths.
-    let mut stored = flavor("template");
+    let stored = stored_flavor(&s, &etcd, "template").await?;
     for &c in levels {
         for &path in paths {
             creates(&s, &etcd, &stored, path, &format!("warm-{c}"), 200, c).await?;
         }
-        let mut kv = etcd.kv_client();
-        for name in [format!("warm-{c}-kube-0"), format!("warm-{c}-h2-0")] {
-            let got = kv
-                .get(format!("/stratus/compute.stratus.dev/flavors/{name}"), None)
-                .await?;
-            if let Some(found) = got.kvs().first() {
-                stored = serde_json::from_slice(found.value())?;
-            }
-        }
-        // Per path: every latency, total wall time, total CPU (etcd, this process) and the
-        // throughput of each round.
-        type Tally = (Vec<Duration>, Duration, (f64, f64), Vec<f64>);
-        let mut tally: Vec<Tally> = paths
-            .iter()
-            .map(|_| (Vec::new(), Duration::ZERO, (0.0, 0.0), Vec::new()))
-            .collect();
+        let mut tally: Vec<Tally> = paths.iter().map(|_| Tally::default()).collect();
         for round in 0..rounds.max(1) {
             for k in 0..paths.len() {
                 let at = (k + round) % paths.len();
@@ -490,18 +504,18 @@ async fn bench_api(
                 .await?;
                 let (e, p) = cpu.per_op(objects);
                 let t = &mut tally[at];
-                t.3.push(objects as f64 / wall.as_secs_f64());
-                t.0.extend(lat);
-                t.1 += wall;
-                t.2 = (t.2.0 + e, t.2.1 + p);
+                t.per_round.push(objects as f64 / wall.as_secs_f64());
+                t.lat.extend(lat);
+                t.wall += wall;
+                t.cpu = (t.cpu.0 + e, t.cpu.1 + p);
             }
         }
         let n = rounds.max(1) as f64;
         let mut rows = Vec::new();
-        for (&path, (lat, wall, cpu, per_round)) in paths.iter().zip(tally) {
-            let st = stats(lat, wall);
-            row(c, path.label(), &st, (cpu.0 / n, cpu.1 / n));
-            rows.push((path, st, per_round));
+        for (&path, t) in paths.iter().zip(tally) {
+            let st = stats(t.lat, t.wall);
+            row(c, path.label(), &st, (t.cpu.0 / n, t.cpu.1 / n));
+            rows.push((path, st, t.per_round));
         }
         if let Some((_, raw, raw_rounds)) = rows.iter().find(|r| r.0 == CreatePath::Raw) {
             for (path, st, per_round) in rows
@@ -561,18 +575,7 @@ async fn bench_watch(watchers: usize, events: usize) -> Result<()> {
     let etcd = etcd_client::Client::connect([s.etcd.endpoint.as_str()], None).await?;
     // The watched object, created through the API; its stored form is what every write
     // (raw or Stratus) puts, and what every watcher decodes.
-    let body = flavor("watched").to_string().into_bytes();
-    s.client
-        .request::<Value>(req("POST", FLAVORS, "application/json", body)?)
-        .await?;
-    let stored_key = "/stratus/compute.stratus.dev/flavors/watched";
-    let got = etcd.kv_client().get(stored_key, None).await?;
-    let template: Value = serde_json::from_slice(
-        got.kvs()
-            .first()
-            .context("the watched Flavor is not in etcd")?
-            .value(),
-    )?;
+    let template = stored_flavor(&s, &etcd, "watched").await?;
     println!("| path | watchers | events delivered | p50 ms | p99 ms |");
     println!("|---|---|---|---|---|");
 
