@@ -252,6 +252,11 @@ async fn identity_call(
                 } else {
                     crate::body::decode(bytes, false)?.value
                 };
+                if !review.is_object() {
+                    return Err(ApiError::bad_request(
+                        "the request body must be a SelfSubjectAccessReview object",
+                    ));
+                }
                 let (allowed, reason) = match review.pointer("/spec/resourceAttributes") {
                     Some(ra) if !caller.system => {
                         let field = |k: &str| {

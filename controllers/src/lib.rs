@@ -76,10 +76,40 @@ where
 }
 
 /// Runs every controller while this instance holds the leader Lease; stands by otherwise.
+/// A deleted Lease counts as lost: the controllers stop and the election starts again,
+/// creating it anew (the Lease manager alone would carry on without one, and a second
+/// instance could then lead at the same time).
 ///
 /// # Errors
 /// The first controller failure that retrying cannot fix, or a lost connection to the Lease.
 pub async fn run(client: kube::Client, election: Election) -> Result<(), Error> {
+    loop {
+        tokio::select! {
+            result = elect_and_run(&client, &election) => return result,
+            () = lease_deleted(&client, election.lease_seconds) => {
+                tracing::warn!(
+                    identity = %election.identity,
+                    "the controllers' leader lease was deleted: controllers stopped; electing again"
+                );
+            }
+        }
+    }
+}
+
+/// Returns once the leader Lease is found missing (checked once per lease period).
+async fn lease_deleted(client: &kube::Client, lease_seconds: u64) {
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(client.clone(), LEASE_NAMESPACE);
+    loop {
+        tokio::time::sleep(Duration::from_secs(lease_seconds.max(1))).await;
+        if let Ok(None) = leases.get_opt(LEASE_NAME).await {
+            return;
+        }
+    }
+}
+
+/// One election: waits for the Lease, runs the controllers while holding it.
+async fn elect_and_run(client: &kube::Client, election: &Election) -> Result<(), Error> {
     let duration = election.lease_seconds;
     let manager = LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
         .with_namespace(LEASE_NAMESPACE)

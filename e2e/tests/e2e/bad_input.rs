@@ -326,6 +326,29 @@ async fn bad_input_is_refused_with_the_field_named() -> Result<()> {
         .send("GET", &format!("{FLAVORS}?continue=garbage"), j, vec![])
         .await?;
     assert_eq!(code, 400);
+    // An access review that is not an object (`kubectl auth can-i` sends one): 400, not a
+    // dropped connection.
+    for body in [r#""x""#, "1e308", "[null]", "true"] {
+        let (code, s) = raw
+            .send(
+                "POST",
+                "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                j,
+                body.as_bytes().to_vec(),
+            )
+            .await?;
+        assert_eq!(
+            (code, s["kind"].as_str()),
+            (400, Some("Status")),
+            "{body}: {s}"
+        );
+        assert!(
+            s["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("SelfSubjectAccessReview")),
+            "{s}"
+        );
+    }
     Ok(())
 }
 

@@ -100,3 +100,52 @@ fn one_leader_and_a_standby_that_takes_over() -> Result<()> {
     gc_works(&server, "b")?;
     Ok(())
 }
+
+#[test]
+fn a_deleted_leader_lease_is_created_again_and_held() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let server = Apiserver::start(&etcd.endpoint)?;
+    server.projects(&["demo"])?;
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("a.log");
+    let mut a = controllers(&server, &log)?;
+    wait_until(Duration::from_secs(20), "a to lead", || {
+        leading(&log).then_some(())
+    })?;
+    server.kubectl_ok(&[
+        "-n",
+        "stratus-system",
+        "delete",
+        "lease",
+        "stratus-controllers",
+    ])?;
+    // The controllers stop, elect again (creating the Lease anew) and lead once more.
+    wait_until(
+        Duration::from_secs(30),
+        "the Lease to be held again",
+        || {
+            let relected = std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .split("electing again")
+                .nth(1)
+                .is_some_and(|after| after.contains("leading: controllers started"));
+            let holder = server
+                .kubectl_ok(&[
+                    "-n",
+                    "stratus-system",
+                    "get",
+                    "lease",
+                    "stratus-controllers",
+                    "-o",
+                    "jsonpath={.spec.holderIdentity}",
+                ])
+                .unwrap_or_default();
+            (relected && !holder.trim().is_empty()).then_some(())
+        },
+    )
+    .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+    assert!(a.running());
+    gc_works(&server, "again")?;
+    a.kill();
+    Ok(())
+}
