@@ -1032,7 +1032,9 @@ impl Api {
                             .cloned()
                             .collect(),
                     );
-                    json_patch::patch(&mut doc, &ops).map_err(|e| {
+                    // `doc` is a copy, dropped on failure: no rollback needed (the crate's own
+                    // rollback panics when a failed `move` already took its source away).
+                    json_patch::patch_unsafe(&mut doc, &ops).map_err(|e| {
                         ApiError::invalid(
                             &t.rt.kind,
                             &t.rt.group,

@@ -291,6 +291,19 @@ async fn bad_input_is_refused_with_the_field_named() -> Result<()> {
         "metadata.resourceVersion",
     )
     .await?;
+    // A JSON patch whose later operation fails after an earlier one added a field, which a
+    // failed `move` then took away: 422 naming the operation, the object as it was.
+    refused(
+        &cloud,
+        &raw,
+        "PATCH",
+        &format!("{FLAVORS}/f1"),
+        "application/json-patch+json",
+        r#"[{"op":"add","path":"/spec/extra","value":{}},{"op":"move","path":"/metadata/finalizers/-","from":"/spec/extra"}]"#,
+        422,
+        "/metadata/finalizers/-",
+    )
+    .await?;
     // Creating it again: 409 AlreadyExists.
     let s = refused(
         &cloud,
