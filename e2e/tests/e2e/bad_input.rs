@@ -523,3 +523,33 @@ async fn bookmarks_initial_events_and_dry_run() -> Result<()> {
     );
     Ok(())
 }
+
+/// Seeded random requests (paths, methods, parameters, content types, mutated objects and
+/// patches of every kind) as an admin, a project member and a node: none may get a 5xx or a
+/// dropped connection. See `e2e/python/fuzz.py`.
+#[test]
+fn random_requests_never_get_a_5xx_or_a_dropped_connection() -> Result<()> {
+    let mut cloud = Cloud::up()?;
+    cloud.projects(&["demo"])?;
+    let tokens = cloud.dir.path().join("tokens.csv");
+    let mut text = std::fs::read_to_string(&tokens)?;
+    text.push_str("fuzz-node-token-0123456789,system:node:node-1\n");
+    std::fs::write(&tokens, text)?;
+    cloud.restart()?;
+    let examples = stratus_e2e::repo_root().join("examples");
+    cloud.kubectl_ok(&["apply", "-f", examples.to_str().unwrap_or_default()])?;
+    let script = stratus_e2e::repo_root().join("e2e/python/fuzz.py");
+    let out = std::process::Command::new("/usr/bin/python3")
+        .arg(&script)
+        .arg(cloud.kubeconfig())
+        .args(["fuzz-node-token-0123456789", "1", "3000"])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}\n{}\nstratus log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        cloud.log()
+    );
+    Ok(())
+}
