@@ -219,6 +219,23 @@ impl Structural {
             .iter_errors(obj)
             .map(|e| {
                 let field = pointer_to_path(e.instance_path().as_str());
+                // A missing property is named itself, as Kubernetes does: `spec.size:
+                // Required value`, not a complaint about `spec`.
+                if let jsonschema::error::ValidationErrorKind::Required { property } = e.kind()
+                    && let Some(name) = property.as_str()
+                {
+                    let root = FieldPath::Root;
+                    let parent = FieldPath::Key(&root, &field);
+                    return Cause {
+                        reason: "FieldValueRequired".into(),
+                        message: "Required value".into(),
+                        field: if field.is_empty() {
+                            FieldPath::Key(&root, name).render()
+                        } else {
+                            FieldPath::Key(&parent, name).render()
+                        },
+                    };
+                }
                 Cause::invalid(
                     if field.is_empty() {
                         "<root>".to_string()
@@ -374,7 +391,8 @@ mod tests {
         assert!(fields.contains(&"spec.mode"), "{causes:?}");
         assert!(fields.contains(&"spec.rules[0].port"), "{causes:?}");
         let missing = s.validate(&json!({"spec": {}}));
-        assert_eq!(missing[0].field, "spec");
-        assert!(missing[0].message.contains("size"), "{missing:?}");
+        assert_eq!(missing[0].field, "spec.size");
+        assert_eq!(missing[0].reason, "FieldValueRequired");
+        assert_eq!(missing[0].message, "Required value");
     }
 }
