@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use crate::body;
 use crate::error::{ApiError, ApiResult, Cause};
@@ -1315,18 +1315,21 @@ impl Api {
     /// Terminating while the Project is being deleted). `None` if there is no such namespace.
     pub async fn namespace(&self, ns: &str) -> ApiResult<Option<Value>> {
         let Some(key) = self.project_key(ns) else {
-            return Ok(Some(namespace_object(ns, false)));
+            return Ok(Some(namespace_object(ns, None)));
         };
-        Ok(self.store.get(&key).await.map_err(store_err)?.map(|p| {
-            namespace_object(ns, p.value.pointer("/metadata/deletionTimestamp").is_some())
-        }))
+        Ok(self
+            .store
+            .get(&key)
+            .await
+            .map_err(store_err)?
+            .map(|p| namespace_object(ns, Some(&p.value))))
     }
 
     /// Every namespace: the system ones and one per Project.
     pub async fn namespaces(&self) -> ApiResult<Vec<Value>> {
         let mut out: Vec<Value> = SYSTEM_NAMESPACES
             .iter()
-            .map(|n| namespace_object(n, false))
+            .map(|n| namespace_object(n, None))
             .collect();
         if let Some(rt) = self.registry.by_kind("identity.stratus.dev", "Project") {
             let projects = self
@@ -1336,10 +1339,7 @@ impl Api {
                 .map_err(store_err)?;
             out.extend(projects.items.iter().filter_map(|(_, p)| {
                 let name = meta::meta_str(&p.value, "name")?;
-                Some(namespace_object(
-                    name,
-                    p.value.pointer("/metadata/deletionTimestamp").is_some(),
-                ))
+                Some(namespace_object(name, Some(&p.value)))
             }));
         }
         out.sort_by(|a, b| {
@@ -1351,10 +1351,24 @@ impl Api {
     }
 }
 
-/// A core/v1 Namespace as Stratus presents a namespace.
-fn namespace_object(name: &str, terminating: bool) -> Value {
-    let phase = if terminating { "Terminating" } else { "Active" };
-    json!({"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": name}, "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": phase}})
+/// A core/v1 Namespace as Stratus presents a namespace: a system one, or a Project's, with
+/// the Project's uid, labels and timestamps (`kubectl get ns` shows its age).
+fn namespace_object(name: &str, project: Option<&Value>) -> Value {
+    let mut metadata = Map::new();
+    metadata.insert("name".into(), Value::String(name.to_string()));
+    if let Some(m) = project.and_then(|p| p.get("metadata")) {
+        for f in ["uid", "creationTimestamp", "deletionTimestamp", "labels"] {
+            if let Some(v) = m.get(f) {
+                metadata.insert(f.into(), v.clone());
+            }
+        }
+    }
+    let phase = if metadata.contains_key("deletionTimestamp") {
+        "Terminating"
+    } else {
+        "Active"
+    };
+    json!({"kind": "Namespace", "apiVersion": "v1", "metadata": metadata, "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": phase}})
 }
 
 fn pointer_of(msg: &str) -> String {

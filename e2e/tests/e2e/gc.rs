@@ -180,6 +180,23 @@ fn deleting_a_project_deletes_its_objects_first() -> Result<()> {
     let phase =
         cloud.kubectl_ok(&["get", "namespace", "gone", "-o", "jsonpath={.status.phase}"])?;
     assert_eq!(phase, "Active");
+    // The namespace carries its Project's uid and creation time (`kubectl get ns` shows an age).
+    let project = cloud.kubectl_ok(&[
+        "get",
+        "project",
+        "gone",
+        "-o",
+        "jsonpath={.metadata.uid} {.metadata.creationTimestamp}",
+    ])?;
+    let namespace = cloud.kubectl_ok(&[
+        "get",
+        "namespace",
+        "gone",
+        "-o",
+        "jsonpath={.metadata.uid} {.metadata.creationTimestamp}",
+    ])?;
+    assert_eq!(namespace, project);
+    assert!(project.len() > 30, "{project}");
     wait_until(t, "the project's cleanup finalizer", || {
         cloud
             .kubectl_ok(&[
