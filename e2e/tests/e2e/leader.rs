@@ -25,6 +25,19 @@ fn leading(log: &std::path::Path) -> bool {
         .contains("leading: controllers started")
 }
 
+/// Who holds the controllers' leader Lease.
+fn lease_holder(server: &Apiserver) -> Result<String> {
+    server.kubectl_ok(&[
+        "-n",
+        "stratus-system",
+        "get",
+        "lease",
+        "stratus-controllers",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ])
+}
+
 /// Creates an owner and a dependent, deletes the owner, and waits for the dependent to go.
 fn gc_works(server: &Apiserver, tag: &str) -> Result<()> {
     let owner = format!("owner-{tag}");
@@ -74,15 +87,7 @@ fn one_leader_and_a_standby_that_takes_over() -> Result<()> {
         "two leaders at once:\n{}",
         std::fs::read_to_string(&log_b)?
     );
-    let holder = server.kubectl_ok(&[
-        "-n",
-        "stratus-system",
-        "get",
-        "lease",
-        "stratus-controllers",
-        "-o",
-        "jsonpath={.spec.holderIdentity}",
-    ])?;
+    let holder = lease_holder(&server)?;
     assert!(
         std::fs::read_to_string(&log_a)?.contains(holder.trim()),
         "the Lease names {holder}, not a"
@@ -124,23 +129,13 @@ fn a_deleted_leader_lease_is_created_again_and_held() -> Result<()> {
         Duration::from_secs(30),
         "the Lease to be held again",
         || {
-            let relected = std::fs::read_to_string(&log)
+            let reelected = std::fs::read_to_string(&log)
                 .unwrap_or_default()
                 .split("electing again")
                 .nth(1)
                 .is_some_and(|after| after.contains("leading: controllers started"));
-            let holder = server
-                .kubectl_ok(&[
-                    "-n",
-                    "stratus-system",
-                    "get",
-                    "lease",
-                    "stratus-controllers",
-                    "-o",
-                    "jsonpath={.spec.holderIdentity}",
-                ])
-                .unwrap_or_default();
-            (relected && !holder.trim().is_empty()).then_some(())
+            let holder = lease_holder(&server).unwrap_or_default();
+            (reelected && !holder.trim().is_empty()).then_some(())
         },
     )
     .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
