@@ -15,6 +15,7 @@ import json
 import random
 import sys
 import tempfile
+import urllib.parse
 
 import urllib3
 import yaml
@@ -170,7 +171,11 @@ def body_of(rng, doc, content_type):
 def random_request(rng, kinds, examples):
     gv, plural, namespaced, kind = rng.choice(kinds)
     ns = rng.choice(["demo", "default", "nope", "UPPER", "a" * 70, "kube-system"])
-    name = rng.choice(["x", "web-1", "demo", "bad name", "..", "a" * 300, "%2F", "-x", ""])
+    # Percent-encoded: the request line stays valid HTTP (a raw space would make the server
+    # answer 400 and close the connection, which is right, and the next request would find
+    # the connection gone).
+    name = urllib.parse.quote(
+        rng.choice(["x", "web-1", "demo", "bad name", "..", "a" * 300, "%2F", "-x", ""]), safe="%")
     sub = rng.choice(["", "", "", "/status", "/binding", "/scale", "/x"])
     path = gv + (f"/namespaces/{ns}" if namespaced and rng.random() < 0.85 else "") + "/" + plural
     method = rng.choice(["GET", "GET", "POST", "PUT", "PATCH", "PATCH", "DELETE"])
