@@ -1,5 +1,6 @@
 """Sends seeded random requests to a live Stratus API server and reports every answer that is
-a 5xx or no answer at all (a dropped connection: a panic in a handler).
+a 5xx or no answer at all twice in a row (a panic in a handler drops the connection every
+time; a kept-alive connection the server closed between requests is retried once).
 
 Usage: fuzz.py KUBECONFIG NODE_TOKEN SEED REQUESTS
 
@@ -263,6 +264,11 @@ def main(kubeconfig, node_token, seed, count):
         else:
             method, path, body, content_type = random_request(rng, kinds, examples)
         code, data = api.send(token, method, path, body, content_type)
+        if code is None:
+            # The server may close a kept-alive connection between requests (as HTTP allows);
+            # a panic in the handler drops the connection again on the retry.
+            api.http.clear()
+            code, data = api.send(token, method, path, body, content_type)
         if code is None or code >= 500:
             bad += 1
             print(json.dumps({"as": label, "method": method, "path": path, "content_type": content_type,
