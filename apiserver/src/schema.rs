@@ -224,15 +224,13 @@ impl Structural {
                 if let jsonschema::error::ValidationErrorKind::Required { property } = e.kind()
                     && let Some(name) = property.as_str()
                 {
-                    let root = FieldPath::Root;
-                    let parent = FieldPath::Key(&root, &field);
                     return Cause {
                         reason: "FieldValueRequired".into(),
                         message: "Required value".into(),
                         field: if field.is_empty() {
-                            FieldPath::Key(&root, name).render()
+                            name.to_string()
                         } else {
-                            FieldPath::Key(&parent, name).render()
+                            format!("{field}.{name}")
                         },
                     };
                 }

@@ -447,6 +447,11 @@ struct Tally {
     per_round: Vec<f64>,
 }
 
+/// The etcd key under which the API server (prefix `/stratus`) keeps the Flavor `name`.
+fn flavor_key(name: &str) -> String {
+    format!("/stratus/compute.stratus.dev/flavors/{name}")
+}
+
 /// A Flavor created through the API, as the API server stored it in etcd: the request's
 /// fields plus uid, creationTimestamp, generation and managedFields. The raw path writes it,
 /// so that etcd does the same work on both paths.
@@ -455,10 +460,7 @@ async fn stored_flavor(s: &Stack, etcd: &etcd_client::Client, name: &str) -> Res
     s.client
         .request::<Value>(req("POST", FLAVORS, "application/json", body)?)
         .await?;
-    let got = etcd
-        .kv_client()
-        .get(format!("/stratus/compute.stratus.dev/flavors/{name}"), None)
-        .await?;
+    let got = etcd.kv_client().get(flavor_key(name), None).await?;
     let kv = got
         .kvs()
         .first()
@@ -704,8 +706,7 @@ async fn api_watch(
                 if let Ok(mut v) = sent.lock() {
                     v[i] = Some(Instant::now());
                 }
-                kv.put("/stratus/compute.stratus.dev/flavors/watched", value, None)
-                    .await?;
+                kv.put(flavor_key("watched"), value, None).await?;
             }
             WatchWrite::Patch => {
                 let patch = json!({"metadata": {"annotations": {"seq": i.to_string()}}})

@@ -279,6 +279,16 @@ impl Cloud {
         Ok(())
     }
 
+    /// Adds a system identity to the API server's token file (`token` authenticates as
+    /// `user`, e.g. `system:node:node-1`) and restarts the cloud so that it is read.
+    pub fn add_token(&mut self, token: &str, user: &str) -> Result<()> {
+        let tokens = self.dir.path().join("tokens.csv");
+        let mut text = std::fs::read_to_string(&tokens)?;
+        text.push_str(&format!("{token},{user}\n"));
+        std::fs::write(&tokens, text)?;
+        self.restart()
+    }
+
     /// Stops `stratus up` with SIGTERM and starts it again on the same data directory.
     pub fn restart(&mut self) -> Result<()> {
         let status = self.proc.terminate()?;

@@ -532,11 +532,7 @@ async fn bookmarks_initial_events_and_dry_run() -> Result<()> {
 fn random_requests_never_get_a_5xx_or_a_handler_panic() -> Result<()> {
     let mut cloud = Cloud::up()?;
     cloud.projects(&["demo"])?;
-    let tokens = cloud.dir.path().join("tokens.csv");
-    let mut text = std::fs::read_to_string(&tokens)?;
-    text.push_str("fuzz-node-token-0123456789,system:node:node-1\n");
-    std::fs::write(&tokens, text)?;
-    cloud.restart()?;
+    cloud.add_token("fuzz-node-token-0123456789", "system:node:node-1")?;
     let examples = stratus_e2e::repo_root().join("examples");
     cloud.kubectl_ok(&["apply", "-f", examples.to_str().unwrap_or_default()])?;
     let script = stratus_e2e::repo_root().join("e2e/python/fuzz.py");

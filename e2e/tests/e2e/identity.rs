@@ -384,11 +384,7 @@ fn a_node_reads_and_writes_only_what_is_placed_on_it() -> Result<()> {
     let mut cloud = Cloud::up()?;
     cloud.projects(&["demo"])?;
     // Node identities come from the API server's token file.
-    let tokens = cloud.dir.path().join("tokens.csv");
-    let mut text = std::fs::read_to_string(&tokens)?;
-    text.push_str("node-1-token-0123456789,system:node:node-1\n");
-    std::fs::write(&tokens, text)?;
-    cloud.restart()?;
+    cloud.add_token("node-1-token-0123456789", "system:node:node-1")?;
     cloud.kubectl_ok(&[
         "apply",
         "-f",
