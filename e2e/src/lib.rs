@@ -201,19 +201,35 @@ impl Cloud {
     /// Runs `stratus up` with extra arguments (kept across restarts) and waits until the API
     /// server answers.
     pub fn up_with(extra: &[&str]) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let ports = (free_port(), free_port(), free_port());
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let proc = Self::spawn(dir.path(), ports, &extra)?;
-        let cloud = Self {
-            url: format!("https://127.0.0.1:{}", ports.0),
-            dir,
-            proc,
-            ports,
-            extra,
-        };
-        cloud.wait_ready()?;
-        Ok(cloud)
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let dir = tempfile::tempdir()?;
+            // Free now, but another test may take a port before `stratus up` binds it: a
+            // start that fails on its ports is tried again with new ones.
+            let ports = (free_port(), free_port(), free_port());
+            let proc = Self::spawn(dir.path(), ports, &extra)?;
+            let cloud = Self {
+                url: format!("https://127.0.0.1:{}", ports.0),
+                dir,
+                proc,
+                ports,
+                extra: extra.clone(),
+            };
+            match cloud.wait_ready() {
+                Ok(()) => return Ok(cloud),
+                Err(e)
+                    if attempt < 3 && {
+                        let log = cloud.log();
+                        log.contains("etcd exited at start-up") || log.contains("in use")
+                    } =>
+                {
+                    eprintln!("stratus up did not start on its ports, trying others: {e:#}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn spawn(dir: &Path, ports: (u16, u16, u16), extra: &[String]) -> Result<Proc> {
