@@ -10,10 +10,12 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use ring::hmac;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::sync::Arc;
+use tokio::sync::oneshot;
 
 use crate::audit::RequestInfo;
 use crate::error::ApiError;
-use crate::store::{Store, StoreError, Write};
+use crate::store::{Read, Store, StoreError, Stored, Write};
 
 /// What a verified token says.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -49,6 +51,10 @@ pub struct Signer {
 pub struct Identity {
     store: Store,
     prefix: String,
+    /// What tokens were found to allow, while nothing that decides it has changed.
+    memo: std::sync::Mutex<Memo>,
+    /// Reads of the marker's revision, shared between concurrent requests.
+    marker_reads: MarkerReads,
     /// A hash of a password nobody has, checked for unknown users so that they take as long
     /// to refuse as a wrong password.
     dummy_hash: String,
@@ -57,6 +63,112 @@ pub struct Identity {
 }
 
 const TOKEN_PREFIX: &str = "st1.";
+
+/// The most tokens [`Identity::token_grants`] remembers; past it, it starts afresh.
+const MEMO_CAPACITY: usize = 10_000;
+
+/// Token answers as of one revision of the identity marker ([`marker_key`]).
+#[derive(Debug, Default)]
+struct Memo {
+    /// The marker's `mod_revision` when the answers were read (0: the marker is absent).
+    marker: i64,
+    /// Per token id: its user's grants, or None when the token no longer holds.
+    tokens: std::collections::HashMap<String, Option<Vec<Grant>>>,
+}
+
+impl Memo {
+    fn get(&self, marker: i64, jti: &str) -> Option<Option<Vec<Grant>>> {
+        (self.marker == marker)
+            .then(|| self.tokens.get(jti).cloned())
+            .flatten()
+    }
+
+    /// Keeps an answer read at `marker`, unless newer ones are already kept.
+    fn keep(&mut self, marker: i64, jti: &str, answer: Option<Vec<Grant>>) {
+        if marker > self.marker || self.tokens.len() >= MEMO_CAPACITY {
+            self.marker = self.marker.max(marker);
+            self.tokens.clear();
+        }
+        if marker == self.marker {
+            self.tokens.insert(jti.to_string(), answer);
+        }
+    }
+}
+
+/// Reads of the marker key's revision, one at a time, each answering every request that
+/// arrived before it was sent: a request sees every write that finished before it arrived,
+/// and concurrent requests share reads instead of sending one each.
+#[derive(Debug)]
+struct MarkerReads {
+    store: Store,
+    key: String,
+    pending: Arc<std::sync::Mutex<Pending>>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// Whether a reader task is running.
+    reading: bool,
+    /// Requests waiting for the next read.
+    waiting: Vec<oneshot::Sender<Result<i64, ApiError>>>,
+}
+
+impl MarkerReads {
+    /// The marker's revision (0: absent), read after this call began.
+    async fn revision(&self) -> Result<i64, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut p = self
+                .pending
+                .lock()
+                .map_err(|_| crate::api::store_err(StoreError::Poisoned))?;
+            p.waiting.push(tx);
+            !std::mem::replace(&mut p.reading, true)
+        };
+        if start {
+            let (store, key, pending) =
+                (self.store.clone(), self.key.clone(), self.pending.clone());
+            tokio::spawn(async move {
+                loop {
+                    // Only the requests already waiting: later ones need a later read.
+                    let batch = match pending.lock() {
+                        Ok(mut p) if !p.waiting.is_empty() => std::mem::take(&mut p.waiting),
+                        Ok(mut p) => {
+                            p.reading = false;
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let read = store
+                        .read_many(&[Read::Presence(&key)])
+                        .await
+                        .map(|(r, _)| r.first().map_or(0, |r| revision_of(r)))
+                        .map_err(crate::api::store_err);
+                    for w in batch {
+                        let _ = w.send(read.clone());
+                    }
+                }
+            });
+        }
+        rx.await
+            .map_err(|_| crate::api::store_err(StoreError::Poisoned))?
+    }
+}
+
+/// The key every write of a user, a role assignment or a token revocation also puts (see
+/// [`Store::with_marker`]): while its revision stands, no token's answer has changed.
+pub fn marker_key(prefix: &str) -> String {
+    format!("{prefix}/_system/identity-marker")
+}
+
+/// The keys whose writes change what a token allows: see [`marker_key`].
+pub fn marked_prefixes(prefix: &str) -> Vec<String> {
+    vec![
+        format!("{prefix}/identity.stratus.dev/users/"),
+        format!("{prefix}/identity.stratus.dev/roleassignments/"),
+        format!("{prefix}/_system/revoked/"),
+    ]
+}
 
 fn now() -> i64 {
     jiff::Timestamp::now().as_second()
@@ -87,8 +199,14 @@ impl Identity {
             .map(|h| h.to_string())
             .map_err(|_| StoreError::Poisoned)?;
         Ok(Self {
-            store,
+            store: store.clone(),
             prefix: prefix.to_string(),
+            memo: std::sync::Mutex::default(),
+            marker_reads: MarkerReads {
+                store,
+                key: marker_key(prefix),
+                pending: Arc::default(),
+            },
             dummy_hash,
             signer: Signer {
                 key: hmac::Key::new(hmac::HMAC_SHA256, &material),
@@ -227,42 +345,79 @@ impl Identity {
         }))
     }
 
-    /// The user's role assignments, read from the store (so a removed one counts at once).
-    pub async fn grants(&self, user: &str) -> Result<Vec<Grant>, ApiError> {
-        let prefix = format!("{}/identity.stratus.dev/roleassignments/", self.prefix);
-        let page = self
+    /// What a verified token allows now: its user's grants, or None when the token was
+    /// revoked or its user is gone or disabled. A change takes effect from the very next
+    /// request: every such write also puts the marker key, so one read of the marker's
+    /// revision tells whether an answer read before still holds; if not, the revocation, the
+    /// user and the role assignments are read afresh, with the marker, in one transaction.
+    pub async fn token_grants(&self, c: &Claims) -> Result<Option<Vec<Grant>>, ApiError> {
+        let at = self.marker_reads.revision().await?;
+        if let Some(answer) = self.memo.lock().ok().and_then(|m| m.get(at, &c.jti)) {
+            return Ok(answer);
+        }
+        let marker = marker_key(&self.prefix);
+        let revoked = self.revoked_key(&c.jti);
+        let user = format!("{}/identity.stratus.dev/users/{}", self.prefix, c.user);
+        let assignments = format!("{}/identity.stratus.dev/roleassignments/", self.prefix);
+        let (read, _) = self
             .store
-            .list(&prefix, None, 0, 0)
+            .read_many(&[
+                Read::Presence(&marker),
+                Read::Presence(&revoked),
+                Read::Key(&user),
+                Read::Prefix(&assignments),
+            ])
             .await
             .map_err(crate::api::store_err)?;
-        Ok(page
-            .items
-            .into_iter()
-            .filter(|(_, s)| s.value.pointer("/spec/user").and_then(Value::as_str) == Some(user))
-            .filter(|(_, s)| s.value.pointer("/metadata/deletionTimestamp").is_none())
-            .map(|(_, s)| Grant {
-                namespace: if s
-                    .value
-                    .pointer("/spec/clusterWide")
-                    .and_then(Value::as_bool)
-                    == Some(true)
-                {
-                    None
-                } else {
-                    s.value
-                        .pointer("/metadata/namespace")
-                        .and_then(Value::as_str)
-                        .map(String::from)
-                },
-                role: s
-                    .value
-                    .pointer("/spec/role")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string(),
-            })
-            .collect())
+        let [marker_read, revoked_read, user_read, assignments_read] =
+            <[Vec<(String, Stored)>; 4]>::try_from(read).map_err(|_| {
+                ApiError::internal("etcd answered a read of four with another count")
+            })?;
+        let valid = revoked_read.is_empty()
+            && user_read.first().is_some_and(|(_, u)| {
+                u.value.pointer("/spec/enabled").and_then(Value::as_bool) != Some(false)
+            });
+        let answer = valid.then(|| grants_of(&c.user, assignments_read));
+        if let Ok(mut m) = self.memo.lock() {
+            m.keep(revision_of(&marker_read), &c.jti, answer.clone());
+        }
+        Ok(answer)
     }
+}
+
+/// The revision of a read of one key; 0 when it is absent.
+fn revision_of(read: &[(String, Stored)]) -> i64 {
+    read.first().map_or(0, |(_, s)| s.mod_revision)
+}
+
+/// `user`'s grants among role assignments.
+fn grants_of(user: &str, assignments: Vec<(String, Stored)>) -> Vec<Grant> {
+    assignments
+        .into_iter()
+        .filter(|(_, s)| s.value.pointer("/spec/user").and_then(Value::as_str) == Some(user))
+        .filter(|(_, s)| s.value.pointer("/metadata/deletionTimestamp").is_none())
+        .map(|(_, s)| Grant {
+            namespace: if s
+                .value
+                .pointer("/spec/clusterWide")
+                .and_then(Value::as_bool)
+                == Some(true)
+            {
+                None
+            } else {
+                s.value
+                    .pointer("/metadata/namespace")
+                    .and_then(Value::as_str)
+                    .map(String::from)
+            },
+            role: s
+                .value
+                .pointer("/spec/role")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+        })
+        .collect()
 }
 
 fn allows(role: &str, verb: &str, group: &str, resource: &str) -> bool {
@@ -368,6 +523,34 @@ mod tests {
             namespace: ns.map(String::from),
             role: role.into(),
         }
+    }
+
+    #[test]
+    fn remembered_answers_hold_only_at_the_marker_revision_they_were_read_at() {
+        let mut m = Memo::default();
+        let member = Some(vec![grant(Some("p"), "member")]);
+        assert_eq!(m.get(0, "t1"), None);
+        m.keep(0, "t1", member.clone());
+        assert_eq!(m.get(0, "t1"), Some(member.clone()));
+        // The marker moved: nothing remembered holds.
+        assert_eq!(m.get(7, "t1"), None);
+        m.keep(7, "t2", None);
+        assert_eq!(m.get(7, "t2"), Some(None));
+        assert_eq!(
+            m.get(7, "t1"),
+            None,
+            "an answer from before the change survived"
+        );
+        // An answer read before the newest one kept is not kept.
+        m.keep(5, "t3", member.clone());
+        assert_eq!(m.get(5, "t3"), None);
+        assert_eq!(m.get(7, "t3"), None);
+        // Full: it starts afresh rather than grow.
+        for i in 0..MEMO_CAPACITY + 1 {
+            m.keep(7, &format!("x{i}"), None);
+        }
+        assert!(m.tokens.len() <= MEMO_CAPACITY);
+        assert_eq!(m.get(7, &format!("x{MEMO_CAPACITY}")), Some(None));
     }
 
     #[test]

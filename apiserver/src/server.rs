@@ -129,10 +129,10 @@ async fn authenticate(state: &AppState, req: &axum::http::request::Parts) -> Api
     }
     let id = &state.identity;
     let claims = id.signer.verify(token).ok_or_else(ApiError::unauthorized)?;
-    if !id.still_valid(&claims).await? {
-        return Err(ApiError::unauthorized());
-    }
-    let grants = id.grants(&claims.user).await?;
+    let grants = id
+        .token_grants(&claims)
+        .await?
+        .ok_or_else(ApiError::unauthorized)?;
     Ok(Caller {
         user: claims.user.clone(),
         user_agent,
@@ -1153,7 +1153,10 @@ pub enum StartError {
 /// Starts serving; returns once the listener is bound.
 pub async fn start(config: Config) -> Result<Server, StartError> {
     let registry = Arc::new(Registry::stratus()?);
-    let store = Store::connect(&config.etcd_endpoints).await?;
+    let store = Store::connect(&config.etcd_endpoints).await?.with_marker(
+        crate::identity::marker_key(&config.prefix),
+        crate::identity::marked_prefixes(&config.prefix),
+    );
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| StartError::Listen(config.listen, e))?;

@@ -6,6 +6,7 @@ use etcd_client::{
     TxnOpResponse, WatchOptions,
 };
 use serde_json::Value;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Failures of the store.
@@ -83,6 +84,9 @@ pub enum Read<'a> {
     Key(&'a str),
     /// Every key under a prefix.
     Prefix(&'a str),
+    /// Whether one key exists, and its revision: its value is neither read nor decoded (the
+    /// item's value is `null`).
+    Presence(&'a str),
 }
 
 /// A condition of [`Store::write_many`].
@@ -100,6 +104,24 @@ pub enum Guard<'a> {
 #[derive(Clone)]
 pub struct Store {
     client: Client,
+    marker: Option<Arc<Marker>>,
+}
+
+/// A key that every write under some prefixes also puts, in the same transaction, so that
+/// its `mod_revision` changes whenever anything under them does: one small read then tells
+/// whether anything there changed since a cached answer was read.
+#[derive(Debug)]
+struct Marker {
+    key: String,
+    prefixes: Vec<String>,
+}
+
+impl Marker {
+    /// Whether one of `keys` is under a marked prefix.
+    fn covers<'a>(&self, keys: impl IntoIterator<Item = &'a str>) -> bool {
+        keys.into_iter()
+            .any(|k| self.prefixes.iter().any(|p| k.starts_with(p.as_str())))
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -143,7 +165,24 @@ impl Store {
             .with_timeout(Duration::from_secs(30))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(10));
         let client = Client::connect(endpoints, Some(opts)).await?;
-        Ok(Self { client })
+        Ok(Self {
+            client,
+            marker: None,
+        })
+    }
+
+    /// This store, with every write (put or delete) of a key under one of `prefixes` also
+    /// putting `key`, in the same transaction. Every writer of those keys must use it.
+    #[must_use]
+    pub fn with_marker(mut self, key: String, prefixes: Vec<String>) -> Self {
+        self.marker = Some(Arc::new(Marker { key, prefixes }));
+        self
+    }
+
+    /// The put of the marker key, when one of `keys` is under a marked prefix.
+    fn mark<'a>(&self, keys: impl IntoIterator<Item = &'a str>) -> Option<TxnOp> {
+        let m = self.marker.as_deref()?;
+        m.covers(keys).then(|| TxnOp::put(m.key.as_str(), "", None))
     }
 
     /// Reads one object.
@@ -208,9 +247,12 @@ impl Store {
                     .with_range(prefix_end(prefix)),
             );
         }
+        let ops: Vec<TxnOp> = std::iter::once(TxnOp::put(key, crate::meta::to_json(value), None))
+            .chain(self.mark([key]))
+            .collect();
         let txn = Txn::new()
             .when(compares)
-            .and_then([TxnOp::put(key, crate::meta::to_json(value), None)])
+            .and_then(ops)
             .or_else([TxnOp::get(key, None)]);
         self.run(key, txn).await
     }
@@ -222,9 +264,12 @@ impl Store {
         value: &Value,
         expected: i64,
     ) -> Result<Write, StoreError> {
+        let ops: Vec<TxnOp> = std::iter::once(TxnOp::put(key, crate::meta::to_json(value), None))
+            .chain(self.mark([key]))
+            .collect();
         let txn = Txn::new()
             .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
-            .and_then([TxnOp::put(key, crate::meta::to_json(value), None)])
+            .and_then(ops)
             .or_else([TxnOp::get(key, None)]);
         self.run(key, txn).await
     }
@@ -239,6 +284,7 @@ impl Store {
     ) -> Result<Write, StoreError> {
         let ops: Vec<TxnOp> = std::iter::once(TxnOp::delete(key, None))
             .chain(attached.iter().map(|k| TxnOp::delete(k.as_str(), None)))
+            .chain(self.mark(std::iter::once(key).chain(attached.iter().map(String::as_str))))
             .collect();
         let txn = Txn::new()
             .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
@@ -317,6 +363,7 @@ impl Store {
                 Read::Prefix(p) => {
                     TxnOp::get(*p, Some(GetOptions::new().with_range(prefix_end(p))))
                 }
+                Read::Presence(k) => TxnOp::get(*k, Some(GetOptions::new().with_keys_only())),
             })
             .collect();
         let resp = self
@@ -326,12 +373,21 @@ impl Store {
             .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         let mut out = Vec::with_capacity(reads.len());
-        for op in resp.op_responses() {
+        for (op, read) in resp.op_responses().into_iter().zip(reads) {
             if let TxnOpResponse::Get(g) = op {
                 out.push(
                     g.kvs()
                         .iter()
-                        .map(|kv| decode(kv.key(), kv.value(), kv.mod_revision()))
+                        .map(|kv| match read {
+                            Read::Presence(_) => Ok((
+                                String::from_utf8_lossy(kv.key()).into_owned(),
+                                Stored {
+                                    value: Value::Null,
+                                    mod_revision: kv.mod_revision(),
+                                },
+                            )),
+                            _ => decode(kv.key(), kv.value(), kv.mod_revision()),
+                        })
                         .collect::<Result<Vec<_>, _>>()?,
                 );
             }
@@ -361,6 +417,7 @@ impl Store {
             .iter()
             .map(|(k, v)| TxnOp::put(*k, crate::meta::to_json(v), None))
             .chain(deletes.iter().map(|k| TxnOp::delete(*k, None)))
+            .chain(self.mark(puts.iter().map(|(k, _)| *k).chain(deletes.iter().copied())))
             .collect();
         let resp = self
             .client
@@ -376,7 +433,13 @@ impl Store {
     pub async fn put_with_ttl(&self, key: &str, ttl: i64) -> Result<(), StoreError> {
         let lease = self.client.lease_client().grant(ttl, None).await?;
         let opts = etcd_client::PutOptions::new().with_lease(lease.id());
-        self.client.kv_client().put(key, "", Some(opts)).await?;
+        let ops: Vec<TxnOp> = std::iter::once(TxnOp::put(key, "", Some(opts)))
+            .chain(self.mark([key]))
+            .collect();
+        self.client
+            .kv_client()
+            .txn(Txn::new().and_then(ops))
+            .await?;
         Ok(())
     }
 
@@ -422,11 +485,24 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::prefix_end;
+    use super::{Marker, prefix_end};
 
     #[test]
     fn prefix_end_is_the_next_key() {
         assert_eq!(prefix_end("/a/b/"), b"/a/b0".to_vec());
         assert_eq!(prefix_end("a\u{7f}"), b"a\x80".to_vec());
+    }
+
+    #[test]
+    fn the_marker_covers_writes_under_its_prefixes_only() {
+        let m = Marker {
+            key: "/s/_system/marker".into(),
+            prefixes: vec!["/s/users/".into(), "/s/revoked/".into()],
+        };
+        assert!(m.covers(["/s/users/una"]));
+        assert!(m.covers(["/s/flavors/small", "/s/revoked/abc"]));
+        assert!(!m.covers(["/s/flavors/small", "/s/users"]));
+        assert!(!m.covers(["/s/usersx/una"]));
+        assert!(!m.covers([]));
     }
 }

@@ -94,6 +94,10 @@ enum What {
         /// Concurrency levels.
         #[arg(long, value_delimiter = ',', default_value = "1,16")]
         concurrency: Vec<usize>,
+        /// Other users, each with a role assignment in the benchmark's project, as a cloud
+        /// with many users has.
+        #[arg(long, default_value_t = 1000)]
+        other_users: usize,
     },
 }
 
@@ -783,6 +787,7 @@ async fn main() -> Result<()> {
         What::Auth {
             requests,
             concurrency,
-        } => auth::bench(requests, &concurrency).await,
+            other_users,
+        } => auth::bench(requests, &concurrency, other_users).await,
     }
 }

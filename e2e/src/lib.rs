@@ -534,11 +534,7 @@ impl Apiserver {
 
     /// Creates the Projects `names` (objects can only be created in a Project's namespace).
     pub fn projects(&self, names: &[&str]) -> Result<()> {
-        let mut cmd = Command::new("kubectl");
-        cmd.arg("--kubeconfig")
-            .arg(self.kubeconfig())
-            .args(["apply", "-f", "-"]);
-        ok(&["apply"], with_stdin(cmd, &projects_yaml(names))?)?;
+        self.kubectl_in(&["apply", "-f", "-"], &projects_yaml(names))?;
         Ok(())
     }
 
@@ -579,6 +575,15 @@ impl Apiserver {
     /// Runs kubectl and expects success.
     pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
         ok(args, self.kubectl(args)?)
+    }
+
+    /// Runs kubectl with `stdin` as its input and expects success.
+    pub fn kubectl_in(&self, args: &[&str], stdin: &str) -> Result<String> {
+        let mut cmd = Command::new("kubectl");
+        cmd.env("KUBECONFIG", self.kubeconfig())
+            .env("HOME", self.dir.path())
+            .args(args);
+        ok(args, with_stdin(cmd, stdin)?)
     }
 
     /// A kube-rs client for this replica.

@@ -160,3 +160,104 @@ async fn two_replicas_share_one_etcd() -> Result<()> {
     assert_eq!(lists.0, lists.1, "replicas disagree");
     Ok(())
 }
+
+/// What a token allows is remembered by each replica between requests, yet a change made
+/// through one replica (a role assignment removed, the user disabled, the token revoked)
+/// holds on the other from its very next request.
+#[test]
+fn a_change_to_a_users_access_through_one_replica_holds_at_once_on_the_other() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let a = Apiserver::start(&etcd.endpoint)?;
+    let b = Apiserver::start(&etcd.endpoint)?;
+    a.projects(&["p"])?;
+    let user = "apiVersion: identity.stratus.dev/v1\nkind: User\nmetadata:\n  name: una\nspec:\n  enabled: true\n";
+    let role = "apiVersion: identity.stratus.dev/v1\nkind: RoleAssignment\nmetadata:\n  name: una-member\n  namespace: p\nspec:\n  user: una\n  role: member\n";
+    a.kubectl_in(&["apply", "-f", "-"], user)?;
+    a.kubectl_in(&["apply", "-f", "-"], role)?;
+    let dir = tempfile::tempdir()?;
+    let password = dir.path().join("password.json");
+    std::fs::write(&password, json!({"password": "una-secret-pw"}).to_string())?;
+    a.kubectl_ok(&[
+        "replace",
+        "--raw",
+        "/apis/identity.stratus.dev/v1/users/una/password",
+        "-f",
+        &password.to_string_lossy(),
+    ])?;
+    let login = dir.path().join("login.json");
+    std::fs::write(
+        &login,
+        json!({"user": "una", "password": "una-secret-pw"}).to_string(),
+    )?;
+    let answer: serde_json::Value = serde_json::from_str(&a.kubectl_ok(&[
+        "create",
+        "--raw",
+        "/apis/identity.stratus.dev/v1/tokens",
+        "-f",
+        &login.to_string_lossy(),
+    ])?)?;
+    let token = answer["token"].as_str().context("no token")?.to_string();
+    // Una's requests through B; the first of each pair reads her access, the second may
+    // reuse it.
+    let as_una = |args: &[&str]| {
+        let mut all = vec!["--token", token.as_str()];
+        all.extend_from_slice(args);
+        b.kubectl(&all)
+    };
+    let allowed = |what: &str| -> Result<()> {
+        for _ in 0..2 {
+            let out = as_una(&["-n", "p", "get", "networks"])?;
+            anyhow::ensure!(
+                out.status.success(),
+                "{what}: refused: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    };
+    let refused = |what: &str, reason: &str| -> Result<()> {
+        let out = as_una(&["-n", "p", "get", "networks"])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        anyhow::ensure!(
+            !out.status.success() && err.contains(reason),
+            "{what}: expected {reason}, got {}{err}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        Ok(())
+    };
+    allowed("a member")?;
+    a.kubectl_ok(&["-n", "p", "delete", "roleassignment", "una-member"])?;
+    refused("her role assignment removed", "Forbidden")?;
+    a.kubectl_in(&["apply", "-f", "-"], role)?;
+    allowed("her role assignment back")?;
+    a.kubectl_ok(&[
+        "patch",
+        "user",
+        "una",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"enabled":false}}"#,
+    ])?;
+    refused("disabled", "Unauthorized")?;
+    a.kubectl_ok(&[
+        "patch",
+        "user",
+        "una",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"enabled":true}}"#,
+    ])?;
+    allowed("enabled again")?;
+    // Her token revoked through A (logout).
+    a.kubectl_ok(&[
+        "--token",
+        &token,
+        "delete",
+        "--raw",
+        "/apis/identity.stratus.dev/v1/tokens/self",
+    ])?;
+    refused("her token revoked", "Unauthorized")?;
+    Ok(())
+}
