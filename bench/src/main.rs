@@ -263,6 +263,17 @@ impl H2 {
         Ok(())
     }
 
+    /// Opens a streaming `GET` (a watch) as one more stream of the shared connection.
+    async fn stream(&self, path: &str) -> Result<hyper::body::Incoming> {
+        let req = http::Request::builder()
+            .uri(format!("{}{path}", self.base))
+            .header("Authorization", "Bearer bench-token")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))?;
+        let resp = self.client.request(req).await?;
+        anyhow::ensure!(resp.status().is_success(), "GET {path}: {}", resp.status());
+        Ok(resp.into_body())
+    }
+
     /// Sends a request; the body of a successful answer.
     async fn send(&self, method: http::Method, path: &str, body: Vec<u8>) -> Result<bytes::Bytes> {
         let req = http::Request::builder()
@@ -550,6 +561,16 @@ async fn bench_api(
     Ok(())
 }
 
+/// How the watch benchmark's writer changes the watched object, and how its watches reach
+/// the API server.
+#[derive(Clone, Copy)]
+struct WatchWay {
+    write: WatchWrite,
+    /// Every watch a stream of one HTTP/2 connection, not a connection each.
+    multiplexed: bool,
+    label: &'static str,
+}
+
 /// How the watch benchmark's writer changes the watched object.
 #[derive(Clone, Copy)]
 enum WatchWrite {
@@ -633,14 +654,25 @@ async fn bench_watch(watchers: usize, events: usize) -> Result<()> {
 
     // Watches through the API, written both ways.
     let mut lines = Vec::new();
-    for (write, label) in [
-        (WatchWrite::Etcd, "Stratus API watch (writes: etcd put)"),
-        (
-            WatchWrite::Patch,
-            "Stratus API watch (writes: PATCH through the API)",
-        ),
+    for way in [
+        WatchWay {
+            write: WatchWrite::Etcd,
+            multiplexed: false,
+            label: "Stratus API watch (writes: etcd put)",
+        },
+        WatchWay {
+            write: WatchWrite::Etcd,
+            multiplexed: true,
+            label: "Stratus API watch, streams of one HTTP/2 connection (writes: etcd put)",
+        },
+        WatchWay {
+            write: WatchWrite::Patch,
+            multiplexed: false,
+            label: "Stratus API watch (writes: PATCH through the API)",
+        },
     ] {
-        let p99 = api_watch(&s, &etcd, &template, watchers, events, write, label).await?;
+        let label = way.label;
+        let p99 = api_watch(&s, &etcd, &template, watchers, events, way).await?;
         lines.push(format!(
             "watch p99 API/raw, {label}: {:.2}x",
             p99.as_secs_f64() / raw.as_secs_f64()
@@ -661,9 +693,13 @@ async fn api_watch(
     template: &Value,
     watchers: usize,
     events: usize,
-    write: WatchWrite,
-    label: &str,
+    way: WatchWay,
 ) -> Result<Duration> {
+    let WatchWay {
+        write,
+        multiplexed,
+        label,
+    } = way;
     let current: Value = s
         .client
         .request(req("GET", &format!("{FLAVORS}/watched"), "", vec![])?)
@@ -680,6 +716,35 @@ async fn api_watch(
             "{FLAVORS}?watch=true&resourceVersion={rv}&fieldSelector=metadata.name%3Dwatched&timeoutSeconds=120"
         );
         let got = got.clone();
+        if multiplexed {
+            let mut body = s.h2.stream(&path).await?;
+            tasks.push(tokio::spawn(async move {
+                use http_body_util::BodyExt;
+                let mut buf: Vec<u8> = Vec::new();
+                let mut n = 0;
+                while n < events {
+                    let Some(frame) = body.frame().await else {
+                        break;
+                    };
+                    let Ok(data) = frame?.into_data() else {
+                        continue;
+                    };
+                    buf.extend_from_slice(&data);
+                    while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = buf.drain(..=end).collect();
+                        let ev: Value = serde_json::from_slice(&line)?;
+                        if ev["type"] == "MODIFIED" {
+                            got.lock()
+                                .map_err(|_| anyhow::anyhow!("lock"))?
+                                .push((seq_of(&ev["object"]), Instant::now()));
+                            n += 1;
+                        }
+                    }
+                }
+                Ok::<_, anyhow::Error>(())
+            }));
+            continue;
+        }
         let stream = s
             .client
             .request_events::<Value>(req("GET", &path, "application/json", vec![])?)
