@@ -192,6 +192,9 @@ pub struct Api {
     pub hub: Arc<crate::hub::Hub>,
     /// Placements onto one hypervisor, one at a time in this process.
     pub(crate) placement_locks: Arc<crate::binding::PlacementLocks>,
+    /// Per system namespace, the uid and creation time it is shown with (see
+    /// [`load_system_namespaces`]).
+    pub system_namespaces: Arc<Value>,
 }
 
 pub(crate) fn store_err(e: StoreError) -> ApiError {
@@ -1300,6 +1303,29 @@ pub const SYSTEM_NAMESPACES: [&str; 5] = [
     "stratus-system",
 ];
 
+/// The uid and creation time of each system namespace, as `{name: {"metadata": {...}}}`: made
+/// by the first API server to start on this etcd, read by every later one.
+///
+/// # Errors
+/// When etcd cannot be reached.
+pub async fn load_system_namespaces(store: &Store, prefix: &str) -> Result<Value, StoreError> {
+    let key = format!("{prefix}/_system/namespaces");
+    let created = meta::now();
+    let fresh: Map<String, Value> = SYSTEM_NAMESPACES
+        .iter()
+        .map(|n| {
+            let uid = uuid::Uuid::new_v4().to_string();
+            (
+                (*n).to_string(),
+                json!({"metadata": {"uid": uid, "creationTimestamp": created}}),
+            )
+        })
+        .collect();
+    // Whoever writes it first wins; everyone then reads the winner's.
+    store.create(&key, &Value::Object(fresh)).await?;
+    Ok(store.get(&key).await?.map(|s| s.value).unwrap_or_default())
+}
+
 impl Api {
     /// The key of the Project that namespace `ns` belongs to; `None` for a system namespace.
     pub fn project_key(&self, ns: &str) -> Option<String> {
@@ -1315,7 +1341,7 @@ impl Api {
     /// Terminating while the Project is being deleted). `None` if there is no such namespace.
     pub async fn namespace(&self, ns: &str) -> ApiResult<Option<Value>> {
         let Some(key) = self.project_key(ns) else {
-            return Ok(Some(namespace_object(ns, None)));
+            return Ok(Some(namespace_object(ns, self.system_namespaces.get(ns))));
         };
         Ok(self
             .store
@@ -1329,7 +1355,7 @@ impl Api {
     pub async fn namespaces(&self) -> ApiResult<Vec<Value>> {
         let mut out: Vec<Value> = SYSTEM_NAMESPACES
             .iter()
-            .map(|n| namespace_object(n, None))
+            .map(|n| namespace_object(n, self.system_namespaces.get(*n)))
             .collect();
         if let Some(rt) = self.registry.by_kind("identity.stratus.dev", "Project") {
             let projects = self
@@ -1351,12 +1377,13 @@ impl Api {
     }
 }
 
-/// A core/v1 Namespace as Stratus presents a namespace: a system one, or a Project's, with
-/// the Project's uid, labels and timestamps (`kubectl get ns` shows its age).
-fn namespace_object(name: &str, project: Option<&Value>) -> Value {
+/// A core/v1 Namespace as Stratus presents a namespace: a system one, with the uid and
+/// creation time it was given, or a Project's, with the Project's uid, labels and timestamps
+/// (`kubectl get ns` shows its age).
+fn namespace_object(name: &str, origin: Option<&Value>) -> Value {
     let mut metadata = Map::new();
     metadata.insert("name".into(), Value::String(name.to_string()));
-    if let Some(m) = project.and_then(|p| p.get("metadata")) {
+    if let Some(m) = origin.and_then(|p| p.get("metadata")) {
         for f in ["uid", "creationTimestamp", "deletionTimestamp", "labels"] {
             if let Some(v) = m.get(f) {
                 metadata.insert(f.into(), v.clone());

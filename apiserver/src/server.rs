@@ -1171,7 +1171,10 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         store.clone(),
         config.bookmark_interval,
     ));
+    let system_namespaces =
+        Arc::new(crate::api::load_system_namespaces(&store, &config.prefix).await?);
     let api = Api {
+        system_namespaces,
         store,
         registry,
         prefix: config.prefix.clone(),

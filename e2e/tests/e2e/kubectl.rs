@@ -554,7 +554,29 @@ fn restart_keeps_objects_and_watches_resume() -> Result<()> {
     let mut cloud = Cloud::up()?;
     cloud.kubectl_in(&["apply", "-f", "-"], FLAVOR)?;
     let rv = cloud.list_rv("/apis/compute.stratus.dev/v1/flavors")?;
+    // System namespaces have a uid and a creation time (`kubectl get ns` shows an age), the
+    // same after a restart.
+    let system_ns = |cloud: &Cloud| {
+        cloud.kubectl_ok(&[
+            "get",
+            "namespace",
+            "kube-system",
+            "-o",
+            "jsonpath={.metadata.uid} {.metadata.creationTimestamp}",
+        ])
+    };
+    let before = system_ns(&cloud)?;
+    let (uid, created) = before.split_once(' ').unwrap_or_default();
+    assert!(
+        uid.len() == 36 && created.parse::<jiff::Timestamp>().is_ok(),
+        "kube-system: uid and creationTimestamp {before:?}"
+    );
     cloud.restart()?;
+    assert_eq!(
+        system_ns(&cloud)?,
+        before,
+        "kube-system changed across a restart"
+    );
     let v = json(&cloud.kubectl_ok(&["get", "flavor", "t1.test", "-o", "json"])?)?;
     assert_eq!(v["spec"]["vcpus"], 2, "object lost across restart");
     cloud.kubectl_ok(&[
