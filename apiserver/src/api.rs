@@ -605,9 +605,18 @@ impl Api {
             .ok_or_else(|| t.not_found())
     }
 
-    /// `GET` one object.
-    pub async fn get(&self, t: &Target, headers: &HeaderMap, p: &Params) -> ApiResult<Response> {
-        let s = self.read(t).await?;
+    /// `GET` one object; `read` is the object when the caller has just read it.
+    pub async fn get(
+        &self,
+        t: &Target,
+        headers: &HeaderMap,
+        p: &Params,
+        read: Option<Stored>,
+    ) -> ApiResult<Response> {
+        let s = match read {
+            Some(s) => s,
+            None => self.read(t).await?,
+        };
         let obj = with_rv(s.value, s.mod_revision);
         let rendering = Rendering::from_accept(accept(headers));
         let out = match rendering {

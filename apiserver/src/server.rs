@@ -435,15 +435,18 @@ async fn route(
     if let Some(r) = identity_call(state, method, &segs, bytes, caller).await {
         return r;
     }
-    if let Some(node) = caller
+    let read = if let Some(node) = caller
         .user
         .strip_prefix("system:node:")
         .filter(|_| caller.system)
     {
-        restrict_node(state, method, path, params, bytes, node).await?;
-    } else if !caller.system {
-        authorize(state, method, path, params, bytes, caller)?;
-    }
+        restrict_node(state, method, path, params, bytes, node).await?
+    } else {
+        if !caller.system {
+            authorize(state, method, path, params, bytes, caller)?;
+        }
+        None
+    };
     let ok = |v: serde_json::Value| Ok(json_response(StatusCode::OK, &v, &[]));
     let none = || ApiError::no_route(path);
     let get_only = |m: &Method| {
@@ -575,6 +578,7 @@ async fn route(
                 bytes,
                 content_type,
                 caller,
+                read,
             )
             .await
         }
@@ -589,6 +593,7 @@ async fn route(
                 bytes,
                 content_type,
                 caller,
+                read,
             )
             .await
         }
@@ -600,7 +605,7 @@ async fn route(
 async fn stored_event(
     state: &AppState,
     info: &crate::audit::RequestInfo,
-) -> ApiResult<crate::store::Stored> {
+) -> ApiResult<(String, crate::store::Stored)> {
     let rt = state
         .api
         .registry
@@ -612,7 +617,7 @@ async fn stored_event(
         name: Some(info.name.clone()),
         subresource: None,
     };
-    state.api.read(&t).await
+    Ok((t.key(&state.api), state.api.read(&t).await?))
 }
 
 /// Whether an event names `node` as its reporting instance.
@@ -634,6 +639,8 @@ fn placement_field(resource: &str) -> &'static str {
 /// What a node agent's identity (`system:node:NAME` in the token file) may do: read, record
 /// events and heartbeats, write its own Hypervisor and StoragePools, and write the status of
 /// objects placed on its node — nothing else, so a compromised node cannot touch another's.
+/// For a read allowed by reading the object itself, that object and its key: the request is
+/// answered with what was checked, not with a second read.
 async fn restrict_node(
     state: &AppState,
     method: &Method,
@@ -641,10 +648,10 @@ async fn restrict_node(
     params: &Params,
     bytes: &[u8],
     node: &str,
-) -> ApiResult<()> {
+) -> ApiResult<Option<(String, crate::store::Stored)>> {
     let info = crate::audit::RequestInfo::parse(method.as_str(), path, params.flag("watch"));
     let Some(group) = info.group.as_deref() else {
-        return Ok(());
+        return Ok(None);
     };
     if matches!(info.verb.as_str(), "get" | "list" | "watch") {
         return node_may_read(state, &info, params, node).await;
@@ -692,7 +699,7 @@ async fn restrict_node(
             "update" | "patch" => {
                 ours(&body, "/reportingInstance")
                     && match stored_event(state, &info).await {
-                        Ok(e) => reported_by(&e.value, node),
+                        Ok((_, e)) => reported_by(&e.value, node),
                         Err(e) if e.code == 404 => false,
                         Err(e) => return Err(e),
                     }
@@ -766,7 +773,7 @@ async fn restrict_node(
         }
         _ => false,
     };
-    if allowed { Ok(()) } else { Err(deny()) }
+    if allowed { Ok(None) } else { Err(deny()) }
 }
 
 /// What a node may read. Servers carry their users' `userData` (often secrets), so a node sees
@@ -781,7 +788,7 @@ async fn node_may_read(
     info: &crate::audit::RequestInfo,
     params: &Params,
     node: &str,
-) -> ApiResult<()> {
+) -> ApiResult<Option<(String, crate::store::Stored)>> {
     let deny = |why: &str| {
         ApiError::forbidden(format!(
             "node \"{node}\" cannot {} {}{}: {why}",
@@ -803,15 +810,15 @@ async fn node_may_read(
             return Err(denied());
         }
         return match stored_event(state, info).await {
-            Ok(e) if reported_by(&e.value, node) => Ok(()),
+            Ok((key, e)) if reported_by(&e.value, node) => Ok(Some((key, e))),
             Ok(_) => Err(denied()),
             // Absent: the request answers 404 itself.
-            Err(e) if e.code == 404 => Ok(()),
+            Err(e) if e.code == 404 => Ok(None),
             Err(e) => Err(e),
         };
     }
     if group != "compute.stratus.dev" && group != "image.stratus.dev" {
-        return Ok(());
+        return Ok(None);
     }
     let selects = |field: &str, value: &str| {
         let wanted = [format!("{field}={value}"), format!("{field}=={value}")];
@@ -835,7 +842,7 @@ async fn node_may_read(
     match info.resource.as_str() {
         "servers" if info.name.is_empty() => {
             if selects("status.hypervisor", node) {
-                Ok(())
+                Ok(None)
             } else {
                 Err(deny(&format!(
                     "a node lists only the servers placed on it (fieldSelector status.hypervisor={node})"
@@ -850,10 +857,10 @@ async fn node_may_read(
                 subresource: None,
             };
             match state.api.read(&t).await {
-                Ok(s) if on_node(&s.value) => Ok(()),
+                Ok(s) if on_node(&s.value) => Ok(Some((t.key(&state.api), s))),
                 Ok(_) => Err(deny("it is not placed on this node")),
                 // Absent: the request answers 404 itself.
-                Err(e) if e.code == 404 => Ok(()),
+                Err(e) if e.code == 404 => Ok(None),
                 Err(e) => Err(e),
             }
         }
@@ -866,14 +873,14 @@ async fn node_may_read(
                 .iter()
                 .any(|s| spec_str(s, "keypair") == Some(info.name.as_str()));
             if used {
-                Ok(())
+                Ok(None)
             } else {
                 Err(deny("no server placed on this node uses it"))
             }
         }
         "images" if info.name.is_empty() => {
             if selects("spec.visibility", "public") {
-                Ok(())
+                Ok(None)
             } else {
                 Err(deny(
                     "a node lists only public images (fieldSelector spec.visibility=public)",
@@ -903,28 +910,28 @@ async fn node_may_read(
             };
             let Some(image) = read(&info.name).await? else {
                 // Absent: the request answers 404 itself.
-                return Ok(());
+                return Ok(None);
             };
             if spec_str(&image, "visibility") == Some("public") {
-                return Ok(());
+                return Ok(None);
             }
             for server in mine(state, servers()?, &info.namespace, node).await? {
                 let Some(boot) = spec_str(&server, "image") else {
                     continue;
                 };
                 if boot == info.name {
-                    return Ok(());
+                    return Ok(None);
                 }
                 if let Some(b) = read(boot).await?
                     && (spec_str(&b, "kernelImage") == Some(info.name.as_str())
                         || spec_str(&b, "ramdiskImage") == Some(info.name.as_str()))
                 {
-                    return Ok(());
+                    return Ok(None);
                 }
             }
             Err(deny("no server placed on this node boots from it"))
         }
-        _ => Ok(()),
+        _ => Ok(None),
     }
 }
 
@@ -1011,6 +1018,7 @@ async fn dispatch(
     bytes: &[u8],
     content_type: &str,
     caller: &Caller,
+    read: Option<(String, crate::store::Stored)>,
 ) -> ApiResult<Response> {
     let api = &state.api;
     match (method, t.name.is_some()) {
@@ -1027,7 +1035,11 @@ async fn dispatch(
         (_, true) if t.subresource.as_deref() == Some("binding") => Err(
             ApiError::method_not_allowed(format!("{method} is not allowed on {path}")),
         ),
-        (&Method::GET, true) => api.get(t, headers, params).await,
+        (&Method::GET, true) => {
+            // What authorising the request read already, when it is this object.
+            let read = read.filter(|(key, _)| *key == t.key(api)).map(|(_, s)| s);
+            api.get(t, headers, params, read).await
+        }
         (&Method::POST, false) if t.namespace.is_some() || !t.rt.namespaced => {
             api.create(t, bytes, content_type, params, caller).await
         }
@@ -1055,6 +1067,7 @@ async fn serve_view(
     bytes: &[u8],
     content_type: &str,
     caller: &Caller,
+    read: Option<(String, crate::store::Stored)>,
 ) -> ApiResult<Response> {
     let (group, version) = match view.backing_api_version.split_once('/') {
         Some((g, v)) => (g, v),
@@ -1093,7 +1106,7 @@ async fn serve_view(
         other => other,
     };
     let resp = dispatch(
-        state, &bt, method, path, headers, &params, &body, ct, caller,
+        state, &bt, method, path, headers, &params, &body, ct, caller, read,
     )
     .await?;
     let (mut parts, body) = resp.into_parts();

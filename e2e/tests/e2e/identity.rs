@@ -420,7 +420,17 @@ fn a_node_reads_and_writes_only_what_is_placed_on_it() -> Result<()> {
         "name",
     ])?;
     assert_eq!(mine.trim(), "server.compute.stratus.dev/web-1", "{mine}");
-    node.ok(&["-n", "demo", "get", "server", "web-1"])?;
+    // It reads a server placed on it as it is stored (the object its access was checked on).
+    let fields = [
+        "-n",
+        "demo",
+        "get",
+        "server",
+        "web-1",
+        "-o",
+        "jsonpath={.metadata.name} {.metadata.resourceVersion} {.status.hypervisor}",
+    ];
+    assert_eq!(node.ok(&fields)?, cloud.kubectl_ok(&fields)?);
     let why = node.denied(&["-n", "demo", "get", "servers"])?;
     assert!(why.contains("status.hypervisor=node-1"), "{why}");
     node.denied(&["-n", "demo", "get", "server", "web-2"])?;
