@@ -3,3 +3,4 @@
 //! that uses it through a trait.
 
 pub mod compute;
+pub mod record;

@@ -18,7 +18,7 @@ use kube::api::{
     Api, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions, PropagationPolicy,
 };
 use kube::discovery::{ApiCapabilities, ApiResource, Discovery, Scope, verbs};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -243,21 +243,19 @@ impl Collector {
         {
             return;
         }
-        let event = Event {
-            type_: EventType::Normal,
-            reason: "WaitingForDependents".into(),
-            note: Some(note.clone()),
-            action: "ForegroundDelete".into(),
-            secondary: None,
-        };
         let reference = owner.object_ref(&self.kinds[kind].ar);
-        match self.recorder.publish(&event, &reference).await {
-            Ok(()) => {
-                if let Ok(mut t) = self.told.lock() {
-                    t.insert(uid, note);
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "cannot publish an event; will retry"),
+        let told = stratus_agents::record::publish(
+            &self.recorder,
+            &reference,
+            EventType::Normal,
+            "ForegroundDelete",
+            "WaitingForDependents",
+            note.clone(),
+        )
+        .await;
+        // Not recorded: told again on the next pass.
+        if told && let Ok(mut t) = self.told.lock() {
+            t.insert(uid, note);
         }
     }
 

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -65,16 +65,16 @@ async fn publish<K: Resource<DynamicType = ()>>(
     reason: &str,
     note: String,
 ) {
-    let event = Event {
+    let reference = obj.object_ref(&());
+    stratus_agents::record::publish(
+        &ctx.recorder,
+        &reference,
         type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "NodeLifecycle".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
-        tracing::debug!(error = %e, "cannot publish an event");
-    }
+        "NodeLifecycle",
+        reason,
+        note,
+    )
+    .await;
 }
 
 /// Takes a Server off its hypervisor (`DELETE servers/{name}/binding`).

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -367,16 +367,7 @@ async fn record(
     reason: &str,
     note: String,
 ) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Scheduling".into(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&event, reference).await {
-        tracing::debug!(error = %e, "cannot publish an event");
-    }
+    stratus_agents::record::publish(recorder, reference, type_, "Scheduling", reason, note).await;
 }
 
 /// Records why the server waits, unless its condition already says so.

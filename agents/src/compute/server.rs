@@ -10,7 +10,7 @@ use base64::Engine;
 use futures::StreamExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -214,16 +214,8 @@ fn observed(state: Option<DomainState>) -> ObservedPowerState {
 }
 
 async fn publish(ctx: &Ctx, server: &Server, type_: EventType, reason: &str, note: String) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &server.object_ref(&())).await {
-        tracing::debug!(error = %e, "cannot publish an event");
-    }
+    let reference = server.object_ref(&());
+    crate::record::publish(&ctx.recorder, &reference, type_, "Reconcile", reason, note).await;
 }
 
 /// Writes `status` if it differs from the Server's.
