@@ -142,6 +142,23 @@ async fn authenticate(state: &AppState, req: &axum::http::request::Parts) -> Api
     })
 }
 
+/// The most of a refused request's body read (and dropped) to keep its connection usable.
+const DRAIN_BYTES: usize = 256 * 1024;
+/// How long a refused request's body is waited for.
+const DRAIN_TIME: Duration = Duration::from_secs(1);
+
+/// Reads and drops a body until its end or past `max` bytes.
+async fn drain(mut body: Body, max: usize) {
+    use http_body_util::BodyExt;
+    let mut total = 0usize;
+    while total <= max {
+        match body.frame().await {
+            Some(Ok(frame)) => total += frame.data_ref().map_or(0, bytes::Bytes::len),
+            _ => break,
+        }
+    }
+}
+
 /// Reads a request body of at most `limit` bytes. A longer one is read on (and dropped, up to
 /// 16 times the limit) before the 413 goes out, so the client gets to read the answer instead
 /// of a connection reset mid-upload.
@@ -389,7 +406,13 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
             }
             Err(_) => Err(ApiError::too_large(state.config.max_body_bytes)),
         },
-        (Err(e), _) | (_, Err(e)) => Err(e.clone()),
+        (Err(e), _) | (_, Err(e)) => {
+            // Read a small body before refusing: HTTP/1.1 can carry the client's next request
+            // on this connection only once this one's body is off it (hyper closes the
+            // connection otherwise, as Go's servers do past 256 KiB).
+            let _ = tokio::time::timeout(DRAIN_TIME, drain(body, DRAIN_BYTES)).await;
+            Err(e.clone())
+        }
     };
     let response = response.unwrap_or_else(IntoResponse::into_response);
     let code = response.status().as_u16();

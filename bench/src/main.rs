@@ -46,6 +46,11 @@ enum What {
         /// The paths to measure.
         #[arg(long, value_delimiter = ',', default_value = "raw,kube,h2,floor")]
         paths: Vec<CreatePath>,
+        /// Gives etcd the first core and this process (load generator and API server) the
+        /// second, as a deployment keeps etcd apart from its clients; by default all share
+        /// both.
+        #[arg(long)]
+        etcd_own_core: bool,
     },
     /// Watch delivery latency to many watchers vs raw etcd watches.
     Watch {
@@ -486,13 +491,38 @@ async fn stored_flavor(s: &Stack, etcd: &etcd_client::Client, name: &str) -> Res
 /// Creates through each path at each concurrency, in `rounds` rounds. Each round measures
 /// every path once, in an order rotated from round to round, so that no path always runs
 /// first (on the smallest database) or last.
+/// Moves every thread of process `pid` onto CPU `cpu` (threads it starts later inherit it).
+fn pin(pid: u32, cpu: usize) -> Result<()> {
+    let out = std::process::Command::new("taskset")
+        .args([
+            "--all-tasks",
+            "--pid",
+            "--cpu-list",
+            &cpu.to_string(),
+            &pid.to_string(),
+        ])
+        .output()
+        .context("run taskset (util-linux)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "taskset of {pid} onto CPU {cpu}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 async fn bench_api(
     objects: usize,
     levels: &[usize],
     rounds: usize,
     paths: &[CreatePath],
+    etcd_own_core: bool,
 ) -> Result<()> {
     let s = stack().await?;
+    if etcd_own_core {
+        pin(s.etcd.pid(), 0)?;
+        pin(std::process::id(), 1)?;
+    }
     let etcd = etcd_client::Client::connect([s.etcd.endpoint.as_str()], None).await?;
     println!(
         "| concurrency | path | creates/s | p50 ms | p99 ms | etcd CPU µs/create | client (+ API server) CPU µs/create |"
@@ -837,7 +867,8 @@ async fn main() -> Result<()> {
             concurrency,
             rounds,
             paths,
-        } => bench_api(objects, &concurrency, rounds, &paths).await,
+            etcd_own_core,
+        } => bench_api(objects, &concurrency, rounds, &paths, etcd_own_core).await,
         What::Watch { watchers, events } => bench_watch(watchers, events).await,
         What::Sched {
             servers,

@@ -552,3 +552,22 @@ fn random_requests_never_get_a_5xx_or_a_handler_panic() -> Result<()> {
     assert!(!log.contains("panicked"), "a panic in the server:\n{log}");
     Ok(())
 }
+
+/// A refused request whose body comes after its headers (a slow client, or one under load)
+/// leaves its HTTP/1.1 connection open for the next request. See `e2e/python/keepalive.py`.
+#[test]
+fn a_refused_request_keeps_its_connection_alive() -> Result<()> {
+    let cloud = Cloud::up()?;
+    let script = stratus_e2e::repo_root().join("e2e/python/keepalive.py");
+    let out = std::process::Command::new("/usr/bin/python3")
+        .arg(&script)
+        .arg(cloud.kubeconfig())
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
