@@ -230,25 +230,13 @@ fn a_change_to_a_users_access_through_one_replica_holds_at_once_on_the_other() -
     refused("her role assignment removed", "Forbidden")?;
     a.kubectl_in(&["apply", "-f", "-"], role)?;
     allowed("her role assignment back")?;
-    a.kubectl_ok(&[
-        "patch",
-        "user",
-        "una",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"enabled":false}}"#,
-    ])?;
+    let enable = |on: bool| {
+        let patch = json!({"spec": {"enabled": on}}).to_string();
+        a.kubectl_ok(&["patch", "user", "una", "--type", "merge", "-p", &patch])
+    };
+    enable(false)?;
     refused("disabled", "Unauthorized")?;
-    a.kubectl_ok(&[
-        "patch",
-        "user",
-        "una",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"enabled":true}}"#,
-    ])?;
+    enable(true)?;
     allowed("enabled again")?;
     // Her token revoked through A (logout).
     a.kubectl_ok(&[
