@@ -11,6 +11,7 @@ pub mod fields;
 pub mod hub;
 pub mod identity;
 pub mod meta;
+pub mod metrics;
 pub mod protobuf;
 pub mod quota;
 pub mod registry;

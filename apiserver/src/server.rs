@@ -80,6 +80,7 @@ struct AppState {
     config: Config,
     audit: Option<crate::audit::AuditLog>,
     identity: crate::identity::Identity,
+    metrics: crate::metrics::Metrics,
 }
 
 /// The router of every API path.
@@ -388,6 +389,10 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
         };
         return response.unwrap_or_else(IntoResponse::into_response);
     }
+    let started = std::time::Instant::now();
+    let _busy = state
+        .metrics
+        .start(!matches!(method, Method::GET | Method::HEAD));
     let caller = authenticate(&state, &parts).await;
     let params = Params::parse(parts.uri.query());
     let response = match (&caller, &params) {
@@ -414,8 +419,31 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
             Err(e.clone())
         }
     };
-    let response = response.unwrap_or_else(IntoResponse::into_response);
+    let mut response = response.unwrap_or_else(IntoResponse::into_response);
     let code = response.status().as_u16();
+    let watch = params.as_ref().is_ok_and(|p| p.flag("watch"));
+    let counted = crate::metrics::Metrics::request(
+        &state.api.registry,
+        method.as_str(),
+        &path,
+        watch,
+        parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+    );
+    state.metrics.answered(&counted, code, started.elapsed());
+    if counted.verb == "WATCH" && response.status().is_success() {
+        // Counted as open until the stream ends or the client goes.
+        let open = state.metrics.watching(&counted);
+        let body = std::mem::replace(response.body_mut(), Body::empty());
+        let stream = futures::StreamExt::map(body.into_data_stream(), move |chunk| {
+            let _ = &open;
+            chunk
+        });
+        *response.body_mut() = Body::from_stream(stream);
+    }
     let user = caller.as_ref().ok().map(|c| c.user.as_str());
     tracing::debug!(user, %method, %path, query = parts.uri.query().unwrap_or(""), code, "request");
     if let (Some(audit), Some(received)) = (&state.audit, &received) {
@@ -482,6 +510,22 @@ async fn route(
         }
     };
     match segs.as_slice() {
+        ["metrics"] => {
+            get_only(method)?;
+            // As kube-apiserver's: for system identities (not nodes) and cluster-wide roles.
+            let node = caller.user.starts_with("system:node:");
+            if !(caller.system && !node || caller.grants.iter().any(|g| g.namespace.is_none())) {
+                return Err(ApiError::forbidden(format!(
+                    "User \"{}\" cannot get path \"/metrics\": it needs a cluster-wide role",
+                    caller.user
+                )));
+            }
+            return Ok((
+                [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+                state.metrics.encode(),
+            )
+                .into_response());
+        }
         ["api"] => {
             get_only(method)?;
             return ok(discovery::core_versions());
@@ -1227,6 +1271,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         config,
         audit,
         identity,
+        metrics: crate::metrics::Metrics::default(),
     }));
     let task = tokio::spawn(async move {
         loop {

@@ -159,6 +159,28 @@ fn roles_isolate_projects_and_tokens_can_be_revoked() -> Result<()> {
         )?,
     };
 
+    // Metrics are for cluster-wide roles: not for anonymous callers, nor for a project's
+    // member.
+    let out = cloud.kubectl_as(&anon, &["get", "--raw", "/metrics"])?;
+    assert!(!out.status.success());
+    let err = alice.denied(&["get", "--raw", "/metrics"])?;
+    assert!(
+        err.contains("Forbidden") || err.contains("forbidden"),
+        "{err}"
+    );
+    user(&cloud, "olga", "reader", "a", true)?;
+    let olga = As {
+        cloud: &cloud,
+        kc: cloud.kubeconfig_with(
+            "olga",
+            Some(&login(&cloud, &anon, "olga", "olga-secret-pw", 600)?),
+        )?,
+    };
+    assert!(
+        olga.ok(&["get", "--raw", "/metrics"])?
+            .contains("apiserver_request_total")
+    );
+
     // A member works in her project.
     assert!(alice.create("a", &network("alices-net"))?.status.success());
     alice.ok(&["-n", "a", "get", "networks", "alices-net"])?;

@@ -812,3 +812,70 @@ fn audit_log_records_who_did_what_with_which_outcome() -> Result<()> {
     );
     Ok(())
 }
+
+/// `GET /metrics` counts and times requests under kube-apiserver's metric names and labels
+/// (so its dashboards work), counts open watches, and names no resource a client made up.
+#[test]
+fn metrics_count_requests_as_kube_apiserver_does() -> Result<()> {
+    let cloud = Cloud::up()?;
+    cloud.kubectl_in(&["create", "-f", "-"], FLAVOR)?;
+    cloud.kubectl_ok(&["get", "flavors"])?;
+    cloud.kubectl_ok(&["get", "flavor", "t1.test"])?;
+    cloud.kubectl_in(&["apply", "--server-side", "-f", "-"], FLAVOR)?;
+    let _ = cloud.kubectl(&["get", "--raw", "/apis/made.up/v1/client-chosen-name"])?;
+    let metrics = || cloud.kubectl_ok(&["get", "--raw", "/metrics"]);
+    // A series' value; None when the series is absent.
+    let value = |text: &str, series: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    };
+    let flavors = |verb: &str, code: &str| {
+        format!(
+            r#"apiserver_request_total{{verb="{verb}",group="compute.stratus.dev",version="v1",resource="flavors",subresource="",code="{code}"}}"#
+        )
+    };
+    let text = metrics()?;
+    for (verb, code) in [
+        ("POST", "201"),
+        ("LIST", "200"),
+        ("GET", "200"),
+        ("APPLY", "200"),
+    ] {
+        let n = value(&text, &flavors(verb, code));
+        assert!(n.is_some_and(|n| n >= 1.0), "{verb} {code}: {n:?}\n{text}");
+    }
+    assert!(
+        text.contains(r#"apiserver_request_duration_seconds_bucket{le="0.6",verb="POST",group="compute.stratus.dev",version="v1",resource="flavors",subresource=""}"#),
+        "{text}"
+    );
+    assert!(
+        !text.contains("client-chosen-name") && !text.contains("made.up"),
+        "{text}"
+    );
+    assert!(text.ends_with("# EOF\n"), "{text}");
+
+    // An open watch is counted while it lasts (of events, which no controller watches).
+    let open = r#"apiserver_longrunning_requests{verb="WATCH",group="",version="v1",resource="events",subresource=""}"#;
+    let before = value(&metrics()?, open).unwrap_or(0.0);
+    let mut watch = std::process::Command::new("kubectl")
+        .env("KUBECONFIG", cloud.kubeconfig())
+        .env("HOME", cloud.dir.path())
+        .args(["get", "events", "--all-namespaces", "--watch"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let seen = wait_until(Duration::from_secs(10), "the watch to be counted", || {
+        metrics()
+            .ok()
+            .filter(|t| value(t, open) == Some(before + 1.0))
+    });
+    let _ = watch.kill();
+    let _ = watch.wait();
+    seen?;
+    wait_until(
+        Duration::from_secs(10),
+        "the ended watch to be uncounted",
+        || metrics().ok().filter(|t| value(t, open) == Some(before)),
+    )?;
+    Ok(())
+}
