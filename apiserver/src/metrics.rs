@@ -1,7 +1,8 @@
 //! The API server's Prometheus metrics, named and labelled as kube-apiserver's are, so that
 //! its dashboards and alerts work unchanged: `apiserver_request_total`,
 //! `apiserver_request_duration_seconds`, `apiserver_current_inflight_requests` and
-//! `apiserver_longrunning_requests` (open watches). Served at `GET /metrics`.
+//! `apiserver_longrunning_requests` (open watches) and `etcd_request_duration_seconds`. Served
+//! at `GET /metrics`.
 
 use std::time::Duration;
 
@@ -57,6 +58,8 @@ pub struct Metrics {
     duration: Family<Request, Histogram, fn() -> Histogram>,
     inflight: Family<Inflight, Gauge>,
     longrunning: Family<Request, Gauge>,
+    /// etcd request latency, filled by the [`crate::store::Store`] given it.
+    pub etcd: crate::store::LatencyFamily,
 }
 
 impl Default for Metrics {
@@ -66,6 +69,8 @@ impl Default for Metrics {
             Family::new_with_constructor(|| Histogram::new(BUCKETS));
         let inflight = Family::<Inflight, Gauge>::default();
         let longrunning = Family::<Request, Gauge>::default();
+        let etcd: crate::store::LatencyFamily =
+            Family::new_with_constructor(|| Histogram::new(BUCKETS));
         let mut registry = Registry::default();
         registry.register(
             "apiserver_request",
@@ -87,12 +92,18 @@ impl Default for Metrics {
             "Long-running requests (watches) open, for each verb, group, version, resource and subresource",
             longrunning.clone(),
         );
+        registry.register(
+            "etcd_request_duration_seconds",
+            "etcd request latency in seconds for each operation and object type",
+            etcd.clone(),
+        );
         Self {
             registry,
             total,
             duration,
             inflight,
             longrunning,
+            etcd,
         }
     }
 }

@@ -1233,10 +1233,14 @@ pub enum StartError {
 /// Starts serving; returns once the listener is bound.
 pub async fn start(config: Config) -> Result<Server, StartError> {
     let registry = Arc::new(Registry::stratus()?);
-    let store = Store::connect(&config.etcd_endpoints).await?.with_marker(
-        crate::identity::marker_key(&config.prefix),
-        crate::identity::marked_prefixes(&config.prefix),
-    );
+    let metrics = crate::metrics::Metrics::default();
+    let store = Store::connect(&config.etcd_endpoints)
+        .await?
+        .with_marker(
+            crate::identity::marker_key(&config.prefix),
+            crate::identity::marked_prefixes(&config.prefix),
+        )
+        .with_latency(metrics.etcd.clone(), &config.prefix);
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| StartError::Listen(config.listen, e))?;
@@ -1271,7 +1275,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         config,
         audit,
         identity,
-        metrics: crate::metrics::Metrics::default(),
+        metrics,
     }));
     let task = tokio::spawn(async move {
         loop {

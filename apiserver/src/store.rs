@@ -5,9 +5,12 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, Error as EtcdError, GetOptions, Txn, TxnOp,
     TxnOpResponse, WatchOptions,
 };
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 use serde_json::Value;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Failures of the store.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +108,38 @@ pub enum Guard<'a> {
 pub struct Store {
     client: Client,
     marker: Option<Arc<Marker>>,
+    latency: Option<Arc<Latency>>,
+}
+
+/// What an etcd request is timed under (kube-apiserver's `etcd_request_duration_seconds`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StorageOp {
+    /// get, list, create, update, delete, read (several keys at once) or write (several).
+    pub operation: &'static str,
+    /// What the first key names: `GROUP/RESOURCE`, or `_system/WHAT`.
+    pub r#type: String,
+}
+
+/// The histograms etcd requests are timed in.
+pub type LatencyFamily = Family<StorageOp, Histogram, fn() -> Histogram>;
+
+struct Latency {
+    family: LatencyFamily,
+    prefix: String,
+}
+
+/// `GROUP/RESOURCE` (or `_system/WHAT`) of a key under `prefix`.
+fn type_of(prefix: &str, key: &str) -> String {
+    let rest = key
+        .strip_prefix(prefix)
+        .unwrap_or(key)
+        .trim_start_matches('/');
+    let mut parts = rest.splitn(3, '/');
+    match (parts.next(), parts.next()) {
+        (Some(a), Some(b)) => format!("{a}/{b}"),
+        (Some(a), None) => a.to_string(),
+        _ => String::new(),
+    }
 }
 
 /// A key that every write under some prefixes also puts, in the same transaction, so that
@@ -168,7 +203,30 @@ impl Store {
         Ok(Self {
             client,
             marker: None,
+            latency: None,
         })
+    }
+
+    /// This store, timing every etcd request in `family` by operation and the type of the
+    /// key (its path under `prefix`).
+    #[must_use]
+    pub fn with_latency(mut self, family: LatencyFamily, prefix: &str) -> Self {
+        self.latency = Some(Arc::new(Latency {
+            family,
+            prefix: prefix.to_string(),
+        }));
+        self
+    }
+
+    fn observe(&self, operation: &'static str, key: &str, started: Instant) {
+        if let Some(l) = &self.latency {
+            l.family
+                .get_or_create(&StorageOp {
+                    operation,
+                    r#type: type_of(&l.prefix, key),
+                })
+                .observe(started.elapsed().as_secs_f64());
+        }
     }
 
     /// This store, with every write (put or delete) of a key under one of `prefixes` also
@@ -187,7 +245,9 @@ impl Store {
 
     /// Reads one object.
     pub async fn get(&self, key: &str) -> Result<Option<Stored>, StoreError> {
+        let started = Instant::now();
         let resp = self.client.kv_client().get(key, None).await?;
+        self.observe("get", key, started);
         match resp.kvs().first() {
             Some(kv) => Ok(Some(decode(kv.key(), kv.value(), kv.mod_revision())?.1)),
             None => Ok(None),
@@ -254,7 +314,12 @@ impl Store {
             .when(compares)
             .and_then(ops)
             .or_else([TxnOp::get(key, None)]);
-        self.run(key, txn).await
+        let op = if expected.is_some() {
+            "update"
+        } else {
+            "create"
+        };
+        self.run(op, key, txn).await
     }
 
     /// Replaces `key` if its revision is still `expected`.
@@ -271,7 +336,7 @@ impl Store {
             .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
             .and_then(ops)
             .or_else([TxnOp::get(key, None)]);
-        self.run(key, txn).await
+        self.run("update", key, txn).await
     }
 
     /// Deletes `key` if its revision is still `expected`, together with `attached` keys
@@ -290,11 +355,13 @@ impl Store {
             .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
             .and_then(ops)
             .or_else([TxnOp::get(key, None)]);
-        self.run(key, txn).await
+        self.run("delete", key, txn).await
     }
 
-    async fn run(&self, _key: &str, txn: Txn) -> Result<Write, StoreError> {
+    async fn run(&self, operation: &'static str, key: &str, txn: Txn) -> Result<Write, StoreError> {
+        let started = Instant::now();
         let resp = self.client.kv_client().txn(txn).await?;
+        self.observe(operation, key, started);
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         if resp.succeeded() {
             return Ok(Write::Done(revision));
@@ -328,11 +395,13 @@ impl Store {
         if limit > 0 {
             opts = opts.with_limit(limit);
         }
+        let started = Instant::now();
         let resp = self
             .client
             .kv_client()
             .get(start.unwrap_or(prefix), Some(opts))
             .await?;
+        self.observe("list", prefix, started);
         let revision = if revision > 0 {
             revision
         } else {
@@ -366,11 +435,15 @@ impl Store {
                 Read::Presence(k) => TxnOp::get(*k, Some(GetOptions::new().with_keys_only())),
             })
             .collect();
+        let started = Instant::now();
         let resp = self
             .client
             .kv_client()
             .txn(Txn::new().and_then(ops))
             .await?;
+        if let Some(Read::Key(k) | Read::Prefix(k) | Read::Presence(k)) = reads.first() {
+            self.observe("read", k, started);
+        }
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         let mut out = Vec::with_capacity(reads.len());
         for (op, read) in resp.op_responses().into_iter().zip(reads) {
@@ -419,11 +492,15 @@ impl Store {
             .chain(deletes.iter().map(|k| TxnOp::delete(*k, None)))
             .chain(self.mark(puts.iter().map(|(k, _)| *k).chain(deletes.iter().copied())))
             .collect();
+        let started = Instant::now();
         let resp = self
             .client
             .kv_client()
             .txn(Txn::new().when(compares).and_then(ops))
             .await?;
+        if let Some(k) = puts.first().map(|(k, _)| *k).or(deletes.first().copied()) {
+            self.observe("write", k, started);
+        }
         Ok(resp
             .succeeded()
             .then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
@@ -485,12 +562,31 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::{Marker, prefix_end};
+    use super::{Marker, prefix_end, type_of};
 
     #[test]
     fn prefix_end_is_the_next_key() {
         assert_eq!(prefix_end("/a/b/"), b"/a/b0".to_vec());
         assert_eq!(prefix_end("a\u{7f}"), b"a\x80".to_vec());
+    }
+
+    #[test]
+    fn a_key_is_timed_under_its_group_and_resource() {
+        assert_eq!(
+            type_of(
+                "/registry",
+                "/registry/compute.stratus.dev/servers/demo/web-1"
+            ),
+            "compute.stratus.dev/servers"
+        );
+        assert_eq!(
+            type_of("/registry", "/registry/_system/token-key"),
+            "_system/token-key"
+        );
+        assert_eq!(
+            type_of("/registry", "/registry/core/namespaces/"),
+            "core/namespaces"
+        );
     }
 
     #[test]

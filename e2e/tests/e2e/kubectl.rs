@@ -853,6 +853,14 @@ fn metrics_count_requests_as_kube_apiserver_does() -> Result<()> {
         "{text}"
     );
     assert!(text.ends_with("# EOF\n"), "{text}");
+    // The etcd requests behind them, timed by operation and type.
+    for op in ["create", "get", "list"] {
+        let series = format!(
+            r#"etcd_request_duration_seconds_count{{operation="{op}",type="compute.stratus.dev/flavors"}}"#
+        );
+        let n = value(&text, &series);
+        assert!(n.is_some_and(|n| n >= 1.0), "{series}: {n:?}\n{text}");
+    }
 
     // An open watch is counted while it lasts (of events, which no controller watches).
     let open = r#"apiserver_longrunning_requests{verb="WATCH",group="",version="v1",resource="events",subresource=""}"#;
