@@ -58,6 +58,15 @@ fn login(cloud: &Cloud, anon: &Path, name: &str, password: &str, ttl: i64) -> Re
         .context("no token in the answer")
 }
 
+/// `name`, logged in with the password [`user`] gave her.
+fn logged_in<'a>(cloud: &'a Cloud, anon: &Path, name: &str) -> Result<As<'a>> {
+    let token = login(cloud, anon, name, &format!("{name}-secret-pw"), 600)?;
+    Ok(As {
+        cloud,
+        kc: cloud.kubeconfig_with(name, Some(&token))?,
+    })
+}
+
 struct As<'a> {
     cloud: &'a Cloud,
     kc: PathBuf,
@@ -137,27 +146,9 @@ fn roles_isolate_projects_and_tokens_can_be_revoked() -> Result<()> {
     let out = cloud.kubectl_as(&anon, &["get", "flavors"])?;
     assert!(!out.status.success());
 
-    let alice = As {
-        cloud: &cloud,
-        kc: cloud.kubeconfig_with(
-            "alice",
-            Some(&login(&cloud, &anon, "alice", "alice-secret-pw", 600)?),
-        )?,
-    };
-    let bob = As {
-        cloud: &cloud,
-        kc: cloud.kubeconfig_with(
-            "bob",
-            Some(&login(&cloud, &anon, "bob", "bob-secret-pw", 600)?),
-        )?,
-    };
-    let rita = As {
-        cloud: &cloud,
-        kc: cloud.kubeconfig_with(
-            "rita",
-            Some(&login(&cloud, &anon, "rita", "rita-secret-pw", 600)?),
-        )?,
-    };
+    let alice = logged_in(&cloud, &anon, "alice")?;
+    let bob = logged_in(&cloud, &anon, "bob")?;
+    let rita = logged_in(&cloud, &anon, "rita")?;
 
     // Metrics are for cluster-wide roles: not for anonymous callers, nor for a project's
     // member.
@@ -169,13 +160,7 @@ fn roles_isolate_projects_and_tokens_can_be_revoked() -> Result<()> {
         "{err}"
     );
     user(&cloud, "olga", "reader", "a", true)?;
-    let olga = As {
-        cloud: &cloud,
-        kc: cloud.kubeconfig_with(
-            "olga",
-            Some(&login(&cloud, &anon, "olga", "olga-secret-pw", 600)?),
-        )?,
-    };
+    let olga = logged_in(&cloud, &anon, "olga")?;
     assert!(
         olga.ok(&["get", "--raw", "/metrics"])?
             .contains("apiserver_request_total")
