@@ -169,7 +169,15 @@ def body_of(rng, doc, content_type):
     return json.dumps(doc).encode()
 
 
+NON_RESOURCE = ["/metrics", "/version", "/healthz", "/readyz", "/livez", "/api", "/api/v1", "/apis",
+                "/apis/compute.stratus.dev", "/apis/made.up/v1", "/openapi/v2", "/openapi/v3", "/"]
+
+
 def random_request(rng, kinds, examples):
+    if rng.random() < 0.05:
+        method = rng.choice(["GET", "GET", "POST", "DELETE"])
+        body = b"{}" if method == "POST" else None
+        return method, rng.choice(NON_RESOURCE) + rng.choice(["", "", "?watch=true", "?x=%FF"]), body, "application/json"
     gv, plural, namespaced, kind = rng.choice(kinds)
     ns = rng.choice(["demo", "default", "nope", "UPPER", "a" * 70, "kube-system"])
     # Percent-encoded: the request line stays valid HTTP (a raw space would make the server
