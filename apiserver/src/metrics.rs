@@ -1,8 +1,8 @@
 //! The API server's Prometheus metrics, named and labelled as kube-apiserver's are, so that
 //! its dashboards and alerts work unchanged: `apiserver_request_total`,
 //! `apiserver_request_duration_seconds`, `apiserver_current_inflight_requests` and
-//! `apiserver_longrunning_requests` (open watches) and `etcd_request_duration_seconds`. Served
-//! at `GET /metrics`.
+//! `apiserver_longrunning_requests` (open watches), `etcd_request_duration_seconds` and
+//! `apiserver_storage_objects`. Served at `GET /metrics`.
 
 use std::time::Duration;
 
@@ -60,7 +60,17 @@ pub struct Metrics {
     longrunning: Family<Request, Gauge>,
     /// etcd request latency, filled by the [`crate::store::Store`] given it.
     pub etcd: crate::store::LatencyFamily,
+    objects: Family<Stored, Gauge>,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Stored {
+    /// `PLURAL.GROUP` (`PLURAL` for core), as kube-apiserver names it.
+    resource: String,
+}
+
+/// How often [`Metrics::count_objects`] counts.
+pub const COUNT_EVERY: Duration = Duration::from_secs(60);
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -71,6 +81,7 @@ impl Default for Metrics {
         let longrunning = Family::<Request, Gauge>::default();
         let etcd: crate::store::LatencyFamily =
             Family::new_with_constructor(|| Histogram::new(BUCKETS));
+        let objects = Family::<Stored, Gauge>::default();
         let mut registry = Registry::default();
         registry.register(
             "apiserver_request",
@@ -97,6 +108,11 @@ impl Default for Metrics {
             "etcd request latency in seconds for each operation and object type",
             etcd.clone(),
         );
+        registry.register(
+            "apiserver_storage_objects",
+            "Number of stored objects of each resource, counted every minute",
+            objects.clone(),
+        );
         Self {
             registry,
             total,
@@ -104,6 +120,7 @@ impl Default for Metrics {
             inflight,
             longrunning,
             etcd,
+            objects,
         }
     }
 }
@@ -187,6 +204,20 @@ impl Metrics {
         let g = self.longrunning.get_or_create(r).clone();
         g.inc();
         InFlight(g)
+    }
+
+    /// Counts the stored objects of every served resource (views of another's are left out).
+    pub async fn count_objects(&self, store: &crate::store::Store, kinds: &Kinds, prefix: &str) {
+        for rt in kinds.all().iter().filter(|rt| rt.view.is_none()) {
+            if let Ok(n) = store.count(&rt.key_prefix(prefix, None)).await {
+                let resource = if rt.group.is_empty() {
+                    rt.plural.clone()
+                } else {
+                    format!("{}.{}", rt.plural, rt.group)
+                };
+                self.objects.get_or_create(&Stored { resource }).set(n);
+            }
+        }
     }
 
     /// Every metric in the OpenMetrics text format.

@@ -1270,13 +1270,25 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         None => None,
     };
     let identity = crate::identity::Identity::load(api.store.clone(), &config.prefix).await?;
-    let app = router(Arc::new(AppState {
+    let state = Arc::new(AppState {
         api,
         config,
         audit,
         identity,
         metrics,
-    }));
+    });
+    // apiserver_storage_objects, every minute while the server is up.
+    let counted = Arc::downgrade(&state);
+    tokio::spawn(async move {
+        while let Some(s) = counted.upgrade() {
+            s.metrics
+                .count_objects(&s.api.store, &s.api.registry, &s.config.prefix)
+                .await;
+            drop(s);
+            tokio::time::sleep(crate::metrics::COUNT_EVERY).await;
+        }
+    });
+    let app = router(state);
     let task = tokio::spawn(async move {
         loop {
             let (sock, peer) = match listener.accept().await {

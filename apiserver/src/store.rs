@@ -520,6 +520,17 @@ impl Store {
         Ok(())
     }
 
+    /// How many keys are under `prefix` (nothing is read but the count).
+    pub async fn count(&self, prefix: &str) -> Result<i64, StoreError> {
+        let opts = GetOptions::new()
+            .with_range(prefix_end(prefix))
+            .with_count_only();
+        let started = Instant::now();
+        let resp = self.client.kv_client().get(prefix, Some(opts)).await?;
+        self.observe("count", prefix, started);
+        Ok(resp.count())
+    }
+
     /// Every key under `prefix` (values are not read).
     pub async fn keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let opts = GetOptions::new()
