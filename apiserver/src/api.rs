@@ -1330,9 +1330,7 @@ pub async fn load_system_namespaces(store: &Store, prefix: &str) -> Result<Value
             )
         })
         .collect();
-    // Whoever writes it first wins; everyone then reads the winner's.
-    store.create(&key, &Value::Object(fresh)).await?;
-    Ok(store.get(&key).await?.map(|s| s.value).unwrap_or_default())
+    store.first_written(&key, &Value::Object(fresh)).await
 }
 
 impl Api {

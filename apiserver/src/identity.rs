@@ -185,15 +185,13 @@ impl Identity {
         let fresh = ring::rand::SystemRandom::new();
         let mut bytes = [0u8; 32];
         ring::rand::SecureRandom::fill(&fresh, &mut bytes).map_err(|_| StoreError::Poisoned)?;
-        // Whoever writes it first wins; everyone then reads the winner's key.
-        let _ = store
-            .create(&key_path, &Value::String(B64.encode(bytes)))
-            .await?;
         let stored = store
-            .get(&key_path)
-            .await?
-            .and_then(|s| s.value.as_str().and_then(|k| B64.decode(k).ok()));
-        let material = stored.ok_or(StoreError::Poisoned)?;
+            .first_written(&key_path, &Value::String(B64.encode(bytes)))
+            .await?;
+        let material = stored
+            .as_str()
+            .and_then(|k| B64.decode(k).ok())
+            .ok_or(StoreError::Poisoned)?;
         let dummy_hash = Argon2::default()
             .hash_password(uuid::Uuid::new_v4().to_string().as_bytes())
             .map(|h| h.to_string())
@@ -319,30 +317,6 @@ impl Identity {
             .put_with_ttl(&self.revoked_key(&c.jti), ttl)
             .await
             .map_err(crate::api::store_err)
-    }
-
-    /// Whether a token's user may still use it: not revoked, the user exists and is enabled.
-    pub async fn still_valid(&self, c: &Claims) -> Result<bool, ApiError> {
-        if self
-            .store
-            .get(&self.revoked_key(&c.jti))
-            .await
-            .map_err(crate::api::store_err)?
-            .is_some()
-        {
-            return Ok(false);
-        }
-        let user = self
-            .store
-            .get(&format!(
-                "{}/identity.stratus.dev/users/{}",
-                self.prefix, c.user
-            ))
-            .await
-            .map_err(crate::api::store_err)?;
-        Ok(user.is_some_and(|u| {
-            u.value.pointer("/spec/enabled").and_then(Value::as_bool) != Some(false)
-        }))
     }
 
     /// What a verified token allows now: its user's grants, or None when the token was

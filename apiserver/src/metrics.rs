@@ -136,16 +136,9 @@ impl Drop for InFlight {
 }
 
 impl Metrics {
-    /// What a request is counted under: `method` on `path` (a watch when `watch`), with
+    /// What a request is counted under: `info` (parsed from its `method` and path), with
     /// `content_type`, against the served `kinds`.
-    pub fn request(
-        kinds: &Kinds,
-        method: &str,
-        path: &str,
-        watch: bool,
-        content_type: &str,
-    ) -> Request {
-        let info = RequestInfo::parse(method, path, watch);
+    pub fn request(kinds: &Kinds, info: &RequestInfo, method: &str, content_type: &str) -> Request {
         let served = info
             .group
             .as_deref()
@@ -167,10 +160,10 @@ impl Metrics {
         }
         Request {
             verb: verb.to_string(),
-            group: info.group.unwrap_or_default(),
-            version: info.version,
-            resource: info.resource,
-            subresource: info.subresource,
+            group: info.group.clone().unwrap_or_default(),
+            version: info.version.clone(),
+            resource: info.resource.clone(),
+            subresource: info.subresource.clone(),
         }
     }
 
@@ -240,7 +233,7 @@ mod tests {
     fn requests_are_labelled_as_kube_apiserver_labels_them() {
         let kinds = Kinds::stratus().expect("kinds");
         let r = |m, p, w, ct| {
-            let x = Metrics::request(&kinds, m, p, w, ct);
+            let x = Metrics::request(&kinds, &RequestInfo::parse(m, p, w), m, ct);
             (x.verb, x.group, x.resource, x.subresource)
         };
         let s = String::from;
@@ -289,20 +282,14 @@ mod tests {
     fn answers_are_counted_and_timed_and_guards_release_their_gauges() {
         let m = Metrics::default();
         let kinds = Kinds::stratus().expect("kinds");
+        let flavors = "/apis/compute.stratus.dev/v1/flavors";
         let create = Metrics::request(
             &kinds,
+            &RequestInfo::parse("POST", flavors, false),
             "POST",
-            "/apis/compute.stratus.dev/v1/flavors",
-            false,
             "",
         );
-        let watch = Metrics::request(
-            &kinds,
-            "GET",
-            "/apis/compute.stratus.dev/v1/flavors",
-            true,
-            "",
-        );
+        let watch = Metrics::request(&kinds, &RequestInfo::parse("GET", flavors, true), "GET", "");
         {
             let _busy = m.start(true);
             let _open = m.watching(&watch);

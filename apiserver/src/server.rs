@@ -209,7 +209,7 @@ async fn issue_token(state: &AppState, bytes: &[u8]) -> ApiResult<Response> {
     // The same answer for an unknown user, a wrong password and a disabled user.
     let ok = id.check_password(user, password).await?;
     let (token, claims) = id.signer.issue(user, ttl);
-    if !ok || !id.still_valid(&claims).await? {
+    if !ok || id.token_grants(&claims).await?.is_none() {
         return Err(ApiError::unauthorized());
     }
     let expires = jiff::Timestamp::from_second(claims.exp)
@@ -383,7 +383,7 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
         _ => {}
     }
     if method == Method::POST && path == "/apis/identity.stratus.dev/v1/tokens" {
-        let response = match axum::body::to_bytes(body, 64 * 1024).await {
+        let response = match read_body(body, 64 * 1024).await {
             Ok(bytes) => issue_token(&state, &bytes).await,
             Err(_) => Err(ApiError::too_large(64 * 1024)),
         };
@@ -422,11 +422,11 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let mut response = response.unwrap_or_else(IntoResponse::into_response);
     let code = response.status().as_u16();
     let watch = params.as_ref().is_ok_and(|p| p.flag("watch"));
+    let info = crate::audit::RequestInfo::parse(method.as_str(), &path, watch);
     let counted = crate::metrics::Metrics::request(
         &state.api.registry,
+        &info,
         method.as_str(),
-        &path,
-        watch,
         parts
             .headers
             .get(header::CONTENT_TYPE)
@@ -447,8 +447,6 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let user = caller.as_ref().ok().map(|c| c.user.as_str());
     tracing::debug!(user, %method, %path, query = parts.uri.query().unwrap_or(""), code, "request");
     if let (Some(audit), Some(received)) = (&state.audit, &received) {
-        let watch = params.as_ref().is_ok_and(|p| p.flag("watch"));
-        let info = crate::audit::RequestInfo::parse(method.as_str(), &path, watch);
         let uri = parts
             .uri
             .path_and_query()

@@ -264,6 +264,30 @@ impl Store {
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
 
+    /// What `key` holds, writing `value` there first if it is absent, in one transaction:
+    /// whoever writes it first wins, and everyone reads the winner's value.
+    pub async fn first_written(&self, key: &str, value: &Value) -> Result<Value, StoreError> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, crate::meta::to_json(value), None)])
+            .or_else([TxnOp::get(key, None)]);
+        let started = Instant::now();
+        let resp = self.client.kv_client().txn(txn).await?;
+        self.observe("create", key, started);
+        if resp.succeeded() {
+            return Ok(value.clone());
+        }
+        for op in resp.op_responses() {
+            if let TxnOpResponse::Get(g) = op
+                && let Some(kv) = g.kvs().first()
+            {
+                return decode(kv.key(), kv.value(), kv.mod_revision()).map(|(_, s)| s.value);
+            }
+        }
+        // Deleted between the compare and the read: not possible within one transaction.
+        Err(StoreError::Poisoned)
+    }
+
     /// Creates `key` if it is absent.
     pub async fn create(&self, key: &str, value: &Value) -> Result<Write, StoreError> {
         self.create_under(key, value, None).await
@@ -329,14 +353,8 @@ impl Store {
         value: &Value,
         expected: i64,
     ) -> Result<Write, StoreError> {
-        let ops: Vec<TxnOp> = std::iter::once(TxnOp::put(key, crate::meta::to_json(value), None))
-            .chain(self.mark([key]))
-            .collect();
-        let txn = Txn::new()
-            .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
-            .and_then(ops)
-            .or_else([TxnOp::get(key, None)]);
-        self.run("update", key, txn).await
+        self.write_guarded(key, value, Some(expected), &[], None)
+            .await
     }
 
     /// Deletes `key` if its revision is still `expected`, together with `attached` keys

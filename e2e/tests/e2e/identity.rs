@@ -280,6 +280,9 @@ fn roles_isolate_projects_and_tokens_can_be_revoked() -> Result<()> {
         err.contains("Unauthorized") || err.contains("provide credentials"),
         "{err}"
     );
+    // ...nor can she log in with the right password.
+    let refused = login(&cloud, &anon, "bob", "bob-secret-pw", 600).expect_err("disabled login");
+    assert!(refused.to_string().contains("Unauthorized"), "{refused}");
     cloud.kubectl_ok(&[
         "patch",
         "user",
