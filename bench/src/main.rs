@@ -304,7 +304,8 @@ impl H2 {
 async fn stack() -> Result<Stack> {
     let etcd = Etcd::start()?;
     let dir = tempfile::tempdir()?;
-    let pki = stratus_apiserver::tls::ensure_pki(&dir.path().join("pki"), &["127.0.0.1".into()])?;
+    let pki =
+        stratus_apiserver::http::tls::ensure_pki(&dir.path().join("pki"), &["127.0.0.1".into()])?;
     let mut cfg = stratus_apiserver::Config::new(vec![etcd.endpoint.clone()]);
     cfg.listen = "127.0.0.1:0".parse()?;
     cfg.tls = Some((pki.server_cert.clone(), pki.server_key.clone()));

@@ -136,7 +136,7 @@ async fn apiserver(args: ApiserverArgs) -> Result<()> {
     config.prefix = args.etcd_prefix;
     config.listen = args.listen;
     config.tls = args.tls_cert.zip(args.tls_key);
-    config.tokens = stratus_apiserver::server::read_token_file(&args.token_file)
+    config.tokens = stratus_apiserver::http::server::read_token_file(&args.token_file)
         .with_context(|| format!("read {}", args.token_file.display()))?;
     config.bookmark_interval = std::time::Duration::from_secs(args.bookmark_seconds.max(1));
     config.audit_log = args.audit_log;

@@ -97,7 +97,8 @@ async fn wait_for_etcd(endpoint: &str, child: &mut Child) -> Result<()> {
         if let Some(status) = child.try_wait()? {
             bail!("etcd exited at start-up with {status}; see etcd.log in the data directory");
         }
-        if let Ok(store) = stratus_apiserver::store::Store::connect(&[endpoint.to_string()]).await
+        if let Ok(store) =
+            stratus_apiserver::storage::store::Store::connect(&[endpoint.to_string()]).await
             && store.revision().await.is_ok()
         {
             return Ok(());
@@ -125,7 +126,7 @@ const CONTROLLERS_IDENTITY: &str = "system:stratus-controllers";
 /// directory (tokens already there are kept).
 fn ensure_tokens(dir: &Path, identities: &[String]) -> Result<(PathBuf, Vec<String>)> {
     let path = dir.join("tokens.csv");
-    let existing = stratus_apiserver::server::read_token_file(&path).unwrap_or_default();
+    let existing = stratus_apiserver::http::server::read_token_file(&path).unwrap_or_default();
     let mut changed = false;
     let tokens: Vec<String> = identities
         .iter()
@@ -260,7 +261,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
     tracing::info!(%endpoint, "etcd ready");
 
     let host = args.listen.ip().to_string();
-    let pki = stratus_apiserver::tls::ensure_pki(
+    let pki = stratus_apiserver::http::tls::ensure_pki(
         &dir.join("pki"),
         &[host.clone(), "localhost".into(), "127.0.0.1".into()],
     )
@@ -270,7 +271,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         nodes.insert(0, args.node_name.clone());
     }
     for n in &nodes {
-        if !stratus_apiserver::meta::is_dns1123_label(n) {
+        if !stratus_apiserver::base::meta::is_dns1123_label(n) {
             bail!("node name {n:?} is not a DNS-1123 label");
         }
     }
@@ -282,7 +283,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
     config.listen = args.listen;
     config.tls = Some((pki.server_cert.clone(), pki.server_key.clone()));
     config.tokens =
-        stratus_apiserver::server::read_token_file(&token_file).context("read tokens.csv")?;
+        stratus_apiserver::http::server::read_token_file(&token_file).context("read tokens.csv")?;
     config.bookmark_interval = Duration::from_secs(args.bookmark_seconds.max(1));
     config.audit_log = Some(dir.join("audit.log"));
     let server = match stratus_apiserver::start(config).await {

@@ -487,7 +487,7 @@ impl Apiserver {
             dir.path().join("tokens.csv"),
             format!("{TEST_TOKEN},admin\n"),
         )?;
-        let pki = stratus_apiserver::tls::ensure_pki(
+        let pki = stratus_apiserver::http::tls::ensure_pki(
             &dir.path().join("pki"),
             &["127.0.0.1".to_string()],
         )?;

@@ -903,8 +903,9 @@ fn metrics_count_requests_as_kube_apiserver_does() -> Result<()> {
 async fn stored_objects_are_counted_per_resource() -> Result<()> {
     let etcd = stratus_e2e::Etcd::start()?;
     let store =
-        stratus_apiserver::store::Store::connect(std::slice::from_ref(&etcd.endpoint)).await?;
-    let kinds = stratus_apiserver::registry::Registry::stratus()?;
+        stratus_apiserver::storage::store::Store::connect(std::slice::from_ref(&etcd.endpoint))
+            .await?;
+    let kinds = stratus_apiserver::resource::registry::Registry::stratus()?;
     let flavors = kinds
         .by_kind("compute.stratus.dev", "Flavor")
         .context("the Flavor kind")?;
@@ -914,7 +915,7 @@ async fn stored_objects_are_counted_per_resource() -> Result<()> {
             .create(&key, &serde_json::json!({"metadata": {"name": name}}))
             .await?;
     }
-    let metrics = stratus_apiserver::metrics::Metrics::default();
+    let metrics = stratus_apiserver::http::metrics::Metrics::default();
     metrics.count_objects(&store, &kinds, "/registry").await;
     let text = metrics.encode();
     for line in [

@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::error::Cause;
+use crate::base::error::Cause;
 
 /// Lists merged by key rather than replaced: (path, key; None for a set of scalars).
 const MERGED_LISTS: [(&str, Option<&str>); 2] = [

@@ -13,8 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::audit::RequestInfo;
-use crate::registry::Registry as Kinds;
+use crate::http::audit::RequestInfo;
+use crate::resource::registry::Registry as Kinds;
 
 /// kube-apiserver's request latency buckets, in seconds.
 const BUCKETS: [f64; 23] = [
@@ -58,8 +58,8 @@ pub struct Metrics {
     duration: Family<Request, Histogram, fn() -> Histogram>,
     inflight: Family<Inflight, Gauge>,
     longrunning: Family<Request, Gauge>,
-    /// etcd request latency, filled by the [`crate::store::Store`] given it.
-    pub etcd: crate::store::LatencyFamily,
+    /// etcd request latency, filled by the [`crate::storage::store::Store`] given it.
+    pub etcd: crate::storage::store::LatencyFamily,
     objects: Family<Stored, Gauge>,
 }
 
@@ -79,7 +79,7 @@ impl Default for Metrics {
             Family::new_with_constructor(|| Histogram::new(BUCKETS));
         let inflight = Family::<Inflight, Gauge>::default();
         let longrunning = Family::<Request, Gauge>::default();
-        let etcd: crate::store::LatencyFamily =
+        let etcd: crate::storage::store::LatencyFamily =
             Family::new_with_constructor(|| Histogram::new(BUCKETS));
         let objects = Family::<Stored, Gauge>::default();
         let mut registry = Registry::default();
@@ -200,7 +200,12 @@ impl Metrics {
     }
 
     /// Counts the stored objects of every served resource (views of another's are left out).
-    pub async fn count_objects(&self, store: &crate::store::Store, kinds: &Kinds, prefix: &str) {
+    pub async fn count_objects(
+        &self,
+        store: &crate::storage::store::Store,
+        kinds: &Kinds,
+        prefix: &str,
+    ) {
         for rt in kinds.all().iter().filter(|rt| rt.view.is_none()) {
             if let Ok(n) = store.count(&rt.key_prefix(prefix, None)).await {
                 let resource = if rt.group.is_empty() {

@@ -10,10 +10,10 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::api::{Api, Params, Selectors, Target, accept};
-use crate::error::{ApiError, ApiResult};
-use crate::hub::{Change, Item, Subscription};
-use crate::table::{self, Rendering};
+use crate::base::error::{ApiError, ApiResult};
+use crate::resource::table::{self, Rendering};
+use crate::resource::verbs::{Api, Params, Selectors, Target, accept};
+use crate::storage::hub::{Change, Item, Subscription};
 
 /// How long a watch lasts when the client does not say (`timeoutSeconds`).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
@@ -149,7 +149,7 @@ pub async fn watch(
         .hub
         .subscribe(&type_prefix, start)
         .await
-        .map_err(crate::api::store_err)?;
+        .map_err(crate::resource::verbs::store_err)?;
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(256);
     let w = Watcher {
         prefix,

@@ -8,13 +8,13 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde_json::{Map, Value, json};
 
-use crate::body;
-use crate::error::{ApiError, ApiResult, Cause};
-use crate::meta;
-use crate::registry::{Registry, ResourceType};
-use crate::selector::{FieldSelector, LabelSelector};
-use crate::store::{Store, StoreError, Stored, Write};
-use crate::table::{self, Rendering};
+use crate::base::body;
+use crate::base::error::{ApiError, ApiResult, Cause};
+use crate::base::meta;
+use crate::resource::registry::{Registry, ResourceType};
+use crate::resource::selector::{FieldSelector, LabelSelector};
+use crate::resource::table::{self, Rendering};
+use crate::storage::store::{Store, StoreError, Stored, Write};
 
 /// How many times a patch or delete is retried when a concurrent writer got there first.
 const WRITE_RETRIES: usize = 8;
@@ -123,9 +123,9 @@ pub struct Caller {
     /// A system identity from the API server's token file: allowed everything.
     pub system: bool,
     /// The caller's role assignments (users with issued tokens).
-    pub grants: Vec<crate::identity::Grant>,
+    pub grants: Vec<crate::policy::identity::Grant>,
     /// The token's claims (users with issued tokens).
-    pub claims: Option<crate::identity::Claims>,
+    pub claims: Option<crate::policy::identity::Claims>,
 }
 
 impl Caller {
@@ -189,9 +189,9 @@ pub struct Api {
     /// Key prefix of every object in etcd.
     pub prefix: String,
     /// Shared watch feeds.
-    pub hub: Arc<crate::hub::Hub>,
+    pub hub: Arc<crate::storage::hub::Hub>,
     /// Placements onto one hypervisor, one at a time in this process.
-    pub(crate) placement_locks: Arc<crate::binding::PlacementLocks>,
+    pub(crate) placement_locks: Arc<crate::admission::binding::PlacementLocks>,
     /// Per system namespace, the uid and creation time it is shown with (see
     /// [`load_system_namespaces`]).
     pub system_namespaces: Arc<Value>,
@@ -533,7 +533,7 @@ impl Api {
         if t.rt.status_subresource
             && let Some(o) = obj.as_object_mut()
         {
-            match crate::binding::initial_status(&t.rt) {
+            match crate::admission::binding::initial_status(&t.rt) {
                 Some(s) => o.insert("status".into(), s),
                 None => o.remove("status"),
             };
@@ -541,7 +541,7 @@ impl Api {
         let admitted = self.admit(t, &mut obj, fv)?;
         warnings.extend(admitted.warnings);
         if let Some(manager) = &manager {
-            crate::fields::record_update(
+            crate::resource::fields::record_update(
                 &mut obj,
                 None,
                 manager,
@@ -559,7 +559,7 @@ impl Api {
             .filter(|_| t.rt.namespaced)
             .and_then(|ns| self.project_key(ns));
         let written = match namespace.as_deref() {
-            Some(ns) if crate::quota::counted(&t.rt.group, &t.rt.kind) => {
+            Some(ns) if crate::admission::quota::counted(&t.rt.group, &t.rt.kind) => {
                 self.create_within_quota(t, ns, &key, &obj, parent.as_deref())
                     .await?
             }
@@ -899,7 +899,7 @@ impl Api {
             meta::meta_mut(&mut new).insert("generation".into(), json!(g + 1));
         }
         if let Some(manager) = &manager {
-            crate::fields::record_update(
+            crate::resource::fields::record_update(
                 &mut new,
                 Some(old),
                 manager,
@@ -915,7 +915,7 @@ impl Api {
             ));
         }
         if status_write {
-            crate::binding::check_status_write(&t.rt, old, &new)?;
+            crate::admission::binding::check_status_write(&t.rt, old, &new)?;
         }
         let key = t.key(self);
         if deleting && meta::finalizers(&new).is_empty() {
@@ -942,7 +942,7 @@ impl Api {
             ));
         }
         let written = match t.namespace.as_deref() {
-            Some(ns) if crate::quota::counted(&t.rt.group, &t.rt.kind) => {
+            Some(ns) if crate::admission::quota::counted(&t.rt.group, &t.rt.kind) => {
                 self.update_within_quota(t, ns, &key, old, &new, current.mod_revision)
                     .await?
             }
@@ -1025,7 +1025,7 @@ impl Api {
                     json_patch::merge(&mut doc, m);
                     doc
                 }
-                Kind::Strategic(m) => crate::strategic::patch(&base, m).map_err(|e| {
+                Kind::Strategic(m) => crate::resource::strategic::patch(&base, m).map_err(|e| {
                     ApiError::invalid(&t.rt.kind, &t.rt.group, &t.rt.plural, t.name(), vec![e])
                 })?,
                 Kind::Json(ops) => {
@@ -1062,7 +1062,7 @@ impl Api {
                 }
                 Kind::Apply(applied) => {
                     let manager = p.get("fieldManager").unwrap_or_default();
-                    crate::fields::apply(
+                    crate::resource::fields::apply(
                         &base,
                         applied,
                         manager,
@@ -1112,7 +1112,7 @@ impl Api {
         warnings: Vec<String>,
     ) -> ApiResult<Response> {
         let manager = p.get("fieldManager").unwrap_or_default();
-        let obj = crate::fields::apply(
+        let obj = crate::resource::fields::apply(
             &json!({}),
             &applied,
             manager,
@@ -1409,7 +1409,7 @@ fn pointer_of(msg: &str) -> String {
     msg.split_whitespace()
         .find(|w| w.starts_with("\"/") || w.starts_with('/'))
         .map(|w| {
-            crate::schema::pointer_to_path(
+            crate::resource::schema::pointer_to_path(
                 w.trim_matches(|c| c == '"' || c == '\'' || c == ',' || c == ':'),
             )
         })

@@ -120,7 +120,7 @@ impl Record<'_> {
             "userAgent": self.user_agent,
             "responseStatus": {"metadata": {}, "code": self.code},
             "requestReceivedTimestamp": self.received,
-            "stageTimestamp": crate::meta::now_micro(),
+            "stageTimestamp": crate::base::meta::now_micro(),
         });
         if let Some(group) = &self.info.group {
             let mut r = json!({"resource": self.info.resource, "apiGroup": group, "apiVersion": self.info.version});

@@ -6,8 +6,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use schemars::JsonSchema;
 use serde_json::{Map, Value};
 
-use crate::error::Cause;
-use crate::field_path::FieldPath;
+use crate::base::error::Cause;
+use crate::base::field_path::FieldPath;
 
 /// The schema of `T` in the structural form Kubernetes uses for CRDs (no `$ref`, enums and
 /// nullable fields rewritten), as kube-derive generates it.

@@ -2,7 +2,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::error::Cause;
+use crate::base::error::Cause;
 
 /// The JSON encoding of a value, written straight into bytes (`Value`'s `Display` goes through
 /// the formatter, which costs more per field).

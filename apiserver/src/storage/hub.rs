@@ -15,8 +15,8 @@ use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::broadcast;
 
-use crate::api::with_rv;
-use crate::store::{Store, StoreError};
+use crate::resource::verbs::with_rv;
+use crate::storage::store::{Store, StoreError};
 
 /// Changes kept in memory per resource type (a watch resuming from further back gets a private
 /// etcd watch instead; memory stays bounded at a few MB per busy type).
@@ -49,7 +49,7 @@ impl Change {
             (&self.old, &self.old_json)
         };
         v.as_ref().map(|v| {
-            cell.get_or_init(|| Bytes::from(crate::meta::to_json(v)))
+            cell.get_or_init(|| Bytes::from(crate::base::meta::to_json(v)))
                 .clone()
         })
     }

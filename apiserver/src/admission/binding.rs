@@ -14,10 +14,10 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use crate::api::{Api, Target, json_response, store_err};
-use crate::error::{ApiError, ApiResult, Cause};
-use crate::registry::ResourceType;
-use crate::store::{Guard, Read};
+use crate::base::error::{ApiError, ApiResult, Cause};
+use crate::resource::registry::ResourceType;
+use crate::resource::verbs::{Api, Target, json_response, store_err};
+use crate::storage::store::{Guard, Read};
 use stratus_api_types::common::{self, Condition, Time};
 use stratus_api_types::compute::{ComputeResources, FlavorSpec, HypervisorSpec};
 use stratus_api_types::placement::{self, Amount};
@@ -134,7 +134,8 @@ impl Api {
     /// 404 for a missing Server; 422 for a missing target, hypervisor or flavor; 409 when the
     /// Server is being deleted or placed elsewhere, the hypervisor is disabled or full.
     pub async fn bind(&self, t: &Target, bytes: &[u8], content_type: &str) -> ApiResult<Response> {
-        let body = crate::body::decode(bytes, crate::body::is_yaml(content_type))?.value;
+        let body =
+            crate::base::body::decode(bytes, crate::base::body::is_yaml(content_type))?.value;
         let invalid = |field: &str, message: String| {
             ApiError::invalid(
                 "Binding",
@@ -147,7 +148,7 @@ impl Api {
         let target = body
             .pointer("/target/name")
             .and_then(Value::as_str)
-            .filter(|n| crate::meta::is_dns1123_subdomain(n))
+            .filter(|n| crate::base::meta::is_dns1123_subdomain(n))
             .ok_or_else(|| {
                 invalid(
                     "target.name",
@@ -247,8 +248,8 @@ impl Api {
             let mut new = server.value.clone();
             let generation = new.pointer("/metadata/generation").and_then(Value::as_i64);
             {
-                let m = crate::meta::meta_mut(&mut new);
-                let mut finalizers = crate::meta::finalizers(&server.value);
+                let m = crate::base::meta::meta_mut(&mut new);
+                let mut finalizers = crate::base::meta::finalizers(&server.value);
                 if !finalizers.iter().any(|f| f == TEARDOWN_FINALIZER) {
                     finalizers.push(TEARDOWN_FINALIZER.to_string());
                 }
@@ -348,8 +349,8 @@ impl Api {
         );
         let mut new = server.value.clone();
         {
-            let m = crate::meta::meta_mut(&mut new);
-            let finalizers: Vec<String> = crate::meta::finalizers(&server.value)
+            let m = crate::base::meta::meta_mut(&mut new);
+            let finalizers: Vec<String> = crate::base::meta::finalizers(&server.value)
                 .into_iter()
                 .filter(|f| f != TEARDOWN_FINALIZER)
                 .collect();
@@ -373,7 +374,7 @@ impl Api {
         }
         // A Server whose only finalizer was the host's, already being deleted, just goes.
         let gone = new.pointer("/metadata/deletionTimestamp").is_some()
-            && crate::meta::finalizers(&new).is_empty();
+            && crate::base::meta::finalizers(&new).is_empty();
         let (puts, deletes): (Vec<(&str, &Value)>, Vec<&str>) = if gone {
             (vec![], vec![key.as_str(), claim.as_str()])
         } else {

@@ -2,8 +2,8 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::registry::{Registry, ResourceType};
-use crate::schema::object_meta_schema;
+use crate::resource::registry::{Registry, ResourceType};
+use crate::resource::schema::object_meta_schema;
 
 const VERBS: [&str; 8] = [
     "create",

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde_json::Value;
 
-use crate::schema::Structural;
+use crate::resource::schema::Structural;
 
 /// A printer column of `kubectl get` (a CRD `additionalPrinterColumns` entry).
 #[derive(Debug, Clone)]
@@ -59,7 +59,7 @@ pub struct ResourceType {
     /// Whether a change outside metadata and status bumps `metadata.generation`.
     pub tracks_generation: bool,
     /// Set for a type served from another type's storage.
-    pub view: Option<crate::view::View>,
+    pub view: Option<crate::resource::view::View>,
     /// Whether strategic merge patch is accepted (Kubernetes built-ins; never custom kinds).
     pub strategic_merge: bool,
 }
@@ -197,7 +197,7 @@ impl Registry {
     }
 
     fn add_builtins(&mut self) -> Result<(), RegistryError> {
-        let lease = crate::schema::schema_for::<Lease>();
+        let lease = crate::resource::schema::schema_for::<Lease>();
         self.insert(ResourceType {
             group: "coordination.k8s.io".into(),
             version: "v1".into(),
@@ -226,7 +226,7 @@ impl Registry {
             view: None,
             strategic_merge: true,
         });
-        let event = crate::schema::schema_for::<Event>();
+        let event = crate::resource::schema::schema_for::<Event>();
         let col = |name: &str, path: &str, priority| PrinterColumn {
             name: name.into(),
             type_: "string".into(),
@@ -276,7 +276,8 @@ impl Registry {
             view: None,
             strategic_merge: true,
         });
-        let events_v1 = crate::schema::schema_for::<k8s_openapi::api::events::v1::Event>();
+        let events_v1 =
+            crate::resource::schema::schema_for::<k8s_openapi::api::events::v1::Event>();
         self.insert(ResourceType {
             group: "events.k8s.io".into(),
             version: "v1".into(),
@@ -297,7 +298,7 @@ impl Registry {
             selectable_fields: vec![],
             status_subresource: false,
             tracks_generation: false,
-            view: Some(crate::view::EVENTS),
+            view: Some(crate::resource::view::EVENTS),
             strategic_merge: true,
         });
         Ok(())

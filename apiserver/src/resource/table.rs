@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::registry::ResourceType;
+use crate::resource::registry::ResourceType;
 
 /// How the client asked to see objects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,8 +6,8 @@ use std::fmt;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
-use crate::error::ApiError;
-use crate::field_path::FieldPath;
+use crate::base::error::ApiError;
+use crate::base::field_path::FieldPath;
 
 /// A decoded body and the paths of the fields that appeared more than once in it.
 #[derive(Debug)]

@@ -9,9 +9,9 @@
 
 use serde_json::Value;
 
-use crate::api::{Api, Target, store_err};
-use crate::error::{ApiError, ApiResult};
-use crate::store::{Stored, Write};
+use crate::base::error::{ApiError, ApiResult};
+use crate::resource::verbs::{Api, Target, store_err};
+use crate::storage::store::{Stored, Write};
 
 pub use stratus_api_types::quota::{counted, usage};
 

@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 
 use serde_json::{Map, Value, json};
 
-use crate::error::Cause;
-use crate::meta;
+use crate::base::error::Cause;
+use crate::base::meta;
 
 type Path = Vec<String>;
 

@@ -14,11 +14,11 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::api::{Api, Caller, Params, Target, json_response};
-use crate::discovery;
-use crate::error::{ApiError, ApiResult};
-use crate::registry::Registry;
-use crate::store::Store;
+use crate::base::error::{ApiError, ApiResult};
+use crate::http::discovery;
+use crate::resource::registry::Registry;
+use crate::resource::verbs::{Api, Caller, Params, Target, json_response};
+use crate::storage::store::Store;
 
 /// API server settings.
 #[derive(Debug, Clone)]
@@ -78,9 +78,9 @@ pub fn read_token_file(path: &std::path::Path) -> std::io::Result<HashMap<String
 struct AppState {
     api: Api,
     config: Config,
-    audit: Option<crate::audit::AuditLog>,
-    identity: crate::identity::Identity,
-    metrics: crate::metrics::Metrics,
+    audit: Option<crate::http::audit::AuditLog>,
+    identity: crate::policy::identity::Identity,
+    metrics: crate::http::metrics::Metrics,
 }
 
 /// The router of every API path.
@@ -187,7 +187,7 @@ async fn read_body(mut body: Body, limit: usize) -> Result<bytes::Bytes, ()> {
 
 /// `POST .../tokens`: a token for a user and password (no other authentication needed).
 async fn issue_token(state: &AppState, bytes: &[u8]) -> ApiResult<Response> {
-    let req = crate::body::decode(bytes, false)?.value;
+    let req = crate::base::body::decode(bytes, false)?.value;
     let user = req
         .get("user")
         .and_then(serde_json::Value::as_str)
@@ -263,12 +263,12 @@ async fn identity_call(
             ],
         ) => Some(
             async {
-                let mut review = if crate::protobuf::is_protobuf(bytes) {
-                    crate::protobuf::self_subject_access_review(bytes).ok_or_else(|| {
+                let mut review = if crate::http::protobuf::is_protobuf(bytes) {
+                    crate::http::protobuf::self_subject_access_review(bytes).ok_or_else(|| {
                         ApiError::bad_request("the protobuf body is not a SelfSubjectAccessReview")
                     })?
                 } else {
-                    crate::body::decode(bytes, false)?.value
+                    crate::base::body::decode(bytes, false)?.value
                 };
                 if !review.is_object() {
                     return Err(ApiError::bad_request(
@@ -283,7 +283,7 @@ async fn identity_call(
                                 .unwrap_or_default()
                                 .to_string()
                         };
-                        let info = crate::audit::RequestInfo {
+                        let info = crate::http::audit::RequestInfo {
                             verb: field("verb"),
                             group: Some(field("group")),
                             version: if field("version").is_empty() {
@@ -299,7 +299,7 @@ async fn identity_call(
                         let namespaced = state.api.registry.all().iter().any(|t| {
                             t.group == field("group") && t.plural == info.resource && t.namespaced
                         });
-                        match crate::identity::authorize(
+                        match crate::policy::identity::authorize(
                             &caller.user,
                             &caller.grants,
                             &info,
@@ -342,7 +342,7 @@ async fn identity_call(
                         caller.user
                     )));
                 }
-                let body = crate::body::decode(bytes, false)?.value;
+                let body = crate::base::body::decode(bytes, false)?.value;
                 let password = body
                     .get("password")
                     .and_then(serde_json::Value::as_str)
@@ -358,7 +358,7 @@ async fn identity_call(
 
 async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     // Only the audit log needs the arrival time.
-    let received = state.audit.as_ref().map(|_| crate::meta::now_micro());
+    let received = state.audit.as_ref().map(|_| crate::base::meta::now_micro());
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let method = parts.method.clone();
@@ -422,8 +422,8 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let mut response = response.unwrap_or_else(IntoResponse::into_response);
     let code = response.status().as_u16();
     let watch = params.as_ref().is_ok_and(|p| p.flag("watch"));
-    let info = crate::audit::RequestInfo::parse(method.as_str(), &path, watch);
-    let counted = crate::metrics::Metrics::request(
+    let info = crate::http::audit::RequestInfo::parse(method.as_str(), &path, watch);
+    let counted = crate::http::metrics::Metrics::request(
         &state.api.registry,
         &info,
         method.as_str(),
@@ -457,7 +457,7 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         let source = parts.extensions.get::<SocketAddr>().map(|a| a.ip());
-        audit.record(&crate::audit::Record {
+        audit.record(&crate::http::audit::Record {
             info: &info,
             user,
             uri,
@@ -519,7 +519,7 @@ async fn route(
                 )));
             }
             return Ok((
-                [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+                [(header::CONTENT_TYPE, crate::http::metrics::CONTENT_TYPE)],
                 state.metrics.encode(),
             )
                 .into_response());
@@ -606,12 +606,12 @@ async fn route(
     }
     if let Some(s) = &sub
         && !(s == "status" && rt.status_subresource)
-        && !(s == "binding" && crate::binding::has_binding(rt))
+        && !(s == "binding" && crate::admission::binding::has_binding(rt))
     {
         return Err(none());
     }
     if let Some(ns) = &namespace
-        && !crate::meta::is_dns1123_label(ns)
+        && !crate::base::meta::is_dns1123_label(ns)
     {
         return Err(ApiError::bad_request(format!(
             "invalid namespace \"{ns}\": must be a DNS-1123 label"
@@ -669,8 +669,8 @@ async fn route(
 /// events, with the same `reportingInstance`).
 async fn stored_event(
     state: &AppState,
-    info: &crate::audit::RequestInfo,
-) -> ApiResult<(String, crate::store::Stored)> {
+    info: &crate::http::audit::RequestInfo,
+) -> ApiResult<(String, crate::storage::store::Stored)> {
     let rt = state
         .api
         .registry
@@ -713,15 +713,15 @@ async fn restrict_node(
     params: &Params,
     bytes: &[u8],
     node: &str,
-) -> ApiResult<Option<(String, crate::store::Stored)>> {
-    let info = crate::audit::RequestInfo::parse(method.as_str(), path, params.flag("watch"));
+) -> ApiResult<Option<(String, crate::storage::store::Stored)>> {
+    let info = crate::http::audit::RequestInfo::parse(method.as_str(), path, params.flag("watch"));
     let Some(group) = info.group.as_deref() else {
         return Ok(None);
     };
     if matches!(info.verb.as_str(), "get" | "list" | "watch") {
         return node_may_read(state, &info, params, node).await;
     }
-    let body = crate::body::decode(bytes, false)
+    let body = crate::base::body::decode(bytes, false)
         .map(|d| d.value)
         .unwrap_or(serde_json::Value::Null);
     let deny = || {
@@ -850,10 +850,10 @@ async fn restrict_node(
 /// hypervisors, leases, events, …) is readable.
 async fn node_may_read(
     state: &AppState,
-    info: &crate::audit::RequestInfo,
+    info: &crate::http::audit::RequestInfo,
     params: &Params,
     node: &str,
-) -> ApiResult<Option<(String, crate::store::Stored)>> {
+) -> ApiResult<Option<(String, crate::storage::store::Stored)>> {
     let deny = |why: &str| {
         ApiError::forbidden(format!(
             "node \"{node}\" cannot {} {}{}: {why}",
@@ -1008,7 +1008,7 @@ fn spec_str<'a>(v: &'a serde_json::Value, field: &str) -> Option<&'a str> {
 /// The Servers of namespace `ns` placed on `node`.
 async fn mine(
     state: &AppState,
-    servers: &crate::registry::ResourceType,
+    servers: &crate::resource::registry::ResourceType,
     ns: &str,
     node: &str,
 ) -> ApiResult<Vec<serde_json::Value>> {
@@ -1018,7 +1018,7 @@ async fn mine(
         .store
         .list(&prefix, None, 0, 0)
         .await
-        .map_err(crate::api::store_err)?;
+        .map_err(crate::resource::verbs::store_err)?;
     Ok(page
         .items
         .into_iter()
@@ -1040,7 +1040,7 @@ fn authorize(
     bytes: &[u8],
     caller: &Caller,
 ) -> ApiResult<()> {
-    let info = crate::audit::RequestInfo::parse(method.as_str(), path, params.flag("watch"));
+    let info = crate::http::audit::RequestInfo::parse(method.as_str(), path, params.flag("watch"));
     let Some(group) = info.group.as_deref() else {
         return Ok(());
     };
@@ -1049,19 +1049,20 @@ fn authorize(
         .registry
         .get(group, &info.version, &info.resource)
         .is_some_and(|rt| rt.namespaced);
-    crate::identity::authorize(&caller.user, &caller.grants, &info, namespaced)?;
+    crate::policy::identity::authorize(&caller.user, &caller.grants, &info, namespaced)?;
     // Only a cluster admin hands out cluster-wide roles.
     if info.resource == "roleassignments"
         && matches!(info.verb.as_str(), "create" | "update" | "patch")
         && !caller.cluster_admin()
     {
-        let asks =
-            crate::body::decode(bytes, crate::body::is_yaml("application/json")).is_ok_and(|d| {
+        let asks = crate::base::body::decode(bytes, crate::base::body::is_yaml("application/json"))
+            .is_ok_and(|d| {
                 d.value
                     .pointer("/spec/clusterWide")
                     .and_then(serde_json::Value::as_bool)
                     == Some(true)
-            }) || String::from_utf8_lossy(bytes).contains("clusterWide");
+            })
+            || String::from_utf8_lossy(bytes).contains("clusterWide");
         if asks {
             return Err(ApiError::forbidden(format!(
                 "User \"{}\" cannot grant cluster-wide roles",
@@ -1083,12 +1084,13 @@ async fn dispatch(
     bytes: &[u8],
     content_type: &str,
     caller: &Caller,
-    read: Option<(String, crate::store::Stored)>,
+    read: Option<(String, crate::storage::store::Stored)>,
 ) -> ApiResult<Response> {
     let api = &state.api;
     match (method, t.name.is_some()) {
         (&Method::GET, false) if params.flag("watch") => {
-            crate::watch::watch(api, t, headers, params, state.config.bookmark_interval).await
+            crate::resource::watch::watch(api, t, headers, params, state.config.bookmark_interval)
+                .await
         }
         (&Method::GET, false) => api.list(t, headers, params).await,
         (&Method::POST, true) if t.subresource.as_deref() == Some("binding") => {
@@ -1123,7 +1125,7 @@ async fn dispatch(
 #[allow(clippy::too_many_arguments)]
 async fn serve_view(
     state: &AppState,
-    view: crate::view::View,
+    view: crate::resource::view::View,
     t: Target,
     method: &Method,
     path: &str,
@@ -1132,7 +1134,7 @@ async fn serve_view(
     bytes: &[u8],
     content_type: &str,
     caller: &Caller,
-    read: Option<(String, crate::store::Stored)>,
+    read: Option<(String, crate::storage::store::Stored)>,
 ) -> ApiResult<Response> {
     let (group, version) = match view.backing_api_version.split_once('/') {
         Some((g, v)) => (g, v),
@@ -1152,7 +1154,7 @@ async fn serve_view(
     let body: Vec<u8> = if bytes.iter().all(u8::is_ascii_whitespace) || method == Method::DELETE {
         bytes.to_vec()
     } else {
-        let decoded = crate::body::decode(bytes, crate::body::is_yaml(content_type))?;
+        let decoded = crate::base::body::decode(bytes, crate::base::body::is_yaml(content_type))?;
         if let Some(dup) = decoded.duplicates.first() {
             return Err(ApiError::bad_request(format!(
                 "strict decoding error: duplicate field \"{dup}\""
@@ -1213,10 +1215,10 @@ impl Server {
 pub enum StartError {
     /// The kinds could not be loaded.
     #[error("load resource kinds")]
-    Registry(#[from] crate::registry::RegistryError),
+    Registry(#[from] crate::resource::registry::RegistryError),
     /// etcd is unreachable.
     #[error("connect to etcd")]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::storage::store::StoreError),
     /// The listen address is taken or not allowed.
     #[error("listen on {0}")]
     Listen(SocketAddr, #[source] std::io::Error),
@@ -1231,12 +1233,12 @@ pub enum StartError {
 /// Starts serving; returns once the listener is bound.
 pub async fn start(config: Config) -> Result<Server, StartError> {
     let registry = Arc::new(Registry::stratus()?);
-    let metrics = crate::metrics::Metrics::default();
+    let metrics = crate::http::metrics::Metrics::default();
     let store = Store::connect(&config.etcd_endpoints)
         .await?
         .with_marker(
-            crate::identity::marker_key(&config.prefix),
-            crate::identity::marked_prefixes(&config.prefix),
+            crate::policy::identity::marker_key(&config.prefix),
+            crate::policy::identity::marked_prefixes(&config.prefix),
         )
         .with_latency(metrics.etcd.clone(), &config.prefix);
     let listener = TcpListener::bind(config.listen)
@@ -1246,15 +1248,15 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         .local_addr()
         .map_err(|e| StartError::Listen(config.listen, e))?;
     let tls = match &config.tls {
-        Some((cert, key)) => Some(crate::tls::acceptor(cert, key).map_err(StartError::Tls)?),
+        Some((cert, key)) => Some(crate::http::tls::acceptor(cert, key).map_err(StartError::Tls)?),
         None => None,
     };
-    let hub = Arc::new(crate::hub::Hub::new(
+    let hub = Arc::new(crate::storage::hub::Hub::new(
         store.clone(),
         config.bookmark_interval,
     ));
     let system_namespaces =
-        Arc::new(crate::api::load_system_namespaces(&store, &config.prefix).await?);
+        Arc::new(crate::resource::verbs::load_system_namespaces(&store, &config.prefix).await?);
     let api = Api {
         system_namespaces,
         store,
@@ -1264,10 +1266,11 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         placement_locks: Arc::default(),
     };
     let audit = match &config.audit_log {
-        Some(path) => Some(crate::audit::AuditLog::open(path).map_err(StartError::Audit)?),
+        Some(path) => Some(crate::http::audit::AuditLog::open(path).map_err(StartError::Audit)?),
         None => None,
     };
-    let identity = crate::identity::Identity::load(api.store.clone(), &config.prefix).await?;
+    let identity =
+        crate::policy::identity::Identity::load(api.store.clone(), &config.prefix).await?;
     let state = Arc::new(AppState {
         api,
         config,
@@ -1283,7 +1286,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
                 .count_objects(&s.api.store, &s.api.registry, &s.config.prefix)
                 .await;
             drop(s);
-            tokio::time::sleep(crate::metrics::COUNT_EVERY).await;
+            tokio::time::sleep(crate::http::metrics::COUNT_EVERY).await;
         }
     });
     let app = router(state);

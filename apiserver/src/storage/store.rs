@@ -269,7 +269,7 @@ impl Store {
     pub async fn first_written(&self, key: &str, value: &Value) -> Result<Value, StoreError> {
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, crate::meta::to_json(value), None)])
+            .and_then([TxnOp::put(key, crate::base::meta::to_json(value), None)])
             .or_else([TxnOp::get(key, None)]);
         let started = Instant::now();
         let resp = self.client.kv_client().txn(txn).await?;
@@ -331,9 +331,10 @@ impl Store {
                     .with_range(prefix_end(prefix)),
             );
         }
-        let ops: Vec<TxnOp> = std::iter::once(TxnOp::put(key, crate::meta::to_json(value), None))
-            .chain(self.mark([key]))
-            .collect();
+        let ops: Vec<TxnOp> =
+            std::iter::once(TxnOp::put(key, crate::base::meta::to_json(value), None))
+                .chain(self.mark([key]))
+                .collect();
         let txn = Txn::new()
             .when(compares)
             .and_then(ops)
@@ -506,7 +507,7 @@ impl Store {
             .collect();
         let ops: Vec<TxnOp> = puts
             .iter()
-            .map(|(k, v)| TxnOp::put(*k, crate::meta::to_json(v), None))
+            .map(|(k, v)| TxnOp::put(*k, crate::base::meta::to_json(v), None))
             .chain(deletes.iter().map(|k| TxnOp::delete(*k, None)))
             .chain(self.mark(puts.iter().map(|(k, _)| *k).chain(deletes.iter().copied())))
             .collect();

@@ -13,9 +13,9 @@ use serde_json::Value;
 use std::sync::Arc;
 use tokio::sync::oneshot;
 
-use crate::audit::RequestInfo;
-use crate::error::ApiError;
-use crate::store::{Read, Store, StoreError, Stored, Write};
+use crate::base::error::ApiError;
+use crate::http::audit::RequestInfo;
+use crate::storage::store::{Read, Store, StoreError, Stored, Write};
 
 /// What a verified token says.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -121,7 +121,7 @@ impl MarkerReads {
             let mut p = self
                 .pending
                 .lock()
-                .map_err(|_| crate::api::store_err(StoreError::Poisoned))?;
+                .map_err(|_| crate::resource::verbs::store_err(StoreError::Poisoned))?;
             p.waiting.push(tx);
             !std::mem::replace(&mut p.reading, true)
         };
@@ -143,7 +143,7 @@ impl MarkerReads {
                         .read_many(&[Read::Presence(&key)])
                         .await
                         .map(|(r, _)| r.first().map_or(0, |r| revision_of(r)))
-                        .map_err(crate::api::store_err);
+                        .map_err(crate::resource::verbs::store_err);
                     for w in batch {
                         let _ = w.send(read.clone());
                     }
@@ -151,7 +151,7 @@ impl MarkerReads {
             });
         }
         rx.await
-            .map_err(|_| crate::api::store_err(StoreError::Poisoned))?
+            .map_err(|_| crate::resource::verbs::store_err(StoreError::Poisoned))?
     }
 }
 
@@ -263,7 +263,7 @@ impl Identity {
                 "identity.stratus.dev",
                 "users",
                 user,
-                vec![crate::error::Cause::invalid(
+                vec![crate::base::error::Cause::invalid(
                     "password",
                     "must be at least 8 characters",
                 )],
@@ -275,7 +275,11 @@ impl Identity {
             .to_string();
         let key = self.password_key(user);
         loop {
-            let current = self.store.get(&key).await.map_err(crate::api::store_err)?;
+            let current = self
+                .store
+                .get(&key)
+                .await
+                .map_err(crate::resource::verbs::store_err)?;
             let written = match current {
                 Some(c) => {
                     self.store
@@ -284,7 +288,7 @@ impl Identity {
                 }
                 None => self.store.create(&key, &Value::String(hash.clone())).await,
             }
-            .map_err(crate::api::store_err)?;
+            .map_err(crate::resource::verbs::store_err)?;
             if let Write::Done(_) = written {
                 return Ok(());
             }
@@ -298,7 +302,7 @@ impl Identity {
             .store
             .get(&self.password_key(user))
             .await
-            .map_err(crate::api::store_err)?;
+            .map_err(crate::resource::verbs::store_err)?;
         let hash = stored
             .as_ref()
             .and_then(|s| s.value.as_str())
@@ -316,7 +320,7 @@ impl Identity {
         self.store
             .put_with_ttl(&self.revoked_key(&c.jti), ttl)
             .await
-            .map_err(crate::api::store_err)
+            .map_err(crate::resource::verbs::store_err)
     }
 
     /// What a verified token allows now: its user's grants, or None when the token was
@@ -342,7 +346,7 @@ impl Identity {
                 Read::Prefix(&assignments),
             ])
             .await
-            .map_err(crate::api::store_err)?;
+            .map_err(crate::resource::verbs::store_err)?;
         let [marker_read, revoked_read, user_read, assignments_read] =
             <[Vec<(String, Stored)>; 4]>::try_from(read).map_err(|_| {
                 ApiError::internal("etcd answered a read of four with another count")

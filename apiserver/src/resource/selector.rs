@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::error::ApiError;
+use crate::base::error::ApiError;
 
 #[derive(Debug, Clone, PartialEq)]
 enum Req {

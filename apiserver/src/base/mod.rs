@@ -1,0 +1,6 @@
+//! Leaf helpers every layer may use: API errors, field paths, object metadata, body decoding.
+
+pub mod body;
+pub mod error;
+pub mod field_path;
+pub mod meta;

@@ -1,0 +1,8 @@
+//! The HTTP(S) front: serving, TLS, routing, discovery, OpenAPI, metrics, audit.
+
+pub mod audit;
+pub mod discovery;
+pub mod metrics;
+pub mod protobuf;
+pub mod server;
+pub mod tls;

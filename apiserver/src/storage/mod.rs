@@ -1,0 +1,4 @@
+//! Objects in etcd: the store and its transactions, and the shared watch feeds.
+
+pub mod hub;
+pub mod store;
