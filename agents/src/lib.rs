@@ -3,4 +3,3 @@
 //! that uses it through a trait.
 
 pub mod compute;
-pub mod record;

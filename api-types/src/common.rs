@@ -47,17 +47,129 @@ pub const MAC_PATTERN: &str = r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$";
 pub const SHA256_PATTERN: &str = r"^[a-f0-9]{64}$";
 
 /// Condition types used across kinds (`status.conditions[].type`).
-pub mod condition {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConditionType {
     /// The object is fully realised and serving.
-    pub const READY: &str = "Ready";
+    Ready,
     /// A server or volume has been placed on a node.
-    pub const SCHEDULED: &str = "Scheduled";
+    Scheduled,
     /// Addresses (IPs, MACs, VNIs) have been allocated.
-    pub const ALLOCATED: &str = "Allocated";
+    Allocated,
     /// The object's source (image download, snapshot copy) has been verified.
-    pub const VERIFIED: &str = "Verified";
+    Verified,
     /// The object is attached to (in use by) another object.
-    pub const ATTACHED: &str = "Attached";
+    Attached,
+    /// A server's guest is not as Stratus made it, and its `driftPolicy` says to report that.
+    Drifted,
+    /// A server's guest was asked to shut down and has not finished yet.
+    Stopping,
+    /// A server's move to a new flavor.
+    Resized,
+    /// Whether the last reconcile got through: `False` (reason `ReconcileError`) when it
+    /// failed in a way that retrying the same object cannot fix, with the error as message.
+    Reconciled,
+    /// A deleted project's namespace still holds objects (which ones, in the message).
+    ContentRemaining,
+    /// Objects of a deleted project wait for their finalizers (which ones, in the message).
+    FinalizersRemaining,
+}
+
+impl ConditionType {
+    /// The name in `status.conditions[].type`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "Ready",
+            Self::Scheduled => "Scheduled",
+            Self::Allocated => "Allocated",
+            Self::Verified => "Verified",
+            Self::Attached => "Attached",
+            Self::Drifted => "Drifted",
+            Self::Stopping => "Stopping",
+            Self::Resized => "Resized",
+            Self::Reconciled => "Reconciled",
+            Self::ContentRemaining => "ContentRemaining",
+            Self::FinalizersRemaining => "FinalizersRemaining",
+        }
+    }
+
+    /// This condition with status `True`.
+    pub fn yes(self, reason: &str, message: impl Into<String>) -> ConditionUpdate {
+        ConditionUpdate::new(self, true, reason, message)
+    }
+
+    /// This condition with status `False`.
+    pub fn no(self, reason: &str, message: impl Into<String>) -> ConditionUpdate {
+        ConditionUpdate::new(self, false, reason, message)
+    }
+
+    /// The condition of this type in `conditions`, if any.
+    pub fn find(self, conditions: &[Condition]) -> Option<&Condition> {
+        conditions.iter().find(|c| c.type_ == self.as_str())
+    }
+
+    /// Whether `conditions` hold this condition with status `True`.
+    pub fn is_true(self, conditions: &[Condition]) -> bool {
+        self.find(conditions).is_some_and(|c| c.status == "True")
+    }
+}
+
+impl std::fmt::Display for ConditionType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A condition to set: its type, status, reason and message (from [`ConditionType::yes`] or
+/// [`ConditionType::no`]); [`ConditionUpdate::set`] writes it into a status's conditions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConditionUpdate {
+    /// The condition's type.
+    pub type_: ConditionType,
+    /// `True` or `False`.
+    pub status: bool,
+    /// A CamelCase reason.
+    pub reason: String,
+    /// What a person reads.
+    pub message: String,
+}
+
+impl ConditionUpdate {
+    fn new(type_: ConditionType, status: bool, reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            type_,
+            status,
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Sets this condition in `conditions` for the object's `generation`, now. Returns
+    /// whether anything changed (see [`set_condition`]).
+    pub fn set(&self, conditions: &mut Vec<Condition>, generation: Option<i64>) -> bool {
+        self.set_at(conditions, generation, Time(jiff_now()))
+    }
+
+    /// As [`ConditionUpdate::set`], at the time `now`.
+    pub fn set_at(
+        &self,
+        conditions: &mut Vec<Condition>,
+        generation: Option<i64>,
+        now: Time,
+    ) -> bool {
+        set_condition(
+            conditions,
+            self.type_.as_str(),
+            self.status,
+            &self.reason,
+            &self.message,
+            generation,
+            now,
+        )
+    }
+}
+
+fn jiff_now() -> k8s_openapi::jiff::Timestamp {
+    k8s_openapi::jiff::Timestamp::now()
 }
 
 pub(crate) fn default_true() -> bool {

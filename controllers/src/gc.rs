@@ -244,7 +244,7 @@ impl Collector {
             return;
         }
         let reference = owner.object_ref(&self.kinds[kind].ar);
-        let told = stratus_agents::record::publish(
+        let told = stratus_runtime::events::publish(
             &self.recorder,
             &reference,
             EventType::Normal,

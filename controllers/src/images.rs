@@ -12,9 +12,9 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use stratus_agents::compute::driver::image::{ImageCache, ImageError};
 use stratus_api_types::common::{Time, set_condition};
 use stratus_api_types::image::{Image, ImagePhase};
+use stratus_image_cache::{ImageCache, ImageError};
 
 /// Why a reconcile failed; every one may succeed on retry.
 #[derive(Debug, thiserror::Error)]

@@ -58,23 +58,6 @@ impl Election {
     }
 }
 
-/// Waits until `store` holds its first full list (or its writer is gone).
-///
-/// Not `Store::wait_until_ready` alone: kube-runtime's readiness is a oneshot channel that
-/// keeps one waker, so of several reconciles waiting at once only the last one polled is woken
-/// and the others wait forever (a hypervisor never marked NotReady was this). Polling it
-/// again every 50 ms until it answers cannot miss the moment.
-pub async fn store_ready<K>(store: &kube::runtime::reflector::Store<K>)
-where
-    K: kube::runtime::reflector::Lookup + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    while tokio::time::timeout(Duration::from_millis(50), store.wait_until_ready())
-        .await
-        .is_err()
-    {}
-}
-
 /// Runs every controller while this instance holds the leader Lease; stands by otherwise.
 /// A deleted Lease counts as lost: the controllers stop and the election starts again,
 /// creating it anew (the Lease manager alone would carry on without one, and a second
@@ -177,32 +160,5 @@ async fn every_controller(
         () = scheduler::run(client.clone(), weigher) => { stopped("scheduler"); Ok(()) }
         () = nodes::run(client.clone()) => { stopped("node lifecycle"); Ok(()) }
         () = images::run(client, image_dir) => { stopped("images"); Ok(()) }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use k8s_openapi::api::coordination::v1::Lease;
-    use kube::runtime::{reflector, watcher};
-
-    #[tokio::test]
-    async fn every_waiter_sees_the_store_become_ready() {
-        let (store, mut writer) = reflector::store::<Lease>();
-        let waiters: Vec<_> = (0..8)
-            .map(|_| {
-                let store = store.clone();
-                tokio::spawn(async move { super::store_ready(&store).await })
-            })
-            .collect();
-        // Every waiter has polled (and parked) before the store becomes ready.
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        writer.apply_watcher_event(&watcher::Event::Init);
-        writer.apply_watcher_event(&watcher::Event::InitDone);
-        for w in waiters {
-            tokio::time::timeout(std::time::Duration::from_secs(5), w)
-                .await
-                .expect("a waiter was never woken")
-                .expect("the waiter ran");
-        }
     }
 }

@@ -66,7 +66,7 @@ async fn publish<K: Resource<DynamicType = ()>>(
     note: String,
 ) {
     let reference = obj.object_ref(&());
-    stratus_agents::record::publish(
+    stratus_runtime::events::publish(
         &ctx.recorder,
         &reference,
         type_,
@@ -156,8 +156,8 @@ async fn handle_servers(ctx: &Ctx, hv: &str) -> Result<(), NodesError> {
 async fn reconcile(hv: Arc<Hypervisor>, ctx: Arc<Ctx>) -> Result<Action, NodesError> {
     let name = hv.name_any();
     tracing::trace!(hypervisor = %name, "node lifecycle: looking");
-    crate::store_ready(&ctx.leases).await;
-    crate::store_ready(&ctx.servers).await;
+    stratus_runtime::store_ready(&ctx.leases).await;
+    stratus_runtime::store_ready(&ctx.servers).await;
     let lease = match ctx
         .leases
         .get(&ObjectRef::new(&name).within(LEASE_NAMESPACE))

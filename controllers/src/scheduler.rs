@@ -367,7 +367,7 @@ async fn record(
     reason: &str,
     note: String,
 ) {
-    stratus_agents::record::publish(recorder, reference, type_, "Scheduling", reason, note).await;
+    stratus_runtime::events::publish(recorder, reference, type_, "Scheduling", reason, note).await;
 }
 
 /// Records why the server waits, unless its condition already says so.
@@ -421,9 +421,9 @@ async fn reconcile(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, Schedul
     if server.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    crate::store_ready(&ctx.hypervisors).await;
-    crate::store_ready(&ctx.flavors).await;
-    crate::store_ready(&ctx.groups).await;
+    stratus_runtime::store_ready(&ctx.hypervisors).await;
+    stratus_runtime::store_ready(&ctx.flavors).await;
+    stratus_runtime::store_ready(&ctx.groups).await;
     let ns = server.namespace().ok_or(SchedulerError::NoNamespace)?;
     let name = server.name_any();
     if let Some(hv) = server.status.as_ref().and_then(|s| s.hypervisor.as_ref()) {

@@ -13,7 +13,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use stratus_api_types::compute::HypervisorType;
 
 use driver::Hypervisor;
-use driver::image::ImageCache;
+use stratus_image_cache::ImageCache;
 
 /// How the agent runs on its node.
 #[derive(Debug, Clone)]

@@ -25,10 +25,10 @@ use stratus_api_types::placement;
 
 use super::Config;
 use super::driver::disk::{self, ConfigDrive};
-use super::driver::image::{ImageCache, ImageError};
 use super::driver::{
     DiskFormat, DiskSpec, DomainInfo, DomainSpec, DomainState, Hypervisor, KernelBoot, Owner,
 };
+use stratus_image_cache::{ImageCache, ImageError};
 
 /// The finalizer the API server's binding puts on a placed Server; removed here once the
 /// guest and its disks are gone from the host.
@@ -215,7 +215,8 @@ fn observed(state: Option<DomainState>) -> ObservedPowerState {
 
 async fn publish(ctx: &Ctx, server: &Server, type_: EventType, reason: &str, note: String) {
     let reference = server.object_ref(&());
-    crate::record::publish(&ctx.recorder, &reference, type_, "Reconcile", reason, note).await;
+    stratus_runtime::events::publish(&ctx.recorder, &reference, type_, "Reconcile", reason, note)
+        .await;
 }
 
 /// Writes `status` if it differs from the Server's.

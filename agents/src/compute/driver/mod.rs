@@ -1,12 +1,11 @@
 //! The compute driver: what the agent asks of a hypervisor (libvirt) and of the node's disks
-//! (image cache, qcow2 overlays, config drives). Blocking calls; the agent runs them on
+//! (qcow2 overlays, config drives). Blocking calls; the agent runs them on
 //! tokio's blocking pool.
 
 use std::path::PathBuf;
 
 pub mod disk;
 pub mod events;
-pub mod image;
 pub mod libvirt;
 pub mod xml;
 

@@ -1,4 +1,5 @@
-//! The node's image cache: each image downloaded once, verified by SHA-256, shared by guests.
+//! An image cache: each image downloaded once, verified by SHA-256, shared by its users (the
+//! image controller, and on every node the guests).
 //!
 //! # Layout
 //!
