@@ -10,13 +10,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::http::StatusCode;
-use axum::response::Response;
 use serde_json::{Value, json};
 
 use crate::base::error::{ApiError, ApiResult, Cause};
+use crate::resource::outcome::Outcome;
 use crate::resource::registry::ResourceType;
-use crate::resource::verbs::{Api, Target, json_response, store_err};
+use crate::resource::verbs::{Api, Target};
 use crate::storage::store::{Guard, Read};
 use stratus_api_types::common::{self, Condition, Time};
 use stratus_api_types::compute::{ComputeResources, FlavorSpec, HypervisorSpec};
@@ -133,7 +132,7 @@ impl Api {
     /// # Errors
     /// 404 for a missing Server; 422 for a missing target, hypervisor or flavor; 409 when the
     /// Server is being deleted or placed elsewhere, the hypervisor is disabled or full.
-    pub async fn bind(&self, t: &Target, bytes: &[u8], content_type: &str) -> ApiResult<Response> {
+    pub async fn bind(&self, t: &Target, bytes: &[u8], content_type: &str) -> ApiResult<Outcome> {
         let body =
             crate::base::body::decode(bytes, crate::base::body::is_yaml(content_type))?.value;
         let invalid = |field: &str, message: String| {
@@ -184,7 +183,7 @@ impl Api {
                     Read::Prefix(&flavors),
                 ])
                 .await
-                .map_err(store_err)?;
+                .map_err(ApiError::from)?;
             let all_flavors = std::mem::take(&mut reads[3]);
             let held = std::mem::take(&mut reads[2]);
             let hv = reads[1].pop().map(|(_, s)| s);
@@ -284,7 +283,7 @@ impl Api {
                 generation,
             );
             if new == server.value {
-                return Ok(json_response(StatusCode::CREATED, &success(201), &[]));
+                return Ok(Outcome::json(201, success(201), Vec::new()));
             }
             // The claim is the resources alone (what `amount` reads back).
             let claimed =
@@ -302,9 +301,9 @@ impl Api {
                     &[],
                 )
                 .await
-                .map_err(store_err)?;
+                .map_err(ApiError::from)?;
             if written.is_some() {
-                return Ok(json_response(StatusCode::CREATED, &success(201), &[]));
+                return Ok(Outcome::json(201, success(201), Vec::new()));
             }
         }
         Err(conflict(
@@ -321,13 +320,13 @@ impl Api {
     ///
     /// # Errors
     /// 404 for a missing Server; 409 when it is not placed or changed meanwhile.
-    pub async fn unbind(&self, t: &Target) -> ApiResult<Response> {
+    pub async fn unbind(&self, t: &Target) -> ApiResult<Outcome> {
         let key = t.key(self);
         let server = self
             .store
             .get(&key)
             .await
-            .map_err(store_err)?
+            .map_err(ApiError::from)?
             .ok_or_else(|| t.not_found())?;
         let Some(hv) = server
             .value
@@ -388,9 +387,9 @@ impl Api {
                 &deletes,
             )
             .await
-            .map_err(store_err)?;
+            .map_err(ApiError::from)?;
         match written {
-            Some(_) => Ok(json_response(StatusCode::OK, &success(200), &[])),
+            Some(_) => Ok(Outcome::json(200, success(200), Vec::new())),
             None => Err(t.conflict()),
         }
     }

@@ -10,7 +10,7 @@
 use serde_json::Value;
 
 use crate::base::error::{ApiError, ApiResult};
-use crate::resource::verbs::{Api, Target, store_err};
+use crate::resource::verbs::{Api, Target};
 use crate::storage::store::{Stored, Write};
 
 pub use stratus_api_types::quota::{counted, usage};
@@ -73,7 +73,7 @@ impl Api {
                 .store
                 .list(&quota_prefix, None, 0, 0)
                 .await
-                .map_err(store_err)?;
+                .map_err(ApiError::from)?;
             let limited = quotas.items.iter().any(|(_, q)| {
                 q.value
                     .pointer("/spec/limits")
@@ -86,14 +86,14 @@ impl Api {
                     Some(rev) => self.store.update(key, new, rev).await,
                     None => self.store.create_under(key, new, parent).await,
                 }
-                .map_err(store_err);
+                .map_err(ApiError::from);
             }
             let at = quotas.revision;
             let existing = self
                 .store
                 .list(&kind_prefix, None, at, 0)
                 .await
-                .map_err(store_err)?;
+                .map_err(ApiError::from)?;
             let mut flavors = self.flavors(new, &existing.items, at).await?;
             if let Some((o, _)) = old {
                 flavors.extend(self.flavors(o, &[], at).await?);
@@ -147,7 +147,7 @@ impl Api {
                     parent,
                 )
                 .await
-                .map_err(store_err)?
+                .map_err(ApiError::from)?
             {
                 Write::Done(rev) => return Ok(Write::Done(rev)),
                 // Only a guard failed (the key is as expected): something counted changed since
@@ -155,7 +155,12 @@ impl Api {
                 Write::Conflict(rev) if rev == expected.unwrap_or(0) => {
                     // Unless what failed is the parent (the Project) being gone.
                     if let Some(parent) = parent
-                        && self.store.get(parent).await.map_err(store_err)?.is_none()
+                        && self
+                            .store
+                            .get(parent)
+                            .await
+                            .map_err(ApiError::from)?
+                            .is_none()
                     {
                         return Ok(Write::Conflict(0));
                     }
@@ -197,7 +202,7 @@ impl Api {
                 .store
                 .list(&key, None, at, 1)
                 .await
-                .map_err(store_err)?;
+                .map_err(ApiError::from)?;
             if let Some((k, s)) = page.items.first().filter(|(k, _)| *k == key) {
                 let _ = k;
                 let get = |p: &str| s.value.pointer(p).and_then(Value::as_u64).unwrap_or(0);

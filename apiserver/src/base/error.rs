@@ -1,7 +1,5 @@
 //! API errors and their Kubernetes `Status` bodies.
 
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 /// One field-level reason an object was refused (a `StatusCause`).
@@ -298,27 +296,6 @@ fn qualified(group: &str, resource: &str) -> String {
         resource.to_string()
     } else {
         format!("{resource}.{group}")
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let code = StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        if code.is_server_error() {
-            tracing::error!(code = self.code, reason = self.reason, message = %self.message, "request failed");
-        }
-        let body = self.status().to_string();
-        let mut resp = (code, body).into_response();
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        if let Some(r) = self.details.retry_after
-            && let Ok(v) = HeaderValue::from_str(&r.to_string())
-        {
-            resp.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-        resp
     }
 }
 

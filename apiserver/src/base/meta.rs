@@ -11,6 +11,12 @@ pub fn to_json(v: &Value) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
+/// Sets `metadata.resourceVersion` from the etcd revision.
+pub fn with_rv(mut v: Value, rev: i64) -> Value {
+    meta_mut(&mut v).insert("resourceVersion".into(), Value::String(rev.to_string()));
+    v
+}
+
 /// The current time as Kubernetes writes `metav1.Time` (RFC 3339, seconds).
 pub fn now() -> String {
     jiff::Timestamp::now()

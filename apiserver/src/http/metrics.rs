@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::http::audit::RequestInfo;
+use crate::policy::request::RequestInfo;
 use crate::resource::registry::Registry as Kinds;
 
 /// kube-apiserver's request latency buckets, in seconds.

@@ -4,5 +4,7 @@ pub mod audit;
 pub mod discovery;
 pub mod metrics;
 pub mod protobuf;
+pub mod response;
+pub mod route;
 pub mod server;
 pub mod tls;

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use crate::base::error::ApiError;
-use crate::http::audit::RequestInfo;
+use crate::policy::roles::Grant;
+use stratus_api_types::identity::Role;
+
 use crate::storage::store::{Read, Store, StoreError, Stored, Write};
 
 /// What a verified token says.
@@ -29,15 +31,6 @@ pub struct Claims {
     /// Expiry, seconds since the epoch.
     #[serde(rename = "e")]
     pub exp: i64,
-}
-
-/// A role a user holds: in one project, or everywhere.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Grant {
-    /// The project; None for a cluster-wide assignment.
-    pub namespace: Option<String>,
-    /// admin, member or reader.
-    pub role: String,
 }
 
 /// Signs and verifies tokens.
@@ -121,7 +114,7 @@ impl MarkerReads {
             let mut p = self
                 .pending
                 .lock()
-                .map_err(|_| crate::resource::verbs::store_err(StoreError::Poisoned))?;
+                .map_err(|_| ApiError::from(StoreError::Poisoned))?;
             p.waiting.push(tx);
             !std::mem::replace(&mut p.reading, true)
         };
@@ -143,15 +136,14 @@ impl MarkerReads {
                         .read_many(&[Read::Presence(&key)])
                         .await
                         .map(|(r, _)| r.first().map_or(0, |r| revision_of(r)))
-                        .map_err(crate::resource::verbs::store_err);
+                        .map_err(ApiError::from);
                     for w in batch {
                         let _ = w.send(read.clone());
                     }
                 }
             });
         }
-        rx.await
-            .map_err(|_| crate::resource::verbs::store_err(StoreError::Poisoned))?
+        rx.await.map_err(|_| ApiError::from(StoreError::Poisoned))?
     }
 }
 
@@ -275,11 +267,7 @@ impl Identity {
             .to_string();
         let key = self.password_key(user);
         loop {
-            let current = self
-                .store
-                .get(&key)
-                .await
-                .map_err(crate::resource::verbs::store_err)?;
+            let current = self.store.get(&key).await.map_err(ApiError::from)?;
             let written = match current {
                 Some(c) => {
                     self.store
@@ -288,7 +276,7 @@ impl Identity {
                 }
                 None => self.store.create(&key, &Value::String(hash.clone())).await,
             }
-            .map_err(crate::resource::verbs::store_err)?;
+            .map_err(ApiError::from)?;
             if let Write::Done(_) = written {
                 return Ok(());
             }
@@ -302,7 +290,7 @@ impl Identity {
             .store
             .get(&self.password_key(user))
             .await
-            .map_err(crate::resource::verbs::store_err)?;
+            .map_err(ApiError::from)?;
         let hash = stored
             .as_ref()
             .and_then(|s| s.value.as_str())
@@ -320,7 +308,7 @@ impl Identity {
         self.store
             .put_with_ttl(&self.revoked_key(&c.jti), ttl)
             .await
-            .map_err(crate::resource::verbs::store_err)
+            .map_err(ApiError::from)
     }
 
     /// What a verified token allows now: its user's grants, or None when the token was
@@ -346,7 +334,7 @@ impl Identity {
                 Read::Prefix(&assignments),
             ])
             .await
-            .map_err(crate::resource::verbs::store_err)?;
+            .map_err(ApiError::from)?;
         let [marker_read, revoked_read, user_read, assignments_read] =
             <[Vec<(String, Stored)>; 4]>::try_from(read).map_err(|_| {
                 ApiError::internal("etcd answered a read of four with another count")
@@ -374,139 +362,43 @@ fn grants_of(user: &str, assignments: Vec<(String, Stored)>) -> Vec<Grant> {
         .into_iter()
         .filter(|(_, s)| s.value.pointer("/spec/user").and_then(Value::as_str) == Some(user))
         .filter(|(_, s)| s.value.pointer("/metadata/deletionTimestamp").is_none())
-        .map(|(_, s)| Grant {
-            namespace: if s
-                .value
-                .pointer("/spec/clusterWide")
-                .and_then(Value::as_bool)
-                == Some(true)
-            {
-                None
-            } else {
-                s.value
-                    .pointer("/metadata/namespace")
-                    .and_then(Value::as_str)
-                    .map(String::from)
-            },
-            role: s
-                .value
-                .pointer("/spec/role")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
+        .filter_map(|(_, s)| {
+            // Every stored assignment names a role: the schema requires one of the enum's.
+            let role =
+                serde_json::from_value::<Role>(s.value.pointer("/spec/role")?.clone()).ok()?;
+            Some(Grant {
+                namespace: if s
+                    .value
+                    .pointer("/spec/clusterWide")
+                    .and_then(Value::as_bool)
+                    == Some(true)
+                {
+                    None
+                } else {
+                    s.value
+                        .pointer("/metadata/namespace")
+                        .and_then(Value::as_str)
+                        .map(String::from)
+                },
+                role,
+            })
         })
         .collect()
-}
-
-fn allows(role: &str, verb: &str, group: &str, resource: &str) -> bool {
-    let read = matches!(verb, "get" | "list" | "watch");
-    match role {
-        "admin" => true,
-        // Members run the project but do not set its quota or hand out roles.
-        "member" => {
-            read || !(group == "identity.stratus.dev"
-                && matches!(resource, "quotas" | "roleassignments"))
-        }
-        "reader" => read,
-        _ => false,
-    }
-}
-
-/// Cluster-scoped resources every authenticated user may read (the flavor catalogue).
-const PUBLIC_READ: [(&str, &str); 1] = [("compute.stratus.dev", "flavors")];
-
-/// Whether `grants` allow the request. Requests that name no resource (discovery, OpenAPI) are
-/// open to every authenticated user.
-pub fn authorize(
-    user: &str,
-    grants: &[Grant],
-    info: &RequestInfo,
-    namespaced: bool,
-) -> Result<(), ApiError> {
-    let Some(group) = info.group.as_deref() else {
-        return Ok(());
-    };
-    let cluster = |g: &Grant| g.namespace.is_none();
-    // Status and placement are the cloud's own (written by its controllers and agents); of the
-    // users, only admins may write them.
-    let sub_write =
-        !info.subresource.is_empty() && !matches!(info.verb.as_str(), "get" | "list" | "watch");
-    let role_allows = |g: &Grant| {
-        allows(&g.role, &info.verb, group, &info.resource) && (!sub_write || g.role == "admin")
-    };
-    let ok = if !namespaced {
-        let read = matches!(info.verb.as_str(), "get" | "list" | "watch");
-        let self_user = group == "identity.stratus.dev"
-            && info.resource == "users"
-            && info.name == user
-            && info.verb == "get";
-        let own_namespace = info.resource == "namespaces"
-            && info.verb == "get"
-            && grants
-                .iter()
-                .any(|g| g.namespace.as_deref() == Some(info.name.as_str()));
-        self_user
-            || own_namespace
-            || (read && PUBLIC_READ.contains(&(group, info.resource.as_str())))
-            || grants.iter().filter(|g| cluster(g)).any(|g| {
-                allows(&g.role, &info.verb, group, &info.resource) && (read || g.role == "admin")
-            })
-    } else if info.namespace.is_empty() {
-        grants.iter().filter(|g| cluster(g)).any(role_allows)
-    } else {
-        grants
-            .iter()
-            .filter(|g| cluster(g) || g.namespace.as_deref() == Some(info.namespace.as_str()))
-            .any(role_allows)
-    };
-    if ok {
-        return Ok(());
-    }
-    let scope = if info.namespace.is_empty() {
-        "at the cluster scope".to_string()
-    } else {
-        format!("in the namespace \"{}\"", info.namespace)
-    };
-    Err(ApiError::forbidden(format!(
-        "{}{} is forbidden: User \"{user}\" cannot {} resource \"{}\" in API group \"{group}\" {scope}",
-        info.resource,
-        if group.is_empty() {
-            String::new()
-        } else {
-            format!(".{group}")
-        },
-        info.verb,
-        info.resource,
-    )))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn info(verb: &str, group: &str, resource: &str, ns: &str, name: &str) -> RequestInfo {
-        RequestInfo {
-            verb: verb.into(),
-            group: Some(group.into()),
-            version: "v1".into(),
-            resource: resource.into(),
-            subresource: String::new(),
-            namespace: ns.into(),
-            name: name.into(),
-        }
-    }
-
-    fn grant(ns: Option<&str>, role: &str) -> Grant {
-        Grant {
-            namespace: ns.map(String::from),
-            role: role.into(),
-        }
-    }
+    use crate::policy::roles::Grant;
+    use stratus_api_types::identity::Role;
 
     #[test]
     fn remembered_answers_hold_only_at_the_marker_revision_they_were_read_at() {
         let mut m = Memo::default();
-        let member = Some(vec![grant(Some("p"), "member")]);
+        let member = Some(vec![Grant {
+            namespace: Some("p".into()),
+            role: Role::Member,
+        }]);
         assert_eq!(m.get(0, "t1"), None);
         m.keep(0, "t1", member.clone());
         assert_eq!(m.get(0, "t1"), Some(member.clone()));
@@ -529,159 +421,6 @@ mod tests {
         }
         assert!(m.tokens.len() <= MEMO_CAPACITY);
         assert_eq!(m.get(7, &format!("x{MEMO_CAPACITY}")), Some(None));
-    }
-
-    #[test]
-    fn only_admins_write_status_and_placement() {
-        let sub = |verb: &str, subresource: &str| RequestInfo {
-            subresource: subresource.into(),
-            ..info(verb, "compute.stratus.dev", "servers", "a", "web")
-        };
-        let member = vec![grant(Some("a"), "member")];
-        let admin = vec![grant(None, "admin")];
-        for (verb, subresource) in [
-            ("patch", "status"),
-            ("update", "status"),
-            ("create", "binding"),
-        ] {
-            assert!(authorize("alice", &member, &sub(verb, subresource), true).is_err());
-            assert!(authorize("root", &admin, &sub(verb, subresource), true).is_ok());
-        }
-        assert!(authorize("alice", &member, &sub("get", "status"), true).is_ok());
-        assert!(authorize("alice", &member, &sub("patch", ""), true).is_ok());
-    }
-
-    #[test]
-    fn members_work_in_their_project_only() {
-        let g = vec![grant(Some("a"), "member")];
-        assert!(
-            authorize(
-                "alice",
-                &g,
-                &info("create", "compute.stratus.dev", "servers", "a", ""),
-                true
-            )
-            .is_ok()
-        );
-        assert!(
-            authorize(
-                "alice",
-                &g,
-                &info("get", "compute.stratus.dev", "servers", "b", "x"),
-                true
-            )
-            .is_err()
-        );
-        assert!(
-            authorize(
-                "alice",
-                &g,
-                &info("list", "compute.stratus.dev", "servers", "", ""),
-                true
-            )
-            .is_err(),
-            "all-namespace list"
-        );
-        assert!(
-            authorize(
-                "alice",
-                &g,
-                &info("create", "identity.stratus.dev", "roleassignments", "a", ""),
-                true
-            )
-            .is_err()
-        );
-        assert!(
-            authorize(
-                "alice",
-                &g,
-                &info("list", "compute.stratus.dev", "flavors", "", ""),
-                false
-            )
-            .is_ok()
-        );
-        assert!(
-            authorize(
-                "alice",
-                &g,
-                &info("create", "compute.stratus.dev", "flavors", "", ""),
-                false
-            )
-            .is_err()
-        );
-        assert!(
-            authorize(
-                "alice",
-                &g,
-                &info("get", "identity.stratus.dev", "users", "", "alice"),
-                false
-            )
-            .is_ok()
-        );
-        assert!(
-            authorize(
-                "alice",
-                &g,
-                &info("get", "identity.stratus.dev", "users", "", "bob"),
-                false
-            )
-            .is_err()
-        );
-    }
-
-    #[test]
-    fn readers_read_and_cluster_admins_do_everything() {
-        let r = vec![grant(Some("a"), "reader")];
-        assert!(
-            authorize(
-                "rita",
-                &r,
-                &info("watch", "network.stratus.dev", "networks", "a", ""),
-                true
-            )
-            .is_ok()
-        );
-        assert!(
-            authorize(
-                "rita",
-                &r,
-                &info("delete", "network.stratus.dev", "networks", "a", "n"),
-                true
-            )
-            .is_err()
-        );
-        let a = vec![grant(None, "admin")];
-        assert!(
-            authorize(
-                "root",
-                &a,
-                &info("create", "compute.stratus.dev", "flavors", "", ""),
-                false
-            )
-            .is_ok()
-        );
-        assert!(
-            authorize(
-                "root",
-                &a,
-                &info("list", "compute.stratus.dev", "servers", "", ""),
-                true
-            )
-            .is_ok()
-        );
-        let e = authorize(
-            "bob",
-            &[],
-            &info("get", "compute.stratus.dev", "servers", "a", "secret-name"),
-            true,
-        )
-        .expect_err("denied");
-        assert_eq!(e.code, 403);
-        assert!(
-            !e.message.contains("secret-name"),
-            "the answer names the object: {}",
-            e.message
-        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! server-side apply, patches, watch.
 
 pub mod fields;
+pub mod outcome;
 pub mod registry;
 pub mod schema;
 pub mod selector;

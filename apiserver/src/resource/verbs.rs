@@ -3,14 +3,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde_json::{Map, Value, json};
 
 use crate::base::body;
 use crate::base::error::{ApiError, ApiResult, Cause};
-use crate::base::meta;
+use crate::base::meta::{self, with_rv};
+use crate::resource::outcome::Outcome;
 use crate::resource::registry::{Registry, ResourceType};
 use crate::resource::selector::{FieldSelector, LabelSelector};
 use crate::resource::table::{self, Rendering};
@@ -113,32 +112,6 @@ impl Params {
     }
 }
 
-/// Who is asking, after authentication.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    /// The user name recorded in audit and managedFields.
-    pub user: String,
-    /// The default field manager (from the user agent), when the request names none.
-    pub user_agent: String,
-    /// A system identity from the API server's token file: allowed everything.
-    pub system: bool,
-    /// The caller's role assignments (users with issued tokens).
-    pub grants: Vec<crate::policy::identity::Grant>,
-    /// The token's claims (users with issued tokens).
-    pub claims: Option<crate::policy::identity::Claims>,
-}
-
-impl Caller {
-    /// Whether the caller may do anything anywhere.
-    pub fn cluster_admin(&self) -> bool {
-        self.system
-            || self
-                .grants
-                .iter()
-                .any(|g| g.namespace.is_none() && g.role == "admin")
-    }
-}
-
 /// Which object a request addresses.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -197,53 +170,12 @@ pub struct Api {
     pub system_namespaces: Arc<Value>,
 }
 
-pub(crate) fn store_err(e: StoreError) -> ApiError {
-    match e {
-        StoreError::Compacted => {
-            ApiError::gone("The resourceVersion for the provided list is too old.")
-        }
-        StoreError::FutureRevision => ApiError::timeout("Too large resource version"),
-        StoreError::Poisoned => {
-            ApiError::unavailable("the API server's watch state is unavailable; retry")
-        }
-        StoreError::Corrupt { key, .. } => {
-            ApiError::internal(format!("stored object at {key} cannot be decoded"))
-        }
-        StoreError::Etcd(e) => {
-            ApiError::unavailable(format!("the object store is unavailable: {e}"))
-        }
-    }
-}
-
-/// Sets `metadata.resourceVersion` from the etcd revision.
-pub fn with_rv(mut v: Value, rev: i64) -> Value {
-    meta::meta_mut(&mut v).insert("resourceVersion".into(), Value::String(rev.to_string()));
-    v
-}
-
 fn parse_rv(rv: &str) -> ApiResult<i64> {
     rv.parse::<i64>().ok().filter(|r| *r >= 0).ok_or_else(|| {
         ApiError::bad_request(format!(
             "invalid resourceVersion \"{rv}\": must be a non-negative integer"
         ))
     })
-}
-
-/// A JSON response with `Warning` headers.
-pub fn json_response(code: StatusCode, v: &Value, warnings: &[String]) -> Response {
-    let mut resp = (code, meta::to_json(v)).into_response();
-    let h = resp.headers_mut();
-    h.insert(
-        axum::http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    for w in warnings {
-        let text = format!("299 - {}", serde_json::Value::String(w.clone()));
-        if let Ok(v) = HeaderValue::from_str(&text) {
-            h.append(axum::http::header::WARNING, v);
-        }
-    }
-    resp
 }
 
 /// The continue token of a paginated list: where to resume and at which revision.
@@ -428,12 +360,12 @@ impl Api {
         bytes: &[u8],
         content_type: &str,
         p: &Params,
-        caller: &Caller,
-    ) -> ApiResult<Response> {
+        user_agent: &str,
+    ) -> ApiResult<Outcome> {
         let fv = p.field_validation()?;
         let (obj, warnings) = self.decode(bytes, content_type, fv)?;
         self.check_type(&t.rt, &obj)?;
-        self.create_object(t, obj, warnings, p, Some(self.manager(p, caller)))
+        self.create_object(t, obj, warnings, p, Some(self.manager(p, user_agent)))
             .await
     }
 
@@ -446,7 +378,7 @@ impl Api {
         mut warnings: Vec<String>,
         p: &Params,
         manager: Option<String>,
-    ) -> ApiResult<Response> {
+    ) -> ApiResult<Outcome> {
         let fv = p.field_validation()?;
         let dry_run = p.dry_run()?;
         let namespace = t.namespace.clone();
@@ -551,7 +483,7 @@ impl Api {
         }
         let name = meta::meta_str(&obj, "name").unwrap_or_default().to_string();
         if dry_run {
-            return Ok(json_response(StatusCode::CREATED, &obj, &warnings));
+            return Ok(Outcome::json(201, obj, warnings));
         }
         let key = t.rt.key(&self.prefix, namespace.as_deref(), &name);
         let parent = namespace
@@ -567,14 +499,10 @@ impl Api {
                 .store
                 .create_under(&key, &obj, parent.as_deref())
                 .await
-                .map_err(store_err)?,
+                .map_err(ApiError::from)?,
         };
         match written {
-            Write::Done(rev) => Ok(json_response(
-                StatusCode::CREATED,
-                &with_rv(obj, rev),
-                &warnings,
-            )),
+            Write::Done(rev) => Ok(Outcome::json(201, with_rv(obj, rev), warnings)),
             // The object is absent, so what failed is its namespace's Project.
             Write::Conflict(0) if parent.is_some() => Err(ApiError::not_found(
                 "",
@@ -585,10 +513,9 @@ impl Api {
         }
     }
 
-    fn manager(&self, p: &Params, caller: &Caller) -> String {
+    fn manager(&self, p: &Params, user_agent: &str) -> String {
         p.get("fieldManager").map(String::from).unwrap_or_else(|| {
-            caller
-                .user_agent
+            user_agent
                 .split('/')
                 .next()
                 .unwrap_or("unknown")
@@ -601,7 +528,7 @@ impl Api {
         self.store
             .get(&t.key(self))
             .await
-            .map_err(store_err)?
+            .map_err(ApiError::from)?
             .ok_or_else(|| t.not_found())
     }
 
@@ -609,16 +536,15 @@ impl Api {
     pub async fn get(
         &self,
         t: &Target,
-        headers: &HeaderMap,
+        rendering: Rendering,
         p: &Params,
         read: Option<Stored>,
-    ) -> ApiResult<Response> {
+    ) -> ApiResult<Outcome> {
         let s = match read {
             Some(s) => s,
             None => self.read(t).await?,
         };
         let obj = with_rv(s.value, s.mod_revision);
-        let rendering = Rendering::from_accept(accept(headers));
         let out = match rendering {
             Rendering::Full => obj,
             Rendering::Metadata => table::partial(&obj),
@@ -630,7 +556,7 @@ impl Api {
                 true,
             ),
         };
-        Ok(json_response(StatusCode::OK, &out, &[]))
+        Ok(Outcome::json(200, out, Vec::new()))
     }
 
     /// Lists objects matching the selectors; pages with `limit`/`continue`. Returns the items,
@@ -659,7 +585,7 @@ impl Api {
                 .store
                 .list(&key, None, revision, 1)
                 .await
-                .map_err(store_err)?;
+                .map_err(ApiError::from)?;
             let items = page
                 .items
                 .into_iter()
@@ -680,7 +606,7 @@ impl Api {
                 StoreError::Compacted if p.get("continue").is_some() => ApiError::gone(
                     "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
                 ),
-                e => store_err(e),
+                e => ApiError::from(e),
             })?;
             revision = page.revision;
             let mut last = None;
@@ -705,7 +631,7 @@ impl Api {
                             .store
                             .list(&prefix, Some(&next), revision, 1)
                             .await
-                            .map_err(store_err)?;
+                            .map_err(ApiError::from)?;
                         if !probe.items.is_empty() {
                             token = Some(encode_continue(&next, revision));
                         }
@@ -720,13 +646,13 @@ impl Api {
     }
 
     /// `GET` a collection.
-    pub async fn list(&self, t: &Target, headers: &HeaderMap, p: &Params) -> ApiResult<Response> {
+    pub async fn list(&self, t: &Target, rendering: Rendering, p: &Params) -> ApiResult<Outcome> {
         let (items, revision, token) = self.list_items(t, p).await?;
         let mut list_meta = json!({"resourceVersion": revision.to_string()});
         if let Some(tok) = &token {
             list_meta["continue"] = json!(tok);
         }
-        let out = match Rendering::from_accept(accept(headers)) {
+        let out = match rendering {
             Rendering::Full => json!({
                 "kind": format!("{}List", t.rt.kind),
                 "apiVersion": t.rt.api_version(),
@@ -747,7 +673,7 @@ impl Api {
                 true,
             ),
         };
-        Ok(json_response(StatusCode::OK, &out, &[]))
+        Ok(Outcome::json(200, out, Vec::new()))
     }
 
     /// `PUT` an object (or its status).
@@ -757,8 +683,8 @@ impl Api {
         bytes: &[u8],
         content_type: &str,
         p: &Params,
-        caller: &Caller,
-    ) -> ApiResult<Response> {
+        user_agent: &str,
+    ) -> ApiResult<Outcome> {
         let fv = p.field_validation()?;
         let (obj, warnings) = self.decode(bytes, content_type, fv)?;
         self.check_type(&t.rt, &obj)?;
@@ -781,8 +707,15 @@ impl Api {
         if current.mod_revision != rv {
             return Err(t.conflict());
         }
-        self.write_update(t, current, obj, p, Some(self.manager(p, caller)), warnings)
-            .await
+        self.write_update(
+            t,
+            current,
+            obj,
+            p,
+            Some(self.manager(p, user_agent)),
+            warnings,
+        )
+        .await
     }
 
     /// Stores `incoming` as the new state of `current`: keeps what the client may not change,
@@ -795,7 +728,7 @@ impl Api {
         p: &Params,
         manager: Option<String>,
         mut warnings: Vec<String>,
-    ) -> ApiResult<Response> {
+    ) -> ApiResult<Outcome> {
         let fv = p.field_validation()?;
         let dry_run = p.dry_run()?;
         match meta::meta_str(&incoming, "name") {
@@ -908,10 +841,10 @@ impl Api {
             );
         }
         if &new == old {
-            return Ok(json_response(
-                StatusCode::OK,
-                &with_rv(new, current.mod_revision),
-                &warnings,
+            return Ok(Outcome::json(
+                200,
+                with_rv(new, current.mod_revision),
+                warnings,
             ));
         }
         if status_write {
@@ -920,25 +853,23 @@ impl Api {
         let key = t.key(self);
         if deleting && meta::finalizers(&new).is_empty() {
             if dry_run {
-                return Ok(json_response(StatusCode::OK, &new, &warnings));
+                return Ok(Outcome::json(200, new, warnings));
             }
             return match self
                 .store
                 .delete(&key, current.mod_revision, &self.attached_keys(&t.rt, old))
                 .await
-                .map_err(store_err)?
+                .map_err(ApiError::from)?
             {
-                Write::Done(rev) => {
-                    Ok(json_response(StatusCode::OK, &with_rv(new, rev), &warnings))
-                }
+                Write::Done(rev) => Ok(Outcome::json(200, with_rv(new, rev), warnings)),
                 Write::Conflict(_) => Err(t.conflict()),
             };
         }
         if dry_run {
-            return Ok(json_response(
-                StatusCode::OK,
-                &with_rv(new, current.mod_revision),
-                &warnings,
+            return Ok(Outcome::json(
+                200,
+                with_rv(new, current.mod_revision),
+                warnings,
             ));
         }
         let written = match t.namespace.as_deref() {
@@ -950,10 +881,10 @@ impl Api {
                 .store
                 .update(&key, &new, current.mod_revision)
                 .await
-                .map_err(store_err)?,
+                .map_err(ApiError::from)?,
         };
         match written {
-            Write::Done(rev) => Ok(json_response(StatusCode::OK, &with_rv(new, rev), &warnings)),
+            Write::Done(rev) => Ok(Outcome::json(200, with_rv(new, rev), warnings)),
             Write::Conflict(_) => Err(t.conflict()),
         }
     }
@@ -965,8 +896,8 @@ impl Api {
         bytes: &[u8],
         content_type: &str,
         p: &Params,
-        caller: &Caller,
-    ) -> ApiResult<Response> {
+        user_agent: &str,
+    ) -> ApiResult<Outcome> {
         let ct = content_type.split(';').next().unwrap_or("").trim();
         let fv = p.field_validation()?;
         enum Kind {
@@ -1009,7 +940,7 @@ impl Api {
             other => return Err(ApiError::unsupported_media_type(other)),
         };
         for _ in 0..WRITE_RETRIES {
-            let current = match self.store.get(&t.key(self)).await.map_err(store_err)? {
+            let current = match self.store.get(&t.key(self)).await.map_err(ApiError::from)? {
                 Some(c) => c,
                 None => match &patch {
                     Kind::Apply(v) if t.subresource.is_none() => {
@@ -1087,7 +1018,7 @@ impl Api {
             }
             let manager = match &patch {
                 Kind::Apply(_) => None,
-                _ => Some(self.manager(p, caller)),
+                _ => Some(self.manager(p, user_agent)),
             };
             match self
                 .write_update(t, current, patched, p, manager, warnings.clone())
@@ -1110,7 +1041,7 @@ impl Api {
         applied: Value,
         p: &Params,
         warnings: Vec<String>,
-    ) -> ApiResult<Response> {
+    ) -> ApiResult<Outcome> {
         let manager = p.get("fieldManager").unwrap_or_default();
         let obj = crate::resource::fields::apply(
             &json!({}),
@@ -1125,7 +1056,7 @@ impl Api {
     }
 
     /// `DELETE` an object: at once, or by setting `deletionTimestamp` while finalizers remain.
-    pub async fn delete(&self, t: &Target, bytes: &[u8], p: &Params) -> ApiResult<Response> {
+    pub async fn delete(&self, t: &Target, bytes: &[u8], p: &Params) -> ApiResult<Outcome> {
         let opts: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
             json!({})
         } else {
@@ -1204,10 +1135,10 @@ impl Api {
             let key = t.key(self);
             if finalizers.is_empty() {
                 if dry_run {
-                    return Ok(json_response(
-                        StatusCode::OK,
-                        &with_rv(current.value, current.mod_revision),
-                        &[],
+                    return Ok(Outcome::json(
+                        200,
+                        with_rv(current.value, current.mod_revision),
+                        Vec::new(),
                     ));
                 }
                 match self
@@ -1218,14 +1149,10 @@ impl Api {
                         &self.attached_keys(&t.rt, &current.value),
                     )
                     .await
-                    .map_err(store_err)?
+                    .map_err(ApiError::from)?
                 {
                     Write::Done(rev) => {
-                        return Ok(json_response(
-                            StatusCode::OK,
-                            &with_rv(current.value, rev),
-                            &[],
-                        ));
+                        return Ok(Outcome::json(200, with_rv(current.value, rev), Vec::new()));
                     }
                     Write::Conflict(_) => continue,
                 }
@@ -1244,20 +1171,20 @@ impl Api {
                 }
             }
             if obj == current.value || dry_run {
-                return Ok(json_response(
-                    StatusCode::ACCEPTED,
-                    &with_rv(obj, current.mod_revision),
-                    &[],
+                return Ok(Outcome::json(
+                    202,
+                    with_rv(obj, current.mod_revision),
+                    Vec::new(),
                 ));
             }
             match self
                 .store
                 .update(&key, &obj, current.mod_revision)
                 .await
-                .map_err(store_err)?
+                .map_err(ApiError::from)?
             {
                 Write::Done(rev) => {
-                    return Ok(json_response(StatusCode::ACCEPTED, &with_rv(obj, rev), &[]));
+                    return Ok(Outcome::json(202, with_rv(obj, rev), Vec::new()));
                 }
                 Write::Conflict(_) => continue,
             }
@@ -1271,7 +1198,7 @@ impl Api {
         t: &Target,
         bytes: &[u8],
         p: &Params,
-    ) -> ApiResult<Response> {
+    ) -> ApiResult<Outcome> {
         let mut lp = p.clone();
         lp.remove_paging();
         let (items, revision, _) = self.list_items(t, &lp).await?;
@@ -1289,15 +1216,15 @@ impl Api {
                 Err(e) => return Err(e),
             }
         }
-        Ok(json_response(
-            StatusCode::OK,
-            &json!({
+        Ok(Outcome::json(
+            200,
+            json!({
                 "kind": format!("{}List", t.rt.kind),
                 "apiVersion": t.rt.api_version(),
                 "metadata": {"resourceVersion": revision.to_string()},
                 "items": deleted,
             }),
-            &[],
+            Vec::new(),
         ))
     }
 }
@@ -1354,7 +1281,7 @@ impl Api {
             .store
             .get(&key)
             .await
-            .map_err(store_err)?
+            .map_err(ApiError::from)?
             .map(|p| namespace_object(ns, Some(&p.value))))
     }
 
@@ -1369,7 +1296,7 @@ impl Api {
                 .store
                 .list(&rt.key_prefix(&self.prefix, None), None, 0, 0)
                 .await
-                .map_err(store_err)?;
+                .map_err(ApiError::from)?;
             out.extend(projects.items.iter().filter_map(|(_, p)| {
                 let name = meta::meta_str(&p.value, "name")?;
                 Some(namespace_object(name, Some(&p.value)))
@@ -1414,12 +1341,4 @@ fn pointer_of(msg: &str) -> String {
             )
         })
         .unwrap_or_else(|| "<patch>".into())
-}
-
-/// The `Accept` header, or `application/json`.
-pub fn accept(headers: &HeaderMap) -> &str {
-    headers
-        .get(axum::http::header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json")
 }

@@ -6,6 +6,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Map, Value};
 
+use crate::resource::outcome::Events;
+
 /// How a view maps onto its backing type.
 #[derive(Debug, Clone, Copy)]
 pub struct View {
@@ -143,14 +145,13 @@ impl View {
         Bytes::from(out)
     }
 
-    /// A watch response body → the same stream in the view's form (one event per chunk, as
-    /// the watch handler writes them).
-    pub fn watch_body(&self, body: axum::body::Body) -> axum::body::Body {
+    /// A watch's events → the same events in the view's form (one event per chunk, as the
+    /// watch handler writes them).
+    pub fn watch_events(&self, events: Events) -> Events {
         let view = *self;
-        let stream = body
-            .into_data_stream()
-            .map(move |chunk| chunk.map(|c| view.watch_line(&c)));
-        axum::body::Body::from_stream(stream)
+        events
+            .map(move |chunk| chunk.map(|c| view.watch_line(&c)))
+            .boxed()
     }
 }
 

@@ -3,16 +3,14 @@
 
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::Response;
 use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::base::error::{ApiError, ApiResult};
+use crate::resource::outcome::Outcome;
 use crate::resource::table::{self, Rendering};
-use crate::resource::verbs::{Api, Params, Selectors, Target, accept};
+use crate::resource::verbs::{Api, Params, Selectors, Target};
 use crate::storage::hub::{Change, Item, Subscription};
 
 /// How long a watch lasts when the client does not say (`timeoutSeconds`).
@@ -95,12 +93,11 @@ fn line(type_: &str, object: &Value) -> Bytes {
 pub async fn watch(
     api: &Api,
     t: &Target,
-    headers: &HeaderMap,
+    rendering: Rendering,
     p: &Params,
     bookmark_every: Duration,
-) -> ApiResult<Response> {
+) -> ApiResult<Outcome> {
     let sel = Selectors::parse(&t.rt, p)?;
-    let rendering = Rendering::from_accept(accept(headers));
     let bookmarks = p.flag("allowWatchBookmarks");
     let send_initial = p.flag("sendInitialEvents");
     let timeout = p
@@ -149,7 +146,7 @@ pub async fn watch(
         .hub
         .subscribe(&type_prefix, start)
         .await
-        .map_err(crate::resource::verbs::store_err)?;
+        .map_err(ApiError::from)?;
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(256);
     let w = Watcher {
         prefix,
@@ -172,14 +169,9 @@ pub async fn watch(
         }
         w.serve(sub).await;
     });
-    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let mut resp = Response::new(body);
-    *resp.status_mut() = StatusCode::OK;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    Ok(resp)
+    Ok(Outcome::Watch(Box::pin(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    )))
 }
 
 /// One client watch being served.

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::broadcast;
 
-use crate::resource::verbs::with_rv;
+use crate::base::meta::with_rv;
 use crate::storage::store::{Store, StoreError};
 
 /// Changes kept in memory per resource type (a watch resuming from further back gets a private

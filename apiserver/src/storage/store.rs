@@ -9,6 +9,8 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use serde_json::Value;
+
+use crate::base::error::ApiError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -587,6 +589,27 @@ impl Store {
     /// Decodes one key/value pair of a watch event.
     pub fn decode(key: &[u8], value: &[u8], mod_revision: i64) -> Result<Stored, StoreError> {
         decode(key, value, mod_revision).map(|(_, s)| s)
+    }
+}
+
+/// How a store failure is answered.
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Compacted => {
+                Self::gone("The resourceVersion for the provided list is too old.")
+            }
+            StoreError::FutureRevision => Self::timeout("Too large resource version"),
+            StoreError::Poisoned => {
+                Self::unavailable("the API server's watch state is unavailable; retry")
+            }
+            StoreError::Corrupt { key, .. } => {
+                Self::internal(format!("stored object at {key} cannot be decoded"))
+            }
+            StoreError::Etcd(e) => {
+                Self::unavailable(format!("the object store is unavailable: {e}"))
+            }
+        }
     }
 }
 

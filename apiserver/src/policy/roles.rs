@@ -1,0 +1,312 @@
+//! Roles: what a user's role assignments allow, checked on the typed request before anything
+//! is read or written.
+
+use stratus_api_types::identity::Role;
+
+use crate::base::body;
+use crate::base::error::ApiError;
+use crate::policy::authn::Caller;
+use crate::policy::request::RequestInfo;
+use crate::resource::registry::Registry;
+
+/// A role a user holds: in one project, or everywhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The project; None for a cluster-wide assignment.
+    pub namespace: Option<String>,
+    /// What the assignment allows.
+    pub role: Role,
+}
+
+fn allows(role: Role, verb: &str, group: &str, resource: &str) -> bool {
+    let read = matches!(verb, "get" | "list" | "watch");
+    match role {
+        Role::Admin => true,
+        // Members run the project but do not set its quota or hand out roles.
+        Role::Member => {
+            read || !(group == "identity.stratus.dev"
+                && matches!(resource, "quotas" | "roleassignments"))
+        }
+        Role::Reader => read,
+    }
+}
+
+/// Cluster-scoped resources every authenticated user may read (the flavor catalogue).
+const PUBLIC_READ: [(&str, &str); 1] = [("compute.stratus.dev", "flavors")];
+
+/// Whether `grants` allow the request. Requests that name no resource (discovery, OpenAPI) are
+/// open to every authenticated user.
+pub fn authorize(
+    user: &str,
+    grants: &[Grant],
+    info: &RequestInfo,
+    namespaced: bool,
+) -> Result<(), ApiError> {
+    let Some(group) = info.group.as_deref() else {
+        return Ok(());
+    };
+    let cluster = |g: &Grant| g.namespace.is_none();
+    // Status and placement are the cloud's own (written by its controllers and agents); of the
+    // users, only admins may write them.
+    let sub_write =
+        !info.subresource.is_empty() && !matches!(info.verb.as_str(), "get" | "list" | "watch");
+    let role_allows = |g: &Grant| {
+        allows(g.role, &info.verb, group, &info.resource) && (!sub_write || g.role == Role::Admin)
+    };
+    let ok = if !namespaced {
+        let read = matches!(info.verb.as_str(), "get" | "list" | "watch");
+        let self_user = group == "identity.stratus.dev"
+            && info.resource == "users"
+            && info.name == user
+            && info.verb == "get";
+        let own_namespace = info.resource == "namespaces"
+            && info.verb == "get"
+            && grants
+                .iter()
+                .any(|g| g.namespace.as_deref() == Some(info.name.as_str()));
+        self_user
+            || own_namespace
+            || (read && PUBLIC_READ.contains(&(group, info.resource.as_str())))
+            || grants.iter().filter(|g| cluster(g)).any(|g| {
+                allows(g.role, &info.verb, group, &info.resource) && (read || g.role == Role::Admin)
+            })
+    } else if info.namespace.is_empty() {
+        grants.iter().filter(|g| cluster(g)).any(role_allows)
+    } else {
+        grants
+            .iter()
+            .filter(|g| cluster(g) || g.namespace.as_deref() == Some(info.namespace.as_str()))
+            .any(role_allows)
+    };
+    if ok {
+        return Ok(());
+    }
+    let scope = if info.namespace.is_empty() {
+        "at the cluster scope".to_string()
+    } else {
+        format!("in the namespace \"{}\"", info.namespace)
+    };
+    Err(ApiError::forbidden(format!(
+        "{}{} is forbidden: User \"{user}\" cannot {} resource \"{}\" in API group \"{group}\" {scope}",
+        info.resource,
+        if group.is_empty() {
+            String::new()
+        } else {
+            format!(".{group}")
+        },
+        info.verb,
+        info.resource,
+    )))
+}
+
+/// Refuses what a user's roles do not allow, before anything is read or written.
+pub fn authorize_request(
+    registry: &Registry,
+    info: &RequestInfo,
+    bytes: &[u8],
+    caller: &Caller,
+) -> Result<(), ApiError> {
+    let Some(group) = info.group.as_deref() else {
+        return Ok(());
+    };
+    let namespaced = registry
+        .get(group, &info.version, &info.resource)
+        .is_some_and(|rt| rt.namespaced);
+    authorize(&caller.user, &caller.grants, info, namespaced)?;
+    // Only a cluster admin hands out cluster-wide roles.
+    if info.resource == "roleassignments"
+        && matches!(info.verb.as_str(), "create" | "update" | "patch")
+        && !caller.cluster_admin()
+    {
+        let asks = body::decode(bytes, body::is_yaml("application/json")).is_ok_and(|d| {
+            d.value
+                .pointer("/spec/clusterWide")
+                .and_then(serde_json::Value::as_bool)
+                == Some(true)
+        }) || String::from_utf8_lossy(bytes).contains("clusterWide");
+        if asks {
+            return Err(ApiError::forbidden(format!(
+                "User \"{}\" cannot grant cluster-wide roles",
+                caller.user
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(verb: &str, group: &str, resource: &str, ns: &str, name: &str) -> RequestInfo {
+        RequestInfo {
+            verb: verb.into(),
+            group: Some(group.into()),
+            version: "v1".into(),
+            resource: resource.into(),
+            subresource: String::new(),
+            namespace: ns.into(),
+            name: name.into(),
+        }
+    }
+
+    fn grant(ns: Option<&str>, role: Role) -> Grant {
+        Grant {
+            namespace: ns.map(String::from),
+            role,
+        }
+    }
+
+    #[test]
+    fn only_admins_write_status_and_placement() {
+        let sub = |verb: &str, subresource: &str| RequestInfo {
+            subresource: subresource.into(),
+            ..info(verb, "compute.stratus.dev", "servers", "a", "web")
+        };
+        let member = vec![grant(Some("a"), Role::Member)];
+        let admin = vec![grant(None, Role::Admin)];
+        for (verb, subresource) in [
+            ("patch", "status"),
+            ("update", "status"),
+            ("create", "binding"),
+        ] {
+            assert!(authorize("alice", &member, &sub(verb, subresource), true).is_err());
+            assert!(authorize("root", &admin, &sub(verb, subresource), true).is_ok());
+        }
+        assert!(authorize("alice", &member, &sub("get", "status"), true).is_ok());
+        assert!(authorize("alice", &member, &sub("patch", ""), true).is_ok());
+    }
+
+    #[test]
+    fn members_work_in_their_project_only() {
+        let g = vec![grant(Some("a"), Role::Member)];
+        assert!(
+            authorize(
+                "alice",
+                &g,
+                &info("create", "compute.stratus.dev", "servers", "a", ""),
+                true
+            )
+            .is_ok()
+        );
+        assert!(
+            authorize(
+                "alice",
+                &g,
+                &info("get", "compute.stratus.dev", "servers", "b", "x"),
+                true
+            )
+            .is_err()
+        );
+        assert!(
+            authorize(
+                "alice",
+                &g,
+                &info("list", "compute.stratus.dev", "servers", "", ""),
+                true
+            )
+            .is_err(),
+            "all-namespace list"
+        );
+        assert!(
+            authorize(
+                "alice",
+                &g,
+                &info("create", "identity.stratus.dev", "roleassignments", "a", ""),
+                true
+            )
+            .is_err()
+        );
+        assert!(
+            authorize(
+                "alice",
+                &g,
+                &info("list", "compute.stratus.dev", "flavors", "", ""),
+                false
+            )
+            .is_ok()
+        );
+        assert!(
+            authorize(
+                "alice",
+                &g,
+                &info("create", "compute.stratus.dev", "flavors", "", ""),
+                false
+            )
+            .is_err()
+        );
+        assert!(
+            authorize(
+                "alice",
+                &g,
+                &info("get", "identity.stratus.dev", "users", "", "alice"),
+                false
+            )
+            .is_ok()
+        );
+        assert!(
+            authorize(
+                "alice",
+                &g,
+                &info("get", "identity.stratus.dev", "users", "", "bob"),
+                false
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn readers_read_and_cluster_admins_do_everything() {
+        let r = vec![grant(Some("a"), Role::Reader)];
+        assert!(
+            authorize(
+                "rita",
+                &r,
+                &info("watch", "network.stratus.dev", "networks", "a", ""),
+                true
+            )
+            .is_ok()
+        );
+        assert!(
+            authorize(
+                "rita",
+                &r,
+                &info("delete", "network.stratus.dev", "networks", "a", "n"),
+                true
+            )
+            .is_err()
+        );
+        let a = vec![grant(None, Role::Admin)];
+        assert!(
+            authorize(
+                "root",
+                &a,
+                &info("create", "compute.stratus.dev", "flavors", "", ""),
+                false
+            )
+            .is_ok()
+        );
+        assert!(
+            authorize(
+                "root",
+                &a,
+                &info("list", "compute.stratus.dev", "servers", "", ""),
+                true
+            )
+            .is_ok()
+        );
+        let e = authorize(
+            "bob",
+            &[],
+            &info("get", "compute.stratus.dev", "servers", "a", "secret-name"),
+            true,
+        )
+        .expect_err("denied");
+        assert_eq!(e.code, 403);
+        assert!(
+            !e.message.contains("secret-name"),
+            "the answer names the object: {}",
+            e.message
+        );
+    }
+}
