@@ -12,10 +12,9 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
+use crate::admission::{Admission, Ctx, Subject};
 use crate::base::error::{ApiError, ApiResult, Cause};
-use crate::resource::outcome::Outcome;
-use crate::resource::registry::ResourceType;
-use crate::resource::verbs::{Api, Target};
+use crate::storage::keys;
 use crate::storage::store::{Guard, Read};
 use stratus_api_types::common::{self, Condition, Time};
 use stratus_api_types::compute::{ComputeResources, FlavorSpec, HypervisorSpec};
@@ -28,19 +27,54 @@ pub const TEARDOWN_FINALIZER: &str = "compute.stratus.dev/teardown";
 const GROUP: &str = "compute.stratus.dev";
 const RETRIES: usize = 32;
 
-fn is_server(rt: &ResourceType) -> bool {
-    rt.group == GROUP && rt.kind == "Server"
+/// Whether objects of `kind` are Servers, the kind with a `binding` subresource.
+pub fn is_server(group: &str, kind: &str) -> bool {
+    group == GROUP && kind == "Server"
 }
 
-/// The status a new object starts with: a Server waits for the scheduler (`Pending`), as a
-/// Pod does. Other kinds start without one, until their controller reports.
-pub fn initial_status(rt: &ResourceType) -> Option<Value> {
-    is_server(rt).then(|| json!({"phase": "Pending"}))
-}
+/// Compute placement at admission: registered for Servers.
+#[derive(Debug)]
+pub struct Binding;
 
-/// Whether `rt` has a `binding` subresource.
-pub fn has_binding(rt: &ResourceType) -> bool {
-    is_server(rt)
+impl Admission for Binding {
+    /// A Server waits for the scheduler (`Pending`), as a Pod does.
+    fn initial_status(&self) -> Option<Value> {
+        Some(json!({"phase": "Pending"}))
+    }
+
+    /// Refuses a status write that changes what only a binding sets (the placement and the
+    /// resources claimed for it).
+    fn check_status_write(&self, s: &Subject<'_>, old: &Value, new: &Value) -> ApiResult<()> {
+        for field in ["hypervisor", "allocated"] {
+            let p = format!("/status/{field}");
+            if old.pointer(&p) != new.pointer(&p) {
+                return Err(ApiError::invalid(
+                    s.kind,
+                    s.group,
+                    s.plural,
+                    new.pointer("/metadata/name")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default(),
+                    vec![Cause::invalid(
+                        format!("status.{field}"),
+                        "Forbidden: set only through the binding subresource",
+                    )],
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A placed Server's claim on its hypervisor.
+    fn attached_keys(&self, prefix: &str, obj: &Value) -> Vec<String> {
+        let hv = obj.pointer("/status/hypervisor").and_then(Value::as_str);
+        let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str);
+        let name = obj.pointer("/metadata/name").and_then(Value::as_str);
+        match (hv, ns, name) {
+            (Some(hv), Some(ns), Some(name)) => vec![claim_key(prefix, hv, ns, name)],
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// One lock per hypervisor: concurrent placements onto the same hypervisor take turns in this
@@ -110,317 +144,257 @@ fn set_condition(
     }
 }
 
-impl Api {
-    /// Keys an object holds outside its own, deleted in the same transaction as the object.
-    pub(crate) fn attached_keys(&self, rt: &ResourceType, obj: &Value) -> Vec<String> {
-        if !is_server(rt) {
-            return Vec::new();
-        }
-        let hv = obj.pointer("/status/hypervisor").and_then(Value::as_str);
-        let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str);
-        let name = obj.pointer("/metadata/name").and_then(Value::as_str);
-        match (hv, ns, name) {
-            (Some(hv), Some(ns), Some(name)) => vec![claim_key(&self.prefix, hv, ns, name)],
-            _ => Vec::new(),
-        }
-    }
-
-    /// `POST servers/{name}/binding` with `{"target": {"name": HYPERVISOR}}`: places the Server
-    /// on the hypervisor if its flavor fits there, claiming the resources atomically; binding
-    /// again to the same hypervisor re-claims for the current flavor (a resize).
-    ///
-    /// # Errors
-    /// 404 for a missing Server; 422 for a missing target, hypervisor or flavor; 409 when the
-    /// Server is being deleted or placed elsewhere, the hypervisor is disabled or full.
-    pub async fn bind(&self, t: &Target, bytes: &[u8], content_type: &str) -> ApiResult<Outcome> {
-        let body =
-            crate::base::body::decode(bytes, crate::base::body::is_yaml(content_type))?.value;
-        let invalid = |field: &str, message: String| {
-            ApiError::invalid(
-                "Binding",
-                GROUP,
-                "servers",
-                t.name(),
-                vec![Cause::invalid(field, message)],
+/// `POST servers/{name}/binding` with `{"target": {"name": HYPERVISOR}}`: places the Server
+/// on the hypervisor if its flavor fits there, claiming the resources atomically; binding
+/// again to the same hypervisor re-claims for the current flavor (a resize).
+///
+/// # Errors
+/// 404 for a missing Server; 422 for a missing target, hypervisor or flavor; 409 when the
+/// Server is being deleted or placed elsewhere, the hypervisor is disabled or full.
+pub async fn bind(
+    ctx: Ctx<'_>,
+    t: &Subject<'_>,
+    locks: &PlacementLocks,
+    bytes: &[u8],
+    content_type: &str,
+) -> ApiResult<u16> {
+    let body = crate::base::body::decode(bytes, crate::base::body::is_yaml(content_type))?.value;
+    let invalid = |field: &str, message: String| {
+        ApiError::invalid(
+            "Binding",
+            GROUP,
+            "servers",
+            t.name,
+            vec![Cause::invalid(field, message)],
+        )
+    };
+    let target = body
+        .pointer("/target/name")
+        .and_then(Value::as_str)
+        .filter(|n| crate::base::meta::is_dns1123_subdomain(n))
+        .ok_or_else(|| {
+            invalid(
+                "target.name",
+                "Required value: the name of a Hypervisor".into(),
             )
-        };
-        let target = body
-            .pointer("/target/name")
-            .and_then(Value::as_str)
-            .filter(|n| crate::base::meta::is_dns1123_subdomain(n))
-            .ok_or_else(|| {
-                invalid(
-                    "target.name",
-                    "Required value: the name of a Hypervisor".into(),
-                )
-            })?
-            .to_string();
-        let hv_rt = self
-            .registry
-            .by_kind(GROUP, "Hypervisor")
-            .ok_or_else(|| ApiError::internal("the Hypervisor kind is not served"))?;
-        let flavor_rt = self
-            .registry
-            .by_kind(GROUP, "Flavor")
-            .ok_or_else(|| ApiError::internal("the Flavor kind is not served"))?;
-        let ns = t.namespace.clone().unwrap_or_default();
-        let server_key = t.key(self);
-        let hv_key = hv_rt.key(&self.prefix, None, &target);
-        // Flavors are few: reading them all in the same request saves a round trip.
-        let flavors = flavor_rt.key_prefix(&self.prefix, None);
-        let claims = claims_prefix(&self.prefix, &target);
-        let claim = claim_key(&self.prefix, &target, &ns, t.name());
-        let conflict = |why: String| ApiError::conflict(GROUP, "servers", t.name(), why);
-        let turn = self.placement_locks.of(&target);
-        let _turn = turn.lock().await;
-        for _ in 0..RETRIES {
-            let (mut reads, at) = self
-                .store
-                .read_many(&[
-                    Read::Key(&server_key),
-                    Read::Key(&hv_key),
-                    Read::Prefix(&claims),
-                    Read::Prefix(&flavors),
-                ])
-                .await
-                .map_err(ApiError::from)?;
-            let all_flavors = std::mem::take(&mut reads[3]);
-            let held = std::mem::take(&mut reads[2]);
-            let hv = reads[1].pop().map(|(_, s)| s);
-            let server = reads[0]
-                .pop()
-                .map(|(_, s)| s)
-                .ok_or_else(|| t.not_found())?;
-            if server
-                .value
-                .pointer("/metadata/deletionTimestamp")
-                .is_some()
-            {
-                return Err(conflict("the server is being deleted".into()));
-            }
-            let bound = server
-                .value
-                .pointer("/status/hypervisor")
-                .and_then(Value::as_str);
-            if let Some(other) = bound.filter(|b| *b != target) {
-                return Err(conflict(format!("the server is placed on {other}")));
-            }
-            let hv = hv.ok_or_else(|| {
-                invalid("target.name", format!("Not found: hypervisor \"{target}\""))
-            })?;
-            if hv.value.pointer("/spec/disabled").and_then(Value::as_bool) == Some(true) {
-                return Err(conflict(format!("hypervisor {target} is disabled")));
-            }
-            let limit = limit(&hv.value).ok_or_else(|| {
-                conflict(format!("hypervisor {target} has not reported its capacity"))
-            })?;
-            let flavor_name = server
-                .value
-                .pointer("/spec/flavor")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            let flavor_key = flavor_rt.key(&self.prefix, None, flavor_name);
-            let flavor = all_flavors
-                .into_iter()
-                .find(|(k, _)| *k == flavor_key)
-                .map(|(_, f)| f)
-                .ok_or_else(|| {
-                    invalid(
-                        "spec.flavor",
-                        format!("Not found: flavor \"{flavor_name}\""),
-                    )
-                })?;
-            let spec: FlavorSpec =
-                serde_json::from_value(flavor.value.get("spec").cloned().unwrap_or_default())
-                    .map_err(|e| {
-                        invalid("spec.flavor", format!("flavor \"{flavor_name}\": {e}"))
-                    })?;
-            let need = placement::claim(&spec);
-            let used = held
-                .iter()
-                .filter(|(k, _)| *k != claim)
-                .map(|(_, c)| amount(&c.value))
-                .fold(Amount::default(), Amount::plus);
-            if let Some((_, why)) = placement::shortfall(limit, used, Amount::from(&need)) {
-                return Err(conflict(format!("hypervisor {target}: {why}")));
-            }
-            let mut new = server.value.clone();
-            let generation = new.pointer("/metadata/generation").and_then(Value::as_i64);
-            {
-                let m = crate::base::meta::meta_mut(&mut new);
-                let mut finalizers = crate::base::meta::finalizers(&server.value);
-                if !finalizers.iter().any(|f| f == TEARDOWN_FINALIZER) {
-                    finalizers.push(TEARDOWN_FINALIZER.to_string());
-                }
-                m.insert("finalizers".into(), json!(finalizers));
-            }
-            let Some(obj) = new.as_object_mut() else {
-                return Err(ApiError::internal("a stored server is not an object"));
-            };
-            let status = obj
-                .entry("status")
-                .or_insert_with(|| json!({}))
-                .as_object_mut()
-                .ok_or_else(|| ApiError::internal("a stored server's status is not an object"))?;
-            status.insert("hypervisor".into(), json!(target));
-            status.insert(
-                "allocated".into(),
-                serde_json::to_value(&need).map_err(|e| ApiError::internal(e.to_string()))?,
-            );
-            if status
-                .get("phase")
-                .and_then(Value::as_str)
-                .is_none_or(|p| p == "Pending")
-            {
-                status.insert("phase".into(), json!("Scheduled"));
-            }
-            set_condition(
-                status,
-                "Scheduled",
-                true,
-                "Bound",
-                &format!("placed on hypervisor {target}"),
-                generation,
-            );
-            if new == server.value {
-                return Ok(Outcome::json(201, success(201), Vec::new()));
-            }
-            // The claim is the resources alone (what `amount` reads back).
-            let claimed =
-                serde_json::to_value(&need).map_err(|e| ApiError::internal(e.to_string()))?;
-            let written = self
-                .store
-                .write_many(
-                    &[
-                        Guard::Revision(&server_key, server.mod_revision),
-                        Guard::Revision(&hv_key, hv.mod_revision),
-                        Guard::Revision(&flavor_key, flavor.mod_revision),
-                        Guard::Unchanged(&claims, at),
-                    ],
-                    &[(&server_key, &new), (&claim, &claimed)],
-                    &[],
-                )
-                .await
-                .map_err(ApiError::from)?;
-            if written.is_some() {
-                return Ok(Outcome::json(201, success(201), Vec::new()));
-            }
-        }
-        Err(conflict(
-            "too many concurrent placements on the hypervisor; retry".into(),
-        ))
-    }
-}
-
-impl Api {
-    /// `DELETE servers/{name}/binding`: takes a Server off its hypervisor (evacuation, when
-    /// the hypervisor is lost): its claim goes, `status.hypervisor` and `status.allocated` are
-    /// cleared, the host-cleanup finalizer is dropped (the lost host cannot run it; its agent
-    /// sweeps the guest away if it comes back), and the Server waits for the scheduler again.
-    ///
-    /// # Errors
-    /// 404 for a missing Server; 409 when it is not placed or changed meanwhile.
-    pub async fn unbind(&self, t: &Target) -> ApiResult<Outcome> {
-        let key = t.key(self);
-        let server = self
+        })?
+        .to_string();
+    let ns = t.namespace.unwrap_or_default();
+    let server_key = t.key(ctx.prefix);
+    let hv_key = keys::object(ctx.prefix, GROUP, "hypervisors", None, &target);
+    // Flavors are few: reading them all in the same request saves a round trip.
+    let flavors = keys::collection(ctx.prefix, GROUP, "flavors", None);
+    let claims = claims_prefix(ctx.prefix, &target);
+    let claim = claim_key(ctx.prefix, &target, ns, t.name);
+    let conflict = |why: String| ApiError::conflict(GROUP, "servers", t.name, why);
+    let turn = locks.of(&target);
+    let _turn = turn.lock().await;
+    for _ in 0..RETRIES {
+        let (mut reads, at) = ctx
             .store
-            .get(&key)
+            .read_many(&[
+                Read::Key(&server_key),
+                Read::Key(&hv_key),
+                Read::Prefix(&claims),
+                Read::Prefix(&flavors),
+            ])
             .await
-            .map_err(ApiError::from)?
+            .map_err(ApiError::from)?;
+        let all_flavors = std::mem::take(&mut reads[3]);
+        let held = std::mem::take(&mut reads[2]);
+        let hv = reads[1].pop().map(|(_, s)| s);
+        let server = reads[0]
+            .pop()
+            .map(|(_, s)| s)
             .ok_or_else(|| t.not_found())?;
-        let Some(hv) = server
+        if server
+            .value
+            .pointer("/metadata/deletionTimestamp")
+            .is_some()
+        {
+            return Err(conflict("the server is being deleted".into()));
+        }
+        let bound = server
             .value
             .pointer("/status/hypervisor")
+            .and_then(Value::as_str);
+        if let Some(other) = bound.filter(|b| *b != target) {
+            return Err(conflict(format!("the server is placed on {other}")));
+        }
+        let hv = hv
+            .ok_or_else(|| invalid("target.name", format!("Not found: hypervisor \"{target}\"")))?;
+        if hv.value.pointer("/spec/disabled").and_then(Value::as_bool) == Some(true) {
+            return Err(conflict(format!("hypervisor {target} is disabled")));
+        }
+        let limit = limit(&hv.value).ok_or_else(|| {
+            conflict(format!("hypervisor {target} has not reported its capacity"))
+        })?;
+        let flavor_name = server
+            .value
+            .pointer("/spec/flavor")
             .and_then(Value::as_str)
-        else {
-            return Err(ApiError::conflict(
-                GROUP,
-                "servers",
-                t.name(),
-                "the server is not placed",
-            ));
-        };
-        let claim = claim_key(
-            &self.prefix,
-            hv,
-            t.namespace.as_deref().unwrap_or_default(),
-            t.name(),
-        );
+            .unwrap_or_default();
+        let flavor_key = keys::object(ctx.prefix, GROUP, "flavors", None, flavor_name);
+        let flavor = all_flavors
+            .into_iter()
+            .find(|(k, _)| *k == flavor_key)
+            .map(|(_, f)| f)
+            .ok_or_else(|| {
+                invalid(
+                    "spec.flavor",
+                    format!("Not found: flavor \"{flavor_name}\""),
+                )
+            })?;
+        let spec: FlavorSpec =
+            serde_json::from_value(flavor.value.get("spec").cloned().unwrap_or_default())
+                .map_err(|e| invalid("spec.flavor", format!("flavor \"{flavor_name}\": {e}")))?;
+        let need = placement::claim(&spec);
+        let used = held
+            .iter()
+            .filter(|(k, _)| *k != claim)
+            .map(|(_, c)| amount(&c.value))
+            .fold(Amount::default(), Amount::plus);
+        if let Some((_, why)) = placement::shortfall(limit, used, Amount::from(&need)) {
+            return Err(conflict(format!("hypervisor {target}: {why}")));
+        }
         let mut new = server.value.clone();
+        let generation = new.pointer("/metadata/generation").and_then(Value::as_i64);
         {
             let m = crate::base::meta::meta_mut(&mut new);
-            let finalizers: Vec<String> = crate::base::meta::finalizers(&server.value)
-                .into_iter()
-                .filter(|f| f != TEARDOWN_FINALIZER)
-                .collect();
+            let mut finalizers = crate::base::meta::finalizers(&server.value);
+            if !finalizers.iter().any(|f| f == TEARDOWN_FINALIZER) {
+                finalizers.push(TEARDOWN_FINALIZER.to_string());
+            }
             m.insert("finalizers".into(), json!(finalizers));
         }
-        let generation = new.pointer("/metadata/generation").and_then(Value::as_i64);
-        if let Some(status) = new.get_mut("status").and_then(Value::as_object_mut) {
-            status.remove("hypervisor");
-            status.remove("allocated");
-            status.remove("instanceName");
-            status.remove("launchedAt");
-            status.insert("phase".into(), json!("Evacuating"));
-            set_condition(
-                status,
-                "Scheduled",
-                false,
-                "Evacuating",
-                &format!("taken off hypervisor {hv}; waiting to be placed again"),
-                generation,
-            );
-        }
-        // A Server whose only finalizer was the host's, already being deleted, just goes.
-        let gone = new.pointer("/metadata/deletionTimestamp").is_some()
-            && crate::base::meta::finalizers(&new).is_empty();
-        let (puts, deletes): (Vec<(&str, &Value)>, Vec<&str>) = if gone {
-            (vec![], vec![key.as_str(), claim.as_str()])
-        } else {
-            (vec![(key.as_str(), &new)], vec![claim.as_str()])
+        let Some(obj) = new.as_object_mut() else {
+            return Err(ApiError::internal("a stored server is not an object"));
         };
-        let written = self
+        let status = obj
+            .entry("status")
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .ok_or_else(|| ApiError::internal("a stored server's status is not an object"))?;
+        status.insert("hypervisor".into(), json!(target));
+        status.insert(
+            "allocated".into(),
+            serde_json::to_value(&need).map_err(|e| ApiError::internal(e.to_string()))?,
+        );
+        if status
+            .get("phase")
+            .and_then(Value::as_str)
+            .is_none_or(|p| p == "Pending")
+        {
+            status.insert("phase".into(), json!("Scheduled"));
+        }
+        set_condition(
+            status,
+            "Scheduled",
+            true,
+            "Bound",
+            &format!("placed on hypervisor {target}"),
+            generation,
+        );
+        if new == server.value {
+            return Ok(201);
+        }
+        // The claim is the resources alone (what `amount` reads back).
+        let claimed = serde_json::to_value(&need).map_err(|e| ApiError::internal(e.to_string()))?;
+        let written = ctx
             .store
             .write_many(
-                &[Guard::Revision(&key, server.mod_revision)],
-                &puts,
-                &deletes,
+                &[
+                    Guard::Revision(&server_key, server.mod_revision),
+                    Guard::Revision(&hv_key, hv.mod_revision),
+                    Guard::Revision(&flavor_key, flavor.mod_revision),
+                    Guard::Unchanged(&claims, at),
+                ],
+                &[(&server_key, &new), (&claim, &claimed)],
+                &[],
             )
             .await
             .map_err(ApiError::from)?;
-        match written {
-            Some(_) => Ok(Outcome::json(200, success(200), Vec::new())),
-            None => Err(t.conflict()),
+        if written.is_some() {
+            return Ok(201);
         }
     }
+    Err(conflict(
+        "too many concurrent placements on the hypervisor; retry".into(),
+    ))
 }
 
-fn success(code: u16) -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": code})
-}
-
-/// Refuses a status write that changes what only a binding sets (the placement and the
-/// resources claimed for it).
-pub(crate) fn check_status_write(rt: &ResourceType, old: &Value, new: &Value) -> ApiResult<()> {
-    if !is_server(rt) {
-        return Ok(());
+/// `DELETE servers/{name}/binding`: takes a Server off its hypervisor (evacuation, when
+/// the hypervisor is lost): its claim goes, `status.hypervisor` and `status.allocated` are
+/// cleared, the host-cleanup finalizer is dropped (the lost host cannot run it; its agent
+/// sweeps the guest away if it comes back), and the Server waits for the scheduler again.
+///
+/// # Errors
+/// 404 for a missing Server; 409 when it is not placed or changed meanwhile.
+pub async fn unbind(ctx: Ctx<'_>, t: &Subject<'_>) -> ApiResult<u16> {
+    let key = t.key(ctx.prefix);
+    let server = ctx
+        .store
+        .get(&key)
+        .await
+        .map_err(ApiError::from)?
+        .ok_or_else(|| t.not_found())?;
+    let Some(hv) = server
+        .value
+        .pointer("/status/hypervisor")
+        .and_then(Value::as_str)
+    else {
+        return Err(ApiError::conflict(
+            GROUP,
+            "servers",
+            t.name,
+            "the server is not placed",
+        ));
+    };
+    let claim = claim_key(ctx.prefix, hv, t.namespace.unwrap_or_default(), t.name);
+    let mut new = server.value.clone();
+    {
+        let m = crate::base::meta::meta_mut(&mut new);
+        let finalizers: Vec<String> = crate::base::meta::finalizers(&server.value)
+            .into_iter()
+            .filter(|f| f != TEARDOWN_FINALIZER)
+            .collect();
+        m.insert("finalizers".into(), json!(finalizers));
     }
-    for field in ["hypervisor", "allocated"] {
-        let p = format!("/status/{field}");
-        if old.pointer(&p) != new.pointer(&p) {
-            return Err(ApiError::invalid(
-                &rt.kind,
-                &rt.group,
-                &rt.plural,
-                new.pointer("/metadata/name")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default(),
-                vec![Cause::invalid(
-                    format!("status.{field}"),
-                    "Forbidden: set only through the binding subresource",
-                )],
-            ));
-        }
+    let generation = new.pointer("/metadata/generation").and_then(Value::as_i64);
+    if let Some(status) = new.get_mut("status").and_then(Value::as_object_mut) {
+        status.remove("hypervisor");
+        status.remove("allocated");
+        status.remove("instanceName");
+        status.remove("launchedAt");
+        status.insert("phase".into(), json!("Evacuating"));
+        set_condition(
+            status,
+            "Scheduled",
+            false,
+            "Evacuating",
+            &format!("taken off hypervisor {hv}; waiting to be placed again"),
+            generation,
+        );
     }
-    Ok(())
+    // A Server whose only finalizer was the host's, already being deleted, just goes.
+    let gone = new.pointer("/metadata/deletionTimestamp").is_some()
+        && crate::base::meta::finalizers(&new).is_empty();
+    let (puts, deletes): (Vec<(&str, &Value)>, Vec<&str>) = if gone {
+        (vec![], vec![key.as_str(), claim.as_str()])
+    } else {
+        (vec![(key.as_str(), &new)], vec![claim.as_str()])
+    };
+    let written = ctx
+        .store
+        .write_many(
+            &[Guard::Revision(&key, server.mod_revision)],
+            &puts,
+            &deletes,
+        )
+        .await
+        .map_err(ApiError::from)?;
+    match written {
+        Some(_) => Ok(200),
+        None => Err(t.conflict()),
+    }
 }

@@ -1,5 +1,135 @@
-//! Admission beyond the schema: quota and compute placement, checked in the write's own
-//! etcd transaction.
+//! Admission beyond the schema, registered per resource type ([`for_kind`]): checks and claims
+//! made in the same etcd transaction as the write they admit. Quota and compute placement
+//! (binding) are the two today; network IPAM and volume placement plug in the same way.
 
 pub mod binding;
 pub mod quota;
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+
+use crate::base::error::{ApiError, ApiResult};
+use crate::storage::keys;
+use crate::storage::store::{Store, Write};
+
+/// What admission works with: the store and the key prefix of every object.
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx<'a> {
+    /// The store.
+    pub store: &'a Store,
+    /// Key prefix of every object in etcd.
+    pub prefix: &'a str,
+}
+
+/// The object a request addresses, as admission sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    /// API group.
+    pub group: &'a str,
+    /// Kind.
+    pub kind: &'a str,
+    /// Plural, as in paths and keys.
+    pub plural: &'a str,
+    /// Whether the type is namespaced.
+    pub namespaced: bool,
+    /// The namespace from the path.
+    pub namespace: Option<&'a str>,
+    /// The name from the path ("" for a collection).
+    pub name: &'a str,
+}
+
+impl Subject<'_> {
+    /// The object's key.
+    pub fn key(&self, prefix: &str) -> String {
+        keys::object(
+            prefix,
+            self.group,
+            self.plural,
+            self.namespace.filter(|_| self.namespaced),
+            self.name,
+        )
+    }
+
+    /// The key prefix of the type's objects in `ns`.
+    pub fn collection(&self, prefix: &str, ns: &str) -> String {
+        keys::collection(
+            prefix,
+            self.group,
+            self.plural,
+            Some(ns).filter(|_| self.namespaced),
+        )
+    }
+
+    /// 404 for this object.
+    pub fn not_found(&self) -> ApiError {
+        ApiError::not_found(self.group, self.plural, self.name)
+    }
+
+    /// 409: the object changed since it was read.
+    pub fn conflict(&self) -> ApiError {
+        ApiError::conflict(
+            self.group,
+            self.plural,
+            self.name,
+            "the object has been modified; please apply your changes to the latest version and try again",
+        )
+    }
+}
+
+/// A write an admission may make itself, with its checks in the same transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct Change<'a> {
+    /// The object's key.
+    pub key: &'a str,
+    /// For an update: the stored object and the revision it was read at.
+    pub old: Option<(&'a Value, i64)>,
+    /// The object to store.
+    pub new: &'a Value,
+    /// For a create: the key that must exist (the namespace's Project).
+    pub parent: Option<&'a str>,
+}
+
+/// Admission for one resource type. Every method has a default that admits without a word.
+pub trait Admission: Send + Sync {
+    /// The status a new object starts with; `None`: no status until its controller reports.
+    fn initial_status(&self) -> Option<Value> {
+        None
+    }
+
+    /// Refuses a status write that changes what only this admission sets.
+    ///
+    /// # Errors
+    /// 422 naming the field.
+    fn check_status_write(&self, _s: &Subject<'_>, _old: &Value, _new: &Value) -> ApiResult<()> {
+        Ok(())
+    }
+
+    /// Keys an object holds outside its own, deleted in the same transaction as the object.
+    fn attached_keys(&self, _prefix: &str, _obj: &Value) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Makes a create or update itself, atomically with what it checks; `None` when this
+    /// admission does not check the write.
+    fn write<'a>(
+        &'a self,
+        _ctx: Ctx<'a>,
+        _s: Subject<'a>,
+        _w: Change<'a>,
+    ) -> Option<BoxFuture<'a, ApiResult<Write>>> {
+        None
+    }
+}
+
+/// The admissions of a resource type, in the order they apply.
+pub fn for_kind(group: &str, kind: &str) -> &'static [&'static dyn Admission] {
+    static BOTH: [&dyn Admission; 2] = [&binding::Binding, &quota::Quota];
+    static BINDING: [&dyn Admission; 1] = [&binding::Binding];
+    static QUOTA: [&dyn Admission; 1] = [&quota::Quota];
+    match (binding::is_server(group, kind), quota::counted(group, kind)) {
+        (true, true) => &BOTH,
+        (true, false) => &BINDING,
+        (false, true) => &QUOTA,
+        (false, false) => &[],
+    }
+}

@@ -7,10 +7,12 @@
 //! since R. Concurrent creates therefore serialise on the project: 50 at once against a limit
 //! of 10 leave exactly 10, with no counter that could drift.
 
+use futures::future::BoxFuture;
 use serde_json::Value;
 
+use crate::admission::{Admission, Change, Ctx, Subject};
 use crate::base::error::{ApiError, ApiResult};
-use crate::resource::verbs::{Api, Target};
+use crate::storage::keys;
 use crate::storage::store::{Stored, Write};
 
 pub use stratus_api_types::quota::{counted, usage};
@@ -19,196 +21,180 @@ pub use stratus_api_types::quota::{counted, usage};
 /// objects got in between.
 const RETRIES: usize = 64;
 
-impl Api {
-    /// Creates `obj` at `key` if the project's Quotas allow it, atomically with the check.
-    pub(crate) async fn create_within_quota(
-        &self,
-        t: &Target,
-        ns: &str,
-        key: &str,
-        obj: &Value,
-        parent: Option<&str>,
-    ) -> ApiResult<Write> {
-        self.write_within_quota(t, ns, key, None, obj, parent).await
-    }
+/// Quota at admission: registered for every counted kind.
+#[derive(Debug)]
+pub struct Quota;
 
-    /// Updates `key` from `old` (at revision `expected`) to `new` if the project's Quotas allow
-    /// what the change adds (a resize to a larger flavor, a grown volume), atomically.
-    pub(crate) async fn update_within_quota(
-        &self,
-        t: &Target,
-        ns: &str,
-        key: &str,
-        old: &Value,
-        new: &Value,
-        expected: i64,
-    ) -> ApiResult<Write> {
-        self.write_within_quota(t, ns, key, Some((old, expected)), new, None)
+impl Admission for Quota {
+    /// Creates or updates the object if the project's Quotas allow what the write adds (a new
+    /// object, a resize to a larger flavor, a grown volume), atomically with the check.
+    fn write<'a>(
+        &'a self,
+        ctx: Ctx<'a>,
+        s: Subject<'a>,
+        w: Change<'a>,
+    ) -> Option<BoxFuture<'a, ApiResult<Write>>> {
+        let ns = s.namespace?;
+        Some(Box::pin(write_within_quota(ctx, s, ns, w)))
+    }
+}
+
+async fn write_within_quota(
+    ctx: Ctx<'_>,
+    rt: Subject<'_>,
+    ns: &str,
+    w: Change<'_>,
+) -> ApiResult<Write> {
+    let Change {
+        key,
+        old,
+        new,
+        parent,
+    } = w;
+    let name = new
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let quota_prefix = keys::collection(ctx.prefix, "identity.stratus.dev", "quotas", Some(ns));
+    let kind_prefix = rt.collection(ctx.prefix, ns);
+    let expected = old.map(|(_, rev)| rev);
+    for _ in 0..RETRIES {
+        let quotas = ctx
+            .store
+            .list(&quota_prefix, None, 0, 0)
             .await
-    }
-
-    async fn write_within_quota(
-        &self,
-        t: &Target,
-        ns: &str,
-        key: &str,
-        old: Option<(&Value, i64)>,
-        new: &Value,
-        parent: Option<&str>,
-    ) -> ApiResult<Write> {
-        let rt = &t.rt;
-        let name = new
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
+            .map_err(ApiError::from)?;
+        let limited = quotas.items.iter().any(|(_, q)| {
+            q.value
+                .pointer("/spec/limits")
+                .and_then(Value::as_object)
+                .is_some_and(|m| !m.is_empty())
+        });
+        if !limited {
+            // No limit in the project: nothing to count (and no list of its objects).
+            return match expected {
+                Some(rev) => ctx.store.update(key, new, rev).await,
+                None => ctx.store.create_under(key, new, parent).await,
+            }
+            .map_err(ApiError::from);
+        }
+        let at = quotas.revision;
+        let existing = ctx
+            .store
+            .list(&kind_prefix, None, at, 0)
+            .await
+            .map_err(ApiError::from)?;
+        let mut flavors = flavors_named(ctx, new, &existing.items, at).await?;
+        if let Some((o, _)) = old {
+            flavors.extend(flavors_named(ctx, o, &[], at).await?);
+        }
+        let flavor = |n: &str| flavors.iter().find(|(f, _)| f == n).map(|(_, v)| *v);
+        let before = old
+            .map(|(o, _)| usage(rt.group, rt.kind, o, &flavor))
             .unwrap_or_default();
-        let quota_rt = self
-            .registry
-            .by_kind("identity.stratus.dev", "Quota")
-            .ok_or_else(|| ApiError::internal("the Quota kind is not served"))?;
-        let quota_prefix = quota_rt.key_prefix(&self.prefix, Some(ns));
-        let kind_prefix = rt.key_prefix(&self.prefix, Some(ns));
-        let expected = old.map(|(_, rev)| rev);
-        for _ in 0..RETRIES {
-            let quotas = self
-                .store
-                .list(&quota_prefix, None, 0, 0)
-                .await
-                .map_err(ApiError::from)?;
-            let limited = quotas.items.iter().any(|(_, q)| {
-                q.value
-                    .pointer("/spec/limits")
-                    .and_then(Value::as_object)
-                    .is_some_and(|m| !m.is_empty())
-            });
-            if !limited {
-                // No limit in the project: nothing to count (and no list of its objects).
-                return match expected {
-                    Some(rev) => self.store.update(key, new, rev).await,
-                    None => self.store.create_under(key, new, parent).await,
-                }
-                .map_err(ApiError::from);
-            }
-            let at = quotas.revision;
-            let existing = self
-                .store
-                .list(&kind_prefix, None, at, 0)
-                .await
-                .map_err(ApiError::from)?;
-            let mut flavors = self.flavors(new, &existing.items, at).await?;
-            if let Some((o, _)) = old {
-                flavors.extend(self.flavors(o, &[], at).await?);
-            }
-            let flavor = |n: &str| flavors.iter().find(|(f, _)| f == n).map(|(_, v)| *v);
-            let before = old
-                .map(|(o, _)| usage(&rt.group, &rt.kind, o, &flavor))
-                .unwrap_or_default();
-            // Only what the write adds is checked: a shrink or an unchanged size always passes.
-            let grows: Vec<(&str, u64)> = usage(&rt.group, &rt.kind, new, &flavor)
-                .into_iter()
-                .filter(|(f, a)| *a > before.iter().find(|(g, _)| g == f).map_or(0, |(_, b)| *b))
-                .collect();
-            for (field, amount) in &grows {
-                let used: u64 = existing
-                    .items
-                    .iter()
-                    .filter(|(k, _)| k != key)
-                    .flat_map(|(_, s)| usage(&rt.group, &rt.kind, &s.value, &flavor))
-                    .filter(|(f, _)| f == field)
-                    .map(|(_, a)| a)
-                    .sum();
-                for (_, q) in &quotas.items {
-                    let Some(limit) = q
-                        .value
-                        .pointer(&format!("/spec/limits/{field}"))
-                        .and_then(Value::as_u64)
-                    else {
-                        continue;
-                    };
-                    if used + amount > limit {
-                        let quota = q
-                            .value
-                            .pointer("/metadata/name")
-                            .and_then(Value::as_str)
-                            .unwrap_or_default();
-                        return Err(ApiError::forbidden(format!(
-                            "{}.{} \"{name}\" is forbidden: exceeded quota: {quota}, requested: {field}={amount}, used: {field}={used}, limited: {field}={limit}",
-                            rt.plural, rt.group,
-                        )));
-                    }
-                }
-            }
-            match self
-                .store
-                .write_guarded(
-                    key,
-                    new,
-                    expected,
-                    &[(&kind_prefix, at), (&quota_prefix, at)],
-                    parent,
-                )
-                .await
-                .map_err(ApiError::from)?
-            {
-                Write::Done(rev) => return Ok(Write::Done(rev)),
-                // Only a guard failed (the key is as expected): something counted changed since
-                // `at`, so count again.
-                Write::Conflict(rev) if rev == expected.unwrap_or(0) => {
-                    // Unless what failed is the parent (the Project) being gone.
-                    if let Some(parent) = parent
-                        && self
-                            .store
-                            .get(parent)
-                            .await
-                            .map_err(ApiError::from)?
-                            .is_none()
-                    {
-                        return Ok(Write::Conflict(0));
-                    }
-                    continue;
-                }
-                // The key itself changed (or exists, on create): no retry can help.
-                conflict => return Ok(conflict),
-            }
-        }
-        Err(ApiError::conflict(
-            &rt.group,
-            &rt.plural,
-            name,
-            "too many concurrent changes to the project's quota-counted objects; retry",
-        ))
-    }
-
-    /// The (vCPUs, RAM MiB) of every flavor the new object and the existing ones name.
-    async fn flavors(
-        &self,
-        obj: &Value,
-        existing: &[(String, Stored)],
-        at: i64,
-    ) -> ApiResult<Vec<(String, (u64, u64))>> {
-        let mut names: Vec<&str> = existing
-            .iter()
-            .filter_map(|(_, s)| s.value.pointer("/spec/flavor").and_then(Value::as_str))
+        // Only what the write adds is checked: a shrink or an unchanged size always passes.
+        let grows: Vec<(&str, u64)> = usage(rt.group, rt.kind, new, &flavor)
+            .into_iter()
+            .filter(|(f, a)| *a > before.iter().find(|(g, _)| g == f).map_or(0, |(_, b)| *b))
             .collect();
-        names.extend(obj.pointer("/spec/flavor").and_then(Value::as_str));
-        names.sort_unstable();
-        names.dedup();
-        let Some(flavor_rt) = self.registry.by_kind("compute.stratus.dev", "Flavor") else {
-            return Ok(Vec::new());
-        };
-        let mut out = Vec::new();
-        for n in names {
-            let key = flavor_rt.key(&self.prefix, None, n);
-            let page = self
-                .store
-                .list(&key, None, at, 1)
-                .await
-                .map_err(ApiError::from)?;
-            if let Some((k, s)) = page.items.first().filter(|(k, _)| *k == key) {
-                let _ = k;
-                let get = |p: &str| s.value.pointer(p).and_then(Value::as_u64).unwrap_or(0);
-                out.push((n.to_string(), (get("/spec/vcpus"), get("/spec/ramMiB"))));
+        for (field, amount) in &grows {
+            let used: u64 = existing
+                .items
+                .iter()
+                .filter(|(k, _)| k != key)
+                .flat_map(|(_, s)| usage(rt.group, rt.kind, &s.value, &flavor))
+                .filter(|(f, _)| f == field)
+                .map(|(_, a)| a)
+                .sum();
+            for (_, q) in &quotas.items {
+                let Some(limit) = q
+                    .value
+                    .pointer(&format!("/spec/limits/{field}"))
+                    .and_then(Value::as_u64)
+                else {
+                    continue;
+                };
+                if used + amount > limit {
+                    let quota = q
+                        .value
+                        .pointer("/metadata/name")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    return Err(ApiError::forbidden(format!(
+                        "{}.{} \"{name}\" is forbidden: exceeded quota: {quota}, requested: {field}={amount}, used: {field}={used}, limited: {field}={limit}",
+                        rt.plural, rt.group,
+                    )));
+                }
             }
         }
-        Ok(out)
+        match ctx
+            .store
+            .write_guarded(
+                key,
+                new,
+                expected,
+                &[(&kind_prefix, at), (&quota_prefix, at)],
+                parent,
+            )
+            .await
+            .map_err(ApiError::from)?
+        {
+            Write::Done(rev) => return Ok(Write::Done(rev)),
+            // Only a guard failed (the key is as expected): something counted changed since
+            // `at`, so count again.
+            Write::Conflict(rev) if rev == expected.unwrap_or(0) => {
+                // Unless what failed is the parent (the Project) being gone.
+                if let Some(parent) = parent
+                    && ctx
+                        .store
+                        .get(parent)
+                        .await
+                        .map_err(ApiError::from)?
+                        .is_none()
+                {
+                    return Ok(Write::Conflict(0));
+                }
+                continue;
+            }
+            // The key itself changed (or exists, on create): no retry can help.
+            conflict => return Ok(conflict),
+        }
     }
+    Err(ApiError::conflict(
+        rt.group,
+        rt.plural,
+        name,
+        "too many concurrent changes to the project's quota-counted objects; retry",
+    ))
+}
+
+/// The (vCPUs, RAM MiB) of every flavor the new object and the existing ones name.
+async fn flavors_named(
+    ctx: Ctx<'_>,
+    obj: &Value,
+    existing: &[(String, Stored)],
+    at: i64,
+) -> ApiResult<Vec<(String, (u64, u64))>> {
+    let mut names: Vec<&str> = existing
+        .iter()
+        .filter_map(|(_, s)| s.value.pointer("/spec/flavor").and_then(Value::as_str))
+        .collect();
+    names.extend(obj.pointer("/spec/flavor").and_then(Value::as_str));
+    names.sort_unstable();
+    names.dedup();
+    let mut out = Vec::new();
+    for n in names {
+        let key = keys::object(ctx.prefix, "compute.stratus.dev", "flavors", None, n);
+        let page = ctx
+            .store
+            .list(&key, None, at, 1)
+            .await
+            .map_err(ApiError::from)?;
+        if let Some((k, s)) = page.items.first().filter(|(k, _)| *k == key) {
+            let _ = k;
+            let get = |p: &str| s.value.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+            out.push((n.to_string(), (get("/spec/vcpus"), get("/spec/ramMiB"))));
+        }
+    }
+    Ok(out)
 }

@@ -307,7 +307,7 @@ pub(crate) async fn route(
     }
     if let Some(s) = &sub
         && !(s == "status" && rt.status_subresource)
-        && !(s == "binding" && crate::admission::binding::has_binding(rt))
+        && !(s == "binding" && crate::admission::binding::is_server(&rt.group, &rt.kind))
     {
         return Err(none());
     }

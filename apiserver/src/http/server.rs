@@ -307,8 +307,8 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     let store = Store::connect(&config.etcd_endpoints)
         .await?
         .with_marker(
-            crate::policy::identity::marker_key(&config.prefix),
-            crate::policy::identity::marked_prefixes(&config.prefix),
+            crate::storage::keys::marker_key(&config.prefix),
+            crate::storage::keys::marked_prefixes(&config.prefix),
         )
         .with_latency(metrics.etcd.clone(), &config.prefix);
     let listener = TcpListener::bind(config.listen)

@@ -17,6 +17,7 @@ use crate::base::error::ApiError;
 use crate::policy::roles::Grant;
 use stratus_api_types::identity::Role;
 
+use crate::storage::keys;
 use crate::storage::store::{Read, Store, StoreError, Stored, Write};
 
 /// What a verified token says.
@@ -60,7 +61,7 @@ const TOKEN_PREFIX: &str = "st1.";
 /// The most tokens [`Identity::token_grants`] remembers; past it, it starts afresh.
 const MEMO_CAPACITY: usize = 10_000;
 
-/// Token answers as of one revision of the identity marker ([`marker_key`]).
+/// Token answers as of one revision of the identity marker ([`keys::marker_key`]).
 #[derive(Debug, Default)]
 struct Memo {
     /// The marker's `mod_revision` when the answers were read (0: the marker is absent).
@@ -147,21 +148,6 @@ impl MarkerReads {
     }
 }
 
-/// The key every write of a user, a role assignment or a token revocation also puts (see
-/// [`Store::with_marker`]): while its revision stands, no token's answer has changed.
-pub fn marker_key(prefix: &str) -> String {
-    format!("{prefix}/_system/identity-marker")
-}
-
-/// The keys whose writes change what a token allows: see [`marker_key`].
-pub fn marked_prefixes(prefix: &str) -> Vec<String> {
-    vec![
-        format!("{prefix}/identity.stratus.dev/users/"),
-        format!("{prefix}/identity.stratus.dev/roleassignments/"),
-        format!("{prefix}/_system/revoked/"),
-    ]
-}
-
 fn now() -> i64 {
     jiff::Timestamp::now().as_second()
 }
@@ -194,7 +180,7 @@ impl Identity {
             memo: std::sync::Mutex::default(),
             marker_reads: MarkerReads {
                 store,
-                key: marker_key(prefix),
+                key: keys::marker_key(prefix),
                 pending: Arc::default(),
             },
             dummy_hash,
@@ -321,7 +307,7 @@ impl Identity {
         if let Some(answer) = self.memo.lock().ok().and_then(|m| m.get(at, &c.jti)) {
             return Ok(answer);
         }
-        let marker = marker_key(&self.prefix);
+        let marker = keys::marker_key(&self.prefix);
         let revoked = self.revoked_key(&c.jti);
         let user = format!("{}/identity.stratus.dev/users/{}", self.prefix, c.user);
         let assignments = format!("{}/identity.stratus.dev/roleassignments/", self.prefix);

@@ -39,6 +39,16 @@ impl Outcome {
         }
     }
 
+    /// A `Status` of success with its `code`, for a call that changed something it does not
+    /// return.
+    pub fn done(code: u16) -> Self {
+        Self::json(
+            code,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": code}),
+            Vec::new(),
+        )
+    }
+
     /// A `Status` of success, for calls that return no object.
     pub fn success() -> Self {
         Self::ok(json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}))

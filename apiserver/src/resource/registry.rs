@@ -65,6 +65,11 @@ pub struct ResourceType {
 }
 
 impl ResourceType {
+    /// The admissions registered for this type.
+    pub fn admission(&self) -> &'static [&'static dyn crate::admission::Admission] {
+        crate::admission::for_kind(&self.group, &self.kind)
+    }
+
     /// `group/version`, or `version` for the core group.
     pub fn api_version(&self) -> String {
         if self.group.is_empty() {
@@ -77,15 +82,8 @@ impl ResourceType {
     /// The etcd key prefix holding every object of this type (with a trailing `/`), or of one
     /// namespace.
     pub fn key_prefix(&self, prefix: &str, namespace: Option<&str>) -> String {
-        let group = if self.group.is_empty() {
-            "core"
-        } else {
-            &self.group
-        };
-        match namespace {
-            Some(ns) if self.namespaced => format!("{prefix}/{group}/{}/{ns}/", self.plural),
-            _ => format!("{prefix}/{group}/{}/", self.plural),
-        }
+        let namespace = namespace.filter(|_| self.namespaced);
+        crate::storage::keys::collection(prefix, &self.group, &self.plural, namespace)
     }
 
     /// The etcd key of one object.

@@ -6,6 +6,10 @@ use std::sync::Arc;
 use base64::Engine;
 use serde_json::{Map, Value, json};
 
+use futures::future::BoxFuture;
+
+use crate::admission::binding::{self, PlacementLocks};
+use crate::admission::{Change, Ctx, Subject};
 use crate::base::body;
 use crate::base::error::{ApiError, ApiResult, Cause};
 use crate::base::meta::{self, with_rv};
@@ -139,16 +143,23 @@ impl Target {
     }
 
     pub(crate) fn not_found(&self) -> ApiError {
-        ApiError::not_found(&self.rt.group, &self.rt.plural, self.name())
+        self.subject().not_found()
     }
 
     pub(crate) fn conflict(&self) -> ApiError {
-        ApiError::conflict(
-            &self.rt.group,
-            &self.rt.plural,
-            self.name(),
-            "the object has been modified; please apply your changes to the latest version and try again",
-        )
+        self.subject().conflict()
+    }
+
+    /// The object as admission sees it.
+    pub fn subject(&self) -> Subject<'_> {
+        Subject {
+            group: &self.rt.group,
+            kind: &self.rt.kind,
+            plural: &self.rt.plural,
+            namespaced: self.rt.namespaced,
+            namespace: self.namespace.as_deref(),
+            name: self.name(),
+        }
     }
 }
 
@@ -164,7 +175,7 @@ pub struct Api {
     /// Shared watch feeds.
     pub hub: Arc<crate::storage::hub::Hub>,
     /// Placements onto one hypervisor, one at a time in this process.
-    pub(crate) placement_locks: Arc<crate::admission::binding::PlacementLocks>,
+    pub(crate) placement_locks: Arc<PlacementLocks>,
     /// Per system namespace, the uid and creation time it is shown with (see
     /// [`load_system_namespaces`]).
     pub system_namespaces: Arc<Value>,
@@ -231,6 +242,59 @@ impl Selectors {
     /// Whether an object is selected.
     pub fn matches(&self, obj: &Value) -> bool {
         self.labels.matches(obj) && self.fields.matches(obj)
+    }
+}
+
+impl Api {
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            store: &self.store,
+            prefix: &self.prefix,
+        }
+    }
+
+    /// The write an admission of the type makes itself, if one checks this write.
+    fn admitted_write<'a>(
+        &'a self,
+        t: &'a Target,
+        w: Change<'a>,
+    ) -> Option<BoxFuture<'a, ApiResult<Write>>> {
+        t.rt.admission()
+            .iter()
+            .find_map(|a| a.write(self.ctx(), t.subject(), w))
+    }
+
+    /// Keys an object holds outside its own, deleted in the same transaction as the object.
+    pub(crate) fn attached_keys(&self, rt: &ResourceType, obj: &Value) -> Vec<String> {
+        rt.admission()
+            .iter()
+            .flat_map(|a| a.attached_keys(&self.prefix, obj))
+            .collect()
+    }
+
+    /// `POST servers/{name}/binding`: see [`binding::bind`].
+    ///
+    /// # Errors
+    /// As [`binding::bind`].
+    pub async fn bind(&self, t: &Target, bytes: &[u8], content_type: &str) -> ApiResult<Outcome> {
+        let code = binding::bind(
+            self.ctx(),
+            &t.subject(),
+            &self.placement_locks,
+            bytes,
+            content_type,
+        )
+        .await?;
+        Ok(Outcome::done(code))
+    }
+
+    /// `DELETE servers/{name}/binding`: see [`binding::unbind`].
+    ///
+    /// # Errors
+    /// As [`binding::unbind`].
+    pub async fn unbind(&self, t: &Target) -> ApiResult<Outcome> {
+        let code = binding::unbind(self.ctx(), &t.subject()).await?;
+        Ok(Outcome::done(code))
     }
 }
 
@@ -465,7 +529,7 @@ impl Api {
         if t.rt.status_subresource
             && let Some(o) = obj.as_object_mut()
         {
-            match crate::admission::binding::initial_status(&t.rt) {
+            match t.rt.admission().iter().find_map(|a| a.initial_status()) {
                 Some(s) => o.insert("status".into(), s),
                 None => o.remove("status"),
             };
@@ -490,12 +554,15 @@ impl Api {
             .as_deref()
             .filter(|_| t.rt.namespaced)
             .and_then(|ns| self.project_key(ns));
-        let written = match namespace.as_deref() {
-            Some(ns) if crate::admission::quota::counted(&t.rt.group, &t.rt.kind) => {
-                self.create_within_quota(t, ns, &key, &obj, parent.as_deref())
-                    .await?
-            }
-            _ => self
+        let change = Change {
+            key: &key,
+            old: None,
+            new: &obj,
+            parent: parent.as_deref(),
+        };
+        let written = match self.admitted_write(t, change) {
+            Some(write) => write.await?,
+            None => self
                 .store
                 .create_under(&key, &obj, parent.as_deref())
                 .await
@@ -848,7 +915,9 @@ impl Api {
             ));
         }
         if status_write {
-            crate::admission::binding::check_status_write(&t.rt, old, &new)?;
+            for a in t.rt.admission() {
+                a.check_status_write(&t.subject(), old, &new)?;
+            }
         }
         let key = t.key(self);
         if deleting && meta::finalizers(&new).is_empty() {
@@ -872,12 +941,15 @@ impl Api {
                 warnings,
             ));
         }
-        let written = match t.namespace.as_deref() {
-            Some(ns) if crate::admission::quota::counted(&t.rt.group, &t.rt.kind) => {
-                self.update_within_quota(t, ns, &key, old, &new, current.mod_revision)
-                    .await?
-            }
-            _ => self
+        let change = Change {
+            key: &key,
+            old: Some((old, current.mod_revision)),
+            new: &new,
+            parent: None,
+        };
+        let written = match self.admitted_write(t, change) {
+            Some(write) => write.await?,
+            None => self
                 .store
                 .update(&key, &new, current.mod_revision)
                 .await

@@ -1,4 +1,5 @@
 //! Objects in etcd: the store and its transactions, and the shared watch feeds.
 
 pub mod hub;
+pub mod keys;
 pub mod store;
