@@ -12,6 +12,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{Condition, IP_PATTERN, LABEL_PATTERN, MAC_PATTERN, NAME_PATTERN, Time};
 
+/// The finalizer the API server's binding puts on a Server it places on a node; that node's
+/// compute agent removes it once the guest and its disks are gone from the host.
+pub const TEARDOWN_FINALIZER: &str = "compute.stratus.dev/teardown";
+
+/// Namespace of the nodes' heartbeat Leases (one per node, named after it), as in Kubernetes.
+pub const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
+
 /// A hardware template for Servers: vCPUs, RAM and disk sizes.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -284,6 +291,16 @@ pub struct HypervisorStatus {
     /// The `metadata.generation` this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+impl Hypervisor {
+    /// Whether its agent reports it `Ready` (and its heartbeat has not expired): the only
+    /// hypervisors new servers are placed on.
+    pub fn is_ready(&self) -> bool {
+        self.status
+            .as_ref()
+            .is_some_and(|s| crate::common::ConditionType::Ready.is_true(&s.conditions))
+    }
 }
 
 /// An SSH public key injected into Servers that name it.

@@ -7,16 +7,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::Client;
+use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
-use kube::{Client, ResourceExt};
-use serde_json::json;
-use stratus_api_types::common::{Time, set_condition};
+use stratus_api_types::common::ConditionType;
 use stratus_api_types::image::{Image, ImagePhase};
 use stratus_image_cache::{ImageCache, ImageError};
+use stratus_runtime::policy::kube_retry;
+use stratus_runtime::{Classify, Retry, Runtime};
 
-/// Why a reconcile failed; every one may succeed on retry.
+/// The field manager of the image controller's status writes.
+const MANAGER: &str = "stratus-image-controller";
+
+/// Why a reconcile failed, and whether retrying can help.
 #[derive(Debug, thiserror::Error)]
 pub enum ImagesError {
     /// A request to the API server failed.
@@ -25,38 +29,35 @@ pub enum ImagesError {
     /// The download task panicked (a bug).
     #[error("download task failed")]
     Join(#[from] tokio::task::JoinError),
-    /// An Image without a namespace (a bug elsewhere: Image is namespaced).
-    #[error("image has no namespace")]
-    NoNamespace,
+}
+
+impl Classify for ImagesError {
+    fn retry(&self) -> Retry {
+        match self {
+            Self::Api(e) => kube_retry(e),
+            Self::Join(_) => Retry::Never,
+        }
+    }
 }
 
 struct Ctx {
-    client: Client,
+    runtime: Runtime<Image>,
     cache: Arc<ImageCache>,
 }
 
-async fn write(ctx: &Ctx, image: &Image, status: serde_json::Value) -> Result<(), ImagesError> {
-    let ns = image.namespace().ok_or(ImagesError::NoNamespace)?;
-    Api::<Image>::namespaced(ctx.client.clone(), &ns)
-        .patch_status(
-            &image.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "status": status })),
-        )
-        .await
-        .map_err(ImagesError::Api)?;
-    Ok(())
+async fn reconcile(image: Arc<Image>, ctx: Arc<Ctx>) -> Result<Action, ImagesError> {
+    let result = verify(&image, &ctx).await;
+    ctx.runtime.finish(&image, result).await
 }
 
-async fn reconcile(image: Arc<Image>, ctx: Arc<Ctx>) -> Result<Action, ImagesError> {
+async fn verify(image: &Image, ctx: &Ctx) -> Result<Action, ImagesError> {
     let generation = image.metadata.generation;
     let current = image.status.clone().unwrap_or_default();
     // A verified image, or one whose data is wrong, is done until its spec changes; a failed
     // download is tried again.
-    let wrong_data = current
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Verified" && c.reason == "ChecksumMismatch");
+    let wrong_data = ConditionType::Verified
+        .find(&current.conditions)
+        .is_some_and(|c| c.reason == CHECKSUM_MISMATCH);
     let settled =
         current.phase == ImagePhase::Active || (current.phase == ImagePhase::Error && wrong_data);
     if image.metadata.deletion_timestamp.is_some()
@@ -67,107 +68,81 @@ async fn reconcile(image: Arc<Image>, ctx: Arc<Ctx>) -> Result<Action, ImagesErr
     // Downloading is shown for a first try (of this generation), not for every retry.
     let first_try =
         current.observed_generation != generation || current.phase == ImagePhase::Pending;
+    let mut status = current.clone();
+    // What the status is now, for the last write to send what differs from it.
+    let mut written = image.clone();
     if first_try && current.phase != ImagePhase::Downloading {
-        write(
-            &ctx,
-            &image,
-            json!({"phase": "Downloading", "observedGeneration": generation}),
-        )
-        .await?;
+        status.phase = ImagePhase::Downloading;
+        status.observed_generation = generation;
+        ctx.runtime
+            .write_status(image, &status)
+            .await
+            .map_err(ImagesError::Api)?;
+        written.status = Some(status.clone());
     }
     let cache = Arc::clone(&ctx.cache);
     let url = image.spec.source.url.clone();
     let sum = image.spec.sha256.clone();
-    let got = tokio::task::spawn_blocking(move || cache.fetch(&url, sum.as_deref())).await?;
-    let mut conditions = current.conditions.clone();
-    let now = Time(jiff::Timestamp::now());
+    let got = stratus_runtime::blocking(move || cache.fetch(&url, sum.as_deref())).await?;
     let mut next = Action::await_change();
-    let status = match got {
+    status.observed_generation = generation;
+    match got {
         Ok(c) => {
             let how = if image.spec.sha256.is_some() {
                 "the data matches spec.sha256"
             } else {
                 "no checksum given; the data's checksum is recorded"
             };
-            set_condition(
-                &mut conditions,
-                "Verified",
-                true,
-                "Verified",
-                how,
-                generation,
-                now.clone(),
-            );
-            set_condition(
-                &mut conditions,
-                "Ready",
-                true,
-                "Active",
-                "servers can boot from it",
-                generation,
-                now,
-            );
-            json!({"phase": "Active", "sizeBytes": c.size, "sha256": c.sha256,
-                   "conditions": conditions, "observedGeneration": generation})
+            status.phase = ImagePhase::Active;
+            status.size_bytes = Some(c.size);
+            status.sha256 = Some(c.sha256);
+            ConditionType::Verified
+                .yes("Verified", how)
+                .set(&mut status.conditions, generation);
+            ConditionType::Ready
+                .yes("Active", "servers can boot from it")
+                .set(&mut status.conditions, generation);
         }
         Err(e) => {
             let (reason, message) = match &e {
                 ImageError::ChecksumMismatch { expected, actual } => (
-                    "ChecksumMismatch",
+                    CHECKSUM_MISMATCH,
                     format!("the data's sha256 is {actual}, not {expected}"),
                 ),
                 other => {
                     next = Action::requeue(Duration::from_secs(30));
-                    ("DownloadFailed", other.to_string())
+                    ("DownloadFailed", stratus_runtime::policy::chain(other))
                 }
             };
-            set_condition(
-                &mut conditions,
-                "Verified",
-                false,
-                reason,
-                &message,
-                generation,
-                now.clone(),
-            );
-            set_condition(
-                &mut conditions,
-                "Ready",
-                false,
-                reason,
-                &message,
-                generation,
-                now,
-            );
-            json!({"phase": "Error", "conditions": conditions, "observedGeneration": generation})
+            status.phase = ImagePhase::Error;
+            ConditionType::Verified
+                .no(reason, message.clone())
+                .set(&mut status.conditions, generation);
+            ConditionType::Ready
+                .no(reason, message)
+                .set(&mut status.conditions, generation);
         }
-    };
-    // A retry that fails the same way changes nothing.
-    let before = serde_json::to_value(&current).unwrap_or_default();
-    let unchanged = [
-        "phase",
-        "conditions",
-        "observedGeneration",
-        "sha256",
-        "sizeBytes",
-    ]
-    .iter()
-    .all(|k| before.get(k) == status.get(k));
-    if !unchanged {
-        write(&ctx, &image, status).await?;
     }
+    // A retry that fails the same way changes nothing, and writes nothing.
+    ctx.runtime
+        .write_status(&written, &status)
+        .await
+        .map_err(ImagesError::Api)?;
     Ok(next)
 }
 
-fn error_policy(_i: Arc<Image>, e: &ImagesError, _ctx: Arc<Ctx>) -> Action {
-    tracing::warn!(error = %e, "image reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+/// Reason of a `Verified=False` for data whose digest is not `spec.sha256`: final until the
+/// spec changes.
+const CHECKSUM_MISMATCH: &str = "ChecksumMismatch";
+
+fn error_policy(image: Arc<Image>, e: &ImagesError, ctx: Arc<Ctx>) -> Action {
+    ctx.runtime.error_policy(&image, e)
 }
 
 /// Runs the image controller, caching image data under `dir`, until its watch ends.
 pub async fn run(client: Client, dir: PathBuf) {
     let ctx = Arc::new(Ctx {
-        client: client.clone(),
+        runtime: Runtime::new(client.clone(), MANAGER),
         cache: Arc::new(ImageCache::new(dir)),
     });
     Controller::new(Api::<Image>::all(client), watcher::Config::default())

@@ -18,9 +18,10 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use stratus_api_types::common::{Time, set_condition};
 use stratus_api_types::compute::{EvacuationPolicy, Hypervisor, Server, ServerPhase};
+use stratus_runtime::policy::kube_retry;
+use stratus_runtime::{Classify, Retry, Runtime};
 
-/// Namespace of the nodes' heartbeat Leases.
-pub const LEASE_NAMESPACE: &str = "kube-node-lease";
+pub use stratus_api_types::compute::NODE_LEASE_NAMESPACE as LEASE_NAMESPACE;
 
 /// How often every hypervisor is checked regardless of events.
 const RESYNC: Duration = Duration::from_secs(5);
@@ -33,8 +34,17 @@ pub enum NodesError {
     Api(#[source] kube::Error),
 }
 
+impl Classify for NodesError {
+    fn retry(&self) -> Retry {
+        match self {
+            Self::Api(e) => kube_retry(e),
+        }
+    }
+}
+
 struct Ctx {
     client: Client,
+    runtime: Runtime<Hypervisor>,
     leases: Store<Lease>,
     servers: Store<Server>,
     recorder: Recorder,
@@ -48,14 +58,6 @@ fn expiry(lease: &Lease) -> Option<jiff::Timestamp> {
     renewed
         .checked_add(jiff::SignedDuration::from_secs(seconds))
         .ok()
-}
-
-fn ready(hv: &Hypervisor) -> bool {
-    hv.status.as_ref().is_some_and(|s| {
-        s.conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-    })
 }
 
 async fn publish<K: Resource<DynamicType = ()>>(
@@ -154,6 +156,11 @@ async fn handle_servers(ctx: &Ctx, hv: &str) -> Result<(), NodesError> {
 }
 
 async fn reconcile(hv: Arc<Hypervisor>, ctx: Arc<Ctx>) -> Result<Action, NodesError> {
+    let result = sync(Arc::clone(&hv), Arc::clone(&ctx)).await;
+    ctx.runtime.finish(&hv, result).await
+}
+
+async fn sync(hv: Arc<Hypervisor>, ctx: Arc<Ctx>) -> Result<Action, NodesError> {
     let name = hv.name_any();
     tracing::trace!(hypervisor = %name, "node lifecycle: looking");
     stratus_runtime::store_ready(&ctx.leases).await;
@@ -185,7 +192,7 @@ async fn reconcile(hv: Arc<Hypervisor>, ctx: Arc<Ctx>) -> Result<Action, NodesEr
         tracing::trace!(hypervisor = %name, %until, "node lifecycle: heartbeat current");
         return Ok(Action::requeue(left + Duration::from_secs(1)));
     }
-    if ready(&hv) {
+    if hv.is_ready() {
         let mut status = hv.status.clone().unwrap_or_default();
         let message = format!("no heartbeat since {until}");
         tracing::info!(hypervisor = %name, %until, "node lifecycle: heartbeat lost, marking NotReady");
@@ -214,9 +221,8 @@ async fn reconcile(hv: Arc<Hypervisor>, ctx: Arc<Ctx>) -> Result<Action, NodesEr
     Ok(Action::requeue(Duration::from_secs(10)))
 }
 
-fn error_policy(_hv: Arc<Hypervisor>, e: &NodesError, _ctx: Arc<Ctx>) -> Action {
-    tracing::warn!(error = %e, "node lifecycle failed; retrying");
-    Action::requeue(Duration::from_secs(2))
+fn error_policy(hv: Arc<Hypervisor>, e: &NodesError, ctx: Arc<Ctx>) -> Action {
+    ctx.runtime.error_policy(&hv, e)
 }
 
 /// Runs the node lifecycle controller until its watches end.
@@ -238,6 +244,7 @@ pub async fn run(client: Client) {
     .reflect(server_writer)
     .touched_objects();
     let ctx = Arc::new(Ctx {
+        runtime: Runtime::new(client.clone(), "stratus-node-lifecycle"),
         recorder: Recorder::new(
             client.clone(),
             Reporter {

@@ -1,38 +1,47 @@
 //! The project controller: a deleted Project goes only after every object in its namespace is
 //! gone — each object's own finalizers (the agents' host cleanup) run first.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject};
 use kube::discovery::ApiResource;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::finalizer::{Event, finalizer};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
-use serde_json::json;
-use stratus_api_types::identity::Project;
+use stratus_api_types::common::ConditionType;
+use stratus_api_types::identity::{Project, ProjectPhase, ProjectStatus};
+use stratus_runtime::finalizer::{self, Stage};
+use stratus_runtime::policy::kube_retry;
+use stratus_runtime::{Classify, Retry, Runtime};
 
 /// The finalizer that holds a Project until its namespace is empty.
 pub const FINALIZER: &str = "identity.stratus.dev/project-cleanup";
 
-/// Why a reconcile did not finish; every one is retried.
+/// The field manager of the project controller's status writes.
+const MANAGER: &str = "stratus-project-controller";
+
+/// Why a reconcile failed, and whether retrying can help. Waiting for a project's objects to
+/// go is not one: it is reported in the Project's status.
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectError {
-    /// Reading or deleting through the API failed.
-    #[error("read or delete through the API")]
+    /// Reading, deleting or writing through the API failed.
+    #[error("read, delete or write through the API")]
     Api(#[source] kube::Error),
-    /// Objects remain in the namespace (some wait for their own finalizers).
-    #[error("waiting for {0} object(s) in the project to be deleted")]
-    Waiting(usize),
-    /// Adding or removing the finalizer failed.
-    #[error("finalizer")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<ProjectError>>),
+}
+
+impl Classify for ProjectError {
+    fn retry(&self) -> Retry {
+        match self {
+            Self::Api(e) => kube_retry(e),
+        }
+    }
 }
 
 struct Ctx {
-    client: Client,
+    runtime: Runtime<Project>,
     /// Every namespaced kind: what a project's namespace can hold.
     kinds: Vec<ApiResource>,
 }
@@ -68,18 +77,77 @@ fn namespaced_kinds() -> Vec<ApiResource> {
     kinds
 }
 
-/// Deletes what is left in the namespace; Ok once nothing is.
-async fn empty_namespace(ctx: &Ctx, ns: &str) -> Result<(), ProjectError> {
-    let mut remaining = 0;
+/// What a deleted project's namespace still holds.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Remaining {
+    /// `plural.group` → how many objects of it.
+    kinds: BTreeMap<String, usize>,
+    /// Finalizer → how many of the objects carry it.
+    finalizers: BTreeMap<String, usize>,
+}
+
+impl Remaining {
+    /// The status a Project waiting for these shows, as a namespace's does in Kubernetes
+    /// (`NamespaceContentRemaining`, `NamespaceFinalizersRemaining`).
+    fn status(&self, p: &Project) -> ProjectStatus {
+        let mut status = p.status.clone().unwrap_or_default();
+        status.phase = ProjectPhase::Terminating;
+        let generation = p.metadata.generation;
+        let list = |m: &BTreeMap<String, usize>, sep: &str| {
+            m.iter()
+                .map(|(k, n)| format!("{k}{sep}{n} resource instances"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let content = if self.kinds.is_empty() {
+            ConditionType::ContentRemaining.no("ContentDeleted", "all resources are deleted")
+        } else {
+            ConditionType::ContentRemaining.yes(
+                "SomeResourcesRemain",
+                format!(
+                    "Some resources are remaining: {}",
+                    list(&self.kinds, " has ")
+                ),
+            )
+        };
+        content.set(&mut status.conditions, generation);
+        let finalizers = if self.finalizers.is_empty() {
+            ConditionType::FinalizersRemaining
+                .no("ContentHasNoFinalizers", "no content has finalizers")
+        } else {
+            ConditionType::FinalizersRemaining.yes(
+                "SomeFinalizersRemain",
+                format!(
+                    "Some content in the project has finalizers remaining: {}",
+                    list(&self.finalizers, " in ")
+                ),
+            )
+        };
+        finalizers.set(&mut status.conditions, generation);
+        status
+    }
+}
+
+/// Deletes what is left in the namespace and says what still is.
+async fn empty_namespace(ctx: &Ctx, ns: &str) -> Result<Remaining, ProjectError> {
+    let mut remaining = Remaining::default();
     for ar in &ctx.kinds {
-        let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, ar);
+        let api: Api<DynamicObject> = Api::namespaced_with(ctx.runtime.client().clone(), ns, ar);
         for o in api
             .list(&Default::default())
             .await
             .map_err(ProjectError::Api)?
             .items
         {
-            remaining += 1;
+            let kind = if ar.group.is_empty() {
+                ar.plural.clone()
+            } else {
+                format!("{}.{}", ar.plural, ar.group)
+            };
+            *remaining.kinds.entry(kind).or_default() += 1;
+            for f in o.finalizers() {
+                *remaining.finalizers.entry(f.clone()).or_default() += 1;
+            }
             if o.metadata.deletion_timestamp.is_none() {
                 match api.delete(&o.name_any(), &DeleteParams::background()).await {
                     Ok(_) => {}
@@ -89,49 +157,53 @@ async fn empty_namespace(ctx: &Ctx, ns: &str) -> Result<(), ProjectError> {
             }
         }
     }
-    if remaining > 0 {
-        Err(ProjectError::Waiting(remaining))
-    } else {
-        Ok(())
-    }
+    Ok(remaining)
 }
 
 async fn reconcile(p: Arc<Project>, ctx: Arc<Ctx>) -> Result<Action, ProjectError> {
-    let api: Api<Project> = Api::all(ctx.client.clone());
-    finalizer(&api, FINALIZER, p, |event| async {
-        match event {
-            Event::Apply(p) => {
-                if p.status.as_ref().is_none_or(|s| s.observed_generation != p.metadata.generation) {
-                    let status = json!({"status": {"phase": "Active", "observedGeneration": p.metadata.generation}});
-                    api.patch_status(&p.name_any(), &PatchParams::default(), &Patch::Merge(status)).await.map_err(ProjectError::Api)?;
-                }
-                Ok(Action::requeue(Duration::from_secs(600)))
-            }
-            Event::Cleanup(p) => {
-                let status = json!({"status": {"phase": "Terminating"}});
-                let _ = api.patch_status(&p.name_any(), &PatchParams::default(), &Patch::Merge(status)).await;
-                empty_namespace(&ctx, &p.name_any()).await?;
-                Ok(Action::await_change())
-            }
-        }
-    })
-    .await
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => ProjectError::Finalizer(Box::new(other)),
-    })
+    let result = sync(&p, &ctx).await;
+    ctx.runtime.finish(&p, result).await
 }
 
-fn error_policy(p: Arc<Project>, e: &ProjectError, _: Arc<Ctx>) -> Action {
-    match e {
-        ProjectError::Waiting(n) => {
-            tracing::info!(project = %p.name_any(), remaining = n, "project deletion waits for its objects")
+async fn sync(p: &Project, ctx: &Ctx) -> Result<Action, ProjectError> {
+    let client = ctx.runtime.client();
+    match finalizer::stage(p, FINALIZER) {
+        // Adding it is a change, which reconciles the Project again.
+        Stage::Adopt => finalizer::add(client, p, FINALIZER)
+            .await
+            .map(|()| Action::await_change())
+            .map_err(ProjectError::Api),
+        Stage::Live => {
+            let mut status = p.status.clone().unwrap_or_default();
+            status.phase = ProjectPhase::Active;
+            status.observed_generation = p.metadata.generation;
+            ctx.runtime
+                .write_status(p, &status)
+                .await
+                .map_err(ProjectError::Api)?;
+            Ok(Action::requeue(Duration::from_secs(600)))
         }
-        e => {
-            tracing::warn!(project = %p.name_any(), error = %e, "project reconcile failed; retrying")
+        Stage::Cleanup => {
+            let remaining = empty_namespace(ctx, &p.name_any()).await?;
+            if remaining == Remaining::default() {
+                finalizer::release(client, p, FINALIZER)
+                    .await
+                    .map_err(ProjectError::Api)?;
+                return Ok(Action::await_change());
+            }
+            ctx.runtime
+                .write_status(p, &remaining.status(p))
+                .await
+                .map_err(ProjectError::Api)?;
+            tracing::info!(project = %p.name_any(), ?remaining, "project deletion waits for its objects");
+            Ok(Action::requeue(Duration::from_secs(2)))
         }
+        Stage::Gone => Ok(Action::await_change()),
     }
-    Action::requeue(Duration::from_secs(2))
+}
+
+fn error_policy(p: Arc<Project>, e: &ProjectError, ctx: Arc<Ctx>) -> Action {
+    ctx.runtime.error_policy(&p, e)
 }
 
 /// Runs the controller until the process ends.
@@ -142,10 +214,58 @@ pub async fn run(client: Client) {
             reconcile,
             error_policy,
             Arc::new(Ctx {
-                client,
+                runtime: Runtime::new(client, MANAGER),
                 kinds: namespaced_kinds(),
             }),
         )
         .for_each(|_| async {})
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiting_deletion_names_what_remains_and_which_finalizers_hold_it() {
+        let p = Project::new(
+            "demo",
+            stratus_api_types::identity::ProjectSpec {
+                description: None,
+                enabled: true,
+            },
+        );
+        let remaining = Remaining {
+            kinds: BTreeMap::from([
+                ("keypairs.compute.stratus.dev".into(), 1),
+                ("servers.compute.stratus.dev".into(), 2),
+            ]),
+            finalizers: BTreeMap::from([("compute.stratus.dev/teardown".into(), 2)]),
+        };
+        let status = remaining.status(&p);
+        assert_eq!(status.phase, ProjectPhase::Terminating);
+        let content = ConditionType::ContentRemaining
+            .find(&status.conditions)
+            .expect("ContentRemaining");
+        assert_eq!(
+            (content.status.as_str(), content.message.as_str()),
+            (
+                "True",
+                "Some resources are remaining: keypairs.compute.stratus.dev has 1 resource instances, servers.compute.stratus.dev has 2 resource instances"
+            )
+        );
+        let finalizers = ConditionType::FinalizersRemaining
+            .find(&status.conditions)
+            .expect("FinalizersRemaining");
+        assert_eq!(
+            finalizers.message,
+            "Some content in the project has finalizers remaining: compute.stratus.dev/teardown in 2 resource instances"
+        );
+        let none = Remaining {
+            kinds: BTreeMap::from([("networks.network.stratus.dev".into(), 1)]),
+            ..Default::default()
+        }
+        .status(&p);
+        assert!(!ConditionType::FinalizersRemaining.is_true(&none.conditions));
+    }
 }

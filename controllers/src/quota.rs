@@ -1,34 +1,59 @@
 //! The quota controller: keeps each Quota's `status.used` equal to what its project consumes,
-//! counted from the store (admission enforces the limits; this makes them visible).
+//! counted from its own watch caches of the counted kinds (admission enforces the limits;
+//! this makes them visible).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DynamicObject};
 use kube::discovery::ApiResource;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::{Map, Value, json};
 use stratus_api_types::compute::Flavor;
-use stratus_api_types::identity::Quota;
+use stratus_api_types::identity::{Quota, QuotaPhase, QuotaUsage};
 use stratus_api_types::quota::{COUNTED, usage};
+use stratus_runtime::policy::kube_retry;
+use stratus_runtime::{Classify, Retry, Runtime};
 
-/// Why a reconcile failed; every one of them may succeed on retry.
+/// The field manager of the quota controller's status writes.
+const MANAGER: &str = "stratus-quota";
+
+/// Why a reconcile failed, and whether retrying can help.
 #[derive(Debug, thiserror::Error)]
 pub enum QuotaError {
-    /// Reading the project's objects or writing the status failed.
-    #[error("read or write through the API")]
+    /// Writing the status failed.
+    #[error("write the quota's status")]
     Api(#[source] kube::Error),
-    /// The Quota has no namespace (a bug elsewhere: Quota is namespaced).
-    #[error("quota has no namespace")]
-    NoNamespace,
+    /// The usage counted does not fit the status's schema (a bug: a counted field that
+    /// `QuotaUsage` lacks).
+    #[error("usage does not fit the status")]
+    Usage(#[source] serde_json::Error),
+}
+
+impl Classify for QuotaError {
+    fn retry(&self) -> Retry {
+        match self {
+            Self::Api(e) => kube_retry(e),
+            Self::Usage(_) => Retry::Never,
+        }
+    }
+}
+
+/// One counted kind and the cache of its objects.
+struct Counted {
+    group: &'static str,
+    kind: &'static str,
+    objects: Store<DynamicObject>,
 }
 
 struct Ctx {
-    client: Client,
+    runtime: Runtime<Quota>,
+    flavors: Store<Flavor>,
+    counted: Vec<Counted>,
 }
 
 fn resource((group, kind, plural): (&str, &str, &str)) -> ApiResource {
@@ -41,102 +66,144 @@ fn resource((group, kind, plural): (&str, &str, &str)) -> ApiResource {
     }
 }
 
-/// Counts what a project uses.
-async fn used_in(client: &Client, ns: &str) -> Result<Map<String, Value>, QuotaError> {
-    let flavors: Vec<Flavor> = Api::<Flavor>::all(client.clone())
-        .list(&Default::default())
-        .await
-        .map_err(QuotaError::Api)?
-        .items;
+/// Counts what a project uses, from the caches.
+fn used_in(ctx: &Ctx, ns: &str) -> Result<QuotaUsage, QuotaError> {
     let flavor = |name: &str| {
-        flavors
-            .iter()
-            .find(|f| f.name_any() == name)
+        ctx.flavors
+            .get(&ObjectRef::new(name))
             .map(|f| (u64::from(f.spec.vcpus), f.spec.ram_mib))
     };
     let mut used = Map::new();
-    for c in COUNTED {
-        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &resource(c));
-        let objs = api
-            .list(&Default::default())
-            .await
-            .map_err(QuotaError::Api)?;
-        // Every counted field shows, zero included.
-        for (field, _) in usage(c.0, c.1, &json!({}), &flavor) {
-            used.entry(field).or_insert(json!(0));
-        }
-        for o in objs.items {
-            let v = serde_json::to_value(&o).unwrap_or(Value::Null);
-            for (field, amount) in usage(c.0, c.1, &v, &flavor) {
+    for c in &ctx.counted {
+        for o in ctx.counted_in(c, ns) {
+            let v = serde_json::to_value(&*o).unwrap_or(Value::Null);
+            for (field, amount) in usage(c.group, c.kind, &v, &flavor) {
                 let e = used.entry(field).or_insert(json!(0));
                 *e = json!(e.as_u64().unwrap_or(0) + amount);
             }
         }
     }
-    Ok(used)
+    serde_json::from_value(Value::Object(used)).map_err(QuotaError::Usage)
+}
+
+impl Ctx {
+    fn counted_in(&self, c: &Counted, ns: &str) -> Vec<Arc<DynamicObject>> {
+        c.objects
+            .state()
+            .into_iter()
+            .filter(|o| o.namespace().as_deref() == Some(ns))
+            .collect()
+    }
 }
 
 async fn reconcile(q: Arc<Quota>, ctx: Arc<Ctx>) -> Result<Action, QuotaError> {
-    let ns = q.namespace().ok_or(QuotaError::NoNamespace)?;
-    let used = used_in(&ctx.client, &ns).await?;
+    let result = recount(&q, &ctx).await;
+    ctx.runtime.finish(&q, result).await
+}
+
+async fn recount(q: &Quota, ctx: &Ctx) -> Result<Action, QuotaError> {
+    let Some(ns) = q.namespace() else {
+        return Ok(Action::await_change());
+    };
+    // Counting from caches that have not listed yet would report zero.
+    stratus_runtime::store_ready(&ctx.flavors).await;
+    for c in &ctx.counted {
+        stratus_runtime::store_ready(&c.objects).await;
+    }
+    let used = used_in(ctx, &ns)?;
     let limits = serde_json::to_value(&q.spec.limits).unwrap_or(Value::Null);
-    let exceeded = used.iter().any(|(f, u)| {
+    let counted = serde_json::to_value(&used).unwrap_or(Value::Null);
+    let exceeded = counted.as_object().into_iter().flatten().any(|(f, u)| {
         limits
             .get(f)
             .and_then(Value::as_u64)
             .is_some_and(|l| u.as_u64().unwrap_or(0) > l)
     });
-    let status = json!({"status": {
-        "phase": if exceeded { "Exceeded" } else { "Active" },
-        "used": used,
-        "observedGeneration": q.metadata.generation,
-    }});
-    let api: Api<Quota> = Api::namespaced(ctx.client.clone(), &ns);
-    let pp = PatchParams {
-        field_manager: Some("stratus-quota".into()),
-        ..Default::default()
+    let mut status = q.status.clone().unwrap_or_default();
+    status.phase = if exceeded {
+        QuotaPhase::Exceeded
+    } else {
+        QuotaPhase::Active
     };
-    api.patch_status(&q.name_any(), &pp, &Patch::Merge(status))
+    status.used = used;
+    status.observed_generation = q.metadata.generation;
+    ctx.runtime
+        .write_status(q, &status)
         .await
         .map_err(QuotaError::Api)?;
     // Changes to counted objects trigger a reconcile; the requeue only repairs missed events.
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
-fn error_policy(q: Arc<Quota>, e: &QuotaError, _: Arc<Ctx>) -> Action {
-    tracing::warn!(quota = %q.name_any(), error = %e, "quota status not updated; retrying");
-    Action::requeue(Duration::from_secs(5))
+fn error_policy(q: Arc<Quota>, e: &QuotaError, ctx: Arc<Ctx>) -> Action {
+    ctx.runtime.error_policy(&q, e)
+}
+
+/// Keeps of a counted object only what counting reads (its spec), so the caches hold no
+/// status, managed fields or annotations.
+fn slim(o: &mut DynamicObject) {
+    o.metadata.managed_fields = None;
+    o.metadata.annotations = None;
+    o.metadata.labels = None;
+    if let Some(m) = o.data.as_object_mut() {
+        m.retain(|k, _| k == "spec");
+    }
 }
 
 /// Runs the controller until the process ends.
 pub async fn run(client: Client) {
     let quotas: Api<Quota> = Api::all(client.clone());
     let mut controller = Controller::new(quotas, watcher::Config::default());
+    let (flavors, flavor_writer) = reflector::store();
+    let flavor_stream = watcher(
+        Api::<Flavor>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(flavor_writer)
+    .applied_objects();
+    let mut counted = Vec::new();
     for c in COUNTED {
         let ar = resource(c);
-        let store = controller.store();
-        // A change to a counted object recounts every Quota of its project.
-        controller = controller.watches_with(
+        let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+        let objects = writer.as_reader();
+        let stream = watcher(
             Api::<DynamicObject>::all_with(client.clone(), &ar),
-            ar,
             watcher::Config::default(),
+        )
+        .default_backoff()
+        .modify(slim)
+        .reflect(writer)
+        .touched_objects();
+        let quotas = controller.store();
+        // A change to a counted object recounts every Quota of its project.
+        controller = controller.watches_stream_with(
+            stream,
             move |o: DynamicObject| {
                 let ns = o.namespace();
-                store
+                quotas
                     .state()
                     .into_iter()
                     .filter(|q| q.namespace() == ns)
                     .map(|q| ObjectRef::from_obj(&*q))
                     .collect::<Vec<_>>()
             },
+            ar,
         );
+        counted.push(Counted {
+            group: c.0,
+            kind: c.1,
+            objects,
+        });
     }
-    controller
-        .run(reconcile, error_policy, Arc::new(Ctx { client }))
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "quota reconcile");
-            }
-        })
-        .await;
+    let ctx = Arc::new(Ctx {
+        runtime: Runtime::new(client, MANAGER),
+        flavors,
+        counted,
+    });
+    let flavors = flavor_stream.for_each(|_| async {});
+    let quotas = controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {});
+    futures::join!(flavors, quotas);
 }

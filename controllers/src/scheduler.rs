@@ -18,6 +18,8 @@ use stratus_api_types::compute::{
     Flavor, Hypervisor, Server, ServerGroup, ServerGroupPolicy, ServerGroupSpec,
 };
 use stratus_api_types::placement::{self, Amount};
+use stratus_runtime::policy::kube_retry;
+use stratus_runtime::{Classify, Retry, Runtime};
 
 /// How candidates that pass the filters are ordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -40,6 +42,15 @@ pub enum SchedulerError {
     NoNamespace,
 }
 
+impl Classify for SchedulerError {
+    fn retry(&self) -> Retry {
+        match self {
+            Self::Api(e) => kube_retry(e),
+            Self::NoNamespace => Retry::Never,
+        }
+    }
+}
+
 /// A placement that cannot be made now, with the reason for the Server's condition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unschedulable {
@@ -55,14 +66,6 @@ pub struct Group<'a> {
     pub spec: &'a ServerGroupSpec,
     /// Hypervisor name → members placed there (this server excluded).
     pub members: &'a HashMap<String, u32>,
-}
-
-fn ready(hv: &Hypervisor) -> bool {
-    hv.status.as_ref().is_some_and(|s| {
-        s.conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-    })
 }
 
 /// How many of the best hypervisors [`rank`] returns: the ones a placement tries in turn.
@@ -103,7 +106,7 @@ pub fn rank(
             .unwrap_or(0);
         let why: Option<&'static str> = if hv.spec.disabled {
             Some("disabled")
-        } else if !ready(hv) {
+        } else if !hv.is_ready() {
             Some("not ready")
         } else if zone.is_some_and(|z| z != hv.spec.availability_zone) {
             Some("in another availability zone")
@@ -187,6 +190,7 @@ pub fn rank(
 
 struct Ctx {
     client: Client,
+    runtime: Runtime<Server>,
     servers: Store<Server>,
     hypervisors: Store<Hypervisor>,
     flavors: Store<Flavor>,
@@ -418,6 +422,11 @@ async fn mark_unschedulable(
 }
 
 async fn reconcile(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, SchedulerError> {
+    let result = sync(Arc::clone(&server), Arc::clone(&ctx)).await;
+    ctx.runtime.finish(&server, result).await
+}
+
+async fn sync(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, SchedulerError> {
     if server.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
@@ -555,9 +564,8 @@ async fn reclaim(ctx: &Ctx, server: &Server, ns: &str, hv: &str) -> Result<Actio
     Ok(Action::requeue(Duration::from_secs(30)))
 }
 
-fn error_policy(_s: Arc<Server>, e: &SchedulerError, _ctx: Arc<Ctx>) -> Action {
-    tracing::warn!(error = %e, "scheduling failed; retrying");
-    Action::requeue(Duration::from_secs(2))
+fn error_policy(server: Arc<Server>, e: &SchedulerError, ctx: Arc<Ctx>) -> Action {
+    ctx.runtime.error_policy(&server, e)
 }
 
 /// A mapper from any change to every Server still waiting for a placement.
@@ -614,6 +622,7 @@ pub async fn run(client: Client, weigher: Weigher) {
         .with_config(kube::runtime::controller::Config::default().concurrency(64));
     let ctx_servers = servers.clone();
     let ctx = Arc::new(Ctx {
+        runtime: Runtime::new(client.clone(), "stratus-scheduler"),
         recorder: Recorder::new(
             client.clone(),
             Reporter {

@@ -11,5 +11,6 @@ mod e2e {
     mod leader;
     mod quota;
     mod replicas;
+    mod runtime;
     mod watch_feed;
 }

@@ -21,6 +21,7 @@ pub mod events;
 pub mod finalizer;
 pub mod policy;
 pub mod report;
+pub mod status;
 
 use std::time::Duration;
 

@@ -90,6 +90,49 @@ where
         result
     }
 
+    /// Makes `status` the status of `obj`: sends only what differs from the status `obj` was
+    /// read with (see [`crate::status::merge_diff`]), so fields other writers own (a
+    /// placement, another component's conditions) are left as they are. Returns whether
+    /// anything was written. A reconcile that writes twice passes the second time the object
+    /// with the status it wrote first.
+    ///
+    /// # Errors
+    /// The API refused the write.
+    pub async fn write_status<S: Serialize>(
+        &self,
+        obj: &K,
+        status: &S,
+    ) -> Result<bool, kube::Error> {
+        let old = serde_json::to_value(obj)
+            .ok()
+            .and_then(|mut v| v.get_mut("status").map(Value::take))
+            .unwrap_or(Value::Null);
+        let new = serde_json::to_value(status).unwrap_or(Value::Null);
+        let Some(diff) = crate::status::merge_diff(&old, &new) else {
+            return Ok(false);
+        };
+        let pp = PatchParams {
+            field_manager: Some(self.manager.clone()),
+            ..Default::default()
+        };
+        self.api(obj)
+            .patch_status(
+                &obj.name_any(),
+                &pp,
+                &Patch::Merge(json!({ "status": diff })),
+            )
+            .await?;
+        Ok(true)
+    }
+
+    fn api(&self, obj: &K) -> Api<DynamicObject> {
+        let ar = ApiResource::erase::<K>(&());
+        match obj.namespace() {
+            Some(ns) => Api::namespaced_with(self.client.clone(), &ns, &ar),
+            None => Api::all_with(self.client.clone(), &ar),
+        }
+    }
+
     /// Sets one condition in `obj`'s status, as described at [`Runtime::finish`].
     ///
     /// # Errors
@@ -99,11 +142,7 @@ where
         obj: &K,
         update: &ConditionUpdate,
     ) -> Result<(), kube::Error> {
-        let ar = ApiResource::erase::<K>(&());
-        let api: Api<DynamicObject> = match obj.namespace() {
-            Some(ns) => Api::namespaced_with(self.client.clone(), &ns, &ar),
-            None => Api::all_with(self.client.clone(), &ar),
-        };
+        let api = self.api(obj);
         let name = obj.name_any();
         let pp = PatchParams {
             field_manager: Some(self.manager.clone()),

@@ -48,6 +48,7 @@ pub async fn run(client: Client, hypervisor: Arc<dyn Hypervisor>, config: Config
         ),
         images: Arc::new(ImageCache::new(config.state_dir.join("images"))),
         client: client.clone(),
+        runtime: stratus_runtime::Runtime::new(client.clone(), "stratus-compute-agent"),
         hypervisor: Arc::clone(&hypervisor),
         config: config.clone(),
     });

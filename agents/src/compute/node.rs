@@ -18,8 +18,7 @@ use stratus_api_types::compute::{
 use super::Config;
 use super::driver::{DriverError, Hypervisor as Driver};
 
-/// Namespace of the nodes' heartbeat Leases (as in Kubernetes).
-pub const LEASE_NAMESPACE: &str = "kube-node-lease";
+pub use stratus_api_types::compute::NODE_LEASE_NAMESPACE as LEASE_NAMESPACE;
 /// How many heartbeats a Lease lasts: a node is NotReady after missing this many.
 pub const HEARTBEATS_PER_LEASE: u32 = 4;
 

@@ -22,6 +22,8 @@ use stratus_api_types::compute::{
 };
 use stratus_api_types::image::{DiskFormat as ImageFormat, Image, Visibility};
 use stratus_api_types::placement;
+use stratus_runtime::policy::kube_retry;
+use stratus_runtime::{Classify, Retry, Runtime};
 
 use super::Config;
 use super::driver::disk::{self, ConfigDrive};
@@ -30,9 +32,10 @@ use super::driver::{
 };
 use stratus_image_cache::{ImageCache, ImageError};
 
-/// The finalizer the API server's binding puts on a placed Server; removed here once the
-/// guest and its disks are gone from the host.
-pub const TEARDOWN_FINALIZER: &str = "compute.stratus.dev/teardown";
+pub use stratus_api_types::compute::TEARDOWN_FINALIZER;
+
+/// The field manager of the compute agent's status writes.
+const MANAGER: &str = "stratus-compute-agent";
 
 /// How long a guest has to shut down after an ACPI request before it is powered off.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -64,6 +67,16 @@ pub enum ServerError {
     /// A Server without a namespace or uid (a bug elsewhere).
     #[error("server lacks a namespace or uid")]
     Incomplete,
+}
+
+impl Classify for ServerError {
+    fn retry(&self) -> Retry {
+        match self {
+            Self::Api(e) => kube_retry(e),
+            Self::Driver(_) | Self::Disk(_) | Self::Files { .. } => Retry::Backoff,
+            Self::Join(_) | Self::Incomplete => Retry::Never,
+        }
+    }
 }
 
 /// What a pass does to a guest, decided from the Server and what libvirt reports.
@@ -180,6 +193,7 @@ pub fn instance_name(uid: &str) -> String {
 
 pub(crate) struct Ctx {
     pub client: Client,
+    pub runtime: Runtime<Server>,
     pub hypervisor: Arc<dyn Hypervisor>,
     pub config: Config,
     pub images: Arc<ImageCache>,
@@ -196,7 +210,7 @@ impl Ctx {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ServerError> {
-    Ok(tokio::task::spawn_blocking(f).await?)
+    Ok(stratus_runtime::blocking(f).await?)
 }
 
 fn now() -> Time {
@@ -238,7 +252,10 @@ async fn write_status(ctx: &Ctx, server: &Server, status: ServerStatus) -> Resul
     Api::<Server>::namespaced(ctx.client.clone(), &ns)
         .patch_status(
             &server.name_any(),
-            &PatchParams::default(),
+            &PatchParams {
+                field_manager: Some(MANAGER.into()),
+                ..Default::default()
+            },
             &Patch::Merge(json!({ "status": body })),
         )
         .await
@@ -588,34 +605,11 @@ async fn teardown(ctx: &Ctx, uid: &str) -> Result<(), ServerError> {
     .await?
 }
 
-/// Drops this node's finalizer, on the version of the Server that was read (a merge patch
-/// with its resourceVersion: a concurrent change makes it a conflict, retried).
+/// Drops this node's finalizer (see [`stratus_runtime::finalizer::release`]).
 async fn release(ctx: &Ctx, server: &Server) -> Result<(), ServerError> {
-    if !server.finalizers().iter().any(|f| f == TEARDOWN_FINALIZER) {
-        return Ok(());
-    }
-    let ns = server.namespace().ok_or(ServerError::Incomplete)?;
-    let rest: Vec<&String> = server
-        .finalizers()
-        .iter()
-        .filter(|f| *f != TEARDOWN_FINALIZER)
-        .collect();
-    let patch = json!({"metadata": {
-        "finalizers": rest,
-        "resourceVersion": server.resource_version(),
-    }});
-    match Api::<Server>::namespaced(ctx.client.clone(), &ns)
-        .patch(
-            &server.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(patch),
-        )
+    stratus_runtime::finalizer::release(&ctx.client, server, TEARDOWN_FINALIZER)
         .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(ServerError::Api(e)),
-    }
+        .map_err(ServerError::Api)
 }
 
 fn stopping_for(server: &Server) -> Option<Duration> {
@@ -693,6 +687,11 @@ fn observe(server: &Server, info: Option<&DomainInfo>, dir: &Path) -> ServerStat
 }
 
 async fn reconcile(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, ServerError> {
+    let result = sync(Arc::clone(&server), Arc::clone(&ctx)).await;
+    ctx.runtime.finish(&server, result).await
+}
+
+async fn sync(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, ServerError> {
     let uid = server.uid().ok_or(ServerError::Incomplete)?;
     let placed = server.status.as_ref().and_then(|s| s.hypervisor.as_deref());
     if placed != Some(ctx.config.node.as_str()) {
@@ -940,9 +939,8 @@ async fn reconcile(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, ServerE
     Ok(Action::requeue(ctx.config.resync))
 }
 
-fn error_policy(server: Arc<Server>, e: &ServerError, _ctx: Arc<Ctx>) -> Action {
-    tracing::warn!(server = %server.name_any(), error = %e, source = ?std::error::Error::source(e), "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(2))
+fn error_policy(server: Arc<Server>, e: &ServerError, ctx: Arc<Ctx>) -> Action {
+    ctx.runtime.error_policy(&server, e)
 }
 
 /// Reconciles every Server placed on this node until the watch ends, and at once the one

@@ -20,9 +20,7 @@ use stratus_api_types::common::{self, Condition, Time};
 use stratus_api_types::compute::{ComputeResources, FlavorSpec, HypervisorSpec};
 use stratus_api_types::placement::{self, Amount};
 
-/// The finalizer a binding puts on a Server: its node's agent removes it once the guest and
-/// its disks are gone from the host.
-pub const TEARDOWN_FINALIZER: &str = "compute.stratus.dev/teardown";
+pub use stratus_api_types::compute::TEARDOWN_FINALIZER;
 
 const GROUP: &str = "compute.stratus.dev";
 const RETRIES: usize = 32;

@@ -233,6 +233,29 @@ fn deleting_a_project_deletes_its_objects_first() -> Result<()> {
             .ok()
             .filter(|s| !s.is_empty())
     })?;
+    // The waiting deletion says what it waits for, as a namespace's does in Kubernetes.
+    let condition = |type_: &str| {
+        cloud
+            .kubectl_ok(&[
+                "get",
+                "project",
+                "gone",
+                "-o",
+                &format!("jsonpath={{.status.conditions[?(@.type==\"{type_}\")].message}}"),
+            ])
+            .ok()
+    };
+    wait_until(t, "the project to name the keypair it waits for", || {
+        condition("ContentRemaining").filter(|m| {
+            m == "Some resources are remaining: keypairs.compute.stratus.dev has 1 resource instances"
+        })
+    })?;
+    assert_eq!(
+        condition("FinalizersRemaining").as_deref(),
+        Some(
+            "Some content in the project has finalizers remaining: stratus.dev/hold in 1 resource instances"
+        )
+    );
     std::thread::sleep(Duration::from_secs(1));
     let phase = cloud.kubectl_ok(&["get", "project", "gone", "-o", "jsonpath={.status.phase}"])?;
     assert_eq!(phase, "Terminating", "the project went before its objects");
