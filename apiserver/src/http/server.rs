@@ -321,20 +321,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         Some((cert, key)) => Some(crate::http::tls::acceptor(cert, key).map_err(StartError::Tls)?),
         None => None,
     };
-    let hub = Arc::new(crate::storage::hub::Hub::new(
-        store.clone(),
-        config.bookmark_interval,
-    ));
-    let system_namespaces =
-        Arc::new(crate::resource::verbs::load_system_namespaces(&store, &config.prefix).await?);
-    let api = Api {
-        system_namespaces,
-        store,
-        registry,
-        prefix: config.prefix.clone(),
-        hub,
-        placement_locks: Arc::default(),
-    };
+    let api = Api::open(store, registry, &config.prefix, config.bookmark_interval).await?;
     let audit = match &config.audit_log {
         Some(path) => Some(crate::http::audit::AuditLog::open(path).map_err(StartError::Audit)?),
         None => None,

@@ -246,6 +246,30 @@ impl Selectors {
 }
 
 impl Api {
+    /// The API over `store`, for objects under `prefix`, with watch feeds reporting progress
+    /// every `progress_every`; the system namespaces are read from the store (or made there,
+    /// by the first API server on it).
+    ///
+    /// # Errors
+    /// When the store cannot be reached.
+    pub async fn open(
+        store: Store,
+        registry: Arc<Registry>,
+        prefix: &str,
+        progress_every: std::time::Duration,
+    ) -> Result<Self, StoreError> {
+        let hub = Arc::new(crate::storage::hub::Hub::new(store.clone(), progress_every));
+        let system_namespaces = Arc::new(load_system_namespaces(&store, prefix).await?);
+        Ok(Self {
+            store,
+            registry,
+            prefix: prefix.to_string(),
+            hub,
+            placement_locks: Arc::default(),
+            system_namespaces,
+        })
+    }
+
     fn ctx(&self) -> Ctx<'_> {
         Ctx {
             store: &self.store,

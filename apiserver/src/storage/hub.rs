@@ -1,4 +1,4 @@
-//! Shared watch feeds: one etcd watch per resource type and API server, decoded once and fanned
+//! Shared watch feeds: one store watch per resource type and API server, decoded once and fanned
 //! out to every client watch of that type, with a bounded history so watches starting a
 //! little in the past are served from memory (what kube-apiserver's watch cache does).
 //!
@@ -16,6 +16,7 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 
 use crate::base::meta::with_rv;
+use crate::storage::kv::{Event, KeyValue, WatchFeed, WatchMsg};
 use crate::storage::store::{Store, StoreError};
 
 /// Changes kept in memory per resource type (a watch resuming from further back gets a private
@@ -197,26 +198,24 @@ impl Hub {
             loop {
                 tokio::select! {
                     msg = ws.message() => {
-                        let resp = match msg {
-                            Ok(Some(r)) => r,
+                        let events = match msg {
+                            Ok(Some(WatchMsg::Events(events))) => events,
+                            Ok(Some(WatchMsg::Canceled { compact_revision })) => {
+                                if compact_revision > 0 && let Ok(mut f) = task_feed.lock() {
+                                    f.gone = Some(compact_revision);
+                                    let _ = f.tx.send(Item::Gone(compact_revision));
+                                }
+                                break;
+                            }
+                            Ok(Some(WatchMsg::Progress(rev))) => {
+                                let Ok(f) = task_feed.lock() else { break };
+                                let _ = f.tx.send(Item::Progress(rev));
+                                continue;
+                            }
                             Ok(None) | Err(_) => break,
                         };
-                        if resp.canceled() {
-                            if resp.compact_revision() > 0 && let Ok(mut f) = task_feed.lock() {
-                                f.gone = Some(resp.compact_revision());
-                                let _ = f.tx.send(Item::Gone(resp.compact_revision()));
-                            }
-                            break;
-                        }
                         let Ok(mut f) = task_feed.lock() else { break };
-                        if resp.events().is_empty() {
-                            if !resp.created() {
-                                let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-                                let _ = f.tx.send(Item::Progress(rev));
-                            }
-                            continue;
-                        }
-                        for ev in resp.events() {
+                        for ev in events {
                             let Some(change) = decode(ev) else { continue };
                             let change = Arc::new(change);
                             if f.history.len() >= HISTORY
@@ -271,23 +270,23 @@ fn take(feed: &Mutex<Feed>, from: i64) -> Option<Subscription> {
     })
 }
 
-/// The change an etcd watch event records (None for a value Stratus cannot decode).
-pub fn decode(ev: &etcd_client::Event) -> Option<Change> {
-    let kv = ev.kv()?;
-    let rev = kv.mod_revision();
-    let parse = |kv: &etcd_client::KeyValue| {
-        Store::decode(kv.key(), kv.value(), kv.mod_revision())
+/// The change a watch event records (None for a value Stratus cannot decode).
+pub fn decode(ev: Event) -> Option<Change> {
+    let rev = ev.kv.mod_revision;
+    let parse = |kv: &KeyValue| {
+        Store::decode(&kv.key, &kv.value, kv.mod_revision)
             .ok()
             .map(|s| with_rv(s.value, rev))
     };
-    let old = ev.prev_kv().and_then(parse);
-    let new = match ev.event_type() {
-        etcd_client::EventType::Put => Some(parse(kv)?),
-        etcd_client::EventType::Delete => None,
+    let old = ev.prev.as_ref().and_then(parse);
+    let new = if ev.deleted {
+        None
+    } else {
+        Some(parse(&ev.kv)?)
     };
     Some(Change {
         rev,
-        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        key: String::from_utf8_lossy(&ev.kv.key).into_owned(),
         new,
         old,
         new_json: OnceLock::new(),

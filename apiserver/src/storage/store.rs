@@ -1,18 +1,22 @@
 //! Object storage on etcd: one key per object, every write one transaction comparing
-//! `mod_revision`, `resourceVersion` = etcd revision.
+//! `mod_revision`, `resourceVersion` = etcd revision. The transactions are built here from the
+//! [`Kv`] vocabulary; etcd ([`Etcd`]) or memory ([`Memory`], for tests) runs them.
 
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, Error as EtcdError, GetOptions, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
-};
+use etcd_client::Error as EtcdError;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use serde_json::Value;
 
 use crate::base::error::ApiError;
+use crate::storage::etcd::{Etcd, EtcdWatch};
+use crate::storage::kv::{
+    Compare, CompareOp, KeyValue, Kv, Op, Range, RangeResp, Target, Txn, TxnResp, WatchFeed,
+    WatchMsg,
+};
+use crate::storage::memory::{Memory, MemoryWatch};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Failures of the store.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +33,9 @@ pub enum StoreError {
     /// A lock was poisoned by a panic elsewhere (a bug; the request may be retried).
     #[error("internal state is unavailable after a failure")]
     Poisoned,
+    /// The backend refused a malformed request (a bug in the caller).
+    #[error("the store refused the request: {0}")]
+    Refused(&'static str),
     /// A stored value is not a JSON object (written by something other than Stratus).
     #[error("stored value at {key} is not valid JSON")]
     Corrupt {
@@ -105,12 +112,92 @@ pub enum Guard<'a> {
     Unchanged(&'a str, i64),
 }
 
-/// A handle on etcd; cheap to clone.
+/// A handle on the object store (etcd, or memory in tests); cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    client: Client,
+    kv: Backend,
     marker: Option<Arc<Marker>>,
     latency: Option<Arc<Latency>>,
+}
+
+/// Where a [`Store`] keeps its keys. An enum rather than a `dyn Kv`: the backend is chosen
+/// without a boxed future per request, on the create path as everywhere.
+#[derive(Clone, Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "etcd's client was held inline before; boxing it would allocate on each clone"
+)]
+enum Backend {
+    Etcd(Etcd),
+    Memory(Memory),
+}
+
+/// An open watch of a [`Store`].
+#[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per watch feed, never moved on a hot path"
+)]
+pub enum Watch {
+    /// On etcd.
+    Etcd(EtcdWatch),
+    /// On a [`Memory`] store.
+    Memory(MemoryWatch),
+}
+
+impl WatchFeed for Watch {
+    async fn message(&mut self) -> Result<Option<WatchMsg>, StoreError> {
+        match self {
+            Self::Etcd(w) => w.message().await,
+            Self::Memory(w) => w.message().await,
+        }
+    }
+
+    async fn request_progress(&mut self) -> Result<(), StoreError> {
+        match self {
+            Self::Etcd(w) => w.request_progress().await,
+            Self::Memory(w) => w.request_progress().await,
+        }
+    }
+}
+
+impl Kv for Backend {
+    type Watch = Watch;
+
+    async fn range(&self, r: Range) -> Result<RangeResp, StoreError> {
+        match self {
+            Self::Etcd(kv) => kv.range(r).await,
+            Self::Memory(kv) => kv.range(r).await,
+        }
+    }
+
+    async fn txn(&self, t: Txn) -> Result<TxnResp, StoreError> {
+        match self {
+            Self::Etcd(kv) => kv.txn(t).await,
+            Self::Memory(kv) => kv.txn(t).await,
+        }
+    }
+
+    async fn watch(&self, key: &str, end: Vec<u8>, start: i64) -> Result<Watch, StoreError> {
+        match self {
+            Self::Etcd(kv) => kv.watch(key, end, start).await.map(Watch::Etcd),
+            Self::Memory(kv) => kv.watch(key, end, start).await.map(Watch::Memory),
+        }
+    }
+
+    async fn compact(&self, revision: i64) -> Result<(), StoreError> {
+        match self {
+            Self::Etcd(kv) => kv.compact(revision).await,
+            Self::Memory(kv) => kv.compact(revision).await,
+        }
+    }
+
+    async fn grant_lease(&self, ttl: i64) -> Result<i64, StoreError> {
+        match self {
+            Self::Etcd(kv) => kv.grant_lease(ttl).await,
+            Self::Memory(kv) => kv.grant_lease(ttl).await,
+        }
+    }
 }
 
 /// What an etcd request is timed under (kube-apiserver's `etcd_request_duration_seconds`).
@@ -194,19 +281,52 @@ pub fn prefix_end(prefix: &str) -> Vec<u8> {
     vec![0]
 }
 
+fn decode_kv(kv: KeyValue) -> Result<(String, Stored), StoreError> {
+    decode(&kv.key, &kv.value, kv.mod_revision)
+}
+
+/// The compare of a [`Guard`].
+fn guard(g: &Guard<'_>) -> Compare {
+    match g {
+        Guard::Revision(k, rev) => Compare::key(k, Target::Mod, CompareOp::Equal, *rev),
+        Guard::Absent(k) => Compare::key(k, Target::Create, CompareOp::Equal, 0),
+        Guard::Unchanged(p, at) => Compare {
+            key: (*p).into(),
+            end: Some(prefix_end(p)),
+            target: Target::Mod,
+            op: CompareOp::Less,
+            revision: at + 1,
+        },
+    }
+}
+
+/// Every key under `prefix`.
+fn prefix_range(prefix: &str) -> Range {
+    Range {
+        key: prefix.into(),
+        end: Some(prefix_end(prefix)),
+        ..Range::default()
+    }
+}
+
 impl Store {
     /// Connects to etcd.
     pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(30))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(10));
-        let client = Client::connect(endpoints, Some(opts)).await?;
-        Ok(Self {
-            client,
+        Ok(Self::over(Backend::Etcd(Etcd::connect(endpoints).await?)))
+    }
+
+    /// A store in memory, empty, with etcd's guarantees (see [`crate::storage::kv`]): for
+    /// tests of what is built on the store.
+    pub fn memory() -> Self {
+        Self::over(Backend::Memory(Memory::new()))
+    }
+
+    fn over(kv: Backend) -> Self {
+        Self {
+            kv,
             marker: None,
             latency: None,
-        })
+        }
     }
 
     /// This store, timing every etcd request in `family` by operation and the type of the
@@ -240,18 +360,24 @@ impl Store {
     }
 
     /// The put of the marker key, when one of `keys` is under a marked prefix.
-    fn mark<'a>(&self, keys: impl IntoIterator<Item = &'a str>) -> Option<TxnOp> {
+    fn mark<'a>(&self, keys: impl IntoIterator<Item = &'a str>) -> Option<Op> {
         let m = self.marker.as_deref()?;
-        m.covers(keys).then(|| TxnOp::put(m.key.as_str(), "", None))
+        m.covers(keys).then(|| Op::put(&m.key, Vec::new()))
     }
 
     /// Reads one object.
     pub async fn get(&self, key: &str) -> Result<Option<Stored>, StoreError> {
         let started = Instant::now();
-        let resp = self.client.kv_client().get(key, None).await?;
+        let resp = self
+            .kv
+            .range(Range {
+                key: key.into(),
+                ..Range::default()
+            })
+            .await?;
         self.observe("get", key, started);
-        match resp.kvs().first() {
-            Some(kv) => Ok(Some(decode(kv.key(), kv.value(), kv.mod_revision())?.1)),
+        match resp.kvs.into_iter().next() {
+            Some(kv) => Ok(Some(decode_kv(kv)?.1)),
             None => Ok(None),
         }
     }
@@ -259,35 +385,40 @@ impl Store {
     /// The store's current revision.
     pub async fn revision(&self) -> Result<i64, StoreError> {
         let resp = self
-            .client
-            .kv_client()
-            .get("\0", Some(GetOptions::new().with_count_only()))
+            .kv
+            .range(Range {
+                key: b"\0".to_vec(),
+                count_only: true,
+                ..Range::default()
+            })
             .await?;
-        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+        Ok(resp.revision)
     }
 
     /// What `key` holds, writing `value` there first if it is absent, in one transaction:
     /// whoever writes it first wins, and everyone reads the winner's value.
     pub async fn first_written(&self, key: &str, value: &Value) -> Result<Value, StoreError> {
-        let txn = Txn::new()
-            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, crate::base::meta::to_json(value), None)])
-            .or_else([TxnOp::get(key, None)]);
+        let txn = Txn {
+            when: vec![Compare::key(key, Target::Create, CompareOp::Equal, 0)],
+            then: vec![Op::put(key, crate::base::meta::to_json(value))],
+            otherwise: vec![Op::get(key)],
+        };
         let started = Instant::now();
-        let resp = self.client.kv_client().txn(txn).await?;
+        let resp = self.kv.txn(txn).await?;
         self.observe("create", key, started);
-        if resp.succeeded() {
+        if resp.succeeded {
             return Ok(value.clone());
         }
-        for op in resp.op_responses() {
-            if let TxnOpResponse::Get(g) = op
-                && let Some(kv) = g.kvs().first()
-            {
-                return decode(kv.key(), kv.value(), kv.mod_revision()).map(|(_, s)| s.value);
-            }
+        match resp
+            .gets
+            .into_iter()
+            .next()
+            .and_then(|g| g.kvs.into_iter().next())
+        {
+            Some(kv) => decode_kv(kv).map(|(_, s)| s.value),
+            // Deleted between the compare and the read: not possible within one transaction.
+            None => Err(StoreError::Poisoned),
         }
-        // Deleted between the compare and the read: not possible within one transaction.
-        Err(StoreError::Poisoned)
     }
 
     /// Creates `key` if it is absent.
@@ -320,27 +451,27 @@ impl Store {
         guards: &[(&str, i64)],
         parent: Option<&str>,
     ) -> Result<Write, StoreError> {
-        let mut compares = vec![match expected {
-            Some(rev) => Compare::mod_revision(key, CompareOp::Equal, rev),
-            None => Compare::create_revision(key, CompareOp::Equal, 0),
-        }];
+        let mut when = Vec::with_capacity(1 + guards.len() + usize::from(parent.is_some()));
+        when.push(guard(&match expected {
+            Some(rev) => Guard::Revision(key, rev),
+            None => Guard::Absent(key),
+        }));
         if let Some(parent) = parent {
-            compares.push(Compare::create_revision(parent, CompareOp::Greater, 0));
+            when.push(Compare::key(parent, Target::Create, CompareOp::Greater, 0));
         }
-        for (prefix, at) in guards {
-            compares.push(
-                Compare::mod_revision(*prefix, CompareOp::Less, at + 1)
-                    .with_range(prefix_end(prefix)),
-            );
-        }
-        let ops: Vec<TxnOp> =
-            std::iter::once(TxnOp::put(key, crate::base::meta::to_json(value), None))
-                .chain(self.mark([key]))
-                .collect();
-        let txn = Txn::new()
-            .when(compares)
-            .and_then(ops)
-            .or_else([TxnOp::get(key, None)]);
+        when.extend(
+            guards
+                .iter()
+                .map(|(p, at)| guard(&Guard::Unchanged(p, *at))),
+        );
+        let then: Vec<Op> = std::iter::once(Op::put(key, crate::base::meta::to_json(value)))
+            .chain(self.mark([key]))
+            .collect();
+        let txn = Txn {
+            when,
+            then,
+            otherwise: vec![Op::get(key)],
+        };
         let op = if expected.is_some() {
             "update"
         } else {
@@ -368,35 +499,31 @@ impl Store {
         expected: i64,
         attached: &[String],
     ) -> Result<Write, StoreError> {
-        let ops: Vec<TxnOp> = std::iter::once(TxnOp::delete(key, None))
-            .chain(attached.iter().map(|k| TxnOp::delete(k.as_str(), None)))
+        let then: Vec<Op> = std::iter::once(Op::Delete(key.into()))
+            .chain(attached.iter().map(|k| Op::Delete(k.as_str().into())))
             .chain(self.mark(std::iter::once(key).chain(attached.iter().map(String::as_str))))
             .collect();
-        let txn = Txn::new()
-            .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
-            .and_then(ops)
-            .or_else([TxnOp::get(key, None)]);
+        let txn = Txn {
+            when: vec![guard(&Guard::Revision(key, expected))],
+            then,
+            otherwise: vec![Op::get(key)],
+        };
         self.run("delete", key, txn).await
     }
 
+    /// Runs a write whose `otherwise` reads the key: `Conflict` carries its revision.
     async fn run(&self, operation: &'static str, key: &str, txn: Txn) -> Result<Write, StoreError> {
         let started = Instant::now();
-        let resp = self.client.kv_client().txn(txn).await?;
+        let resp = self.kv.txn(txn).await?;
         self.observe(operation, key, started);
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        if resp.succeeded() {
-            return Ok(Write::Done(revision));
+        if resp.succeeded {
+            return Ok(Write::Done(resp.revision));
         }
         let current = resp
-            .op_responses()
-            .into_iter()
-            .find_map(|op| match op {
-                TxnOpResponse::Get(g) => {
-                    Some(g.kvs().first().map(|kv| kv.mod_revision()).unwrap_or(0))
-                }
-                _ => None,
-            })
-            .unwrap_or(0);
+            .gets
+            .first()
+            .and_then(|g| g.kvs.first())
+            .map_or(0, |kv| kv.mod_revision);
         Ok(Write::Conflict(current))
     }
 
@@ -409,34 +536,32 @@ impl Store {
         revision: i64,
         limit: i64,
     ) -> Result<Page, StoreError> {
-        let mut opts = GetOptions::new().with_range(prefix_end(prefix));
-        if revision > 0 {
-            opts = opts.with_revision(revision);
-        }
-        if limit > 0 {
-            opts = opts.with_limit(limit);
-        }
         let started = Instant::now();
         let resp = self
-            .client
-            .kv_client()
-            .get(start.unwrap_or(prefix), Some(opts))
+            .kv
+            .range(Range {
+                key: start.unwrap_or(prefix).into(),
+                end: Some(prefix_end(prefix)),
+                revision,
+                limit,
+                ..Range::default()
+            })
             .await?;
         self.observe("list", prefix, started);
         let revision = if revision > 0 {
             revision
         } else {
-            resp.header().map(|h| h.revision()).unwrap_or(0)
+            resp.revision
         };
         let items = resp
-            .kvs()
-            .iter()
-            .map(|kv| decode(kv.key(), kv.value(), kv.mod_revision()))
+            .kvs
+            .into_iter()
+            .map(decode_kv)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Page {
             items,
             revision,
-            more: resp.more(),
+            more: resp.more,
         })
     }
 
@@ -446,47 +571,48 @@ impl Store {
         &self,
         reads: &[Read<'_>],
     ) -> Result<(Vec<Vec<(String, Stored)>>, i64), StoreError> {
-        let ops: Vec<TxnOp> = reads
+        let then: Vec<Op> = reads
             .iter()
             .map(|r| match r {
-                Read::Key(k) => TxnOp::get(*k, None),
-                Read::Prefix(p) => {
-                    TxnOp::get(*p, Some(GetOptions::new().with_range(prefix_end(p))))
-                }
-                Read::Presence(k) => TxnOp::get(*k, Some(GetOptions::new().with_keys_only())),
+                Read::Key(k) => Op::get(k),
+                Read::Prefix(p) => Op::Get(prefix_range(p)),
+                Read::Presence(k) => Op::Get(Range {
+                    key: (*k).into(),
+                    keys_only: true,
+                    ..Range::default()
+                }),
             })
             .collect();
         let started = Instant::now();
         let resp = self
-            .client
-            .kv_client()
-            .txn(Txn::new().and_then(ops))
+            .kv
+            .txn(Txn {
+                then,
+                ..Txn::default()
+            })
             .await?;
         if let Some(Read::Key(k) | Read::Prefix(k) | Read::Presence(k)) = reads.first() {
             self.observe("read", k, started);
         }
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         let mut out = Vec::with_capacity(reads.len());
-        for (op, read) in resp.op_responses().into_iter().zip(reads) {
-            if let TxnOpResponse::Get(g) = op {
-                out.push(
-                    g.kvs()
-                        .iter()
-                        .map(|kv| match read {
-                            Read::Presence(_) => Ok((
-                                String::from_utf8_lossy(kv.key()).into_owned(),
-                                Stored {
-                                    value: Value::Null,
-                                    mod_revision: kv.mod_revision(),
-                                },
-                            )),
-                            _ => decode(kv.key(), kv.value(), kv.mod_revision()),
-                        })
-                        .collect::<Result<Vec<_>, _>>()?,
-                );
-            }
+        for (g, read) in resp.gets.into_iter().zip(reads) {
+            out.push(
+                g.kvs
+                    .into_iter()
+                    .map(|kv| match read {
+                        Read::Presence(_) => Ok((
+                            String::from_utf8_lossy(&kv.key).into_owned(),
+                            Stored {
+                                value: Value::Null,
+                                mod_revision: kv.mod_revision,
+                            },
+                        )),
+                        _ => decode_kv(kv),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
         }
-        Ok((out, revision))
+        Ok((out, resp.revision))
     }
 
     /// Applies `puts` and `deletes` in one transaction if every guard holds; `Ok(None)` when
@@ -497,93 +623,87 @@ impl Store {
         puts: &[(&str, &Value)],
         deletes: &[&str],
     ) -> Result<Option<i64>, StoreError> {
-        let compares: Vec<Compare> = guards
+        let then: Vec<Op> = puts
             .iter()
-            .map(|g| match g {
-                Guard::Revision(k, rev) => Compare::mod_revision(*k, CompareOp::Equal, *rev),
-                Guard::Absent(k) => Compare::create_revision(*k, CompareOp::Equal, 0),
-                Guard::Unchanged(p, at) => {
-                    Compare::mod_revision(*p, CompareOp::Less, at + 1).with_range(prefix_end(p))
-                }
-            })
-            .collect();
-        let ops: Vec<TxnOp> = puts
-            .iter()
-            .map(|(k, v)| TxnOp::put(*k, crate::base::meta::to_json(v), None))
-            .chain(deletes.iter().map(|k| TxnOp::delete(*k, None)))
+            .map(|(k, v)| Op::put(k, crate::base::meta::to_json(v)))
+            .chain(deletes.iter().map(|k| Op::Delete((*k).into())))
             .chain(self.mark(puts.iter().map(|(k, _)| *k).chain(deletes.iter().copied())))
             .collect();
         let started = Instant::now();
         let resp = self
-            .client
-            .kv_client()
-            .txn(Txn::new().when(compares).and_then(ops))
+            .kv
+            .txn(Txn {
+                when: guards.iter().map(guard).collect(),
+                then,
+                otherwise: Vec::new(),
+            })
             .await?;
         if let Some(k) = puts.first().map(|(k, _)| *k).or(deletes.first().copied()) {
             self.observe("write", k, started);
         }
-        Ok(resp
-            .succeeded()
-            .then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
+        Ok(resp.succeeded.then_some(resp.revision))
     }
 
     /// Writes an empty marker at `key` that etcd removes after `ttl` seconds.
     pub async fn put_with_ttl(&self, key: &str, ttl: i64) -> Result<(), StoreError> {
-        let lease = self.client.lease_client().grant(ttl, None).await?;
-        let opts = etcd_client::PutOptions::new().with_lease(lease.id());
-        let ops: Vec<TxnOp> = std::iter::once(TxnOp::put(key, "", Some(opts)))
-            .chain(self.mark([key]))
-            .collect();
-        self.client
-            .kv_client()
-            .txn(Txn::new().and_then(ops))
+        let lease = self.kv.grant_lease(ttl).await?;
+        let then: Vec<Op> = std::iter::once(Op::Put {
+            key: key.into(),
+            value: Vec::new(),
+            lease,
+        })
+        .chain(self.mark([key]))
+        .collect();
+        self.kv
+            .txn(Txn {
+                then,
+                ..Txn::default()
+            })
             .await?;
         Ok(())
     }
 
     /// How many keys are under `prefix` (nothing is read but the count).
     pub async fn count(&self, prefix: &str) -> Result<i64, StoreError> {
-        let opts = GetOptions::new()
-            .with_range(prefix_end(prefix))
-            .with_count_only();
         let started = Instant::now();
-        let resp = self.client.kv_client().get(prefix, Some(opts)).await?;
+        let resp = self
+            .kv
+            .range(Range {
+                count_only: true,
+                ..prefix_range(prefix)
+            })
+            .await?;
         self.observe("count", prefix, started);
-        Ok(resp.count())
+        Ok(resp.count)
     }
 
     /// Every key under `prefix` (values are not read).
     pub async fn keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let opts = GetOptions::new()
-            .with_range(prefix_end(prefix))
-            .with_keys_only();
-        let resp = self.client.kv_client().get(prefix, Some(opts)).await?;
+        let resp = self
+            .kv
+            .range(Range {
+                keys_only: true,
+                ..prefix_range(prefix)
+            })
+            .await?;
         Ok(resp
-            .kvs()
+            .kvs
             .iter()
-            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+            .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
             .collect())
     }
 
-    /// Opens an etcd watch on every key under `prefix`, from `start_revision` on, with previous
+    /// Opens a watch on every key under `prefix`, from `start_revision` on, with previous
     /// values (so deletions and selector transitions can be reported).
-    pub async fn watch(
-        &self,
-        prefix: &str,
-        start_revision: i64,
-    ) -> Result<etcd_client::WatchStream, StoreError> {
-        let opts = WatchOptions::new()
-            .with_range(prefix_end(prefix))
-            .with_start_revision(start_revision)
-            .with_prev_key()
-            .with_progress_notify();
-        Ok(self.client.watch_client().watch(prefix, Some(opts)).await?)
+    pub async fn watch(&self, prefix: &str, start_revision: i64) -> Result<Watch, StoreError> {
+        self.kv
+            .watch(prefix, prefix_end(prefix), start_revision)
+            .await
     }
 
     /// Compacts history up to `revision` (used by tests of `410 Gone` and by maintenance).
     pub async fn compact(&self, revision: i64) -> Result<(), StoreError> {
-        self.client.kv_client().compact(revision, None).await?;
-        Ok(())
+        self.kv.compact(revision).await
     }
 
     /// Decodes one key/value pair of a watch event.
@@ -603,6 +723,7 @@ impl From<StoreError> for ApiError {
             StoreError::Poisoned => {
                 Self::unavailable("the API server's watch state is unavailable; retry")
             }
+            StoreError::Refused(why) => Self::internal(format!("the store refused a write: {why}")),
             StoreError::Corrupt { key, .. } => {
                 Self::internal(format!("stored object at {key} cannot be decoded"))
             }

@@ -1,0 +1,234 @@
+//! [`Kv`] over etcd's gRPC client: each operation translated one to one.
+
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions, TxnOpResponse, WatchOptions};
+
+use crate::storage::kv::{
+    Compare, CompareOp, Event, KeyValue, Kv, Op, Range, RangeResp, Target, Txn, TxnResp, WatchFeed,
+    WatchMsg,
+};
+use crate::storage::store::StoreError;
+
+/// A handle on etcd; cheap to clone.
+#[derive(Clone)]
+pub struct Etcd {
+    client: Client,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd").finish_non_exhaustive()
+    }
+}
+
+impl Etcd {
+    /// Connects to etcd.
+    ///
+    /// # Errors
+    /// When no endpoint answers.
+    pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(30))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(10));
+        let client = Client::connect(endpoints, Some(opts)).await?;
+        Ok(Self { client })
+    }
+}
+
+fn get_options(r: &Range) -> Option<GetOptions> {
+    let plain = r.end.is_none() && r.revision <= 0 && r.limit <= 0 && !r.keys_only;
+    if plain && !r.count_only {
+        return None;
+    }
+    let mut opts = GetOptions::new();
+    if let Some(end) = &r.end {
+        opts = opts.with_range(end.clone());
+    }
+    if r.revision > 0 {
+        opts = opts.with_revision(r.revision);
+    }
+    if r.limit > 0 {
+        opts = opts.with_limit(r.limit);
+    }
+    if r.keys_only {
+        opts = opts.with_keys_only();
+    }
+    if r.count_only {
+        opts = opts.with_count_only();
+    }
+    Some(opts)
+}
+
+fn key_value(kv: etcd_client::KeyValue) -> KeyValue {
+    let mod_revision = kv.mod_revision();
+    let (key, value) = kv.into_key_value();
+    KeyValue {
+        key,
+        value,
+        mod_revision,
+    }
+}
+
+fn range_resp(mut resp: etcd_client::GetResponse) -> RangeResp {
+    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+    RangeResp {
+        more: resp.more(),
+        count: resp.count(),
+        revision,
+        kvs: resp.take_kvs().into_iter().map(key_value).collect(),
+    }
+}
+
+fn compare(c: Compare) -> etcd_client::Compare {
+    let op = match c.op {
+        CompareOp::Equal => etcd_client::CompareOp::Equal,
+        CompareOp::Greater => etcd_client::CompareOp::Greater,
+        CompareOp::Less => etcd_client::CompareOp::Less,
+    };
+    let cmp = match c.target {
+        Target::Mod => etcd_client::Compare::mod_revision(c.key, op, c.revision),
+        Target::Create => etcd_client::Compare::create_revision(c.key, op, c.revision),
+    };
+    match c.end {
+        Some(end) => cmp.with_range(end),
+        None => cmp,
+    }
+}
+
+fn op(o: Op) -> etcd_client::TxnOp {
+    match o {
+        Op::Put { key, value, lease } => etcd_client::TxnOp::put(
+            key,
+            value,
+            (lease != 0).then(|| PutOptions::new().with_lease(lease)),
+        ),
+        Op::Delete(key) => etcd_client::TxnOp::delete(key, None),
+        Op::Get(r) => {
+            let opts = get_options(&r);
+            etcd_client::TxnOp::get(r.key, opts)
+        }
+    }
+}
+
+impl Kv for Etcd {
+    type Watch = EtcdWatch;
+
+    async fn range(&self, r: Range) -> Result<RangeResp, StoreError> {
+        let opts = get_options(&r);
+        let resp = self.client.kv_client().get(r.key, opts).await?;
+        Ok(range_resp(resp))
+    }
+
+    async fn txn(&self, t: Txn) -> Result<TxnResp, StoreError> {
+        let Txn {
+            when,
+            then,
+            otherwise,
+        } = t;
+        let reads_then = then.iter().any(|o| matches!(o, Op::Get(_)));
+        let reads_otherwise = otherwise.iter().any(|o| matches!(o, Op::Get(_)));
+        let txn = etcd_client::Txn::new()
+            .when(when.into_iter().map(compare).collect::<Vec<_>>())
+            .and_then(then.into_iter().map(op).collect::<Vec<_>>())
+            .or_else(otherwise.into_iter().map(op).collect::<Vec<_>>());
+        let resp = self.client.kv_client().txn(txn).await?;
+        let succeeded = resp.succeeded();
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        // The responses are copied out of the reply: only when a read is among them.
+        let gets = if (succeeded && reads_then) || (!succeeded && reads_otherwise) {
+            resp.op_responses()
+                .into_iter()
+                .filter_map(|r| match r {
+                    TxnOpResponse::Get(g) => Some(range_resp(g)),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(TxnResp {
+            succeeded,
+            revision,
+            gets,
+        })
+    }
+
+    async fn watch(
+        &self,
+        key: &str,
+        end: Vec<u8>,
+        start_revision: i64,
+    ) -> Result<EtcdWatch, StoreError> {
+        let opts = WatchOptions::new()
+            .with_range(end)
+            .with_start_revision(start_revision)
+            .with_prev_key()
+            .with_progress_notify();
+        let stream = self.client.watch_client().watch(key, Some(opts)).await?;
+        Ok(EtcdWatch { stream })
+    }
+
+    async fn compact(&self, revision: i64) -> Result<(), StoreError> {
+        self.client.kv_client().compact(revision, None).await?;
+        Ok(())
+    }
+
+    async fn grant_lease(&self, ttl: i64) -> Result<i64, StoreError> {
+        Ok(self.client.lease_client().grant(ttl, None).await?.id())
+    }
+}
+
+/// An etcd watch.
+pub struct EtcdWatch {
+    stream: etcd_client::WatchStream,
+}
+
+impl std::fmt::Debug for EtcdWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdWatch").finish_non_exhaustive()
+    }
+}
+
+fn event(ev: &etcd_client::Event) -> Option<Event> {
+    let copy = |kv: &etcd_client::KeyValue| KeyValue {
+        key: kv.key().to_vec(),
+        value: kv.value().to_vec(),
+        mod_revision: kv.mod_revision(),
+    };
+    Some(Event {
+        kv: copy(ev.kv()?),
+        prev: ev.prev_kv().map(copy),
+        deleted: ev.event_type() == etcd_client::EventType::Delete,
+    })
+}
+
+impl WatchFeed for EtcdWatch {
+    async fn message(&mut self) -> Result<Option<WatchMsg>, StoreError> {
+        loop {
+            let Some(resp) = self.stream.message().await? else {
+                return Ok(None);
+            };
+            if resp.canceled() {
+                return Ok(Some(WatchMsg::Canceled {
+                    compact_revision: resp.compact_revision(),
+                }));
+            }
+            if resp.events().is_empty() {
+                if resp.created() {
+                    continue;
+                }
+                let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+                return Ok(Some(WatchMsg::Progress(rev)));
+            }
+            return Ok(Some(WatchMsg::Events(
+                resp.events().iter().filter_map(event).collect(),
+            )));
+        }
+    }
+
+    async fn request_progress(&mut self) -> Result<(), StoreError> {
+        Ok(self.stream.request_progress().await?)
+    }
+}
