@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use stratus_agents::compute::driver::libvirt::Libvirt;
-use stratus_api_types::compute::HypervisorType;
 
 /// Options of `stratus agent`.
 #[derive(Debug, clap::Args)]
@@ -13,7 +12,8 @@ pub struct AgentArgs {
     /// The node's name (its Hypervisor object; the agent's identity is `system:node:NAME`).
     #[arg(long)]
     pub node: String,
-    /// kubeconfig of the node's identity (defaults to $KUBECONFIG or ~/.kube/config).
+    /// kubeconfig of the node's identity (defaults to the files $KUBECONFIG lists, then
+    /// ~/.kube/config).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
     /// libvirt connection URI: `qemu:///system`, a socket of its own
@@ -37,7 +37,9 @@ pub struct AgentArgs {
 
 /// Runs the node's agents until Ctrl-C or SIGTERM.
 pub async fn run(args: AgentArgs) -> Result<()> {
-    let client = crate::controllers::client(args.kubeconfig.clone()).await?;
+    let client = crate::kubeconfig::Kubeconfig::locate(args.kubeconfig.as_deref())?
+        .client()
+        .await?;
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("create {}", args.state_dir.display()))?;
     let uri = args.libvirt_uri.clone();
@@ -51,11 +53,6 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         zone: args.zone,
         heartbeat: std::time::Duration::from_secs(args.heartbeat_seconds.max(1)),
         resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
-        hypervisor_type: if args.libvirt_uri.starts_with("test:") {
-            HypervisorType::Test
-        } else {
-            HypervisorType::Qemu
-        },
     };
     tracing::info!(node = %config.node, uri = %args.libvirt_uri, "compute agent starting");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

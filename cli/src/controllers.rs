@@ -2,52 +2,56 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
+use stratus_controllers::scheduler::Weigher;
+
+use crate::kubeconfig::Kubeconfig;
 
 /// Options of `stratus controllers`.
 #[derive(Debug, clap::Args)]
 pub struct ControllersArgs {
-    /// kubeconfig of the controllers' identity (defaults to $KUBECONFIG or ~/.kube/config).
+    /// kubeconfig of the controllers' identity (defaults to the files $KUBECONFIG lists, then
+    /// ~/.kube/config).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
     /// Seconds the leader holds its Lease without renewing it before a standby takes over.
     #[arg(long, default_value_t = 15)]
     pub lease_seconds: u64,
-    /// How the scheduler orders hypervisors a server fits on: `spread` (most free RAM first)
-    /// or `pack` (fill one hypervisor before the next).
-    #[arg(long, default_value = "spread", value_parser = ["spread", "pack"])]
-    pub weigher: String,
+    /// How the scheduler orders hypervisors a server fits on.
+    #[arg(long, value_enum, default_value_t = WeigherArg::Spread)]
+    pub weigher: WeigherArg,
     /// Where the image controller keeps the image data it downloads and verifies.
     #[arg(long, default_value = "/var/lib/stratus/images")]
     pub image_dir: PathBuf,
 }
 
-/// A client from a kubeconfig file, or the one kubectl would use.
-pub async fn client(kubeconfig: Option<PathBuf>) -> Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(&path)
-                .with_context(|| format!("read {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .context("load kubeconfig")?
+/// `--weigher`: the scheduler's [`Weigher`], named on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeigherArg {
+    /// Most free RAM first: spreads servers over hypervisors.
+    Spread,
+    /// Least free RAM first: fills one hypervisor before the next.
+    Pack,
+}
+
+impl From<WeigherArg> for Weigher {
+    fn from(w: WeigherArg) -> Self {
+        match w {
+            WeigherArg::Spread => Self::Spread,
+            WeigherArg::Pack => Self::Pack,
         }
-        None => kube::Config::infer().await.context("find a kubeconfig")?,
-    };
-    kube::Client::try_from(config).context("build the API client")
+    }
 }
 
 /// Runs every controller until it fails.
 pub async fn run(args: ControllersArgs) -> Result<()> {
-    let weigher = if args.weigher == "pack" {
-        stratus_controllers::scheduler::Weigher::Pack
-    } else {
-        stratus_controllers::scheduler::Weigher::Spread
-    };
+    let client = Kubeconfig::locate(args.kubeconfig.as_deref())?
+        .client()
+        .await?;
     run_with_client(
-        client(args.kubeconfig).await?,
+        client,
         args.lease_seconds,
-        weigher,
+        args.weigher.into(),
         args.image_dir,
     )
     .await
@@ -58,9 +62,9 @@ pub async fn run(args: ControllersArgs) -> Result<()> {
 /// take its controllers back quickly.)
 pub async fn run_with_kubeconfig(path: PathBuf, image_dir: PathBuf) -> Result<()> {
     run_with_client(
-        client(Some(path)).await?,
+        Kubeconfig::file(&path).client().await?,
         4,
-        stratus_controllers::scheduler::Weigher::Spread,
+        Weigher::Spread,
         image_dir,
     )
     .await
@@ -72,7 +76,7 @@ pub async fn run_with_kubeconfig(path: PathBuf, image_dir: PathBuf) -> Result<()
 async fn run_with_client(
     client: kube::Client,
     lease_seconds: u64,
-    weigher: stratus_controllers::scheduler::Weigher,
+    weigher: Weigher,
     image_dir: PathBuf,
 ) -> Result<()> {
     let mut election = stratus_controllers::Election::new(lease_seconds);

@@ -3,6 +3,7 @@
 mod agent;
 mod client;
 mod controllers;
+mod kubeconfig;
 mod up;
 
 use std::net::SocketAddr;
@@ -191,5 +192,44 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn enumerated_flags_take_only_their_values() -> Result<()> {
+        let cli = Cli::try_parse_from(["stratus", "controllers", "--weigher", "pack"])?;
+        assert!(matches!(
+            cli.command,
+            Command::Controllers(a) if a.weigher == controllers::WeigherArg::Pack
+        ));
+        assert!(Cli::try_parse_from(["stratus", "controllers", "--weigher", "pak"]).is_err());
+        let cli = Cli::try_parse_from(["stratus", "get", "flavors", "-o", "name"])?;
+        assert!(matches!(
+            cli.command,
+            Command::Get { args, .. } if args.output == Some(client::Output::Name)
+        ));
+        assert!(Cli::try_parse_from(["stratus", "get", "flavors", "-o", "xml"]).is_err());
+        // kubectl spells it lower case; earlier releases of this binary documented Background.
+        for spelling in ["orphan", "Orphan"] {
+            let cli =
+                Cli::try_parse_from(["stratus", "delete", "flavor", "f", "--cascade", spelling])?;
+            assert!(matches!(
+                cli.command,
+                Command::Delete { args, .. } if args.cascade == client::Cascade::Orphan
+            ));
+        }
+        assert!(Cli::try_parse_from(["stratus", "wait", "flavor/f", "--for", "Ready"]).is_err());
+        Ok(())
     }
 }

@@ -157,11 +157,9 @@ fn ensure_tokens(dir: &Path, identities: &[String]) -> Result<(PathBuf, Vec<Stri
 async fn ensure_admin_user(kubeconfig: &Path, dir: &Path) -> Result<()> {
     use kube::api::{Api, PostParams};
     use stratus_api_types::identity::{RoleAssignment, User};
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig).context("read the kubeconfig")?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .context("load the kubeconfig")?;
-    let client = kube::Client::try_from(config).context("build the API client")?;
+    let client = crate::kubeconfig::Kubeconfig::file(kubeconfig)
+        .client()
+        .await?;
     let users: Api<User> = Api::all(client.clone());
     if users
         .get_opt("admin")
