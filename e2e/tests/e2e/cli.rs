@@ -39,13 +39,32 @@ fn client_verbs_apply_get_describe_diff_wait_delete() -> Result<()> {
     let cloud = Cloud::up()?;
     let flavors = repo_root().join("examples/flavors.yaml");
     let flavors = flavors.to_str().unwrap_or_default();
+    let documents = std::fs::read_to_string(flavors)?
+        .lines()
+        .filter(|l| *l == "kind: Flavor")
+        .count();
+    assert!(
+        documents > 1,
+        "examples/flavors.yaml has {documents} flavors"
+    );
     let out = ok(&cloud, &["apply", "-f", flavors], None)?;
     assert!(
         out.contains("flavor.compute.stratus.dev/m1.tiny created"),
         "{out}"
     );
-    let out = ok(&cloud, &["apply", "-f", flavors], None)?;
-    assert!(out.lines().all(|l| l.ends_with(" unchanged")), "{out}");
+    assert_eq!(out.lines().count(), documents, "{out}");
+    let created: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_suffix(" created"))
+        .collect();
+    let again = ok(&cloud, &["apply", "-f", flavors], None)?;
+    // Every object reported again, each one unchanged.
+    let unchanged: Vec<&str> = again
+        .lines()
+        .filter_map(|l| l.strip_suffix(" unchanged"))
+        .collect();
+    assert_eq!(unchanged.len(), documents, "{again}");
+    assert_eq!(unchanged, created, "{again}");
     // The server records stratus as the manager of what it applied.
     let managers = cloud.kubectl_ok(&[
         "get",

@@ -5,6 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use k8s_openapi::api::coordination::v1::Lease;
 use stratus_e2e::{Apiserver, Etcd, Proc, stratus_bin, wait_until};
 
 fn controllers(server: &Apiserver, log: &std::path::Path) -> Result<Proc> {
@@ -19,23 +20,52 @@ fn controllers(server: &Apiserver, log: &std::path::Path) -> Result<Proc> {
     )
 }
 
-fn leading(log: &std::path::Path) -> bool {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .contains("leading: controllers started")
-}
-
-/// Who holds the controllers' leader Lease.
-fn lease_holder(server: &Apiserver) -> Result<String> {
-    server.kubectl_ok(&[
+/// The controllers' leader Lease as the API server has it, when there is one.
+fn lease(server: &Apiserver) -> Result<Option<Lease>> {
+    let out = server.kubectl(&[
         "-n",
         "stratus-system",
         "get",
         "lease",
         "stratus-controllers",
+        "--ignore-not-found",
         "-o",
-        "jsonpath={.spec.holderIdentity}",
-    ])
+        "json",
+    ])?;
+    anyhow::ensure!(
+        out.status.success(),
+        "kubectl get lease: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    Ok(Some(
+        serde_json::from_slice(&out.stdout).context("read the Lease")?,
+    ))
+}
+
+/// Who holds the controllers' leader Lease (nobody: `None`).
+fn holder(lease: &Lease) -> Option<String> {
+    lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.clone())
+        .filter(|h| !h.is_empty())
+}
+
+/// Waits until the Lease exists and `held` accepts it; answers its uid and holder.
+fn wait_for_lease(
+    server: &Apiserver,
+    what: &str,
+    held: impl Fn(&str, &str) -> bool,
+) -> Result<(String, String)> {
+    wait_until(Duration::from_secs(30), what, || {
+        let lease = lease(server).ok()??;
+        let uid = lease.metadata.uid.clone()?;
+        let holder = holder(&lease)?;
+        held(&uid, &holder).then_some((uid, holder))
+    })
 }
 
 /// Creates an owner and a dependent, deletes the owner, and waits for the dependent to go.
@@ -77,30 +107,30 @@ fn one_leader_and_a_standby_that_takes_over() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
     let mut a = controllers(&server, &log_a)?;
-    wait_until(Duration::from_secs(20), "a to lead", || {
-        leading(&log_a).then_some(())
-    })?;
+    // a runs alone, so the holder is a.
+    let (_, first) = wait_for_lease(&server, "a to hold the Lease", |_, _| true)?;
+    gc_works(&server, "a")?;
+    let renewed = |l: &Lease| l.spec.as_ref().and_then(|s| s.renew_time.clone());
+    let before = lease(&server)?.context("the Lease is gone")?;
+
+    // b stands by for longer than the Lease lasts: a keeps renewing it and b never takes it.
     let mut b = controllers(&server, &log_b)?;
     std::thread::sleep(Duration::from_secs(8));
-    assert!(
-        !leading(&log_b),
-        "two leaders at once:\n{}",
+    let after = lease(&server)?.context("the Lease is gone")?;
+    assert_eq!(
+        holder(&after).as_deref(),
+        Some(first.as_str()),
+        "the Lease changed hands while its holder lived:\n{}",
         std::fs::read_to_string(&log_b)?
     );
-    let holder = lease_holder(&server)?;
-    assert!(
-        std::fs::read_to_string(&log_a)?.contains(holder.trim()),
-        "the Lease names {holder}, not a"
-    );
-    gc_works(&server, "a")?;
+    assert_ne!(renewed(&after), renewed(&before), "a stopped renewing");
+    assert!(b.running());
 
     // The leader dies without releasing its Lease: the standby takes over once it expires
     // (6 s here; renewal every 4 s leaves room for a loaded machine).
     a.kill();
-    wait_until(Duration::from_secs(30), "b to take over", || {
-        leading(&log_b).then_some(())
-    })
-    .with_context(|| std::fs::read_to_string(&log_b).unwrap_or_default())?;
+    wait_for_lease(&server, "b to take the Lease over", |_, h| h != first)
+        .with_context(|| std::fs::read_to_string(&log_b).unwrap_or_default())?;
     assert!(b.running());
     gc_works(&server, "b")?;
     Ok(())
@@ -114,9 +144,7 @@ fn a_deleted_leader_lease_is_created_again_and_held() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let log = dir.path().join("a.log");
     let mut a = controllers(&server, &log)?;
-    wait_until(Duration::from_secs(20), "a to lead", || {
-        leading(&log).then_some(())
-    })?;
+    let (old, first) = wait_for_lease(&server, "a to hold the Lease", |_, _| true)?;
     server.kubectl_ok(&[
         "-n",
         "stratus-system",
@@ -125,19 +153,9 @@ fn a_deleted_leader_lease_is_created_again_and_held() -> Result<()> {
         "stratus-controllers",
     ])?;
     // The controllers stop, elect again (creating the Lease anew) and lead once more.
-    wait_until(
-        Duration::from_secs(30),
-        "the Lease to be held again",
-        || {
-            let reelected = std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .split("electing again")
-                .nth(1)
-                .is_some_and(|after| after.contains("leading: controllers started"));
-            let holder = lease_holder(&server).unwrap_or_default();
-            (reelected && !holder.trim().is_empty()).then_some(())
-        },
-    )
+    wait_for_lease(&server, "a new Lease held by a", |uid, h| {
+        uid != old && h == first
+    })
     .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
     assert!(a.running());
     gc_works(&server, "again")?;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use futures::TryStreamExt;
 use kube::api::{Api, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use serde_json::json;
@@ -90,11 +90,15 @@ async fn shared_history_and_private_feeds_deliver_the_same_events() -> Result<()
     assert_eq!(from_private[0].0, "MODIFIED");
     assert_eq!(from_private[0].2, 2);
     assert_eq!(&from_private[1..], &from_feed[..]);
-    // Revisions strictly increase.
-    let revs: Vec<i64> = from_private
+    // Revisions are numbers (etcd revisions), and strictly increase.
+    let revs = from_private
         .iter()
-        .filter_map(|e| e.1.parse().ok())
-        .collect();
+        .map(|e| {
+            e.1.parse::<i64>()
+                .with_context(|| format!("resourceVersion {:?} of {e:?}", e.1))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    assert_eq!(revs.len(), 4);
     assert!(revs.windows(2).all(|w| w[0] < w[1]), "{revs:?}");
     Ok(())
 }
