@@ -333,11 +333,15 @@ impl Kv for Memory {
     type Watch = MemoryWatch;
 
     async fn range(&self, r: Range) -> Result<RangeResp, StoreError> {
+        // As a request to etcd would, let other requests run meanwhile: concurrent verbs then
+        // interleave between their reads and writes as they do on etcd.
+        tokio::task::yield_now().await;
         let s = self.lock()?;
         s.range(&r, s.revision)
     }
 
     async fn txn(&self, t: Txn) -> Result<TxnResp, StoreError> {
+        tokio::task::yield_now().await;
         self.txn_now(t)
     }
 

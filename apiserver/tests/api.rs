@@ -1,0 +1,11 @@
+//! The API server's verbs and admission, driven as the HTTP layer drives them, over the
+//! in-memory store (`tests/store.rs` holds it to etcd's guarantees).
+
+mod api {
+    pub mod admission;
+    pub mod fixtures;
+    pub mod verbs;
+    pub mod watch;
+}
+
+use api::fixtures;
