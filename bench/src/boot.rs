@@ -149,7 +149,7 @@ fn servers_api(client: &kube::Client) -> Api<DynamicObject> {
 
 /// The reference: `n` domains defined and started through libvirt directly, `c` at a time.
 async fn reference(dir: &std::path::Path, n: usize, c: usize) -> Result<(f64, Vec<Duration>)> {
-    let hv: Arc<dyn stratus_agents::compute::driver::Hypervisor> =
+    let hv: Arc<dyn stratus_agents::compute::driver::DomainDriver> =
         Arc::new(Libvirt::connect("test:///default")?);
     let dir = dir.to_path_buf();
     let (lat, wall) = drive(n, c, move |i| {
@@ -246,7 +246,7 @@ pub async fn bench(servers: usize, concurrency: usize, nodes: usize) -> Result<(
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("node.xml"), "<node/>")?;
         let uri = format!("test://{}", dir.join("node.xml").display());
-        let driver: Arc<dyn stratus_agents::compute::driver::Hypervisor> =
+        let driver: Arc<dyn stratus_agents::compute::driver::DomainDriver> =
             Arc::new(Libvirt::connect(&uri)?);
         agents.push(tokio::spawn(stratus_agents::compute::run(
             s.client.clone(),
@@ -255,7 +255,6 @@ pub async fn bench(servers: usize, concurrency: usize, nodes: usize) -> Result<(
                 node,
                 state_dir: dir,
                 zone: "nova".into(),
-                hypervisor_type: stratus_api_types::compute::HypervisorType::Test,
                 heartbeat: Duration::from_secs(10),
                 resync: Duration::from_secs(10),
             },

@@ -212,8 +212,48 @@ fn walk_dirs(root: &Path) -> Result<Vec<PathBuf>> {
 
 /// The test guest (kernel, initramfs, empty root disk), built once by scripts/build-guest.sh,
 /// served over HTTP on 127.0.0.1 for Images to download.
+/// A directory served over HTTP on loopback (Python's `http.server`), as Images' `source.url`
+/// needs.
+pub struct FileServer {
+    _server: Proc,
+    /// Base URL of the files.
+    pub url: String,
+}
+
+impl FileServer {
+    /// Serves `dir` on a free port, once it answers.
+    pub fn serve(dir: &Path) -> Result<Self> {
+        let port = free_port();
+        let log = std::env::temp_dir().join(format!("file-server-{port}.log"));
+        let server = Proc::spawn(
+            "file server",
+            Command::new("/usr/bin/python3")
+                .args([
+                    "-m",
+                    "http.server",
+                    "--bind",
+                    "127.0.0.1",
+                    &port.to_string(),
+                ])
+                .arg("--directory")
+                .arg(dir),
+            &log,
+        )?;
+        wait_until(Duration::from_secs(10), "the file server", || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        })?;
+        Ok(Self {
+            _server: server,
+            url: format!("http://127.0.0.1:{port}"),
+        })
+    }
+}
+
+/// The test guest's files, served.
 pub struct Guest {
-    server: Proc,
+    _server: FileServer,
     /// Base URL of the files.
     pub url: String,
     /// The directory served.
@@ -234,29 +274,13 @@ impl Guest {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let port = free_port();
-        let log = std::env::temp_dir().join(format!("guest-http-{port}.log"));
-        let server = Proc::spawn(
-            "guest file server",
-            Command::new("/usr/bin/python3")
-                .args([
-                    "-m",
-                    "http.server",
-                    "--bind",
-                    "127.0.0.1",
-                    &port.to_string(),
-                ])
-                .arg("--directory")
-                .arg(&dir),
-            &log,
-        )?;
-        let url = format!("http://127.0.0.1:{port}");
-        wait_until(Duration::from_secs(10), "the guest file server", || {
-            std::net::TcpStream::connect(("127.0.0.1", port))
-                .ok()
-                .map(|_| ())
-        })?;
-        Ok(Self { server, url, dir })
+        let server = FileServer::serve(&dir)?;
+        let url = server.url.clone();
+        Ok(Self {
+            _server: server,
+            url,
+            dir,
+        })
     }
 
     /// The sha256 of one of the guest's files.
@@ -292,11 +316,5 @@ impl Guest {
             )?,
         ]
         .concat())
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        self.server.kill();
     }
 }

@@ -5,6 +5,7 @@ mod e2e {
     mod cli;
     mod clients;
     mod compute;
+    mod drivers;
     mod gc;
     mod identity;
     mod kubectl;

@@ -12,7 +12,9 @@ use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use stratus_api_types::compute::HypervisorType;
 
-use driver::Hypervisor;
+use driver::disk::HostDisks;
+use driver::fake::MemoryDisks;
+use driver::{Disks, DomainDriver};
 use stratus_image_cache::ImageCache;
 
 /// How the agent runs on its node.
@@ -24,8 +26,6 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Availability zone the node registers in.
     pub zone: String,
-    /// The hypervisor type it registers as.
-    pub hypervisor_type: HypervisorType,
     /// How often the node's Lease is renewed (it lasts four of these).
     pub heartbeat: Duration,
     /// How often each guest is read back from libvirt even without an event.
@@ -35,9 +35,30 @@ pub struct Config {
 /// How often guests whose Server is gone are looked for.
 const SWEEP: Duration = Duration::from_secs(30);
 
-/// Runs the compute agent until it is dropped: registers the node, heartbeats, reconciles the
-/// Servers placed on it, and sweeps away guests nothing owns any more.
-pub async fn run(client: Client, hypervisor: Arc<dyn Hypervisor>, config: Config) {
+/// The disks for guests of `driver`: the host's, unless the driver runs no guest that could
+/// open them (libvirt's `test:///` driver, for scale runs), whose disks are kept in memory.
+pub fn disks_for(driver: &dyn DomainDriver) -> Arc<dyn Disks> {
+    match driver.hypervisor_type() {
+        HypervisorType::Qemu => Arc::new(HostDisks),
+        HypervisorType::Test => Arc::new(MemoryDisks::default()),
+    }
+}
+
+/// Runs the compute agent with the disks [`disks_for`] the driver (see [`run_with`]).
+pub async fn run(client: Client, driver: Arc<dyn DomainDriver>, config: Config) {
+    let disks = disks_for(driver.as_ref());
+    run_with(client, driver, disks, config).await;
+}
+
+/// Runs the compute agent until it is dropped: registers the node (as the hypervisor type the
+/// driver runs), heartbeats, reconciles the Servers placed on it, and sweeps away guests
+/// nothing owns any more.
+pub async fn run_with(
+    client: Client,
+    hypervisor: Arc<dyn DomainDriver>,
+    disks: Arc<dyn Disks>,
+    config: Config,
+) {
     let ctx = Arc::new(server::Ctx {
         recorder: Recorder::new(
             client.clone(),
@@ -49,7 +70,8 @@ pub async fn run(client: Client, hypervisor: Arc<dyn Hypervisor>, config: Config
         images: Arc::new(ImageCache::new(config.state_dir.join("images"))),
         client: client.clone(),
         runtime: stratus_runtime::Runtime::new(client.clone(), "stratus-compute-agent"),
-        hypervisor: Arc::clone(&hypervisor),
+        driver: Arc::clone(&hypervisor),
+        disks,
         config: config.clone(),
     });
     // libvirt's lifecycle events make a guest changed behind Stratus's back (destroyed,

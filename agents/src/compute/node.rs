@@ -10,13 +10,14 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use stratus_api_types::common::{Time, set_condition};
+use stratus_api_types::common::{ConditionType, Time};
+use stratus_api_types::compute::HypervisorType;
 use stratus_api_types::compute::{
     ComputeResources, Hypervisor, HypervisorPhase, HypervisorStatus, Server,
 };
 
 use super::Config;
-use super::driver::{DriverError, Hypervisor as Driver};
+use super::driver::{DomainDriver as Driver, DriverError};
 
 pub use stratus_api_types::compute::NODE_LEASE_NAMESPACE as LEASE_NAMESPACE;
 /// How many heartbeats a Lease lasts: a node is NotReady after missing this many.
@@ -47,7 +48,11 @@ fn disk_gib(dir: &Path) -> Result<u64, NodeError> {
 
 /// Creates the node's Hypervisor if it is absent (the spec is then the operator's to edit;
 /// the agent never writes it again).
-async fn register(client: &Client, config: &Config) -> Result<(), NodeError> {
+async fn register(
+    client: &Client,
+    config: &Config,
+    hypervisor_type: HypervisorType,
+) -> Result<(), NodeError> {
     let api: Api<Hypervisor> = Api::all(client.clone());
     if api
         .get_opt(&config.node)
@@ -61,7 +66,7 @@ async fn register(client: &Client, config: &Config) -> Result<(), NodeError> {
         "apiVersion": "compute.stratus.dev/v1",
         "kind": "Hypervisor",
         "metadata": {"name": config.node},
-        "spec": {"availabilityZone": config.zone, "hypervisorType": config.hypervisor_type},
+        "spec": {"availabilityZone": config.zone, "hypervisorType": hypervisor_type},
     }))
     .map_err(|e| NodeError::Api(kube::Error::SerdeError(e)))?;
     match api.create(&PostParams::default(), &hv).await {
@@ -108,15 +113,12 @@ async fn status(
     status.allocated = Some(allocated);
     status.servers = Some(count);
     status.hypervisor_version = Some(info.hypervisor_version);
-    set_condition(
-        &mut status.conditions,
-        "Ready",
-        true,
-        "AgentReady",
-        "the compute agent is running and heartbeating",
-        None,
-        Time(jiff::Timestamp::now()),
-    );
+    ConditionType::Ready
+        .yes(
+            "AgentReady",
+            "the compute agent is running and heartbeating",
+        )
+        .set(&mut status.conditions, None);
     Ok(status)
 }
 
@@ -155,7 +157,7 @@ async fn heartbeat(
     let api: Api<Hypervisor> = Api::all(client.clone());
     let current = api.get_opt(&config.node).await.map_err(NodeError::Api)?;
     let Some(current) = current else {
-        return register(client, config).await;
+        return register(client, config, driver.hypervisor_type()).await;
     };
     let old = current.status.clone();
     let mut next = status(driver, config, servers, old.as_ref()).await?;
@@ -184,7 +186,7 @@ pub(crate) async fn run(
 ) {
     let mut pause = Duration::from_millis(200);
     loop {
-        match register(&client, &config).await {
+        match register(&client, &config, driver.hypervisor_type()).await {
             Ok(()) => break,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot register the hypervisor; retrying");

@@ -15,10 +15,10 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
-use stratus_api_types::common::{Time, set_condition};
+use stratus_api_types::common::{ConditionType, Time};
 use stratus_api_types::compute::{
-    DriftPolicy, Flavor, HypervisorType, Keypair, ObservedPowerState, PowerState, RebootType,
-    Server, ServerPhase, ServerStatus,
+    DriftPolicy, Flavor, Keypair, ObservedPowerState, PowerState, RebootType, Server, ServerPhase,
+    ServerStatus,
 };
 use stratus_api_types::image::{DiskFormat as ImageFormat, Image, Visibility};
 use stratus_api_types::placement;
@@ -26,9 +26,10 @@ use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
 
 use super::Config;
-use super::driver::disk::{self, ConfigDrive};
+use super::driver::disk;
 use super::driver::{
-    DiskFormat, DiskSpec, DomainInfo, DomainSpec, DomainState, Hypervisor, KernelBoot, Owner,
+    ConfigDrive, DiskFormat, DiskSpec, Disks, DomainDriver, DomainInfo, DomainSpec, DomainState,
+    DriverError, KernelBoot, Owner,
 };
 use stratus_image_cache::{ImageCache, ImageError};
 
@@ -117,10 +118,7 @@ pub enum Drift {
 }
 
 fn drifted(status: &ServerStatus) -> bool {
-    status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Drifted" && c.status == "True")
+    ConditionType::Drifted.is_true(&status.conditions)
 }
 
 /// Decides the next step. `stopping_for`: how long ago the guest was asked to shut down, if it
@@ -194,7 +192,8 @@ pub fn instance_name(uid: &str) -> String {
 pub(crate) struct Ctx {
     pub client: Client,
     pub runtime: Runtime<Server>,
-    pub hypervisor: Arc<dyn Hypervisor>,
+    pub driver: Arc<dyn DomainDriver>,
+    pub disks: Arc<dyn Disks>,
     pub config: Config,
     pub images: Arc<ImageCache>,
     pub recorder: Recorder,
@@ -272,20 +271,13 @@ struct Blocked {
 /// Marks the server as failed for `b`, with an Event when the reason is new.
 async fn block(ctx: &Ctx, server: &Server, b: Blocked) -> Result<Action, ServerError> {
     let mut status = server.status.clone().unwrap_or_default();
-    let new_reason = !status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Ready" && c.reason == b.reason && c.message == b.message);
+    let new_reason = !ConditionType::Ready
+        .find(&status.conditions)
+        .is_some_and(|c| c.reason == b.reason && c.message == b.message);
     status.phase = ServerPhase::Error;
-    set_condition(
-        &mut status.conditions,
-        "Ready",
-        false,
-        b.reason,
-        &b.message,
-        server.metadata.generation,
-        now(),
-    );
+    ConditionType::Ready
+        .no(b.reason, b.message.clone())
+        .set(&mut status.conditions, server.metadata.generation);
     write_status(ctx, server, status).await?;
     if new_reason {
         publish(ctx, server, EventType::Warning, b.reason, b.message).await;
@@ -314,25 +306,50 @@ async fn find_image(client: &Client, ns: &str, name: &str) -> Result<Option<Imag
         .find(|i| i.spec.visibility == Visibility::Public))
 }
 
+/// Why a guest is not built on this pass.
+enum NotBuilt {
+    /// What the Server asks for cannot be built until something changes: reported in status.
+    Blocked(Blocked),
+    /// A failure to retry.
+    Failed(ServerError),
+}
+
+impl From<ServerError> for NotBuilt {
+    fn from(e: ServerError) -> Self {
+        Self::Failed(e)
+    }
+}
+
+impl From<kube::Error> for NotBuilt {
+    fn from(e: kube::Error) -> Self {
+        Self::Failed(ServerError::Api(e))
+    }
+}
+
 /// Downloads (once per node) and verifies an Image's data.
-async fn fetch(ctx: &Ctx, image: &Image) -> Result<Result<PathBuf, Blocked>, ServerError> {
+async fn fetch(ctx: &Ctx, image: &Image) -> Result<PathBuf, NotBuilt> {
     let cache = Arc::clone(&ctx.images);
     let url = image.spec.source.url.clone();
     let sum = image.spec.sha256.clone();
     let got = blocking(move || cache.fetch(&url, sum.as_deref())).await?;
-    Ok(match got {
-        Ok(c) => Ok(c.path),
-        Err(ImageError::ChecksumMismatch { expected, actual }) => Err(Blocked {
-            reason: "ImageChecksumMismatch",
-            message: format!(
-                "image \"{}\": the data's sha256 is {actual}, not {expected}",
-                image.name_any()
-            ),
-        }),
-        Err(e) => Err(Blocked {
-            reason: "ImageDownloadFailed",
-            message: format!("image \"{}\": {e}", image.name_any()),
-        }),
+    got.map(|c| c.path).map_err(|e| {
+        NotBuilt::Blocked(match e {
+            ImageError::ChecksumMismatch { expected, actual } => Blocked {
+                reason: "ImageChecksumMismatch",
+                message: format!(
+                    "image \"{}\": the data's sha256 is {actual}, not {expected}",
+                    image.name_any()
+                ),
+            },
+            e => Blocked {
+                reason: "ImageDownloadFailed",
+                message: format!(
+                    "image \"{}\": {}",
+                    image.name_any(),
+                    stratus_runtime::policy::chain(&e)
+                ),
+            },
+        })
     })
 }
 
@@ -351,7 +368,7 @@ struct DriveData {
     user_data: Option<Vec<u8>>,
 }
 
-async fn resolve(ctx: &Ctx, server: &Server) -> Result<Result<Plan, Blocked>, ServerError> {
+async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
     let ns = server.namespace().ok_or(ServerError::Incomplete)?;
     let uid = server.uid().ok_or(ServerError::Incomplete)?;
     let Some(flavor) = Api::<Flavor>::all(ctx.client.clone())
@@ -359,7 +376,7 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Result<Plan, Blocked>, Se
         .await
         .map_err(ServerError::Api)?
     else {
-        return Ok(Err(Blocked {
+        return Err(NotBuilt::Blocked(Blocked {
             reason: "FlavorNotFound",
             message: format!("flavor \"{}\" not found", server.spec.flavor),
         }));
@@ -367,19 +384,19 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Result<Plan, Blocked>, Se
     if !server.spec.networks.is_empty() {
         // Building the guest without the NICs it asks for would report a server that is not
         // what the user applied.
-        return Ok(Err(Blocked {
+        return Err(NotBuilt::Blocked(Blocked {
             reason: "NetworkingUnavailable",
             message: "this server asks for networks; tenant networking (the network agent) is not available yet".into(),
         }));
     }
     if !server.spec.volumes.is_empty() {
-        return Ok(Err(Blocked {
+        return Err(NotBuilt::Blocked(Blocked {
             reason: "VolumesUnavailable",
             message: "this server asks for volumes; the storage agent is not available yet".into(),
         }));
     }
     let Some(image_name) = server.spec.image.as_deref() else {
-        return Ok(Err(Blocked {
+        return Err(NotBuilt::Blocked(Blocked {
             reason: "BootVolumeUnsupported",
             message: "booting from a volume needs the storage agent, which is not available yet"
                 .into(),
@@ -390,11 +407,11 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Result<Plan, Blocked>, Se
         message: format!("image \"{n}\" not found"),
     };
     let Some(image) = find_image(&ctx.client, &ns, image_name).await? else {
-        return Ok(Err(missing(image_name)));
+        return Err(NotBuilt::Blocked(missing(image_name)));
     };
     // As Nova does: an image states the smallest disk and memory it runs with.
     if image.spec.min_disk_gib > flavor.spec.disk_gib && flavor.spec.disk_gib > 0 {
-        return Ok(Err(Blocked {
+        return Err(NotBuilt::Blocked(Blocked {
             reason: "FlavorDiskTooSmall",
             message: format!(
                 "flavor \"{}\" has a {} GiB disk; image \"{image_name}\" needs {} GiB",
@@ -403,7 +420,7 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Result<Plan, Blocked>, Se
         }));
     }
     if image.spec.min_ram_mib > flavor.spec.ram_mib {
-        return Ok(Err(Blocked {
+        return Err(NotBuilt::Blocked(Blocked {
             reason: "FlavorMemoryTooSmall",
             message: format!(
                 "flavor \"{}\" has {} MiB of memory; image \"{image_name}\" needs {} MiB",
@@ -415,7 +432,7 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Result<Plan, Blocked>, Se
         ImageFormat::Qcow2 => DiskFormat::Qcow2,
         ImageFormat::Raw => DiskFormat::Raw,
         other => {
-            return Ok(Err(Blocked {
+            return Err(NotBuilt::Blocked(Blocked {
                 reason: "ImageNotBootable",
                 message: format!(
                     "image \"{image_name}\" has diskFormat {other:?}; a server boots from a qcow2 or raw image"
@@ -423,28 +440,19 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Result<Plan, Blocked>, Se
             }));
         }
     };
-    let root_base = match fetch(ctx, &image).await? {
-        Ok(p) => p,
-        Err(b) => return Ok(Err(b)),
-    };
+    let root_base = fetch(ctx, &image).await?;
     let mut kernel = None;
     if let Some(k) = &image.spec.kernel_image {
         let Some(k_img) = find_image(&ctx.client, &ns, k).await? else {
-            return Ok(Err(missing(k)));
+            return Err(NotBuilt::Blocked(missing(k)));
         };
-        let k_path = match fetch(ctx, &k_img).await? {
-            Ok(p) => p,
-            Err(b) => return Ok(Err(b)),
-        };
+        let k_path = fetch(ctx, &k_img).await?;
         let mut initrd = None;
         if let Some(r) = &image.spec.ramdisk_image {
             let Some(r_img) = find_image(&ctx.client, &ns, r).await? else {
-                return Ok(Err(missing(r)));
+                return Err(NotBuilt::Blocked(missing(r)));
             };
-            initrd = match fetch(ctx, &r_img).await? {
-                Ok(p) => Some(p),
-                Err(b) => return Ok(Err(b)),
-            };
+            initrd = Some(fetch(ctx, &r_img).await?);
         }
         kernel = Some(KernelBoot {
             kernel: k_path,
@@ -465,7 +473,7 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Result<Plan, Blocked>, Se
         {
             Some(kp) => keys.push(kp.spec.public_key.clone()),
             None => {
-                return Ok(Err(Blocked {
+                return Err(NotBuilt::Blocked(Blocked {
                     reason: "KeypairNotFound",
                     message: format!("keypair \"{k}\" not found"),
                 }));
@@ -478,7 +486,7 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Result<Plan, Blocked>, Se
             match base64::engine::general_purpose::STANDARD.decode(clean) {
                 Ok(d) => Some(d),
                 Err(e) => {
-                    return Ok(Err(Blocked {
+                    return Err(NotBuilt::Blocked(Blocked {
                         reason: "InvalidUserData",
                         message: format!("spec.userData is not base64: {e}"),
                     }));
@@ -494,7 +502,7 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Result<Plan, Blocked>, Se
     });
     let dir = ctx.server_dir(&uid);
     let claim = placement::claim(&flavor.spec);
-    Ok(Ok(Plan {
+    Ok(Plan {
         domain: DomainSpec {
             name: instance_name(&uid),
             uuid: uid.clone(),
@@ -528,41 +536,23 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Result<Plan, Blocked>, Se
             keys,
             user_data,
         },
-    }))
+    })
 }
 
-/// Makes the disks (the root disk only when absent, or always with `fresh_root`), defines the
-/// domain and starts it.
+/// Makes the disks (a new root disk with `fresh_root`; else the one there, grown to the
+/// flavor's size), defines the domain and starts it.
 async fn build(ctx: &Ctx, plan: Plan, fresh_root: bool) -> Result<(), ServerError> {
-    let hv = Arc::clone(&ctx.hypervisor);
-    // libvirt's test driver runs no guest and never opens a disk: a node of that type (scale
-    // runs) makes none, so what it measures is the control plane.
-    let disks = ctx.config.hypervisor_type != HypervisorType::Test;
+    let driver = Arc::clone(&ctx.driver);
+    let disks = Arc::clone(&ctx.disks);
     blocking(move || -> Result<(), ServerError> {
-        if !disks {
-            hv.define(&plan.domain)?;
-            hv.start(&plan.domain.name)?;
-            return Ok(());
-        }
-        let root = &plan.domain.disks[0].path;
-        let dir = root.parent().map(Path::to_path_buf).unwrap_or_default();
-        std::fs::create_dir_all(&dir).map_err(|source| ServerError::Files {
-            path: dir.clone(),
-            source,
-        })?;
-        if fresh_root && root.exists() {
-            std::fs::remove_file(root).map_err(|source| ServerError::Files {
-                path: root.clone(),
-                source,
-            })?;
-        }
-        if root.exists() {
-            // A resize to a flavor with a larger disk grows the root disk (never shrinks it).
-            disk::grow(root, plan.root_gib)?;
-        } else {
-            disk::create_overlay(&plan.root_base, plan.root_format, root, plan.root_gib)?;
-        }
-        disk::write_config_drive(
+        disks.root_disk(
+            &plan.root_base,
+            plan.root_format,
+            &plan.domain.disks[0].path,
+            plan.root_gib,
+            fresh_root,
+        )?;
+        disks.config_drive(
             &plan.domain.disks[1].path,
             &ConfigDrive {
                 instance_id: &plan.domain.uuid,
@@ -572,12 +562,12 @@ async fn build(ctx: &Ctx, plan: Plan, fresh_root: bool) -> Result<(), ServerErro
                 network_config: None,
             },
         )?;
-        hv.define(&plan.domain)?;
-        if !hv
+        driver.define(&plan.domain)?;
+        if !driver
             .lookup(&plan.domain.name)?
             .is_some_and(|d| d.state == DomainState::Running)
         {
-            hv.start(&plan.domain.name)?;
+            driver.start(&plan.domain.name)?;
         }
         Ok(())
     })
@@ -586,23 +576,32 @@ async fn build(ctx: &Ctx, plan: Plan, fresh_root: bool) -> Result<(), ServerErro
 
 /// Removes the guest and its files; idempotent.
 async fn teardown(ctx: &Ctx, uid: &str) -> Result<(), ServerError> {
-    let hv = Arc::clone(&ctx.hypervisor);
+    let driver = Arc::clone(&ctx.driver);
+    let disks = Arc::clone(&ctx.disks);
     let name = instance_name(uid);
     let dir = ctx.server_dir(uid);
     blocking(move || -> Result<(), ServerError> {
-        if let Some(d) = hv.lookup(&name)? {
+        if let Some(d) = driver.lookup(&name)? {
             if d.state != DomainState::Shutoff {
-                hv.destroy(&name)?;
+                driver.destroy(&name)?;
             }
-            hv.undefine(&name)?;
+            driver.undefine(&name)?;
         }
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(ServerError::Files { path: dir, source }),
-        }
+        disks.remove_dir(&dir)?;
+        Ok(())
     })
     .await?
+}
+
+/// Runs one driver verb on a domain, on the blocking pool.
+async fn domain_verb(
+    ctx: &Ctx,
+    name: &str,
+    verb: fn(&dyn DomainDriver, &str) -> Result<(), DriverError>,
+) -> Result<(), ServerError> {
+    let driver = Arc::clone(&ctx.driver);
+    let name = name.to_owned();
+    Ok(blocking(move || verb(driver.as_ref(), &name)).await??)
 }
 
 /// Drops this node's finalizer (see [`stratus_runtime::finalizer::release`]).
@@ -613,12 +612,9 @@ async fn release(ctx: &Ctx, server: &Server) -> Result<(), ServerError> {
 }
 
 fn stopping_for(server: &Server) -> Option<Duration> {
-    let c = server
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Stopping" && c.status == "True")?;
+    let c = ConditionType::Stopping
+        .find(&server.status.as_ref()?.conditions)
+        .filter(|c| c.status == "True")?;
     let since = jiff::Timestamp::now().duration_since(c.last_transition_time.0);
     Some(Duration::try_from(since).unwrap_or_default())
 }
@@ -635,17 +631,10 @@ fn observe(server: &Server, info: Option<&DomainInfo>, dir: &Path) -> ServerStat
         url: None,
     });
     let running = matches!(state, Some(DomainState::Running));
-    let t = now();
     if drifted(&status) {
-        set_condition(
-            &mut status.conditions,
-            "Drifted",
-            false,
-            "InSync",
-            "the guest is as the Server asks",
-            gen_,
-            t.clone(),
-        );
+        ConditionType::Drifted
+            .no("InSync", "the guest is as the Server asks")
+            .set(&mut status.conditions, gen_);
     }
     status.phase = match (server.spec.power_state, running) {
         (PowerState::Running, true) => ServerPhase::Running,
@@ -654,44 +643,36 @@ fn observe(server: &Server, info: Option<&DomainInfo>, dir: &Path) -> ServerStat
         (PowerState::Running, false) => ServerPhase::Building,
     };
     if server.spec.power_state == PowerState::Stopped && !running {
-        set_condition(
-            &mut status.conditions,
-            "Stopping",
-            false,
-            "Stopped",
-            "",
-            gen_,
-            t.clone(),
-        );
+        ConditionType::Stopping
+            .no("Stopped", "")
+            .set(&mut status.conditions, gen_);
     }
-    let (ready, reason, msg) = match status.phase {
-        ServerPhase::Running => (true, "Running", "the guest is running".to_string()),
-        ServerPhase::Stopped => (false, "Stopped", "stopped as requested".to_string()),
-        _ => (
-            false,
-            "NotRunning",
-            format!("the guest is {:?}", observed(state)),
-        ),
+    let ready = match status.phase {
+        ServerPhase::Running => ConditionType::Ready.yes("Running", "the guest is running"),
+        ServerPhase::Stopped => ConditionType::Ready.no("Stopped", "stopped as requested"),
+        _ => ConditionType::Ready.no("NotRunning", format!("the guest is {:?}", observed(state))),
     };
-    set_condition(
-        &mut status.conditions,
-        "Ready",
-        ready,
-        reason,
-        &msg,
-        gen_,
-        t,
-    );
+    ready.set(&mut status.conditions, gen_);
     status.observed_generation = gen_;
     status
 }
 
 async fn reconcile(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, ServerError> {
-    let result = sync(Arc::clone(&server), Arc::clone(&ctx)).await;
+    let result = sync(&server, &ctx).await;
     ctx.runtime.finish(&server, result).await
 }
 
-async fn sync(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, ServerError> {
+/// What a step leaves for the end of the pass.
+enum After {
+    /// Read the guest back and write the status.
+    Observe,
+    /// The step wrote what it had to say; come back as this says.
+    Return(Action),
+}
+
+/// One pass over a Server placed here: decide the step from the Server and the domain, take
+/// it, then report what libvirt shows.
+async fn sync(server: &Server, ctx: &Ctx) -> Result<Action, ServerError> {
     let uid = server.uid().ok_or(ServerError::Incomplete)?;
     let placed = server.status.as_ref().and_then(|s| s.hypervisor.as_deref());
     if placed != Some(ctx.config.node.as_str()) {
@@ -699,244 +680,282 @@ async fn sync(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, ServerError>
     }
     let name = instance_name(&uid);
     if server.metadata.deletion_timestamp.is_some() {
-        teardown(&ctx, &uid).await?;
-        release(&ctx, &server).await?;
+        teardown(ctx, &uid).await?;
+        release(ctx, server).await?;
         return Ok(Action::await_change());
     }
-    let hv = Arc::clone(&ctx.hypervisor);
-    let lookup_name = name.clone();
-    let info = blocking(move || hv.lookup(&lookup_name)).await??;
-    let resize_claimed = match &server.status.as_ref().and_then(|s| s.flavor.clone()) {
-        Some(f) if *f != server.spec.flavor => {
-            match Api::<Flavor>::all(ctx.client.clone())
-                .get_opt(&server.spec.flavor)
-                .await
-                .map_err(ServerError::Api)?
-            {
-                Some(fl) => {
-                    server.status.as_ref().and_then(|s| s.allocated.as_ref())
-                        == Some(&placement::claim(&fl.spec))
-                }
-                None => false,
-            }
-        }
-        _ => false,
-    };
+    let info = lookup(ctx, &name).await?;
     let step = plan(
-        &server,
+        server,
         info.as_ref().map(|d| d.state),
-        stopping_for(&server),
-        resize_claimed,
+        stopping_for(server),
+        resize_claimed(ctx, server).await?,
     );
     tracing::debug!(server = %server.name_any(), ?step, "reconcile");
-    let dir = ctx.server_dir(&uid);
     let mut status = server.status.clone().unwrap_or_default();
-    let gen_ = server.metadata.generation;
-    match step {
+    let after = match step {
         Step::Build { .. } | Step::Rebuild | Step::Resize => {
-            // Resolved first: a server that cannot be built keeps one stable Error status
-            // instead of flapping through Building on every pass.
-            let plan = match resolve(&ctx, &server).await? {
-                Ok(p) => p,
-                Err(b) => return block(&ctx, &server, b).await,
-            };
-            status.phase = match step {
-                Step::Rebuild => ServerPhase::Rebuilding,
-                Step::Resize => ServerPhase::Resizing,
-                _ => ServerPhase::Building,
-            };
-            set_condition(
-                &mut status.conditions,
-                "Ready",
-                false,
-                "Building",
-                "preparing disks and the guest",
-                gen_,
-                now(),
-            );
-            write_status(&ctx, &server, status.clone()).await?;
-            if !matches!(step, Step::Build { .. }) {
-                // Rebuild and resize start from a powered-off guest.
-                let hv = Arc::clone(&ctx.hypervisor);
-                let n = name.clone();
-                blocking(move || hv.destroy(&n)).await??;
-            }
-            build(&ctx, plan, step == Step::Rebuild).await?;
-            let (reason, note) = match step {
-                Step::Build { recreate: true } => (
-                    "Recreated",
-                    format!("domain {name} was missing from the hypervisor; recreated it"),
-                ),
-                Step::Rebuild => (
-                    "Rebuilt",
-                    format!(
-                        "root disk rebuilt from image {}",
-                        server.spec.image.as_deref().unwrap_or_default()
-                    ),
-                ),
-                Step::Resize => (
-                    "Resized",
-                    format!("now running with flavor {}", server.spec.flavor),
-                ),
-                _ => ("Started", format!("domain {name} defined and started")),
-            };
-            let kind = if reason == "Recreated" {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            };
-            publish(&ctx, &server, kind, reason, note).await;
-            if step == Step::Resize {
-                set_condition(
-                    &mut status.conditions,
-                    "Resized",
-                    true,
-                    "Resized",
-                    &format!("running with flavor {}", server.spec.flavor),
-                    gen_,
-                    now(),
-                );
-            }
-            status.flavor = Some(server.spec.flavor.clone());
-            status.image = server.spec.image.clone();
-            status.launched_at = Some(now());
-            status.last_reboot_request = server.spec.reboot_request.clone();
+            make(ctx, server, step, &name, &mut status).await?
         }
-        Step::AwaitResizeClaim => {
-            set_condition(
-                &mut status.conditions,
-                "Resized",
-                false,
-                "AwaitingCapacity",
-                &format!(
-                    "waiting for the scheduler to claim flavor {} on this hypervisor",
-                    server.spec.flavor
-                ),
-                gen_,
-                now(),
-            );
-            status.phase = ServerPhase::Resizing;
-            write_status(&ctx, &server, status).await?;
-            return Ok(Action::requeue(ctx.config.resync));
-        }
+        Step::AwaitResizeClaim => await_resize_claim(ctx, server, status.clone()).await?,
         Step::ReportDrift(drift) => {
-            let (reason, what) = match drift {
-                Drift::Missing => ("DomainMissing", "is gone from the hypervisor"),
-                Drift::PoweredOff => ("PoweredOff", "was shut off outside Stratus"),
-            };
-            let msg = format!("domain {name} {what}; driftPolicy Report leaves it as it is");
-            let new = !drifted(&status);
-            status.phase = ServerPhase::Error;
-            status.power_state = Some(observed(info.as_ref().map(|d| d.state)));
-            set_condition(
-                &mut status.conditions,
-                "Drifted",
-                true,
-                reason,
-                &msg,
-                gen_,
-                now(),
-            );
-            set_condition(
-                &mut status.conditions,
-                "Ready",
-                false,
-                "Drifted",
-                &msg,
-                gen_,
-                now(),
-            );
-            status.observed_generation = gen_;
-            write_status(&ctx, &server, status).await?;
-            if new {
-                publish(&ctx, &server, EventType::Warning, "DriftDetected", msg).await;
-            }
-            return Ok(Action::requeue(ctx.config.resync));
+            report_drift(ctx, server, drift, info.as_ref(), status.clone()).await?
         }
-        Step::Start => {
-            let hv = Arc::clone(&ctx.hypervisor);
-            let n = name.clone();
-            blocking(move || hv.start(&n)).await??;
-            status.launched_at = Some(now());
-            // It last ran and nobody asked it to stop: it went down behind Stratus's back.
-            let went_down = status.power_state == Some(ObservedPowerState::Running);
-            let (kind, reason, note) = if went_down {
-                (
-                    EventType::Warning,
-                    "Restarted",
-                    format!("domain {name} was shut off outside Stratus; started it again"),
-                )
-            } else {
-                (
-                    EventType::Normal,
-                    "Started",
-                    format!("domain {name} started"),
-                )
-            };
-            publish(&ctx, &server, kind, reason, note).await;
-        }
-        Step::Shutdown => {
-            let hv = Arc::clone(&ctx.hypervisor);
-            let n = name.clone();
-            blocking(move || hv.shutdown(&n)).await??;
-            set_condition(
-                &mut status.conditions,
-                "Stopping",
-                true,
-                "ShutdownRequested",
-                &format!(
-                    "asked the guest to shut down; it is powered off after {}s",
-                    SHUTDOWN_GRACE.as_secs()
-                ),
-                gen_,
-                now(),
-            );
-            write_status(&ctx, &server, status).await?;
-            return Ok(Action::requeue(Duration::from_secs(1)));
-        }
-        Step::PowerOff => {
-            let hv = Arc::clone(&ctx.hypervisor);
-            let n = name.clone();
-            blocking(move || hv.destroy(&n)).await??;
-            publish(
-                &ctx,
-                &server,
-                EventType::Warning,
-                "PoweredOff",
-                format!(
-                    "the guest did not shut down within {}s; powered it off",
-                    SHUTDOWN_GRACE.as_secs()
-                ),
-            )
-            .await;
-        }
-        Step::Reboot(kind) => {
-            let hv = Arc::clone(&ctx.hypervisor);
-            let n = name.clone();
-            match kind {
-                RebootType::Soft => blocking(move || hv.reboot(&n)).await??,
-                RebootType::Hard => blocking(move || hv.reset(&n)).await??,
-            }
-            status.last_reboot_request = server.spec.reboot_request.clone();
-            publish(
-                &ctx,
-                &server,
-                EventType::Normal,
-                "Rebooted",
-                format!("{kind:?} reboot of {name}"),
-            )
-            .await;
-        }
-        Step::Observe => {}
+        Step::Start => power_on(ctx, server, &name, &mut status).await?,
+        Step::Shutdown => request_shutdown(ctx, server, &name, status.clone()).await?,
+        Step::PowerOff => power_off(ctx, server, &name).await?,
+        Step::Reboot(kind) => reboot(ctx, server, &name, kind, &mut status).await?,
+        Step::Observe => After::Observe,
+    };
+    if let After::Return(action) = after {
+        return Ok(action);
     }
-    let hv = Arc::clone(&ctx.hypervisor);
-    let n = name.clone();
-    let info = blocking(move || hv.lookup(&n)).await??;
-    let mut server_now = (*server).clone();
+    let info = lookup(ctx, &name).await?;
+    let mut server_now = server.clone();
     server_now.status = Some(status);
-    let next = observe(&server_now, info.as_ref(), &dir);
-    write_status(&ctx, &server, next).await?;
+    let next = observe(&server_now, info.as_ref(), &ctx.server_dir(&uid));
+    write_status(ctx, server, next).await?;
     Ok(Action::requeue(ctx.config.resync))
+}
+
+async fn lookup(ctx: &Ctx, name: &str) -> Result<Option<DomainInfo>, ServerError> {
+    let driver = Arc::clone(&ctx.driver);
+    let name = name.to_owned();
+    Ok(blocking(move || driver.lookup(&name)).await??)
+}
+
+/// Whether `status.allocated` is the claim of a new `spec.flavor` (the binding re-claims on
+/// this hypervisor before the agent resizes).
+async fn resize_claimed(ctx: &Ctx, server: &Server) -> Result<bool, ServerError> {
+    let Some(current) = server.status.as_ref().and_then(|s| s.flavor.as_ref()) else {
+        return Ok(false);
+    };
+    if *current == server.spec.flavor {
+        return Ok(false);
+    }
+    let flavor = Api::<Flavor>::all(ctx.client.clone())
+        .get_opt(&server.spec.flavor)
+        .await
+        .map_err(ServerError::Api)?;
+    Ok(flavor.is_some_and(|fl| {
+        server.status.as_ref().and_then(|s| s.allocated.as_ref())
+            == Some(&placement::claim(&fl.spec))
+    }))
+}
+
+/// Build, Rebuild, Resize: resolve what the guest is made of, then (re)make it.
+async fn make(
+    ctx: &Ctx,
+    server: &Server,
+    step: Step,
+    name: &str,
+    status: &mut ServerStatus,
+) -> Result<After, ServerError> {
+    let gen_ = server.metadata.generation;
+    // Resolved first: a server that cannot be built keeps one stable Error status instead of
+    // flapping through Building on every pass.
+    let plan = match resolve(ctx, server).await {
+        Ok(p) => p,
+        Err(NotBuilt::Blocked(b)) => return block(ctx, server, b).await.map(After::Return),
+        Err(NotBuilt::Failed(e)) => return Err(e),
+    };
+    status.phase = match step {
+        Step::Rebuild => ServerPhase::Rebuilding,
+        Step::Resize => ServerPhase::Resizing,
+        _ => ServerPhase::Building,
+    };
+    ConditionType::Ready
+        .no("Building", "preparing disks and the guest")
+        .set(&mut status.conditions, gen_);
+    write_status(ctx, server, status.clone()).await?;
+    if !matches!(step, Step::Build { .. }) {
+        // Rebuild and resize start from a powered-off guest.
+        domain_verb(ctx, name, |d, n| d.destroy(n)).await?;
+    }
+    build(ctx, plan, step == Step::Rebuild).await?;
+    let (kind, reason, note) = match step {
+        Step::Build { recreate: true } => (
+            EventType::Warning,
+            "Recreated",
+            format!("domain {name} was missing from the hypervisor; recreated it"),
+        ),
+        Step::Rebuild => (
+            EventType::Normal,
+            "Rebuilt",
+            format!(
+                "root disk rebuilt from image {}",
+                server.spec.image.as_deref().unwrap_or_default()
+            ),
+        ),
+        Step::Resize => (
+            EventType::Normal,
+            "Resized",
+            format!("now running with flavor {}", server.spec.flavor),
+        ),
+        _ => (
+            EventType::Normal,
+            "Started",
+            format!("domain {name} defined and started"),
+        ),
+    };
+    publish(ctx, server, kind, reason, note).await;
+    if step == Step::Resize {
+        ConditionType::Resized
+            .yes(
+                "Resized",
+                format!("running with flavor {}", server.spec.flavor),
+            )
+            .set(&mut status.conditions, gen_);
+    }
+    status.flavor = Some(server.spec.flavor.clone());
+    status.image = server.spec.image.clone();
+    status.launched_at = Some(now());
+    status.last_reboot_request = server.spec.reboot_request.clone();
+    Ok(After::Observe)
+}
+
+/// A new flavor the scheduler has not claimed on this hypervisor yet: say so and wait.
+async fn await_resize_claim(
+    ctx: &Ctx,
+    server: &Server,
+    mut status: ServerStatus,
+) -> Result<After, ServerError> {
+    ConditionType::Resized
+        .no(
+            "AwaitingCapacity",
+            format!(
+                "waiting for the scheduler to claim flavor {} on this hypervisor",
+                server.spec.flavor
+            ),
+        )
+        .set(&mut status.conditions, server.metadata.generation);
+    status.phase = ServerPhase::Resizing;
+    write_status(ctx, server, status).await?;
+    Ok(After::Return(Action::requeue(ctx.config.resync)))
+}
+
+/// The guest drifted and the policy is to report it: say so, touch nothing.
+async fn report_drift(
+    ctx: &Ctx,
+    server: &Server,
+    drift: Drift,
+    info: Option<&DomainInfo>,
+    mut status: ServerStatus,
+) -> Result<After, ServerError> {
+    let gen_ = server.metadata.generation;
+    let name = info.map_or_else(
+        || server.uid().map(|u| instance_name(&u)).unwrap_or_default(),
+        |d| d.name.clone(),
+    );
+    let (reason, what) = match drift {
+        Drift::Missing => ("DomainMissing", "is gone from the hypervisor"),
+        Drift::PoweredOff => ("PoweredOff", "was shut off outside Stratus"),
+    };
+    let msg = format!("domain {name} {what}; driftPolicy Report leaves it as it is");
+    let new = !drifted(&status);
+    status.phase = ServerPhase::Error;
+    status.power_state = Some(observed(info.map(|d| d.state)));
+    ConditionType::Drifted
+        .yes(reason, msg.clone())
+        .set(&mut status.conditions, gen_);
+    ConditionType::Ready
+        .no("Drifted", msg.clone())
+        .set(&mut status.conditions, gen_);
+    status.observed_generation = gen_;
+    write_status(ctx, server, status).await?;
+    if new {
+        publish(ctx, server, EventType::Warning, "DriftDetected", msg).await;
+    }
+    Ok(After::Return(Action::requeue(ctx.config.resync)))
+}
+
+/// Powers the guest on; a guest that last ran went down behind Stratus's back.
+async fn power_on(
+    ctx: &Ctx,
+    server: &Server,
+    name: &str,
+    status: &mut ServerStatus,
+) -> Result<After, ServerError> {
+    domain_verb(ctx, name, |d, n| d.start(n)).await?;
+    status.launched_at = Some(now());
+    let went_down = status.power_state == Some(ObservedPowerState::Running);
+    let (kind, reason, note) = if went_down {
+        (
+            EventType::Warning,
+            "Restarted",
+            format!("domain {name} was shut off outside Stratus; started it again"),
+        )
+    } else {
+        (
+            EventType::Normal,
+            "Started",
+            format!("domain {name} started"),
+        )
+    };
+    publish(ctx, server, kind, reason, note).await;
+    Ok(After::Observe)
+}
+
+/// Asks the guest to shut down, and notes when, for the power-off after the grace period.
+async fn request_shutdown(
+    ctx: &Ctx,
+    server: &Server,
+    name: &str,
+    mut status: ServerStatus,
+) -> Result<After, ServerError> {
+    domain_verb(ctx, name, |d, n| d.shutdown(n)).await?;
+    ConditionType::Stopping
+        .yes(
+            "ShutdownRequested",
+            format!(
+                "asked the guest to shut down; it is powered off after {}s",
+                SHUTDOWN_GRACE.as_secs()
+            ),
+        )
+        .set(&mut status.conditions, server.metadata.generation);
+    write_status(ctx, server, status).await?;
+    Ok(After::Return(Action::requeue(Duration::from_secs(1))))
+}
+
+/// The guest did not shut down in time: power it off.
+async fn power_off(ctx: &Ctx, server: &Server, name: &str) -> Result<After, ServerError> {
+    domain_verb(ctx, name, |d, n| d.destroy(n)).await?;
+    publish(
+        ctx,
+        server,
+        EventType::Warning,
+        "PoweredOff",
+        format!(
+            "the guest did not shut down within {}s; powered it off",
+            SHUTDOWN_GRACE.as_secs()
+        ),
+    )
+    .await;
+    Ok(After::Observe)
+}
+
+/// Reboots as asked, once per `rebootRequest`.
+async fn reboot(
+    ctx: &Ctx,
+    server: &Server,
+    name: &str,
+    kind: RebootType,
+    status: &mut ServerStatus,
+) -> Result<After, ServerError> {
+    match kind {
+        RebootType::Soft => domain_verb(ctx, name, |d, n| d.reboot(n)).await?,
+        RebootType::Hard => domain_verb(ctx, name, |d, n| d.reset(n)).await?,
+    }
+    status.last_reboot_request = server.spec.reboot_request.clone();
+    publish(
+        ctx,
+        server,
+        EventType::Normal,
+        "Rebooted",
+        format!("{kind:?} reboot of {name}"),
+    )
+    .await;
+    Ok(After::Observe)
 }
 
 fn error_policy(server: Arc<Server>, e: &ServerError, ctx: Arc<Ctx>) -> Action {
@@ -977,8 +996,8 @@ pub(crate) fn controller(
 /// Removes guests (and their files) whose Server is gone or placed elsewhere: what a
 /// deletion behind the finalizer's back, or an agent dying mid-teardown, leaves.
 pub(crate) async fn sweep(ctx: &Ctx) -> Result<usize, ServerError> {
-    let hv = Arc::clone(&ctx.hypervisor);
-    let domains = blocking(move || hv.list()).await??;
+    let driver = Arc::clone(&ctx.driver);
+    let domains = blocking(move || driver.list()).await??;
     let mut removed = 0;
     for d in domains {
         let Some(owner) = &d.owner else { continue };
@@ -1096,15 +1115,9 @@ mod tests {
         // Once reported (the status now says Shutdown), it stays reported.
         if let Some(st) = s.status.as_mut() {
             st.power_state = Some(ObservedPowerState::Shutdown);
-            set_condition(
-                &mut st.conditions,
-                "Drifted",
-                true,
-                "PoweredOff",
-                "",
-                None,
-                now(),
-            );
+            ConditionType::Drifted
+                .yes("PoweredOff", "")
+                .set(&mut st.conditions, None);
         }
         assert_eq!(
             plan(&s, Some(DomainState::Shutoff), None, false),

@@ -258,7 +258,6 @@ fn parent(path: &Path) -> &Path {
     path.parent().unwrap_or(Path::new("/"))
 }
 
-/// Makes a rename in `dir` durable.
 /// Grows the disk image at `path` to `size_gib` GiB if it is smaller (`qemu-img resize`);
 /// never shrinks it, since the guest's file system would lose data. Returns whether it grew.
 ///
@@ -291,6 +290,76 @@ pub fn grow(path: &Path, size_gib: u64) -> Result<bool, DiskError> {
     Ok(true)
 }
 
+/// The node's real disks: files under the agent's state directory, made with `qemu-img` and
+/// `genisoimage` (the functions above).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostDisks;
+
+impl super::Disks for HostDisks {
+    fn root_disk(
+        &self,
+        base: &Path,
+        base_format: DiskFormat,
+        path: &Path,
+        size_gib: u64,
+        fresh: bool,
+    ) -> Result<(), DiskError> {
+        let dir = parent(path);
+        std::fs::create_dir_all(dir).map_err(io_error("create", dir))?;
+        if fresh {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error("remove", path)(e)),
+            }
+        }
+        if path.exists() {
+            // A resize to a flavor with a larger disk grows the root disk (never shrinks it).
+            grow(path, size_gib).map(|_| ())
+        } else {
+            create_overlay(base, base_format, path, size_gib)
+        }
+    }
+
+    fn config_drive(&self, path: &Path, drive: &ConfigDrive) -> Result<(), DiskError> {
+        write_config_drive(path, drive)
+    }
+
+    fn inspect(&self, path: &Path) -> Result<Option<super::DiskInfo>, DiskError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let path = std::path::absolute(path).map_err(io_error("resolve", path))?;
+        let info = run_output(
+            "qemu-img info",
+            Command::new(QEMU_IMG)
+                .args(["info", "--output=json", "-U"])
+                .arg(&path),
+        )?;
+        let v = serde_json::from_slice::<serde_json::Value>(&info).unwrap_or_default();
+        Ok(Some(super::DiskInfo {
+            virtual_size: v
+                .get("virtual-size")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0),
+            backing: v
+                .get("full-backing-filename")
+                .or_else(|| v.get("backing-filename"))
+                .and_then(serde_json::Value::as_str)
+                .map(PathBuf::from),
+        }))
+    }
+
+    fn remove_dir(&self, dir: &Path) -> Result<(), DiskError> {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error("remove", dir)(e)),
+        }
+    }
+}
+
+/// Makes a rename in `dir` durable.
 fn sync_dir(dir: &Path) -> Result<(), DiskError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -331,6 +400,14 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
+
+    #[test]
+    fn host_disks_pass_the_disks_suite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = super::super::conformance::raw_base(dir.path(), 64);
+        let servers = dir.path().join("servers");
+        super::super::conformance::disks(&HostDisks, &base, DiskFormat::Raw, &servers);
+    }
 
     #[test]
     fn grow_enlarges_but_never_shrinks() {

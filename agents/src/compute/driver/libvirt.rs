@@ -1,20 +1,20 @@
-//! The [`Hypervisor`] over libvirt: QEMU (KVM or TCG) on a node, or the `test:///` driver.
+//! The [`DomainDriver`] over libvirt: QEMU (KVM or TCG) on a node, or the `test:///` driver.
 //!
 //! # Idempotence
 //!
 //! The agent retries after crashes and races with guests that power themselves off, so verbs
 //! whose goal already holds succeed instead of failing:
 //!
-//! - [`start`](Hypervisor::start) of a running domain, [`shutdown`](Hypervisor::shutdown) and
-//!   [`destroy`](Hypervisor::destroy) of a stopped one are `Ok(())`. The state is read *after*
+//! - [`start`](DomainDriver::start) of a running domain, [`shutdown`](DomainDriver::shutdown) and
+//!   [`destroy`](DomainDriver::destroy) of a stopped one are `Ok(())`. The state is read *after*
 //!   libvirt refuses the call, so a guest that stops between our look and the call is covered.
-//! - [`undefine`](Hypervisor::undefine) of a domain that does not exist is `Ok(())`; of a running
+//! - [`undefine`](DomainDriver::undefine) of a domain that does not exist is `Ok(())`; of a running
 //!   one it is [`DriverError::Active`] (libvirt would quietly turn it into a transient domain
 //!   that vanishes at power-off, which is never what the agent means).
-//! - [`reboot`](Hypervisor::reboot) and [`reset`](Hypervisor::reset) of a stopped domain are
+//! - [`reboot`](DomainDriver::reboot) and [`reset`](DomainDriver::reset) of a stopped domain are
 //!   [`DriverError::NotRunning`]: nothing sensible can stand in for them.
 //! - Every verb but `undefine` on a missing domain is [`DriverError::NoDomain`];
-//!   [`lookup`](Hypervisor::lookup) says `Ok(None)`.
+//!   [`lookup`](DomainDriver::lookup) says `Ok(None)`.
 
 use std::path::Path;
 
@@ -25,7 +25,8 @@ use virt::sys;
 
 use super::events;
 use super::xml::{self, DomainKind, METADATA_NS};
-use super::{DomainInfo, DomainSpec, DomainState, DriverError, Hypervisor, NodeInfo};
+use super::{DomainDriver, DomainInfo, DomainSpec, DomainState, DriverError, NodeInfo};
+use stratus_api_types::compute::HypervisorType;
 
 /// Names of the domains Stratus manages start with this.
 pub const NAME_PREFIX: &str = "stratus-";
@@ -176,7 +177,14 @@ impl Libvirt {
     }
 }
 
-impl Hypervisor for Libvirt {
+impl DomainDriver for Libvirt {
+    fn hypervisor_type(&self) -> HypervisorType {
+        match self.kind {
+            DomainKind::Test => HypervisorType::Test,
+            DomainKind::Kvm | DomainKind::Qemu => HypervisorType::Qemu,
+        }
+    }
+
     fn node_info(&self) -> Result<NodeInfo, DriverError> {
         let node = self.conn.node_info().map_err(libvirt)?;
         let driver = self.conn.driver_type().map_err(libvirt)?;
@@ -471,10 +479,6 @@ mod tests {
         }
     }
 
-    fn state(lv: &Libvirt, name: &str) -> DomainState {
-        lv.lookup(name).expect("lookup").expect("exists").state
-    }
-
     #[test]
     fn libvirt_is_send_and_sync() {
         fn assert_send_sync<T: Send + Sync + 'static>() {}
@@ -483,59 +487,12 @@ mod tests {
     }
 
     #[test]
-    fn lifecycle_on_the_test_driver() {
+    fn the_test_driver_passes_the_domain_driver_suite() {
         let lv = Libvirt::connect(TEST_URI).expect("connect");
         assert_eq!(lv.kind(), DomainKind::Test);
+        assert_eq!(lv.hypervisor_type(), HypervisorType::Test);
         let (name, uuid) = unique(NAME_PREFIX);
-        let spec = spec(&name, &uuid);
-
-        assert_eq!(lv.lookup(&name).expect("lookup"), None);
-        lv.define(&spec).expect("define");
-        let info = lv.lookup(&name).expect("lookup").expect("defined");
-        assert_eq!(info.name, name);
-        assert_eq!(info.uuid, uuid);
-        assert_eq!(info.state, DomainState::Shutoff);
-        assert_eq!(info.owner.as_ref(), Some(&spec.owner));
-        // Redefining an inactive domain with the same name and UUID replaces it.
-        lv.define(&spec).expect("redefine while off");
-
-        lv.start(&name).expect("start");
-        assert_eq!(state(&lv, &name), DomainState::Running);
-        lv.start(&name)
-            .expect("start of a running domain is a no-op");
-        let mut changed = spec.clone();
-        changed.memory_mib = 256;
-        lv.define(&changed).expect("redefine while running");
-
-        let listed = lv.list().expect("list");
-        let ours = listed.iter().find(|d| d.name == name).expect("listed");
-        assert_eq!(ours.owner.as_ref(), Some(&spec.owner));
-        assert_eq!(ours.state, DomainState::Running);
-        assert!(listed.iter().all(|d| d.name.starts_with(NAME_PREFIX)));
-
-        lv.reboot(&name).expect("reboot");
-        lv.reset(&name).expect("reset");
-        assert!(matches!(lv.undefine(&name), Err(DriverError::Active(n)) if n == name));
-
-        // The test driver shuts down at once; QEMU would go through ShuttingDown.
-        lv.shutdown(&name).expect("shutdown");
-        assert_eq!(state(&lv, &name), DomainState::Shutoff);
-        lv.shutdown(&name)
-            .expect("shutdown of a stopped domain is a no-op");
-        assert!(matches!(lv.reboot(&name), Err(DriverError::NotRunning(n)) if n == name));
-        assert!(matches!(lv.reset(&name), Err(DriverError::NotRunning(_))));
-
-        lv.start(&name).expect("start again");
-        lv.destroy(&name).expect("destroy");
-        assert_eq!(state(&lv, &name), DomainState::Shutoff);
-        lv.destroy(&name)
-            .expect("destroy of a stopped domain is a no-op");
-
-        lv.undefine(&name).expect("undefine");
-        assert_eq!(lv.lookup(&name).expect("lookup"), None);
-        lv.undefine(&name)
-            .expect("undefine of a missing domain is a no-op");
-        assert!(!lv.list().expect("list").iter().any(|d| d.name == name));
+        super::super::conformance::domain_driver(&lv, &spec(&name, &uuid));
     }
 
     #[test]
@@ -573,24 +530,8 @@ mod tests {
     }
 
     #[test]
-    fn verbs_on_a_missing_domain() {
+    fn a_nul_in_a_name_is_an_error_not_a_crash() {
         let lv = Libvirt::connect(TEST_URI).expect("connect");
-        let (name, _) = unique(NAME_PREFIX);
-        type Verb = fn(&Libvirt, &str) -> Result<(), DriverError>;
-        let verbs: [(&str, Verb); 5] = [
-            ("start", |lv, n| lv.start(n)),
-            ("shutdown", |lv, n| lv.shutdown(n)),
-            ("destroy", |lv, n| lv.destroy(n)),
-            ("reboot", |lv, n| lv.reboot(n)),
-            ("reset", |lv, n| lv.reset(n)),
-        ];
-        for (verb, call) in verbs {
-            assert!(
-                matches!(call(&lv, &name), Err(DriverError::NoDomain(ref n)) if *n == name),
-                "{verb}"
-            );
-        }
-        // A NUL cannot reach libvirt; it is an error, not a crash.
         assert!(matches!(
             lv.lookup("stratus-\0nul"),
             Err(DriverError::Libvirt(_))

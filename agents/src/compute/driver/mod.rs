@@ -1,13 +1,23 @@
-//! The compute driver: what the agent asks of a hypervisor (libvirt) and of the node's disks
-//! (qcow2 overlays, config drives). Blocking calls; the agent runs them on
-//! tokio's blocking pool.
+//! The compute driver: what the agent asks of a hypervisor ([`DomainDriver`]: libvirt, or the
+//! in-memory [`fake`]) and of the node's disks ([`Disks`]: qcow2 overlays and config drives on
+//! the host, or in memory). Blocking calls; the agent runs them on tokio's blocking pool.
+//! [`conformance`] holds the suite every implementation of each trait passes.
 
 use std::path::PathBuf;
 
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 pub mod disk;
 pub mod events;
+pub mod fake;
 pub mod libvirt;
 pub mod xml;
+
+use std::path::Path;
+
+use stratus_api_types::compute::HypervisorType;
+
+pub use disk::{ConfigDrive, DiskError};
 
 /// A guest as the agent wants it defined.
 #[derive(Debug, Clone, PartialEq)]
@@ -133,8 +143,19 @@ pub enum DriverError {
     InvalidSpec(String),
 }
 
-/// A hypervisor: libvirt (QEMU or the `test:///` driver), or a test double.
-pub trait Hypervisor: Send + Sync + 'static {
+/// A hypervisor's domains: libvirt (QEMU or the `test:///` driver), or [`fake::FakeDomains`].
+///
+/// # Guarantees (every implementation; [`conformance::domain_driver`] checks them)
+///
+/// Verbs whose goal already holds succeed: `start` of a running domain, `shutdown` and
+/// `destroy` of a stopped one, `undefine` of a missing one are `Ok(())`. `undefine` of a
+/// running domain is [`DriverError::Active`]; `reboot` and `reset` of a stopped one are
+/// [`DriverError::NotRunning`]; every other verb on a missing domain is
+/// [`DriverError::NoDomain`] (`lookup` says `Ok(None)`). Only names starting with `stratus-`
+/// are defined ([`DriverError::InvalidSpec`] otherwise) or listed.
+pub trait DomainDriver: Send + Sync + 'static {
+    /// The hypervisor type the node registers as: what this driver really runs.
+    fn hypervisor_type(&self) -> HypervisorType;
     /// What the node offers.
     fn node_info(&self) -> Result<NodeInfo, DriverError>;
     /// Every domain (defined or running) whose name starts with `stratus-`.
@@ -156,6 +177,44 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Resets the domain (power cycle without asking the guest).
     fn reset(&self, name: &str) -> Result<(), DriverError>;
     /// From now on, sends the name of every domain whose lifecycle changes (defined,
-    /// started, stopped, crashed, undefined …) to `tx`, until the hypervisor is dropped.
+    /// started, stopped, crashed, undefined …) to `tx`, until the driver is dropped.
     fn subscribe(&self, tx: tokio::sync::mpsc::UnboundedSender<String>) -> Result<(), DriverError>;
+}
+
+/// What a disk file is, as read back from where it lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// The size the guest sees, in bytes.
+    pub virtual_size: u64,
+    /// The image it is an overlay of, if any.
+    pub backing: Option<std::path::PathBuf>,
+}
+
+/// The node's guest disks: a root disk layered over a cached image, and a config drive, per
+/// guest, in the guest's own directory. [`disk::HostDisks`] (qemu-img, genisoimage) or
+/// [`fake::MemoryDisks`].
+///
+/// # Guarantees (every implementation; [`conformance::disks`] checks them)
+///
+/// - `root_disk` of an absent path makes an overlay of `base` of at least `size_gib`; of a
+///   present one grows it to `size_gib` and never shrinks it or loses what it holds, unless
+///   `fresh` asks for a new overlay in its place. The parent directory is made as needed.
+/// - `config_drive` replaces what was at its path in one step.
+/// - `remove_dir` of an absent directory is `Ok(())`.
+pub trait Disks: Send + Sync + 'static {
+    /// Makes `path` the root disk over `base` (see the guarantees).
+    fn root_disk(
+        &self,
+        base: &Path,
+        base_format: DiskFormat,
+        path: &Path,
+        size_gib: u64,
+        fresh: bool,
+    ) -> Result<(), DiskError>;
+    /// Writes `drive` as the config drive at `path`.
+    fn config_drive(&self, path: &Path, drive: &ConfigDrive) -> Result<(), DiskError>;
+    /// What is at `path`; `None` when nothing is.
+    fn inspect(&self, path: &Path) -> Result<Option<DiskInfo>, DiskError>;
+    /// Removes a guest's directory and every disk in it.
+    fn remove_dir(&self, dir: &Path) -> Result<(), DiskError>;
 }

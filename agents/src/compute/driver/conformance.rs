@@ -1,0 +1,208 @@
+//! The suites every implementation of a driver trait passes, so that a fake used in a test
+//! behaves as the real thing does: [`domain_driver`] for [`DomainDriver`] (run against
+//! [`FakeDomains`](super::fake::FakeDomains), libvirt's `test:///` driver and real QEMU) and
+//! [`disks`] for [`Disks`] (run against [`MemoryDisks`](super::fake::MemoryDisks) and
+//! [`HostDisks`](super::disk::HostDisks)). They panic on the first guarantee broken.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::ConfigDrive;
+use super::{
+    DiskFormat, DiskSpec, Disks, DomainDriver, DomainSpec, DomainState, DriverError, Owner,
+};
+
+/// A domain spec for the suites: 1 vCPU, 128 MiB, a root disk and a config drive in `dir`
+/// (files the caller makes when its driver opens them).
+pub fn spec(name: &str, uuid: &str, dir: &Path) -> DomainSpec {
+    DomainSpec {
+        name: name.to_owned(),
+        uuid: uuid.to_owned(),
+        vcpus: 1,
+        memory_mib: 128,
+        kernel: None,
+        disks: vec![
+            DiskSpec {
+                path: dir.join("root.qcow2"),
+                format: DiskFormat::Qcow2,
+                readonly: false,
+            },
+            DiskSpec {
+                path: dir.join("config.iso"),
+                format: DiskFormat::Raw,
+                readonly: true,
+            },
+        ],
+        console_log: dir.join("console.log"),
+        owner: Owner {
+            namespace: "conformance".into(),
+            name: name.trim_start_matches("stratus-").into(),
+            uid: uuid.to_owned(),
+        },
+    }
+}
+
+fn state(d: &dyn DomainDriver, name: &str) -> DomainState {
+    d.lookup(name)
+        .expect("lookup")
+        .unwrap_or_else(|| panic!("{name} is not defined"))
+        .state
+}
+
+/// Checks every guarantee of [`DomainDriver`] on one fresh domain built by `spec` (its name
+/// starts with `stratus-` and is used by nothing else).
+pub fn domain_driver(d: &dyn DomainDriver, spec: &DomainSpec) {
+    let name = spec.name.as_str();
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    d.subscribe(tx).expect("subscribe");
+
+    let mut foreign = spec.clone();
+    foreign.name = format!("other-{}", spec.uuid);
+    assert!(
+        matches!(d.define(&foreign), Err(DriverError::InvalidSpec(_))),
+        "a name without the stratus- prefix is refused"
+    );
+
+    // Missing: lookup says so, undefine has nothing to do, the other verbs refuse.
+    assert_eq!(d.lookup(name).expect("lookup"), None);
+    type Verb = fn(&dyn DomainDriver, &str) -> Result<(), DriverError>;
+    let verbs: [(&str, Verb); 5] = [
+        ("start", |d, n| d.start(n)),
+        ("shutdown", |d, n| d.shutdown(n)),
+        ("destroy", |d, n| d.destroy(n)),
+        ("reboot", |d, n| d.reboot(n)),
+        ("reset", |d, n| d.reset(n)),
+    ];
+    for (verb, call) in verbs {
+        assert!(
+            matches!(call(d, name), Err(DriverError::NoDomain(ref n)) if n == name),
+            "{verb} of a missing domain"
+        );
+    }
+    d.undefine(name)
+        .expect("undefine of a missing domain is a no-op");
+
+    // Defined: off, with its uuid and owner; defining again replaces it.
+    d.define(spec).expect("define");
+    let info = d.lookup(name).expect("lookup").expect("defined");
+    assert_eq!(
+        (info.name.as_str(), info.uuid.as_str(), info.state),
+        (name, spec.uuid.as_str(), DomainState::Shutoff)
+    );
+    assert_eq!(info.owner.as_ref(), Some(&spec.owner));
+    d.define(spec).expect("redefine while off");
+
+    d.start(name).expect("start");
+    assert_eq!(state(d, name), DomainState::Running);
+    d.start(name).expect("start of a running domain is a no-op");
+    let mut bigger = spec.clone();
+    bigger.memory_mib *= 2;
+    d.define(&bigger).expect("redefine while running");
+
+    let listed = d.list().expect("list");
+    let ours = listed.iter().find(|i| i.name == name).expect("listed");
+    assert_eq!(ours.owner.as_ref(), Some(&spec.owner));
+    assert_eq!(ours.state, DomainState::Running);
+    assert!(listed.iter().all(|i| i.name.starts_with("stratus-")));
+
+    d.reboot(name).expect("reboot of a running domain");
+    d.reset(name).expect("reset of a running domain");
+    assert!(
+        matches!(d.undefine(name), Err(DriverError::Active(ref n)) if n == name),
+        "undefine of a running domain"
+    );
+
+    // A shutdown is a request the guest may ignore; destroy stops it whatever it does.
+    d.shutdown(name).expect("shutdown");
+    d.destroy(name).expect("destroy");
+    assert_eq!(state(d, name), DomainState::Shutoff);
+    d.destroy(name)
+        .expect("destroy of a stopped domain is a no-op");
+    d.shutdown(name)
+        .expect("shutdown of a stopped domain is a no-op");
+    assert!(matches!(d.reboot(name), Err(DriverError::NotRunning(ref n)) if n == name));
+    assert!(matches!(d.reset(name), Err(DriverError::NotRunning(_))));
+
+    d.undefine(name).expect("undefine");
+    assert_eq!(d.lookup(name).expect("lookup"), None);
+    d.undefine(name).expect("undefine again is a no-op");
+    assert!(!d.list().expect("list").iter().any(|i| i.name == name));
+
+    // Defined, started, stopped, undefined: each was announced, naming the domain.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut announced = 0;
+    while announced < 4 && Instant::now() < deadline {
+        match events.try_recv() {
+            Ok(n) if n == name => announced += 1,
+            Ok(_) => {}
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    assert!(
+        announced >= 4,
+        "only {announced} lifecycle events named {name}"
+    );
+}
+
+/// Checks every guarantee of [`Disks`] in `dir` (empty, writable), over the image `base`.
+pub fn disks(d: &dyn Disks, base: &Path, base_format: DiskFormat, dir: &Path) {
+    let guest = dir.join("guest");
+    let root = guest.join("root.qcow2");
+    let config = guest.join("config.iso");
+    let gib = |p: &Path| {
+        d.inspect(p)
+            .expect("inspect")
+            .unwrap_or_else(|| panic!("{} is missing", p.display()))
+            .virtual_size
+            >> 30
+    };
+    assert_eq!(d.inspect(&root).expect("inspect"), None);
+
+    d.root_disk(base, base_format, &root, 1, false)
+        .expect("root disk in a directory that does not exist yet");
+    let info = d.inspect(&root).expect("inspect").expect("made");
+    assert_eq!(info.virtual_size, 1 << 30);
+    let backing = info.backing.expect("an overlay names its base");
+    assert_eq!(
+        std::fs::canonicalize(&backing).unwrap_or(backing),
+        std::fs::canonicalize(base).unwrap_or_else(|_| base.to_owned())
+    );
+
+    d.root_disk(base, base_format, &root, 2, false)
+        .expect("grow");
+    assert_eq!(gib(&root), 2);
+    d.root_disk(base, base_format, &root, 1, false)
+        .expect("a smaller size is not an error");
+    assert_eq!(gib(&root), 2, "a root disk never shrinks");
+    d.root_disk(base, base_format, &root, 1, true)
+        .expect("fresh");
+    assert_eq!(gib(&root), 1, "a fresh root disk is a new overlay");
+
+    let keys = ["ssh-ed25519 AAAA conformance".to_string()];
+    let drive = |id: &'static str| ConfigDrive {
+        instance_id: id,
+        hostname: "conformance",
+        public_keys: &keys,
+        user_data: Some(b"#cloud-config\n{}\n"),
+        network_config: None,
+    };
+    d.config_drive(&config, &drive("one"))
+        .expect("config drive");
+    assert!(d.inspect(&config).expect("inspect").is_some());
+    d.config_drive(&config, &drive("two"))
+        .expect("a config drive replaces the one before");
+
+    d.remove_dir(&guest).expect("remove");
+    assert_eq!(d.inspect(&root).expect("inspect"), None);
+    assert_eq!(d.inspect(&config).expect("inspect"), None);
+    d.remove_dir(&guest)
+        .expect("remove of a missing directory is a no-op");
+}
+
+/// A raw base image of `mib` MiB at `dir/base.img`, for [`disks`] on the host.
+pub fn raw_base(dir: &Path, mib: u64) -> PathBuf {
+    let base = dir.join("base.img");
+    let f = std::fs::File::create(&base).expect("create base image");
+    f.set_len(mib << 20).expect("size base image");
+    base
+}
