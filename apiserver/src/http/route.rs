@@ -10,7 +10,8 @@ use crate::base::error::{ApiError, ApiResult};
 use crate::http::discovery;
 use crate::http::response::{accept, json_response};
 use crate::http::server::AppState;
-use crate::policy::authn::Caller;
+use crate::policy::Decider;
+use crate::policy::authn::{Caller, Principal};
 use crate::policy::request::RequestInfo;
 use crate::resource::outcome::Outcome;
 use crate::resource::table::Rendering;
@@ -99,7 +100,7 @@ async fn identity_call(
                     ));
                 }
                 let (allowed, reason) = match review.pointer("/spec/resourceAttributes") {
-                    Some(ra) if !caller.system => {
+                    Some(ra) if !caller.system || caller.node().is_some() => {
                         let field = |k: &str| {
                             ra.get(k)
                                 .and_then(serde_json::Value::as_str)
@@ -122,14 +123,27 @@ async fn identity_call(
                         let namespaced = state.api.registry.all().iter().any(|t| {
                             t.group == field("group") && t.plural == info.resource && t.namespaced
                         });
-                        match crate::policy::roles::authorize(
-                            &caller.user,
-                            &caller.grants,
-                            &info,
-                            namespaced,
-                        ) {
-                            Ok(()) => (true, "allowed by a role assignment".to_string()),
-                            Err(e) => (false, e.message),
+                        let decided = match caller.node() {
+                            Some(node) => crate::policy::node::restrict(
+                                &state.api,
+                                &info,
+                                &Params::default(),
+                                node,
+                            )
+                            .await
+                            .map(|_| "allowed by the node authorizer (a write is then decided on its objects)"),
+                            None => crate::policy::roles::authorize(
+                                &caller.user,
+                                &caller.grants,
+                                &info,
+                                namespaced,
+                            )
+                            .map(|()| "allowed by a role assignment"),
+                        };
+                        match decided {
+                            Ok(why) => (true, why.to_string()),
+                            Err(e) if e.code == 403 => (false, e.message),
+                            Err(e) => return Err(e),
                         }
                     }
                     // Non-resource paths are open to every authenticated user; system identities may do anything.
@@ -159,7 +173,8 @@ async fn identity_call(
             ],
         ) => Some(
             async {
-                if !(caller.cluster_admin() || caller.user == *name) {
+                // Never a node's (a node is no cluster admin, and no user is named like one).
+                if caller.node().is_some() || !(caller.cluster_admin() || caller.user == *name) {
                     return Err(ApiError::forbidden(format!(
                         "User \"{}\" cannot set the password of another user",
                         caller.user
@@ -196,7 +211,7 @@ pub(crate) async fn route(
     if let Some(r) = identity_call(state, method, &segs, bytes, caller).await {
         return r;
     }
-    let read = crate::policy::authorize(&state.api, info, params, bytes, caller).await?;
+    let read = crate::policy::authorize(&state.api, info, params, caller).await?;
     let ok = |v: serde_json::Value| Ok(json_response(StatusCode::OK, &v, &[]));
     let none = || ApiError::no_route(path);
     let get_only = |m: &Method| {
@@ -212,8 +227,8 @@ pub(crate) async fn route(
         ["metrics"] => {
             get_only(method)?;
             // As kube-apiserver's: for system identities (not nodes) and cluster-wide roles.
-            let node = caller.user.starts_with("system:node:");
-            if !(caller.system && !node || caller.grants.iter().any(|g| g.namespace.is_none())) {
+            let system = matches!(caller.principal(), Principal::System(_));
+            if !(system || caller.grants.iter().any(|g| g.namespace.is_none())) {
                 return Err(ApiError::forbidden(format!(
                     "User \"{}\" cannot get path \"/metrics\": it needs a cluster-wide role",
                     caller.user
@@ -381,6 +396,8 @@ async fn dispatch(
     let api = &state.api;
     let rendering = || Rendering::from_accept(accept(headers));
     let user_agent = caller.user_agent.as_str();
+    // Every write is decided on its final objects, inside the verb.
+    let policy = &Decider::new(caller);
     match (method, t.name.is_some()) {
         (&Method::GET, false) if params.flag("watch") => {
             crate::resource::watch::watch(
@@ -394,10 +411,10 @@ async fn dispatch(
         }
         (&Method::GET, false) => api.list(t, rendering(), params).await,
         (&Method::POST, true) if t.subresource.as_deref() == Some("binding") => {
-            api.bind(t, bytes, content_type).await
+            api.bind(t, bytes, content_type, policy).await
         }
         (&Method::DELETE, true) if t.subresource.as_deref() == Some("binding") => {
-            api.unbind(t).await
+            api.unbind(t, policy).await
         }
         (_, true) if t.subresource.as_deref() == Some("binding") => Err(
             ApiError::method_not_allowed(format!("{method} is not allowed on {path}")),
@@ -408,12 +425,21 @@ async fn dispatch(
             api.get(t, rendering(), params, read).await
         }
         (&Method::POST, false) if t.namespace.is_some() || !t.rt.namespaced => {
-            api.create(t, bytes, content_type, params, user_agent).await
+            api.create(t, bytes, content_type, params, user_agent, policy)
+                .await
         }
-        (&Method::PUT, true) => api.update(t, bytes, content_type, params, user_agent).await,
-        (&Method::PATCH, true) => api.patch(t, bytes, content_type, params, user_agent).await,
-        (&Method::DELETE, true) if t.subresource.is_none() => api.delete(t, bytes, params).await,
-        (&Method::DELETE, false) => api.delete_collection(t, bytes, params).await,
+        (&Method::PUT, true) => {
+            api.update(t, bytes, content_type, params, user_agent, policy)
+                .await
+        }
+        (&Method::PATCH, true) => {
+            api.patch(t, bytes, content_type, params, user_agent, policy)
+                .await
+        }
+        (&Method::DELETE, true) if t.subresource.is_none() => {
+            api.delete(t, bytes, params, policy).await
+        }
+        (&Method::DELETE, false) => api.delete_collection(t, bytes, params, policy).await,
         (m, _) => Err(ApiError::method_not_allowed(format!(
             "{m} is not allowed on {path}"
         ))),

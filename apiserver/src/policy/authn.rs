@@ -23,14 +23,51 @@ pub struct Caller {
     pub claims: Option<Claims>,
 }
 
+/// Who a caller is, for deciding what it may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Principal<'a> {
+    /// A system identity from the token file (the administrator, the controllers): trusted
+    /// with everything.
+    System(&'a str),
+    /// A node agent's identity from the token file (`system:node:NAME`): confined to what is
+    /// related to what is placed on node NAME.
+    Node(&'a str),
+    /// A user with a token this cluster issued: what its role assignments allow.
+    User(&'a str),
+}
+
+/// The token-file user name prefix of node identities.
+pub const NODE_PREFIX: &str = "system:node:";
+
 impl Caller {
-    /// Whether the caller may do anything anywhere.
+    /// Who the caller is.
+    pub fn principal(&self) -> Principal<'_> {
+        match (self.system, self.user.strip_prefix(NODE_PREFIX)) {
+            (true, Some(node)) => Principal::Node(node),
+            (true, None) => Principal::System(&self.user),
+            (false, _) => Principal::User(&self.user),
+        }
+    }
+
+    /// The node a node identity acts for.
+    pub fn node(&self) -> Option<&str> {
+        match self.principal() {
+            Principal::Node(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// Whether the caller may do anything anywhere: a system identity that is not a node's,
+    /// or a user with a cluster-wide admin assignment. Never a node.
     pub fn cluster_admin(&self) -> bool {
-        self.system
-            || self
+        match self.principal() {
+            Principal::System(_) => true,
+            Principal::Node(_) => false,
+            Principal::User(_) => self
                 .grants
                 .iter()
-                .any(|g| g.namespace.is_none() && g.role == Role::Admin)
+                .any(|g| g.namespace.is_none() && g.role == Role::Admin),
+        }
     }
 }
 
@@ -92,4 +129,40 @@ pub struct Authenticator<'a> {
     pub identity: &'a Identity,
     /// Every request is a system administrator's, without looking at credentials.
     pub disabled: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(user: &str, system: bool, grants: Vec<Grant>) -> Caller {
+        Caller {
+            user: user.into(),
+            user_agent: "test".into(),
+            system,
+            grants,
+            claims: None,
+        }
+    }
+
+    #[test]
+    fn nodes_are_never_cluster_admins() {
+        let node = caller("system:node:a", true, Vec::new());
+        assert_eq!(node.principal(), Principal::Node("a"));
+        assert!(!node.cluster_admin());
+        assert!(caller("system:admin", true, Vec::new()).cluster_admin());
+        // A user cannot be named like a node to become one: only the token file makes nodes.
+        let user = caller("system:node:a", false, Vec::new());
+        assert_eq!(user.principal(), Principal::User("system:node:a"));
+        assert!(!user.cluster_admin());
+        let admin = caller(
+            "root",
+            false,
+            vec![Grant {
+                namespace: None,
+                role: Role::Admin,
+            }],
+        );
+        assert!(admin.cluster_admin());
+    }
 }

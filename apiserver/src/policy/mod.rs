@@ -1,4 +1,9 @@
 //! Who is asking and what they may do: authentication, roles, the node authorizer.
+//!
+//! Two steps: [`authorize`] on the typed request before anything is read or written (the cheap
+//! verb- and resource-level checks, and a node's reads on its graph), then [`Decider`], the
+//! [`Policy`] every write runs inside its verb on the final objects (old and new, after a patch
+//! or apply is applied), whatever the request's content type. Nothing decides on body text.
 
 pub mod authn;
 pub mod identity;
@@ -7,9 +12,10 @@ pub mod request;
 pub mod roles;
 
 use crate::base::error::ApiResult;
+use crate::resource::review::{Policy, Review};
 use crate::resource::verbs::{Api, Params};
 use crate::storage::store::Stored;
-use authn::Caller;
+use authn::{Caller, Principal};
 use request::RequestInfo;
 
 /// Refuses what the caller may not do, before anything is read or written: a node's identity
@@ -22,18 +28,38 @@ pub async fn authorize(
     api: &Api,
     info: &RequestInfo,
     params: &Params,
-    bytes: &[u8],
     caller: &Caller,
 ) -> ApiResult<Option<(String, Stored)>> {
-    if let Some(node) = caller
-        .user
-        .strip_prefix("system:node:")
-        .filter(|_| caller.system)
-    {
-        return node::restrict(api, info, params, bytes, node).await;
+    match caller.principal() {
+        Principal::System(_) => Ok(None),
+        Principal::Node(node) => node::restrict(api, info, params, node).await,
+        Principal::User(_) => {
+            roles::authorize_request(&api.registry, info, caller)?;
+            Ok(None)
+        }
     }
-    if !caller.system {
-        roles::authorize_request(&api.registry, info, bytes, caller)?;
+}
+
+/// The policy a caller's writes pass on their final objects: a node's by the node authorizer
+/// ([`node::review`]), a user's by its roles ([`roles::review`]); a system identity's pass.
+#[derive(Debug, Clone, Copy)]
+pub struct Decider<'a> {
+    caller: &'a Caller,
+}
+
+impl<'a> Decider<'a> {
+    /// The policy of `caller`'s writes.
+    pub fn new(caller: &'a Caller) -> Self {
+        Self { caller }
     }
-    Ok(None)
+}
+
+impl Policy for Decider<'_> {
+    fn review(&self, r: &Review<'_>) -> ApiResult<()> {
+        match self.caller.principal() {
+            Principal::System(_) => Ok(()),
+            Principal::Node(node) => node::review(node, r),
+            Principal::User(_) => roles::review(self.caller, r),
+        }
+    }
 }

@@ -1,13 +1,15 @@
 //! Roles: what a user's role assignments allow, checked on the typed request before anything
-//! is read or written.
+//! is read or written, and on a role assignment's final objects before it is written.
 
 use stratus_api_types::identity::Role;
 
-use crate::base::body;
+use serde_json::Value;
+
 use crate::base::error::ApiError;
 use crate::policy::authn::Caller;
 use crate::policy::request::RequestInfo;
 use crate::resource::registry::Registry;
+use crate::resource::review::Review;
 
 /// A role a user holds: in one project, or everywhere.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,10 +102,12 @@ pub fn authorize(
 }
 
 /// Refuses what a user's roles do not allow, before anything is read or written.
+///
+/// # Errors
+/// 403 naming what the user cannot do.
 pub fn authorize_request(
     registry: &Registry,
     info: &RequestInfo,
-    bytes: &[u8],
     caller: &Caller,
 ) -> Result<(), ApiError> {
     let Some(group) = info.group.as_deref() else {
@@ -112,24 +116,40 @@ pub fn authorize_request(
     let namespaced = registry
         .get(group, &info.version, &info.resource)
         .is_some_and(|rt| rt.namespaced);
-    authorize(&caller.user, &caller.grants, info, namespaced)?;
-    // Only a cluster admin hands out cluster-wide roles.
-    if info.resource == "roleassignments"
-        && matches!(info.verb.as_str(), "create" | "update" | "patch")
-        && !caller.cluster_admin()
+    authorize(&caller.user, &caller.grants, info, namespaced)
+}
+
+/// Decides a user's write on its final objects (old and new): a role assignment that is
+/// cluster-wide before or after the write is made, changed or deleted only by a cluster admin,
+/// and any other only by an admin of its project (a user grants no role beyond its own).
+///
+/// # Errors
+/// 403 naming why.
+pub fn review(caller: &Caller, r: &Review<'_>) -> Result<(), ApiError> {
+    let t = r.target;
+    if caller.cluster_admin()
+        || !(t.rt.group == "identity.stratus.dev" && t.rt.plural == "roleassignments")
     {
-        let asks = body::decode(bytes, body::is_yaml("application/json")).is_ok_and(|d| {
-            d.value
-                .pointer("/spec/clusterWide")
-                .and_then(serde_json::Value::as_bool)
-                == Some(true)
-        }) || String::from_utf8_lossy(bytes).contains("clusterWide");
-        if asks {
-            return Err(ApiError::forbidden(format!(
-                "User \"{}\" cannot grant cluster-wide roles",
-                caller.user
-            )));
-        }
+        return Ok(());
+    }
+    let wide = |v: &Value| v.pointer("/spec/clusterWide").and_then(Value::as_bool) == Some(true);
+    if r.old.into_iter().chain(r.new).any(wide) {
+        return Err(ApiError::forbidden(format!(
+            "User \"{}\" cannot grant cluster-wide roles: only a cluster admin makes, changes or deletes a role assignment with spec.clusterWide",
+            caller.user
+        )));
+    }
+    let ns = t.namespace.as_deref();
+    let admin_here = caller
+        .grants
+        .iter()
+        .any(|g| g.role == Role::Admin && g.namespace.as_deref() == ns && ns.is_some());
+    if !admin_here {
+        return Err(ApiError::forbidden(format!(
+            "User \"{}\" cannot grant roles in the namespace \"{}\": only its admins do",
+            caller.user,
+            ns.unwrap_or_default()
+        )));
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 pub mod fields;
 pub mod outcome;
 pub mod registry;
+pub mod review;
 pub mod schema;
 pub mod selector;
 pub mod strategic;

@@ -15,12 +15,21 @@ use crate::base::error::{ApiError, ApiResult, Cause};
 use crate::base::meta::{self, with_rv};
 use crate::resource::outcome::Outcome;
 use crate::resource::registry::{Registry, ResourceType};
+use crate::resource::review::{Operation, Policy, Review, names_agree};
 use crate::resource::selector::{FieldSelector, LabelSelector};
 use crate::resource::table::{self, Rendering};
 use crate::storage::store::{Store, StoreError, Stored, Write};
 
 /// How many times a patch or delete is retried when a concurrent writer got there first.
 const WRITE_RETRIES: usize = 8;
+
+/// The most operations a JSON patch may hold (kube-apiserver's limit).
+pub const MAX_JSON_PATCH_OPERATIONS: usize = 10_000;
+
+/// The largest object stored, JSON-encoded: etcd's default request limit, which is what
+/// bounds a Kubernetes object. A patch or apply whose result is larger is refused (a JSON
+/// patch as soon as one operation makes it so, before the next runs).
+pub const MAX_OBJECT_BYTES: usize = 3 * 512 * 1024;
 
 /// What the server does with fields the schema does not declare (`fieldValidation`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -300,7 +309,25 @@ impl Api {
     ///
     /// # Errors
     /// As [`binding::bind`].
-    pub async fn bind(&self, t: &Target, bytes: &[u8], content_type: &str) -> ApiResult<Outcome> {
+    /// The Binding's own name and namespace, when it gives them, must be the Server's; the
+    /// policy sees the Server and the Binding first.
+    pub async fn bind(
+        &self,
+        t: &Target,
+        bytes: &[u8],
+        content_type: &str,
+        policy: &dyn Policy,
+    ) -> ApiResult<Outcome> {
+        let binding = body::decode(bytes, body::is_yaml(content_type))?.value;
+        names_agree(&binding, t.namespace.as_deref(), t.name.as_deref())?;
+        let server = self.read(t).await?;
+        policy.review(&Review {
+            operation: Operation::Connect,
+            target: t,
+            old: Some(&server.value),
+            new: None,
+            options: Some(&binding),
+        })?;
         let code = binding::bind(
             self.ctx(),
             &t.subject(),
@@ -316,7 +343,15 @@ impl Api {
     ///
     /// # Errors
     /// As [`binding::unbind`].
-    pub async fn unbind(&self, t: &Target) -> ApiResult<Outcome> {
+    pub async fn unbind(&self, t: &Target, policy: &dyn Policy) -> ApiResult<Outcome> {
+        let server = self.read(t).await?;
+        policy.review(&Review {
+            operation: Operation::Connect,
+            target: t,
+            old: Some(&server.value),
+            new: None,
+            options: None,
+        })?;
         let code = binding::unbind(self.ctx(), &t.subject()).await?;
         Ok(Outcome::done(code))
     }
@@ -449,16 +484,25 @@ impl Api {
         content_type: &str,
         p: &Params,
         user_agent: &str,
+        policy: &dyn Policy,
     ) -> ApiResult<Outcome> {
         let fv = p.field_validation()?;
         let (obj, warnings) = self.decode(bytes, content_type, fv)?;
         self.check_type(&t.rt, &obj)?;
-        self.create_object(t, obj, warnings, p, Some(self.manager(p, user_agent)))
-            .await
+        self.create_object(
+            t,
+            obj,
+            warnings,
+            p,
+            Some(self.manager(p, user_agent)),
+            policy,
+        )
+        .await
     }
 
     /// Creates a decoded object. `manager` records an Update entry in managedFields; `None`
-    /// keeps the entries the object carries (server-side apply made them).
+    /// keeps the entries the object carries (server-side apply made them). The object's name
+    /// and namespace must be the path's (an apply's path names the object).
     async fn create_object(
         &self,
         t: &Target,
@@ -466,19 +510,16 @@ impl Api {
         mut warnings: Vec<String>,
         p: &Params,
         manager: Option<String>,
+        policy: &dyn Policy,
     ) -> ApiResult<Outcome> {
         let fv = p.field_validation()?;
         let dry_run = p.dry_run()?;
         let namespace = t.namespace.clone();
+        names_agree(&obj, namespace.as_deref(), t.name.as_deref())?;
         {
             let m = meta::meta_mut(&mut obj);
-            match (m.get("namespace").and_then(Value::as_str), &namespace) {
-                (Some(body_ns), Some(ns)) if !body_ns.is_empty() && body_ns != ns => {
-                    return Err(ApiError::bad_request(
-                        "the namespace of the provided object does not match the namespace sent on the request",
-                    ));
-                }
-                _ => {}
+            if let Some(name) = &t.name {
+                m.insert("name".into(), Value::String(name.clone()));
             }
             match &namespace {
                 Some(ns) if t.rt.namespaced => {
@@ -558,6 +599,7 @@ impl Api {
                 None => o.remove("status"),
             };
         }
+        check_size(t, meta::meta_str(&obj, "name").unwrap_or_default(), &obj)?;
         let admitted = self.admit(t, &mut obj, fv)?;
         warnings.extend(admitted.warnings);
         if let Some(manager) = &manager {
@@ -570,6 +612,13 @@ impl Api {
             );
         }
         let name = meta::meta_str(&obj, "name").unwrap_or_default().to_string();
+        policy.review(&Review {
+            operation: Operation::Create,
+            target: t,
+            old: None,
+            new: Some(&obj),
+            options: None,
+        })?;
         if dry_run {
             return Ok(Outcome::json(201, obj, warnings));
         }
@@ -775,10 +824,12 @@ impl Api {
         content_type: &str,
         p: &Params,
         user_agent: &str,
+        policy: &dyn Policy,
     ) -> ApiResult<Outcome> {
         let fv = p.field_validation()?;
         let (obj, warnings) = self.decode(bytes, content_type, fv)?;
         self.check_type(&t.rt, &obj)?;
+        names_agree(&obj, t.namespace.as_deref(), t.name.as_deref())?;
         let rv = match meta::meta_str(&obj, "resourceVersion") {
             Some(rv) if !rv.is_empty() => parse_rv(rv)?,
             _ => {
@@ -805,12 +856,15 @@ impl Api {
             p,
             Some(self.manager(p, user_agent)),
             warnings,
+            policy,
         )
         .await
     }
 
     /// Stores `incoming` as the new state of `current`: keeps what the client may not change,
-    /// bumps generation, deletes the object when its last finalizer is gone.
+    /// bumps generation, deletes the object when its last finalizer is gone. The policy sees
+    /// the stored object and the one about to replace it.
+    #[allow(clippy::too_many_arguments)]
     async fn write_update(
         &self,
         t: &Target,
@@ -819,26 +873,11 @@ impl Api {
         p: &Params,
         manager: Option<String>,
         mut warnings: Vec<String>,
+        policy: &dyn Policy,
     ) -> ApiResult<Outcome> {
         let fv = p.field_validation()?;
         let dry_run = p.dry_run()?;
-        match meta::meta_str(&incoming, "name") {
-            Some(n) if !n.is_empty() && n != t.name() => {
-                return Err(ApiError::bad_request(format!(
-                    "the name of the object ({n}) does not match the name on the URL ({})",
-                    t.name()
-                )));
-            }
-            _ => {}
-        }
-        if let (Some(ns), Some(body_ns)) = (&t.namespace, meta::meta_str(&incoming, "namespace"))
-            && !body_ns.is_empty()
-            && body_ns != ns
-        {
-            return Err(ApiError::bad_request(
-                "the namespace of the provided object does not match the namespace sent on the request",
-            ));
-        }
+        names_agree(&incoming, t.namespace.as_deref(), t.name.as_deref())?;
         let old = &current.value;
         let status_write = t.subresource.as_deref() == Some("status");
         let mut new = if status_write {
@@ -890,6 +929,7 @@ impl Api {
             incoming
         };
         meta::meta_mut(&mut new).remove("resourceVersion");
+        check_size(t, t.name(), &new)?;
         let admitted = self.admit(t, &mut new, fv)?;
         warnings.extend(admitted.warnings);
 
@@ -931,6 +971,13 @@ impl Api {
                 t.subresource.as_deref(),
             );
         }
+        policy.review(&Review {
+            operation: Operation::Update,
+            target: t,
+            old: Some(old),
+            new: Some(&new),
+            options: None,
+        })?;
         if &new == old {
             return Ok(Outcome::json(
                 200,
@@ -993,6 +1040,7 @@ impl Api {
         content_type: &str,
         p: &Params,
         user_agent: &str,
+        policy: &dyn Policy,
     ) -> ApiResult<Outcome> {
         let ct = content_type.split(';').next().unwrap_or("").trim();
         let fv = p.field_validation()?;
@@ -1011,11 +1059,20 @@ impl Api {
                 let ops: json_patch::Patch = serde_json::from_slice(bytes).map_err(|e| {
                     ApiError::bad_request(format!("the JSON patch is not valid: {e}"))
                 })?;
+                if ops.len() > MAX_JSON_PATCH_OPERATIONS {
+                    let mut e = ApiError::too_large(MAX_OBJECT_BYTES);
+                    e.message = format!(
+                        "the allowed maximum operations in a JSON patch is {MAX_JSON_PATCH_OPERATIONS}, got {}",
+                        ops.len()
+                    );
+                    return Err(e);
+                }
                 (Kind::Json(ops), Vec::new())
             }
             "application/apply-patch+yaml" | "application/apply-patch+json" => {
                 let (v, w) = self.decode(bytes, content_type, fv)?;
                 self.check_type(&t.rt, &v)?;
+                names_agree(&v, t.namespace.as_deref(), t.name.as_deref())?;
                 if p.get("fieldManager").is_none() {
                     return Err(ApiError::bad_request(
                         "PATCH with apply requires the fieldManager query parameter",
@@ -1040,7 +1097,7 @@ impl Api {
                 Some(c) => c,
                 None => match &patch {
                     Kind::Apply(v) if t.subresource.is_none() => {
-                        return self.apply_create(t, v.clone(), p, warnings).await;
+                        return self.apply_create(t, v.clone(), p, warnings, policy).await;
                     }
                     _ => return Err(t.not_found()),
                 },
@@ -1057,34 +1114,7 @@ impl Api {
                 })?,
                 Kind::Json(ops) => {
                     let mut doc = base.clone();
-                    // As in Kubernetes, `test` of an absent field against null passes (kube-rs'
-                    // finalizer helper relies on it).
-                    let ops = json_patch::Patch(
-                        ops.0
-                            .iter()
-                            .filter(|op| match op {
-                                json_patch::PatchOperation::Test(t) => {
-                                    !(t.value.is_null() && doc.pointer(t.path.as_str()).is_none())
-                                }
-                                _ => true,
-                            })
-                            .cloned()
-                            .collect(),
-                    );
-                    // `doc` is a copy, dropped on failure: no rollback needed (the crate's own
-                    // rollback panics when a failed `move` already took its source away).
-                    json_patch::patch_unsafe(&mut doc, &ops).map_err(|e| {
-                        ApiError::invalid(
-                            &t.rt.kind,
-                            &t.rt.group,
-                            &t.rt.plural,
-                            t.name(),
-                            vec![Cause::invalid(
-                                pointer_of(&e.to_string()),
-                                format!("the JSON patch cannot be applied: {e}"),
-                            )],
-                        )
-                    })?;
+                    apply_json_patch(t, &mut doc, ops)?;
                     doc
                 }
                 Kind::Apply(applied) => {
@@ -1117,7 +1147,7 @@ impl Api {
                 _ => Some(self.manager(p, user_agent)),
             };
             match self
-                .write_update(t, current, patched, p, manager, warnings.clone())
+                .write_update(t, current, patched, p, manager, warnings.clone(), policy)
                 .await
             {
                 Err(e)
@@ -1137,6 +1167,7 @@ impl Api {
         applied: Value,
         p: &Params,
         warnings: Vec<String>,
+        policy: &dyn Policy,
     ) -> ApiResult<Outcome> {
         let manager = p.get("fieldManager").unwrap_or_default();
         let obj = crate::resource::fields::apply(
@@ -1148,11 +1179,18 @@ impl Api {
             None,
         )
         .map_err(|c| ApiError::apply_conflict(&t.rt.group, &t.rt.plural, t.name(), c))?;
-        self.create_object(t, obj, warnings, p, None).await
+        self.create_object(t, obj, warnings, p, None, policy).await
     }
 
     /// `DELETE` an object: at once, or by setting `deletionTimestamp` while finalizers remain.
-    pub async fn delete(&self, t: &Target, bytes: &[u8], p: &Params) -> ApiResult<Outcome> {
+    /// The policy sees the stored object and the `DeleteOptions` before anything is written.
+    pub async fn delete(
+        &self,
+        t: &Target,
+        bytes: &[u8],
+        p: &Params,
+        policy: &dyn Policy,
+    ) -> ApiResult<Outcome> {
         let opts: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
             json!({})
         } else {
@@ -1163,7 +1201,7 @@ impl Api {
                 .get("dryRun")
                 .and_then(Value::as_array)
                 .is_some_and(|a| a.iter().any(|v| v == "All"));
-        let policy = p
+        let propagation = p
             .get("propagationPolicy")
             .map(String::from)
             .or_else(|| {
@@ -1182,7 +1220,7 @@ impl Api {
                 }
             })
             .unwrap_or_else(|| "Background".into());
-        let extra_finalizer = match policy.as_str() {
+        let extra_finalizer = match propagation.as_str() {
             "Background" => None,
             "Foreground" => Some("foregroundDeletion"),
             "Orphan" => Some("orphan"),
@@ -1194,6 +1232,13 @@ impl Api {
         };
         for _ in 0..WRITE_RETRIES {
             let current = self.read(t).await?;
+            policy.review(&Review {
+                operation: Operation::Delete,
+                target: t,
+                old: Some(&current.value),
+                new: None,
+                options: Some(&opts),
+            })?;
             if let Some(uid) = opts.pointer("/preconditions/uid").and_then(Value::as_str)
                 && meta::meta_str(&current.value, "uid") != Some(uid)
             {
@@ -1288,12 +1333,14 @@ impl Api {
         Err(t.conflict())
     }
 
-    /// `DELETE` a collection: every selected object, as `DELETE` would.
+    /// `DELETE` a collection: every selected object, as `DELETE` would (the policy decides on
+    /// each).
     pub async fn delete_collection(
         &self,
         t: &Target,
         bytes: &[u8],
         p: &Params,
+        policy: &dyn Policy,
     ) -> ApiResult<Outcome> {
         let mut lp = p.clone();
         lp.remove_paging();
@@ -1306,7 +1353,7 @@ impl Api {
                 name: meta::meta_str(&item, "name").map(String::from),
                 subresource: None,
             };
-            match self.delete(&one, bytes, p).await {
+            match self.delete(&one, bytes, p, policy).await {
                 Ok(_) => deleted.push(item),
                 Err(e) if e.code == 404 => {}
                 Err(e) => return Err(e),
@@ -1428,13 +1475,95 @@ fn namespace_object(name: &str, origin: Option<&Value>) -> Value {
     json!({"kind": "Namespace", "apiVersion": "v1", "metadata": metadata, "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": phase}})
 }
 
-fn pointer_of(msg: &str) -> String {
-    msg.split_whitespace()
-        .find(|w| w.starts_with("\"/") || w.starts_with('/'))
-        .map(|w| {
-            crate::resource::schema::pointer_to_path(
-                w.trim_matches(|c| c == '"' || c == '\'' || c == ',' || c == ':'),
+/// The JSON-encoded size of `v`, or None once it passes `cap` (counting stops there).
+fn encoded_len(v: &Value, cap: usize) -> Option<usize> {
+    struct Count {
+        n: usize,
+        cap: usize,
+    }
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.n += b.len();
+            if self.n > self.cap {
+                return Err(std::io::Error::other("over the limit"));
+            }
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count { n: 0, cap };
+    serde_json::to_writer(&mut c, v).ok().map(|()| c.n)
+}
+
+/// 413 for an object larger than [`MAX_OBJECT_BYTES`].
+fn too_large(t: &Target, name: &str, what: &str) -> ApiError {
+    let mut e = ApiError::too_large(MAX_OBJECT_BYTES).about(&t.rt.group, &t.rt.plural, name);
+    e.message = format!(
+        "{what} is larger than the limit of {MAX_OBJECT_BYTES} bytes for a {}",
+        t.rt.kind
+    );
+    e
+}
+
+/// Refuses an object about to be stored that is larger than [`MAX_OBJECT_BYTES`].
+fn check_size(t: &Target, name: &str, obj: &Value) -> ApiResult<()> {
+    match encoded_len(obj, MAX_OBJECT_BYTES) {
+        Some(_) => Ok(()),
+        None => Err(too_large(t, name, "the object")),
+    }
+}
+
+/// Applies a JSON patch to `doc` one operation at a time, with the document's size bounded
+/// after each one: an upper bound grows by what an operation may add (its value, or a copy's
+/// source) and the document is measured again only when the bound passes the limit, so a
+/// patch of `copy` operations doubling a field stops at the limit instead of exhausting memory.
+/// As in Kubernetes, `test` of an absent field against null passes (kube-rs' finalizer helper
+/// relies on it). `doc` is a copy, dropped on failure: no rollback is needed (the crate's own
+/// rollback panics when a failed `move` already took its source away).
+fn apply_json_patch(t: &Target, doc: &mut Value, ops: &json_patch::Patch) -> ApiResult<()> {
+    use json_patch::PatchOperation as Op;
+    let limit = MAX_OBJECT_BYTES;
+    let mut bound = encoded_len(doc, limit).ok_or_else(|| too_large(t, t.name(), "the object"))?;
+    for (i, op) in ops.iter().enumerate() {
+        let grows = match op {
+            Op::Test(x) if x.value.is_null() && doc.pointer(x.path.as_str()).is_none() => continue,
+            Op::Add(x) => encoded_len(&x.value, limit).map(|n| n + x.path.as_str().len()),
+            Op::Replace(x) => encoded_len(&x.value, limit),
+            Op::Copy(x) => doc
+                .pointer(x.from.as_str())
+                .map_or(Some(0), |v| encoded_len(v, limit))
+                .map(|n| n + x.path.as_str().len()),
+            Op::Move(x) => Some(x.path.as_str().len()),
+            Op::Remove(_) | Op::Test(_) => Some(0),
+        };
+        json_patch::patch_unsafe(doc, std::slice::from_ref(op)).map_err(|e| {
+            ApiError::invalid(
+                &t.rt.kind,
+                &t.rt.group,
+                &t.rt.plural,
+                t.name(),
+                vec![Cause::invalid(
+                    crate::resource::schema::pointer_to_path(e.path.as_str()),
+                    format!(
+                        "the JSON patch cannot be applied: operation {i} at \"{}\": {}",
+                        e.path, e.kind
+                    ),
+                )],
             )
-        })
-        .unwrap_or_else(|| "<patch>".into())
+        })?;
+        bound = match grows.map(|g| bound.saturating_add(g)) {
+            Some(b) if b <= limit => b,
+            // Past the bound: measure what the document really is now.
+            _ => encoded_len(doc, limit).ok_or_else(|| {
+                too_large(
+                    t,
+                    t.name(),
+                    &format!("the result of the JSON patch's operation {i}"),
+                )
+            })?,
+        };
+    }
+    Ok(())
 }

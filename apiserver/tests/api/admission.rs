@@ -229,7 +229,10 @@ async fn unbinding_frees_the_claim_and_waits_for_the_scheduler() {
     c.create(&Obj::server("demo", "b")).await.expect("b");
     c.bind("demo", "a", "h1").await.expect("bind");
     c.api
-        .unbind(&c.target("Server", Some("demo"), Some("a")))
+        .unbind(
+            &c.target("Server", Some("demo"), Some("a")),
+            &stratus_apiserver::resource::review::AllowAll,
+        )
         .await
         .expect("unbind");
     let a = c.get("Server", Some("demo"), "a").await.expect("a");

@@ -6,15 +6,23 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
+use stratus_api_types::identity::Role;
 use stratus_apiserver::base::error::{ApiError, ApiResult};
+use stratus_apiserver::policy::authn::Caller;
+use stratus_apiserver::policy::request::RequestInfo;
+use stratus_apiserver::policy::roles::Grant;
+use stratus_apiserver::policy::{Decider, authorize};
 use stratus_apiserver::resource::outcome::Outcome;
 use stratus_apiserver::resource::registry::Registry;
+use stratus_apiserver::resource::review::AllowAll;
 use stratus_apiserver::resource::table::Rendering;
 use stratus_apiserver::resource::verbs::{Api, Params, Target};
 use stratus_apiserver::storage::store::Store;
 
 const PREFIX: &str = "/registry";
-const JSON: &str = "application/json";
+pub const JSON: &str = "application/json";
+pub const YAML: &str = "application/yaml";
+pub const STRATEGIC: &str = "application/strategic-merge-patch+json";
 pub const MERGE: &str = "application/merge-patch+json";
 pub const JSON_PATCH: &str = "application/json-patch+json";
 pub const APPLY: &str = "application/apply-patch+yaml";
@@ -241,7 +249,14 @@ impl Cloud {
     pub async fn create_with(&self, o: &Obj, query: &str) -> ApiResult<(u16, Value)> {
         let bytes = serde_json::to_vec(&o.0).expect("JSON");
         self.api
-            .create(&self.target_of(o), &bytes, JSON, &params(query), "test")
+            .create(
+                &self.target_of(o),
+                &bytes,
+                JSON,
+                &params(query),
+                "test",
+                &AllowAll,
+            )
             .await
             .map(answer)
     }
@@ -275,7 +290,7 @@ impl Cloud {
     pub async fn put(&self, t: &Target, obj: &Value) -> ApiResult<Value> {
         let bytes = serde_json::to_vec(obj).expect("JSON");
         self.api
-            .update(t, &bytes, JSON, &Params::default(), "test")
+            .update(t, &bytes, JSON, &Params::default(), "test", &AllowAll)
             .await
             .map(|o| answer(o).1)
     }
@@ -290,7 +305,7 @@ impl Cloud {
     ) -> ApiResult<(u16, Value)> {
         let bytes = serde_json::to_vec(patch).expect("JSON");
         self.api
-            .patch(t, &bytes, content_type, &params(query), "test")
+            .patch(t, &bytes, content_type, &params(query), "test", &AllowAll)
             .await
             .map(answer)
     }
@@ -304,7 +319,12 @@ impl Cloud {
         query: &str,
     ) -> ApiResult<(u16, Value)> {
         self.api
-            .delete(&self.target(kind, ns, Some(name)), b"", &params(query))
+            .delete(
+                &self.target(kind, ns, Some(name)),
+                b"",
+                &params(query),
+                &AllowAll,
+            )
             .await
             .map(answer)
     }
@@ -317,7 +337,7 @@ impl Cloud {
         query: &str,
     ) -> ApiResult<(u16, Value)> {
         self.api
-            .delete_collection(&self.target(kind, ns, None), b"", &params(query))
+            .delete_collection(&self.target(kind, ns, None), b"", &params(query), &AllowAll)
             .await
             .map(answer)
     }
@@ -347,6 +367,7 @@ impl Cloud {
                 &self.target("Server", Some(ns), Some(server)),
                 body.as_bytes(),
                 JSON,
+                &AllowAll,
             )
             .await
             .map(|o| answer(o).0)
@@ -385,5 +406,186 @@ impl Events {
             ev["type"].as_str().unwrap_or_default().to_string(),
             ev["object"].clone(),
         )
+    }
+}
+
+/// A caller's requests, decided as the HTTP layer decides them: the request-level checks on
+/// the typed request first, then the verb, whose policy decides on the final objects.
+pub struct As<'a> {
+    cloud: &'a Cloud,
+    caller: Caller,
+}
+
+impl Cloud {
+    /// Requests from node `name`'s agent (`system:node:NAME` from the token file).
+    pub fn node(&self, name: &str) -> As<'_> {
+        As {
+            cloud: self,
+            caller: Caller {
+                user: format!("system:node:{name}"),
+                user_agent: "agent".into(),
+                system: true,
+                grants: Vec::new(),
+                claims: None,
+            },
+        }
+    }
+
+    /// Requests from user `name` holding `grants` (`(namespace, role)`, None: cluster-wide).
+    pub fn user(&self, name: &str, grants: &[(Option<&str>, Role)]) -> As<'_> {
+        As {
+            cloud: self,
+            caller: Caller {
+                user: name.into(),
+                user_agent: "kubectl".into(),
+                system: false,
+                grants: grants
+                    .iter()
+                    .map(|(ns, role)| Grant {
+                        namespace: ns.map(String::from),
+                        role: *role,
+                    })
+                    .collect(),
+                claims: None,
+            },
+        }
+    }
+}
+
+/// The path of a request on `t`.
+fn path_of(t: &Target) -> String {
+    let mut p = if t.rt.group.is_empty() {
+        format!("/api/{}", t.rt.version)
+    } else {
+        format!("/apis/{}/{}", t.rt.group, t.rt.version)
+    };
+    if let Some(ns) = &t.namespace {
+        p.push_str(&format!("/namespaces/{ns}"));
+    }
+    p.push_str(&format!("/{}", t.rt.plural));
+    if let Some(n) = &t.name {
+        p.push_str(&format!("/{n}"));
+    }
+    if let Some(s) = &t.subresource {
+        p.push_str(&format!("/{s}"));
+    }
+    p
+}
+
+impl As<'_> {
+    async fn authorized(&self, method: &str, t: &Target, p: &Params) -> ApiResult<()> {
+        let info = RequestInfo::parse(method, &path_of(t), p.flag("watch"));
+        authorize(&self.cloud.api, &info, p, &self.caller)
+            .await
+            .map(|_| ())
+    }
+
+    /// `POST` of `body` (of `content_type`) to `t`'s collection.
+    pub async fn create(&self, t: &Target, content_type: &str, body: &str) -> ApiResult<Value> {
+        let p = Params::default();
+        self.authorized("POST", t, &p).await?;
+        let o = self
+            .cloud
+            .api
+            .create(
+                t,
+                body.as_bytes(),
+                content_type,
+                &p,
+                "test",
+                &Decider::new(&self.caller),
+            )
+            .await?;
+        Ok(answer(o).1)
+    }
+
+    /// `PUT` of `body` (of `content_type`) to `t`.
+    pub async fn put(&self, t: &Target, content_type: &str, body: &str) -> ApiResult<Value> {
+        let p = Params::default();
+        self.authorized("PUT", t, &p).await?;
+        let o = self
+            .cloud
+            .api
+            .update(
+                t,
+                body.as_bytes(),
+                content_type,
+                &p,
+                "test",
+                &Decider::new(&self.caller),
+            )
+            .await?;
+        Ok(answer(o).1)
+    }
+
+    /// `PATCH` of `t` with `body` of `content_type` (applies as field manager `caller`,
+    /// forcing: taking every field it names from other managers).
+    pub async fn patch(&self, t: &Target, content_type: &str, body: &str) -> ApiResult<Value> {
+        let p = params("fieldManager=caller&force=true");
+        self.authorized("PATCH", t, &p).await?;
+        let o = self
+            .cloud
+            .api
+            .patch(
+                t,
+                body.as_bytes(),
+                content_type,
+                &p,
+                "test",
+                &Decider::new(&self.caller),
+            )
+            .await?;
+        Ok(answer(o).1)
+    }
+
+    /// `DELETE` of `t` with `body` (DeleteOptions, or nothing).
+    pub async fn delete(&self, t: &Target, body: &str) -> ApiResult<Value> {
+        let p = Params::default();
+        self.authorized("DELETE", t, &p).await?;
+        let o = self
+            .cloud
+            .api
+            .delete(t, body.as_bytes(), &p, &Decider::new(&self.caller))
+            .await?;
+        Ok(answer(o).1)
+    }
+
+    /// `DELETE` of `t`'s collection.
+    pub async fn delete_collection(&self, t: &Target) -> ApiResult<Value> {
+        let p = Params::default();
+        self.authorized("DELETE", t, &p).await?;
+        let o = self
+            .cloud
+            .api
+            .delete_collection(t, b"", &p, &Decider::new(&self.caller))
+            .await?;
+        Ok(answer(o).1)
+    }
+
+    /// `POST servers/{name}/binding` with `body`.
+    pub async fn bind(&self, t: &Target, body: &str) -> ApiResult<u16> {
+        let t = Target {
+            subresource: Some("binding".into()),
+            ..t.clone()
+        };
+        let p = Params::default();
+        self.authorized("POST", &t, &p).await?;
+        let o = self
+            .cloud
+            .api
+            .bind(&t, body.as_bytes(), JSON, &Decider::new(&self.caller))
+            .await?;
+        Ok(answer(o).0)
+    }
+
+    /// `GET` of `t` (one object), or a list of `t`'s collection with `query`.
+    pub async fn read(&self, t: &Target, query: &str) -> ApiResult<Value> {
+        let p = params(query);
+        self.authorized("GET", t, &p).await?;
+        let o = match t.name {
+            Some(_) => self.cloud.api.get(t, Rendering::Full, &p, None).await?,
+            None => self.cloud.api.list(t, Rendering::Full, &p).await?,
+        };
+        Ok(answer(o).1)
     }
 }

@@ -3,6 +3,8 @@
 
 use serde_json::json;
 
+use stratus_apiserver::resource::review::AllowAll;
+
 use crate::fixtures::{APPLY, Cloud, JSON_PATCH, MERGE, Obj, names, refused, rv};
 
 #[tokio::test]
@@ -281,7 +283,11 @@ async fn delete_with_a_stale_precondition_is_409() {
         .await
         .expect("patch");
     let body = json!({"preconditions": {"resourceVersion": rv(&first).to_string()}}).to_string();
-    let e = refused(c.api.delete(&t, body.as_bytes(), &Default::default()).await);
+    let e = refused(
+        c.api
+            .delete(&t, body.as_bytes(), &Default::default(), &AllowAll)
+            .await,
+    );
     assert_eq!(e.code, 409);
     c.get("Flavor", None, "small").await.expect("still there");
 }
