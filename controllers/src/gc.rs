@@ -70,7 +70,9 @@ pub async fn run(client: Client) -> Result<(), GcError> {
             let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
             let stream = reflector::reflector(
                 writer,
-                watcher(api, watcher::Config::default()).default_backoff(),
+                watcher(api, watcher::Config::default())
+                    .default_backoff()
+                    .modify(slim),
             );
             let tx = tx.clone();
             watchers.push(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
@@ -108,6 +110,16 @@ pub async fn run(client: Client) -> Result<(), GcError> {
         while rx.try_recv().is_ok() {}
         gc.pass().await;
     }
+}
+
+/// Keeps of an object only what collection reads (its identity, owners, finalizers and
+/// deletion), so the caches of every kind hold metadata, not whole objects.
+fn slim(o: &mut DynamicObject) {
+    o.data = serde_json::Value::Null;
+    let m = &mut o.metadata;
+    m.managed_fields = None;
+    m.annotations = None;
+    m.labels = None;
 }
 
 struct Collector {
@@ -341,5 +353,41 @@ impl Collector {
         };
         self.patch_meta(kind, o, json!({"ownerReferences": refs}))
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_keeps_what_collection_reads_and_nothing_else() {
+        let mut o: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "compute.stratus.dev/v1", "kind": "Server",
+            "metadata": {"name": "web", "namespace": "demo", "uid": "u1", "resourceVersion": "7",
+                "labels": {"a": "b"}, "annotations": {"big": "x".repeat(1000)},
+                "finalizers": ["foregroundDeletion"],
+                "deletionTimestamp": "2026-01-01T00:00:00Z",
+                "ownerReferences": [{"apiVersion": "v1", "kind": "X", "name": "o", "uid": "u0"}],
+                "managedFields": [{"manager": "m"}]},
+            "spec": {"userData": "x".repeat(1000)},
+            "status": {"phase": "Running"},
+        }))
+        .expect("an object");
+        slim(&mut o);
+        assert_eq!(o.data, serde_json::Value::Null);
+        assert_eq!(
+            (o.name_any(), o.namespace(), o.uid(), o.resource_version()),
+            (
+                "web".into(),
+                Some("demo".into()),
+                Some("u1".into()),
+                Some("7".into())
+            )
+        );
+        assert!(has_finalizer(&o, FOREGROUND));
+        assert!(o.metadata.deletion_timestamp.is_some());
+        assert_eq!(o.owner_references()[0].uid, "u0");
+        assert!(o.metadata.annotations.is_none() && o.metadata.managed_fields.is_none());
     }
 }
