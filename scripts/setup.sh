@@ -31,6 +31,7 @@ bin  dnsmasq              dnsmasq-base
 bin  nft                  nftables
 bin  ip                   iproute2
 bin  ethtool              ethtool
+bin  busybox              busybox-static
 bin  lvcreate             lvm2
 bin  losetup              mount
 bin  cpio                 cpio
