@@ -1,0 +1,522 @@
+//! The real drivers on the real kernel, as root, in network namespaces each test makes and
+//! removes (even when it fails): the conformance suites, then two "nodes" joined by a veth
+//! underlay carrying a VXLAN overlay, with guests that ping each other through the node's
+//! firewall and take a static lease from dnsmasq across the overlay. Only addresses the
+//! tests choose, inside their own namespaces (10.50.0.0/24 on the overlay, 192.0.2.0/24 for
+//! the underlay), are used.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::conformance;
+use super::dnsmasq::Dnsmasq;
+use super::netlink::NetlinkLinks;
+use super::nft::{NftFirewall, PortFilter, Protocol, Remote, Rule, Zone};
+use super::{
+    Dhcp, DhcpSpec, FdbEntry, Firewall, IfName, Ipv4Cidr, Links, MacAddr, Name, Netns, Ruleset,
+    StaticLease, VXLAN_PORT, VethSpec, VxlanSpec,
+};
+
+fn root() -> bool {
+    let root = rustix::process::geteuid().is_root();
+    if !root {
+        eprintln!("skipped: needs root (CI runs it as root)");
+    }
+    root
+}
+
+/// A prefix no other run uses: `stratus-test-<8 hex>`.
+fn unique() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let key = format!(
+        "{nanos}-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    );
+    format!("stratus-test-{}", super::names::digest_hex(&key, 8))
+}
+
+/// Deletes the namespaces it names and stops the DHCP servers it holds when dropped, then
+/// removes its state directories (which hold the servers' pid files).
+#[derive(Default)]
+struct Cleanup {
+    namespaces: Vec<Name>,
+    dhcp: Vec<(Dnsmasq, Name)>,
+    dirs: Vec<tempfile::TempDir>,
+}
+
+impl Cleanup {
+    /// A state directory that outlives the DHCP servers using it.
+    fn dir(&mut self) -> std::path::PathBuf {
+        let d = tempfile::tempdir().expect("state dir");
+        let path = d.path().to_owned();
+        self.dirs.push(d);
+        path
+    }
+
+    fn netns(&mut self, name: String) -> Name {
+        let n = Name::new(&name).expect("netns name");
+        self.namespaces.push(n.clone());
+        n
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for (d, name) in &self.dhcp {
+            if let Err(e) = d.remove(name) {
+                eprintln!("cleanup: dhcp {name}: {e}");
+            }
+        }
+        for n in &self.namespaces {
+            if let Err(e) = NetlinkLinks.del_netns(n) {
+                eprintln!("cleanup: netns {n}: {e}");
+            }
+        }
+    }
+}
+
+fn ifname(s: &str) -> IfName {
+    IfName::new(s).expect("interface name")
+}
+
+fn cidr(s: &str) -> Ipv4Cidr {
+    s.parse().expect("cidr")
+}
+
+/// Runs a program in a namespace; whether it succeeded, and its output.
+fn run_in(ns: &Name, args: &[&str]) -> (bool, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns.as_str()])
+        .args(args)
+        .output()
+        .expect("run ip netns exec");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn ping(from: &Name, to: Ipv4Addr) -> bool {
+    run_in(
+        from,
+        &["busybox", "ping", "-c", "1", "-W", "1", &to.to_string()],
+    )
+    .0
+}
+
+/// Pings until one answer, at most `tries` times (the first may wait for ARP).
+fn pings(from: &Name, to: Ipv4Addr, tries: u32) -> bool {
+    (0..tries).any(|_| ping(from, to))
+}
+
+#[test]
+fn netlink_links_pass_the_conformance_suite() {
+    if !root() {
+        return;
+    }
+    let prefix = unique();
+    let mut c = Cleanup::default();
+    c.netns(format!("{prefix}-a"));
+    c.netns(format!("{prefix}-b"));
+    conformance::links(&NetlinkLinks::new(), &prefix);
+}
+
+#[test]
+fn nft_firewall_passes_the_conformance_suite() {
+    if !root() {
+        return;
+    }
+    let mut c = Cleanup::default();
+    let ns = c.netns(unique());
+    NetlinkLinks.add_netns(&ns).expect("add netns");
+    conformance::firewall(&NftFirewall::new(Netns::Named(ns)));
+}
+
+#[test]
+fn dnsmasq_passes_the_conformance_suite_and_is_adopted() {
+    if !root() {
+        return;
+    }
+    let l = NetlinkLinks::new();
+    let mut c = Cleanup::default();
+    let name = unique();
+    let ns = c.netns(name.clone());
+    let net = Netns::Named(ns.clone());
+    l.add_netns(&ns).expect("add netns");
+    let (d0, d1) = (ifname("dh0"), ifname("dh1"));
+    l.add_veth(
+        &net,
+        &VethSpec {
+            name: d0.clone(),
+            peer: d1.clone(),
+            peer_netns: None,
+        },
+    )
+    .expect("veth");
+    for i in [&d0, &d1] {
+        l.set_up(&net, i, true).expect("up");
+    }
+    l.add_address(&net, &d0, cidr("10.50.0.2/24"))
+        .expect("address");
+    let state = c.dir();
+    let d = Dnsmasq::new(state.join("dhcp"));
+    let server = Name::new("net-conformance").expect("name");
+    c.dhcp.push((d.clone(), server.clone()));
+    let spec = DhcpSpec {
+        name: server.clone(),
+        netns: net,
+        interface: d0,
+        subnet: cidr("10.50.0.0/24"),
+        router: Some(Ipv4Addr::new(10, 50, 0, 1)),
+        lease_secs: 600,
+        leases: vec![],
+    };
+    conformance::dhcp(&d, &spec);
+
+    // A new driver over the same files (an agent restarted) adopts the running daemon.
+    d.ensure(&spec).expect("ensure");
+    let pid = d.status(&server).expect("status").and_then(|s| s.pid);
+    assert!(pid.is_some());
+    let again = Dnsmasq::new(state.join("dhcp"));
+    again.ensure(&spec).expect("ensure after restart");
+    assert_eq!(
+        again.status(&server).expect("status").and_then(|s| s.pid),
+        pid
+    );
+}
+
+/// One simulated node: a namespace with the underlay end, a bridge and a VXLAN device.
+struct Node {
+    ns: Netns,
+    bridge: IfName,
+    vxlan: IfName,
+    underlay: Ipv4Addr,
+}
+
+fn node(l: &dyn Links, name: Name, underlay: Ipv4Addr) -> Node {
+    let ns = Netns::Named(name.clone());
+    let bridge = IfName::derived(super::Role::Bridge, "network-uid-1");
+    let vxlan = IfName::derived(super::Role::Vxlan, "network-uid-1");
+    l.add_bridge(&ns, &bridge).expect("bridge");
+    l.add_vxlan(
+        &ns,
+        &VxlanSpec {
+            name: vxlan.clone(),
+            vni: 5001,
+            local: underlay,
+            port: VXLAN_PORT,
+        },
+    )
+    .expect("vxlan");
+    l.set_master(&ns, &vxlan, Some(&bridge))
+        .expect("vxlan on bridge");
+    for i in [&bridge, &vxlan] {
+        l.set_up(&ns, i, true).expect("up");
+    }
+    Node {
+        ns,
+        bridge,
+        vxlan,
+        underlay,
+    }
+}
+
+/// A namespace plugged into `node`'s bridge by a veth (`port` on the bridge, `eth0` inside),
+/// with `addr` if given; its MAC.
+fn plug(l: &dyn Links, node: &Node, guest: &Name, port: &IfName, addr: Option<&str>) -> MacAddr {
+    let g = Netns::Named(guest.clone());
+    let eth0 = ifname("eth0");
+    l.add_netns(guest).expect("guest netns");
+    l.add_veth(
+        &node.ns,
+        &VethSpec {
+            name: port.clone(),
+            peer: eth0.clone(),
+            peer_netns: Some(g.clone()),
+        },
+    )
+    .expect("guest veth");
+    l.set_master(&node.ns, port, Some(&node.bridge))
+        .expect("port on bridge");
+    l.set_up(&node.ns, port, true).expect("port up");
+    l.set_mtu(&g, &eth0, 1450).expect("guest mtu");
+    l.set_up(&g, &eth0, true).expect("guest up");
+    l.set_up(&g, &ifname("lo"), true).expect("lo up");
+    if let Some(a) = addr {
+        l.add_address(&g, &eth0, cidr(a)).expect("guest address");
+    }
+    l.link(&g, &eth0)
+        .expect("link")
+        .and_then(|k| k.mac)
+        .expect("guest mac")
+}
+
+fn port_filter(node: &Node, port: &IfName, mac: MacAddr, ip: Ipv4Addr, icmp: bool) -> PortFilter {
+    let mut ingress = vec![Rule {
+        protocol: Protocol::Tcp,
+        ports: Some(super::nft::PortRange {
+            first: 22,
+            last: 22,
+        }),
+        remote: Remote::Any,
+    }];
+    if icmp {
+        ingress.push(Rule {
+            protocol: Protocol::Icmp,
+            ports: None,
+            remote: Remote::Cidr(cidr("10.50.0.0/24")),
+        });
+    }
+    PortFilter {
+        id: Name::derived("p", port.as_str()).expect("id"),
+        bridge: node.bridge.clone(),
+        device: port.clone(),
+        mac,
+        ips: BTreeSet::from([ip]),
+        port_security: true,
+        ingress,
+        egress: vec![Rule {
+            protocol: Protocol::Any,
+            ports: None,
+            remote: Remote::Any,
+        }],
+    }
+}
+
+#[test]
+fn guests_on_two_nodes_talk_over_vxlan_through_the_firewall_and_get_dhcp_leases() {
+    if !root() {
+        return;
+    }
+    let l = NetlinkLinks::new();
+    let prefix = unique();
+    let mut c = Cleanup::default();
+    let n1 = c.netns(format!("{prefix}-n1"));
+    let n2 = c.netns(format!("{prefix}-n2"));
+    let g1 = c.netns(format!("{prefix}-g1"));
+    let g2 = c.netns(format!("{prefix}-g2"));
+    let dh = c.netns(format!("{prefix}-dh"));
+    let client = c.netns(format!("{prefix}-cl"));
+
+    // The underlay: one veth between the two nodes, 192.0.2.0/24.
+    for n in [&n1, &n2] {
+        l.add_netns(n).expect("node netns");
+    }
+    let (ns1, ns2) = (Netns::Named(n1.clone()), Netns::Named(n2.clone()));
+    let (u1, u2) = (ifname("underlay"), ifname("underlay"));
+    l.add_veth(
+        &ns1,
+        &VethSpec {
+            name: u1.clone(),
+            peer: u2.clone(),
+            peer_netns: Some(ns2.clone()),
+        },
+    )
+    .expect("underlay veth");
+    l.add_address(&ns1, &u1, cidr("192.0.2.1/24"))
+        .expect("underlay address");
+    l.add_address(&ns2, &u2, cidr("192.0.2.2/24"))
+        .expect("underlay address");
+    l.set_up(&ns1, &u1, true).expect("up");
+    l.set_up(&ns2, &u2, true).expect("up");
+
+    let node1 = node(&l, n1.clone(), Ipv4Addr::new(192, 0, 2, 1));
+    let node2 = node(&l, n2.clone(), Ipv4Addr::new(192, 0, 2, 2));
+    let (p1, p2) = (ifname("ve-g1"), ifname("ve-g2"));
+    let mac1 = plug(&l, &node1, &g1, &p1, Some("10.50.0.11/24"));
+    let mac2 = plug(&l, &node2, &g2, &p2, Some("10.50.0.12/24"));
+    let (ip1, ip2) = (Ipv4Addr::new(10, 50, 0, 11), Ipv4Addr::new(10, 50, 0, 12));
+
+    // Without FDB entries nothing crosses (no learning, no multicast).
+    assert!(!ping(&g1, ip2), "no FDB, no overlay");
+
+    // Flood to the other node, and each remote guest's MAC to its node.
+    let fdb = |other: &Node, macs: &[MacAddr]| {
+        let mut set = BTreeSet::from([FdbEntry {
+            mac: MacAddr::ZERO,
+            remote: other.underlay,
+        }]);
+        set.extend(macs.iter().map(|m| FdbEntry {
+            mac: *m,
+            remote: other.underlay,
+        }));
+        set
+    };
+    l.set_fdb(&node1.ns, &node1.vxlan, &fdb(&node2, &[mac2]))
+        .expect("fdb 1");
+    l.set_fdb(&node2.ns, &node2.vxlan, &fdb(&node1, &[mac1]))
+        .expect("fdb 2");
+    assert!(pings(&g1, ip2, 5), "guest 1 reaches guest 2 across VXLAN");
+    assert!(ping(&g2, ip1), "and back");
+
+    // Drift: the FDB emptied by hand is seen, and put back.
+    let want = l.fdb(&node1.ns, &node1.vxlan).expect("fdb");
+    assert!(
+        run_in(
+            &n1,
+            &[
+                "bridge",
+                "fdb",
+                "del",
+                "00:00:00:00:00:00",
+                "dev",
+                node1.vxlan.as_str(),
+                "dst",
+                "192.0.2.2"
+            ]
+        )
+        .0
+    );
+    assert_ne!(l.fdb(&node1.ns, &node1.vxlan).expect("fdb"), want);
+    l.set_fdb(&node1.ns, &node1.vxlan, &want).expect("repair");
+    assert_eq!(l.fdb(&node1.ns, &node1.vxlan).expect("fdb"), want);
+
+    // Security groups on both nodes: ICMP allowed in, then not, then again.
+    let fw1 = NftFirewall::new(node1.ns.clone());
+    let fw2 = NftFirewall::new(node2.ns.clone());
+    let rules = |node: &Node, port: &IfName, mac, ip, icmp| Ruleset {
+        zones: vec![Zone {
+            bridge: node.bridge.clone(),
+            zone: 7,
+        }],
+        ports: vec![port_filter(node, port, mac, ip, icmp)],
+        groups: vec![],
+    };
+    fw1.apply(&rules(&node1, &p1, mac1, ip1, true))
+        .expect("firewall 1");
+    fw2.apply(&rules(&node2, &p2, mac2, ip2, true))
+        .expect("firewall 2");
+    assert!(pings(&g1, ip2, 3), "ICMP allowed");
+    fw2.apply(&rules(&node2, &p2, mac2, ip2, false))
+        .expect("drop ICMP");
+    assert!(!ping(&g1, ip2), "ICMP to guest 2 dropped");
+    assert!(
+        ping(&g2, ip1),
+        "guest 2 still pings out: the reply belongs to its connection"
+    );
+    fw2.apply(&rules(&node2, &p2, mac2, ip2, true))
+        .expect("allow ICMP");
+    assert!(pings(&g1, ip2, 3), "ICMP allowed again");
+    assert_eq!(
+        fw2.read().expect("read"),
+        Some(
+            rules(&node2, &p2, mac2, ip2, true)
+                .observed()
+                .expect("observed")
+        )
+    );
+
+    // Anti-spoofing: guest 1 sending from an address that is not its own gets nowhere.
+    let (ok, out) = run_in(&g1, &["ip", "addr", "add", "10.50.0.99/24", "dev", "eth0"]);
+    assert!(ok, "{out}");
+    assert!(
+        !run_in(
+            &g1,
+            &[
+                "busybox",
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "1",
+                "-I",
+                "10.50.0.99",
+                "10.50.0.12"
+            ]
+        )
+        .0,
+        "spoofed source dropped"
+    );
+    assert!(ping(&g1, ip2), "its own address still works");
+
+    // Drift in nft: a table deleted by hand reads as gone.
+    assert!(run_in(&n2, &["nft", "delete", "table", "bridge", "stratus"]).0);
+    assert_ne!(
+        fw2.read().expect("read"),
+        Some(
+            rules(&node2, &p2, mac2, ip2, true)
+                .observed()
+                .expect("observed")
+        )
+    );
+
+    // DHCP: dnsmasq on node 2 (in its own namespace on the bridge), a client on node 1.
+    let dh_port = ifname("ve-dh");
+    plug(&l, &node2, &dh, &dh_port, Some("10.50.0.2/24"));
+    let client_port = ifname("ve-cl");
+    let client_mac = plug(&l, &node1, &client, &client_port, None);
+    let state = c.dir();
+    let d = Dnsmasq::new(state.join("dhcp"));
+    let server = Name::new("net-1").expect("name");
+    c.dhcp.push((d.clone(), server.clone()));
+    let mut spec = DhcpSpec {
+        name: server.clone(),
+        netns: Netns::Named(dh.clone()),
+        interface: ifname("eth0"),
+        subnet: cidr("10.50.0.0/24"),
+        router: None,
+        lease_secs: 600,
+        leases: vec![StaticLease {
+            mac: client_mac,
+            ip: Ipv4Addr::new(10, 50, 0, 30),
+            hostname: Some(Name::new("client").expect("name")),
+        }],
+    };
+    d.ensure(&spec).expect("dhcp");
+    assert_eq!(lease(&client, &state), Some(Ipv4Addr::new(10, 50, 0, 30)));
+
+    // A changed lease is served after a reload, by the same process.
+    let pid = d.status(&server).expect("status").and_then(|s| s.pid);
+    spec.leases[0].ip = Ipv4Addr::new(10, 50, 0, 31);
+    d.ensure(&spec).expect("dhcp reload");
+    assert_eq!(d.status(&server).expect("status").and_then(|s| s.pid), pid);
+    assert_eq!(lease(&client, &state), Some(Ipv4Addr::new(10, 50, 0, 31)));
+}
+
+/// Runs busybox's DHCP client once in `ns`; the address it was offered.
+fn lease(ns: &Name, dir: &Path) -> Option<Ipv4Addr> {
+    let script = dir.join("udhcpc.sh");
+    let result = dir.join("lease");
+    let _ = std::fs::remove_file(&result);
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = bound ] && echo \"$ip\" > '{}'\nexit 0\n",
+            result.display()
+        ),
+    )
+    .expect("write script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod script");
+    let (ok, out) = run_in(
+        ns,
+        &[
+            "busybox",
+            "udhcpc",
+            "-i",
+            "eth0",
+            "-n",
+            "-q",
+            "-f",
+            "-t",
+            "5",
+            "-T",
+            "1",
+            "-s",
+            &script.to_string_lossy(),
+        ],
+    );
+    if !ok {
+        eprintln!("udhcpc: {out}");
+    }
+    std::fs::read_to_string(&result).ok()?.trim().parse().ok()
+}

@@ -1,0 +1,684 @@
+//! [`Links`] over rtnetlink: each call opens a netlink socket inside the namespace it names
+//! (on a thread that joined it, see [`netns`](super::netns)), sends its requests and closes
+//! it. Namespaces themselves are made and removed with `ip netns`, whose bind-mount layout
+//! other tools (and `ip netns exec`) expect.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+
+use futures::{StreamExt, TryStreamExt};
+use rtnetlink::packet_core::{
+    NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
+    NetlinkPayload,
+};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{
+    InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan};
+
+use super::netns::{self, EnterError};
+use super::{
+    FdbEntry, IfName, Ipv4Cidr, Link, LinkError, LinkKind, Links, MacAddr, Name, Netns, VethSpec,
+    VxlanInfo, VxlanSpec,
+};
+
+const ENOENT: i32 = 2;
+const ENODEV: i32 = 19;
+const EEXIST: i32 = 17;
+const EADDRNOTAVAIL: i32 = 99;
+
+/// The kernel's links, through rtnetlink.
+#[derive(Debug, Default, Clone)]
+pub struct NetlinkLinks;
+
+impl NetlinkLinks {
+    /// The driver.
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+/// The errno of a netlink error answer.
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> LinkError {
+    let what = what.into();
+    move |source| LinkError::Netlink { what, source }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LinkError {
+    let what = what.into();
+    move |source| LinkError::Io { what, source }
+}
+
+/// Runs `work` with a netlink handle whose socket lives in `ns`.
+fn exec<T, F, Fut>(ns: &Netns, work: F) -> Result<T, LinkError>
+where
+    T: Send + 'static,
+    F: FnOnce(Handle) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, LinkError>>,
+{
+    let result = netns::run_in(ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(io("start a netlink runtime"))?;
+        rt.block_on(async move {
+            let (conn, handle, _) =
+                rtnetlink::new_connection().map_err(io("open a netlink socket"))?;
+            let conn = tokio::spawn(conn);
+            let out = work(handle).await;
+            conn.abort();
+            out
+        })
+    });
+    match result {
+        Ok(r) => r,
+        Err(EnterError::Missing(ns)) => Err(LinkError::NoNetns(ns)),
+        Err(EnterError::Enter { netns, source }) => Err(LinkError::Io {
+            what: format!("enter network namespace {netns}"),
+            source,
+        }),
+        Err(EnterError::Thread(m)) => Err(LinkError::Io {
+            what: format!("namespace worker thread: {m}"),
+            source: std::io::Error::other(m),
+        }),
+    }
+}
+
+/// One link's message, by name; `None` when absent.
+async fn find(h: &Handle, name: &IfName) -> Result<Option<LinkMessage>, LinkError> {
+    let mut s = h.link().get().match_name(name.as_str()).execute();
+    match s.try_next().await {
+        Ok(m) => Ok(m),
+        Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
+        Err(e) => Err(nl(format!("get link {name}"))(e)),
+    }
+}
+
+async fn require(h: &Handle, ns: &Netns, name: &IfName) -> Result<LinkMessage, LinkError> {
+    find(h, name).await?.ok_or_else(|| LinkError::NoLink {
+        netns: ns.clone(),
+        name: name.clone(),
+    })
+}
+
+async fn dump(h: &Handle) -> Result<Vec<LinkMessage>, LinkError> {
+    h.link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("list links"))
+}
+
+fn name_of(m: &LinkMessage) -> Option<&str> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+fn master_of(m: &LinkMessage) -> Option<u32> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Controller(i) => Some(*i),
+        _ => None,
+    })
+}
+
+fn kind_of(m: &LinkMessage) -> LinkKind {
+    let infos = m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(i) => Some(i),
+        _ => None,
+    });
+    let Some(infos) = infos else {
+        return LinkKind::Other(None);
+    };
+    let kind = infos.iter().find_map(|i| match i {
+        LinkInfo::Kind(k) => Some(k),
+        _ => None,
+    });
+    match kind {
+        Some(InfoKind::Bridge) => LinkKind::Bridge,
+        Some(InfoKind::Veth) => LinkKind::Veth,
+        Some(InfoKind::Tun) => LinkKind::Tun,
+        Some(InfoKind::Vxlan) => {
+            let mut info = VxlanInfo {
+                vni: 0,
+                local: None,
+                port: 0,
+                learning: true,
+            };
+            for i in infos {
+                if let LinkInfo::Data(InfoData::Vxlan(attrs)) = i {
+                    for a in attrs {
+                        match a {
+                            InfoVxlan::Id(v) => info.vni = *v,
+                            InfoVxlan::Local(ip) => info.local = Some(*ip),
+                            InfoVxlan::Port(p) => info.port = *p,
+                            InfoVxlan::Learning(l) => info.learning = *l,
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            LinkKind::Vxlan(info)
+        }
+        Some(other) => LinkKind::Other(Some(other.to_string())),
+        None => LinkKind::Other(None),
+    }
+}
+
+fn to_link(m: &LinkMessage, names: &HashMap<u32, String>) -> Option<Link> {
+    let name = IfName::new(name_of(m)?).ok()?;
+    Some(Link {
+        name,
+        kind: kind_of(m),
+        mtu: m
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Mtu(v) => Some(*v),
+                _ => None,
+            })
+            .unwrap_or(0),
+        up: m.header.flags.contains(LinkFlags::Up),
+        master: master_of(m)
+            .and_then(|i| names.get(&i))
+            .and_then(|n| IfName::new(n).ok()),
+        mac: m.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Address(b) => MacAddr::from_slice(b),
+            _ => None,
+        }),
+    })
+}
+
+async fn names(h: &Handle) -> Result<HashMap<u32, String>, LinkError> {
+    Ok(dump(h)
+        .await?
+        .iter()
+        .filter_map(|m| Some((m.header.index, name_of(m)?.to_owned())))
+        .collect())
+}
+
+/// Creates a link unless one of that name exists; `same` says whether an existing one is
+/// what was asked for.
+async fn create(
+    h: &Handle,
+    ns: &Netns,
+    name: &IfName,
+    msg: LinkMessage,
+    same: impl Fn(&LinkKind) -> bool,
+) -> Result<(), LinkError> {
+    let check = |m: &LinkMessage| {
+        let kind = kind_of(m);
+        if same(&kind) {
+            Ok(())
+        } else {
+            Err(LinkError::Conflict {
+                netns: ns.clone(),
+                name: name.clone(),
+                found: format!("{kind:?}"),
+            })
+        }
+    };
+    if let Some(m) = find(h, name).await? {
+        return check(&m);
+    }
+    match h.link().add(msg).execute().await {
+        Ok(()) => Ok(()),
+        // Made by someone else since the lookup: judge what is there now.
+        Err(e) if errno(&e) == Some(EEXIST) => match find(h, name).await? {
+            Some(m) => check(&m),
+            None => Err(nl(format!("create link {name}"))(e)),
+        },
+        Err(e) => Err(nl(format!("create link {name}"))(e)),
+    }
+}
+
+async fn change(h: &Handle, what: String, msg: LinkMessage) -> Result<(), LinkError> {
+    h.link().change(msg).execute().await.map_err(nl(what))
+}
+
+fn v4(m: &AddressMessage) -> Option<Ipv4Cidr> {
+    if m.header.family != AddressFamily::Inet {
+        return None;
+    }
+    let ip = m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+        _ => None,
+    });
+    let ip = ip.or_else(|| {
+        m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+            _ => None,
+        })
+    })?;
+    Ipv4Cidr::new(ip, m.header.prefix_len)
+}
+
+async fn addresses_of(h: &Handle, index: u32) -> Result<Vec<AddressMessage>, LinkError> {
+    let all: Vec<AddressMessage> = h
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("list addresses"))?;
+    Ok(all
+        .into_iter()
+        .filter(|m| m.header.index == index)
+        .collect())
+}
+
+fn fdb_entry(m: &NeighbourMessage, index: u32) -> Option<FdbEntry> {
+    if m.header.ifindex != index {
+        return None;
+    }
+    let mac = m.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(b) => MacAddr::from_slice(b),
+        _ => None,
+    })?;
+    let remote = m.attributes.iter().find_map(|a| match a {
+        // Bridge-family answers carry the address as raw bytes.
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+            <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+        }
+        _ => None,
+    })?;
+    Some(FdbEntry { mac, remote })
+}
+
+async fn fdb_of(h: &Handle, index: u32) -> Result<BTreeSet<FdbEntry>, LinkError> {
+    let all: Vec<NeighbourMessage> = h
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Bridge)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("list fdb"))?;
+    Ok(all.iter().filter_map(|m| fdb_entry(m, index)).collect())
+}
+
+fn fdb_message(index: u32, e: &FdbEntry) -> NeighbourMessage {
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Bridge;
+    m.header.ifindex = index;
+    m.header.state = NeighbourState::Permanent;
+    m.header.flags = NeighbourFlags::Own;
+    m.attributes.push(NeighbourAttribute::LinkLayerAddress(
+        e.mac.octets().to_vec(),
+    ));
+    m.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+            e.remote,
+        )));
+    m
+}
+
+/// Sends a new FDB entry with explicit flags: the zero MAC is appended to (one remote more),
+/// a unicast MAC's remote replaced in place.
+async fn fdb_add(h: &Handle, index: u32, e: &FdbEntry, flags: u16) -> Result<(), LinkError> {
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(fdb_message(index, e)));
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | flags;
+    let what = format!("add fdb entry {} dst {}", e.mac, e.remote);
+    let mut h = h.clone();
+    let mut resp = h.request(req).map_err(nl(what.clone()))?;
+    while let Some(msg) = resp.next().await {
+        if let NetlinkPayload::Error(err) = msg.payload
+            && err.code.is_some()
+        {
+            return Err(nl(what)(rtnetlink::Error::NetlinkError(err)));
+        }
+    }
+    Ok(())
+}
+
+fn vxlan_valid(spec: &VxlanSpec) -> Result<(), LinkError> {
+    if spec.vni == 0 || spec.vni >= 1 << 24 {
+        return Err(LinkError::Invalid(format!(
+            "VNI {} is not 1..2^24",
+            spec.vni
+        )));
+    }
+    if spec.port == 0 {
+        return Err(LinkError::Invalid("VXLAN port 0".into()));
+    }
+    Ok(())
+}
+
+impl Links for NetlinkLinks {
+    /// `ip netns add`; a present namespace is left as it is.
+    fn add_netns(&self, name: &Name) -> Result<(), LinkError> {
+        if netns::path(name).exists() {
+            return Ok(());
+        }
+        run(
+            &["netns", "add", name.as_str()],
+            &format!("add netns {name}"),
+        )
+    }
+
+    /// `ip netns del`; an absent namespace is `Ok`.
+    fn del_netns(&self, name: &Name) -> Result<(), LinkError> {
+        if !netns::path(name).exists() {
+            return Ok(());
+        }
+        run(
+            &["netns", "del", name.as_str()],
+            &format!("delete netns {name}"),
+        )
+    }
+
+    /// The files in `/run/netns` whose names are valid [`Name`]s.
+    fn list_netns(&self) -> Result<BTreeSet<Name>, LinkError> {
+        let dir = match std::fs::read_dir(netns::NETNS_DIR) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
+            Err(e) => return Err(io("list network namespaces")(e)),
+        };
+        let mut out = BTreeSet::new();
+        for entry in dir {
+            let entry = entry.map_err(io("list network namespaces"))?;
+            if let Some(n) = entry.file_name().to_str().and_then(|s| Name::new(s).ok()) {
+                out.insert(n);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Links whose names are not valid [`IfName`]s are left out.
+    fn links(&self, ns: &Netns) -> Result<Vec<Link>, LinkError> {
+        exec(ns, move |h| async move {
+            let all = dump(&h).await?;
+            let names: HashMap<u32, String> = all
+                .iter()
+                .filter_map(|m| Some((m.header.index, name_of(m)?.to_owned())))
+                .collect();
+            Ok(all.iter().filter_map(|m| to_link(m, &names)).collect())
+        })
+    }
+
+    fn link(&self, ns: &Netns, name: &IfName) -> Result<Option<Link>, LinkError> {
+        let name = name.clone();
+        exec(ns, move |h| async move {
+            let Some(m) = find(&h, &name).await? else {
+                return Ok(None);
+            };
+            let names = match master_of(&m) {
+                Some(_) => names(&h).await?,
+                None => HashMap::new(),
+            };
+            Ok(to_link(&m, &names))
+        })
+    }
+
+    /// Idempotent: a bridge of that name is `Ok`; another kind is a conflict.
+    fn add_bridge(&self, ns: &Netns, name: &IfName) -> Result<(), LinkError> {
+        let (ns2, name) = (ns.clone(), name.clone());
+        exec(ns, move |h| async move {
+            let msg = LinkBridge::new(name.as_str()).down().build();
+            create(&h, &ns2, &name, msg, |k| *k == LinkKind::Bridge).await
+        })
+    }
+
+    /// Idempotent: a VXLAN device with the same VNI, local address and port and no learning
+    /// is `Ok`; anything else of that name is a conflict.
+    fn add_vxlan(&self, ns: &Netns, spec: &VxlanSpec) -> Result<(), LinkError> {
+        vxlan_valid(spec)?;
+        let (ns2, spec) = (ns.clone(), spec.clone());
+        exec(ns, move |h| async move {
+            let msg = LinkVxlan::new(spec.name.as_str(), spec.vni)
+                .local(spec.local)
+                .port(spec.port)
+                .learning(false)
+                .down()
+                .build();
+            let want = VxlanInfo {
+                vni: spec.vni,
+                local: Some(spec.local),
+                port: spec.port,
+                learning: false,
+            };
+            create(&h, &ns2, &spec.name, msg, |k| *k == LinkKind::Vxlan(want)).await
+        })
+    }
+
+    /// Idempotent: a veth of that name is `Ok` (where its peer is is not checked); another
+    /// kind is a conflict. Both ends are made in one request, the peer directly in its
+    /// namespace; a peer name taken there is a conflict.
+    fn add_veth(&self, ns: &Netns, spec: &VethSpec) -> Result<(), LinkError> {
+        let peer_ns = match &spec.peer_netns {
+            Some(p) if p != ns => {
+                let path = match p {
+                    Netns::Named(n) => netns::path(n),
+                    Netns::Host => "/proc/self/ns/net".into(),
+                };
+                match File::open(&path) {
+                    Ok(f) => Some(f),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(LinkError::NoNetns(p.clone()));
+                    }
+                    Err(e) => return Err(io(format!("open network namespace {p}"))(e)),
+                }
+            }
+            _ => None,
+        };
+        let (ns2, spec) = (ns.clone(), spec.clone());
+        exec(ns, move |h| async move {
+            let mut peer = LinkMessageBuilder::<LinkUnspec>::new().name(spec.peer.as_str());
+            if let Some(f) = &peer_ns {
+                peer = peer.setns_by_fd(f.as_raw_fd());
+            }
+            let msg = LinkVeth::new(spec.name.as_str(), spec.peer.as_str())
+                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())))
+                .down()
+                .build();
+            let out = create(&h, &ns2, &spec.name, msg, |k| *k == LinkKind::Veth).await;
+            drop(peer_ns);
+            out
+        })
+    }
+
+    /// Idempotent: an absent link is `Ok`.
+    fn del_link(&self, ns: &Netns, name: &IfName) -> Result<(), LinkError> {
+        let name = name.clone();
+        exec(ns, move |h| async move {
+            let Some(m) = find(&h, &name).await? else {
+                return Ok(());
+            };
+            match h.link().del(m.header.index).execute().await {
+                Ok(()) => Ok(()),
+                Err(e) if errno(&e) == Some(ENODEV) => Ok(()),
+                Err(e) => Err(nl(format!("delete link {name}"))(e)),
+            }
+        })
+    }
+
+    /// Idempotent: nothing is sent when the link already has that master.
+    fn set_master(
+        &self,
+        ns: &Netns,
+        name: &IfName,
+        master: Option<&IfName>,
+    ) -> Result<(), LinkError> {
+        let (ns2, name, master) = (ns.clone(), name.clone(), master.cloned());
+        exec(ns, move |h| async move {
+            let m = require(&h, &ns2, &name).await?;
+            let want = match &master {
+                Some(b) => Some(require(&h, &ns2, b).await?.header.index),
+                None => None,
+            };
+            if master_of(&m) == want {
+                return Ok(());
+            }
+            let msg = LinkUnspec::new_with_index(m.header.index);
+            let msg = match want {
+                Some(i) => msg.controller(i),
+                None => msg.nocontroller(),
+            };
+            change(&h, format!("set master of {name}"), msg.build()).await
+        })
+    }
+
+    /// Idempotent: nothing is sent when the link is already so.
+    fn set_up(&self, ns: &Netns, name: &IfName, up: bool) -> Result<(), LinkError> {
+        let (ns2, name) = (ns.clone(), name.clone());
+        exec(ns, move |h| async move {
+            let m = require(&h, &ns2, &name).await?;
+            if m.header.flags.contains(LinkFlags::Up) == up {
+                return Ok(());
+            }
+            let msg = LinkUnspec::new_with_index(m.header.index);
+            let msg = if up { msg.up() } else { msg.down() };
+            change(&h, format!("set {name} up={up}"), msg.build()).await
+        })
+    }
+
+    /// Idempotent: setting the current MTU is `Ok`. MTU 0 is invalid.
+    fn set_mtu(&self, ns: &Netns, name: &IfName, mtu: u32) -> Result<(), LinkError> {
+        if mtu == 0 {
+            return Err(LinkError::Invalid("MTU 0".into()));
+        }
+        let (ns2, name) = (ns.clone(), name.clone());
+        exec(ns, move |h| async move {
+            let m = require(&h, &ns2, &name).await?;
+            let msg = LinkUnspec::new_with_index(m.header.index).mtu(mtu).build();
+            change(&h, format!("set mtu of {name}"), msg).await
+        })
+    }
+
+    fn addresses(&self, ns: &Netns, name: &IfName) -> Result<BTreeSet<Ipv4Cidr>, LinkError> {
+        let (ns2, name) = (ns.clone(), name.clone());
+        exec(ns, move |h| async move {
+            let m = require(&h, &ns2, &name).await?;
+            Ok(addresses_of(&h, m.header.index)
+                .await?
+                .iter()
+                .filter_map(v4)
+                .collect())
+        })
+    }
+
+    /// Idempotent: a present address (same prefix length) is `Ok`.
+    fn add_address(&self, ns: &Netns, name: &IfName, addr: Ipv4Cidr) -> Result<(), LinkError> {
+        let (ns2, name) = (ns.clone(), name.clone());
+        exec(ns, move |h| async move {
+            let m = require(&h, &ns2, &name).await?;
+            let index = m.header.index;
+            if addresses_of(&h, index)
+                .await?
+                .iter()
+                .any(|a| v4(a) == Some(addr))
+            {
+                return Ok(());
+            }
+            match h
+                .address()
+                .add(index, IpAddr::V4(addr.addr()), addr.prefix())
+                .execute()
+                .await
+            {
+                Ok(()) => Ok(()),
+                Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
+                Err(e) => Err(nl(format!("add address {addr} to {name}"))(e)),
+            }
+        })
+    }
+
+    /// Idempotent: an absent address is `Ok`.
+    fn del_address(&self, ns: &Netns, name: &IfName, addr: Ipv4Cidr) -> Result<(), LinkError> {
+        let (ns2, name) = (ns.clone(), name.clone());
+        exec(ns, move |h| async move {
+            let m = require(&h, &ns2, &name).await?;
+            for a in addresses_of(&h, m.header.index).await? {
+                if v4(&a) == Some(addr) {
+                    match h.address().del(a).execute().await {
+                        Ok(()) => {}
+                        Err(e) if errno(&e) == Some(EADDRNOTAVAIL) => {}
+                        Err(e) => return Err(nl(format!("delete address {addr} of {name}"))(e)),
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn fdb(&self, ns: &Netns, vxlan: &IfName) -> Result<BTreeSet<FdbEntry>, LinkError> {
+        let (ns2, vxlan) = (ns.clone(), vxlan.clone());
+        exec(ns, move |h| async move {
+            let m = require(&h, &ns2, &vxlan).await?;
+            fdb_of(&h, m.header.index).await
+        })
+    }
+
+    /// Idempotent: adds what is missing first (a unicast MAC that moved has its remote
+    /// replaced in place), then removes what is not asked for; entries already right are not
+    /// touched.
+    fn set_fdb(
+        &self,
+        ns: &Netns,
+        vxlan: &IfName,
+        entries: &BTreeSet<FdbEntry>,
+    ) -> Result<(), LinkError> {
+        let (ns2, vxlan, want) = (ns.clone(), vxlan.clone(), entries.clone());
+        exec(ns, move |h| async move {
+            let index = require(&h, &ns2, &vxlan).await?.header.index;
+            let have = fdb_of(&h, index).await?;
+            for e in want.difference(&have) {
+                let flags = if e.mac == MacAddr::ZERO {
+                    NLM_F_APPEND
+                } else if have.iter().any(|o| o.mac == e.mac) {
+                    NLM_F_REPLACE
+                } else {
+                    0
+                };
+                fdb_add(&h, index, e, flags).await?;
+            }
+            for e in fdb_of(&h, index).await?.difference(&want) {
+                match h.neighbours().del(fdb_message(index, e)).execute().await {
+                    Ok(()) => {}
+                    Err(err) if errno(&err) == Some(ENOENT) => {}
+                    Err(err) => {
+                        return Err(nl(format!("delete fdb entry {} dst {}", e.mac, e.remote))(
+                            err,
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Runs `ip` with `args`; a failure carries its stderr.
+fn run(args: &[&str], what: &str) -> Result<(), LinkError> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(io(what))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(LinkError::Io {
+            what: what.to_owned(),
+            source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+        })
+    }
+}

@@ -1,0 +1,104 @@
+//! Entering network namespaces: work runs on a thread of its own that joins the namespace
+//! (through its `/run/netns` file, with setns) and ends with the work, so no other thread of
+//! the agent ever changes namespace; commands run under `ip netns exec` as argument vectors.
+//!
+//! rustix wraps setns(2) in a safe function (it owns the file descriptor's lifetime and the
+//! call has no memory effects), so this module needs no `unsafe`.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
+
+use super::names::{Name, Netns};
+
+/// Where `ip netns` keeps its namespaces.
+pub const NETNS_DIR: &str = "/run/netns";
+
+/// The file of a named namespace.
+pub fn path(name: &Name) -> PathBuf {
+    Path::new(NETNS_DIR).join(name.as_str())
+}
+
+/// Whether `ns` exists (the host's always does).
+pub fn exists(ns: &Netns) -> bool {
+    match ns {
+        Netns::Host => true,
+        Netns::Named(n) => path(n).exists(),
+    }
+}
+
+/// Why work could not run in a namespace.
+#[derive(Debug, thiserror::Error)]
+pub enum EnterError {
+    /// The namespace's file is absent.
+    #[error("no network namespace {0}")]
+    Missing(Netns),
+    /// Opening or joining it failed.
+    #[error("enter network namespace {netns}")]
+    Enter {
+        /// Which.
+        netns: Netns,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The thread could not be started, or panicked.
+    #[error("namespace worker thread: {0}")]
+    Thread(String),
+}
+
+/// Runs `work` on a new thread inside `ns` and returns what it returns.
+pub fn run_in<T, F>(ns: &Netns, work: F) -> Result<T, EnterError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let file = match ns {
+        Netns::Host => None,
+        Netns::Named(n) => match File::open(path(n)) {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(EnterError::Missing(ns.clone()));
+            }
+            Err(source) => {
+                return Err(EnterError::Enter {
+                    netns: ns.clone(),
+                    source,
+                });
+            }
+        },
+    };
+    let netns = ns.clone();
+    let handle = std::thread::Builder::new()
+        .name("netns".into())
+        .spawn(move || {
+            if let Some(f) = file {
+                move_into_link_name_space(f.as_fd(), Some(LinkNameSpaceType::Network)).map_err(
+                    |e| EnterError::Enter {
+                        netns,
+                        source: e.into(),
+                    },
+                )?;
+            }
+            Ok(work())
+        })
+        .map_err(|e| EnterError::Thread(e.to_string()))?;
+    handle
+        .join()
+        .map_err(|_| EnterError::Thread("panicked".into()))?
+}
+
+/// `program` to run in `ns`: itself for the host, under `ip netns exec` for a named one.
+pub fn command(ns: &Netns, program: &str) -> Command {
+    match ns {
+        Netns::Host => Command::new(program),
+        Netns::Named(n) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", n.as_str(), program]);
+            c
+        }
+    }
+}

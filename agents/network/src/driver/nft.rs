@@ -1,0 +1,746 @@
+//! The node's packet filter as a typed model ([`Ruleset`]: conntrack zones per network,
+//! security-group rules per port, remote groups as sets, anti-spoofing) rendered to nftables
+//! JSON with the `nftables` crate, and [`NftFirewall`], which replaces Stratus's tables with
+//! it in one `nft -j -f -` transaction and reads them back for drift.
+//!
+//! Two tables, replaced together: `inet stratus` holds what needs conntrack (zones at raw
+//! priority in prerouting; per-port chains reached from the forward chain), since stateful
+//! matches work for bridged packets only in the `inet` family with br_netfilter; `bridge
+//! stratus` holds the anti-spoofing checks, which need the bridge port a frame came in on
+//! (with br_netfilter, `iifname` in `inet` hooks is the bridge itself, never the port).
+//!
+//! Allowed traffic `return`s from a port's chain and the base chain's policy accepts it, so
+//! a packet between two ports of one node passes the sender's egress and the receiver's
+//! ingress rules.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::process::Stdio;
+
+use nftables::expr::{
+    CT, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, Range, SetItem,
+};
+use nftables::schema::{
+    Chain, NfCmd, NfListObject, NfObject, Nftables, Rule as NfRule, Set, SetType, SetTypeValue,
+    Table,
+};
+use nftables::stmt::{JumpTarget, Mangle, Match, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+
+use super::names::digest_hex;
+use super::netns;
+use super::{Firewall, IfName, Ipv4Cidr, MacAddr, Name, Netns};
+
+/// The name of both of Stratus's tables.
+pub const TABLE: &str = "stratus";
+
+/// Failures of a [`Firewall`] call.
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    /// The ruleset is not valid; nothing was changed.
+    #[error("invalid ruleset: {0}")]
+    Invalid(String),
+    /// `nft` (or `sysctl`) failed.
+    #[error("{what}: {stderr}")]
+    Command {
+        /// What was being done.
+        what: String,
+        /// What it said.
+        stderr: String,
+    },
+    /// A program could not be run.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `nft` printed JSON that is not what it documents.
+    #[error("read nft output")]
+    Json(#[source] serde_json::Error),
+    /// A failure injected into a fake.
+    #[error("injected failure of {0}")]
+    Injected(&'static str),
+}
+
+/// Everything Stratus filters on one node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ruleset {
+    /// One conntrack zone per network bridge, so overlapping tenant CIDRs never share
+    /// connection state.
+    pub zones: Vec<Zone>,
+    /// The node's ports.
+    pub ports: Vec<PortFilter>,
+    /// Remote groups: the addresses of a security group's members.
+    pub groups: Vec<RemoteGroup>,
+}
+
+/// A network's conntrack zone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Zone {
+    /// The network's bridge.
+    pub bridge: IfName,
+    /// The zone (1 to 65535).
+    pub zone: u16,
+}
+
+/// One port's filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortFilter {
+    /// Names the port's chains (`<id>-in`, `<id>-out`); derive it from the Port's uid
+    /// (`Name::derived("p", uid)`). Starts with a letter.
+    pub id: Name,
+    /// The bridge the port is on.
+    pub bridge: IfName,
+    /// The port's device on the bridge (a tap or the bridge end of a veth).
+    pub device: IfName,
+    /// The port's MAC.
+    pub mac: MacAddr,
+    /// The port's IPv4 addresses (and allowed address pairs).
+    pub ips: BTreeSet<Ipv4Addr>,
+    /// With port security off the port is neither filtered nor checked for spoofing.
+    pub port_security: bool,
+    /// What may reach the port (all else is dropped).
+    pub ingress: Vec<Rule>,
+    /// What the port may send (all else is dropped).
+    pub egress: Vec<Rule>,
+}
+
+/// One security-group rule: traffic it matches is allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    /// The protocol.
+    pub protocol: Protocol,
+    /// The destination ports (TCP and UDP only).
+    pub ports: Option<PortRange>,
+    /// The other end: the source for ingress, the destination for egress.
+    pub remote: Remote,
+}
+
+/// A rule's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Any.
+    Any,
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// ICMP.
+    Icmp,
+}
+
+/// Destination ports `first..=last`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    /// The first port (at least 1).
+    pub first: u16,
+    /// The last port (at least `first`).
+    pub last: u16,
+}
+
+/// A rule's other end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Remote {
+    /// Anyone.
+    Any,
+    /// Addresses in a prefix.
+    Cidr(Ipv4Cidr),
+    /// The members of a [`RemoteGroup`], by name.
+    Group(GroupRef),
+}
+
+/// A reference to a [`RemoteGroup`] by an index into [`Ruleset::groups`], so that rules stay
+/// `Copy` and a dangling name cannot be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupRef(pub usize);
+
+/// A remote group's members, kept as an nft set so that membership changes touch no rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteGroup {
+    /// The set's name; derive it from the SecurityGroup's uid (`Name::derived("g", uid)`).
+    /// Starts with a letter.
+    pub name: Name,
+    /// The members' addresses.
+    pub members: BTreeSet<Ipv4Addr>,
+}
+
+/// Stratus's tables as read from the kernel (or as a ruleset will look there): each chain's
+/// rules by identity, in order, and each set's elements. Two equal digests mean the same
+/// filtering.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// `family/chain` → the identity (comment) of each rule in order; `""` for a rule
+    /// Stratus did not write.
+    pub chains: BTreeMap<String, Vec<String>>,
+    /// `family/set` → its elements.
+    pub sets: BTreeMap<String, BTreeSet<String>>,
+}
+
+fn starts_with_letter(n: &Name) -> bool {
+    n.as_str().starts_with(|c: char| c.is_ascii_lowercase())
+}
+
+impl Ruleset {
+    /// Checks what the kernel would refuse or what would filter other than meant: zones 1 to
+    /// 65535, one per bridge and bridge per zone; unique port ids and group names starting
+    /// with a letter; a filtered port has an address; ports only on TCP and UDP rules, in
+    /// order and not 0; group references inside [`Ruleset::groups`].
+    pub fn validate(&self) -> Result<(), FirewallError> {
+        let bad = |m: String| Err(FirewallError::Invalid(m));
+        let mut bridges = BTreeSet::new();
+        let mut zones = BTreeSet::new();
+        for z in &self.zones {
+            if z.zone == 0 {
+                return bad(format!("zone 0 for {}", z.bridge));
+            }
+            if !bridges.insert(&z.bridge) || !zones.insert(z.zone) {
+                return bad(format!(
+                    "zone {} or bridge {} given twice",
+                    z.zone, z.bridge
+                ));
+            }
+        }
+        let mut names = BTreeSet::new();
+        for g in &self.groups {
+            if !starts_with_letter(&g.name) || !names.insert(&g.name) {
+                return bad(format!(
+                    "group name {} repeated or not starting with a letter",
+                    g.name
+                ));
+            }
+        }
+        let mut ids = BTreeSet::new();
+        for p in &self.ports {
+            if !starts_with_letter(&p.id) || p.id.as_str().len() > 40 || !ids.insert(&p.id) {
+                return bad(format!(
+                    "port id {} repeated, too long or not starting with a letter",
+                    p.id
+                ));
+            }
+            if p.port_security && p.ips.is_empty() {
+                return bad(format!("port {} has no address", p.id));
+            }
+            for r in p.ingress.iter().chain(&p.egress) {
+                if let Some(range) = r.ports {
+                    if !matches!(r.protocol, Protocol::Tcp | Protocol::Udp) {
+                        return bad(format!("port {}: ports on a {:?} rule", p.id, r.protocol));
+                    }
+                    if range.first == 0 || range.first > range.last {
+                        return bad(format!(
+                            "port {}: port range {}-{}",
+                            p.id, range.first, range.last
+                        ));
+                    }
+                }
+                if let Remote::Group(GroupRef(i)) = r.remote
+                    && i >= self.groups.len()
+                {
+                    return bad(format!("port {}: no remote group {i}", p.id));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The nft batch that replaces Stratus's tables by this ruleset.
+    pub fn render(&self) -> Result<Nftables<'static>, FirewallError> {
+        self.validate()?;
+        let mut out = Vec::new();
+        replace_table(&mut out, NfFamily::INet);
+        for g in &self.groups {
+            out.push(add(NfListObject::Set(Box::new(Set {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                name: g.name.as_str().to_owned().into(),
+                set_type: SetTypeValue::Single(SetType::Ipv4Addr),
+                elem: (!g.members.is_empty())
+                    .then(|| Cow::Owned(g.members.iter().map(|a| s(a.to_string())).collect())),
+                ..Set::default()
+            }))));
+        }
+        // Every chain before any rule: a jump needs its target to exist.
+        let chains = self.chains();
+        for (_, chain, _) in &chains {
+            out.push(add(NfListObject::Chain(chain.clone())));
+        }
+        for (family, chain, rules) in chains {
+            for expr in rules {
+                out.push(add(NfListObject::Rule(rule(family, &chain.name, expr))));
+            }
+        }
+        replace_table(&mut out, NfFamily::Bridge);
+        let (chain, rules) = self.bridge_chain();
+        out.push(add(NfListObject::Chain(chain)));
+        for expr in rules {
+            out.push(add(NfListObject::Rule(rule(
+                NfFamily::Bridge,
+                "ports",
+                expr,
+            ))));
+        }
+        Ok(Nftables {
+            objects: Cow::Owned(out),
+        })
+    }
+
+    /// How this ruleset reads back from the kernel.
+    pub fn observed(&self) -> Result<Observed, FirewallError> {
+        let mut o = Observed::default();
+        for obj in self.render()?.objects.iter() {
+            match obj {
+                NfObject::CmdObject(NfCmd::Add(NfListObject::Chain(c))) => {
+                    o.chains.insert(key(c.family, &c.name), Vec::new());
+                }
+                NfObject::CmdObject(NfCmd::Add(NfListObject::Rule(r))) => {
+                    if let Some(rules) = o.chains.get_mut(&key(r.family, &r.chain)) {
+                        rules.push(r.comment.as_deref().unwrap_or_default().to_owned());
+                    }
+                }
+                NfObject::CmdObject(NfCmd::Add(NfListObject::Set(set))) => {
+                    let elems = set
+                        .elem
+                        .iter()
+                        .flat_map(|e| e.iter())
+                        .filter_map(|e| match e {
+                            Expression::String(s) => Some(s.to_string()),
+                            _ => None,
+                        })
+                        .collect();
+                    o.sets.insert(key(set.family, &set.name), elems);
+                }
+                _ => {}
+            }
+        }
+        Ok(o)
+    }
+
+    /// The `inet` table's chains with their rules' statements.
+    fn chains(&self) -> Vec<(NfFamily, Chain<'static>, Vec<Vec<Statement<'static>>>)> {
+        let mut pre = Vec::new();
+        for z in &self.zones {
+            pre.push(vec![
+                eq(meta(MetaKey::Iifname), s(z.bridge.as_str())),
+                Statement::Mangle(Mangle {
+                    key: ct("zone"),
+                    value: Expression::Number(u32::from(z.zone)),
+                }),
+            ]);
+        }
+        let mut fwd = vec![
+            vec![
+                Statement::Match(Match {
+                    left: ct("state"),
+                    right: Expression::List(vec![s("established"), s("related")]),
+                    op: Operator::IN,
+                }),
+                Statement::Accept(None),
+            ],
+            vec![
+                Statement::Match(Match {
+                    left: ct("state"),
+                    right: Expression::List(vec![s("invalid")]),
+                    op: Operator::IN,
+                }),
+                Statement::Drop(None),
+            ],
+        ];
+        let mut port_chains = Vec::new();
+        for p in self.ports.iter().filter(|p| p.port_security) {
+            let (inn, out) = (format!("{}-in", p.id), format!("{}-out", p.id));
+            fwd.push(vec![
+                eq(meta(MetaKey::Iifname), s(p.bridge.as_str())),
+                eq(payload("ether", "saddr"), s(p.mac.to_string())),
+                Statement::Jump(JumpTarget {
+                    target: out.clone().into(),
+                }),
+            ]);
+            fwd.push(vec![
+                eq(meta(MetaKey::Oifname), s(p.bridge.as_str())),
+                eq(payload("ether", "daddr"), s(p.mac.to_string())),
+                Statement::Jump(JumpTarget {
+                    target: inn.clone().into(),
+                }),
+            ]);
+            let dhcp = |sport: u32, dport: u32| {
+                vec![
+                    eq(payload("udp", "sport"), Expression::Number(sport)),
+                    eq(payload("udp", "dport"), Expression::Number(dport)),
+                    Statement::Return(None),
+                ]
+            };
+            let mut in_rules = vec![dhcp(67, 68)];
+            in_rules.extend(p.ingress.iter().map(|r| self.statements(r, "saddr")));
+            in_rules.push(vec![Statement::Drop(None)]);
+            let mut out_rules = vec![dhcp(68, 67)];
+            out_rules.extend(p.egress.iter().map(|r| self.statements(r, "daddr")));
+            out_rules.push(vec![Statement::Drop(None)]);
+            port_chains.push((NfFamily::INet, regular(&inn), in_rules));
+            port_chains.push((NfFamily::INet, regular(&out), out_rules));
+        }
+        let mut all = vec![
+            (
+                NfFamily::INet,
+                base(NfFamily::INet, "prerouting", NfHook::Prerouting, -300),
+                pre,
+            ),
+            (
+                NfFamily::INet,
+                base(NfFamily::INet, "forward", NfHook::Forward, 0),
+                fwd,
+            ),
+        ];
+        all.extend(port_chains);
+        all
+    }
+
+    /// A rule's matches, `remote_field` being `saddr` (ingress) or `daddr` (egress).
+    fn statements(&self, r: &Rule, remote_field: &'static str) -> Vec<Statement<'static>> {
+        let mut st = Vec::new();
+        match r.remote {
+            Remote::Any => {}
+            Remote::Cidr(c) => st.push(eq(
+                payload("ip", remote_field),
+                Expression::Named(NamedExpression::Prefix(Prefix {
+                    addr: Box::new(s(c.network().to_string())),
+                    len: u32::from(c.prefix()),
+                })),
+            )),
+            Remote::Group(GroupRef(i)) => {
+                if let Some(g) = self.groups.get(i) {
+                    st.push(eq(payload("ip", remote_field), s(format!("@{}", g.name))));
+                }
+            }
+        }
+        let proto = match r.protocol {
+            Protocol::Any => None,
+            Protocol::Tcp => Some("tcp"),
+            Protocol::Udp => Some("udp"),
+            Protocol::Icmp => Some("icmp"),
+        };
+        if let Some(proto) = proto {
+            st.push(eq(meta(MetaKey::L4proto), s(proto)));
+        }
+        if let (Some(range), Some(proto @ ("tcp" | "udp"))) = (r.ports, proto) {
+            let right = if range.first == range.last {
+                Expression::Number(u32::from(range.first))
+            } else {
+                Expression::Range(Box::new(Range {
+                    range: [
+                        Expression::Number(u32::from(range.first)),
+                        Expression::Number(u32::from(range.last)),
+                    ],
+                }))
+            };
+            st.push(eq(payload(proto, "dport"), right));
+        }
+        st.push(Statement::Return(None));
+        st
+    }
+
+    /// The `bridge` table's one chain: per filtered port, frames in from its device carry
+    /// its MAC, and its IPv4 and ARP packets its addresses (or 0.0.0.0 for DHCP and ARP
+    /// probes).
+    fn bridge_chain(&self) -> (Chain<'static>, Vec<Vec<Statement<'static>>>) {
+        let mut rules = Vec::new();
+        for p in self.ports.iter().filter(|p| p.port_security) {
+            let dev = || eq(meta(MetaKey::Iifname), s(p.device.as_str()));
+            let ips = |zero: bool| {
+                let mut items: Vec<SetItem<'static>> = p
+                    .ips
+                    .iter()
+                    .map(|a| SetItem::Element(s(a.to_string())))
+                    .collect();
+                if zero {
+                    items.push(SetItem::Element(s("0.0.0.0")));
+                }
+                Expression::Named(NamedExpression::Set(items))
+            };
+            rules.push(vec![
+                dev(),
+                ne(payload("ether", "saddr"), s(p.mac.to_string())),
+                Statement::Drop(None),
+            ]);
+            rules.push(vec![
+                dev(),
+                eq(payload("ether", "type"), s("ip")),
+                eq(payload("ip", "saddr"), s("0.0.0.0")),
+                eq(payload("udp", "dport"), Expression::Number(67)),
+                Statement::Accept(None),
+            ]);
+            rules.push(vec![
+                dev(),
+                eq(payload("ether", "type"), s("ip")),
+                ne(payload("ip", "saddr"), ips(false)),
+                Statement::Drop(None),
+            ]);
+            rules.push(vec![
+                dev(),
+                eq(payload("ether", "type"), s("arp")),
+                ne(payload("arp", "saddr ip"), ips(true)),
+                Statement::Drop(None),
+            ]);
+        }
+        (
+            base(NfFamily::Bridge, "ports", NfHook::Prerouting, -200),
+            rules,
+        )
+    }
+}
+
+fn key(family: NfFamily, name: &str) -> String {
+    let f = match family {
+        NfFamily::INet => "inet",
+        NfFamily::Bridge => "bridge",
+        _ => "other",
+    };
+    format!("{f}/{name}")
+}
+
+fn add(o: NfListObject<'static>) -> NfObject<'static> {
+    NfObject::CmdObject(NfCmd::Add(o))
+}
+
+fn table(family: NfFamily) -> NfListObject<'static> {
+    NfListObject::Table(Table {
+        family,
+        name: TABLE.into(),
+        handle: None,
+    })
+}
+
+/// `add table; delete table; add table`: the table exists, empty, whatever was there.
+fn replace_table(out: &mut Vec<NfObject<'static>>, family: NfFamily) {
+    out.push(add(table(family)));
+    out.push(NfObject::CmdObject(NfCmd::Delete(table(family))));
+    out.push(add(table(family)));
+}
+
+fn base(family: NfFamily, name: &str, hook: NfHook, prio: i32) -> Chain<'static> {
+    Chain {
+        family,
+        table: TABLE.into(),
+        name: name.to_owned().into(),
+        _type: Some(NfChainType::Filter),
+        hook: Some(hook),
+        prio: Some(prio),
+        policy: Some(NfChainPolicy::Accept),
+        ..Chain::default()
+    }
+}
+
+fn regular(name: &str) -> Chain<'static> {
+    Chain {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: name.to_owned().into(),
+        ..Chain::default()
+    }
+}
+
+/// A rule whose comment is the digest of its statements: its identity when read back.
+fn rule(family: NfFamily, chain: &str, expr: Vec<Statement<'static>>) -> NfRule<'static> {
+    let id = digest_hex(&serde_json::to_string(&expr).unwrap_or_default(), 16);
+    NfRule {
+        family,
+        table: TABLE.into(),
+        chain: chain.to_owned().into(),
+        expr: Cow::Owned(expr),
+        handle: None,
+        index: None,
+        comment: Some(id.into()),
+    }
+}
+
+fn s(v: impl Into<String>) -> Expression<'static> {
+    Expression::String(Cow::Owned(v.into()))
+}
+
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn ct(key: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: key.into(),
+        family: None,
+        dir: None,
+    }))
+}
+
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: protocol.into(),
+            field: field.into(),
+        },
+    )))
+}
+
+fn eq(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match {
+        left,
+        right,
+        op: Operator::EQ,
+    })
+}
+
+fn ne(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match {
+        left,
+        right,
+        op: Operator::NEQ,
+    })
+}
+
+/// The kernel's nftables through `nft -j`, in one network namespace (the node's own in
+/// production, a test's namespace in tests).
+#[derive(Debug, Clone)]
+pub struct NftFirewall {
+    netns: Netns,
+}
+
+impl NftFirewall {
+    /// The firewall of `netns`.
+    pub fn new(netns: Netns) -> Self {
+        Self { netns }
+    }
+
+    /// Runs `nft` with `args`, `stdin` on its standard input; its standard output.
+    fn nft(
+        &self,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+        what: &str,
+    ) -> Result<Vec<u8>, FirewallError> {
+        let io = |source| FirewallError::Io {
+            what: what.to_owned(),
+            source,
+        };
+        let mut cmd = netns::command(&self.netns, "nft");
+        cmd.args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(io)?;
+        if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(data).map_err(io)?;
+        }
+        let out = child.wait_with_output().map_err(io)?;
+        if !out.status.success() {
+            return Err(FirewallError::Command {
+                what: what.to_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(out.stdout)
+    }
+
+    /// Bridged IPv4 must pass the `inet` hooks for security groups to see it.
+    fn bridge_netfilter(&self) -> Result<(), FirewallError> {
+        let out = netns::command(&self.netns, "sysctl")
+            .args(["-qw", "net.bridge.bridge-nf-call-iptables=1"])
+            .output()
+            .map_err(|source| FirewallError::Io {
+                what: "run sysctl".into(),
+                source,
+            })?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(FirewallError::Command {
+                what: "enable br_netfilter for IPv4 (is the br_netfilter module loaded?)".into(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            })
+        }
+    }
+}
+
+impl Firewall for NftFirewall {
+    /// One `nft -j -f -` transaction: both tables made empty (add, delete, add) and filled.
+    /// Also turns on `net.bridge.bridge-nf-call-iptables` in the namespace.
+    fn apply(&self, ruleset: &Ruleset) -> Result<(), FirewallError> {
+        let batch = ruleset.render()?;
+        let json = serde_json::to_vec(&batch).map_err(FirewallError::Json)?;
+        self.bridge_netfilter()?;
+        self.nft(&["-j", "-f", "-"], Some(&json), "apply nft ruleset")?;
+        Ok(())
+    }
+
+    /// `nft -j list ruleset`, Stratus's two tables picked out.
+    fn read(&self) -> Result<Option<Observed>, FirewallError> {
+        let out = self.nft(&["-j", "list", "ruleset"], None, "list nft ruleset")?;
+        let v: serde_json::Value = serde_json::from_slice(&out).map_err(FirewallError::Json)?;
+        Ok(parse_observed(&v))
+    }
+
+    /// One transaction deleting both tables (each added first, so absence is no error).
+    fn clear(&self) -> Result<(), FirewallError> {
+        let mut out = Vec::new();
+        for family in [NfFamily::INet, NfFamily::Bridge] {
+            out.push(add(table(family)));
+            out.push(NfObject::CmdObject(NfCmd::Delete(table(family))));
+        }
+        let json = serde_json::to_vec(&Nftables {
+            objects: Cow::Owned(out),
+        })
+        .map_err(FirewallError::Json)?;
+        self.nft(&["-j", "-f", "-"], Some(&json), "delete nft tables")?;
+        Ok(())
+    }
+}
+
+/// Stratus's tables in `nft -j list ruleset` output; `None` when neither is there.
+pub fn parse_observed(v: &serde_json::Value) -> Option<Observed> {
+    let ours = |o: &serde_json::Value| {
+        let family = o.get("family")?.as_str()?;
+        let table = o.get("table").or_else(|| o.get("name"))?.as_str()?;
+        (table == TABLE && matches!(family, "inet" | "bridge")).then_some(family.to_owned())
+    };
+    let mut found = false;
+    let mut o = Observed::default();
+    for item in v.get("nftables")?.as_array()? {
+        if let Some(t) = item.get("table") {
+            found |= ours(t).is_some();
+        } else if let Some(c) = item.get("chain") {
+            if let (Some(f), Some(n)) = (ours(c), c.get("name").and_then(|n| n.as_str())) {
+                o.chains.entry(format!("{f}/{n}")).or_default();
+            }
+        } else if let Some(r) = item.get("rule") {
+            if let (Some(f), Some(n)) = (ours(r), r.get("chain").and_then(|n| n.as_str())) {
+                let comment = r
+                    .get("comment")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or_default();
+                o.chains
+                    .entry(format!("{f}/{n}"))
+                    .or_default()
+                    .push(comment.to_owned());
+            }
+        } else if let Some(s) = item.get("set")
+            && let (Some(f), Some(n)) = (ours(s), s.get("name").and_then(|n| n.as_str()))
+        {
+            let elems = match s.get("elem") {
+                Some(serde_json::Value::Array(a)) => a
+                    .iter()
+                    .map(|e| {
+                        e.as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| e.to_string())
+                    })
+                    .collect(),
+                _ => BTreeSet::new(),
+            };
+            o.sets.insert(format!("{f}/{n}"), elems);
+        }
+    }
+    found.then_some(o)
+}
