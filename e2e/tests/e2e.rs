@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `stratus` binary, real etcd, real kubectl and client libraries.
 
 mod e2e {
+    mod attacks;
     mod bad_input;
     mod cli;
     mod clients;

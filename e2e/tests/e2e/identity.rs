@@ -458,7 +458,9 @@ fn a_node_reads_and_writes_only_what_is_placed_on_it() -> Result<()> {
     )?;
     node.denied(&["-n", "demo", "get", "keypair", "unused"])?;
     node.denied(&["-n", "demo", "get", "keypairs"])?;
-    node.ok(&["get", "flavors"])?;
+    // Flavors: those of its servers, by name (no catalogue).
+    node.ok(&["get", "flavor", "m1.nano"])?;
+    node.denied(&["get", "flavors"])?;
     // Metrics are not a node's to read.
     node.denied(&["get", "--raw", "/metrics"])?;
     // Images: those its servers boot from (kernel and ramdisk included) and public ones.
