@@ -12,7 +12,9 @@ data="${STRATUS_DATA_DIR:-.stratus}"
 # The test guest's files, for examples/tiny-guest.yaml's Images.
 python3 -m http.server --bind 127.0.0.1 8099 --directory target/stratus-guest >/dev/null 2>&1 &
 files=$!
-./target/release/stratus up --data-dir "$data" --compute qemu:///system &
+# The guest's own file server is the one loopback host image URLs may name here.
+./target/release/stratus up --data-dir "$data" --compute qemu:///system \
+  --image-url-allow-hosts 127.0.0.1:8099 &
 pid=$!
 trap 'kill -TERM $pid $files 2>/dev/null || true; wait $pid || true' INT TERM EXIT
 export KUBECONFIG="$data/kubeconfig"

@@ -167,6 +167,7 @@ async fn reference(dir: &std::path::Path, n: usize, c: usize) -> Result<(f64, Ve
                         path: dir.join("disk.qcow2"),
                         format: DiskFormat::Qcow2,
                         readonly: false,
+                        backing: None,
                     }],
                     console_log: dir.join(format!("{i}.log")),
                     owner: Owner {
@@ -257,6 +258,11 @@ pub async fn bench(servers: usize, concurrency: usize, nodes: usize) -> Result<(
                 zone: "nova".into(),
                 heartbeat: Duration::from_secs(10),
                 resync: Duration::from_secs(10),
+                // The image file server of this run, on loopback.
+                image_policy: stratus_image_cache::Policy {
+                    allow_hosts: vec![format!("127.0.0.1:{port}").parse()?],
+                    ..Default::default()
+                },
             },
         )));
     }

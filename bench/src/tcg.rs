@@ -12,7 +12,9 @@ use kube::discovery::ApiResource;
 use serde_json::json;
 use stratus_agents::compute::driver::disk::{self, ConfigDrive};
 use stratus_agents::compute::driver::xml::{DomainKind, domain_xml};
-use stratus_agents::compute::driver::{DiskFormat, DiskSpec, DomainSpec, KernelBoot, Owner};
+use stratus_agents::compute::driver::{
+    Backing, DiskFormat, DiskSpec, DomainSpec, KernelBoot, Owner,
+};
 use stratus_e2e::node::{Guest, Node};
 use stratus_e2e::{Cloud, wait_until};
 
@@ -105,11 +107,16 @@ fn virsh_once(guest: &Guest, node: &Node, round: usize) -> Result<Duration> {
                 path: d.join("root.qcow2"),
                 format: DiskFormat::Qcow2,
                 readonly: false,
+                backing: Some(Backing {
+                    path: guest.dir.join("disk.qcow2"),
+                    format: DiskFormat::Qcow2,
+                }),
             },
             DiskSpec {
                 path: d.join("config.iso"),
                 format: DiskFormat::Raw,
                 readonly: true,
+                backing: None,
             },
         ],
         console_log: d.join("console.log"),

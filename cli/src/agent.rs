@@ -33,13 +33,20 @@ pub struct AgentArgs {
     /// already report changes at once; this is the safety net for a missed one.
     #[arg(long, default_value_t = 10)]
     pub resync_seconds: u64,
+    /// What the node's image cache may fetch.
+    #[command(flatten)]
+    pub images: crate::image_policy::ImagePolicyArgs,
 }
 
 /// Runs the node's agents until Ctrl-C or SIGTERM.
 pub async fn run(args: AgentArgs) -> Result<()> {
-    let client = crate::kubeconfig::Kubeconfig::locate(args.kubeconfig.as_deref())?
-        .client()
+    let kube_config = crate::kubeconfig::Kubeconfig::locate(args.kubeconfig.as_deref())?
+        .config()
         .await?;
+    let image_policy = args
+        .images
+        .policy(crate::image_policy::api_server_addrs(&kube_config).await);
+    let client = kube::Client::try_from(kube_config).context("build the API client")?;
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("create {}", args.state_dir.display()))?;
     let uri = args.libvirt_uri.clone();
@@ -53,6 +60,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         zone: args.zone,
         heartbeat: std::time::Duration::from_secs(args.heartbeat_seconds.max(1)),
         resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
+        image_policy,
     };
     tracing::info!(node = %config.node, uri = %args.libvirt_uri, "compute agent starting");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

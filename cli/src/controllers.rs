@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use stratus_controllers::scheduler::Weigher;
 
+use crate::image_policy::{ImagePolicyArgs, api_server_addrs};
 use crate::kubeconfig::Kubeconfig;
 
 /// Options of `stratus controllers`.
@@ -23,6 +24,9 @@ pub struct ControllersArgs {
     /// Where the image controller keeps the image data it downloads and verifies.
     #[arg(long, default_value = "/var/lib/stratus/images")]
     pub image_dir: PathBuf,
+    /// What the image controller may fetch.
+    #[command(flatten)]
+    pub images: ImagePolicyArgs,
 }
 
 /// `--weigher`: the scheduler's [`Weigher`], named on the command line.
@@ -45,14 +49,17 @@ impl From<WeigherArg> for Weigher {
 
 /// Runs every controller until it fails.
 pub async fn run(args: ControllersArgs) -> Result<()> {
-    let client = Kubeconfig::locate(args.kubeconfig.as_deref())?
-        .client()
+    let config = Kubeconfig::locate(args.kubeconfig.as_deref())?
+        .config()
         .await?;
+    let policy = args.images.policy(api_server_addrs(&config).await);
+    let client = kube::Client::try_from(config).context("build the API client")?;
     run_with_client(
         client,
         args.lease_seconds,
         args.weigher.into(),
         args.image_dir,
+        policy,
     )
     .await
 }
@@ -60,14 +67,15 @@ pub async fn run(args: ControllersArgs) -> Result<()> {
 /// Runs every controller with the credentials of a kubeconfig file.
 /// (`stratus up` is the only candidate for the Lease, so a short one lets a restarted cloud
 /// take its controllers back quickly.)
-pub async fn run_with_kubeconfig(path: PathBuf, image_dir: PathBuf) -> Result<()> {
-    run_with_client(
-        Kubeconfig::file(&path).client().await?,
-        4,
-        Weigher::Spread,
-        image_dir,
-    )
-    .await
+pub async fn run_with_kubeconfig(
+    path: PathBuf,
+    image_dir: PathBuf,
+    images: ImagePolicyArgs,
+) -> Result<()> {
+    let config = Kubeconfig::file(&path).config().await?;
+    let policy = images.policy(api_server_addrs(&config).await);
+    let client = kube::Client::try_from(config).context("build the API client")?;
+    run_with_client(client, 4, Weigher::Spread, image_dir, policy).await
 }
 
 /// Runs the controllers, starting them again (after a growing pause) whenever they stop with
@@ -78,10 +86,12 @@ async fn run_with_client(
     lease_seconds: u64,
     weigher: Weigher,
     image_dir: PathBuf,
+    image_policy: stratus_image_cache::Policy,
 ) -> Result<()> {
     let mut election = stratus_controllers::Election::new(lease_seconds);
     election.weigher = weigher;
     election.image_dir = image_dir;
+    election.image_policy = image_policy;
     let mut pause = std::time::Duration::from_millis(200);
     loop {
         match stratus_controllers::run(client.clone(), election.clone()).await {

@@ -3,6 +3,7 @@
 mod agent;
 mod client;
 mod controllers;
+mod image_policy;
 mod kubeconfig;
 mod up;
 

@@ -37,6 +37,10 @@ pub struct UpArgs {
     /// run elsewhere, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub nodes: Vec<String>,
+    /// What the image controller and this host's compute agent may fetch (etcd's and the API
+    /// server's addresses are always refused).
+    #[command(flatten)]
+    pub images: crate::image_policy::ImagePolicyArgs,
 }
 
 /// The etcd child process.
@@ -319,9 +323,16 @@ pub async fn run(args: UpArgs) -> Result<()> {
         return Err(e);
     }
 
+    let mut images = args.images.clone();
+    images.image_url_deny_addresses.extend([
+        server.local_addr,
+        SocketAddr::from(([127, 0, 0, 1], args.etcd_client_port)),
+        SocketAddr::from(([127, 0, 0, 1], args.etcd_peer_port)),
+    ]);
     let controllers = tokio::spawn(crate::controllers::run_with_kubeconfig(
         controllers_kubeconfig,
         dir.join("images"),
+        images.clone(),
     ));
     let agent = match &args.compute {
         Some(uri) => Some(tokio::spawn(crate::agent::run(crate::agent::AgentArgs {
@@ -332,6 +343,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
             zone: "nova".into(),
             heartbeat_seconds: 10,
             resync_seconds: 10,
+            images,
         }))),
         None => None,
     };

@@ -1,6 +1,8 @@
 //! The image controller: downloads each Image's data once (as Glance's web-download import
-//! does), verifies it against `spec.sha256`, and reports its size and checksum in status:
-//! `Active` when verified, `Error` with a reason when not. Nodes still verify what they cache.
+//! does) under the operator's URL policy, verifies it against `spec.sha256`, inspects it
+//! (no backing file, data file or format other than declared), and reports its size and
+//! checksum in status: `Active` when verified, `Error` with a reason when not. Nodes still
+//! verify and inspect what they cache.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,8 +14,8 @@ use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use stratus_api_types::common::ConditionType;
-use stratus_api_types::image::{Image, ImagePhase};
-use stratus_image_cache::{ImageCache, ImageError};
+use stratus_api_types::image::{DiskFormat, Image, ImagePhase};
+use stratus_image_cache::{Format, ImageCache, ImageError, Policy, Request};
 use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
 
@@ -29,13 +31,16 @@ pub enum ImagesError {
     /// The download task panicked (a bug).
     #[error("download task failed")]
     Join(#[from] tokio::task::JoinError),
+    /// An Image without a uid (a bug elsewhere).
+    #[error("image lacks a uid")]
+    Incomplete,
 }
 
 impl Classify for ImagesError {
     fn retry(&self) -> Retry {
         match self {
             Self::Api(e) => kube_retry(e),
-            Self::Join(_) => Retry::Never,
+            Self::Join(_) | Self::Incomplete => Retry::Never,
         }
     }
 }
@@ -57,7 +62,7 @@ async fn verify(image: &Image, ctx: &Ctx) -> Result<Action, ImagesError> {
     // download is tried again.
     let wrong_data = ConditionType::Verified
         .find(&current.conditions)
-        .is_some_and(|c| c.reason == CHECKSUM_MISMATCH);
+        .is_some_and(|c| FINAL_REASONS.contains(&c.reason.as_str()));
     let settled =
         current.phase == ImagePhase::Active || (current.phase == ImagePhase::Error && wrong_data);
     if image.metadata.deletion_timestamp.is_some()
@@ -81,9 +86,19 @@ async fn verify(image: &Image, ctx: &Ctx) -> Result<Action, ImagesError> {
         written.status = Some(status.clone());
     }
     let cache = Arc::clone(&ctx.cache);
+    let uid = image.metadata.uid.clone().ok_or(ImagesError::Incomplete)?;
     let url = image.spec.source.url.clone();
     let sum = image.spec.sha256.clone();
-    let got = stratus_runtime::blocking(move || cache.fetch(&url, sum.as_deref())).await?;
+    let format = cache_format(image.spec.disk_format);
+    let got = stratus_runtime::blocking(move || {
+        cache.fetch(&Request {
+            uid: &uid,
+            url: &url,
+            sha256: sum.as_deref(),
+            format,
+        })
+    })
+    .await?;
     let mut next = Action::await_change();
     status.observed_generation = generation;
     match got {
@@ -93,6 +108,7 @@ async fn verify(image: &Image, ctx: &Ctx) -> Result<Action, ImagesError> {
             } else {
                 "no checksum given; the data's checksum is recorded"
             };
+            let how = format!("{how}; inspected: a self-contained {format} image");
             status.phase = ImagePhase::Active;
             status.size_bytes = Some(c.size);
             status.sha256 = Some(c.sha256);
@@ -104,16 +120,10 @@ async fn verify(image: &Image, ctx: &Ctx) -> Result<Action, ImagesError> {
                 .set(&mut status.conditions, generation);
         }
         Err(e) => {
-            let (reason, message) = match &e {
-                ImageError::ChecksumMismatch { expected, actual } => (
-                    CHECKSUM_MISMATCH,
-                    format!("the data's sha256 is {actual}, not {expected}"),
-                ),
-                other => {
-                    next = Action::requeue(Duration::from_secs(30));
-                    ("DownloadFailed", stratus_runtime::policy::chain(other))
-                }
-            };
+            let (reason, message) = refusal(&e);
+            if !e.is_final() {
+                next = Action::requeue(Duration::from_secs(30));
+            }
             status.phase = ImagePhase::Error;
             ConditionType::Verified
                 .no(reason, message.clone())
@@ -131,19 +141,62 @@ async fn verify(image: &Image, ctx: &Ctx) -> Result<Action, ImagesError> {
     Ok(next)
 }
 
-/// Reason of a `Verified=False` for data whose digest is not `spec.sha256`: final until the
-/// spec changes.
+/// Reason of a `Verified=False` for data whose digest is not `spec.sha256`.
 const CHECKSUM_MISMATCH: &str = "ChecksumMismatch";
+/// Reason of a `Verified=False` for data over the policy's size limit.
+const TOO_LARGE: &str = "DownloadTooLarge";
+/// Reasons of a `Verified=False` that are final until the spec changes: the data is wrong,
+/// too large or refused by inspection (see [`stratus_image_cache::Unsafe::reason`]).
+const FINAL_REASONS: &[&str] = &[
+    CHECKSUM_MISMATCH,
+    TOO_LARGE,
+    "BackingFile",
+    "DataFile",
+    "ProtocolFileName",
+    "FormatMismatch",
+    "VirtualSizeTooLarge",
+    "Unreadable",
+];
+
+/// The condition reason and message for a failed fetch.
+fn refusal(e: &ImageError) -> (&'static str, String) {
+    match e {
+        ImageError::ChecksumMismatch { expected, actual } => (
+            CHECKSUM_MISMATCH,
+            format!("the data's sha256 is {actual}, not {expected}"),
+        ),
+        ImageError::TooLarge { limit, .. } => (
+            TOO_LARGE,
+            format!("the data is larger than this cloud's limit of {limit} bytes"),
+        ),
+        ImageError::Unsafe(u) => (u.reason(), format!("the image data is refused: {u}")),
+        ImageError::Refused { .. } => ("URLRefused", stratus_runtime::policy::chain(e)),
+        ImageError::Inspect(_) => ("InspectionFailed", stratus_runtime::policy::chain(e)),
+        _ => ("DownloadFailed", stratus_runtime::policy::chain(e)),
+    }
+}
+
+/// The format the cache inspects an Image's data as.
+pub fn cache_format(format: DiskFormat) -> Format {
+    match format {
+        DiskFormat::Qcow2 => Format::Qcow2,
+        DiskFormat::Raw => Format::Raw,
+        DiskFormat::Iso => Format::Iso,
+        DiskFormat::Aki => Format::Kernel,
+        DiskFormat::Ari => Format::Ramdisk,
+    }
+}
 
 fn error_policy(image: Arc<Image>, e: &ImagesError, ctx: Arc<Ctx>) -> Action {
     ctx.runtime.error_policy(&image, e)
 }
 
-/// Runs the image controller, caching image data under `dir`, until its watch ends.
-pub async fn run(client: Client, dir: PathBuf) {
+/// Runs the image controller, caching image data under `dir` fetched under `policy`, until
+/// its watch ends.
+pub async fn run(client: Client, dir: PathBuf, policy: Policy) {
     let ctx = Arc::new(Ctx {
         runtime: Runtime::new(client.clone(), MANAGER),
-        cache: Arc::new(ImageCache::new(dir)),
+        cache: Arc::new(ImageCache::new(dir, policy)),
     });
     Controller::new(Api::<Image>::all(client), watcher::Config::default())
         .run(reconcile, error_policy, ctx)

@@ -42,6 +42,8 @@ pub struct Election {
     pub weigher: scheduler::Weigher,
     /// Where the image controller keeps the image data it verifies.
     pub image_dir: std::path::PathBuf,
+    /// What the image controller may fetch, and how much.
+    pub image_policy: stratus_image_cache::Policy,
 }
 
 impl Election {
@@ -54,6 +56,7 @@ impl Election {
             lease_seconds: lease_seconds.max(2),
             weigher: scheduler::Weigher::Spread,
             image_dir: std::env::temp_dir().join("stratus-images"),
+            image_policy: stratus_image_cache::Policy::default(),
         }
     }
 }
@@ -115,9 +118,13 @@ async fn elect_and_run(client: &kube::Client, election: &Election) -> Result<(),
             break Err(Error::LeaseTask);
         }
         tracing::info!(identity = %election.identity, "leading: controllers started");
-        let mut controllers = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
-            every_controller(client.clone(), election.weigher, election.image_dir.clone()),
-        ));
+        let mut controllers =
+            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(every_controller(
+                client.clone(),
+                election.weigher,
+                election.image_dir.clone(),
+                election.image_policy.clone(),
+            )));
         tokio::select! {
             done = &mut controllers => {
                 break match done {
@@ -150,6 +157,7 @@ async fn every_controller(
     client: kube::Client,
     weigher: scheduler::Weigher,
     image_dir: std::path::PathBuf,
+    image_policy: stratus_image_cache::Policy,
 ) -> Result<(), gc::GcError> {
     // None of them ends on its own; if one does, say which (the caller starts them again).
     let stopped = |which: &str| tracing::warn!(controller = which, "a controller stopped");
@@ -159,6 +167,6 @@ async fn every_controller(
         () = project::run(client.clone()) => { stopped("project"); Ok(()) }
         () = scheduler::run(client.clone(), weigher) => { stopped("scheduler"); Ok(()) }
         () = nodes::run(client.clone()) => { stopped("node lifecycle"); Ok(()) }
-        () = images::run(client, image_dir) => { stopped("images"); Ok(()) }
+        () = images::run(client, image_dir, image_policy) => { stopped("images"); Ok(()) }
     }
 }

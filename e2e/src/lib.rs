@@ -247,6 +247,9 @@ impl Cloud {
                     &ports.2.to_string(),
                 ])
                 .args(["--bookmark-seconds", "1"])
+                // Tests serve their images from loopback (`node::FileServer`, `node::Guest`);
+                // the cloud's own API server and etcd stay refused.
+                .arg("--image-url-allow-loopback")
                 .args(extra)
                 // The node lifecycle controller's every look, for the evacuation tests.
                 .env("STRATUS_LOG", "info,stratus_controllers::nodes=trace"),

@@ -127,6 +127,8 @@ impl Node {
             Command::new(stratus_bin())
                 .args(["agent", "--node", &self.name, "--libvirt-uri", &self.uri()])
                 .args(["--heartbeat-seconds", "2"])
+                // Tests serve their images from loopback (`FileServer`, `Guest`).
+                .arg("--image-url-allow-loopback")
                 // Long, so that what the tests see of drift comes from libvirt's events.
                 .args(["--resync-seconds", "300"])
                 .arg("--kubeconfig")

@@ -1,33 +1,47 @@
-//! An image cache: each image downloaded once, verified by SHA-256, shared by its users (the
-//! image controller, and on every node the guests).
+//! An image cache: each Image's data downloaded once under an operator's URL policy, verified
+//! by SHA-256 and inspected before anything boots from it (the image controller, and on every
+//! node the guests).
 //!
 //! # Layout
 //!
-//! - `sha256-<hex>`: an image, named by the digest of its contents. Files only get this name
-//!   by an atomic rename after their digest was computed (and checked, when one was expected),
-//!   so a hit is trusted without rehashing.
-//! - `url-<hex of sha256(url)>`: for images fetched without an expected checksum, the digest of
-//!   what that URL served, so the next fetch of the same URL is a hit. Such images are cached
-//!   for good: pin images by checksum if their URL's contents may change.
-//! - `.lock-<name>`: advisory locks (`flock`), one per entry, so concurrent fetches of one image
-//!   (from threads or processes) download it once while other images proceed.
-//! - `.tmp-*`: downloads in progress, removed when they fail.
+//! Entries belong to one Image, by its uid, so that knowing another image's digest gets
+//! nobody its data: a second Image with the same bytes downloads them from its own URL.
+//!
+//! - `<uid>/<format>-sha256-<hex>`: the Image's data, named by its digest and the format it
+//!   was inspected as. Files only get this name by an atomic rename after their digest was
+//!   computed (and checked, when one was expected) and [`inspect`] passed them, so a hit is
+//!   trusted without rehashing; refused data is removed, never renamed.
+//! - `<uid>/<format>-url-<hex of sha256(url)>`: for Images without an expected checksum, the
+//!   digest of what that URL served, so the next fetch of the same URL is a hit. Such images
+//!   are cached for good: pin images by checksum if their URL's contents may change.
+//! - `<uid>/.lock-<name>`: advisory locks (`flock`), one per entry, so concurrent fetches of
+//!   one image (from threads or processes) download it once while other images proceed.
+//! - `<uid>/.tmp-*`: downloads in progress, removed when they fail.
+
+pub mod inspect;
+pub mod policy;
 
 use std::fs::{File, OpenOptions, Permissions};
 use std::io::{self, Read, Write};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ring::digest::{Context, SHA256};
 
+pub use inspect::{Format, InspectError, Unsafe};
+pub use policy::{AddressClass, HostRule, HostRuleError, Policy, Refusal};
+
 /// Length of a SHA-256 digest in hex.
 const SHA256_HEX_LEN: usize = 64;
+/// Longest uid accepted as a directory name.
+const MAX_UID_LEN: usize = 128;
 /// Read buffer for copies and downloads.
 const CHUNK: usize = 256 * 1024;
 /// Time allowed to connect, and for the server to start answering.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest silence tolerated while a response streams in; no limit on the whole download.
+/// Longest silence tolerated while a response streams in; the size limit bounds the rest.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Failures fetching an image.
@@ -42,15 +56,24 @@ pub enum ImageError {
         #[source]
         source: url::ParseError,
     },
-    /// Neither `file`, `http` nor `https`.
-    #[error("unsupported image URL scheme {0:?} (file, http and https are supported)")]
-    UnsupportedScheme(String),
+    /// The URL policy refuses the URL (or a redirect's).
+    #[error("image URL {url} refused")]
+    Refused {
+        /// The URL refused (the first, or a redirect's target).
+        url: String,
+        /// Why.
+        #[source]
+        reason: Refusal,
+    },
     /// A `file:` URL that names no local path (e.g. one with a remote host).
     #[error("file URL {0:?} names no local path")]
     NotALocalPath(String),
     /// The expected checksum is not a SHA-256 digest in hex.
     #[error("expected checksum {0:?} is not 64 hex digits")]
     InvalidChecksum(String),
+    /// The Image uid is not usable as a directory name.
+    #[error("image uid {0:?} is not 1-128 letters, digits and '-'")]
+    InvalidUid(String),
     /// The image's digest is not the expected one; nothing was cached.
     #[error("checksum mismatch: expected sha256 {expected}, got {actual}")]
     ChecksumMismatch {
@@ -59,6 +82,20 @@ pub enum ImageError {
         /// The digest of what was fetched.
         actual: String,
     },
+    /// The source has more bytes than the policy allows; what was fetched is removed.
+    #[error("{url} has more than {limit} bytes")]
+    TooLarge {
+        /// The URL.
+        url: String,
+        /// The limit.
+        limit: u64,
+    },
+    /// The data was inspected and refused; nothing was cached.
+    #[error("image data refused")]
+    Unsafe(#[source] Unsafe),
+    /// The data could not be inspected.
+    #[error("inspect the image data")]
+    Inspect(#[source] InspectError),
     /// The HTTP request failed (connection, TLS, status 4xx/5xx, timeout).
     #[error("download {url}")]
     Http {
@@ -90,12 +127,45 @@ pub enum ImageError {
     },
 }
 
+impl ImageError {
+    /// Whether fetching again cannot help until the Image (or the operator's policy) changes:
+    /// the data is wrong, refused or too large.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            Self::ChecksumMismatch { .. } | Self::TooLarge { .. } | Self::Unsafe(_)
+        )
+    }
+}
+
+impl From<inspect::Verdict> for ImageError {
+    fn from(v: inspect::Verdict) -> Self {
+        match v {
+            inspect::Verdict::Unsafe(u) => Self::Unsafe(u),
+            inspect::Verdict::Failed(e) => Self::Inspect(e),
+        }
+    }
+}
+
 fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ImageError + 'a {
     move |source| ImageError::Io {
         op,
         path: path.to_owned(),
         source,
     }
+}
+
+/// An Image to fetch.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The Image's uid: its entries are its own.
+    pub uid: &'a str,
+    /// Where its data is.
+    pub url: &'a str,
+    /// Its expected SHA-256 (hex), if any.
+    pub sha256: Option<&'a str>,
+    /// The format it declares.
+    pub format: Format,
 }
 
 /// An image in the cache.
@@ -113,26 +183,47 @@ pub struct CachedImage {
 #[derive(Debug)]
 pub struct ImageCache {
     dir: PathBuf,
-    http: ureq::Agent,
+    policy: Policy,
 }
 
 /// Where an image comes from.
 enum Source {
     File(PathBuf),
-    Http,
+    Http(url::Url),
+}
+
+/// A resolver that answers only the addresses the policy checked, so that what is connected
+/// to is what was checked (no second DNS answer).
+#[derive(Debug)]
+struct Pinned(Vec<SocketAddr>);
+
+impl ureq::unversioned::resolver::Resolver for Pinned {
+    fn resolve(
+        &self,
+        _uri: &ureq::http::Uri,
+        _config: &ureq::config::Config,
+        _timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let mut out = self.empty();
+        for addr in &self.0 {
+            if out.try_push(*addr).is_err() {
+                break;
+            }
+        }
+        if out.is_empty() {
+            return Err(ureq::Error::HostNotFound);
+        }
+        Ok(out)
+    }
 }
 
 impl ImageCache {
-    /// A cache in `dir`, which is created on the first fetch if missing.
-    pub fn new(dir: PathBuf) -> Self {
-        let http = ureq::Agent::config_builder()
-            .timeout_connect(Some(CONNECT_TIMEOUT))
-            .timeout_recv_response(Some(CONNECT_TIMEOUT))
-            .timeout_per_read(Some(READ_TIMEOUT))
-            .user_agent(concat!("stratus-agent/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .new_agent();
-        Self { dir, http }
+    /// A cache in `dir` (created on the first fetch if missing) fetching under `policy`.
+    pub fn new(dir: PathBuf, policy: Policy) -> Self {
+        // qemu-img reads a name with a ':' before its first '/' as a protocol: keep paths
+        // absolute.
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
+        Self { dir, policy }
     }
 
     /// The cache directory.
@@ -140,98 +231,147 @@ impl ImageCache {
         &self.dir
     }
 
-    /// The image at `url` (`file://`, `http://` or `https://`), downloading it unless cached.
+    /// The policy fetches follow.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The Image's data, downloading and inspecting it unless cached for this Image.
     ///
-    /// With `sha256`, the cache is keyed by that digest (any URL serving those bytes is a hit)
-    /// and a download must match it; without, by the URL.
+    /// With `sha256`, the entry is keyed by that digest (another URL of the same Image serving
+    /// those bytes is a hit) and a download must match it; without, by the URL.
     ///
     /// # Guarantees
     ///
-    /// Concurrent fetches of the same entry, from threads or processes, download it once; the
-    /// others wait and get the cached file. A failed or mismatching download leaves nothing
+    /// Only data that matched its checksum and passed [`inspect::inspect`] as the declared
+    /// format is ever returned. Each hop of an HTTP download (redirects included) is checked
+    /// by the [`Policy`] and connected to at the addresses checked. Concurrent fetches of the
+    /// same entry, from threads or processes, download it once; the others wait and get the
+    /// cached file. A failed, mismatching, too large or refused download leaves nothing
     /// behind. Blocking: run it on a blocking thread.
     ///
     /// # Errors
     ///
-    /// [`ImageError::ChecksumMismatch`] when the bytes are not the expected ones; the other
-    /// variants for bad input, transport and file errors.
-    pub fn fetch(&self, url: &str, sha256: Option<&str>) -> Result<CachedImage, ImageError> {
-        let source = parse_source(url)?;
-        let expected = sha256.map(normalise_checksum).transpose()?;
+    /// [`ImageError::ChecksumMismatch`], [`ImageError::TooLarge`] and [`ImageError::Unsafe`]
+    /// for data to refuse ([`ImageError::is_final`]); [`ImageError::Refused`] for URLs the
+    /// policy refuses; the other variants for bad input, transport and file errors.
+    pub fn fetch(&self, req: &Request<'_>) -> Result<CachedImage, ImageError> {
+        let source = self.parse_source(req.url)?;
+        let expected = req.sha256.map(normalise_checksum).transpose()?;
+        if req.uid.is_empty()
+            || req.uid.len() > MAX_UID_LEN
+            || !req
+                .uid
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(ImageError::InvalidUid(req.uid.to_owned()));
+        }
+        let dir = self.dir.join(req.uid);
         let key = match &expected {
-            Some(digest) => content_name(digest),
-            None => url_index_name(url),
+            Some(digest) => content_name(req.format, digest),
+            None => url_index_name(req.format, req.url),
         };
-        if let Some(hit) = self.lookup(&key)? {
+        if let Some(hit) = lookup(&dir, req.format, &key)? {
             return Ok(hit);
         }
 
-        std::fs::create_dir_all(&self.dir).map_err(io_error("create", &self.dir))?;
-        let _lock = self.lock(&key)?;
+        std::fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
+        let _lock = lock(&dir, &key)?;
         // Whoever held the lock before us may have fetched it.
-        if let Some(hit) = self.lookup(&key)? {
+        if let Some(hit) = lookup(&dir, req.format, &key)? {
             return Ok(hit);
         }
-        tracing::info!(url, "downloading image");
-        let image = self.download(url, &source, expected.as_deref())?;
+        tracing::info!(url = req.url, uid = req.uid, "downloading image");
+        let image = self.download(&dir, req, &source, expected.as_deref())?;
         if expected.is_none() {
-            self.write_index(&key, &image.sha256)?;
+            write_index(&dir, &key, &image.sha256)?;
         }
-        sync_dir(&self.dir)?;
+        sync_dir(&dir)?;
         Ok(image)
     }
 
-    /// The cached image under `key` (a content or URL index name), if present.
-    fn lookup(&self, key: &str) -> Result<Option<CachedImage>, ImageError> {
-        let digest = match key.strip_prefix("sha256-") {
-            Some(digest) => digest.to_owned(),
-            None => {
-                let index = self.dir.join(key);
-                match std::fs::read_to_string(&index) {
-                    Ok(text) => match normalise_checksum(text.trim()) {
-                        Ok(digest) => digest,
-                        // Not written by us; fetch again and overwrite it.
-                        Err(_) => return Ok(None),
-                    },
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                    Err(e) => return Err(io_error("read", &index)(e)),
-                }
-            }
-        };
-        let path = self.dir.join(content_name(&digest));
-        match std::fs::metadata(&path) {
-            Ok(meta) if meta.is_file() => Ok(Some(CachedImage {
-                path,
-                sha256: digest,
-                size: meta.len(),
-            })),
-            Ok(_) => Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_error("stat", &path)(e)),
+    fn parse_source(&self, raw: &str) -> Result<Source, ImageError> {
+        let url = url::Url::parse(raw).map_err(|source| ImageError::InvalidUrl {
+            url: raw.to_owned(),
+            source,
+        })?;
+        match url.scheme() {
+            "file" if self.policy.allow_file => url
+                .to_file_path()
+                .map(Source::File)
+                .map_err(|()| ImageError::NotALocalPath(raw.to_owned())),
+            "http" | "https" => Ok(Source::Http(url)),
+            other => Err(ImageError::Refused {
+                url: raw.to_owned(),
+                reason: Refusal::Scheme(other.to_owned()),
+            }),
         }
     }
 
-    /// Holds the entry's lock until dropped.
-    fn lock(&self, key: &str) -> Result<File, ImageError> {
-        let path = self.dir.join(format!(".lock-{key}"));
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_error("open", &path))?;
-        file.lock().map_err(io_error("lock", &path))?;
-        Ok(file)
+    /// The body at `url`, following redirects, each hop checked by the policy.
+    fn open_http(&self, url: &url::Url) -> Result<Box<dyn Read>, ImageError> {
+        let mut current = url.clone();
+        let mut redirects = 0;
+        loop {
+            let refused = |at: &url::Url, reason| ImageError::Refused {
+                url: at.to_string(),
+                reason,
+            };
+            let checked = self
+                .policy
+                .check_http(&current)
+                .map_err(|r| refused(&current, r))?;
+            let response = agent(checked.addrs)
+                .get(current.as_str())
+                .call()
+                .map_err(|e| ImageError::Http {
+                    url: current.to_string(),
+                    source: Box::new(e),
+                })?;
+            if response.status().is_redirection() {
+                if redirects >= self.policy.max_redirects {
+                    return Err(refused(
+                        &current,
+                        Refusal::TooManyRedirects(self.policy.max_redirects),
+                    ));
+                }
+                redirects += 1;
+                let next = response
+                    .headers()
+                    .get("location")
+                    .and_then(|l| l.to_str().ok())
+                    .and_then(|l| current.join(l).ok())
+                    .ok_or_else(|| refused(&current, Refusal::BadRedirect))?;
+                tracing::debug!(from = %current, to = %next, "image download redirected");
+                current = next;
+                continue;
+            }
+            let length = response
+                .headers()
+                .get("content-length")
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| l.parse::<u64>().ok());
+            if length.is_some_and(|l| l > self.policy.max_bytes) {
+                return Err(ImageError::TooLarge {
+                    url: current.to_string(),
+                    limit: self.policy.max_bytes,
+                });
+            }
+            return Ok(Box::new(response.into_body().into_reader()));
+        }
     }
 
-    /// Streams `url` into a temporary file while hashing it, checks the digest and renames the
-    /// file to its content name.
+    /// Streams the source into a temporary file while hashing it, checks the digest, inspects
+    /// the data and renames the file to its content name.
     fn download(
         &self,
-        url: &str,
+        dir: &Path,
+        req: &Request<'_>,
         source: &Source,
         expected: Option<&str>,
     ) -> Result<CachedImage, ImageError> {
+        let url = req.url;
         let mut reader: Box<dyn Read> = match source {
             Source::File(path) => {
                 Box::new(File::open(path).map_err(|source| ImageError::Read {
@@ -239,25 +379,25 @@ impl ImageCache {
                     source,
                 })?)
             }
-            Source::Http => {
-                let response = self.http.get(url).call().map_err(|e| ImageError::Http {
-                    url: url.to_owned(),
-                    source: Box::new(e),
-                })?;
-                Box::new(response.into_body().into_reader())
-            }
+            Source::Http(parsed) => self.open_http(parsed)?,
         };
 
         let mut tmp = tempfile::Builder::new()
             .prefix(".tmp-")
-            .tempfile_in(&self.dir)
-            .map_err(io_error("create a temporary file in", &self.dir))?;
+            .tempfile_in(dir)
+            .map_err(io_error("create a temporary file in", dir))?;
         let tmp_path = tmp.path().to_owned();
-        let (actual, size) = copy_hashing(&mut reader, tmp.as_file_mut(), url, &tmp_path)?;
+        // `tmp` is removed when dropped, on every early return below.
+        let (actual, size) = copy_hashing(
+            &mut reader,
+            tmp.as_file_mut(),
+            url,
+            &tmp_path,
+            self.policy.max_bytes,
+        )?;
         if let Some(expected) = expected
             && expected != actual
         {
-            // `tmp` is removed when dropped.
             return Err(ImageError::ChecksumMismatch {
                 expected: expected.to_owned(),
                 actual,
@@ -265,10 +405,11 @@ impl ImageCache {
         }
         let file = tmp.as_file();
         file.sync_all().map_err(io_error("sync", tmp.path()))?;
-        // Backing files are read by QEMU, which runs as another user; images are not secrets.
+        inspect::inspect(&tmp_path, req.format, self.policy.max_virtual_size)?;
+        // Backing files are read by QEMU, which may run as another user.
         file.set_permissions(Permissions::from_mode(0o644))
             .map_err(io_error("chmod", tmp.path()))?;
-        let path = self.dir.join(content_name(&actual));
+        let path = dir.join(content_name(req.format, &actual));
         tmp.persist(&path).map_err(|e| ImageError::Io {
             op: "move into place",
             path: path.clone(),
@@ -280,39 +421,86 @@ impl ImageCache {
             size,
         })
     }
+}
 
-    /// Records that the URL behind `key` served `digest`.
-    fn write_index(&self, key: &str, digest: &str) -> Result<(), ImageError> {
-        let path = self.dir.join(key);
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempfile_in(&self.dir)
-            .map_err(io_error("create a temporary file in", &self.dir))?;
-        tmp.write_all(digest.as_bytes())
-            .and_then(|()| tmp.as_file().sync_all())
-            .map_err(io_error("write", tmp.path()))?;
-        tmp.persist(&path).map_err(|e| ImageError::Io {
-            op: "move into place",
-            path: path.clone(),
-            source: e.error,
-        })?;
-        Ok(())
+/// An HTTP client that connects only to `addrs`, follows no redirect itself and ignores proxy
+/// settings (a proxy would resolve names the policy never saw).
+fn agent(addrs: Vec<SocketAddr>) -> ureq::Agent {
+    let config = ureq::Agent::config_builder()
+        .timeout_connect(Some(CONNECT_TIMEOUT))
+        .timeout_recv_response(Some(CONNECT_TIMEOUT))
+        .timeout_per_read(Some(READ_TIMEOUT))
+        .max_redirects(0)
+        .proxy(None)
+        .user_agent(concat!("stratus/", env!("CARGO_PKG_VERSION")))
+        .build();
+    ureq::Agent::with_parts(
+        config,
+        ureq::unversioned::transport::DefaultConnector::new(),
+        Pinned(addrs),
+    )
+}
+
+/// The cached image under `key` (a content or URL index name) in `dir`, if present.
+fn lookup(dir: &Path, format: Format, key: &str) -> Result<Option<CachedImage>, ImageError> {
+    let content_prefix = format!("{}-sha256-", format.name());
+    let digest = match key.strip_prefix(&content_prefix) {
+        Some(digest) => digest.to_owned(),
+        None => {
+            let index = dir.join(key);
+            match std::fs::read_to_string(&index) {
+                Ok(text) => match normalise_checksum(text.trim()) {
+                    Ok(digest) => digest,
+                    // Not written by us; fetch again and overwrite it.
+                    Err(_) => return Ok(None),
+                },
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(io_error("read", &index)(e)),
+            }
+        }
+    };
+    let path = dir.join(content_name(format, &digest));
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.is_file() => Ok(Some(CachedImage {
+            path,
+            sha256: digest,
+            size: meta.len(),
+        })),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error("stat", &path)(e)),
     }
 }
 
-fn parse_source(raw: &str) -> Result<Source, ImageError> {
-    let url = url::Url::parse(raw).map_err(|source| ImageError::InvalidUrl {
-        url: raw.to_owned(),
-        source,
+/// Holds the entry's lock until dropped.
+fn lock(dir: &Path, key: &str) -> Result<File, ImageError> {
+    let path = dir.join(format!(".lock-{key}"));
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_error("open", &path))?;
+    file.lock().map_err(io_error("lock", &path))?;
+    Ok(file)
+}
+
+/// Records that the URL behind `key` served `digest`.
+fn write_index(dir: &Path, key: &str, digest: &str) -> Result<(), ImageError> {
+    let path = dir.join(key);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(io_error("create a temporary file in", dir))?;
+    tmp.write_all(digest.as_bytes())
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(io_error("write", tmp.path()))?;
+    tmp.persist(&path).map_err(|e| ImageError::Io {
+        op: "move into place",
+        path: path.clone(),
+        source: e.error,
     })?;
-    match url.scheme() {
-        "file" => url
-            .to_file_path()
-            .map(Source::File)
-            .map_err(|()| ImageError::NotALocalPath(raw.to_owned())),
-        "http" | "https" => Ok(Source::Http),
-        other => Err(ImageError::UnsupportedScheme(other.to_owned())),
-    }
+    Ok(())
 }
 
 /// The digest in lowercase, if it is 64 hex digits; it becomes part of a file name.
@@ -324,13 +512,14 @@ fn normalise_checksum(digest: &str) -> Result<String, ImageError> {
     }
 }
 
-fn content_name(digest: &str) -> String {
-    format!("sha256-{digest}")
+fn content_name(format: Format, digest: &str) -> String {
+    format!("{}-sha256-{digest}", format.name())
 }
 
-fn url_index_name(url: &str) -> String {
+fn url_index_name(format: Format, url: &str) -> String {
     format!(
-        "url-{}",
+        "{}-url-{}",
+        format.name(),
         hex(ring::digest::digest(&SHA256, url.as_bytes()).as_ref())
     )
 }
@@ -345,12 +534,14 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
-/// Copies `reader` into `out`, returning the SHA-256 (hex) and length of what passed.
+/// Copies at most `limit` bytes of `reader` into `out`, returning the SHA-256 (hex) and
+/// length of what passed.
 fn copy_hashing(
     reader: &mut dyn Read,
     out: &mut File,
     url: &str,
     out_path: &Path,
+    limit: u64,
 ) -> Result<(String, u64), ImageError> {
     let mut context = Context::new(&SHA256);
     let mut buf = vec![0u8; CHUNK];
@@ -367,10 +558,16 @@ fn copy_hashing(
                 });
             }
         };
+        size += n as u64;
+        if size > limit {
+            return Err(ImageError::TooLarge {
+                url: url.to_owned(),
+                limit,
+            });
+        }
         let chunk = &buf[..n];
         context.update(chunk);
         out.write_all(chunk).map_err(io_error("write", out_path))?;
-        size += n as u64;
     }
     Ok((hex(context.finish().as_ref()), size))
 }
@@ -391,6 +588,8 @@ mod tests {
     use super::*;
 
     const BODY: &[u8] = b"not really a disk image, but bytes are bytes\n\0\x01\x02";
+    const UID: &str = "5b1c9f51-9d0e-4a53-9a34-0f6b1d2c3e4f";
+    const OTHER_UID: &str = "0d7e2a4c-1111-4a53-9a34-0f6b1d2c3e4f";
 
     fn sha256_hex(data: &[u8]) -> String {
         hex(ring::digest::digest(&SHA256, data).as_ref())
@@ -402,20 +601,50 @@ mod tests {
             .to_string()
     }
 
-    /// Files in the cache directory that are not lock files.
+    fn raw<'a>(uid: &'a str, url: &'a str, sha256: Option<&'a str>) -> Request<'a> {
+        Request {
+            uid,
+            url,
+            sha256,
+            format: Format::Raw,
+        }
+    }
+
+    /// A policy for tests that fetch local files and serve HTTP on loopback.
+    fn local() -> Policy {
+        Policy {
+            allow_file: true,
+            allow_loopback: true,
+            ..Policy::default()
+        }
+    }
+
+    /// Files under the cache directory (relative paths) that are not lock files.
     fn entries(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .expect("read dir")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.starts_with(".lock-"))
-            .collect();
+        let mut names = Vec::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            let Ok(list) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in list {
+                let e = e.expect("entry");
+                if e.file_type().expect("type").is_dir() {
+                    todo.push(e.path());
+                } else if !e.file_name().to_string_lossy().starts_with(".lock-") {
+                    let rel = e.path().strip_prefix(dir).expect("inside").to_owned();
+                    names.push(rel.to_string_lossy().into_owned());
+                }
+            }
+        }
         names.sort();
         names
     }
 
-    /// A one-file HTTP server on 127.0.0.1: `/image` is `BODY`, anything else 404.
-    /// Returns its base URL and a count of `/image` requests.
-    fn serve() -> (String, Arc<AtomicUsize>) {
+    /// A small HTTP server on 127.0.0.1: `/image` is `BODY`; `/hop/N` redirects to
+    /// `/hop/N-1` and `/hop/0` to `/image`; `/away` redirects to `away`; `/big` streams 1 MiB
+    /// without a length; anything else is 404. Returns its base URL and a count of requests.
+    fn serve(away: Option<String>) -> (String, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("address");
         let hits = Arc::new(AtomicUsize::new(0));
@@ -436,21 +665,45 @@ mod tests {
                 while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
                     line.clear();
                 }
+                counter.fetch_add(1, Ordering::SeqCst);
                 let path = request_line.split_whitespace().nth(1).unwrap_or("");
-                let (status, body): (&str, &[u8]) = if path == "/image" {
-                    counter.fetch_add(1, Ordering::SeqCst);
+                let redirect = |to: &str| {
+                    format!(
+                        "HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    )
+                };
+                let (head, body): (String, Vec<u8>) = if path == "/image" {
                     // Slow enough that concurrent fetches overlap.
                     std::thread::sleep(Duration::from_millis(200));
-                    ("200 OK", BODY)
+                    (
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            BODY.len()
+                        ),
+                        BODY.to_vec(),
+                    )
+                } else if let Some(n) = path.strip_prefix("/hop/") {
+                    match n.parse::<u32>() {
+                        Ok(0) => (redirect("/image"), Vec::new()),
+                        Ok(n) => (redirect(&format!("/hop/{}", n - 1)), Vec::new()),
+                        Err(_) => (redirect("/image"), Vec::new()),
+                    }
+                } else if path == "/away" && away.is_some() {
+                    (redirect(away.as_deref().unwrap_or_default()), Vec::new())
+                } else if path == "/big" {
+                    (
+                        "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_owned(),
+                        vec![0u8; 1 << 20],
+                    )
                 } else {
-                    ("404 Not Found", b"no such image\n")
+                    (
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 14\r\nConnection: close\r\n\r\n"
+                            .to_owned(),
+                        b"no such image\n".to_vec(),
+                    )
                 };
-                let head = format!(
-                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
                 let _ = stream.write_all(head.as_bytes());
-                let _ = stream.write_all(body);
+                let _ = stream.write_all(&body);
             }
         });
         (format!("http://{addr}"), hits)
@@ -459,31 +712,81 @@ mod tests {
     #[test]
     fn file_url_is_copied_once_and_then_a_hit() {
         let src_dir = tempfile::tempdir().expect("tempdir");
-        let src = src_dir.path().join("my image (1).qcow2");
+        let src = src_dir.path().join("my image (1).raw");
         std::fs::write(&src, BODY).expect("write source");
         let cache_dir = tempfile::tempdir().expect("tempdir");
-        let cache = ImageCache::new(cache_dir.path().join("images"));
+        let cache = ImageCache::new(cache_dir.path().join("images"), local());
         let url = file_url(&src);
         let digest = sha256_hex(BODY);
 
-        let first = cache.fetch(&url, Some(&digest)).expect("fetch");
+        let first = cache.fetch(&raw(UID, &url, Some(&digest))).expect("fetch");
         assert_eq!(first.sha256, digest);
         assert_eq!(first.size, BODY.len() as u64);
         assert_eq!(std::fs::read(&first.path).expect("read cached"), BODY);
-        assert_eq!(first.path, cache.dir().join(format!("sha256-{digest}")));
+        assert_eq!(
+            first.path,
+            cache.dir().join(UID).join(format!("raw-sha256-{digest}"))
+        );
 
         // The source is gone: only a cache hit can answer now.
         std::fs::remove_file(&src).expect("remove source");
+        let upper = digest.to_ascii_uppercase();
         let again = cache
-            .fetch(&url, Some(&digest.to_ascii_uppercase()))
+            .fetch(&raw(UID, &url, Some(&upper)))
             .expect("cache hit");
         assert_eq!(again, first);
-        // Keyed by content: another URL with the same checksum is a hit too.
-        let elsewhere = cache
-            .fetch("https://images.invalid/other.qcow2", Some(&digest))
-            .expect("hit by checksum");
-        assert_eq!(elsewhere, first);
-        assert_eq!(entries(cache.dir()), [format!("sha256-{digest}")]);
+        assert_eq!(entries(cache.dir()), [format!("{UID}/raw-sha256-{digest}")]);
+    }
+
+    #[test]
+    fn knowing_a_digest_gets_nobody_another_images_data() {
+        let src_dir = tempfile::tempdir().expect("tempdir");
+        let src = src_dir.path().join("private.raw");
+        std::fs::write(&src, BODY).expect("write source");
+        let cache_dir = tempfile::tempdir().expect("tempdir");
+        let cache = ImageCache::new(cache_dir.path().to_owned(), local());
+        let digest = sha256_hex(BODY);
+        cache
+            .fetch(&raw(UID, &file_url(&src), Some(&digest)))
+            .expect("the owner's fetch");
+
+        // Another Image with the same digest and a URL that serves something else.
+        let (base, hits) = serve(None);
+        let other_url = format!("{base}/missing");
+        let got = cache.fetch(&raw(OTHER_UID, &other_url, Some(&digest)));
+        assert!(
+            matches!(&got, Err(ImageError::Http { source, .. })
+                if matches!(**source, ureq::Error::StatusCode(404))),
+            "{got:?}"
+        );
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            1,
+            "it had to fetch its own URL"
+        );
+        // The same bytes from its own URL: fetched and verified again, not shared.
+        let own = src_dir.path().join("copy.raw");
+        std::fs::write(&own, BODY).expect("write copy");
+        let second = cache
+            .fetch(&raw(OTHER_UID, &file_url(&own), Some(&digest)))
+            .expect("its own fetch");
+        assert_eq!(
+            second.path,
+            cache
+                .dir()
+                .join(OTHER_UID)
+                .join(format!("raw-sha256-{digest}"))
+        );
+        // The same Image declared as another format is inspected again.
+        std::fs::remove_file(&own).expect("remove copy");
+        let as_kernel = cache.fetch(&Request {
+            format: Format::Kernel,
+            ..raw(OTHER_UID, &file_url(&own), Some(&digest))
+        });
+        assert!(
+            matches!(as_kernel, Err(ImageError::Read { .. })),
+            "{as_kernel:?}"
+        );
     }
 
     #[test]
@@ -492,27 +795,39 @@ mod tests {
         let src = src_dir.path().join("image.raw");
         std::fs::write(&src, BODY).expect("write source");
         let cache_dir = tempfile::tempdir().expect("tempdir");
-        let cache = ImageCache::new(cache_dir.path().to_owned());
+        let cache = ImageCache::new(cache_dir.path().to_owned(), local());
         let url = file_url(&src);
 
-        let first = cache.fetch(&url, None).expect("fetch");
+        let first = cache.fetch(&raw(UID, &url, None)).expect("fetch");
         assert_eq!(first.sha256, sha256_hex(BODY));
         std::fs::remove_file(&src).expect("remove source");
-        assert_eq!(cache.fetch(&url, None).expect("cache hit"), first);
+        assert_eq!(
+            cache.fetch(&raw(UID, &url, None)).expect("cache hit"),
+            first
+        );
         assert_eq!(entries(cache.dir()).len(), 2, "content and URL index");
+        // Another Image of the same URL does not get it.
+        assert!(matches!(
+            cache.fetch(&raw(OTHER_UID, &url, None)),
+            Err(ImageError::Read { .. })
+        ));
     }
 
     #[test]
     fn checksum_mismatch_leaves_nothing_cached() {
         let src_dir = tempfile::tempdir().expect("tempdir");
-        let src = src_dir.path().join("image.qcow2");
+        let src = src_dir.path().join("image.raw");
         std::fs::write(&src, BODY).expect("write source");
         let cache_dir = tempfile::tempdir().expect("tempdir");
-        let cache = ImageCache::new(cache_dir.path().to_owned());
+        let cache = ImageCache::new(cache_dir.path().to_owned(), local());
         let wrong = "0".repeat(64);
 
-        match cache.fetch(&file_url(&src), Some(&wrong)) {
-            Err(ImageError::ChecksumMismatch { expected, actual }) => {
+        match cache.fetch(&raw(UID, &file_url(&src), Some(&wrong))) {
+            Err(e @ ImageError::ChecksumMismatch { .. }) => {
+                assert!(e.is_final());
+                let ImageError::ChecksumMismatch { expected, actual } = e else {
+                    unreachable!()
+                };
                 assert_eq!(expected, wrong);
                 assert_eq!(actual, sha256_hex(BODY));
             }
@@ -526,70 +841,276 @@ mod tests {
     }
 
     #[test]
+    fn hostile_data_is_refused_and_never_cached() {
+        let src_dir = tempfile::tempdir().expect("tempdir");
+        let src = src_dir.path().join("hostile.qcow2");
+        let out = std::process::Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                "-b",
+                "/etc/passwd",
+            ])
+            .arg(&src)
+            .arg("1M")
+            .output()
+            .expect("run qemu-img");
+        assert!(out.status.success(), "{out:?}");
+        let cache_dir = tempfile::tempdir().expect("tempdir");
+        let cache = ImageCache::new(cache_dir.path().to_owned(), local());
+        let url = file_url(&src);
+        for _ in 0..2 {
+            let got = cache.fetch(&Request {
+                format: Format::Qcow2,
+                ..raw(UID, &url, None)
+            });
+            match got {
+                Err(ref e @ ImageError::Unsafe(Unsafe::BackingFile(ref name))) => {
+                    assert_eq!(name, "/etc/passwd");
+                    assert!(e.is_final());
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+            assert!(
+                entries(cache.dir()).is_empty(),
+                "{:?}",
+                entries(cache.dir())
+            );
+        }
+        // A qcow2 kernel is refused too.
+        let kernel = cache.fetch(&Request {
+            format: Format::Kernel,
+            ..raw(UID, &url, None)
+        });
+        assert!(
+            matches!(&kernel, Err(ImageError::Unsafe(Unsafe::FormatMismatch { found, .. })) if found == "qcow2"),
+            "{kernel:?}"
+        );
+    }
+
+    #[test]
     fn bad_input_is_rejected_before_any_io() {
         let cache_dir = tempfile::tempdir().expect("tempdir");
-        let cache = ImageCache::new(cache_dir.path().join("never-created"));
+        let cache = ImageCache::new(cache_dir.path().join("never-created"), local());
         assert!(matches!(
-            cache.fetch("file:///x", Some("../../etc/passwd")),
+            cache.fetch(&raw(UID, "file:///x", Some("../../etc/passwd"))),
             Err(ImageError::InvalidChecksum(_))
         ));
         assert!(matches!(
-            cache.fetch("file:///x", Some(&"g".repeat(64))),
+            cache.fetch(&raw(UID, "file:///x", Some(&"g".repeat(64)))),
             Err(ImageError::InvalidChecksum(_))
         ));
+        for uid in ["", "../x", "a/b", &"a".repeat(129)] {
+            assert!(
+                matches!(
+                    cache.fetch(&raw(uid, "file:///x", None)),
+                    Err(ImageError::InvalidUid(_))
+                ),
+                "{uid:?}"
+            );
+        }
         assert!(matches!(
-            cache.fetch("ftp://host/x", None),
-            Err(ImageError::UnsupportedScheme(s)) if s == "ftp"
+            cache.fetch(&raw(UID, "ftp://host/x", None)),
+            Err(ImageError::Refused { reason: Refusal::Scheme(s), .. }) if s == "ftp"
         ));
         assert!(matches!(
-            cache.fetch("not a url", None),
+            cache.fetch(&raw(UID, "not a url", None)),
             Err(ImageError::InvalidUrl { .. })
         ));
         assert!(matches!(
-            cache.fetch("file://otherhost/x", None),
+            cache.fetch(&raw(UID, "file://otherhost/x", None)),
             Err(ImageError::NotALocalPath(_))
+        ));
+        // file: URLs only where the operator allows them.
+        let strict = ImageCache::new(cache_dir.path().join("never-created"), Policy::default());
+        assert!(matches!(
+            strict.fetch(&raw(UID, "file:///etc/passwd", None)),
+            Err(ImageError::Refused { reason: Refusal::Scheme(s), .. }) if s == "file"
         ));
         assert!(!cache.dir().exists());
     }
 
     #[test]
     fn http_download_verifies_and_caches() {
-        let (base, hits) = serve();
+        let (base, hits) = serve(None);
         let cache_dir = tempfile::tempdir().expect("tempdir");
-        let cache = ImageCache::new(cache_dir.path().to_owned());
+        let cache = ImageCache::new(cache_dir.path().to_owned(), local());
         let url = format!("{base}/image");
         let digest = sha256_hex(BODY);
 
-        let first = cache.fetch(&url, Some(&digest)).expect("download");
+        let first = cache
+            .fetch(&raw(UID, &url, Some(&digest)))
+            .expect("download");
         assert_eq!(first.size, BODY.len() as u64);
         assert_eq!(std::fs::read(&first.path).expect("read"), BODY);
         assert_eq!(hits.load(Ordering::SeqCst), 1);
-        assert_eq!(cache.fetch(&url, Some(&digest)).expect("hit"), first);
+        assert_eq!(
+            cache.fetch(&raw(UID, &url, Some(&digest))).expect("hit"),
+            first
+        );
         assert_eq!(
             hits.load(Ordering::SeqCst),
             1,
             "second fetch must not download"
         );
 
-        let missing = cache.fetch(&format!("{base}/missing"), None);
+        let missing_url = format!("{base}/missing");
+        let missing = cache.fetch(&raw(UID, &missing_url, None));
         assert!(
             matches!(&missing, Err(ImageError::Http { source, .. })
                 if matches!(**source, ureq::Error::StatusCode(404))),
             "{missing:?}"
         );
-        assert_eq!(entries(cache.dir()), [format!("sha256-{digest}")]);
+        assert_eq!(entries(cache.dir()), [format!("{UID}/raw-sha256-{digest}")]);
+    }
+
+    #[test]
+    fn loopback_is_refused_by_default_and_allowed_by_the_operator() {
+        let (base, hits) = serve(None);
+        let url = format!("{base}/image");
+        let cache_dir = tempfile::tempdir().expect("tempdir");
+        let strict = ImageCache::new(cache_dir.path().to_owned(), Policy::default());
+        let got = strict.fetch(&raw(UID, &url, None));
+        assert!(
+            matches!(
+                &got,
+                Err(ImageError::Refused {
+                    reason: Refusal::Address {
+                        class: AddressClass::Loopback,
+                        ..
+                    },
+                    ..
+                })
+            ),
+            "{got:?}"
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 0, "nothing was requested");
+
+        let host = base.trim_start_matches("http://");
+        let named = ImageCache::new(
+            cache_dir.path().to_owned(),
+            Policy {
+                allow_hosts: vec![host.parse().expect("host rule")],
+                ..Policy::default()
+            },
+        );
+        named.fetch(&raw(UID, &url, None)).expect("the named host");
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn every_redirect_hop_is_checked() {
+        // The target: loopback too, on another port the policy does not name.
+        let (target, target_hits) = serve(None);
+        let (base, hits) = serve(Some(format!("{target}/image")));
+        let host = base.trim_start_matches("http://");
+        let policy = Policy {
+            allow_hosts: vec![host.parse().expect("host rule")],
+            ..Policy::default()
+        };
+        let cache_dir = tempfile::tempdir().expect("tempdir");
+        let cache = ImageCache::new(cache_dir.path().to_owned(), policy);
+        let away = format!("{base}/away");
+        let got = cache.fetch(&raw(UID, &away, None));
+        match &got {
+            Err(ImageError::Refused {
+                url,
+                reason:
+                    Refusal::Address {
+                        class: AddressClass::Loopback,
+                        ..
+                    },
+            }) => {
+                assert_eq!(url, &format!("{target}/image"));
+            }
+            other => panic!("expected the redirect refused, got {other:?}"),
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            target_hits.load(Ordering::SeqCst),
+            0,
+            "the target was never asked"
+        );
+
+        // Redirects within the limit are followed; one more is refused.
+        let three = format!("{base}/hop/2");
+        let image = cache
+            .fetch(&raw(UID, &three, None))
+            .expect("three redirects");
+        assert_eq!(image.sha256, sha256_hex(BODY));
+        let four = format!("{base}/hop/3");
+        assert!(matches!(
+            cache.fetch(&raw(UID, &four, None)),
+            Err(ImageError::Refused {
+                reason: Refusal::TooManyRedirects(3),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_too_large_download_is_cut_and_removed() {
+        let (base, _) = serve(None);
+        let cache_dir = tempfile::tempdir().expect("tempdir");
+        let policy = Policy {
+            max_bytes: 64 * 1024,
+            ..local()
+        };
+        let cache = ImageCache::new(cache_dir.path().to_owned(), policy);
+        // No Content-Length: cut while streaming.
+        let big = format!("{base}/big");
+        let got = cache.fetch(&raw(UID, &big, None));
+        assert!(
+            matches!(&got, Err(e @ ImageError::TooLarge { limit: 65536, .. }) if e.is_final()),
+            "{got:?}"
+        );
+        assert!(
+            entries(cache.dir()).is_empty(),
+            "{:?}",
+            entries(cache.dir())
+        );
+        // A Content-Length over the limit is refused before the body is read.
+        let small = ImageCache::new(
+            cache_dir.path().to_owned(),
+            Policy {
+                max_bytes: 10,
+                ..local()
+            },
+        );
+        let image = format!("{base}/image");
+        assert!(matches!(
+            small.fetch(&raw(UID, &image, None)),
+            Err(ImageError::TooLarge { limit: 10, .. })
+        ));
+        // A local file over the limit is cut too.
+        let src_dir = tempfile::tempdir().expect("tempdir");
+        let src = src_dir.path().join("big.raw");
+        std::fs::write(&src, vec![1u8; 65537]).expect("write");
+        assert!(matches!(
+            cache.fetch(&raw(UID, &file_url(&src), None)),
+            Err(ImageError::TooLarge { .. })
+        ));
+        assert!(
+            entries(cache.dir()).is_empty(),
+            "{:?}",
+            entries(cache.dir())
+        );
     }
 
     #[test]
     fn concurrent_fetches_download_once() {
-        let (base, hits) = serve();
+        let (base, hits) = serve(None);
         let cache_dir = tempfile::tempdir().expect("tempdir");
-        let cache = Arc::new(ImageCache::new(cache_dir.path().to_owned()));
+        let cache = Arc::new(ImageCache::new(cache_dir.path().to_owned(), local()));
         let url = format!("{base}/image");
 
         let results: Vec<CachedImage> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..4)
-                .map(|_| s.spawn(|| cache.fetch(&url, None)))
+                .map(|_| s.spawn(|| cache.fetch(&raw(UID, &url, None))))
                 .collect();
             handles
                 .into_iter()

@@ -30,6 +30,8 @@ pub struct Config {
     pub heartbeat: Duration,
     /// How often each guest is read back from libvirt even without an event.
     pub resync: Duration,
+    /// What the node's image cache may fetch, and how much.
+    pub image_policy: stratus_image_cache::Policy,
 }
 
 /// How often guests whose Server is gone are looked for.
@@ -67,7 +69,10 @@ pub async fn run_with(
                 instance: Some(config.node.clone()),
             },
         ),
-        images: Arc::new(ImageCache::new(config.state_dir.join("images"))),
+        images: Arc::new(ImageCache::new(
+            config.state_dir.join("images"),
+            config.image_policy.clone(),
+        )),
         client: client.clone(),
         runtime: stratus_runtime::Runtime::new(client.clone(), "stratus-compute-agent"),
         driver: Arc::clone(&hypervisor),

@@ -28,10 +28,10 @@ use stratus_runtime::{Classify, Retry, Runtime};
 use super::Config;
 use super::driver::disk;
 use super::driver::{
-    ConfigDrive, DiskFormat, DiskSpec, Disks, DomainDriver, DomainInfo, DomainSpec, DomainState,
-    DriverError, KernelBoot, Owner,
+    Backing, ConfigDrive, DiskFormat, DiskSpec, Disks, DomainDriver, DomainInfo, DomainSpec,
+    DomainState, DriverError, KernelBoot, Owner,
 };
-use stratus_image_cache::{ImageCache, ImageError};
+use stratus_image_cache::{Format, ImageCache, ImageError, Request};
 
 pub use stratus_api_types::compute::TEARDOWN_FINALIZER;
 
@@ -326,31 +326,56 @@ impl From<kube::Error> for NotBuilt {
     }
 }
 
-/// Downloads (once per node) and verifies an Image's data.
+/// The format the cache inspects an Image's data as.
+fn cache_format(format: ImageFormat) -> Format {
+    match format {
+        ImageFormat::Qcow2 => Format::Qcow2,
+        ImageFormat::Raw => Format::Raw,
+        ImageFormat::Iso => Format::Iso,
+        ImageFormat::Aki => Format::Kernel,
+        ImageFormat::Ari => Format::Ramdisk,
+    }
+}
+
+/// Downloads (once per node and Image), verifies and inspects an Image's data.
 async fn fetch(ctx: &Ctx, image: &Image) -> Result<PathBuf, NotBuilt> {
     let cache = Arc::clone(&ctx.images);
+    let uid = image.uid().ok_or(ServerError::Incomplete)?;
     let url = image.spec.source.url.clone();
     let sum = image.spec.sha256.clone();
-    let got = blocking(move || cache.fetch(&url, sum.as_deref())).await?;
-    got.map(|c| c.path).map_err(|e| {
-        NotBuilt::Blocked(match e {
-            ImageError::ChecksumMismatch { expected, actual } => Blocked {
-                reason: "ImageChecksumMismatch",
-                message: format!(
-                    "image \"{}\": the data's sha256 is {actual}, not {expected}",
-                    image.name_any()
-                ),
-            },
-            e => Blocked {
-                reason: "ImageDownloadFailed",
-                message: format!(
-                    "image \"{}\": {}",
-                    image.name_any(),
-                    stratus_runtime::policy::chain(&e)
-                ),
-            },
+    let format = cache_format(image.spec.disk_format);
+    let got = blocking(move || {
+        cache.fetch(&Request {
+            uid: &uid,
+            url: &url,
+            sha256: sum.as_deref(),
+            format,
         })
     })
+    .await?;
+    got.map(|c| c.path)
+        .map_err(|e| NotBuilt::Blocked(image_blocked(&image.name_any(), &e)))
+}
+
+/// Why a Server cannot use the image `name` that failed to fetch with `e`.
+fn image_blocked(name: &str, e: &ImageError) -> Blocked {
+    let (reason, message) = match e {
+        ImageError::ChecksumMismatch { expected, actual } => (
+            "ImageChecksumMismatch",
+            format!("the data's sha256 is {actual}, not {expected}"),
+        ),
+        ImageError::Unsafe(u) => ("ImageRefused", format!("the image data is refused: {u}")),
+        ImageError::TooLarge { limit, .. } => (
+            "ImageTooLarge",
+            format!("the data is larger than this cloud's limit of {limit} bytes"),
+        ),
+        ImageError::Refused { .. } => ("ImageURLRefused", stratus_runtime::policy::chain(e)),
+        e => ("ImageDownloadFailed", stratus_runtime::policy::chain(e)),
+    };
+    Blocked {
+        reason,
+        message: format!("image \"{name}\": {message}"),
+    }
 }
 
 /// Everything a guest is built from, resolved through the API.
@@ -514,11 +539,16 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
                     path: dir.join("root.qcow2"),
                     format: DiskFormat::Qcow2,
                     readonly: false,
+                    backing: Some(Backing {
+                        path: root_base.clone(),
+                        format: root_format,
+                    }),
                 },
                 DiskSpec {
                     path: dir.join("config.iso"),
                     format: DiskFormat::Raw,
                     readonly: true,
+                    backing: None,
                 },
             ],
             console_log: dir.join("console.log"),
@@ -1176,5 +1206,45 @@ mod tests {
             plan(&s, Some(DomainState::Running), None, true),
             Step::Resize
         );
+    }
+
+    #[test]
+    fn image_failures_say_why_the_server_is_not_built() {
+        use stratus_image_cache::{Refusal, Unsafe};
+        let cases = [
+            (
+                ImageError::Unsafe(Unsafe::BackingFile("/etc/passwd".into())),
+                "ImageRefused",
+                "image \"evil\": the image data is refused: it has a backing file (\"/etc/passwd\")",
+            ),
+            (
+                ImageError::Unsafe(Unsafe::FormatMismatch {
+                    declared: Format::Kernel,
+                    found: "qcow2".into(),
+                }),
+                "ImageRefused",
+                "image \"evil\": the image data is refused: it is declared kernel but its data is qcow2",
+            ),
+            (
+                ImageError::Refused {
+                    url: "http://127.0.0.1/x".into(),
+                    reason: Refusal::Scheme("gopher".into()),
+                },
+                "ImageURLRefused",
+                "image \"evil\": image URL http://127.0.0.1/x refused: scheme \"gopher\" is not allowed",
+            ),
+            (
+                ImageError::TooLarge {
+                    url: "http://x/y".into(),
+                    limit: 10,
+                },
+                "ImageTooLarge",
+                "image \"evil\": the data is larger than this cloud's limit of 10 bytes",
+            ),
+        ];
+        for (e, reason, message) in cases {
+            let b = image_blocked("evil", &e);
+            assert_eq!((b.reason, b.message.as_str()), (reason, message));
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::Value;
-use stratus_e2e::node::{Guest, Node};
+use stratus_e2e::node::{FileServer, Guest, Node};
 use stratus_e2e::{Cloud, Proc, stratus_bin, wait_until};
 
 const T: Duration = Duration::from_secs(60);
@@ -69,6 +69,8 @@ fn test_agent(cloud: &Cloud, node: &str, dir: &std::path::Path) -> Result<Proc> 
         Command::new(stratus_bin())
             .args(["agent", "--node", node, "--libvirt-uri", "test:///default"])
             .args(["--heartbeat-seconds", "2"])
+            // The test's images are served from loopback.
+            .arg("--image-url-allow-loopback")
             .arg("--kubeconfig")
             .arg(cloud.dir.path().join(format!("node-{node}.kubeconfig")))
             .arg("--state-dir")
@@ -183,6 +185,31 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
         guest.url
     );
     cloud.kubectl_in(&["apply", "-f", "-"], &needy)?;
+    // A qcow2 whose metadata names a host file as its backing file (CVE-2024-32498's class),
+    // and an image on the API server's own address.
+    let files_dir = dir.path().join("files");
+    std::fs::create_dir_all(&files_dir)?;
+    let out = Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            "/etc/passwd",
+        ])
+        .arg(files_dir.join("backed.qcow2"))
+        .arg("16M")
+        .output()?;
+    anyhow::ensure!(out.status.success(), "qemu-img create: {out:?}");
+    let files = FileServer::serve(&files_dir)?;
+    let hostile = format!(
+        "---\napiVersion: image.stratus.dev/v1\nkind: Image\nmetadata:\n  name: backed\n  namespace: demo\nspec:\n  diskFormat: qcow2\n  source:\n    url: {}/backed.qcow2\n---\napiVersion: image.stratus.dev/v1\nkind: Image\nmetadata:\n  name: inside\n  namespace: demo\nspec:\n  diskFormat: raw\n  source:\n    url: {}/version\n",
+        files.url, cloud.url
+    );
+    cloud.kubectl_in(&["apply", "-f", "-"], &hostile)?;
     cloud.kubectl_in(
         &["apply", "-f", "-"],
         &[
@@ -191,6 +218,7 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
             server("noimage", "m1.nano", "no-such-image", ""),
             server("badsum", "m1.nano", "corrupt", ""),
             server("small", "m1.nano", "needy", ""),
+            server("backdoor", "m1.nano", "backed", ""),
         ]
         .concat(),
     )?;
@@ -217,6 +245,36 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
         condition(&corrupt, "Verified").map(|c| c["reason"].clone()),
         Some("ChecksumMismatch".into())
     );
+    // Refused by inspection: Error, with the reason and the file it names.
+    let backed = wait_until(T, "image backed in Error", || {
+        json(&cloud, &["-n", "demo", "get", "image", "backed"])
+            .ok()
+            .filter(|i| i["status"]["phase"] == "Error")
+    })?;
+    let verified = condition(&backed, "Verified").context("a Verified condition")?;
+    assert_eq!(
+        (verified["status"].clone(), verified["reason"].clone()),
+        ("False".into(), "BackingFile".into()),
+        "{backed}"
+    );
+    assert_eq!(
+        verified["message"],
+        "the image data is refused: it has a backing file (\"/etc/passwd\")"
+    );
+    // The control plane is no image source, though loopback is allowed here.
+    let inside = wait_until(T, "image inside in Error", || {
+        json(&cloud, &["-n", "demo", "get", "image", "inside"])
+            .ok()
+            .filter(|i| i["status"]["phase"] == "Error")
+    })?;
+    let verified = condition(&inside, "Verified").context("a Verified condition")?;
+    assert_eq!(verified["reason"], "URLRefused", "{inside}");
+    assert!(
+        verified["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("a control-plane address")),
+        "{inside}"
+    );
     let s = wait_server(&cloud, "big", "the huge server to wait", |s| {
         condition(s, "Scheduled").is_some_and(|c| c["status"] == "False")
     })?;
@@ -235,6 +293,7 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
         ("noimage", "ImageNotFound"),
         ("badsum", "ImageChecksumMismatch"),
         ("small", "FlavorMemoryTooSmall"),
+        ("backdoor", "ImageRefused"),
     ] {
         let s = wait_server(&cloud, name, "an image error", |s| {
             s["status"]["phase"] == "Error"
@@ -247,8 +306,17 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
         // Nothing was made on the host for it.
         assert!(s["status"]["instanceName"].is_null(), "{s}");
     }
+    let s = json(&cloud, &["-n", "demo", "get", "server", "backdoor"])?;
+    assert_eq!(
+        condition(&s, "Ready").map(|c| c["message"].clone()),
+        Some(
+            "image \"backed\": the image data is refused: it has a backing file (\"/etc/passwd\")"
+                .into()
+        )
+    );
     let events = cloud.kubectl_ok(&["-n", "demo", "get", "events"])?;
     assert!(events.contains("ImageChecksumMismatch"), "{events}");
+    assert!(events.contains("ImageRefused"), "{events}");
     assert!(events.contains("FailedScheduling"), "{events}");
 
     // Placement goes through the binding, which never overcommits, even for the admin; and

@@ -95,6 +95,11 @@ fn the_agent_runs_a_server_on_a_fake_host_through_failures_drift_and_deletion() 
             zone: "nova".into(),
             heartbeat: Duration::from_secs(1),
             resync: Duration::from_secs(2),
+            // This test's own file server, explicitly.
+            image_policy: stratus_image_cache::Policy {
+                allow_hosts: vec![files.url.trim_start_matches("http://").parse()?],
+                ..Default::default()
+            },
         },
     ));
     // The node registers as what its driver runs.

@@ -26,11 +26,13 @@ pub fn spec(name: &str, uuid: &str, dir: &Path) -> DomainSpec {
                 path: dir.join("root.qcow2"),
                 format: DiskFormat::Qcow2,
                 readonly: false,
+                backing: None,
             },
             DiskSpec {
                 path: dir.join("config.iso"),
                 format: DiskFormat::Raw,
                 readonly: true,
+                backing: None,
             },
         ],
         console_log: dir.join("console.log"),

@@ -433,7 +433,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use super::*;
-    use crate::compute::driver::{DiskFormat, DiskSpec, KernelBoot, Owner};
+    use crate::compute::driver::{Backing, DiskFormat, DiskSpec, KernelBoot, Owner};
 
     const TEST_URI: &str = "test:///default";
 
@@ -469,6 +469,7 @@ mod tests {
                 path: PathBuf::from("/var/lib/stratus/servers/root.qcow2"),
                 format: DiskFormat::Qcow2,
                 readonly: false,
+                backing: None,
             }],
             console_log: PathBuf::from("/var/log/stratus/console.log"),
             owner: Owner {
@@ -680,10 +681,24 @@ mod tests {
         let (name, uuid) = unique(NAME_PREFIX);
         let mut spec = spec(&name, &uuid);
         let root_disk = root.path().join("root.qcow2");
+        let base = root.path().join("base.raw");
         let config = root.path().join("config.iso");
         std::fs::write(&config, [0u8; 4096]).expect("write config drive stand-in");
+        std::fs::write(&base, vec![0u8; 1 << 20]).expect("write base image");
+        // The overlay's own metadata names a host file as its backing file; the XML's pinned
+        // chain is what libvirt must keep.
         let status = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-F",
+                "raw",
+                "-b",
+                "/etc/passwd",
+            ])
             .arg(&root_disk)
             .arg("64M")
             .status()
@@ -694,16 +709,39 @@ mod tests {
                 path: root_disk,
                 format: DiskFormat::Qcow2,
                 readonly: false,
+                backing: Some(Backing {
+                    path: base.clone(),
+                    format: DiskFormat::Raw,
+                }),
             },
             DiskSpec {
                 path: config,
                 format: DiskFormat::Raw,
                 readonly: true,
+                backing: None,
             },
         ];
         spec.kernel = None;
         spec.console_log = root.path().join("console.log");
         lv.define(&spec).expect("QEMU driver accepts our XML");
+        let defined = lv
+            .conn
+            .lookup_domain_by_name(&name)
+            .and_then(|d| d.xml_desc(0))
+            .expect("the defined domain's XML");
+        let chains: Vec<&str> = defined
+            .split("<backingStore")
+            .skip(1)
+            .map(|s| s.split('>').next().unwrap_or_default())
+            .collect();
+        // libvirt keeps the chain we pinned: the base under the overlay, nothing under the
+        // base, nothing under the config drive.
+        assert_eq!(chains, [" type='file'", "/", "/"], "{defined}");
+        assert!(
+            defined.contains(&format!("<source file='{}'/>", base.display())),
+            "{defined}"
+        );
+        assert!(!defined.contains("/etc/passwd"), "{defined}");
         let info = lv.lookup(&name).expect("lookup").expect("defined");
         assert_eq!(info.state, DomainState::Shutoff);
         assert_eq!(info.owner, Some(spec.owner.clone()));

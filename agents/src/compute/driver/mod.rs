@@ -60,6 +60,19 @@ pub struct DiskSpec {
     pub format: DiskFormat,
     /// Read-only (the config drive).
     pub readonly: bool,
+    /// The image this disk is an overlay of, written into the domain XML so that QEMU
+    /// follows no backing chain named in the disk's own metadata; `None`: the disk stands
+    /// alone (and the XML says so).
+    pub backing: Option<Backing>,
+}
+
+/// The base image under an overlay disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backing {
+    /// The base image file (self-contained: checked when it was cached).
+    pub path: PathBuf,
+    /// Its format.
+    pub format: DiskFormat,
 }
 
 /// Formats of disk files.

@@ -2,6 +2,9 @@
 //!
 //! Everything is written through quick-xml's writer, so names, paths and the kernel command line
 //! (all of which come from users or images) are escaped by the library, never spliced in by hand.
+//!
+//! Every disk's backing chain is spelled out (`<backingStore>`), ending in an empty
+//! `<backingStore/>`, so that libvirt and QEMU never take a chain from an image's metadata.
 
 use std::borrow::Cow;
 use std::io;
@@ -11,7 +14,7 @@ use quick_xml::Writer;
 use quick_xml::events::{BytesText, Event};
 use quick_xml::reader::Reader;
 
-use super::{DiskFormat, DomainSpec, Owner};
+use super::{Backing, DiskFormat, DomainSpec, Owner};
 
 /// XML namespace of the Stratus metadata element in a domain's `<metadata>`.
 pub const METADATA_NS: &str = "https://stratus.dev/xmlns/libvirt/server/v1";
@@ -253,13 +256,40 @@ fn write_os<W: io::Write>(
     Ok(())
 }
 
+fn format_name(format: DiskFormat) -> &'static str {
+    match format {
+        DiskFormat::Qcow2 => "qcow2",
+        DiskFormat::Raw => "raw",
+    }
+}
+
+/// The disk's chain: its base image (itself standing alone), or nothing.
+fn write_backing<W: io::Write>(w: &mut Writer<W>, backing: Option<&Backing>) -> io::Result<()> {
+    match backing {
+        Some(base) => {
+            w.create_element("backingStore")
+                .with_attribute(("type", "file"))
+                .write_inner_content(|w| {
+                    w.create_element("format")
+                        .with_attribute(("type", format_name(base.format)))
+                        .write_empty()?;
+                    w.create_element("source")
+                        .with_attribute(("file", path_text(&base.path).as_ref()))
+                        .write_empty()?;
+                    w.create_element("backingStore").write_empty()?;
+                    Ok(())
+                })?;
+        }
+        None => {
+            w.create_element("backingStore").write_empty()?;
+        }
+    }
+    Ok(())
+}
+
 fn write_devices<W: io::Write>(w: &mut Writer<W>, spec: &DomainSpec) -> io::Result<()> {
     w.create_element("devices").write_inner_content(|w| {
         for (index, disk) in spec.disks.iter().enumerate() {
-            let format = match disk.format {
-                DiskFormat::Qcow2 => "qcow2",
-                DiskFormat::Raw => "raw",
-            };
             let target = virtio_disk_name(index);
             w.create_element("disk")
                 .with_attribute(("type", "file"))
@@ -267,11 +297,12 @@ fn write_devices<W: io::Write>(w: &mut Writer<W>, spec: &DomainSpec) -> io::Resu
                 .write_inner_content(|w| {
                     w.create_element("driver")
                         .with_attribute(("name", "qemu"))
-                        .with_attribute(("type", format))
+                        .with_attribute(("type", format_name(disk.format)))
                         .write_empty()?;
                     w.create_element("source")
                         .with_attribute(("file", path_text(&disk.path).as_ref()))
                         .write_empty()?;
+                    write_backing(w, disk.backing.as_ref())?;
                     w.create_element("target")
                         .with_attribute(("dev", target.as_str()))
                         .with_attribute(("bus", "virtio"))
@@ -340,11 +371,16 @@ mod tests {
                     path: PathBuf::from("/var/lib/stratus/servers/x/root<&>.qcow2"),
                     format: DiskFormat::Qcow2,
                     readonly: false,
+                    backing: Some(Backing {
+                        path: PathBuf::from("/var/lib/stratus/images/u/raw-sha256-<'&\">"),
+                        format: DiskFormat::Raw,
+                    }),
                 },
                 DiskSpec {
                     path: PathBuf::from("/var/lib/stratus/servers/x/config'\".iso"),
                     format: DiskFormat::Raw,
                     readonly: true,
+                    backing: None,
                 },
             ],
             console_log: PathBuf::from("/var/log/stratus/console \"<&>\".log"),
@@ -484,9 +520,57 @@ mod tests {
             .collect();
         assert_eq!(sources, expected);
         assert_eq!(
+            one(&nodes, "domain/devices/disk/backingStore/source").attr("file"),
+            Some("/var/lib/stratus/images/u/raw-sha256-<'&\">")
+        );
+        assert_eq!(
             one(&nodes, "domain/devices/serial/log").attr("file"),
             spec.console_log.to_str()
         );
+    }
+
+    #[test]
+    fn every_disk_chain_is_pinned_and_ends() {
+        for kind in [DomainKind::Qemu, DomainKind::Kvm, DomainKind::Test] {
+            let nodes = parse(&domain_xml(&spec(), kind));
+            let chain: Vec<(&str, Option<&str>, bool)> = nodes
+                .iter()
+                .filter(|n| n.path.starts_with("domain/devices/disk/backingStore"))
+                .map(|n| (n.path.as_str(), n.attr("type").or(n.attr("file")), n.empty))
+                .collect();
+            assert_eq!(
+                chain,
+                [
+                    // The root overlay: its base, named here, and nothing under the base.
+                    ("domain/devices/disk/backingStore", Some("file"), false),
+                    ("domain/devices/disk/backingStore/format", Some("raw"), true),
+                    (
+                        "domain/devices/disk/backingStore/source",
+                        Some("/var/lib/stratus/images/u/raw-sha256-<'&\">"),
+                        true
+                    ),
+                    ("domain/devices/disk/backingStore/backingStore", None, true),
+                    // The config drive stands alone.
+                    ("domain/devices/disk/backingStore", None, true),
+                ],
+                "{kind:?}"
+            );
+            // Each disk has exactly one chain, right after its source.
+            let disks = nodes
+                .iter()
+                .filter(|n| n.path == "domain/devices/disk")
+                .count();
+            let tops = nodes
+                .iter()
+                .filter(|n| n.path == "domain/devices/disk/backingStore")
+                .count();
+            assert_eq!((disks, tops), (2, 2));
+            let no_attrs = nodes
+                .iter()
+                .filter(|n| n.path == "domain/devices/disk/backingStore" && n.empty)
+                .all(|n| n.attrs.is_empty());
+            assert!(no_attrs, "an empty <backingStore/> has no attributes");
+        }
     }
 
     #[test]
