@@ -4,6 +4,7 @@
 mod api {
     pub mod admission;
     pub mod fixtures;
+    pub mod identity;
     pub mod policy;
     pub mod verbs;
     pub mod watch;

@@ -1,8 +1,10 @@
 //! Admission beyond the schema, registered per resource type ([`for_kind`]): checks and claims
 //! made in the same etcd transaction as the write they admit. Quota and compute placement
-//! (binding) are the two today; network IPAM and volume placement plug in the same way.
+//! (binding) and identity (what belongs to a User) are registered today; network IPAM and
+//! volume placement plug in the same way.
 
 pub mod binding;
+pub mod identity;
 pub mod quota;
 
 use futures::future::BoxFuture;
@@ -11,6 +13,18 @@ use serde_json::Value;
 use crate::base::error::{ApiError, ApiResult};
 use crate::storage::keys;
 use crate::storage::store::{Store, Write};
+
+tokio::task_local! {
+    /// Whether the request being admitted is a cluster admin's (or a system identity's other
+    /// than a node's): set by the HTTP layer around each authenticated request, from what the
+    /// policy layer found. Unset (tests of the verbs, work outside a request), it is false.
+    pub static CLUSTER_ADMIN: bool;
+}
+
+/// Whether the request being admitted is a cluster admin's (see [`CLUSTER_ADMIN`]).
+pub fn by_cluster_admin() -> bool {
+    CLUSTER_ADMIN.try_with(|a| *a).unwrap_or(false)
+}
 
 /// What admission works with: the store and the key prefix of every object.
 #[derive(Debug, Clone, Copy)]
@@ -126,6 +140,13 @@ pub fn for_kind(group: &str, kind: &str) -> &'static [&'static dyn Admission] {
     static BOTH: [&dyn Admission; 2] = [&binding::Binding, &quota::Quota];
     static BINDING: [&dyn Admission; 1] = [&binding::Binding];
     static QUOTA: [&dyn Admission; 1] = [&quota::Quota];
+    static USERS: [&dyn Admission; 1] = [&identity::Users];
+    static ASSIGNMENTS: [&dyn Admission; 1] = [&identity::Assignments];
+    match (group, kind) {
+        ("identity.stratus.dev", "User") => return &USERS,
+        ("identity.stratus.dev", "RoleAssignment") => return &ASSIGNMENTS,
+        _ => {}
+    }
     match (binding::is_server(group, kind), quota::counted(group, kind)) {
         (true, true) => &BOTH,
         (true, false) => &BINDING,

@@ -1,5 +1,8 @@
 //! Quota at admission: a create that would take a project over one of its Quotas' limits is
-//! refused, and the check is atomic with the write.
+//! refused, and the check is atomic with the write. The flavor a Server names is checked here
+//! too, where it is read: a non-public flavor (`isPublic: false`) only for cluster admins'
+//! Servers (there is no per-project flavor sharing), and, when a quota limits the project,
+//! only a flavor that exists (a Server of an unknown flavor would count as zero).
 //!
 //! # Guarantees
 //! Usage is computed from the store at one revision R, and the create's etcd transaction
@@ -11,7 +14,7 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 
 use crate::admission::{Admission, Change, Ctx, Subject};
-use crate::base::error::{ApiError, ApiResult};
+use crate::base::error::{ApiError, ApiResult, Cause};
 use crate::storage::keys;
 use crate::storage::store::{Stored, Write};
 
@@ -58,6 +61,22 @@ async fn write_within_quota(
     let quota_prefix = keys::collection(ctx.prefix, "identity.stratus.dev", "quotas", Some(ns));
     let kind_prefix = rt.collection(ctx.prefix, ns);
     let expected = old.map(|(_, rev)| rev);
+    // The flavor a Server takes on (at create, or a resize to another one).
+    let server = rt.group == "compute.stratus.dev" && rt.kind == "Server";
+    fn flavor_of(o: &Value) -> Option<&str> {
+        o.pointer("/spec/flavor").and_then(Value::as_str)
+    }
+    let new_flavor =
+        flavor_of(new).filter(|f| server && old.is_none_or(|(o, _)| flavor_of(o) != Some(*f)));
+    let refuse = |message: String| {
+        ApiError::invalid(
+            rt.kind,
+            rt.group,
+            rt.plural,
+            name,
+            vec![Cause::invalid("spec.flavor", message)],
+        )
+    };
     for _ in 0..RETRIES {
         let quotas = ctx
             .store
@@ -70,6 +89,29 @@ async fn write_within_quota(
                 .and_then(Value::as_object)
                 .is_some_and(|m| !m.is_empty())
         });
+        if let Some(f) = new_flavor {
+            let key = keys::object(ctx.prefix, "compute.stratus.dev", "flavors", None, f);
+            match ctx.store.get(&key).await.map_err(ApiError::from)? {
+                Some(flavor)
+                    if flavor
+                        .value
+                        .pointer("/spec/isPublic")
+                        .and_then(Value::as_bool)
+                        == Some(false)
+                        && !crate::admission::by_cluster_admin() =>
+                {
+                    return Err(refuse(format!(
+                        "Forbidden: flavor \"{f}\" is not public: only cluster admins' servers may use it"
+                    )));
+                }
+                None if limited => {
+                    return Err(refuse(format!(
+                        "Not found: flavor \"{f}\" does not exist, and the project's quota counts what a server's flavor takes"
+                    )));
+                }
+                _ => {}
+            }
+        }
         if !limited {
             // No limit in the project: nothing to count (and no list of its objects).
             return match expected {
@@ -89,9 +131,13 @@ async fn write_within_quota(
             flavors.extend(flavors_named(ctx, o, &[], at).await?);
         }
         let flavor = |n: &str| flavors.iter().find(|(f, _)| f == n).map(|(_, v)| *v);
-        let before = old
-            .map(|(o, _)| usage(rt.group, rt.kind, o, &flavor))
-            .unwrap_or_default();
+        // A stored Server whose flavor is gone counts what was claimed for it, not zero.
+        let counted = |o: &Value| {
+            usage(rt.group, rt.kind, o, &|n: &str| {
+                flavor(n).or_else(|| allocated(o))
+            })
+        };
+        let before = old.map(|(o, _)| counted(o)).unwrap_or_default();
         // Only what the write adds is checked: a shrink or an unchanged size always passes.
         let grows: Vec<(&str, u64)> = usage(rt.group, rt.kind, new, &flavor)
             .into_iter()
@@ -102,7 +148,7 @@ async fn write_within_quota(
                 .items
                 .iter()
                 .filter(|(k, _)| k != key)
-                .flat_map(|(_, s)| usage(rt.group, rt.kind, &s.value, &flavor))
+                .flat_map(|(_, s)| counted(&s.value))
                 .filter(|(f, _)| f == field)
                 .map(|(_, a)| a)
                 .sum();
@@ -166,6 +212,13 @@ async fn write_within_quota(
         name,
         "too many concurrent changes to the project's quota-counted objects; retry",
     ))
+}
+
+/// The (vCPUs, RAM MiB) a placed Server claimed (`status.allocated`).
+fn allocated(server: &Value) -> Option<(u64, u64)> {
+    let a = server.pointer("/status/allocated")?;
+    let get = |f: &str| a.get(f).and_then(Value::as_u64);
+    Some((get("vcpus")?, get("ramMiB")?))
 }
 
 /// The (vCPUs, RAM MiB) of every flavor the new object and the existing ones name.

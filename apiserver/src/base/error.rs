@@ -227,6 +227,13 @@ impl ApiError {
         e
     }
 
+    /// 429: the client should slow down and retry after `retry_after` seconds.
+    pub fn too_many_requests(message: impl Into<String>, retry_after: u32) -> Self {
+        let mut e = Self::new(429, "TooManyRequests", message);
+        e.details.retry_after = Some(retry_after);
+        e
+    }
+
     /// 503: the store cannot be reached; the client may retry.
     pub fn unavailable(message: impl Into<String>) -> Self {
         let mut e = Self::new(503, "ServiceUnavailable", message);

@@ -1,5 +1,7 @@
 //! The audit log: one `audit.k8s.io/v1` Event per request, as JSON lines — who did what to
-//! which object, when, and with what outcome.
+//! which object, when, and with what outcome. Logins are recorded with annotations saying
+//! whose login it was and how it ended; no password or token is ever written. The file is
+//! created mode 0600.
 
 use std::io::Write;
 use std::path::Path;
@@ -26,6 +28,8 @@ pub struct Record<'a> {
     pub code: u16,
     /// When the request arrived (RFC 3339, microseconds).
     pub received: &'a str,
+    /// `annotations` of the event (a login's user and result).
+    pub annotations: &'a [(&'a str, &'a str)],
 }
 
 impl Record<'_> {
@@ -58,14 +62,27 @@ impl Record<'_> {
             }
             ev["objectRef"] = r;
         }
+        if !self.annotations.is_empty() {
+            ev["annotations"] = self
+                .annotations
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), json!(v)))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
         ev
     }
 }
 
+/// Records waiting for the writer thread; past it, records are dropped (and counted) rather
+/// than held in memory without bound or making requests wait for the disk.
+const QUEUE: usize = 16 * 1024;
+
 /// A handle that appends records to the log from a background thread.
 #[derive(Debug, Clone)]
 pub struct AuditLog {
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    tx: mpsc::Sender<Vec<u8>>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl AuditLog {
@@ -74,11 +91,15 @@ impl AuditLog {
     /// # Errors
     /// When the file cannot be opened.
     pub fn open(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(path)?;
-        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        // A log made before (or by another program) may be readable by others: not any more.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
         std::thread::Builder::new()
             .name("audit".into())
             .spawn(move || {
@@ -94,13 +115,23 @@ impl AuditLog {
                     }
                 }
             })?;
-        Ok(Self { tx })
+        Ok(Self {
+            tx,
+            dropped: std::sync::Arc::default(),
+        })
     }
 
-    /// Records a finished request.
+    /// Records a finished request; when the writer is that far behind, the record is dropped
+    /// and counted.
     pub fn record(&self, r: &Record<'_>) {
+        use std::sync::atomic::Ordering;
         let mut line = r.to_json().to_string().into_bytes();
         line.push(b'\n');
-        let _ = self.tx.send(line);
+        if self.tx.try_send(line).is_err() {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::error!(dropped = n, "the audit log is behind; records were dropped");
+            }
+        }
     }
 }

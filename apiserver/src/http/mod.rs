@@ -2,6 +2,8 @@
 
 pub mod audit;
 pub mod discovery;
+pub mod limits;
+pub mod login;
 pub mod metrics;
 pub mod protobuf;
 pub mod response;

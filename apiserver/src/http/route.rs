@@ -18,45 +18,6 @@ use crate::resource::table::Rendering;
 use crate::resource::verbs::{Params, Target};
 use crate::storage::store::Stored;
 
-/// `POST .../tokens`: a token for a user and password (no other authentication needed).
-pub(crate) async fn issue_token(state: &AppState, bytes: &[u8]) -> ApiResult<Response> {
-    let req = crate::base::body::decode(bytes, false)?.value;
-    let user = req
-        .get("user")
-        .and_then(serde_json::Value::as_str)
-        .unwrap_or_default();
-    let password = req
-        .get("password")
-        .and_then(serde_json::Value::as_str)
-        .unwrap_or_default();
-    let ttl = req
-        .get("expirationSeconds")
-        .and_then(serde_json::Value::as_i64)
-        .unwrap_or(3600);
-    if !(1..=86_400).contains(&ttl) {
-        return Err(ApiError::bad_request(
-            "expirationSeconds: must be between 1 and 86400",
-        ));
-    }
-    let id = &state.identity;
-    // The same answer for an unknown user, a wrong password and a disabled user.
-    let ok = id.check_password(user, password).await?;
-    let (token, claims) = id.signer.issue(user, ttl);
-    if !ok || id.token_grants(&claims).await?.is_none() {
-        return Err(ApiError::unauthorized());
-    }
-    let expires = jiff::Timestamp::from_second(claims.exp)
-        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
-        .unwrap_or_default();
-    Ok(json_response(
-        StatusCode::CREATED,
-        &json!({
-            "apiVersion": "identity.stratus.dev/v1", "kind": "Token", "user": user, "token": token, "expiresAt": expires,
-        }),
-        &[],
-    ))
-}
-
 /// Identity endpoints beside the resources: logout and password changes.
 async fn identity_call(
     state: &AppState,
@@ -172,23 +133,7 @@ async fn identity_call(
                 "password",
             ],
         ) => Some(
-            async {
-                // Never a node's (a node is no cluster admin, and no user is named like one).
-                if caller.node().is_some() || !(caller.cluster_admin() || caller.user == *name) {
-                    return Err(ApiError::forbidden(format!(
-                        "User \"{}\" cannot set the password of another user",
-                        caller.user
-                    )));
-                }
-                let body = crate::base::body::decode(bytes, false)?.value;
-                let password = body
-                    .get("password")
-                    .and_then(serde_json::Value::as_str)
-                    .ok_or_else(|| ApiError::bad_request("password: required"))?;
-                state.identity.set_password(name, password).await?;
-                Ok(Outcome::success().into_response())
-            }
-            .await,
+            crate::http::login::change_password(state, name, bytes, caller).await,
         ),
         _ => None,
     }

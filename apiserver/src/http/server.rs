@@ -46,6 +46,10 @@ pub struct Config {
     /// Treat every request as a system administrator's, without looking at credentials. Only
     /// for measuring what authentication costs (the benchmark); no command line sets it.
     pub auth_disabled: bool,
+    /// Connections, requests in flight, watches and timeouts.
+    pub limits: crate::http::limits::Limits,
+    /// Failed-login lockout and throttling, and the password hashing threads.
+    pub login: crate::policy::identity::LoginPolicy,
 }
 
 impl Config {
@@ -61,6 +65,8 @@ impl Config {
             max_body_bytes: 1024 * 1024,
             audit_log: None,
             auth_disabled: false,
+            limits: crate::http::limits::Limits::default(),
+            login: crate::policy::identity::LoginPolicy::default(),
         }
     }
 }
@@ -85,6 +91,8 @@ pub(crate) struct AppState {
     audit: Option<crate::http::audit::AuditLog>,
     pub(crate) identity: crate::policy::identity::Identity,
     pub(crate) metrics: crate::http::metrics::Metrics,
+    inflight: crate::http::limits::Inflight,
+    watches: crate::http::limits::Watches,
 }
 
 /// The router of every API path.
@@ -160,12 +168,78 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
         }
         _ => {}
     }
+    // The one reading of the path every later step (limits, authorization, metrics, audit)
+    // uses.
+    let params = Params::parse(parts.uri.query());
+    let watch = params.as_ref().is_ok_and(|p| p.flag("watch"));
+    let info = RequestInfo::parse(method.as_str(), &path, watch);
+    if info.verb == "watch" {
+        return serve(state, parts, body, params, info, received).await;
+    }
+    // Watches are long-running: neither counted in flight nor given a deadline.
+    let _place = match state
+        .inflight
+        .admit(!matches!(method, Method::GET | Method::HEAD))
+    {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let timeout = state.config.limits.request_timeout;
+    let serving = serve(Arc::clone(&state), parts, body, params, info, received);
+    match tokio::time::timeout(timeout, serving).await {
+        Ok(response) => response,
+        Err(_) => ApiError::timeout(format!(
+            "the request did not complete within {}s",
+            timeout.as_secs()
+        ))
+        .into_response(),
+    }
+}
+
+/// Serves a request within its limits: `params` and `info` are its query and path, read once.
+async fn serve(
+    state: Arc<AppState>,
+    parts: axum::http::request::Parts,
+    body: Body,
+    params: Result<Params, ApiError>,
+    info: RequestInfo,
+    received: Option<String>,
+) -> Response {
+    let path = parts.uri.path().to_string();
+    let method = parts.method.clone();
+    let source = parts.extensions.get::<SocketAddr>().map(|a| a.ip());
     if method == Method::POST && path == "/apis/identity.stratus.dev/v1/tokens" {
-        let response = match read_body(body, 64 * 1024).await {
-            Ok(bytes) => route::issue_token(&state, &bytes).await,
-            Err(_) => Err(ApiError::too_large(64 * 1024)),
+        let (response, attempt) = match read_body(body, 64 * 1024).await {
+            Ok(bytes) => crate::http::login::issue_token(&state, &bytes, source).await,
+            Err(_) => (
+                ApiError::too_large(64 * 1024).into_response(),
+                crate::http::login::Attempt {
+                    user: String::new(),
+                    result: "invalid",
+                },
+            ),
         };
-        return response.unwrap_or_else(IntoResponse::into_response);
+        if let (Some(audit), Some(received)) = (&state.audit, &received) {
+            let user = (attempt.result == "success").then_some(attempt.user.as_str());
+            audit.record(&crate::http::audit::Record {
+                info: &info,
+                user,
+                uri: &path,
+                source,
+                user_agent: parts
+                    .headers
+                    .get(header::USER_AGENT)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or(""),
+                code: response.status().as_u16(),
+                received,
+                annotations: &[
+                    ("authentication.stratus.dev/user", &attempt.user),
+                    ("authentication.stratus.dev/result", attempt.result),
+                ],
+            });
+        }
+        return response;
     }
     let started = std::time::Instant::now();
     let _busy = state
@@ -183,24 +257,35 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
         header(header::USER_AGENT),
     )
     .await;
-    let params = Params::parse(parts.uri.query());
-    // The one reading of the path every later step (authorization, metrics, audit) uses.
-    let watch = params.as_ref().is_ok_and(|p| p.flag("watch"));
-    let info = RequestInfo::parse(method.as_str(), &path, watch);
+    let watch_slot = match (&caller, info.verb.as_str()) {
+        (Ok(c), "watch") => match state
+            .watches
+            .open(&c.user, state.config.limits.max_watches_per_user)
+        {
+            Ok(slot) => Some(slot),
+            Err(e) => return e.into_response(),
+        },
+        _ => None,
+    };
     let response = match (&caller, &params) {
         (Ok(caller), Ok(params)) => match read_body(body, state.config.max_body_bytes).await {
             Ok(bytes) => {
-                route::route(
-                    &state,
-                    &method,
-                    &path,
-                    &info,
-                    &parts.headers,
-                    params,
-                    &bytes,
-                    caller,
-                )
-                .await
+                // Admission's view of who is asking (a non-public flavor is a cluster admin's).
+                crate::admission::CLUSTER_ADMIN
+                    .scope(
+                        caller.cluster_admin(),
+                        route::route(
+                            &state,
+                            &method,
+                            &path,
+                            &info,
+                            &parts.headers,
+                            params,
+                            &bytes,
+                            caller,
+                        ),
+                    )
+                    .await
             }
             Err(_) => Err(ApiError::too_large(state.config.max_body_bytes)),
         },
@@ -226,14 +311,11 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     );
     state.metrics.answered(&counted, code, started.elapsed());
     if counted.verb == "WATCH" && response.status().is_success() {
-        // Counted as open until the stream ends or the client goes.
-        let open = state.metrics.watching(&counted);
+        // Counted as open (and against its user's watches) until the stream ends or the
+        // client goes.
+        let open = (state.metrics.watching(&counted), watch_slot);
         let body = std::mem::replace(response.body_mut(), Body::empty());
-        let stream = futures::StreamExt::map(body.into_data_stream(), move |chunk| {
-            let _ = &open;
-            chunk
-        });
-        *response.body_mut() = Body::from_stream(stream);
+        *response.body_mut() = Body::new(crate::http::limits::Holding::new(body, open));
     }
     let user = caller.as_ref().ok().map(|c| c.user.as_str());
     tracing::debug!(user, %method, %path, query = parts.uri.query().unwrap_or(""), code, "request");
@@ -247,7 +329,6 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
             .get(header::USER_AGENT)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        let source = parts.extensions.get::<SocketAddr>().map(|a| a.ip());
         audit.record(&crate::http::audit::Record {
             info: &info,
             user,
@@ -256,6 +337,7 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
             user_agent,
             code,
             received,
+            annotations: &[],
         });
     }
     response
@@ -327,8 +409,14 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         None => None,
     };
     let identity =
-        crate::policy::identity::Identity::load(api.store.clone(), &config.prefix).await?;
+        crate::policy::identity::Identity::load(api.store.clone(), &config.prefix, &config.login)
+            .await?;
     let state = Arc::new(AppState {
+        inflight: crate::http::limits::Inflight::new(
+            config.limits.max_requests_inflight,
+            config.limits.max_mutating_requests_inflight,
+        ),
+        watches: crate::http::limits::Watches::default(),
         api,
         config,
         audit,
@@ -346,9 +434,15 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
             tokio::time::sleep(crate::http::metrics::COUNT_EVERY).await;
         }
     });
+    let limits = state.config.limits.clone();
     let app = router(state);
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let task = tokio::spawn(async move {
         loop {
+            // Past the limit, connections wait in the kernel's backlog, not in this process.
+            let Ok(place) = Arc::clone(&connections).acquire_owned().await else {
+                return;
+            };
             let (sock, peer) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
@@ -358,45 +452,102 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
                 }
             };
             let _ = sock.set_nodelay(true);
-            let app = app.clone();
-            let tls = tls.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |mut req: hyper::Request<hyper::body::Incoming>| {
-                        req.extensions_mut().insert(peer);
-                        let app = app.clone();
-                        async move {
-                            use tower::ServiceExt;
-                            app.oneshot(req.map(Body::new)).await
-                        }
-                    },
-                );
-                let builder = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                );
-                let result = match tls {
-                    Some(acceptor) => match acceptor.accept(sock).await {
-                        Ok(stream) => {
-                            builder
-                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                                .await
-                        }
-                        Err(e) => {
-                            tracing::debug!(error = %e, "TLS handshake failed");
-                            return;
-                        }
-                    },
-                    None => {
-                        builder
-                            .serve_connection(hyper_util::rt::TokioIo::new(sock), service)
-                            .await
-                    }
-                };
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-            });
+            tokio::spawn(serve_connection(
+                sock,
+                peer,
+                app.clone(),
+                tls.clone(),
+                limits.clone(),
+                place,
+            ));
         }
     });
     Ok(Server { local_addr, task })
+}
+
+/// Serves one connection until it ends, its client has been idle or slow for too long, or its
+/// TLS handshake takes too long; `_place` is its place among the open connections.
+async fn serve_connection(
+    sock: tokio::net::TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: crate::http::limits::Limits,
+    _place: tokio::sync::OwnedSemaphorePermit,
+) {
+    use crate::http::limits::{Activity, Holding, Watched};
+    let activity = Activity::new();
+    let sock = Watched::new(sock, Arc::clone(&activity));
+    let requests = Arc::clone(&activity);
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(peer);
+            let app = app.clone();
+            // In flight (the connection is not idle) until the response's body is done.
+            let busy = requests.begin();
+            async move {
+                use tower::ServiceExt;
+                let response = app.oneshot(req.map(Body::new)).await;
+                response.map(|r| r.map(|b| Body::new(Holding::new(b, busy))))
+            }
+        });
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let watchdog = |headers_count: bool| {
+        let activity = Arc::clone(&activity);
+        let (header_read, idle) = (limits.header_read_timeout, limits.idle_timeout);
+        async move {
+            let tick = (header_read.min(idle) / 4)
+                .clamp(Duration::from_millis(50), Duration::from_secs(1));
+            loop {
+                tokio::time::sleep(tick).await;
+                if let Some(why) =
+                    activity.expired(std::time::Instant::now(), header_read, idle, headers_count)
+                {
+                    return why;
+                }
+            }
+        }
+    };
+    let result = match tls {
+        Some(acceptor) => {
+            let stream =
+                match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(sock))
+                    .await
+                {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+            // Over HTTP/2, bytes without a request are pings and settings.
+            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                r = conn => r,
+                why = watchdog(!h2) => {
+                    tracing::debug!(?why, %peer, "closing the connection");
+                    return;
+                }
+            }
+        }
+        None => {
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(sock), service);
+            tokio::select! {
+                r = conn => r,
+                why = watchdog(true) => {
+                    tracing::debug!(?why, %peer, "closing the connection");
+                    return;
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
 }

@@ -1,8 +1,21 @@
 //! Identity: passwords (argon2 hashes, never served), signed expiring bearer tokens with
-//! revocation, and the role assignments that authorise every request.
+//! revocation, the role assignments that authorise every request, and the throttling of
+//! failed logins.
 //!
 //! Secrets live under `{prefix}/_system/`, outside every served resource's keys, so no API
 //! call can read them.
+//!
+//! # Guarantees
+//! - What a password or a token allows is tied to its User's uid: a password record and a
+//!   token hold the uid they were made for, and a role assignment counts only while the User
+//!   that owns it (its `ownerReferences`, set at admission) has that uid. A new User with a
+//!   deleted one's name inherits nothing, even before the garbage collector removes the old
+//!   assignments.
+//! - A password change moves the user's token generation: every token issued before it stops
+//!   working at once on every replica (save the changer's own, for a change of one's own
+//!   password).
+//! - argon2 runs on a few threads of its own with a bounded queue, never on the async workers;
+//!   a full queue is a 429, not a longer wait.
 
 use argon2::{Argon2, PasswordHasher, PasswordVerifier};
 use base64::Engine;
@@ -10,7 +23,10 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use ring::hmac;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::base::error::ApiError;
@@ -18,7 +34,7 @@ use crate::policy::roles::Grant;
 use stratus_api_types::identity::Role;
 
 use crate::storage::keys;
-use crate::storage::store::{Read, Store, StoreError, Stored, Write};
+use crate::storage::store::{Guard, Read, Store, StoreError, Stored};
 
 /// What a verified token says.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -32,6 +48,12 @@ pub struct Claims {
     /// Expiry, seconds since the epoch.
     #[serde(rename = "e")]
     pub exp: i64,
+    /// The user's uid when the token was issued.
+    #[serde(rename = "i", default)]
+    pub uid: String,
+    /// The user's token generation when the token was issued (see [`PasswordRecord`]).
+    #[serde(rename = "g", default)]
+    pub generation: u64,
 }
 
 /// Signs and verifies tokens.
@@ -52,6 +74,10 @@ pub struct Identity {
     /// A hash of a password nobody has, checked for unknown users so that they take as long
     /// to refuse as a wrong password.
     dummy_hash: String,
+    /// Where argon2 runs.
+    hasher: Hasher,
+    /// Failed logins, per user and per source address.
+    pub throttle: Throttle,
     /// The token signer every replica shares.
     pub signer: Signer,
 }
@@ -158,7 +184,11 @@ impl Identity {
     ///
     /// # Errors
     /// When etcd cannot be reached.
-    pub async fn load(store: Store, prefix: &str) -> Result<Self, StoreError> {
+    pub async fn load(
+        store: Store,
+        prefix: &str,
+        policy: &LoginPolicy,
+    ) -> Result<Self, StoreError> {
         let key_path = format!("{prefix}/_system/token-key");
         let fresh = ring::rand::SystemRandom::new();
         let mut bytes = [0u8; 32];
@@ -184,6 +214,9 @@ impl Identity {
                 pending: Arc::default(),
             },
             dummy_hash,
+            hasher: Hasher::new(policy.hash_threads, policy.hash_queue)
+                .map_err(|_| StoreError::Poisoned)?,
+            throttle: Throttle::new(policy),
             signer: Signer {
                 key: hmac::Key::new(hmac::HMAC_SHA256, &material),
             },
@@ -192,12 +225,14 @@ impl Identity {
 }
 
 impl Signer {
-    /// A token for `user`, valid for `ttl` seconds.
-    pub fn issue(&self, user: &str, ttl: i64) -> (String, Claims) {
+    /// A token for `user`, valid for `ttl` seconds, as the password check `v` found them.
+    pub fn issue(&self, user: &str, v: &Verified, ttl: i64) -> (String, Claims) {
         let claims = Claims {
             user: user.to_string(),
             jti: uuid::Uuid::new_v4().simple().to_string(),
             exp: now() + ttl,
+            uid: v.uid.clone(),
+            generation: v.generation,
         };
         let payload = B64.encode(serde_json::to_vec(&claims).unwrap_or_default());
         let signed = format!("{TOKEN_PREFIX}{payload}");
@@ -223,18 +258,30 @@ impl Signer {
 
 impl Identity {
     fn password_key(&self, user: &str) -> String {
-        format!("{}/_system/passwords/{user}", self.prefix)
+        keys::password(&self.prefix, user)
+    }
+
+    fn user_key(&self, user: &str) -> String {
+        keys::object(&self.prefix, "identity.stratus.dev", "users", None, user)
     }
 
     fn revoked_key(&self, jti: &str) -> String {
         format!("{}/_system/revoked/{jti}", self.prefix)
     }
 
-    /// Sets a user's password (stored only as an argon2 hash).
+    /// Sets a user's password (stored only as an argon2 hash, with the user's uid) and moves
+    /// the user's token generation: every token issued before stops working, except `keep`
+    /// (the changer's own token, when users change their own password).
     ///
     /// # Errors
-    /// 422 for a password shorter than 8 characters; 503 when etcd is unreachable.
-    pub async fn set_password(&self, user: &str, password: &str) -> Result<(), ApiError> {
+    /// 422 for a password shorter than 8 characters; 404 for a user that does not exist; 429
+    /// when the hashing queue is full; 503 when etcd is unreachable.
+    pub async fn set_password(
+        &self,
+        user: &str,
+        password: &str,
+        keep: Option<&str>,
+    ) -> Result<(), ApiError> {
         if password.chars().count() < 8 {
             return Err(ApiError::invalid(
                 "User",
@@ -247,45 +294,110 @@ impl Identity {
                 )],
             ));
         }
-        let hash = Argon2::default()
-            .hash_password(password.as_bytes())
-            .map_err(|e| ApiError::internal(format!("hash a password: {e}")))?
-            .to_string();
+        let password = password.to_string();
+        let hash = self
+            .hasher
+            .run(move || {
+                Argon2::default()
+                    .hash_password(password.as_bytes())
+                    .map(|h| h.to_string())
+            })
+            .await?
+            .map_err(|e| ApiError::internal(format!("hash a password: {e}")))?;
         let key = self.password_key(user);
-        loop {
-            let current = self.store.get(&key).await.map_err(ApiError::from)?;
-            let written = match current {
-                Some(c) => {
-                    self.store
-                        .update(&key, &Value::String(hash.clone()), c.mod_revision)
-                        .await
-                }
-                None => self.store.create(&key, &Value::String(hash.clone())).await,
-            }
-            .map_err(ApiError::from)?;
-            if let Write::Done(_) = written {
+        let user_key = self.user_key(user);
+        for _ in 0..16 {
+            let (read, _) = self
+                .store
+                .read_many(&[Read::Key(&user_key), Read::Key(&key)])
+                .await
+                .map_err(ApiError::from)?;
+            let Some((_, u)) = read.first().and_then(|r| r.first()) else {
+                return Err(ApiError::not_found("identity.stratus.dev", "users", user));
+            };
+            let uid = crate::base::meta::meta_str(&u.value, "uid").unwrap_or_default();
+            let current = read.get(1).and_then(|r| r.first());
+            let generation = current
+                .map(|(_, s)| PasswordRecord::of(&s.value))
+                .filter(|r| r.uid.as_deref() == Some(uid))
+                .map_or(0, |r| r.generation);
+            let record = PasswordRecord {
+                hash: hash.clone(),
+                uid: Some(uid.to_string()),
+                generation: generation + 1,
+                keep: keep.map(String::from),
+            };
+            let value = serde_json::to_value(&record)
+                .map_err(|e| ApiError::internal(format!("encode a password record: {e}")))?;
+            let mut guards = vec![Guard::Revision(&user_key, u.mod_revision)];
+            guards.push(match current {
+                Some((_, c)) => Guard::Revision(&key, c.mod_revision),
+                None => Guard::Absent(&key),
+            });
+            if self
+                .store
+                .write_many(&guards, &[(&key, &value)], &[])
+                .await
+                .map_err(ApiError::from)?
+                .is_some()
+            {
                 return Ok(());
             }
         }
+        Err(ApiError::conflict(
+            "identity.stratus.dev",
+            "users",
+            user,
+            "the user changed while its password was set; retry",
+        ))
     }
 
-    /// Whether `password` is the user's. Unknown users and users without a password take as
-    /// long as a wrong password and answer the same.
-    pub async fn check_password(&self, user: &str, password: &str) -> Result<bool, ApiError> {
-        let stored = self
+    /// Whether `password` is the user's: the uid and token generation it was checked against
+    /// when it is. Unknown users, users without a password and passwords of a deleted user of
+    /// the same name take as long as a wrong password and answer the same.
+    ///
+    /// # Errors
+    /// 429 when the hashing queue is full; 503 when etcd is unreachable.
+    pub async fn check_password(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<Option<Verified>, ApiError> {
+        let (user_key, key) = (self.user_key(user), self.password_key(user));
+        let (read, _) = self
             .store
-            .get(&self.password_key(user))
+            .read_many(&[Read::Key(&user_key), Read::Key(&key)])
             .await
             .map_err(ApiError::from)?;
-        let hash = stored
+        let uid = read
+            .first()
+            .and_then(|r| r.first())
+            .and_then(|(_, u)| crate::base::meta::meta_str(&u.value, "uid"))
+            .map(String::from);
+        let record = read
+            .get(1)
+            .and_then(|r| r.first())
+            .map(|(_, s)| PasswordRecord::of(&s.value))
+            .filter(|r| uid.is_some() && r.holds_for(uid.as_deref()));
+        let hash = record
             .as_ref()
-            .and_then(|s| s.value.as_str())
-            .unwrap_or(&self.dummy_hash)
-            .to_string();
-        let ok = Argon2::default()
-            .verify_password(password.as_bytes(), hash.as_str())
-            .is_ok();
-        Ok(ok && stored.is_some())
+            .map_or_else(|| self.dummy_hash.clone(), |r| r.hash.clone());
+        let password = password.to_string();
+        let ok = self
+            .hasher
+            .run(move || {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), hash.as_str())
+                    .is_ok()
+            })
+            .await?;
+        Ok(match (ok, record, uid) {
+            (true, Some(r), Some(uid)) => Some(Verified {
+                uid,
+                generation: r.generation,
+            }),
+            _ => None,
+        })
     }
 
     /// Revokes a token until it would have expired anyway.
@@ -298,10 +410,12 @@ impl Identity {
     }
 
     /// What a verified token allows now: its user's grants, or None when the token was
-    /// revoked or its user is gone or disabled. A change takes effect from the very next
-    /// request: every such write also puts the marker key, so one read of the marker's
-    /// revision tells whether an answer read before still holds; if not, the revocation, the
-    /// user and the role assignments are read afresh, with the marker, in one transaction.
+    /// revoked, its user is gone, disabled or another user of the same name, or its user's
+    /// password changed since it was issued. Grants in a disabled project are left out. A
+    /// change takes effect from the very next request: every such write also puts the marker
+    /// key, so one read of the marker's revision tells whether an answer read before still
+    /// holds; if not, the revocation, the user, its password record and the role assignments
+    /// are read afresh, with the marker, in one transaction (and the projects granted, after).
     pub async fn token_grants(&self, c: &Claims) -> Result<Option<Vec<Grant>>, ApiError> {
         let at = self.marker_reads.revision().await?;
         if let Some(answer) = self.memo.lock().ok().and_then(|m| m.get(at, &c.jti)) {
@@ -309,7 +423,8 @@ impl Identity {
         }
         let marker = keys::marker_key(&self.prefix);
         let revoked = self.revoked_key(&c.jti);
-        let user = format!("{}/identity.stratus.dev/users/{}", self.prefix, c.user);
+        let user = self.user_key(&c.user);
+        let password = self.password_key(&c.user);
         let assignments = format!("{}/identity.stratus.dev/roleassignments/", self.prefix);
         let (read, _) = self
             .store
@@ -317,23 +432,133 @@ impl Identity {
                 Read::Presence(&marker),
                 Read::Presence(&revoked),
                 Read::Key(&user),
+                Read::Key(&password),
                 Read::Prefix(&assignments),
             ])
             .await
             .map_err(ApiError::from)?;
-        let [marker_read, revoked_read, user_read, assignments_read] =
-            <[Vec<(String, Stored)>; 4]>::try_from(read).map_err(|_| {
-                ApiError::internal("etcd answered a read of four with another count")
-            })?;
-        let valid = revoked_read.is_empty()
-            && user_read.first().is_some_and(|(_, u)| {
+        let [
+            marker_read,
+            revoked_read,
+            user_read,
+            password_read,
+            assignments_read,
+        ] = <[Vec<(String, Stored)>; 5]>::try_from(read)
+            .map_err(|_| ApiError::internal("etcd answered a read of five with another count"))?;
+        let uid = user_read
+            .first()
+            .filter(|(_, u)| {
                 u.value.pointer("/spec/enabled").and_then(Value::as_bool) != Some(false)
-            });
-        let answer = valid.then(|| grants_of(&c.user, assignments_read));
+            })
+            .and_then(|(_, u)| crate::base::meta::meta_str(&u.value, "uid"))
+            .filter(|uid| *uid == c.uid);
+        let current = password_read
+            .first()
+            .map(|(_, s)| PasswordRecord::of(&s.value))
+            .is_some_and(|r| r.holds_for(uid) && r.admits(c));
+        let mut answer = (revoked_read.is_empty() && current)
+            .then(|| uid.map(|uid| grants_of(&c.user, uid, assignments_read)))
+            .flatten();
+        if let Some(grants) = answer.as_mut() {
+            self.drop_disabled_projects(grants).await?;
+        }
         if let Ok(mut m) = self.memo.lock() {
             m.keep(revision_of(&marker_read), &c.jti, answer.clone());
         }
         Ok(answer)
+    }
+
+    /// Leaves out grants in projects that are disabled (`spec.enabled: false`) or gone.
+    async fn drop_disabled_projects(&self, grants: &mut Vec<Grant>) -> Result<(), ApiError> {
+        let mut projects: Vec<String> = grants.iter().filter_map(|g| g.namespace.clone()).collect();
+        projects.sort_unstable();
+        projects.dedup();
+        if projects.is_empty() {
+            return Ok(());
+        }
+        let project_keys: Vec<String> = projects
+            .iter()
+            .map(|p| keys::object(&self.prefix, "identity.stratus.dev", "projects", None, p))
+            .collect();
+        let reads: Vec<Read<'_>> = project_keys.iter().map(|k| Read::Key(k)).collect();
+        let (read, _) = self.store.read_many(&reads).await.map_err(ApiError::from)?;
+        let enabled: Vec<&String> = projects
+            .iter()
+            .zip(&read)
+            .filter(|(_, r)| {
+                r.first().is_some_and(|(_, p)| {
+                    p.value.pointer("/spec/enabled").and_then(Value::as_bool) != Some(false)
+                })
+            })
+            .map(|(p, _)| p)
+            .collect();
+        // System namespaces (stratus-system) have no Project and are never disabled.
+        grants.retain(|g| match &g.namespace {
+            Some(ns) => {
+                enabled.contains(&ns)
+                    || crate::resource::verbs::SYSTEM_NAMESPACES.contains(&ns.as_str())
+            }
+            None => true,
+        });
+        Ok(())
+    }
+}
+
+/// What a password check found: whose password it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The user's uid.
+    pub uid: String,
+    /// The user's token generation.
+    pub generation: u64,
+}
+
+/// A stored password: its argon2 hash, the uid of the User it was set for, and the user's
+/// token generation (tokens of another generation no longer hold, save `keep`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PasswordRecord {
+    /// The argon2 hash (PHC string).
+    pub hash: String,
+    /// The uid of the User the password was set for; None for a record from before uids were
+    /// recorded (it holds for the user of that name until the password is next set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// Moved on every password change.
+    #[serde(default)]
+    pub generation: u64,
+    /// A token id that survives the last change (the changer's own token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<String>,
+}
+
+impl PasswordRecord {
+    /// Reads a stored record (a bare string is a hash stored before records had fields).
+    pub fn of(v: &Value) -> Self {
+        match v {
+            Value::String(hash) => Self {
+                hash: hash.clone(),
+                uid: None,
+                generation: 0,
+                keep: None,
+            },
+            other => serde_json::from_value(other.clone()).unwrap_or(Self {
+                // Unreadable: no password matches an empty hash.
+                hash: String::new(),
+                uid: Some(String::new()),
+                generation: 0,
+                keep: None,
+            }),
+        }
+    }
+
+    /// Whether the record belongs to the User with `uid` (None: no such user).
+    fn holds_for(&self, uid: Option<&str>) -> bool {
+        uid.is_some() && (self.uid.is_none() || self.uid.as_deref() == uid)
+    }
+
+    /// Whether a token is of the current generation (or the one kept).
+    fn admits(&self, c: &Claims) -> bool {
+        c.generation == self.generation || self.keep.as_deref() == Some(c.jti.as_str())
     }
 }
 
@@ -342,11 +567,34 @@ fn revision_of(read: &[(String, Stored)]) -> i64 {
     read.first().map_or(0, |(_, s)| s.mod_revision)
 }
 
-/// `user`'s grants among role assignments.
-fn grants_of(user: &str, assignments: Vec<(String, Stored)>) -> Vec<Grant> {
+/// Whether an assignment belongs to the User with `uid`: the User it names owns it (set at
+/// admission), or, for an assignment stored before owners were recorded, no User does.
+fn owned_by(assignment: &Value, uid: &str) -> bool {
+    let users: Vec<&Value> = assignment
+        .pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .map(|refs| {
+            refs.iter()
+                .filter(|r| {
+                    r.get("kind").and_then(Value::as_str) == Some("User")
+                        && r.get("apiVersion").and_then(Value::as_str)
+                            == Some("identity.stratus.dev/v1")
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    users.is_empty()
+        || users
+            .iter()
+            .all(|r| r.get("uid").and_then(Value::as_str) == Some(uid))
+}
+
+/// `user`'s grants among role assignments, `uid` being the User's current uid.
+fn grants_of(user: &str, uid: &str, assignments: Vec<(String, Stored)>) -> Vec<Grant> {
     assignments
         .into_iter()
         .filter(|(_, s)| s.value.pointer("/spec/user").and_then(Value::as_str) == Some(user))
+        .filter(|(_, s)| owned_by(&s.value, uid))
         .filter(|(_, s)| s.value.pointer("/metadata/deletionTimestamp").is_none())
         .filter_map(|(_, s)| {
             // Every stored assignment names a role: the schema requires one of the enum's.
@@ -370,6 +618,228 @@ fn grants_of(user: &str, assignments: Vec<(String, Stored)>) -> Vec<Grant> {
             })
         })
         .collect()
+}
+
+/// How logins are throttled and where their hashing runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginPolicy {
+    /// Failed logins in a row after which a user is locked out (Keystone's
+    /// `lockout_failure_attempts`); 0: never.
+    pub lockout_failure_attempts: u32,
+    /// How long a locked-out user stays locked out after the last failure (Keystone's
+    /// `lockout_duration`).
+    pub lockout_duration: Duration,
+    /// Failed logins one source address may make per `source_window`; 0: no limit.
+    pub source_failure_attempts: u32,
+    /// The window of `source_failure_attempts`.
+    pub source_window: Duration,
+    /// Threads that hash and verify passwords.
+    pub hash_threads: usize,
+    /// Password checks that may wait for a hashing thread; past it, logins are answered 429.
+    pub hash_queue: usize,
+}
+
+impl Default for LoginPolicy {
+    /// 6 failures lock a user out for 30 minutes; 30 failures a minute from one address are
+    /// throttled; half the cores (at least one) hash.
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        Self {
+            lockout_failure_attempts: 6,
+            lockout_duration: Duration::from_secs(30 * 60),
+            source_failure_attempts: 30,
+            source_window: Duration::from_secs(60),
+            hash_threads: (cores / 2).max(1),
+            hash_queue: 16,
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A few threads of their own for argon2, fed through a bounded queue.
+#[derive(Debug)]
+struct Hasher {
+    jobs: std::sync::mpsc::SyncSender<Job>,
+}
+
+impl Hasher {
+    /// `threads` threads (at least one), with room for `queue` waiting jobs. The threads end
+    /// when the hasher is dropped.
+    fn new(threads: usize, queue: usize) -> std::io::Result<Self> {
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(queue);
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let rx = Arc::clone(&rx);
+            std::thread::Builder::new()
+                .name(format!("argon2-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    }
+                })?;
+        }
+        Ok(Self { jobs })
+    }
+
+    /// Runs `f` on a hashing thread.
+    ///
+    /// # Errors
+    /// 429 when the queue is full.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        self.submit(f)?
+            .await
+            .map_err(|_| ApiError::internal("the password hashing threads stopped"))
+    }
+
+    /// Queues `f`; its answer comes on the receiver.
+    ///
+    /// # Errors
+    /// 429 when the queue is full.
+    fn submit<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<oneshot::Receiver<T>, ApiError> {
+        let (done, answer) = oneshot::channel();
+        self.jobs
+            .try_send(Box::new(move || {
+                let _ = done.send(f());
+            }))
+            .map_err(|_| {
+                ApiError::too_many_requests("too many password checks at once; retry", 1)
+            })?;
+        Ok(answer)
+    }
+}
+
+/// Why a login is refused before its password is looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The user failed too often in a row: 401 until the lockout ends.
+    Locked,
+    /// The source address failed too often lately: 429, retry after this many seconds.
+    Throttled(u32),
+}
+
+/// Failures of one user or address.
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    count: u32,
+    first: Instant,
+    last: Instant,
+}
+
+/// The most users and addresses whose failures are remembered (each), so that a flood of
+/// made-up names cannot grow memory without bound.
+const THROTTLE_CAPACITY: usize = 100_000;
+
+/// Failed logins per user and per source address, in this replica's memory.
+#[derive(Debug)]
+pub struct Throttle {
+    policy: LoginPolicy,
+    users: Mutex<HashMap<String, Failures>>,
+    sources: Mutex<HashMap<IpAddr, Failures>>,
+}
+
+impl Throttle {
+    fn new(policy: &LoginPolicy) -> Self {
+        Self {
+            policy: policy.clone(),
+            users: Mutex::default(),
+            sources: Mutex::default(),
+        }
+    }
+
+    /// Whether a login of `user` from `source` may be tried at `now`.
+    ///
+    /// # Errors
+    /// The refusal, when it may not.
+    pub fn check(&self, user: &str, source: Option<IpAddr>, now: Instant) -> Result<(), Refusal> {
+        let p = &self.policy;
+        if let (Some(ip), true) = (source, p.source_failure_attempts > 0)
+            && let Ok(sources) = self.sources.lock()
+            && let Some(f) = sources.get(&ip)
+        {
+            let age = now.saturating_duration_since(f.first);
+            if age < p.source_window && f.count >= p.source_failure_attempts {
+                let left = p.source_window.saturating_sub(age).as_secs_f64().ceil();
+                return Err(Refusal::Throttled((left as u32).max(1)));
+            }
+        }
+        if p.lockout_failure_attempts > 0
+            && let Ok(users) = self.users.lock()
+            && let Some(f) = users.get(user)
+            && f.count >= p.lockout_failure_attempts
+            && now.saturating_duration_since(f.last) < p.lockout_duration
+        {
+            return Err(Refusal::Locked);
+        }
+        Ok(())
+    }
+
+    /// Records a failed login.
+    pub fn failed(&self, user: &str, source: Option<IpAddr>, now: Instant) {
+        let p = &self.policy;
+        if let Ok(mut users) = self.users.lock() {
+            note(&mut users, user.to_string(), now, p.lockout_duration, false);
+        }
+        if let (Some(ip), Ok(mut sources)) = (source, self.sources.lock()) {
+            note(&mut sources, ip, now, p.source_window, true);
+        }
+    }
+
+    /// Records a successful login: the user's failures are forgotten.
+    pub fn succeeded(&self, user: &str) {
+        if let Ok(mut users) = self.users.lock() {
+            users.remove(user);
+        }
+    }
+}
+
+/// Counts one failure of `key` at `now`. Counts older than `expiry` (since the first failure
+/// for a window, since the last one for a lockout) start afresh.
+fn note<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, Failures>,
+    key: K,
+    now: Instant,
+    expiry: Duration,
+    window: bool,
+) {
+    let stale = |f: &Failures| {
+        now.saturating_duration_since(if window { f.first } else { f.last }) >= expiry
+    };
+    if map.len() >= THROTTLE_CAPACITY && !map.contains_key(&key) {
+        map.retain(|_, f| !stale(f));
+        if map.len() >= THROTTLE_CAPACITY {
+            // Still full of live entries (a flood of names or addresses): start afresh rather
+            // than grow. Lockouts then lapse early; the hashing queue still bounds the work.
+            map.clear();
+        }
+    }
+    let f = map.entry(key).or_insert(Failures {
+        count: 0,
+        first: now,
+        last: now,
+    });
+    if stale(f) {
+        *f = Failures {
+            count: 0,
+            first: now,
+            last: now,
+        };
+    }
+    f.count += 1;
+    f.last = now;
 }
 
 #[cfg(test)]
@@ -414,9 +884,14 @@ mod tests {
         let id = Signer {
             key: hmac::Key::new(hmac::HMAC_SHA256, b"k"),
         };
-        let (tok, claims) = id.issue("alice", 60);
+        let v = Verified {
+            uid: "u1".into(),
+            generation: 3,
+        };
+        let (tok, claims) = id.issue("alice", &v, 60);
+        assert_eq!((claims.uid.as_str(), claims.generation), ("u1", 3));
         assert_eq!(id.verify(&tok), Some(claims));
-        let (old, _) = id.issue("alice", -1);
+        let (old, _) = id.issue("alice", &v, -1);
         assert_eq!(id.verify(&old), None);
         let forged = tok.replace("st1.", "st1.x");
         assert_eq!(id.verify(&forged), None);
@@ -424,5 +899,132 @@ mod tests {
             key: hmac::Key::new(hmac::HMAC_SHA256, b"other"),
         };
         assert_eq!(other.verify(&tok), None);
+    }
+
+    fn policy() -> LoginPolicy {
+        LoginPolicy {
+            lockout_failure_attempts: 3,
+            lockout_duration: Duration::from_secs(60),
+            source_failure_attempts: 5,
+            source_window: Duration::from_secs(10),
+            hash_threads: 1,
+            hash_queue: 1,
+        }
+    }
+
+    #[test]
+    fn a_user_is_locked_out_after_failures_in_a_row_until_the_lockout_ends() {
+        let t = Throttle::new(&policy());
+        let t0 = Instant::now();
+        for i in 0..3 {
+            assert_eq!(t.check("alice", None, t0), Ok(()), "attempt {i}");
+            t.failed("alice", None, t0);
+        }
+        assert_eq!(t.check("alice", None, t0), Err(Refusal::Locked));
+        assert_eq!(
+            t.check("bob", None, t0),
+            Ok(()),
+            "another user is not locked"
+        );
+        // Locked from the last failure for the lockout's duration, then free again.
+        let later = t0 + Duration::from_secs(59);
+        assert_eq!(t.check("alice", None, later), Err(Refusal::Locked));
+        let after = t0 + Duration::from_secs(60);
+        assert_eq!(t.check("alice", None, after), Ok(()));
+        t.failed("alice", None, after);
+        assert_eq!(
+            t.check("alice", None, after),
+            Ok(()),
+            "a failure after the lockout starts a new count"
+        );
+        // A success forgets the failures.
+        t.failed("carol", None, t0);
+        t.failed("carol", None, t0);
+        t.succeeded("carol");
+        t.failed("carol", None, t0);
+        assert_eq!(t.check("carol", None, t0), Ok(()));
+    }
+
+    #[test]
+    fn a_source_address_is_throttled_over_its_window() {
+        let t = Throttle::new(&policy());
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        let t0 = Instant::now();
+        for i in 0..5 {
+            // A different user each time: no lockout, only the address counts.
+            t.failed(&format!("u{i}"), Some(ip), t0);
+        }
+        assert_eq!(
+            t.check("new", Some(ip), t0 + Duration::from_secs(4)),
+            Err(Refusal::Throttled(6))
+        );
+        assert_eq!(t.check("new", Some([10, 0, 0, 2].into()), t0), Ok(()));
+        assert_eq!(
+            t.check("new", Some(ip), t0 + Duration::from_secs(10)),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn password_records_hold_for_their_users_uid_and_generation() {
+        let r = PasswordRecord::of(&serde_json::json!({
+            "hash": "h", "uid": "u1", "generation": 2, "keep": "mine"
+        }));
+        assert!(r.holds_for(Some("u1")));
+        assert!(!r.holds_for(Some("u2")), "a new user of the same name");
+        assert!(!r.holds_for(None));
+        let claims = |jti: &str, generation| Claims {
+            user: "alice".into(),
+            jti: jti.into(),
+            exp: 0,
+            uid: "u1".into(),
+            generation,
+        };
+        assert!(r.admits(&claims("t", 2)));
+        assert!(!r.admits(&claims("t", 1)), "a token from before the change");
+        assert!(r.admits(&claims("mine", 1)), "the changer's own token");
+        // A hash stored before records had fields holds for whoever has the name.
+        let legacy = PasswordRecord::of(&Value::String("h".into()));
+        assert!(legacy.holds_for(Some("anyone")) && legacy.admits(&claims("t", 0)));
+        // Unreadable: holds for no one.
+        assert!(!PasswordRecord::of(&serde_json::json!(7)).holds_for(Some("u1")));
+    }
+
+    #[test]
+    fn assignments_count_only_for_the_user_that_owns_them() {
+        let owned = |uid: &str| {
+            serde_json::json!({"metadata": {"ownerReferences": [
+                {"apiVersion": "identity.stratus.dev/v1", "kind": "User", "name": "alice", "uid": uid}
+            ]}})
+        };
+        assert!(owned_by(&owned("u1"), "u1"));
+        assert!(!owned_by(&owned("u0"), "u1"), "the deleted user's");
+        assert!(owned_by(&serde_json::json!({"metadata": {}}), "u1"));
+    }
+
+    #[tokio::test]
+    async fn hashing_runs_off_the_async_workers_and_a_full_queue_is_a_429() {
+        let h = Hasher::new(1, 1).expect("threads");
+        let name = h
+            .run(|| std::thread::current().name().map(String::from))
+            .await
+            .expect("ran");
+        assert_eq!(name.as_deref(), Some("argon2-0"));
+        // One job running, one waiting: the next is refused at once.
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        let running = h
+            .submit(move || {
+                let _ = started_tx.send(());
+                let _ = wait.recv();
+            })
+            .expect("queued");
+        started.recv().expect("the first job started");
+        let queued = h.submit(|| ()).expect("room for one waiting");
+        let refused = h.submit(|| ()).expect_err("a full queue");
+        assert_eq!(refused.code, 429);
+        let _ = release.send(());
+        running.await.expect("the first job ran");
+        queued.await.expect("the queued job ran");
     }
 }

@@ -52,8 +52,16 @@ pub fn authorize(
     // users, only admins may write them.
     let sub_write =
         !info.subresource.is_empty() && !matches!(info.verb.as_str(), "get" | "list" | "watch");
+    // Status, placement (binding: co-residency targeting) and quotas are set by the cloud
+    // and its operators: of the users, only cluster admins write them, never a project's own
+    // admin.
+    let operators_only = sub_write
+        || (group == "identity.stratus.dev"
+            && info.resource == "quotas"
+            && !matches!(info.verb.as_str(), "get" | "list" | "watch"));
     let role_allows = |g: &Grant| {
-        allows(g.role, &info.verb, group, &info.resource) && (!sub_write || g.role == Role::Admin)
+        allows(g.role, &info.verb, group, &info.resource)
+            && (!operators_only || (g.role == Role::Admin && cluster(g)))
     };
     let ok = if !namespaced {
         let read = matches!(info.verb.as_str(), "get" | "list" | "watch");
@@ -193,6 +201,20 @@ mod tests {
             assert!(authorize("alice", &member, &sub(verb, subresource), true).is_err());
             assert!(authorize("root", &admin, &sub(verb, subresource), true).is_ok());
         }
+        let project_admin = vec![grant(Some("a"), Role::Admin)];
+        for (verb, subresource) in [
+            ("patch", "status"),
+            ("create", "binding"),
+            ("delete", "binding"),
+        ] {
+            assert!(authorize("pat", &project_admin, &sub(verb, subresource), true).is_err());
+        }
+        let quota = |verb: &str| info(verb, "identity.stratus.dev", "quotas", "a", "q");
+        for verb in ["create", "update", "patch", "delete"] {
+            assert!(authorize("pat", &project_admin, &quota(verb), true).is_err());
+            assert!(authorize("root", &admin, &quota(verb), true).is_ok());
+        }
+        assert!(authorize("pat", &project_admin, &quota("get"), true).is_ok());
         assert!(authorize("alice", &member, &sub("get", "status"), true).is_ok());
         assert!(authorize("alice", &member, &sub("patch", ""), true).is_ok());
     }

@@ -22,7 +22,13 @@ pub fn object(
     format!("{}{name}", collection(prefix, group, plural, namespace))
 }
 
-/// The key every write of a user, a role assignment or a token revocation also puts (see
+/// The key of a user's password record (outside every served resource's keys).
+pub fn password(prefix: &str, user: &str) -> String {
+    format!("{prefix}/_system/passwords/{user}")
+}
+
+/// The key every write of a user, a role assignment, a project, a password or a token
+/// revocation also puts (see
 /// [`crate::storage::store::Store::with_marker`]): while its revision stands, no token's answer has changed.
 pub fn marker_key(prefix: &str) -> String {
     format!("{prefix}/_system/identity-marker")
@@ -33,6 +39,8 @@ pub fn marked_prefixes(prefix: &str) -> Vec<String> {
     vec![
         format!("{prefix}/identity.stratus.dev/users/"),
         format!("{prefix}/identity.stratus.dev/roleassignments/"),
+        format!("{prefix}/identity.stratus.dev/projects/"),
         format!("{prefix}/_system/revoked/"),
+        format!("{prefix}/_system/passwords/"),
     ]
 }

@@ -438,9 +438,17 @@ fn assignment(ns: &str, name: &str, user: &str, role: &str) -> Value {
 /// Project `demo` where `pat` is admin (through RoleAssignment `pat-admin`).
 async fn project_admin() -> (Cloud, Value) {
     let c = Cloud::with_demo().await;
+    // An assignment names a User that exists (admission makes it owned by that User).
+    for user in ["pat", "sam", "root"] {
+        c.create(&Obj(json!({
+            "apiVersion": "identity.stratus.dev/v1", "kind": "User",
+            "metadata": {"name": user}, "spec": {},
+        })))
+        .await
+        .expect("user");
+    }
     let ras = c.target("RoleAssignment", Some("demo"), None);
-    let created = c
-        .user("root", &[(None, Role::Admin)])
+    c.user("root", &[(None, Role::Admin)])
         .create(
             &ras,
             JSON,
@@ -448,6 +456,10 @@ async fn project_admin() -> (Cloud, Value) {
         )
         .await
         .expect("pat's assignment");
+    let created = c
+        .get("RoleAssignment", Some("demo"), "pat-admin")
+        .await
+        .expect("stored");
     (c, created)
 }
 

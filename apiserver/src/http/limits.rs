@@ -1,0 +1,425 @@
+//! Limits on what clients may hold of the server: connections, requests in flight, watches per
+//! identity, and how long a connection may sit idle or take to send a request's headers.
+//!
+//! # Guarantees
+//! - A request (other than a watch) past the in-flight limits is answered 429 at once, with
+//!   `Retry-After`, as kube-apiserver's `--max-requests-inflight` does; watches count only
+//!   against their identity's watch limit.
+//! - A connection with no request in flight is closed once it has been idle for the idle
+//!   timeout, or once it has spent the header-read timeout sending the bytes of a request
+//!   that has not begun (a slow-header client): what a client holds without asking anything
+//!   is bounded by `max_connections` × those timeouts.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::base::error::ApiError;
+
+/// The limits of one API server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// How long a request other than a watch may take, body included (504 past it).
+    pub request_timeout: Duration,
+    /// Read-only requests (other than watches) served at once; 429 past it.
+    pub max_requests_inflight: usize,
+    /// Mutating requests served at once; 429 past it.
+    pub max_mutating_requests_inflight: usize,
+    /// Watches one identity may hold open at once; 429 past it.
+    pub max_watches_per_user: usize,
+    /// Connections held open at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers once it has begun.
+    pub header_read_timeout: Duration,
+    /// How long a TLS handshake may take.
+    pub tls_handshake_timeout: Duration,
+    /// How long a connection may stay open with no request in flight.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    /// kube-apiserver's in-flight defaults (400 read-only, 200 mutating) and request timeout
+    /// (60 s); Go's and nginx's orders of magnitude for the connection timeouts.
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(60),
+            max_requests_inflight: 400,
+            max_mutating_requests_inflight: 200,
+            max_watches_per_user: 200,
+            max_connections: 2048,
+            header_read_timeout: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// The in-flight limits: one semaphore per kind of request.
+#[derive(Debug)]
+pub struct Inflight {
+    read_only: Arc<Semaphore>,
+    mutating: Arc<Semaphore>,
+}
+
+impl Inflight {
+    /// Limits of `read_only` and `mutating` requests at once.
+    pub fn new(read_only: usize, mutating: usize) -> Self {
+        Self {
+            read_only: Arc::new(Semaphore::new(read_only)),
+            mutating: Arc::new(Semaphore::new(mutating)),
+        }
+    }
+
+    /// A place for one request, held until it is dropped.
+    ///
+    /// # Errors
+    /// 429 with `Retry-After` when every place of its kind is taken.
+    pub fn admit(&self, mutating: bool) -> Result<OwnedSemaphorePermit, ApiError> {
+        let s = if mutating {
+            &self.mutating
+        } else {
+            &self.read_only
+        };
+        Arc::clone(s).try_acquire_owned().map_err(|_| {
+            ApiError::too_many_requests("too many requests, please try again later", 1)
+        })
+    }
+}
+
+/// Open watches per identity.
+#[derive(Debug, Default)]
+pub struct Watches {
+    open: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One open watch, counted until dropped.
+#[derive(Debug)]
+pub struct WatchSlot {
+    open: Arc<Mutex<HashMap<String, usize>>>,
+    user: String,
+}
+
+impl Watches {
+    /// A slot for one more watch of `user`.
+    ///
+    /// # Errors
+    /// 429 when `user` already holds `max` watches.
+    pub fn open(&self, user: &str, max: usize) -> Result<WatchSlot, ApiError> {
+        let mut open = self
+            .open
+            .lock()
+            .map_err(|_| ApiError::internal("the watch counts are poisoned"))?;
+        let n = open.entry(user.to_string()).or_default();
+        if *n >= max {
+            return Err(ApiError::too_many_requests(
+                format!("too many watches: at most {max} per user"),
+                5,
+            ));
+        }
+        *n += 1;
+        Ok(WatchSlot {
+            open: Arc::clone(&self.open),
+            user: user.to_string(),
+        })
+    }
+
+    /// How many watches `user` holds.
+    pub fn count(&self, user: &str) -> usize {
+        self.open
+            .lock()
+            .map_or(0, |o| o.get(user).copied().unwrap_or(0))
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.open.lock()
+            && let Some(n) = open.get_mut(&self.user)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// What a connection is doing, for its watchdog.
+#[derive(Debug)]
+pub struct Activity {
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Requests begun and not yet answered to the end of their body.
+    in_flight: usize,
+    /// Since when no request has been in flight.
+    idle_since: Instant,
+    /// Whether bytes arrived since then (the head of a request that has not begun).
+    bytes_while_idle: bool,
+}
+
+/// Why a connection's watchdog closes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// A request's headers took longer than the header-read timeout.
+    SlowHeaders,
+    /// No request for the idle timeout.
+    Idle,
+}
+
+impl Activity {
+    /// A connection opened now, with nothing in flight.
+    pub fn new() -> Arc<Self> {
+        Self::at(Instant::now())
+    }
+
+    fn at(now: Instant) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                in_flight: 0,
+                idle_since: now,
+                bytes_while_idle: false,
+            }),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> Option<T> {
+        self.state.lock().ok().map(|mut s| f(&mut s))
+    }
+
+    /// A request began: held until its response's body is done.
+    pub fn begin(self: &Arc<Self>) -> Busy {
+        self.with(|s| s.in_flight += 1);
+        Busy(Arc::clone(self))
+    }
+
+    fn read(&self, n: usize) {
+        if n > 0 {
+            self.with(|s| {
+                if s.in_flight == 0 {
+                    s.bytes_while_idle = true;
+                }
+            });
+        }
+    }
+
+    /// Whether the connection should be closed at `now`. `headers_count` is false for
+    /// HTTP/2, where bytes without a request are pings and settings, not a slow request.
+    pub fn expired(
+        &self,
+        now: Instant,
+        header_read: Duration,
+        idle: Duration,
+        headers_count: bool,
+    ) -> Option<Expiry> {
+        self.with(|s| {
+            if s.in_flight > 0 {
+                return None;
+            }
+            let waited = now.saturating_duration_since(s.idle_since);
+            if headers_count && s.bytes_while_idle && waited >= header_read {
+                Some(Expiry::SlowHeaders)
+            } else if waited >= idle {
+                Some(Expiry::Idle)
+            } else {
+                None
+            }
+        })
+        .flatten()
+    }
+}
+
+/// A request in flight on a connection.
+#[derive(Debug)]
+pub struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.with(|s| {
+            s.in_flight = s.in_flight.saturating_sub(1);
+            if s.in_flight == 0 {
+                s.idle_since = Instant::now();
+                s.bytes_while_idle = false;
+            }
+        });
+    }
+}
+
+/// A connection's stream, telling its [`Activity`] when bytes arrive.
+#[derive(Debug)]
+pub struct Watched<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T> Watched<T> {
+    /// `inner`, reporting to `activity`.
+    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
+        Self { inner, activity }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            self.activity.read(buf.filled().len() - before);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// A response body that holds something (a connection's [`Busy`], a [`WatchSlot`]) until the
+/// body is done or dropped; everything else is the inner body's.
+#[derive(Debug)]
+pub struct Holding<B, H> {
+    inner: B,
+    held: Option<H>,
+}
+
+impl<B, H> Holding<B, H> {
+    /// `inner`, holding `held`.
+    pub fn new(inner: B, held: H) -> Self {
+        Self {
+            inner,
+            held: Some(held),
+        }
+    }
+}
+
+impl<B, H> hyper::body::Body for Holding<B, H>
+where
+    B: hyper::body::Body + Unpin,
+    H: Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = r {
+            self.held = None;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADERS: Duration = Duration::from_secs(10);
+    const IDLE: Duration = Duration::from_secs(90);
+
+    #[test]
+    fn a_slow_request_head_expires_before_an_idle_connection() {
+        let t0 = Instant::now();
+        let a = Activity::at(t0);
+        assert_eq!(a.expired(t0 + HEADERS, HEADERS, IDLE, true), None);
+        a.read(1);
+        assert_eq!(
+            a.expired(t0 + HEADERS, HEADERS, IDLE, true),
+            Some(Expiry::SlowHeaders)
+        );
+        // HTTP/2: bytes are pings, not a slow head.
+        assert_eq!(a.expired(t0 + HEADERS, HEADERS, IDLE, false), None);
+        assert_eq!(
+            a.expired(t0 + IDLE, HEADERS, IDLE, false),
+            Some(Expiry::Idle)
+        );
+    }
+
+    #[test]
+    fn a_request_in_flight_keeps_its_connection() {
+        let t0 = Instant::now();
+        let a = Activity::at(t0);
+        a.read(5);
+        let busy = a.begin();
+        assert_eq!(a.expired(t0 + IDLE * 2, HEADERS, IDLE, true), None);
+        drop(busy);
+        // Idle again from when the answer was done; the request's bytes are forgotten.
+        let now = Instant::now();
+        assert_eq!(a.expired(now + HEADERS, HEADERS, IDLE, true), None);
+        assert_eq!(
+            a.expired(now + IDLE, HEADERS, IDLE, true),
+            Some(Expiry::Idle)
+        );
+    }
+
+    #[test]
+    fn watches_are_counted_per_user_until_dropped() {
+        let w = Watches::default();
+        let a = w.open("alice", 2).expect("first");
+        let b = w.open("alice", 2).expect("second");
+        let e = w.open("alice", 2).expect_err("third");
+        assert_eq!(e.code, 429);
+        assert!(w.open("bob", 2).is_ok(), "another user has their own count");
+        drop(a);
+        let _c = w.open("alice", 2).expect("a slot came free");
+        drop(b);
+        assert_eq!(w.count("alice"), 1);
+    }
+
+    #[test]
+    fn in_flight_limits_are_per_kind() {
+        let i = Inflight::new(1, 1);
+        let r = i.admit(false).expect("read");
+        assert_eq!(i.admit(false).expect_err("second read").code, 429);
+        let _m = i.admit(true).expect("a mutation has its own places");
+        drop(r);
+        assert!(i.admit(false).is_ok());
+    }
+}
