@@ -861,7 +861,8 @@ pub struct LoginArgs {
     /// How long the token lasts, in seconds (at most a day).
     #[arg(long, default_value_t = 3600)]
     pub expiration_seconds: i64,
-    /// Read the password from this environment variable instead of standard input.
+    /// Read the password from this environment variable instead of standard input (where it
+    /// is asked for without echo on a terminal, or read from the first line piped in).
     #[arg(long, default_value = "STRATUS_PASSWORD")]
     pub password_env: String,
 }
@@ -877,6 +878,56 @@ fn set_named(list: &mut Value, name: &str, entry: Value) {
     items.push(entry);
 }
 
+/// Turns the terminal's echo off until dropped.
+struct NoEcho;
+
+impl NoEcho {
+    /// Echo off on the terminal standard input is (`stty`, which acts on its standard input).
+    fn new() -> Result<Self> {
+        let ok = std::process::Command::new("stty")
+            .arg("-echo")
+            .stdin(std::process::Stdio::inherit())
+            .status()
+            .context("run stty to turn echo off")?
+            .success();
+        if !ok {
+            bail!("stty could not turn the terminal's echo off");
+        }
+        Ok(Self)
+    }
+}
+
+impl Drop for NoEcho {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("stty")
+            .arg("echo")
+            .stdin(std::process::Stdio::inherit())
+            .status();
+    }
+}
+
+/// The password, from standard input: prompted for without echo on a terminal, else the first
+/// line of what is piped in.
+fn read_password(user: &str) -> Result<String> {
+    use std::io::{BufRead, IsTerminal};
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    if stdin.is_terminal() {
+        eprint!("Password for {user}: ");
+        let echo_off = NoEcho::new()?;
+        let read = stdin.lock().read_line(&mut line);
+        drop(echo_off);
+        eprintln!();
+        read.context("read the password")?;
+    } else {
+        stdin
+            .lock()
+            .read_line(&mut line)
+            .context("read the password from standard input")?;
+    }
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
 /// `stratus login`: trades a user name and password for a token and adds a kubeconfig
 /// context using it (kubectl then works as that user with no other change). The context goes
 /// into the first kubeconfig file, which wins when several are merged.
@@ -885,14 +936,7 @@ pub async fn login(c: &ClientArgs, a: LoginArgs) -> Result<()> {
     let merged = files.read()?;
     let password = match std::env::var(&a.password_env) {
         Ok(p) => p,
-        Err(_) => {
-            eprint!("Password for {}: ", a.user);
-            let mut line = String::new();
-            std::io::stdin()
-                .read_line(&mut line)
-                .context("read the password")?;
-            line.trim_end_matches(['\r', '\n']).to_string()
-        }
+        Err(_) => read_password(&a.user)?,
     };
     // Log in without the kubeconfig's own credentials.
     let mut config = files.config().await?;

@@ -5,6 +5,7 @@ mod client;
 mod controllers;
 mod image_policy;
 mod kubeconfig;
+mod serving;
 mod up;
 
 use std::net::SocketAddr;
@@ -131,6 +132,8 @@ struct ApiserverArgs {
     /// Append an audit record (audit.k8s.io/v1 Event, JSON lines) of every request here.
     #[arg(long)]
     audit_log: Option<PathBuf>,
+    #[command(flatten)]
+    serving: serving::ServingArgs,
 }
 
 async fn apiserver(args: ApiserverArgs) -> Result<()> {
@@ -142,9 +145,18 @@ async fn apiserver(args: ApiserverArgs) -> Result<()> {
         .with_context(|| format!("read {}", args.token_file.display()))?;
     config.bookmark_interval = std::time::Duration::from_secs(args.bookmark_seconds.max(1));
     config.audit_log = args.audit_log;
+    args.serving.apply(&mut config);
+    let plain = config.tls.is_none();
     let server = stratus_apiserver::start(config)
         .await
         .context("start the API server")?;
+    if plain {
+        tracing::warn!(
+            addr = %server.local_addr,
+            "SERVING PLAIN HTTP: no --tls-cert/--tls-key, so bearer tokens and passwords cross \
+             the network in clear text; use this only for tests on a loopback address"
+        );
+    }
     tracing::info!(addr = %server.local_addr, "API server ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("install SIGTERM handler")?;

@@ -41,6 +41,9 @@ pub struct UpArgs {
     /// server's addresses are always refused).
     #[command(flatten)]
     pub images: crate::image_policy::ImagePolicyArgs,
+    /// The API server's limits and login throttling.
+    #[command(flatten)]
+    pub serving: crate::serving::ServingArgs,
 }
 
 /// The etcd child process.
@@ -51,7 +54,7 @@ struct Etcd {
 impl Etcd {
     async fn start(dir: &Path, client_port: u16, peer_port: u16) -> Result<(Self, String)> {
         let data = dir.join("etcd");
-        std::fs::create_dir_all(&data).with_context(|| format!("create {}", data.display()))?;
+        private_dir(&data)?;
         let client = format!("http://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
         let log = std::fs::File::create(dir.join("etcd.log")).context("create etcd.log")?;
@@ -211,6 +214,20 @@ async fn ensure_admin_user(kubeconfig: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Makes `dir` (and its parents) if missing, readable by this user only (0700): it holds
+/// etcd's data (the token signing key, password hashes), the PKI and the tokens. An existing
+/// directory is made 0700 too.
+fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("create {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("make {} private", dir.display()))
+}
+
 fn write_private(path: &Path, data: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -254,7 +271,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let dir = &args.data_dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    private_dir(dir)?;
     let (mut etcd, endpoint) = Etcd::start(dir, args.etcd_client_port, args.etcd_peer_port).await?;
     if let Err(e) = wait_for_etcd(&endpoint, &mut etcd.child).await {
         etcd.stop().await;
@@ -288,6 +305,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         stratus_apiserver::http::server::read_token_file(&token_file).context("read tokens.csv")?;
     config.bookmark_interval = Duration::from_secs(args.bookmark_seconds.max(1));
     config.audit_log = Some(dir.join("audit.log"));
+    args.serving.apply(&mut config);
     let server = match stratus_apiserver::start(config).await {
         Ok(s) => s,
         Err(e) => {
@@ -361,4 +379,28 @@ pub async fn run(args: UpArgs) -> Result<()> {
     etcd.stop().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_directories_are_private_even_when_they_existed() -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp =
+            std::env::temp_dir().join(format!("stratus-private-dir-{}", uuid::Uuid::new_v4()));
+        let fresh = tmp.join("a/b");
+        private_dir(&fresh)?;
+        let mode =
+            |p: &Path| -> Result<u32> { Ok(std::fs::metadata(p)?.permissions().mode() & 0o777) };
+        assert_eq!(mode(&fresh)?, 0o700);
+        let old = tmp.join("old");
+        std::fs::create_dir(&old)?;
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755))?;
+        private_dir(&old)?;
+        assert_eq!(mode(&old)?, 0o700);
+        std::fs::remove_dir_all(&tmp)?;
+        Ok(())
+    }
 }

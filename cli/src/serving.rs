@@ -1,0 +1,114 @@
+//! The API server's limits and login throttling, as `stratus apiserver` and `stratus up` take
+//! them (kube-apiserver's names where it has the same setting).
+
+use std::time::Duration;
+
+use stratus_apiserver::Config;
+
+/// Limits on what clients may hold, and failed-login throttling.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServingArgs {
+    /// Seconds a request other than a watch may take before it is answered 504.
+    #[arg(long, default_value_t = 60)]
+    pub request_timeout_seconds: u64,
+    /// Read-only requests served at once (watches not counted); more are answered 429.
+    #[arg(long, default_value_t = 400)]
+    pub max_requests_inflight: usize,
+    /// Mutating requests served at once; more are answered 429.
+    #[arg(long, default_value_t = 200)]
+    pub max_mutating_requests_inflight: usize,
+    /// Watches one identity may hold open at once; more are answered 429.
+    #[arg(long, default_value_t = 200)]
+    pub max_watches_per_user: usize,
+    /// Connections held open at once; more wait in the listen backlog.
+    #[arg(long, default_value_t = 2048)]
+    pub max_connections: usize,
+    /// Seconds a client may take to send a request's headers.
+    #[arg(long, default_value_t = 10)]
+    pub header_read_timeout_seconds: u64,
+    /// Seconds a TLS handshake may take.
+    #[arg(long, default_value_t = 10)]
+    pub tls_handshake_timeout_seconds: u64,
+    /// Seconds a connection may stay open with no request.
+    #[arg(long, default_value_t = 90)]
+    pub idle_timeout_seconds: u64,
+    /// Failed logins in a row after which a user is locked out (0: never), as Keystone's
+    /// `lockout_failure_attempts`.
+    #[arg(long, default_value_t = 6)]
+    pub lockout_failure_attempts: u32,
+    /// Seconds a locked-out user stays locked out after the last failure.
+    #[arg(long, default_value_t = 1800)]
+    pub lockout_duration_seconds: u64,
+    /// Failed logins one source address may make per window before it is answered 429 (0: no
+    /// limit).
+    #[arg(long, default_value_t = 30)]
+    pub login_source_failures: u32,
+    /// The window of `--login-source-failures`, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub login_source_window_seconds: u64,
+    /// Threads that hash and check passwords (default: half the cores, at least one).
+    #[arg(long)]
+    pub password_hash_threads: Option<usize>,
+    /// Password checks that may wait for a hashing thread; more are answered 429.
+    #[arg(long, default_value_t = 16)]
+    pub password_hash_queue: usize,
+}
+
+impl ServingArgs {
+    /// Sets these in `config`.
+    pub fn apply(&self, config: &mut Config) {
+        let s = Duration::from_secs;
+        let l = &mut config.limits;
+        l.request_timeout = s(self.request_timeout_seconds.max(1));
+        l.max_requests_inflight = self.max_requests_inflight.max(1);
+        l.max_mutating_requests_inflight = self.max_mutating_requests_inflight.max(1);
+        l.max_watches_per_user = self.max_watches_per_user;
+        l.max_connections = self.max_connections.max(1);
+        l.header_read_timeout = s(self.header_read_timeout_seconds.max(1));
+        l.tls_handshake_timeout = s(self.tls_handshake_timeout_seconds.max(1));
+        l.idle_timeout = s(self.idle_timeout_seconds.max(1));
+        let p = &mut config.login;
+        p.lockout_failure_attempts = self.lockout_failure_attempts;
+        p.lockout_duration = s(self.lockout_duration_seconds);
+        p.source_failure_attempts = self.login_source_failures;
+        p.source_window = s(self.login_source_window_seconds.max(1));
+        if let Some(n) = self.password_hash_threads {
+            p.hash_threads = n.max(1);
+        }
+        p.hash_queue = self.password_hash_queue;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serving: ServingArgs,
+    }
+
+    #[test]
+    fn the_flags_defaults_are_the_servers() -> anyhow::Result<()> {
+        let cli = Cli::try_parse_from(["x"])?;
+        let mut config = Config::new(Vec::new());
+        cli.serving.apply(&mut config);
+        let defaults = Config::new(Vec::new());
+        assert_eq!(config.limits, defaults.limits);
+        assert_eq!(config.login, defaults.login);
+        let cli = Cli::try_parse_from([
+            "x",
+            "--lockout-failure-attempts",
+            "3",
+            "--header-read-timeout-seconds",
+            "2",
+        ])?;
+        cli.serving.apply(&mut config);
+        assert_eq!(config.login.lockout_failure_attempts, 3);
+        assert_eq!(config.limits.header_read_timeout, Duration::from_secs(2));
+        Ok(())
+    }
+}
