@@ -62,24 +62,27 @@ pub async fn bench(requests: usize, levels: &[usize], other_users: usize) -> Res
     admin
         .request::<Value>(send("POST", "/apis/network.stratus.dev/v1/namespaces/bench/networks", json!({"apiVersion": "network.stratus.dev/v1", "kind": "Network", "metadata": {"name": "n1"}, "spec": {}}))?)
         .await?;
-    // Many other users with a role each: what a request's authorisation must not read.
-    let cl = admin.clone();
-    drive(other_users * 2, 16, move |i| {
-        let cl = cl.clone();
-        let name = format!("user-{}", i / 2);
-        let request = if i % 2 == 0 {
-            send("POST", "/apis/identity.stratus.dev/v1/users", json!({"apiVersion": "identity.stratus.dev/v1", "kind": "User", "metadata": {"name": name}, "spec": {"enabled": true}}))
-        } else {
-            send("POST", "/apis/identity.stratus.dev/v1/namespaces/bench/roleassignments", json!({"apiVersion": "identity.stratus.dev/v1", "kind": "RoleAssignment", "metadata": {"name": name}, "spec": {"user": name, "role": "reader"}}))
-        };
-        async move {
-            cl.request::<Value>(request?)
-                .await
-                .map(|_| ())
-                .context("create another user")
-        }
-    })
-    .await?;
+    // Many other users with a role each: what a request's authorisation must not read. The
+    // users first: an assignment names a User that exists.
+    for assignments in [false, true] {
+        let cl = admin.clone();
+        drive(other_users, 16, move |i| {
+            let cl = cl.clone();
+            let name = format!("user-{i}");
+            let request = if assignments {
+                send("POST", "/apis/identity.stratus.dev/v1/namespaces/bench/roleassignments", json!({"apiVersion": "identity.stratus.dev/v1", "kind": "RoleAssignment", "metadata": {"name": name}, "spec": {"user": name, "role": "reader"}}))
+            } else {
+                send("POST", "/apis/identity.stratus.dev/v1/users", json!({"apiVersion": "identity.stratus.dev/v1", "kind": "User", "metadata": {"name": name}, "spec": {"enabled": true}}))
+            };
+            async move {
+                cl.request::<Value>(request?)
+                    .await
+                    .map(|_| ())
+                    .context("create another user")
+            }
+        })
+        .await?;
+    }
     // Logging in needs no credentials; the admin client's token is simply not looked at.
     let token: Value = admin
         .request(send(

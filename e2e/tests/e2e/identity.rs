@@ -316,9 +316,21 @@ fn roles_isolate_projects_and_tokens_can_be_revoked() -> Result<()> {
         !u.contains("argon2") && !u.contains("alice-secret-pw"),
         "{u}"
     );
-    // A user changes her own password, not someone else's.
+    // A user changes her own password (giving the current one), not someone else's.
     let pw = std::env::temp_dir().join(format!("pw-change-{}.json", std::process::id()));
     std::fs::write(&pw, json!({"password": "a-new-password"}).to_string())?;
+    let refused = alice.denied(&[
+        "replace",
+        "--raw",
+        "/apis/identity.stratus.dev/v1/users/alice/password",
+        "-f",
+        pw.to_str().unwrap_or_default(),
+    ])?;
+    assert!(refused.contains("currentPassword"), "{refused}");
+    std::fs::write(
+        &pw,
+        json!({"password": "a-new-password", "currentPassword": "alice-secret-pw"}).to_string(),
+    )?;
     alice.ok(&[
         "replace",
         "--raw",
