@@ -285,25 +285,47 @@ async fn block(ctx: &Ctx, server: &Server, b: Blocked) -> Result<Action, ServerE
     Ok(Action::requeue(Duration::from_secs(30)))
 }
 
-/// An Image usable from `ns`: its own, or a public one from any namespace.
-async fn find_image(client: &Client, ns: &str, name: &str) -> Result<Option<Image>, ServerError> {
+/// The Image a Server in `ns` means by `name`, resolved as documented in the README: the
+/// project's own image of that name first; else the one public image of that name (only
+/// cluster admins publish images); several public ones of that name are ambiguous, and the
+/// server says so rather than picking one.
+async fn find_image(client: &Client, ns: &str, name: &str) -> Result<Image, NotBuilt> {
     if let Some(i) = Api::<Image>::namespaced(client.clone(), ns)
         .get_opt(name)
         .await
         .map_err(ServerError::Api)?
     {
-        return Ok(Some(i));
+        return Ok(i);
     }
-    let all = Api::<Image>::all(client.clone())
+    let mut public: Vec<Image> = Api::<Image>::all(client.clone())
         .list(
             &ListParams::default().fields(&format!("metadata.name={name},spec.visibility=public")),
         )
         .await
-        .map_err(ServerError::Api)?;
-    Ok(all
+        .map_err(ServerError::Api)?
         .items
         .into_iter()
-        .find(|i| i.spec.visibility == Visibility::Public))
+        .filter(|i| i.spec.visibility == Visibility::Public)
+        .collect();
+    match public.len() {
+        0 => Err(NotBuilt::Blocked(Blocked {
+            reason: "ImageNotFound",
+            message: format!("image \"{name}\" not found in the project, nor as a public image"),
+        })),
+        1 => Ok(public.remove(0)),
+        _ => {
+            let mut places: Vec<String> = public.iter().filter_map(|i| i.namespace()).collect();
+            places.sort();
+            Err(NotBuilt::Blocked(Blocked {
+                reason: "ImageAmbiguous",
+                message: format!(
+                    "image \"{name}\" is not in the project, and {} public images have that name (in {}); make a private copy in the project or ask an admin to rename one",
+                    public.len(),
+                    places.join(", ")
+                ),
+            }))
+        }
+    }
 }
 
 /// Why a guest is not built on this pass.
@@ -427,13 +449,7 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
                 .into(),
         }));
     };
-    let missing = |n: &str| Blocked {
-        reason: "ImageNotFound",
-        message: format!("image \"{n}\" not found"),
-    };
-    let Some(image) = find_image(&ctx.client, &ns, image_name).await? else {
-        return Err(NotBuilt::Blocked(missing(image_name)));
-    };
+    let image = find_image(&ctx.client, &ns, image_name).await?;
     // As Nova does: an image states the smallest disk and memory it runs with.
     if image.spec.min_disk_gib > flavor.spec.disk_gib && flavor.spec.disk_gib > 0 {
         return Err(NotBuilt::Blocked(Blocked {
@@ -468,15 +484,11 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
     let root_base = fetch(ctx, &image).await?;
     let mut kernel = None;
     if let Some(k) = &image.spec.kernel_image {
-        let Some(k_img) = find_image(&ctx.client, &ns, k).await? else {
-            return Err(NotBuilt::Blocked(missing(k)));
-        };
+        let k_img = find_image(&ctx.client, &ns, k).await?;
         let k_path = fetch(ctx, &k_img).await?;
         let mut initrd = None;
         if let Some(r) = &image.spec.ramdisk_image {
-            let Some(r_img) = find_image(&ctx.client, &ns, r).await? else {
-                return Err(NotBuilt::Blocked(missing(r)));
-            };
+            let r_img = find_image(&ctx.client, &ns, r).await?;
             initrd = Some(fetch(ctx, &r_img).await?);
         }
         kernel = Some(KernelBoot {

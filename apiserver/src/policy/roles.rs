@@ -134,12 +134,19 @@ pub fn authorize_request(
 /// # Errors
 /// 403 naming why.
 pub fn review(caller: &Caller, r: &Review<'_>) -> Result<(), ApiError> {
-    let t = r.target;
-    if caller.cluster_admin()
-        || !(t.rt.group == "identity.stratus.dev" && t.rt.plural == "roleassignments")
-    {
+    if caller.cluster_admin() {
         return Ok(());
     }
+    match (r.target.rt.group.as_str(), r.target.rt.plural.as_str()) {
+        ("identity.stratus.dev", "roleassignments") => role_assignment(caller, r),
+        ("image.stratus.dev", "images") => image(caller, r),
+        _ => Ok(()),
+    }
+}
+
+/// Role assignments: only cluster admins touch cluster-wide ones; a project's admins grant
+/// roles in their project only.
+fn role_assignment(caller: &Caller, r: &Review<'_>) -> Result<(), ApiError> {
     let wide = |v: &Value| v.pointer("/spec/clusterWide").and_then(Value::as_bool) == Some(true);
     if r.old.into_iter().chain(r.new).any(wide) {
         return Err(ApiError::forbidden(format!(
@@ -147,7 +154,7 @@ pub fn review(caller: &Caller, r: &Review<'_>) -> Result<(), ApiError> {
             caller.user
         )));
     }
-    let ns = t.namespace.as_deref();
+    let ns = r.target.namespace.as_deref();
     let admin_here = caller
         .grants
         .iter()
@@ -157,6 +164,20 @@ pub fn review(caller: &Caller, r: &Review<'_>) -> Result<(), ApiError> {
             "User \"{}\" cannot grant roles in the namespace \"{}\": only its admins do",
             caller.user,
             ns.unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
+/// Images: a public image is what every project boots, so only cluster admins publish one,
+/// change one or delete one (Glance's `publicize_image`); a project keeps its private ones.
+fn image(caller: &Caller, r: &Review<'_>) -> Result<(), ApiError> {
+    let public =
+        |v: &Value| v.pointer("/spec/visibility").and_then(Value::as_str) == Some("public");
+    if r.old.into_iter().chain(r.new).any(public) {
+        return Err(ApiError::forbidden(format!(
+            "User \"{}\" cannot publish images: only a cluster admin makes, changes or deletes an image with spec.visibility public",
+            caller.user
         )));
     }
     Ok(())

@@ -742,3 +742,79 @@ async fn the_path_and_the_body_name_the_same_object() {
         "a"
     );
 }
+
+fn image(name: &str, visibility: &str) -> Value {
+    json!({
+        "apiVersion": "image.stratus.dev/v1", "kind": "Image",
+        "metadata": {"name": name, "namespace": "demo"},
+        "spec": {"diskFormat": "qcow2", "containerFormat": "bare", "visibility": visibility,
+                 "source": {"url": "https://images.example/disk.qcow2"}},
+    })
+}
+
+#[tokio::test]
+async fn only_cluster_admins_publish_change_or_delete_public_images() {
+    let (c, _) = project_admin().await;
+    let images = c.target("Image", Some("demo"), None);
+    // A project admin keeps private images, but publishes none, whatever the spelling.
+    pat(&c)
+        .create(&images, JSON, &image("mine", "private").to_string())
+        .await
+        .expect("a private image");
+    assert_eq!(
+        refused(
+            pat(&c)
+                .create(
+                    &images,
+                    YAML,
+                    &serde_saphyr::to_string(&image("pub", "public")).expect("YAML")
+                )
+                .await
+        )
+        .code,
+        403
+    );
+    assert_eq!(refused(c.get("Image", Some("demo"), "pub").await).code, 404);
+    let mine = c.target("Image", Some("demo"), Some("mine"));
+    let before = c.get("Image", Some("demo"), "mine").await.expect("mine");
+    for (ct, body) in [
+        (MERGE, json!({"spec": {"visibility": "public"}}).to_string()),
+        (JSON_PATCH, r#"[{"op":"replace","path":"/spec/visibilit\u0079","value":"public"}]"#.to_string()),
+        (APPLY, "apiVersion: image.stratus.dev/v1\nkind: Image\nmetadata:\n  name: mine\n  namespace: demo\nspec:\n  diskFormat: qcow2\n  containerFormat: bare\n  visibility: public\n  source:\n    url: https://images.example/disk.qcow2\n".to_string()),
+    ] {
+        refused_unchanged(&c, pat(&c).patch(&mine, ct, &body).await, 403, "Image", Some("demo"), "mine", &before).await;
+    }
+    // A cluster admin publishes; the project's admin may then neither change nor delete it.
+    let root = c.user("root", &[(None, Role::Admin)]);
+    root.create(&images, JSON, &image("pub", "public").to_string())
+        .await
+        .expect("published by a cluster admin");
+    let published = c.target("Image", Some("demo"), Some("pub"));
+    let before = c.get("Image", Some("demo"), "pub").await.expect("pub");
+    refused_unchanged(
+        &c,
+        pat(&c)
+            .patch(
+                &published,
+                MERGE,
+                &json!({"spec": {"source": {"url": "https://evil.example/x"}}}).to_string(),
+            )
+            .await,
+        403,
+        "Image",
+        Some("demo"),
+        "pub",
+        &before,
+    )
+    .await;
+    refused_unchanged(
+        &c,
+        pat(&c).delete(&published, "").await,
+        403,
+        "Image",
+        Some("demo"),
+        "pub",
+        &before,
+    )
+    .await;
+}

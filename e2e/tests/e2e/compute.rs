@@ -210,9 +210,21 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
         files.url, cloud.url
     );
     cloud.kubectl_in(&["apply", "-f", "-"], &hostile)?;
+    // Two public images of one name in two other projects: a name that resolves to neither.
+    cloud.projects(&["twin-a", "twin-b"])?;
+    for ns in ["twin-a", "twin-b"] {
+        cloud.kubectl_in(
+            &["apply", "-f", "-"],
+            &format!(
+                "apiVersion: image.stratus.dev/v1\nkind: Image\nmetadata:\n  name: twin\n  namespace: {ns}\nspec:\n  diskFormat: raw\n  visibility: public\n  source:\n    url: {}/backed.qcow2\n",
+                files.url
+            ),
+        )?;
+    }
     cloud.kubectl_in(
         &["apply", "-f", "-"],
         &[
+            server("twin", "m1.nano", "twin", ""),
             server("big", "huge", "tiny", ""),
             server("noflavor", "m9.nothing", "tiny", ""),
             server("noimage", "m1.nano", "no-such-image", ""),
@@ -294,6 +306,7 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
         ("badsum", "ImageChecksumMismatch"),
         ("small", "FlavorMemoryTooSmall"),
         ("backdoor", "ImageRefused"),
+        ("twin", "ImageAmbiguous"),
     ] {
         let s = wait_server(&cloud, name, "an image error", |s| {
             s["status"]["phase"] == "Error"
