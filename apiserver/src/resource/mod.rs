@@ -3,6 +3,7 @@
 
 pub mod fields;
 pub mod outcome;
+pub mod pagination;
 pub mod registry;
 pub mod review;
 pub mod schema;

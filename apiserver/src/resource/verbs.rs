@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use base64::Engine;
 use serde_json::{Map, Value, json};
 
 use futures::future::BoxFuture;
@@ -14,6 +13,7 @@ use crate::base::body;
 use crate::base::error::{ApiError, ApiResult, Cause};
 use crate::base::meta::{self, with_rv};
 use crate::resource::outcome::Outcome;
+use crate::resource::pagination::{self, ListScope};
 use crate::resource::registry::{Registry, ResourceType};
 use crate::resource::review::{Operation, Policy, Review, names_agree};
 use crate::resource::selector::{FieldSelector, LabelSelector};
@@ -196,34 +196,6 @@ fn parse_rv(rv: &str) -> ApiResult<i64> {
             "invalid resourceVersion \"{rv}\": must be a non-negative integer"
         ))
     })
-}
-
-/// The continue token of a paginated list: where to resume and at which revision.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Continue {
-    start: String,
-    rv: i64,
-}
-
-fn encode_continue(start: &str, rv: i64) -> String {
-    let raw = json!({"start": start, "rv": rv}).to_string();
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
-}
-
-fn decode_continue(token: &str, prefix: &str) -> ApiResult<Continue> {
-    let bad = || {
-        ApiError::bad_request(
-            "continue key is not valid: the token is malformed or for another list",
-        )
-    };
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .map_err(|_| bad())?;
-    let c: Continue = serde_json::from_slice(&raw).map_err(|_| bad())?;
-    if !c.start.starts_with(prefix) || c.rv <= 0 {
-        return Err(bad());
-    }
-    Ok(c)
 }
 
 /// The selectors of a list, watch or deletecollection.
@@ -709,9 +681,10 @@ impl Api {
         let sel = Selectors::parse(&t.rt, p)?;
         let prefix = t.rt.key_prefix(&self.prefix, t.namespace.as_deref());
         let limit = p.int("limit")?.unwrap_or(0).max(0);
+        let scope = ListScope::new(&prefix, p.get("labelSelector"), p.get("fieldSelector"));
         let (mut start, mut revision) = match p.get("continue") {
             Some(tok) => {
-                let c = decode_continue(tok, &prefix)?;
+                let c = pagination::decode(tok, &scope)?;
                 (Some(c.start), c.rv)
             }
             None => (None, 0),
@@ -746,6 +719,10 @@ impl Api {
                 StoreError::Compacted if p.get("continue").is_some() => ApiError::gone(
                     "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
                 ),
+                // Only a forged token names a revision etcd has not reached.
+                StoreError::FutureRevision if p.get("continue").is_some() => ApiError::bad_request(
+                    "continue key is not valid: the token's revision is in the future",
+                ),
                 e => ApiError::from(e),
             })?;
             revision = page.revision;
@@ -773,7 +750,7 @@ impl Api {
                             .await
                             .map_err(ApiError::from)?;
                         if !probe.items.is_empty() {
-                            token = Some(encode_continue(&next, revision));
+                            token = Some(pagination::encode(&scope, &next, revision));
                         }
                         break;
                     }

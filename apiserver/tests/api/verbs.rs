@@ -395,6 +395,49 @@ async fn a_continue_token_past_compaction_is_410() {
 }
 
 #[tokio::test]
+async fn a_continue_token_continues_only_its_own_list() {
+    let c = Cloud::with_demo().await;
+    c.create(&Obj::project("other")).await.expect("project");
+    for (ns, n) in [("demo", "a"), ("demo", "b"), ("other", "a"), ("other", "b")] {
+        c.create(&Obj::server(ns, n)).await.expect("server");
+    }
+    let first = c
+        .list("Server", Some("demo"), "limit=1")
+        .await
+        .expect("page 1");
+    let token = first["metadata"]["continue"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    for (ns, query) in [
+        (Some("other"), format!("limit=1&continue={token}")),
+        (None, format!("limit=1&continue={token}")),
+        (
+            Some("demo"),
+            format!("limit=1&labelSelector=tier%3Dweb&continue={token}"),
+        ),
+    ] {
+        let e = refused(c.list("Server", ns, &query).await);
+        assert_eq!(e.code, 400, "{ns:?} {query}: {e:?}");
+    }
+    let e = refused(
+        c.list("Flavor", None, &format!("limit=1&continue={token}"))
+            .await,
+    );
+    assert_eq!(e.code, 400);
+    let e = refused(
+        c.list("Server", Some("demo"), "limit=1&continue=bm90IGEgdG9rZW4")
+            .await,
+    );
+    assert_eq!(e.code, 400);
+    let rest = c
+        .list("Server", Some("demo"), &format!("limit=1&continue={token}"))
+        .await
+        .expect("page 2");
+    assert_eq!(names(&rest), ["b"]);
+}
+
+#[tokio::test]
 async fn label_selectors_choose_by_labels() {
     let c = Cloud::new().await;
     c.create(&Obj::flavor("a", 1, 512).label("tier", "web"))
