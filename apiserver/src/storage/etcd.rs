@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions, TxnOpResponse, WatchOptions};
+use etcd_client::{
+    Client, ConnectOptions, GetOptions, KvClient, PutOptions, TxnOpResponse, WatchOptions,
+};
 
 use crate::storage::kv::{
     Compare, CompareOp, Event, KeyValue, Kv, Op, Range, RangeResp, Target, Txn, TxnResp, WatchFeed,
@@ -14,7 +16,14 @@ use crate::storage::store::StoreError;
 #[derive(Clone)]
 pub struct Etcd {
     client: Client,
+    /// The key-value client, accepting answers up to [`MAX_ANSWER_BYTES`].
+    kv: KvClient,
 }
+
+/// The largest answer read from etcd. The store reads ranges in pages of a byte budget
+/// (see [`crate::storage::store`]), far below this; it is what one page of the largest
+/// objects may reach, where the gRPC client's default (4 MiB) is about 6,000 Flavors.
+pub const MAX_ANSWER_BYTES: usize = 512 * 1024 * 1024;
 
 impl std::fmt::Debug for Etcd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -33,7 +42,8 @@ impl Etcd {
             .with_timeout(Duration::from_secs(30))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(10));
         let client = Client::connect(endpoints, Some(opts)).await?;
-        Ok(Self { client })
+        let kv = client.kv_client().max_decoding_message_size(MAX_ANSWER_BYTES);
+        Ok(Self { client, kv })
     }
 }
 
@@ -117,7 +127,7 @@ impl Kv for Etcd {
 
     async fn range(&self, r: Range) -> Result<RangeResp, StoreError> {
         let opts = get_options(&r);
-        let resp = self.client.kv_client().get(r.key, opts).await?;
+        let resp = self.kv.clone().get(r.key, opts).await?;
         Ok(range_resp(resp))
     }
 
@@ -133,7 +143,7 @@ impl Kv for Etcd {
             .when(when.into_iter().map(compare).collect::<Vec<_>>())
             .and_then(then.into_iter().map(op).collect::<Vec<_>>())
             .or_else(otherwise.into_iter().map(op).collect::<Vec<_>>());
-        let resp = self.client.kv_client().txn(txn).await?;
+        let resp = self.kv.clone().txn(txn).await?;
         let succeeded = resp.succeeded();
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         // The responses are copied out of the reply: only when a read is among them.
@@ -171,7 +181,7 @@ impl Kv for Etcd {
     }
 
     async fn compact(&self, revision: i64) -> Result<(), StoreError> {
-        self.client.kv_client().compact(revision, None).await?;
+        self.kv.clone().compact(revision, None).await?;
         Ok(())
     }
 
