@@ -406,8 +406,10 @@ impl ImageCache {
         let file = tmp.as_file();
         file.sync_all().map_err(io_error("sync", tmp.path()))?;
         inspect::inspect(&tmp_path, req.format, self.policy.max_virtual_size)?;
-        // Backing files are read by QEMU, which may run as another user.
-        file.set_permissions(Permissions::from_mode(0o644))
+        // A tenant's private image is nobody else's to read. QEMU reads it as root (the node's
+        // libvirtd runs QEMU as root, scripts/libvirtd.sh); a node that runs QEMU as another
+        // user relies on libvirt's DAC labelling of the pinned backing store.
+        file.set_permissions(Permissions::from_mode(0o600))
             .map_err(io_error("chmod", tmp.path()))?;
         let path = dir.join(content_name(req.format, &actual));
         tmp.persist(&path).map_err(|e| ImageError::Io {
@@ -726,6 +728,15 @@ mod tests {
         assert_eq!(
             first.path,
             cache.dir().join(UID).join(format!("raw-sha256-{digest}"))
+        );
+        let mode = std::fs::metadata(&first.path)
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "a cached image is readable by its owner only"
         );
 
         // The source is gone: only a cache hit can answer now.

@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
@@ -305,7 +306,7 @@ impl super::Disks for HostDisks {
         fresh: bool,
     ) -> Result<(), DiskError> {
         let dir = parent(path);
-        std::fs::create_dir_all(dir).map_err(io_error("create", dir))?;
+        private_dir(dir)?;
         if fresh {
             match std::fs::remove_file(path) {
                 Ok(()) => {}
@@ -315,14 +316,18 @@ impl super::Disks for HostDisks {
         }
         if path.exists() {
             // A resize to a flavor with a larger disk grows the root disk (never shrinks it).
-            grow(path, size_gib).map(|_| ())
+            grow(path, size_gib)?;
         } else {
-            create_overlay(base, base_format, path, size_gib)
+            create_overlay(base, base_format, path, size_gib)?;
         }
+        owner_only(path)
     }
 
     fn config_drive(&self, path: &Path, drive: &ConfigDrive) -> Result<(), DiskError> {
-        write_config_drive(path, drive)
+        private_dir(parent(path))?;
+        write_config_drive(path, drive)?;
+        // It carries the tenant's user data and keys.
+        owner_only(path)
     }
 
     fn inspect(&self, path: &Path) -> Result<Option<super::DiskInfo>, DiskError> {
@@ -357,6 +362,20 @@ impl super::Disks for HostDisks {
             Err(e) => Err(io_error("remove", dir)(e)),
         }
     }
+}
+
+/// Makes `dir` (and its parents) exist, with `dir` itself readable by its owner only: a
+/// guest's disks hold the tenant's data. (QEMU runs as root on a Stratus node.)
+fn private_dir(dir: &Path) -> Result<(), DiskError> {
+    std::fs::create_dir_all(dir).map_err(io_error("create", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_error("chmod", dir))
+}
+
+/// Makes `path` readable and writable by its owner only.
+fn owner_only(path: &Path) -> Result<(), DiskError> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_error("chmod", path))
 }
 
 /// Makes a rename in `dir` durable.
@@ -407,6 +426,36 @@ mod tests {
         let base = super::super::conformance::raw_base(dir.path(), 64);
         let servers = dir.path().join("servers");
         super::super::conformance::disks(&HostDisks, &base, DiskFormat::Raw, &servers);
+    }
+
+    #[test]
+    fn a_guests_disks_are_readable_by_their_owner_only() {
+        use super::super::Disks;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = super::super::conformance::raw_base(dir.path(), 16);
+        let guest = dir.path().join("servers/g");
+        let root = guest.join("root.qcow2");
+        let config = guest.join("config.iso");
+        HostDisks
+            .root_disk(&base, DiskFormat::Raw, &root, 1, false)
+            .expect("root disk");
+        let keys = ["ssh-ed25519 AAAA k".to_string()];
+        HostDisks
+            .config_drive(
+                &config,
+                &ConfigDrive {
+                    instance_id: "i",
+                    hostname: "h",
+                    public_keys: &keys,
+                    user_data: Some(b"secret"),
+                    network_config: None,
+                },
+            )
+            .expect("config drive");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&guest), 0o700);
+        assert_eq!(mode(&root), 0o600);
+        assert_eq!(mode(&config), 0o600);
     }
 
     #[test]
