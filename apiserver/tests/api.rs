@@ -5,6 +5,7 @@ mod api {
     pub mod admission;
     pub mod fixtures;
     pub mod identity;
+    pub mod lists;
     pub mod policy;
     pub mod verbs;
     pub mod watch;

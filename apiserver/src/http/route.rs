@@ -450,6 +450,7 @@ async fn serve_view(
     let watch = params.flag("watch") && method == Method::GET;
     Ok(match outcome {
         Outcome::Watch(events) => Outcome::Watch(view.watch_events(events)),
+        Outcome::List(list) => Outcome::List(view.list(list)),
         // A named GET with `watch`: answered as dispatched (as it always was).
         json @ Outcome::Json { .. } if watch => json,
         Outcome::Json {

@@ -4,10 +4,46 @@ use std::convert::Infallible;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
+
+use crate::base::error::ApiError;
 
 /// The chunks of a watch: newline-delimited JSON events, one per chunk.
 pub type Events = BoxStream<'static, Result<Bytes, Infallible>>;
+
+/// A collection answered as it is read (kube-apiserver's streaming list encoding): the list
+/// object without its items, then the items a page at a time, so that what the server holds
+/// for one LIST does not grow with the collection.
+pub struct List {
+    /// The list object without `field`: `kind`, `apiVersion`, `metadata`, a Table's
+    /// `columnDefinitions`.
+    pub head: Map<String, Value>,
+    /// Where the items go: `items`, or a Table's `rows`.
+    pub field: &'static str,
+    /// The items, a page at a time, in order. An error ends the answer where it is (its
+    /// status has been sent), so the client sees a truncated document, never a short list.
+    pub pages: BoxStream<'static, Result<Vec<Value>, ApiError>>,
+}
+
+impl List {
+    /// The whole document, read to the end (for callers that need it as one value).
+    ///
+    /// # Errors
+    /// The first error of the pages.
+    pub async fn collect(self) -> Result<Value, ApiError> {
+        use futures::TryStreamExt;
+        let items: Vec<Value> = self
+            .pages
+            .try_fold(Vec::new(), |mut all, page| async move {
+                all.extend(page);
+                Ok(all)
+            })
+            .await?;
+        let mut doc = self.head;
+        doc.insert(self.field.to_string(), Value::Array(items));
+        Ok(Value::Object(doc))
+    }
+}
 
 /// A verb's answer.
 pub enum Outcome {
@@ -22,6 +58,8 @@ pub enum Outcome {
     },
     /// A watch: `200 OK` and JSON events as they happen.
     Watch(Events),
+    /// A collection: `200 OK` and the list, encoded as its pages are read.
+    List(List),
 }
 
 impl Outcome {
@@ -49,6 +87,17 @@ impl Outcome {
         )
     }
 
+    /// The same answer with a collection read to the end: a [`Outcome::Json`] list.
+    ///
+    /// # Errors
+    /// The first error of the collection's pages.
+    pub async fn collected(self) -> Result<Self, ApiError> {
+        match self {
+            Self::List(list) => Ok(Self::ok(list.collect().await?)),
+            other => Ok(other),
+        }
+    }
+
     /// A `Status` of success, for calls that return no object.
     pub fn success() -> Self {
         Self::ok(json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}))
@@ -69,6 +118,10 @@ impl std::fmt::Debug for Outcome {
                 .field("warnings", warnings)
                 .finish(),
             Self::Watch(_) => f.write_str("Watch(..)"),
+            Self::List(l) => f
+                .debug_struct("List")
+                .field("head", &l.head)
+                .finish_non_exhaustive(),
         }
     }
 }

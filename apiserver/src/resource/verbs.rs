@@ -6,13 +6,14 @@ use std::sync::Arc;
 use serde_json::{Map, Value, json};
 
 use futures::future::BoxFuture;
+use futures::{StreamExt, TryStreamExt};
 
 use crate::admission::binding::{self, PlacementLocks};
 use crate::admission::{Change, Ctx, Subject};
 use crate::base::body;
 use crate::base::error::{ApiError, ApiResult, Cause};
 use crate::base::meta::{self, with_rv};
-use crate::resource::outcome::Outcome;
+use crate::resource::outcome::{List, Outcome};
 use crate::resource::pagination::{self, ListScope};
 use crate::resource::registry::{Registry, ResourceType};
 use crate::resource::review::{Operation, Policy, Review, names_agree};
@@ -682,7 +683,7 @@ impl Api {
         let prefix = t.rt.key_prefix(&self.prefix, t.namespace.as_deref());
         let limit = p.int("limit")?.unwrap_or(0).max(0);
         let scope = ListScope::new(&prefix, p.get("labelSelector"), p.get("fieldSelector"));
-        let (mut start, mut revision) = match p.get("continue") {
+        let (start, mut revision) = match p.get("continue") {
             Some(tok) => {
                 let c = pagination::decode(tok, &scope)?;
                 (Some(c.start), c.rv)
@@ -707,90 +708,106 @@ impl Api {
                 .collect();
             return Ok((items, page.revision, None));
         }
+        let has_token = p.get("continue").is_some();
+        let mut scan = self.store.scan(&prefix, start.as_deref(), revision, 0);
+        if limit > 0 {
+            scan = scan.paced(limit);
+        }
         let mut items = Vec::new();
         let mut token = None;
-        loop {
-            let want = if limit > 0 {
-                (limit - items.len() as i64).max(1)
-            } else {
-                0
-            };
-            let page = self.store.list(&prefix, start.as_deref(), revision, want).await.map_err(|e| match e {
-                StoreError::Compacted if p.get("continue").is_some() => ApiError::gone(
-                    "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
-                ),
-                // Only a forged token names a revision etcd has not reached.
-                StoreError::FutureRevision if p.get("continue").is_some() => ApiError::bad_request(
-                    "continue key is not valid: the token's revision is in the future",
-                ),
-                e => ApiError::from(e),
-            })?;
-            revision = page.revision;
-            let mut last = None;
-            let n = page.items.len();
-            for (key, s) in page.items {
-                last = Some(key.clone());
+        'pages: while let Some(page) = scan.next().await.map_err(|e| list_error(e, has_token))? {
+            revision = scan.revision();
+            let mut rest = page.into_iter();
+            while let Some((key, s)) = rest.next() {
                 if sel.matches(&s.value) {
                     items.push(with_rv(s.value, s.mod_revision));
                 }
                 if limit > 0 && items.len() as i64 >= limit {
-                    break;
-                }
-            }
-            let consumed_all = last.is_some() && n > 0;
-            let more = page.more || (limit > 0 && items.len() as i64 >= limit && consumed_all);
-            match last {
-                Some(k) if more => {
-                    let next = format!("{k}\0");
-                    if limit > 0 && items.len() as i64 >= limit {
-                        // Only hand out a token when something is left after `k`.
-                        let probe = self
-                            .store
-                            .list(&prefix, Some(&next), revision, 1)
-                            .await
-                            .map_err(ApiError::from)?;
-                        if !probe.items.is_empty() {
-                            token = Some(pagination::encode(&scope, &next, revision));
-                        }
-                        break;
+                    // A token only when something is left after `key` (etcd's `more` is
+                    // exact at a fixed revision).
+                    if rest.len() > 0 || !scan.done() {
+                        token = Some(pagination::encode(&scope, &format!("{key}\0"), revision));
                     }
-                    start = Some(next);
+                    break 'pages;
                 }
-                _ => break,
             }
+        }
+        if revision == 0 {
+            revision = scan.revision();
         }
         Ok((items, revision, token))
     }
 
-    /// `GET` a collection.
+    /// `GET` a collection. Without `limit`, the collection is read from etcd in pages at the
+    /// first page's revision and answered as the pages are read ([`Outcome::List`]), so no
+    /// size of collection makes the server hold it whole; with `limit`, the page asked for is
+    /// answered as one document.
     pub async fn list(&self, t: &Target, rendering: Rendering, p: &Params) -> ApiResult<Outcome> {
+        let sel = Selectors::parse(&t.rt, p)?;
+        let limit = p.int("limit")?.unwrap_or(0).max(0);
+        let pinned = sel.fields.pinned_name().is_some()
+            && p.get("continue").is_none()
+            && (t.namespace.is_some() || !t.rt.namespaced);
+        let include = p.get("includeObject").unwrap_or("Metadata");
+        if limit == 0 && !pinned {
+            return self.list_streamed(t, rendering, p, sel).await;
+        }
         let (items, revision, token) = self.list_items(t, p).await?;
         let mut list_meta = json!({"resourceVersion": revision.to_string()});
         if let Some(tok) = &token {
             list_meta["continue"] = json!(tok);
         }
-        let out = match rendering {
-            Rendering::Full => json!({
-                "kind": format!("{}List", t.rt.kind),
-                "apiVersion": t.rt.api_version(),
-                "metadata": list_meta,
-                "items": items,
-            }),
-            Rendering::Metadata => json!({
-                "kind": "PartialObjectMetadataList",
-                "apiVersion": "meta.k8s.io/v1",
-                "metadata": list_meta,
-                "items": items.iter().map(table::partial).collect::<Vec<_>>(),
-            }),
-            Rendering::Table => table::table(
-                &t.rt,
-                &items,
-                list_meta,
-                p.get("includeObject").unwrap_or("Metadata"),
-                true,
-            ),
+        let mut doc = list_head(t, rendering, list_meta);
+        let (field, items) = render_items(&t.rt, rendering, include, items);
+        doc.insert(field.to_string(), Value::Array(items));
+        Ok(Outcome::json(200, Value::Object(doc), Vec::new()))
+    }
+
+    /// An unpaged `GET` of a collection: the first page is read before answering (so a bad
+    /// token or a compacted revision is a status), the rest as the client reads the answer.
+    async fn list_streamed(
+        &self,
+        t: &Target,
+        rendering: Rendering,
+        p: &Params,
+        sel: Selectors,
+    ) -> ApiResult<Outcome> {
+        let prefix = t.rt.key_prefix(&self.prefix, t.namespace.as_deref());
+        let scope = ListScope::new(&prefix, p.get("labelSelector"), p.get("fieldSelector"));
+        let (start, revision) = match p.get("continue") {
+            Some(tok) => {
+                let c = pagination::decode(tok, &scope)?;
+                (Some(c.start), c.rv)
+            }
+            None => (None, 0),
         };
-        Ok(Outcome::json(200, out, Vec::new()))
+        let has_token = start.is_some();
+        let mut scan = self.store.scan(&prefix, start.as_deref(), revision, 0);
+        let first = scan.next().await.map_err(|e| list_error(e, has_token))?;
+        let head = list_head(
+            t,
+            rendering,
+            json!({"resourceVersion": scan.revision().to_string()}),
+        );
+        let rt = Arc::clone(&t.rt);
+        let include = p.get("includeObject").unwrap_or("Metadata").to_string();
+        let (field, _) = render_items(&rt, rendering, &include, Vec::new());
+        let rest = futures::stream::try_unfold(scan, |mut scan| async move {
+            let page = scan.next().await.map_err(ApiError::from)?;
+            Ok(page.map(|p| (p, scan)))
+        });
+        let pages = futures::stream::iter(first.map(Ok))
+            .chain(rest)
+            .map_ok(move |page| {
+                let items = page
+                    .into_iter()
+                    .filter(|(_, s)| sel.matches(&s.value))
+                    .map(|(_, s)| with_rv(s.value, s.mod_revision))
+                    .collect();
+                render_items(&rt, rendering, &include, items).1
+            })
+            .boxed();
+        Ok(Outcome::List(List { head, field, pages }))
     }
 
     /// `PUT` an object (or its status).
@@ -1346,6 +1363,65 @@ impl Api {
             }),
             Vec::new(),
         ))
+    }
+}
+
+/// A failed read of a list: past a continue token, a compacted revision is the token's age
+/// and a future one a forged token.
+fn list_error(e: StoreError, has_token: bool) -> ApiError {
+    match e {
+        StoreError::Compacted if has_token => ApiError::gone(
+            "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+        ),
+        // Only a forged token names a revision etcd has not reached.
+        StoreError::FutureRevision if has_token => ApiError::bad_request(
+            "continue key is not valid: the token's revision is in the future",
+        ),
+        e => ApiError::from(e),
+    }
+}
+
+/// A list document without its items: `kind`, `apiVersion`, `metadata` (and a Table's
+/// `columnDefinitions`).
+fn list_head(t: &Target, rendering: Rendering, list_meta: Value) -> Map<String, Value> {
+    let head = match rendering {
+        Rendering::Full => json!({
+            "kind": format!("{}List", t.rt.kind),
+            "apiVersion": t.rt.api_version(),
+            "metadata": list_meta,
+        }),
+        Rendering::Metadata => json!({
+            "kind": "PartialObjectMetadataList",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": list_meta,
+        }),
+        Rendering::Table => json!({
+            "kind": "Table",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": list_meta,
+            "columnDefinitions": table::columns(&t.rt),
+        }),
+    };
+    match head {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+/// Objects as a list of `rendering` holds them, and the member they go in.
+fn render_items(
+    rt: &ResourceType,
+    rendering: Rendering,
+    include: &str,
+    items: Vec<Value>,
+) -> (&'static str, Vec<Value>) {
+    match rendering {
+        Rendering::Full => ("items", items),
+        Rendering::Metadata => ("items", items.iter().map(table::partial).collect()),
+        Rendering::Table => (
+            "rows",
+            items.iter().map(|o| table::row(rt, o, include)).collect(),
+        ),
     }
 }
 

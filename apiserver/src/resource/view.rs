@@ -6,7 +6,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Map, Value};
 
-use crate::resource::outcome::Events;
+use crate::resource::outcome::{Events, List};
 
 /// How a view maps onto its backing type.
 #[derive(Debug, Clone, Copy)]
@@ -123,6 +123,29 @@ impl View {
         } else {
             self.from_backing(v)
         }
+    }
+
+    /// A collection answered as it is read → the view's form (a Table's or metadata list's
+    /// rows stay as they are).
+    pub fn list(&self, mut list: List) -> List {
+        let kind = list
+            .head
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if !kind.ends_with("List") || kind.starts_with("PartialObjectMetadata") {
+            return list;
+        }
+        list.head
+            .insert("apiVersion".into(), Value::String(self.api_version.into()));
+        let view = *self;
+        list.pages = list
+            .pages
+            .map(move |page| {
+                page.map(|items| items.into_iter().map(|i| view.from_backing(i)).collect())
+            })
+            .boxed();
+        list
     }
 
     /// One watch event line → the view's form.

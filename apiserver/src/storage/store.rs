@@ -24,6 +24,9 @@ pub enum StoreError {
     /// etcd could not be reached or answered with an error.
     #[error("etcd request failed")]
     Etcd(#[source] EtcdError),
+    /// etcd refused the request itself (too large, malformed): retrying cannot help.
+    #[error("etcd refused the request: {0}")]
+    Rejected(String),
     /// The requested revision has been compacted away.
     #[error("the requested revision has been compacted")]
     Compacted,
@@ -47,6 +50,12 @@ pub enum StoreError {
     },
 }
 
+/// gRPC status codes of requests that fail the same way however often they are sent:
+/// `INVALID_ARGUMENT` (etcd's "request is too large", a malformed request), `FAILED_PRECONDITION`,
+/// `OUT_OF_RANGE` (an answer over the client's message limit), `UNIMPLEMENTED`. Every other
+/// code (`UNAVAILABLE`, `DEADLINE_EXCEEDED`, a lost leader, …) may pass on a retry.
+const PERMANENT_GRPC_CODES: [i32; 4] = [3, 9, 11, 12];
+
 impl From<EtcdError> for StoreError {
     fn from(e: EtcdError) -> Self {
         let text = e.to_string();
@@ -54,9 +63,20 @@ impl From<EtcdError> for StoreError {
             StoreError::Compacted
         } else if text.contains("required revision is a future revision") {
             StoreError::FutureRevision
+        } else if let EtcdError::GRpcStatus(status) = &e
+            && PERMANENT_GRPC_CODES.contains(&(status.code() as i32))
+        {
+            StoreError::Rejected(status.message().to_string())
         } else {
             StoreError::Etcd(e)
         }
+    }
+}
+
+impl StoreError {
+    /// Whether the request failed for the size of what it asked for: a smaller read may pass.
+    fn too_large(&self) -> bool {
+        matches!(self, StoreError::Rejected(m) if m.contains("too large"))
     }
 }
 
@@ -78,6 +98,179 @@ pub struct Page {
     pub revision: i64,
     /// Whether keys remain after the last one returned.
     pub more: bool,
+}
+
+/// How the store reads a range in pages: every page at the first's revision, each of at most
+/// `keys` keys and, once the size of the objects is known, of about `bytes` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Paging {
+    /// The most keys one etcd range reads.
+    pub keys: i64,
+    /// The bytes of values one etcd range aims at (the key count of the next range follows
+    /// from the average size of the values read so far).
+    pub bytes: usize,
+}
+
+impl Default for Paging {
+    /// 1000 keys or 4 MiB: a page of Flavors is ~0.6 MiB, and no page nears the etcd
+    /// client's message limit.
+    fn default() -> Self {
+        Self {
+            keys: 1000,
+            bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// A read of every key of a range, page by page, at one revision (the first page's): the
+/// next page is requested from etcd while the caller handles the current one, and at most
+/// those two are held.
+pub struct Scan {
+    kv: Backend,
+    paging: Paging,
+    end: Vec<u8>,
+    /// Where the next page starts; `None` once the range is read.
+    next: Option<Vec<u8>>,
+    revision: i64,
+    /// Keys still wanted (`None`: all).
+    remaining: Option<i64>,
+    /// Whether keys remain after the last one read (when `remaining` stopped the scan).
+    more: bool,
+    seen_keys: usize,
+    seen_bytes: usize,
+    /// The key count of the first range (`None`: as `paging` says).
+    first_keys: Option<i64>,
+    /// Whether the next page is requested before the current one is handed out.
+    prefetch: bool,
+    ahead: Option<tokio::task::JoinHandle<Result<RangeResp, StoreError>>>,
+}
+
+impl std::fmt::Debug for Scan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scan")
+            .field("revision", &self.revision)
+            .field("remaining", &self.remaining)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Scan {
+    fn drop(&mut self) {
+        if let Some(h) = self.ahead.take() {
+            h.abort();
+        }
+    }
+}
+
+/// One range of a [`Scan`], halving the key count while etcd finds the answer too large.
+async fn read_page(kv: Backend, mut r: Range) -> Result<RangeResp, StoreError> {
+    loop {
+        match kv.range(r.clone()).await {
+            Err(e) if e.too_large() && r.limit > 1 => r.limit /= 2,
+            other => return other,
+        }
+    }
+}
+
+impl Scan {
+    /// The revision the scan reads at (0 until the first page is read, when none was given).
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// The scan with its first range reading at most `keys` keys (a paged LIST asks for
+    /// about what its page holds), and no page requested before it is wanted.
+    #[must_use]
+    pub fn paced(mut self, keys: i64) -> Self {
+        self.first_keys = Some(keys.clamp(1, self.paging.keys.max(1)));
+        self.prefetch = false;
+        self
+    }
+
+    /// Whether every key of the range has been handed out.
+    pub fn done(&self) -> bool {
+        self.next.is_none() && self.ahead.is_none()
+    }
+
+    /// The key count of the next range.
+    fn next_limit(&self) -> i64 {
+        let mut keys = self.paging.keys.max(1);
+        if self.seen_keys == 0
+            && let Some(first) = self.first_keys
+        {
+            keys = first;
+        }
+        if self.seen_keys > 0 && self.seen_bytes > 0 {
+            let average = (self.seen_bytes / self.seen_keys).max(1);
+            keys = keys.min(
+                i64::try_from(self.paging.bytes / average)
+                    .unwrap_or(i64::MAX)
+                    .max(1),
+            );
+        }
+        match self.remaining {
+            Some(r) => keys.min(r),
+            None => keys,
+        }
+    }
+
+    fn range(&self, start: Vec<u8>) -> Range {
+        Range {
+            key: start,
+            end: Some(self.end.clone()),
+            revision: self.revision,
+            limit: self.next_limit(),
+            ..Range::default()
+        }
+    }
+
+    /// The next page of keys and objects, in key order; `None` once the range is read.
+    ///
+    /// # Errors
+    /// [`StoreError::Compacted`] when the scan's revision is compacted between two pages;
+    /// backend failures; [`StoreError::Corrupt`] for a value that is not JSON.
+    pub async fn next(&mut self) -> Result<Option<Vec<(String, Stored)>>, StoreError> {
+        let resp = match self.ahead.take() {
+            Some(h) => h.await.map_err(|_| StoreError::Poisoned)??,
+            None => {
+                let Some(start) = self.next.take() else {
+                    return Ok(None);
+                };
+                read_page(self.kv.clone(), self.range(start)).await?
+            }
+        };
+        if self.revision <= 0 {
+            self.revision = resp.revision;
+        }
+        self.seen_keys += resp.kvs.len();
+        self.seen_bytes += resp.kvs.iter().map(|kv| kv.value.len()).sum::<usize>();
+        if let Some(r) = &mut self.remaining {
+            *r -= resp.kvs.len() as i64;
+        }
+        self.more = resp.more;
+        self.next = match resp.kvs.last() {
+            Some(last) if resp.more && self.remaining.is_none_or(|r| r > 0) => {
+                let mut k = last.key.clone();
+                k.push(0);
+                Some(k)
+            }
+            _ => None,
+        };
+        if self.prefetch
+            && let Some(start) = self.next.take()
+        {
+            let r = self.range(start);
+            self.ahead = Some(tokio::spawn(read_page(self.kv.clone(), r)));
+        }
+        if resp.kvs.is_empty() {
+            return Ok(None);
+        }
+        resp.kvs
+            .into_iter()
+            .map(decode_kv)
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
 }
 
 /// The outcome of a conditional write.
@@ -116,6 +309,7 @@ pub enum Guard<'a> {
 #[derive(Clone)]
 pub struct Store {
     kv: Backend,
+    paging: Paging,
     marker: Option<Arc<Marker>>,
     latency: Option<Arc<Latency>>,
 }
@@ -324,8 +518,35 @@ impl Store {
     fn over(kv: Backend) -> Self {
         Self {
             kv,
+            paging: Paging::default(),
             marker: None,
             latency: None,
+        }
+    }
+
+    /// This store, reading whole ranges in pages of `paging` (tests make them small).
+    #[must_use]
+    pub fn with_paging(mut self, paging: Paging) -> Self {
+        self.paging = paging;
+        self
+    }
+
+    /// Reads keys in `[start, prefix_end(prefix))` at `revision` (0: the current one), at
+    /// most `limit` (0: all), page by page; see [`Scan`].
+    pub fn scan(&self, prefix: &str, start: Option<&str>, revision: i64, limit: i64) -> Scan {
+        Scan {
+            kv: self.kv.clone(),
+            paging: self.paging,
+            end: prefix_end(prefix),
+            next: Some(start.unwrap_or(prefix).into()),
+            revision,
+            remaining: (limit > 0).then_some(limit),
+            more: false,
+            seen_keys: 0,
+            seen_bytes: 0,
+            first_keys: None,
+            prefetch: true,
+            ahead: None,
         }
     }
 
@@ -528,7 +749,8 @@ impl Store {
     }
 
     /// Reads keys in `[start, prefix_end(prefix))` at `revision` (0: latest), at most `limit`
-    /// (0: all).
+    /// (0: all), in pages at one revision (see [`Scan`]), so no answer of etcd grows with
+    /// the range.
     pub async fn list(
         &self,
         prefix: &str,
@@ -537,31 +759,16 @@ impl Store {
         limit: i64,
     ) -> Result<Page, StoreError> {
         let started = Instant::now();
-        let resp = self
-            .kv
-            .range(Range {
-                key: start.unwrap_or(prefix).into(),
-                end: Some(prefix_end(prefix)),
-                revision,
-                limit,
-                ..Range::default()
-            })
-            .await?;
+        let mut scan = self.scan(prefix, start, revision, limit);
+        let mut items = Vec::new();
+        while let Some(page) = scan.next().await? {
+            items.extend(page);
+        }
         self.observe("list", prefix, started);
-        let revision = if revision > 0 {
-            revision
-        } else {
-            resp.revision
-        };
-        let items = resp
-            .kvs
-            .into_iter()
-            .map(decode_kv)
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(Page {
             items,
-            revision,
-            more: resp.more,
+            revision: scan.revision,
+            more: scan.more,
         })
     }
 
@@ -727,6 +934,10 @@ impl From<StoreError> for ApiError {
             StoreError::Corrupt { key, .. } => {
                 Self::internal(format!("stored object at {key} cannot be decoded"))
             }
+            // Not retried, and no Retry-After: the same request fails the same way.
+            StoreError::Rejected(why) => {
+                Self::internal(format!("the object store refused the request: {why}"))
+            }
             StoreError::Etcd(e) => {
                 Self::unavailable(format!("the object store is unavailable: {e}"))
             }
@@ -736,7 +947,20 @@ impl From<StoreError> for ApiError {
 
 #[cfg(test)]
 mod tests {
-    use super::{Marker, prefix_end, type_of};
+    use super::{Marker, StoreError, prefix_end, type_of};
+    use crate::base::error::ApiError;
+
+    #[test]
+    fn a_refused_request_is_answered_at_once_without_retry_after() {
+        let e = ApiError::from(StoreError::Rejected(
+            "Error, decoded message length too large".into(),
+        ));
+        assert_eq!(e.code, 500);
+        assert!(e.message.contains("decoded message length too large"));
+        assert_eq!(e.details.retry_after, None);
+        assert!(StoreError::Rejected("etcdserver: request is too large".into()).too_large());
+        assert!(!StoreError::Rejected("etcdserver: invalid auth token".into()).too_large());
+    }
 
     #[test]
     fn prefix_end_is_the_next_key() {

@@ -17,7 +17,7 @@ use stratus_apiserver::resource::registry::Registry;
 use stratus_apiserver::resource::review::AllowAll;
 use stratus_apiserver::resource::table::Rendering;
 use stratus_apiserver::resource::verbs::{Api, Params, Target};
-use stratus_apiserver::storage::store::Store;
+use stratus_apiserver::storage::store::{Paging, Store};
 
 const PREFIX: &str = "/registry";
 pub const JSON: &str = "application/json";
@@ -130,6 +130,7 @@ pub fn answer(o: Outcome) -> (u16, Value) {
     match o {
         Outcome::Json { code, body, .. } => (code, body),
         Outcome::Watch(_) => panic!("a watch where a document was expected"),
+        Outcome::List(_) => panic!("a streamed list: read it with `Outcome::collected` first"),
     }
 }
 
@@ -176,15 +177,19 @@ pub struct Cloud {
 impl Cloud {
     /// An empty cloud.
     pub async fn new() -> Self {
+        Self::over(Store::memory()).await
+    }
+
+    /// An empty cloud whose store reads whole ranges in pages of `paging`.
+    pub async fn with_paging(paging: Paging) -> Self {
+        Self::over(Store::memory().with_paging(paging)).await
+    }
+
+    async fn over(store: Store) -> Self {
         let registry = Arc::new(Registry::stratus().expect("the Stratus kinds"));
-        let api = Api::open(
-            Store::memory(),
-            registry,
-            PREFIX,
-            Duration::from_millis(200),
-        )
-        .await
-        .expect("open the API");
+        let api = Api::open(store, registry, PREFIX, Duration::from_millis(200))
+            .await
+            .expect("open the API");
         Self { api }
     }
 
@@ -282,6 +287,8 @@ impl Cloud {
                 Rendering::Full,
                 &params(query),
             )
+            .await?
+            .collected()
             .await
             .map(|o| answer(o).1)
     }
@@ -386,6 +393,7 @@ impl Cloud {
         match o {
             Outcome::Watch(stream) => Ok(Events(stream)),
             Outcome::Json { code, body, .. } => panic!("{code} {body} where a watch was expected"),
+            Outcome::List(_) => panic!("a list where a watch was expected"),
         }
     }
 }
@@ -584,7 +592,14 @@ impl As<'_> {
         self.authorized("GET", t, &p).await?;
         let o = match t.name {
             Some(_) => self.cloud.api.get(t, Rendering::Full, &p, None).await?,
-            None => self.cloud.api.list(t, Rendering::Full, &p).await?,
+            None => {
+                self.cloud
+                    .api
+                    .list(t, Rendering::Full, &p)
+                    .await?
+                    .collected()
+                    .await?
+            }
         };
         Ok(answer(o).1)
     }
