@@ -14,5 +14,6 @@ mod e2e {
     mod quota;
     mod replicas;
     mod runtime;
+    mod scale;
     mod watch_feed;
 }
