@@ -108,9 +108,18 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct ApiserverArgs {
-    /// etcd client URLs, comma-separated.
+    /// etcd client URLs, comma-separated: `https://` ones with `--etcd-cafile`, else `http://`.
     #[arg(long, value_delimiter = ',', required = true)]
     etcd_endpoints: Vec<String>,
+    /// PEM CA certificate that etcd's serving certificate chains to (TLS to etcd).
+    #[arg(long)]
+    etcd_cafile: Option<PathBuf>,
+    /// PEM client certificate for etcd's `--client-cert-auth`.
+    #[arg(long, requires_all = ["etcd_keyfile", "etcd_cafile"])]
+    etcd_certfile: Option<PathBuf>,
+    /// PEM client key for etcd's `--client-cert-auth`.
+    #[arg(long, requires = "etcd_certfile")]
+    etcd_keyfile: Option<PathBuf>,
     /// Key prefix of every object in etcd.
     #[arg(long, default_value = "/stratus")]
     etcd_prefix: String,
@@ -138,6 +147,12 @@ struct ApiserverArgs {
 
 async fn apiserver(args: ApiserverArgs) -> Result<()> {
     let mut config = stratus_apiserver::Config::new(args.etcd_endpoints);
+    config.etcd_tls = args
+        .etcd_cafile
+        .map(|ca_file| stratus_apiserver::storage::etcd::EtcdTls {
+            ca_file,
+            client: args.etcd_certfile.zip(args.etcd_keyfile),
+        });
     config.prefix = args.etcd_prefix;
     config.listen = args.listen;
     config.tls = args.tls_cert.zip(args.tls_key);

@@ -23,6 +23,11 @@ pub struct UpArgs {
     /// etcd's peer port on 127.0.0.1.
     #[arg(long, default_value_t = 2380)]
     pub etcd_peer_port: u16,
+    /// How much history etcd keeps (its `--auto-compaction-retention` in periodic mode): a
+    /// watch or continue token older than this answers 410 Gone and the client lists anew.
+    /// kube-apiserver compacts every 5 minutes.
+    #[arg(long, default_value = "5m")]
+    pub etcd_auto_compaction_retention: String,
     /// Seconds between watch bookmarks.
     #[arg(long, default_value_t = 60)]
     pub bookmark_seconds: u64,
@@ -52,11 +57,19 @@ struct Etcd {
 }
 
 impl Etcd {
-    async fn start(dir: &Path, client_port: u16, peer_port: u16) -> Result<(Self, String)> {
+    /// Starts etcd serving clients and peers over TLS only, each required to present a
+    /// certificate of etcd's own CA, and compacting history older than `retention`.
+    async fn start(
+        dir: &Path,
+        pki: &stratus_apiserver::http::tls::EtcdPki,
+        client_port: u16,
+        peer_port: u16,
+        retention: &str,
+    ) -> Result<(Self, String)> {
         let data = dir.join("etcd");
         private_dir(&data)?;
-        let client = format!("http://127.0.0.1:{client_port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
+        let client = format!("https://127.0.0.1:{client_port}");
+        let peer = format!("https://127.0.0.1:{peer_port}");
         let log = std::fs::File::create(dir.join("etcd.log")).context("create etcd.log")?;
         let child = Command::new("etcd")
             .arg("--name")
@@ -67,12 +80,30 @@ impl Etcd {
             .arg(&client)
             .arg("--advertise-client-urls")
             .arg(&client)
+            .arg("--cert-file")
+            .arg(&pki.server_cert)
+            .arg("--key-file")
+            .arg(&pki.server_key)
+            .arg("--trusted-ca-file")
+            .arg(&pki.ca_cert)
+            .arg("--client-cert-auth")
             .arg("--listen-peer-urls")
             .arg(&peer)
             .arg("--initial-advertise-peer-urls")
             .arg(&peer)
             .arg("--initial-cluster")
             .arg(format!("stratus={peer}"))
+            .arg("--peer-cert-file")
+            .arg(&pki.peer_cert)
+            .arg("--peer-key-file")
+            .arg(&pki.peer_key)
+            .arg("--peer-trusted-ca-file")
+            .arg(&pki.ca_cert)
+            .arg("--peer-client-cert-auth")
+            .arg("--auto-compaction-mode")
+            .arg("periodic")
+            .arg("--auto-compaction-retention")
+            .arg(retention)
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
@@ -99,13 +130,20 @@ impl Etcd {
     }
 }
 
-async fn wait_for_etcd(endpoint: &str, child: &mut Child) -> Result<()> {
+async fn wait_for_etcd(
+    endpoint: &str,
+    tls: &stratus_apiserver::storage::etcd::EtcdTls,
+    child: &mut Child,
+) -> Result<()> {
     for _ in 0..100 {
         if let Some(status) = child.try_wait()? {
             bail!("etcd exited at start-up with {status}; see etcd.log in the data directory");
         }
-        if let Ok(store) =
-            stratus_apiserver::storage::store::Store::connect(&[endpoint.to_string()]).await
+        if let Ok(store) = stratus_apiserver::storage::store::Store::connect_with(
+            &[endpoint.to_string()],
+            Some(tls),
+        )
+        .await
             && store.revision().await.is_ok()
         {
             return Ok(());
@@ -272,8 +310,18 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let dir = &args.data_dir;
     private_dir(dir)?;
-    let (mut etcd, endpoint) = Etcd::start(dir, args.etcd_client_port, args.etcd_peer_port).await?;
-    if let Err(e) = wait_for_etcd(&endpoint, &mut etcd.child).await {
+    let etcd_pki = stratus_apiserver::http::tls::ensure_etcd_pki(&dir.join("pki").join("etcd"))
+        .context("make etcd's CA and certificates")?;
+    let etcd_tls = etcd_pki.client_tls();
+    let (mut etcd, endpoint) = Etcd::start(
+        dir,
+        &etcd_pki,
+        args.etcd_client_port,
+        args.etcd_peer_port,
+        &args.etcd_auto_compaction_retention,
+    )
+    .await?;
+    if let Err(e) = wait_for_etcd(&endpoint, &etcd_tls, &mut etcd.child).await {
         etcd.stop().await;
         return Err(e);
     }
@@ -299,6 +347,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let (token_file, tokens) = ensure_tokens(dir, &identities)?;
     let (token, controllers_token) = (tokens[0].clone(), tokens[1].clone());
     let mut config = stratus_apiserver::Config::new(vec![endpoint]);
+    config.etcd_tls = Some(etcd_tls);
     config.listen = args.listen;
     config.tls = Some((pki.server_cert.clone(), pki.server_key.clone()));
     config.tokens =

@@ -118,51 +118,98 @@ impl Drop for Proc {
 pub struct Etcd {
     /// Client URL.
     pub endpoint: String,
+    tls: Option<stratus_apiserver::http::tls::EtcdPki>,
     _proc: Proc,
     _dir: tempfile::TempDir,
 }
 
+/// etcdctl's arguments for an etcd over TLS: its CA and a client certificate.
+fn etcdctl_tls(tls: &stratus_apiserver::storage::etcd::EtcdTls) -> Vec<std::ffi::OsString> {
+    let mut args = vec!["--cacert".into(), tls.ca_file.clone().into_os_string()];
+    if let Some((cert, key)) = &tls.client {
+        args.extend([
+            "--cert".into(),
+            cert.clone().into_os_string(),
+            "--key".into(),
+            key.clone().into_os_string(),
+        ]);
+    }
+    args
+}
+
 impl Etcd {
-    /// Starts etcd and waits until it answers.
+    /// Starts etcd in the clear and waits until it answers.
     pub fn start() -> Result<Self> {
+        Self::launch(false)
+    }
+
+    /// Starts etcd as `stratus up` does: TLS for clients and peers, each required to present a
+    /// certificate of etcd's CA (made in the temporary directory).
+    pub fn start_tls() -> Result<Self> {
+        Self::launch(true)
+    }
+
+    fn launch(tls: bool) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let proc = Proc::spawn(
-            "etcd",
-            Command::new("etcd")
-                .arg("--data-dir")
-                .arg(dir.path().join("data"))
-                .args([
-                    "--listen-client-urls",
-                    &endpoint,
-                    "--advertise-client-urls",
-                    &endpoint,
-                ])
-                .args([
-                    "--listen-peer-urls",
-                    &peer_url,
-                    "--initial-advertise-peer-urls",
-                    &peer_url,
-                ])
-                .args(["--initial-cluster", &format!("default={peer_url}")]),
-            &dir.path().join("etcd.log"),
-        )?;
+        let scheme = if tls { "https" } else { "http" };
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
+        let peer_url = format!("{scheme}://127.0.0.1:{peer}");
+        let mut cmd = Command::new("etcd");
+        cmd.arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &endpoint,
+                "--advertise-client-urls",
+                &endpoint,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
+            .args(["--initial-cluster", &format!("default={peer_url}")]);
+        let pki = if tls {
+            let pki = stratus_apiserver::http::tls::ensure_etcd_pki(&dir.path().join("pki"))?;
+            cmd.arg("--cert-file")
+                .arg(&pki.server_cert)
+                .arg("--key-file")
+                .arg(&pki.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&pki.ca_cert)
+                .arg("--client-cert-auth")
+                .arg("--peer-cert-file")
+                .arg(&pki.peer_cert)
+                .arg("--peer-key-file")
+                .arg(&pki.peer_key)
+                .arg("--peer-trusted-ca-file")
+                .arg(&pki.ca_cert)
+                .arg("--peer-client-cert-auth");
+            Some(pki)
+        } else {
+            None
+        };
+        let proc = Proc::spawn("etcd", &mut cmd, &dir.path().join("etcd.log"))?;
         let etcd = Self {
             endpoint,
+            tls: pki,
             _proc: proc,
             _dir: dir,
         };
         wait_until(Duration::from_secs(20), "etcd to answer", || {
-            Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .args(["--endpoints", &etcd.endpoint, "endpoint", "health"])
-                .output()
+            etcd.ctl(&["endpoint", "health"])
                 .ok()
                 .filter(|o| o.status.success())
         })?;
         Ok(etcd)
+    }
+
+    /// How a client reaches this etcd over TLS (its CA and a client certificate); none when
+    /// it serves in the clear.
+    pub fn client_tls(&self) -> Option<stratus_apiserver::storage::etcd::EtcdTls> {
+        self.tls.as_ref().map(|p| p.client_tls())
     }
 
     /// The etcd process id.
@@ -170,11 +217,16 @@ impl Etcd {
         self._proc.pid()
     }
 
-    /// Runs etcdctl against this etcd.
+    /// Runs etcdctl against this etcd (with a client certificate when it serves TLS).
     pub fn ctl(&self, args: &[&str]) -> Result<Output> {
+        let tls = self
+            .client_tls()
+            .map(|t| etcdctl_tls(&t))
+            .unwrap_or_default();
         Ok(Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
             .args(["--endpoints", &self.endpoint])
+            .args(tls)
             .args(args)
             .output()?)
     }
@@ -336,9 +388,32 @@ impl Cloud {
         Ok(())
     }
 
-    /// The etcd client URL `stratus up` started.
+    /// The etcd client URL `stratus up` started (TLS; see [`Cloud::etcd_tls`]).
     pub fn etcd_endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.ports.1)
+        format!("https://127.0.0.1:{}", self.ports.1)
+    }
+
+    /// etcd's CA and the API server's client certificate, which `stratus up` made in
+    /// `DIR/pki/etcd`: what any direct reader of this cloud's etcd needs.
+    pub fn etcd_tls(&self) -> stratus_apiserver::storage::etcd::EtcdTls {
+        let dir = self.dir.path().join("pki").join("etcd");
+        stratus_apiserver::storage::etcd::EtcdTls {
+            ca_file: dir.join("ca.crt"),
+            client: Some((
+                dir.join("apiserver-etcd-client.crt"),
+                dir.join("apiserver-etcd-client.key"),
+            )),
+        }
+    }
+
+    /// Runs etcdctl against this cloud's etcd with the client certificate.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.etcd_endpoint()])
+            .args(etcdctl_tls(&self.etcd_tls()))
+            .args(args)
+            .output()?)
     }
 
     /// A kube-rs client with the admin kubeconfig.
@@ -476,6 +551,7 @@ pub struct Apiserver {
     pub url: String,
     dir: tempfile::TempDir,
     endpoint: String,
+    etcd_tls: Option<stratus_apiserver::storage::etcd::EtcdTls>,
     port: u16,
 }
 
@@ -485,6 +561,19 @@ pub const TEST_TOKEN: &str = "e2e-admin-token-0123456789abcdef";
 impl Apiserver {
     /// Starts an API server on a free port and waits until it is ready.
     pub fn start(etcd_endpoint: &str) -> Result<Self> {
+        Self::start_with(etcd_endpoint, None)
+    }
+
+    /// Starts an API server on `etcd`, over TLS with a client certificate when `etcd` serves
+    /// TLS (`--etcd-cafile`, `--etcd-certfile`, `--etcd-keyfile`).
+    pub fn start_on(etcd: &Etcd) -> Result<Self> {
+        Self::start_with(&etcd.endpoint, etcd.client_tls())
+    }
+
+    fn start_with(
+        etcd_endpoint: &str,
+        etcd_tls: Option<stratus_apiserver::storage::etcd::EtcdTls>,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         std::fs::write(
             dir.path().join("tokens.csv"),
@@ -500,23 +589,42 @@ impl Apiserver {
             "apiVersion: v1\nkind: Config\nclusters:\n- name: s\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    token: {TEST_TOKEN}\ncontexts:\n- name: admin@s\n  context:\n    cluster: s\n    user: admin\ncurrent-context: admin@s\n"
         );
         std::fs::write(dir.path().join("kubeconfig"), kubeconfig)?;
-        let proc = Self::spawn(dir.path(), etcd_endpoint, port)?;
+        let proc = Self::spawn(dir.path(), etcd_endpoint, etcd_tls.as_ref(), port)?;
         let s = Self {
             proc,
             url: format!("https://127.0.0.1:{port}"),
             dir,
             endpoint: etcd_endpoint.to_string(),
+            etcd_tls,
             port,
         };
         s.wait_ready()?;
         Ok(s)
     }
 
-    fn spawn(dir: &Path, endpoint: &str, port: u16) -> Result<Proc> {
+    fn spawn(
+        dir: &Path,
+        endpoint: &str,
+        etcd_tls: Option<&stratus_apiserver::storage::etcd::EtcdTls>,
+        port: u16,
+    ) -> Result<Proc> {
+        let mut tls: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(t) = etcd_tls {
+            tls.extend(["--etcd-cafile".into(), t.ca_file.clone().into_os_string()]);
+            if let Some((cert, key)) = &t.client {
+                tls.extend([
+                    "--etcd-certfile".into(),
+                    cert.clone().into_os_string(),
+                    "--etcd-keyfile".into(),
+                    key.clone().into_os_string(),
+                ]);
+            }
+        }
         Proc::spawn(
             "stratus apiserver",
             Command::new(stratus_bin())
                 .arg("apiserver")
+                .args(tls)
                 .args([
                     "--etcd-endpoints",
                     endpoint,
@@ -544,7 +652,12 @@ impl Apiserver {
     /// Starts it again (same port) after a kill.
     pub fn restart(&mut self) -> Result<()> {
         self.proc.kill();
-        self.proc = Self::spawn(self.dir.path(), &self.endpoint, self.port)?;
+        self.proc = Self::spawn(
+            self.dir.path(),
+            &self.endpoint,
+            self.etcd_tls.as_ref(),
+            self.port,
+        )?;
         self.wait_ready()
     }
 

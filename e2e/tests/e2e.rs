@@ -7,6 +7,7 @@ mod e2e {
     mod clients;
     mod compute;
     mod drivers;
+    mod etcd;
     mod gc;
     mod identity;
     mod kubectl;

@@ -27,8 +27,10 @@ use crate::storage::store::Store;
 /// API server settings.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// etcd client URLs.
+    /// etcd client URLs (`https://` with [`Config::etcd_tls`], `http://` without).
     pub etcd_endpoints: Vec<String>,
+    /// etcd's CA and this server's client certificate, for etcd over TLS.
+    pub etcd_tls: Option<crate::storage::etcd::EtcdTls>,
     /// Key prefix of every object in etcd.
     pub prefix: String,
     /// Address to listen on.
@@ -57,6 +59,7 @@ impl Config {
     pub fn new(etcd_endpoints: Vec<String>) -> Self {
         Self {
             etcd_endpoints,
+            etcd_tls: None,
             prefix: "/stratus".into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 6443)),
             tls: None,
@@ -386,7 +389,7 @@ pub enum StartError {
 pub async fn start(config: Config) -> Result<Server, StartError> {
     let registry = Arc::new(Registry::stratus()?);
     let metrics = crate::http::metrics::Metrics::default();
-    let store = Store::connect(&config.etcd_endpoints)
+    let store = Store::connect_with(&config.etcd_endpoints, config.etcd_tls.as_ref())
         .await?
         .with_marker(
             crate::storage::keys::marker_key(&config.prefix),

@@ -1,11 +1,13 @@
-//! TLS: the cluster CA and serving certificate `stratus up` makes, and the server's acceptor.
+//! TLS: the cluster CA and serving certificate `stratus up` makes, etcd's own CA and
+//! certificates, and the server's acceptor.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
 };
 use tokio_rustls::TlsAcceptor;
 
@@ -75,6 +77,136 @@ pub fn ensure_pki(dir: &Path, hosts: &[String]) -> io::Result<Pki> {
     Ok(pki)
 }
 
+/// etcd's PKI: a CA of its own (as kubeadm's `pki/etcd/ca.crt`), so that no certificate
+/// the cloud's CA signs (the API server's, and any client certificate it may sign later) is
+/// accepted by etcd, and etcd's client certificates are good for nothing but etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdPki {
+    /// The etcd CA certificate (PEM): etcd trusts clients and peers it signed, clients trust
+    /// etcd's serving certificate through it.
+    pub ca_cert: PathBuf,
+    /// etcd's serving certificate (PEM; 127.0.0.1 and localhost).
+    pub server_cert: PathBuf,
+    /// etcd's serving key (PEM, mode 0600).
+    pub server_key: PathBuf,
+    /// etcd's peer certificate, both server and client of other members (PEM).
+    pub peer_cert: PathBuf,
+    /// etcd's peer key (PEM, mode 0600).
+    pub peer_key: PathBuf,
+    /// The API server's client certificate for etcd (PEM; CN `stratus-apiserver-etcd-client`).
+    pub client_cert: PathBuf,
+    /// The API server's client key (PEM, mode 0600).
+    pub client_key: PathBuf,
+}
+
+impl EtcdPki {
+    /// How the API server reaches this etcd.
+    pub fn client_tls(&self) -> crate::storage::etcd::EtcdTls {
+        crate::storage::etcd::EtcdTls {
+            ca_file: self.ca_cert.clone(),
+            client: Some((self.client_cert.clone(), self.client_key.clone())),
+        }
+    }
+
+    fn files(&self) -> [&Path; 7] {
+        [
+            &self.ca_cert,
+            &self.server_cert,
+            &self.server_key,
+            &self.peer_cert,
+            &self.peer_key,
+            &self.client_cert,
+            &self.client_key,
+        ]
+    }
+}
+
+/// Makes etcd's CA, serving, peer and client certificates in `dir` (made 0700), unless they all
+/// exist. Keys are written 0600. The CA's key is not kept: to issue more, make them all anew.
+pub fn ensure_etcd_pki(dir: &Path) -> io::Result<EtcdPki> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    let pki = EtcdPki {
+        ca_cert: dir.join("ca.crt"),
+        server_cert: dir.join("server.crt"),
+        server_key: dir.join("server.key"),
+        peer_cert: dir.join("peer.crt"),
+        peer_key: dir.join("peer.key"),
+        client_cert: dir.join("apiserver-etcd-client.crt"),
+        client_key: dir.join("apiserver-etcd-client.key"),
+    };
+    if pki.files().iter().all(|f| f.exists()) {
+        return Ok(pki);
+    }
+    let ca_key = KeyPair::generate().map_err(other)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(other)?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "stratus-etcd-ca");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca_params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    let ca = CertifiedIssuer::self_signed(ca_params, ca_key).map_err(other)?;
+    let hosts = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+    // etcd uses its serving certificate as a client too (its gRPC gateway dials itself), and a
+    // peer certificate both ways: both carry server and client usages, as kubeadm's do.
+    let both = [
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let issue = |cn: &str,
+                 hosts: Vec<String>,
+                 usages: &[ExtendedKeyUsagePurpose],
+                 cert: &Path,
+                 key: &Path|
+     -> io::Result<()> {
+        let pair = KeyPair::generate().map_err(other)?;
+        let mut params = CertificateParams::new(hosts).map_err(other)?;
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = usages.to_vec();
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+        let signed = params.signed_by(&pair, &ca).map_err(other)?;
+        write_private(key, &pair.serialize_pem())?;
+        std::fs::write(cert, signed.pem())
+    };
+    issue(
+        "stratus-etcd",
+        hosts.clone(),
+        &both,
+        &pki.server_cert,
+        &pki.server_key,
+    )?;
+    issue(
+        "stratus-etcd-peer",
+        hosts,
+        &both,
+        &pki.peer_cert,
+        &pki.peer_key,
+    )?;
+    issue(
+        "stratus-apiserver-etcd-client",
+        Vec::new(),
+        &[ExtendedKeyUsagePurpose::ClientAuth],
+        &pki.client_cert,
+        &pki.client_key,
+    )?;
+    // The CA last: its presence with the others is what makes a later start reuse them.
+    std::fs::write(&pki.ca_cert, ca.pem())?;
+    Ok(pki)
+}
+
 /// A TLS acceptor serving the given certificate chain and key, offering HTTP/2 and HTTP/1.1.
 pub fn acceptor(cert: &Path, key: &Path) -> io::Result<TlsAcceptor> {
     let certs = rustls_pemfile::certs(&mut io::BufReader::new(std::fs::File::open(cert)?))
@@ -90,4 +222,75 @@ pub fn acceptor(cert: &Path, key: &Path) -> io::Result<TlsAcceptor> {
         .map_err(other)?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).expect("stat").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn etcd_keys_are_private_and_kept() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("pki/etcd");
+        let pki = ensure_etcd_pki(&dir).expect("pki");
+        assert_eq!(mode(&dir), 0o700);
+        for key in [&pki.server_key, &pki.peer_key, &pki.client_key] {
+            assert_eq!(mode(key), 0o600, "{}", key.display());
+        }
+        let ca = std::fs::read(&pki.ca_cert).expect("ca");
+        let again = ensure_etcd_pki(&dir).expect("pki again");
+        assert_eq!(std::fs::read(&again.ca_cert).expect("ca"), ca, "kept");
+        // A missing file makes them all anew, signed by a new CA.
+        std::fs::remove_file(&pki.peer_key).expect("remove");
+        ensure_etcd_pki(&dir).expect("pki anew");
+        assert_ne!(std::fs::read(&pki.ca_cert).expect("ca"), ca);
+        assert_eq!(mode(&pki.peer_key), 0o600);
+    }
+
+    #[test]
+    fn etcd_certificates_chain_to_the_etcd_ca_not_the_clouds() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cloud = ensure_pki(&tmp.path().join("pki"), &["127.0.0.1".into()]).expect("cloud");
+        let etcd = ensure_etcd_pki(&tmp.path().join("pki/etcd")).expect("etcd");
+        let pem = |p: &Path| -> Vec<u8> { std::fs::read(p).expect("read") };
+        let der = |p: &Path| {
+            rustls_pemfile::certs(&mut io::BufReader::new(&pem(p)[..]))
+                .next()
+                .expect("a certificate")
+                .expect("pem")
+        };
+        let verifier = |ca: &Path| {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(der(ca)).expect("root");
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                Arc::new(rustls::crypto::ring::default_provider()),
+            )
+            .build()
+            .expect("verifier")
+        };
+        let now = rustls::pki_types::UnixTime::now();
+        let client = der(&etcd.client_cert);
+        assert!(
+            verifier(&etcd.ca_cert)
+                .verify_client_cert(&client, &[], now)
+                .is_ok()
+        );
+        assert!(
+            verifier(&cloud.ca_cert)
+                .verify_client_cert(&client, &[], now)
+                .is_err()
+        );
+        let server = der(&cloud.server_cert);
+        assert!(
+            verifier(&etcd.ca_cert)
+                .verify_client_cert(&server, &[], now)
+                .is_err()
+        );
+    }
 }

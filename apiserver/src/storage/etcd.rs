@@ -1,9 +1,11 @@
 //! [`Kv`] over etcd's gRPC client: each operation translated one to one.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, ConnectOptions, GetOptions, KvClient, PutOptions, TxnOpResponse, WatchOptions,
+    Certificate, Client, ConnectOptions, GetOptions, Identity, KvClient, PutOptions, TlsOptions,
+    TxnOpResponse, WatchOptions,
 };
 
 use crate::storage::kv::{
@@ -31,18 +33,60 @@ impl std::fmt::Debug for Etcd {
     }
 }
 
+/// How to reach etcd over TLS (kube-apiserver's `--etcd-cafile`, `--etcd-certfile`,
+/// `--etcd-keyfile`): the CA that signed etcd's serving certificate and, for etcd's
+/// `--client-cert-auth`, this client's certificate and key (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA certificate etcd's serving certificate must chain to.
+    pub ca_file: PathBuf,
+    /// This client's certificate and key, when etcd asks for one.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+impl EtcdTls {
+    fn options(&self) -> Result<TlsOptions, StoreError> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|source| StoreError::ReadFile {
+                path: path.clone(),
+                source,
+            })
+        };
+        let mut opts =
+            TlsOptions::new().ca_certificate(Certificate::from_pem(read(&self.ca_file)?));
+        if let Some((cert, key)) = &self.client {
+            opts = opts.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        Ok(opts)
+    }
+}
+
 impl Etcd {
-    /// Connects to etcd.
+    /// Connects to etcd: over TLS with `tls` (every endpoint `https://`), in the clear without
+    /// (every endpoint `http://`).
     ///
     /// # Errors
-    /// When no endpoint answers.
-    pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
-        let opts = ConnectOptions::new()
+    /// When an endpoint's scheme does not match `tls`, a TLS file cannot be read, or no
+    /// endpoint answers.
+    pub async fn connect(endpoints: &[String], tls: Option<&EtcdTls>) -> Result<Self, StoreError> {
+        let want = if tls.is_some() { "https://" } else { "http://" };
+        if let Some(e) = endpoints.iter().find(|e| !e.starts_with(want)) {
+            return Err(StoreError::Endpoint {
+                endpoint: e.clone(),
+                expected: want,
+            });
+        }
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(30))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(10));
+        if let Some(tls) = tls {
+            opts = opts.with_tls(tls.options()?);
+        }
         let client = Client::connect(endpoints, Some(opts)).await?;
-        let kv = client.kv_client().max_decoding_message_size(MAX_ANSWER_BYTES);
+        let kv = client
+            .kv_client()
+            .max_decoding_message_size(MAX_ANSWER_BYTES);
         Ok(Self { client, kv })
     }
 }

@@ -9,7 +9,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use serde_json::Value;
 
 use crate::base::error::ApiError;
-use crate::storage::etcd::{Etcd, EtcdWatch};
+use crate::storage::etcd::{Etcd, EtcdTls, EtcdWatch};
 use crate::storage::kv::{
     Compare, CompareOp, KeyValue, Kv, Op, Range, RangeResp, Target, Txn, TxnResp, WatchFeed,
     WatchMsg,
@@ -39,6 +39,25 @@ pub enum StoreError {
     /// The backend refused a malformed request (a bug in the caller).
     #[error("the store refused the request: {0}")]
     Refused(&'static str),
+    /// A TLS file for etcd cannot be read.
+    #[error("read {}", path.display())]
+    ReadFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An endpoint's scheme does not match whether TLS is configured.
+    #[error(
+        "etcd endpoint {endpoint} must start with {expected} (https endpoints go with the etcd CA file, http ones without)"
+    )]
+    Endpoint {
+        /// The endpoint.
+        endpoint: String,
+        /// The scheme it must have.
+        expected: &'static str,
+    },
     /// A stored value is not a JSON object (written by something other than Stratus).
     #[error("stored value at {key} is not valid JSON")]
     Corrupt {
@@ -504,9 +523,19 @@ fn prefix_range(prefix: &str) -> Range {
 }
 
 impl Store {
-    /// Connects to etcd.
+    /// Connects to etcd in the clear (`http://` endpoints).
     pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
-        Ok(Self::over(Backend::Etcd(Etcd::connect(endpoints).await?)))
+        Self::connect_with(endpoints, None).await
+    }
+
+    /// Connects to etcd, over TLS with `tls` (`https://` endpoints).
+    pub async fn connect_with(
+        endpoints: &[String],
+        tls: Option<&EtcdTls>,
+    ) -> Result<Self, StoreError> {
+        Ok(Self::over(Backend::Etcd(
+            Etcd::connect(endpoints, tls).await?,
+        )))
     }
 
     /// A store in memory, empty, with etcd's guarantees (see [`crate::storage::kv`]): for
@@ -931,6 +960,9 @@ impl From<StoreError> for ApiError {
                 Self::unavailable("the API server's watch state is unavailable; retry")
             }
             StoreError::Refused(why) => Self::internal(format!("the store refused a write: {why}")),
+            e @ (StoreError::ReadFile { .. } | StoreError::Endpoint { .. }) => {
+                Self::internal(e.to_string())
+            }
             StoreError::Corrupt { key, .. } => {
                 Self::internal(format!("stored object at {key} cannot be decoded"))
             }

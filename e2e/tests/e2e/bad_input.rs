@@ -396,15 +396,7 @@ async fn watch_on_a_compacted_revision_is_gone() -> Result<()> {
         assert_eq!(code, 200);
     }
     let now: i64 = cloud.list_rv(FLAVORS)?.parse()?;
-    let out = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            &cloud.etcd_endpoint(),
-            "compact",
-            &now.to_string(),
-        ])
-        .output()?;
+    let out = cloud.etcdctl(&["compact", &now.to_string()])?;
     assert!(
         out.status.success(),
         "{}",
