@@ -4,11 +4,23 @@ time; a kept-alive connection the server closed between requests is retried once
 
 Usage: fuzz.py KUBECONFIG NODE_TOKEN SEED REQUESTS
 
-The requests come from three identities: the admin of KUBECONFIG, a project member this
-script creates (user "fuzz-member" in project "demo"), and the node identity NODE_TOKEN
-names. Half are random paths, methods, query parameters, content types and bodies; half
-change the objects that exist (PUT, PATCH of every kind, DELETE, POST of a copy) with
-mutated content. Prints one JSON line per bad answer and a summary line; exits 1 if any.
+The requests are spread over four identities: the admin of KUBECONFIG, a project member and
+a project admin this script creates (users "fuzz-member" and "fuzz-admin" with RoleAssignments
+in project "demo", both logged in through the tokens endpoint, and made again and logged in
+again when the fuzz took their token away), and the node identity NODE_TOKEN names. Half are random paths, methods, query parameters, content types and bodies;
+half change the objects that exist (PUT, PATCH of every kind, DELETE, POST of a copy) with
+mutated content (a kind is picked first, then one of its objects):
+- JSON patches built from the object's own paths: ops add/remove/replace/move/copy/test with
+  `from` paths, escaped segments (`~0`, `~1`, letters written as `\\u00XX` in the JSON text),
+  array paths (`/-`, out of range, negative), huge values, up to a few hundred ops, `test`
+  ops that fail, and chains of `copy` ops that each double a member;
+- merge patches with nulls and nested nulls; server-side apply (YAML) with the identity's own
+  field manager, with and without `force`; strategic merge patches with directives;
+- bodies whose content type does not match their encoding (JSON as YAML, YAML as JSON, a patch
+  body as a PUT, content types with parameters or in capitals), and YAML-encoded JSON patches
+  under the content types that accept YAML (and some that do not).
+The run is seeded (`random.Random(SEED)`) and has REQUESTS requests. Prints one JSON line per
+bad answer and a summary line; exits 1 if any.
 """
 import base64
 import copy
@@ -87,22 +99,30 @@ def ensure(api, path, doc):
         raise RuntimeError(f"POST {path}: {code} {data[:300]!r}")
 
 
-def member_token(api):
-    """A token of a member of project demo, made through the identity API."""
+USERS = [("member", "fuzz-member", "member"), ("project-admin", "fuzz-admin", "admin")]
+
+
+def project_token(api, user, role):
+    """A token of a user with `role` in project demo, made through the identity API."""
     ensure(api, "/apis/identity.stratus.dev/v1/projects",
            {"apiVersion": "identity.stratus.dev/v1", "kind": "Project", "metadata": {"name": "demo"}, "spec": {}})
     ensure(api, "/apis/identity.stratus.dev/v1/users",
            {"apiVersion": "identity.stratus.dev/v1", "kind": "User",
-            "metadata": {"name": "fuzz-member"}, "spec": {"enabled": True}})
+            "metadata": {"name": user}, "spec": {"enabled": True}})
+    # Both kept as made: the fuzz may have changed them.
+    api.send(api.admin, "PATCH", f"/apis/identity.stratus.dev/v1/users/{user}",
+             json.dumps({"spec": {"enabled": True}}).encode(), "application/merge-patch+json")
     ensure(api, "/apis/identity.stratus.dev/v1/namespaces/demo/roleassignments",
            {"apiVersion": "identity.stratus.dev/v1", "kind": "RoleAssignment",
-            "metadata": {"name": "fuzz-member"}, "spec": {"user": "fuzz-member", "role": "member"}})
-    code, data = api.send(api.admin, "PUT", "/apis/identity.stratus.dev/v1/users/fuzz-member/password",
+            "metadata": {"name": user}, "spec": {"user": user, "role": role}})
+    api.send(api.admin, "PATCH", f"/apis/identity.stratus.dev/v1/namespaces/demo/roleassignments/{user}",
+             json.dumps({"spec": {"user": user, "role": role}}).encode(), "application/merge-patch+json")
+    code, data = api.send(api.admin, "PUT", f"/apis/identity.stratus.dev/v1/users/{user}/password",
                           json.dumps({"password": "fuzz-password-1"}).encode())
     if code is None or code >= 300:
         raise RuntimeError(f"password: {code} {data[:300]!r}")
     code, data = api.send("", "POST", "/apis/identity.stratus.dev/v1/tokens",
-                          json.dumps({"user": "fuzz-member", "password": "fuzz-password-1"}).encode())
+                          json.dumps({"user": user, "password": "fuzz-password-1"}).encode())
     if code is None or code >= 300:
         raise RuntimeError(f"token: {code} {data[:300]!r}")
     return json.loads(data)["token"]
@@ -204,19 +224,169 @@ def random_request(rng, kinds, examples):
     return method, path, body, content_type
 
 
-def object_request(rng, objs):
-    gv, plural, kind, obj = rng.choice(objs)
+def pointer_token(key):
+    """One JSON pointer segment: `~` as `~0`, `/` as `~1`."""
+    return str(key).replace("~", "~0").replace("/", "~1")
+
+
+def paths_of(v, at="", out=None, depth=0):
+    """(pointer, value) of every member and element of `v`, the root included."""
+    if out is None:
+        out = []
+    out.append((at, v))
+    if depth < 8:
+        if isinstance(v, dict):
+            for k in v:
+                paths_of(v[k], at + "/" + pointer_token(k), out, depth + 1)
+        elif isinstance(v, list):
+            for i, e in enumerate(v):
+                paths_of(e, f"{at}/{i}", out, depth + 1)
+    return out
+
+
+def json_str(rng, s, escape):
+    """`s` as a JSON string; with `escape`, some ASCII letters are written as `\\u00XX`."""
+    if not escape:
+        return json.dumps(s)
+    return '"' + "".join(f"\\u{ord(c):04x}" if c.isascii() and c.isalpha() and rng.random() < 0.4
+                         else json.dumps(c)[1:-1] for c in s) + '"'
+
+
+def huge_value(rng):
+    return rng.choice([
+        "x" * rng.choice([70_000, 600_000, 1_100_000]),
+        {f"k{i}": i for i in range(rng.choice([1_000, 20_000]))},
+        [list(range(100))] * rng.choice([100, 1_000]),
+        json.loads("[" * 200 + "]" * 200),
+        {"a" * 50_000: 1},
+    ])
+
+
+def mutated_path(rng, pointers, current):
+    """A path of the object, or one just beside it."""
+    p, v = rng.choice(pointers)
+    r = rng.random()
+    if r < 0.6 and not (isinstance(v, list) and r < 0.3):
+        return p
+    if isinstance(v, list) or r < 0.7:
+        return p + rng.choice(["/-", "/-", "/0", f"/{len(v) if isinstance(v, list) else 0}", "/999999", "/-1",
+                               "/01", "/1e3", "/18446744073709551616"])
+    if r < 0.85:
+        return p + "/" + rng.choice(["a~1b", "~0", "~01", "a/b", "", "x~1y~0z", "\u00fc", "~1~0~1"])
+    if r < 0.92:
+        return rng.choice(["", "/", "//", "/metadata/", p + "/x/y/z", "/-"])
+    if r < 0.95:
+        return rng.choice(["spec", p + "~", p + "/~2", p + "/~"])
+    return rng.choice(PATHS)
+
+
+def json_patch(rng, current, escape, huge=True):
+    """The text of a JSON patch built from `current`'s paths (one op of twenty has a huge value)."""
+    pointers = paths_of(current)
+    if rng.random() < 0.05:
+        # Each op doubles a member (or the whole object): the result must be refused, not built.
+        q = rng.choice([p for p, v in pointers if isinstance(v, dict) and len(p) < 40] or [""])
+        ops = [{"op": "copy", "from": q or "/metadata", "path": f"{q}/c{i}"} for i in range(rng.randint(10, 200))]
+        return json.dumps(ops).encode()
+    n = rng.choice([1, 1, 2, 3, 5, rng.randint(1, 20), rng.randint(50, 300)])
+    big = rng.randrange(n) if huge and rng.random() < 0.05 else -1
+    ops = []
+    for i in range(n):
+        op = rng.choice(["add", "remove", "replace", "move", "copy", "test"]) if rng.random() < 0.99 else \
+            rng.choice(["x", None, "ADD", 1])
+        path = mutated_path(rng, pointers, current)
+        fields = []
+        if op is not None or rng.random() < 0.5:
+            fields.append(('"op"', json_str(rng, op, escape) if isinstance(op, str) else "null"))
+        if rng.random() < 0.95:
+            fields.append(('"path"', json_str(rng, path, escape)))
+        if op in ("move", "copy") or rng.random() < 0.1:
+            fields.append(('"from"', json_str(rng, mutated_path(rng, pointers, current), escape)))
+        if op in ("add", "replace", "test") or rng.random() < 0.1:
+            r = rng.random()
+            if i == big:
+                value = huge_value(rng)
+            elif r < 0.4:
+                value = copy.deepcopy(rng.choice(pointers)[1])
+            elif r < 0.6 and op == "test":
+                # A test that holds (the value at the path), so the ops after it run.
+                value = dict(pointers).get(path, None)
+            else:
+                value = mutate(rng, copy.deepcopy(rng.choice(pointers)[1]))
+            fields.append(('"value"', json.dumps(value)))
+        if escape and rng.random() < 0.1:
+            fields = [(json_str(rng, k[1:-1], True), v) for k, v in fields]
+        rng.shuffle(fields)
+        ops.append("{" + ",".join(f"{k}:{v}" for k, v in fields) + "}")
+    return ("[" + ",".join(ops) + "]").encode()
+
+
+def with_nulls(rng, v, depth=0):
+    """`v` with some members, nested ones too, set to null."""
+    if isinstance(v, dict):
+        out = {}
+        for k in v:
+            r = rng.random()
+            if r < 0.2:
+                out[k] = None
+            elif r < 0.6:
+                out[k] = with_nulls(rng, v[k], depth + 1)
+        if rng.random() < 0.2:
+            out[rng.choice(FIELDS)] = rng.choice([None, {"a": None}, {"a": {"b": None}}, [None]])
+        return out
+    if isinstance(v, list) and v and rng.random() < 0.3:
+        return [with_nulls(rng, e, depth + 1) for e in v]
+    return None if rng.random() < 0.3 else v
+
+
+def retyped(rng, body, content_type):
+    """The same body under a content type that does not match its encoding, sometimes."""
+    if rng.random() < 0.85 or len(body) > 100_000:
+        return body, content_type
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    r = rng.random()
+    if r < 0.35 and doc is not None:
+        # YAML under a JSON content type.
+        return yaml.safe_dump(doc, default_flow_style=rng.random() < 0.3).encode(), content_type
+    if r < 0.6:
+        # JSON (which is YAML) under a YAML content type.
+        return body, rng.choice(["application/yaml", "application/apply-patch+yaml", "text/yaml"])
+    return body, rng.choice(CONTENT_TYPES + ["application/json; charset=utf-16", "application/x-yaml",
+                                             "application/json-patch+yaml", "application/merge-patch+yaml",
+                                             content_type + "; charset=utf-8", content_type + ";x=y;;",
+                                             content_type.upper(), " " + content_type])
+
+
+def object_request(rng, objs, label):
+    # A kind, then one of its objects (the many Events would otherwise crowd the rest out).
+    kind = rng.choice(sorted({o[2] for o in objs}))
+    gv, plural, kind, obj = rng.choice([o for o in objs if o[2] == kind])
     meta = obj["metadata"]
     base = gv + (f"/namespaces/{meta['namespace']}" if meta.get("namespace") else "") + "/" + plural
     path = base + "/" + meta["name"] + rng.choice(["", "", "/status", "/binding"])
-    method = rng.choice(["PUT", "PATCH", "PATCH", "PATCH", "DELETE", "POST"])
+    method = rng.choice(["PUT", "PATCH", "PATCH", "PATCH", "PATCH", "DELETE", "POST"])
     query = rng.choice(["", "dryRun=All", "fieldManager=fuzz&force=true", "fieldValidation=Strict",
                         "propagationPolicy=Foreground", "propagationPolicy=Orphan"])
+    manager = "fuzz-" + label
     current = copy.deepcopy(obj)
     content_type = "application/json"
     body = None
     if method == "PUT":
-        body = json.dumps(mutate(rng, current) if rng.random() < 0.8 else current).encode()
+        r = rng.random()
+        if r < 0.15:
+            # A patch body sent as a PUT.
+            content_type = rng.choice(["application/json", "application/merge-patch+json",
+                                       "application/json-patch+json", "application/yaml"])
+            body = rng.choice([json_patch(rng, current, False), json.dumps(with_nulls(rng, current)).encode()])
+        elif r < 0.3:
+            content_type = "application/yaml"
+            body = yaml.safe_dump(mutate(rng, current)).encode()
+        else:
+            body = json.dumps(mutate(rng, current) if rng.random() < 0.8 else current).encode()
+        body, content_type = retyped(rng, body, content_type)
     elif method == "POST":
         path = base
         doc = mutate(rng, current)
@@ -224,33 +394,53 @@ def object_request(rng, objs):
             doc["metadata"].pop("resourceVersion", None)
             doc["metadata"]["name"] = "fuzz" + str(rng.randrange(50))
         body = json.dumps(doc).encode()
+        body, content_type = retyped(rng, body, content_type)
     elif method == "PATCH":
-        how = rng.choice(["merge", "json", "apply", "strategic"])
+        how = rng.choice(["merge", "json", "json", "json", "apply", "strategic", "yaml-json"])
         if how == "merge":
             content_type = "application/merge-patch+json"
-            body = json.dumps(mutate(rng, rng.choice([{}, {"spec": current.get("spec")}, current]))).encode()
+            r = rng.random()
+            if r < 0.5:
+                doc = with_nulls(rng, current)
+            elif r < 0.6:
+                doc = rng.choice([None, {"metadata": None}, {"spec": None}, {"metadata": {"labels": None}},
+                                  {"spec": {"a": {"b": None}}}, [None], "null", {"metadata": {"name": None}}])
+            else:
+                doc = mutate(rng, rng.choice([{}, {"spec": current.get("spec")}, current]))
+            body = json.dumps(doc).encode()
         elif how == "json":
             content_type = "application/json-patch+json"
-            body = body_of(rng, None, content_type) if rng.random() < 0.2 else json.dumps(
-                [{"op": rng.choice(["add", "remove", "replace", "move", "copy", "test"]),
-                  "path": rng.choice(PATHS), "from": rng.choice(PATHS), "value": mutate(rng, None)}
-                 for _ in range(rng.randint(1, 3))]).encode()
+            body = body_of(rng, None, content_type) if rng.random() < 0.1 else \
+                json_patch(rng, current, rng.random() < 0.3)
+        elif how == "yaml-json":
+            # A JSON patch written as YAML, under the content types that take YAML (and some that do not).
+            ops = json.loads(json_patch(rng, current, False, huge=False))
+            content_type = rng.choice(["application/yaml", "application/apply-patch+yaml", "application/x-yaml",
+                                       "application/json-patch+yaml", "application/json-patch+json"])
+            body = yaml.safe_dump(ops, default_flow_style=rng.random() < 0.3).encode()
+            if "fieldManager" not in query:
+                query = (query + "&" if query else "") + "fieldManager=" + manager
         elif how == "apply":
             content_type = "application/apply-patch+yaml"
-            doc = mutate(rng, current)
+            doc = mutate(rng, current) if rng.random() < 0.7 else with_nulls(rng, current)
             if isinstance(doc, dict) and isinstance(doc.get("metadata"), dict):
                 doc["metadata"].pop("managedFields", None)
                 doc["metadata"].pop("resourceVersion", None)
-            body = json.dumps(doc).encode()
-            if "fieldManager" not in query:
-                query = (query + "&" if query else "") + "fieldManager=fuzz"
+            if isinstance(doc, dict) and rng.random() < 0.1:
+                doc.pop(rng.choice(["apiVersion", "kind", "metadata"]), None)
+            body = yaml.safe_dump(doc).encode() if rng.random() < 0.8 else json.dumps(doc).encode()
+            query = rng.choice(["", "dryRun=All&", "fieldValidation=Strict&", ""]) + "fieldManager=" + \
+                rng.choice([manager, manager, manager, "kubectl", "m" * 200, ""]) + \
+                rng.choice(["", "&force=true", "&force=false"])
         else:
             content_type = "application/strategic-merge-patch+json"
-            doc = mutate(rng, {"spec": current.get("spec")})
+            doc = mutate(rng, {"spec": current.get("spec")}) if rng.random() < 0.7 else with_nulls(rng, current)
             if isinstance(doc, dict):
                 doc[rng.choice(["$patch", "$retainKeys", "$setElementOrder/x", "$deleteFromPrimitiveList/finalizers"])] = \
                     rng.choice(["delete", "replace", "merge", ["a"], [{"name": "x"}], None])
             body = json.dumps(doc).encode()
+        if how != "yaml-json":
+            body, content_type = retyped(rng, body, content_type)
     if query:
         path += "?" + query
     return method, path, body, content_type
@@ -259,16 +449,27 @@ def object_request(rng, objs):
 def main(kubeconfig, node_token, seed, count):
     rng = random.Random(seed)
     api = Api(kubeconfig)
-    identities = [("admin", api.admin), ("member", member_token(api)), ("node", node_token)]
+    identities = [("admin", api.admin)] + [(label, project_token(api, user, role)) for label, user, role in USERS] + \
+        [("node", node_token)]
     kinds = resources(api)
     examples = [o[3] for o in objects(api, kinds)]
     bad = 0
+    refused = set()
     for i in range(count):
         if i % 500 == 0:
             objs = objects(api, kinds)
+            # The fuzz may have deleted or disabled a user, or changed its password: a user whose
+            # token was refused is made again and logs in again (or keeps its token if it cannot).
+            for j, (label, user, role) in enumerate(USERS):
+                if label in refused:
+                    try:
+                        identities[j + 1] = (label, project_token(api, user, role))
+                    except RuntimeError:
+                        pass
+            refused = set()
         label, token = rng.choice(identities)
         if objs and rng.random() < 0.5:
-            method, path, body, content_type = object_request(rng, objs)
+            method, path, body, content_type = object_request(rng, objs, label)
         else:
             method, path, body, content_type = random_request(rng, kinds, examples)
         code, data = api.send(token, method, path, body, content_type)
@@ -277,6 +478,8 @@ def main(kubeconfig, node_token, seed, count):
             # a panic in the handler drops the connection again on the retry.
             api.http.clear()
             code, data = api.send(token, method, path, body, content_type)
+        if code == 401:
+            refused.add(label)
         if code is None or code >= 500:
             bad += 1
             print(json.dumps({"as": label, "method": method, "path": path, "content_type": content_type,
