@@ -267,15 +267,9 @@ fn parent(path: &Path) -> &Path {
 /// [`DiskError::Command`] with `qemu-img`'s stderr if reading or resizing the image fails.
 pub fn grow(path: &Path, size_gib: u64) -> Result<bool, DiskError> {
     let path = std::path::absolute(path).map_err(io_error("resolve", path))?;
-    let info = run_output(
-        "qemu-img info",
-        Command::new(QEMU_IMG)
-            .args(["info", "--output=json", "-U"])
-            .arg(&path),
-    )?;
-    let current = serde_json::from_slice::<serde_json::Value>(&info)
-        .ok()
-        .and_then(|v| v.get("virtual-size").and_then(serde_json::Value::as_u64))
+    let current = image_info(&path)?
+        .get("virtual-size")
+        .and_then(serde_json::Value::as_u64)
         .unwrap_or(0);
     let wanted = size_gib << 30;
     if wanted <= current {
@@ -335,13 +329,7 @@ impl super::Disks for HostDisks {
             return Ok(None);
         }
         let path = std::path::absolute(path).map_err(io_error("resolve", path))?;
-        let info = run_output(
-            "qemu-img info",
-            Command::new(QEMU_IMG)
-                .args(["info", "--output=json", "-U"])
-                .arg(&path),
-        )?;
-        let v = serde_json::from_slice::<serde_json::Value>(&info).unwrap_or_default();
+        let v = image_info(&path)?;
         Ok(Some(super::DiskInfo {
             virtual_size: v
                 .get("virtual-size")
@@ -362,6 +350,18 @@ impl super::Disks for HostDisks {
             Err(e) => Err(io_error("remove", dir)(e)),
         }
     }
+}
+
+/// What `qemu-img info` says of the image at `path` (absolute): its JSON, `null` if that
+/// does not parse. `-U`: the image may be open in a running guest.
+fn image_info(path: &Path) -> Result<serde_json::Value, DiskError> {
+    let info = run_output(
+        "qemu-img info",
+        Command::new(QEMU_IMG)
+            .args(["info", "--output=json", "-U"])
+            .arg(path),
+    )?;
+    Ok(serde_json::from_slice(&info).unwrap_or_default())
 }
 
 /// Makes `dir` (and its parents) exist, with `dir` itself readable by its owner only: a
