@@ -17,7 +17,8 @@ mutated content (a kind is picked first, then one of its objects):
 - merge patches with nulls and nested nulls; server-side apply (YAML) with the identity's own
   field manager, with and without `force`; strategic merge patches with directives;
 - bodies whose content type does not match their encoding (JSON as YAML, YAML as JSON, a patch
-  body as a PUT, content types with parameters or in capitals), and YAML-encoded JSON patches
+  body as a PUT, content types with parameters or in capitals; YAML with anchors, aliases, merge
+  keys, tags, odd keys or a second document), and YAML-encoded JSON patches
   under the content types that accept YAML (and some that do not).
 The run is seeded (`random.Random(SEED)`) and has REQUESTS requests. Prints one JSON line per
 bad answer and a summary line; exits 1 if any.
@@ -339,6 +340,22 @@ def with_nulls(rng, v, depth=0):
     return None if rng.random() < 0.3 else v
 
 
+YAML_ODDITIES = [
+    "x: &a {k: v}\ny: *a\n", "spec:\n  <<: {a: 1}\n  b: 2\n", "z: !!binary aGVsbG8=\n", "? [a]: b\n",
+    "1: 2\n", "n: .inf\n", "t: 2020-01-01\n", "h: 0x1F\n", "o: !!python/object:os.system ls\n",
+    "".join(f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}" if i else '"lol"'] * 9) + "]\n" for i in range(7)),
+]
+
+
+def yaml_text(rng, doc):
+    """`doc` as YAML, sometimes with an anchor, alias, merge key, tag, odd key or second document."""
+    text = yaml.safe_dump(doc, default_flow_style=rng.random() < 0.3)
+    if rng.random() < 0.3 and text.startswith(tuple("abcdefghijklmnopqrstuvwxyz")):
+        text = rng.choice([text + rng.choice(YAML_ODDITIES), "%YAML 1.1\n---\n" + text,
+                           text + "---\nkind: X\n", "--- !!map\n" + text, text + "...\n"])
+    return text.encode()
+
+
 def retyped(rng, body, content_type):
     """The same body under a content type that does not match its encoding, sometimes."""
     if rng.random() < 0.85 or len(body) > 100_000:
@@ -350,7 +367,7 @@ def retyped(rng, body, content_type):
     r = rng.random()
     if r < 0.35 and doc is not None:
         # YAML under a JSON content type.
-        return yaml.safe_dump(doc, default_flow_style=rng.random() < 0.3).encode(), content_type
+        return yaml_text(rng, doc), content_type
     if r < 0.6:
         # JSON (which is YAML) under a YAML content type.
         return body, rng.choice(["application/yaml", "application/apply-patch+yaml", "text/yaml"])
@@ -383,7 +400,7 @@ def object_request(rng, objs, label):
             body = rng.choice([json_patch(rng, current, False), json.dumps(with_nulls(rng, current)).encode()])
         elif r < 0.3:
             content_type = "application/yaml"
-            body = yaml.safe_dump(mutate(rng, current)).encode()
+            body = yaml_text(rng, mutate(rng, current))
         else:
             body = json.dumps(mutate(rng, current) if rng.random() < 0.8 else current).encode()
         body, content_type = retyped(rng, body, content_type)
@@ -423,12 +440,18 @@ def object_request(rng, objs, label):
         elif how == "apply":
             content_type = "application/apply-patch+yaml"
             doc = mutate(rng, current) if rng.random() < 0.7 else with_nulls(rng, current)
+            if isinstance(doc, dict) and rng.random() < 0.9:
+                # Still this object, so the apply gets past its names.
+                doc.update({k: current[k] for k in ("apiVersion", "kind") if k in current})
+                if not isinstance(doc.get("metadata"), dict):
+                    doc["metadata"] = {}
+                doc["metadata"].update({k: meta[k] for k in ("name", "namespace") if k in meta})
             if isinstance(doc, dict) and isinstance(doc.get("metadata"), dict):
                 doc["metadata"].pop("managedFields", None)
                 doc["metadata"].pop("resourceVersion", None)
             if isinstance(doc, dict) and rng.random() < 0.1:
                 doc.pop(rng.choice(["apiVersion", "kind", "metadata"]), None)
-            body = yaml.safe_dump(doc).encode() if rng.random() < 0.8 else json.dumps(doc).encode()
+            body = yaml_text(rng, doc) if rng.random() < 0.8 else json.dumps(doc).encode()
             query = rng.choice(["", "dryRun=All&", "fieldValidation=Strict&", ""]) + "fieldManager=" + \
                 rng.choice([manager, manager, manager, "kubectl", "m" * 200, ""]) + \
                 rng.choice(["", "&force=true", "&force=false"])
