@@ -2,6 +2,7 @@
 
 mod e2e {
     mod attacks;
+    mod auth_limits;
     mod bad_input;
     mod cli;
     mod clients;
