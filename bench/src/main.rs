@@ -51,6 +51,10 @@ enum What {
         /// both.
         #[arg(long)]
         etcd_own_core: bool,
+        /// Runs etcd as `stratus up` does, over TLS with client certificates, for both the
+        /// raw path and the API server.
+        #[arg(long)]
+        etcd_tls: bool,
     },
     /// Watch delivery latency to many watchers vs raw etcd watches.
     Watch {
@@ -302,11 +306,21 @@ impl H2 {
 }
 
 async fn stack() -> Result<Stack> {
-    let etcd = Etcd::start()?;
+    stack_with(false).await
+}
+
+/// An etcd (over TLS with client certificates with `etcd_tls`) and an API server on it.
+async fn stack_with(etcd_tls: bool) -> Result<Stack> {
+    let etcd = if etcd_tls {
+        Etcd::start_tls()?
+    } else {
+        Etcd::start()?
+    };
     let dir = tempfile::tempdir()?;
     let pki =
         stratus_apiserver::http::tls::ensure_pki(&dir.path().join("pki"), &["127.0.0.1".into()])?;
     let mut cfg = stratus_apiserver::Config::new(vec![etcd.endpoint.clone()]);
+    cfg.etcd_tls = etcd.client_tls();
     cfg.listen = "127.0.0.1:0".parse()?;
     cfg.tls = Some((pki.server_cert.clone(), pki.server_key.clone()));
     cfg.tokens = [("bench-token".to_string(), "admin".to_string())].into();
@@ -512,19 +526,40 @@ fn pin(pid: u32, cpu: usize) -> Result<()> {
     Ok(())
 }
 
+/// The official gRPC client on `etcd`, with its client certificate when it serves TLS.
+async fn raw_etcd(etcd: &Etcd) -> Result<etcd_client::Client> {
+    let opts = match etcd.client_tls() {
+        Some(tls) => {
+            let mut t = etcd_client::TlsOptions::new().ca_certificate(
+                etcd_client::Certificate::from_pem(std::fs::read(&tls.ca_file)?),
+            );
+            if let Some((cert, key)) = &tls.client {
+                t = t.identity(etcd_client::Identity::from_pem(
+                    std::fs::read(cert)?,
+                    std::fs::read(key)?,
+                ));
+            }
+            Some(etcd_client::ConnectOptions::new().with_tls(t))
+        }
+        None => None,
+    };
+    Ok(etcd_client::Client::connect([etcd.endpoint.as_str()], opts).await?)
+}
+
 async fn bench_api(
     objects: usize,
     levels: &[usize],
     rounds: usize,
     paths: &[CreatePath],
     etcd_own_core: bool,
+    etcd_tls: bool,
 ) -> Result<()> {
-    let s = stack().await?;
+    let s = stack_with(etcd_tls).await?;
     if etcd_own_core {
         pin(s.etcd.pid(), 0)?;
         pin(std::process::id(), 1)?;
     }
-    let etcd = etcd_client::Client::connect([s.etcd.endpoint.as_str()], None).await?;
+    let etcd = raw_etcd(&s.etcd).await?;
     println!(
         "| concurrency | path | creates/s | p50 ms | p99 ms | etcd CPU µs/create | client (+ API server) CPU µs/create |"
     );
@@ -630,7 +665,7 @@ fn seq_of(object: &Value) -> usize {
 
 async fn bench_watch(watchers: usize, events: usize) -> Result<()> {
     let s = stack().await?;
-    let etcd = etcd_client::Client::connect([s.etcd.endpoint.as_str()], None).await?;
+    let etcd = raw_etcd(&s.etcd).await?;
     // The watched object, created through the API; its stored form is what every write
     // (raw or Stratus) puts, and what every watcher decodes.
     let template = stored_flavor(&s, &etcd, "watched").await?;
@@ -869,7 +904,18 @@ async fn main() -> Result<()> {
             rounds,
             paths,
             etcd_own_core,
-        } => bench_api(objects, &concurrency, rounds, &paths, etcd_own_core).await,
+            etcd_tls,
+        } => {
+            bench_api(
+                objects,
+                &concurrency,
+                rounds,
+                &paths,
+                etcd_own_core,
+                etcd_tls,
+            )
+            .await
+        }
         What::Watch { watchers, events } => bench_watch(watchers, events).await,
         What::Sched {
             servers,
