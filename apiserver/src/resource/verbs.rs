@@ -1131,6 +1131,17 @@ impl Api {
                     "the patch does not result in an object",
                 ));
             }
+            // The object stays what its URL names, as a PUT's body must (a JSON, merge or
+            // strategic merge patch could otherwise store a Server whose kind is Volume).
+            let api_version = t.rt.api_version();
+            if patched.get("apiVersion").and_then(Value::as_str) != Some(api_version.as_str())
+                || patched.get("kind").and_then(Value::as_str) != Some(t.rt.kind.as_str())
+            {
+                return Err(ApiError::bad_request(format!(
+                    "the patch changes the object's apiVersion or kind: a {} stays {api_version} {}",
+                    t.rt.kind, t.rt.kind
+                )));
+            }
             if let Some(rv) = meta::meta_str(&patched, "resourceVersion")
                 && rv != current.mod_revision.to_string()
             {

@@ -159,6 +159,46 @@ async fn a_merge_patch_with_a_stale_resource_version_is_409() {
 }
 
 #[tokio::test]
+async fn a_patch_cannot_change_the_kind_or_api_version() {
+    let c = Cloud::new().await;
+    c.create(&Obj::flavor("small", 1, 512))
+        .await
+        .expect("create");
+    let t = c.target("Flavor", None, Some("small"));
+    let status = c.status("Flavor", None, "small");
+    for (target, ct, patch) in [
+        (
+            &t,
+            JSON_PATCH,
+            json!([{"op": "replace", "path": "/kind", "value": "Volume"}]),
+        ),
+        (
+            &t,
+            JSON_PATCH,
+            json!([{"op": "remove", "path": "/apiVersion"}]),
+        ),
+        (
+            &t,
+            JSON_PATCH,
+            json!([{"op": "move", "from": "/kind", "path": "/spec/kind"}]),
+        ),
+        (&t, MERGE, json!({"apiVersion": "compute.stratus.dev/v2"})),
+        (&t, MERGE, json!({"kind": null})),
+        (
+            &status,
+            JSON_PATCH,
+            json!([{"op": "replace", "path": "/kind", "value": "Volume"}]),
+        ),
+    ] {
+        let e = refused(c.patch(target, ct, &patch, "").await);
+        assert_eq!(e.code, 400, "{patch}: {e:?}");
+    }
+    let got = c.get("Flavor", None, "small").await.expect("get");
+    assert_eq!(got["kind"], "Flavor");
+    assert_eq!(got["apiVersion"], "compute.stratus.dev/v1");
+}
+
+#[tokio::test]
 async fn json_patch_applies_its_operations_or_none() {
     let c = Cloud::new().await;
     c.create(&Obj::flavor("small", 1, 512))
