@@ -20,8 +20,10 @@ mutated content (a kind is picked first, then one of its objects):
   body as a PUT, content types with parameters or in capitals; YAML with anchors, aliases, merge
   keys, tags, odd keys or a second document), and YAML-encoded JSON patches
   under the content types that accept YAML (and some that do not).
-The run is seeded (`random.Random(SEED)`) and has REQUESTS requests. Prints one JSON line per
-bad answer and a summary line; exits 1 if any.
+A PUT or PATCH of an object (or its status) that succeeds must answer an object of the same
+apiVersion and kind; one that does not is a bad answer too. The run is seeded
+(`random.Random(SEED)`) and has REQUESTS requests. Prints one JSON line per bad answer and a
+summary line; exits 1 if any.
 """
 import base64
 import copy
@@ -383,7 +385,8 @@ def object_request(rng, objs, label):
     gv, plural, kind, obj = rng.choice([o for o in objs if o[2] == kind])
     meta = obj["metadata"]
     base = gv + (f"/namespaces/{meta['namespace']}" if meta.get("namespace") else "") + "/" + plural
-    path = base + "/" + meta["name"] + rng.choice(["", "", "/status", "/binding"])
+    sub = rng.choice(["", "", "/status", "/binding"])
+    path = base + "/" + meta["name"] + sub
     method = rng.choice(["PUT", "PATCH", "PATCH", "PATCH", "PATCH", "DELETE", "POST"])
     query = rng.choice(["", "dryRun=All", "fieldManager=fuzz&force=true", "fieldValidation=Strict",
                         "propagationPolicy=Foreground", "propagationPolicy=Orphan"])
@@ -466,7 +469,9 @@ def object_request(rng, objs, label):
             body, content_type = retyped(rng, body, content_type)
     if query:
         path += "?" + query
-    return method, path, body, content_type
+    api_version = gv[len("/apis/"):] if gv.startswith("/apis/") else gv[len("/api/"):]
+    expect = (api_version, kind) if method in ("PUT", "PATCH") and sub in ("", "/status") else None
+    return method, path, body, content_type, expect
 
 
 def main(kubeconfig, node_token, seed, count):
@@ -492,9 +497,10 @@ def main(kubeconfig, node_token, seed, count):
             refused = set()
         label, token = rng.choice(identities)
         if objs and rng.random() < 0.5:
-            method, path, body, content_type = object_request(rng, objs, label)
+            method, path, body, content_type, expect = object_request(rng, objs, label)
         else:
             method, path, body, content_type = random_request(rng, kinds, examples)
+            expect = None
         code, data = api.send(token, method, path, body, content_type)
         if code is None:
             # The server may close a kept-alive connection between requests (as HTTP allows);
@@ -503,7 +509,15 @@ def main(kubeconfig, node_token, seed, count):
             code, data = api.send(token, method, path, body, content_type)
         if code == 401:
             refused.add(label)
-        if code is None or code >= 500:
+        # A write of an object that succeeds answers an object of the same apiVersion and kind.
+        changed = False
+        if expect and code is not None and 200 <= code < 300:
+            try:
+                answer = json.loads(data)
+            except ValueError:
+                answer = None
+            changed = not isinstance(answer, dict) or (answer.get("apiVersion"), answer.get("kind")) != expect
+        if code is None or code >= 500 or changed:
             bad += 1
             print(json.dumps({"as": label, "method": method, "path": path, "content_type": content_type,
                               "body": (body or b"")[:400].decode("utf-8", "replace"), "code": code,
