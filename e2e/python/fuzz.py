@@ -21,7 +21,7 @@ mutated content (a kind is picked first, then one of its objects):
   keys, tags, odd keys or a second document), and YAML-encoded JSON patches
   under the content types that accept YAML (and some that do not).
 A PUT or PATCH of an object (or its status) that succeeds must answer an object of the same
-apiVersion and kind; one that does not is a bad answer too. The run is seeded
+apiVersion, kind, name and namespace; one that does not is a bad answer too. The run is seeded
 (`random.Random(SEED)`) and has REQUESTS requests. Prints one JSON line per bad answer and a
 summary line; exits 1 if any.
 """
@@ -470,7 +470,8 @@ def object_request(rng, objs, label):
     if query:
         path += "?" + query
     api_version = gv[len("/apis/"):] if gv.startswith("/apis/") else gv[len("/api/"):]
-    expect = (api_version, kind) if method in ("PUT", "PATCH") and sub in ("", "/status") else None
+    expect = (api_version, kind, meta["name"], meta.get("namespace")) \
+        if method in ("PUT", "PATCH") and sub in ("", "/status") else None
     return method, path, body, content_type, expect
 
 
@@ -509,14 +510,17 @@ def main(kubeconfig, node_token, seed, count):
             code, data = api.send(token, method, path, body, content_type)
         if code == 401:
             refused.add(label)
-        # A write of an object that succeeds answers an object of the same apiVersion and kind.
+        # A write of an object that succeeds answers an object of the same apiVersion, kind, name
+        # and namespace.
         changed = False
         if expect and code is not None and 200 <= code < 300:
             try:
                 answer = json.loads(data)
             except ValueError:
                 answer = None
-            changed = not isinstance(answer, dict) or (answer.get("apiVersion"), answer.get("kind")) != expect
+            meta = answer.get("metadata") if isinstance(answer, dict) else None
+            changed = not isinstance(meta, dict) or \
+                (answer.get("apiVersion"), answer.get("kind"), meta.get("name"), meta.get("namespace")) != expect
         if code is None or code >= 500 or changed:
             bad += 1
             print(json.dumps({"as": label, "method": method, "path": path, "content_type": content_type,
