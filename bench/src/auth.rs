@@ -145,3 +145,274 @@ pub async fn bench(requests: usize, levels: &[usize], other_users: usize) -> Res
     }
     Ok(())
 }
+
+/// Whose password the clients of one measurement get wrong.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Names {
+    /// One existing user's (locked out after the first failures).
+    OneUser,
+    /// A user name of each client's own.
+    PerClient,
+    /// A new unknown name on every attempt: no lockout ever applies.
+    New,
+    /// No login at all: the clients `GET /readyz` in the same loop (a control: what the same
+    /// number of requests costs when none is a login).
+    Readyz,
+}
+
+/// What the clients of one measurement send, and the login policy of the API server they
+/// send it to.
+#[derive(Clone, Copy)]
+struct Burst {
+    label: &'static str,
+    names: Names,
+    /// Whether failed logins are throttled per source address (the default); without it the
+    /// clients are as if each came from addresses of its own.
+    per_address: bool,
+}
+
+const BURSTS: [Burst; 6] = [
+    Burst {
+        label: "one user (locked out), default policy",
+        names: Names::OneUser,
+        per_address: true,
+    },
+    Burst {
+        label: "one name per client, default policy",
+        names: Names::PerClient,
+        per_address: true,
+    },
+    Burst {
+        label: "one user (locked out), no per-address limit",
+        names: Names::OneUser,
+        per_address: false,
+    },
+    Burst {
+        label: "one name per client (locked out), no per-address limit",
+        names: Names::PerClient,
+        per_address: false,
+    },
+    Burst {
+        label: "a new unknown name each attempt, no per-address limit",
+        names: Names::New,
+        per_address: false,
+    },
+    Burst {
+        label: "control: GET /readyz in the same loop, no login",
+        names: Names::Readyz,
+        per_address: true,
+    },
+];
+
+/// An HTTPS client of its own (HTTP/1.1, so a connection of its own): one wrong-password
+/// client.
+fn own_client(
+    ca: &std::path::Path,
+) -> Result<
+    hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(ca)?)) {
+        roots.add(cert?)?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https),
+    )
+}
+
+/// The latency of an authorised user's `GET` alone and while `clients` tasks post wrong
+/// passwords in a loop (pausing `pause_ms` after each answer; 0: none), for each kind of
+/// burst, each on a fresh API server (fresh lockouts and per-address counts) on one etcd.
+pub async fn login_burst(requests: usize, clients: usize, pause_ms: u64) -> Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let s = stack().await?;
+    let dir = tempfile::tempdir()?;
+    let admin = &s.client;
+    let send = |method: &str, path: &str, body: Value| {
+        req(
+            method,
+            path,
+            "application/json",
+            body.to_string().into_bytes(),
+        )
+    };
+    admin.request::<Value>(send("POST", "/apis/identity.stratus.dev/v1/projects", json!({"apiVersion": "identity.stratus.dev/v1", "kind": "Project", "metadata": {"name": "bench"}, "spec": {}}))?).await?;
+    for name in ["alice", "victim"] {
+        admin.request::<Value>(send("POST", "/apis/identity.stratus.dev/v1/users", json!({"apiVersion": "identity.stratus.dev/v1", "kind": "User", "metadata": {"name": name}, "spec": {"enabled": true}}))?).await?;
+        admin
+            .request::<Value>(send("POST", "/apis/identity.stratus.dev/v1/namespaces/bench/roleassignments", json!({"apiVersion": "identity.stratus.dev/v1", "kind": "RoleAssignment", "metadata": {"name": name}, "spec": {"user": name, "role": "member"}}))?)
+            .await?;
+        admin
+            .request::<Value>(send(
+                "PUT",
+                &format!("/apis/identity.stratus.dev/v1/users/{name}/password"),
+                json!({"password": format!("{name}-bench-password")}),
+            )?)
+            .await?;
+    }
+    admin
+        .request::<Value>(send("POST", "/apis/network.stratus.dev/v1/namespaces/bench/networks", json!({"apiVersion": "network.stratus.dev/v1", "kind": "Network", "metadata": {"name": "n1"}, "spec": {}}))?)
+        .await?;
+    let token: Value = admin
+        .request(send(
+            "POST",
+            "/apis/identity.stratus.dev/v1/tokens",
+            json!({"user": "alice", "password": "alice-bench-password", "expirationSeconds": 3600}),
+        )?)
+        .await?;
+    let token = token["token"]
+        .as_str()
+        .context("no token in the login answer")?
+        .to_string();
+    let policy = stratus_apiserver::policy::identity::LoginPolicy::default();
+    println!(
+        "Login policy: lockout after {} failures, {} failures per address per {} s, {} hashing thread(s), a queue of {}; {clients} wrong-password clients (each pausing {pause_ms} ms after each answer), {requests} GETs of one Network by a member (one client, one at a time) per measurement.",
+        policy.lockout_failure_attempts,
+        policy.source_failure_attempts,
+        policy.source_window.as_secs(),
+        policy.hash_threads,
+        policy.hash_queue,
+    );
+    println!();
+    println!(
+        "| {clients} clients in a loop | GET p50 ms alone | p99 alone | p50 in burst | p99 in burst | p99 ratio | requests/s of the burst | 401 (200 for /readyz) | 429 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    const GET: &str = "/apis/network.stratus.dev/v1/namespaces/bench/networks/n1";
+    const TOKENS: &str = "/apis/identity.stratus.dev/v1/tokens";
+    let mut ratios = Vec::new();
+    for (k, burst) in BURSTS.iter().enumerate() {
+        let mut cfg = stratus_apiserver::Config::new(vec![s.etcd.endpoint.clone()]);
+        cfg.etcd_tls = s.etcd.client_tls();
+        cfg.listen = "127.0.0.1:0".parse()?;
+        cfg.tls = Some((s.cert.clone(), s.key.clone()));
+        if !burst.per_address {
+            cfg.login.source_failure_attempts = 0;
+        }
+        let server = stratus_apiserver::start(cfg).await?;
+        let addr = server.local_addr;
+        let user = client_for(addr, &s.ca, &token, dir.path(), &format!("alice-{k}")).await?;
+        let measure = |n: usize| {
+            let cl = user.clone();
+            drive(n, 1, move |_| {
+                let cl = cl.clone();
+                async move {
+                    cl.request::<Value>(req("GET", GET, "application/json", vec![])?)
+                        .await
+                        .map(|_| ())
+                        .context("GET")
+                }
+            })
+        };
+        measure(200).await?;
+        let (lat, wall) = measure(requests).await?;
+        let alone = stats(lat, wall);
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts = Arc::new([
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+        ]);
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for c in 0..clients {
+            let (stop, counts, attempts) = (stop.clone(), counts.clone(), attempts.clone());
+            let client = own_client(&s.ca)?;
+            let burst = *burst;
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let n = attempts.fetch_add(1, Ordering::Relaxed);
+                    let name = match burst.names {
+                        Names::OneUser => "victim".to_string(),
+                        Names::PerClient => format!("burst-{k}-{c}"),
+                        Names::New => format!("burst-{k}-{n}"),
+                        Names::Readyz => String::new(),
+                    };
+                    let request = if burst.names == Names::Readyz {
+                        http::Request::builder()
+                            .uri(format!("https://{addr}/readyz"))
+                            .body(http_body_util::Full::new(bytes::Bytes::new()))?
+                    } else {
+                        let body =
+                            json!({"user": name, "password": "not-the-password"}).to_string();
+                        http::Request::builder()
+                            .method("POST")
+                            .uri(format!("https://{addr}{TOKENS}"))
+                            .header("Content-Type", "application/json")
+                            .body(http_body_util::Full::new(bytes::Bytes::from(body)))?
+                    };
+                    let answer = client.request(request).await?;
+                    let slot = match answer.status().as_u16() {
+                        401 => 0,
+                        429 => 1,
+                        200 if burst.names == Names::Readyz => 0,
+                        _ => 2,
+                    };
+                    counts[slot].fetch_add(1, Ordering::Relaxed);
+                    http_body_util::BodyExt::collect(answer.into_body()).await?;
+                    if pause_ms > 0 {
+                        tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
+                    }
+                }
+                Ok::<_, anyhow::Error>(())
+            }));
+        }
+        // The burst under way (the first failures, lockouts and per-address counts included).
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let started = std::time::Instant::now();
+        let before = attempts.load(Ordering::Relaxed);
+        let (lat, wall) = measure(requests).await?;
+        let during = attempts.load(Ordering::Relaxed) - before;
+        let rate = during as f64 / started.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            t.await??;
+        }
+        let inburst = stats(lat, wall);
+        let ratio = inburst.p99.as_secs_f64() / alone.p99.as_secs_f64().max(1e-9);
+        let [unauthorized, throttled, other] = counts.as_ref();
+        anyhow::ensure!(
+            other.load(Ordering::Relaxed) == 0,
+            "{}: a request answered other than 401 or 429 (200 for /readyz)",
+            burst.label
+        );
+        println!(
+            "| {} | {} | {} | {} | {} | {ratio:.2}× | {rate:.0} | {} | {} |",
+            burst.label,
+            ms(alone.p50),
+            ms(alone.p99),
+            ms(inburst.p50),
+            ms(inburst.p99),
+            unauthorized.load(Ordering::Relaxed),
+            throttled.load(Ordering::Relaxed),
+        );
+        ratios.push((burst.label, ratio));
+    }
+    println!();
+    for (label, ratio) in ratios {
+        let verdict = if ratio <= 2.0 { "within" } else { "NOT within" };
+        println!("{label}: GET p99 in the burst is {ratio:.2}× alone ({verdict} the goal of 2×)");
+    }
+    Ok(())
+}

@@ -107,6 +107,14 @@ enum What {
         /// with many users has.
         #[arg(long, default_value_t = 1000)]
         other_users: usize,
+        /// Instead of the table above: an authorised user's GET latency alone and while this
+        /// many clients post wrong passwords in a loop, for each kind of burst.
+        #[arg(long)]
+        login_burst: Option<usize>,
+        /// With `--login-burst`: milliseconds each client pauses after each answer (0: a
+        /// closed loop, as fast as answers come).
+        #[arg(long, default_value_t = 0)]
+        login_burst_pause_ms: u64,
     },
 }
 
@@ -929,8 +937,16 @@ async fn main() -> Result<()> {
         What::Tcg { rounds } => tcg::bench(rounds).await,
         What::Auth {
             requests,
+            login_burst: Some(clients),
+            login_burst_pause_ms,
+            ..
+        } => auth::login_burst(requests, clients, login_burst_pause_ms).await,
+        What::Auth {
+            requests,
             concurrency,
             other_users,
+            login_burst: None,
+            ..
         } => auth::bench(requests, &concurrency, other_users).await,
     }
 }
