@@ -16,6 +16,7 @@ use stratus_e2e::Etcd;
 
 mod auth;
 mod boot;
+mod list;
 mod sched;
 mod tcg;
 
@@ -92,6 +93,16 @@ enum What {
     /// domain (needs root: it starts a libvirtd in namespaces of its own).
     Tcg {
         /// Boots of each.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// An unpaged LIST of many Flavors through the API vs raw etcd range reads of the same
+    /// keys: time and this process's (the API server's) resident memory growth.
+    List {
+        /// Collection sizes, listed in turn (the Flavors of one size stay for the next).
+        #[arg(long, value_delimiter = ',', default_value = "10000,50000,100000")]
+        objects: Vec<usize>,
+        /// LISTs of each kind per size (the median is reported).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
@@ -935,6 +946,7 @@ async fn main() -> Result<()> {
             nodes,
         } => boot::bench(servers, concurrency, nodes).await,
         What::Tcg { rounds } => tcg::bench(rounds).await,
+        What::List { objects, rounds } => list::bench(&objects, rounds).await,
         What::Auth {
             requests,
             login_burst: Some(clients),

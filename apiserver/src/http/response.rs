@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::base::error::ApiError;
 use crate::base::meta;
-use crate::resource::outcome::{List, Outcome};
+use crate::resource::outcome::{Item, List, Outcome};
 
 /// A JSON response with `Warning` headers.
 pub fn json_response(code: StatusCode, v: &Value, warnings: &[String]) -> Response {
@@ -83,8 +83,13 @@ fn list_response(list: List) -> Response {
                     buf.push(b',');
                 }
                 first = false;
-                // Encoding a `Value` cannot fail: its map keys are strings.
-                let _ = serde_json::to_writer(&mut buf, item);
+                match item {
+                    // Encoding a `Value` cannot fail: its map keys are strings.
+                    Item::Value(v) => {
+                        let _ = serde_json::to_writer(&mut buf, v);
+                    }
+                    Item::Json(bytes) => buf.extend_from_slice(bytes),
+                }
             }
             Ok(Bytes::from(buf))
         }
@@ -131,7 +136,7 @@ mod tests {
     use http_body_util::BodyExt;
     use serde_json::json;
 
-    fn list(pages: Vec<Result<Vec<Value>, ApiError>>) -> List {
+    fn list(pages: Vec<Result<Vec<Item>, ApiError>>) -> List {
         let Value::Object(head) = json!({"kind": "FlavorList", "apiVersion": "compute.stratus.dev/v1", "metadata": {"resourceVersion": "7"}})
         else {
             unreachable!()
@@ -146,9 +151,12 @@ mod tests {
     #[tokio::test]
     async fn a_streamed_list_is_one_json_document() {
         let pages = vec![
-            Ok(vec![json!({"n": 1}), json!({"n": 2})]),
+            Ok(vec![
+                Item::Value(json!({"n": 1})),
+                Item::Json(br#"{"n":2}"#.to_vec()),
+            ]),
             Ok(vec![]),
-            Ok(vec![json!({"n": 3})]),
+            Ok(vec![Item::Value(json!({"n": 3}))]),
         ];
         let resp = Outcome::List(list(pages)).into_response();
         assert_eq!(resp.status(), StatusCode::OK);
@@ -166,9 +174,9 @@ mod tests {
     #[tokio::test]
     async fn a_failure_after_the_first_page_breaks_the_body() {
         let pages = vec![
-            Ok(vec![json!({"n": 1})]),
+            Ok(vec![Item::Value(json!({"n": 1}))]),
             Err(ApiError::gone("compacted")),
-            Ok(vec![json!({"n": 2})]),
+            Ok(vec![Item::Value(json!({"n": 2}))]),
         ];
         let resp = Outcome::List(list(pages)).into_response();
         assert!(resp.into_body().collect().await.is_err());

@@ -22,7 +22,31 @@ pub struct List {
     pub field: &'static str,
     /// The items, a page at a time, in order. An error ends the answer where it is (its
     /// status has been sent), so the client sees a truncated document, never a short list.
-    pub pages: BoxStream<'static, Result<Vec<Value>, ApiError>>,
+    pub pages: BoxStream<'static, Result<Vec<Item>, ApiError>>,
+}
+
+/// One item of a [`List`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Item {
+    /// A document to encode.
+    Value(Value),
+    /// A document already encoded as JSON: a stored object with its `resourceVersion`
+    /// spliced in, answered without decoding it.
+    Json(Vec<u8>),
+}
+
+impl Item {
+    /// The item as a document.
+    ///
+    /// # Errors
+    /// When encoded JSON does not decode (a stored value that is not JSON).
+    pub fn into_value(self) -> Result<Value, ApiError> {
+        match self {
+            Self::Value(v) => Ok(v),
+            Self::Json(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| ApiError::internal(format!("a stored object cannot be decoded: {e}"))),
+        }
+    }
 }
 
 impl List {
@@ -35,7 +59,9 @@ impl List {
         let items: Vec<Value> = self
             .pages
             .try_fold(Vec::new(), |mut all, page| async move {
-                all.extend(page);
+                for item in page {
+                    all.push(item.into_value()?);
+                }
                 Ok(all)
             })
             .await?;

@@ -106,6 +106,11 @@ impl LabelSelector {
         Ok(Self(reqs))
     }
 
+    /// Whether it selects everything (no requirement).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Whether the object's labels satisfy every requirement.
     pub fn matches(&self, obj: &Value) -> bool {
         let labels = obj.pointer("/metadata/labels");
@@ -150,6 +155,11 @@ impl FieldSelector {
             out.push((field.to_string(), eq, value.trim().to_string()));
         }
         Ok(Self(out))
+    }
+
+    /// Whether it selects everything (no requirement).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// Whether the object satisfies every requirement; an absent field reads as "".

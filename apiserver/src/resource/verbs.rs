@@ -5,20 +5,22 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
 
+use futures::StreamExt;
 use futures::future::BoxFuture;
-use futures::{StreamExt, TryStreamExt};
 
 use crate::admission::binding::{self, PlacementLocks};
 use crate::admission::{Change, Ctx, Subject};
 use crate::base::body;
+use crate::base::encoded;
 use crate::base::error::{ApiError, ApiResult, Cause};
 use crate::base::meta::{self, with_rv};
-use crate::resource::outcome::{List, Outcome};
+use crate::resource::outcome::{Item, List, Outcome};
 use crate::resource::pagination::{self, ListScope};
 use crate::resource::registry::{Registry, ResourceType};
 use crate::resource::review::{Operation, Policy, Review, names_agree};
 use crate::resource::selector::{FieldSelector, LabelSelector};
 use crate::resource::table::{self, Rendering};
+use crate::storage::kv::KeyValue;
 use crate::storage::store::{Store, StoreError, Stored, Write};
 
 /// How many times a patch or delete is retried when a concurrent writer got there first.
@@ -783,7 +785,10 @@ impl Api {
         };
         let has_token = start.is_some();
         let mut scan = self.store.scan(&prefix, start.as_deref(), revision, 0);
-        let first = scan.next().await.map_err(|e| list_error(e, has_token))?;
+        let first = scan
+            .next_raw()
+            .await
+            .map_err(|e| list_error(e, has_token))?;
         let head = list_head(
             t,
             rendering,
@@ -793,18 +798,13 @@ impl Api {
         let include = p.get("includeObject").unwrap_or("Metadata").to_string();
         let (field, _) = render_items(&rt, rendering, &include, Vec::new());
         let rest = futures::stream::try_unfold(scan, |mut scan| async move {
-            let page = scan.next().await.map_err(ApiError::from)?;
-            Ok(page.map(|p| (p, scan)))
+            let page = scan.next_raw().await.map_err(ApiError::from)?;
+            Ok::<_, ApiError>(page.map(|p| (p, scan)))
         });
         let pages = futures::stream::iter(first.map(Ok))
             .chain(rest)
-            .map_ok(move |page| {
-                let items = page
-                    .into_iter()
-                    .filter(|(_, s)| sel.matches(&s.value))
-                    .map(|(_, s)| with_rv(s.value, s.mod_revision))
-                    .collect();
-                render_items(&rt, rendering, &include, items).1
+            .map(move |page: ApiResult<Vec<KeyValue>>| {
+                list_page(&rt, rendering, &include, &sel, page?)
             })
             .boxed();
         Ok(Outcome::List(List { head, field, pages }))
@@ -1390,6 +1390,43 @@ fn list_error(e: StoreError, has_token: bool) -> ApiError {
         ),
         e => ApiError::from(e),
     }
+}
+
+/// One page of a streamed list: the selected objects as `rendering` shows them. Whole
+/// objects are answered as stored, their `resourceVersion` spliced in, decoded only when a
+/// selector needs to look at them.
+fn list_page(
+    rt: &ResourceType,
+    rendering: Rendering,
+    include: &str,
+    sel: &Selectors,
+    page: Vec<KeyValue>,
+) -> ApiResult<Vec<Item>> {
+    let unselected = sel.labels.is_empty() && sel.fields.is_empty();
+    let mut items = Vec::with_capacity(page.len());
+    for kv in page {
+        if rendering == Rendering::Full
+            && unselected
+            && let Some(json) = encoded::with_rv(&kv.value, kv.mod_revision)
+        {
+            items.push(Item::Json(json));
+            continue;
+        }
+        let s = Store::decode(&kv.key, &kv.value, kv.mod_revision)?;
+        if !sel.matches(&s.value) {
+            continue;
+        }
+        if rendering == Rendering::Full
+            && let Some(json) = encoded::with_rv(&kv.value, kv.mod_revision)
+        {
+            items.push(Item::Json(json));
+            continue;
+        }
+        let obj = with_rv(s.value, s.mod_revision);
+        let (_, mut rendered) = render_items(rt, rendering, include, vec![obj]);
+        items.extend(rendered.pop().map(Item::Value));
+    }
+    Ok(items)
 }
 
 /// A list document without its items: `kind`, `apiVersion`, `metadata` (and a Table's

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Map, Value};
 
-use crate::resource::outcome::{Events, List};
+use crate::resource::outcome::{Events, Item, List};
 
 /// How a view maps onto its backing type.
 #[derive(Debug, Clone, Copy)]
@@ -142,7 +142,10 @@ impl View {
         list.pages = list
             .pages
             .map(move |page| {
-                page.map(|items| items.into_iter().map(|i| view.from_backing(i)).collect())
+                page?
+                    .into_iter()
+                    .map(|i| Ok(Item::Value(view.from_backing(i.into_value()?))))
+                    .collect()
             })
             .boxed();
         list

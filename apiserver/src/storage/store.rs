@@ -249,6 +249,21 @@ impl Scan {
     /// [`StoreError::Compacted`] when the scan's revision is compacted between two pages;
     /// backend failures; [`StoreError::Corrupt`] for a value that is not JSON.
     pub async fn next(&mut self) -> Result<Option<Vec<(String, Stored)>>, StoreError> {
+        match self.next_raw().await? {
+            Some(kvs) => kvs
+                .into_iter()
+                .map(decode_kv)
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The next page as etcd answered it (values not decoded); `None` once the range is read.
+    ///
+    /// # Errors
+    /// As [`Scan::next`], but for values that are not JSON.
+    pub async fn next_raw(&mut self) -> Result<Option<Vec<KeyValue>>, StoreError> {
         let resp = match self.ahead.take() {
             Some(h) => h.await.map_err(|_| StoreError::Poisoned)??,
             None => {
@@ -284,11 +299,7 @@ impl Scan {
         if resp.kvs.is_empty() {
             return Ok(None);
         }
-        resp.kvs
-            .into_iter()
-            .map(decode_kv)
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
+        Ok(Some(resp.kvs))
     }
 }
 

@@ -3,7 +3,7 @@
 
 use futures::StreamExt;
 use serde_json::Value;
-use stratus_apiserver::resource::outcome::{List, Outcome};
+use stratus_apiserver::resource::outcome::{Item, List, Outcome};
 use stratus_apiserver::resource::table::Rendering;
 use stratus_apiserver::resource::verbs::Params;
 use stratus_apiserver::storage::store::Paging;
@@ -53,7 +53,12 @@ async fn an_unpaged_list_is_streamed_at_one_revision_while_writes_happen() {
         before.to_string(),
         "read at the first page's revision"
     );
-    let mut seen: Vec<Value> = list.pages.next().await.expect("a page").expect("read");
+    let values = |page: Vec<Item>| -> Vec<Value> {
+        page.into_iter()
+            .map(|i| i.into_value().expect("JSON"))
+            .collect()
+    };
+    let mut seen = values(list.pages.next().await.expect("a page").expect("read"));
     // Written while the list is being read: not in it.
     c.create(&Obj::flavor("f-1500", 1, 512))
         .await
@@ -66,13 +71,17 @@ async fn an_unpaged_list_is_streamed_at_one_revision_while_writes_happen() {
         .expect("create");
     let mut pages = 1;
     while let Some(page) = list.pages.next().await {
-        seen.extend(page.expect("read"));
+        seen.extend(values(page.expect("read")));
         pages += 1;
     }
     assert!(pages >= 300 / 16, "read in many pages, not {pages}");
     let doc = serde_json::json!({"items": seen});
     assert_eq!(names(&doc), (0..300).map(name).collect::<Vec<_>>());
-    assert!(seen.iter().all(|o| rv(o) <= before));
+    assert!(seen.iter().all(|o| rv(o) > 0 && rv(o) <= before));
+    // Answered as stored, with the same resourceVersion a GET shows.
+    for i in [0, 17, 299] {
+        assert_eq!(seen[i], c.get("Flavor", None, &name(i)).await.expect("get"));
+    }
     // A new list sees the writes.
     let now = c.list("Flavor", None, "").await.expect("list");
     assert_eq!(names(&now).len(), 301);
