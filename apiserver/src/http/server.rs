@@ -180,16 +180,24 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
         return serve(state, parts, body, params, info, received).await;
     }
     // Watches are long-running: neither counted in flight nor given a deadline.
-    let _place = match state
+    let place = match state
         .inflight
         .admit(!matches!(method, Method::GET | Method::HEAD))
     {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
+    let listing = info.verb == "list";
     let timeout = state.config.limits.request_timeout;
     let serving = serve(Arc::clone(&state), parts, body, params, info, received);
     match tokio::time::timeout(timeout, serving).await {
+        // A LIST streams its answer after the handler has returned: it stays in flight
+        // until its last byte is sent, as in kube-apiserver.
+        Ok(mut response) if listing && response.status().is_success() => {
+            let body = std::mem::replace(response.body_mut(), Body::empty());
+            *response.body_mut() = Body::new(crate::http::limits::Holding::new(body, place));
+            response
+        }
         Ok(response) => response,
         Err(_) => ApiError::timeout(format!(
             "the request did not complete within {}s",
