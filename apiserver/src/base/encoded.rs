@@ -5,8 +5,9 @@
 /// JSON is not an object with a `metadata` object, or when that already holds a
 /// `resourceVersion` (the caller then decodes it).
 ///
-/// The scan reads the JSON up to the end of `metadata` only, tracking strings (with escapes)
-/// and nesting; what follows is copied as it is.
+/// The scan tracks strings (with escapes) and nesting through the whole value, so a value
+/// cut short or with unbalanced brackets is left to decoding (which reports it) rather than
+/// answered as it is.
 pub fn with_rv(value: &[u8], rev: i64) -> Option<Vec<u8>> {
     let at = metadata_start(value)?;
     let empty = value[at..]
@@ -25,7 +26,7 @@ pub fn with_rv(value: &[u8], rev: i64) -> Option<Vec<u8>> {
 }
 
 /// The offset just after the `{` of the top-level `metadata` object, when no key of that
-/// object is `resourceVersion`.
+/// object is `resourceVersion` and the value's strings and brackets are balanced.
 fn metadata_start(v: &[u8]) -> Option<usize> {
     let first = v.iter().position(|b| !b.is_ascii_whitespace())?;
     if v[first] != b'{' {
@@ -36,7 +37,9 @@ fn metadata_start(v: &[u8]) -> Option<usize> {
     // The last string closed at the current depth, and whether a `:` followed it (a key).
     let mut last: Option<(usize, usize)> = None;
     let mut key: Option<(usize, usize)> = None;
-    let mut inside: Option<usize> = None; // the depth of the metadata object, once entered
+    // Just after metadata's `{`, once entered; whether its `}` has been seen.
+    let mut inside: Option<usize> = None;
+    let mut closed = false;
     while i < v.len() {
         match v[i] {
             b'"' => {
@@ -61,18 +64,22 @@ fn metadata_start(v: &[u8]) -> Option<usize> {
                 key = None;
             }
             b'}' | b']' => {
-                if depth == 2
-                    && let Some(at) = inside
-                {
-                    return Some(at);
+                if depth == 2 && inside.is_some() {
+                    closed = true;
                 }
                 depth = depth.checked_sub(1)?;
                 key = None;
+                if depth == 0 {
+                    // The end of the object: only whitespace may follow.
+                    let rest_blank = v[i + 1..].iter().all(u8::is_ascii_whitespace);
+                    return inside.filter(|_| closed && rest_blank);
+                }
             }
             b',' => key = None,
             _ => {}
         }
         if inside.is_some()
+            && !closed
             && depth == 2
             && v[i] == b':'
             && key.is_some_and(|(s, e)| &v[s..e] == b"resourceVersion")
@@ -119,6 +126,11 @@ mod tests {
         assert!(spliced(&json!([1, 2]), 2).is_none());
         assert!(with_rv(b"{\"metadata\":{\"name\":\"a", 2).is_none());
         assert!(with_rv(b"", 2).is_none());
+        // Cut short after metadata, or with something after the object.
+        assert!(with_rv(br#"{"metadata":{"name":"a"},"spec":{"x":[1,2"#, 2).is_none());
+        assert!(with_rv(br#"{"metadata":{"name":"a"},"spec":{}}}"#, 2).is_none());
+        assert!(with_rv(br#"{"metadata":{"name":"a"}} x"#, 2).is_none());
+        assert!(with_rv(br#"{"metadata":{"name":"a"},"s":"\"}"}"#, 2).is_some());
         // A nested resourceVersion is not the object's.
         let nested = json!({"metadata": {"annotations": {"resourceVersion": "9"}}});
         assert_eq!(
