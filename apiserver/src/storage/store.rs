@@ -162,6 +162,7 @@ pub struct Scan {
     /// Whether the next page is requested before the current one is handed out.
     prefetch: bool,
     ahead: Option<tokio::task::JoinHandle<Result<RangeResp, StoreError>>>,
+    latency: Option<Arc<Latency>>,
 }
 
 impl std::fmt::Debug for Scan {
@@ -182,13 +183,23 @@ impl Drop for Scan {
 }
 
 /// One range of a [`Scan`], halving the key count while etcd finds the answer too large.
-async fn read_page(kv: Backend, mut r: Range) -> Result<RangeResp, StoreError> {
-    loop {
+/// Each page read is timed as a `list` of the scanned type, as a one-range list was.
+async fn read_page(
+    kv: Backend,
+    mut r: Range,
+    latency: Option<Arc<Latency>>,
+) -> Result<RangeResp, StoreError> {
+    let started = Instant::now();
+    let resp = loop {
         match kv.range(r.clone()).await {
             Err(e) if e.too_large() && r.limit > 1 => r.limit /= 2,
-            other => return other,
+            other => break other,
         }
+    };
+    if let Some(l) = latency {
+        l.observe("list", &String::from_utf8_lossy(&r.key), started);
     }
+    resp
 }
 
 impl Scan {
@@ -270,7 +281,7 @@ impl Scan {
                 let Some(start) = self.next.take() else {
                     return Ok(None);
                 };
-                read_page(self.kv.clone(), self.range(start)).await?
+                read_page(self.kv.clone(), self.range(start), self.latency.clone()).await?
             }
         };
         if self.revision <= 0 {
@@ -294,7 +305,11 @@ impl Scan {
             && let Some(start) = self.next.take()
         {
             let r = self.range(start);
-            self.ahead = Some(tokio::spawn(read_page(self.kv.clone(), r)));
+            self.ahead = Some(tokio::spawn(read_page(
+                self.kv.clone(),
+                r,
+                self.latency.clone(),
+            )));
         }
         if resp.kvs.is_empty() {
             return Ok(None);
@@ -439,6 +454,17 @@ pub type LatencyFamily = Family<StorageOp, Histogram, fn() -> Histogram>;
 struct Latency {
     family: LatencyFamily,
     prefix: String,
+}
+
+impl Latency {
+    fn observe(&self, operation: &'static str, key: &str, started: Instant) {
+        self.family
+            .get_or_create(&StorageOp {
+                operation,
+                r#type: type_of(&self.prefix, key),
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
 }
 
 /// `GROUP/RESOURCE` (or `_system/WHAT`) of a key under `prefix`.
@@ -587,6 +613,7 @@ impl Store {
             first_keys: None,
             prefetch: true,
             ahead: None,
+            latency: self.latency.clone(),
         }
     }
 
@@ -603,12 +630,7 @@ impl Store {
 
     fn observe(&self, operation: &'static str, key: &str, started: Instant) {
         if let Some(l) = &self.latency {
-            l.family
-                .get_or_create(&StorageOp {
-                    operation,
-                    r#type: type_of(&l.prefix, key),
-                })
-                .observe(started.elapsed().as_secs_f64());
+            l.observe(operation, key, started);
         }
     }
 
@@ -798,13 +820,12 @@ impl Store {
         revision: i64,
         limit: i64,
     ) -> Result<Page, StoreError> {
-        let started = Instant::now();
+        // Each page is timed as a `list` by the scan.
         let mut scan = self.scan(prefix, start, revision, limit);
         let mut items = Vec::new();
         while let Some(page) = scan.next().await? {
             items.extend(page);
         }
-        self.observe("list", prefix, started);
         Ok(Page {
             items,
             revision: scan.revision,
