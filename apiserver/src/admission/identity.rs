@@ -114,14 +114,7 @@ async fn write_owned(ctx: Ctx<'_>, s: Subject<'_>, w: Change<'_>) -> ApiResult<W
             Write::Done(rev) => return Ok(Write::Done(rev)),
             // Only the guard failed: the User changed since it was read; read it again.
             Write::Conflict(rev) if rev == expected.unwrap_or(0) => {
-                if let Some(parent) = parent
-                    && ctx
-                        .store
-                        .get(parent)
-                        .await
-                        .map_err(ApiError::from)?
-                        .is_none()
-                {
+                if super::parent_gone(ctx, parent).await? {
                     return Ok(Write::Conflict(0));
                 }
             }

@@ -135,6 +135,23 @@ pub trait Admission: Send + Sync {
     }
 }
 
+/// After a guarded write failed with the object's key as expected: whether what failed is
+/// the create's parent (the namespace's Project) being gone, rather than a guard.
+///
+/// # Errors
+/// The store could not be read.
+pub(crate) async fn parent_gone(ctx: Ctx<'_>, parent: Option<&str>) -> ApiResult<bool> {
+    match parent {
+        Some(parent) => Ok(ctx
+            .store
+            .get(parent)
+            .await
+            .map_err(ApiError::from)?
+            .is_none()),
+        None => Ok(false),
+    }
+}
+
 /// The admissions of a resource type, in the order they apply.
 pub fn for_kind(group: &str, kind: &str) -> &'static [&'static dyn Admission] {
     static BOTH: [&dyn Admission; 2] = [&binding::Binding, &quota::Quota];

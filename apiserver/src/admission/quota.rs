@@ -190,14 +190,7 @@ async fn write_within_quota(
             // `at`, so count again.
             Write::Conflict(rev) if rev == expected.unwrap_or(0) => {
                 // Unless what failed is the parent (the Project) being gone.
-                if let Some(parent) = parent
-                    && ctx
-                        .store
-                        .get(parent)
-                        .await
-                        .map_err(ApiError::from)?
-                        .is_none()
-                {
+                if super::parent_gone(ctx, parent).await? {
                     return Ok(Write::Conflict(0));
                 }
                 continue;
