@@ -17,6 +17,14 @@ pub const LEASE_NAMESPACE: &str = "stratus-system";
 /// Name of the controllers' leader Lease.
 pub const LEASE_NAME: &str = "stratus-controllers";
 
+/// Keeps of a cached Server what the cluster-wide controllers read: not its user data (often
+/// the largest field, and a secret) nor its managed fields, so caches of many servers stay
+/// small. They write Servers only with merge patches, never from the cached copy whole.
+pub(crate) fn slim_server(s: &mut stratus_api_types::compute::Server) {
+    s.spec.user_data = None;
+    s.metadata.managed_fields = None;
+}
+
 /// Failures that stop the controllers.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -168,5 +176,30 @@ async fn every_controller(
         () = scheduler::run(client.clone(), weigher) => { stopped("scheduler"); Ok(()) }
         () = nodes::run(client.clone()) => { stopped("node lifecycle"); Ok(()) }
         () = images::run(client, image_dir, image_policy) => { stopped("images"); Ok(()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use stratus_api_types::compute::Server;
+
+    #[test]
+    fn a_cached_server_keeps_what_scheduling_and_evacuation_read_but_not_its_user_data() {
+        let mut s: Server = serde_json::from_value(serde_json::json!({
+            "apiVersion": "compute.stratus.dev/v1", "kind": "Server",
+            "metadata": {"name": "web", "namespace": "demo", "managedFields": [{"manager": "m"}]},
+            "spec": {"flavor": "m1.small", "image": "tiny", "serverGroup": "g",
+                     "evacuationPolicy": "Evacuate", "userData": "c2VjcmV0"},
+            "status": {"hypervisor": "n1", "allocated": {"vcpus": 1, "ramMiB": 512, "diskGiB": 1}},
+        }))
+        .expect("a server");
+        let before = s.clone();
+        super::slim_server(&mut s);
+        assert_eq!(s.spec.user_data, None);
+        assert_eq!(s.metadata.managed_fields, None);
+        assert_eq!(s.status, before.status);
+        let mut spec = before.spec.clone();
+        spec.user_data = None;
+        assert_eq!(s.spec, spec);
     }
 }

@@ -241,6 +241,7 @@ pub async fn run(client: Client) {
         watcher::Config::default(),
     )
     .default_backoff()
+    .modify(crate::slim_server)
     .reflect(server_writer)
     .touched_objects();
     let ctx = Arc::new(Ctx {

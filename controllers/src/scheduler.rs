@@ -610,6 +610,7 @@ pub async fn run(client: Client, weigher: Weigher) {
     let index = placements.clone();
     let server_stream = watcher(Api::<Server>::all(client.clone()), cfg())
         .default_backoff()
+        .modify(crate::slim_server)
         .reflect(server_writer)
         .map_ok(move |event| {
             if let Ok(mut p) = index.lock() {
