@@ -243,79 +243,95 @@ mod tests {
     #[test]
     fn members_work_in_their_project_only() {
         let g = vec![grant(Some("a"), Role::Member)];
-        assert!(
-            authorize(
+        // (verb, group, resource, namespace, name, namespaced, allowed)
+        let cases = [
+            (
+                "create",
+                "compute.stratus.dev",
+                "servers",
+                "a",
+                "",
+                true,
+                true,
+            ),
+            (
+                "get",
+                "compute.stratus.dev",
+                "servers",
+                "b",
+                "x",
+                true,
+                false,
+            ),
+            // A list across every namespace.
+            (
+                "list",
+                "compute.stratus.dev",
+                "servers",
+                "",
+                "",
+                true,
+                false,
+            ),
+            (
+                "create",
+                "identity.stratus.dev",
+                "roleassignments",
+                "a",
+                "",
+                true,
+                false,
+            ),
+            (
+                "list",
+                "compute.stratus.dev",
+                "flavors",
+                "",
+                "",
+                false,
+                true,
+            ),
+            (
+                "create",
+                "compute.stratus.dev",
+                "flavors",
+                "",
+                "",
+                false,
+                false,
+            ),
+            (
+                "get",
+                "identity.stratus.dev",
+                "users",
+                "",
                 "alice",
-                &g,
-                &info("create", "compute.stratus.dev", "servers", "a", ""),
-                true
-            )
-            .is_ok()
-        );
-        assert!(
-            authorize(
-                "alice",
-                &g,
-                &info("get", "compute.stratus.dev", "servers", "b", "x"),
-                true
-            )
-            .is_err()
-        );
-        assert!(
-            authorize(
-                "alice",
-                &g,
-                &info("list", "compute.stratus.dev", "servers", "", ""),
-                true
-            )
-            .is_err(),
-            "all-namespace list"
-        );
-        assert!(
-            authorize(
-                "alice",
-                &g,
-                &info("create", "identity.stratus.dev", "roleassignments", "a", ""),
-                true
-            )
-            .is_err()
-        );
-        assert!(
-            authorize(
-                "alice",
-                &g,
-                &info("list", "compute.stratus.dev", "flavors", "", ""),
-                false
-            )
-            .is_ok()
-        );
-        assert!(
-            authorize(
-                "alice",
-                &g,
-                &info("create", "compute.stratus.dev", "flavors", "", ""),
-                false
-            )
-            .is_err()
-        );
-        assert!(
-            authorize(
-                "alice",
-                &g,
-                &info("get", "identity.stratus.dev", "users", "", "alice"),
-                false
-            )
-            .is_ok()
-        );
-        assert!(
-            authorize(
-                "alice",
-                &g,
-                &info("get", "identity.stratus.dev", "users", "", "bob"),
-                false
-            )
-            .is_err()
-        );
+                false,
+                true,
+            ),
+            (
+                "get",
+                "identity.stratus.dev",
+                "users",
+                "",
+                "bob",
+                false,
+                false,
+            ),
+        ];
+        for (verb, group, resource, ns, name, namespaced, allowed) in cases {
+            assert_eq!(
+                authorize(
+                    "alice",
+                    &g,
+                    &info(verb, group, resource, ns, name),
+                    namespaced
+                )
+                .is_ok(),
+                allowed,
+                "{verb} {resource} {ns}/{name}"
+            );
+        }
     }
 
     #[test]
