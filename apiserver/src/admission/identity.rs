@@ -7,7 +7,7 @@
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
 
-use crate::admission::{Admission, Change, Ctx, Subject};
+use crate::admission::{Admission, Written, Change, Ctx, Subject};
 use crate::base::error::{ApiError, ApiResult, Cause};
 use crate::storage::keys;
 use crate::storage::store::Write;
@@ -40,8 +40,10 @@ impl Admission for Assignments {
         ctx: Ctx<'a>,
         s: Subject<'a>,
         w: Change<'a>,
-    ) -> Option<BoxFuture<'a, ApiResult<Write>>> {
-        Some(Box::pin(write_owned(ctx, s, w)))
+    ) -> Option<BoxFuture<'a, ApiResult<Written>>> {
+        Some(Box::pin(async move {
+            write_owned(ctx, s, w).await.map(Written::from)
+        }))
     }
 }
 

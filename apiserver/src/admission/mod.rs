@@ -2,6 +2,11 @@
 //! made in the same etcd transaction as the write they admit. Quota and compute placement
 //! (binding) and identity (what belongs to a User) are registered today; network IPAM and
 //! volume placement plug in the same way.
+//!
+//! One write is made by one admission: the first of the type's whose [`Admission::write`]
+//! answers. Where two must hold together, the one that writes carries the other's check in its
+//! transaction: quota is such a check ([`quota::check`] gives the guards a counted kind's write
+//! must carry).
 
 pub mod binding;
 pub mod identity;
@@ -103,6 +108,25 @@ pub struct Change<'a> {
     pub parent: Option<&'a str>,
 }
 
+/// What an admission's write did.
+#[derive(Debug)]
+pub struct Written {
+    /// The store's answer.
+    pub write: Write,
+    /// The object stored, when the admission stored another than it was given (what it
+    /// allocated, recorded in the status); `None`: the one given.
+    pub stored: Option<Value>,
+}
+
+impl From<Write> for Written {
+    fn from(write: Write) -> Self {
+        Self {
+            write,
+            stored: None,
+        }
+    }
+}
+
 /// Admission for one resource type. Every method has a default that admits without a word.
 pub trait Admission: Send + Sync {
     /// The status a new object starts with; `None`: no status until its controller reports.
@@ -130,7 +154,7 @@ pub trait Admission: Send + Sync {
         _ctx: Ctx<'a>,
         _s: Subject<'a>,
         _w: Change<'a>,
-    ) -> Option<BoxFuture<'a, ApiResult<Write>>> {
+    ) -> Option<BoxFuture<'a, ApiResult<Written>>> {
         None
     }
 }

@@ -13,7 +13,7 @@
 use futures::future::BoxFuture;
 use serde_json::Value;
 
-use crate::admission::{Admission, Change, Ctx, Subject};
+use crate::admission::{Admission, Written, Change, Ctx, Subject};
 use crate::base::error::{ApiError, ApiResult, Cause};
 use crate::storage::keys;
 use crate::storage::store::{Stored, Write};
@@ -36,9 +36,11 @@ impl Admission for Quota {
         ctx: Ctx<'a>,
         s: Subject<'a>,
         w: Change<'a>,
-    ) -> Option<BoxFuture<'a, ApiResult<Write>>> {
+    ) -> Option<BoxFuture<'a, ApiResult<Written>>> {
         let ns = s.namespace?;
-        Some(Box::pin(write_within_quota(ctx, s, ns, w)))
+        Some(Box::pin(async move {
+            write_within_quota(ctx, s, ns, w).await.map(Written::from)
+        }))
     }
 }
 
@@ -48,19 +50,65 @@ async fn write_within_quota(
     ns: &str,
     w: Change<'_>,
 ) -> ApiResult<Write> {
-    let Change {
-        key,
-        old,
-        new,
-        parent,
-    } = w;
+    let expected = w.old.map(|(_, rev)| rev);
+    for _ in 0..RETRIES {
+        let held = check(ctx, rt, ns, w).await?;
+        let guards: Vec<(&str, i64)> = held.iter().map(|(p, at)| (p.as_str(), *at)).collect();
+        match ctx
+            .store
+            .write_guarded(w.key, w.new, expected, &guards, w.parent)
+            .await
+            .map_err(ApiError::from)?
+        {
+            Write::Done(rev) => return Ok(Write::Done(rev)),
+            // Only a guard failed (the key is as expected): something counted changed since
+            // it was counted, so count again.
+            Write::Conflict(rev) if rev == expected.unwrap_or(0) && !guards.is_empty() => {
+                // Unless what failed is the parent (the Project) being gone.
+                if super::parent_gone(ctx, w.parent).await? {
+                    return Ok(Write::Conflict(0));
+                }
+                continue;
+            }
+            // The key itself changed (or exists, on create), or its parent is gone: no retry
+            // can help.
+            conflict => return Ok(conflict),
+        }
+    }
+    Err(too_busy(rt, w.new))
+}
+
+/// 409: the project's counted objects kept changing under the check.
+pub fn too_busy(rt: Subject<'_>, new: &Value) -> ApiError {
+    ApiError::conflict(
+        rt.group,
+        rt.plural,
+        crate::base::meta::meta_str(new, "name").unwrap_or_default(),
+        "too many concurrent changes to the project's quota-counted objects; retry",
+    )
+}
+
+/// Checks a write of a counted kind against its project's Quotas; the guards (key prefix,
+/// revision) the write's transaction must carry as [`Guard::Unchanged`](crate::storage::store::Guard::Unchanged) for the check to hold
+/// (none when no quota limits the project). An admission that makes the write of a counted
+/// kind itself calls this on each attempt and writes with these guards, so quota and its own
+/// claims are one transaction.
+///
+/// # Errors
+/// 403 when the write would exceed a quota; 422 for a flavor the project may not use.
+pub async fn check(
+    ctx: Ctx<'_>,
+    rt: Subject<'_>,
+    ns: &str,
+    w: Change<'_>,
+) -> ApiResult<Vec<(String, i64)>> {
+    let Change { key, old, new, .. } = w;
     let name = new
         .pointer("/metadata/name")
         .and_then(Value::as_str)
         .unwrap_or_default();
     let quota_prefix = keys::collection(ctx.prefix, "identity.stratus.dev", "quotas", Some(ns));
     let kind_prefix = rt.collection(ctx.prefix, ns);
-    let expected = old.map(|(_, rev)| rev);
     // The flavor a Server takes on (at create, or a resize to another one).
     let server = rt.group == "compute.stratus.dev" && rt.kind == "Server";
     fn flavor_of(o: &Value) -> Option<&str> {
@@ -77,134 +125,98 @@ async fn write_within_quota(
             vec![Cause::invalid("spec.flavor", message)],
         )
     };
-    for _ in 0..RETRIES {
-        let quotas = ctx
-            .store
-            .list(&quota_prefix, None, 0, 0)
-            .await
-            .map_err(ApiError::from)?;
-        let limited = quotas.items.iter().any(|(_, q)| {
-            q.value
-                .pointer("/spec/limits")
-                .and_then(Value::as_object)
-                .is_some_and(|m| !m.is_empty())
-        });
-        if let Some(f) = new_flavor {
-            let key = keys::object(ctx.prefix, "compute.stratus.dev", "flavors", None, f);
-            match ctx.store.get(&key).await.map_err(ApiError::from)? {
-                Some(flavor)
-                    if flavor
-                        .value
-                        .pointer("/spec/isPublic")
-                        .and_then(Value::as_bool)
-                        == Some(false)
-                        && !crate::admission::by_cluster_admin() =>
-                {
-                    return Err(refuse(format!(
-                        "Forbidden: flavor \"{f}\" is not public: only cluster admins' servers may use it"
-                    )));
-                }
-                None if limited => {
-                    return Err(refuse(format!(
-                        "Not found: flavor \"{f}\" does not exist, and the project's quota counts what a server's flavor takes"
-                    )));
-                }
-                _ => {}
-            }
-        }
-        if !limited {
-            // No limit in the project: nothing to count (and no list of its objects).
-            return match expected {
-                Some(rev) => ctx.store.update(key, new, rev).await,
-                None => ctx.store.create_under(key, new, parent).await,
-            }
-            .map_err(ApiError::from);
-        }
-        let at = quotas.revision;
-        let existing = ctx
-            .store
-            .list(&kind_prefix, None, at, 0)
-            .await
-            .map_err(ApiError::from)?;
-        let mut flavors = flavors_named(ctx, new, &existing.items, at).await?;
-        if let Some((o, _)) = old {
-            flavors.extend(flavors_named(ctx, o, &[], at).await?);
-        }
-        let flavor = |n: &str| flavors.iter().find(|(f, _)| f == n).map(|(_, v)| *v);
-        // A stored Server whose flavor is gone counts what was claimed for it, not zero.
-        let counted = |o: &Value| {
-            usage(rt.group, rt.kind, o, &|n: &str| {
-                flavor(n).or_else(|| allocated(o))
-            })
-        };
-        let before = old.map(|(o, _)| counted(o)).unwrap_or_default();
-        // Only what the write adds is checked: a shrink or an unchanged size always passes.
-        let grows: Vec<(&str, u64)> = usage(rt.group, rt.kind, new, &flavor)
-            .into_iter()
-            .filter(|(f, a)| *a > before.iter().find(|(g, _)| g == f).map_or(0, |(_, b)| *b))
-            .collect();
-        for (field, amount) in &grows {
-            let used: u64 = existing
-                .items
-                .iter()
-                .filter(|(k, _)| k != key)
-                .flat_map(|(_, s)| counted(&s.value))
-                .filter(|(f, _)| f == field)
-                .map(|(_, a)| a)
-                .sum();
-            for (_, q) in &quotas.items {
-                let Some(limit) = q
+    let quotas = ctx
+        .store
+        .list(&quota_prefix, None, 0, 0)
+        .await
+        .map_err(ApiError::from)?;
+    let limited = quotas.items.iter().any(|(_, q)| {
+        q.value
+            .pointer("/spec/limits")
+            .and_then(Value::as_object)
+            .is_some_and(|m| !m.is_empty())
+    });
+    if let Some(f) = new_flavor {
+        let key = keys::object(ctx.prefix, "compute.stratus.dev", "flavors", None, f);
+        match ctx.store.get(&key).await.map_err(ApiError::from)? {
+            Some(flavor)
+                if flavor
                     .value
-                    .pointer(&format!("/spec/limits/{field}"))
-                    .and_then(Value::as_u64)
-                else {
-                    continue;
-                };
-                if used + amount > limit {
-                    let quota = q
-                        .value
-                        .pointer("/metadata/name")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default();
-                    return Err(ApiError::forbidden(format!(
-                        "{}.{} \"{name}\" is forbidden: exceeded quota: {quota}, requested: {field}={amount}, used: {field}={used}, limited: {field}={limit}",
-                        rt.plural, rt.group,
-                    )));
-                }
+                    .pointer("/spec/isPublic")
+                    .and_then(Value::as_bool)
+                    == Some(false)
+                    && !crate::admission::by_cluster_admin() =>
+            {
+                return Err(refuse(format!(
+                    "Forbidden: flavor \"{f}\" is not public: only cluster admins' servers may use it"
+                )));
             }
-        }
-        match ctx
-            .store
-            .write_guarded(
-                key,
-                new,
-                expected,
-                &[(&kind_prefix, at), (&quota_prefix, at)],
-                parent,
-            )
-            .await
-            .map_err(ApiError::from)?
-        {
-            Write::Done(rev) => return Ok(Write::Done(rev)),
-            // Only a guard failed (the key is as expected): something counted changed since
-            // `at`, so count again.
-            Write::Conflict(rev) if rev == expected.unwrap_or(0) => {
-                // Unless what failed is the parent (the Project) being gone.
-                if super::parent_gone(ctx, parent).await? {
-                    return Ok(Write::Conflict(0));
-                }
-                continue;
+            None if limited => {
+                return Err(refuse(format!(
+                    "Not found: flavor \"{f}\" does not exist, and the project's quota counts what a server's flavor takes"
+                )));
             }
-            // The key itself changed (or exists, on create): no retry can help.
-            conflict => return Ok(conflict),
+            _ => {}
         }
     }
-    Err(ApiError::conflict(
-        rt.group,
-        rt.plural,
-        name,
-        "too many concurrent changes to the project's quota-counted objects; retry",
-    ))
+    if !limited {
+        // No limit in the project: nothing to count (and no list of its objects).
+        return Ok(Vec::new());
+    }
+    let at = quotas.revision;
+    let existing = ctx
+        .store
+        .list(&kind_prefix, None, at, 0)
+        .await
+        .map_err(ApiError::from)?;
+    let mut flavors = flavors_named(ctx, new, &existing.items, at).await?;
+    if let Some((o, _)) = old {
+        flavors.extend(flavors_named(ctx, o, &[], at).await?);
+    }
+    let flavor = |n: &str| flavors.iter().find(|(f, _)| f == n).map(|(_, v)| *v);
+    // A stored Server whose flavor is gone counts what was claimed for it, not zero.
+    let counted = |o: &Value| {
+        usage(rt.group, rt.kind, o, &|n: &str| {
+            flavor(n).or_else(|| allocated(o))
+        })
+    };
+    let before = old.map(|(o, _)| counted(o)).unwrap_or_default();
+    // Only what the write adds is checked: a shrink or an unchanged size always passes.
+    let grows: Vec<(&str, u64)> = usage(rt.group, rt.kind, new, &flavor)
+        .into_iter()
+        .filter(|(f, a)| *a > before.iter().find(|(g, _)| g == f).map_or(0, |(_, b)| *b))
+        .collect();
+    for (field, amount) in &grows {
+        let used: u64 = existing
+            .items
+            .iter()
+            .filter(|(k, _)| k != key)
+            .flat_map(|(_, s)| counted(&s.value))
+            .filter(|(f, _)| f == field)
+            .map(|(_, a)| a)
+            .sum();
+        for (_, q) in &quotas.items {
+            let Some(limit) = q
+                .value
+                .pointer(&format!("/spec/limits/{field}"))
+                .and_then(Value::as_u64)
+            else {
+                continue;
+            };
+            if used + amount > limit {
+                let quota = q
+                    .value
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                return Err(ApiError::forbidden(format!(
+                    "{}.{} \"{name}\" is forbidden: exceeded quota: {quota}, requested: {field}={amount}, used: {field}={used}, limited: {field}={limit}",
+                    rt.plural, rt.group,
+                )));
+            }
+        }
+    }
+    Ok(vec![(kind_prefix, at), (quota_prefix, at)])
 }
 
 /// The (vCPUs, RAM MiB) a placed Server claimed (`status.allocated`).

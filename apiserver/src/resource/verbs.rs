@@ -9,7 +9,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 
 use crate::admission::binding::{self, PlacementLocks};
-use crate::admission::{Change, Ctx, Subject};
+use crate::admission::{Change, Ctx, Subject, Written};
 use crate::base::body;
 use crate::base::encoded;
 use crate::base::error::{ApiError, ApiResult, Cause};
@@ -266,7 +266,7 @@ impl Api {
         &'a self,
         t: &'a Target,
         w: Change<'a>,
-    ) -> Option<BoxFuture<'a, ApiResult<Write>>> {
+    ) -> Option<BoxFuture<'a, ApiResult<Written>>> {
         t.rt.admission()
             .iter()
             .find_map(|a| a.write(self.ctx(), t.subject(), w))
@@ -614,9 +614,12 @@ impl Api {
                 .store
                 .create_under(&key, &obj, parent.as_deref())
                 .await
-                .map_err(ApiError::from)?,
+                .map_err(ApiError::from)?
+                .into(),
         };
-        match written {
+        // The object as stored, with what admission allocated (a Port's addresses).
+        let obj = written.stored.unwrap_or(obj);
+        match written.write {
             Write::Done(rev) => Ok(Outcome::json(201, with_rv(obj, rev), warnings)),
             // The object is absent, so what failed is its namespace's Project.
             Write::Conflict(0) if parent.is_some() => Err(ApiError::not_found(
@@ -1013,7 +1016,7 @@ impl Api {
             parent: None,
         };
         let written = match self.admitted_write(t, change) {
-            Some(write) => write.await?,
+            Some(write) => write.await?.write,
             None => self
                 .store
                 .update(&key, &new, current.mod_revision)
