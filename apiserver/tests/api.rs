@@ -3,6 +3,7 @@
 
 mod api {
     pub mod admission;
+    pub mod apply;
     pub mod fixtures;
     pub mod identity;
     pub mod lists;

@@ -1,7 +1,11 @@
 //! Field ownership (`metadata.managedFields`) and server-side apply.
 //!
-//! Objects are tracked down to their leaves; a list is one atomic field, as Kubernetes treats
-//! lists without merge keys.
+//! Objects are tracked down to their leaves, in the `fieldsV1` form Kubernetes uses. A list
+//! is one atomic field unless its schema says otherwise, as in Kubernetes' structured merge
+//! diff: the items of an `x-kubernetes-list-type: map` list are tracked one by one by their
+//! `x-kubernetes-list-map-keys` (`k:{"type":"Ready"}`), each item's fields with their own
+//! owners, and the items of a `set` by their value (`v:"a"`). Two managers can so each own
+//! one condition of the same `status.conditions`.
 
 use std::collections::BTreeSet;
 
@@ -9,29 +13,88 @@ use serde_json::{Map, Value, json};
 
 use crate::base::error::Cause;
 use crate::base::meta;
+use crate::resource::schema::{ListType, Shape};
 
+/// A field's path as its `fieldsV1` segments: `f:name` (an object's field), `k:{...}` (a map
+/// list's item by its keys), `v:...` (a set's item by its value). A path ending in an item
+/// stands for the item's presence (`.` in `fieldsV1`), not for its fields.
 type Path = Vec<String>;
 
 /// Metadata fields a user owns; the rest of metadata is the server's.
 const USER_META: [&str; 4] = ["labels", "annotations", "finalizers", "ownerReferences"];
 
-fn leaves(v: &Value, path: &mut Path, out: &mut BTreeSet<Path>) {
+fn is_item(seg: &str) -> bool {
+    seg.starts_with("k:") || seg.starts_with("v:")
+}
+
+fn ends_in_item(p: &[String]) -> bool {
+    p.last().is_some_and(|s| is_item(s))
+}
+
+/// The segment of a map list's item: `None` when it is not an object or lacks a key.
+fn item_key(item: &Value, keys: &[String]) -> Option<String> {
+    let fields = item.as_object()?;
+    let mut key = Map::new();
+    for name in keys {
+        key.insert(name.clone(), fields.get(name)?.clone());
+    }
+    Some(format!("k:{}", Value::Object(key)))
+}
+
+/// The segments of a list's items, in order; `None` when the list is atomic (by its schema, or
+/// because its items cannot be told apart: a missing key, a duplicate, a set of objects).
+fn item_segs(items: &[Value], shape: Shape<'_>) -> Option<Vec<String>> {
+    let segs: Vec<String> = match shape.list() {
+        ListType::Atomic => return None,
+        ListType::Map(keys) => items
+            .iter()
+            .map(|i| item_key(i, keys))
+            .collect::<Option<_>>()?,
+        ListType::Set => items
+            .iter()
+            .map(|i| (!i.is_object() && !i.is_array()).then(|| format!("v:{i}")))
+            .collect::<Option<_>>()?,
+    };
+    let distinct: BTreeSet<&String> = segs.iter().collect();
+    (distinct.len() == segs.len()).then_some(segs)
+}
+
+fn leaves(v: &Value, shape: Shape<'_>, path: &mut Path, out: &mut BTreeSet<Path>) {
     match v {
         Value::Object(m) if !m.is_empty() => {
             for (k, child) in m {
-                path.push(k.clone());
-                leaves(child, path, out);
+                path.push(format!("f:{k}"));
+                leaves(child, shape.field(k), path, out);
                 path.pop();
             }
         }
+        Value::Array(items) if !items.is_empty() => match item_segs(items, shape) {
+            Some(segs) => {
+                for (seg, item) in segs.into_iter().zip(items) {
+                    path.push(seg);
+                    out.insert(path.clone());
+                    if let Value::Object(fields) = item {
+                        for (k, child) in fields {
+                            path.push(format!("f:{k}"));
+                            leaves(child, shape.item().field(k), path, out);
+                            path.pop();
+                        }
+                    }
+                    path.pop();
+                }
+            }
+            None => {
+                out.insert(path.clone());
+            }
+        },
         _ => {
             out.insert(path.clone());
         }
     }
 }
 
-/// The owned leaf paths of an object: everything but apiVersion, kind and server metadata.
-fn field_set(obj: &Value) -> BTreeSet<Path> {
+/// The owned paths of an object: everything but apiVersion, kind and server metadata.
+fn field_set(obj: &Value, shape: Shape<'_>) -> BTreeSet<Path> {
     let mut out = BTreeSet::new();
     let Some(m) = obj.as_object() else { return out };
     for (k, v) in m {
@@ -40,11 +103,16 @@ fn field_set(obj: &Value) -> BTreeSet<Path> {
             "metadata" => {
                 for f in USER_META {
                     if let Some(child) = v.get(f) {
-                        leaves(child, &mut vec!["metadata".into(), f.into()], &mut out);
+                        leaves(
+                            child,
+                            shape.field("metadata").field(f),
+                            &mut vec!["f:metadata".into(), format!("f:{f}")],
+                            &mut out,
+                        );
                     }
                 }
             }
-            _ => leaves(v, &mut vec![k.clone()], &mut out),
+            _ => leaves(v, shape.field(k), &mut vec![format!("f:{k}")], &mut out),
         }
     }
     out
@@ -52,14 +120,19 @@ fn field_set(obj: &Value) -> BTreeSet<Path> {
 
 /// `to_fields_v1(&field_set(obj))` in one walk, without building the set: what a create
 /// records for its manager.
-fn fields_v1_of(obj: &Value) -> Value {
-    fn mirror(v: &Value) -> Value {
+fn fields_v1_of(obj: &Value, shape: Shape<'_>) -> Value {
+    fn mirror(v: &Value, shape: Shape<'_>) -> Value {
         match v {
             Value::Object(m) if !m.is_empty() => Value::Object(
                 m.iter()
-                    .map(|(k, child)| (format!("f:{k}"), mirror(child)))
+                    .map(|(k, child)| (format!("f:{k}"), mirror(child, shape.field(k))))
                     .collect(),
             ),
+            Value::Array(items) if !items.is_empty() && item_segs(items, shape).is_some() => {
+                let mut set = BTreeSet::new();
+                leaves(v, shape, &mut Vec::new(), &mut set);
+                to_fields_v1(&set)
+            }
             _ => Value::Object(Map::new()),
         }
     }
@@ -73,22 +146,66 @@ fn fields_v1_of(obj: &Value) -> Value {
             "metadata" => {
                 let owned: Map<String, Value> = USER_META
                     .iter()
-                    .filter_map(|f| v.get(*f).map(|child| (format!("f:{f}"), mirror(child))))
+                    .filter_map(|f| {
+                        v.get(*f).map(|child| {
+                            (
+                                format!("f:{f}"),
+                                mirror(child, shape.field("metadata").field(f)),
+                            )
+                        })
+                    })
                     .collect();
                 if !owned.is_empty() {
                     root.insert("f:metadata".into(), Value::Object(owned));
                 }
             }
             _ => {
-                root.insert(format!("f:{k}"), mirror(v));
+                root.insert(format!("f:{k}"), mirror(v, shape.field(k)));
             }
         }
     }
     Value::Object(root)
 }
 
+/// A map list's item key (`{"type":"Ready"}`), parsed.
+fn parse_key(seg: &str) -> Option<Map<String, Value>> {
+    serde_json::from_str(seg.strip_prefix("k:")?).ok()
+}
+
+/// Where the item of segment `seg` sits in `items`.
+fn position(items: &[Value], seg: &str) -> Option<usize> {
+    if let Some(key) = parse_key(seg) {
+        return items
+            .iter()
+            .position(|i| key.iter().all(|(n, kv)| i.get(n) == Some(kv)));
+    }
+    let value: Value = serde_json::from_str(seg.strip_prefix("v:")?).ok()?;
+    items.iter().position(|i| *i == value)
+}
+
+fn step<'a>(v: &'a Value, seg: &str) -> Option<&'a Value> {
+    match seg.strip_prefix("f:") {
+        Some(name) => v.as_object()?.get(name),
+        None => {
+            let items = v.as_array()?;
+            items.get(position(items, seg)?)
+        }
+    }
+}
+
+fn step_mut<'a>(v: &'a mut Value, seg: &str) -> Option<&'a mut Value> {
+    match seg.strip_prefix("f:") {
+        Some(name) => v.as_object_mut()?.get_mut(name),
+        None => {
+            let items = v.as_array_mut()?;
+            let i = position(items, seg)?;
+            items.get_mut(i)
+        }
+    }
+}
+
 fn get<'a>(v: &'a Value, path: &[String]) -> Option<&'a Value> {
-    path.iter().try_fold(v, |cur, seg| cur.get(seg))
+    path.iter().try_fold(v, |cur, seg| step(cur, seg))
 }
 
 fn remove(v: &mut Value, path: &[String]) {
@@ -97,14 +214,51 @@ fn remove(v: &mut Value, path: &[String]) {
     };
     let mut cur = v;
     for seg in parents {
-        match cur.get_mut(seg) {
+        match step_mut(cur, seg) {
             Some(next) => cur = next,
             None => return,
         }
     }
-    if let Some(m) = cur.as_object_mut() {
-        m.remove(last);
+    match last.strip_prefix("f:") {
+        Some(name) => {
+            if let Some(m) = cur.as_object_mut() {
+                m.remove(name);
+            }
+        }
+        None => {
+            if let Some(items) = cur.as_array_mut()
+                && let Some(i) = position(items, last)
+            {
+                items.remove(i);
+            }
+        }
     }
+}
+
+/// The schema shape at `path`.
+fn shape_at<'a>(shape: Shape<'a>, path: &[String]) -> Shape<'a> {
+    path.iter()
+        .fold(shape, |s, seg| match seg.strip_prefix("f:") {
+            Some(name) => s.field(name),
+            None => s.item(),
+        })
+}
+
+/// A field as Kubernetes names it in a conflict: `.status.conditions[type="Ready"].status`.
+fn render(path: &[String]) -> String {
+    let mut out = String::new();
+    for seg in path {
+        if let Some(name) = seg.strip_prefix("f:") {
+            out.push('.');
+            out.push_str(name);
+        } else if let Some(key) = parse_key(seg) {
+            let parts: Vec<String> = key.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            out.push_str(&format!("[{}]", parts.join(",")));
+        } else if let Some(value) = seg.strip_prefix("v:") {
+            out.push_str(&format!("[={value}]"));
+        }
+    }
+    out
 }
 
 fn to_fields_v1(set: &BTreeSet<Path>) -> Value {
@@ -112,11 +266,14 @@ fn to_fields_v1(set: &BTreeSet<Path>) -> Value {
     for path in set {
         let mut cur = &mut root;
         for seg in path {
-            let entry = cur.entry(format!("f:{seg}")).or_insert_with(|| json!({}));
+            let entry = cur.entry(seg.clone()).or_insert_with(|| json!({}));
             cur = match entry {
                 Value::Object(m) => m,
                 _ => unreachable!("entries are objects"),
             };
+        }
+        if ends_in_item(path) {
+            cur.insert(".".into(), json!({}));
         }
     }
     Value::Object(root)
@@ -124,17 +281,22 @@ fn to_fields_v1(set: &BTreeSet<Path>) -> Value {
 
 fn from_fields_v1(v: &Value, path: &mut Path, out: &mut BTreeSet<Path>) {
     let Some(m) = v.as_object() else { return };
-    let children: Vec<(&String, &Value)> = m.iter().filter(|(k, _)| k.starts_with("f:")).collect();
-    if children.is_empty() {
-        if !path.is_empty() {
-            out.insert(path.clone());
+    let mut leaf = true;
+    for (k, child) in m {
+        if k == "." {
+            leaf = false;
+            if !path.is_empty() {
+                out.insert(path.clone());
+            }
+        } else if k.starts_with("f:") || is_item(k) {
+            leaf = false;
+            path.push(k.clone());
+            from_fields_v1(child, path, out);
+            path.pop();
         }
-        return;
     }
-    for (k, child) in children {
-        path.push(k[2..].to_string());
-        from_fields_v1(child, path, out);
-        path.pop();
+    if leaf && !path.is_empty() {
+        out.insert(path.clone());
     }
 }
 
@@ -237,27 +399,58 @@ fn store_entries(obj: &mut Value, list: Vec<Entry>) {
     }
 }
 
+/// Whether owning one of `a` and `b` and changing the other touch the same value: they are
+/// the same field, or one lies within the other. An item's presence does not hold the item's
+/// fields: who owns `conditions[type="Ready"]` does not own its `status`.
 fn overlaps(a: &[String], b: &[String]) -> bool {
-    a.starts_with(b) || b.starts_with(a)
+    let (short, long) = if a.len() <= b.len() { (a, b) } else { (b, a) };
+    long.starts_with(short) && (short.len() == long.len() || !ends_in_item(short))
 }
 
 fn drop_overlapping(set: &mut BTreeSet<Path>, p: &[String]) {
     set.retain(|q| !overlaps(q, p));
 }
 
+/// Whether `q`, owned by another manager, keeps `p` from being removed: `q` is `p` or lies
+/// within it (an item stays while anyone owns a field of it), or `q` holds `p` whole.
+fn keeps(q: &[String], p: &[String]) -> bool {
+    q.starts_with(p) || (p.starts_with(q) && !ends_in_item(q))
+}
+
+/// Whether `p` is a key field of a map list's item (`conditions[type="Ready"].type`): it goes
+/// only with its item.
+fn is_key_field(p: &[String]) -> bool {
+    match p {
+        [.., item, field] => parse_key(item)
+            .zip(field.strip_prefix("f:"))
+            .is_some_and(|(key, name)| key.contains_key(name)),
+        _ => false,
+    }
+}
+
+/// Whether the value at `p` differs between `old` and `new`; for an item, whether it is new.
+fn changed(old: &Value, new: &Value, p: &[String]) -> bool {
+    if ends_in_item(p) {
+        get(old, p).is_none()
+    } else {
+        get(old, p) != get(new, p)
+    }
+}
+
 /// Records that `manager` changed `new` from `old` (a create when `old` is None): the fields it
 /// changed become its own and no longer anyone else's; fields that no longer exist are owned by
-/// nobody.
+/// nobody. `shape` (the type's schema) says which lists are tracked item by item.
 pub fn record_update(
     new: &mut Value,
     old: Option<&Value>,
     manager: &str,
     api_version: &str,
     subresource: Option<&str>,
+    shape: Shape<'_>,
 ) {
     if old.is_none() && new.pointer("/metadata/managedFields").is_none() {
         // A create: every field is the creator's.
-        let fields = fields_v1_of(new);
+        let fields = fields_v1_of(new, shape);
         if fields.as_object().is_some_and(|f| !f.is_empty()) {
             let entry = entry_json(
                 manager.into(),
@@ -272,10 +465,10 @@ pub fn record_update(
         return;
     }
     let mut list = entries(new);
-    let now_set = field_set(new);
+    let now_set = field_set(new, shape);
     let changed: Vec<Path> = now_set
         .iter()
-        .filter(|p| old.is_none_or(|o| get(o, p) != get(new, p)))
+        .filter(|p| old.is_none_or(|o| changed(o, new, p)))
         .cloned()
         .collect();
     for e in &mut list {
@@ -317,28 +510,61 @@ pub fn record_update(
     store_entries(new, list);
 }
 
-fn merge(dst: &mut Value, src: &Value) {
+/// Merges `src` into `dst`: objects field by field, map lists and sets item by item (an item
+/// `dst` lacks is appended), anything else replaced.
+fn merge(dst: &mut Value, src: &Value, shape: Shape<'_>) {
     match (dst, src) {
         (Value::Object(d), Value::Object(s)) => {
             for (k, v) in s {
                 match d.get_mut(k) {
-                    Some(existing) if existing.is_object() && v.is_object() => merge(existing, v),
+                    Some(existing)
+                        if (existing.is_object() && v.is_object())
+                            || (existing.is_array() && v.is_array()) =>
+                    {
+                        merge(existing, v, shape.field(k));
+                    }
                     _ => {
                         d.insert(k.clone(), v.clone());
                     }
                 }
             }
         }
+        (Value::Array(d), Value::Array(s)) => match (item_segs(d, shape), item_segs(s, shape)) {
+            (Some(mut have), Some(segs)) => {
+                for (seg, item) in segs.into_iter().zip(s) {
+                    match have.iter().position(|h| *h == seg) {
+                        Some(i) => merge(&mut d[i], item, shape.item()),
+                        None => {
+                            d.push(item.clone());
+                            have.push(seg);
+                        }
+                    }
+                }
+            }
+            _ => d.clone_from(s),
+        },
         (d, s) => *d = s.clone(),
+    }
+}
+
+/// Whether applying `want` where `now` is changes nothing by itself: an empty object, map list
+/// or set merges into what is there.
+fn merges_unchanged(now: &Value, want: &Value, shape: Shape<'_>) -> bool {
+    match (now, want) {
+        (Value::Object(_), Value::Object(w)) => w.is_empty(),
+        (Value::Array(_), Value::Array(w)) => w.is_empty() && *shape.list() != ListType::Atomic,
+        _ => false,
     }
 }
 
 /// Server-side apply of `applied` by `manager` onto `live`: fields `manager` applied before and
 /// no longer applies are removed (unless someone else owns them), applied fields are merged in,
-/// and changing a field another manager owns is a conflict unless `force`.
+/// and changing a field another manager owns is a conflict unless `force`. `shape` (the type's
+/// schema) says which lists merge item by item; any other list is one field.
 ///
 /// # Errors
-/// The conflicts, one cause per field, naming the manager that owns it.
+/// The conflicts, one cause per field (`.status.conditions[type="Ready"].status`), naming the
+/// manager that owns it.
 pub fn apply(
     live: &Value,
     applied: &Value,
@@ -346,12 +572,13 @@ pub fn apply(
     api_version: &str,
     force: bool,
     subresource: Option<&str>,
+    shape: Shape<'_>,
 ) -> Result<Value, Vec<Cause>> {
     let mut list = entries(live);
     let mine = |e: &Entry| {
         e.manager == manager && e.operation == "Apply" && e.subresource.as_deref() == subresource
     };
-    let applied_set = field_set(applied);
+    let applied_set = field_set(applied, shape);
     let previous: BTreeSet<Path> = list
         .iter()
         .filter(|e| mine(e))
@@ -360,8 +587,14 @@ pub fn apply(
 
     let mut conflicts = Vec::new();
     for p in &applied_set {
-        let (now, want) = (get(live, p), get(applied, p));
-        if now.is_none() || now == want {
+        // Applying an item that is there already changes only its fields (checked each).
+        if ends_in_item(p) {
+            continue;
+        }
+        let (Some(now), Some(want)) = (get(live, p), get(applied, p)) else {
+            continue;
+        };
+        if now == want || merges_unchanged(now, want, shape_at(shape, p)) {
             continue;
         }
         for e in list.iter_mut().filter(|e| !mine(e)) {
@@ -369,7 +602,7 @@ pub fn apply(
                 if force {
                     drop_overlapping(&mut e.fields, p);
                 } else {
-                    let field = format!(".{}", p.join("."));
+                    let field = render(p);
                     conflicts.push(Cause {
                         reason: "FieldManagerConflict".into(),
                         message: format!(
@@ -399,8 +632,8 @@ pub fn apply(
         let owned_elsewhere = list
             .iter()
             .filter(|e| !mine(e))
-            .any(|e| e.fields.iter().any(|q| overlaps(q, p)));
-        if !owned_elsewhere {
+            .any(|e| e.fields.iter().any(|q| keeps(q, p)));
+        if !owned_elsewhere && !is_key_field(p) {
             remove(&mut out, p);
         }
     }
@@ -414,7 +647,7 @@ pub fn apply(
     if out.as_object().is_none_or(Map::is_empty) {
         out = json!({});
     }
-    merge(&mut out, &body);
+    merge(&mut out, &body, shape);
 
     // Re-applying the same fields is a no-op: the entry keeps its time, so nothing is written.
     let time = list
@@ -453,16 +686,32 @@ mod tests {
                      "nested": {"deep": {"leaf": 1, "list": []}}},
             "status": {"phase": "Pending"}
         });
-        assert_eq!(fields_v1_of(&o), to_fields_v1(&field_set(&o)));
+        assert_eq!(
+            fields_v1_of(&o, Shape::unknown()),
+            to_fields_v1(&field_set(&o, Shape::unknown()))
+        );
         let bare = json!({"apiVersion": "v1", "kind": "X", "metadata": {"name": "n"}});
-        assert_eq!(fields_v1_of(&bare), to_fields_v1(&field_set(&bare)));
+        assert_eq!(
+            fields_v1_of(&bare, Shape::unknown()),
+            to_fields_v1(&field_set(&bare, Shape::unknown()))
+        );
         // And record_update of a create matches the general path's result.
         let mut fast = o.clone();
-        record_update(&mut fast, None, "kubectl", "compute.stratus.dev/v1", None);
+        record_update(
+            &mut fast,
+            None,
+            "kubectl",
+            "compute.stratus.dev/v1",
+            None,
+            Shape::unknown(),
+        );
         let entry = &fast["metadata"]["managedFields"][0];
         assert_eq!(entry["manager"], "kubectl");
         assert_eq!(entry["operation"], "Update");
-        assert_eq!(entry["fieldsV1"], to_fields_v1(&field_set(&o)));
+        assert_eq!(
+            entry["fieldsV1"],
+            to_fields_v1(&field_set(&o, Shape::unknown()))
+        );
     }
 
     #[test]
@@ -474,11 +723,20 @@ mod tests {
             "v1",
             false,
             None,
+            Shape::unknown(),
         )
         .expect("applies");
         assert_eq!(first["spec"]["ramMiB"], 512);
-        let second =
-            apply(&first, &obj(json!({"vcpus": 2})), "a", "v1", false, None).expect("applies");
+        let second = apply(
+            &first,
+            &obj(json!({"vcpus": 2})),
+            "a",
+            "v1",
+            false,
+            None,
+            Shape::unknown(),
+        )
+        .expect("applies");
         assert_eq!(second["spec"], json!({"vcpus": 2}));
         let mf = second["metadata"]["managedFields"]
             .as_array()
@@ -490,10 +748,11 @@ mod tests {
     #[test]
     fn reapplying_the_same_configuration_changes_nothing() {
         let cfg = obj(json!({"vcpus": 1}));
-        let mut first = apply(&json!({}), &cfg, "a", "v1", false, None).expect("applies");
+        let mut first =
+            apply(&json!({}), &cfg, "a", "v1", false, None, Shape::unknown()).expect("applies");
         // Make the recorded time clearly in the past.
         first["metadata"]["managedFields"][0]["time"] = json!("2020-01-01T00:00:00Z");
-        let again = apply(&first, &cfg, "a", "v1", false, None).expect("applies");
+        let again = apply(&first, &cfg, "a", "v1", false, None, Shape::unknown()).expect("applies");
         assert_eq!(again, first);
     }
 
@@ -506,21 +765,46 @@ mod tests {
             "v1",
             false,
             None,
+            Shape::unknown(),
         )
         .expect("applies");
-        let err = apply(&first, &obj(json!({"vcpus": 4})), "b", "v1", false, None)
-            .expect_err("conflicts");
+        let err = apply(
+            &first,
+            &obj(json!({"vcpus": 4})),
+            "b",
+            "v1",
+            false,
+            None,
+            Shape::unknown(),
+        )
+        .expect_err("conflicts");
         assert_eq!(err[0].field, ".spec.vcpus");
         assert!(err[0].message.contains("\"a\""));
         // Same value: shared ownership, no conflict.
-        let shared =
-            apply(&first, &obj(json!({"vcpus": 1})), "b", "v1", false, None).expect("applies");
+        let shared = apply(
+            &first,
+            &obj(json!({"vcpus": 1})),
+            "b",
+            "v1",
+            false,
+            None,
+            Shape::unknown(),
+        )
+        .expect("applies");
         assert_eq!(
             shared["metadata"]["managedFields"].as_array().map(Vec::len),
             Some(2)
         );
-        let forced =
-            apply(&first, &obj(json!({"vcpus": 4})), "b", "v1", true, None).expect("applies");
+        let forced = apply(
+            &first,
+            &obj(json!({"vcpus": 4})),
+            "b",
+            "v1",
+            true,
+            None,
+            Shape::unknown(),
+        )
+        .expect("applies");
         assert_eq!(forced["spec"]["vcpus"], 4);
         let mf = forced["metadata"]["managedFields"]
             .as_array()
@@ -537,11 +821,19 @@ mod tests {
             "v1",
             false,
             None,
+            Shape::unknown(),
         )
         .expect("applies");
         let old = o.clone();
         o["spec"]["vcpus"] = json!(8);
-        record_update(&mut o, Some(&old), "kubectl-edit", "v1", None);
+        record_update(
+            &mut o,
+            Some(&old),
+            "kubectl-edit",
+            "v1",
+            None,
+            Shape::unknown(),
+        );
         let mf = o["metadata"]["managedFields"]
             .as_array()
             .expect("managed")
@@ -557,6 +849,7 @@ mod tests {
             "v1",
             false,
             None,
+            Shape::unknown(),
         )
         .expect_err("conflicts");
         assert!(err[0].message.contains("kubectl-edit"), "{err:?}");
@@ -571,11 +864,340 @@ mod tests {
             "v1",
             false,
             None,
+            Shape::unknown(),
         )
         .expect("applies");
-        let both =
-            apply(&first, &obj(json!({"vcpus": 1})), "b", "v1", false, None).expect("applies");
-        let after = apply(&both, &json!({"apiVersion": "compute.stratus.dev/v1", "kind": "Flavor", "metadata": {"name": "f"}}), "a", "v1", false, None).expect("applies");
+        let both = apply(
+            &first,
+            &obj(json!({"vcpus": 1})),
+            "b",
+            "v1",
+            false,
+            None,
+            Shape::unknown(),
+        )
+        .expect("applies");
+        let after = apply(&both, &json!({"apiVersion": "compute.stratus.dev/v1", "kind": "Flavor", "metadata": {"name": "f"}}), "a", "v1", false, None, Shape::unknown()).expect("applies");
         assert_eq!(after["spec"]["vcpus"], 1);
+    }
+
+    /// A schema whose `status.conditions` is a map keyed by `type`, `spec.tags` a set and
+    /// `spec.disks` a list without a marker.
+    fn lists() -> crate::resource::schema::Structural {
+        crate::resource::schema::Structural::compile(&json!({
+            "type": "object",
+            "properties": {
+                "spec": {"type": "object", "properties": {
+                    "tags": {"type": "array", "items": {"type": "string"},
+                             "x-kubernetes-list-type": "set"},
+                    "disks": {"type": "array", "items": {"type": "object",
+                              "properties": {"name": {"type": "string"}, "size": {"type": "integer"}}}},
+                }},
+                "status": {"type": "object", "properties": {
+                    "phase": {"type": "string"},
+                    "conditions": {
+                        "type": "array",
+                        "x-kubernetes-list-type": "map",
+                        "x-kubernetes-list-map-keys": ["type"],
+                        "items": {"type": "object", "properties": {
+                            "type": {"type": "string"}, "status": {"type": "string"},
+                            "reason": {"type": "string"}, "message": {"type": "string"},
+                        }},
+                    },
+                }},
+            },
+        }))
+        .expect("compiles")
+    }
+
+    fn status(conditions: Value) -> Value {
+        json!({"apiVersion": "v1", "kind": "K", "metadata": {"name": "o"},
+               "status": {"conditions": conditions}})
+    }
+
+    fn cond(t: &str, s: &str, reason: &str) -> Value {
+        json!({"type": t, "status": s, "reason": reason})
+    }
+
+    #[test]
+    fn map_list_items_are_tracked_by_key_as_kubernetes_encodes_them() {
+        let schema = lists();
+        let o = status(json!([cond("Ready", "True", "Running")]));
+        let fields = fields_v1_of(&o, schema.shape());
+        assert_eq!(
+            fields,
+            json!({"f:status": {"f:conditions": {"k:{\"type\":\"Ready\"}": {
+                ".": {}, "f:type": {}, "f:status": {}, "f:reason": {}}}}})
+        );
+        assert_eq!(fields, to_fields_v1(&field_set(&o, schema.shape())));
+        let mut back = BTreeSet::new();
+        from_fields_v1(&fields, &mut Vec::new(), &mut back);
+        assert_eq!(back, field_set(&o, schema.shape()));
+    }
+
+    #[test]
+    fn two_managers_each_own_one_condition_of_the_same_list() {
+        let schema = lists();
+        let a = apply(
+            &json!({}),
+            &status(json!([cond("Ready", "True", "Running")])),
+            "agent",
+            "v1",
+            true,
+            Some("status"),
+            schema.shape(),
+        )
+        .expect("applies");
+        let b = apply(
+            &a,
+            &status(json!([cond("Scheduled", "True", "Placed")])),
+            "scheduler",
+            "v1",
+            true,
+            Some("status"),
+            schema.shape(),
+        )
+        .expect("applies");
+        assert_eq!(
+            b["status"]["conditions"],
+            json!([
+                cond("Ready", "True", "Running"),
+                cond("Scheduled", "True", "Placed")
+            ])
+        );
+        // The agent changes its condition: the scheduler's stays.
+        let c = apply(
+            &b,
+            &status(json!([cond("Ready", "False", "Stopped")])),
+            "agent",
+            "v1",
+            false,
+            Some("status"),
+            schema.shape(),
+        )
+        .expect("no conflict: the agent owns Ready");
+        assert_eq!(
+            c["status"]["conditions"],
+            json!([
+                cond("Ready", "False", "Stopped"),
+                cond("Scheduled", "True", "Placed")
+            ])
+        );
+        // The agent stops applying Ready: it goes, the scheduler's condition does not.
+        let d = apply(
+            &c,
+            &status(json!([])),
+            "agent",
+            "v1",
+            false,
+            Some("status"),
+            schema.shape(),
+        )
+        .expect("applies");
+        assert_eq!(
+            d["status"]["conditions"],
+            json!([cond("Scheduled", "True", "Placed")])
+        );
+    }
+
+    #[test]
+    fn changing_anothers_item_field_conflicts_by_item_unless_forced() {
+        let schema = lists();
+        let a = apply(
+            &json!({}),
+            &status(json!([cond("Ready", "True", "Running")])),
+            "agent",
+            "v1",
+            false,
+            Some("status"),
+            schema.shape(),
+        )
+        .expect("applies");
+        let err = apply(
+            &a,
+            &status(json!([cond("Ready", "Unknown", "Running")])),
+            "nodes",
+            "v1",
+            false,
+            Some("status"),
+            schema.shape(),
+        )
+        .expect_err("conflicts");
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert_eq!(err[0].field, ".status.conditions[type=\"Ready\"].status");
+        assert!(err[0].message.contains("\"agent\""), "{err:?}");
+        let forced = apply(
+            &a,
+            &status(json!([cond("Ready", "Unknown", "Running")])),
+            "nodes",
+            "v1",
+            true,
+            Some("status"),
+            schema.shape(),
+        )
+        .expect("a forced apply takes the field");
+        assert_eq!(forced["status"]["conditions"][0]["status"], "Unknown");
+        // The agent kept the fields it still shares; it lost only `status`.
+        let entries = entries(&forced);
+        let agent = entries
+            .iter()
+            .find(|e| e.manager == "agent")
+            .expect("agent");
+        let ready = |f: &str| -> Path {
+            ["f:status", "f:conditions", "k:{\"type\":\"Ready\"}", f]
+                .map(String::from)
+                .to_vec()
+        };
+        assert!(agent.fields.contains(&ready("f:reason")));
+        assert!(!agent.fields.contains(&ready("f:status")));
+    }
+
+    #[test]
+    fn an_item_stays_while_another_manager_owns_a_field_of_it() {
+        let schema = lists();
+        let a = apply(
+            &json!({}),
+            &status(json!([cond("Ready", "True", "Running")])),
+            "agent",
+            "v1",
+            false,
+            Some("status"),
+            schema.shape(),
+        )
+        .expect("applies");
+        let b = apply(
+            &a,
+            &status(json!([{"type": "Ready", "message": "seen"}])),
+            "nodes",
+            "v1",
+            false,
+            Some("status"),
+            schema.shape(),
+        )
+        .expect("adds a field to the agent's item");
+        let c = apply(
+            &b,
+            &status(json!([])),
+            "agent",
+            "v1",
+            false,
+            Some("status"),
+            schema.shape(),
+        )
+        .expect("applies");
+        // The item and its key stay for "nodes"; the agent's own fields go.
+        assert_eq!(
+            c["status"]["conditions"],
+            json!([{"type": "Ready", "message": "seen"}])
+        );
+    }
+
+    #[test]
+    fn a_set_merges_by_value_and_an_unmarked_list_stays_atomic() {
+        let schema = lists();
+        let spec = |s: Value| json!({"apiVersion": "v1", "kind": "K", "metadata": {"name": "o"}, "spec": s});
+        let a = apply(
+            &json!({}),
+            &spec(json!({"tags": ["a"], "disks": [{"name": "root", "size": 1}]})),
+            "alice",
+            "v1",
+            false,
+            None,
+            schema.shape(),
+        )
+        .expect("applies");
+        let b = apply(
+            &a,
+            &spec(json!({"tags": ["b"]})),
+            "bob",
+            "v1",
+            false,
+            None,
+            schema.shape(),
+        )
+        .expect("a set's other item is no conflict");
+        assert_eq!(b["spec"]["tags"], json!(["a", "b"]));
+        let err = apply(
+            &b,
+            &spec(json!({"disks": [{"name": "data", "size": 2}]})),
+            "bob",
+            "v1",
+            false,
+            None,
+            schema.shape(),
+        )
+        .expect_err("the list is one field, alice's");
+        assert_eq!(err[0].field, ".spec.disks");
+        let forced = apply(
+            &b,
+            &spec(json!({"disks": [{"name": "data", "size": 2}]})),
+            "bob",
+            "v1",
+            true,
+            None,
+            schema.shape(),
+        )
+        .expect("forced");
+        assert_eq!(
+            forced["spec"]["disks"],
+            json!([{"name": "data", "size": 2}])
+        );
+    }
+
+    #[test]
+    fn an_update_takes_only_the_items_it_changes() {
+        let schema = lists();
+        let a = apply(
+            &json!({}),
+            &status(json!([
+                cond("Ready", "True", "Running"),
+                cond("Scheduled", "True", "Placed")
+            ])),
+            "agent",
+            "v1",
+            false,
+            Some("status"),
+            schema.shape(),
+        )
+        .expect("applies");
+        let mut edited = a.clone();
+        edited["status"]["conditions"][1]["reason"] = json!("Moved");
+        record_update(
+            &mut edited,
+            Some(&a),
+            "kubectl-edit",
+            "v1",
+            Some("status"),
+            schema.shape(),
+        );
+        // The agent still owns all of Ready, so applying it again is no conflict...
+        apply(
+            &edited,
+            &status(json!([
+                cond("Ready", "False", "Stopped"),
+                cond("Scheduled", "True", "Placed")
+            ])),
+            "agent",
+            "v1",
+            false,
+            Some("status"),
+            schema.shape(),
+        )
+        .map_err(|e| format!("{e:?}"))
+        .expect_err("...but Scheduled's reason is kubectl-edit's now");
+        let ok = apply(
+            &edited,
+            &status(json!([
+                cond("Ready", "False", "Stopped"),
+                cond("Scheduled", "True", "Moved")
+            ])),
+            "agent",
+            "v1",
+            false,
+            Some("status"),
+            schema.shape(),
+        )
+        .expect("only Ready's fields changed");
+        assert_eq!(ok["status"]["conditions"][0]["status"], "False");
     }
 }

@@ -37,6 +37,51 @@ struct Node {
     preserve_unknown: bool,
     is_object: bool,
     default: Option<Value>,
+    list: ListType,
+}
+
+/// How server-side apply merges a list (`x-kubernetes-list-type`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ListType {
+    /// Replaced whole, by one owner (a list without a marker, or `atomic`).
+    #[default]
+    Atomic,
+    /// Items are objects told apart by these fields (`map` with `x-kubernetes-list-map-keys`);
+    /// each item, and each field of it, has its own owner.
+    Map(Vec<String>),
+    /// Items are distinct scalars, each with its own owner (`set`).
+    Set,
+}
+
+/// Where a field sits in a compiled schema, for server-side apply to know its lists'
+/// types; `Shape::unknown()` (no schema) treats every list as atomic.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shape<'a>(Option<&'a Node>);
+
+impl<'a> Shape<'a> {
+    /// A shape without a schema: every list atomic.
+    pub const fn unknown() -> Self {
+        Self(None)
+    }
+
+    /// The shape of the field `name` of this object (or of its map's values).
+    pub fn field(self, name: &str) -> Self {
+        Self(
+            self.0
+                .and_then(|n| n.properties.get(name).or(n.additional.as_deref())),
+        )
+    }
+
+    /// The shape of this list's items.
+    pub fn item(self) -> Self {
+        Self(self.0.and_then(|n| n.items.as_deref()))
+    }
+
+    /// How this list merges.
+    pub fn list(self) -> &'a ListType {
+        static ATOMIC: ListType = ListType::Atomic;
+        self.0.map_or(&ATOMIC, |n| &n.list)
+    }
 }
 
 impl Node {
@@ -51,6 +96,25 @@ impl Node {
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
             default: schema.get("default").cloned(),
+            list: match schema.get("x-kubernetes-list-type").and_then(Value::as_str) {
+                Some("map") => {
+                    let keys: Vec<String> = schema
+                        .get("x-kubernetes-list-map-keys")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|k| k.as_str().map(String::from))
+                        .collect();
+                    // A map without keys cannot tell its items apart: atomic.
+                    if keys.is_empty() {
+                        ListType::Atomic
+                    } else {
+                        ListType::Map(keys)
+                    }
+                }
+                Some("set") => ListType::Set,
+                _ => ListType::Atomic,
+            },
             ..Default::default()
         };
         n.is_object = schema.get("type").and_then(Value::as_str) == Some("object")
@@ -198,6 +262,11 @@ impl Structural {
             .build(&to_json_schema(&schema))
             .map_err(|e| e.to_string())?;
         Ok(Self { root, validator })
+    }
+
+    /// The object's shape, for server-side apply.
+    pub fn shape(&self) -> Shape<'_> {
+        Shape(Some(&self.root))
     }
 
     /// Prunes unknown fields (returned, as paths) and fills defaults.

@@ -584,6 +584,7 @@ impl Api {
                 manager,
                 &t.rt.api_version(),
                 t.subresource.as_deref(),
+                t.rt.structural.shape(),
             );
         }
         let name = meta::meta_str(&obj, "name").unwrap_or_default().to_string();
@@ -887,6 +888,12 @@ impl Api {
                     }
                 }
             }
+            // An apply (no manager: it recorded its own fields) keeps its ownership.
+            if manager.is_none()
+                && let Some(mf) = incoming.pointer("/metadata/managedFields")
+            {
+                meta::meta_mut(&mut n).insert("managedFields".into(), mf.clone());
+            }
             n
         } else {
             if t.rt.status_subresource {
@@ -966,6 +973,7 @@ impl Api {
                 manager,
                 &t.rt.api_version(),
                 t.subresource.as_deref(),
+                t.rt.structural.shape(),
             );
         }
         policy.review(&Review {
@@ -1123,6 +1131,7 @@ impl Api {
                         &t.rt.api_version(),
                         p.flag("force"),
                         t.subresource.as_deref(),
+                        t.rt.structural.shape(),
                     )
                     .map_err(|conflicts| {
                         ApiError::apply_conflict(&t.rt.group, &t.rt.plural, t.name(), conflicts)
@@ -1185,6 +1194,7 @@ impl Api {
             &t.rt.api_version(),
             false,
             None,
+            t.rt.structural.shape(),
         )
         .map_err(|c| ApiError::apply_conflict(&t.rt.group, &t.rt.plural, t.name(), c))?;
         self.create_object(t, obj, warnings, p, None, policy).await

@@ -1,0 +1,220 @@
+//! Server-side apply through the verbs: lists the schema marks as maps merge item by item,
+//! each item's fields with their own owners; other lists stay one field.
+
+use serde_json::{Value, json};
+
+use crate::fixtures::{APPLY, Cloud, Obj, refused};
+
+fn condition(type_: &str, status: &str, reason: &str) -> Value {
+    json!({"type": type_, "status": status, "reason": reason, "message": "",
+           "lastTransitionTime": "2026-01-01T00:00:00Z"})
+}
+
+/// A status apply of `conditions` to Server `demo/web`.
+fn status(conditions: Value) -> Value {
+    json!({"apiVersion": "compute.stratus.dev/v1", "kind": "Server",
+           "metadata": {"name": "web", "namespace": "demo"},
+           "status": {"conditions": conditions}})
+}
+
+async fn with_server() -> Cloud {
+    let c = Cloud::with_demo().await;
+    c.create(&Obj::server("demo", "web")).await.expect("server");
+    c
+}
+
+async fn conditions(c: &Cloud) -> Value {
+    c.get("Server", Some("demo"), "web").await.expect("get")["status"]["conditions"].clone()
+}
+
+#[tokio::test]
+async fn two_managers_owning_one_condition_each_never_clobber_each_other() {
+    let c = with_server().await;
+    let t = c.status("Server", Some("demo"), "web");
+    c.patch(
+        &t,
+        APPLY,
+        &status(json!([condition("Ready", "False", "Building")])),
+        "fieldManager=agent&force=true",
+    )
+    .await
+    .expect("the agent applies Ready");
+    c.patch(
+        &t,
+        APPLY,
+        &status(json!([condition("Scheduled", "True", "Placed")])),
+        "fieldManager=scheduler&force=true",
+    )
+    .await
+    .expect("the scheduler applies Scheduled");
+    // Each applies its condition again, changed, without force: neither conflicts, neither
+    // removes the other's.
+    c.patch(
+        &t,
+        APPLY,
+        &status(json!([condition("Ready", "True", "Running")])),
+        "fieldManager=agent",
+    )
+    .await
+    .expect("the agent owns Ready");
+    c.patch(
+        &t,
+        APPLY,
+        &status(json!([condition("Scheduled", "True", "Rebalanced")])),
+        "fieldManager=scheduler",
+    )
+    .await
+    .expect("the scheduler owns Scheduled");
+    assert_eq!(
+        conditions(&c).await,
+        json!([
+            condition("Ready", "True", "Running"),
+            condition("Scheduled", "True", "Rebalanced")
+        ])
+    );
+    let got = c.get("Server", Some("demo"), "web").await.expect("get");
+    let managed = got["metadata"]["managedFields"]
+        .as_array()
+        .expect("managed fields");
+    let agent = managed
+        .iter()
+        .find(|e| e["manager"] == "agent")
+        .expect("the agent's entry");
+    assert_eq!(agent["operation"], "Apply");
+    assert_eq!(agent["subresource"], "status");
+    let ready = &agent["fieldsV1"]["f:status"]["f:conditions"]["k:{\"type\":\"Ready\"}"];
+    assert!(
+        ready.get(".").is_some() && ready.get("f:reason").is_some(),
+        "{agent}"
+    );
+    assert!(
+        agent["fieldsV1"]["f:status"]["f:conditions"]
+            .get("k:{\"type\":\"Scheduled\"}")
+            .is_none(),
+        "{agent}"
+    );
+}
+
+#[tokio::test]
+async fn an_apply_that_drops_an_owned_condition_removes_only_that_one() {
+    let c = with_server().await;
+    let t = c.status("Server", Some("demo"), "web");
+    c.patch(
+        &t,
+        APPLY,
+        &status(json!([
+            condition("Ready", "False", "Building"),
+            condition("Drifted", "False", "InSync")
+        ])),
+        "fieldManager=agent&force=true",
+    )
+    .await
+    .expect("the agent applies two conditions");
+    c.patch(
+        &t,
+        APPLY,
+        &status(json!([condition("Scheduled", "True", "Placed")])),
+        "fieldManager=scheduler&force=true",
+    )
+    .await
+    .expect("the scheduler applies one");
+    c.patch(
+        &t,
+        APPLY,
+        &status(json!([condition("Ready", "False", "Building")])),
+        "fieldManager=agent",
+    )
+    .await
+    .expect("the agent drops Drifted");
+    assert_eq!(
+        conditions(&c).await,
+        json!([
+            condition("Ready", "False", "Building"),
+            condition("Scheduled", "True", "Placed")
+        ])
+    );
+}
+
+#[tokio::test]
+async fn changing_anothers_condition_is_409_naming_the_field_and_manager_unless_forced() {
+    let c = with_server().await;
+    let t = c.status("Server", Some("demo"), "web");
+    c.patch(
+        &t,
+        APPLY,
+        &status(json!([condition("Ready", "True", "Running")])),
+        "fieldManager=agent&force=true",
+    )
+    .await
+    .expect("the agent applies Ready");
+    let e = refused(
+        c.patch(
+            &t,
+            APPLY,
+            &status(json!([condition("Ready", "Unknown", "Running")])),
+            "fieldManager=nodes",
+        )
+        .await,
+    );
+    assert_eq!(e.code, 409);
+    let fields: Vec<&str> = e.details.causes.iter().map(|c| c.field.as_str()).collect();
+    assert_eq!(fields, [".status.conditions[type=\"Ready\"].status"]);
+    assert!(e.details.causes[0].message.contains("\"agent\""), "{e:?}");
+    assert_eq!(conditions(&c).await[0]["status"], "True", "nothing written");
+    c.patch(
+        &t,
+        APPLY,
+        &status(json!([condition("Ready", "Unknown", "Running")])),
+        "fieldManager=nodes&force=true",
+    )
+    .await
+    .expect("a forced apply takes the field");
+    assert_eq!(conditions(&c).await[0]["status"], "Unknown");
+}
+
+#[tokio::test]
+async fn a_spec_list_without_a_map_marker_stays_one_field() {
+    let c = Cloud::with_demo().await;
+    let t = c.target("Server", Some("demo"), Some("web"));
+    let server = |networks: Value| {
+        let mut o = Obj::server("demo", "web").0;
+        o["spec"]["networks"] = networks;
+        o
+    };
+    c.patch(
+        &t,
+        APPLY,
+        &server(json!([{"network": "a"}])),
+        "fieldManager=kubectl",
+    )
+    .await
+    .expect("kubectl creates the server by applying it");
+    let e = refused(
+        c.patch(
+            &t,
+            APPLY,
+            &server(json!([{"network": "b"}])),
+            "fieldManager=other",
+        )
+        .await,
+    );
+    assert_eq!(e.code, 409);
+    assert_eq!(e.details.causes[0].field, ".spec.networks");
+    // The owner replaces the list whole: no item of the old one is merged in.
+    let (_, got) = c
+        .patch(
+            &t,
+            APPLY,
+            &server(json!([{"network": "b"}, {"network": "c"}])),
+            "fieldManager=kubectl",
+        )
+        .await
+        .expect("kubectl applies again");
+    let networks: Vec<&str> = got["spec"]["networks"]
+        .as_array()
+        .expect("networks")
+        .iter()
+        .filter_map(|n| n["network"].as_str())
+        .collect();
+    assert_eq!(networks, ["b", "c"]);
+}
