@@ -91,7 +91,9 @@ impl PlacementLocks {
     }
 }
 
-fn claims_prefix(prefix: &str, hypervisor: &str) -> String {
+/// The prefix of the claims of every Server placed on `hypervisor`, each
+/// `{namespace}/{name}` under it (the node authorizer reads it as the node's index).
+pub(crate) fn claims_prefix(prefix: &str, hypervisor: &str) -> String {
     format!("{prefix}/_claims/compute/{hypervisor}/")
 }
 

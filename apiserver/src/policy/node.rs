@@ -1,10 +1,14 @@
 //! The node authorizer: what a node agent's identity (`system:node:NAME`) may read and write.
 //!
 //! As Kubernetes' Node authorizer, it walks a graph from the node: the Servers placed on it
-//! (`status.hypervisor=NAME`), and from them their flavors, images (with their kernel and
-//! ramdisk images) and keypairs; its own Hypervisor, Lease and StoragePools; the Volumes placed
-//! on it; the Events it reports. Nothing else is readable or writable, so a compromised node
-//! can neither read other tenants' objects nor touch another node's.
+//! (`status.hypervisor=NAME`, found through the placement claims the binding keeps per
+//! hypervisor, so a decision costs what is placed on the node, not what is in the cloud), and
+//! from them their flavors, images (with their kernel and ramdisk images) and keypairs; the
+//! Ports placed on it, and from them their Networks, Subnets and SecurityGroups and the other
+//! Ports of those Networks; every Hypervisor (read-only, as kubelets read every Node: peers'
+//! tunnel addresses); its own Lease and StoragePools; the Volumes placed on it; the Events it
+//! reports. Nothing else is readable or writable, so a compromised node can neither read other
+//! tenants' objects nor touch another node's.
 //!
 //! Two steps, as in Kubernetes (authorizer, then the NodeRestriction admission): [`restrict`]
 //! decides on the typed request alone before anything is read (which kinds and verbs a node may
@@ -13,16 +17,23 @@
 
 use std::sync::Arc;
 
-use serde_json::Value;
-use stratus_api_types::compute::NODE_LEASE_NAMESPACE;
+use std::collections::BTreeSet;
 
+use serde_json::{Value, json};
+use stratus_api_types::compute::{HypervisorSpec, NODE_LEASE_NAMESPACE, TEARDOWN_FINALIZER};
+
+use crate::admission::binding::claims_prefix;
 use crate::base::error::{ApiError, ApiResult};
 use crate::base::meta;
 use crate::policy::request::RequestInfo;
 use crate::resource::registry::ResourceType;
 use crate::resource::review::{Operation, Review};
 use crate::resource::verbs::{Api, Params, Target};
-use crate::storage::store::Stored;
+use crate::storage::store::{Read, Stored};
+
+/// Servers read in one request when a decision walks what is placed on a node (etcd refuses
+/// transactions of more than 128 operations by default).
+const READ_BATCH: usize = 64;
 
 /// The stored event a request names, if there is one (events.k8s.io events are kept as core
 /// events, with the same `reportingInstance`).
@@ -60,19 +71,98 @@ fn placed_on(obj: &Value, resource: &str, node: &str) -> bool {
         == Some(node)
 }
 
-/// Whether two versions of an object differ in nothing but `metadata.finalizers` (and the
-/// bookkeeping every write changes: resourceVersion, managedFields).
-fn only_finalizers_differ(old: &Value, new: &Value) -> bool {
+/// The one finalizer a node adds and removes on objects of a type placed on it: the compute
+/// agent's teardown finalizer on Servers. Every other finalizer is another component's.
+fn own_finalizer(group: &str, resource: &str) -> Option<&'static str> {
+    match (group, resource) {
+        ("compute.stratus.dev", "servers") => Some(TEARDOWN_FINALIZER),
+        _ => None,
+    }
+}
+
+/// Whether two versions of an object differ in nothing but the node's own finalizer `own`
+/// being added or removed (and the bookkeeping every write changes: resourceVersion,
+/// managedFields): every other finalizer stays, in its order.
+fn only_own_finalizer_differs(old: &Value, new: &Value, own: Option<&str>) -> bool {
     let strip = |v: &Value| {
         let mut v = v.clone();
+        let mut others = Vec::new();
         if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-            for f in ["finalizers", "managedFields", "resourceVersion"] {
+            if let Some(Value::Array(list)) = m.remove("finalizers") {
+                others = list
+                    .into_iter()
+                    .filter(|f| own.is_none_or(|own| f.as_str() != Some(own)))
+                    .collect();
+            }
+            for f in ["managedFields", "resourceVersion"] {
                 m.remove(f);
             }
         }
-        v
+        (v, others)
     };
     strip(old) == strip(new)
+}
+
+/// The status fields of a kind that a node writing its status must leave as they are: what
+/// only the placement (`servers/binding`) or address management sets.
+fn kept_status_fields(group: &str, resource: &str) -> &'static [&'static str] {
+    match (group, resource) {
+        ("network.stratus.dev", "ports") => &["macAddress", "fixedIPs", "hypervisor", "boundTo"],
+        _ => &[],
+    }
+}
+
+/// Why a Hypervisor a node creates for itself is more than its registration, if it is: the
+/// node declares where it is and what it runs (`spec.availabilityZone`, `spec.hypervisorType`,
+/// as a kubelet declares its topology labels) and nothing an operator owns: every other spec
+/// field at its default (allocation ratios, reservations, `disabled`), and no labels,
+/// annotations, finalizers or owners.
+fn beyond_registration(new: &Value) -> Option<String> {
+    for field in ["labels", "annotations", "finalizers", "ownerReferences"] {
+        let set = new
+            .pointer(&format!("/metadata/{field}"))
+            .is_some_and(|v| match v {
+                Value::Null => false,
+                Value::Object(m) => !m.is_empty(),
+                Value::Array(a) => !a.is_empty(),
+                _ => true,
+            });
+        if set {
+            return Some(format!(
+                "metadata.{field}: a node registers its Hypervisor with none (they are the operator's)"
+            ));
+        }
+    }
+    let spec = new.get("spec").cloned().unwrap_or_else(|| json!({}));
+    let Ok(declared) = serde_json::from_value::<HypervisorSpec>(spec) else {
+        return Some("spec: not a Hypervisor's spec".into());
+    };
+    let registration = json!({
+        "availabilityZone": declared.availability_zone,
+        "hypervisorType": declared.hypervisor_type,
+    });
+    let Ok(defaults) = serde_json::from_value::<HypervisorSpec>(registration) else {
+        return Some("spec: not a Hypervisor's spec".into());
+    };
+    if declared == defaults {
+        return None;
+    }
+    let (got, want) = (
+        serde_json::to_value(&declared).unwrap_or_default(),
+        serde_json::to_value(&defaults).unwrap_or_default(),
+    );
+    let field = match (got.as_object(), want.as_object()) {
+        (Some(g), Some(w)) => g
+            .keys()
+            .chain(w.keys())
+            .find(|k| g.get(*k) != w.get(*k))
+            .cloned()
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
+    Some(format!(
+        "spec.{field}: a node registers its Hypervisor with spec.availabilityZone and spec.hypervisorType alone; the rest of the spec is the operator's"
+    ))
 }
 
 /// The typed request's verbs that write.
@@ -106,6 +196,14 @@ pub async fn restrict(
     }
     let verb = info.verb.as_str();
     let sub = info.subresource.as_str();
+    if group == "compute.stratus.dev"
+        && info.resource == "hypervisors"
+        && matches!(verb, "delete" | "deletecollection")
+    {
+        return Err(ApiError::forbidden(format!(
+            "node \"{node}\" cannot {verb} hypervisors: deleting a Hypervisor decommissions its node (its servers are evacuated), which an operator does"
+        )));
+    }
     let own_name = |allow_unnamed_create: bool| {
         info.name == node || (allow_unnamed_create && info.name.is_empty() && verb == "create")
     };
@@ -145,9 +243,11 @@ pub async fn restrict(
 
 /// Decides a node's write on its final objects: an event it reports (created, or changed and
 /// still its own); its own Lease (in `kube-node-lease`, named after the node in the path and in
-/// every object) and Hypervisor (created, its status written, a finalizer released, deleted);
-/// its StoragePools (`spec.node` naming it before and after); the status of an object placed
-/// on it (placed there before and after); a finalizer released on an object placed on it.
+/// every object) and Hypervisor (created with what registration declares and nothing an
+/// operator owns, its status written; never deleted); its StoragePools (`spec.node` naming it
+/// before and after); the status of an object placed on it (placed there before and after,
+/// and for a Port its addresses and binding kept); its own finalizer added to or removed from
+/// an object placed on it (no other finalizer, nothing else).
 ///
 /// # Errors
 /// 403 naming why.
@@ -158,7 +258,7 @@ pub fn review(node: &str, r: &Review<'_>) -> ApiResult<()> {
     let both = || r.old.into_iter().chain(r.new);
     let named_node = |v: &Value| meta::meta_str(v, "name") == Some(node);
     let path_names_node = t.name.as_deref().is_none_or(|n| n == node);
-    let why: Option<&str> = match (t.rt.group.as_str(), t.rt.plural.as_str()) {
+    let why: Option<String> = match (t.rt.group.as_str(), t.rt.plural.as_str()) {
         ("", "events") => match (op, r.old, r.new) {
             (Operation::Create, _, Some(new)) if reported_by(new, node) => None,
             (Operation::Update, Some(old), Some(new))
@@ -167,9 +267,9 @@ pub fn review(node: &str, r: &Review<'_>) -> ApiResult<()> {
                 None
             }
             (Operation::Create | Operation::Update, ..) => {
-                Some("a node writes only the events it reports (reportingInstance)")
+                Some("a node writes only the events it reports (reportingInstance)".into())
             }
-            _ => Some("a node does not delete events"),
+            _ => Some("a node does not delete events".into()),
         },
         ("coordination.k8s.io", "leases") => {
             let holder_ok = r.new.is_none_or(|n| {
@@ -183,20 +283,30 @@ pub fn review(node: &str, r: &Review<'_>) -> ApiResult<()> {
                 || !holder_ok
                 || op == Operation::Connect
             {
-                Some("a node writes only its own Lease, named after it, in kube-node-lease")
+                Some("a node writes only its own Lease, named after it, in kube-node-lease".into())
             } else {
                 None
             }
         }
         ("compute.stratus.dev", "hypervisors") => {
+            let beyond = match (op, r.new) {
+                (Operation::Create, Some(new)) => beyond_registration(new),
+                _ => None,
+            };
             let spec_kept = match (op, sub, r.old, r.new) {
-                (Operation::Update, "", Some(old), Some(new)) => only_finalizers_differ(old, new),
+                (Operation::Update, "", Some(old), Some(new)) => {
+                    only_own_finalizer_differs(old, new, None)
+                }
                 _ => true,
             };
             if !path_names_node || !both().all(named_node) || op == Operation::Connect {
-                Some("a node writes only its own Hypervisor")
+                Some("a node writes only its own Hypervisor".into())
+            } else if op == Operation::Delete {
+                Some("deleting a Hypervisor decommissions its node (its servers are evacuated): an operator does it".into())
+            } else if let Some(why) = beyond {
+                Some(why)
             } else if !spec_kept {
-                Some("a Hypervisor's spec is the operator's: its node writes only its status")
+                Some("a Hypervisor's spec and metadata are the operator's: its node writes only its status".into())
             } else {
                 None
             }
@@ -205,31 +315,48 @@ pub fn review(node: &str, r: &Review<'_>) -> ApiResult<()> {
             if op == Operation::Connect
                 || !both().all(|v| v.pointer("/spec/node").and_then(Value::as_str) == Some(node))
             {
-                Some("a node writes only the storage pools whose spec.node names it")
+                Some("a node writes only the storage pools whose spec.node names it".into())
             } else {
                 None
             }
         }
-        (_, resource) => match (op, sub, r.old, r.new) {
+        (group, resource) => match (op, sub, r.old, r.new) {
             (Operation::Update, "status", Some(old), Some(new)) => {
-                if placed_on(old, resource, node) && placed_on(new, resource, node) {
-                    None
-                } else {
+                let changed = kept_status_fields(group, resource).iter().find(|f| {
+                    let p = format!("/status/{f}");
+                    old.pointer(&p) != new.pointer(&p)
+                });
+                if !placed_on(old, resource, node) || !placed_on(new, resource, node) {
                     Some(
-                        "a node writes the status only of what is placed on it, and keeps it there",
+                        "a node writes the status only of what is placed on it, and keeps it there"
+                            .into(),
                     )
+                } else {
+                    changed.map(|f| {
+                        format!(
+                            "status.{f}: set by the placement and address management, not by a node"
+                        )
+                    })
                 }
             }
             (Operation::Update, "", Some(old), Some(new)) => {
+                let own = own_finalizer(group, resource);
                 if !placed_on(old, resource, node) {
-                    Some("it is not placed on this node")
-                } else if !only_finalizers_differ(old, new) {
-                    Some("a node changes nothing but the finalizers of what is placed on it")
+                    Some("it is not placed on this node".into())
+                } else if !only_own_finalizer_differs(old, new, own) {
+                    Some(match own {
+                        Some(own) => format!(
+                            "a node adds or removes only its own finalizer ({own}) on what is placed on it, and changes nothing else"
+                        ),
+                        None => "a node changes nothing of this kind but its status".into(),
+                    })
                 } else {
                     None
                 }
             }
-            _ => Some("a node writes only its own objects and the status of what is placed on it"),
+            _ => Some(
+                "a node writes only its own objects and the status of what is placed on it".into(),
+            ),
         },
     };
     match why {
@@ -262,10 +389,20 @@ pub fn review(node: &str, r: &Review<'_>) -> ApiResult<()> {
 /// Flavor by name when a server placed on the node asks for it (or runs it, before a resize);
 /// a Keypair by name when a server of its project placed on the node uses it; a private Image
 /// when a server of its project placed on the node boots from it (or from an image whose
-/// kernel or ramdisk it is); public images, and lists selecting `spec.visibility=public`. Its
-/// own Hypervisor and Lease, its StoragePools, the Volumes placed on it, the Events it
-/// reported (by name). Nothing else: no identity objects, no other node's objects, no
-/// networks, no namespaces.
+/// kernel or ramdisk it is); public images, and lists selecting `spec.visibility=public`.
+///
+/// The network agent's graph, per project: the Ports placed on the node (a list or watch
+/// selecting `status.hypervisor=NODE`, as for servers); the Networks those ports are on, and
+/// in them every Port (by name, or listed in the project with `spec.network=NAME`: their
+/// nodes and addresses make the VXLAN forwarding entries and the remote security groups; a
+/// node carrying a network sees its addresses on the wire anyway, and ports hold no secrets,
+/// so whole objects are answered) and every Subnet (by name, or `spec.network=NAME`); the
+/// SecurityGroups those ports name (`default` for a port naming none). A Network, Subnet or
+/// SecurityGroup may also be watched alone, with `metadata.name=NAME` in its project.
+///
+/// Every Hypervisor (read-only), its own Lease, its StoragePools, the Volumes placed on it,
+/// the Events it reported (by name). Nothing else: no identity objects, no other node's
+/// objects, no networks without a port on the node, no namespaces.
 async fn node_may_read(
     api: &Api,
     info: &RequestInfo,
@@ -292,6 +429,25 @@ async fn node_may_read(
             f.split(',')
                 .any(|term| wanted.iter().any(|w| w == term.trim()))
         })
+    };
+    // The value a list or watch selects `field` equal to, if it does.
+    let selected = |field: &str| {
+        params.get("fieldSelector").and_then(|f| {
+            f.split(',').find_map(|term| {
+                let (k, v) = term.trim().split_once('=')?;
+                let v = v.strip_prefix('=').unwrap_or(v);
+                (k == field && !k.ends_with('!')).then_some(v)
+            })
+        })
+    };
+    // The one object of a project a request asks for: by name, or a list or watch selecting
+    // `metadata.name`.
+    let one = if named {
+        Some(info.name.as_str())
+    } else if info.namespace.is_empty() {
+        None
+    } else {
+        selected("metadata.name")
     };
     let kind = |g: &str, k: &str| {
         api.registry
@@ -351,15 +507,9 @@ async fn node_may_read(
                 ))
             }
         }
-        ("compute.stratus.dev", "hypervisors") => {
-            if (named && info.name == node) || (!named && selects("metadata.name", node)) {
-                Ok(None)
-            } else {
-                Err(deny(&format!(
-                    "a node reads only its own Hypervisor (by name, or fieldSelector metadata.name={node})"
-                )))
-            }
-        }
+        // Every node's (read-only), as kubelets read every Node: the network agent finds its
+        // peers' tunnel addresses there. A Hypervisor holds nothing of any tenant's.
+        ("compute.stratus.dev", "hypervisors") => Ok(None),
         ("compute.stratus.dev", "servers") if !named => {
             if selects("status.hypervisor", node) {
                 Ok(None)
@@ -447,6 +597,111 @@ async fn node_may_read(
             }
             Err(deny("no server placed on this node boots from it"))
         }
+        ("network.stratus.dev", "ports") if !named => {
+            if selects("status.hypervisor", node) {
+                return Ok(None);
+            }
+            if let Some(network) = selected("spec.network")
+                && !info.namespace.is_empty()
+                && ports_graph(api, &info.namespace, node)
+                    .await?
+                    .networks
+                    .contains(network)
+            {
+                return Ok(None);
+            }
+            Err(deny(&format!(
+                "a node lists only the ports placed on it (fieldSelector status.hypervisor={node}), or in a project the ports of a network one of them is on (fieldSelector spec.network=NAME)"
+            )))
+        }
+        ("network.stratus.dev", "ports") => {
+            let rt = kind("network.stratus.dev", "Port")?;
+            let Some((key, port)) = read_named(rt).await? else {
+                return Ok(None);
+            };
+            let related = placed_on(&port.value, "ports", node)
+                || match spec_str(&port.value, "network") {
+                    Some(network) => ports_graph(api, &info.namespace, node)
+                        .await?
+                        .networks
+                        .contains(network),
+                    None => false,
+                };
+            if related {
+                Ok(Some((key, port)))
+            } else {
+                Err(deny("it is on no network a port placed on this node is on"))
+            }
+        }
+        ("network.stratus.dev", "networks") => match one {
+            Some(name)
+                if ports_graph(api, &info.namespace, node)
+                    .await?
+                    .networks
+                    .contains(name) =>
+            {
+                Ok(None)
+            }
+            Some(_) => Err(deny("no port placed on this node is on it")),
+            None => Err(deny(
+                "a node reads only the networks of the ports placed on it, by name in their project",
+            )),
+        },
+        ("network.stratus.dev", "subnets") if one.is_some() => {
+            let rt = kind("network.stratus.dev", "Subnet")?;
+            let t = Target {
+                rt: Arc::clone(rt),
+                namespace: Some(info.namespace.clone()),
+                name: one.map(String::from),
+                subresource: None,
+            };
+            let subnet = match api.read(&t).await {
+                Ok(s) => s,
+                // Absent: the request answers 404 (or an empty list) itself.
+                Err(e) if e.code == 404 => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let related = match spec_str(&subnet.value, "network") {
+                Some(network) => ports_graph(api, &info.namespace, node)
+                    .await?
+                    .networks
+                    .contains(network),
+                None => false,
+            };
+            match (related, named) {
+                (true, true) => Ok(Some((t.key(api), subnet))),
+                (true, false) => Ok(None),
+                (false, _) => Err(deny("it is on no network a port placed on this node is on")),
+            }
+        }
+        ("network.stratus.dev", "subnets") => match selected("spec.network") {
+            Some(network)
+                if !info.namespace.is_empty()
+                    && ports_graph(api, &info.namespace, node)
+                        .await?
+                        .networks
+                        .contains(network) =>
+            {
+                Ok(None)
+            }
+            _ => Err(deny(
+                "a node lists only the subnets of a network a port placed on it is on (fieldSelector spec.network=NAME, in its project)",
+            )),
+        },
+        ("network.stratus.dev", "securitygroups") => match one {
+            Some(name)
+                if ports_graph(api, &info.namespace, node)
+                    .await?
+                    .groups
+                    .contains(name) =>
+            {
+                Ok(None)
+            }
+            Some(_) => Err(deny("no port placed on this node is in it")),
+            None => Err(deny(
+                "a node reads only the security groups of the ports placed on it, by name in their project",
+            )),
+        },
         ("storage.stratus.dev", "storagepools") if !named => {
             if selects("spec.node", node) {
                 Ok(None)
@@ -486,25 +741,86 @@ fn spec_str<'a>(v: &'a Value, field: &str) -> Option<&'a str> {
     v.get("spec")?.get(field)?.as_str()
 }
 
-/// The Servers placed on `node`: of namespace `ns`, or of every namespace.
+/// The Servers placed on `node`: of namespace `ns`, or of every namespace. Found through the
+/// placement claims the binding keeps under the hypervisor's name (written in the same
+/// transaction as the placement), so this reads what is placed on the node and nothing else.
 async fn mine(
     api: &Api,
     servers: &ResourceType,
     ns: Option<&str>,
     node: &str,
 ) -> ApiResult<Vec<Value>> {
-    let prefix = servers.key_prefix(&api.prefix, ns);
+    let claims = claims_prefix(&api.prefix, node);
+    let under = match ns {
+        Some(ns) => format!("{claims}{ns}/"),
+        None => claims.clone(),
+    };
+    let keys: Vec<String> = api
+        .store
+        .keys(&under)
+        .await
+        .map_err(ApiError::from)?
+        .iter()
+        .filter_map(|k| k.strip_prefix(&claims)?.split_once('/'))
+        .map(|(ns, name)| servers.key(&api.prefix, Some(ns), name))
+        .collect();
+    let mut placed = Vec::with_capacity(keys.len());
+    for batch in keys.chunks(READ_BATCH) {
+        let reads: Vec<Read<'_>> = batch.iter().map(|k| Read::Key(k)).collect();
+        let (found, _) = api.store.read_many(&reads).await.map_err(ApiError::from)?;
+        placed.extend(
+            found
+                .into_iter()
+                .flatten()
+                .map(|(_, s)| s.value)
+                .filter(|s| placed_on(s, "servers", node)),
+        );
+    }
+    Ok(placed)
+}
+
+/// What the Ports of one project placed on a node lead to.
+#[derive(Debug, Default)]
+struct PortsGraph {
+    /// The networks they are on.
+    networks: BTreeSet<String>,
+    /// The security groups they name (`default` for a port naming none).
+    groups: BTreeSet<String>,
+}
+
+/// The graph of the Ports of project `ns` placed on `node` (one read of the project's ports).
+async fn ports_graph(api: &Api, ns: &str, node: &str) -> ApiResult<PortsGraph> {
+    let ports = api
+        .registry
+        .by_kind("network.stratus.dev", "Port")
+        .ok_or_else(|| ApiError::internal("the Port kind is not served"))?;
     let page = api
         .store
-        .list(&prefix, None, 0, 0)
+        .list(&ports.key_prefix(&api.prefix, Some(ns)), None, 0, 0)
         .await
         .map_err(ApiError::from)?;
-    Ok(page
-        .items
-        .into_iter()
-        .map(|(_, s)| s.value)
-        .filter(|s| placed_on(s, "servers", node))
-        .collect())
+    let mut graph = PortsGraph::default();
+    for (_, port) in page.items {
+        let port = port.value;
+        if !placed_on(&port, "ports", node) {
+            continue;
+        }
+        if let Some(n) = spec_str(&port, "network") {
+            graph.networks.insert(n.to_string());
+        }
+        match port
+            .pointer("/spec/securityGroups")
+            .and_then(Value::as_array)
+        {
+            Some(groups) => graph
+                .groups
+                .extend(groups.iter().filter_map(Value::as_str).map(String::from)),
+            None => {
+                graph.groups.insert("default".into());
+            }
+        }
+    }
+    Ok(graph)
 }
 
 #[cfg(test)]
@@ -513,13 +829,68 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn finalizers_alone_may_differ() {
-        let old = json!({"metadata": {"name": "a", "finalizers": ["x"], "resourceVersion": "3"}, "spec": {"a": 1}});
-        let released = json!({"metadata": {"name": "a", "finalizers": [], "managedFields": []}, "spec": {"a": 1}});
-        assert!(only_finalizers_differ(&old, &released));
-        let changed = json!({"metadata": {"name": "a", "finalizers": []}, "spec": {"a": 2}});
-        assert!(!only_finalizers_differ(&old, &changed));
+    fn only_the_nodes_own_finalizer_may_change() {
+        let own = Some(TEARDOWN_FINALIZER);
+        let old = json!({"metadata": {"name": "a", "finalizers": ["x", TEARDOWN_FINALIZER], "resourceVersion": "3"}, "spec": {"a": 1}});
+        let released = json!({"metadata": {"name": "a", "finalizers": ["x"], "managedFields": []}, "spec": {"a": 1}});
+        assert!(only_own_finalizer_differs(&old, &released, own));
+        assert!(
+            only_own_finalizer_differs(&released, &old, own),
+            "added back"
+        );
+        let others_removed = json!({"metadata": {"name": "a", "finalizers": [TEARDOWN_FINALIZER]}, "spec": {"a": 1}});
+        assert!(!only_own_finalizer_differs(&old, &others_removed, own));
+        let others_added = json!({"metadata": {"name": "a", "finalizers": ["x", "y", TEARDOWN_FINALIZER]}, "spec": {"a": 1}});
+        assert!(!only_own_finalizer_differs(&old, &others_added, own));
+        assert!(
+            !only_own_finalizer_differs(&old, &released, None),
+            "a kind the node has no finalizer of"
+        );
+        let changed = json!({"metadata": {"name": "a", "finalizers": ["x"]}, "spec": {"a": 2}});
+        assert!(!only_own_finalizer_differs(&old, &changed, own));
         let labelled = json!({"metadata": {"name": "a", "finalizers": ["x"], "labels": {"l": "v"}}, "spec": {"a": 1}});
-        assert!(!only_finalizers_differ(&old, &labelled));
+        assert!(!only_own_finalizer_differs(&old, &labelled, own));
+    }
+
+    #[test]
+    fn registration_declares_zone_and_type_alone() {
+        let hv = |spec: Value| json!({"metadata": {"name": "n1"}, "spec": spec});
+        assert_eq!(
+            beyond_registration(&hv(
+                json!({"availabilityZone": "az2", "hypervisorType": "qemu"})
+            )),
+            None
+        );
+        assert_eq!(beyond_registration(&hv(json!({}))), None);
+        // Defaults spelled out are still the defaults.
+        assert_eq!(
+            beyond_registration(&hv(json!({"cpuAllocationRatio": 16.0, "disabled": false}))),
+            None
+        );
+        for (spec, field) in [
+            (
+                json!({"cpuAllocationRatio": 64.0}),
+                "spec.cpuAllocationRatio",
+            ),
+            (
+                json!({"ramAllocationRatio": 10.0}),
+                "spec.ramAllocationRatio",
+            ),
+            (
+                json!({"reservedHostMemoryMiB": 0}),
+                "spec.reservedHostMemoryMiB",
+            ),
+            (json!({"disabled": true}), "spec.disabled"),
+        ] {
+            let why = beyond_registration(&hv(spec.clone())).expect("refused");
+            assert!(why.starts_with(field), "{spec}: {why}");
+        }
+        let mut labelled = hv(json!({}));
+        labelled["metadata"]["labels"] = json!({"tier": "secure"});
+        assert!(
+            beyond_registration(&labelled)
+                .expect("refused")
+                .starts_with("metadata.labels")
+        );
     }
 }
