@@ -24,6 +24,11 @@ pub struct ImagePolicyArgs {
     /// Allow image URLs on link-local addresses (169.254.0.0/16, fe80::/10).
     #[arg(long)]
     pub image_url_allow_link_local: bool,
+    /// Allow image URLs on private addresses (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16,
+    /// 100.64.0.0/10, fc00::/7), e.g. an image mirror on the cloud's own network. To open one
+    /// mirror alone, name it in --image-url-allow-hosts instead.
+    #[arg(long)]
+    pub image_url_allow_private: bool,
     /// Allow `file:` image URLs (paths on the host that fetches).
     #[arg(long)]
     pub image_url_allow_file: bool,
@@ -53,6 +58,7 @@ impl ImagePolicyArgs {
             allow_ports: self.image_url_allow_ports.clone(),
             allow_loopback: self.image_url_allow_loopback,
             allow_link_local: self.image_url_allow_link_local,
+            allow_private: self.image_url_allow_private,
             control_plane: refused,
             max_redirects: self.image_max_redirects,
             max_bytes: self.image_max_download_mib.saturating_mul(1 << 20),
@@ -112,6 +118,7 @@ mod tests {
             "80,443",
             "--image-url-allow-loopback",
             "--image-url-allow-link-local",
+            "--image-url-allow-private",
             "--image-url-allow-file",
             "--image-url-deny-addresses",
             "10.0.0.5:2379",
@@ -133,7 +140,7 @@ mod tests {
             ]
         );
         assert_eq!(p.allow_ports, [80, 443]);
-        assert!(p.allow_loopback && p.allow_link_local && p.allow_file);
+        assert!(p.allow_loopback && p.allow_link_local && p.allow_private && p.allow_file);
         assert_eq!(
             p.control_plane,
             ["10.0.0.5:2379".parse().expect("addr"), api]

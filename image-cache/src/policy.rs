@@ -15,7 +15,8 @@ pub const DEFAULT_MAX_VIRTUAL_SIZE: u64 = 2 << 40;
 /// What may be fetched, from where, and how much.
 ///
 /// By default: `http` and `https` on any port, to any address but loopback, link-local,
-/// unspecified, multicast and the control plane's own addresses; at most
+/// private (RFC 1918, CGNAT, unique local IPv6), unspecified, multicast and the control
+/// plane's own addresses; at most
 /// [`DEFAULT_MAX_REDIRECTS`] redirects (each hop checked like the first URL) and
 /// [`DEFAULT_MAX_BYTES`] bytes; images of at most [`DEFAULT_MAX_VIRTUAL_SIZE`] virtual bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +33,10 @@ pub struct Policy {
     /// Allow link-local addresses (`169.254.0.0/16`, where cloud metadata services live, and
     /// `fe80::/10`).
     pub allow_link_local: bool,
+    /// Allow private addresses (`10.0.0.0/8`, `172.16.0.0/12`, `192.168.0.0/16`, CGNAT's
+    /// `100.64.0.0/10`, unique local `fc00::/7`): where a cloud's own networks and services
+    /// usually live, so refused unless the operator opens them.
+    pub allow_private: bool,
     /// The control plane's addresses (API servers, etcd). These exact socket addresses are
     /// always refused (an unspecified IP stands for every address with its port); other ports
     /// of their hosts unless named in `allow_hosts` or of an allowed class (loopback with
@@ -53,6 +58,7 @@ impl Default for Policy {
             allow_ports: Vec::new(),
             allow_loopback: false,
             allow_link_local: false,
+            allow_private: false,
             control_plane: Vec::new(),
             max_redirects: DEFAULT_MAX_REDIRECTS,
             max_bytes: DEFAULT_MAX_BYTES,
@@ -182,6 +188,8 @@ pub enum AddressClass {
     Loopback,
     /// `169.254.0.0/16`, `fe80::/10`.
     LinkLocal,
+    /// `10.0.0.0/8`, `172.16.0.0/12`, `192.168.0.0/16`, `100.64.0.0/10`, `fc00::/7`.
+    Private,
     /// `0.0.0.0/8`, `::`: on Linux these reach the host itself.
     Unspecified,
     /// Multicast and broadcast.
@@ -195,6 +203,7 @@ impl fmt::Display for AddressClass {
         f.write_str(match self {
             Self::Loopback => "loopback",
             Self::LinkLocal => "link-local",
+            Self::Private => "private",
             Self::Unspecified => "unspecified",
             Self::Multicast => "multicast",
             Self::ControlPlane => "control-plane",
@@ -214,6 +223,8 @@ fn refused_class(ip: IpAddr) -> Option<AddressClass> {
                 Some(AddressClass::LinkLocal)
             } else if v4.is_multicast() || v4 == Ipv4Addr::BROADCAST {
                 Some(AddressClass::Multicast)
+            } else if v4.is_private() || is_shared(v4) {
+                Some(AddressClass::Private)
             } else {
                 None
             }
@@ -227,11 +238,19 @@ fn refused_class(ip: IpAddr) -> Option<AddressClass> {
                 Some(AddressClass::LinkLocal)
             } else if v6.is_multicast() {
                 Some(AddressClass::Multicast)
+            } else if v6.is_unique_local() {
+                Some(AddressClass::Private)
             } else {
                 None
             }
         }
     }
+}
+
+/// Whether `ip` is in `100.64.0.0/10`, the carrier-grade NAT range (RFC 6598).
+fn is_shared(ip: Ipv4Addr) -> bool {
+    let [a, b, ..] = ip.octets();
+    a == 100 && (b & 0xc0) == 64
 }
 
 /// A URL that passed the policy, with the addresses to connect to (and only those).
@@ -310,6 +329,7 @@ impl Policy {
         let allowed = match class {
             Some(AddressClass::Loopback) => self.allow_loopback,
             Some(AddressClass::LinkLocal) => self.allow_link_local,
+            Some(AddressClass::Private) => self.allow_private,
             _ => false,
         };
         if allowed {
@@ -402,7 +422,76 @@ mod tests {
             Refusal::Scheme("file".into())
         );
         assert!(p.check_http(&url("http://192.0.2.10:8080/x")).is_ok());
-        assert!(p.check_http(&url("https://10.1.2.3/x")).is_ok());
+        assert!(p.check_http(&url("https://[2001:db8::1]/x")).is_ok());
+    }
+
+    #[test]
+    fn private_ranges_are_refused_unless_allowed() {
+        let p = Policy::default();
+        let private = [
+            "https://10.1.2.3/x",
+            "http://10.255.255.255/x",
+            "http://172.16.0.1/x",
+            "http://172.31.255.254/x",
+            "http://192.168.1.1:8080/x",
+            "http://100.64.0.1/x",
+            "http://100.127.255.254/x",
+            "http://[fc00::1]/x",
+            "http://[fd12:3456:789a::1]/x",
+            // The same addresses spelled as IPv4-mapped IPv6, or in decimal.
+            "http://[::ffff:10.0.0.1]/x",
+            "http://167772161/x",
+        ];
+        for u in private {
+            match refused(&p, u) {
+                Refusal::Address { class, .. } => assert_eq!(class, AddressClass::Private, "{u}"),
+                other => panic!("{u}: {other:?}"),
+            }
+        }
+        // Their neighbours are public.
+        for u in [
+            "http://172.32.0.1/x",
+            "http://172.15.255.255/x",
+            "http://100.128.0.1/x",
+            "http://100.63.255.255/x",
+            "http://192.169.0.1/x",
+            "http://11.0.0.1/x",
+            "http://[fe00::1]/x",
+        ] {
+            assert!(p.check_http(&url(u)).is_ok(), "{u}");
+        }
+        let allowed = Policy {
+            allow_private: true,
+            ..Policy::default()
+        };
+        for u in private {
+            assert!(allowed.check_http(&url(u)).is_ok(), "{u}");
+        }
+        // Allowing private ranges opens neither loopback nor link-local, nor the control plane.
+        assert!(allowed.check_http(&url("http://127.0.0.1/x")).is_err());
+        assert!(
+            allowed
+                .check_http(&url("http://169.254.169.254/x"))
+                .is_err()
+        );
+        let with_etcd = Policy {
+            control_plane: vec!["10.0.0.5:2379".parse().expect("addr")],
+            ..allowed.clone()
+        };
+        assert!(matches!(
+            refused(&with_etcd, "http://10.0.0.5:2379/v3/kv/range"),
+            Refusal::Address {
+                class: AddressClass::ControlPlane,
+                ..
+            }
+        ));
+        // A host named by the operator is fetched from whatever private address it has.
+        let mirror = Policy {
+            allow_hosts: vec!["10.0.0.7:8080".parse().expect("rule")],
+            ..Policy::default()
+        };
+        assert!(mirror.check_http(&url("http://10.0.0.7:8080/x")).is_ok());
+        assert!(mirror.check_http(&url("http://10.0.0.7:8081/x")).is_err());
     }
 
     #[test]
