@@ -7,6 +7,7 @@ mod api {
     pub mod fixtures;
     pub mod identity;
     pub mod lists;
+    pub mod network;
     pub mod node;
     pub mod policy;
     pub mod verbs;

@@ -1,15 +1,17 @@
 //! Admission beyond the schema, registered per resource type ([`for_kind`]): checks and claims
-//! made in the same etcd transaction as the write they admit. Quota and compute placement
-//! (binding) and identity (what belongs to a User) are registered today; network IPAM and
-//! volume placement plug in the same way.
+//! made in the same etcd transaction as the write they admit. Quota, compute placement
+//! (binding), identity (what belongs to a User) and network IPAM are registered today; volume
+//! placement plugs in the same way.
 //!
 //! One write is made by one admission: the first of the type's whose [`Admission::write`]
 //! answers. Where two must hold together, the one that writes carries the other's check in its
 //! transaction: quota is such a check ([`quota::check`] gives the guards a counted kind's write
-//! must carry).
+//! must carry), so IPAM, registered before quota for the network kinds, writes the object, its
+//! claims and the quota's guards at once.
 
 pub mod binding;
 pub mod identity;
+pub mod network;
 pub mod quota;
 
 use futures::future::BoxFuture;
@@ -182,10 +184,12 @@ pub fn for_kind(group: &str, kind: &str) -> &'static [&'static dyn Admission] {
     static BINDING: [&dyn Admission; 1] = [&binding::Binding];
     static QUOTA: [&dyn Admission; 1] = [&quota::Quota];
     static USERS: [&dyn Admission; 1] = [&identity::Users];
+    static IPAM: [&dyn Admission; 2] = [&network::Ipam, &quota::Quota];
     static ASSIGNMENTS: [&dyn Admission; 1] = [&identity::Assignments];
     match (group, kind) {
         ("identity.stratus.dev", "User") => return &USERS,
         ("identity.stratus.dev", "RoleAssignment") => return &ASSIGNMENTS,
+        (network::GROUP, "Network" | "Subnet" | "Port") => return &IPAM,
         _ => {}
     }
     match (binding::is_server(group, kind), quota::counted(group, kind)) {

@@ -1024,14 +1024,16 @@ impl Api {
             parent: None,
         };
         let written = match self.admitted_write(t, change) {
-            Some(write) => write.await?.write,
+            Some(write) => write.await?,
             None => self
                 .store
                 .update(&key, &new, current.mod_revision)
                 .await
-                .map_err(ApiError::from)?,
+                .map_err(ApiError::from)?
+                .into(),
         };
-        match written {
+        let new = written.stored.unwrap_or(new);
+        match written.write {
             Write::Done(rev) => Ok(Outcome::json(200, with_rv(new, rev), warnings)),
             Write::Conflict(_) => Err(t.conflict()),
         }

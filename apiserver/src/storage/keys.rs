@@ -44,3 +44,31 @@ pub fn marked_prefixes(prefix: &str) -> Vec<String> {
         format!("{prefix}/_system/passwords/"),
     ]
 }
+
+/// The key of a claimed VXLAN network identifier: one per Network, cluster-wide.
+pub fn vni_claim(prefix: &str, vni: u32) -> String {
+    format!("{prefix}/_claims/network/vni/{vni:08}")
+}
+
+/// The key of a claimed physical network: one flat Network per host interface.
+pub fn physical_network_claim(prefix: &str, physical_network: &str) -> String {
+    format!("{prefix}/_claims/network/physical/{physical_network}")
+}
+
+/// The key prefix of the IPv4 addresses claimed on the Network of uid `network_uid`: one key
+/// per address under it, named by the address as 8 hex digits, so keys sort as addresses and
+/// a range of addresses is a range of keys. Keyed by uid, a re-created Network of the same
+/// name inherits no claim.
+pub fn ip_claims(prefix: &str, network_uid: &str) -> String {
+    format!("{prefix}/_claims/network/{network_uid}/ip/")
+}
+
+/// The key of one claimed IPv4 address on a Network (see [`ip_claims`]).
+pub fn ip_claim(prefix: &str, network_uid: &str, ip: std::net::Ipv4Addr) -> String {
+    format!("{}{:08x}", ip_claims(prefix, network_uid), u32::from(ip))
+}
+
+/// The key of a claimed MAC address (lower case, colon-separated) on a Network.
+pub fn mac_claim(prefix: &str, network_uid: &str, mac: &str) -> String {
+    format!("{prefix}/_claims/network/{network_uid}/mac/{mac}")
+}

@@ -1,0 +1,1285 @@
+//! Network IPAM at admission: a Network's VXLAN identifier, a Subnet's place on its Network
+//! and a Port's MAC and fixed IPs are checked and claimed in the same etcd transaction as the
+//! create that takes them, and recorded in the object's status at once (as kube-apiserver
+//! allocates a Service's ClusterIP); deleting the object frees them in its delete's
+//! transaction.
+//!
+//! # Claims
+//! Each claim is one key outside every served resource ([`keys::vni_claim`],
+//! [`keys::physical_network_claim`], [`keys::ip_claim`], [`keys::mac_claim`]), created with a
+//! [`Guard::Absent`] in the transaction that creates its object, so no two objects ever hold
+//! the same one. Addresses and MACs are claimed per Network uid (recorded on each Subnet and
+//! Port in the [`NETWORK_UID`] annotation), so a re-created Network of the same name inherits
+//! nothing.
+//!
+//! # Allocation
+//! An address is found without reading a subnet's claims whole: a few random probes each read
+//! at most [`WINDOW`] claims from a random address of the pools on and take the first address
+//! not among them; only when every probe lands in a full stretch is the pool read in order to
+//! its end, which finds a free address or proves the pool exhausted (409). The transaction's
+//! guard settles races: the loser tries again.
+//!
+//! # Quota
+//! Networks, Subnets and Ports count against quotas: their creates carry
+//! [`quota::check`]'s guards in the same transaction. An update never grows what quota counts
+//! (one per object), so updates carry none.
+//!
+//! # Not done here
+//! IPv6 subnets are refused. `status.usedIPs` and `status.availableIPs` of a Subnet are left to
+//! a controller. Deleting a Subnet or a Network does not wait for its Ports: their addresses
+//! stay claimed until each Port is deleted.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+
+use futures::future::BoxFuture;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value, json};
+use stratus_api_types::network::{NetworkSpec, PortSpec, Segmentation, SubnetSpec};
+
+use crate::admission::{Admission, Change, Ctx, Subject, Written, quota};
+use crate::base::error::{ApiError, ApiResult, Cause};
+use crate::base::meta;
+use crate::storage::keys;
+use crate::storage::store::{Guard, Read, Stored, Write};
+
+/// The API group of the network kinds.
+pub const GROUP: &str = "network.stratus.dev";
+
+/// The annotation on a Subnet or Port holding the uid of the Network it was admitted on (set
+/// by the API server; a write cannot change it).
+pub const NETWORK_UID: &str = "network.stratus.dev/network-uid";
+
+/// How many times a create is tried again when another write got in between.
+const RETRIES: usize = 48;
+/// Random probes for a free address before the pool is read in order.
+const PROBES: usize = 4;
+/// The claims one probe reads.
+const WINDOW: i64 = 32;
+/// The largest VXLAN network identifier (24 bits).
+const VNI_MAX: u32 = 16_777_215;
+/// The most allocation pools a Subnet may have.
+const MAX_POOLS: usize = 64;
+/// The largest subnet (the shortest prefix) accepted.
+const MIN_PREFIX: u8 = 8;
+/// The smallest subnet accepted: network, gateway, one host and broadcast.
+const MAX_PREFIX: u8 = 30;
+
+/// IPAM at admission: registered for Networks, Subnets and Ports, before quota.
+#[derive(Debug)]
+pub struct Ipam;
+
+impl Admission for Ipam {
+    /// Allocation fills the rest at create (a Port starts `Down` with its addresses).
+    fn initial_status(&self) -> Option<Value> {
+        Some(json!({"phase": "Pending"}))
+    }
+
+    /// Refuses a status write that changes what allocation recorded (a Network's VNI, a Port's
+    /// MAC and fixed IPs): the claims follow those fields.
+    fn check_status_write(&self, s: &Subject<'_>, old: &Value, new: &Value) -> ApiResult<()> {
+        let fields: &[&str] = match s.kind {
+            "Network" => &["vni"],
+            "Port" => &["macAddress", "fixedIPs"],
+            _ => &[],
+        };
+        for field in fields {
+            let p = format!("/status/{field}");
+            if old.pointer(&p) != new.pointer(&p) {
+                return Err(invalid(
+                    s,
+                    new,
+                    vec![Cause::invalid(
+                        format!("status.{field}"),
+                        "Forbidden: set by address allocation when the object is created",
+                    )],
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A Network's VNI (and, for a flat one, its physical network); a Port's addresses and
+    /// MAC on its Network.
+    fn attached_keys(&self, prefix: &str, obj: &Value) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(vni) = obj
+            .pointer("/status/vni")
+            .and_then(Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+        {
+            out.push(keys::vni_claim(prefix, vni));
+        }
+        if obj.pointer("/spec/segmentation").and_then(Value::as_str) == Some("flat")
+            && let Some(p) = obj.pointer("/spec/physicalNetwork").and_then(Value::as_str)
+        {
+            out.push(keys::physical_network_claim(prefix, p));
+        }
+        if let Some(uid) = annotation(obj) {
+            let ips = obj
+                .pointer("/status/fixedIPs")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f.get("ipAddress").and_then(Value::as_str))
+                .filter_map(|ip| ip.parse::<Ipv4Addr>().ok());
+            out.extend(ips.map(|ip| keys::ip_claim(prefix, uid, ip)));
+            if let Some(mac) = obj.pointer("/status/macAddress").and_then(Value::as_str) {
+                out.push(keys::mac_claim(prefix, uid, mac));
+            }
+        }
+        out
+    }
+
+    /// Creates with their claims; updates refused where they would change what was claimed.
+    fn write<'a>(
+        &'a self,
+        ctx: Ctx<'a>,
+        s: Subject<'a>,
+        w: Change<'a>,
+    ) -> Option<BoxFuture<'a, ApiResult<Written>>> {
+        let ns = s.namespace?;
+        Some(match (s.kind, w.old) {
+            ("Network", None) => Box::pin(create_network(ctx, s, ns, w)),
+            ("Subnet", None) => Box::pin(create_subnet(ctx, s, ns, w)),
+            ("Port", None) => Box::pin(create_port(ctx, s, ns, w)),
+            (_, Some((old, rev))) => Box::pin(update(ctx, s, w, old, rev)),
+            _ => return None,
+        })
+    }
+}
+
+/// The Network uid a Subnet or Port records.
+fn annotation(obj: &Value) -> Option<&str> {
+    obj.pointer("/metadata/annotations")
+        .and_then(|a| a.get(NETWORK_UID))
+        .and_then(Value::as_str)
+}
+
+fn name_of(obj: &Value) -> &str {
+    meta::meta_str(obj, "name").unwrap_or_default()
+}
+
+/// 422 for the object.
+fn invalid(s: &Subject<'_>, obj: &Value, causes: Vec<Cause>) -> ApiError {
+    ApiError::invalid(s.kind, s.group, s.plural, name_of(obj), causes)
+}
+
+/// 422 for one field.
+fn invalid_field(s: &Subject<'_>, obj: &Value, field: &str, message: String) -> ApiError {
+    invalid(s, obj, vec![Cause::invalid(field, message)])
+}
+
+/// 422: a name the field gives does not exist.
+fn not_found_field(s: &Subject<'_>, obj: &Value, field: &str, message: String) -> ApiError {
+    invalid(
+        s,
+        obj,
+        vec![Cause {
+            reason: "FieldValueNotFound".into(),
+            message,
+            field: field.into(),
+        }],
+    )
+}
+
+/// 409 naming the field whose value is held by another object (or cannot be had).
+fn conflict_field(s: &Subject<'_>, obj: &Value, field: &str, message: String) -> ApiError {
+    let mut e = ApiError::conflict(
+        s.group,
+        s.plural,
+        name_of(obj),
+        format!("{field}: {message}"),
+    );
+    e.details.causes.push(Cause {
+        reason: "FieldValueDuplicate".into(),
+        message,
+        field: field.into(),
+    });
+    e
+}
+
+/// 409: the retries ran out.
+fn too_busy(s: &Subject<'_>, obj: &Value) -> ApiError {
+    ApiError::conflict(
+        s.group,
+        s.plural,
+        name_of(obj),
+        "too many concurrent allocations on the network; retry",
+    )
+}
+
+/// The object's spec as its typed form (the schema has already checked it).
+fn spec<T: DeserializeOwned>(s: &Subject<'_>, obj: &Value) -> ApiResult<T> {
+    serde_json::from_value(obj.get("spec").cloned().unwrap_or(Value::Null))
+        .map_err(|e| invalid_field(s, obj, "spec", format!("Invalid value: {e}")))
+}
+
+/// A random number from the operating system's generator (a v4 uuid's random bytes).
+fn random() -> u64 {
+    let b = uuid::Uuid::new_v4().into_bytes();
+    u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[9], b[10]])
+}
+
+/// `obj` with `status.field` set.
+fn set_status(obj: &mut Value, fields: Map<String, Value>) {
+    if !obj.get("status").is_some_and(Value::is_object) {
+        obj["status"] = json!({});
+    }
+    if let Some(st) = obj.get_mut("status").and_then(Value::as_object_mut) {
+        st.extend(fields);
+    }
+}
+
+/// `obj` annotated with its Network's uid.
+fn set_annotation(obj: &mut Value, uid: &str) {
+    let m = meta::meta_mut(obj);
+    if !m.get("annotations").is_some_and(Value::is_object) {
+        m.insert("annotations".into(), json!({}));
+    }
+    if let Some(a) = m.get_mut("annotations").and_then(Value::as_object_mut) {
+        a.insert(NETWORK_UID.into(), json!(uid));
+    }
+}
+
+/// The guards every create carries: the object is absent, its namespace's Project is as read,
+/// and quota holds.
+fn create_guards<'a>(
+    key: &'a str,
+    parent: Option<(&'a str, i64)>,
+    quota: &'a [(String, i64)],
+) -> Vec<Guard<'a>> {
+    let mut g = vec![Guard::Absent(key)];
+    g.extend(parent.map(|(k, rev)| Guard::Revision(k, rev)));
+    g.extend(quota.iter().map(|(p, at)| Guard::Unchanged(p, *at)));
+    g
+}
+
+/// What a create reads first, at one revision: whether the object exists, its Project's
+/// revision, and `more`.
+struct Snapshot {
+    /// The revision everything was read at.
+    revision: i64,
+    exists: Option<i64>,
+    parent: Option<i64>,
+    more: Vec<Vec<(String, Stored)>>,
+}
+
+async fn snapshot(ctx: Ctx<'_>, w: &Change<'_>, more: &[Read<'_>]) -> ApiResult<Snapshot> {
+    let mut reads = vec![Read::Presence(w.key)];
+    reads.extend(w.parent.map(Read::Presence));
+    reads.extend_from_slice(more);
+    let (mut got, revision) = ctx.store.read_many(&reads).await.map_err(ApiError::from)?;
+    let rest = got.split_off(1 + usize::from(w.parent.is_some()));
+    let parent = w.parent.map(|_| {
+        got.pop()
+            .and_then(|mut v| v.pop())
+            .map(|(_, s)| s.mod_revision)
+    });
+    let exists = got
+        .pop()
+        .and_then(|mut v| v.pop())
+        .map(|(_, s)| s.mod_revision);
+    Ok(Snapshot {
+        revision,
+        exists,
+        parent: parent.flatten(),
+        more: rest,
+    })
+}
+
+impl Snapshot {
+    /// What the create answers before anything else: the object exists, or its Project is gone.
+    fn settled(&self, w: &Change<'_>) -> Option<Written> {
+        if let Some(rev) = self.exists {
+            return Some(Write::Conflict(rev).into());
+        }
+        if w.parent.is_some() && self.parent.is_none() {
+            return Some(Write::Conflict(0).into());
+        }
+        None
+    }
+
+    fn parent<'a>(&self, w: &Change<'a>) -> Option<(&'a str, i64)> {
+        w.parent.zip(self.parent)
+    }
+}
+
+async fn create_network(
+    ctx: Ctx<'_>,
+    s: Subject<'_>,
+    ns: &str,
+    w: Change<'_>,
+) -> ApiResult<Written> {
+    let spec: NetworkSpec = spec(&s, w.new)?;
+    let physical = match (spec.segmentation, spec.physical_network.as_deref()) {
+        (Segmentation::Flat, Some(p)) => Some(keys::physical_network_claim(ctx.prefix, p)),
+        (Segmentation::Flat, None) => {
+            return Err(invalid(
+                &s,
+                w.new,
+                vec![Cause {
+                    reason: "FieldValueRequired".into(),
+                    message: "Required value: a flat network is bridged to a physical network"
+                        .into(),
+                    field: "spec.physicalNetwork".into(),
+                }],
+            ));
+        }
+        (Segmentation::Vxlan, Some(_)) => {
+            return Err(invalid_field(
+                &s,
+                w.new,
+                "spec.physicalNetwork",
+                "Forbidden: only a flat network has a physical network".into(),
+            ));
+        }
+        (Segmentation::Vxlan, None) => None,
+    };
+    let reads: Vec<Read<'_>> = physical.iter().map(|k| Read::Key(k)).collect();
+    for _ in 0..RETRIES {
+        let quota = quota::check(ctx, s, ns, w).await?;
+        let snap = snapshot(ctx, &w, &reads).await?;
+        if let Some(done) = snap.settled(&w) {
+            return Ok(done);
+        }
+        if let Some((_, held)) = snap.more.first().and_then(|v| v.first()) {
+            let by = held
+                .value
+                .get("network")
+                .and_then(Value::as_str)
+                .unwrap_or("another network");
+            return Err(conflict_field(
+                &s,
+                w.new,
+                "spec.physicalNetwork",
+                format!(
+                    "physical network {:?} is already used by flat network {by}",
+                    spec.physical_network.as_deref().unwrap_or_default()
+                ),
+            ));
+        }
+        let claim = json!({
+            "network": format!("{ns}/{}", name_of(w.new)),
+            "uid": meta::meta_str(w.new, "uid").unwrap_or_default(),
+        });
+        let mut obj = w.new.clone();
+        let vni = (spec.segmentation == Segmentation::Vxlan)
+            .then(|| u32::try_from(random() % u64::from(VNI_MAX)).unwrap_or(0) + 1);
+        let vni_key = vni.map(|v| keys::vni_claim(ctx.prefix, v));
+        if let Some(v) = vni {
+            set_status(&mut obj, Map::from_iter([("vni".into(), json!(v))]));
+        }
+        let mut guards = create_guards(w.key, snap.parent(&w), &quota);
+        let mut puts = vec![(w.key, &obj)];
+        for k in vni_key.iter().chain(&physical) {
+            guards.push(Guard::Absent(k));
+            puts.push((k, &claim));
+        }
+        if let Some(rev) = ctx
+            .store
+            .write_many(&guards, &puts, &[])
+            .await
+            .map_err(ApiError::from)?
+        {
+            return Ok(Written {
+                write: Write::Done(rev),
+                stored: Some(obj),
+            });
+        }
+        // Another write got in between (a VNI taken, the quota's count moved): read again.
+    }
+    Err(too_busy(&s, w.new))
+}
+
+/// An IPv4 address of a field, or why not.
+fn ipv4(v: &str) -> Result<u32, String> {
+    match v.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(a)) => Ok(u32::from(a)),
+        Ok(std::net::IpAddr::V6(_)) => Err(format!(
+            "Unsupported value: {v:?}: IPv6 is not supported yet"
+        )),
+        Err(_) => Err(format!("Invalid value: {v:?}: not an IP address")),
+    }
+}
+
+fn show(a: u32) -> String {
+    Ipv4Addr::from(a).to_string()
+}
+
+/// A Subnet's addresses as allocation sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The network address.
+    pub network: u32,
+    /// The prefix length.
+    pub prefix: u8,
+    /// The gateway address, if any.
+    pub gateway: Option<u32>,
+    /// Allocation pools, inclusive, sorted, disjoint.
+    pub pools: Vec<(u32, u32)>,
+}
+
+impl Plan {
+    /// The broadcast address.
+    pub fn broadcast(&self) -> u32 {
+        self.network | (u32::MAX >> self.prefix)
+    }
+
+    /// Whether `a` is inside the CIDR.
+    pub fn contains(&self, a: u32) -> bool {
+        a & !(u32::MAX >> self.prefix) == self.network
+    }
+
+    /// Whether two CIDRs share an address.
+    pub fn overlaps(&self, other: &Plan) -> bool {
+        self.network <= other.broadcast() && other.network <= self.broadcast()
+    }
+
+    /// The CIDR as written.
+    pub fn cidr(&self) -> String {
+        format!("{}/{}", show(self.network), self.prefix)
+    }
+
+    /// How many addresses the pools hold.
+    pub fn size(&self) -> u64 {
+        self.pools.iter().map(|(a, b)| u64::from(b - a) + 1).sum()
+    }
+
+    /// Whether `a` may be a Port's address: inside the CIDR, neither its network nor its
+    /// broadcast address.
+    fn host(&self, a: u32) -> bool {
+        self.contains(a) && a != self.network && a != self.broadcast()
+    }
+}
+
+/// Checks a Subnet's spec: an IPv4 CIDR with its host bits zero, a gateway inside it and
+/// outside the pools, pools inside it, each in order and none overlapping another.
+///
+/// # Errors
+/// Every field at fault, with why.
+pub fn plan(spec: &SubnetSpec) -> Result<Plan, Vec<Cause>> {
+    let bad = |field: &str, m: String| vec![Cause::invalid(field, m)];
+    let (addr, len) = spec
+        .cidr
+        .split_once('/')
+        .ok_or_else(|| bad("spec.cidr", "Invalid value: not a CIDR".into()))?;
+    let network = ipv4(addr).map_err(|m| bad("spec.cidr", m))?;
+    let prefix: u8 = len.parse().ok().filter(|l| *l <= 32).ok_or_else(|| {
+        bad(
+            "spec.cidr",
+            "Invalid value: a prefix length is 0 to 32".into(),
+        )
+    })?;
+    if !(MIN_PREFIX..=MAX_PREFIX).contains(&prefix) {
+        return Err(bad(
+            "spec.cidr",
+            format!(
+                "Invalid value: {:?}: the prefix length must be /{MIN_PREFIX} to /{MAX_PREFIX}",
+                spec.cidr
+            ),
+        ));
+    }
+    let mask = !(u32::MAX >> prefix);
+    if network & !mask != 0 {
+        return Err(bad(
+            "spec.cidr",
+            format!(
+                "Invalid value: {:?}: the host bits must be zero (did you mean {}/{prefix}?)",
+                spec.cidr,
+                show(network & mask)
+            ),
+        ));
+    }
+    let mut plan = Plan {
+        network,
+        prefix,
+        gateway: None,
+        pools: Vec::new(),
+    };
+    let (first, last) = (network + 1, plan.broadcast() - 1);
+    let mut causes = Vec::new();
+    let range = plan.clone();
+    let inside = |field: String, v: &str, causes: &mut Vec<Cause>| match ipv4(v) {
+        Ok(a) if range.host(a) => Some(a),
+        Ok(_) => {
+            causes.push(Cause::invalid(
+                field,
+                format!(
+                    "Invalid value: {v:?}: not a host address of {} ({} to {})",
+                    spec.cidr,
+                    show(first),
+                    show(last)
+                ),
+            ));
+            None
+        }
+        Err(m) => {
+            causes.push(Cause::invalid(field, m));
+            None
+        }
+    };
+    plan.gateway = match (spec.disable_gateway, spec.gateway_ip.as_deref()) {
+        (true, Some(_)) => {
+            causes.push(Cause::invalid(
+                "spec.gatewayIP",
+                "Forbidden: disableGateway is set",
+            ));
+            None
+        }
+        (true, None) => None,
+        (false, Some(g)) => inside("spec.gatewayIP".into(), g, &mut causes),
+        (false, None) => Some(first),
+    };
+    if spec.allocation_pools.len() > MAX_POOLS {
+        causes.push(Cause::invalid(
+            "spec.allocationPools",
+            format!(
+                "Too many: {}: at most {MAX_POOLS}",
+                spec.allocation_pools.len()
+            ),
+        ));
+    } else if spec.allocation_pools.is_empty() {
+        // Every host address but the gateway.
+        plan.pools = match plan.gateway {
+            Some(g) => [(first, g.wrapping_sub(1)), (g + 1, last)]
+                .into_iter()
+                .filter(|(a, b)| a <= b && *a >= first && *b <= last)
+                .collect(),
+            None => vec![(first, last)],
+        };
+    } else {
+        let mut pools = Vec::new();
+        for (i, p) in spec.allocation_pools.iter().enumerate() {
+            let f = |end: &str| format!("spec.allocationPools[{i}].{end}");
+            let start = inside(f("start"), &p.start, &mut causes);
+            let end = inside(f("end"), &p.end, &mut causes);
+            if let (Some(a), Some(b)) = (start, end) {
+                if a > b {
+                    causes.push(Cause::invalid(
+                        f("end"),
+                        format!("Invalid value: {:?}: before start {:?}", p.end, p.start),
+                    ));
+                } else {
+                    pools.push((a, b, i));
+                }
+            }
+        }
+        pools.sort_unstable();
+        for pair in pools.windows(2) {
+            let ((_, b, i), (c, _, j)) = (pair[0], pair[1]);
+            if c <= b {
+                causes.push(Cause::invalid(
+                    format!("spec.allocationPools[{j}]"),
+                    format!("Invalid value: overlaps spec.allocationPools[{i}]"),
+                ));
+            }
+        }
+        if let Some(g) = plan.gateway
+            && let Some((_, _, i)) = pools.iter().find(|(a, b, _)| (*a..=*b).contains(&g))
+        {
+            causes.push(Cause::invalid(
+                "spec.gatewayIP",
+                format!(
+                    "Invalid value: {:?}: inside spec.allocationPools[{i}]; the gateway is never allocated to a port",
+                    show(g)
+                ),
+            ));
+        }
+        plan.pools = pools.into_iter().map(|(a, b, _)| (a, b)).collect();
+    }
+    if causes.is_empty() {
+        Ok(plan)
+    } else {
+        Err(causes)
+    }
+}
+
+/// The Network a Subnet or Port names, read at its create: its uid and revision.
+fn network_of<'a>(
+    s: &Subject<'_>,
+    obj: &Value,
+    network: &str,
+    read: Option<&'a (String, Stored)>,
+) -> ApiResult<(&'a str, i64)> {
+    let Some((_, net)) = read else {
+        return Err(not_found_field(
+            s,
+            obj,
+            "spec.network",
+            format!("Not found: network {network:?} does not exist in this namespace"),
+        ));
+    };
+    if net.value.pointer("/metadata/deletionTimestamp").is_some() {
+        return Err(conflict_field(
+            s,
+            obj,
+            "spec.network",
+            format!("network {network:?} is being deleted"),
+        ));
+    }
+    Ok((
+        meta::meta_str(&net.value, "uid").unwrap_or_default(),
+        net.mod_revision,
+    ))
+}
+
+/// The Subnets of one Network among a namespace's: those naming it and admitted on its uid.
+fn subnets_on<'a>(
+    all: &'a [(String, Stored)],
+    network: &'a str,
+    uid: &'a str,
+) -> impl Iterator<Item = (&'a str, &'a Value)> + 'a {
+    all.iter()
+        .map(|(_, s)| &s.value)
+        .filter(move |v| {
+            v.pointer("/spec/network").and_then(Value::as_str) == Some(network)
+                && annotation(v) == Some(uid)
+        })
+        .map(|v| (name_of(v), v))
+}
+
+/// A stored Subnet's plan (`None` for one this admission would refuse now).
+fn stored_plan(subnet: &Value) -> Option<Plan> {
+    let spec: SubnetSpec = serde_json::from_value(subnet.get("spec")?.clone()).ok()?;
+    plan(&spec).ok()
+}
+
+async fn create_subnet(
+    ctx: Ctx<'_>,
+    s: Subject<'_>,
+    ns: &str,
+    w: Change<'_>,
+) -> ApiResult<Written> {
+    let spec: SubnetSpec = spec(&s, w.new)?;
+    let mine = plan(&spec).map_err(|c| invalid(&s, w.new, c))?;
+    let net_key = keys::object(ctx.prefix, GROUP, "networks", Some(ns), &spec.network);
+    let subnets = s.collection(ctx.prefix, ns);
+    for _ in 0..RETRIES {
+        let quota = quota::check(ctx, s, ns, w).await?;
+        let snap = snapshot(ctx, &w, &[Read::Key(&net_key), Read::Prefix(&subnets)]).await?;
+        if let Some(done) = snap.settled(&w) {
+            return Ok(done);
+        }
+        let (uid, net_rev) = network_of(&s, w.new, &spec.network, snap.more[0].first())?;
+        for (other, v) in subnets_on(&snap.more[1], &spec.network, uid) {
+            if let Some(p) = stored_plan(v).filter(|p| p.overlaps(&mine)) {
+                return Err(invalid_field(
+                    &s,
+                    w.new,
+                    "spec.cidr",
+                    format!(
+                        "Invalid value: {:?}: overlaps subnet {other:?} ({}) of network {:?}",
+                        spec.cidr,
+                        p.cidr(),
+                        spec.network
+                    ),
+                ));
+            }
+        }
+        let mut obj = w.new.clone();
+        set_annotation(&mut obj, uid);
+        let mut status = Map::new();
+        if let Some(g) = mine.gateway {
+            status.insert("gatewayIP".into(), json!(show(g)));
+        }
+        set_status(&mut obj, status);
+        let mut guards = create_guards(w.key, snap.parent(&w), &quota);
+        guards.push(Guard::Revision(&net_key, net_rev));
+        // No Subnet of the namespace appeared or changed since they were read: two
+        // overlapping creates cannot both pass.
+        guards.push(Guard::Unchanged(&subnets, snap.revision));
+        if let Some(rev) = ctx
+            .store
+            .write_many(&guards, &[(w.key, &obj)], &[])
+            .await
+            .map_err(ApiError::from)?
+        {
+            return Ok(Written {
+                write: Write::Done(rev),
+                stored: Some(obj),
+            });
+        }
+    }
+    Err(too_busy(&s, w.new))
+}
+
+/// One address a Port asks for, resolved against its Network's Subnets.
+struct Wanted<'a> {
+    /// The field the address comes from (`spec.fixedIPs[i]`, or `spec.fixedIPs` for the
+    /// address taken from each subnet when none is asked for).
+    field: String,
+    subnet: &'a str,
+    plan: Plan,
+    /// The address asked for; `None`: allocate one.
+    ip: Option<u32>,
+}
+
+/// A MAC address asked for, lower case, if it can be a port's: unicast and not zero.
+fn mac(v: &str) -> Result<String, String> {
+    let octets: Vec<u8> = v
+        .split(':')
+        .map(|o| u8::from_str_radix(o, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("Invalid value: {v:?}: not a MAC address"))?;
+    match octets.as_slice() {
+        [first, ..] if octets.len() == 6 && first & 1 == 0 && octets.iter().any(|o| *o != 0) => {
+            Ok(v.to_ascii_lowercase())
+        }
+        _ if octets.len() == 6 => Err(format!(
+            "Invalid value: {v:?}: a port's MAC address is unicast and not zero"
+        )),
+        _ => Err(format!("Invalid value: {v:?}: not a MAC address")),
+    }
+}
+
+/// A random locally administered unicast MAC in Neutron's `fa:16:3e` range.
+fn random_mac() -> String {
+    let r = random();
+    format!(
+        "fa:16:3e:{:02x}:{:02x}:{:02x}",
+        (r >> 16) & 0xff,
+        (r >> 8) & 0xff,
+        r & 0xff
+    )
+}
+
+fn ip_of(key: &str) -> Option<u32> {
+    let hex = key.rsplit('/').next()?;
+    u32::from_str_radix(hex, 16).ok()
+}
+
+/// A free address of `plan`'s pools on the Network `uid`, none of `avoid`; `None` when the
+/// pools are exhausted. See the module's documentation.
+async fn pick(
+    ctx: Ctx<'_>,
+    uid: &str,
+    plan: &Plan,
+    avoid: &HashSet<u32>,
+) -> ApiResult<Option<u32>> {
+    let total = plan.size();
+    if total == 0 {
+        return Ok(None);
+    }
+    let prefix = keys::ip_claims(ctx.prefix, uid);
+    let key = |a: u32| keys::ip_claim(ctx.prefix, uid, Ipv4Addr::from(a));
+    for _ in 0..PROBES {
+        // A random address of the pools, and the end of its pool.
+        let mut r = random() % total;
+        let Some((from, end)) = plan.pools.iter().find_map(|(a, b)| {
+            let n = u64::from(b - a) + 1;
+            if r < n {
+                Some((a + u32::try_from(r).unwrap_or(0), *b))
+            } else {
+                r -= n;
+                None
+            }
+        }) else {
+            break;
+        };
+        let page = ctx
+            .store
+            .list(&prefix, Some(&key(from)), 0, WINDOW)
+            .await
+            .map_err(ApiError::from)?;
+        let taken: HashSet<u32> = page.items.iter().filter_map(|(k, _)| ip_of(k)).collect();
+        // Past the last claim read, nothing is known unless the read reached the end.
+        let known = if page.more {
+            taken.iter().copied().max().unwrap_or(end).min(end)
+        } else {
+            end
+        };
+        if let Some(a) = (from..=known).find(|a| !taken.contains(a) && !avoid.contains(a)) {
+            return Ok(Some(a));
+        }
+    }
+    // Every probe landed in a full stretch: read each pool in order.
+    for (start, end) in &plan.pools {
+        let mut scan = ctx.store.scan(&prefix, Some(&key(*start)), 0, 0);
+        let mut next = u64::from(*start);
+        let end = u64::from(*end);
+        let free = |from: u64, to: u64| {
+            (from..to)
+                .filter_map(|a| u32::try_from(a).ok())
+                .find(|a| !avoid.contains(a))
+        };
+        'pages: while let Some(page) = scan.next_raw().await.map_err(ApiError::from)? {
+            for kv in page {
+                let Some(a) = ip_of(&String::from_utf8_lossy(&kv.key)).map(u64::from) else {
+                    continue;
+                };
+                if a > end {
+                    break 'pages;
+                }
+                if let Some(f) = free(next, a) {
+                    return Ok(Some(f));
+                }
+                next = next.max(a + 1);
+            }
+        }
+        if let Some(f) = free(next, end + 1) {
+            return Ok(Some(f));
+        }
+    }
+    Ok(None)
+}
+
+async fn create_port(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> ApiResult<Written> {
+    let spec: PortSpec = spec(&s, w.new)?;
+    let asked_mac = match spec.mac_address.as_deref() {
+        Some(m) => Some(mac(m).map_err(|e| invalid_field(&s, w.new, "spec.macAddress", e))?),
+        None => None,
+    };
+    // The addresses asked for, checked alone first.
+    let mut asked: Vec<Option<u32>> = Vec::new();
+    let mut causes = Vec::new();
+    for (i, f) in spec.fixed_ips.iter().enumerate() {
+        let field = format!("spec.fixedIPs[{i}]");
+        match (&f.subnet, &f.ip_address) {
+            (None, None) => causes.push(Cause {
+                reason: "FieldValueRequired".into(),
+                message: "Required value: a subnet, an ipAddress, or both".into(),
+                field,
+            }),
+            (_, Some(ip)) => match ipv4(ip) {
+                Ok(a) if asked.contains(&Some(a)) => causes.push(Cause {
+                    reason: "FieldValueDuplicate".into(),
+                    message: format!("Duplicate value: {ip:?}"),
+                    field: format!("{field}.ipAddress"),
+                }),
+                Ok(a) => asked.push(Some(a)),
+                Err(m) => causes.push(Cause::invalid(format!("{field}.ipAddress"), m)),
+            },
+            (Some(_), None) => asked.push(None),
+        }
+    }
+    if !causes.is_empty() {
+        return Err(invalid(&s, w.new, causes));
+    }
+    let net_key = keys::object(ctx.prefix, GROUP, "networks", Some(ns), &spec.network);
+    let subnets = keys::collection(ctx.prefix, GROUP, "subnets", Some(ns));
+    for _ in 0..RETRIES {
+        let quota = quota::check(ctx, s, ns, w).await?;
+        let snap = snapshot(ctx, &w, &[Read::Key(&net_key), Read::Prefix(&subnets)]).await?;
+        if let Some(done) = snap.settled(&w) {
+            return Ok(done);
+        }
+        let (uid, net_rev) = network_of(&s, w.new, &spec.network, snap.more[0].first())?;
+        let all = &snap.more[1];
+        let on_network: Vec<(&str, Plan)> = subnets_on(all, &spec.network, uid)
+            .filter_map(|(n, v)| stored_plan(v).map(|p| (n, p)))
+            .collect();
+        let wanted = resolve(&s, w.new, &spec, &asked, all, &on_network)?;
+        let claim_key = |a: u32| keys::ip_claim(ctx.prefix, uid, Ipv4Addr::from(a));
+        // Addresses and a MAC asked for by value: taken is 409 naming the field.
+        let mut asked_claims: Vec<(String, String, String)> = wanted
+            .iter()
+            .filter_map(|x| {
+                x.ip.map(|a| {
+                    (
+                        claim_key(a),
+                        format!("{}.ipAddress", x.field),
+                        format!("address {}", show(a)),
+                    )
+                })
+            })
+            .collect();
+        if let Some(m) = asked_mac.as_deref() {
+            asked_claims.push((
+                keys::mac_claim(ctx.prefix, uid, m),
+                "spec.macAddress".into(),
+                format!("MAC address {m}"),
+            ));
+        }
+        if !asked_claims.is_empty() {
+            let reads: Vec<Read<'_>> = asked_claims.iter().map(|(k, _, _)| Read::Key(k)).collect();
+            let (held, _) = ctx.store.read_many(&reads).await.map_err(ApiError::from)?;
+            for ((_, field, what), h) in asked_claims.iter().zip(&held) {
+                if let Some((_, c)) = h.first() {
+                    let by = c.value.get("port").and_then(Value::as_str).unwrap_or("?");
+                    return Err(conflict_field(
+                        &s,
+                        w.new,
+                        field,
+                        format!(
+                            "{what} is already in use on network {:?} (by port {by})",
+                            spec.network
+                        ),
+                    ));
+                }
+            }
+        }
+        // Addresses to allocate.
+        let mut chosen: HashSet<u32> = wanted.iter().filter_map(|x| x.ip).collect();
+        let mut fixed = Vec::new();
+        for x in &wanted {
+            let a = match x.ip {
+                Some(a) => a,
+                None => match pick(ctx, uid, &x.plan, &chosen).await? {
+                    Some(a) => a,
+                    None => {
+                        return Err(conflict_field(
+                            &s,
+                            w.new,
+                            &x.field,
+                            format!(
+                                "subnet {:?} ({}) has no free address: all {} of its allocation pools are allocated",
+                                x.subnet,
+                                x.plan.cidr(),
+                                x.plan.size()
+                            ),
+                        ));
+                    }
+                },
+            };
+            chosen.insert(a);
+            fixed.push((x.subnet, a));
+        }
+        let mac = asked_mac.clone().unwrap_or_else(random_mac);
+        let mut obj = w.new.clone();
+        set_annotation(&mut obj, uid);
+        set_status(
+            &mut obj,
+            Map::from_iter([
+                ("phase".into(), json!("Down")),
+                ("macAddress".into(), json!(mac)),
+                (
+                    "fixedIPs".into(),
+                    json!(
+                        fixed
+                            .iter()
+                            .map(|(sn, a)| json!({"subnet": sn, "ipAddress": show(*a)}))
+                            .collect::<Vec<_>>()
+                    ),
+                ),
+            ]),
+        );
+        let holder = json!({
+            "port": format!("{ns}/{}", name_of(w.new)),
+            "uid": meta::meta_str(w.new, "uid").unwrap_or_default(),
+        });
+        let claims: Vec<String> = fixed
+            .iter()
+            .map(|(_, a)| claim_key(*a))
+            .chain(std::iter::once(keys::mac_claim(ctx.prefix, uid, &mac)))
+            .collect();
+        let mut guards = create_guards(w.key, snap.parent(&w), &quota);
+        guards.push(Guard::Revision(&net_key, net_rev));
+        guards.extend(claims.iter().map(|k| Guard::Absent(k)));
+        let mut puts = vec![(w.key, &obj)];
+        puts.extend(claims.iter().map(|k| (k.as_str(), &holder)));
+        if let Some(rev) = ctx
+            .store
+            .write_many(&guards, &puts, &[])
+            .await
+            .map_err(ApiError::from)?
+        {
+            return Ok(Written {
+                write: Write::Done(rev),
+                stored: Some(obj),
+            });
+        }
+        // An address or MAC went to another port meanwhile, or the network, project or quota
+        // count moved: read again.
+    }
+    Err(too_busy(&s, w.new))
+}
+
+/// The addresses a Port asks for, against the Subnets of its Network (`on_network`) and of
+/// its namespace (`all`, to say which network an address or subnet is on instead).
+fn resolve<'a>(
+    s: &Subject<'_>,
+    obj: &Value,
+    spec: &'a PortSpec,
+    asked: &[Option<u32>],
+    all: &'a [(String, Stored)],
+    on_network: &[(&'a str, Plan)],
+) -> ApiResult<Vec<Wanted<'a>>> {
+    if spec.fixed_ips.is_empty() {
+        return Ok(on_network
+            .iter()
+            .map(|(n, p)| Wanted {
+                field: "spec.fixedIPs".into(),
+                subnet: n,
+                plan: p.clone(),
+                ip: None,
+            })
+            .collect());
+    }
+    let elsewhere = |pick: &dyn Fn(&Value) -> bool| {
+        all.iter()
+            .map(|(_, s)| &s.value)
+            .find(|v| pick(v))
+            .map(|v| {
+                (
+                    name_of(v),
+                    v.pointer("/spec/network")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default(),
+                )
+            })
+    };
+    let mut out = Vec::new();
+    let mut causes = Vec::new();
+    for (i, (f, ip)) in spec.fixed_ips.iter().zip(asked).enumerate() {
+        let field = format!("spec.fixedIPs[{i}]");
+        let found = match f.subnet.as_deref() {
+            Some(name) => match on_network.iter().find(|(n, _)| *n == name) {
+                Some(x) => Some(x),
+                None => {
+                    let message = match elsewhere(&|v: &Value| name_of(v) == name) {
+                        Some((_, other)) if other != spec.network => format!(
+                            "Invalid value: {name:?}: subnet {name:?} is on network {other:?}, not {:?}",
+                            spec.network
+                        ),
+                        Some(_) => format!(
+                            "Invalid value: {name:?}: subnet {name:?} does not belong to this network {:?}",
+                            spec.network
+                        ),
+                        None => format!("Not found: subnet {name:?} does not exist"),
+                    };
+                    causes.push(Cause::invalid(format!("{field}.subnet"), message));
+                    continue;
+                }
+            },
+            None => None,
+        };
+        match (found, ip) {
+            (Some((n, p)), None) => out.push(Wanted {
+                field,
+                subnet: n,
+                plan: p.clone(),
+                ip: None,
+            }),
+            (Some((n, p)), Some(a)) if p.host(*a) => out.push(Wanted {
+                field,
+                subnet: n,
+                plan: p.clone(),
+                ip: Some(*a),
+            }),
+            (Some((n, p)), Some(a)) => causes.push(Cause::invalid(
+                format!("{field}.ipAddress"),
+                format!(
+                    "Invalid value: {:?}: not a host address of subnet {n:?} ({})",
+                    show(*a),
+                    p.cidr()
+                ),
+            )),
+            (None, Some(a)) => match on_network.iter().find(|(_, p)| p.host(*a)) {
+                Some((n, p)) => out.push(Wanted {
+                    field,
+                    subnet: n,
+                    plan: p.clone(),
+                    ip: Some(*a),
+                }),
+                None => {
+                    let on_other = elsewhere(&|v: &Value| {
+                        v.pointer("/spec/network").and_then(Value::as_str) != Some(&spec.network)
+                            && stored_plan(v).is_some_and(|p| p.contains(*a))
+                    });
+                    let message = match on_other {
+                        Some((sn, net)) => format!(
+                            "Invalid value: {:?}: in subnet {sn:?} of network {net:?}, not of network {:?}",
+                            show(*a),
+                            spec.network
+                        ),
+                        None => format!(
+                            "Invalid value: {:?}: not a host address of any subnet of network {:?}",
+                            show(*a),
+                            spec.network
+                        ),
+                    };
+                    causes.push(Cause::invalid(format!("{field}.ipAddress"), message));
+                }
+            },
+            (None, None) => {}
+        }
+    }
+    if causes.is_empty() {
+        Ok(out)
+    } else {
+        Err(invalid(s, obj, causes))
+    }
+}
+
+/// An update: what allocation claimed and the fields it follows stay as they are (422);
+/// the annotation of the Network's uid, dropped by a replace, is kept.
+async fn update(
+    ctx: Ctx<'_>,
+    s: Subject<'_>,
+    w: Change<'_>,
+    old: &Value,
+    rev: i64,
+) -> ApiResult<Written> {
+    let immutable: &[&str] = match s.kind {
+        "Network" => &["/spec/segmentation", "/spec/physicalNetwork"],
+        "Subnet" => &[
+            "/spec/network",
+            "/spec/cidr",
+            "/spec/gatewayIP",
+            "/spec/disableGateway",
+        ],
+        "Port" => &["/spec/network", "/spec/fixedIPs", "/spec/macAddress"],
+        _ => &[],
+    };
+    let protected: &[&str] = match s.kind {
+        "Network" => &["/status/vni"],
+        "Port" => &["/status/macAddress", "/status/fixedIPs"],
+        _ => &[],
+    };
+    let mut causes = Vec::new();
+    for p in immutable.iter().chain(protected) {
+        if old.pointer(p) != w.new.pointer(p) {
+            let field = p.trim_start_matches('/').replace('/', ".");
+            let why = if p.starts_with("/status") {
+                "Forbidden: set by address allocation when the object is created"
+            } else {
+                "Invalid value: field is immutable"
+            };
+            causes.push(Cause::invalid(field, why));
+        }
+    }
+    let mut new = w.new.clone();
+    match (annotation(old), annotation(w.new)) {
+        (Some(a), Some(b)) if a != b => causes.push(Cause::invalid(
+            format!("metadata.annotations[{NETWORK_UID}]"),
+            "Invalid value: field is immutable",
+        )),
+        (Some(a), None) => set_annotation(&mut new, a),
+        _ => {}
+    }
+    if !causes.is_empty() {
+        return Err(invalid(&s, w.new, causes));
+    }
+    if s.kind == "Subnet" && old.get("spec") != new.get("spec") {
+        // Pools may change, within the same rules as at create.
+        let spec: SubnetSpec = spec(&s, &new)?;
+        plan(&spec).map_err(|c| invalid(&s, w.new, c))?;
+    }
+    let written = ctx
+        .store
+        .write_guarded(w.key, &new, Some(rev), &[], None)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(Written {
+        write: written,
+        stored: (&new != w.new).then_some(new),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subnet(cidr: &str, extra: Value) -> SubnetSpec {
+        let mut v = json!({"network": "n", "cidr": cidr});
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        serde_json::from_value(v).expect("a subnet spec")
+    }
+
+    fn a(s: &str) -> u32 {
+        ipv4(s).expect("an address")
+    }
+
+    #[test]
+    fn a_subnet_gets_its_gateway_and_pools_around_it() {
+        let p = plan(&subnet("10.0.0.0/24", json!({}))).expect("valid");
+        assert_eq!(p.gateway, Some(a("10.0.0.1")));
+        assert_eq!(p.pools, vec![(a("10.0.0.2"), a("10.0.0.254"))]);
+        assert_eq!(p.size(), 253);
+        let p = plan(&subnet("10.0.0.0/24", json!({"gatewayIP": "10.0.0.100"}))).expect("valid");
+        assert_eq!(
+            p.pools,
+            vec![
+                (a("10.0.0.1"), a("10.0.0.99")),
+                (a("10.0.0.101"), a("10.0.0.254"))
+            ]
+        );
+        let p = plan(&subnet("10.0.0.0/30", json!({"disableGateway": true}))).expect("valid");
+        assert_eq!((p.gateway, p.size()), (None, 2));
+    }
+
+    #[test]
+    fn a_bad_subnet_names_each_field_at_fault() {
+        let fields = |spec: SubnetSpec| -> Vec<String> {
+            plan(&spec)
+                .expect_err("refused")
+                .into_iter()
+                .map(|c| c.field)
+                .collect()
+        };
+        assert_eq!(fields(subnet("10.0.0.1/24", json!({}))), ["spec.cidr"]);
+        assert_eq!(fields(subnet("fd00::/64", json!({}))), ["spec.cidr"]);
+        assert_eq!(fields(subnet("10.0.0.0/31", json!({}))), ["spec.cidr"]);
+        assert_eq!(
+            fields(subnet("10.0.0.0/24", json!({"gatewayIP": "10.0.1.1"}))),
+            ["spec.gatewayIP"]
+        );
+        assert_eq!(
+            fields(subnet(
+                "10.0.0.0/24",
+                json!({"allocationPools": [
+                    {"start": "10.0.0.10", "end": "10.0.0.20"},
+                    {"start": "10.0.0.20", "end": "10.0.0.30"},
+                    {"start": "10.0.0.50", "end": "10.0.0.40"},
+                    {"start": "10.0.0.60", "end": "10.0.1.5"},
+                ]})
+            )),
+            [
+                "spec.allocationPools[2].end",
+                "spec.allocationPools[3].end",
+                "spec.allocationPools[1]"
+            ]
+        );
+        assert_eq!(
+            fields(subnet(
+                "10.0.0.0/24",
+                json!({"gatewayIP": "10.0.0.15", "allocationPools": [
+                    {"start": "10.0.0.10", "end": "10.0.0.20"},
+                ]})
+            )),
+            ["spec.gatewayIP"]
+        );
+    }
+
+    #[test]
+    fn cidrs_overlap_when_they_share_an_address() {
+        let p = |c: &str| plan(&subnet(c, json!({}))).expect("valid");
+        assert!(p("10.0.0.0/16").overlaps(&p("10.0.5.0/24")));
+        assert!(!p("10.0.0.0/24").overlaps(&p("10.0.1.0/24")));
+    }
+
+    #[test]
+    fn macs_are_unicast_and_allocated_locally_administered() {
+        assert_eq!(mac("FA:16:3E:00:00:01").as_deref(), Ok("fa:16:3e:00:00:01"));
+        assert!(mac("01:00:5e:00:00:01").is_err(), "multicast");
+        assert!(mac("00:00:00:00:00:00").is_err());
+        let m = random_mac();
+        let first = u8::from_str_radix(&m[..2], 16).expect("hex");
+        assert!(m.starts_with("fa:16:3e:") && first & 1 == 0 && first & 2 == 2);
+        assert_eq!(mac(&m).as_deref(), Ok(m.as_str()));
+    }
+
+    #[test]
+    fn a_ports_claims_go_with_it_and_a_networks_vni_with_it() {
+        let port = json!({
+            "metadata": {"name": "p", "annotations": {NETWORK_UID: "u1"}},
+            "status": {"macAddress": "fa:16:3e:00:00:01",
+                       "fixedIPs": [{"subnet": "s", "ipAddress": "10.0.0.5"}]},
+        });
+        assert_eq!(
+            Ipam.attached_keys("/r", &port),
+            vec![
+                "/r/_claims/network/u1/ip/0a000005".to_string(),
+                "/r/_claims/network/u1/mac/fa:16:3e:00:00:01".to_string(),
+            ]
+        );
+        let net = json!({"spec": {"segmentation": "vxlan"}, "status": {"vni": 42}});
+        assert_eq!(
+            Ipam.attached_keys("/r", &net),
+            vec!["/r/_claims/network/vni/00000042".to_string()]
+        );
+    }
+}

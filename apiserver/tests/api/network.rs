@@ -1,0 +1,514 @@
+//! Network IPAM at admission: VNIs, subnets checked against their network, and a Port's MAC
+//! and addresses claimed in the create's transaction and freed with its delete.
+
+use std::collections::HashSet;
+
+use serde_json::{Value, json};
+use stratus_apiserver::base::error::ApiError;
+use stratus_apiserver::storage::keys;
+
+use crate::fixtures::{Cloud, MERGE, Obj, refused};
+
+const V1: &str = "network.stratus.dev/v1";
+
+fn network(name: &str) -> Obj {
+    Obj(json!({"apiVersion": V1, "kind": "Network",
+        "metadata": {"name": name, "namespace": "demo"}, "spec": {}}))
+}
+
+fn subnet(name: &str, network: &str, cidr: &str) -> Obj {
+    Obj(json!({"apiVersion": V1, "kind": "Subnet",
+        "metadata": {"name": name, "namespace": "demo"},
+        "spec": {"network": network, "cidr": cidr}}))
+}
+
+fn port(name: &str, network: &str) -> Obj {
+    Obj(json!({"apiVersion": V1, "kind": "Port",
+        "metadata": {"name": name, "namespace": "demo"}, "spec": {"network": network}}))
+}
+
+/// The one field a refusal names, and its code.
+fn field_of(e: &ApiError) -> (u16, String) {
+    let fields: Vec<&str> = e.details.causes.iter().map(|c| c.field.as_str()).collect();
+    assert_eq!(fields.len(), 1, "one field at fault: {e:?}");
+    (e.code, fields[0].to_string())
+}
+
+fn ips(p: &Value) -> Vec<String> {
+    p["status"]["fixedIPs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no fixed IPs: {p}"))
+        .iter()
+        .map(|f| f["ipAddress"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn uid(o: &Value) -> String {
+    o["metadata"]["uid"].as_str().expect("uid").to_string()
+}
+
+/// A cloud with project `demo`, network `n` and its subnet `s` (10.0.0.0/24).
+async fn with_subnet() -> (Cloud, Value) {
+    let c = Cloud::with_demo().await;
+    let n = c.create(&network("n")).await.expect("network");
+    c.create(&subnet("s", "n", "10.0.0.0/24"))
+        .await
+        .expect("subnet");
+    (c, n)
+}
+
+/// How many addresses are claimed on the network of uid `uid`.
+async fn claimed(c: &Cloud, uid: &str) -> i64 {
+    c.api
+        .store
+        .count(&keys::ip_claims("/registry", uid))
+        .await
+        .expect("count")
+}
+
+#[tokio::test]
+async fn a_vxlan_network_has_its_own_vni_at_once_and_frees_it_when_deleted() {
+    let c = Cloud::with_demo().await;
+    let a = c.create(&network("a")).await.expect("a");
+    let b = c.create(&network("b")).await.expect("b");
+    let vni = |o: &Value| o["status"]["vni"].as_u64().unwrap_or(0);
+    assert!(vni(&a) >= 1 && vni(&a) <= 16_777_215, "{a}");
+    assert_ne!(vni(&a), vni(&b));
+    let stored = c.get("Network", Some("demo"), "a").await.expect("a");
+    assert_eq!(vni(&stored), vni(&a), "the answer is what was stored");
+    let key = keys::vni_claim("/registry", u32::try_from(vni(&a)).expect("24 bits"));
+    assert!(c.api.store.get(&key).await.expect("read").is_some());
+    let e = refused(
+        c.patch(
+            &c.status("Network", Some("demo"), "a"),
+            MERGE,
+            &json!({"status": {"vni": 7}}),
+            "",
+        )
+        .await,
+    );
+    assert_eq!(field_of(&e), (422, "status.vni".into()));
+    c.patch(
+        &c.status("Network", Some("demo"), "a"),
+        MERGE,
+        &json!({"status": {"phase": "Active"}}),
+        "",
+    )
+    .await
+    .expect("the rest of the status is the agents'");
+    c.delete("Network", Some("demo"), "a", "")
+        .await
+        .expect("delete");
+    assert!(
+        c.api.store.get(&key).await.expect("read").is_none(),
+        "freed"
+    );
+}
+
+#[tokio::test]
+async fn a_flat_network_names_a_physical_network_of_its_own() {
+    let c = Cloud::with_demo().await;
+    let flat = |name: &str| network(name).spec("segmentation", json!("flat"));
+    let e = refused(c.create(&flat("f")).await);
+    assert_eq!(field_of(&e), (422, "spec.physicalNetwork".into()));
+    let e = refused(
+        c.create(&network("v").spec("physicalNetwork", json!("eth1")))
+            .await,
+    );
+    assert_eq!(field_of(&e), (422, "spec.physicalNetwork".into()));
+    let f = c
+        .create(&flat("f").spec("physicalNetwork", json!("eth1")))
+        .await
+        .expect("flat");
+    assert!(f["status"].get("vni").is_none());
+    let e = refused(
+        c.create(&flat("g").spec("physicalNetwork", json!("eth1")))
+            .await,
+    );
+    assert_eq!(field_of(&e), (409, "spec.physicalNetwork".into()));
+    let e = refused(
+        c.patch(
+            &c.target("Network", Some("demo"), Some("f")),
+            MERGE,
+            &json!({"spec": {"physicalNetwork": "eth2"}}),
+            "",
+        )
+        .await,
+    );
+    assert_eq!(field_of(&e), (422, "spec.physicalNetwork".into()));
+    c.delete("Network", Some("demo"), "f", "")
+        .await
+        .expect("delete");
+    c.create(&flat("g").spec("physicalNetwork", json!("eth1")))
+        .await
+        .expect("the physical network is free again");
+}
+
+#[tokio::test]
+async fn a_subnet_is_checked_against_its_network() {
+    let c = Cloud::with_demo().await;
+    let e = refused(c.create(&subnet("s", "nope", "10.0.0.0/24")).await);
+    assert_eq!(field_of(&e), (422, "spec.network".into()));
+    c.create(&network("n")).await.expect("n");
+    c.create(&network("m")).await.expect("m");
+    for (cidr, extra, field) in [
+        ("10.0.0.1/24", json!({}), "spec.cidr"),
+        ("fd00::/64", json!({}), "spec.cidr"),
+        (
+            "10.0.0.0/24",
+            json!({"gatewayIP": "10.0.1.1"}),
+            "spec.gatewayIP",
+        ),
+        (
+            "10.0.0.0/24",
+            json!({"allocationPools": [{"start": "10.0.0.1", "end": "10.0.0.9"}]}),
+            "spec.gatewayIP",
+        ),
+        (
+            "10.0.0.0/24",
+            json!({"allocationPools": [{"start": "10.0.0.9", "end": "10.0.0.5"}]}),
+            "spec.allocationPools[0].end",
+        ),
+        (
+            "10.0.0.0/24",
+            json!({"allocationPools": [{"start": "10.0.0.5", "end": "10.0.1.5"}]}),
+            "spec.allocationPools[0].end",
+        ),
+    ] {
+        let mut s = subnet("bad", "n", cidr);
+        if let (Some(spec), Some(e)) = (s.0["spec"].as_object_mut(), extra.as_object()) {
+            spec.extend(e.clone());
+        }
+        let e = refused(c.create(&s).await);
+        assert_eq!(field_of(&e), (422, field.into()), "{cidr} {extra}");
+    }
+    let s = c.create(&subnet("s", "n", "10.0.0.0/24")).await.expect("s");
+    assert_eq!(s["status"]["gatewayIP"], "10.0.0.1");
+    let e = refused(c.create(&subnet("t", "n", "10.0.0.128/25")).await);
+    assert_eq!(field_of(&e), (422, "spec.cidr".into()));
+    assert!(e.message.contains("overlaps subnet \"s\""), "{}", e.message);
+    c.create(&subnet("t", "m", "10.0.0.0/24"))
+        .await
+        .expect("the same range on another network");
+    let e = refused(
+        c.patch(
+            &c.target("Subnet", Some("demo"), Some("s")),
+            MERGE,
+            &json!({"spec": {"cidr": "10.0.1.0/24"}}),
+            "",
+        )
+        .await,
+    );
+    assert_eq!(field_of(&e), (422, "spec.cidr".into()));
+    let e = refused(
+        c.patch(
+            &c.target("Subnet", Some("demo"), Some("s")),
+            MERGE,
+            &json!({"spec": {"network": "m"}}),
+            "",
+        )
+        .await,
+    );
+    assert_eq!(field_of(&e), (422, "spec.network".into()));
+}
+
+#[tokio::test]
+async fn of_overlapping_subnets_created_at_once_exactly_one_is_stored() {
+    let c = Cloud::with_demo().await;
+    c.create(&network("n")).await.expect("n");
+    let creates = (0..8).map(|i| {
+        let c = &c;
+        let cidr = if i % 2 == 0 {
+            "10.1.0.0/16"
+        } else {
+            "10.1.7.0/24"
+        };
+        async move { c.create(&subnet(&format!("s{i}"), "n", cidr)).await }
+    });
+    let results = futures::future::join_all(creates).await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+    for e in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(field_of(e), (422, "spec.cidr".into()));
+    }
+}
+
+#[tokio::test]
+async fn a_port_has_its_mac_and_address_in_the_answer_to_its_create() {
+    let (c, n) = with_subnet().await;
+    c.create(&subnet("s2", "n", "192.168.0.0/24"))
+        .await
+        .expect("a second subnet");
+    let p = c.create(&port("p", "n")).await.expect("port");
+    assert_eq!(p["status"]["phase"], "Down");
+    let mac = p["status"]["macAddress"].as_str().expect("a MAC");
+    assert!(mac.starts_with("fa:16:3e:"), "{mac}");
+    let got = ips(&p);
+    assert_eq!(got.len(), 2, "one address from each subnet: {p}");
+    assert!(
+        got.iter().any(|a| a.starts_with("10.0.0."))
+            && got.iter().any(|a| a.starts_with("192.168.0."))
+    );
+    assert!(!got.contains(&"10.0.0.1".to_string()), "never the gateway");
+    let stored = c.get("Port", Some("demo"), "p").await.expect("p");
+    assert_eq!(stored["status"], p["status"]);
+    assert_eq!(claimed(&c, &uid(&n)).await, 2);
+    c.delete("Port", Some("demo"), "p", "")
+        .await
+        .expect("delete");
+    assert_eq!(claimed(&c, &uid(&n)).await, 0, "freed with the port");
+}
+
+#[tokio::test]
+async fn a_port_asking_for_an_address_gets_it_or_a_refusal_naming_the_field() {
+    let (c, _) = with_subnet().await;
+    c.create(&network("m")).await.expect("m");
+    c.create(&subnet("o", "m", "172.16.0.0/24"))
+        .await
+        .expect("o");
+    let ask = |name: &str, fixed: Value| port(name, "n").spec("fixedIPs", fixed);
+    let p = c
+        .create(&ask("p", json!([{"ipAddress": "10.0.0.50"}])))
+        .await
+        .expect("p");
+    assert_eq!(ips(&p), ["10.0.0.50"]);
+    assert_eq!(p["status"]["fixedIPs"][0]["subnet"], "s");
+    let cases = [
+        (
+            json!([{"subnet": "s"}, {"ipAddress": "10.0.0.50"}]),
+            409,
+            "spec.fixedIPs[1].ipAddress",
+        ),
+        (
+            json!([{"ipAddress": "10.0.9.9"}]),
+            422,
+            "spec.fixedIPs[0].ipAddress",
+        ),
+        (
+            json!([{"subnet": "s", "ipAddress": "10.0.0.255"}]),
+            422,
+            "spec.fixedIPs[0].ipAddress",
+        ),
+        (
+            json!([{"ipAddress": "172.16.0.5"}]),
+            422,
+            "spec.fixedIPs[0].ipAddress",
+        ),
+        (json!([{"subnet": "o"}]), 422, "spec.fixedIPs[0].subnet"),
+        (
+            json!([{"subnet": "missing"}]),
+            422,
+            "spec.fixedIPs[0].subnet",
+        ),
+        (json!([{}]), 422, "spec.fixedIPs[0]"),
+        (
+            json!([{"ipAddress": "10.0.0.7"}, {"ipAddress": "10.0.0.7"}]),
+            422,
+            "spec.fixedIPs[1].ipAddress",
+        ),
+    ];
+    for (fixed, code, field) in cases {
+        let before = c.revision().await;
+        let e = refused(c.create(&ask("q", fixed.clone())).await);
+        assert_eq!(field_of(&e), (code, field.into()), "{fixed}: {}", e.message);
+        assert_eq!(c.revision().await, before, "{fixed}: nothing written");
+    }
+    let e = refused(
+        c.create(&port("q", "n").spec("macAddress", p["status"]["macAddress"].clone()))
+            .await,
+    );
+    assert_eq!(field_of(&e), (409, "spec.macAddress".into()));
+    let e = refused(c.create(&port("q", "nope")).await);
+    assert_eq!(field_of(&e), (422, "spec.network".into()));
+    let q = c
+        .create(
+            &ask("q", json!([{"subnet": "s", "ipAddress": "10.0.0.1"}]))
+                .spec("macAddress", json!("02:00:00:00:00:01")),
+        )
+        .await
+        .expect("the gateway address, asked for by value (a router's port)");
+    assert_eq!(q["status"]["macAddress"], "02:00:00:00:00:01");
+    c.delete("Port", Some("demo"), "p", "")
+        .await
+        .expect("delete p");
+    c.create(&ask("r", json!([{"ipAddress": "10.0.0.50"}])))
+        .await
+        .expect("the address is free again");
+}
+
+#[tokio::test]
+async fn an_exhausted_subnet_is_409_until_a_port_goes() {
+    let c = Cloud::with_demo().await;
+    let n = c.create(&network("n")).await.expect("n");
+    let mut s = subnet("s", "n", "10.0.0.0/24");
+    s.0["spec"]["allocationPools"] = json!([
+        {"start": "10.0.0.10", "end": "10.0.0.11"},
+        {"start": "10.0.0.20", "end": "10.0.0.20"},
+    ]);
+    c.create(&s).await.expect("subnet");
+    let mut got = HashSet::new();
+    for i in 0..3 {
+        let p = c
+            .create(&port(&format!("p{i}"), "n"))
+            .await
+            .expect("a port");
+        got.extend(ips(&p));
+    }
+    let want: HashSet<String> = ["10.0.0.10", "10.0.0.11", "10.0.0.20"]
+        .map(String::from)
+        .into();
+    assert_eq!(got, want);
+    let e = refused(c.create(&port("p3", "n")).await);
+    assert_eq!(field_of(&e), (409, "spec.fixedIPs".into()));
+    assert!(e.message.contains("no free address"), "{}", e.message);
+    assert_eq!(
+        claimed(&c, &uid(&n)).await,
+        3,
+        "nothing claimed for the refused"
+    );
+    c.delete("Port", Some("demo"), "p1", "")
+        .await
+        .expect("free one");
+    let p = c.create(&port("p3", "n")).await.expect("fits again");
+    assert_eq!(ips(&p).len(), 1);
+}
+
+#[tokio::test]
+async fn ports_created_at_once_never_share_an_address_or_a_mac() {
+    let c = Cloud::with_demo().await;
+    c.create(&network("n")).await.expect("n");
+    let mut s = subnet("s", "n", "10.0.0.0/24");
+    s.0["spec"]["allocationPools"] = json!([{"start": "10.0.0.100", "end": "10.0.0.119"}]);
+    c.create(&s).await.expect("subnet");
+    let creates = (0..40).map(|i| {
+        let c = &c;
+        async move { c.create(&port(&format!("p{i}"), "n")).await }
+    });
+    let results = futures::future::join_all(creates).await;
+    let ok: Vec<&Value> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(ok.len(), 20);
+    for e in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(e.code, 409, "{}", e.message);
+        assert!(e.message.contains("no free address"), "{}", e.message);
+    }
+    let addresses: HashSet<String> = ok.iter().flat_map(|p| ips(p)).collect();
+    let macs: HashSet<&str> = ok
+        .iter()
+        .filter_map(|p| p["status"]["macAddress"].as_str())
+        .collect();
+    assert_eq!((addresses.len(), macs.len()), (20, 20));
+}
+
+#[tokio::test]
+async fn what_a_port_was_given_cannot_be_changed_by_a_write() {
+    let (c, _) = with_subnet().await;
+    let p = c.create(&port("p", "n")).await.expect("p");
+    let t = c.target("Port", Some("demo"), Some("p"));
+    for (patch, field) in [
+        (
+            json!({"spec": {"fixedIPs": [{"ipAddress": "10.0.0.9"}]}}),
+            "spec.fixedIPs",
+        ),
+        (
+            json!({"spec": {"macAddress": "02:00:00:00:00:09"}}),
+            "spec.macAddress",
+        ),
+        (json!({"spec": {"network": "m"}}), "spec.network"),
+        (
+            json!({"metadata": {"annotations": {"network.stratus.dev/network-uid": "other"}}}),
+            "metadata.annotations[network.stratus.dev/network-uid]",
+        ),
+    ] {
+        let e = refused(c.patch(&t, MERGE, &patch, "").await);
+        assert_eq!(field_of(&e), (422, field.into()), "{patch}");
+    }
+    let status = c.status("Port", Some("demo"), "p");
+    for (patch, field) in [
+        (
+            json!({"status": {"fixedIPs": [{"subnet": "s", "ipAddress": "10.0.0.9"}]}}),
+            "status.fixedIPs",
+        ),
+        (
+            json!({"status": {"macAddress": "02:00:00:00:00:09"}}),
+            "status.macAddress",
+        ),
+    ] {
+        let e = refused(c.patch(&status, MERGE, &patch, "").await);
+        assert_eq!(field_of(&e), (422, field.into()), "{patch}");
+    }
+    c.patch(&status, MERGE, &json!({"status": {"phase": "Active"}}), "")
+        .await
+        .expect("the phase is the agent's");
+    // A replace that leaves the annotation out keeps it (it names where the claims are).
+    let mut replaced = c.get("Port", Some("demo"), "p").await.expect("p");
+    replaced["metadata"]["annotations"] = json!({});
+    replaced["spec"]["description"] = json!("web");
+    let after = c.put(&t, &replaced).await.expect("replace");
+    assert_eq!(
+        after["metadata"]["annotations"]["network.stratus.dev/network-uid"],
+        p["metadata"]["annotations"]["network.stratus.dev/network-uid"]
+    );
+    assert_eq!(after["status"]["fixedIPs"], p["status"]["fixedIPs"]);
+}
+
+#[tokio::test]
+async fn a_network_made_again_under_the_same_name_inherits_no_claim() {
+    let (c, old) = with_subnet().await;
+    let p = c
+        .create(&port("p", "n").spec("fixedIPs", json!([{"ipAddress": "10.0.0.5"}])))
+        .await
+        .expect("p");
+    assert_eq!(ips(&p), ["10.0.0.5"]);
+    c.delete("Network", Some("demo"), "n", "")
+        .await
+        .expect("delete n");
+    let new = c.create(&network("n")).await.expect("n again");
+    assert_ne!(uid(&old), uid(&new));
+    let e = refused(
+        c.create(&port("q", "n").spec("fixedIPs", json!([{"ipAddress": "10.0.0.5"}])))
+            .await,
+    );
+    assert_eq!(
+        field_of(&e),
+        (422, "spec.fixedIPs[0].ipAddress".into()),
+        "the old subnet is not the new network's"
+    );
+    c.create(&subnet("s2", "n", "10.0.0.0/24"))
+        .await
+        .expect("the range again, on the new network");
+    let q = c
+        .create(&port("q", "n").spec("fixedIPs", json!([{"ipAddress": "10.0.0.5"}])))
+        .await
+        .expect("the address is the new network's to give");
+    assert_eq!(q["status"]["fixedIPs"][0]["subnet"], "s2");
+}
+
+#[tokio::test]
+async fn quota_and_allocation_are_one_transaction() {
+    let (c, n) = with_subnet().await;
+    c.create(&Obj::quota("demo", "q", json!({"ports": 3})))
+        .await
+        .expect("quota");
+    let creates = (0..10).map(|i| {
+        let c = &c;
+        async move { c.create(&port(&format!("p{i}"), "n")).await }
+    });
+    let results = futures::future::join_all(creates).await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 3);
+    assert!(
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| e.code == 403),
+        "the rest are over quota"
+    );
+    assert_eq!(
+        claimed(&c, &uid(&n)).await,
+        3,
+        "no address claimed past the quota"
+    );
+    c.create(&Obj::quota("demo", "n", json!({"networks": 1})))
+        .await
+        .expect("a quota of networks");
+    let e = refused(c.create(&network("m")).await);
+    assert_eq!(e.code, 403, "{}", e.message);
+}
