@@ -7,7 +7,7 @@
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
 
-use crate::admission::{Admission, Written, Change, Ctx, Subject};
+use crate::admission::{Admission, Change, Ctx, Subject, Written};
 use crate::base::error::{ApiError, ApiResult, Cause};
 use crate::storage::keys;
 use crate::storage::store::Write;
