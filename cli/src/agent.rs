@@ -1,10 +1,46 @@
-//! `stratus agent`: one node's agents (compute now), against an API server.
+//! `stratus agent`: one node's agents (compute, network), against an API server.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use stratus_agents::compute::driver::libvirt::Libvirt;
+use stratus_network_agent::driver::dnsmasq::Dnsmasq;
+use stratus_network_agent::driver::netlink::NetlinkLinks;
+use stratus_network_agent::driver::nft::NftFirewall;
+use stratus_network_agent::driver::{IfName, Links, Name, Netns};
+
+/// What a node does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Role {
+    /// Runs the guests of the Servers placed on it (libvirt).
+    Compute,
+    /// Wires the Ports placed on it: bridges, VXLAN, nftables, DHCP (no libvirt needed).
+    Network,
+}
+
+/// Options of the network role.
+#[derive(Debug, Default, clap::Args)]
+pub struct NetworkArgs {
+    /// Network role: the address this node's VXLAN traffic leaves from. Without it, the
+    /// address of --tunnel-interface, else the node's Hypervisor's `status.hostIP`. Given
+    /// either way, it is reported as that Hypervisor's `status.hostIP` (when the Hypervisor
+    /// exists), which is how other nodes find this one.
+    #[arg(long)]
+    pub underlay_ip: Option<Ipv4Addr>,
+    /// Network role: take the underlay address from this interface's first IPv4 address.
+    #[arg(long)]
+    pub tunnel_interface: Option<String>,
+    /// Network role: the network namespace (`ip netns` name) holding the node's bridges
+    /// and VXLAN devices, for a simulated node; by default the agent's own.
+    #[arg(long)]
+    pub network_namespace: Option<String>,
+    /// Network role: seconds between reads of the node's wiring from the kernel (wiring
+    /// changed by hand is repaired within this time).
+    #[arg(long, default_value_t = 2)]
+    pub network_resync_seconds: u64,
+}
 
 /// Options of `stratus agent`.
 #[derive(Debug, clap::Args)]
@@ -12,6 +48,9 @@ pub struct AgentArgs {
     /// The node's name (its Hypervisor object; the agent's identity is `system:node:NAME`).
     #[arg(long)]
     pub node: String,
+    /// What this node does, comma-separated: `compute`, `network` or both.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "compute")]
+    pub roles: Vec<Role>,
     /// kubeconfig of the node's identity (defaults to the files $KUBECONFIG lists, then
     /// ~/.kube/config).
     #[arg(long)]
@@ -36,10 +75,16 @@ pub struct AgentArgs {
     /// What the node's image cache may fetch.
     #[command(flatten)]
     pub images: crate::image_policy::ImagePolicyArgs,
+    /// The network role's options.
+    #[command(flatten)]
+    pub network: NetworkArgs,
 }
 
-/// Runs the node's agents until Ctrl-C or SIGTERM.
+/// Runs the node's agents (each role given) until Ctrl-C or SIGTERM.
 pub async fn run(args: AgentArgs) -> Result<()> {
+    if args.roles.is_empty() {
+        bail!("--roles names no role");
+    }
     let kube_config = crate::kubeconfig::Kubeconfig::locate(args.kubeconfig.as_deref())?
         .config()
         .await?;
@@ -49,26 +94,98 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let client = kube::Client::try_from(kube_config).context("build the API client")?;
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("create {}", args.state_dir.display()))?;
-    let uri = args.libvirt_uri.clone();
-    let libvirt = tokio::task::spawn_blocking(move || Libvirt::connect(&uri))
-        .await
-        .context("connect to libvirt")?
-        .with_context(|| format!("connect to libvirt at {}", args.libvirt_uri))?;
-    let config = stratus_agents::compute::Config {
-        node: args.node,
-        state_dir: std::path::absolute(&args.state_dir).context("resolve the state directory")?,
-        zone: args.zone,
-        heartbeat: std::time::Duration::from_secs(args.heartbeat_seconds.max(1)),
-        resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
-        image_policy,
+    let state_dir = std::path::absolute(&args.state_dir).context("resolve the state directory")?;
+    let compute = if args.roles.contains(&Role::Compute) {
+        let uri = args.libvirt_uri.clone();
+        let libvirt = tokio::task::spawn_blocking(move || Libvirt::connect(&uri))
+            .await
+            .context("connect to libvirt")?
+            .with_context(|| format!("connect to libvirt at {}", args.libvirt_uri))?;
+        let config = stratus_agents::compute::Config {
+            node: args.node.clone(),
+            state_dir: state_dir.clone(),
+            zone: args.zone.clone(),
+            heartbeat: std::time::Duration::from_secs(args.heartbeat_seconds.max(1)),
+            resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
+            image_policy,
+        };
+        tracing::info!(node = %config.node, uri = %args.libvirt_uri, "compute agent starting");
+        Some(stratus_agents::compute::run(
+            client.clone(),
+            Arc::new(libvirt),
+            config,
+        ))
+    } else {
+        None
     };
-    tracing::info!(node = %config.node, uri = %args.libvirt_uri, "compute agent starting");
+    let network = if args.roles.contains(&Role::Network) {
+        Some(network(client, &args, &state_dir).await?)
+    } else {
+        None
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("install SIGTERM handler")?;
+    let compute = async {
+        match compute {
+            Some(c) => c.await,
+            None => std::future::pending().await,
+        }
+    };
+    let network = async {
+        match network {
+            Some(n) => n.await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
-        () = stratus_agents::compute::run(client, Arc::new(libvirt), config) => {}
+        () = compute => {}
+        () = network => {}
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
         _ = term.recv() => tracing::info!("terminated"),
     }
     Ok(())
+}
+
+/// The network agent of this node, ready to run.
+async fn network(
+    client: kube::Client,
+    args: &AgentArgs,
+    state_dir: &std::path::Path,
+) -> Result<impl std::future::Future<Output = ()> + use<>> {
+    let n = &args.network;
+    let netns = match &n.network_namespace {
+        Some(name) => Netns::Named(Name::new(name).context("--network-namespace")?),
+        None => Netns::Host,
+    };
+    let underlay = match (n.underlay_ip, &n.tunnel_interface) {
+        (Some(ip), _) => Some(ip),
+        (None, Some(iface)) => {
+            let iface = IfName::new(iface).context("--tunnel-interface")?;
+            let ns = netns.clone();
+            let name = iface.clone();
+            let addrs =
+                tokio::task::spawn_blocking(move || NetlinkLinks::new().addresses(&ns, &name))
+                    .await
+                    .context("read the tunnel interface")?
+                    .with_context(|| format!("read the addresses of {iface}"))?;
+            let first = addrs.first().map(|a| a.addr());
+            Some(first.with_context(|| format!("{iface} has no IPv4 address"))?)
+        }
+        (None, None) => None,
+    };
+    let host = stratus_network_agent::Host {
+        links: Arc::new(NetlinkLinks::new()),
+        firewall: Arc::new(NftFirewall::new(netns.clone())),
+        dhcp: Arc::new(Dnsmasq::new(state_dir.join("network").join("dhcp"))),
+    };
+    let config = stratus_network_agent::Config {
+        node: stratus_network_agent::desired::NodeConfig {
+            node: args.node.clone(),
+            netns,
+            underlay,
+        },
+        resync: std::time::Duration::from_secs(n.network_resync_seconds.max(1)),
+    };
+    tracing::info!(node = %args.node, underlay = ?underlay, "network agent starting");
+    Ok(stratus_network_agent::run(client, host, config))
 }

@@ -37,7 +37,8 @@ enum Command {
     Apiserver(ApiserverArgs),
     /// Run the cluster-wide controllers against an API server.
     Controllers(controllers::ControllersArgs),
-    /// Run one node's agents (compute: libvirt guests) against an API server.
+    /// Run one node's agents (compute: libvirt guests; network: bridges, VXLAN, nftables,
+    /// DHCP) against an API server.
     Agent(agent::AgentArgs),
     /// Create or update objects from YAML (server-side apply).
     Apply {

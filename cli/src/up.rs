@@ -404,6 +404,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let agent = match &args.compute {
         Some(uri) => Some(tokio::spawn(crate::agent::run(crate::agent::AgentArgs {
             node: args.node_name.clone(),
+            roles: vec![crate::agent::Role::Compute],
             kubeconfig: Some(dir.join(format!("node-{}.kubeconfig", args.node_name))),
             libvirt_uri: uri.clone(),
             state_dir: dir.join("compute"),
@@ -411,6 +412,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
             heartbeat_seconds: 10,
             resync_seconds: 10,
             images,
+            network: Default::default(),
         }))),
         None => None,
     };

@@ -168,6 +168,11 @@ pub fn links(l: &dyn Links, prefix: &str) {
         l.add_bridge(&na, &ve),
         Err(LinkError::Conflict { .. })
     ));
+    let lo = l
+        .link(&na, &ifname("lo"))
+        .expect("link")
+        .expect("a new namespace has its loopback");
+    assert_eq!(lo.kind, LinkKind::Other(None));
     let names: BTreeSet<IfName> = l
         .links(&na)
         .expect("links")

@@ -64,10 +64,17 @@ pub struct FakeLinks {
     pub failures: Failures,
 }
 
+/// A new namespace's links: only its loopback, down (as the kernel makes it).
+fn loopback() -> BTreeMap<IfName, FakeLink> {
+    let lo = IfName::new("lo").expect("a valid constant name");
+    let link = fresh(&lo, LinkKind::Other(None), 65536, MacAddr::ZERO);
+    BTreeMap::from([(lo, link)])
+}
+
 impl Default for FakeLinks {
     fn default() -> Self {
         Self {
-            state: Mutex::new(BTreeMap::from([(Netns::Host, BTreeMap::new())])),
+            state: Mutex::new(BTreeMap::from([(Netns::Host, loopback())])),
             next_mac: Mutex::new(1),
             failures: Failures::default(),
         }
@@ -208,7 +215,7 @@ impl Links for FakeLinks {
         self.check("add_netns")?;
         lock(&self.state)
             .entry(Netns::Named(name.clone()))
-            .or_default();
+            .or_insert_with(loopback);
         Ok(())
     }
 

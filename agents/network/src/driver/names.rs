@@ -158,9 +158,10 @@ impl FromStr for Name {
 
 /// Where a device lives: the host's own network namespace, or one made by `ip netns add`
 /// (a file in `/run/netns`).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Netns {
     /// The namespace the agent runs in.
+    #[default]
     Host,
     /// A named namespace.
     Named(Name),

@@ -1,0 +1,1072 @@
+//! The network agent's loop: caches of the API's objects (kube-runtime reflectors), and on
+//! any change of them or every resync period, one [`converge`] of the node (desired state,
+//! the host read back, [`plan`], each step through the drivers, the host read again to say
+//! which ports are wired), then each port's status and, for repairs of drift, Events.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use stratus_api_types::common::ConditionType;
+use stratus_api_types::compute::Hypervisor;
+use stratus_api_types::network::{Network, Port, PortPhase, SecurityGroup, Subnet};
+use stratus_runtime::{Classify, Retry, Runtime};
+use tokio::sync::Notify;
+
+use crate::desired::{NodeConfig, PortKey, PortPlan, Snapshot, desired};
+use crate::driver::{
+    Dhcp, DhcpError, Firewall, FirewallError, IfName, Link, LinkError, LinkKind, Links, Netns,
+};
+use crate::plan::{
+    Desired, NetnsContents, ObservedHost, Op, Step, is_derived, is_dhcp_name_of, plan,
+};
+
+/// The agent's name in Events and as field manager.
+pub const MANAGER: &str = "stratus-network-agent";
+
+/// The node's host APIs.
+#[derive(Clone)]
+pub struct Host {
+    /// Links over netlink (or a fake).
+    pub links: Arc<dyn Links>,
+    /// The nft ruleset (or a fake).
+    pub firewall: Arc<dyn Firewall>,
+    /// DHCP servers (or a fake).
+    pub dhcp: Arc<dyn Dhcp>,
+}
+
+/// A host call that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// A link call.
+    #[error("links")]
+    Links(#[from] LinkError),
+    /// The firewall.
+    #[error("firewall")]
+    Firewall(#[from] FirewallError),
+    /// A DHCP server.
+    #[error("DHCP")]
+    Dhcp(#[from] DhcpError),
+    /// A blocking task panicked (a bug).
+    #[error("blocking task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+impl Classify for SyncError {
+    /// What the host refused as invalid is refused again; anything else may pass later.
+    fn retry(&self) -> Retry {
+        match self {
+            SyncError::Links(LinkError::Invalid(_))
+            | SyncError::Firewall(FirewallError::Invalid(_))
+            | SyncError::Dhcp(DhcpError::Invalid(_))
+            | SyncError::Join(_) => Retry::Never,
+            _ => Retry::Backoff,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        "WiringFailed"
+    }
+}
+
+/// Whether one of the node's ports is wired, as the host says after a converge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortState {
+    /// Its device is up on its network's bridge, the bridge's VXLAN device is there, and its
+    /// filter is in place.
+    Wired {
+        /// The bridge.
+        bridge: IfName,
+    },
+    /// Not wired, and why.
+    NotWired {
+        /// CamelCase reason.
+        reason: &'static str,
+        /// For people.
+        message: String,
+    },
+}
+
+/// What one converge did.
+#[derive(Debug)]
+pub struct Report {
+    /// The state aimed at.
+    pub desired: Desired,
+    /// The steps planned (all tried unless an earlier one of theirs failed).
+    pub steps: Vec<Step>,
+    /// The steps that failed, with the error.
+    pub failures: Vec<(Step, String)>,
+    /// Each of the node's ports.
+    pub ports: BTreeMap<PortKey, PortState>,
+}
+
+/// Reads what the node has of what `desired` speaks of, and of what the agent made before.
+///
+/// # Errors
+/// A driver could not read the host.
+pub fn observe(host: &Host, desired: &Desired) -> Result<ObservedHost, SyncError> {
+    let ns = &desired.netns;
+    let links: BTreeMap<IfName, Link> = host
+        .links
+        .links(ns)?
+        .into_iter()
+        .map(|l| (l.name.clone(), l))
+        .collect();
+    let mut fdb = BTreeMap::new();
+    for l in links.values() {
+        if matches!(l.kind, LinkKind::Vxlan(_)) && is_derived(&l.name, "vx") {
+            fdb.insert(l.name.clone(), host.links.fdb(ns, &l.name)?);
+        }
+    }
+    let mut dhcp = BTreeMap::new();
+    for name in host.dhcp.list()? {
+        if let Some(status) = host.dhcp.status(&name)? {
+            dhcp.insert(name, status);
+        }
+    }
+    let present = host.links.list_netns()?;
+    let mut candidates: BTreeSet<_> = dhcp.keys().cloned().collect();
+    candidates.extend(
+        desired
+            .networks
+            .iter()
+            .filter_map(|n| n.dhcp.as_ref().map(|d| d.spec.name.clone())),
+    );
+    // Namespaces of this node's DHCP servers whose server never started are found too.
+    candidates.extend(
+        present
+            .iter()
+            .filter(|n| is_dhcp_name_of(&desired.node, n))
+            .cloned(),
+    );
+    let mut dhcp_netns = BTreeMap::new();
+    for name in candidates.into_iter().filter(|n| present.contains(n)) {
+        let inner = Netns::Named(name.clone());
+        let mut contents = NetnsContents::default();
+        for l in host.links.links(&inner)? {
+            if l.kind == LinkKind::Veth {
+                contents
+                    .addresses
+                    .insert(l.name.clone(), host.links.addresses(&inner, &l.name)?);
+            }
+            contents.links.insert(l.name.clone(), l);
+        }
+        dhcp_netns.insert(name, contents);
+    }
+    Ok(ObservedHost {
+        links,
+        fdb,
+        firewall: host.firewall.read()?,
+        dhcp,
+        dhcp_netns,
+    })
+}
+
+/// Carries out one step.
+///
+/// # Errors
+/// The driver's.
+pub fn execute(host: &Host, op: &Op) -> Result<(), SyncError> {
+    let l = &host.links;
+    match op {
+        Op::ApplyFirewall(r) => host.firewall.apply(r)?,
+        Op::ClearFirewall => host.firewall.clear()?,
+        Op::AddNetns(n) => l.add_netns(n)?,
+        Op::DelNetns(n) => l.del_netns(n)?,
+        Op::AddBridge(ns, n) => l.add_bridge(ns, n)?,
+        Op::AddVxlan(ns, spec) => l.add_vxlan(ns, spec)?,
+        Op::AddVeth(ns, spec) => l.add_veth(ns, spec)?,
+        Op::DelLink(ns, n) => l.del_link(ns, n)?,
+        Op::SetMaster(ns, n, m) => l.set_master(ns, n, m.as_ref())?,
+        Op::SetUp(ns, n) => l.set_up(ns, n, true)?,
+        Op::SetMtu(ns, n, mtu) => l.set_mtu(ns, n, *mtu)?,
+        Op::AddAddress(ns, n, a) => l.add_address(ns, n, *a)?,
+        Op::DelAddress(ns, n, a) => l.del_address(ns, n, *a)?,
+        Op::SetFdb(ns, n, entries) => l.set_fdb(ns, n, entries)?,
+        Op::EnsureDhcp(spec) => host.dhcp.ensure(spec)?,
+        Op::RemoveDhcp(n) => host.dhcp.remove(n)?,
+    }
+    Ok(())
+}
+
+/// What a step did, for an Event.
+pub fn describe(op: &Op) -> String {
+    match op {
+        Op::ApplyFirewall(_) => "applied the nft ruleset".into(),
+        Op::ClearFirewall => "removed the nft tables".into(),
+        Op::AddNetns(n) => format!("created namespace {n}"),
+        Op::DelNetns(n) => format!("deleted namespace {n}"),
+        Op::AddBridge(_, n) => format!("created bridge {n}"),
+        Op::AddVxlan(_, s) => format!("created VXLAN device {} (VNI {})", s.name, s.vni),
+        Op::AddVeth(_, s) => format!("created veth {}", s.name),
+        Op::DelLink(_, n) => format!("deleted {n}"),
+        Op::SetMaster(_, n, Some(m)) => format!("put {n} on {m}"),
+        Op::SetMaster(_, n, None) => format!("took {n} off its bridge"),
+        Op::SetUp(_, n) => format!("set {n} up"),
+        Op::SetMtu(_, n, mtu) => format!("set the MTU of {n} to {mtu}"),
+        Op::AddAddress(_, n, a) => format!("added {a} to {n}"),
+        Op::DelAddress(_, n, a) => format!("removed {a} from {n}"),
+        Op::SetFdb(_, n, e) => format!("set the FDB of {n} ({} entries)", e.len()),
+        Op::EnsureDhcp(s) => format!("started or reloaded DHCP server {}", s.name),
+        Op::RemoveDhcp(n) => format!("stopped DHCP server {n}"),
+    }
+}
+
+/// Makes the node what `snap` asks of it, and says which of its ports are wired.
+///
+/// Steps run in [`plan`]'s order. A failed firewall step stops everything after it (no port
+/// goes on a bridge unfiltered); any other failed step stops the later steps of its
+/// network only. Blocking: run it on the blocking pool.
+///
+/// # Errors
+/// The host could not be read, before or after.
+pub fn converge(host: &Host, cfg: &NodeConfig, snap: &Snapshot) -> Result<Report, SyncError> {
+    let (desired, plans) = desired(cfg, snap);
+    let observed = observe(host, &desired)?;
+    let steps = plan(&desired, &observed);
+    let mut failures: Vec<(Step, String)> = Vec::new();
+    let mut firewall_failed = None;
+    let mut failed_networks: BTreeMap<IfName, String> = BTreeMap::new();
+    for step in &steps {
+        if firewall_failed.is_some() {
+            break;
+        }
+        if let Some(n) = &step.network
+            && failed_networks.contains_key(n)
+        {
+            continue;
+        }
+        if let Err(e) = execute(host, &step.op) {
+            let msg = format!(
+                "{}: {}",
+                describe(&step.op),
+                stratus_runtime::policy::chain(&e)
+            );
+            tracing::warn!(error = %msg, "step failed");
+            match (&step.op, &step.network) {
+                (Op::ApplyFirewall(_), _) => firewall_failed = Some(msg.clone()),
+                (_, Some(n)) => {
+                    failed_networks.insert(n.clone(), msg.clone());
+                }
+                _ => {}
+            }
+            failures.push((step.clone(), msg));
+        }
+    }
+    let after = if steps.is_empty() {
+        observed
+    } else {
+        observe(host, &desired)?
+    };
+    let mut ports = BTreeMap::new();
+    for (key, p) in plans {
+        let state = match p {
+            PortPlan::Blocked { reason, message } => PortState::NotWired { reason, message },
+            PortPlan::Wire { bridge, device } => wired(&desired, &after, &bridge, &device, |n| {
+                firewall_failed
+                    .clone()
+                    .or_else(|| failed_networks.get(n).cloned())
+            }),
+        };
+        ports.insert(key, state);
+    }
+    Ok(Report {
+        desired,
+        steps,
+        failures,
+        ports,
+    })
+}
+
+/// Whether a port is wired on the host as read after the steps.
+fn wired(
+    desired: &Desired,
+    after: &ObservedHost,
+    bridge: &IfName,
+    device: &IfName,
+    failure: impl Fn(&IfName) -> Option<String>,
+) -> PortState {
+    if let Some(message) = failure(bridge) {
+        return PortState::NotWired {
+            reason: "WiringFailed",
+            message,
+        };
+    }
+    let Some(dev) = after.links.get(device) else {
+        return PortState::NotWired {
+            reason: "DeviceMissing",
+            message: format!("waiting for the port's device {device} to appear on the node"),
+        };
+    };
+    let vxlan_ok = desired
+        .networks
+        .iter()
+        .find(|n| n.bridge == *bridge)
+        .and_then(|n| after.links.get(&n.vxlan.name))
+        .is_some_and(|v| v.up && v.master.as_ref() == Some(bridge));
+    let firewall_ok = desired.firewall.as_ref().and_then(|r| r.observed().ok()) == after.firewall;
+    if dev.up && dev.master.as_ref() == Some(bridge) && vxlan_ok && firewall_ok {
+        PortState::Wired {
+            bridge: bridge.clone(),
+        }
+    } else {
+        PortState::NotWired {
+            reason: "WiringFailed",
+            message: format!("{device} is not up on bridge {bridge} with its filter in place"),
+        }
+    }
+}
+
+/// How the agent runs on its node.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The node.
+    pub node: NodeConfig,
+    /// How often the host is read back even without a change in the API (drift repair).
+    pub resync: Duration,
+}
+
+/// A cache of `K` whose every change wakes `notify`; the cache and the task that fills it.
+fn cache<K>(
+    api: Api<K>,
+    notify: Arc<Notify>,
+) -> (Store<K>, impl std::future::Future<Output = ()> + Send)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let run = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    )
+    .for_each(move |ev| {
+        if let Err(e) = ev {
+            tracing::debug!(kind = %K::kind(&()), error = %e, "watch failed; retrying");
+        }
+        notify.notify_one();
+        std::future::ready(())
+    });
+    (reader, run)
+}
+
+struct Caches {
+    ports: Store<Port>,
+    networks: Store<Network>,
+    subnets: Store<Subnet>,
+    hypervisors: Store<Hypervisor>,
+    groups: Store<SecurityGroup>,
+}
+
+impl Caches {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            ports: self.ports.state(),
+            networks: self.networks.state(),
+            subnets: self.subnets.state(),
+            hypervisors: self.hypervisors.state(),
+            groups: self.groups.state(),
+        }
+    }
+}
+
+/// Runs the network agent until it is dropped: caches Ports, Networks, Subnets,
+/// Hypervisors and SecurityGroups; converges the node on every change and every
+/// `config.resync`; writes the node's ports' status; records repairs of drift as Events;
+/// and, given an underlay address, reports it as the node's Hypervisor's `status.hostIP`
+/// (when that Hypervisor exists) so that other nodes reach it.
+pub async fn run(client: Client, host: Host, config: Config) {
+    let notify = Arc::new(Notify::new());
+    let (ports, ports_run) = cache(Api::<Port>::all(client.clone()), Arc::clone(&notify));
+    let (networks, networks_run) = cache(Api::<Network>::all(client.clone()), Arc::clone(&notify));
+    let (subnets, subnets_run) = cache(Api::<Subnet>::all(client.clone()), Arc::clone(&notify));
+    let (hypervisors, hypervisors_run) =
+        cache(Api::<Hypervisor>::all(client.clone()), Arc::clone(&notify));
+    let (groups, groups_run) = cache(
+        Api::<SecurityGroup>::all(client.clone()),
+        Arc::clone(&notify),
+    );
+    let caches = Caches {
+        ports,
+        networks,
+        subnets,
+        hypervisors,
+        groups,
+    };
+    let watches = async {
+        tokio::join!(
+            ports_run,
+            networks_run,
+            subnets_run,
+            hypervisors_run,
+            groups_run
+        );
+    };
+    tokio::select! {
+        () = watches => tracing::warn!("the network agent's watches stopped"),
+        () = converge_loop(client, host, config, caches, notify) => {}
+    }
+}
+
+async fn converge_loop(
+    client: Client,
+    host: Host,
+    config: Config,
+    caches: Caches,
+    notify: Arc<Notify>,
+) {
+    // An empty cache would read as "nothing on this node" and tear everything down.
+    stratus_runtime::store_ready(&caches.ports).await;
+    stratus_runtime::store_ready(&caches.networks).await;
+    stratus_runtime::store_ready(&caches.subnets).await;
+    stratus_runtime::store_ready(&caches.hypervisors).await;
+    stratus_runtime::store_ready(&caches.groups).await;
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: MANAGER.into(),
+            instance: Some(config.node.node.clone()),
+        },
+    );
+    let runtime: Runtime<Port> = Runtime::new(client.clone(), MANAGER);
+    let mut tick = tokio::time::interval(config.resync);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut converged: Option<Desired> = None;
+    loop {
+        tokio::select! {
+            () = notify.notified() => {
+                // Let a burst of changes (a port and its network at once) settle.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            _ = tick.tick() => {}
+        }
+        let snap = caches.snapshot();
+        let (h, cfg, s) = (host.clone(), config.node.clone(), snap.clone());
+        let span = tracing::info_span!("converge", node = %config.node.node);
+        let report = match stratus_runtime::blocking(move || {
+            let _g = span.enter();
+            converge(&h, &cfg, &s)
+        })
+        .await
+        .map_err(SyncError::from)
+        .and_then(|r| r)
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %stratus_runtime::policy::chain(&e), "cannot converge the node");
+                continue;
+            }
+        };
+        if !report.steps.is_empty() {
+            tracing::info!(
+                steps = report.steps.len(),
+                failed = report.failures.len(),
+                "converged the node"
+            );
+        }
+        // The same aim as the last time everything was right: what changed is the host.
+        if converged.as_ref() == Some(&report.desired) && !report.steps.is_empty() {
+            repaired(&recorder, &config, &snap, &report).await;
+        }
+        converged = report.failures.is_empty().then(|| report.desired.clone());
+        write_statuses(&runtime, &config, &snap, &report).await;
+        if let Some(ip) = config.node.underlay {
+            report_host_ip(&client, &config.node.node, ip, &snap).await;
+        }
+    }
+}
+
+/// The reference of the Network whose bridge is `bridge`.
+fn network_ref(snap: &Snapshot, bridge: &IfName) -> Option<ObjectReference> {
+    snap.networks
+        .iter()
+        .find(|n| {
+            n.uid()
+                .is_some_and(|u| IfName::derived(crate::driver::Role::Bridge, &u) == *bridge)
+        })
+        .map(|n| n.object_ref(&()))
+}
+
+/// Events for drift repaired: on each Network whose devices were repaired, and on every
+/// network of the node when the firewall was.
+async fn repaired(recorder: &Recorder, config: &Config, snap: &Snapshot, report: &Report) {
+    let mut notes: BTreeMap<IfName, Vec<String>> = BTreeMap::new();
+    for s in &report.steps {
+        match &s.network {
+            Some(b) => notes.entry(b.clone()).or_default().push(describe(&s.op)),
+            None if matches!(s.op, Op::ApplyFirewall(_)) => {
+                for n in &report.desired.networks {
+                    notes
+                        .entry(n.bridge.clone())
+                        .or_default()
+                        .push(describe(&s.op));
+                }
+            }
+            None => {}
+        }
+    }
+    for (bridge, what) in notes {
+        let Some(reference) = network_ref(snap, &bridge) else {
+            continue;
+        };
+        let note = format!(
+            "node {} found its wiring changed behind its back and repaired it: {}",
+            config.node.node,
+            what.join("; ")
+        );
+        tracing::warn!(%bridge, %note, "repaired drift");
+        stratus_runtime::events::publish(
+            recorder,
+            &reference,
+            EventType::Warning,
+            "Repair",
+            "DriftRepaired",
+            note,
+        )
+        .await;
+    }
+}
+
+/// Each of the node's ports: `Active` with `Ready=True` once wired, else `Down` with
+/// `Ready=False` saying why. Only what changed is written.
+async fn write_statuses(
+    runtime: &Runtime<Port>,
+    config: &Config,
+    snap: &Snapshot,
+    report: &Report,
+) {
+    for port in &snap.ports {
+        let Some(state) = report.ports.get(&PortKey::of(port)) else {
+            continue;
+        };
+        let mut status = port.status.clone().unwrap_or_default();
+        let update = match state {
+            PortState::Wired { bridge } => {
+                status.phase = PortPhase::Active;
+                ConditionType::Ready.yes(
+                    "Wired",
+                    format!("on bridge {bridge} of node {}", config.node.node),
+                )
+            }
+            PortState::NotWired { reason, message } => {
+                status.phase = PortPhase::Down;
+                ConditionType::Ready.no(*reason, message.clone())
+            }
+        };
+        update.set(&mut status.conditions, port.metadata.generation);
+        if let Err(e) = runtime.write_status(port, &status).await {
+            tracing::warn!(port = %port.name_any(), error = %e, "cannot write the port's status");
+        }
+    }
+}
+
+/// Sets the node's Hypervisor's `status.hostIP` to its underlay address, when it differs.
+async fn report_host_ip(client: &Client, node: &str, ip: Ipv4Addr, snap: &Snapshot) {
+    let Some(hv) = snap.hypervisors.iter().find(|h| h.name_any() == node) else {
+        return;
+    };
+    let want = ip.to_string();
+    if hv.status.as_ref().and_then(|s| s.host_ip.as_deref()) == Some(want.as_str()) {
+        return;
+    }
+    let api: Api<Hypervisor> = Api::all(client.clone());
+    let pp = PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
+    };
+    if let Err(e) = api
+        .patch_status(
+            node,
+            &pp,
+            &Patch::Merge(json!({"status": {"hostIP": want}})),
+        )
+        .await
+    {
+        tracing::warn!(error = %e, "cannot report the node's tunnel address");
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::BTreeSet;
+    use std::net::Ipv4Addr;
+    use std::sync::Arc;
+
+    use serde_json::json;
+    use stratus_api_types::compute::Hypervisor;
+    use stratus_api_types::network::{Network, Port, SecurityGroup, Subnet};
+
+    use super::*;
+    use crate::desired::{NodeConfig, Snapshot};
+    use crate::driver::fake::{FakeDhcp, FakeFirewall, FakeLinks};
+    use crate::driver::nft::Remote;
+    use crate::driver::{FdbEntry, MacAddr, Role, VethSpec, VxlanInfo};
+
+    pub(crate) fn network(name: &str, uid: &str, vni: Option<u32>) -> Arc<Network> {
+        let mut status = json!({"phase": "Active"});
+        if let Some(v) = vni {
+            status["vni"] = json!(v);
+        }
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "network.stratus.dev/v1", "kind": "Network",
+                "metadata": {"name": name, "namespace": "demo", "uid": uid},
+                "spec": {},
+                "status": status,
+            }))
+            .expect("network"),
+        )
+    }
+
+    pub(crate) fn subnet(name: &str, network: &str, cidr: &str) -> Arc<Subnet> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "network.stratus.dev/v1", "kind": "Subnet",
+                "metadata": {"name": name, "namespace": "demo", "uid": format!("uid-{name}")},
+                "spec": {"network": network, "cidr": cidr, "gatewayIP": "10.9.0.1"},
+            }))
+            .expect("subnet"),
+        )
+    }
+
+    /// A port of `network` placed on `node` with one address in subnet `sn`.
+    pub(crate) fn port(
+        name: &str,
+        network: &str,
+        node: &str,
+        mac: &str,
+        ip: &str,
+        device: Option<&str>,
+    ) -> Arc<Port> {
+        let mut status = json!({
+            "phase": "Pending", "hypervisor": node,
+            "fixedIPs": [{"subnet": "sn", "ipAddress": ip}],
+        });
+        if !mac.is_empty() {
+            status["macAddress"] = json!(mac);
+        }
+        if let Some(d) = device {
+            status["interfaceName"] = json!(d);
+        }
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "network.stratus.dev/v1", "kind": "Port",
+                "metadata": {"name": name, "namespace": "demo", "uid": format!("uid-{name}")},
+                "spec": {"network": network},
+                "status": status,
+            }))
+            .expect("port"),
+        )
+    }
+
+    pub(crate) fn hypervisor(name: &str, ip: &str) -> Arc<Hypervisor> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "compute.stratus.dev/v1", "kind": "Hypervisor",
+                "metadata": {"name": name, "uid": format!("uid-{name}")},
+                "spec": {"hypervisorType": "qemu"},
+                "status": {"hostIP": ip},
+            }))
+            .expect("hypervisor"),
+        )
+    }
+
+    pub(crate) fn group(name: &str, rules: serde_json::Value) -> Arc<SecurityGroup> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "network.stratus.dev/v1", "kind": "SecurityGroup",
+                "metadata": {"name": name, "namespace": "demo", "uid": format!("uid-sg-{name}")},
+                "spec": {"rules": rules},
+            }))
+            .expect("group"),
+        )
+    }
+
+    /// Network `net` (VNI 5001, DHCP on 10.9.0.0/24); port `p1` on node n1 (device tp-p1)
+    /// and `p2` on n2 (192.0.2.2); a default group allowing ICMP in from the group.
+    pub(crate) fn snapshot() -> Snapshot {
+        Snapshot {
+            ports: vec![
+                port(
+                    "p1",
+                    "net",
+                    "n1",
+                    "02:00:00:00:00:01",
+                    "10.9.0.11",
+                    Some("tp-p1"),
+                ),
+                port("p2", "net", "n2", "02:00:00:00:00:02", "10.9.0.12", None),
+            ],
+            networks: vec![network("net", "uid-net", Some(5001))],
+            subnets: vec![subnet("sn", "net", "10.9.0.0/24")],
+            hypervisors: vec![hypervisor("n1", "192.0.2.1"), hypervisor("n2", "192.0.2.2")],
+            groups: vec![group(
+                "default",
+                json!([
+                    {"direction": "ingress", "protocol": "icmp", "remoteGroup": "default"},
+                    {"direction": "egress"},
+                ]),
+            )],
+        }
+    }
+
+    pub(crate) fn config() -> NodeConfig {
+        NodeConfig {
+            node: "n1".into(),
+            netns: Netns::Host,
+            underlay: None,
+        }
+    }
+
+    struct Fakes {
+        links: Arc<FakeLinks>,
+        firewall: Arc<FakeFirewall>,
+        dhcp: Arc<FakeDhcp>,
+        host: Host,
+    }
+
+    fn fakes() -> Fakes {
+        let links = Arc::new(FakeLinks::new());
+        let firewall = Arc::new(FakeFirewall::new());
+        let dhcp = Arc::new(FakeDhcp::new());
+        let host = Host {
+            links: Arc::clone(&links) as Arc<dyn Links>,
+            firewall: Arc::clone(&firewall) as Arc<dyn Firewall>,
+            dhcp: Arc::clone(&dhcp) as Arc<dyn Dhcp>,
+        };
+        Fakes {
+            links,
+            firewall,
+            dhcp,
+            host,
+        }
+    }
+
+    fn ifname(s: &str) -> IfName {
+        IfName::new(s).expect("ifname")
+    }
+
+    /// What the hypervisor does: the port's device appears.
+    fn plug(links: &FakeLinks, device: &str) {
+        links
+            .add_veth(
+                &Netns::Host,
+                &VethSpec {
+                    name: ifname(device),
+                    peer: ifname(&format!("{device}-g")),
+                    peer_netns: None,
+                },
+            )
+            .expect("device");
+    }
+
+    fn key(name: &str) -> PortKey {
+        PortKey {
+            namespace: "demo".into(),
+            name: name.into(),
+        }
+    }
+
+    fn state(r: &Report, name: &str) -> PortState {
+        r.ports.get(&key(name)).cloned().expect("port state")
+    }
+
+    fn not_wired(r: &Report, name: &str) -> &'static str {
+        match state(r, name) {
+            PortState::NotWired { reason, .. } => reason,
+            s => panic!("{name} is {s:?}"),
+        }
+    }
+
+    #[test]
+    fn a_port_is_wired_and_a_second_converge_changes_nothing() {
+        let f = fakes();
+        plug(&f.links, "tp-p1");
+        let r = converge(&f.host, &config(), &snapshot()).expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        let bridge = IfName::derived(Role::Bridge, "uid-net");
+        assert_eq!(
+            state(&r, "p1"),
+            PortState::Wired {
+                bridge: bridge.clone()
+            }
+        );
+        assert!(!r.ports.contains_key(&key("p2")), "p2 is another node's");
+
+        let ns = Netns::Host;
+        let vx = IfName::derived(Role::Vxlan, "uid-net");
+        let vxlan = f.links.link(&ns, &vx).expect("link").expect("vxlan");
+        assert_eq!(
+            vxlan.kind,
+            LinkKind::Vxlan(VxlanInfo {
+                vni: 5001,
+                local: Some(Ipv4Addr::new(192, 0, 2, 1)),
+                port: 4789,
+                learning: false,
+            })
+        );
+        assert_eq!(vxlan.master.as_ref(), Some(&bridge));
+        let n2 = Ipv4Addr::new(192, 0, 2, 2);
+        assert_eq!(
+            f.links.fdb(&ns, &vx).expect("fdb"),
+            BTreeSet::from([
+                FdbEntry {
+                    mac: MacAddr::ZERO,
+                    remote: n2
+                },
+                FdbEntry {
+                    mac: "02:00:00:00:00:02".parse().expect("mac"),
+                    remote: n2
+                },
+            ])
+        );
+        let tap = f
+            .links
+            .link(&ns, &ifname("tp-p1"))
+            .expect("link")
+            .expect("tap");
+        assert!(tap.up && tap.master.as_ref() == Some(&bridge) && tap.mtu == 1450);
+
+        // The filter: p1's MAC and address, ICMP in from the default group's members.
+        let ruleset = r.desired.firewall.clone().expect("ruleset");
+        assert_eq!(ruleset.ports.len(), 1);
+        let p = &ruleset.ports[0];
+        assert_eq!(p.ips, BTreeSet::from([Ipv4Addr::new(10, 9, 0, 11)]));
+        assert!(p.port_security);
+        assert_eq!(ruleset.groups.len(), 1);
+        assert_eq!(
+            ruleset.groups[0].members,
+            BTreeSet::from([Ipv4Addr::new(10, 9, 0, 11), Ipv4Addr::new(10, 9, 0, 12)])
+        );
+        assert!(matches!(p.ingress[0].remote, Remote::Group(_)));
+        assert_eq!(
+            f.firewall.read().expect("read"),
+            Some(ruleset.observed().expect("observed"))
+        );
+
+        // DHCP: only the local port's lease, from the highest free address.
+        let servers = f.dhcp.list().expect("list");
+        assert_eq!(servers.len(), 1);
+        let name = servers.first().expect("server");
+        let st = f.dhcp.status(name).expect("status").expect("server");
+        assert!(st.pid.is_some());
+        assert_eq!(st.leases.len(), 1);
+        assert_eq!(st.leases[0].ip, Ipv4Addr::new(10, 9, 0, 11));
+        let inner = Netns::Named(name.clone());
+        let peer = IfName::derived(Role::VethPeer, "n1/uid-net");
+        assert_eq!(
+            f.links.addresses(&inner, &peer).expect("addresses"),
+            BTreeSet::from(["10.9.0.254/24".parse().expect("cidr")])
+        );
+
+        // A restart (a second agent on the same host) changes nothing.
+        let applied = f.firewall.applied();
+        let again = converge(&f.host, &config(), &snapshot()).expect("converge");
+        assert_eq!(again.steps, vec![]);
+        assert_eq!(f.firewall.applied(), applied);
+        assert_eq!(f.dhcp.reloads(), 0);
+    }
+
+    #[test]
+    fn a_port_whose_device_is_not_there_yet_waits_for_it() {
+        let f = fakes();
+        let r = converge(&f.host, &config(), &snapshot()).expect("converge");
+        assert_eq!(not_wired(&r, "p1"), "DeviceMissing");
+        plug(&f.links, "tp-p1");
+        let r = converge(&f.host, &config(), &snapshot()).expect("converge");
+        assert!(matches!(state(&r, "p1"), PortState::Wired { .. }));
+    }
+
+    #[test]
+    fn a_port_that_cannot_be_wired_says_why_and_touches_nothing() {
+        type Break = fn(&mut Snapshot);
+        let cases: Vec<(&str, Break)> = vec![
+            ("VNIPending", |s| {
+                s.networks = vec![network("net", "uid-net", None)];
+            }),
+            ("NetworkNotFound", |s| s.networks.clear()),
+            ("SecurityGroupNotFound", |s| s.groups.clear()),
+            ("NoUnderlayAddress", |s| {
+                s.hypervisors.retain(|h| h.name_any() != "n1");
+            }),
+            ("MACAddressPending", |s| {
+                s.ports[0] = port("p1", "net", "n1", "", "10.9.0.11", Some("tp-p1"));
+            }),
+            ("InvalidInterfaceName", |s| {
+                s.ports[0] = port(
+                    "p1",
+                    "net",
+                    "n1",
+                    "02:00:00:00:00:01",
+                    "10.9.0.11",
+                    Some("x; rm -rf /"),
+                );
+            }),
+        ];
+        for (reason, break_it) in cases {
+            let f = fakes();
+            plug(&f.links, "tp-p1");
+            let mut snap = snapshot();
+            break_it(&mut snap);
+            let r = converge(&f.host, &config(), &snap).expect("converge");
+            assert_eq!(not_wired(&r, "p1"), reason);
+            // Nothing but the hypervisor's device is on the host.
+            let links = f.links.links(&Netns::Host).expect("links");
+            assert!(
+                links
+                    .iter()
+                    .all(|l| l.name.as_str().starts_with("tp-p1") || l.name.as_str() == "lo"),
+                "{reason}: {links:?}"
+            );
+            assert_eq!(f.firewall.read().expect("read"), None, "{reason}");
+            assert!(f.dhcp.list().expect("list").is_empty(), "{reason}");
+        }
+    }
+
+    #[test]
+    fn drift_behind_the_agents_back_is_repaired() {
+        let f = fakes();
+        plug(&f.links, "tp-p1");
+        let snap = snapshot();
+        let first = converge(&f.host, &config(), &snap).expect("converge");
+        let ns = Netns::Host;
+        let vx = IfName::derived(Role::Vxlan, "uid-net");
+        let fdb = f.links.fdb(&ns, &vx).expect("fdb");
+
+        f.links.set_fdb_behind(&ns, &vx, BTreeSet::new());
+        let r = converge(&f.host, &config(), &snap).expect("converge");
+        assert_eq!(r.steps.len(), 1);
+        assert_eq!(f.links.fdb(&ns, &vx).expect("fdb"), fdb);
+
+        f.links.remove_behind(&ns, &vx);
+        f.firewall.tamper(None);
+        let name = f
+            .dhcp
+            .list()
+            .expect("list")
+            .into_iter()
+            .next()
+            .expect("server");
+        f.dhcp.kill(&name);
+        let r = converge(&f.host, &config(), &snap).expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        assert!(matches!(state(&r, "p1"), PortState::Wired { .. }));
+        assert_eq!(f.links.fdb(&ns, &vx).expect("fdb"), fdb);
+        assert_eq!(
+            f.firewall.read().expect("read"),
+            Some(
+                first
+                    .desired
+                    .firewall
+                    .as_ref()
+                    .expect("ruleset")
+                    .observed()
+                    .expect("observed")
+            )
+        );
+        assert!(
+            f.dhcp
+                .status(&name)
+                .expect("status")
+                .is_some_and(|s| s.pid.is_some())
+        );
+        assert_eq!(
+            converge(&f.host, &config(), &snap).expect("converge").steps,
+            vec![]
+        );
+    }
+
+    #[test]
+    fn a_failed_firewall_keeps_the_port_off_the_bridge_until_it_passes() {
+        let f = fakes();
+        plug(&f.links, "tp-p1");
+        f.firewall.failures.set("apply", 1);
+        let r = converge(&f.host, &config(), &snapshot()).expect("converge");
+        assert_eq!(not_wired(&r, "p1"), "WiringFailed");
+        let tap = f.links.link(&Netns::Host, &ifname("tp-p1")).expect("link");
+        assert_eq!(tap.and_then(|t| t.master), None, "no port unfiltered");
+
+        let r = converge(&f.host, &config(), &snapshot()).expect("converge");
+        assert!(matches!(state(&r, "p1"), PortState::Wired { .. }));
+    }
+
+    #[test]
+    fn a_failed_link_step_is_reported_and_retried() {
+        let f = fakes();
+        plug(&f.links, "tp-p1");
+        f.links.failures.set("add_vxlan", 1);
+        let r = converge(&f.host, &config(), &snapshot()).expect("converge");
+        assert_eq!(not_wired(&r, "p1"), "WiringFailed");
+        assert_eq!(r.failures.len(), 1);
+        let r = converge(&f.host, &config(), &snapshot()).expect("converge");
+        assert!(matches!(state(&r, "p1"), PortState::Wired { .. }));
+        // A host that cannot even be read is an error of the whole converge.
+        f.links.failures.set("links", 1);
+        assert!(converge(&f.host, &config(), &snapshot()).is_err());
+    }
+
+    #[test]
+    fn everything_deleted_leaves_nothing_behind() {
+        let f = fakes();
+        plug(&f.links, "tp-p1");
+        converge(&f.host, &config(), &snapshot()).expect("converge");
+        let mut snap = snapshot();
+        snap.ports.clear();
+        let r = converge(&f.host, &config(), &snap).expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        let left: Vec<String> = f
+            .links
+            .links(&Netns::Host)
+            .expect("links")
+            .into_iter()
+            .map(|l| l.name.to_string())
+            .collect();
+        assert_eq!(
+            left,
+            vec!["lo", "tp-p1", "tp-p1-g"],
+            "only the hypervisor's device"
+        );
+        assert_eq!(f.firewall.read().expect("read"), None);
+        assert!(f.dhcp.list().expect("list").is_empty());
+        assert!(f.links.list_netns().expect("netns").is_empty());
+        assert_eq!(
+            converge(&f.host, &config(), &snap).expect("converge").steps,
+            vec![]
+        );
+    }
+
+    #[test]
+    fn port_security_off_and_address_pairs_shape_the_filter() {
+        let mut snap = snapshot();
+        let mut p: Port = (*snap.ports[0]).clone();
+        p.spec.allowed_address_pairs = serde_json::from_value(json!([
+            {"ipAddress": "10.9.0.100"}, {"ipAddress": "10.9.0.0/24"}
+        ]))
+        .expect("pairs");
+        snap.ports[0] = Arc::new(p.clone());
+        let (d, _) = crate::desired::desired(&config(), &snap);
+        let f = &d.firewall.expect("ruleset").ports[0];
+        assert_eq!(
+            f.ips,
+            BTreeSet::from([Ipv4Addr::new(10, 9, 0, 11), Ipv4Addr::new(10, 9, 0, 100)]),
+            "a single address is allowed, a whole prefix is not"
+        );
+
+        p.spec.port_security_enabled = Some(false);
+        snap.ports[0] = Arc::new(p);
+        snap.groups.clear();
+        let (d, plans) = crate::desired::desired(&config(), &snap);
+        assert!(matches!(plans.get(&key("p1")), Some(PortPlan::Wire { .. })));
+        assert!(!d.firewall.expect("ruleset").ports[0].port_security);
+    }
+}

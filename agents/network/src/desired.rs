@@ -1,0 +1,623 @@
+//! The node's [`Desired`] state from the API's objects (Ports placed on the node, their
+//! Networks, Subnets and SecurityGroups, and the Hypervisors that are the other VXLAN tunnel
+//! endpoints), and for each of the node's ports whether it can be wired and if not why.
+//! Pure: every name and address is parsed into the drivers' types here, and what does not
+//! parse keeps its port from being wired (with the reason) rather than reaching the host.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use kube::ResourceExt;
+use stratus_api_types::compute::Hypervisor;
+use stratus_api_types::network::{
+    Direction, EtherType, Network, Port, Protocol as ApiProtocol, SecurityGroup, SecurityGroupRule,
+    Segmentation, Subnet,
+};
+
+use crate::driver::nft::{
+    GroupRef, PortFilter, PortRange, Protocol, Remote, RemoteGroup, Rule, Zone,
+};
+use crate::driver::{
+    DhcpSpec, FdbEntry, IfName, Ipv4Cidr, MacAddr, Name, Netns, Role, Ruleset, StaticLease,
+    VXLAN_PORT, VxlanSpec,
+};
+use crate::plan::{Desired, DhcpWiring, NetworkWiring, dhcp_name};
+
+/// The security group a port without `spec.securityGroups` is in.
+pub const DEFAULT_GROUP: &str = "default";
+
+/// How long a DHCP lease lasts.
+pub const LEASE_SECS: u32 = 3600;
+
+/// Who this node is, as far as its networks go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// The node's name (`Port.status.hypervisor` of the ports placed on it).
+    pub node: String,
+    /// Where its bridges and VXLAN devices live.
+    pub netns: Netns,
+    /// The address its VXLAN devices send from; `None` takes the node's Hypervisor's
+    /// `status.hostIP`.
+    pub underlay: Option<Ipv4Addr>,
+}
+
+/// The objects the node's desired state is made of, as the agent's caches hold them.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Every Port the agent sees (its own and the other ports of its networks).
+    pub ports: Vec<Arc<Port>>,
+    /// Networks.
+    pub networks: Vec<Arc<Network>>,
+    /// Subnets.
+    pub subnets: Vec<Arc<Subnet>>,
+    /// Hypervisors (the other nodes' tunnel endpoints).
+    pub hypervisors: Vec<Arc<Hypervisor>>,
+    /// Security groups.
+    pub groups: Vec<Arc<SecurityGroup>>,
+}
+
+/// A Port by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortKey {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+impl PortKey {
+    /// The key of `port`.
+    pub fn of(port: &Port) -> Self {
+        Self {
+            namespace: port.namespace().unwrap_or_default(),
+            name: port.name_any(),
+        }
+    }
+}
+
+/// What becomes of one of the node's ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortPlan {
+    /// Its device goes on `bridge`.
+    Wire {
+        /// Its network's bridge.
+        bridge: IfName,
+        /// Its device (a tap the hypervisor makes).
+        device: IfName,
+    },
+    /// It cannot be wired yet, or at all.
+    Blocked {
+        /// CamelCase, for its `Ready` condition.
+        reason: &'static str,
+        /// What is missing, for people.
+        message: String,
+    },
+}
+
+/// The device of `port` on its node: `status.interfaceName` when set, else `tp-` and 12 hex
+/// digits of its uid's SHA-256 (15 bytes, the kernel's limit).
+///
+/// # Errors
+/// `status.interfaceName` is not a name the kernel accepts.
+pub fn port_device(port: &Port) -> Result<IfName, String> {
+    match port
+        .status
+        .as_ref()
+        .and_then(|s| s.interface_name.as_deref())
+    {
+        Some(n) => IfName::new(n).map_err(|e| e.to_string()),
+        None => Ok(IfName::derived(
+            Role::Tap,
+            port.uid().as_deref().unwrap_or_default(),
+        )),
+    }
+}
+
+fn live(port: &Port) -> bool {
+    port.metadata.deletion_timestamp.is_none()
+}
+
+fn node_of(port: &Port) -> Option<&str> {
+    port.status.as_ref().and_then(|s| s.hypervisor.as_deref())
+}
+
+/// The port's security groups: `spec.securityGroups`, or `default` when unset.
+fn groups_of(port: &Port) -> Vec<String> {
+    port.spec
+        .security_groups
+        .clone()
+        .unwrap_or_else(|| vec![DEFAULT_GROUP.to_owned()])
+}
+
+/// The IPv4 fixed addresses in the port's status, with their subnets.
+fn fixed_ips(port: &Port) -> Result<Vec<(String, Ipv4Addr)>, String> {
+    let mut out = Vec::new();
+    for f in port.status.iter().flat_map(|s| s.fixed_ips.iter()) {
+        if f.ip_address.contains(':') {
+            continue;
+        }
+        let ip = f
+            .ip_address
+            .parse()
+            .map_err(|_| format!("status.fixedIPs: {:?} is not an address", f.ip_address))?;
+        out.push((f.subnet.clone(), ip));
+    }
+    Ok(out)
+}
+
+/// A port of this node that can be wired.
+struct LocalPort {
+    key: PortKey,
+    id: Name,
+    network: Arc<Network>,
+    device: IfName,
+    mac: MacAddr,
+    ips: Vec<(String, Ipv4Addr)>,
+    security: bool,
+    groups: Vec<String>,
+    pairs: BTreeSet<Ipv4Addr>,
+}
+
+fn blocked(reason: &'static str, message: impl Into<String>) -> PortPlan {
+    PortPlan::Blocked {
+        reason,
+        message: message.into(),
+    }
+}
+
+/// Checks what wiring `port` needs; its plan if it cannot be wired.
+fn local_port(
+    port: &Port,
+    snap: &Snapshot,
+    underlay: Option<Ipv4Addr>,
+) -> Result<LocalPort, PortPlan> {
+    let ns = port.namespace().unwrap_or_default();
+    let key = PortKey::of(port);
+    let network = snap
+        .networks
+        .iter()
+        .find(|n| n.namespace().as_deref() == Some(&ns) && n.name_any() == port.spec.network)
+        .ok_or_else(|| {
+            blocked(
+                "NetworkNotFound",
+                format!("network {} does not exist", port.spec.network),
+            )
+        })?;
+    if network.spec.segmentation != Segmentation::Vxlan {
+        return Err(blocked(
+            "SegmentationUnsupported",
+            format!(
+                "network {} is not a VXLAN network; this node wires VXLAN networks only",
+                port.spec.network
+            ),
+        ));
+    }
+    if network.status.as_ref().and_then(|s| s.vni).is_none() || network.uid().is_none() {
+        return Err(blocked(
+            "VNIPending",
+            format!("network {} has no VNI yet", port.spec.network),
+        ));
+    }
+    if underlay.is_none() {
+        return Err(blocked(
+            "NoUnderlayAddress",
+            "the node has no tunnel address (no --underlay-ip and no Hypervisor status.hostIP)",
+        ));
+    }
+    let mac: MacAddr = port
+        .status
+        .as_ref()
+        .and_then(|s| s.mac_address.as_deref())
+        .ok_or_else(|| blocked("MACAddressPending", "the port has no MAC address yet"))?
+        .parse()
+        .map_err(|e| blocked("InvalidMACAddress", format!("status.macAddress: {e}")))?;
+    let device = port_device(port)
+        .map_err(|e| blocked("InvalidInterfaceName", format!("status.interfaceName: {e}")))?;
+    let ips = fixed_ips(port).map_err(|e| blocked("InvalidAddress", e))?;
+    let security = port
+        .spec
+        .port_security_enabled
+        .unwrap_or(network.spec.port_security_enabled);
+    let groups = if security { groups_of(port) } else { vec![] };
+    if security {
+        if ips.is_empty() {
+            return Err(blocked(
+                "AddressPending",
+                "the port has no IPv4 address yet (port security filters by address)",
+            ));
+        }
+        for g in &groups {
+            let found = snap
+                .groups
+                .iter()
+                .any(|s| s.namespace().as_deref() == Some(&ns) && s.name_any() == *g);
+            if !found {
+                return Err(blocked(
+                    "SecurityGroupNotFound",
+                    format!("security group {g} does not exist"),
+                ));
+            }
+        }
+    }
+    // Only single IPv4 addresses can be allowed as sources; wider pairs are left out (the
+    // filter stays narrower than asked, never wider).
+    let pairs = port
+        .spec
+        .allowed_address_pairs
+        .iter()
+        .filter_map(|p| {
+            let a = p.ip_address.strip_suffix("/32").unwrap_or(&p.ip_address);
+            a.parse::<Ipv4Addr>().ok()
+        })
+        .collect();
+    let id = Name::derived("p", port.uid().as_deref().unwrap_or_default())
+        .map_err(|e| blocked("InvalidName", e.to_string()))?;
+    Ok(LocalPort {
+        key,
+        id,
+        network: Arc::clone(network),
+        device,
+        mac,
+        ips,
+        security,
+        groups,
+        pairs,
+    })
+}
+
+/// The node's desired state and the plan for each of its ports (those whose
+/// `status.hypervisor` is this node and that are not being deleted).
+pub fn desired(cfg: &NodeConfig, snap: &Snapshot) -> (Desired, BTreeMap<PortKey, PortPlan>) {
+    let underlay = cfg.underlay.or_else(|| {
+        snap.hypervisors
+            .iter()
+            .find(|h| h.name_any() == cfg.node)
+            .and_then(|h| h.status.as_ref()?.host_ip.as_deref()?.parse().ok())
+    });
+    let mut plans = BTreeMap::new();
+    // By network uid: the network and its ports on this node.
+    let mut by_network: BTreeMap<String, (Arc<Network>, Vec<LocalPort>)> = BTreeMap::new();
+    for port in &snap.ports {
+        if !live(port) || node_of(port) != Some(cfg.node.as_str()) {
+            continue;
+        }
+        match local_port(port, snap, underlay) {
+            Ok(lp) => {
+                let uid = lp.network.uid().unwrap_or_default();
+                by_network
+                    .entry(uid)
+                    .or_insert_with(|| (Arc::clone(&lp.network), Vec::new()))
+                    .1
+                    .push(lp);
+            }
+            Err(plan) => {
+                plans.insert(PortKey::of(port), plan);
+            }
+        }
+    }
+    let Some(local) = underlay.filter(|_| !by_network.is_empty()) else {
+        return (
+            Desired {
+                node: cfg.node.clone(),
+                netns: cfg.netns.clone(),
+                networks: vec![],
+                firewall: None,
+            },
+            plans,
+        );
+    };
+
+    let mut networks = Vec::new();
+    let mut groups = Groups::default();
+    let mut filters = Vec::new();
+    let mut zones = Vec::new();
+    let mut used_zones = BTreeSet::new();
+    let mut by_vni: Vec<_> = by_network.into_iter().collect();
+    by_vni.sort_by_key(|(_, (n, _))| n.status.as_ref().and_then(|s| s.vni));
+    for (uid, (net, ports)) in by_vni {
+        let ns = net.namespace().unwrap_or_default();
+        let vni = net.status.as_ref().and_then(|s| s.vni).unwrap_or_default();
+        let bridge = IfName::derived(Role::Bridge, &uid);
+        zones.push(Zone {
+            bridge: bridge.clone(),
+            zone: zone_for(vni, &mut used_zones),
+        });
+        let dhcp = dhcp_for(cfg, snap, &net, &uid, &ports, &ns);
+        for p in &ports {
+            plans.insert(
+                p.key.clone(),
+                PortPlan::Wire {
+                    bridge: bridge.clone(),
+                    device: p.device.clone(),
+                },
+            );
+            filters.push(filter(p, &bridge, snap, &mut groups, &ns));
+        }
+        networks.push(NetworkWiring {
+            bridge: bridge.clone(),
+            vxlan: VxlanSpec {
+                name: IfName::derived(Role::Vxlan, &uid),
+                vni,
+                local,
+                port: VXLAN_PORT,
+            },
+            mtu: net.spec.mtu,
+            fdb: fdb(cfg, snap, &net, &ns),
+            ports: ports.iter().map(|p| p.device.clone()).collect(),
+            dhcp,
+        });
+    }
+    networks.sort_by(|a, b| a.bridge.cmp(&b.bridge));
+    (
+        Desired {
+            node: cfg.node.clone(),
+            netns: cfg.netns.clone(),
+            networks,
+            firewall: Some(Ruleset {
+                zones,
+                ports: filters,
+                groups: groups.sets,
+            }),
+        },
+        plans,
+    )
+}
+
+/// A conntrack zone for a network: from its VNI, the next free one if taken.
+fn zone_for(vni: u32, used: &mut BTreeSet<u16>) -> u16 {
+    let mut z = u16::try_from((vni.saturating_sub(1)) % 65535 + 1).unwrap_or(1);
+    while !used.insert(z) {
+        z = if z == u16::MAX { 1 } else { z + 1 };
+    }
+    z
+}
+
+/// The FDB of a network's VXLAN device: for each other node hosting one of its ports, the
+/// flood entry and each of those ports' MACs, to that node's `status.hostIP`.
+fn fdb(cfg: &NodeConfig, snap: &Snapshot, net: &Network, ns: &str) -> BTreeSet<FdbEntry> {
+    let mut out = BTreeSet::new();
+    for p in &snap.ports {
+        let Some(node) = node_of(p) else { continue };
+        if node == cfg.node
+            || !live(p)
+            || p.namespace().as_deref() != Some(ns)
+            || p.spec.network != net.name_any()
+        {
+            continue;
+        }
+        let remote = snap
+            .hypervisors
+            .iter()
+            .find(|h| h.name_any() == node)
+            .and_then(|h| h.status.as_ref()?.host_ip.as_deref()?.parse().ok());
+        let Some(remote) = remote else {
+            tracing::debug!(%node, "no hostIP for a node hosting a port; no tunnel to it yet");
+            continue;
+        };
+        out.insert(FdbEntry {
+            mac: MacAddr::ZERO,
+            remote,
+        });
+        if let Some(mac) = p
+            .status
+            .as_ref()
+            .and_then(|s| s.mac_address.as_deref()?.parse().ok())
+        {
+            out.insert(FdbEntry { mac, remote });
+        }
+    }
+    out
+}
+
+/// The network's DHCP server on this node: for its first subnet (by name) with DHCP and an
+/// IPv4 CIDR, serving the local ports' addresses in it. The server's own address is the
+/// highest of the subnet that is neither the gateway nor any port's.
+fn dhcp_for(
+    cfg: &NodeConfig,
+    snap: &Snapshot,
+    net: &Network,
+    uid: &str,
+    ports: &[LocalPort],
+    ns: &str,
+) -> Option<DhcpWiring> {
+    let mut subnets: Vec<&Arc<Subnet>> = snap
+        .subnets
+        .iter()
+        .filter(|s| {
+            s.namespace().as_deref() == Some(ns)
+                && s.spec.network == net.name_any()
+                && s.spec.enable_dhcp
+                && s.spec.cidr.parse::<Ipv4Cidr>().is_ok()
+        })
+        .collect();
+    subnets.sort_by_key(|s| s.name_any());
+    let subnet = subnets.first()?;
+    let cidr: Ipv4Cidr = subnet.spec.cidr.parse().ok()?;
+    let cidr = Ipv4Cidr::new(cidr.network(), cidr.prefix())?;
+    let gateway: Option<Ipv4Addr> = if subnet.spec.disable_gateway {
+        None
+    } else {
+        subnet
+            .status
+            .as_ref()
+            .and_then(|s| s.gateway_ip.as_deref())
+            .or(subnet.spec.gateway_ip.as_deref())
+            .and_then(|g| g.parse().ok())
+            .filter(|g| cidr.contains(*g))
+    };
+    let taken: BTreeSet<Ipv4Addr> = snap
+        .ports
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(ns) && p.spec.network == net.name_any())
+        .flat_map(|p| fixed_ips(p).unwrap_or_default())
+        .map(|(_, ip)| ip)
+        .chain(gateway)
+        .collect();
+    let broadcast = u32::from(cidr.network()) | !u32::from(cidr.netmask());
+    let first = u32::from(cidr.network()) + 1;
+    let server = (first..broadcast)
+        .rev()
+        .map(Ipv4Addr::from)
+        .find(|a| !taken.contains(a))?;
+    let mut leases = Vec::new();
+    let mut macs = BTreeSet::new();
+    for p in ports {
+        let ip = p
+            .ips
+            .iter()
+            .find(|(s, ip)| *s == subnet.name_any() && cidr.contains(*ip));
+        if let Some((_, ip)) = ip
+            && macs.insert(p.mac)
+        {
+            leases.push(StaticLease {
+                mac: p.mac,
+                ip: *ip,
+                hostname: None,
+            });
+        }
+    }
+    leases.sort();
+    let key = format!("{}/{uid}", cfg.node);
+    let name = dhcp_name(&cfg.node, uid);
+    Some(DhcpWiring {
+        veth: IfName::derived(Role::Veth, &key),
+        address: Ipv4Cidr::new(server, cidr.prefix())?,
+        spec: DhcpSpec {
+            name: name.clone(),
+            netns: Netns::Named(name),
+            interface: IfName::derived(Role::VethPeer, &key),
+            subnet: cidr,
+            router: gateway,
+            lease_secs: LEASE_SECS,
+            leases,
+        },
+    })
+}
+
+/// The remote groups rules refer to, one nft set each, made as rules need them.
+#[derive(Default)]
+struct Groups {
+    sets: Vec<RemoteGroup>,
+    index: BTreeMap<(String, String), usize>,
+}
+
+impl Groups {
+    /// The set of group `name` in namespace `ns`: the IPv4 addresses of its member ports.
+    fn get(&mut self, snap: &Snapshot, ns: &str, name: &str) -> Option<GroupRef> {
+        let key = (ns.to_owned(), name.to_owned());
+        if let Some(i) = self.index.get(&key) {
+            return Some(GroupRef(*i));
+        }
+        let uid = snap
+            .groups
+            .iter()
+            .find(|g| g.namespace().as_deref() == Some(ns) && g.name_any() == name)
+            .and_then(|g| g.uid())
+            .unwrap_or_else(|| format!("missing/{ns}/{name}"));
+        let members = snap
+            .ports
+            .iter()
+            .filter(|p| {
+                live(p)
+                    && p.namespace().as_deref() == Some(ns)
+                    && groups_of(p).iter().any(|g| g == name)
+            })
+            .flat_map(|p| fixed_ips(p).unwrap_or_default())
+            .map(|(_, ip)| ip)
+            .collect();
+        let set = RemoteGroup {
+            name: Name::derived("g", &uid).ok()?,
+            members,
+        };
+        self.sets.push(set);
+        self.index.insert(key, self.sets.len() - 1);
+        Some(GroupRef(self.sets.len() - 1))
+    }
+}
+
+/// One security-group rule as an nft rule; `None` for what the filter cannot express
+/// (IPv6, ICMP types, prefixes that are not IPv4), which is then not allowed.
+fn rule(
+    r: &SecurityGroupRule,
+    snap: &Snapshot,
+    groups: &mut Groups,
+    ns: &str,
+) -> Option<(Direction, Rule)> {
+    if r.ethertype != EtherType::IPv4 || r.icmp_type.is_some() || r.icmp_code.is_some() {
+        return None;
+    }
+    let protocol = match r.protocol {
+        ApiProtocol::Any => Protocol::Any,
+        ApiProtocol::Tcp => Protocol::Tcp,
+        ApiProtocol::Udp => Protocol::Udp,
+        ApiProtocol::Icmp => Protocol::Icmp,
+    };
+    let ports = match (r.port_range_min, r.port_range_max) {
+        (None, None) => None,
+        (min, max) => {
+            let (first, last) = (min.or(max)?, max.or(min)?);
+            if !matches!(protocol, Protocol::Tcp | Protocol::Udp) || first == 0 || first > last {
+                return None;
+            }
+            Some(PortRange { first, last })
+        }
+    };
+    let remote = match (&r.remote_group, &r.remote_ip_prefix) {
+        (Some(g), _) => Remote::Group(groups.get(snap, ns, g)?),
+        (None, Some(prefix)) => Remote::Cidr(prefix.parse().ok()?),
+        (None, None) => Remote::Any,
+    };
+    Some((
+        r.direction,
+        Rule {
+            protocol,
+            ports,
+            remote,
+        },
+    ))
+}
+
+/// A port's filter: its MAC and addresses (and allowed pairs), and its groups' rules.
+fn filter(
+    p: &LocalPort,
+    bridge: &IfName,
+    snap: &Snapshot,
+    groups: &mut Groups,
+    ns: &str,
+) -> PortFilter {
+    let (mut ingress, mut egress) = (Vec::new(), Vec::new());
+    for g in &p.groups {
+        let Some(sg) = snap
+            .groups
+            .iter()
+            .find(|s| s.namespace().as_deref() == Some(ns) && s.name_any() == *g)
+        else {
+            continue;
+        };
+        for r in &sg.spec.rules {
+            let Some((dir, rule)) = rule(r, snap, groups, ns) else {
+                continue;
+            };
+            let list = match dir {
+                Direction::Ingress => &mut ingress,
+                Direction::Egress => &mut egress,
+            };
+            if !list.contains(&rule) {
+                list.push(rule);
+            }
+        }
+    }
+    let mut ips: BTreeSet<Ipv4Addr> = p.ips.iter().map(|(_, ip)| *ip).collect();
+    ips.extend(&p.pairs);
+    PortFilter {
+        id: p.id.clone(),
+        bridge: bridge.clone(),
+        device: p.device.clone(),
+        mac: p.mac,
+        ips,
+        port_security: p.security,
+        ingress,
+        egress,
+    }
+}
