@@ -114,7 +114,11 @@ impl LabelSelector {
     /// Whether the object's labels satisfy every requirement.
     pub fn matches(&self, obj: &Value) -> bool {
         let labels = obj.pointer("/metadata/labels");
-        let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
+        self.matches_labels(|k| labels.and_then(|l| l.get(k)).and_then(Value::as_str))
+    }
+
+    /// Whether labels read by `get` (a label's value by its key) satisfy every requirement.
+    pub fn matches_labels<'a>(&self, get: impl Fn(&str) -> Option<&'a str>) -> bool {
         self.0.iter().all(|r| match r {
             Req::Eq(k, v) => get(k) == Some(v.as_str()),
             Req::NotEq(k, v) => get(k) != Some(v.as_str()),
@@ -170,6 +174,14 @@ impl FieldSelector {
         })
     }
 
+    /// Whether fields read by `get` (a field's value as [`field_value`] gives it, by its
+    /// path) satisfy every requirement; an absent field reads as "".
+    pub fn matches_fields<'a>(&self, get: impl Fn(&str) -> Option<&'a str>) -> bool {
+        self.0
+            .iter()
+            .all(|(field, eq, want)| (get(field).unwrap_or("") == want) == *eq)
+    }
+
     /// The value required for `metadata.name`, if the selector pins it (lets a read use one key).
     pub fn pinned_name(&self) -> Option<&str> {
         self.0
@@ -181,18 +193,7 @@ impl FieldSelector {
 
 /// A field's value as a selector compares it: strings as is, other scalars in JSON form.
 pub fn field_value(obj: &Value, path: &str) -> String {
-    let mut cur = obj;
-    for seg in path.trim_start_matches('.').split('.') {
-        match cur.get(seg) {
-            Some(v) => cur = v,
-            None => return String::new(),
-        }
-    }
-    match cur {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
+    crate::storage::cache::field_text(obj, path)
 }
 
 #[cfg(test)]

@@ -20,11 +20,19 @@ use crate::resource::registry::{Registry, ResourceType};
 use crate::resource::review::{Operation, Policy, Review, names_agree};
 use crate::resource::selector::{FieldSelector, LabelSelector};
 use crate::resource::table::{self, Rendering};
+use crate::storage::cache::{Object, Page};
 use crate::storage::kv::KeyValue;
 use crate::storage::store::{Store, StoreError, Stored, Write};
 
 /// How many times a patch or delete is retried when a concurrent writer got there first.
 const WRITE_RETRIES: usize = 8;
+
+/// How long a LIST waits for the watch cache (to be built, or to catch up with etcd) before it
+/// reads etcd instead.
+const CACHE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Objects per page of a streamed answer from the watch cache.
+const CACHE_PAGE: usize = 500;
 
 /// The most operations a JSON patch may hold (kube-apiserver's limit).
 pub const MAX_JSON_PATCH_OPERATIONS: usize = 10_000;
@@ -227,6 +235,30 @@ impl Selectors {
     pub fn matches(&self, obj: &Value) -> bool {
         self.labels.matches(obj) && self.fields.matches(obj)
     }
+
+    /// Whether an object of the watch cache is selected.
+    pub fn matches_cached(&self, o: Object<'_>) -> bool {
+        self.labels.matches_labels(|k| o.label(k)) && self.fields.matches_fields(|f| o.field(f))
+    }
+
+    /// Whether it selects everything.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty() && self.fields.is_empty()
+    }
+}
+
+/// The fields of `rt` a field selector may name: what its watch cache keeps of each object.
+fn selectable_fields(rt: &ResourceType) -> Vec<String> {
+    let mut fields = vec!["metadata.name".to_string()];
+    if rt.namespaced {
+        fields.push("metadata.namespace".into());
+    }
+    fields.extend(
+        rt.selectable_fields
+            .iter()
+            .map(|f| f.trim_start_matches('.').to_string()),
+    );
+    fields
 }
 
 impl Api {
@@ -755,6 +787,13 @@ impl Api {
             && p.get("continue").is_none()
             && (t.namespace.is_some() || !t.rt.namespaced);
         let include = p.get("includeObject").unwrap_or("Metadata");
+        if !pinned && let Some((page, token)) = self.list_cached(t, p, &sel, limit, false).await? {
+            let mut list_meta = json!({"resourceVersion": page.revision.to_string()});
+            if let Some(tok) = &token {
+                list_meta["continue"] = json!(tok);
+            }
+            return Ok(cached_list(t, rendering, include, list_meta, page));
+        }
         if limit == 0 && !pinned {
             return self.list_streamed(t, rendering, p, sel).await;
         }
@@ -767,6 +806,64 @@ impl Api {
         let (field, items) = render_items(&t.rt, rendering, include, items);
         doc.insert(field.to_string(), Value::Array(items));
         Ok(Outcome::json(200, Value::Object(doc), Vec::new()))
+    }
+
+    /// The page a LIST asks for, from the watch cache, for a LIST with `resourceVersion=0`
+    /// (any state the cache has) or with a selector (consistent: the state at etcd's current
+    /// revision or later, waited for) or, with `always`, any LIST (a watch's initial state),
+    /// and its continue token. `None` when the cache cannot
+    /// answer (not built yet, behind etcd for longer than [`CACHE_WAIT`], or a continued list
+    /// whose revision it cannot show): etcd is read instead.
+    ///
+    /// # Errors
+    /// 400 for a malformed continue token; when etcd's revision cannot be read.
+    pub async fn list_cached(
+        &self,
+        t: &Target,
+        p: &Params,
+        sel: &Selectors,
+        limit: i64,
+        always: bool,
+    ) -> ApiResult<Option<(Page, Option<String>)>> {
+        let any = p.get("resourceVersion") == Some("0");
+        if !any && sel.is_empty() && !always {
+            return Ok(None);
+        }
+        let prefix = t.rt.key_prefix(&self.prefix, t.namespace.as_deref());
+        let scope = ListScope::new(&prefix, p.get("labelSelector"), p.get("fieldSelector"));
+        let cont = p
+            .get("continue")
+            .map(|tok| pagination::decode(tok, &scope))
+            .transpose()?;
+        let type_prefix = t.rt.key_prefix(&self.prefix, None);
+        let Some(cache) = self.hub.cache(&type_prefix, &selectable_fields(&t.rt)) else {
+            return Ok(None);
+        };
+        // A continued list shows its token's revision (checked by `page`); a consistent one
+        // what etcd holds now or later.
+        let min = if any || cont.is_some() {
+            0
+        } else {
+            self.store.revision().await.map_err(ApiError::from)?
+        };
+        if !cache.wait(&self.hub, min, CACHE_WAIT).await {
+            return Ok(None);
+        }
+        let limit = usize::try_from(limit).unwrap_or(0);
+        let page = cache.page(
+            &prefix,
+            cont.as_ref().map(|c| c.start.as_str()),
+            limit,
+            cont.as_ref().map(|c| c.rv),
+            |o| sel.matches_cached(o),
+        );
+        Ok(page.map(|page| {
+            let token = page
+                .last_key
+                .as_ref()
+                .map(|k| pagination::encode(&scope, &format!("{k}\0"), page.revision));
+            (page, token)
+        }))
     }
 
     /// An unpaged `GET` of a collection: the first page is read before answering (so a bad
@@ -1442,6 +1539,48 @@ fn list_page(
         items.extend(rendered.pop().map(Item::Value));
     }
     Ok(items)
+}
+
+/// A list answered from the watch cache, a [`CACHE_PAGE`] of objects at a time: whole
+/// objects as stored with their `resourceVersion` spliced in, decoded only for a Table or
+/// metadata.
+fn cached_list(
+    t: &Target,
+    rendering: Rendering,
+    include: &str,
+    list_meta: Value,
+    page: Page,
+) -> Outcome {
+    let head = list_head(t, rendering, list_meta);
+    let rt = Arc::clone(&t.rt);
+    let include = include.to_string();
+    let (field, _) = render_items(&rt, rendering, &include, Vec::new());
+    let mut items = page.items.into_iter();
+    let chunks = std::iter::from_fn(move || {
+        let chunk: Vec<_> = items.by_ref().take(CACHE_PAGE).collect();
+        (!chunk.is_empty()).then_some(chunk)
+    });
+    let pages = futures::stream::iter(chunks)
+        .map(move |chunk| {
+            let mut out = Vec::with_capacity(chunk.len());
+            for (rev, stored) in chunk {
+                if rendering == Rendering::Full
+                    && let Some(json) = encoded::with_rv(&stored, rev)
+                {
+                    out.push(Item::Json(json));
+                    continue;
+                }
+                let obj = serde_json::from_slice(&stored).map_err(|e| {
+                    ApiError::internal(format!("a cached object cannot be decoded: {e}"))
+                })?;
+                let (_, mut rendered) =
+                    render_items(&rt, rendering, &include, vec![with_rv(obj, rev)]);
+                out.extend(rendered.pop().map(Item::Value));
+            }
+            Ok(out)
+        })
+        .boxed();
+    Outcome::List(List { head, field, pages })
 }
 
 /// A list document without its items: `kind`, `apiVersion`, `metadata` (and a Table's

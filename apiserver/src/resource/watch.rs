@@ -61,6 +61,27 @@ impl Encoder {
         }
     }
 
+    /// The ADDED event of an object of the initial state; a cached object is sent as stored
+    /// (its `resourceVersion` spliced in) when the whole object is wanted. `None` for a cached
+    /// value that does not decode.
+    fn initial(&self, obj: Initial) -> Option<Bytes> {
+        match obj {
+            Initial::Object(obj) => Some(self.event("ADDED", &obj)),
+            Initial::Stored(rev, stored) => {
+                let spliced = (self.rendering == Rendering::Full)
+                    .then(|| crate::base::encoded::with_rv(&stored, rev))
+                    .flatten();
+                match spliced {
+                    Some(json) => Some(self.shared("ADDED", &Value::Null, Some(json.into()))),
+                    None => {
+                        let obj = serde_json::from_slice(&stored).ok()?;
+                        Some(self.event("ADDED", &crate::base::meta::with_rv(obj, rev)))
+                    }
+                }
+            }
+        }
+    }
+
     fn bookmark(&self, rev: i64, initial_end: bool) -> Bytes {
         let mut meta = json!({"resourceVersion": rev.to_string()});
         if initial_end {
@@ -73,6 +94,14 @@ impl Encoder {
     fn error(e: &ApiError) -> Bytes {
         line("ERROR", &e.status())
     }
+}
+
+/// An object of a watch's initial state.
+enum Initial {
+    /// Read from etcd.
+    Object(Value),
+    /// From the watch cache: its `resourceVersion` and its value as stored.
+    Stored(i64, Bytes),
 }
 
 /// One watch event as a line of newline-delimited JSON.
@@ -128,16 +157,30 @@ pub async fn watch(
         target: t.clone(),
     };
 
-    // The initial state, when asked for or when no revision is given.
+    // The initial state, when asked for or when no revision is given: from the watch cache
+    // (at etcd's current revision or later, or any state for `resourceVersion=0`), else
+    // from etcd.
     let mut initial = Vec::new();
     let start = match rv {
         Some(rv) if !send_initial => rv + 1,
         _ => {
             let mut lp = p.clone();
             lp.remove_paging();
-            let (items, rev, _) = api.list_items(t, &lp).await?;
-            initial = items;
-            rev + 1
+            match api.list_cached(t, &lp, &sel, 0, true).await? {
+                Some((page, _)) => {
+                    initial = page
+                        .items
+                        .into_iter()
+                        .map(|(rev, stored)| Initial::Stored(rev, stored))
+                        .collect();
+                    page.revision + 1
+                }
+                None => {
+                    let (items, rev, _) = api.list_items(t, &lp).await?;
+                    initial = items.into_iter().map(Initial::Object).collect();
+                    rev + 1
+                }
+            }
         }
     };
     let prefix = t.rt.key_prefix(&api.prefix, t.namespace.as_deref());
@@ -159,8 +202,11 @@ pub async fn watch(
         timeout,
     };
     tokio::spawn(async move {
-        for obj in &initial {
-            if !w.send(w.enc.event("ADDED", obj)).await {
+        for obj in initial {
+            let Some(line) = w.enc.initial(obj) else {
+                continue;
+            };
+            if !w.send(line).await {
                 return;
             }
         }

@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::Value;
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, broadcast};
 
 use crate::base::meta::with_rv;
+use crate::storage::cache::Cache;
 use crate::storage::kv::{Event, KeyValue, WatchFeed, WatchMsg};
 use crate::storage::store::{Store, StoreError};
 
@@ -36,6 +37,9 @@ pub struct Change {
     pub new: Option<Value>,
     /// The object before the change (None: created).
     pub old: Option<Value>,
+    /// The object after the change as stored (without `resourceVersion`): the watch cache
+    /// keeps these very bytes.
+    pub stored: Option<Bytes>,
     new_json: OnceLock<Bytes>,
     old_json: OnceLock<Bytes>,
 }
@@ -61,7 +65,9 @@ impl Change {
 pub enum Item {
     /// A change.
     Change(Arc<Change>),
-    /// Every change up to this revision has been sent (a bookmark may be emitted).
+    /// Every change up to this revision has been sent (a bookmark may be emitted). Sent after
+    /// each batch of changes etcd delivers (a batch holds whole revisions) and on etcd's
+    /// progress reports.
     Progress(i64),
     /// The requested revision has been compacted (etcd's compaction revision): `410 Gone`.
     Gone(i64),
@@ -75,6 +81,8 @@ struct Feed {
     alive: bool,
     /// etcd refused the start revision as compacted (at this compaction revision).
     gone: Option<i64>,
+    /// Asks the feed's task for an etcd progress report now.
+    progress: Arc<Notify>,
 }
 
 /// The feeds of one API server.
@@ -83,6 +91,8 @@ pub struct Hub {
     store: Store,
     progress_every: Duration,
     feeds: Mutex<HashMap<String, Arc<Mutex<Feed>>>>,
+    /// The watch cache of each type a LIST has asked for (see [`Hub::cache`]).
+    caches: Mutex<HashMap<String, Arc<Cache>>>,
 }
 
 impl std::fmt::Debug for Feed {
@@ -112,7 +122,63 @@ impl Hub {
             store,
             progress_every,
             feeds: Mutex::new(HashMap::new()),
+            caches: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The store the hub watches.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The watch cache of the type stored under `type_prefix`, started on first use (kept by
+    /// the type's shared feed from then on), holding the values of `fields` for field
+    /// selectors; see [`Cache`].
+    pub fn cache(self: &Arc<Self>, type_prefix: &str, fields: &[String]) -> Option<Arc<Cache>> {
+        let mut caches = self.caches.lock().ok()?;
+        if let Some(c) = caches.get(type_prefix) {
+            return Some(Arc::clone(c));
+        }
+        let cache = Cache::start(Arc::downgrade(self), type_prefix, fields.to_vec());
+        caches.insert(type_prefix.to_string(), Arc::clone(&cache));
+        Some(cache)
+    }
+
+    /// The caches started so far, by type prefix (for measuring what they hold).
+    pub fn caches(&self) -> Vec<(String, Arc<Cache>)> {
+        self.caches
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), Arc::clone(v))).collect())
+            .unwrap_or_default()
+    }
+
+    /// Asks the shared feed of `type_prefix`, if there is one, for an etcd progress report
+    /// now: its subscribers then learn the revision every change has been sent up to.
+    pub fn request_progress(&self, type_prefix: &str) {
+        let feed = self
+            .feeds
+            .lock()
+            .ok()
+            .and_then(|m| m.get(type_prefix).cloned());
+        if let Some(f) = feed
+            && let Ok(f) = f.lock()
+        {
+            f.progress.notify_one();
+        }
+    }
+
+    /// Subscribes to the shared feed of `type_prefix` from `from` on (starting it if there is
+    /// none); `None` when it cannot serve `from` (it started later, or its history has moved
+    /// past it): the caller then reads the store again at a newer revision.
+    ///
+    /// # Errors
+    /// When etcd cannot be reached.
+    pub async fn subscribe_shared(
+        &self,
+        type_prefix: &str,
+        from: i64,
+    ) -> Result<Option<Subscription>, StoreError> {
+        self.shared(type_prefix, from).await
     }
 
     /// Subscribes to changes of the type stored under `type_prefix`, from revision `from` on:
@@ -183,8 +249,13 @@ impl Hub {
             tx,
             alive: true,
             gone: None,
+            progress: Arc::new(Notify::new()),
         }));
         let task_feed = Arc::clone(&feed);
+        let wanted = feed
+            .lock()
+            .map(|f| Arc::clone(&f.progress))
+            .map_err(|_| StoreError::Poisoned)?;
         // A private feed checks often whether its subscriber is still there.
         let every = if private {
             self.progress_every.min(Duration::from_secs(5))
@@ -215,15 +286,27 @@ impl Hub {
                             Ok(None) | Err(_) => break,
                         };
                         let Ok(mut f) = task_feed.lock() else { break };
+                        let mut last = None;
                         for ev in events {
                             let Some(change) = decode(ev) else { continue };
                             let change = Arc::new(change);
+                            last = Some(change.rev);
                             if f.history.len() >= HISTORY
                                 && let Some(evicted) = f.history.pop_front() {
                                     f.complete_from = evicted.rev + 1;
                                 }
                             f.history.push_back(Arc::clone(&change));
                             let _ = f.tx.send(Item::Change(change));
+                        }
+                        // etcd never splits a revision between two batches: every change of
+                        // the batch's last revision has now been sent.
+                        if let Some(rev) = last {
+                            let _ = f.tx.send(Item::Progress(rev));
+                        }
+                    }
+                    () = wanted.notified() => {
+                        if ws.request_progress().await.is_err() {
+                            break;
                         }
                     }
                     _ = tick.tick() => {
@@ -279,16 +362,17 @@ pub fn decode(ev: Event) -> Option<Change> {
             .map(|s| with_rv(s.value, rev))
     };
     let old = ev.prev.as_ref().and_then(parse);
-    let new = if ev.deleted {
-        None
+    let (new, stored) = if ev.deleted {
+        (None, None)
     } else {
-        Some(parse(&ev.kv)?)
+        (Some(parse(&ev.kv)?), Some(Bytes::from(ev.kv.value)))
     };
     Some(Change {
         rev,
         key: String::from_utf8_lossy(&ev.kv.key).into_owned(),
         new,
         old,
+        stored,
         new_json: OnceLock::new(),
         old_json: OnceLock::new(),
     })

@@ -252,6 +252,18 @@ impl Memory {
         Self::default()
     }
 
+    /// Cancels every open watch, as etcd does when a watch's stream breaks: each receives
+    /// [`WatchMsg::Canceled`] (with no compaction revision) and nothing after it.
+    pub fn cancel_watches(&self) {
+        if let Ok(mut s) = self.lock() {
+            for w in s.watchers.drain(..) {
+                let _ = w.tx.send(WatchMsg::Canceled {
+                    compact_revision: 0,
+                });
+            }
+        }
+    }
+
     fn lock(&self) -> Result<MutexGuard<'_, State>, StoreError> {
         self.state.lock().map_err(|_| StoreError::Poisoned)
     }

@@ -581,6 +581,14 @@ impl Store {
         Self::over(Backend::Memory(Memory::new()))
     }
 
+    /// Cancels every open watch of a store in memory (see [`Memory::cancel_watches`]), as a
+    /// broken etcd watch stream does: for tests of what follows watches. Does nothing on etcd.
+    pub fn cancel_watches(&self) {
+        if let Backend::Memory(m) = &self.kv {
+            m.cancel_watches();
+        }
+    }
+
     fn over(kv: Backend) -> Self {
         Self {
             kv,
