@@ -11,6 +11,7 @@ mod e2e {
     mod etcd;
     mod gc;
     mod identity;
+    mod ipam;
     mod kubectl;
     mod leader;
     mod quota;
