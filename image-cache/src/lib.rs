@@ -12,11 +12,17 @@
 //!   computed (and checked, when one was expected) and [`inspect`] passed them, so a hit is
 //!   trusted without rehashing; refused data is removed, never renamed.
 //! - `<uid>/<format>-url-<hex of sha256(url)>`: for Images without an expected checksum, the
-//!   digest of what that URL served, so the next fetch of the same URL is a hit. Such images
-//!   are cached for good: pin images by checksum if their URL's contents may change.
+//!   digest of what that URL served, so the next fetch of the same URL is a hit (until the
+//!   entry is swept): pin images by checksum if their URL's contents may change.
 //! - `<uid>/.lock-<name>`: advisory locks (`flock`), one per entry, so concurrent fetches of
 //!   one image (from threads or processes) download it once while other images proceed.
 //! - `<uid>/.tmp-*`: downloads in progress, removed when they fail.
+//! - `<uid>/.users/<user>`: who uses the Image's data (on a node, the uid of each Server whose
+//!   guest is built from it), recorded by [`ImageCache::pin`] before a fetch.
+//! - `<uid>/.lock`: taken shared by a pin, exclusively by [`ImageCache::sweep`], which removes
+//!   an Image's entries once none of its users is left (a deleted Image's data goes when its
+//!   last guest does). Entries never pinned (made by a fetch alone) are never swept.
+//! - `.trash-<uid>`: an Image's entries being removed.
 
 pub mod inspect;
 pub mod policy;
@@ -258,15 +264,7 @@ impl ImageCache {
     pub fn fetch(&self, req: &Request<'_>) -> Result<CachedImage, ImageError> {
         let source = self.parse_source(req.url)?;
         let expected = req.sha256.map(normalise_checksum).transpose()?;
-        if req.uid.is_empty()
-            || req.uid.len() > MAX_UID_LEN
-            || !req
-                .uid
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        {
-            return Err(ImageError::InvalidUid(req.uid.to_owned()));
-        }
+        check_uid(req.uid)?;
         let dir = self.dir.join(req.uid);
         let key = match &expected {
             Some(digest) => content_name(req.format, digest),
@@ -289,6 +287,126 @@ impl ImageCache {
         }
         sync_dir(&dir)?;
         Ok(image)
+    }
+
+    /// Records that `user` (a uid, e.g. a Server's) uses the data of Image `uid`, so that
+    /// [`sweep`](Self::sweep) keeps it while `user` is in use. Call it before the fetch whose
+    /// data the user will use.
+    ///
+    /// # Guarantees
+    ///
+    /// Once this returns, the Image's entries (present or fetched later) stay until a sweep
+    /// finds `user` no longer in use; a sweep racing with it either finishes removing the
+    /// entries first (the pin then starts them anew) or keeps them. Blocking.
+    ///
+    /// # Errors
+    ///
+    /// [`ImageError::InvalidUid`] for a uid or user that is not a name; file errors.
+    pub fn pin(&self, uid: &str, user: &str) -> Result<(), ImageError> {
+        check_uid(uid)?;
+        check_uid(user)?;
+        let dir = self.dir.join(uid);
+        let users = dir.join(USERS);
+        std::fs::create_dir_all(&users).map_err(io_error("create", &users))?;
+        let guard = dir_lock(&dir)?;
+        guard.lock_shared().map_err(io_error("lock", &dir))?;
+        // A sweep may have moved the entries away while this waited: start them anew.
+        std::fs::create_dir_all(&users).map_err(io_error("create", &users))?;
+        let pin = users.join(user);
+        File::create(&pin).map_err(io_error("create", &pin))?;
+        Ok(())
+    }
+
+    /// Removes the entries of every Image none of whose users (see [`pin`](Self::pin)) is
+    /// `in_use` any more, and the pins of users no longer in use; answers the uids of the
+    /// Images removed.
+    ///
+    /// # Guarantees
+    ///
+    /// An Image with a user in use, a fetch under way, or a pin being made is kept whole;
+    /// one never pinned is kept. Removal is a rename out of the way and then a delete, so a
+    /// fetch after it starts afresh. Blocking.
+    ///
+    /// # Errors
+    ///
+    /// File errors; what was removed before one stays removed.
+    pub fn sweep(&self, in_use: impl Fn(&str) -> bool) -> Result<Vec<String>, ImageError> {
+        let list = match std::fs::read_dir(&self.dir) {
+            Ok(list) => list,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_error("read", &self.dir)(e)),
+        };
+        let mut removed = Vec::new();
+        for entry in list {
+            let entry = entry.map_err(io_error("read", &self.dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(TRASH) {
+                // Left by a sweep that stopped half-way.
+                remove_tree(&entry.path())?;
+                continue;
+            }
+            if check_uid(&name).is_err() || !entry.path().is_dir() {
+                continue;
+            }
+            if self.release(&name, &in_use)? {
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Drops the pins of Image `uid` whose users are not in use, then its entries if no pin
+    /// is left and no fetch holds one; whether they were removed.
+    fn release(&self, uid: &str, in_use: &impl Fn(&str) -> bool) -> Result<bool, ImageError> {
+        let dir = self.dir.join(uid);
+        let users = dir.join(USERS);
+        if !users.is_dir() {
+            return Ok(false);
+        }
+        let guard = dir_lock(&dir)?;
+        if !try_lock(&guard, &dir)? {
+            // A pin is being made.
+            return Ok(false);
+        }
+        let mut left = 0;
+        for pin in std::fs::read_dir(&users).map_err(io_error("read", &users))? {
+            let pin = pin.map_err(io_error("read", &users))?;
+            if in_use(&pin.file_name().to_string_lossy()) {
+                left += 1;
+            } else {
+                let path = pin.path();
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_error("remove", &path)(e)),
+                }
+            }
+        }
+        if left > 0 {
+            return Ok(false);
+        }
+        // A fetch under way holds its entry's lock.
+        let mut held = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(io_error("read", &dir))? {
+            let entry = entry.map_err(io_error("read", &dir))?;
+            if !entry.file_name().to_string_lossy().starts_with(".lock-") {
+                continue;
+            }
+            let path = entry.path();
+            let file = File::open(&path).map_err(io_error("open", &path))?;
+            if !try_lock(&file, &path)? {
+                return Ok(false);
+            }
+            held.push(file);
+        }
+        let trash = self.dir.join(format!("{TRASH}{uid}"));
+        remove_tree(&trash)?;
+        std::fs::rename(&dir, &trash).map_err(io_error("move away", &dir))?;
+        drop(held);
+        drop(guard);
+        remove_tree(&trash)?;
+        tracing::info!(uid, "removed the cached data of an image no guest uses");
+        Ok(true)
     }
 
     fn parse_source(&self, raw: &str) -> Result<Source, ImageError> {
@@ -471,6 +589,51 @@ fn lookup(dir: &Path, format: Format, key: &str) -> Result<Option<CachedImage>, 
         Ok(_) => Ok(None),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io_error("stat", &path)(e)),
+    }
+}
+
+/// The directory of an Image's pins (see [`ImageCache::pin`]).
+const USERS: &str = ".users";
+/// The prefix of an Image's entries being removed.
+const TRASH: &str = ".trash-";
+
+/// Refuses a uid that is not usable as a directory name.
+fn check_uid(uid: &str) -> Result<(), ImageError> {
+    if uid.is_empty()
+        || uid.len() > MAX_UID_LEN
+        || !uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(ImageError::InvalidUid(uid.to_owned()));
+    }
+    Ok(())
+}
+
+/// The lock file of an Image's pins (not locked yet).
+fn dir_lock(dir: &Path) -> Result<File, ImageError> {
+    let path = dir.join(".lock");
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_error("open", &path))
+}
+
+/// Takes `file`'s exclusive lock if nobody holds it; whether it did.
+fn try_lock(file: &File, path: &Path) -> Result<bool, ImageError> {
+    match file.try_lock() {
+        Ok(()) => Ok(true),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_error("lock", path)(e)),
+    }
+}
+
+/// Removes a directory tree; an absent one is removed already.
+fn remove_tree(path: &Path) -> Result<(), ImageError> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error("remove", path)(e)),
     }
 }
 
@@ -747,6 +910,61 @@ mod tests {
             .expect("cache hit");
         assert_eq!(again, first);
         assert_eq!(entries(cache.dir()), [format!("{UID}/raw-sha256-{digest}")]);
+    }
+
+    #[test]
+    fn an_image_is_swept_once_none_of_its_users_is_left() {
+        let src_dir = tempfile::tempdir().expect("tempdir");
+        let src = src_dir.path().join("image.raw");
+        std::fs::write(&src, BODY).expect("write source");
+        let cache_dir = tempfile::tempdir().expect("tempdir");
+        let cache = ImageCache::new(cache_dir.path().join("images"), local());
+        let url = file_url(&src);
+        let digest = sha256_hex(BODY);
+        assert_eq!(cache.sweep(|_| false).expect("sweep"), Vec::<String>::new());
+
+        // Image UID used by servers s1 and s2; image OTHER_UID fetched but never pinned.
+        cache.pin(UID, "s1").expect("pin");
+        cache.pin(UID, "s2").expect("pin");
+        let used = cache.fetch(&raw(UID, &url, Some(&digest))).expect("fetch");
+        let unpinned = cache
+            .fetch(&raw(OTHER_UID, &url, Some(&digest)))
+            .expect("fetch");
+        assert!(cache.sweep(|u| u == "s2").expect("sweep").is_empty());
+        assert!(used.path.is_file(), "s2 still uses it");
+        assert!(
+            !cache.dir().join(UID).join(".users/s1").exists(),
+            "s1's pin went"
+        );
+
+        // A fetch under way (holding its entry's lock) keeps it too.
+        let busy = lock(&cache.dir().join(UID), "raw-sha256-x").expect("lock");
+        assert!(cache.sweep(|_| false).expect("sweep").is_empty());
+        assert!(used.path.is_file());
+        drop(busy);
+
+        assert_eq!(cache.sweep(|_| false).expect("sweep"), [UID]);
+        assert!(!cache.dir().join(UID).exists(), "its entries are gone");
+        assert!(unpinned.path.is_file(), "never pinned: kept");
+        let left: Vec<String> = std::fs::read_dir(cache.dir())
+            .expect("read")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, [OTHER_UID], "no trash left behind");
+
+        // Used again: fetched afresh.
+        std::fs::remove_file(&src).expect("remove source");
+        cache.pin(UID, "s3").expect("pin");
+        assert!(
+            cache.fetch(&raw(UID, &url, Some(&digest))).is_err(),
+            "not cached"
+        );
+        for bad in ["", "../x", "a/b"] {
+            assert!(matches!(
+                cache.pin(UID, bad),
+                Err(ImageError::InvalidUid(_))
+            ));
+        }
     }
 
     #[test]

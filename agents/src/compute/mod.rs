@@ -1,6 +1,7 @@
 //! The compute agent: the node's Hypervisor object and the libvirt guests of its Servers.
 
 pub mod driver;
+pub mod images;
 pub mod node;
 pub mod server;
 
@@ -34,7 +35,7 @@ pub struct Config {
     pub image_policy: stratus_image_cache::Policy,
 }
 
-/// How often guests whose Server is gone are looked for.
+/// How often guests whose Server is gone, and cached images no guest uses, are looked for.
 const SWEEP: Duration = Duration::from_secs(30);
 
 /// The disks for guests of `driver`: the host's, unless the driver runs no guest that could
@@ -54,7 +55,7 @@ pub async fn run(client: Client, driver: Arc<dyn DomainDriver>, config: Config) 
 
 /// Runs the compute agent until it is dropped: registers the node (as the hypervisor type the
 /// driver runs), heartbeats, reconciles the Servers placed on it, and sweeps away guests
-/// nothing owns any more.
+/// nothing owns any more and the cached images none of its guests uses.
 pub async fn run_with(
     client: Client,
     hypervisor: Arc<dyn DomainDriver>,
@@ -89,6 +90,7 @@ pub async fn run_with(
         Err(e) => tracing::warn!(error = %e, "no domain events; guests are only polled"),
     }
     let (servers, reconcile) = server::controller(Arc::clone(&ctx), events);
+    let placed = servers.clone();
     let heartbeat = node::run(client, hypervisor, config, servers);
     let sweeper = async {
         let mut tick = tokio::time::interval(SWEEP);
@@ -98,6 +100,11 @@ pub async fn run_with(
                 Ok(0) => {}
                 Ok(n) => tracing::info!(removed = n, "removed guests whose servers are gone"),
                 Err(e) => tracing::warn!(error = %e, "sweep failed"),
+            }
+            match images::sweep(&ctx.images, &ctx.driver, &placed).await {
+                Ok(gone) if gone.is_empty() => {}
+                Ok(gone) => tracing::info!(images = ?gone, "removed cached images no guest uses"),
+                Err(e) => tracing::warn!(error = %e, "image cache sweep failed"),
             }
         }
     };

@@ -359,14 +359,17 @@ fn cache_format(format: ImageFormat) -> Format {
     }
 }
 
-/// Downloads (once per node and Image), verifies and inspects an Image's data.
-async fn fetch(ctx: &Ctx, image: &Image) -> Result<PathBuf, NotBuilt> {
+/// Downloads (once per node and Image), verifies and inspects an Image's data, pinned first
+/// as used by Server `user` (see [`super::images`]).
+async fn fetch(ctx: &Ctx, user: &str, image: &Image) -> Result<PathBuf, NotBuilt> {
     let cache = Arc::clone(&ctx.images);
     let uid = image.uid().ok_or(ServerError::Incomplete)?;
     let url = image.spec.source.url.clone();
     let sum = image.spec.sha256.clone();
     let format = cache_format(image.spec.disk_format);
+    let user = user.to_owned();
     let got = blocking(move || {
+        cache.pin(&uid, &user)?;
         cache.fetch(&Request {
             uid: &uid,
             url: &url,
@@ -481,15 +484,15 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
             }));
         }
     };
-    let root_base = fetch(ctx, &image).await?;
+    let root_base = fetch(ctx, &uid, &image).await?;
     let mut kernel = None;
     if let Some(k) = &image.spec.kernel_image {
         let k_img = find_image(&ctx.client, &ns, k).await?;
-        let k_path = fetch(ctx, &k_img).await?;
+        let k_path = fetch(ctx, &uid, &k_img).await?;
         let mut initrd = None;
         if let Some(r) = &image.spec.ramdisk_image {
             let r_img = find_image(&ctx.client, &ns, r).await?;
-            initrd = Some(fetch(ctx, &r_img).await?);
+            initrd = Some(fetch(ctx, &uid, &r_img).await?);
         }
         kernel = Some(KernelBoot {
             kernel: k_path,
