@@ -19,6 +19,10 @@
 //! its end, which finds a free address or proves the pool exhausted (409). The transaction's
 //! guard settles races: the loser tries again.
 //!
+//! # Provider networks
+//! Only cluster admins make flat or external Networks (403 otherwise), as Neutron keeps its
+//! provider attributes to the operator.
+//!
 //! # Quota
 //! Networks, Subnets and Ports count against quotas: their creates carry
 //! [`quota::check`]'s guards in the same transaction. An update never grows what quota counts
@@ -336,6 +340,7 @@ async fn create_network(
         }
         (Segmentation::Vxlan, None) => None,
     };
+    provider_by_admin(&s, w.new, None)?;
     let reads: Vec<Read<'_>> = physical.iter().map(|k| Read::Key(k)).collect();
     for _ in 0..RETRIES {
         let quota = quota::check(ctx, s, ns, w).await?;
@@ -390,6 +395,39 @@ async fn create_network(
         // Another write got in between (a VNI taken, the quota's count moved): read again.
     }
     Err(too_busy(&s, w.new))
+}
+
+/// Refuses a Network that is flat (bridged to a host interface) or external (the cloud's
+/// uplink) unless a cluster admin writes it, as Neutron's provider attributes are the
+/// operator's: a tenant's ports would otherwise sit on the host's own segment. `old`: the
+/// stored Network, on an update (only what changes is checked).
+///
+/// # Errors
+/// 403 naming the field.
+fn provider_by_admin(s: &Subject<'_>, new: &Value, old: Option<&Value>) -> ApiResult<()> {
+    if super::by_cluster_admin() {
+        return Ok(());
+    }
+    let changed = |p: &str| old.is_none_or(|o| o.pointer(p) != new.pointer(p));
+    let refuse = |field: &str, what: &str| {
+        Err(ApiError::forbidden(format!(
+            "{}.{} {:?} is forbidden: {field}: only cluster admins make {what} networks",
+            s.plural,
+            s.group,
+            name_of(new)
+        )))
+    };
+    if new.pointer("/spec/segmentation").and_then(Value::as_str) == Some("flat")
+        && changed("/spec/segmentation")
+    {
+        return refuse("spec.segmentation", "flat (provider)");
+    }
+    if new.pointer("/spec/external").and_then(Value::as_bool) == Some(true)
+        && changed("/spec/external")
+    {
+        return refuse("spec.external", "external");
+    }
+    Ok(())
 }
 
 /// An IPv4 address of a field, or why not.
@@ -1150,6 +1188,9 @@ async fn update(
     }
     if !causes.is_empty() {
         return Err(invalid(&s, w.new, causes));
+    }
+    if s.kind == "Network" {
+        provider_by_admin(&s, &new, Some(old))?;
     }
     if s.kind == "Subnet" && old.get("spec") != new.get("spec") {
         // Pools may change, within the same rules as at create.

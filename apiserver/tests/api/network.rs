@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 
 use serde_json::{Value, json};
+use stratus_apiserver::admission::CLUSTER_ADMIN;
 use stratus_apiserver::base::error::ApiError;
 use stratus_apiserver::storage::keys;
 
@@ -106,7 +107,48 @@ async fn a_vxlan_network_has_its_own_vni_at_once_and_frees_it_when_deleted() {
 }
 
 #[tokio::test]
+async fn only_a_cluster_admin_makes_a_flat_or_external_network() {
+    let c = Cloud::with_demo().await;
+    let flat = network("f")
+        .spec("segmentation", json!("flat"))
+        .spec("physicalNetwork", json!("br-ex"));
+    let e = refused(c.create(&flat).await);
+    assert_eq!(e.code, 403);
+    assert!(e.message.contains("spec.segmentation"), "{}", e.message);
+    let e = refused(c.create(&network("x").spec("external", json!(true))).await);
+    assert_eq!(e.code, 403);
+    assert!(e.message.contains("spec.external"), "{}", e.message);
+    c.create(&network("x")).await.expect("a tenant network");
+    let e = refused(
+        c.patch(
+            &c.target("Network", Some("demo"), Some("x")),
+            MERGE,
+            &json!({"spec": {"external": true}}),
+            "",
+        )
+        .await,
+    );
+    assert_eq!(e.code, 403, "{}", e.message);
+    CLUSTER_ADMIN
+        .scope(true, c.create(&flat.spec("external", json!(true))))
+        .await
+        .expect("the operator's uplink");
+    c.patch(
+        &c.target("Network", Some("demo"), Some("f")),
+        MERGE,
+        &json!({"spec": {"mtu": 1500}}),
+        "",
+    )
+    .await
+    .expect("what is already external stays writable by the project");
+}
+
+#[tokio::test]
 async fn a_flat_network_names_a_physical_network_of_its_own() {
+    CLUSTER_ADMIN.scope(true, flat_networks()).await;
+}
+
+async fn flat_networks() {
     let c = Cloud::with_demo().await;
     let flat = |name: &str| network(name).spec("segmentation", json!("flat"));
     let e = refused(c.create(&flat("f")).await);
