@@ -79,11 +79,13 @@ impl Admission for Ipam {
         Some(json!({"phase": "Pending"}))
     }
 
-    /// Refuses a status write that changes what allocation recorded (a Network's VNI, a Port's
-    /// MAC and fixed IPs): the claims follow those fields.
+    /// Refuses a status write that changes what allocation recorded (a Network's VNI, a
+    /// Subnet's gateway, a Port's MAC and fixed IPs): the claims, and what agents program,
+    /// follow those fields.
     fn check_status_write(&self, s: &Subject<'_>, old: &Value, new: &Value) -> ApiResult<()> {
         let fields: &[&str] = match s.kind {
             "Network" => &["vni"],
+            "Subnet" => &["gatewayIP"],
             "Port" => &["macAddress", "fixedIPs"],
             _ => &[],
         };
@@ -1162,6 +1164,7 @@ async fn update(
     };
     let protected: &[&str] = match s.kind {
         "Network" => &["/status/vni"],
+        "Subnet" => &["/status/gatewayIP"],
         "Port" => &["/status/macAddress", "/status/fixedIPs"],
         _ => &[],
     };

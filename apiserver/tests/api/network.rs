@@ -252,6 +252,16 @@ async fn a_subnet_is_checked_against_its_network() {
         .await,
     );
     assert_eq!(field_of(&e), (422, "spec.network".into()));
+    let e = refused(
+        c.patch(
+            &c.status("Subnet", Some("demo"), "s"),
+            MERGE,
+            &json!({"status": {"gatewayIP": "10.0.0.9"}}),
+            "",
+        )
+        .await,
+    );
+    assert_eq!(field_of(&e), (422, "status.gatewayIP".into()));
 }
 
 #[tokio::test]
