@@ -458,3 +458,368 @@ fn a_json_patch_bomb_is_refused_at_once() -> Result<()> {
     assert!(started.elapsed() < Duration::from_secs(5));
     Ok(())
 }
+
+/// The objects of `kind` in the network group, as YAML: `(namespace, name, spec)` each.
+fn network_objects(kind: &str, objects: &[(&str, &str, Value)]) -> String {
+    objects
+        .iter()
+        .map(|(ns, name, spec)| {
+            format!(
+                "apiVersion: network.stratus.dev/v1\nkind: {kind}\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec: {spec}\n"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+#[test]
+fn a_node_reaches_only_the_networks_of_its_own_ports() -> Result<()> {
+    let cloud = Cloud::up_with(&["--nodes", "a,b"])?;
+    let node_a = cloud.dir.path().join("node-a.kubeconfig");
+    let a = Curl {
+        cloud: &cloud,
+        token: file_token(&cloud, "system:node:a")?,
+    };
+    cloud.projects(&["demo", "other"])?;
+    // demo: network `net` with port `pa` on node a and `pb` on node b; `lonely` with `pl` on
+    // node b. other (another tenant): network `net` with `po` on node b.
+    let mut yaml = vec![
+        network_objects(
+            "Network",
+            &[
+                ("demo", "net", json!({})),
+                ("demo", "lonely", json!({})),
+                ("other", "net", json!({})),
+            ],
+        ),
+        network_objects(
+            "Subnet",
+            &[
+                (
+                    "demo",
+                    "net-sub",
+                    json!({"network": "net", "cidr": "10.0.0.0/24"}),
+                ),
+                (
+                    "demo",
+                    "lonely-sub",
+                    json!({"network": "lonely", "cidr": "10.0.1.0/24"}),
+                ),
+                (
+                    "other",
+                    "net-sub",
+                    json!({"network": "net", "cidr": "10.9.0.0/24"}),
+                ),
+            ],
+        ),
+        network_objects(
+            "SecurityGroup",
+            &[
+                ("demo", "default", json!({"rules": []})),
+                ("other", "default", json!({"rules": []})),
+            ],
+        ),
+    ];
+    let ports = [
+        ("demo", "pa", "net", "a"),
+        ("demo", "pb", "net", "b"),
+        ("demo", "pl", "lonely", "b"),
+        ("other", "po", "net", "b"),
+    ];
+    yaml.push(network_objects(
+        "Port",
+        &ports
+            .iter()
+            .map(|(ns, p, net, _)| (*ns, *p, json!({"network": net})))
+            .collect::<Vec<_>>(),
+    ));
+    for doc in yaml {
+        cloud.kubectl_in(&["apply", "-f", "-"], &doc)?;
+    }
+    for (ns, port, _, node) in ports {
+        cloud.kubectl_ok(&[
+            "-n",
+            ns,
+            "patch",
+            "port",
+            port,
+            "--subresource=status",
+            "--type",
+            "merge",
+            "-p",
+            &json!({"status": {"phase": "Down", "hypervisor": node, "boundTo": "web"}}).to_string(),
+        ])?;
+    }
+
+    // What node a's network agent needs: its ports, their network's ports, subnets and
+    // groups, every hypervisor.
+    let mine = cloud.kubectl_as(
+        &node_a,
+        &[
+            "get",
+            "ports",
+            "-A",
+            "--field-selector",
+            "status.hypervisor=a",
+            "-o",
+            "name",
+        ],
+    )?;
+    assert!(
+        mine.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mine.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&mine.stdout).trim(),
+        "port.network.stratus.dev/pa"
+    );
+    for args in [
+        vec!["-n", "demo", "get", "port", "pb"],
+        vec![
+            "-n",
+            "demo",
+            "get",
+            "ports",
+            "--field-selector",
+            "spec.network=net",
+        ],
+        vec!["-n", "demo", "get", "network", "net"],
+        vec!["-n", "demo", "get", "subnet", "net-sub"],
+        vec!["-n", "demo", "get", "securitygroup", "default"],
+        vec!["get", "hypervisors"],
+    ] {
+        let out = cloud.kubectl_as(&node_a, &args)?;
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Node b's tenants' networks and ports, and every list that is not of its graph.
+    for args in [
+        vec!["-n", "other", "get", "port", "po"],
+        vec!["-n", "other", "get", "network", "net"],
+        vec!["-n", "other", "get", "subnet", "net-sub"],
+        vec!["-n", "other", "get", "securitygroup", "default"],
+        vec![
+            "-n",
+            "other",
+            "get",
+            "ports",
+            "--field-selector",
+            "spec.network=net",
+        ],
+        vec!["-n", "demo", "get", "port", "pl"],
+        vec!["-n", "demo", "get", "network", "lonely"],
+        vec![
+            "-n",
+            "demo",
+            "get",
+            "ports",
+            "--field-selector",
+            "spec.network=lonely",
+        ],
+        vec!["get", "ports", "-A"],
+        vec![
+            "get",
+            "ports",
+            "-A",
+            "--field-selector",
+            "status.hypervisor=b",
+        ],
+        vec!["get", "networks", "-A"],
+        vec!["-n", "demo", "get", "subnets"],
+    ] {
+        kubectl_refused(&cloud, &node_a, &args, "Forbidden")?;
+    }
+    let watch = a.send(
+        "GET",
+        "/apis/network.stratus.dev/v1/ports?watch=true&timeoutSeconds=1",
+        "application/json",
+        "",
+    )?;
+    assert_eq!(watch.code, 403, "{}", watch.body);
+
+    // Another node's port's status: refused in every content type, and unchanged.
+    let pb_path = "/apis/network.stratus.dev/v1/namespaces/demo/ports/pb/status";
+    let pb_before = read(&cloud, &["-n", "demo", "get", "port", "pb"])?;
+    for (ct, body) in [
+        ("application/merge-patch+json", r#"{"status":{"phase":"Active"}}"#.to_string()),
+        (
+            "application/json-patch+json",
+            r#"[{"op":"replace","path":"/status/hyperv\u0069sor","value":"a"}]"#.into(),
+        ),
+        (
+            "application/apply-patch+yaml",
+            "apiVersion: network.stratus.dev/v1\nkind: Port\nmetadata:\n  name: pb\n  namespace: demo\nstatus:\n  phase: Active\n".into(),
+        ),
+    ] {
+        a.refused(
+            "PATCH",
+            &format!("{pb_path}?fieldManager=agent&force=true"),
+            ct,
+            &body,
+            403,
+            "Forbidden",
+        )?;
+    }
+    assert_eq!(
+        read(&cloud, &["-n", "demo", "get", "port", "pb"])?,
+        pb_before
+    );
+
+    // Its own port's addresses, placement and binding: refused, and unchanged.
+    let pa_path = "/apis/network.stratus.dev/v1/namespaces/demo/ports/pa/status";
+    let pa_before = read(&cloud, &["-n", "demo", "get", "port", "pa"])?;
+    for (ct, body, says) in [
+        (
+            "application/merge-patch+json",
+            r#"{"status":{"macAddress":"fa:16:3e:00:00:99"}}"#,
+            "status.macAddress",
+        ),
+        (
+            "application/json-patch+json",
+            r#"[{"op":"add","path":"/status/fixedIPs","value":[{"subnet":"net-sub","ipAddress":"10.0.0.99"}]}]"#,
+            "status.fixedIPs",
+        ),
+        (
+            "application/merge-patch+json",
+            r#"{"status":{"boundTo":"db"}}"#,
+            "status.boundTo",
+        ),
+        (
+            "application/json-patch+json",
+            r#"[{"op":"copy","from":"/status/boundTo","path":"/status/hypervisor"}]"#,
+            "Forbidden",
+        ),
+    ] {
+        a.refused("PATCH", pa_path, ct, body, 403, says)?;
+    }
+    assert_eq!(
+        read(&cloud, &["-n", "demo", "get", "port", "pa"])?,
+        pa_before
+    );
+    // Its own port's phase it reports.
+    let up = a.send(
+        "PATCH",
+        pa_path,
+        "application/merge-patch+json",
+        r#"{"status":{"phase":"Active"}}"#,
+    )?;
+    assert_eq!(up.code, 200, "{}", up.body);
+    Ok(())
+}
+
+#[test]
+fn a_node_neither_registers_beyond_its_place_nor_removes_itself_nor_others_finalizers() -> Result<()>
+{
+    let cloud = Cloud::up_with(&["--nodes", "a"])?;
+    let node_a = cloud.dir.path().join("node-a.kubeconfig");
+    let a = Curl {
+        cloud: &cloud,
+        token: file_token(&cloud, "system:node:a")?,
+    };
+    let hvs = "/apis/compute.stratus.dev/v1/hypervisors";
+    // Registering with room for far more than the node holds, or labelled: refused.
+    for (ct, body, says) in [
+        (
+            "application/json",
+            r#"{"apiVersion":"compute.stratus.dev/v1","kind":"Hypervisor","metadata":{"name":"a"},"spec":{"cpuAllocationRatio":1000}}"#,
+            "spec.cpuAllocationRatio",
+        ),
+        (
+            "application/yaml",
+            "apiVersion: compute.stratus.dev/v1\nkind: Hypervisor\nmetadata:\n  name: a\nspec:\n  reservedHostMemoryMiB: 0\n",
+            "spec.reservedHostMemoryMiB",
+        ),
+        (
+            "application/json",
+            r#"{"apiVersion":"compute.stratus.dev/v1","kind":"Hypervisor","metadata":{"name":"a","labels":{"node-restriction.stratus.dev/tier":"secure"}},"spec":{}}"#,
+            "metadata.labels",
+        ),
+    ] {
+        a.refused("POST", hvs, ct, body, 403, says)?;
+        cloud.kubectl_err(&["get", "hypervisor", "a"])?;
+    }
+    // What the agent registers.
+    let made = a.send(
+        "POST",
+        hvs,
+        "application/yaml",
+        "apiVersion: compute.stratus.dev/v1\nkind: Hypervisor\nmetadata:\n  name: a\nspec:\n  availabilityZone: az1\n  hypervisorType: qemu\n",
+    )?;
+    assert_eq!(made.code, 201, "{}", made.body);
+    let before = read(&cloud, &["get", "hypervisor", "a"])?;
+    kubectl_refused(
+        &cloud,
+        &node_a,
+        &["delete", "hypervisor", "a"],
+        "decommission",
+    )?;
+    a.refused(
+        "DELETE",
+        &format!("{hvs}/a"),
+        "application/json",
+        "",
+        403,
+        "decommission",
+    )?;
+    a.refused(
+        "PATCH",
+        &format!("{hvs}/a"),
+        "application/merge-patch+json",
+        r#"{"spec":{"disabled":false,"cpuAllocationRatio":64}}"#,
+        403,
+        "Forbidden",
+    )?;
+    assert_eq!(read(&cloud, &["get", "hypervisor", "a"])?, before);
+    // Its status it reports.
+    let capacity = a.send(
+        "PATCH",
+        &format!("{hvs}/a/status"),
+        "application/merge-patch+json",
+        r#"{"status":{"capacity":{"vcpus":4,"ramMiB":4096,"diskGiB":100}}}"#,
+    )?;
+    assert_eq!(capacity.code, 200, "{}", capacity.body);
+
+    // A server placed on node a, holding another component's finalizer besides the agent's.
+    cloud.projects(&["demo"])?;
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: compute.stratus.dev/v1\nkind: Flavor\nmetadata:\n  name: small\nspec:\n  vcpus: 1\n  ramMiB: 512\n  diskGiB: 1\n---\napiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: web\n  namespace: demo\n  finalizers: [example.com/keep]\nspec:\n  flavor: small\n  image: cirros\n",
+    )?;
+    cloud.place("demo", "web", "a")?;
+    let path = "/apis/compute.stratus.dev/v1/namespaces/demo/servers/web";
+    let before = read(&cloud, &["-n", "demo", "get", "server", "web"])?;
+    for (ct, body) in [
+        (
+            "application/merge-patch+json",
+            r#"{"metadata":{"finalizers":["compute.stratus.dev/teardown"]}}"#,
+        ),
+        (
+            "application/json-patch+json",
+            r#"[{"op":"add","path":"/metadata/finalizers/-","value":"evil.example/forever"}]"#,
+        ),
+        (
+            "application/json-patch+json",
+            r#"[{"op":"move","from":"/metadata/finalizers/0","path":"/metadata/finalizers/1"},{"op":"replace","path":"/metadata/finalizers/0","value":"evil.example/x"}]"#,
+        ),
+    ] {
+        a.refused("PATCH", path, ct, body, 403, "compute.stratus.dev/teardown")?;
+    }
+    assert_eq!(
+        read(&cloud, &["-n", "demo", "get", "server", "web"])?,
+        before
+    );
+    // Its own finalizer it releases.
+    let released = a.send(
+        "PATCH",
+        path,
+        "application/merge-patch+json",
+        r#"{"metadata":{"finalizers":["example.com/keep"]}}"#,
+    )?;
+    assert_eq!(released.code, 200, "{}", released.body);
+    Ok(())
+}
