@@ -23,6 +23,10 @@
 //! Only cluster admins make flat or external Networks (403 otherwise), as Neutron keeps its
 //! provider attributes to the operator.
 //!
+//! # Ownership
+//! A Subnet is owned (`ownerReferences`) by its Network as it is at the Subnet's create, so
+//! the garbage collector deletes it with the Network.
+//!
 //! # Quota
 //! Networks, Subnets and Ports count against quotas: their creates carry
 //! [`quota::check`]'s guards in the same transaction. An update never grows what quota counts
@@ -246,6 +250,34 @@ fn set_annotation(obj: &mut Value, uid: &str) {
     if let Some(a) = m.get_mut("annotations").and_then(Value::as_object_mut) {
         a.insert(NETWORK_UID.into(), json!(uid));
     }
+}
+
+/// `obj` with one owner reference to its Network `name` of `uid`, in place of any other
+/// reference to a Network: the garbage collector deletes a Subnet with its Network.
+fn owned_by_network(obj: &Value, name: &str, uid: &str) -> Value {
+    let mut obj = obj.clone();
+    let mut refs: Vec<Value> = obj
+        .pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .map(|r| {
+            r.iter()
+                .filter(|r| {
+                    !(r.get("kind").and_then(Value::as_str) == Some("Network")
+                        && r.get("apiVersion").and_then(Value::as_str)
+                            == Some("network.stratus.dev/v1"))
+                })
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    refs.push(json!({
+        "apiVersion": "network.stratus.dev/v1",
+        "kind": "Network",
+        "name": name,
+        "uid": uid,
+    }));
+    meta::meta_mut(&mut obj).insert("ownerReferences".into(), Value::Array(refs));
+    obj
 }
 
 /// The guards every create carries: the object is absent, its namespace's Project is as read,
@@ -717,7 +749,7 @@ async fn create_subnet(
                 ));
             }
         }
-        let mut obj = w.new.clone();
+        let mut obj = owned_by_network(w.new, &spec.network, uid);
         set_annotation(&mut obj, uid);
         let mut status = Map::new();
         if let Some(g) = mine.gateway {

@@ -226,6 +226,12 @@ async fn a_subnet_is_checked_against_its_network() {
     }
     let s = c.create(&subnet("s", "n", "10.0.0.0/24")).await.expect("s");
     assert_eq!(s["status"]["gatewayIP"], "10.0.0.1");
+    let n = c.get("Network", Some("demo"), "n").await.expect("n");
+    assert_eq!(
+        s["metadata"]["ownerReferences"],
+        json!([{"apiVersion": "network.stratus.dev/v1", "kind": "Network", "name": "n", "uid": uid(&n)}]),
+        "deleted with its network"
+    );
     let e = refused(c.create(&subnet("t", "n", "10.0.0.128/25")).await);
     assert_eq!(field_of(&e), (422, "spec.cidr".into()));
     assert!(e.message.contains("overlaps subnet \"s\""), "{}", e.message);

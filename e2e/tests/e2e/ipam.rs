@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
-use stratus_e2e::{Apiserver, Etcd, with_stdin};
+use stratus_e2e::{Apiserver, Cloud, Etcd, wait_until, with_stdin};
 
 /// The key prefix the API server keeps objects and claims under.
 const PREFIX: &str = "/stratus";
@@ -110,7 +110,11 @@ fn given(p: &Value) -> (String, String) {
 
 /// How many keys etcd holds under `prefix` (a range answer's `count` is of the whole range).
 fn keys_under(etcd: &Etcd, prefix: &str) -> Result<u64> {
-    let out = etcd.ctl(&["get", prefix, "--prefix", "--limit", "1", "-w", "json"])?;
+    count(etcd.ctl(&["get", prefix, "--prefix", "--limit", "1", "-w", "json"])?)
+}
+
+/// The key count of `etcdctl get -w json`.
+fn count(out: std::process::Output) -> Result<u64> {
     anyhow::ensure!(
         out.status.success(),
         "etcdctl: {}",
@@ -367,5 +371,58 @@ async fn bad_networking_input_is_refused_naming_the_field_and_writes_nothing() -
         claims_before,
         "a refused create left a claim"
     );
+    Ok(())
+}
+
+#[test]
+fn a_deleted_networks_vni_goes_at_once_its_subnets_with_it_and_a_ports_claims_with_the_port()
+-> Result<()> {
+    let cloud = Cloud::up()?;
+    cloud.projects(&["demo"])?;
+    let yaml = "apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: blue\nspec: {}\n---\n\
+        apiVersion: network.stratus.dev/v1\nkind: Subnet\nmetadata:\n  name: s\nspec:\n  network: blue\n  cidr: 10.60.0.0/24\n---\n\
+        apiVersion: network.stratus.dev/v1\nkind: Port\nmetadata:\n  name: p\nspec:\n  network: blue\n";
+    cloud.kubectl_in(&["-n", "demo", "create", "-f", "-"], yaml)?;
+    let got = cloud.kubectl_ok(&[
+        "-n",
+        "demo",
+        "get",
+        "network/blue",
+        "port/p",
+        "-o",
+        "jsonpath={.items[0].metadata.uid} {.items[0].status.vni} {.items[1].status.fixedIPs[0].ipAddress}",
+    ])?;
+    let [uid, vni, ip] = got.split(' ').collect::<Vec<_>>()[..] else {
+        bail!("uid, VNI and address: {got:?}")
+    };
+    assert!(ip.starts_with("10.60.0."), "{got}");
+    let keys = |prefix: &str| {
+        count(cloud.etcdctl(&["get", prefix, "--prefix", "--limit", "1", "-w", "json"])?)
+    };
+    let vni_key = format!("{PREFIX}/_claims/network/vni/{:08}", vni.parse::<u32>()?);
+    let claims = format!("{PREFIX}/_claims/network/{uid}/");
+    assert_eq!(
+        (keys(&vni_key)?, keys(&claims)?),
+        (1, 2),
+        "the VNI; the port's address and MAC"
+    );
+
+    cloud.kubectl_ok(&["-n", "demo", "delete", "network", "blue"])?;
+    assert_eq!(keys(&vni_key)?, 0, "the VNI goes in the network's delete");
+    wait_until(
+        Duration::from_secs(30),
+        "the subnet to be collected with its network",
+        || {
+            cloud
+                .kubectl_ok(&["-n", "demo", "get", "subnets", "-o", "name"])
+                .ok()
+                .filter(|o| o.trim().is_empty())
+        },
+    )?;
+    // A port outlives its network (nothing deletes it for the user) and holds its claims
+    // until it goes.
+    assert_eq!(keys(&claims)?, 2);
+    cloud.kubectl_ok(&["-n", "demo", "delete", "port", "p"])?;
+    assert_eq!(keys(&claims)?, 0, "the port's claims go in its delete");
     Ok(())
 }
