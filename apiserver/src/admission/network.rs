@@ -14,7 +14,7 @@
 //!
 //! # Allocation
 //! An address is found without reading a subnet's claims whole: a few random probes each read
-//! at most [`WINDOW`] claims from a random address of the pools on and take the first address
+//! at most a few dozen claims from a random address of the pools on and take the first address
 //! not among them; only when every probe lands in a full stretch is the pool read in order to
 //! its end, which finds a free address or proves the pool exhausted (409). The transaction's
 //! guard settles races: the loser tries again.
