@@ -16,7 +16,7 @@ use stratus_api_types::network::{
 };
 
 use crate::driver::nft::{
-    GroupRef, PortFilter, PortRange, Protocol, Remote, RemoteGroup, Rule, Zone,
+    GroupRef, LocalDhcp, PortFilter, PortRange, Protocol, Remote, RemoteGroup, Rule, Zone,
 };
 use crate::driver::{
     DhcpSpec, FdbEntry, IfName, Ipv4Cidr, MacAddr, Name, Netns, Role, Ruleset, StaticLease,
@@ -313,6 +313,7 @@ pub fn desired(cfg: &NodeConfig, snap: &Snapshot) -> (Desired, BTreeMap<PortKey,
     let mut filters = Vec::new();
     let mut zones = Vec::new();
     let mut used_zones = BTreeSet::new();
+    let mut local_dhcp = Vec::new();
     let mut by_vni: Vec<_> = by_network.into_iter().collect();
     by_vni.sort_by_key(|(_, (n, _))| n.status.as_ref().and_then(|s| s.vni));
     for (uid, (net, ports)) in by_vni {
@@ -324,6 +325,13 @@ pub fn desired(cfg: &NodeConfig, snap: &Snapshot) -> (Desired, BTreeMap<PortKey,
             zone: zone_for(vni, &mut used_zones),
         });
         let dhcp = dhcp_for(cfg, snap, &net, &uid, &ports, &ns);
+        let vxlan = IfName::derived(Role::Vxlan, &uid);
+        if let Some(d) = &dhcp {
+            local_dhcp.push(LocalDhcp {
+                vxlan: vxlan.clone(),
+                server: d.address.addr(),
+            });
+        }
         for p in &ports {
             plans.insert(
                 p.key.clone(),
@@ -337,7 +345,7 @@ pub fn desired(cfg: &NodeConfig, snap: &Snapshot) -> (Desired, BTreeMap<PortKey,
         networks.push(NetworkWiring {
             bridge: bridge.clone(),
             vxlan: VxlanSpec {
-                name: IfName::derived(Role::Vxlan, &uid),
+                name: vxlan,
                 vni,
                 local,
                 port: VXLAN_PORT,
@@ -358,6 +366,7 @@ pub fn desired(cfg: &NodeConfig, snap: &Snapshot) -> (Desired, BTreeMap<PortKey,
                 zones,
                 ports: filters,
                 groups: groups.sets,
+                local_dhcp,
             }),
         },
         plans,

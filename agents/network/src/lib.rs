@@ -8,4 +8,7 @@ pub mod desired;
 pub mod driver;
 pub mod plan;
 
+#[cfg(test)]
+mod host_tests;
+
 pub use agent::{Config, Host, run};

@@ -472,6 +472,7 @@ mod tests {
                 })
                 .collect(),
             groups: vec![],
+            local_dhcp: vec![],
         }
     }
 
@@ -487,6 +488,7 @@ mod tests {
                 .collect(),
             ports: networks.iter().flat_map(|n| ruleset(n).ports).collect(),
             groups: vec![],
+            local_dhcp: vec![],
         });
         Desired {
             node: "n1".into(),

@@ -7,7 +7,9 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use super::nft::{GroupRef, PortFilter, PortRange, Protocol, Remote, RemoteGroup, Rule, Zone};
+use super::nft::{
+    GroupRef, LocalDhcp, PortFilter, PortRange, Protocol, Remote, RemoteGroup, Rule, Zone,
+};
 use super::{
     Dhcp, DhcpError, DhcpSpec, FdbEntry, Firewall, FirewallError, IfName, Ipv4Cidr, LinkError,
     LinkKind, Links, MacAddr, Name, Netns, Ruleset, StaticLease, VXLAN_PORT, VethSpec, VxlanInfo,
@@ -324,6 +326,10 @@ pub fn sample_ruleset() -> Ruleset {
         groups: vec![RemoteGroup {
             name: Name::new("g-one").expect("name"),
             members: BTreeSet::from([Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 3)]),
+        }],
+        local_dhcp: vec![LocalDhcp {
+            vxlan: ifname("vx-c1"),
+            server: Ipv4Addr::new(10, 0, 0, 254),
         }],
     }
 }

@@ -20,7 +20,7 @@ use super::{
     StaticLease, VXLAN_PORT, VethSpec, VxlanSpec,
 };
 
-fn root() -> bool {
+pub(crate) fn root() -> bool {
     let root = rustix::process::geteuid().is_root();
     if !root {
         eprintln!("skipped: needs root (CI runs it as root)");
@@ -29,7 +29,7 @@ fn root() -> bool {
 }
 
 /// A prefix no other run uses: `stratus-test-<8 hex>`.
-fn unique() -> String {
+pub(crate) fn unique() -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -91,7 +91,7 @@ fn cidr(s: &str) -> Ipv4Cidr {
 }
 
 /// Runs a program in a namespace; whether it succeeded, and its output.
-fn run_in(ns: &Name, args: &[&str]) -> (bool, String) {
+pub(crate) fn run_in(ns: &Name, args: &[&str]) -> (bool, String) {
     let out = Command::new("ip")
         .args(["netns", "exec", ns.as_str()])
         .args(args)
@@ -105,7 +105,7 @@ fn run_in(ns: &Name, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-fn ping(from: &Name, to: Ipv4Addr) -> bool {
+pub(crate) fn ping(from: &Name, to: Ipv4Addr) -> bool {
     run_in(
         from,
         &["busybox", "ping", "-c", "1", "-W", "1", &to.to_string()],
@@ -114,7 +114,7 @@ fn ping(from: &Name, to: Ipv4Addr) -> bool {
 }
 
 /// Pings until one answer, at most `tries` times (the first may wait for ARP).
-fn pings(from: &Name, to: Ipv4Addr, tries: u32) -> bool {
+pub(crate) fn pings(from: &Name, to: Ipv4Addr, tries: u32) -> bool {
     (0..tries).any(|_| ping(from, to))
 }
 
@@ -390,6 +390,7 @@ fn guests_on_two_nodes_talk_over_vxlan_through_the_firewall_and_get_dhcp_leases(
         }],
         ports: vec![port_filter(node, port, mac, ip, icmp)],
         groups: vec![],
+        local_dhcp: vec![],
     };
     fw1.apply(&rules(&node1, &p1, mac1, ip1, true))
         .expect("firewall 1");
@@ -483,7 +484,7 @@ fn guests_on_two_nodes_talk_over_vxlan_through_the_firewall_and_get_dhcp_leases(
 }
 
 /// Runs busybox's DHCP client once in `ns`; the address it was offered.
-fn lease(ns: &Name, dir: &Path) -> Option<Ipv4Addr> {
+pub(crate) fn lease(ns: &Name, dir: &Path) -> Option<Ipv4Addr> {
     let script = dir.join("udhcpc.sh");
     let result = dir.join("lease");
     let _ = std::fs::remove_file(&result);

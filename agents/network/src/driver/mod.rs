@@ -18,7 +18,7 @@ pub mod netns;
 pub mod nft;
 
 #[cfg(test)]
-mod host_tests;
+pub(crate) mod host_tests;
 
 pub use dnsmasq::{DhcpError, DhcpSpec, DhcpStatus, StaticLease};
 pub use names::{IfName, Ipv4Cidr, MacAddr, Name, NameError, Netns, Role};

@@ -77,6 +77,20 @@ pub struct Ruleset {
     pub ports: Vec<PortFilter>,
     /// Remote groups: the addresses of a security group's members.
     pub groups: Vec<RemoteGroup>,
+    /// Networks whose DHCP server on this node serves this node's ports only.
+    pub local_dhcp: Vec<LocalDhcp>,
+}
+
+/// A network's DHCP server kept to its own node: every node runs one for its own ports (so
+/// losing a node stops no other node's DHCP), all with the same address, and neither
+/// DHCP messages nor traffic for that address cross the overlay (another node's server
+/// would refuse this node's guests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalDhcp {
+    /// The network's VXLAN device (a port of its bridge).
+    pub vxlan: IfName,
+    /// The server's address.
+    pub server: Ipv4Addr,
 }
 
 /// A network's conntrack zone.
@@ -444,7 +458,8 @@ impl Ruleset {
 
     /// The `bridge` table's one chain: per filtered port, frames in from its device carry
     /// its MAC, and its IPv4 and ARP packets its addresses (or 0.0.0.0 for DHCP and ARP
-    /// probes).
+    /// probes); per local DHCP server, nothing of DHCP or for the server's address comes in
+    /// from the overlay.
     fn bridge_chain(&self) -> (Chain<'static>, Vec<Vec<Statement<'static>>>) {
         let mut rules = Vec::new();
         for p in self.ports.iter().filter(|p| p.port_security) {
@@ -482,6 +497,30 @@ impl Ruleset {
                 dev(),
                 eq(payload("ether", "type"), s("arp")),
                 ne(payload("arp", "saddr ip"), ips(true)),
+                Statement::Drop(None),
+            ]);
+        }
+        for d in &self.local_dhcp {
+            let dev = || eq(meta(MetaKey::Iifname), s(d.vxlan.as_str()));
+            let server = || s(d.server.to_string());
+            for port in [67, 68] {
+                rules.push(vec![
+                    dev(),
+                    eq(payload("ether", "type"), s("ip")),
+                    eq(payload("udp", "dport"), Expression::Number(port)),
+                    Statement::Drop(None),
+                ]);
+            }
+            rules.push(vec![
+                dev(),
+                eq(payload("ether", "type"), s("ip")),
+                eq(payload("ip", "daddr"), server()),
+                Statement::Drop(None),
+            ]);
+            rules.push(vec![
+                dev(),
+                eq(payload("ether", "type"), s("arp")),
+                eq(payload("arp", "daddr ip"), server()),
                 Statement::Drop(None),
             ]);
         }

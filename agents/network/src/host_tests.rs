@@ -1,0 +1,319 @@
+//! The agent's converge on the real kernel, nft and dnsmasq, as root: two simulated nodes
+//! (each a network namespace, joined by a veth underlay on 192.0.2.0/24) and two guests
+//! (namespaces plugged into the nodes by veths named as their Ports' devices) on one
+//! network (10.50.0.0/24). The ports get their addresses by DHCP and ping each other
+//! across VXLAN; drift made by hand is repaired; a second converge changes nothing; with
+//! the ports gone nothing of Stratus's is left. Everything the test makes is removed when it
+//! ends, even when it fails.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::agent::tests::{group, hypervisor, network, port, subnet};
+use crate::agent::{Host, PortState, converge};
+use crate::desired::{NodeConfig, PortKey, Snapshot};
+use crate::driver::dnsmasq::Dnsmasq;
+use crate::driver::host_tests::{lease, ping, pings, root, run_in, unique};
+use crate::driver::netlink::NetlinkLinks;
+use crate::driver::nft::NftFirewall;
+use crate::driver::{Dhcp, IfName, Links, Name, Netns, Role, VethSpec};
+use crate::plan::{is_derived, is_dhcp_name_of};
+
+/// Removes, when dropped, each node's DHCP servers and namespaces, then the namespaces the
+/// test made.
+struct Cleanup {
+    dhcp: Vec<(Dnsmasq, String)>,
+    namespaces: Vec<Name>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let l = NetlinkLinks::new();
+        for (d, node) in &self.dhcp {
+            for name in d.list().unwrap_or_default() {
+                if let Err(e) = d.remove(&name) {
+                    eprintln!("cleanup: dhcp {name}: {e}");
+                }
+            }
+            for ns in l.list_netns().unwrap_or_default() {
+                if is_dhcp_name_of(node, &ns)
+                    && let Err(e) = l.del_netns(&ns)
+                {
+                    eprintln!("cleanup: netns {ns}: {e}");
+                }
+            }
+        }
+        for n in &self.namespaces {
+            if let Err(e) = l.del_netns(n) {
+                eprintln!("cleanup: netns {n}: {e}");
+            }
+        }
+    }
+}
+
+/// Waits up to 5 s for `f` to hold.
+fn wait(f: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn ifname(s: &str) -> IfName {
+    IfName::new(s).expect("ifname")
+}
+
+fn name(s: String) -> Name {
+    Name::new(&s).expect("name")
+}
+
+fn sh(ns: &Name, args: &[&str]) {
+    let (ok, out) = run_in(ns, args);
+    assert!(ok, "{args:?}: {out}");
+}
+
+/// A guest namespace plugged into `node` by a veth: `device` on the node, `eth0` inside
+/// (up, no address yet); the guest's MAC.
+fn guest(l: &NetlinkLinks, node: &Netns, guest: &Name, device: &IfName) -> String {
+    l.add_netns(guest).expect("guest netns");
+    let g = Netns::Named(guest.clone());
+    let eth0 = ifname("eth0");
+    l.add_veth(
+        node,
+        &VethSpec {
+            name: device.clone(),
+            peer: eth0.clone(),
+            peer_netns: Some(g.clone()),
+        },
+    )
+    .expect("guest veth");
+    l.set_mtu(&g, &eth0, 1450).expect("mtu");
+    l.set_up(&g, &eth0, true).expect("up");
+    l.set_up(&g, &ifname("lo"), true).expect("lo up");
+    l.link(&g, &eth0)
+        .expect("link")
+        .and_then(|k| k.mac)
+        .expect("mac")
+        .to_string()
+}
+
+#[test]
+fn two_nodes_wire_their_ports_serve_dhcp_repair_drift_and_clean_up() {
+    if !root() {
+        return;
+    }
+    let prefix = unique();
+    let l = NetlinkLinks::new();
+    let (n1, n2) = (name(format!("{prefix}-n1")), name(format!("{prefix}-n2")));
+    let (g1, g2) = (name(format!("{prefix}-g1")), name(format!("{prefix}-g2")));
+    let (d1, d2) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let (dns1, dns2) = (
+        Dnsmasq::new(d1.path().join("dhcp")),
+        Dnsmasq::new(d2.path().join("dhcp")),
+    );
+    let _cleanup = Cleanup {
+        dhcp: vec![
+            (dns1.clone(), n1.to_string()),
+            (dns2.clone(), n2.to_string()),
+        ],
+        namespaces: vec![n1.clone(), n2.clone(), g1.clone(), g2.clone()],
+        _dirs: vec![],
+    };
+    let (ns1, ns2) = (Netns::Named(n1.clone()), Netns::Named(n2.clone()));
+    for n in [&n1, &n2] {
+        l.add_netns(n).expect("node netns");
+    }
+    let underlay = ifname("underlay");
+    l.add_veth(
+        &ns1,
+        &VethSpec {
+            name: underlay.clone(),
+            peer: underlay.clone(),
+            peer_netns: Some(ns2.clone()),
+        },
+    )
+    .expect("underlay");
+    for (ns, a) in [(&ns1, "192.0.2.1/24"), (&ns2, "192.0.2.2/24")] {
+        l.add_address(ns, &underlay, a.parse().expect("cidr"))
+            .expect("address");
+        l.set_up(ns, &underlay, true).expect("up");
+    }
+    let (dev1, dev2) = (ifname("tp-guest1"), ifname("tp-guest2"));
+    let mac1 = guest(&l, &ns1, &g1, &dev1);
+    let mac2 = guest(&l, &ns2, &g2, &dev2);
+
+    // The API's objects: the ports' addresses as IPAM gave them.
+    let net_uid = format!("{prefix}-net");
+    let mut snap = Snapshot {
+        ports: vec![
+            port(
+                "p1",
+                "net",
+                n1.as_str(),
+                &mac1,
+                "10.50.0.11",
+                Some("tp-guest1"),
+            ),
+            port(
+                "p2",
+                "net",
+                n2.as_str(),
+                &mac2,
+                "10.50.0.12",
+                Some("tp-guest2"),
+            ),
+        ],
+        networks: vec![network("net", &net_uid, Some(5001))],
+        subnets: vec![subnet("sn", "net", "10.50.0.0/24")],
+        hypervisors: vec![
+            hypervisor(n1.as_str(), "192.0.2.1"),
+            hypervisor(n2.as_str(), "192.0.2.2"),
+        ],
+        groups: vec![group(
+            "default",
+            json!([
+                {"direction": "ingress", "protocol": "icmp", "remoteGroup": "default"},
+                {"direction": "egress"},
+            ]),
+        )],
+    };
+    let host = |ns: &Netns, d: &Dnsmasq| Host {
+        links: Arc::new(NetlinkLinks::new()),
+        firewall: Arc::new(NftFirewall::new(ns.clone())),
+        dhcp: Arc::new(d.clone()),
+    };
+    let (h1, h2) = (host(&ns1, &dns1), host(&ns2, &dns2));
+    let cfg = |n: &Name| NodeConfig {
+        node: n.to_string(),
+        netns: Netns::Named(n.clone()),
+        underlay: None,
+    };
+    let (c1, c2) = (cfg(&n1), cfg(&n2));
+    let key = |n: &str| PortKey {
+        namespace: "demo".into(),
+        name: n.into(),
+    };
+
+    for (h, c, p) in [(&h1, &c1, "p1"), (&h2, &c2, "p2")] {
+        let r = converge(h, c, &snap).expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        assert!(
+            matches!(r.ports.get(&key(p)), Some(PortState::Wired { .. })),
+            "{p}: {:?}",
+            r.ports
+        );
+    }
+    // Each guest takes its IPAM address from its node's DHCP server.
+    let dir = tempfile::tempdir().expect("dir");
+    assert_eq!(lease(&g1, dir.path()), Some(Ipv4Addr::new(10, 50, 0, 11)));
+    assert_eq!(lease(&g2, dir.path()), Some(Ipv4Addr::new(10, 50, 0, 12)));
+    sh(&g1, &["ip", "addr", "add", "10.50.0.11/24", "dev", "eth0"]);
+    sh(&g2, &["ip", "addr", "add", "10.50.0.12/24", "dev", "eth0"]);
+    let (ip1, ip2) = (Ipv4Addr::new(10, 50, 0, 11), Ipv4Addr::new(10, 50, 0, 12));
+    assert!(pings(&g1, ip2, 5), "guest 1 reaches guest 2 across VXLAN");
+    assert!(ping(&g2, ip1), "and back");
+
+    // A restarted agent finds everything right and changes nothing.
+    for (h, c) in [(&h1, &c1), (&h2, &c2)] {
+        let r = converge(h, c, &snap).expect("converge");
+        assert_eq!(r.steps, vec![]);
+    }
+
+    // Drift by hand on node 1: the VXLAN device, the nft tables, dnsmasq; on node 2 the
+    // flood entry to node 1.
+    let vx = IfName::derived(Role::Vxlan, &net_uid);
+    sh(&n1, &["ip", "link", "del", vx.as_str()]);
+    sh(&n1, &["nft", "delete", "table", "inet", "stratus"]);
+    let server = dns1
+        .list()
+        .expect("list")
+        .into_iter()
+        .next()
+        .expect("server");
+    let pid = dns1
+        .status(&server)
+        .expect("status")
+        .and_then(|s| s.pid)
+        .expect("pid");
+    let killed = Command::new("kill")
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    wait(|| {
+        dns1.status(&server)
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.pid.is_none())
+    });
+    sh(
+        &n2,
+        &[
+            "bridge",
+            "fdb",
+            "del",
+            "00:00:00:00:00:00",
+            "dev",
+            vx.as_str(),
+            "dst",
+            "192.0.2.1",
+        ],
+    );
+    assert!(!ping(&g1, ip2), "the overlay is broken");
+    for (h, c) in [(&h1, &c1), (&h2, &c2)] {
+        let r = converge(h, c, &snap).expect("converge");
+        assert!(!r.steps.is_empty(), "drift seen");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+    }
+    assert!(
+        h1.firewall.read().expect("read").is_some(),
+        "tables are back"
+    );
+    assert!(
+        pings(&g1, ip2, 5),
+        "repaired: guest 1 reaches guest 2 again"
+    );
+    assert_eq!(lease(&g1, dir.path()), Some(ip1), "DHCP serves again");
+    for (h, c) in [(&h1, &c1), (&h2, &c2)] {
+        assert_eq!(converge(h, c, &snap).expect("converge").steps, vec![]);
+    }
+
+    // Security groups: without the ICMP rule, guest 2 is not reached; it still pings out.
+    snap.groups = vec![group("default", json!([{"direction": "egress"}]))];
+    for (h, c) in [(&h1, &c1), (&h2, &c2)] {
+        converge(h, c, &snap).expect("converge");
+    }
+    assert!(!ping(&g1, ip2), "ICMP in dropped");
+
+    // The ports go: nothing of Stratus's is left on either node.
+    snap.ports.clear();
+    for (h, c, d, ns, n) in [(&h1, &c1, &dns1, &ns1, &n1), (&h2, &c2, &dns2, &ns2, &n2)] {
+        let r = converge(h, c, &snap).expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        let ours: Vec<String> = l
+            .links(ns)
+            .expect("links")
+            .into_iter()
+            .filter(|k| ["br", "vx", "ve"].iter().any(|p| is_derived(&k.name, p)))
+            .map(|k| k.name.to_string())
+            .collect();
+        assert_eq!(ours, Vec::<String>::new());
+        assert_eq!(h.firewall.read().expect("read"), None);
+        assert!(d.list().expect("list").is_empty());
+        assert!(
+            !l.list_netns()
+                .expect("netns")
+                .iter()
+                .any(|x| is_dhcp_name_of(n.as_str(), x))
+        );
+        assert_eq!(converge(h, c, &snap).expect("converge").steps, vec![]);
+    }
+}
