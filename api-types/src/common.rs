@@ -92,14 +92,14 @@ impl ConditionType {
         }
     }
 
-    /// This condition with status `True`.
-    pub fn yes(self, reason: &str, message: impl Into<String>) -> ConditionUpdate {
-        ConditionUpdate::new(self, true, reason, message)
+    /// This condition with status `True`, for `reason` (a [`Reason`]).
+    pub fn yes(self, reason: impl AsReason, message: impl Into<String>) -> ConditionUpdate {
+        ConditionUpdate::new(self, true, reason.as_reason(), message)
     }
 
-    /// This condition with status `False`.
-    pub fn no(self, reason: &str, message: impl Into<String>) -> ConditionUpdate {
-        ConditionUpdate::new(self, false, reason, message)
+    /// This condition with status `False`, for `reason` (a [`Reason`]).
+    pub fn no(self, reason: impl AsReason, message: impl Into<String>) -> ConditionUpdate {
+        ConditionUpdate::new(self, false, reason.as_reason(), message)
     }
 
     /// The condition of this type in `conditions`, if any.
@@ -119,6 +119,195 @@ impl std::fmt::Display for ConditionType {
     }
 }
 
+macro_rules! reasons {
+    ($($(#[doc = $doc:literal])+ $name:ident $(= $text:literal)?,)*) => {
+        /// Why a condition is as it is (`status.conditions[].reason`): every reason a Stratus
+        /// controller or agent writes. Serialized as its CamelCase name ([`Reason::as_str`]).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+        pub enum Reason {
+            $($(#[doc = $doc])+ $(#[serde(rename = $text)])? $name,)*
+        }
+
+        impl Reason {
+            /// Every reason.
+            pub const ALL: &[Reason] = &[$(Self::$name),*];
+
+            /// The name in `status.conditions[].reason`.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$name => reasons!(@text $name $($text)?),)*
+                }
+            }
+        }
+    };
+    (@text $name:ident $text:literal) => { $text };
+    (@text $name:ident) => { stringify!($name) };
+}
+
+reasons! {
+    /// `Reconciled=True`: the last reconcile got through (written only to clear a failure).
+    Reconciled,
+    /// `Reconciled=False`: the last reconcile failed in a way retrying cannot fix.
+    ReconcileError,
+    /// A project's `ContentRemaining=False`: its namespace is empty.
+    ContentDeleted,
+    /// A project's `ContentRemaining=True`: objects remain in its namespace.
+    SomeResourcesRemain,
+    /// A project's `FinalizersRemaining=False`.
+    ContentHasNoFinalizers,
+    /// A project's `FinalizersRemaining=True`: objects in it wait for finalizers.
+    SomeFinalizersRemain,
+    /// An image's `Verified=True`: its data was checked.
+    Verified,
+    /// An image's `Ready=True`: servers can boot from it.
+    Active,
+    /// An image's data does not match `spec.sha256`.
+    ChecksumMismatch,
+    /// An image's data is larger than the cloud's limit.
+    DownloadTooLarge,
+    /// An image's data names a backing file.
+    BackingFile,
+    /// An image's data names an external data file.
+    DataFile,
+    /// An image's data names a `json:` or other protocol file name.
+    ProtocolFileName,
+    /// An image's data is not in its declared format.
+    FormatMismatch,
+    /// An image's virtual size is over the limit.
+    VirtualSizeTooLarge,
+    /// An image's data cannot be read as its format.
+    Unreadable,
+    /// An image's URL is refused by the cloud's URL policy.
+    UrlRefused = "URLRefused",
+    /// An image's data could not be inspected.
+    InspectionFailed,
+    /// An image's download failed (it is tried again).
+    DownloadFailed,
+    /// A hypervisor's `Ready=True`: its agent runs and heartbeats.
+    AgentReady,
+    /// A hypervisor's `Ready=False`: its heartbeat Lease expired.
+    HeartbeatLost,
+    /// A server's `Ready=False`: its hypervisor was lost and its evacuation policy is Manual.
+    HypervisorLost,
+    /// A server's `Scheduled=False`: no hypervisor can take it now.
+    Unschedulable,
+    /// A server's flavor does not exist.
+    FlavorNotFound,
+    /// A server's server group does not exist.
+    ServerGroupNotFound,
+    /// A server's `Resized=False`: its hypervisor has no room for the new flavor.
+    InsufficientCapacity,
+    /// A server's `Resized=False`: the scheduler has not claimed the new flavor yet.
+    AwaitingCapacity,
+    /// A server's `Resized=True`.
+    Resized,
+    /// A server's image does not exist.
+    ImageNotFound,
+    /// A server's image name matches more than one image.
+    ImageAmbiguous,
+    /// A server's image data does not match its checksum.
+    ImageChecksumMismatch,
+    /// A server's image data is refused by inspection.
+    ImageRefused,
+    /// A server's image data is larger than the cloud's limit.
+    ImageTooLarge,
+    /// A server's image URL is refused by the cloud's URL policy.
+    ImageUrlRefused = "ImageURLRefused",
+    /// A server's image could not be downloaded.
+    ImageDownloadFailed,
+    /// A server's image cannot be booted (e.g. it is a kernel or ramdisk image).
+    ImageNotBootable,
+    /// A server asks for networks this node cannot wire yet.
+    NetworkingUnavailable,
+    /// A server asks for volumes this node cannot attach yet.
+    VolumesUnavailable,
+    /// A server asks to boot from a volume, which this node cannot do yet.
+    BootVolumeUnsupported,
+    /// A server's flavor has a smaller disk than its image needs.
+    FlavorDiskTooSmall,
+    /// A server's flavor has less memory than its image needs.
+    FlavorMemoryTooSmall,
+    /// A server's keypair does not exist.
+    KeypairNotFound,
+    /// A server's user data cannot be used.
+    InvalidUserData,
+    /// A server's `Ready=False` while its disks and guest are prepared.
+    Building,
+    /// A server's `Ready=True`: the guest runs.
+    Running,
+    /// A server's guest is stopped as asked (`Ready=False`, `Stopping=False`).
+    Stopped,
+    /// A server's `Ready=False`: the guest is not running.
+    NotRunning,
+    /// A server's `Drifted=False`: the guest is as the Server asks.
+    InSync,
+    /// A server's `Drifted=True`: its domain is gone from the hypervisor.
+    DomainMissing,
+    /// A server's `Drifted=True`: its guest was shut off outside Stratus.
+    PoweredOff,
+    /// A server's `Ready=False`: it drifted and its policy is to report it.
+    Drifted,
+    /// A server's `Stopping=True`: the guest was asked to shut down.
+    ShutdownRequested,
+}
+
+impl Reason {
+    /// The reason named `s`, if it is one.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|r| r.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an object cannot progress now, until something else changes: the reason and message
+/// of the condition that says so (a scheduler's `Scheduled=False`, an agent's `Ready=False`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    /// The condition's reason.
+    pub reason: Reason,
+    /// What stops it, for people.
+    pub message: String,
+}
+
+impl Blocked {
+    /// Blocked for `reason`, as `message` explains.
+    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// The condition `type_` set to `False` for this.
+    pub fn condition(&self, type_: ConditionType) -> ConditionUpdate {
+        type_.no(self.reason, self.message.clone())
+    }
+}
+
+/// What a condition builder takes as its reason: a [`Reason`] (or, while a crate's reasons
+/// are not in [`Reason`] yet, a CamelCase `&'static str`).
+pub trait AsReason {
+    /// The name in `status.conditions[].reason`.
+    fn as_reason(&self) -> &'static str;
+}
+
+impl AsReason for Reason {
+    fn as_reason(&self) -> &'static str {
+        self.as_str()
+    }
+}
+
+impl AsReason for &'static str {
+    fn as_reason(&self) -> &'static str {
+        self
+    }
+}
+
 /// A condition to set: its type, status, reason and message (from [`ConditionType::yes`] or
 /// [`ConditionType::no`]); [`ConditionUpdate::set`] writes it into a status's conditions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,18 +316,23 @@ pub struct ConditionUpdate {
     pub type_: ConditionType,
     /// `True` or `False`.
     pub status: bool,
-    /// A CamelCase reason.
-    pub reason: String,
+    /// The CamelCase reason (a [`Reason`]'s name).
+    pub reason: &'static str,
     /// What a person reads.
     pub message: String,
 }
 
 impl ConditionUpdate {
-    fn new(type_: ConditionType, status: bool, reason: &str, message: impl Into<String>) -> Self {
+    fn new(
+        type_: ConditionType,
+        status: bool,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             type_,
             status,
-            reason: reason.into(),
+            reason,
             message: message.into(),
         }
     }
@@ -160,7 +354,7 @@ impl ConditionUpdate {
             conditions,
             self.type_.as_str(),
             self.status,
-            &self.reason,
+            self.reason,
             &self.message,
             generation,
             now,
@@ -218,6 +412,39 @@ pub fn set_condition(
 #[cfg(test)]
 mod condition_tests {
     use super::*;
+
+    #[test]
+    fn reasons_are_written_as_their_camel_case_names() {
+        for r in Reason::ALL {
+            let json = serde_json::to_value(r).expect("serializes");
+            assert_eq!(json, r.as_str(), "{r:?}");
+            assert_eq!(serde_json::from_value::<Reason>(json).ok(), Some(*r));
+            assert_eq!(Reason::parse(r.as_str()), Some(*r));
+            assert!(r.as_str().starts_with(|c: char| c.is_ascii_uppercase()));
+        }
+        assert_eq!(Reason::UrlRefused.as_str(), "URLRefused");
+        let mut names: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Reason::ALL.len(), "each reason once");
+    }
+
+    #[test]
+    fn the_builder_writes_the_reasons_name() {
+        let mut c = Vec::new();
+        ConditionType::Ready
+            .no(Reason::HeartbeatLost, "no heartbeat")
+            .set_at(&mut c, Some(2), at("2026-01-01T00:00:00Z"));
+        assert_eq!(
+            (
+                c[0].type_.as_str(),
+                c[0].status.as_str(),
+                c[0].reason.as_str()
+            ),
+            ("Ready", "False", "HeartbeatLost")
+        );
+        assert_eq!(c[0].observed_generation, Some(2));
+    }
 
     fn at(s: &str) -> Time {
         Time(s.parse().expect("a timestamp"))

@@ -57,15 +57,37 @@ pub fn allocatable(spec: &HypervisorSpec, capacity: &ComputeResources) -> Amount
     }
 }
 
-/// The first resource (`vcpus`, `ram` or `disk`) that `need` does not fit in `limit - used`,
-/// without saying by how much (no allocation: the scheduler asks this of every hypervisor).
-pub fn lacking(limit: Amount, used: Amount, need: Amount) -> Option<&'static str> {
+/// A resource a placement can lack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lack {
+    /// Virtual CPUs.
+    Vcpus,
+    /// Memory.
+    Ram,
+    /// Disk.
+    Disk,
+}
+
+impl Lack {
+    /// Its name in messages (`vcpus`, `ram`, `disk`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Vcpus => "vcpus",
+            Self::Ram => "ram",
+            Self::Disk => "disk",
+        }
+    }
+}
+
+/// The first resource that `need` does not fit in `limit - used`, without saying by how much
+/// (no allocation: the scheduler asks this of every hypervisor).
+pub fn lacking(limit: Amount, used: Amount, need: Amount) -> Option<Lack> {
     if used.vcpus + need.vcpus > limit.vcpus {
-        Some("vcpus")
+        Some(Lack::Vcpus)
     } else if used.ram_mib + need.ram_mib > limit.ram_mib {
-        Some("ram")
+        Some(Lack::Ram)
     } else if used.disk_gib + need.disk_gib > limit.disk_gib {
-        Some("disk")
+        Some(Lack::Disk)
     } else {
         None
     }

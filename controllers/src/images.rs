@@ -13,9 +13,9 @@ use kube::Client;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
-use stratus_api_types::common::ConditionType;
+use stratus_api_types::common::{ConditionType, Reason};
 use stratus_api_types::image::{DiskFormat, Image, ImagePhase};
-use stratus_image_cache::{Format, ImageCache, ImageError, Policy, Request};
+use stratus_image_cache::{Format, ImageCache, ImageError, Policy, Request, Unsafe};
 use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
 
@@ -62,7 +62,8 @@ async fn verify(image: &Image, ctx: &Ctx) -> Result<Action, ImagesError> {
     // download is tried again.
     let wrong_data = ConditionType::Verified
         .find(&current.conditions)
-        .is_some_and(|c| FINAL_REASONS.contains(&c.reason.as_str()));
+        .and_then(|c| Reason::parse(&c.reason))
+        .is_some_and(|r| FINAL_REASONS.contains(&r));
     let settled =
         current.phase == ImagePhase::Active || (current.phase == ImagePhase::Error && wrong_data);
     if image.metadata.deletion_timestamp.is_some()
@@ -113,10 +114,10 @@ async fn verify(image: &Image, ctx: &Ctx) -> Result<Action, ImagesError> {
             status.size_bytes = Some(c.size);
             status.sha256 = Some(c.sha256);
             ConditionType::Verified
-                .yes("Verified", how)
+                .yes(Reason::Verified, how)
                 .set(&mut status.conditions, generation);
             ConditionType::Ready
-                .yes("Active", "servers can boot from it")
+                .yes(Reason::Active, "servers can boot from it")
                 .set(&mut status.conditions, generation);
         }
         Err(e) => {
@@ -141,38 +142,46 @@ async fn verify(image: &Image, ctx: &Ctx) -> Result<Action, ImagesError> {
     Ok(next)
 }
 
-/// Reason of a `Verified=False` for data whose digest is not `spec.sha256`.
-const CHECKSUM_MISMATCH: &str = "ChecksumMismatch";
-/// Reason of a `Verified=False` for data over the policy's size limit.
-const TOO_LARGE: &str = "DownloadTooLarge";
 /// Reasons of a `Verified=False` that are final until the spec changes: the data is wrong,
-/// too large or refused by inspection (see [`stratus_image_cache::Unsafe::reason`]).
-const FINAL_REASONS: &[&str] = &[
-    CHECKSUM_MISMATCH,
-    TOO_LARGE,
-    "BackingFile",
-    "DataFile",
-    "ProtocolFileName",
-    "FormatMismatch",
-    "VirtualSizeTooLarge",
-    "Unreadable",
+/// too large or refused by inspection.
+const FINAL_REASONS: &[Reason] = &[
+    Reason::ChecksumMismatch,
+    Reason::DownloadTooLarge,
+    Reason::BackingFile,
+    Reason::DataFile,
+    Reason::ProtocolFileName,
+    Reason::FormatMismatch,
+    Reason::VirtualSizeTooLarge,
+    Reason::Unreadable,
 ];
 
+/// The condition reason of data refused by inspection.
+fn unsafe_reason(u: &Unsafe) -> Reason {
+    match u {
+        Unsafe::BackingFile(_) => Reason::BackingFile,
+        Unsafe::DataFile(_) => Reason::DataFile,
+        Unsafe::Protocol(_) => Reason::ProtocolFileName,
+        Unsafe::FormatMismatch { .. } => Reason::FormatMismatch,
+        Unsafe::VirtualSizeTooLarge { .. } => Reason::VirtualSizeTooLarge,
+        Unsafe::Unreadable { .. } => Reason::Unreadable,
+    }
+}
+
 /// The condition reason and message for a failed fetch.
-fn refusal(e: &ImageError) -> (&'static str, String) {
+fn refusal(e: &ImageError) -> (Reason, String) {
     match e {
         ImageError::ChecksumMismatch { expected, actual } => (
-            CHECKSUM_MISMATCH,
+            Reason::ChecksumMismatch,
             format!("the data's sha256 is {actual}, not {expected}"),
         ),
         ImageError::TooLarge { limit, .. } => (
-            TOO_LARGE,
+            Reason::DownloadTooLarge,
             format!("the data is larger than this cloud's limit of {limit} bytes"),
         ),
-        ImageError::Unsafe(u) => (u.reason(), format!("the image data is refused: {u}")),
-        ImageError::Refused { .. } => ("URLRefused", stratus_runtime::policy::chain(e)),
-        ImageError::Inspect(_) => ("InspectionFailed", stratus_runtime::policy::chain(e)),
-        _ => ("DownloadFailed", stratus_runtime::policy::chain(e)),
+        ImageError::Unsafe(u) => (unsafe_reason(u), format!("the image data is refused: {u}")),
+        ImageError::Refused { .. } => (Reason::UrlRefused, stratus_runtime::policy::chain(e)),
+        ImageError::Inspect(_) => (Reason::InspectionFailed, stratus_runtime::policy::chain(e)),
+        _ => (Reason::DownloadFailed, stratus_runtime::policy::chain(e)),
     }
 }
 

@@ -9,19 +9,23 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
-use serde_json::json;
-use stratus_api_types::common::{Time, set_condition};
-use stratus_api_types::compute::{EvacuationPolicy, Hypervisor, Server, ServerPhase};
+use stratus_api_types::common::{ConditionType, Reason};
+use stratus_api_types::compute::{
+    EvacuationPolicy, Hypervisor, HypervisorPhase, Server, ServerPhase,
+};
 use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
 
 pub use stratus_api_types::compute::NODE_LEASE_NAMESPACE as LEASE_NAMESPACE;
+
+/// The field manager of the statuses this controller writes.
+const MANAGER: &str = "stratus-node-lifecycle";
 
 /// How often every hypervisor is checked regardless of events.
 const RESYNC: Duration = Duration::from_secs(5);
@@ -45,6 +49,8 @@ impl Classify for NodesError {
 struct Ctx {
     client: Client,
     runtime: Runtime<Hypervisor>,
+    /// Writes the status of a lost hypervisor's Servers.
+    servers_runtime: Runtime<Server>,
     leases: Store<Lease>,
     servers: Store<Server>,
     recorder: Recorder,
@@ -124,27 +130,16 @@ async fn handle_servers(ctx: &Ctx, hv: &str) -> Result<(), NodesError> {
                 .await;
             }
             EvacuationPolicy::Manual if st.phase != ServerPhase::Error => {
-                let mut conditions = st.conditions.clone();
+                let mut status = st.clone();
                 let message = format!(
                     "hypervisor {hv} stopped heartbeating; evacuationPolicy is Manual, so the server waits for an operator"
                 );
-                set_condition(
-                    &mut conditions,
-                    "Ready",
-                    false,
-                    "HypervisorLost",
-                    &message,
-                    s.metadata.generation,
-                    Time(jiff::Timestamp::now()),
-                );
-                Api::<Server>::namespaced(ctx.client.clone(), &ns)
-                    .patch_status(
-                        &name,
-                        &PatchParams::default(),
-                        &Patch::Merge(
-                            json!({"status": {"phase": "Error", "conditions": conditions}}),
-                        ),
-                    )
+                status.phase = ServerPhase::Error;
+                ConditionType::Ready
+                    .no(Reason::HypervisorLost, message.clone())
+                    .set(&mut status.conditions, s.metadata.generation);
+                ctx.servers_runtime
+                    .write_status(&s, &status)
                     .await
                     .map_err(NodesError::Api)?;
                 publish(ctx, &*s, EventType::Warning, "HypervisorLost", message).await;
@@ -196,23 +191,12 @@ async fn sync(hv: Arc<Hypervisor>, ctx: Arc<Ctx>) -> Result<Action, NodesError> 
         let mut status = hv.status.clone().unwrap_or_default();
         let message = format!("no heartbeat since {until}");
         tracing::info!(hypervisor = %name, %until, "node lifecycle: heartbeat lost, marking NotReady");
-        set_condition(
-            &mut status.conditions,
-            "Ready",
-            false,
-            "HeartbeatLost",
-            &message,
-            None,
-            Time(now),
-        );
-        Api::<Hypervisor>::all(ctx.client.clone())
-            .patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(
-                    json!({"status": {"phase": "NotReady", "conditions": status.conditions}}),
-                ),
-            )
+        status.phase = HypervisorPhase::NotReady;
+        ConditionType::Ready
+            .no(Reason::HeartbeatLost, message.clone())
+            .set(&mut status.conditions, None);
+        ctx.runtime
+            .write_status(&hv, &status)
             .await
             .map_err(NodesError::Api)?;
         publish(&ctx, &*hv, EventType::Warning, "NodeNotReady", message).await;
@@ -245,7 +229,8 @@ pub async fn run(client: Client) {
     .reflect(server_writer)
     .touched_objects();
     let ctx = Arc::new(Ctx {
-        runtime: Runtime::new(client.clone(), "stratus-node-lifecycle"),
+        runtime: Runtime::new(client.clone(), MANAGER),
+        servers_runtime: Runtime::new(client.clone(), MANAGER),
         recorder: Recorder::new(
             client.clone(),
             Reporter {

@@ -11,7 +11,7 @@ use kube::discovery::ApiResource;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
-use stratus_api_types::common::ConditionType;
+use stratus_api_types::common::{ConditionType, Reason};
 use stratus_api_types::identity::{Project, ProjectPhase, ProjectStatus};
 use stratus_runtime::finalizer::{self, Stage};
 use stratus_runtime::policy::kube_retry;
@@ -100,10 +100,10 @@ impl Remaining {
                 .join(", ")
         };
         let content = if self.kinds.is_empty() {
-            ConditionType::ContentRemaining.no("ContentDeleted", "all resources are deleted")
+            ConditionType::ContentRemaining.no(Reason::ContentDeleted, "all resources are deleted")
         } else {
             ConditionType::ContentRemaining.yes(
-                "SomeResourcesRemain",
+                Reason::SomeResourcesRemain,
                 format!(
                     "Some resources are remaining: {}",
                     list(&self.kinds, " has ")
@@ -113,10 +113,10 @@ impl Remaining {
         content.set(&mut status.conditions, generation);
         let finalizers = if self.finalizers.is_empty() {
             ConditionType::FinalizersRemaining
-                .no("ContentHasNoFinalizers", "no content has finalizers")
+                .no(Reason::ContentHasNoFinalizers, "no content has finalizers")
         } else {
             ConditionType::FinalizersRemaining.yes(
-                "SomeFinalizersRemain",
+                Reason::SomeFinalizersRemain,
                 format!(
                     "Some content in the project has finalizers remaining: {}",
                     list(&self.finalizers, " in ")

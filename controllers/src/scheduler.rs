@@ -7,17 +7,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
+use stratus_api_types::common::{Blocked, ConditionType, Reason};
 use stratus_api_types::compute::{
-    Flavor, Hypervisor, Server, ServerGroup, ServerGroupPolicy, ServerGroupSpec,
+    Flavor, Hypervisor, Server, ServerGroup, ServerGroupPolicy, ServerGroupSpec, ServerPhase,
 };
-use stratus_api_types::placement::{self, Amount};
+use stratus_api_types::placement::{self, Amount, Lack};
 use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
 
@@ -51,15 +52,6 @@ impl Classify for SchedulerError {
     }
 }
 
-/// A placement that cannot be made now, with the reason for the Server's condition.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unschedulable {
-    /// Condition reason (`Unschedulable`, `FlavorNotFound`, `ServerGroupNotFound`).
-    pub reason: &'static str,
-    /// What stops it, for people.
-    pub message: String,
-}
-
 /// The group a server belongs to and where its other members are.
 pub struct Group<'a> {
     /// The group's policy.
@@ -84,7 +76,7 @@ pub fn rank(
     used: &dyn Fn(&str) -> Amount,
     group: Option<&Group<'_>>,
     weigher: Weigher,
-) -> Result<Vec<String>, Unschedulable> {
+) -> Result<Vec<String>, Blocked> {
     let mut refused: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut fit: Vec<(f64, f64, &str)> = Vec::new();
     let affinity_hosts: Vec<&String> = group
@@ -124,9 +116,9 @@ pub fn rank(
                     let limit = placement::allocatable(&hv.spec, c);
                     let used_here = used(name);
                     match placement::lacking(limit, used_here, need) {
-                        Some("vcpus") => Some("insufficient vcpus"),
-                        Some("ram") => Some("insufficient ram"),
-                        Some(_) => Some("insufficient disk"),
+                        Some(Lack::Vcpus) => Some("insufficient vcpus"),
+                        Some(Lack::Ram) => Some("insufficient ram"),
+                        Some(Lack::Disk) => Some("insufficient disk"),
                         None => {
                             let free_ram = limit.ram_mib - used_here.ram_mib - need.ram_mib;
                             let ram = match weigher {
@@ -168,10 +160,7 @@ pub fn rank(
                 detail.join(", ")
             )
         };
-        return Err(Unschedulable {
-            reason: "Unschedulable",
-            message,
-        });
+        return Err(Blocked::new(Reason::Unschedulable, message));
     }
     // The group weigher first (it is a preference between hosts that all fit), then RAM, then
     // the name so equal hosts are ordered the same way every time.
@@ -266,12 +255,12 @@ impl Ctx {
         zone: Option<&str>,
         need: Amount,
         hypervisors: &[Arc<Hypervisor>],
-    ) -> Result<Vec<String>, Unschedulable> {
+    ) -> Result<Vec<String>, Blocked> {
         let Ok(index) = self.placements.lock() else {
-            return Err(Unschedulable {
-                reason: "Unschedulable",
-                message: "the scheduler's placement index is unusable".into(),
-            });
+            return Err(Blocked::new(
+                Reason::Unschedulable,
+                "the scheduler's placement index is unusable",
+            ));
         };
         let mut recent: HashMap<String, Amount> = HashMap::new();
         let mut members: HashMap<String, u32> = HashMap::new();
@@ -374,42 +363,21 @@ async fn record(
     stratus_runtime::events::publish(recorder, reference, type_, "Scheduling", reason, note).await;
 }
 
-/// Records why the server waits, unless its condition already says so.
-async fn mark_unschedulable(
-    ctx: &Ctx,
-    server: &Server,
-    u: &Unschedulable,
-) -> Result<(), SchedulerError> {
-    let current = server
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Scheduled"));
+/// Records why the server waits (`Scheduled=False`, phase Pending), unless its condition
+/// already says so.
+async fn mark_unschedulable(ctx: &Ctx, server: &Server, u: &Blocked) -> Result<(), SchedulerError> {
+    let mut status = server.status.clone().unwrap_or_default();
+    let current = ConditionType::Scheduled.find(&status.conditions);
     if current.is_some_and(|c| c.status == "False" && c.message == u.message) {
         return Ok(());
     }
-    let ns = server.namespace().ok_or(SchedulerError::NoNamespace)?;
-    let mut conditions = server
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    stratus_api_types::common::set_condition(
-        &mut conditions,
-        "Scheduled",
-        false,
-        u.reason,
-        &u.message,
-        server.metadata.generation,
-        stratus_api_types::common::Time(jiff::Timestamp::now()),
-    );
-    let api: Api<Server> = Api::namespaced(ctx.client.clone(), &ns);
-    api.patch_status(
-        &server.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"phase": "Pending", "conditions": conditions}})),
-    )
-    .await
-    .map_err(SchedulerError::Api)?;
+    status.phase = ServerPhase::Pending;
+    u.condition(ConditionType::Scheduled)
+        .set(&mut status.conditions, server.metadata.generation);
+    ctx.runtime
+        .write_status(server, &status)
+        .await
+        .map_err(SchedulerError::Api)?;
     publish(
         ctx,
         server,
@@ -440,10 +408,10 @@ async fn sync(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, SchedulerErr
     }
     let key = server_key(&server);
     let Some(flavor) = ctx.flavors.get(&ObjectRef::new(&server.spec.flavor)) else {
-        let u = Unschedulable {
-            reason: "FlavorNotFound",
-            message: format!("flavor \"{}\" not found", server.spec.flavor),
-        };
+        let u = Blocked::new(
+            Reason::FlavorNotFound,
+            format!("flavor \"{}\" not found", server.spec.flavor),
+        );
         mark_unschedulable(&ctx, &server, &u).await?;
         return Ok(Action::requeue(Duration::from_secs(30)));
     };
@@ -451,10 +419,10 @@ async fn sync(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, SchedulerErr
         Some(g) => match ctx.groups.get(&ObjectRef::new(g).within(&ns)) {
             Some(group) => Some(group),
             None => {
-                let u = Unschedulable {
-                    reason: "ServerGroupNotFound",
-                    message: format!("server group \"{g}\" not found"),
-                };
+                let u = Blocked::new(
+                    Reason::ServerGroupNotFound,
+                    format!("server group \"{g}\" not found"),
+                );
                 mark_unschedulable(&ctx, &server, &u).await?;
                 return Ok(Action::requeue(Duration::from_secs(30)));
             }
@@ -532,31 +500,14 @@ async fn reclaim(ctx: &Ctx, server: &Server, ns: &str, hv: &str) -> Result<Actio
         "hypervisor {hv} has no room for flavor {} (cold migration to another hypervisor is not supported yet)",
         server.spec.flavor
     );
-    let current = server
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Resized"));
+    let mut status = server.status.clone().unwrap_or_default();
+    let current = ConditionType::Resized.find(&status.conditions);
     if current.is_none_or(|c| c.message != message) {
-        let mut conditions = server
-            .status
-            .as_ref()
-            .map(|s| s.conditions.clone())
-            .unwrap_or_default();
-        stratus_api_types::common::set_condition(
-            &mut conditions,
-            "Resized",
-            false,
-            "InsufficientCapacity",
-            &message,
-            server.metadata.generation,
-            stratus_api_types::common::Time(jiff::Timestamp::now()),
-        );
-        Api::<Server>::namespaced(ctx.client.clone(), ns)
-            .patch_status(
-                &server.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": {"conditions": conditions}})),
-            )
+        ConditionType::Resized
+            .no(Reason::InsufficientCapacity, message.clone())
+            .set(&mut status.conditions, server.metadata.generation);
+        ctx.runtime
+            .write_status(server, &status)
             .await
             .map_err(SchedulerError::Api)?;
         publish(ctx, server, EventType::Warning, "ResizeFailed", message).await;
@@ -780,7 +731,7 @@ mod tests {
             Weigher::Spread,
         )
         .expect_err("nothing fits");
-        assert_eq!(err.reason, "Unschedulable");
+        assert_eq!(err.reason, Reason::Unschedulable);
         assert_eq!(
             err.message,
             "0/4 hypervisors are available: 2 insufficient ram, 1 disabled, 1 not ready"

@@ -8,6 +8,7 @@ use std::time::Duration;
 use kube::Resource;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
+use stratus_api_types::common::Reason;
 
 /// What retrying a failed reconcile can do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,9 +29,10 @@ pub trait Classify: std::error::Error {
     /// What retrying can do about this error.
     fn retry(&self) -> Retry;
 
-    /// A CamelCase reason for status and logs.
+    /// A CamelCase reason for status and logs: [`Reason::ReconcileError`] unless an error
+    /// says better.
     fn reason(&self) -> &'static str {
-        "ReconcileError"
+        Reason::ReconcileError.as_str()
     }
 }
 

@@ -8,12 +8,9 @@ use kube::runtime::controller::Action;
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde_json::{Value, json};
-use stratus_api_types::common::{Condition, ConditionType, ConditionUpdate};
+use stratus_api_types::common::{Condition, ConditionType, ConditionUpdate, Reason};
 
-use crate::policy::{Backoff, Classify, Retry, chain, kube_retry};
-
-/// Reason of `Reconciled=True`, written only to clear an earlier failure.
-const RECOVERED: &str = "Reconciled";
+use crate::policy::{Backoff, Classify, Retry, chain};
 
 /// What one reconciler (a controller, or an agent's loop) keeps between reconciles: nothing
 /// about any object but how often it failed in a row.
@@ -61,9 +58,9 @@ where
     /// the error's reason and chain as message. Returns `result` as it was.
     ///
     /// # Guarantees
-    /// Only the `Reconciled` condition is written, on the version of `obj` it was computed
-    /// from (a conflict reads the object again, a few times), and only when it changes. A
-    /// failed write is logged, not raised: the reconcile's own result stands.
+    /// Only the `Reconciled` condition is written (by [`Runtime::set_condition`]), and only
+    /// when it changes. A failed write is logged, not raised: the reconcile's own result
+    /// stands.
     pub async fn finish<E: Classify>(
         &self,
         obj: &K,
@@ -75,7 +72,7 @@ where
                 let failed = conditions(obj)
                     .iter()
                     .any(|c| c.type_ == ConditionType::Reconciled.as_str() && c.status == "False");
-                failed.then(|| ConditionType::Reconciled.yes(RECOVERED, ""))
+                failed.then(|| ConditionType::Reconciled.yes(Reason::Reconciled, ""))
             }
             Err(e) if e.retry() == Retry::Never => {
                 Some(ConditionType::Reconciled.no(e.reason(), chain(e)))
@@ -90,11 +87,16 @@ where
         result
     }
 
-    /// Makes `status` the status of `obj`: sends only what differs from the status `obj` was
-    /// read with (see [`crate::status::merge_diff`]), so fields other writers own (a
-    /// placement, another component's conditions) are left as they are. Returns whether
-    /// anything was written. A reconcile that writes twice passes the second time the object
-    /// with the status it wrote first.
+    /// Makes `status` the status of `obj` by server-side apply under this runtime's field
+    /// manager, forced (a reconciler is the authority on the fields it writes): it applies
+    /// the fields it applied before (as the object stored now says) and the fields that
+    /// differ from the status `obj` was read with (see [`crate::status::to_apply`]). So it
+    /// owns exactly what it writes; fields other writers own (a placement, another
+    /// component's conditions) are left as they are, whatever happened to them since `obj`
+    /// was read; and a field it wrote before and `status` lacks is removed. No
+    /// resourceVersion is sent: there is no read-modify-write to lose. Returns whether
+    /// anything was sent (nothing is, and nothing is read, when `status` is the status `obj`
+    /// has).
     ///
     /// # Errors
     /// The API refused the write.
@@ -103,25 +105,45 @@ where
         obj: &K,
         status: &S,
     ) -> Result<bool, kube::Error> {
-        let old = serde_json::to_value(obj)
-            .ok()
-            .and_then(|mut v| v.get_mut("status").map(Value::take))
-            .unwrap_or(Value::Null);
         let new = serde_json::to_value(status).unwrap_or(Value::Null);
-        let Some(diff) = crate::status::merge_diff(&old, &new) else {
+        self.apply_status(obj, &self.manager, new).await
+    }
+
+    /// Applies `new` as the status `manager` writes of `obj` (see [`Runtime::write_status`]).
+    async fn apply_status(&self, obj: &K, manager: &str, new: Value) -> Result<bool, kube::Error> {
+        let read = serde_json::to_value(obj).unwrap_or(Value::Null);
+        let old = read.get("status").cloned().unwrap_or(Value::Null);
+        if old == new {
+            return Ok(false);
+        }
+        let api = self.api(obj);
+        // What this manager owns is read from the object as stored: `obj` may be older than
+        // this reconcile's own earlier write, and a cache may keep objects without their
+        // managed fields.
+        let managed = serde_json::to_value(api.get(&obj.name_any()).await?)
+            .ok()
+            .and_then(|mut v| v.pointer_mut("/metadata/managedFields").map(Value::take))
+            .unwrap_or(Value::Null);
+        let owned = crate::status::owned_status(&managed, manager);
+        let Some(status) = crate::status::to_apply(&old, &new, &owned) else {
             return Ok(false);
         };
-        let pp = PatchParams {
-            field_manager: Some(self.manager.clone()),
-            ..Default::default()
-        };
-        self.api(obj)
-            .patch_status(
-                &obj.name_any(),
-                &pp,
-                &Patch::Merge(json!({ "status": diff })),
-            )
-            .await?;
+        let mut metadata = json!({ "name": obj.name_any() });
+        if let Some(ns) = obj.namespace() {
+            metadata["namespace"] = json!(ns);
+        }
+        let body = json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "metadata": metadata,
+            "status": status,
+        });
+        api.patch_status(
+            &obj.name_any(),
+            &PatchParams::apply(manager).force(),
+            &Patch::Apply(body),
+        )
+        .await?;
         Ok(true)
     }
 
@@ -133,41 +155,30 @@ where
         }
     }
 
-    /// Sets one condition in `obj`'s status, as described at [`Runtime::finish`].
+    /// Sets one condition in `obj`'s status, as described at [`Runtime::finish`]: applied
+    /// under a field manager of its own (this runtime's, suffixed with the condition type), so
+    /// the apply holds that one condition and nothing else this reconciler writes. Nothing is
+    /// sent when the condition is already as asked.
     ///
     /// # Errors
-    /// The API refused the write, or it conflicted every time.
+    /// The API refused the write.
     pub async fn set_condition(
         &self,
         obj: &K,
         update: &ConditionUpdate,
     ) -> Result<(), kube::Error> {
-        let api = self.api(obj);
-        let name = obj.name_any();
-        let pp = PatchParams {
-            field_manager: Some(self.manager.clone()),
-            ..Default::default()
-        };
-        let mut current = serde_json::to_value(obj).unwrap_or(Value::Null);
-        for _ in 0..3 {
-            let mut conds = conditions_of(&current);
-            if !update.set(&mut conds, obj.meta().generation) {
-                return Ok(());
-            }
-            let patch = json!({
-                "metadata": {"resourceVersion": current.pointer("/metadata/resourceVersion")},
-                "status": {"conditions": conds},
-            });
-            match api.patch_status(&name, &pp, &Patch::Merge(patch)).await {
-                Ok(_) => return Ok(()),
-                Err(e) if kube_retry(&e) == Retry::Soon => {
-                    let fresh = api.get(&name).await?;
-                    current = serde_json::to_value(fresh).unwrap_or(Value::Null);
-                }
-                Err(e) => return Err(e),
-            }
+        let mut conds = conditions(obj);
+        if !update.set(&mut conds, obj.meta().generation) {
+            return Ok(());
         }
-        Ok(())
+        let mut status = serde_json::to_value(obj)
+            .ok()
+            .and_then(|mut v| v.get_mut("status").map(Value::take))
+            .filter(Value::is_object)
+            .unwrap_or_else(|| json!({}));
+        status["conditions"] = serde_json::to_value(conds).unwrap_or(Value::Null);
+        let manager = format!("{}-{}", self.manager, update.type_.as_str().to_lowercase());
+        self.apply_status(obj, &manager, status).await.map(drop)
     }
 }
 

@@ -6,15 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
+use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::Store;
-use kube::{Client, ResourceExt};
 use serde_json::json;
-use stratus_api_types::common::{ConditionType, Time};
+use stratus_api_types::common::{ConditionType, Reason, Time};
 use stratus_api_types::compute::HypervisorType;
 use stratus_api_types::compute::{
     ComputeResources, Hypervisor, HypervisorPhase, HypervisorStatus, Server,
 };
+use stratus_runtime::Runtime;
 
 use super::Config;
 use super::driver::{DomainDriver as Driver, DriverError};
@@ -115,7 +116,7 @@ async fn status(
     status.hypervisor_version = Some(info.hypervisor_version);
     ConditionType::Ready
         .yes(
-            "AgentReady",
+            Reason::AgentReady,
             "the compute agent is running and heartbeating",
         )
         .set(&mut status.conditions, None);
@@ -149,6 +150,7 @@ async fn beat(client: &Client, node: &str, every: Duration) -> Result<(), NodeEr
 /// One heartbeat: the Lease, then the Hypervisor's status if anything in it changed.
 async fn heartbeat(
     client: &Client,
+    runtime: &Runtime<Hypervisor>,
     driver: &Arc<dyn Driver>,
     config: &Config,
     servers: &Store<Server>,
@@ -167,13 +169,10 @@ async fn heartbeat(
         return Ok(());
     }
     next.last_heartbeat_time = Some(Time(jiff::Timestamp::now()));
-    api.patch_status(
-        &current.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": next })),
-    )
-    .await
-    .map_err(NodeError::Api)?;
+    runtime
+        .write_status(&current, &next)
+        .await
+        .map_err(NodeError::Api)?;
     Ok(())
 }
 
@@ -195,10 +194,11 @@ pub(crate) async fn run(
             }
         }
     }
+    let runtime = Runtime::new(client.clone(), super::server::MANAGER);
     let mut tick = tokio::time::interval(config.heartbeat);
     loop {
         tick.tick().await;
-        if let Err(e) = heartbeat(&client, &driver, &config, &servers).await {
+        if let Err(e) = heartbeat(&client, &runtime, &driver, &config, &servers).await {
             tracing::warn!(error = %e, "heartbeat failed");
         }
     }

@@ -8,14 +8,13 @@ use std::time::Duration;
 
 use base64::Engine;
 use futures::StreamExt;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use serde_json::{Value, json};
-use stratus_api_types::common::{ConditionType, Time};
+use stratus_api_types::common::{Blocked, ConditionType, Reason, Time};
 use stratus_api_types::compute::{
     DriftPolicy, Flavor, Keypair, ObservedPowerState, PowerState, RebootType, Server, ServerPhase,
     ServerStatus,
@@ -36,7 +35,7 @@ use stratus_image_cache::{Format, ImageCache, ImageError, Request};
 pub use stratus_api_types::compute::TEARDOWN_FINALIZER;
 
 /// The field manager of the compute agent's status writes.
-const MANAGER: &str = "stratus-compute-agent";
+pub(crate) const MANAGER: &str = "stratus-compute-agent";
 
 /// How long a guest has to shut down after an ACPI request before it is powered off.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -232,40 +231,14 @@ async fn publish(ctx: &Ctx, server: &Server, type_: EventType, reason: &str, not
         .await;
 }
 
-/// Writes `status` if it differs from the Server's.
+/// Writes `status` if it differs from the Server's (see [`Runtime::write_status`]: the
+/// placement fields stay the binding's, the scheduler's conditions the scheduler's).
 async fn write_status(ctx: &Ctx, server: &Server, status: ServerStatus) -> Result<(), ServerError> {
-    if server.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    let ns = server.namespace().ok_or(ServerError::Incomplete)?;
-    let mut body = serde_json::to_value(&status).unwrap_or(Value::Null);
-    // Placement fields are the binding's; a merge patch that leaves them out keeps them.
-    if let Some(o) = body.as_object_mut() {
-        o.remove("hypervisor");
-        o.remove("allocated");
-        // Absent lists and options must be cleared explicitly in a merge patch.
-        for k in ["addresses", "conditions"] {
-            o.entry(k).or_insert(json!([]));
-        }
-    }
-    Api::<Server>::namespaced(ctx.client.clone(), &ns)
-        .patch_status(
-            &server.name_any(),
-            &PatchParams {
-                field_manager: Some(MANAGER.into()),
-                ..Default::default()
-            },
-            &Patch::Merge(json!({ "status": body })),
-        )
+    ctx.runtime
+        .write_status(server, &status)
         .await
         .map_err(ServerError::Api)?;
     Ok(())
-}
-
-/// A problem with what the Server asks for, that no retry fixes until something changes.
-struct Blocked {
-    reason: &'static str,
-    message: String,
 }
 
 /// Marks the server as failed for `b`, with an Event when the reason is new.
@@ -273,14 +246,20 @@ async fn block(ctx: &Ctx, server: &Server, b: Blocked) -> Result<Action, ServerE
     let mut status = server.status.clone().unwrap_or_default();
     let new_reason = !ConditionType::Ready
         .find(&status.conditions)
-        .is_some_and(|c| c.reason == b.reason && c.message == b.message);
+        .is_some_and(|c| c.reason == b.reason.as_str() && c.message == b.message);
     status.phase = ServerPhase::Error;
-    ConditionType::Ready
-        .no(b.reason, b.message.clone())
+    b.condition(ConditionType::Ready)
         .set(&mut status.conditions, server.metadata.generation);
     write_status(ctx, server, status).await?;
     if new_reason {
-        publish(ctx, server, EventType::Warning, b.reason, b.message).await;
+        publish(
+            ctx,
+            server,
+            EventType::Warning,
+            b.reason.as_str(),
+            b.message,
+        )
+        .await;
     }
     Ok(Action::requeue(Duration::from_secs(30)))
 }
@@ -309,7 +288,7 @@ async fn find_image(client: &Client, ns: &str, name: &str) -> Result<Image, NotB
         .collect();
     match public.len() {
         0 => Err(NotBuilt::Blocked(Blocked {
-            reason: "ImageNotFound",
+            reason: Reason::ImageNotFound,
             message: format!("image \"{name}\" not found in the project, nor as a public image"),
         })),
         1 => Ok(public.remove(0)),
@@ -317,7 +296,7 @@ async fn find_image(client: &Client, ns: &str, name: &str) -> Result<Image, NotB
             let mut places: Vec<String> = public.iter().filter_map(|i| i.namespace()).collect();
             places.sort();
             Err(NotBuilt::Blocked(Blocked {
-                reason: "ImageAmbiguous",
+                reason: Reason::ImageAmbiguous,
                 message: format!(
                     "image \"{name}\" is not in the project, and {} public images have that name (in {}); make a private copy in the project or ask an admin to rename one",
                     public.len(),
@@ -386,16 +365,22 @@ async fn fetch(ctx: &Ctx, user: &str, image: &Image) -> Result<PathBuf, NotBuilt
 fn image_blocked(name: &str, e: &ImageError) -> Blocked {
     let (reason, message) = match e {
         ImageError::ChecksumMismatch { expected, actual } => (
-            "ImageChecksumMismatch",
+            Reason::ImageChecksumMismatch,
             format!("the data's sha256 is {actual}, not {expected}"),
         ),
-        ImageError::Unsafe(u) => ("ImageRefused", format!("the image data is refused: {u}")),
+        ImageError::Unsafe(u) => (
+            Reason::ImageRefused,
+            format!("the image data is refused: {u}"),
+        ),
         ImageError::TooLarge { limit, .. } => (
-            "ImageTooLarge",
+            Reason::ImageTooLarge,
             format!("the data is larger than this cloud's limit of {limit} bytes"),
         ),
-        ImageError::Refused { .. } => ("ImageURLRefused", stratus_runtime::policy::chain(e)),
-        e => ("ImageDownloadFailed", stratus_runtime::policy::chain(e)),
+        ImageError::Refused { .. } => (Reason::ImageUrlRefused, stratus_runtime::policy::chain(e)),
+        e => (
+            Reason::ImageDownloadFailed,
+            stratus_runtime::policy::chain(e),
+        ),
     };
     Blocked {
         reason,
@@ -427,7 +412,7 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
         .map_err(ServerError::Api)?
     else {
         return Err(NotBuilt::Blocked(Blocked {
-            reason: "FlavorNotFound",
+            reason: Reason::FlavorNotFound,
             message: format!("flavor \"{}\" not found", server.spec.flavor),
         }));
     };
@@ -435,19 +420,19 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
         // Building the guest without the NICs it asks for would report a server that is not
         // what the user applied.
         return Err(NotBuilt::Blocked(Blocked {
-            reason: "NetworkingUnavailable",
+            reason: Reason::NetworkingUnavailable,
             message: "this server asks for networks; tenant networking (the network agent) is not available yet".into(),
         }));
     }
     if !server.spec.volumes.is_empty() {
         return Err(NotBuilt::Blocked(Blocked {
-            reason: "VolumesUnavailable",
+            reason: Reason::VolumesUnavailable,
             message: "this server asks for volumes; the storage agent is not available yet".into(),
         }));
     }
     let Some(image_name) = server.spec.image.as_deref() else {
         return Err(NotBuilt::Blocked(Blocked {
-            reason: "BootVolumeUnsupported",
+            reason: Reason::BootVolumeUnsupported,
             message: "booting from a volume needs the storage agent, which is not available yet"
                 .into(),
         }));
@@ -456,7 +441,7 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
     // As Nova does: an image states the smallest disk and memory it runs with.
     if image.spec.min_disk_gib > flavor.spec.disk_gib && flavor.spec.disk_gib > 0 {
         return Err(NotBuilt::Blocked(Blocked {
-            reason: "FlavorDiskTooSmall",
+            reason: Reason::FlavorDiskTooSmall,
             message: format!(
                 "flavor \"{}\" has a {} GiB disk; image \"{image_name}\" needs {} GiB",
                 server.spec.flavor, flavor.spec.disk_gib, image.spec.min_disk_gib
@@ -465,7 +450,7 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
     }
     if image.spec.min_ram_mib > flavor.spec.ram_mib {
         return Err(NotBuilt::Blocked(Blocked {
-            reason: "FlavorMemoryTooSmall",
+            reason: Reason::FlavorMemoryTooSmall,
             message: format!(
                 "flavor \"{}\" has {} MiB of memory; image \"{image_name}\" needs {} MiB",
                 server.spec.flavor, flavor.spec.ram_mib, image.spec.min_ram_mib
@@ -477,7 +462,7 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
         ImageFormat::Raw => DiskFormat::Raw,
         other => {
             return Err(NotBuilt::Blocked(Blocked {
-                reason: "ImageNotBootable",
+                reason: Reason::ImageNotBootable,
                 message: format!(
                     "image \"{image_name}\" has diskFormat {other:?}; a server boots from a qcow2 or raw image"
                 ),
@@ -514,7 +499,7 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
             Some(kp) => keys.push(kp.spec.public_key.clone()),
             None => {
                 return Err(NotBuilt::Blocked(Blocked {
-                    reason: "KeypairNotFound",
+                    reason: Reason::KeypairNotFound,
                     message: format!("keypair \"{k}\" not found"),
                 }));
             }
@@ -527,7 +512,7 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
                 Ok(d) => Some(d),
                 Err(e) => {
                     return Err(NotBuilt::Blocked(Blocked {
-                        reason: "InvalidUserData",
+                        reason: Reason::InvalidUserData,
                         message: format!("spec.userData is not base64: {e}"),
                     }));
                 }
@@ -678,7 +663,7 @@ fn observe(server: &Server, info: Option<&DomainInfo>, dir: &Path) -> ServerStat
     let running = matches!(state, Some(DomainState::Running));
     if drifted(&status) {
         ConditionType::Drifted
-            .no("InSync", "the guest is as the Server asks")
+            .no(Reason::InSync, "the guest is as the Server asks")
             .set(&mut status.conditions, gen_);
     }
     status.phase = match (server.spec.power_state, running) {
@@ -689,13 +674,16 @@ fn observe(server: &Server, info: Option<&DomainInfo>, dir: &Path) -> ServerStat
     };
     if server.spec.power_state == PowerState::Stopped && !running {
         ConditionType::Stopping
-            .no("Stopped", "")
+            .no(Reason::Stopped, "")
             .set(&mut status.conditions, gen_);
     }
     let ready = match status.phase {
-        ServerPhase::Running => ConditionType::Ready.yes("Running", "the guest is running"),
-        ServerPhase::Stopped => ConditionType::Ready.no("Stopped", "stopped as requested"),
-        _ => ConditionType::Ready.no("NotRunning", format!("the guest is {:?}", observed(state))),
+        ServerPhase::Running => ConditionType::Ready.yes(Reason::Running, "the guest is running"),
+        ServerPhase::Stopped => ConditionType::Ready.no(Reason::Stopped, "stopped as requested"),
+        _ => ConditionType::Ready.no(
+            Reason::NotRunning,
+            format!("the guest is {:?}", observed(state)),
+        ),
     };
     ready.set(&mut status.conditions, gen_);
     status.observed_generation = gen_;
@@ -810,7 +798,7 @@ async fn make(
         _ => ServerPhase::Building,
     };
     ConditionType::Ready
-        .no("Building", "preparing disks and the guest")
+        .no(Reason::Building, "preparing disks and the guest")
         .set(&mut status.conditions, gen_);
     write_status(ctx, server, status.clone()).await?;
     if !matches!(step, Step::Build { .. }) {
@@ -847,7 +835,7 @@ async fn make(
     if step == Step::Resize {
         ConditionType::Resized
             .yes(
-                "Resized",
+                Reason::Resized,
                 format!("running with flavor {}", server.spec.flavor),
             )
             .set(&mut status.conditions, gen_);
@@ -867,7 +855,7 @@ async fn await_resize_claim(
 ) -> Result<After, ServerError> {
     ConditionType::Resized
         .no(
-            "AwaitingCapacity",
+            Reason::AwaitingCapacity,
             format!(
                 "waiting for the scheduler to claim flavor {} on this hypervisor",
                 server.spec.flavor
@@ -893,8 +881,8 @@ async fn report_drift(
         |d| d.name.clone(),
     );
     let (reason, what) = match drift {
-        Drift::Missing => ("DomainMissing", "is gone from the hypervisor"),
-        Drift::PoweredOff => ("PoweredOff", "was shut off outside Stratus"),
+        Drift::Missing => (Reason::DomainMissing, "is gone from the hypervisor"),
+        Drift::PoweredOff => (Reason::PoweredOff, "was shut off outside Stratus"),
     };
     let msg = format!("domain {name} {what}; driftPolicy Report leaves it as it is");
     let new = !drifted(&status);
@@ -904,7 +892,7 @@ async fn report_drift(
         .yes(reason, msg.clone())
         .set(&mut status.conditions, gen_);
     ConditionType::Ready
-        .no("Drifted", msg.clone())
+        .no(Reason::Drifted, msg.clone())
         .set(&mut status.conditions, gen_);
     status.observed_generation = gen_;
     write_status(ctx, server, status).await?;
@@ -951,7 +939,7 @@ async fn request_shutdown(
     domain_verb(ctx, name, |d, n| d.shutdown(n)).await?;
     ConditionType::Stopping
         .yes(
-            "ShutdownRequested",
+            Reason::ShutdownRequested,
             format!(
                 "asked the guest to shut down; it is powered off after {}s",
                 SHUTDOWN_GRACE.as_secs()
@@ -1072,6 +1060,7 @@ pub(crate) async fn sweep(ctx: &Ctx) -> Result<usize, ServerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn server(power: &str) -> Server {
         serde_json::from_value(json!({
@@ -1161,7 +1150,7 @@ mod tests {
         if let Some(st) = s.status.as_mut() {
             st.power_state = Some(ObservedPowerState::Shutdown);
             ConditionType::Drifted
-                .yes("PoweredOff", "")
+                .yes(Reason::PoweredOff, "")
                 .set(&mut st.conditions, None);
         }
         assert_eq!(
@@ -1229,7 +1218,7 @@ mod tests {
         let cases = [
             (
                 ImageError::Unsafe(Unsafe::BackingFile("/etc/passwd".into())),
-                "ImageRefused",
+                Reason::ImageRefused,
                 "image \"evil\": the image data is refused: it has a backing file (\"/etc/passwd\")",
             ),
             (
@@ -1237,7 +1226,7 @@ mod tests {
                     declared: Format::Kernel,
                     found: "qcow2".into(),
                 }),
-                "ImageRefused",
+                Reason::ImageRefused,
                 "image \"evil\": the image data is refused: it is declared kernel but its data is qcow2",
             ),
             (
@@ -1245,7 +1234,7 @@ mod tests {
                     url: "http://127.0.0.1/x".into(),
                     reason: Refusal::Scheme("gopher".into()),
                 },
-                "ImageURLRefused",
+                Reason::ImageUrlRefused,
                 "image \"evil\": image URL http://127.0.0.1/x refused: scheme \"gopher\" is not allowed",
             ),
             (
@@ -1253,7 +1242,7 @@ mod tests {
                     url: "http://x/y".into(),
                     limit: 10,
                 },
-                "ImageTooLarge",
+                Reason::ImageTooLarge,
                 "image \"evil\": the data is larger than this cloud's limit of 10 bytes",
             ),
         ];
