@@ -16,8 +16,9 @@
 //! An address is found without reading a subnet's claims whole: a few random probes each read
 //! at most a few dozen claims from a random address of the pools on and take the first address
 //! not among them; only when every probe lands in a full stretch is the pool read in order to
-//! its end, which finds a free address or proves the pool exhausted (409). The transaction's
-//! guard settles races: the loser tries again.
+//! its end, which finds a free address or proves the pool exhausted (409). That read (pages
+//! of claims at one revision, a subnet being at most a /16) happens only when the pool is
+//! nearly full or exhausted. The transaction's guard settles races: the loser tries again.
 //!
 //! # Provider networks
 //! Only cluster admins make flat or external Networks (403 otherwise), as Neutron keeps its
@@ -68,8 +69,9 @@ const WINDOW: i64 = 32;
 const VNI_MAX: u32 = 16_777_215;
 /// The most allocation pools a Subnet may have.
 const MAX_POOLS: usize = 64;
-/// The largest subnet (the shortest prefix) accepted.
-const MIN_PREFIX: u8 = 8;
+/// The largest subnet (the shortest prefix) accepted: 65,534 hosts, which bounds what reading
+/// a nearly full pool in order costs.
+const MIN_PREFIX: u8 = 16;
 /// The smallest subnet accepted: network, gateway, one host and broadcast.
 const MAX_PREFIX: u8 = 30;
 

@@ -196,6 +196,7 @@ async fn a_subnet_is_checked_against_its_network() {
     for (cidr, extra, field) in [
         ("10.0.0.1/24", json!({}), "spec.cidr"),
         ("fd00::/64", json!({}), "spec.cidr"),
+        ("10.0.0.0/15", json!({}), "spec.cidr"),
         (
             "10.0.0.0/24",
             json!({"gatewayIP": "10.0.1.1"}),
