@@ -14,6 +14,7 @@ mod e2e {
     mod ipam;
     mod kubectl;
     mod leader;
+    mod network_agent;
     mod quota;
     mod replicas;
     mod runtime;

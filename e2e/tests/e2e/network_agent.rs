@@ -1,0 +1,384 @@
+//! The network agent against a real API server: two nodes (network namespaces joined by a
+//! veth underlay on 192.0.2.0/24, each with a `stratus agent --roles network`), two guests
+//! (namespaces plugged in as the devices of two Ports of one Network, 10.60.0.0/24). The
+//! agents report their tunnel addresses, wire the ports (which go Active), the guests take
+//! their addresses by DHCP and ping each other across VXLAN; a VXLAN device deleted by hand
+//! is back within seconds with an Event; a restarted agent changes nothing; with the ports
+//! deleted nothing of Stratus's is left on the nodes.
+//!
+//! The agents run with the admin kubeconfig (see README: the node authorizer's rules for
+//! the network role are not in place yet).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use stratus_e2e::{Apiserver, Etcd, Proc, stratus_bin, wait_until};
+
+const NS: &str = "netdemo";
+
+fn ip(args: &[&str]) -> Result<String> {
+    let out = Command::new("ip").args(args).output().context("run ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `args` inside namespace `ns`; whether it succeeded.
+fn exec(ns: &str, args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn ping(from: &str, to: &str) -> bool {
+    exec(from, &["busybox", "ping", "-c", "1", "-W", "1", to])
+}
+
+/// Namespaces and DHCP servers the test (and its agents) made, removed when dropped.
+struct Host {
+    namespaces: Vec<String>,
+    /// The agents' DHCP state directories: one directory per server, named as its namespace.
+    dhcp_dirs: Vec<PathBuf>,
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        for dir in &self.dhcp_dirs {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if let Ok(pid) = std::fs::read_to_string(e.path().join("pid")) {
+                    let _ = Command::new("kill").arg(pid.trim()).status();
+                }
+                let _ = ip(&["netns", "del", &e.file_name().to_string_lossy()]);
+            }
+        }
+        for n in &self.namespaces {
+            let _ = ip(&["netns", "del", n]);
+        }
+    }
+}
+
+fn kubectl(api: &Apiserver, args: &[&str]) -> Result<String> {
+    let mut full = vec!["-n", NS];
+    full.extend_from_slice(args);
+    api.kubectl_ok(&full)
+}
+
+fn jsonpath(api: &Apiserver, kind: &str, name: &str, path: &str) -> Result<String> {
+    kubectl(api, &["get", kind, name, "-o", &format!("jsonpath={path}")])
+}
+
+fn patch_status(api: &Apiserver, kind: &str, name: &str, status: serde_json::Value) -> Result<()> {
+    let body = serde_json::json!({ "status": status }).to_string();
+    kubectl(
+        api,
+        &[
+            "patch",
+            kind,
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &body,
+        ],
+    )?;
+    Ok(())
+}
+
+fn agent(api: &Apiserver, node: &str, underlay: &str, state: &Path) -> Result<Proc> {
+    Proc::spawn(
+        &format!("network agent of {node}"),
+        Command::new(stratus_bin())
+            .args(["agent", "--roles", "network", "--node", node])
+            .arg("--kubeconfig")
+            .arg(api.kubeconfig())
+            .arg("--state-dir")
+            .arg(state)
+            .args([
+                "--network-namespace",
+                node,
+                "--underlay-ip",
+                underlay,
+                "--network-resync-seconds",
+                "1",
+            ]),
+        &state.join("agent.log"),
+    )
+}
+
+/// Runs busybox's DHCP client once in `ns`; the address it was offered.
+fn lease(ns: &str, dir: &Path) -> Option<String> {
+    let script = dir.join("udhcpc.sh");
+    let result = dir.join("lease");
+    let _ = std::fs::remove_file(&result);
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = bound ] && echo \"$ip\" > '{}'\nexit 0\n",
+            result.display()
+        ),
+    )
+    .ok()?;
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).ok()?;
+    let script = script.to_string_lossy().into_owned();
+    exec(
+        ns,
+        &[
+            "busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", "5", "-T", "1", "-s",
+            &script,
+        ],
+    );
+    Some(std::fs::read_to_string(&result).ok()?.trim().to_owned())
+}
+
+/// The names of the links of `kind` in namespace `ns`.
+fn links_of_kind(ns: &str, kind: &str) -> Result<Vec<String>> {
+    let out = ip(&["-n", ns, "-j", "link", "show", "type", kind])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l.get("ifname")?.as_str().map(str::to_owned))
+        .collect())
+}
+
+fn ifindex(ns: &str, name: &str) -> Result<u64> {
+    let out = ip(&["-n", ns, "-j", "link", "show", name])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    v.get(0)
+        .and_then(|l| l.get("ifindex")?.as_u64())
+        .context("ifindex")
+}
+
+#[test]
+fn two_network_agents_wire_ports_across_vxlan_and_repair_drift() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let api = Apiserver::start_on(&etcd)?;
+    api.projects(&[NS])?;
+    let tag = std::process::id();
+    let (n1, n2) = (format!("snet-{tag}-n1"), format!("snet-{tag}-n2"));
+    let (g1, g2) = (format!("snet-{tag}-g1"), format!("snet-{tag}-g2"));
+    let (s1, s2) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let _host = Host {
+        namespaces: vec![n1.clone(), n2.clone(), g1.clone(), g2.clone()],
+        dhcp_dirs: vec![
+            s1.path().join("network/dhcp"),
+            s2.path().join("network/dhcp"),
+        ],
+    };
+    for n in [&n1, &n2, &g1, &g2] {
+        ip(&["netns", "add", n])?;
+    }
+    ip(&[
+        "link", "add", "underlay", "netns", &n1, "type", "veth", "peer", "name", "underlay",
+        "netns", &n2,
+    ])?;
+    for (n, a) in [(&n1, "192.0.2.1/24"), (&n2, "192.0.2.2/24")] {
+        ip(&["-n", n, "addr", "add", a, "dev", "underlay"])?;
+        ip(&["-n", n, "link", "set", "underlay", "up"])?;
+    }
+
+    // The cloud's objects; what IPAM has not filled in (a VNI, MACs, addresses) is set as
+    // an admin would, and so is the placement the compute side will write.
+    api.kubectl_in(
+        &["apply", "-f", "-"],
+        &format!(
+            r#"
+apiVersion: compute.stratus.dev/v1
+kind: Hypervisor
+metadata: {{name: {n1}}}
+spec: {{hypervisorType: qemu}}
+---
+apiVersion: compute.stratus.dev/v1
+kind: Hypervisor
+metadata: {{name: {n2}}}
+spec: {{hypervisorType: qemu}}
+---
+apiVersion: network.stratus.dev/v1
+kind: Network
+metadata: {{name: net, namespace: {NS}}}
+spec: {{}}
+---
+apiVersion: network.stratus.dev/v1
+kind: Subnet
+metadata: {{name: sn, namespace: {NS}}}
+spec: {{network: net, cidr: 10.60.0.0/24, gatewayIP: 10.60.0.1}}
+---
+apiVersion: network.stratus.dev/v1
+kind: SecurityGroup
+metadata: {{name: default, namespace: {NS}}}
+spec:
+  rules:
+  - {{direction: ingress, protocol: icmp, remoteGroup: default}}
+  - {{direction: egress}}
+---
+apiVersion: network.stratus.dev/v1
+kind: Port
+metadata: {{name: p1, namespace: {NS}}}
+spec: {{network: net}}
+---
+apiVersion: network.stratus.dev/v1
+kind: Port
+metadata: {{name: p2, namespace: {NS}}}
+spec: {{network: net}}
+"#
+        ),
+    )?;
+    if jsonpath(&api, "network", "net", "{.status.vni}")?.is_empty() {
+        patch_status(&api, "network", "net", serde_json::json!({"vni": 6001}))?;
+    }
+    let mut guests = Vec::new();
+    for (i, (port, node, guest)) in [("p1", &n1, &g1), ("p2", &n2, &g2)].into_iter().enumerate() {
+        let mut mac = jsonpath(&api, "port", port, "{.status.macAddress}")?;
+        if mac.is_empty() {
+            mac = format!("02:00:0a:3c:00:{:02x}", 11 + i);
+            patch_status(&api, "port", port, serde_json::json!({"macAddress": mac}))?;
+        }
+        let mut addr = jsonpath(&api, "port", port, "{.status.fixedIPs[0].ipAddress}")?;
+        if addr.is_empty() {
+            addr = format!("10.60.0.{}", 11 + i);
+            patch_status(
+                &api,
+                "port",
+                port,
+                serde_json::json!({"fixedIPs": [{"subnet": "sn", "ipAddress": addr}]}),
+            )?;
+        }
+        let device = format!("tp-e2e-{}", i + 1);
+        patch_status(
+            &api,
+            "port",
+            port,
+            serde_json::json!({"hypervisor": node, "interfaceName": device}),
+        )?;
+        // What the hypervisor does: the port's device, the guest's NIC with its MAC.
+        ip(&[
+            "link", "add", &device, "netns", node, "type", "veth", "peer", "name", "eth0", "netns",
+            guest,
+        ])?;
+        ip(&[
+            "-n", guest, "link", "set", "eth0", "address", &mac, "mtu", "1450", "up",
+        ])?;
+        ip(&["-n", guest, "link", "set", "lo", "up"])?;
+        guests.push((guest.clone(), addr));
+    }
+
+    let mut a1 = agent(&api, &n1, "192.0.2.1", s1.path())?;
+    let _a2 = agent(&api, &n2, "192.0.2.2", s2.path())?;
+
+    // The agents tell where their tunnels end, and wire the ports.
+    for (node, want) in [(&n1, "192.0.2.1"), (&n2, "192.0.2.2")] {
+        wait_until(Duration::from_secs(30), "the node's hostIP", || {
+            api.kubectl_ok(&["get", "hypervisor", node, "-o", "jsonpath={.status.hostIP}"])
+                .ok()
+                .filter(|ip| ip == want)
+        })?;
+    }
+    for port in ["p1", "p2"] {
+        wait_until(Duration::from_secs(30), "the port to be Active", || {
+            jsonpath(&api, "port", port, "{.status.phase}")
+                .ok()
+                .filter(|p| p == "Active")
+        })
+        .with_context(|| {
+            std::fs::read_to_string(s1.path().join("agent.log")).unwrap_or_default()
+        })?;
+        let ready = jsonpath(
+            &api,
+            "port",
+            port,
+            "{.status.conditions[?(@.type==\"Ready\")].reason}",
+        )?;
+        assert_eq!(ready, "Wired");
+    }
+
+    // DHCP gives each guest its IPAM address; they reach each other across VXLAN.
+    let dir = tempfile::tempdir()?;
+    for (guest, addr) in &guests {
+        assert_eq!(lease(guest, dir.path()).as_deref(), Some(addr.as_str()));
+        ip(&[
+            "-n",
+            guest,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ])?;
+    }
+    let (ip1, ip2) = (guests[0].1.clone(), guests[1].1.clone());
+    wait_until(Duration::from_secs(10), "guest 1 to reach guest 2", || {
+        ping(&g1, &ip2).then_some(())
+    })?;
+    assert!(ping(&g2, &ip1), "and back");
+
+    // Drift: node 1's VXLAN device deleted by hand is back within seconds, with an Event.
+    let vx = links_of_kind(&n1, "vxlan")?;
+    assert_eq!(vx.len(), 1, "{vx:?}");
+    ip(&["-n", &n1, "link", "del", &vx[0]])?;
+    wait_until(
+        Duration::from_secs(10),
+        "the VXLAN device to be back",
+        || (links_of_kind(&n1, "vxlan").ok()? == vx).then_some(()),
+    )?;
+    wait_until(Duration::from_secs(10), "the overlay to work again", || {
+        ping(&g1, &ip2).then_some(())
+    })?;
+    wait_until(Duration::from_secs(10), "an Event of the repair", || {
+        kubectl(&api, &["get", "events"])
+            .ok()
+            .filter(|e| e.contains("DriftRepaired"))
+    })?;
+
+    // A restarted agent changes nothing that is right: same device, same DHCP server.
+    let before = ifindex(&n1, &vx[0])?;
+    let dhcp = std::fs::read_dir(s1.path().join("network/dhcp"))?
+        .flatten()
+        .next()
+        .context("a DHCP server of node 1")?
+        .path();
+    let pid = std::fs::read_to_string(dhcp.join("pid"))?;
+    a1.terminate()?;
+    let mut a1 = agent(&api, &n1, "192.0.2.1", s1.path())?;
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(a1.running());
+    assert_eq!(ifindex(&n1, &vx[0])?, before);
+    assert_eq!(std::fs::read_to_string(dhcp.join("pid"))?, pid);
+    assert!(ping(&g1, &ip2));
+
+    // The ports deleted: nothing of Stratus's is left on the nodes.
+    let mut servers = Vec::new();
+    for dir in [s1.path(), s2.path()] {
+        for e in std::fs::read_dir(dir.join("network/dhcp"))?.flatten() {
+            servers.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    assert_eq!(servers.len(), 2, "one DHCP server per node");
+    kubectl(&api, &["delete", "port", "p1", "p2"])?;
+    for node in [&n1, &n2] {
+        wait_until(Duration::from_secs(20), "the node to be clean", || {
+            let clean = links_of_kind(node, "vxlan").ok()?.is_empty()
+                && links_of_kind(node, "bridge").ok()?.is_empty()
+                && !exec(node, &["nft", "list", "table", "inet", "stratus"]);
+            clean.then_some(())
+        })?;
+    }
+    for dir in [s1.path(), s2.path()] {
+        let left: Vec<_> = std::fs::read_dir(dir.join("network/dhcp"))?
+            .flatten()
+            .collect();
+        assert!(left.is_empty(), "DHCP servers left: {left:?}");
+    }
+    let namespaces = ip(&["netns", "list"])?;
+    for s in &servers {
+        assert!(!namespaces.contains(s.as_str()), "{s} left: {namespaces}");
+    }
+    Ok(())
+}
