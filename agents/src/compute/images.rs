@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kube::ResourceExt;
 use kube::runtime::reflector::Store;
@@ -12,6 +13,9 @@ use stratus_api_types::compute::Server;
 use stratus_image_cache::{ImageCache, ImageError};
 
 use super::driver::{DomainDriver, DomainInfo, DriverError};
+
+/// How long a sweep waits for the agent's Servers to be listed before it passes its turn.
+const READY_WAIT: Duration = Duration::from_secs(2);
 
 /// Failures of a sweep of the image cache (all retried on the next pass).
 #[derive(Debug, thiserror::Error)]
@@ -43,8 +47,9 @@ pub fn users(placed: &[Arc<Server>], guests: &[DomainInfo]) -> HashSet<String> {
 }
 
 /// One pass: removes the cached data of every Image no Server in [`users`] uses any more
-/// (see [`ImageCache::sweep`]); answers the uids of the Images removed. Waits for the
-/// agent's Servers to be listed first, so a Server placed here is never taken for gone.
+/// (see [`ImageCache::sweep`]); answers the uids of the Images removed. Until the agent's
+/// Servers are listed it removes nothing (waiting a little), so a Server placed here is never
+/// taken for gone.
 ///
 /// # Errors
 /// Listing the guests or sweeping the cache failed; nothing is removed for a guest list
@@ -54,7 +59,12 @@ pub async fn sweep(
     driver: &Arc<dyn DomainDriver>,
     servers: &Store<Server>,
 ) -> Result<Vec<String>, SweepError> {
-    stratus_runtime::store_ready(servers).await;
+    if tokio::time::timeout(READY_WAIT, stratus_runtime::store_ready(servers))
+        .await
+        .is_err()
+    {
+        return Ok(Vec::new());
+    }
     let d = Arc::clone(driver);
     let guests = tokio::task::spawn_blocking(move || d.list()).await??;
     // Listed after the guests: a Server placed meanwhile is in it, and one whose guest was
@@ -152,6 +162,30 @@ mod tests {
                 .expect("sweep")
                 .is_empty()
         );
+    }
+
+    #[tokio::test]
+    async fn no_sweep_before_the_servers_are_listed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let src = tmp.path().join("disk.raw");
+        std::fs::write(&src, b"bytes of a disk").expect("write");
+        let cache = Arc::new(ImageCache::new(
+            tmp.path().join("images"),
+            Policy {
+                allow_file: true,
+                ..Policy::default()
+            },
+        ));
+        let driver: Arc<dyn DomainDriver> = Arc::new(FakeDomains::default());
+        let (reader, _writer) = kube::runtime::reflector::store::<Server>();
+        let i1 = cached(&cache, &src, "i1", "s1");
+        assert!(
+            sweep(&cache, &driver, &reader)
+                .await
+                .expect("sweep")
+                .is_empty()
+        );
+        assert!(i1.is_file(), "s1 may be placed here: not known yet");
     }
 
     #[tokio::test]
