@@ -557,6 +557,46 @@ fn merges_unchanged(now: &Value, want: &Value, shape: Shape<'_>) -> bool {
     }
 }
 
+/// What of an applied object the endpoint it was sent to applies, as Kubernetes resets the
+/// rest: for a type with a status subresource, the object's own endpoint never applies
+/// `status` and the status endpoint applies only `status` (and the names in metadata). A
+/// manifest that carries a status (an exported object) so never makes its applier an owner
+/// of the status the controllers write.
+pub fn endpoint_part<'a>(
+    applied: &'a Value,
+    subresource: Option<&str>,
+    status_subresource: bool,
+) -> std::borrow::Cow<'a, Value> {
+    use std::borrow::Cow;
+    let Some(fields) = applied.as_object().filter(|_| status_subresource) else {
+        return Cow::Borrowed(applied);
+    };
+    match subresource {
+        None if fields.contains_key("status") => {
+            let mut out = fields.clone();
+            out.remove("status");
+            Cow::Owned(Value::Object(out))
+        }
+        Some("status") => {
+            let mut out: Map<String, Value> = fields
+                .iter()
+                .filter(|(k, _)| matches!(k.as_str(), "apiVersion" | "kind" | "status"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if let Some(m) = fields.get("metadata").and_then(Value::as_object) {
+                let names: Map<String, Value> = m
+                    .iter()
+                    .filter(|(k, _)| matches!(k.as_str(), "name" | "namespace"))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                out.insert("metadata".into(), Value::Object(names));
+            }
+            Cow::Owned(Value::Object(out))
+        }
+        _ => Cow::Borrowed(applied),
+    }
+}
+
 /// Server-side apply of `applied` by `manager` onto `live`: fields `manager` applied before and
 /// no longer applies are removed (unless someone else owns them), applied fields are merged in,
 /// and changing a field another manager owns is a conflict unless `force`. `shape` (the type's

@@ -1223,9 +1223,14 @@ impl Api {
                 }
                 Kind::Apply(applied) => {
                     let manager = p.get("fieldManager").unwrap_or_default();
+                    let applied = crate::resource::fields::endpoint_part(
+                        applied,
+                        t.subresource.as_deref(),
+                        t.rt.status_subresource,
+                    );
                     crate::resource::fields::apply(
                         &base,
-                        applied,
+                        &applied,
                         manager,
                         &t.rt.api_version(),
                         p.flag("force"),
@@ -1288,7 +1293,7 @@ impl Api {
         let manager = p.get("fieldManager").unwrap_or_default();
         let obj = crate::resource::fields::apply(
             &json!({}),
-            &applied,
+            &crate::resource::fields::endpoint_part(&applied, None, t.rt.status_subresource),
             manager,
             &t.rt.api_version(),
             false,

@@ -218,3 +218,43 @@ async fn a_spec_list_without_a_map_marker_stays_one_field() {
         .collect();
     assert_eq!(networks, ["b", "c"]);
 }
+
+#[tokio::test]
+async fn a_manifests_status_is_never_its_appliers() {
+    let c = Cloud::with_demo().await;
+    let t = c.target("Server", Some("demo"), Some("web"));
+    // An exported Server, status and all, applied as a manifest.
+    let mut manifest = Obj::server("demo", "web").0;
+    manifest["status"] = json!({"conditions": [condition("Ready", "True", "Running")]});
+    c.patch(&t, APPLY, &manifest, "fieldManager=kubectl")
+        .await
+        .expect("kubectl creates the server by applying it");
+    c.patch(
+        &c.status("Server", Some("demo"), "web"),
+        APPLY,
+        &status(json!([condition("Ready", "False", "Building")])),
+        "fieldManager=agent",
+    )
+    .await
+    .expect("the agent's status apply conflicts with no one");
+    let (_, got) = c
+        .patch(&t, APPLY, &manifest, "fieldManager=kubectl")
+        .await
+        .expect("applying the manifest again is no conflict over the status");
+    assert_eq!(
+        got["status"]["conditions"],
+        json!([condition("Ready", "False", "Building")])
+    );
+    let managed = got["metadata"]["managedFields"]
+        .as_array()
+        .expect("managed fields");
+    let kubectl = managed
+        .iter()
+        .find(|e| e["manager"] == "kubectl")
+        .expect("kubectl's entry");
+    assert!(kubectl["fieldsV1"].get("f:status").is_none(), "{kubectl}");
+    assert!(
+        kubectl["fieldsV1"]["f:spec"].get("f:flavor").is_some(),
+        "{kubectl}"
+    );
+}
