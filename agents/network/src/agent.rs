@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -337,122 +338,243 @@ pub struct Config {
     pub resync: Duration,
 }
 
-/// A cache of `K` whose every change wakes `notify`; the cache and the task that fills it.
-fn cache<K>(
-    api: Api<K>,
-    notify: Arc<Notify>,
-) -> (Store<K>, impl std::future::Future<Output = ()> + Send)
+/// How long a new watch may take to list before the node is converged without it (a
+/// watch the API refuses never lists; the rest of the node must not wait on it forever).
+const LIST_PATIENCE: Duration = Duration::from_secs(15);
+
+/// One reflector: its cache, whether it has listed, and its task (stopped when dropped).
+struct Watch<K: Resource<DynamicType = ()> + 'static> {
+    store: Store<K>,
+    listed: Arc<AtomicBool>,
+    started: Instant,
+    task: tokio::task::AbortHandle,
+}
+
+impl<K: Resource<DynamicType = ()> + 'static> Drop for Watch<K> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl<K> Watch<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    let (reader, writer) = reflector::store();
-    let run = reflector::reflector(
-        writer,
-        watcher(api, watcher::Config::default()).default_backoff(),
-    )
-    .for_each(move |ev| {
-        if let Err(e) = ev {
-            tracing::debug!(kind = %K::kind(&()), error = %e, "watch failed; retrying");
+    /// Starts a reflector of `api` with `cfg`; every change of it wakes `notify`.
+    fn start(api: Api<K>, cfg: watcher::Config, notify: Arc<Notify>) -> Self {
+        let (store, writer) = reflector::store();
+        let listed = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&listed);
+        let run =
+            reflector::reflector(writer, watcher(api, cfg).default_backoff()).for_each(move |ev| {
+                match ev {
+                    Ok(watcher::Event::InitDone) => flag.store(true, Ordering::Release),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(kind = %K::kind(&()), error = %e, "watch failed; retrying");
+                    }
+                }
+                notify.notify_one();
+                std::future::ready(())
+            });
+        Self {
+            store,
+            listed,
+            started: Instant::now(),
+            task: tokio::spawn(run).abort_handle(),
         }
-        notify.notify_one();
-        std::future::ready(())
-    });
-    (reader, run)
+    }
+
+    fn listed(&self) -> bool {
+        self.listed.load(Ordering::Acquire)
+    }
+
+    /// Listed, or given up on.
+    fn settled(&self) -> bool {
+        self.listed() || self.started.elapsed() > LIST_PATIENCE
+    }
+
+    async fn until_listed(&self) {
+        while !self.listed() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
+/// Watches of `K` in one project each, narrowed by one field selector (`spec.network=NAME`,
+/// `metadata.name=NAME`), started and stopped as the node's ports need them: what the node
+/// authorizer lets a node read, and no more than the node needs.
+struct Watches<K: Resource<DynamicType = ()> + 'static> {
+    field: &'static str,
+    watches: BTreeMap<(String, String), Watch<K>>,
+}
+
+impl<K> Watches<K>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    fn new(field: &'static str) -> Self {
+        Self {
+            field,
+            watches: BTreeMap::new(),
+        }
+    }
+
+    /// Keeps exactly the watches of `wanted` (project, value) running.
+    fn set(&mut self, client: &Client, wanted: &BTreeSet<(String, String)>, notify: &Arc<Notify>) {
+        self.watches.retain(|k, _| wanted.contains(k));
+        for (ns, value) in wanted {
+            if !self.watches.contains_key(&(ns.clone(), value.clone())) {
+                let cfg = watcher::Config::default().fields(&format!("{}={value}", self.field));
+                let w = Watch::start(Api::namespaced(client.clone(), ns), cfg, Arc::clone(notify));
+                self.watches.insert((ns.clone(), value.clone()), w);
+            }
+        }
+    }
+
+    fn settled(&self) -> bool {
+        self.watches.values().all(Watch::settled)
+    }
+
+    fn state(&self) -> Vec<Arc<K>> {
+        self.watches
+            .values()
+            .flat_map(|w| w.store.state())
+            .collect()
+    }
+}
+
+/// The node's view of the API: its own ports and every Hypervisor, watched all the time; per
+/// network of its ports, that network, its subnets and its ports; per security group its
+/// ports name, that group.
 struct Caches {
-    ports: Store<Port>,
-    networks: Store<Network>,
-    subnets: Store<Subnet>,
-    hypervisors: Store<Hypervisor>,
-    groups: Store<SecurityGroup>,
+    local: Watch<Port>,
+    hypervisors: Watch<Hypervisor>,
+    ports: Watches<Port>,
+    networks: Watches<Network>,
+    subnets: Watches<Subnet>,
+    groups: Watches<SecurityGroup>,
 }
 
 impl Caches {
+    fn start(client: &Client, node: &str, notify: &Arc<Notify>) -> Self {
+        Self {
+            local: Watch::start(
+                Api::all(client.clone()),
+                watcher::Config::default().fields(&format!("status.hypervisor={node}")),
+                Arc::clone(notify),
+            ),
+            hypervisors: Watch::start(
+                Api::all(client.clone()),
+                watcher::Config::default(),
+                Arc::clone(notify),
+            ),
+            ports: Watches::new("spec.network"),
+            networks: Watches::new("metadata.name"),
+            subnets: Watches::new("spec.network"),
+            groups: Watches::new("metadata.name"),
+        }
+    }
+
+    /// Starts and stops the per-network and per-group watches for the node's ports now;
+    /// whether every one of them has listed (or been given up on).
+    fn follow(&mut self, client: &Client, node: &str, notify: &Arc<Notify>) -> bool {
+        let (mut nets, mut groups) = (BTreeSet::new(), BTreeSet::new());
+        for p in self.local.store.state() {
+            if p.status.as_ref().and_then(|s| s.hypervisor.as_deref()) != Some(node) {
+                continue;
+            }
+            let ns = p.namespace().unwrap_or_default();
+            nets.insert((ns.clone(), p.spec.network.clone()));
+            let named = p
+                .spec
+                .security_groups
+                .clone()
+                .unwrap_or_else(|| vec![crate::desired::DEFAULT_GROUP.to_owned()]);
+            for g in named {
+                groups.insert((ns.clone(), g));
+            }
+        }
+        self.ports.set(client, &nets, notify);
+        self.networks.set(client, &nets, notify);
+        self.subnets.set(client, &nets, notify);
+        self.groups.set(client, &groups, notify);
+        self.ports.settled()
+            && self.networks.settled()
+            && self.subnets.settled()
+            && self.groups.settled()
+    }
+
     fn snapshot(&self) -> Snapshot {
+        let mut ports: BTreeMap<PortKey, Arc<Port>> = BTreeMap::new();
+        for p in self
+            .local
+            .store
+            .state()
+            .into_iter()
+            .chain(self.ports.state())
+        {
+            ports.insert(PortKey::of(&p), p);
+        }
         Snapshot {
-            ports: self.ports.state(),
+            ports: ports.into_values().collect(),
             networks: self.networks.state(),
             subnets: self.subnets.state(),
-            hypervisors: self.hypervisors.state(),
+            hypervisors: self.hypervisors.store.state(),
             groups: self.groups.state(),
         }
     }
 }
 
-/// Runs the network agent until it is dropped: caches Ports, Networks, Subnets,
-/// Hypervisors and SecurityGroups; converges the node on every change and every
-/// `config.resync`; writes the node's ports' status; records repairs of drift as Events;
-/// and, given an underlay address, reports it as the node's Hypervisor's `status.hostIP`
-/// (when that Hypervisor exists) so that other nodes reach it.
+/// Runs the network agent until it is dropped: watches the node's Ports and every
+/// Hypervisor, and per network of its ports that Network, its Subnets and Ports, and the
+/// SecurityGroups its ports name (all a node may read); converges the node on every change
+/// and every `config.resync`; writes the node's ports' status; records repairs of drift as
+/// Events; and, given an underlay address, reports it as the node's Hypervisor's
+/// `status.hostIP` (when that Hypervisor exists) so that other nodes reach it.
 pub async fn run(client: Client, host: Host, config: Config) {
     let notify = Arc::new(Notify::new());
-    let (ports, ports_run) = cache(Api::<Port>::all(client.clone()), Arc::clone(&notify));
-    let (networks, networks_run) = cache(Api::<Network>::all(client.clone()), Arc::clone(&notify));
-    let (subnets, subnets_run) = cache(Api::<Subnet>::all(client.clone()), Arc::clone(&notify));
-    let (hypervisors, hypervisors_run) =
-        cache(Api::<Hypervisor>::all(client.clone()), Arc::clone(&notify));
-    let (groups, groups_run) = cache(
-        Api::<SecurityGroup>::all(client.clone()),
-        Arc::clone(&notify),
-    );
-    let caches = Caches {
-        ports,
-        networks,
-        subnets,
-        hypervisors,
-        groups,
-    };
-    let watches = async {
-        tokio::join!(
-            ports_run,
-            networks_run,
-            subnets_run,
-            hypervisors_run,
-            groups_run
-        );
-    };
-    tokio::select! {
-        () = watches => tracing::warn!("the network agent's watches stopped"),
-        () = converge_loop(client, host, config, caches, notify) => {}
-    }
-}
-
-async fn converge_loop(
-    client: Client,
-    host: Host,
-    config: Config,
-    caches: Caches,
-    notify: Arc<Notify>,
-) {
+    let node = config.node.node.clone();
+    let mut caches = Caches::start(&client, &node, &notify);
     // An empty cache would read as "nothing on this node" and tear everything down.
-    stratus_runtime::store_ready(&caches.ports).await;
-    stratus_runtime::store_ready(&caches.networks).await;
-    stratus_runtime::store_ready(&caches.subnets).await;
-    stratus_runtime::store_ready(&caches.hypervisors).await;
-    stratus_runtime::store_ready(&caches.groups).await;
+    caches.local.until_listed().await;
+    caches.hypervisors.until_listed().await;
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
             controller: MANAGER.into(),
-            instance: Some(config.node.node.clone()),
+            instance: Some(node.clone()),
         },
     );
     let runtime: Runtime<Port> = Runtime::new(client.clone(), MANAGER);
     let mut tick = tokio::time::interval(config.resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut converged: Option<Desired> = None;
+    let mut first = true;
     loop {
-        tokio::select! {
-            () = notify.notified() => {
-                // Let a burst of changes (a port and its network at once) settle.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        if !first {
+            tokio::select! {
+                () = notify.notified() => {
+                    // Let a burst of changes (a port and its network at once) settle.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                _ = tick.tick() => {}
             }
-            _ = tick.tick() => {}
+        }
+        first = false;
+        if !caches.follow(&client, &node, &notify) {
+            // A network's watch has not listed yet: its absence would tear its wiring down.
+            continue;
         }
         let snap = caches.snapshot();
         let (h, cfg, s) = (host.clone(), config.node.clone(), snap.clone());
-        let span = tracing::info_span!("converge", node = %config.node.node);
+        let span = tracing::info_span!("converge", node = %node);
         let report = match stratus_runtime::blocking(move || {
             let _g = span.enter();
             converge(&h, &cfg, &s)
@@ -481,7 +603,7 @@ async fn converge_loop(
         converged = report.failures.is_empty().then(|| report.desired.clone());
         write_statuses(&runtime, &config, &snap, &report).await;
         if let Some(ip) = config.node.underlay {
-            report_host_ip(&client, &config.node.node, ip, &snap).await;
+            report_host_ip(&client, &node, ip, &snap).await;
         }
     }
 }

@@ -6,8 +6,8 @@
 //! is back within seconds with an Event; a restarted agent changes nothing; with the ports
 //! deleted nothing of Stratus's is left on the nodes.
 //!
-//! The agents run with the admin kubeconfig (see README: the node authorizer's rules for
-//! the network role are not in place yet).
+//! Each agent runs as its node (`system:node:NAME`), so the node authorizer's rules for the
+//! network role are what it reads and writes through.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -92,13 +92,32 @@ fn patch_status(api: &Apiserver, kind: &str, name: &str, status: serde_json::Val
     Ok(())
 }
 
-fn agent(api: &Apiserver, node: &str, underlay: &str, state: &Path) -> Result<Proc> {
+/// Gives each of `nodes` its identity (`system:node:NAME`, a token of its own) and a
+/// kubeconfig for it in `dir`; the API server is restarted to read the tokens.
+fn node_identities(api: &mut Apiserver, nodes: &[&str], dir: &Path) -> Result<()> {
+    let admin = api.kubeconfig();
+    let tokens = admin.with_file_name("tokens.csv");
+    let mut text = std::fs::read_to_string(&tokens)?;
+    let kubeconfig = std::fs::read_to_string(&admin)?;
+    for node in nodes {
+        let token = format!("{node}-token-0123456789abcdef");
+        text.push_str(&format!("{token},system:node:{node}\n"));
+        std::fs::write(
+            dir.join(format!("{node}.kubeconfig")),
+            kubeconfig.replace(stratus_e2e::TEST_TOKEN, &token),
+        )?;
+    }
+    std::fs::write(&tokens, text)?;
+    api.restart()
+}
+
+fn agent(node: &str, underlay: &str, state: &Path, kubeconfigs: &Path) -> Result<Proc> {
     Proc::spawn(
         &format!("network agent of {node}"),
         Command::new(stratus_bin())
             .args(["agent", "--roles", "network", "--node", node])
             .arg("--kubeconfig")
-            .arg(api.kubeconfig())
+            .arg(kubeconfigs.join(format!("{node}.kubeconfig")))
             .arg("--state-dir")
             .arg(state)
             .args([
@@ -160,7 +179,7 @@ fn ifindex(ns: &str, name: &str) -> Result<u64> {
 #[test]
 fn two_network_agents_wire_ports_across_vxlan_and_repair_drift() -> Result<()> {
     let etcd = Etcd::start()?;
-    let api = Apiserver::start_on(&etcd)?;
+    let mut api = Apiserver::start_on(&etcd)?;
     api.projects(&[NS])?;
     let tag = std::process::id();
     let (n1, n2) = (format!("snet-{tag}-n1"), format!("snet-{tag}-n2"));
@@ -270,8 +289,10 @@ spec: {{network: net}}
         guests.push((guest.clone(), addr));
     }
 
-    let mut a1 = agent(&api, &n1, "192.0.2.1", s1.path())?;
-    let _a2 = agent(&api, &n2, "192.0.2.2", s2.path())?;
+    let ids = tempfile::tempdir()?;
+    node_identities(&mut api, &[&n1, &n2], ids.path())?;
+    let mut a1 = agent(&n1, "192.0.2.1", s1.path(), ids.path())?;
+    let _a2 = agent(&n2, "192.0.2.2", s2.path(), ids.path())?;
 
     // The agents tell where their tunnels end, and wire the ports.
     for (node, want) in [(&n1, "192.0.2.1"), (&n2, "192.0.2.2")] {
@@ -346,7 +367,7 @@ spec: {{network: net}}
         .path();
     let pid = std::fs::read_to_string(dhcp.join("pid"))?;
     a1.terminate()?;
-    let mut a1 = agent(&api, &n1, "192.0.2.1", s1.path())?;
+    let mut a1 = agent(&n1, "192.0.2.1", s1.path(), ids.path())?;
     std::thread::sleep(Duration::from_secs(4));
     assert!(a1.running());
     assert_eq!(ifindex(&n1, &vx[0])?, before);
