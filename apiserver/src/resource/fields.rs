@@ -68,7 +68,8 @@ fn leaves(v: &Value, shape: Shape<'_>, path: &mut Path, out: &mut BTreeSet<Path>
                 path.pop();
             }
         }
-        Value::Array(items) if !items.is_empty() => match item_segs(items, shape) {
+        // An empty map list or set holds no item to own (it is no claim on the whole list).
+        Value::Array(items) => match item_segs(items, shape) {
             Some(segs) => {
                 for (seg, item) in segs.into_iter().zip(items) {
                     path.push(seg);
@@ -121,19 +122,24 @@ fn field_set(obj: &Value, shape: Shape<'_>) -> BTreeSet<Path> {
 /// `to_fields_v1(&field_set(obj))` in one walk, without building the set: what a create
 /// records for its manager.
 fn fields_v1_of(obj: &Value, shape: Shape<'_>) -> Value {
-    fn mirror(v: &Value, shape: Shape<'_>) -> Value {
+    /// `None` where `leaves` records nothing.
+    fn mirror(v: &Value, shape: Shape<'_>) -> Option<Value> {
         match v {
-            Value::Object(m) if !m.is_empty() => Value::Object(
-                m.iter()
-                    .map(|(k, child)| (format!("f:{k}"), mirror(child, shape.field(k))))
-                    .collect(),
-            ),
-            Value::Array(items) if !items.is_empty() && item_segs(items, shape).is_some() => {
+            Value::Object(m) if !m.is_empty() => {
+                let fields: Map<String, Value> = m
+                    .iter()
+                    .filter_map(|(k, child)| {
+                        mirror(child, shape.field(k)).map(|f| (format!("f:{k}"), f))
+                    })
+                    .collect();
+                (!fields.is_empty()).then_some(Value::Object(fields))
+            }
+            Value::Array(items) if item_segs(items, shape).is_some() => {
                 let mut set = BTreeSet::new();
                 leaves(v, shape, &mut Vec::new(), &mut set);
-                to_fields_v1(&set)
+                (!set.is_empty()).then(|| to_fields_v1(&set))
             }
-            _ => Value::Object(Map::new()),
+            _ => Some(Value::Object(Map::new())),
         }
     }
     let mut root = Map::new();
@@ -147,12 +153,8 @@ fn fields_v1_of(obj: &Value, shape: Shape<'_>) -> Value {
                 let owned: Map<String, Value> = USER_META
                     .iter()
                     .filter_map(|f| {
-                        v.get(*f).map(|child| {
-                            (
-                                format!("f:{f}"),
-                                mirror(child, shape.field("metadata").field(f)),
-                            )
-                        })
+                        let fields = mirror(v.get(*f)?, shape.field("metadata").field(f))?;
+                        Some((format!("f:{f}"), fields))
                     })
                     .collect();
                 if !owned.is_empty() {
@@ -160,7 +162,9 @@ fn fields_v1_of(obj: &Value, shape: Shape<'_>) -> Value {
                 }
             }
             _ => {
-                root.insert(format!("f:{k}"), mirror(v, shape.field(k)));
+                if let Some(fields) = mirror(v, shape.field(k)) {
+                    root.insert(format!("f:{k}"), fields);
+                }
             }
         }
     }
@@ -973,6 +977,10 @@ mod tests {
         let mut back = BTreeSet::new();
         from_fields_v1(&fields, &mut Vec::new(), &mut back);
         assert_eq!(back, field_set(&o, schema.shape()));
+        // An empty map list is no claim on the list: nothing to own.
+        let empty = status(json!([]));
+        assert_eq!(fields_v1_of(&empty, schema.shape()), json!({}));
+        assert_eq!(to_fields_v1(&field_set(&empty, schema.shape())), json!({}));
     }
 
     #[test]
@@ -1239,5 +1247,58 @@ mod tests {
         )
         .expect("only Ready's fields changed");
         assert_eq!(ok["status"]["conditions"][0]["status"], "False");
+    }
+
+    #[test]
+    fn finalizers_are_a_set_each_owned_by_who_added_it() {
+        let schema = crate::resource::schema::Structural::compile(&json!({"type": "object"}))
+            .expect("compiles");
+        let with = |f: Value| {
+            json!({"apiVersion": "v1", "kind": "K",
+                                     "metadata": {"name": "o", "finalizers": f}})
+        };
+        let a = apply(
+            &json!({}),
+            &with(json!(["user.example/keep"])),
+            "kubectl",
+            "v1",
+            false,
+            None,
+            schema.shape(),
+        )
+        .expect("applies");
+        let mut added = a.clone();
+        added["metadata"]["finalizers"] = json!(["user.example/keep", "stratus.dev/teardown"]);
+        record_update(&mut added, Some(&a), "binding", "v1", None, schema.shape());
+        // The manifest applied again, without the controller's finalizer: no conflict, and
+        // the controller's finalizer stays.
+        let again = apply(
+            &added,
+            &with(json!(["user.example/keep"])),
+            "kubectl",
+            "v1",
+            false,
+            None,
+            schema.shape(),
+        )
+        .expect("no conflict over another's finalizer");
+        assert_eq!(
+            again["metadata"]["finalizers"],
+            json!(["user.example/keep", "stratus.dev/teardown"])
+        );
+        let dropped = apply(
+            &again,
+            &with(json!([])),
+            "kubectl",
+            "v1",
+            false,
+            None,
+            schema.shape(),
+        )
+        .expect("applies");
+        assert_eq!(
+            dropped["metadata"]["finalizers"],
+            json!(["stratus.dev/teardown"])
+        );
     }
 }

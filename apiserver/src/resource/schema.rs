@@ -228,11 +228,29 @@ impl std::fmt::Debug for Structural {
     }
 }
 
-/// The schema of `metadata`, shared by every kind.
+/// The schema of `metadata`, shared by every kind, with Kubernetes' list types: finalizers
+/// are a set and owner references a map keyed by `uid`, so server-side apply merges them
+/// (a controller's finalizer and a manifest's live side by side).
 pub fn object_meta_schema() -> Value {
     let mut s = schema_for::<ObjectMeta>();
     if let Some(o) = s.as_object_mut() {
         o.remove("title");
+    }
+    if let Some(f) = s
+        .pointer_mut("/properties/finalizers")
+        .and_then(Value::as_object_mut)
+    {
+        f.insert("x-kubernetes-list-type".into(), "set".into());
+    }
+    if let Some(r) = s
+        .pointer_mut("/properties/ownerReferences")
+        .and_then(Value::as_object_mut)
+    {
+        r.insert("x-kubernetes-list-type".into(), "map".into());
+        r.insert(
+            "x-kubernetes-list-map-keys".into(),
+            serde_json::json!(["uid"]),
+        );
     }
     s
 }
