@@ -214,6 +214,18 @@ fn local_port(
         .map_err(|e| blocked("InvalidMACAddress", format!("status.macAddress: {e}")))?;
     let device = port_device(port)
         .map_err(|e| blocked("InvalidInterfaceName", format!("status.interfaceName: {e}")))?;
+    // A port's device is attached to a bridge: never one of the agent's own devices or the
+    // loopback.
+    if device.as_str() == "lo"
+        || ["br", "vx", "ve", "vp"]
+            .iter()
+            .any(|p| crate::plan::is_derived(&device, p))
+    {
+        return Err(blocked(
+            "InvalidInterfaceName",
+            format!("status.interfaceName: {device} is not a port's device"),
+        ));
+    }
     let ips = fixed_ips(port).map_err(|e| blocked("InvalidAddress", e))?;
     let security = port
         .spec
@@ -628,5 +640,162 @@ fn filter(
         port_security: p.security,
         ingress,
         egress,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::agent::tests::{config, hypervisor, network, port, snapshot};
+
+    #[test]
+    fn only_this_nodes_live_ports_in_its_project_are_wired() {
+        let mut snap = snapshot();
+        // Another project's port of a network of the same name, and one being deleted.
+        let mut other: Port =
+            (*port("p3", "net", "n1", "02:00:00:00:00:03", "10.9.0.13", None)).clone();
+        other.metadata.namespace = Some("other".into());
+        let mut gone: Port =
+            (*port("p4", "net", "n1", "02:00:00:00:00:04", "10.9.0.14", None)).clone();
+        gone.metadata.deletion_timestamp =
+            serde_json::from_value(json!("2026-01-01T00:00:00Z")).ok();
+        snap.ports.push(Arc::new(other));
+        snap.ports.push(Arc::new(gone));
+        let (d, plans) = desired(&config(), &snap);
+        let keys: Vec<String> = plans
+            .keys()
+            .map(|k| format!("{}/{}", k.namespace, k.name))
+            .collect();
+        assert_eq!(keys, vec!["demo/p1", "other/p3"]);
+        assert!(matches!(
+            plans.values().nth(1),
+            Some(PortPlan::Blocked {
+                reason: "NetworkNotFound",
+                ..
+            })
+        ));
+        assert_eq!(d.networks.len(), 1);
+        assert_eq!(d.networks[0].ports.len(), 1);
+        // The deleted port's address is no lease, and is not a group member.
+        let fw = d.firewall.expect("ruleset");
+        assert!(!fw.groups[0].members.contains(&Ipv4Addr::new(10, 9, 0, 14)));
+    }
+
+    #[test]
+    fn the_fdb_names_exactly_the_other_nodes_with_ports_and_a_tunnel_address() {
+        let mut snap = snapshot();
+        snap.ports.push(port(
+            "p5",
+            "net",
+            "n3",
+            "02:00:00:00:00:05",
+            "10.9.0.15",
+            None,
+        ));
+        snap.ports.push(port(
+            "p6",
+            "net",
+            "n4",
+            "02:00:00:00:00:06",
+            "10.9.0.16",
+            None,
+        ));
+        snap.hypervisors.push(hypervisor("n3", "192.0.2.3"));
+        // n4 has no Hypervisor yet: no tunnel to it; n5 hosts nothing of this network.
+        snap.hypervisors.push(hypervisor("n5", "192.0.2.5"));
+        let (d, _) = desired(&config(), &snap);
+        let remotes: BTreeSet<Ipv4Addr> = d.networks[0].fdb.iter().map(|e| e.remote).collect();
+        assert_eq!(
+            remotes,
+            BTreeSet::from([Ipv4Addr::new(192, 0, 2, 2), Ipv4Addr::new(192, 0, 2, 3)])
+        );
+        assert_eq!(
+            d.networks[0].fdb.len(),
+            4,
+            "a flood entry and a MAC per remote port"
+        );
+        assert_eq!(d.networks[0].vxlan.local, Ipv4Addr::new(192, 0, 2, 1));
+        let explicit = NodeConfig {
+            underlay: Some(Ipv4Addr::new(198, 51, 100, 1)),
+            ..config()
+        };
+        let (d, _) = desired(&explicit, &snap);
+        assert_eq!(d.networks[0].vxlan.local, Ipv4Addr::new(198, 51, 100, 1));
+    }
+
+    #[test]
+    fn the_dhcp_server_takes_the_highest_address_no_port_or_gateway_has() {
+        let mut snap = snapshot();
+        snap.ports.push(port(
+            "p7",
+            "net",
+            "n2",
+            "02:00:00:00:00:07",
+            "10.9.0.254",
+            None,
+        ));
+        let (d, _) = desired(&config(), &snap);
+        let dh = d.networks[0].dhcp.as_ref().expect("dhcp");
+        assert_eq!(dh.address, "10.9.0.253/24".parse().expect("cidr"));
+        assert_eq!(dh.spec.router, Some(Ipv4Addr::new(10, 9, 0, 1)));
+        assert_eq!(dh.spec.leases.len(), 1, "this node's port only");
+        let fw = d.firewall.expect("ruleset");
+        assert_eq!(fw.local_dhcp.len(), 1);
+        assert_eq!(fw.local_dhcp[0].server, Ipv4Addr::new(10, 9, 0, 253));
+    }
+
+    #[test]
+    fn conntrack_zones_differ_even_when_vnis_collide_modulo_the_zone_space() {
+        let mut snap = snapshot();
+        snap.networks
+            .push(network("net2", "uid-net2", Some(5001 + 65535)));
+        snap.ports.push(port(
+            "p8",
+            "net2",
+            "n1",
+            "02:00:00:00:00:08",
+            "10.9.0.18",
+            Some("tp-p8"),
+        ));
+        let (d, _) = desired(&config(), &snap);
+        let zones: BTreeSet<u16> = d
+            .firewall
+            .expect("ruleset")
+            .zones
+            .iter()
+            .map(|z| z.zone)
+            .collect();
+        assert_eq!(zones, BTreeSet::from([5001, 5002]));
+    }
+
+    #[test]
+    fn a_device_name_of_the_agents_own_is_refused() {
+        for bad in ["lo", IfName::derived(Role::Bridge, "uid-net").as_str()] {
+            let mut snap = snapshot();
+            snap.ports[0] = port(
+                "p1",
+                "net",
+                "n1",
+                "02:00:00:00:00:01",
+                "10.9.0.11",
+                Some(bad),
+            );
+            let (_, plans) = desired(&config(), &snap);
+            assert!(
+                matches!(
+                    plans.values().next(),
+                    Some(PortPlan::Blocked {
+                        reason: "InvalidInterfaceName",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
     }
 }

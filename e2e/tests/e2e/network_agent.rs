@@ -1,10 +1,11 @@
 //! The network agent against a real API server: two nodes (network namespaces joined by a
 //! veth underlay on 192.0.2.0/24, each with a `stratus agent --roles network`), two guests
 //! (namespaces plugged in as the devices of two Ports of one Network, 10.60.0.0/24). The
-//! agents report their tunnel addresses, wire the ports (which go Active), the guests take
-//! their addresses by DHCP and ping each other across VXLAN; a VXLAN device deleted by hand
-//! is back within seconds with an Event; a restarted agent changes nothing; with the ports
-//! deleted nothing of Stratus's is left on the nodes.
+//! agents report their tunnel addresses, wire the ports (which go Active; a port whose device
+//! is not there is Down saying so), the guests take their addresses by DHCP and ping each
+//! other across VXLAN; a VXLAN device deleted by hand is back within seconds with an Event; a
+//! restarted agent changes nothing; with the ports deleted nothing of Stratus's is left on
+//! the nodes.
 //!
 //! Each agent runs as its node (`system:node:NAME`), so the node authorizer's rules for the
 //! network role are what it reads and writes through.
@@ -320,6 +321,34 @@ spec: {{network: net}}
         assert_eq!(ready, "Wired");
     }
 
+    // A port placed on node 1 whose device the hypervisor has not made says so.
+    api.kubectl_in(
+        &["apply", "-f", "-"],
+        &format!(
+            "apiVersion: network.stratus.dev/v1\nkind: Port\nmetadata: {{name: p3, namespace: {NS}}}\nspec: {{network: net}}\n"
+        ),
+    )?;
+    if jsonpath(&api, "port", "p3", "{.status.macAddress}")?.is_empty() {
+        patch_status(
+            &api,
+            "port",
+            "p3",
+            serde_json::json!({"macAddress": "02:00:0a:3c:00:0d",
+                "fixedIPs": [{"subnet": "sn", "ipAddress": "10.60.0.13"}]}),
+        )?;
+    }
+    patch_status(&api, "port", "p3", serde_json::json!({"hypervisor": n1}))?;
+    wait_until(Duration::from_secs(20), "p3 to say why it is down", || {
+        jsonpath(
+            &api,
+            "port",
+            "p3",
+            "{.status.phase}/{.status.conditions[?(@.type==\"Ready\")].reason}",
+        )
+        .ok()
+        .filter(|s| s == "Down/DeviceMissing")
+    })?;
+
     // DHCP gives each guest its IPAM address; they reach each other across VXLAN.
     let dir = tempfile::tempdir()?;
     for (guest, addr) in &guests {
@@ -382,7 +411,7 @@ spec: {{network: net}}
         }
     }
     assert_eq!(servers.len(), 2, "one DHCP server per node");
-    kubectl(&api, &["delete", "port", "p1", "p2"])?;
+    kubectl(&api, &["delete", "port", "p1", "p2", "p3"])?;
     for node in [&n1, &n2] {
         wait_until(Duration::from_secs(20), "the node to be clean", || {
             let clean = links_of_kind(node, "vxlan").ok()?.is_empty()
