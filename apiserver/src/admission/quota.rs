@@ -159,9 +159,22 @@ pub async fn check(
             _ => {}
         }
     }
-    if !limited {
-        // No limit in the project: nothing to count (and no list of its objects).
-        return Ok(Vec::new());
+    // Whether a quota limits anything an object of this kind uses (the fields are the kind's,
+    // whatever the amounts).
+    let limits_kind = usage(rt.group, rt.kind, new, &|_| None)
+        .iter()
+        .any(|(f, _)| {
+            quotas.items.iter().any(|(_, q)| {
+                q.value
+                    .pointer(&format!("/spec/limits/{f}"))
+                    .is_some_and(|l| !l.is_null())
+            })
+        });
+    if !limited || !limits_kind {
+        // Nothing of the kind is limited: nothing to count (and no list of its objects), and
+        // no serialising on the kind's objects; only a change to the Quotas meanwhile could
+        // make it limited.
+        return Ok(vec![(quota_prefix, quotas.revision)]);
     }
     let at = quotas.revision;
     let existing = ctx

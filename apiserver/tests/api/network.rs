@@ -597,3 +597,19 @@ async fn quota_and_allocation_are_one_transaction() {
     let e = refused(c.create(&network("m")).await);
     assert_eq!(e.code, 403, "{}", e.message);
 }
+
+#[tokio::test]
+async fn a_quota_that_does_not_limit_ports_does_not_serialise_their_creates() {
+    let (c, n) = with_subnet().await;
+    c.create(&Obj::quota("demo", "q", json!({"servers": 1})))
+        .await
+        .expect("a quota of servers only");
+    let creates = (0..100).map(|i| {
+        let c = &c;
+        async move { c.create(&port(&format!("p{i}"), "n")).await }
+    });
+    let results = futures::future::join_all(creates).await;
+    let refused: Vec<&ApiError> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(claimed(&c, &uid(&n)).await, 100);
+}
