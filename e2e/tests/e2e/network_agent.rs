@@ -4,8 +4,9 @@
 //! agents report their tunnel addresses, wire the ports (which go Active; a port whose device
 //! is not there is Down saying so), the guests take their addresses by DHCP and ping each
 //! other across VXLAN; a VXLAN device deleted by hand is back within seconds with an Event; a
-//! restarted agent changes nothing; with the ports deleted nothing of Stratus's is left on
-//! the nodes.
+//! restarted agent changes nothing (a ping running across the restart loses no packet); a
+//! security-group rule removed and added back takes effect at once; with the ports deleted
+//! nothing of Stratus's is left on the nodes.
 //!
 //! Each agent runs as its node (`system:node:NAME`), so the node authorizer's rules for the
 //! network role are what it reads and writes through.
@@ -395,13 +396,55 @@ spec: {{network: net}}
         .context("a DHCP server of node 1")?
         .path();
     let pid = std::fs::read_to_string(dhcp.join("pid"))?;
+    // A ping runs across the restart: 60 echoes 100 ms apart, none may be lost.
+    let pinger = Command::new("ip")
+        .args([
+            "netns", "exec", &g1, "busybox", "ping", "-c", "60", "-i", "0.1", "-W", "2",
+        ])
+        .arg(&ip2)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
     a1.terminate()?;
     let mut a1 = agent(&n1, "192.0.2.1", s1.path(), ids.path())?;
-    std::thread::sleep(Duration::from_secs(4));
+    let out = pinger.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("60 packets transmitted, 60 packets received"),
+        "packets lost across the agent's restart: {text}"
+    );
     assert!(a1.running());
     assert_eq!(ifindex(&n1, &vx[0])?, before);
     assert_eq!(std::fs::read_to_string(dhcp.join("pid"))?, pid);
-    assert!(ping(&g1, &ip2));
+
+    // A security-group rule removed, then added back, takes effect on the node at once.
+    let group = |rules: &str| {
+        format!(
+            "apiVersion: network.stratus.dev/v1\nkind: SecurityGroup\nmetadata: {{name: default, namespace: {NS}}}\nspec:\n  rules:\n{rules}"
+        )
+    };
+    let icmp = "  - {direction: ingress, protocol: icmp, remoteGroup: default}\n";
+    let egress = "  - {direction: egress}\n";
+    let t = std::time::Instant::now();
+    api.kubectl_in(&["apply", "-f", "-"], &group(egress))?;
+    wait_until(Duration::from_secs(10), "ICMP to be dropped", || {
+        (!ping(&g1, &ip2)).then_some(())
+    })?;
+    let dropped = t.elapsed();
+    let t = std::time::Instant::now();
+    api.kubectl_in(&["apply", "-f", "-"], &group(&format!("{icmp}{egress}")))?;
+    wait_until(Duration::from_secs(10), "ICMP to be allowed", || {
+        ping(&g1, &ip2).then_some(())
+    })?;
+    let allowed = t.elapsed();
+    eprintln!(
+        "security-group change to effect (with kubectl and ping): removed {dropped:?}, added {allowed:?}"
+    );
+    assert!(
+        dropped < Duration::from_secs(3) && allowed < Duration::from_secs(3),
+        "{dropped:?} {allowed:?}"
+    );
 
     // The ports deleted: nothing of Stratus's is left on the nodes.
     let mut servers = Vec::new();
