@@ -59,7 +59,8 @@ pub struct AgentArgs {
     /// (`qemu:///system?socket=PATH`), or `test:///default` for scale runs without guests.
     #[arg(long, default_value = "qemu:///system")]
     pub libvirt_uri: String,
-    /// Where the image cache and the guests' disks, config drives and console logs live.
+    /// Where the image cache and the guests' disks, config drives and console logs live,
+    /// and the network role's DHCP servers' files (under `network/`).
     #[arg(long, default_value = "/var/lib/stratus")]
     pub state_dir: PathBuf,
     /// Availability zone the node registers in.
