@@ -622,14 +622,20 @@ fn network_ref(snap: &Snapshot, bridge: &IfName) -> Option<ObjectReference> {
 /// Events for drift repaired: on each Network whose devices were repaired, and on every
 /// network of the node when the firewall was.
 async fn repaired(recorder: &Recorder, config: &Config, snap: &Snapshot, report: &Report) {
-    let mut notes: BTreeMap<IfName, Vec<String>> = BTreeMap::new();
+    // By network and by what was repaired: Events of one kind about one network from one
+    // node are counted as one series, so each kind is an action of its own.
+    let mut notes: BTreeMap<(IfName, &'static str), Vec<String>> = BTreeMap::new();
     for s in &report.steps {
+        let action = repair_action(&s.op);
         match &s.network {
-            Some(b) => notes.entry(b.clone()).or_default().push(describe(&s.op)),
+            Some(b) => notes
+                .entry((b.clone(), action))
+                .or_default()
+                .push(describe(&s.op)),
             None if matches!(s.op, Op::ApplyFirewall(_)) => {
                 for n in &report.desired.networks {
                     notes
-                        .entry(n.bridge.clone())
+                        .entry((n.bridge.clone(), action))
                         .or_default()
                         .push(describe(&s.op));
                 }
@@ -637,7 +643,7 @@ async fn repaired(recorder: &Recorder, config: &Config, snap: &Snapshot, report:
             None => {}
         }
     }
-    for (bridge, what) in notes {
+    for ((bridge, action), what) in notes {
         let Some(reference) = network_ref(snap, &bridge) else {
             continue;
         };
@@ -651,11 +657,21 @@ async fn repaired(recorder: &Recorder, config: &Config, snap: &Snapshot, report:
             recorder,
             &reference,
             EventType::Warning,
-            "Repair",
+            action,
             "DriftRepaired",
             note,
         )
         .await;
+    }
+}
+
+/// The Event action of a repair: what kind of thing was put back.
+fn repair_action(op: &Op) -> &'static str {
+    match op {
+        Op::ApplyFirewall(_) | Op::ClearFirewall => "RepairFirewall",
+        Op::SetFdb(..) => "RepairFDB",
+        Op::EnsureDhcp(_) | Op::RemoveDhcp(_) => "RepairDHCP",
+        _ => "RepairLinks",
     }
 }
 

@@ -3,10 +3,10 @@
 //! (namespaces plugged in as the devices of two Ports of one Network, 10.60.0.0/24). The
 //! agents report their tunnel addresses, wire the ports (which go Active; a port whose device
 //! is not there is Down saying so), the guests take their addresses by DHCP and ping each
-//! other across VXLAN; a VXLAN device deleted by hand is back within seconds with an Event; a
-//! restarted agent changes nothing (a ping running across the restart loses no packet); a
-//! security-group rule removed and added back takes effect at once; with the ports deleted
-//! nothing of Stratus's is left on the nodes.
+//! other across VXLAN; a VXLAN device, an FDB entry and the nft table deleted by hand are back
+//! within seconds with Events; a restarted agent changes nothing (a ping running across the
+//! restart loses no packet); a security-group rule removed and added back takes effect at
+//! once; with the ports deleted nothing of Stratus's is left on the nodes.
 //!
 //! Each agent runs as its node (`system:node:NAME`), so the node authorizer's rules for the
 //! network role are what it reads and writes through.
@@ -382,11 +382,45 @@ spec: {{network: net}}
     wait_until(Duration::from_secs(10), "the overlay to work again", || {
         ping(&g1, &ip2).then_some(())
     })?;
-    wait_until(Duration::from_secs(10), "an Event of the repair", || {
-        kubectl(&api, &["get", "events"])
+    // Node 2's flood entry to node 1 and node 1's nft table, deleted by hand, are back too.
+    let fdb = || {
+        Command::new("ip")
+            .args(["netns", "exec", &n2, "bridge", "fdb", "show", "dev", &vx[0]])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("00:00:00:00:00:00 dst 192.0.2.1"))
+            .unwrap_or(false)
+    };
+    assert!(fdb());
+    assert!(exec(
+        &n2,
+        &[
+            "bridge",
+            "fdb",
+            "del",
+            "00:00:00:00:00:00",
+            "dev",
+            &vx[0],
+            "dst",
+            "192.0.2.1"
+        ]
+    ));
+    assert!(exec(&n1, &["nft", "delete", "table", "inet", "stratus"]));
+    wait_until(
+        Duration::from_secs(10),
+        "the FDB entry and nft table to be back",
+        || (fdb() && exec(&n1, &["nft", "list", "table", "inet", "stratus"])).then_some(()),
+    )?;
+    wait_until(Duration::from_secs(10), "an Event of each repair", || {
+        kubectl(&api, &["get", "events", "-o", "json"])
             .ok()
-            .filter(|e| e.contains("DriftRepaired"))
+            .filter(|e| {
+                e.contains("DriftRepaired")
+                    && e.contains("created VXLAN device")
+                    && e.contains("set the FDB of")
+                    && e.contains("applied the nft ruleset")
+            })
     })?;
+    assert!(ping(&g1, &ip2));
 
     // A restarted agent changes nothing that is right: same device, same DHCP server.
     let before = ifindex(&n1, &vx[0])?;
