@@ -12,6 +12,13 @@
 //! Port in the [`NETWORK_UID`] annotation), so a re-created Network of the same name inherits
 //! nothing.
 //!
+//! # Gateways
+//! A Subnet's gateway is claimed for the Subnet at its create (the claim names the subnet, as
+//! its `gateway`) and freed with its delete. A Port asking for it is refused (409 naming
+//! `spec.fixedIPs[i].ipAddress`), as Neutron refuses it to any port but a router interface; a
+//! future Router interface takes it explicitly, from the claim its Subnet holds. A subnet's
+//! network and broadcast addresses are no port's (422).
+//!
 //! # Allocation
 //! An address is found without reading a subnet's claims whole: a few random probes each read
 //! at most a few dozen claims from a random address of the pools on and take the first address
@@ -112,7 +119,7 @@ impl Admission for Ipam {
     }
 
     /// A Network's VNI (and, for a flat one, its physical network); a Port's addresses and
-    /// MAC on its Network.
+    /// MAC on its Network; a Subnet's gateway address on its Network.
     fn attached_keys(&self, prefix: &str, obj: &Value) -> Vec<String> {
         let mut out = Vec::new();
         if let Some(vni) = obj
@@ -136,6 +143,14 @@ impl Admission for Ipam {
                 .filter_map(|f| f.get("ipAddress").and_then(Value::as_str))
                 .filter_map(|ip| ip.parse::<Ipv4Addr>().ok());
             out.extend(ips.map(|ip| keys::ip_claim(prefix, uid, ip)));
+            // A Subnet's gateway, claimed for the Subnet at its create.
+            if let Some(g) = obj
+                .pointer("/status/gatewayIP")
+                .and_then(Value::as_str)
+                .and_then(|g| g.parse::<Ipv4Addr>().ok())
+            {
+                out.push(keys::ip_claim(prefix, uid, g));
+            }
             if let Some(mac) = obj.pointer("/status/macAddress").and_then(Value::as_str) {
                 out.push(keys::mac_claim(prefix, uid, mac));
             }
@@ -209,6 +224,20 @@ fn conflict_field(s: &Subject<'_>, obj: &Value, field: &str, message: String) ->
         field: field.into(),
     });
     e
+}
+
+/// Who holds a claim, as its record says: `port NS/NAME`, or `subnet NS/NAME` for a gateway.
+fn holder(claim: &Value) -> String {
+    ["port", "subnet"]
+        .iter()
+        .find_map(|k| {
+            let by = claim.get(*k).and_then(Value::as_str)?;
+            Some(match claim.get("role").and_then(Value::as_str) {
+                Some(role) => format!("{k} {by}, as its {role}"),
+                None => format!("{k} {by}"),
+            })
+        })
+        .unwrap_or_else(|| "another object".into())
 }
 
 /// 409: the retries ran out.
@@ -751,6 +780,26 @@ async fn create_subnet(
                 ));
             }
         }
+        // The gateway is claimed for the Subnet, so no Port takes it; a Port that outlived an
+        // earlier subnet of the range may hold it already.
+        let gateway = mine
+            .gateway
+            .map(|g| keys::ip_claim(ctx.prefix, uid, Ipv4Addr::from(g)));
+        if let Some(k) = &gateway
+            && let Some(held) = ctx.store.get(k).await.map_err(ApiError::from)?
+        {
+            return Err(conflict_field(
+                &s,
+                w.new,
+                "spec.gatewayIP",
+                format!(
+                    "address {} is already in use on network {:?} (by {})",
+                    mine.gateway.map(show).unwrap_or_default(),
+                    spec.network,
+                    holder(&held.value)
+                ),
+            ));
+        }
         let mut obj = owned_by_network(w.new, &spec.network, uid);
         set_annotation(&mut obj, uid);
         let mut status = Map::new();
@@ -763,9 +812,19 @@ async fn create_subnet(
         // No Subnet of the namespace appeared or changed since they were read: two
         // overlapping creates cannot both pass.
         guards.push(Guard::Unchanged(&subnets, snap.revision));
+        let claim = json!({
+            "subnet": format!("{ns}/{}", name_of(w.new)),
+            "uid": meta::meta_str(w.new, "uid").unwrap_or_default(),
+            "role": "gateway",
+        });
+        let mut puts = vec![(w.key, &obj)];
+        if let Some(k) = &gateway {
+            guards.push(Guard::Absent(k));
+            puts.push((k.as_str(), &claim));
+        }
         if let Some(rev) = ctx
             .store
-            .write_many(&guards, &[(w.key, &obj)], &[])
+            .write_many(&guards, &puts, &[])
             .await
             .map_err(ApiError::from)?
         {
@@ -970,14 +1029,14 @@ async fn create_port(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> A
             let (held, _) = ctx.store.read_many(&reads).await.map_err(ApiError::from)?;
             for ((_, field, what), h) in asked_claims.iter().zip(&held) {
                 if let Some((_, c)) = h.first() {
-                    let by = c.value.get("port").and_then(Value::as_str).unwrap_or("?");
                     return Err(conflict_field(
                         &s,
                         w.new,
                         field,
                         format!(
-                            "{what} is already in use on network {:?} (by port {by})",
-                            spec.network
+                            "{what} is already in use on network {:?} (by {})",
+                            spec.network,
+                            holder(&c.value)
                         ),
                     ));
                 }
@@ -1131,21 +1190,23 @@ fn resolve<'a>(
                 plan: p.clone(),
                 ip: Some(*a),
             }),
-            (Some((n, p)), Some(a)) => causes.push(Cause::invalid(
-                format!("{field}.ipAddress"),
-                format!(
-                    "Invalid value: {:?}: not a host address of subnet {n:?} ({})",
-                    show(*a),
-                    p.cidr()
-                ),
-            )),
-            (None, Some(a)) => match on_network.iter().find(|(_, p)| p.host(*a)) {
-                Some((n, p)) => out.push(Wanted {
+            (Some((n, p)), Some(a)) => {
+                causes.push(Cause::invalid(
+                    format!("{field}.ipAddress"),
+                    not_host(n, p, *a),
+                ));
+            }
+            (None, Some(a)) => match on_network.iter().find(|(_, p)| p.contains(*a)) {
+                Some((n, p)) if p.host(*a) => out.push(Wanted {
                     field,
                     subnet: n,
                     plan: p.clone(),
                     ip: Some(*a),
                 }),
+                Some((n, p)) => causes.push(Cause::invalid(
+                    format!("{field}.ipAddress"),
+                    not_host(n, p, *a),
+                )),
                 None => {
                     let on_other = elsewhere(&|v: &Value| {
                         v.pointer("/spec/network").and_then(Value::as_str) != Some(&spec.network)
@@ -1169,11 +1230,44 @@ fn resolve<'a>(
             (None, None) => {}
         }
     }
-    if causes.is_empty() {
-        Ok(out)
-    } else {
-        Err(invalid(s, obj, causes))
+    if !causes.is_empty() {
+        return Err(invalid(s, obj, causes));
     }
+    // The gateway is the router's: a Port that is not a router interface never takes it, as
+    // in Neutron. A router interface will take it through a path of its own, from the claim
+    // its Subnet holds (see `create_subnet`).
+    if let Some(x) = out
+        .iter()
+        .find(|x| x.ip.is_some() && x.ip == x.plan.gateway)
+    {
+        return Err(conflict_field(
+            s,
+            obj,
+            &format!("{}.ipAddress", x.field),
+            format!(
+                "address {} is the subnet's gateway address (subnet {:?}); only a router interface takes it",
+                x.ip.map(show).unwrap_or_default(),
+                x.subnet
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// Why `a`, inside subnet `n`'s CIDR, is no port's address (the network or broadcast address).
+fn not_host(n: &str, p: &Plan, a: u32) -> String {
+    let what = if a == p.network {
+        "the network address of"
+    } else if a == p.broadcast() {
+        "the broadcast address of"
+    } else {
+        "not a host address of"
+    };
+    format!(
+        "Invalid value: {:?}: {what} subnet {n:?} ({}), never a port's",
+        show(a),
+        p.cidr()
+    )
 }
 
 /// An update: what allocation claimed and the fields it follows stay as they are (422);
@@ -1323,6 +1417,15 @@ mod tests {
     }
 
     #[test]
+    fn a_subnets_network_and_broadcast_addresses_are_named_as_such() {
+        let p = plan(&subnet("10.0.0.0/24", json!({}))).expect("valid");
+        assert!(!p.host(a("10.0.0.0")) && !p.host(a("10.0.0.255")) && p.host(a("10.0.0.1")));
+        assert!(not_host("s", &p, a("10.0.0.0")).contains("the network address of subnet \"s\""));
+        assert!(not_host("s", &p, a("10.0.0.255")).contains("the broadcast address of subnet"));
+        assert!(not_host("s", &p, a("10.0.1.3")).contains("not a host address of subnet"));
+    }
+
+    #[test]
     fn cidrs_overlap_when_they_share_an_address() {
         let p = |c: &str| plan(&subnet(c, json!({}))).expect("valid");
         assert!(p("10.0.0.0/16").overlaps(&p("10.0.5.0/24")));
@@ -1353,6 +1456,15 @@ mod tests {
                 "/r/_claims/network/u1/ip/0a000005".to_string(),
                 "/r/_claims/network/u1/mac/fa:16:3e:00:00:01".to_string(),
             ]
+        );
+        let subnet = json!({
+            "metadata": {"name": "s", "annotations": {NETWORK_UID: "u1"}},
+            "status": {"gatewayIP": "10.0.0.1"},
+        });
+        assert_eq!(
+            Ipam.attached_keys("/r", &subnet),
+            vec!["/r/_claims/network/u1/ip/0a000001".to_string()],
+            "a subnet's gateway goes with it"
         );
         let net = json!({"spec": {"segmentation": "vxlan"}, "status": {"vni": 42}});
         assert_eq!(

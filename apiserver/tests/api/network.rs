@@ -58,13 +58,31 @@ async fn with_subnet() -> (Cloud, Value) {
     (c, n)
 }
 
-/// How many addresses are claimed on the network of uid `uid`.
-async fn claimed(c: &Cloud, uid: &str) -> i64 {
+/// How many addresses ports hold on the network of uid `uid` (not its subnets' gateways).
+async fn claimed(c: &Cloud, uid: &str) -> usize {
     c.api
         .store
-        .count(&keys::ip_claims("/registry", uid))
+        .list(&keys::ip_claims("/registry", uid), None, 0, 0)
         .await
-        .expect("count")
+        .expect("list")
+        .items
+        .iter()
+        .filter(|(_, claim)| claim.value.get("port").is_some())
+        .count()
+}
+
+/// The holder recorded in the claim of address `ip` on the network of uid `uid`.
+async fn claim_of(c: &Cloud, uid: &str, ip: &str) -> Option<Value> {
+    c.api
+        .store
+        .get(&keys::ip_claim(
+            "/registry",
+            uid,
+            ip.parse().expect("an address"),
+        ))
+        .await
+        .expect("get")
+        .map(|s| s.value)
 }
 
 #[tokio::test]
@@ -379,12 +397,9 @@ async fn a_port_asking_for_an_address_gets_it_or_a_refusal_naming_the_field() {
     let e = refused(c.create(&port("q", "nope")).await);
     assert_eq!(field_of(&e), (422, "spec.network".into()));
     let q = c
-        .create(
-            &ask("q", json!([{"subnet": "s", "ipAddress": "10.0.0.1"}]))
-                .spec("macAddress", json!("02:00:00:00:00:01")),
-        )
+        .create(&ask("q", json!([{"subnet": "s"}])).spec("macAddress", json!("02:00:00:00:00:01")))
         .await
-        .expect("the gateway address, asked for by value (a router's port)");
+        .expect("a MAC asked for");
     assert_eq!(q["status"]["macAddress"], "02:00:00:00:00:01");
     c.delete("Port", Some("demo"), "p", "")
         .await
@@ -392,6 +407,100 @@ async fn a_port_asking_for_an_address_gets_it_or_a_refusal_naming_the_field() {
     c.create(&ask("r", json!([{"ipAddress": "10.0.0.50"}])))
         .await
         .expect("the address is free again");
+}
+
+#[tokio::test]
+async fn no_port_takes_its_subnets_gateway_network_or_broadcast_address() {
+    let (c, n) = with_subnet().await;
+    let mut g = subnet("g", "n", "10.0.1.0/24");
+    g.0["spec"]["gatewayIP"] = json!("10.0.1.254");
+    c.create(&g).await.expect("a subnet with its gateway given");
+    let ask = |fixed: Value| port("p", "n").spec("fixedIPs", fixed);
+    let cases = [
+        (
+            json!([{"ipAddress": "10.0.0.1"}]),
+            409,
+            "spec.fixedIPs[0].ipAddress",
+        ),
+        (
+            json!([{"subnet": "s"}, {"subnet": "g", "ipAddress": "10.0.1.254"}]),
+            409,
+            "spec.fixedIPs[1].ipAddress",
+        ),
+        (
+            json!([{"ipAddress": "10.0.0.0"}]),
+            422,
+            "spec.fixedIPs[0].ipAddress",
+        ),
+        (
+            json!([{"subnet": "s", "ipAddress": "10.0.0.0"}]),
+            422,
+            "spec.fixedIPs[0].ipAddress",
+        ),
+        (
+            json!([{"ipAddress": "10.0.1.255"}]),
+            422,
+            "spec.fixedIPs[0].ipAddress",
+        ),
+    ];
+    for (fixed, code, field) in cases {
+        let before = c.revision().await;
+        let e = refused(c.create(&ask(fixed.clone())).await);
+        assert_eq!(field_of(&e), (code, field.into()), "{fixed}: {}", e.message);
+        let why = if code == 409 {
+            "the subnet's gateway address"
+        } else if fixed.to_string().contains(".255") {
+            "the broadcast address of subnet \"g\""
+        } else {
+            "the network address of subnet \"s\""
+        };
+        assert!(
+            e.message.contains(why) || e.details.causes[0].message.contains(why),
+            "{fixed}: {e:?}"
+        );
+        assert_eq!(c.revision().await, before, "{fixed}: nothing written");
+    }
+    // The gateway is claimed for its subnet (where a router interface will take it from) and
+    // freed with the subnet.
+    let held = claim_of(&c, &uid(&n), "10.0.1.254").await.expect("claimed");
+    assert_eq!(
+        (held["subnet"].as_str(), held["role"].as_str()),
+        (Some("demo/g"), Some("gateway"))
+    );
+    c.delete("Subnet", Some("demo"), "g", "")
+        .await
+        .expect("delete g");
+    assert_eq!(
+        claim_of(&c, &uid(&n), "10.0.1.254").await,
+        None,
+        "freed with its subnet"
+    );
+    // A subnet whose gateway a port already holds (one that outlived an earlier subnet of the
+    // range) is refused, naming the gateway.
+    c.create(&ask(json!([{"subnet": "s", "ipAddress": "10.0.0.9"}])))
+        .await
+        .expect("p");
+    c.delete("Port", Some("demo"), "p", "")
+        .await
+        .expect("p goes");
+    let q = c
+        .create(&port("q", "n").spec("fixedIPs", json!([{"ipAddress": "10.0.0.9"}])))
+        .await
+        .expect("q");
+    assert_eq!(ips(&q), ["10.0.0.9"]);
+    c.delete("Subnet", Some("demo"), "s", "")
+        .await
+        .expect("delete s");
+    let mut again = subnet("s2", "n", "10.0.0.0/24");
+    again.0["spec"]["gatewayIP"] = json!("10.0.0.9");
+    let e = refused(c.create(&again).await);
+    assert_eq!(
+        field_of(&e),
+        (409, "spec.gatewayIP".into()),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("port demo/q"), "{}", e.message);
 }
 
 #[tokio::test]

@@ -198,8 +198,8 @@ async fn five_hundred_ports_at_once_on_a_pool_of_250_get_250_addresses_and_all_c
         (250, 250),
         "no address or MAC twice"
     );
-    // What etcd holds: one claim per address and per MAC, no more.
-    assert_eq!(keys_under(&etcd, &format!("{claims}ip/"))?, 250);
+    // What etcd holds: one claim per address and per MAC, and the subnet's gateway's.
+    assert_eq!(keys_under(&etcd, &format!("{claims}ip/"))?, 251);
     assert_eq!(keys_under(&etcd, &format!("{claims}mac/"))?, 250);
     // kubectl shows a Port's address as soon as it exists.
     let one = ok[0]["metadata"]["name"].as_str().context("a name")?;
@@ -213,8 +213,8 @@ async fn five_hundred_ports_at_once_on_a_pool_of_250_get_250_addresses_and_all_c
     delete_all(&api_ports, names).await?;
     assert_eq!(
         keys_under(&etcd, &claims)?,
-        0,
-        "every claim went with its port"
+        1,
+        "every claim went with its port; the gateway stays its subnet's"
     );
 
     let (again, refused) = create_all(&api_ports, (0..250).map(|i| format!("q{i}"))).await?;
@@ -297,6 +297,27 @@ async fn bad_networking_input_is_refused_naming_the_field_and_writes_nothing() -
         err.contains("Conflict") && err.contains("already in use"),
         "{err}"
     );
+    let err = refused(
+        &api,
+        &port(
+            "b",
+            json!({"network": "n", "fixedIPs": [{"ipAddress": "10.30.0.1"}]}),
+        ),
+        "spec.fixedIPs[0].ipAddress",
+    )?;
+    assert!(
+        err.contains("Conflict") && err.contains("the subnet's gateway address"),
+        "{err}"
+    );
+    let err = refused(
+        &api,
+        &port(
+            "b",
+            json!({"network": "n", "fixedIPs": [{"ipAddress": "10.30.0.255"}]}),
+        ),
+        "spec.fixedIPs[0].ipAddress",
+    )?;
+    assert!(err.contains("the broadcast address of subnet"), "{err}");
     refused(
         &api,
         &port(
@@ -403,8 +424,8 @@ fn a_deleted_networks_vni_goes_at_once_its_subnets_with_it_and_a_ports_claims_wi
     let claims = format!("{PREFIX}/_claims/network/{uid}/");
     assert_eq!(
         (keys(&vni_key)?, keys(&claims)?),
-        (1, 2),
-        "the VNI; the port's address and MAC"
+        (1, 3),
+        "the VNI; the subnet's gateway; the port's address and MAC"
     );
 
     cloud.kubectl_ok(&["-n", "demo", "delete", "network", "blue"])?;
@@ -420,7 +441,7 @@ fn a_deleted_networks_vni_goes_at_once_its_subnets_with_it_and_a_ports_claims_wi
         },
     )?;
     // A port outlives its network (nothing deletes it for the user) and holds its claims
-    // until it goes.
+    // until it goes; the subnet's gateway went with the subnet.
     assert_eq!(keys(&claims)?, 2);
     cloud.kubectl_ok(&["-n", "demo", "delete", "port", "p"])?;
     assert_eq!(keys(&claims)?, 0, "the port's claims go in its delete");
