@@ -34,16 +34,15 @@ pub struct Assignments;
 
 impl Admission for Assignments {
     /// Writes the assignment owned by the User it names, atomically with reading that User's
-    /// uid; an assignment naming no existing User is refused.
+    /// uid, and answers it as stored (with that owner reference); an assignment naming no
+    /// existing User is refused.
     fn write<'a>(
         &'a self,
         ctx: Ctx<'a>,
         s: Subject<'a>,
         w: Change<'a>,
     ) -> Option<BoxFuture<'a, ApiResult<Written>>> {
-        Some(Box::pin(async move {
-            write_owned(ctx, s, w).await.map(Written::from)
-        }))
+        Some(Box::pin(write_owned(ctx, s, w)))
     }
 }
 
@@ -77,7 +76,8 @@ pub fn owned(obj: &Value, user: &str, uid: &str) -> Value {
     obj
 }
 
-async fn write_owned(ctx: Ctx<'_>, s: Subject<'_>, w: Change<'_>) -> ApiResult<Write> {
+/// Writes the assignment with its owner reference, and answers the object stored.
+async fn write_owned(ctx: Ctx<'_>, s: Subject<'_>, w: Change<'_>) -> ApiResult<Written> {
     let Change {
         key,
         old,
@@ -113,14 +113,19 @@ async fn write_owned(ctx: Ctx<'_>, s: Subject<'_>, w: Change<'_>) -> ApiResult<W
             .await
             .map_err(ApiError::from)?
         {
-            Write::Done(rev) => return Ok(Write::Done(rev)),
+            Write::Done(rev) => {
+                return Ok(Written {
+                    write: Write::Done(rev),
+                    stored: Some(obj),
+                });
+            }
             // Only the guard failed: the User changed since it was read; read it again.
             Write::Conflict(rev) if rev == expected.unwrap_or(0) => {
                 if super::parent_gone(ctx, parent).await? {
-                    return Ok(Write::Conflict(0));
+                    return Ok(Write::Conflict(0).into());
                 }
             }
-            conflict => return Ok(conflict),
+            conflict => return Ok(conflict.into()),
         }
     }
     Err(s.conflict())

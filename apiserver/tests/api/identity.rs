@@ -61,7 +61,8 @@ async fn an_assignment_is_owned_by_its_user_and_refused_for_none() {
     assert_eq!(e.code, 422);
     assert_eq!(e.details.causes[0].field, "spec.user");
     let alice = c.create(&user("alice")).await.expect("alice");
-    c.create(&assignment("demo", "a", "alice"))
+    let answer = c
+        .create(&assignment("demo", "a", "alice"))
         .await
         .expect("assignment");
     let stored = c
@@ -72,15 +73,17 @@ async fn an_assignment_is_owned_by_its_user_and_refused_for_none() {
         stored["metadata"]["ownerReferences"],
         json!([{"apiVersion": "identity.stratus.dev/v1", "kind": "User", "name": "alice", "uid": uid(&alice)}])
     );
+    assert_eq!(answer, stored, "the create answers what it stored");
     // A reference forged by the writer is replaced by the User as it is.
     let mut forged = stored.clone();
     forged["metadata"]["ownerReferences"][0]["uid"] = json!("someone-else");
-    c.put(
-        &c.target("RoleAssignment", Some("demo"), Some("a")),
-        &forged,
-    )
-    .await
-    .expect("update");
+    let answer = c
+        .put(
+            &c.target("RoleAssignment", Some("demo"), Some("a")),
+            &forged,
+        )
+        .await
+        .expect("update");
     let stored = c
         .get("RoleAssignment", Some("demo"), "a")
         .await
@@ -89,6 +92,7 @@ async fn an_assignment_is_owned_by_its_user_and_refused_for_none() {
         stored["metadata"]["ownerReferences"][0]["uid"],
         json!(uid(&alice))
     );
+    assert_eq!(answer, stored, "the update answers what it stored");
 }
 
 #[tokio::test]
