@@ -89,6 +89,8 @@ pub enum PortState {
     Wired {
         /// The bridge.
         bridge: IfName,
+        /// The port's device.
+        device: IfName,
     },
     /// Not wired, and why.
     NotWired {
@@ -110,6 +112,19 @@ pub struct Report {
     pub failures: Vec<(Step, String)>,
     /// Each of the node's ports.
     pub ports: BTreeMap<PortKey, PortState>,
+}
+
+impl Report {
+    /// The devices of the ports it found wired.
+    pub fn wired_devices(&self) -> BTreeSet<IfName> {
+        self.ports
+            .values()
+            .filter_map(|p| match p {
+                PortState::Wired { device, .. } => Some(device.clone()),
+                PortState::NotWired { .. } => None,
+            })
+            .collect()
+    }
 }
 
 /// Reads what the node has of what `desired` speaks of, and of what the agent made before.
@@ -320,6 +335,7 @@ fn wired(
     if dev.up && dev.master.as_ref() == Some(bridge) && vxlan_ok && firewall_ok {
         PortState::Wired {
             bridge: bridge.clone(),
+            device: device.clone(),
         }
     } else {
         PortState::NotWired {
@@ -556,6 +572,7 @@ pub async fn run(client: Client, host: Host, config: Config) {
     let mut tick = tokio::time::interval(config.resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut converged: Option<Desired> = None;
+    let mut wired: BTreeSet<IfName> = BTreeSet::new();
     let mut first = true;
     loop {
         if !first {
@@ -598,9 +615,10 @@ pub async fn run(client: Client, host: Host, config: Config) {
         }
         // The same aim as the last time everything was right: what changed is the host.
         if converged.as_ref() == Some(&report.desired) && !report.steps.is_empty() {
-            repaired(&recorder, &config, &snap, &report).await;
+            repaired(&recorder, &config, &snap, &report, &wired).await;
         }
         converged = report.failures.is_empty().then(|| report.desired.clone());
+        wired = report.wired_devices();
         write_statuses(&runtime, &config, &snap, &report).await;
         if let Some(ip) = config.node.underlay {
             report_host_ip(&client, &node, ip, &snap).await;
@@ -621,11 +639,31 @@ fn network_ref(snap: &Snapshot, bridge: &IfName) -> Option<ObjectReference> {
 
 /// Events for drift repaired: on each Network whose devices were repaired, and on every
 /// network of the node when the firewall was.
-async fn repaired(recorder: &Recorder, config: &Config, snap: &Snapshot, report: &Report) {
+/// A port's device that was not wired before (a guest's tap that just appeared) is
+/// attached for the first time, not repaired.
+async fn repaired(
+    recorder: &Recorder,
+    config: &Config,
+    snap: &Snapshot,
+    report: &Report,
+    wired_before: &BTreeSet<IfName>,
+) {
+    let ports: BTreeSet<&IfName> = report
+        .desired
+        .networks
+        .iter()
+        .flat_map(|n| n.ports.iter())
+        .collect();
+    let first_time = |op: &Op| match op {
+        Op::SetMaster(_, n, _) | Op::SetUp(_, n) | Op::SetMtu(_, n, _) => {
+            ports.contains(n) && !wired_before.contains(n)
+        }
+        _ => false,
+    };
     // By network and by what was repaired: Events of one kind about one network from one
     // node are counted as one series, so each kind is an action of its own.
     let mut notes: BTreeMap<(IfName, &'static str), Vec<String>> = BTreeMap::new();
-    for s in &report.steps {
+    for s in report.steps.iter().filter(|s| !first_time(&s.op)) {
         let action = repair_action(&s.op);
         match &s.network {
             Some(b) => notes
@@ -689,7 +727,7 @@ async fn write_statuses(
         };
         let mut status = port.status.clone().unwrap_or_default();
         let update = match state {
-            PortState::Wired { bridge } => {
+            PortState::Wired { bridge, .. } => {
                 status.phase = PortPhase::Active;
                 ConditionType::Ready.yes(
                     "Wired",
@@ -936,7 +974,8 @@ pub(crate) mod tests {
         assert_eq!(
             state(&r, "p1"),
             PortState::Wired {
-                bridge: bridge.clone()
+                bridge: bridge.clone(),
+                device: ifname("tp-p1"),
             }
         );
         assert!(!r.ports.contains_key(&key("p2")), "p2 is another node's");

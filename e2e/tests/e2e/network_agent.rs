@@ -1,12 +1,13 @@
 //! The network agent against a real API server: two nodes (network namespaces joined by a
 //! veth underlay on 192.0.2.0/24, each with a `stratus agent --roles network`), two guests
 //! (namespaces plugged in as the devices of two Ports of one Network, 10.60.0.0/24). The
-//! agents report their tunnel addresses, wire the ports (which go Active; a port whose device
-//! is not there is Down saying so), the guests take their addresses by DHCP and ping each
-//! other across VXLAN; a VXLAN device, an FDB entry and the nft table deleted by hand are back
-//! within seconds with Events; a restarted agent changes nothing (a ping running across the
-//! restart loses no packet); a security-group rule removed and added back takes effect at
-//! once; with the ports deleted nothing of Stratus's is left on the nodes.
+//! agents report their tunnel addresses and wire the ports (which go Active; a port whose
+//! device is not there is Down saying so until it appears, which is no repair); the guests
+//! take their addresses by DHCP and ping each other across VXLAN; a VXLAN device, an FDB
+//! entry and the nft table deleted by hand are back within seconds with Events; a restarted
+//! agent changes nothing (a ping running across the restart loses no packet); a
+//! security-group rule removed and added back takes effect at once; with the ports deleted
+//! nothing of Stratus's is left on the nodes.
 //!
 //! Each agent runs as its node (`system:node:NAME`), so the node authorizer's rules for the
 //! network role are what it reads and writes through.
@@ -338,7 +339,12 @@ spec: {{network: net}}
                 "fixedIPs": [{"subnet": "sn", "ipAddress": "10.60.0.13"}]}),
         )?;
     }
-    patch_status(&api, "port", "p3", serde_json::json!({"hypervisor": n1}))?;
+    patch_status(
+        &api,
+        "port",
+        "p3",
+        serde_json::json!({"hypervisor": n1, "interfaceName": "tp-e2e-3"}),
+    )?;
     wait_until(Duration::from_secs(20), "p3 to say why it is down", || {
         jsonpath(
             &api,
@@ -349,6 +355,29 @@ spec: {{network: net}}
         .ok()
         .filter(|s| s == "Down/DeviceMissing")
     })?;
+    // Its device appears (the hypervisor made it): the port goes Active, and that is no
+    // repair of anything.
+    ip(&[
+        "link",
+        "add",
+        "tp-e2e-3",
+        "netns",
+        &n1,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "tp-e2e-3g",
+        "netns",
+        &n1,
+    ])?;
+    wait_until(Duration::from_secs(20), "p3 to be Active", || {
+        jsonpath(&api, "port", "p3", "{.status.phase}")
+            .ok()
+            .filter(|p| p == "Active")
+    })?;
+    let events = kubectl(&api, &["get", "events", "-o", "json"])?;
+    assert!(!events.contains("DriftRepaired"), "{events}");
 
     // DHCP gives each guest its IPAM address; they reach each other across VXLAN.
     let dir = tempfile::tempdir()?;
