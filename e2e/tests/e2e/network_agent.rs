@@ -114,7 +114,9 @@ fn node_identities(api: &mut Apiserver, nodes: &[&str], dir: &Path) -> Result<()
     api.restart()
 }
 
-fn agent(node: &str, underlay: &str, state: &Path, kubeconfigs: &Path) -> Result<Proc> {
+/// A node's network agent; `underlay` is `--underlay-ip ADDRESS` or `--tunnel-interface
+/// NAME`.
+fn agent(node: &str, underlay: [&str; 2], state: &Path, kubeconfigs: &Path) -> Result<Proc> {
     Proc::spawn(
         &format!("network agent of {node}"),
         Command::new(stratus_bin())
@@ -123,14 +125,8 @@ fn agent(node: &str, underlay: &str, state: &Path, kubeconfigs: &Path) -> Result
             .arg(kubeconfigs.join(format!("{node}.kubeconfig")))
             .arg("--state-dir")
             .arg(state)
-            .args([
-                "--network-namespace",
-                node,
-                "--underlay-ip",
-                underlay,
-                "--network-resync-seconds",
-                "1",
-            ]),
+            .args(["--network-namespace", node, "--network-resync-seconds", "1"])
+            .args(underlay),
         &state.join("agent.log"),
     )
 }
@@ -294,8 +290,15 @@ spec: {{network: net}}
 
     let ids = tempfile::tempdir()?;
     node_identities(&mut api, &[&n1, &n2], ids.path())?;
-    let mut a1 = agent(&n1, "192.0.2.1", s1.path(), ids.path())?;
-    let _a2 = agent(&n2, "192.0.2.2", s2.path(), ids.path())?;
+    let n1_underlay = ["--underlay-ip", "192.0.2.1"];
+    let mut a1 = agent(&n1, n1_underlay, s1.path(), ids.path())?;
+    // Node 2 finds its address on its underlay interface.
+    let _a2 = agent(
+        &n2,
+        ["--tunnel-interface", "underlay"],
+        s2.path(),
+        ids.path(),
+    )?;
 
     // The agents tell where their tunnels end, and wire the ports.
     for (node, want) in [(&n1, "192.0.2.1"), (&n2, "192.0.2.2")] {
@@ -470,7 +473,7 @@ spec: {{network: net}}
         .spawn()?;
     std::thread::sleep(Duration::from_millis(500));
     a1.terminate()?;
-    let mut a1 = agent(&n1, "192.0.2.1", s1.path(), ids.path())?;
+    let mut a1 = agent(&n1, n1_underlay, s1.path(), ids.path())?;
     let out = pinger.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
