@@ -2,8 +2,9 @@
 //! (each a network namespace, joined by a veth underlay on 192.0.2.0/24) and two guests
 //! (namespaces plugged into the nodes by veths named as their Ports' devices) on one
 //! network (10.50.0.0/24). The ports get their addresses by DHCP and ping each other
-//! across VXLAN; drift made by hand is repaired; a second converge changes nothing; with
-//! the ports gone nothing of Stratus's is left. Everything the test makes is removed when it
+//! across VXLAN; drift made by hand is repaired; a second converge changes nothing; another
+//! project's network with the same CIDR on the same nodes stays apart; with the ports gone
+//! nothing of Stratus's is left. Everything the test makes is removed when it
 //! ends, even when it fails.
 
 use std::net::Ipv4Addr;
@@ -64,6 +65,15 @@ fn wait(f: impl Fn() -> bool) {
     }
 }
 
+/// `obj` as another object of the same name in project `ns` (its own uid).
+fn in_project<K: kube::Resource + Clone>(obj: Arc<K>, ns: &str) -> Arc<K> {
+    let mut o = (*obj).clone();
+    let meta = o.meta_mut();
+    meta.namespace = Some(ns.to_owned());
+    meta.uid = meta.uid.as_ref().map(|u| format!("{ns}/{u}"));
+    Arc::new(o)
+}
+
 fn ifname(s: &str) -> IfName {
     IfName::new(s).expect("ifname")
 }
@@ -111,6 +121,7 @@ fn two_nodes_wire_their_ports_serve_dhcp_repair_drift_and_clean_up() {
     let l = NetlinkLinks::new();
     let (n1, n2) = (name(format!("{prefix}-n1")), name(format!("{prefix}-n2")));
     let (g1, g2) = (name(format!("{prefix}-g1")), name(format!("{prefix}-g2")));
+    let (g3, g4) = (name(format!("{prefix}-g3")), name(format!("{prefix}-g4")));
     let (d1, d2) = (
         tempfile::tempdir().expect("dir"),
         tempfile::tempdir().expect("dir"),
@@ -124,7 +135,14 @@ fn two_nodes_wire_their_ports_serve_dhcp_repair_drift_and_clean_up() {
             (dns1.clone(), n1.to_string()),
             (dns2.clone(), n2.to_string()),
         ],
-        namespaces: vec![n1.clone(), n2.clone(), g1.clone(), g2.clone()],
+        namespaces: vec![
+            n1.clone(),
+            n2.clone(),
+            g1.clone(),
+            g2.clone(),
+            g3.clone(),
+            g4.clone(),
+        ],
         _dirs: vec![],
     };
     let (ns1, ns2) = (Netns::Named(n1.clone()), Netns::Named(n2.clone()));
@@ -286,8 +304,75 @@ fn two_nodes_wire_their_ports_serve_dhcp_repair_drift_and_clean_up() {
         assert_eq!(converge(h, c, &snap).expect("converge").steps, vec![]);
     }
 
+    // Another project's network with the same CIDR on the same nodes, its guests holding
+    // each other's addresses crosswise: guest 3 (on node 1, 10.50.0.12) looking for
+    // 10.50.0.11 finds guest 4 across the overlay, never guest 1 on its own node.
+    let (dev3, dev4) = (ifname("tp-guest3"), ifname("tp-guest4"));
+    let mac3 = guest(&l, &ns1, &g3, &dev3);
+    let mac4 = guest(&l, &ns2, &g4, &dev4);
+    let net_b = format!("{prefix}-net-b");
+    snap.networks
+        .push(in_project(network("net", &net_b, Some(5002)), "other"));
+    snap.subnets
+        .push(in_project(subnet("sn", "net", "10.50.0.0/24"), "other"));
+    snap.groups.push(in_project(
+        group(
+            "default",
+            json!([
+                {"direction": "ingress", "protocol": "icmp", "remoteGroup": "default"},
+                {"direction": "egress"},
+            ]),
+        ),
+        "other",
+    ));
+    snap.ports.push(in_project(
+        port(
+            "q3",
+            "net",
+            n1.as_str(),
+            &mac3,
+            "10.50.0.12",
+            Some("tp-guest3"),
+        ),
+        "other",
+    ));
+    snap.ports.push(in_project(
+        port(
+            "q4",
+            "net",
+            n2.as_str(),
+            &mac4,
+            "10.50.0.11",
+            Some("tp-guest4"),
+        ),
+        "other",
+    ));
+    for (h, c) in [(&h1, &c1), (&h2, &c2)] {
+        let r = converge(h, c, &snap).expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        assert_eq!(r.desired.networks.len(), 2);
+    }
+    assert_eq!(lease(&g3, dir.path()), Some(ip2), "its own network's DHCP");
+    sh(&g3, &["ip", "addr", "add", "10.50.0.12/24", "dev", "eth0"]);
+    sh(&g4, &["ip", "addr", "add", "10.50.0.11/24", "dev", "eth0"]);
+    assert!(
+        pings(&g3, ip1, 5),
+        "guest 3 reaches its own network's 10.50.0.11"
+    );
+    let neighbour =
+        |ns: &Name, addr: &str| run_in(ns, &["ip", "neigh", "show", addr]).1.to_lowercase();
+    assert!(
+        neighbour(&g3, "10.50.0.11").contains(&mac4),
+        "guest 4 answered"
+    );
+    assert!(ping(&g1, ip2), "project 1 still works");
+    assert!(
+        neighbour(&g1, "10.50.0.12").contains(&mac2),
+        "guest 2 answered"
+    );
+
     // Security groups: without the ICMP rule, guest 2 is not reached; it still pings out.
-    snap.groups = vec![group("default", json!([{"direction": "egress"}]))];
+    snap.groups[0] = group("default", json!([{"direction": "egress"}]));
     for (h, c) in [(&h1, &c1), (&h2, &c2)] {
         converge(h, c, &snap).expect("converge");
     }
