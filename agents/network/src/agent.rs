@@ -410,9 +410,16 @@ where
         self.listed() || self.started.elapsed() > LIST_PATIENCE
     }
 
+    /// Waits for the first list, saying so now and then (a watch the API refuses, or an
+    /// API server out of reach, would otherwise be a silent hang).
     async fn until_listed(&self) {
+        let mut waited = Duration::ZERO;
         while !self.listed() {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            waited += Duration::from_millis(50);
+            if waited.as_millis().is_multiple_of(10_000) {
+                tracing::warn!(kind = %K::kind(&()), ?waited, "still waiting for the first list");
+            }
         }
     }
 }
