@@ -101,6 +101,7 @@ pub struct FlavorStatus {
     pub phase: FlavorPhase,
     /// Latest observations of the flavor's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status was computed from.
@@ -286,6 +287,7 @@ pub struct HypervisorStatus {
     pub last_heartbeat_time: Option<Time>,
     /// Latest observations of the hypervisor's state (`Ready`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status was computed from.
@@ -360,6 +362,7 @@ pub struct KeypairStatus {
     pub fingerprint: Option<String>,
     /// Latest observations of the keypair's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status was computed from.
@@ -437,6 +440,7 @@ pub struct ServerGroupStatus {
     pub members: Vec<String>,
     /// Latest observations of the group's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status was computed from.
@@ -759,6 +763,7 @@ pub struct ServerStatus {
     pub launched_at: Option<Time>,
     /// Latest observations of the server's state (`Scheduled`, `Ready`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status was computed from.

@@ -66,6 +66,7 @@ pub struct ProjectStatus {
     pub phase: ProjectPhase,
     /// Latest observations of the project's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status was computed from.
@@ -141,6 +142,7 @@ pub struct UserStatus {
     pub phase: UserPhase,
     /// Latest observations of the user's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status was computed from.
@@ -222,6 +224,7 @@ pub struct RoleAssignmentStatus {
     pub phase: RoleAssignmentPhase,
     /// Latest observations of the assignment's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status was computed from.
@@ -376,6 +379,7 @@ pub struct QuotaStatus {
     pub used: QuotaUsage,
     /// Latest observations of the quota's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status was computed from.

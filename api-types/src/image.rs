@@ -175,6 +175,7 @@ pub struct ImageStatus {
     pub sha256: Option<String>,
     /// Latest observations of the image's state (`Verified`, `Ready`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status was computed from.

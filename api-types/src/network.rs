@@ -112,6 +112,7 @@ pub struct NetworkStatus {
     pub vni: Option<u32>,
     /// Latest observations of the network's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status was computed from.
@@ -237,6 +238,7 @@ pub struct SubnetStatus {
     pub available_ips: Option<u64>,
     /// Latest observations of the subnet's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status was computed from.
@@ -391,6 +393,7 @@ pub struct PortStatus {
     pub interface_name: Option<String>,
     /// Latest observations of the port's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status was computed from.
@@ -508,6 +511,7 @@ pub struct RouterStatus {
     pub node: Option<String>,
     /// Latest observations of the router's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status was computed from.
@@ -607,6 +611,7 @@ pub struct FloatingIPStatus {
     pub router: Option<String>,
     /// Latest observations of the floating IP's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status was computed from.
@@ -742,6 +747,7 @@ pub struct SecurityGroupStatus {
     pub phase: NetworkPhase,
     /// Latest observations of the group's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status was computed from.

@@ -152,6 +152,7 @@ pub struct ObjectRingStatus {
     pub devices: Option<u32>,
     /// Latest observations of the ring's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status was computed from.

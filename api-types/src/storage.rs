@@ -146,6 +146,7 @@ pub struct VolumeStatus {
     pub attached_to: Option<String>,
     /// Latest observations of the volume's state (`Scheduled`, `Ready`, `Attached`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status was computed from.
@@ -227,6 +228,7 @@ pub struct VolumeSnapshotStatus {
     pub created_at: Option<Time>,
     /// Latest observations of the snapshot's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status was computed from.
@@ -348,6 +350,7 @@ pub struct StoragePoolStatus {
     pub last_heartbeat_time: Option<Time>,
     /// Latest observations of the pool's state (`Ready`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status was computed from.

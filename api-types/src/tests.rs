@@ -604,6 +604,7 @@ fn formats_patterns_ranges_and_defaults() {
     assert_eq!(node(&server, "spec.userData")["maxLength"], 65535);
     let conditions = node(&server, "status.conditions");
     assert_eq!(conditions["x-kubernetes-list-type"], "map");
+    assert_eq!(conditions["maxItems"], 64);
     assert!(node(conditions, "[].observedGeneration").is_object());
 }
 

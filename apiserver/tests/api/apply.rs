@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::fixtures::{APPLY, Cloud, Obj, refused};
+use crate::fixtures::{APPLY, Cloud, MERGE, Obj, refused};
 
 fn condition(type_: &str, status: &str, reason: &str) -> Value {
     json!({"type": type_, "status": status, "reason": reason, "message": "",
@@ -257,4 +257,41 @@ async fn a_manifests_status_is_never_its_appliers() {
         kubectl["fieldsV1"]["f:spec"].get("f:flavor").is_some(),
         "{kubectl}"
     );
+}
+
+#[tokio::test]
+async fn a_conditions_list_holds_at_most_64_conditions() {
+    let c = with_server().await;
+    let t = c.status("Server", Some("demo"), "web");
+    let many = |n: usize| -> Value {
+        (0..n)
+            .map(|i| condition(&format!("C{i}"), "True", "Set"))
+            .collect::<Vec<_>>()
+            .into()
+    };
+    for query in ["fieldManager=agent&force=true", ""] {
+        let e = if query.is_empty() {
+            refused(c.patch(&t, MERGE, &status(many(65)), "").await)
+        } else {
+            refused(c.patch(&t, APPLY, &status(many(65)), query).await)
+        };
+        assert_eq!(e.code, 422, "{}", e.message);
+        assert!(
+            e.details
+                .causes
+                .iter()
+                .any(|c| c.field == "status.conditions"),
+            "{e:?}"
+        );
+        assert_eq!(conditions(&c).await, Value::Null, "nothing written");
+    }
+    c.patch(
+        &t,
+        APPLY,
+        &status(many(64)),
+        "fieldManager=agent&force=true",
+    )
+    .await
+    .expect("64 conditions");
+    assert_eq!(conditions(&c).await.as_array().map(Vec::len), Some(64));
 }
