@@ -620,6 +620,9 @@ impl Api {
             );
         }
         let name = meta::meta_str(&obj, "name").unwrap_or_default().to_string();
+        // What is stored carries its managedFields (and what admission set): that is the
+        // size that counts.
+        check_size(t, &name, &obj)?;
         policy.review(&Review {
             operation: Operation::Create,
             target: t,
@@ -1072,6 +1075,11 @@ impl Api {
                 t.subresource.as_deref(),
                 t.rt.structural.shape(),
             );
+        }
+        // What is stored carries its managedFields (and what admission set): that is the size
+        // that counts. A write that deletes the object (its last finalizer gone) stores nothing.
+        if !(deleting && meta::finalizers(&new).is_empty()) {
+            check_size(t, t.name(), &new)?;
         }
         policy.review(&Review {
             operation: Operation::Update,

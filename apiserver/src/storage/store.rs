@@ -1006,6 +1006,13 @@ impl From<StoreError> for ApiError {
             StoreError::Corrupt { key, .. } => {
                 Self::internal(format!("stored object at {key} cannot be decoded"))
             }
+            // etcd's limit on a write: the object is too large to store, as kube-apiserver
+            // answers it.
+            StoreError::Rejected(why) if why.contains("request is too large") => {
+                let mut e = Self::too_large(0);
+                e.message = format!("the object is too large to store: {why}");
+                e
+            }
             // Not retried, and no Retry-After: the same request fails the same way.
             StoreError::Rejected(why) => {
                 Self::internal(format!("the object store refused the request: {why}"))
@@ -1031,6 +1038,10 @@ mod tests {
         assert!(e.message.contains("decoded message length too large"));
         assert_eq!(e.details.retry_after, None);
         assert!(StoreError::Rejected("etcdserver: request is too large".into()).too_large());
+        let e = ApiError::from(StoreError::Rejected(
+            "etcdserver: request is too large".into(),
+        ));
+        assert_eq!((e.code, e.reason), (413, "RequestEntityTooLarge"));
         assert!(!StoreError::Rejected("etcdserver: invalid auth token".into()).too_large());
     }
 

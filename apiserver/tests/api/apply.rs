@@ -295,3 +295,52 @@ async fn a_conditions_list_holds_at_most_64_conditions() {
     .expect("64 conditions");
     assert_eq!(conditions(&c).await.as_array().map(Vec::len), Some(64));
 }
+
+/// Labels `k00000`… (`n` of them): small in the object, and as large again in managedFields.
+fn labels(from: usize, n: usize) -> Value {
+    (from..from + n)
+        .map(|i| (format!("k{i:06}"), json!("")))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+#[tokio::test]
+async fn an_object_too_large_with_its_managed_fields_is_413_and_not_written() {
+    let c = Cloud::with_demo().await;
+    let t = c.target("Flavor", None, Some("small"));
+    let before = c.get("Flavor", None, "small").await.expect("small");
+    // 70,000 labels make 0.84 MB of object, under the 1.5 MiB limit, and 0.98 MB more of
+    // managedFields for the manager that set them.
+    let big = json!({"metadata": {"labels": labels(0, 70_000)}});
+    let e = refused(c.patch(&t, MERGE, &big, "").await);
+    assert_eq!(
+        (e.code, e.reason),
+        (413, "RequestEntityTooLarge"),
+        "{}",
+        e.message
+    );
+    assert_eq!(c.get("Flavor", None, "small").await.expect("small"), before);
+    // So is a create.
+    let mut flavor = Obj::flavor("big", 1, 512);
+    flavor.0["metadata"]["labels"] = labels(0, 70_000);
+    assert_eq!(refused(c.create(&flavor).await).code, 413);
+    assert_eq!(
+        refused(c.get("Flavor", None, "big").await).code,
+        404,
+        "nothing created"
+    );
+    // A write that fits, managedFields and all, is stored.
+    let (_, got) = c
+        .patch(
+            &t,
+            MERGE,
+            &json!({"metadata": {"labels": labels(0, 20_000)}}),
+            "",
+        )
+        .await
+        .expect("a smaller write");
+    assert_eq!(
+        got["metadata"]["labels"].as_object().map(|l| l.len()),
+        Some(20_000)
+    );
+}
