@@ -62,4 +62,9 @@ impl Policy for Decider<'_> {
             Principal::User(_) => roles::review(self.caller, r),
         }
     }
+
+    /// A node's updates leave managedFields to the server: what it sends is ignored.
+    fn keeps_managed_fields(&self) -> bool {
+        matches!(self.caller.principal(), Principal::Node(_))
+    }
 }

@@ -82,7 +82,9 @@ fn own_finalizer(group: &str, resource: &str) -> Option<&'static str> {
 
 /// Whether two versions of an object differ in nothing but the node's own finalizer `own`
 /// being added or removed (and the bookkeeping every write changes: resourceVersion,
-/// managedFields): every other finalizer stays, in its order.
+/// managedFields): every other finalizer stays, in its order. The managedFields compared away
+/// are the server's own recording: the ones a node sends are ignored
+/// ([`Policy::keeps_managed_fields`](crate::resource::review::Policy::keeps_managed_fields)).
 fn only_own_finalizer_differs(old: &Value, new: &Value, own: Option<&str>) -> bool {
     let strip = |v: &Value| {
         let mut v = v.clone();

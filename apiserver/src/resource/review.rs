@@ -47,6 +47,14 @@ pub trait Policy: Send + Sync {
     /// # Errors
     /// 403 naming why.
     fn review(&self, r: &Review<'_>) -> ApiResult<()>;
+
+    /// Whether an update by the caller keeps the stored `metadata.managedFields` whatever its
+    /// body carries, the server's own recording of the write aside. Kubernetes lets a client
+    /// replace them (to reset them, say), and so does the default; a node may not, so that it
+    /// cannot rewrite who owns the fields of the objects placed on it.
+    fn keeps_managed_fields(&self) -> bool {
+        false
+    }
 }
 
 /// The policy of a caller allowed every write (system identities, and tests of the verbs).

@@ -1024,6 +1024,10 @@ impl Api {
                     };
                 }
                 m.remove("selfLink");
+                // A node's copy is not its to write (an apply's are the server's own).
+                if manager.is_some() && policy.keeps_managed_fields() {
+                    m.remove("managedFields");
+                }
                 if !m.contains_key("managedFields")
                     && let Some(mf) = old.pointer("/metadata/managedFields")
                 {

@@ -486,3 +486,75 @@ async fn a_node_writes_the_status_of_its_ports_but_not_their_addresses_or_placem
     assert_eq!(got["status"]["phase"], "Active");
     assert_eq!(got["status"]["macAddress"], before["status"]["macAddress"]);
 }
+
+/// The managedFields entry of `manager` in `obj`.
+fn managed_entry(obj: &Value, manager: &str) -> Option<Value> {
+    obj["metadata"]["managedFields"]
+        .as_array()?
+        .iter()
+        .find(|e| e["manager"] == manager)
+        .cloned()
+}
+
+#[tokio::test]
+async fn a_node_cannot_rewrite_who_owns_the_fields_of_what_is_placed_on_it() {
+    let c = placed().await;
+    let a = c.node("a");
+    let t = c.target("Server", Some("demo"), Some("web"));
+    let before = c.get("Server", Some("demo"), "web").await.expect("web");
+    let tenant = managed_entry(&before, "test").expect("the tenant's entry");
+    assert!(
+        tenant["fieldsV1"]["f:spec"].get("f:flavor").is_some(),
+        "{tenant}"
+    );
+    // Its own finalizer released, with managedFields claiming the whole spec for the node and
+    // dropping the tenant's entry.
+    let forged = json!([{"manager": "caller", "operation": "Update",
+                         "apiVersion": "compute.stratus.dev/v1", "fieldsType": "FieldsV1",
+                         "time": "2026-01-01T00:00:00Z", "fieldsV1": {"f:spec": {}}}]);
+    let released = a
+        .patch(
+            &t,
+            MERGE,
+            &json!({"metadata": {"finalizers": ["example.com/keep"], "managedFields": forged}})
+                .to_string(),
+        )
+        .await
+        .expect("its own finalizer released");
+    assert_eq!(finalizers(&released), ["example.com/keep"]);
+    let stored = c.get("Server", Some("demo"), "web").await.expect("web");
+    assert_eq!(managed_entry(&stored, "test"), Some(tenant.clone()));
+    let node = managed_entry(&stored, "caller");
+    assert!(
+        node.as_ref()
+            .is_none_or(|e| e["fieldsV1"].get("f:spec").is_none()),
+        "the node owns nothing of the spec: {node:?}"
+    );
+    // Added back by a JSON patch that also empties managedFields: the tenant's entry stays,
+    // and the node owns its finalizer.
+    let added = a
+        .patch(
+            &t,
+            JSON_PATCH,
+            &json!([{"op": "replace", "path": "/metadata/managedFields", "value": []},
+                    {"op": "add", "path": "/metadata/finalizers/-", "value": TEARDOWN}])
+            .to_string(),
+        )
+        .await
+        .expect("its own finalizer added");
+    assert_eq!(finalizers(&added), ["example.com/keep", TEARDOWN]);
+    let stored = c.get("Server", Some("demo"), "web").await.expect("web");
+    assert_eq!(managed_entry(&stored, "test"), Some(tenant));
+    let owners: Vec<&Value> = stored["metadata"]["managedFields"]
+        .as_array()
+        .expect("managed fields")
+        .iter()
+        .filter(|e| {
+            e["fieldsV1"]["f:metadata"]["f:finalizers"]
+                .get(format!("v:\"{TEARDOWN}\""))
+                .is_some()
+        })
+        .collect();
+    assert_eq!(owners.len(), 1, "{stored}");
+    assert_eq!(owners[0]["manager"], "caller");
+}
