@@ -23,6 +23,9 @@ use crate::storage::store::{Store, StoreError};
 /// Changes kept in memory per resource type (a watch resuming from further back gets a private
 /// etcd watch instead; memory stays bounded at a few MB per busy type).
 const HISTORY: usize = 1024;
+/// Bytes of changes kept per resource type, estimated (large objects, such as Servers with
+/// user data, are kept for fewer changes).
+const HISTORY_BYTES: usize = 8 << 20;
 /// Items a slow subscriber may fall behind before it is cut off (it then watches again).
 const BACKLOG: usize = 4096;
 
@@ -40,6 +43,8 @@ pub struct Change {
     /// The object after the change as stored (without `resourceVersion`): the watch cache
     /// keeps these very bytes.
     pub stored: Option<Bytes>,
+    /// What the change holds in memory, estimated: its values as stored, decoded and encoded.
+    size: usize,
     new_json: OnceLock<Bytes>,
     old_json: OnceLock<Bytes>,
 }
@@ -77,6 +82,8 @@ struct Feed {
     /// Every change from this revision on is in `history` or still to come.
     complete_from: i64,
     history: VecDeque<Arc<Change>>,
+    /// The estimated bytes of `history`.
+    history_bytes: usize,
     tx: broadcast::Sender<Item>,
     alive: bool,
     /// etcd refused the start revision as compacted (at this compaction revision).
@@ -246,6 +253,7 @@ impl Hub {
         let feed = Arc::new(Mutex::new(Feed {
             complete_from: from,
             history: VecDeque::new(),
+            history_bytes: 0,
             tx,
             alive: true,
             gone: None,
@@ -291,11 +299,15 @@ impl Hub {
                             let Some(change) = decode(ev) else { continue };
                             let change = Arc::new(change);
                             last = Some(change.rev);
-                            if f.history.len() >= HISTORY
-                                && let Some(evicted) = f.history.pop_front() {
-                                    f.complete_from = evicted.rev + 1;
-                                }
+                            f.history_bytes += change.size;
                             f.history.push_back(Arc::clone(&change));
+                            while f.history.len() > HISTORY
+                                || (f.history_bytes > HISTORY_BYTES && f.history.len() > 1)
+                            {
+                                let Some(evicted) = f.history.pop_front() else { break };
+                                f.history_bytes -= evicted.size;
+                                f.complete_from = evicted.rev + 1;
+                            }
                             let _ = f.tx.send(Item::Change(change));
                         }
                         // etcd never splits a revision between two batches: every change of
@@ -325,6 +337,7 @@ impl Hub {
             if let Ok(mut f) = task_feed.lock() {
                 f.alive = false;
                 f.history.clear();
+                f.history_bytes = 0;
                 let (tx, _) = broadcast::channel(1);
                 f.tx = tx;
             }
@@ -362,6 +375,9 @@ pub fn decode(ev: Event) -> Option<Change> {
             .map(|s| with_rv(s.value, rev))
     };
     let old = ev.prev.as_ref().and_then(parse);
+    // Each value is held as stored, decoded (about twice its size) and encoded for watchers.
+    let size = 4 * (ev.kv.value.len() + ev.prev.as_ref().map_or(0, |p| p.value.len()))
+        + std::mem::size_of::<Change>();
     let (new, stored) = if ev.deleted {
         (None, None)
     } else {
@@ -373,7 +389,64 @@ pub fn decode(ev: Event) -> Option<Change> {
         new,
         old,
         stored,
+        size,
         new_json: OnceLock::new(),
         old_json: OnceLock::new(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The next change a receiver gets (skipping progress reports).
+    async fn next_change(rx: &mut broadcast::Receiver<Item>) -> Arc<Change> {
+        loop {
+            let item = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("an item within 5 s")
+                .expect("the feed goes on");
+            if let Item::Change(c) = item {
+                return c;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn large_changes_are_kept_for_fewer_revisions_and_a_watch_from_before_misses_none() {
+        let store = Store::memory();
+        let hub = Hub::new(store.clone(), Duration::from_secs(60));
+        let start = store.revision().await.expect("revision") + 1;
+        let mut first = hub.subscribe("/t/", start).await.expect("subscribe");
+        let big = json!({"metadata": {"name": "x"}, "data": "x".repeat(1 << 20)});
+        for i in 0..8 {
+            store
+                .create(&format!("/t/{i}"), &big)
+                .await
+                .expect("create");
+        }
+        for _ in 0..8 {
+            next_change(&mut first.rx).await;
+        }
+        let kept = {
+            let feeds = hub.feeds.lock().expect("feeds");
+            let feed = feeds
+                .get("/t/")
+                .expect("the shared feed")
+                .lock()
+                .expect("feed");
+            (feed.history.len(), feed.history_bytes)
+        };
+        assert!(kept.0 < 8, "{} changes of 1 MiB kept", kept.0);
+        assert!(kept.1 <= HISTORY_BYTES, "{} bytes kept", kept.1);
+        // A watch from the first revision still gets every change, in order.
+        let mut late = hub.subscribe("/t/", start).await.expect("subscribe");
+        let mut keys: Vec<String> = late.past.iter().map(|c| c.key.clone()).collect();
+        while keys.len() < 8 {
+            keys.push(next_change(&mut late.rx).await.key.clone());
+        }
+        let want: Vec<String> = (0..8).map(|i| format!("/t/{i}")).collect();
+        assert_eq!(keys, want);
+    }
 }
