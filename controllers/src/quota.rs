@@ -147,6 +147,10 @@ fn slim(o: &mut DynamicObject) {
     o.metadata.labels = None;
     if let Some(m) = o.data.as_object_mut() {
         m.retain(|k, _| k == "spec");
+        // A Server's user data counts for nothing and is often its largest field.
+        if let Some(spec) = m.get_mut("spec").and_then(serde_json::Value::as_object_mut) {
+            spec.remove("userData");
+        }
     }
 }
 
@@ -160,6 +164,7 @@ pub async fn run(client: Client) {
         watcher::Config::default(),
     )
     .default_backoff()
+    .modify(|f: &mut Flavor| f.metadata.managed_fields = None)
     .reflect(flavor_writer)
     .applied_objects();
     let mut counted = Vec::new();

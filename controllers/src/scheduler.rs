@@ -550,6 +550,7 @@ pub async fn run(client: Client, weigher: Weigher) {
         .applied_objects();
     let flavor_stream = watcher(Api::<Flavor>::all(client.clone()), cfg())
         .default_backoff()
+        .modify(|f: &mut Flavor| f.metadata.managed_fields = None)
         .reflect(flavor_writer)
         .applied_objects();
     let group_stream = watcher(Api::<ServerGroup>::all(client.clone()), cfg())
