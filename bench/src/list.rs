@@ -1,6 +1,7 @@
 //! An unpaged LIST of many Flavors through the API vs raw etcd range reads of the same keys,
 //! paged as the API server pages them: time, and how much this process's resident memory
-//! grows during one LIST (the API server runs in it).
+//! grows during one LIST (the API server runs in it). And a label-selected LIST of 1% of the
+//! Flavors (answered by the watch cache) vs the unselected first page and raw etcd reads.
 
 use std::time::{Duration, Instant};
 
@@ -42,8 +43,14 @@ async fn peak_growth<T>(f: impl std::future::Future<Output = Result<T>>) -> Resu
 }
 
 /// Writes Flavors `list-{from}`… up to `to` (excluded): the template with its name and uid
-/// changed, 8 transactions at a time.
-async fn fill(etcd: &etcd_client::Client, template: &Value, from: usize, to: usize) -> Result<()> {
+/// changed (and the label `share` that `label` gives it, if any), 8 transactions at a time.
+async fn fill(
+    etcd: &etcd_client::Client,
+    template: &Value,
+    from: usize,
+    to: usize,
+    label: fn(usize) -> Option<&'static str>,
+) -> Result<()> {
     let batches: Vec<(usize, usize)> = (from..to)
         .step_by(BATCH)
         .map(|a| (a, (a + BATCH).min(to)))
@@ -58,6 +65,9 @@ async fn fill(etcd: &etcd_client::Client, template: &Value, from: usize, to: usi
                     let mut v = template.clone();
                     v["metadata"]["name"] = name(i).into();
                     v["metadata"]["uid"] = format!("00000000-0000-4000-8000-{i:012}").into();
+                    if let Some(share) = label(i) {
+                        v["metadata"]["labels"] = serde_json::json!({ "share": share });
+                    }
                     let key = flavor_key(&name(i));
                     when.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
                     then.push(TxnOp::put(key, serde_json::to_vec(&v)?, None));
@@ -145,7 +155,7 @@ pub async fn bench(sizes: &[usize], rounds: usize) -> Result<()> {
     println!("|---|---|---|---|---|---|---|---|");
     for &n in sizes {
         let started = Instant::now();
-        fill(&etcd, &template, stored, n).await?;
+        fill(&etcd, &template, stored, n, |_| None).await?;
         stored = stored.max(n);
         eprintln!("{n} Flavors in etcd ({:?} to write)", started.elapsed());
         // One of each first: connections warm. The API's is reported apart, as the growth of
@@ -183,5 +193,141 @@ pub async fn bench(sizes: &[usize], rounds: usize) -> Result<()> {
             median(api_m),
         );
     }
+    Ok(())
+}
+
+/// Which Flavors the selected LIST picks: one in a hundred.
+fn one_in_100(i: usize) -> Option<&'static str> {
+    Some(if i % 100 == 1 { "one" } else { "rest" })
+}
+
+/// A `GET` through the HTTP/2 client: the whole body.
+async fn get(s: &Stack, path: &str) -> Result<bytes::Bytes> {
+    s.h2.send(http::Method::GET, path, Vec::new()).await
+}
+
+/// The items of a list body.
+fn items(body: &[u8]) -> Result<usize> {
+    let v: Value = serde_json::from_slice(body)?;
+    Ok(v["items"].as_array().map_or(0, Vec::len))
+}
+
+/// One way of reading, timed: a label with what it reads, and what it should return.
+struct Way {
+    label: &'static str,
+    times: Vec<f64>,
+}
+
+/// A label-selected LIST matching 1% of `n` Flavors, answered by the watch cache, vs the
+/// unselected first page (`limit=500`, read from etcd) and raw etcd reads of the same keys,
+/// each `rounds` times in rotated order.
+pub async fn selected(n: usize, rounds: usize) -> Result<()> {
+    let s = crate::stack().await?;
+    let etcd = etcd_client::Client::connect([s.etcd.endpoint.as_str()], None).await?;
+    let mut kv = etcd.kv_client().max_decoding_message_size(512 << 20);
+    let template = stored_flavor(&s, &etcd, &name(0)).await?;
+    let started = Instant::now();
+    fill(&etcd, &template, 1, n, one_in_100).await?;
+    let want = (1..n).filter(|i| i % 100 == 1).count();
+    eprintln!(
+        "{n} Flavors in etcd ({:?} to write), {want} labelled share=one",
+        started.elapsed()
+    );
+    let selected = format!("{FLAVORS}?labelSelector=share%3Done");
+    let selected_page = format!("{FLAVORS}?limit=500&labelSelector=share%3Done");
+    let unselected_page = format!("{FLAVORS}?limit=500");
+
+    // The first selected LIST builds the cache of Flavors (read from etcd at one revision).
+    let rss_before = status_kib("VmRSS:");
+    let t = Instant::now();
+    let (body, grew) = peak_growth(get(&s, &selected)).await?;
+    let first = t.elapsed();
+    ensure!(items(&body)? == want, "the first selected LIST");
+    drop(body);
+    // Settled: what the cache holds stays.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held = status_kib("VmRSS:").saturating_sub(rss_before);
+
+    let mut ways = [
+        Way {
+            label: "API: labelSelector, unpaged (watch cache)",
+            times: vec![],
+        },
+        Way {
+            label: "API: labelSelector, limit=500 (watch cache)",
+            times: vec![],
+        },
+        Way {
+            label: "API: unselected page, limit=500 (etcd)",
+            times: vec![],
+        },
+        Way {
+            label: "raw etcd: the first 500 keys",
+            times: vec![],
+        },
+        Way {
+            label: "raw etcd: every key (what a selection read before the cache)",
+            times: vec![],
+        },
+    ];
+    let prefix = flavor_key("");
+    let mut end = prefix.clone().into_bytes();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    for round in 0..rounds {
+        for k in 0..ways.len() {
+            let which = (k + round) % ways.len();
+            let t = Instant::now();
+            match which {
+                0 => {
+                    let b = get(&s, &selected).await?;
+                    ways[which].times.push(t.elapsed().as_secs_f64());
+                    ensure!(items(&b)? == want, "selected LIST");
+                }
+                1 => {
+                    let b = get(&s, &selected_page).await?;
+                    ways[which].times.push(t.elapsed().as_secs_f64());
+                    ensure!(items(&b)? == want.min(500), "selected page");
+                }
+                2 => {
+                    let b = get(&s, &unselected_page).await?;
+                    ways[which].times.push(t.elapsed().as_secs_f64());
+                    ensure!(items(&b)? == 500, "unselected page");
+                }
+                3 => {
+                    let opts = GetOptions::new().with_range(end.clone()).with_limit(500);
+                    let r = kv.get(prefix.clone(), Some(opts)).await?;
+                    ways[which].times.push(t.elapsed().as_secs_f64());
+                    ensure!(r.kvs().len() == 500, "raw page");
+                }
+                _ => {
+                    let (keys, _) = raw_list(&mut kv).await?;
+                    ways[which].times.push(t.elapsed().as_secs_f64());
+                    ensure!(keys == n, "raw scan");
+                }
+            }
+        }
+    }
+    println!("| {n} Flavors, {want} selected | median ms | p.s. |");
+    println!("|---|---|---|");
+    println!(
+        "| API: the first labelSelector LIST (builds the watch cache) | {} | once |",
+        ms(first)
+    );
+    for w in ways {
+        let times = w.times.clone();
+        let max = times.iter().copied().fold(0.0, f64::max);
+        println!(
+            "| {} | {} | max {} |",
+            w.label,
+            ms(Duration::from_secs_f64(median(times))),
+            ms(Duration::from_secs_f64(max)),
+        );
+    }
+    println!(
+        "\nRSS growth that stays once the cache is built: {:.1} MiB (peak during the first selected LIST: {grew:.1} MiB)",
+        held as f64 / 1024.0
+    );
     Ok(())
 }

@@ -17,6 +17,7 @@ use stratus_e2e::Etcd;
 mod auth;
 mod boot;
 mod list;
+mod memory;
 mod sched;
 mod tcg;
 
@@ -105,6 +106,24 @@ enum What {
         /// LISTs of each kind per size (the median is reported).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+    },
+    /// A label-selected LIST matching 1% of many Flavors (answered by the watch cache) vs
+    /// the unselected first page and raw etcd reads.
+    ListSelected {
+        /// Flavors.
+        #[arg(long, default_value_t = 50000)]
+        objects: usize,
+        /// LISTs of each kind (the median is reported).
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+    },
+    /// `stratus up`'s resident memory with many objects present (a third each of Flavors,
+    /// Networks and Servers with user data), idle and with watch caches built (set
+    /// `STRATUS_BIN` to the `stratus` binary).
+    Memory {
+        /// Objects.
+        #[arg(long, default_value_t = 50000)]
+        objects: usize,
     },
     /// What authentication and authorisation cost per request.
     Auth {
@@ -947,6 +966,8 @@ async fn main() -> Result<()> {
         } => boot::bench(servers, concurrency, nodes).await,
         What::Tcg { rounds } => tcg::bench(rounds).await,
         What::List { objects, rounds } => list::bench(&objects, rounds).await,
+        What::ListSelected { objects, rounds } => list::selected(objects, rounds).await,
+        What::Memory { objects } => memory::bench(objects).await,
         What::Auth {
             requests,
             login_burst: Some(clients),
