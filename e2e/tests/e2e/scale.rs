@@ -191,5 +191,35 @@ async fn thirty_thousand_flavors_are_listed_unpaged_by_every_client() -> Result<
             .iter()
             .all(|f| f.metadata.name.as_deref() != Some("f-00042"))
     );
+
+    // Selected LISTs come from the API server's watch cache, which follows etcd: a change
+    // written straight to etcd (as another API server would write it) is in the very next
+    // selected LIST, and `resourceVersion=0` is answered from the cache whole.
+    let key = flavors_key(&name(1));
+    let stored = store.get(&key).await?.context("f-00001 is stored")?;
+    let mut relabelled = stored.value.clone();
+    relabelled["metadata"]["labels"]["tier"] = "gold".into();
+    let written = store.update(&key, &relabelled, stored.mod_revision).await?;
+    ensure!(
+        matches!(written, stratus_apiserver::storage::store::Write::Done(_)),
+        "relabel f-00001: {written:?}"
+    );
+    let selected = flavors
+        .list(&ListParams::default().labels("tier=gold"))
+        .await?;
+    assert_eq!(selected.items.len(), golds + 1);
+    assert!(
+        selected
+            .items
+            .iter()
+            .any(|f| f.metadata.name.as_deref() == Some("f-00001"))
+    );
+    let any = flavors.list(&ListParams::default().match_any()).await?;
+    assert_eq!(any.items.len(), COUNT);
     Ok(())
+}
+
+/// The etcd key of the Flavor `name`.
+fn flavors_key(name: &str) -> String {
+    format!("/stratus/compute.stratus.dev/flavors/{name}")
 }
