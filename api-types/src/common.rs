@@ -219,6 +219,16 @@ reasons! {
     ImageNotBootable,
     /// A server asks for networks this node cannot wire yet.
     NetworkingUnavailable,
+    /// Every Port a server's `spec.networks` asks for exists, with its addresses.
+    PortsAllocated,
+    /// A Port a server's `spec.networks` names does not exist.
+    PortNotFound,
+    /// A Port a server's `spec.networks` names is bound to, or owned by, another server.
+    PortInUse,
+    /// The API refused to create a server's Port (its message says why).
+    PortRefused,
+    /// A server's Port is not yet placed on its node with its addresses.
+    PortNotPlaced,
     /// A server asks for volumes this node cannot attach yet.
     VolumesUnavailable,
     /// A server asks to boot from a volume, which this node cannot do yet.

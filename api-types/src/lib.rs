@@ -9,6 +9,7 @@ pub mod image;
 pub mod network;
 pub mod object;
 pub mod placement;
+pub mod ports;
 pub mod quota;
 pub mod storage;
 pub mod validate;

@@ -4,6 +4,7 @@
 pub mod gc;
 pub mod images;
 pub mod nodes;
+pub mod ports;
 pub mod project;
 pub mod quota;
 pub mod scheduler;
@@ -175,6 +176,7 @@ async fn every_controller(
         () = project::run(client.clone()) => { stopped("project"); Ok(()) }
         () = scheduler::run(client.clone(), weigher) => { stopped("scheduler"); Ok(()) }
         () = nodes::run(client.clone()) => { stopped("node lifecycle"); Ok(()) }
+        () = ports::run(client.clone()) => { stopped("ports"); Ok(()) }
         () = images::run(client, image_dir, image_policy) => { stopped("images"); Ok(()) }
     }
 }
