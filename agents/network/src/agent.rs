@@ -354,8 +354,10 @@ pub struct Config {
     pub resync: Duration,
 }
 
-/// How long a new watch may take to list before the node is converged without it (a
-/// watch the API refuses never lists; the rest of the node must not wait on it forever).
+/// How long a watch started for a port that came while the agent ran may take to list
+/// before the node is converged without it (a watch the API refuses never lists; the rest
+/// of the node must not wait on it forever). Until the agent's first converge there is no
+/// such patience: a network already wired that the agent cannot read yet is left alone.
 const LIST_PATIENCE: Duration = Duration::from_secs(15);
 
 /// One reflector: its cache, whether it has listed, and its task (stopped when dropped).
@@ -405,9 +407,9 @@ where
         self.listed.load(Ordering::Acquire)
     }
 
-    /// Listed, or given up on.
-    fn settled(&self) -> bool {
-        self.listed() || self.started.elapsed() > LIST_PATIENCE
+    /// Listed, or (when `patient`) given up on.
+    fn settled(&self, patient: bool) -> bool {
+        self.listed() || (patient && self.started.elapsed() > LIST_PATIENCE)
     }
 
     /// Waits for the first list, saying so now and then (a watch the API refuses, or an
@@ -461,8 +463,8 @@ where
         }
     }
 
-    fn settled(&self) -> bool {
-        self.watches.values().all(Watch::settled)
+    fn settled(&self, patient: bool) -> bool {
+        self.watches.values().all(|w| w.settled(patient))
     }
 
     fn state(&self) -> Vec<Arc<K>> {
@@ -506,8 +508,8 @@ impl Caches {
     }
 
     /// Starts and stops the per-network and per-group watches for the node's ports now;
-    /// whether every one of them has listed (or been given up on).
-    fn follow(&mut self, client: &Client, node: &str, notify: &Arc<Notify>) -> bool {
+    /// whether every one of them has listed (or, when `patient`, been given up on).
+    fn follow(&mut self, client: &Client, node: &str, notify: &Arc<Notify>, patient: bool) -> bool {
         let (mut nets, mut groups) = (BTreeSet::new(), BTreeSet::new());
         for p in self.local.store.state() {
             if p.status.as_ref().and_then(|s| s.hypervisor.as_deref()) != Some(node) {
@@ -528,10 +530,10 @@ impl Caches {
         self.networks.set(client, &nets, notify);
         self.subnets.set(client, &nets, notify);
         self.groups.set(client, &groups, notify);
-        self.ports.settled()
-            && self.networks.settled()
-            && self.subnets.settled()
-            && self.groups.settled()
+        self.ports.settled(patient)
+            && self.networks.settled(patient)
+            && self.subnets.settled(patient)
+            && self.groups.settled(patient)
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -581,6 +583,7 @@ pub async fn run(client: Client, host: Host, config: Config) {
     let mut converged: Option<Desired> = None;
     let mut wired: BTreeSet<IfName> = BTreeSet::new();
     let mut first = true;
+    let mut converged_once = false;
     loop {
         if !first {
             tokio::select! {
@@ -592,10 +595,12 @@ pub async fn run(client: Client, host: Host, config: Config) {
             }
         }
         first = false;
-        if !caches.follow(&client, &node, &notify) {
-            // A network's watch has not listed yet: its absence would tear its wiring down.
+        // After a restart the node is converged only once every network's watch has listed:
+        // a network read as absent would have its wiring torn down.
+        if !caches.follow(&client, &node, &notify, converged_once) {
             continue;
         }
+        converged_once = true;
         let snap = caches.snapshot();
         let (h, cfg, s) = (host.clone(), config.node.clone(), snap.clone());
         let span = tracing::info_span!("converge", node = %node);
