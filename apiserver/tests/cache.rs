@@ -6,8 +6,14 @@
 #[path = "api/fixtures.rs"]
 mod fixtures;
 
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use serde_json::{Value, json};
 use stratus_apiserver::resource::verbs::{Params, Selectors};
+use stratus_apiserver::storage::hub::Hub;
+use stratus_apiserver::storage::store::Store;
 
 use fixtures::{Cloud, MERGE, Obj, names, rv};
 
@@ -304,4 +310,113 @@ async fn a_selected_watch_starts_from_the_cache_without_a_gap_or_a_repeat() {
             ("DELETED".to_string(), name(7))
         ]
     );
+}
+
+/// An etcd of the test's own (the `etcd` binary must be installed), ended with the test.
+struct Etcd {
+    child: Child,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+async fn etcd() -> (Etcd, Store) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let endpoint = format!("http://127.0.0.1:{}", free_port());
+    let peer = format!("http://127.0.0.1:{}", free_port());
+    let child = Command::new("etcd")
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--listen-client-urls", &endpoint])
+        .args(["--advertise-client-urls", &endpoint])
+        .args(["--listen-peer-urls", &peer])
+        .args(["--initial-advertise-peer-urls", &peer])
+        .args(["--initial-cluster", &format!("default={peer}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start etcd (is it installed?)");
+    let etcd = Etcd {
+        child,
+        endpoint,
+        _dir: dir,
+    };
+    for _ in 0..200 {
+        if let Ok(s) = Store::connect(std::slice::from_ref(&etcd.endpoint)).await
+            && s.revision().await.is_ok()
+        {
+            return (etcd, s);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("etcd did not start");
+}
+
+#[tokio::test]
+async fn on_etcd_a_quiet_type_catches_up_by_a_progress_report_not_a_timeout() {
+    let (_etcd, store) = etcd().await;
+    let obj =
+        |name: &str, tier: &str| json!({"metadata": {"name": name, "labels": {"tier": tier}}});
+    for n in ["a", "b"] {
+        store
+            .create(&format!("/t/quiet/{n}"), &obj(n, "gold"))
+            .await
+            .expect("create");
+    }
+    let hub = Arc::new(Hub::new(store.clone(), Duration::from_secs(60)));
+    let cache = hub
+        .cache("/t/quiet/", &["metadata.name".to_string()])
+        .expect("cache");
+    assert!(cache.wait(&hub, 0, Duration::from_secs(10)).await, "built");
+    // Another type changes: etcd's revision moves on, this type's watch sees nothing.
+    for i in 0..5 {
+        store
+            .create(&format!("/t/busy/{i}"), &obj("x", "none"))
+            .await
+            .expect("create");
+    }
+    let now = store.revision().await.expect("revision");
+    assert!(cache.revision().expect("ready") < now);
+    let started = Instant::now();
+    assert!(
+        cache.wait(&hub, now, Duration::from_secs(10)).await,
+        "caught up"
+    );
+    // The feed reports on its own every 60 s: only a requested report is this quick.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // And a change of the type itself is in the next consistent read.
+    let b = store.get("/t/quiet/b").await.expect("get").expect("b");
+    store
+        .update("/t/quiet/b", &obj("b", "silver"), b.mod_revision)
+        .await
+        .expect("update");
+    let now = store.revision().await.expect("revision");
+    assert!(
+        cache.wait(&hub, now, Duration::from_secs(10)).await,
+        "caught up"
+    );
+    let gold = cache
+        .page("/t/quiet/", None, 0, None, |o| {
+            o.label("tier") == Some("gold")
+        })
+        .expect("ready");
+    assert_eq!(gold.items.len(), 1);
+    assert!(gold.revision >= now);
 }
