@@ -129,6 +129,16 @@ impl From<Write> for Written {
     }
 }
 
+/// What a delete's check read: no key under `prefix` may change after `revision` before the
+/// delete is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// The key prefix.
+    pub prefix: String,
+    /// The revision it was read at.
+    pub revision: i64,
+}
+
 /// Admission for one resource type. Every method has a default that admits without a word.
 pub trait Admission: Send + Sync {
     /// The status a new object starts with; `None`: no status until its controller reports.
@@ -147,6 +157,24 @@ pub trait Admission: Send + Sync {
     /// Keys an object holds outside its own, deleted in the same transaction as the object.
     fn attached_keys(&self, _prefix: &str, _obj: &Value) -> Vec<String> {
         Vec::new()
+    }
+
+    /// Checks a delete before it begins (before the object goes, or its `deletionTimestamp`
+    /// is set); `None` when this admission does not check deletes. The answer is what the
+    /// check read and must still hold when the delete is written: prefixes under which no
+    /// key may change after the revision given, carried by the delete's transaction as
+    /// [`Guard::Unchanged`](crate::storage::store::Guard::Unchanged) (when one does change,
+    /// the delete is read and checked again).
+    ///
+    /// # Errors
+    /// The delete is refused (409 for an object still in use).
+    fn check_delete<'a>(
+        &'a self,
+        _ctx: Ctx<'a>,
+        _s: Subject<'a>,
+        _obj: &'a Value,
+    ) -> Option<BoxFuture<'a, ApiResult<Vec<Held>>>> {
+        None
     }
 
     /// Makes a create or update itself, atomically with what it checks; `None` when this

@@ -35,6 +35,12 @@
 //! A Subnet is owned (`ownerReferences`) by its Network as it is at the Subnet's create, so
 //! the garbage collector deletes it with the Network.
 //!
+//! # In use
+//! A Network or Subnet that Ports are on is not deleted (409 naming the ports), as in
+//! Neutron, unless its Project is being deleted; the delete holds the namespace's Ports as it
+//! read them, and a Port's create holds its Network and the Subnets its addresses come from,
+//! so neither slips past the other.
+//!
 //! # Quota
 //! Networks, Subnets and Ports count against quotas: their creates carry
 //! [`quota::check`]'s guards in the same transaction. An update never grows what quota counts
@@ -42,8 +48,8 @@
 //!
 //! # Not done here
 //! IPv6 subnets are refused. `status.usedIPs` and `status.availableIPs` of a Subnet are left to
-//! a controller. Deleting a Subnet or a Network does not wait for its Ports: their addresses
-//! stay claimed until each Port is deleted.
+//! a controller. A Port whose Network was deleted with its Project, or before deletes were
+//! checked, keeps its claims (under the gone Network's uid) until it is deleted.
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
@@ -53,7 +59,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 use stratus_api_types::network::{NetworkSpec, PortSpec, Segmentation, SubnetSpec};
 
-use crate::admission::{Admission, Change, Ctx, Subject, Written, quota};
+use crate::admission::{Admission, Change, Ctx, Held, Subject, Written, quota};
 use crate::base::error::{ApiError, ApiResult, Cause};
 use crate::base::meta;
 use crate::storage::keys;
@@ -156,6 +162,19 @@ impl Admission for Ipam {
             }
         }
         out
+    }
+
+    /// A Network or Subnet with Ports on it stays (409), unless its Project is being deleted.
+    fn check_delete<'a>(
+        &'a self,
+        ctx: Ctx<'a>,
+        s: Subject<'a>,
+        obj: &'a Value,
+    ) -> Option<BoxFuture<'a, ApiResult<Vec<Held>>>> {
+        match s.kind {
+            "Network" | "Subnet" => Some(Box::pin(not_in_use(ctx, s, obj))),
+            _ => None,
+        }
     }
 
     /// Creates with their claims; updates refused where they would change what was claimed.
@@ -1098,6 +1117,15 @@ async fn create_port(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> A
             .collect();
         let mut guards = create_guards(w.key, snap.parent(&w), &quota);
         guards.push(Guard::Revision(&net_key, net_rev));
+        // The subnets the addresses come from are as read (not deleted meanwhile).
+        guards.extend(
+            all.iter()
+                .filter(|(_, sn)| {
+                    annotation(&sn.value) == Some(uid)
+                        && fixed.iter().any(|(n, _)| *n == name_of(&sn.value))
+                })
+                .map(|(k, sn)| Guard::Revision(k, sn.mod_revision)),
+        );
         guards.extend(claims.iter().map(|k| Guard::Absent(k)));
         let mut puts = vec![(w.key, &obj)];
         puts.extend(claims.iter().map(|k| (k.as_str(), &holder)));
@@ -1116,6 +1144,93 @@ async fn create_port(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> A
         // count moved: read again.
     }
     Err(too_busy(&s, w.new))
+}
+
+/// Refuses the delete of a Network or Subnet that Ports are on (409 naming them), as Neutron
+/// refuses to delete a network or subnet in use: the Ports would keep addresses of what is
+/// gone. Admitted without a look: a delete in a Project being deleted (the project
+/// controller empties its namespace in no particular order), a Subnet whose Network is gone
+/// or going (the garbage collector collecting it), an object admitted before IPAM recorded
+/// its Network's uid. What was read holds until the delete is written: no Port of the
+/// namespace may change meanwhile (a Port's create, in turn, holds its Network and Subnets).
+async fn not_in_use(ctx: Ctx<'_>, s: Subject<'_>, obj: &Value) -> ApiResult<Vec<Held>> {
+    let Some(ns) = s.namespace else {
+        return Ok(Vec::new());
+    };
+    let name = name_of(obj);
+    let (uid, network) = match s.kind {
+        "Network" => (meta::meta_str(obj, "uid"), Some(name)),
+        _ => (
+            annotation(obj),
+            obj.pointer("/spec/network").and_then(Value::as_str),
+        ),
+    };
+    let (Some(uid), Some(network)) = (uid, network) else {
+        return Ok(Vec::new());
+    };
+    let project = keys::object(ctx.prefix, "identity.stratus.dev", "projects", None, ns);
+    let ports = keys::collection(ctx.prefix, GROUP, "ports", Some(ns));
+    let net_key = keys::object(ctx.prefix, GROUP, "networks", Some(ns), network);
+    let (got, revision) = ctx
+        .store
+        .read_many(&[
+            Read::Key(&project),
+            Read::Key(&net_key),
+            Read::Prefix(&ports),
+        ])
+        .await
+        .map_err(ApiError::from)?;
+    let going = |v: &Value| v.pointer("/metadata/deletionTimestamp").is_some();
+    if got[0].first().is_none_or(|(_, p)| going(&p.value)) {
+        return Ok(Vec::new());
+    }
+    if s.kind == "Subnet"
+        && got[1]
+            .first()
+            .is_none_or(|(_, n)| going(&n.value) || meta::meta_str(&n.value, "uid") != Some(uid))
+    {
+        return Ok(Vec::new());
+    }
+    let on_it = |p: &Value| {
+        annotation(p) == Some(uid)
+            && match s.kind {
+                "Network" => p.pointer("/spec/network").and_then(Value::as_str) == Some(name),
+                _ => p
+                    .pointer("/status/fixedIPs")
+                    .and_then(Value::as_array)
+                    .is_some_and(|f| {
+                        f.iter()
+                            .any(|f| f.get("subnet").and_then(Value::as_str) == Some(name))
+                    }),
+            }
+    };
+    let users: Vec<&str> = got[2]
+        .iter()
+        .map(|(_, p)| &p.value)
+        .filter(|p| on_it(p))
+        .map(name_of)
+        .collect();
+    if users.is_empty() {
+        return Ok(vec![Held {
+            prefix: ports,
+            revision,
+        }]);
+    }
+    let shown = users.iter().take(5).copied().collect::<Vec<_>>().join(", ");
+    let more = match users.len() {
+        n if n > 5 => format!(" and {} more", n - 5),
+        _ => String::new(),
+    };
+    Err(ApiError::conflict(
+        s.group,
+        s.plural,
+        name,
+        format!(
+            "{} {name:?} is in use by {} port(s) ({shown}{more}); delete them first",
+            s.kind.to_ascii_lowercase(),
+            users.len()
+        ),
+    ))
 }
 
 /// The addresses a Port asks for, against the Subnets of its Network (`on_network`) and of

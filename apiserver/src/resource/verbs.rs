@@ -9,7 +9,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 
 use crate::admission::binding::{self, PlacementLocks};
-use crate::admission::{Change, Ctx, Subject, Written};
+use crate::admission::{Change, Ctx, Held, Subject, Written};
 use crate::base::body;
 use crate::base::encoded;
 use crate::base::error::{ApiError, ApiResult, Cause};
@@ -22,7 +22,7 @@ use crate::resource::selector::{FieldSelector, LabelSelector};
 use crate::resource::table::{self, Rendering};
 use crate::storage::cache::{Object, Page};
 use crate::storage::kv::KeyValue;
-use crate::storage::store::{Store, StoreError, Stored, Write};
+use crate::storage::store::{Guard, Store, StoreError, Stored, Write};
 
 /// How many times a patch or delete is retried when a concurrent writer got there first.
 const WRITE_RETRIES: usize = 8;
@@ -310,6 +310,46 @@ impl Api {
             .iter()
             .flat_map(|a| a.attached_keys(&self.prefix, obj))
             .collect()
+    }
+
+    /// What the type's admissions hold a delete of `obj` to (see
+    /// [`Admission::check_delete`](crate::admission::Admission::check_delete)).
+    async fn delete_held(&self, t: &Target, obj: &Value) -> ApiResult<Vec<Held>> {
+        let mut held = Vec::new();
+        for a in t.rt.admission() {
+            if let Some(check) = a.check_delete(self.ctx(), t.subject(), obj) {
+                held.extend(check.await?);
+            }
+        }
+        Ok(held)
+    }
+
+    /// Writes a delete (`put`: the object with its `deletionTimestamp`; `None`: the object
+    /// and `attached` go) of the object at `key` as read at `rev`, with nothing under what
+    /// its checks read (`held`) changed since.
+    async fn write_delete(
+        &self,
+        key: &str,
+        rev: i64,
+        put: Option<&Value>,
+        attached: &[String],
+        held: &[Held],
+    ) -> ApiResult<Write> {
+        let mut guards = vec![Guard::Revision(key, rev)];
+        guards.extend(held.iter().map(|h| Guard::Unchanged(&h.prefix, h.revision)));
+        let puts: Vec<(&str, &Value)> = put.map(|v| (key, v)).into_iter().collect();
+        let deletes: Vec<&str> = match put {
+            Some(_) => Vec::new(),
+            None => std::iter::once(key)
+                .chain(attached.iter().map(String::as_str))
+                .collect(),
+        };
+        let done = self
+            .store
+            .write_many(&guards, &puts, &deletes)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(done.map_or(Write::Conflict(0), Write::Done))
     }
 
     /// `POST servers/{name}/binding`: see [`binding::bind`].
@@ -1401,6 +1441,16 @@ impl Api {
                     ),
                 ));
             }
+            // What admission checks when a delete begins (an object in use stays).
+            let held = if current
+                .value
+                .pointer("/metadata/deletionTimestamp")
+                .is_none()
+            {
+                self.delete_held(t, &current.value).await?
+            } else {
+                Vec::new()
+            };
             let mut finalizers = meta::finalizers(&current.value);
             if let Some(f) = extra_finalizer
                 && !finalizers.iter().any(|x| x == f)
@@ -1416,16 +1466,17 @@ impl Api {
                         Vec::new(),
                     ));
                 }
-                match self
-                    .store
-                    .delete(
-                        &key,
-                        current.mod_revision,
-                        &self.attached_keys(&t.rt, &current.value),
-                    )
-                    .await
-                    .map_err(ApiError::from)?
-                {
+                let attached = self.attached_keys(&t.rt, &current.value);
+                let written = if held.is_empty() {
+                    self.store
+                        .delete(&key, current.mod_revision, &attached)
+                        .await
+                        .map_err(ApiError::from)?
+                } else {
+                    self.write_delete(&key, current.mod_revision, None, &attached, &held)
+                        .await?
+                };
+                match written {
                     Write::Done(rev) => {
                         return Ok(Outcome::json(200, with_rv(current.value, rev), Vec::new()));
                     }
@@ -1452,12 +1503,16 @@ impl Api {
                     Vec::new(),
                 ));
             }
-            match self
-                .store
-                .update(&key, &obj, current.mod_revision)
-                .await
-                .map_err(ApiError::from)?
-            {
+            let written = if held.is_empty() {
+                self.store
+                    .update(&key, &obj, current.mod_revision)
+                    .await
+                    .map_err(ApiError::from)?
+            } else {
+                self.write_delete(&key, current.mod_revision, Some(&obj), &[], &held)
+                    .await?
+            };
+            match written {
                 Write::Done(rev) => {
                     return Ok(Outcome::json(202, with_rv(obj, rev), Vec::new()));
                 }

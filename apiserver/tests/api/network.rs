@@ -488,9 +488,28 @@ async fn no_port_takes_its_subnets_gateway_network_or_broadcast_address() {
         .await
         .expect("q");
     assert_eq!(ips(&q), ["10.0.0.9"]);
-    c.delete("Subnet", Some("demo"), "s", "")
+    // As a subnet deleted before deletes were checked for ports on it (or with its project)
+    // leaves them.
+    let key = keys::object(
+        "/registry",
+        "network.stratus.dev",
+        "subnets",
+        Some("demo"),
+        "s",
+    );
+    let at = c
+        .api
+        .store
+        .get(&key)
         .await
-        .expect("delete s");
+        .expect("get")
+        .expect("s")
+        .mod_revision;
+    c.api
+        .store
+        .delete(&key, at, &[])
+        .await
+        .expect("delete s from under its port");
     let mut again = subnet("s2", "n", "10.0.0.0/24");
     again.0["spec"]["gatewayIP"] = json!("10.0.0.9");
     let e = refused(c.create(&again).await);
@@ -652,6 +671,11 @@ async fn a_network_made_again_under_the_same_name_inherits_no_claim() {
         .await
         .expect("p");
     assert_eq!(ips(&p), ["10.0.0.5"]);
+    let e = refused(c.delete("Network", Some("demo"), "n", "").await);
+    assert_eq!(e.code, 409, "a port is on it: {}", e.message);
+    c.delete("Port", Some("demo"), "p", "")
+        .await
+        .expect("delete p");
     c.delete("Network", Some("demo"), "n", "")
         .await
         .expect("delete n");
@@ -721,4 +745,110 @@ async fn a_quota_that_does_not_limit_ports_does_not_serialise_their_creates() {
     let refused: Vec<&ApiError> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(refused.is_empty(), "{refused:?}");
     assert_eq!(claimed(&c, &uid(&n)).await, 100);
+}
+
+#[tokio::test]
+async fn a_network_or_subnet_with_ports_on_it_stays_until_they_go() {
+    let (c, n) = with_subnet().await;
+    c.create(&subnet("s2", "n", "10.0.1.0/24"))
+        .await
+        .expect("s2");
+    c.create(&subnet("idle", "n", "10.0.2.0/24"))
+        .await
+        .expect("idle");
+    c.create(&port("p", "n").spec("fixedIPs", json!([{"subnet": "s"}])))
+        .await
+        .expect("p");
+    c.create(&port("q", "n").spec("fixedIPs", json!([{"subnet": "s2"}])))
+        .await
+        .expect("q");
+    for (kind, name, users) in [
+        ("Subnet", "s", "(p)"),
+        ("Subnet", "s2", "(q)"),
+        ("Network", "n", "(p, q)"),
+    ] {
+        let before = c.revision().await;
+        let e = refused(c.delete(kind, Some("demo"), name, "").await);
+        assert_eq!(e.code, 409, "{kind} {name}: {}", e.message);
+
+        assert!(e.message.contains(users), "{}", e.message);
+        assert_eq!(c.revision().await, before, "{kind} {name}: nothing written");
+        c.get(kind, Some("demo"), name).await.expect("still there");
+    }
+    c.delete("Subnet", Some("demo"), "idle", "")
+        .await
+        .expect("a subnet no port is on goes");
+    c.delete("Port", Some("demo"), "q", "")
+        .await
+        .expect("q goes");
+    c.delete("Subnet", Some("demo"), "s2", "")
+        .await
+        .expect("s2 goes once its port has");
+    let e = refused(c.delete("Network", Some("demo"), "n", "").await);
+    assert!(e.code == 409 && e.message.contains("(p)"), "{}", e.message);
+    c.delete("Port", Some("demo"), "p", "")
+        .await
+        .expect("p goes");
+    c.delete("Network", Some("demo"), "n", "")
+        .await
+        .expect("the network goes once its ports have");
+    assert_eq!(claimed(&c, &uid(&n)).await, 0);
+}
+
+#[tokio::test]
+async fn a_projects_deletion_takes_its_networks_with_ports_on_them() {
+    let (c, _) = with_subnet().await;
+    c.create(&port("p", "n")).await.expect("p");
+    // The project controller's finalizer holds the Project while its namespace empties.
+    c.patch(
+        &c.target("Project", None, Some("demo")),
+        MERGE,
+        &json!({"metadata": {"finalizers": ["identity.stratus.dev/project-cleanup"]}}),
+        "",
+    )
+    .await
+    .expect("finalizer");
+    let (code, _) = c
+        .delete("Project", None, "demo", "")
+        .await
+        .expect("delete the project");
+    assert_eq!(code, 202, "held by its finalizer");
+    c.delete("Network", Some("demo"), "n", "")
+        .await
+        .expect("a network goes with its project, ports or not");
+    c.delete("Subnet", Some("demo"), "s", "")
+        .await
+        .expect("and its subnet");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_created_as_its_network_is_deleted_never_outlives_it() {
+    let c = Cloud::with_demo().await;
+    for i in 0..200 {
+        let net = format!("n{i}");
+        c.create(&network(&net)).await.expect("network");
+        c.create(&subnet(&format!("s{i}"), &net, "10.0.0.0/24"))
+            .await
+            .expect("subnet");
+        let (a, b) = (Cloud { api: c.api.clone() }, Cloud { api: c.api.clone() });
+        let p = port(&format!("p{i}"), &net);
+        let created = tokio::spawn(async move { a.create(&p).await.is_ok() });
+        let gone = net.clone();
+        let deleted = tokio::spawn(async move {
+            b.delete("Network", Some("demo"), &gone, "")
+                .await
+                .map_err(|e| (e.code, e.message))
+        });
+        let (created, deleted) = (
+            created.await.expect("create"),
+            deleted.await.expect("delete"),
+        );
+        assert!(
+            !(created && deleted.is_ok()),
+            "round {i}: a port was created on a network deleted at once"
+        );
+        if let Err((code, message)) = &deleted {
+            assert_eq!(*code, 409, "{message}");
+        }
+    }
 }

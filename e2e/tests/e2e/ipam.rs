@@ -396,7 +396,7 @@ async fn bad_networking_input_is_refused_naming_the_field_and_writes_nothing() -
 }
 
 #[test]
-fn a_deleted_networks_vni_goes_at_once_its_subnets_with_it_and_a_ports_claims_with_the_port()
+fn a_network_with_a_port_stays_and_once_the_port_goes_its_vni_goes_at_once_and_its_subnet_with_it()
 -> Result<()> {
     let cloud = Cloud::up()?;
     cloud.projects(&["demo"])?;
@@ -428,6 +428,15 @@ fn a_deleted_networks_vni_goes_at_once_its_subnets_with_it_and_a_ports_claims_wi
         "the VNI; the subnet's gateway; the port's address and MAC"
     );
 
+    let refused = cloud.kubectl(&["-n", "demo", "delete", "network", "blue"])?;
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("in use by 1 port(s) (p)"),
+        "{err}"
+    );
+    assert_eq!(keys(&vni_key)?, 1, "the network stays");
+    cloud.kubectl_ok(&["-n", "demo", "delete", "port", "p"])?;
+    assert_eq!(keys(&claims)?, 1, "the port's claims go in its delete");
     cloud.kubectl_ok(&["-n", "demo", "delete", "network", "blue"])?;
     assert_eq!(keys(&vni_key)?, 0, "the VNI goes in the network's delete");
     wait_until(
@@ -440,10 +449,48 @@ fn a_deleted_networks_vni_goes_at_once_its_subnets_with_it_and_a_ports_claims_wi
                 .filter(|o| o.trim().is_empty())
         },
     )?;
-    // A port outlives its network (nothing deletes it for the user) and holds its claims
-    // until it goes; the subnet's gateway went with the subnet.
-    assert_eq!(keys(&claims)?, 2);
-    cloud.kubectl_ok(&["-n", "demo", "delete", "port", "p"])?;
-    assert_eq!(keys(&claims)?, 0, "the port's claims go in its delete");
+    assert_eq!(
+        keys(&claims)?,
+        0,
+        "the subnet's gateway went with the subnet"
+    );
+
+    // A project being deleted takes its networks with their ports, in whatever order.
+    cloud.projects(&["other"])?;
+    wait_until(
+        Duration::from_secs(30),
+        "the project's cleanup finalizer",
+        || {
+            cloud
+                .kubectl_ok(&[
+                    "get",
+                    "project",
+                    "other",
+                    "-o",
+                    "jsonpath={.metadata.finalizers}",
+                ])
+                .ok()
+                .filter(|f| f.contains("project-cleanup"))
+        },
+    )?;
+    cloud.kubectl_in(&["-n", "other", "create", "-f", "-"], yaml)?;
+    let uid = cloud.kubectl_ok(&[
+        "-n",
+        "other",
+        "get",
+        "network",
+        "blue",
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ])?;
+    let claims = format!("{PREFIX}/_claims/network/{}/", uid.trim());
+    assert_eq!(keys(&claims)?, 3, "the gateway; the port's address and MAC");
+    cloud.kubectl_ok(&["delete", "project", "other", "--wait=false"])?;
+    wait_until(Duration::from_secs(60), "the project to go", || {
+        let out = cloud.kubectl(&["get", "project", "other"]).ok()?;
+        (!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not found"))
+            .then_some(())
+    })?;
+    assert_eq!(keys(&claims)?, 0, "no claim outlives the project");
     Ok(())
 }
