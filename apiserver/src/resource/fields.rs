@@ -7,6 +7,7 @@
 //! owners, and the items of a `set` by their value (`v:"a"`). Two managers can so each own
 //! one condition of the same `status.conditions`.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
 
@@ -279,19 +280,24 @@ fn remove_all(v: &mut Value, shape: Shape<'_>, paths: &BTreeSet<Path>) {
 }
 
 /// The paths of `set` that are `p` or lie within it: one range of the sorted set.
-fn within<'s>(set: &'s BTreeSet<Path>, p: &'s [String]) -> impl Iterator<Item = &'s Path> + 's {
+fn within<'s, T: Borrow<[String]> + Ord>(
+    set: &'s BTreeSet<T>,
+    p: &'s [String],
+) -> impl Iterator<Item = &'s [String]> + 's {
     set.range::<[String], _>((Bound::Included(p), Bound::Unbounded))
-        .take_while(move |q| q.starts_with(p))
+        .map(Borrow::borrow)
+        .take_while(move |q: &&[String]| q.starts_with(p))
 }
 
-/// The proper prefixes of `p` in `set` that hold `p` whole (not an item's presence).
-fn holders<'s>(
-    set: &'s BTreeSet<Path>,
+/// The paths of `set` that are proper prefixes of `p` and hold it whole (not an item's
+/// presence).
+fn holders<'s, T: Borrow<[String]> + Ord>(
+    set: &'s BTreeSet<T>,
     p: &'s [String],
 ) -> impl Iterator<Item = &'s [String]> + 's {
     (1..p.len())
-        .map(move |n| &p[..n])
-        .filter(move |q| !ends_in_item(q) && set.contains(*q))
+        .filter(move |n| !ends_in_item(&p[..*n]))
+        .filter_map(move |n| set.get(&p[..n]).map(Borrow::borrow))
 }
 
 /// The schema shape at `path`.
@@ -458,22 +464,25 @@ fn store_entries(obj: &mut Value, list: Vec<Entry>) {
     }
 }
 
-/// Whether owning one of `a` and `b` and changing the other touch the same value: they are
-/// the same field, or one lies within the other. An item's presence does not hold the item's
-/// fields: who owns `conditions[type="Ready"]` does not own its `status`.
-/// The paths of `set` that overlap `p`, found by range and prefix lookups rather than a
-/// scan of the set.
-fn overlapping<'s>(set: &'s BTreeSet<Path>, p: &'s [String]) -> Vec<&'s [String]> {
+/// The paths of `set` that overlap `p`, found by range and prefix lookups rather than a scan
+/// of the set. Owning one of two paths and changing the other touch the same value when they
+/// are the same field or one lies within the other; an item's presence does not hold the
+/// item's fields: who owns `conditions[type="Ready"]` does not own its `status`.
+fn overlapping<'s, T: Borrow<[String]> + Ord>(
+    set: &'s BTreeSet<T>,
+    p: &'s [String],
+) -> Vec<&'s [String]> {
     let mut out: Vec<&[String]> = holders(set, p).collect();
     if ends_in_item(p) {
-        out.extend(set.get(p).map(Vec::as_slice));
+        out.extend(set.get(p).map(Borrow::borrow));
     } else {
-        out.extend(within(set, p).map(Vec::as_slice));
+        out.extend(within(set, p));
     }
     out
 }
 
-fn overlaps_any(set: &BTreeSet<Path>, p: &[String]) -> bool {
+/// Whether a path of `set` overlaps `p` (see [`overlapping`]).
+fn overlaps_any<T: Borrow<[String]> + Ord>(set: &BTreeSet<T>, p: &[String]) -> bool {
     holders(set, p).next().is_some()
         || if ends_in_item(p) {
             set.contains(p)
@@ -482,19 +491,9 @@ fn overlaps_any(set: &BTreeSet<Path>, p: &[String]) -> bool {
         }
 }
 
-fn drop_overlapping(set: &mut BTreeSet<Path>, p: &[String]) {
-    let gone: Vec<Path> = overlapping(set, p)
-        .into_iter()
-        .map(<[String]>::to_vec)
-        .collect();
-    for q in gone {
-        set.remove(&q);
-    }
-}
-
 /// Whether a path of `set`, owned by another manager, keeps `p` from being removed: it is `p`
 /// or lies within it (an item stays while anyone owns a field of it), or it holds `p` whole.
-fn keeps(set: &BTreeSet<Path>, p: &[String]) -> bool {
+fn keeps<T: Borrow<[String]> + Ord>(set: &BTreeSet<T>, p: &[String]) -> bool {
     within(set, p).next().is_some() || holders(set, p).next().is_some()
 }
 
@@ -554,16 +553,16 @@ pub fn record_update(
         .filter(|p| old_index.as_ref().is_none_or(|o| changed(o, &new_index, p)))
         .cloned()
         .collect();
+    // Each owned field is checked against the changed ones (and not each changed field
+    // against each manager's), so the work follows the size of managedFields however many
+    // entries it holds.
+    let changed_set: BTreeSet<&[String]> = changed.iter().map(Vec::as_slice).collect();
     for e in &mut list {
-        e.fields.retain(|p| new_index.get(p).is_some());
-        if !(e.manager == manager
+        let others = !(e.manager == manager
             && e.operation == "Update"
-            && e.subresource.as_deref() == subresource)
-        {
-            for p in &changed {
-                drop_overlapping(&mut e.fields, p);
-            }
-        }
+            && e.subresource.as_deref() == subresource);
+        e.fields
+            .retain(|q| new_index.get(q).is_some() && !(others && overlaps_any(&changed_set, q)));
     }
     if !changed.is_empty() {
         let idx = list.iter().position(|e| {
@@ -712,25 +711,36 @@ pub fn apply(
 
     let live_index = Index::new(live, shape);
     let applied_index = Index::new(applied, shape);
-    let mut conflicts = Vec::new();
-    for p in &applied_set {
-        // Applying an item that is there already changes only its fields (checked each).
-        if ends_in_item(p) {
-            continue;
+    // The applied fields that change what is there. An item that is there already changes
+    // only by its fields (checked each).
+    let changing: BTreeSet<&[String]> = applied_set
+        .iter()
+        .filter(|p| !ends_in_item(p))
+        .filter(|p| {
+            let (Some(now), Some(want)) = (live_index.get(p), applied_index.get(p)) else {
+                return false;
+            };
+            now != want && !merges_unchanged(now, want, shape_at(shape, p))
+        })
+        .map(Vec::as_slice)
+        .collect();
+    // Each other manager's field against the changing ones: the work follows the size of
+    // managedFields however many entries it holds. A conflict is (field, entry), in the
+    // field's order and then the entries'.
+    let mut clashes: BTreeSet<(&[String], usize)> = BTreeSet::new();
+    for (i, e) in list.iter().enumerate().filter(|(_, e)| !mine(e)) {
+        for q in &e.fields {
+            clashes.extend(overlapping(&changing, q).into_iter().map(|p| (p, i)));
         }
-        let (Some(now), Some(want)) = (live_index.get(p), applied_index.get(p)) else {
-            continue;
-        };
-        if now == want || merges_unchanged(now, want, shape_at(shape, p)) {
-            continue;
-        }
-        for e in list.iter_mut().filter(|e| !mine(e)) {
-            if overlaps_any(&e.fields, p) {
-                if force {
-                    drop_overlapping(&mut e.fields, p);
-                } else {
+    }
+    if !clashes.is_empty() {
+        if !force {
+            return Err(clashes
+                .into_iter()
+                .map(|(p, i)| {
+                    let e = &list[i];
                     let field = render(p);
-                    conflicts.push(Cause {
+                    Cause {
                         reason: "FieldManagerConflict".into(),
                         message: format!(
                             "conflict with \"{}\"{}: {field}",
@@ -742,28 +752,28 @@ pub fn apply(
                             }
                         ),
                         field,
-                    });
-                }
-            }
+                    }
+                })
+                .collect());
         }
-    }
-    if !conflicts.is_empty() {
-        return Err(conflicts);
+        let taken: BTreeSet<usize> = clashes.iter().map(|(_, i)| *i).collect();
+        for i in taken {
+            list[i].fields.retain(|q| !overlaps_any(&changing, q));
+        }
     }
 
     let mut out = live.clone();
     if let Some(m) = out.get_mut("metadata").and_then(Value::as_object_mut) {
         m.remove("managedFields");
     }
+    let others: BTreeSet<&[String]> = list
+        .iter()
+        .filter(|e| !mine(e))
+        .flat_map(|e| e.fields.iter().map(Vec::as_slice))
+        .collect();
     let gone: BTreeSet<Path> = previous
         .difference(&applied_set)
-        .filter(|p| {
-            !is_key_field(p)
-                && !list
-                    .iter()
-                    .filter(|e| !mine(e))
-                    .any(|e| keeps(&e.fields, p))
-        })
+        .filter(|p| !is_key_field(p) && !keeps(&others, p))
         .cloned()
         .collect();
     remove_all(&mut out, shape, &gone);
@@ -1137,6 +1147,60 @@ mod tests {
         let elapsed = started.elapsed();
         assert!(
             elapsed < std::time::Duration::from_secs(10),
+            "took {elapsed:?}"
+        );
+    }
+
+    /// Thousands of managers cost no pass over every manager for each changed field: an update
+    /// and a forced apply changing 4,000 labels, each owned by a manager of its own, take
+    /// every label from its owner.
+    #[test]
+    fn thousands_of_managers_are_checked_field_by_field() {
+        const N: usize = 4_000;
+        let started = std::time::Instant::now();
+        let labelled = |value: &str| -> Value {
+            let labels: Map<String, Value> =
+                (0..N).map(|i| (format!("l{i}"), json!(value))).collect();
+            let managed: Vec<Value> = (0..N)
+                .map(|i| {
+                    let mut label = Map::new();
+                    label.insert(format!("f:l{i}"), json!({}));
+                    entry_json(
+                        format!("m{i}"),
+                        "Update".into(),
+                        "v1".into(),
+                        "2026-01-01T00:00:00Z".into(),
+                        None,
+                        json!({"f:metadata": {"f:labels": label}}),
+                    )
+                })
+                .collect();
+            json!({"apiVersion": "v1", "kind": "K",
+                   "metadata": {"name": "o", "labels": labels, "managedFields": managed}})
+        };
+        let old = labelled("a");
+        let mut new = labelled("b");
+        record_update(&mut new, Some(&old), "x", "v1", None, Shape::unknown());
+        let after = entries(&new);
+        assert_eq!(after.len(), 1, "every other manager lost its only field");
+        assert_eq!((after[0].manager.as_str(), after[0].fields.len()), ("x", N));
+
+        let mut applied = labelled("c");
+        applied["metadata"]
+            .as_object_mut()
+            .expect("metadata")
+            .remove("managedFields");
+        let conflict = apply(&old, &applied, "y", "v1", false, None, Shape::unknown())
+            .expect_err("each label is another's");
+        assert_eq!(conflict.len(), N);
+        assert_eq!(conflict[0].field, ".metadata.labels.l0");
+        let took = apply(&old, &applied, "y", "v1", true, None, Shape::unknown()).expect("forced");
+        let after = entries(&took);
+        assert_eq!(after.len(), 1);
+        assert_eq!((after[0].manager.as_str(), after[0].fields.len()), ("y", N));
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < std::time::Duration::from_secs(5),
             "took {elapsed:?}"
         );
     }
