@@ -170,6 +170,7 @@ async fn reference(dir: &std::path::Path, n: usize, c: usize) -> Result<(f64, Ve
                         backing: None,
                     }],
                     console_log: dir.join(format!("{i}.log")),
+                    interfaces: Vec::new(),
                     owner: Owner {
                         namespace: "ref".into(),
                         name: format!("ref-{i}"),

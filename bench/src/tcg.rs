@@ -120,6 +120,7 @@ fn virsh_once(guest: &Guest, node: &Node, round: usize) -> Result<Duration> {
             },
         ],
         console_log: d.join("console.log"),
+        interfaces: Vec::new(),
         owner: Owner {
             namespace: "ref".into(),
             name: "ref".into(),

@@ -20,7 +20,9 @@ use stratus_api_types::compute::{
     ServerStatus,
 };
 use stratus_api_types::image::{DiskFormat as ImageFormat, Image, Visibility};
+use stratus_api_types::network::{Network, Port, Subnet};
 use stratus_api_types::placement;
+use stratus_api_types::ports::server_port_names;
 use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
 
@@ -28,7 +30,7 @@ use super::Config;
 use super::driver::disk;
 use super::driver::{
     Backing, ConfigDrive, DiskFormat, DiskSpec, Disks, DomainDriver, DomainInfo, DomainSpec,
-    DomainState, DriverError, KernelBoot, Owner,
+    DomainState, DriverError, InterfaceSpec, KernelBoot, Owner,
 };
 use stratus_image_cache::{Format, ImageCache, ImageError, Request};
 
@@ -311,6 +313,9 @@ async fn find_image(client: &Client, ns: &str, name: &str) -> Result<Image, NotB
 enum NotBuilt {
     /// What the Server asks for cannot be built until something changes: reported in status.
     Blocked(Blocked),
+    /// Something the guest needs is on its way (its Ports being placed on this node): the
+    /// server stays Building and says what it waits for.
+    Waiting(Blocked),
     /// A failure to retry.
     Failed(ServerError),
 }
@@ -401,6 +406,137 @@ struct DriveData {
     hostname: String,
     keys: Vec<String>,
     user_data: Option<Vec<u8>>,
+    /// cloud-init `network-config` for the guest's interfaces; `None` without any.
+    network: Option<serde_json::Value>,
+}
+
+/// How long a server whose Ports are not placed yet waits before looking again (a change to
+/// one of its Ports placed here triggers a look at once).
+const PORT_WAIT: Duration = Duration::from_secs(5);
+
+/// One Port of a Server, as the guest gets it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nic {
+    /// The interface the hypervisor makes.
+    pub interface: InterfaceSpec,
+    /// Its IPv4 addresses with their prefix lengths (`10.0.0.5/24`), and their gateways.
+    pub addresses: Vec<(String, Option<String>)>,
+}
+
+/// Whether `port` is ready to be plugged into `server`'s guest on `node`: its addresses
+/// allocated, and it placed on this node, bound to this server, with its tap device named.
+/// `Err` says what it waits for.
+pub fn port_ready(port: &Port, server: &str, node: &str) -> Result<(String, String), String> {
+    let name = port.name_any();
+    let st = port.status.clone().unwrap_or_default();
+    let Some(mac) = st.mac_address else {
+        return Err(format!("port \"{name}\" has no MAC address yet"));
+    };
+    if st.bound_to.as_deref() != Some(server) {
+        return Err(format!("port \"{name}\" is not bound to this server yet"));
+    }
+    if st.hypervisor.as_deref() != Some(node) {
+        return Err(format!("port \"{name}\" is not placed on node {node} yet"));
+    }
+    let Some(tap) = st.interface_name else {
+        return Err(format!("port \"{name}\" has no interface name yet"));
+    };
+    Ok((mac, tap))
+}
+
+/// cloud-init `network-config` (version 2) for `nics`: each interface matched by its MAC and
+/// named `eth<i>` in guest order, with its static addresses (the ones IPAM gave its Port), the
+/// first gateway as the default route, and DHCP when no address is known.
+pub fn network_config(nics: &[Nic]) -> serde_json::Value {
+    let mut ethernets = serde_json::Map::new();
+    let mut routed = false;
+    for (i, nic) in nics.iter().enumerate() {
+        let mut eth = serde_json::json!({
+            "match": {"macaddress": nic.interface.mac},
+            "set-name": format!("eth{i}"),
+        });
+        if nic.addresses.is_empty() {
+            eth["dhcp4"] = true.into();
+        } else {
+            eth["dhcp4"] = false.into();
+            let addrs: Vec<&str> = nic.addresses.iter().map(|(a, _)| a.as_str()).collect();
+            eth["addresses"] = addrs.into();
+            if !routed && let Some(gw) = nic.addresses.iter().find_map(|(_, g)| g.clone()) {
+                eth["routes"] = serde_json::json!([{"to": "0.0.0.0/0", "via": gw}]);
+                routed = true;
+            }
+        }
+        if let Some(mtu) = nic.interface.mtu {
+            eth["mtu"] = mtu.into();
+        }
+        ethernets.insert(format!("eth{i}"), eth);
+    }
+    serde_json::json!({"version": 2, "ethernets": ethernets})
+}
+
+/// Reads an object a node may read only once it is related to the node (a Port placed here,
+/// its Network and Subnets): a refusal means "not yet", as absence does.
+async fn get_related<K>(api: &Api<K>, name: &str) -> Result<Option<K>, ServerError>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.get_opt(name).await {
+        Ok(o) => Ok(o),
+        Err(kube::Error::Api(e)) if e.code == 403 => Ok(None),
+        Err(e) => Err(ServerError::Api(e)),
+    }
+}
+
+/// The interfaces of `server`'s guest, one per Port in guest order, once every Port is placed
+/// on this node ([`NotBuilt::Waiting`] naming the first that is not).
+async fn nics(ctx: &Ctx, server: &Server, ns: &str) -> Result<Vec<Nic>, NotBuilt> {
+    let ports = Api::<Port>::namespaced(ctx.client.clone(), ns);
+    let networks = Api::<Network>::namespaced(ctx.client.clone(), ns);
+    let subnets = Api::<Subnet>::namespaced(ctx.client.clone(), ns);
+    let node = ctx.config.node.as_str();
+    let server_name = server.name_any();
+    let mut out = Vec::new();
+    for name in server_port_names(server) {
+        let waiting = |message: String| {
+            NotBuilt::Waiting(Blocked {
+                reason: Reason::PortNotPlaced,
+                message,
+            })
+        };
+        let Some(port) = get_related(&ports, &name).await? else {
+            return Err(waiting(format!(
+                "waiting for port \"{name}\" to be placed on node {node}"
+            )));
+        };
+        let (mac, tap) = port_ready(&port, &server_name, node).map_err(waiting)?;
+        let mtu = get_related(&networks, &port.spec.network)
+            .await?
+            .map(|n| n.spec.mtu);
+        let mut addresses = Vec::new();
+        for ip in port.status.iter().flat_map(|s| s.fixed_ips.iter()) {
+            if ip.ip_address.contains(':') {
+                continue;
+            }
+            let Some(subnet) = get_related(&subnets, &ip.subnet).await? else {
+                continue;
+            };
+            let Some((_, len)) = subnet.spec.cidr.split_once('/') else {
+                continue;
+            };
+            let gateway = subnet
+                .status
+                .as_ref()
+                .and_then(|s| s.gateway_ip.clone())
+                .or(subnet.spec.gateway_ip.clone())
+                .filter(|_| !subnet.spec.disable_gateway);
+            addresses.push((format!("{}/{len}", ip.ip_address), gateway));
+        }
+        out.push(Nic {
+            interface: InterfaceSpec { mac, tap, mtu },
+            addresses,
+        });
+    }
+    Ok(out)
 }
 
 async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
@@ -416,14 +552,9 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
             message: format!("flavor \"{}\" not found", server.spec.flavor),
         }));
     };
-    if !server.spec.networks.is_empty() {
-        // Building the guest without the NICs it asks for would report a server that is not
-        // what the user applied.
-        return Err(NotBuilt::Blocked(Blocked {
-            reason: Reason::NetworkingUnavailable,
-            message: "this server asks for networks; tenant networking (the network agent) is not available yet".into(),
-        }));
-    }
+    // The guest is built with every interface it asks for, or not at all: one without them
+    // would not be the server the user applied.
+    let nics = nics(ctx, server, &ns).await?;
     if !server.spec.volumes.is_empty() {
         return Err(NotBuilt::Blocked(Blocked {
             reason: Reason::VolumesUnavailable,
@@ -552,6 +683,7 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
                 },
             ],
             console_log: dir.join("console.log"),
+            interfaces: nics.iter().map(|n| n.interface.clone()).collect(),
             owner: Owner {
                 namespace: ns,
                 name,
@@ -565,6 +697,7 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
             hostname,
             keys,
             user_data,
+            network: (!nics.is_empty()).then(|| network_config(&nics)),
         },
     })
 }
@@ -589,7 +722,7 @@ async fn build(ctx: &Ctx, plan: Plan, fresh_root: bool) -> Result<(), ServerErro
                 hostname: &plan.drive.hostname,
                 public_keys: &plan.drive.keys,
                 user_data: plan.drive.user_data.as_deref(),
-                network_config: None,
+                network_config: plan.drive.network.as_ref(),
             },
         )?;
         driver.define(&plan.domain)?;
@@ -790,6 +923,7 @@ async fn make(
     let plan = match resolve(ctx, server).await {
         Ok(p) => p,
         Err(NotBuilt::Blocked(b)) => return block(ctx, server, b).await.map(After::Return),
+        Err(NotBuilt::Waiting(b)) => return wait(ctx, server, step, b).await.map(After::Return),
         Err(NotBuilt::Failed(e)) => return Err(e),
     };
     status.phase = match step {
@@ -845,6 +979,21 @@ async fn make(
     status.launched_at = Some(now());
     status.last_reboot_request = server.spec.reboot_request.clone();
     Ok(After::Observe)
+}
+
+/// The guest waits for something on its way (its Ports): it stays in the phase of its step,
+/// `Ready=False` naming what it waits for.
+async fn wait(ctx: &Ctx, server: &Server, step: Step, b: Blocked) -> Result<Action, ServerError> {
+    let mut status = server.status.clone().unwrap_or_default();
+    status.phase = match step {
+        Step::Rebuild => ServerPhase::Rebuilding,
+        Step::Resize => ServerPhase::Resizing,
+        _ => ServerPhase::Building,
+    };
+    b.condition(ConditionType::Ready)
+        .set(&mut status.conditions, server.metadata.generation);
+    write_status(ctx, server, status).await?;
+    Ok(Action::requeue(PORT_WAIT))
 }
 
 /// A new flavor the scheduler has not claimed on this hypervisor yet: say so and wait.
@@ -1019,7 +1168,16 @@ pub(crate) fn controller(
         }
         std::future::ready(server.map(|s| ObjectRef::from_obj(&*s)))
     });
+    // A Port placed here (or changed) wakes the Server it is bound to.
+    let ports = Api::<Port>::all(ctx.client.clone());
+    let ports_cfg =
+        watcher::Config::default().fields(&format!("status.hypervisor={}", ctx.config.node));
     let run = controller
+        .watches(ports, ports_cfg, |port| {
+            let ns = port.namespace()?;
+            let server = port.status.as_ref()?.bound_to.clone()?;
+            Some(ObjectRef::<Server>::new(&server).within(&ns))
+        })
         .reconcile_on(triggers)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {});
@@ -1250,5 +1408,89 @@ mod tests {
             let b = image_blocked("evil", &e);
             assert_eq!((b.reason, b.message.as_str()), (reason, message));
         }
+    }
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::*;
+    use serde_json::json;
+
+    fn port(status: serde_json::Value) -> Port {
+        serde_json::from_value(json!({
+            "apiVersion": "network.stratus.dev/v1", "kind": "Port",
+            "metadata": {"name": "web-0", "namespace": "demo", "uid": "p1"},
+            "spec": {"network": "private"},
+            "status": status,
+        }))
+        .expect("a port")
+    }
+
+    #[test]
+    fn a_port_is_plugged_in_only_once_placed_here_for_this_server() {
+        let placed = json!({"phase": "Down", "macAddress": "fa:16:3e:00:00:01",
+                            "fixedIPs": [{"subnet": "s", "ipAddress": "10.0.0.5"}],
+                            "boundTo": "web", "hypervisor": "n1", "interfaceName": "tapabc"});
+        assert_eq!(
+            port_ready(&port(placed.clone()), "web", "n1"),
+            Ok(("fa:16:3e:00:00:01".into(), "tapabc".into()))
+        );
+        let waits = |status: serde_json::Value, what: &str| {
+            let e = port_ready(&port(status), "web", "n1").expect_err("waits");
+            assert!(e.contains("\"web-0\"") && e.contains(what), "{e}");
+        };
+        waits(json!({"phase": "Pending"}), "MAC");
+        let mut other = placed.clone();
+        other["boundTo"] = "db".into();
+        waits(other, "bound");
+        let mut elsewhere = placed.clone();
+        elsewhere["hypervisor"] = "n2".into();
+        waits(elsewhere, "node n1");
+        let mut unnamed = placed;
+        unnamed["interfaceName"] = serde_json::Value::Null;
+        waits(unnamed, "interface name");
+    }
+
+    #[test]
+    fn the_config_drive_names_each_interface_by_mac_with_its_addresses() {
+        let nic = |mac: &str, tap: &str, addresses: Vec<(String, Option<String>)>| Nic {
+            interface: InterfaceSpec {
+                mac: mac.into(),
+                tap: tap.into(),
+                mtu: Some(1450),
+            },
+            addresses,
+        };
+        let cfg = network_config(&[
+            nic(
+                "fa:16:3e:00:00:01",
+                "tapa",
+                vec![("10.0.0.5/24".into(), Some("10.0.0.1".into()))],
+            ),
+            nic(
+                "fa:16:3e:00:00:02",
+                "tapb",
+                vec![("10.0.1.5/24".into(), Some("10.0.1.1".into()))],
+            ),
+            nic("fa:16:3e:00:00:03", "tapc", vec![]),
+        ]);
+        assert_eq!(cfg["version"], 2);
+        let eth0 = &cfg["ethernets"]["eth0"];
+        assert_eq!(eth0["match"]["macaddress"], "fa:16:3e:00:00:01");
+        assert_eq!(eth0["set-name"], "eth0");
+        assert_eq!(eth0["addresses"], json!(["10.0.0.5/24"]));
+        assert_eq!(
+            eth0["routes"],
+            json!([{"to": "0.0.0.0/0", "via": "10.0.0.1"}])
+        );
+        assert_eq!(eth0["mtu"], 1450);
+        // One default route: the first interface's.
+        assert_eq!(cfg["ethernets"]["eth1"]["routes"], serde_json::Value::Null);
+        assert_eq!(
+            cfg["ethernets"]["eth1"]["addresses"],
+            json!(["10.0.1.5/24"])
+        );
+        // No address known: the guest asks DHCP (the network agent serves static leases).
+        assert_eq!(cfg["ethernets"]["eth2"]["dhcp4"], true);
     }
 }

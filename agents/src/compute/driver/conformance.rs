@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use super::ConfigDrive;
 use super::{
-    DiskFormat, DiskSpec, Disks, DomainDriver, DomainSpec, DomainState, DriverError, Owner,
+    DiskFormat, DiskSpec, Disks, DomainDriver, DomainSpec, DomainState, DriverError, InterfaceSpec,
+    Owner,
 };
 
 /// A domain spec for the suites: 1 vCPU, 128 MiB, a root disk and a config drive in `dir`
@@ -36,6 +37,11 @@ pub fn spec(name: &str, uuid: &str, dir: &Path) -> DomainSpec {
             },
         ],
         console_log: dir.join("console.log"),
+        interfaces: vec![InterfaceSpec {
+            mac: "fa:16:3e:12:34:56".into(),
+            tap: "tapc0nf0rm4nce".into(),
+            mtu: Some(1450),
+        }],
         owner: Owner {
             namespace: "conformance".into(),
             name: name.trim_start_matches("stratus-").into(),
@@ -64,6 +70,34 @@ pub fn domain_driver(d: &dyn DomainDriver, spec: &DomainSpec) {
         matches!(d.define(&foreign), Err(DriverError::InvalidSpec(_))),
         "a name without the stratus- prefix is refused"
     );
+
+    // An interface the hypervisor would be handed unchecked is refused, and nothing defined.
+    let bad_nics = [
+        ("tap; rm -rf /", "fa:16:3e:12:34:56"),
+        ("tap-name-too-long", "fa:16:3e:12:34:56"),
+        ("tapok", "fa:16:3e:12:34"),
+        ("tapok", "01:00:5e:00:00:01"),
+    ];
+    for (tap, mac) in bad_nics {
+        let mut bad = spec.clone();
+        bad.interfaces.push(InterfaceSpec {
+            mac: mac.into(),
+            tap: tap.into(),
+            mtu: None,
+        });
+        assert!(
+            matches!(d.define(&bad), Err(DriverError::InvalidSpec(_))),
+            "interface {tap:?} {mac:?} is refused"
+        );
+    }
+    if let Some(first) = spec.interfaces.first() {
+        let mut twice = spec.clone();
+        twice.interfaces.push(first.clone());
+        assert!(
+            matches!(d.define(&twice), Err(DriverError::InvalidSpec(_))),
+            "one tap device twice is refused"
+        );
+    }
 
     // Missing: lookup says so, undefine has nothing to do, the other verbs refuse.
     assert_eq!(d.lookup(name).expect("lookup"), None);

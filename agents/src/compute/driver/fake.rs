@@ -239,6 +239,7 @@ impl DomainDriver for FakeDomains {
                 spec.name
             )));
         }
+        super::check_interfaces(spec)?;
         self.lock()
             .entry(spec.name.clone())
             .and_modify(|d| d.spec = spec.clone())

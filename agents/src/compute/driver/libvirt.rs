@@ -85,6 +85,21 @@ impl Libvirt {
         self.kind
     }
 
+    /// The definition libvirt holds for domain `name` (its XML, as libvirt writes it back),
+    /// or `None` when there is no such domain.
+    ///
+    /// # Errors
+    /// [`DriverError::Libvirt`] when libvirt fails the call.
+    pub fn defined_xml(&self, name: &str) -> Result<Option<String>, DriverError> {
+        match self.domain(name)? {
+            Some(d) => d
+                .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+                .map(Some)
+                .map_err(libvirt),
+            None => Ok(None),
+        }
+    }
+
     /// The domain called `name`, or `None`.
     fn domain(&self, name: &str) -> Result<Option<Domain>, DriverError> {
         match self.conn.lookup_domain_by_name(name) {
@@ -354,6 +369,7 @@ fn validate(spec: &DomainSpec) -> Result<(), DriverError> {
             spec.name
         )));
     }
+    super::check_interfaces(spec)?;
     let mut paths: Vec<&Path> = vec![&spec.console_log];
     if let Some(boot) = &spec.kernel {
         paths.push(&boot.kernel);
@@ -472,6 +488,7 @@ mod tests {
                 backing: None,
             }],
             console_log: PathBuf::from("/var/log/stratus/console.log"),
+            interfaces: Vec::new(),
             owner: Owner {
                 namespace: "team-a&b".into(),
                 name: "web<1>".into(),
@@ -494,6 +511,26 @@ mod tests {
         assert_eq!(lv.hypervisor_type(), HypervisorType::Test);
         let (name, uuid) = unique(NAME_PREFIX);
         super::super::conformance::domain_driver(&lv, &spec(&name, &uuid));
+    }
+
+    #[test]
+    fn a_domain_is_defined_with_its_ports_as_tap_interfaces() {
+        let lv = Libvirt::connect(TEST_URI).expect("connect");
+        let (name, uuid) = unique(NAME_PREFIX);
+        let mut spec = spec(&name, &uuid);
+        spec.interfaces = vec![super::super::InterfaceSpec {
+            mac: "fa:16:3e:0a:0b:0c".into(),
+            tap: "tap0f9e2c1a77b".into(),
+            mtu: Some(1450),
+        }];
+        lv.define(&spec).expect("define");
+        let xml = lv.defined_xml(&name).expect("read").expect("defined");
+        assert!(xml.contains("<interface type='ethernet'>"), "{xml}");
+        assert!(xml.contains("<mac address='fa:16:3e:0a:0b:0c'/>"), "{xml}");
+        assert!(xml.contains("<target dev='tap0f9e2c1a77b'/>"), "{xml}");
+        assert!(xml.contains("<model type='virtio'/>"), "{xml}");
+        lv.undefine(&name).expect("undefine");
+        assert_eq!(lv.defined_xml(&name).expect("read"), None);
     }
 
     #[test]

@@ -36,8 +36,84 @@ pub struct DomainSpec {
     pub disks: Vec<DiskSpec>,
     /// Where the serial console is logged.
     pub console_log: PathBuf,
+    /// Network interfaces in guest order: one per Port of the Server.
+    pub interfaces: Vec<InterfaceSpec>,
     /// The Server the guest belongs to, recorded in the domain's metadata.
     pub owner: Owner,
+}
+
+/// One network interface of a guest: a Port, plugged in as a tap device on the host that the
+/// node's network agent puts on its network's bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfaceSpec {
+    /// The Port's MAC address (`aa:bb:cc:dd:ee:ff`).
+    pub mac: String,
+    /// The host's tap device (the Port's `status.interfaceName`), made by the hypervisor.
+    pub tap: String,
+    /// The network's MTU, when it is known.
+    pub mtu: Option<u32>,
+}
+
+impl InterfaceSpec {
+    /// Checks what the hypervisor is handed: a unicast MAC address of six colon-separated
+    /// hex bytes, and a tap name the kernel accepts (1 to 15 bytes of `[A-Za-z0-9_.-]`, not
+    /// starting with `-` or `.`).
+    ///
+    /// # Errors
+    /// [`DriverError::InvalidSpec`] naming what is wrong.
+    pub fn check(&self) -> Result<(), DriverError> {
+        let bytes: Vec<&str> = self.mac.split(':').collect();
+        let mac_ok = bytes.len() == 6
+            && bytes
+                .iter()
+                .all(|b| b.len() == 2 && b.bytes().all(|c| c.is_ascii_hexdigit()))
+            && u8::from_str_radix(bytes[0], 16).is_ok_and(|b| b & 1 == 0);
+        if !mac_ok {
+            return Err(DriverError::InvalidSpec(format!(
+                "MAC address {:?} is not a unicast address of six hex bytes",
+                self.mac
+            )));
+        }
+        let tap_ok = !self.tap.is_empty()
+            && self.tap.len() <= 15
+            && !self.tap.starts_with(['-', '.'])
+            && self
+                .tap
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if !tap_ok {
+            return Err(DriverError::InvalidSpec(format!(
+                "tap device name {:?} is not an interface name",
+                self.tap
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Checks every interface of `spec` ([`InterfaceSpec::check`]) and that no two share a tap
+/// device or a MAC address.
+///
+/// # Errors
+/// [`DriverError::InvalidSpec`] naming what is wrong.
+pub fn check_interfaces(spec: &DomainSpec) -> Result<(), DriverError> {
+    for (i, nic) in spec.interfaces.iter().enumerate() {
+        nic.check()?;
+        let earlier = &spec.interfaces[..i];
+        if earlier.iter().any(|e| e.tap == nic.tap) {
+            return Err(DriverError::InvalidSpec(format!(
+                "tap device {} is used twice",
+                nic.tap
+            )));
+        }
+        if earlier.iter().any(|e| e.mac.eq_ignore_ascii_case(&nic.mac)) {
+            return Err(DriverError::InvalidSpec(format!(
+                "MAC address {} is used twice",
+                nic.mac
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Kernel, initramfs and command line for direct kernel boot.
@@ -165,7 +241,8 @@ pub enum DriverError {
 /// running domain is [`DriverError::Active`]; `reboot` and `reset` of a stopped one are
 /// [`DriverError::NotRunning`]; every other verb on a missing domain is
 /// [`DriverError::NoDomain`] (`lookup` says `Ok(None)`). Only names starting with `stratus-`
-/// are defined ([`DriverError::InvalidSpec`] otherwise) or listed.
+/// are defined ([`DriverError::InvalidSpec`] otherwise) or listed, and only with interfaces
+/// that pass [`check_interfaces`] ([`DriverError::InvalidSpec`] otherwise).
 pub trait DomainDriver: Send + Sync + 'static {
     /// The hypervisor type the node registers as: what this driver really runs.
     fn hypervisor_type(&self) -> HypervisorType;

@@ -14,7 +14,7 @@ use quick_xml::Writer;
 use quick_xml::events::{BytesText, Event};
 use quick_xml::reader::Reader;
 
-use super::{Backing, DiskFormat, DomainSpec, Owner};
+use super::{Backing, DiskFormat, DomainSpec, InterfaceSpec, Owner};
 
 /// XML namespace of the Stratus metadata element in a domain's `<metadata>`.
 pub const METADATA_NS: &str = "https://stratus.dev/xmlns/libvirt/server/v1";
@@ -287,6 +287,35 @@ fn write_backing<W: io::Write>(w: &mut Writer<W>, backing: Option<&Backing>) -> 
     Ok(())
 }
 
+/// A Port as a tap device the hypervisor makes (`<target dev=…/>`, libvirt's default
+/// `managed` creates it) and the node's network agent puts on its network's bridge; virtio,
+/// with no option ROM (iPXE is of no use to a guest booted from disk or kernel).
+fn write_interface<W: io::Write>(w: &mut Writer<W>, nic: &InterfaceSpec) -> io::Result<()> {
+    w.create_element("interface")
+        .with_attribute(("type", "ethernet"))
+        .write_inner_content(|w| {
+            w.create_element("mac")
+                .with_attribute(("address", nic.mac.as_str()))
+                .write_empty()?;
+            w.create_element("target")
+                .with_attribute(("dev", nic.tap.as_str()))
+                .write_empty()?;
+            w.create_element("model")
+                .with_attribute(("type", "virtio"))
+                .write_empty()?;
+            if let Some(mtu) = nic.mtu {
+                w.create_element("mtu")
+                    .with_attribute(("size", mtu.to_string().as_str()))
+                    .write_empty()?;
+            }
+            w.create_element("rom")
+                .with_attribute(("enabled", "no"))
+                .write_empty()?;
+            Ok(())
+        })?;
+    Ok(())
+}
+
 fn write_devices<W: io::Write>(w: &mut Writer<W>, spec: &DomainSpec) -> io::Result<()> {
     w.create_element("devices").write_inner_content(|w| {
         for (index, disk) in spec.disks.iter().enumerate() {
@@ -312,6 +341,9 @@ fn write_devices<W: io::Write>(w: &mut Writer<W>, spec: &DomainSpec) -> io::Resu
                     }
                     Ok(())
                 })?;
+        }
+        for nic in &spec.interfaces {
+            write_interface(w, nic)?;
         }
         let log = path_text(&spec.console_log);
         w.create_element("serial")
@@ -384,6 +416,7 @@ mod tests {
                 },
             ],
             console_log: PathBuf::from("/var/log/stratus/console \"<&>\".log"),
+            interfaces: Vec::new(),
             owner: Owner {
                 namespace: format!("ns-{HOSTILE}"),
                 name: format!("name-{HOSTILE}"),
@@ -685,6 +718,63 @@ mod tests {
             Some("none")
         );
         assert!(!nodes.iter().any(|n| n.path == "domain/devices/graphics"));
+    }
+
+    #[test]
+    fn each_port_is_a_virtio_tap_interface_in_guest_order() {
+        let mut spec = spec();
+        spec.interfaces = vec![
+            InterfaceSpec {
+                mac: "fa:16:3e:00:00:01".into(),
+                tap: "tap0f9e2c1a77b".into(),
+                mtu: Some(1450),
+            },
+            InterfaceSpec {
+                mac: "fa:16:3e:00:00:02".into(),
+                tap: "tap1a2b3c4d5e6".into(),
+                mtu: None,
+            },
+        ];
+        let nodes = parse(&domain_xml(&spec, DomainKind::Qemu));
+        let of = |path: &str, attr: &str| -> Vec<Option<String>> {
+            nodes
+                .iter()
+                .filter(|n| n.path == path)
+                .map(|n| n.attr(attr).map(str::to_owned))
+                .collect()
+        };
+        assert_eq!(
+            of("domain/devices/interface", "type"),
+            [Some("ethernet".into()), Some("ethernet".into())]
+        );
+        assert_eq!(
+            of("domain/devices/interface/mac", "address"),
+            [
+                Some("fa:16:3e:00:00:01".into()),
+                Some("fa:16:3e:00:00:02".into())
+            ]
+        );
+        assert_eq!(
+            of("domain/devices/interface/target", "dev"),
+            [Some("tap0f9e2c1a77b".into()), Some("tap1a2b3c4d5e6".into())]
+        );
+        // The hypervisor makes the tap: the target is not marked as made by someone else.
+        assert_eq!(
+            of("domain/devices/interface/target", "managed"),
+            [None, None]
+        );
+        assert_eq!(
+            of("domain/devices/interface/model", "type"),
+            [Some("virtio".into()), Some("virtio".into())]
+        );
+        assert_eq!(
+            of("domain/devices/interface/mtu", "size"),
+            [Some("1450".into())]
+        );
+        assert_eq!(
+            of("domain/devices/interface/rom", "enabled"),
+            [Some("no".into()), Some("no".into())]
+        );
     }
 
     #[test]
