@@ -1,8 +1,8 @@
 //! `stratus up`'s resident memory (API server and controllers in one process) with many
 //! objects present: Flavors, Networks and Servers with user data, written to its etcd
 //! directly in bulk. Measured once they are written, after a restart (idle), and after a
-//! selected LIST of each type has built its watch cache; with the stored size of each kind
-//! (what its watch cache holds at least).
+//! selected LIST of each type has built its watch cache; with what one cached copy of each
+//! kind costs in each form the caches hold it (measured in this process).
 
 use std::io::Write as _;
 use std::process::Stdio;
@@ -160,21 +160,94 @@ async fn fill(store: &Store, prefix: &str, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// What a watch cache of each kind holds at least: its objects' stored JSON.
-async fn stored_sizes(store: &Store) -> Result<()> {
-    println!("\n| kind | objects | stored JSON MiB |");
-    println!("|---|---|---|");
+/// RSS growth of this process, in MiB, while it holds what `make` returns (meaningful with
+/// `MIMALLOC_PURGE_DELAY=0`, so that memory freed before is not counted as reused).
+fn held<T>(make: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    let before = status_mib("self", "VmRSS:");
+    let out = make()?;
+    Ok((out, status_mib("self", "VmRSS:") - before))
+}
+
+/// Every value made into a `T` by `make` (decoded and slimmed), held as a reflector store
+/// holds it: the RSS it takes.
+fn decoded<T>(raw: &[Vec<u8>], make: impl Fn(&[u8]) -> Result<T>) -> Result<f64> {
+    let (held_objects, mib) = held(|| {
+        raw.iter()
+            .map(|r| make(r).map(std::sync::Arc::new))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    ensure!(held_objects.len() == raw.len());
+    Ok(mib)
+}
+
+/// What one cached copy of each kind's objects costs, by how it is held: the stored bytes
+/// (what the watch cache keeps), and decoded as the controllers' reflector stores hold them
+/// (whole, slimmed as the scheduler and quota controller slim them, metadata only as the
+/// garbage collector keeps them).
+async fn per_cache(store: &Store) -> Result<()> {
+    use kube::api::DynamicObject;
+    use stratus_api_types::compute::{Flavor, Server};
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        eprintln!("MIMALLOC_PURGE_DELAY is not set: the table below counts reused memory as none");
+    }
+    println!(
+        "\n| one cache of | objects | stored JSON MiB | as stored bytes MiB | decoded, whole MiB | decoded, without managed fields (and user data) MiB | metadata only MiB |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for (kind, prefix) in keys() {
         let page = store.list(&prefix, None, 0, 0).await?;
-        let bytes: usize = page
+        let raw: Vec<Vec<u8>> = page
             .items
             .iter()
-            .map(|(_, s)| serde_json::to_vec(&s.value).map(|v| v.len()))
-            .sum::<Result<_, _>>()?;
+            .map(|(_, s)| serde_json::to_vec(&s.value))
+            .collect::<Result<_, _>>()?;
+        drop(page);
+        let json_mib = raw.iter().map(Vec::len).sum::<usize>() as f64 / (1 << 20) as f64;
+        let (bytes, as_bytes) = held(|| {
+            Ok(raw
+                .iter()
+                .map(|r| bytes::Bytes::copy_from_slice(r))
+                .collect::<Vec<_>>())
+        })?;
+        drop(bytes);
+        let (whole, slimmed) = match kind {
+            "Flavor" => (
+                decoded(&raw, |r| Ok(serde_json::from_slice::<Flavor>(r)?))?,
+                decoded(&raw, |r| {
+                    let mut f: Flavor = serde_json::from_slice(r)?;
+                    f.metadata.managed_fields = None;
+                    Ok(f)
+                })?,
+            ),
+            "Server" => (
+                decoded(&raw, |r| Ok(serde_json::from_slice::<Server>(r)?))?,
+                decoded(&raw, |r| {
+                    let mut s: Server = serde_json::from_slice(r)?;
+                    s.spec.user_data = None;
+                    s.metadata.managed_fields = None;
+                    Ok(s)
+                })?,
+            ),
+            _ => (
+                decoded(&raw, |r| Ok(serde_json::from_slice::<DynamicObject>(r)?))?,
+                decoded(&raw, |r| {
+                    let mut o: DynamicObject = serde_json::from_slice(r)?;
+                    o.metadata.managed_fields = None;
+                    Ok(o)
+                })?,
+            ),
+        };
+        let metadata = decoded(&raw, |r| {
+            let mut o: DynamicObject = serde_json::from_slice(r)?;
+            o.data = Value::Null;
+            o.metadata.managed_fields = None;
+            o.metadata.annotations = None;
+            o.metadata.labels = None;
+            Ok(o)
+        })?;
         println!(
-            "| {kind} | {} | {:.1} |",
-            page.items.len(),
-            bytes as f64 / (1 << 20) as f64
+            "| {kind} | {} | {json_mib:.1} | {as_bytes:.1} | {whole:.1} | {slimmed:.1} | {metadata:.1} |",
+            raw.len()
         );
     }
     Ok(())
@@ -238,6 +311,6 @@ pub async fn bench(objects: usize) -> Result<()> {
     }
     let cached = settled(&pid, Duration::from_secs(120)).await;
     println!("| + a selected LIST of each kind (watch caches built) | {cached:.1} | |");
-    stored_sizes(&store).await?;
+    per_cache(&store).await?;
     Ok(())
 }
