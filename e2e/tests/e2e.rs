@@ -19,5 +19,6 @@ mod e2e {
     mod replicas;
     mod runtime;
     mod scale;
+    mod server_ports;
     mod watch_feed;
 }

@@ -333,6 +333,8 @@ pub enum MemoryDisk {
         public_keys: Vec<String>,
         /// Its user data.
         user_data: Option<Vec<u8>>,
+        /// Its `network-config`.
+        network_config: Option<serde_json::Value>,
     },
 }
 
@@ -418,6 +420,7 @@ impl Disks for MemoryDisks {
                 hostname: drive.hostname.to_owned(),
                 public_keys: drive.public_keys.to_vec(),
                 user_data: drive.user_data.map(<[u8]>::to_vec),
+                network_config: drive.network_config.cloned(),
             },
         );
         Ok(())

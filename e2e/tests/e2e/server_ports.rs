@@ -1,0 +1,263 @@
+//! Servers get Ports end to end: a real cloud (etcd, API server, controllers) and one node's
+//! compute agent on libvirt's test driver. A Server's network entry becomes a Port with an
+//! address at once, the Port is placed on the Server's node bound to it, the domain libvirt
+//! holds has the Port's MAC and tap device, the config drive carries the address, the Server's
+//! `status.addresses` shows it, a Port another server holds is refused, and deleting the Server
+//! deletes its Port (freeing its address) and releases the Port it was given.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use stratus_agents::compute::driver::DomainDriver;
+use stratus_agents::compute::driver::fake::{MemoryDisk, MemoryDisks};
+use stratus_agents::compute::driver::libvirt::Libvirt;
+use stratus_e2e::node::FileServer;
+use stratus_e2e::{Cloud, repo_root, wait_until};
+
+const T: Duration = Duration::from_secs(90);
+const NODE: &str = "ports-node";
+
+fn get(cloud: &Cloud, kind: &str, name: &str) -> Option<Value> {
+    let out = cloud
+        .kubectl_ok(&["-n", "demo", "get", kind, name, "-o", "json"])
+        .ok()?;
+    serde_json::from_str(&out).ok()
+}
+
+fn condition<'a>(o: &'a Value, type_: &str) -> Option<&'a Value> {
+    o["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+fn sha256(path: &std::path::Path) -> Result<String> {
+    let out = Command::new("sha256sum").arg(path).output()?;
+    String::from_utf8(out.stdout)?
+        .split_whitespace()
+        .next()
+        .map(str::to_owned)
+        .context("sha256sum printed nothing")
+}
+
+#[test]
+fn a_servers_network_becomes_a_port_plugged_into_its_guest_and_goes_with_it() -> Result<()> {
+    let cloud = Cloud::up_with(&["--nodes", NODE])?;
+    cloud.projects(&["demo"])?;
+    let dir = tempfile::tempdir()?;
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![7u8; 1 << 20])?;
+    let files = FileServer::serve(dir.path())?;
+    let flavors = repo_root().join("examples/flavors.yaml");
+    cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        &format!(
+            "apiVersion: image.stratus.dev/v1\nkind: Image\nmetadata:\n  name: tiny\n  namespace: demo\nspec:\n  diskFormat: raw\n  containerFormat: bare\n  sha256: {}\n  source:\n    url: {}/disk.img\n",
+            sha256(&image)?,
+            files.url
+        ),
+    )?;
+    cloud.kubectl_in(
+        &["-n", "demo", "apply", "-f", "-"],
+        "apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: blue\nspec:\n  mtu: 1400\n---\n\
+         apiVersion: network.stratus.dev/v1\nkind: Subnet\nmetadata:\n  name: blue-v4\nspec:\n  network: blue\n  cidr: 10.70.0.0/24\n---\n\
+         apiVersion: network.stratus.dev/v1\nkind: Port\nmetadata:\n  name: mine\nspec:\n  network: blue\n",
+    )?;
+
+    // The node: the compute agent on libvirt's test driver, in this process, so that the test
+    // reads back the domain libvirt holds.
+    let rt = tokio::runtime::Runtime::new()?;
+    let kubeconfig = cloud.dir.path().join(format!("node-{NODE}.kubeconfig"));
+    let client = rt.block_on(async {
+        let kc = kube::config::Kubeconfig::read_from(&kubeconfig)?;
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+        anyhow::Ok(kube::Client::try_from(cfg)?)
+    })?;
+    let libvirt = Arc::new(Libvirt::connect("test:///default")?);
+    let disks = Arc::new(MemoryDisks::default());
+    let state_dir = dir.path().join("state");
+    std::fs::create_dir_all(&state_dir)?;
+    let agent = rt.spawn(stratus_agents::compute::run_with(
+        client,
+        Arc::clone(&libvirt) as Arc<dyn DomainDriver>,
+        Arc::clone(&disks) as _,
+        stratus_agents::compute::Config {
+            node: NODE.into(),
+            state_dir: state_dir.clone(),
+            zone: "nova".into(),
+            heartbeat: Duration::from_secs(1),
+            resync: Duration::from_secs(2),
+            image_policy: stratus_image_cache::Policy {
+                allow_hosts: vec![files.url.trim_start_matches("http://").parse()?],
+                ..Default::default()
+            },
+        },
+    ));
+
+    // One entry names a network (a Port is made for it), the other the Port made above.
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: web\n  namespace: demo\nspec:\n  flavor: m1.nano\n  image: tiny\n  networks:\n  - network: blue\n  - port: mine\n",
+    )?;
+    let server = wait_until(T, "the server running with its ports", || {
+        get(&cloud, "server", "web").filter(|s| s["status"]["phase"] == "Running")
+    })
+    .with_context(|| {
+        format!(
+            "server: {:?}\nports: {:?}",
+            cloud.kubectl(&["-n", "demo", "get", "server", "web", "-o", "yaml"]),
+            cloud.kubectl(&["-n", "demo", "get", "ports", "-o", "yaml"])
+        )
+    })?;
+    let uid = server["metadata"]["uid"].as_str().unwrap_or_default();
+    assert_eq!(server["status"]["hypervisor"], NODE);
+    let allocated = condition(&server, "Allocated").context("an Allocated condition")?;
+    assert_eq!(allocated["status"], "True", "{allocated}");
+
+    // The Port made for the network entry: owned by the Server, with its address, placed.
+    let made = get(&cloud, "port", "web-0").context("port web-0 was made")?;
+    let owner = &made["metadata"]["ownerReferences"][0];
+    assert_eq!(
+        (&owner["kind"], &owner["uid"], &owner["controller"]),
+        (
+            &Value::from("Server"),
+            &Value::from(uid),
+            &Value::from(true)
+        )
+    );
+    let ip = made["status"]["fixedIPs"][0]["ipAddress"]
+        .as_str()
+        .context("web-0 has an address")?
+        .to_owned();
+    assert!(ip.starts_with("10.70.0."), "{ip}");
+    let given = get(&cloud, "port", "mine").context("port mine")?;
+    assert!(
+        given["metadata"]["ownerReferences"].is_null(),
+        "a port the user made stays the user's"
+    );
+    let mut macs = Vec::new();
+    let mut taps = Vec::new();
+    for p in [&made, &given] {
+        assert_eq!(p["status"]["hypervisor"], NODE, "{p}");
+        assert_eq!(p["status"]["boundTo"], "web", "{p}");
+        let tap = p["status"]["interfaceName"].as_str().context("a tap")?;
+        let port_uid = p["metadata"]["uid"].as_str().unwrap_or_default();
+        assert_eq!(tap, stratus_api_types::ports::tap_name(port_uid));
+        assert!(tap.len() <= 15);
+        taps.push(tap.to_owned());
+        macs.push(
+            p["status"]["macAddress"]
+                .as_str()
+                .context("a MAC")?
+                .to_owned(),
+        );
+    }
+
+    // The domain libvirt holds: one tap interface per Port, in the Server's order.
+    let xml = libvirt
+        .defined_xml(&format!("stratus-{uid}"))?
+        .context("the domain is defined")?;
+    let at = |needle: &str| {
+        xml.find(needle)
+            .unwrap_or_else(|| panic!("{needle} missing from {xml}"))
+    };
+    assert_eq!(
+        xml.matches("<interface type='ethernet'>").count(),
+        2,
+        "{xml}"
+    );
+    assert!(
+        at(&format!("<mac address='{}'/>", macs[0])) < at(&format!("<mac address='{}'/>", macs[1]))
+    );
+    for tap in &taps {
+        at(&format!("<target dev='{tap}'/>"));
+    }
+    at("<mtu size='1400'/>");
+
+    // The config drive names each interface by MAC, with its address.
+    let drive = state_dir.join("servers").join(uid).join("config.iso");
+    match disks.get(&drive) {
+        Some(MemoryDisk::ConfigDrive {
+            network_config: Some(net),
+            ..
+        }) => {
+            assert_eq!(net["ethernets"]["eth0"]["match"]["macaddress"], macs[0]);
+            assert_eq!(
+                net["ethernets"]["eth0"]["addresses"],
+                serde_json::json!([format!("{ip}/24")])
+            );
+            assert_eq!(net["ethernets"]["eth1"]["match"]["macaddress"], macs[1]);
+        }
+        other => panic!("config drive: {other:?}"),
+    }
+
+    // status.addresses: each port's fixed IP, with its network, port and MAC.
+    let addresses = wait_until(T, "the server's addresses", || {
+        get(&cloud, "server", "web")
+            .map(|s| s["status"]["addresses"].clone())
+            .filter(|a| a.as_array().is_some_and(|a| a.len() == 2))
+    })?;
+    assert_eq!(addresses[0]["network"], "blue");
+    assert_eq!(addresses[0]["port"], "web-0");
+    assert_eq!(addresses[0]["ip"], ip.as_str());
+    assert_eq!(addresses[0]["mac"], macs[0].as_str());
+    assert_eq!(addresses[0]["type"], "fixed");
+    assert_eq!(addresses[1]["port"], "mine");
+    assert_eq!(
+        addresses[1]["ip"],
+        given["status"]["fixedIPs"][0]["ipAddress"]
+    );
+
+    // A second server asking for the Port web holds is told so, and is not built with it.
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: db\n  namespace: demo\nspec:\n  flavor: m1.nano\n  image: tiny\n  networks:\n  - port: mine\n",
+    )?;
+    let refused = wait_until(T, "db told its port is in use", || {
+        get(&cloud, "server", "db")
+            .filter(|s| condition(s, "Allocated").is_some_and(|c| c["status"] == "False"))
+    })?;
+    let c = condition(&refused, "Allocated").context("Allocated")?;
+    assert_eq!(c["reason"], "PortInUse", "{c}");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("\"web\""),
+        "{c}"
+    );
+    assert_eq!(
+        get(&cloud, "port", "mine").map(|p| p["status"]["boundTo"].clone()),
+        Some("web".into()),
+        "the port stays web's"
+    );
+    cloud.kubectl_ok(&["-n", "demo", "delete", "server", "db", "--timeout=60s"])?;
+
+    // Deleted: the guest goes, the Port made for it goes with it, the one it was given is
+    // released, and the address is free for another Port.
+    cloud.kubectl_ok(&["-n", "demo", "delete", "server", "web", "--timeout=60s"])?;
+    assert_eq!(libvirt.defined_xml(&format!("stratus-{uid}"))?, None);
+    wait_until(T, "port web-0 deleted with its server", || {
+        get(&cloud, "port", "web-0").is_none().then_some(())
+    })?;
+    wait_until(T, "port mine released", || {
+        get(&cloud, "port", "mine")
+            .filter(|p| p["status"]["boundTo"].is_null() && p["status"]["hypervisor"].is_null())
+    })?;
+    cloud.kubectl_in(
+        &["-n", "demo", "create", "-f", "-"],
+        &format!(
+            "apiVersion: network.stratus.dev/v1\nkind: Port\nmetadata:\n  name: again\nspec:\n  network: blue\n  fixedIPs:\n  - ipAddress: {ip}\n"
+        ),
+    )?;
+    assert_eq!(
+        get(&cloud, "port", "again").map(|p| p["status"]["fixedIPs"][0]["ipAddress"].clone()),
+        Some(ip.as_str().into())
+    );
+    agent.abort();
+    Ok(())
+}
