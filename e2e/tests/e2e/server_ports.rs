@@ -261,3 +261,172 @@ fn a_servers_network_becomes_a_port_plugged_into_its_guest_and_goes_with_it() ->
     agent.abort();
     Ok(())
 }
+
+/// A network namespace the test made (with whatever the agent left in its DHCP directory),
+/// removed when dropped.
+struct Netns {
+    name: String,
+    dhcp_dir: std::path::PathBuf,
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for e in std::fs::read_dir(&self.dhcp_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(pid) = std::fs::read_to_string(e.path().join("pid")) {
+                let _ = Command::new("kill").arg(pid.trim()).status();
+            }
+            let _ = Command::new("ip")
+                .args(["netns", "del", &e.file_name().to_string_lossy()])
+                .status();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    let out = Command::new("ip").args(args).output().context("run ip")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn one_node_running_compute_and_network_wires_the_tap_its_server_port_names() -> Result<()> {
+    let node = format!("sp-{}", std::process::id());
+    let cloud = Cloud::up_with(&["--nodes", &node])?;
+    cloud.projects(&["demo"])?;
+    let dir = tempfile::tempdir()?;
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![7u8; 1 << 20])?;
+    let files = FileServer::serve(dir.path())?;
+    let flavors = repo_root().join("examples/flavors.yaml");
+    cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        &format!(
+            "apiVersion: image.stratus.dev/v1\nkind: Image\nmetadata:\n  name: tiny\n  namespace: demo\nspec:\n  diskFormat: raw\n  containerFormat: bare\n  sha256: {}\n  source:\n    url: {}/disk.img\n",
+            sha256(&image)?,
+            files.url
+        ),
+    )?;
+    cloud.kubectl_in(
+        &["-n", "demo", "apply", "-f", "-"],
+        "apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: blue\nspec: {}\n---\n\
+         apiVersion: network.stratus.dev/v1\nkind: Subnet\nmetadata:\n  name: blue-v4\nspec:\n  network: blue\n  cidr: 10.71.0.0/24\n---\n\
+         apiVersion: network.stratus.dev/v1\nkind: SecurityGroup\nmetadata:\n  name: default\nspec:\n  rules:\n  - {direction: egress}\n",
+    )?;
+
+    // The node's kernel side lives in a namespace of its own, with a tunnel address.
+    let state = dir.path().join("node");
+    let _netns = Netns {
+        name: node.clone(),
+        dhcp_dir: state.join("network/dhcp"),
+    };
+    ip(&["netns", "add", &node])?;
+    ip(&[
+        "-n",
+        &node,
+        "link",
+        "add",
+        "underlay",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "underlay-peer",
+    ])?;
+    ip(&["-n", &node, "link", "set", "underlay-peer", "up"])?;
+    ip(&[
+        "-n",
+        &node,
+        "addr",
+        "add",
+        "192.0.2.1/24",
+        "dev",
+        "underlay",
+    ])?;
+    ip(&["-n", &node, "link", "set", "underlay", "up"])?;
+    let mut agent = stratus_e2e::Proc::spawn(
+        &format!("agent of {node}"),
+        Command::new(stratus_e2e::stratus_bin())
+            .args(["agent", "--node", &node, "--roles", "compute,network"])
+            .args([
+                "--libvirt-uri",
+                "test:///default",
+                "--heartbeat-seconds",
+                "2",
+            ])
+            .arg("--image-url-allow-loopback")
+            .arg("--kubeconfig")
+            .arg(cloud.dir.path().join(format!("node-{node}.kubeconfig")))
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--network-namespace", &node, "--underlay-ip", "192.0.2.1"])
+            .args(["--network-resync-seconds", "1"]),
+        &dir.path().join("agent.log"),
+    )?;
+    let log = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: web\n  namespace: demo\nspec:\n  flavor: m1.nano\n  image: tiny\n  networks:\n  - network: blue\n",
+    )?;
+    wait_until(T, "the server running", || {
+        get(&cloud, "server", "web").filter(|s| s["status"]["phase"] == "Running")
+    })
+    .with_context(log)?;
+    let port = get(&cloud, "port", "web-0").context("port web-0")?;
+    assert_eq!(port["status"]["hypervisor"], node.as_str());
+    let tap = port["status"]["interfaceName"]
+        .as_str()
+        .context("a tap name")?
+        .to_owned();
+
+    // The test driver runs no QEMU, so nothing made the tap: the network agent says which
+    // device it waits for.
+    let waiting = wait_until(T, "the port Down for its missing tap", || {
+        get(&cloud, "port", "web-0")
+            .filter(|p| condition(p, "Ready").is_some_and(|c| c["reason"] == "DeviceMissing"))
+    })
+    .with_context(log)?;
+    let c = condition(&waiting, "Ready").context("Ready")?;
+    assert!(
+        c["message"].as_str().unwrap_or_default().contains(&tap),
+        "{c}"
+    );
+    // What QEMU's libvirt does for the interface: the tap, by the name the port gives.
+    ip(&["-n", &node, "tuntap", "add", "dev", &tap, "mode", "tap"])?;
+    wait_until(T, "the port Active once its tap exists", || {
+        get(&cloud, "port", "web-0").filter(|p| {
+            p["status"]["phase"] == "Active"
+                && condition(p, "Ready").is_some_and(|c| c["reason"] == "Wired")
+        })
+    })
+    .with_context(log)?;
+    let link = ip(&["-n", &node, "-d", "link", "show", "dev", &tap])?;
+    assert!(link.contains("master br-"), "{link}");
+
+    // Deleted with its server: the port goes, and the node unwires it (the tap leaves the
+    // bridge, which goes).
+    cloud.kubectl_ok(&["-n", "demo", "delete", "server", "web", "--timeout=60s"])?;
+    wait_until(T, "port web-0 deleted with its server", || {
+        get(&cloud, "port", "web-0").is_none().then_some(())
+    })?;
+    wait_until(T, "no bridge left on the node", || {
+        ip(&["-n", &node, "-o", "link", "show", "type", "bridge"])
+            .ok()
+            .filter(|l| l.trim().is_empty())
+    })
+    .with_context(log)?;
+    agent.terminate()?;
+    Ok(())
+}
