@@ -650,14 +650,19 @@ impl Api {
         let admitted = self.admit(t, &mut obj, fv)?;
         warnings.extend(admitted.warnings);
         if let Some(manager) = &manager {
-            crate::resource::fields::record_update(
-                &mut obj,
-                None,
-                manager,
-                &t.rt.api_version(),
-                t.subresource.as_deref(),
-                t.rt.structural.shape(),
-            );
+            let (manager, rt, sub) = (manager.clone(), Arc::clone(&t.rt), t.subresource.clone());
+            obj = off_workers(move || {
+                crate::resource::fields::record_update(
+                    &mut obj,
+                    None,
+                    &manager,
+                    &rt.api_version(),
+                    sub.as_deref(),
+                    rt.structural.shape(),
+                );
+                obj
+            })
+            .await?;
         }
         let name = meta::meta_str(&obj, "name").unwrap_or_default().to_string();
         // What is stored carries its managedFields (and what admission set): that is the
@@ -1006,7 +1011,7 @@ impl Api {
     async fn write_update(
         &self,
         t: &Target,
-        current: Stored,
+        mut current: Stored,
         mut incoming: Value,
         p: &Params,
         manager: Option<String>,
@@ -1111,15 +1116,21 @@ impl Api {
             meta::meta_mut(&mut new).insert("generation".into(), json!(g + 1));
         }
         if let Some(manager) = &manager {
-            crate::resource::fields::record_update(
-                &mut new,
-                Some(old),
-                manager,
-                &t.rt.api_version(),
-                t.subresource.as_deref(),
-                t.rt.structural.shape(),
-            );
+            let (manager, rt, sub) = (manager.clone(), Arc::clone(&t.rt), t.subresource.clone());
+            (new, current) = off_workers(move || {
+                crate::resource::fields::record_update(
+                    &mut new,
+                    Some(&current.value),
+                    &manager,
+                    &rt.api_version(),
+                    sub.as_deref(),
+                    rt.structural.shape(),
+                );
+                (new, current)
+            })
+            .await?;
         }
+        let old = &current.value;
         // What is stored carries its managedFields (and what admission set): that is the size
         // that counts. A write that deletes the object (its last finalizer gone) stores nothing.
         if !(deleting && meta::finalizers(&new).is_empty()) {
@@ -1274,21 +1285,27 @@ impl Api {
                     doc
                 }
                 Kind::Apply(applied) => {
-                    let manager = p.get("fieldManager").unwrap_or_default();
+                    let manager = p.get("fieldManager").unwrap_or_default().to_string();
                     let applied = crate::resource::fields::endpoint_part(
                         applied,
                         t.subresource.as_deref(),
                         t.rt.status_subresource,
-                    );
-                    crate::resource::fields::apply(
-                        &base,
-                        &applied,
-                        manager,
-                        &t.rt.api_version(),
-                        p.flag("force"),
-                        t.subresource.as_deref(),
-                        t.rt.structural.shape(),
                     )
+                    .into_owned();
+                    let (rt, sub, force) =
+                        (Arc::clone(&t.rt), t.subresource.clone(), p.flag("force"));
+                    off_workers(move || {
+                        crate::resource::fields::apply(
+                            &base,
+                            &applied,
+                            &manager,
+                            &rt.api_version(),
+                            force,
+                            sub.as_deref(),
+                            rt.structural.shape(),
+                        )
+                    })
+                    .await?
                     .map_err(|conflicts| {
                         ApiError::apply_conflict(&t.rt.group, &t.rt.plural, t.name(), conflicts)
                     })?
@@ -1342,16 +1359,20 @@ impl Api {
         warnings: Vec<String>,
         policy: &dyn Policy,
     ) -> ApiResult<Outcome> {
-        let manager = p.get("fieldManager").unwrap_or_default();
-        let obj = crate::resource::fields::apply(
-            &json!({}),
-            &crate::resource::fields::endpoint_part(&applied, None, t.rt.status_subresource),
-            manager,
-            &t.rt.api_version(),
-            false,
-            None,
-            t.rt.structural.shape(),
-        )
+        let manager = p.get("fieldManager").unwrap_or_default().to_string();
+        let rt = Arc::clone(&t.rt);
+        let obj = off_workers(move || {
+            crate::resource::fields::apply(
+                &json!({}),
+                &crate::resource::fields::endpoint_part(&applied, None, rt.status_subresource),
+                &manager,
+                &rt.api_version(),
+                false,
+                None,
+                rt.structural.shape(),
+            )
+        })
+        .await?
         .map_err(|c| ApiError::apply_conflict(&t.rt.group, &t.rt.plural, t.name(), c))?;
         self.create_object(t, obj, warnings, p, None, policy).await
     }
@@ -1822,6 +1843,15 @@ fn encoded_len(v: &Value, cap: usize) -> Option<usize> {
     }
     let mut c = Count { n: 0, cap };
     serde_json::to_writer(&mut c, v).ok().map(|()| c.n)
+}
+
+/// Runs work that grows with an object's size (recording field ownership over up to
+/// [`MAX_OBJECT_BYTES`], about a second of CPU in a debug build) on the blocking pool, so the
+/// async workers keep serving every other request meanwhile.
+async fn off_workers<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> ApiResult<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(format!("recording field ownership failed: {e}")))
 }
 
 /// 413 for an object larger than [`MAX_OBJECT_BYTES`].

@@ -344,3 +344,40 @@ async fn an_object_too_large_with_its_managed_fields_is_413_and_not_written() {
         Some(20_000)
     );
 }
+
+#[tokio::test]
+async fn recording_a_large_objects_fields_leaves_other_requests_served() {
+    // One async worker (a current-thread runtime): reads sent one after another while a write
+    // of 50,000 labels is made keep being answered while its field ownership is recorded (off
+    // the worker), none of them waiting for most of the write.
+    let c = Cloud::with_demo().await;
+    let t = c.target("Flavor", None, Some("small"));
+    let big = json!({"metadata": {"labels": labels(0, 50_000)}});
+    let done = std::cell::Cell::new(false);
+    let (write, longest_read) = tokio::join!(
+        async {
+            let started = std::time::Instant::now();
+            c.patch(&t, MERGE, &big, "").await.expect("the write");
+            done.set(true);
+            started.elapsed()
+        },
+        async {
+            let mut longest = std::time::Duration::ZERO;
+            while !done.get() {
+                let started = std::time::Instant::now();
+                c.get("Project", None, "demo").await.expect("a read");
+                longest = longest.max(started.elapsed());
+            }
+            longest
+        }
+    );
+    assert!(
+        longest_read * 2 < write,
+        "a read waited {longest_read:?} of the write's {write:?}"
+    );
+    let got = c.get("Flavor", None, "small").await.expect("small");
+    assert_eq!(
+        got["metadata"]["labels"].as_object().map(|l| l.len()),
+        Some(50_000)
+    );
+}
