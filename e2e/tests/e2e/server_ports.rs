@@ -3,7 +3,9 @@
 //! address at once, the Port is placed on the Server's node bound to it, the domain libvirt
 //! holds has the Port's MAC and tap device, the config drive carries the address, the Server's
 //! `status.addresses` shows it, a Port another server holds is refused, and deleting the Server
-//! deletes its Port (freeing its address) and releases the Port it was given.
+//! deletes its Port (freeing its address) and releases the Port it was given. Then with
+//! `stratus agent --roles compute,network`: the network agent wires the tap the Port names,
+//! and a real TCG guest takes its Port's address by DHCP.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -283,9 +285,10 @@ impl Drop for Netns {
                 .args(["netns", "del", &e.file_name().to_string_lossy()])
                 .status();
         }
+        // `output`: a namespace already gone is nothing to report.
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
-            .status();
+            .output();
     }
 }
 
@@ -428,5 +431,126 @@ fn one_node_running_compute_and_network_wires_the_tap_its_server_port_names() ->
     })
     .with_context(log)?;
     agent.terminate()?;
+    Ok(())
+}
+
+/// A name for the network namespace of a simulated node's libvirtd (which runs in an unnamed
+/// one), so that the node's network agent works in it; detached when dropped.
+struct Attached(String);
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+#[test]
+fn a_real_guest_takes_its_ports_address_by_dhcp() -> Result<()> {
+    let guest = stratus_e2e::node::Guest::serve()?;
+    let name = format!("spg-{}", std::process::id());
+    let mut node = stratus_e2e::node::Node::start(&name)?;
+    let cloud = Cloud::up_with(&["--nodes", &name])?;
+    cloud.projects(&["demo"])?;
+    let flavors = repo_root().join("examples/flavors.yaml");
+    cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
+    cloud.kubectl_in(&["apply", "-f", "-"], &guest.images_yaml("demo")?)?;
+    cloud.kubectl_in(
+        &["-n", "demo", "apply", "-f", "-"],
+        "apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: blue\nspec: {}\n---\n\
+         apiVersion: network.stratus.dev/v1\nkind: Subnet\nmetadata:\n  name: blue-v4\nspec:\n  network: blue\n  cidr: 10.72.0.0/24\n---\n\
+         apiVersion: network.stratus.dev/v1\nkind: SecurityGroup\nmetadata:\n  name: default\nspec:\n  rules:\n  - {direction: egress}\n",
+    )?;
+
+    // The node's namespace (libvirtd's, where QEMU's taps appear), named for the network
+    // agent, with a tunnel address.
+    let pid = std::fs::read_to_string(node.dir.path().join("libvirtd.pid"))?;
+    let state = node.dir.path().join("state");
+    let _dhcp = Netns {
+        name: format!("{name}-unused"),
+        dhcp_dir: state.join("network/dhcp"),
+    };
+    ip(&["netns", "attach", &name, pid.trim()])?;
+    let _attached = Attached(name.clone());
+    ip(&[
+        "-n",
+        &name,
+        "link",
+        "add",
+        "underlay",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "underlay-peer",
+    ])?;
+    ip(&["-n", &name, "link", "set", "underlay-peer", "up"])?;
+    ip(&[
+        "-n",
+        &name,
+        "addr",
+        "add",
+        "192.0.2.1/24",
+        "dev",
+        "underlay",
+    ])?;
+    ip(&["-n", &name, "link", "set", "underlay", "up"])?;
+    let kubeconfig = cloud.dir.path().join(format!("node-{name}.kubeconfig"));
+    node.agent = Some(stratus_e2e::Proc::spawn(
+        &format!("agent of {name}"),
+        Command::new(stratus_e2e::stratus_bin())
+            .args(["agent", "--node", &name, "--roles", "compute,network"])
+            .args(["--libvirt-uri", &node.uri(), "--heartbeat-seconds", "2"])
+            .arg("--image-url-allow-loopback")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--network-namespace", &name, "--underlay-ip", "192.0.2.1"])
+            .args(["--network-resync-seconds", "1"]),
+        &node.dir.path().join("agent.log"),
+    )?);
+
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: web\n  namespace: demo\nspec:\n  flavor: m1.nano\n  image: tiny\n  networks:\n  - network: blue\n",
+    )?;
+    let server = wait_until(T, "the guest running", || {
+        get(&cloud, "server", "web").filter(|s| s["status"]["phase"] == "Running")
+    })
+    .with_context(|| node.agent_log())?;
+    let uid = server["metadata"]["uid"].as_str().unwrap_or_default();
+    let port = get(&cloud, "port", "web-0").context("port web-0")?;
+    let address = port["status"]["fixedIPs"][0]["ipAddress"]
+        .as_str()
+        .context("an address")?
+        .to_owned();
+    wait_until(T, "the port Active on the node", || {
+        get(&cloud, "port", "web-0").filter(|p| p["status"]["phase"] == "Active")
+    })
+    .with_context(|| node.agent_log())?;
+    // The guest's DHCP client got the address IPAM gave its port, from the node's DHCP
+    // server, through the tap libvirt made and the network agent bridged.
+    let want = format!("STRATUS-GUEST-DHCP eth0 {address}\n");
+    wait_until(Duration::from_secs(120), "the guest's DHCP lease", || {
+        node.console(uid).contains(&want).then_some(())
+    })
+    .with_context(|| {
+        format!(
+            "console:\n{}\nagent:\n{}",
+            node.console(uid),
+            node.agent_log()
+        )
+    })?;
+
+    cloud.kubectl_ok(&["-n", "demo", "delete", "server", "web", "--timeout=90s"])?;
+    wait_until(T, "port web-0 deleted with its server", || {
+        get(&cloud, "port", "web-0").is_none().then_some(())
+    })?;
+    wait_until(T, "no bridge left on the node", || {
+        ip(&["-n", &name, "-o", "link", "show", "type", "bridge"])
+            .ok()
+            .filter(|l| l.trim().is_empty())
+    })
+    .with_context(|| node.agent_log())?;
     Ok(())
 }
