@@ -795,7 +795,7 @@ pub(crate) mod tests {
     use stratus_api_types::network::{Network, Port, SecurityGroup, Subnet};
 
     use super::*;
-    use crate::desired::{NodeConfig, Snapshot};
+    use crate::desired::{NETWORK_UID, NodeConfig, Snapshot};
     use crate::driver::fake::{FakeDhcp, FakeFirewall, FakeLinks};
     use crate::driver::nft::Remote;
     use crate::driver::{FdbEntry, MacAddr, Role, VethSpec, VxlanInfo};
@@ -820,7 +820,10 @@ pub(crate) mod tests {
         Arc::new(
             serde_json::from_value(json!({
                 "apiVersion": "network.stratus.dev/v1", "kind": "Subnet",
-                "metadata": {"name": name, "namespace": "demo", "uid": format!("uid-{name}")},
+                "metadata": {
+                    "name": name, "namespace": "demo", "uid": format!("uid-{name}"),
+                    "annotations": {NETWORK_UID: format!("uid-{network}")},
+                },
                 "spec": {"network": network, "cidr": cidr, "gatewayIP": "10.9.0.1"},
             }))
             .expect("subnet"),
@@ -849,7 +852,10 @@ pub(crate) mod tests {
         Arc::new(
             serde_json::from_value(json!({
                 "apiVersion": "network.stratus.dev/v1", "kind": "Port",
-                "metadata": {"name": name, "namespace": "demo", "uid": format!("uid-{name}")},
+                "metadata": {
+                    "name": name, "namespace": "demo", "uid": format!("uid-{name}"),
+                    "annotations": {NETWORK_UID: format!("uid-{network}")},
+                },
                 "spec": {"network": network},
                 "status": status,
             }))

@@ -16,7 +16,7 @@ use stratus_api_types::network::{
 };
 
 use crate::driver::nft::{
-    GroupRef, LocalDhcp, PortFilter, PortRange, Protocol, Remote, RemoteGroup, Rule, Zone,
+    GroupRef, LocalDhcp, PortFilter, PortRange, Protocol, Remote, RemoteGroup, Rule, Tunnel, Zone,
 };
 use crate::driver::{
     DhcpSpec, FdbEntry, IfName, Ipv4Cidr, MacAddr, Name, Netns, Role, Ruleset, StaticLease,
@@ -114,6 +114,21 @@ pub fn port_device(port: &Port) -> Result<IfName, String> {
     }
 }
 
+/// The annotation in which the API server records the uid of the Network a Port or Subnet
+/// was made in.
+pub const NETWORK_UID: &str = "network.stratus.dev/network-uid";
+
+/// Whether an object with metadata `meta` naming `network` in its `spec.network` is of
+/// `net`: same namespace and name, and made in this Network,
+/// not in an earlier one of the same name (its addresses are claimed in that one's IPAM).
+/// An object without the annotation is taken by name.
+fn of_network(meta: &kube::api::ObjectMeta, network: &str, net: &Network) -> bool {
+    let uid = meta.annotations.as_ref().and_then(|a| a.get(NETWORK_UID));
+    meta.namespace == net.metadata.namespace
+        && network == net.name_any()
+        && uid.is_none_or(|u| Some(u) == net.metadata.uid.as_ref())
+}
+
 fn live(port: &Port) -> bool {
     port.metadata.deletion_timestamp.is_none()
 }
@@ -184,6 +199,16 @@ fn local_port(
                 format!("network {} does not exist", port.spec.network),
             )
         })?;
+    if !of_network(&port.metadata, &port.spec.network, network) {
+        return Err(blocked(
+            "NetworkGone",
+            format!(
+                "the network {} this port was made in was deleted; network {0} of today is \
+                 another one (delete the port and create it again)",
+                port.spec.network
+            ),
+        ));
+    }
     if network.spec.segmentation != Segmentation::Vxlan {
         return Err(blocked(
             "SegmentationUnsupported",
@@ -326,6 +351,7 @@ pub fn desired(cfg: &NodeConfig, snap: &Snapshot) -> (Desired, BTreeMap<PortKey,
     let mut zones = Vec::new();
     let mut used_zones = BTreeSet::new();
     let mut local_dhcp = Vec::new();
+    let mut tunnels = Vec::new();
     let mut by_vni: Vec<_> = by_network.into_iter().collect();
     by_vni.sort_by_key(|(_, (n, _))| n.status.as_ref().and_then(|s| s.vni));
     for (uid, (net, ports)) in by_vni {
@@ -336,8 +362,15 @@ pub fn desired(cfg: &NodeConfig, snap: &Snapshot) -> (Desired, BTreeMap<PortKey,
             bridge: bridge.clone(),
             zone: zone_for(vni, &mut used_zones),
         });
-        let dhcp = dhcp_for(cfg, snap, &net, &uid, &ports, &ns);
+        let dhcp = dhcp_for(cfg, snap, &net, &uid, &ports);
+        let server = dhcp.as_ref().map(|d| d.address.addr());
         let vxlan = IfName::derived(Role::Vxlan, &uid);
+        let fdb = fdb(cfg, snap, &net);
+        tunnels.push(Tunnel {
+            vni,
+            port: VXLAN_PORT,
+            peers: fdb.iter().map(|e| e.remote).collect(),
+        });
         if let Some(d) = &dhcp {
             local_dhcp.push(LocalDhcp {
                 vxlan: vxlan.clone(),
@@ -352,7 +385,7 @@ pub fn desired(cfg: &NodeConfig, snap: &Snapshot) -> (Desired, BTreeMap<PortKey,
                     device: p.device.clone(),
                 },
             );
-            filters.push(filter(p, &bridge, snap, &mut groups, &ns));
+            filters.push(filter(p, &bridge, server, snap, &mut groups, &ns));
         }
         networks.push(NetworkWiring {
             bridge: bridge.clone(),
@@ -363,7 +396,7 @@ pub fn desired(cfg: &NodeConfig, snap: &Snapshot) -> (Desired, BTreeMap<PortKey,
                 port: VXLAN_PORT,
             },
             mtu: net.spec.mtu,
-            fdb: fdb(cfg, snap, &net, &ns),
+            fdb,
             ports: ports.iter().map(|p| p.device.clone()).collect(),
             dhcp,
         });
@@ -379,6 +412,7 @@ pub fn desired(cfg: &NodeConfig, snap: &Snapshot) -> (Desired, BTreeMap<PortKey,
                 ports: filters,
                 groups: groups.sets,
                 local_dhcp,
+                tunnels,
             }),
         },
         plans,
@@ -396,15 +430,11 @@ fn zone_for(vni: u32, used: &mut BTreeSet<u16>) -> u16 {
 
 /// The FDB of a network's VXLAN device: for each other node hosting one of its ports, the
 /// flood entry and each of those ports' MACs, to that node's `status.hostIP`.
-fn fdb(cfg: &NodeConfig, snap: &Snapshot, net: &Network, ns: &str) -> BTreeSet<FdbEntry> {
+fn fdb(cfg: &NodeConfig, snap: &Snapshot, net: &Network) -> BTreeSet<FdbEntry> {
     let mut out = BTreeSet::new();
     for p in &snap.ports {
         let Some(node) = node_of(p) else { continue };
-        if node == cfg.node
-            || !live(p)
-            || p.namespace().as_deref() != Some(ns)
-            || p.spec.network != net.name_any()
-        {
+        if node == cfg.node || !live(p) || !of_network(&p.metadata, &p.spec.network, net) {
             continue;
         }
         let remote = snap
@@ -440,14 +470,12 @@ fn dhcp_for(
     net: &Network,
     uid: &str,
     ports: &[LocalPort],
-    ns: &str,
 ) -> Option<DhcpWiring> {
     let mut subnets: Vec<&Arc<Subnet>> = snap
         .subnets
         .iter()
         .filter(|s| {
-            s.namespace().as_deref() == Some(ns)
-                && s.spec.network == net.name_any()
+            of_network(&s.metadata, &s.spec.network, net)
                 && s.spec.enable_dhcp
                 && s.spec.cidr.parse::<Ipv4Cidr>().is_ok()
         })
@@ -470,7 +498,7 @@ fn dhcp_for(
     let taken: BTreeSet<Ipv4Addr> = snap
         .ports
         .iter()
-        .filter(|p| p.namespace().as_deref() == Some(ns) && p.spec.network == net.name_any())
+        .filter(|p| of_network(&p.metadata, &p.spec.network, net))
         .flat_map(|p| fixed_ips(p).unwrap_or_default())
         .map(|(_, ip)| ip)
         .chain(gateway)
@@ -603,6 +631,7 @@ fn rule(
 fn filter(
     p: &LocalPort,
     bridge: &IfName,
+    dhcp_server: Option<Ipv4Addr>,
     snap: &Snapshot,
     groups: &mut Groups,
     ns: &str,
@@ -637,6 +666,7 @@ fn filter(
         device: p.device.clone(),
         mac: p.mac,
         ips,
+        dhcp_server,
         port_security: p.security,
         ingress,
         egress,
@@ -651,7 +681,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::agent::tests::{config, hypervisor, network, port, snapshot};
+    use crate::agent::tests::{config, hypervisor, network, port, snapshot, subnet};
 
     #[test]
     fn only_this_nodes_live_ports_in_its_project_are_wired() {
@@ -771,6 +801,95 @@ mod tests {
             .map(|z| z.zone)
             .collect();
         assert_eq!(zones, BTreeSet::from([5001, 5002]));
+    }
+
+    #[test]
+    fn ports_and_subnets_of_a_deleted_network_of_the_same_name_are_not_its() {
+        let mut snap = snapshot();
+        // `net` deleted and created again: a new uid; p1, p2 and `sn` are of the old one.
+        snap.networks = vec![network("net", "uid-net-2", Some(5001))];
+        let (d, plans) = desired(&config(), &snap);
+        assert!(matches!(
+            plans.values().next(),
+            Some(PortPlan::Blocked {
+                reason: "NetworkGone",
+                ..
+            })
+        ));
+        assert!(d.networks.is_empty() && d.firewall.is_none());
+
+        // A port and a subnet of the new network: the old ones are neither peers, nor
+        // leases, nor addresses taken, nor the subnet served.
+        let renew = |mut o: serde_json::Value| {
+            o["metadata"]["annotations"][NETWORK_UID] = json!("uid-net-2");
+            o
+        };
+        let p9 = renew(
+            serde_json::to_value(&*port(
+                "p9",
+                "net",
+                "n1",
+                "02:00:00:00:00:09",
+                "10.9.0.11",
+                Some("tp-p9"),
+            ))
+            .expect("json"),
+        );
+        snap.ports
+            .push(Arc::new(serde_json::from_value(p9).expect("port")));
+        let (d, _) = desired(&config(), &snap);
+        assert_eq!(d.networks.len(), 1);
+        let n = &d.networks[0];
+        assert_eq!(
+            n.ports,
+            BTreeSet::from([IfName::new("tp-p9").expect("name")])
+        );
+        assert!(
+            n.fdb.is_empty(),
+            "the old network's port on n2 is no peer: {:?}",
+            n.fdb
+        );
+        assert!(n.dhcp.is_none(), "the old network's subnet is not served");
+        let fw = d.firewall.expect("ruleset");
+        assert!(fw.tunnels[0].peers.is_empty());
+        let mut sn = serde_json::to_value(&*subnet("sn", "net", "10.9.0.0/24")).expect("json");
+        sn = renew(sn);
+        snap.subnets
+            .push(Arc::new(serde_json::from_value(sn).expect("subnet")));
+        let (d, _) = desired(&config(), &snap);
+        let dh = d.networks[0].dhcp.as_ref().expect("dhcp");
+        // The leases are the new port's only.
+        assert_eq!(dh.spec.leases.len(), 1);
+        assert_eq!(
+            dh.spec.leases[0].mac,
+            "02:00:00:00:00:09".parse().expect("mac")
+        );
+    }
+
+    #[test]
+    fn vxlan_is_taken_from_exactly_the_nodes_in_the_fdb() {
+        let mut snap = snapshot();
+        snap.ports.push(port(
+            "p5",
+            "net",
+            "n3",
+            "02:00:00:00:00:05",
+            "10.9.0.15",
+            None,
+        ));
+        snap.hypervisors.push(hypervisor("n3", "192.0.2.3"));
+        snap.hypervisors.push(hypervisor("n5", "192.0.2.5"));
+        let (d, _) = desired(&config(), &snap);
+        let fw = d.firewall.expect("ruleset");
+        assert_eq!(fw.tunnels.len(), 1);
+        assert_eq!(fw.tunnels[0].vni, 5001);
+        assert_eq!(fw.tunnels[0].port, VXLAN_PORT);
+        assert_eq!(
+            fw.tunnels[0].peers,
+            BTreeSet::from([Ipv4Addr::new(192, 0, 2, 2), Ipv4Addr::new(192, 0, 2, 3)])
+        );
+        // Each port's filter takes DHCP replies from its network's server.
+        assert_eq!(fw.ports[0].dhcp_server, Some(Ipv4Addr::new(10, 9, 0, 254)));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::agent::tests::{group, hypervisor, network, port, subnet};
 use crate::agent::{Host, PortState, converge};
-use crate::desired::{NodeConfig, PortKey, Snapshot};
+use crate::desired::{NETWORK_UID, NodeConfig, PortKey, Snapshot};
 use crate::driver::dnsmasq::Dnsmasq;
 use crate::driver::host_tests::{lease, ping, pings, root, run_in, unique};
 use crate::driver::netlink::NetlinkLinks;
@@ -71,6 +71,23 @@ fn in_project<K: kube::Resource + Clone>(obj: Arc<K>, ns: &str) -> Arc<K> {
     let meta = o.meta_mut();
     meta.namespace = Some(ns.to_owned());
     meta.uid = meta.uid.as_ref().map(|u| format!("{ns}/{u}"));
+    if let Some(u) = meta
+        .annotations
+        .as_mut()
+        .and_then(|a| a.get_mut(NETWORK_UID))
+    {
+        *u = format!("{ns}/{u}");
+    }
+    Arc::new(o)
+}
+
+/// `obj` (a Port or Subnet) as made in the Network of `uid`.
+fn of_network<K: kube::Resource + Clone>(obj: Arc<K>, uid: &str) -> Arc<K> {
+    let mut o = (*obj).clone();
+    o.meta_mut()
+        .annotations
+        .get_or_insert_default()
+        .insert(NETWORK_UID.to_owned(), uid.to_owned());
     Arc::new(o)
 }
 
@@ -172,25 +189,31 @@ fn two_nodes_wire_their_ports_serve_dhcp_repair_drift_and_clean_up() {
     let net_uid = format!("{prefix}-net");
     let mut snap = Snapshot {
         ports: vec![
-            port(
-                "p1",
-                "net",
-                n1.as_str(),
-                &mac1,
-                "10.50.0.11",
-                Some("tp-guest1"),
+            of_network(
+                port(
+                    "p1",
+                    "net",
+                    n1.as_str(),
+                    &mac1,
+                    "10.50.0.11",
+                    Some("tp-guest1"),
+                ),
+                &net_uid,
             ),
-            port(
-                "p2",
-                "net",
-                n2.as_str(),
-                &mac2,
-                "10.50.0.12",
-                Some("tp-guest2"),
+            of_network(
+                port(
+                    "p2",
+                    "net",
+                    n2.as_str(),
+                    &mac2,
+                    "10.50.0.12",
+                    Some("tp-guest2"),
+                ),
+                &net_uid,
             ),
         ],
         networks: vec![network("net", &net_uid, Some(5001))],
-        subnets: vec![subnet("sn", "net", "10.50.0.0/24")],
+        subnets: vec![of_network(subnet("sn", "net", "10.50.0.0/24"), &net_uid)],
         hypervisors: vec![
             hypervisor(n1.as_str(), "192.0.2.1"),
             hypervisor(n2.as_str(), "192.0.2.2"),
@@ -313,8 +336,10 @@ fn two_nodes_wire_their_ports_serve_dhcp_repair_drift_and_clean_up() {
     let net_b = format!("{prefix}-net-b");
     snap.networks
         .push(in_project(network("net", &net_b, Some(5002)), "other"));
-    snap.subnets
-        .push(in_project(subnet("sn", "net", "10.50.0.0/24"), "other"));
+    snap.subnets.push(in_project(
+        of_network(subnet("sn", "net", "10.50.0.0/24"), &net_b),
+        "other",
+    ));
     snap.groups.push(in_project(
         group(
             "default",
@@ -326,24 +351,30 @@ fn two_nodes_wire_their_ports_serve_dhcp_repair_drift_and_clean_up() {
         "other",
     ));
     snap.ports.push(in_project(
-        port(
-            "q3",
-            "net",
-            n1.as_str(),
-            &mac3,
-            "10.50.0.12",
-            Some("tp-guest3"),
+        of_network(
+            port(
+                "q3",
+                "net",
+                n1.as_str(),
+                &mac3,
+                "10.50.0.12",
+                Some("tp-guest3"),
+            ),
+            &net_b,
         ),
         "other",
     ));
     snap.ports.push(in_project(
-        port(
-            "q4",
-            "net",
-            n2.as_str(),
-            &mac4,
-            "10.50.0.11",
-            Some("tp-guest4"),
+        of_network(
+            port(
+                "q4",
+                "net",
+                n2.as_str(),
+                &mac4,
+                "10.50.0.11",
+                Some("tp-guest4"),
+            ),
+            &net_b,
         ),
         "other",
     ));

@@ -466,6 +466,7 @@ mod tests {
                     device: p.clone(),
                     mac: "02:00:00:00:00:01".parse().expect("mac"),
                     ips: BTreeSet::from([Ipv4Addr::new(10, 0, 0, 5)]),
+                    dhcp_server: None,
                     port_security: true,
                     ingress: vec![],
                     egress: vec![],
@@ -473,6 +474,7 @@ mod tests {
                 .collect(),
             groups: vec![],
             local_dhcp: vec![],
+            tunnels: vec![],
         }
     }
 
@@ -489,6 +491,7 @@ mod tests {
             ports: networks.iter().flat_map(|n| ruleset(n).ports).collect(),
             groups: vec![],
             local_dhcp: vec![],
+            tunnels: vec![],
         });
         Desired {
             node: "n1".into(),

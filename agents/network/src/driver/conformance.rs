@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use super::nft::{
-    GroupRef, LocalDhcp, PortFilter, PortRange, Protocol, Remote, RemoteGroup, Rule, Zone,
+    GroupRef, LocalDhcp, PortFilter, PortRange, Protocol, Remote, RemoteGroup, Rule, Tunnel, Zone,
 };
 use super::{
     Dhcp, DhcpError, DhcpSpec, FdbEntry, Firewall, FirewallError, IfName, Ipv4Cidr, LinkError,
@@ -276,6 +276,7 @@ pub fn sample_ruleset() -> Ruleset {
         device: ifname(dev),
         mac: mac(m),
         ips: BTreeSet::from([Ipv4Addr::from(ip)]),
+        dhcp_server: Some(Ipv4Addr::new(10, 0, 0, 254)),
         port_security: true,
         ingress: vec![
             Rule {
@@ -330,6 +331,11 @@ pub fn sample_ruleset() -> Ruleset {
         local_dhcp: vec![LocalDhcp {
             vxlan: ifname("vx-c1"),
             server: Ipv4Addr::new(10, 0, 0, 254),
+        }],
+        tunnels: vec![Tunnel {
+            vni: 5001,
+            port: 4789,
+            peers: BTreeSet::from([Ipv4Addr::new(192, 0, 2, 2)]),
         }],
     }
 }

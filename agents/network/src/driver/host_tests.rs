@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::conformance;
 use super::dnsmasq::Dnsmasq;
 use super::netlink::NetlinkLinks;
-use super::nft::{NftFirewall, PortFilter, Protocol, Remote, Rule, Zone};
+use super::nft::{NftFirewall, PortFilter, Protocol, Remote, Rule, Tunnel, Zone};
 use super::{
     Dhcp, DhcpSpec, FdbEntry, Firewall, IfName, Ipv4Cidr, Links, MacAddr, Name, Netns, Ruleset,
     StaticLease, VXLAN_PORT, VethSpec, VxlanSpec,
@@ -282,6 +282,7 @@ fn port_filter(node: &Node, port: &IfName, mac: MacAddr, ip: Ipv4Addr, icmp: boo
         device: port.clone(),
         mac,
         ips: BTreeSet::from([ip]),
+        dhcp_server: None,
         port_security: true,
         ingress,
         egress: vec![Rule {
@@ -391,6 +392,7 @@ fn guests_on_two_nodes_talk_over_vxlan_through_the_firewall_and_get_dhcp_leases(
         ports: vec![port_filter(node, port, mac, ip, icmp)],
         groups: vec![],
         local_dhcp: vec![],
+        tunnels: vec![],
     };
     fw1.apply(&rules(&node1, &p1, mac1, ip1, true))
         .expect("firewall 1");
@@ -520,4 +522,241 @@ pub(crate) fn lease(ns: &Name, dir: &Path) -> Option<Ipv4Addr> {
         eprintln!("udhcpc: {out}");
     }
     std::fs::read_to_string(&result).ok()?.trim().parse().ok()
+}
+
+/// `node`'s ruleset with `ports` filtered, and VXLAN taken only as `tunnels` say.
+fn ruleset(node: &Node, ports: Vec<PortFilter>, tunnels: Vec<Tunnel>) -> Ruleset {
+    Ruleset {
+        zones: vec![Zone {
+            bridge: node.bridge.clone(),
+            zone: 7,
+        }],
+        ports,
+        groups: vec![],
+        local_dhcp: vec![],
+        tunnels,
+    }
+}
+
+#[test]
+fn a_guest_reaches_no_port_past_its_ingress_rules_sends_no_ipv6_and_answers_no_dhcp() {
+    if !root() {
+        return;
+    }
+    let l = NetlinkLinks::new();
+    let prefix = unique();
+    let mut c = Cleanup::default();
+    let n1 = c.netns(format!("{prefix}-n1"));
+    let g1 = c.netns(format!("{prefix}-g1"));
+    let g2 = c.netns(format!("{prefix}-g2"));
+    let dh = c.netns(format!("{prefix}-dh"));
+    let client = c.netns(format!("{prefix}-cl"));
+    l.add_netns(&n1).expect("node netns");
+    let node1 = node(&l, n1.clone(), Ipv4Addr::new(192, 0, 2, 1));
+    let (p1, p2, pc) = (ifname("ve-g1"), ifname("ve-g2"), ifname("ve-cl"));
+    let mac1 = plug(&l, &node1, &g1, &p1, Some("10.50.0.11/24"));
+    let mac2 = plug(&l, &node1, &g2, &p2, Some("10.50.0.12/24"));
+    plug(&l, &node1, &dh, &ifname("ve-dh"), Some("10.50.0.2/24"));
+    let client_mac = plug(&l, &node1, &client, &pc, None);
+    let (ip1, ip2) = (Ipv4Addr::new(10, 50, 0, 11), Ipv4Addr::new(10, 50, 0, 12));
+    let server = Ipv4Addr::new(10, 50, 0, 2);
+    let fw = NftFirewall::new(node1.ns.clone());
+    // Guest 1 takes ICMP from the subnet, guest 2 only TCP 22; both send anything.
+    let filters = |secure1: bool, secure2: bool, secure_client: bool| {
+        let mut f1 = port_filter(&node1, &p1, mac1, ip1, true);
+        let mut f2 = port_filter(&node1, &p2, mac2, ip2, false);
+        let mut fc = port_filter(&node1, &pc, client_mac, Ipv4Addr::new(10, 50, 0, 30), true);
+        for (f, on) in [
+            (&mut f1, secure1),
+            (&mut f2, secure2),
+            (&mut fc, secure_client),
+        ] {
+            f.dhcp_server = Some(server);
+            f.port_security = on;
+        }
+        ruleset(&node1, vec![f1, f2, fc], vec![])
+    };
+
+    fw.apply(&filters(true, true, true)).expect("firewall");
+    assert!(pings(&g2, ip1, 3), "guest 2 pings guest 1");
+    assert!(!ping(&g1, ip2), "guest 2 takes no ICMP");
+
+    // A unicast IPv4 packet in a broadcast frame: delivered to a port without security,
+    // dropped before a filtered port whose ingress rules do not allow it.
+    let (ok, out) = run_in(
+        &g1,
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            "10.50.0.12",
+            "lladdr",
+            "ff:ff:ff:ff:ff:ff",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    );
+    assert!(ok, "{out}");
+    fw.apply(&filters(true, false, true)).expect("firewall");
+    assert!(
+        pings(&g1, ip2, 3),
+        "the broadcast frame reaches an open port"
+    );
+    fw.apply(&filters(true, true, true)).expect("firewall");
+    assert!(
+        !ping(&g1, ip2),
+        "the broadcast frame does not pass guest 2's ingress rules by"
+    );
+    assert!(run_in(&g1, &["ip", "neigh", "del", "10.50.0.12", "dev", "eth0"]).0);
+
+    // IPv6 (which has no Stratus addresses to check) does not leave a filtered port.
+    for (g, a) in [(&g1, "fd00::11/64"), (&g2, "fd00::12/64")] {
+        let (ok, out) = run_in(g, &["ip", "-6", "addr", "add", a, "dev", "eth0", "nodad"]);
+        assert!(ok, "{out}");
+    }
+    let ping6 = || {
+        (0..3).any(|_| {
+            run_in(
+                &g1,
+                &["busybox", "ping", "-6", "-c", "1", "-W", "1", "fd00::12"],
+            )
+            .0
+        })
+    };
+    fw.apply(&filters(false, false, true)).expect("firewall");
+    assert!(ping6(), "IPv6 between open ports");
+    fw.apply(&filters(true, false, true)).expect("firewall");
+    assert!(!ping6(), "no IPv6 from a filtered port");
+
+    // A DHCP server in guest 1: its offers reach the client only with port security off.
+    let state = c.dir();
+    let d = Dnsmasq::new(state.join("dhcp"));
+    let spec = |name: &str, ns: &Name, ip: [u8; 4]| DhcpSpec {
+        name: Name::new(name).expect("name"),
+        netns: Netns::Named(ns.clone()),
+        interface: ifname("eth0"),
+        subnet: cidr("10.50.0.0/24"),
+        router: None,
+        lease_secs: 600,
+        leases: vec![StaticLease {
+            mac: client_mac,
+            ip: Ipv4Addr::from(ip),
+            hostname: None,
+        }],
+    };
+    c.dhcp.push((d.clone(), Name::new("rogue").expect("name")));
+    d.ensure(&spec("rogue", &g1, [10, 50, 0, 66]))
+        .expect("rogue dhcp");
+    fw.apply(&filters(false, true, false)).expect("firewall");
+    assert_eq!(
+        lease(&client, &state),
+        Some(Ipv4Addr::new(10, 50, 0, 66)),
+        "without port security the guest's server answers"
+    );
+    fw.apply(&filters(true, true, false)).expect("firewall");
+    assert_eq!(
+        lease(&client, &state),
+        None,
+        "a DHCP server behind a filtered port is not heard"
+    );
+    fw.apply(&filters(false, true, true)).expect("firewall");
+    assert_eq!(
+        lease(&client, &state),
+        None,
+        "a filtered port takes DHCP replies from its network's server only"
+    );
+    fw.apply(&filters(true, true, true)).expect("firewall");
+    // The network's server is still heard, the guest's server still running.
+    c.dhcp.push((d.clone(), Name::new("net-1").expect("name")));
+    d.ensure(&spec("net-1", &dh, [10, 50, 0, 30]))
+        .expect("dhcp");
+    assert_eq!(lease(&client, &state), Some(Ipv4Addr::new(10, 50, 0, 30)));
+}
+
+#[test]
+fn vxlan_is_taken_only_from_the_networks_peers() {
+    if !root() {
+        return;
+    }
+    let l = NetlinkLinks::new();
+    let prefix = unique();
+    let mut c = Cleanup::default();
+    let n2 = c.netns(format!("{prefix}-n2"));
+    let n3 = c.netns(format!("{prefix}-n3"));
+    let g2 = c.netns(format!("{prefix}-g2"));
+    let g3 = c.netns(format!("{prefix}-g3"));
+    for n in [&n2, &n3] {
+        l.add_netns(n).expect("node netns");
+    }
+    // Node 3 is any host on node 2's underlay.
+    let (ns2, ns3) = (Netns::Named(n2.clone()), Netns::Named(n3.clone()));
+    let u = ifname("underlay");
+    l.add_veth(
+        &ns2,
+        &VethSpec {
+            name: u.clone(),
+            peer: u.clone(),
+            peer_netns: Some(ns3.clone()),
+        },
+    )
+    .expect("underlay veth");
+    l.add_address(&ns2, &u, cidr("192.0.2.2/24"))
+        .expect("underlay address");
+    l.add_address(&ns3, &u, cidr("192.0.2.3/24"))
+        .expect("underlay address");
+    l.set_up(&ns2, &u, true).expect("up");
+    l.set_up(&ns3, &u, true).expect("up");
+    let node2 = node(&l, n2.clone(), Ipv4Addr::new(192, 0, 2, 2));
+    let node3 = node(&l, n3.clone(), Ipv4Addr::new(192, 0, 2, 3));
+    plug(&l, &node2, &g2, &ifname("ve-g2"), Some("10.50.0.12/24"));
+    plug(&l, &node3, &g3, &ifname("ve-g3"), Some("10.50.0.66/24"));
+    // Both flood to each other: only the firewall stands between them.
+    let flood = |remote: [u8; 4]| {
+        BTreeSet::from([FdbEntry {
+            mac: MacAddr::ZERO,
+            remote: Ipv4Addr::from(remote),
+        }])
+    };
+    l.set_fdb(&node2.ns, &node2.vxlan, &flood([192, 0, 2, 3]))
+        .expect("fdb");
+    l.set_fdb(&node3.ns, &node3.vxlan, &flood([192, 0, 2, 2]))
+        .expect("fdb");
+    let g2_ip = Ipv4Addr::new(10, 50, 0, 12);
+    assert!(pings(&g3, g2_ip, 5), "unfiltered, node 3's frames arrive");
+
+    let fw = NftFirewall::new(node2.ns.clone());
+    let tunnel = |vni: u32, peers: &[[u8; 4]]| Tunnel {
+        vni,
+        port: VXLAN_PORT,
+        peers: peers.iter().map(|p| Ipv4Addr::from(*p)).collect(),
+    };
+    fw.apply(&ruleset(
+        &node2,
+        vec![],
+        vec![tunnel(5001, &[[192, 0, 2, 1]])],
+    ))
+    .expect("firewall");
+    assert!(!ping(&g3, g2_ip), "a host that is no peer is not heard");
+    fw.apply(&ruleset(
+        &node2,
+        vec![],
+        vec![
+            tunnel(5001, &[[192, 0, 2, 1]]),
+            tunnel(5002, &[[192, 0, 2, 3]]),
+        ],
+    ))
+    .expect("firewall");
+    assert!(
+        !ping(&g3, g2_ip),
+        "a peer of another network is not heard on this one"
+    );
+    fw.apply(&ruleset(
+        &node2,
+        vec![],
+        vec![tunnel(5001, &[[192, 0, 2, 1], [192, 0, 2, 3]])],
+    ))
+    .expect("firewall");
+    assert!(pings(&g3, g2_ip, 3), "a peer of the network is heard");
 }

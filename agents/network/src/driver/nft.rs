@@ -11,7 +11,12 @@
 //!
 //! Allowed traffic `return`s from a port's chain and the base chain's policy accepts it, so
 //! a packet between two ports of one node passes the sender's egress and the receiver's
-//! ingress rules.
+//! ingress rules. The forward chain finds a port's ingress rules by destination MAC, so the
+//! `bridge` table's forward chain drops IPv4 in a frame to a filtered port that is not
+//! addressed to its MAC (broadcast, multicast, flooded), but for its network's DHCP replies.
+//!
+//! The `inet` input chain keeps the node's VXLAN port to its networks' peers: a VXLAN packet
+//! is taken only from a node hosting ports of the network of its VNI.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,7 +25,8 @@ use std::net::Ipv4Addr;
 use std::process::Stdio;
 
 use nftables::expr::{
-    CT, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, Range, SetItem,
+    CT, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadBase, PayloadField, PayloadRaw,
+    Prefix, Range, SetItem,
 };
 use nftables::schema::{
     Chain, NfCmd, NfListObject, NfObject, Nftables, Rule as NfRule, Set, SetType, SetTypeValue,
@@ -79,6 +85,21 @@ pub struct Ruleset {
     pub groups: Vec<RemoteGroup>,
     /// Networks whose DHCP server on this node serves this node's ports only.
     pub local_dhcp: Vec<LocalDhcp>,
+    /// The node's VXLAN devices: each takes encapsulated frames only from the tunnel
+    /// addresses of the nodes that host ports of its network; all other traffic to a VXLAN
+    /// port is dropped, so no other host can put frames on a network's bridge.
+    pub tunnels: Vec<Tunnel>,
+}
+
+/// Who may send VXLAN to one of the node's VXLAN devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tunnel {
+    /// The network's VNI (24 bits).
+    pub vni: u32,
+    /// The device's UDP port.
+    pub port: u16,
+    /// The tunnel addresses of the other nodes hosting ports of the network.
+    pub peers: BTreeSet<Ipv4Addr>,
 }
 
 /// A network's DHCP server kept to its own node: every node runs one for its own ports (so
@@ -116,6 +137,9 @@ pub struct PortFilter {
     pub mac: MacAddr,
     /// The port's IPv4 addresses (and allowed address pairs).
     pub ips: BTreeSet<Ipv4Addr>,
+    /// The address of its network's DHCP server: the only source of DHCP replies the port
+    /// takes (`None`: it takes none).
+    pub dhcp_server: Option<Ipv4Addr>,
     /// With port security off the port is neither filtered nor checked for spoofing.
     pub port_security: bool,
     /// What may reach the port (all else is dropped).
@@ -219,6 +243,11 @@ impl Ruleset {
                 ));
             }
         }
+        for t in &self.tunnels {
+            if t.vni == 0 || t.vni >= 1 << 24 || t.port == 0 {
+                return bad(format!("VXLAN VNI {} or port {}", t.vni, t.port));
+            }
+        }
         let mut names = BTreeSet::new();
         for g in &self.groups {
             if !starts_with_letter(&g.name) || !names.insert(&g.name) {
@@ -288,14 +317,12 @@ impl Ruleset {
             }
         }
         replace_table(&mut out, NfFamily::Bridge);
-        let (chain, rules) = self.bridge_chain();
-        out.push(add(NfListObject::Chain(chain)));
-        for expr in rules {
-            out.push(add(NfListObject::Rule(rule(
-                NfFamily::Bridge,
-                "ports",
-                expr,
-            ))));
+        for (chain, rules) in [self.bridge_chain(), self.bridge_out_chain()] {
+            let name = chain.name.clone();
+            out.push(add(NfListObject::Chain(chain)));
+            for expr in rules {
+                out.push(add(NfListObject::Rule(rule(NfFamily::Bridge, &name, expr))));
+            }
         }
         Ok(Nftables {
             objects: Cow::Owned(out),
@@ -387,7 +414,13 @@ impl Ruleset {
                     Statement::Return(None),
                 ]
             };
-            let mut in_rules = vec![dhcp(67, 68)];
+            // DHCP replies only from the network's server.
+            let mut in_rules = Vec::new();
+            if let Some(server) = p.dhcp_server {
+                let mut r = vec![eq(payload("ip", "saddr"), s(server.to_string()))];
+                r.extend(dhcp(67, 68));
+                in_rules.push(r);
+            }
             in_rules.extend(p.ingress.iter().map(|r| self.statements(r, "saddr")));
             in_rules.push(vec![Statement::Drop(None)]);
             let mut out_rules = vec![dhcp(68, 67)];
@@ -396,11 +429,51 @@ impl Ruleset {
             port_chains.push((NfFamily::INet, regular(&inn), in_rules));
             port_chains.push((NfFamily::INet, regular(&out), out_rules));
         }
+        let mut input = Vec::new();
+        for t in self.tunnels.iter().filter(|t| !t.peers.is_empty()) {
+            input.push(vec![
+                eq(
+                    payload("ip", "saddr"),
+                    Expression::Named(NamedExpression::Set(
+                        t.peers
+                            .iter()
+                            .map(|a| SetItem::Element(s(a.to_string())))
+                            .collect(),
+                    )),
+                ),
+                eq(
+                    payload("udp", "dport"),
+                    Expression::Number(u32::from(t.port)),
+                ),
+                // The VNI: bytes 4 to 6 of the VXLAN header after the 8-byte UDP header.
+                eq(
+                    Expression::Named(NamedExpression::Payload(Payload::PayloadRaw(PayloadRaw {
+                        base: PayloadBase::TH,
+                        offset: 96,
+                        len: 24,
+                    }))),
+                    Expression::Number(t.vni),
+                ),
+                Statement::Accept(None),
+            ]);
+        }
+        let ports: BTreeSet<u16> = self.tunnels.iter().map(|t| t.port).collect();
+        for port in ports {
+            input.push(vec![
+                eq(payload("udp", "dport"), Expression::Number(u32::from(port))),
+                Statement::Drop(None),
+            ]);
+        }
         let mut all = vec![
             (
                 NfFamily::INet,
                 base(NfFamily::INet, "prerouting", NfHook::Prerouting, -300),
                 pre,
+            ),
+            (
+                NfFamily::INet,
+                base(NfFamily::INet, "input", NfHook::Input, 0),
+                input,
             ),
             (
                 NfFamily::INet,
@@ -414,7 +487,8 @@ impl Ruleset {
 
     /// A rule's matches, `remote_field` being `saddr` (ingress) or `daddr` (egress).
     fn statements(&self, r: &Rule, remote_field: &'static str) -> Vec<Statement<'static>> {
-        let mut st = Vec::new();
+        // Rules are IPv4: without this, a rule with no address would match IPv6 too.
+        let mut st = vec![eq(meta(MetaKey::Nfproto), s("ipv4"))];
         match r.remote {
             Remote::Any => {}
             Remote::Cidr(c) => st.push(eq(
@@ -456,10 +530,11 @@ impl Ruleset {
         st
     }
 
-    /// The `bridge` table's one chain: per filtered port, frames in from its device carry
-    /// its MAC, and its IPv4 and ARP packets its addresses (or 0.0.0.0 for DHCP and ARP
-    /// probes); per local DHCP server, nothing of DHCP or for the server's address comes in
-    /// from the overlay.
+    /// The `bridge` table's chain for what comes in: per filtered port, frames in from its
+    /// device carry its MAC and are IPv4 or ARP only (no IPv6, no VLAN tags: IPv6 has no
+    /// addresses of Stratus's yet), its IPv4 and ARP packets carry its addresses (or 0.0.0.0
+    /// for DHCP and ARP probes), and it sends no DHCP server replies; per local DHCP
+    /// server, nothing of DHCP or for the server's address comes in from the overlay.
     fn bridge_chain(&self) -> (Chain<'static>, Vec<Vec<Statement<'static>>>) {
         let mut rules = Vec::new();
         for p in self.ports.iter().filter(|p| p.port_security) {
@@ -478,6 +553,23 @@ impl Ruleset {
             rules.push(vec![
                 dev(),
                 ne(payload("ether", "saddr"), s(p.mac.to_string())),
+                Statement::Drop(None),
+            ]);
+            rules.push(vec![
+                dev(),
+                ne(
+                    payload("ether", "type"),
+                    Expression::Named(NamedExpression::Set(vec![
+                        SetItem::Element(s("ip")),
+                        SetItem::Element(s("arp")),
+                    ])),
+                ),
+                Statement::Drop(None),
+            ]);
+            rules.push(vec![
+                dev(),
+                eq(payload("ether", "type"), s("ip")),
+                eq(payload("udp", "sport"), Expression::Number(67)),
                 Statement::Drop(None),
             ]);
             rules.push(vec![
@@ -526,6 +618,41 @@ impl Ruleset {
         }
         (
             base(NfFamily::Bridge, "ports", NfHook::Prerouting, -200),
+            rules,
+        )
+    }
+
+    /// The `bridge` table's chain for what goes out of a port: an IPv4 frame to a filtered
+    /// port's device is addressed to its MAC, or is a DHCP reply of its network's server.
+    /// The `inet` forward chain sends a frame to a port's ingress rules by its destination
+    /// MAC; a broadcast or multicast frame (or one flooded from another MAC) would pass
+    /// them by, so it is dropped here.
+    fn bridge_out_chain(&self) -> (Chain<'static>, Vec<Vec<Statement<'static>>>) {
+        let mut rules = Vec::new();
+        for p in self.ports.iter().filter(|p| p.port_security) {
+            let head = || {
+                vec![
+                    eq(meta(MetaKey::Oifname), s(p.device.as_str())),
+                    eq(payload("ether", "type"), s("ip")),
+                    ne(payload("ether", "daddr"), s(p.mac.to_string())),
+                ]
+            };
+            if let Some(server) = p.dhcp_server {
+                let mut r = head();
+                r.extend([
+                    eq(payload("ip", "saddr"), s(server.to_string())),
+                    eq(payload("udp", "sport"), Expression::Number(67)),
+                    eq(payload("udp", "dport"), Expression::Number(68)),
+                    Statement::Accept(None),
+                ]);
+                rules.push(r);
+            }
+            let mut r = head();
+            r.push(Statement::Drop(None));
+            rules.push(r);
+        }
+        (
+            base(NfFamily::Bridge, "to-ports", NfHook::Forward, 0),
             rules,
         )
     }
@@ -782,4 +909,146 @@ pub fn parse_observed(v: &serde_json::Value) -> Option<Observed> {
         }
     }
     found.then_some(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::conformance::sample_ruleset;
+
+    /// The rules of `family/chain` of the rendered batch, each as its statements' JSON.
+    fn rules(rs: &Ruleset, family: NfFamily, chain: &str) -> Vec<String> {
+        rs.render()
+            .expect("render")
+            .objects
+            .iter()
+            .filter_map(|o| match o {
+                NfObject::CmdObject(NfCmd::Add(NfListObject::Rule(r)))
+                    if r.family == family && r.chain == chain =>
+                {
+                    Some(serde_json::to_string(&r.expr).expect("json"))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn with_all(rule: &str, parts: &[&str]) -> bool {
+        parts.iter().all(|p| rule.contains(p))
+    }
+
+    #[test]
+    fn every_security_group_rule_matches_ipv4_only() {
+        let rs = sample_ruleset();
+        for chain in ["p-one-in", "p-one-out"] {
+            let all = rules(&rs, NfFamily::INet, chain);
+            let sg: Vec<&String> = all
+                .iter()
+                .filter(|r| !r.contains("\"sport\"") && !r.contains("\"drop\""))
+                .collect();
+            assert!(!sg.is_empty(), "{chain}");
+            for r in sg {
+                assert!(
+                    r.contains(
+                        r#"{"match":{"left":{"meta":{"key":"nfproto"}},"right":"ipv4","op":"=="}}"#
+                    ),
+                    "{chain}: {r}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_port_takes_dhcp_replies_from_its_server_only_and_sends_none() {
+        let mut rs = sample_ruleset();
+        let inn = rules(&rs, NfFamily::INet, "p-one-in");
+        let dhcp: Vec<&String> = inn.iter().filter(|r| r.contains("\"sport\"")).collect();
+        assert_eq!(dhcp.len(), 1, "{inn:?}");
+        assert!(with_all(dhcp[0], &["10.0.0.254", "67", "68", "return"]));
+        rs.ports[0].dhcp_server = None;
+        let inn = rules(&rs, NfFamily::INet, "p-one-in");
+        assert!(!inn.iter().any(|r| r.contains("\"sport\"")), "{inn:?}");
+        let from_port = rules(&rs, NfFamily::Bridge, "ports");
+        assert!(from_port.iter().any(|r| with_all(
+            r,
+            &[
+                r#""ve-c1""#,
+                r#""field":"sport"}},"right":67,"op":"=="}"#,
+                "drop"
+            ]
+        )));
+    }
+
+    #[test]
+    fn a_filtered_port_sends_ipv4_and_arp_only() {
+        let rs = sample_ruleset();
+        let from_port = rules(&rs, NfFamily::Bridge, "ports");
+        let only = r#"{"match":{"left":{"payload":{"protocol":"ether","field":"type"}},"right":{"set":["ip","arp"]},"op":"!="}},{"drop":null}"#;
+        assert!(
+            from_port
+                .iter()
+                .any(|r| r.contains(r#""ve-c1""#) && r.contains(only)),
+            "{from_port:?}"
+        );
+        assert!(
+            !from_port.iter().any(|r| r.contains(r#""ve-c2""#)),
+            "no checks for a port without port security"
+        );
+    }
+
+    #[test]
+    fn ipv4_to_a_filtered_port_is_for_its_mac_or_a_reply_of_its_dhcp_server() {
+        let rs = sample_ruleset();
+        let out = rules(&rs, NfFamily::Bridge, "to-ports");
+        assert_eq!(out.len(), 2, "the open port has none: {out:?}");
+        assert!(with_all(
+            &out[0],
+            &[r#""ve-c1""#, "02:00:00:00:00:01", "10.0.0.254", "accept"]
+        ));
+        assert!(with_all(
+            &out[1],
+            &[
+                r#""ve-c1""#,
+                r#"{"left":{"payload":{"protocol":"ether","field":"daddr"}},"right":"02:00:00:00:00:01","op":"!="}"#,
+                "drop"
+            ]
+        ));
+        assert!(!out[1].contains("10.0.0.254"));
+    }
+
+    #[test]
+    fn vxlan_is_accepted_from_each_networks_peers_and_dropped_otherwise() {
+        let mut rs = sample_ruleset();
+        rs.tunnels.push(Tunnel {
+            vni: 5002,
+            port: 4789,
+            peers: BTreeSet::new(),
+        });
+        let input = rules(&rs, NfFamily::INet, "input");
+        assert_eq!(input.len(), 2, "{input:?}");
+        assert!(with_all(
+            &input[0],
+            &[
+                r#"{"set":["192.0.2.2"]}"#,
+                r#""right":4789"#,
+                r#"{"payload":{"base":"th","offset":96,"len":24}},"right":5001,"op":"=="}"#,
+                "accept"
+            ]
+        ));
+        assert!(with_all(&input[1], &[r#""right":4789"#, "drop"]));
+        assert!(!input[1].contains("saddr"));
+        rs.tunnels.clear();
+        assert!(rules(&rs, NfFamily::INet, "input").is_empty());
+        for vni in [0, 1 << 24] {
+            rs.tunnels = vec![Tunnel {
+                vni,
+                port: 4789,
+                peers: BTreeSet::new(),
+            }];
+            assert!(
+                matches!(rs.render(), Err(FirewallError::Invalid(_))),
+                "{vni}"
+            );
+        }
+    }
 }
