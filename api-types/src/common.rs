@@ -259,6 +259,36 @@ reasons! {
     Drifted,
     /// A server's `Stopping=True`: the guest was asked to shut down.
     ShutdownRequested,
+    /// A network port's `Ready=True`: its device is on its network's bridge, filtered.
+    Wired,
+    /// A network port's `Ready=False`: the node failed to wire it (it is tried again).
+    WiringFailed,
+    /// A network port's `Ready=False`: its device (the guest's tap) is not on the node yet.
+    DeviceMissing,
+    /// A network port's network does not exist.
+    NetworkNotFound,
+    /// A network port's network was deleted (one of that name now is another Network).
+    NetworkGone,
+    /// A network port's network has a segmentation the node cannot wire.
+    SegmentationUnsupported,
+    /// A network port's network has no VNI yet.
+    VniPending = "VNIPending",
+    /// A network port's node has no tunnel address.
+    NoUnderlayAddress,
+    /// A network port has no MAC address yet.
+    MacAddressPending = "MACAddressPending",
+    /// A network port's MAC address does not parse.
+    InvalidMacAddress = "InvalidMACAddress",
+    /// A network port's device name is not one the node may attach.
+    InvalidInterfaceName,
+    /// A network port's fixed address does not parse.
+    InvalidAddress,
+    /// A network port with port security has no IPv4 address yet.
+    AddressPending,
+    /// A network port's security group does not exist.
+    SecurityGroupNotFound,
+    /// A network port's uid gives no name the firewall accepts.
+    InvalidName,
 }
 
 impl Reason {

@@ -19,7 +19,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
-use stratus_api_types::common::ConditionType;
+use stratus_api_types::common::{ConditionType, Reason};
 use stratus_api_types::compute::Hypervisor;
 use stratus_api_types::network::{Network, Port, PortPhase, SecurityGroup, Subnet};
 use stratus_runtime::{Classify, Retry, Runtime};
@@ -77,7 +77,7 @@ impl Classify for SyncError {
     }
 
     fn reason(&self) -> &'static str {
-        "WiringFailed"
+        Reason::WiringFailed.as_str()
     }
 }
 
@@ -95,7 +95,7 @@ pub enum PortState {
     /// Not wired, and why.
     NotWired {
         /// CamelCase reason.
-        reason: &'static str,
+        reason: Reason,
         /// For people.
         message: String,
     },
@@ -315,13 +315,13 @@ fn wired(
 ) -> PortState {
     if let Some(message) = failure(bridge) {
         return PortState::NotWired {
-            reason: "WiringFailed",
+            reason: Reason::WiringFailed,
             message,
         };
     }
     let Some(dev) = after.links.get(device) else {
         return PortState::NotWired {
-            reason: "DeviceMissing",
+            reason: Reason::DeviceMissing,
             message: format!("waiting for the port's device {device} to appear on the node"),
         };
     };
@@ -339,7 +339,7 @@ fn wired(
         }
     } else {
         PortState::NotWired {
-            reason: "WiringFailed",
+            reason: Reason::WiringFailed,
             message: format!("{device} is not up on bridge {bridge} with its filter in place"),
         }
     }
@@ -742,7 +742,7 @@ async fn write_statuses(
             PortState::Wired { bridge, .. } => {
                 status.phase = PortPhase::Active;
                 ConditionType::Ready.yes(
-                    "Wired",
+                    Reason::Wired,
                     format!("on bridge {bridge} of node {}", config.node.node),
                 )
             }
@@ -975,7 +975,7 @@ pub(crate) mod tests {
         r.ports.get(&key(name)).cloned().expect("port state")
     }
 
-    fn not_wired(r: &Report, name: &str) -> &'static str {
+    fn not_wired(r: &Report, name: &str) -> Reason {
         match state(r, name) {
             PortState::NotWired { reason, .. } => reason,
             s => panic!("{name} is {s:?}"),
@@ -1076,7 +1076,7 @@ pub(crate) mod tests {
     fn a_port_whose_device_is_not_there_yet_waits_for_it() {
         let f = fakes();
         let r = converge(&f.host, &config(), &snapshot()).expect("converge");
-        assert_eq!(not_wired(&r, "p1"), "DeviceMissing");
+        assert_eq!(not_wired(&r, "p1"), Reason::DeviceMissing);
         plug(&f.links, "tp-p1");
         let r = converge(&f.host, &config(), &snapshot()).expect("converge");
         assert!(matches!(state(&r, "p1"), PortState::Wired { .. }));
@@ -1085,19 +1085,19 @@ pub(crate) mod tests {
     #[test]
     fn a_port_that_cannot_be_wired_says_why_and_touches_nothing() {
         type Break = fn(&mut Snapshot);
-        let cases: Vec<(&str, Break)> = vec![
-            ("VNIPending", |s| {
+        let cases: Vec<(Reason, Break)> = vec![
+            (Reason::VniPending, |s| {
                 s.networks = vec![network("net", "uid-net", None)];
             }),
-            ("NetworkNotFound", |s| s.networks.clear()),
-            ("SecurityGroupNotFound", |s| s.groups.clear()),
-            ("NoUnderlayAddress", |s| {
+            (Reason::NetworkNotFound, |s| s.networks.clear()),
+            (Reason::SecurityGroupNotFound, |s| s.groups.clear()),
+            (Reason::NoUnderlayAddress, |s| {
                 s.hypervisors.retain(|h| h.name_any() != "n1");
             }),
-            ("MACAddressPending", |s| {
+            (Reason::MacAddressPending, |s| {
                 s.ports[0] = port("p1", "net", "n1", "", "10.9.0.11", Some("tp-p1"));
             }),
-            ("InvalidInterfaceName", |s| {
+            (Reason::InvalidInterfaceName, |s| {
                 s.ports[0] = port(
                     "p1",
                     "net",
@@ -1187,7 +1187,7 @@ pub(crate) mod tests {
         plug(&f.links, "tp-p1");
         f.firewall.failures.set("apply", 1);
         let r = converge(&f.host, &config(), &snapshot()).expect("converge");
-        assert_eq!(not_wired(&r, "p1"), "WiringFailed");
+        assert_eq!(not_wired(&r, "p1"), Reason::WiringFailed);
         let tap = f.links.link(&Netns::Host, &ifname("tp-p1")).expect("link");
         assert_eq!(tap.and_then(|t| t.master), None, "no port unfiltered");
 
@@ -1201,7 +1201,7 @@ pub(crate) mod tests {
         plug(&f.links, "tp-p1");
         f.links.failures.set("add_vxlan", 1);
         let r = converge(&f.host, &config(), &snapshot()).expect("converge");
-        assert_eq!(not_wired(&r, "p1"), "WiringFailed");
+        assert_eq!(not_wired(&r, "p1"), Reason::WiringFailed);
         assert_eq!(r.failures.len(), 1);
         let r = converge(&f.host, &config(), &snapshot()).expect("converge");
         assert!(matches!(state(&r, "p1"), PortState::Wired { .. }));

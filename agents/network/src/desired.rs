@@ -9,6 +9,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use kube::ResourceExt;
+use stratus_api_types::common::Reason;
 use stratus_api_types::compute::Hypervisor;
 use stratus_api_types::network::{
     Direction, EtherType, Network, Port, Protocol as ApiProtocol, SecurityGroup, SecurityGroupRule,
@@ -89,7 +90,7 @@ pub enum PortPlan {
     /// It cannot be wired yet, or at all.
     Blocked {
         /// CamelCase, for its `Ready` condition.
-        reason: &'static str,
+        reason: Reason,
         /// What is missing, for people.
         message: String,
     },
@@ -174,7 +175,7 @@ struct LocalPort {
     pairs: BTreeSet<Ipv4Addr>,
 }
 
-fn blocked(reason: &'static str, message: impl Into<String>) -> PortPlan {
+fn blocked(reason: Reason, message: impl Into<String>) -> PortPlan {
     PortPlan::Blocked {
         reason,
         message: message.into(),
@@ -195,13 +196,13 @@ fn local_port(
         .find(|n| n.namespace().as_deref() == Some(&ns) && n.name_any() == port.spec.network)
         .ok_or_else(|| {
             blocked(
-                "NetworkNotFound",
+                Reason::NetworkNotFound,
                 format!("network {} does not exist", port.spec.network),
             )
         })?;
     if !of_network(&port.metadata, &port.spec.network, network) {
         return Err(blocked(
-            "NetworkGone",
+            Reason::NetworkGone,
             format!(
                 "the network {} this port was made in was deleted; network {0} of today is \
                  another one (delete the port and create it again)",
@@ -211,7 +212,7 @@ fn local_port(
     }
     if network.spec.segmentation != Segmentation::Vxlan {
         return Err(blocked(
-            "SegmentationUnsupported",
+            Reason::SegmentationUnsupported,
             format!(
                 "network {} is not a VXLAN network; this node wires VXLAN networks only",
                 port.spec.network
@@ -220,13 +221,13 @@ fn local_port(
     }
     if network.status.as_ref().and_then(|s| s.vni).is_none() || network.uid().is_none() {
         return Err(blocked(
-            "VNIPending",
+            Reason::VniPending,
             format!("network {} has no VNI yet", port.spec.network),
         ));
     }
     if underlay.is_none() {
         return Err(blocked(
-            "NoUnderlayAddress",
+            Reason::NoUnderlayAddress,
             "the node has no tunnel address (no --underlay-ip and no Hypervisor status.hostIP)",
         ));
     }
@@ -234,11 +235,15 @@ fn local_port(
         .status
         .as_ref()
         .and_then(|s| s.mac_address.as_deref())
-        .ok_or_else(|| blocked("MACAddressPending", "the port has no MAC address yet"))?
+        .ok_or_else(|| blocked(Reason::MacAddressPending, "the port has no MAC address yet"))?
         .parse()
-        .map_err(|e| blocked("InvalidMACAddress", format!("status.macAddress: {e}")))?;
-    let device = port_device(port)
-        .map_err(|e| blocked("InvalidInterfaceName", format!("status.interfaceName: {e}")))?;
+        .map_err(|e| blocked(Reason::InvalidMacAddress, format!("status.macAddress: {e}")))?;
+    let device = port_device(port).map_err(|e| {
+        blocked(
+            Reason::InvalidInterfaceName,
+            format!("status.interfaceName: {e}"),
+        )
+    })?;
     // A port's device is attached to a bridge: never one of the agent's own devices or the
     // loopback.
     if device.as_str() == "lo"
@@ -247,11 +252,11 @@ fn local_port(
             .any(|p| crate::plan::is_derived(&device, p))
     {
         return Err(blocked(
-            "InvalidInterfaceName",
+            Reason::InvalidInterfaceName,
             format!("status.interfaceName: {device} is not a port's device"),
         ));
     }
-    let ips = fixed_ips(port).map_err(|e| blocked("InvalidAddress", e))?;
+    let ips = fixed_ips(port).map_err(|e| blocked(Reason::InvalidAddress, e))?;
     let security = port
         .spec
         .port_security_enabled
@@ -260,7 +265,7 @@ fn local_port(
     if security {
         if ips.is_empty() {
             return Err(blocked(
-                "AddressPending",
+                Reason::AddressPending,
                 "the port has no IPv4 address yet (port security filters by address)",
             ));
         }
@@ -271,7 +276,7 @@ fn local_port(
                 .any(|s| s.namespace().as_deref() == Some(&ns) && s.name_any() == *g);
             if !found {
                 return Err(blocked(
-                    "SecurityGroupNotFound",
+                    Reason::SecurityGroupNotFound,
                     format!("security group {g} does not exist"),
                 ));
             }
@@ -289,7 +294,7 @@ fn local_port(
         })
         .collect();
     let id = Name::derived("p", port.uid().as_deref().unwrap_or_default())
-        .map_err(|e| blocked("InvalidName", e.to_string()))?;
+        .map_err(|e| blocked(Reason::InvalidName, e.to_string()))?;
     Ok(LocalPort {
         key,
         id,
@@ -705,7 +710,7 @@ mod tests {
         assert!(matches!(
             plans.values().nth(1),
             Some(PortPlan::Blocked {
-                reason: "NetworkNotFound",
+                reason: Reason::NetworkNotFound,
                 ..
             })
         ));
@@ -812,7 +817,7 @@ mod tests {
         assert!(matches!(
             plans.values().next(),
             Some(PortPlan::Blocked {
-                reason: "NetworkGone",
+                reason: Reason::NetworkGone,
                 ..
             })
         ));
@@ -909,7 +914,7 @@ mod tests {
                 matches!(
                     plans.values().next(),
                     Some(PortPlan::Blocked {
-                        reason: "InvalidInterfaceName",
+                        reason: Reason::InvalidInterfaceName,
                         ..
                     })
                 ),
