@@ -260,8 +260,11 @@ async fn sync(server: &Server, ctx: &Ctx) -> Result<Action, PortsError> {
                     ports.push(p);
                 }
                 // Refused for what it asks (a taken address, a missing network, no room):
-                // said on the Server, tried again when something changes.
-                Err(kube::Error::Api(e)) if (400..500).contains(&e.code) && e.code != 409 => {
+                // said on the Server, tried again when something changes. A Port of that
+                // name made meanwhile is no refusal: the next pass finds it.
+                Err(kube::Error::Api(e))
+                    if (400..500).contains(&e.code) && e.reason != "AlreadyExists" =>
+                {
                     blocked = Some(Blocked::new(
                         Reason::PortRefused,
                         format!(

@@ -239,6 +239,41 @@ fn a_servers_network_becomes_a_port_plugged_into_its_guest_and_goes_with_it() ->
     );
     cloud.kubectl_ok(&["-n", "demo", "delete", "server", "db", "--timeout=60s"])?;
 
+    // An address already taken, or a network that does not exist: the Port's create is
+    // refused, and the Server says why, naming its entry.
+    for (server, entry, says) in [
+        (
+            "taken",
+            format!("network: blue\n    fixedIP: {ip}"),
+            ip.clone(),
+        ),
+        (
+            "nowhere",
+            "network: missing".to_owned(),
+            "missing".to_owned(),
+        ),
+    ] {
+        cloud.kubectl_in(
+            &["apply", "-f", "-"],
+            &format!(
+                "apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: {server}\n  namespace: demo\nspec:\n  flavor: m1.nano\n  image: tiny\n  networks:\n  - {entry}\n"
+            ),
+        )?;
+        let s = wait_until(T, &format!("{server} told its port was refused"), || {
+            get(&cloud, "server", server)
+                .filter(|s| condition(s, "Allocated").is_some_and(|c| c["status"] == "False"))
+        })?;
+        let c = condition(&s, "Allocated").context("Allocated")?;
+        let message = c["message"].as_str().unwrap_or_default();
+        assert_eq!(c["reason"], "PortRefused", "{c}");
+        assert!(
+            message.contains("spec.networks[0]") && message.contains(&says),
+            "{c}"
+        );
+        assert!(get(&cloud, "port", &format!("{server}-0")).is_none());
+        cloud.kubectl_ok(&["-n", "demo", "delete", "server", server, "--timeout=60s"])?;
+    }
+
     // Deleted: the guest goes, the Port made for it goes with it, the one it was given is
     // released, and the address is free for another Port.
     cloud.kubectl_ok(&["-n", "demo", "delete", "server", "web", "--timeout=60s"])?;
