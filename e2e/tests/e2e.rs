@@ -9,6 +9,7 @@ mod e2e {
     mod compute;
     mod drivers;
     mod etcd;
+    mod field_ownership;
     mod gc;
     mod identity;
     mod ipam;
