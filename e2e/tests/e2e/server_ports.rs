@@ -589,3 +589,50 @@ fn a_real_guest_takes_its_ports_address_by_dhcp() -> Result<()> {
     .with_context(|| node.agent_log())?;
     Ok(())
 }
+
+#[test]
+fn a_servers_ports_have_addresses_before_placement_and_move_with_it() -> Result<()> {
+    let cloud = Cloud::up()?;
+    cloud.projects(&["demo"])?;
+    let flavors = repo_root().join("examples/flavors.yaml");
+    cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
+    cloud.kubectl_in(
+        &["-n", "demo", "apply", "-f", "-"],
+        "apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: blue\nspec: {}\n---\n\
+         apiVersion: network.stratus.dev/v1\nkind: Subnet\nmetadata:\n  name: blue-v4\nspec:\n  network: blue\n  cidr: 10.73.0.0/24\n---\n\
+         apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: web\nspec:\n  flavor: m1.nano\n  image: tiny\n  networks:\n  - network: blue\n",
+    )?;
+    // No hypervisor yet, so not placed: the address is there already, and so is the Server's
+    // list of it; the Port is bound to the Server but on no node.
+    let port = wait_until(T, "the server's port, before placement", || {
+        get(&cloud, "port", "web-0").filter(|p| p["status"]["boundTo"] == "web")
+    })?;
+    assert!(port["status"]["hypervisor"].is_null(), "{port}");
+    let ip = port["status"]["fixedIPs"][0]["ipAddress"].clone();
+    assert!(
+        ip.as_str().is_some_and(|a| a.starts_with("10.73.0.")),
+        "{ip}"
+    );
+    wait_until(T, "the server's address before placement", || {
+        get(&cloud, "server", "web").filter(|s| s["status"]["addresses"][0]["ip"] == ip)
+    })?;
+    let on = |node: Option<&str>| {
+        let want = node.map_or(Value::Null, Value::from);
+        wait_until(T, &format!("port web-0 on {node:?}"), || {
+            get(&cloud, "port", "web-0")
+                .filter(|p| p["status"]["hypervisor"] == want && p["status"]["boundTo"] == "web")
+        })
+    };
+    // Placed, taken off (as an evacuation does), placed elsewhere: the Port follows.
+    cloud.place("demo", "web", "node-x")?;
+    on(Some("node-x"))?;
+    let binding = "/apis/compute.stratus.dev/v1/namespaces/demo/servers/web/binding";
+    cloud.kubectl_ok(&["delete", "--raw", binding])?;
+    on(None)?;
+    cloud.place("demo", "web", "node-y")?;
+    let moved = on(Some("node-y"))?;
+    // Its address and MAC stay what they were.
+    assert_eq!(moved["status"]["fixedIPs"][0]["ipAddress"], ip);
+    assert_eq!(moved["status"]["macAddress"], port["status"]["macAddress"]);
+    Ok(())
+}
