@@ -451,6 +451,17 @@ spec: {{network: net}}
                     && e.contains("set the FDB of")
                     && e.contains("applied the nft ruleset")
             })
+    })
+    .with_context(|| {
+        // What there is, and what the agents did, for a run that fails here.
+        let logs: String = [s1.path(), s2.path()]
+            .iter()
+            .map(|d| std::fs::read_to_string(d.join("agent.log")).unwrap_or_default())
+            .collect();
+        format!(
+            "events: {}\nagent logs:\n{logs}",
+            kubectl(&api, &["get", "events", "-o", "json"]).unwrap_or_default()
+        )
     })?;
     assert!(ping(&g1, &ip2));
 
