@@ -1,8 +1,9 @@
-//! LISTs and watches answered from the watch cache, over the in-memory store: the same objects
-//! and revisions etcd's read gives, never an older state than etcd's unless
-//! `resourceVersion=0` allows it, and continue tokens that keep their list at one revision.
+//! LISTs and watches answered from the watch cache, over the in-memory store (and one check on
+//! a real etcd): the same objects and revisions etcd's read gives, never an older state than
+//! etcd's unless `resourceVersion=0` allows it, and continue tokens that keep their list at
+//! one revision.
 
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 #[path = "api/fixtures.rs"]
 mod fixtures;
 
