@@ -189,6 +189,10 @@ reasons! {
     HeartbeatLost,
     /// A server's `Ready=False`: its hypervisor was lost and its evacuation policy is Manual.
     HypervisorLost,
+    /// A server's `Scheduled=True`: its binding placed it on a hypervisor.
+    Bound,
+    /// A server's `Scheduled=False`: taken off its lost hypervisor, waiting to be placed again.
+    Evacuating,
     /// A server's `Scheduled=False`: no hypervisor can take it now.
     Unschedulable,
     /// A server's flavor does not exist.

@@ -16,8 +16,8 @@ use crate::admission::{Admission, Ctx, Subject};
 use crate::base::error::{ApiError, ApiResult, Cause};
 use crate::storage::keys;
 use crate::storage::store::{Guard, Read};
-use stratus_api_types::common::{self, Condition, Time};
-use stratus_api_types::compute::{ComputeResources, FlavorSpec, HypervisorSpec};
+use stratus_api_types::common::{Condition, ConditionType, ConditionUpdate, Reason};
+use stratus_api_types::compute::{ComputeResources, FlavorSpec, HypervisorSpec, ServerPhase};
 use stratus_api_types::placement::{self, Amount};
 
 pub use stratus_api_types::compute::TEARDOWN_FINALIZER;
@@ -37,7 +37,7 @@ pub struct Binding;
 impl Admission for Binding {
     /// A Server waits for the scheduler (`Pending`), as a Pod does.
     fn initial_status(&self) -> Option<Value> {
-        Some(json!({"phase": "Pending"}))
+        Some(json!({"phase": ServerPhase::Pending}))
     }
 
     /// Refuses a status write that changes what only a binding sets (the placement and the
@@ -120,25 +120,14 @@ fn amount(v: &Value) -> Amount {
 /// component uses (`lastTransitionTime` moves only when the status does).
 fn set_condition(
     status: &mut serde_json::Map<String, Value>,
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: &str,
+    update: &ConditionUpdate,
     generation: Option<i64>,
 ) {
     let mut conditions: Vec<Condition> = status
         .get("conditions")
         .and_then(|c| serde_json::from_value(c.clone()).ok())
         .unwrap_or_default();
-    common::set_condition(
-        &mut conditions,
-        type_,
-        ok,
-        reason,
-        message,
-        generation,
-        Time(jiff::Timestamp::now()),
-    );
+    update.set(&mut conditions, generation);
     if let Ok(v) = serde_json::to_value(conditions) {
         status.insert("conditions".into(), v);
     }
@@ -285,14 +274,11 @@ pub async fn bind(
             .and_then(Value::as_str)
             .is_none_or(|p| p == "Pending")
         {
-            status.insert("phase".into(), json!("Scheduled"));
+            status.insert("phase".into(), json!(ServerPhase::Scheduled));
         }
         set_condition(
             status,
-            "Scheduled",
-            true,
-            "Bound",
-            &format!("placed on hypervisor {target}"),
+            &ConditionType::Scheduled.yes(Reason::Bound, format!("placed on hypervisor {target}")),
             generation,
         );
         if new == server.value {
@@ -366,13 +352,13 @@ pub async fn unbind(ctx: Ctx<'_>, t: &Subject<'_>) -> ApiResult<u16> {
         status.remove("allocated");
         status.remove("instanceName");
         status.remove("launchedAt");
-        status.insert("phase".into(), json!("Evacuating"));
+        status.insert("phase".into(), json!(ServerPhase::Evacuating));
         set_condition(
             status,
-            "Scheduled",
-            false,
-            "Evacuating",
-            &format!("taken off hypervisor {hv}; waiting to be placed again"),
+            &ConditionType::Scheduled.no(
+                Reason::Evacuating,
+                format!("taken off hypervisor {hv}; waiting to be placed again"),
+            ),
             generation,
         );
     }
