@@ -807,6 +807,11 @@ async fn create_subnet(
         if let Some(k) = &gateway
             && let Some(held) = ctx.store.get(k).await.map_err(ApiError::from)?
         {
+            // Claimed after the subnets were read (an overlapping subnet created meanwhile,
+            // which holds the same gateway): read again, and the overlap is what is refused.
+            if held.mod_revision > snap.revision {
+                continue;
+            }
             return Err(conflict_field(
                 &s,
                 w.new,
