@@ -8,6 +8,7 @@ pub mod ports;
 pub mod project;
 pub mod quota;
 pub mod scheduler;
+pub mod security_groups;
 
 use std::time::Duration;
 
@@ -177,6 +178,7 @@ async fn every_controller(
         () = scheduler::run(client.clone(), weigher) => { stopped("scheduler"); Ok(()) }
         () = nodes::run(client.clone()) => { stopped("node lifecycle"); Ok(()) }
         () = ports::run(client.clone()) => { stopped("ports"); Ok(()) }
+        () = security_groups::run(client.clone()) => { stopped("default security groups"); Ok(()) }
         () = images::run(client, image_dir, image_policy) => { stopped("images"); Ok(()) }
     }
 }
