@@ -20,6 +20,7 @@ mod e2e {
     mod replicas;
     mod runtime;
     mod scale;
+    mod security_groups;
     mod server_ports;
     mod watch_feed;
 }
