@@ -651,7 +651,7 @@ impl Api {
         warnings.extend(admitted.warnings);
         if let Some(manager) = &manager {
             let (manager, rt, sub) = (manager.clone(), Arc::clone(&t.rt), t.subresource.clone());
-            obj = off_workers(move || {
+            obj = off_workers(small(&[&obj]), move || {
                 crate::resource::fields::record_update(
                     &mut obj,
                     None,
@@ -1117,7 +1117,7 @@ impl Api {
         }
         if let Some(manager) = &manager {
             let (manager, rt, sub) = (manager.clone(), Arc::clone(&t.rt), t.subresource.clone());
-            (new, current) = off_workers(move || {
+            (new, current) = off_workers(small(&[&new, &current.value]), move || {
                 crate::resource::fields::record_update(
                     &mut new,
                     Some(&current.value),
@@ -1294,7 +1294,7 @@ impl Api {
                     .into_owned();
                     let (rt, sub, force) =
                         (Arc::clone(&t.rt), t.subresource.clone(), p.flag("force"));
-                    off_workers(move || {
+                    off_workers(small(&[&base, &applied]), move || {
                         crate::resource::fields::apply(
                             &base,
                             &applied,
@@ -1361,7 +1361,7 @@ impl Api {
     ) -> ApiResult<Outcome> {
         let manager = p.get("fieldManager").unwrap_or_default().to_string();
         let rt = Arc::clone(&t.rt);
-        let obj = off_workers(move || {
+        let obj = off_workers(small(&[&applied]), move || {
             crate::resource::fields::apply(
                 &json!({}),
                 &crate::resource::fields::endpoint_part(&applied, None, rt.status_subresource),
@@ -1848,10 +1848,26 @@ fn encoded_len(v: &Value, cap: usize) -> Option<usize> {
 /// Runs work that grows with an object's size (recording field ownership over up to
 /// [`MAX_OBJECT_BYTES`], about a second of CPU in a debug build) on the blocking pool, so the
 /// async workers keep serving every other request meanwhile.
-async fn off_workers<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> ApiResult<T> {
+async fn off_workers<T: Send + 'static>(
+    small: bool,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> ApiResult<T> {
+    if small {
+        return Ok(work());
+    }
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| ApiError::internal(format!("recording field ownership failed: {e}")))
+}
+
+/// Objects up to this size (encoded) have their field ownership recorded on the request's
+/// own worker: it takes microseconds, less than a hop to the blocking pool (whose threads
+/// each warm an allocator heap of their own), which is kept for the large ones.
+const INLINE_BYTES: usize = 32 * 1024;
+
+/// Whether every object in `objs` is small enough to record inline (see [`INLINE_BYTES`]).
+fn small(objs: &[&Value]) -> bool {
+    objs.iter().all(|o| encoded_len(o, INLINE_BYTES).is_some())
 }
 
 /// 413 for an object larger than [`MAX_OBJECT_BYTES`].
