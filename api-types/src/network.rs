@@ -10,6 +10,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{CIDR_PATTERN, Condition, IP_PATTERN, MAC_PATTERN, NAME_PATTERN};
 
+/// Namespace of the network agents' Leases: one Lease per node running the network role,
+/// named after the node and renewed as its heartbeat (as `kube-node-lease` holds the compute
+/// agents'). Routers are placed only on nodes whose Lease here is fresh.
+pub const NETWORK_AGENT_LEASE_NAMESPACE: &str = "stratus-network-agents";
+
+/// Annotation on a network agent's Lease: the IPv4 address its VXLAN tunnels end on.
+pub const TUNNEL_IP_ANNOTATION: &str = "network.stratus.dev/tunnel-ip";
+
+/// Annotation on a network agent's Lease: the physical networks (comma-separated names) the
+/// node has an interface on, for flat and VLAN provider networks.
+pub const PHYSICAL_NETWORKS_ANNOTATION: &str = "network.stratus.dev/physical-networks";
+
 /// A layer-2 network. Addresses come from its Subnets.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -506,6 +518,10 @@ pub struct RouterStatus {
     /// Attached interfaces.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interfaces: Vec<RouterInterfaceStatus>,
+    /// The Port on the external network that carries the router's gateway address, as
+    /// `namespace/name` (the external network may belong to another project).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_gateway_port: Option<String>,
     /// Node hosting the router's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
