@@ -8,12 +8,13 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use super::nft::{
-    GroupRef, LocalDhcp, PortFilter, PortRange, Protocol, Remote, RemoteGroup, Rule, Tunnel, Zone,
+    FloatingNat, GroupRef, LocalDhcp, PortFilter, PortRange, Protocol, Remote, RemoteGroup, Rule,
+    Snat, Tunnel, Zone,
 };
 use super::{
     Dhcp, DhcpError, DhcpSpec, FdbEntry, Firewall, FirewallError, IfName, Ipv4Cidr, LinkError,
-    LinkKind, Links, MacAddr, Name, Netns, Ruleset, StaticLease, VXLAN_PORT, VethSpec, VxlanInfo,
-    VxlanSpec,
+    LinkKind, Links, MacAddr, Name, Nat, Netns, RouteSpec, Ruleset, StaticLease, VXLAN_PORT,
+    VethSpec, VxlanInfo, VxlanSpec,
 };
 
 fn ifname(s: &str) -> IfName {
@@ -198,6 +199,46 @@ pub fn links(l: &dyn Links, prefix: &str) {
     l.del_address(&nb, &vp, addr)
         .expect("delete of an absent address");
     assert_eq!(l.addresses(&nb, &vp).expect("addresses"), BTreeSet::new());
+
+    // A MAC, routes through a gateway on a connected prefix, forwarding.
+    let m = mac("02:00:00:00:aa:01");
+    l.set_mac(&nb, &vp, m).expect("set mac");
+    l.set_mac(&nb, &vp, m).expect("set the same mac");
+    assert_eq!(l.link(&nb, &vp).expect("link").and_then(|k| k.mac), Some(m));
+    l.set_up(&na, &ve, true).expect("up");
+    l.set_up(&nb, &vp, true).expect("up");
+    l.add_address(&nb, &vp, addr).expect("add address");
+    let cidr = |s: &str| s.parse::<Ipv4Cidr>().expect("cidr");
+    let gw = Ipv4Addr::new(10, 77, 0, 254);
+    let default = RouteSpec::new(cidr("0.0.0.0/0"), gw);
+    let other = RouteSpec::new(cidr("10.88.1.0/16"), gw);
+    assert_eq!(other.destination, cidr("10.88.0.0/16"), "host bits cleared");
+    assert_eq!(l.routes(&nb).expect("routes"), BTreeSet::new());
+    l.add_route(&nb, &default).expect("add route");
+    l.add_route(&nb, &default).expect("add of a present route");
+    l.add_route(&nb, &other).expect("add route");
+    assert_eq!(
+        l.routes(&nb).expect("routes"),
+        BTreeSet::from([default, other])
+    );
+    let unreachable = RouteSpec::new(cidr("10.99.0.0/16"), Ipv4Addr::new(192, 0, 2, 9));
+    assert!(
+        l.add_route(&nb, &unreachable).is_err(),
+        "a gateway off-link"
+    );
+    l.del_route(&nb, &other).expect("delete route");
+    l.del_route(&nb, &other).expect("delete of an absent route");
+    assert_eq!(l.routes(&nb).expect("routes"), BTreeSet::from([default]));
+    assert!(
+        !l.forwarding(&nb).expect("forwarding"),
+        "off in a new namespace"
+    );
+    l.set_forwarding(&nb, true).expect("forwarding on");
+    assert!(l.forwarding(&nb).expect("forwarding"));
+    l.set_forwarding(&nb, false).expect("forwarding off");
+    assert!(!l.forwarding(&nb).expect("forwarding"));
+    l.del_route(&nb, &default).expect("delete route");
+    l.del_address(&nb, &vp, addr).expect("delete address");
 
     // FDB as a set: flood entries for two remotes plus per-MAC ones; then another set.
     let r1 = Ipv4Addr::new(192, 0, 2, 2);
@@ -398,6 +439,72 @@ pub fn firewall(f: &dyn Firewall) {
     f.clear().expect("clear again");
 }
 
+/// A router's NAT with a gateway, two floating addresses and SNAT of two subnets.
+pub fn sample_nat() -> Nat {
+    let ip = |s: &str| s.parse::<Ipv4Addr>().expect("ip");
+    Nat {
+        gateway: Some(ifname("qg-c")),
+        floating: vec![
+            FloatingNat {
+                floating: ip("203.0.113.10"),
+                fixed: ip("10.0.0.5"),
+            },
+            FloatingNat {
+                floating: ip("203.0.113.11"),
+                fixed: ip("10.0.1.5"),
+            },
+        ],
+        snat: vec![
+            Snat {
+                source: "10.0.0.0/24".parse().expect("cidr"),
+                to: ip("203.0.113.2"),
+            },
+            Snat {
+                source: "10.0.1.0/24".parse().expect("cidr"),
+                to: ip("203.0.113.2"),
+            },
+        ],
+    }
+}
+
+/// Checks the NAT guarantees of [`Firewall`] in a namespace `<prefix>-r` it makes with `l`
+/// and deletes.
+pub fn nat(f: &dyn Firewall, l: &dyn Links, prefix: &str) {
+    let name = Name::new(&format!("{prefix}-r")).expect("netns name");
+    l.add_netns(&name).expect("add netns");
+    assert_eq!(f.read_nat(&name).expect("read"), None);
+    let first = sample_nat();
+    f.apply_nat(&name, &first).expect("apply");
+    let want = first.observed().expect("observed");
+    assert_eq!(f.read_nat(&name).expect("read"), Some(want.clone()));
+    f.apply_nat(&name, &first).expect("apply again");
+    assert_eq!(f.read_nat(&name).expect("read"), Some(want.clone()));
+
+    // A floating address goes, SNAT is turned off: the table says so.
+    let mut second = first.clone();
+    second.floating.remove(1);
+    second.snat.clear();
+    f.apply_nat(&name, &second).expect("apply a change");
+    let want2 = second.observed().expect("observed");
+    assert_ne!(want, want2);
+    assert_eq!(f.read_nat(&name).expect("read"), Some(want2.clone()));
+
+    // One fixed address behind two floating ones is refused and changes nothing.
+    let mut bad = first.clone();
+    bad.floating[1].fixed = bad.floating[0].fixed;
+    assert!(matches!(
+        f.apply_nat(&name, &bad),
+        Err(FirewallError::Invalid(_))
+    ));
+    assert_eq!(f.read_nat(&name).expect("read"), Some(want2));
+
+    // Without a gateway the table holds no rule.
+    f.apply_nat(&name, &Nat::default()).expect("apply empty");
+    let empty = f.read_nat(&name).expect("read").expect("table");
+    assert!(empty.chains.values().all(Vec::is_empty), "{empty:?}");
+    l.del_netns(&name).expect("delete netns");
+}
+
 /// Checks every guarantee of [`Dhcp`] with `spec` (its interface exists and holds an address
 /// in its subnet, which has room for hosts .10 to .12).
 pub fn dhcp(d: &dyn Dhcp, spec: &DhcpSpec) {
@@ -474,6 +581,11 @@ mod tests {
     #[test]
     fn fake_links_pass() {
         links(&FakeLinks::new(), "conformance");
+    }
+
+    #[test]
+    fn fake_nat_passes() {
+        nat(&FakeFirewall::new(), &FakeLinks::new(), "fake");
     }
 
     #[test]

@@ -9,8 +9,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::{
     Dhcp, DhcpError, DhcpSpec, DhcpStatus, FdbEntry, Firewall, FirewallError, IfName, Ipv4Cidr,
-    Link, LinkError, LinkKind, Links, MacAddr, Name, Netns, Observed, Ruleset, VethSpec, VxlanInfo,
-    VxlanSpec,
+    Link, LinkError, LinkKind, Links, MacAddr, Name, Nat, Netns, Observed, RouteSpec, Ruleset,
+    VethSpec, VxlanInfo, VxlanSpec,
 };
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -59,6 +59,8 @@ type Namespaces = BTreeMap<Netns, BTreeMap<IfName, FakeLink>>;
 #[derive(Debug)]
 pub struct FakeLinks {
     state: Mutex<Namespaces>,
+    /// Each namespace's routes and whether it forwards.
+    routing: Mutex<BTreeMap<Netns, (BTreeSet<RouteSpec>, bool)>>,
     next_mac: Mutex<u32>,
     /// Failure injection, by [`Links`] method name.
     pub failures: Failures,
@@ -75,6 +77,7 @@ impl Default for FakeLinks {
     fn default() -> Self {
         Self {
             state: Mutex::new(BTreeMap::from([(Netns::Host, loopback())])),
+            routing: Mutex::new(BTreeMap::new()),
             next_mac: Mutex::new(1),
             failures: Failures::default(),
         }
@@ -90,6 +93,20 @@ impl FakeLinks {
     /// Removes a link behind the driver's back (`ip link del`), with a veth's peer.
     pub fn remove_behind(&self, ns: &Netns, name: &IfName) {
         remove(&mut lock(&self.state), ns, name);
+    }
+
+    /// Removes an address behind the driver's back (`ip addr del`).
+    pub fn del_address_behind(&self, ns: &Netns, name: &IfName, addr: Ipv4Cidr) {
+        if let Some(l) = lock(&self.state).get_mut(ns).and_then(|m| m.get_mut(name)) {
+            l.addresses.remove(&addr);
+        }
+    }
+
+    /// Removes a route behind the driver's back (`ip route del`).
+    pub fn del_route_behind(&self, ns: &Netns, route: &RouteSpec) {
+        if let Some((routes, _)) = lock(&self.routing).get_mut(ns) {
+            routes.remove(route);
+        }
     }
 
     /// Replaces a device's FDB behind the driver's back (`bridge fdb del`).
@@ -231,6 +248,7 @@ impl Links for FakeLinks {
             remove(&mut state, &ns, &n);
         }
         state.remove(&ns);
+        lock(&self.routing).remove(&ns);
         Ok(())
     }
 
@@ -388,12 +406,67 @@ impl Links for FakeLinks {
             Ok(())
         })
     }
+
+    fn set_mac(&self, ns: &Netns, name: &IfName, mac: MacAddr) -> Result<(), LinkError> {
+        self.with("set_mac", ns, |links| {
+            get(links, ns, name)?.link.mac = Some(mac);
+            Ok(())
+        })
+    }
+
+    fn routes(&self, ns: &Netns) -> Result<BTreeSet<RouteSpec>, LinkError> {
+        self.with("routes", ns, |_| Ok(()))?;
+        Ok(lock(&self.routing)
+            .get(ns)
+            .map(|(r, _)| r.clone())
+            .unwrap_or_default())
+    }
+
+    /// As the kernel: the gateway must be on a prefix of an address of a link that is up.
+    fn add_route(&self, ns: &Netns, route: &RouteSpec) -> Result<(), LinkError> {
+        let reachable = self.with("add_route", ns, |links| {
+            Ok(links
+                .values()
+                .any(|l| l.link.up && l.addresses.iter().any(|a| a.contains(route.gateway))))
+        })?;
+        if !reachable {
+            return Err(LinkError::Invalid(format!(
+                "route {route}: the gateway is on no connected prefix"
+            )));
+        }
+        lock(&self.routing)
+            .entry(ns.clone())
+            .or_default()
+            .0
+            .insert(*route);
+        Ok(())
+    }
+
+    fn del_route(&self, ns: &Netns, route: &RouteSpec) -> Result<(), LinkError> {
+        self.with("del_route", ns, |_| Ok(()))?;
+        if let Some((routes, _)) = lock(&self.routing).get_mut(ns) {
+            routes.remove(route);
+        }
+        Ok(())
+    }
+
+    fn forwarding(&self, ns: &Netns) -> Result<bool, LinkError> {
+        self.with("forwarding", ns, |_| Ok(()))?;
+        Ok(lock(&self.routing).get(ns).is_some_and(|(_, f)| *f))
+    }
+
+    fn set_forwarding(&self, ns: &Netns, on: bool) -> Result<(), LinkError> {
+        self.with("set_forwarding", ns, |_| Ok(()))?;
+        lock(&self.routing).entry(ns.clone()).or_default().1 = on;
+        Ok(())
+    }
 }
 
 /// A firewall in memory: the digest of the last ruleset applied.
 #[derive(Debug, Default)]
 pub struct FakeFirewall {
     tables: Mutex<Option<Observed>>,
+    nat: Mutex<BTreeMap<Name, Observed>>,
     applied: Mutex<u64>,
     /// Failure injection, by [`Firewall`] method name.
     pub failures: Failures,
@@ -408,6 +481,14 @@ impl FakeFirewall {
     /// How many times a ruleset was applied.
     pub fn applied(&self) -> u64 {
         *lock(&self.applied)
+    }
+
+    /// Changes a router's NAT table behind the driver's back (`None`: deleted).
+    pub fn tamper_nat(&self, netns: &Name, table: Option<Observed>) {
+        match table {
+            Some(t) => lock(&self.nat).insert(netns.clone(), t),
+            None => lock(&self.nat).remove(netns),
+        };
     }
 
     /// Changes the tables behind the driver's back (`nft delete rule …`, `nft flush`).
@@ -442,6 +523,19 @@ impl Firewall for FakeFirewall {
         self.check("clear")?;
         *lock(&self.tables) = None;
         Ok(())
+    }
+
+    fn apply_nat(&self, netns: &Name, nat: &Nat) -> Result<(), FirewallError> {
+        self.check("apply_nat")?;
+        let observed = nat.observed()?;
+        lock(&self.nat).insert(netns.clone(), observed);
+        *lock(&self.applied) += 1;
+        Ok(())
+    }
+
+    fn read_nat(&self, netns: &Name) -> Result<Option<Observed>, FirewallError> {
+        self.check("read_nat")?;
+        Ok(lock(&self.nat).get(netns).cloned())
     }
 }
 

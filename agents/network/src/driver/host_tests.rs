@@ -142,6 +142,17 @@ fn nft_firewall_passes_the_conformance_suite() {
 }
 
 #[test]
+fn nft_router_nat_passes_the_conformance_suite() {
+    if !root() {
+        return;
+    }
+    let prefix = unique();
+    let mut c = Cleanup::default();
+    c.netns(format!("{prefix}-r"));
+    conformance::nat(&NftFirewall::new(Netns::Host), &NetlinkLinks, &prefix);
+}
+
+#[test]
 fn dnsmasq_passes_the_conformance_suite_and_is_adopted() {
     if !root() {
         return;

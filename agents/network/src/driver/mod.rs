@@ -22,7 +22,7 @@ pub(crate) mod host_tests;
 
 pub use dnsmasq::{DhcpError, DhcpSpec, DhcpStatus, StaticLease};
 pub use names::{IfName, Ipv4Cidr, MacAddr, Name, NameError, Netns, Role};
-pub use nft::{FirewallError, Observed, Ruleset};
+pub use nft::{FirewallError, Nat, Observed, Ruleset};
 
 /// The UDP port of VXLAN (IANA).
 pub const VXLAN_PORT: u16 = 4789;
@@ -107,6 +107,33 @@ pub struct FdbEntry {
     pub remote: Ipv4Addr,
 }
 
+/// A route through a gateway in a namespace's main table (IPv4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RouteSpec {
+    /// Where to: its address is the network's (host bits clear).
+    pub destination: Ipv4Cidr,
+    /// The next hop, on a directly connected prefix.
+    pub gateway: Ipv4Addr,
+}
+
+impl RouteSpec {
+    /// The route to `destination` (its host bits cleared) via `gateway`.
+    pub fn new(destination: Ipv4Cidr, gateway: Ipv4Addr) -> Self {
+        let network =
+            Ipv4Cidr::new(destination.network(), destination.prefix()).unwrap_or(destination);
+        Self {
+            destination: network,
+            gateway,
+        }
+    }
+}
+
+impl std::fmt::Display for RouteSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} via {}", self.destination, self.gateway)
+    }
+}
+
 /// Failures of a [`Links`] call.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -178,6 +205,10 @@ pub enum LinkError {
 ///   drift made behind the driver's back.
 /// - `set_fdb` makes a VXLAN device's static remote entries exactly the given set: missing
 ///   ones are added, others removed, the rest untouched (no gap in forwarding).
+/// - `routes` lists the namespace's IPv4 routes through a gateway in its main table (the
+///   connected routes its addresses make are not listed); `add_route` of a gateway no
+///   address of the namespace reaches is refused; both route verbs are idempotent.
+/// - `set_forwarding` sets the namespace's `net.ipv4.ip_forward`, which `forwarding` reads.
 pub trait Links: Send + Sync + 'static {
     /// Creates a named network namespace (as `ip netns add`).
     fn add_netns(&self, name: &Name) -> Result<(), LinkError>;
@@ -223,6 +254,18 @@ pub trait Links: Send + Sync + 'static {
         vxlan: &IfName,
         entries: &BTreeSet<FdbEntry>,
     ) -> Result<(), LinkError>;
+    /// Sets a link's hardware address.
+    fn set_mac(&self, ns: &Netns, name: &IfName, mac: MacAddr) -> Result<(), LinkError>;
+    /// The namespace's IPv4 routes through a gateway (main table).
+    fn routes(&self, ns: &Netns) -> Result<BTreeSet<RouteSpec>, LinkError>;
+    /// Adds a route through a gateway.
+    fn add_route(&self, ns: &Netns, route: &RouteSpec) -> Result<(), LinkError>;
+    /// Removes a route through a gateway.
+    fn del_route(&self, ns: &Netns, route: &RouteSpec) -> Result<(), LinkError>;
+    /// Whether the namespace forwards IPv4 (`net.ipv4.ip_forward`).
+    fn forwarding(&self, ns: &Netns) -> Result<bool, LinkError>;
+    /// Turns IPv4 forwarding in the namespace on or off.
+    fn set_forwarding(&self, ns: &Netns, on: bool) -> Result<(), LinkError>;
 }
 
 /// The node's packet filter: one ruleset (security groups, anti-spoofing, conntrack zones)
@@ -238,6 +281,9 @@ pub trait Links: Send + Sync + 'static {
 ///   each rule, set elements), equal to [`Ruleset::observed`] of the last ruleset applied
 ///   unless someone changed the tables since; `None` when the tables are absent.
 /// - `clear` removes the tables; of absent tables it is `Ok(())`.
+/// - `apply_nat` replaces a router namespace's NAT table ([`Nat`]) in one transaction, as
+///   `apply` does the node's; `read_nat` reads it back as [`Nat::observed`] digests it
+///   (`None` when absent). A router's table goes with its namespace.
 pub trait Firewall: Send + Sync + 'static {
     /// Replaces the node's tables by `ruleset`.
     fn apply(&self, ruleset: &Ruleset) -> Result<(), FirewallError>;
@@ -245,6 +291,10 @@ pub trait Firewall: Send + Sync + 'static {
     fn read(&self) -> Result<Option<Observed>, FirewallError>;
     /// Removes the tables.
     fn clear(&self) -> Result<(), FirewallError>;
+    /// Replaces the NAT table of the router namespace `netns` by `nat`.
+    fn apply_nat(&self, netns: &Name, nat: &Nat) -> Result<(), FirewallError>;
+    /// The NAT table of the router namespace `netns`.
+    fn read_nat(&self, netns: &Name) -> Result<Option<Observed>, FirewallError>;
 }
 
 /// DHCP servers handing out static leases only, one per network: [`dnsmasq::Dnsmasq`] or

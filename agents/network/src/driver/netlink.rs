@@ -21,19 +21,62 @@ use rtnetlink::packet_route::link::{
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan};
+use rtnetlink::{
+    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
+};
 
 use super::netns::{self, EnterError};
 use super::{
-    FdbEntry, IfName, Ipv4Cidr, Link, LinkError, LinkKind, Links, MacAddr, Name, Netns, VethSpec,
-    VxlanInfo, VxlanSpec,
+    FdbEntry, IfName, Ipv4Cidr, Link, LinkError, LinkKind, Links, MacAddr, Name, Netns, RouteSpec,
+    VethSpec, VxlanInfo, VxlanSpec,
 };
 
 const ENOENT: i32 = 2;
 const ENODEV: i32 = 19;
 const EEXIST: i32 = 17;
 const EADDRNOTAVAIL: i32 = 99;
+const ESRCH: i32 = 3;
+
+/// A main-table IPv4 route through a gateway, as [`RouteSpec`]; `None` for any other.
+fn route_of(m: &RouteMessage) -> Option<RouteSpec> {
+    if m.header.address_family != AddressFamily::Inet {
+        return None;
+    }
+    let table = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table));
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+        return None;
+    }
+    let mut destination = Ipv4Addr::UNSPECIFIED;
+    let mut gateway = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => destination = *d,
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(*g),
+            _ => {}
+        }
+    }
+    let prefix = Ipv4Cidr::new(destination, m.header.destination_prefix_length)?;
+    Some(RouteSpec::new(prefix, gateway?))
+}
+
+fn route_message(r: &RouteSpec) -> RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(r.destination.network(), r.destination.prefix())
+        .gateway(r.gateway)
+        .build()
+}
+
+/// The IPv4 forwarding switch of the namespace the calling thread is in.
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
 /// The kernel's links, through rtnetlink.
 #[derive(Debug, Default, Clone)]
@@ -664,6 +707,93 @@ impl Links for NetlinkLinks {
             }
             Ok(())
         })
+    }
+
+    /// Idempotent: nothing is sent when the link has that address already.
+    fn set_mac(&self, ns: &Netns, name: &IfName, mac: MacAddr) -> Result<(), LinkError> {
+        let (ns2, name) = (ns.clone(), name.clone());
+        exec(ns, move |h| async move {
+            let m = require(&h, &ns2, &name).await?;
+            let have = m.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Address(b) => MacAddr::from_slice(b),
+                _ => None,
+            });
+            if have == Some(mac) {
+                return Ok(());
+            }
+            let msg = LinkUnspec::new_with_index(m.header.index)
+                .address(mac.octets().to_vec())
+                .build();
+            change(&h, format!("set the MAC of {name}"), msg).await
+        })
+    }
+
+    fn routes(&self, ns: &Netns) -> Result<BTreeSet<RouteSpec>, LinkError> {
+        exec(ns, move |h| async move {
+            let all: Vec<RouteMessage> = h
+                .route()
+                .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+                .execute()
+                .try_collect()
+                .await
+                .map_err(nl("list routes"))?;
+            Ok(all.iter().filter_map(route_of).collect())
+        })
+    }
+
+    /// Idempotent: a present route is `Ok`.
+    fn add_route(&self, ns: &Netns, route: &RouteSpec) -> Result<(), LinkError> {
+        let route = *route;
+        exec(ns, move |h| async move {
+            match h.route().add(route_message(&route)).execute().await {
+                Ok(()) => Ok(()),
+                Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
+                Err(e) => Err(nl(format!("add route {route}"))(e)),
+            }
+        })
+    }
+
+    /// Idempotent: an absent route is `Ok`.
+    fn del_route(&self, ns: &Netns, route: &RouteSpec) -> Result<(), LinkError> {
+        let route = *route;
+        exec(ns, move |h| async move {
+            match h.route().del(route_message(&route)).execute().await {
+                Ok(()) => Ok(()),
+                Err(e) if matches!(errno(&e), Some(ESRCH | ENOENT)) => Ok(()),
+                Err(e) => Err(nl(format!("delete route {route}"))(e)),
+            }
+        })
+    }
+
+    fn forwarding(&self, ns: &Netns) -> Result<bool, LinkError> {
+        Self::ip_forward(ns, None)
+    }
+
+    fn set_forwarding(&self, ns: &Netns, on: bool) -> Result<(), LinkError> {
+        Self::ip_forward(ns, Some(on)).map(|_| ())
+    }
+}
+
+impl NetlinkLinks {
+    /// Reads or writes `net.ipv4.ip_forward` from a thread inside `ns` (`/proc/sys/net` is
+    /// the namespace of the thread that opens it).
+    fn ip_forward(ns: &Netns, set: Option<bool>) -> Result<bool, LinkError> {
+        let r = netns::run_in(ns, move || -> Result<bool, LinkError> {
+            if let Some(on) = set {
+                std::fs::write(IP_FORWARD, if on { "1\n" } else { "0\n" })
+                    .map_err(io("set net.ipv4.ip_forward"))?;
+            }
+            let v = std::fs::read_to_string(IP_FORWARD).map_err(io("read net.ipv4.ip_forward"))?;
+            Ok(v.trim() == "1")
+        });
+        match r {
+            Ok(r) => r,
+            Err(EnterError::Missing(ns)) => Err(LinkError::NoNetns(ns)),
+            Err(e) => Err(LinkError::Io {
+                what: "enter a network namespace".into(),
+                source: std::io::Error::other(e.to_string()),
+            }),
+        }
     }
 }
 

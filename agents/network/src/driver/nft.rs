@@ -32,7 +32,7 @@ use nftables::schema::{
     Chain, NfCmd, NfListObject, NfObject, Nftables, Rule as NfRule, Set, SetType, SetTypeValue,
     Table,
 };
-use nftables::stmt::{JumpTarget, Mangle, Match, Operator, Statement};
+use nftables::stmt::{JumpTarget, Mangle, Match, NAT, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use super::names::digest_hex;
@@ -331,33 +331,7 @@ impl Ruleset {
 
     /// How this ruleset reads back from the kernel.
     pub fn observed(&self) -> Result<Observed, FirewallError> {
-        let mut o = Observed::default();
-        for obj in self.render()?.objects.iter() {
-            match obj {
-                NfObject::CmdObject(NfCmd::Add(NfListObject::Chain(c))) => {
-                    o.chains.insert(key(c.family, &c.name), Vec::new());
-                }
-                NfObject::CmdObject(NfCmd::Add(NfListObject::Rule(r))) => {
-                    if let Some(rules) = o.chains.get_mut(&key(r.family, &r.chain)) {
-                        rules.push(r.comment.as_deref().unwrap_or_default().to_owned());
-                    }
-                }
-                NfObject::CmdObject(NfCmd::Add(NfListObject::Set(set))) => {
-                    let elems = set
-                        .elem
-                        .iter()
-                        .flat_map(|e| e.iter())
-                        .filter_map(|e| match e {
-                            Expression::String(s) => Some(s.to_string()),
-                            _ => None,
-                        })
-                        .collect();
-                    o.sets.insert(key(set.family, &set.name), elems);
-                }
-                _ => {}
-            }
-        }
-        Ok(o)
+        Ok(digest(&self.render()?))
     }
 
     /// The `inet` table's chains with their rules' statements.
@@ -658,10 +632,157 @@ impl Ruleset {
     }
 }
 
+/// A router's address translation, in the `ip stratus` table of its namespace: each
+/// floating address DNATed to its fixed address (whatever interface it comes in on) and the
+/// fixed address SNATed to it when leaving by the gateway; then, with SNAT on, the router's
+/// subnets SNATed to the gateway's address when leaving by the gateway.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Nat {
+    /// The router's interface on the external network; `None`: no gateway, no rule.
+    pub gateway: Option<IfName>,
+    /// Floating addresses, one per fixed address.
+    pub floating: Vec<FloatingNat>,
+    /// Sources translated to an address of the gateway's when leaving by it.
+    pub snat: Vec<Snat>,
+}
+
+/// One floating address and the fixed address behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FloatingNat {
+    /// The address on the external network.
+    pub floating: Ipv4Addr,
+    /// The port's address on a subnet of the router.
+    pub fixed: Ipv4Addr,
+}
+
+/// Sources in `source` leave the gateway as `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Snat {
+    /// A subnet of the router.
+    pub source: Ipv4Cidr,
+    /// The gateway's address.
+    pub to: Ipv4Addr,
+}
+
+impl Nat {
+    /// Checks that no floating or fixed address is given twice (one would shadow the other).
+    pub fn validate(&self) -> Result<(), FirewallError> {
+        let mut floating = BTreeSet::new();
+        let mut fixed = BTreeSet::new();
+        for f in &self.floating {
+            if !floating.insert(f.floating) || !fixed.insert(f.fixed) {
+                return Err(FirewallError::Invalid(format!(
+                    "floating address {} or fixed address {} given twice",
+                    f.floating, f.fixed
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The nft batch that replaces a router namespace's NAT table by this one.
+    pub fn render(&self) -> Result<Nftables<'static>, FirewallError> {
+        self.validate()?;
+        let mut out = Vec::new();
+        replace_table(&mut out, NfFamily::IP);
+        let mut pre = Vec::new();
+        let mut post = Vec::new();
+        if let Some(gw) = &self.gateway {
+            let oif = || eq(meta(MetaKey::Oifname), s(gw.as_str()));
+            for f in &self.floating {
+                pre.push(vec![
+                    eq(payload("ip", "daddr"), s(f.floating.to_string())),
+                    Statement::DNAT(Some(nat_to(f.fixed))),
+                ]);
+                post.push(vec![
+                    oif(),
+                    eq(payload("ip", "saddr"), s(f.fixed.to_string())),
+                    Statement::SNAT(Some(nat_to(f.floating))),
+                ]);
+            }
+            for n in &self.snat {
+                post.push(vec![
+                    oif(),
+                    eq(
+                        payload("ip", "saddr"),
+                        Expression::Named(NamedExpression::Prefix(Prefix {
+                            addr: Box::new(s(n.source.network().to_string())),
+                            len: u32::from(n.source.prefix()),
+                        })),
+                    ),
+                    Statement::SNAT(Some(nat_to(n.to))),
+                ]);
+            }
+        }
+        for (name, hook, prio, rules) in [
+            ("prerouting", NfHook::Prerouting, -100, pre),
+            ("postrouting", NfHook::Postrouting, 100, post),
+        ] {
+            let chain = Chain {
+                _type: Some(NfChainType::NAT),
+                ..base(NfFamily::IP, name, hook, prio)
+            };
+            out.push(add(NfListObject::Chain(chain)));
+            for expr in rules {
+                out.push(add(NfListObject::Rule(rule(NfFamily::IP, name, expr))));
+            }
+        }
+        Ok(Nftables {
+            objects: Cow::Owned(out),
+        })
+    }
+
+    /// What the table looks like once applied, as [`Firewall::read_nat`] reads it.
+    pub fn observed(&self) -> Result<Observed, FirewallError> {
+        Ok(digest(&self.render()?))
+    }
+}
+
+/// The [`Observed`] digest of the tables a batch makes.
+fn digest(batch: &Nftables<'static>) -> Observed {
+    let mut o = Observed::default();
+    for obj in batch.objects.iter() {
+        match obj {
+            NfObject::CmdObject(NfCmd::Add(NfListObject::Chain(c))) => {
+                o.chains.insert(key(c.family, &c.name), Vec::new());
+            }
+            NfObject::CmdObject(NfCmd::Add(NfListObject::Rule(r))) => {
+                if let Some(rules) = o.chains.get_mut(&key(r.family, &r.chain)) {
+                    rules.push(r.comment.as_deref().unwrap_or_default().to_owned());
+                }
+            }
+            NfObject::CmdObject(NfCmd::Add(NfListObject::Set(set))) => {
+                let elems = set
+                    .elem
+                    .iter()
+                    .flat_map(|e| e.iter())
+                    .filter_map(|e| match e {
+                        Expression::String(s) => Some(s.to_string()),
+                        _ => None,
+                    })
+                    .collect();
+                o.sets.insert(key(set.family, &set.name), elems);
+            }
+            _ => {}
+        }
+    }
+    o
+}
+
+fn nat_to(addr: Ipv4Addr) -> NAT<'static> {
+    NAT {
+        addr: Some(s(addr.to_string())),
+        family: None,
+        port: None,
+        flags: None,
+    }
+}
+
 fn key(family: NfFamily, name: &str) -> String {
     let f = match family {
         NfFamily::INet => "inet",
         NfFamily::Bridge => "bridge",
+        NfFamily::IP => "ip",
         _ => "other",
     };
     format!("{f}/{name}")
@@ -783,31 +904,7 @@ impl NftFirewall {
         stdin: Option<&[u8]>,
         what: &str,
     ) -> Result<Vec<u8>, FirewallError> {
-        let io = |source| FirewallError::Io {
-            what: what.to_owned(),
-            source,
-        };
-        let mut cmd = netns::command(&self.netns, "nft");
-        cmd.args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(io)?;
-        if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(data).map_err(io)?;
-        }
-        let out = child.wait_with_output().map_err(io)?;
-        if !out.status.success() {
-            return Err(FirewallError::Command {
-                what: what.to_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
-        }
-        Ok(out.stdout)
+        nft_in(&self.netns, args, stdin, what)
     }
 
     /// Bridged IPv4 must pass the `inet` hooks for security groups to see it.
@@ -828,6 +925,40 @@ impl NftFirewall {
             })
         }
     }
+}
+
+/// Runs `nft` with `args` in `ns`, `stdin` fed to it.
+fn nft_in(
+    ns: &Netns,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    what: &str,
+) -> Result<Vec<u8>, FirewallError> {
+    let io = |source| FirewallError::Io {
+        what: what.to_owned(),
+        source,
+    };
+    let mut cmd = netns::command(ns, "nft");
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(io)?;
+    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(data).map_err(io)?;
+    }
+    let out = child.wait_with_output().map_err(io)?;
+    if !out.status.success() {
+        return Err(FirewallError::Command {
+            what: what.to_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(out.stdout)
 }
 
 impl Firewall for NftFirewall {
@@ -862,14 +993,33 @@ impl Firewall for NftFirewall {
         self.nft(&["-j", "-f", "-"], Some(&json), "delete nft tables")?;
         Ok(())
     }
+
+    fn apply_nat(&self, netns: &Name, nat: &Nat) -> Result<(), FirewallError> {
+        let json = serde_json::to_vec(&nat.render()?).map_err(FirewallError::Json)?;
+        let ns = Netns::Named(netns.clone());
+        nft_in(&ns, &["-j", "-f", "-"], Some(&json), "apply a router's NAT")?;
+        Ok(())
+    }
+
+    fn read_nat(&self, netns: &Name) -> Result<Option<Observed>, FirewallError> {
+        let ns = Netns::Named(netns.clone());
+        let out = nft_in(&ns, &["-j", "list", "ruleset"], None, "list a router's NAT")?;
+        let v: serde_json::Value = serde_json::from_slice(&out).map_err(FirewallError::Json)?;
+        Ok(parse_tables(&v, &["ip"]))
+    }
 }
 
 /// Stratus's tables in `nft -j list ruleset` output; `None` when neither is there.
 pub fn parse_observed(v: &serde_json::Value) -> Option<Observed> {
+    parse_tables(v, &["inet", "bridge"])
+}
+
+/// Stratus's tables of the given families in `nft -j list ruleset` output.
+fn parse_tables(v: &serde_json::Value, families: &[&str]) -> Option<Observed> {
     let ours = |o: &serde_json::Value| {
         let family = o.get("family")?.as_str()?;
         let table = o.get("table").or_else(|| o.get("name"))?.as_str()?;
-        (table == TABLE && matches!(family, "inet" | "bridge")).then_some(family.to_owned())
+        (table == TABLE && families.contains(&family)).then_some(family.to_owned())
     };
     let mut found = false;
     let mut o = Observed::default();
