@@ -1,0 +1,186 @@
+//! The conformance suite on the real host: an LVM volume group on a loop device over a file
+//! the test creates (and removes, with every loop device it made), and a file pool in a
+//! temporary directory. Needs root, lvm2, losetup, blkdiscard and qemu-img.
+
+use std::path::{Path, PathBuf};
+
+use super::conformance;
+use super::file::FilePool;
+use super::loopdev;
+use super::lvm::Lvm;
+use super::{Backend, Source, VolName, cmd};
+
+const MIB: u64 = 1 << 20;
+
+/// A volume group on a loop device over a sparse file, removed with everything over it on
+/// drop.
+pub struct TestVg {
+    pub vg: String,
+    pub file: PathBuf,
+    pub pv: PathBuf,
+}
+
+impl TestVg {
+    pub fn new(dir: &Path, vg: &str, size: u64) -> Self {
+        let file = dir.join(format!("{vg}.img"));
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(size))
+            .expect("create the PV's file");
+        let out = cmd::run(
+            "losetup",
+            ["--find".as_ref(), "--show".as_ref(), file.as_os_str()] as [&std::ffi::OsStr; 3],
+        )
+        .expect("attach the PV's file");
+        let pv = PathBuf::from(String::from_utf8_lossy(&out).trim());
+        let me = Self {
+            vg: vg.into(),
+            file,
+            pv,
+        };
+        let dm = if super::lvm::has_device_mapper() {
+            vec![]
+        } else {
+            vec!["--driverloaded", "n"]
+        };
+        let pv = me.pv.to_string_lossy().into_owned();
+        cmd::run("pvcreate", dm.iter().copied().chain(["-y", &pv])).expect("pvcreate");
+        cmd::run("vgcreate", dm.iter().copied().chain([vg, &pv])).expect("vgcreate");
+        me
+    }
+}
+
+impl Drop for TestVg {
+    fn drop(&mut self) {
+        let dm = if super::lvm::has_device_mapper() {
+            vec![]
+        } else {
+            vec!["--driverloaded", "n"]
+        };
+        for dev in loopdev::list().unwrap_or_default() {
+            if loopdev::same_file(&dev.backing, &self.pv) {
+                let _ = loopdev::detach(&dev.name);
+            }
+        }
+        let _ = cmd::run("vgremove", dm.iter().copied().chain(["-f", &self.vg]));
+        let pv = self.pv.to_string_lossy().into_owned();
+        let _ = cmd::run("pvremove", dm.iter().copied().chain(["-y", &pv]));
+        let _ = loopdev::detach(&self.pv);
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+/// Loop devices over `pv` (the test's volume devices).
+fn loops_over(pv: &Path) -> usize {
+    loopdev::list()
+        .expect("losetup")
+        .iter()
+        .filter(|d| loopdev::same_file(&d.backing, pv))
+        .count()
+}
+
+#[test]
+fn lvm_on_a_loop_device_passes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vg = TestVg::new(tmp.path(), "stratus-conf-lvm", 128 * MIB);
+    let lvm = Lvm::new(&vg.vg).expect("a name");
+    conformance::run_all(&lvm, 4 * MIB, tmp.path());
+    assert_eq!(
+        loops_over(&vg.pv),
+        0,
+        "a deleted volume's loop device is left"
+    );
+}
+
+#[test]
+fn lvm_recovers_a_build_killed_midway_and_its_loop_device() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vg = TestVg::new(tmp.path(), "stratus-conf-crash", 64 * MIB);
+    let lvm = Lvm::new(&vg.vg).expect("a name");
+    let dm = if super::lvm::has_device_mapper() {
+        vec![]
+    } else {
+        vec!["--driverloaded", "n"]
+    };
+    let kept = VolName::volume("kept").expect("uid");
+    lvm.create(&kept, 4 * MIB, Source::Empty).expect("create");
+    conformance::write(&lvm, &kept, 0, b"precious");
+    // What a process killed during a build leaves: the partial LV and a loop device over it.
+    let partial = "volume-killed.partial";
+    cmd::run(
+        "lvcreate",
+        dm.iter().copied().chain([
+            "-an",
+            "-Zn",
+            "-Wn",
+            "--alloc",
+            "contiguous",
+            "-y",
+            "-L",
+            "8m",
+            "-n",
+            partial,
+            &vg.vg,
+        ]),
+    )
+    .expect("lvcreate");
+    let region_dev = {
+        let offset = (1024 * 1024 + 4 * MIB).to_string();
+        let size = (8 * MIB).to_string();
+        let out = cmd::run(
+            "losetup",
+            [
+                "--find",
+                "--show",
+                "--offset",
+                &offset,
+                "--sizelimit",
+                &size,
+                &vg.pv.to_string_lossy(),
+            ],
+        )
+        .expect("losetup");
+        PathBuf::from(String::from_utf8_lossy(&out).trim())
+    };
+    let before = loops_over(&vg.pv);
+    let removed = lvm.recover().expect("recover");
+    assert!(removed.iter().any(|r| r.ends_with(partial)), "{removed:?}");
+    assert!(
+        removed.iter().any(|r| Path::new(r) == region_dev),
+        "{removed:?}"
+    );
+    assert_eq!(loops_over(&vg.pv), before - 1);
+    assert_eq!(lvm.list().expect("list").len(), 1);
+    assert_eq!(conformance::read(&lvm, &kept, 0, 8), b"precious");
+    assert_eq!(lvm.recover().expect("again"), Vec::<String>::new());
+    lvm.delete(&kept).expect("delete");
+    assert_eq!(loops_over(&vg.pv), 0);
+}
+
+#[test]
+fn lvm_reports_a_missing_volume_group() {
+    let lvm = Lvm::new("stratus-conf-absent").expect("a name");
+    assert!(matches!(
+        lvm.capacity(),
+        Err(super::DriverError::Unavailable(_))
+    ));
+}
+
+#[test]
+fn a_file_pool_passes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("pool");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let pool = FilePool::new(&dir).expect("absolute");
+    conformance::run_all(&pool, MIB, tmp.path());
+    // A partial file left by a killed build is removed, and only it.
+    std::fs::write(dir.join("volume-x.raw.partial"), b"half").expect("write");
+    std::fs::write(dir.join("operator-notes.txt"), b"mine").expect("write");
+    assert_eq!(pool.recover().expect("recover").len(), 1);
+    assert!(dir.join("operator-notes.txt").is_file());
+    assert!(matches!(
+        FilePool::new(&tmp.path().join("absent"))
+            .expect("absolute")
+            .capacity(),
+        Err(super::DriverError::Unavailable(_))
+    ));
+}

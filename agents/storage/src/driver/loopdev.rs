@@ -1,0 +1,216 @@
+//! Loop devices over a region of a file or block device (`losetup --offset --sizelimit`),
+//! found again by what they are over, never remembered: the kernel's list is the record.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::{DriverError, cmd};
+
+/// A loop device as the kernel has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopDevice {
+    /// Its device node (`/dev/loopN`).
+    pub name: PathBuf,
+    /// What it is over (as the kernel recorded the path).
+    pub backing: PathBuf,
+    /// Where its data starts in the backing, in bytes.
+    pub offset: u64,
+    /// How much of the backing it covers (0: to the end).
+    pub size_limit: u64,
+}
+
+/// A region of a file or block device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Region {
+    /// The file or device.
+    pub path: PathBuf,
+    /// Where the region starts, in bytes.
+    pub offset: u64,
+    /// Its length, in bytes.
+    pub len: u64,
+}
+
+impl Region {
+    /// Whether `dev` is over exactly this region.
+    pub fn is(&self, dev: &LoopDevice) -> bool {
+        dev.offset == self.offset
+            && dev.size_limit == self.len
+            && same_file(&dev.backing, &self.path)
+    }
+
+    /// Whether `dev` is over any byte of this region.
+    pub fn overlaps(&self, dev: &LoopDevice) -> bool {
+        if !same_file(&dev.backing, &self.path) {
+            return false;
+        }
+        let end = self.offset.saturating_add(self.len);
+        let dev_end = if dev.size_limit == 0 {
+            u64::MAX
+        } else {
+            dev.offset.saturating_add(dev.size_limit)
+        };
+        dev.offset < end && self.offset < dev_end
+    }
+}
+
+/// Whether two paths name the same file (a device reached through a symlink is itself).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+#[derive(Deserialize)]
+struct Report {
+    #[serde(default)]
+    loopdevices: Vec<Entry>,
+}
+
+#[derive(Deserialize)]
+struct Entry {
+    name: PathBuf,
+    #[serde(rename = "back-file")]
+    back_file: Option<PathBuf>,
+    #[serde(default)]
+    offset: u64,
+    #[serde(default)]
+    sizelimit: u64,
+}
+
+/// Parses `losetup --json --list` (an empty output: no loop devices).
+fn parse(out: &[u8]) -> Result<Vec<LoopDevice>, DriverError> {
+    if out.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let report: Report =
+        serde_json::from_slice(out).map_err(|e| DriverError::Report("losetup", e))?;
+    Ok(report
+        .loopdevices
+        .into_iter()
+        .filter_map(|e| {
+            // The kernel appends " (deleted)" to a backing file removed since.
+            let backing = e.back_file?;
+            Some(LoopDevice {
+                name: e.name,
+                backing,
+                offset: e.offset,
+                size_limit: e.sizelimit,
+            })
+        })
+        .collect())
+}
+
+/// Every loop device with a backing.
+///
+/// # Errors
+/// losetup failed or its report did not parse.
+pub fn list() -> Result<Vec<LoopDevice>, DriverError> {
+    let out = cmd::run(
+        "losetup",
+        [
+            "--json",
+            "--list",
+            "--output",
+            "NAME,BACK-FILE,OFFSET,SIZELIMIT",
+        ],
+    )?;
+    parse(&out)
+}
+
+/// The loop device over exactly `region`, attached if there is none. Idempotent.
+///
+/// # Errors
+/// losetup failed.
+pub fn attach(region: &Region) -> Result<PathBuf, DriverError> {
+    if let Some(dev) = list()?.into_iter().find(|d| region.is(d)) {
+        return Ok(dev.name);
+    }
+    let out = cmd::run(
+        "losetup",
+        [
+            "--find".as_ref(),
+            "--show".as_ref(),
+            "--offset".as_ref(),
+            region.offset.to_string().as_ref(),
+            "--sizelimit".as_ref(),
+            region.len.to_string().as_ref(),
+            region.path.as_os_str(),
+        ] as [&std::ffi::OsStr; 7],
+    )?;
+    Ok(PathBuf::from(String::from_utf8_lossy(&out).trim()))
+}
+
+/// Detaches every loop device over any byte of `region`; answers them. Idempotent.
+///
+/// # Errors
+/// losetup failed.
+pub fn detach_overlapping(region: &Region) -> Result<Vec<PathBuf>, DriverError> {
+    let mut gone = Vec::new();
+    for dev in list()?.into_iter().filter(|d| region.overlaps(d)) {
+        detach(&dev.name)?;
+        gone.push(dev.name);
+    }
+    Ok(gone)
+}
+
+/// Detaches `dev`. A device already detached is `Ok`.
+///
+/// # Errors
+/// losetup failed.
+pub fn detach(dev: &Path) -> Result<(), DriverError> {
+    match cmd::run("losetup", ["--detach".as_ref(), dev.as_os_str()]) {
+        Ok(_) => Ok(()),
+        Err(DriverError::Command { source, .. })
+            if source.stderr().contains("No such device")
+                || source.stderr().contains("failed to use device") =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn losetup_reports_parse() {
+        let out = br#"{
+           "loopdevices": [
+              {"name": "/dev/loop1", "back-file": "/dev/loop0", "offset": 8388608, "sizelimit": 12582912},
+              {"name": "/dev/loop0", "back-file": "/tmp/pv.img", "offset": 0, "sizelimit": 0},
+              {"name": "/dev/loop2", "back-file": null}
+           ]
+        }"#;
+        let devs = parse(out).expect("parses");
+        assert_eq!(devs.len(), 2);
+        assert_eq!(devs[0].offset, 8_388_608);
+        assert_eq!(devs[0].size_limit, 12_582_912);
+        assert!(parse(b"").expect("empty").is_empty());
+    }
+
+    #[test]
+    fn regions_overlap_only_on_the_same_backing() {
+        let r = Region {
+            path: "/nonexistent/pv".into(),
+            offset: 100,
+            len: 50,
+        };
+        let dev = |backing: &str, offset, size_limit| LoopDevice {
+            name: "/dev/loop9".into(),
+            backing: backing.into(),
+            offset,
+            size_limit,
+        };
+        assert!(r.is(&dev("/nonexistent/pv", 100, 50)));
+        assert!(!r.is(&dev("/nonexistent/pv", 100, 49)));
+        assert!(r.overlaps(&dev("/nonexistent/pv", 149, 10)));
+        assert!(!r.overlaps(&dev("/nonexistent/pv", 150, 10)));
+        assert!(!r.overlaps(&dev("/nonexistent/pv", 0, 100)));
+        assert!(r.overlaps(&dev("/nonexistent/pv", 0, 0)));
+        assert!(!r.overlaps(&dev("/nonexistent/other", 100, 50)));
+    }
+}

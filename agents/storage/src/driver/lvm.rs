@@ -1,0 +1,660 @@
+//! Volumes as logical volumes of one LVM volume group, through the lvm2 commands and their
+//! JSON reports.
+//!
+//! Without device-mapper in the kernel (detected from `/proc/misc`), lvm2 can only edit
+//! metadata: every command runs with `--driverloaded n` (lvm2's switch for "no
+//! device-mapper", which also skips udev), LVs are created inactive (`--activate n`) and
+//! unzeroed by lvm2 (`--zero n`; the driver zeroes the whole LV itself), and allocated
+//! `contiguous`, so that an LV is one run of extents on one PV. Its data is then the
+//! region of that PV at `pe_start + first extent × extent size`, which a loop device
+//! (`losetup --offset --sizelimit`) makes a block device; snapshots and clones are full
+//! copies of the region. LVs of several segments (made outside Stratus) are refused. With
+//! device-mapper, LVs are activated normally and their device is `/dev/VG/LV`; copy-on-write
+//! (thin) snapshots are not used yet.
+//!
+//! A volume is built as `NAME.partial` and renamed (`lvrename`) once its data is complete.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::loopdev::{self, Region};
+use super::{Backend, Capacity, DriverError, Observed, PARTIAL_SUFFIX, Source, VolName, cmd, data};
+
+/// The logical volumes of one volume group.
+#[derive(Debug, Clone)]
+pub struct Lvm {
+    vg: String,
+    dm: bool,
+}
+
+/// Whether the running kernel has device-mapper.
+pub fn has_device_mapper() -> bool {
+    std::fs::read_to_string("/proc/misc")
+        .is_ok_and(|m| m.lines().any(|l| l.trim_end().ends_with(" device-mapper")))
+}
+
+/// One logical volume as lvs reports it.
+#[derive(Debug, Clone)]
+struct Lv {
+    size: u64,
+    /// Its segments: the PV, the first extent and the extent count of each.
+    segments: Vec<(PathBuf, u64, u64)>,
+}
+
+#[derive(Deserialize)]
+struct Report<T> {
+    report: Vec<T>,
+}
+
+#[derive(Deserialize)]
+struct SegReport {
+    #[serde(default)]
+    seg: Vec<SegRow>,
+}
+
+#[derive(Deserialize)]
+struct SegRow {
+    lv_name: String,
+    lv_size: String,
+    seg_pe_ranges: String,
+}
+
+#[derive(Deserialize)]
+struct VgReport {
+    #[serde(default)]
+    vg: Vec<VgRow>,
+}
+
+#[derive(Deserialize)]
+struct VgRow {
+    vg_size: String,
+    vg_free: String,
+    vg_extent_size: String,
+}
+
+#[derive(Deserialize)]
+struct PvReport {
+    #[serde(default)]
+    pv: Vec<PvRow>,
+}
+
+#[derive(Deserialize)]
+struct PvRow {
+    pv_name: PathBuf,
+    pe_start: String,
+    vg_name: String,
+}
+
+fn number(what: &'static str, s: &str) -> Result<u64, DriverError> {
+    s.trim().parse().map_err(|_| {
+        DriverError::Unsupported(format!("lvm reported {what} {s:?}, not a number of bytes"))
+    })
+}
+
+fn rows<T: for<'de> Deserialize<'de>>(
+    what: &'static str,
+    out: &[u8],
+) -> Result<Vec<T>, DriverError> {
+    let r: Report<T> = serde_json::from_slice(out).map_err(|e| DriverError::Report(what, e))?;
+    Ok(r.report)
+}
+
+/// `PV:FIRST-LAST` of one segment; anything else (several ranges: striped or mirrored) is
+/// `None`.
+fn pe_range(s: &str) -> Option<(PathBuf, u64, u64)> {
+    let s = s.trim();
+    if s.contains(' ') {
+        return None;
+    }
+    let (pv, range) = s.rsplit_once(':')?;
+    let (first, last) = range.split_once('-')?;
+    let (first, last): (u64, u64) = (first.parse().ok()?, last.parse().ok()?);
+    Some((PathBuf::from(pv), first, last.checked_sub(first)? + 1))
+}
+
+impl Lvm {
+    /// The volume group `vg` (which must exist when verbs are called, not now).
+    ///
+    /// # Errors
+    /// [`DriverError::Invalid`] for a name lvm2 does not allow.
+    pub fn new(vg: &str) -> Result<Self, DriverError> {
+        Self::with_device_mapper(vg, has_device_mapper())
+    }
+
+    /// As [`Lvm::new`], saying whether device-mapper is there.
+    ///
+    /// # Errors
+    /// As [`Lvm::new`].
+    pub fn with_device_mapper(vg: &str, dm: bool) -> Result<Self, DriverError> {
+        let ok = !vg.is_empty()
+            && vg.len() <= 127
+            && !vg.starts_with('-')
+            && vg != "."
+            && vg != ".."
+            && vg
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+_.-".contains(&b));
+        if !ok {
+            return Err(DriverError::Invalid(format!(
+                "{vg:?} is not a volume group name"
+            )));
+        }
+        Ok(Self { vg: vg.into(), dm })
+    }
+
+    /// The volume group.
+    pub fn vg(&self) -> &str {
+        &self.vg
+    }
+
+    /// Runs an lvm2 command with `args` after the options every call takes.
+    fn lvm<'a>(
+        &self,
+        program: &'static str,
+        args: impl IntoIterator<Item = &'a OsStr>,
+    ) -> Result<Vec<u8>, DriverError> {
+        let mut all: Vec<&OsStr> = Vec::new();
+        if !self.dm {
+            all.extend(["--driverloaded", "n"].map(OsStr::new));
+        }
+        all.extend(args);
+        cmd::run(program, all).map_err(|e| self.classify(e))
+    }
+
+    /// What lvm2's complaints mean.
+    fn classify(&self, e: DriverError) -> DriverError {
+        let DriverError::Command { source, .. } = &e else {
+            return e;
+        };
+        let said = source.stderr();
+        if said.contains(&format!("Volume group \"{}\" not found", self.vg)) {
+            DriverError::Unavailable(format!("no volume group {}", self.vg))
+        } else if said.contains("Insufficient") {
+            DriverError::NoSpace(format!(
+                "volume group {}: {}",
+                self.vg,
+                said.lines().last().unwrap_or_default().trim()
+            ))
+        } else {
+            e
+        }
+    }
+
+    /// Every LV of the group.
+    fn lvs(&self) -> Result<BTreeMap<String, Lv>, DriverError> {
+        let out = self.lvm(
+            "lvs",
+            [
+                "--reportformat",
+                "json",
+                "--units",
+                "b",
+                "--nosuffix",
+                "--segments",
+                "-o",
+                "lv_name,lv_size,seg_pe_ranges",
+                &self.vg,
+            ]
+            .map(OsStr::new),
+        )?;
+        let mut lvs: BTreeMap<String, Lv> = BTreeMap::new();
+        for report in rows::<SegReport>("lvs", &out)? {
+            for row in report.seg {
+                let size = number("lv_size", &row.lv_size)?;
+                let lv = lvs.entry(row.lv_name).or_insert(Lv {
+                    size,
+                    segments: Vec::new(),
+                });
+                match pe_range(&row.seg_pe_ranges) {
+                    Some(seg) => lv.segments.push(seg),
+                    // Striped or mirrored: several PVs at once, no single region.
+                    None => lv
+                        .segments
+                        .extend([(PathBuf::new(), 0, 0), (PathBuf::new(), 0, 0)]),
+                }
+            }
+        }
+        Ok(lvs)
+    }
+
+    /// The group's extent size and each of its PVs' first extent offset.
+    fn layout(&self) -> Result<(u64, BTreeMap<PathBuf, u64>), DriverError> {
+        let out = self.lvm(
+            "vgs",
+            [
+                "--reportformat",
+                "json",
+                "--units",
+                "b",
+                "--nosuffix",
+                "-o",
+                "vg_size,vg_free,vg_extent_size",
+                &self.vg,
+            ]
+            .map(OsStr::new),
+        )?;
+        let vg = rows::<VgReport>("vgs", &out)?
+            .into_iter()
+            .flat_map(|r| r.vg)
+            .next()
+            .ok_or_else(|| DriverError::Unavailable(format!("no volume group {}", self.vg)))?;
+        let extent = number("vg_extent_size", &vg.vg_extent_size)?;
+        let out = self.lvm(
+            "pvs",
+            [
+                "--reportformat",
+                "json",
+                "--units",
+                "b",
+                "--nosuffix",
+                "-o",
+                "pv_name,pe_start,vg_name",
+            ]
+            .map(OsStr::new),
+        )?;
+        let mut starts = BTreeMap::new();
+        for pv in rows::<PvReport>("pvs", &out)?
+            .into_iter()
+            .flat_map(|r| r.pv)
+        {
+            if pv.vg_name == self.vg {
+                starts.insert(pv.pv_name, number("pe_start", &pv.pe_start)?);
+            }
+        }
+        Ok((extent, starts))
+    }
+
+    /// Where `name`'s data is: a region of its PV (without device-mapper) or its active LV.
+    fn region(&self, name: &str, lv: &Lv) -> Result<Region, DriverError> {
+        if self.dm {
+            self.lvm(
+                "lvchange",
+                ["-ay".as_ref(), OsStr::new(&format!("{}/{name}", self.vg))],
+            )?;
+            return Ok(Region {
+                path: PathBuf::from("/dev").join(&self.vg).join(name),
+                offset: 0,
+                len: lv.size,
+            });
+        }
+        let [(pv, first, _)] = lv.segments.as_slice() else {
+            return Err(DriverError::Unsupported(format!(
+                "logical volume {}/{name} has {} segments; without device-mapper only one contiguous segment can be used",
+                self.vg,
+                lv.segments.len()
+            )));
+        };
+        let (extent, starts) = self.layout()?;
+        let start = starts.get(pv).copied().ok_or_else(|| {
+            DriverError::Unsupported(format!("{} is not a PV of {}", pv.display(), self.vg))
+        })?;
+        Ok(Region {
+            path: pv.clone(),
+            offset: start + first * extent,
+            len: lv.size,
+        })
+    }
+
+    /// Removes LV `name` and every loop device over it (answered). A missing one is `Ok`.
+    fn remove(&self, name: &str, lv: Option<&Lv>) -> Result<Vec<PathBuf>, DriverError> {
+        let Some(lv) = lv else {
+            return Ok(Vec::new());
+        };
+        let mut detached = Vec::new();
+        if !self.dm && lv.segments.len() == 1 {
+            detached = loopdev::detach_overlapping(&self.region(name, lv)?)?;
+        }
+        self.lvm(
+            "lvremove",
+            ["-y".as_ref(), OsStr::new(&format!("{}/{name}", self.vg))],
+        )?;
+        Ok(detached)
+    }
+
+    /// Builds `partial` of `size` bytes from `source` (already checked to exist and fit).
+    fn build(
+        &self,
+        partial: &str,
+        size: u64,
+        source: Source<'_>,
+        lvs: &BTreeMap<String, Lv>,
+    ) -> Result<(), DriverError> {
+        let size_arg = format!("{size}b");
+        let mut args: Vec<&OsStr> = [
+            "--activate",
+            "n",
+            "--zero",
+            "n",
+            "--wipesignatures",
+            "n",
+            "--alloc",
+            "contiguous",
+            "-y",
+            "-L",
+        ]
+        .map(OsStr::new)
+        .to_vec();
+        args.extend([
+            OsStr::new(&size_arg),
+            OsStr::new("-n"),
+            OsStr::new(partial),
+            OsStr::new(&self.vg),
+        ]);
+        self.lvm("lvcreate", args)?;
+        let lv = self
+            .lvs()?
+            .remove(partial)
+            .ok_or_else(|| DriverError::NotFound(format!("{}/{partial}", self.vg)))?;
+        let region = self.region(partial, &lv)?;
+        // The extents may hold a deleted volume's data: none of it may show.
+        data::zero(&region)?;
+        match source {
+            Source::Empty => {}
+            Source::Copy(from) => {
+                let src = lvs
+                    .get(from.as_str())
+                    .ok_or_else(|| DriverError::NotFound(from.to_string()))?;
+                let src_region = self.region(from.as_str(), src)?;
+                // What was written through the source's device reaches its PV first.
+                if !self.dm {
+                    for dev in loopdev::list()?.iter().filter(|d| src_region.is(d)) {
+                        data::flush(&dev.name)?;
+                    }
+                }
+                data::copy(&src_region, &region, src.size)?;
+            }
+            Source::Image { path, format } => {
+                let dev = self.device_of(&region)?;
+                data::convert_onto(path, format, &dev)?;
+            }
+        }
+        self.lvm(
+            "lvrename",
+            [
+                self.vg.as_str(),
+                partial,
+                partial.trim_end_matches(PARTIAL_SUFFIX),
+            ]
+            .map(OsStr::new),
+        )
+        .map(drop)
+    }
+
+    /// The block device over `region`.
+    fn device_of(&self, region: &Region) -> Result<PathBuf, DriverError> {
+        if self.dm {
+            return Ok(region.path.clone());
+        }
+        loopdev::attach(region)
+    }
+}
+
+impl Backend for Lvm {
+    fn describe(&self) -> String {
+        format!("lvm:{}", self.vg)
+    }
+
+    fn capacity(&self) -> Result<Capacity, DriverError> {
+        let out = self.lvm(
+            "vgs",
+            [
+                "--reportformat",
+                "json",
+                "--units",
+                "b",
+                "--nosuffix",
+                "-o",
+                "vg_size,vg_free,vg_extent_size",
+                &self.vg,
+            ]
+            .map(OsStr::new),
+        )?;
+        let vg = rows::<VgReport>("vgs", &out)?
+            .into_iter()
+            .flat_map(|r| r.vg)
+            .next()
+            .ok_or_else(|| DriverError::Unavailable(format!("no volume group {}", self.vg)))?;
+        Ok(Capacity {
+            total: number("vg_size", &vg.vg_size)?,
+            free: number("vg_free", &vg.vg_free)?,
+        })
+    }
+
+    fn recover(&self) -> Result<Vec<String>, DriverError> {
+        let lvs = self.lvs()?;
+        let mut removed = Vec::new();
+        for (name, lv) in &lvs {
+            if name
+                .strip_suffix(PARTIAL_SUFFIX)
+                .is_some_and(|base| VolName::parse(base).is_some())
+            {
+                let detached = self.remove(name, Some(lv))?;
+                removed.push(format!("{}/{name}", self.vg));
+                removed.extend(detached.iter().map(|d| d.display().to_string()));
+            }
+        }
+        if self.dm {
+            return Ok(removed);
+        }
+        // Loop devices over a region of one of the group's PVs that no LV of the group has
+        // now: left by a volume deleted, or a build interrupted, before they were detached.
+        let (_, starts) = self.layout()?;
+        let mut regions = Vec::new();
+        for (name, lv) in self.lvs()? {
+            if lv.segments.len() == 1 {
+                regions.push(self.region(&name, &lv)?);
+            }
+        }
+        for dev in loopdev::list()? {
+            let on_pv = starts.keys().any(|pv| loopdev::same_file(&dev.backing, pv));
+            if on_pv && dev.size_limit > 0 && !regions.iter().any(|r| r.is(&dev)) {
+                loopdev::detach(&dev.name)?;
+                removed.push(dev.name.display().to_string());
+            }
+        }
+        Ok(removed)
+    }
+
+    fn list(&self) -> Result<Vec<(VolName, Observed)>, DriverError> {
+        Ok(self
+            .lvs()?
+            .into_iter()
+            .filter_map(|(name, lv)| Some((VolName::parse(&name)?, Observed { size: lv.size })))
+            .collect())
+    }
+
+    fn observe(&self, name: &VolName) -> Result<Option<Observed>, DriverError> {
+        Ok(self
+            .lvs()?
+            .get(name.as_str())
+            .map(|lv| Observed { size: lv.size }))
+    }
+
+    fn create(
+        &self,
+        name: &VolName,
+        size: u64,
+        source: Source<'_>,
+    ) -> Result<Observed, DriverError> {
+        let lvs = self.lvs()?;
+        if let Some(lv) = lvs.get(name.as_str()) {
+            return Ok(Observed { size: lv.size });
+        }
+        match source {
+            Source::Empty => {}
+            Source::Copy(from) => {
+                let src = lvs
+                    .get(from.as_str())
+                    .ok_or_else(|| DriverError::NotFound(from.to_string()))?;
+                if src.size > size {
+                    return Err(DriverError::Invalid(format!(
+                        "{from} is {} bytes, larger than {size}",
+                        src.size
+                    )));
+                }
+            }
+            Source::Image { path, format } => {
+                data::check_fits(path, format, size)?;
+            }
+        }
+        let partial = format!("{name}{PARTIAL_SUFFIX}");
+        self.remove(&partial, lvs.get(&partial))?;
+        if let Err(e) = self.build(&partial, size, source, &lvs) {
+            let left = self.lvs().ok().and_then(|mut l| l.remove(&partial));
+            if let Err(clean) = self.remove(&partial, left.as_ref()) {
+                tracing::warn!(volume = %name, error = %clean, "cannot remove a partial volume; the next start removes it");
+            }
+            return Err(e);
+        }
+        self.observe(name)?
+            .ok_or_else(|| DriverError::NotFound(name.to_string()))
+    }
+
+    fn extend(&self, name: &VolName, size: u64) -> Result<Observed, DriverError> {
+        let lv = self
+            .lvs()?
+            .remove(name.as_str())
+            .ok_or_else(|| DriverError::NotFound(name.to_string()))?;
+        if lv.size >= size {
+            return Ok(Observed { size: lv.size });
+        }
+        let old = self.region(name.as_str(), &lv)?;
+        if !self.dm {
+            // The extents after the LV are zeroed while free (so a crash after the lvextend
+            // shows no old data); a device over the LV has its old size and is set up again.
+            let (extent, _) = self.layout()?;
+            let grow = (size - old.len).div_ceil(extent) * extent;
+            if !self.free_after(&lv, grow / extent)? {
+                return Err(DriverError::NoSpace(format!(
+                    "volume group {}: the {} extents after {name} are not free; without device-mapper a volume grows only into the space right after it",
+                    self.vg,
+                    grow / extent
+                )));
+            }
+            let tail = Region {
+                path: old.path.clone(),
+                offset: old.offset + old.len,
+                len: grow,
+            };
+            data::zero(&tail)?;
+            loopdev::detach_overlapping(&old)?;
+        }
+        let size_arg = format!("{size}b");
+        self.lvm(
+            "lvextend",
+            [
+                OsStr::new("--alloc"),
+                OsStr::new("contiguous"),
+                OsStr::new("-L"),
+                OsStr::new(&size_arg),
+                OsStr::new(&format!("{}/{name}", self.vg)),
+            ],
+        )?;
+        let lv = self
+            .lvs()?
+            .remove(name.as_str())
+            .ok_or_else(|| DriverError::NotFound(name.to_string()))?;
+        if self.dm {
+            let now = self.region(name.as_str(), &lv)?;
+            data::zero(&Region {
+                offset: old.len,
+                len: now.len - old.len,
+                ..now
+            })?;
+        }
+        Ok(Observed { size: lv.size })
+    }
+
+    fn delete(&self, name: &VolName) -> Result<(), DriverError> {
+        let lvs = self.lvs()?;
+        let partial = format!("{name}{PARTIAL_SUFFIX}");
+        self.remove(&partial, lvs.get(&partial))?;
+        self.remove(name.as_str(), lvs.get(name.as_str())).map(drop)
+    }
+
+    fn device(&self, name: &VolName) -> Result<PathBuf, DriverError> {
+        let lv = self
+            .lvs()?
+            .remove(name.as_str())
+            .ok_or_else(|| DriverError::NotFound(name.to_string()))?;
+        let region = self.region(name.as_str(), &lv)?;
+        self.device_of(&region)
+    }
+}
+
+impl Lvm {
+    /// Whether the `count` extents right after `lv`'s (on its PV) are free.
+    fn free_after(&self, lv: &Lv, count: u64) -> Result<bool, DriverError> {
+        let [(pv, first, len)] = lv.segments.as_slice() else {
+            return Ok(false);
+        };
+        let next = first + len;
+        let out = self.lvm(
+            "pvs",
+            [
+                "--reportformat",
+                "json",
+                "--segments",
+                "-o",
+                "pv_name,pvseg_start,pvseg_size,lv_name",
+            ]
+            .map(OsStr::new),
+        )?;
+        #[derive(Deserialize)]
+        struct R {
+            #[serde(default)]
+            pvseg: Vec<Row>,
+        }
+        #[derive(Deserialize)]
+        struct Row {
+            pv_name: PathBuf,
+            pvseg_start: String,
+            pvseg_size: String,
+            lv_name: String,
+        }
+        Ok(rows::<R>("pvs", &out)?
+            .into_iter()
+            .flat_map(|r| r.pvseg)
+            .any(|r| {
+                r.pv_name == *pv
+                    && r.lv_name.is_empty()
+                    && r.pvseg_start.trim().parse::<u64>().ok() == Some(next)
+                    && r.pvseg_size.trim().parse::<u64>().is_ok_and(|n| n >= count)
+            }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_are_single_runs_of_extents() {
+        assert_eq!(
+            pe_range("/dev/loop0:2-4"),
+            Some(("/dev/loop0".into(), 2, 3))
+        );
+        assert_eq!(pe_range("/dev/sdb1:0-0"), Some(("/dev/sdb1".into(), 0, 1)));
+        assert_eq!(pe_range("/dev/a:0-1 /dev/b:0-1"), None);
+        assert_eq!(pe_range("/dev/a:4-1"), None);
+        assert_eq!(pe_range(""), None);
+    }
+
+    #[test]
+    fn volume_group_names_are_checked() {
+        assert!(Lvm::new("stratus-vg0").is_ok());
+        for bad in ["", "-x", "a b", "a/b", "..", "$(id)", &"v".repeat(128)] {
+            assert!(Lvm::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn device_mapper_is_detected_from_the_kernel() {
+        // Whatever the kernel has, the answer agrees with /proc/misc.
+        let misc = std::fs::read_to_string("/proc/misc").unwrap_or_default();
+        assert_eq!(has_device_mapper(), misc.contains("device-mapper"));
+    }
+}
