@@ -1,0 +1,801 @@
+//! The storage agent's loops: the node's pools registered and heartbeated ([`crate::pool`]),
+//! and one kube-runtime controller each for the Volumes and VolumeSnapshots placed on the
+//! node, whose reconcile reads the pool ([`Backend::observe`]), asks [`plan`] for the next
+//! step and carries it out through the pool's [`Backend`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use stratus_api_types::common::{ConditionType, Reason, Time};
+use stratus_api_types::image::{DiskFormat, Image};
+use stratus_api_types::storage::{
+    Volume, VolumePhase, VolumeSnapshot, VolumeSnapshotPhase, VolumeSnapshotStatus, VolumeStatus,
+};
+use stratus_image_cache::{Format, ImageCache, ImageError, Request};
+use stratus_runtime::finalizer;
+use stratus_runtime::{Classify, Retry, Runtime, blocking};
+use tracing::Instrument;
+
+use crate::driver::{Backend, DriverError, Source, VolName};
+use crate::plan::{Intent, Step, plan};
+use crate::pool::{PoolConfig, Served};
+
+/// The agent's name in Events and as field manager.
+pub const MANAGER: &str = "stratus-storage-agent";
+
+/// The finalizer the agent adds to a Volume or VolumeSnapshot before it makes its data, and
+/// removes once the data is gone.
+pub const FINALIZER: &str = "storage.stratus.dev/teardown";
+
+/// The annotation on a VolumeSnapshot naming the uid of the Volume it was taken of.
+pub const VOLUME_UID: &str = "storage.stratus.dev/volume-uid";
+
+/// Reasons of the agent's `Ready` conditions (to move into api-types' `Reason`).
+pub mod reasons {
+    /// `Ready=True`: the data is there, at `status.devicePath`.
+    pub const AVAILABLE: &str = "Available";
+    /// `Ready=False`: the data is being made.
+    pub const CREATING: &str = "Creating";
+    /// `Ready=False`: growing to the size asked.
+    pub const EXTENDING: &str = "Extending";
+    /// `Ready=False`: the source (a snapshot, a volume) is not ready yet.
+    pub const SOURCE_NOT_READY: &str = "SourceNotReady";
+    /// `Ready=False`: the source does not exist, or is not in this pool.
+    pub const SOURCE_NOT_FOUND: &str = "SourceNotFound";
+    /// `Ready=False`: the pool refused to make or grow it (the message says why).
+    pub const CREATE_FAILED: &str = "CreateFailed";
+    /// `Ready=False`: its data was removed from the pool behind Stratus's back; it is not
+    /// made again empty.
+    pub const MISSING: &str = "DataMissing";
+    /// `Ready=False`: it is deleted and waits for the Server holding it to let it go.
+    pub const ATTACHED: &str = "Attached";
+}
+
+/// How the agent runs on its node.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The node's name.
+    pub node: String,
+    /// Where the agent keeps the images volumes are made from (`volume-images/`).
+    pub state_dir: PathBuf,
+    /// How often pools report their capacity.
+    pub heartbeat: Duration,
+    /// How often each volume is read back from its pool (drift is found within this).
+    pub resync: Duration,
+    /// What the image cache may fetch.
+    pub image_policy: stratus_image_cache::Policy,
+}
+
+/// What every reconcile shares.
+pub struct Ctx {
+    /// The API client.
+    pub client: Client,
+    /// The node's name.
+    pub node: String,
+    /// The pools served.
+    pub served: Arc<Served>,
+    /// Images volumes are made from.
+    pub images: Arc<ImageCache>,
+    /// Volume status writes and backoff.
+    pub volumes: Runtime<Volume>,
+    /// Snapshot status writes and backoff.
+    pub snapshots: Runtime<VolumeSnapshot>,
+    /// Events.
+    pub recorder: Recorder,
+    /// How often a volume is read back.
+    pub resync: Duration,
+}
+
+/// A reconcile's failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The API server.
+    #[error("request to the API server")]
+    Api(#[from] kube::Error),
+    /// The pool's backing store.
+    #[error("storage driver")]
+    Driver(#[from] DriverError),
+    /// The image cache.
+    #[error("image cache")]
+    Image(#[from] ImageError),
+    /// The object lacks its uid (a bug).
+    #[error("the object has no uid")]
+    Incomplete,
+    /// A blocking task panicked (a bug).
+    #[error("blocking task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+impl Classify for StorageError {
+    fn retry(&self) -> Retry {
+        match self {
+            Self::Api(e) => stratus_runtime::policy::kube_retry(e),
+            Self::Driver(e) if e.is_final() => Retry::Never,
+            Self::Image(e) if e.is_final() => Retry::Never,
+            Self::Incomplete | Self::Join(_) => Retry::Never,
+            _ => Retry::Backoff,
+        }
+    }
+}
+
+/// Why a volume cannot be made on this pass, and for how long to wait.
+struct Blocked {
+    reason: &'static str,
+    message: String,
+    /// Whether it can never be made as asked (phase Error) rather than waiting.
+    failed: bool,
+}
+
+/// A source resolved to what the pool copies from.
+enum Resolved {
+    Empty,
+    Image(PathBuf, Format),
+    Copy(VolName),
+}
+
+fn uid<K: Resource>(obj: &K) -> Result<String, StorageError> {
+    obj.meta().uid.clone().ok_or(StorageError::Incomplete)
+}
+
+/// The format the cache inspects an Image's data as.
+fn cache_format(format: DiskFormat) -> Format {
+    match format {
+        DiskFormat::Qcow2 => Format::Qcow2,
+        DiskFormat::Raw => Format::Raw,
+        DiskFormat::Iso => Format::Iso,
+        DiskFormat::Aki => Format::Kernel,
+        DiskFormat::Ari => Format::Ramdisk,
+    }
+}
+
+/// What `vol`'s `spec.source` resolves to in pool `pool`.
+async fn resolve(
+    ctx: &Ctx,
+    vol: &Volume,
+    pool: &str,
+) -> Result<Result<Resolved, Blocked>, StorageError> {
+    let ns = vol.namespace().unwrap_or_default();
+    let Some(source) = &vol.spec.source else {
+        return Ok(Ok(Resolved::Empty));
+    };
+    let not_found = |message: String| Blocked {
+        reason: reasons::SOURCE_NOT_FOUND,
+        message,
+        failed: true,
+    };
+    let not_ready = |message: String| Blocked {
+        reason: reasons::SOURCE_NOT_READY,
+        message,
+        failed: false,
+    };
+    if let Some(name) = &source.snapshot {
+        let api: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
+        let Some(snap) = api.get_opt(name).await? else {
+            return Ok(Err(not_found(format!("snapshot {name:?} does not exist"))));
+        };
+        let st = snap.status.clone().unwrap_or_default();
+        if st.pool.as_deref() != Some(pool) {
+            return Ok(Err(not_found(format!(
+                "snapshot {name:?} is not in pool {pool}"
+            ))));
+        }
+        if st.phase != VolumeSnapshotPhase::Available {
+            return Ok(Err(not_ready(format!(
+                "snapshot {name:?} is {:?}, not Available",
+                st.phase
+            ))));
+        }
+        return Ok(Ok(Resolved::Copy(VolName::snapshot(&uid(&snap)?)?)));
+    }
+    if let Some(name) = &source.volume {
+        let api: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
+        let Some(src) = api.get_opt(name).await? else {
+            return Ok(Err(not_found(format!("volume {name:?} does not exist"))));
+        };
+        let st = src.status.clone().unwrap_or_default();
+        if st.pool.as_deref() != Some(pool) {
+            return Ok(Err(not_found(format!(
+                "volume {name:?} is not in pool {pool}"
+            ))));
+        }
+        if st.size_gib.is_none() || !matches!(st.phase, VolumePhase::Available | VolumePhase::InUse)
+        {
+            return Ok(Err(not_ready(format!(
+                "volume {name:?} is {:?}, not Available",
+                st.phase
+            ))));
+        }
+        return Ok(Ok(Resolved::Copy(VolName::volume(&uid(&src)?)?)));
+    }
+    if let Some(name) = &source.image {
+        let api: Api<Image> = Api::namespaced(ctx.client.clone(), &ns);
+        let Some(image) = api.get_opt(name).await? else {
+            return Ok(Err(Blocked {
+                reason: Reason::ImageNotFound.as_str(),
+                message: format!("image {name:?} does not exist in the project"),
+                failed: false,
+            }));
+        };
+        let image_uid = uid(&image)?;
+        let user = uid(vol)?;
+        let url = image.spec.source.url.clone();
+        let sum = image.spec.sha256.clone();
+        let format = cache_format(image.spec.disk_format);
+        let cache = Arc::clone(&ctx.images);
+        let got = blocking(move || {
+            cache.pin(&image_uid, &user)?;
+            cache.fetch(&Request {
+                uid: &image_uid,
+                url: &url,
+                sha256: sum.as_deref(),
+                format,
+            })
+        })
+        .await?;
+        return match got {
+            Ok(c) => Ok(Ok(Resolved::Image(c.path, format))),
+            Err(e) if e.is_final() => Ok(Err(Blocked {
+                reason: Reason::ImageRefused.as_str(),
+                message: format!("image {name:?}: {}", stratus_runtime::policy::chain(&e)),
+                failed: true,
+            })),
+            Err(e) => Err(e.into()),
+        };
+    }
+    Ok(Ok(Resolved::Empty))
+}
+
+/// Records an Event about `obj`.
+async fn event<K: Resource<DynamicType = ()>>(
+    ctx: &Ctx,
+    obj: &K,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    stratus_runtime::events::publish(
+        &ctx.recorder,
+        &obj.object_ref(&()),
+        type_,
+        "Reconcile",
+        reason,
+        note,
+    )
+    .await;
+}
+
+/// Ends a pass that waits or failed for good: `phase` and a `Ready=False` condition.
+async fn volume_blocked(
+    ctx: &Ctx,
+    vol: &Volume,
+    phase: VolumePhase,
+    reason: &'static str,
+    message: &str,
+) -> Result<(), StorageError> {
+    let mut status = vol.status.clone().unwrap_or_default();
+    status.phase = phase;
+    ConditionType::Ready
+        .no(reason, message)
+        .set(&mut status.conditions, vol.metadata.generation);
+    ctx.volumes.write_status(vol, &status).await?;
+    Ok(())
+}
+
+/// Reports `vol` made: its device, its size, Available (InUse while attached).
+async fn volume_report(
+    ctx: &Ctx,
+    vol: &Volume,
+    backend: &Arc<dyn Backend>,
+    name: &VolName,
+    size: u64,
+) -> Result<(), StorageError> {
+    let b = Arc::clone(backend);
+    let n = name.clone();
+    let device = blocking(move || b.device(&n)).await??;
+    let mut status: VolumeStatus = vol.status.clone().unwrap_or_default();
+    status.phase = if status.attached_to.is_some() {
+        VolumePhase::InUse
+    } else {
+        VolumePhase::Available
+    };
+    status.size_gib = Some(size >> 30);
+    status.device_path = Some(device.to_string_lossy().into_owned());
+    status.observed_generation = vol.metadata.generation;
+    ConditionType::Ready
+        .yes(
+            reasons::AVAILABLE,
+            format!("{} in {}", name, backend.describe()),
+        )
+        .set(&mut status.conditions, vol.metadata.generation);
+    ctx.volumes.write_status(vol, &status).await?;
+    Ok(())
+}
+
+/// One pass over a Volume.
+async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
+    let Some(status) = &vol.status else {
+        return Ok(Action::await_change());
+    };
+    if status.node.as_deref() != Some(ctx.node.as_str()) {
+        return Ok(Action::await_change());
+    }
+    let Some((pool, backend)) = status
+        .pool
+        .as_deref()
+        .and_then(|p| Some((p, Arc::clone(ctx.served.get(p)?))))
+    else {
+        // Not a pool this node serves (the pool's Ready condition says why).
+        return Ok(Action::await_change());
+    };
+    let name = VolName::volume(&uid(vol)?)?;
+    let (b, n) = (Arc::clone(&backend), name.clone());
+    let observed = blocking(move || b.observe(&n)).await??;
+    let intent = Intent {
+        stage: finalizer::stage(vol, FINALIZER),
+        size: Some(vol.spec.size_gib << 30),
+        made: status.size_gib.is_some(),
+        attached: status.attached_to.is_some(),
+    };
+    let step = plan(intent, observed.map(|o| o.size));
+    tracing::debug!(?step, "volume step");
+    match step {
+        Step::Nothing => Ok(Action::await_change()),
+        Step::AddFinalizer => {
+            finalizer::add(&ctx.client, vol, FINALIZER).await?;
+            Ok(Action::await_change())
+        }
+        Step::Create => {
+            let source = match resolve(ctx, vol, pool).await? {
+                Ok(s) => s,
+                Err(blocked) => {
+                    let phase = if blocked.failed {
+                        VolumePhase::Error
+                    } else {
+                        VolumePhase::Creating
+                    };
+                    volume_blocked(ctx, vol, phase, blocked.reason, &blocked.message).await?;
+                    return Ok(Action::requeue(if blocked.failed {
+                        Duration::from_secs(60)
+                    } else {
+                        Duration::from_secs(2)
+                    }));
+                }
+            };
+            let size = vol.spec.size_gib << 30;
+            let (b, n) = (Arc::clone(&backend), name.clone());
+            let made = blocking(move || {
+                let source = match &source {
+                    Resolved::Empty => Source::Empty,
+                    Resolved::Image(path, format) => Source::Image {
+                        path,
+                        format: *format,
+                    },
+                    Resolved::Copy(from) => Source::Copy(from),
+                };
+                b.create(&n, size, source)
+            })
+            .await?;
+            match made {
+                Ok(o) => {
+                    volume_report(ctx, vol, &backend, &name, o.size).await?;
+                    Ok(Action::requeue(ctx.resync))
+                }
+                Err(e) => {
+                    let message = stratus_runtime::policy::chain(&e);
+                    let phase = if e.is_final() || matches!(e, DriverError::NotFound(_)) {
+                        VolumePhase::Error
+                    } else {
+                        VolumePhase::Creating
+                    };
+                    volume_blocked(ctx, vol, phase, reasons::CREATE_FAILED, &message).await?;
+                    Err(e.into())
+                }
+            }
+        }
+        Step::Extend(to) => {
+            if status.phase != VolumePhase::Extending {
+                volume_blocked(
+                    ctx,
+                    vol,
+                    VolumePhase::Extending,
+                    reasons::EXTENDING,
+                    &format!("growing to {} GiB", vol.spec.size_gib),
+                )
+                .await?;
+            }
+            let (b, n) = (Arc::clone(&backend), name.clone());
+            match blocking(move || b.extend(&n, to)).await? {
+                Ok(o) => {
+                    volume_report(ctx, vol, &backend, &name, o.size).await?;
+                    event(
+                        ctx,
+                        vol,
+                        EventType::Normal,
+                        "Extended",
+                        format!("grown to {} GiB", o.size >> 30),
+                    )
+                    .await;
+                    Ok(Action::requeue(ctx.resync))
+                }
+                Err(e) => {
+                    let message = stratus_runtime::policy::chain(&e);
+                    volume_blocked(
+                        ctx,
+                        vol,
+                        VolumePhase::Extending,
+                        reasons::CREATE_FAILED,
+                        &message,
+                    )
+                    .await?;
+                    Err(e.into())
+                }
+            }
+        }
+        Step::Report => {
+            let size = observed.map(|o| o.size).unwrap_or_default();
+            volume_report(ctx, vol, &backend, &name, size).await?;
+            Ok(Action::requeue(ctx.resync))
+        }
+        Step::Missing => {
+            let told = status.phase == VolumePhase::Error
+                && ConditionType::Ready
+                    .find(&status.conditions)
+                    .is_some_and(|c| c.reason == reasons::MISSING);
+            let message = format!(
+                "{name} is gone from {}: it was removed outside Stratus and is not made again empty; delete the volume",
+                backend.describe()
+            );
+            if !told {
+                tracing::warn!(volume = %vol.name_any(), %message, "volume data missing");
+                event(
+                    ctx,
+                    vol,
+                    EventType::Warning,
+                    reasons::MISSING,
+                    message.clone(),
+                )
+                .await;
+            }
+            let mut next = status.clone();
+            next.phase = VolumePhase::Error;
+            next.device_path = None;
+            ConditionType::Ready
+                .no(reasons::MISSING, message)
+                .set(&mut next.conditions, vol.metadata.generation);
+            ctx.volumes.write_status(vol, &next).await?;
+            Ok(Action::requeue(ctx.resync))
+        }
+        Step::WaitDetach => {
+            let to = status.attached_to.clone().unwrap_or_default();
+            volume_blocked(
+                ctx,
+                vol,
+                VolumePhase::Deleting,
+                reasons::ATTACHED,
+                &format!("deleted; waits for server {to:?} to detach it"),
+            )
+            .await?;
+            Ok(Action::requeue(Duration::from_secs(10)))
+        }
+        Step::Delete => {
+            let (b, n) = (Arc::clone(&backend), name.clone());
+            blocking(move || b.delete(&n)).await??;
+            finalizer::release(&ctx.client, vol, FINALIZER).await?;
+            Ok(Action::await_change())
+        }
+        Step::Release => {
+            finalizer::release(&ctx.client, vol, FINALIZER).await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// Writes a snapshot's `phase` and `Ready=False` condition.
+async fn snapshot_blocked(
+    ctx: &Ctx,
+    snap: &VolumeSnapshot,
+    phase: VolumeSnapshotPhase,
+    reason: &'static str,
+    message: &str,
+) -> Result<(), StorageError> {
+    let mut status = snap.status.clone().unwrap_or_default();
+    status.phase = phase;
+    ConditionType::Ready
+        .no(reason, message)
+        .set(&mut status.conditions, snap.metadata.generation);
+    ctx.snapshots.write_status(snap, &status).await?;
+    Ok(())
+}
+
+/// The Volume `snap` is of, if it is in `pool` and made: `Err` says why not.
+async fn snapshot_source(
+    ctx: &Ctx,
+    snap: &VolumeSnapshot,
+    pool: &str,
+) -> Result<Result<VolName, Blocked>, StorageError> {
+    let ns = snap.namespace().unwrap_or_default();
+    let name = &snap.spec.volume;
+    let api: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(vol) = api.get_opt(name).await? else {
+        return Ok(Err(Blocked {
+            reason: reasons::SOURCE_NOT_FOUND,
+            message: format!("volume {name:?} does not exist"),
+            failed: true,
+        }));
+    };
+    let vol_uid = uid(&vol)?;
+    if let Some(want) = snap.annotations().get(VOLUME_UID)
+        && *want != vol_uid
+    {
+        return Ok(Err(Blocked {
+            reason: reasons::SOURCE_NOT_FOUND,
+            message: format!("volume {name:?} is not the volume the snapshot was asked of"),
+            failed: true,
+        }));
+    }
+    let st = vol.status.clone().unwrap_or_default();
+    if st.pool.as_deref() != Some(pool) {
+        return Ok(Err(Blocked {
+            reason: reasons::SOURCE_NOT_FOUND,
+            message: format!("volume {name:?} is not in pool {pool}"),
+            failed: true,
+        }));
+    }
+    if st.size_gib.is_none() {
+        return Ok(Err(Blocked {
+            reason: reasons::SOURCE_NOT_READY,
+            message: format!("volume {name:?} is {:?}, not made yet", st.phase),
+            failed: false,
+        }));
+    }
+    Ok(Ok(VolName::volume(&vol_uid)?))
+}
+
+/// One pass over a VolumeSnapshot.
+async fn sync_snapshot(snap: &VolumeSnapshot, ctx: &Ctx) -> Result<Action, StorageError> {
+    let Some(status) = &snap.status else {
+        return Ok(Action::await_change());
+    };
+    if status.node.as_deref() != Some(ctx.node.as_str()) {
+        return Ok(Action::await_change());
+    }
+    let Some((pool, backend)) = status
+        .pool
+        .as_deref()
+        .and_then(|p| Some((p, Arc::clone(ctx.served.get(p)?))))
+    else {
+        return Ok(Action::await_change());
+    };
+    let name = VolName::snapshot(&uid(snap)?)?;
+    let (b, n) = (Arc::clone(&backend), name.clone());
+    let observed = blocking(move || b.observe(&n)).await??;
+    let intent = Intent {
+        stage: finalizer::stage(snap, FINALIZER),
+        size: None,
+        made: status.created_at.is_some(),
+        attached: false,
+    };
+    let report = |size: u64| {
+        let mut next: VolumeSnapshotStatus = status.clone();
+        next.phase = VolumeSnapshotPhase::Available;
+        next.size_gib = next.size_gib.or(Some(size >> 30));
+        next.created_at = next
+            .created_at
+            .clone()
+            .or_else(|| Some(Time(k8s_openapi::jiff::Timestamp::now())));
+        next.observed_generation = snap.metadata.generation;
+        ConditionType::Ready
+            .yes(
+                reasons::AVAILABLE,
+                format!("{name} in {}", backend.describe()),
+            )
+            .set(&mut next.conditions, snap.metadata.generation);
+        next
+    };
+    match plan(intent, observed.map(|o| o.size)) {
+        Step::Nothing => Ok(Action::await_change()),
+        Step::AddFinalizer => {
+            finalizer::add(&ctx.client, snap, FINALIZER).await?;
+            Ok(Action::await_change())
+        }
+        Step::Create => {
+            let volume = match snapshot_source(ctx, snap, pool).await? {
+                Ok(v) => v,
+                Err(blocked) => {
+                    let phase = if blocked.failed {
+                        VolumeSnapshotPhase::Error
+                    } else {
+                        VolumeSnapshotPhase::Creating
+                    };
+                    snapshot_blocked(ctx, snap, phase, blocked.reason, &blocked.message).await?;
+                    return Ok(Action::requeue(if blocked.failed {
+                        Duration::from_secs(60)
+                    } else {
+                        Duration::from_secs(2)
+                    }));
+                }
+            };
+            let (b, n) = (Arc::clone(&backend), name.clone());
+            match blocking(move || b.snapshot(&volume, &n)).await? {
+                Ok(o) => {
+                    ctx.snapshots.write_status(snap, &report(o.size)).await?;
+                    Ok(Action::requeue(ctx.resync))
+                }
+                Err(e) => {
+                    let message = stratus_runtime::policy::chain(&e);
+                    let phase = if e.is_final() || matches!(e, DriverError::NotFound(_)) {
+                        VolumeSnapshotPhase::Error
+                    } else {
+                        VolumeSnapshotPhase::Creating
+                    };
+                    snapshot_blocked(ctx, snap, phase, reasons::CREATE_FAILED, &message).await?;
+                    Err(e.into())
+                }
+            }
+        }
+        Step::Extend(_) | Step::Report => {
+            let size = observed.map(|o| o.size).unwrap_or_default();
+            ctx.snapshots.write_status(snap, &report(size)).await?;
+            Ok(Action::requeue(ctx.resync))
+        }
+        Step::Missing => {
+            let message = format!(
+                "{name} is gone from {}: it was removed outside Stratus; delete the snapshot",
+                backend.describe()
+            );
+            if status.phase != VolumeSnapshotPhase::Error {
+                event(
+                    ctx,
+                    snap,
+                    EventType::Warning,
+                    reasons::MISSING,
+                    message.clone(),
+                )
+                .await;
+            }
+            snapshot_blocked(
+                ctx,
+                snap,
+                VolumeSnapshotPhase::Error,
+                reasons::MISSING,
+                &message,
+            )
+            .await?;
+            Ok(Action::requeue(ctx.resync))
+        }
+        Step::WaitDetach => Ok(Action::requeue(Duration::from_secs(10))),
+        Step::Delete => {
+            let (b, n) = (Arc::clone(&backend), name.clone());
+            blocking(move || b.delete(&n)).await??;
+            finalizer::release(&ctx.client, snap, FINALIZER).await?;
+            Ok(Action::await_change())
+        }
+        Step::Release => {
+            finalizer::release(&ctx.client, snap, FINALIZER).await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+async fn reconcile_volume(vol: Arc<Volume>, ctx: Arc<Ctx>) -> Result<Action, StorageError> {
+    let span = tracing::info_span!("volume", namespace = %vol.namespace().unwrap_or_default(), name = %vol.name_any());
+    let result = sync_volume(&vol, &ctx).instrument(span).await;
+    ctx.volumes.finish(&*vol, result).await
+}
+
+fn volume_error(vol: Arc<Volume>, e: &StorageError, ctx: Arc<Ctx>) -> Action {
+    ctx.volumes.error_policy(&vol, e)
+}
+
+async fn reconcile_snapshot(
+    snap: Arc<VolumeSnapshot>,
+    ctx: Arc<Ctx>,
+) -> Result<Action, StorageError> {
+    let span = tracing::info_span!("snapshot", namespace = %snap.namespace().unwrap_or_default(), name = %snap.name_any());
+    let result = sync_snapshot(&snap, &ctx).instrument(span).await;
+    ctx.snapshots.finish(&*snap, result).await
+}
+
+fn snapshot_error(snap: Arc<VolumeSnapshot>, e: &StorageError, ctx: Arc<Ctx>) -> Action {
+    ctx.snapshots.error_policy(&snap, e)
+}
+
+/// Removes what interrupted builds left in every pool (retried until it gets through, so no
+/// reconcile runs over a half-built volume).
+async fn recover(pools: &[(PoolConfig, Arc<dyn Backend>)]) {
+    for (config, backend) in pools {
+        let mut pause = Duration::from_millis(500);
+        loop {
+            let b = Arc::clone(backend);
+            match blocking(move || b.recover()).await {
+                Ok(Ok(removed)) => {
+                    if !removed.is_empty() {
+                        tracing::info!(pool = %config.name, ?removed, "removed what interrupted operations left");
+                    }
+                    break;
+                }
+                Ok(Err(DriverError::Unavailable(why))) => {
+                    tracing::warn!(pool = %config.name, %why, "pool unavailable; nothing to recover");
+                    break;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(pool = %config.name, error = %stratus_runtime::policy::chain(&e), "cannot recover the pool; retrying")
+                }
+                Err(e) => {
+                    tracing::warn!(pool = %config.name, error = %e, "cannot recover the pool; retrying")
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(30));
+        }
+    }
+}
+
+/// Runs the storage agent until dropped: recovers each pool, registers the pools, heartbeats
+/// them and reconciles the Volumes and VolumeSnapshots placed on the node's served pools.
+pub async fn run(client: Client, config: Config, pools: Vec<(PoolConfig, Arc<dyn Backend>)>) {
+    recover(&pools).await;
+    let mut pause = Duration::from_millis(200);
+    let served = loop {
+        match crate::pool::register(&client, &config.node, &pools).await {
+            Ok(s) => break Arc::new(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register the storage pools; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
+    tracing::info!(node = %config.node, pools = ?served.keys().collect::<Vec<_>>(), "storage agent serving");
+    let heartbeat = crate::pool::heartbeat(
+        client.clone(),
+        config.node.clone(),
+        pools,
+        Arc::clone(&served),
+        config.heartbeat,
+    );
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        node: config.node.clone(),
+        served,
+        images: Arc::new(ImageCache::new(
+            config.state_dir.join("volume-images"),
+            config.image_policy.clone(),
+        )),
+        volumes: Runtime::new(client.clone(), MANAGER),
+        snapshots: Runtime::new(client.clone(), MANAGER),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.into(),
+                instance: Some(config.node.clone()),
+            },
+        ),
+        resync: config.resync,
+    });
+    let selector = format!("status.node={}", config.node);
+    let volumes = Controller::new(
+        Api::<Volume>::all(client.clone()),
+        watcher::Config::default().fields(&selector),
+    )
+    .run(reconcile_volume, volume_error, Arc::clone(&ctx))
+    .for_each(|_| async {});
+    let snapshots = Controller::new(
+        Api::<VolumeSnapshot>::all(client.clone()),
+        watcher::Config::default().fields(&selector),
+    )
+    .run(reconcile_snapshot, snapshot_error, ctx)
+    .for_each(|_| async {});
+    tokio::select! {
+        () = heartbeat => {}
+        () = volumes => tracing::warn!("the volume controller stopped"),
+        () = snapshots => tracing::warn!("the snapshot controller stopped"),
+    }
+}

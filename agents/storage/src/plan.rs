@@ -1,0 +1,116 @@
+//! What to do next for a Volume or VolumeSnapshot placed on one of the node's pools: a pure
+//! function of the object (its finalizer stage, what it asks, what the agent recorded) and of
+//! what the pool holds, with no I/O.
+
+use stratus_runtime::finalizer::Stage;
+
+/// What the agent needs to know of a Volume or VolumeSnapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Intent {
+    /// Where it stands with the agent's finalizer.
+    pub stage: Stage,
+    /// The size it asks for, in bytes (a snapshot: its volume's, known once it is made).
+    pub size: Option<u64>,
+    /// Whether the agent recorded it as made before (a volume's `status.sizeGiB`, a
+    /// snapshot's `status.createdAt`): missing data is then drift, never made again empty.
+    pub made: bool,
+    /// Whether a Server holds it (`status.attachedTo`).
+    pub attached: bool,
+}
+
+/// The next step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing of it is ours (deleted before the agent started on it).
+    Nothing,
+    /// Add the finalizer before anything is made.
+    AddFinalizer,
+    /// Make its data (from its source).
+    Create,
+    /// Grow it to this many bytes.
+    Extend(u64),
+    /// It is as asked: report it (its device path, size, Available).
+    Report,
+    /// It was made and its data is gone from the pool (removed behind the agent's back):
+    /// report it, never make it again empty.
+    Missing,
+    /// It is deleted while a Server holds it: wait for the detach.
+    WaitDetach,
+    /// It is deleted: remove its data.
+    Delete,
+    /// It is deleted and its data is gone: release the finalizer.
+    Release,
+}
+
+/// The step for `intent` when the pool holds `observed` bytes of it (`None`: nothing).
+pub fn plan(intent: Intent, observed: Option<u64>) -> Step {
+    match intent.stage {
+        Stage::Gone => Step::Nothing,
+        Stage::Cleanup if intent.attached => Step::WaitDetach,
+        Stage::Cleanup if observed.is_some() => Step::Delete,
+        Stage::Cleanup => Step::Release,
+        Stage::Adopt => Step::AddFinalizer,
+        Stage::Live => match (observed, intent.size) {
+            (None, _) if intent.made => Step::Missing,
+            (None, _) => Step::Create,
+            (Some(have), Some(want)) if have < want => Step::Extend(want),
+            (Some(_), _) => Step::Report,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn intent(stage: Stage, size: Option<u64>, made: bool, attached: bool) -> Intent {
+        Intent {
+            stage,
+            size,
+            made,
+            attached,
+        }
+    }
+
+    #[test]
+    fn every_case_has_its_step() {
+        use Stage::*;
+        let g1 = Some(GIB);
+        let g2 = Some(2 * GIB);
+        let table = [
+            // (stage, size, made, attached), observed => step
+            ((Gone, g1, true, false), Some(GIB), Step::Nothing),
+            ((Gone, g1, false, false), None, Step::Nothing),
+            ((Adopt, g1, false, false), None, Step::AddFinalizer),
+            ((Adopt, g1, true, false), Some(GIB), Step::AddFinalizer),
+            ((Live, g1, false, false), None, Step::Create),
+            // Made before, and gone: drift, never made again empty.
+            ((Live, g1, true, false), None, Step::Missing),
+            ((Live, g1, true, true), None, Step::Missing),
+            // A create that completed before the agent died: reported, not made again.
+            ((Live, g1, false, false), Some(GIB), Step::Report),
+            ((Live, g1, true, false), Some(GIB), Step::Report),
+            ((Live, g2, true, false), Some(GIB), Step::Extend(2 * GIB)),
+            ((Live, g2, true, true), Some(GIB), Step::Extend(2 * GIB)),
+            // Never shrunk: a smaller size asked is what the API refuses; the volume stays.
+            ((Live, g1, true, false), Some(2 * GIB), Step::Report),
+            // A snapshot's size is its volume's: not known before it is made.
+            ((Live, None, false, false), None, Step::Create),
+            ((Live, None, true, false), Some(GIB), Step::Report),
+            ((Cleanup, g1, true, false), Some(GIB), Step::Delete),
+            ((Cleanup, g1, true, true), Some(GIB), Step::WaitDetach),
+            ((Cleanup, g1, true, true), None, Step::WaitDetach),
+            ((Cleanup, g1, true, false), None, Step::Release),
+            ((Cleanup, g1, false, false), None, Step::Release),
+        ];
+        for ((stage, size, made, attached), observed, step) in table {
+            assert_eq!(
+                plan(intent(stage, size, made, attached), observed),
+                step,
+                "{stage:?} size {size:?} made {made} attached {attached}, observed {observed:?}"
+            );
+        }
+    }
+}
