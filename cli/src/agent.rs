@@ -1,4 +1,4 @@
-//! `stratus agent`: one node's agents (compute, network), against an API server.
+//! `stratus agent`: one node's agents (compute, network, storage), against an API server.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -18,6 +18,21 @@ pub enum Role {
     Compute,
     /// Wires the Ports placed on it: bridges, VXLAN, nftables, DHCP (no libvirt needed).
     Network,
+    /// Serves its storage pools: the Volumes and VolumeSnapshots placed on them (LVM, files).
+    Storage,
+}
+
+/// Options of the storage role.
+#[derive(Debug, Default, clap::Args)]
+pub struct StorageArgs {
+    /// Storage role: a pool the node serves, `NAME=lvm:VG` (an LVM volume group) or
+    /// `NAME=file:DIR` (raw files in an absolute directory); its StoragePool is created if
+    /// absent. Repeatable.
+    #[arg(long = "storage-pool", value_name = "NAME=lvm:VG|NAME=file:DIR")]
+    pub storage_pools: Vec<stratus_storage_agent::pool::PoolConfig>,
+    /// Storage role: seconds between reports of the pools' capacity (their heartbeat).
+    #[arg(long, default_value_t = 5)]
+    pub storage_heartbeat_seconds: u64,
 }
 
 /// Options of the network role.
@@ -48,7 +63,7 @@ pub struct AgentArgs {
     /// The node's name (its Hypervisor object; the agent's identity is `system:node:NAME`).
     #[arg(long)]
     pub node: String,
-    /// What this node does, comma-separated: `compute`, `network` or both.
+    /// What this node does, comma-separated: `compute`, `network`, `storage`.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "compute")]
     pub roles: Vec<Role>,
     /// kubeconfig of the node's identity (defaults to the files $KUBECONFIG lists, then
@@ -79,6 +94,9 @@ pub struct AgentArgs {
     /// The network role's options.
     #[command(flatten)]
     pub network: NetworkArgs,
+    /// The storage role's options.
+    #[command(flatten)]
+    pub storage: StorageArgs,
 }
 
 /// Runs the node's agents (each role given) until Ctrl-C or SIGTERM.
@@ -96,6 +114,11 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("create {}", args.state_dir.display()))?;
     let state_dir = std::path::absolute(&args.state_dir).context("resolve the state directory")?;
+    let storage = args
+        .roles
+        .contains(&Role::Storage)
+        .then(|| storage(client.clone(), &args, &state_dir, image_policy.clone()))
+        .transpose()?;
     let compute = if args.roles.contains(&Role::Compute) {
         let uri = args.libvirt_uri.clone();
         let libvirt = tokio::task::spawn_blocking(move || Libvirt::connect(&uri))
@@ -138,9 +161,16 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             None => std::future::pending().await,
         }
     };
+    let storage = async {
+        match storage {
+            Some(s) => s.await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         () = compute => {}
         () = network => {}
+        () = storage => {}
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
         _ = term.recv() => tracing::info!("terminated"),
     }
@@ -189,4 +219,37 @@ async fn network(
     };
     tracing::info!(node = %args.node, underlay = ?underlay, "network agent starting");
     Ok(stratus_network_agent::run(client, host, config))
+}
+
+/// The storage agent of this node, ready to run.
+fn storage(
+    client: kube::Client,
+    args: &AgentArgs,
+    state_dir: &std::path::Path,
+    image_policy: stratus_image_cache::Policy,
+) -> Result<impl std::future::Future<Output = ()> + use<>> {
+    use stratus_storage_agent::driver::{Backend, file::FilePool, lvm::Lvm};
+    use stratus_storage_agent::pool::Store;
+    if args.storage.storage_pools.is_empty() {
+        bail!("the storage role needs at least one --storage-pool");
+    }
+    let mut pools = Vec::new();
+    for p in &args.storage.storage_pools {
+        let backend: Arc<dyn Backend> = match &p.store {
+            Store::Lvm(vg) => Arc::new(Lvm::new(vg).with_context(|| format!("pool {}", p.name))?),
+            Store::File(dir) => {
+                Arc::new(FilePool::new(dir).with_context(|| format!("pool {}", p.name))?)
+            }
+        };
+        pools.push((p.clone(), backend));
+    }
+    let config = stratus_storage_agent::agent::Config {
+        node: args.node.clone(),
+        state_dir: state_dir.to_owned(),
+        heartbeat: std::time::Duration::from_secs(args.storage.storage_heartbeat_seconds.max(1)),
+        resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
+        image_policy,
+    };
+    tracing::info!(node = %config.node, pools = args.storage.storage_pools.len(), "storage agent starting");
+    Ok(stratus_storage_agent::agent::run(client, config, pools))
 }

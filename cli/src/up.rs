@@ -413,6 +413,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
             resync_seconds: 10,
             images,
             network: Default::default(),
+            storage: Default::default(),
         }))),
         None => None,
     };
