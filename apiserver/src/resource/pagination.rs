@@ -1,4 +1,6 @@
-//! Continue tokens of paginated lists: made by one list, accepted only by the same list.
+//! Which state of a collection a LIST shows ([`ReadAt`], from `resourceVersion` and
+//! `resourceVersionMatch`), and continue tokens of paginated lists: made by one list,
+//! accepted only by the same list.
 //!
 //! The token is kube-apiserver's shape (base64 of JSON `{v, rv, start}`, `start` relative to
 //! the list's key prefix) with one more field, `list`: a digest of the list's key prefix
@@ -109,6 +111,102 @@ pub fn decode(token: &str, scope: &ListScope) -> ApiResult<Continue> {
         start: format!("{}{}", scope.prefix, t.start),
         rv: t.rv,
     })
+}
+
+/// Which state of the collection a LIST shows, from its `resourceVersion`,
+/// `resourceVersionMatch`, `limit` and `continue`, as Kubernetes reads them (its API concepts
+/// page, "Semantics for get and list"; a continued list reads at its token's revision).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadAt {
+    /// No `resourceVersion` (or a continued list): the most recent state, etcd's current
+    /// revision (or the token's).
+    MostRecent,
+    /// `resourceVersion=0`: any state, however old (the watch cache's).
+    Any,
+    /// A state at least as new as this revision: the watch cache's once it has reached it,
+    /// else etcd's current one (504 when etcd has not reached it either).
+    NotOlderThan(i64),
+    /// Exactly this revision, read from etcd (410 once compacted).
+    Exact(i64),
+}
+
+impl ReadAt {
+    /// Reads the LIST parameters (`limit` as given, 0 when absent).
+    ///
+    /// # Errors
+    /// 400 naming the parameter for a `resourceVersion` that is not a non-negative integer, a
+    /// `resourceVersionMatch` other than `Exact` or `NotOlderThan`, one without a
+    /// `resourceVersion` or with a continue token, `Exact` with `resourceVersion=0`, and a
+    /// non-zero `resourceVersion` with a continue token.
+    pub fn parse(
+        resource_version: Option<&str>,
+        matching: Option<&str>,
+        continued: bool,
+        limit: i64,
+    ) -> ApiResult<Self> {
+        let bad = |m: String| Err(ApiError::bad_request(m));
+        let rv = match resource_version.filter(|v| !v.is_empty()) {
+            None => None,
+            Some(v) => match v.parse::<i64>() {
+                Ok(n) if n >= 0 => Some(n),
+                _ => {
+                    return bad(format!(
+                        "resourceVersion: Invalid value: \"{v}\": must be a non-negative integer (an etcd revision)"
+                    ));
+                }
+            },
+        };
+        match matching.filter(|m| !m.is_empty()) {
+            Some(m) if m != "Exact" && m != "NotOlderThan" => bad(format!(
+                "resourceVersionMatch: Unsupported value: \"{m}\": supported values: \"Exact\", \"NotOlderThan\""
+            )),
+            Some(m) if rv.is_none() => bad(format!(
+                "resourceVersionMatch: Forbidden: resourceVersionMatch \"{m}\" is forbidden unless resourceVersion is provided"
+            )),
+            Some(m) if continued => bad(format!(
+                "resourceVersionMatch: Forbidden: resourceVersionMatch \"{m}\" is forbidden when continue is provided"
+            )),
+            Some("Exact") if rv == Some(0) => bad(
+                "resourceVersionMatch: Forbidden: resourceVersionMatch \"Exact\" is forbidden for resourceVersion \"0\""
+                    .into(),
+            ),
+            Some("Exact") => Ok(Self::Exact(rv.unwrap_or(0))),
+            _ => match rv {
+                None => Ok(Self::MostRecent),
+                // A continued list reads at its token's revision, whatever else it asks.
+                Some(0) if continued => Ok(Self::MostRecent),
+                Some(0) => Ok(Self::Any),
+                Some(n) if continued => bad(format!(
+                    "resourceVersion: Forbidden: resourceVersion \"{n}\" is not allowed when using continue (the token holds the revision)"
+                )),
+                // Kubernetes' legacy rule: a first page of a given revision is that revision.
+                Some(n) if limit > 0 && matching.is_none_or(str::is_empty) => Ok(Self::Exact(n)),
+                Some(n) => Ok(Self::NotOlderThan(n)),
+            },
+        }
+    }
+
+    /// The revision etcd is to be read at (0: its current one).
+    pub fn etcd_revision(self) -> i64 {
+        match self {
+            Self::Exact(n) => n,
+            Self::MostRecent | Self::Any | Self::NotOlderThan(_) => 0,
+        }
+    }
+
+    /// Checks that a list read at `revision` is as new as asked.
+    ///
+    /// # Errors
+    /// 504 (Kubernetes' "Too large resource version") when `revision` is older than a
+    /// `NotOlderThan` revision: etcd has not reached it.
+    pub fn check(self, revision: i64) -> ApiResult<()> {
+        match self {
+            Self::NotOlderThan(n) if revision < n => Err(ApiError::timeout(format!(
+                "Too large resource version: {n}, current: {revision}"
+            ))),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -229,6 +327,97 @@ mod tests {
         for rv in [0, -1] {
             let token = forged(json!({"v": VERSION, "rv": rv, "start": "a", "list": digest}));
             assert!(refused(&token, &scope()).contains("no revision"));
+        }
+    }
+
+    fn read(rv: Option<&str>, m: Option<&str>, continued: bool, limit: i64) -> ApiResult<ReadAt> {
+        ReadAt::parse(rv, m, continued, limit)
+    }
+
+    #[test]
+    fn a_list_reads_at_the_revision_kubernetes_reads_it_at() {
+        use ReadAt::*;
+        let ok = |rv, m, continued, limit| read(rv, m, continued, limit).expect("valid");
+        assert_eq!(ok(None, None, false, 0), MostRecent);
+        assert_eq!(ok(None, None, true, 500), MostRecent);
+        assert_eq!(ok(Some(""), None, false, 0), MostRecent);
+        assert_eq!(ok(Some("0"), None, false, 0), Any);
+        assert_eq!(ok(Some("0"), None, false, 500), Any);
+        assert_eq!(ok(Some("0"), Some("NotOlderThan"), false, 0), Any);
+        // rv=0 with a token: the token's revision.
+        assert_eq!(ok(Some("0"), None, true, 500), MostRecent);
+        assert_eq!(ok(Some("42"), None, false, 0), NotOlderThan(42));
+        assert_eq!(ok(Some("42"), None, false, 500), Exact(42));
+        assert_eq!(
+            ok(Some("42"), Some("NotOlderThan"), false, 500),
+            NotOlderThan(42)
+        );
+        assert_eq!(ok(Some("42"), Some("Exact"), false, 0), Exact(42));
+        assert_eq!(ok(Some("42"), Some("Exact"), false, 500), Exact(42));
+        assert_eq!(Exact(42).etcd_revision(), 42);
+        assert_eq!(NotOlderThan(42).etcd_revision(), 0);
+        assert!(NotOlderThan(42).check(42).is_ok());
+        assert_eq!(NotOlderThan(42).check(41).expect_err("too new").code, 504);
+        assert!(Exact(42).check(1).is_ok());
+    }
+
+    #[test]
+    fn bad_combinations_are_400_naming_the_parameter() {
+        for (rv, m, continued, says) in [
+            (
+                Some("abc"),
+                None,
+                false,
+                "resourceVersion: Invalid value: \"abc\"",
+            ),
+            (Some("-3"), None, false, "resourceVersion: Invalid value"),
+            (
+                Some("1.5"),
+                Some("Exact"),
+                false,
+                "resourceVersion: Invalid value",
+            ),
+            (
+                None,
+                Some("Exact"),
+                false,
+                "unless resourceVersion is provided",
+            ),
+            (
+                None,
+                Some("NotOlderThan"),
+                false,
+                "unless resourceVersion is provided",
+            ),
+            (
+                Some("0"),
+                Some("Exact"),
+                false,
+                "forbidden for resourceVersion \"0\"",
+            ),
+            (
+                Some("7"),
+                Some("Exact"),
+                true,
+                "forbidden when continue is provided",
+            ),
+            (
+                Some("7"),
+                Some("NotOlderThan"),
+                true,
+                "forbidden when continue is provided",
+            ),
+            (
+                Some("7"),
+                Some("exact"),
+                false,
+                "resourceVersionMatch: Unsupported value",
+            ),
+            (Some("7"), None, true, "resourceVersion: Forbidden"),
+        ] {
+            let e = read(rv, m, continued, 500).expect_err("refused");
+            assert_eq!(e.code, 400, "{rv:?} {m:?}");
+            assert!(e.message.contains(says), "{rv:?} {m:?}: {}", e.message);
         }
     }
 }

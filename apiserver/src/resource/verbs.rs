@@ -15,7 +15,7 @@ use crate::base::encoded;
 use crate::base::error::{ApiError, ApiResult, Cause};
 use crate::base::meta::{self, with_rv};
 use crate::resource::outcome::{Item, List, Outcome};
-use crate::resource::pagination::{self, ListScope};
+use crate::resource::pagination::{self, ListScope, ReadAt};
 use crate::resource::registry::{Registry, ResourceType};
 use crate::resource::review::{Operation, Policy, Review, names_agree};
 use crate::resource::selector::{FieldSelector, LabelSelector};
@@ -199,6 +199,16 @@ pub struct Api {
     /// Per system namespace, the uid and creation time it is shown with (see
     /// [`load_system_namespaces`]).
     pub system_namespaces: Arc<Value>,
+}
+
+/// Which state a LIST shows (see [`ReadAt::parse`]).
+fn read_at(p: &Params, limit: i64) -> ApiResult<ReadAt> {
+    ReadAt::parse(
+        p.get("resourceVersion"),
+        p.get("resourceVersionMatch"),
+        p.get("continue").is_some(),
+        limit,
+    )
 }
 
 fn parse_rv(rv: &str) -> ApiResult<i64> {
@@ -768,13 +778,14 @@ impl Api {
         let sel = Selectors::parse(&t.rt, p)?;
         let prefix = t.rt.key_prefix(&self.prefix, t.namespace.as_deref());
         let limit = p.int("limit")?.unwrap_or(0).max(0);
+        let read = read_at(p, limit)?;
         let scope = ListScope::new(&prefix, p.get("labelSelector"), p.get("fieldSelector"));
         let (start, mut revision) = match p.get("continue") {
             Some(tok) => {
                 let c = pagination::decode(tok, &scope)?;
                 (Some(c.start), c.rv)
             }
-            None => (None, 0),
+            None => (None, read.etcd_revision()),
         };
         if let Some(name) = sel.fields.pinned_name()
             && start.is_none()
@@ -785,7 +796,8 @@ impl Api {
                 .store
                 .list(&key, None, revision, 1)
                 .await
-                .map_err(ApiError::from)?;
+                .map_err(|e| list_error(e, false, read))?;
+            read.check(page.revision)?;
             let items = page
                 .items
                 .into_iter()
@@ -801,7 +813,11 @@ impl Api {
         }
         let mut items = Vec::new();
         let mut token = None;
-        'pages: while let Some(page) = scan.next().await.map_err(|e| list_error(e, has_token))? {
+        'pages: while let Some(page) = scan
+            .next()
+            .await
+            .map_err(|e| list_error(e, has_token, read))?
+        {
             revision = scan.revision();
             let mut rest = page.into_iter();
             while let Some((key, s)) = rest.next() {
@@ -821,6 +837,7 @@ impl Api {
         if revision == 0 {
             revision = scan.revision();
         }
+        read.check(revision)?;
         Ok((items, revision, token))
     }
 
@@ -831,6 +848,7 @@ impl Api {
     pub async fn list(&self, t: &Target, rendering: Rendering, p: &Params) -> ApiResult<Outcome> {
         let sel = Selectors::parse(&t.rt, p)?;
         let limit = p.int("limit")?.unwrap_or(0).max(0);
+        read_at(p, limit)?;
         let pinned = sel.fields.pinned_name().is_some()
             && p.get("continue").is_none()
             && (t.namespace.is_some() || !t.rt.namespaced);
@@ -873,8 +891,15 @@ impl Api {
         limit: i64,
         always: bool,
     ) -> ApiResult<Option<(Page, Option<String>)>> {
-        let any = p.get("resourceVersion") == Some("0");
-        if !any && sel.is_empty() && !always {
+        let read = read_at(p, limit)?;
+        let any = read == ReadAt::Any;
+        let not_older_than = match read {
+            // An exact revision is etcd's to show.
+            ReadAt::Exact(_) => return Ok(None),
+            ReadAt::NotOlderThan(n) => Some(n),
+            ReadAt::MostRecent | ReadAt::Any => None,
+        };
+        if !any && not_older_than.is_none() && sel.is_empty() && !always {
             return Ok(None);
         }
         let prefix = t.rt.key_prefix(&self.prefix, t.namespace.as_deref());
@@ -889,10 +914,10 @@ impl Api {
         };
         // A continued list shows its token's revision (checked by `page`); a consistent one
         // what etcd holds now or later.
-        let min = if any || cont.is_some() {
-            0
-        } else {
-            self.store.revision().await.map_err(ApiError::from)?
+        let min = match not_older_than {
+            _ if any || cont.is_some() => 0,
+            Some(n) => n,
+            None => self.store.revision().await.map_err(ApiError::from)?,
         };
         if !cache.wait(&self.hub, min, CACHE_WAIT).await {
             return Ok(None);
@@ -925,19 +950,21 @@ impl Api {
     ) -> ApiResult<Outcome> {
         let prefix = t.rt.key_prefix(&self.prefix, t.namespace.as_deref());
         let scope = ListScope::new(&prefix, p.get("labelSelector"), p.get("fieldSelector"));
+        let read = read_at(p, 0)?;
         let (start, revision) = match p.get("continue") {
             Some(tok) => {
                 let c = pagination::decode(tok, &scope)?;
                 (Some(c.start), c.rv)
             }
-            None => (None, 0),
+            None => (None, read.etcd_revision()),
         };
         let has_token = start.is_some();
         let mut scan = self.store.scan(&prefix, start.as_deref(), revision, 0);
         let first = scan
             .next_raw()
             .await
-            .map_err(|e| list_error(e, has_token))?;
+            .map_err(|e| list_error(e, has_token, read))?;
+        read.check(scan.revision())?;
         let head = list_head(
             t,
             rendering,
@@ -1583,9 +1610,15 @@ impl Api {
 }
 
 /// A failed read of a list: past a continue token, a compacted revision is the token's age
-/// and a future one a forged token.
-fn list_error(e: StoreError, has_token: bool) -> ApiError {
+/// and a future one a forged token; at an exact revision, the revision's.
+fn list_error(e: StoreError, has_token: bool, read: ReadAt) -> ApiError {
     match e {
+        StoreError::Compacted if let ReadAt::Exact(n) = read => ApiError::gone(format!(
+            "too old resource version: {n}: etcd has compacted it; list again without resourceVersion, or with a newer one"
+        )),
+        StoreError::FutureRevision if let ReadAt::Exact(n) = read => {
+            ApiError::timeout(format!("Too large resource version: {n}"))
+        }
         StoreError::Compacted if has_token => ApiError::gone(
             "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
         ),
