@@ -22,6 +22,17 @@ pub const TUNNEL_IP_ANNOTATION: &str = "network.stratus.dev/tunnel-ip";
 /// node has an interface on, for flat and VLAN provider networks.
 pub const PHYSICAL_NETWORKS_ANNOTATION: &str = "network.stratus.dev/physical-networks";
 
+/// How a Router's external gateway and a FloatingIP name their external Network: `NAME` for
+/// one in their own namespace, or `NAMESPACE/NAME` for an external Network a cluster admin
+/// made in another (shared provider networks live in the operator's namespace).
+pub const NETWORK_REF_PATTERN: &str = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
+/// The namespace and name a network reference ([`NETWORK_REF_PATTERN`]) written in namespace
+/// `ns` names.
+pub fn network_ref<'a>(ns: &'a str, reference: &'a str) -> (&'a str, &'a str) {
+    reference.split_once('/').unwrap_or((ns, reference))
+}
+
 /// A layer-2 network. Addresses come from its Subnets.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -424,6 +435,7 @@ pub struct PortStatus {
     derive = "PartialEq",
     shortname = "rtr",
     category = "stratus",
+    selectable = ".status.node",
     doc = "A router (Neutron router): routes between subnets and to an external network.",
     printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
     printcolumn(
@@ -471,8 +483,9 @@ pub struct RouterSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExternalGateway {
-    /// Name of the external Network (`external: true`).
-    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    /// The external Network (`external: true`): `NAME` in the router's namespace, or
+    /// `NAMESPACE/NAME` (see [`NETWORK_REF_PATTERN`]).
+    #[schemars(length(min = 1, max = 317), regex(pattern = NETWORK_REF_PATTERN))]
     pub network: String,
     /// Source-NAT traffic from the internal subnets to the gateway address.
     #[serde(default = "crate::common::default_true", rename = "enableSNAT")]
@@ -546,6 +559,7 @@ pub struct RouterStatus {
     derive = "PartialEq",
     shortname = "fip",
     category = "stratus",
+    selectable = ".status.router",
     doc = "A floating IP (Neutron floating IP): a public address NATed to a Port.",
     printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
     printcolumn(
@@ -574,8 +588,9 @@ pub struct RouterStatus {
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FloatingIPSpec {
-    /// Name of the external Network the address is allocated from.
-    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    /// The external Network the address is allocated from: `NAME` in the floating IP's
+    /// namespace, or `NAMESPACE/NAME` (see [`NETWORK_REF_PATTERN`]).
+    #[schemars(length(min = 1, max = 317), regex(pattern = NETWORK_REF_PATTERN))]
     pub floating_network: String,
     /// Name of the Port to NAT to. Absent: allocated but unassociated.
     #[serde(default, skip_serializing_if = "Option::is_none")]

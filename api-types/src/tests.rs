@@ -351,6 +351,8 @@ fn selectable_fields_per_kind() {
             vec![".spec.network", ".status.hypervisor", ".status.boundTo"],
         ),
         ("Subnet", vec![".spec.network"]),
+        ("Router", vec![".status.node"]),
+        ("FloatingIP", vec![".status.router"]),
         ("Volume", vec![".status.node", ".status.pool"]),
         ("VolumeSnapshot", vec![".spec.volume"]),
         ("StoragePool", vec![".spec.node"]),

@@ -15,9 +15,14 @@
 //! # Gateways
 //! A Subnet's gateway is claimed for the Subnet at its create (the claim names the subnet, as
 //! its `gateway`) and freed with its delete. A Port asking for it is refused (409 naming
-//! `spec.fixedIPs[i].ipAddress`), as Neutron refuses it to any port but a router interface; a
-//! future Router interface takes it explicitly, from the claim its Subnet holds. A subnet's
-//! network and broadcast addresses are no port's (422).
+//! `spec.fixedIPs[i].ipAddress`), as Neutron refuses it to any port but a router interface.
+//! A Router's interface Port takes it from the claim its Subnet holds: a Port a cluster admin
+//! or system identity (the routers controller) creates, controlled (`ownerReferences`) by a
+//! Router of its namespace that has an interface on the subnet, as read in the create's
+//! transaction. It holds a claim of its own ([`gateway_port_claim`]: one router interface per
+//! subnet) and records the address in the [`ROUTER_GATEWAY`] annotation, which only this
+//! admission sets; its delete frees that claim and leaves the Subnet's. A subnet's network and
+//! broadcast addresses are no port's (422).
 //!
 //! # Allocation
 //! An address is found without reading a subnet's claims whole: a few random probes each read
@@ -72,8 +77,18 @@ pub const GROUP: &str = "network.stratus.dev";
 /// by the API server; a write cannot change it).
 pub const NETWORK_UID: &str = "network.stratus.dev/network-uid";
 
+/// The annotation on a Router's interface Port holding the subnet gateway address it took
+/// (set by this admission alone; a write cannot add, change or drop it).
+pub const ROUTER_GATEWAY: &str = "network.stratus.dev/router-gateway";
+
+/// The key of the claim a Router's interface Port holds on its subnet's gateway address `ip`
+/// of the Network of uid `network_uid` (the address itself stays claimed by the Subnet).
+pub fn gateway_port_claim(prefix: &str, network_uid: &str, ip: Ipv4Addr) -> String {
+    format!("{prefix}/_claims/network/{network_uid}/router-gateway/{ip}")
+}
+
 /// How many times a create is tried again when another write got in between.
-const RETRIES: usize = 48;
+pub(crate) const RETRIES: usize = 48;
 /// Random probes for a free address before the pool is read in order.
 const PROBES: usize = 4;
 /// The claims one probe reads.
@@ -106,6 +121,7 @@ impl Admission for Ipam {
             "Network" => &["vni"],
             "Subnet" => &["gatewayIP"],
             "Port" => &["macAddress", "fixedIPs"],
+            "FloatingIP" => &["floatingIPAddress"],
             _ => &[],
         };
         for field in fields {
@@ -141,14 +157,24 @@ impl Admission for Ipam {
             out.push(keys::physical_network_claim(prefix, p));
         }
         if let Some(uid) = annotation(obj) {
+            // A router interface's gateway address stays the Subnet's; the Port frees its own
+            // claim on it.
+            let gateway = router_gateway(obj);
             let ips = obj
                 .pointer("/status/fixedIPs")
                 .and_then(Value::as_array)
                 .into_iter()
                 .flatten()
                 .filter_map(|f| f.get("ipAddress").and_then(Value::as_str))
+                .chain(
+                    obj.pointer("/status/floatingIPAddress")
+                        .and_then(Value::as_str),
+                )
                 .filter_map(|ip| ip.parse::<Ipv4Addr>().ok());
-            out.extend(ips.map(|ip| keys::ip_claim(prefix, uid, ip)));
+            out.extend(ips.map(|ip| match gateway {
+                Some(g) if g == ip => gateway_port_claim(prefix, uid, ip),
+                _ => keys::ip_claim(prefix, uid, ip),
+            }));
             // A Subnet's gateway, claimed for the Subnet at its create.
             if let Some(g) = obj
                 .pointer("/status/gatewayIP")
@@ -189,35 +215,54 @@ impl Admission for Ipam {
             ("Network", None) => Box::pin(create_network(ctx, s, ns, w)),
             ("Subnet", None) => Box::pin(create_subnet(ctx, s, ns, w)),
             ("Port", None) => Box::pin(create_port(ctx, s, ns, w)),
+            ("FloatingIP", None) => Box::pin(super::router::create_floating_ip(ctx, s, ns, w)),
             (_, Some((old, rev))) => Box::pin(update(ctx, s, w, old, rev)),
             _ => return None,
         })
     }
 }
 
-/// The Network uid a Subnet or Port records.
-fn annotation(obj: &Value) -> Option<&str> {
+/// The Network uid a Subnet, Port or FloatingIP records.
+pub(crate) fn annotation(obj: &Value) -> Option<&str> {
     obj.pointer("/metadata/annotations")
         .and_then(|a| a.get(NETWORK_UID))
         .and_then(Value::as_str)
 }
 
-fn name_of(obj: &Value) -> &str {
+/// The gateway address a Router's interface Port took (its [`ROUTER_GATEWAY`] annotation).
+fn router_gateway(obj: &Value) -> Option<Ipv4Addr> {
+    obj.pointer("/metadata/annotations")
+        .and_then(|a| a.get(ROUTER_GATEWAY))
+        .and_then(Value::as_str)
+        .and_then(|g| g.parse().ok())
+}
+
+pub(crate) fn name_of(obj: &Value) -> &str {
     meta::meta_str(obj, "name").unwrap_or_default()
 }
 
 /// 422 for the object.
-fn invalid(s: &Subject<'_>, obj: &Value, causes: Vec<Cause>) -> ApiError {
+pub(crate) fn invalid(s: &Subject<'_>, obj: &Value, causes: Vec<Cause>) -> ApiError {
     ApiError::invalid(s.kind, s.group, s.plural, name_of(obj), causes)
 }
 
 /// 422 for one field.
-fn invalid_field(s: &Subject<'_>, obj: &Value, field: &str, message: String) -> ApiError {
+pub(crate) fn invalid_field(
+    s: &Subject<'_>,
+    obj: &Value,
+    field: &str,
+    message: String,
+) -> ApiError {
     invalid(s, obj, vec![Cause::invalid(field, message)])
 }
 
 /// 422: a name the field gives does not exist.
-fn not_found_field(s: &Subject<'_>, obj: &Value, field: &str, message: String) -> ApiError {
+pub(crate) fn not_found_field(
+    s: &Subject<'_>,
+    obj: &Value,
+    field: &str,
+    message: String,
+) -> ApiError {
     invalid(
         s,
         obj,
@@ -230,7 +275,12 @@ fn not_found_field(s: &Subject<'_>, obj: &Value, field: &str, message: String) -
 }
 
 /// 409 naming the field whose value is held by another object (or cannot be had).
-fn conflict_field(s: &Subject<'_>, obj: &Value, field: &str, message: String) -> ApiError {
+pub(crate) fn conflict_field(
+    s: &Subject<'_>,
+    obj: &Value,
+    field: &str,
+    message: String,
+) -> ApiError {
     let mut e = ApiError::conflict(
         s.group,
         s.plural,
@@ -245,9 +295,10 @@ fn conflict_field(s: &Subject<'_>, obj: &Value, field: &str, message: String) ->
     e
 }
 
-/// Who holds a claim, as its record says: `port NS/NAME`, or `subnet NS/NAME` for a gateway.
+/// Who holds a claim, as its record says: `port NS/NAME`, `floatingip NS/NAME`, or
+/// `subnet NS/NAME` for a gateway.
 fn holder(claim: &Value) -> String {
-    ["port", "subnet"]
+    ["port", "floatingip", "subnet"]
         .iter()
         .find_map(|k| {
             let by = claim.get(*k).and_then(Value::as_str)?;
@@ -260,7 +311,7 @@ fn holder(claim: &Value) -> String {
 }
 
 /// 409: the retries ran out.
-fn too_busy(s: &Subject<'_>, obj: &Value) -> ApiError {
+pub(crate) fn too_busy(s: &Subject<'_>, obj: &Value) -> ApiError {
     ApiError::conflict(
         s.group,
         s.plural,
@@ -270,7 +321,7 @@ fn too_busy(s: &Subject<'_>, obj: &Value) -> ApiError {
 }
 
 /// The object's spec as its typed form (the schema has already checked it).
-fn spec<T: DeserializeOwned>(s: &Subject<'_>, obj: &Value) -> ApiResult<T> {
+pub(crate) fn spec<T: DeserializeOwned>(s: &Subject<'_>, obj: &Value) -> ApiResult<T> {
     serde_json::from_value(obj.get("spec").cloned().unwrap_or(Value::Null))
         .map_err(|e| invalid_field(s, obj, "spec", format!("Invalid value: {e}")))
 }
@@ -282,7 +333,7 @@ fn random() -> u64 {
 }
 
 /// `obj` with `status.field` set.
-fn set_status(obj: &mut Value, fields: Map<String, Value>) {
+pub(crate) fn set_status(obj: &mut Value, fields: Map<String, Value>) {
     if !obj.get("status").is_some_and(Value::is_object) {
         obj["status"] = json!({});
     }
@@ -292,13 +343,28 @@ fn set_status(obj: &mut Value, fields: Map<String, Value>) {
 }
 
 /// `obj` annotated with its Network's uid.
-fn set_annotation(obj: &mut Value, uid: &str) {
+pub(crate) fn set_annotation(obj: &mut Value, uid: &str) {
+    set_annotation_to(obj, NETWORK_UID, Some(uid));
+}
+
+/// `obj` with annotation `key` set to `value`, or without it (`None`).
+fn set_annotation_to(obj: &mut Value, key: &str, value: Option<&str>) {
     let m = meta::meta_mut(obj);
+    if value.is_none() && !m.get("annotations").is_some_and(Value::is_object) {
+        return;
+    }
     if !m.get("annotations").is_some_and(Value::is_object) {
         m.insert("annotations".into(), json!({}));
     }
     if let Some(a) = m.get_mut("annotations").and_then(Value::as_object_mut) {
-        a.insert(NETWORK_UID.into(), json!(uid));
+        match value {
+            Some(v) => {
+                a.insert(key.into(), json!(v));
+            }
+            None => {
+                a.remove(key);
+            }
+        }
     }
 }
 
@@ -332,7 +398,7 @@ fn owned_by_network(obj: &Value, name: &str, uid: &str) -> Value {
 
 /// The guards every create carries: the object is absent, its namespace's Project is as read,
 /// and quota holds.
-fn create_guards<'a>(
+pub(crate) fn create_guards<'a>(
     key: &'a str,
     parent: Option<(&'a str, i64)>,
     quota: &'a [(String, i64)],
@@ -345,17 +411,21 @@ fn create_guards<'a>(
 
 /// What a create reads first, at one revision: whether the object exists, its Project's
 /// revision, and `more`.
-struct Snapshot {
+pub(crate) struct Snapshot {
     /// The revision everything was read at.
-    revision: i64,
+    pub(crate) revision: i64,
     exists: Option<i64>,
     parent: Option<i64>,
-    more: Vec<Vec<(String, Stored)>>,
+    pub(crate) more: Vec<Vec<(String, Stored)>>,
 }
 
-async fn snapshot(ctx: Ctx<'_>, w: &Change<'_>, more: &[Read<'_>]) -> ApiResult<Snapshot> {
+pub(crate) async fn snapshot(
+    ctx: Ctx<'_>,
+    w: &Change<'_>,
+    more: &[Read<'_>],
+) -> ApiResult<Snapshot> {
     let mut reads = vec![Read::Presence(w.key)];
-    reads.extend(w.parent.map(Read::Presence));
+    reads.extend(w.parent.map(|(k, _)| Read::Presence(k)));
     reads.extend_from_slice(more);
     let (mut got, revision) = ctx.store.read_many(&reads).await.map_err(ApiError::from)?;
     let rest = got.split_off(1 + usize::from(w.parent.is_some()));
@@ -377,19 +447,24 @@ async fn snapshot(ctx: Ctx<'_>, w: &Change<'_>, more: &[Read<'_>]) -> ApiResult<
 }
 
 impl Snapshot {
-    /// What the create answers before anything else: the object exists, or its Project is gone.
-    fn settled(&self, w: &Change<'_>) -> Option<Written> {
+    /// What the create answers before anything else: the object exists, or its Project
+    /// changed (or went) since the create checked it (the create checks it again).
+    pub(crate) fn settled(&self, w: &Change<'_>) -> Option<Written> {
         if let Some(rev) = self.exists {
             return Some(Write::Conflict(rev).into());
         }
-        if w.parent.is_some() && self.parent.is_none() {
+        if let Some((_, rev)) = w.parent
+            && self.parent != Some(rev)
+        {
             return Some(Write::Conflict(0).into());
         }
         None
     }
 
-    fn parent<'a>(&self, w: &Change<'a>) -> Option<(&'a str, i64)> {
-        w.parent.zip(self.parent)
+    /// The Project the create holds: as it was checked (and, once [`Self::settled`] passed,
+    /// as this snapshot read it).
+    pub(crate) fn parent<'a>(&self, w: &Change<'a>) -> Option<(&'a str, i64)> {
+        w.parent
     }
 }
 
@@ -515,7 +590,7 @@ fn provider_by_admin(s: &Subject<'_>, new: &Value, old: Option<&Value>) -> ApiRe
 }
 
 /// An IPv4 address of a field, or why not.
-fn ipv4(v: &str) -> Result<u32, String> {
+pub(crate) fn ipv4(v: &str) -> Result<u32, String> {
     match v.parse::<std::net::IpAddr>() {
         Ok(std::net::IpAddr::V4(a)) => Ok(u32::from(a)),
         Ok(std::net::IpAddr::V6(_)) => Err(format!(
@@ -525,7 +600,7 @@ fn ipv4(v: &str) -> Result<u32, String> {
     }
 }
 
-fn show(a: u32) -> String {
+pub(crate) fn show(a: u32) -> String {
     Ipv4Addr::from(a).to_string()
 }
 
@@ -570,7 +645,7 @@ impl Plan {
 
     /// Whether `a` may be a Port's address: inside the CIDR, neither its network nor its
     /// broadcast address.
-    fn host(&self, a: u32) -> bool {
+    pub fn host(&self, a: u32) -> bool {
         self.contains(a) && a != self.network && a != self.broadcast()
     }
 }
@@ -718,7 +793,7 @@ pub fn plan(spec: &SubnetSpec) -> Result<Plan, Vec<Cause>> {
 }
 
 /// The Network a Subnet or Port names, read at its create: its uid and revision.
-fn network_of<'a>(
+pub(crate) fn network_of<'a>(
     s: &Subject<'_>,
     obj: &Value,
     network: &str,
@@ -747,7 +822,7 @@ fn network_of<'a>(
 }
 
 /// The Subnets of one Network among a namespace's: those naming it and admitted on its uid.
-fn subnets_on<'a>(
+pub(crate) fn subnets_on<'a>(
     all: &'a [(String, Stored)],
     network: &'a str,
     uid: &'a str,
@@ -762,7 +837,7 @@ fn subnets_on<'a>(
 }
 
 /// A stored Subnet's plan (`None` for one this admission would refuse now).
-fn stored_plan(subnet: &Value) -> Option<Plan> {
+pub(crate) fn stored_plan(subnet: &Value) -> Option<Plan> {
     let spec: SubnetSpec = serde_json::from_value(subnet.get("spec")?.clone()).ok()?;
     plan(&spec).ok()
 }
@@ -908,7 +983,7 @@ fn ip_of(key: &str) -> Option<u32> {
 
 /// A free address of `plan`'s pools on the Network `uid`, none of `avoid`; `None` when the
 /// pools are exhausted. See the module's documentation.
-async fn pick(
+pub(crate) async fn pick(
     ctx: Ctx<'_>,
     uid: &str,
     plan: &Plan,
@@ -1015,9 +1090,15 @@ async fn create_port(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> A
     }
     let net_key = keys::object(ctx.prefix, GROUP, "networks", Some(ns), &spec.network);
     let subnets = keys::collection(ctx.prefix, GROUP, "subnets", Some(ns));
+    // A Router's interface Port, made by a trusted identity, may take its subnet's gateway.
+    let router = router_owner(w.new).filter(|_| super::by_cluster_admin());
+    let router_key =
+        router.map(|(name, _)| keys::object(ctx.prefix, GROUP, "routers", Some(ns), name));
+    let mut reads = vec![Read::Key(&net_key), Read::Prefix(&subnets)];
+    reads.extend(router_key.as_deref().map(Read::Key));
     for _ in 0..RETRIES {
         let quota = quota::check(ctx, s, ns, w).await?;
-        let snap = snapshot(ctx, &w, &[Read::Key(&net_key), Read::Prefix(&subnets)]).await?;
+        let snap = snapshot(ctx, &w, &reads).await?;
         if let Some(done) = snap.settled(&w) {
             return Ok(done);
         }
@@ -1026,8 +1107,29 @@ async fn create_port(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> A
         let on_network: Vec<(&str, Plan)> = subnets_on(all, &spec.network, uid)
             .filter_map(|(n, v)| stored_plan(v).map(|p| (n, p)))
             .collect();
-        let wanted = resolve(&s, w.new, &spec, &asked, all, &on_network)?;
-        let claim_key = |a: u32| keys::ip_claim(ctx.prefix, uid, Ipv4Addr::from(a));
+        // The subnets whose gateway this Port may take: those its Router, as stored now (the
+        // same uid, not being deleted), has an interface on.
+        let owner = router.zip(snap.more.get(2).and_then(|r| r.first()));
+        let interfaces: Vec<&str> = owner
+            .filter(|((_, uid), (_, r))| {
+                meta::meta_str(&r.value, "uid") == Some(*uid)
+                    && r.value.pointer("/metadata/deletionTimestamp").is_none()
+            })
+            .and_then(|(_, (_, r))| r.value.pointer("/spec/interfaces")?.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.get("subnet")?.as_str())
+            .collect();
+        let wanted = resolve(&s, w.new, &spec, &asked, all, &on_network, &interfaces)?;
+        // The gateway address this Port takes as a Router's interface, if it does.
+        let gateway = wanted
+            .iter()
+            .find(|x| x.ip.is_some() && x.ip == x.plan.gateway)
+            .and_then(|x| x.ip);
+        let claim_key = |a: u32| match gateway {
+            Some(g) if g == a => gateway_port_claim(ctx.prefix, uid, Ipv4Addr::from(a)),
+            _ => keys::ip_claim(ctx.prefix, uid, Ipv4Addr::from(a)),
+        };
         // Addresses and a MAC asked for by value: taken is 409 naming the field.
         let mut asked_claims: Vec<(String, String, String)> = wanted
             .iter()
@@ -1095,6 +1197,9 @@ async fn create_port(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> A
         let mac = asked_mac.clone().unwrap_or_else(random_mac);
         let mut obj = w.new.clone();
         set_annotation(&mut obj, uid);
+        // Set here alone: what a create asks for is dropped.
+        let taken = gateway.map(show);
+        set_annotation_to(&mut obj, ROUTER_GATEWAY, taken.as_deref());
         set_status(
             &mut obj,
             Map::from_iter([
@@ -1132,6 +1237,12 @@ async fn create_port(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> A
                 .map(|(k, sn)| Guard::Revision(k, sn.mod_revision)),
         );
         guards.extend(claims.iter().map(|k| Guard::Absent(k)));
+        // The Router whose interface takes a gateway is as read.
+        if gateway.is_some()
+            && let (Some(k), Some((_, (_, r)))) = (router_key.as_deref(), owner)
+        {
+            guards.push(Guard::Revision(k, r.mod_revision));
+        }
         let mut puts = vec![(w.key, &obj)];
         puts.extend(claims.iter().map(|k| (k.as_str(), &holder)));
         if let Some(rev) = ctx
@@ -1238,8 +1349,23 @@ async fn not_in_use(ctx: Ctx<'_>, s: Subject<'_>, obj: &Value) -> ApiResult<Vec<
     ))
 }
 
+/// The Router (name, uid) a Port's controller owner reference names, if it names one.
+fn router_owner(port: &Value) -> Option<(&str, &str)> {
+    port.pointer("/metadata/ownerReferences")?
+        .as_array()?
+        .iter()
+        .find(|o| {
+            o.get("controller").and_then(Value::as_bool) == Some(true)
+                && o.get("kind").and_then(Value::as_str) == Some("Router")
+                && o.get("apiVersion").and_then(Value::as_str) == Some("network.stratus.dev/v1")
+        })
+        .and_then(|o| Some((o.get("name")?.as_str()?, o.get("uid")?.as_str()?)))
+}
+
 /// The addresses a Port asks for, against the Subnets of its Network (`on_network`) and of
 /// its namespace (`all`, to say which network an address or subnet is on instead).
+/// `interfaces`: the subnets whose gateway address the Port may take, as its Router's
+/// interface on them (one at most).
 fn resolve<'a>(
     s: &Subject<'_>,
     obj: &Value,
@@ -1247,6 +1373,7 @@ fn resolve<'a>(
     asked: &[Option<u32>],
     all: &'a [(String, Stored)],
     on_network: &[(&'a str, Plan)],
+    interfaces: &[&str],
 ) -> ApiResult<Vec<Wanted<'a>>> {
     if spec.fixed_ips.is_empty() {
         return Ok(on_network
@@ -1354,12 +1481,18 @@ fn resolve<'a>(
         return Err(invalid(s, obj, causes));
     }
     // The gateway is the router's: a Port that is not a router interface never takes it, as
-    // in Neutron. A router interface will take it through a path of its own, from the claim
-    // its Subnet holds (see `create_subnet`).
-    if let Some(x) = out
+    // in Neutron. A router interface takes one, from the claim its Subnet holds (see
+    // `create_subnet`).
+    let gateways: Vec<&Wanted<'_>> = out
         .iter()
-        .find(|x| x.ip.is_some() && x.ip == x.plan.gateway)
-    {
+        .filter(|x| x.ip.is_some() && x.ip == x.plan.gateway)
+        .collect();
+    let refused = match gateways.as_slice() {
+        [x] if interfaces.contains(&x.subnet) => None,
+        [x, ..] => Some(x),
+        [] => None,
+    };
+    if let Some(x) = refused {
         return Err(conflict_field(
             s,
             obj,
@@ -1408,12 +1541,14 @@ async fn update(
             "/spec/disableGateway",
         ],
         "Port" => &["/spec/network", "/spec/fixedIPs", "/spec/macAddress"],
+        "FloatingIP" => &["/spec/floatingNetwork"],
         _ => &[],
     };
     let protected: &[&str] = match s.kind {
         "Network" => &["/status/vni"],
         "Subnet" => &["/status/gatewayIP"],
         "Port" => &["/status/macAddress", "/status/fixedIPs"],
+        "FloatingIP" => &["/status/floatingIPAddress"],
         _ => &[],
     };
     let mut causes = Vec::new();
@@ -1435,6 +1570,20 @@ async fn update(
             "Invalid value: field is immutable",
         )),
         (Some(a), None) => set_annotation(&mut new, a),
+        _ => {}
+    }
+    // What a router interface took is its create's: never added, changed or dropped after.
+    let gateway = |o: &Value| {
+        o.pointer("/metadata/annotations")
+            .and_then(|a| a.get(ROUTER_GATEWAY))
+            .cloned()
+    };
+    match (gateway(old), gateway(w.new)) {
+        (Some(a), None) => set_annotation_to(&mut new, ROUTER_GATEWAY, a.as_str()),
+        (a, b) if a != b => causes.push(Cause::invalid(
+            format!("metadata.annotations[{ROUTER_GATEWAY}]"),
+            "Forbidden: set by address allocation when a router interface is created",
+        )),
         _ => {}
     }
     if !causes.is_empty() {

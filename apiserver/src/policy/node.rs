@@ -5,8 +5,11 @@
 //! hypervisor, so a decision costs what is placed on the node, not what is in the cloud), and
 //! from them their flavors, images (with their kernel and ramdisk images) and keypairs; the
 //! Ports placed on it, and from them their Networks, Subnets and SecurityGroups and the other
-//! Ports of those Networks; every Hypervisor (read-only, as kubelets read every Node: peers'
-//! tunnel addresses); its own Lease and StoragePools; the Volumes placed on it; the Events it
+//! Ports of those Networks; the Routers placed on it (`status.node=NAME`) and the
+//! FloatingIPs of those routers (`status.router`); every Hypervisor (read-only, as kubelets
+//! read every Node: peers' tunnel addresses); its own Leases (every network agent's Lease
+//! read-only: liveness and tunnel addresses) and StoragePools; the Volumes and VolumeSnapshots placed
+//! on it (`status.node=NAME`), and the Images those volumes are made from; the Events it
 //! reports. Nothing else is readable or writable, so a compromised node can neither read other
 //! tenants' objects nor touch another node's.
 //!
@@ -21,6 +24,8 @@ use std::collections::BTreeSet;
 
 use serde_json::{Value, json};
 use stratus_api_types::compute::{HypervisorSpec, NODE_LEASE_NAMESPACE, TEARDOWN_FINALIZER};
+use stratus_api_types::network::NETWORK_AGENT_LEASE_NAMESPACE;
+use stratus_api_types::storage::TEARDOWN_FINALIZER as STORAGE_TEARDOWN;
 
 use crate::admission::binding::claims_prefix;
 use crate::base::error::{ApiError, ApiResult};
@@ -59,7 +64,8 @@ fn reported_by(event: &Value, node: &str) -> bool {
 /// Where an object records the node it is placed on.
 fn placement_field(resource: &str) -> &'static str {
     match resource {
-        "volumes" => "/status/node",
+        "volumes" | "routers" => "/status/node",
+        "volumesnapshots" => "/status/node",
         _ => "/status/hypervisor",
     }
 }
@@ -72,10 +78,12 @@ fn placed_on(obj: &Value, resource: &str, node: &str) -> bool {
 }
 
 /// The one finalizer a node adds and removes on objects of a type placed on it: the compute
-/// agent's teardown finalizer on Servers. Every other finalizer is another component's.
+/// agent's teardown finalizer on Servers, the storage agent's on Volumes and VolumeSnapshots.
+/// Every other finalizer is another component's.
 fn own_finalizer(group: &str, resource: &str) -> Option<&'static str> {
     match (group, resource) {
         ("compute.stratus.dev", "servers") => Some(TEARDOWN_FINALIZER),
+        ("storage.stratus.dev", "volumes" | "volumesnapshots") => Some(STORAGE_TEARDOWN),
         _ => None,
     }
 }
@@ -110,6 +118,15 @@ fn only_own_finalizer_differs(old: &Value, new: &Value, own: Option<&str>) -> bo
 fn kept_status_fields(group: &str, resource: &str) -> &'static [&'static str] {
     match (group, resource) {
         ("network.stratus.dev", "ports") => &["macAddress", "fixedIPs", "hypervisor", "boundTo"],
+        ("network.stratus.dev", "routers") => &[
+            "node",
+            "interfaces",
+            "externalGatewayPort",
+            "externalGatewayIPs",
+        ],
+        ("network.stratus.dev", "floatingips") => &["floatingIPAddress", "fixedIP", "router"],
+        ("storage.stratus.dev", "volumes") => &["pool", "node"],
+        ("storage.stratus.dev", "volumesnapshots") => &["pool", "node", "sizeGiB"],
         _ => &[],
     }
 }
@@ -167,6 +184,12 @@ fn beyond_registration(new: &Value) -> Option<String> {
     ))
 }
 
+/// Whether a node's heartbeat Leases live in `ns`: its compute agent's in `kube-node-lease`,
+/// its network agent's in the network agents' namespace.
+fn heartbeat_namespace(ns: &str) -> bool {
+    ns == NODE_LEASE_NAMESPACE || ns == NETWORK_AGENT_LEASE_NAMESPACE
+}
+
 /// The typed request's verbs that write.
 fn writes(verb: &str) -> bool {
     matches!(
@@ -214,7 +237,7 @@ pub async fn restrict(
         && match (group, info.resource.as_str(), sub) {
             ("" | "events.k8s.io", "events", "") => matches!(verb, "create" | "update" | "patch"),
             ("coordination.k8s.io", "leases", "") => {
-                info.namespace == NODE_LEASE_NAMESPACE && own_name(true)
+                heartbeat_namespace(&info.namespace) && own_name(true)
             }
             ("compute.stratus.dev", "hypervisors", "" | "status") => own_name(sub.is_empty()),
             ("storage.stratus.dev", "storagepools", "" | "status") => true,
@@ -223,6 +246,13 @@ pub async fn restrict(
             (_, _, "") => matches!(verb, "update" | "patch"),
             _ => false,
         };
+    if allowed && group == "network.stratus.dev" && info.resource == "floatingips" {
+        // A floating IP is placed with its router: decided on the one stored now, whose
+        // router `review` keeps.
+        return floating_ip_of_node(api, &info.namespace, &info.name, node)
+            .await
+            .map(|_| None);
+    }
     if allowed {
         Ok(None)
     } else {
@@ -279,13 +309,15 @@ pub fn review(node: &str, r: &Review<'_>) -> ApiResult<()> {
                     .and_then(Value::as_str)
                     .is_none_or(|h| h == node)
             });
-            if t.namespace.as_deref() != Some(NODE_LEASE_NAMESPACE)
+            if !t.namespace.as_deref().is_some_and(heartbeat_namespace)
                 || !path_names_node
                 || !both().all(named_node)
                 || !holder_ok
                 || op == Operation::Connect
             {
-                Some("a node writes only its own Lease, named after it, in kube-node-lease".into())
+                Some(format!(
+                    "a node writes only its own Lease, named after it, in {NODE_LEASE_NAMESPACE} or {NETWORK_AGENT_LEASE_NAMESPACE}"
+                ))
             } else {
                 None
             }
@@ -322,6 +354,24 @@ pub fn review(node: &str, r: &Review<'_>) -> ApiResult<()> {
                 None
             }
         }
+        ("network.stratus.dev", "floatingips") => match (op, sub, r.old, r.new) {
+            // Its router's node (checked by `restrict` on the stored object) writes its
+            // status, and keeps what the allocation and the association set.
+            (Operation::Update, "status", Some(old), Some(new)) => {
+                kept_status_fields("network.stratus.dev", "floatingips")
+                    .iter()
+                    .find(|f| {
+                        let p = format!("/status/{f}");
+                        old.pointer(&p) != new.pointer(&p)
+                    })
+                    .map(|f| {
+                        format!(
+                            "status.{f}: set by the allocation and the association, not by a node"
+                        )
+                    })
+            }
+            _ => Some("a node writes only the status of the floating IPs of its routers".into()),
+        },
         (group, resource) => match (op, sub, r.old, r.new) {
             (Operation::Update, "status", Some(old), Some(new)) => {
                 let changed = kept_status_fields(group, resource).iter().find(|f| {
@@ -402,9 +452,18 @@ pub fn review(node: &str, r: &Review<'_>) -> ApiResult<()> {
 /// SecurityGroups those ports name (`default` for a port naming none). A Network, Subnet or
 /// SecurityGroup may also be watched alone, with `metadata.name=NAME` in its project.
 ///
-/// Every Hypervisor (read-only), its own Lease, its StoragePools, the Volumes placed on it,
-/// the Events it reported (by name). Nothing else: no identity objects, no other node's
-/// objects, no networks without a port on the node, no namespaces.
+/// The storage agent's graph: its StoragePools (`spec.node=NODE`), the Volumes and
+/// VolumeSnapshots placed on it (`status.node=NODE`; the source a volume is made from is on
+/// the same pool), and a private Image a volume placed on it is made from.
+///
+/// The Routers placed on the node (a list or watch selecting `status.node=NODE`, or one by
+/// name), whose Ports are placed with them (so their Networks and Subnets, an external one in
+/// another project included, are in the ports' graph above); the FloatingIPs of those routers
+/// (by name, or listed in the router's project selecting `status.router=NAME`).
+///
+/// Every Hypervisor (read-only), its own Lease, every network agent's Lease (read-only), the
+/// Events it reported (by name). Nothing else: no identity objects, no other node's objects,
+/// no networks without a port on the node, no namespaces.
 async fn node_may_read(
     api: &Api,
     info: &RequestInfo,
@@ -503,10 +562,14 @@ async fn node_may_read(
         ("coordination.k8s.io", "leases") => {
             if named && info.name == node && info.namespace == NODE_LEASE_NAMESPACE {
                 Ok(None)
+            } else if info.namespace == NETWORK_AGENT_LEASE_NAMESPACE {
+                // Every network agent's (liveness, tunnel address, physical networks): what
+                // l2population and router placement need, and nothing of any tenant's.
+                Ok(None)
             } else {
-                Err(deny(
-                    "a node reads only its own Lease, by name, in kube-node-lease",
-                ))
+                Err(deny(&format!(
+                    "a node reads only its own Lease, by name, in {NODE_LEASE_NAMESPACE}, and the network agents' Leases in {NETWORK_AGENT_LEASE_NAMESPACE}"
+                )))
             }
         }
         // Every node's (read-only), as kubelets read every Node: the network agent finds its
@@ -583,6 +646,17 @@ async fn node_may_read(
             if spec_str(&image, "visibility") == Some("public") {
                 return Ok(None);
             }
+            // The storage agent fills a volume placed on the node from its image.
+            if volumes_on(api, &info.namespace, node)
+                .await?
+                .iter()
+                .any(|v| {
+                    v.pointer("/spec/source/image").and_then(Value::as_str)
+                        == Some(info.name.as_str())
+                })
+            {
+                return Ok(None);
+            }
             for server in mine(api, servers()?, Some(&info.namespace), node).await? {
                 let Some(boot) = spec_str(&server, "image") else {
                     continue;
@@ -597,7 +671,9 @@ async fn node_may_read(
                     return Ok(None);
                 }
             }
-            Err(deny("no server placed on this node boots from it"))
+            Err(deny(
+                "no server placed on this node boots from it, and no volume placed on it is made from it",
+            ))
         }
         ("network.stratus.dev", "ports") if !named => {
             if selects("status.hypervisor", node) {
@@ -704,6 +780,35 @@ async fn node_may_read(
                 "a node reads only the security groups of the ports placed on it, by name in their project",
             )),
         },
+        ("network.stratus.dev", "routers") if !named => {
+            if selects("status.node", node) {
+                Ok(None)
+            } else {
+                Err(deny(&format!(
+                    "a node lists only the routers placed on it (fieldSelector status.node={node})"
+                )))
+            }
+        }
+        ("network.stratus.dev", "routers") => {
+            check_named("Router", "network.stratus.dev", |r, node| {
+                placed_on(r, "routers", node)
+            })
+            .await
+        }
+        ("network.stratus.dev", "floatingips") if !named => match selected("status.router") {
+            Some(router)
+                if !info.namespace.is_empty()
+                    && router_of_node(api, &info.namespace, router, node).await? =>
+            {
+                Ok(None)
+            }
+            _ => Err(deny(
+                "a node lists only the floating IPs of a router placed on it (fieldSelector status.router=NAME, in its project)",
+            )),
+        },
+        ("network.stratus.dev", "floatingips") => {
+            floating_ip_of_node(api, &info.namespace, &info.name, node).await
+        }
         ("storage.stratus.dev", "storagepools") if !named => {
             if selects("spec.node", node) {
                 Ok(None)
@@ -734,7 +839,76 @@ async fn node_may_read(
             })
             .await
         }
+        ("storage.stratus.dev", "volumesnapshots") if !named => {
+            if selects("status.node", node) {
+                Ok(None)
+            } else {
+                Err(deny(&format!(
+                    "a node lists only the volume snapshots placed on it (fieldSelector status.node={node})"
+                )))
+            }
+        }
+        ("storage.stratus.dev", "volumesnapshots") => {
+            check_named("VolumeSnapshot", "storage.stratus.dev", |v, node| {
+                placed_on(v, "volumesnapshots", node)
+            })
+            .await
+        }
         _ => Err(deny("it is not related to anything placed on this node")),
+    }
+}
+
+/// Whether Router `name` of namespace `ns` is placed on `node`.
+async fn router_of_node(api: &Api, ns: &str, name: &str, node: &str) -> ApiResult<bool> {
+    let rt = api
+        .registry
+        .by_kind("network.stratus.dev", "Router")
+        .ok_or_else(|| ApiError::internal("the Router kind is not served"))?;
+    let t = Target {
+        rt: Arc::clone(rt),
+        namespace: Some(ns.to_string()),
+        name: Some(name.to_string()),
+        subresource: None,
+    };
+    match api.read(&t).await {
+        Ok(r) => Ok(placed_on(&r.value, "routers", node)),
+        Err(e) if e.code == 404 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// FloatingIP `name` of namespace `ns` with its key, when its router (`status.router`) is
+/// placed on `node`; `None` when there is no such FloatingIP (the request answers 404).
+///
+/// # Errors
+/// 403 when its router is not on the node (or it has none).
+async fn floating_ip_of_node(
+    api: &Api,
+    ns: &str,
+    name: &str,
+    node: &str,
+) -> ApiResult<Option<(String, Stored)>> {
+    let rt = api
+        .registry
+        .by_kind("network.stratus.dev", "FloatingIP")
+        .ok_or_else(|| ApiError::internal("the FloatingIP kind is not served"))?;
+    let t = Target {
+        rt: Arc::clone(rt),
+        namespace: Some(ns.to_string()),
+        name: Some(name.to_string()),
+        subresource: None,
+    };
+    let fip = match api.read(&t).await {
+        Ok(f) => f,
+        Err(e) if e.code == 404 => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let router = fip.value.pointer("/status/router").and_then(Value::as_str);
+    match router {
+        Some(r) if router_of_node(api, ns, r, node).await? => Ok(Some((t.key(api), fip))),
+        _ => Err(ApiError::forbidden(format!(
+            "node \"{node}\" cannot access floatingips \"{name}\": its router is not placed on this node"
+        ))),
     }
 }
 
@@ -779,6 +953,25 @@ async fn mine(
         );
     }
     Ok(placed)
+}
+
+/// The Volumes of project `ns` placed on `node` (one read of the project's volumes).
+async fn volumes_on(api: &Api, ns: &str, node: &str) -> ApiResult<Vec<Value>> {
+    let volumes = api
+        .registry
+        .by_kind("storage.stratus.dev", "Volume")
+        .ok_or_else(|| ApiError::internal("the Volume kind is not served"))?;
+    let page = api
+        .store
+        .list(&volumes.key_prefix(&api.prefix, Some(ns)), None, 0, 0)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(page
+        .items
+        .into_iter()
+        .map(|(_, v)| v.value)
+        .filter(|v| placed_on(v, "volumes", node))
+        .collect())
 }
 
 /// What the Ports of one project placed on a node lead to.
