@@ -192,7 +192,7 @@ reasons! {
     HeartbeatLost,
     /// A server's `Ready=False`: its hypervisor was lost and its evacuation policy is Manual.
     HypervisorLost,
-    /// A server's or volume's `Scheduled=True`: its binding placed it on a hypervisor or pool.
+    /// A server's `Scheduled=True`: its binding placed it on a hypervisor.
     Bound,
     /// A server's `Scheduled=False`: taken off its lost hypervisor, waiting to be placed again.
     Evacuating,
@@ -240,11 +240,6 @@ reasons! {
     VolumesUnavailable,
     /// A server asks to boot from a volume, which this node cannot do yet.
     BootVolumeUnsupported,
-    /// A volume's `Scheduled=False`: no storage pool can take it now.
-    NoPoolAvailable,
-    /// A volume's `Scheduled=False`: the snapshot or volume it is made from is missing or not
-    /// placed yet.
-    SourceNotReady,
     /// A server's flavor has a smaller disk than its image needs.
     FlavorDiskTooSmall,
     /// A server's flavor has less memory than its image needs.
@@ -313,17 +308,6 @@ reasons! {
     FixedIPNotFound,
     /// A floating IP's `Associated=False`: no router joins its port's subnet to its network.
     NoRouter,
-    /// A network port's flat network names a physical network the node has no interface for.
-    PhysicalNetworkUnmapped,
-    /// A router's `Ready=True`: its namespace, interfaces, routes and NAT are in place on its
-    /// node.
-    Routed,
-    /// A router's `Ready=False`: one of its Ports is not on its node or cannot be wired yet.
-    RouterPortPending,
-    /// A floating IP's `Ready=True`: its router's node translates it.
-    Translated,
-    /// A floating IP's `Ready=False`: its router is not programmed on its node yet.
-    RouterNotReady,
 }
 
 impl Reason {

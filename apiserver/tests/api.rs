@@ -6,12 +6,10 @@ mod api {
     pub mod apply;
     pub mod fixtures;
     pub mod identity;
-    pub mod lifecycle;
     pub mod lists;
     pub mod network;
     pub mod node;
     pub mod policy;
-    pub mod storage;
     pub mod routers;
     pub mod verbs;
     pub mod watch;

@@ -1,7 +1,7 @@
 //! Admission beyond the schema, registered per resource type ([`for_kind`]): checks and claims
 //! made in the same etcd transaction as the write they admit. Quota, compute placement
-//! (binding), identity (what belongs to a User), network IPAM and block storage (volume
-//! placement and claims) are registered today.
+//! (binding), identity (what belongs to a User) and network IPAM are registered today; volume
+//! placement plugs in the same way.
 //!
 //! One write is made by one admission: the first of the type's whose [`Admission::write`]
 //! answers. Where two must hold together, the one that writes carries the other's check in its
@@ -11,10 +11,8 @@
 
 pub mod binding;
 pub mod identity;
-pub mod lifecycle;
 pub mod network;
 pub mod quota;
-pub mod storage;
 pub mod router;
 
 use futures::future::BoxFuture;
@@ -109,11 +107,8 @@ pub struct Change<'a> {
     pub old: Option<(&'a Value, i64)>,
     /// The object to store.
     pub new: &'a Value,
-    /// For a create: the namespace's Project, by key and the revision it was found active
-    /// at ([`lifecycle::admit_create`]). The write must hold it at that revision (as
-    /// [`Guard::Revision`](crate::storage::store::Guard::Revision)): a Project whose deletion
-    /// began since, or that is gone, fails the write, and the create is checked again.
-    pub parent: Option<(&'a str, i64)>,
+    /// For a create: the key that must exist (the namespace's Project).
+    pub parent: Option<&'a str>,
 }
 
 /// What an admission's write did.
@@ -196,19 +191,18 @@ pub trait Admission: Send + Sync {
 }
 
 /// After a guarded write failed with the object's key as expected: whether what failed is
-/// the create's parent (the namespace's Project) having changed or gone since it was checked,
-/// rather than a guard. The create is then answered `Conflict(0)`, and checked again.
+/// the create's parent (the namespace's Project) being gone, rather than a guard.
 ///
 /// # Errors
 /// The store could not be read.
-pub(crate) async fn parent_changed(ctx: Ctx<'_>, parent: Option<(&str, i64)>) -> ApiResult<bool> {
+pub(crate) async fn parent_gone(ctx: Ctx<'_>, parent: Option<&str>) -> ApiResult<bool> {
     match parent {
-        Some((key, rev)) => Ok(ctx
+        Some(parent) => Ok(ctx
             .store
-            .get(key)
+            .get(parent)
             .await
             .map_err(ApiError::from)?
-            .is_none_or(|p| p.mod_revision != rev)),
+            .is_none()),
         None => Ok(false),
     }
 }
@@ -221,14 +215,12 @@ pub fn for_kind(group: &str, kind: &str) -> &'static [&'static dyn Admission] {
     static USERS: [&dyn Admission; 1] = [&identity::Users];
     static IPAM: [&dyn Admission; 2] = [&network::Ipam, &quota::Quota];
     static ASSIGNMENTS: [&dyn Admission; 1] = [&identity::Assignments];
-    static STORAGE: [&dyn Admission; 2] = [&storage::Storage, &quota::Quota];
     static ROUTERS: [&dyn Admission; 2] = [&router::Routers, &quota::Quota];
     match (group, kind) {
         ("identity.stratus.dev", "User") => return &USERS,
         ("identity.stratus.dev", "RoleAssignment") => return &ASSIGNMENTS,
         (network::GROUP, "Network" | "Subnet" | "Port" | "FloatingIP") => return &IPAM,
         (network::GROUP, "Router") => return &ROUTERS,
-        (storage::GROUP, "Volume" | "VolumeSnapshot") => return &STORAGE,
         _ => {}
     }
     match (binding::is_server(group, kind), quota::counted(group, kind)) {
