@@ -308,6 +308,17 @@ reasons! {
     FixedIPNotFound,
     /// A floating IP's `Associated=False`: no router joins its port's subnet to its network.
     NoRouter,
+    /// A network port's flat network names a physical network the node has no interface for.
+    PhysicalNetworkUnmapped,
+    /// A router's `Ready=True`: its namespace, interfaces, routes and NAT are in place on its
+    /// node.
+    Routed,
+    /// A router's `Ready=False`: one of its Ports is not on its node or cannot be wired yet.
+    RouterPortPending,
+    /// A floating IP's `Ready=True`: its router's node translates it.
+    Translated,
+    /// A floating IP's `Ready=False`: its router is not programmed on its node yet.
+    RouterNotReady,
 }
 
 impl Reason {

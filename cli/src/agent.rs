@@ -55,6 +55,27 @@ pub struct NetworkArgs {
     /// changed by hand is repaired within this time).
     #[arg(long, default_value_t = 2)]
     pub network_resync_seconds: u64,
+    /// Network role: `PHYSNET=IFACE`, the node's interface for a physical network (flat
+    /// provider networks naming PHYSNET are bridged to IFACE). Repeatable.
+    #[arg(long = "physical-interface", value_name = "PHYSNET=IFACE", value_parser = physical_interface)]
+    pub physical_interfaces: Vec<(String, IfName)>,
+}
+
+/// Parses `PHYSNET=IFACE`.
+fn physical_interface(s: &str) -> Result<(String, IfName), String> {
+    let (net, iface) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not PHYSNET=IFACE"))?;
+    let ok = !net.is_empty()
+        && net.len() <= 15
+        && net
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if !ok {
+        return Err(format!("{net:?} is not a physical network name"));
+    }
+    let iface = IfName::new(iface).map_err(|e| e.to_string())?;
+    Ok((net.to_owned(), iface))
 }
 
 /// Options of `stratus agent`.
@@ -214,6 +235,7 @@ async fn network(
             node: args.node.clone(),
             netns,
             underlay,
+            physical: n.physical_interfaces.iter().cloned().collect(),
         },
         resync: std::time::Duration::from_secs(n.network_resync_seconds.max(1)),
     };

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{EventType, Recorder, Reporter};
@@ -21,16 +22,21 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use stratus_api_types::common::{ConditionType, Reason};
 use stratus_api_types::compute::Hypervisor;
-use stratus_api_types::network::{Network, Port, PortPhase, SecurityGroup, Subnet};
+use stratus_api_types::network::{
+    FloatingIP, FloatingIPPhase, NETWORK_AGENT_LEASE_NAMESPACE, Network, NetworkPhase,
+    PHYSICAL_NETWORKS_ANNOTATION, Port, PortPhase, Router, SecurityGroup, Subnet,
+    TUNNEL_IP_ANNOTATION,
+};
 use stratus_runtime::{Classify, Retry, Runtime};
 use tokio::sync::Notify;
 
-use crate::desired::{NodeConfig, PortKey, PortPlan, Snapshot, desired};
+use crate::desired::{FloatingPlan, NodeConfig, PortKey, PortPlan, Snapshot, desired_all};
 use crate::driver::{
-    Dhcp, DhcpError, Firewall, FirewallError, IfName, Link, LinkError, LinkKind, Links, Netns,
+    Dhcp, DhcpError, Firewall, FirewallError, IfName, Link, LinkError, LinkKind, Links, Name, Netns,
 };
 use crate::plan::{
-    Desired, NetnsContents, ObservedHost, Op, Step, is_derived, is_dhcp_name_of, plan,
+    Desired, NetnsContents, ObservedHost, Op, RouterContents, Step, is_derived, is_dhcp_name_of,
+    is_router_name_of, plan,
 };
 
 /// The agent's name in Events and as field manager.
@@ -101,6 +107,26 @@ pub enum PortState {
     },
 }
 
+/// Whether a Router or FloatingIP of the node is programmed, as the host says after a
+/// converge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Programmed {
+    /// In place.
+    Yes {
+        /// CamelCase reason.
+        reason: Reason,
+        /// For people.
+        message: String,
+    },
+    /// Not (yet), and why.
+    No {
+        /// CamelCase reason.
+        reason: Reason,
+        /// For people.
+        message: String,
+    },
+}
+
 /// What one converge did.
 #[derive(Debug)]
 pub struct Report {
@@ -112,6 +138,10 @@ pub struct Report {
     pub failures: Vec<(Step, String)>,
     /// Each of the node's ports.
     pub ports: BTreeMap<PortKey, PortState>,
+    /// Each Router placed on the node, by namespace and name.
+    pub routers: BTreeMap<PortKey, Programmed>,
+    /// Each FloatingIP of those routers, by namespace and name.
+    pub floating_ips: BTreeMap<PortKey, Programmed>,
 }
 
 impl Report {
@@ -180,12 +210,36 @@ pub fn observe(host: &Host, desired: &Desired) -> Result<ObservedHost, SyncError
         }
         dhcp_netns.insert(name, contents);
     }
+    let mut routers = BTreeMap::new();
+    let mut candidates: BTreeSet<Name> = desired.routers.iter().map(|r| r.name.clone()).collect();
+    candidates.extend(
+        present
+            .iter()
+            .filter(|n| is_router_name_of(&desired.node, n))
+            .cloned(),
+    );
+    for name in candidates.into_iter().filter(|n| present.contains(n)) {
+        let inner = Netns::Named(name.clone());
+        let mut c = RouterContents::default();
+        for l in host.links.links(&inner)? {
+            if l.kind == LinkKind::Veth {
+                c.addresses
+                    .insert(l.name.clone(), host.links.addresses(&inner, &l.name)?);
+            }
+            c.links.insert(l.name.clone(), l);
+        }
+        c.routes = host.links.routes(&inner)?;
+        c.forwarding = host.links.forwarding(&inner)?;
+        c.nat = host.firewall.read_nat(&name)?;
+        routers.insert(name, c);
+    }
     Ok(ObservedHost {
         links,
         fdb,
         firewall: host.firewall.read()?,
         dhcp,
         dhcp_netns,
+        routers,
     })
 }
 
@@ -212,6 +266,11 @@ pub fn execute(host: &Host, op: &Op) -> Result<(), SyncError> {
         Op::SetFdb(ns, n, entries) => l.set_fdb(ns, n, entries)?,
         Op::EnsureDhcp(spec) => host.dhcp.ensure(spec)?,
         Op::RemoveDhcp(n) => host.dhcp.remove(n)?,
+        Op::SetMac(ns, n, mac) => l.set_mac(ns, n, *mac)?,
+        Op::AddRoute(ns, r) => l.add_route(ns, r)?,
+        Op::DelRoute(ns, r) => l.del_route(ns, r)?,
+        Op::SetForwarding(ns) => l.set_forwarding(ns, true)?,
+        Op::ApplyNat(n, nat) => host.firewall.apply_nat(n, nat)?,
     }
     Ok(())
 }
@@ -236,6 +295,14 @@ pub fn describe(op: &Op) -> String {
         Op::SetFdb(_, n, e) => format!("set the FDB of {n} ({} entries)", e.len()),
         Op::EnsureDhcp(s) => format!("started or reloaded DHCP server {}", s.name),
         Op::RemoveDhcp(n) => format!("stopped DHCP server {n}"),
+        Op::SetMac(_, n, mac) => format!("set the MAC of {n} to {mac}"),
+        Op::AddRoute(ns, r) => format!("added route {r} in {ns}"),
+        Op::DelRoute(ns, r) => format!("removed route {r} in {ns}"),
+        Op::SetForwarding(ns) => format!("turned on IPv4 forwarding in {ns}"),
+        Op::ApplyNat(n, nat) => format!(
+            "applied the NAT of {n} ({} floating addresses)",
+            nat.floating.len()
+        ),
     }
 }
 
@@ -248,18 +315,24 @@ pub fn describe(op: &Op) -> String {
 /// # Errors
 /// The host could not be read, before or after.
 pub fn converge(host: &Host, cfg: &NodeConfig, snap: &Snapshot) -> Result<Report, SyncError> {
-    let (desired, plans) = desired(cfg, snap);
+    let (desired, plans) = desired_all(cfg, snap);
     let observed = observe(host, &desired)?;
     let steps = plan(&desired, &observed);
     let mut failures: Vec<(Step, String)> = Vec::new();
     let mut firewall_failed = None;
     let mut failed_networks: BTreeMap<IfName, String> = BTreeMap::new();
+    let mut failed_routers: BTreeMap<Name, String> = BTreeMap::new();
     for step in &steps {
         if firewall_failed.is_some() {
             break;
         }
         if let Some(n) = &step.network
             && failed_networks.contains_key(n)
+        {
+            continue;
+        }
+        if let Some(r) = &step.router
+            && failed_routers.contains_key(r)
         {
             continue;
         }
@@ -270,10 +343,13 @@ pub fn converge(host: &Host, cfg: &NodeConfig, snap: &Snapshot) -> Result<Report
                 stratus_runtime::policy::chain(&e)
             );
             tracing::warn!(error = %msg, "step failed");
-            match (&step.op, &step.network) {
-                (Op::ApplyFirewall(_), _) => firewall_failed = Some(msg.clone()),
-                (_, Some(n)) => {
+            match (&step.op, &step.network, &step.router) {
+                (Op::ApplyFirewall(_), _, _) => firewall_failed = Some(msg.clone()),
+                (_, Some(n), _) => {
                     failed_networks.insert(n.clone(), msg.clone());
+                }
+                (_, _, Some(r)) => {
+                    failed_routers.insert(r.clone(), msg.clone());
                 }
                 _ => {}
             }
@@ -286,7 +362,7 @@ pub fn converge(host: &Host, cfg: &NodeConfig, snap: &Snapshot) -> Result<Report
         observe(host, &desired)?
     };
     let mut ports = BTreeMap::new();
-    for (key, p) in plans {
+    for (key, p) in plans.ports {
         let state = match p {
             PortPlan::Blocked { reason, message } => PortState::NotWired { reason, message },
             PortPlan::Wire { bridge, device } => wired(&desired, &after, &bridge, &device, |n| {
@@ -297,11 +373,64 @@ pub fn converge(host: &Host, cfg: &NodeConfig, snap: &Snapshot) -> Result<Report
         };
         ports.insert(key, state);
     }
+    // What is still to do for each router, read from the host after the steps.
+    let left: BTreeSet<Name> = if steps.is_empty() {
+        BTreeSet::new()
+    } else {
+        plan(&desired, &after)
+            .into_iter()
+            .filter_map(|s| s.router)
+            .collect()
+    };
+    let mut routers = BTreeMap::new();
+    let mut programmed: BTreeSet<Name> = BTreeSet::new();
+    for (key, r) in plans.routers {
+        let state = if let Some(m) = failed_routers.get(&r.netns) {
+            Programmed::No {
+                reason: Reason::WiringFailed,
+                message: m.clone(),
+            }
+        } else if left.contains(&r.netns) {
+            Programmed::No {
+                reason: Reason::WiringFailed,
+                message: format!("namespace {} is not as planned after the steps", r.netns),
+            }
+        } else if !r.pending.is_empty() {
+            Programmed::No {
+                reason: Reason::RouterPortPending,
+                message: r.pending.join("; "),
+            }
+        } else {
+            programmed.insert(r.netns.clone());
+            Programmed::Yes {
+                reason: Reason::Routed,
+                message: format!("in namespace {} on node {}", r.netns, cfg.node),
+            }
+        };
+        routers.insert(key, state);
+    }
+    let mut floating_ips = BTreeMap::new();
+    for (key, f) in plans.floating_ips {
+        let state = match f {
+            FloatingPlan::Translate { router } if programmed.contains(&router) => Programmed::Yes {
+                reason: Reason::Translated,
+                message: format!("translated in namespace {router} on node {}", cfg.node),
+            },
+            FloatingPlan::Translate { router } => Programmed::No {
+                reason: Reason::RouterNotReady,
+                message: format!("its router (namespace {router}) is not programmed yet"),
+            },
+            FloatingPlan::Blocked { reason, message } => Programmed::No { reason, message },
+        };
+        floating_ips.insert(key, state);
+    }
     Ok(Report {
         desired,
         steps,
         failures,
         ports,
+        routers,
+        floating_ips,
     })
 }
 
@@ -325,14 +454,14 @@ fn wired(
             message: format!("waiting for the port's device {device} to appear on the node"),
         };
     };
-    let vxlan_ok = desired
+    let uplink_ok = desired
         .networks
         .iter()
         .find(|n| n.bridge == *bridge)
-        .and_then(|n| after.links.get(&n.vxlan.name))
+        .and_then(|n| after.links.get(n.uplink.name()))
         .is_some_and(|v| v.up && v.master.as_ref() == Some(bridge));
     let firewall_ok = desired.firewall.as_ref().and_then(|r| r.observed().ok()) == after.firewall;
-    if dev.up && dev.master.as_ref() == Some(bridge) && vxlan_ok && firewall_ok {
+    if dev.up && dev.master.as_ref() == Some(bridge) && uplink_ok && firewall_ok {
         PortState::Wired {
             bridge: bridge.clone(),
             device: device.clone(),
@@ -485,6 +614,12 @@ struct Caches {
     networks: Watches<Network>,
     subnets: Watches<Subnet>,
     groups: Watches<SecurityGroup>,
+    /// The Routers placed on the node.
+    routers: Watch<Router>,
+    /// The network agents' Leases (tunnel addresses).
+    leases: Watch<Lease>,
+    /// Per router of the node, the FloatingIPs naming it.
+    floating_ips: Watches<FloatingIP>,
 }
 
 impl Caches {
@@ -504,6 +639,17 @@ impl Caches {
             networks: Watches::new("metadata.name"),
             subnets: Watches::new("spec.network"),
             groups: Watches::new("metadata.name"),
+            routers: Watch::start(
+                Api::all(client.clone()),
+                watcher::Config::default().fields(&format!("status.node={node}")),
+                Arc::clone(notify),
+            ),
+            leases: Watch::start(
+                Api::namespaced(client.clone(), NETWORK_AGENT_LEASE_NAMESPACE),
+                watcher::Config::default(),
+                Arc::clone(notify),
+            ),
+            floating_ips: Watches::new("status.router"),
         }
     }
 
@@ -526,14 +672,28 @@ impl Caches {
                 groups.insert((ns.clone(), g));
             }
         }
+        let routers: BTreeSet<(String, String)> = self
+            .routers
+            .store
+            .state()
+            .iter()
+            .filter(|r| r.status.as_ref().and_then(|s| s.node.as_deref()) == Some(node))
+            .map(|r| (r.namespace().unwrap_or_default(), r.name_any()))
+            .collect();
         self.ports.set(client, &nets, notify);
         self.networks.set(client, &nets, notify);
         self.subnets.set(client, &nets, notify);
         self.groups.set(client, &groups, notify);
+        self.floating_ips.set(client, &routers, notify);
+        // Routers and Leases are waited for a while even on the first converge (an API
+        // server that refuses them must not keep the node's ports from being wired).
         self.ports.settled(patient)
             && self.networks.settled(patient)
             && self.subnets.settled(patient)
             && self.groups.settled(patient)
+            && self.floating_ips.settled(patient)
+            && self.routers.settled(true)
+            && self.leases.settled(true)
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -553,7 +713,89 @@ impl Caches {
             subnets: self.subnets.state(),
             hypervisors: self.hypervisors.store.state(),
             groups: self.groups.state(),
+            routers: self.routers.store.state(),
+            floating_ips: self.floating_ips.state(),
+            leases: self.leases.store.state(),
         }
+    }
+}
+
+/// How often the network agent renews its Lease.
+pub const LEASE_RENEW: Duration = Duration::from_secs(5);
+
+/// How long a network agent's Lease lasts unrenewed.
+pub const LEASE_DURATION: Duration = Duration::from_secs(20);
+
+/// Renews the node's network-agent Lease (creating it the first time), with its tunnel
+/// address and physical networks.
+async fn beat(
+    client: &Client,
+    node: &str,
+    tunnel: Option<Ipv4Addr>,
+    physical: &[String],
+) -> Result<(), kube::Error> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), NETWORK_AGENT_LEASE_NAMESPACE);
+    let mut annotations = serde_json::Map::new();
+    if let Some(ip) = tunnel {
+        annotations.insert(TUNNEL_IP_ANNOTATION.into(), json!(ip.to_string()));
+    }
+    annotations.insert(
+        PHYSICAL_NETWORKS_ANNOTATION.into(),
+        json!(physical.join(",")),
+    );
+    let lease = json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": node,
+            "namespace": NETWORK_AGENT_LEASE_NAMESPACE,
+            "annotations": annotations,
+        },
+        "spec": {
+            "holderIdentity": node,
+            "leaseDurationSeconds": LEASE_DURATION.as_secs(),
+            "renewTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+        },
+    });
+    api.patch(
+        node,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(lease),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Renews the Lease every [`LEASE_RENEW`] with the latest tunnel address `tunnel` holds.
+async fn heartbeat(
+    client: Client,
+    node: String,
+    physical: Vec<String>,
+    tunnel: tokio::sync::watch::Receiver<Option<Ipv4Addr>>,
+) {
+    let mut tick = tokio::time::interval(LEASE_RENEW);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let ip = *tunnel.borrow();
+        match beat(&client, &node, ip, &physical).await {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "cannot renew the network agent's Lease");
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot renew the network agent's Lease"),
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -566,6 +808,16 @@ impl Caches {
 pub async fn run(client: Client, host: Host, config: Config) {
     let notify = Arc::new(Notify::new());
     let node = config.node.node.clone();
+    let (tunnel_tx, tunnel_rx) = tokio::sync::watch::channel(config.node.underlay);
+    let _heartbeat = AbortOnDrop(
+        tokio::spawn(heartbeat(
+            client.clone(),
+            node.clone(),
+            config.node.physical.keys().cloned().collect(),
+            tunnel_rx,
+        ))
+        .abort_handle(),
+    );
     let mut caches = Caches::start(&client, &node, &notify);
     // An empty cache would read as "nothing on this node" and tear everything down.
     caches.local.until_listed().await;
@@ -578,6 +830,8 @@ pub async fn run(client: Client, host: Host, config: Config) {
         },
     );
     let runtime: Runtime<Port> = Runtime::new(client.clone(), MANAGER);
+    let routers_rt: Runtime<Router> = Runtime::new(client.clone(), MANAGER);
+    let floating_rt: Runtime<FloatingIP> = Runtime::new(client.clone(), MANAGER);
     let mut tick = tokio::time::interval(config.resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut converged: Option<Desired> = None;
@@ -632,6 +886,16 @@ pub async fn run(client: Client, host: Host, config: Config) {
         converged = report.failures.is_empty().then(|| report.desired.clone());
         wired = report.wired_devices();
         write_statuses(&runtime, &config, &snap, &report).await;
+        write_router_statuses(&routers_rt, &floating_rt, &snap, &report).await;
+        let tunnel = config
+            .node
+            .underlay
+            .or_else(|| crate::desired::tunnel_address(&snap, &node));
+        tunnel_tx.send_if_modified(|t| {
+            let changed = *t != tunnel;
+            *t = tunnel;
+            changed
+        });
         if let Some(ip) = config.node.underlay {
             report_host_ip(&client, &node, ip, &snap).await;
         }
@@ -675,8 +939,16 @@ async fn repaired(
     // By network and by what was repaired: Events of one kind about one network from one
     // node are counted as one series, so each kind is an action of its own.
     let mut notes: BTreeMap<(IfName, &'static str), Vec<String>> = BTreeMap::new();
+    let mut router_notes: BTreeMap<Name, Vec<String>> = BTreeMap::new();
     for s in report.steps.iter().filter(|s| !first_time(&s.op)) {
         let action = repair_action(&s.op);
+        if let Some(r) = &s.router {
+            router_notes
+                .entry(r.clone())
+                .or_default()
+                .push(describe(&s.op));
+            continue;
+        }
         match &s.network {
             Some(b) => notes
                 .entry((b.clone(), action))
@@ -708,6 +980,39 @@ async fn repaired(
             &reference,
             EventType::Warning,
             action,
+            "DriftRepaired",
+            note,
+        )
+        .await;
+    }
+    repaired_routers(recorder, config, snap, router_notes).await;
+}
+
+/// Events for a router's namespace repaired, on the Router.
+async fn repaired_routers(
+    recorder: &Recorder,
+    config: &Config,
+    snap: &Snapshot,
+    notes: BTreeMap<Name, Vec<String>>,
+) {
+    for (netns, what) in notes {
+        let Some(router) = snap.routers.iter().find(|r| {
+            r.uid()
+                .is_some_and(|u| crate::plan::router_name(&config.node.node, &u) == netns)
+        }) else {
+            continue;
+        };
+        let note = format!(
+            "node {} found router namespace {netns} changed behind its back and repaired it: {}",
+            config.node.node,
+            what.join("; ")
+        );
+        tracing::warn!(%netns, %note, "repaired drift");
+        stratus_runtime::events::publish(
+            recorder,
+            &router.object_ref(&()),
+            EventType::Warning,
+            "RepairRouter",
             "DriftRepaired",
             note,
         )
@@ -758,6 +1063,65 @@ async fn write_statuses(
     }
 }
 
+/// Each Router placed on the node: `Active` with `Ready=True` once its namespace is
+/// programmed, else `Pending` (`Error` when a step failed) with `Ready=False` saying why; each
+/// FloatingIP of those routers: `Active` with `Ready=True` once translated, else `Down`.
+async fn write_router_statuses(
+    routers: &Runtime<Router>,
+    floating: &Runtime<FloatingIP>,
+    snap: &Snapshot,
+    report: &Report,
+) {
+    let key = |ns: Option<String>, name: String| PortKey {
+        namespace: ns.unwrap_or_default(),
+        name,
+    };
+    for r in &snap.routers {
+        let Some(state) = report.routers.get(&key(r.namespace(), r.name_any())) else {
+            continue;
+        };
+        let mut status = r.status.clone().unwrap_or_default();
+        let update = match state {
+            Programmed::Yes { reason, message } => {
+                status.phase = NetworkPhase::Active;
+                ConditionType::Ready.yes(*reason, message.clone())
+            }
+            Programmed::No { reason, message } => {
+                status.phase = if *reason == Reason::WiringFailed {
+                    NetworkPhase::Error
+                } else {
+                    NetworkPhase::Pending
+                };
+                ConditionType::Ready.no(*reason, message.clone())
+            }
+        };
+        update.set(&mut status.conditions, r.metadata.generation);
+        if let Err(e) = routers.write_status(r, &status).await {
+            tracing::warn!(router = %r.name_any(), error = %e, "cannot write the router's status");
+        }
+    }
+    for f in &snap.floating_ips {
+        let Some(state) = report.floating_ips.get(&key(f.namespace(), f.name_any())) else {
+            continue;
+        };
+        let mut status = f.status.clone().unwrap_or_default();
+        let update = match state {
+            Programmed::Yes { reason, message } => {
+                status.phase = FloatingIPPhase::Active;
+                ConditionType::Ready.yes(*reason, message.clone())
+            }
+            Programmed::No { reason, message } => {
+                status.phase = FloatingIPPhase::Down;
+                ConditionType::Ready.no(*reason, message.clone())
+            }
+        };
+        update.set(&mut status.conditions, f.metadata.generation);
+        if let Err(e) = floating.write_status(f, &status).await {
+            tracing::warn!(floating_ip = %f.name_any(), error = %e, "cannot write the floating IP's status");
+        }
+    }
+}
+
 /// Sets the node's Hypervisor's `status.hostIP` to its underlay address, when it differs.
 async fn report_host_ip(client: &Client, node: &str, ip: Ipv4Addr, snap: &Snapshot) {
     let Some(hv) = snap.hypervisors.iter().find(|h| h.name_any() == node) else {
@@ -792,7 +1156,7 @@ pub(crate) mod tests {
 
     use serde_json::json;
     use stratus_api_types::compute::Hypervisor;
-    use stratus_api_types::network::{Network, Port, SecurityGroup, Subnet};
+    use stratus_api_types::network::{FloatingIP, Network, Port, Router, SecurityGroup, Subnet};
 
     use super::*;
     use crate::desired::{NETWORK_UID, NodeConfig, Snapshot};
@@ -911,6 +1275,7 @@ pub(crate) mod tests {
                     {"direction": "egress"},
                 ]),
             )],
+            ..Snapshot::default()
         }
     }
 
@@ -919,6 +1284,7 @@ pub(crate) mod tests {
             node: "n1".into(),
             netns: Netns::Host,
             underlay: None,
+            physical: BTreeMap::new(),
         }
     }
 
@@ -1238,6 +1604,373 @@ pub(crate) mod tests {
             converge(&f.host, &config(), &snap).expect("converge").steps,
             vec![]
         );
+    }
+
+    /// `snapshot()` plus router `r1` of project demo on n1: an interface on `sn` (port
+    /// `rp-in`, 10.9.0.1) and a gateway on the flat external network `ext` of project admin
+    /// (port `admin/rp-gw`, 203.0.113.2, gateway .1), SNAT on; FloatingIP `f1`
+    /// (203.0.113.10 → p1's 10.9.0.11).
+    pub(crate) fn router_snapshot() -> Snapshot {
+        let mut snap = snapshot();
+        let obj = |v: serde_json::Value| v;
+        snap.networks.push(Arc::new(
+            serde_json::from_value(obj(json!({
+                "apiVersion": "network.stratus.dev/v1", "kind": "Network",
+                "metadata": {"name": "ext", "namespace": "admin", "uid": "uid-ext"},
+                "spec": {"external": true, "segmentation": "flat",
+                         "physicalNetwork": "physnet1", "mtu": 1500},
+                "status": {"phase": "Active"},
+            })))
+            .expect("network"),
+        ));
+        snap.subnets.push(Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "network.stratus.dev/v1", "kind": "Subnet",
+                "metadata": {"name": "ext-sn", "namespace": "admin", "uid": "uid-ext-sn",
+                             "annotations": {NETWORK_UID: "uid-ext"}},
+                "spec": {"network": "ext", "cidr": "203.0.113.0/24",
+                         "gatewayIP": "203.0.113.1", "enableDHCP": false},
+            }))
+            .expect("subnet"),
+        ));
+        snap.ports.push(port(
+            "rp-in",
+            "net",
+            "n1",
+            "02:00:00:00:0a:01",
+            "10.9.0.1",
+            None,
+        ));
+        snap.ports.push(Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "network.stratus.dev/v1", "kind": "Port",
+                "metadata": {"name": "rp-gw", "namespace": "admin", "uid": "uid-rp-gw",
+                             "annotations": {NETWORK_UID: "uid-ext"}},
+                "spec": {"network": "ext", "portSecurityEnabled": false},
+                "status": {"phase": "Pending", "hypervisor": "n1",
+                           "macAddress": "02:00:00:00:0a:02",
+                           "fixedIPs": [{"subnet": "ext-sn", "ipAddress": "203.0.113.2"}]},
+            }))
+            .expect("port"),
+        ));
+        snap.routers.push(Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "network.stratus.dev/v1", "kind": "Router",
+                "metadata": {"name": "r1", "namespace": "demo", "uid": "uid-r1"},
+                "spec": {"externalGateway": {"network": "admin/ext"},
+                         "interfaces": [{"subnet": "sn"}]},
+                "status": {"node": "n1", "externalGatewayPort": "admin/rp-gw",
+                           "externalGatewayIPs": ["203.0.113.2"],
+                           "interfaces": [{"subnet": "sn", "ipAddress": "10.9.0.1",
+                                           "port": "rp-in"}]},
+            }))
+            .expect("router"),
+        ));
+        snap.floating_ips
+            .push(floating("f1", "203.0.113.10", "10.9.0.11"));
+        snap
+    }
+
+    pub(crate) fn floating(name: &str, floating: &str, fixed: &str) -> Arc<FloatingIP> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "network.stratus.dev/v1", "kind": "FloatingIP",
+                "metadata": {"name": name, "namespace": "demo", "uid": format!("uid-{name}")},
+                "spec": {"floatingNetwork": "admin/ext", "port": "p1"},
+                "status": {"phase": "Down", "floatingIPAddress": floating,
+                           "fixedIP": fixed, "router": "r1"},
+            }))
+            .expect("floating ip"),
+        )
+    }
+
+    fn router_config() -> NodeConfig {
+        NodeConfig {
+            physical: BTreeMap::from([("physnet1".to_owned(), ifname("eth1"))]),
+            ..config()
+        }
+    }
+
+    fn router_key(name: &str) -> PortKey {
+        key(name)
+    }
+
+    #[test]
+    fn a_router_is_programmed_with_its_floating_ip_and_a_second_converge_changes_nothing() {
+        let f = fakes();
+        plug(&f.links, "tp-p1");
+        plug(&f.links, "eth1");
+        let snap = router_snapshot();
+        let r = converge(&f.host, &router_config(), &snap).expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        assert!(
+            matches!(
+                r.routers.get(&router_key("r1")),
+                Some(Programmed::Yes {
+                    reason: Reason::Routed,
+                    ..
+                })
+            ),
+            "{:?}",
+            r.routers
+        );
+        assert!(
+            matches!(
+                r.floating_ips.get(&key("f1")),
+                Some(Programmed::Yes {
+                    reason: Reason::Translated,
+                    ..
+                })
+            ),
+            "{:?}",
+            r.floating_ips
+        );
+        assert!(matches!(state(&r, "rp-in"), PortState::Wired { .. }));
+        let gw_key = PortKey {
+            namespace: "admin".into(),
+            name: "rp-gw".into(),
+        };
+        assert!(matches!(
+            r.ports.get(&gw_key),
+            Some(PortState::Wired { .. })
+        ));
+
+        let name = crate::plan::router_name("n1", "uid-r1");
+        let inner = Netns::Named(name.clone());
+        assert!(f.links.list_netns().expect("netns").contains(&name));
+        let links = f.links.links(&inner).expect("links");
+        let by_mac = |m: &str| {
+            let mac: MacAddr = m.parse().expect("mac");
+            links
+                .iter()
+                .find(|l| l.mac == Some(mac))
+                .cloned()
+                .expect("link with the port's MAC")
+        };
+        let (qr, qg) = (by_mac("02:00:00:00:0a:01"), by_mac("02:00:00:00:0a:02"));
+        assert!(qr.name.as_str().starts_with("qr-") && qr.up && qr.mtu == 1450);
+        assert!(qg.name.as_str().starts_with("qg-") && qg.up && qg.mtu == 1500);
+        let cidr = |s: &str| s.parse::<crate::driver::Ipv4Cidr>().expect("cidr");
+        assert_eq!(
+            f.links.addresses(&inner, &qr.name).expect("addresses"),
+            BTreeSet::from([cidr("10.9.0.1/24")])
+        );
+        assert_eq!(
+            f.links.addresses(&inner, &qg.name).expect("addresses"),
+            BTreeSet::from([cidr("203.0.113.2/24"), cidr("203.0.113.10/32")])
+        );
+        assert_eq!(
+            f.links.routes(&inner).expect("routes"),
+            BTreeSet::from([crate::driver::RouteSpec::new(
+                cidr("0.0.0.0/0"),
+                Ipv4Addr::new(203, 0, 113, 1)
+            )])
+        );
+        assert!(f.links.forwarding(&inner).expect("forwarding"));
+        let want = crate::driver::Nat {
+            gateway: Some(qg.name.clone()),
+            floating: vec![crate::driver::nft::FloatingNat {
+                floating: Ipv4Addr::new(203, 0, 113, 10),
+                fixed: Ipv4Addr::new(10, 9, 0, 11),
+            }],
+            snat: vec![crate::driver::nft::Snat {
+                source: cidr("10.9.0.0/24"),
+                to: Ipv4Addr::new(203, 0, 113, 2),
+            }],
+        };
+        assert_eq!(
+            f.firewall.read_nat(&name).expect("nat"),
+            Some(want.observed().expect("observed"))
+        );
+        // The physical interface is the external network's uplink; the router ports are
+        // veths on their networks' bridges, unfiltered.
+        let eth1 = f
+            .links
+            .link(&Netns::Host, &ifname("eth1"))
+            .expect("link")
+            .expect("eth1");
+        assert_eq!(eth1.master, Some(IfName::derived(Role::Bridge, "uid-ext")));
+        let fw = r.desired.firewall.clone().expect("ruleset");
+        assert_eq!(fw.ports.len(), 1, "the guest's filter only");
+        // The external network with no guest has no DHCP server; the tenant's one has.
+        assert_eq!(f.dhcp.list().expect("list").len(), 1);
+
+        let again = converge(&f.host, &router_config(), &snap).expect("converge");
+        assert_eq!(again.steps, vec![], "a restart changes nothing");
+    }
+
+    #[test]
+    fn router_drift_is_repaired_and_snat_and_floating_ips_follow_the_api() {
+        let f = fakes();
+        plug(&f.links, "tp-p1");
+        plug(&f.links, "eth1");
+        let mut snap = router_snapshot();
+        converge(&f.host, &router_config(), &snap).expect("converge");
+        let name = crate::plan::router_name("n1", "uid-r1");
+        let inner = Netns::Named(name.clone());
+        let qg = f
+            .links
+            .links(&inner)
+            .expect("links")
+            .into_iter()
+            .find(|l| l.name.as_str().starts_with("qg-"))
+            .expect("gateway");
+        let fip: crate::driver::Ipv4Cidr = "203.0.113.10/32".parse().expect("cidr");
+        f.links.del_address_behind(&inner, &qg.name, fip);
+        f.firewall.tamper_nat(&name, None);
+        let r = converge(&f.host, &router_config(), &snap).expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        assert!(
+            r.steps.iter().all(|s| s.router.as_ref() == Some(&name)),
+            "{:?}",
+            r.steps
+        );
+        assert!(
+            f.links
+                .addresses(&inner, &qg.name)
+                .expect("addresses")
+                .contains(&fip)
+        );
+        assert!(f.firewall.read_nat(&name).expect("nat").is_some());
+        assert_eq!(
+            converge(&f.host, &router_config(), &snap)
+                .expect("converge")
+                .steps,
+            vec![]
+        );
+
+        // The floating IP goes: its address and its rules with it. SNAT off: no SNAT rule.
+        snap.floating_ips.clear();
+        let mut r1: Router = (*snap.routers[0]).clone();
+        if let Some(g) = r1.spec.external_gateway.as_mut() {
+            g.enable_snat = false;
+        }
+        snap.routers[0] = Arc::new(r1);
+        let r = converge(&f.host, &router_config(), &snap).expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        assert!(
+            !f.links
+                .addresses(&inner, &qg.name)
+                .expect("addresses")
+                .contains(&fip)
+        );
+        let want = crate::driver::Nat {
+            gateway: Some(qg.name.clone()),
+            ..Default::default()
+        };
+        assert_eq!(
+            f.firewall.read_nat(&name).expect("nat"),
+            Some(want.observed().expect("observed"))
+        );
+
+        // A floating IP whose fixed address is on none of the router's subnets is refused,
+        // and the router stays programmed.
+        snap.floating_ips
+            .push(floating("f2", "203.0.113.11", "192.168.7.7"));
+        let r = converge(&f.host, &router_config(), &snap).expect("converge");
+        assert!(matches!(
+            r.routers.get(&key("r1")),
+            Some(Programmed::Yes { .. })
+        ));
+        assert!(
+            matches!(r.floating_ips.get(&key("f2")), Some(Programmed::No { reason: Reason::RouterNotReady, message }) if message.contains("192.168.7.7")),
+            "{:?}",
+            r.floating_ips
+        );
+    }
+
+    #[test]
+    fn a_router_moved_away_leaves_nothing_behind() {
+        let f = fakes();
+        plug(&f.links, "tp-p1");
+        plug(&f.links, "eth1");
+        let mut snap = router_snapshot();
+        converge(&f.host, &router_config(), &snap).expect("converge");
+        // The routers controller moves it, and its ports, to n2.
+        let mut r1: Router = (*snap.routers[0]).clone();
+        if let Some(st) = r1.status.as_mut() {
+            st.node = Some("n2".into());
+        }
+        snap.routers[0] = Arc::new(r1);
+        for p in snap.ports.iter_mut() {
+            if p.name_any().starts_with("rp-") {
+                let mut q: Port = (**p).clone();
+                if let Some(st) = q.status.as_mut() {
+                    st.hypervisor = Some("n2".into());
+                }
+                *p = Arc::new(q);
+            }
+        }
+        let r = converge(&f.host, &router_config(), &snap).expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        assert!(r.routers.is_empty() && r.floating_ips.is_empty());
+        let names: Vec<_> = f.links.list_netns().expect("netns").into_iter().collect();
+        assert!(
+            names.iter().all(|n| !n.as_str().starts_with("qrouter-")),
+            "{names:?}"
+        );
+        let left: Vec<String> = f
+            .links
+            .links(&Netns::Host)
+            .expect("links")
+            .into_iter()
+            .map(|l| l.name.to_string())
+            .filter(|n| n.starts_with("ve-") || n.starts_with("br-"))
+            .collect();
+        // The tenant network's bridge and DHCP veth stay (p1 is still here); the external
+        // network's bridge and both router veths are gone.
+        assert_eq!(left.len(), 2, "{left:?}");
+        let eth1 = f
+            .links
+            .link(&Netns::Host, &ifname("eth1"))
+            .expect("link")
+            .expect("eth1");
+        assert_eq!(
+            eth1.master, None,
+            "the physical interface is left, off any bridge"
+        );
+    }
+
+    #[test]
+    fn a_router_port_not_on_the_node_and_a_flat_network_without_interface_say_why() {
+        let f = fakes();
+        plug(&f.links, "tp-p1");
+        let snap = router_snapshot();
+        // No --physical-interface for physnet1.
+        let r = converge(&f.host, &config(), &snap).expect("converge");
+        let gw_key = PortKey {
+            namespace: "admin".into(),
+            name: "rp-gw".into(),
+        };
+        assert!(
+            matches!(
+                r.ports.get(&gw_key),
+                Some(PortState::NotWired {
+                    reason: Reason::PhysicalNetworkUnmapped,
+                    ..
+                })
+            ),
+            "{:?}",
+            r.ports.get(&gw_key)
+        );
+        match r.routers.get(&key("r1")) {
+            Some(Programmed::No {
+                reason: Reason::RouterPortPending,
+                message,
+            }) => {
+                assert!(
+                    message.contains("admin/rp-gw") && message.contains("physnet1"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            r.floating_ips.get(&key("f1")),
+            Some(Programmed::No { .. })
+        ));
+        // The interface on the tenant subnet is programmed all the same.
+        assert!(matches!(state(&r, "rp-in"), PortState::Wired { .. }));
     }
 
     #[test]

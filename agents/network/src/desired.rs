@@ -8,22 +8,29 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::ResourceExt;
 use stratus_api_types::common::Reason;
 use stratus_api_types::compute::Hypervisor;
 use stratus_api_types::network::{
-    Direction, EtherType, Network, Port, Protocol as ApiProtocol, SecurityGroup, SecurityGroupRule,
-    Segmentation, Subnet,
+    Direction, EtherType, FloatingIP, NETWORK_AGENT_LEASE_NAMESPACE, Network, Port,
+    Protocol as ApiProtocol, Router, SecurityGroup, SecurityGroupRule, Segmentation, Subnet,
+    TUNNEL_IP_ANNOTATION,
 };
 
+use crate::driver::names::digest_hex;
 use crate::driver::nft::{
-    GroupRef, LocalDhcp, PortFilter, PortRange, Protocol, Remote, RemoteGroup, Rule, Tunnel, Zone,
+    FloatingNat, GroupRef, LocalDhcp, PortFilter, PortRange, Protocol, Remote, RemoteGroup, Rule,
+    Snat, Tunnel, Zone,
 };
 use crate::driver::{
-    DhcpSpec, FdbEntry, IfName, Ipv4Cidr, MacAddr, Name, Netns, Role, Ruleset, StaticLease,
-    VXLAN_PORT, VxlanSpec,
+    DhcpSpec, FdbEntry, IfName, Ipv4Cidr, MacAddr, Name, Nat, Netns, Role, RouteSpec, Ruleset,
+    StaticLease, VXLAN_PORT, VxlanSpec,
 };
-use crate::plan::{Desired, DhcpWiring, NetworkWiring, dhcp_name};
+use crate::plan::{
+    Desired, DhcpWiring, NetworkWiring, RouterInterfaceWiring, RouterWiring, Uplink, dhcp_name,
+    router_name,
+};
 
 /// The security group a port without `spec.securityGroups` is in.
 pub const DEFAULT_GROUP: &str = "default";
@@ -41,6 +48,8 @@ pub struct NodeConfig {
     /// The address its VXLAN devices send from; `None` takes the node's Hypervisor's
     /// `status.hostIP`.
     pub underlay: Option<Ipv4Addr>,
+    /// Its interfaces for flat provider networks, by physical network name.
+    pub physical: BTreeMap<String, IfName>,
 }
 
 /// The objects the node's desired state is made of, as the agent's caches hold them.
@@ -56,6 +65,12 @@ pub struct Snapshot {
     pub hypervisors: Vec<Arc<Hypervisor>>,
     /// Security groups.
     pub groups: Vec<Arc<SecurityGroup>>,
+    /// The Routers placed on the node.
+    pub routers: Vec<Arc<Router>>,
+    /// The FloatingIPs of those routers.
+    pub floating_ips: Vec<Arc<FloatingIP>>,
+    /// The network agents' Leases (their tunnel addresses).
+    pub leases: Vec<Arc<Lease>>,
 }
 
 /// A Port by namespace and name.
@@ -173,6 +188,9 @@ struct LocalPort {
     security: bool,
     groups: Vec<String>,
     pairs: BTreeSet<Ipv4Addr>,
+    /// A router's port: its device is the node end of a veth into the router's namespace,
+    /// and it is neither filtered nor served by DHCP.
+    router: bool,
 }
 
 fn blocked(reason: Reason, message: impl Into<String>) -> PortPlan {
@@ -182,11 +200,19 @@ fn blocked(reason: Reason, message: impl Into<String>) -> PortPlan {
     }
 }
 
-/// Checks what wiring `port` needs; its plan if it cannot be wired.
+/// The node end of the veth of router port `uid`.
+pub fn router_port_device(uid: &str) -> IfName {
+    IfName::derived(Role::Veth, &format!("router/{uid}"))
+}
+
+/// Checks what wiring `port` needs; its plan if it cannot be wired. `router`: the port is
+/// one of a router placed on this node (as that Router's status says).
 fn local_port(
     port: &Port,
     snap: &Snapshot,
+    cfg: &NodeConfig,
     underlay: Option<Ipv4Addr>,
+    router: bool,
 ) -> Result<LocalPort, PortPlan> {
     let ns = port.namespace().unwrap_or_default();
     let key = PortKey::of(port);
@@ -210,26 +236,31 @@ fn local_port(
             ),
         ));
     }
-    if network.spec.segmentation != Segmentation::Vxlan {
-        return Err(blocked(
-            Reason::SegmentationUnsupported,
-            format!(
-                "network {} is not a VXLAN network; this node wires VXLAN networks only",
-                port.spec.network
-            ),
-        ));
-    }
-    if network.status.as_ref().and_then(|s| s.vni).is_none() || network.uid().is_none() {
+    if network.uid().is_none() {
         return Err(blocked(
             Reason::VniPending,
-            format!("network {} has no VNI yet", port.spec.network),
+            format!("network {} has no uid yet", port.spec.network),
         ));
     }
-    if underlay.is_none() {
-        return Err(blocked(
-            Reason::NoUnderlayAddress,
-            "the node has no tunnel address (no --underlay-ip and no Hypervisor status.hostIP)",
-        ));
+    match network.spec.segmentation {
+        Segmentation::Vxlan => {
+            if network.status.as_ref().and_then(|s| s.vni).is_none() {
+                return Err(blocked(
+                    Reason::VniPending,
+                    format!("network {} has no VNI yet", port.spec.network),
+                ));
+            }
+            if underlay.is_none() {
+                return Err(blocked(
+                    Reason::NoUnderlayAddress,
+                    "the node has no tunnel address (no --underlay-ip and no Hypervisor \
+                     status.hostIP)",
+                ));
+            }
+        }
+        Segmentation::Flat => {
+            physical_interface(cfg, network)?;
+        }
     }
     let mac: MacAddr = port
         .status
@@ -238,29 +269,37 @@ fn local_port(
         .ok_or_else(|| blocked(Reason::MacAddressPending, "the port has no MAC address yet"))?
         .parse()
         .map_err(|e| blocked(Reason::InvalidMacAddress, format!("status.macAddress: {e}")))?;
-    let device = port_device(port).map_err(|e| {
-        blocked(
-            Reason::InvalidInterfaceName,
-            format!("status.interfaceName: {e}"),
-        )
-    })?;
-    // A port's device is attached to a bridge: never one of the agent's own devices or the
-    // loopback.
-    if device.as_str() == "lo"
-        || ["br", "vx", "ve", "vp"]
-            .iter()
-            .any(|p| crate::plan::is_derived(&device, p))
-    {
-        return Err(blocked(
-            Reason::InvalidInterfaceName,
-            format!("status.interfaceName: {device} is not a port's device"),
-        ));
-    }
+    let uid = port.uid().unwrap_or_default();
+    let device = if router {
+        router_port_device(&uid)
+    } else {
+        let device = port_device(port).map_err(|e| {
+            blocked(
+                Reason::InvalidInterfaceName,
+                format!("status.interfaceName: {e}"),
+            )
+        })?;
+        // A port's device is attached to a bridge: never one of the agent's own devices,
+        // a physical uplink or the loopback.
+        if device.as_str() == "lo"
+            || ["br", "vx", "ve", "vp"]
+                .iter()
+                .any(|p| crate::plan::is_derived(&device, p))
+            || cfg.physical.values().any(|i| *i == device)
+        {
+            return Err(blocked(
+                Reason::InvalidInterfaceName,
+                format!("status.interfaceName: {device} is not a port's device"),
+            ));
+        }
+        device
+    };
     let ips = fixed_ips(port).map_err(|e| blocked(Reason::InvalidAddress, e))?;
-    let security = port
-        .spec
-        .port_security_enabled
-        .unwrap_or(network.spec.port_security_enabled);
+    let security = !router
+        && port
+            .spec
+            .port_security_enabled
+            .unwrap_or(network.spec.port_security_enabled);
     let groups = if security { groups_of(port) } else { vec![] };
     if security {
         if ips.is_empty() {
@@ -282,6 +321,12 @@ fn local_port(
             }
         }
     }
+    if router && ips.is_empty() {
+        return Err(blocked(
+            Reason::AddressPending,
+            "the router's port has no IPv4 address yet",
+        ));
+    }
     // Only single IPv4 addresses can be allowed as sources; wider pairs are left out (the
     // filter stays narrower than asked, never wider).
     let pairs = port
@@ -293,8 +338,7 @@ fn local_port(
             a.parse::<Ipv4Addr>().ok()
         })
         .collect();
-    let id = Name::derived("p", port.uid().as_deref().unwrap_or_default())
-        .map_err(|e| blocked(Reason::InvalidName, e.to_string()))?;
+    let id = Name::derived("p", &uid).map_err(|e| blocked(Reason::InvalidName, e.to_string()))?;
     Ok(LocalPort {
         key,
         id,
@@ -305,26 +349,136 @@ fn local_port(
         security,
         groups,
         pairs,
+        router,
     })
+}
+
+/// The node's interface for a flat network's physical network.
+fn physical_interface(cfg: &NodeConfig, network: &Network) -> Result<IfName, PortPlan> {
+    let name = network.spec.physical_network.as_deref().unwrap_or_default();
+    cfg.physical.get(name).cloned().ok_or_else(|| {
+        blocked(
+            Reason::PhysicalNetworkUnmapped,
+            format!(
+                "network {} is bridged to physical network {name:?}, which this node has no \
+                 interface for (--physical-interface {name}=IFACE)",
+                network.name_any()
+            ),
+        )
+    })
+}
+
+/// What becomes of one of the node's routers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouterPlan {
+    /// Its namespace on the node.
+    pub netns: Name,
+    /// What of it cannot be programmed yet, for people (empty: all of it can).
+    pub pending: Vec<String>,
+}
+
+/// What becomes of a FloatingIP of one of the node's routers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FloatingPlan {
+    /// Translated by the router in namespace `router`.
+    Translate {
+        /// The router's namespace.
+        router: Name,
+    },
+    /// Not translated, and why.
+    Blocked {
+        /// CamelCase, for its `Ready` condition.
+        reason: Reason,
+        /// For people.
+        message: String,
+    },
+}
+
+/// Everything [`desired_all`] decides besides the node's [`Desired`] state.
+#[derive(Debug, Clone, Default)]
+pub struct Plans {
+    /// Each of the node's ports (router ports among them).
+    pub ports: BTreeMap<PortKey, PortPlan>,
+    /// Each Router placed on the node, by namespace and name.
+    pub routers: BTreeMap<PortKey, RouterPlan>,
+    /// Each FloatingIP whose router is placed on the node, by namespace and name.
+    pub floating_ips: BTreeMap<PortKey, FloatingPlan>,
 }
 
 /// The node's desired state and the plan for each of its ports (those whose
 /// `status.hypervisor` is this node and that are not being deleted).
 pub fn desired(cfg: &NodeConfig, snap: &Snapshot) -> (Desired, BTreeMap<PortKey, PortPlan>) {
+    let (d, plans) = desired_all(cfg, snap);
+    (d, plans.ports)
+}
+
+/// The Routers placed on this node (by their `status.node`), live and with a uid.
+fn local_routers<'a>(cfg: &NodeConfig, snap: &'a Snapshot) -> Vec<&'a Arc<Router>> {
+    snap.routers
+        .iter()
+        .filter(|r| {
+            r.metadata.deletion_timestamp.is_none()
+                && r.uid().is_some()
+                && r.status.as_ref().and_then(|s| s.node.as_deref()) == Some(cfg.node.as_str())
+        })
+        .collect()
+}
+
+/// The router's Ports as its status names them (written by the system's controller, never
+/// by the tenant): its interfaces' ports, then its gateway's.
+fn router_ports(r: &Router) -> (Vec<(String, PortKey)>, Option<PortKey>) {
+    let ns = r.namespace().unwrap_or_default();
+    let Some(st) = r.status.as_ref() else {
+        return (vec![], None);
+    };
+    let ifaces = st
+        .interfaces
+        .iter()
+        .filter_map(|i| {
+            Some((
+                i.subnet.clone(),
+                PortKey {
+                    namespace: ns.clone(),
+                    name: i.port.clone()?,
+                },
+            ))
+        })
+        .collect();
+    let gateway = st.external_gateway_port.as_deref().map(|g| {
+        let (pns, name) = g.split_once('/').unwrap_or((&ns, g));
+        PortKey {
+            namespace: pns.to_owned(),
+            name: name.to_owned(),
+        }
+    });
+    (ifaces, gateway)
+}
+
+/// The node's desired state (its networks, firewall and routers) and what becomes of each
+/// of its ports, routers and floating IPs.
+pub fn desired_all(cfg: &NodeConfig, snap: &Snapshot) -> (Desired, Plans) {
     let underlay = cfg.underlay.or_else(|| {
         snap.hypervisors
             .iter()
             .find(|h| h.name_any() == cfg.node)
             .and_then(|h| h.status.as_ref()?.host_ip.as_deref()?.parse().ok())
     });
-    let mut plans = BTreeMap::new();
+    let routers = local_routers(cfg, snap);
+    let mut router_keys: BTreeSet<PortKey> = BTreeSet::new();
+    for r in &routers {
+        let (ifaces, gw) = router_ports(r);
+        router_keys.extend(ifaces.into_iter().map(|(_, k)| k));
+        router_keys.extend(gw);
+    }
+    let mut plans = Plans::default();
     // By network uid: the network and its ports on this node.
     let mut by_network: BTreeMap<String, (Arc<Network>, Vec<LocalPort>)> = BTreeMap::new();
     for port in &snap.ports {
         if !live(port) || node_of(port) != Some(cfg.node.as_str()) {
             continue;
         }
-        match local_port(port, snap, underlay) {
+        let is_router = router_keys.contains(&PortKey::of(port));
+        match local_port(port, snap, cfg, underlay, is_router) {
             Ok(lp) => {
                 let uid = lp.network.uid().unwrap_or_default();
                 by_network
@@ -334,21 +488,10 @@ pub fn desired(cfg: &NodeConfig, snap: &Snapshot) -> (Desired, BTreeMap<PortKey,
                     .push(lp);
             }
             Err(plan) => {
-                plans.insert(PortKey::of(port), plan);
+                plans.ports.insert(PortKey::of(port), plan);
             }
         }
     }
-    let Some(local) = underlay.filter(|_| !by_network.is_empty()) else {
-        return (
-            Desired {
-                node: cfg.node.clone(),
-                netns: cfg.netns.clone(),
-                networks: vec![],
-                firewall: None,
-            },
-            plans,
-        );
-    };
 
     let mut networks = Vec::new();
     let mut groups = Groups::default();
@@ -357,71 +500,378 @@ pub fn desired(cfg: &NodeConfig, snap: &Snapshot) -> (Desired, BTreeMap<PortKey,
     let mut used_zones = BTreeSet::new();
     let mut local_dhcp = Vec::new();
     let mut tunnels = Vec::new();
+    // The router ports wired, with their network's bridge and MTU.
+    let mut wired_router_ports: BTreeMap<PortKey, (LocalPort, IfName, u32)> = BTreeMap::new();
     let mut by_vni: Vec<_> = by_network.into_iter().collect();
     by_vni.sort_by_key(|(_, (n, _))| n.status.as_ref().and_then(|s| s.vni));
     for (uid, (net, ports)) in by_vni {
         let ns = net.namespace().unwrap_or_default();
         let vni = net.status.as_ref().and_then(|s| s.vni).unwrap_or_default();
         let bridge = IfName::derived(Role::Bridge, &uid);
+        let zone_key = match net.spec.segmentation {
+            Segmentation::Vxlan => vni,
+            // A flat network has no VNI: a zone from its uid (above the 24-bit VNIs' range
+            // modulo the zone space is not possible, so collisions are resolved by
+            // `zone_for`).
+            Segmentation::Flat => u32::from_str_radix(&digest_hex(&uid, 4), 16).unwrap_or(1),
+        };
         zones.push(Zone {
             bridge: bridge.clone(),
-            zone: zone_for(vni, &mut used_zones),
+            zone: zone_for(zone_key, &mut used_zones),
         });
-        let dhcp = dhcp_for(cfg, snap, &net, &uid, &ports);
+        let (guests, router_ports): (Vec<LocalPort>, Vec<LocalPort>) =
+            ports.into_iter().partition(|p| !p.router);
+        // DHCP serves guests; a network with only a router's ports here needs no server.
+        let dhcp = if guests.is_empty() {
+            None
+        } else {
+            dhcp_for(cfg, snap, &net, &uid, &guests)
+        };
         let server = dhcp.as_ref().map(|d| d.address.addr());
-        let vxlan = IfName::derived(Role::Vxlan, &uid);
-        let fdb = fdb(cfg, snap, &net);
-        tunnels.push(Tunnel {
-            vni,
-            port: VXLAN_PORT,
-            peers: fdb.iter().map(|e| e.remote).collect(),
-        });
+        let (uplink, fdb) = match net.spec.segmentation {
+            Segmentation::Vxlan => {
+                let vxlan = IfName::derived(Role::Vxlan, &uid);
+                let fdb = fdb(cfg, snap, &net);
+                tunnels.push(Tunnel {
+                    vni,
+                    port: VXLAN_PORT,
+                    peers: fdb.iter().map(|e| e.remote).collect(),
+                });
+                let spec = VxlanSpec {
+                    name: vxlan,
+                    vni,
+                    local: underlay.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                    port: VXLAN_PORT,
+                };
+                (Uplink::Vxlan(spec), fdb)
+            }
+            Segmentation::Flat => {
+                let Ok(iface) = physical_interface(cfg, &net) else {
+                    continue;
+                };
+                (Uplink::Physical(iface), BTreeSet::new())
+            }
+        };
         if let Some(d) = &dhcp {
             local_dhcp.push(LocalDhcp {
-                vxlan: vxlan.clone(),
+                vxlan: uplink.name().clone(),
                 server: d.address.addr(),
             });
         }
-        for p in &ports {
-            plans.insert(
+        for p in guests.iter().chain(&router_ports) {
+            plans.ports.insert(
                 p.key.clone(),
                 PortPlan::Wire {
                     bridge: bridge.clone(),
                     device: p.device.clone(),
                 },
             );
+        }
+        for p in &guests {
             filters.push(filter(p, &bridge, server, snap, &mut groups, &ns));
         }
         networks.push(NetworkWiring {
             bridge: bridge.clone(),
-            vxlan: VxlanSpec {
-                name: vxlan,
-                vni,
-                local,
-                port: VXLAN_PORT,
-            },
+            uplink,
             mtu: net.spec.mtu,
             fdb,
-            ports: ports.iter().map(|p| p.device.clone()).collect(),
+            ports: guests.iter().map(|p| p.device.clone()).collect(),
             dhcp,
         });
+        for p in router_ports {
+            wired_router_ports.insert(p.key.clone(), (p, bridge.clone(), net.spec.mtu));
+        }
     }
     networks.sort_by(|a, b| a.bridge.cmp(&b.bridge));
+    let mut router_wirings = Vec::new();
+    for r in routers {
+        let (wiring, plan) = router_wiring(
+            cfg,
+            snap,
+            r,
+            &wired_router_ports,
+            &plans.ports,
+            &mut plans.floating_ips,
+        );
+        let key = PortKey {
+            namespace: r.namespace().unwrap_or_default(),
+            name: r.name_any(),
+        };
+        plans.routers.insert(key, plan);
+        router_wirings.push(wiring);
+    }
+    router_wirings.sort_by(|a, b| a.name.cmp(&b.name));
+    let firewall = (!networks.is_empty()).then_some(Ruleset {
+        zones,
+        ports: filters,
+        groups: groups.sets,
+        local_dhcp,
+        tunnels,
+    });
     (
         Desired {
             node: cfg.node.clone(),
             netns: cfg.netns.clone(),
             networks,
-            firewall: Some(Ruleset {
-                zones,
-                ports: filters,
-                groups: groups.sets,
-                local_dhcp,
-                tunnels,
-            }),
+            firewall,
+            routers: router_wirings,
         },
         plans,
     )
+}
+
+/// The prefix length of subnet `name` of `net` (in the network's namespace).
+fn subnet_of<'a>(snap: &'a Snapshot, net: &Network, name: &str) -> Option<(&'a Subnet, Ipv4Cidr)> {
+    let s = snap
+        .subnets
+        .iter()
+        .find(|s| s.name_any() == name && of_network(&s.metadata, &s.spec.network, net))?;
+    let cidr: Ipv4Cidr = s.spec.cidr.parse().ok()?;
+    Some((s, Ipv4Cidr::new(cidr.network(), cidr.prefix())?))
+}
+
+/// The gateway address of a subnet, if it has one inside its CIDR.
+fn gateway_of(subnet: &Subnet, cidr: Ipv4Cidr) -> Option<Ipv4Addr> {
+    if subnet.spec.disable_gateway {
+        return None;
+    }
+    subnet
+        .status
+        .as_ref()
+        .and_then(|s| s.gateway_ip.as_deref())
+        .or(subnet.spec.gateway_ip.as_deref())
+        .and_then(|g| g.parse().ok())
+        .filter(|g| cidr.contains(*g))
+}
+
+/// A router port's addresses, each with its subnet's prefix length; the subnets found.
+fn port_addresses(snap: &Snapshot, p: &LocalPort) -> Vec<(Ipv4Cidr, Ipv4Cidr, Option<Ipv4Addr>)> {
+    p.ips
+        .iter()
+        .filter_map(|(subnet, ip)| {
+            let (s, cidr) = subnet_of(snap, &p.network, subnet)?;
+            cidr.contains(*ip)
+                .then(|| (Ipv4Cidr::new(*ip, cidr.prefix()), cidr, gateway_of(s, cidr)))
+                .and_then(|(a, c, g)| Some((a?, c, g)))
+        })
+        .collect()
+}
+
+/// A router's wiring on this node from what its status names and the router ports wired.
+fn router_wiring(
+    cfg: &NodeConfig,
+    snap: &Snapshot,
+    r: &Router,
+    wired: &BTreeMap<PortKey, (LocalPort, IfName, u32)>,
+    port_plans: &BTreeMap<PortKey, PortPlan>,
+    floating: &mut BTreeMap<PortKey, FloatingPlan>,
+) -> (RouterWiring, RouterPlan) {
+    let name = router_name(&cfg.node, &r.uid().unwrap_or_default());
+    let fip_key = |f: &FloatingIP| PortKey {
+        namespace: f.namespace().unwrap_or_default(),
+        name: f.name_any(),
+    };
+    let fip_blocked = |message: String| FloatingPlan::Blocked {
+        reason: Reason::RouterNotReady,
+        message,
+    };
+    let mut pending = Vec::new();
+    let (ifaces, gateway) = router_ports(r);
+    let missing = |key: &PortKey, pending: &mut Vec<String>| {
+        let why = match port_plans.get(key) {
+            Some(PortPlan::Blocked { message, .. }) => message.clone(),
+            _ => "not placed on this node".to_owned(),
+        };
+        pending.push(format!("port {}/{}: {why}", key.namespace, key.name));
+    };
+    let mut interfaces = Vec::new();
+    let mut internal: Vec<Ipv4Cidr> = Vec::new();
+    for (_, key) in &ifaces {
+        let Some((p, bridge, mtu)) = wired.get(key) else {
+            missing(key, &mut pending);
+            continue;
+        };
+        let addrs = port_addresses(snap, p);
+        if addrs.is_empty() {
+            pending.push(format!("port {}: no address in a known subnet", key.name));
+            continue;
+        }
+        internal.extend(addrs.iter().map(|(_, c, _)| *c));
+        interfaces.push(RouterInterfaceWiring {
+            bridge: bridge.clone(),
+            veth: p.device.clone(),
+            inner: IfName::derived(Role::RouterPort, &format!("{}", p.id)),
+            mac: p.mac,
+            addresses: addrs.iter().map(|(a, _, _)| *a).collect(),
+            mtu: *mtu,
+        });
+    }
+    let mut routes = BTreeSet::new();
+    let mut nat = Nat::default();
+    if gateway.is_none()
+        || !wired.contains_key(gateway.as_ref().unwrap_or(&PortKey {
+            namespace: String::new(),
+            name: String::new(),
+        }))
+    {
+        for f in floating_of(snap, r) {
+            floating.insert(
+                fip_key(f),
+                fip_blocked("its router has no external gateway on its node yet".into()),
+            );
+        }
+    }
+    if let Some(key) = &gateway {
+        match wired.get(key) {
+            None => missing(key, &mut pending),
+            Some((p, bridge, mtu)) => {
+                let addrs = port_addresses(snap, p);
+                let inner = IfName::derived(Role::Gateway, &format!("{}", p.id));
+                if let Some((gw_addr, _, via)) = addrs.first().copied() {
+                    if let Some(via) = via {
+                        routes.insert(RouteSpec::new(
+                            Ipv4Cidr::new(Ipv4Addr::UNSPECIFIED, 0).unwrap_or(gw_addr),
+                            via,
+                        ));
+                    }
+                    let snat = r
+                        .spec
+                        .external_gateway
+                        .as_ref()
+                        .is_none_or(|g| g.enable_snat);
+                    if snat {
+                        let mut sources: Vec<Ipv4Cidr> = internal.clone();
+                        sources.sort();
+                        sources.dedup();
+                        nat.snat = sources
+                            .into_iter()
+                            .map(|source| Snat {
+                                source,
+                                to: gw_addr.addr(),
+                            })
+                            .collect();
+                    }
+                    nat.gateway = Some(inner.clone());
+                } else {
+                    pending.push(format!(
+                        "gateway port {}: no address in a known subnet",
+                        key.name
+                    ));
+                }
+                let externals: Vec<Ipv4Cidr> = addrs.iter().map(|(_, c, _)| *c).collect();
+                let mut addresses: BTreeSet<Ipv4Cidr> = addrs.iter().map(|(a, _, _)| *a).collect();
+                for f in floating_of(snap, r) {
+                    let plan = match translation(f, &externals, &internal) {
+                        Ok((floating, fixed))
+                            if nat
+                                .floating
+                                .iter()
+                                .any(|n| n.floating == floating || n.fixed == fixed) =>
+                        {
+                            fip_blocked(format!(
+                                "another floating IP of the router translates {floating} or \
+                                 {fixed}"
+                            ))
+                        }
+                        Ok((floating, fixed)) => {
+                            nat.floating.push(FloatingNat { floating, fixed });
+                            addresses.extend(Ipv4Cidr::new(floating, 32));
+                            FloatingPlan::Translate {
+                                router: name.clone(),
+                            }
+                        }
+                        Err(e) => fip_blocked(e),
+                    };
+                    floating.insert(fip_key(f), plan);
+                }
+                nat.floating.sort();
+                interfaces.push(RouterInterfaceWiring {
+                    bridge: bridge.clone(),
+                    veth: p.device.clone(),
+                    inner,
+                    mac: p.mac,
+                    addresses,
+                    mtu: *mtu,
+                });
+            }
+        }
+    }
+    // Static routes through a next hop on one of the router's prefixes; others cannot be
+    // added (the kernel refuses an unreachable next hop).
+    let onlink: Vec<Ipv4Cidr> = interfaces
+        .iter()
+        .flat_map(|i| i.addresses.iter().filter(|a| a.prefix() < 32).copied())
+        .collect();
+    for route in &r.spec.routes {
+        let (Ok(dest), Ok(hop)) = (
+            route.destination.parse::<Ipv4Cidr>(),
+            route.nexthop.parse::<Ipv4Addr>(),
+        ) else {
+            continue;
+        };
+        if onlink.iter().any(|c| c.contains(hop)) {
+            routes.insert(RouteSpec::new(dest, hop));
+        } else {
+            pending.push(format!(
+                "route to {} via {hop}: the next hop is on none of the router's subnets",
+                route.destination
+            ));
+        }
+    }
+    (
+        RouterWiring {
+            name: name.clone(),
+            interfaces,
+            routes,
+            nat,
+        },
+        RouterPlan {
+            netns: name,
+            pending,
+        },
+    )
+}
+
+/// The live FloatingIPs whose status names `r` as their router.
+fn floating_of<'a>(snap: &'a Snapshot, r: &'a Router) -> impl Iterator<Item = &'a FloatingIP> {
+    let ns = r.namespace();
+    let name = r.name_any();
+    snap.floating_ips.iter().map(|f| &**f).filter(move |f| {
+        f.metadata.deletion_timestamp.is_none()
+            && f.namespace() == ns
+            && f.status.as_ref().and_then(|s| s.router.as_deref()) == Some(name.as_str())
+    })
+}
+
+/// A FloatingIP's translation: its floating address (on one of the router's external
+/// prefixes) and its fixed address (on one of its internal ones), or why not.
+fn translation(
+    f: &FloatingIP,
+    externals: &[Ipv4Cidr],
+    internals: &[Ipv4Cidr],
+) -> Result<(Ipv4Addr, Ipv4Addr), String> {
+    let st = f.status.as_ref();
+    let floating: Ipv4Addr = st
+        .and_then(|s| s.floating_ip_address.as_deref())
+        .ok_or("no floating address allocated yet")?
+        .parse()
+        .map_err(|_| "status.floatingIPAddress is not an IPv4 address")?;
+    let fixed: Ipv4Addr = st
+        .and_then(|s| s.fixed_ip.as_deref())
+        .ok_or("no fixed address associated yet")?
+        .parse()
+        .map_err(|_| "status.fixedIP is not an IPv4 address")?;
+    if !externals.iter().any(|c| c.contains(floating)) {
+        return Err(format!(
+            "floating address {floating} is on none of the router's external subnets"
+        ));
+    }
+    if !internals.iter().any(|c| c.contains(fixed)) {
+        return Err(format!(
+            "fixed address {fixed} is on none of the router's subnets"
+        ));
+    }
+    Ok((floating, fixed))
 }
 
 /// A conntrack zone for a network: from its VNI, the next free one if taken.
@@ -433,6 +883,31 @@ fn zone_for(vni: u32, used: &mut BTreeSet<u16>) -> u16 {
     z
 }
 
+/// The tunnel address of `node`: its network agent's Lease's, else its Hypervisor's
+/// `status.hostIP` (a compute node whose agent predates the Lease).
+pub fn tunnel_address(snap: &Snapshot, node: &str) -> Option<Ipv4Addr> {
+    snap.leases
+        .iter()
+        .find(|l| {
+            l.metadata.namespace.as_deref() == Some(NETWORK_AGENT_LEASE_NAMESPACE)
+                && l.metadata.name.as_deref() == Some(node)
+        })
+        .and_then(|l| {
+            l.metadata
+                .annotations
+                .as_ref()?
+                .get(TUNNEL_IP_ANNOTATION)?
+                .parse()
+                .ok()
+        })
+        .or_else(|| {
+            snap.hypervisors
+                .iter()
+                .find(|h| h.name_any() == node)
+                .and_then(|h| h.status.as_ref()?.host_ip.as_deref()?.parse().ok())
+        })
+}
+
 /// The FDB of a network's VXLAN device: for each other node hosting one of its ports, the
 /// flood entry and each of those ports' MACs, to that node's `status.hostIP`.
 fn fdb(cfg: &NodeConfig, snap: &Snapshot, net: &Network) -> BTreeSet<FdbEntry> {
@@ -442,12 +917,7 @@ fn fdb(cfg: &NodeConfig, snap: &Snapshot, net: &Network) -> BTreeSet<FdbEntry> {
         if node == cfg.node || !live(p) || !of_network(&p.metadata, &p.spec.network, net) {
             continue;
         }
-        let remote = snap
-            .hypervisors
-            .iter()
-            .find(|h| h.name_any() == node)
-            .and_then(|h| h.status.as_ref()?.host_ip.as_deref()?.parse().ok());
-        let Some(remote) = remote else {
+        let Some(remote) = tunnel_address(snap, node) else {
             tracing::debug!(%node, "no hostIP for a node hosting a port; no tunnel to it yet");
             continue;
         };
@@ -754,13 +1224,17 @@ mod tests {
             4,
             "a flood entry and a MAC per remote port"
         );
-        assert_eq!(d.networks[0].vxlan.local, Ipv4Addr::new(192, 0, 2, 1));
+        assert!(
+            matches!(&d.networks[0].uplink, Uplink::Vxlan(v) if v.local == Ipv4Addr::new(192, 0, 2, 1))
+        );
         let explicit = NodeConfig {
             underlay: Some(Ipv4Addr::new(198, 51, 100, 1)),
             ..config()
         };
         let (d, _) = desired(&explicit, &snap);
-        assert_eq!(d.networks[0].vxlan.local, Ipv4Addr::new(198, 51, 100, 1));
+        assert!(
+            matches!(&d.networks[0].uplink, Uplink::Vxlan(v) if v.local == Ipv4Addr::new(198, 51, 100, 1))
+        );
     }
 
     #[test]

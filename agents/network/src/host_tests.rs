@@ -225,6 +225,7 @@ fn two_nodes_wire_their_ports_serve_dhcp_repair_drift_and_clean_up() {
                 {"direction": "egress"},
             ]),
         )],
+        ..Snapshot::default()
     };
     let host = |ns: &Netns, d: &Dnsmasq| Host {
         links: Arc::new(NetlinkLinks::new()),
@@ -236,6 +237,7 @@ fn two_nodes_wire_their_ports_serve_dhcp_repair_drift_and_clean_up() {
         node: n.to_string(),
         netns: Netns::Named(n.clone()),
         underlay: None,
+        physical: Default::default(),
     };
     let (c1, c2) = (cfg(&n1), cfg(&n2));
     let key = |n: &str| PortKey {
@@ -432,4 +434,318 @@ fn two_nodes_wire_their_ports_serve_dhcp_repair_drift_and_clean_up() {
         );
         assert_eq!(converge(h, c, &snap).expect("converge").steps, vec![]);
     }
+}
+
+/// `snap`'s objects with the nodes `n1` and `n2` renamed and every uid made unique to this
+/// run (so that namespaces derived from them meet no other run's).
+fn renamed(snap: &Snapshot, n1: &str, n2: &str, prefix: &str) -> Snapshot {
+    fn each<K: serde::Serialize + serde::de::DeserializeOwned>(
+        v: &[Arc<K>],
+        f: &dyn Fn(String) -> String,
+    ) -> Vec<Arc<K>> {
+        v.iter()
+            .map(|o| {
+                let s = f(serde_json::to_string(&**o).expect("json"));
+                Arc::new(serde_json::from_str(&s).expect("object"))
+            })
+            .collect()
+    }
+    let f = |s: String| {
+        s.replace("\"n1\"", &format!("\"{n1}\""))
+            .replace("\"n2\"", &format!("\"{n2}\""))
+            .replace("\"uid-", &format!("\"{prefix}-uid-"))
+    };
+    Snapshot {
+        ports: each(&snap.ports, &f),
+        networks: each(&snap.networks, &f),
+        subnets: each(&snap.subnets, &f),
+        hypervisors: each(&snap.hypervisors, &f),
+        groups: each(&snap.groups, &f),
+        routers: each(&snap.routers, &f),
+        floating_ips: each(&snap.floating_ips, &f),
+        leases: each(&snap.leases, &f),
+    }
+}
+
+/// Installs in `ns` an input counter of ICMP echo requests from each of `sources`.
+fn count_pings_from(ns: &Name, sources: &[Ipv4Addr]) {
+    sh(ns, &["nft", "add", "table", "ip", "probe"]);
+    sh(
+        ns,
+        &[
+            "nft",
+            "add",
+            "chain",
+            "ip",
+            "probe",
+            "in",
+            "{ type filter hook input priority 0 ; }",
+        ],
+    );
+    for s in sources {
+        sh(
+            ns,
+            &[
+                "nft",
+                "add",
+                "rule",
+                "ip",
+                "probe",
+                "in",
+                "ip",
+                "saddr",
+                &s.to_string(),
+                "icmp",
+                "type",
+                "echo-request",
+                "counter",
+            ],
+        );
+    }
+}
+
+/// The echo requests counted from `source` (see [`count_pings_from`]).
+fn pings_counted(ns: &Name, source: Ipv4Addr) -> u64 {
+    let (ok, out) = run_in(ns, &["nft", "list", "chain", "ip", "probe", "in"]);
+    assert!(ok, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains(&format!("ip saddr {source} ")))
+        .unwrap_or_else(|| panic!("no counter for {source}: {out}"));
+    line.split("packets ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no packet count in {line}"))
+}
+
+#[test]
+fn a_router_on_a_network_node_translates_floating_ips_and_snat_for_a_guest_on_another_node() {
+    if !root() {
+        return;
+    }
+    let prefix = unique();
+    let l = NetlinkLinks::new();
+    let (na, nb) = (name(format!("{prefix}-a")), name(format!("{prefix}-b")));
+    let (g1, ext) = (name(format!("{prefix}-g1")), name(format!("{prefix}-ext")));
+    let (da, db) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let (dnsa, dnsb) = (
+        Dnsmasq::new(da.path().join("dhcp")),
+        Dnsmasq::new(db.path().join("dhcp")),
+    );
+    let router_ns = crate::plan::router_name(nb.as_str(), &format!("{prefix}-uid-r1"));
+    let _cleanup = Cleanup {
+        dhcp: vec![
+            (dnsa.clone(), na.to_string()),
+            (dnsb.clone(), nb.to_string()),
+        ],
+        namespaces: vec![
+            na.clone(),
+            nb.clone(),
+            g1.clone(),
+            ext.clone(),
+            router_ns.clone(),
+        ],
+        _dirs: vec![],
+    };
+    let (nsa, nsb) = (Netns::Named(na.clone()), Netns::Named(nb.clone()));
+    for n in [&na, &nb, &ext] {
+        l.add_netns(n).expect("netns");
+    }
+    // The underlay, and node b's physical interface into the external namespace.
+    let underlay = ifname("underlay");
+    l.add_veth(
+        &nsa,
+        &VethSpec {
+            name: underlay.clone(),
+            peer: underlay.clone(),
+            peer_netns: Some(nsb.clone()),
+        },
+    )
+    .expect("underlay");
+    for (ns, a) in [(&nsa, "192.0.2.1/24"), (&nsb, "192.0.2.2/24")] {
+        l.add_address(ns, &underlay, a.parse().expect("cidr"))
+            .expect("address");
+        l.set_up(ns, &underlay, true).expect("up");
+    }
+    let (physnet, eth0) = (ifname("physnet"), ifname("eth0"));
+    let nse = Netns::Named(ext.clone());
+    l.add_veth(
+        &nsb,
+        &VethSpec {
+            name: physnet.clone(),
+            peer: eth0.clone(),
+            peer_netns: Some(nse.clone()),
+        },
+    )
+    .expect("physical interface");
+    l.set_up(&nsb, &physnet, true).expect("up");
+    l.add_address(&nse, &eth0, "203.0.113.1/24".parse().expect("cidr"))
+        .expect("address");
+    l.set_up(&nse, &eth0, true).expect("up");
+    l.set_up(&nse, &ifname("lo"), true).expect("up");
+
+    // The guest of port p1 on node a, with its port's MAC and address.
+    let dev = ifname("tp-p1");
+    guest(&l, &nsa, &g1, &dev);
+    let gns = Netns::Named(g1.clone());
+    l.set_mac(&gns, &eth0, "02:00:00:00:00:01".parse().expect("mac"))
+        .expect("mac");
+    sh(&g1, &["ip", "addr", "add", "10.9.0.11/24", "dev", "eth0"]);
+    sh(&g1, &["ip", "route", "add", "default", "via", "10.9.0.1"]);
+
+    // Node a hosts the guest (a Hypervisor); node b only the router (its tunnel address
+    // from its network agent's Lease).
+    let mut base = crate::agent::tests::router_snapshot();
+    base.ports
+        .retain(|p| p.metadata.name.as_deref() != Some("p2"));
+    base.hypervisors
+        .retain(|h| h.metadata.name.as_deref() == Some("n1"));
+    base.groups[0] = group(
+        "default",
+        json!([{"direction": "ingress", "protocol": "icmp"}, {"direction": "egress"}]),
+    );
+    base.leases.push(Arc::new(
+        serde_json::from_value(json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "n2", "namespace": "stratus-network-agents",
+                         "annotations": {"network.stratus.dev/tunnel-ip": "192.0.2.2"}},
+            "spec": {"holderIdentity": "n2"},
+        }))
+        .expect("lease"),
+    ));
+    let move_router = |snap: &mut Snapshot, to: &str| {
+        for r in snap.routers.iter_mut() {
+            let mut x = (**r).clone();
+            if let Some(st) = x.status.as_mut() {
+                st.node = Some(to.to_owned());
+            }
+            *r = Arc::new(x);
+        }
+        for p in snap.ports.iter_mut() {
+            if p.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with("rp-"))
+            {
+                let mut q = (**p).clone();
+                if let Some(st) = q.status.as_mut() {
+                    st.hypervisor = Some(to.to_owned());
+                }
+                *p = Arc::new(q);
+            }
+        }
+    };
+    move_router(&mut base, "n2");
+    let mut snap = renamed(&base, na.as_str(), nb.as_str(), &prefix);
+    let host = |ns: &Netns, d: &Dnsmasq| Host {
+        links: Arc::new(NetlinkLinks::new()),
+        firewall: Arc::new(NftFirewall::new(ns.clone())),
+        dhcp: Arc::new(d.clone()),
+    };
+    let (ha, hb) = (host(&nsa, &dnsa), host(&nsb, &dnsb));
+    let ca = NodeConfig {
+        node: na.to_string(),
+        netns: nsa.clone(),
+        underlay: None,
+        physical: Default::default(),
+    };
+    let cb = NodeConfig {
+        node: nb.to_string(),
+        netns: nsb.clone(),
+        underlay: Some(Ipv4Addr::new(192, 0, 2, 2)),
+        physical: [("physnet1".to_owned(), physnet.clone())].into(),
+    };
+    let converge_both = |snap: &Snapshot| {
+        for (h, c) in [(&ha, &ca), (&hb, &cb)] {
+            let r = converge(h, c, snap).expect("converge");
+            assert!(r.failures.is_empty(), "{}: {:?}", c.node, r.failures);
+        }
+    };
+    converge_both(&snap);
+    let rb = converge(&hb, &cb, &snap).expect("converge");
+    assert_eq!(rb.steps, vec![], "a second converge changes nothing");
+    let key = |ns: &str, n: &str| PortKey {
+        namespace: ns.into(),
+        name: n.into(),
+    };
+    assert!(
+        matches!(
+            rb.routers.get(&key("demo", "r1")),
+            Some(crate::agent::Programmed::Yes { .. })
+        ),
+        "{:?}",
+        rb.routers
+    );
+    assert!(matches!(
+        rb.floating_ips.get(&key("demo", "f1")),
+        Some(crate::agent::Programmed::Yes { .. })
+    ));
+
+    let (external, gw, fip) = (
+        Ipv4Addr::new(203, 0, 113, 1),
+        Ipv4Addr::new(203, 0, 113, 2),
+        Ipv4Addr::new(203, 0, 113, 10),
+    );
+    count_pings_from(&ext, &[gw, fip, Ipv4Addr::new(10, 9, 0, 11)]);
+    // The external side reaches the guest on its floating address (over VXLAN to node a),
+    // and the guest reaches the external side as its floating address.
+    assert!(pings(&ext, fip, 10), "the floating IP reaches the guest");
+    assert!(
+        pings(&g1, external, 10),
+        "the guest reaches the external side"
+    );
+    assert!(
+        pings_counted(&ext, fip) > 0,
+        "seen from the floating address"
+    );
+    assert_eq!(pings_counted(&ext, Ipv4Addr::new(10, 9, 0, 11)), 0);
+
+    // The NAT table deleted by hand: put back.
+    sh(&router_ns, &["nft", "delete", "table", "ip", "stratus"]);
+    let rb = converge(&hb, &cb, &snap).expect("converge");
+    assert!(
+        rb.steps
+            .iter()
+            .any(|s| matches!(s.op, crate::plan::Op::ApplyNat(..))),
+        "{:?}",
+        rb.steps
+    );
+    assert!(pings(&ext, fip, 5), "translated again");
+
+    // The floating IP goes: unreachable from outside; the guest now leaves as the gateway.
+    snap.floating_ips.clear();
+    converge_both(&snap);
+    assert!(
+        !pings(&ext, fip, 2),
+        "a removed floating IP reaches nothing"
+    );
+    assert!(pings(&g1, external, 5));
+    assert!(pings_counted(&ext, gw) > 0, "SNAT to the gateway's address");
+    assert_eq!(pings_counted(&ext, Ipv4Addr::new(10, 9, 0, 11)), 0);
+
+    // The router moves to node a (which has no physical interface): node b keeps nothing
+    // of it.
+    move_router(&mut base, "n1");
+    base.floating_ips.clear();
+    let snap = renamed(&base, na.as_str(), nb.as_str(), &prefix);
+    let rb = converge(&hb, &cb, &snap).expect("converge");
+    assert!(rb.failures.is_empty(), "{:?}", rb.failures);
+    assert!(!l.list_netns().expect("netns").contains(&router_ns));
+    let left: Vec<String> = l
+        .links(&nsb)
+        .expect("links")
+        .into_iter()
+        .filter(|k| ["br", "vx", "ve"].iter().any(|p| is_derived(&k.name, p)))
+        .map(|k| k.name.to_string())
+        .collect();
+    assert_eq!(left, Vec::<String>::new());
+    assert!(
+        l.link(&nsb, &physnet).expect("link").is_some(),
+        "left alone"
+    );
+    wait(|| !ping(&g1, external));
 }

@@ -7,12 +7,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::driver::names::{IFNAME_MAX, digest_hex};
 use crate::driver::{
-    DhcpSpec, DhcpStatus, FdbEntry, IfName, Ipv4Cidr, Link, LinkKind, Name, Netns, Observed,
-    Ruleset, VethSpec, VxlanInfo, VxlanSpec,
+    DhcpSpec, DhcpStatus, FdbEntry, IfName, Ipv4Cidr, Link, LinkKind, MacAddr, Name, Nat, Netns,
+    Observed, RouteSpec, Ruleset, VethSpec, VxlanInfo, VxlanSpec,
 };
 
 /// The prefix of DHCP servers' names, which also name their namespaces.
 pub const DHCP_PREFIX: &str = "dhcp";
+
+/// The prefix of routers' namespaces.
+pub const ROUTER_PREFIX: &str = "qrouter";
 
 /// Everything the node should have.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -26,6 +29,77 @@ pub struct Desired {
     pub networks: Vec<NetworkWiring>,
     /// The node's ruleset; `None` when no network is on the node (the tables are removed).
     pub firewall: Option<Ruleset>,
+    /// The routers placed on the node, each in a namespace of its own.
+    pub routers: Vec<RouterWiring>,
+}
+
+/// How a network's bridge reaches the other nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Uplink {
+    /// A VXLAN device (a tenant network).
+    Vxlan(VxlanSpec),
+    /// A physical interface of the node, mapped to the network's `physicalNetwork` (a flat
+    /// provider network): enslaved to the bridge, never created or deleted by the agent.
+    Physical(IfName),
+}
+
+impl Uplink {
+    /// The uplink's device.
+    pub fn name(&self) -> &IfName {
+        match self {
+            Uplink::Vxlan(v) => &v.name,
+            Uplink::Physical(n) => n,
+        }
+    }
+}
+
+/// A router on the node: its namespace, one veth per router Port (the node end on the
+/// port's network's bridge, the router end inside with the port's MAC and addresses),
+/// IPv4 forwarding, its routes and its NAT table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouterWiring {
+    /// Its namespace (see [`router_name`]).
+    pub name: Name,
+    /// Its interfaces, one per router Port.
+    pub interfaces: Vec<RouterInterfaceWiring>,
+    /// Routes through gateways: the default route via the external subnet's gateway and
+    /// the router's static routes.
+    pub routes: BTreeSet<RouteSpec>,
+    /// Its address translation.
+    pub nat: Nat,
+}
+
+/// One interface of a router.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouterInterfaceWiring {
+    /// The bridge of the Port's network.
+    pub bridge: IfName,
+    /// The veth's node end, a port of `bridge`.
+    pub veth: IfName,
+    /// The veth's router end.
+    pub inner: IfName,
+    /// The Port's MAC (on `inner`).
+    pub mac: MacAddr,
+    /// The Port's addresses with their subnets' prefix lengths (and, on the gateway, the
+    /// floating addresses as /32).
+    pub addresses: BTreeSet<Ipv4Cidr>,
+    /// The network's MTU.
+    pub mtu: u32,
+}
+
+/// The inside of a router's namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouterContents {
+    /// Its links, by name.
+    pub links: BTreeMap<IfName, Link>,
+    /// The addresses of each veth.
+    pub addresses: BTreeMap<IfName, BTreeSet<Ipv4Cidr>>,
+    /// Its routes through gateways.
+    pub routes: BTreeSet<RouteSpec>,
+    /// Whether it forwards IPv4.
+    pub forwarding: bool,
+    /// Its NAT table.
+    pub nat: Option<Observed>,
 }
 
 /// One network on the node.
@@ -33,11 +107,12 @@ pub struct Desired {
 pub struct NetworkWiring {
     /// Its bridge.
     pub bridge: IfName,
-    /// Its VXLAN device (a port of the bridge).
-    pub vxlan: VxlanSpec,
+    /// Its uplink (a port of the bridge).
+    pub uplink: Uplink,
     /// The MTU of the VXLAN device and of every port device.
     pub mtu: u32,
-    /// The VXLAN device's FDB: exactly the other nodes hosting ports of the network.
+    /// The VXLAN device's FDB: exactly the other nodes hosting ports of the network (empty
+    /// for a physical uplink).
     pub fdb: BTreeSet<FdbEntry>,
     /// The devices of the network's ports on this node (taps), to be ports of the bridge.
     pub ports: BTreeSet<IfName>,
@@ -70,6 +145,8 @@ pub struct ObservedHost {
     pub dhcp: BTreeMap<Name, DhcpStatus>,
     /// The DHCP servers' namespaces present, with what is inside.
     pub dhcp_netns: BTreeMap<Name, NetnsContents>,
+    /// The node's routers' namespaces present, with what is inside.
+    pub routers: BTreeMap<Name, RouterContents>,
 }
 
 /// The inside of a DHCP server's namespace.
@@ -84,8 +161,11 @@ pub struct NetnsContents {
 /// One change to the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step {
-    /// The bridge of the network the step serves; `None` for the firewall and clean-up.
+    /// The bridge of the network the step serves; `None` for the firewall, routers and
+    /// clean-up.
     pub network: Option<IfName>,
+    /// The namespace of the router the step serves.
+    pub router: Option<Name>,
     /// What to do.
     pub op: Op,
 }
@@ -125,6 +205,16 @@ pub enum Op {
     EnsureDhcp(DhcpSpec),
     /// Stop a DHCP server and forget it.
     RemoveDhcp(Name),
+    /// Set a link's hardware address.
+    SetMac(Netns, IfName, MacAddr),
+    /// Add a route through a gateway.
+    AddRoute(Netns, RouteSpec),
+    /// Remove a route through a gateway.
+    DelRoute(Netns, RouteSpec),
+    /// Turn IPv4 forwarding on.
+    SetForwarding(Netns),
+    /// Replace a router's NAT table.
+    ApplyNat(Name, Nat),
 }
 
 /// Whether `name` is one the agent derives for `prefix` (`br`, `vx`, `ve`): the prefix, a
@@ -152,6 +242,25 @@ fn dhcp_prefix(node: &str) -> String {
     format!("{DHCP_PREFIX}-{}-", digest_hex(node, 8))
 }
 
+/// The namespace of the router with uid `uid` on `node`: `qrouter-`, 8 hex digits of the
+/// node's name's SHA-256, `-`, 12 of the router's uid's (a router moved to another node of a
+/// shared host never meets its old namespace).
+pub fn router_name(node: &str, uid: &str) -> Name {
+    let name = format!("{}{}", router_prefix(node), digest_hex(uid, 12));
+    Name::new(&name).unwrap_or_else(|_| unreachable!("hex digits and dashes form a name"))
+}
+
+fn router_prefix(node: &str) -> String {
+    format!("{ROUTER_PREFIX}-{}-", digest_hex(node, 8))
+}
+
+/// Whether `name` is one [`router_name`] gives for `node`.
+pub fn is_router_name_of(node: &str, name: &Name) -> bool {
+    name.as_str()
+        .strip_prefix(&router_prefix(node))
+        .is_some_and(|h| h.len() == 12 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// Whether `name` is one [`dhcp_name`] gives for `node`.
 pub fn is_dhcp_name_of(node: &str, name: &Name) -> bool {
     name.as_str()
@@ -162,12 +271,14 @@ pub fn is_dhcp_name_of(node: &str, name: &Name) -> bool {
 struct Plan {
     steps: Vec<Step>,
     network: Option<IfName>,
+    router: Option<Name>,
 }
 
 impl Plan {
     fn push(&mut self, op: Op) {
         self.steps.push(Step {
             network: self.network.clone(),
+            router: self.router.clone(),
             op,
         });
     }
@@ -224,6 +335,7 @@ pub fn plan(desired: &Desired, observed: &ObservedHost) -> Vec<Step> {
     let mut p = Plan {
         steps: Vec::new(),
         network: None,
+        router: None,
     };
     if let Some(r) = &desired.firewall {
         // A ruleset that cannot render is applied anyway, so that the driver's refusal is
@@ -238,7 +350,7 @@ pub fn plan(desired: &Desired, observed: &ObservedHost) -> Vec<Step> {
     for n in &desired.networks {
         p.network = Some(n.bridge.clone());
         wanted_links.insert(&n.bridge);
-        wanted_links.insert(&n.vxlan.name);
+        wanted_links.insert(n.uplink.name());
 
         let bridge = observed.links.get(&n.bridge);
         let bridge = match bridge {
@@ -254,21 +366,32 @@ pub fn plan(desired: &Desired, observed: &ObservedHost) -> Vec<Step> {
         }
         p.attributes(ns, &n.bridge, bridge, None, None);
 
-        let vxlan = match observed.links.get(&n.vxlan.name) {
-            Some(l) if l.kind == vxlan_info(&n.vxlan) => Some(l),
-            Some(_) => {
-                p.push(Op::DelLink(ns.clone(), n.vxlan.name.clone()));
-                None
+        match &n.uplink {
+            Uplink::Vxlan(spec) => {
+                let vxlan = match observed.links.get(&spec.name) {
+                    Some(l) if l.kind == vxlan_info(spec) => Some(l),
+                    Some(_) => {
+                        p.push(Op::DelLink(ns.clone(), spec.name.clone()));
+                        None
+                    }
+                    None => None,
+                };
+                if vxlan.is_none() {
+                    p.push(Op::AddVxlan(ns.clone(), spec.clone()));
+                }
+                p.attributes(ns, &spec.name, vxlan, Some(n.mtu), Some(&n.bridge));
+                let fdb = vxlan.and_then(|_| observed.fdb.get(&spec.name));
+                if fdb.map_or(!n.fdb.is_empty(), |f| *f != n.fdb) {
+                    p.push(Op::SetFdb(ns.clone(), spec.name.clone(), n.fdb.clone()));
+                }
             }
-            None => None,
-        };
-        if vxlan.is_none() {
-            p.push(Op::AddVxlan(ns.clone(), n.vxlan.clone()));
-        }
-        p.attributes(ns, &n.vxlan.name, vxlan, Some(n.mtu), Some(&n.bridge));
-        let fdb = vxlan.and_then(|_| observed.fdb.get(&n.vxlan.name));
-        if fdb.map_or(!n.fdb.is_empty(), |f| *f != n.fdb) {
-            p.push(Op::SetFdb(ns.clone(), n.vxlan.name.clone(), n.fdb.clone()));
+            // The operator's interface: put on the bridge and up, its MTU left alone; an
+            // absent one gets no step (the network's ports then say it is missing).
+            Uplink::Physical(iface) => {
+                if let Some(l) = observed.links.get(iface) {
+                    p.attributes(ns, iface, Some(l), None, Some(&n.bridge));
+                }
+            }
         }
 
         if let Some(d) = &n.dhcp {
@@ -286,6 +409,16 @@ pub fn plan(desired: &Desired, observed: &ObservedHost) -> Vec<Step> {
     }
 
     p.network = None;
+    let mut wanted_routers: BTreeSet<&Name> = BTreeSet::new();
+    for r in &desired.routers {
+        p.router = Some(r.name.clone());
+        wanted_routers.insert(&r.name);
+        for i in &r.interfaces {
+            wanted_links.insert(&i.veth);
+        }
+        router(&mut p, ns, r, observed);
+    }
+    p.router = None;
     // Ports of a wanted bridge that belong to no network's wiring any more.
     let bridges: BTreeSet<&IfName> = desired.networks.iter().map(|n| &n.bridge).collect();
     for l in observed.links.values() {
@@ -307,6 +440,12 @@ pub fn plan(desired: &Desired, observed: &ObservedHost) -> Vec<Step> {
             p.push(Op::DelNetns(name.clone()));
         }
     }
+    // Routers moved away or deleted: their namespace, with the veths into it.
+    for name in observed.routers.keys() {
+        if !wanted_routers.contains(name) && is_router_name_of(&desired.node, name) {
+            p.push(Op::DelNetns(name.clone()));
+        }
+    }
     // Left-over links: VXLAN devices and veths before the bridges they are on.
     for prefix in ["vx", "ve", "br"] {
         for name in observed.links.keys() {
@@ -319,6 +458,89 @@ pub fn plan(desired: &Desired, observed: &ObservedHost) -> Vec<Step> {
         p.push(Op::ClearFirewall);
     }
     p.steps
+}
+
+/// The steps of one router: its namespace, loopback up, per interface the veth (made anew
+/// when either end is missing), its attributes, MAC and addresses, then forwarding, the
+/// routes (once every address they go through is in place) and the NAT table.
+fn router(p: &mut Plan, ns: &Netns, r: &RouterWiring, observed: &ObservedHost) {
+    let inner_ns = Netns::Named(r.name.clone());
+    let inside = observed.routers.get(&r.name);
+    if inside.is_none() {
+        p.push(Op::AddNetns(r.name.clone()));
+    }
+    if let Ok(lo) = IfName::new("lo")
+        && inside.and_then(|i| i.links.get(&lo)).is_none_or(|l| !l.up)
+    {
+        p.push(Op::SetUp(inner_ns.clone(), lo));
+    }
+    // Routes through an address the kernel dropped are gone with it.
+    let mut readd_routes = false;
+    for i in &r.interfaces {
+        let veth = observed
+            .links
+            .get(&i.veth)
+            .filter(|l| l.kind == LinkKind::Veth);
+        let peer = inside
+            .and_then(|c| c.links.get(&i.inner))
+            .filter(|l| l.kind == LinkKind::Veth);
+        let fresh = veth.is_none() || peer.is_none();
+        if fresh {
+            if observed.links.contains_key(&i.veth) {
+                p.push(Op::DelLink(ns.clone(), i.veth.clone()));
+            }
+            if inside.is_some_and(|c| c.links.contains_key(&i.inner)) {
+                p.push(Op::DelLink(inner_ns.clone(), i.inner.clone()));
+            }
+            p.push(Op::AddVeth(
+                ns.clone(),
+                VethSpec {
+                    name: i.veth.clone(),
+                    peer: i.inner.clone(),
+                    peer_netns: Some(inner_ns.clone()),
+                },
+            ));
+        }
+        let (veth, peer) = if fresh { (None, None) } else { (veth, peer) };
+        p.attributes(ns, &i.veth, veth, Some(i.mtu), Some(&i.bridge));
+        if peer.is_none_or(|l| l.mac != Some(i.mac)) {
+            p.push(Op::SetMac(inner_ns.clone(), i.inner.clone(), i.mac));
+        }
+        p.attributes(&inner_ns, &i.inner, peer, Some(i.mtu), None);
+        let have = if fresh {
+            BTreeSet::new()
+        } else {
+            inside
+                .and_then(|c| c.addresses.get(&i.inner))
+                .cloned()
+                .unwrap_or_default()
+        };
+        for a in have.difference(&i.addresses) {
+            p.push(Op::DelAddress(inner_ns.clone(), i.inner.clone(), *a));
+        }
+        for a in i.addresses.difference(&have) {
+            readd_routes = true;
+            p.push(Op::AddAddress(inner_ns.clone(), i.inner.clone(), *a));
+        }
+    }
+    if inside.is_none_or(|c| !c.forwarding) {
+        p.push(Op::SetForwarding(inner_ns.clone()));
+    }
+    let have = inside.map(|c| c.routes.clone()).unwrap_or_default();
+    for route in have.difference(&r.routes) {
+        p.push(Op::DelRoute(inner_ns.clone(), *route));
+    }
+    for route in &r.routes {
+        if readd_routes || !have.contains(route) {
+            p.push(Op::AddRoute(inner_ns.clone(), *route));
+        }
+    }
+    // A table that cannot render is applied anyway, so that the driver's refusal is what
+    // the router reports.
+    let want = r.nat.observed().ok();
+    if inside.is_none_or(|c| c.nat.is_none() || c.nat != want) {
+        p.push(Op::ApplyNat(r.name.clone(), r.nat.clone()));
+    }
 }
 
 /// The steps of one network's DHCP server: its namespace, the veth into it, the server's
@@ -410,6 +632,13 @@ mod tests {
         IfName::new(s).expect("ifname")
     }
 
+    fn vx(n: &NetworkWiring) -> &VxlanSpec {
+        match &n.uplink {
+            Uplink::Vxlan(v) => v,
+            Uplink::Physical(_) => panic!("a flat network"),
+        }
+    }
+
     fn node() -> Netns {
         Netns::Host
     }
@@ -419,12 +648,12 @@ mod tests {
         let dname = dhcp_name("n1", uid);
         NetworkWiring {
             bridge: bridge.clone(),
-            vxlan: VxlanSpec {
+            uplink: Uplink::Vxlan(VxlanSpec {
                 name: IfName::derived(Role::Vxlan, uid),
                 vni: 100,
                 local: Ipv4Addr::new(192, 0, 2, 1),
                 port: VXLAN_PORT,
-            },
+            }),
             mtu: 1450,
             fdb: BTreeSet::from([FdbEntry {
                 mac: MacAddr::ZERO,
@@ -498,6 +727,7 @@ mod tests {
             netns: node(),
             networks,
             firewall,
+            routers: vec![],
         }
     }
 
@@ -518,16 +748,52 @@ mod tests {
             firewall: d.firewall.as_ref().map(|r| r.observed().expect("observed")),
             ..ObservedHost::default()
         };
+        for r in &d.routers {
+            let lo = ifname("lo");
+            let mut c = RouterContents {
+                links: BTreeMap::from([(
+                    lo.clone(),
+                    link(&lo, LinkKind::Other(None), 65536, None),
+                )]),
+                routes: r.routes.clone(),
+                forwarding: true,
+                nat: Some(r.nat.observed().expect("nat")),
+                ..RouterContents::default()
+            };
+            for i in &r.interfaces {
+                o.links.insert(
+                    i.veth.clone(),
+                    link(&i.veth, LinkKind::Veth, i.mtu, Some(&i.bridge)),
+                );
+                c.links.insert(
+                    i.inner.clone(),
+                    Link {
+                        mac: Some(i.mac),
+                        ..link(&i.inner, LinkKind::Veth, i.mtu, None)
+                    },
+                );
+                c.addresses.insert(i.inner.clone(), i.addresses.clone());
+            }
+            o.routers.insert(r.name.clone(), c);
+        }
         for n in &d.networks {
             o.links.insert(
                 n.bridge.clone(),
                 link(&n.bridge, LinkKind::Bridge, 1450, None),
             );
-            o.links.insert(
-                n.vxlan.name.clone(),
-                link(&n.vxlan.name, vxlan_info(&n.vxlan), n.mtu, Some(&n.bridge)),
-            );
-            o.fdb.insert(n.vxlan.name.clone(), n.fdb.clone());
+            match &n.uplink {
+                Uplink::Vxlan(v) => {
+                    o.links.insert(
+                        v.name.clone(),
+                        link(&v.name, vxlan_info(v), n.mtu, Some(&n.bridge)),
+                    );
+                    o.fdb.insert(v.name.clone(), n.fdb.clone());
+                }
+                Uplink::Physical(i) => {
+                    o.links
+                        .insert(i.clone(), link(i, LinkKind::Veth, 9000, Some(&n.bridge)));
+                }
+            }
             for p in &n.ports {
                 o.links
                     .insert(p.clone(), link(p, LinkKind::Tun, n.mtu, Some(&n.bridge)));
@@ -601,13 +867,13 @@ mod tests {
         let pos = |op: &Op| ops.iter().position(|o| o == op).expect("step present");
         let ns = node();
         let add_bridge = pos(&Op::AddBridge(ns.clone(), n.bridge.clone()));
-        let add_vxlan = pos(&Op::AddVxlan(ns.clone(), n.vxlan.clone()));
+        let add_vxlan = pos(&Op::AddVxlan(ns.clone(), vx(&n).clone()));
         let enslave = pos(&Op::SetMaster(
             ns.clone(),
-            n.vxlan.name.clone(),
+            vx(&n).name.clone(),
             Some(n.bridge.clone()),
         ));
-        let fdb = pos(&Op::SetFdb(ns.clone(), n.vxlan.name.clone(), n.fdb.clone()));
+        let fdb = pos(&Op::SetFdb(ns.clone(), vx(&n).name.clone(), n.fdb.clone()));
         let tap_on = pos(&Op::SetMaster(
             ns.clone(),
             tap.clone(),
@@ -650,23 +916,23 @@ mod tests {
             (
                 "VXLAN device deleted by hand",
                 |o, n| {
-                    o.links.remove(&n.vxlan.name);
-                    o.fdb.remove(&n.vxlan.name);
+                    o.links.remove(&vx(n).name);
+                    o.fdb.remove(&vx(n).name);
                 },
                 vec![
-                    Op::AddVxlan(node(), n.vxlan.clone()),
-                    Op::SetMtu(node(), n.vxlan.name.clone(), 1450),
-                    Op::SetMaster(node(), n.vxlan.name.clone(), Some(n.bridge.clone())),
-                    Op::SetUp(node(), n.vxlan.name.clone()),
-                    Op::SetFdb(node(), n.vxlan.name.clone(), n.fdb.clone()),
+                    Op::AddVxlan(node(), vx(&n).clone()),
+                    Op::SetMtu(node(), vx(&n).name.clone(), 1450),
+                    Op::SetMaster(node(), vx(&n).name.clone(), Some(n.bridge.clone())),
+                    Op::SetUp(node(), vx(&n).name.clone()),
+                    Op::SetFdb(node(), vx(&n).name.clone(), n.fdb.clone()),
                 ],
             ),
             (
                 "an FDB entry deleted",
                 |o, n| {
-                    o.fdb.insert(n.vxlan.name.clone(), BTreeSet::new());
+                    o.fdb.insert(vx(n).name.clone(), BTreeSet::new());
                 },
-                vec![Op::SetFdb(node(), n.vxlan.name.clone(), n.fdb.clone())],
+                vec![Op::SetFdb(node(), vx(&n).name.clone(), n.fdb.clone())],
             ),
             (
                 "the nft tables deleted",
@@ -721,19 +987,19 @@ mod tests {
                 |o, n| {
                     let other = VxlanSpec {
                         vni: 7,
-                        ..n.vxlan.clone()
+                        ..vx(n).clone()
                     };
-                    if let Some(l) = o.links.get_mut(&n.vxlan.name) {
+                    if let Some(l) = o.links.get_mut(&vx(n).name) {
                         l.kind = vxlan_info(&other);
                     }
                 },
                 vec![
-                    Op::DelLink(node(), n.vxlan.name.clone()),
-                    Op::AddVxlan(node(), n.vxlan.clone()),
-                    Op::SetMtu(node(), n.vxlan.name.clone(), 1450),
-                    Op::SetMaster(node(), n.vxlan.name.clone(), Some(n.bridge.clone())),
-                    Op::SetUp(node(), n.vxlan.name.clone()),
-                    Op::SetFdb(node(), n.vxlan.name.clone(), n.fdb.clone()),
+                    Op::DelLink(node(), vx(&n).name.clone()),
+                    Op::AddVxlan(node(), vx(&n).clone()),
+                    Op::SetMtu(node(), vx(&n).name.clone(), 1450),
+                    Op::SetMaster(node(), vx(&n).name.clone(), Some(n.bridge.clone())),
+                    Op::SetUp(node(), vx(&n).name.clone()),
+                    Op::SetFdb(node(), vx(&n).name.clone(), n.fdb.clone()),
                 ],
             ),
             (
@@ -792,7 +1058,7 @@ mod tests {
         let d = desired(vec![n.clone()]);
         assert_eq!(
             ops(&plan(&d, &o)),
-            vec![Op::SetFdb(ns.clone(), n.vxlan.name.clone(), n.fdb.clone())]
+            vec![Op::SetFdb(ns.clone(), vx(&n).name.clone(), n.fdb.clone())]
         );
 
         // A lease changes: the server is told (same process, the driver reloads it).
@@ -808,11 +1074,11 @@ mod tests {
         let d = desired(vec![network("net-b", &["tp-b1"], false)]);
         let old = network("net-a", &["tp-a1"], true);
         let ops = ops(&plan(&d, &o));
-        let dh = old.dhcp.expect("dhcp");
+        let dh = old.dhcp.clone().expect("dhcp");
         for gone in [
             Op::RemoveDhcp(dh.spec.name.clone()),
             Op::DelNetns(dh.spec.name.clone()),
-            Op::DelLink(ns.clone(), old.vxlan.name.clone()),
+            Op::DelLink(ns.clone(), vx(&old).name.clone()),
             Op::DelLink(ns.clone(), dh.veth.clone()),
             Op::DelLink(ns.clone(), old.bridge.clone()),
         ] {
@@ -824,6 +1090,248 @@ mod tests {
             "{ops:?}"
         );
         assert!(matches!(ops[0], Op::ApplyFirewall(_)));
+    }
+
+    /// A router on `n`'s bridge (10.0.0.1/24) with a gateway on a flat network's bridge
+    /// (203.0.113.2/24, default route via .1), one floating address and SNAT.
+    fn router(n: &NetworkWiring, ext: &NetworkWiring) -> RouterWiring {
+        let fip = Ipv4Addr::new(203, 0, 113, 10);
+        RouterWiring {
+            name: router_name("n1", "uid-router"),
+            interfaces: vec![
+                RouterInterfaceWiring {
+                    bridge: n.bridge.clone(),
+                    veth: IfName::derived(Role::Veth, "router/uid-qr"),
+                    inner: IfName::derived(Role::RouterPort, "uid-qr"),
+                    mac: "02:00:00:00:01:01".parse().expect("mac"),
+                    addresses: BTreeSet::from(["10.0.0.1/24".parse().expect("cidr")]),
+                    mtu: 1450,
+                },
+                RouterInterfaceWiring {
+                    bridge: ext.bridge.clone(),
+                    veth: IfName::derived(Role::Veth, "router/uid-qg"),
+                    inner: IfName::derived(Role::Gateway, "uid-qg"),
+                    mac: "02:00:00:00:01:02".parse().expect("mac"),
+                    addresses: BTreeSet::from([
+                        "203.0.113.2/24".parse().expect("cidr"),
+                        Ipv4Cidr::new(fip, 32).expect("cidr"),
+                    ]),
+                    mtu: 1500,
+                },
+            ],
+            routes: BTreeSet::from([RouteSpec::new(
+                "0.0.0.0/0".parse().expect("cidr"),
+                Ipv4Addr::new(203, 0, 113, 1),
+            )]),
+            nat: Nat {
+                gateway: Some(IfName::derived(Role::Gateway, "uid-qg")),
+                floating: vec![crate::driver::nft::FloatingNat {
+                    floating: fip,
+                    fixed: Ipv4Addr::new(10, 0, 0, 5),
+                }],
+                snat: vec![crate::driver::nft::Snat {
+                    source: "10.0.0.0/24".parse().expect("cidr"),
+                    to: Ipv4Addr::new(203, 0, 113, 2),
+                }],
+            },
+        }
+    }
+
+    /// A flat network on `eth1`.
+    fn flat(uid: &str) -> NetworkWiring {
+        NetworkWiring {
+            uplink: Uplink::Physical(ifname("eth1")),
+            fdb: BTreeSet::new(),
+            mtu: 1500,
+            ..network(uid, &[], false)
+        }
+    }
+
+    fn with_router() -> (Desired, RouterWiring) {
+        let (n, ext) = (network("net-a", &["tp-a1"], true), flat("ext"));
+        let r = router(&n, &ext);
+        let mut d = desired(vec![n, ext]);
+        d.routers = vec![r.clone()];
+        (d, r)
+    }
+
+    #[test]
+    fn a_router_is_built_in_order_and_a_right_one_needs_nothing() {
+        let (d, r) = with_router();
+        let mut o = right(&d);
+        assert_eq!(plan(&d, &o), vec![], "a host that is right");
+        o.routers.clear();
+        for i in &r.interfaces {
+            o.links.remove(&i.veth);
+        }
+        let steps = plan(&d, &o);
+        assert!(
+            steps.iter().all(|s| s.router.as_ref() == Some(&r.name)),
+            "{steps:?}"
+        );
+        let all = ops(&steps);
+        let pos = |op: &Op| all.iter().position(|o| o == op).expect("step present");
+        let inner = Netns::Named(r.name.clone());
+        let qr = &r.interfaces[0];
+        let netns = pos(&Op::AddNetns(r.name.clone()));
+        let veth = pos(&Op::AddVeth(
+            node(),
+            VethSpec {
+                name: qr.veth.clone(),
+                peer: qr.inner.clone(),
+                peer_netns: Some(inner.clone()),
+            },
+        ));
+        let on_bridge = pos(&Op::SetMaster(
+            node(),
+            qr.veth.clone(),
+            Some(qr.bridge.clone()),
+        ));
+        let mac = pos(&Op::SetMac(inner.clone(), qr.inner.clone(), qr.mac));
+        let up = pos(&Op::SetUp(inner.clone(), qr.inner.clone()));
+        let gw = &r.interfaces[1];
+        let fip = pos(&Op::AddAddress(
+            inner.clone(),
+            gw.inner.clone(),
+            "203.0.113.10/32".parse().expect("cidr"),
+        ));
+        let route = pos(&Op::AddRoute(
+            inner.clone(),
+            *r.routes.first().expect("route"),
+        ));
+        let nat = pos(&Op::ApplyNat(r.name.clone(), r.nat.clone()));
+        assert!(netns < veth && veth < on_bridge && veth < mac && mac < up);
+        assert!(fip < route && route < nat);
+        assert!(all.contains(&Op::SetForwarding(inner.clone())));
+        let mut after = right(&d);
+        after.routers.get_mut(&r.name).expect("router").nat = None;
+        assert_eq!(
+            ops(&plan(&d, &after)),
+            vec![Op::ApplyNat(r.name.clone(), r.nat.clone())],
+            "a NAT table deleted by hand is applied again, nothing else"
+        );
+    }
+
+    #[test]
+    fn router_drift_is_repaired_with_exactly_the_missing_steps() {
+        let (d, r) = with_router();
+        let inner = Netns::Named(r.name.clone());
+        let gw = &r.interfaces[1];
+        let fip: Ipv4Cidr = "203.0.113.10/32".parse().expect("cidr");
+        type Drift = fn(&mut ObservedHost, &RouterWiring);
+        let cases: Vec<(&str, Drift, Vec<Op>)> = vec![
+            (
+                "a floating address removed",
+                |o, r| {
+                    let c = o.routers.get_mut(&r.name).expect("router");
+                    let fip: Ipv4Cidr = "203.0.113.10/32".parse().expect("cidr");
+                    c.addresses
+                        .get_mut(&r.interfaces[1].inner)
+                        .expect("addresses")
+                        .remove(&fip);
+                },
+                vec![
+                    Op::AddAddress(inner.clone(), gw.inner.clone(), fip),
+                    Op::AddRoute(inner.clone(), *r.routes.first().expect("route")),
+                ],
+            ),
+            (
+                "forwarding turned off",
+                |o, r| o.routers.get_mut(&r.name).expect("router").forwarding = false,
+                vec![Op::SetForwarding(inner.clone())],
+            ),
+            (
+                "the default route removed, another added",
+                |o, r| {
+                    let c = o.routers.get_mut(&r.name).expect("router");
+                    c.routes = BTreeSet::from([RouteSpec::new(
+                        "10.9.0.0/16".parse().expect("cidr"),
+                        Ipv4Addr::new(10, 0, 0, 9),
+                    )]);
+                },
+                vec![
+                    Op::DelRoute(
+                        inner.clone(),
+                        RouteSpec::new(
+                            "10.9.0.0/16".parse().expect("cidr"),
+                            Ipv4Addr::new(10, 0, 0, 9),
+                        ),
+                    ),
+                    Op::AddRoute(inner.clone(), *r.routes.first().expect("route")),
+                ],
+            ),
+        ];
+        for (what, drift, want) in cases {
+            let mut o = right(&d);
+            drift(&mut o, &r);
+            assert_eq!(ops(&plan(&d, &o)), want, "{what}");
+        }
+        // The router's veth deleted by hand: made again, with everything on it.
+        let mut o = right(&d);
+        o.links.remove(&gw.veth);
+        o.routers
+            .get_mut(&r.name)
+            .expect("router")
+            .links
+            .remove(&gw.inner);
+        let ops = ops(&plan(&d, &o));
+        assert!(ops.contains(&Op::AddAddress(inner.clone(), gw.inner.clone(), fip)));
+        assert!(ops.contains(&Op::SetMac(inner.clone(), gw.inner.clone(), gw.mac)));
+        assert!(ops.contains(&Op::AddRoute(inner, *r.routes.first().expect("route"))));
+    }
+
+    #[test]
+    fn a_router_moved_away_leaves_no_namespace_and_another_nodes_is_left_alone() {
+        let (d, r) = with_router();
+        let mut o = right(&d);
+        let other = router_name("n2", "uid-router");
+        o.routers.insert(other.clone(), RouterContents::default());
+        let mut gone = d.clone();
+        gone.routers.clear();
+        let ops = ops(&plan(&gone, &o));
+        assert!(ops.contains(&Op::DelNetns(r.name.clone())), "{ops:?}");
+        for i in &r.interfaces {
+            assert!(
+                ops.contains(&Op::DelLink(node(), i.veth.clone())),
+                "{ops:?}"
+            );
+        }
+        assert!(!ops.contains(&Op::DelNetns(other)));
+        assert!(is_router_name_of("n1", &r.name) && !is_router_name_of("n2", &r.name));
+    }
+
+    #[test]
+    fn a_flat_network_enslaves_its_physical_interface_and_never_creates_or_deletes_it() {
+        let ext = flat("ext");
+        let d = desired(vec![ext.clone()]);
+        let mut o = right(&d);
+        // The operator's interface is there, on no bridge.
+        let eth1 = ifname("eth1");
+        o.links
+            .insert(eth1.clone(), link(&eth1, LinkKind::Veth, 1500, None));
+        assert_eq!(
+            ops(&plan(&d, &o)),
+            vec![Op::SetMaster(
+                node(),
+                eth1.clone(),
+                Some(ext.bridge.clone())
+            )]
+        );
+        // Absent: no step makes it.
+        o.links.remove(&eth1);
+        assert_eq!(plan(&d, &o), vec![]);
+        // The network gone: its bridge is deleted, the interface is not.
+        let mut o = right(&d);
+        o.links.insert(
+            eth1.clone(),
+            link(&eth1, LinkKind::Veth, 1500, Some(&ext.bridge)),
+        );
+        let ops = ops(&plan(&desired(vec![]), &o));
+        assert!(ops.contains(&Op::DelLink(node(), ext.bridge.clone())));
+        assert!(
+            !ops.iter()
+                .any(|op| matches!(op, Op::DelLink(_, n) if *n == eth1))
+        );
     }
 
     #[test]
@@ -845,7 +1353,7 @@ mod tests {
             vec![
                 Op::RemoveDhcp(dh.spec.name.clone()),
                 Op::DelNetns(dh.spec.name.clone()),
-                Op::DelLink(node(), n.vxlan.name.clone()),
+                Op::DelLink(node(), vx(&n).name.clone()),
                 Op::DelLink(node(), dh.veth.clone()),
                 Op::DelLink(node(), n.bridge.clone()),
                 Op::ClearFirewall,

@@ -39,6 +39,10 @@ pub enum Role {
     VethPeer,
     /// A guest's tap device (`tp-…`).
     Tap,
+    /// A router's interface on one of its subnets, inside its namespace (`qr-…`).
+    RouterPort,
+    /// A router's interface on its external network, inside its namespace (`qg-…`).
+    Gateway,
 }
 
 impl Role {
@@ -49,6 +53,8 @@ impl Role {
             Role::Veth => "ve",
             Role::VethPeer => "vp",
             Role::Tap => "tp",
+            Role::RouterPort => "qr",
+            Role::Gateway => "qg",
         }
     }
 }
