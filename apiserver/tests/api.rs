@@ -6,6 +6,7 @@ mod api {
     pub mod apply;
     pub mod fixtures;
     pub mod identity;
+    pub mod lifecycle;
     pub mod lists;
     pub mod network;
     pub mod node;

@@ -14,6 +14,7 @@ async fn suite(s: &Store) {
     revisions_count_transactions(s).await;
     conditional_writes_compare_the_revision(s).await;
     a_create_under_a_missing_parent_is_refused(s).await;
+    a_create_under_a_changed_parent_is_refused(s).await;
     write_many_is_all_or_nothing(s).await;
     an_unchanged_guard_fails_on_a_new_or_changed_key_only(s).await;
     reads_at_a_past_revision_see_the_past(s).await;
@@ -95,15 +96,38 @@ async fn conditional_writes_compare_the_revision(s: &Store) {
 
 async fn a_create_under_a_missing_parent_is_refused(s: &Store) {
     assert_eq!(
-        s.create_under("/t/parent/child", &obj(1), Some("/t/parent-of"))
+        s.create_under("/t/parent/child", &obj(1), Some(("/t/parent-of", 1)))
             .await
             .expect("create"),
         Write::Conflict(0)
     );
     assert!(s.get("/t/parent/child").await.expect("get").is_none());
-    done(s.create("/t/parent-of", &obj(0)).await.expect("create"));
+    let at = done(s.create("/t/parent-of", &obj(0)).await.expect("create"));
     done(
-        s.create_under("/t/parent/child", &obj(1), Some("/t/parent-of"))
+        s.create_under("/t/parent/child", &obj(1), Some(("/t/parent-of", at)))
+            .await
+            .expect("create"),
+    );
+}
+
+/// A create holds its parent at the revision it was checked at: a parent written since (a
+/// Project whose deletion began) fails it, and nothing is written.
+async fn a_create_under_a_changed_parent_is_refused(s: &Store) {
+    let checked = done(s.create("/t/holder", &obj(0)).await.expect("create"));
+    let changed = done(
+        s.update("/t/holder", &obj(1), checked)
+            .await
+            .expect("update"),
+    );
+    assert_eq!(
+        s.create_under("/t/held/child", &obj(1), Some(("/t/holder", checked)))
+            .await
+            .expect("create"),
+        Write::Conflict(0)
+    );
+    assert!(s.get("/t/held/child").await.expect("get").is_none());
+    done(
+        s.create_under("/t/held/child", &obj(1), Some(("/t/holder", changed)))
             .await
             .expect("create"),
     );

@@ -22,7 +22,7 @@ use stratus_api_types::common::{Blocked, ConditionType, Reason};
 use stratus_api_types::compute::{AddressType, Server, ServerAddress, ServerNetwork};
 use stratus_api_types::network::{FixedIP, Port, PortSpec, PortStatus};
 use stratus_api_types::ports::{entry_port_name, server_port_names, tap_name};
-use stratus_runtime::policy::kube_retry;
+use stratus_runtime::policy::{kube_retry, namespace_terminating};
 use stratus_runtime::{Classify, Retry, Runtime};
 
 /// The field manager of the ports controller's status writes (Servers and Ports).
@@ -258,6 +258,12 @@ async fn sync(server: &Server, ctx: &Ctx) -> Result<Action, PortsError> {
                 Ok(p) => {
                     tracing::info!(server = %server.name_any(), port = %name, "created the server's port");
                     ports.push(p);
+                }
+                // Its namespace's Project is being deleted: no Port is made there any more,
+                // and the Server goes with the namespace.
+                Err(e) if namespace_terminating(&e) => {
+                    tracing::debug!(server = %server.name_any(), port = %name, "not creating the server's port: its project is being deleted");
+                    return Ok(Action::await_change());
                 }
                 // Refused for what it asks (a taken address, a missing network, no room):
                 // said on the Server, tried again when something changes. A Port of that

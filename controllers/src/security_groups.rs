@@ -22,7 +22,7 @@ use stratus_api_types::identity::{Project, ProjectPhase};
 use stratus_api_types::network::{
     Direction, EtherType, Protocol, SecurityGroup, SecurityGroupRule, SecurityGroupSpec,
 };
-use stratus_runtime::policy::{chain, kube_retry};
+use stratus_runtime::policy::{chain, kube_retry, namespace_terminating};
 use stratus_runtime::{Classify, Retry, Runtime};
 
 /// The name of every project's default security group.
@@ -138,7 +138,7 @@ pub fn plan(project: &Project, existing: Option<&SecurityGroup>) -> Plan {
 }
 
 /// What a failed create means: `Ok` when nothing is left to do (another writer made the group;
-/// the Project is gone), else the error to retry.
+/// the Project is gone, or being deleted), else the error to retry.
 ///
 /// # Errors
 /// [`SecurityGroupsError::Refused`] for a refused create (403), [`SecurityGroupsError::Api`]
@@ -147,8 +147,10 @@ pub fn create_failed(e: kube::Error) -> Result<(), SecurityGroupsError> {
     match e {
         // Made meanwhile (by a user, or by this controller's earlier try): it is kept as is.
         kube::Error::Api(s) if s.code == 409 => Ok(()),
-        // The namespace's Project is gone: its deletion is an event of its own.
+        // The namespace's Project is gone, or its deletion began since it was read: its
+        // deletion is an event of its own, and nothing is to be made in its namespace.
         kube::Error::Api(s) if s.code == 404 => Ok(()),
+        e if namespace_terminating(&e) => Ok(()),
         kube::Error::Api(s) if s.code == 403 => {
             Err(SecurityGroupsError::Refused(kube::Error::Api(s)))
         }

@@ -123,6 +123,15 @@ fn a_refused_create_is_retried_with_backoff_and_a_made_or_gone_one_is_done() {
     // Made meanwhile, or the Project is gone: nothing left to do.
     assert!(create_failed(api_error(409)).is_ok());
     assert!(create_failed(api_error(404)).is_ok());
+    // The Project's deletion began after it was read (the API's NamespaceLifecycle answer):
+    // nothing is made in its namespace, and nothing is retried.
+    let terminating: kube::core::Status = serde_json::from_value(serde_json::json!({
+        "code": 403, "reason": "Forbidden",
+        "message": "securitygroups.network.stratus.dev \"default\" is forbidden: unable to create new content in namespace demo because it is being terminated",
+        "details": {"causes": [{"reason": "NamespaceTerminating", "field": "metadata.namespace"}]},
+    }))
+    .expect("a Status");
+    assert!(create_failed(kube::Error::Api(Box::new(terminating))).is_ok());
     // Over quota: refused, and tried again with backoff (the quota may be raised).
     let refused = create_failed(api_error(403)).expect_err("refused");
     assert!(matches!(refused, SecurityGroupsError::Refused(_)));

@@ -50,6 +50,14 @@ pub fn kube_retry(e: &kube::Error) -> Retry {
     }
 }
 
+/// Whether the API refused a create because its namespace's Project is being deleted (403
+/// with cause `NamespaceTerminating`, as Kubernetes' NamespaceLifecycle answers): nothing is
+/// to be made there any more, so a reconciler waits for the deletion rather than retrying.
+pub fn namespace_terminating(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 403
+        && s.details.as_ref().is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating")))
+}
+
 /// The error chain as one line: `what failed: why: why`.
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -247,5 +255,32 @@ mod tests {
         assert_eq!(kube_retry(&status(429)), Retry::Backoff);
         assert_eq!(kube_retry(&status(422)), Retry::Never);
         assert_eq!(kube_retry(&status(403)), Retry::Never);
+    }
+
+    #[test]
+    fn a_create_in_a_terminating_namespace_is_told_from_other_refusals() {
+        // As the API server sends it.
+        let forbidden = |cause: &str| {
+            let status: kube::core::Status = serde_json::from_value(serde_json::json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "code": 403, "reason": "Forbidden",
+                "message": "keypairs.compute.stratus.dev \"k\" is forbidden: unable to create new content in namespace demo because it is being terminated",
+                "details": {"name": "k", "group": "compute.stratus.dev", "kind": "keypairs",
+                    "causes": [{"reason": cause, "message": "namespace demo is being terminated",
+                        "field": "metadata.namespace"}]},
+            }))
+            .expect("a Status");
+            kube::Error::Api(Box::new(status))
+        };
+        assert!(super::namespace_terminating(&forbidden(
+            "NamespaceTerminating"
+        )));
+        assert!(!super::namespace_terminating(&forbidden("QuotaExceeded")));
+        let quota = kube::Error::Api(Box::new(kube::core::Status {
+            code: 403,
+            message: "exceeded quota".into(),
+            ..Default::default()
+        }));
+        assert!(!super::namespace_terminating(&quota));
     }
 }

@@ -121,7 +121,7 @@ async fn write_owned(ctx: Ctx<'_>, s: Subject<'_>, w: Change<'_>) -> ApiResult<W
             }
             // Only the guard failed: the User changed since it was read; read it again.
             Write::Conflict(rev) if rev == expected.unwrap_or(0) => {
-                if super::parent_gone(ctx, parent).await? {
+                if super::parent_changed(ctx, parent).await? {
                     return Ok(Write::Conflict(0).into());
                 }
             }

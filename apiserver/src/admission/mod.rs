@@ -11,6 +11,7 @@
 
 pub mod binding;
 pub mod identity;
+pub mod lifecycle;
 pub mod network;
 pub mod quota;
 pub mod router;
@@ -107,8 +108,11 @@ pub struct Change<'a> {
     pub old: Option<(&'a Value, i64)>,
     /// The object to store.
     pub new: &'a Value,
-    /// For a create: the key that must exist (the namespace's Project).
-    pub parent: Option<&'a str>,
+    /// For a create: the namespace's Project, by key and the revision it was found active
+    /// at ([`lifecycle::admit_create`]). The write must hold it at that revision (as
+    /// [`Guard::Revision`](crate::storage::store::Guard::Revision)): a Project whose deletion
+    /// began since, or that is gone, fails the write, and the create is checked again.
+    pub parent: Option<(&'a str, i64)>,
 }
 
 /// What an admission's write did.
@@ -191,18 +195,19 @@ pub trait Admission: Send + Sync {
 }
 
 /// After a guarded write failed with the object's key as expected: whether what failed is
-/// the create's parent (the namespace's Project) being gone, rather than a guard.
+/// the create's parent (the namespace's Project) having changed or gone since it was checked,
+/// rather than a guard. The create is then answered `Conflict(0)`, and checked again.
 ///
 /// # Errors
 /// The store could not be read.
-pub(crate) async fn parent_gone(ctx: Ctx<'_>, parent: Option<&str>) -> ApiResult<bool> {
+pub(crate) async fn parent_changed(ctx: Ctx<'_>, parent: Option<(&str, i64)>) -> ApiResult<bool> {
     match parent {
-        Some(parent) => Ok(ctx
+        Some((key, rev)) => Ok(ctx
             .store
-            .get(parent)
+            .get(key)
             .await
             .map_err(ApiError::from)?
-            .is_none()),
+            .is_none_or(|p| p.mod_revision != rev)),
         None => Ok(false),
     }
 }

@@ -425,7 +425,7 @@ pub(crate) async fn snapshot(
     more: &[Read<'_>],
 ) -> ApiResult<Snapshot> {
     let mut reads = vec![Read::Presence(w.key)];
-    reads.extend(w.parent.map(Read::Presence));
+    reads.extend(w.parent.map(|(k, _)| Read::Presence(k)));
     reads.extend_from_slice(more);
     let (mut got, revision) = ctx.store.read_many(&reads).await.map_err(ApiError::from)?;
     let rest = got.split_off(1 + usize::from(w.parent.is_some()));
@@ -447,19 +447,24 @@ pub(crate) async fn snapshot(
 }
 
 impl Snapshot {
-    /// What the create answers before anything else: the object exists, or its Project is gone.
+    /// What the create answers before anything else: the object exists, or its Project
+    /// changed (or went) since the create checked it (the create checks it again).
     pub(crate) fn settled(&self, w: &Change<'_>) -> Option<Written> {
         if let Some(rev) = self.exists {
             return Some(Write::Conflict(rev).into());
         }
-        if w.parent.is_some() && self.parent.is_none() {
+        if let Some((_, rev)) = w.parent
+            && self.parent != Some(rev)
+        {
             return Some(Write::Conflict(0).into());
         }
         None
     }
 
+    /// The Project the create holds: as it was checked (and, once [`Self::settled`] passed,
+    /// as this snapshot read it).
     pub(crate) fn parent<'a>(&self, w: &Change<'a>) -> Option<(&'a str, i64)> {
-        w.parent.zip(self.parent)
+        w.parent
     }
 }
 

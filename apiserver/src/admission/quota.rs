@@ -64,14 +64,14 @@ async fn write_within_quota(
             // Only a guard failed (the key is as expected): something counted changed since
             // it was counted, so count again.
             Write::Conflict(rev) if rev == expected.unwrap_or(0) && !guards.is_empty() => {
-                // Unless what failed is the parent (the Project) being gone.
-                if super::parent_gone(ctx, w.parent).await? {
+                // Unless what failed is the parent (the Project) having changed: checked again.
+                if super::parent_changed(ctx, w.parent).await? {
                     return Ok(Write::Conflict(0));
                 }
                 continue;
             }
-            // The key itself changed (or exists, on create), or its parent is gone: no retry
-            // can help.
+            // The key itself changed (or exists, on create), or its parent changed: no retry
+            // here can help.
             conflict => return Ok(conflict),
         }
     }

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 
 use crate::admission::binding::{self, PlacementLocks};
-use crate::admission::{Change, Ctx, Held, Subject, Written};
+use crate::admission::{Change, Ctx, Held, Subject, Written, lifecycle};
 use crate::base::body;
 use crate::base::encoded;
 use crate::base::error::{ApiError, ApiResult, Cause};
@@ -685,41 +685,94 @@ impl Api {
             new: Some(&obj),
             options: None,
         })?;
+        let project = namespace
+            .as_deref()
+            .filter(|_| t.rt.namespaced)
+            .and_then(|ns| Some((ns, self.project_key(ns)?)));
         if dry_run {
+            // Refused as the create would be.
+            if let Some((ns, pk)) = &project {
+                let state = self.project_state(ns, pk, false).await?;
+                lifecycle::admit_create(&t.subject(), &name, ns, state)?;
+            }
             return Ok(Outcome::json(201, obj, warnings));
         }
         let key = t.rt.key(&self.prefix, namespace.as_deref(), &name);
-        let parent = namespace
-            .as_deref()
-            .filter(|_| t.rt.namespaced)
-            .and_then(|ns| self.project_key(ns));
-        let change = Change {
-            key: &key,
-            old: None,
-            new: &obj,
-            parent: parent.as_deref(),
-        };
-        let written = match self.admitted_write(t, change) {
-            Some(write) => write.await?,
-            None => self
-                .store
-                .create_under(&key, &obj, parent.as_deref())
-                .await
-                .map_err(ApiError::from)?
-                .into(),
-        };
-        // The object as stored, with what admission allocated (a Port's addresses).
-        let obj = written.stored.unwrap_or(obj);
-        match written.write {
-            Write::Done(rev) => Ok(Outcome::json(201, with_rv(obj, rev), warnings)),
-            // The object is absent, so what failed is its namespace's Project.
-            Write::Conflict(0) if parent.is_some() => Err(ApiError::not_found(
-                "",
-                "namespaces",
-                namespace.as_deref().unwrap_or_default(),
-            )),
-            Write::Conflict(_) => Err(ApiError::already_exists(&t.rt.group, &t.rt.plural, &name)),
+        // The first check may read the watch cache; once the Project is found changed since,
+        // etcd.
+        let mut fresh = false;
+        for _ in 0..WRITE_RETRIES {
+            let parent = match &project {
+                Some((ns, pk)) => {
+                    let state = self.project_state(ns, pk, fresh).await?;
+                    let rev = lifecycle::admit_create(&t.subject(), &name, ns, state)?;
+                    Some((pk.as_str(), rev))
+                }
+                None => None,
+            };
+            let change = Change {
+                key: &key,
+                old: None,
+                new: &obj,
+                parent,
+            };
+            let written = match self.admitted_write(t, change) {
+                Some(write) => write.await?,
+                None => self
+                    .store
+                    .create_under(&key, &obj, parent)
+                    .await
+                    .map_err(ApiError::from)?
+                    .into(),
+            };
+            match written.write {
+                Write::Done(rev) => {
+                    // The object as stored, with what admission allocated (a Port's addresses).
+                    let obj = written.stored.unwrap_or(obj);
+                    return Ok(Outcome::json(201, with_rv(obj, rev), warnings));
+                }
+                // The object is absent, so what failed is its namespace's Project: changed
+                // (its deletion begun, or only its status) or gone since it was checked.
+                Write::Conflict(0) if parent.is_some() => fresh = true,
+                Write::Conflict(_) => {
+                    return Err(ApiError::already_exists(&t.rt.group, &t.rt.plural, &name));
+                }
+            }
         }
+        Err(ApiError::conflict(
+            &t.rt.group,
+            &t.rt.plural,
+            &name,
+            "the namespace's Project kept changing while the object was created; retry",
+        ))
+    }
+
+    /// The Project `key` of namespace `ns` as a create finds it: from the watch cache when it
+    /// holds the Project active (the create's transaction then proves it still is, see
+    /// [`lifecycle`]), else, or when `fresh`, from etcd (so a cache that is behind refuses
+    /// nothing, and a retry after a failed transaction reads what made it fail).
+    async fn project_state(
+        &self,
+        ns: &str,
+        key: &str,
+        fresh: bool,
+    ) -> ApiResult<lifecycle::ProjectState> {
+        if !fresh
+            && let Some(rt) = self.registry.by_kind("identity.stratus.dev", "Project")
+            && let Some(cache) = self
+                .hub
+                .cache(&rt.key_prefix(&self.prefix, None), &selectable_fields(rt))
+            && let Some(page) = cache.page(key, None, 1, None, |_| true)
+            && let Some((rev, stored)) = page.items.first()
+            && let Some(state @ lifecycle::ProjectState::Active(_)) =
+                lifecycle::ProjectState::of_stored(ns, *rev, stored)
+        {
+            return Ok(state);
+        }
+        let stored = self.store.get(key).await.map_err(ApiError::from)?;
+        Ok(lifecycle::ProjectState::of_value(
+            stored.as_ref().map(|s| (s.mod_revision, &s.value)),
+        ))
     }
 
     fn manager(&self, p: &Params, user_agent: &str) -> String {

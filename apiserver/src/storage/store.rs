@@ -717,21 +717,21 @@ impl Store {
         self.create_under(key, value, None).await
     }
 
-    /// Creates `key` if it is absent and, when given, the `parent` key exists (a namespaced
-    /// object's Project), checked in the same transaction. `Conflict(0)` then means the parent
-    /// is missing.
+    /// Creates `key` if it is absent and, when given, the `parent` key (a namespaced object's
+    /// Project) is still at the revision it was checked at, in the same transaction.
+    /// `Conflict(0)` then means the parent changed (or went) since it was checked.
     pub async fn create_under(
         &self,
         key: &str,
         value: &Value,
-        parent: Option<&str>,
+        parent: Option<(&str, i64)>,
     ) -> Result<Write, StoreError> {
         self.write_guarded(key, value, None, &[], parent).await
     }
 
     /// Writes `key` if its revision is still `expected` (None: if it is absent) and no key
     /// under any of the `guards` prefixes changed after the guard's revision (and the `parent`
-    /// key, when given, exists). `Conflict(rev)`
+    /// key, when given, is still at its revision: [`Guard::Revision`]). `Conflict(rev)`
     /// carries the key's current revision (0: absent), so a caller can tell a failed guard
     /// (`rev` is what it expected) from a changed key.
     pub async fn write_guarded(
@@ -740,15 +740,15 @@ impl Store {
         value: &Value,
         expected: Option<i64>,
         guards: &[(&str, i64)],
-        parent: Option<&str>,
+        parent: Option<(&str, i64)>,
     ) -> Result<Write, StoreError> {
         let mut when = Vec::with_capacity(1 + guards.len() + usize::from(parent.is_some()));
         when.push(guard(&match expected {
             Some(rev) => Guard::Revision(key, rev),
             None => Guard::Absent(key),
         }));
-        if let Some(parent) = parent {
-            when.push(Compare::key(parent, Target::Create, CompareOp::Greater, 0));
+        if let Some((parent, rev)) = parent {
+            when.push(guard(&Guard::Revision(parent, rev)));
         }
         when.extend(
             guards

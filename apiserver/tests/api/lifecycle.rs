@@ -1,0 +1,284 @@
+//! Namespace lifecycle: nothing is created in a namespace whose Project is being deleted,
+//! whichever admission writes the create, and no create lands after the deletion began.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde_json::{Value, json};
+use stratus_apiserver::base::error::ApiError;
+
+use crate::fixtures::{APPLY, Cloud, MERGE, Obj, names, refused, rv};
+
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDzM6cD2PSCyKxSeVPmPvv9Hz0pJGCsTbkMdcTFTAw4Z demo";
+
+fn keypair(name: &str) -> Obj {
+    Obj(
+        json!({"apiVersion": "compute.stratus.dev/v1", "kind": "Keypair",
+        "metadata": {"name": name, "namespace": "demo"}, "spec": {"publicKey": KEY}}),
+    )
+}
+
+fn network(name: &str) -> Obj {
+    Obj(
+        json!({"apiVersion": "network.stratus.dev/v1", "kind": "Network",
+        "metadata": {"name": name, "namespace": "demo"}, "spec": {}}),
+    )
+}
+
+fn subnet(name: &str, cidr: &str) -> Obj {
+    Obj(
+        json!({"apiVersion": "network.stratus.dev/v1", "kind": "Subnet",
+        "metadata": {"name": name, "namespace": "demo"},
+        "spec": {"network": "n", "cidr": cidr}}),
+    )
+}
+
+fn port(name: &str) -> Obj {
+    Obj(
+        json!({"apiVersion": "network.stratus.dev/v1", "kind": "Port",
+        "metadata": {"name": name, "namespace": "demo"}, "spec": {"network": "n"}}),
+    )
+}
+
+/// Kubernetes' answer to a create in a terminating namespace.
+fn assert_terminating(e: &ApiError, resource: &str, name: &str) {
+    assert_eq!((e.code, e.reason), (403, "Forbidden"), "{e:?}");
+    assert_eq!(
+        e.message,
+        format!(
+            "{resource} \"{name}\" is forbidden: unable to create new content in namespace demo because it is being terminated"
+        )
+    );
+    let causes: Vec<(&str, &str)> = e
+        .details
+        .causes
+        .iter()
+        .map(|c| (c.reason.as_str(), c.field.as_str()))
+        .collect();
+    assert_eq!(causes, [("NamespaceTerminating", "metadata.namespace")]);
+}
+
+/// Project `demo` (held by a finalizer) with network `n`, subnet `s`, a Quota on servers and
+/// one Server `kept`.
+async fn demo_with_content() -> Cloud {
+    let c = Cloud::new().await;
+    c.create(&Obj::project("demo").finalizer("test/hold"))
+        .await
+        .expect("project");
+    c.create(&Obj::flavor("small", 1, 512))
+        .await
+        .expect("flavor");
+    c.create(&Obj::quota("demo", "q", json!({"servers": 100_000})))
+        .await
+        .expect("quota");
+    c.create(&network("n")).await.expect("network");
+    c.create(&subnet("s", "10.0.0.0/16")).await.expect("subnet");
+    c.create(&Obj::server("demo", "kept"))
+        .await
+        .expect("server");
+    c
+}
+
+/// Begins the deletion of Project `demo`; the revision it began at.
+async fn delete_demo(c: &Cloud) -> i64 {
+    let (code, body) = c
+        .delete("Project", None, "demo", "")
+        .await
+        .expect("delete project");
+    // Accepted: the finalizer holds the Project, terminating.
+    assert_eq!(code, 202);
+    assert!(body["metadata"]["deletionTimestamp"].is_string(), "{body}");
+    rv(&body)
+}
+
+#[tokio::test]
+async fn every_create_in_a_terminating_namespace_is_403_and_nothing_is_written() {
+    let c = demo_with_content().await;
+    // The Project is read from the watch cache from here on: the deletion that follows is
+    // seen through it, or through the create's failed transaction.
+    c.create(&keypair("before")).await.expect("keypair");
+    delete_demo(&c).await;
+    let before = c.revision().await;
+
+    // Plain creates, through each admission that writes a create: none (Keypair), quota
+    // (Server), IPAM (Network, Subnet, Port).
+    assert_terminating(
+        &refused(c.create(&keypair("k1")).await),
+        "keypairs.compute.stratus.dev",
+        "k1",
+    );
+    assert_terminating(
+        &refused(c.create(&Obj::server("demo", "web-1")).await),
+        "servers.compute.stratus.dev",
+        "web-1",
+    );
+    assert_terminating(
+        &refused(c.create(&network("n2")).await),
+        "networks.network.stratus.dev",
+        "n2",
+    );
+    assert_terminating(
+        &refused(c.create(&subnet("s2", "10.1.0.0/24")).await),
+        "subnets.network.stratus.dev",
+        "s2",
+    );
+    assert_terminating(
+        &refused(c.create(&port("p1")).await),
+        "ports.network.stratus.dev",
+        "p1",
+    );
+    // A server-side apply that would create.
+    let t = c.target("Keypair", Some("demo"), Some("k2"));
+    assert_terminating(
+        &refused(
+            c.patch(&t, APPLY, &keypair("k2").0, "fieldManager=kubectl")
+                .await,
+        ),
+        "keypairs.compute.stratus.dev",
+        "k2",
+    );
+    // A dry run is refused the same way.
+    assert_terminating(
+        &refused(c.create_with(&keypair("k3"), "dryRun=All").await),
+        "keypairs.compute.stratus.dev",
+        "k3",
+    );
+    assert_eq!(c.revision().await, before, "nothing was written");
+    assert_eq!(
+        names(&c.list("Keypair", Some("demo"), "").await.expect("list")),
+        ["before"]
+    );
+
+    // What is there may still change (and go): the namespace is emptied through updates and
+    // deletes.
+    let label = json!({"metadata": {"labels": {"going": "yes"}}});
+    c.patch(
+        &c.target("Server", Some("demo"), Some("kept")),
+        MERGE,
+        &label,
+        "",
+    )
+    .await
+    .expect("an update in a terminating namespace");
+    c.delete("Keypair", Some("demo"), "before", "")
+        .await
+        .expect("a delete in a terminating namespace");
+}
+
+#[tokio::test]
+async fn a_namespace_without_a_project_is_still_404() {
+    let c = Cloud::new().await;
+    let e = refused(c.create(&Obj::server("nowhere", "web-1")).await);
+    assert_eq!(
+        (e.code, e.details.kind.as_deref()),
+        (404, Some("namespaces"))
+    );
+    assert_eq!(e.message, "namespaces \"nowhere\" not found");
+}
+
+#[tokio::test]
+async fn a_project_that_only_changed_since_its_check_admits_the_create() {
+    let c = demo_with_content().await;
+    // Warm the Project's cache, then change the Project (a label, not a deletion) and create
+    // at once: whether the cache has seen the change or the transaction finds it, the create
+    // is checked again and passes.
+    c.create(&keypair("k0")).await.expect("keypair");
+    for i in 0..20 {
+        let label = json!({"metadata": {"labels": {"round": i.to_string()}}});
+        c.patch(&c.target("Project", None, Some("demo")), MERGE, &label, "")
+            .await
+            .expect("label the project");
+        c.create(&keypair(&format!("k{}", i + 1)))
+            .await
+            .expect("a create in an active project");
+        c.create(&port(&format!("p{i}")))
+            .await
+            .expect("a port in an active project");
+    }
+}
+
+/// Creates racing the Project's deletion: every create that succeeds was written before the
+/// deletion began (so whoever lists the namespace after it began sees it), every one refused
+/// is refused as terminating, and what the namespace holds is exactly what succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_create_lands_after_the_deletion_began() {
+    let c = Arc::new(demo_with_content().await);
+    c.create(&keypair("warm")).await.expect("keypair");
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let (c, done) = (Arc::clone(&c), Arc::clone(&done));
+        writers.push(tokio::spawn(async move {
+            let mut out: Vec<(String, Result<i64, ApiError>)> = Vec::new();
+            for i in 0..20_000 {
+                let (obj, name) = match i % 3 {
+                    0 => {
+                        let n = format!("k-{w}-{i}");
+                        (keypair(&n), n)
+                    }
+                    1 => {
+                        let n = format!("p-{w}-{i}");
+                        (port(&n), n)
+                    }
+                    _ => {
+                        let n = format!("s-{w}-{i}");
+                        (Obj::server("demo", &n), n)
+                    }
+                };
+                let r = c.create(&obj).await.map(|v: Value| rv(&v));
+                let refused = r.is_err();
+                out.push((name, r));
+                if refused {
+                    return out;
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+                tokio::task::yield_now().await;
+            }
+            panic!("writer {w} was never refused");
+        }));
+    }
+    while done.load(Ordering::Relaxed) < 80 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let began = delete_demo(&c).await;
+    let mut created = Vec::new();
+    let mut refusals = 0;
+    for w in writers {
+        for (name, r) in w.await.expect("writer") {
+            match r {
+                Ok(at) => {
+                    assert!(
+                        at < began,
+                        "{name} was created at {at}, after the deletion began at {began}"
+                    );
+                    created.push(name);
+                }
+                Err(e) => {
+                    let resource = match name.as_bytes()[0] {
+                        b'k' => "keypairs.compute.stratus.dev",
+                        b'p' => "ports.network.stratus.dev",
+                        _ => "servers.compute.stratus.dev",
+                    };
+                    assert_terminating(&e, resource, &name);
+                    refusals += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(
+        refusals, 8,
+        "every writer was refused once the deletion began"
+    );
+    let mut held: Vec<String> = Vec::new();
+    for kind in ["Keypair", "Port", "Server"] {
+        held.extend(
+            names(&c.list(kind, Some("demo"), "").await.expect("list"))
+                .into_iter()
+                .filter(|n| n.contains('-')),
+        );
+    }
+    held.sort();
+    created.sort();
+    assert_eq!(held, created);
+}
