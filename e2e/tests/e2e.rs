@@ -22,5 +22,6 @@ mod e2e {
     mod scale;
     mod security_groups;
     mod server_ports;
+    mod storage_agent;
     mod watch_feed;
 }

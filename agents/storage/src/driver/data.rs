@@ -13,6 +13,8 @@ use super::{DriverError, Format, cmd, io};
 const CHUNK: usize = 1 << 20;
 
 /// Copies the first `len` bytes of `from` to the start of `to`, then flushes `to` to disk.
+/// `to` must read as zeroes already ([`zero`]): runs of zeroes are not written, so a
+/// sparse backing file stays sparse.
 ///
 /// # Errors
 /// A read or write failed, or `len` is longer than either region.
@@ -34,8 +36,10 @@ pub fn copy(from: &Region, to: &Region, len: u64) -> Result<(), DriverError> {
         let n = usize::try_from((len - done).min(CHUNK as u64)).unwrap_or(CHUNK);
         src.read_exact_at(&mut buf[..n], from.offset + done)
             .map_err(io("read", &from.path))?;
-        dst.write_all_at(&buf[..n], to.offset + done)
-            .map_err(io("write", &to.path))?;
+        if buf[..n].iter().any(|b| *b != 0) {
+            dst.write_all_at(&buf[..n], to.offset + done)
+                .map_err(io("write", &to.path))?;
+        }
         done += n as u64;
     }
     dst.sync_all().map_err(io("flush", &to.path))
