@@ -460,9 +460,9 @@ pub fn plan(desired: &Desired, observed: &ObservedHost) -> Vec<Step> {
     p.steps
 }
 
-/// The steps of one router: its namespace, loopback up, per interface the veth (made anew
-/// when either end is missing), its attributes, MAC and addresses, then forwarding, the
-/// routes (once every address they go through is in place) and the NAT table.
+/// The steps of one router: its namespace, loopback up, forwarding, per interface the veth
+/// (made anew when either end is missing), its MAC, addresses and attributes (up last),
+/// then the routes (once every address they go through is in place) and the NAT table.
 fn router(p: &mut Plan, ns: &Netns, r: &RouterWiring, observed: &ObservedHost) {
     let inner_ns = Netns::Named(r.name.clone());
     let inside = observed.routers.get(&r.name);
@@ -473,6 +473,11 @@ fn router(p: &mut Plan, ns: &Netns, r: &RouterWiring, observed: &ObservedHost) {
         && inside.and_then(|i| i.links.get(&lo)).is_none_or(|l| !l.up)
     {
         p.push(Op::SetUp(inner_ns.clone(), lo));
+    }
+    // Before any interface comes up: a router that moved announces its addresses (the
+    // driver turns on gratuitous ARP with forwarding).
+    if inside.is_none_or(|c| !c.forwarding) {
+        p.push(Op::SetForwarding(inner_ns.clone()));
     }
     // Routes through an address the kernel dropped are gone with it.
     let mut readd_routes = false;
@@ -506,7 +511,6 @@ fn router(p: &mut Plan, ns: &Netns, r: &RouterWiring, observed: &ObservedHost) {
         if peer.is_none_or(|l| l.mac != Some(i.mac)) {
             p.push(Op::SetMac(inner_ns.clone(), i.inner.clone(), i.mac));
         }
-        p.attributes(&inner_ns, &i.inner, peer, Some(i.mtu), None);
         let have = if fresh {
             BTreeSet::new()
         } else {
@@ -522,9 +526,8 @@ fn router(p: &mut Plan, ns: &Netns, r: &RouterWiring, observed: &ObservedHost) {
             readd_routes = true;
             p.push(Op::AddAddress(inner_ns.clone(), i.inner.clone(), *a));
         }
-    }
-    if inside.is_none_or(|c| !c.forwarding) {
-        p.push(Op::SetForwarding(inner_ns.clone()));
+        // Up once addressed, so that its coming up announces its address.
+        p.attributes(&inner_ns, &i.inner, peer, Some(i.mtu), None);
     }
     let have = inside.map(|c| c.routes.clone()).unwrap_or_default();
     for route in have.difference(&r.routes) {

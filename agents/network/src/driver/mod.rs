@@ -208,7 +208,9 @@ pub enum LinkError {
 /// - `routes` lists the namespace's IPv4 routes through a gateway in its main table (the
 ///   connected routes its addresses make are not listed); `add_route` of a gateway no
 ///   address of the namespace reaches is refused; both route verbs are idempotent.
-/// - `set_forwarding` sets the namespace's `net.ipv4.ip_forward`, which `forwarding` reads.
+/// - `set_forwarding` sets the namespace's `net.ipv4.ip_forward`, which `forwarding` reads
+///   (turned on, it also has interfaces announce their address by gratuitous ARP when they
+///   come up).
 pub trait Links: Send + Sync + 'static {
     /// Creates a named network namespace (as `ip netns add`).
     fn add_netns(&self, name: &Name) -> Result<(), LinkError>;

@@ -78,6 +78,9 @@ fn route_message(r: &RouteSpec) -> RouteMessage {
 /// The IPv4 forwarding switch of the namespace the calling thread is in.
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
+/// Gratuitous ARP when an interface comes up, for every interface of the namespace.
+const ARP_NOTIFY: &str = "/proc/sys/net/ipv4/conf/all/arp_notify";
+
 /// The kernel's links, through rtnetlink.
 #[derive(Debug, Default, Clone)]
 pub struct NetlinkLinks;
@@ -782,6 +785,12 @@ impl NetlinkLinks {
             if let Some(on) = set {
                 std::fs::write(IP_FORWARD, if on { "1\n" } else { "0\n" })
                     .map_err(io("set net.ipv4.ip_forward"))?;
+                // A router announces its addresses when an interface comes up (a router
+                // moved to this node takes over its MACs at once, without waiting for
+                // bridges and neighbours to age the old place out).
+                if on {
+                    std::fs::write(ARP_NOTIFY, "1\n").map_err(io("set arp_notify"))?;
+                }
             }
             let v = std::fs::read_to_string(IP_FORWARD).map_err(io("read net.ipv4.ip_forward"))?;
             Ok(v.trim() == "1")
