@@ -1,12 +1,14 @@
 //! Stratus cluster-wide reconcilers, each driven by kube-runtime against the API server, run
 //! by whichever `stratus controllers` instance holds the leader Lease.
 
+pub mod floating_ips;
 pub mod gc;
 pub mod images;
 pub mod nodes;
 pub mod ports;
 pub mod project;
 pub mod quota;
+pub mod routers;
 pub mod scheduler;
 pub mod security_groups;
 
@@ -178,6 +180,8 @@ async fn every_controller(
         () = scheduler::run(client.clone(), weigher) => { stopped("scheduler"); Ok(()) }
         () = nodes::run(client.clone()) => { stopped("node lifecycle"); Ok(()) }
         () = ports::run(client.clone()) => { stopped("ports"); Ok(()) }
+        () = routers::run(client.clone()) => { stopped("routers"); Ok(()) }
+        () = floating_ips::run(client.clone()) => { stopped("floating IPs"); Ok(()) }
         () = security_groups::run(client.clone()) => { stopped("default security groups"); Ok(()) }
         () = images::run(client, image_dir, image_policy) => { stopped("images"); Ok(()) }
     }

@@ -18,6 +18,7 @@ mod e2e {
     mod network_agent;
     mod quota;
     mod replicas;
+    mod routers_api;
     mod runtime;
     mod scale;
     mod security_groups;

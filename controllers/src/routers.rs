@@ -1,0 +1,711 @@
+//! The routers controller: each Router is placed on a node whose network agent's Lease (in
+//! [`NETWORK_AGENT_LEASE_NAMESPACE`]) is fresh and that has the external network's physical
+//! network, fewest routers first, and moved when that Lease expires; it gets a Port per
+//! interface (in its namespace, controlled by it, taking the subnet's gateway address) and a
+//! Port on its external network (in that network's namespace, its address allocated as any
+//! port's), each placed on the router's node (`status.hypervisor`); `status.node`,
+//! `status.interfaces`, `status.externalGatewayPort` and `status.externalGatewayIPs` say what
+//! it got, its `Scheduled` condition where it runs or why nowhere.
+//!
+//! A Router's finalizer deletes its Ports (the gateway Port lives in another namespace, out of
+//! the garbage collector's reach) before it goes, so deleting a Router gives every address
+//! back. The network agent trusts only `status.interfaces[].port` and
+//! `status.externalGatewayPort` (written here) to know a Port is a router's.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use stratus_api_types::common::{Blocked, ConditionType, Reason};
+use stratus_api_types::network::{
+    FixedIP, NETWORK_AGENT_LEASE_NAMESPACE, Network, PHYSICAL_NETWORKS_ANNOTATION, Port, PortSpec,
+    Router, RouterInterfaceStatus, Segmentation, Subnet, network_ref,
+};
+use stratus_runtime::finalizer::{self, Stage};
+use stratus_runtime::policy::kube_retry;
+use stratus_runtime::{Classify, Retry, Runtime};
+
+/// The field manager of the statuses this controller writes (Routers and their Ports).
+const MANAGER: &str = "stratus-routers-controller";
+
+/// The finalizer that deletes a Router's Ports before it goes.
+pub const FINALIZER: &str = "network.stratus.dev/router-ports";
+
+/// How often every router is looked at again: a Lease that stops being renewed sends no event.
+const RESYNC: Duration = Duration::from_secs(5);
+
+/// Why a reconcile failed, and whether retrying can help.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutersError {
+    /// A request to the API server failed.
+    #[error("request to the API server")]
+    Api(#[source] kube::Error),
+    /// An object without a namespace or uid (a bug elsewhere).
+    #[error("object lacks a namespace or uid")]
+    Incomplete,
+}
+
+impl Classify for RoutersError {
+    fn retry(&self) -> Retry {
+        match self {
+            Self::Api(e) => kube_retry(e),
+            Self::Incomplete => Retry::Never,
+        }
+    }
+}
+
+impl From<kube::Error> for RoutersError {
+    fn from(e: kube::Error) -> Self {
+        Self::Api(e)
+    }
+}
+
+/// A network agent as its Lease shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Agent {
+    /// The node's name.
+    pub node: String,
+    /// Whether its Lease is fresh (renewed within its duration).
+    pub fresh: bool,
+    /// The physical networks it has an interface on.
+    pub physical_networks: Vec<String>,
+}
+
+impl Agent {
+    /// The agent a Lease describes, as of `now`.
+    pub fn of(lease: &Lease, now: jiff::Timestamp) -> Self {
+        let fresh = lease.spec.as_ref().is_some_and(|s| {
+            match (s.renew_time.as_ref(), s.lease_duration_seconds) {
+                (Some(t), Some(d)) => {
+                    t.0.checked_add(jiff::SignedDuration::from_secs(i64::from(d)))
+                        .is_ok_and(|until| until > now)
+                }
+                _ => false,
+            }
+        });
+        let physical_networks = lease
+            .annotations()
+            .get(PHYSICAL_NETWORKS_ANNOTATION)
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            node: lease.name_any(),
+            fresh,
+            physical_networks,
+        }
+    }
+}
+
+/// Where a router runs: its node while that node's agent is fresh and has `physical` (the
+/// external network's physical network, for a flat one); else the fresh agent with
+/// `physical` hosting the fewest routers (`load`: routers per node), by name among equals.
+///
+/// # Errors
+/// Why no node can take it.
+pub fn place(
+    current: Option<&str>,
+    physical: Option<&str>,
+    agents: &[Agent],
+    load: &BTreeMap<String, usize>,
+) -> Result<String, Blocked> {
+    let fits =
+        |a: &&Agent| a.fresh && physical.is_none_or(|p| a.physical_networks.iter().any(|n| n == p));
+    let candidates: Vec<&Agent> = agents.iter().filter(fits).collect();
+    if let Some(c) = current.filter(|c| candidates.iter().any(|a| a.node == *c)) {
+        return Ok(c.to_string());
+    }
+    candidates
+        .iter()
+        .min_by_key(|a| (load.get(&a.node).copied().unwrap_or(0), a.node.clone()))
+        .map(|a| a.node.clone())
+        .ok_or_else(|| {
+            let what = match physical {
+                Some(p) => {
+                    format!("no network agent with a fresh Lease has physical network {p:?}")
+                }
+                None => "no network agent has a fresh Lease".to_string(),
+            };
+            let lost = current
+                .map(|c| format!(" (node {c} was lost)"))
+                .unwrap_or_default();
+            Blocked::new(Reason::Unschedulable, format!("{what}{lost}"))
+        })
+}
+
+/// The name of a Router's interface Port on the Subnet of uid `subnet_uid`: one per subnet
+/// (it holds the subnet's gateway address).
+pub fn interface_port_name(subnet_uid: &str) -> String {
+    format!("rif-{subnet_uid}")
+}
+
+/// The name of the gateway Port of the Router of uid `router_uid`.
+pub fn gateway_port_name(router_uid: &str) -> String {
+    format!("rgw-{router_uid}")
+}
+
+/// The owner reference a Router's interface Ports carry.
+pub fn owner_reference(router: &Router) -> Option<OwnerReference> {
+    Some(OwnerReference {
+        api_version: Router::api_version(&()).into_owned(),
+        kind: Router::kind(&()).into_owned(),
+        name: router.metadata.name.clone()?,
+        uid: router.metadata.uid.clone()?,
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    })
+}
+
+/// Whether `port` is controlled by the Router of uid `uid`.
+fn owned_by(port: &Port, uid: &str) -> bool {
+    port.owner_references()
+        .iter()
+        .any(|o| o.controller == Some(true) && o.kind == "Router" && o.uid == uid)
+}
+
+/// A router Port on `network` taking `fixed` (none: allocated), with port security off (a
+/// router forwards for other addresses).
+pub fn router_port(name: &str, ns: &str, network: &str, fixed: Vec<FixedIP>, what: String) -> Port {
+    let mut port = Port::new(
+        name,
+        PortSpec {
+            network: network.to_string(),
+            fixed_ips: fixed,
+            mac_address: None,
+            security_groups: Some(Vec::new()),
+            port_security_enabled: Some(false),
+            allowed_address_pairs: Vec::new(),
+            description: Some(what),
+        },
+    );
+    port.metadata.namespace = Some(ns.to_string());
+    port
+}
+
+struct Ctx {
+    client: Client,
+    routers: Runtime<Router>,
+    ports: Runtime<Port>,
+    leases: Store<Lease>,
+    store: Store<Router>,
+}
+
+async fn reconcile(router: Arc<Router>, ctx: Arc<Ctx>) -> Result<Action, RoutersError> {
+    let result = match finalizer::stage(&*router, FINALIZER) {
+        Stage::Adopt => finalizer::add(&ctx.client, &*router, FINALIZER)
+            .await
+            .map(|()| Action::await_change())
+            .map_err(RoutersError::Api),
+        Stage::Live => sync(&router, &ctx).await,
+        Stage::Cleanup => cleanup(&router, &ctx).await,
+        Stage::Gone => Ok(Action::await_change()),
+    };
+    ctx.routers.finish(&router, result).await
+}
+
+fn error_policy(router: Arc<Router>, e: &RoutersError, ctx: Arc<Ctx>) -> Action {
+    ctx.routers.error_policy(&router, e)
+}
+
+/// What one interface needs, or why it cannot be made now.
+enum Interface {
+    Ready(Box<Port>, RouterInterfaceStatus),
+    Blocked(Blocked),
+}
+
+/// The Port of interface `i` (on subnet `name`), created if absent.
+async fn interface(
+    router: &Router,
+    ns: &str,
+    i: usize,
+    name: &str,
+    ctx: &Ctx,
+) -> Result<Interface, RoutersError> {
+    let uid = router.uid().ok_or(RoutersError::Incomplete)?;
+    let field = format!("spec.interfaces[{i}]");
+    let Some(subnet) = Api::<Subnet>::namespaced(ctx.client.clone(), ns)
+        .get_opt(name)
+        .await?
+    else {
+        return Ok(Interface::Blocked(Blocked::new(
+            Reason::SubnetNotFound,
+            format!("{field}: subnet {name:?} does not exist"),
+        )));
+    };
+    let gateway = subnet.status.as_ref().and_then(|s| s.gateway_ip.clone());
+    let (Some(gateway), Some(subnet_uid)) = (gateway, subnet.uid()) else {
+        return Ok(Interface::Blocked(Blocked::new(
+            Reason::SubnetNotFound,
+            format!("{field}: subnet {name:?} has no gateway address"),
+        )));
+    };
+    let port_name = interface_port_name(&subnet_uid);
+    let api = Api::<Port>::namespaced(ctx.client.clone(), ns);
+    let port = match api.get_opt(&port_name).await? {
+        Some(p) if owned_by(&p, &uid) => p,
+        Some(_) => {
+            return Ok(Interface::Blocked(Blocked::new(
+                Reason::PortInUse,
+                format!("{field}: subnet {name:?}'s gateway is another router's interface"),
+            )));
+        }
+        None => {
+            let mut port = router_port(
+                &port_name,
+                ns,
+                &subnet.spec.network,
+                vec![FixedIP {
+                    subnet: Some(name.to_string()),
+                    ip_address: Some(gateway.clone()),
+                }],
+                format!("interface of router {} on subnet {name}", router.name_any()),
+            );
+            port.metadata.owner_references = owner_reference(router).map(|o| vec![o]);
+            match api.create(&PostParams::default(), &port).await {
+                Ok(p) => {
+                    tracing::info!(router = %router.name_any(), port = %port_name, "created the router's interface");
+                    p
+                }
+                Err(kube::Error::Api(e))
+                    if (400..500).contains(&e.code) && e.reason != "AlreadyExists" =>
+                {
+                    return Ok(Interface::Blocked(Blocked::new(
+                        Reason::PortRefused,
+                        format!(
+                            "{field}: creating port {port_name:?} was refused: {}",
+                            e.message
+                        ),
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    let status = RouterInterfaceStatus {
+        subnet: name.to_string(),
+        ip_address: gateway,
+        port: Some(port_name),
+    };
+    Ok(Interface::Ready(Box::new(port), status))
+}
+
+/// The external network a Router's gateway is on (its namespace and Network), if it has one
+/// that exists.
+async fn external_network(
+    router: &Router,
+    ns: &str,
+    ctx: &Ctx,
+) -> Result<Option<(String, Network)>, RoutersError> {
+    let Some(gw) = &router.spec.external_gateway else {
+        return Ok(None);
+    };
+    let (net_ns, name) = network_ref(ns, &gw.network);
+    let net = Api::<Network>::namespaced(ctx.client.clone(), net_ns)
+        .get_opt(name)
+        .await?;
+    Ok(net.map(|n| (net_ns.to_string(), n)))
+}
+
+/// Places a Router, makes its Ports, places them with it, and reports it all in its status.
+async fn sync(router: &Router, ctx: &Ctx) -> Result<Action, RoutersError> {
+    let ns = router.namespace().ok_or(RoutersError::Incomplete)?;
+    let uid = router.uid().ok_or(RoutersError::Incomplete)?;
+    let gen_ = router.metadata.generation;
+    let mut status = router.status.clone().unwrap_or_default();
+    let mut blocked: Option<Blocked> = None;
+    // The external network, and the physical network the router's node needs.
+    let external = external_network(router, &ns, ctx).await?;
+    if let (Some(gw), None) = (&router.spec.external_gateway, &external) {
+        blocked = Some(Blocked::new(
+            Reason::ExternalNetworkNotFound,
+            format!(
+                "spec.externalGateway.network: network {:?} does not exist",
+                gw.network
+            ),
+        ));
+    }
+    let physical = external.as_ref().and_then(|(_, n)| {
+        (n.spec.segmentation == Segmentation::Flat)
+            .then(|| n.spec.physical_network.clone())
+            .flatten()
+    });
+    // Placement.
+    stratus_runtime::store_ready(&ctx.leases).await;
+    let now = jiff::Timestamp::now();
+    let agents: Vec<Agent> = ctx
+        .leases
+        .state()
+        .iter()
+        .map(|l| Agent::of(l, now))
+        .collect();
+    let mut load = BTreeMap::new();
+    for r in ctx.store.state() {
+        if r.uid() != router.uid()
+            && let Some(n) = r.status.as_ref().and_then(|s| s.node.clone())
+        {
+            *load.entry(n).or_insert(0) += 1;
+        }
+    }
+    let current = status.node.clone();
+    let node = match place(current.as_deref(), physical.as_deref(), &agents, &load) {
+        Ok(n) => {
+            let message = format!("on node {n}");
+            if current.as_deref() != Some(n.as_str()) {
+                tracing::info!(router = %router.name_any(), node = %n, from = ?current, "placing the router");
+            }
+            ConditionType::Scheduled
+                .yes(Reason::Bound, message)
+                .set(&mut status.conditions, gen_);
+            Some(n)
+        }
+        Err(b) => {
+            b.condition(ConditionType::Scheduled)
+                .set(&mut status.conditions, gen_);
+            None
+        }
+    };
+    status.node = node.clone();
+    // Interfaces.
+    let mut ports: Vec<Port> = Vec::new();
+    let mut interfaces = Vec::new();
+    for (i, iface) in router.spec.interfaces.iter().enumerate() {
+        match interface(router, &ns, i, &iface.subnet, ctx).await? {
+            Interface::Ready(p, s) => {
+                ports.push(*p);
+                interfaces.push(s);
+            }
+            Interface::Blocked(b) => {
+                blocked.get_or_insert(b);
+            }
+        }
+    }
+    // Interfaces no longer asked for go.
+    let api = Api::<Port>::namespaced(ctx.client.clone(), &ns);
+    for p in api.list(&ListParams::default()).await? {
+        let wanted = interfaces
+            .iter()
+            .any(|s| s.port.as_deref() == Some(p.name_any().as_str()));
+        if owned_by(&p, &uid) && !wanted && p.metadata.deletion_timestamp.is_none() {
+            tracing::info!(router = %router.name_any(), port = %p.name_any(), "deleting an interface the router no longer has");
+            delete_port(&api, &p.name_any()).await?;
+        }
+    }
+    status.interfaces = interfaces;
+    // The gateway Port, on the external network in its namespace.
+    let gw_name = gateway_port_name(&uid);
+    let old_gw = status.external_gateway_port.clone();
+    match &external {
+        Some((net_ns, net)) => {
+            let gw_api = Api::<Port>::namespaced(ctx.client.clone(), net_ns);
+            let port = match gw_api.get_opt(&gw_name).await? {
+                Some(p) => Some(p),
+                None => {
+                    let port = router_port(
+                        &gw_name,
+                        net_ns,
+                        &net.name_any(),
+                        Vec::new(),
+                        format!("gateway of router {ns}/{}", router.name_any()),
+                    );
+                    match gw_api.create(&PostParams::default(), &port).await {
+                        Ok(p) => {
+                            tracing::info!(router = %router.name_any(), port = %gw_name, "created the router's gateway port");
+                            Some(p)
+                        }
+                        Err(kube::Error::Api(e))
+                            if (400..500).contains(&e.code) && e.reason != "AlreadyExists" =>
+                        {
+                            blocked.get_or_insert(Blocked::new(
+                                Reason::PortRefused,
+                                format!(
+                                    "spec.externalGateway: creating port {net_ns}/{gw_name} was refused: {}",
+                                    e.message
+                                ),
+                            ));
+                            None
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            };
+            status.external_gateway_port = port.as_ref().map(|_| format!("{net_ns}/{gw_name}"));
+            status.external_gateway_ips = port
+                .as_ref()
+                .and_then(|p| p.status.as_ref())
+                .map(|s| s.fixed_ips.iter().map(|f| f.ip_address.clone()).collect())
+                .unwrap_or_default();
+            ports.extend(port);
+        }
+        None => {
+            status.external_gateway_port = None;
+            status.external_gateway_ips = Vec::new();
+        }
+    }
+    if let Some(old) = old_gw.filter(|o| Some(o) != status.external_gateway_port.as_ref())
+        && let Some((old_ns, old_name)) = old.split_once('/')
+    {
+        tracing::info!(router = %router.name_any(), port = %old, "deleting the router's former gateway port");
+        delete_port(&Api::namespaced(ctx.client.clone(), old_ns), old_name).await?;
+    }
+    // Every router Port is placed with the router.
+    for port in &ports {
+        let mut want = port.status.clone().unwrap_or_default();
+        want.hypervisor = node.clone();
+        if port.status.as_ref() != Some(&want) {
+            ctx.ports.write_status(port, &want).await?;
+        }
+    }
+    match &blocked {
+        Some(b) => b.condition(ConditionType::Allocated),
+        None => ConditionType::Allocated.yes(
+            Reason::PortsAllocated,
+            format!(
+                "{} interface(s){}",
+                status.interfaces.len(),
+                match &status.external_gateway_port {
+                    Some(p) => format!(", gateway port {p}"),
+                    None => String::new(),
+                }
+            ),
+        ),
+    }
+    .set(&mut status.conditions, gen_);
+    status.observed_generation = gen_;
+    ctx.routers.write_status(router, &status).await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Deletes a Port (gone already is done).
+async fn delete_port(api: &Api<Port>, name: &str) -> Result<(), RoutersError> {
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A deleted Router's Ports go, then its finalizer.
+async fn cleanup(router: &Router, ctx: &Ctx) -> Result<Action, RoutersError> {
+    let ns = router.namespace().ok_or(RoutersError::Incomplete)?;
+    let uid = router.uid().ok_or(RoutersError::Incomplete)?;
+    let mut left = Vec::new();
+    let api = Api::<Port>::namespaced(ctx.client.clone(), &ns);
+    for p in api.list(&ListParams::default()).await? {
+        if owned_by(&p, &uid) {
+            delete_port(&api, &p.name_any()).await?;
+            left.push(format!("{ns}/{}", p.name_any()));
+        }
+    }
+    // The gateway Port, wherever the status or the spec puts it.
+    let mut gateways: Vec<(String, String)> = router
+        .status
+        .as_ref()
+        .and_then(|s| s.external_gateway_port.as_deref())
+        .and_then(|p| p.split_once('/'))
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .into_iter()
+        .collect();
+    if let Some(gw) = &router.spec.external_gateway {
+        let (net_ns, _) = network_ref(&ns, &gw.network);
+        gateways.push((net_ns.to_string(), gateway_port_name(&uid)));
+    }
+    for (gw_ns, name) in gateways {
+        let api = Api::<Port>::namespaced(ctx.client.clone(), &gw_ns);
+        if api.get_opt(&name).await?.is_some() {
+            delete_port(&api, &name).await?;
+            left.push(format!("{gw_ns}/{name}"));
+        }
+    }
+    if left.is_empty() {
+        finalizer::release(&ctx.client, router, FINALIZER).await?;
+        tracing::info!(router = %router.name_any(), "the router's ports are gone");
+        return Ok(Action::await_change());
+    }
+    tracing::info!(router = %router.name_any(), ports = ?left, "deleting the router's ports");
+    Ok(Action::requeue(Duration::from_secs(1)))
+}
+
+/// Runs the routers controller until its watches end.
+pub async fn run(client: Client) {
+    let (leases, lease_writer) = reflector::store();
+    let lease_stream = watcher(
+        Api::<Lease>::namespaced(client.clone(), NETWORK_AGENT_LEASE_NAMESPACE),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(lease_writer)
+    .applied_objects();
+    let controller = Controller::new(
+        Api::<Router>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let store = controller.store();
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        routers: Runtime::new(client.clone(), MANAGER),
+        ports: Runtime::new(client.clone(), MANAGER),
+        leases,
+        store: store.clone(),
+    });
+    let by_node = store.clone();
+    let all = store.clone();
+    controller
+        // An agent's Lease changing (appearing, renewed, its annotations) may move routers
+        // off or onto it; an unplaced router may find a node.
+        .watches_stream(lease_stream, move |l: Lease| {
+            let node = l.name_any();
+            by_node
+                .state()
+                .into_iter()
+                .filter(|r| {
+                    let on = r.status.as_ref().and_then(|s| s.node.as_deref());
+                    on.is_none() || on == Some(node.as_str())
+                })
+                .map(|r| ObjectRef::from_obj(&*r))
+                .collect::<Vec<_>>()
+        })
+        // A router's Port changing (its address allocated, deleted by hand).
+        .owns(Api::<Port>::all(client.clone()), watcher::Config::default())
+        // A Subnet appearing lets a router waiting for it make its interface.
+        .watches(
+            Api::<Subnet>::all(client),
+            watcher::Config::default(),
+            move |s| {
+                let ns = s.namespace();
+                let name = s.name_any();
+                all.state()
+                    .into_iter()
+                    .filter(|r| {
+                        r.namespace() == ns && r.spec.interfaces.iter().any(|i| i.subnet == name)
+                    })
+                    .map(|r| ObjectRef::from_obj(&*r))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {})
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(node: &str, fresh: bool, physical: &[&str]) -> Agent {
+        Agent {
+            node: node.into(),
+            fresh,
+            physical_networks: physical.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_router_stays_on_its_node_while_that_agent_is_fresh() {
+        let agents = [agent("a", true, &[]), agent("b", true, &[])];
+        let load = BTreeMap::from([("a".to_string(), 5)]);
+        assert_eq!(place(Some("a"), None, &agents, &load).as_deref(), Ok("a"));
+    }
+
+    #[test]
+    fn a_router_goes_to_the_least_loaded_fresh_agent_with_its_physical_network() {
+        let agents = [
+            agent("a", true, &["physnet1"]),
+            agent("b", true, &["physnet1"]),
+            agent("c", true, &[]),
+            agent("d", false, &["physnet1"]),
+        ];
+        let load = BTreeMap::from([("a".to_string(), 2), ("b".to_string(), 1)]);
+        assert_eq!(
+            place(None, Some("physnet1"), &agents, &load).as_deref(),
+            Ok("b")
+        );
+        assert_eq!(place(None, None, &agents, &load).as_deref(), Ok("c"));
+        // Its node's Lease expired: moved.
+        assert_eq!(
+            place(Some("d"), Some("physnet1"), &agents, &load).as_deref(),
+            Ok("b")
+        );
+        // Its node lacks the physical network (the Lease changed): moved.
+        assert_eq!(
+            place(Some("c"), Some("physnet1"), &agents, &load).as_deref(),
+            Ok("b")
+        );
+        // Equal load: by name.
+        assert_eq!(
+            place(None, Some("physnet1"), &agents, &BTreeMap::new()).as_deref(),
+            Ok("a")
+        );
+    }
+
+    #[test]
+    fn no_fresh_agent_says_why() {
+        let agents = [agent("a", false, &["physnet1"]), agent("b", true, &[])];
+        let b = place(Some("a"), Some("physnet1"), &agents, &BTreeMap::new()).expect_err("none");
+        assert_eq!(b.reason, Reason::Unschedulable);
+        assert!(
+            b.message.contains("physnet1") && b.message.contains("node a was lost"),
+            "{}",
+            b.message
+        );
+        let b = place(None, None, &[], &BTreeMap::new()).expect_err("none");
+        assert!(b.message.contains("no network agent"), "{}", b.message);
+    }
+
+    #[test]
+    fn a_lease_is_fresh_until_its_duration_after_its_renewal() {
+        use k8s_openapi::api::coordination::v1::LeaseSpec;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+        let now = jiff::Timestamp::now();
+        let lease = |renewed_ago: i64| {
+            let mut l = Lease {
+                spec: Some(LeaseSpec {
+                    holder_identity: Some("a".into()),
+                    lease_duration_seconds: Some(10),
+                    renew_time: Some(MicroTime(
+                        now.checked_sub(jiff::SignedDuration::from_secs(renewed_ago))
+                            .expect("time"),
+                    )),
+                    ..LeaseSpec::default()
+                }),
+                ..Lease::default()
+            };
+            l.metadata.name = Some("a".into());
+            l.metadata.annotations = Some(
+                [(
+                    PHYSICAL_NETWORKS_ANNOTATION.to_string(),
+                    "physnet1, ext2,".to_string(),
+                )]
+                .into(),
+            );
+            l
+        };
+        let a = Agent::of(&lease(3), now);
+        assert!(a.fresh);
+        assert_eq!(a.physical_networks, ["physnet1", "ext2"]);
+        assert!(!Agent::of(&lease(11), now).fresh);
+        assert!(!Agent::of(&Lease::default(), now).fresh);
+    }
+
+    #[test]
+    fn router_ports_are_named_after_what_they_hold_and_skip_port_security() {
+        assert_eq!(interface_port_name("u-1"), "rif-u-1");
+        assert_eq!(gateway_port_name("u-2"), "rgw-u-2");
+        let p = router_port("rgw-u", "ops", "ext", Vec::new(), "gateway".into());
+        assert_eq!(p.spec.port_security_enabled, Some(false));
+        assert_eq!(p.spec.security_groups, Some(Vec::new()));
+        assert_eq!(p.metadata.namespace.as_deref(), Some("ops"));
+    }
+}
