@@ -15,6 +15,7 @@ mod e2e {
     mod ipam;
     mod kubectl;
     mod leader;
+    mod namespace_lifecycle;
     mod network_agent;
     mod quota;
     mod replicas;
