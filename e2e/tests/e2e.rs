@@ -19,6 +19,7 @@ mod e2e {
     mod network_agent;
     mod quota;
     mod replicas;
+    mod routers;
     mod routers_api;
     mod runtime;
     mod scale;

@@ -1,0 +1,552 @@
+//! Routers and floating IPs end to end: two network nodes (namespaces joined by a veth
+//! underlay on 192.0.2.0/24, each with `stratus agent --roles network --physical-interface
+//! physnet1=physnet`), an "external" namespace whose bridge joins both nodes' `physnet`
+//! interfaces (203.0.113.1/24), an admin's flat external Network on physnet1, a tenant
+//! Network with a guest (a namespace plugged in as its Port's device) on one node and a
+//! Router placed by the routers controller on the other. The guest reaches the external
+//! side SNATed to the router's gateway address; a FloatingIP reaches the guest from outside
+//! and is what the guest leaves as; a deleted FloatingIP reaches nothing; when the router's
+//! node dies (its agent killed, its router namespace gone) the router moves to the other
+//! node and the floating IP reaches the guest again.
+//!
+//! Each agent runs as its node (`system:node:NAME`), through the node authorizer.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use stratus_e2e::{Apiserver, Etcd, Proc, stratus_bin, wait_until};
+
+const NS: &str = "rtrdemo";
+const EXT_NS: &str = "rtrext";
+const EXTERNAL: &str = "203.0.113.1";
+
+fn ip(args: &[&str]) -> Result<String> {
+    let out = Command::new("ip").args(args).output().context("run ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `args` inside namespace `ns`: whether it succeeded, and what it printed.
+fn exec(ns: &str, args: &[&str]) -> (bool, String) {
+    match Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+    {
+        Ok(o) => (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        ),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+fn ping(from: &str, to: &str) -> bool {
+    exec(from, &["busybox", "ping", "-c", "1", "-W", "1", to]).0
+}
+
+/// Namespaces, DHCP servers and processes the test (and its agents) made, removed when
+/// dropped.
+struct Host {
+    namespaces: Vec<String>,
+    /// The agents' DHCP state directories: one directory per server, named as its namespace.
+    dhcp_dirs: Vec<PathBuf>,
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        for dir in &self.dhcp_dirs {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if let Ok(pid) = std::fs::read_to_string(e.path().join("pid")) {
+                    let _ = Command::new("kill").arg(pid.trim()).status();
+                }
+                let _ = ip(&["netns", "del", &e.file_name().to_string_lossy()]);
+            }
+        }
+        for n in &self.namespaces {
+            let _ = ip(&["netns", "del", n]);
+        }
+    }
+}
+
+fn kubectl(api: &Apiserver, ns: &str, args: &[&str]) -> Result<String> {
+    let mut full = vec!["-n", ns];
+    full.extend_from_slice(args);
+    api.kubectl_ok(&full)
+}
+
+fn jsonpath(api: &Apiserver, ns: &str, kind: &str, name: &str, path: &str) -> Result<String> {
+    kubectl(
+        api,
+        ns,
+        &["get", kind, name, "-o", &format!("jsonpath={path}")],
+    )
+}
+
+fn patch_status(api: &Apiserver, kind: &str, name: &str, status: serde_json::Value) -> Result<()> {
+    let body = serde_json::json!({ "status": status }).to_string();
+    kubectl(
+        api,
+        NS,
+        &[
+            "patch",
+            kind,
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &body,
+        ],
+    )?;
+    Ok(())
+}
+
+/// Gives each of `nodes` its identity (`system:node:NAME`) and a kubeconfig for it in
+/// `dir`; the API server is restarted to read the tokens.
+fn node_identities(api: &mut Apiserver, nodes: &[&str], dir: &Path) -> Result<()> {
+    let admin = api.kubeconfig();
+    let tokens = admin.with_file_name("tokens.csv");
+    let mut text = std::fs::read_to_string(&tokens)?;
+    let kubeconfig = std::fs::read_to_string(&admin)?;
+    for node in nodes {
+        let token = format!("{node}-token-0123456789abcdef");
+        text.push_str(&format!("{token},system:node:{node}\n"));
+        std::fs::write(
+            dir.join(format!("{node}.kubeconfig")),
+            kubeconfig.replace(stratus_e2e::TEST_TOKEN, &token),
+        )?;
+    }
+    std::fs::write(&tokens, text)?;
+    api.restart()
+}
+
+/// A node's network agent, with `physnet` as its interface for physnet1.
+fn agent(node: &str, underlay: &str, state: &Path, kubeconfigs: &Path) -> Result<Proc> {
+    Proc::spawn(
+        &format!("network agent of {node}"),
+        Command::new(stratus_bin())
+            .args(["agent", "--roles", "network", "--node", node])
+            .arg("--kubeconfig")
+            .arg(kubeconfigs.join(format!("{node}.kubeconfig")))
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--network-namespace", node, "--network-resync-seconds", "1"])
+            .args(["--underlay-ip", underlay])
+            .args(["--physical-interface", "physnet1=physnet"]),
+        &state.join("agent.log"),
+    )
+}
+
+/// Counts, in namespace `ns`, the ICMP echo requests that arrive from each of `sources`.
+fn count_pings_from(ns: &str, sources: &[&str]) -> Result<()> {
+    let run = |args: &[&str]| -> Result<()> {
+        let (ok, out) = exec(ns, args);
+        anyhow::ensure!(ok, "{args:?}: {out}");
+        Ok(())
+    };
+    run(&["nft", "add", "table", "ip", "probe"])?;
+    run(&[
+        "nft",
+        "add",
+        "chain",
+        "ip",
+        "probe",
+        "in",
+        "{ type filter hook input priority 0 ; }",
+    ])?;
+    for s in sources {
+        run(&[
+            "nft",
+            "add",
+            "rule",
+            "ip",
+            "probe",
+            "in",
+            "ip",
+            "saddr",
+            s,
+            "icmp",
+            "type",
+            "echo-request",
+            "counter",
+        ])?;
+    }
+    Ok(())
+}
+
+/// The echo requests counted from `source` so far.
+fn pings_counted(ns: &str, source: &str) -> Result<u64> {
+    let (ok, out) = exec(ns, &["nft", "list", "chain", "ip", "probe", "in"]);
+    anyhow::ensure!(ok, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains(&format!("ip saddr {source} ")))
+        .with_context(|| format!("no counter for {source}: {out}"))?;
+    line.split("packets ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no packet count in {line}"))
+}
+
+/// The router namespaces (`qrouter-…`) holding a link with MAC `mac`.
+fn router_namespaces(mac: &str) -> Vec<String> {
+    let list = ip(&["netns", "list"]).unwrap_or_default();
+    list.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with("qrouter-"))
+        .filter(|n| {
+            ip(&["-n", n, "-j", "link", "show"])
+                .ok()
+                .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
+                .and_then(|v| v.as_array().cloned())
+                .into_iter()
+                .flatten()
+                .any(|l| l.get("address").and_then(|a| a.as_str()) == Some(mac))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+fn logs(states: &[&Path]) -> String {
+    states
+        .iter()
+        .map(|s| std::fs::read_to_string(s.join("agent.log")).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n----\n")
+}
+
+#[test]
+fn a_floating_ip_reaches_a_guest_through_a_router_that_moves_when_its_node_dies() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let mut api = Apiserver::start_on(&etcd)?;
+    api.projects(&[NS, EXT_NS])?;
+    let tag = std::process::id();
+    let (n1, n2) = (format!("srtr-{tag}-n1"), format!("srtr-{tag}-n2"));
+    let (guest, ext) = (format!("srtr-{tag}-g"), format!("srtr-{tag}-x"));
+    let (s1, s2) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let mut host = Host {
+        namespaces: vec![n1.clone(), n2.clone(), guest.clone(), ext.clone()],
+        dhcp_dirs: vec![
+            s1.path().join("network/dhcp"),
+            s2.path().join("network/dhcp"),
+        ],
+    };
+    for n in [&n1, &n2, &guest, &ext] {
+        ip(&["netns", "add", n])?;
+    }
+    ip(&[
+        "link", "add", "underlay", "netns", &n1, "type", "veth", "peer", "name", "underlay",
+        "netns", &n2,
+    ])?;
+    for (n, a) in [(&n1, "192.0.2.1/24"), (&n2, "192.0.2.2/24")] {
+        ip(&["-n", n, "addr", "add", a, "dev", "underlay"])?;
+        ip(&["-n", n, "link", "set", "underlay", "up"])?;
+    }
+    // The external side: a bridge with an address, each node's `physnet` plugged into it.
+    ip(&["-n", &ext, "link", "add", "br-ext", "type", "bridge"])?;
+    ip(&["-n", &ext, "addr", "add", "203.0.113.1/24", "dev", "br-ext"])?;
+    ip(&["-n", &ext, "link", "set", "br-ext", "up"])?;
+    ip(&["-n", &ext, "link", "set", "lo", "up"])?;
+    for (i, n) in [&n1, &n2].into_iter().enumerate() {
+        let end = format!("e-n{}", i + 1);
+        ip(&[
+            "link", "add", "physnet", "netns", n, "type", "veth", "peer", "name", &end, "netns",
+            &ext,
+        ])?;
+        ip(&["-n", &ext, "link", "set", &end, "master", "br-ext", "up"])?;
+        ip(&["-n", n, "link", "set", "physnet", "up"])?;
+    }
+
+    let controllers = Proc::spawn(
+        "stratus controllers",
+        Command::new(stratus_bin())
+            .arg("controllers")
+            .arg("--kubeconfig")
+            .arg(api.kubeconfig())
+            .args(["--lease-seconds", "6"]),
+        &s1.path().join("controllers.log"),
+    )?;
+
+    // The operator's external network (flat on physnet1), a tenant network with a guest's
+    // port, and a router between them.
+    api.kubectl_in(
+        &["apply", "-f", "-"],
+        &format!(
+            r#"
+apiVersion: compute.stratus.dev/v1
+kind: Hypervisor
+metadata: {{name: {n1}}}
+spec: {{hypervisorType: qemu}}
+---
+apiVersion: compute.stratus.dev/v1
+kind: Hypervisor
+metadata: {{name: {n2}}}
+spec: {{hypervisorType: qemu}}
+---
+apiVersion: network.stratus.dev/v1
+kind: Network
+metadata: {{name: ext, namespace: {EXT_NS}}}
+spec: {{external: true, segmentation: flat, physicalNetwork: physnet1, mtu: 1500}}
+---
+apiVersion: network.stratus.dev/v1
+kind: Subnet
+metadata: {{name: ext-sn, namespace: {EXT_NS}}}
+spec:
+  network: ext
+  cidr: 203.0.113.0/24
+  gatewayIP: 203.0.113.1
+  enableDHCP: false
+  allocationPools: [{{start: 203.0.113.10, end: 203.0.113.50}}]
+---
+apiVersion: network.stratus.dev/v1
+kind: Network
+metadata: {{name: net, namespace: {NS}}}
+spec: {{}}
+---
+apiVersion: network.stratus.dev/v1
+kind: Subnet
+metadata: {{name: sn, namespace: {NS}}}
+spec: {{network: net, cidr: 10.70.0.0/24, gatewayIP: 10.70.0.1}}
+---
+apiVersion: network.stratus.dev/v1
+kind: SecurityGroup
+metadata: {{name: default, namespace: {NS}}}
+spec:
+  rules:
+  - {{direction: ingress, protocol: icmp}}
+  - {{direction: egress}}
+---
+apiVersion: network.stratus.dev/v1
+kind: Port
+metadata: {{name: p1, namespace: {NS}}}
+spec: {{network: net}}
+---
+apiVersion: network.stratus.dev/v1
+kind: Router
+metadata: {{name: r1, namespace: {NS}}}
+spec:
+  externalGateway: {{network: {EXT_NS}/ext}}
+  interfaces: [{{subnet: sn}}]
+"#
+        ),
+    )?;
+
+    let ids = tempfile::tempdir()?;
+    node_identities(&mut api, &[&n1, &n2], ids.path())?;
+    let mut a1 = agent(&n1, "192.0.2.1", s1.path(), ids.path())?;
+    let mut a2 = agent(&n2, "192.0.2.2", s2.path(), ids.path())?;
+    let states = [s1.path(), s2.path()];
+
+    // The controller places the router on a node with a fresh Lease and physnet1; that
+    // node's agent programs it.
+    let node = wait_until(Duration::from_secs(60), "the router to be placed", || {
+        jsonpath(&api, NS, "router", "r1", "{.status.node}")
+            .ok()
+            .filter(|n| !n.is_empty())
+    })
+    .with_context(|| logs(&states))?;
+    let (other, guest_agent_state) = if node == n1 {
+        (n2.clone(), s2.path())
+    } else {
+        (n1.clone(), s1.path())
+    };
+    wait_until(Duration::from_secs(90), "the router to be Ready", || {
+        jsonpath(
+            &api,
+            NS,
+            "router",
+            "r1",
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+        )
+        .ok()
+        .filter(|s| s == "True")
+    })
+    .with_context(|| logs(&states))?;
+    assert_eq!(
+        jsonpath(&api, NS, "router", "r1", "{.status.phase}")?,
+        "Active"
+    );
+    let gateway_ip = jsonpath(&api, NS, "router", "r1", "{.status.externalGatewayIPs[0]}")?;
+    anyhow::ensure!(!gateway_ip.is_empty(), "the router has a gateway address");
+    let gateway_port = jsonpath(&api, NS, "router", "r1", "{.status.externalGatewayPort}")?;
+    let (gw_ns, gw_name) = gateway_port
+        .split_once('/')
+        .with_context(|| format!("gateway port {gateway_port:?}"))?;
+    let gateway_mac = jsonpath(&api, gw_ns, "port", gw_name, "{.status.macAddress}")?;
+    let first = router_namespaces(&gateway_mac);
+    anyhow::ensure!(first.len() == 1, "one router namespace: {first:?}");
+    host.namespaces.extend(first.iter().cloned());
+
+    // The guest on the other node (as the compute side would place it).
+    let mac = jsonpath(&api, NS, "port", "p1", "{.status.macAddress}")?;
+    let addr = jsonpath(&api, NS, "port", "p1", "{.status.fixedIPs[0].ipAddress}")?;
+    anyhow::ensure!(
+        !mac.is_empty() && !addr.is_empty(),
+        "IPAM gave p1 {mac:?} {addr:?}"
+    );
+    patch_status(
+        &api,
+        "port",
+        "p1",
+        serde_json::json!({"hypervisor": other, "interfaceName": "tp-rtr-1"}),
+    )?;
+    ip(&[
+        "link", "add", "tp-rtr-1", "netns", &other, "type", "veth", "peer", "name", "eth0",
+        "netns", &guest,
+    ])?;
+    ip(&[
+        "-n", &guest, "link", "set", "eth0", "address", &mac, "mtu", "1450", "up",
+    ])?;
+    ip(&["-n", &guest, "link", "set", "lo", "up"])?;
+    ip(&[
+        "-n",
+        &guest,
+        "addr",
+        "add",
+        &format!("{addr}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", &guest, "route", "add", "default", "via", "10.70.0.1"])?;
+    wait_until(
+        Duration::from_secs(60),
+        "the guest's port to be Active",
+        || {
+            jsonpath(&api, NS, "port", "p1", "{.status.phase}")
+                .ok()
+                .filter(|p| p == "Active")
+        },
+    )
+    .with_context(|| logs(&states))?;
+
+    // Out through the router: the external side sees the gateway's address.
+    count_pings_from(&ext, &[&gateway_ip, &addr])?;
+    wait_until(
+        Duration::from_secs(60),
+        "the guest to reach the outside",
+        || ping(&guest, EXTERNAL).then_some(()),
+    )
+    .with_context(|| logs(&states))?;
+    assert!(
+        pings_counted(&ext, &gateway_ip)? > 0,
+        "SNATed to {gateway_ip}"
+    );
+    assert_eq!(pings_counted(&ext, &addr)?, 0, "never the fixed address");
+
+    // A floating IP: reached from outside, and what the guest leaves as.
+    let fip_yaml = |name: &str| {
+        format!(
+            "apiVersion: network.stratus.dev/v1\nkind: FloatingIP\nmetadata: {{name: {name}, namespace: {NS}}}\nspec: {{floatingNetwork: {EXT_NS}/ext, port: p1}}\n"
+        )
+    };
+    api.kubectl_in(&["apply", "-f", "-"], &fip_yaml("f1"))?;
+    let fip = wait_until(Duration::from_secs(30), "a floating address", || {
+        jsonpath(&api, NS, "floatingip", "f1", "{.status.floatingIPAddress}")
+            .ok()
+            .filter(|a| !a.is_empty())
+    })?;
+    wait_until(
+        Duration::from_secs(60),
+        "the floating IP to be Active",
+        || {
+            jsonpath(&api, NS, "floatingip", "f1", "{.status.phase}")
+                .ok()
+                .filter(|p| p == "Active")
+        },
+    )
+    .with_context(|| logs(&states))?;
+    wait_until(
+        Duration::from_secs(30),
+        "the floating IP to reach the guest",
+        || ping(&ext, &fip).then_some(()),
+    )
+    .with_context(|| logs(&states))?;
+    count_pings_from(&ext, &[&fip])?;
+    assert!(
+        ping(&guest, EXTERNAL),
+        "the guest still reaches the outside"
+    );
+    assert!(pings_counted(&ext, &fip)? > 0, "the guest leaves as {fip}");
+    assert_eq!(pings_counted(&ext, &addr)?, 0);
+
+    // Deleted: the floating address reaches nothing.
+    kubectl(&api, NS, &["delete", "floatingip", "f1"])?;
+    wait_until(Duration::from_secs(30), "the floating IP to stop", || {
+        (!ping(&ext, &fip)).then_some(())
+    })
+    .with_context(|| logs(&states))?;
+    assert!(ping(&guest, EXTERNAL), "SNAT to the gateway still works");
+
+    // Another floating IP, then the router's node dies: its agent is killed and its router
+    // namespace is gone. The controller moves the router; the other node programs it.
+    api.kubectl_in(&["apply", "-f", "-"], &fip_yaml("f2"))?;
+    let fip = wait_until(Duration::from_secs(30), "a floating address", || {
+        jsonpath(&api, NS, "floatingip", "f2", "{.status.floatingIPAddress}")
+            .ok()
+            .filter(|a| !a.is_empty())
+    })?;
+    wait_until(
+        Duration::from_secs(60),
+        "the floating IP to reach the guest",
+        || ping(&ext, &fip).then_some(()),
+    )
+    .with_context(|| logs(&states))?;
+    if node == n1 {
+        a1.kill();
+    } else {
+        a2.kill();
+    }
+    ip(&["netns", "del", &first[0]])?;
+    assert!(!ping(&ext, &fip), "no router, no floating IP");
+    wait_until(Duration::from_secs(120), "the router to move", || {
+        jsonpath(&api, NS, "router", "r1", "{.status.node}")
+            .ok()
+            .filter(|n| *n == other)
+    })
+    .with_context(|| logs(&states))?;
+    wait_until(
+        Duration::from_secs(90),
+        "the floating IP to reach the guest again",
+        || ping(&ext, &fip).then_some(()),
+    )
+    .with_context(|| logs(&[guest_agent_state]))?;
+    wait_until(
+        Duration::from_secs(30),
+        "the router's Ready to name its new node",
+        || {
+            jsonpath(
+                &api,
+                NS,
+                "router",
+                "r1",
+                "{.status.conditions[?(@.type==\"Ready\")].message}",
+            )
+            .ok()
+            .filter(|m| m.contains(&other))
+        },
+    )?;
+    assert!(
+        ping(&guest, EXTERNAL),
+        "the guest reaches the outside again"
+    );
+    let now = router_namespaces(&gateway_mac);
+    host.namespaces.extend(now.iter().cloned());
+    assert!(
+        now.len() == 1 && now != first,
+        "one router namespace, the new node's: {now:?}"
+    );
+    drop(controllers);
+    Ok(())
+}
