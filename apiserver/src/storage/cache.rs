@@ -12,10 +12,12 @@
 //! - A page at a given revision (a continued list) is answered only when the cache can prove
 //!   that part of the collection has not changed since that revision; otherwise the caller
 //!   reads etcd at that revision.
+//! - A cache no LIST or watch has asked for during the hub's idle period is stopped and
+//!   dropped (see [`crate::storage::hub::Hub::cache`]); the next LIST builds it again.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -182,6 +184,10 @@ pub struct Cache {
     state: RwLock<State>,
     /// The revision the cache has caught up to; 0 while it is not ready.
     caught_up: watch::Sender<i64>,
+    /// When a LIST or watch last asked for the cache.
+    used: Mutex<tokio::time::Instant>,
+    /// Set once the cache is dropped: its task ends.
+    stopped: watch::Sender<bool>,
 }
 
 impl Cache {
@@ -196,9 +202,38 @@ impl Cache {
                 .collect(),
             state: RwLock::new(State::default()),
             caught_up: watch::Sender::new(0),
+            used: Mutex::new(tokio::time::Instant::now()),
+            stopped: watch::Sender::new(false),
         });
-        tokio::spawn(run(Arc::clone(&cache), hub));
+        let mut stopped = cache.stopped.subscribe();
+        let task = run(Arc::clone(&cache), hub);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = task => {}
+                _ = stopped.wait_for(|s| *s) => {}
+            }
+        });
         cache
+    }
+
+    /// Records a use of the cache (a LIST or watch asked for it).
+    pub(crate) fn touch(&self) {
+        if let Ok(mut used) = self.used.lock() {
+            *used = tokio::time::Instant::now();
+        }
+    }
+
+    /// How long since a LIST or watch last asked for the cache.
+    pub(crate) fn idle(&self) -> Duration {
+        self.used.lock().map(|u| u.elapsed()).unwrap_or_default()
+    }
+
+    /// Stops the cache for good: its task ends (with its feed subscription) and what it
+    /// holds is freed once no reader holds it; a reader that still does finds it not ready
+    /// and reads etcd.
+    pub(crate) fn stop(&self) {
+        self.stopped.send_replace(true);
+        self.invalidate();
     }
 
     /// The revision the cache has caught up to, once it is ready.
@@ -716,5 +751,51 @@ mod tests {
         }
         assert!(cache.revision().is_none(), "not ready once its feed ended");
         assert!(cache.page(TYPE, None, 0, None, |_| true).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_cache_nothing_asks_for_is_dropped_and_built_again_when_asked() {
+        let store = Store::memory();
+        put(&store, "p1", "a", &server("p1", "a", "web", None)).await;
+        let idle = Duration::from_millis(300);
+        let hub = Arc::new(Hub::new(store.clone(), Duration::from_secs(60)).with_cache_idle(idle));
+        let cache = hub.cache(TYPE, &fields()).expect("cache");
+        assert!(cache.wait(&hub, 0, Duration::from_secs(5)).await, "built");
+        let held = Arc::downgrade(&cache);
+        drop(cache);
+        // Asked for more often than the idle period, for several periods: kept.
+        for _ in 0..8 {
+            tokio::time::sleep(idle / 3).await;
+            assert!(hub.cache(TYPE, &fields()).is_some());
+        }
+        assert_eq!(hub.caches().len(), 1);
+        assert!(held.upgrade().is_some(), "kept while asked for");
+        // Not asked for: dropped, its task ended and what it held freed.
+        let started = tokio::time::Instant::now();
+        while held.strong_count() > 0 {
+            assert!(
+                started.elapsed() < idle * 10,
+                "dropped after {idle:?} unused"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(hub.caches().is_empty());
+        // A change meanwhile, then the next LIST builds the cache again and sees it.
+        let b = put(&store, "p1", "b", &server("p1", "b", "web", None)).await;
+        let again = hub.cache(TYPE, &fields()).expect("cache");
+        assert_eq!(caught_up(&hub, &again).await, b);
+        let names: Vec<String> = shown(&all(&again, TYPE))
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+        // And the sweeper started again with it: dropped again once unused.
+        let held = Arc::downgrade(&again);
+        drop(again);
+        let started = tokio::time::Instant::now();
+        while held.strong_count() > 0 {
+            assert!(started.elapsed() < idle * 10, "dropped again");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

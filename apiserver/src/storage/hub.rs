@@ -8,7 +8,7 @@
 //! shared feed cannot prove it has every such change; the subscriber then gets a private feed.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,6 +28,10 @@ const HISTORY: usize = 1024;
 const HISTORY_BYTES: usize = 8 << 20;
 /// Items a slow subscriber may fall behind before it is cut off (it then watches again).
 const BACKLOG: usize = 4096;
+/// How long a watch cache no LIST or watch asks for is kept (kube-apiserver keeps every
+/// type's; here a type a client listed once with a selector does not hold its objects in
+/// memory for good).
+pub const CACHE_IDLE: Duration = Duration::from_secs(600);
 
 /// One change of one object.
 #[derive(Debug)]
@@ -100,6 +104,10 @@ pub struct Hub {
     feeds: Mutex<HashMap<String, Arc<Mutex<Feed>>>>,
     /// The watch cache of each type a LIST has asked for (see [`Hub::cache`]).
     caches: Mutex<HashMap<String, Arc<Cache>>>,
+    /// How long an unused watch cache is kept.
+    cache_idle: Duration,
+    /// Whether a task is dropping idle caches.
+    sweeping: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Feed {
@@ -130,7 +138,17 @@ impl Hub {
             progress_every,
             feeds: Mutex::new(HashMap::new()),
             caches: Mutex::new(HashMap::new()),
+            cache_idle: CACHE_IDLE,
+            sweeping: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The same hub, dropping a watch cache once no LIST or watch has asked for it for
+    /// `idle` (default [`CACHE_IDLE`]).
+    #[must_use]
+    pub fn with_cache_idle(mut self, idle: Duration) -> Self {
+        self.cache_idle = idle;
+        self
     }
 
     /// The store the hub watches.
@@ -140,14 +158,23 @@ impl Hub {
 
     /// The watch cache of the type stored under `type_prefix`, started on first use (kept by
     /// the type's shared feed from then on), holding the values of `fields` for field
-    /// selectors; see [`Cache`].
+    /// selectors; see [`Cache`]. A cache nothing asks for during the hub's idle period
+    /// ([`CACHE_IDLE`], [`Hub::with_cache_idle`]) is stopped and dropped, freeing what it
+    /// held; the next call starts it again.
     pub fn cache(self: &Arc<Self>, type_prefix: &str, fields: &[String]) -> Option<Arc<Cache>> {
         let mut caches = self.caches.lock().ok()?;
         if let Some(c) = caches.get(type_prefix) {
+            c.touch();
             return Some(Arc::clone(c));
         }
         let cache = Cache::start(Arc::downgrade(self), type_prefix, fields.to_vec());
         caches.insert(type_prefix.to_string(), Arc::clone(&cache));
+        if !self
+            .sweeping
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            tokio::spawn(sweep(Arc::downgrade(self), self.cache_idle));
+        }
         Some(cache)
     }
 
@@ -393,6 +420,40 @@ pub fn decode(ev: Event) -> Option<Change> {
         new_json: OnceLock::new(),
         old_json: OnceLock::new(),
     })
+}
+
+/// Drops the hub's watch caches nothing has asked for during `idle`, saying what each held;
+/// ends when none is left (the next cache started starts it again) or the hub is gone.
+async fn sweep(hub: Weak<Hub>, idle: Duration) {
+    let every = (idle / 4).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(hub) = hub.upgrade() else { return };
+        let Ok(mut caches) = hub.caches.lock() else {
+            return;
+        };
+        caches.retain(|prefix, cache| {
+            if cache.idle() < idle {
+                return true;
+            }
+            let held = cache.footprint();
+            cache.stop();
+            tracing::info!(
+                prefix,
+                objects = held.objects,
+                stored_bytes = held.stored_bytes,
+                index_bytes = held.index_bytes,
+                idle_seconds = idle.as_secs(),
+                "watch cache dropped: no LIST or watch asked for it"
+            );
+            false
+        });
+        if caches.is_empty() {
+            hub.sweeping
+                .store(false, std::sync::atomic::Ordering::Release);
+            return;
+        }
+    }
 }
 
 #[cfg(test)]
