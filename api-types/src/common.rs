@@ -192,7 +192,7 @@ reasons! {
     HeartbeatLost,
     /// A server's `Ready=False`: its hypervisor was lost and its evacuation policy is Manual.
     HypervisorLost,
-    /// A server's `Scheduled=True`: its binding placed it on a hypervisor.
+    /// A server's or volume's `Scheduled=True`: its binding placed it on a hypervisor or pool.
     Bound,
     /// A server's `Scheduled=False`: taken off its lost hypervisor, waiting to be placed again.
     Evacuating,
@@ -240,6 +240,11 @@ reasons! {
     VolumesUnavailable,
     /// A server asks to boot from a volume, which this node cannot do yet.
     BootVolumeUnsupported,
+    /// A volume's `Scheduled=False`: no storage pool can take it now.
+    NoPoolAvailable,
+    /// A volume's `Scheduled=False`: the snapshot or volume it is made from is missing or not
+    /// placed yet.
+    SourceNotReady,
     /// A server's flavor has a smaller disk than its image needs.
     FlavorDiskTooSmall,
     /// A server's flavor has less memory than its image needs.

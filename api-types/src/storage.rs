@@ -9,6 +9,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{Condition, LABEL_PATTERN, NAME_PATTERN, Time};
 
+/// The finalizer the storage agent of a volume's (or snapshot's) node adds when it starts
+/// working on it and removes once its data is gone.
+pub const TEARDOWN_FINALIZER: &str = "storage.stratus.dev/teardown";
+
+/// The annotation on a VolumeSnapshot holding the uid of the Volume it was taken of (set by
+/// the API server at its create; a write cannot change it), so that a new Volume of the same
+/// name owns none of the old one's snapshots.
+pub const VOLUME_UID: &str = "storage.stratus.dev/volume-uid";
+
+/// The label of a StoragePool naming the volume type (`spec.volumeType`) it serves.
+pub const VOLUME_TYPE_LABEL: &str = "storage.stratus.dev/volume-type";
+
 /// A block device that can be attached to a Server.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -102,6 +114,20 @@ pub struct VolumeSource {
     pub volume: Option<String>,
 }
 
+impl VolumeSource {
+    /// The sources given, as (field, name): exactly one for a valid source.
+    pub fn given(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("image", self.image.as_deref()),
+            ("snapshot", self.snapshot.as_deref()),
+            ("volume", self.volume.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(f, n)| Some((f, n?)))
+        .collect()
+    }
+}
+
 /// Lifecycle phase of a Volume.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum VolumePhase {
@@ -166,6 +192,7 @@ pub struct VolumeStatus {
     shortname = "snap",
     category = "stratus",
     selectable = ".spec.volume",
+    selectable = ".status.node",
     doc = "A volume snapshot (Cinder snapshot): a point-in-time copy of a Volume.",
     printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Volume", type_ = "string", json_path = ".spec.volume"),
@@ -299,6 +326,24 @@ pub struct StoragePoolSpec {
     pub disabled: bool,
 }
 
+impl StoragePool {
+    /// The GiB its volumes and snapshots may claim in all: the capacity its agent reported,
+    /// less `spec.reservedPercentage` of it (Cinder's `reserved_percentage`); `None` until a
+    /// capacity is reported.
+    pub fn allocatable_gib(&self) -> Option<u64> {
+        let capacity = u128::from(self.status.as_ref()?.capacity_gib?);
+        let kept = 100 - u128::from(self.spec.reserved_percentage.min(100));
+        u64::try_from(capacity * kept / 100).ok()
+    }
+
+    /// Whether its agent reports it Ready (`status.phase`).
+    pub fn is_ready(&self) -> bool {
+        self.status
+            .as_ref()
+            .is_some_and(|s| s.phase == StoragePoolPhase::Ready)
+    }
+}
+
 /// How a StoragePool stores volumes.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -356,4 +401,48 @@ pub struct StoragePoolStatus {
     /// The `metadata.generation` this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(capacity: Option<u64>, reserved: u32) -> StoragePool {
+        let mut p = StoragePool::new(
+            "p",
+            StoragePoolSpec {
+                backend: StorageBackend::Lvm,
+                node: "n1".into(),
+                vg_name: Some("vg".into()),
+                path: None,
+                availability_zone: None,
+                reserved_percentage: reserved,
+                disabled: false,
+            },
+        );
+        p.status = Some(StoragePoolStatus {
+            capacity_gib: capacity,
+            ..Default::default()
+        });
+        p
+    }
+
+    #[test]
+    fn a_pool_keeps_its_reserved_percentage() {
+        assert_eq!(pool(Some(10), 0).allocatable_gib(), Some(10));
+        assert_eq!(pool(Some(100), 15).allocatable_gib(), Some(85));
+        assert_eq!(pool(Some(9), 50).allocatable_gib(), Some(4), "rounded down");
+        assert_eq!(pool(Some(u64::MAX), 0).allocatable_gib(), Some(u64::MAX));
+        assert_eq!(pool(None, 0).allocatable_gib(), None, "not reported yet");
+    }
+
+    #[test]
+    fn a_volume_source_names_what_it_gives() {
+        let s = VolumeSource {
+            image: Some("cirros".into()),
+            snapshot: None,
+            volume: Some("v".into()),
+        };
+        assert_eq!(s.given(), vec![("image", "cirros"), ("volume", "v")]);
+    }
 }

@@ -11,6 +11,7 @@ mod api {
     pub mod network;
     pub mod node;
     pub mod policy;
+    pub mod storage;
     pub mod routers;
     pub mod verbs;
     pub mod watch;

@@ -1,11 +1,13 @@
 //! Placement: the `servers/{name}/binding` subresource records a Server's hypervisor and claims
 //! its flavor's resources there in the same etcd transaction, so concurrent schedulers never
-//! overcommit a hypervisor.
+//! overcommit a hypervisor. The claim machinery ([`Claims`], [`PlacementLocks::place`]) is
+//! shared with volume placement (`admission/storage.rs`).
 //!
-//! A claim is one key per placed Server under `{prefix}/_claims/compute/{hypervisor}/`, outside
-//! every served resource. A hypervisor's allocation is the sum of its claims, read at one
-//! revision; the write succeeds only if no claim appeared there since, so the check and the
-//! claim are one atomic step. A claim goes in the transaction that deletes its Server.
+//! A claim is one key per placed object under `{prefix}/_claims/{space}/{target}/` (a Server's
+//! under `compute/{hypervisor}/`), outside every served resource. A target's allocation is the
+//! sum of its claims, read at one revision; the write succeeds only if no claim appeared there
+//! since, so the check and the claim are one atomic step. A claim goes in the transaction that
+//! deletes its object.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use serde_json::{Value, json};
 use crate::admission::{Admission, Ctx, Subject};
 use crate::base::error::{ApiError, ApiResult, Cause};
 use crate::storage::keys;
-use crate::storage::store::{Guard, Read};
+use crate::storage::store::{Guard, Read, Stored};
 use stratus_api_types::common::{Condition, ConditionType, ConditionUpdate, Reason};
 use stratus_api_types::compute::{ComputeResources, FlavorSpec, HypervisorSpec, ServerPhase};
 use stratus_api_types::placement::{self, Amount};
@@ -75,30 +77,160 @@ impl Admission for Binding {
     }
 }
 
-/// One lock per hypervisor: concurrent placements onto the same hypervisor take turns in this
-/// process instead of failing each other's transaction guard and retrying. (The guard still
-/// makes placements from several API servers safe; this only spares the retries.)
+/// One lock per placement target: concurrent placements onto the same hypervisor or pool take
+/// turns in this process instead of failing each other's transaction guard and retrying. (The
+/// guard still makes placements from several API servers safe; this only spares the retries.)
 #[derive(Debug, Default)]
 pub struct PlacementLocks(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
 
 impl PlacementLocks {
-    fn of(&self, hypervisor: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn of(&self, target: &str) -> Arc<tokio::sync::Mutex<()>> {
         match self.0.lock() {
-            Ok(mut m) => m.entry(hypervisor.to_string()).or_default().clone(),
+            Ok(mut m) => m.entry(target.to_string()).or_default().clone(),
             // A poisoned map only loses the turn-taking, never correctness.
             Err(_) => Arc::default(),
         }
     }
 }
 
+/// The capacity claims on one placement target (a hypervisor, a storage pool): one key per
+/// holder under `{prefix}/_claims/{space}/{target}/`, outside every served resource. What the
+/// target holds is the sum of its claims read at one revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Claims(String);
+
+impl Claims {
+    /// The claims on `target` in `space` (`compute`, `storage`).
+    pub(crate) fn on(prefix: &str, space: &str, target: &str) -> Self {
+        Self(format!("{prefix}/_claims/{space}/{target}/"))
+    }
+
+    /// The prefix every claim on the target is under.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.0
+    }
+
+    /// The claim of `holder` (a path below the target's prefix).
+    pub(crate) fn key(&self, holder: &str) -> String {
+        format!("{}{holder}", self.0)
+    }
+}
+
+/// What a placement read, at one revision.
+pub(crate) struct Seen {
+    /// The object being placed.
+    pub object: Stored,
+    /// The target, if it exists.
+    pub target: Option<Stored>,
+    /// Every claim on the target but the object's own.
+    pub others: Vec<Value>,
+    /// What [`Placement::more`] asked for, in order.
+    pub more: Vec<Vec<(String, Stored)>>,
+}
+
+/// What a placement decided from what it read.
+pub(crate) enum Placed {
+    /// Nothing to write: the object is placed as asked already.
+    AsIs,
+    /// Write `object` and its `claim`, provided the object, the target and the keys of `held`
+    /// are at the revisions read and no claim on the target changed.
+    Write {
+        object: Value,
+        claim: Value,
+        held: Vec<(String, i64)>,
+    },
+}
+
+/// One placement: the object at `object` onto the target at `target`, claiming `claim` among
+/// `claims`.
+pub(crate) struct Placement<'a> {
+    pub object: &'a str,
+    pub target: &'a str,
+    pub claims: &'a Claims,
+    pub claim: &'a str,
+    /// More to read in the same request (e.g. the flavors).
+    pub more: &'a [Read<'a>],
+}
+
+impl PlacementLocks {
+    /// Places an object: reads it, its target, the target's claims and `more` at one revision,
+    /// lets `decide` check and build the placed object and its claim, and writes both in one
+    /// transaction that fails if anything read changed; tried again then, in turn with the
+    /// target's other placements made by this process.
+    ///
+    /// # Errors
+    /// `missing` when the object is gone; what `decide` refuses; `busy` when other placements
+    /// kept winning.
+    pub(crate) async fn place(
+        &self,
+        ctx: Ctx<'_>,
+        p: Placement<'_>,
+        missing: impl Fn() -> ApiError,
+        busy: impl FnOnce() -> ApiError,
+        mut decide: impl FnMut(Seen) -> ApiResult<Placed>,
+    ) -> ApiResult<()> {
+        let turn = self.of(p.claims.prefix());
+        let _turn = turn.lock().await;
+        let mut reads = vec![
+            Read::Key(p.object),
+            Read::Key(p.target),
+            Read::Prefix(p.claims.prefix()),
+        ];
+        reads.extend_from_slice(p.more);
+        for _ in 0..RETRIES {
+            let (mut got, at) = ctx.store.read_many(&reads).await.map_err(ApiError::from)?;
+            let more = got.split_off(3);
+            let others = std::mem::take(&mut got[2])
+                .into_iter()
+                .filter(|(k, _)| *k != p.claim)
+                .map(|(_, c)| c.value)
+                .collect();
+            let target = got[1].pop().map(|(_, s)| s);
+            let object = got[0].pop().map(|(_, s)| s).ok_or_else(&missing)?;
+            let (object_rev, target_rev) =
+                (object.mod_revision, target.as_ref().map(|t| t.mod_revision));
+            let (new, claim, held) = match decide(Seen {
+                object,
+                target,
+                others,
+                more,
+            })? {
+                Placed::AsIs => return Ok(()),
+                Placed::Write {
+                    object,
+                    claim,
+                    held,
+                } => (object, claim, held),
+            };
+            let mut guards = vec![
+                Guard::Revision(p.object, object_rev),
+                Guard::Unchanged(p.claims.prefix(), at),
+            ];
+            guards.extend(target_rev.map(|rev| Guard::Revision(p.target, rev)));
+            guards.extend(held.iter().map(|(k, rev)| Guard::Revision(k, *rev)));
+            let written = ctx
+                .store
+                .write_many(&guards, &[(p.object, &new), (p.claim, &claim)], &[])
+                .await
+                .map_err(ApiError::from)?;
+            if written.is_some() {
+                return Ok(());
+            }
+        }
+        Err(busy())
+    }
+}
+
 /// The prefix of the claims of every Server placed on `hypervisor`, each
 /// `{namespace}/{name}` under it (the node authorizer reads it as the node's index).
 pub(crate) fn claims_prefix(prefix: &str, hypervisor: &str) -> String {
-    format!("{prefix}/_claims/compute/{hypervisor}/")
+    Claims::on(prefix, "compute", hypervisor)
+        .prefix()
+        .to_string()
 }
 
 fn claim_key(prefix: &str, hypervisor: &str, namespace: &str, name: &str) -> String {
-    format!("{}{namespace}/{name}", claims_prefix(prefix, hypervisor))
+    Claims::on(prefix, "compute", hypervisor).key(&format!("{namespace}/{name}"))
 }
 
 /// What a Hypervisor can hold, from its stored object; `None` until its agent reported a
@@ -118,7 +250,7 @@ fn amount(v: &Value) -> Amount {
 
 /// Sets a condition in a stored object's `status.conditions`, by the rule every Stratus
 /// component uses (`lastTransitionTime` moves only when the status does).
-fn set_condition(
+pub(crate) fn set_condition(
     status: &mut serde_json::Map<String, Value>,
     update: &ConditionUpdate,
     generation: Option<i64>,
@@ -131,6 +263,29 @@ fn set_condition(
     if let Ok(v) = serde_json::to_value(conditions) {
         status.insert("conditions".into(), v);
     }
+}
+
+/// The target a Binding names (`target.name`), a DNS-1123 subdomain.
+///
+/// # Errors
+/// 400 for a body that does not decode; 422 (from `invalid`) when the name is missing or bad.
+pub(crate) fn target_name(
+    bytes: &[u8],
+    content_type: &str,
+    kind: &str,
+    invalid: &dyn Fn(&str, String) -> ApiError,
+) -> ApiResult<String> {
+    let body = crate::base::body::decode(bytes, crate::base::body::is_yaml(content_type))?.value;
+    body.pointer("/target/name")
+        .and_then(Value::as_str)
+        .filter(|n| crate::base::meta::is_dns1123_subdomain(n))
+        .map(String::from)
+        .ok_or_else(|| {
+            invalid(
+                "target.name",
+                format!("Required value: the name of a {kind}"),
+            )
+        })
 }
 
 /// `POST servers/{name}/binding` with `{"target": {"name": HYPERVISOR}}`: places the Server
@@ -147,7 +302,6 @@ pub async fn bind(
     bytes: &[u8],
     content_type: &str,
 ) -> ApiResult<u16> {
-    let body = crate::base::body::decode(bytes, crate::base::body::is_yaml(content_type))?.value;
     let invalid = |field: &str, message: String| {
         ApiError::invalid(
             "Binding",
@@ -157,156 +311,154 @@ pub async fn bind(
             vec![Cause::invalid(field, message)],
         )
     };
-    let target = body
-        .pointer("/target/name")
-        .and_then(Value::as_str)
-        .filter(|n| crate::base::meta::is_dns1123_subdomain(n))
-        .ok_or_else(|| {
-            invalid(
-                "target.name",
-                "Required value: the name of a Hypervisor".into(),
-            )
-        })?
-        .to_string();
+    let target = target_name(bytes, content_type, "Hypervisor", &invalid)?;
     let ns = t.namespace.unwrap_or_default();
     let server_key = t.key(ctx.prefix);
     let hv_key = keys::object(ctx.prefix, GROUP, "hypervisors", None, &target);
     // Flavors are few: reading them all in the same request saves a round trip.
     let flavors = keys::collection(ctx.prefix, GROUP, "flavors", None);
-    let claims = claims_prefix(ctx.prefix, &target);
+    let claims = Claims::on(ctx.prefix, "compute", &target);
     let claim = claim_key(ctx.prefix, &target, ns, t.name);
     let conflict = |why: String| ApiError::conflict(GROUP, "servers", t.name, why);
-    let turn = locks.of(&target);
-    let _turn = turn.lock().await;
-    for _ in 0..RETRIES {
-        let (mut reads, at) = ctx
-            .store
-            .read_many(&[
-                Read::Key(&server_key),
-                Read::Key(&hv_key),
-                Read::Prefix(&claims),
-                Read::Prefix(&flavors),
-            ])
-            .await
-            .map_err(ApiError::from)?;
-        let all_flavors = std::mem::take(&mut reads[3]);
-        let held = std::mem::take(&mut reads[2]);
-        let hv = reads[1].pop().map(|(_, s)| s);
-        let server = reads[0]
-            .pop()
-            .map(|(_, s)| s)
-            .ok_or_else(|| t.not_found())?;
-        if server
-            .value
-            .pointer("/metadata/deletionTimestamp")
-            .is_some()
-        {
-            return Err(conflict("the server is being deleted".into()));
-        }
-        let bound = server
-            .value
-            .pointer("/status/hypervisor")
-            .and_then(Value::as_str);
-        if let Some(other) = bound.filter(|b| *b != target) {
-            return Err(conflict(format!("the server is placed on {other}")));
-        }
-        let hv = hv
-            .ok_or_else(|| invalid("target.name", format!("Not found: hypervisor \"{target}\"")))?;
-        if hv.value.pointer("/spec/disabled").and_then(Value::as_bool) == Some(true) {
-            return Err(conflict(format!("hypervisor {target} is disabled")));
-        }
-        let limit = limit(&hv.value).ok_or_else(|| {
-            conflict(format!("hypervisor {target} has not reported its capacity"))
-        })?;
-        let flavor_name = server
-            .value
-            .pointer("/spec/flavor")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let flavor_key = keys::object(ctx.prefix, GROUP, "flavors", None, flavor_name);
-        let flavor = all_flavors
-            .into_iter()
-            .find(|(k, _)| *k == flavor_key)
-            .map(|(_, f)| f)
-            .ok_or_else(|| {
-                invalid(
-                    "spec.flavor",
-                    format!("Not found: flavor \"{flavor_name}\""),
-                )
-            })?;
-        let spec: FlavorSpec =
-            serde_json::from_value(flavor.value.get("spec").cloned().unwrap_or_default())
-                .map_err(|e| invalid("spec.flavor", format!("flavor \"{flavor_name}\": {e}")))?;
-        let need = placement::claim(&spec);
-        let used = held
-            .iter()
-            .filter(|(k, _)| *k != claim)
-            .map(|(_, c)| amount(&c.value))
-            .fold(Amount::default(), Amount::plus);
-        if let Some((_, why)) = placement::shortfall(limit, used, Amount::from(&need)) {
-            return Err(conflict(format!("hypervisor {target}: {why}")));
-        }
-        let mut new = server.value.clone();
-        let generation = new.pointer("/metadata/generation").and_then(Value::as_i64);
-        {
-            let m = crate::base::meta::meta_mut(&mut new);
-            let mut finalizers = crate::base::meta::finalizers(&server.value);
-            if !finalizers.iter().any(|f| f == TEARDOWN_FINALIZER) {
-                finalizers.push(TEARDOWN_FINALIZER.to_string());
-            }
-            m.insert("finalizers".into(), json!(finalizers));
-        }
-        let Some(obj) = new.as_object_mut() else {
-            return Err(ApiError::internal("a stored server is not an object"));
-        };
-        let status = obj
-            .entry("status")
-            .or_insert_with(|| json!({}))
-            .as_object_mut()
-            .ok_or_else(|| ApiError::internal("a stored server's status is not an object"))?;
-        status.insert("hypervisor".into(), json!(target));
-        status.insert(
-            "allocated".into(),
-            serde_json::to_value(&need).map_err(|e| ApiError::internal(e.to_string()))?,
-        );
-        if status
-            .get("phase")
-            .and_then(Value::as_str)
-            .is_none_or(|p| p == "Pending")
-        {
-            status.insert("phase".into(), json!(ServerPhase::Scheduled));
-        }
-        set_condition(
-            status,
-            &ConditionType::Scheduled.yes(Reason::Bound, format!("placed on hypervisor {target}")),
-            generation,
-        );
-        if new == server.value {
-            return Ok(201);
-        }
-        // The claim is the resources alone (what `amount` reads back).
-        let claimed = serde_json::to_value(&need).map_err(|e| ApiError::internal(e.to_string()))?;
-        let written = ctx
-            .store
-            .write_many(
-                &[
-                    Guard::Revision(&server_key, server.mod_revision),
-                    Guard::Revision(&hv_key, hv.mod_revision),
-                    Guard::Revision(&flavor_key, flavor.mod_revision),
-                    Guard::Unchanged(&claims, at),
-                ],
-                &[(&server_key, &new), (&claim, &claimed)],
-                &[],
-            )
-            .await
-            .map_err(ApiError::from)?;
-        if written.is_some() {
-            return Ok(201);
-        }
+    let placement = Placement {
+        object: &server_key,
+        target: &hv_key,
+        claims: &claims,
+        claim: &claim,
+        more: &[Read::Prefix(&flavors)],
+    };
+    let busy = || conflict("too many concurrent placements on the hypervisor; retry".into());
+    locks
+        .place(
+            ctx,
+            placement,
+            || t.not_found(),
+            busy,
+            |seen| place_server(seen, &target, &invalid, &conflict, ctx.prefix),
+        )
+        .await?;
+    Ok(201)
+}
+
+/// Decides a Server's placement on hypervisor `target` from what [`PlacementLocks::place`]
+/// read (the flavors as `more[0]`).
+fn place_server(
+    seen: Seen,
+    target: &str,
+    invalid: &dyn Fn(&str, String) -> ApiError,
+    conflict: &dyn Fn(String) -> ApiError,
+    prefix: &str,
+) -> ApiResult<Placed> {
+    let Seen {
+        object: server,
+        target: hv,
+        others,
+        mut more,
+    } = seen;
+    let all_flavors = more.pop().unwrap_or_default();
+    if server
+        .value
+        .pointer("/metadata/deletionTimestamp")
+        .is_some()
+    {
+        return Err(conflict("the server is being deleted".into()));
     }
-    Err(conflict(
-        "too many concurrent placements on the hypervisor; retry".into(),
-    ))
+    let bound = server
+        .value
+        .pointer("/status/hypervisor")
+        .and_then(Value::as_str);
+    if let Some(other) = bound.filter(|b| *b != target) {
+        return Err(conflict(format!("the server is placed on {other}")));
+    }
+    let hv =
+        hv.ok_or_else(|| invalid("target.name", format!("Not found: hypervisor \"{target}\"")))?;
+    if hv.value.pointer("/spec/disabled").and_then(Value::as_bool) == Some(true) {
+        return Err(conflict(format!("hypervisor {target} is disabled")));
+    }
+    let limit = limit(&hv.value)
+        .ok_or_else(|| conflict(format!("hypervisor {target} has not reported its capacity")))?;
+    let flavor_name = server
+        .value
+        .pointer("/spec/flavor")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let flavor_key = keys::object(prefix, GROUP, "flavors", None, flavor_name);
+    let flavor = all_flavors
+        .into_iter()
+        .find(|(k, _)| *k == flavor_key)
+        .map(|(_, f)| f)
+        .ok_or_else(|| {
+            invalid(
+                "spec.flavor",
+                format!("Not found: flavor \"{flavor_name}\""),
+            )
+        })?;
+    let spec: FlavorSpec =
+        serde_json::from_value(flavor.value.get("spec").cloned().unwrap_or_default())
+            .map_err(|e| invalid("spec.flavor", format!("flavor \"{flavor_name}\": {e}")))?;
+    let need = placement::claim(&spec);
+    let used = others
+        .iter()
+        .map(amount)
+        .fold(Amount::default(), Amount::plus);
+    if let Some((_, why)) = placement::shortfall(limit, used, Amount::from(&need)) {
+        return Err(conflict(format!("hypervisor {target}: {why}")));
+    }
+    let mut new = server.value.clone();
+    let generation = new.pointer("/metadata/generation").and_then(Value::as_i64);
+    {
+        let m = crate::base::meta::meta_mut(&mut new);
+        let mut finalizers = crate::base::meta::finalizers(&server.value);
+        if !finalizers.iter().any(|f| f == TEARDOWN_FINALIZER) {
+            finalizers.push(TEARDOWN_FINALIZER.to_string());
+        }
+        m.insert("finalizers".into(), json!(finalizers));
+    }
+    let status = status_mut(&mut new)?;
+    status.insert("hypervisor".into(), json!(target));
+    status.insert(
+        "allocated".into(),
+        serde_json::to_value(&need).map_err(|e| ApiError::internal(e.to_string()))?,
+    );
+    if status
+        .get("phase")
+        .and_then(Value::as_str)
+        .is_none_or(|p| p == "Pending")
+    {
+        status.insert("phase".into(), json!(ServerPhase::Scheduled));
+    }
+    set_condition(
+        status,
+        &ConditionType::Scheduled.yes(Reason::Bound, format!("placed on hypervisor {target}")),
+        generation,
+    );
+    if new == server.value {
+        return Ok(Placed::AsIs);
+    }
+    // The claim is the resources alone (what `amount` reads back).
+    let claim = serde_json::to_value(&need).map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Placed::Write {
+        object: new,
+        claim,
+        held: vec![(flavor_key, flavor.mod_revision)],
+    })
+}
+
+/// A stored object's `status`, made an object if it is not one.
+///
+/// # Errors
+/// 500 when the stored object is not an object.
+pub(crate) fn status_mut(obj: &mut Value) -> ApiResult<&mut serde_json::Map<String, Value>> {
+    let Some(o) = obj.as_object_mut() else {
+        return Err(ApiError::internal("a stored object is not an object"));
+    };
+    let status = o.entry("status").or_insert_with(|| json!({}));
+    if !status.is_object() {
+        *status = json!({});
+    }
+    status
+        .as_object_mut()
+        .ok_or_else(|| ApiError::internal("a stored object's status is not an object"))
 }
 
 /// `DELETE servers/{name}/binding`: takes a Server off its hypervisor (evacuation, when

@@ -1,7 +1,7 @@
 //! Admission beyond the schema, registered per resource type ([`for_kind`]): checks and claims
 //! made in the same etcd transaction as the write they admit. Quota, compute placement
-//! (binding), identity (what belongs to a User) and network IPAM are registered today; volume
-//! placement plugs in the same way.
+//! (binding), identity (what belongs to a User), network IPAM and block storage (volume
+//! placement and claims) are registered today.
 //!
 //! One write is made by one admission: the first of the type's whose [`Admission::write`]
 //! answers. Where two must hold together, the one that writes carries the other's check in its
@@ -15,6 +15,7 @@ pub mod lifecycle;
 pub mod network;
 pub mod quota;
 pub mod router;
+pub mod storage;
 
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -220,12 +221,14 @@ pub fn for_kind(group: &str, kind: &str) -> &'static [&'static dyn Admission] {
     static USERS: [&dyn Admission; 1] = [&identity::Users];
     static IPAM: [&dyn Admission; 2] = [&network::Ipam, &quota::Quota];
     static ASSIGNMENTS: [&dyn Admission; 1] = [&identity::Assignments];
+    static STORAGE: [&dyn Admission; 2] = [&storage::Storage, &quota::Quota];
     static ROUTERS: [&dyn Admission; 2] = [&router::Routers, &quota::Quota];
     match (group, kind) {
         ("identity.stratus.dev", "User") => return &USERS,
         ("identity.stratus.dev", "RoleAssignment") => return &ASSIGNMENTS,
         (network::GROUP, "Network" | "Subnet" | "Port" | "FloatingIP") => return &IPAM,
         (network::GROUP, "Router") => return &ROUTERS,
+        (storage::GROUP, "Volume" | "VolumeSnapshot") => return &STORAGE,
         _ => {}
     }
     match (binding::is_server(group, kind), quota::counted(group, kind)) {

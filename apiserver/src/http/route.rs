@@ -267,7 +267,9 @@ pub(crate) async fn route(
     }
     if let Some(s) = &sub
         && !(s == "status" && rt.status_subresource)
-        && !(s == "binding" && crate::admission::binding::is_server(&rt.group, &rt.kind))
+        && !(s == "binding"
+            && (crate::admission::binding::is_server(&rt.group, &rt.kind)
+                || crate::admission::storage::is_volume(&rt.group, &rt.kind)))
     {
         return Err(none());
     }

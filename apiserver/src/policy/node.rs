@@ -8,8 +8,9 @@
 //! Ports of those Networks; the Routers placed on it (`status.node=NAME`) and the
 //! FloatingIPs of those routers (`status.router`); every Hypervisor (read-only, as kubelets
 //! read every Node: peers' tunnel addresses); its own Leases (every network agent's Lease
-//! read-only: liveness and tunnel addresses) and StoragePools; the Volumes placed on it; the Events it
-//! reports. Nothing else is readable or writable, so a compromised node can neither read other
+//! read-only: liveness and tunnel addresses) and StoragePools; the Volumes and
+//! VolumeSnapshots placed on it (`status.node=NAME`), and the Images those volumes are made
+//! from; the Events it reports. Nothing else is readable or writable, so a compromised node can neither read other
 //! tenants' objects nor touch another node's.
 //!
 //! Two steps, as in Kubernetes (authorizer, then the NodeRestriction admission): [`restrict`]
@@ -24,6 +25,7 @@ use std::collections::BTreeSet;
 use serde_json::{Value, json};
 use stratus_api_types::compute::{HypervisorSpec, NODE_LEASE_NAMESPACE, TEARDOWN_FINALIZER};
 use stratus_api_types::network::NETWORK_AGENT_LEASE_NAMESPACE;
+use stratus_api_types::storage::TEARDOWN_FINALIZER as STORAGE_TEARDOWN;
 
 use crate::admission::binding::claims_prefix;
 use crate::base::error::{ApiError, ApiResult};
@@ -62,7 +64,7 @@ fn reported_by(event: &Value, node: &str) -> bool {
 /// Where an object records the node it is placed on.
 fn placement_field(resource: &str) -> &'static str {
     match resource {
-        "volumes" | "routers" => "/status/node",
+        "volumes" | "volumesnapshots" | "routers" => "/status/node",
         _ => "/status/hypervisor",
     }
 }
@@ -75,10 +77,12 @@ fn placed_on(obj: &Value, resource: &str, node: &str) -> bool {
 }
 
 /// The one finalizer a node adds and removes on objects of a type placed on it: the compute
-/// agent's teardown finalizer on Servers. Every other finalizer is another component's.
+/// agent's teardown finalizer on Servers, the storage agent's on Volumes and VolumeSnapshots.
+/// Every other finalizer is another component's.
 fn own_finalizer(group: &str, resource: &str) -> Option<&'static str> {
     match (group, resource) {
         ("compute.stratus.dev", "servers") => Some(TEARDOWN_FINALIZER),
+        ("storage.stratus.dev", "volumes" | "volumesnapshots") => Some(STORAGE_TEARDOWN),
         _ => None,
     }
 }
@@ -120,6 +124,8 @@ fn kept_status_fields(group: &str, resource: &str) -> &'static [&'static str] {
             "externalGatewayIPs",
         ],
         ("network.stratus.dev", "floatingips") => &["floatingIPAddress", "fixedIP", "router"],
+        ("storage.stratus.dev", "volumes") => &["pool", "node"],
+        ("storage.stratus.dev", "volumesnapshots") => &["pool", "node", "sizeGiB"],
         _ => &[],
     }
 }
@@ -445,15 +451,18 @@ pub fn review(node: &str, r: &Review<'_>) -> ApiResult<()> {
 /// SecurityGroups those ports name (`default` for a port naming none). A Network, Subnet or
 /// SecurityGroup may also be watched alone, with `metadata.name=NAME` in its project.
 ///
+/// The storage agent's graph: its StoragePools (`spec.node=NODE`), the Volumes and
+/// VolumeSnapshots placed on it (`status.node=NODE`; the source a volume is made from is on
+/// the same pool), and a private Image a volume placed on it is made from.
+///
 /// The Routers placed on the node (a list or watch selecting `status.node=NODE`, or one by
 /// name), whose Ports are placed with them (so their Networks and Subnets, an external one in
 /// another project included, are in the ports' graph above); the FloatingIPs of those routers
 /// (by name, or listed in the router's project selecting `status.router=NAME`).
 ///
-/// Every Hypervisor (read-only), its own Lease, every network agent's Lease (read-only), its
-/// StoragePools, the Volumes placed on it,
-/// the Events it reported (by name). Nothing else: no identity objects, no other node's
-/// objects, no networks without a port on the node, no namespaces.
+/// Every Hypervisor (read-only), its own Lease, every network agent's Lease (read-only), the
+/// Events it reported (by name). Nothing else: no identity objects, no other node's objects,
+/// no networks without a port on the node, no namespaces.
 async fn node_may_read(
     api: &Api,
     info: &RequestInfo,
@@ -636,6 +645,17 @@ async fn node_may_read(
             if spec_str(&image, "visibility") == Some("public") {
                 return Ok(None);
             }
+            // The storage agent fills a volume placed on the node from its image.
+            if volumes_on(api, &info.namespace, node)
+                .await?
+                .iter()
+                .any(|v| {
+                    v.pointer("/spec/source/image").and_then(Value::as_str)
+                        == Some(info.name.as_str())
+                })
+            {
+                return Ok(None);
+            }
             for server in mine(api, servers()?, Some(&info.namespace), node).await? {
                 let Some(boot) = spec_str(&server, "image") else {
                     continue;
@@ -650,7 +670,9 @@ async fn node_may_read(
                     return Ok(None);
                 }
             }
-            Err(deny("no server placed on this node boots from it"))
+            Err(deny(
+                "no server placed on this node boots from it, and no volume placed on it is made from it",
+            ))
         }
         ("network.stratus.dev", "ports") if !named => {
             if selects("status.hypervisor", node) {
@@ -816,6 +838,21 @@ async fn node_may_read(
             })
             .await
         }
+        ("storage.stratus.dev", "volumesnapshots") if !named => {
+            if selects("status.node", node) {
+                Ok(None)
+            } else {
+                Err(deny(&format!(
+                    "a node lists only the volume snapshots placed on it (fieldSelector status.node={node})"
+                )))
+            }
+        }
+        ("storage.stratus.dev", "volumesnapshots") => {
+            check_named("VolumeSnapshot", "storage.stratus.dev", |v, node| {
+                placed_on(v, "volumesnapshots", node)
+            })
+            .await
+        }
         _ => Err(deny("it is not related to anything placed on this node")),
     }
 }
@@ -915,6 +952,25 @@ async fn mine(
         );
     }
     Ok(placed)
+}
+
+/// The Volumes of project `ns` placed on `node` (one read of the project's volumes).
+async fn volumes_on(api: &Api, ns: &str, node: &str) -> ApiResult<Vec<Value>> {
+    let volumes = api
+        .registry
+        .by_kind("storage.stratus.dev", "Volume")
+        .ok_or_else(|| ApiError::internal("the Volume kind is not served"))?;
+    let page = api
+        .store
+        .list(&volumes.key_prefix(&api.prefix, Some(ns)), None, 0, 0)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(page
+        .items
+        .into_iter()
+        .map(|(_, v)| v.value)
+        .filter(|v| placed_on(v, "volumes", node))
+        .collect())
 }
 
 /// What the Ports of one project placed on a node lead to.

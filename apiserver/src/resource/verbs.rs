@@ -385,14 +385,12 @@ impl Api {
             new: None,
             options: Some(&binding),
         })?;
-        let code = binding::bind(
-            self.ctx(),
-            &t.subject(),
-            &self.placement_locks,
-            bytes,
-            content_type,
-        )
-        .await?;
+        let (ctx, s, locks) = (self.ctx(), t.subject(), &self.placement_locks);
+        let code = if crate::admission::storage::is_volume(&t.rt.group, &t.rt.kind) {
+            crate::admission::storage::bind(ctx, &s, locks, bytes, content_type).await?
+        } else {
+            binding::bind(ctx, &s, locks, bytes, content_type).await?
+        };
         Ok(Outcome::done(code))
     }
 
@@ -401,6 +399,12 @@ impl Api {
     /// # Errors
     /// As [`binding::unbind`].
     pub async fn unbind(&self, t: &Target, policy: &dyn Policy) -> ApiResult<Outcome> {
+        if !binding::is_server(&t.rt.group, &t.rt.kind) {
+            return Err(ApiError::method_not_allowed(format!(
+                "DELETE is not allowed on {}/binding: a placed volume stays where its data is",
+                t.rt.plural
+            )));
+        }
         let server = self.read(t).await?;
         policy.review(&Review {
             operation: Operation::Connect,

@@ -1,0 +1,985 @@
+//! Block storage at admission (Cinder's API checks, Stratus' claims): Volumes and
+//! VolumeSnapshots are checked against what they name, placed on a StoragePool through the
+//! `volumes/{name}/binding` subresource, and their pool capacity claimed in the same etcd
+//! transaction as the write that needs it.
+//!
+//! # Claims
+//! A placed Volume or a VolumeSnapshot holds one claim of its size under
+//! `{prefix}/_claims/storage/{pool}/{uid}` ([`Claims`], shared with compute placement). A
+//! pool's allocation is the sum of its claims read at one revision, and every write that adds
+//! to it (a binding, an extend, a snapshot) fails its transaction if any claim on the pool
+//! changed since, so concurrent writers never overcommit a pool. A claim goes in the
+//! transaction that deletes its object (after the storage agent released its finalizer).
+//!
+//! # Checks
+//! - A Volume's size is 1 to 65,536 GiB; it grows (an extend, whose claim and quota grow in
+//!   the update's transaction, refused with 409 when its pool lacks room) and never shrinks
+//!   (422 on `spec.sizeGiB`). Its source is exactly one of an image (of the project, or a
+//!   public one), a snapshot or a volume of its namespace, which must exist (422) and not be
+//!   larger than it; the source and where the volume may go are immutable.
+//! - A VolumeSnapshot's volume must exist in its namespace (422 on `spec.volume`) and be
+//!   placed; the snapshot is placed on its volume's pool and node at create, with the
+//!   volume's size, phase `Creating` and its claim. An attached volume is snapshotted only
+//!   with `spec.force`, as Cinder.
+//! - A Volume that is attached, or has snapshots, is not deleted (409), as Cinder refuses;
+//!   the snapshots check holds until the delete is written (a snapshot's create holds the
+//!   volume as it read it).
+//! - `status.pool` and `status.node` are set only by the placement (and a snapshot's
+//!   `status.sizeGiB` only at its create): a status write changing them is 422.
+//!
+//! # Quota
+//! Volumes, their GiB and snapshots count against quotas: every write here that adds to what
+//! quota counts carries [`quota::check`]'s guards in its own transaction.
+
+use futures::future::BoxFuture;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value, json};
+use stratus_api_types::common::{ConditionType, Reason};
+use stratus_api_types::storage::{StoragePool, VOLUME_UID, VolumePhase, VolumeSpec};
+
+use crate::admission::binding::{self, Claims, Placed, Placement, PlacementLocks, Seen};
+use crate::admission::{Admission, Change, Ctx, Held, Subject, Written, quota};
+use crate::base::error::{ApiError, ApiResult, Cause};
+use crate::base::meta;
+use crate::storage::keys;
+use crate::storage::store::{Guard, Read, Stored, Write};
+
+/// The API group of the storage kinds.
+pub const GROUP: &str = "storage.stratus.dev";
+
+/// The claims' space under `_claims/`.
+const SPACE: &str = "storage";
+/// How many times a write is tried again when another got in between.
+const RETRIES: usize = 48;
+/// The largest volume, GiB (as the schema says).
+const MAX_GIB: u64 = 65_536;
+
+/// Whether objects of `kind` are Volumes, the storage kind with a `binding` subresource.
+pub fn is_volume(group: &str, kind: &str) -> bool {
+    group == GROUP && kind == "Volume"
+}
+
+/// Block storage admission: registered for Volumes and VolumeSnapshots, before quota.
+#[derive(Debug)]
+pub struct Storage;
+
+impl Admission for Storage {
+    /// A Volume waits for the volume scheduler (`Pending`); a snapshot is placed at create.
+    fn initial_status(&self) -> Option<Value> {
+        Some(json!({"phase": VolumePhase::Pending}))
+    }
+
+    /// Refuses a status write that moves the placement (or a snapshot's size, which its claim
+    /// follows).
+    fn check_status_write(&self, s: &Subject<'_>, old: &Value, new: &Value) -> ApiResult<()> {
+        let causes: Vec<Cause> = protected(s.kind)
+            .iter()
+            .filter(|f| old.pointer(&format!("/status/{f}")) != new.pointer(&format!("/status/{f}")))
+            .map(|f| {
+                Cause::invalid(
+                    format!("status.{f}"),
+                    "Forbidden: set only by the placement (volumes/binding, or a snapshot's create)",
+                )
+            })
+            .collect();
+        if causes.is_empty() {
+            Ok(())
+        } else {
+            Err(invalid(s, new, causes))
+        }
+    }
+
+    /// The object's claim on its pool.
+    fn attached_keys(&self, prefix: &str, obj: &Value) -> Vec<String> {
+        let pool = obj.pointer("/status/pool").and_then(Value::as_str);
+        match (pool, meta::meta_str(obj, "uid")) {
+            (Some(pool), Some(uid)) => vec![claim_key(prefix, pool, uid)],
+            _ => Vec::new(),
+        }
+    }
+
+    /// An attached Volume, or one with snapshots, stays (409).
+    fn check_delete<'a>(
+        &'a self,
+        ctx: Ctx<'a>,
+        s: Subject<'a>,
+        obj: &'a Value,
+    ) -> Option<BoxFuture<'a, ApiResult<Vec<Held>>>> {
+        is_volume(s.group, s.kind).then(|| Box::pin(not_in_use(ctx, s, obj)) as BoxFuture<'a, _>)
+    }
+
+    /// Creates with their checks and claims; updates with theirs.
+    fn write<'a>(
+        &'a self,
+        ctx: Ctx<'a>,
+        s: Subject<'a>,
+        w: Change<'a>,
+    ) -> Option<BoxFuture<'a, ApiResult<Written>>> {
+        let ns = s.namespace?;
+        Some(match (s.kind, w.old) {
+            ("Volume", None) => Box::pin(create_volume(ctx, s, ns, w)),
+            ("VolumeSnapshot", None) => Box::pin(create_snapshot(ctx, s, ns, w)),
+            ("Volume", Some((old, rev))) => Box::pin(update_volume(ctx, s, ns, w, old, rev)),
+            ("VolumeSnapshot", Some((old, rev))) => Box::pin(update_snapshot(ctx, s, w, old, rev)),
+            _ => return None,
+        })
+    }
+}
+
+/// The status fields only the placement sets.
+fn protected(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "Volume" => &["pool", "node"],
+        "VolumeSnapshot" => &["pool", "node", "sizeGiB"],
+        _ => &[],
+    }
+}
+
+/// The claims on pool `pool`.
+fn claims(prefix: &str, pool: &str) -> Claims {
+    Claims::on(prefix, SPACE, pool)
+}
+
+/// The claim of the object of `uid` on pool `pool`.
+fn claim_key(prefix: &str, pool: &str, uid: &str) -> String {
+    claims(prefix, pool).key(uid)
+}
+
+/// What the claims read hold, GiB.
+fn claimed_gib<'a>(claims: impl IntoIterator<Item = &'a Value>) -> u64 {
+    claims
+        .into_iter()
+        .filter_map(|c| c.get("sizeGiB").and_then(Value::as_u64))
+        .fold(0, u64::saturating_add)
+}
+
+/// The room left on a pool whose other claims hold `others` GiB, or why there is none to ask.
+fn room(pool_name: &str, pool: &Value, others: u64) -> Result<u64, String> {
+    let pool: StoragePool = serde_json::from_value(pool.clone())
+        .map_err(|e| format!("storage pool {pool_name} cannot be read: {e}"))?;
+    let allocatable = pool
+        .allocatable_gib()
+        .ok_or_else(|| format!("storage pool {pool_name} has not reported its capacity"))?;
+    Ok(allocatable.saturating_sub(others))
+}
+
+/// Refuses `need` GiB more on a pool with `free` left.
+fn fits(pool_name: &str, pool: &Value, others: u64, need: u64) -> Result<(), String> {
+    let free = room(pool_name, pool, others)?;
+    if need > free {
+        return Err(format!(
+            "storage pool {pool_name} has insufficient capacity: {free} GiB free, {need} GiB asked"
+        ));
+    }
+    Ok(())
+}
+
+fn name_of(obj: &Value) -> &str {
+    meta::meta_str(obj, "name").unwrap_or_default()
+}
+
+fn going(obj: &Value) -> bool {
+    obj.pointer("/metadata/deletionTimestamp").is_some()
+}
+
+/// 422 for the object.
+fn invalid(s: &Subject<'_>, obj: &Value, causes: Vec<Cause>) -> ApiError {
+    ApiError::invalid(s.kind, s.group, s.plural, name_of(obj), causes)
+}
+
+/// 422 for one field.
+fn invalid_field(s: &Subject<'_>, obj: &Value, field: &str, message: String) -> ApiError {
+    invalid(s, obj, vec![Cause::invalid(field, message)])
+}
+
+/// 422: the object a field names does not exist.
+fn not_found_field(s: &Subject<'_>, obj: &Value, field: &str, message: String) -> ApiError {
+    invalid(
+        s,
+        obj,
+        vec![Cause {
+            reason: "FieldValueNotFound".into(),
+            message,
+            field: field.into(),
+        }],
+    )
+}
+
+/// 409 naming the field whose value cannot be had now.
+fn conflict_field(s: &Subject<'_>, obj: &Value, field: &str, message: String) -> ApiError {
+    let mut e = ApiError::conflict(
+        s.group,
+        s.plural,
+        name_of(obj),
+        format!("{field}: {message}"),
+    );
+    e.details.causes.push(Cause::invalid(field, message));
+    e
+}
+
+/// 409: the retries ran out.
+fn too_busy(s: &Subject<'_>, obj: &Value) -> ApiError {
+    ApiError::conflict(
+        s.group,
+        s.plural,
+        name_of(obj),
+        "too many concurrent changes to the storage pool or project; retry",
+    )
+}
+
+/// The object's spec as its typed form.
+fn spec<T: DeserializeOwned>(s: &Subject<'_>, obj: &Value) -> ApiResult<T> {
+    serde_json::from_value(obj.get("spec").cloned().unwrap_or(Value::Null))
+        .map_err(|e| invalid_field(s, obj, "spec", format!("Invalid value: {e}")))
+}
+
+/// Checks a Volume's spec on its own: its size, and a source naming exactly one thing.
+fn check_volume_spec(s: &Subject<'_>, obj: &Value, spec: &VolumeSpec) -> ApiResult<()> {
+    let mut causes = Vec::new();
+    if !(1..=MAX_GIB).contains(&spec.size_gib) {
+        causes.push(Cause::invalid(
+            "spec.sizeGiB",
+            format!(
+                "Invalid value: {}: a volume is 1 to {MAX_GIB} GiB",
+                spec.size_gib
+            ),
+        ));
+    }
+    if let Some(source) = &spec.source
+        && source.given().len() != 1
+    {
+        causes.push(Cause::invalid(
+            "spec.source",
+            "Invalid value: exactly one of image, snapshot or volume",
+        ));
+    }
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(invalid(s, obj, causes))
+    }
+}
+
+/// After a create's transaction failed: what the create answers (the object exists, or its
+/// Project changed since it was checked), or `None` to try again.
+async fn settled(ctx: Ctx<'_>, w: &Change<'_>) -> ApiResult<Option<Written>> {
+    if let Some(now) = ctx.store.get(w.key).await.map_err(ApiError::from)? {
+        return Ok(Some(Write::Conflict(now.mod_revision).into()));
+    }
+    if super::parent_changed(ctx, w.parent).await? {
+        return Ok(Some(Write::Conflict(0).into()));
+    }
+    Ok(None)
+}
+
+/// After an update's transaction failed: the object's answer when it changed since it was
+/// read, or `None` to try again.
+async fn changed(ctx: Ctx<'_>, key: &str, rev: i64) -> ApiResult<Option<Written>> {
+    let now = ctx.store.get(key).await.map_err(ApiError::from)?;
+    Ok(match now.map(|s| s.mod_revision) {
+        Some(r) if r == rev => None,
+        r => Some(Write::Conflict(r.unwrap_or(0)).into()),
+    })
+}
+
+/// The guards every create carries: the object is absent, its Project as checked, quota holds.
+fn create_guards<'a>(w: &Change<'a>, quota: &'a [(String, i64)]) -> Vec<Guard<'a>> {
+    let mut g = vec![Guard::Absent(w.key)];
+    g.extend(w.parent.map(|(k, rev)| Guard::Revision(k, rev)));
+    g.extend(quota.iter().map(|(p, at)| Guard::Unchanged(p, *at)));
+    g
+}
+
+/// A source snapshot or volume as read: refused when missing, going, or larger than `size`.
+fn check_source(
+    s: &Subject<'_>,
+    obj: &Value,
+    field: &str,
+    what: &str,
+    name: &str,
+    read: Option<&Stored>,
+    size: u64,
+) -> ApiResult<()> {
+    let Some(src) = read else {
+        return Err(not_found_field(
+            s,
+            obj,
+            field,
+            format!("Not found: {what} {name:?} does not exist in this namespace"),
+        ));
+    };
+    if going(&src.value) {
+        return Err(conflict_field(
+            s,
+            obj,
+            field,
+            format!("{what} {name:?} is being deleted"),
+        ));
+    }
+    let size_of = match what {
+        "snapshot" => "/status/sizeGiB",
+        _ => "/spec/sizeGiB",
+    };
+    if let Some(theirs) = src.value.pointer(size_of).and_then(Value::as_u64)
+        && theirs > size
+    {
+        return Err(invalid_field(
+            s,
+            obj,
+            "spec.sizeGiB",
+            format!(
+                "Invalid value: {size}: smaller than its source {what} {name:?} ({theirs} GiB)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether an Image `name` exists in `ns`, or as a public image of any project (as a Server's
+/// image is found).
+async fn image_exists(ctx: Ctx<'_>, ns: &str, name: &str) -> ApiResult<bool> {
+    let key = keys::object(ctx.prefix, "image.stratus.dev", "images", Some(ns), name);
+    if ctx.store.get(&key).await.map_err(ApiError::from)?.is_some() {
+        return Ok(true);
+    }
+    let all = keys::collection(ctx.prefix, "image.stratus.dev", "images", None);
+    let page = ctx
+        .store
+        .list(&all, None, 0, 0)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(page.items.iter().any(|(_, i)| {
+        name_of(&i.value) == name
+            && i.value.pointer("/spec/visibility").and_then(Value::as_str) == Some("public")
+    }))
+}
+
+async fn create_volume(
+    ctx: Ctx<'_>,
+    s: Subject<'_>,
+    ns: &str,
+    w: Change<'_>,
+) -> ApiResult<Written> {
+    let spec: VolumeSpec = spec(&s, w.new)?;
+    check_volume_spec(&s, w.new, &spec)?;
+    let given = spec.source.as_ref().map(|x| x.given()).unwrap_or_default();
+    let (field, what, name) = match given.first() {
+        Some(("image", name)) => {
+            if !image_exists(ctx, ns, name).await? {
+                return Err(not_found_field(
+                    &s,
+                    w.new,
+                    "spec.source.image",
+                    format!("Not found: image {name:?} is neither in this project nor public"),
+                ));
+            }
+            (None, "image", *name)
+        }
+        Some((f, name)) => (Some(format!("spec.source.{f}")), *f, *name),
+        None => (None, "", ""),
+    };
+    let source_key = field.as_ref().map(|_| {
+        let plural = if what == "snapshot" {
+            "volumesnapshots"
+        } else {
+            "volumes"
+        };
+        keys::object(ctx.prefix, GROUP, plural, Some(ns), name)
+    });
+    for _ in 0..RETRIES {
+        let quota = quota::check(ctx, s, ns, w).await?;
+        let mut guards = create_guards(&w, &quota);
+        if let (Some(f), Some(k)) = (&field, &source_key) {
+            let src = ctx.store.get(k).await.map_err(ApiError::from)?;
+            check_source(&s, w.new, f, what, name, src.as_ref(), spec.size_gib)?;
+            if let Some(src) = src {
+                guards.push(Guard::Revision(k, src.mod_revision));
+            }
+        }
+        if let Some(rev) = ctx
+            .store
+            .write_many(&guards, &[(w.key, w.new)], &[])
+            .await
+            .map_err(ApiError::from)?
+        {
+            return Ok(Write::Done(rev).into());
+        }
+        if let Some(done) = settled(ctx, &w).await? {
+            return Ok(done);
+        }
+    }
+    Err(too_busy(&s, w.new))
+}
+
+/// An update of a Volume: the size only grows, and a placed volume's claim grows with it
+/// (and its quota), atomically with the check that its pool has room.
+async fn update_volume(
+    ctx: Ctx<'_>,
+    s: Subject<'_>,
+    ns: &str,
+    w: Change<'_>,
+    old: &Value,
+    rev: i64,
+) -> ApiResult<Written> {
+    let before: VolumeSpec = spec(&s, old)?;
+    let after: VolumeSpec = spec(&s, w.new)?;
+    check_volume_spec(&s, w.new, &after)?;
+    let mut causes = Vec::new();
+    if after.size_gib < before.size_gib {
+        causes.push(Cause::invalid(
+            "spec.sizeGiB",
+            format!(
+                "Invalid value: {}: a volume cannot shrink (it is {} GiB)",
+                after.size_gib, before.size_gib
+            ),
+        ));
+    }
+    for f in ["source", "storagePool", "availabilityZone", "volumeType"] {
+        let p = format!("/spec/{f}");
+        if old.pointer(&p) != w.new.pointer(&p) {
+            causes.push(Cause::invalid(
+                format!("spec.{f}"),
+                "Invalid value: field is immutable",
+            ));
+        }
+    }
+    if !causes.is_empty() {
+        return Err(invalid(&s, w.new, causes));
+    }
+    if after.size_gib == before.size_gib {
+        return Ok(ctx
+            .store
+            .write_guarded(w.key, w.new, Some(rev), &[], None)
+            .await
+            .map_err(ApiError::from)?
+            .into());
+    }
+    if going(old) {
+        return Err(conflict_field(
+            &s,
+            w.new,
+            "spec.sizeGiB",
+            "the volume is being deleted".into(),
+        ));
+    }
+    let placed = old.pointer("/status/pool").and_then(Value::as_str);
+    let uid = meta::meta_str(old, "uid").unwrap_or_default();
+    for _ in 0..RETRIES {
+        let quota = quota::check(ctx, s, ns, w).await?;
+        let mut guards = vec![Guard::Revision(w.key, rev)];
+        guards.extend(quota.iter().map(|(p, at)| Guard::Unchanged(p, *at)));
+        let claim = json!({
+            "volume": format!("{ns}/{}", name_of(w.new)),
+            "sizeGiB": after.size_gib,
+        });
+        let Some(pool) = placed else {
+            // Not placed yet: the scheduler places it at its new size.
+            if let Some(r) = write(ctx, &guards, &[(w.key, w.new)]).await? {
+                return Ok(Write::Done(r).into());
+            }
+            if let Some(done) = changed(ctx, w.key, rev).await? {
+                return Ok(done);
+            }
+            continue;
+        };
+        let pool_key = keys::object(ctx.prefix, GROUP, "storagepools", None, pool);
+        let on = claims(ctx.prefix, pool);
+        let mine = on.key(uid);
+        let (got, at) = ctx
+            .store
+            .read_many(&[Read::Key(&pool_key), Read::Prefix(on.prefix())])
+            .await
+            .map_err(ApiError::from)?;
+        let others = claimed_gib(
+            got[1]
+                .iter()
+                .filter(|(k, _)| *k != mine)
+                .map(|(_, c)| &c.value),
+        );
+        let Some((_, pool_obj)) = got[0].first() else {
+            return Err(conflict_field(
+                &s,
+                w.new,
+                "spec.sizeGiB",
+                format!("cannot extend: storage pool {pool} is gone"),
+            ));
+        };
+        let (from, to) = (before.size_gib, after.size_gib);
+        let refuse = |why: String| {
+            conflict_field(
+                &s,
+                w.new,
+                "spec.sizeGiB",
+                format!("cannot extend from {from} to {to} GiB: {why}"),
+            )
+        };
+        let room = room(pool, &pool_obj.value, others).map_err(refuse)?;
+        if to > room {
+            return Err(refuse(format!(
+                "storage pool {pool} has insufficient capacity: {} GiB free, {} GiB more asked",
+                room.saturating_sub(from),
+                to - from
+            )));
+        }
+        let grown = pool_obj.mod_revision;
+        guards.push(Guard::Revision(&pool_key, grown));
+        guards.push(Guard::Unchanged(on.prefix(), at));
+        if let Some(r) = write(ctx, &guards, &[(w.key, w.new), (&mine, &claim)]).await? {
+            return Ok(Write::Done(r).into());
+        }
+        if let Some(done) = changed(ctx, w.key, rev).await? {
+            return Ok(done);
+        }
+    }
+    Err(too_busy(&s, w.new))
+}
+
+/// One guarded transaction of puts; its revision, or `None` when a guard failed.
+async fn write(
+    ctx: Ctx<'_>,
+    guards: &[Guard<'_>],
+    puts: &[(&str, &Value)],
+) -> ApiResult<Option<i64>> {
+    ctx.store
+        .write_many(guards, puts, &[])
+        .await
+        .map_err(ApiError::from)
+}
+
+/// The Volume uid a snapshot records.
+fn volume_uid(obj: &Value) -> Option<&str> {
+    obj.pointer("/metadata/annotations")
+        .and_then(|a| a.get(VOLUME_UID))
+        .and_then(Value::as_str)
+}
+
+/// `obj` annotated with its Volume's uid.
+fn set_volume_uid(obj: &mut Value, uid: &str) {
+    let m = meta::meta_mut(obj);
+    if !m.get("annotations").is_some_and(Value::is_object) {
+        m.insert("annotations".into(), json!({}));
+    }
+    if let Some(a) = m.get_mut("annotations").and_then(Value::as_object_mut) {
+        a.insert(VOLUME_UID.into(), json!(uid));
+    }
+}
+
+async fn create_snapshot(
+    ctx: Ctx<'_>,
+    s: Subject<'_>,
+    ns: &str,
+    w: Change<'_>,
+) -> ApiResult<Written> {
+    let volume = w
+        .new
+        .pointer("/spec/volume")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let force = w.new.pointer("/spec/force").and_then(Value::as_bool) == Some(true);
+    let volume_key = keys::object(ctx.prefix, GROUP, "volumes", Some(ns), volume);
+    let field = "spec.volume";
+    for _ in 0..RETRIES {
+        let quota = quota::check(ctx, s, ns, w).await?;
+        let Some(vol) = ctx.store.get(&volume_key).await.map_err(ApiError::from)? else {
+            return Err(not_found_field(
+                &s,
+                w.new,
+                field,
+                format!("Not found: volume {volume:?} does not exist in this namespace"),
+            ));
+        };
+        let refuse = |why: String| Err(conflict_field(&s, w.new, field, why));
+        if going(&vol.value) {
+            return refuse(format!("volume {volume:?} is being deleted"));
+        }
+        let (Some(pool), Some(node)) = (
+            vol.value.pointer("/status/pool").and_then(Value::as_str),
+            vol.value.pointer("/status/node").and_then(Value::as_str),
+        ) else {
+            return refuse(format!(
+                "volume {volume:?} is not placed on a storage pool yet; snapshot it once it is"
+            ));
+        };
+        if let Some(server) = vol
+            .value
+            .pointer("/status/attachedTo")
+            .and_then(Value::as_str)
+            && !force
+        {
+            return refuse(format!(
+                "volume {volume:?} is attached to server {server:?}; set spec.force to snapshot it attached (crash-consistent)"
+            ));
+        }
+        let size = vol
+            .value
+            .pointer("/spec/sizeGiB")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let pool_key = keys::object(ctx.prefix, GROUP, "storagepools", None, pool);
+        let on = claims(ctx.prefix, pool);
+        let uid = meta::meta_str(w.new, "uid").unwrap_or_default();
+        let mine = on.key(uid);
+        let (got, at) = ctx
+            .store
+            .read_many(&[Read::Key(&pool_key), Read::Prefix(on.prefix())])
+            .await
+            .map_err(ApiError::from)?;
+        let Some((_, pool_obj)) = got[0].first() else {
+            return refuse(format!(
+                "the storage pool {pool} of volume {volume:?} is gone"
+            ));
+        };
+        let others = claimed_gib(got[1].iter().map(|(_, c)| &c.value));
+        if let Err(why) = fits(pool, &pool_obj.value, others, size) {
+            return refuse(format!(
+                "no room for a snapshot of volume {volume:?}: {why}"
+            ));
+        }
+        let mut obj = w.new.clone();
+        set_volume_uid(
+            &mut obj,
+            meta::meta_str(&vol.value, "uid").unwrap_or_default(),
+        );
+        let status = binding::status_mut(&mut obj)?;
+        status.extend(Map::from_iter([
+            ("phase".into(), json!("Creating")),
+            ("pool".into(), json!(pool)),
+            ("node".into(), json!(node)),
+            ("sizeGiB".into(), json!(size)),
+        ]));
+        let claim = json!({
+            "snapshot": format!("{ns}/{}", name_of(w.new)),
+            "sizeGiB": size,
+        });
+        let mut guards = create_guards(&w, &quota);
+        guards.extend([
+            Guard::Revision(&volume_key, vol.mod_revision),
+            Guard::Revision(&pool_key, pool_obj.mod_revision),
+            Guard::Unchanged(on.prefix(), at),
+            Guard::Absent(&mine),
+        ]);
+        if let Some(rev) = write(ctx, &guards, &[(w.key, &obj), (&mine, &claim)]).await? {
+            return Ok(Written {
+                write: Write::Done(rev),
+                stored: Some(obj),
+            });
+        }
+        if let Some(done) = settled(ctx, &w).await? {
+            return Ok(done);
+        }
+    }
+    Err(too_busy(&s, w.new))
+}
+
+/// An update of a VolumeSnapshot: only its description (and metadata) changes; the Volume uid
+/// it records, dropped by a replace, is kept.
+async fn update_snapshot(
+    ctx: Ctx<'_>,
+    s: Subject<'_>,
+    w: Change<'_>,
+    old: &Value,
+    rev: i64,
+) -> ApiResult<Written> {
+    let mut causes = Vec::new();
+    for f in ["volume", "force"] {
+        let p = format!("/spec/{f}");
+        if old.pointer(&p) != w.new.pointer(&p) {
+            causes.push(Cause::invalid(
+                format!("spec.{f}"),
+                "Invalid value: field is immutable",
+            ));
+        }
+    }
+    let mut new = w.new.clone();
+    match (volume_uid(old), volume_uid(w.new)) {
+        (Some(a), Some(b)) if a != b => causes.push(Cause::invalid(
+            format!("metadata.annotations[{VOLUME_UID}]"),
+            "Invalid value: field is immutable",
+        )),
+        (Some(a), None) => set_volume_uid(&mut new, a),
+        _ => {}
+    }
+    if !causes.is_empty() {
+        return Err(invalid(&s, w.new, causes));
+    }
+    let written = ctx
+        .store
+        .write_guarded(w.key, &new, Some(rev), &[], None)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(Written {
+        write: written,
+        stored: (&new != w.new).then_some(new),
+    })
+}
+
+/// Refuses deleting an attached Volume, or one with snapshots (409 naming them), as Cinder
+/// does. The snapshots are not looked for when its Project is being deleted (the project
+/// controller empties the namespace in no particular order). What was read holds until the
+/// delete is written: no snapshot of the namespace may change meanwhile.
+async fn not_in_use(ctx: Ctx<'_>, s: Subject<'_>, obj: &Value) -> ApiResult<Vec<Held>> {
+    let name = name_of(obj);
+    let refuse = |why: String| {
+        Err(ApiError::conflict(
+            s.group,
+            s.plural,
+            name,
+            format!("volume {name:?} {why}"),
+        ))
+    };
+    if let Some(server) = obj.pointer("/status/attachedTo").and_then(Value::as_str) {
+        return refuse(format!("is attached to server {server:?}; detach it first"));
+    }
+    let Some(ns) = s.namespace else {
+        return Ok(Vec::new());
+    };
+    let uid = meta::meta_str(obj, "uid");
+    let project = keys::object(ctx.prefix, "identity.stratus.dev", "projects", None, ns);
+    let snapshots = keys::collection(ctx.prefix, GROUP, "volumesnapshots", Some(ns));
+    let (got, revision) = ctx
+        .store
+        .read_many(&[Read::Key(&project), Read::Prefix(&snapshots)])
+        .await
+        .map_err(ApiError::from)?;
+    if got[0].first().is_none_or(|(_, p)| going(&p.value)) {
+        return Ok(Vec::new());
+    }
+    let of_it: Vec<&str> = got[1]
+        .iter()
+        .map(|(_, x)| &x.value)
+        .filter(|x| match volume_uid(x) {
+            Some(v) => Some(v) == uid,
+            None => x.pointer("/spec/volume").and_then(Value::as_str) == Some(name),
+        })
+        .map(name_of)
+        .collect();
+    if of_it.is_empty() {
+        return Ok(vec![Held {
+            prefix: snapshots,
+            revision,
+        }]);
+    }
+    let shown = of_it.iter().take(5).copied().collect::<Vec<_>>().join(", ");
+    let more = match of_it.len() {
+        n if n > 5 => format!(" and {} more", n - 5),
+        _ => String::new(),
+    };
+    refuse(format!(
+        "has {} snapshot(s) ({shown}{more}); delete them first",
+        of_it.len()
+    ))
+}
+
+/// `POST volumes/{name}/binding` with `{"target": {"name": POOL}}`: places the Volume on the
+/// pool (its `status.pool`, the pool's node as `status.node`, phase `Creating`,
+/// `Scheduled=True`) if its size fits there, claiming it in the same transaction; binding
+/// again to the same pool claims its current size.
+///
+/// # Errors
+/// 404 for a missing Volume; 422 for a missing target or pool; 409 when the Volume is being
+/// deleted or placed elsewhere, or must go elsewhere (its `spec.storagePool`, its source's
+/// pool), or the pool is disabled, has not reported its capacity, or is full.
+pub async fn bind(
+    ctx: Ctx<'_>,
+    t: &Subject<'_>,
+    locks: &PlacementLocks,
+    bytes: &[u8],
+    content_type: &str,
+) -> ApiResult<u16> {
+    let invalid = |field: &str, message: String| {
+        ApiError::invalid(
+            "Binding",
+            GROUP,
+            "volumes",
+            t.name,
+            vec![Cause::invalid(field, message)],
+        )
+    };
+    let target = binding::target_name(bytes, content_type, "StoragePool", &invalid)?;
+    let ns = t.namespace.unwrap_or_default();
+    let volume_key = t.key(ctx.prefix);
+    // The source is immutable: where it is decides where the volume may go.
+    let volume = ctx
+        .store
+        .get(&volume_key)
+        .await
+        .map_err(ApiError::from)?
+        .ok_or_else(|| t.not_found())?;
+    let uid = meta::meta_str(&volume.value, "uid").unwrap_or_default();
+    let source_key = ["snapshot", "volume"].into_iter().find_map(|f| {
+        let name = volume
+            .value
+            .pointer(&format!("/spec/source/{f}"))?
+            .as_str()?;
+        let plural = if f == "snapshot" {
+            "volumesnapshots"
+        } else {
+            "volumes"
+        };
+        Some(keys::object(ctx.prefix, GROUP, plural, Some(ns), name))
+    });
+    let pool_key = keys::object(ctx.prefix, GROUP, "storagepools", None, &target);
+    let on = claims(ctx.prefix, &target);
+    let claim = on.key(uid);
+    let more: Vec<Read<'_>> = source_key.iter().map(|k| Read::Key(k)).collect();
+    let placement = Placement {
+        object: &volume_key,
+        target: &pool_key,
+        claims: &on,
+        claim: &claim,
+        more: &more,
+    };
+    let conflict = |why: String| ApiError::conflict(GROUP, "volumes", t.name, why);
+    let busy = || conflict("too many concurrent placements on the storage pool; retry".into());
+    locks
+        .place(
+            ctx,
+            placement,
+            || t.not_found(),
+            busy,
+            |seen| place_volume(seen, ns, &target, &invalid, &conflict),
+        )
+        .await?;
+    Ok(201)
+}
+
+/// Decides a Volume's placement on pool `target` from what [`PlacementLocks::place`] read
+/// (its snapshot or volume source as `more[0]`, when it has one).
+fn place_volume(
+    seen: Seen,
+    ns: &str,
+    target: &str,
+    invalid: &dyn Fn(&str, String) -> ApiError,
+    conflict: &dyn Fn(String) -> ApiError,
+) -> ApiResult<Placed> {
+    let Seen {
+        object: volume,
+        target: pool,
+        others,
+        more,
+    } = seen;
+    let v = &volume.value;
+    if going(v) {
+        return Err(conflict("the volume is being deleted".into()));
+    }
+    if let Some(other) = v
+        .pointer("/status/pool")
+        .and_then(Value::as_str)
+        .filter(|p| *p != target)
+    {
+        return Err(conflict(format!(
+            "the volume is placed on storage pool {other}"
+        )));
+    }
+    let pool =
+        pool.ok_or_else(|| invalid("target.name", format!("Not found: storage pool {target:?}")))?;
+    let p = &pool.value;
+    if p.pointer("/spec/disabled").and_then(Value::as_bool) == Some(true) {
+        return Err(conflict(format!("storage pool {target} is disabled")));
+    }
+    if let Some(asked) = v
+        .pointer("/spec/storagePool")
+        .and_then(Value::as_str)
+        .filter(|a| *a != target)
+    {
+        return Err(conflict(format!(
+            "the volume asks for storage pool {asked} (spec.storagePool)"
+        )));
+    }
+    let mut held = Vec::new();
+    if let Some((key, src)) = more.into_iter().flatten().next() {
+        match src.value.pointer("/status/pool").and_then(Value::as_str) {
+            Some(there) if there == target => held.push((key, src.mod_revision)),
+            there => {
+                return Err(conflict(format!(
+                    "the volume is made from {} {:?}, in storage pool {}: it goes there",
+                    src.value
+                        .get("kind")
+                        .and_then(Value::as_str)
+                        .unwrap_or("source"),
+                    name_of(&src.value),
+                    there.unwrap_or("(not placed yet)"),
+                )));
+            }
+        }
+    }
+    let size = v
+        .pointer("/spec/sizeGiB")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    fits(target, p, claimed_gib(&others), size).map_err(conflict)?;
+    let node = p
+        .pointer("/spec/node")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let mut new = v.clone();
+    let generation = v.pointer("/metadata/generation").and_then(Value::as_i64);
+    let status = binding::status_mut(&mut new)?;
+    status.insert("pool".into(), json!(target));
+    status.insert("node".into(), json!(node));
+    if status
+        .get("phase")
+        .and_then(Value::as_str)
+        .is_none_or(|p| p == "Pending")
+    {
+        status.insert("phase".into(), json!(VolumePhase::Creating));
+    }
+    binding::set_condition(
+        status,
+        &ConditionType::Scheduled.yes(
+            Reason::Bound,
+            format!("placed on storage pool {target} (node {node})"),
+        ),
+        generation,
+    );
+    if &new == v {
+        return Ok(Placed::AsIs);
+    }
+    Ok(Placed::Write {
+        object: new,
+        claim: json!({"volume": format!("{ns}/{}", name_of(v)), "sizeGiB": size}),
+        held,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_placed_volumes_claim_goes_with_it() {
+        let v = json!({"metadata": {"name": "v", "uid": "u1"}, "status": {"pool": "p1"}});
+        assert_eq!(
+            Storage.attached_keys("/r", &v),
+            vec!["/r/_claims/storage/p1/u1".to_string()]
+        );
+        let pending =
+            json!({"metadata": {"name": "v", "uid": "u1"}, "status": {"phase": "Pending"}});
+        assert!(Storage.attached_keys("/r", &pending).is_empty());
+    }
+
+    #[test]
+    fn a_pool_fits_what_its_reserve_and_claims_leave() {
+        let pool = json!({
+            "apiVersion": "storage.stratus.dev/v1", "kind": "StoragePool",
+            "metadata": {"name": "p"},
+            "spec": {"backend": "lvm", "node": "n1", "vgName": "vg", "reservedPercentage": 20},
+            "status": {"capacityGiB": 10},
+        });
+        assert_eq!(room("p", &pool, 3), Ok(5));
+        assert!(fits("p", &pool, 3, 5).is_ok());
+        let why = fits("p", &pool, 3, 6).expect_err("full");
+        assert!(why.contains("5 GiB free, 6 GiB asked"), "{why}");
+        let mut unreported = pool.clone();
+        unreported["status"] = json!({});
+        assert!(
+            fits("p", &unreported, 0, 1)
+                .expect_err("no capacity")
+                .contains("has not reported its capacity")
+        );
+        assert_eq!(
+            claimed_gib(&[json!({"sizeGiB": 2}), json!({"sizeGiB": 3}), json!({})]),
+            5
+        );
+    }
+}

@@ -1,0 +1,560 @@
+//! Block storage admission: Volume and VolumeSnapshot checks, the `volumes/{name}/binding`
+//! placement with its capacity claims, extends, quota, deletes refused while in use, and what
+//! a node may touch.
+
+use serde_json::{Value, json};
+use stratus_apiserver::base::error::ApiResult;
+use stratus_apiserver::resource::review::AllowAll;
+use stratus_apiserver::resource::verbs::Target;
+
+use crate::fixtures::{Cloud, JSON, MERGE, Obj, answer, refused};
+
+fn volume(ns: &str, name: &str, size: Value) -> Obj {
+    Obj(json!({
+        "apiVersion": "storage.stratus.dev/v1", "kind": "Volume",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"sizeGiB": size},
+    }))
+}
+
+fn snapshot(ns: &str, name: &str, of: &str) -> Obj {
+    Obj(json!({
+        "apiVersion": "storage.stratus.dev/v1", "kind": "VolumeSnapshot",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"volume": of},
+    }))
+}
+
+/// A cloud with project `demo` and a Ready LVM pool `p1` on node `n1` whose agent reported
+/// `capacity` GiB (nothing reserved).
+async fn with_pool(capacity: u64) -> Cloud {
+    let c = Cloud::with_demo().await;
+    pool(&c, "p1", "n1", capacity).await;
+    c
+}
+
+async fn pool(c: &Cloud, name: &str, node: &str, capacity: u64) {
+    c.create(&Obj(json!({
+        "apiVersion": "storage.stratus.dev/v1", "kind": "StoragePool",
+        "metadata": {"name": name},
+        "spec": {"backend": "lvm", "node": node, "vgName": "stratus", "reservedPercentage": 0},
+    })))
+    .await
+    .expect("pool");
+    let status = json!({"status": {"phase": "Ready", "capacityGiB": capacity}});
+    c.patch(&c.status("StoragePool", None, name), MERGE, &status, "")
+        .await
+        .expect("report capacity");
+}
+
+async fn bind(c: &Cloud, name: &str, pool: &str) -> ApiResult<u16> {
+    let body = json!({"target": {"name": pool}}).to_string();
+    let t = Target {
+        subresource: Some("binding".into()),
+        ..c.target("Volume", Some("demo"), Some(name))
+    };
+    c.api
+        .bind(&t, body.as_bytes(), JSON, &AllowAll)
+        .await
+        .map(|o| answer(o).0)
+}
+
+fn field(e: &stratus_apiserver::base::error::ApiError) -> &str {
+    e.details
+        .causes
+        .first()
+        .map(|c| c.field.as_str())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_volume_has_a_size_of_at_least_one_gib_and_a_bounded_one() {
+    let c = with_pool(10).await;
+    for size in [json!(0), json!(-1), json!(65_537), json!("ten")] {
+        let before = c.revision().await;
+        let e = refused(c.create(&volume("demo", "v", size.clone())).await);
+        assert_eq!((e.code, field(&e)), (422, "spec.sizeGiB"), "{size}: {e:?}");
+        assert_eq!(c.revision().await, before, "nothing written for {size}");
+    }
+    let v = c
+        .create(&volume("demo", "v", json!(1)))
+        .await
+        .expect("1 GiB");
+    assert_eq!(v["status"]["phase"], "Pending", "waits for the scheduler");
+}
+
+#[tokio::test]
+async fn names_with_shell_metacharacters_are_refused_wherever_they_appear() {
+    let c = with_pool(10).await;
+    for name in ["v;rm -rf /", "$(reboot)", "a`id`", "v|x", "../etc"] {
+        let e = refused(c.create(&volume("demo", name, json!(1))).await);
+        assert_eq!((e.code, field(&e)), (422, "metadata.name"), "{name}");
+        let from = volume("demo", "v", json!(1)).spec("source", json!({"snapshot": name}));
+        let e = refused(c.create(&from).await);
+        assert_eq!(e.code, 422, "{name}");
+        assert_eq!(field(&e), "spec.source.snapshot", "{name}");
+        let e = refused(c.create(&snapshot("demo", "s", name)).await);
+        assert_eq!((e.code, field(&e)), (422, "spec.volume"), "{name}");
+        let e = refused(bind(&c, "v", name).await);
+        assert_eq!(e.code, 404, "no volume v yet");
+    }
+    c.create(&volume("demo", "v", json!(1))).await.expect("v");
+    let e = refused(bind(&c, "v", "p1;reboot").await);
+    assert_eq!((e.code, field(&e)), (422, "target.name"));
+}
+
+#[tokio::test]
+async fn a_source_is_exactly_one_thing_that_exists_in_the_namespace() {
+    let c = with_pool(10).await;
+    let two =
+        volume("demo", "v", json!(1)).spec("source", json!({"image": "cirros", "volume": "other"}));
+    let e = refused(c.create(&two).await);
+    assert_eq!((e.code, field(&e)), (422, "spec.source"), "{e:?}");
+    let none = volume("demo", "v", json!(1)).spec("source", json!({}));
+    assert_eq!(field(&refused(c.create(&none).await)), "spec.source");
+    for (f, what) in [
+        ("snapshot", "spec.source.snapshot"),
+        ("volume", "spec.source.volume"),
+        ("image", "spec.source.image"),
+    ] {
+        let from = volume("demo", "v", json!(1)).spec("source", json!({f: "missing"}));
+        let e = refused(c.create(&from).await);
+        assert_eq!((e.code, field(&e)), (422, what), "{e:?}");
+        assert!(e.message.contains("missing"), "{}", e.message);
+    }
+    // An image of the project, or a public one of another project, will do.
+    c.create(&Obj::project("shared")).await.expect("project");
+    for (ns, visibility) in [("demo", "private"), ("shared", "public")] {
+        c.create(&Obj(json!({
+            "apiVersion": "image.stratus.dev/v1", "kind": "Image",
+            "metadata": {"name": format!("img-{ns}"), "namespace": ns},
+            "spec": {"diskFormat": "qcow2", "visibility": visibility,
+                     "source": {"url": "https://images.example/cirros.qcow2"}},
+        })))
+        .await
+        .expect("image");
+    }
+    for img in ["img-demo", "img-shared"] {
+        let from = volume("demo", img, json!(1)).spec("source", json!({"image": img}));
+        c.create(&from).await.expect("from an image");
+    }
+    // A clone is at least as large as what it copies.
+    c.create(&volume("demo", "big", json!(5)))
+        .await
+        .expect("big");
+    let small = volume("demo", "small", json!(2)).spec("source", json!({"volume": "big"}));
+    let e = refused(c.create(&small).await);
+    assert_eq!((e.code, field(&e)), (422, "spec.sizeGiB"), "{e:?}");
+    let clone = volume("demo", "clone", json!(5)).spec("source", json!({"volume": "big"}));
+    c.create(&clone).await.expect("a clone of the same size");
+}
+
+#[tokio::test]
+async fn binding_places_the_volume_and_claims_its_size() {
+    let c = with_pool(10).await;
+    c.create(&volume("demo", "a", json!(6))).await.expect("a");
+    c.create(&volume("demo", "b", json!(5))).await.expect("b");
+    c.create(&volume("demo", "c", json!(4))).await.expect("c");
+    assert_eq!(bind(&c, "a", "p1").await.expect("a fits"), 201);
+    let a = c.get("Volume", Some("demo"), "a").await.expect("a");
+    assert_eq!(a["status"]["pool"], "p1");
+    assert_eq!(a["status"]["node"], "n1");
+    assert_eq!(a["status"]["phase"], "Creating");
+    let scheduled = &a["status"]["conditions"][0];
+    assert_eq!(
+        (
+            &scheduled["type"],
+            &scheduled["status"],
+            &scheduled["reason"]
+        ),
+        (&json!("Scheduled"), &json!("True"), &json!("Bound"))
+    );
+    let e = refused(bind(&c, "b", "p1").await);
+    assert_eq!(e.code, 409);
+    assert!(
+        e.message.contains("4 GiB free, 5 GiB asked"),
+        "{}",
+        e.message
+    );
+    assert_eq!(bind(&c, "c", "p1").await.expect("c fills it"), 201);
+    assert_eq!(
+        bind(&c, "a", "p1").await.expect("again: no second claim"),
+        201
+    );
+    let e = refused(bind(&c, "missing", "p1").await);
+    assert_eq!(e.code, 404);
+    let e = refused(bind(&c, "b", "nowhere").await);
+    assert_eq!((e.code, field(&e)), (422, "target.name"));
+    // Placed: not moved by another binding, nor by a status write.
+    pool(&c, "p2", "n2", 10).await;
+    assert_eq!(refused(bind(&c, "a", "p2").await).code, 409);
+    let status = c.status("Volume", Some("demo"), "a");
+    let e = refused(
+        c.patch(&status, MERGE, &json!({"status": {"pool": "p2"}}), "")
+            .await,
+    );
+    assert_eq!((e.code, field(&e)), (422, "status.pool"));
+    let e = refused(
+        c.patch(&status, MERGE, &json!({"status": {"node": "n2"}}), "")
+            .await,
+    );
+    assert_eq!((e.code, field(&e)), (422, "status.node"));
+    // Unbinding is not a thing a volume does.
+    let t = Target {
+        subresource: Some("binding".into()),
+        ..c.target("Volume", Some("demo"), Some("a"))
+    };
+    assert_eq!(refused(c.api.unbind(&t, &AllowAll).await).code, 405);
+}
+
+#[tokio::test]
+async fn concurrent_bindings_from_two_api_servers_never_overcommit_a_pool() {
+    let c = with_pool(10).await;
+    let other = c.replica().await;
+    let names: Vec<String> = (0..24).map(|i| format!("v{i}")).collect();
+    for n in &names {
+        c.create(&volume("demo", n, json!(1)))
+            .await
+            .expect("volume");
+    }
+    let binds = names.iter().enumerate().map(|(i, n)| {
+        let api = if i % 2 == 0 { &c } else { &other };
+        bind(api, n, "p1")
+    });
+    let results = futures::future::join_all(binds).await;
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        10,
+        "{results:?}"
+    );
+    assert!(
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| e.code == 409)
+    );
+    let placed = c
+        .list("Volume", Some("demo"), "fieldSelector=status.pool%3Dp1")
+        .await
+        .expect("list");
+    assert_eq!(crate::fixtures::names(&placed).len(), 10);
+}
+
+#[tokio::test]
+async fn a_deleted_volume_frees_its_claim_and_a_pinned_one_goes_where_it_asks() {
+    let c = with_pool(2).await;
+    c.create(&volume("demo", "a", json!(2))).await.expect("a");
+    c.create(&volume("demo", "b", json!(2))).await.expect("b");
+    bind(&c, "a", "p1").await.expect("a");
+    assert_eq!(refused(bind(&c, "b", "p1").await).code, 409);
+    c.delete("Volume", Some("demo"), "a", "")
+        .await
+        .expect("delete a");
+    assert_eq!(bind(&c, "b", "p1").await.expect("room again"), 201);
+    pool(&c, "p2", "n2", 10).await;
+    let pinned = volume("demo", "pinned", json!(1)).spec("storagePool", json!("p2"));
+    c.create(&pinned).await.expect("pinned");
+    let e = refused(bind(&c, "pinned", "p1").await);
+    assert!(e.message.contains("spec.storagePool"), "{}", e.message);
+    assert_eq!(bind(&c, "pinned", "p2").await.expect("where it asks"), 201);
+    // A disabled pool takes nothing new.
+    c.create(&volume("demo", "late", json!(1)))
+        .await
+        .expect("late");
+    let t = c.target("StoragePool", None, Some("p2"));
+    c.patch(&t, MERGE, &json!({"spec": {"disabled": true}}), "")
+        .await
+        .expect("disable");
+    let e = refused(bind(&c, "late", "p2").await);
+    assert!(e.message.contains("disabled"), "{}", e.message);
+}
+
+#[tokio::test]
+async fn a_volume_grows_within_its_pool_and_quota_and_never_shrinks() {
+    let c = with_pool(10).await;
+    c.create(&volume("demo", "v", json!(4))).await.expect("v");
+    c.create(&volume("demo", "w", json!(4))).await.expect("w");
+    bind(&c, "v", "p1").await.expect("v");
+    bind(&c, "w", "p1").await.expect("w");
+    let t = c.target("Volume", Some("demo"), Some("v"));
+    let grow = |size: u64| json!({"spec": {"sizeGiB": size}});
+    let e = refused(c.patch(&t, MERGE, &grow(3), "").await);
+    assert_eq!((e.code, field(&e)), (422, "spec.sizeGiB"), "a shrink");
+    assert!(e.message.contains("cannot shrink"), "{}", e.message);
+    c.patch(&t, MERGE, &grow(6), "")
+        .await
+        .expect("within the pool");
+    let before = c.revision().await;
+    let e = refused(c.patch(&t, MERGE, &grow(7), "").await);
+    assert_eq!(e.code, 409, "past the pool: {e:?}");
+    assert!(
+        e.message.contains("0 GiB free, 1 GiB more asked"),
+        "{}",
+        e.message
+    );
+    assert_eq!(c.revision().await, before, "nothing written");
+    let v = c.get("Volume", Some("demo"), "v").await.expect("v");
+    assert_eq!(v["spec"]["sizeGiB"], 6);
+    // The grown claim counts: nothing more fits.
+    c.create(&volume("demo", "x", json!(1))).await.expect("x");
+    assert_eq!(refused(bind(&c, "x", "p1").await).code, 409);
+    // The source and where it may go do not change.
+    let e = refused(
+        c.patch(&t, MERGE, &json!({"spec": {"storagePool": "p9"}}), "")
+            .await,
+    );
+    assert_eq!((e.code, field(&e)), (422, "spec.storagePool"));
+    // Quota counts the GiB of an extend as of a create.
+    c.create(&Obj::quota("demo", "q", json!({"volumeGiB": 12})))
+        .await
+        .expect("quota");
+    let e = refused(
+        c.patch(
+            &c.target("Volume", Some("demo"), Some("w")),
+            MERGE,
+            &grow(6),
+            "",
+        )
+        .await,
+    );
+    assert_eq!(e.code, 403, "{e:?}");
+    assert!(e.message.contains("exceeded quota"), "{}", e.message);
+    let e = refused(c.create(&volume("demo", "y", json!(2))).await);
+    assert_eq!(e.code, 403);
+}
+
+#[tokio::test]
+async fn a_snapshot_is_placed_with_its_volume_and_holds_it() {
+    let c = with_pool(10).await;
+    let e = refused(c.create(&snapshot("demo", "s", "missing")).await);
+    assert_eq!((e.code, field(&e)), (422, "spec.volume"));
+    assert!(e.message.contains("does not exist"), "{}", e.message);
+    c.create(&volume("demo", "v", json!(3))).await.expect("v");
+    let e = refused(c.create(&snapshot("demo", "s", "v")).await);
+    assert_eq!(e.code, 409, "not placed yet: {e:?}");
+    bind(&c, "v", "p1").await.expect("v");
+    let s = c.create(&snapshot("demo", "s", "v")).await.expect("s");
+    assert_eq!(s["status"]["pool"], "p1");
+    assert_eq!(s["status"]["node"], "n1");
+    assert_eq!(s["status"]["sizeGiB"], 3);
+    assert_eq!(s["status"]["phase"], "Creating");
+    // Its claim counts: 3 + 3 of 10 leave 4.
+    c.create(&volume("demo", "w", json!(5))).await.expect("w");
+    let e = refused(bind(&c, "w", "p1").await);
+    assert!(
+        e.message.contains("4 GiB free, 5 GiB asked"),
+        "{}",
+        e.message
+    );
+    // A volume made from it goes to its pool, at least its size.
+    pool(&c, "p2", "n2", 10).await;
+    let small = volume("demo", "r", json!(2)).spec("source", json!({"snapshot": "s"}));
+    assert_eq!(field(&refused(c.create(&small).await)), "spec.sizeGiB");
+    let from = volume("demo", "r", json!(3)).spec("source", json!({"snapshot": "s"}));
+    c.create(&from).await.expect("r");
+    let e = refused(bind(&c, "r", "p2").await);
+    assert!(e.message.contains("storage pool p1"), "{}", e.message);
+    // Its volume is not deleted under it (409, as Cinder), nor its placement rewritten.
+    let e = refused(c.delete("Volume", Some("demo"), "v", "").await);
+    assert_eq!(e.code, 409);
+    assert!(e.message.contains("1 snapshot(s) (s)"), "{}", e.message);
+    let st = c.status("VolumeSnapshot", Some("demo"), "s");
+    let e = refused(
+        c.patch(&st, MERGE, &json!({"status": {"sizeGiB": 1}}), "")
+            .await,
+    );
+    assert_eq!((e.code, field(&e)), (422, "status.sizeGiB"));
+    let t = c.target("VolumeSnapshot", Some("demo"), Some("s"));
+    let e = refused(
+        c.patch(&t, MERGE, &json!({"spec": {"volume": "w"}}), "")
+            .await,
+    );
+    assert_eq!((e.code, field(&e)), (422, "spec.volume"));
+    c.delete("VolumeSnapshot", Some("demo"), "s", "")
+        .await
+        .expect("delete the snapshot");
+    c.delete("Volume", Some("demo"), "v", "")
+        .await
+        .expect("then its volume");
+    assert_eq!(bind(&c, "w", "p1").await.expect("both claims freed"), 201);
+}
+
+#[tokio::test]
+async fn an_attached_volume_is_not_deleted_nor_snapshotted_without_force() {
+    let c = with_pool(10).await;
+    c.create(&volume("demo", "v", json!(1))).await.expect("v");
+    bind(&c, "v", "p1").await.expect("v");
+    let st = c.status("Volume", Some("demo"), "v");
+    c.patch(&st, MERGE, &json!({"status": {"attachedTo": "web"}}), "")
+        .await
+        .expect("attached");
+    let e = refused(c.delete("Volume", Some("demo"), "v", "").await);
+    assert_eq!(e.code, 409);
+    assert!(
+        e.message.contains("attached to server \"web\""),
+        "{}",
+        e.message
+    );
+    assert!(
+        c.get("Volume", Some("demo"), "v").await.is_ok(),
+        "still there"
+    );
+    let e = refused(c.create(&snapshot("demo", "s", "v")).await);
+    assert_eq!((e.code, field(&e)), (409, "spec.volume"));
+    let forced = snapshot("demo", "s", "v").spec("force", json!(true));
+    c.create(&forced).await.expect("with force");
+}
+
+#[tokio::test]
+async fn snapshots_count_against_quota_at_once() {
+    let c = with_pool(100).await;
+    c.create(&volume("demo", "v", json!(1))).await.expect("v");
+    bind(&c, "v", "p1").await.expect("v");
+    c.create(&Obj::quota("demo", "q", json!({"snapshots": 2})))
+        .await
+        .expect("quota");
+    let creates = (0..8).map(|i| {
+        let c = &c;
+        async move { c.create(&snapshot("demo", &format!("s{i}"), "v")).await }
+    });
+    let results = futures::future::join_all(creates).await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 2);
+    assert!(
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| e.code == 403)
+    );
+}
+
+/// A node's storage agent: the volumes and snapshots placed on it (status and its own
+/// finalizer), the images they are made from, its own pools; nothing of another node's.
+#[tokio::test]
+async fn a_node_touches_only_the_storage_placed_on_it() {
+    let c = with_pool(10).await;
+    pool(&c, "p2", "n2", 10).await;
+    c.create(&Obj(json!({
+        "apiVersion": "image.stratus.dev/v1", "kind": "Image",
+        "metadata": {"name": "img", "namespace": "demo"},
+        "spec": {"diskFormat": "qcow2", "source": {"url": "https://images.example/i.qcow2"}},
+    })))
+    .await
+    .expect("a private image");
+    let mine = volume("demo", "mine", json!(1)).spec("source", json!({"image": "img"}));
+    c.create(&mine).await.expect("mine");
+    c.create(&volume("demo", "theirs", json!(1)))
+        .await
+        .expect("theirs");
+    bind(&c, "mine", "p1").await.expect("on n1");
+    bind(&c, "theirs", "p2").await.expect("on n2");
+    c.create(&snapshot("demo", "snap-mine", "mine"))
+        .await
+        .expect("s");
+    c.create(&snapshot("demo", "snap-theirs", "theirs"))
+        .await
+        .expect("s");
+    let n1 = c.node("n1");
+    let vols = c.target("Volume", Some("demo"), None);
+    let one = |kind: &str, name: &str| c.target(kind, Some("demo"), Some(name));
+    n1.read(&one("Volume", "mine"), "")
+        .await
+        .expect("its volume");
+    assert_eq!(
+        refused(n1.read(&one("Volume", "theirs"), "").await).code,
+        403
+    );
+    n1.read(&vols, "fieldSelector=status.node%3Dn1")
+        .await
+        .expect("list its own");
+    assert_eq!(refused(n1.read(&vols, "").await).code, 403);
+    assert_eq!(
+        refused(n1.read(&vols, "fieldSelector=status.node%3Dn2").await).code,
+        403
+    );
+    n1.read(&one("VolumeSnapshot", "snap-mine"), "")
+        .await
+        .expect("its snapshot");
+    assert_eq!(
+        refused(n1.read(&one("VolumeSnapshot", "snap-theirs"), "").await).code,
+        403
+    );
+    let snaps = c.target("VolumeSnapshot", Some("demo"), None);
+    n1.read(&snaps, "fieldSelector=status.node%3Dn1")
+        .await
+        .expect("list its own");
+    assert_eq!(refused(n1.read(&snaps, "").await).code, 403);
+    n1.read(&one("Image", "img"), "")
+        .await
+        .expect("the image its volume is made from");
+    assert_eq!(
+        refused(c.node("n2").read(&one("Image", "img"), "").await).code,
+        403
+    );
+    // Status of what is placed on it, keeping the placement.
+    let status = |kind: &str, name: &str| c.status(kind, Some("demo"), name);
+    let available = r#"{"status": {"phase": "Available", "devicePath": "/dev/loop7"}}"#;
+    n1.patch(&status("Volume", "mine"), MERGE, available)
+        .await
+        .expect("its status");
+    n1.patch(
+        &status("VolumeSnapshot", "snap-mine"),
+        MERGE,
+        r#"{"status": {"phase": "Available"}}"#,
+    )
+    .await
+    .expect("its snapshot's status");
+    let e = refused(
+        n1.patch(&status("Volume", "theirs"), MERGE, available)
+            .await,
+    );
+    assert_eq!(e.code, 403);
+    let e = refused(
+        n1.patch(
+            &status("Volume", "mine"),
+            MERGE,
+            r#"{"status": {"node": "n2"}}"#,
+        )
+        .await,
+    );
+    assert_eq!(e.code, 403, "it keeps the placement: {e:?}");
+    // Its own finalizer on what is placed on it, nothing else of the spec.
+    let fin = r#"{"metadata": {"finalizers": ["storage.stratus.dev/teardown"]}}"#;
+    n1.patch(&one("Volume", "mine"), MERGE, fin)
+        .await
+        .expect("its finalizer");
+    n1.patch(&one("VolumeSnapshot", "snap-mine"), MERGE, fin)
+        .await
+        .expect("its finalizer on a snapshot");
+    assert_eq!(
+        refused(n1.patch(&one("Volume", "theirs"), MERGE, fin).await).code,
+        403
+    );
+    let grow = r#"{"spec": {"sizeGiB": 2}}"#;
+    assert_eq!(
+        refused(n1.patch(&one("Volume", "mine"), MERGE, grow).await).code,
+        403
+    );
+    // No creates, deletes or placements of volumes; no other node's pools.
+    let body = serde_json::to_string(&volume("demo", "new", json!(1)).0).expect("JSON");
+    assert_eq!(refused(n1.create(&vols, JSON, &body).await).code, 403);
+    assert_eq!(
+        refused(n1.delete(&one("Volume", "mine"), "").await).code,
+        403
+    );
+    let e = refused(
+        n1.bind(&one("Volume", "theirs"), r#"{"target": {"name": "p1"}}"#)
+            .await,
+    );
+    assert_eq!(e.code, 403);
+    let pools = c.target("StoragePool", None, Some("p2"));
+    assert_eq!(refused(n1.read(&pools, "").await).code, 403);
+    let e = refused(
+        n1.patch(
+            &c.status("StoragePool", None, "p2"),
+            MERGE,
+            r#"{"status": {"capacityGiB": 1000}}"#,
+        )
+        .await,
+    );
+    assert_eq!(e.code, 403);
+}
