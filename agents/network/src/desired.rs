@@ -1346,6 +1346,54 @@ mod tests {
     }
 
     #[test]
+    fn a_network_only_nodes_tunnel_address_comes_from_its_lease_before_any_hypervisor() {
+        let lease = |node: &str, ip: &str| {
+            Arc::new(
+                serde_json::from_value::<Lease>(json!({
+                    "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": node, "namespace": NETWORK_AGENT_LEASE_NAMESPACE,
+                                 "annotations": {TUNNEL_IP_ANNOTATION: ip}},
+                    "spec": {"holderIdentity": node},
+                }))
+                .expect("lease"),
+            )
+        };
+        let mut snap = snapshot();
+        // n3 runs the network role only (no Hypervisor); n2's Lease says another address
+        // than its Hypervisor; a Lease in another namespace is nobody's.
+        snap.ports.push(port(
+            "p5",
+            "net",
+            "n3",
+            "02:00:00:00:00:05",
+            "10.9.0.15",
+            None,
+        ));
+        snap.leases.push(lease("n3", "198.51.100.3"));
+        snap.leases.push(lease("n2", "198.51.100.2"));
+        let mut elsewhere: Lease = (*lease("n4", "198.51.100.4")).clone();
+        elsewhere.metadata.namespace = Some("kube-node-lease".into());
+        snap.leases.push(Arc::new(elsewhere));
+        snap.ports.push(port(
+            "p6",
+            "net",
+            "n4",
+            "02:00:00:00:00:06",
+            "10.9.0.16",
+            None,
+        ));
+        let (d, _) = desired(&config(), &snap);
+        let remotes: BTreeSet<Ipv4Addr> = d.networks[0].fdb.iter().map(|e| e.remote).collect();
+        assert_eq!(
+            remotes,
+            BTreeSet::from([
+                Ipv4Addr::new(198, 51, 100, 2),
+                Ipv4Addr::new(198, 51, 100, 3)
+            ])
+        );
+    }
+
+    #[test]
     fn vxlan_is_taken_from_exactly_the_nodes_in_the_fdb() {
         let mut snap = snapshot();
         snap.ports.push(port(
