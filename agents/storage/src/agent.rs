@@ -738,6 +738,48 @@ async fn recover(pools: &[(PoolConfig, Arc<dyn Backend>)]) {
     }
 }
 
+/// How often cached images no volume is being made from are removed.
+const IMAGE_SWEEP: Duration = Duration::from_secs(300);
+
+/// Whether volume `v` may still be made from the image it pinned: its data is copied into it
+/// before it is recorded as made (`status.sizeGiB`), and the image is not needed after.
+fn needs_image(v: &Volume) -> bool {
+    v.status.as_ref().is_none_or(|s| s.size_gib.is_none())
+}
+
+/// Removes, every [`IMAGE_SWEEP`], the cached images no volume placed on the node is still
+/// being made from (nothing before the volumes are listed).
+async fn sweep_images(cache: Arc<ImageCache>, volumes: kube::runtime::reflector::Store<Volume>) {
+    let mut tick = tokio::time::interval(IMAGE_SWEEP);
+    loop {
+        tick.tick().await;
+        if tokio::time::timeout(
+            Duration::from_secs(2),
+            stratus_runtime::store_ready(&volumes),
+        )
+        .await
+        .is_err()
+        {
+            continue;
+        }
+        let users: std::collections::HashSet<String> = volumes
+            .state()
+            .iter()
+            .filter(|v| needs_image(v))
+            .filter_map(|v| v.uid())
+            .collect();
+        let c = Arc::clone(&cache);
+        match blocking(move || c.sweep(|u| users.contains(u))).await {
+            Ok(Ok(gone)) if gone.is_empty() => {}
+            Ok(Ok(gone)) => {
+                tracing::info!(images = ?gone, "removed cached images no volume is made from")
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "image cache sweep failed"),
+            Err(e) => tracing::warn!(error = %e, "image cache sweep failed"),
+        }
+    }
+}
+
 /// Runs the storage agent until dropped: recovers each pool, registers the pools, heartbeats
 /// them and reconciles the Volumes and VolumeSnapshots placed on the node's served pools.
 pub async fn run(client: Client, config: Config, pools: Vec<(PoolConfig, Arc<dyn Backend>)>) {
@@ -781,12 +823,15 @@ pub async fn run(client: Client, config: Config, pools: Vec<(PoolConfig, Arc<dyn
         resync: config.resync,
     });
     let selector = format!("status.node={}", config.node);
-    let volumes = Controller::new(
+    let controller = Controller::new(
         Api::<Volume>::all(client.clone()),
         watcher::Config::default().fields(&selector),
-    )
-    .run(reconcile_volume, volume_error, Arc::clone(&ctx))
-    .for_each(|_| async {});
+    );
+    let store = controller.store();
+    let volumes = controller
+        .run(reconcile_volume, volume_error, Arc::clone(&ctx))
+        .for_each(|_| async {});
+    let sweeper = sweep_images(Arc::clone(&ctx.images), store);
     let snapshots = Controller::new(
         Api::<VolumeSnapshot>::all(client.clone()),
         watcher::Config::default().fields(&selector),
@@ -795,7 +840,53 @@ pub async fn run(client: Client, config: Config, pools: Vec<(PoolConfig, Arc<dyn
     .for_each(|_| async {});
     tokio::select! {
         () = heartbeat => {}
+        () = sweeper => {}
         () = volumes => tracing::warn!("the volume controller stopped"),
         () = snapshots => tracing::warn!("the snapshot controller stopped"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn volume(status: serde_json::Value) -> Volume {
+        serde_json::from_value(json!({
+            "apiVersion": "storage.stratus.dev/v1", "kind": "Volume",
+            "metadata": {"name": "v", "namespace": "demo", "uid": "u1"},
+            "spec": {"sizeGiB": 1, "source": {"image": "tiny"}},
+            "status": status,
+        }))
+        .expect("a volume")
+    }
+
+    #[test]
+    fn an_image_is_kept_only_until_its_volume_is_made() {
+        assert!(needs_image(&volume(json!({"phase": "Pending"}))));
+        assert!(needs_image(&volume(
+            json!({"phase": "Creating", "pool": "p", "node": "n"})
+        )));
+        assert!(!needs_image(&volume(
+            json!({"phase": "Available", "sizeGiB": 1, "pool": "p", "node": "n"})
+        )));
+        // A made volume in Error (its data gone) is never made again from the image.
+        assert!(!needs_image(&volume(
+            json!({"phase": "Error", "sizeGiB": 1})
+        )));
+    }
+
+    #[test]
+    fn errors_say_whether_retrying_helps() {
+        let invalid = StorageError::Driver(DriverError::Invalid("too small".into()));
+        assert_eq!(invalid.retry(), Retry::Never);
+        let busy = StorageError::Driver(DriverError::NoSpace("full".into()));
+        assert_eq!(busy.retry(), Retry::Backoff);
+        let conflict = StorageError::Api(kube::Error::Api(Box::new(kube::core::Status {
+            code: 409,
+            ..Default::default()
+        })));
+        assert_eq!(conflict.retry(), Retry::Soon);
     }
 }

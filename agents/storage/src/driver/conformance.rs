@@ -102,11 +102,30 @@ pub fn extend_keeps_data_and_never_shrinks(b: &dyn Backend, unit: u64) {
         3 * unit
     );
     assert_eq!(b.extend(&v, 3 * unit).expect("again").size, 3 * unit);
+    // Grown again where the space right after it is taken.
+    let next = name("conf-next");
+    b.create(&next, unit, Source::Empty).expect("create");
+    write(b, &next, 0, &data[..100]);
+    assert_eq!(b.extend(&v, 5 * unit).expect("extend").size, 5 * unit);
+    assert_eq!(read(b, &v, unit - 5000, 5000), data);
+    assert_eq!(read(b, &v, 3 * unit - 100, 100), data[..100]);
+    assert_eq!(read(b, &v, 4 * unit, 4096), vec![0; 4096]);
+    assert_eq!(
+        read(b, &next, 0, 100),
+        data[..100],
+        "the neighbour is untouched"
+    );
+    b.delete(&next).expect("delete");
     b.delete(&v).expect("delete");
     assert!(matches!(
         b.extend(&v, 4 * unit),
         Err(DriverError::NotFound(_))
     ));
+    assert_eq!(
+        b.recover().expect("recover"),
+        Vec::<String>::new(),
+        "nothing left over"
+    );
 }
 
 /// A snapshot holds the volume's data when it was taken; volumes made from it, and clones

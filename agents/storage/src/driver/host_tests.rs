@@ -184,3 +184,62 @@ fn a_file_pool_passes() {
         Err(super::DriverError::Unavailable(_))
     ));
 }
+
+#[test]
+fn lvm_finishes_or_undoes_a_swap_killed_midway() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vg = TestVg::new(tmp.path(), "stratus-conf-swap", 64 * MIB);
+    let lvm = Lvm::new(&vg.vg).expect("a name");
+    let dm = if super::lvm::has_device_mapper() {
+        vec![]
+    } else {
+        vec!["--driverloaded", "n"]
+    };
+    let rename = |from: &str, to: &str| {
+        cmd::run(
+            "lvrename",
+            dm.iter().copied().chain([vg.vg.as_str(), from, to]),
+        )
+        .expect("lvrename");
+    };
+    // Killed between the two renames: the grown copy takes the volume's name.
+    let a = VolName::volume("a").expect("uid");
+    lvm.create(&a, 4 * MIB, Source::Empty).expect("create");
+    conformance::write(&lvm, &a, 0, b"old data");
+    let grown = VolName::volume("a-grown").expect("uid");
+    lvm.clone_volume(&a, &grown, 8 * MIB).expect("copy");
+    conformance::write(&lvm, &grown, 0, b"grown!!!");
+    lvm.delete(&VolName::volume("none").expect("uid"))
+        .expect("nothing");
+    for dev in loopdev::list().expect("losetup") {
+        if loopdev::same_file(&dev.backing, &vg.pv) {
+            loopdev::detach(&dev.name).expect("detach");
+        }
+    }
+    rename("volume-a", "volume-a.old");
+    rename("volume-a-grown", "volume-a.grown");
+    let done = lvm.recover().expect("recover");
+    assert_eq!(done.len(), 2, "{done:?}");
+    assert_eq!(
+        lvm.observe(&a).expect("observe").map(|o| o.size),
+        Some(8 * MIB)
+    );
+    assert_eq!(conformance::read(&lvm, &a, 0, 8), b"grown!!!");
+    assert_eq!(lvm.list().expect("list").len(), 1);
+
+    // Killed after the first rename, before the copy was complete: the volume comes back.
+    lvm.delete(&a).expect("delete");
+    lvm.create(&a, 4 * MIB, Source::Empty).expect("create");
+    conformance::write(&lvm, &a, 0, b"kept");
+    for dev in loopdev::list().expect("losetup") {
+        if loopdev::same_file(&dev.backing, &vg.pv) {
+            loopdev::detach(&dev.name).expect("detach");
+        }
+    }
+    rename("volume-a", "volume-a.old");
+    lvm.recover().expect("recover");
+    assert_eq!(conformance::read(&lvm, &a, 0, 4), b"kept");
+    lvm.delete(&a).expect("delete");
+    assert!(lvm.list().expect("list").is_empty());
+    assert_eq!(loops_over(&vg.pv), 0);
+}

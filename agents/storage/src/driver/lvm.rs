@@ -13,10 +13,14 @@
 //! (thin) snapshots are not used yet.
 //!
 //! A volume is built as `NAME.partial` and renamed (`lvrename`) once its data is complete.
+//! Without device-mapper a volume grows into the free extents right after it, or else into a
+//! copy (`NAME.grown`) swapped in for it by two renames that [`Backend::recover`] completes
+//! or undoes after a crash.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 
 use serde::Deserialize;
 
@@ -28,7 +32,15 @@ use super::{Backend, Capacity, DriverError, Observed, PARTIAL_SUFFIX, Source, Vo
 pub struct Lvm {
     vg: String,
     dm: bool,
+    /// Held to read the group's LVs, and exclusively to swap a grown copy in for a volume,
+    /// so that no reader sees the volume missing between the two renames.
+    swap: Arc<RwLock<()>>,
 }
+
+/// The suffix of a volume's grown copy (complete once it has no [`PARTIAL_SUFFIX`]).
+const GROWN: &str = ".grown";
+/// The suffix a volume is renamed to while its grown copy takes its name.
+const OLD: &str = ".old";
 
 /// Whether the running kernel has device-mapper.
 pub fn has_device_mapper() -> bool {
@@ -142,7 +154,11 @@ impl Lvm {
                 "{vg:?} is not a volume group name"
             )));
         }
-        Ok(Self { vg: vg.into(), dm })
+        Ok(Self {
+            vg: vg.into(),
+            dm,
+            swap: Arc::default(),
+        })
     }
 
     /// The volume group.
@@ -185,6 +201,10 @@ impl Lvm {
 
     /// Every LV of the group.
     fn lvs(&self) -> Result<BTreeMap<String, Lv>, DriverError> {
+        let _read = self
+            .swap
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let out = self.lvm(
             "lvs",
             [
@@ -424,13 +444,13 @@ impl Backend for Lvm {
     }
 
     fn recover(&self) -> Result<Vec<String>, DriverError> {
+        let mut removed = self.finish_swaps()?;
         let lvs = self.lvs()?;
-        let mut removed = Vec::new();
         for (name, lv) in &lvs {
-            if name
+            let base = name
                 .strip_suffix(PARTIAL_SUFFIX)
-                .is_some_and(|base| VolName::parse(base).is_some())
-            {
+                .map(|b| b.strip_suffix(GROWN).unwrap_or(b));
+            if base.is_some_and(|base| VolName::parse(base).is_some()) {
                 let detached = self.remove(name, Some(lv))?;
                 removed.push(format!("{}/{name}", self.vg));
                 removed.extend(detached.iter().map(|d| d.display().to_string()));
@@ -528,11 +548,8 @@ impl Backend for Lvm {
             let (extent, _) = self.layout()?;
             let grow = (size - old.len).div_ceil(extent) * extent;
             if !self.free_after(&lv, grow / extent)? {
-                return Err(DriverError::NoSpace(format!(
-                    "volume group {}: the {} extents after {name} are not free; without device-mapper a volume grows only into the space right after it",
-                    self.vg,
-                    grow / extent
-                )));
+                // The space after it is taken: a grown copy takes its place.
+                return self.relocate(name, &old, size);
             }
             let tail = Region {
                 path: old.path.clone(),
@@ -570,8 +587,12 @@ impl Backend for Lvm {
 
     fn delete(&self, name: &VolName) -> Result<(), DriverError> {
         let lvs = self.lvs()?;
-        let partial = format!("{name}{PARTIAL_SUFFIX}");
-        self.remove(&partial, lvs.get(&partial))?;
+        for extra in [PARTIAL_SUFFIX, GROWN, OLD] {
+            let left = format!("{name}{extra}");
+            self.remove(&left, lvs.get(&left))?;
+        }
+        let grown = format!("{name}{GROWN}{PARTIAL_SUFFIX}");
+        self.remove(&grown, lvs.get(&grown))?;
         self.remove(name.as_str(), lvs.get(name.as_str())).map(drop)
     }
 
@@ -586,6 +607,93 @@ impl Backend for Lvm {
 }
 
 impl Lvm {
+    /// Grows `name` (whose data is at `old`) to `size` bytes by a copy: built complete as
+    /// `NAME.grown` (from `NAME.grown.partial`), then swapped in (`NAME` → `NAME.old`,
+    /// `NAME.grown` → `NAME`, `NAME.old` removed). A process killed at any point leaves
+    /// what [`Lvm::finish_swaps`] completes or undoes, never a volume without its data.
+    /// Writes to the volume during the copy would be lost: it is grown so only while no
+    /// server holds it.
+    fn relocate(&self, name: &VolName, old: &Region, size: u64) -> Result<Observed, DriverError> {
+        let grown = format!("{name}{GROWN}");
+        let partial = format!("{grown}{PARTIAL_SUFFIX}");
+        let lvs = self.lvs()?;
+        self.remove(&partial, lvs.get(&partial))?;
+        // A grown copy an earlier try left may be older than the volume's data.
+        self.remove(&grown, lvs.get(&grown))?;
+        if let Err(e) = self.build(&partial, size, Source::Copy(name), &lvs) {
+            let left = self.lvs().ok().and_then(|mut l| l.remove(&partial));
+            if let Err(clean) = self.remove(&partial, left.as_ref()) {
+                tracing::warn!(volume = %name, error = %clean, "cannot remove a partial copy; the next start removes it");
+            }
+            return Err(e);
+        }
+        loopdev::detach_overlapping(old)?;
+        let aside = format!("{name}{OLD}");
+        {
+            let _swap = self
+                .swap
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.lvm(
+                "lvrename",
+                [self.vg.as_str(), name.as_str(), &aside].map(OsStr::new),
+            )?;
+            self.lvm(
+                "lvrename",
+                [self.vg.as_str(), &grown, name.as_str()].map(OsStr::new),
+            )?;
+        }
+        let lvs = self.lvs()?;
+        self.remove(&aside, lvs.get(&aside))?;
+        lvs.get(name.as_str())
+            .map(|lv| Observed { size: lv.size })
+            .ok_or_else(|| DriverError::NotFound(name.to_string()))
+    }
+
+    /// Completes or undoes the swaps of grown copies a killed process left: with `NAME`
+    /// there, `NAME.old` and `NAME.grown` are removed; without it, a complete `NAME.grown`
+    /// takes its name (and `NAME.old` goes), else `NAME.old` takes its name back.
+    fn finish_swaps(&self) -> Result<Vec<String>, DriverError> {
+        let lvs = self.lvs()?;
+        let mut done = Vec::new();
+        for name in lvs.keys() {
+            let Some(base) = name
+                .strip_suffix(OLD)
+                .filter(|b| VolName::parse(b).is_some())
+            else {
+                continue;
+            };
+            if lvs.contains_key(base) {
+                continue;
+            }
+            let grown = format!("{base}{GROWN}");
+            let back = if lvs.contains_key(&grown) {
+                &grown
+            } else {
+                name
+            };
+            self.lvm(
+                "lvrename",
+                [self.vg.as_str(), back.as_str(), base].map(OsStr::new),
+            )?;
+            done.push(format!("{}/{back} renamed {base}", self.vg));
+        }
+        let lvs = self.lvs()?;
+        for (name, lv) in &lvs {
+            let base = name
+                .strip_suffix(OLD)
+                .or_else(|| name.strip_suffix(GROWN))
+                .filter(|b| VolName::parse(b).is_some());
+            if let Some(base) = base
+                && lvs.contains_key(base)
+            {
+                self.remove(name, Some(lv))?;
+                done.push(format!("{}/{name}", self.vg));
+            }
+        }
+        Ok(done)
+    }
+
     /// Whether the `count` extents right after `lv`'s (on its PV) are free.
     fn free_after(&self, lv: &Lv, count: u64) -> Result<bool, DriverError> {
         let [(pv, first, len)] = lv.segments.as_slice() else {
