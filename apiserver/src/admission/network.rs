@@ -41,10 +41,11 @@
 //! the garbage collector deletes it with the Network.
 //!
 //! # In use
-//! A Network or Subnet that Ports are on is not deleted (409 naming the ports), as in
-//! Neutron, unless its Project is being deleted; the delete holds the namespace's Ports as it
-//! read them, and a Port's create holds its Network and the Subnets its addresses come from,
-//! so neither slips past the other.
+//! A Network or Subnet that Ports are on, or whose addresses FloatingIPs (of any project)
+//! hold, is not deleted (409 naming them), as in Neutron, unless its Project is being
+//! deleted; the delete holds the namespace's Ports and the network's address claims as it
+//! read them, and a Port's or FloatingIP's create holds its Network and the Subnet its
+//! addresses come from, so neither slips past the other.
 //!
 //! # Quota
 //! Networks, Subnets and Ports count against quotas: their creates carry
@@ -1287,12 +1288,15 @@ async fn not_in_use(ctx: Ctx<'_>, s: Subject<'_>, obj: &Value) -> ApiResult<Vec<
     let project = keys::object(ctx.prefix, "identity.stratus.dev", "projects", None, ns);
     let ports = keys::collection(ctx.prefix, GROUP, "ports", Some(ns));
     let net_key = keys::object(ctx.prefix, GROUP, "networks", Some(ns), network);
+    // Floating IPs of any project hold addresses of an external network.
+    let claims = keys::ip_claims(ctx.prefix, uid);
     let (got, revision) = ctx
         .store
         .read_many(&[
             Read::Key(&project),
             Read::Key(&net_key),
             Read::Prefix(&ports),
+            Read::Prefix(&claims),
         ])
         .await
         .map_err(ApiError::from)?;
@@ -1320,17 +1324,34 @@ async fn not_in_use(ctx: Ctx<'_>, s: Subject<'_>, obj: &Value) -> ApiResult<Vec<
                     }),
             }
     };
-    let users: Vec<&str> = got[2]
+    let mut users: Vec<&str> = got[2]
         .iter()
         .map(|(_, p)| &p.value)
         .filter(|p| on_it(p))
         .map(name_of)
         .collect();
+    let subnet = (s.kind == "Subnet").then(|| stored_plan(obj)).flatten();
+    let floating: Vec<String> = got[3]
+        .iter()
+        .filter(|(k, _)| {
+            s.kind == "Network"
+                || ip_of(k).is_some_and(|a| subnet.as_ref().is_some_and(|p| p.contains(a)))
+        })
+        .filter_map(|(_, c)| c.value.get("floatingip").and_then(Value::as_str))
+        .map(|f| format!("floating IP {f}"))
+        .collect();
+    users.extend(floating.iter().map(String::as_str));
     if users.is_empty() {
-        return Ok(vec![Held {
-            prefix: ports,
-            revision,
-        }]);
+        return Ok(vec![
+            Held {
+                prefix: ports,
+                revision,
+            },
+            Held {
+                prefix: claims,
+                revision,
+            },
+        ]);
     }
     let shown = users.iter().take(5).copied().collect::<Vec<_>>().join(", ");
     let more = match users.len() {
@@ -1342,7 +1363,7 @@ async fn not_in_use(ctx: Ctx<'_>, s: Subject<'_>, obj: &Value) -> ApiResult<Vec<
         s.plural,
         name,
         format!(
-            "{} {name:?} is in use by {} port(s) ({shown}{more}); delete them first",
+            "{} {name:?} is in use by {} port(s) or floating IP(s) ({shown}{more}); delete them first",
             s.kind.to_ascii_lowercase(),
             users.len()
         ),

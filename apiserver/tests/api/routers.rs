@@ -138,6 +138,12 @@ async fn a_floating_ip_has_its_address_at_once_until_the_network_is_full() {
         fields(&e),
         (422, vec!["status.floatingIPAddress".to_string()])
     );
+    // The external network and its subnet stay while floating IPs hold their addresses.
+    for (kind, name) in [("Subnet", "ext-v4"), ("Network", "ext")] {
+        let e = refused(as_admin(c.delete(kind, Some("ops"), name, "")).await);
+        assert_eq!(e.code, 409, "{}", e.message);
+        assert!(e.message.contains("floating IP demo/f0"), "{}", e.message);
+    }
     c.delete("FloatingIP", Some("demo"), "f0", "")
         .await
         .expect("delete");
