@@ -71,8 +71,8 @@ impl Etcd {
         let client = format!("https://127.0.0.1:{client_port}");
         let peer = format!("https://127.0.0.1:{peer_port}");
         let log = std::fs::File::create(dir.join("etcd.log")).context("create etcd.log")?;
-        let child = Command::new("etcd")
-            .arg("--name")
+        let mut cmd = Command::new("etcd");
+        cmd.arg("--name")
             .arg("stratus")
             .arg("--data-dir")
             .arg(&data)
@@ -106,7 +106,9 @@ impl Etcd {
             .arg(retention)
             .stdout(std::process::Stdio::null())
             .stderr(log)
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        stop_with_parent(&mut cmd);
+        let child = cmd
             .spawn()
             .context("start etcd (is etcd-server installed and on PATH?)")?;
         Ok((Self { child }, client))
@@ -127,6 +129,31 @@ impl Etcd {
             }
         }
         let _ = self.child.kill().await;
+    }
+}
+
+/// Makes the process `cmd` starts receive SIGTERM when `stratus up` dies, however it dies
+/// (SIGKILL included, when no shutdown runs), so that it never outlives the cloud it belongs to.
+///
+/// The kernel sends the parent-death signal when the *thread* that forked the child ends, not
+/// the process: a child must be spawned from a thread that lives as long as `stratus up`. etcd
+/// is, by [`run`] on the main thread (the future `#[tokio::main]` blocks on, never a worker
+/// or a blocking-pool thread, which may end while the process lives).
+#[allow(unsafe_code)]
+fn stop_with_parent(cmd: &mut Command) {
+    let parent = rustix::process::getpid();
+    // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
+    // work is allowed: it makes two system calls (prctl, getppid) through rustix's raw
+    // syscall backend and allocates nothing (its error is an errno). Checking the parent after
+    // prctl closes the race of a parent that died before the signal was armed.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))?;
+            if rustix::process::getppid() != Some(parent) {
+                return Err(rustix::io::Errno::SRCH.into());
+            }
+            Ok(())
+        });
     }
 }
 

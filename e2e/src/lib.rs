@@ -109,7 +109,22 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first, so that it stops what it started itself (`stratus up` its etcd); SIGKILL
+    /// if it is still running 3 s later.
     fn drop(&mut self) {
+        if self.running() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.child.id().to_string())
+                .status();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(3) {
+                if !self.running() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         self.kill();
     }
 }
