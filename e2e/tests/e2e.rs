@@ -26,6 +26,7 @@ mod e2e {
     mod security_groups;
     mod server_ports;
     mod storage_agent;
+    mod up;
     mod volumes_api;
     mod watch_feed;
 }
