@@ -136,6 +136,8 @@ fn agent(api: &Apiserver, host: &Host) -> Result<Proc> {
                 &format!("files=file:{}", host.files.display()),
             ])
             .args(["--storage-heartbeat-seconds", "1", "--resync-seconds", "2"])
+            // The test's images are served from loopback.
+            .arg("--image-url-allow-loopback")
             .env("STRATUS_LOG", "info,stratus_storage_agent=debug"),
         &host.dir.path().join(format!(
             "agent-{}.log",
@@ -301,8 +303,7 @@ fn data_survives_every_copy(api: &Apiserver, pool: &str, prefix: &str) -> Result
     let first = pattern(17, 1 << 20);
     write_at(&dev, 3 << 20, &first)?;
 
-    // Grows keeping its data (without device-mapper an LV grows into the space after it,
-    // so this is done while nothing follows it in the group).
+    // Grows keeping its data (on LVM: into the free space right after it).
     api.kubectl_ok(&[
         "-n",
         NS,
@@ -351,6 +352,34 @@ fn data_survives_every_copy(api: &Apiserver, pool: &str, prefix: &str) -> Result
         "the clone lacks the volume's data"
     );
     ensure!(read_at(&dev, 3 << 20, second.len())? == second);
+
+    // Grows again now that its snapshot follows it (on LVM without device-mapper: into a
+    // copy that takes its place).
+    api.kubectl_ok(&[
+        "-n",
+        NS,
+        "patch",
+        "volume",
+        &v,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"sizeGiB":3}}"#,
+    ])?;
+    let dev = wait_until(WAIT, "the volume grown again", || {
+        (get(api, "volume", &v, "{.status.sizeGiB}") == "3"
+            && get(api, "volume", &v, "{.status.phase}") == "Available")
+            .then(|| get(api, "volume", &v, "{.status.devicePath}"))
+    })?;
+    ensure!(size_of(&dev)? == 3 * GIB, "{dev} did not grow again");
+    ensure!(
+        read_at(&dev, 3 << 20, second.len())? == second,
+        "data lost growing again"
+    );
+    ensure!(read_at(&dev, 2 * GIB + (1 << 20), 4096)? == vec![0; 4096]);
+    ensure!(
+        read_at(&rdev, 3 << 20, first.len())? == first,
+        "the restored volume changed"
+    );
     Ok(())
 }
 
@@ -518,8 +547,47 @@ fn a_storage_agent_serves_lvm_and_file_pools() -> Result<()> {
         );
     }
 
+    // A volume made from an Image (qcow2, served over HTTP) holds its disk when Available.
+    let images = host.dir.path().join("images");
+    std::fs::create_dir(&images)?;
+    let disk = pattern(61, 3 << 20);
+    let raw = images.join("disk.raw");
+    std::fs::write(&raw, &disk)?;
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            &raw.to_string_lossy(),
+            &images.join("disk.qcow2").to_string_lossy(),
+        ],
+    )?;
+    let server = stratus_e2e::node::FileServer::serve(&images)?;
+    apply(
+        &api,
+        &format!(
+            "apiVersion: image.stratus.dev/v1\nkind: Image\nmetadata:\n  name: tiny\nspec:\n  diskFormat: qcow2\n  source:\n    url: {}/disk.qcow2\n",
+            server.url
+        ),
+    )?;
+    for (name, pool) in [("l-img", "fast"), ("f-img", "files")] {
+        volume(&api, name, 1, Some(("image", "tiny")))?;
+        place(&api, "volume", name, pool, None)?;
+        let dev = available(&api, "volume", name)?;
+        ensure!(
+            read_at(&dev, 0, disk.len())? == disk,
+            "{name} lacks the image's data"
+        );
+        ensure!(read_at(&dev, 5 << 20, 4096)? == vec![0; 4096]);
+    }
+
     // Deleting everything leaves nothing behind.
     for (kind, name) in [
+        ("volume", "l-img"),
+        ("volume", "f-img"),
         ("volume", "big-clone"),
         ("volume", "big"),
         ("volume", "doomed"),
