@@ -18,6 +18,7 @@ mod auth;
 mod boot;
 mod list;
 mod memory;
+mod net;
 mod sched;
 mod tcg;
 
@@ -145,6 +146,57 @@ enum What {
         /// closed loop, as fast as answers come).
         #[arg(long, default_value_t = 0)]
         login_burst_pause_ms: u64,
+    },
+    /// A security-group change with many rules on the node: API write → the rule live in the
+    /// node's nftables (through the network agent) vs the same change with `nft` (needs
+    /// root).
+    NetSg {
+        /// Ports on the node, each in its own security group.
+        #[arg(long, default_value_t = 100)]
+        ports: usize,
+        /// Rules per group (ports × rules security-group rules in nftables).
+        #[arg(long, default_value_t = 100)]
+        rules: usize,
+        /// Changes of each kind; each is a rule added and removed again (two measurements).
+        #[arg(long, default_value_t = 100)]
+        changes: usize,
+        /// Blocks of changes, alternating which path goes first.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+    },
+    /// The network agent converging a fresh node of many ports vs `nft -f` + `ip -batch` and
+    /// dnsmasq of the same state (needs root).
+    NetConverge {
+        /// Ports on the node.
+        #[arg(long, default_value_t = 1000)]
+        ports: usize,
+        /// Convergences of each, alternating which goes first.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// TCP throughput between guests on two nodes across the agents' overlay vs a hand-built
+    /// bridge + VXLAN pair (needs root).
+    NetTcp {
+        /// Seconds per run.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Runs of each, alternating which goes first.
+        #[arg(long, default_value_t = 6)]
+        rounds: usize,
+    },
+    /// Receives one TCP stream (`net-tcp`'s receiver, run inside a guest namespace).
+    #[command(hide = true)]
+    TcpSink {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+    /// Sends one TCP stream (`net-tcp`'s sender, run inside a guest namespace).
+    #[command(hide = true)]
+    TcpSource {
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long)]
+        seconds: f64,
     },
 }
 
@@ -981,5 +1033,15 @@ async fn main() -> Result<()> {
             login_burst: None,
             ..
         } => auth::bench(requests, &concurrency, other_users).await,
+        What::NetSg {
+            ports,
+            rules,
+            changes,
+            rounds,
+        } => net::sg(ports, rules, changes, rounds).await,
+        What::NetConverge { ports, rounds } => net::converge(ports, rounds).await,
+        What::NetTcp { seconds, rounds } => net::tcp(seconds, rounds).await,
+        What::TcpSink { listen } => net::tcp_sink(listen),
+        What::TcpSource { to, seconds } => net::tcp_source(to, seconds),
     }
 }
