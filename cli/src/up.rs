@@ -1,4 +1,5 @@
-//! `stratus up`: a whole single-node cloud (etcd, API server, controllers) in one process tree.
+//! `stratus up`: a whole single-node cloud (etcd, API server, controllers and, with
+//! `--compute`, the node's compute and network agents) in one process tree.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -38,6 +39,15 @@ pub struct UpArgs {
     /// The name of this host's node, with `--compute`.
     #[arg(long, default_value = "node-1")]
     pub node_name: String,
+    /// With `--compute`, the address this node's VXLAN traffic leaves from. `stratus up` is
+    /// one node, whose tenant networks reach no other node (its VXLAN devices have no peer),
+    /// so 127.0.0.1 serves; give the host's address to let nodes started elsewhere join.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub underlay_ip: std::net::Ipv4Addr,
+    /// With `--compute`, the network namespace (`ip netns` name) the node's bridges, VXLAN
+    /// devices, nftables table and DHCP servers go in; by default the host's own.
+    #[arg(long)]
+    pub network_namespace: Option<String>,
     /// Issue node identities (`system:node:NAME`, with `DIR/node-NAME.kubeconfig`) for agents
     /// run elsewhere, comma-separated.
     #[arg(long, value_delimiter = ',')]
@@ -431,7 +441,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let agent = match &args.compute {
         Some(uri) => Some(tokio::spawn(crate::agent::run(crate::agent::AgentArgs {
             node: args.node_name.clone(),
-            roles: vec![crate::agent::Role::Compute],
+            // One node: its guests' networks are served here, by the network role.
+            roles: vec![crate::agent::Role::Compute, crate::agent::Role::Network],
             kubeconfig: Some(dir.join(format!("node-{}.kubeconfig", args.node_name))),
             libvirt_uri: uri.clone(),
             state_dir: dir.join("compute"),
@@ -439,7 +450,12 @@ pub async fn run(args: UpArgs) -> Result<()> {
             heartbeat_seconds: 10,
             resync_seconds: 10,
             images,
-            network: Default::default(),
+            network: crate::agent::NetworkArgs {
+                underlay_ip: Some(args.underlay_ip),
+                network_namespace: args.network_namespace.clone(),
+                network_resync_seconds: 2,
+                ..Default::default()
+            },
             storage: Default::default(),
         }))),
         None => None,

@@ -50,3 +50,54 @@ fn etcd_does_not_outlive_a_killed_stratus_up() -> Result<()> {
     )?;
     Ok(())
 }
+
+/// A network namespace, deleted when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn add(name: &str) -> Result<Self> {
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "add", name])
+            .status()?
+            .success();
+        anyhow::ensure!(ok, "ip netns add {name}");
+        Ok(Self(name.to_string()))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+/// `stratus up --compute` runs the node's network agent with its compute agent (here wiring a
+/// namespace of the test's, so the host is left alone): it renews the node's network-agent
+/// Lease.
+#[test]
+fn stratus_up_with_compute_runs_the_network_agent_too() -> Result<()> {
+    let ns = Netns::add(&format!("stratus-up-{}", std::process::id()))?;
+    let cloud = Cloud::up_with(&["--compute", "test:///default", "--network-namespace", &ns.0])?;
+    let t = Duration::from_secs(60);
+    let holder = wait_until(t, "the network agent's Lease of node-1", || {
+        cloud
+            .kubectl_ok(&[
+                "-n",
+                "stratus-network-agents",
+                "get",
+                "lease",
+                "node-1",
+                "-o",
+                "jsonpath={.spec.holderIdentity}",
+            ])
+            .ok()
+            .filter(|h| !h.is_empty())
+    })
+    .with_context(|| cloud.log())?;
+    anyhow::ensure!(holder.contains("node-1"), "lease held by {holder}");
+    // Stopped before the namespace goes.
+    drop(cloud);
+    Ok(())
+}
