@@ -207,21 +207,31 @@ async fn binding_places_the_volume_and_claims_its_size() {
     assert_eq!(refused(c.api.unbind(&t, &AllowAll).await).code, 405);
 }
 
-#[tokio::test]
+/// Binds on worker threads of their own, from two API servers (each with its own turn-taking
+/// per pool): never more than the pool holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_bindings_from_two_api_servers_never_overcommit_a_pool() {
-    let c = with_pool(10).await;
-    let other = c.replica().await;
-    let names: Vec<String> = (0..24).map(|i| format!("v{i}")).collect();
+    let c = std::sync::Arc::new(with_pool(10).await);
+    let other = std::sync::Arc::new(c.replica().await);
+    let names: Vec<String> = (0..40).map(|i| format!("v{i}")).collect();
     for n in &names {
         c.create(&volume("demo", n, json!(1)))
             .await
             .expect("volume");
     }
-    let binds = names.iter().enumerate().map(|(i, n)| {
-        let api = if i % 2 == 0 { &c } else { &other };
-        bind(api, n, "p1")
-    });
-    let results = futures::future::join_all(binds).await;
+    let binds: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let api = std::sync::Arc::clone(if i % 2 == 0 { &c } else { &other });
+            let n = n.clone();
+            tokio::spawn(async move { bind(&api, &n, "p1").await })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for b in binds {
+        results.push(b.await.expect("the bind task"));
+    }
     assert_eq!(
         results.iter().filter(|r| r.is_ok()).count(),
         10,
@@ -557,4 +567,30 @@ async fn a_node_touches_only_the_storage_placed_on_it() {
         .await,
     );
     assert_eq!(e.code, 403);
+}
+
+#[tokio::test]
+async fn volume_gib_quota_holds_under_concurrent_creates() {
+    let c = with_pool(100).await;
+    c.create(&Obj::quota("demo", "q", json!({"volumeGiB": 5})))
+        .await
+        .expect("quota");
+    let creates = (0..12).map(|i| {
+        let c = &c;
+        async move { c.create(&volume("demo", &format!("v{i}"), json!(1))).await }
+    });
+    let results = futures::future::join_all(creates).await;
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        5,
+        "{results:?}"
+    );
+    assert!(
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| e.code == 403 && e.message.contains("volumeGiB"))
+    );
+    let list = c.list("Volume", Some("demo"), "").await.expect("list");
+    assert_eq!(crate::fixtures::names(&list).len(), 5);
 }
