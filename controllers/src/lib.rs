@@ -1,8 +1,8 @@
 //! Stratus cluster-wide reconcilers, each driven by kube-runtime against the API server, run
 //! by whichever `stratus controllers` instance holds the leader Lease.
 
-pub mod floating_ips;
 pub mod cache;
+pub mod floating_ips;
 pub mod gc;
 pub mod images;
 pub mod nodes;
