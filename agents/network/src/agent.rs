@@ -1839,6 +1839,27 @@ pub(crate) mod tests {
             vec![]
         );
 
+        // The forward filter's drop of what comes in by the gateway deleted by hand: the
+        // table is applied again, whole.
+        let whole = f.firewall.read_nat(&name).expect("nat").expect("table");
+        let mut holed = whole.clone();
+        holed
+            .chains
+            .get_mut("ip/forward")
+            .expect("forward chain")
+            .pop()
+            .expect("a drop rule");
+        f.firewall.tamper_nat(&name, Some(holed));
+        let r = converge(&f.host, &router_config(), &snap).expect("converge");
+        assert!(
+            r.steps
+                .iter()
+                .any(|s| matches!(s.op, crate::plan::Op::ApplyNat(..))),
+            "{:?}",
+            r.steps
+        );
+        assert_eq!(f.firewall.read_nat(&name).expect("nat"), Some(whole));
+
         // The floating IP goes: its address and its rules with it. SNAT off: no SNAT rule.
         snap.floating_ips.clear();
         let mut r1: Router = (*snap.routers[0]).clone();

@@ -727,6 +727,8 @@ fn router_wiring(
             Some((p, bridge, mtu)) => {
                 let addrs = port_addresses(snap, p);
                 let inner = IfName::derived(Role::Gateway, &format!("{}", p.id));
+                // Named even without an address: its forward filter keeps the outside out.
+                nat.gateway = Some(inner.clone());
                 if let Some((gw_addr, _, via)) = addrs.first().copied() {
                     if let Some(via) = via {
                         routes.insert(RouteSpec::new(
@@ -751,7 +753,6 @@ fn router_wiring(
                             })
                             .collect();
                     }
-                    nat.gateway = Some(inner.clone());
                 } else {
                     pending.push(format!(
                         "gateway port {}: no address in a known subnet",

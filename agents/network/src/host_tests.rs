@@ -704,6 +704,23 @@ fn a_router_on_a_network_node_translates_floating_ips_and_snat_for_a_guest_on_an
     );
     assert_eq!(pings_counted(&ext, Ipv4Addr::new(10, 9, 0, 11)), 0);
 
+    // Someone on the external network (another tenant's router, say, through a static
+    // route) sends to the guest's fixed address via the gateway: the router forwards none
+    // of it inside, while the floating address still reaches the guest.
+    let fixed = Ipv4Addr::new(10, 9, 0, 11);
+    sh(
+        &ext,
+        &["ip", "route", "add", "10.9.0.0/24", "via", &gw.to_string()],
+    );
+    assert!(
+        !pings(&ext, fixed, 3),
+        "the fixed address is not reachable through the gateway"
+    );
+    assert!(
+        pings(&ext, fip, 5),
+        "the floating IP still reaches the guest"
+    );
+
     // The NAT table deleted by hand: put back.
     sh(&router_ns, &["nft", "delete", "table", "ip", "stratus"]);
     let rb = converge(&hb, &cb, &snap).expect("converge");

@@ -1244,6 +1244,24 @@ mod tests {
                 vec![Op::SetForwarding(inner.clone())],
             ),
             (
+                "the forward filter's drop rule deleted",
+                |o, r| {
+                    let c = o.routers.get_mut(&r.name).expect("router");
+                    let table = c.nat.as_mut().expect("table");
+                    table.chains.get_mut("ip/forward").expect("chain").pop();
+                },
+                vec![Op::ApplyNat(r.name.clone(), r.nat.clone())],
+            ),
+            (
+                "the forward filter deleted",
+                |o, r| {
+                    let c = o.routers.get_mut(&r.name).expect("router");
+                    let table = c.nat.as_mut().expect("table");
+                    table.chains.remove("ip/forward");
+                },
+                vec![Op::ApplyNat(r.name.clone(), r.nat.clone())],
+            ),
+            (
                 "the default route removed, another added",
                 |o, r| {
                     let c = o.routers.get_mut(&r.name).expect("router");

@@ -632,10 +632,17 @@ impl Ruleset {
     }
 }
 
-/// A router's address translation, in the `ip stratus` table of its namespace: each
-/// floating address DNATed to its fixed address (whatever interface it comes in on) and the
-/// fixed address SNATed to it when leaving by the gateway; then, with SNAT on, the router's
-/// subnets SNATed to the gateway's address when leaving by the gateway.
+/// A router's address translation and forward filter, in the `ip stratus` table of its
+/// namespace: each floating address DNATed to its fixed address (whatever interface it comes
+/// in on) and the fixed address SNATed to it when leaving by the gateway; then, with SNAT on,
+/// the router's subnets SNATed to the gateway's address when leaving by the gateway.
+///
+/// The forward chain lets nothing that enters by the gateway go further inside (to the
+/// router's subnets or anything routed behind them) unless it is addressed to a floating
+/// address (`ct status dnat`) or answers a connection made from inside (`ct state
+/// established,related`): the external network is shared by every tenant, and another
+/// tenant's router can route to this one's gateway address, so the fixed addresses behind
+/// it must not be reachable from there.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Nat {
     /// The router's interface on the external network; `None`: no gateway, no rule.
@@ -687,8 +694,33 @@ impl Nat {
         replace_table(&mut out, NfFamily::IP);
         let mut pre = Vec::new();
         let mut post = Vec::new();
+        let mut fwd = Vec::new();
         if let Some(gw) = &self.gateway {
             let oif = || eq(meta(MetaKey::Oifname), s(gw.as_str()));
+            let iif = || eq(meta(MetaKey::Iifname), s(gw.as_str()));
+            fwd.push(vec![
+                iif(),
+                Statement::Match(Match {
+                    left: ct("state"),
+                    right: Expression::List(vec![s("established"), s("related")]),
+                    op: Operator::IN,
+                }),
+                Statement::Accept(None),
+            ]);
+            fwd.push(vec![
+                iif(),
+                Statement::Match(Match {
+                    left: ct("status"),
+                    right: s("dnat"),
+                    op: Operator::IN,
+                }),
+                Statement::Accept(None),
+            ]);
+            fwd.push(vec![
+                iif(),
+                ne(meta(MetaKey::Oifname), s(gw.as_str())),
+                Statement::Drop(None),
+            ]);
             for f in &self.floating {
                 pre.push(vec![
                     eq(payload("ip", "daddr"), s(f.floating.to_string())),
@@ -726,6 +758,15 @@ impl Nat {
             for expr in rules {
                 out.push(add(NfListObject::Rule(rule(NfFamily::IP, name, expr))));
             }
+        }
+        out.push(add(NfListObject::Chain(base(
+            NfFamily::IP,
+            "forward",
+            NfHook::Forward,
+            0,
+        ))));
+        for expr in fwd {
+            out.push(add(NfListObject::Rule(rule(NfFamily::IP, "forward", expr))));
         }
         Ok(Nftables {
             objects: Cow::Owned(out),
@@ -1164,6 +1205,70 @@ mod tests {
             ]
         ));
         assert!(!out[1].contains("10.0.0.254"));
+    }
+
+    /// The rules of the router table's `chain`, each as its statements' JSON.
+    fn nat_rules(nat: &Nat, chain: &str) -> Vec<String> {
+        nat.render()
+            .expect("render")
+            .objects
+            .iter()
+            .filter_map(|o| match o {
+                NfObject::CmdObject(NfCmd::Add(NfListObject::Rule(r))) if r.chain == chain => {
+                    Some(serde_json::to_string(&r.expr).expect("json"))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_router_forwards_in_from_its_gateway_only_floating_ips_and_replies() {
+        let nat = crate::driver::conformance::sample_nat();
+        let fwd = nat_rules(&nat, "forward");
+        let from_gw = r#"{"match":{"left":{"meta":{"key":"iifname"}},"right":"qg-c","op":"=="}}"#;
+        assert_eq!(fwd.len(), 3, "{fwd:?}");
+        assert!(
+            fwd.iter().all(|r| r.starts_with(&format!("[{from_gw}"))),
+            "{fwd:?}"
+        );
+        assert!(with_all(
+            &fwd[0],
+            &[r#""right":["established","related"],"op":"in""#, "accept"]
+        ));
+        assert!(with_all(
+            &fwd[1],
+            &[
+                r#"{"left":{"ct":{"key":"status"}},"right":"dnat","op":"in"}"#,
+                "accept"
+            ]
+        ));
+        assert!(with_all(
+            &fwd[2],
+            &[
+                r#"{"left":{"meta":{"key":"oifname"}},"right":"qg-c","op":"!="}"#,
+                "drop"
+            ]
+        ));
+        // The chain is there, empty, without a gateway: nothing comes in from outside.
+        let none = Nat {
+            gateway: None,
+            ..nat.clone()
+        };
+        assert!(nat_rules(&none, "forward").is_empty());
+        assert!(
+            none.observed()
+                .expect("observed")
+                .chains
+                .contains_key("ip/forward")
+        );
+        // SNAT and floating addresses do not change the filter.
+        let bare = Nat {
+            floating: vec![],
+            snat: vec![],
+            ..nat
+        };
+        assert_eq!(nat_rules(&bare, "forward"), fwd);
     }
 
     #[test]
