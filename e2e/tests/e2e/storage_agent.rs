@@ -8,7 +8,8 @@
 //! volume restored from it and in a clone; a volume grows keeping its data; an LV removed
 //! behind the agent's back is reported, not made again empty; deleting everything leaves no
 //! LV, file or loop device; an agent killed in the middle of a clone converges when started
-//! again, with nothing partial left and the data whole.
+//! again, with nothing partial left and the data whole. The agent runs as its node
+//! (`system:node:NAME`), so the node authorizer's storage rules are what it goes through.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -23,7 +24,7 @@ const NS: &str = "stor";
 const NODE: &str = "sn1";
 const GIB: u64 = 1 << 30;
 /// Generous: builds and guests of other tests share two cores.
-const WAIT: Duration = Duration::from_secs(120);
+const WAIT: Duration = Duration::from_secs(240);
 
 fn run(program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program)
@@ -107,6 +108,10 @@ impl Host {
     fn state(&self) -> PathBuf {
         self.dir.path().join("state")
     }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("node.kubeconfig")
+    }
 }
 
 impl Drop for Host {
@@ -120,14 +125,31 @@ impl Drop for Host {
     }
 }
 
-fn agent(api: &Apiserver, host: &Host) -> Result<Proc> {
+/// Gives the node its identity (`system:node:NODE`, a token of its own) and a kubeconfig
+/// for it; the API server is restarted to read the token.
+fn node_identity(api: &mut Apiserver, host: &Host) -> Result<()> {
+    let admin = api.kubeconfig();
+    let tokens = admin.with_file_name("tokens.csv");
+    let token = format!("{NODE}-token-0123456789abcdef");
+    let mut text = std::fs::read_to_string(&tokens)?;
+    text.push_str(&format!("{token},system:node:{NODE}\n"));
+    std::fs::write(
+        host.kubeconfig(),
+        std::fs::read_to_string(&admin)?.replace(stratus_e2e::TEST_TOKEN, &token),
+    )?;
+    std::fs::write(&tokens, text)?;
+    api.restart()
+}
+
+/// The node's storage agent, running as the node.
+fn agent(host: &Host) -> Result<Proc> {
     std::fs::create_dir_all(host.state())?;
     Proc::spawn(
         "storage agent",
         Command::new(stratus_bin())
             .args(["agent", "--roles", "storage", "--node", NODE])
             .arg("--kubeconfig")
-            .arg(api.kubeconfig())
+            .arg(host.kubeconfig())
             .arg("--state-dir")
             .arg(host.state())
             .args(["--storage-pool", &format!("fast=lvm:{}", host.vg)])
@@ -369,6 +391,10 @@ fn data_survives_every_copy(api: &Apiserver, pool: &str, prefix: &str) -> Result
         (get(api, "volume", &v, "{.status.sizeGiB}") == "3"
             && get(api, "volume", &v, "{.status.phase}") == "Available")
             .then(|| get(api, "volume", &v, "{.status.devicePath}"))
+    })
+    .with_context(|| {
+        api.kubectl_ok(&["-n", NS, "get", "volume", &v, "-o", "yaml"])
+            .unwrap_or_default()
     })?;
     ensure!(size_of(&dev)? == 3 * GIB, "{dev} did not grow again");
     ensure!(
@@ -387,14 +413,15 @@ fn data_survives_every_copy(api: &Apiserver, pool: &str, prefix: &str) -> Result
 fn a_storage_agent_serves_lvm_and_file_pools() -> Result<()> {
     let host = Host::new()?;
     let etcd = Etcd::start()?;
-    let api = Apiserver::start_on(&etcd)?;
+    let mut api = Apiserver::start_on(&etcd)?;
     api.projects(&[NS])?;
+    node_identity(&mut api, &host)?;
     // A pool naming the node that the node does not configure: reported, never touched.
     api.kubectl_in(
         &["apply", "-f", "-"],
         &format!("apiVersion: storage.stratus.dev/v1\nkind: StoragePool\nmetadata:\n  name: stray\nspec:\n  backend: lvm\n  node: {NODE}\n  vgName: operator-vg\n"),
     )?;
-    let mut proc = agent(&api, &host)?;
+    let mut proc = agent(&host)?;
 
     // Both pools register Ready with their capacity.
     let vg_gib: u64 = lvm(
@@ -534,7 +561,7 @@ fn a_storage_agent_serves_lvm_and_file_pools() -> Result<()> {
         lvs(&host.vg)?.contains(&partial),
         "the partial clone is not there to recover"
     );
-    let mut proc = agent(&api, &host)?;
+    let mut proc = agent(&host)?;
     let cdev = available(&api, "volume", "big-clone")?;
     ensure!(
         !lvs(&host.vg)?.iter().any(|l| l.ends_with(".partial")),
