@@ -21,7 +21,8 @@
 //! Each interface names a Subnet of the router's namespace that has a gateway address (the
 //! router's address on it), at most one per Network, their CIDRs disjoint and none on an
 //! external Network (that is the gateway's job); a static route's next hop is a host address
-//! of an attached subnet or of the external network's. A write that leaves the spec as it was
+//! of an attached subnet (not the router's own) or the gateway of the external network's (the
+//! upstream router: any other address there may be another project's). A write that leaves the spec as it was
 //! (a finalizer, a label) is not checked again: what it names may have gone since.
 
 use std::net::Ipv4Addr;
@@ -272,24 +273,9 @@ async fn check_router(ctx: Ctx<'_>, s: &Subject<'_>, ns: &str, obj: &Value) -> A
         if let Err(m) = cidr(&route.destination) {
             causes.push(Cause::invalid(format!("spec.routes[{i}].destination"), m));
         }
-        match ipv4(&route.nexthop) {
-            Ok(a) => {
-                // On an interface's subnet, the gateway address is the router's own; on the
-                // external network, it is the upstream router.
-                let reachable = attached
-                    .iter()
-                    .any(|(.., p)| p.host(a) && p.gateway != Some(a))
-                    || external.iter().any(|p| p.host(a));
-                if !reachable {
-                    causes.push(Cause::invalid(
-                        format!("spec.routes[{i}].nexthop"),
-                        format!(
-                            "Invalid value: {:?}: not a host address of any subnet the router is attached to (other than its own address)",
-                            route.nexthop
-                        ),
-                    ));
-                }
-            }
+        let internal: Vec<&Plan> = attached.iter().map(|(.., p)| p).collect();
+        match ipv4(&route.nexthop).and_then(|a| nexthop(a, &internal, &external)) {
+            Ok(()) => {}
             Err(m) => causes.push(Cause::invalid(format!("spec.routes[{i}].nexthop"), m)),
         }
     }
@@ -298,6 +284,37 @@ async fn check_router(ctx: Ctx<'_>, s: &Subject<'_>, ns: &str, obj: &Value) -> A
     } else {
         Err(invalid(s, obj, causes))
     }
+}
+
+/// Whether a static route may go through `a`, given the router's interfaces' subnets and its
+/// external network's: a host address of an interface's subnet other than the router's own
+/// (its gateway address there), or the gateway of an external subnet (the upstream router).
+/// Any other address on the external network may be another project's router or guest: a
+/// route through it would send this project's traffic, from the router's gateway address,
+/// into what is not its own.
+fn nexthop(a: u32, internal: &[&Plan], external: &[Plan]) -> Result<(), String> {
+    if internal.iter().any(|p| p.host(a) && p.gateway != Some(a))
+        || external.iter().any(|p| p.gateway == Some(a))
+    {
+        return Ok(());
+    }
+    let shown = show(a);
+    if let Some(p) = external.iter().find(|p| p.contains(a)) {
+        return Err(match p.gateway {
+            Some(g) => format!(
+                "Invalid value: {shown:?}: on the external network {} a next hop can only be its gateway {} (the upstream router), not another address there",
+                p.cidr(),
+                show(g)
+            ),
+            None => format!(
+                "Invalid value: {shown:?}: the external network's subnet {} has no gateway, so no route goes through it",
+                p.cidr()
+            ),
+        });
+    }
+    Err(format!(
+        "Invalid value: {shown:?}: not a host address of any subnet the router is attached to (other than its own address)"
+    ))
 }
 
 /// Creates a FloatingIP with an address of its external network, claimed in the same
@@ -416,6 +433,46 @@ mod tests {
         assert!(cidr("10.1.0.0").is_err());
         assert!(cidr("10.1.0.0/33").is_err());
         assert!(cidr("fd00::/64").is_err_and(|m| m.contains("IPv6")));
+    }
+
+    #[test]
+    fn a_route_goes_through_a_neighbour_inside_or_the_upstream_router_only() {
+        let ip = |v: &str| ipv4(v).expect("address");
+        let inside = Plan {
+            network: ip("10.0.0.0"),
+            prefix: 24,
+            gateway: Some(ip("10.0.0.1")),
+            pools: vec![],
+        };
+        let outside = Plan {
+            network: ip("203.0.113.0"),
+            prefix: 24,
+            gateway: Some(ip("203.0.113.1")),
+            pools: vec![],
+        };
+        let cases = [
+            ("10.0.0.9", Ok(())),
+            ("203.0.113.1", Ok(())),
+            ("10.0.0.1", Err("not a host address")),
+            ("10.0.0.255", Err("not a host address")),
+            ("192.168.0.1", Err("not a host address")),
+            ("203.0.113.7", Err("only be its gateway 203.0.113.1")),
+            ("203.0.113.0", Err("only be its gateway 203.0.113.1")),
+        ];
+        for (hop, want) in cases {
+            let got = nexthop(ip(hop), &[&inside], std::slice::from_ref(&outside));
+            match (want, got) {
+                (Ok(()), Ok(())) => {}
+                (Err(w), Err(m)) => assert!(m.contains(w) && m.contains(hop), "{hop}: {m}"),
+                (w, g) => panic!("{hop}: want {w:?}, got {g:?}"),
+            }
+        }
+        let no_gateway = Plan {
+            gateway: None,
+            ..outside
+        };
+        let m = nexthop(ip("203.0.113.1"), &[], &[no_gateway]).expect_err("refused");
+        assert!(m.contains("has no gateway"), "{m}");
     }
 
     #[test]

@@ -314,6 +314,57 @@ async fn a_router_names_subnets_and_networks_it_can_use() {
     );
 }
 
+#[tokio::test]
+async fn a_route_out_by_the_external_network_goes_through_its_gateway_only() {
+    let c = with_tenant().await;
+    // Another project's router, or anyone's, may hold any other address there: a route
+    // through 203.0.113.10 would carry this project's traffic into what is not its own.
+    let spec = |hop: &str| {
+        json!({"interfaces": [{"subnet": "a4"}], "externalGateway": {"network": "ops/ext"},
+               "routes": [{"destination": "10.20.0.0/24", "nexthop": hop}]})
+    };
+    for hop in ["203.0.113.10", "203.0.113.200"] {
+        let e = refused(c.create(&router("r", spec(hop))).await);
+        assert_eq!(
+            fields(&e),
+            (422, vec!["spec.routes[0].nexthop".to_string()]),
+            "{hop}: {}",
+            e.message
+        );
+        assert!(
+            e.message.contains(hop) && e.message.contains("203.0.113.1 (the upstream router)"),
+            "{}",
+            e.message
+        );
+    }
+    assert!(
+        c.get("Router", Some("demo"), "r").await.is_err(),
+        "nothing stored"
+    );
+    c.create(&router("r", spec("203.0.113.1")))
+        .await
+        .expect("a route through the external network's gateway");
+    // Nor can an update point a route at another address there.
+    let e = refused(
+        c.patch(
+            &c.target("Router", Some("demo"), Some("r")),
+            MERGE,
+            &json!({"spec": {"routes": [{"destination": "10.20.0.0/24",
+                                         "nexthop": "203.0.113.11"}]}}),
+            "",
+        )
+        .await,
+    );
+    assert_eq!(
+        fields(&e),
+        (422, vec!["spec.routes[0].nexthop".to_string()]),
+        "{}",
+        e.message
+    );
+    let stored = c.get("Router", Some("demo"), "r").await.expect("router");
+    assert_eq!(stored["spec"]["routes"][0]["nexthop"], "203.0.113.1");
+}
+
 /// A router interface Port of `router` (name, uid) on subnet `subnet` of network `net`,
 /// asking for `ip`.
 fn interface_port(name: &str, router: &Value, net: &str, subnet: &str, ip: &str) -> Obj {
