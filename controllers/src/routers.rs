@@ -1,6 +1,7 @@
 //! The routers controller: each Router is placed on a node whose network agent's Lease (in
 //! [`NETWORK_AGENT_LEASE_NAMESPACE`]) is fresh and that has the external network's physical
-//! network, fewest routers first, and moved when that Lease expires; it gets a Port per
+//! network, fewest routers first, and moved when that Lease expires (as this controller's
+//! clock judges it: see [`Agent::of`]); it gets a Port per
 //! interface (in its namespace, controlled by it, taking the subnet's gateway address) and a
 //! Port on its external network (in that network's namespace, its address allocated as any
 //! port's), each placed on the router's node (`status.hypervisor`); `status.node`,
@@ -42,6 +43,14 @@ pub const FINALIZER: &str = "network.stratus.dev/router-ports";
 /// How often every router is looked at again: a Lease that stops being renewed sends no event.
 const RESYNC: Duration = Duration::from_secs(5);
 
+/// The longest a Lease is believed after its renewal, whatever its `leaseDurationSeconds`
+/// says (Kubernetes' node monitor grace period): the node writes that number itself.
+pub const MAX_LEASE_DURATION: jiff::SignedDuration = jiff::SignedDuration::from_secs(40);
+
+/// How far ahead of this controller's clock a Lease's `renewTime` may be (clock skew) and
+/// still be believed.
+pub const MAX_CLOCK_SKEW: jiff::SignedDuration = jiff::SignedDuration::from_secs(5);
+
 /// Why a reconcile failed, and whether retrying can help.
 #[derive(Debug, thiserror::Error)]
 pub enum RoutersError {
@@ -68,29 +77,58 @@ impl From<kube::Error> for RoutersError {
     }
 }
 
+/// How this controller judges a network agent's Lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Renewed within its duration (at most [`MAX_LEASE_DURATION`]) before now.
+    Fresh,
+    /// Not renewed within it, or never (no `renewTime` or `leaseDurationSeconds`).
+    Expired,
+    /// Its `renewTime` is this many seconds ahead of this controller's clock, past
+    /// [`MAX_CLOCK_SKEW`]: a clock gone wrong or a forged Lease, not believed.
+    Ahead(i64),
+}
+
 /// A network agent as its Lease shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Agent {
     /// The node's name.
     pub node: String,
-    /// Whether its Lease is fresh (renewed within its duration).
-    pub fresh: bool,
+    /// Whether its Lease is believed fresh, and why not.
+    pub freshness: Freshness,
     /// The physical networks it has an interface on.
     pub physical_networks: Vec<String>,
 }
 
 impl Agent {
-    /// The agent a Lease describes, as of `now`.
+    /// The agent a Lease describes, as of `now` (this controller's clock).
+    ///
+    /// # Guarantees
+    /// Both numbers that make a Lease fresh are written by its node, so neither is taken on
+    /// its word: the duration honoured is at most [`MAX_LEASE_DURATION`], and a `renewTime`
+    /// more than [`MAX_CLOCK_SKEW`] ahead of `now` is not fresh at all. An agent that stops
+    /// renewing is expired at most `MAX_CLOCK_SKEW + MAX_LEASE_DURATION` after its last
+    /// renewal, whatever it wrote.
     pub fn of(lease: &Lease, now: jiff::Timestamp) -> Self {
-        let fresh = lease.spec.as_ref().is_some_and(|s| {
-            match (s.renew_time.as_ref(), s.lease_duration_seconds) {
-                (Some(t), Some(d)) => {
-                    t.0.checked_add(jiff::SignedDuration::from_secs(i64::from(d)))
-                        .is_ok_and(|until| until > now)
-                }
-                _ => false,
+        let renewal = lease
+            .spec
+            .as_ref()
+            .and_then(|s| Some((s.renew_time.as_ref()?.0, s.lease_duration_seconds?)));
+        let freshness = match renewal {
+            None => Freshness::Expired,
+            Some((renewed, _)) if renewed.duration_since(now) > MAX_CLOCK_SKEW => {
+                Freshness::Ahead(renewed.duration_since(now).as_secs())
             }
-        });
+            Some((renewed, seconds)) => {
+                let honoured = jiff::SignedDuration::from_secs(i64::from(seconds.max(0)))
+                    .min(MAX_LEASE_DURATION);
+                if renewed.checked_add(honoured).is_ok_and(|until| until > now) {
+                    Freshness::Fresh
+                } else {
+                    Freshness::Expired
+                }
+            }
+        };
         let physical_networks = lease
             .annotations()
             .get(PHYSICAL_NETWORKS_ANNOTATION)
@@ -104,9 +142,53 @@ impl Agent {
             .unwrap_or_default();
         Self {
             node: lease.name_any(),
-            fresh,
+            freshness,
             physical_networks,
         }
+    }
+
+    /// Whether its Lease is believed fresh.
+    pub fn fresh(&self) -> bool {
+        self.freshness == Freshness::Fresh
+    }
+
+    /// Why a router needing `physical` cannot run here; `None` when it can.
+    fn unfit(&self, physical: Option<&str>) -> Option<String> {
+        match self.freshness {
+            Freshness::Expired => Some("its network agent's Lease expired".into()),
+            Freshness::Ahead(s) => Some(format!(
+                "its network agent's Lease says it was renewed {s} s ahead of this controller's \
+                 clock, which is not believed"
+            )),
+            Freshness::Fresh => physical
+                .filter(|p| !self.physical_networks.iter().any(|n| n == p))
+                .map(|p| format!("it has no physical network {p:?}")),
+        }
+    }
+}
+
+/// Why node `node` cannot take a router needing `physical`; `None` when it can.
+fn unfit(node: &str, physical: Option<&str>, agents: &[Agent]) -> Option<String> {
+    match agents.iter().find(|a| a.node == node) {
+        Some(a) => a.unfit(physical),
+        None => Some("its network agent has no Lease".into()),
+    }
+}
+
+/// The message of a router's `Scheduled` condition once it is on `node`, having been on
+/// `current`: a move says why it left.
+pub fn placed_message(
+    node: &str,
+    current: Option<&str>,
+    physical: Option<&str>,
+    agents: &[Agent],
+) -> String {
+    match current.filter(|c| *c != node) {
+        Some(c) => {
+            let why = unfit(c, physical, agents).unwrap_or_else(|| "it was lost".into());
+            format!("on node {node}, moved from node {c}: {why}")
+        }
+        None => format!("on node {node}"),
     }
 }
 
@@ -122,8 +204,7 @@ pub fn place(
     agents: &[Agent],
     load: &BTreeMap<String, usize>,
 ) -> Result<String, Blocked> {
-    let fits =
-        |a: &&Agent| a.fresh && physical.is_none_or(|p| a.physical_networks.iter().any(|n| n == p));
+    let fits = |a: &&Agent| a.unfit(physical).is_none();
     let candidates: Vec<&Agent> = agents.iter().filter(fits).collect();
     if let Some(c) = current.filter(|c| candidates.iter().any(|a| a.node == *c)) {
         return Ok(c.to_string());
@@ -140,9 +221,29 @@ pub fn place(
                 None => "no network agent has a fresh Lease".to_string(),
             };
             let lost = current
-                .map(|c| format!(" (node {c} was lost)"))
+                .map(|c| {
+                    let why = unfit(c, physical, agents).unwrap_or_default();
+                    format!(" (node {c} was lost: {why})")
+                })
                 .unwrap_or_default();
-            Blocked::new(Reason::Unschedulable, format!("{what}{lost}"))
+            // Lease that claim a renewal in the future are named: an operator has a clock
+            // or a node to look at.
+            let ahead: Vec<String> = agents
+                .iter()
+                .filter(|a| {
+                    matches!(a.freshness, Freshness::Ahead(_)) && Some(a.node.as_str()) != current
+                })
+                .filter_map(|a| {
+                    a.unfit(physical)
+                        .map(|why| format!("node {}: {why}", a.node))
+                })
+                .collect();
+            let ahead = if ahead.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", ahead.join("; "))
+            };
+            Blocked::new(Reason::Unschedulable, format!("{what}{lost}{ahead}"))
         })
 }
 
@@ -362,9 +463,9 @@ async fn sync(router: &Router, ctx: &Ctx) -> Result<Action, RoutersError> {
     let current = status.node.clone();
     let node = match place(current.as_deref(), physical.as_deref(), &agents, &load) {
         Ok(n) => {
-            let message = format!("on node {n}");
+            let message = placed_message(&n, current.as_deref(), physical.as_deref(), &agents);
             if current.as_deref() != Some(n.as_str()) {
-                tracing::info!(router = %router.name_any(), node = %n, from = ?current, "placing the router");
+                tracing::info!(router = %router.name_any(), node = %n, from = ?current, %message, "placing the router");
             }
             ConditionType::Scheduled
                 .yes(Reason::Bound, message)
@@ -607,7 +708,11 @@ mod tests {
     fn agent(node: &str, fresh: bool, physical: &[&str]) -> Agent {
         Agent {
             node: node.into(),
-            fresh,
+            freshness: if fresh {
+                Freshness::Fresh
+            } else {
+                Freshness::Expired
+            },
             physical_networks: physical.iter().map(|p| p.to_string()).collect(),
         }
     }
@@ -656,47 +761,174 @@ mod tests {
         let b = place(Some("a"), Some("physnet1"), &agents, &BTreeMap::new()).expect_err("none");
         assert_eq!(b.reason, Reason::Unschedulable);
         assert!(
-            b.message.contains("physnet1") && b.message.contains("node a was lost"),
+            b.message.contains("physnet1")
+                && b.message
+                    .contains("node a was lost: its network agent's Lease expired"),
             "{}",
             b.message
+        );
+        // Moved off a node that lacks the physical network now: the condition says so.
+        let agents = [agent("a", true, &[]), agent("b", true, &["physnet1"])];
+        assert_eq!(
+            placed_message("b", Some("a"), Some("physnet1"), &agents),
+            "on node b, moved from node a: it has no physical network \"physnet1\""
+        );
+        assert_eq!(
+            placed_message("b", Some("gone"), None, &agents),
+            "on node b, moved from node gone: its network agent has no Lease"
         );
         let b = place(None, None, &[], &BTreeMap::new()).expect_err("none");
         assert!(b.message.contains("no network agent"), "{}", b.message);
     }
 
-    #[test]
-    fn a_lease_is_fresh_until_its_duration_after_its_renewal() {
+    /// A Lease of node `a` renewed `renewed` seconds before `now` (after it when negative),
+    /// for `duration` seconds; `None`: without that field.
+    fn lease(now: jiff::Timestamp, renewed: Option<i64>, duration: Option<i32>) -> Lease {
         use k8s_openapi::api::coordination::v1::LeaseSpec;
         use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-        let now = jiff::Timestamp::now();
-        let lease = |renewed_ago: i64| {
-            let mut l = Lease {
-                spec: Some(LeaseSpec {
-                    holder_identity: Some("a".into()),
-                    lease_duration_seconds: Some(10),
-                    renew_time: Some(MicroTime(
-                        now.checked_sub(jiff::SignedDuration::from_secs(renewed_ago))
+        let mut l = Lease {
+            spec: Some(LeaseSpec {
+                holder_identity: Some("a".into()),
+                lease_duration_seconds: duration,
+                renew_time: renewed.map(|ago| {
+                    MicroTime(
+                        now.checked_sub(jiff::SignedDuration::from_secs(ago))
                             .expect("time"),
-                    )),
-                    ..LeaseSpec::default()
+                    )
                 }),
-                ..Lease::default()
-            };
-            l.metadata.name = Some("a".into());
-            l.metadata.annotations = Some(
-                [(
-                    PHYSICAL_NETWORKS_ANNOTATION.to_string(),
-                    "physnet1, ext2,".to_string(),
-                )]
-                .into(),
-            );
-            l
+                ..LeaseSpec::default()
+            }),
+            ..Lease::default()
         };
-        let a = Agent::of(&lease(3), now);
-        assert!(a.fresh);
-        assert_eq!(a.physical_networks, ["physnet1", "ext2"]);
-        assert!(!Agent::of(&lease(11), now).fresh);
-        assert!(!Agent::of(&Lease::default(), now).fresh);
+        l.metadata.name = Some("a".into());
+        l.metadata.annotations = Some(
+            [(
+                PHYSICAL_NETWORKS_ANNOTATION.to_string(),
+                "physnet1, ext2,".to_string(),
+            )]
+            .into(),
+        );
+        l
+    }
+
+    #[test]
+    fn a_lease_is_fresh_by_this_controllers_clock_not_by_what_the_node_wrote() {
+        let now = jiff::Timestamp::now();
+        let year = 365 * 24 * 3600;
+        let cases: &[(&str, Option<i64>, Option<i32>, Freshness)] = &[
+            (
+                "renewed within its duration",
+                Some(3),
+                Some(10),
+                Freshness::Fresh,
+            ),
+            (
+                "renewed longer ago than it",
+                Some(11),
+                Some(10),
+                Freshness::Expired,
+            ),
+            ("the agent's own 20 s", Some(19), Some(20), Freshness::Fresh),
+            (
+                "a huge duration, within the cap",
+                Some(39),
+                Some(i32::MAX),
+                Freshness::Fresh,
+            ),
+            (
+                "a huge duration, past the cap",
+                Some(41),
+                Some(i32::MAX),
+                Freshness::Expired,
+            ),
+            (
+                "a huge duration, a year ago",
+                Some(year),
+                Some(i32::MAX),
+                Freshness::Expired,
+            ),
+            ("a negative duration", Some(0), Some(-5), Freshness::Expired),
+            ("no duration", Some(0), None, Freshness::Expired),
+            ("no renewal", None, Some(10), Freshness::Expired),
+            (
+                "a little ahead (clock skew)",
+                Some(-4),
+                Some(10),
+                Freshness::Fresh,
+            ),
+            (
+                "an hour ahead",
+                Some(-3600),
+                Some(10),
+                Freshness::Ahead(3600),
+            ),
+            (
+                "years ahead",
+                Some(-10 * year),
+                Some(10),
+                Freshness::Ahead(10 * year),
+            ),
+        ];
+        for (what, renewed, duration, want) in cases {
+            let a = Agent::of(&lease(now, *renewed, *duration), now);
+            assert_eq!(a.freshness, *want, "{what}");
+            assert_eq!(a.fresh(), *want == Freshness::Fresh, "{what}");
+            assert_eq!(a.physical_networks, ["physnet1", "ext2"]);
+        }
+        assert_eq!(
+            Agent::of(&Lease::default(), now).freshness,
+            Freshness::Expired
+        );
+        // A node that stopped renewing is expired by the cap and the skew at the latest,
+        // whatever it wrote last.
+        let last = lease(now, Some(0), Some(i32::MAX));
+        let later = now
+            .checked_add(MAX_LEASE_DURATION + MAX_CLOCK_SKEW)
+            .expect("time");
+        assert!(!Agent::of(&last, later).fresh());
+        let forged = lease(now, Some(-10 * year), Some(i32::MAX));
+        assert!(!Agent::of(&forged, now).fresh());
+        assert!(!Agent::of(&forged, later).fresh());
+    }
+
+    #[test]
+    fn a_lease_renewed_in_the_future_attracts_no_router_and_the_condition_says_so() {
+        let mut ahead = agent("a", true, &["physnet1"]);
+        ahead.freshness = Freshness::Ahead(3600);
+        let honest = agent("b", true, &["physnet1"]);
+        // Even with nothing on it, the forged node is passed over; its router moves.
+        let load = BTreeMap::from([("b".to_string(), 9)]);
+        let agents = [ahead.clone(), honest];
+        assert_eq!(
+            place(None, Some("physnet1"), &agents, &load).as_deref(),
+            Ok("b")
+        );
+        assert_eq!(
+            place(Some("a"), Some("physnet1"), &agents, &load).as_deref(),
+            Ok("b")
+        );
+        let m = placed_message("b", Some("a"), Some("physnet1"), &agents);
+        assert!(
+            m.starts_with("on node b, moved from node a:") && m.contains("3600 s ahead"),
+            "{m}"
+        );
+        assert_eq!(placed_message("b", Some("b"), None, &agents), "on node b");
+        assert_eq!(placed_message("b", None, None, &agents), "on node b");
+        // Alone, it is named in the refusal.
+        let b =
+            place(None, Some("physnet1"), &[ahead.clone()], &BTreeMap::new()).expect_err("none");
+        assert_eq!(b.reason, Reason::Unschedulable);
+        assert!(
+            b.message.contains("node a:") && b.message.contains("not believed"),
+            "{}",
+            b.message
+        );
+        let b = place(Some("a"), None, &[ahead], &BTreeMap::new()).expect_err("none");
+        assert!(
+            b.message.contains("node a was lost:") && b.message.contains("3600 s ahead"),
+            "{}",
+            b.message
+        );
     }
 
     #[test]
