@@ -48,6 +48,7 @@ pub fn run_all(b: &dyn Backend, unit: u64, scratch: &Path) {
     a_missing_source_leaves_nothing(b, unit);
     create_from_an_image_has_its_data(b, unit, scratch);
     a_new_volume_never_shows_old_data(b, unit);
+    a_copy_racing_the_delete_of_its_source_never_holds_other_data(b, unit);
     delete_is_idempotent_and_capacity_is_reported(b, unit);
     assert!(b.list().expect("list").is_empty(), "the suite left volumes");
 }
@@ -162,6 +163,47 @@ pub fn snapshot_and_clone_copy_data(b: &dyn Backend, unit: u64) {
     assert_eq!(b.snapshot(&v, &s).expect("still there").size, unit);
     for n in [&s, &restored, &clone] {
         b.delete(n).expect("delete");
+    }
+}
+
+/// A clone made while its source is deleted and another volume is made and written (which
+/// may take the source's freed space) either holds exactly the source's data or fails with
+/// `NotFound`: never the other volume's data, and the other volume keeps its own.
+pub fn a_copy_racing_the_delete_of_its_source_never_holds_other_data(b: &dyn Backend, unit: u64) {
+    let len = usize::try_from(unit).expect("a unit in memory");
+    let src = name("conf-race-src");
+    let intruder = name("conf-race-other");
+    let clone = name("conf-race-clone");
+    let theirs = pattern(201, len);
+    let ours = pattern(7, len);
+    for round in 0..3 {
+        b.create(&src, unit, Source::Empty).expect("create");
+        write(b, &src, 0, &ours);
+        let copied = std::thread::scope(|s| {
+            let copy = s.spawn(|| b.clone_volume(&src, &clone, unit));
+            b.delete(&src).expect("delete the source");
+            b.create(&intruder, unit, Source::Empty)
+                .expect("create another");
+            write(b, &intruder, 0, &theirs);
+            copy.join().expect("the copy did not panic")
+        });
+        match copied {
+            Ok(o) => {
+                assert_eq!(o.size, unit);
+                assert!(
+                    read(b, &clone, 0, len) == ours,
+                    "round {round}: the clone holds other data than its source's"
+                );
+            }
+            Err(DriverError::NotFound(_)) => {
+                assert_eq!(b.observe(&clone).expect("observe"), None, "round {round}");
+            }
+            Err(e) => panic!("round {round}: the clone failed with {e}"),
+        }
+        assert!(read(b, &intruder, 0, len) == theirs, "round {round}");
+        for n in [&clone, &intruder] {
+            b.delete(n).expect("delete");
+        }
     }
 }
 

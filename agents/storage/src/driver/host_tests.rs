@@ -91,6 +91,69 @@ fn lvm_on_a_loop_device_passes() {
     );
 }
 
+/// A clone's copy is about to read its source when another thread deletes the source and
+/// makes another volume (which takes the source's freed extents) and writes it: the
+/// group's lock keeps them waiting until the copy is done, so the clone holds exactly the
+/// source's data and the other volume its own.
+#[test]
+fn lvm_a_copy_never_reads_extents_freed_under_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vg = TestVg::new(tmp.path(), "stratus-conf-race", 64 * MIB);
+    let lvm = Lvm::new(&vg.vg).expect("a name");
+    let unit = 4 * MIB;
+    let len = usize::try_from(unit).expect("fits");
+    let src = VolName::volume("race-src").expect("uid");
+    let other = VolName::volume("race-other").expect("uid");
+    let clone = VolName::volume("race-clone").expect("uid");
+    let ours: Vec<u8> = (0..len).map(|i| (i % 251) as u8 | 1).collect();
+    let theirs = vec![0xa5u8; len];
+    lvm.create(&src, unit, Source::Empty).expect("create");
+    conformance::write(&lvm, &src, 0, &ours);
+
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let racer = std::sync::Arc::new(std::sync::Mutex::new(None));
+    {
+        let (lvm, src, other, theirs, racer) = (
+            lvm.clone(),
+            src.clone(),
+            other.clone(),
+            theirs.clone(),
+            racer.clone(),
+        );
+        *super::lvm::BEFORE_COPY.lock().expect("hook") = Some((
+            vg.vg.clone(),
+            Box::new(move || {
+                let handle = std::thread::spawn(move || {
+                    lvm.delete(&src).expect("delete the source");
+                    lvm.create(&other, unit, Source::Empty).expect("create");
+                    conformance::write(&lvm, &other, 0, &theirs);
+                    let _ = done_tx.send(());
+                });
+                // Long enough for the racer to finish, were it not held off.
+                let _ = done_rx.recv_timeout(std::time::Duration::from_secs(5));
+                *racer.lock().expect("racer") = Some(handle);
+            }),
+        ));
+    }
+    let copied = lvm.clone_volume(&src, &clone, unit);
+    let handle = racer
+        .lock()
+        .expect("racer")
+        .take()
+        .expect("the copy ran the hook");
+    handle.join().expect("the racer finished");
+    assert_eq!(copied.expect("clone").size, unit);
+    assert!(
+        conformance::read(&lvm, &clone, 0, len) == ours,
+        "the clone holds other data than its source's"
+    );
+    assert!(conformance::read(&lvm, &other, 0, len) == theirs);
+    assert_eq!(lvm.observe(&src).expect("observe"), None);
+    for n in [&clone, &other] {
+        lvm.delete(n).expect("delete");
+    }
+}
+
 #[test]
 fn lvm_recovers_a_build_killed_midway_and_its_loop_device() {
     let tmp = tempfile::tempdir().expect("tempdir");

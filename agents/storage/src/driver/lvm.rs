@@ -16,11 +16,19 @@
 //! Without device-mapper a volume grows into the free extents right after it, or else into a
 //! copy (`NAME.grown`) swapped in for it by two renames that [`Backend::recover`] completes
 //! or undoes after a crash.
+//!
+//! Without device-mapper the driver itself reads and writes a volume's extents by their
+//! offset on the PV, so every verb that allocates, frees or reads extents (create, and with
+//! it snapshot and clone and their copy; extend; delete; device; recover) holds the volume
+//! group's one lock ([`Lvm::pool_lock`]) and reads the group's LVs only once it holds it: a
+//! copy never reads extents that a concurrent delete freed and a concurrent create took,
+//! and the free extents after a volume are not given to another one between their check,
+//! their zeroing and the `lvextend`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 
 use serde::Deserialize;
 
@@ -35,6 +43,26 @@ pub struct Lvm {
     /// Held to read the group's LVs, and exclusively to swap a grown copy in for a volume,
     /// so that no reader sees the volume missing between the two renames.
     swap: Arc<RwLock<()>>,
+    /// The volume group's lock, shared by every [`Lvm`] of the same group in this process.
+    pool: Arc<Mutex<()>>,
+}
+
+/// Run (once, for the group it names) when a copy is about to read its source: lets a test
+/// race another verb against the copy.
+#[cfg(test)]
+#[allow(clippy::type_complexity)]
+pub(crate) static BEFORE_COPY: Mutex<Option<(String, Box<dyn FnOnce() + Send>)>> = Mutex::new(None);
+
+/// The lock of volume group `vg`: one per group for the whole process.
+fn group_lock(vg: &str) -> Arc<Mutex<()>> {
+    static LOCKS: OnceLock<Mutex<HashMap<String, Arc<Mutex<()>>>>> = OnceLock::new();
+    LOCKS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(vg.to_owned())
+        .or_default()
+        .clone()
 }
 
 /// The suffix of a volume's grown copy (complete once it has no [`PARTIAL_SUFFIX`]).
@@ -158,7 +186,14 @@ impl Lvm {
             vg: vg.into(),
             dm,
             swap: Arc::default(),
+            pool: group_lock(vg),
         })
+    }
+
+    /// Holds the volume group's lock: no other verb of this process allocates, frees or
+    /// reads extents of the group by their offset until it is dropped.
+    fn pool_lock(&self) -> MutexGuard<'_, ()> {
+        self.pool.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The volume group.
@@ -201,10 +236,7 @@ impl Lvm {
 
     /// Every LV of the group.
     fn lvs(&self) -> Result<BTreeMap<String, Lv>, DriverError> {
-        let _read = self
-            .swap
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _read = self.swap.read().unwrap_or_else(PoisonError::into_inner);
         let out = self.lvm(
             "lvs",
             [
@@ -374,6 +406,16 @@ impl Lvm {
         match source {
             Source::Empty => {}
             Source::Copy(from) => {
+                #[cfg(test)]
+                {
+                    let mut hook = BEFORE_COPY.lock().unwrap_or_else(PoisonError::into_inner);
+                    if hook.as_ref().is_some_and(|(vg, _)| *vg == self.vg)
+                        && let Some((_, run)) = hook.take()
+                    {
+                        drop(hook);
+                        run();
+                    }
+                }
                 let src = lvs
                     .get(from.as_str())
                     .ok_or_else(|| DriverError::NotFound(from.to_string()))?;
@@ -444,6 +486,7 @@ impl Backend for Lvm {
     }
 
     fn recover(&self) -> Result<Vec<String>, DriverError> {
+        let _pool = self.pool_lock();
         let mut removed = self.finish_swaps()?;
         let lvs = self.lvs()?;
         for (name, lv) in &lvs {
@@ -499,6 +542,8 @@ impl Backend for Lvm {
         size: u64,
         source: Source<'_>,
     ) -> Result<Observed, DriverError> {
+        // Held through the copy: the source's extents are its own until it is done.
+        let _pool = self.pool_lock();
         let lvs = self.lvs()?;
         if let Some(lv) = lvs.get(name.as_str()) {
             return Ok(Observed { size: lv.size });
@@ -534,6 +579,9 @@ impl Backend for Lvm {
     }
 
     fn extend(&self, name: &VolName, size: u64) -> Result<Observed, DriverError> {
+        // Held from the check that the extents after the volume are free to the lvextend
+        // that gives them to it, and through a grown copy.
+        let _pool = self.pool_lock();
         let lv = self
             .lvs()?
             .remove(name.as_str())
@@ -586,6 +634,7 @@ impl Backend for Lvm {
     }
 
     fn delete(&self, name: &VolName) -> Result<(), DriverError> {
+        let _pool = self.pool_lock();
         let lvs = self.lvs()?;
         for extra in [PARTIAL_SUFFIX, GROWN, OLD] {
             let left = format!("{name}{extra}");
@@ -597,6 +646,8 @@ impl Backend for Lvm {
     }
 
     fn device(&self, name: &VolName) -> Result<PathBuf, DriverError> {
+        // The loop device is set up over the volume's extents, not freed ones.
+        let _pool = self.pool_lock();
         let lv = self
             .lvs()?
             .remove(name.as_str())
@@ -630,10 +681,7 @@ impl Lvm {
         loopdev::detach_overlapping(old)?;
         let aside = format!("{name}{OLD}");
         {
-            let _swap = self
-                .swap
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let _swap = self.swap.write().unwrap_or_else(PoisonError::into_inner);
             self.lvm(
                 "lvrename",
                 [self.vg.as_str(), name.as_str(), &aside].map(OsStr::new),
