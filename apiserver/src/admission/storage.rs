@@ -24,6 +24,9 @@
 //! - A Volume that is attached, or has snapshots, is not deleted (409), as Cinder refuses;
 //!   the snapshots check holds until the delete is written (a snapshot's create holds the
 //!   volume as it read it).
+//! - A Volume or VolumeSnapshot that a Volume still `Pending` or `Creating` is made from
+//!   (its `spec.source`) is not deleted (409 naming those volumes): the storage agent may be
+//!   copying it. The check holds until the delete is written.
 //! - `status.pool` and `status.node` are set only by the placement (and a snapshot's
 //!   `status.sizeGiB` only at its create): a status write changing them is 422.
 //!
@@ -98,14 +101,16 @@ impl Admission for Storage {
         }
     }
 
-    /// An attached Volume, or one with snapshots, stays (409).
+    /// An attached Volume, or one with snapshots, stays (409); so does a Volume or snapshot
+    /// a volume still being made is made from.
     fn check_delete<'a>(
         &'a self,
         ctx: Ctx<'a>,
         s: Subject<'a>,
         obj: &'a Value,
     ) -> Option<BoxFuture<'a, ApiResult<Vec<Held>>>> {
-        is_volume(s.group, s.kind).then(|| Box::pin(not_in_use(ctx, s, obj)) as BoxFuture<'a, _>)
+        (s.group == GROUP && matches!(s.kind, "Volume" | "VolumeSnapshot"))
+            .then(|| Box::pin(not_in_use(ctx, s, obj)) as BoxFuture<'a, _>)
     }
 
     /// Creates with their checks and claims; updates with theirs.
@@ -713,21 +718,37 @@ async fn update_snapshot(
     })
 }
 
+/// Up to five of `names`, and how many more.
+fn some_of(names: &[&str]) -> String {
+    let shown = names.iter().take(5).copied().collect::<Vec<_>>().join(", ");
+    match names.len() {
+        n if n > 5 => format!("{shown} and {} more", n - 5),
+        _ => shown,
+    }
+}
+
 /// Refuses deleting an attached Volume, or one with snapshots (409 naming them), as Cinder
-/// does. The snapshots are not looked for when its Project is being deleted (the project
-/// controller empties the namespace in no particular order). What was read holds until the
-/// delete is written: no snapshot of the namespace may change meanwhile.
+/// does, and a Volume or VolumeSnapshot that a Volume still `Pending` or `Creating` is made
+/// from (409 naming those volumes: the storage agent may be copying it). Nothing is looked
+/// for when its Project is being deleted (the project controller empties the namespace in
+/// no particular order). What was read holds until the delete is written: no snapshot or
+/// volume of the namespace may change meanwhile.
 async fn not_in_use(ctx: Ctx<'_>, s: Subject<'_>, obj: &Value) -> ApiResult<Vec<Held>> {
     let name = name_of(obj);
+    let (what, source_field) = match s.kind {
+        "Volume" => ("volume", "/spec/source/volume"),
+        _ => ("snapshot", "/spec/source/snapshot"),
+    };
     let refuse = |why: String| {
         Err(ApiError::conflict(
             s.group,
             s.plural,
             name,
-            format!("volume {name:?} {why}"),
+            format!("{what} {name:?} {why}"),
         ))
     };
-    if let Some(server) = obj.pointer("/status/attachedTo").and_then(Value::as_str) {
+    let is_volume = s.kind == "Volume";
+    if is_volume && let Some(server) = obj.pointer("/status/attachedTo").and_then(Value::as_str) {
         return refuse(format!("is attached to server {server:?}; detach it first"));
     }
     let Some(ns) = s.namespace else {
@@ -736,38 +757,65 @@ async fn not_in_use(ctx: Ctx<'_>, s: Subject<'_>, obj: &Value) -> ApiResult<Vec<
     let uid = meta::meta_str(obj, "uid");
     let project = keys::object(ctx.prefix, "identity.stratus.dev", "projects", None, ns);
     let snapshots = keys::collection(ctx.prefix, GROUP, "volumesnapshots", Some(ns));
+    let volumes = keys::collection(ctx.prefix, GROUP, "volumes", Some(ns));
     let (got, revision) = ctx
         .store
-        .read_many(&[Read::Key(&project), Read::Prefix(&snapshots)])
+        .read_many(&[
+            Read::Key(&project),
+            Read::Prefix(&snapshots),
+            Read::Prefix(&volumes),
+        ])
         .await
         .map_err(ApiError::from)?;
     if got[0].first().is_none_or(|(_, p)| going(&p.value)) {
         return Ok(Vec::new());
     }
-    let of_it: Vec<&str> = got[1]
+    if is_volume {
+        let of_it: Vec<&str> = got[1]
+            .iter()
+            .map(|(_, x)| &x.value)
+            .filter(|x| match volume_uid(x) {
+                Some(v) => Some(v) == uid,
+                None => x.pointer("/spec/volume").and_then(Value::as_str) == Some(name),
+            })
+            .map(name_of)
+            .collect();
+        if !of_it.is_empty() {
+            return refuse(format!(
+                "has {} snapshot(s) ({}); delete them first",
+                of_it.len(),
+                some_of(&of_it)
+            ));
+        }
+    }
+    let being_made: Vec<&str> = got[2]
         .iter()
         .map(|(_, x)| &x.value)
-        .filter(|x| match volume_uid(x) {
-            Some(v) => Some(v) == uid,
-            None => x.pointer("/spec/volume").and_then(Value::as_str) == Some(name),
+        .filter(|x| x.pointer(source_field).and_then(Value::as_str) == Some(name))
+        .filter(|x| {
+            let phase = x.pointer("/status/phase").and_then(Value::as_str);
+            // A volume without a phase yet is Pending.
+            phase.is_none_or(|p| p == "Pending" || p == "Creating")
         })
         .map(name_of)
         .collect();
-    if of_it.is_empty() {
-        return Ok(vec![Held {
+    if !being_made.is_empty() {
+        return refuse(format!(
+            "is the source of {} volume(s) still being made ({}); delete it once they are made, or delete them first",
+            being_made.len(),
+            some_of(&being_made)
+        ));
+    }
+    Ok(vec![
+        Held {
             prefix: snapshots,
             revision,
-        }]);
-    }
-    let shown = of_it.iter().take(5).copied().collect::<Vec<_>>().join(", ");
-    let more = match of_it.len() {
-        n if n > 5 => format!(" and {} more", n - 5),
-        _ => String::new(),
-    };
-    refuse(format!(
-        "has {} snapshot(s) ({shown}{more}); delete them first",
-        of_it.len()
-    ))
+        },
+        Held {
+            prefix: volumes,
+            revision,
+        },
+    ])
 }
 
 /// `POST volumes/{name}/binding` with `{"target": {"name": POOL}}`: places the Volume on the

@@ -380,6 +380,19 @@ async fn a_snapshot_is_placed_with_its_volume_and_holds_it() {
             .await,
     );
     assert_eq!((e.code, field(&e)), (422, "spec.volume"));
+    // Nor is the snapshot deleted while a volume made from it is still Pending.
+    let e = refused(c.delete("VolumeSnapshot", Some("demo"), "s", "").await);
+    assert_eq!(e.code, 409, "{e:?}");
+    assert!(
+        e.message
+            .contains("snapshot \"s\" is the source of 1 volume(s) still being made (r)"),
+        "{}",
+        e.message
+    );
+    assert!(c.get("VolumeSnapshot", Some("demo"), "s").await.is_ok());
+    c.delete("Volume", Some("demo"), "r", "")
+        .await
+        .expect("delete the volume made from it");
     c.delete("VolumeSnapshot", Some("demo"), "s", "")
         .await
         .expect("delete the snapshot");
@@ -387,6 +400,47 @@ async fn a_snapshot_is_placed_with_its_volume_and_holds_it() {
         .await
         .expect("then its volume");
     assert_eq!(bind(&c, "w", "p1").await.expect("both claims freed"), 201);
+}
+
+#[tokio::test]
+async fn a_source_is_not_deleted_while_a_volume_is_being_made_from_it() {
+    let c = with_pool(10).await;
+    c.create(&volume("demo", "v", json!(1))).await.expect("v");
+    bind(&c, "v", "p1").await.expect("v");
+    let clone = |name: &str| volume("demo", name, json!(1)).spec("source", json!({"volume": "v"}));
+    c.create(&clone("c1")).await.expect("c1");
+    c.create(&clone("c2")).await.expect("c2");
+    let refused_delete = |why: &'static str| {
+        let c = &c;
+        async move {
+            let e = refused(c.delete("Volume", Some("demo"), "v", "").await);
+            assert_eq!(e.code, 409, "{why}: {e:?}");
+            assert!(c.get("Volume", Some("demo"), "v").await.is_ok(), "{why}");
+            e.message
+        }
+    };
+    // Both Pending: both named.
+    let said = refused_delete("pending").await;
+    assert!(
+        said.contains("volume \"v\" is the source of 2 volume(s) still being made (c1, c2)"),
+        "{said}"
+    );
+    // Placed, the agent is copying it.
+    bind(&c, "c1", "p1").await.expect("c1");
+    c.delete("Volume", Some("demo"), "c2", "")
+        .await
+        .expect("c2 goes");
+    let said = refused_delete("creating").await;
+    assert!(said.contains("1 volume(s) still being made (c1)"), "{said}");
+    // Made (or failed): the source goes.
+    let st = c.status("Volume", Some("demo"), "c1");
+    c.patch(&st, MERGE, &json!({"status": {"phase": "Available"}}), "")
+        .await
+        .expect("c1 made");
+    c.delete("Volume", Some("demo"), "v", "")
+        .await
+        .expect("delete the source once its clone is made");
+    assert!(c.get("Volume", Some("demo"), "c1").await.is_ok());
 }
 
 #[tokio::test]
