@@ -1800,6 +1800,38 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_route_through_another_address_of_the_external_network_is_not_programmed() {
+        let f = fakes();
+        plug(&f.links, "tp-p1");
+        plug(&f.links, "eth1");
+        let mut snap = router_snapshot();
+        let mut r1: Router = (*snap.routers[0]).clone();
+        r1.spec.routes = serde_json::from_value(json!([
+            {"destination": "10.20.0.0/24", "nexthop": "203.0.113.7"},
+            {"destination": "198.51.100.0/24", "nexthop": "203.0.113.1"},
+        ]))
+        .expect("routes");
+        snap.routers[0] = Arc::new(r1);
+        let r = converge(&f.host, &router_config(), &snap).expect("converge");
+        let cidr = |s: &str| s.parse::<crate::driver::Ipv4Cidr>().expect("cidr");
+        let inner = Netns::Named(crate::plan::router_name("n1", "uid-r1"));
+        let routes = f.links.routes(&inner).expect("routes");
+        assert!(routes.contains(&crate::driver::RouteSpec::new(
+            cidr("198.51.100.0/24"),
+            Ipv4Addr::new(203, 0, 113, 1)
+        )));
+        assert!(
+            !routes.iter().any(|r| r.destination == cidr("10.20.0.0/24")),
+            "{routes:?}"
+        );
+        assert!(
+            matches!(r.routers.get(&router_key("r1")), Some(Programmed::No { message, .. }) if message.contains("203.0.113.7")),
+            "{:?}",
+            r.routers
+        );
+    }
+
+    #[test]
     fn router_drift_is_repaired_and_snat_and_floating_ips_follow_the_api() {
         let f = fakes();
         plug(&f.links, "tp-p1");

@@ -708,6 +708,8 @@ fn router_wiring(
     }
     let mut routes = BTreeSet::new();
     let mut nat = Nat::default();
+    // The external subnets and their gateways (the upstream routers).
+    let mut upstream: Vec<(Ipv4Cidr, Option<Ipv4Addr>)> = Vec::new();
     if gateway.is_none()
         || !wired.contains_key(gateway.as_ref().unwrap_or(&PortKey {
             namespace: String::new(),
@@ -760,6 +762,7 @@ fn router_wiring(
                     ));
                 }
                 let externals: Vec<Ipv4Cidr> = addrs.iter().map(|(_, c, _)| *c).collect();
+                upstream = addrs.iter().map(|(_, c, via)| (*c, *via)).collect();
                 let mut addresses: BTreeSet<Ipv4Cidr> = addrs.iter().map(|(a, _, _)| *a).collect();
                 for f in floating_of(snap, r) {
                     let plan = match translation(f, &externals, &internal) {
@@ -810,7 +813,19 @@ fn router_wiring(
         ) else {
             continue;
         };
-        if onlink.iter().any(|c| c.contains(hop)) {
+        // On the external network only its gateway is ours to route through: any other
+        // address there may be another project's router (admission refuses it too, but not
+        // in a Router stored before it did).
+        if let Some((c, _)) = upstream
+            .iter()
+            .find(|(c, via)| c.contains(hop) && *via != Some(hop))
+        {
+            pending.push(format!(
+                "route to {} via {hop}: on the external network {c} a next hop can only be \
+                 its gateway",
+                route.destination
+            ));
+        } else if onlink.iter().any(|c| c.contains(hop)) {
             routes.insert(RouteSpec::new(dest, hop));
         } else {
             pending.push(format!(
