@@ -90,6 +90,9 @@ struct Cleanup {
     namespaces: Vec<String>,
     dhcp_dirs: Vec<PathBuf>,
     children: Vec<Child>,
+    /// Nodes whose agents may have made DHCP namespaces (found by name, also those whose
+    /// server never started).
+    nodes: Vec<String>,
 }
 
 impl Cleanup {
@@ -111,6 +114,17 @@ impl Cleanup {
         }
     }
 
+    /// Deletes the DHCP namespaces the agent of `node` names as its own.
+    fn drop_dhcp_netns(node: &str) {
+        let list = ip(&["netns", "list"]).unwrap_or_default();
+        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            if Name::new(name).is_ok_and(|n| stratus_network_agent::plan::is_dhcp_name_of(node, &n))
+            {
+                let _ = ip(&["netns", "del", name]);
+            }
+        }
+    }
+
     /// Deletes one namespace now.
     fn drop_netns(&mut self, name: &str) {
         let _ = ip(&["netns", "del", name]);
@@ -129,6 +143,9 @@ impl Drop for Cleanup {
         }
         for n in &self.namespaces {
             let _ = ip(&["netns", "del", n]);
+        }
+        for node in &self.nodes {
+            Self::drop_dhcp_netns(node);
         }
     }
 }
@@ -448,6 +465,7 @@ pub async fn sg(ports: usize, rules: usize, changes: usize, rounds: usize) -> Re
     let dhcp_dir = dir.path().join("dhcp");
     let mut host = Cleanup::default();
     host.dhcp_dirs = vec![dhcp_dir.clone()];
+    host.nodes = vec![node.clone()];
     host.netns(&node)?;
     let a = network(&s.client, "10.80.0.0/16", "10.80.0.1").await?;
     let pp = PostParams::default();
@@ -755,6 +773,7 @@ pub async fn converge(ports: usize, rounds: usize) -> Result<()> {
     let node = format!("nb{tag}-node");
     let dir = tempfile::tempdir()?;
     let mut host = Cleanup::default();
+    host.nodes = vec![node.clone()];
     let a = network(&s.client, "10.81.0.0/16", "10.81.0.1").await?;
     a.groups
         .create(&PostParams::default(), &serde_json::from_value(json!({"apiVersion": "network.stratus.dev/v1", "kind": "SecurityGroup", "metadata": {"name": "default"},
@@ -846,6 +865,7 @@ pub async fn converge(ports: usize, rounds: usize) -> Result<()> {
                     made = Some(read_made(&ns, &dhcp_dir)?);
                 }
                 Cleanup::stop_dhcp(&dhcp_dir);
+                Cleanup::drop_dhcp_netns(&node);
             } else {
                 let m = made
                     .as_ref()
@@ -1181,6 +1201,7 @@ pub async fn tcp(seconds: f64, rounds: usize) -> Result<()> {
     let dhcp = [dir.path().join("dhcp1"), dir.path().join("dhcp2")];
     let mut host = Cleanup::default();
     host.dhcp_dirs = dhcp.to_vec();
+    host.nodes = n.to_vec();
     let a = network(&s.client, "10.82.0.0/24", "10.82.0.1").await?;
     a.groups
         .create(&PostParams::default(), &serde_json::from_value(json!({"apiVersion": "network.stratus.dev/v1", "kind": "SecurityGroup", "metadata": {"name": "default"},
