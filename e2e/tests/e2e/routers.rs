@@ -509,7 +509,10 @@ spec:
         a2.kill();
     }
     ip(&["netns", "del", &first[0]])?;
-    assert!(!ping(&ext, &fip), "no router, no floating IP");
+    // The kernel takes a moment to tear down a deleted namespace's devices.
+    wait_until(Duration::from_secs(15), "no router, no floating IP", || {
+        (!ping(&ext, &fip)).then_some(())
+    })?;
     wait_until(Duration::from_secs(120), "the router to move", || {
         jsonpath(&api, NS, "router", "r1", "{.status.node}")
             .ok()
