@@ -151,8 +151,10 @@ fn decode_typed(kind: &str, doc: &Value) -> Result<bool, String> {
 #[test]
 fn examples_decode_validate_and_match_schema() {
     let dir = workspace_dir("examples");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("read examples/")
+    // `examples/later/` holds what is applied once the first examples have been acted on.
+    let mut files: Vec<PathBuf> = [dir.clone(), dir.join("later")]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).expect("read examples/"))
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
         .collect();
