@@ -1144,9 +1144,11 @@ mod tests {
                 .all(|c| c.get("reason").is_none() && c["status"] == "True")
         );
         assert_eq!(list[N - 1]["type"], format!("C{}", N - 1));
+        // About 1 s on a quiet machine; a scan per item took minutes. The bound leaves room
+        // for a loaded machine, not for a quadratic pass.
         let elapsed = started.elapsed();
         assert!(
-            elapsed < std::time::Duration::from_secs(10),
+            elapsed < std::time::Duration::from_secs(60),
             "took {elapsed:?}"
         );
     }
@@ -1198,9 +1200,10 @@ mod tests {
         let after = entries(&took);
         assert_eq!(after.len(), 1);
         assert_eq!((after[0].manager.as_str(), after[0].fields.len()), ("y", N));
+        // Well under 1 s on a quiet machine; a pass over every manager per field took minutes.
         let elapsed = started.elapsed();
         assert!(
-            elapsed < std::time::Duration::from_secs(5),
+            elapsed < std::time::Duration::from_secs(60),
             "took {elapsed:?}"
         );
     }
