@@ -11,8 +11,8 @@ mod api {
     pub mod network;
     pub mod node;
     pub mod policy;
-    pub mod storage;
     pub mod routers;
+    pub mod storage;
     pub mod verbs;
     pub mod watch;
 }
