@@ -1,6 +1,7 @@
 //! Stratus cluster-wide reconcilers, each driven by kube-runtime against the API server, run
 //! by whichever `stratus controllers` instance holds the leader Lease.
 
+mod binding;
 pub mod cache;
 pub mod floating_ips;
 pub mod gc;

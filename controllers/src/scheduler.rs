@@ -13,7 +13,6 @@ use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
-use serde_json::json;
 use stratus_api_types::common::{Blocked, ConditionType, Reason};
 use stratus_api_types::compute::{
     Flavor, Hypervisor, Server, ServerGroup, ServerGroupPolicy, ServerGroupSpec, ServerPhase,
@@ -325,33 +324,6 @@ impl Ctx {
     }
 }
 
-/// Binds `server` to `hypervisor`. `Ok(false)`: the API server refused it as a conflict (the
-/// hypervisor filled up or changed meanwhile), so the next candidate may be tried.
-async fn bind(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    hypervisor: &str,
-) -> Result<bool, kube::Error> {
-    let body = json!({
-        "apiVersion": "compute.stratus.dev/v1",
-        "kind": "Binding",
-        "metadata": {"name": name, "namespace": ns},
-        "target": {"name": hypervisor},
-    });
-    let req = http::Request::post(format!(
-        "/apis/compute.stratus.dev/v1/namespaces/{ns}/servers/{name}/binding"
-    ))
-    .header(http::header::CONTENT_TYPE, "application/json")
-    .body(body.to_string().into_bytes())
-    .map_err(kube::Error::HttpError)?;
-    match client.request::<serde_json::Value>(req).await {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
 async fn publish(ctx: &Ctx, server: &Server, type_: EventType, reason: &str, note: String) {
     record(&ctx.recorder, &server.object_ref(&()), type_, reason, note).await;
 }
@@ -452,7 +424,7 @@ async fn sync(server: Arc<Server>, ctx: Arc<Ctx>) -> Result<Action, SchedulerErr
     };
     for hv in &candidates {
         ctx.assume(&key, hv, need);
-        match bind(&ctx.client, &ns, &name, hv).await {
+        match crate::binding::bind::<Server>(&ctx.client, &ns, &name, hv).await {
             Ok(true) => {
                 tracing::debug!(server = %key, hypervisor = %hv, "placed");
                 // Recorded on the side, as kube-scheduler's event broadcaster does: the next
@@ -486,7 +458,7 @@ async fn reclaim(ctx: &Ctx, server: &Server, ns: &str, hv: &str) -> Result<Actio
     if server.status.as_ref().and_then(|s| s.allocated.as_ref()) == Some(&claim) {
         return Ok(Action::await_change());
     }
-    if bind(&ctx.client, ns, &server.name_any(), hv)
+    if crate::binding::bind::<Server>(&ctx.client, ns, &server.name_any(), hv)
         .await
         .map_err(SchedulerError::Api)?
     {
@@ -622,6 +594,7 @@ pub async fn run_shared(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     /// What each hypervisor holds, from a map (absent: nothing).
     fn holding(used: &HashMap<String, Amount>) -> impl Fn(&str) -> Amount + '_ {

@@ -22,7 +22,6 @@ use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
-use serde_json::json;
 use stratus_api_types::common::{Blocked, ConditionType, Reason};
 use stratus_api_types::storage::{StoragePool, VOLUME_TYPE_LABEL, Volume, VolumeSnapshot};
 use stratus_runtime::policy::kube_retry;
@@ -259,28 +258,6 @@ impl Ctx {
     }
 }
 
-/// Binds `volume` to `pool`. `Ok(false)`: the API server refused it as a conflict (the pool
-/// filled up or changed meanwhile), so the next candidate may be tried.
-async fn bind(client: &Client, ns: &str, name: &str, pool: &str) -> Result<bool, kube::Error> {
-    let body = json!({
-        "apiVersion": "storage.stratus.dev/v1",
-        "kind": "Binding",
-        "metadata": {"name": name, "namespace": ns},
-        "target": {"name": pool},
-    });
-    let req = http::Request::post(format!(
-        "/apis/storage.stratus.dev/v1/namespaces/{ns}/volumes/{name}/binding"
-    ))
-    .header(http::header::CONTENT_TYPE, "application/json")
-    .body(body.to_string().into_bytes())
-    .map_err(kube::Error::HttpError)?;
-    match client.request::<serde_json::Value>(req).await {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
 async fn publish(ctx: &Ctx, v: &Volume, type_: EventType, reason: &str, note: String) {
     stratus_runtime::events::publish(
         &ctx.recorder,
@@ -359,7 +336,7 @@ async fn place(v: &Volume, ctx: &Ctx) -> Result<Action, VolumesError> {
     };
     for pool in &candidates {
         ctx.assume(&key, pool, v.spec.size_gib);
-        match bind(&ctx.client, &ns, &name, pool).await {
+        match crate::binding::bind::<Volume>(&ctx.client, &ns, &name, pool).await {
             Ok(true) => {
                 tracing::debug!(volume = %key, pool = %pool, "placed");
                 publish(
@@ -527,6 +504,7 @@ async fn keep_accounts(client: Client) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use stratus_api_types::storage::{StorageBackend, StoragePoolPhase, StoragePoolSpec};
     use stratus_api_types::storage::{StoragePoolStatus, VolumeSpec, VolumeStatus};
 
