@@ -25,7 +25,7 @@ use std::collections::BTreeSet;
 use serde_json::{Value, json};
 use stratus_api_types::compute::{HypervisorSpec, NODE_LEASE_NAMESPACE, TEARDOWN_FINALIZER};
 use stratus_api_types::network::NETWORK_AGENT_LEASE_NAMESPACE;
-use stratus_api_types::storage::TEARDOWN_FINALIZER as STORAGE_TEARDOWN;
+use stratus_api_types::storage::{StoragePoolSpec, TEARDOWN_FINALIZER as STORAGE_TEARDOWN};
 
 use crate::admission::binding::claims_prefix;
 use crate::base::error::{ApiError, ApiResult};
@@ -136,20 +136,8 @@ fn kept_status_fields(group: &str, resource: &str) -> &'static [&'static str] {
 /// field at its default (allocation ratios, reservations, `disabled`), and no labels,
 /// annotations, finalizers or owners.
 fn beyond_registration(new: &Value) -> Option<String> {
-    for field in ["labels", "annotations", "finalizers", "ownerReferences"] {
-        let set = new
-            .pointer(&format!("/metadata/{field}"))
-            .is_some_and(|v| match v {
-                Value::Null => false,
-                Value::Object(m) => !m.is_empty(),
-                Value::Array(a) => !a.is_empty(),
-                _ => true,
-            });
-        if set {
-            return Some(format!(
-                "metadata.{field}: a node registers its Hypervisor with none (they are the operator's)"
-            ));
-        }
+    if let Some(why) = operator_metadata(new, "Hypervisor") {
+        return Some(why);
     }
     let spec = new.get("spec").cloned().unwrap_or_else(|| json!({}));
     let Ok(declared) = serde_json::from_value::<HypervisorSpec>(spec) else {
@@ -180,6 +168,54 @@ fn beyond_registration(new: &Value) -> Option<String> {
     };
     Some(format!(
         "spec.{field}: a node registers its Hypervisor with spec.availabilityZone and spec.hypervisorType alone; the rest of the spec is the operator's"
+    ))
+}
+
+/// Why `new`, an object a node registers for itself (a `kind`), carries metadata that is the
+/// operator's, if it does: labels (placement selects on them), annotations, finalizers or
+/// owners.
+fn operator_metadata(new: &Value, kind: &str) -> Option<String> {
+    ["labels", "annotations", "finalizers", "ownerReferences"]
+        .into_iter()
+        .find(|field| {
+            new.pointer(&format!("/metadata/{field}"))
+                .is_some_and(|v| match v {
+                    Value::Null => false,
+                    Value::Object(m) => !m.is_empty(),
+                    Value::Array(a) => !a.is_empty(),
+                    _ => true,
+                })
+        })
+        .map(|field| {
+            format!(
+                "metadata.{field}: a node registers its {kind} with none (they are the operator's)"
+            )
+        })
+}
+
+/// Why a StoragePool a node creates for itself is more than its registration, if it is: the
+/// node declares its store (`spec.backend`, `spec.vgName` or `spec.path`) and nothing the
+/// volume scheduler places by (labels, `availabilityZone`, `reservedPercentage`, `disabled`),
+/// so a compromised node cannot make its pool attract other nodes' volumes.
+fn beyond_pool_registration(new: &Value) -> Option<String> {
+    if let Some(why) = operator_metadata(new, "StoragePool") {
+        return Some(why);
+    }
+    let spec = new.get("spec").cloned().unwrap_or_else(|| json!({}));
+    let Ok(declared) = serde_json::from_value::<StoragePoolSpec>(spec) else {
+        return Some("spec: not a StoragePool's spec".into());
+    };
+    let field = if declared.availability_zone.is_some() {
+        "availabilityZone"
+    } else if declared.reserved_percentage != 0 {
+        "reservedPercentage"
+    } else if declared.disabled {
+        "disabled"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "spec.{field}: a node registers its StoragePool with spec.backend and its store alone; the rest of the spec is the operator's"
     ))
 }
 
@@ -345,10 +381,26 @@ pub fn review(node: &str, r: &Review<'_>) -> ApiResult<()> {
             }
         }
         ("storage.stratus.dev", "storagepools") => {
+            let kept = match (op, sub, r.old, r.new) {
+                (Operation::Update, "", Some(old), Some(new)) => {
+                    only_own_finalizer_differs(old, new, None)
+                }
+                _ => true,
+            };
             if op == Operation::Connect
                 || !both().all(|v| v.pointer("/spec/node").and_then(Value::as_str) == Some(node))
             {
                 Some("a node writes only the storage pools whose spec.node names it".into())
+            } else if op == Operation::Delete {
+                Some("deleting a StoragePool retires its volumes' home: an operator does it".into())
+            } else if let Some(why) = r
+                .new
+                .filter(|_| op == Operation::Create)
+                .and_then(beyond_pool_registration)
+            {
+                Some(why)
+            } else if !kept {
+                Some("a StoragePool's spec and metadata are the operator's: its node writes only its status".into())
             } else {
                 None
             }

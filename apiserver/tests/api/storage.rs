@@ -648,3 +648,76 @@ async fn volume_gib_quota_holds_under_concurrent_creates() {
     let list = c.list("Volume", Some("demo"), "").await.expect("list");
     assert_eq!(crate::fixtures::names(&list).len(), 5);
 }
+
+/// A node registers its own StoragePool with its store alone and then writes only its status:
+/// labels, a zone, a reservation or `disabled` (what the volume scheduler places by) and
+/// deleting it are the operator's, so a compromised node cannot make its pool attract other
+/// projects' volumes.
+#[tokio::test]
+async fn a_node_registers_its_pool_with_its_store_alone() {
+    let c = Cloud::with_demo().await;
+    let n1 = c.node("n1");
+    let pools = c.target("StoragePool", None, None);
+    let body = |extra: Value| {
+        let mut pool = json!({
+            "apiVersion": "storage.stratus.dev/v1", "kind": "StoragePool",
+            "metadata": {"name": "n1-fast"},
+            "spec": {"backend": "lvm", "node": "n1", "vgName": "fast"},
+        });
+        for (path, value) in extra.as_object().into_iter().flatten() {
+            let (section, field) = path.split_once('.').expect("section.field");
+            pool[section][field] = value.clone();
+        }
+        pool.to_string()
+    };
+    for (extra, field) in [
+        (
+            json!({"metadata.labels": {"storage.stratus.dev/volume-type": "gold"}}),
+            "metadata.labels",
+        ),
+        (
+            json!({"spec.availabilityZone": "az9"}),
+            "spec.availabilityZone",
+        ),
+        (
+            json!({"spec.reservedPercentage": 0, "spec.disabled": true}),
+            "spec.disabled",
+        ),
+    ] {
+        let e = refused(n1.create(&pools, JSON, &body(extra)).await);
+        assert_eq!(e.code, 403, "{field}");
+        assert!(e.message.contains(field), "{field}: {}", e.message);
+    }
+    n1.create(&pools, JSON, &body(json!({})))
+        .await
+        .expect("its pool, its store alone");
+    let mine = c.target("StoragePool", None, Some("n1-fast"));
+    for patch in [
+        r#"{"metadata": {"labels": {"storage.stratus.dev/volume-type": "gold"}}}"#,
+        r#"{"spec": {"availabilityZone": "az9"}}"#,
+        r#"{"spec": {"reservedPercentage": 50}}"#,
+    ] {
+        assert_eq!(
+            refused(n1.patch(&mine, MERGE, patch).await).code,
+            403,
+            "{patch}"
+        );
+    }
+    assert_eq!(refused(n1.delete(&mine, "").await).code, 403);
+    n1.patch(
+        &c.status("StoragePool", None, "n1-fast"),
+        MERGE,
+        r#"{"status": {"capacityGiB": 10}}"#,
+    )
+    .await
+    .expect("its status");
+    // The operator labels it and places by it.
+    c.patch(
+        &mine,
+        MERGE,
+        &json!({"metadata": {"labels": {"storage.stratus.dev/volume-type": "gold"}}}),
+        "",
+    )
+    .await
+    .expect("the operator's label");
+}
