@@ -71,12 +71,26 @@ pub struct Wants<'a> {
     pub volume_type: Option<&'a str>,
 }
 
+/// How long after its agent's last heartbeat a Ready pool still takes volumes: its agent
+/// writes one every few seconds, so a pool silent for longer is on a node that stopped.
+pub const HEARTBEAT_GRACE: jiff::SignedDuration = jiff::SignedDuration::from_secs(40);
+
+/// Whether `pool`'s last heartbeat is older than [`HEARTBEAT_GRACE`] at `now` (a pool that
+/// never reported one is judged by its phase alone).
+fn heartbeat_stale(pool: &StoragePool, now: jiff::Timestamp) -> bool {
+    pool.status
+        .as_ref()
+        .and_then(|s| s.last_heartbeat_time.as_ref())
+        .is_some_and(|t| now.duration_since(t.0) > HEARTBEAT_GRACE)
+}
+
 /// Ranks the pools a volume may go to, most room first (at most [`CANDIDATES`]); or says why
 /// there is none (`0/N storage pools are available: …`). `used(name)` is what a pool holds.
 pub fn rank(
     wants: Wants<'_>,
     pools: &[Arc<StoragePool>],
     used: &dyn Fn(&str) -> u64,
+    now: jiff::Timestamp,
 ) -> Result<Vec<String>, Blocked> {
     if let Some(asked) = wants.pool
         && !pools.iter().any(|p| p.name_any() == asked)
@@ -98,6 +112,8 @@ pub fn rank(
             Some("disabled")
         } else if !p.is_ready() {
             Some("not ready")
+        } else if heartbeat_stale(p, now) {
+            Some("not heartbeating")
         } else if wants
             .zone
             .is_some_and(|z| p.spec.availability_zone.as_deref() != Some(z))
@@ -325,9 +341,12 @@ async fn place(v: &Volume, ctx: &Ctx) -> Result<Action, VolumesError> {
         volume_type: v.spec.volume_type.as_deref(),
     };
     let used = ctx.used();
-    let candidates = match rank(wants, &ctx.pools.state(), &|p| {
-        used.get(p).copied().unwrap_or(0)
-    }) {
+    let candidates = match rank(
+        wants,
+        &ctx.pools.state(),
+        &|p| used.get(p).copied().unwrap_or(0),
+        jiff::Timestamp::now(),
+    ) {
         Ok(c) => c,
         Err(why) => {
             mark_unschedulable(ctx, v, &why).await?;
@@ -525,9 +544,45 @@ mod tests {
         p.status = Some(StoragePoolStatus {
             phase: StoragePoolPhase::Ready,
             capacity_gib: Some(capacity),
+            last_heartbeat_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                heartbeat(),
+            )),
             ..Default::default()
         });
         p
+    }
+
+    /// When the fixtures' agents last reported.
+    fn heartbeat() -> jiff::Timestamp {
+        "2026-01-01T00:00:00Z".parse().expect("a timestamp")
+    }
+
+    /// A few seconds after the fixtures' heartbeat.
+    fn now() -> jiff::Timestamp {
+        heartbeat() + jiff::SignedDuration::from_secs(5)
+    }
+
+    /// A pool whose agent stopped heartbeating gets no volumes, whatever its phase still
+    /// says; one that never reported a heartbeat is judged by its phase.
+    #[test]
+    fn a_pool_whose_agent_went_silent_gets_nothing() {
+        let pools = all(vec![pool("a", 10), pool("b", 50)]);
+        let later = heartbeat() + HEARTBEAT_GRACE + jiff::SignedDuration::from_secs(1);
+        let err = rank(wants(1), &pools, &nothing, later).expect_err("both silent");
+        assert!(
+            err.message.contains("2 not heartbeating"),
+            "{}",
+            err.message
+        );
+        let mut unreported = pool("c", 10);
+        if let Some(s) = unreported.status.as_mut() {
+            s.last_heartbeat_time = None;
+        }
+        let pools = all(vec![pool("a", 10), unreported]);
+        assert_eq!(
+            rank(wants(1), &pools, &nothing, later),
+            Ok(vec!["c".into()])
+        );
     }
 
     fn wants(size_gib: u64) -> Wants<'static> {
@@ -550,12 +605,12 @@ mod tests {
         let pools = all(vec![pool("a", 10), pool("b", 50), pool("c", 20)]);
         let used = |p: &str| if p == "b" { 45 } else { 0 };
         assert_eq!(
-            rank(wants(2), &pools, &used),
+            rank(wants(2), &pools, &used, now()),
             Ok(vec!["c".into(), "a".into(), "b".into()])
         );
         // What is held counts: 5 GiB left on b, 10 on a.
         assert_eq!(
-            rank(wants(6), &pools, &used),
+            rank(wants(6), &pools, &used, now()),
             Ok(vec!["c".into(), "a".into()])
         );
     }
@@ -576,13 +631,13 @@ mod tests {
         reserved.spec.reserved_percentage = 50;
         let pools = all(vec![pool("full", 10), reserved, off, down, silent]);
         let used = |p: &str| if p == "full" { 10 } else { 0 };
-        let err = rank(wants(6), &pools, &used).expect_err("nothing fits");
+        let err = rank(wants(6), &pools, &used, now()).expect_err("nothing fits");
         assert_eq!(err.reason, Reason::NoPoolAvailable);
         assert_eq!(
             err.message,
             "0/5 storage pools are available for 6 GiB: 2 insufficient capacity, 1 disabled, 1 not ready, 1 not reporting capacity"
         );
-        let err = rank(wants(1), &[], &nothing).expect_err("no pools");
+        let err = rank(wants(1), &[], &nothing, now()).expect_err("no pools");
         assert!(err.message.contains("no storage pool is registered"));
     }
 
@@ -597,27 +652,36 @@ mod tests {
             pool: Some("fast"),
             ..wants(1)
         };
-        assert_eq!(rank(pinned, &pools, &nothing), Ok(vec!["fast".into()]));
+        assert_eq!(
+            rank(pinned, &pools, &nothing, now()),
+            Ok(vec!["fast".into()])
+        );
         let typed = Wants {
             volume_type: Some("ssd"),
             ..wants(1)
         };
-        assert_eq!(rank(typed, &pools, &nothing), Ok(vec!["fast".into()]));
+        assert_eq!(
+            rank(typed, &pools, &nothing, now()),
+            Ok(vec!["fast".into()])
+        );
         let zoned = Wants {
             zone: Some("az2"),
             ..wants(1)
         };
-        assert_eq!(rank(zoned, &pools, &nothing), Ok(vec!["far".into()]));
+        assert_eq!(rank(zoned, &pools, &nothing, now()), Ok(vec!["far".into()]));
         let restored = Wants {
             source_pool: Some("a"),
             ..wants(1)
         };
-        assert_eq!(rank(restored, &pools, &nothing), Ok(vec!["a".into()]));
+        assert_eq!(
+            rank(restored, &pools, &nothing, now()),
+            Ok(vec!["a".into()])
+        );
         let missing = Wants {
             pool: Some("gone"),
             ..wants(1)
         };
-        let err = rank(missing, &pools, &nothing).expect_err("no such pool");
+        let err = rank(missing, &pools, &nothing, now()).expect_err("no such pool");
         assert!(
             err.message
                 .contains("\"gone\" (spec.storagePool) does not exist")
@@ -627,7 +691,7 @@ mod tests {
             source_pool: Some("fast"),
             ..wants(20)
         };
-        let err = rank(full_source, &pools, &nothing).expect_err("full");
+        let err = rank(full_source, &pools, &nothing, now()).expect_err("full");
         assert!(
             err.message
                 .contains("2 not where the volume's source is, 1 insufficient capacity"),
