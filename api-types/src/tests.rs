@@ -356,7 +356,7 @@ fn selectable_fields_per_kind() {
         ("Router", vec![".status.node"]),
         ("FloatingIP", vec![".status.router"]),
         ("Volume", vec![".status.node", ".status.pool"]),
-        ("VolumeSnapshot", vec![".spec.volume"]),
+        ("VolumeSnapshot", vec![".spec.volume", ".status.node"]),
         ("StoragePool", vec![".spec.node"]),
         ("Hypervisor", vec![".spec.availabilityZone"]),
         ("Image", vec![".spec.visibility"]),

@@ -104,6 +104,16 @@ impl Params {
         self.0.remove("continue");
     }
 
+    /// The parameters of a watch's initial state: every object (no paging), at least as new
+    /// as the watch's `resourceVersion` (a watch-list names `resourceVersionMatch=NotOlderThan`
+    /// with or without one, as Kubernetes' does; unset is the most recent state).
+    pub fn for_initial_state(&self) -> Self {
+        let mut p = self.clone();
+        p.remove_paging();
+        p.0.remove("resourceVersionMatch");
+        p
+    }
+
     fn dry_run(&self) -> ApiResult<bool> {
         match self.get("dryRun") {
             None => Ok(false),

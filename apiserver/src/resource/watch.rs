@@ -164,8 +164,7 @@ pub async fn watch(
     let start = match rv {
         Some(rv) if !send_initial => rv + 1,
         _ => {
-            let mut lp = p.clone();
-            lp.remove_paging();
+            let lp = p.for_initial_state();
             match api.list_cached(t, &lp, &sel, 0, true).await? {
                 Some((page, _)) => {
                     initial = page

@@ -431,7 +431,7 @@ fn a_network_with_a_port_stays_and_once_the_port_goes_its_vni_goes_at_once_and_i
     let refused = cloud.kubectl(&["-n", "demo", "delete", "network", "blue"])?;
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        !refused.status.success() && err.contains("in use by 1 port(s) (p)"),
+        !refused.status.success() && err.contains("in use by 1 port(s) or floating IP(s) (p)"),
         "{err}"
     );
     assert_eq!(keys(&vni_key)?, 1, "the network stays");

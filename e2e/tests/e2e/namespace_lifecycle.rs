@@ -98,6 +98,23 @@ fn a_terminating_project_takes_no_new_content_and_a_deleted_one_has_no_namespace
     cloud.projects(&["demo"])?;
     cloud.kubectl_in(&["apply", "-f", "-"], CONTENT)?;
     cloud.kubectl_in(&["create", "-f", "-"], &keypair("held", true))?;
+    // The project controller adopts the Project (its cleanup finalizer) before it is deleted.
+    wait_until(
+        Duration::from_secs(30),
+        "the project's cleanup finalizer",
+        || {
+            cloud
+                .kubectl_ok(&[
+                    "get",
+                    "project",
+                    "demo",
+                    "-o",
+                    "jsonpath={.metadata.finalizers}",
+                ])
+                .ok()
+                .filter(|f| f.contains("project-cleanup"))
+        },
+    )?;
 
     // The deletion begins; the finalizer on `held` keeps the Project terminating.
     cloud.kubectl_ok(&["delete", "project", "demo", "--wait=false"])?;
