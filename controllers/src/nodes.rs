@@ -22,8 +22,6 @@ use stratus_api_types::compute::{
 use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
 
-use crate::cache::Shared;
-
 pub use stratus_api_types::compute::NODE_LEASE_NAMESPACE as LEASE_NAMESPACE;
 
 /// The field manager of the statuses this controller writes.
@@ -211,10 +209,10 @@ fn error_policy(hv: Arc<Hypervisor>, e: &NodesError, ctx: Arc<Ctx>) -> Action {
     ctx.runtime.error_policy(&hv, e)
 }
 
-/// Runs the node lifecycle controller until its watches end, reading Servers from the
-/// controllers' shared cache.
-pub async fn run(client: Client, servers: &Shared<Server>) {
+/// Runs the node lifecycle controller until its watches end.
+pub async fn run(client: Client) {
     let (leases, lease_writer) = reflector::store();
+    let (servers, server_writer) = reflector::store();
     let lease_stream = watcher(
         Api::<Lease>::namespaced(client.clone(), LEASE_NAMESPACE),
         watcher::Config::default(),
@@ -222,6 +220,14 @@ pub async fn run(client: Client, servers: &Shared<Server>) {
     .default_backoff()
     .reflect(lease_writer)
     .applied_objects();
+    let server_stream = watcher(
+        Api::<Server>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(crate::slim_server)
+    .reflect(server_writer)
+    .touched_objects();
     let ctx = Arc::new(Ctx {
         runtime: Runtime::new(client.clone(), MANAGER),
         servers_runtime: Runtime::new(client.clone(), MANAGER),
@@ -234,7 +240,7 @@ pub async fn run(client: Client, servers: &Shared<Server>) {
         ),
         client: client.clone(),
         leases,
-        servers: servers.store(),
+        servers,
     });
     // Every hypervisor is looked at again every few seconds as well: a heartbeat that stops
     // produces no event, and a missed requeue must not leave a lost node Ready.
@@ -247,11 +253,10 @@ pub async fn run(client: Client, servers: &Shared<Server>) {
         // A renewed Lease is its hypervisor's heartbeat.
         .watches_stream(lease_stream, |l: Lease| Some(ObjectRef::new(&l.name_any())))
         // A server placed on a lost hypervisor gets handled as it appears.
-        .watches_shared_stream(servers.touched(), |s: Arc<Server>| {
+        .watches_stream(server_stream, |s: Server| {
             s.status
-                .as_ref()
-                .and_then(|st| st.hypervisor.as_ref())
-                .map(|h| ObjectRef::new(h))
+                .and_then(|st| st.hypervisor)
+                .map(|h| ObjectRef::new(&h))
         })
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
