@@ -138,12 +138,39 @@ impl Backend for FilePool {
         format!("file:{}", self.dir.display())
     }
 
+    /// What the pool's files occupy on disk (sparse: their allocated blocks) plus what the
+    /// filesystem has free for an unprivileged writer; other files on the same filesystem,
+    /// and the blocks it keeps for root, are not the pool's. The files are measured before
+    /// the free space, so a write in between understates, never overstates, the capacity.
     fn capacity(&self) -> Result<Capacity, DriverError> {
+        use std::os::unix::fs::MetadataExt;
         self.check_dir()?;
+        let mut used: u64 = 0;
+        for entry in std::fs::read_dir(&self.dir).map_err(io("read", &self.dir))? {
+            let entry = entry.map_err(io("read", &self.dir))?;
+            let name = entry.file_name();
+            let Some(base) = name.to_str().and_then(|n| {
+                let n = n.strip_suffix(PARTIAL_SUFFIX).unwrap_or(n);
+                n.strip_suffix(EXT)
+            }) else {
+                continue;
+            };
+            if VolName::parse(base).is_none() {
+                continue;
+            }
+            match entry.metadata() {
+                Ok(m) if m.is_file() => used = used.saturating_add(m.blocks().saturating_mul(512)),
+                Ok(_) => {}
+                // Removed since the directory was read.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("stat", &entry.path())(e)),
+            }
+        }
         let st = rustix::fs::statvfs(&self.dir).map_err(|e| io("measure", &self.dir)(e.into()))?;
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
         Ok(Capacity {
-            total: st.f_blocks.saturating_mul(st.f_frsize),
-            free: st.f_bavail.saturating_mul(st.f_frsize),
+            total: used.saturating_add(free),
+            free,
         })
     }
 

@@ -306,3 +306,115 @@ fn lvm_finishes_or_undoes_a_swap_killed_midway() {
     assert!(lvm.list().expect("list").is_empty());
     assert_eq!(loops_over(&vg.pv), 0);
 }
+
+/// A tmpfs of `size` bytes mounted on `dir` (made), unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: u64) -> Self {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let opts = format!("size={size}");
+        cmd::run(
+            "mount",
+            [
+                "-t",
+                "tmpfs",
+                "-o",
+                &opts,
+                "stratus-capacity",
+                &dir.to_string_lossy(),
+            ],
+        )
+        .expect("mount a tmpfs");
+        Self(dir.into())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = cmd::run("umount", [self.0.as_os_str()]);
+    }
+}
+
+/// Writes `len` bytes of data (not a hole) at the start of `path` (made if absent, never
+/// truncated).
+fn fill(path: &Path, len: u64) {
+    let buf = vec![0x5a_u8; MIB as usize];
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .expect("open");
+    for _ in 0..len / MIB {
+        std::io::Write::write_all(&mut f, &buf).expect("write");
+    }
+    f.sync_all().expect("sync");
+}
+
+/// A file pool's capacity is what its files take plus what is free: another user's file on
+/// the same filesystem lowers it, the pool's own volume (sparse or written) does not.
+#[test]
+fn a_file_pools_capacity_leaves_out_what_others_use() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let fs = Tmpfs::mount(&tmp.path().join("fs"), 64 * MIB);
+    let dir = fs.0.join("pool");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let pool = FilePool::new(&dir).expect("absolute");
+    let empty = pool.capacity().expect("capacity");
+    assert!(
+        empty.total > 60 * MIB && empty.total <= 64 * MIB && empty.total == empty.free,
+        "{empty:?}"
+    );
+    // Someone else's 16 MiB on the same filesystem: not the pool's to give.
+    fill(&fs.0.join("other-users-data"), 16 * MIB);
+    let shared = pool.capacity().expect("capacity");
+    assert_eq!(shared.total, empty.total - 16 * MIB, "{shared:?}");
+    // The pool's own volume, 8 MiB written of 16: counted in, free goes down by what it holds.
+    let v = VolName::volume("cap-1").expect("name");
+    pool.create(&v, 16 * MIB, Source::Empty).expect("create");
+    fill(&pool.device(&v).expect("device"), 8 * MIB);
+    let used = pool.capacity().expect("capacity");
+    assert_eq!(used.total, shared.total, "{used:?}");
+    assert_eq!(used.free, shared.free - 8 * MIB, "{used:?}");
+    pool.delete(&v).expect("delete");
+    assert_eq!(pool.capacity().expect("capacity"), shared);
+}
+
+/// An LVM pool's capacity is its own LVs plus the group's free extents: an LV another user
+/// made in the group is not the pool's.
+#[test]
+fn an_lvm_pools_capacity_leaves_out_other_lvs() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vg = TestVg::new(tmp.path(), "stratus-conf-cap", 64 * MIB);
+    let lvm = Lvm::new(&vg.vg).expect("a name");
+    let empty = lvm.capacity().expect("capacity");
+    assert_eq!(empty.total, empty.free, "{empty:?}");
+    let mut args = vec![];
+    if !super::lvm::has_device_mapper() {
+        args.extend(["--driverloaded", "n"]);
+    }
+    args.extend([
+        "--activate",
+        "n",
+        "--zero",
+        "n",
+        "--wipesignatures",
+        "n",
+        "-y",
+        "-L",
+        "8m",
+        "-n",
+        "someone-elses",
+        &vg.vg,
+    ]);
+    cmd::run("lvcreate", args).expect("lvcreate");
+    let shared = lvm.capacity().expect("capacity");
+    assert_eq!(shared.total, empty.total - 8 * MIB, "{shared:?}");
+    let v = VolName::volume("cap-2").expect("name");
+    lvm.create(&v, 16 * MIB, Source::Empty).expect("create");
+    let used = lvm.capacity().expect("capacity");
+    assert_eq!(used.total, shared.total, "{used:?}");
+    assert_eq!(used.free, shared.free - 16 * MIB, "{used:?}");
+    lvm.delete(&v).expect("delete");
+}

@@ -76,6 +76,16 @@ pub fn has_device_mapper() -> bool {
         .is_ok_and(|m| m.lines().any(|l| l.trim_end().ends_with(" device-mapper")))
 }
 
+/// Whether LV `name` is one of the pool's: a volume or snapshot, or a partial, grown or old
+/// copy of one.
+fn ours(name: &str) -> bool {
+    let mut base = name;
+    for extra in [PARTIAL_SUFFIX, GROWN, OLD] {
+        base = base.strip_suffix(extra).unwrap_or(base);
+    }
+    VolName::parse(base).is_some()
+}
+
 /// One logical volume as lvs reports it.
 #[derive(Debug, Clone)]
 struct Lv {
@@ -459,7 +469,16 @@ impl Backend for Lvm {
         format!("lvm:{}", self.vg)
     }
 
+    /// The group's free extents plus the pool's own LVs (partial and grown copies included);
+    /// LVs others made in the same group are not the pool's. The LVs are listed before the
+    /// free space is read, so a create in between understates, never overstates, it.
     fn capacity(&self) -> Result<Capacity, DriverError> {
+        let used: u64 = self
+            .lvs()?
+            .iter()
+            .filter(|(name, _)| ours(name))
+            .map(|(_, lv)| lv.size)
+            .fold(0, u64::saturating_add);
         let out = self.lvm(
             "vgs",
             [
@@ -479,9 +498,12 @@ impl Backend for Lvm {
             .flat_map(|r| r.vg)
             .next()
             .ok_or_else(|| DriverError::Unavailable(format!("no volume group {}", self.vg)))?;
+        // The group's size bounds it (and checks the report).
+        let size = number("vg_size", &vg.vg_size)?;
+        let free = number("vg_free", &vg.vg_free)?;
         Ok(Capacity {
-            total: number("vg_size", &vg.vg_size)?,
-            free: number("vg_free", &vg.vg_free)?,
+            total: used.saturating_add(free).min(size),
+            free,
         })
     }
 
@@ -797,6 +819,30 @@ mod tests {
         assert_eq!(pe_range("/dev/a:0-1 /dev/b:0-1"), None);
         assert_eq!(pe_range("/dev/a:4-1"), None);
         assert_eq!(pe_range(""), None);
+    }
+
+    #[test]
+    fn only_the_pools_own_lvs_count_in_its_capacity() {
+        for mine in [
+            "volume-0b5e",
+            "snap-1",
+            "volume-0b5e.partial",
+            "volume-0b5e.grown",
+            "volume-0b5e.grown.partial",
+            "volume-0b5e.old",
+        ] {
+            assert!(ours(mine), "{mine}");
+        }
+        for theirs in [
+            "root",
+            "swap",
+            "lvol0",
+            "volume-",
+            "other-0b5e.partial",
+            "data.old",
+        ] {
+            assert!(!ours(theirs), "{theirs}");
+        }
     }
 
     #[test]

@@ -115,12 +115,15 @@ pub struct Observed {
     pub size: u64,
 }
 
-/// The size of a store, in bytes.
+/// The size of a store, in bytes, as far as the pool may use it: what its own volumes and
+/// snapshots take (partial builds included) and what is free, never what other users of the
+/// same volume group or filesystem hold (their LVs, their files, a filesystem's blocks kept
+/// for root).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capacity {
-    /// All of it.
+    /// What the pool's volumes take plus what is free: `used + free`.
     pub total: u64,
-    /// What is not used.
+    /// What is not used by anyone.
     pub free: u64,
 }
 
