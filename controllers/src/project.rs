@@ -17,7 +17,10 @@ use stratus_runtime::finalizer::{self, Stage};
 use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
 
-/// The finalizer that holds a Project until its namespace is empty.
+/// The finalizer that holds a Project until its namespace is empty. The API server sets it on
+/// every Project at its creation (so a Project deleted before this controller sees it still
+/// waits); the controller adds it only to a Project stored without it (before that rule, or
+/// whose finalizers an operator replaced), which is then a no-op for every other Project.
 pub const FINALIZER: &str = "identity.stratus.dev/project-cleanup";
 
 /// The field manager of the project controller's status writes.

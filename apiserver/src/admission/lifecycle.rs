@@ -12,12 +12,45 @@
 //! Every create that succeeds is therefore at a revision before the deletion, and whatever
 //! reads the namespace's content after the deletion began (the project controller's drain)
 //! sees it.
+//!
+//! A Project carries the project controller's cleanup finalizer ([`PROJECT_FINALIZER`]) from
+//! its creation ([`Projects`]), as a Kubernetes namespace carries `kubernetes` in its
+//! finalizers: a Project deleted before the controller has seen it still waits for its
+//! namespace to be emptied, rather than going at once and leaving its content behind.
 
 use serde::Deserialize;
 use serde::de::IgnoredAny;
+use serde_json::Value;
 
-use crate::admission::Subject;
+use crate::admission::{Admission, Subject};
 use crate::base::error::{ApiError, ApiResult, Cause};
+
+/// The finalizer with which the project controller empties a Project's namespace before the
+/// Project goes (the controller's `FINALIZER`).
+pub const PROJECT_FINALIZER: &str = "identity.stratus.dev/project-cleanup";
+
+/// Admission of Projects: registered for `identity.stratus.dev` Projects.
+#[derive(Debug)]
+pub struct Projects;
+
+impl Admission for Projects {
+    /// A new Project carries [`PROJECT_FINALIZER`] (once), after whatever finalizers its
+    /// creator gave it.
+    fn on_create(&self, obj: &mut Value) {
+        let m = crate::base::meta::meta_mut(obj);
+        let finalizers = m
+            .entry("finalizers")
+            .or_insert_with(|| Value::Array(Vec::new()));
+        if !finalizers.is_array() {
+            *finalizers = Value::Array(Vec::new());
+        }
+        if let Some(list) = finalizers.as_array_mut()
+            && !list.iter().any(|f| f.as_str() == Some(PROJECT_FINALIZER))
+        {
+            list.push(Value::String(PROJECT_FINALIZER.into()));
+        }
+    }
+}
 
 /// How a create finds its namespace's Project.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,8 +144,8 @@ fn terminating(s: &Subject<'_>, name: &str, ns: &str) -> ApiError {
 
 #[cfg(test)]
 mod tests {
-    use super::{ProjectState, admit_create};
-    use crate::admission::Subject;
+    use super::{PROJECT_FINALIZER, ProjectState, Projects, admit_create};
+    use crate::admission::{Admission, Subject};
     use serde_json::json;
 
     fn port<'a>() -> Subject<'a> {
@@ -124,6 +157,23 @@ mod tests {
             namespace: Some("demo"),
             name: "",
         }
+    }
+
+    #[test]
+    fn a_new_project_carries_the_cleanup_finalizer_once_after_its_own() {
+        let mut bare = json!({"metadata": {"name": "demo"}});
+        Projects.on_create(&mut bare);
+        assert_eq!(bare["metadata"]["finalizers"], json!([PROJECT_FINALIZER]));
+        let mut own =
+            json!({"metadata": {"name": "demo", "finalizers": ["a/b", PROJECT_FINALIZER]}});
+        Projects.on_create(&mut own);
+        assert_eq!(
+            own["metadata"]["finalizers"],
+            json!(["a/b", PROJECT_FINALIZER])
+        );
+        let mut odd = json!({"metadata": {"name": "demo", "finalizers": null}});
+        Projects.on_create(&mut odd);
+        assert_eq!(odd["metadata"]["finalizers"], json!([PROJECT_FINALIZER]));
     }
 
     #[test]

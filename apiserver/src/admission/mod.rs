@@ -152,6 +152,12 @@ pub trait Admission: Send + Sync {
         None
     }
 
+    /// Sets what every new object of the type carries from its birth, whoever creates it (a
+    /// Project's cleanup finalizer, as a Kubernetes namespace has `kubernetes` in its
+    /// finalizers from its creation). Runs after the creator's managed fields are recorded:
+    /// what it sets belongs to no field manager, so no apply of the creator's removes it.
+    fn on_create(&self, _obj: &mut Value) {}
+
     /// Refuses a status write that changes what only this admission sets.
     ///
     /// # Errors
@@ -223,7 +229,9 @@ pub fn for_kind(group: &str, kind: &str) -> &'static [&'static dyn Admission] {
     static ASSIGNMENTS: [&dyn Admission; 1] = [&identity::Assignments];
     static STORAGE: [&dyn Admission; 2] = [&storage::Storage, &quota::Quota];
     static ROUTERS: [&dyn Admission; 2] = [&router::Routers, &quota::Quota];
+    static PROJECTS: [&dyn Admission; 1] = [&lifecycle::Projects];
     match (group, kind) {
+        ("identity.stratus.dev", "Project") => return &PROJECTS,
         ("identity.stratus.dev", "User") => return &USERS,
         ("identity.stratus.dev", "RoleAssignment") => return &ASSIGNMENTS,
         (network::GROUP, "Network" | "Subnet" | "Port" | "FloatingIP") => return &IPAM,

@@ -688,6 +688,9 @@ impl Api {
             })
             .await?;
         }
+        for a in t.rt.admission() {
+            a.on_create(&mut obj);
+        }
         let name = meta::meta_str(&obj, "name").unwrap_or_default().to_string();
         // What is stored carries its managedFields (and what admission set): that is the
         // size that counts.

@@ -166,6 +166,53 @@ async fn every_create_in_a_terminating_namespace_is_403_and_nothing_is_written()
         .expect("a delete in a terminating namespace");
 }
 
+/// A Project deleted before the project controller has seen it (none runs here) is held by
+/// the cleanup finalizer it was created with: it stays, terminating, and so does its content,
+/// for the controller to empty; it never goes at once leaving its objects behind.
+#[tokio::test]
+async fn a_project_deleted_at_once_waits_for_its_cleanup_whoever_created_it() {
+    let c = Cloud::new().await;
+    let created = c.create(&Obj::project("demo")).await.expect("project");
+    assert_eq!(
+        created["metadata"]["finalizers"],
+        json!(["identity.stratus.dev/project-cleanup"])
+    );
+    // Owned by no field manager: an apply of the creator's that leaves it out keeps it.
+    assert!(
+        !created["metadata"]["managedFields"]
+            .to_string()
+            .contains("finalizers"),
+        "{created}"
+    );
+    c.create(&keypair("k")).await.expect("keypair");
+    delete_demo(&c).await;
+    c.get("Project", None, "demo").await.expect("held");
+    c.get("Keypair", Some("demo"), "k")
+        .await
+        .expect("the content stays for the controller to remove");
+
+    // A server-side apply that creates, and a creator that names finalizers of its own.
+    let t = c.target("Project", None, Some("applied"));
+    let body = json!({"apiVersion": "identity.stratus.dev/v1", "kind": "Project",
+        "metadata": {"name": "applied", "finalizers": ["example.com/hold"]}, "spec": {}});
+    let (_, applied) = c
+        .patch(&t, APPLY, &body, "fieldManager=kubectl")
+        .await
+        .expect("apply");
+    assert_eq!(
+        applied["metadata"]["finalizers"],
+        json!(["example.com/hold", "identity.stratus.dev/project-cleanup"])
+    );
+    let (_, again) = c
+        .patch(&t, APPLY, &body, "fieldManager=kubectl")
+        .await
+        .expect("apply again");
+    assert_eq!(
+        again["metadata"]["finalizers"], applied["metadata"]["finalizers"],
+        "an apply without it keeps it"
+    );
+}
+
 #[tokio::test]
 async fn a_namespace_without_a_project_is_still_404() {
     let c = Cloud::new().await;
