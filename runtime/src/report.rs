@@ -90,10 +90,12 @@ where
     /// Makes `status` the status of `obj` by server-side apply under this runtime's field
     /// manager, forced (a reconciler is the authority on the fields it writes): it applies
     /// the fields it applied before (as the object stored now says) and the fields that
-    /// differ from the status `obj` was read with (see [`crate::status::to_apply`]). So it
-    /// owns exactly what it writes; fields other writers own (a placement, another
+    /// differ from the status `obj` was read with (see [`crate::status::to_apply`]), each
+    /// field it did not change with the value stored now (see [`crate::status::merged`]). So
+    /// it owns exactly what it writes; fields other writers own (a placement, another
     /// component's conditions) are left as they are, whatever happened to them since `obj`
-    /// was read; and a field it wrote before and `status` lacks is removed. No
+    /// was read; a field it wrote before and `status` lacks is removed only when `obj` had
+    /// it (a field written since `obj` was read, by this reconciler or another, stays). No
     /// resourceVersion is sent: there is no read-modify-write to lose. Returns whether
     /// anything was sent (nothing is, and nothing is read, when `status` is the status `obj`
     /// has).
@@ -117,15 +119,22 @@ where
             return Ok(false);
         }
         let api = self.api(obj);
-        // What this manager owns is read from the object as stored: `obj` may be older than
-        // this reconcile's own earlier write, and a cache may keep objects without their
-        // managed fields.
-        let managed = serde_json::to_value(api.get(&obj.name_any()).await?)
-            .ok()
-            .and_then(|mut v| v.pointer_mut("/metadata/managedFields").map(Value::take))
+        // What this manager owns, and the status it is to change, are read from the object
+        // as stored: `obj` may be older than this reconcile's own earlier write (a cache
+        // tells a reconcile of another writer's change before its own), and a cache may keep
+        // objects without their managed fields. Applied to `obj`'s status, the fields of
+        // that earlier write that `obj` lacks would be left out, and so removed.
+        let mut stored = serde_json::to_value(api.get(&obj.name_any()).await?).unwrap_or_default();
+        let managed = stored
+            .pointer_mut("/metadata/managedFields")
+            .map(Value::take)
+            .unwrap_or(Value::Null);
+        let live = stored
+            .get_mut("status")
+            .map(Value::take)
             .unwrap_or(Value::Null);
         let owned = crate::status::owned_status(&managed, manager);
-        let Some(status) = crate::status::to_apply(&old, &new, &owned) else {
+        let Some(status) = crate::status::to_apply(&old, &new, &live, &owned) else {
             return Ok(false);
         };
         let mut metadata = json!({ "name": obj.name_any() });
