@@ -56,14 +56,51 @@ struct Ctx {
     recorder: Recorder,
 }
 
-/// When the node's heartbeat stops counting, from its Lease; `None` without a usable Lease.
-fn expiry(lease: &Lease) -> Option<jiff::Timestamp> {
-    let spec = lease.spec.as_ref()?;
-    let renewed = spec.renew_time.as_ref()?.0;
-    let seconds = i64::from(spec.lease_duration_seconds?);
-    renewed
-        .checked_add(jiff::SignedDuration::from_secs(seconds))
-        .ok()
+/// What a node's Lease says of its heartbeat, as this controller believes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Heartbeat {
+    /// No usable Lease: the node never heartbeated (registered by hand, agent not started).
+    Never,
+    /// The heartbeat counts until then.
+    Until(jiff::Timestamp),
+    /// The Lease says it was renewed this many seconds ahead of this controller's clock, past
+    /// [`MAX_CLOCK_SKEW`]: a clock gone wrong or a forged Lease, no heartbeat.
+    Ahead(i64),
+}
+
+/// The longest a Lease is believed after its renewal, whatever its `leaseDurationSeconds`
+/// says (router placement's bound, Kubernetes' node monitor grace period).
+const MAX_LEASE_DURATION: jiff::SignedDuration = crate::routers::MAX_LEASE_DURATION;
+
+/// How far ahead of this controller's clock a `renewTime` may be and still be believed.
+const MAX_CLOCK_SKEW: jiff::SignedDuration = crate::routers::MAX_CLOCK_SKEW;
+
+/// The node's heartbeat from its Lease, as of `now` (this controller's clock).
+///
+/// # Guarantees
+/// Both numbers are the node's own words, so neither is taken as written (as router
+/// placement judges the network agents' Leases): the duration honoured is at most
+/// [`MAX_LEASE_DURATION`], and a `renewTime` more than [`MAX_CLOCK_SKEW`] ahead of `now` is no
+/// heartbeat. A node that stops renewing is lost at most `MAX_CLOCK_SKEW +
+/// MAX_LEASE_DURATION` after its last renewal, whatever it wrote: a huge duration or a renewal
+/// dated years ahead does not keep its Servers from being evacuated.
+fn heartbeat(lease: Option<&Lease>, now: jiff::Timestamp) -> Heartbeat {
+    let Some((renewed, seconds)) = lease
+        .and_then(|l| l.spec.as_ref())
+        .and_then(|s| Some((s.renew_time.as_ref()?.0, s.lease_duration_seconds?)))
+    else {
+        return Heartbeat::Never;
+    };
+    let ahead = renewed.duration_since(now);
+    if ahead > MAX_CLOCK_SKEW {
+        return Heartbeat::Ahead(ahead.as_secs());
+    }
+    let honoured =
+        jiff::SignedDuration::from_secs(i64::from(seconds.max(0))).min(MAX_LEASE_DURATION);
+    match renewed.checked_add(honoured) {
+        Ok(until) => Heartbeat::Until(until),
+        Err(_) => Heartbeat::Never,
+    }
 }
 
 async fn publish<K: Resource<DynamicType = ()>>(
@@ -176,21 +213,24 @@ async fn sync(hv: Arc<Hypervisor>, ctx: Arc<Ctx>) -> Result<Action, NodesError> 
         }
     };
     tracing::trace!(hypervisor = %name, found = lease.is_some(), "node lifecycle: lease read");
-    let Some(until) = lease.as_ref().and_then(expiry) else {
-        // Never heartbeated (registered by hand, or its agent not started yet).
-        return Ok(Action::requeue(Duration::from_secs(30)));
-    };
     let now = jiff::Timestamp::now();
-    if until > now {
-        // Look again just after the heartbeat would expire.
-        let left = Duration::try_from(until.duration_since(now)).unwrap_or_default();
-        tracing::trace!(hypervisor = %name, %until, "node lifecycle: heartbeat current");
-        return Ok(Action::requeue(left + Duration::from_secs(1)));
-    }
+    let message = match heartbeat(lease.as_ref(), now) {
+        // Never heartbeated (registered by hand, or its agent not started yet).
+        Heartbeat::Never => return Ok(Action::requeue(Duration::from_secs(30))),
+        Heartbeat::Until(until) if until > now => {
+            // Look again just after the heartbeat would expire.
+            let left = Duration::try_from(until.duration_since(now)).unwrap_or_default();
+            tracing::trace!(hypervisor = %name, %until, "node lifecycle: heartbeat current");
+            return Ok(Action::requeue(left + Duration::from_secs(1)));
+        }
+        Heartbeat::Until(until) => format!("no heartbeat since {until}"),
+        Heartbeat::Ahead(s) => format!(
+            "its Lease says it was renewed {s} s ahead of this controller's clock; not believed"
+        ),
+    };
     if hv.is_ready() {
         let mut status = hv.status.clone().unwrap_or_default();
-        let message = format!("no heartbeat since {until}");
-        tracing::info!(hypervisor = %name, %until, "node lifecycle: heartbeat lost, marking NotReady");
+        tracing::info!(hypervisor = %name, %message, "node lifecycle: heartbeat lost, marking NotReady");
         status.phase = HypervisorPhase::NotReady;
         ConditionType::Ready
             .no(Reason::HeartbeatLost, message.clone())
@@ -261,4 +301,59 @@ pub async fn run(client: Client) {
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+
+    fn lease(renewed: jiff::Timestamp, seconds: i32) -> Lease {
+        Lease {
+            spec: Some(LeaseSpec {
+                renew_time: Some(MicroTime(renewed)),
+                lease_duration_seconds: Some(seconds),
+                ..LeaseSpec::default()
+            }),
+            ..Lease::default()
+        }
+    }
+
+    #[test]
+    fn a_nodes_lease_is_judged_by_the_controllers_clock_not_its_word() {
+        let now = jiff::Timestamp::from_second(1_800_000_000).expect("time");
+        let secs = jiff::SignedDuration::from_secs;
+        let at = |d: i64| now.checked_add(secs(d)).expect("time");
+        // An honest Lease: renewed 10 s ago for 40 s.
+        assert_eq!(
+            heartbeat(Some(&lease(at(-10), 40)), now),
+            Heartbeat::Until(at(30))
+        );
+        // A duration of a year is honoured for 40 s: renewed a minute ago, the node is lost.
+        let year = heartbeat(Some(&lease(at(-60), 365 * 86_400)), now);
+        assert_eq!(year, Heartbeat::Until(at(-20)));
+        assert!(matches!(year, Heartbeat::Until(u) if u <= now), "lost");
+        // A renewal a little ahead (clock skew) is believed; one an hour or years ahead is not.
+        assert_eq!(
+            heartbeat(Some(&lease(at(3), 40)), now),
+            Heartbeat::Until(at(43))
+        );
+        assert_eq!(
+            heartbeat(Some(&lease(at(3600), 40)), now),
+            Heartbeat::Ahead(3600)
+        );
+        let far = jiff::Timestamp::from_second(4_000_000_000).expect("time");
+        assert!(matches!(
+            heartbeat(Some(&lease(far, i32::MAX)), now),
+            Heartbeat::Ahead(_)
+        ));
+        // A negative duration is none; no Lease or no renewal is no heartbeat at all.
+        assert_eq!(
+            heartbeat(Some(&lease(at(-1), -5)), now),
+            Heartbeat::Until(at(-1))
+        );
+        assert_eq!(heartbeat(None, now), Heartbeat::Never);
+        assert_eq!(heartbeat(Some(&Lease::default()), now), Heartbeat::Never);
+    }
 }
