@@ -37,7 +37,11 @@ pub fn usage(
         ("storage.stratus.dev", "Volume") => {
             vec![("volumes", 1), ("volumeGiB", u("/spec/sizeGiB"))]
         }
-        ("storage.stratus.dev", "VolumeSnapshot") => vec![("snapshots", 1)],
+        // As Cinder's `gigabytes`: a snapshot's GiB (its volume's size when it was taken,
+        // which its create records) count with the volumes'.
+        ("storage.stratus.dev", "VolumeSnapshot") => {
+            vec![("snapshots", 1), ("volumeGiB", u("/status/sizeGiB"))]
+        }
         ("network.stratus.dev", "Network") => vec![("networks", 1)],
         ("network.stratus.dev", "Subnet") => vec![("subnets", 1)],
         ("network.stratus.dev", "Port") => vec![("ports", 1)],
@@ -46,6 +50,25 @@ pub fn usage(
         ("network.stratus.dev", "SecurityGroup") => vec![("securityGroups", 1)],
         _ => Vec::new(),
     }
+}
+
+/// The counted kinds other than `(group, kind)` whose objects also use quota resource `field`
+/// (a VolumeSnapshot's GiB count in `volumeGiB` with the Volumes'): `(group, kind, plural)`.
+pub fn sharing(
+    group: &str,
+    kind: &str,
+    field: &str,
+) -> Vec<(&'static str, &'static str, &'static str)> {
+    let empty = Value::Object(serde_json::Map::new());
+    COUNTED
+        .into_iter()
+        .filter(|(g, k, _)| (*g, *k) != (group, kind))
+        .filter(|(g, k, _)| {
+            usage(g, k, &empty, &|_| None)
+                .iter()
+                .any(|(f, _)| *f == field)
+        })
+        .collect()
 }
 
 /// Whether objects of a kind count against quotas.
@@ -71,8 +94,24 @@ mod tests {
             usage("storage.stratus.dev", "Volume", &v, &flavor),
             vec![("volumes", 1), ("volumeGiB", 20)]
         );
+        let snap = json!({"spec": {"volume": "v"}, "status": {"sizeGiB": 7}});
+        assert_eq!(
+            usage("storage.stratus.dev", "VolumeSnapshot", &snap, &flavor),
+            vec![("snapshots", 1), ("volumeGiB", 7)]
+        );
         assert!(counted("network.stratus.dev", "Port"));
         assert!(!counted("compute.stratus.dev", "Keypair"));
+        // Volumes and snapshots share volumeGiB (as Cinder's gigabytes), nothing else shares.
+        assert_eq!(
+            sharing("storage.stratus.dev", "Volume", "volumeGiB"),
+            vec![("storage.stratus.dev", "VolumeSnapshot", "volumesnapshots")]
+        );
+        assert_eq!(
+            sharing("storage.stratus.dev", "VolumeSnapshot", "volumeGiB"),
+            vec![("storage.stratus.dev", "Volume", "volumes")]
+        );
+        assert!(sharing("storage.stratus.dev", "Volume", "volumes").is_empty());
+        assert!(sharing("compute.stratus.dev", "Server", "vcpus").is_empty());
         // Every counted kind has a rule, and every rule a counted kind.
         for (g, k, _) in COUNTED {
             assert!(!usage(g, k, &json!({}), &flavor).is_empty(), "{k}");

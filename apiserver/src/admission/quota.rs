@@ -203,7 +203,34 @@ pub async fn check(
         // A write that adds nothing cannot exceed a limit, however the count moves.
         return Ok(Vec::new());
     }
+    // Other kinds counting what the write adds (a snapshot's GiB with the volumes'), read at
+    // the same revision and held by the write as the kind's own objects are.
+    let mut shared: Vec<(&str, &str, String)> = Vec::new();
+    let mut shared_use: Vec<(&str, u64)> = Vec::new();
+    for (g, k, plural) in grows
+        .iter()
+        .flat_map(|(f, _)| stratus_api_types::quota::sharing(rt.group, rt.kind, f))
+    {
+        if shared.iter().any(|(sg, sk, _)| (*sg, *sk) == (g, k)) {
+            continue;
+        }
+        let prefix = keys::collection(ctx.prefix, g, plural, Some(ns));
+        let page = ctx
+            .store
+            .list(&prefix, None, at, 0)
+            .await
+            .map_err(ApiError::from)?;
+        for (_, o) in &page.items {
+            shared_use.extend(usage(g, k, &o.value, &|_| None));
+        }
+        shared.push((g, k, prefix));
+    }
     for (field, amount) in &grows {
+        let others: u64 = shared_use
+            .iter()
+            .filter(|(f, _)| f == field)
+            .map(|(_, a)| a)
+            .sum();
         let used: u64 = existing
             .items
             .iter()
@@ -211,7 +238,8 @@ pub async fn check(
             .flat_map(|(_, s)| counted(&s.value))
             .filter(|(f, _)| f == field)
             .map(|(_, a)| a)
-            .sum();
+            .sum::<u64>()
+            + others;
         for (_, q) in &quotas.items {
             let Some(limit) = q
                 .value
@@ -233,7 +261,9 @@ pub async fn check(
             }
         }
     }
-    Ok(vec![(kind_prefix, at), (quota_prefix, at)])
+    let mut held = vec![(kind_prefix, at), (quota_prefix, at)];
+    held.extend(shared.into_iter().map(|(_, _, prefix)| (prefix, at)));
+    Ok(held)
 }
 
 /// The (vCPUs, RAM MiB) a placed Server claimed (`status.allocated`).

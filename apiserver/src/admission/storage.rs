@@ -31,8 +31,9 @@
 //!   `status.sizeGiB` only at its create): a status write changing them is 422.
 //!
 //! # Quota
-//! Volumes, their GiB and snapshots count against quotas: every write here that adds to what
-//! quota counts carries [`quota::check`]'s guards in its own transaction.
+//! Volumes, their GiB and snapshots count against quotas, a snapshot's GiB (its volume's size
+//! when taken) in `volumeGiB` with the volumes' as Cinder's `gigabytes`: every write here that
+//! adds to what quota counts carries [`quota::check`]'s guards in its own transaction.
 
 use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
@@ -584,7 +585,6 @@ async fn create_snapshot(
     let volume_key = keys::object(ctx.prefix, GROUP, "volumes", Some(ns), volume);
     let field = "spec.volume";
     for _ in 0..RETRIES {
-        let quota = quota::check(ctx, s, ns, w).await?;
         let Some(vol) = ctx.store.get(&volume_key).await.map_err(ApiError::from)? else {
             return Err(not_found_field(
                 &s,
@@ -656,6 +656,9 @@ async fn create_snapshot(
             "snapshot": format!("{ns}/{}", name_of(w.new)),
             "sizeGiB": size,
         });
+        // Its GiB count in the project's volumeGiB (as Cinder's gigabytes), checked on the
+        // snapshot as stored, in the same transaction.
+        let quota = quota::check(ctx, s, ns, Change { new: &obj, ..w }).await?;
         let mut guards = create_guards(&w, &quota);
         guards.extend([
             Guard::Revision(&volume_key, vol.mod_revision),

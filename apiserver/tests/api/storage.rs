@@ -721,3 +721,63 @@ async fn a_node_registers_its_pool_with_its_store_alone() {
     .await
     .expect("the operator's label");
 }
+
+/// A snapshot's GiB (its volume's size when taken) count in `volumeGiB` with the volumes', as
+/// Cinder's `gigabytes`: with 10 GiB allowed and a 4 GiB volume, one snapshot of it fits and
+/// the second is 403 naming volumeGiB; a new volume then has only what is left; concurrent
+/// snapshot and volume creates never take the project over.
+#[tokio::test]
+async fn snapshot_gib_count_with_the_volumes_in_volume_gib() {
+    let c = with_pool(100).await;
+    c.create(&volume("demo", "v", json!(4))).await.expect("v");
+    bind(&c, "v", "p1").await.expect("v placed");
+    c.create(&Obj::quota("demo", "q", json!({"volumeGiB": 10})))
+        .await
+        .expect("quota");
+    c.create(&snapshot("demo", "s1", "v")).await.expect("s1");
+    let e = refused(c.create(&snapshot("demo", "s2", "v")).await);
+    assert_eq!(e.code, 403, "{}", e.message);
+    assert!(
+        e.message.contains("volumeGiB=4") && e.message.contains("used: volumeGiB=8"),
+        "{}",
+        e.message
+    );
+    let e = refused(c.create(&volume("demo", "w", json!(3))).await);
+    assert_eq!(e.code, 403, "{}", e.message);
+    c.create(&volume("demo", "w", json!(2)))
+        .await
+        .expect("2 GiB left");
+
+    // Deleting the snapshot gives its GiB back.
+    c.delete("VolumeSnapshot", Some("demo"), "s1", "")
+        .await
+        .expect("delete s1");
+    // Concurrent snapshots (4 GiB each) and 1 GiB volumes against the 4 GiB left.
+    let snaps = (0..4).map(|i| {
+        let c = &c;
+        async move { c.create(&snapshot("demo", &format!("c{i}"), "v")).await }
+    });
+    let vols = (0..4).map(|i| {
+        let c = &c;
+        async move { c.create(&volume("demo", &format!("x{i}"), json!(1))).await }
+    });
+    let (snaps, vols) = futures::future::join(
+        futures::future::join_all(snaps),
+        futures::future::join_all(vols),
+    )
+    .await;
+    let made_snaps = snaps.iter().filter(|r| r.is_ok()).count() as u64;
+    let made_vols = vols.iter().filter(|r| r.is_ok()).count() as u64;
+    assert!(
+        made_snaps * 4 + made_vols <= 4 && made_snaps + made_vols > 0,
+        "{made_snaps} snapshots and {made_vols} volumes made"
+    );
+    assert!(
+        snaps
+            .iter()
+            .chain(vols.iter())
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| e.code == 403 || e.code == 409),
+        "{snaps:?} {vols:?}"
+    );
+}
