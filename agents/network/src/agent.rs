@@ -32,11 +32,12 @@ use tokio::sync::Notify;
 
 use crate::desired::{FloatingPlan, NodeConfig, PortKey, PortPlan, Snapshot, desired_all};
 use crate::driver::{
-    Dhcp, DhcpError, Firewall, FirewallError, IfName, Link, LinkError, LinkKind, Links, Name, Netns,
+    Dhcp, DhcpError, Firewall, FirewallError, IfName, Link, LinkError, LinkKind, Links, Name,
+    Netns, Ruleset,
 };
 use crate::plan::{
     Desired, NetnsContents, ObservedHost, Op, RouterContents, Step, is_derived, is_dhcp_name_of,
-    is_router_name_of, plan,
+    is_router_name_of, plan_with,
 };
 
 /// The agent's name in Events and as field manager.
@@ -251,6 +252,7 @@ pub fn execute(host: &Host, op: &Op) -> Result<(), SyncError> {
     let l = &host.links;
     match op {
         Op::ApplyFirewall(r) => host.firewall.apply(r)?,
+        Op::UpdateFirewall(u) => host.firewall.update(u)?,
         Op::ClearFirewall => host.firewall.clear()?,
         Op::AddNetns(n) => l.add_netns(n)?,
         Op::DelNetns(n) => l.del_netns(n)?,
@@ -279,6 +281,10 @@ pub fn execute(host: &Host, op: &Op) -> Result<(), SyncError> {
 pub fn describe(op: &Op) -> String {
     match op {
         Op::ApplyFirewall(_) => "applied the nft ruleset".into(),
+        Op::UpdateFirewall(u) => {
+            let (chains, elements) = u.delta.size();
+            format!("applied the nft ruleset ({chains} chains, {elements} set elements changed)")
+        }
         Op::ClearFirewall => "removed the nft tables".into(),
         Op::AddNetns(n) => format!("created namespace {n}"),
         Op::DelNetns(n) => format!("deleted namespace {n}"),
@@ -316,8 +322,10 @@ pub fn describe(op: &Op) -> String {
 /// The host could not be read, before or after.
 pub fn converge(host: &Host, cfg: &NodeConfig, snap: &Snapshot) -> Result<Report, SyncError> {
     let (desired, plans) = desired_all(cfg, snap);
+    // The ruleset's digest, rendered once for the plan, the read-back and every port.
+    let want = desired.firewall.as_ref().map(Ruleset::observed);
     let observed = observe(host, &desired)?;
-    let steps = plan(&desired, &observed);
+    let steps = plan_with(&desired, want.as_ref(), &observed);
     let mut failures: Vec<(Step, String)> = Vec::new();
     let mut firewall_failed = None;
     let mut failed_networks: BTreeMap<IfName, String> = BTreeMap::new();
@@ -344,7 +352,9 @@ pub fn converge(host: &Host, cfg: &NodeConfig, snap: &Snapshot) -> Result<Report
             );
             tracing::warn!(error = %msg, "step failed");
             match (&step.op, &step.network, &step.router) {
-                (Op::ApplyFirewall(_), _, _) => firewall_failed = Some(msg.clone()),
+                (Op::ApplyFirewall(_) | Op::UpdateFirewall(_), _, _) => {
+                    firewall_failed = Some(msg.clone());
+                }
                 (_, Some(n), _) => {
                     failed_networks.insert(n.clone(), msg.clone());
                 }
@@ -361,6 +371,12 @@ pub fn converge(host: &Host, cfg: &NodeConfig, snap: &Snapshot) -> Result<Report
     } else {
         observe(host, &desired)?
     };
+    // Whether the filter read back is the one aimed at: the same for every port.
+    let firewall_ok: Result<(), String> = match (&want, &after.firewall) {
+        (Some(Ok(w)), Some(have)) if w == have => Ok(()),
+        (None, None) => Ok(()),
+        _ => Err("the node's nft ruleset is not the one planned after the steps".to_owned()),
+    };
     let mut ports = BTreeMap::new();
     for (key, p) in plans.ports {
         let state = match p {
@@ -369,6 +385,7 @@ pub fn converge(host: &Host, cfg: &NodeConfig, snap: &Snapshot) -> Result<Report
                 firewall_failed
                     .clone()
                     .or_else(|| failed_networks.get(n).cloned())
+                    .or_else(|| firewall_ok.clone().err())
             }),
         };
         ports.insert(key, state);
@@ -377,7 +394,7 @@ pub fn converge(host: &Host, cfg: &NodeConfig, snap: &Snapshot) -> Result<Report
     let left: BTreeSet<Name> = if steps.is_empty() {
         BTreeSet::new()
     } else {
-        plan(&desired, &after)
+        plan_with(&desired, want.as_ref(), &after)
             .into_iter()
             .filter_map(|s| s.router)
             .collect()
@@ -460,8 +477,7 @@ fn wired(
         .find(|n| n.bridge == *bridge)
         .and_then(|n| after.links.get(n.uplink.name()))
         .is_some_and(|v| v.up && v.master.as_ref() == Some(bridge));
-    let firewall_ok = desired.firewall.as_ref().and_then(|r| r.observed().ok()) == after.firewall;
-    if dev.up && dev.master.as_ref() == Some(bridge) && uplink_ok && firewall_ok {
+    if dev.up && dev.master.as_ref() == Some(bridge) && uplink_ok {
         PortState::Wired {
             bridge: bridge.clone(),
             device: device.clone(),
@@ -840,11 +856,10 @@ pub async fn run(client: Client, host: Host, config: Config) {
     let mut converged_once = false;
     loop {
         if !first {
+            // No settling delay: changes that come during a converge wake one more
+            // converge, which takes them all.
             tokio::select! {
-                () = notify.notified() => {
-                    // Let a burst of changes (a port and its network at once) settle.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                () = notify.notified() => {}
                 _ = tick.tick() => {}
             }
         }
@@ -954,7 +969,7 @@ async fn repaired(
                 .entry((b.clone(), action))
                 .or_default()
                 .push(describe(&s.op)),
-            None if matches!(s.op, Op::ApplyFirewall(_)) => {
+            None if matches!(s.op, Op::ApplyFirewall(_) | Op::UpdateFirewall(_)) => {
                 for n in &report.desired.networks {
                     notes
                         .entry((n.bridge.clone(), action))
@@ -1023,7 +1038,7 @@ async fn repaired_routers(
 /// The Event action of a repair: what kind of thing was put back.
 fn repair_action(op: &Op) -> &'static str {
     match op {
-        Op::ApplyFirewall(_) | Op::ClearFirewall => "RepairFirewall",
+        Op::ApplyFirewall(_) | Op::UpdateFirewall(_) | Op::ClearFirewall => "RepairFirewall",
         Op::SetFdb(..) => "RepairFDB",
         Op::EnsureDhcp(_) | Op::RemoveDhcp(_) => "RepairDHCP",
         _ => "RepairLinks",

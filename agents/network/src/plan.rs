@@ -6,9 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::driver::names::{IFNAME_MAX, digest_hex};
+use crate::driver::nft::{Delta, FirewallError};
 use crate::driver::{
     DhcpSpec, DhcpStatus, FdbEntry, IfName, Ipv4Cidr, Link, LinkKind, MacAddr, Name, Nat, Netns,
-    Observed, RouteSpec, Ruleset, VethSpec, VxlanInfo, VxlanSpec,
+    Observed, RouteSpec, Ruleset, Update, VethSpec, VxlanInfo, VxlanSpec,
 };
 
 /// The prefix of DHCP servers' names, which also name their namespaces.
@@ -173,8 +174,10 @@ pub struct Step {
 /// The driver calls a [`Step`] makes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    /// Replace the node's nft tables.
+    /// Replace the node's nft tables (absent, or a ruleset that does not render).
     ApplyFirewall(Ruleset),
+    /// Change only the chains and set elements of the node's nft tables that differ.
+    UpdateFirewall(Box<Update>),
     /// Remove the node's nft tables.
     ClearFirewall,
     /// Create a namespace.
@@ -331,6 +334,21 @@ fn vxlan_info(spec: &VxlanSpec) -> LinkKind {
 ///   or detached.
 /// - A port device that is absent gets no step (it is the hypervisor's to create).
 pub fn plan(desired: &Desired, observed: &ObservedHost) -> Vec<Step> {
+    let want = desired.firewall.as_ref().map(Ruleset::observed);
+    plan_with(desired, want.as_ref(), observed)
+}
+
+/// [`plan`], given [`Ruleset::observed`] of `desired.firewall` (rendering a ruleset of
+/// thousands of rules is the costliest part of a plan; a converge does it once).
+///
+/// The firewall's step writes only what differs ([`Op::UpdateFirewall`]: the chains whose
+/// rules differ, the set elements that differ) when the tables are there, and replaces
+/// them whole ([`Op::ApplyFirewall`]) when they are absent or the ruleset does not render.
+pub fn plan_with(
+    desired: &Desired,
+    want: Option<&Result<Observed, FirewallError>>,
+    observed: &ObservedHost,
+) -> Vec<Step> {
     let ns = &desired.netns;
     let mut p = Plan {
         steps: Vec::new(),
@@ -340,8 +358,14 @@ pub fn plan(desired: &Desired, observed: &ObservedHost) -> Vec<Step> {
     if let Some(r) = &desired.firewall {
         // A ruleset that cannot render is applied anyway, so that the driver's refusal is
         // what the ports report.
-        if r.observed().ok().as_ref() != observed.firewall.as_ref() || observed.firewall.is_none() {
-            p.push(Op::ApplyFirewall(r.clone()));
+        match (want, &observed.firewall) {
+            (Some(Ok(w)), Some(have)) if w == have => {}
+            (Some(Ok(w)), Some(have)) => p.push(Op::UpdateFirewall(Box::new(Update {
+                ruleset: r.clone(),
+                want: w.clone(),
+                delta: Delta::between(w, have),
+            }))),
+            _ => p.push(Op::ApplyFirewall(r.clone())),
         }
     }
 
@@ -911,9 +935,28 @@ mod tests {
     #[test]
     fn drift_is_repaired_by_exactly_the_missing_pieces() {
         let n = network("net-a", &["tp-a1"], true);
-        let d = desired(vec![n.clone()]);
+        let mut d = desired(vec![n.clone()]);
+        if let Some(f) = d.firewall.as_mut() {
+            f.groups.push(crate::driver::nft::RemoteGroup {
+                name: Name::new("g-members").expect("name"),
+                members: BTreeSet::from([Ipv4Addr::new(10, 0, 0, 3), Ipv4Addr::new(10, 0, 0, 4)]),
+            });
+        }
         let ns = node();
         let dh = n.dhcp.clone().expect("dhcp");
+        let ruleset = d.firewall.clone().expect("ruleset");
+        let want = ruleset.observed().expect("observed");
+        assert!(
+            want.sets.values().any(|s| !s.is_empty()),
+            "the fixture has a remote group with members"
+        );
+        let update = |delta: Delta| {
+            Op::UpdateFirewall(Box::new(Update {
+                ruleset: ruleset.clone(),
+                want: want.clone(),
+                delta,
+            }))
+        };
         type Case = (&'static str, fn(&mut ObservedHost, &NetworkWiring), Vec<Op>);
         let cases: Vec<Case> = vec![
             (
@@ -943,15 +986,52 @@ mod tests {
                 vec![Op::ApplyFirewall(d.firewall.clone().expect("ruleset"))],
             ),
             (
-                "a rule deleted",
+                "a rule of the forward chain deleted: that chain is written again, alone",
                 |o, _| {
                     if let Some(f) = o.firewall.as_mut() {
-                        for rules in f.chains.values_mut() {
-                            rules.pop();
-                        }
+                        f.chains.get_mut("inet/forward").and_then(Vec::pop);
                     }
                 },
-                vec![Op::ApplyFirewall(d.firewall.clone().expect("ruleset"))],
+                vec![update(Delta {
+                    chains: BTreeSet::from(["inet/forward".to_owned()]),
+                    ..Delta::default()
+                })],
+            ),
+            (
+                "a member's address deleted from a remote group's set: that element is added",
+                |o, _| {
+                    if let Some(f) = o.firewall.as_mut() {
+                        f.sets.values_mut().for_each(|s| {
+                            s.pop_last();
+                        });
+                    }
+                },
+                vec![update(Delta {
+                    elements: want
+                        .sets
+                        .iter()
+                        .filter_map(|(k, v)| {
+                            let last = v.last()?.clone();
+                            Some((k.clone(), (BTreeSet::from([last]), BTreeSet::new())))
+                        })
+                        .collect(),
+                    ..Delta::default()
+                })],
+            ),
+            (
+                "a chain of a port gone is left: it is removed, and nothing else written",
+                |o, _| {
+                    if let Some(f) = o.firewall.as_mut() {
+                        f.chains
+                            .insert("inet/p-gone-in".into(), vec!["0123456789abcdef".into()]);
+                        f.sets.insert("inet/g-gone".into(), BTreeSet::new());
+                    }
+                },
+                vec![update(Delta {
+                    del_chains: BTreeSet::from(["inet/p-gone-in".to_owned()]),
+                    del_sets: BTreeSet::from(["inet/g-gone".to_owned()]),
+                    ..Delta::default()
+                })],
             ),
             (
                 "dnsmasq killed",
@@ -1092,7 +1172,23 @@ mod tests {
                 .any(|o| matches!(o, Op::DelLink(_, n) if n.as_str() == "tp-a1")),
             "{ops:?}"
         );
-        assert!(matches!(ops[0], Op::ApplyFirewall(_)));
+        // The filter changes in place: the old port's chains go, the new one's come, the
+        // jumps to them are rewritten; nothing else is written.
+        match &ops[0] {
+            Op::UpdateFirewall(u) => {
+                let d = &u.delta;
+                assert!(
+                    d.del_chains.len() == 2
+                        && d.del_chains
+                            .iter()
+                            .all(|c| c.ends_with("-in") || c.ends_with("-out")),
+                    "{d:?}"
+                );
+                assert!(d.chains.contains("inet/forward"), "{d:?}");
+                assert!(d.chains.iter().all(|c| !d.del_chains.contains(c)), "{d:?}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     /// A router on `n`'s bridge (10.0.0.1/24) with a gateway on a flat network's bridge

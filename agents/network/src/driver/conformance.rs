@@ -8,8 +8,8 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use super::nft::{
-    FloatingNat, GroupRef, LocalDhcp, PortFilter, PortRange, Protocol, Remote, RemoteGroup, Rule,
-    Snat, Tunnel, Zone,
+    Delta, FloatingNat, GroupRef, LocalDhcp, PortFilter, PortRange, Protocol, Remote, RemoteGroup,
+    Rule, Snat, Tunnel, Update, Zone,
 };
 use super::{
     Dhcp, DhcpError, DhcpSpec, FdbEntry, Firewall, FirewallError, IfName, Ipv4Cidr, LinkError,
@@ -406,6 +406,41 @@ pub fn firewall(f: &dyn Firewall) {
     f.apply(&second).expect("apply a change");
     let want2 = second.observed().expect("observed");
     assert_ne!(want, want2);
+    assert_eq!(f.read().expect("read"), Some(want2.clone()));
+
+    // The same changes as an update of only what differs, on the tables as read.
+    f.apply(&first).expect("apply");
+    let update = |f: &dyn Firewall, to: &Ruleset| {
+        let have = f.read().expect("read").expect("tables");
+        let want = to.observed().expect("observed");
+        let delta = Delta::between(&want, &have);
+        f.update(&Update {
+            ruleset: to.clone(),
+            want: want.clone(),
+            delta: delta.clone(),
+        })
+        .expect("update");
+        assert_eq!(f.read().expect("read"), Some(want), "after {delta:?}");
+        delta
+    };
+    let d = update(f, &second);
+    assert_eq!(
+        d.chains,
+        BTreeSet::from(["inet/p-one-in".to_owned()]),
+        "{d:?}"
+    );
+    assert_eq!(d.elements.len(), 1, "{d:?}");
+    assert!(d.del_chains.is_empty() && d.new_sets.is_empty() && d.del_sets.is_empty());
+    // A port and its group go, a new port with a new group comes: chains and sets are
+    // made and removed in the same transaction as the jumps to them.
+    let mut third = second.clone();
+    third.ports[0].id = Name::new("p-three").expect("id");
+    third.groups[0].name = Name::new("g-three").expect("name");
+    let d = update(f, &third);
+    assert!(d.del_chains.contains("inet/p-one-in") && d.chains.contains("inet/p-three-in"));
+    assert!(d.del_sets.contains("inet/g-one") && d.new_sets.contains("inet/g-three"));
+    // And back.
+    update(f, &second);
     assert_eq!(f.read().expect("read"), Some(want2.clone()));
 
     // Refused rulesets change nothing.

@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use super::{
     Dhcp, DhcpError, DhcpSpec, DhcpStatus, FdbEntry, Firewall, FirewallError, IfName, Ipv4Cidr,
     Link, LinkError, LinkKind, Links, MacAddr, Name, Nat, Netns, Observed, RouteSpec, Ruleset,
-    VethSpec, VxlanInfo, VxlanSpec,
+    Update, VethSpec, VxlanInfo, VxlanSpec,
 };
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -510,6 +510,24 @@ impl Firewall for FakeFirewall {
         self.check("apply")?;
         let observed = ruleset.observed()?;
         *lock(&self.tables) = Some(observed);
+        *lock(&self.applied) += 1;
+        Ok(())
+    }
+
+    /// Changes exactly what the delta names in the tables held now, as the kernel does;
+    /// refused (nothing changed) without tables.
+    fn update(&self, update: &Update) -> Result<(), FirewallError> {
+        self.check("update")?;
+        update.ruleset.validate()?;
+        let mut tables = lock(&self.tables);
+        let Some(have) = tables.as_ref() else {
+            return Err(FirewallError::Command {
+                what: "update nft ruleset".into(),
+                stderr: "no such table".into(),
+            });
+        };
+        let after = update.delta.apply_to(have, &update.want);
+        *tables = Some(after);
         *lock(&self.applied) += 1;
         Ok(())
     }

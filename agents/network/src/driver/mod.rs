@@ -22,7 +22,7 @@ pub(crate) mod host_tests;
 
 pub use dnsmasq::{DhcpError, DhcpSpec, DhcpStatus, StaticLease};
 pub use names::{IfName, Ipv4Cidr, MacAddr, Name, NameError, Netns, Role};
-pub use nft::{FirewallError, Nat, Observed, Ruleset};
+pub use nft::{Delta, FirewallError, Nat, Observed, Ruleset, Update};
 
 /// The UDP port of VXLAN (IANA).
 pub const VXLAN_PORT: u16 = 4789;
@@ -279,6 +279,10 @@ pub trait Links: Send + Sync + 'static {
 ///   packets see the old ruleset or the new one, never a mix or none; applying the same
 ///   ruleset again changes nothing. A ruleset that fails [`Ruleset::validate`] is
 ///   [`FirewallError::Invalid`] and leaves the kernel as it was.
+/// - `update` makes the tables `update.ruleset` in one transaction that writes only what
+///   `update.delta` names (the chains that differ, the set elements that differ), given
+///   tables that read as the `have` the delta was computed from; the tables then read as
+///   `update.want`. Packets see the old tables or the new ones, never a mix.
 /// - `read` says what the kernel has now as an [`Observed`] digest (chains, the identity of
 ///   each rule, set elements), equal to [`Ruleset::observed`] of the last ruleset applied
 ///   unless someone changed the tables since; `None` when the tables are absent.
@@ -289,6 +293,8 @@ pub trait Links: Send + Sync + 'static {
 pub trait Firewall: Send + Sync + 'static {
     /// Replaces the node's tables by `ruleset`.
     fn apply(&self, ruleset: &Ruleset) -> Result<(), FirewallError>;
+    /// Changes only what differs in the node's tables.
+    fn update(&self, update: &Update) -> Result<(), FirewallError>;
     /// What the kernel has.
     fn read(&self) -> Result<Option<Observed>, FirewallError>;
     /// Removes the tables.

@@ -63,9 +63,11 @@ impl Role {
 /// differ between objects (48 bits for interface names).
 pub fn digest_hex(key: &str, n: usize) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(64);
     for b in d.as_ref() {
-        s.push_str(&format!("{b:02x}"));
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 0xf)]));
     }
     s.truncate(n);
     s

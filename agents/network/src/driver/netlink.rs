@@ -1,13 +1,16 @@
-//! [`Links`] over rtnetlink: each call opens a netlink socket inside the namespace it names
-//! (on a thread that joined it, see [`netns`](super::netns)), sends its requests and closes
-//! it. Namespaces themselves are made and removed with `ip netns`, whose bind-mount layout
-//! other tools (and `ip netns exec`) expect.
+//! [`Links`] over rtnetlink: one netlink connection per network namespace, opened inside it
+//! (on a thread that joined it, see [`netns`](super::netns)) the first time a call names it
+//! and kept for every later call while the namespace is the same one; the connections run
+//! on one small runtime of the driver's own, and each call sends its requests through the
+//! namespace's handle. Namespaces themselves are made and removed with `ip netns`, whose
+//! bind-mount layout other tools (and `ip netns exec`) expect.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use futures::{StreamExt, TryStreamExt};
 use rtnetlink::packet_core::{
@@ -83,12 +86,117 @@ const ARP_NOTIFY: &str = "/proc/sys/net/ipv4/conf/all/arp_notify";
 
 /// The kernel's links, through rtnetlink.
 #[derive(Debug, Default, Clone)]
-pub struct NetlinkLinks;
+pub struct NetlinkLinks {
+    connections: Arc<Mutex<HashMap<Netns, Connection>>>,
+}
+
+/// One namespace's netlink connection.
+#[derive(Debug)]
+struct Connection {
+    handle: Handle,
+    /// The namespace it was opened in (see [`netns::identity`]).
+    identity: Option<(u64, u64)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The runtime the connections run on: one worker thread for the process, never dropped
+/// (a runtime may not be dropped where a caller could be async).
+fn runtime() -> Result<&'static tokio::runtime::Runtime, LinkError> {
+    static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("netlink")
+                .enable_io()
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| LinkError::Io {
+            what: "start the netlink runtime".into(),
+            source: std::io::Error::other(e.clone()),
+        })
+}
 
 impl NetlinkLinks {
     /// The driver.
     pub fn new() -> Self {
-        Self
+        Self::default()
+    }
+
+    /// The handle of `ns`'s connection: the one kept while it is the same namespace and
+    /// its connection runs, else a new one opened inside it.
+    fn handle(&self, ns: &Netns) -> Result<Handle, LinkError> {
+        let identity = netns::identity(ns);
+        let mut conns = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        if identity.is_none() {
+            conns.remove(ns);
+            return Err(LinkError::NoNetns(ns.clone()));
+        }
+        if let Some(c) = conns.get(ns)
+            && c.identity == identity
+            && !c.task.is_finished()
+        {
+            return Ok(c.handle.clone());
+        }
+        conns.remove(ns);
+        let rt = runtime()?;
+        let opened = netns::run_in(ns, move || {
+            let _entered = rt.enter();
+            let (conn, handle, _) = rtnetlink::new_connection()?;
+            Ok::<_, std::io::Error>((handle, rt.spawn(conn)))
+        });
+        let (handle, task) = match opened {
+            Ok(r) => r.map_err(io("open a netlink socket"))?,
+            Err(EnterError::Missing(ns)) => return Err(LinkError::NoNetns(ns)),
+            Err(EnterError::Enter { netns, source }) => {
+                return Err(LinkError::Io {
+                    what: format!("enter network namespace {netns}"),
+                    source,
+                });
+            }
+            Err(EnterError::Thread(m)) => {
+                return Err(LinkError::Io {
+                    what: format!("namespace worker thread: {m}"),
+                    source: std::io::Error::other(m),
+                });
+            }
+        };
+        conns.insert(
+            ns.clone(),
+            Connection {
+                handle: handle.clone(),
+                identity,
+                task,
+            },
+        );
+        Ok(handle)
+    }
+
+    /// Runs `work` with the netlink handle of `ns`, blocking the calling thread (which must
+    /// not be one of an async runtime's workers) until it is done.
+    fn exec<T, F, Fut>(&self, ns: &Netns, work: F) -> Result<T, LinkError>
+    where
+        F: FnOnce(Handle) -> Fut,
+        Fut: Future<Output = Result<T, LinkError>>,
+    {
+        let handle = self.handle(ns)?;
+        runtime()?.block_on(work(handle))
+    }
+
+    /// Forgets the connection of a namespace that goes.
+    fn forget(&self, ns: &Netns) {
+        self.connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(ns);
     }
 }
 
@@ -108,41 +216,6 @@ fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> LinkError {
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LinkError {
     let what = what.into();
     move |source| LinkError::Io { what, source }
-}
-
-/// Runs `work` with a netlink handle whose socket lives in `ns`.
-fn exec<T, F, Fut>(ns: &Netns, work: F) -> Result<T, LinkError>
-where
-    T: Send + 'static,
-    F: FnOnce(Handle) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<T, LinkError>>,
-{
-    let result = netns::run_in(ns, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()
-            .map_err(io("start a netlink runtime"))?;
-        rt.block_on(async move {
-            let (conn, handle, _) =
-                rtnetlink::new_connection().map_err(io("open a netlink socket"))?;
-            let conn = tokio::spawn(conn);
-            let out = work(handle).await;
-            conn.abort();
-            out
-        })
-    });
-    match result {
-        Ok(r) => r,
-        Err(EnterError::Missing(ns)) => Err(LinkError::NoNetns(ns)),
-        Err(EnterError::Enter { netns, source }) => Err(LinkError::Io {
-            what: format!("enter network namespace {netns}"),
-            source,
-        }),
-        Err(EnterError::Thread(m)) => Err(LinkError::Io {
-            what: format!("namespace worker thread: {m}"),
-            source: std::io::Error::other(m),
-        }),
-    }
 }
 
 /// One link's message, by name; `None` when absent.
@@ -423,6 +496,7 @@ impl Links for NetlinkLinks {
 
     /// `ip netns del`; an absent namespace is `Ok`.
     fn del_netns(&self, name: &Name) -> Result<(), LinkError> {
+        self.forget(&Netns::Named(name.clone()));
         if !netns::path(name).exists() {
             return Ok(());
         }
@@ -451,7 +525,7 @@ impl Links for NetlinkLinks {
 
     /// Links whose names are not valid [`IfName`]s are left out.
     fn links(&self, ns: &Netns) -> Result<Vec<Link>, LinkError> {
-        exec(ns, move |h| async move {
+        self.exec(ns, move |h| async move {
             let all = dump(&h).await?;
             let names: HashMap<u32, String> = all
                 .iter()
@@ -463,7 +537,7 @@ impl Links for NetlinkLinks {
 
     fn link(&self, ns: &Netns, name: &IfName) -> Result<Option<Link>, LinkError> {
         let name = name.clone();
-        exec(ns, move |h| async move {
+        self.exec(ns, move |h| async move {
             let Some(m) = find(&h, &name).await? else {
                 return Ok(None);
             };
@@ -478,7 +552,7 @@ impl Links for NetlinkLinks {
     /// Idempotent: a bridge of that name is `Ok`; another kind is a conflict.
     fn add_bridge(&self, ns: &Netns, name: &IfName) -> Result<(), LinkError> {
         let (ns2, name) = (ns.clone(), name.clone());
-        exec(ns, move |h| async move {
+        self.exec(ns, move |h| async move {
             let msg = LinkBridge::new(name.as_str()).down().build();
             create(&h, &ns2, &name, msg, |k| *k == LinkKind::Bridge).await
         })
@@ -489,7 +563,7 @@ impl Links for NetlinkLinks {
     fn add_vxlan(&self, ns: &Netns, spec: &VxlanSpec) -> Result<(), LinkError> {
         vxlan_valid(spec)?;
         let (ns2, spec) = (ns.clone(), spec.clone());
-        exec(ns, move |h| async move {
+        self.exec(ns, move |h| async move {
             let msg = LinkVxlan::new(spec.name.as_str(), spec.vni)
                 .local(spec.local)
                 .port(spec.port)
@@ -527,7 +601,7 @@ impl Links for NetlinkLinks {
             _ => None,
         };
         let (ns2, spec) = (ns.clone(), spec.clone());
-        exec(ns, move |h| async move {
+        self.exec(ns, move |h| async move {
             let mut peer = LinkMessageBuilder::<LinkUnspec>::new().name(spec.peer.as_str());
             if let Some(f) = &peer_ns {
                 peer = peer.setns_by_fd(f.as_raw_fd());
@@ -545,7 +619,7 @@ impl Links for NetlinkLinks {
     /// Idempotent: an absent link is `Ok`.
     fn del_link(&self, ns: &Netns, name: &IfName) -> Result<(), LinkError> {
         let name = name.clone();
-        exec(ns, move |h| async move {
+        self.exec(ns, move |h| async move {
             let Some(m) = find(&h, &name).await? else {
                 return Ok(());
             };
@@ -565,7 +639,7 @@ impl Links for NetlinkLinks {
         master: Option<&IfName>,
     ) -> Result<(), LinkError> {
         let (ns2, name, master) = (ns.clone(), name.clone(), master.cloned());
-        exec(ns, move |h| async move {
+        self.exec(ns, move |h| async move {
             let m = require(&h, &ns2, &name).await?;
             let want = match &master {
                 Some(b) => Some(require(&h, &ns2, b).await?.header.index),
@@ -586,7 +660,7 @@ impl Links for NetlinkLinks {
     /// Idempotent: nothing is sent when the link is already so.
     fn set_up(&self, ns: &Netns, name: &IfName, up: bool) -> Result<(), LinkError> {
         let (ns2, name) = (ns.clone(), name.clone());
-        exec(ns, move |h| async move {
+        self.exec(ns, move |h| async move {
             let m = require(&h, &ns2, &name).await?;
             if m.header.flags.contains(LinkFlags::Up) == up {
                 return Ok(());
@@ -603,7 +677,7 @@ impl Links for NetlinkLinks {
             return Err(LinkError::Invalid("MTU 0".into()));
         }
         let (ns2, name) = (ns.clone(), name.clone());
-        exec(ns, move |h| async move {
+        self.exec(ns, move |h| async move {
             let m = require(&h, &ns2, &name).await?;
             let msg = LinkUnspec::new_with_index(m.header.index).mtu(mtu).build();
             change(&h, format!("set mtu of {name}"), msg).await
@@ -612,7 +686,7 @@ impl Links for NetlinkLinks {
 
     fn addresses(&self, ns: &Netns, name: &IfName) -> Result<BTreeSet<Ipv4Cidr>, LinkError> {
         let (ns2, name) = (ns.clone(), name.clone());
-        exec(ns, move |h| async move {
+        self.exec(ns, move |h| async move {
             let m = require(&h, &ns2, &name).await?;
             Ok(addresses_of(&h, m.header.index)
                 .await?
@@ -625,7 +699,7 @@ impl Links for NetlinkLinks {
     /// Idempotent: a present address (same prefix length) is `Ok`.
     fn add_address(&self, ns: &Netns, name: &IfName, addr: Ipv4Cidr) -> Result<(), LinkError> {
         let (ns2, name) = (ns.clone(), name.clone());
-        exec(ns, move |h| async move {
+        self.exec(ns, move |h| async move {
             let m = require(&h, &ns2, &name).await?;
             let index = m.header.index;
             if addresses_of(&h, index)
@@ -651,7 +725,7 @@ impl Links for NetlinkLinks {
     /// Idempotent: an absent address is `Ok`.
     fn del_address(&self, ns: &Netns, name: &IfName, addr: Ipv4Cidr) -> Result<(), LinkError> {
         let (ns2, name) = (ns.clone(), name.clone());
-        exec(ns, move |h| async move {
+        self.exec(ns, move |h| async move {
             let m = require(&h, &ns2, &name).await?;
             for a in addresses_of(&h, m.header.index).await? {
                 if v4(&a) == Some(addr) {
@@ -668,7 +742,7 @@ impl Links for NetlinkLinks {
 
     fn fdb(&self, ns: &Netns, vxlan: &IfName) -> Result<BTreeSet<FdbEntry>, LinkError> {
         let (ns2, vxlan) = (ns.clone(), vxlan.clone());
-        exec(ns, move |h| async move {
+        self.exec(ns, move |h| async move {
             let m = require(&h, &ns2, &vxlan).await?;
             fdb_of(&h, m.header.index).await
         })
@@ -684,7 +758,7 @@ impl Links for NetlinkLinks {
         entries: &BTreeSet<FdbEntry>,
     ) -> Result<(), LinkError> {
         let (ns2, vxlan, want) = (ns.clone(), vxlan.clone(), entries.clone());
-        exec(ns, move |h| async move {
+        self.exec(ns, move |h| async move {
             let index = require(&h, &ns2, &vxlan).await?.header.index;
             let have = fdb_of(&h, index).await?;
             for e in want.difference(&have) {
@@ -715,7 +789,7 @@ impl Links for NetlinkLinks {
     /// Idempotent: nothing is sent when the link has that address already.
     fn set_mac(&self, ns: &Netns, name: &IfName, mac: MacAddr) -> Result<(), LinkError> {
         let (ns2, name) = (ns.clone(), name.clone());
-        exec(ns, move |h| async move {
+        self.exec(ns, move |h| async move {
             let m = require(&h, &ns2, &name).await?;
             let have = m.attributes.iter().find_map(|a| match a {
                 LinkAttribute::Address(b) => MacAddr::from_slice(b),
@@ -732,7 +806,7 @@ impl Links for NetlinkLinks {
     }
 
     fn routes(&self, ns: &Netns) -> Result<BTreeSet<RouteSpec>, LinkError> {
-        exec(ns, move |h| async move {
+        self.exec(ns, move |h| async move {
             let all: Vec<RouteMessage> = h
                 .route()
                 .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
@@ -747,7 +821,7 @@ impl Links for NetlinkLinks {
     /// Idempotent: a present route is `Ok`.
     fn add_route(&self, ns: &Netns, route: &RouteSpec) -> Result<(), LinkError> {
         let route = *route;
-        exec(ns, move |h| async move {
+        self.exec(ns, move |h| async move {
             match h.route().add(route_message(&route)).execute().await {
                 Ok(()) => Ok(()),
                 Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
@@ -759,7 +833,7 @@ impl Links for NetlinkLinks {
     /// Idempotent: an absent route is `Ok`.
     fn del_route(&self, ns: &Netns, route: &RouteSpec) -> Result<(), LinkError> {
         let route = *route;
-        exec(ns, move |h| async move {
+        self.exec(ns, move |h| async move {
             match h.route().del(route_message(&route)).execute().await {
                 Ok(()) => Ok(()),
                 Err(e) if matches!(errno(&e), Some(ESRCH | ENOENT)) => Ok(()),

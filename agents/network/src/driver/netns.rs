@@ -30,6 +30,17 @@ pub fn exists(ns: &Netns) -> bool {
     }
 }
 
+/// Which namespace `ns` is now (the device and inode of its file), `None` when it does not
+/// exist: a namespace deleted and made again under the same name is another one.
+pub fn identity(ns: &Netns) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let file = match ns {
+        Netns::Host => PathBuf::from("/proc/self/ns/net"),
+        Netns::Named(n) => path(n),
+    };
+    std::fs::metadata(file).ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// Why work could not run in a namespace.
 #[derive(Debug, thiserror::Error)]
 pub enum EnterError {

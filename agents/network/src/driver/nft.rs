@@ -29,8 +29,8 @@ use nftables::expr::{
     Prefix, Range, SetItem,
 };
 use nftables::schema::{
-    Chain, NfCmd, NfListObject, NfObject, Nftables, Rule as NfRule, Set, SetType, SetTypeValue,
-    Table,
+    Chain, Element, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Rule as NfRule, Set,
+    SetType, SetTypeValue, Table,
 };
 use nftables::stmt::{JumpTarget, Mangle, Match, NAT, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
@@ -219,6 +219,112 @@ pub struct Observed {
     pub sets: BTreeMap<String, BTreeSet<String>>,
 }
 
+/// What differs between the tables a ruleset makes and the tables the kernel holds, chain
+/// by chain and set by set ([`Delta::between`] their [`Observed`] digests): what
+/// [`Ruleset::render_update`] writes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delta {
+    /// `family/chain` of each chain to write whole (missing, or any rule differs).
+    pub chains: BTreeSet<String>,
+    /// `family/chain` of each chain to remove.
+    pub del_chains: BTreeSet<String>,
+    /// `family/set` of each set to create with its elements.
+    pub new_sets: BTreeSet<String>,
+    /// `family/set` of each set to remove.
+    pub del_sets: BTreeSet<String>,
+    /// `family/set` → (elements to add, elements to remove), for sets on both sides.
+    pub elements: BTreeMap<String, (BTreeSet<String>, BTreeSet<String>)>,
+}
+
+impl Delta {
+    /// What turns tables that read as `have` into tables that read as `want`.
+    pub fn between(want: &Observed, have: &Observed) -> Self {
+        let mut d = Delta::default();
+        for (k, rules) in &want.chains {
+            if have.chains.get(k) != Some(rules) {
+                d.chains.insert(k.clone());
+            }
+        }
+        for k in have.chains.keys() {
+            if !want.chains.contains_key(k) {
+                d.del_chains.insert(k.clone());
+            }
+        }
+        for (k, elems) in &want.sets {
+            match have.sets.get(k) {
+                None => {
+                    d.new_sets.insert(k.clone());
+                }
+                Some(had) if had != elems => {
+                    let added = elems.difference(had).cloned().collect();
+                    let removed = had.difference(elems).cloned().collect();
+                    d.elements.insert(k.clone(), (added, removed));
+                }
+                Some(_) => {}
+            }
+        }
+        for k in have.sets.keys() {
+            if !want.sets.contains_key(k) {
+                d.del_sets.insert(k.clone());
+            }
+        }
+        d
+    }
+
+    /// Whether nothing differs.
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty()
+            && self.del_chains.is_empty()
+            && self.new_sets.is_empty()
+            && self.del_sets.is_empty()
+            && self.elements.is_empty()
+    }
+
+    /// How many chains and set elements it writes or removes, for people.
+    pub fn size(&self) -> (usize, usize) {
+        let elements = self.elements.values().map(|(a, r)| a.len() + r.len()).sum();
+        (self.chains.len() + self.del_chains.len(), elements)
+    }
+
+    /// `have` with this delta made, taking what it writes from `want`: what the kernel
+    /// holds after a [`Ruleset::render_update`] of it.
+    pub fn apply_to(&self, have: &Observed, want: &Observed) -> Observed {
+        let mut o = have.clone();
+        for k in &self.chains {
+            o.chains
+                .insert(k.clone(), want.chains.get(k).cloned().unwrap_or_default());
+        }
+        for k in &self.del_chains {
+            o.chains.remove(k);
+        }
+        for k in &self.new_sets {
+            o.sets
+                .insert(k.clone(), want.sets.get(k).cloned().unwrap_or_default());
+        }
+        for (k, (added, removed)) in &self.elements {
+            let set = o.sets.entry(k.clone()).or_default();
+            set.retain(|e| !removed.contains(e));
+            set.extend(added.iter().cloned());
+        }
+        for k in &self.del_sets {
+            o.sets.remove(k);
+        }
+        o
+    }
+}
+
+/// A change of the node's tables that [`Firewall::update`] makes in one transaction: the
+/// ruleset aimed at, how it reads back, and what differs from the tables there now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Update {
+    /// The ruleset aimed at.
+    pub ruleset: Ruleset,
+    /// [`Ruleset::observed`] of it.
+    pub want: Observed,
+    /// What to write.
+    pub delta: Delta,
+}
+
 fn starts_with_letter(n: &Name) -> bool {
     n.as_str().starts_with(|c: char| c.is_ascii_lowercase())
 }
@@ -296,28 +402,23 @@ impl Ruleset {
         let mut out = Vec::new();
         replace_table(&mut out, NfFamily::INet);
         for g in &self.groups {
-            out.push(add(NfListObject::Set(Box::new(Set {
-                family: NfFamily::INet,
-                table: TABLE.into(),
-                name: g.name.as_str().to_owned().into(),
-                set_type: SetTypeValue::Single(SetType::Ipv4Addr),
-                elem: (!g.members.is_empty())
-                    .then(|| Cow::Owned(g.members.iter().map(|a| s(a.to_string())).collect())),
-                ..Set::default()
-            }))));
+            out.push(add(NfListObject::Set(Box::new(self.set(g)))));
         }
+        let (inet, bridge): (Vec<_>, Vec<_>) = self
+            .all_chains()
+            .into_iter()
+            .partition(|(family, _, _)| *family == NfFamily::INet);
         // Every chain before any rule: a jump needs its target to exist.
-        let chains = self.chains();
-        for (_, chain, _) in &chains {
+        for (_, chain, _) in &inet {
             out.push(add(NfListObject::Chain(chain.clone())));
         }
-        for (family, chain, rules) in chains {
+        for (family, chain, rules) in inet {
             for expr in rules {
                 out.push(add(NfListObject::Rule(rule(family, &chain.name, expr))));
             }
         }
         replace_table(&mut out, NfFamily::Bridge);
-        for (chain, rules) in [self.bridge_chain(), self.bridge_out_chain()] {
+        for (_, chain, rules) in bridge {
             let name = chain.name.clone();
             out.push(add(NfListObject::Chain(chain)));
             for expr in rules {
@@ -327,6 +428,114 @@ impl Ruleset {
         Ok(Nftables {
             objects: Cow::Owned(out),
         })
+    }
+
+    /// The nft batch that turns tables holding what [`Delta::between`] compared against into
+    /// this ruleset, in one transaction: only the chains `delta` names are written (created
+    /// when missing, flushed and filled), removed chains are flushed and deleted once the
+    /// jumps to them are gone, and remote groups' sets change element by element.
+    pub fn render_update(&self, delta: &Delta) -> Result<Nftables<'static>, FirewallError> {
+        self.validate()?;
+        let mut out = vec![add(table(NfFamily::INet)), add(table(NfFamily::Bridge))];
+        for g in &self.groups {
+            if delta
+                .new_sets
+                .contains(&key(NfFamily::INet, g.name.as_str()))
+            {
+                out.push(add(NfListObject::Set(Box::new(self.set(g)))));
+            }
+        }
+        let chains: Vec<_> = self
+            .all_chains()
+            .into_iter()
+            .filter(|(family, chain, _)| delta.chains.contains(&key(*family, &chain.name)))
+            .collect();
+        // Every chain before any rule: a jump needs its target to exist.
+        for (_, chain, _) in &chains {
+            out.push(add(NfListObject::Chain(chain.clone())));
+            out.push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Chain(
+                chain.clone(),
+            ))));
+        }
+        for (family, chain, rules) in chains {
+            for expr in rules {
+                out.push(add(NfListObject::Rule(rule(family, &chain.name, expr))));
+            }
+        }
+        for (set, (added, removed)) in &delta.elements {
+            let Some((family, name)) = split_key(set) else {
+                continue;
+            };
+            let element = |items: &BTreeSet<String>| {
+                NfListObject::Element(Element {
+                    family,
+                    table: TABLE.into(),
+                    name: name.to_owned().into(),
+                    elem: Cow::Owned(items.iter().map(|e| s(e.clone())).collect()),
+                })
+            };
+            if !removed.is_empty() {
+                out.push(NfObject::CmdObject(NfCmd::Delete(element(removed))));
+            }
+            if !added.is_empty() {
+                out.push(add(element(added)));
+            }
+        }
+        for chain in &delta.del_chains {
+            let Some((family, name)) = split_key(chain) else {
+                continue;
+            };
+            let c = Chain {
+                family,
+                table: TABLE.into(),
+                name: name.to_owned().into(),
+                ..Chain::default()
+            };
+            out.push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Chain(
+                c.clone(),
+            ))));
+            out.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Chain(c))));
+        }
+        for set in &delta.del_sets {
+            let Some((family, name)) = split_key(set) else {
+                continue;
+            };
+            out.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Set(
+                Box::new(Set {
+                    family,
+                    table: TABLE.into(),
+                    name: name.to_owned().into(),
+                    set_type: SetTypeValue::Single(SetType::Ipv4Addr),
+                    ..Set::default()
+                }),
+            ))));
+        }
+        Ok(Nftables {
+            objects: Cow::Owned(out),
+        })
+    }
+
+    /// A remote group's set, with its members.
+    fn set(&self, g: &RemoteGroup) -> Set<'static> {
+        Set {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: g.name.as_str().to_owned().into(),
+            set_type: SetTypeValue::Single(SetType::Ipv4Addr),
+            elem: (!g.members.is_empty())
+                .then(|| Cow::Owned(g.members.iter().map(|a| s(a.to_string())).collect())),
+            ..Set::default()
+        }
+    }
+
+    /// Every chain of both tables with its rules' statements: the `inet` table's, then the
+    /// `bridge` table's.
+    fn all_chains(&self) -> Vec<(NfFamily, Chain<'static>, Vec<Vec<Statement<'static>>>)> {
+        let mut all = self.chains();
+        for (chain, rules) in [self.bridge_chain(), self.bridge_out_chain()] {
+            all.push((NfFamily::Bridge, chain, rules));
+        }
+        all
     }
 
     /// How this ruleset reads back from the kernel.
@@ -829,6 +1038,18 @@ fn key(family: NfFamily, name: &str) -> String {
     format!("{f}/{name}")
 }
 
+/// The family and name of a `family/name` key.
+fn split_key(k: &str) -> Option<(NfFamily, &str)> {
+    let (f, name) = k.split_once('/')?;
+    let family = match f {
+        "inet" => NfFamily::INet,
+        "bridge" => NfFamily::Bridge,
+        "ip" => NfFamily::IP,
+        _ => return None,
+    };
+    Some((family, name))
+}
+
 fn add(o: NfListObject<'static>) -> NfObject<'static> {
     NfObject::CmdObject(NfCmd::Add(o))
 }
@@ -927,15 +1148,95 @@ fn ne(left: Expression<'static>, right: Expression<'static>) -> Statement<'stati
 
 /// The kernel's nftables through `nft -j`, in one network namespace (the node's own in
 /// production, a test's namespace in tests).
+///
+/// What it last wrote or read is kept with the nf_tables generation the kernel had then
+/// (`NFT_MSG_GETGEN`, one small netlink request that lists nothing): every committed
+/// transaction in the namespace raises the generation, so while it has not moved the
+/// tables are what was kept, and `read` lists them only once it has (a change by hand is
+/// read, whoever made it).
 #[derive(Debug, Clone)]
 pub struct NftFirewall {
     netns: Netns,
+    state: std::sync::Arc<std::sync::Mutex<State>>,
+}
+
+/// The generation socket and what the tables held at a generation.
+#[derive(Debug, Default)]
+struct State {
+    socket: Option<Generation>,
+    known: Option<(u32, Option<Observed>)>,
+}
+
+/// A NETLINK_NETFILTER socket in one namespace, for its nf_tables generation.
+#[derive(Debug)]
+struct Generation {
+    socket: rtnetlink::sys::Socket,
+    /// The namespace it was opened in (a namespace deleted and made again is another).
+    identity: Option<(u64, u64)>,
+}
+
+impl Generation {
+    fn open(ns: &Netns) -> Result<Self, FirewallError> {
+        let io = |source| FirewallError::Io {
+            what: format!("open a netfilter socket in {ns}"),
+            source,
+        };
+        let identity = netns::identity(ns);
+        let socket = netns::run_in(ns, || {
+            rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_NETFILTER)
+        })
+        .map_err(|e| io(std::io::Error::other(e.to_string())))?
+        .map_err(io)?;
+        Ok(Self { socket, identity })
+    }
+
+    fn read(&self) -> Result<u32, FirewallError> {
+        let io = |source| FirewallError::Io {
+            what: "read the nf_tables generation".into(),
+            source,
+        };
+        // nlmsghdr (len 20, type NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETGEN, NLM_F_REQUEST,
+        // seq, pid) and nfgenmsg (AF_UNSPEC, version 0, res_id 0).
+        let mut req = Vec::with_capacity(20);
+        req.extend_from_slice(&20u32.to_ne_bytes());
+        req.extend_from_slice(&((10u16 << 8) | 16).to_ne_bytes());
+        req.extend_from_slice(&1u16.to_ne_bytes());
+        req.extend_from_slice(&[0; 12]);
+        self.socket.send(&req, 0).map_err(io)?;
+        let (buf, _) = self.socket.recv_from_full().map_err(io)?;
+        // NFT_MSG_NEWGEN's attributes follow the 16-byte header and the 4-byte nfgenmsg;
+        // NFTA_GEN_ID (1) is a big-endian u32.
+        let mut at = 20;
+        while at + 8 <= buf.len() {
+            let len = usize::from(u16::from_ne_bytes([buf[at], buf[at + 1]]));
+            let kind = u16::from_ne_bytes([buf[at + 2], buf[at + 3]]) & 0x3fff;
+            if len < 4 {
+                break;
+            }
+            if kind == 1 && len >= 8 {
+                return Ok(u32::from_be_bytes([
+                    buf[at + 4],
+                    buf[at + 5],
+                    buf[at + 6],
+                    buf[at + 7],
+                ]));
+            }
+            at += (len + 3) & !3;
+        }
+        Err(io(std::io::Error::other(format!(
+            "no generation in the kernel's answer ({} bytes)",
+            buf.len()
+        ))))
+    }
 }
 
 impl NftFirewall {
     /// The firewall of `netns`.
     pub fn new(netns: Netns) -> Self {
-        Self { netns }
+        Self {
+            netns,
+            state: Default::default(),
+        }
     }
 
     /// Runs `nft` with `args`, `stdin` on its standard input; its standard output.
@@ -946,6 +1247,58 @@ impl NftFirewall {
         what: &str,
     ) -> Result<Vec<u8>, FirewallError> {
         nft_in(&self.netns, args, stdin, what)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The namespace's nf_tables generation, through a socket kept open while the
+    /// namespace is the same one.
+    fn generation(&self, st: &mut State) -> Result<u32, FirewallError> {
+        let current = netns::identity(&self.netns);
+        if st
+            .socket
+            .as_ref()
+            .is_none_or(|g| g.identity != current || current.is_none())
+        {
+            st.socket = None;
+            st.known = None;
+            st.socket = Some(Generation::open(&self.netns)?);
+        }
+        match st.socket.as_ref().map(Generation::read) {
+            Some(Ok(g)) => Ok(g),
+            Some(Err(e)) => {
+                st.socket = None;
+                Err(e)
+            }
+            None => Err(FirewallError::Io {
+                what: "read the nf_tables generation".into(),
+                source: std::io::Error::other("no socket"),
+            }),
+        }
+    }
+
+    /// Runs one `nft -j -f -` batch and keeps `after` as what the tables hold when the
+    /// batch was the only transaction committed meanwhile.
+    fn commit(
+        &self,
+        batch: &Nftables<'static>,
+        what: &str,
+        after: Option<Observed>,
+    ) -> Result<(), FirewallError> {
+        let json = serde_json::to_vec(batch).map_err(FirewallError::Json)?;
+        let mut st = self.state();
+        let before = self.generation(&mut st).ok();
+        st.known = None;
+        self.nft(&["-j", "-f", "-"], Some(&json), what)?;
+        let now = self.generation(&mut st).ok();
+        if let (Some(b), Some(n)) = (before, now)
+            && n == b.wrapping_add(1)
+        {
+            st.known = Some((n, after));
+        }
+        Ok(())
     }
 
     /// Bridged IPv4 must pass the `inet` hooks for security groups to see it.
@@ -1007,17 +1360,34 @@ impl Firewall for NftFirewall {
     /// Also turns on `net.bridge.bridge-nf-call-iptables` in the namespace.
     fn apply(&self, ruleset: &Ruleset) -> Result<(), FirewallError> {
         let batch = ruleset.render()?;
-        let json = serde_json::to_vec(&batch).map_err(FirewallError::Json)?;
         self.bridge_netfilter()?;
-        self.nft(&["-j", "-f", "-"], Some(&json), "apply nft ruleset")?;
-        Ok(())
+        self.commit(&batch, "apply nft ruleset", Some(digest(&batch)))
     }
 
-    /// `nft -j list ruleset`, Stratus's two tables picked out.
+    /// One `nft -j -f -` transaction of [`Ruleset::render_update`]: the chains that differ,
+    /// the set elements that differ, nothing else.
+    fn update(&self, update: &Update) -> Result<(), FirewallError> {
+        let batch = update.ruleset.render_update(&update.delta)?;
+        self.commit(&batch, "update nft ruleset", Some(update.want.clone()))
+    }
+
+    /// What the tables held at the last write or read, while the generation has not moved;
+    /// else `nft -j list ruleset`, Stratus's two tables picked out.
     fn read(&self) -> Result<Option<Observed>, FirewallError> {
+        let mut st = self.state();
+        let generation = self.generation(&mut st).ok();
+        if let (Some(g), Some((k, o))) = (generation, &st.known)
+            && g == *k
+        {
+            return Ok(o.clone());
+        }
         let out = self.nft(&["-j", "list", "ruleset"], None, "list nft ruleset")?;
         let v: serde_json::Value = serde_json::from_slice(&out).map_err(FirewallError::Json)?;
-        Ok(parse_observed(&v))
+        let observed = parse_observed(&v);
+        // Read after the generation: a change since then moves it past `g`, so what was
+        // kept is read again next time.
+        st.known = generation.map(|g| (g, observed.clone()));
+        Ok(observed)
     }
 
     /// One transaction deleting both tables (each added first, so absence is no error).
@@ -1027,12 +1397,10 @@ impl Firewall for NftFirewall {
             out.push(add(table(family)));
             out.push(NfObject::CmdObject(NfCmd::Delete(table(family))));
         }
-        let json = serde_json::to_vec(&Nftables {
+        let batch = Nftables {
             objects: Cow::Owned(out),
-        })
-        .map_err(FirewallError::Json)?;
-        self.nft(&["-j", "-f", "-"], Some(&json), "delete nft tables")?;
-        Ok(())
+        };
+        self.commit(&batch, "delete nft tables", None)
     }
 
     fn apply_nat(&self, netns: &Name, nat: &Nat) -> Result<(), FirewallError> {
