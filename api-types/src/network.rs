@@ -249,6 +249,11 @@ pub struct SubnetStatus {
     /// The gateway address in effect (absent: no gateway).
     #[serde(default, rename = "gatewayIP", skip_serializing_if = "Option::is_none")]
     pub gateway_ip: Option<String>,
+    /// The address of the subnet's DHCP server (Neutron's DHCP port), claimed for the Subnet
+    /// at its create when it serves DHCP, so no Port ever takes it; every node's DHCP server
+    /// for the subnet answers from it.
+    #[serde(default, rename = "dhcpIP", skip_serializing_if = "Option::is_none")]
+    pub dhcp_ip: Option<String>,
     /// Number of allocated addresses.
     #[serde(default, rename = "usedIPs", skip_serializing_if = "Option::is_none")]
     pub used_ips: Option<u64>,

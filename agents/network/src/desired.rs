@@ -953,8 +953,10 @@ fn fdb(cfg: &NodeConfig, snap: &Snapshot, net: &Network) -> BTreeSet<FdbEntry> {
 }
 
 /// The network's DHCP server on this node: for its first subnet (by name) with DHCP and an
-/// IPv4 CIDR, serving the local ports' addresses in it. The server's own address is the
-/// highest of the subnet that is neither the gateway nor any port's.
+/// IPv4 CIDR, serving the local ports' addresses in it. The server's own address is the one
+/// IPAM claimed for it (the Subnet's `status.dhcpIP`), so no port ever holds it; for a Subnet
+/// stored before IPAM claimed one, the highest of the subnet that is neither the gateway nor
+/// any port's.
 fn dhcp_for(
     cfg: &NodeConfig,
     snap: &Snapshot,
@@ -996,10 +998,19 @@ fn dhcp_for(
         .collect();
     let broadcast = u32::from(cidr.network()) | !u32::from(cidr.netmask());
     let first = u32::from(cidr.network()) + 1;
-    let server = (first..broadcast)
-        .rev()
-        .map(Ipv4Addr::from)
-        .find(|a| !taken.contains(a))?;
+    let claimed = subnet
+        .status
+        .as_ref()
+        .and_then(|s| s.dhcp_ip.as_deref())
+        .and_then(|a| a.parse::<Ipv4Addr>().ok())
+        .filter(|a| (first..broadcast).contains(&u32::from(*a)));
+    let server = match claimed {
+        Some(a) => a,
+        None => (first..broadcast)
+            .rev()
+            .map(Ipv4Addr::from)
+            .find(|a| !taken.contains(a))?,
+    };
     let mut leases = Vec::new();
     let mut macs = BTreeSet::new();
     for p in ports {
@@ -1272,6 +1283,22 @@ mod tests {
         let fw = d.firewall.expect("ruleset");
         assert_eq!(fw.local_dhcp.len(), 1);
         assert_eq!(fw.local_dhcp[0].server, Ipv4Addr::new(10, 9, 0, 253));
+    }
+
+    #[test]
+    fn the_dhcp_server_takes_the_address_ipam_claimed_for_it() {
+        let mut snap = snapshot();
+        let mut sn = (*snap.subnets[0]).clone();
+        sn.status = Some(stratus_api_types::network::SubnetStatus {
+            dhcp_ip: Some("10.9.0.2".into()),
+            ..Default::default()
+        });
+        snap.subnets = vec![Arc::new(sn)];
+        let (d, _) = desired(&config(), &snap);
+        let dh = d.networks[0].dhcp.as_ref().expect("dhcp");
+        assert_eq!(dh.address, "10.9.0.2/24".parse().expect("cidr"));
+        let fw = d.firewall.expect("ruleset");
+        assert_eq!(fw.local_dhcp[0].server, Ipv4Addr::new(10, 9, 0, 2));
     }
 
     #[test]

@@ -24,6 +24,15 @@
 //! admission sets; its delete frees that claim and leaves the Subnet's. A subnet's network and
 //! broadcast addresses are no port's (422).
 //!
+//! # DHCP servers
+//! A Subnet serving DHCP claims its DHCP server's address at its create, as Neutron's DHCP port
+//! takes one: the first free address of its pools, recorded in `status.dhcpIP` (the claim names
+//! the subnet, as its `DHCP server`) and freed with its delete. No Port gets it, asked for (409
+//! naming the field) or allocated; every node's DHCP server for the subnet answers from it. A
+//! Subnet whose pools have no free address for it is refused (409 on `spec.allocationPools`).
+//! Turning DHCP on by an update claims nothing (the network agent then picks an address no
+//! port holds, as it did before this claim existed).
+//!
 //! # Allocation
 //! An address is found without reading a subnet's claims whole: a few random probes each read
 //! at most a few dozen claims from a random address of the pools on and take the first address
@@ -120,7 +129,7 @@ impl Admission for Ipam {
     fn check_status_write(&self, s: &Subject<'_>, old: &Value, new: &Value) -> ApiResult<()> {
         let fields: &[&str] = match s.kind {
             "Network" => &["vni"],
-            "Subnet" => &["gatewayIP"],
+            "Subnet" => &["gatewayIP", "dhcpIP"],
             "Port" => &["macAddress", "fixedIPs"],
             "FloatingIP" => &["floatingIPAddress"],
             _ => &[],
@@ -176,13 +185,15 @@ impl Admission for Ipam {
                 Some(g) if g == ip => gateway_port_claim(prefix, uid, ip),
                 _ => keys::ip_claim(prefix, uid, ip),
             }));
-            // A Subnet's gateway, claimed for the Subnet at its create.
-            if let Some(g) = obj
-                .pointer("/status/gatewayIP")
-                .and_then(Value::as_str)
-                .and_then(|g| g.parse::<Ipv4Addr>().ok())
-            {
-                out.push(keys::ip_claim(prefix, uid, g));
+            // A Subnet's gateway and DHCP server address, claimed for the Subnet at its create.
+            for field in ["/status/gatewayIP", "/status/dhcpIP"] {
+                if let Some(g) = obj
+                    .pointer(field)
+                    .and_then(Value::as_str)
+                    .and_then(|g| g.parse::<Ipv4Addr>().ok())
+                {
+                    out.push(keys::ip_claim(prefix, uid, g));
+                }
             }
             if let Some(mac) = obj.pointer("/status/macAddress").and_then(Value::as_str) {
                 out.push(keys::mac_claim(prefix, uid, mac));
@@ -900,11 +911,35 @@ async fn create_subnet(
                 ),
             ));
         }
+        // The DHCP server's address, as Neutron's DHCP port takes one: the first free address
+        // of the pools, claimed for the Subnet so that no Port takes it.
+        let dhcp = if spec.enable_dhcp {
+            match first_free(ctx, uid, &mine, &HashSet::new()).await? {
+                Some(a) => Some(a),
+                None => {
+                    return Err(conflict_field(
+                        &s,
+                        w.new,
+                        "spec.allocationPools",
+                        format!(
+                            "no free address for the subnet's DHCP server: all {} addresses of the allocation pools are allocated (set enableDHCP: false to serve none)",
+                            mine.size()
+                        ),
+                    ));
+                }
+            }
+        } else {
+            None
+        };
+        let dhcp_key = dhcp.map(|a| keys::ip_claim(ctx.prefix, uid, Ipv4Addr::from(a)));
         let mut obj = owned_by_network(w.new, &spec.network, uid);
         set_annotation(&mut obj, uid);
         let mut status = Map::new();
         if let Some(g) = mine.gateway {
             status.insert("gatewayIP".into(), json!(show(g)));
+        }
+        if let Some(a) = dhcp {
+            status.insert("dhcpIP".into(), json!(show(a)));
         }
         set_status(&mut obj, status);
         let mut guards = create_guards(w.key, snap.parent(&w), &quota);
@@ -917,10 +952,20 @@ async fn create_subnet(
             "uid": meta::meta_str(w.new, "uid").unwrap_or_default(),
             "role": "gateway",
         });
+        let dhcp_claim = json!({
+            "subnet": format!("{ns}/{}", name_of(w.new)),
+            "uid": meta::meta_str(w.new, "uid").unwrap_or_default(),
+            "role": "DHCP server",
+        });
         let mut puts = vec![(w.key, &obj)];
         if let Some(k) = &gateway {
             guards.push(Guard::Absent(k));
             puts.push((k.as_str(), &claim));
+        }
+        // Taken by a Port meanwhile: the guard fails, and the create looks again.
+        if let Some(k) = &dhcp_key {
+            guards.push(Guard::Absent(k));
+            puts.push((k.as_str(), &dhcp_claim));
         }
         if let Some(rev) = ctx
             .store
@@ -1027,6 +1072,19 @@ pub(crate) async fn pick(
         }
     }
     // Every probe landed in a full stretch: read each pool in order.
+    first_free(ctx, uid, plan, avoid).await
+}
+
+/// The first free address of `plan`'s pools on the Network `uid` in order, none of `avoid`;
+/// `None` when the pools are exhausted. Reads the pools' claims in order, in pages.
+pub(crate) async fn first_free(
+    ctx: Ctx<'_>,
+    uid: &str,
+    plan: &Plan,
+    avoid: &HashSet<u32>,
+) -> ApiResult<Option<u32>> {
+    let prefix = keys::ip_claims(ctx.prefix, uid);
+    let key = |a: u32| keys::ip_claim(ctx.prefix, uid, Ipv4Addr::from(a));
     for (start, end) in &plan.pools {
         let mut scan = ctx.store.scan(&prefix, Some(&key(*start)), 0, 0);
         let mut next = u64::from(*start);
@@ -1567,7 +1625,7 @@ async fn update(
     };
     let protected: &[&str] = match s.kind {
         "Network" => &["/status/vni"],
-        "Subnet" => &["/status/gatewayIP"],
+        "Subnet" => &["/status/gatewayIP", "/status/dhcpIP"],
         "Port" => &["/status/macAddress", "/status/fixedIPs"],
         "FloatingIP" => &["/status/floatingIPAddress"],
         _ => &[],

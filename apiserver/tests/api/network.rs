@@ -531,6 +531,8 @@ async fn an_exhausted_subnet_is_409_until_a_port_goes() {
         {"start": "10.0.0.10", "end": "10.0.0.11"},
         {"start": "10.0.0.20", "end": "10.0.0.20"},
     ]);
+    // No DHCP server, whose address would take one of the three.
+    s.0["spec"]["enableDHCP"] = json!(false);
     c.create(&s).await.expect("subnet");
     let mut got = HashSet::new();
     for i in 0..3 {
@@ -565,6 +567,7 @@ async fn the_last_free_address_of_a_large_pool_is_found() {
     c.create(&network("n")).await.expect("n");
     let mut s = subnet("s", "n", "10.0.0.0/24");
     s.0["spec"]["allocationPools"] = json!([{"start": "10.0.0.2", "end": "10.0.0.201"}]);
+    s.0["spec"]["enableDHCP"] = json!(false);
     c.create(&s).await.expect("subnet");
     // Every address but the pool's first, asked for by value: a random probe looks from its
     // address on, so only reading the pool in order finds it (bar a 1 in 50 chance).
@@ -591,6 +594,7 @@ async fn ports_created_at_once_never_share_an_address_or_a_mac() {
     c.create(&network("n")).await.expect("n");
     let mut s = subnet("s", "n", "10.0.0.0/24");
     s.0["spec"]["allocationPools"] = json!([{"start": "10.0.0.100", "end": "10.0.0.119"}]);
+    s.0["spec"]["enableDHCP"] = json!(false);
     c.create(&s).await.expect("subnet");
     let creates = (0..40).map(|i| {
         let c = &c;
@@ -851,4 +855,69 @@ async fn a_port_created_as_its_network_is_deleted_never_outlives_it() {
             assert_eq!(*code, 409, "{message}");
         }
     }
+}
+
+/// A Subnet serving DHCP claims its DHCP server's address at its create (the first free one of
+/// its pools, in `status.dhcpIP`), as Neutron's DHCP port takes one: no Port gets it, asked
+/// for or allocated, however many are created at once; a write cannot change it; deleting the
+/// Subnet frees it. A Subnet without DHCP claims none.
+#[tokio::test]
+async fn a_subnets_dhcp_address_is_claimed_and_no_port_gets_it() {
+    let c = Cloud::with_demo().await;
+    let n = c.create(&network("n")).await.expect("n");
+    let mut s = subnet("s", "n", "10.0.0.0/24");
+    s.0["spec"]["allocationPools"] = json!([{"start": "10.0.0.100", "end": "10.0.0.119"}]);
+    let stored = c.create(&s).await.expect("subnet");
+    assert_eq!(stored["status"]["dhcpIP"], "10.0.0.100", "{stored}");
+    let claim = claim_of(&c, &uid(&n), "10.0.0.100")
+        .await
+        .expect("the DHCP address is claimed");
+    assert_eq!(claim["subnet"], "demo/s");
+    assert_eq!(claim["role"], "DHCP server");
+
+    let e = refused(
+        c.create(&port("asks", "n").spec("fixedIPs", json!([{"ipAddress": "10.0.0.100"}])))
+            .await,
+    );
+    assert_eq!(field_of(&e), (409, "spec.fixedIPs[0].ipAddress".into()));
+    assert!(e.message.contains("DHCP server"), "{}", e.message);
+
+    // 19 addresses left for ports: 30 creates at once, 19 pass, none with the server's.
+    let creates = (0..30).map(|i| {
+        let c = &c;
+        async move { c.create(&port(&format!("p{i}"), "n")).await }
+    });
+    let results = futures::future::join_all(creates).await;
+    let ok: Vec<&Value> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(ok.len(), 19);
+    let addresses: HashSet<String> = ok.iter().flat_map(|p| ips(p)).collect();
+    assert_eq!(addresses.len(), 19);
+    assert!(!addresses.contains("10.0.0.100"), "{addresses:?}");
+
+    let e = refused(
+        c.patch(
+            &c.status("Subnet", Some("demo"), "s"),
+            MERGE,
+            &json!({"status": {"dhcpIP": "10.0.0.101"}}),
+            "",
+        )
+        .await,
+    );
+    assert_eq!(field_of(&e), (422, "status.dhcpIP".into()));
+
+    for i in 0..30 {
+        let _ = c.delete("Port", Some("demo"), &format!("p{i}"), "").await;
+    }
+    c.delete("Subnet", Some("demo"), "s", "")
+        .await
+        .expect("delete the subnet");
+    assert!(
+        claim_of(&c, &uid(&n), "10.0.0.100").await.is_none(),
+        "freed with its subnet"
+    );
+
+    let mut off = subnet("off", "n", "10.1.0.0/24");
+    off.0["spec"]["enableDHCP"] = json!(false);
+    let stored = c.create(&off).await.expect("subnet without DHCP");
+    assert!(stored["status"]["dhcpIP"].is_null(), "{stored}");
 }

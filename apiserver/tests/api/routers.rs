@@ -64,6 +64,7 @@ async fn with_external(pool: u8) -> (Cloud, Value) {
         "ops",
         "ext-v4",
         json!({"network": "ext", "cidr": "203.0.113.0/24", "gatewayIP": "203.0.113.1",
+               "enableDHCP": false,
                "allocationPools": [{"start": "203.0.113.10", "end": format!("203.0.113.{last}")}]}),
     )))
     .await

@@ -152,7 +152,7 @@ async fn five_hundred_ports_at_once_on_a_pool_of_250_get_250_addresses_and_all_c
     api.kubectl_in(
         &["-n", "demo", "apply", "-f", "-"],
         "apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: blue\nspec: {}\n---\n\
-         apiVersion: network.stratus.dev/v1\nkind: Subnet\nmetadata:\n  name: s\nspec:\n  network: blue\n  cidr: 10.20.0.0/24\n  allocationPools:\n  - start: 10.20.0.2\n    end: 10.20.0.251\n",
+         apiVersion: network.stratus.dev/v1\nkind: Subnet\nmetadata:\n  name: s\nspec:\n  network: blue\n  cidr: 10.20.0.0/24\n  enableDHCP: false\n  allocationPools:\n  - start: 10.20.0.2\n    end: 10.20.0.251\n",
     )?;
     let uid = api.kubectl_ok(&[
         "-n",

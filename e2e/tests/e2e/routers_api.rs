@@ -68,6 +68,7 @@ spec:
   network: ext
   cidr: 203.0.113.0/24
   gatewayIP: 203.0.113.1
+  enableDHCP: false
   allocationPools: [{start: 203.0.113.10, end: 203.0.113.19}]
 ---
 apiVersion: network.stratus.dev/v1
