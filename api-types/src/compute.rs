@@ -583,6 +583,11 @@ pub struct ServerNetwork {
     #[serde(default, rename = "fixedIP", skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = IP_PATTERN))]
     pub fixed_ip: Option<String>,
+    /// With `network`: the Subnet of that network the address comes from (`fixedIP`, if
+    /// given, must be in it). Absent: one address from each subnet of the network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    pub subnet: Option<String>,
 }
 
 /// A Volume attached to a Server.

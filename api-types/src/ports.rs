@@ -91,12 +91,14 @@ mod tests {
             network: None,
             port: Some("mine".into()),
             fixed_ip: None,
+            subnet: None,
         };
         assert_eq!(entry_port_name("web", 0, &e), "mine");
         let e = ServerNetwork {
             network: Some("private".into()),
             port: None,
             fixed_ip: None,
+            subnet: None,
         };
         assert_eq!(entry_port_name("web", 2, &e), "web-2");
     }

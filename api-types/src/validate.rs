@@ -413,6 +413,13 @@ impl Check for ServerSpec {
                             n.fixed_ip.as_deref(),
                         );
                     }
+                    if n.subnet.is_some() {
+                        errs.push(
+                            format!("{field}.subnet"),
+                            "only allowed with network (set addresses on the Port instead)",
+                            n.subnet.as_deref(),
+                        );
+                    }
                 }
                 (None, None) => errs.push(&field, "one of network and port is required", None),
                 (Some(_), Some(_)) => errs.push(

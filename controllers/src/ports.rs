@@ -20,7 +20,7 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use stratus_api_types::common::{Blocked, ConditionType, Reason};
 use stratus_api_types::compute::{AddressType, Server, ServerAddress, ServerNetwork};
-use stratus_api_types::network::{FixedIP, Port, PortSpec, PortStatus};
+use stratus_api_types::network::{FixedIP, Port, PortSpec, PortStatus, Subnet};
 use stratus_api_types::ports::{entry_port_name, server_port_names, tap_name};
 use stratus_runtime::policy::{kube_retry, namespace_terminating};
 use stratus_runtime::{Classify, Retry, Runtime};
@@ -148,14 +148,7 @@ pub fn plan_entry(
                 &name,
                 PortSpec {
                     network,
-                    fixed_ips: entry
-                        .fixed_ip
-                        .iter()
-                        .map(|ip| FixedIP {
-                            subnet: None,
-                            ip_address: Some(ip.clone()),
-                        })
-                        .collect(),
+                    fixed_ips: entry_fixed_ips(entry),
                     mac_address: None,
                     security_groups: None,
                     port_security_enabled: None,
@@ -167,6 +160,46 @@ pub fn plan_entry(
             port.metadata.owner_references = owner_reference(server).map(|o| vec![o]);
             EntryPlan::Create(Box::new(port))
         }
+    }
+}
+
+/// The addresses a created Port asks for: the entry's `fixedIP`, from its `subnet` when it
+/// names one; a `subnet` alone asks for an address of that subnet; neither, one address of
+/// each subnet of the network (no `fixedIPs`).
+fn entry_fixed_ips(entry: &ServerNetwork) -> Vec<FixedIP> {
+    if entry.fixed_ip.is_none() && entry.subnet.is_none() {
+        return Vec::new();
+    }
+    vec![FixedIP {
+        subnet: entry.subnet.clone(),
+        ip_address: entry.fixed_ip.clone(),
+    }]
+}
+
+/// Why entry `index`'s `subnet` cannot give the entry its address (`subnet`, the Subnet of
+/// that name in the Server's namespace, as read now): it does not exist, or it is on another
+/// network than the entry's. `None`: it serves, or the entry names no subnet.
+pub fn subnet_refusal(
+    index: usize,
+    entry: &ServerNetwork,
+    subnet: Option<&Subnet>,
+) -> Option<Blocked> {
+    let name = entry.subnet.as_deref()?;
+    let network = entry.network.as_deref()?;
+    let field = format!("spec.networks[{index}].subnet");
+    match subnet {
+        None => Some(Blocked::new(
+            Reason::PortRefused,
+            format!("{field}: subnet \"{name}\" not found"),
+        )),
+        Some(s) if s.spec.network != network => Some(Blocked::new(
+            Reason::PortRefused,
+            format!(
+                "{field}: subnet \"{name}\" is on network \"{}\", not \"{network}\"",
+                s.spec.network
+            ),
+        )),
+        Some(_) => None,
     }
 }
 
@@ -252,7 +285,19 @@ async fn sync(server: &Server, ctx: &Ctx) -> Result<Action, PortsError> {
     for (i, entry) in server.spec.networks.iter().enumerate() {
         let name = entry_port_name(&server.name_any(), i, entry);
         let existing = api.get_opt(&name).await?;
-        match plan_entry(server, i, entry, existing.as_ref()) {
+        let mut plan = plan_entry(server, i, entry, existing.as_ref());
+        if matches!(plan, EntryPlan::Create(_))
+            && let Some(subnet) = &entry.subnet
+        {
+            // Said on the Server with its own field, before a Port asks for it.
+            let found = Api::<Subnet>::namespaced(ctx.client.clone(), &ns)
+                .get_opt(subnet)
+                .await?;
+            if let Some(b) = subnet_refusal(i, entry, found.as_ref()) {
+                plan = EntryPlan::Blocked(b);
+            }
+        }
+        match plan {
             EntryPlan::Use => ports.extend(existing),
             EntryPlan::Create(port) => match api.create(&PostParams::default(), &port).await {
                 Ok(p) => {

@@ -6,7 +6,7 @@ use stratus_api_types::common::Reason;
 use stratus_api_types::compute::{AddressType, Server};
 use stratus_api_types::network::Port;
 use stratus_controllers::ports::{
-    EntryPlan, addresses, placed_status, plan_entry, released_status, stale,
+    EntryPlan, addresses, placed_status, plan_entry, released_status, stale, subnet_refusal,
 };
 
 fn server(networks: serde_json::Value, hypervisor: Option<&str>) -> Server {
@@ -172,4 +172,56 @@ fn addresses_list_each_ports_fixed_ips_in_guest_order() {
         (a[1].network.as_str(), a[1].ip.as_str(), a[1].mac.as_deref()),
         ("backend", "10.0.1.7", Some("fa:16:3e:00:00:02"))
     );
+}
+
+/// An entry naming a subnet asks its Port for an address of that subnet (the `fixedIP` in it,
+/// when given); a subnet that does not exist or is on another network is said on the Server
+/// under `spec.networks[i].subnet`.
+#[test]
+fn an_entry_naming_a_subnet_takes_its_address_from_it() {
+    let s = server(
+        json!([{"network": "private", "subnet": "private-b"},
+               {"network": "private", "subnet": "private-b", "fixedIP": "10.1.0.9"}]),
+        None,
+    );
+    for (i, ip) in [(0, None), (1, Some("10.1.0.9"))] {
+        let EntryPlan::Create(p) = plan_entry(&s, i, &s.spec.networks[i], None) else {
+            panic!("no create");
+        };
+        assert_eq!(p.spec.fixed_ips.len(), 1);
+        assert_eq!(p.spec.fixed_ips[0].subnet.as_deref(), Some("private-b"));
+        assert_eq!(p.spec.fixed_ips[0].ip_address.as_deref(), ip);
+    }
+    let subnet = |network: &str| -> stratus_api_types::network::Subnet {
+        serde_json::from_value(json!({
+            "apiVersion": "network.stratus.dev/v1", "kind": "Subnet",
+            "metadata": {"name": "private-b", "namespace": "demo"},
+            "spec": {"network": network, "cidr": "10.1.0.0/24"},
+        }))
+        .expect("a subnet")
+    };
+    let e = &s.spec.networks[0];
+    assert_eq!(subnet_refusal(0, e, Some(&subnet("private"))), None);
+    let other = subnet_refusal(0, e, Some(&subnet("public"))).expect("refused");
+    assert_eq!(other.reason, Reason::PortRefused);
+    assert!(
+        other.message.starts_with("spec.networks[0].subnet: ")
+            && other.message.contains("\"public\""),
+        "{}",
+        other.message
+    );
+    let missing = subnet_refusal(0, e, None).expect("refused");
+    assert!(
+        missing.message.starts_with("spec.networks[0].subnet: ")
+            && missing.message.contains("not found"),
+        "{}",
+        missing.message
+    );
+    // An entry naming no subnet is never refused for one.
+    let plain = server(json!([{"network": "private"}]), None);
+    assert_eq!(subnet_refusal(0, &plain.spec.networks[0], None), None);
+    let EntryPlan::Create(p) = plan_entry(&plain, 0, &plain.spec.networks[0], None) else {
+        panic!("no create");
+    };
+    assert!(p.spec.fixed_ips.is_empty());
 }

@@ -182,7 +182,7 @@ fn server_boot_source_is_exactly_one() {
 fn server_networks_and_volumes() {
     let good = json!({
         "flavor": "m1", "image": "cirros",
-        "networks": [{"network": "private", "fixedIP": "10.0.0.5"}, {"port": "p1"}, {"network": "v6", "fixedIP": "2001:db8::5"}],
+        "networks": [{"network": "private", "fixedIP": "10.0.0.5"}, {"port": "p1"}, {"network": "v6", "fixedIP": "2001:db8::5"}, {"network": "private", "subnet": "private-v4"}, {"network": "private", "subnet": "private-v4", "fixedIP": "10.0.0.6"}],
         "volumes": [{"volume": "data"}],
         "userData": "I2Nsb3VkLWNvbmZpZwo=",
     });
@@ -196,6 +196,7 @@ fn server_networks_and_volumes() {
             {"port": "p1", "fixedIP": "10.0.0.5"},
             {"port": "p1"},
             {"network": "a", "fixedIP": "10.0.0.300"},
+            {"port": "p2", "subnet": "s"},
         ],
         "volumes": [{"volume": "data"}, {"volume": "data"}, {"volume": "root"}],
         "userData": "not base64!",
@@ -208,6 +209,7 @@ fn server_networks_and_volumes() {
             "spec.networks[2].fixedIP",
             "spec.networks[3].port",
             "spec.networks[4].fixedIP",
+            "spec.networks[5].subnet",
             "spec.volumes[1]",
             "spec.volumes[2].volume",
             "spec.userData",
