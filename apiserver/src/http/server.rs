@@ -169,6 +169,12 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
                 &[],
             );
         }
+        // The dashboard's assets hold no data: anyone may read them. A body sent along is
+        // read and dropped first, as for any refused request.
+        p if crate::http::dashboard::is_dashboard(p) => {
+            let _ = tokio::time::timeout(DRAIN_TIME, drain(body, DRAIN_BYTES)).await;
+            return crate::http::dashboard::serve(&method, p);
+        }
         _ => {}
     }
     // The one reading of the path every later step (limits, authorization, metrics, audit)
