@@ -40,6 +40,9 @@ bin  curl                 curl
 pkg  ca-certificates      ca-certificates
 py   kubernetes           python3-kubernetes
 py   yaml                 python3-yaml
+bin  chromium             chromium
+bin  chromedriver         chromium-driver
+py   selenium             python3-selenium
 '
 
 sudo=""

@@ -461,6 +461,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         None => None,
     };
     eprintln!("Stratus is up: export KUBECONFIG={}", kubeconfig.display());
+    eprintln!("Dashboard: {url}/dashboard/ (log in with a Stratus user's name and password)");
 
     tokio::select! {
         _ = int.recv() => tracing::info!("interrupted"),

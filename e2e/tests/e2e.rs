@@ -7,6 +7,7 @@ mod e2e {
     mod cli;
     mod clients;
     mod compute;
+    mod dashboard;
     mod drivers;
     mod etcd;
     mod field_ownership;
