@@ -254,10 +254,12 @@ pub struct SubnetStatus {
     /// for the subnet answers from it.
     #[serde(default, rename = "dhcpIP", skip_serializing_if = "Option::is_none")]
     pub dhcp_ip: Option<String>,
-    /// Number of allocated addresses.
+    /// Number of the subnet's addresses held: its gateway's and DHCP server's, and its Ports'
+    /// and FloatingIPs' (kept by the subnets controller).
     #[serde(default, rename = "usedIPs", skip_serializing_if = "Option::is_none")]
     pub used_ips: Option<u64>,
-    /// Number of addresses still free in the allocation pools.
+    /// Number of addresses still free in the allocation pools (kept by the subnets
+    /// controller).
     #[serde(
         default,
         rename = "availableIPs",

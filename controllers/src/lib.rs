@@ -12,6 +12,7 @@ pub mod quota;
 pub mod routers;
 pub mod scheduler;
 pub mod security_groups;
+pub mod subnets;
 pub mod volumes;
 
 use std::time::Duration;
@@ -185,6 +186,7 @@ async fn every_controller(
         () = routers::run(client.clone()) => { stopped("routers"); Ok(()) }
         () = floating_ips::run(client.clone()) => { stopped("floating IPs"); Ok(()) }
         () = security_groups::run(client.clone()) => { stopped("default security groups"); Ok(()) }
+        () = subnets::run(client.clone()) => { stopped("subnet usage"); Ok(()) }
         () = volumes::run(client.clone()) => { stopped("volume scheduler"); Ok(()) }
         () = images::run(client, image_dir, image_policy) => { stopped("images"); Ok(()) }
     }

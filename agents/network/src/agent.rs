@@ -33,7 +33,7 @@ use tokio::sync::Notify;
 use crate::desired::{FloatingPlan, NodeConfig, PortKey, PortPlan, Snapshot, desired_all};
 use crate::driver::{
     Dhcp, DhcpError, Firewall, FirewallError, IfName, Link, LinkError, LinkKind, Links, Name,
-    Netns, Ruleset,
+    Netns, Observed, Ruleset,
 };
 use crate::plan::{
     Desired, NetnsContents, ObservedHost, Op, RouterContents, Step, is_derived, is_dhcp_name_of,
@@ -133,6 +133,8 @@ pub enum Programmed {
 pub struct Report {
     /// The state aimed at.
     pub desired: Desired,
+    /// [`Ruleset::observed`] of its ruleset, when it renders.
+    pub firewall: Option<Observed>,
     /// The steps planned (all tried unless an earlier one of theirs failed).
     pub steps: Vec<Step>,
     /// The steps that failed, with the error.
@@ -321,9 +323,24 @@ pub fn describe(op: &Op) -> String {
 /// # Errors
 /// The host could not be read, before or after.
 pub fn converge(host: &Host, cfg: &NodeConfig, snap: &Snapshot) -> Result<Report, SyncError> {
+    converge_since(host, cfg, snap, None)
+}
+
+/// [`converge`], given the ruleset of an earlier converge and its digest
+/// ([`Report::firewall`]): the chains of ports whose filter did not change are not rendered
+/// again.
+///
+/// # Errors
+/// The host could not be read, before or after.
+pub fn converge_since(
+    host: &Host,
+    cfg: &NodeConfig,
+    snap: &Snapshot,
+    before: Option<(&Ruleset, &Observed)>,
+) -> Result<Report, SyncError> {
     let (desired, plans) = desired_all(cfg, snap);
     // The ruleset's digest, rendered once for the plan, the read-back and every port.
-    let want = desired.firewall.as_ref().map(Ruleset::observed);
+    let want = desired.firewall.as_ref().map(|r| r.observed_since(before));
     let observed = observe(host, &desired)?;
     let steps = plan_with(&desired, want.as_ref(), &observed);
     let mut failures: Vec<(Step, String)> = Vec::new();
@@ -441,8 +458,13 @@ pub fn converge(host: &Host, cfg: &NodeConfig, snap: &Snapshot) -> Result<Report
         };
         floating_ips.insert(key, state);
     }
+    let firewall = match want {
+        Some(Ok(w)) => Some(w),
+        _ => None,
+    };
     Ok(Report {
         desired,
+        firewall,
         steps,
         failures,
         ports,
@@ -851,6 +873,9 @@ pub async fn run(client: Client, host: Host, config: Config) {
     let mut tick = tokio::time::interval(config.resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut converged: Option<Desired> = None;
+    // The last ruleset aimed at and its digest, so that the next converge renders only the
+    // chains of ports whose filter changed.
+    let mut digest: Option<(Ruleset, Observed)> = None;
     let mut wired: BTreeSet<IfName> = BTreeSet::new();
     let mut first = true;
     let mut converged_once = false;
@@ -872,10 +897,11 @@ pub async fn run(client: Client, host: Host, config: Config) {
         converged_once = true;
         let snap = caches.snapshot();
         let (h, cfg, s) = (host.clone(), config.node.clone(), snap.clone());
+        let before = digest.take();
         let span = tracing::info_span!("converge", node = %node);
         let report = match stratus_runtime::blocking(move || {
             let _g = span.enter();
-            converge(&h, &cfg, &s)
+            converge_since(&h, &cfg, &s, before.as_ref().map(|(r, o)| (r, o)))
         })
         .await
         .map_err(SyncError::from)
@@ -899,6 +925,7 @@ pub async fn run(client: Client, host: Host, config: Config) {
             repaired(&recorder, &config, &snap, &report, &wired).await;
         }
         converged = report.failures.is_empty().then(|| report.desired.clone());
+        digest = report.desired.firewall.clone().zip(report.firewall.clone());
         wired = report.wired_devices();
         write_statuses(&runtime, &config, &snap, &report).await;
         write_router_statuses(&routers_rt, &floating_rt, &snap, &report).await;

@@ -424,8 +424,8 @@ fn a_network_with_a_port_stays_and_once_the_port_goes_its_vni_goes_at_once_and_i
     let claims = format!("{PREFIX}/_claims/network/{uid}/");
     assert_eq!(
         (keys(&vni_key)?, keys(&claims)?),
-        (1, 3),
-        "the VNI; the subnet's gateway; the port's address and MAC"
+        (1, 4),
+        "the VNI; the subnet's gateway and DHCP server address; the port's address and MAC"
     );
 
     let refused = cloud.kubectl(&["-n", "demo", "delete", "network", "blue"])?;
@@ -436,7 +436,11 @@ fn a_network_with_a_port_stays_and_once_the_port_goes_its_vni_goes_at_once_and_i
     );
     assert_eq!(keys(&vni_key)?, 1, "the network stays");
     cloud.kubectl_ok(&["-n", "demo", "delete", "port", "p"])?;
-    assert_eq!(keys(&claims)?, 1, "the port's claims go in its delete");
+    assert_eq!(
+        keys(&claims)?,
+        2,
+        "the port's claims go in its delete; the subnet's stay"
+    );
     cloud.kubectl_ok(&["-n", "demo", "delete", "network", "blue"])?;
     assert_eq!(keys(&vni_key)?, 0, "the VNI goes in the network's delete");
     wait_until(
@@ -452,7 +456,7 @@ fn a_network_with_a_port_stays_and_once_the_port_goes_its_vni_goes_at_once_and_i
     assert_eq!(
         keys(&claims)?,
         0,
-        "the subnet's gateway went with the subnet"
+        "the subnet's gateway and DHCP server address went with the subnet"
     );
 
     // A project being deleted takes its networks with their ports, in whatever order.
@@ -484,7 +488,11 @@ fn a_network_with_a_port_stays_and_once_the_port_goes_its_vni_goes_at_once_and_i
         "jsonpath={.metadata.uid}",
     ])?;
     let claims = format!("{PREFIX}/_claims/network/{}/", uid.trim());
-    assert_eq!(keys(&claims)?, 3, "the gateway; the port's address and MAC");
+    assert_eq!(
+        keys(&claims)?,
+        4,
+        "the gateway and DHCP server address; the port's address and MAC"
+    );
     cloud.kubectl_ok(&["delete", "project", "other", "--wait=false"])?;
     wait_until(Duration::from_secs(60), "the project to go", || {
         let out = cloud.kubectl(&["get", "project", "other"]).ok()?;
@@ -492,5 +500,81 @@ fn a_network_with_a_port_stays_and_once_the_port_goes_its_vni_goes_at_once_and_i
             .then_some(())
     })?;
     assert_eq!(keys(&claims)?, 0, "no claim outlives the project");
+    Ok(())
+}
+
+/// A Subnet's DHCP server address is claimed at its create, so no Port gets it; the subnets
+/// controller keeps `status.usedIPs` and `status.availableIPs` as Ports come and go.
+#[test]
+fn a_subnet_counts_its_addresses_and_its_dhcp_servers_is_no_ports() -> Result<()> {
+    let cloud = Cloud::up()?;
+    cloud.projects(&["demo"])?;
+    cloud.kubectl_in(
+        &["-n", "demo", "create", "-f", "-"],
+        "apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: blue\nspec: {}\n---\n\
+         apiVersion: network.stratus.dev/v1\nkind: Subnet\nmetadata:\n  name: s\nspec:\n  network: blue\n  cidr: 10.61.0.0/24\n  allocationPools:\n  - start: 10.61.0.10\n    end: 10.61.0.19\n",
+    )?;
+    let counts = |want: (u64, u64)| {
+        wait_until(
+            Duration::from_secs(60),
+            &format!("subnet s used/available {want:?}"),
+            || {
+                let got = cloud
+                    .kubectl_ok(&[
+                        "-n",
+                        "demo",
+                        "get",
+                        "subnet",
+                        "s",
+                        "-o",
+                        "jsonpath={.status.usedIPs} {.status.availableIPs}",
+                    ])
+                    .ok()?;
+                (got == format!("{} {}", want.0, want.1)).then_some(())
+            },
+        )
+        .with_context(|| cloud.log())
+    };
+    let dhcp = cloud.kubectl_ok(&[
+        "-n",
+        "demo",
+        "get",
+        "subnet",
+        "s",
+        "-o",
+        "jsonpath={.status.dhcpIP}",
+    ])?;
+    assert_eq!(dhcp, "10.61.0.10", "the first address of the pool");
+    // The gateway and the DHCP server; 9 of the pool's 10 left.
+    counts((2, 9))?;
+    let port = |name: &str, ip: Option<&str>| {
+        let fixed = ip.map_or(String::new(), |ip| {
+            format!("  fixedIPs:\n  - ipAddress: {ip}\n")
+        });
+        format!(
+            "apiVersion: network.stratus.dev/v1\nkind: Port\nmetadata:\n  name: {name}\nspec:\n  network: blue\n{fixed}"
+        )
+    };
+    let taken = cloud.kubectl_in(
+        &["-n", "demo", "create", "-f", "-"],
+        &port("asks", Some(&dhcp)),
+    );
+    let err = format!(
+        "{:#}",
+        taken.err().context("a port asking for the DHCP address")?
+    );
+    assert!(
+        err.contains("spec.fixedIPs[0].ipAddress") && err.contains("DHCP server"),
+        "{err}"
+    );
+    for i in 0..3 {
+        cloud.kubectl_in(
+            &["-n", "demo", "create", "-f", "-"],
+            &port(&format!("p{i}"), None),
+        )?;
+    }
+    counts((5, 6))?;
+    cloud.kubectl_ok(&["-n", "demo", "delete", "port", "p0"])?;
+    counts((4, 7))?;
     Ok(())
 }

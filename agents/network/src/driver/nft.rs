@@ -543,6 +543,61 @@ impl Ruleset {
         Ok(digest(&self.render()?))
     }
 
+    /// [`Ruleset::observed`], taking the chains of each port whose filter is the same as in
+    /// `before` (whose digest was `digest`) from that digest instead of rendering them
+    /// again: a change of one group's rules or of one port renders those ports' chains and
+    /// the node-wide ones only.
+    pub fn observed_since(
+        &self,
+        before: Option<(&Ruleset, &Observed)>,
+    ) -> Result<Observed, FirewallError> {
+        self.validate()?;
+        let mut kept: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        if let Some((old, digest)) = before {
+            let names = |rs: &Ruleset, p: &PortFilter| -> Vec<Name> {
+                p.ingress
+                    .iter()
+                    .chain(&p.egress)
+                    .filter_map(|r| match r.remote {
+                        Remote::Group(GroupRef(i)) => rs.groups.get(i).map(|g| g.name.clone()),
+                        _ => None,
+                    })
+                    .collect()
+            };
+            let previous: BTreeMap<&Name, &PortFilter> =
+                old.ports.iter().map(|p| (&p.id, p)).collect();
+            for p in self.ports.iter().filter(|p| p.port_security) {
+                if previous
+                    .get(&p.id)
+                    .is_some_and(|q| *q == p && names(old, q) == names(self, p))
+                {
+                    for side in ["in", "out"] {
+                        let k = key(NfFamily::INet, &format!("{}-{side}", p.id));
+                        if let Some(rules) = digest.chains.get(&k) {
+                            kept.insert(k, rules.clone());
+                        }
+                    }
+                }
+            }
+        }
+        let mut o = Observed::default();
+        for g in &self.groups {
+            o.sets.insert(
+                key(NfFamily::INet, g.name.as_str()),
+                g.members.iter().map(|a| a.to_string()).collect(),
+            );
+        }
+        for (family, chain, rules) in self.all_chains() {
+            let k = key(family, &chain.name);
+            let ids = match kept.remove(&k) {
+                Some(ids) => ids,
+                None => rules.iter().map(|r| rule_id(r)).collect(),
+            };
+            o.chains.insert(k, ids);
+        }
+        Ok(o)
+    }
+
     /// The `inet` table's chains with their rules' statements.
     fn chains(&self) -> Vec<(NfFamily, Chain<'static>, Vec<Vec<Statement<'static>>>)> {
         let mut pre = Vec::new();
@@ -1091,9 +1146,14 @@ fn regular(name: &str) -> Chain<'static> {
     }
 }
 
+/// The identity of a rule: the digest of its statements, its comment in the kernel.
+fn rule_id(expr: &[Statement<'static>]) -> String {
+    digest_hex(&serde_json::to_string(expr).unwrap_or_default(), 16)
+}
+
 /// A rule whose comment is the digest of its statements: its identity when read back.
 fn rule(family: NfFamily, chain: &str, expr: Vec<Statement<'static>>) -> NfRule<'static> {
-    let id = digest_hex(&serde_json::to_string(&expr).unwrap_or_default(), 16);
+    let id = rule_id(&expr);
     NfRule {
         family,
         table: TABLE.into(),
@@ -1494,6 +1554,46 @@ mod tests {
 
     fn with_all(rule: &str, parts: &[&str]) -> bool {
         parts.iter().all(|p| rule.contains(p))
+    }
+
+    #[test]
+    fn a_digest_taken_from_the_one_before_is_the_digest_rendered() {
+        let first = sample_ruleset();
+        let d1 = first.observed().expect("observed");
+        assert_eq!(first.observed_since(None).expect("digest"), d1);
+        assert_eq!(
+            first.observed_since(Some((&first, &d1))).expect("digest"),
+            d1
+        );
+        // One port's rule changes, a member leaves, and the group is renamed: every chain
+        // that names it is rendered again, as a full render gives.
+        let mut second = first.clone();
+        second.ports[0].ingress.remove(0);
+        second.groups[0].members.remove(&Ipv4Addr::new(10, 0, 0, 3));
+        let d2 = second.observed().expect("observed");
+        assert_ne!(d1, d2);
+        assert_eq!(
+            second.observed_since(Some((&first, &d1))).expect("digest"),
+            d2
+        );
+        let mut third = second.clone();
+        third.groups[0].name = Name::new("g-other").expect("name");
+        let d3 = third.observed().expect("observed");
+        assert_eq!(
+            third.observed_since(Some((&second, &d2))).expect("digest"),
+            d3
+        );
+        // A stale digest is taken only for ports whose filter is unchanged.
+        let mut bogus = d2.clone();
+        bogus
+            .chains
+            .insert("inet/p-one-in".into(), vec!["stale".into()]);
+        assert_eq!(
+            second
+                .observed_since(Some((&first, &bogus)))
+                .expect("digest"),
+            d2
+        );
     }
 
     #[test]
