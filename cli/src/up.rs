@@ -1,5 +1,6 @@
 //! `stratus up`: a whole single-node cloud (etcd, API server, controllers and, with
-//! `--compute`, the node's compute and network agents) in one process tree.
+//! `--compute`, the node's compute, network and storage agents; with `--storage`, its storage
+//! agent alone) in one process tree.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -36,9 +37,16 @@ pub struct UpArgs {
     /// `test:///default` for a cloud whose guests are not real).
     #[arg(long)]
     pub compute: Option<String>,
-    /// The name of this host's node, with `--compute`.
+    /// The name of this host's node, with `--compute` or `--storage`.
     #[arg(long, default_value = "node-1")]
     pub node_name: String,
+    /// Run this host's storage agent (without `--compute` too) with one file pool,
+    /// `NODE-files`, in `DATA_DIR/volumes`; `--compute` runs it unless `--no-storage`.
+    #[arg(long, conflicts_with = "no_storage")]
+    pub storage: bool,
+    /// With `--compute`, run no storage agent.
+    #[arg(long)]
+    pub no_storage: bool,
     /// With `--compute`, the address this node's VXLAN traffic leaves from. `stratus up` is
     /// one node, whose tenant networks reach no other node (its VXLAN devices have no peer),
     /// so 127.0.0.1 serves; give the host's address to let nodes started elsewhere join.
@@ -339,6 +347,17 @@ pub fn write_kubeconfig(
     write_private(path, &yaml)
 }
 
+/// The node's file pool, `NODE-files`, in `DIR/volumes` (made private, as the rest of `DIR`).
+fn file_pool(dir: &Path, node: &str) -> Result<stratus_storage_agent::pool::PoolConfig> {
+    let volumes =
+        std::path::absolute(dir.join("volumes")).context("resolve the volumes directory")?;
+    private_dir(&volumes)?;
+    let spec = format!("{node}-files=file:{}", volumes.display());
+    spec.parse()
+        .map_err(|e: String| anyhow::anyhow!(e))
+        .with_context(|| format!("the file pool {spec:?}"))
+}
+
 /// Runs the cloud until Ctrl-C or SIGTERM.
 pub async fn run(args: UpArgs) -> Result<()> {
     // Signals that arrive while starting are kept and acted on once everything is up.
@@ -347,6 +366,10 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let dir = &args.data_dir;
     private_dir(dir)?;
+    let storage = args.storage || (args.compute.is_some() && !args.no_storage);
+    let file_pool = storage
+        .then(|| file_pool(dir, &args.node_name))
+        .transpose()?;
     let etcd_pki = stratus_apiserver::http::tls::ensure_etcd_pki(&dir.join("pki").join("etcd"))
         .context("make etcd's CA and certificates")?;
     let etcd_tls = etcd_pki.client_tls();
@@ -371,7 +394,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
     )
     .context("make the CA and serving certificate")?;
     let mut nodes = args.nodes.clone();
-    if args.compute.is_some() && !nodes.contains(&args.node_name) {
+    if (args.compute.is_some() || storage) && !nodes.contains(&args.node_name) {
         nodes.insert(0, args.node_name.clone());
     }
     for n in &nodes {
@@ -438,13 +461,23 @@ pub async fn run(args: UpArgs) -> Result<()> {
         dir.join("images"),
         images.clone(),
     ));
-    let agent = match &args.compute {
-        Some(uri) => Some(tokio::spawn(crate::agent::run(crate::agent::AgentArgs {
+    let mut roles = Vec::new();
+    if args.compute.is_some() {
+        // One node: its guests' networks are served here, by the network role.
+        roles.extend([crate::agent::Role::Compute, crate::agent::Role::Network]);
+    }
+    let mut storage_args = crate::agent::StorageArgs::default();
+    if let Some(pool) = file_pool {
+        roles.push(crate::agent::Role::Storage);
+        storage_args.storage_pools = vec![pool];
+        storage_args.storage_heartbeat_seconds = 5;
+    }
+    let agent = (!roles.is_empty()).then(|| {
+        tokio::spawn(crate::agent::run(crate::agent::AgentArgs {
             node: args.node_name.clone(),
-            // One node: its guests' networks are served here, by the network role.
-            roles: vec![crate::agent::Role::Compute, crate::agent::Role::Network],
+            roles,
             kubeconfig: Some(dir.join(format!("node-{}.kubeconfig", args.node_name))),
-            libvirt_uri: uri.clone(),
+            libvirt_uri: args.compute.clone().unwrap_or_default(),
             state_dir: dir.join("compute"),
             zone: "nova".into(),
             heartbeat_seconds: 10,
@@ -456,10 +489,9 @@ pub async fn run(args: UpArgs) -> Result<()> {
                 network_resync_seconds: 2,
                 ..Default::default()
             },
-            storage: Default::default(),
-        }))),
-        None => None,
-    };
+            storage: storage_args,
+        }))
+    });
     eprintln!("Stratus is up: export KUBECONFIG={}", kubeconfig.display());
     eprintln!("Dashboard: {url}/dashboard/ (log in with a Stratus user's name and password)");
 

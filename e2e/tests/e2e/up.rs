@@ -101,3 +101,72 @@ fn stratus_up_with_compute_runs_the_network_agent_too() -> Result<()> {
     drop(cloud);
     Ok(())
 }
+
+/// The files of the node's file pool of a `stratus up` in `dir`.
+fn pool_files(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir.join("volumes"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `stratus up --storage` serves a file pool in its data directory, so the example Volume a
+/// newcomer applies is placed there and made (Available, its file in `DATA_DIR/volumes`), and
+/// deleting it removes the file.
+#[test]
+fn stratus_up_with_storage_makes_the_example_volume() -> Result<()> {
+    let cloud = Cloud::up_with(&["--storage"])?;
+    cloud.projects(&["demo"])?;
+    let t = Duration::from_secs(240);
+    let capacity = wait_until(t, "the node's file pool to be Ready", || {
+        cloud
+            .kubectl_ok(&[
+                "get",
+                "storagepool",
+                "node-1-files",
+                "-o",
+                "jsonpath={.status.phase} {.status.capacityGiB} {.spec.node}",
+            ])
+            .ok()
+            .filter(|s| s.starts_with("Ready "))
+    })
+    .with_context(|| cloud.log())?;
+    anyhow::ensure!(capacity.ends_with(" node-1"), "pool: {capacity}");
+    let example = stratus_e2e::repo_root().join("examples/storage.yaml");
+    let applied = wait_until(t, "examples/storage.yaml to apply", || {
+        cloud
+            .kubectl_ok(&["apply", "-f", example.to_str().unwrap_or_default()])
+            .ok()
+    })?;
+    anyhow::ensure!(
+        applied.contains("volume.storage.stratus.dev/scratch"),
+        "{applied}"
+    );
+    let get = || {
+        cloud
+            .kubectl_ok(&[
+                "-n",
+                "demo",
+                "get",
+                "volume",
+                "scratch",
+                "-o",
+                "jsonpath={.status.phase} {.status.pool}",
+            ])
+            .unwrap_or_default()
+    };
+    wait_until(t, "the example volume to be Available", || {
+        (get() == "Available node-1-files").then_some(())
+    })
+    .with_context(|| format!("volume: {}\n{}", get(), cloud.log()))?;
+    let files = pool_files(cloud.dir.path());
+    anyhow::ensure!(files.len() == 1, "the pool's files: {files:?}");
+    cloud.kubectl_ok(&["-n", "demo", "delete", "volume", "scratch", "--wait=false"])?;
+    wait_until(t, "the volume's file to be removed", || {
+        pool_files(cloud.dir.path()).is_empty().then_some(())
+    })
+    .with_context(|| format!("left: {:?}", pool_files(cloud.dir.path())))?;
+    Ok(())
+}
