@@ -766,3 +766,149 @@ fn a_router_on_a_network_node_translates_floating_ips_and_snat_for_a_guest_on_an
     );
     wait(|| !ping(&g1, external));
 }
+
+/// Makes taps `tc0`…`tc{n-1}` in `ns` (what the hypervisor does for a guest's ports).
+fn taps(ns: &Name, n: usize) {
+    for i in 0..n {
+        sh(
+            ns,
+            &[
+                "ip",
+                "tuntap",
+                "add",
+                "dev",
+                &format!("tc{i}"),
+                "mode",
+                "tap",
+            ],
+        );
+    }
+}
+
+/// Stops the node's DHCP servers and deletes their namespaces, as a node that is gone.
+fn forget_dhcp(l: &NetlinkLinks, d: &Dnsmasq, node: &str) {
+    for name in d.list().expect("dhcp list") {
+        d.remove(&name).expect("dhcp remove");
+    }
+    for ns in l.list_netns().expect("netns") {
+        if is_dhcp_name_of(node, &ns) {
+            l.del_netns(&ns).expect("del dhcp netns");
+        }
+    }
+}
+
+/// The benchmark's restart of a node with many ports: its ports already `Active` in the
+/// API from an earlier run, the node's namespace made anew (same name, then another), its
+/// DHCP server gone; an agent whose drivers knew the old namespace, and then a new agent,
+/// each wire every port in one converge, and a second converge changes nothing.
+#[test]
+fn an_agent_started_again_on_a_fresh_node_wires_every_port_at_once() {
+    if !root() {
+        return;
+    }
+    const PORTS: usize = 40;
+    let prefix = unique();
+    let l = NetlinkLinks::new();
+    let (a, b) = (name(format!("{prefix}-a")), name(format!("{prefix}-b")));
+    let node = format!("{prefix}-node");
+    let (d1, d2) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let (dns1, dns2) = (
+        Dnsmasq::new(d1.path().join("dhcp")),
+        Dnsmasq::new(d2.path().join("dhcp")),
+    );
+    let _cleanup = Cleanup {
+        dhcp: vec![(dns1.clone(), node.clone()), (dns2.clone(), node.clone())],
+        namespaces: vec![a.clone(), b.clone()],
+        _dirs: vec![],
+    };
+    let net_uid = format!("{prefix}-net");
+    let ports = (0..PORTS)
+        .map(|i| {
+            let p = of_network(
+                port(
+                    &format!("p{i}"),
+                    "net",
+                    &node,
+                    &format!("02:00:00:00:01:{i:02x}"),
+                    &format!("10.50.0.{}", i + 10),
+                    Some(&format!("tc{i}")),
+                ),
+                &net_uid,
+            );
+            // Wired by the agent of the run before.
+            let mut q = (*p).clone();
+            if let Some(s) = q.status.as_mut() {
+                s.phase = stratus_api_types::network::PortPhase::Active;
+            }
+            Arc::new(q)
+        })
+        .collect();
+    let snap = Snapshot {
+        ports,
+        networks: vec![network("net", &net_uid, Some(5001))],
+        subnets: vec![of_network(subnet("sn", "net", "10.50.0.0/24"), &net_uid)],
+        hypervisors: vec![hypervisor(&node, "192.0.2.1")],
+        groups: vec![group(
+            "default",
+            json!([
+                {"direction": "ingress", "protocol": "icmp", "remoteGroup": "default"},
+                {"direction": "ingress", "protocol": "tcp", "portRangeMin": 22, "portRangeMax": 22},
+                {"direction": "egress"},
+            ]),
+        )],
+        ..Snapshot::default()
+    };
+    let cfg = |ns: &Name| NodeConfig {
+        node: node.clone(),
+        netns: Netns::Named(ns.clone()),
+        underlay: Some(Ipv4Addr::new(192, 0, 2, 1)),
+        physical: Default::default(),
+    };
+    let host = |ns: &Name, d: &Dnsmasq| Host {
+        links: Arc::new(NetlinkLinks::new()),
+        firewall: Arc::new(NftFirewall::new(Netns::Named(ns.clone()))),
+        dhcp: Arc::new(d.clone()),
+    };
+    let all_wired = |ns: &Name, h: &Host, label: &str| {
+        let r = converge(h, &cfg(ns), &snap).expect("converge");
+        assert!(r.failures.is_empty(), "{label}: {:?}", r.failures);
+        let wired = r
+            .ports
+            .values()
+            .filter(|s| matches!(s, PortState::Wired { .. }))
+            .count();
+        assert_eq!(wired, PORTS, "{label}: {:?}", r.ports);
+        let links = l.links(&Netns::Named(ns.clone())).expect("links");
+        let on_bridge = links
+            .iter()
+            .filter(|k| k.name.as_str().starts_with("tc") && k.up && k.master.is_some())
+            .count();
+        assert_eq!(on_bridge, PORTS, "{label}");
+        let again = converge(h, &cfg(ns), &snap).expect("converge");
+        assert_eq!(again.steps, vec![], "{label}: nothing left to do");
+    };
+
+    l.add_netns(&a).expect("netns");
+    taps(&a, PORTS);
+    let h1 = host(&a, &dns1);
+    all_wired(&a, &h1, "first start");
+
+    // The node's namespace is made again under the same name; the same drivers (their
+    // netlink connection and nf_tables socket were opened in the old one) wire it.
+    forget_dhcp(&l, &dns1, &node);
+    l.del_netns(&a).expect("del netns");
+    l.add_netns(&a).expect("netns again");
+    taps(&a, PORTS);
+    all_wired(&a, &h1, "same drivers, namespace made again");
+
+    // A new agent for the same node in another fresh namespace, with a state directory of
+    // its own; the old namespace and DHCP server gone.
+    forget_dhcp(&l, &dns1, &node);
+    l.del_netns(&a).expect("del netns");
+    l.add_netns(&b).expect("netns");
+    taps(&b, PORTS);
+    all_wired(&b, &host(&b, &dns2), "new agent, new namespace");
+}
