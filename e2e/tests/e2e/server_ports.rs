@@ -636,3 +636,64 @@ fn a_servers_ports_have_addresses_before_placement_and_move_with_it() -> Result<
     assert_eq!(moved["status"]["macAddress"], port["status"]["macAddress"]);
     Ok(())
 }
+
+/// A Server's network entry naming a subnet gets its address from that subnet; one naming a
+/// subnet of another network is said on the Server under that field, and a subnet with a port
+/// is refused at once.
+#[test]
+fn a_servers_network_entry_takes_its_address_from_the_subnet_it_names() -> Result<()> {
+    let cloud = Cloud::up()?;
+    cloud.projects(&["demo"])?;
+    let flavors = repo_root().join("examples/flavors.yaml");
+    cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
+    cloud.kubectl_in(
+        &["-n", "demo", "apply", "-f", "-"],
+        "apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: blue\nspec: {}\n---\n\
+         apiVersion: network.stratus.dev/v1\nkind: Subnet\nmetadata:\n  name: blue-a\nspec:\n  network: blue\n  cidr: 10.74.0.0/24\n---\n\
+         apiVersion: network.stratus.dev/v1\nkind: Subnet\nmetadata:\n  name: blue-b\nspec:\n  network: blue\n  cidr: 10.74.1.0/24\n---\n\
+         apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: red\nspec: {}\n---\n\
+         apiVersion: network.stratus.dev/v1\nkind: Subnet\nmetadata:\n  name: red-v4\nspec:\n  network: red\n  cidr: 10.75.0.0/24\n---\n\
+         apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: web\nspec:\n  flavor: m1.nano\n  image: tiny\n  networks:\n  - network: blue\n    subnet: blue-b\n---\n\
+         apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: astray\nspec:\n  flavor: m1.nano\n  image: tiny\n  networks:\n  - network: blue\n    subnet: red-v4\n",
+    )?;
+    // One address, from blue-b only (an entry without a subnet gets one of each).
+    let port = wait_until(T, "web's port", || {
+        get(&cloud, "port", "web-0").filter(|p| p["status"]["fixedIPs"].is_array())
+    })?;
+    let fixed = port["status"]["fixedIPs"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(fixed.len(), 1, "{port}");
+    assert_eq!(fixed[0]["subnet"], "blue-b");
+    assert!(
+        fixed[0]["ipAddress"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("10.74.1.")),
+        "{port}"
+    );
+    // A subnet of another network: no port, and the Server says which field is wrong.
+    let astray = wait_until(T, "astray's Allocated=False", || {
+        get(&cloud, "server", "astray")
+            .filter(|s| condition(s, "Allocated").is_some_and(|c| c["status"] == "False"))
+    })?;
+    let c = condition(&astray, "Allocated").cloned().unwrap_or_default();
+    let message = c["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("spec.networks[0].subnet") && message.contains("\"red\""),
+        "{c}"
+    );
+    assert!(get(&cloud, "port", "astray-0").is_none(), "no port made");
+    // A subnet beside a port: 422 naming the field, nothing stored.
+    let out = cloud.kubectl_in(
+        &["-n", "demo", "create", "-f", "-"],
+        "apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: both\nspec:\n  flavor: m1.nano\n  image: tiny\n  networks:\n  - port: web-0\n    subnet: blue-b\n",
+    );
+    let err = format!(
+        "{:#}",
+        out.err().context("a subnet with a port is refused")?
+    );
+    assert!(err.contains("spec.networks[0].subnet"), "{err}");
+    assert!(get(&cloud, "server", "both").is_none());
+    Ok(())
+}
