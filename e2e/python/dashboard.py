@@ -115,6 +115,15 @@ def run(driver, cmd, artifacts):
         path = os.path.join(artifacts, f"{cmd['name']}.png")
         driver.save_screenshot(path)
         return {"ok": True, "path": path}
+    if op == "offline":
+        # The browser's network cut (or restored) through the DevTools protocol: requests in
+        # flight fail, as when a laptop loses its Wi-Fi.
+        driver.execute_cdp_cmd("Network.enable", {})
+        driver.execute_cdp_cmd(
+            "Network.emulateNetworkConditions",
+            {"offline": bool(cmd["on"]), "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+        )
+        return {"ok": True}
     if op == "url":
         return {"ok": True, "url": driver.current_url}
     raise ValueError(f"unknown command {op!r}")

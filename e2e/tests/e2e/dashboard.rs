@@ -545,6 +545,63 @@ fn a_member_follows_servers_live_in_a_real_browser() -> Result<()> {
     cloud.kubectl_in(&["apply", "-f", "-"], &server("web-b2", "dash-b", "after"))?;
     b.row("web-b2", None, 120)?;
     assert_eq!(b.js("return window.__stillThisPage")?, "yes", "no reload");
+    b.until(
+        "return document.querySelector('#live').dataset.state === 'live'",
+        30,
+        "the watch to be open again",
+    )?;
+    assert_eq!(
+        b.js("return document.querySelector('#live').dataset.lists")?,
+        "1",
+        "the watch resumed from its resourceVersion: no second LIST"
+    );
+
+    // The browser offline (an open stream is not cut by that, so the cloud restarts too)
+    // while servers change and etcd compacts their revisions: back online, the watch's
+    // resourceVersion is gone (410), and one new LIST brings the page up to date.
+    let lists = b.js("return document.querySelector('#live').dataset.lists")?;
+    b.ok(json!({"cmd": "offline", "on": true}))?;
+    cloud.restart()?;
+    b.until(
+        "return document.querySelector('#live').dataset.state === 'reconnecting'",
+        60,
+        "the watch to drop",
+    )?;
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        &server("web-b3", "dash-b", "offline"),
+    )?;
+    cloud.kubectl_ok(&["-n", "dash-b", "delete", "server", "web-b2", "--wait=false"])?;
+    let status = cloud.etcdctl(&["endpoint", "status", "-w", "json"])?;
+    let status: Value = serde_json::from_slice(&status.stdout).context("etcd's status")?;
+    let revision = status[0]["Status"]["header"]["revision"]
+        .as_i64()
+        .context("etcd's revision")?;
+    let compacted = cloud.etcdctl(&["compact", &revision.to_string()])?;
+    assert!(compacted.status.success(), "{compacted:?}");
+    b.ok(json!({"cmd": "offline", "on": false}))?;
+    b.row("web-b3", None, 90)?;
+    b.until(
+        "return ![...document.querySelectorAll('#list tbody tr')].some((r) => r.dataset.name === 'web-b2') || null",
+        30,
+        "web-b2 to go (deleted while offline)",
+    )?;
+    let relisted = b.until(
+        "const l = document.querySelector('#live'); return l.dataset.state === 'live' && l.dataset.lists",
+        30,
+        "the page to be live again",
+    )?;
+    assert_eq!(
+        relisted["value"]
+            .as_str()
+            .and_then(|v| v.parse::<u64>().ok()),
+        lists
+            .as_str()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|n| n + 1),
+        "one new LIST after the 410"
+    );
+    assert_eq!(b.js("return window.__stillThisPage")?, "yes", "no reload");
 
     // Nothing of dash-c reached the page; the token is in no URL and no storage.
     assert_eq!(
