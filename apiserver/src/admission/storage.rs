@@ -39,7 +39,9 @@ use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 use stratus_api_types::common::{ConditionType, Reason};
-use stratus_api_types::storage::{StoragePool, VOLUME_UID, VolumePhase, VolumeSpec};
+use stratus_api_types::storage::{
+    StoragePool, TEARDOWN_FINALIZER, VOLUME_UID, VolumePhase, VolumeSpec,
+};
 
 use crate::admission::binding::{self, Claims, Placed, Placement, PlacementLocks, Seen};
 use crate::admission::{Admission, Change, Ctx, Held, Subject, Written, quota};
@@ -823,8 +825,9 @@ async fn not_in_use(ctx: Ctx<'_>, s: Subject<'_>, obj: &Value) -> ApiResult<Vec<
 
 /// `POST volumes/{name}/binding` with `{"target": {"name": POOL}}`: places the Volume on the
 /// pool (its `status.pool`, the pool's node as `status.node`, phase `Creating`,
-/// `Scheduled=True`) if its size fits there, claiming it in the same transaction; binding
-/// again to the same pool claims its current size.
+/// `Scheduled=True`, and the storage agent's teardown finalizer) if its size fits there,
+/// claiming it in the same transaction; binding again to the same pool claims its current
+/// size.
 ///
 /// # Errors
 /// 404 for a missing Volume; 422 for a missing target or pool; 409 when the Volume is being
@@ -965,6 +968,15 @@ fn place_volume(
         .unwrap_or_default();
     let mut new = v.clone();
     let generation = v.pointer("/metadata/generation").and_then(Value::as_i64);
+    // The storage agent's finalizer, with the placement: a volume deleted before its agent
+    // first sees it still waits for the agent to remove whatever it made of it.
+    {
+        let mut finalizers = meta::finalizers(v);
+        if !finalizers.iter().any(|f| f == TEARDOWN_FINALIZER) {
+            finalizers.push(TEARDOWN_FINALIZER.to_string());
+            meta::meta_mut(&mut new).insert("finalizers".into(), json!(finalizers));
+        }
+    }
     let status = binding::status_mut(&mut new)?;
     status.insert("pool".into(), json!(target));
     status.insert("node".into(), json!(node));

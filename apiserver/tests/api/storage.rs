@@ -260,6 +260,15 @@ async fn a_deleted_volume_frees_its_claim_and_a_pinned_one_goes_where_it_asks() 
     c.delete("Volume", Some("demo"), "a", "")
         .await
         .expect("delete a");
+    // Its storage agent removes its data and releases it, as the agent does.
+    c.patch(
+        &c.target("Volume", Some("demo"), Some("a")),
+        MERGE,
+        &json!({"metadata": {"finalizers": null}}),
+        "",
+    )
+    .await
+    .expect("release a");
     assert_eq!(bind(&c, "b", "p1").await.expect("room again"), 201);
     pool(&c, "p2", "n2", 10).await;
     let pinned = volume("demo", "pinned", json!(1)).spec("storagePool", json!("p2"));
@@ -780,4 +789,61 @@ async fn snapshot_gib_count_with_the_volumes_in_volume_gib() {
             .all(|e| e.code == 403 || e.code == 409),
         "{snaps:?} {vols:?}"
     );
+}
+
+/// The binding adds the storage agent's teardown finalizer with the placement, so a volume
+/// deleted before its agent first saw it still waits for the agent (its claim held until
+/// then); an unplaced volume has none and goes at once.
+#[tokio::test]
+async fn a_placed_volume_waits_for_its_agent_when_deleted() {
+    let c = with_pool(10).await;
+    c.create(&volume("demo", "v", json!(4))).await.expect("v");
+    c.create(&volume("demo", "pending", json!(1)))
+        .await
+        .expect("pending");
+    bind(&c, "v", "p1").await.expect("v placed");
+    let v = c.get("Volume", Some("demo"), "v").await.expect("v");
+    assert_eq!(
+        v["metadata"]["finalizers"],
+        json!(["storage.stratus.dev/teardown"])
+    );
+    // Binding again adds it once.
+    bind(&c, "v", "p1").await.expect("again");
+    let again = c.get("Volume", Some("demo"), "v").await.expect("v");
+    assert_eq!(
+        again["metadata"]["resourceVersion"],
+        v["metadata"]["resourceVersion"]
+    );
+
+    c.delete("Volume", Some("demo"), "v", "")
+        .await
+        .expect("delete");
+    let going = c
+        .get("Volume", Some("demo"), "v")
+        .await
+        .expect("still there");
+    assert!(going["metadata"]["deletionTimestamp"].is_string());
+    c.create(&volume("demo", "w", json!(7))).await.expect("w");
+    let e = refused(bind(&c, "w", "p1").await);
+    assert!(
+        e.message.contains("6 GiB free"),
+        "the claim is held: {}",
+        e.message
+    );
+    // The agent releases it: the volume and its claim go.
+    c.patch(
+        &c.target("Volume", Some("demo"), Some("v")),
+        MERGE,
+        &json!({"metadata": {"finalizers": null}}),
+        "",
+    )
+    .await
+    .expect("release");
+    assert!(c.get("Volume", Some("demo"), "v").await.is_err());
+    assert_eq!(bind(&c, "w", "p1").await.expect("room again"), 201);
+
+    c.delete("Volume", Some("demo"), "pending", "")
+        .await
+        .expect("delete");
+    assert!(c.get("Volume", Some("demo"), "pending").await.is_err());
 }

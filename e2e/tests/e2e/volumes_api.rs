@@ -171,7 +171,8 @@ async fn thirty_volumes_against_a_ten_gib_pool_place_exactly_ten() -> Result<()>
     let now = vols.list(&Default::default()).await?.items;
     ensure!(count_placed(&now) == 10, "{} placed", count_placed(&now));
 
-    // Deleting a placed one (no storage agent holds it here) frees its claim: a waiting one
+    // Deleting a placed one frees its claim once its storage agent released it (the binding
+    // added the agent's finalizer; the test releases it as the agent would): a waiting one
     // takes its place.
     let gone = list
         .iter()
@@ -179,6 +180,19 @@ async fn thirty_volumes_against_a_ten_gib_pool_place_exactly_ten() -> Result<()>
         .and_then(|v| v.metadata.name.clone())
         .context("a placed volume")?;
     vols.delete(&gone, &DeleteParams::default()).await?;
+    let held = vols.get(&gone).await?;
+    ensure!(
+        held.metadata.finalizers.as_deref()
+            == Some(&["storage.stratus.dev/teardown".to_string()][..]),
+        "{:?}",
+        held.metadata.finalizers
+    );
+    vols.patch(
+        &gone,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await?;
     wait_volumes(&vols, "a waiting volume placed in the freed room", |l| {
         l.len() == 29 && count_placed(l) == 10
     })
@@ -314,7 +328,11 @@ async fn extends_snapshots_bad_input_and_what_a_node_may_touch() -> Result<()> {
     );
     wait_accounted(&pools, "p1", 16, 1).await?;
     // A volume with snapshots, or attached, is not deleted (409).
-    let err = refused(&cloud, &["-n", "demo", "delete", "volume", "data"], None)?;
+    let err = refused(
+        &cloud,
+        &["-n", "demo", "delete", "volume", "data", "--wait=false"],
+        None,
+    )?;
     ensure!(err.contains("snapshot") && err.contains("s1"), "{err}");
     snaps.delete("s1", &DeleteParams::default()).await?;
     wait_accounted(&pools, "p1", 8, 1).await?;
@@ -324,7 +342,11 @@ async fn extends_snapshots_bad_input_and_what_a_node_may_touch() -> Result<()> {
         &Patch::Merge(json!({"status": {"attachedTo": "web"}})),
     )
     .await?;
-    let err = refused(&cloud, &["-n", "demo", "delete", "volume", "data"], None)?;
+    let err = refused(
+        &cloud,
+        &["-n", "demo", "delete", "volume", "data", "--wait=false"],
+        None,
+    )?;
     ensure!(err.contains("attached to server"), "{err}");
     ensure!(vols.get_opt("data").await?.is_some(), "still there");
 
@@ -380,7 +402,10 @@ async fn extends_snapshots_bad_input_and_what_a_node_may_touch() -> Result<()> {
             r#"{"status":{"capacityGiB":1000}}"#,
         ],
     )?;
-    node_refused("n1", &["-n", "demo", "delete", "volume", "data"])?;
+    node_refused(
+        "n1",
+        &["-n", "demo", "delete", "volume", "data", "--wait=false"],
+    )?;
     let out = cloud.kubectl_as(
         &as_node("n1"),
         &["-n", "demo", "get", "volume", "data", "-o", "json"],
