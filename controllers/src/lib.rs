@@ -1,6 +1,7 @@
 //! Stratus cluster-wide reconcilers, each driven by kube-runtime against the API server, run
 //! by whichever `stratus controllers` instance holds the leader Lease.
 
+pub mod attachments;
 mod binding;
 pub mod floating_ips;
 pub mod gc;
@@ -188,6 +189,7 @@ async fn every_controller(
         () = security_groups::run(client.clone()) => { stopped("default security groups"); Ok(()) }
         () = subnets::run(client.clone()) => { stopped("subnet usage"); Ok(()) }
         () = volumes::run(client.clone()) => { stopped("volume scheduler"); Ok(()) }
+        () = attachments::run(client.clone()) => { stopped("volume attachments"); Ok(()) }
         () = images::run(client, image_dir, image_policy) => { stopped("images"); Ok(()) }
     }
 }

@@ -9,6 +9,7 @@
 //! must carry), so IPAM, registered before quota for the network kinds, writes the object, its
 //! claims and the quota's guards at once.
 
+pub mod attachments;
 pub mod binding;
 pub mod identity;
 pub mod lifecycle;
@@ -221,8 +222,12 @@ pub(crate) async fn parent_changed(ctx: Ctx<'_>, parent: Option<(&str, i64)>) ->
 
 /// The admissions of a resource type, in the order they apply.
 pub fn for_kind(group: &str, kind: &str) -> &'static [&'static dyn Admission] {
-    static BOTH: [&dyn Admission; 2] = [&binding::Binding, &quota::Quota];
-    static BINDING: [&dyn Admission; 1] = [&binding::Binding];
+    static BOTH: [&dyn Admission; 3] = [
+        &binding::Binding,
+        &attachments::Attachments,
+        &quota::Quota,
+    ];
+    static BINDING: [&dyn Admission; 2] = [&binding::Binding, &attachments::Attachments];
     static QUOTA: [&dyn Admission; 1] = [&quota::Quota];
     static USERS: [&dyn Admission; 1] = [&identity::Users];
     static IPAM: [&dyn Admission; 2] = [&network::Ipam, &quota::Quota];

@@ -124,7 +124,8 @@ fn kept_status_fields(group: &str, resource: &str) -> &'static [&'static str] {
             "externalGatewayIPs",
         ],
         ("network.stratus.dev", "floatingips") => &["floatingIPAddress", "fixedIP", "router"],
-        ("storage.stratus.dev", "volumes") => &["pool", "node"],
+        // `attachedTo` is the API server's (a Server's write) and the attachments controller's.
+        ("storage.stratus.dev", "volumes") => &["pool", "node", "attachedTo"],
         ("storage.stratus.dev", "volumesnapshots") => &["pool", "node", "sizeGiB"],
         _ => &[],
     }
@@ -709,13 +710,13 @@ async fn node_may_read(
                 return Ok(None);
             }
             for server in mine(api, servers()?, Some(&info.namespace), node).await? {
-                let Some(boot) = spec_str(&server, "image") else {
+                let Some(boot) = boot_image(api, &info.namespace, &server).await? else {
                     continue;
                 };
                 if boot == info.name {
                     return Ok(None);
                 }
-                if let Some(b) = read(boot).await?
+                if let Some(b) = read(&boot).await?
                     && (spec_str(&b, "kernelImage") == Some(info.name.as_str())
                         || spec_str(&b, "ramdiskImage") == Some(info.name.as_str()))
                 {
@@ -885,10 +886,28 @@ async fn node_may_read(
             }
         }
         ("storage.stratus.dev", "volumes") => {
-            check_named("Volume", "storage.stratus.dev", |v, node| {
-                placed_on(v, "volumes", node)
-            })
-            .await
+            let Some((key, vol)) = read_named(kind("storage.stratus.dev", "Volume")?).await? else {
+                return Ok(None);
+            };
+            // The compute agent reads a volume attached to a server placed on the node.
+            let attached_here = match vol
+                .value
+                .pointer("/status/attachedTo")
+                .and_then(Value::as_str)
+            {
+                Some(server) => mine(api, servers()?, Some(&info.namespace), node)
+                    .await?
+                    .iter()
+                    .any(|s| meta::meta_str(s, "name") == Some(server)),
+                None => false,
+            };
+            if placed_on(&vol.value, "volumes", node) || attached_here {
+                Ok(Some((key, vol)))
+            } else {
+                Err(deny(
+                    "it is neither placed on this node nor attached to a server placed on it",
+                ))
+            }
         }
         ("storage.stratus.dev", "volumesnapshots") if !named => {
             if selects("status.node", node) {
@@ -1004,6 +1023,44 @@ async fn mine(
         );
     }
     Ok(placed)
+}
+
+/// The Image `server` (of project `ns`) boots from: its `spec.image`, or the image its boot
+/// volume was made from (whose kernel and ramdisk the compute agent boots it with).
+async fn boot_image(api: &Api, ns: &str, server: &Value) -> ApiResult<Option<String>> {
+    if let Some(image) = spec_str(server, "image") {
+        return Ok(Some(image.to_string()));
+    }
+    let Some(volume) = spec_str(server, "bootVolume") else {
+        return Ok(None);
+    };
+    let rt = api
+        .registry
+        .by_kind("storage.stratus.dev", "Volume")
+        .ok_or_else(|| ApiError::internal("the Volume kind is not served"))?;
+    let t = Target {
+        rt: Arc::clone(rt),
+        namespace: Some(ns.to_string()),
+        name: Some(volume.to_string()),
+        subresource: None,
+    };
+    match api.read(&t).await {
+        // Only while the volume is the server's: a volume of that name made since is not.
+        Ok(v)
+            if v.value
+                .pointer("/status/attachedTo")
+                .and_then(Value::as_str)
+                == meta::meta_str(server, "name") =>
+        {
+            Ok(v.value
+                .pointer("/spec/source/image")
+                .and_then(Value::as_str)
+                .map(str::to_string))
+        }
+        Ok(_) => Ok(None),
+        Err(e) if e.code == 404 => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// The Volumes of project `ns` placed on `node` (one read of the project's volumes).
