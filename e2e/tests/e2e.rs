@@ -28,6 +28,7 @@ mod e2e {
     mod server_ports;
     mod storage_agent;
     mod up;
+    mod volume_attach;
     mod volumes_api;
     mod watch_feed;
 }

@@ -4,6 +4,7 @@ pub mod driver;
 pub mod images;
 pub mod node;
 pub mod server;
+pub mod volumes;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -30,8 +30,10 @@ use super::Config;
 use super::driver::disk;
 use super::driver::{
     Backing, ConfigDrive, DiskFormat, DiskSpec, Disks, DomainDriver, DomainInfo, DomainSpec,
-    DomainState, DriverError, InterfaceSpec, KernelBoot, Owner,
+    DomainState, DriverError, InterfaceSpec, KernelBoot, Owner, VolumeDisk,
 };
+use super::volumes as vols;
+use stratus_api_types::storage::Volume;
 use stratus_image_cache::{Format, ImageCache, ImageError, Request};
 
 pub use stratus_api_types::compute::TEARDOWN_FINALIZER;
@@ -396,10 +398,25 @@ fn image_blocked(name: &str, e: &ImageError) -> Blocked {
 /// Everything a guest is built from, resolved through the API.
 struct Plan {
     domain: DomainSpec,
-    root_base: PathBuf,
-    root_format: DiskFormat,
-    root_gib: u64,
+    /// The root disk to make over an image; `None` for a server booted from a volume.
+    root: Option<RootDisk>,
     drive: DriveData,
+    /// The volumes attached before the guest starts, in `spec.volumes` order.
+    volumes: Vec<VolumeDisk>,
+}
+
+/// A root disk layered over a cached image.
+struct RootDisk {
+    base: PathBuf,
+    format: DiskFormat,
+    gib: u64,
+}
+
+/// What a guest boots from: its root disk and, for direct kernel boot, its kernel.
+struct Boot {
+    root: DiskSpec,
+    made: Option<RootDisk>,
+    kernel: Option<KernelBoot>,
 }
 
 struct DriveData {
@@ -555,71 +572,38 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
     // The guest is built with every interface it asks for, or not at all: one without them
     // would not be the server the user applied.
     let nics = nics(ctx, server, &ns).await?;
-    if !server.spec.volumes.is_empty() {
-        return Err(NotBuilt::Blocked(Blocked {
+    let name = server.name_any();
+    let node = ctx.config.node.as_str();
+    // The guest starts with every volume it asks for, or waits: one without them would not be
+    // the server the user applied.
+    let names: Vec<String> = server
+        .spec
+        .volumes
+        .iter()
+        .map(|v| v.volume.clone())
+        .collect();
+    let volumes = vols::resolve(&ctx.client, &ns, &name, node, &names)
+        .await
+        .map_err(ServerError::Api)?;
+    if let Some(why) = volumes.waiting.first() {
+        return Err(NotBuilt::Waiting(Blocked {
             reason: Reason::VolumesUnavailable,
-            message: "this server asks for volumes; the storage agent is not available yet".into(),
+            message: format!("waiting for its volumes: {why}"),
         }));
     }
-    let Some(image_name) = server.spec.image.as_deref() else {
-        return Err(NotBuilt::Blocked(Blocked {
-            reason: Reason::BootVolumeUnsupported,
-            message: "booting from a volume needs the storage agent, which is not available yet"
-                .into(),
-        }));
-    };
-    let image = find_image(&ctx.client, &ns, image_name).await?;
-    // As Nova does: an image states the smallest disk and memory it runs with.
-    if image.spec.min_disk_gib > flavor.spec.disk_gib && flavor.spec.disk_gib > 0 {
-        return Err(NotBuilt::Blocked(Blocked {
-            reason: Reason::FlavorDiskTooSmall,
-            message: format!(
-                "flavor \"{}\" has a {} GiB disk; image \"{image_name}\" needs {} GiB",
-                server.spec.flavor, flavor.spec.disk_gib, image.spec.min_disk_gib
-            ),
-        }));
-    }
-    if image.spec.min_ram_mib > flavor.spec.ram_mib {
-        return Err(NotBuilt::Blocked(Blocked {
-            reason: Reason::FlavorMemoryTooSmall,
-            message: format!(
-                "flavor \"{}\" has {} MiB of memory; image \"{image_name}\" needs {} MiB",
-                server.spec.flavor, flavor.spec.ram_mib, image.spec.min_ram_mib
-            ),
-        }));
-    }
-    let root_format = match image.spec.disk_format {
-        ImageFormat::Qcow2 => DiskFormat::Qcow2,
-        ImageFormat::Raw => DiskFormat::Raw,
-        other => {
+    let dir = ctx.server_dir(&uid);
+    let boot = match (&server.spec.boot_volume, server.spec.image.as_deref()) {
+        (Some(v), _) => boot_volume(ctx, server, &ns, v).await?,
+        (None, Some(image_name)) => {
+            boot_image(ctx, server, &ns, &uid, image_name, &flavor, &dir).await?
+        }
+        (None, None) => {
             return Err(NotBuilt::Blocked(Blocked {
-                reason: Reason::ImageNotBootable,
-                message: format!(
-                    "image \"{image_name}\" has diskFormat {other:?}; a server boots from a qcow2 or raw image"
-                ),
+                reason: Reason::ImageNotFound,
+                message: "the server names neither spec.image nor spec.bootVolume".into(),
             }));
         }
     };
-    let root_base = fetch(ctx, &uid, &image).await?;
-    let mut kernel = None;
-    if let Some(k) = &image.spec.kernel_image {
-        let k_img = find_image(&ctx.client, &ns, k).await?;
-        let k_path = fetch(ctx, &uid, &k_img).await?;
-        let mut initrd = None;
-        if let Some(r) = &image.spec.ramdisk_image {
-            let r_img = find_image(&ctx.client, &ns, r).await?;
-            initrd = Some(fetch(ctx, &uid, &r_img).await?);
-        }
-        kernel = Some(KernelBoot {
-            kernel: k_path,
-            initrd,
-            cmdline: image
-                .spec
-                .kernel_cmdline
-                .clone()
-                .unwrap_or_else(|| "console=ttyS0".into()),
-        });
-    }
     let mut keys = Vec::new();
     if let Some(k) = &server.spec.keypair {
         match Api::<Keypair>::namespaced(ctx.client.clone(), &ns)
@@ -651,30 +635,26 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
         }
         None => None,
     };
-    let name = server.name_any();
     let hostname = server.spec.hostname.clone().unwrap_or_else(|| {
         // A valid host name is a DNS label; a dotted object name keeps its first label.
         name.split('.').next().unwrap_or("server").to_string()
     });
-    let dir = ctx.server_dir(&uid);
-    let claim = placement::claim(&flavor.spec);
+    let volumes = vols::plan(&volumes.ready, &[], false)
+        .into_iter()
+        .filter_map(|step| match step {
+            vols::Step::Attach(disk) => Some(disk),
+            _ => None,
+        })
+        .collect();
     Ok(Plan {
         domain: DomainSpec {
             name: instance_name(&uid),
             uuid: uid.clone(),
             vcpus: flavor.spec.vcpus,
             memory_mib: flavor.spec.ram_mib,
-            kernel,
+            kernel: boot.kernel,
             disks: vec![
-                DiskSpec {
-                    path: dir.join("root.qcow2"),
-                    format: DiskFormat::Qcow2,
-                    readonly: false,
-                    backing: Some(Backing {
-                        path: root_base.clone(),
-                        format: root_format,
-                    }),
-                },
+                boot.root,
                 DiskSpec {
                     path: dir.join("config.iso"),
                     format: DiskFormat::Raw,
@@ -690,9 +670,8 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
                 uid,
             },
         },
-        root_base,
-        root_format,
-        root_gib: claim.disk_gib.max(flavor.spec.disk_gib),
+        root: boot.made,
+        volumes,
         drive: DriveData {
             hostname,
             keys,
@@ -702,19 +681,152 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
     })
 }
 
+/// The kernel, initramfs and command line `image` names for direct kernel boot, if it names a
+/// kernel image.
+async fn kernel_of(
+    ctx: &Ctx,
+    ns: &str,
+    user: &str,
+    image: &Image,
+) -> Result<Option<KernelBoot>, NotBuilt> {
+    let Some(k) = &image.spec.kernel_image else {
+        return Ok(None);
+    };
+    let k_img = find_image(&ctx.client, ns, k).await?;
+    let kernel = fetch(ctx, user, &k_img).await?;
+    let mut initrd = None;
+    if let Some(r) = &image.spec.ramdisk_image {
+        let r_img = find_image(&ctx.client, ns, r).await?;
+        initrd = Some(fetch(ctx, user, &r_img).await?);
+    }
+    Ok(Some(KernelBoot {
+        kernel,
+        initrd,
+        cmdline: image
+            .spec
+            .kernel_cmdline
+            .clone()
+            .unwrap_or_else(|| "console=ttyS0".into()),
+    }))
+}
+
+/// Booting from an Image: a root disk layered over its cached data, grown to the flavor's
+/// disk, and the image's kernel.
+async fn boot_image(
+    ctx: &Ctx,
+    server: &Server,
+    ns: &str,
+    uid: &str,
+    image_name: &str,
+    flavor: &Flavor,
+    dir: &Path,
+) -> Result<Boot, NotBuilt> {
+    let image = find_image(&ctx.client, ns, image_name).await?;
+    // As Nova does: an image states the smallest disk and memory it runs with.
+    if image.spec.min_disk_gib > flavor.spec.disk_gib && flavor.spec.disk_gib > 0 {
+        return Err(NotBuilt::Blocked(Blocked {
+            reason: Reason::FlavorDiskTooSmall,
+            message: format!(
+                "flavor \"{}\" has a {} GiB disk; image \"{image_name}\" needs {} GiB",
+                server.spec.flavor, flavor.spec.disk_gib, image.spec.min_disk_gib
+            ),
+        }));
+    }
+    if image.spec.min_ram_mib > flavor.spec.ram_mib {
+        return Err(NotBuilt::Blocked(Blocked {
+            reason: Reason::FlavorMemoryTooSmall,
+            message: format!(
+                "flavor \"{}\" has {} MiB of memory; image \"{image_name}\" needs {} MiB",
+                server.spec.flavor, flavor.spec.ram_mib, image.spec.min_ram_mib
+            ),
+        }));
+    }
+    let root_format = match image.spec.disk_format {
+        ImageFormat::Qcow2 => DiskFormat::Qcow2,
+        ImageFormat::Raw => DiskFormat::Raw,
+        other => {
+            return Err(NotBuilt::Blocked(Blocked {
+                reason: Reason::ImageNotBootable,
+                message: format!(
+                    "image \"{image_name}\" has diskFormat {other:?}; a server boots from a qcow2 or raw image"
+                ),
+            }));
+        }
+    };
+    let root_base = fetch(ctx, uid, &image).await?;
+    let kernel = kernel_of(ctx, ns, uid, &image).await?;
+    let claim = placement::claim(&flavor.spec);
+    Ok(Boot {
+        root: DiskSpec {
+            path: dir.join("root.qcow2"),
+            format: DiskFormat::Qcow2,
+            readonly: false,
+            backing: Some(Backing {
+                path: root_base.clone(),
+                format: root_format,
+            }),
+        },
+        made: Some(RootDisk {
+            base: root_base,
+            format: root_format,
+            gib: claim.disk_gib.max(flavor.spec.disk_gib),
+        }),
+        kernel,
+    })
+}
+
+/// Booting from Volume `name` (claimed for the server by the API server, as its other
+/// volumes): the volume itself is the root disk, raw; a volume made from an Image that names a
+/// kernel boots that kernel (the tiny direct-kernel-boot images), any other from the disk.
+async fn boot_volume(ctx: &Ctx, server: &Server, ns: &str, name: &str) -> Result<Boot, NotBuilt> {
+    let api = Api::<Volume>::namespaced(ctx.client.clone(), ns);
+    let Some(vol) = get_related(&api, name).await? else {
+        return Err(NotBuilt::Waiting(Blocked {
+            reason: Reason::VolumesUnavailable,
+            message: format!("waiting for boot volume \"{name}\" to be readable by this node"),
+        }));
+    };
+    let ready = vols::ready(&vol, &server.name_any(), &ctx.config.node).map_err(|why| {
+        NotBuilt::Waiting(Blocked {
+            reason: Reason::VolumesUnavailable,
+            message: format!("waiting for its boot volume: {why}"),
+        })
+    })?;
+    let uid = server.uid().ok_or(ServerError::Incomplete)?;
+    let kernel = match vol.spec.source.as_ref().and_then(|s| s.image.as_deref()) {
+        Some(image_name) => {
+            let image = find_image(&ctx.client, ns, image_name).await?;
+            kernel_of(ctx, ns, &uid, &image).await?
+        }
+        None => None,
+    };
+    Ok(Boot {
+        root: DiskSpec {
+            path: ready.path,
+            format: DiskFormat::Raw,
+            readonly: false,
+            backing: None,
+        },
+        made: None,
+        kernel,
+    })
+}
+
 /// Makes the disks (a new root disk with `fresh_root`; else the one there, grown to the
 /// flavor's size), defines the domain and starts it.
 async fn build(ctx: &Ctx, plan: Plan, fresh_root: bool) -> Result<(), ServerError> {
     let driver = Arc::clone(&ctx.driver);
     let disks = Arc::clone(&ctx.disks);
     blocking(move || -> Result<(), ServerError> {
-        disks.root_disk(
-            &plan.root_base,
-            plan.root_format,
-            &plan.domain.disks[0].path,
-            plan.root_gib,
-            fresh_root,
-        )?;
+        if let Some(root) = &plan.root {
+            disks.root_disk(
+                &root.base,
+                root.format,
+                &plan.domain.disks[0].path,
+                root.gib,
+                fresh_root,
+            )?;
+        }
         disks.config_drive(
             &plan.domain.disks[1].path,
             &ConfigDrive {
@@ -726,6 +838,10 @@ async fn build(ctx: &Ctx, plan: Plan, fresh_root: bool) -> Result<(), ServerErro
             },
         )?;
         driver.define(&plan.domain)?;
+        // A definition replaces the old one whole: its volumes go back in before it starts.
+        for disk in &plan.volumes {
+            driver.attach_volume(&plan.domain.name, disk)?;
+        }
         if !driver
             .lookup(&plan.domain.name)?
             .is_some_and(|d| d.state == DomainState::Running)
@@ -877,11 +993,117 @@ async fn sync(server: &Server, ctx: &Ctx) -> Result<Action, ServerError> {
         return Ok(action);
     }
     let info = lookup(ctx, &name).await?;
+    let settled = match &info {
+        Some(d) => sync_volumes(ctx, server, d, &mut status).await?,
+        None => true,
+    };
     let mut server_now = server.clone();
     server_now.status = Some(status);
-    let next = observe(&server_now, info.as_ref(), &ctx.server_dir(&uid));
+    let mut next = observe(&server_now, info.as_ref(), &ctx.server_dir(&uid));
+    if !settled {
+        // Not yet the guest this generation asks for: a volume taken out of the spec is
+        // released (by the attachments controller) only once the generation is observed.
+        next.observed_generation = server.status.as_ref().and_then(|s| s.observed_generation);
+        write_status(ctx, server, next).await?;
+        return Ok(Action::requeue(VOLUME_WAIT));
+    }
     write_status(ctx, server, next).await?;
     Ok(Action::requeue(ctx.config.resync))
+}
+
+/// How soon a guest whose volumes are not yet as asked (a volume not made, a disk being
+/// unplugged) is looked at again.
+const VOLUME_WAIT: Duration = Duration::from_secs(2);
+
+/// Brings a defined guest's volumes to the Server's (see [`vols::plan`]): attaches those
+/// ready here, detaches those no longer asked for, tells a running guest of a volume that
+/// grew. Sets the `Attached` condition; returns whether the guest has exactly the volumes
+/// asked for (none still being unplugged, none waited for).
+async fn sync_volumes(
+    ctx: &Ctx,
+    server: &Server,
+    domain: &DomainInfo,
+    status: &mut ServerStatus,
+) -> Result<bool, ServerError> {
+    let ns = server.namespace().ok_or(ServerError::Incomplete)?;
+    let names: Vec<String> = server
+        .spec
+        .volumes
+        .iter()
+        .map(|v| v.volume.clone())
+        .collect();
+    let resolved = vols::resolve(
+        &ctx.client,
+        &ns,
+        &server.name_any(),
+        &ctx.config.node,
+        &names,
+    )
+    .await
+    .map_err(ServerError::Api)?;
+    let name = domain.name.clone();
+    let running = domain.state == DomainState::Running;
+    let driver = Arc::clone(&ctx.driver);
+    let ready = resolved.ready.clone();
+    let (done, left) = blocking(move || -> Result<_, DriverError> {
+        let before = driver.volumes(&name)?;
+        let steps = vols::plan(&ready, &before, running);
+        for step in &steps {
+            match step {
+                vols::Step::Attach(disk) => driver.attach_volume(&name, disk)?,
+                vols::Step::Detach(target) => driver.detach_volume(&name, target)?,
+                vols::Step::Resize(target, bytes) => {
+                    driver.resize_volume(&name, target, *bytes)?;
+                }
+            }
+        }
+        let after = if steps.is_empty() {
+            before
+        } else {
+            driver.volumes(&name)?
+        };
+        Ok((steps, after))
+    })
+    .await??;
+    for step in done {
+        let (reason, note) = match step {
+            vols::Step::Attach(d) => (
+                "VolumeAttached",
+                format!("attached {} as {}", d.path.display(), d.target),
+            ),
+            vols::Step::Detach(t) => ("VolumeDetached", format!("detached the disk at {t}")),
+            vols::Step::Resize(t, bytes) => (
+                "VolumeResized",
+                format!("the disk at {t} is now {bytes} bytes"),
+            ),
+        };
+        publish(ctx, server, EventType::Normal, reason, note).await;
+    }
+    let unplugging = left
+        .iter()
+        .filter(|a| !resolved.ready.iter().any(|r| r.path == a.path))
+        .count();
+    let gen_ = server.metadata.generation;
+    if let Some(why) = resolved.waiting.first() {
+        ConditionType::Attached
+            .no(Reason::VolumesUnavailable, why.clone())
+            .set(&mut status.conditions, gen_);
+    } else if unplugging > 0 {
+        ConditionType::Attached
+            .no(
+                "Detaching",
+                format!("{unplugging} disk(s) being unplugged by the guest"),
+            )
+            .set(&mut status.conditions, gen_);
+    } else if !names.is_empty() || ConditionType::Attached.find(&status.conditions).is_some() {
+        ConditionType::Attached
+            .yes(
+                "Attached",
+                format!("{} volume(s) attached", resolved.ready.len()),
+            )
+            .set(&mut status.conditions, gen_);
+    }
+    Ok(resolved.waiting.is_empty() && unplugging == 0)
 }
 
 async fn lookup(ctx: &Ctx, name: &str) -> Result<Option<DomainInfo>, ServerError> {
@@ -1172,10 +1394,19 @@ pub(crate) fn controller(
     let ports = Api::<Port>::all(ctx.client.clone());
     let ports_cfg =
         watcher::Config::default().fields(&format!("status.hypervisor={}", ctx.config.node));
+    // A Volume of this node's pools (made, grown, claimed) wakes the Server it is attached to.
+    let volumes = Api::<Volume>::all(ctx.client.clone());
+    let volumes_cfg =
+        watcher::Config::default().fields(&format!("status.node={}", ctx.config.node));
     let run = controller
         .watches(ports, ports_cfg, |port| {
             let ns = port.namespace()?;
             let server = port.status.as_ref()?.bound_to.clone()?;
+            Some(ObjectRef::<Server>::new(&server).within(&ns))
+        })
+        .watches(volumes, volumes_cfg, |vol| {
+            let ns = vol.namespace()?;
+            let server = vol.status.as_ref()?.attached_to.clone()?;
             Some(ObjectRef::<Server>::new(&server).within(&ns))
         })
         .reconcile_on(triggers)

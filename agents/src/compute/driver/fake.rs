@@ -14,8 +14,8 @@ use stratus_api_types::compute::HypervisorType;
 
 use super::libvirt::NAME_PREFIX;
 use super::{
-    ConfigDrive, DiskError, DiskFormat, DiskInfo, Disks, DomainDriver, DomainInfo, DomainSpec,
-    DomainState, DriverError, NodeInfo,
+    AttachedVolume, ConfigDrive, DiskError, DiskFormat, DiskInfo, Disks, DomainDriver, DomainInfo,
+    DomainSpec, DomainState, DriverError, NodeInfo, VolumeDisk,
 };
 
 /// The verbs of [`DomainDriver`] and [`Disks`], to name the one a failure is injected into.
@@ -37,6 +37,9 @@ pub enum Verb {
     Undefine,
     /// [`DomainDriver::reboot`] and [`DomainDriver::reset`].
     Reboot,
+    /// [`DomainDriver::attach_volume`], [`DomainDriver::detach_volume`] and
+    /// [`DomainDriver::resize_volume`].
+    Volume,
     /// [`Disks::root_disk`].
     RootDisk,
     /// [`Disks::config_drive`].
@@ -86,6 +89,9 @@ impl Failures {
 struct Domain {
     spec: DomainSpec,
     state: DomainState,
+    /// Volumes attached, with the size the guest sees (the file's size at attach, for a path
+    /// that is a file; 0 otherwise) until a resize.
+    volumes: Vec<AttachedVolume>,
 }
 
 /// A hypervisor in memory: domains are records, power verbs change their state at once (a
@@ -240,12 +246,17 @@ impl DomainDriver for FakeDomains {
             )));
         }
         super::check_interfaces(spec)?;
+        // A definition replaces the old one whole, volumes attached to it included.
         self.lock()
             .entry(spec.name.clone())
-            .and_modify(|d| d.spec = spec.clone())
+            .and_modify(|d| {
+                d.spec = spec.clone();
+                d.volumes.clear();
+            })
             .or_insert_with(|| Domain {
                 spec: spec.clone(),
                 state: DomainState::Shutoff,
+                volumes: Vec::new(),
             });
         self.announce(&spec.name);
         Ok(())
@@ -299,6 +310,73 @@ impl DomainDriver for FakeDomains {
 
     fn reset(&self, name: &str) -> Result<(), DriverError> {
         self.power(Verb::Reboot, name, None)
+    }
+
+    fn volumes(&self, name: &str) -> Result<Vec<AttachedVolume>, DriverError> {
+        let domains = self.lock();
+        let d = domains
+            .get(name)
+            .ok_or_else(|| DriverError::NoDomain(name.to_owned()))?;
+        let running = d.state == DomainState::Running;
+        Ok(d.volumes
+            .iter()
+            .map(|v| AttachedVolume {
+                capacity: v.capacity.filter(|_| running),
+                ..v.clone()
+            })
+            .collect())
+    }
+
+    fn attach_volume(&self, name: &str, disk: &VolumeDisk) -> Result<(), DriverError> {
+        self.injected(Verb::Volume)?;
+        let mut domains = self.lock();
+        let d = domains
+            .get_mut(name)
+            .ok_or_else(|| DriverError::NoDomain(name.to_owned()))?;
+        if d.volumes.iter().any(|v| v.path == disk.path) {
+            return Ok(());
+        }
+        if d.volumes.iter().any(|v| v.target == disk.target) {
+            return Err(DriverError::Libvirt(format!(
+                "target {} already exists",
+                disk.target
+            )));
+        }
+        d.volumes.push(AttachedVolume {
+            target: disk.target.clone(),
+            path: disk.path.clone(),
+            serial: Some(disk.serial.clone()),
+            capacity: Some(std::fs::metadata(&disk.path).map_or(0, |m| m.len())),
+        });
+        Ok(())
+    }
+
+    fn detach_volume(&self, name: &str, target: &str) -> Result<(), DriverError> {
+        self.injected(Verb::Volume)?;
+        let mut domains = self.lock();
+        let d = domains
+            .get_mut(name)
+            .ok_or_else(|| DriverError::NoDomain(name.to_owned()))?;
+        d.volumes.retain(|v| v.target != target);
+        Ok(())
+    }
+
+    fn resize_volume(&self, name: &str, target: &str, bytes: u64) -> Result<(), DriverError> {
+        self.injected(Verb::Volume)?;
+        let mut domains = self.lock();
+        let d = domains
+            .get_mut(name)
+            .ok_or_else(|| DriverError::NoDomain(name.to_owned()))?;
+        if d.state != DomainState::Running {
+            return Err(DriverError::NotRunning(name.to_owned()));
+        }
+        let v = d
+            .volumes
+            .iter_mut()
+            .find(|v| v.target == target)
+            .ok_or_else(|| DriverError::Libvirt(format!("no disk {target}")))?;
+        v.capacity = Some(bytes);
+        Ok(())
     }
 
     fn subscribe(&self, tx: tokio::sync::mpsc::UnboundedSender<String>) -> Result<(), DriverError> {

@@ -25,7 +25,10 @@ use virt::sys;
 
 use super::events;
 use super::xml::{self, DomainKind, METADATA_NS};
-use super::{DomainDriver, DomainInfo, DomainSpec, DomainState, DriverError, NodeInfo};
+use super::{
+    AttachedVolume, DomainDriver, DomainInfo, DomainSpec, DomainState, DriverError, NodeInfo,
+    VolumeDisk,
+};
 use stratus_api_types::compute::HypervisorType;
 
 /// Names of the domains Stratus manages start with this.
@@ -183,6 +186,17 @@ impl Libvirt {
         }
     }
 
+    /// Where a device change goes: the definition, and the running guest when it runs.
+    fn device_flags(&self, domain: &Domain) -> Result<u32, DriverError> {
+        let running = domain.is_active().map_err(libvirt)?;
+        Ok(sys::VIR_DOMAIN_AFFECT_CONFIG
+            | if running {
+                sys::VIR_DOMAIN_AFFECT_LIVE
+            } else {
+                0
+            })
+    }
+
     /// The ACPI flag for shutdown; the test driver rejects any flag there.
     fn acpi_flag(&self) -> u32 {
         match self.kind {
@@ -305,6 +319,86 @@ impl DomainDriver for Libvirt {
     fn reset(&self, name: &str) -> Result<(), DriverError> {
         let domain = self.require(name)?;
         domain.reset().map_err(|e| self.refused(&domain, name, e))
+    }
+
+    fn volumes(&self, name: &str) -> Result<Vec<AttachedVolume>, DriverError> {
+        let domain = self.require(name)?;
+        let running = domain.is_active().map_err(libvirt)?;
+        let flags = if running {
+            0
+        } else {
+            sys::VIR_DOMAIN_XML_INACTIVE
+        };
+        let text = domain.xml_desc(flags).map_err(libvirt)?;
+        let mut volumes = xml::attached_volumes(&text)
+            .map_err(|e| DriverError::Libvirt(format!("domain {name}'s XML: {e}")))?;
+        if running {
+            for v in &mut volumes {
+                // A disk being unplugged may be gone by now: its size is then unknown.
+                v.capacity = domain.block_info(&v.target, 0).ok().map(|b| b.capacity);
+            }
+        }
+        Ok(volumes)
+    }
+
+    fn attach_volume(&self, name: &str, disk: &VolumeDisk) -> Result<(), DriverError> {
+        if self.volumes(name)?.iter().any(|v| v.path == disk.path) {
+            return Ok(());
+        }
+        let domain = self.require(name)?;
+        let flags = self.device_flags(&domain)?;
+        domain
+            .attach_device_flags(&xml::volume_disk_xml(disk), flags)
+            .map_err(libvirt)
+    }
+
+    fn detach_volume(&self, name: &str, target: &str) -> Result<(), DriverError> {
+        let domain = self.require(name)?;
+        let flags = self.device_flags(&domain)?;
+        // What is detached is the disk as libvirt holds it (live, or as defined): the live one
+        // first, then what the definition still holds.
+        for (flags, inactive) in [
+            (flags & sys::VIR_DOMAIN_AFFECT_LIVE, false),
+            (sys::VIR_DOMAIN_AFFECT_CONFIG, true),
+        ] {
+            if flags == 0 {
+                continue;
+            }
+            let text = domain
+                .xml_desc(if inactive {
+                    sys::VIR_DOMAIN_XML_INACTIVE
+                } else {
+                    0
+                })
+                .map_err(libvirt)?;
+            let found = xml::attached_volumes(&text)
+                .map_err(|e| DriverError::Libvirt(format!("domain {name}'s XML: {e}")))?
+                .into_iter()
+                .find(|v| v.target == target);
+            let Some(v) = found else { continue };
+            let disk = VolumeDisk {
+                path: v.path,
+                target: v.target,
+                serial: v.serial.unwrap_or_default(),
+            };
+            domain
+                .detach_device_flags(&xml::volume_disk_xml(&disk), flags)
+                .map_err(libvirt)?;
+        }
+        Ok(())
+    }
+
+    fn resize_volume(&self, name: &str, target: &str, bytes: u64) -> Result<(), DriverError> {
+        let domain = self.require(name)?;
+        if !domain
+            .is_active()
+            .map_err(|e| self.refused(&domain, name, e))?
+        {
+            return Err(DriverError::NotRunning(name.to_owned()));
+        }
+        domain
+            .block_resize(target, bytes, sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+            .map_err(|e| self.refused(&domain, name, e))
     }
 
     fn subscribe(&self, tx: tokio::sync::mpsc::UnboundedSender<String>) -> Result<(), DriverError> {

@@ -160,6 +160,33 @@ pub enum DiskFormat {
     Raw,
 }
 
+/// A Volume attached to a guest as a virtio disk after its root disk and config drive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeDisk {
+    /// The volume's data on this node (its `status.devicePath`): a block device under
+    /// `/dev/` (`<disk type='block'>`) or a raw file (`<disk type='file'>`).
+    pub path: PathBuf,
+    /// The guest disk name asked for (`vdc`, …); the guest names disks in the order their
+    /// devices appear, so the serial, not this, is what identifies the volume inside it.
+    pub target: String,
+    /// What the guest sees as the disk's serial (`/dev/disk/by-id/virtio-<serial>`): the
+    /// Volume's uid, cut to the 20 bytes virtio carries.
+    pub serial: String,
+}
+
+/// A disk attached to a domain other than its root disk and config drive, as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedVolume {
+    /// Its guest disk name (`vdc`, …).
+    pub target: String,
+    /// Its data on the host.
+    pub path: PathBuf,
+    /// Its serial, when it has one.
+    pub serial: Option<String>,
+    /// The size the guest sees, in bytes, when the domain runs (`None` while it is off).
+    pub capacity: Option<u64>,
+}
+
 /// The Server a domain belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
@@ -266,6 +293,19 @@ pub trait DomainDriver: Send + Sync + 'static {
     fn reboot(&self, name: &str) -> Result<(), DriverError>;
     /// Resets the domain (power cycle without asking the guest).
     fn reset(&self, name: &str) -> Result<(), DriverError>;
+    /// The volumes attached to a domain (every disk but `vda` and `vdb`): as the running
+    /// guest has them, with the size it sees; as defined, for a domain that is off.
+    fn volumes(&self, name: &str) -> Result<Vec<AttachedVolume>, DriverError>;
+    /// Attaches a volume: to the definition, and to the running guest when it runs (hot-plug).
+    /// A disk of the same path already attached is `Ok(())`.
+    fn attach_volume(&self, name: &str, disk: &VolumeDisk) -> Result<(), DriverError>;
+    /// Detaches the disk at guest name `target`: from the definition, and from the running
+    /// guest (an unplug request the guest completes; [`DomainDriver::volumes`] shows it until
+    /// then). A target with no disk is `Ok(())`.
+    fn detach_volume(&self, name: &str, target: &str) -> Result<(), DriverError>;
+    /// Tells the running guest that the disk at `target` is now `bytes` long (after its
+    /// volume grew). [`DriverError::NotRunning`] for a domain that is off.
+    fn resize_volume(&self, name: &str, target: &str, bytes: u64) -> Result<(), DriverError>;
     /// From now on, sends the name of every domain whose lifecycle changes (defined,
     /// started, stopped, crashed, undefined …) to `tx`, until the driver is dropped.
     fn subscribe(&self, tx: tokio::sync::mpsc::UnboundedSender<String>) -> Result<(), DriverError>;

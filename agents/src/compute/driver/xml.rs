@@ -14,7 +14,7 @@ use quick_xml::Writer;
 use quick_xml::events::{BytesText, Event};
 use quick_xml::reader::Reader;
 
-use super::{Backing, DiskFormat, DomainSpec, InterfaceSpec, Owner};
+use super::{AttachedVolume, Backing, DiskFormat, DomainSpec, InterfaceSpec, Owner, VolumeDisk};
 
 /// XML namespace of the Stratus metadata element in a domain's `<metadata>`.
 pub const METADATA_NS: &str = "https://stratus.dev/xmlns/libvirt/server/v1";
@@ -219,7 +219,7 @@ fn write_domain<W: io::Write>(
             text_element(w, "on_poweroff", "destroy")?;
             text_element(w, "on_reboot", "restart")?;
             text_element(w, "on_crash", "destroy")?;
-            write_devices(w, spec)
+            write_devices(w, spec, kind)
         })?;
     Ok(())
 }
@@ -316,12 +316,161 @@ fn write_interface<W: io::Write>(w: &mut Writer<W>, nic: &InterfaceSpec) -> io::
     Ok(())
 }
 
-fn write_devices<W: io::Write>(w: &mut Writer<W>, spec: &DomainSpec) -> io::Result<()> {
+/// Whether `path` names a host block device (under `/dev/`: a volume's logical volume or
+/// loop device) rather than a file: such a disk is `<disk type='block'>` with
+/// `<source dev=…>`, as QEMU's `file` driver refuses a block device.
+fn is_block_device(path: &Path) -> bool {
+    path.starts_with("/dev/")
+}
+
+/// The disk's type attribute and the `<source>` attribute naming `path`.
+fn source_of(path: &Path) -> (&'static str, &'static str) {
+    if is_block_device(path) {
+        ("block", "dev")
+    } else {
+        ("file", "file")
+    }
+}
+
+/// The `<disk>` element of a Volume attached to a guest, on its own, as libvirt's
+/// attach-device and detach-device take it: raw, no backing chain, its serial the guest's `/dev/disk/by-id/virtio-<serial>`.
+pub fn volume_disk_xml(disk: &VolumeDisk) -> String {
+    let mut writer = Writer::new_with_indent(Vec::new(), b' ', 2);
+    write_volume_disk(&mut writer, disk).expect("writing XML into a Vec<u8> cannot fail");
+    String::from_utf8_lossy(&writer.into_inner()).into_owned()
+}
+
+fn write_volume_disk<W: io::Write>(w: &mut Writer<W>, disk: &VolumeDisk) -> io::Result<()> {
+    let (ty, attr) = source_of(&disk.path);
+    w.create_element("disk")
+        .with_attribute(("type", ty))
+        .with_attribute(("device", "disk"))
+        .write_inner_content(|w| {
+            w.create_element("driver")
+                .with_attribute(("name", "qemu"))
+                .with_attribute(("type", "raw"))
+                .write_empty()?;
+            w.create_element("source")
+                .with_attribute((attr, path_text(&disk.path).as_ref()))
+                .write_empty()?;
+            w.create_element("backingStore").write_empty()?;
+            w.create_element("target")
+                .with_attribute(("dev", disk.target.as_str()))
+                .with_attribute(("bus", "virtio"))
+                .write_empty()?;
+            text_element(w, "serial", &disk.serial)?;
+            Ok(())
+        })?;
+    Ok(())
+}
+
+/// The disks of a domain's XML (as libvirt writes it back) other than its root disk and
+/// config drive (`vda`, `vdb`): the volumes attached to it, in document order.
+///
+/// # Errors
+/// [`MetadataError::Xml`] or [`MetadataError::Attribute`] for XML that does not parse.
+pub fn attached_volumes(xml: &str) -> Result<Vec<AttachedVolume>, MetadataError> {
+    let mut reader = Reader::from_str(xml);
+    let mut out = Vec::new();
+    let mut in_disk = false;
+    let (mut target, mut source, mut serial) = (None, None, None);
+    let mut in_serial = false;
+    loop {
+        match reader.read_event().map_err(MetadataError::Xml)? {
+            Event::Start(e) | Event::Empty(e) if e.local_name().as_ref() == "disk" => {
+                in_disk = true;
+                (target, source, serial) = (None, None, None);
+            }
+            Event::Start(e) if in_disk && e.local_name().as_ref() == "serial" => {
+                in_serial = true;
+                serial = Some(String::new());
+            }
+            // The text comes in pieces, split at each character or entity reference.
+            Event::Text(t) if in_serial => {
+                if let Some(s) = serial.as_mut() {
+                    s.push_str(&t.xml10_content());
+                }
+            }
+            Event::GeneralRef(r) if in_serial => {
+                let c = match r.resolve_char_ref().map_err(MetadataError::Xml)? {
+                    Some(c) => c.to_string(),
+                    None => quick_xml::escape::resolve_predefined_entity(&r)
+                        .unwrap_or_default()
+                        .to_string(),
+                };
+                if let Some(s) = serial.as_mut() {
+                    s.push_str(&c);
+                }
+            }
+            Event::End(e) if e.local_name().as_ref() == "serial" => in_serial = false,
+            Event::Start(e) | Event::Empty(e)
+                if in_disk && matches!(e.local_name().as_ref(), "target" | "source") =>
+            {
+                // Only the disk's own <source>, not one inside its <backingStore>.
+                let is_target = e.local_name().as_ref() == "target";
+                for attr in e.attributes() {
+                    let attr = attr.map_err(MetadataError::Attribute)?;
+                    let value = attr
+                        .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                        .map_err(MetadataError::Xml)?
+                        .into_owned();
+                    match (is_target, attr.key.local_name().as_ref()) {
+                        (true, "dev") => target = Some(value),
+                        (false, "file" | "dev") if source.is_none() => {
+                            source = Some(std::path::PathBuf::from(value));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Event::End(e) if e.local_name().as_ref() == "disk" => {
+                in_disk = false;
+                if let (Some(t), Some(path)) = (target.take(), source.take())
+                    && t != "vda"
+                    && t != "vdb"
+                {
+                    out.push(AttachedVolume {
+                        target: t,
+                        path,
+                        serial: serial.take(),
+                        capacity: None,
+                    });
+                }
+            }
+            Event::Eof => return Ok(out),
+            _ => {}
+        }
+    }
+}
+
+/// Empty PCIe root ports a q35 guest gets for volumes plugged in while it runs (q35 has no
+/// hot-pluggable bus of its own; libvirt gives each device present at define a port).
+pub const SPARE_ROOT_PORTS: usize = 8;
+
+fn write_devices<W: io::Write>(
+    w: &mut Writer<W>,
+    spec: &DomainSpec,
+    kind: DomainKind,
+) -> io::Result<()> {
     w.create_element("devices").write_inner_content(|w| {
+        if kind != DomainKind::Test {
+            w.create_element("controller")
+                .with_attribute(("type", "pci"))
+                .with_attribute(("index", "0"))
+                .with_attribute(("model", "pcie-root"))
+                .write_empty()?;
+            for _ in 0..SPARE_ROOT_PORTS {
+                w.create_element("controller")
+                    .with_attribute(("type", "pci"))
+                    .with_attribute(("model", "pcie-root-port"))
+                    .write_empty()?;
+            }
+        }
         for (index, disk) in spec.disks.iter().enumerate() {
             let target = virtio_disk_name(index);
+            let (ty, attr) = source_of(&disk.path);
             w.create_element("disk")
-                .with_attribute(("type", "file"))
+                .with_attribute(("type", ty))
                 .with_attribute(("device", "disk"))
                 .write_inner_content(|w| {
                     w.create_element("driver")
@@ -329,7 +478,7 @@ fn write_devices<W: io::Write>(w: &mut Writer<W>, spec: &DomainSpec) -> io::Resu
                         .with_attribute(("type", format_name(disk.format)))
                         .write_empty()?;
                     w.create_element("source")
-                        .with_attribute(("file", path_text(&disk.path).as_ref()))
+                        .with_attribute((attr, path_text(&disk.path).as_ref()))
                         .write_empty()?;
                     write_backing(w, disk.backing.as_ref())?;
                     w.create_element("target")
@@ -785,6 +934,87 @@ mod tests {
         assert!(!nodes.iter().any(|n| n.path == "domain/cpu"));
         let tcg = parse(&domain_xml(&spec(), DomainKind::Qemu));
         assert_eq!(one(&tcg, "domain/cpu").attr("mode"), Some("maximum"));
+    }
+
+    #[test]
+    fn a_volume_disk_is_escaped_and_reads_back() {
+        let file = VolumeDisk {
+            path: PathBuf::from(format!("/var/lib/stratus/pool/{HOSTILE}")),
+            target: "vdc".into(),
+            serial: format!("s{HOSTILE}"),
+        };
+        let xml = volume_disk_xml(&file);
+        assert!(!xml.contains(HOSTILE), "{xml}");
+        let nodes = parse(&xml);
+        assert_eq!(one(&nodes, "disk").attr("type"), Some("file"));
+        assert_eq!(one(&nodes, "disk/source").attr("file"), file.path.to_str());
+        assert_eq!(one(&nodes, "disk/driver").attr("type"), Some("raw"));
+        assert!(one(&nodes, "disk/backingStore").empty);
+        assert_eq!(one(&nodes, "disk/target").attr("dev"), Some("vdc"));
+        assert_eq!(one(&nodes, "disk/serial").text, file.serial);
+        // A logical volume or loop device is a block disk.
+        let block = VolumeDisk {
+            path: PathBuf::from("/dev/loop7"),
+            target: "vdd".into(),
+            serial: "abc".into(),
+        };
+        let nodes = parse(&volume_disk_xml(&block));
+        assert_eq!(one(&nodes, "disk").attr("type"), Some("block"));
+        assert_eq!(one(&nodes, "disk/source").attr("dev"), Some("/dev/loop7"));
+        // Read back from a domain holding both, after its root disk and config drive.
+        let mut domain = spec();
+        domain.disks[0].path = PathBuf::from("/dev/loop3");
+        domain.disks[0].backing = None;
+        let whole = domain_xml(&domain, DomainKind::Qemu);
+        let devices_end = whole.rfind("</devices>").expect("devices");
+        let with_volumes = format!(
+            "{}{}{}{}",
+            &whole[..devices_end],
+            volume_disk_xml(&file),
+            volume_disk_xml(&block),
+            &whole[devices_end..]
+        );
+        let got = attached_volumes(&with_volumes).expect("parse");
+        assert_eq!(
+            got,
+            [
+                AttachedVolume {
+                    target: "vdc".into(),
+                    path: file.path.clone(),
+                    serial: Some(file.serial.clone()),
+                    capacity: None,
+                },
+                AttachedVolume {
+                    target: "vdd".into(),
+                    path: block.path.clone(),
+                    serial: Some("abc".into()),
+                    capacity: None,
+                },
+            ]
+        );
+        // A root disk that is a block device (a boot volume) is written as one.
+        let nodes = parse(&whole);
+        let disks: Vec<_> = nodes
+            .iter()
+            .filter(|n| n.path == "domain/devices/disk")
+            .map(|n| n.attr("type"))
+            .collect();
+        assert_eq!(disks, [Some("block"), Some("file")]);
+        assert!(attached_volumes("<domain><devices><disk").is_err());
+    }
+
+    #[test]
+    fn a_qemu_guest_has_spare_root_ports_for_hot_plug() {
+        let nodes = parse(&domain_xml(&spec(), DomainKind::Qemu));
+        let models: Vec<_> = nodes
+            .iter()
+            .filter(|n| n.path == "domain/devices/controller")
+            .map(|n| n.attr("model"))
+            .collect();
+        assert_eq!(models[0], Some("pcie-root"));
+        assert_eq!(models.len(), 1 + SPARE_ROOT_PORTS);
+        let test = parse(&domain_xml(&spec(), DomainKind::Test));
+        assert!(!test.iter().any(|n| n.path == "domain/devices/controller"));
     }
 
     #[test]

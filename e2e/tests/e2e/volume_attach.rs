@@ -1,0 +1,364 @@
+//! Volumes attached to real guests: one simulated node runs the compute agent (its own
+//! libvirtd, real TCG guests) and the storage agent (a file pool in a directory the test
+//! makes), both as the node. A volume holding a partition table the test wrote is attached
+//! at the server's create, and the guest's kernel reads it (its partitions on the console);
+//! a second server asking for it is refused (409 naming the field and the holder), and of two
+//! servers racing for one volume exactly one gets it; the volume grows while attached and the
+//! guest sees the new size; it is detached (data kept, `attachedTo` released) and plugged in
+//! again while the guest runs; deleting it attached is refused, detached it goes. A volume made
+//! from the tiny image boots a server to its init.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+use stratus_e2e::node::{Guest, Node};
+use stratus_e2e::{Cloud, Proc, stratus_bin, wait_until};
+
+const NS: &str = "vols";
+const NODE: &str = "va";
+/// Generous: builds and TCG guests of other tests share two cores.
+const WAIT: Duration = Duration::from_secs(240);
+const GIB: u64 = 1 << 30;
+
+fn json(cloud: &Cloud, args: &[&str]) -> Result<Value> {
+    let mut a = vec!["-n", NS];
+    a.extend_from_slice(args);
+    a.extend(["-o", "json"]);
+    Ok(serde_json::from_str(&cloud.kubectl_ok(&a)?)?)
+}
+
+fn apply(cloud: &Cloud, yaml: &str) -> Result<String> {
+    cloud.kubectl_in(&["-n", NS, "apply", "-f", "-"], yaml)
+}
+
+/// Waits for `kind/name` to satisfy `pred`, showing it when it does not.
+fn wait_for(
+    cloud: &Cloud,
+    kind: &str,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    wait_until(WAIT, what, || {
+        json(cloud, &["get", kind, name]).ok().filter(|v| pred(v))
+    })
+    .with_context(|| {
+        format!(
+            "{kind} {name}: {}",
+            cloud
+                .kubectl_ok(&["-n", NS, "get", kind, name, "-o", "yaml"])
+                .unwrap_or_default()
+        )
+    })
+}
+
+fn volume_yaml(name: &str, extra: &str) -> String {
+    format!(
+        "---\napiVersion: storage.stratus.dev/v1\nkind: Volume\nmetadata:\n  name: {name}\nspec:\n  sizeGiB: 1\n{extra}"
+    )
+}
+
+fn server_yaml(name: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: {name}\nspec:\n  flavor: m1.nano\n{spec}"
+    )
+}
+
+/// A master boot record with two Linux partitions: what the guest's kernel reads from the
+/// disk and names on its console (` vdc: vdc1 vdc2`).
+fn partition_table() -> [u8; 512] {
+    let mut mbr = [0u8; 512];
+    for (i, start) in [2048u32, 4096].into_iter().enumerate() {
+        let e = 446 + 16 * i;
+        mbr[e + 4] = 0x83;
+        mbr[e + 8..e + 12].copy_from_slice(&start.to_le_bytes());
+        mbr[e + 12..e + 16].copy_from_slice(&2048u32.to_le_bytes());
+    }
+    mbr[510] = 0x55;
+    mbr[511] = 0xaa;
+    mbr
+}
+
+/// The disks of a domain as `virsh domblklist` shows them: (target, source).
+fn blklist(node: &Node, domain: &str) -> Result<Vec<(String, String)>> {
+    let out = node.virsh(&["domblklist", domain])?;
+    ensure!(
+        out.status.success(),
+        "virsh domblklist: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(2)
+        .filter_map(|l| {
+            let mut p = l.split_whitespace();
+            Some((p.next()?.to_string(), p.next()?.to_string()))
+        })
+        .collect())
+}
+
+/// The capacity of a domain's disk, as `virsh domblkinfo` says.
+fn capacity(node: &Node, domain: &str, target: &str) -> Option<u64> {
+    let out = node.virsh(&["domblkinfo", domain, target]).ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        l.strip_prefix("Capacity:")
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+#[test]
+fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
+    let guest = Guest::serve()?;
+    let mut node = Node::start(NODE)?;
+    let cloud = Cloud::up_with(&["--nodes", NODE])?;
+    cloud.projects(&[NS])?;
+    node.start_agent(&cloud)?;
+    let pool = node.dir.path().join("pool");
+    std::fs::create_dir_all(&pool)?;
+    let _storage = Proc::spawn(
+        "storage agent",
+        Command::new(stratus_bin())
+            .args(["agent", "--roles", "storage", "--node", NODE])
+            .arg("--kubeconfig")
+            .arg(cloud.dir.path().join(format!("node-{NODE}.kubeconfig")))
+            .arg("--state-dir")
+            .arg(node.dir.path().join("storage-state"))
+            .args(["--storage-pool", &format!("files=file:{}", pool.display())])
+            .args(["--storage-heartbeat-seconds", "1", "--resync-seconds", "2"])
+            .arg("--image-url-allow-loopback"),
+        &node.dir.path().join("storage-agent.log"),
+    )?;
+    let flavors = stratus_e2e::repo_root().join("examples/flavors.yaml");
+    cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
+    // The tiny guest with the kernel's messages on the console: it names the disks it finds.
+    let images = guest
+        .images_yaml(NS)?
+        .replace("console=ttyS0 quiet", "console=ttyS0 loglevel=7");
+    apply(&cloud, &images)?;
+
+    // A volume holding a partition table.
+    apply(&cloud, &volume_yaml("data", ""))?;
+    let vol = wait_for(&cloud, "volume", "data", "volume data Available", |v| {
+        v["status"]["phase"] == "Available" && v["status"]["devicePath"].is_string()
+    })?;
+    let path = vol["status"]["devicePath"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    OpenOptions::new()
+        .write(true)
+        .open(&path)?
+        .write_all_at(&partition_table(), 0)?;
+
+    // Attached at create: the guest's kernel reads its partitions.
+    apply(
+        &cloud,
+        &server_yaml("vm1", "  image: tiny\n  volumes:\n  - volume: data\n"),
+    )?;
+    let vm1 = wait_for(&cloud, "server", "vm1", "vm1 Running", |s| {
+        s["status"]["phase"] == "Running"
+    })?;
+    let uid1 = vm1["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let dom1 = format!("stratus-{uid1}");
+    let console = |uid: &str, what: &str, n: usize| {
+        wait_until(WAIT, what, || {
+            (node.console(uid).matches(what).count() >= n).then_some(())
+        })
+        .with_context(|| format!("console of {uid}:\n{}", node.console(uid)))
+    };
+    console(&uid1, "vdc: vdc1 vdc2", 1)?;
+    ensure!(
+        blklist(&node, &dom1)?.contains(&("vdc".into(), path.clone())),
+        "{:?}",
+        blklist(&node, &dom1)
+    );
+    let vol = json(&cloud, &["get", "volume", "data"])?;
+    assert_eq!(vol["status"]["attachedTo"], "vm1", "{vol}");
+    assert_eq!(vol["status"]["phase"], "InUse", "{vol}");
+
+    // Held: a second server is refused, naming the field and the holder.
+    let err = cloud
+        .kubectl_in(
+            &["-n", NS, "apply", "-f", "-"],
+            &server_yaml("vm2", "  image: tiny\n  volumes:\n  - volume: data\n"),
+        )
+        .expect_err("a held volume is refused");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("spec.volumes[0].volume")
+            && msg.contains("\"vm1\"")
+            && msg.contains("Conflict"),
+        "{msg}"
+    );
+    ensure!(
+        !cloud
+            .kubectl_ok(&["-n", NS, "get", "servers", "-o", "name"])?
+            .contains("vm2")
+    );
+    // Deleting it while attached is refused.
+    let err = cloud.kubectl_err(&["-n", NS, "delete", "volume", "data", "--wait=false"])?;
+    assert!(err.contains("attached"), "{err}");
+
+    // Two servers racing for one volume: exactly one gets it.
+    apply(&cloud, &volume_yaml("contested", ""))?;
+    let racers: Vec<_> = ["r1", "r2"]
+        .into_iter()
+        .map(|name| {
+            let mut cmd = cloud.kubectl_cmd();
+            cmd.args(["-n", NS, "create", "-f", "-"]);
+            // In a zone no hypervisor is in: never placed, so no guest is built for it.
+            let yaml = server_yaml(
+                name,
+                "  image: tiny\n  availabilityZone: nowhere\n  volumes:\n  - volume: contested\n",
+            );
+            std::thread::spawn(move || stratus_e2e::with_stdin(cmd, &yaml))
+        })
+        .collect();
+    let mut won = Vec::new();
+    for (name, r) in ["r1", "r2"].into_iter().zip(racers) {
+        let out = r.join().map_err(|_| anyhow::anyhow!("racer panicked"))??;
+        if out.status.success() {
+            won.push(name);
+        } else {
+            let e = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                e.contains("spec.volumes[0].volume") && e.contains("attached to server"),
+                "{e}"
+            );
+        }
+    }
+    assert_eq!(won.len(), 1, "exactly one racer wins: {won:?}");
+    let holder = json(&cloud, &["get", "volume", "contested"])?;
+    assert_eq!(holder["status"]["attachedTo"], won[0], "{holder}");
+    cloud.kubectl_ok(&["-n", NS, "delete", "server", won[0], "--wait=false"])?;
+
+    // Grown while attached: the running guest sees the new size.
+    cloud.kubectl_ok(&[
+        "-n",
+        NS,
+        "patch",
+        "volume",
+        "data",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"sizeGiB":2}}"#,
+    ])?;
+    wait_until(WAIT, "the guest's disk at 2 GiB", || {
+        (capacity(&node, &dom1, "vdc") == Some(2 * GIB)).then_some(())
+    })
+    .with_context(|| format!("agent log:\n{}", node.agent_log()))?;
+    console(&uid1, "new size: 4194304", 1)?;
+    wait_for(&cloud, "volume", "data", "volume data at 2 GiB", |v| {
+        v["status"]["sizeGiB"] == 2 && v["status"]["phase"] == "InUse"
+    })?;
+
+    // Detached: gone from the guest, the attachment released, the data kept.
+    cloud.kubectl_ok(&[
+        "-n",
+        NS,
+        "patch",
+        "server",
+        "vm1",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"volumes":[]}}"#,
+    ])?;
+    wait_until(WAIT, "vdc unplugged", || {
+        blklist(&node, &dom1)
+            .ok()
+            .filter(|l| !l.iter().any(|(t, _)| t == "vdc"))
+            .map(|_| ())
+    })
+    .with_context(|| format!("agent log:\n{}", node.agent_log()))?;
+    wait_for(&cloud, "volume", "data", "volume data released", |v| {
+        v["status"].get("attachedTo").is_none() && v["status"]["phase"] == "Available"
+    })?;
+    let mut head = [0u8; 512];
+    std::fs::File::open(&path)?.read_exact_at(&mut head, 0)?;
+    assert_eq!(head, partition_table(), "the data outlives the attachment");
+
+    // Plugged in again while the guest runs: its kernel reads the partitions again.
+    cloud.kubectl_ok(&[
+        "-n",
+        NS,
+        "patch",
+        "server",
+        "vm1",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"volumes":[{"volume":"data"}]}}"#,
+    ])?;
+    console(&uid1, "vdc1 vdc2", 2)?;
+    ensure!(blklist(&node, &dom1)?.iter().any(|(_, s)| *s == path));
+    assert_eq!(
+        json(&cloud, &["get", "volume", "data"])?["status"]["attachedTo"],
+        "vm1"
+    );
+
+    // Boot from a volume made from the tiny image.
+    apply(
+        &cloud,
+        &volume_yaml("root", "  bootable: true\n  source:\n    image: tiny\n"),
+    )?;
+    wait_for(&cloud, "volume", "root", "volume root Available", |v| {
+        v["status"]["phase"] == "Available"
+    })?;
+    apply(&cloud, &server_yaml("vm3", "  bootVolume: root\n"))?;
+    let vm3 = wait_for(&cloud, "server", "vm3", "vm3 Running", |s| {
+        s["status"]["phase"] == "Running"
+    })?;
+    let uid3 = vm3["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    console(&uid3, "STRATUS-GUEST-READY hostname=vm3", 1)?;
+    let root_path = json(&cloud, &["get", "volume", "root"])?["status"]["devicePath"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    ensure!(
+        blklist(&node, &format!("stratus-{uid3}"))?.contains(&("vda".into(), root_path)),
+        "the volume is the root disk"
+    );
+
+    // Servers deleted: their volumes are released once their guests are gone, and then go.
+    cloud.kubectl_ok(&[
+        "-n",
+        NS,
+        "delete",
+        "server",
+        "vm1",
+        "vm3",
+        "--wait=true",
+        "--timeout=240s",
+    ])?;
+    for v in ["data", "root", "contested"] {
+        wait_for(&cloud, "volume", v, "released", |v| {
+            v["status"].get("attachedTo").is_none()
+        })?;
+        cloud.kubectl_ok(&[
+            "-n",
+            NS,
+            "delete",
+            "volume",
+            v,
+            "--wait=true",
+            "--timeout=240s",
+        ])?;
+    }
+    ensure!(
+        std::fs::read_dir(&pool)?
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with("volume-")),
+        "the pool is empty"
+    );
+    ensure!(node.domains()?.is_empty(), "{:?}", node.domains());
+    Ok(())
+}
