@@ -14,7 +14,7 @@ use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use stratus_api_types::common::{ConditionType, Reason, Time};
-use stratus_api_types::image::{DiskFormat, Image};
+use stratus_api_types::image::{DiskFormat, Image, Visibility};
 use stratus_api_types::storage::{
     Volume, VolumePhase, VolumeSnapshot, VolumeSnapshotPhase, VolumeSnapshotStatus, VolumeStatus,
 };
@@ -155,6 +155,54 @@ fn cache_format(format: DiskFormat) -> Format {
     }
 }
 
+/// The Image a Volume in `ns` means by `name`, as a Server's is found: the project's own
+/// image of that name first; else the one public image of that name (only cluster admins
+/// publish images); several public ones of that name are ambiguous, and the volume says so
+/// rather than picking one. A node reads the public ones by listing
+/// `spec.visibility=public`, which the node authorizer allows.
+async fn find_image(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Result<Result<Image, Blocked>, StorageError> {
+    if let Some(i) = Api::<Image>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await?
+    {
+        return Ok(Ok(i));
+    }
+    let mut public: Vec<Image> = Api::<Image>::all(client.clone())
+        .list(
+            &kube::api::ListParams::default()
+                .fields(&format!("metadata.name={name},spec.visibility=public")),
+        )
+        .await?
+        .items
+        .into_iter()
+        .filter(|i| i.spec.visibility == Visibility::Public && i.name_any() == name)
+        .collect();
+    Ok(match public.len() {
+        0 => Err(Blocked {
+            reason: Reason::ImageNotFound.as_str(),
+            message: format!("image {name:?} not found in the project, nor as a public image"),
+            failed: false,
+        }),
+        1 => Ok(public.remove(0)),
+        n => {
+            let mut places: Vec<String> = public.iter().filter_map(|i| i.namespace()).collect();
+            places.sort();
+            Err(Blocked {
+                reason: Reason::ImageAmbiguous.as_str(),
+                message: format!(
+                    "image {name:?} is not in the project, and {n} public images have that name (in {}); make a private copy in the project or ask an admin to rename one",
+                    places.join(", ")
+                ),
+                failed: false,
+            })
+        }
+    })
+}
+
 /// What `vol`'s `spec.source` resolves to in pool `pool`.
 async fn resolve(
     ctx: &Ctx,
@@ -215,13 +263,9 @@ async fn resolve(
         return Ok(Ok(Resolved::Copy(VolName::volume(&uid(&src)?)?)));
     }
     if let Some(name) = &source.image {
-        let api: Api<Image> = Api::namespaced(ctx.client.clone(), &ns);
-        let Some(image) = api.get_opt(name).await? else {
-            return Ok(Err(Blocked {
-                reason: Reason::ImageNotFound.as_str(),
-                message: format!("image {name:?} does not exist in the project"),
-                failed: false,
-            }));
+        let image = match find_image(&ctx.client, &ns, name).await? {
+            Ok(i) => i,
+            Err(blocked) => return Ok(Err(blocked)),
         };
         let image_uid = uid(&image)?;
         let user = uid(vol)?;

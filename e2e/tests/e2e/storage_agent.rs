@@ -22,6 +22,8 @@ use stratus_e2e::{Apiserver, Etcd, Proc, stratus_bin, wait_until};
 
 const NS: &str = "stor";
 const NODE: &str = "sn1";
+/// The project whose public image a volume of [`NS`] is made from.
+const PUBLISHER: &str = "stor-pub";
 const GIB: u64 = 1 << 30;
 /// Generous: builds and guests of other tests share two cores.
 const WAIT: Duration = Duration::from_secs(240);
@@ -414,7 +416,7 @@ fn a_storage_agent_serves_lvm_and_file_pools() -> Result<()> {
     let host = Host::new()?;
     let etcd = Etcd::start()?;
     let mut api = Apiserver::start_on(&etcd)?;
-    api.projects(&[NS])?;
+    api.projects(&[NS, PUBLISHER])?;
     node_identity(&mut api, &host)?;
     // A pool naming the node that the node does not configure: reported, never touched.
     api.kubectl_in(
@@ -439,34 +441,56 @@ fn a_storage_agent_serves_lvm_and_file_pools() -> Result<()> {
     .trim()
     .parse::<u64>()?
         >> 30;
-    let fs_gib = {
+    // The file pool's filesystem: (all of it, what an unprivileged writer has free), GiB.
+    let fs_gib = || -> (u64, u64) {
         let out = run(
             "stat",
-            &["-f", "-c", "%b %S", &host.files.to_string_lossy()],
-        )?;
-        let mut it = out
+            &["-f", "-c", "%b %a %S", &host.files.to_string_lossy()],
+        )
+        .unwrap_or_default();
+        let n: Vec<u64> = out
             .split_whitespace()
-            .map(|n| n.parse::<u64>().unwrap_or_default());
-        (it.next().unwrap_or_default() * it.next().unwrap_or_default()) >> 30
+            .map(|n| n.parse::<u64>().unwrap_or_default())
+            .collect();
+        match n[..] {
+            [blocks, avail, size] => ((blocks * size) >> 30, (avail * size) >> 30),
+            _ => (0, 0),
+        }
     };
-    for (pool, gib) in [("fast", vg_gib), ("files", fs_gib)] {
-        wait_until(WAIT, &format!("pool {pool} Ready"), || {
-            let phase = api
-                .kubectl_ok(&[
-                    "get",
-                    "storagepool",
-                    pool,
-                    "-o",
-                    "jsonpath={.status.phase} {.status.capacityGiB}",
-                ])
-                .unwrap_or_default();
-            (phase == format!("Ready {gib}")).then_some(())
-        })
-        .with_context(|| {
-            api.kubectl_ok(&["get", "storagepool", pool, "-o", "yaml"])
+    let capacity = |pool: &str| {
+        api.kubectl_ok(&[
+            "get",
+            "storagepool",
+            pool,
+            "-o",
+            "jsonpath={.status.phase} {.status.capacityGiB}",
+        ])
+        .unwrap_or_default()
+    };
+    wait_until(WAIT, "pool fast Ready", || {
+        (capacity("fast") == format!("Ready {vg_gib}")).then_some(())
+    })
+    .with_context(|| {
+        api.kubectl_ok(&["get", "storagepool", "fast", "-o", "yaml"])
+            .unwrap_or_default()
+    })?;
+    // The file pool holds nothing yet: its capacity is the filesystem's free space (others'
+    // builds write to it meanwhile: within a GiB), not the filesystem's size, which the
+    // system's own files take part of.
+    wait_until(WAIT, "pool files Ready with the free space", || {
+        let (before, got, after) = (fs_gib(), capacity("files"), fs_gib());
+        let gib: u64 = got.strip_prefix("Ready ")?.parse().ok()?;
+        let (low, high) = (before.1.min(after.1), before.1.max(after.1));
+        (gib + 1 >= low && gib <= high + 1 && gib < before.0).then_some(())
+    })
+    .with_context(|| {
+        format!(
+            "filesystem (size, free) {:?} GiB: {}",
+            fs_gib(),
+            api.kubectl_ok(&["get", "storagepool", "files", "-o", "yaml"])
                 .unwrap_or_default()
-        })?;
-    }
+        )
+    })?;
     let beat = api.kubectl_ok(&[
         "get",
         "storagepool",
@@ -611,8 +635,27 @@ fn a_storage_agent_serves_lvm_and_file_pools() -> Result<()> {
         ensure!(read_at(&dev, 5 << 20, 4096)? == vec![0; 4096]);
     }
 
+    // A volume made from another project's public image: found as a server's image is (the
+    // project's own first, then the public ones), read by the node through the node
+    // authorizer's rules.
+    api.kubectl_in(
+        &["-n", PUBLISHER, "apply", "-f", "-"],
+        &format!(
+            "apiVersion: image.stratus.dev/v1\nkind: Image\nmetadata:\n  name: shared-tiny\nspec:\n  diskFormat: qcow2\n  visibility: public\n  source:\n    url: {}/disk.qcow2\n",
+            server.url
+        ),
+    )?;
+    volume(&api, "f-pub", 1, Some(("image", "shared-tiny")))?;
+    place(&api, "volume", "f-pub", "files", None)?;
+    let dev = available(&api, "volume", "f-pub")?;
+    ensure!(
+        read_at(&dev, 0, disk.len())? == disk,
+        "f-pub lacks the public image's data"
+    );
+
     // Deleting everything leaves nothing behind.
     for (kind, name) in [
+        ("volume", "f-pub"),
         ("volume", "l-img"),
         ("volume", "f-img"),
         ("volume", "big-clone"),
