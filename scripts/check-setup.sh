@@ -12,9 +12,9 @@ fi
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 scripts/setup.sh
-# qemu-utils: the package apt removed on a fresh machine; genisoimage and cpio: programs
-# that nothing else depends on.
-for victim in qemu-utils:qemu-img genisoimage:genisoimage cpio:cpio; do
+# qemu-utils: the package apt removed on a fresh machine; genisoimage, cpio and
+# chromium-driver (the dashboard's browser test): programs that nothing else depends on.
+for victim in qemu-utils:qemu-img genisoimage:genisoimage cpio:cpio chromium-driver:chromedriver; do
   pkg=${victim%%:*} prog=${victim#*:}
   $sudo dpkg --remove --force-depends "$pkg" >/dev/null 2>&1
   if command -v "$prog" >/dev/null 2>&1; then
