@@ -3,6 +3,7 @@
 
 mod api {
     pub mod admission;
+    pub mod attachments;
     pub mod apply;
     pub mod fixtures;
     pub mod identity;

@@ -1,0 +1,169 @@
+//! Volumes attached to Servers at admission: the claim in the Server's own transaction, the
+//! refusals (a volume of another project, one held by another server, one not bootable), the
+//! race for one volume, and what a compute node may read of an attached volume.
+
+use serde_json::{Value, json};
+
+use crate::fixtures::{Cloud, MERGE, Obj, refused};
+
+fn volume(ns: &str, name: &str) -> Obj {
+    Obj(json!({
+        "apiVersion": "storage.stratus.dev/v1", "kind": "Volume",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"sizeGiB": 1},
+    }))
+}
+
+fn with_volumes(ns: &str, name: &str, volumes: &[&str]) -> Obj {
+    let list: Vec<Value> = volumes.iter().map(|v| json!({"volume": v})).collect();
+    Obj::server(ns, name).spec("volumes", json!(list))
+}
+
+fn field(e: &stratus_apiserver::base::error::ApiError) -> &str {
+    e.details
+        .causes
+        .first()
+        .map(|c| c.field.as_str())
+        .unwrap_or_default()
+}
+
+async fn attached_to(c: &Cloud, ns: &str, name: &str) -> Value {
+    c.get("Volume", Some(ns), name).await.expect("volume")["status"]["attachedTo"].clone()
+}
+
+#[tokio::test]
+async fn a_server_claims_its_volumes_in_its_own_write() {
+    let c = Cloud::with_demo().await;
+    c.create(&volume("demo", "data")).await.expect("volume");
+    c.create(&with_volumes("demo", "web", &["data"]))
+        .await
+        .expect("server");
+    let v = c.get("Volume", Some("demo"), "data").await.expect("volume");
+    assert_eq!(v["status"]["attachedTo"], "web", "{v}");
+    assert_eq!(v["status"]["conditions"][0]["type"], "Attached", "{v}");
+
+    // Another server is refused, naming the field and the holder; nothing is written.
+    let before = c.revision().await;
+    let e = refused(c.create(&with_volumes("demo", "db", &["data"])).await);
+    assert_eq!(
+        (e.code, field(&e)),
+        (409, "spec.volumes[0].volume"),
+        "{e:?}"
+    );
+    assert!(e.message.contains("\"web\""), "{}", e.message);
+    assert_eq!(c.revision().await, before);
+    assert_eq!(refused(c.get("Server", Some("demo"), "db").await).code, 404);
+    // So is adding it to an existing server.
+    c.create(&Obj::server("demo", "db")).await.expect("db");
+    let t = c.target("Server", Some("demo"), Some("db"));
+    let e = refused(
+        c.patch(
+            &t,
+            MERGE,
+            &json!({"spec": {"volumes": [{"volume": "data"}]}}),
+            "",
+        )
+        .await,
+    );
+    assert_eq!((e.code, field(&e)), (409, "spec.volumes[0].volume"));
+    assert_eq!(attached_to(&c, "demo", "data").await, "web");
+    // And deleting it while attached.
+    assert_eq!(
+        refused(c.delete("Volume", Some("demo"), "data", "").await).code,
+        409
+    );
+}
+
+#[tokio::test]
+async fn a_server_names_only_existing_volumes_of_its_own_project() {
+    let c = Cloud::with_demo().await;
+    c.create(&Obj::project("other")).await.expect("project");
+    c.create(&volume("other", "theirs")).await.expect("volume");
+    let before = c.revision().await;
+    let e = refused(c.create(&with_volumes("demo", "web", &["theirs"])).await);
+    assert_eq!(
+        (e.code, field(&e)),
+        (422, "spec.volumes[0].volume"),
+        "{e:?}"
+    );
+    assert_eq!(e.details.causes[0].reason, "FieldValueNotFound");
+    assert_eq!(c.revision().await, before, "nothing written");
+    assert_eq!(attached_to(&c, "other", "theirs").await, Value::Null);
+}
+
+#[tokio::test]
+async fn a_boot_volume_is_bootable_and_stays() {
+    let c = Cloud::with_demo().await;
+    c.create(&volume("demo", "plain")).await.expect("volume");
+    c.create(&volume("demo", "root").spec("bootable", json!(true)))
+        .await
+        .expect("volume");
+    let booting = |v: &str| {
+        let mut s = Obj::server("demo", "web").spec("bootVolume", json!(v));
+        s.0["spec"].as_object_mut().map(|m| m.remove("image"));
+        s
+    };
+    let e = refused(c.create(&booting("plain")).await);
+    assert_eq!((e.code, field(&e)), (422, "spec.bootVolume"), "{e:?}");
+    c.create(&booting("root")).await.expect("server");
+    assert_eq!(attached_to(&c, "demo", "root").await, "web");
+    let t = c.target("Server", Some("demo"), Some("web"));
+    let e = refused(
+        c.patch(&t, MERGE, &json!({"spec": {"bootVolume": "plain"}}), "")
+            .await,
+    );
+    assert_eq!((e.code, field(&e)), (422, "spec.bootVolume"));
+}
+
+#[tokio::test]
+async fn of_servers_racing_for_one_volume_exactly_one_gets_it() {
+    let c = Cloud::with_demo().await;
+    c.create(&volume("demo", "data")).await.expect("volume");
+    let servers: Vec<Obj> = (0..8)
+        .map(|i| with_volumes("demo", &format!("s{i}"), &["data"]))
+        .collect();
+    let results = futures::future::join_all(servers.iter().map(|s| c.create(s))).await;
+    let won: Vec<usize> = results
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.is_ok().then_some(i))
+        .collect();
+    assert_eq!(won.len(), 1, "{results:?}");
+    for r in &results {
+        if let Err(e) = r {
+            assert_eq!((e.code, field(e)), (409, "spec.volumes[0].volume"), "{e:?}");
+        }
+    }
+    assert_eq!(
+        attached_to(&c, "demo", "data").await,
+        format!("s{}", won[0])
+    );
+}
+
+async fn read(
+    c: &Cloud,
+    name: &str,
+    node: &str,
+) -> stratus_apiserver::base::error::ApiResult<Value> {
+    let t = c.target("Volume", Some("demo"), Some(name));
+    c.node(node).read(&t, "").await
+}
+
+#[tokio::test]
+async fn a_compute_node_reads_a_volume_attached_to_a_server_placed_on_it() {
+    let c = Cloud::with_demo().await;
+    c.hypervisor("n1", 4, 4096).await;
+    c.create(&volume("demo", "data")).await.expect("volume");
+    c.create(&volume("demo", "spare")).await.expect("volume");
+    c.create(&with_volumes("demo", "web", &["data"]))
+        .await
+        .expect("server");
+    // Not placed yet: nothing ties the volume to a node.
+    assert_eq!(refused(read(&c, "data", "n1").await).code, 403);
+    c.bind("demo", "web", "n1").await.expect("placed");
+    read(&c, "data", "n1")
+        .await
+        .expect("attached to a server placed on n1");
+    assert_eq!(refused(read(&c, "data", "n2").await).code, 403);
+    assert_eq!(refused(read(&c, "spare", "n1").await).code, 403);
+}
