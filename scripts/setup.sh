@@ -43,6 +43,8 @@ py   yaml                 python3-yaml
 bin  chromium             chromium
 bin  chromedriver         chromium-driver
 py   selenium             python3-selenium
+bin  swift-ring-builder   swift
+py   swift                python3-swift
 '
 
 sudo=""
