@@ -20,6 +20,7 @@ mod list;
 mod memory;
 mod net;
 mod sched;
+mod storage;
 mod tcg;
 
 // The same allocator as the stratus binary.
@@ -77,6 +78,20 @@ enum What {
         /// Hypervisors to place them on.
         #[arg(long, default_value_t = 1000)]
         hypervisors: usize,
+    },
+    /// Volumes on `stratus up --storage`'s file pool (create → Available, delete → gone, a
+    /// clone's data copy) vs the `qemu-img create`, `rm`, `qemu-img convert` and `dd` it wraps,
+    /// on the same directory.
+    Storage {
+        /// Blank 1 GiB volumes made and deleted, one at a time.
+        #[arg(long, default_value_t = 20)]
+        volumes: usize,
+        /// MiB of data in the volume that is cloned.
+        #[arg(long, default_value_t = 512)]
+        copy_mib: u64,
+        /// Clones made (each alternating with the references).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
     },
     /// Apply → Running with libvirt's test driver (scheduler + compute agent) vs defining and
     /// starting the same domains through libvirt directly.
@@ -1011,6 +1026,11 @@ async fn main() -> Result<()> {
             servers,
             hypervisors,
         } => sched::bench(servers, hypervisors).await,
+        What::Storage {
+            volumes,
+            copy_mib,
+            rounds,
+        } => storage::bench(volumes, copy_mib, rounds).await,
         What::Boot {
             servers,
             concurrency,
