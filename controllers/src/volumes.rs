@@ -10,6 +10,10 @@
 //! another volume goes to its source's pool (the data is there). The pools with most room come
 //! first (Cinder's capacity weigher). A volume that fits nowhere stays Pending with
 //! `Scheduled=False` and the reason, and is looked at again when a pool changes.
+//!
+//! A deleted Volume whose pool is gone, or whose pool's agent has been silent for
+//! [`LOST_AFTER`], goes without its agent's teardown (its finalizer released, its claim freed
+//! with it); the agent removes the data of Volumes that no longer exist if it comes back.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,7 +27,9 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use stratus_api_types::common::{Blocked, ConditionType, Reason};
-use stratus_api_types::storage::{StoragePool, VOLUME_TYPE_LABEL, Volume, VolumeSnapshot};
+use stratus_api_types::storage::{
+    StoragePool, TEARDOWN_FINALIZER, VOLUME_TYPE_LABEL, Volume, VolumeSnapshot,
+};
 use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
 
@@ -315,10 +321,66 @@ async fn reconcile(v: Arc<Volume>, ctx: Arc<Ctx>) -> Result<Action, VolumesError
     ctx.runtime.finish(&v, result).await
 }
 
+/// How long a pool's agent may be silent before the Volumes deleted on it go without it (as
+/// Kubernetes lets a lost node's pods and attachments go after its grace): its node is taken
+/// for gone, so the volume's claim is freed and its agent, if it comes back, removes the data
+/// no Volume names any more.
+pub const LOST_AFTER: jiff::SignedDuration = jiff::SignedDuration::from_mins(5);
+
+/// Why a deleted Volume placed on `pool` (`None`: the pool is gone) may go without its
+/// storage agent's teardown, if it may: the pool is gone, or its agent has not heartbeated
+/// for [`LOST_AFTER`] (a pool that never reported one is not judged).
+pub fn abandoned(name: &str, pool: Option<&StoragePool>, now: jiff::Timestamp) -> Option<String> {
+    let Some(pool) = pool else {
+        return Some(format!("its storage pool {name} is gone"));
+    };
+    let last = pool.status.as_ref()?.last_heartbeat_time.as_ref()?.0;
+    let silent = now.duration_since(last);
+    (silent > LOST_AFTER).then(|| {
+        format!(
+            "the storage agent of node {} has not heartbeated pool {name} for {} s",
+            pool.spec.node,
+            silent.as_secs()
+        )
+    })
+}
+
+/// A deleted Volume placed on a pool whose node is gone ([`abandoned`]): the storage agent's
+/// finalizer is released for it, with an Event saying why; otherwise looked at again later.
+async fn let_go(v: &Volume, ctx: &Ctx) -> Result<Action, VolumesError> {
+    let Some(pool) = v.status.as_ref().and_then(|s| s.pool.clone()) else {
+        return Ok(Action::await_change());
+    };
+    if !v.finalizers().iter().any(|f| f == TEARDOWN_FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    stratus_runtime::store_ready(&ctx.pools).await;
+    let p = ctx.pools.get(&ObjectRef::new(&pool));
+    let Some(why) = abandoned(&pool, p.as_deref(), jiff::Timestamp::now()) else {
+        return Ok(Action::requeue(RETRY_PENDING));
+    };
+    stratus_runtime::finalizer::release(&ctx.client, v, TEARDOWN_FINALIZER)
+        .await
+        .map_err(VolumesError::Api)?;
+    tracing::warn!(volume = %volume_key(v), %why, "deleted without its storage agent");
+    publish(
+        ctx,
+        v,
+        EventType::Warning,
+        "NodeLost",
+        format!(
+            "deleted without its storage agent: {why}; the agent removes its data if it comes back"
+        ),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
 async fn place(v: &Volume, ctx: &Ctx) -> Result<Action, VolumesError> {
-    if v.metadata.deletion_timestamp.is_some()
-        || v.status.as_ref().is_some_and(|s| s.pool.is_some())
-    {
+    if v.metadata.deletion_timestamp.is_some() {
+        return let_go(v, ctx).await;
+    }
+    if v.status.as_ref().is_some_and(|s| s.pool.is_some()) {
         return Ok(Action::await_change());
     }
     stratus_runtime::store_ready(&ctx.pools).await;
@@ -564,6 +626,25 @@ mod tests {
 
     /// A pool whose agent stopped heartbeating gets no volumes, whatever its phase still
     /// says; one that never reported a heartbeat is judged by its phase.
+    #[test]
+    fn a_deleted_volume_goes_without_its_agent_only_once_its_node_is_lost() {
+        let p = pool("p1", 10);
+        let at = |secs: i64| heartbeat() + jiff::SignedDuration::from_secs(secs);
+        assert_eq!(abandoned("p1", Some(&p), at(5)), None, "heartbeating");
+        assert_eq!(abandoned("p1", Some(&p), at(300)), None, "within the grace");
+        let why = abandoned("p1", Some(&p), at(301)).expect("lost");
+        assert!(why.contains("node n-p1") && why.contains("301 s"), "{why}");
+        let gone = abandoned("p1", None, at(5)).expect("no pool");
+        assert!(gone.contains("storage pool p1 is gone"), "{gone}");
+        let mut silent = pool("p2", 10);
+        silent.status = Some(StoragePoolStatus::default());
+        assert_eq!(
+            abandoned("p2", Some(&silent), at(10_000)),
+            None,
+            "never reported"
+        );
+    }
+
     #[test]
     fn a_pool_whose_agent_went_silent_gets_nothing() {
         let pools = all(vec![pool("a", 10), pool("b", 50)]);

@@ -782,6 +782,75 @@ async fn recover(pools: &[(PoolConfig, Arc<dyn Backend>)]) {
     }
 }
 
+/// How often the pools are swept of volumes and snapshots no object names any more.
+const ORPHAN_SWEEP: Duration = Duration::from_secs(120);
+
+/// What a pool holds that no Volume or VolumeSnapshot placed on the node names (by uid): left
+/// by objects deleted without the agent while its node was taken for lost (the volume
+/// scheduler lets them go; see `stratus_controllers::volumes::LOST_AFTER`).
+fn orphans(stored: &[VolName], volumes: &[String], snapshots: &[String]) -> Vec<VolName> {
+    let named: std::collections::HashSet<VolName> = volumes
+        .iter()
+        .filter_map(|u| VolName::volume(u).ok())
+        .chain(snapshots.iter().filter_map(|u| VolName::snapshot(u).ok()))
+        .collect();
+    stored
+        .iter()
+        .filter(|n| !named.contains(*n))
+        .cloned()
+        .collect()
+}
+
+/// One sweep: each served pool's volumes and snapshots are read first, then the objects
+/// placed on the node, so whatever the agent makes meanwhile (only for an object it sees) is
+/// never taken for an orphan; what no object names is deleted.
+async fn sweep_orphans_once(ctx: &Ctx) -> Result<(), StorageError> {
+    let mut stored = Vec::new();
+    for (pool, backend) in ctx.served.iter() {
+        let b = Arc::clone(backend);
+        match blocking(move || b.list()).await? {
+            Ok(list) => stored.push((pool.clone(), Arc::clone(backend), list)),
+            Err(e) => {
+                tracing::warn!(%pool, error = %stratus_runtime::policy::chain(&e), "cannot list the pool for orphans")
+            }
+        }
+    }
+    let fields = kube::api::ListParams::default().fields(&format!("status.node={}", ctx.node));
+    let uids = |m: Vec<kube::api::ObjectMeta>| -> Vec<String> {
+        m.into_iter().filter_map(|m| m.uid).collect()
+    };
+    let volumes = Api::<Volume>::all(ctx.client.clone()).list(&fields).await?;
+    let volumes = uids(volumes.items.into_iter().map(|v| v.metadata).collect());
+    let snapshots = Api::<VolumeSnapshot>::all(ctx.client.clone())
+        .list(&fields)
+        .await?;
+    let snapshots = uids(snapshots.items.into_iter().map(|s| s.metadata).collect());
+    for (pool, backend, list) in stored {
+        let names: Vec<VolName> = list.into_iter().map(|(n, _)| n).collect();
+        for name in orphans(&names, &volumes, &snapshots) {
+            let (b, n) = (Arc::clone(&backend), name.clone());
+            match blocking(move || b.delete(&n)).await? {
+                Ok(()) => tracing::warn!(%pool, %name, "removed data no volume or snapshot names"),
+                Err(e) => {
+                    tracing::warn!(%pool, %name, error = %stratus_runtime::policy::chain(&e), "cannot remove orphaned data")
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sweeps the pools of orphans at start and every [`ORPHAN_SWEEP`].
+async fn sweep_orphans(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(ORPHAN_SWEEP);
+    loop {
+        tick.tick().await;
+        if let Err(e) = sweep_orphans_once(&ctx).await {
+            tracing::warn!(error = %stratus_runtime::policy::chain(&e), "orphan sweep failed");
+        }
+    }
+}
+
 /// How often cached images no volume is being made from are removed.
 const IMAGE_SWEEP: Duration = Duration::from_secs(300);
 
@@ -876,6 +945,7 @@ pub async fn run(client: Client, config: Config, pools: Vec<(PoolConfig, Arc<dyn
         .run(reconcile_volume, volume_error, Arc::clone(&ctx))
         .for_each(|_| async {});
     let sweeper = sweep_images(Arc::clone(&ctx.images), store);
+    let orphans = sweep_orphans(Arc::clone(&ctx));
     let snapshots = Controller::new(
         Api::<VolumeSnapshot>::all(client.clone()),
         watcher::Config::default().fields(&selector),
@@ -885,6 +955,7 @@ pub async fn run(client: Client, config: Config, pools: Vec<(PoolConfig, Arc<dyn
     tokio::select! {
         () = heartbeat => {}
         () = sweeper => {}
+        () = orphans => {}
         () = volumes => tracing::warn!("the volume controller stopped"),
         () = snapshots => tracing::warn!("the snapshot controller stopped"),
     }
@@ -919,6 +990,20 @@ mod tests {
         assert!(!needs_image(&volume(
             json!({"phase": "Error", "sizeGiB": 1})
         )));
+    }
+
+    #[test]
+    fn only_what_no_object_names_is_an_orphan() {
+        let v = |u: &str| VolName::volume(u).expect("uid");
+        let s = |u: &str| VolName::snapshot(u).expect("uid");
+        let stored = [v("a"), v("b"), s("c"), s("d"), v("c")];
+        assert_eq!(
+            orphans(&stored, &["a".into()], &["c".into()]),
+            vec![v("b"), s("d"), v("c")],
+            "a snapshot's uid names no volume, nor the reverse"
+        );
+        assert!(orphans(&stored[..1], &["a".into()], &[]).is_empty());
+        assert!(orphans(&[], &[], &[]).is_empty());
     }
 
     #[test]

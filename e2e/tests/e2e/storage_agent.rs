@@ -585,7 +585,19 @@ fn a_storage_agent_serves_lvm_and_file_pools() -> Result<()> {
         lvs(&host.vg)?.contains(&partial),
         "the partial clone is not there to recover"
     );
+    // The data of a volume deleted while the node was taken for lost (the volume scheduler
+    // let it go without the agent): no Volume names it, so the agent removes it when it comes
+    // back, and nothing else.
+    let orphan = host.files.join("volume-0rphan-0f-a-lost-node.raw");
+    std::fs::write(&orphan, b"left behind")?;
+    let keep = host.files.join("operator-notes.raw");
+    std::fs::write(&keep, b"not a volume")?;
     let mut proc = agent(&host)?;
+    wait_until(WAIT, "the orphaned volume file removed", || {
+        (!orphan.exists()).then_some(())
+    })?;
+    ensure!(keep.exists(), "a file that is no volume's was removed");
+    std::fs::remove_file(&keep)?;
     let cdev = available(&api, "volume", "big-clone")?;
     ensure!(
         !lvs(&host.vg)?.iter().any(|l| l.ends_with(".partial")),
