@@ -877,3 +877,47 @@ fn vxlan_is_taken_only_from_the_networks_peers() {
     .expect("firewall");
     assert!(pings(&g3, g2_ip, 3), "a peer of the network is heard");
 }
+
+/// A namespace deleted behind the driver's back is let go once the driver lists the
+/// namespaces: the kept netlink connection no longer holds it (and the devices in it)
+/// alive, so a veth into it goes with it, as without the driver.
+#[test]
+fn a_namespace_deleted_by_hand_is_not_held_alive_by_the_drivers_connection() {
+    if !root() {
+        return;
+    }
+    let prefix = unique();
+    let mut c = Cleanup::default();
+    let (a, x) = (
+        c.netns(format!("{prefix}-a")),
+        c.netns(format!("{prefix}-x")),
+    );
+    let l = NetlinkLinks::new();
+    l.add_netns(&a).expect("netns a");
+    l.add_netns(&x).expect("netns x");
+    let (na, nx) = (Netns::Named(a.clone()), Netns::Named(x.clone()));
+    l.add_veth(
+        &na,
+        &VethSpec {
+            name: ifname("vz-a"),
+            peer: ifname("vz-x"),
+            peer_netns: Some(nx.clone()),
+        },
+    )
+    .expect("veth");
+    assert!(l.link(&nx, &ifname("vz-x")).expect("link").is_some());
+    let out = Command::new("ip")
+        .args(["netns", "del", x.as_str()])
+        .output()
+        .expect("ip netns del");
+    assert!(out.status.success());
+    assert!(!l.list_netns().expect("list").contains(&x));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while l.link(&na, &ifname("vz-a")).expect("link").is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the veth into the deleted namespace is still there"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -506,8 +506,14 @@ impl Links for NetlinkLinks {
         )
     }
 
-    /// The files in `/run/netns` whose names are valid [`Name`]s.
+    /// The files in `/run/netns` whose names are valid [`Name`]s. Connections kept for
+    /// namespaces that are gone (or made again) are dropped here: a socket holds its
+    /// namespace, and the devices in it, alive.
     fn list_netns(&self) -> Result<BTreeSet<Name>, LinkError> {
+        self.connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|ns, c| netns::identity(ns) == c.identity);
         let dir = match std::fs::read_dir(netns::NETNS_DIR) {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
