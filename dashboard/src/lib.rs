@@ -118,6 +118,27 @@ mod tests {
         assert!(!lower.contains("http://") && !lower.contains("https://"));
     }
 
+    /// Before the page's script runs (a slow link) or if it fails to load, a submitted login
+    /// form is sent by the browser itself: it must carry no password, least of all in a URL.
+    #[test]
+    fn the_login_form_sends_no_password_without_the_script() {
+        let page = text(asset("").expect("the page"));
+        let start = page.find("<form id=\"login\"").expect("the login form");
+        let form = &page[start..start + page[start..].find("</form>").expect("a closed form")];
+        let tag = &form[..form.find('>').expect("a closed tag")];
+        assert!(
+            tag.contains("method=\"post\""),
+            "posted, not in a query string: {tag}"
+        );
+        for (i, _) in form.match_indices("<input") {
+            let input = &form[i..i + form[i..].find('>').expect("a closed tag")];
+            assert!(
+                !input.contains(" name="),
+                "an unnamed input is never submitted: {input}"
+            );
+        }
+    }
+
     /// API data (names, descriptions, messages) is user input: it reaches the page only as
     /// text, and the token only lives in memory.
     #[test]
