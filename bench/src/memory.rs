@@ -181,9 +181,10 @@ fn decoded<T>(raw: &[Vec<u8>], make: impl Fn(&[u8]) -> Result<T>) -> Result<f64>
 }
 
 /// What one cached copy of each kind's objects costs, by how it is held: the stored bytes
-/// (what the watch cache keeps), and decoded as the controllers' reflector stores hold them
-/// (whole, slimmed as the scheduler and quota controller slim them, metadata only as the
-/// garbage collector keeps them).
+/// (what the watch cache keeps), and decoded: whole, slimmed as the controllers' shared
+/// Server and Flavor caches slim them, metadata only (a `DynamicObject`, as the garbage
+/// collector kept it before), and as the quota controller's and the garbage collector's
+/// projections keep them.
 async fn per_cache(store: &Store) -> Result<()> {
     use kube::api::DynamicObject;
     use stratus_api_types::compute::{Flavor, Server};
@@ -191,9 +192,9 @@ async fn per_cache(store: &Store) -> Result<()> {
         eprintln!("MIMALLOC_PURGE_DELAY is not set: the table below counts reused memory as none");
     }
     println!(
-        "\n| one cache of | objects | stored JSON MiB | as stored bytes MiB | decoded, whole MiB | decoded, without managed fields (and user data) MiB | metadata only MiB |"
+        "\n| one cache of | objects | stored JSON MiB | as stored bytes MiB | decoded, whole MiB | decoded, without managed fields (and user data) MiB | metadata only MiB | quota's counted form MiB | garbage collector's form MiB |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (kind, prefix) in keys() {
         let page = store.list(&prefix, None, 0, 0).await?;
         let raw: Vec<Vec<u8>> = page
@@ -245,8 +246,17 @@ async fn per_cache(store: &Store) -> Result<()> {
             o.metadata.labels = None;
             Ok(o)
         })?;
+        let counted = if kind == "Flavor" {
+            "(not counted)".to_string()
+        } else {
+            format!(
+                "{:.1}",
+                decoded(&raw, |r| Ok(stratus_controllers::quota::cached(r)?))?
+            )
+        };
+        let collected = decoded(&raw, |r| Ok(stratus_controllers::gc::cached(r)?))?;
         println!(
-            "| {kind} | {} | {json_mib:.1} | {as_bytes:.1} | {whole:.1} | {slimmed:.1} | {metadata:.1} |",
+            "| {kind} | {} | {json_mib:.1} | {as_bytes:.1} | {whole:.1} | {slimmed:.1} | {metadata:.1} | {counted} | {collected:.1} |",
             raw.len()
         );
     }

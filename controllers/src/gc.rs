@@ -9,14 +9,17 @@
 //!   dependent of it remains; one deleted with `orphan` keeps its `orphan` finalizer until no
 //!   dependent references it any more.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{
     Api, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions, PropagationPolicy,
 };
+use kube::core::DynamicResourceScope;
 use kube::discovery::{ApiCapabilities, ApiResource, Discovery, Scope, verbs};
 use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
@@ -35,9 +38,45 @@ pub enum GcError {
 
 /// A served resource the collector follows.
 struct Kind {
-    ar: ApiResource,
+    ar: Arc<ApiResource>,
     caps: ApiCapabilities,
-    store: Store<DynamicObject>,
+    store: Store<Collected>,
+}
+
+/// What the collector keeps of an object: its metadata, slimmed to its identity, owners,
+/// finalizers and deletion ([`slim`]). Decoded from the watch into this directly, so neither
+/// the rest of the object nor a copy of its kind's names is held per object (a cache key
+/// holds the kind as a shared pointer).
+#[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]
+pub struct Collected {
+    metadata: ObjectMeta,
+}
+
+impl Resource for Collected {
+    type DynamicType = Arc<ApiResource>;
+    type Scope = DynamicResourceScope;
+
+    fn kind(dt: &Arc<ApiResource>) -> Cow<'_, str> {
+        dt.kind.as_str().into()
+    }
+    fn group(dt: &Arc<ApiResource>) -> Cow<'_, str> {
+        dt.group.as_str().into()
+    }
+    fn version(dt: &Arc<ApiResource>) -> Cow<'_, str> {
+        dt.version.as_str().into()
+    }
+    fn api_version(dt: &Arc<ApiResource>) -> Cow<'_, str> {
+        dt.api_version.as_str().into()
+    }
+    fn plural(dt: &Arc<ApiResource>) -> Cow<'_, str> {
+        dt.plural.as_str().into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
 }
 
 const FOREGROUND: &str = "foregroundDeletion";
@@ -65,9 +104,10 @@ pub async fn run(client: Client) -> Result<(), GcError> {
             {
                 continue;
             }
-            let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+            let ar = Arc::new(ar);
+            let writer = reflector::store::Writer::<Collected>::new(Arc::clone(&ar));
             let store = writer.as_reader();
-            let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+            let api: Api<Collected> = Api::all_with(client.clone(), &ar);
             let stream = reflector::reflector(
                 writer,
                 watcher(api, watcher::Config::default())
@@ -112,10 +152,20 @@ pub async fn run(client: Client) -> Result<(), GcError> {
     }
 }
 
+/// An object as the collector's cache holds it, decoded from its stored JSON (for measuring
+/// what the cache costs).
+///
+/// # Errors
+/// The JSON is not an object with metadata.
+pub fn cached(json: &[u8]) -> serde_json::Result<Collected> {
+    let mut o: Collected = serde_json::from_slice(json)?;
+    slim(&mut o);
+    Ok(o)
+}
+
 /// Keeps of an object only what collection reads (its identity, owners, finalizers and
 /// deletion), so the caches of every kind hold metadata, not whole objects.
-fn slim(o: &mut DynamicObject) {
-    o.data = serde_json::Value::Null;
+fn slim(o: &mut Collected) {
     let m = &mut o.metadata;
     m.managed_fields = None;
     m.annotations = None;
@@ -132,7 +182,7 @@ struct Collector {
     told: std::sync::Mutex<HashMap<String, String>>,
 }
 
-fn has_finalizer(o: &DynamicObject, f: &str) -> bool {
+fn has_finalizer(o: &Collected, f: &str) -> bool {
     o.finalizers().iter().any(|x| x == f)
 }
 
@@ -140,21 +190,20 @@ impl Collector {
     fn api(&self, kind: usize, namespace: Option<&str>) -> Api<DynamicObject> {
         let k = &self.kinds[kind];
         match (namespace, &k.caps.scope) {
-            (Some(ns), Scope::Namespaced) => Api::namespaced_with(self.client.clone(), ns, &k.ar),
-            _ => Api::all_with(self.client.clone(), &k.ar),
+            (Some(ns), Scope::Namespaced) => Api::namespaced_with(self.client.clone(), ns, &*k.ar),
+            _ => Api::all_with(self.client.clone(), &*k.ar),
         }
     }
 
     /// One look at every object: collect dependents of deleted owners, finish foreground and
     /// orphan deletions.
     async fn pass(&self) {
-        let mut all: Vec<(usize, std::sync::Arc<DynamicObject>)> = Vec::new();
+        let mut all: Vec<(usize, Arc<Collected>)> = Vec::new();
         for (i, k) in self.kinds.iter().enumerate() {
             all.extend(k.store.state().into_iter().map(|o| (i, o)));
         }
         let uids: HashSet<String> = all.iter().filter_map(|(_, o)| o.uid()).collect();
-        let mut dependents: HashMap<String, Vec<(usize, std::sync::Arc<DynamicObject>)>> =
-            HashMap::new();
+        let mut dependents: HashMap<String, Vec<(usize, Arc<Collected>)>> = HashMap::new();
         for (i, o) in &all {
             for r in o.owner_references() {
                 dependents
@@ -218,12 +267,7 @@ impl Collector {
     }
 
     /// Says on the owner, as an Event, which dependents its foreground deletion waits for.
-    async fn tell_waiting(
-        &self,
-        kind: usize,
-        owner: &DynamicObject,
-        deps: &[(usize, std::sync::Arc<DynamicObject>)],
-    ) {
+    async fn tell_waiting(&self, kind: usize, owner: &Collected, deps: &[(usize, Arc<Collected>)]) {
         let mut names: Vec<String> = deps
             .iter()
             .map(|(k, d)| format!("{}/{}", self.kinds[*k].ar.kind, d.name_any()))
@@ -287,7 +331,7 @@ impl Collector {
         }
     }
 
-    async fn delete(&self, kind: usize, o: &DynamicObject, policy: PropagationPolicy) {
+    async fn delete(&self, kind: usize, o: &Collected, policy: PropagationPolicy) {
         let dp = DeleteParams {
             propagation_policy: Some(policy),
             preconditions: Some(Preconditions {
@@ -308,7 +352,7 @@ impl Collector {
         }
     }
 
-    async fn patch_meta(&self, kind: usize, o: &DynamicObject, meta: serde_json::Value) {
+    async fn patch_meta(&self, kind: usize, o: &Collected, meta: serde_json::Value) {
         let mut meta = meta;
         meta["resourceVersion"] = json!(o.resource_version());
         let name = o.name_any();
@@ -329,7 +373,7 @@ impl Collector {
         }
     }
 
-    async fn remove_finalizer(&self, kind: usize, o: &DynamicObject, f: &str) {
+    async fn remove_finalizer(&self, kind: usize, o: &Collected, f: &str) {
         let rest: Vec<&String> = o.finalizers().iter().filter(|x| *x != f).collect();
         let rest = if rest.is_empty() {
             serde_json::Value::Null
@@ -339,7 +383,7 @@ impl Collector {
         self.patch_meta(kind, o, json!({"finalizers": rest})).await;
     }
 
-    async fn drop_owner_refs(&self, kind: usize, o: &DynamicObject, uids: &[String]) {
+    async fn drop_owner_refs(&self, kind: usize, o: &Collected, uids: &[String]) {
         let keep: Vec<&OwnerReference> = o
             .owner_references()
             .iter()
@@ -362,7 +406,7 @@ mod tests {
 
     #[test]
     fn the_cache_keeps_what_collection_reads_and_nothing_else() {
-        let mut o: DynamicObject = serde_json::from_value(json!({
+        let mut o: Collected = serde_json::from_value(json!({
             "apiVersion": "compute.stratus.dev/v1", "kind": "Server",
             "metadata": {"name": "web", "namespace": "demo", "uid": "u1", "resourceVersion": "7",
                 "labels": {"a": "b"}, "annotations": {"big": "x".repeat(1000)},
@@ -375,7 +419,14 @@ mod tests {
         }))
         .expect("an object");
         slim(&mut o);
-        assert_eq!(o.data, serde_json::Value::Null);
+        // Nothing but metadata is kept.
+        assert_eq!(
+            serde_json::to_value(&o)
+                .expect("encodes")
+                .as_object()
+                .map(|m| m.len()),
+            Some(1)
+        );
         assert_eq!(
             (o.name_any(), o.namespace(), o.uid(), o.resource_version()),
             (

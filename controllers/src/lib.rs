@@ -3,6 +3,7 @@
 
 pub mod attachments;
 mod binding;
+pub mod cache;
 pub mod floating_ips;
 pub mod gc;
 pub mod images;
@@ -169,21 +170,29 @@ async fn elect_and_run(client: &kube::Client, election: &Election) -> Result<(),
 }
 
 /// Every controller, until one stops.
+///
+/// The controllers that read every Server (the scheduler, node lifecycle, ports) or every
+/// Flavor (the scheduler, quota) share one watch and one cached copy of each (see
+/// [`cache`]), so a cloud with many objects holds each once, not once per controller.
 async fn every_controller(
     client: kube::Client,
     weigher: scheduler::Weigher,
     image_dir: std::path::PathBuf,
     image_policy: stratus_image_cache::Policy,
 ) -> Result<(), gc::GcError> {
+    let (servers, server_watch) = cache::servers(&client);
+    let (flavors, flavor_watch) = cache::flavors(&client);
     // None of them ends on its own; if one does, say which (the caller starts them again).
     let stopped = |which: &str| tracing::warn!(controller = which, "a controller stopped");
     tokio::select! {
         r = gc::run(client.clone()) => r,
-        () = quota::run(client.clone()) => { stopped("quota"); Ok(()) }
+        () = server_watch => { stopped("the Server watch"); Ok(()) }
+        () = flavor_watch => { stopped("the Flavor watch"); Ok(()) }
+        () = quota::run(client.clone(), flavors.store()) => { stopped("quota"); Ok(()) }
         () = project::run(client.clone()) => { stopped("project"); Ok(()) }
-        () = scheduler::run(client.clone(), weigher) => { stopped("scheduler"); Ok(()) }
-        () = nodes::run(client.clone()) => { stopped("node lifecycle"); Ok(()) }
-        () = ports::run(client.clone()) => { stopped("ports"); Ok(()) }
+        () = scheduler::run_shared(client.clone(), weigher, &servers, &flavors) => { stopped("scheduler"); Ok(()) }
+        () = nodes::run(client.clone(), &servers) => { stopped("node lifecycle"); Ok(()) }
+        () = ports::run(client.clone(), &servers) => { stopped("ports"); Ok(()) }
         () = routers::run(client.clone()) => { stopped("routers"); Ok(()) }
         () = floating_ips::run(client.clone()) => { stopped("floating IPs"); Ok(()) }
         () = security_groups::run(client.clone()) => { stopped("default security groups"); Ok(()) }

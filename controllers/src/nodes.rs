@@ -22,6 +22,8 @@ use stratus_api_types::compute::{
 use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
 
+use crate::cache::Shared;
+
 pub use stratus_api_types::compute::NODE_LEASE_NAMESPACE as LEASE_NAMESPACE;
 
 /// The field manager of the statuses this controller writes.
@@ -249,10 +251,10 @@ fn error_policy(hv: Arc<Hypervisor>, e: &NodesError, ctx: Arc<Ctx>) -> Action {
     ctx.runtime.error_policy(&hv, e)
 }
 
-/// Runs the node lifecycle controller until its watches end.
-pub async fn run(client: Client) {
+/// Runs the node lifecycle controller until its watches end, reading Servers from the
+/// controllers' shared cache.
+pub async fn run(client: Client, servers: &Shared<Server>) {
     let (leases, lease_writer) = reflector::store();
-    let (servers, server_writer) = reflector::store();
     let lease_stream = watcher(
         Api::<Lease>::namespaced(client.clone(), LEASE_NAMESPACE),
         watcher::Config::default(),
@@ -260,14 +262,6 @@ pub async fn run(client: Client) {
     .default_backoff()
     .reflect(lease_writer)
     .applied_objects();
-    let server_stream = watcher(
-        Api::<Server>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(crate::slim_server)
-    .reflect(server_writer)
-    .touched_objects();
     let ctx = Arc::new(Ctx {
         runtime: Runtime::new(client.clone(), MANAGER),
         servers_runtime: Runtime::new(client.clone(), MANAGER),
@@ -280,7 +274,7 @@ pub async fn run(client: Client) {
         ),
         client: client.clone(),
         leases,
-        servers,
+        servers: servers.store(),
     });
     // Every hypervisor is looked at again every few seconds as well: a heartbeat that stops
     // produces no event, and a missed requeue must not leave a lost node Ready.
@@ -293,10 +287,11 @@ pub async fn run(client: Client) {
         // A renewed Lease is its hypervisor's heartbeat.
         .watches_stream(lease_stream, |l: Lease| Some(ObjectRef::new(&l.name_any())))
         // A server placed on a lost hypervisor gets handled as it appears.
-        .watches_stream(server_stream, |s: Server| {
+        .watches_shared_stream(servers.touched(), |s: Arc<Server>| {
             s.status
-                .and_then(|st| st.hypervisor)
-                .map(|h| ObjectRef::new(&h))
+                .as_ref()
+                .and_then(|st| st.hypervisor.as_ref())
+                .map(|h| ObjectRef::new(h))
         })
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cache::Shared;
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, PostParams};
@@ -415,52 +416,46 @@ fn users(servers: &Store<Server>, port: &Port) -> Vec<ObjectRef<Server>> {
         .collect()
 }
 
-/// Runs the ports controller until its watches end.
-pub async fn run(client: Client) {
+/// Runs the ports controller until its watches end, reading Servers from the controllers'
+/// shared cache.
+pub async fn run(client: Client, servers: &Shared<Server>) {
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         servers: Runtime::new(client.clone(), MANAGER),
         ports: Runtime::new(client.clone(), MANAGER),
     });
-    let servers = Controller::new(
-        Api::<Server>::all(client.clone()),
-        watcher::Config::default(),
-    );
     let store = servers.store();
-    let servers = servers
+    let users_of = store.clone();
+    let servers_controller = Controller::for_shared_stream(servers.touched(), store)
         .watches(
             Api::<Port>::all(client.clone()),
             watcher::Config::default(),
-            move |port| users(&store, &port),
+            move |port| users(&users_of, &port),
         )
         .run(reconcile, error_policy, Arc::clone(&ctx))
         .for_each(|_| async {});
     let ports = Controller::new(Api::<Port>::all(client.clone()), watcher::Config::default());
     let bound = ports.store();
     let ports = ports
-        .watches(
-            Api::<Server>::all(client),
-            watcher::Config::default(),
-            move |server| {
-                // A Server's change or deletion may release the Ports bound to it.
-                let ns = server.namespace();
-                let name = server.name_any();
-                bound
-                    .state()
-                    .into_iter()
-                    .filter(|p| {
-                        p.namespace() == ns
-                            && p.status.as_ref().and_then(|s| s.bound_to.as_deref())
-                                == Some(name.as_str())
-                    })
-                    .map(|p| ObjectRef::from_obj(&*p))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_shared_stream(servers.touched(), move |server: Arc<Server>| {
+            // A Server's change or deletion may release the Ports bound to it.
+            let ns = server.namespace();
+            let name = server.name_any();
+            bound
+                .state()
+                .into_iter()
+                .filter(|p| {
+                    p.namespace() == ns
+                        && p.status.as_ref().and_then(|s| s.bound_to.as_deref())
+                            == Some(name.as_str())
+                })
+                .map(|p| ObjectRef::from_obj(&*p))
+                .collect::<Vec<_>>()
+        })
         .run(release, release_error_policy, ctx)
         .for_each(|_| async {});
     tokio::select! {
-        () = servers => {}
+        () = servers_controller => {}
         () = ports => {}
     }
 }

@@ -6,12 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use kube::api::{Api, DynamicObject};
-use kube::discovery::ApiResource;
+use std::borrow::Cow;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::Api;
+use kube::core::DynamicResourceScope;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use serde_json::{Map, Value, json};
 use stratus_api_types::compute::Flavor;
 use stratus_api_types::identity::{Quota, QuotaPhase, QuotaUsage};
@@ -43,27 +46,85 @@ impl Classify for QuotaError {
     }
 }
 
-/// One counted kind and the cache of its objects.
-struct Counted {
+/// A counted kind, as the watch of its objects names it (the dynamic type of [`Counted`]:
+/// a few static names, so a cache key costs a pointer, not a copy of five strings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CountedKind {
     group: &'static str,
     kind: &'static str,
-    objects: Store<DynamicObject>,
+    plural: &'static str,
+}
+
+/// What the quota controller keeps of a counted object: its name and namespace, and the
+/// fields that [`usage`] reads (a Server's flavor, a Volume's size, a VolumeSnapshot's size
+/// as its create recorded it in status). Decoded from the watch into this directly, so no
+/// cached copy holds the rest of the object.
+#[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]
+pub struct Counted {
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: CountedSpec,
+    #[serde(default, skip_serializing_if = "CountedStatus::is_empty")]
+    status: CountedStatus,
+}
+
+/// The counted fields of a status, as [`CountedSpec`].
+#[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]
+struct CountedStatus {
+    #[serde(rename = "sizeGiB", default, skip_serializing_if = "Option::is_none")]
+    size_gib: Option<Value>,
+}
+
+impl CountedStatus {
+    fn is_empty(&self) -> bool {
+        self.size_gib.is_none()
+    }
+}
+
+/// The counted fields of a spec; any JSON, as `usage` reads them (a kind whose spec has a
+/// field of the same name but another type still decodes).
+#[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]
+struct CountedSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    flavor: Option<Value>,
+    #[serde(rename = "sizeGiB", default, skip_serializing_if = "Option::is_none")]
+    size_gib: Option<Value>,
+}
+
+impl Resource for Counted {
+    type DynamicType = CountedKind;
+    type Scope = DynamicResourceScope;
+
+    fn kind(dt: &CountedKind) -> Cow<'_, str> {
+        dt.kind.into()
+    }
+    fn group(dt: &CountedKind) -> Cow<'_, str> {
+        dt.group.into()
+    }
+    fn version(_: &CountedKind) -> Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(dt: &CountedKind) -> Cow<'_, str> {
+        dt.plural.into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// One counted kind and the cache of its objects.
+struct CountedCache {
+    kind: CountedKind,
+    objects: Store<Counted>,
 }
 
 struct Ctx {
     runtime: Runtime<Quota>,
     flavors: Store<Flavor>,
-    counted: Vec<Counted>,
-}
-
-fn resource((group, kind, plural): (&str, &str, &str)) -> ApiResource {
-    ApiResource {
-        group: group.into(),
-        version: "v1".into(),
-        api_version: format!("{group}/v1"),
-        kind: kind.into(),
-        plural: plural.into(),
-    }
+    counted: Vec<CountedCache>,
 }
 
 /// Counts what a project uses, from the caches.
@@ -77,7 +138,7 @@ fn used_in(ctx: &Ctx, ns: &str) -> Result<QuotaUsage, QuotaError> {
     for c in &ctx.counted {
         for o in ctx.counted_in(c, ns) {
             let v = serde_json::to_value(&*o).unwrap_or(Value::Null);
-            for (field, amount) in usage(c.group, c.kind, &v, &flavor) {
+            for (field, amount) in usage(c.kind.group, c.kind.kind, &v, &flavor) {
                 let e = used.entry(field).or_insert(json!(0));
                 *e = json!(e.as_u64().unwrap_or(0) + amount);
             }
@@ -87,7 +148,7 @@ fn used_in(ctx: &Ctx, ns: &str) -> Result<QuotaUsage, QuotaError> {
 }
 
 impl Ctx {
-    fn counted_in(&self, c: &Counted, ns: &str) -> Vec<Arc<DynamicObject>> {
+    fn counted_in(&self, c: &CountedCache, ns: &str) -> Vec<Arc<Counted>> {
         c.objects
             .state()
             .into_iter()
@@ -139,41 +200,43 @@ fn error_policy(q: Arc<Quota>, e: &QuotaError, ctx: Arc<Ctx>) -> Action {
     ctx.runtime.error_policy(&q, e)
 }
 
-/// Keeps of a counted object only what counting reads (its spec), so the caches hold no
-/// status, managed fields or annotations.
-fn slim(o: &mut DynamicObject) {
-    o.metadata.managed_fields = None;
-    o.metadata.annotations = None;
-    o.metadata.labels = None;
-    if let Some(m) = o.data.as_object_mut() {
-        m.retain(|k, _| k == "spec");
-        // A Server's user data counts for nothing and is often its largest field.
-        if let Some(spec) = m.get_mut("spec").and_then(serde_json::Value::as_object_mut) {
-            spec.remove("userData");
-        }
-    }
+/// Keeps of a counted object's metadata only what the cache needs: its name and namespace.
+fn slim(o: &mut Counted) {
+    let m = std::mem::take(&mut o.metadata);
+    o.metadata = ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        ..ObjectMeta::default()
+    };
 }
 
-/// Runs the controller until the process ends.
-pub async fn run(client: Client) {
+/// A counted object as the quota controller's cache holds it, decoded from its stored JSON
+/// (for measuring what the cache costs).
+///
+/// # Errors
+/// The JSON is not an object with metadata.
+pub fn cached(json: &[u8]) -> serde_json::Result<Counted> {
+    let mut o: Counted = serde_json::from_slice(json)?;
+    slim(&mut o);
+    Ok(o)
+}
+
+/// Runs the controller until the process ends, reading Flavors from the controllers' shared
+/// cache.
+pub async fn run(client: Client, flavors: Store<Flavor>) {
     let quotas: Api<Quota> = Api::all(client.clone());
     let mut controller = Controller::new(quotas, watcher::Config::default());
-    let (flavors, flavor_writer) = reflector::store();
-    let flavor_stream = watcher(
-        Api::<Flavor>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(|f: &mut Flavor| f.metadata.managed_fields = None)
-    .reflect(flavor_writer)
-    .applied_objects();
     let mut counted = Vec::new();
-    for c in COUNTED {
-        let ar = resource(c);
-        let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+    for (group, kind, plural) in COUNTED {
+        let dt = CountedKind {
+            group,
+            kind,
+            plural,
+        };
+        let writer = reflector::store::Writer::<Counted>::new(dt);
         let objects = writer.as_reader();
         let stream = watcher(
-            Api::<DynamicObject>::all_with(client.clone(), &ar),
+            Api::<Counted>::all_with(client.clone(), &dt),
             watcher::Config::default(),
         )
         .default_backoff()
@@ -184,7 +247,7 @@ pub async fn run(client: Client) {
         // A change to a counted object recounts every Quota of its project.
         controller = controller.watches_stream_with(
             stream,
-            move |o: DynamicObject| {
+            move |o: Counted| {
                 let ns = o.namespace();
                 quotas
                     .state()
@@ -193,22 +256,77 @@ pub async fn run(client: Client) {
                     .map(|q| ObjectRef::from_obj(&*q))
                     .collect::<Vec<_>>()
             },
-            ar,
+            dt,
         );
-        counted.push(Counted {
-            group: c.0,
-            kind: c.1,
-            objects,
-        });
+        counted.push(CountedCache { kind: dt, objects });
     }
     let ctx = Arc::new(Ctx {
         runtime: Runtime::new(client, MANAGER),
         flavors,
         counted,
     });
-    let flavors = flavor_stream.for_each(|_| async {});
-    let quotas = controller
+    controller
         .run(reconcile, error_policy, ctx)
-        .for_each(|_| async {});
-    futures::join!(flavors, quotas);
+        .for_each(|_| async {})
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_counted_object_keeps_what_usage_reads_and_nothing_else() {
+        let server = json!({
+            "apiVersion": "compute.stratus.dev/v1", "kind": "Server",
+            "metadata": {"name": "web", "namespace": "demo", "uid": "u1",
+                         "labels": {"a": "b"}, "managedFields": [{"manager": "m"}]},
+            "spec": {"flavor": "m1.small", "image": "tiny", "userData": "c2VjcmV0",
+                     "networks": [{"network": "n"}]},
+            "status": {"hypervisor": "n1"},
+        });
+        let mut o: Counted = serde_json::from_value(server.clone()).expect("a server");
+        slim(&mut o);
+        let kept = serde_json::to_value(&o).expect("encodes");
+        assert_eq!(
+            kept,
+            json!({"metadata": {"name": "web", "namespace": "demo"}, "spec": {"flavor": "m1.small"}})
+        );
+        let flavor = |n: &str| (n == "m1.small").then_some((2, 2048));
+        let group = "compute.stratus.dev";
+        assert_eq!(
+            usage(group, "Server", &kept, &flavor),
+            usage(group, "Server", &server, &flavor)
+        );
+        let volume =
+            json!({"metadata": {"name": "v"}, "spec": {"sizeGiB": 20, "source": {"image": "i"}}});
+        let o: Counted = serde_json::from_value(volume.clone()).expect("a volume");
+        let kept = serde_json::to_value(&o).expect("encodes");
+        let group = "storage.stratus.dev";
+        assert_eq!(
+            usage(group, "Volume", &kept, &flavor),
+            usage(group, "Volume", &volume, &flavor)
+        );
+        // A snapshot's GiB are in its status (its volume's size when it was taken).
+        let snapshot = json!({"metadata": {"name": "s"}, "spec": {"volume": "v"},
+                              "status": {"sizeGiB": 4, "phase": "Available"}});
+        let o: Counted = serde_json::from_value(snapshot.clone()).expect("a snapshot");
+        let kept = serde_json::to_value(&o).expect("encodes");
+        assert_eq!(
+            kept,
+            json!({"metadata": {"name": "s"}, "spec": {}, "status": {"sizeGiB": 4}})
+        );
+        assert_eq!(
+            usage(group, "VolumeSnapshot", &kept, &flavor),
+            usage(group, "VolumeSnapshot", &snapshot, &flavor)
+        );
+        assert_eq!(
+            usage(group, "VolumeSnapshot", &kept, &flavor),
+            [("snapshots", 1), ("volumeGiB", 4)]
+        );
+        // A kind whose spec has a field of the same name and another type, or no spec.
+        let odd = json!({"metadata": {"name": "x"}, "spec": {"flavor": {"name": "f"}}});
+        assert!(serde_json::from_value::<Counted>(odd).is_ok());
+        assert!(serde_json::from_value::<Counted>(json!({"metadata": {"name": "y"}})).is_ok());
+    }
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
@@ -20,6 +20,8 @@ use stratus_api_types::compute::{
 use stratus_api_types::placement::{self, Amount, Lack};
 use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
+
+use crate::cache::{Change, Shared};
 
 /// How candidates that pass the filters are ordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -221,19 +223,21 @@ impl Placements {
         }
     }
 
-    fn observe(&mut self, event: &watcher::Event<Server>) {
+    fn observe(&mut self, change: &Change<Server>) {
         let placement = |s: &Server| {
             let st = s.status.as_ref()?;
             Some((st.hypervisor.clone()?, Amount::from(st.allocated.as_ref()?)))
         };
-        match event {
-            watcher::Event::Apply(s) | watcher::Event::InitApply(s) => {
-                self.set(server_key(s), placement(s));
+        match change {
+            Change::Applied(s) => self.set(server_key(s), placement(s)),
+            Change::Deleted(s) => self.set(server_key(s), None),
+            // Everything may have changed: rebuilt from what the cache holds.
+            Change::Relisted(all) => {
+                *self = Self::default();
+                for s in all {
+                    self.set(server_key(s), placement(s));
+                }
             }
-            watcher::Event::Delete(s) => self.set(server_key(s), None),
-            // A relist: rebuilt from the InitApply events that follow.
-            watcher::Event::Init => *self = Self::default(),
-            watcher::Event::InitDone => {}
         }
     }
 }
@@ -510,42 +514,49 @@ fn waiting<T>(
     }
 }
 
-/// Runs the scheduler until its watches end.
+/// Runs the scheduler until its watches end, with watches of its own.
 pub async fn run(client: Client, weigher: Weigher) {
+    let (servers, server_watch) = crate::cache::servers(&client);
+    let (flavors, flavor_watch) = crate::cache::flavors(&client);
+    tokio::select! {
+        () = run_shared(client, weigher, &servers, &flavors) => {}
+        () = server_watch => {}
+        () = flavor_watch => {}
+    }
+}
+
+/// Runs the scheduler until its watches end, reading Servers and Flavors from shared caches
+/// (whose watches the caller runs).
+pub async fn run_shared(
+    client: Client,
+    weigher: Weigher,
+    servers: &Shared<Server>,
+    flavors: &Shared<Flavor>,
+) {
     let (hypervisors, hv_writer) = reflector::store();
-    let (flavors, flavor_writer) = reflector::store();
     let (groups, group_writer) = reflector::store();
     let cfg = watcher::Config::default;
     let hv_stream = watcher(Api::<Hypervisor>::all(client.clone()), cfg())
         .default_backoff()
         .reflect(hv_writer)
         .applied_objects();
-    let flavor_stream = watcher(Api::<Flavor>::all(client.clone()), cfg())
-        .default_backoff()
-        .modify(|f: &mut Flavor| f.metadata.managed_fields = None)
-        .reflect(flavor_writer)
-        .applied_objects();
     let group_stream = watcher(Api::<ServerGroup>::all(client.clone()), cfg())
         .default_backoff()
         .reflect(group_writer)
         .applied_objects();
     let placements: Arc<Mutex<Placements>> = Arc::default();
-    let (servers, server_writer) = reflector::store();
     let index = placements.clone();
-    let server_stream = watcher(Api::<Server>::all(client.clone()), cfg())
-        .default_backoff()
-        .modify(crate::slim_server)
-        .reflect(server_writer)
-        .map_ok(move |event| {
-            if let Ok(mut p) = index.lock() {
-                p.observe(&event);
-            }
-            event
-        })
-        .touched_objects();
-    let controller = Controller::for_stream(server_stream, servers.clone())
+    // The index follows the Server changes in the order the controller is told of them, so
+    // a reconcile sees every placement up to its own server's change.
+    let server_stream = servers.changes().flat_map(move |change| {
+        if let Ok(mut p) = index.lock() {
+            p.observe(&change);
+        }
+        futures::stream::iter(change.into_objects())
+    });
+    let store = servers.store();
+    let controller = Controller::for_shared_stream(server_stream, store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(64));
-    let ctx_servers = servers.clone();
     let ctx = Arc::new(Ctx {
         runtime: Runtime::new(client.clone(), "stratus-scheduler"),
         recorder: Recorder::new(
@@ -556,19 +567,25 @@ pub async fn run(client: Client, weigher: Weigher) {
             },
         ),
         client,
-        servers: ctx_servers,
+        servers: store.clone(),
         hypervisors,
-        flavors,
+        flavors: flavors.store(),
         groups,
         assumed: Mutex::new(HashMap::new()),
         placements,
         weigher,
     });
+    let waiting_for_flavor = waiting(store.clone());
+    // Which flavor changed does not matter (every waiting server is looked at again): one
+    // trigger per change, not one per flavor when every flavor is listed again.
+    let flavor_changes = flavors
+        .changes()
+        .filter_map(|change| futures::future::ready(change.into_objects().into_iter().next()));
     controller
         // A hypervisor, flavor or group that appears or changes may let waiting servers fit.
-        .watches_stream(hv_stream, waiting(servers.clone()))
-        .watches_stream(flavor_stream, waiting(servers.clone()))
-        .watches_stream(group_stream, waiting(servers))
+        .watches_stream(hv_stream, waiting(store.clone()))
+        .watches_shared_stream(flavor_changes, move |f: Arc<Flavor>| waiting_for_flavor(f))
+        .watches_stream(group_stream, waiting(store))
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
         .await;
@@ -636,26 +653,32 @@ mod tests {
 
     #[test]
     fn the_placement_index_follows_the_watch() {
+        let applied = |s: Server| Change::Applied(Arc::new(s));
         let mut p = Placements::default();
-        p.observe(&watcher::Event::Apply(placed("a", None, 0)));
+        p.observe(&applied(placed("a", None, 0)));
         assert!(p.by_hv.is_empty());
-        p.observe(&watcher::Event::Apply(placed("a", Some("h1"), 512)));
-        p.observe(&watcher::Event::Apply(placed("b", Some("h1"), 256)));
+        p.observe(&applied(placed("a", Some("h1"), 512)));
+        p.observe(&applied(placed("b", Some("h1"), 256)));
         assert_eq!(p.by_hv["h1"].ram_mib, 768.0);
         // Resized, moved, deleted.
-        p.observe(&watcher::Event::Apply(placed("a", Some("h1"), 1024)));
+        p.observe(&applied(placed("a", Some("h1"), 1024)));
         assert_eq!(p.by_hv["h1"].ram_mib, 1280.0);
-        p.observe(&watcher::Event::Apply(placed("b", Some("h2"), 256)));
+        p.observe(&applied(placed("b", Some("h2"), 256)));
         assert_eq!(
             (p.by_hv["h1"].ram_mib, p.by_hv["h2"].ram_mib),
             (1024.0, 256.0)
         );
-        p.observe(&watcher::Event::Delete(placed("a", Some("h1"), 1024)));
+        p.observe(&Change::Deleted(Arc::new(placed("a", Some("h1"), 1024))));
         assert_eq!(p.by_hv["h1"].ram_mib, 0.0);
-        // A relist starts over.
-        p.observe(&watcher::Event::Init);
-        p.observe(&watcher::Event::InitApply(placed("b", Some("h2"), 256)));
+        // A relist starts over from what the cache holds.
+        p.observe(&Change::Relisted(vec![Arc::new(placed(
+            "b",
+            Some("h2"),
+            256,
+        ))]));
         assert_eq!(p.by_server.len(), 1);
+        assert_eq!(p.by_hv.get("h1"), None);
+        assert_eq!(p.by_hv["h2"].ram_mib, 256.0);
     }
 
     #[test]
