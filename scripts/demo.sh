@@ -24,7 +24,9 @@ for _ in $(seq 1 100); do
 done
 kubectl apply -f examples/
 kubectl -n demo wait server/tiny-1 --for=jsonpath='{.status.phase}'=Running --timeout=180s
-./target/release/stratus console -n demo tiny-1 --wait-for STRATUS-GUEST-READY
+# Its console, up to the address it took by DHCP on the example network.
+./target/release/stratus console -n demo tiny-1 --wait-for STRATUS-GUEST-DHCP
+kubectl -n demo get server tiny-1 -o wide
 kubectl get stratus -A
 echo
 echo "Stratus is running. In another shell:  export KUBECONFIG=$PWD/$data/kubeconfig"

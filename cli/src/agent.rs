@@ -59,6 +59,10 @@ pub struct NetworkArgs {
     /// provider networks naming PHYSNET are bridged to IFACE). Repeatable.
     #[arg(long = "physical-interface", value_name = "PHYSNET=IFACE", value_parser = physical_interface)]
     pub physical_interfaces: Vec<(String, IfName)>,
+    /// Network role: where the DHCP servers' files go (default `STATE_DIR/network/dhcp`). Its
+    /// parents must be searchable by everyone: dnsmasq rereads its hosts file as `nobody`.
+    #[arg(long)]
+    pub dhcp_dir: Option<std::path::PathBuf>,
 }
 
 /// Parses `PHYSNET=IFACE`.
@@ -228,7 +232,11 @@ async fn network(
     let host = stratus_network_agent::Host {
         links: Arc::new(NetlinkLinks::new()),
         firewall: Arc::new(NftFirewall::new(netns.clone())),
-        dhcp: Arc::new(Dnsmasq::new(state_dir.join("network").join("dhcp"))),
+        dhcp: Arc::new(Dnsmasq::new(
+            n.dhcp_dir
+                .clone()
+                .unwrap_or_else(|| state_dir.join("network").join("dhcp")),
+        )),
     };
     let config = stratus_network_agent::Config {
         node: stratus_network_agent::desired::NodeConfig {

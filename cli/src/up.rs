@@ -358,6 +358,32 @@ fn file_pool(dir: &Path, node: &str) -> Result<stratus_storage_agent::pool::Pool
         .with_context(|| format!("the file pool {spec:?}"))
 }
 
+/// Where the node's DHCP servers keep their files: outside the private data directory, which
+/// dnsmasq (rereading its hosts file as `nobody`) cannot search, in `/run/stratus/up-HASH/dhcp`
+/// (HASH of the data directory's absolute path, so clouds side by side keep apart), with a
+/// link to it at `DIR/network-dhcp`.
+fn dhcp_dir(dir: &Path) -> Result<PathBuf> {
+    let abs = std::path::absolute(dir).context("resolve the data directory")?;
+    // FNV-1a: stable across builds, so a restarted cloud finds its DHCP servers again.
+    let hash = abs
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    let run = PathBuf::from("/run/stratus").join(format!("up-{hash:016x}"));
+    let dhcp = run.join("dhcp");
+    std::fs::create_dir_all(&dhcp).with_context(|| format!("create {}", dhcp.display()))?;
+    let link = dir.join("network-dhcp");
+    if std::fs::read_link(&link).ok().as_deref() != Some(dhcp.as_path()) {
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&dhcp, &link)
+            .with_context(|| format!("link {} to {}", link.display(), dhcp.display()))?;
+    }
+    Ok(dhcp)
+}
+
 /// Runs the cloud until Ctrl-C or SIGTERM.
 pub async fn run(args: UpArgs) -> Result<()> {
     // Signals that arrive while starting are kept and acted on once everything is up.
@@ -472,6 +498,11 @@ pub async fn run(args: UpArgs) -> Result<()> {
         storage_args.storage_pools = vec![pool];
         storage_args.storage_heartbeat_seconds = 5;
     }
+    // The network role's DHCP servers' files, where dnsmasq can read them.
+    let dhcp = match args.compute {
+        Some(_) => Some(dhcp_dir(dir)?),
+        None => None,
+    };
     let agent = (!roles.is_empty()).then(|| {
         tokio::spawn(crate::agent::run(crate::agent::AgentArgs {
             node: args.node_name.clone(),
@@ -487,6 +518,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
                 underlay_ip: Some(args.underlay_ip),
                 network_namespace: args.network_namespace.clone(),
                 network_resync_seconds: 2,
+                dhcp_dir: dhcp.clone(),
                 ..Default::default()
             },
             storage: storage_args,
