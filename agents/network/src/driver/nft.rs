@@ -1,7 +1,8 @@
 //! The node's packet filter as a typed model ([`Ruleset`]: conntrack zones per network,
 //! security-group rules per port, remote groups as sets, anti-spoofing) rendered to nftables
-//! JSON with the `nftables` crate, and [`NftFirewall`], which replaces Stratus's tables with
-//! it in one `nft -j -f -` transaction and reads them back for drift.
+//! JSON with the `nftables` crate, and [`NftFirewall`], which makes Stratus's tables hold it
+//! in one `nft -j -f -` transaction — writing only the chains and set elements that differ
+//! ([`Delta`]), or the tables whole when they are absent — and reads them back for drift.
 //!
 //! Two tables, replaced together: `inet stratus` holds what needs conntrack (zones at raw
 //! priority in prerouting; per-port chains reached from the forward chain), since stateful
