@@ -258,6 +258,18 @@ pub fn gateway_port_name(router_uid: &str) -> String {
     format!("rgw-{router_uid}")
 }
 
+/// The description of the gateway Port of Router `name` of namespace `ns`, made on an
+/// external network in `net_ns`: it names the router only within its own project. The
+/// external network's project (and whoever reads its Ports, such as the router's node) learns
+/// no other project's names; the Port's name holds the router's uid, which tells nothing.
+pub fn gateway_description(ns: &str, name: &str, net_ns: &str) -> String {
+    if ns == net_ns {
+        format!("gateway of router {name}")
+    } else {
+        "gateway of a router of another project".into()
+    }
+}
+
 /// The owner reference a Router's interface Ports carry.
 pub fn owner_reference(router: &Router) -> Option<OwnerReference> {
     Some(OwnerReference {
@@ -519,7 +531,7 @@ async fn sync(router: &Router, ctx: &Ctx) -> Result<Action, RoutersError> {
                         net_ns,
                         &net.name_any(),
                         Vec::new(),
-                        format!("gateway of router {ns}/{}", router.name_any()),
+                        gateway_description(&ns, &router.name_any(), net_ns),
                     );
                     match gw_api.create(&PostParams::default(), &port).await {
                         Ok(p) => {
@@ -928,6 +940,19 @@ mod tests {
             b.message.contains("node a was lost:") && b.message.contains("3600 s ahead"),
             "{}",
             b.message
+        );
+    }
+
+    #[test]
+    fn a_gateway_port_names_its_router_only_in_the_routers_own_project() {
+        assert_eq!(
+            gateway_description("demo", "r1", "demo"),
+            "gateway of router r1"
+        );
+        let other = gateway_description("acme-secret", "payroll-router", "ops");
+        assert!(
+            !other.contains("acme-secret") && !other.contains("payroll-router"),
+            "{other}"
         );
     }
 

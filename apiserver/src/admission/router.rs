@@ -85,23 +85,36 @@ async fn read_network(
     Ok((key, found))
 }
 
-/// Why `network` (as `reference` names it) cannot be an external gateway or floating network.
-fn not_external(reference: &str, network: Option<&Stored>) -> Option<Cause> {
+/// Why `network` (as `reference` names it from namespace `ns`) cannot be an external gateway
+/// or floating network. A network of another namespace that is missing and one that is there
+/// but not external get the same answer: a tenant learns nothing of another project's private
+/// networks, not even whether one of that name exists.
+fn not_external(ns: &str, reference: &str, network: Option<&Stored>) -> Option<Cause> {
+    let external = network
+        .is_some_and(|n| n.value.pointer("/spec/external").and_then(Value::as_bool) == Some(true));
+    if external {
+        return None;
+    }
+    let (net_ns, _) = network_ref(ns, reference);
+    if net_ns != ns {
+        return Some(Cause {
+            reason: "FieldValueNotFound".into(),
+            message: format!("Not found: there is no external network {reference:?}"),
+            field: String::new(),
+        });
+    }
     match network {
         None => Some(Cause {
             reason: "FieldValueNotFound".into(),
             message: format!("Not found: network {reference:?} does not exist"),
             field: String::new(),
         }),
-        Some(n) if n.value.pointer("/spec/external").and_then(Value::as_bool) != Some(true) => {
-            Some(Cause::invalid(
-                "",
-                format!(
-                    "Invalid value: {reference:?}: network {reference:?} is not external (spec.external); only an external network gives routers gateways and floating IPs"
-                ),
-            ))
-        }
-        Some(_) => None,
+        Some(_) => Some(Cause::invalid(
+            "",
+            format!(
+                "Invalid value: {reference:?}: network {reference:?} is not external (spec.external); only an external network gives routers gateways and floating IPs"
+            ),
+        )),
     }
 }
 
@@ -233,7 +246,7 @@ async fn check_router(ctx: Ctx<'_>, s: &Subject<'_>, ns: &str, obj: &Value) -> A
     let mut external: Vec<Plan> = Vec::new();
     if let Some(gw) = &spec.external_gateway {
         let (_, found) = read_network(ctx, ns, &gw.network).await?;
-        match not_external(&gw.network, found.as_ref()) {
+        match not_external(ns, &gw.network, found.as_ref()) {
             Some(mut c) => {
                 c.field = "spec.externalGateway.network".into();
                 causes.push(c);
@@ -337,7 +350,7 @@ pub(crate) async fn create_floating_ip(
             return Ok(done);
         }
         let read = snap.more[0].first();
-        if let Some(mut c) = not_external(&spec.floating_network, read.map(|(_, n)| n)) {
+        if let Some(mut c) = not_external(ns, &spec.floating_network, read.map(|(_, n)| n)) {
             c.field = field.into();
             return Err(invalid(&s, w.new, vec![c]));
         }
@@ -481,11 +494,25 @@ mod tests {
             value: json!({"spec": {"external": external}}),
             mod_revision: 1,
         };
-        assert!(not_external("ext", Some(&stored(true))).is_none());
-        let c = not_external("n", Some(&stored(false))).expect("refused");
+        assert!(not_external("demo", "ext", Some(&stored(true))).is_none());
+        assert!(not_external("demo", "ops/ext", Some(&stored(true))).is_none());
+        let c = not_external("demo", "n", Some(&stored(false))).expect("refused");
         assert_eq!(c.reason, "FieldValueInvalid");
         assert!(c.message.contains("not external"), "{}", c.message);
-        let c = not_external("ops/ext", None).expect("refused");
+        let c = not_external("demo", "n", None).expect("refused");
         assert_eq!(c.reason, "FieldValueNotFound");
+        // Another project's network: missing or private, the same answer.
+        let missing = not_external("demo", "acme/secret", None).expect("refused");
+        let private = not_external("demo", "acme/secret", Some(&stored(false))).expect("refused");
+        assert_eq!(missing, private);
+        assert_eq!(missing.reason, "FieldValueNotFound");
+        assert!(
+            !private.message.contains("not external"),
+            "{}",
+            private.message
+        );
+        // Naming one's own namespace in full is one's own network.
+        let own = not_external("demo", "demo/n", Some(&stored(false))).expect("refused");
+        assert_eq!(own.reason, "FieldValueInvalid");
     }
 }

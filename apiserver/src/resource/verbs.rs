@@ -918,7 +918,9 @@ impl Api {
     pub async fn list(&self, t: &Target, rendering: Rendering, p: &Params) -> ApiResult<Outcome> {
         let sel = Selectors::parse(&t.rt, p)?;
         let limit = p.int("limit")?.unwrap_or(0).max(0);
-        read_at(p, limit)?;
+        if let ReadAt::Exact(n) = read_at(p, limit)? {
+            self.check_epoch(t, n).await?;
+        }
         let pinned = sel.fields.pinned_name().is_some()
             && p.get("continue").is_none()
             && (t.namespace.is_some() || !t.rt.namespaced);
@@ -1864,6 +1866,34 @@ impl Api {
         self.registry
             .by_kind("identity.stratus.dev", "Project")
             .map(|rt| rt.key(&self.prefix, None, ns))
+    }
+
+    /// Refuses a read of `t`'s namespace at `revision` (an Exact LIST, a watch from it) from
+    /// before the namespace's Project was created: a Project deleted and created again under
+    /// the same name does not show its new members the old Project's objects, which etcd keeps
+    /// until it compacts them. 410, as for a compacted revision, so clients list afresh.
+    ///
+    /// # Errors
+    /// 410 Gone; when etcd cannot be read.
+    pub async fn check_epoch(&self, t: &Target, revision: i64) -> ApiResult<()> {
+        let Some(ns) = t.namespace.as_deref().filter(|_| t.rt.namespaced) else {
+            return Ok(());
+        };
+        let Some(key) = self.project_key(ns) else {
+            return Ok(());
+        };
+        if revision > 0
+            && self
+                .store
+                .created_after(&key, revision)
+                .await
+                .map_err(ApiError::from)?
+        {
+            return Err(ApiError::gone(format!(
+                "too old resource version: {revision}: namespace {ns} was created after it; list again without resourceVersion"
+            )));
+        }
+        Ok(())
     }
 
     /// The namespace `ns` as a core/v1 Namespace: a system namespace, or a Project's (then

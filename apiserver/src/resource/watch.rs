@@ -151,6 +151,11 @@ pub async fn watch(
             "sendInitialEvents requires allowWatchBookmarks=true",
         ));
     }
+    // Changes since `rv` in a namespace whose Project was created after it would replay the
+    // objects of an earlier Project of that name.
+    if let Some(rv) = rv.filter(|_| !send_initial) {
+        api.check_epoch(t, rv).await?;
+    }
     let enc = Encoder {
         rendering,
         include: p.get("includeObject").unwrap_or("Metadata").to_string(),

@@ -920,6 +920,68 @@ impl Store {
         Ok(resp.succeeded.then_some(resp.revision))
     }
 
+    /// Whether `key` was created after `revision` (its create revision is greater; false while
+    /// it is absent), in one read-only transaction.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub async fn created_after(&self, key: &str, revision: i64) -> Result<bool, StoreError> {
+        let resp = self
+            .kv
+            .txn(Txn {
+                when: vec![Compare::key(
+                    key,
+                    Target::Create,
+                    CompareOp::Greater,
+                    revision,
+                )],
+                ..Txn::default()
+            })
+            .await?;
+        Ok(resp.succeeded)
+    }
+
+    /// A lease of `ttl` seconds, for [`Store::write_leased`]: keys put with it go when it
+    /// expires.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub async fn grant_lease(&self, ttl: i64) -> Result<i64, StoreError> {
+        self.kv.grant_lease(ttl).await
+    }
+
+    /// Puts each `(key, value, lease)` (lease 0: none) in one transaction if every guard
+    /// holds; `Ok(None)` when one does not (nothing is written), else the revision written at.
+    /// For keys outside every marked prefix (no marker is put).
+    pub async fn write_leased(
+        &self,
+        guards: &[Guard<'_>],
+        puts: &[(&str, &Value, i64)],
+    ) -> Result<Option<i64>, StoreError> {
+        let then: Vec<Op> = puts
+            .iter()
+            .map(|(k, v, lease)| Op::Put {
+                key: (*k).into(),
+                value: crate::base::meta::to_json(v),
+                lease: *lease,
+            })
+            .chain(self.mark(puts.iter().map(|(k, _, _)| *k)))
+            .collect();
+        let started = Instant::now();
+        let resp = self
+            .kv
+            .txn(Txn {
+                when: guards.iter().map(guard).collect(),
+                then,
+                otherwise: Vec::new(),
+            })
+            .await?;
+        if let Some((k, _, _)) = puts.first() {
+            self.observe("write", k, started);
+        }
+        Ok(resp.succeeded.then_some(resp.revision))
+    }
+
     /// Writes an empty marker at `key` that etcd removes after `ttl` seconds.
     pub async fn put_with_ttl(&self, key: &str, ttl: i64) -> Result<(), StoreError> {
         let lease = self.kv.grant_lease(ttl).await?;

@@ -611,3 +611,42 @@ async fn a_node_writes_its_own_network_agent_lease_and_reads_every_one() {
     );
     assert_eq!(e.code, 403);
 }
+
+/// Another project's private network and a network that does not exist get the same answer,
+/// for a floating IP and for a router's gateway: a tenant cannot probe which private networks
+/// other projects have.
+#[tokio::test]
+async fn another_projects_private_network_is_answered_as_missing() {
+    let (c, _) = with_external(3).await;
+    c.create(&obj("Network", "ops", "private", json!({})))
+        .await
+        .expect("a private network of ops");
+    let same = |e: &ApiError, reference: &str| {
+        let c = &e.details.causes[0];
+        (
+            e.code,
+            c.reason.clone(),
+            c.field.clone(),
+            c.message.replace(reference, "REF"),
+            e.message.replace(reference, "REF"),
+        )
+    };
+    let private = refused(c.create(&fip("f", "ops/private")).await);
+    let missing = refused(c.create(&fip("f", "ops/absent")).await);
+    assert_eq!(same(&private, "ops/private"), same(&missing, "ops/absent"));
+    assert_eq!(private.details.causes[0].reason, "FieldValueNotFound");
+    let gateway = |network: &str| {
+        router(
+            "r",
+            json!({"interfaces": [], "externalGateway": {"network": network}}),
+        )
+    };
+    let private = refused(c.create(&gateway("ops/private")).await);
+    let missing = refused(c.create(&gateway("ops/absent")).await);
+    assert_eq!(same(&private, "ops/private"), same(&missing, "ops/absent"));
+    assert!(
+        !private.message.contains("not external"),
+        "{}",
+        private.message
+    );
+}
