@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::ConfigDrive;
 use super::{
     DiskFormat, DiskSpec, Disks, DomainDriver, DomainSpec, DomainState, DriverError, InterfaceSpec,
-    Owner,
+    Owner, VolumeDisk,
 };
 
 /// A domain spec for the suites: 1 vCPU, 128 MiB, a root disk and a config drive in `dir`
@@ -178,6 +178,53 @@ pub fn domain_driver(d: &dyn DomainDriver, spec: &DomainSpec) {
         announced >= 4,
         "only {announced} lifecycle events named {name}"
     );
+}
+
+/// Checks the volume verbs of [`DomainDriver`] on a fresh, stopped domain built by `spec`:
+/// a volume attached to the definition is listed (no size while the domain is off), attaching
+/// it again and detaching a target with no disk are `Ok(())`, a detached volume is gone,
+/// resizing on a stopped domain is [`DriverError::NotRunning`], and every verb on a missing
+/// domain is [`DriverError::NoDomain`]. `volume` is the path of the volume's data (a file the
+/// caller makes when its driver opens it). The domain is undefined at the end.
+pub fn volumes(d: &dyn DomainDriver, spec: &DomainSpec, volume: &Path) {
+    d.define(spec).expect("define");
+    let name = spec.name.as_str();
+    assert!(
+        d.volumes(name).expect("volumes").is_empty(),
+        "no volume yet"
+    );
+    let disk = VolumeDisk {
+        path: volume.to_path_buf(),
+        target: "vdc".into(),
+        serial: "0f9e2c1a77b44c1d9a34".into(),
+    };
+    d.attach_volume(name, &disk).expect("attach");
+    d.attach_volume(name, &disk).expect("attach again");
+    let listed = d.volumes(name).expect("volumes");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(
+        (listed[0].target.as_str(), listed[0].path.as_path()),
+        ("vdc", volume)
+    );
+    assert_eq!(listed[0].serial.as_deref(), Some(disk.serial.as_str()));
+    assert_eq!(listed[0].capacity, None, "no size while off");
+    assert!(matches!(
+        d.resize_volume(name, "vdc", 2 << 30),
+        Err(DriverError::NotRunning(_))
+    ));
+    d.detach_volume(name, "vdc").expect("detach");
+    d.detach_volume(name, "vdc").expect("detach again");
+    assert!(d.volumes(name).expect("volumes").is_empty(), "detached");
+    d.undefine(name).expect("undefine");
+    assert!(matches!(d.volumes(name), Err(DriverError::NoDomain(_))));
+    assert!(matches!(
+        d.attach_volume(name, &disk),
+        Err(DriverError::NoDomain(_))
+    ));
+    assert!(matches!(
+        d.detach_volume(name, "vdc"),
+        Err(DriverError::NoDomain(_))
+    ));
 }
 
 /// Checks every guarantee of [`Disks`] in `dir` (empty, writable), over the image `base`.

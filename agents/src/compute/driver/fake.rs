@@ -544,6 +544,21 @@ mod tests {
     }
 
     #[test]
+    fn fake_domains_pass_the_volumes_suite() {
+        let d = FakeDomains::default();
+        let dir = Path::new("/nonexistent/fake");
+        conformance::volumes(
+            &d,
+            &conformance::spec(
+                "stratus-fake-2",
+                "0b2f0c4e-0000-4000-8000-000000000002",
+                dir,
+            ),
+            &dir.join("volume-x"),
+        );
+    }
+
+    #[test]
     fn memory_disks_pass_the_disks_suite() {
         let d = MemoryDisks::default();
         conformance::disks(

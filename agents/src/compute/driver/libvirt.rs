@@ -878,5 +878,11 @@ mod tests {
         assert_eq!(info.owner, Some(spec.owner.clone()));
         lv.undefine(&name).expect("undefine");
         assert_eq!(lv.lookup(&name).expect("lookup"), None);
+        // libvirt's QEMU driver takes our volume disks (the test driver has no device verbs),
+        // a raw file and a block device alike.
+        let volume = root.path().join("volume-x");
+        std::fs::write(&volume, vec![0u8; 1 << 20]).expect("write volume");
+        super::super::conformance::volumes(&lv, &spec, &volume);
+        super::super::conformance::volumes(&lv, &spec, Path::new("/dev/null"));
     }
 }
