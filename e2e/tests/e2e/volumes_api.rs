@@ -336,12 +336,21 @@ async fn extends_snapshots_bad_input_and_what_a_node_may_touch() -> Result<()> {
     ensure!(err.contains("snapshot") && err.contains("s1"), "{err}");
     snaps.delete("s1", &DeleteParams::default()).await?;
     wait_accounted(&pools, "p1", 8, 1).await?;
-    vols.patch_status(
-        "data",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"attachedTo": "web"}})),
-    )
-    .await?;
+    // Attached as a server attaches it: the Server's create claims it (`status.attachedTo`).
+    // The server is never placed (no hypervisor), so it holds the volume until it is deleted.
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: compute.stratus.dev/v1\nkind: Flavor\nmetadata:\n  name: vols-api\nspec:\n  vcpus: 1\n  ramMiB: 128\n  diskGiB: 1\n---\napiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: web\n  namespace: demo\nspec:\n  flavor: vols-api\n  image: tiny\n  volumes:\n  - volume: data\n",
+    )?;
+    ensure!(
+        vols.get("data")
+            .await?
+            .status
+            .and_then(|s| s.attached_to)
+            .as_deref()
+            == Some("web"),
+        "the server's create attached the volume"
+    );
     let err = refused(
         &cloud,
         &["-n", "demo", "delete", "volume", "data", "--wait=false"],
