@@ -83,6 +83,24 @@ fn partition_table() -> [u8; 512] {
     mbr
 }
 
+/// How many times the guest's kernel listed a disk's two partitions on the console
+/// (`[ 1.2] vdc: vdc1 vdc2`; a disk plugged in again may get another name).
+fn partition_scans(console: &str) -> usize {
+    console
+        .lines()
+        .filter(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.len() >= 3 && {
+                let (disk, p1, p2) = (w[w.len() - 3], w[w.len() - 2], w[w.len() - 1]);
+                disk.starts_with("vd")
+                    && disk.ends_with(':')
+                    && p1 == format!("{}1", disk.trim_end_matches(':'))
+                    && p2 == format!("{}2", disk.trim_end_matches(':'))
+            }
+        })
+        .count()
+}
+
 /// The disks of a domain as `virsh domblklist` shows them: (target, source).
 fn blklist(node: &Node, domain: &str) -> Result<Vec<(String, String)>> {
     let out = node.virsh(&["domblklist", domain])?;
@@ -174,6 +192,7 @@ fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
         .with_context(|| format!("console of {uid}:\n{}", node.console(uid)))
     };
     console(&uid1, "vdc: vdc1 vdc2", 1)?;
+    assert_eq!(partition_scans(&node.console(&uid1)), 1);
     ensure!(
         blklist(&node, &dom1)?.contains(&("vdc".into(), path.clone())),
         "{:?}",
@@ -295,7 +314,10 @@ fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
         "-p",
         r#"{"spec":{"volumes":[{"volume":"data"}]}}"#,
     ])?;
-    console(&uid1, "vdc1 vdc2", 2)?;
+    wait_until(WAIT, "the partitions read again", || {
+        (partition_scans(&node.console(&uid1)) >= 2).then_some(())
+    })
+    .with_context(|| format!("console of {uid1}:\n{}", node.console(&uid1)))?;
     ensure!(blklist(&node, &dom1)?.iter().any(|(_, s)| *s == path));
     assert_eq!(
         json(&cloud, &["get", "volume", "data"])?["status"]["attachedTo"],
