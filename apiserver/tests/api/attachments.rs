@@ -167,3 +167,60 @@ async fn a_compute_node_reads_a_volume_attached_to_a_server_placed_on_it() {
     assert_eq!(refused(read(&c, "data", "n2").await).code, 403);
     assert_eq!(refused(read(&c, "spare", "n1").await).code, 403);
 }
+
+#[tokio::test]
+async fn a_storage_node_keeps_the_attachment_it_reports_on() {
+    let c = Cloud::with_demo().await;
+    c.create(&Obj(json!({
+        "apiVersion": "storage.stratus.dev/v1", "kind": "StoragePool",
+        "metadata": {"name": "p1"},
+        "spec": {"backend": "file", "node": "n1", "path": "/srv/p1", "reservedPercentage": 0},
+    })))
+    .await
+    .expect("pool");
+    c.patch(
+        &c.status("StoragePool", None, "p1"),
+        MERGE,
+        &json!({"status": {"phase": "Ready", "capacityGiB": 10}}),
+        "",
+    )
+    .await
+    .expect("capacity");
+    c.create(&volume("demo", "data")).await.expect("volume");
+    let t = stratus_apiserver::resource::verbs::Target {
+        subresource: Some("binding".into()),
+        ..c.target("Volume", Some("demo"), Some("data"))
+    };
+    c.api
+        .bind(
+            &t,
+            json!({"target": {"name": "p1"}}).to_string().as_bytes(),
+            crate::fixtures::JSON,
+            &stratus_apiserver::resource::review::AllowAll,
+        )
+        .await
+        .expect("placed on n1");
+    c.create(&with_volumes("demo", "web", &["data"]))
+        .await
+        .expect("server");
+    let status = c.status("Volume", Some("demo"), "data");
+    let n1 = c.node("n1");
+    // The node reports its volume, the attachment kept.
+    n1.patch(
+        &status,
+        MERGE,
+        r#"{"status":{"phase":"InUse","sizeGiB":1}}"#,
+    )
+    .await
+    .expect("its status");
+    assert_eq!(attached_to(&c, "demo", "data").await, "web");
+    // It cannot let the volume go (or give it to another server) itself.
+    for body in [
+        r#"{"status":{"attachedTo":null}}"#,
+        r#"{"status":{"attachedTo":"db"}}"#,
+    ] {
+        let e = refused(n1.patch(&status, MERGE, body).await);
+        assert!(matches!(e.code, 403 | 422), "{body}: {e:?}");
+    }
+    assert_eq!(attached_to(&c, "demo", "data").await, "web");
+}
