@@ -511,10 +511,12 @@ impl RingBuilder {
             placed_any: false,
             counts: Counter::new(topo.len()),
         };
-        self.set_parts_wanted(&topo, &plan, &mut work)?;
-
+        // Rows are fitted to the replica count before each device's want is set (Swift sets
+        // it first, so dropping a replica leaves every device looking overweight by the
+        // slots it lost, and replicas move for nothing).
         let mut gathered = Gathered::new();
         self.fit_rows(&mut work, &mut gathered);
+        self.set_parts_wanted(&topo, &plan, &mut work)?;
         let removed_devices = self.gather_from_removed(&mut work, &mut gathered);
         self.gather_for_dispersion(&topo, &plan, &mut work, &mut gathered);
         // Replicas that must move (new slots, removed devices, undispersed) are placed first,
@@ -1590,6 +1592,74 @@ mod tests {
                 "partition {part}: {regions:?}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod replica_count_tests {
+    use super::*;
+
+    fn ring(replicas: f64) -> RingBuilder {
+        let mut b = RingBuilder::new(8, replicas, 0).expect("builder");
+        for z in 1..=4 {
+            b.add_device(Device::new(1, z, format!("10.0.{z}.1"), 6200, "sdb", 100.0))
+                .expect("device");
+        }
+        b
+    }
+
+    fn distinct_devices(b: &RingBuilder) {
+        for part in 0..b.parts() {
+            let mut devs: Vec<u16> = b
+                .assignment()
+                .iter()
+                .filter_map(|r| r.get(part).copied())
+                .collect();
+            let n = devs.len();
+            devs.sort();
+            devs.dedup();
+            assert_eq!(
+                devs.len(),
+                n,
+                "partition {part} has two replicas on one device"
+            );
+        }
+    }
+
+    #[test]
+    fn a_fractional_replica_count_gives_a_short_last_row() {
+        let mut b = ring(2.5);
+        let done = b.rebalance(1_800_000_000, 1).expect("rebalance");
+        let lengths: Vec<usize> = b.assignment().iter().map(Vec::len).collect();
+        assert_eq!(lengths, [256, 256, 128]);
+        assert_eq!(done.moved, 640);
+        assert_eq!(done.dispersion, 0.0);
+        assert!(done.balance < 1.0, "{done:?}");
+        distinct_devices(&b);
+        let ring = b.ring().expect("built");
+        let mut bytes = Vec::new();
+        ring.write_v1(&mut bytes).expect("write");
+        assert_eq!(RingData::read_v1(&bytes[..]).expect("read"), ring);
+    }
+
+    #[test]
+    fn changing_the_replica_count_adds_or_drops_whole_rows() {
+        let mut b = ring(3.0);
+        b.rebalance(1_800_000_000, 1).expect("rebalance");
+        let before = b.assignment().to_vec();
+        b.set_replicas(2.0).expect("replicas");
+        assert!(b.devices_changed());
+        let done = b.rebalance(1_800_000_000 + 7200, 2).expect("rebalance");
+        assert_eq!(b.assignment().len(), 2);
+        assert_eq!(done.dispersion, 0.0);
+        // The two rows kept are where they were, but for moves toward balance.
+        assert!(done.moved <= 256 / 4 + 2, "{done:?}");
+        b.set_replicas(4.0).expect("replicas");
+        let done = b.rebalance(1_800_000_000 + 4 * 7200, 3).expect("rebalance");
+        assert_eq!(b.assignment().len(), 4);
+        assert_eq!((done.balance, done.dispersion), (0.0, 0.0));
+        distinct_devices(&b);
+        assert_ne!(before, b.assignment());
     }
 }
 

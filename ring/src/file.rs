@@ -22,19 +22,29 @@ pub const MAX_HEADER_LEN: u32 = 64 << 20;
 /// A device as the ring file lists it (Swift's device dict).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct RingDevice {
+    /// Directory name of the disk under the server's devices root.
     pub device: String,
+    /// Index of the device in `devs`, the id the replica rows use.
     pub id: u16,
+    /// Address of the storage server.
     pub ip: String,
+    /// Free-form note.
     #[serde(default)]
     pub meta: String,
+    /// Port of the server.
     pub port: u16,
+    /// Region (rings from before regions have none: 1).
     #[serde(default = "one")]
     pub region: u32,
+    /// Address replication traffic goes to (ours: `ip`).
     #[serde(default)]
     pub replication_ip: String,
+    /// Port replication traffic goes to (ours: `port`).
     #[serde(default)]
     pub replication_port: u16,
+    /// Relative share of partitions.
     pub weight: f64,
+    /// Zone within the region.
     pub zone: u32,
 }
 
