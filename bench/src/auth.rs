@@ -301,7 +301,20 @@ pub async fn login_burst(requests: usize, clients: usize, pause_ms: u64) -> Resu
     const GET: &str = "/apis/network.stratus.dev/v1/namespaces/bench/networks/n1";
     const TOKENS: &str = "/apis/identity.stratus.dev/v1/tokens";
     let mut ratios = Vec::new();
+    let tls = s.etcd.client_tls();
+    let store = stratus_apiserver::storage::store::Store::connect_with(
+        std::slice::from_ref(&s.etcd.endpoint),
+        tls.as_ref(),
+    )
+    .await?;
     for (k, burst) in BURSTS.iter().enumerate() {
+        // Failed logins are counted in etcd for every replica: each burst starts with none
+        // (no lockout or per-address count left by the one before).
+        let counts = store.keys("/stratus/_system/logins/").await?;
+        let forget: Vec<&str> = counts.iter().map(String::as_str).collect();
+        for chunk in forget.chunks(64) {
+            store.write_many(&[], &[], chunk).await?;
+        }
         let mut cfg = stratus_apiserver::Config::new(vec![s.etcd.endpoint.clone()]);
         cfg.etcd_tls = s.etcd.client_tls();
         cfg.listen = "127.0.0.1:0".parse()?;

@@ -568,6 +568,8 @@ pub struct Apiserver {
     endpoint: String,
     etcd_tls: Option<stratus_apiserver::storage::etcd::EtcdTls>,
     port: u16,
+    /// More `stratus apiserver` flags, kept for a restart.
+    flags: Vec<String>,
 }
 
 /// The token every test API server accepts for the admin user.
@@ -585,10 +587,25 @@ impl Apiserver {
         Self::start_with(&etcd.endpoint, etcd.client_tls())
     }
 
+    /// Starts an API server as [`Apiserver::start`] does, with more `stratus apiserver` flags
+    /// (`--login-source-failures 10`).
+    pub fn start_with_flags(etcd_endpoint: &str, flags: &[&str]) -> Result<Self> {
+        Self::start_flagged(etcd_endpoint, None, flags)
+    }
+
     fn start_with(
         etcd_endpoint: &str,
         etcd_tls: Option<stratus_apiserver::storage::etcd::EtcdTls>,
     ) -> Result<Self> {
+        Self::start_flagged(etcd_endpoint, etcd_tls, &[])
+    }
+
+    fn start_flagged(
+        etcd_endpoint: &str,
+        etcd_tls: Option<stratus_apiserver::storage::etcd::EtcdTls>,
+        flags: &[&str],
+    ) -> Result<Self> {
+        let flags: Vec<String> = flags.iter().map(|f| (*f).to_string()).collect();
         let dir = tempfile::tempdir()?;
         std::fs::write(
             dir.path().join("tokens.csv"),
@@ -604,7 +621,7 @@ impl Apiserver {
             "apiVersion: v1\nkind: Config\nclusters:\n- name: s\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    token: {TEST_TOKEN}\ncontexts:\n- name: admin@s\n  context:\n    cluster: s\n    user: admin\ncurrent-context: admin@s\n"
         );
         std::fs::write(dir.path().join("kubeconfig"), kubeconfig)?;
-        let proc = Self::spawn(dir.path(), etcd_endpoint, etcd_tls.as_ref(), port)?;
+        let proc = Self::spawn(dir.path(), etcd_endpoint, etcd_tls.as_ref(), port, &flags)?;
         let s = Self {
             proc,
             url: format!("https://127.0.0.1:{port}"),
@@ -612,6 +629,7 @@ impl Apiserver {
             endpoint: etcd_endpoint.to_string(),
             etcd_tls,
             port,
+            flags,
         };
         s.wait_ready()?;
         Ok(s)
@@ -622,6 +640,7 @@ impl Apiserver {
         endpoint: &str,
         etcd_tls: Option<&stratus_apiserver::storage::etcd::EtcdTls>,
         port: u16,
+        flags: &[String],
     ) -> Result<Proc> {
         let mut tls: Vec<std::ffi::OsString> = Vec::new();
         if let Some(t) = etcd_tls {
@@ -653,7 +672,8 @@ impl Apiserver {
                 .arg("--tls-cert")
                 .arg(dir.join("pki/apiserver.crt"))
                 .arg("--tls-key")
-                .arg(dir.join("pki/apiserver.key")),
+                .arg(dir.join("pki/apiserver.key"))
+                .args(flags),
             &dir.join("apiserver.log"),
         )
     }
@@ -672,6 +692,7 @@ impl Apiserver {
             &self.endpoint,
             self.etcd_tls.as_ref(),
             self.port,
+            &self.flags,
         )?;
         self.wait_ready()
     }

@@ -1,5 +1,6 @@
 //! Logging in (`POST .../tokens`) and changing passwords (`PUT .../users/{name}/password`):
-//! throttled per user and per source address, hashed off the async workers, audited.
+//! throttled per user and per source address over every API server replica
+//! ([`crate::policy::logins`]), hashed off the async workers, audited.
 
 use std::net::IpAddr;
 use std::time::Instant;
@@ -61,13 +62,24 @@ async fn login(
         ));
     }
     let id = &state.identity;
-    match id.throttle.check(user, source, Instant::now()) {
-        Ok(()) => {}
-        Err(Refusal::Locked) => {
+    let unix = jiff::Timestamp::now().as_second();
+    // Users and source addresses over every replica; names that are no User in this
+    // replica's memory (so they lock out as a User's would here).
+    let shared = id
+        .logins
+        .check(Some(user), source, unix)
+        .await
+        .map_err(ApiError::from)?;
+    match shared
+        .refusal
+        .or(id.throttle.check(user, None, Instant::now()).err())
+    {
+        None => {}
+        Some(Refusal::Locked) => {
             attempt.result = "locked";
             return Err(ApiError::unauthorized());
         }
-        Err(Refusal::Throttled(after)) => {
+        Some(Refusal::Throttled(after)) => {
             attempt.result = "throttled";
             return Err(ApiError::too_many_requests(
                 "too many failed logins from this address; retry later",
@@ -76,8 +88,12 @@ async fn login(
         }
     }
     attempt.result = "error";
-    let Some(verified) = id.check_password(user, password).await? else {
-        id.throttle.failed(user, source, Instant::now());
+    let (verified, known) = id.verify_password(user, password).await?;
+    let Some(verified) = verified else {
+        if !known {
+            id.throttle.failed(user, None, Instant::now());
+        }
+        id.logins.failed(known.then_some(user), source, unix).await;
         attempt.result = "failure";
         return Err(ApiError::unauthorized());
     };
@@ -86,6 +102,11 @@ async fn login(
     if id.token_grants(&claims).await?.is_none() {
         attempt.result = "failure";
         return Err(ApiError::unauthorized());
+    }
+    if shared.user_failures > 0
+        && let Err(e) = id.logins.succeeded(user).await
+    {
+        tracing::warn!(error = %e, "failed logins: forget a user's count after its login");
     }
     id.throttle.succeeded(user);
     attempt.result = "success";
@@ -177,11 +198,22 @@ pub(crate) async fn change_password(
                     "Forbidden: not the current password",
                 )
             };
-            if id.throttle.check(name, None, Instant::now()).is_err() {
+            let unix = jiff::Timestamp::now().as_second();
+            let shared = id
+                .logins
+                .check(Some(name), None, unix)
+                .await
+                .map_err(ApiError::from)?;
+            if shared.refusal.is_some() || id.throttle.check(name, None, Instant::now()).is_err() {
                 return Err(wrong());
             }
-            if id.check_password(name, current).await?.is_none() {
-                id.throttle.failed(name, None, Instant::now());
+            let (verified, known) = id.verify_password(name, current).await?;
+            if verified.is_none() {
+                if known {
+                    id.logins.failed(Some(name), None, unix).await;
+                } else {
+                    id.throttle.failed(name, None, Instant::now());
+                }
                 return Err(wrong());
             }
             caller.claims.as_ref().map(|c| c.jti.as_str())

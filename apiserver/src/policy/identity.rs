@@ -76,8 +76,10 @@ pub struct Identity {
     dummy_hash: String,
     /// Where argon2 runs.
     hasher: Hasher,
-    /// Failed logins, per user and per source address.
+    /// Failed logins of user names that are no User, in this replica's memory.
     pub throttle: Throttle,
+    /// Failed logins of Users and per source address, shared by every replica (etcd).
+    pub logins: super::logins::Logins,
     /// The token signer every replica shares.
     pub signer: Signer,
 }
@@ -204,6 +206,7 @@ impl Identity {
             .hash_password(uuid::Uuid::new_v4().to_string().as_bytes())
             .map(|h| h.to_string())
             .map_err(|_| StoreError::Poisoned)?;
+        let logins = super::logins::Logins::new(store.clone(), prefix, policy);
         Ok(Self {
             store: store.clone(),
             prefix: prefix.to_string(),
@@ -217,6 +220,7 @@ impl Identity {
             hasher: Hasher::new(policy.hash_threads, policy.hash_queue)
                 .map_err(|_| StoreError::Poisoned)?,
             throttle: Throttle::new(policy),
+            logins,
             signer: Signer {
                 key: hmac::Key::new(hmac::HMAC_SHA256, &material),
             },
@@ -363,6 +367,19 @@ impl Identity {
         user: &str,
         password: &str,
     ) -> Result<Option<Verified>, ApiError> {
+        self.verify_password(user, password).await.map(|(v, _)| v)
+    }
+
+    /// As [`Identity::check_password`], also saying whether `user` is a User (for counting
+    /// its failures; the client is never told).
+    ///
+    /// # Errors
+    /// As [`Identity::check_password`].
+    pub async fn verify_password(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<(Option<Verified>, bool), ApiError> {
         let (user_key, key) = (self.user_key(user), self.password_key(user));
         let (read, _) = self
             .store
@@ -391,13 +408,17 @@ impl Identity {
                     .is_ok()
             })
             .await?;
-        Ok(match (ok, record, uid) {
-            (true, Some(r), Some(uid)) => Some(Verified {
-                uid,
-                generation: r.generation,
-            }),
-            _ => None,
-        })
+        let known = uid.is_some();
+        Ok((
+            match (ok, record, uid) {
+                (true, Some(r), Some(uid)) => Some(Verified {
+                    uid,
+                    generation: r.generation,
+                }),
+                _ => None,
+            },
+            known,
+        ))
     }
 
     /// Revokes a token until it would have expired anyway.

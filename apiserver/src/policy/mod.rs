@@ -7,6 +7,7 @@
 
 pub mod authn;
 pub mod identity;
+pub mod logins;
 pub mod node;
 pub mod request;
 pub mod roles;

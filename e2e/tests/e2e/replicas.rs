@@ -249,3 +249,122 @@ fn a_change_to_a_users_access_through_one_replica_holds_at_once_on_the_other() -
     refused("her token revoked", "Unauthorized")?;
     Ok(())
 }
+
+/// `METHOD path` with a JSON body through `client` (whose admin token a login ignores): the
+/// status code and the answer.
+async fn send(
+    client: &kube::Client,
+    method: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> Result<(u16, serde_json::Value)> {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("Content-Type", "application/json")
+        .body(serde_json::to_vec(body)?)?;
+    let resp = client.send(req.map(kube::client::Body::from)).await?;
+    let code = resp.status().as_u16();
+    let bytes = http_body_util::BodyExt::collect(resp.into_body())
+        .await?
+        .to_bytes();
+    Ok((code, serde_json::from_slice(&bytes).unwrap_or_default()))
+}
+
+/// Creates User `name` with `password`.
+async fn user(client: &kube::Client, name: &str, password: &str) -> Result<()> {
+    let u = json!({"apiVersion": "identity.stratus.dev/v1", "kind": "User",
+        "metadata": {"name": name}, "spec": {"enabled": true}});
+    let (code, answer) = send(client, "POST", "/apis/identity.stratus.dev/v1/users", &u).await?;
+    anyhow::ensure!(code == 201, "create user {name}: {code} {answer}");
+    let path = format!("/apis/identity.stratus.dev/v1/users/{name}/password");
+    let (code, answer) = send(client, "PUT", &path, &json!({"password": password})).await?;
+    anyhow::ensure!(code == 200, "set {name}'s password: {code} {answer}");
+    Ok(())
+}
+
+/// `POST .../tokens` through curl (kube's client retries a 429): the status code and the
+/// answer.
+fn curl_login(replica: &Apiserver, user: &str, password: &str) -> Result<(u16, serde_json::Value)> {
+    let ca = replica
+        .kubeconfig()
+        .parent()
+        .context("the replica's directory")?
+        .join("pki/ca.crt");
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "120", "--cacert"])
+        .arg(ca)
+        .args([
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+        ])
+        .arg(json!({"user": user, "password": password}).to_string())
+        .args(["-w", "\n%{http_code}"])
+        .arg(format!(
+            "{}/apis/identity.stratus.dev/v1/tokens",
+            replica.url
+        ))
+        .output()
+        .context("run curl")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').context("no status code")?;
+    Ok((
+        code.trim().parse()?,
+        serde_json::from_str(body).unwrap_or_default(),
+    ))
+}
+
+/// The lockout and the source address's throttle hold over every replica: failures on A
+/// count on B (3 failures in a row lock a user out, 6 in an hour from one address are
+/// throttled: few, as each wrong password is a slow hash in a test build).
+#[tokio::test]
+async fn failed_logins_through_one_replica_lock_the_user_out_through_another() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let flags = [
+        "--lockout-failure-attempts",
+        "3",
+        "--login-source-failures",
+        "6",
+        "--login-source-window-seconds",
+        "3600",
+    ];
+    let a = Apiserver::start_with_flags(&etcd.endpoint, &flags)?;
+    let b = Apiserver::start_with_flags(&etcd.endpoint, &flags)?;
+    let ca = a.client().await?;
+    let password = "Lou-Correct-Horse-7731";
+    user(&ca, "lou", password).await?;
+    user(&ca, "max", "Max-Battery-Staple-42").await?;
+    assert_eq!(curl_login(&b, "lou", password)?.0, 201, "lou logs in on B");
+
+    // Three wrong passwords through A.
+    for i in 0..3 {
+        assert_eq!(curl_login(&a, "lou", &format!("wrong-{i}"))?.0, 401);
+    }
+    // Through B, lou is locked out: even the right password is refused, with the same 401.
+    assert_eq!(curl_login(&b, "lou", password)?.0, 401, "locked out on B");
+    assert_eq!(
+        curl_login(&b, "max", "Max-Battery-Staple-42")?.0,
+        201,
+        "another user is not locked out"
+    );
+
+    // Made-up names (no User: the argon2 worst case) count against the address on every
+    // replica: 3 failures so far, 3 more alternating between B and A make 6.
+    for (i, replica) in [&b, &a, &b].into_iter().enumerate() {
+        assert_eq!(curl_login(replica, &format!("ghost-{i}"), "guess")?.0, 401);
+    }
+    for replica in [&a, &b] {
+        let (code, answer) = curl_login(replica, "max", "Max-Battery-Staple-42")?;
+        assert_eq!(code, 429, "throttled on both replicas: {answer}");
+        assert_eq!(answer["reason"], "TooManyRequests", "{answer}");
+    }
+    Ok(())
+}

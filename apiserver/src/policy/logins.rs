@@ -1,0 +1,683 @@
+//! Failed logins counted for every API server replica at once: the lockout of a user and the
+//! throttling of a source address hold on every replica, so N replicas do not give an
+//! attacker N times the attempts.
+//!
+//! Each replica keeps its own count per user and per source address in etcd, one key per
+//! (user or address, replica) under `{prefix}/_system/logins/` (outside every served
+//! resource's keys and every identity-marked prefix, so a failure moves no token answer). A
+//! login is judged on the sum of every replica's fresh counts, read in one request with the
+//! keys of its user and address.
+//!
+//! # Guarantees
+//! - A failed login is answered only once its failure is in etcd (or etcd failed): the next
+//!   attempt, on any replica, counts it. Concurrent attempts may each pass the check before
+//!   the others' failures are written, as on one replica; they are bounded by the hashing
+//!   queue (see [`super::identity::LoginPolicy::hash_queue`]).
+//! - Bounded writes: a replica writes only its own keys, so replicas never conflict, and its
+//!   failures go out in batches (every failure waiting while a batch is written goes in the
+//!   next one), at most one batch per [`FLUSH_INTERVAL`] and [`BATCH_KEYS`] keys per batch.
+//!   A failed-login storm is at most 10 etcd transactions a second per replica, whatever its
+//!   rate; a failure is also a password hash, so a replica makes only tens a second anyway.
+//! - Bounded keys: user counts are kept only for users that exist (an unknown name is
+//!   counted against its source address, and in the replica's memory); every key is bound to
+//!   a lease that outlives its count's expiry by at most [`LEASE_ROTATION`], so etcd forgets
+//!   counts that no longer matter. One lease per kind per replica per rotation.
+//! - A successful login removes every replica's count of its user.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use serde_json::{Value, json};
+
+use super::identity::{LoginPolicy, Refusal};
+use crate::storage::store::{Guard, Read, Store, StoreError};
+
+/// The shortest time between two batches of one replica.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The most keys one batch writes (etcd refuses transactions of more than 128 operations).
+pub const BATCH_KEYS: usize = 48;
+
+/// How long one lease takes new keys before the next is granted.
+pub const LEASE_ROTATION: i64 = 60;
+
+/// The most counts a replica remembers of its own; past it, stale ones are forgotten.
+const CAPACITY: usize = 100_000;
+
+/// How long a replica answers a refusal it read (a lockout, a throttled address) from its
+/// memory before reading etcd again: a storm against a locked-out user or a throttled
+/// address costs one etcd read a second per replica, not one per attempt. A successful login
+/// on another replica is so seen up to this late.
+pub const REFUSAL_MEMORY: Duration = Duration::from_secs(1);
+
+/// The most refusals remembered; past it, they are forgotten.
+const REFUSALS: usize = 10_000;
+
+/// What a count is of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Failed logins of a user in a row; lapses `lockout_duration` after its last failure.
+    User,
+    /// Failed logins from a source address in a window that opens at its first failure.
+    Source,
+}
+
+/// One replica's count of one user or address, as it reads or writes it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Count {
+    count: u32,
+    /// Unix seconds: the last failure (a user's), the window's opening (an address's).
+    at: i64,
+}
+
+impl Count {
+    fn of(v: &Value) -> Self {
+        Self {
+            count: v
+                .get("count")
+                .and_then(Value::as_u64)
+                .map_or(0, |c| u32::try_from(c).unwrap_or(u32::MAX)),
+            at: v.get("at").and_then(Value::as_i64).unwrap_or(0),
+        }
+    }
+
+    fn value(self) -> Value {
+        json!({"count": self.count, "at": self.at})
+    }
+}
+
+/// This replica's own count of one key.
+#[derive(Debug, Clone, Copy, Default)]
+struct Own {
+    kind: Option<Kind>,
+    /// The count as last written (or being written).
+    written: Count,
+    /// Failures not yet written.
+    pending: u32,
+    /// The key's revision as last written (0: not written, or gone).
+    rev: i64,
+}
+
+impl Own {
+    fn total(&self) -> Count {
+        Count {
+            count: self.written.count.saturating_add(self.pending),
+            at: self.written.at,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    own: HashMap<String, Own>,
+    dirty: BTreeSet<String>,
+    /// Per kind: the lease new keys are put with, and when it was granted (unix seconds).
+    leases: [Option<(i64, i64)>; 2],
+}
+
+/// What [`Logins::check`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checked {
+    /// Why the login is refused before its password is looked at.
+    pub refusal: Option<Refusal>,
+    /// The user's fresh failures over every replica.
+    pub user_failures: u32,
+}
+
+/// Failed logins per user and per source address, shared by every replica through etcd.
+#[derive(Debug)]
+pub struct Logins {
+    store: Store,
+    root: String,
+    replica: String,
+    policy: LoginPolicy,
+    state: Mutex<State>,
+    /// Held while a batch is written; when the last one began.
+    flushing: tokio::sync::Mutex<Option<Instant>>,
+    /// Refusals read lately, by the user's or address's key prefix, until when they are
+    /// answered from memory.
+    refused: Mutex<HashMap<String, (Refusal, i64, Instant)>>,
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+impl Logins {
+    /// The counts of this replica (a new id each start) under `{prefix}/_system/logins/`.
+    pub fn new(store: Store, prefix: &str, policy: &LoginPolicy) -> Self {
+        Self {
+            store,
+            root: format!("{prefix}/_system/logins/"),
+            replica: uuid::Uuid::new_v4().simple().to_string(),
+            policy: policy.clone(),
+            state: Mutex::default(),
+            flushing: tokio::sync::Mutex::new(None),
+            refused: Mutex::default(),
+        }
+    }
+
+    /// The prefix of every replica's count of `user` (named by a hash: any string a client
+    /// sends makes a key of the same short length).
+    fn user_prefix(&self, user: &str) -> String {
+        let digest = ring::digest::digest(&ring::digest::SHA256, user.as_bytes());
+        format!("{}users/{}/", self.root, B64.encode(digest.as_ref()))
+    }
+
+    fn source_prefix(&self, ip: IpAddr) -> String {
+        format!("{}sources/{ip}/", self.root)
+    }
+
+    fn expiry(&self, kind: Kind) -> i64 {
+        match kind {
+            Kind::User => secs(self.policy.lockout_duration),
+            Kind::Source => secs(self.policy.source_window),
+        }
+    }
+
+    fn fresh(&self, kind: Kind, c: Count, now: i64) -> bool {
+        c.count > 0 && now.saturating_sub(c.at) < self.expiry(kind)
+    }
+
+    /// Whether a login of `user` from `source` may be tried at `now` (unix seconds), over
+    /// every replica's counts.
+    ///
+    /// # Errors
+    /// etcd could not be read.
+    pub async fn check(
+        &self,
+        user: Option<&str>,
+        source: Option<IpAddr>,
+        now: i64,
+    ) -> Result<Checked, StoreError> {
+        let p = &self.policy;
+        let user_prefix = user
+            .filter(|_| p.lockout_failure_attempts > 0)
+            .map(|u| self.user_prefix(u));
+        let source_prefix = source
+            .filter(|_| p.source_failure_attempts > 0)
+            .map(|ip| self.source_prefix(ip));
+        let reads: Vec<Read<'_>> = user_prefix
+            .iter()
+            .chain(source_prefix.iter())
+            .map(|k| Read::Prefix(k))
+            .collect();
+        if reads.is_empty() {
+            return Ok(Checked {
+                refusal: None,
+                user_failures: 0,
+            });
+        }
+        if let Some(refusal) = self.remembered(&source_prefix, &user_prefix, now) {
+            return Ok(Checked {
+                refusal: Some(refusal),
+                user_failures: 0,
+            });
+        }
+        let (read, revision) = self.store.read_many(&reads).await?;
+        let mut read = read.into_iter();
+        let mut sum = |kind: Kind, prefix: &Option<String>| -> Vec<Count> {
+            let Some(prefix) = prefix else {
+                return Vec::new();
+            };
+            let found = read.next().unwrap_or_default();
+            self.counts(kind, prefix, &found, revision, now)
+        };
+        let users = sum(Kind::User, &user_prefix);
+        let sources = sum(Kind::Source, &source_prefix);
+        let user_failures = users
+            .iter()
+            .map(|c| c.count)
+            .fold(0u32, u32::saturating_add);
+        let source_failures = sources
+            .iter()
+            .map(|c| c.count)
+            .fold(0u32, u32::saturating_add);
+        let refusal = if source_prefix.is_some() && source_failures >= p.source_failure_attempts {
+            let window = self.expiry(Kind::Source);
+            let left = sources
+                .iter()
+                .map(|c| c.at.saturating_add(window).saturating_sub(now))
+                .max()
+                .unwrap_or(1);
+            Some(Refusal::Throttled(
+                u32::try_from(left.max(1)).unwrap_or(u32::MAX),
+            ))
+        } else if user_prefix.is_some() && user_failures >= p.lockout_failure_attempts {
+            Some(Refusal::Locked)
+        } else {
+            None
+        };
+        if let Some(r) = refusal {
+            let key = match r {
+                Refusal::Throttled(_) => source_prefix,
+                Refusal::Locked => user_prefix,
+            };
+            if let (Some(key), Ok(mut m)) = (key, self.refused.lock()) {
+                if m.len() >= REFUSALS {
+                    m.clear();
+                }
+                m.insert(key, (r, now, Instant::now() + REFUSAL_MEMORY));
+            }
+        }
+        Ok(Checked {
+            refusal,
+            user_failures,
+        })
+    }
+
+    /// A refusal of the address or the user read less than [`REFUSAL_MEMORY`] ago, in the
+    /// same second of `now`.
+    fn remembered(
+        &self,
+        source: &Option<String>,
+        user: &Option<String>,
+        now: i64,
+    ) -> Option<Refusal> {
+        let m = self.refused.lock().ok()?;
+        let instant = Instant::now();
+        [source, user].into_iter().flatten().find_map(|k| {
+            m.get(k)
+                .filter(|(_, at, until)| *at == now && *until > instant)
+                .map(|(r, _, _)| *r)
+        })
+    }
+
+    /// The fresh counts of every replica under `prefix`, as read at `revision`: this
+    /// replica's own from its memory (with its failures not yet written), forgotten when its
+    /// key went since it was written (a successful login elsewhere, or its lease).
+    fn counts(
+        &self,
+        kind: Kind,
+        prefix: &str,
+        found: &[(String, crate::storage::store::Stored)],
+        revision: i64,
+        now: i64,
+    ) -> Vec<Count> {
+        let own_key = format!("{prefix}{}", self.replica);
+        let mut out: Vec<Count> = found
+            .iter()
+            .filter(|(k, _)| *k != own_key)
+            .map(|(_, s)| Count::of(&s.value))
+            .filter(|c| self.fresh(kind, *c, now))
+            .collect();
+        if let Ok(mut st) = self.state.lock()
+            && let Some(own) = st.own.get_mut(&own_key)
+        {
+            let present = found.iter().any(|(k, _)| *k == own_key);
+            if !present && own.rev != 0 && revision > own.rev {
+                own.written = Count::default();
+                own.rev = 0;
+            }
+            let total = own.total();
+            if self.fresh(kind, total, now) {
+                out.push(total);
+            }
+        }
+        out
+    }
+
+    /// Counts a failed login at `now` (unix seconds): of `user` (only for a user that exists)
+    /// and from `source`; returns once the failure is written to etcd (or writing it failed,
+    /// which is logged: the failure is then counted by this replica alone until a later batch
+    /// writes it).
+    pub async fn failed(&self, user: Option<&str>, source: Option<IpAddr>, now: i64) {
+        let p = &self.policy;
+        let keys: Vec<(Kind, String)> = user
+            .filter(|_| p.lockout_failure_attempts > 0)
+            .map(|u| {
+                (
+                    Kind::User,
+                    format!("{}{}", self.user_prefix(u), self.replica),
+                )
+            })
+            .into_iter()
+            .chain(source.filter(|_| p.source_failure_attempts > 0).map(|ip| {
+                (
+                    Kind::Source,
+                    format!("{}{}", self.source_prefix(ip), self.replica),
+                )
+            }))
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        if let Ok(mut st) = self.state.lock() {
+            if st.own.len() >= CAPACITY {
+                let dirty = st.dirty.clone();
+                st.own.retain(|k, o| {
+                    dirty.contains(k) || o.kind.is_some_and(|kind| self.fresh(kind, o.total(), now))
+                });
+            }
+            for (kind, key) in keys {
+                let own = st.own.entry(key.clone()).or_default();
+                own.kind = Some(kind);
+                if !self.fresh(kind, own.total(), now) {
+                    own.written = Count { count: 0, at: now };
+                    own.pending = 0;
+                }
+                own.pending += 1;
+                if kind == Kind::User {
+                    own.written.at = now;
+                }
+                st.dirty.insert(key);
+            }
+        }
+        self.flush(now).await;
+    }
+
+    /// Forgets every replica's count of `user` (after a successful login).
+    ///
+    /// # Errors
+    /// etcd could not be written.
+    pub async fn succeeded(&self, user: &str) -> Result<(), StoreError> {
+        let prefix = self.user_prefix(user);
+        if let Ok(mut m) = self.refused.lock() {
+            m.remove(&prefix);
+        }
+        if let Ok(mut st) = self.state.lock() {
+            let own_key = format!("{prefix}{}", self.replica);
+            st.own.remove(&own_key);
+            st.dirty.remove(&own_key);
+        }
+        let keys = self.store.keys(&prefix).await?;
+        if !keys.is_empty() {
+            let deletes: Vec<&str> = keys.iter().map(String::as_str).collect();
+            self.store.write_many(&[], &[], &deletes).await?;
+        }
+        Ok(())
+    }
+
+    /// The lease of `kind` for keys put at `now`, granted when the current one is too old.
+    async fn lease(&self, kind: Kind, now: i64) -> Result<i64, StoreError> {
+        let slot = usize::from(kind == Kind::Source);
+        if let Ok(st) = self.state.lock()
+            && let Some((id, granted)) = st.leases[slot]
+            && now.saturating_sub(granted) < LEASE_ROTATION
+        {
+            return Ok(id);
+        }
+        let id = self
+            .store
+            .grant_lease(self.expiry(kind).saturating_add(LEASE_ROTATION))
+            .await?;
+        if let Ok(mut st) = self.state.lock() {
+            st.leases[slot] = Some((id, now));
+        }
+        Ok(id)
+    }
+
+    /// Writes the failures not yet written, in batches, one batch at a time per replica.
+    async fn flush(&self, now: i64) {
+        let mut last = self.flushing.lock().await;
+        let mut conflicts = 0;
+        loop {
+            // Nothing left: an earlier batch carried this caller's failure.
+            if self.batch().is_empty() {
+                return;
+            }
+            if let Some(t) = *last {
+                tokio::time::sleep_until((t + FLUSH_INTERVAL).into()).await;
+            }
+            // Every failure recorded while waiting goes in this batch.
+            let batch = self.batch();
+            if batch.is_empty() {
+                return;
+            }
+            *last = Some(Instant::now());
+            match self.write(&batch, now).await {
+                Ok(true) => {}
+                Ok(false) if conflicts < 4 => conflicts += 1,
+                Ok(false) => {
+                    tracing::warn!("failed logins: batch kept conflicting; counted here only");
+                    self.forget_dirty(&batch);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "failed logins: write counts to etcd");
+                    self.forget_dirty(&batch);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The next batch: up to [`BATCH_KEYS`] keys with failures not yet written.
+    fn batch(&self) -> Vec<(String, Own)> {
+        match self.state.lock() {
+            Ok(st) => st
+                .dirty
+                .iter()
+                .take(BATCH_KEYS)
+                .filter_map(|k| st.own.get(k).map(|o| (k.clone(), *o)))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Gives up writing `batch` for now: the next failure's batch carries it.
+    fn forget_dirty(&self, batch: &[(String, Own)]) {
+        if let Ok(mut st) = self.state.lock() {
+            for (k, _) in batch {
+                st.dirty.remove(k);
+            }
+        }
+    }
+
+    /// One batch: `Ok(false)` when one of its keys changed under it (it is read again, and
+    /// the batch recomputed).
+    async fn write(&self, batch: &[(String, Own)], now: i64) -> Result<bool, StoreError> {
+        let mut leases = [0i64; 2];
+        for (_, o) in batch {
+            if let Some(kind) = o.kind {
+                let slot = usize::from(kind == Kind::Source);
+                if leases[slot] == 0 {
+                    leases[slot] = self.lease(kind, now).await?;
+                }
+            }
+        }
+        let values: Vec<(String, Value, i64, Own)> = batch
+            .iter()
+            .map(|(k, o)| {
+                let slot = usize::from(o.kind == Some(Kind::Source));
+                (k.clone(), o.total().value(), leases[slot], *o)
+            })
+            .collect();
+        let guards: Vec<Guard<'_>> = values
+            .iter()
+            .map(|(k, _, _, o)| Guard::Revision(k, o.rev))
+            .collect();
+        let puts: Vec<(&str, &Value, i64)> = values
+            .iter()
+            .map(|(k, v, lease, _)| (k.as_str(), v, *lease))
+            .collect();
+        if let Some(rev) = self.store.write_leased(&guards, &puts).await? {
+            if let Ok(mut st) = self.state.lock() {
+                for (k, o) in batch {
+                    let Some(own) = st.own.get_mut(k) else {
+                        continue;
+                    };
+                    own.written = o.total();
+                    own.pending = own.pending.saturating_sub(o.pending);
+                    own.rev = rev;
+                    if own.pending == 0 {
+                        st.dirty.remove(k);
+                    }
+                }
+            }
+            return Ok(true);
+        }
+        // A key went (a successful login elsewhere removed it, or its lease expired): what
+        // was written of it no longer counts.
+        let reads: Vec<Read<'_>> = batch.iter().map(|(k, _)| Read::Presence(k)).collect();
+        let (read, _) = self.store.read_many(&reads).await?;
+        if let Ok(mut st) = self.state.lock() {
+            for ((k, o), found) in batch.iter().zip(read) {
+                let rev = found.first().map_or(0, |(_, s)| s.mod_revision);
+                if rev != o.rev
+                    && let Some(own) = st.own.get_mut(k)
+                {
+                    own.written.count = 0;
+                    own.rev = rev;
+                }
+            }
+        }
+        Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> LoginPolicy {
+        LoginPolicy {
+            lockout_failure_attempts: 3,
+            lockout_duration: Duration::from_secs(60),
+            source_failure_attempts: 5,
+            source_window: Duration::from_secs(10),
+            hash_threads: 1,
+            hash_queue: 1,
+        }
+    }
+
+    /// Two replicas on one store.
+    fn replicas() -> (Store, Logins, Logins) {
+        let store = Store::memory();
+        let a = Logins::new(store.clone(), "/p", &policy());
+        let b = Logins::new(store.clone(), "/p", &policy());
+        (store, a, b)
+    }
+
+    async fn refusal(l: &Logins, user: &str, ip: Option<IpAddr>, now: i64) -> Option<Refusal> {
+        l.check(Some(user), ip, now).await.expect("read").refusal
+    }
+
+    #[tokio::test]
+    async fn failures_on_one_replica_lock_the_user_out_on_another_until_a_success() {
+        let (_, a, b) = replicas();
+        let t0 = 1_000_000;
+        // Two failures on A, one on B: three in all.
+        a.failed(Some("alice"), None, t0).await;
+        a.failed(Some("alice"), None, t0).await;
+        assert_eq!(refusal(&b, "alice", None, t0).await, None);
+        b.failed(Some("alice"), None, t0).await;
+        for l in [&a, &b] {
+            assert_eq!(refusal(l, "alice", None, t0).await, Some(Refusal::Locked));
+        }
+        assert_eq!(refusal(&b, "bob", None, t0).await, None, "another user");
+        // Locked until the lockout ends after the last failure.
+        assert_eq!(
+            refusal(&a, "alice", None, t0 + 59).await,
+            Some(Refusal::Locked)
+        );
+        assert_eq!(refusal(&a, "alice", None, t0 + 60).await, None);
+
+        // A success on one replica forgets every replica's count, this one's memory too.
+        a.failed(Some("carol"), None, t0).await;
+        b.failed(Some("carol"), None, t0).await;
+        assert_eq!(
+            b.check(Some("carol"), None, t0)
+                .await
+                .expect("read")
+                .user_failures,
+            2
+        );
+        b.succeeded("carol").await.expect("forget");
+        assert_eq!(
+            a.check(Some("carol"), None, t0)
+                .await
+                .expect("read")
+                .user_failures,
+            0
+        );
+        // A's next failure starts afresh rather than bringing back what was forgotten.
+        a.failed(Some("carol"), None, t0).await;
+        assert_eq!(
+            b.check(Some("carol"), None, t0)
+                .await
+                .expect("read")
+                .user_failures,
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_source_address_is_throttled_over_every_replica_whatever_the_names() {
+        let (_, a, b) = replicas();
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        let t0 = 2_000_000;
+        // Names that are no User: counted against the address only.
+        for i in 0..5 {
+            let l = if i % 2 == 0 { &a } else { &b };
+            assert_eq!(refusal(l, &format!("u{i}"), Some(ip), t0).await, None);
+            l.failed(None, Some(ip), t0 + 1).await;
+        }
+        for l in [&a, &b] {
+            assert_eq!(
+                refusal(l, "new", Some(ip), t0 + 4).await,
+                Some(Refusal::Throttled(7)),
+                "the window opened at t0 + 1 and lasts 10 s"
+            );
+        }
+        assert_eq!(
+            refusal(&a, "new", Some([10, 0, 0, 2].into()), t0).await,
+            None
+        );
+        assert_eq!(refusal(&b, "new", Some(ip), t0 + 11).await, None);
+        assert_eq!(
+            b.check(Some("u0"), None, t0)
+                .await
+                .expect("read")
+                .user_failures,
+            0,
+            "no count is kept for a name that is no User"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_storm_of_failures_is_a_few_etcd_writes() {
+        let (store, a, b) = replicas();
+        let a = std::sync::Arc::new(a);
+        let t0 = 3_000_000;
+        // Warm the leases, so what is counted is the failures' writes.
+        a.failed(Some("warm"), Some([10, 0, 0, 9].into()), t0).await;
+        let before = store.revision().await.expect("revision");
+        let started = Instant::now();
+        let storm: Vec<_> = (0..200u8)
+            .map(|i| {
+                let a = std::sync::Arc::clone(&a);
+                tokio::spawn(async move {
+                    a.failed(Some("victim"), Some([10, 1, 0, i].into()), t0)
+                        .await;
+                })
+            })
+            .collect();
+        for t in storm {
+            t.await.expect("failure counted");
+        }
+        let writes = store.revision().await.expect("revision") - before;
+        // 200 failures on 201 keys: batches of BATCH_KEYS keys, one per FLUSH_INTERVAL.
+        let most = i64::try_from(201usize.div_ceil(BATCH_KEYS)).expect("small");
+        assert!(
+            (1..=most).contains(&writes),
+            "{writes} transactions for 200 failures"
+        );
+        assert!(
+            started.elapsed() >= FLUSH_INTERVAL * 3,
+            "batches are spaced"
+        );
+        // Every one of them is counted, on the other replica too.
+        assert_eq!(
+            b.check(Some("victim"), None, t0)
+                .await
+                .expect("read")
+                .user_failures,
+            200
+        );
+    }
+}
