@@ -43,6 +43,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         storage::VolumeSnapshot::crd(),
         storage::StoragePool::crd(),
         object::ObjectRing::crd(),
+        object::ObjectRingVersion::crd(),
     ]
 }
 

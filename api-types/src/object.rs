@@ -62,11 +62,27 @@ pub struct ObjectRingSpec {
     #[serde(default = "default_min_part_hours")]
     #[schemars(range(max = 8760))]
     pub min_part_hours: u32,
+    /// How far (a fraction: 0.1 is 10%) a device may be given partitions beyond its weight's
+    /// share so that replicas spread across failure domains (`swift-ring-builder ...
+    /// set_overload`). Absent: 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub overload: Option<f64>,
+    /// Staged change: while true, the controller builds the ring the spec describes on a copy
+    /// and reports its effect in `status.proposed` (replicas that would move, balance,
+    /// dispersion) without writing a new ring version. Set it back to false to apply.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
     /// The devices partitions are placed on.
     #[serde(default)]
     #[schemars(length(max = 10000))]
     pub devices: Vec<RingDevice>,
 }
+
+/// Most replica slots (2^partPower × replicas) a ring may have: its ring file and builder
+/// state (2 bytes a slot each, base64 in an [`ObjectRingVersion`]) then stay well inside the
+/// API's object size limit. Part power 16 with 4 replicas, or 18 with 1.
+pub const MAX_RING_SLOTS: u64 = 1 << 18;
 
 fn default_min_part_hours() -> u32 {
     1
@@ -112,6 +128,72 @@ pub struct RingDevice {
     pub meta: Option<String>,
 }
 
+/// The effect of applying a paused ObjectRing's spec, computed on a copy of the ring.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RingProposal {
+    /// Replicas the first step would move.
+    pub moves: u64,
+    /// Replicas that would wait for `minPartHours` after that step.
+    pub pending_moves: u64,
+    /// Balance after the step, in percent.
+    pub balance: f64,
+    /// Dispersion after the step, in percent.
+    pub dispersion: f64,
+    /// Devices the ring would have.
+    pub devices: u32,
+    /// The `metadata.generation` this proposal is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+}
+
+/// One built version of an ObjectRing: its Swift ring file and the builder state the next
+/// rebalance starts from. Written by the ring controller, owned by its ObjectRing (deleted
+/// with it); named `RING-vVERSION`.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "object.stratus.dev",
+    version = "v1",
+    kind = "ObjectRingVersion",
+    status = "ObjectRingVersionStatus",
+    derive = "PartialEq",
+    shortname = "ringver",
+    category = "stratus",
+    doc = "A built version of an ObjectRing: Swift's ring file and the builder state.",
+    printcolumn(name = "Ring", type_ = "string", json_path = ".spec.ring"),
+    printcolumn(name = "Version", type_ = "integer", json_path = ".spec.version"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObjectRingVersionSpec {
+    /// The ObjectRing this is a version of.
+    #[schemars(length(min = 1, max = 253))]
+    pub ring: String,
+    /// The ring's version (also in the ring file).
+    pub version: u64,
+    /// Swift's ring file (format 1, gzip), base64: what `swift.common.ring.Ring` loads as
+    /// `<type>.ring.gz`.
+    #[schemars(length(max = 1_000_000))]
+    pub ring_file: String,
+    /// The ring builder's state (JSON, gzip, base64) the next rebalance starts from.
+    #[schemars(length(max = 1_000_000))]
+    pub builder_state: String,
+}
+
+/// Observed state of an ObjectRingVersion.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObjectRingVersionStatus {
+    /// Nodes whose object agent installed this ring file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10000))]
+    pub installed_on: Vec<String>,
+}
+
 fn default_region() -> u32 {
     1
 }
@@ -150,6 +232,27 @@ pub struct ObjectRingStatus {
     /// Number of devices in the built ring.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub devices: Option<u32>,
+    /// Dispersion after the last rebalance, in percent: the share of replicas placed on a
+    /// failure domain that already holds as many of the partition's replicas as an even
+    /// spread allows (0 is perfect), as `swift-ring-builder` reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispersion: Option<f64>,
+    /// Replicas the last step moved to another device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved: Option<u64>,
+    /// Replicas still to move to reach the balanced ring, held back because they moved less
+    /// than `minPartHours` ago; the controller takes the next step when the window allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_moves: Option<u64>,
+    /// When the next step may move the pending replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_step_at: Option<Time>,
+    /// The ObjectRingVersion holding the current ring file and builder state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring_version: Option<String>,
+    /// While `spec.paused`: what applying the spec would do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proposed: Option<RingProposal>,
     /// Latest observations of the ring's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]

@@ -143,6 +143,7 @@ fn decode_typed(kind: &str, doc: &Value) -> Result<bool, String> {
         "VolumeSnapshot" => de::<storage::VolumeSnapshot>(doc).map(|()| true),
         "StoragePool" => de::<storage::StoragePool>(doc).map(|()| false),
         "ObjectRing" => de::<object::ObjectRing>(doc).map(|()| false),
+        "ObjectRingVersion" => de::<object::ObjectRingVersion>(doc).map(|()| false),
         other => Err(format!("unknown kind {other}")),
     }?;
     Ok(namespaced)
@@ -234,7 +235,7 @@ fn examples_decode_validate_and_match_schema() {
 #[test]
 fn every_kind_has_one_v1_version_with_status_and_category() {
     let crds = crds();
-    assert_eq!(crds.len(), 20);
+    assert_eq!(crds.len(), 21);
     let mut short_names = BTreeSet::new();
     // Short names of Kubernetes' own resources, which kubectl would resolve first.
     let builtin = [
@@ -285,6 +286,7 @@ fn scopes_match_the_design() {
         "Hypervisor",
         "StoragePool",
         "ObjectRing",
+        "ObjectRingVersion",
     ]
     .into();
     for crd in crds() {

@@ -22,7 +22,7 @@ use crate::network::{
     EtherType, FloatingIPSpec, NetworkSpec, PortSpec, Protocol, Route, RouterSpec,
     SecurityGroupSpec, Segmentation, SubnetSpec,
 };
-use crate::object::{ObjectRingSpec, RingType};
+use crate::object::{MAX_RING_SLOTS, ObjectRingSpec, ObjectRingVersionSpec, RingType};
 use crate::storage::{StorageBackend, StoragePoolSpec, VolumeSnapshotSpec, VolumeSpec};
 
 /// One invalid field of an object, in the shape of a Kubernetes `StatusCause`.
@@ -71,6 +71,9 @@ pub fn validate(group: &str, kind: &str, obj: &Value) -> Result<(), Vec<FieldErr
         ("storage.stratus.dev", "VolumeSnapshot") => spec::<VolumeSnapshotSpec>(obj, &mut errs),
         ("storage.stratus.dev", "StoragePool") => spec::<StoragePoolSpec>(obj, &mut errs),
         ("object.stratus.dev", "ObjectRing") => spec::<ObjectRingSpec>(obj, &mut errs),
+        ("object.stratus.dev", "ObjectRingVersion") => {
+            spec::<ObjectRingVersionSpec>(obj, &mut errs);
+        }
         _ => errs.push(
             "kind",
             format!("no Stratus kind {kind} in group {group}"),
@@ -887,10 +890,38 @@ impl Check for StoragePoolSpec {
 // ---------------------------------------------------------------------------------------------
 // object
 
+impl Check for ObjectRingVersionSpec {
+    fn check(&self, _errs: &mut Errors) {}
+}
+
 impl Check for ObjectRingSpec {
     fn check(&self, errs: &mut Errors) {
         if self.policy_index.is_some() && self.ring_type != RingType::Object {
             errs.push("spec.policyIndex", "only allowed for object rings", None);
+        }
+        // 2^partPower × replicas replica slots, each 2 bytes in the ring file and the
+        // builder state: bounded so a ring version fits in one API object.
+        let slots = 1u64
+            .checked_shl(u32::from(self.part_power))
+            .unwrap_or(u64::MAX)
+            .saturating_mul(u64::from(self.replicas));
+        if self.part_power > 32 || slots > MAX_RING_SLOTS {
+            errs.push(
+                "spec.partPower",
+                format!(
+                    "2^partPower × replicas must be at most {MAX_RING_SLOTS} (a ring version is kept in one API object)"
+                ),
+                Some(&self.part_power.to_string()),
+            );
+        }
+        if let Some(o) = self.overload
+            && !(o.is_finite() && (0.0..=100.0).contains(&o))
+        {
+            errs.push(
+                "spec.overload",
+                "must be a number from 0 to 100",
+                Some(&o.to_string()),
+            );
         }
         let mut seen = BTreeSet::new();
         for (i, d) in self.devices.iter().enumerate() {

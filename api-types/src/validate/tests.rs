@@ -624,3 +624,19 @@ fn object_ring_devices() {
         ["spec.devices[0].weight"]
     );
 }
+
+#[test]
+fn object_ring_size_is_bounded_so_a_version_fits_in_one_object() {
+    let spec = |power: u32, replicas: u32| {
+        json!({"ringType": "object", "partPower": power, "replicas": replicas,
+               "devices": [{"zone": 1, "ip": "127.0.0.1", "port": 6200, "device": "d", "weight": 1.0}]})
+    };
+    assert!(ring(spec(16, 4)).is_empty());
+    assert!(ring(spec(18, 1)).is_empty());
+    assert_eq!(ring(spec(16, 5)), ["spec.partPower"]);
+    assert_eq!(ring(spec(20, 3)), ["spec.partPower"]);
+    assert_eq!(ring(spec(32, 10)), ["spec.partPower"]);
+    let mut bad = spec(10, 3);
+    bad["overload"] = json!(101.0);
+    assert_eq!(ring(bad), ["spec.overload"]);
+}
