@@ -11,6 +11,7 @@ pub mod nodes;
 pub mod ports;
 pub mod project;
 pub mod quota;
+pub mod rings;
 pub mod routers;
 pub mod scheduler;
 pub mod security_groups;
@@ -199,6 +200,7 @@ async fn every_controller(
         () = subnets::run(client.clone()) => { stopped("subnet usage"); Ok(()) }
         () = volumes::run(client.clone()) => { stopped("volume scheduler"); Ok(()) }
         () = attachments::run(client.clone()) => { stopped("volume attachments"); Ok(()) }
+        () = rings::run(client.clone()) => { stopped("object rings"); Ok(()) }
         () = images::run(client, image_dir, image_policy) => { stopped("images"); Ok(()) }
     }
 }
