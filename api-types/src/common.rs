@@ -238,6 +238,9 @@ reasons! {
     PortNotPlaced,
     /// A server asks for volumes this node cannot attach yet.
     VolumesUnavailable,
+    /// A volume's `status.devicePath` is not that volume's data in its pool on this node: the
+    /// compute agent refuses to give it to the guest.
+    VolumeRefused,
     /// A server asks to boot from a volume, which this node cannot do yet.
     BootVolumeUnsupported,
     /// A volume's `Scheduled=False`: no storage pool can take it now.

@@ -33,7 +33,7 @@ use super::driver::{
     DomainState, DriverError, InterfaceSpec, KernelBoot, Owner, VolumeDisk,
 };
 use super::volumes as vols;
-use stratus_api_types::storage::Volume;
+use stratus_api_types::storage::{StoragePool, Volume};
 use stratus_image_cache::{Format, ImageCache, ImageError, Request};
 
 pub use stratus_api_types::compute::TEARDOWN_FINALIZER;
@@ -585,6 +585,12 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
     let volumes = vols::resolve(&ctx.client, &ns, &name, node, &names)
         .await
         .map_err(ServerError::Api)?;
+    if let Some(why) = volumes.refused.first() {
+        return Err(NotBuilt::Blocked(Blocked {
+            reason: Reason::VolumeRefused,
+            message: why.clone(),
+        }));
+    }
     if let Some(why) = volumes.waiting.first() {
         return Err(NotBuilt::Waiting(Blocked {
             reason: Reason::VolumesUnavailable,
@@ -639,7 +645,7 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
         // A valid host name is a DNS label; a dotted object name keeps its first label.
         name.split('.').next().unwrap_or("server").to_string()
     });
-    let volumes = vols::plan(&volumes.ready, &[], false)
+    let volumes = vols::plan(&volumes, &[], false)
         .into_iter()
         .filter_map(|step| match step {
             vols::Step::Attach(disk) => Some(disk),
@@ -786,11 +792,26 @@ async fn boot_volume(ctx: &Ctx, server: &Server, ns: &str, name: &str) -> Result
             message: format!("waiting for boot volume \"{name}\" to be readable by this node"),
         }));
     };
-    let ready = vols::ready(&vol, &server.name_any(), &ctx.config.node).map_err(|why| {
-        NotBuilt::Waiting(Blocked {
-            reason: Reason::VolumesUnavailable,
-            message: format!("waiting for its boot volume: {why}"),
-        })
+    let pool = match vol.status.as_ref().and_then(|s| s.pool.as_deref()) {
+        Some(p) => get_related(&Api::<StoragePool>::all(ctx.client.clone()), p).await?,
+        None => None,
+    };
+    let (judged, vol) = {
+        let (server, node) = (server.name_any(), ctx.config.node.clone());
+        // The path check reads the disk (and, for an LVM pool, lvm2's reports).
+        blocking(move || (vols::ready(&vol, &server, &node, pool.as_ref()), vol)).await?
+    };
+    let ready = judged.map_err(|why| match why {
+        vols::NotReady::Refused(message) => NotBuilt::Blocked(Blocked {
+            reason: Reason::VolumeRefused,
+            message,
+        }),
+        vols::NotReady::Waiting(why) | vols::NotReady::Released(why) => {
+            NotBuilt::Waiting(Blocked {
+                reason: Reason::VolumesUnavailable,
+                message: format!("waiting for its boot volume: {why}"),
+            })
+        }
     })?;
     let uid = server.uid().ok_or(ServerError::Incomplete)?;
     let kernel = match vol.spec.source.as_ref().and_then(|s| s.image.as_deref()) {
@@ -1044,10 +1065,10 @@ async fn sync_volumes(
     let name = domain.name.clone();
     let running = domain.state == DomainState::Running;
     let driver = Arc::clone(&ctx.driver);
-    let ready = resolved.ready.clone();
+    let plan_of = resolved.clone();
     let (done, left) = blocking(move || -> Result<_, DriverError> {
         let before = driver.volumes(&name)?;
-        let steps = vols::plan(&ready, &before, running);
+        let steps = vols::plan(&plan_of, &before, running);
         for step in &steps {
             match step {
                 vols::Step::Attach(disk) => driver.attach_volume(&name, disk)?,
@@ -1079,12 +1100,16 @@ async fn sync_volumes(
         };
         publish(ctx, server, EventType::Normal, reason, note).await;
     }
-    let unplugging = left
+    let unplugging = vols::plan(&resolved, &left, false)
         .iter()
-        .filter(|a| !resolved.ready.iter().any(|r| r.path == a.path))
+        .filter(|s| matches!(s, vols::Step::Detach(_)))
         .count();
     let gen_ = server.metadata.generation;
-    if let Some(why) = resolved.waiting.first() {
+    if let Some(why) = resolved.refused.first() {
+        ConditionType::Attached
+            .no(Reason::VolumeRefused, why.clone())
+            .set(&mut status.conditions, gen_);
+    } else if let Some(why) = resolved.waiting.first() {
         ConditionType::Attached
             .no(Reason::VolumesUnavailable, why.clone())
             .set(&mut status.conditions, gen_);
@@ -1103,7 +1128,11 @@ async fn sync_volumes(
             )
             .set(&mut status.conditions, gen_);
     }
-    Ok(resolved.waiting.is_empty() && unplugging == 0)
+    // Settled only once the definition holds nothing but the volumes asked for: a disk kept
+    // for a volume that could not be read, or is in error, might be one the spec dropped.
+    Ok(resolved.waiting.is_empty()
+        && resolved.refused.is_empty()
+        && resolved.holds_only_ready(&left))
 }
 
 async fn lookup(ctx: &Ctx, name: &str) -> Result<Option<DomainInfo>, ServerError> {
@@ -1265,12 +1294,42 @@ async fn report_drift(
     ConditionType::Ready
         .no(Reason::Drifted, msg.clone())
         .set(&mut status.conditions, gen_);
-    status.observed_generation = gen_;
+    // The definition is left as it is, so a volume the spec dropped may still be in it: this
+    // generation is observed (and the volume released by the attachments controller) only
+    // once the definition holds no disk but the volumes asked for.
+    if info.is_none() || definition_settled(ctx, server, &name).await? {
+        status.observed_generation = gen_;
+    }
     write_status(ctx, server, status).await?;
     if new {
         publish(ctx, server, EventType::Warning, "DriftDetected", msg).await;
     }
     Ok(After::Return(Action::requeue(ctx.config.resync)))
+}
+
+/// Whether domain `name`'s definition holds only volumes `server` asks for and this node
+/// can give it (see [`vols::Resolved::holds_only_ready`]); nothing is changed.
+async fn definition_settled(ctx: &Ctx, server: &Server, name: &str) -> Result<bool, ServerError> {
+    let ns = server.namespace().ok_or(ServerError::Incomplete)?;
+    let names: Vec<String> = server
+        .spec
+        .volumes
+        .iter()
+        .map(|v| v.volume.clone())
+        .collect();
+    let resolved = vols::resolve(
+        &ctx.client,
+        &ns,
+        &server.name_any(),
+        &ctx.config.node,
+        &names,
+    )
+    .await
+    .map_err(ServerError::Api)?;
+    let driver = Arc::clone(&ctx.driver);
+    let name = name.to_owned();
+    let attached = blocking(move || driver.volumes(&name)).await??;
+    Ok(resolved.holds_only_ready(&attached))
 }
 
 /// Powers the guest on; a guest that last ran went down behind Stratus's back.

@@ -1,12 +1,17 @@
 //! A Server's Volumes as its guest's disks: which of them this node can attach (claimed for
-//! the server, placed on this node, made), and the pure [`plan`] that turns those and the
-//! disks the domain has into attach, detach and resize steps.
+//! the server, placed on this node, made, and their data where this node's own StoragePool
+//! keeps it), and the pure [`plan`] that turns those and the disks the domain has into attach,
+//! detach and resize steps.
 
-use std::path::PathBuf;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use kube::api::Api;
 use kube::{Client, ResourceExt};
-use stratus_api_types::storage::{Volume, VolumePhase};
+use stratus_api_types::storage::{
+    StorageBackend, StoragePool, StoragePoolSpec, Volume, VolumePhase,
+};
 
 use super::driver::xml::virtio_disk_name;
 use super::driver::{AttachedVolume, VolumeDisk};
@@ -17,12 +22,16 @@ const SERIAL_LEN: usize = 20;
 /// Guest disk names before the volumes': the root disk (`vda`) and the config drive (`vdb`).
 const FIRST_VOLUME_DISK: usize = 2;
 
+/// The longest uid the storage agent makes a volume's name from.
+const MAX_UID: usize = 64;
+
 /// A Volume this node can give the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ready {
     /// The Volume's name.
     pub volume: String,
-    /// Its data on this node (`status.devicePath`).
+    /// Its data on this node: the path its pool keeps it at, which `status.devicePath`
+    /// must name (see [`data_path`]).
     pub path: PathBuf,
     /// The serial the guest sees.
     pub serial: String,
@@ -33,6 +42,19 @@ pub struct Ready {
     pub bytes: u64,
 }
 
+/// Why a volume a Server names is not given to its guest now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotReady {
+    /// Not yet (not placed, not made) or not now (phase `Error`): a disk of it already
+    /// plugged in stays.
+    Waiting(String),
+    /// Its `status.devicePath` is not its data in this node's pool: never opened. A disk of
+    /// it already plugged in (checked when it was) stays.
+    Refused(String),
+    /// Not attached to this server (released, or another's): a disk of it plugged in goes.
+    Released(String),
+}
+
 /// The serial of the Volume of `uid`: its hex digits, as many as virtio carries.
 pub fn serial(uid: &str) -> String {
     uid.chars()
@@ -41,27 +63,277 @@ pub fn serial(uid: &str) -> String {
         .collect()
 }
 
+/// The name the storage agent gives the data of the Volume of `uid` (`volume-<uid>`), if
+/// `uid` is one it makes names from.
+fn data_name(uid: &str) -> Option<String> {
+    let ok = !uid.is_empty()
+        && uid.len() <= MAX_UID
+        && !uid.starts_with('-')
+        && uid
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    ok.then(|| format!("volume-{uid}"))
+}
+
+/// Checks that `claimed` (a Volume's `status.devicePath`) is the data of the Volume of `uid`
+/// in `pool` on `node`, as the storage agent makes it, and answers the path to open:
+///
+/// - a file pool: `<spec.path>/volume-<uid>.raw`, a regular file (not a symlink, not a
+///   device) whose canonical path is in the pool's canonical directory;
+/// - an LVM pool with device-mapper: `/dev/<vgName>/volume-<uid>`, a block device;
+/// - an LVM pool without it: a loop device `/dev/loopN` over exactly the LV's extents (its
+///   backing file a PV of the group, its offset and size limit the LV's region, as `lvs`,
+///   `vgs` and `pvs` report them).
+///
+/// Anything else (another path, `..`, a host disk, a file outside the pool) is refused, so a
+/// status written by a stolen node identity cannot hand the host's data to a guest.
+///
+/// # Errors
+/// Why the path is refused.
+pub fn data_path(
+    pool: &StoragePoolSpec,
+    node: &str,
+    uid: &str,
+    claimed: &str,
+) -> Result<PathBuf, String> {
+    if pool.node != node {
+        return Err(format!(
+            "its pool is on node {}, not this node ({node})",
+            pool.node
+        ));
+    }
+    let name = data_name(uid).ok_or_else(|| format!("its uid {uid:?} names no volume data"))?;
+    let claimed = Path::new(claimed);
+    match pool.backend {
+        StorageBackend::File => {
+            let dir = pool
+                .path
+                .as_deref()
+                .map(Path::new)
+                .filter(|d| d.is_absolute())
+                .ok_or("its file pool names no absolute directory")?;
+            file_path(dir, &format!("{name}.raw"), claimed)
+        }
+        StorageBackend::Lvm => {
+            let vg = pool
+                .vg_name
+                .as_deref()
+                .filter(|vg| {
+                    !vg.is_empty()
+                        && *vg != "."
+                        && *vg != ".."
+                        && !vg.starts_with('-')
+                        && vg
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"+_.-".contains(&b))
+                })
+                .ok_or("its LVM pool names no volume group")?;
+            lvm_path(vg, &name, claimed)
+        }
+    }
+}
+
+/// A file pool's volume `file` in `dir`, which `claimed` must name.
+fn file_path(dir: &Path, file: &str, claimed: &Path) -> Result<PathBuf, String> {
+    let want = dir.join(file);
+    if claimed != want {
+        return Err(format!(
+            "status.devicePath {} is not {}, its file in the pool",
+            claimed.display(),
+            want.display()
+        ));
+    }
+    let meta = std::fs::symlink_metadata(&want).map_err(|e| format!("{}: {e}", want.display()))?;
+    if !meta.file_type().is_file() {
+        return Err(format!("{} is not a regular file", want.display()));
+    }
+    let inside = match (std::fs::canonicalize(dir), std::fs::canonicalize(&want)) {
+        (Ok(d), Ok(f)) => f == d.join(file),
+        _ => false,
+    };
+    if !inside {
+        return Err(format!(
+            "{} is not in the pool's directory {}",
+            want.display(),
+            dir.display()
+        ));
+    }
+    Ok(want)
+}
+
+/// An LVM pool's volume `name` of group `vg`, which `claimed` must be the device of.
+fn lvm_path(vg: &str, name: &str, claimed: &Path) -> Result<PathBuf, String> {
+    let active = Path::new("/dev").join(vg).join(name);
+    let block = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device());
+    if claimed == active {
+        return if block(&active) {
+            Ok(active)
+        } else {
+            Err(format!("{} is not a block device", active.display()))
+        };
+    }
+    let Some(n) = claimed
+        .to_str()
+        .and_then(|s| s.strip_prefix("/dev/loop"))
+        .filter(|n| !n.is_empty() && n.len() <= 10 && n.bytes().all(|b| b.is_ascii_digit()))
+    else {
+        return Err(format!(
+            "status.devicePath {} is neither {} nor a loop device",
+            claimed.display(),
+            active.display()
+        ));
+    };
+    let is_link = std::fs::symlink_metadata(claimed).is_ok_and(|m| m.file_type().is_symlink());
+    if is_link || !block(claimed) {
+        return Err(format!("{} is not a block device", claimed.display()));
+    }
+    let sys = PathBuf::from(format!("/sys/block/loop{n}/loop"));
+    let read = |f: &str| {
+        std::fs::read_to_string(sys.join(f))
+            .map(|s| s.trim_end_matches('\n').to_owned())
+            .map_err(|e| format!("{} has no backing: {e}", claimed.display()))
+    };
+    let number = |f: &str| -> Result<u64, String> {
+        read(f)?
+            .trim()
+            .parse()
+            .map_err(|_| format!("{}: its {f} is not a number", claimed.display()))
+    };
+    let backing = PathBuf::from(read("backing_file")?);
+    let (offset, limit) = (number("offset")?, number("sizelimit")?);
+    let region = lv_region(vg, name)?;
+    let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same(&backing, &region.0) && offset == region.1 && limit == region.2 {
+        Ok(claimed.to_owned())
+    } else {
+        Err(format!(
+            "{} is over {} at {offset} for {limit} bytes, not the extents of {vg}/{name} ({} at {} for {} bytes)",
+            claimed.display(),
+            backing.display(),
+            region.0.display(),
+            region.1,
+            region.2
+        ))
+    }
+}
+
+/// Runs an lvm2 report command (argument vector, no device-mapper needed) and answers its
+/// JSON rows of `kind`.
+fn lvm_report(program: &str, args: &[&str], kind: &str) -> Result<Vec<serde_json::Value>, String> {
+    let out = Command::new(program)
+        .args([
+            "--driverloaded",
+            "n",
+            "--reportformat",
+            "json",
+            "--units",
+            "b",
+            "--nosuffix",
+        ])
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{program}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    report_rows(&out.stdout, kind).ok_or_else(|| format!("{program}: its report does not parse"))
+}
+
+/// The rows of `kind` in an lvm2 JSON report.
+fn report_rows(out: &[u8], kind: &str) -> Option<Vec<serde_json::Value>> {
+    let v: serde_json::Value = serde_json::from_slice(out).ok()?;
+    Some(
+        v.get("report")?
+            .as_array()?
+            .iter()
+            .filter_map(|r| r.get(kind)?.as_array().cloned())
+            .flatten()
+            .collect(),
+    )
+}
+
+fn field_u64(row: &serde_json::Value, f: &str) -> Option<u64> {
+    row.get(f)?.as_str()?.trim().parse().ok()
+}
+
+/// Where LV `vg/name`'s one segment is: its PV, the byte offset and the length.
+fn lv_region(vg: &str, name: &str) -> Result<(PathBuf, u64, u64), String> {
+    let lv = format!("{vg}/{name}");
+    let segs = lvm_report(
+        "lvs",
+        &["--segments", "-o", "lv_name,lv_size,seg_pe_ranges", &lv],
+        "seg",
+    )?;
+    let extent = lvm_report("vgs", &["-o", "vg_extent_size", vg], "vg")?
+        .first()
+        .and_then(|r| field_u64(r, "vg_extent_size"))
+        .ok_or_else(|| format!("vgs: no extent size for {vg}"))?;
+    let pvs = lvm_report("pvs", &["-o", "pv_name,pe_start,vg_name"], "pv")?;
+    region_of(vg, &segs, extent, &pvs)
+        .ok_or_else(|| format!("{lv} is not one run of extents on a PV of {vg}"))
+}
+
+/// The region (PV, offset, length) of an LV from its `lvs --segments` rows, the group's
+/// extent size and the `pvs` rows: `None` unless it is one run of extents on a PV of `vg`.
+fn region_of(
+    vg: &str,
+    segs: &[serde_json::Value],
+    extent: u64,
+    pvs: &[serde_json::Value],
+) -> Option<(PathBuf, u64, u64)> {
+    let [seg] = segs else { return None };
+    let size = field_u64(seg, "lv_size")?;
+    let ranges = seg.get("seg_pe_ranges")?.as_str()?.trim();
+    let (pv, span) = ranges.rsplit_once(':')?;
+    let (first, _) = span.split_once('-')?;
+    let first: u64 = first.parse().ok()?;
+    let start = pvs.iter().find_map(|p| {
+        (p.get("pv_name")?.as_str()? == pv && p.get("vg_name")?.as_str()? == vg)
+            .then(|| field_u64(p, "pe_start"))?
+    })?;
+    Some((
+        PathBuf::from(pv),
+        start.checked_add(first.checked_mul(extent)?)?,
+        size,
+    ))
+}
+
 /// Whether `vol` can be given to Server `server`'s guest on `node`: claimed for the server
 /// (`status.attachedTo`, written by the API server in the Server's own transaction), placed
-/// on this node, made (a device path and a size). `Err` says why not yet.
-pub fn ready(vol: &Volume, server: &str, node: &str) -> Result<Ready, String> {
+/// on this node, made (a device path and a size), and its device path its data in `pool`
+/// (its `status.pool`, as this node reads it) on this node ([`data_path`]).
+///
+/// # Errors
+/// Why not (yet).
+pub fn ready(
+    vol: &Volume,
+    server: &str,
+    node: &str,
+    pool: Option<&StoragePool>,
+) -> Result<Ready, NotReady> {
     let name = vol.name_any();
     let st = vol.status.clone().unwrap_or_default();
     if st.attached_to.as_deref() != Some(server) {
-        return Err(format!(
-            "volume \"{name}\" is not attached to this server yet"
-        ));
+        return Err(NotReady::Released(format!(
+            "volume \"{name}\" is not attached to this server"
+        )));
     }
     match st.node.as_deref() {
         None => {
-            return Err(format!(
+            return Err(NotReady::Waiting(format!(
                 "volume \"{name}\" is not placed on a storage pool yet"
-            ));
+            )));
         }
         Some(n) if n != node => {
-            return Err(format!(
+            return Err(NotReady::Waiting(format!(
                 "volume \"{name}\" is on node {n}; this node ({node}) attaches only the volumes of its own pools"
-            ));
+            )));
         }
         Some(_) => {}
     }
@@ -69,15 +341,24 @@ pub fn ready(vol: &Volume, server: &str, node: &str) -> Result<Ready, String> {
         st.phase,
         VolumePhase::Available | VolumePhase::InUse | VolumePhase::Extending
     );
-    let (Some(path), Some(gib), true) = (st.device_path, st.size_gib, made) else {
-        return Err(format!("volume \"{name}\" is {:?}, not made yet", st.phase));
+    let (Some(claimed), Some(gib), true) = (st.device_path, st.size_gib, made) else {
+        return Err(NotReady::Waiting(format!(
+            "volume \"{name}\" is {:?}, not made yet",
+            st.phase
+        )));
+    };
+    let Some(pool) = pool.filter(|p| Some(p.name_any()) == st.pool) else {
+        return Err(NotReady::Waiting(format!(
+            "volume \"{name}\": its storage pool {:?} is not readable by this node",
+            st.pool.unwrap_or_default()
+        )));
     };
     let uid = vol.uid().unwrap_or_default();
-    let path = PathBuf::from(path);
-    let gib = if path.starts_with("/dev/") {
-        gib
-    } else {
-        gib.max(vol.spec.size_gib)
+    let path = data_path(&pool.spec, node, &uid, &claimed)
+        .map_err(|why| NotReady::Refused(format!("volume \"{name}\" is refused: {why}")))?;
+    let gib = match pool.spec.backend {
+        StorageBackend::Lvm => gib,
+        StorageBackend::File => gib.max(vol.spec.size_gib),
     };
     Ok(Ready {
         volume: name,
@@ -88,17 +369,72 @@ pub fn ready(vol: &Volume, server: &str, node: &str) -> Result<Ready, String> {
 }
 
 /// What the volumes of a Server resolve to on this node.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Resolved {
     /// Those the guest can have now, in `spec.volumes` order.
     pub ready: Vec<Ready>,
     /// Why each of the others cannot be had yet.
     pub waiting: Vec<String>,
+    /// Why each volume whose device path is refused is.
+    pub refused: Vec<String>,
+    /// The serials of named volumes held for this server but not ready: a disk of theirs
+    /// stays plugged in.
+    pub keep: Vec<String>,
+    /// The serials of named volumes not attached to this server: a disk of theirs goes.
+    pub released: Vec<String>,
+    /// Whether a named volume could not be read: which disk is its is then unknown, so only
+    /// a disk known to be another volume's goes.
+    pub unknown: bool,
 }
 
-/// Reads the Volumes `names` of namespace `ns` for Server `server`'s guest on `node`. A
-/// Volume the node may not read yet (the authorizer lets a node read a volume once it is
-/// attached to a server placed there) waits as a missing one does.
+impl Resolved {
+    /// Files `vol` (of uid `uid`) as [`ready`] judged it.
+    fn add(&mut self, uid: &str, judged: Result<Ready, NotReady>) {
+        match judged {
+            Ok(r) => self.ready.push(r),
+            Err(NotReady::Waiting(why)) => {
+                self.keep.push(serial(uid));
+                self.waiting.push(why);
+            }
+            Err(NotReady::Refused(why)) => {
+                self.keep.push(serial(uid));
+                self.refused.push(why);
+            }
+            Err(NotReady::Released(why)) => {
+                self.released.push(serial(uid));
+                self.waiting.push(why);
+            }
+        }
+    }
+
+    /// Whether the attached disk `a` is to be unplugged: it is no ready volume's, and it is a
+    /// released volume's, or it is no named volume's at all (when every one could be read).
+    fn unplugs(&self, a: &AttachedVolume) -> bool {
+        if self.ready.iter().any(|w| w.path == a.path) {
+            return false;
+        }
+        let serial = a.serial.as_deref();
+        let listed = |l: &[String]| serial.is_some_and(|s| l.iter().any(|x| x == s));
+        if listed(&self.released) {
+            return true;
+        }
+        !listed(&self.keep) && !self.unknown
+    }
+
+    /// Whether a domain with the disks `attached` holds nothing but ready volumes: no disk of
+    /// a volume the spec dropped (nor one this node cannot tell is not such a disk) is left in
+    /// it, so the generation can be observed and the dropped volumes released.
+    pub fn holds_only_ready(&self, attached: &[AttachedVolume]) -> bool {
+        attached
+            .iter()
+            .all(|a| self.ready.iter().any(|w| w.path == a.path))
+    }
+}
+
+/// Reads the Volumes `names` of namespace `ns` for Server `server`'s guest on `node`, and
+/// their StoragePools. A Volume the node may not read (the authorizer lets a node read a
+/// volume once it is attached to a server placed there) waits as a missing one does, and
+/// leaves every disk plugged in that could be its.
 ///
 /// # Errors
 /// A failed request.
@@ -110,6 +446,7 @@ pub async fn resolve(
     names: &[String],
 ) -> Result<Resolved, kube::Error> {
     let api = Api::<Volume>::namespaced(client.clone(), ns);
+    let pools = Api::<StoragePool>::all(client.clone());
     let mut out = Resolved::default();
     for name in names {
         let vol = match api.get_opt(name).await {
@@ -117,13 +454,28 @@ pub async fn resolve(
             Err(kube::Error::Api(e)) if e.code == 403 => None,
             Err(e) => return Err(e),
         };
-        match vol.map(|v| ready(&v, server, node)) {
-            Some(Ok(r)) => out.ready.push(r),
-            Some(Err(why)) => out.waiting.push(why),
-            None => out.waiting.push(format!(
+        let Some(vol) = vol else {
+            out.unknown = true;
+            out.waiting.push(format!(
                 "volume \"{name}\" is not readable by this node yet"
-            )),
-        }
+            ));
+            continue;
+        };
+        let pool = match vol.status.as_ref().and_then(|s| s.pool.as_deref()) {
+            Some(p) => match pools.get_opt(p).await {
+                Ok(p) => p,
+                Err(kube::Error::Api(e)) if e.code == 403 => None,
+                Err(e) => return Err(e),
+            },
+            None => None,
+        };
+        let (server, node) = (server.to_owned(), node.to_owned());
+        let uid = vol.uid().unwrap_or_default();
+        // The path check reads the disk (and, for an LVM pool, lvm2's reports).
+        let judged = stratus_runtime::blocking(move || ready(&vol, &server, &node, pool.as_ref()))
+            .await
+            .unwrap_or_else(|e| Err(NotReady::Waiting(format!("volume \"{name}\": {e}"))));
+        out.add(&uid, judged);
     }
     Ok(out)
 }
@@ -139,19 +491,21 @@ pub enum Step {
     Resize(String, u64),
 }
 
-/// The changes that bring a guest's `attached` disks to the volumes `wanted`: every disk
-/// whose data is no wanted volume's is detached; every wanted volume not attached is
-/// attached at the first guest name free (not one a disk still being unplugged holds); a
-/// running guest that sees an attached volume smaller than it now is is told its size.
-pub fn plan(wanted: &[Ready], attached: &[AttachedVolume], running: bool) -> Vec<Step> {
+/// The changes that bring a guest's `attached` disks to the volumes `resolved`: a disk is
+/// detached only when it is a released volume's or no named volume's (never for a volume
+/// that could not be read, is in error or whose path is refused: that is said on the
+/// Server, the disk stays); every ready volume not attached is attached at the first guest
+/// name free (not one a disk still being unplugged holds); a running guest that sees an
+/// attached volume smaller than it now is is told its size.
+pub fn plan(resolved: &Resolved, attached: &[AttachedVolume], running: bool) -> Vec<Step> {
     let mut steps: Vec<Step> = attached
         .iter()
-        .filter(|a| !wanted.iter().any(|w| w.path == a.path))
+        .filter(|a| resolved.unplugs(a))
         .map(|a| Step::Detach(a.target.clone()))
         .collect();
     let mut used: Vec<String> = attached.iter().map(|a| a.target.clone()).collect();
     let mut next = FIRST_VOLUME_DISK;
-    for w in wanted {
+    for w in &resolved.ready {
         match attached.iter().find(|a| a.path == w.path) {
             Some(a) => {
                 if running && a.capacity.is_some_and(|c| c < w.bytes) {
@@ -183,23 +537,50 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    const UID: &str = "0f9e2c1a-77b4-4c1d-9a34-0f6b1d2c3e4f";
+
     fn volume(status: serde_json::Value) -> Volume {
         serde_json::from_value(json!({
             "apiVersion": "storage.stratus.dev/v1", "kind": "Volume",
-            "metadata": {"name": "data", "namespace": "demo",
-                         "uid": "0f9e2c1a-77b4-4c1d-9a34-0f6b1d2c3e4f"},
+            "metadata": {"name": "data", "namespace": "demo", "uid": UID},
             "spec": {"sizeGiB": 1},
             "status": status,
         }))
         .expect("a volume")
     }
 
+    fn pool(spec: serde_json::Value) -> StoragePool {
+        serde_json::from_value(json!({
+            "apiVersion": "storage.stratus.dev/v1", "kind": "StoragePool",
+            "metadata": {"name": "p"},
+            "spec": spec,
+        }))
+        .expect("a pool")
+    }
+
+    /// A file pool on node n1 in a new directory holding the volume's file.
+    fn file_pool() -> (tempfile::TempDir, StoragePool, String) {
+        let dir = tempfile::tempdir().expect("a directory");
+        let file = dir.path().join(format!("volume-{UID}.raw"));
+        std::fs::write(&file, b"data").expect("the volume's file");
+        let p = pool(json!({"backend": "file", "node": "n1",
+                            "path": dir.path().to_str().expect("utf-8")}));
+        (dir, p, file.to_str().expect("utf-8").to_owned())
+    }
+
     fn wanted(path: &str, gib: u64) -> Ready {
         Ready {
             volume: path.into(),
             path: path.into(),
-            serial: "s".into(),
+            serial: format!("s{path}"),
             bytes: gib << 30,
+        }
+    }
+
+    fn ready_only(w: Vec<Ready>) -> Resolved {
+        Resolved {
+            ready: w,
+            ..Resolved::default()
         }
     }
 
@@ -207,61 +588,172 @@ mod tests {
         AttachedVolume {
             target: target.into(),
             path: path.into(),
-            serial: None,
+            serial: Some(format!("s{path}")),
             capacity,
         }
     }
 
     #[test]
     fn a_volume_is_given_only_once_claimed_placed_here_and_made() {
+        let (_dir, p, path) = file_pool();
         let good = json!({"phase": "InUse", "node": "n1", "pool": "p", "sizeGiB": 2,
-                          "devicePath": "/var/lib/stratus/pool/volume-x", "attachedTo": "web"});
-        let r = ready(&volume(good.clone()), "web", "n1").expect("ready");
-        assert_eq!(r.path, PathBuf::from("/var/lib/stratus/pool/volume-x"));
+                          "devicePath": path, "attachedTo": "web"});
+        let r = ready(&volume(good.clone()), "web", "n1", Some(&p)).expect("ready");
+        assert_eq!(r.path, PathBuf::from(&path));
         assert_eq!(r.bytes, 2 << 30);
-        // A file grows to the size asked (QEMU grows it); a block device to what is made.
+        assert_eq!(r.serial, "0f9e2c1a77b44c1d9a34");
+        // A file grows to the size asked (QEMU grows it).
         let mut asked = volume(good.clone());
         asked.spec.size_gib = 3;
-        assert_eq!(ready(&asked, "web", "n1").expect("ready").bytes, 3 << 30);
-        let mut lv = good.clone();
-        lv["devicePath"] = "/dev/loop4".into();
-        let mut lv = volume(lv);
-        lv.spec.size_gib = 3;
-        assert_eq!(ready(&lv, "web", "n1").expect("ready").bytes, 2 << 30);
-        assert_eq!(r.serial, "0f9e2c1a77b44c1d9a34");
-        let waits = |status: serde_json::Value, what: &str| {
-            let e = ready(&volume(status), "web", "n1").expect_err("waits");
-            assert!(e.contains("\"data\"") && e.contains(what), "{e}");
+        assert_eq!(
+            ready(&asked, "web", "n1", Some(&p)).expect("ready").bytes,
+            3 << 30
+        );
+        let not = |status: serde_json::Value, pool: Option<&StoragePool>| {
+            ready(&volume(status), "web", "n1", pool).expect_err("not ready")
+        };
+        let waits = |e: NotReady, what: &str| match e {
+            NotReady::Waiting(m) => assert!(m.contains("\"data\"") && m.contains(what), "{m}"),
+            other => panic!("{other:?}"),
         };
         let mut other = good.clone();
         other["attachedTo"] = "db".into();
-        waits(other, "not attached to this server");
+        assert!(
+            matches!(not(other, Some(&p)), NotReady::Released(m) if m.contains("not attached to this server"))
+        );
         let mut elsewhere = good.clone();
         elsewhere["node"] = "n2".into();
-        waits(elsewhere, "on node n2");
+        waits(not(elsewhere, Some(&p)), "on node n2");
         let mut creating = good.clone();
         creating["phase"] = "Creating".into();
-        waits(creating, "not made yet");
-        let mut no_path = good;
+        waits(not(creating, Some(&p)), "not made yet");
+        let mut failed = good.clone();
+        failed["phase"] = "Error".into();
+        waits(not(failed, Some(&p)), "not made yet");
+        let mut no_path = good.clone();
         no_path["devicePath"] = serde_json::Value::Null;
-        waits(no_path, "not made yet");
+        waits(not(no_path, Some(&p)), "not made yet");
+        waits(
+            not(good.clone(), None),
+            "storage pool \"p\" is not readable",
+        );
+        let mut other_pool = good;
+        other_pool["pool"] = "q".into();
+        waits(not(other_pool, Some(&p)), "storage pool \"q\"");
+    }
+
+    #[test]
+    fn a_device_path_is_only_the_volumes_data_in_its_pool_on_this_node() {
+        let (dir, p, path) = file_pool();
+        assert_eq!(
+            data_path(&p.spec, "n1", UID, &path),
+            Ok(PathBuf::from(&path))
+        );
+        let outside = tempfile::tempdir().expect("a directory");
+        let secret = outside.path().join("shadow");
+        std::fs::write(&secret, b"root:x").expect("a file");
+        let d = dir.path().to_str().expect("utf-8").to_owned();
+        let refused = |claimed: &str, what: &str| {
+            let e = data_path(&p.spec, "n1", UID, claimed).expect_err(claimed);
+            assert!(e.contains(what), "{claimed}: {e}");
+        };
+        // What a stolen node identity could write: host disks, files, traversals.
+        refused("/dev/sda", "is not");
+        refused("/etc/shadow", "is not");
+        refused("/dev/../etc/shadow", "is not");
+        refused(&format!("{d}/../x/volume-{UID}.raw"), "is not");
+        refused(&format!("{d}/volume-other.raw"), "is not");
+        refused(secret.to_str().expect("utf-8"), "is not");
+        // Another node's pool, a uid that names nothing.
+        let mut on_n2 = p.spec.clone();
+        on_n2.node = "n2".into();
+        assert!(data_path(&on_n2, "n1", UID, &path).is_err_and(|e| e.contains("on node n2")));
+        assert!(data_path(&p.spec, "n1", "../../etc", &path).is_err());
+        // The volume's own name as a symlink out of the pool, or as a directory: refused.
+        std::fs::remove_file(&path).expect("remove");
+        std::os::unix::fs::symlink(&secret, &path).expect("a symlink");
+        refused(&path, "not a regular file");
+        std::fs::remove_file(&path).expect("remove");
+        std::fs::create_dir(&path).expect("a directory");
+        refused(&path, "not a regular file");
+        std::fs::remove_dir(&path).expect("remove");
+        refused(&path, "No such file");
+        // The pool's directory reached through a symlink to elsewhere is still the pool: the
+        // file is checked inside the directory the link leads to.
+        let link = outside.path().join("pool-link");
+        std::os::unix::fs::symlink(dir.path(), &link).expect("a symlink");
+        std::fs::write(dir.path().join(format!("volume-{UID}.raw")), b"d").expect("file");
+        let via = pool(json!({"backend": "file", "node": "n1",
+                              "path": link.to_str().expect("utf-8")}));
+        let claimed = link.join(format!("volume-{UID}.raw"));
+        assert_eq!(
+            data_path(&via.spec, "n1", UID, claimed.to_str().expect("utf-8")),
+            Ok(claimed.clone())
+        );
+        // LVM: only the LV's device; a host disk, another path or a non-device is refused.
+        let lvm = pool(json!({"backend": "lvm", "node": "n1", "vgName": "vg0"}));
+        for claimed in [
+            "/dev/sda",
+            "/dev/vg0/../sda",
+            "/dev/vg0/other",
+            "/etc/shadow",
+            "/dev/loop",
+            "/dev/loop1/../sda",
+            "/dev/loopx",
+        ] {
+            let e = data_path(&lvm.spec, "n1", UID, claimed).expect_err(claimed);
+            assert!(e.contains("neither"), "{claimed}: {e}");
+        }
+        assert!(
+            data_path(&lvm.spec, "n1", UID, &format!("/dev/vg0/volume-{UID}"))
+                .is_err_and(|e| e.contains("not a block device"))
+        );
+        let dots = pool(json!({"backend": "lvm", "node": "n1", "vgName": ".."}));
+        assert!(data_path(&dots.spec, "n1", UID, &format!("/dev/../volume-{UID}")).is_err());
+    }
+
+    #[test]
+    fn a_loop_device_must_be_over_the_lvs_one_run_of_extents() {
+        let segs = |ranges: &str| {
+            vec![json!({"lv_name": "volume-x", "lv_size": "8388608", "seg_pe_ranges": ranges})]
+        };
+        let pvs = vec![
+            json!({"pv_name": "/dev/loop0", "pe_start": "1048576", "vg_name": "vg0"}),
+            json!({"pv_name": "/dev/sdb", "pe_start": "1048576", "vg_name": "other"}),
+        ];
+        assert_eq!(
+            region_of("vg0", &segs("/dev/loop0:2-3"), 4 << 20, &pvs),
+            Some(("/dev/loop0".into(), (1 << 20) + 2 * (4 << 20), 8 << 20))
+        );
+        // A PV of another group, several segments, no segment: no region.
+        assert_eq!(region_of("vg0", &segs("/dev/sdb:2-3"), 4 << 20, &pvs), None);
+        let two = [segs("/dev/loop0:2-2"), segs("/dev/loop0:5-5")].concat();
+        assert_eq!(region_of("vg0", &two, 4 << 20, &pvs), None);
+        assert_eq!(region_of("vg0", &[], 4 << 20, &pvs), None);
+        let report = br#"{"report": [{"seg": [{"lv_name": "a"}]}]}"#;
+        assert_eq!(report_rows(report, "seg").map(|r| r.len()), Some(1));
+        assert_eq!(report_rows(b"not json", "seg"), None);
     }
 
     #[test]
     fn the_plan_attaches_detaches_and_resizes() {
         // Nothing attached: each wanted volume at the next guest name after vda, vdb.
         assert_eq!(
-            plan(&[wanted("/a", 1), wanted("/b", 1)], &[], true),
+            plan(
+                &ready_only(vec![wanted("/a", 1), wanted("/b", 1)]),
+                &[],
+                true
+            ),
             [
                 Step::Attach(VolumeDisk {
                     path: "/a".into(),
                     target: "vdc".into(),
-                    serial: "s".into()
+                    serial: "s/a".into()
                 }),
                 Step::Attach(VolumeDisk {
                     path: "/b".into(),
                     target: "vdd".into(),
-                    serial: "s".into()
+                    serial: "s/b".into()
                 }),
             ]
         );
@@ -270,35 +762,80 @@ mod tests {
             attached("vdc", "/a", Some(1 << 30)),
             attached("vdd", "/b", Some(1 << 30)),
         ];
-        assert!(plan(&[wanted("/a", 1), wanted("/b", 1)], &both, true).is_empty());
+        let ab = ready_only(vec![wanted("/a", 1), wanted("/b", 1)]);
+        assert!(plan(&ab, &both, true).is_empty());
+        assert!(ab.holds_only_ready(&both));
         // One removed from the spec: detached; a new one takes a name no disk holds, not the
         // one being unplugged.
+        let bc = ready_only(vec![wanted("/b", 1), wanted("/c", 1)]);
         assert_eq!(
-            plan(&[wanted("/b", 1), wanted("/c", 1)], &both, true),
+            plan(&bc, &both, true),
             [
                 Step::Detach("vdc".into()),
                 Step::Attach(VolumeDisk {
                     path: "/c".into(),
                     target: "vde".into(),
-                    serial: "s".into()
+                    serial: "s/c".into()
                 }),
             ]
         );
+        assert!(!bc.holds_only_ready(&both));
         // Grown: the running guest is told; a stopped one learns it at its next start.
         assert_eq!(
-            plan(&[wanted("/a", 2), wanted("/b", 1)], &both, true),
+            plan(
+                &ready_only(vec![wanted("/a", 2), wanted("/b", 1)]),
+                &both,
+                true
+            ),
             [Step::Resize("vdc".into(), 2 << 30)]
         );
         let off = [attached("vdc", "/a", None)];
-        assert!(plan(&[wanted("/a", 2)], &off, false).is_empty());
+        assert!(plan(&ready_only(vec![wanted("/a", 2)]), &off, false).is_empty());
         // Never shrunk.
         assert!(
             plan(
-                &[wanted("/a", 1)],
+                &ready_only(vec![wanted("/a", 1)]),
                 &[attached("vdc", "/a", Some(2 << 30))],
                 true
             )
             .is_empty()
         );
+    }
+
+    #[test]
+    fn a_read_refused_or_a_volume_in_error_unplugs_nothing() {
+        let both = [
+            attached("vdc", "/a", Some(1 << 30)),
+            attached("vdd", "/b", Some(1 << 30)),
+        ];
+        // /b's volume went to phase Error (or its path is refused): said, its disk stays.
+        let mut r = Resolved::default();
+        r.add("x", Ok(wanted("/a", 1)));
+        r.add("b", Err(NotReady::Waiting("volume \"b\" is Error".into())));
+        r.keep = vec!["s/b".into()];
+        assert!(plan(&r, &both, true).is_empty());
+        assert!(!r.holds_only_ready(&both));
+        let mut r = ready_only(vec![wanted("/a", 1)]);
+        r.refused.push("refused".into());
+        r.keep.push("s/b".into());
+        assert!(plan(&r, &both, true).is_empty());
+        // /b's volume could not be read (403): which disk is its is unknown, none goes.
+        let mut r = ready_only(vec![wanted("/a", 1)]);
+        r.unknown = true;
+        assert!(plan(&r, &both, true).is_empty());
+        // ... but a disk of a volume known to be released still goes.
+        r.released.push("s/b".into());
+        assert_eq!(plan(&r, &both, true), [Step::Detach("vdd".into())]);
+        // Every volume read and /b no longer named: it goes.
+        assert_eq!(
+            plan(&ready_only(vec![wanted("/a", 1)]), &both, true),
+            [Step::Detach("vdd".into())]
+        );
+        // The serial a Waiting or Refused volume is kept by is its uid's.
+        let mut r = Resolved::default();
+        r.add(UID, Err(NotReady::Refused("no".into())));
+        assert_eq!(r.keep, [serial(UID)]);
+        r.add(UID, Err(NotReady::Released("gone".into())));
+        assert_eq!(r.released, [serial(UID)]);
     }
 }
