@@ -853,6 +853,9 @@ impl Api {
         let (start, mut revision) = match p.get("continue") {
             Some(tok) => {
                 let c = pagination::decode(tok, &scope)?;
+                // The token is the client's to forge: its revision is no older than the
+                // namespace's Project, as for an Exact LIST.
+                self.check_epoch(t, c.rv).await?;
                 (Some(c.start), c.rv)
             }
             None => (None, read.etcd_revision()),
@@ -980,6 +983,9 @@ impl Api {
             .get("continue")
             .map(|tok| pagination::decode(tok, &scope))
             .transpose()?;
+        if let Some(c) = &cont {
+            self.check_epoch(t, c.rv).await?;
+        }
         let type_prefix = t.rt.key_prefix(&self.prefix, None);
         let Some(cache) = self.hub.cache(&type_prefix, &selectable_fields(&t.rt)) else {
             return Ok(None);
@@ -1026,6 +1032,9 @@ impl Api {
         let (start, revision) = match p.get("continue") {
             Some(tok) => {
                 let c = pagination::decode(tok, &scope)?;
+                // The token is the client's to forge: its revision is no older than the
+                // namespace's Project, as for an Exact LIST.
+                self.check_epoch(t, c.rv).await?;
                 (Some(c.start), c.rv)
             }
             None => (None, read.etcd_revision()),
@@ -1868,7 +1877,8 @@ impl Api {
             .map(|rt| rt.key(&self.prefix, None, ns))
     }
 
-    /// Refuses a read of `t`'s namespace at `revision` (an Exact LIST, a watch from it) from
+    /// Refuses a read of `t`'s namespace at `revision` (an Exact LIST, a continued LIST at its
+    /// token's revision, a watch from it) from
     /// before the namespace's Project was created: a Project deleted and created again under
     /// the same name does not show its new members the old Project's objects, which etcd keeps
     /// until it compacts them. 410, as for a compacted revision, so clients list afresh.

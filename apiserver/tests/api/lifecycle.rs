@@ -389,3 +389,68 @@ async fn a_recreated_project_does_not_show_the_old_ones_objects_at_old_revisions
         .await
         .expect("a watch from the new project's revisions");
 }
+
+/// The same re-created Project read through a continue token forged to an old revision (the
+/// token is neither secret nor signed: base64 of JSON naming the revision and the next key):
+/// 410 Gone for a paged LIST, an unpaged one and a selector's (the watch cache's path), never
+/// the old Project's objects.
+#[tokio::test]
+async fn a_continue_token_forged_to_before_a_recreated_project_is_410() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let c = Cloud::new().await;
+    c.create(&Obj::project("demo")).await.expect("project");
+    c.create(&keypair("old-secret")).await.expect("keypair");
+    let old = c.revision().await;
+    c.delete("Keypair", Some("demo"), "old-secret", "")
+        .await
+        .expect("delete keypair");
+    delete_demo(&c).await;
+    c.patch(
+        &c.target("Project", None, Some("demo")),
+        MERGE,
+        &json!({"metadata": {"finalizers": null}}),
+        "",
+    )
+    .await
+    .expect("release");
+    c.create(&Obj::project("demo"))
+        .await
+        .expect("project again");
+    for name in ["new-a", "new-b"] {
+        c.create(&keypair(name)).await.expect("keypair");
+    }
+
+    for selector in ["", "labelSelector=app%21%3Dx&"] {
+        let first = c
+            .list("Keypair", Some("demo"), &format!("{selector}limit=1"))
+            .await
+            .expect("first page");
+        let token = first["metadata"]["continue"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no continue token: {first}"));
+        let mut raw: Value =
+            serde_json::from_slice(&b64.decode(token).expect("base64")).expect("JSON");
+        // The genuine token continues the new project's list.
+        let next = c
+            .list(
+                "Keypair",
+                Some("demo"),
+                &format!("{selector}limit=1&continue={token}"),
+            )
+            .await
+            .expect("genuine token");
+        assert_eq!(names(&next), ["new-b"], "{selector}");
+        raw["rv"] = json!(old);
+        raw["start"] = json!("0");
+        let forged = b64.encode(serde_json::to_vec(&raw).expect("JSON"));
+        for query in [
+            format!("{selector}limit=10&continue={forged}"),
+            format!("{selector}continue={forged}"),
+        ] {
+            let e = refused(c.list("Keypair", Some("demo"), &query).await);
+            assert_eq!(e.code, 410, "{query}: {}", e.message);
+            assert!(!e.message.contains("old-secret"), "{}", e.message);
+        }
+    }
+}
