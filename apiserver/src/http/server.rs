@@ -100,7 +100,22 @@ pub(crate) struct AppState {
 
 /// The router of every API path.
 fn router(state: Arc<AppState>) -> Router {
-    Router::new().fallback(handle).with_state(state)
+    hardened(Router::new().fallback(handle).with_state(state))
+}
+
+/// Every answer (API objects, Statuses, discovery, the dashboard's assets) says
+/// `X-Content-Type-Options: nosniff`, so no browser reads a JSON body holding a user's text
+/// as a script or a page.
+fn hardened(router: Router) -> Router {
+    router.layer(axum::middleware::map_response(
+        |mut response: Response| async move {
+            response.headers_mut().insert(
+                axum::http::header::X_CONTENT_TYPE_OPTIONS,
+                axum::http::HeaderValue::from_static("nosniff"),
+            );
+            response
+        },
+    ))
 }
 
 /// The most of a refused request's body read (and dropped) to keep its connection usable.
@@ -566,5 +581,34 @@ async fn serve_connection(
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever the handler answers (an object, a Status, a streamed list), the answer says
+    /// nosniff.
+    #[tokio::test]
+    async fn every_answer_says_nosniff() {
+        use tower::ServiceExt;
+        let app =
+            hardened(Router::new().fallback(|| async { ApiError::unauthorized().into_response() }));
+        let r = app
+            .oneshot(
+                axum::http::Request::get("/api/v1/namespaces")
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("answer");
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            r.headers()
+                .get("x-content-type-options")
+                .and_then(|v| v.to_str().ok()),
+            Some("nosniff")
+        );
     }
 }
