@@ -3,8 +3,8 @@
 
 mod api {
     pub mod admission;
-    pub mod attachments;
     pub mod apply;
+    pub mod attachments;
     pub mod fixtures;
     pub mod identity;
     pub mod lifecycle;

@@ -222,11 +222,8 @@ pub(crate) async fn parent_changed(ctx: Ctx<'_>, parent: Option<(&str, i64)>) ->
 
 /// The admissions of a resource type, in the order they apply.
 pub fn for_kind(group: &str, kind: &str) -> &'static [&'static dyn Admission] {
-    static BOTH: [&dyn Admission; 3] = [
-        &binding::Binding,
-        &attachments::Attachments,
-        &quota::Quota,
-    ];
+    static BOTH: [&dyn Admission; 3] =
+        [&binding::Binding, &attachments::Attachments, &quota::Quota];
     static BINDING: [&dyn Admission; 2] = [&binding::Binding, &attachments::Attachments];
     static QUOTA: [&dyn Admission; 1] = [&quota::Quota];
     static USERS: [&dyn Admission; 1] = [&identity::Users];
