@@ -104,7 +104,7 @@ async fn login(
         return Err(ApiError::unauthorized());
     }
     if shared.user_failures > 0
-        && let Err(e) = id.logins.succeeded(user).await
+        && let Err(e) = id.logins.succeeded(user, source).await
     {
         tracing::warn!(error = %e, "failed logins: forget a user's count after its login");
     }

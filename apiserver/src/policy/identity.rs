@@ -644,13 +644,15 @@ fn grants_of(user: &str, uid: &str, assignments: Vec<(String, Stored)>) -> Vec<G
 /// How logins are throttled and where their hashing runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoginPolicy {
-    /// Failed logins in a row after which a user is locked out (Keystone's
-    /// `lockout_failure_attempts`); 0: never.
+    /// Failed logins in a row from one source bucket (an IPv4 address, an IPv6 /64) after
+    /// which a user is locked out for that bucket (Keystone's `lockout_failure_attempts`,
+    /// counted per source); 0: never.
     pub lockout_failure_attempts: u32,
     /// How long a locked-out user stays locked out after the last failure (Keystone's
     /// `lockout_duration`).
     pub lockout_duration: Duration,
-    /// Failed logins one source address may make per `source_window`; 0: no limit.
+    /// Failed logins one source bucket (an IPv4 address, an IPv6 /64) may make per
+    /// `source_window`; 0: no limit.
     pub source_failure_attempts: u32,
     /// The window of `source_failure_attempts`.
     pub source_window: Duration,
@@ -787,8 +789,10 @@ impl Throttle {
     /// The refusal, when it may not.
     pub fn check(&self, user: &str, source: Option<IpAddr>, now: Instant) -> Result<(), Refusal> {
         let p = &self.policy;
-        if let (Some(ip), true) = (source, p.source_failure_attempts > 0)
-            && let Ok(sources) = self.sources.lock()
+        if let (Some(ip), true) = (
+            source.map(super::logins::bucket),
+            p.source_failure_attempts > 0,
+        ) && let Ok(sources) = self.sources.lock()
             && let Some(f) = sources.get(&ip)
         {
             let age = now.saturating_duration_since(f.first);
@@ -814,7 +818,9 @@ impl Throttle {
         if let Ok(mut users) = self.users.lock() {
             note(&mut users, user.to_string(), now, p.lockout_duration, false);
         }
-        if let (Some(ip), Ok(mut sources)) = (source, self.sources.lock()) {
+        if let (Some(ip), Ok(mut sources)) =
+            (source.map(super::logins::bucket), self.sources.lock())
+        {
             note(&mut sources, ip, now, p.source_window, true);
         }
     }

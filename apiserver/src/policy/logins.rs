@@ -2,11 +2,22 @@
 //! throttling of a source address hold on every replica, so N replicas do not give an
 //! attacker N times the attempts.
 //!
-//! Each replica keeps its own count per user and per source address in etcd, one key per
-//! (user or address, replica) under `{prefix}/_system/logins/` (outside every served
+//! Each replica keeps its own count per (user, source bucket) and per source bucket in etcd,
+//! one key per (user and bucket or bucket, replica) under `{prefix}/_system/logins/` (outside
+//! every served
 //! resource's keys and every identity-marked prefix, so a failure moves no token answer). A
 //! login is judged on the sum of every replica's fresh counts, read in one request with the
 //! keys of its user and address.
+//!
+//! # Source buckets
+//! A source is counted by its bucket ([`bucket`]): an IPv4 address by itself, an IPv6 one by
+//! its /64 (what one host or site is given, so an attacker's addresses in it share one
+//! budget). A user's failures are counted per bucket: failures from one bucket lock the user
+//! out for that bucket alone, so an attacker cannot lock a user (`admin`) out of every other
+//! address. There is no lockout of a user over every source: it would be the same denial of
+//! service for anyone holding a few buckets (an IPv6 /48 is 65,536 of them). Guessing from
+//! many buckets is bounded by each bucket's lockout and throttle and by the replicas' hashing
+//! queue (429 past it).
 //!
 //! # Guarantees
 //! - A failed login is answered only once its failure is in etcd (or etcd failed): the next
@@ -119,12 +130,27 @@ struct State {
     leases: [Option<(i64, i64)>; 2],
 }
 
+/// The bucket `ip`'s failures are counted in: an IPv4 address (or an IPv4-mapped IPv6 one)
+/// by itself, an IPv6 address by its /64 network (its last 64 bits zero).
+#[must_use]
+pub fn bucket(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                v6.to_bits() & !((1u128 << 64) - 1),
+            )),
+        },
+    }
+}
+
 /// What [`Logins::check`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Checked {
     /// Why the login is refused before its password is looked at.
     pub refusal: Option<Refusal>,
-    /// The user's fresh failures over every replica.
+    /// The user's fresh failures from this source's bucket over every replica.
     pub user_failures: u32,
 }
 
@@ -161,15 +187,16 @@ impl Logins {
         }
     }
 
-    /// The prefix of every replica's count of `user` (named by a hash: any string a client
-    /// sends makes a key of the same short length).
-    fn user_prefix(&self, user: &str) -> String {
+    /// The prefix of every replica's count of `user` from `source`'s bucket (the user named
+    /// by a hash: any string a client sends makes a key of the same short length).
+    fn user_prefix(&self, user: &str, source: Option<IpAddr>) -> String {
         let digest = ring::digest::digest(&ring::digest::SHA256, user.as_bytes());
-        format!("{}users/{}/", self.root, B64.encode(digest.as_ref()))
+        let from = source.map_or_else(|| "unknown".to_string(), |ip| bucket(ip).to_string());
+        format!("{}users/{}/{from}/", self.root, B64.encode(digest.as_ref()))
     }
 
     fn source_prefix(&self, ip: IpAddr) -> String {
-        format!("{}sources/{ip}/", self.root)
+        format!("{}sources/{}/", self.root, bucket(ip))
     }
 
     fn expiry(&self, kind: Kind) -> i64 {
@@ -197,7 +224,7 @@ impl Logins {
         let p = &self.policy;
         let user_prefix = user
             .filter(|_| p.lockout_failure_attempts > 0)
-            .map(|u| self.user_prefix(u));
+            .map(|u| self.user_prefix(u, source));
         let source_prefix = source
             .filter(|_| p.source_failure_attempts > 0)
             .map(|ip| self.source_prefix(ip));
@@ -332,7 +359,7 @@ impl Logins {
             .map(|u| {
                 (
                     Kind::User,
-                    format!("{}{}", self.user_prefix(u), self.replica),
+                    format!("{}{}", self.user_prefix(u, source), self.replica),
                 )
             })
             .into_iter()
@@ -370,12 +397,13 @@ impl Logins {
         self.flush(now).await;
     }
 
-    /// Forgets every replica's count of `user` (after a successful login).
+    /// Forgets every replica's count of `user` from `source`'s bucket (after a successful
+    /// login from it; another bucket's count, an attacker's, stays).
     ///
     /// # Errors
     /// etcd could not be written.
-    pub async fn succeeded(&self, user: &str) -> Result<(), StoreError> {
-        let prefix = self.user_prefix(user);
+    pub async fn succeeded(&self, user: &str, source: Option<IpAddr>) -> Result<(), StoreError> {
+        let prefix = self.user_prefix(user, source);
         if let Ok(mut m) = self.refused.lock() {
             m.remove(&prefix);
         }
@@ -587,7 +615,7 @@ mod tests {
                 .user_failures,
             2
         );
-        b.succeeded("carol").await.expect("forget");
+        b.succeeded("carol", None).await.expect("forget");
         assert_eq!(
             a.check(Some("carol"), None, t0)
                 .await
@@ -648,12 +676,20 @@ mod tests {
         a.failed(Some("warm"), Some([10, 0, 0, 9].into()), t0).await;
         let before = store.revision().await.expect("revision");
         let started = Instant::now();
-        let storm: Vec<_> = (0..200u8)
+        // 100 failures from 100 IPv4 addresses (a user key and a source key each) and 100
+        // from one IPv6 /64 (one of each).
+        let v6 =
+            |i: u16| -> IpAddr { std::net::Ipv6Addr::new(0x2001, 0xdb8, 7, 7, 0, 0, 0, i).into() };
+        let storm: Vec<_> = (0..200u16)
             .map(|i| {
                 let a = std::sync::Arc::clone(&a);
+                let ip: IpAddr = if i < 100 {
+                    [10, 1, 0, u8::try_from(i).expect("small")].into()
+                } else {
+                    v6(i)
+                };
                 tokio::spawn(async move {
-                    a.failed(Some("victim"), Some([10, 1, 0, i].into()), t0)
-                        .await;
+                    a.failed(Some("victim"), Some(ip), t0).await;
                 })
             })
             .collect();
@@ -661,8 +697,8 @@ mod tests {
             t.await.expect("failure counted");
         }
         let writes = store.revision().await.expect("revision") - before;
-        // 200 failures on 201 keys: batches of BATCH_KEYS keys, one per FLUSH_INTERVAL.
-        let most = i64::try_from(201usize.div_ceil(BATCH_KEYS)).expect("small");
+        // 200 failures on 202 keys: batches of BATCH_KEYS keys, one per FLUSH_INTERVAL.
+        let most = i64::try_from(202usize.div_ceil(BATCH_KEYS)).expect("small");
         assert!(
             (1..=most).contains(&writes),
             "{writes} transactions for 200 failures"
@@ -672,12 +708,96 @@ mod tests {
             "batches are spaced"
         );
         // Every one of them is counted, on the other replica too.
+        let failures = |ip: IpAddr| {
+            let b = &b;
+            async move {
+                b.check(Some("victim"), Some(ip), t0)
+                    .await
+                    .expect("read")
+                    .user_failures
+            }
+        };
+        assert_eq!(failures(v6(0xffff)).await, 100);
+        for i in 0..100u8 {
+            assert_eq!(failures([10, 1, 0, i].into()).await, 1, "10.1.0.{i}");
+        }
+    }
+
+    #[tokio::test]
+    async fn failures_from_one_source_lock_the_user_out_for_that_source_only() {
+        let (_, a, b) = replicas();
+        let attacker: IpAddr = [203, 0, 113, 7].into();
+        let owner: IpAddr = [198, 51, 100, 2].into();
+        let t0 = 4_000_000;
+        for l in [&a, &b, &a] {
+            l.failed(Some("admin"), Some(attacker), t0).await;
+        }
+        for l in [&a, &b] {
+            assert_eq!(
+                refusal(l, "admin", Some(attacker), t0).await,
+                Some(Refusal::Locked),
+                "the attacker's address is locked out"
+            );
+            assert_eq!(
+                refusal(l, "admin", Some(owner), t0).await,
+                None,
+                "another address still logs in"
+            );
+        }
+        // The owner's success forgets the owner's count, not the attacker's lockout.
+        b.failed(Some("admin"), Some(owner), t0).await;
+        a.succeeded("admin", Some(owner)).await.expect("forget");
         assert_eq!(
-            b.check(Some("victim"), None, t0)
+            b.check(Some("admin"), Some(owner), t0)
                 .await
                 .expect("read")
                 .user_failures,
-            200
+            0
         );
+        assert_eq!(
+            refusal(&b, "admin", Some(attacker), t0 + 1).await,
+            Some(Refusal::Locked)
+        );
+    }
+
+    #[tokio::test]
+    async fn ipv6_addresses_of_one_64_share_one_budget() {
+        let (_, a, b) = replicas();
+        let t0 = 5_000_000;
+        let ip = |s: &str| -> IpAddr { s.parse().expect("address") };
+        // Three addresses of 2001:db8:1:2::/64 lock the user out for all of it.
+        for (i, s) in ["2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:ffff::9"]
+            .into_iter()
+            .enumerate()
+        {
+            let l = if i % 2 == 0 { &a } else { &b };
+            l.failed(Some("admin"), Some(ip(s)), t0).await;
+        }
+        assert_eq!(
+            refusal(&a, "admin", Some(ip("2001:db8:1:2:abcd::1")), t0).await,
+            Some(Refusal::Locked)
+        );
+        assert_eq!(
+            refusal(&b, "admin", Some(ip("2001:db8:1:3::1")), t0).await,
+            None,
+            "the next /64 is another bucket"
+        );
+        // Five failures under made-up names from five addresses of one /64 throttle it.
+        for i in 0..5u16 {
+            a.failed(None, Some(ip(&format!("2001:db8:9:9::{i:x}"))), t0)
+                .await;
+        }
+        assert!(matches!(
+            refusal(&b, "new", Some(ip("2001:db8:9:9:1:2:3:4")), t0).await,
+            Some(Refusal::Throttled(_))
+        ));
+        assert_eq!(
+            refusal(&b, "new", Some(ip("2001:db8:9:a::1")), t0).await,
+            None
+        );
+        // An IPv4 address is its own bucket, as its IPv4-mapped IPv6 form.
+        assert_eq!(bucket(ip("::ffff:10.0.0.1")), ip("10.0.0.1"));
+        assert_eq!(bucket(ip("10.0.0.1")), ip("10.0.0.1"));
+        assert_eq!(bucket(ip("2001:db8::1:2:3:4")), ip("2001:db8::"));
     }
 }
