@@ -32,11 +32,11 @@ pub struct ServingArgs {
     /// Seconds a connection may stay open with no request.
     #[arg(long, default_value_t = 90)]
     pub idle_timeout_seconds: u64,
-    /// Failed logins in a row after which a user is locked out (0: never), as Keystone's
-    /// `lockout_failure_attempts`.
+    /// Failed logins in a row from one source (an IPv4 address or an IPv6 /64) after which a
+    /// user is locked out for that source (0: never), as Keystone's `lockout_failure_attempts`.
     #[arg(long, default_value_t = 6)]
     pub lockout_failure_attempts: u32,
-    /// Seconds a locked-out user stays locked out after the last failure.
+    /// Seconds a user stays locked out for a source after that source's last failure.
     #[arg(long, default_value_t = 1800)]
     pub lockout_duration_seconds: u64,
     /// Failed logins one source address may make per window before it is answered 429 (0: no
