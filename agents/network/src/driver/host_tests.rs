@@ -244,6 +244,69 @@ fn an_nft_update_rewrites_only_what_differs_and_a_change_by_hand_is_read() {
 }
 
 #[test]
+fn an_nft_update_after_the_ruleset_was_flushed_behind_it_restores_the_whole_ruleset() {
+    if !root() {
+        return;
+    }
+    let mut c = Cleanup::default();
+    let ns = c.netns(unique());
+    NetlinkLinks::new().add_netns(&ns).expect("add netns");
+    let f = NftFirewall::new(Netns::Named(ns.clone()));
+    let first = conformance::sample_ruleset();
+    f.apply(&first).expect("apply");
+    // One port's rule from a remote group goes: its chain then names nothing the flush
+    // removes, so the kernel takes the one-chain batch whole.
+    let mut second = first.clone();
+    second.ports[0]
+        .ingress
+        .retain(|r| !matches!(r.remote, Remote::Group(_)));
+    let want = second.observed().expect("observed");
+    let full = |f: &NftFirewall| {
+        // As a driver with nothing kept reads the kernel.
+        let fresh = NftFirewall::new(Netns::Named(ns.clone()));
+        assert_eq!(fresh.read().expect("read"), Some(want.clone()));
+        // And the driver itself keeps no digest the kernel does not hold.
+        assert_eq!(f.read().expect("read"), Some(want.clone()));
+        let (ok, out) = run_in(&ns, &["nft", "list", "chain", "inet", "stratus", "forward"]);
+        assert!(ok && out.contains("hook forward"), "{out}");
+    };
+
+    // Observed, then the ruleset flushed (`systemctl restart nftables`), then the update of
+    // what differed when observed: one chain.
+    let have = f.read().expect("read").expect("tables");
+    let delta = super::Delta::between(&want, &have);
+    assert_eq!(delta.chains.len(), 1, "{delta:?}");
+    let (ok, out) = run_in(&ns, &["nft", "flush", "ruleset"]);
+    assert!(ok, "{out}");
+    f.update(&super::Update {
+        ruleset: second.clone(),
+        want: want.clone(),
+        delta: delta.clone(),
+    })
+    .expect("update");
+    full(&f);
+
+    // The table deleted after the read was checked (the batch runs against a table gone):
+    // a driver whose read was current writes the one-chain delta to a missing table, which
+    // the kernel refuses, and the whole ruleset is written instead.
+    f.apply(&first).expect("apply");
+    let (ok, out) = run_in(&ns, &["nft", "delete", "table", "inet", "stratus"]);
+    assert!(ok, "{out}");
+    let late = NftFirewall::new(Netns::Named(ns.clone()));
+    late.read()
+        .expect("read")
+        .expect("the bridge table is left");
+    late.update(&super::Update {
+        ruleset: second.clone(),
+        want: want.clone(),
+        delta,
+    })
+    .expect("update");
+    full(&late);
+    f.clear().expect("clear");
+}
+
+#[test]
 fn nft_router_nat_passes_the_conformance_suite() {
     if !root() {
         return;

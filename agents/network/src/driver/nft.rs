@@ -435,9 +435,13 @@ impl Ruleset {
     /// this ruleset, in one transaction: only the chains `delta` names are written (created
     /// when missing, flushed and filled), removed chains are flushed and deleted once the
     /// jumps to them are gone, and remote groups' sets change element by element.
+    ///
+    /// It makes no table: against a table gone since the comparison (a flushed ruleset) the
+    /// kernel refuses the whole batch, rather than a table being made of only the chains
+    /// that differed, without the base chains that filter.
     pub fn render_update(&self, delta: &Delta) -> Result<Nftables<'static>, FirewallError> {
         self.validate()?;
-        let mut out = vec![add(table(NfFamily::INet)), add(table(NfFamily::Bridge))];
+        let mut out = Vec::new();
         for g in &self.groups {
             if delta
                 .new_sets
@@ -1226,6 +1230,9 @@ pub struct NftFirewall {
 struct State {
     socket: Option<Generation>,
     known: Option<(u32, Option<Observed>)>,
+    /// The generation the last `read` answered for: an update's delta was taken from the
+    /// tables as they were then, and holds only while nothing has been committed since.
+    read_at: Option<u32>,
 }
 
 /// A NETLINK_NETFILTER socket in one namespace, for its nf_tables generation.
@@ -1325,6 +1332,7 @@ impl NftFirewall {
         {
             st.socket = None;
             st.known = None;
+            st.read_at = None;
             st.socket = Some(Generation::open(&self.netns)?);
         }
         match st.socket.as_ref().map(Generation::read) {
@@ -1352,6 +1360,7 @@ impl NftFirewall {
         let mut st = self.state();
         let before = self.generation(&mut st).ok();
         st.known = None;
+        st.read_at = None;
         self.nft(&["-j", "-f", "-"], Some(&json), what)?;
         let now = self.generation(&mut st).ok();
         if let (Some(b), Some(n)) = (before, now)
@@ -1427,9 +1436,37 @@ impl Firewall for NftFirewall {
 
     /// One `nft -j -f -` transaction of [`Ruleset::render_update`]: the chains that differ,
     /// the set elements that differ, nothing else.
+    ///
+    /// The delta holds only for the tables as the last `read` found them. When anything was
+    /// committed in the namespace since (a flushed ruleset, a table deleted by hand), or the
+    /// kernel refuses the batch (a table gone between that check and the batch), the whole
+    /// ruleset is written instead ([`Firewall::apply`]). What is kept afterwards is kept only
+    /// when this batch was the one transaction committed meanwhile; otherwise the next read
+    /// lists the tables and the next update repairs them.
     fn update(&self, update: &Update) -> Result<(), FirewallError> {
         let batch = update.ruleset.render_update(&update.delta)?;
-        self.commit(&batch, "update nft ruleset", Some(update.want.clone()))
+        let json = serde_json::to_vec(&batch).map_err(FirewallError::Json)?;
+        let mut st = self.state();
+        let read_at = st.read_at.take();
+        let before = self.generation(&mut st).ok();
+        st.known = None;
+        if before.is_none() || before != read_at {
+            drop(st);
+            tracing::info!(netns = %self.netns, "nft tables changed since they were read; writing the whole ruleset");
+            return self.apply(&update.ruleset);
+        }
+        if let Err(e) = self.nft(&["-j", "-f", "-"], Some(&json), "update nft ruleset") {
+            drop(st);
+            tracing::info!(netns = %self.netns, error = %e, "nft update refused; writing the whole ruleset");
+            return self.apply(&update.ruleset);
+        }
+        let now = self.generation(&mut st).ok();
+        if let (Some(b), Some(n)) = (before, now)
+            && n == b.wrapping_add(1)
+        {
+            st.known = Some((n, Some(update.want.clone())));
+        }
+        Ok(())
     }
 
     /// What the tables held at the last write or read, while the generation has not moved;
@@ -1437,6 +1474,7 @@ impl Firewall for NftFirewall {
     fn read(&self) -> Result<Option<Observed>, FirewallError> {
         let mut st = self.state();
         let generation = self.generation(&mut st).ok();
+        st.read_at = generation;
         if let (Some(g), Some((k, o))) = (generation, &st.known)
             && g == *k
         {
