@@ -23,6 +23,8 @@ use stratus_api_types::storage::{Volume, VolumePhase};
 use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
 
+use crate::cache::Shared;
+
 /// The field manager of the controller's writes.
 const MANAGER: &str = "stratus-attachments";
 /// How soon a volume whose server has not yet let it go is looked at again (a change to the
@@ -141,8 +143,9 @@ fn error_policy(vol: Arc<Volume>, e: &AttachmentsError, ctx: Arc<Ctx>) -> Action
 }
 
 /// Runs the controller until its watches end: every attached Volume, woken again by any
-/// change to the Server it is attached to.
-pub async fn run(client: Client) {
+/// change to the Server it is attached to, told by the controllers' shared Server watch
+/// (no watch of its own: each Server is decoded once, for every controller).
+pub async fn run(client: Client, servers: &Shared<Server>) {
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         runtime: Runtime::new(client.clone(), MANAGER),
@@ -153,24 +156,20 @@ pub async fn run(client: Client) {
     );
     let store = controller.store();
     controller
-        .watches(
-            Api::<Server>::all(client),
-            watcher::Config::default(),
-            move |server| {
-                let ns = server.namespace();
-                let name = server.name_any();
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|v| {
-                        v.namespace() == ns
-                            && v.status.as_ref().and_then(|s| s.attached_to.as_deref())
-                                == Some(name.as_str())
-                    })
-                    .map(|v| ObjectRef::from_obj(&*v))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_shared_stream(servers.touched(), move |server: Arc<Server>| {
+            let ns = server.namespace();
+            let name = server.name_any();
+            store
+                .state()
+                .into_iter()
+                .filter(|v| {
+                    v.namespace() == ns
+                        && v.status.as_ref().and_then(|s| s.attached_to.as_deref())
+                            == Some(name.as_str())
+                })
+                .map(|v| ObjectRef::from_obj(&*v))
+                .collect::<Vec<_>>()
+        })
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
         .await;

@@ -132,7 +132,8 @@ where
 }
 
 /// The shared watch of every Server, each kept without its user data and managed fields
-/// ([`crate::slim_server`]): what the scheduler, node lifecycle and ports controllers read.
+/// ([`crate::slim_server`]): what the scheduler, node lifecycle and ports controllers read,
+/// and what wakes the attachments controller.
 pub fn servers(client: &Client) -> (Shared<Server>, impl Future<Output = ()> + Send + 'static) {
     shared(
         watcher(

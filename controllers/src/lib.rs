@@ -172,9 +172,10 @@ async fn elect_and_run(client: &kube::Client, election: &Election) -> Result<(),
 
 /// Every controller, until one stops.
 ///
-/// The controllers that read every Server (the scheduler, node lifecycle, ports) or every
-/// Flavor (the scheduler, quota) share one watch and one cached copy of each (see
-/// [`cache`]), so a cloud with many objects holds each once, not once per controller.
+/// The controllers that read every Server (the scheduler, node lifecycle, ports, volume
+/// attachments) or every Flavor (the scheduler, quota) share one watch and one cached copy
+/// of each (see [`cache`]), so a cloud with many objects holds each once, not once per
+/// controller.
 async fn every_controller(
     client: kube::Client,
     weigher: scheduler::Weigher,
@@ -199,7 +200,7 @@ async fn every_controller(
         () = security_groups::run(client.clone()) => { stopped("default security groups"); Ok(()) }
         () = subnets::run(client.clone()) => { stopped("subnet usage"); Ok(()) }
         () = volumes::run(client.clone()) => { stopped("volume scheduler"); Ok(()) }
-        () = attachments::run(client.clone()) => { stopped("volume attachments"); Ok(()) }
+        () = attachments::run(client.clone(), &servers) => { stopped("volume attachments"); Ok(()) }
         () = rings::run(client.clone()) => { stopped("object rings"); Ok(()) }
         () = images::run(client, image_dir, image_policy) => { stopped("images"); Ok(()) }
     }
