@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use stratus_agents::compute::driver::libvirt::Libvirt;
+use stratus_agents::compute::node::MAX_HEARTBEAT_SECONDS;
 use stratus_network_agent::driver::dnsmasq::Dnsmasq;
 use stratus_network_agent::driver::netlink::NetlinkLinks;
 use stratus_network_agent::driver::nft::NftFirewall;
@@ -106,8 +107,10 @@ pub struct AgentArgs {
     /// Availability zone the node registers in.
     #[arg(long, default_value = "nova")]
     pub zone: String,
-    /// Seconds between heartbeats; the node is NotReady after missing four.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds between heartbeats (1 to 10); the node is NotReady after missing four. The
+    /// node lifecycle controller honours a Lease for at most 40 s, so a longer interval would
+    /// see the node lost between two heartbeats.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=MAX_HEARTBEAT_SECONDS))]
     pub heartbeat_seconds: u64,
     /// Seconds between reads of each guest's state from libvirt. libvirt's domain events
     /// already report changes at once; this is the safety net for a missed one.
@@ -282,4 +285,28 @@ fn storage(
     };
     tracing::info!(node = %config.node, pools = args.storage.storage_pools.len(), "storage agent starting");
     Ok(stratus_storage_agent::agent::run(client, config, pools))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    #[test]
+    fn a_heartbeat_longer_than_the_controller_believes_a_lease_is_refused() {
+        let parse =
+            |s: &str| Cli::try_parse_from(["agent", "--node", "n1", "--heartbeat-seconds", s]);
+        assert_eq!(parse("10").expect("10 s").agent.heartbeat_seconds, 10);
+        assert_eq!(parse("2").expect("2 s").agent.heartbeat_seconds, 2);
+        let err = parse("11").expect_err("four 11 s heartbeats outlast the 40 s believed");
+        assert!(err.to_string().contains("1..=10"), "{err}");
+        assert!(parse("0").is_err());
+    }
 }

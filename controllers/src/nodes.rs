@@ -4,7 +4,8 @@
 //! `Manual` ones are marked Error, and ones being deleted are released (the lost host cannot
 //! run their cleanup; its agent sweeps them away if it comes back).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -56,13 +57,64 @@ struct Ctx {
     leases: Store<Lease>,
     servers: Store<Server>,
     recorder: Recorder,
+    /// What this controller last saw of each node's Lease, and when by its own clock.
+    seen: Mutex<HashMap<String, Seen>>,
+}
+
+/// The latest renewal this controller saw in a node's Lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    /// The latest `renewTime` seen, or `None` when there was no usable Lease since this
+    /// controller started.
+    renewed: Option<jiff::Timestamp>,
+    /// When this controller saw it (or, for `None`, first looked), by its own clock.
+    at: jiff::Timestamp,
+}
+
+/// Records what `node`'s Lease says now and returns when, by this controller's clock, it last
+/// saw the node renew it (as Kubernetes' node lifecycle controller keeps its probe time).
+///
+/// Only a `renewTime` later than any seen before is news: a Lease rewritten with the same or
+/// an older renewal, deleted, or stripped of its renewal does not start the clock again. The
+/// memory is this process's: after a restart every node's clock starts anew at its first look.
+fn observe(
+    seen: &mut HashMap<String, Seen>,
+    node: &str,
+    renewed: Option<jiff::Timestamp>,
+    now: jiff::Timestamp,
+) -> jiff::Timestamp {
+    let entry = seen
+        .entry(node.to_owned())
+        .or_insert(Seen { renewed, at: now });
+    if let Some(r) = renewed
+        && entry.renewed.is_none_or(|last| r > last)
+    {
+        *entry = Seen { renewed, at: now };
+    }
+    entry.at
+}
+
+/// A Lease's renewal and duration, if it has both.
+fn usable(lease: Option<&Lease>) -> Option<(jiff::Timestamp, i32)> {
+    let spec = lease?.spec.as_ref()?;
+    Some((spec.renew_time.as_ref()?.0, spec.lease_duration_seconds?))
+}
+
+/// Whether the hypervisor's agent has ever reported it (so a missing Lease means a lost
+/// heartbeat, not an agent that never started).
+fn has_reported(hv: &Hypervisor) -> bool {
+    hv.status.as_ref().is_some_and(|s| {
+        s.phase != HypervisorPhase::Pending || ConditionType::Ready.find(&s.conditions).is_some()
+    })
 }
 
 /// What a node's Lease says of its heartbeat, as this controller believes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Heartbeat {
-    /// No usable Lease: the node never heartbeated (registered by hand, agent not started).
-    Never,
+    /// No usable Lease (none, or without `renewTime` or `leaseDurationSeconds`): the
+    /// heartbeat counts until then, [`MAX_LEASE_DURATION`] after this controller last saw a
+    /// renewal (or first looked), unless the node never reported at all.
+    Missing(jiff::Timestamp),
     /// The heartbeat counts until then.
     Until(jiff::Timestamp),
     /// The Lease says it was renewed this many seconds ahead of this controller's clock, past
@@ -77,21 +129,22 @@ const MAX_LEASE_DURATION: jiff::SignedDuration = crate::routers::MAX_LEASE_DURAT
 /// How far ahead of this controller's clock a `renewTime` may be and still be believed.
 const MAX_CLOCK_SKEW: jiff::SignedDuration = crate::routers::MAX_CLOCK_SKEW;
 
-/// The node's heartbeat from its Lease, as of `now` (this controller's clock).
+/// The node's heartbeat from its Lease, as of `now`, given `seen`: when this controller last
+/// saw the Lease renewed (see [`observe`]), both by this controller's clock.
 ///
 /// # Guarantees
 /// Both numbers are the node's own words, so neither is taken as written (as router
 /// placement judges the network agents' Leases): the duration honoured is at most
-/// [`MAX_LEASE_DURATION`], and a `renewTime` more than [`MAX_CLOCK_SKEW`] ahead of `now` is no
-/// heartbeat. A node that stops renewing is lost at most `MAX_CLOCK_SKEW +
-/// MAX_LEASE_DURATION` after its last renewal, whatever it wrote: a huge duration or a renewal
-/// dated years ahead does not keep its Servers from being evacuated.
-fn heartbeat(lease: Option<&Lease>, now: jiff::Timestamp) -> Heartbeat {
-    let Some((renewed, seconds)) = lease
-        .and_then(|l| l.spec.as_ref())
-        .and_then(|s| Some((s.renew_time.as_ref()?.0, s.lease_duration_seconds?)))
-    else {
-        return Heartbeat::Never;
+/// [`MAX_LEASE_DURATION`], counted from the renewal or from when this controller saw it,
+/// whichever is earlier, and a `renewTime` more than [`MAX_CLOCK_SKEW`] ahead of `now` is no
+/// heartbeat. A node that stops renewing is lost at most `MAX_LEASE_DURATION` after this
+/// controller saw its last renewal, whatever it wrote: a huge duration, a renewal dated
+/// years ahead, the same renewal written again, or a Lease deleted or stripped of its
+/// renewal does not keep its Servers from being evacuated.
+fn heartbeat(lease: Option<&Lease>, seen: jiff::Timestamp, now: jiff::Timestamp) -> Heartbeat {
+    let by_us = |d| seen.checked_add(d).unwrap_or(seen);
+    let Some((renewed, seconds)) = usable(lease) else {
+        return Heartbeat::Missing(by_us(MAX_LEASE_DURATION));
     };
     let ahead = renewed.duration_since(now);
     if ahead > MAX_CLOCK_SKEW {
@@ -99,10 +152,12 @@ fn heartbeat(lease: Option<&Lease>, now: jiff::Timestamp) -> Heartbeat {
     }
     let honoured =
         jiff::SignedDuration::from_secs(i64::from(seconds.max(0))).min(MAX_LEASE_DURATION);
-    match renewed.checked_add(honoured) {
-        Ok(until) => Heartbeat::Until(until),
-        Err(_) => Heartbeat::Never,
-    }
+    let by_us = by_us(honoured);
+    Heartbeat::Until(
+        renewed
+            .checked_add(honoured)
+            .map_or(by_us, |u| u.min(by_us)),
+    )
 }
 
 async fn publish<K: Resource<DynamicType = ()>>(
@@ -216,16 +271,26 @@ async fn sync(hv: Arc<Hypervisor>, ctx: Arc<Ctx>) -> Result<Action, NodesError> 
     };
     tracing::trace!(hypervisor = %name, found = lease.is_some(), "node lifecycle: lease read");
     let now = jiff::Timestamp::now();
-    let message = match heartbeat(lease.as_ref(), now) {
+    let seen = {
+        let mut seen = ctx.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let renewed = usable(lease.as_ref()).map(|(r, _)| r);
+        observe(&mut seen, &name, renewed, now)
+    };
+    let message = match heartbeat(lease.as_ref(), seen, now) {
         // Never heartbeated (registered by hand, or its agent not started yet).
-        Heartbeat::Never => return Ok(Action::requeue(Duration::from_secs(30))),
-        Heartbeat::Until(until) if until > now => {
+        Heartbeat::Missing(_) if !has_reported(&hv) => {
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+        Heartbeat::Until(until) | Heartbeat::Missing(until) if until > now => {
             // Look again just after the heartbeat would expire.
             let left = Duration::try_from(until.duration_since(now)).unwrap_or_default();
             tracing::trace!(hypervisor = %name, %until, "node lifecycle: heartbeat current");
             return Ok(Action::requeue(left + Duration::from_secs(1)));
         }
         Heartbeat::Until(until) => format!("no heartbeat since {until}"),
+        Heartbeat::Missing(_) => format!(
+            "no heartbeat since {seen}: its Lease is gone or has no renewTime or leaseDurationSeconds"
+        ),
         Heartbeat::Ahead(s) => format!(
             "its Lease says it was renewed {s} s ahead of this controller's clock; not believed"
         ),
@@ -275,6 +340,7 @@ pub async fn run(client: Client, servers: &Shared<Server>) {
         client: client.clone(),
         leases,
         servers: servers.store(),
+        seen: Mutex::new(HashMap::new()),
     });
     // Every hypervisor is looked at again every few seconds as well: a heartbeat that stops
     // produces no event, and a missed requeue must not leave a lost node Ready.
@@ -322,33 +388,177 @@ mod tests {
         let at = |d: i64| now.checked_add(secs(d)).expect("time");
         // An honest Lease: renewed 10 s ago for 40 s.
         assert_eq!(
-            heartbeat(Some(&lease(at(-10), 40)), now),
+            heartbeat(Some(&lease(at(-10), 40)), now, now),
             Heartbeat::Until(at(30))
         );
         // A duration of a year is honoured for 40 s: renewed a minute ago, the node is lost.
-        let year = heartbeat(Some(&lease(at(-60), 365 * 86_400)), now);
+        let year = heartbeat(Some(&lease(at(-60), 365 * 86_400)), now, now);
         assert_eq!(year, Heartbeat::Until(at(-20)));
         assert!(matches!(year, Heartbeat::Until(u) if u <= now), "lost");
-        // A renewal a little ahead (clock skew) is believed; one an hour or years ahead is not.
+        // A renewal a little ahead (clock skew) is believed, for as long as from when this
+        // controller saw it; one an hour or years ahead is not.
         assert_eq!(
-            heartbeat(Some(&lease(at(3), 40)), now),
-            Heartbeat::Until(at(43))
+            heartbeat(Some(&lease(at(3), 40)), now, now),
+            Heartbeat::Until(at(40))
         );
         assert_eq!(
-            heartbeat(Some(&lease(at(3600), 40)), now),
+            heartbeat(Some(&lease(at(3600), 40)), now, now),
             Heartbeat::Ahead(3600)
         );
         let far = jiff::Timestamp::from_second(4_000_000_000).expect("time");
         assert!(matches!(
-            heartbeat(Some(&lease(far, i32::MAX)), now),
+            heartbeat(Some(&lease(far, i32::MAX)), now, now),
             Heartbeat::Ahead(_)
         ));
-        // A negative duration is none; no Lease or no renewal is no heartbeat at all.
+        // A negative duration is none; no Lease or no renewal counts only the grace from when
+        // this controller saw it so.
         assert_eq!(
-            heartbeat(Some(&lease(at(-1), -5)), now),
+            heartbeat(Some(&lease(at(-1), -5)), now, now),
             Heartbeat::Until(at(-1))
         );
-        assert_eq!(heartbeat(None, now), Heartbeat::Never);
-        assert_eq!(heartbeat(Some(&Lease::default()), now), Heartbeat::Never);
+        assert_eq!(heartbeat(None, now, now), Heartbeat::Missing(at(40)));
+        assert_eq!(
+            heartbeat(Some(&Lease::default()), now, now),
+            Heartbeat::Missing(at(40))
+        );
+    }
+}
+
+#[cfg(test)]
+mod lost_leases {
+    use super::*;
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use stratus_api_types::compute::HypervisorStatus;
+
+    /// Watches one node's Lease over time as `sync` does: what it says is observed, then judged.
+    struct Watching {
+        seen: HashMap<String, Seen>,
+    }
+
+    impl Watching {
+        fn new() -> Self {
+            Self {
+                seen: HashMap::new(),
+            }
+        }
+
+        /// Whether the node still counts as heartbeating at `now` with `lease`.
+        fn alive(&mut self, lease: Option<&Lease>, now: jiff::Timestamp) -> bool {
+            let since = observe(&mut self.seen, "n1", usable(lease).map(|(r, _)| r), now);
+            match heartbeat(lease, since, now) {
+                Heartbeat::Until(until) | Heartbeat::Missing(until) => until > now,
+                Heartbeat::Ahead(_) => false,
+            }
+        }
+    }
+
+    fn lease(renewed: Option<jiff::Timestamp>, seconds: Option<i32>) -> Lease {
+        Lease {
+            spec: Some(LeaseSpec {
+                renew_time: renewed.map(MicroTime),
+                lease_duration_seconds: seconds,
+                ..LeaseSpec::default()
+            }),
+            ..Lease::default()
+        }
+    }
+
+    fn clock() -> impl Fn(i64) -> jiff::Timestamp {
+        let t0 = jiff::Timestamp::from_second(1_800_000_000).expect("time");
+        move |d| {
+            t0.checked_add(jiff::SignedDuration::from_secs(d))
+                .expect("time")
+        }
+    }
+
+    #[test]
+    fn a_deleted_lease_is_no_heartbeat_once_the_grace_from_the_last_renewal_has_passed() {
+        let at = clock();
+        let mut w = Watching::new();
+        // Renewed every 10 s for 40 s.
+        for t in [0, 10, 20] {
+            assert!(w.alive(Some(&lease(Some(at(t)), Some(40))), at(t)));
+        }
+        // The node deletes its Lease at 25 s: still believed for the grace from the last
+        // renewal seen...
+        assert!(w.alive(None, at(25)));
+        assert!(w.alive(None, at(59)));
+        // ...and lost once it has passed, looked at however often.
+        assert!(!w.alive(None, at(61)));
+        assert!(!w.alive(None, at(600)));
+        // A controller restarted meanwhile gives it the grace once more, and no more.
+        let mut restarted = Watching::new();
+        assert!(restarted.alive(None, at(600)));
+        assert!(!restarted.alive(None, at(641)));
+    }
+
+    #[test]
+    fn a_lease_without_a_renewal_or_duration_is_no_heartbeat_once_the_grace_has_passed() {
+        let at = clock();
+        let mut w = Watching::new();
+        assert!(w.alive(Some(&lease(Some(at(0)), Some(40))), at(0)));
+        // PUT back without renewTime at 5 s, and again and again: the clock is not restarted.
+        for t in [5, 20, 35, 39] {
+            assert!(w.alive(Some(&lease(None, Some(40))), at(t)), "{t}");
+        }
+        assert!(!w.alive(Some(&lease(None, Some(40))), at(41)));
+        // Nor by switching to a Lease without a duration, or deleting it.
+        assert!(!w.alive(Some(&lease(Some(at(0)), None)), at(50)));
+        assert!(!w.alive(None, at(50)));
+        // A renewal written again is a heartbeat again.
+        assert!(w.alive(Some(&lease(Some(at(50)), Some(40))), at(50)));
+    }
+
+    #[test]
+    fn a_lease_rewritten_with_the_same_renewal_still_expires() {
+        let at = clock();
+        let mut w = Watching::new();
+        // Renewed at 0 s, then written again with that renewal (a new resourceVersion) often.
+        let same = lease(Some(at(0)), Some(40));
+        for t in [0, 15, 30, 39] {
+            assert!(w.alive(Some(&same), at(t)), "{t}");
+        }
+        assert!(!w.alive(Some(&same), at(41)));
+        // A renewal 4 s ahead (believed skew) written again and again counts from when this
+        // controller saw it, not for 40 s past the node's word.
+        let mut w = Watching::new();
+        let ahead = lease(Some(at(4)), Some(40));
+        assert!(w.alive(Some(&ahead), at(0)));
+        assert!(w.alive(Some(&ahead), at(39)));
+        assert!(!w.alive(Some(&ahead), at(41)));
+        // Deleted, and written back with an older renewal, in turn: no grace is gained.
+        for t in [42, 43, 44, 45] {
+            assert!(!w.alive(None, at(t)), "{t}");
+            assert!(!w.alive(Some(&same), at(t)), "{t}");
+        }
+    }
+
+    #[test]
+    fn a_missing_lease_matters_only_for_a_node_that_ever_reported() {
+        let mut hv: Hypervisor = serde_json::from_value(serde_json::json!({
+            "apiVersion": "compute.stratus.dev/v1", "kind": "Hypervisor",
+            "metadata": {"name": "n1"}, "spec": {},
+        }))
+        .expect("a hypervisor");
+        assert!(
+            !has_reported(&hv),
+            "registered by hand, agent never started"
+        );
+        hv.status = Some(HypervisorStatus::default());
+        assert!(!has_reported(&hv), "Pending with no Ready condition");
+        let mut status = HypervisorStatus {
+            phase: HypervisorPhase::Ready,
+            ..HypervisorStatus::default()
+        };
+        hv.status = Some(status.clone());
+        assert!(has_reported(&hv));
+        // Marked NotReady before a controller restart: still a node that reported.
+        status.phase = HypervisorPhase::Pending;
+        ConditionType::Ready
+            .no(Reason::HeartbeatLost, "lost")
+            .set(&mut status.conditions, None);
+        hv.status = Some(status);
+        assert!(has_reported(&hv));
     }
 }

@@ -23,6 +23,9 @@ use super::driver::{DomainDriver as Driver, DriverError};
 pub use stratus_api_types::compute::NODE_LEASE_NAMESPACE as LEASE_NAMESPACE;
 /// How many heartbeats a Lease lasts: a node is NotReady after missing this many.
 pub const HEARTBEATS_PER_LEASE: u32 = 4;
+/// The longest interval between heartbeats: the node lifecycle controller believes a Lease
+/// for at most 40 s after its renewal, so four heartbeats must fit in that.
+pub const MAX_HEARTBEAT_SECONDS: u64 = 10;
 
 /// Failures of registration and heartbeats (all retried).
 #[derive(Debug, thiserror::Error)]
