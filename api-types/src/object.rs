@@ -132,15 +132,22 @@ pub struct RingDevice {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RingProposal {
+    // Every field has a default (none is required in the schema): a status write that drops
+    // the proposal removes its fields one by one.
     /// Replicas the first step would move.
+    #[serde(default)]
     pub moves: u64,
     /// Replicas that would wait for `minPartHours` after that step.
+    #[serde(default)]
     pub pending_moves: u64,
     /// Balance after the step, in percent.
+    #[serde(default)]
     pub balance: f64,
     /// Dispersion after the step, in percent.
+    #[serde(default)]
     pub dispersion: f64,
     /// Devices the ring would have.
+    #[serde(default)]
     pub devices: u32,
     /// The `metadata.generation` this proposal is for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -250,7 +257,7 @@ pub struct ObjectRingStatus {
     /// The ObjectRingVersion holding the current ring file and builder state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ring_version: Option<String>,
-    /// While `spec.paused`: what applying the spec would do.
+    /// While `spec.paused`: what applying the spec would do (absent, or empty, otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proposed: Option<RingProposal>,
     /// Latest observations of the ring's state.
