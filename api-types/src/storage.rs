@@ -170,6 +170,17 @@ pub struct VolumeStatus {
     /// Name of the Server the volume is attached to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attached_to: Option<String>,
+    /// The Image the volume was filled from (`spec.source.image` as its storage agent found
+    /// it then), by uid: a Server booting from the volume boots this image's kernel, never
+    /// one of an image published under that name since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_image: Option<ImageRef>,
+    /// The kernel image (`spec.kernelImage`) of the source image when the volume was filled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_image: Option<ImageRef>,
+    /// The ramdisk image (`spec.ramdiskImage`) of the source image when the volume was filled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ramdisk_image: Option<ImageRef>,
     /// Latest observations of the volume's state (`Scheduled`, `Ready`, `Attached`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
@@ -178,6 +189,21 @@ pub struct VolumeStatus {
     /// The `metadata.generation` this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// One Image, exactly: where it is, its name and its uid (a new image of that name is not it).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageRef {
+    /// The Image's namespace (a public image may be in another project's).
+    #[schemars(length(min = 1, max = 63), regex(pattern = LABEL_PATTERN))]
+    pub namespace: String,
+    /// The Image's name.
+    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    pub name: String,
+    /// The Image's `metadata.uid`.
+    #[schemars(length(min = 1, max = 64))]
+    pub uid: String,
 }
 
 /// A point-in-time copy of a Volume.

@@ -33,7 +33,7 @@ use super::driver::{
     DomainState, DriverError, InterfaceSpec, KernelBoot, Owner, VolumeDisk,
 };
 use super::volumes as vols;
-use stratus_api_types::storage::{StoragePool, Volume};
+use stratus_api_types::storage::{ImageRef, StoragePool, Volume};
 use stratus_image_cache::{Format, ImageCache, ImageError, Request};
 
 pub use stratus_api_types::compute::TEARDOWN_FINALIZER;
@@ -814,10 +814,33 @@ async fn boot_volume(ctx: &Ctx, server: &Server, ns: &str, name: &str) -> Result
         }
     })?;
     let uid = server.uid().ok_or(ServerError::Incomplete)?;
+    let st = vol.status.clone().unwrap_or_default();
     let kernel = match vol.spec.source.as_ref().and_then(|s| s.image.as_deref()) {
-        Some(image_name) => {
-            let image = find_image(&ctx.client, ns, image_name).await?;
-            kernel_of(ctx, ns, &uid, &image).await?
+        Some(_) => {
+            let source = recorded_image(ctx, name, "sourceImage", st.source_image.as_ref()).await?;
+            let named = |n: &Option<String>| n.is_some();
+            if !named(&source.spec.kernel_image) {
+                None
+            } else {
+                let k = recorded_image(ctx, name, "kernelImage", st.kernel_image.as_ref()).await?;
+                let kernel = fetch(ctx, &uid, &k).await?;
+                let initrd = if named(&source.spec.ramdisk_image) {
+                    let r = recorded_image(ctx, name, "ramdiskImage", st.ramdisk_image.as_ref())
+                        .await?;
+                    Some(fetch(ctx, &uid, &r).await?)
+                } else {
+                    None
+                };
+                Some(KernelBoot {
+                    kernel,
+                    initrd,
+                    cmdline: source
+                        .spec
+                        .kernel_cmdline
+                        .clone()
+                        .unwrap_or_else(|| "console=ttyS0".into()),
+                })
+            }
         }
         None => None,
     };
@@ -831,6 +854,65 @@ async fn boot_volume(ctx: &Ctx, server: &Server, ns: &str, name: &str) -> Result
         made: None,
         kernel,
     })
+}
+
+/// Whether `image` (read where `recorded` says it is) is the image `recorded` names: the same
+/// uid, not one published under its name since.
+///
+/// # Errors
+/// Why not, for the volume's `status.FIELD`.
+pub fn same_image(
+    volume: &str,
+    field: &str,
+    recorded: Option<&ImageRef>,
+    image: Option<&Image>,
+) -> Result<(), Blocked> {
+    let Some(r) = recorded else {
+        return Err(Blocked {
+            reason: Reason::ImageNotFound,
+            message: format!(
+                "boot volume \"{volume}\" records no status.{field}: the image it was made from is not known by uid, so it is not booted by whatever image has that name now"
+            ),
+        });
+    };
+    match image {
+        Some(i) if i.uid().as_deref() == Some(r.uid.as_str()) => Ok(()),
+        Some(_) => Err(Blocked {
+            reason: Reason::ImageNotFound,
+            message: format!(
+                "image \"{}/{}\" is no longer the image boot volume \"{volume}\" was made from (uid {}): it was replaced by another of that name",
+                r.namespace, r.name, r.uid
+            ),
+        }),
+        None => Err(Blocked {
+            reason: Reason::ImageNotFound,
+            message: format!(
+                "image \"{}/{}\" (uid {}) boot volume \"{volume}\" was made from is gone",
+                r.namespace, r.name, r.uid
+            ),
+        }),
+    }
+}
+
+/// The image a boot volume's `status.FIELD` records, read where it says and checked by uid.
+async fn recorded_image(
+    ctx: &Ctx,
+    volume: &str,
+    field: &str,
+    recorded: Option<&ImageRef>,
+) -> Result<Image, NotBuilt> {
+    let image = match recorded {
+        Some(r) => {
+            get_related(
+                &Api::<Image>::namespaced(ctx.client.clone(), &r.namespace),
+                &r.name,
+            )
+            .await?
+        }
+        None => None,
+    };
+    same_image(volume, field, recorded, image.as_ref()).map_err(NotBuilt::Blocked)?;
+    image.ok_or(NotBuilt::Failed(ServerError::Incomplete))
 }
 
 /// Makes the disks (a new root disk with `fresh_root`; else the one there, grown to the
@@ -1658,6 +1740,41 @@ mod tests {
             plan(&s, Some(DomainState::Running), None, true),
             Step::Resize
         );
+    }
+
+    #[test]
+    fn a_boot_volume_boots_only_the_images_it_was_made_from_by_uid() {
+        let image = |uid: &str| -> Image {
+            serde_json::from_value(json!({
+                "apiVersion": "image.stratus.dev/v1", "kind": "Image",
+                "metadata": {"name": "tiny", "namespace": "demo", "uid": uid},
+                "spec": {"diskFormat": "raw", "source": {"url": "http://x/y"}},
+            }))
+            .expect("an image")
+        };
+        let recorded = ImageRef {
+            namespace: "demo".into(),
+            name: "tiny".into(),
+            uid: "i1".into(),
+        };
+        assert_eq!(
+            same_image("boot", "sourceImage", Some(&recorded), Some(&image("i1"))),
+            Ok(())
+        );
+        // Re-published under the same name: not the volume's image.
+        let b = same_image("boot", "kernelImage", Some(&recorded), Some(&image("i2")))
+            .expect_err("another image");
+        assert_eq!(b.reason, Reason::ImageNotFound);
+        assert!(
+            b.message.contains("replaced") && b.message.contains("i1"),
+            "{}",
+            b.message
+        );
+        let b = same_image("boot", "kernelImage", Some(&recorded), None).expect_err("gone");
+        assert!(b.message.contains("gone"), "{}", b.message);
+        // Nothing recorded: no name is trusted instead.
+        let b = same_image("boot", "sourceImage", None, Some(&image("i1"))).expect_err("unknown");
+        assert!(b.message.contains("status.sourceImage"), "{}", b.message);
     }
 
     #[test]

@@ -16,7 +16,8 @@ use kube::{Client, Resource, ResourceExt};
 use stratus_api_types::common::{ConditionType, Reason, Time};
 use stratus_api_types::image::{DiskFormat, Image, Visibility};
 use stratus_api_types::storage::{
-    Volume, VolumePhase, VolumeSnapshot, VolumeSnapshotPhase, VolumeSnapshotStatus, VolumeStatus,
+    ImageRef, Volume, VolumePhase, VolumeSnapshot, VolumeSnapshotPhase, VolumeSnapshotStatus,
+    VolumeStatus,
 };
 use stratus_image_cache::{Format, ImageCache, ImageError, Request};
 use stratus_runtime::finalizer;
@@ -136,8 +137,43 @@ struct Blocked {
 /// A source resolved to what the pool copies from.
 enum Resolved {
     Empty,
-    Image(PathBuf, Format),
+    Image(PathBuf, Format, Box<Recorded>),
     Copy(VolName),
+}
+
+/// The images a volume filled from an Image records (`status.sourceImage`, `kernelImage`,
+/// `ramdiskImage`), so that booting from it later takes these and no image named alike since.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Recorded {
+    source: Option<ImageRef>,
+    kernel: Option<ImageRef>,
+    ramdisk: Option<ImageRef>,
+}
+
+/// `image` exactly: its namespace, name and uid.
+fn image_ref(image: &Image) -> Result<ImageRef, StorageError> {
+    Ok(ImageRef {
+        namespace: image.namespace().ok_or(StorageError::Incomplete)?,
+        name: image.name_any(),
+        uid: uid(image)?,
+    })
+}
+
+/// What a volume filled from `image` records: it, and its kernel and ramdisk images as
+/// found now (one not found is not recorded, and a server cannot boot the volume by it).
+async fn record(ctx: &Ctx, ns: &str, image: &Image) -> Result<Recorded, StorageError> {
+    let found = |name: Option<String>| async move {
+        let Some(name) = name else { return Ok(None) };
+        match find_image(&ctx.client, ns, &name).await? {
+            Ok(i) => image_ref(&i).map(Some),
+            Err(_) => Ok(None),
+        }
+    };
+    Ok(Recorded {
+        source: Some(image_ref(image)?),
+        kernel: found(image.spec.kernel_image.clone()).await?,
+        ramdisk: found(image.spec.ramdisk_image.clone()).await?,
+    })
 }
 
 fn uid<K: Resource>(obj: &K) -> Result<String, StorageError> {
@@ -268,6 +304,7 @@ async fn resolve(
             Err(blocked) => return Ok(Err(blocked)),
         };
         let image_uid = uid(&image)?;
+        let recorded = record(ctx, &ns, &image).await?;
         let user = uid(vol)?;
         let url = image.spec.source.url.clone();
         let sum = image.spec.sha256.clone();
@@ -284,7 +321,7 @@ async fn resolve(
         })
         .await?;
         return match got {
-            Ok(c) => Ok(Ok(Resolved::Image(c.path, format))),
+            Ok(c) => Ok(Ok(Resolved::Image(c.path, format, Box::new(recorded)))),
             Err(e) if e.is_final() => Ok(Err(Blocked {
                 reason: Reason::ImageRefused.as_str(),
                 message: format!("image {name:?}: {}", stratus_runtime::policy::chain(&e)),
@@ -339,6 +376,7 @@ async fn volume_report(
     backend: &Arc<dyn Backend>,
     name: &VolName,
     size: u64,
+    recorded: Option<&Recorded>,
 ) -> Result<(), StorageError> {
     let b = Arc::clone(backend);
     let n = name.clone();
@@ -351,6 +389,11 @@ async fn volume_report(
     };
     status.size_gib = Some(size >> 30);
     status.device_path = Some(device.to_string_lossy().into_owned());
+    if let Some(r) = recorded {
+        status.source_image.clone_from(&r.source);
+        status.kernel_image.clone_from(&r.kernel);
+        status.ramdisk_image.clone_from(&r.ramdisk);
+    }
     status.observed_generation = vol.metadata.generation;
     ConditionType::Ready
         .yes(
@@ -413,11 +456,15 @@ async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
                 }
             };
             let size = vol.spec.size_gib << 30;
+            let recorded = match &source {
+                Resolved::Image(_, _, r) => Some((**r).clone()),
+                _ => None,
+            };
             let (b, n) = (Arc::clone(&backend), name.clone());
             let made = blocking(move || {
                 let source = match &source {
                     Resolved::Empty => Source::Empty,
-                    Resolved::Image(path, format) => Source::Image {
+                    Resolved::Image(path, format, _) => Source::Image {
                         path,
                         format: *format,
                     },
@@ -428,7 +475,7 @@ async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
             .await?;
             match made {
                 Ok(o) => {
-                    volume_report(ctx, vol, &backend, &name, o.size).await?;
+                    volume_report(ctx, vol, &backend, &name, o.size, recorded.as_ref()).await?;
                     Ok(Action::requeue(ctx.resync))
                 }
                 Err(e) => {
@@ -457,7 +504,7 @@ async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
             let (b, n) = (Arc::clone(&backend), name.clone());
             match blocking(move || b.extend(&n, to)).await? {
                 Ok(o) => {
-                    volume_report(ctx, vol, &backend, &name, o.size).await?;
+                    volume_report(ctx, vol, &backend, &name, o.size, None).await?;
                     event(
                         ctx,
                         vol,
@@ -484,7 +531,7 @@ async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
         }
         Step::Report => {
             let size = observed.map(|o| o.size).unwrap_or_default();
-            volume_report(ctx, vol, &backend, &name, size).await?;
+            volume_report(ctx, vol, &backend, &name, size, None).await?;
             Ok(Action::requeue(ctx.resync))
         }
         Step::Missing => {

@@ -698,29 +698,48 @@ async fn node_may_read(
             if spec_str(&image, "visibility") == Some("public") {
                 return Ok(None);
             }
-            // The storage agent fills a volume placed on the node from its image.
-            if volumes_on(api, &info.namespace, node)
+            // The storage agent fills a volume placed on the node from its image, and records
+            // that image's kernel and ramdisk images.
+            let sources: BTreeSet<String> = volumes_on(api, &info.namespace, node)
                 .await?
                 .iter()
-                .any(|v| {
-                    v.pointer("/spec/source/image").and_then(Value::as_str)
-                        == Some(info.name.as_str())
-                })
-            {
+                .filter_map(|v| v.pointer("/spec/source/image")?.as_str())
+                .map(str::to_string)
+                .collect();
+            if sources.contains(&info.name) {
                 return Ok(None);
             }
-            for server in mine(api, servers()?, Some(&info.namespace), node).await? {
-                let Some(boot) = boot_image(api, &info.namespace, &server).await? else {
-                    continue;
-                };
-                if boot == info.name {
-                    return Ok(None);
-                }
-                if let Some(b) = read(&boot).await?
+            for source in &sources {
+                if let Some(b) = read(source).await?
                     && (spec_str(&b, "kernelImage") == Some(info.name.as_str())
                         || spec_str(&b, "ramdiskImage") == Some(info.name.as_str()))
                 {
                     return Ok(None);
+                }
+            }
+            let uid = meta::meta_str(&image, "uid");
+            for server in mine(api, servers()?, Some(&info.namespace), node).await? {
+                match boot_image(api, &info.namespace, &server).await? {
+                    None => {}
+                    Some(Boot::Image(boot)) => {
+                        if boot == info.name {
+                            return Ok(None);
+                        }
+                        if let Some(b) = read(&boot).await?
+                            && (spec_str(&b, "kernelImage") == Some(info.name.as_str())
+                                || spec_str(&b, "ramdiskImage") == Some(info.name.as_str()))
+                        {
+                            return Ok(None);
+                        }
+                    }
+                    // A boot volume's images are the ones it recorded, by uid: an image
+                    // published under one of their names since is not among them.
+                    Some(Boot::Volume(uids))
+                        if uid.is_some_and(|u| uids.iter().any(|r| r == u)) =>
+                    {
+                        return Ok(None);
+                    }
+                    Some(Boot::Volume(_)) => {}
                 }
             }
             Err(deny(
@@ -1025,11 +1044,20 @@ async fn mine(
     Ok(placed)
 }
 
-/// The Image `server` (of project `ns`) boots from: its `spec.image`, or the image its boot
-/// volume was made from (whose kernel and ramdisk the compute agent boots it with).
-async fn boot_image(api: &Api, ns: &str, server: &Value) -> ApiResult<Option<String>> {
+/// The images a server boots.
+enum Boot {
+    /// `spec.image`, by name (with its kernel and ramdisk images).
+    Image(String),
+    /// The uids of the images its boot volume recorded when it was filled
+    /// (`status.sourceImage`, `kernelImage`, `ramdiskImage`).
+    Volume(Vec<String>),
+}
+
+/// The Images `server` (of project `ns`) boots from: its `spec.image`, or the images its boot
+/// volume recorded (whose kernel and ramdisk the compute agent boots it with).
+async fn boot_image(api: &Api, ns: &str, server: &Value) -> ApiResult<Option<Boot>> {
     if let Some(image) = spec_str(server, "image") {
-        return Ok(Some(image.to_string()));
+        return Ok(Some(Boot::Image(image.to_string())));
     }
     let Some(volume) = spec_str(server, "bootVolume") else {
         return Ok(None);
@@ -1052,10 +1080,12 @@ async fn boot_image(api: &Api, ns: &str, server: &Value) -> ApiResult<Option<Str
                 .and_then(Value::as_str)
                 == meta::meta_str(server, "name") =>
         {
-            Ok(v.value
-                .pointer("/spec/source/image")
-                .and_then(Value::as_str)
-                .map(str::to_string))
+            let uids = ["sourceImage", "kernelImage", "ramdiskImage"]
+                .iter()
+                .filter_map(|f| v.value.pointer(&format!("/status/{f}/uid"))?.as_str())
+                .map(str::to_string)
+                .collect();
+            Ok(Some(Boot::Volume(uids)))
         }
         Ok(_) => Ok(None),
         Err(e) if e.code == 404 => Ok(None),

@@ -224,3 +224,112 @@ async fn a_storage_node_keeps_the_attachment_it_reports_on() {
     }
     assert_eq!(attached_to(&c, "demo", "data").await, "web");
 }
+
+#[tokio::test]
+async fn a_compute_node_reads_the_images_its_boot_volume_recorded_and_no_namesake() {
+    let c = Cloud::with_demo().await;
+    c.hypervisor("n1", 4, 4096).await;
+    let image = |name: &str, format: &str, kernel: Option<&str>| {
+        let container = if format == "aki" { "aki" } else { "bare" };
+        let mut spec = json!({"diskFormat": format, "containerFormat": container,
+                              "source": {"url": format!("https://images.example/{name}")}});
+        if let Some(k) = kernel {
+            spec["kernelImage"] = json!(k);
+        }
+        Obj(json!({
+            "apiVersion": "image.stratus.dev/v1", "kind": "Image",
+            "metadata": {"name": name, "namespace": "demo"},
+            "spec": spec,
+        }))
+    };
+    let uid = |v: Value| {
+        v["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let kernel = uid(c.create(&image("k", "aki", None)).await.expect("kernel"));
+    let tiny = uid(c
+        .create(&image("tiny", "raw", Some("k")))
+        .await
+        .expect("image"));
+    c.create(
+        &volume("demo", "root")
+            .spec("bootable", json!(true))
+            .spec("source", json!({"image": "tiny"})),
+    )
+    .await
+    .expect("volume");
+    // The storage node the volume is placed on reads its image and that image's kernel (to
+    // record them when it fills the volume); before its placement it reads neither.
+    let storage_read = |name: &'static str| {
+        let t = c.target("Image", Some("demo"), Some(name));
+        let s1 = c.node("s1");
+        async move { s1.read(&t, "").await }
+    };
+    assert_eq!(refused(storage_read("k").await).code, 403);
+    c.create(&Obj(json!({
+        "apiVersion": "storage.stratus.dev/v1", "kind": "StoragePool",
+        "metadata": {"name": "p1"},
+        "spec": {"backend": "file", "node": "s1", "path": "/srv/p1"},
+    })))
+    .await
+    .expect("pool");
+    c.patch(
+        &c.status("StoragePool", None, "p1"),
+        MERGE,
+        &json!({"status": {"phase": "Ready", "capacityGiB": 10}}),
+        "",
+    )
+    .await
+    .expect("capacity");
+    let binding = stratus_apiserver::resource::verbs::Target {
+        subresource: Some("binding".into()),
+        ..c.target("Volume", Some("demo"), Some("root"))
+    };
+    c.api
+        .bind(
+            &binding,
+            json!({"target": {"name": "p1"}}).to_string().as_bytes(),
+            crate::fixtures::JSON,
+            &stratus_apiserver::resource::review::AllowAll,
+        )
+        .await
+        .expect("placed on s1");
+    storage_read("tiny").await.expect("its volume's image");
+    storage_read("k").await.expect("that image's kernel");
+    // What the storage agent records when it fills the volume.
+    c.patch(
+        &c.status("Volume", Some("demo"), "root"),
+        MERGE,
+        &json!({"status": {
+            "sourceImage": {"namespace": "demo", "name": "tiny", "uid": tiny},
+            "kernelImage": {"namespace": "demo", "name": "k", "uid": kernel},
+        }}),
+        "",
+    )
+    .await
+    .expect("recorded");
+    let mut s = Obj::server("demo", "web").spec("bootVolume", json!("root"));
+    s.0["spec"].as_object_mut().map(|m| m.remove("image"));
+    c.create(&s).await.expect("server");
+    c.bind("demo", "web", "n1").await.expect("placed");
+    let read = |name: &'static str| {
+        let t = c.target("Image", Some("demo"), Some(name));
+        let n1 = c.node("n1");
+        async move { n1.read(&t, "").await }
+    };
+    read("tiny").await.expect("the volume's image");
+    read("k").await.expect("its kernel");
+    // The kernel re-published under its name: a new image the volume was not made from.
+    c.delete("Image", Some("demo"), "k", "")
+        .await
+        .expect("delete");
+    let again = uid(c
+        .create(&image("k", "aki", None))
+        .await
+        .expect("kernel again"));
+    assert_ne!(again, kernel);
+    assert_eq!(refused(read("k").await).code, 403);
+    read("tiny").await.expect("the volume's image still");
+}
