@@ -8,6 +8,12 @@
 //! `status.interfaces`, `status.externalGatewayPort` and `status.externalGatewayIPs` say what
 //! it got, its `Scheduled` condition where it runs or why nowhere.
 //!
+//! A physical network counts on a node only when its agent declares it (its Lease's
+//! [`PHYSICAL_NETWORKS_ANNOTATION`]) and the operator granted it: the same annotation on the
+//! node's Hypervisor, which the node cannot write (see the node authorizer). A node that
+//! declares a physical network it was not granted gets no router for it, and a router that
+//! finds no node says which nodes declared it without a grant.
+//!
 //! A Router's finalizer deletes its Ports (the gateway Port lives in another namespace, out of
 //! the garbage collector's reach) before it goes, so deleting a Router gives every address
 //! back. The network agent trusts only `status.interfaces[].port` and
@@ -26,6 +32,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use stratus_api_types::common::{Blocked, ConditionType, Reason};
+use stratus_api_types::compute::Hypervisor;
 use stratus_api_types::network::{
     FixedIP, NETWORK_AGENT_LEASE_NAMESPACE, Network, PHYSICAL_NETWORKS_ANNOTATION, Port, PortSpec,
     Router, RouterInterfaceStatus, Segmentation, Subnet, network_ref,
@@ -96,12 +103,29 @@ pub struct Agent {
     pub node: String,
     /// Whether its Lease is believed fresh, and why not.
     pub freshness: Freshness,
-    /// The physical networks it has an interface on.
+    /// The physical networks it says it has an interface on.
     pub physical_networks: Vec<String>,
+    /// The physical networks the operator granted it (on its Hypervisor).
+    pub granted: Vec<String>,
+}
+
+/// The physical networks an annotation lists (comma-separated; blanks ignored).
+fn physical_networks(annotations: &BTreeMap<String, String>) -> Vec<String> {
+    annotations
+        .get(PHYSICAL_NETWORKS_ANNOTATION)
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 impl Agent {
-    /// The agent a Lease describes, as of `now` (this controller's clock).
+    /// The agent a Lease describes, as of `now` (this controller's clock), granted the
+    /// physical networks its node's Hypervisor (`hypervisor`, if any) lists.
     ///
     /// # Guarantees
     /// Both numbers that make a Lease fresh are written by its node, so neither is taken on
@@ -109,7 +133,7 @@ impl Agent {
     /// more than [`MAX_CLOCK_SKEW`] ahead of `now` is not fresh at all. An agent that stops
     /// renewing is expired at most `MAX_CLOCK_SKEW + MAX_LEASE_DURATION` after its last
     /// renewal, whatever it wrote.
-    pub fn of(lease: &Lease, now: jiff::Timestamp) -> Self {
+    pub fn of(lease: &Lease, hypervisor: Option<&Hypervisor>, now: jiff::Timestamp) -> Self {
         let renewal = lease
             .spec
             .as_ref()
@@ -129,21 +153,13 @@ impl Agent {
                 }
             }
         };
-        let physical_networks = lease
-            .annotations()
-            .get(PHYSICAL_NETWORKS_ANNOTATION)
-            .map(|v| {
-                v.split(',')
-                    .map(str::trim)
-                    .filter(|p| !p.is_empty())
-                    .map(String::from)
-                    .collect()
-            })
-            .unwrap_or_default();
         Self {
             node: lease.name_any(),
             freshness,
-            physical_networks,
+            physical_networks: physical_networks(lease.annotations()),
+            granted: hypervisor
+                .map(|h| physical_networks(h.annotations()))
+                .unwrap_or_default(),
         }
     }
 
@@ -160,10 +176,27 @@ impl Agent {
                 "its network agent's Lease says it was renewed {s} s ahead of this controller's \
                  clock, which is not believed"
             )),
-            Freshness::Fresh => physical
-                .filter(|p| !self.physical_networks.iter().any(|n| n == p))
-                .map(|p| format!("it has no physical network {p:?}")),
+            Freshness::Fresh => physical.and_then(|p| {
+                if !self.physical_networks.iter().any(|n| n == p) {
+                    Some(format!("it has no physical network {p:?}"))
+                } else if !self.granted.iter().any(|n| n == p) {
+                    Some(format!(
+                        "it declares physical network {p:?}, which the operator has not granted \
+                         it (annotation {PHYSICAL_NETWORKS_ANNOTATION} on Hypervisor {})",
+                        self.node
+                    ))
+                } else {
+                    None
+                }
+            }),
         }
+    }
+
+    /// Whether it is fresh and declares `physical` without the operator's grant.
+    fn ungranted(&self, physical: &str) -> bool {
+        self.fresh()
+            && self.physical_networks.iter().any(|n| n == physical)
+            && !self.granted.iter().any(|n| n == physical)
     }
 }
 
@@ -226,12 +259,15 @@ pub fn place(
                     format!(" (node {c} was lost: {why})")
                 })
                 .unwrap_or_default();
-            // Lease that claim a renewal in the future are named: an operator has a clock
-            // or a node to look at.
+            // Lease that claim a renewal in the future, and nodes that declare the physical
+            // network without a grant, are named: an operator has a clock, a node or a grant
+            // to look at.
             let ahead: Vec<String> = agents
                 .iter()
                 .filter(|a| {
-                    matches!(a.freshness, Freshness::Ahead(_)) && Some(a.node.as_str()) != current
+                    (matches!(a.freshness, Freshness::Ahead(_))
+                        || physical.is_some_and(|p| a.ungranted(p)))
+                        && Some(a.node.as_str()) != current
                 })
                 .filter_map(|a| {
                     a.unfit(physical)
@@ -313,6 +349,8 @@ struct Ctx {
     routers: Runtime<Router>,
     ports: Runtime<Port>,
     leases: Store<Lease>,
+    /// The Hypervisors, whose annotations are the operator's physical network grants.
+    hypervisors: Store<Hypervisor>,
     store: Store<Router>,
 }
 
@@ -458,11 +496,17 @@ async fn sync(router: &Router, ctx: &Ctx) -> Result<Action, RoutersError> {
     // Placement.
     stratus_runtime::store_ready(&ctx.leases).await;
     let now = jiff::Timestamp::now();
+    stratus_runtime::store_ready(&ctx.hypervisors).await;
     let agents: Vec<Agent> = ctx
         .leases
         .state()
         .iter()
-        .map(|l| Agent::of(l, now))
+        .map(|l| {
+            let hv = ctx
+                .hypervisors
+                .get(&ObjectRef::<Hypervisor>::new(&l.name_any()));
+            Agent::of(l, hv.as_deref(), now)
+        })
         .collect();
     let mut load = BTreeMap::new();
     for r in ctx.store.state() {
@@ -661,6 +705,14 @@ pub async fn run(client: Client) {
     .default_backoff()
     .reflect(lease_writer)
     .applied_objects();
+    let (hypervisors, hypervisor_writer) = reflector::store();
+    let hypervisor_stream = watcher(
+        Api::<Hypervisor>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(hypervisor_writer)
+    .applied_objects();
     let controller = Controller::new(
         Api::<Router>::all(client.clone()),
         watcher::Config::default(),
@@ -671,9 +723,11 @@ pub async fn run(client: Client) {
         routers: Runtime::new(client.clone(), MANAGER),
         ports: Runtime::new(client.clone(), MANAGER),
         leases,
+        hypervisors,
         store: store.clone(),
     });
     let by_node = store.clone();
+    let by_grant = store.clone();
     let all = store.clone();
     controller
         // An agent's Lease changing (appearing, renewed, its annotations) may move routers
@@ -681,6 +735,20 @@ pub async fn run(client: Client) {
         .watches_stream(lease_stream, move |l: Lease| {
             let node = l.name_any();
             by_node
+                .state()
+                .into_iter()
+                .filter(|r| {
+                    let on = r.status.as_ref().and_then(|s| s.node.as_deref());
+                    on.is_none() || on == Some(node.as_str())
+                })
+                .map(|r| ObjectRef::from_obj(&*r))
+                .collect::<Vec<_>>()
+        })
+        // A node's grants changing (its Hypervisor's annotation) may move routers off it or
+        // let an unplaced one onto it.
+        .watches_stream(hypervisor_stream, move |h: Hypervisor| {
+            let node = h.name_any();
+            by_grant
                 .state()
                 .into_iter()
                 .filter(|r| {
@@ -726,7 +794,46 @@ mod tests {
                 Freshness::Expired
             },
             physical_networks: physical.iter().map(|p| p.to_string()).collect(),
+            granted: physical.iter().map(|p| p.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn a_physical_network_counts_only_when_declared_and_granted() {
+        let mut claims = agent("a", true, &["physnet1"]);
+        claims.granted.clear();
+        let mut granted_only = agent("g", true, &[]);
+        granted_only.granted = vec!["physnet1".into()];
+        let agents = [claims.clone(), granted_only.clone()];
+        let load = BTreeMap::new();
+        // A node that declares a physical network it was not granted gets no router for it,
+        // nor does one granted a network its agent does not declare; the condition names
+        // the node and the network.
+        let b = place(None, Some("physnet1"), &agents, &load).expect_err("nowhere");
+        assert!(
+            b.message.contains(
+                "node a: it declares physical network \"physnet1\", which the operator has not \
+                 granted it"
+            ),
+            "{}",
+            b.message
+        );
+        assert!(!b.message.contains("node g"), "{}", b.message);
+        // A router on a node whose grant was taken away moves to one granted it.
+        let agents = [claims, agent("b", true, &["physnet1"])];
+        assert_eq!(
+            place(Some("a"), Some("physnet1"), &agents, &load).as_deref(),
+            Ok("b")
+        );
+        assert!(
+            placed_message("b", Some("a"), Some("physnet1"), &agents)
+                .contains("moved from node a: it declares physical network \"physnet1\"")
+        );
+        // Routers needing no physical network are placed whatever the grants.
+        assert_eq!(
+            place(None, None, &[granted_only], &load).as_deref(),
+            Ok("g")
+        );
     }
 
     #[test]
@@ -824,6 +931,29 @@ mod tests {
     }
 
     #[test]
+    fn the_grant_is_the_hypervisors_annotation() {
+        let now = jiff::Timestamp::now();
+        let mut hv = Hypervisor::new(
+            "a",
+            serde_json::from_value(serde_json::json!({})).expect("spec"),
+        );
+        hv.metadata.annotations = Some(
+            [(
+                PHYSICAL_NETWORKS_ANNOTATION.to_string(),
+                "physnet1".to_string(),
+            )]
+            .into(),
+        );
+        let a = Agent::of(&lease(now, Some(0), Some(20)), Some(&hv), now);
+        assert_eq!(a.granted, ["physnet1"]);
+        assert_eq!(a.unfit(Some("physnet1")), None);
+        assert!(
+            a.unfit(Some("ext2"))
+                .is_some_and(|w| w.contains("not granted"))
+        );
+    }
+
+    #[test]
     fn a_lease_is_fresh_by_this_controllers_clock_not_by_what_the_node_wrote() {
         let now = jiff::Timestamp::now();
         let year = 365 * 24 * 3600;
@@ -882,13 +1012,14 @@ mod tests {
             ),
         ];
         for (what, renewed, duration, want) in cases {
-            let a = Agent::of(&lease(now, *renewed, *duration), now);
+            let a = Agent::of(&lease(now, *renewed, *duration), None, now);
             assert_eq!(a.freshness, *want, "{what}");
             assert_eq!(a.fresh(), *want == Freshness::Fresh, "{what}");
             assert_eq!(a.physical_networks, ["physnet1", "ext2"]);
+            assert!(a.granted.is_empty(), "{what}: no Hypervisor, no grant");
         }
         assert_eq!(
-            Agent::of(&Lease::default(), now).freshness,
+            Agent::of(&Lease::default(), None, now).freshness,
             Freshness::Expired
         );
         // A node that stopped renewing is expired by the cap and the skew at the latest,
@@ -897,10 +1028,10 @@ mod tests {
         let later = now
             .checked_add(MAX_LEASE_DURATION + MAX_CLOCK_SKEW)
             .expect("time");
-        assert!(!Agent::of(&last, later).fresh());
+        assert!(!Agent::of(&last, None, later).fresh());
         let forged = lease(now, Some(-10 * year), Some(i32::MAX));
-        assert!(!Agent::of(&forged, now).fresh());
-        assert!(!Agent::of(&forged, later).fresh());
+        assert!(!Agent::of(&forged, None, now).fresh());
+        assert!(!Agent::of(&forged, None, later).fresh());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use stratus_apiserver::admission::network::{ROUTER_GATEWAY, gateway_port_claim};
 use stratus_apiserver::base::error::ApiError;
 use stratus_apiserver::storage::keys;
 
-use crate::fixtures::{Cloud, JSON, MERGE, Obj, refused};
+use crate::fixtures::{Cloud, JSON, JSON_PATCH, MERGE, Obj, refused};
 
 const V1: &str = "network.stratus.dev/v1";
 
@@ -649,4 +649,82 @@ async fn another_projects_private_network_is_answered_as_missing() {
         "{}",
         private.message
     );
+}
+
+/// A node cannot grant itself a physical network: the grant is
+/// `network.stratus.dev/physical-networks` on its Hypervisor, whose metadata is the
+/// operator's, however the node writes it (registering, merge patch, JSON patch, PUT); the
+/// operator's grant stays, and the node's status writes keep it.
+#[tokio::test]
+async fn a_node_cannot_grant_itself_a_physical_network() {
+    use stratus_api_types::network::PHYSICAL_NETWORKS_ANNOTATION as GRANT;
+    let c = Cloud::new().await;
+    let n1 = c.node("n1");
+    let hvs = c.target("Hypervisor", None, None);
+    let hv = |annotations: Value| {
+        json!({
+            "apiVersion": "compute.stratus.dev/v1", "kind": "Hypervisor",
+            "metadata": {"name": "n1", "annotations": annotations},
+            "spec": {"hypervisorType": "qemu"},
+        })
+        .to_string()
+    };
+    // Registering with the grant.
+    let e = refused(n1.create(&hvs, JSON, &hv(json!({GRANT: "physnet1"}))).await);
+    assert_eq!(e.code, 403, "{}", e.message);
+    assert!(e.message.contains("metadata.annotations"), "{}", e.message);
+    assert_eq!(refused(c.get("Hypervisor", None, "n1").await).code, 404);
+    n1.create(&hvs, JSON, &hv(json!({})))
+        .await
+        .expect("registered");
+    let own = c.target("Hypervisor", None, Some("n1"));
+    let before = c.get("Hypervisor", None, "n1").await.expect("n1");
+    // Granting itself afterwards, every way a write can say it.
+    let mut put = before.clone();
+    put["metadata"]["annotations"] = json!({GRANT: "physnet1"});
+    for (kind, body) in [
+        (
+            MERGE,
+            json!({"metadata": {"annotations": {GRANT: "physnet1"}}}).to_string(),
+        ),
+        (
+            JSON_PATCH,
+            json!([{"op": "add", "path": "/metadata/annotations", "value": {GRANT: "physnet1"}}])
+                .to_string(),
+        ),
+    ] {
+        let e = refused(n1.patch(&own, kind, &body).await);
+        assert_eq!(e.code, 403, "{kind}: {}", e.message);
+    }
+    let e = refused(n1.put(&own, JSON, &put.to_string()).await);
+    assert_eq!(e.code, 403, "PUT: {}", e.message);
+    assert_eq!(c.get("Hypervisor", None, "n1").await.expect("kept"), before);
+    // The operator grants it; the node can take it away no more than it could add it, and
+    // its status writes keep it.
+    c.patch(
+        &own,
+        MERGE,
+        &json!({"metadata": {"annotations": {GRANT: "physnet1"}}}),
+        "",
+    )
+    .await
+    .expect("granted");
+    let e = refused(
+        n1.patch(
+            &own,
+            MERGE,
+            &json!({"metadata": {"annotations": {GRANT: null}}}).to_string(),
+        )
+        .await,
+    );
+    assert_eq!(e.code, 403, "{}", e.message);
+    n1.patch(
+        &c.status("Hypervisor", None, "n1"),
+        MERGE,
+        &json!({"status": {"phase": "Ready"}}).to_string(),
+    )
+    .await
+    .expect("its status");
+    let after = c.get("Hypervisor", None, "n1").await.expect("n1");
+    assert_eq!(after["metadata"]["annotations"][GRANT], "physnet1");
 }

@@ -279,20 +279,24 @@ fn a_floating_ip_reaches_a_guest_through_a_router_that_moves_when_its_node_dies(
         &s1.path().join("controllers.log"),
     )?;
 
-    // The operator's external network (flat on physnet1), a tenant network with a guest's
-    // port, and a router between them.
+    // The operator's external network (flat on physnet1; both nodes granted physnet1 on
+    // their Hypervisors), a tenant network with a guest's port, and a router between them.
     api.kubectl_in(
         &["apply", "-f", "-"],
         &format!(
             r#"
 apiVersion: compute.stratus.dev/v1
 kind: Hypervisor
-metadata: {{name: {n1}}}
+metadata:
+  name: {n1}
+  annotations: {{network.stratus.dev/physical-networks: physnet1}}
 spec: {{hypervisorType: qemu}}
 ---
 apiVersion: compute.stratus.dev/v1
 kind: Hypervisor
-metadata: {{name: {n2}}}
+metadata:
+  name: {n2}
+  annotations: {{network.stratus.dev/physical-networks: physnet1}}
 spec: {{hypervisorType: qemu}}
 ---
 apiVersion: network.stratus.dev/v1

@@ -1,7 +1,8 @@
 //! Routers and floating IPs, the API side, against a real API server, etcd and controllers
 //! with no network agent: the test writes the network agents' Leases itself (as an admin), so
 //! a Router is placed on a node with a fresh Lease and the external network's physical
-//! network, gets its interface Port (the subnet's gateway address) and gateway Port (an
+//! network (declared in the Lease and granted by the operator on the node's Hypervisor;
+//! declared alone, the Router says which node lacks the grant), gets its interface Port (the subnet's gateway address) and gateway Port (an
 //! address of the external subnet), each placed on its node, moves when that node's Lease
 //! expires, and gives every address back when deleted; a floating IP is associated with a
 //! port's address through it; a node reads and writes only its own routers and their floating
@@ -103,13 +104,52 @@ fn a_router_is_placed_with_its_ports_moves_with_its_node_and_gives_everything_ba
     ])?;
     let claims = format!("{PREFIX}/_claims/network/{}/ip/", ext_uid.trim());
     let before = keys_under(&cloud, &claims)?;
-    // Node rn-a's agent is fresh, rn-b's expired long ago.
+    // Node rn-a's agent is fresh, rn-b's expired long ago. Both declare physnet1; the
+    // operator granted it to rn-b only (on its Hypervisor).
     cloud.kubectl_in(&["apply", "-f", "-"], &lease("rn-a", 0)?)?;
     cloud.kubectl_in(&["apply", "-f", "-"], &lease("rn-b", 600)?)?;
     cloud.kubectl_in(
         &["apply", "-f", "-"],
+        "apiVersion: compute.stratus.dev/v1\nkind: Hypervisor\nmetadata: {name: rn-a}\nspec: {}\n---\napiVersion: compute.stratus.dev/v1\nkind: Hypervisor\nmetadata:\n  name: rn-b\n  annotations: {network.stratus.dev/physical-networks: physnet1}\nspec: {}\n",
+    )?;
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
         "apiVersion: network.stratus.dev/v1\nkind: Router\nmetadata: {name: r, namespace: demo}\nspec:\n  interfaces: [{subnet: sub}]\n  externalGateway: {network: ops/ext}\n",
     )?;
+    // rn-a declares physnet1 without a grant: r goes nowhere, and says why.
+    let why = wait_until(T, "router r unschedulable, naming rn-a's missing grant", || {
+        let r = get(&cloud, "demo", "router", "r")?;
+        let c = r["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Scheduled" && c["status"] == "False")?
+            .clone();
+        c["message"]
+            .as_str()?
+            .contains("node rn-a: it declares physical network \"physnet1\", which the operator has not granted it")
+            .then_some(r)
+    })
+    .with_context(|| cloud.log())?;
+    assert!(why["status"]["node"].is_null(), "{why}");
+    // A node cannot grant itself a physical network.
+    let out = cloud.kubectl_as(
+        &cloud.dir.path().join("node-rn-a.kubeconfig"),
+        &[
+            "annotate",
+            "hypervisor",
+            "rn-a",
+            "network.stratus.dev/physical-networks=physnet1",
+        ],
+    )?;
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("orbidden"), "{e}");
+    // The operator grants it.
+    cloud.kubectl_ok(&[
+        "annotate",
+        "hypervisor",
+        "rn-a",
+        "network.stratus.dev/physical-networks=physnet1",
+    ])?;
     let subnet_uid = cloud.kubectl_ok(&[
         "-n",
         "demo",
