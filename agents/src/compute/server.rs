@@ -573,18 +573,9 @@ async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
     // would not be the server the user applied.
     let nics = nics(ctx, server, &ns).await?;
     let name = server.name_any();
-    let node = ctx.config.node.as_str();
     // The guest starts with every volume it asks for, or waits: one without them would not be
     // the server the user applied.
-    let names: Vec<String> = server
-        .spec
-        .volumes
-        .iter()
-        .map(|v| v.volume.clone())
-        .collect();
-    let volumes = vols::resolve(&ctx.client, &ns, &name, node, &names)
-        .await
-        .map_err(ServerError::Api)?;
+    let volumes = resolve_volumes(ctx, server).await?;
     if let Some(why) = volumes.refused.first() {
         return Err(NotBuilt::Blocked(Blocked {
             reason: Reason::VolumeRefused,
@@ -1128,22 +1119,7 @@ async fn sync_volumes(
     domain: &DomainInfo,
     status: &mut ServerStatus,
 ) -> Result<bool, ServerError> {
-    let ns = server.namespace().ok_or(ServerError::Incomplete)?;
-    let names: Vec<String> = server
-        .spec
-        .volumes
-        .iter()
-        .map(|v| v.volume.clone())
-        .collect();
-    let resolved = vols::resolve(
-        &ctx.client,
-        &ns,
-        &server.name_any(),
-        &ctx.config.node,
-        &names,
-    )
-    .await
-    .map_err(ServerError::Api)?;
+    let resolved = resolve_volumes(ctx, server).await?;
     let name = domain.name.clone();
     let running = domain.state == DomainState::Running;
     let driver = Arc::clone(&ctx.driver);
@@ -1202,7 +1178,9 @@ async fn sync_volumes(
                 format!("{unplugging} disk(s) being unplugged by the guest"),
             )
             .set(&mut status.conditions, gen_);
-    } else if !names.is_empty() || ConditionType::Attached.find(&status.conditions).is_some() {
+    } else if !server.spec.volumes.is_empty()
+        || ConditionType::Attached.find(&status.conditions).is_some()
+    {
         ConditionType::Attached
             .yes(
                 "Attached",
@@ -1389,9 +1367,8 @@ async fn report_drift(
     Ok(After::Return(Action::requeue(ctx.config.resync)))
 }
 
-/// Whether domain `name`'s definition holds only volumes `server` asks for and this node
-/// can give it (see [`vols::Resolved::holds_only_ready`]); nothing is changed.
-async fn definition_settled(ctx: &Ctx, server: &Server, name: &str) -> Result<bool, ServerError> {
+/// The volumes `server` names (`spec.volumes`), as this node can give them to its guest.
+async fn resolve_volumes(ctx: &Ctx, server: &Server) -> Result<vols::Resolved, ServerError> {
     let ns = server.namespace().ok_or(ServerError::Incomplete)?;
     let names: Vec<String> = server
         .spec
@@ -1399,7 +1376,7 @@ async fn definition_settled(ctx: &Ctx, server: &Server, name: &str) -> Result<bo
         .iter()
         .map(|v| v.volume.clone())
         .collect();
-    let resolved = vols::resolve(
+    vols::resolve(
         &ctx.client,
         &ns,
         &server.name_any(),
@@ -1407,7 +1384,13 @@ async fn definition_settled(ctx: &Ctx, server: &Server, name: &str) -> Result<bo
         &names,
     )
     .await
-    .map_err(ServerError::Api)?;
+    .map_err(ServerError::Api)
+}
+
+/// Whether domain `name`'s definition holds only volumes `server` asks for and this node
+/// can give it (see [`vols::Resolved::holds_only_ready`]); nothing is changed.
+async fn definition_settled(ctx: &Ctx, server: &Server, name: &str) -> Result<bool, ServerError> {
+    let resolved = resolve_volumes(ctx, server).await?;
     let driver = Arc::clone(&ctx.driver);
     let name = name.to_owned();
     let attached = blocking(move || driver.volumes(&name)).await??;
