@@ -539,6 +539,18 @@ fn a_storage_agent_serves_lvm_and_file_pools() -> Result<()> {
         get(&api, "volume", "f-v", "{.status.devicePath}") == file.to_string_lossy(),
         "a file volume's device is its file"
     );
+    // The file pool's capacity is its filesystem's free space, which the LVM pool's copies
+    // below (on the same filesystem here) take from: what the file pool holds is let go now,
+    // so that the later placements on it do not depend on how much disk this host has free.
+    for (kind, name) in [
+        ("volume", "f-c"),
+        ("volume", "f-r"),
+        ("volumesnapshot", "f-s"),
+        ("volume", "f-v"),
+    ] {
+        delete(&api, kind, name)?;
+    }
+    ensure!(!file.exists(), "{} left after its volume", file.display());
 
     // An LV removed behind the agent's back is reported, not made again empty.
     volume(&api, "doomed", 1, None)?;
@@ -677,10 +689,6 @@ fn a_storage_agent_serves_lvm_and_file_pools() -> Result<()> {
         ("volume", "l-r"),
         ("volumesnapshot", "l-s"),
         ("volume", "l-v"),
-        ("volume", "f-c"),
-        ("volume", "f-r"),
-        ("volumesnapshot", "f-s"),
-        ("volume", "f-v"),
     ] {
         delete(&api, kind, name)?;
     }
