@@ -34,6 +34,7 @@ bin  ethtool              ethtool
 bin  busybox              busybox-static
 bin  lvcreate             lvm2
 bin  losetup              mount
+bin  mkfs.ext4            e2fsprogs
 bin  cpio                 cpio
 bin  genisoimage          genisoimage
 bin  curl                 curl

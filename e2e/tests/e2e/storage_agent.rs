@@ -89,6 +89,8 @@ struct Host {
     vg: String,
     pv: PathBuf,
     files: PathBuf,
+    /// Where the file pool's filesystem is mounted.
+    mount: PathBuf,
 }
 
 impl Host {
@@ -99,9 +101,41 @@ impl Host {
         std::fs::File::create(&img)?.set_len(16 * GIB)?;
         let pv =
             PathBuf::from(run("losetup", &["--find", "--show", &img.to_string_lossy()])?.trim());
-        let files = dir.path().join("files");
-        std::fs::create_dir(&files)?;
-        let host = Self { dir, vg, pv, files };
+        // The file pool on a filesystem of its own, as an operator would give it: its
+        // capacity (the filesystem's free space) is then the same on every host, whatever the
+        // host's own disk has free and whoever else writes to it.
+        let fs = dir.path().join("files.img");
+        std::fs::File::create(&fs)?.set_len(24 * GIB)?;
+        run(
+            "mkfs.ext4",
+            &[
+                "-q",
+                "-F",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1",
+                &fs.to_string_lossy(),
+            ],
+        )?;
+        let mount = dir.path().join("filesfs");
+        std::fs::create_dir(&mount)?;
+        run(
+            "mount",
+            &[
+                "-o",
+                "loop",
+                &fs.to_string_lossy(),
+                &mount.to_string_lossy(),
+            ],
+        )?;
+        let files = mount.join("pool");
+        let host = Self {
+            dir,
+            vg,
+            pv,
+            files,
+            mount,
+        };
+        std::fs::create_dir(&host.files)?;
         lvm("pvcreate", &["-y", &host.pv.to_string_lossy()])?;
         lvm("vgcreate", &[&host.vg, &host.pv.to_string_lossy()])?;
         Ok(host)
@@ -124,6 +158,10 @@ impl Drop for Host {
         let _ = lvm("vgremove", &["-f", &self.vg]);
         let _ = lvm("pvremove", &["-y", &self.pv.to_string_lossy()]);
         let _ = run("losetup", &["--detach", &self.pv.to_string_lossy()]);
+        let mount = self.mount.to_string_lossy();
+        if run("umount", &[&mount]).is_err() {
+            let _ = run("umount", &["--lazy", &mount]);
+        }
     }
 }
 
@@ -474,9 +512,8 @@ fn a_storage_agent_serves_lvm_and_file_pools() -> Result<()> {
         api.kubectl_ok(&["get", "storagepool", "fast", "-o", "yaml"])
             .unwrap_or_default()
     })?;
-    // The file pool holds nothing yet: its capacity is the filesystem's free space (others'
-    // builds write to it meanwhile: within a GiB), not the filesystem's size, which the
-    // system's own files take part of.
+    // The file pool holds nothing yet: its capacity is the filesystem's free space, not the
+    // filesystem's size, which the filesystem's own metadata takes part of.
     wait_until(WAIT, "pool files Ready with the free space", || {
         let (before, got, after) = (fs_gib(), capacity("files"), fs_gib());
         let gib: u64 = got.strip_prefix("Ready ")?.parse().ok()?;
@@ -539,9 +576,8 @@ fn a_storage_agent_serves_lvm_and_file_pools() -> Result<()> {
         get(&api, "volume", "f-v", "{.status.devicePath}") == file.to_string_lossy(),
         "a file volume's device is its file"
     );
-    // The file pool's capacity is its filesystem's free space, which the LVM pool's copies
-    // below (on the same filesystem here) take from: what the file pool holds is let go now,
-    // so that the later placements on it do not depend on how much disk this host has free.
+    // What the file pool holds is let go now: deleting a volume and its snapshot removes
+    // their files.
     for (kind, name) in [
         ("volume", "f-c"),
         ("volume", "f-r"),
