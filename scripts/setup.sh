@@ -46,6 +46,9 @@ bin  chromedriver         chromium-driver
 py   selenium             python3-selenium
 bin  swift-ring-builder   swift
 py   swift                python3-swift
+bin  swift-object-server  swift-object
+bin  swift-container-server swift-container
+bin  swift-account-server swift-account
 '
 
 sudo=""

@@ -44,6 +44,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         storage::StoragePool::crd(),
         object::ObjectRing::crd(),
         object::ObjectRingVersion::crd(),
+        object::ObjectNode::crd(),
     ]
 }
 

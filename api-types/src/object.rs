@@ -260,7 +260,191 @@ pub struct ObjectRingStatus {
     /// While `spec.paused`: what applying the spec would do (absent, or empty, otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proposed: Option<RingProposal>,
+    /// Devices built with weight 0 (`IP/DEVICE`) whatever their spec weight: their node's
+    /// object agent reports them failed (its ObjectNode's `status.devices`), so their
+    /// replicas move to healthy devices. A device reported healthy again gets its weight back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10000))]
+    pub drained_devices: Vec<String>,
     /// Latest observations of the ring's state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// One object storage node: where its Swift servers listen. Registered by the node's object
+/// agent (named after the node) and reported on by it: its devices' health, its servers and
+/// daemons, the rings it installed and replication progress.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "object.stratus.dev",
+    version = "v1",
+    kind = "ObjectNode",
+    status = "ObjectNodeStatus",
+    derive = "PartialEq",
+    shortname = "onode",
+    category = "stratus",
+    doc = "An object storage node: its Swift servers, devices and rings, as its agent reports them.",
+    printcolumn(name = "IP", type_ = "string", json_path = ".spec.ip"),
+    printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Heartbeat",
+        type_ = "date",
+        json_path = ".status.lastHeartbeatTime",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObjectNodeSpec {
+    /// The address the node's account, container and object servers listen on (the `ip`
+    /// of its devices in the rings).
+    #[schemars(regex(pattern = IPV4_PATTERN), ipv4)]
+    pub ip: String,
+}
+
+/// Lifecycle phase of an ObjectNode.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ObjectNodePhase {
+    /// Its agent has not reported yet.
+    #[default]
+    Pending,
+    /// Every device is healthy and every server and daemon runs.
+    Ready,
+    /// A device failed, or a server or daemon is not running (see the entries).
+    Degraded,
+}
+
+/// Health of one device directory.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DeviceState {
+    /// Present, mounted (when mounts are checked) and writable.
+    #[default]
+    Healthy,
+    /// Missing, not mounted or not writable: the ring controller drains it.
+    Failed,
+}
+
+/// One device of an object node, as its agent last found it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObjectDeviceStatus {
+    /// The device's directory name under the servers' `devices` root (a ring device's
+    /// `device`).
+    #[schemars(length(min = 1, max = 64))]
+    pub name: String,
+    /// Healthy or Failed.
+    #[serde(default)]
+    pub state: DeviceState,
+    /// Whether a filesystem is mounted on it.
+    #[serde(default)]
+    pub mounted: bool,
+    /// Whether a file could be written and synced on it.
+    #[serde(default)]
+    pub writable: bool,
+    /// Size of its filesystem, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_bytes: Option<u64>,
+    /// Bytes available to the servers on its filesystem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available_bytes: Option<u64>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub message: Option<String>,
+}
+
+/// One Swift server or daemon the agent supervises.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObjectProcessStatus {
+    /// Its program (`swift-object-server`, `swift-object-replicator`, ...).
+    #[schemars(length(min = 1, max = 64))]
+    pub name: String,
+    /// Whether it runs.
+    #[serde(default)]
+    pub running: bool,
+    /// Times the agent started it again after it exited.
+    #[serde(default)]
+    pub restarts: u32,
+    /// How it last exited, or what it waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub message: Option<String>,
+}
+
+/// A ring file an object node installed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InstalledRing {
+    /// The ObjectRing.
+    #[schemars(length(min = 1, max = 253))]
+    pub ring: String,
+    /// The file in the servers' `swift_dir` (`object.ring.gz`, ...).
+    #[schemars(length(min = 1, max = 64))]
+    pub file: String,
+    /// The ring version installed.
+    pub version: u64,
+}
+
+/// Replication progress of one server type on a node (Swift's recon cache).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReplicationStatus {
+    /// Whose replicator: account, container or object.
+    pub ring_type: RingType,
+    /// When its last complete pass ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_pass: Option<Time>,
+    /// How long that pass took, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pass_seconds: Option<f64>,
+    /// Partitions (objects) or databases (accounts, containers) the pass tried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempted: Option<u64>,
+    /// Of those, how many failed to replicate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failures: Option<u64>,
+}
+
+/// Observed state of an ObjectNode, written by its object agent.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObjectNodeStatus {
+    /// Lifecycle phase.
+    #[serde(default)]
+    pub phase: ObjectNodePhase,
+    /// Its devices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub devices: Vec<ObjectDeviceStatus>,
+    /// Its Swift servers and daemons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub processes: Vec<ObjectProcessStatus>,
+    /// The ring files it installed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["file"]))]
+    pub rings: Vec<InstalledRing>,
+    /// Replication progress per server type.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 3))]
+    pub replication: Vec<ReplicationStatus>,
+    /// When the agent last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_time: Option<Time>,
+    /// Latest observations of the node's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]

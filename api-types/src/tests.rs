@@ -144,6 +144,7 @@ fn decode_typed(kind: &str, doc: &Value) -> Result<bool, String> {
         "StoragePool" => de::<storage::StoragePool>(doc).map(|()| false),
         "ObjectRing" => de::<object::ObjectRing>(doc).map(|()| false),
         "ObjectRingVersion" => de::<object::ObjectRingVersion>(doc).map(|()| false),
+        "ObjectNode" => de::<object::ObjectNode>(doc).map(|()| false),
         other => Err(format!("unknown kind {other}")),
     }?;
     Ok(namespaced)
@@ -235,7 +236,7 @@ fn examples_decode_validate_and_match_schema() {
 #[test]
 fn every_kind_has_one_v1_version_with_status_and_category() {
     let crds = crds();
-    assert_eq!(crds.len(), 21);
+    assert_eq!(crds.len(), 22);
     let mut short_names = BTreeSet::new();
     // Short names of Kubernetes' own resources, which kubectl would resolve first.
     let builtin = [
@@ -287,6 +288,7 @@ fn scopes_match_the_design() {
         "StoragePool",
         "ObjectRing",
         "ObjectRingVersion",
+        "ObjectNode",
     ]
     .into();
     for crd in crds() {

@@ -1,0 +1,537 @@
+//! The object agent's loop: the node's ObjectNode registered; each ObjectRing's current
+//! version installed as its ring file; the Swift servers and daemons kept running ([`plan`]
+//! decides, the [`Supervisor`] acts), a crashed one restarted with capped exponential
+//! backoff and an Event; and, every heartbeat, the devices' health, the processes, the rings
+//! installed and replication progress written to the ObjectNode's status.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
+use base64::Engine as _;
+use futures::StreamExt as _;
+use kube::api::{Api, PostParams};
+use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::{WatchStreamExt as _, reflector, watcher};
+use kube::{Client, Resource as _};
+use stratus_api_types::common::{Time, set_condition};
+use stratus_api_types::object::{
+    InstalledRing, ObjectNode, ObjectNodePhase, ObjectNodeSpec, ObjectNodeStatus,
+    ObjectProcessStatus, ObjectRing, ObjectRingVersion,
+};
+use stratus_runtime::{Runtime, blocking};
+
+use crate::config::{ConfigError, KINDS, NodeConfig, kind_name};
+use crate::driver::{DriverError, ProcessSpec, Supervisor, disk};
+use crate::plan::{self, Seen, Source, Step};
+use crate::recon;
+
+/// The agent's name in Events and as field manager.
+pub const MANAGER: &str = "stratus-object-agent";
+
+/// Largest ring file installed (the API's ObjectRingVersion holds at most 1 MB of base64).
+const MAX_RING_BYTES: usize = 1 << 20;
+
+/// A process that ran this long before it exited restarts after the shortest delay again.
+const STABLE: Duration = Duration::from_secs(60);
+
+/// How the agent runs Swift on its node.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The node and its devices.
+    pub node: NodeConfig,
+    /// How often the ObjectNode's status is written.
+    pub heartbeat: Duration,
+    /// How often the processes and rings are checked.
+    pub tick: Duration,
+    /// The Python that runs Swift's programs (Debian's: `/usr/bin/python3`).
+    pub python: PathBuf,
+    /// Where Swift's programs are (`/usr/bin`).
+    pub bin_dir: PathBuf,
+    /// The first and the longest delay before a crashed process starts again.
+    pub restart_delay: (Duration, Duration),
+}
+
+/// The agent's failure to start.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    /// The configuration cannot be written.
+    #[error("server configuration")]
+    Config(#[from] ConfigError),
+    /// A file or directory of the agent's.
+    #[error("{0}")]
+    Driver(#[from] DriverError),
+    /// The API server.
+    #[error("request to the API server")]
+    Api(#[from] kube::Error),
+    /// A blocking task panicked (a bug).
+    #[error("blocking task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// A process's restart bookkeeping.
+#[derive(Default)]
+struct Track {
+    restarts: u32,
+    started: Option<Instant>,
+    restart_at: Option<u64>,
+    backoff: Option<ExponentialBackoff>,
+    last_exit: Option<String>,
+}
+
+struct Agent {
+    config: Config,
+    supervisor: Arc<dyn Supervisor>,
+    recorder: Recorder,
+    nodes: Api<ObjectNode>,
+    versions: Api<ObjectRingVersion>,
+    status: Runtime<ObjectNode>,
+    epoch: Instant,
+    tracks: BTreeMap<String, Track>,
+    /// Ring file → what was installed there, and its bytes.
+    installed: BTreeMap<String, (Source, Vec<u8>)>,
+    ring_problems: Vec<String>,
+}
+
+/// Writes the servers' configuration files and makes the agent's directories.
+///
+/// # Errors
+/// A value the configuration cannot hold, or a directory that cannot be written.
+pub fn prepare(config: &NodeConfig) -> Result<(), ObjectError> {
+    config.check()?;
+    for dir in [
+        config.state_dir.clone(),
+        config.swift_dir(),
+        config.recon_dir(),
+        config.log_dir(),
+    ] {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| DriverError::io(format!("create {}", dir.display()), e))?;
+    }
+    for kind in KINDS {
+        let text = config.server_conf(kind)?;
+        let path = config.conf_path(kind);
+        std::fs::write(&path, text)
+            .map_err(|e| DriverError::io(format!("write {}", path.display()), e))?;
+    }
+    Ok(())
+}
+
+/// The process the node runs as `name` (`swift-object-replicator`).
+pub fn process_spec(config: &Config, name: &str) -> ProcessSpec {
+    let kind = KINDS
+        .into_iter()
+        .find(|k| name.starts_with(&format!("swift-{}-", kind_name(*k))))
+        .unwrap_or(stratus_api_types::object::RingType::Object);
+    ProcessSpec {
+        name: name.to_owned(),
+        program: config.python.clone(),
+        args: vec![
+            config.bin_dir.join(name).into_os_string(),
+            config.node.conf_path(kind).into_os_string(),
+            // Log to standard error (the log file) as well as syslog.
+            "--verbose".into(),
+        ],
+        log: config.node.log_dir().join(format!("{name}.log")),
+    }
+}
+
+fn now_time() -> Time {
+    Time(jiff::Timestamp::now())
+}
+
+impl Agent {
+    fn ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn node_ref(&self) -> k8s_openapi::api::core::v1::ObjectReference {
+        let mut node = ObjectNode::new(
+            &self.config.node.node,
+            ObjectNodeSpec {
+                ip: self.config.node.ip.to_string(),
+            },
+        );
+        node.metadata.name = Some(self.config.node.node.clone());
+        node.object_ref(&())
+    }
+
+    async fn event(&self, type_: EventType, reason: &str, note: String) {
+        stratus_runtime::events::publish(
+            &self.recorder,
+            &self.node_ref(),
+            type_,
+            "Supervise",
+            reason,
+            note,
+        )
+        .await;
+    }
+
+    /// Creates the node's ObjectNode if it has none.
+    async fn register(&self) -> Result<ObjectNode, kube::Error> {
+        let name = &self.config.node.node;
+        if let Some(n) = self.nodes.get_opt(name).await? {
+            return Ok(n);
+        }
+        let node = ObjectNode::new(
+            name,
+            ObjectNodeSpec {
+                ip: self.config.node.ip.to_string(),
+            },
+        );
+        match self.nodes.create(&PostParams::default(), &node).await {
+            Ok(n) => Ok(n),
+            Err(kube::Error::Api(s)) if s.code == 409 => self.nodes.get(name).await,
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Installs each ring's current version that is not in place yet.
+    async fn install_rings(&mut self, rings: &[ObjectRing]) {
+        let (sources, mut problems) = plan::ring_sources(rings);
+        let dir = self.config.node.swift_dir();
+        for (file, source) in sources {
+            let on_disk = std::fs::read(dir.join(&file)).ok();
+            if let Some((had, bytes)) = self.installed.get(&file)
+                && had == &source
+                && on_disk.as_ref() == Some(bytes)
+            {
+                continue;
+            }
+            let bytes = match self.fetch(&source).await {
+                Ok(b) => b,
+                Err(why) => {
+                    problems.push(format!("{}: {why}", source.version_name));
+                    continue;
+                }
+            };
+            let (d, f, b) = (dir.clone(), file.clone(), bytes.clone());
+            match blocking(move || disk::install(&d, &f, &b)).await {
+                Ok(Ok(changed)) => {
+                    if changed {
+                        tracing::info!(ring = %source.ring, version = source.version, %file, "ring installed");
+                        self.event(
+                            EventType::Normal,
+                            "RingInstalled",
+                            format!("{file}: {} version {}", source.ring, source.version),
+                        )
+                        .await;
+                    }
+                    self.installed.insert(file, (source, bytes));
+                }
+                Ok(Err(e)) => problems.push(stratus_runtime::policy::chain(&e)),
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        self.ring_problems = problems;
+    }
+
+    async fn fetch(&self, source: &Source) -> Result<Vec<u8>, String> {
+        let v = self
+            .versions
+            .get(&source.version_name)
+            .await
+            .map_err(|e| stratus_runtime::policy::chain(&e))?;
+        if v.spec.ring != source.ring || v.spec.version != source.version {
+            return Err(format!(
+                "is {} version {}, not {} version {}",
+                v.spec.ring, v.spec.version, source.ring, source.version
+            ));
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(v.spec.ring_file.as_bytes())
+            .map_err(|e| format!("ringFile: {e}"))?;
+        if bytes.len() > MAX_RING_BYTES || !bytes.starts_with(&[0x1f, 0x8b]) {
+            return Err("ringFile: not a gzipped ring file of at most 1 MiB".into());
+        }
+        Ok(bytes)
+    }
+
+    /// The ring types whose ring is installed.
+    fn installed_kinds(&self) -> BTreeSet<&'static str> {
+        KINDS
+            .into_iter()
+            .map(kind_name)
+            .filter(|k| {
+                self.installed.keys().any(|f| {
+                    f.strip_suffix(".ring.gz")
+                        .is_some_and(|s| s == *k || s.starts_with(&format!("{k}-")))
+                })
+            })
+            .collect()
+    }
+
+    /// Starts, restarts and stops processes as [`plan::plan`] says.
+    async fn supervise(&mut self) {
+        let wanted = plan::wanted(&self.installed_kinds());
+        let sup = Arc::clone(&self.supervisor);
+        let seen = blocking(move || sup.observe()).await.unwrap_or_default();
+        let restart_at: BTreeMap<String, u64> = self
+            .tracks
+            .iter()
+            .filter_map(|(n, t)| t.restart_at.map(|at| (n.clone(), at)))
+            .collect();
+        for step in plan::plan(&wanted, &seen, &restart_at, self.ms()) {
+            match step {
+                Step::Start(name) | Step::Restart(name) => self.start(&name).await,
+                Step::Crashed(name) => {
+                    let how = match seen.get(&name) {
+                        Some(Seen::Exited(how)) => how.clone(),
+                        _ => String::new(),
+                    };
+                    self.crashed(&name, how).await;
+                }
+                Step::Wait(..) => {}
+                Step::Stop(name) => {
+                    let sup = Arc::clone(&self.supervisor);
+                    let n = name.clone();
+                    if let Ok(Err(e)) = blocking(move || sup.stop(&n)).await {
+                        tracing::warn!(process = %name, error = %e, "cannot stop");
+                    }
+                    self.tracks.remove(&name);
+                }
+            }
+        }
+    }
+
+    async fn start(&mut self, name: &str) {
+        let spec = process_spec(&self.config, name);
+        let sup = Arc::clone(&self.supervisor);
+        let result = blocking(move || sup.start(&spec)).await;
+        let now = self.ms();
+        let track = self.tracks.entry(name.to_owned()).or_default();
+        match result {
+            Ok(Ok(())) => {
+                track.started = Some(Instant::now());
+                track.restart_at = None;
+            }
+            Ok(Err(e)) => {
+                let why = stratus_runtime::policy::chain(&e);
+                tracing::warn!(process = name, error = %why, "cannot start");
+                track.last_exit = Some(why);
+                // Retried after the next delay, as a crash would be.
+                let delay = next_delay(track, self.config.restart_delay);
+                track.restart_at = Some(now + delay.as_millis() as u64);
+            }
+            Err(e) => tracing::warn!(process = name, error = %e, "cannot start"),
+        }
+    }
+
+    async fn crashed(&mut self, name: &str, how: String) {
+        let now = self.ms();
+        let restart_delay = self.config.restart_delay;
+        let track = self.tracks.entry(name.to_owned()).or_default();
+        if track.started.is_some_and(|s| s.elapsed() >= STABLE) {
+            track.backoff = None;
+        }
+        let delay = next_delay(track, restart_delay);
+        track.restart_at = Some(now + delay.as_millis() as u64);
+        track.restarts += 1;
+        track.last_exit = Some(format!("exited ({how})"));
+        let restarts = track.restarts;
+        tracing::warn!(process = name, exit = %how, delay_ms = delay.as_millis() as u64, "exited; restarting");
+        self.event(
+            EventType::Warning,
+            "ProcessExited",
+            format!(
+                "{name} exited ({how}); starting it again in {:.1} s (restart {restarts})",
+                delay.as_secs_f64()
+            ),
+        )
+        .await;
+    }
+
+    /// The ObjectNode's status now.
+    async fn observe(&self, generation: Option<i64>, old: &ObjectNodeStatus) -> ObjectNodeStatus {
+        let cfg = self.config.node.clone();
+        let (devices, replication) = blocking(move || {
+            let devices: Vec<_> = cfg
+                .devices
+                .iter()
+                .map(|d| {
+                    let probe = disk::probe(&cfg.devices_dir.join(d.as_str()));
+                    plan::device_status(d.as_str(), &probe, cfg.mount_check)
+                })
+                .collect();
+            let replication: Vec<_> = KINDS
+                .into_iter()
+                .filter_map(|k| {
+                    let file = cfg.recon_dir().join(format!("{}.recon", kind_name(k)));
+                    recon::parse(k, &std::fs::read_to_string(file).ok()?)
+                })
+                .collect();
+            (devices, replication)
+        })
+        .await
+        .unwrap_or_default();
+        let sup = Arc::clone(&self.supervisor);
+        let seen = blocking(move || sup.observe()).await.unwrap_or_default();
+        let processes: Vec<_> = plan::wanted(&self.installed_kinds())
+            .into_iter()
+            .map(|name| {
+                let track = self.tracks.get(&name);
+                ObjectProcessStatus {
+                    running: seen.get(&name) == Some(&Seen::Running),
+                    restarts: track.map_or(0, |t| t.restarts),
+                    message: track.and_then(|t| t.last_exit.clone()),
+                    name,
+                }
+            })
+            .collect();
+        let rings = self
+            .installed
+            .iter()
+            .map(|(file, (s, _))| InstalledRing {
+                ring: s.ring.clone(),
+                file: file.clone(),
+                version: s.version,
+            })
+            .collect();
+        let phase = plan::phase(&devices, &processes);
+        let mut status = ObjectNodeStatus {
+            phase,
+            devices,
+            processes,
+            rings,
+            replication,
+            last_heartbeat_time: Some(now_time()),
+            conditions: old.conditions.clone(),
+            observed_generation: generation,
+        };
+        let (ready, reason, message) = match phase {
+            ObjectNodePhase::Ready if self.ring_problems.is_empty() => {
+                (true, "Serving", String::new())
+            }
+            ObjectNodePhase::Ready => (true, "Serving", self.ring_problems.join("; ")),
+            _ => {
+                let mut why: Vec<String> = status
+                    .devices
+                    .iter()
+                    .filter_map(|d| {
+                        d.message
+                            .as_ref()
+                            .map(|m| format!("device {}: {m}", d.name))
+                    })
+                    .collect();
+                why.extend(
+                    status
+                        .processes
+                        .iter()
+                        .filter(|p| !p.running)
+                        .map(|p| format!("{} is not running", p.name)),
+                );
+                why.extend(self.ring_problems.iter().cloned());
+                (false, "Degraded", why.join("; "))
+            }
+        };
+        set_condition(
+            &mut status.conditions,
+            "Ready",
+            ready,
+            reason,
+            &message,
+            generation,
+            now_time(),
+        );
+        status
+    }
+
+    async fn report(&self) -> Result<(), kube::Error> {
+        let node = self.register().await?;
+        let old = node.status.clone().unwrap_or_default();
+        if node.spec.ip != self.config.node.ip.to_string() {
+            tracing::warn!(spec = %node.spec.ip, flag = %self.config.node.ip, "the ObjectNode names another address than the agent serves on");
+        }
+        let status = self.observe(node.metadata.generation, &old).await;
+        self.status.write_status(&node, &status).await?;
+        Ok(())
+    }
+}
+
+/// The delay before `track`'s next start, from its backoff (a new one after a stable run).
+fn next_delay(track: &mut Track, (first, cap): (Duration, Duration)) -> Duration {
+    let backoff = track.backoff.get_or_insert_with(|| {
+        ExponentialBuilder::default()
+            .with_min_delay(first)
+            .with_max_delay(cap)
+            .with_factor(2.0)
+            .without_max_times()
+            .build()
+    });
+    backoff.next().unwrap_or(cap)
+}
+
+/// Runs the node's object storage until the future is dropped (its processes stop with the
+/// supervisor when the agent ends).
+///
+/// # Errors
+/// The configuration cannot be written.
+pub async fn run(
+    client: Client,
+    config: Config,
+    supervisor: Arc<dyn Supervisor>,
+) -> Result<(), ObjectError> {
+    let node_config = config.node.clone();
+    blocking(move || prepare(&node_config)).await??;
+    let (store, writer) = reflector::store::<ObjectRing>();
+    let rings = reflector(
+        writer,
+        watcher(
+            Api::<ObjectRing>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(|_| async {});
+    tokio::spawn(rings);
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (store, ready) = (store.clone(), Arc::clone(&ready));
+        tokio::spawn(async move {
+            stratus_runtime::store_ready(&store).await;
+            ready.store(true, std::sync::atomic::Ordering::Release);
+        });
+    }
+    let mut agent = Agent {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.into(),
+                instance: Some(config.node.node.clone()),
+            },
+        ),
+        nodes: Api::all(client.clone()),
+        versions: Api::all(client.clone()),
+        status: Runtime::new(client, MANAGER),
+        epoch: Instant::now(),
+        tracks: BTreeMap::new(),
+        installed: BTreeMap::new(),
+        ring_problems: Vec::new(),
+        supervisor,
+        config,
+    };
+    let mut tick = tokio::time::interval(agent.config.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_report: Option<Instant> = None;
+    loop {
+        tick.tick().await;
+        // Rings are installed only from a complete list, never from a cache still filling.
+        if ready.load(std::sync::atomic::Ordering::Acquire) {
+            let rings: Vec<ObjectRing> = store.state().iter().map(|r| (**r).clone()).collect();
+            agent.install_rings(&rings).await;
+        }
+        agent.supervise().await;
+        if last_report.is_none_or(|t| t.elapsed() >= agent.config.heartbeat) {
+            match agent.report().await {
+                Ok(()) => last_report = Some(Instant::now()),
+                Err(e) => {
+                    tracing::warn!(error = %stratus_runtime::policy::chain(&e), "cannot report the node's status")
+                }
+            }
+        }
+    }
+}
