@@ -66,7 +66,7 @@ fn wait(f: impl Fn() -> bool) {
 }
 
 /// `obj` as another object of the same name in project `ns` (its own uid).
-fn in_project<K: kube::Resource + Clone>(obj: Arc<K>, ns: &str) -> Arc<K> {
+pub(crate) fn in_project<K: kube::Resource + Clone>(obj: Arc<K>, ns: &str) -> Arc<K> {
     let mut o = (*obj).clone();
     let meta = o.meta_mut();
     meta.namespace = Some(ns.to_owned());
@@ -82,7 +82,7 @@ fn in_project<K: kube::Resource + Clone>(obj: Arc<K>, ns: &str) -> Arc<K> {
 }
 
 /// `obj` (a Port or Subnet) as made in the Network of `uid`.
-fn of_network<K: kube::Resource + Clone>(obj: Arc<K>, uid: &str) -> Arc<K> {
+pub(crate) fn of_network<K: kube::Resource + Clone>(obj: Arc<K>, uid: &str) -> Arc<K> {
     let mut o = (*obj).clone();
     o.meta_mut()
         .annotations
@@ -91,22 +91,22 @@ fn of_network<K: kube::Resource + Clone>(obj: Arc<K>, uid: &str) -> Arc<K> {
     Arc::new(o)
 }
 
-fn ifname(s: &str) -> IfName {
+pub(crate) fn ifname(s: &str) -> IfName {
     IfName::new(s).expect("ifname")
 }
 
-fn name(s: String) -> Name {
+pub(crate) fn name(s: String) -> Name {
     Name::new(&s).expect("name")
 }
 
-fn sh(ns: &Name, args: &[&str]) {
+pub(crate) fn sh(ns: &Name, args: &[&str]) {
     let (ok, out) = run_in(ns, args);
     assert!(ok, "{args:?}: {out}");
 }
 
 /// A guest namespace plugged into `node` by a veth: `device` on the node, `eth0` inside
 /// (up, no address yet); the guest's MAC.
-fn guest(l: &NetlinkLinks, node: &Netns, guest: &Name, device: &IfName) -> String {
+pub(crate) fn guest(l: &NetlinkLinks, node: &Netns, guest: &Name, device: &IfName) -> String {
     l.add_netns(guest).expect("guest netns");
     let g = Netns::Named(guest.clone());
     let eth0 = ifname("eth0");

@@ -1,7 +1,8 @@
 //! The network driver: what the agent asks of the node's kernel and daemons, each behind a
 //! trait with a real implementation and an in-memory fake that pass one
 //! [`conformance`] suite: [`Links`] (namespaces, bridges, VXLAN, veth, addresses, FDB over
-//! rtnetlink: [`netlink::NetlinkLinks`]), [`Firewall`] (the node's nftables ruleset:
+//! rtnetlink: [`netlink::NetlinkLinks`]; or the networks on an Open vSwitch integration
+//! bridge: [`ovs::OvsLinks`]), [`Firewall`] (the node's nftables ruleset:
 //! [`nft::NftFirewall`]) and [`Dhcp`] (static-lease DHCP servers: [`dnsmasq::Dnsmasq`]).
 //! Blocking calls; the agent runs them on tokio's blocking pool.
 
@@ -16,9 +17,14 @@ pub mod names;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
+pub mod ovs;
+pub mod ovs_daemon;
+pub mod ovs_flows;
 
 #[cfg(test)]
 pub(crate) mod host_tests;
+#[cfg(test)]
+mod ovs_host_tests;
 
 pub use dnsmasq::{DhcpError, DhcpSpec, DhcpStatus, StaticLease};
 pub use names::{IfName, Ipv4Cidr, MacAddr, Name, NameError, Netns, Role};

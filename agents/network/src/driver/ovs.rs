@@ -1,0 +1,1074 @@
+//! The Open vSwitch datapath behind [`Links`]: [`OvsLinks`] keeps the agent's model of a
+//! node (a bridge and a VXLAN device per network, their ports, the VXLAN devices' FDB) on
+//! one OVS integration bridge, [`INTEGRATION_BRIDGE`] (userspace `netdev` datapath), and
+//! drives the kernel through [`NetlinkLinks`] for everything else (namespaces, veths,
+//! addresses, routes) and for the node's other namespaces.
+//!
+//! In the node's namespace:
+//! - a network's bridge is an internal port of the integration bridge (a kernel device of
+//!   that name whose OpenFlow port number is the network's local id);
+//! - a port put on a network's bridge is a port of the integration bridge marked with that
+//!   network;
+//! - a VXLAN device is a record in the integration bridge's `external_ids` (VNI, local
+//!   address, UDP port, MTU, up, bridge, FDB); its FDB's remotes become one VXLAN tunnel
+//!   port per peer node (`options:key=flow`), made only while some network's FDB names that
+//!   peer;
+//! - forwarding and isolation are OpenFlow flows ([`super::ovs_flows`]), written in one
+//!   `--bundle` after every change and checked on every read: an object whose flows are not
+//!   all installed (a flow deleted by hand, a switch restarted) reads as not in place (its
+//!   port off the bridge, its bridge down, its FDB empty), so the agent's plan repairs it.
+//!
+//! Everything is stored in the switch's database or in the kernel; nothing is remembered
+//! between calls. Commands are argument vectors.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::names::digest_hex;
+use super::netlink::NetlinkLinks;
+use super::netns;
+use super::ovs_daemon::{Ovs, OvsDaemon, OvsError};
+use super::ovs_flows::{self, Bundle, NetworkFlows, Switch, TunnelFlows};
+use super::{
+    FdbEntry, IfName, Ipv4Cidr, Link, LinkError, LinkKind, Links, MacAddr, Name, Netns, RouteSpec,
+    VethSpec, VxlanInfo, VxlanSpec,
+};
+
+/// The integration bridge every network's ports are on.
+pub const INTEGRATION_BRIDGE: &str = "br-int";
+
+/// The `external_ids` key marking what an interface is to the agent.
+const ROLE: &str = "stratus-role";
+/// The `external_ids` key naming the network bridge a port is on.
+const NETWORK: &str = "stratus-network";
+/// The prefix of the integration bridge's `external_ids` keys holding VXLAN devices.
+const VXLAN_KEY: &str = "stratus-vxlan-";
+
+/// The MTU of a VXLAN device made without one (the kernel's for a VXLAN device on a 1500
+/// byte underlay).
+const VXLAN_MTU: u32 = 1450;
+
+fn ovs_err(e: OvsError) -> LinkError {
+    LinkError::Io {
+        what: "open vswitch".into(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+/// A VXLAN device as the switch's database keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VxlanRecord {
+    vni: u32,
+    local: Ipv4Addr,
+    port: u16,
+    mtu: u32,
+    up: bool,
+    master: Option<String>,
+    fdb: Vec<(String, Ipv4Addr)>,
+}
+
+impl VxlanRecord {
+    fn info(&self) -> VxlanInfo {
+        VxlanInfo {
+            vni: self.vni,
+            local: Some(self.local),
+            port: self.port,
+            learning: false,
+        }
+    }
+
+    fn entries(&self) -> BTreeSet<FdbEntry> {
+        self.fdb
+            .iter()
+            .filter_map(|(m, remote)| {
+                Some(FdbEntry {
+                    mac: m.parse().ok()?,
+                    remote: *remote,
+                })
+            })
+            .collect()
+    }
+}
+
+/// What an interface of the integration bridge is to the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Role {
+    /// A network's bridge.
+    Network,
+    /// A port of the network bridge named.
+    Port(String),
+    /// A tunnel to a peer: (remote, local, UDP port).
+    Tunnel(Ipv4Addr, Ipv4Addr, u16),
+}
+
+#[derive(Debug, Clone)]
+struct Iface {
+    role: Role,
+    ofport: Option<u32>,
+}
+
+/// The switch as its database has it.
+#[derive(Debug, Clone, Default)]
+struct State {
+    bridge: bool,
+    ifaces: BTreeMap<String, Iface>,
+    vxlans: BTreeMap<String, VxlanRecord>,
+}
+
+/// OVSDB's JSON for a map column, as pairs of strings.
+fn map(v: &Value) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if let Some(pairs) = v.get(1).and_then(Value::as_array) {
+        for p in pairs {
+            if let (Some(k), Some(v)) = (
+                p.get(0).and_then(Value::as_str),
+                p.get(1).and_then(Value::as_str),
+            ) {
+                out.insert(k.to_owned(), v.to_owned());
+            }
+        }
+    }
+    out
+}
+
+fn parse_error(detail: impl Into<String>) -> LinkError {
+    ovs_err(OvsError::Parse {
+        what: "ovs-vsctl list".into(),
+        detail: detail.into(),
+    })
+}
+
+/// The rows of one table of `ovs-vsctl --format=json list` output.
+fn rows(line: &str) -> Result<Vec<Vec<Value>>, LinkError> {
+    let v: Value = serde_json::from_str(line).map_err(|e| parse_error(e.to_string()))?;
+    let data = v
+        .get("data")
+        .and_then(Value::as_array)
+        .ok_or_else(|| parse_error("no data"))?;
+    Ok(data.iter().filter_map(|r| r.as_array().cloned()).collect())
+}
+
+impl State {
+    fn parse(out: &str) -> Result<Self, LinkError> {
+        let mut lines = out.lines().filter(|l| !l.trim().is_empty());
+        let (Some(ifaces), Some(bridges)) = (lines.next(), lines.next()) else {
+            return Err(parse_error("expected two tables"));
+        };
+        let mut s = State::default();
+        for r in rows(ifaces)? {
+            let [name, ofport, options, ext] = r.as_slice() else {
+                return Err(parse_error("interface row"));
+            };
+            let Some(name) = name.as_str() else { continue };
+            let ext = map(ext);
+            let options = map(options);
+            let role = match ext.get(ROLE).map(String::as_str) {
+                Some("network") => Role::Network,
+                Some("port") => match ext.get(NETWORK) {
+                    Some(n) => Role::Port(n.clone()),
+                    None => continue,
+                },
+                Some("tunnel") => {
+                    let ip = |k: &str| options.get(k).and_then(|v| v.parse().ok());
+                    let (Some(remote), Some(local)) = (ip("remote_ip"), ip("local_ip")) else {
+                        continue;
+                    };
+                    let port = options
+                        .get("dst_port")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(super::VXLAN_PORT);
+                    Role::Tunnel(remote, local, port)
+                }
+                _ => continue,
+            };
+            let ofport = ofport
+                .as_i64()
+                .and_then(|p| u32::try_from(p).ok())
+                .filter(|p| *p > 0 && *p < 0xff00);
+            s.ifaces.insert(name.to_owned(), Iface { role, ofport });
+        }
+        for r in rows(bridges)? {
+            let [name, ext] = r.as_slice() else {
+                return Err(parse_error("bridge row"));
+            };
+            if name.as_str() != Some(INTEGRATION_BRIDGE) {
+                continue;
+            }
+            s.bridge = true;
+            for (k, v) in map(ext) {
+                if let Some(vx) = k.strip_prefix(VXLAN_KEY)
+                    && let Ok(rec) = serde_json::from_str::<VxlanRecord>(&v)
+                {
+                    s.vxlans.insert(vx.to_owned(), rec);
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    fn is_network(&self, name: &str) -> bool {
+        self.ifaces
+            .get(name)
+            .is_some_and(|i| i.role == Role::Network)
+    }
+
+    /// The tunnel port to `remote` from `local` on `port`, if made.
+    fn tunnel(&self, remote: Ipv4Addr, local: Ipv4Addr, port: u16) -> Option<u32> {
+        self.ifaces
+            .values()
+            .find(|i| i.role == Role::Tunnel(remote, local, port))
+            .and_then(|i| i.ofport)
+    }
+
+    /// The tunnels the VXLAN devices on a network bridge need.
+    fn needed_tunnels(&self) -> BTreeSet<(Ipv4Addr, Ipv4Addr, u16)> {
+        self.vxlans
+            .values()
+            .filter(|v| v.master.as_deref().is_some_and(|m| self.is_network(m)))
+            .flat_map(|v| {
+                v.entries()
+                    .into_iter()
+                    .map(move |e| (e.remote, v.local, v.port))
+            })
+            .collect()
+    }
+
+    /// What the flows are made from.
+    fn switch(&self) -> Switch {
+        let mut networks = Vec::new();
+        for (name, i) in &self.ifaces {
+            let (Role::Network, Some(id), Ok(ifname)) = (&i.role, i.ofport, IfName::new(name))
+            else {
+                continue;
+            };
+            let ports = self
+                .ifaces
+                .values()
+                .filter(|p| p.role == Role::Port(name.clone()))
+                .filter_map(|p| p.ofport)
+                .collect();
+            let tunnel = self
+                .vxlans
+                .values()
+                .find(|v| v.master.as_deref() == Some(name.as_str()))
+                .map(|v| {
+                    let mut t = TunnelFlows {
+                        vni: v.vni,
+                        flood: BTreeSet::new(),
+                        macs: BTreeMap::new(),
+                    };
+                    for e in v.entries() {
+                        let Some(p) = self.tunnel(e.remote, v.local, v.port) else {
+                            continue;
+                        };
+                        if e.mac == MacAddr::ZERO {
+                            t.flood.insert(p);
+                        } else {
+                            t.macs.insert(e.mac, p);
+                        }
+                    }
+                    t
+                });
+            networks.push(NetworkFlows {
+                name: ifname,
+                id,
+                ports,
+                tunnel,
+            });
+        }
+        Switch { networks }
+    }
+}
+
+/// The name of the tunnel port to `remote` from `local` on UDP `port`.
+fn tunnel_name(remote: Ipv4Addr, local: Ipv4Addr, port: u16) -> String {
+    format!("vt-{}", digest_hex(&format!("{remote}/{local}/{port}"), 12))
+}
+
+/// What of the switch's objects is not all installed.
+#[derive(Debug, Default)]
+struct Health {
+    /// The node's base flows are incomplete: every network reads as down.
+    base: bool,
+    /// Networks (bridge names) whose flows are incomplete.
+    networks: BTreeSet<String>,
+    /// Ports (OpenFlow port numbers) whose flows are incomplete.
+    ports: BTreeSet<u32>,
+}
+
+/// The node's links with its networks on Open vSwitch. See the module's documentation.
+pub struct OvsLinks {
+    kernel: NetlinkLinks,
+    ovs: Ovs,
+    netns: Netns,
+    daemon: Option<OvsDaemon>,
+    lock: Mutex<()>,
+}
+
+impl OvsLinks {
+    /// The networks of the node in `netns` on the switch `ovs` drives (one already running,
+    /// such as the system's).
+    pub fn new(netns: Netns, ovs: Ovs) -> Self {
+        Self {
+            kernel: NetlinkLinks::new(),
+            ovs,
+            netns,
+            daemon: None,
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// The networks of the node in `netns` on a switch of its own: `daemon` is started
+    /// whenever it is found not running (so a crashed switch comes back, its flows
+    /// rewritten by the next reconcile) and stopped when the node's namespace is deleted.
+    pub fn with_daemon(netns: Netns, daemon: OvsDaemon) -> Self {
+        Self {
+            ovs: daemon.ovs(),
+            daemon: Some(daemon),
+            ..Self::new(netns, Ovs::system())
+        }
+    }
+
+    fn mine(&self, ns: &Netns) -> bool {
+        *ns == self.netns
+    }
+
+    /// Makes sure the switch runs and has its integration bridge, and reads it.
+    fn state(&self, ns: &Netns) -> Result<State, LinkError> {
+        if !netns::exists(ns) {
+            return Err(LinkError::NoNetns(ns.clone()));
+        }
+        if let Some(d) = &self.daemon
+            && !d.running()
+        {
+            d.start().map_err(ovs_err)?;
+        }
+        let s = self.read()?;
+        if s.bridge {
+            return Ok(s);
+        }
+        self.ovs
+            .vsctl(&[
+                "--may-exist",
+                "add-br",
+                INTEGRATION_BRIDGE,
+                "--",
+                "set",
+                "Bridge",
+                INTEGRATION_BRIDGE,
+                "datapath_type=netdev",
+                "fail_mode=secure",
+            ])
+            .map_err(ovs_err)?;
+        let s = self.read()?;
+        self.sync(&s)?;
+        Ok(s)
+    }
+
+    fn read(&self) -> Result<State, LinkError> {
+        let out = self
+            .ovs
+            .vsctl_no_wait(&[
+                "--format=json",
+                "--",
+                "--columns=name,ofport,options,external_ids",
+                "list",
+                "Interface",
+                "--",
+                "--columns=name,external_ids",
+                "list",
+                "Bridge",
+            ])
+            .map_err(ovs_err)?;
+        State::parse(&out)
+    }
+
+    fn dump(&self) -> Result<BTreeMap<u64, usize>, LinkError> {
+        let out = self
+            .ovs
+            .ofctl(&["--no-stats"], "dump-flows", INTEGRATION_BRIDGE, &[], None)
+            .map_err(ovs_err)?;
+        Ok(ovs_flows::installed(&out))
+    }
+
+    /// Which objects' flows are incomplete.
+    fn health(&self, s: &State) -> Result<Health, LinkError> {
+        let want = ovs_flows::render(&s.switch());
+        let broken = ovs_flows::broken(&want, &self.dump()?);
+        let mut h = Health::default();
+        for f in want.iter().filter(|f| broken.contains(&f.cookie)) {
+            match (f.cookie >> 56) as u8 {
+                ovs_flows::KIND_BASE => h.base = true,
+                ovs_flows::KIND_PORT => {
+                    if let Some(p) = port_of(&f.text) {
+                        h.ports.insert(p);
+                    }
+                }
+                _ => {
+                    if let Some(n) = s
+                        .switch()
+                        .networks
+                        .iter()
+                        .find(|n| f.text.contains(&format!("reg6={},", n.id)))
+                    {
+                        h.networks.insert(n.name.to_string());
+                    }
+                }
+            }
+        }
+        Ok(h)
+    }
+
+    /// Makes the tunnel ports those the VXLAN devices need, then the flows those `s`
+    /// renders, in one bundle.
+    fn sync(&self, s: &State) -> Result<(), LinkError> {
+        let needed = s.needed_tunnels();
+        let mut args: Vec<String> = Vec::new();
+        for (name, i) in &s.ifaces {
+            if let Role::Tunnel(r, l, p) = i.role
+                && (!needed.contains(&(r, l, p)) || *name != tunnel_name(r, l, p))
+            {
+                args.extend(
+                    ["--", "--if-exists", "del-port", INTEGRATION_BRIDGE, name].map(String::from),
+                );
+            }
+        }
+        for &(r, l, p) in &needed {
+            let name = tunnel_name(r, l, p);
+            if s.ifaces
+                .get(&name)
+                .is_some_and(|i| i.role == Role::Tunnel(r, l, p))
+            {
+                continue;
+            }
+            args.extend(
+                [
+                    "--",
+                    "--may-exist",
+                    "add-port",
+                    INTEGRATION_BRIDGE,
+                    &name,
+                    "--",
+                    "set",
+                    "Interface",
+                    &name,
+                    "type=vxlan",
+                    "options:key=flow",
+                    &format!("options:remote_ip={r}"),
+                    &format!("options:local_ip={l}"),
+                    &format!("options:dst_port={p}"),
+                    &format!("external_ids:{ROLE}=tunnel"),
+                ]
+                .map(String::from),
+            );
+        }
+        let fresh;
+        let s = if args.is_empty() {
+            s
+        } else {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.ovs.vsctl(&args).map_err(ovs_err)?;
+            fresh = self.read()?;
+            &fresh
+        };
+        let want = ovs_flows::render(&s.switch());
+        let bundle = Bundle::between(&want, &self.dump()?);
+        if !bundle.is_empty() {
+            self.ovs
+                .ofctl(
+                    &["--bundle"],
+                    "add-flows",
+                    INTEGRATION_BRIDGE,
+                    &["-"],
+                    Some(&bundle.text()),
+                )
+                .map_err(ovs_err)?;
+        }
+        Ok(())
+    }
+
+    fn write_vxlan(&self, name: &str, rec: &VxlanRecord) -> Result<(), LinkError> {
+        let json = serde_json::to_string(rec).map_err(|e| LinkError::Invalid(e.to_string()))?;
+        self.ovs
+            .vsctl_no_wait(&[
+                "br-set-external-id",
+                INTEGRATION_BRIDGE,
+                &format!("{VXLAN_KEY}{name}"),
+                &json,
+            ])
+            .map_err(ovs_err)?;
+        Ok(())
+    }
+
+    /// Changes a VXLAN device's record, then the switch.
+    fn change_vxlan(
+        &self,
+        ns: &Netns,
+        name: &IfName,
+        change: impl FnOnce(&mut VxlanRecord),
+    ) -> Result<bool, LinkError> {
+        let s = self.state(ns)?;
+        let Some(mut rec) = s.vxlans.get(name.as_str()).cloned() else {
+            return Ok(false);
+        };
+        let before = rec.clone();
+        change(&mut rec);
+        if rec != before {
+            self.write_vxlan(name.as_str(), &rec)?;
+            self.sync(&self.read()?)?;
+        }
+        Ok(true)
+    }
+
+    fn no_link(&self, ns: &Netns, name: &IfName) -> LinkError {
+        LinkError::NoLink {
+            netns: ns.clone(),
+            name: name.clone(),
+        }
+    }
+
+    fn conflict(ns: &Netns, name: &IfName, found: &str) -> LinkError {
+        LinkError::Conflict {
+            netns: ns.clone(),
+            name: name.clone(),
+            found: found.into(),
+        }
+    }
+
+    /// The node's links: the kernel's, with the switch's view laid over them.
+    fn overlay(&self, ns: &Netns) -> Result<Vec<Link>, LinkError> {
+        let kernel = self.kernel.links(ns)?;
+        let s = self.state(ns)?;
+        let h = self.health(&s)?;
+        let mut out = Vec::with_capacity(kernel.len() + s.vxlans.len());
+        for mut l in kernel {
+            match s.ifaces.get(l.name.as_str()) {
+                Some(Iface {
+                    role: Role::Network,
+                    ..
+                }) => {
+                    l.kind = LinkKind::Bridge;
+                    l.master = None;
+                    l.up = l.up && !h.base && !h.networks.contains(l.name.as_str());
+                }
+                Some(Iface {
+                    role: Role::Port(net),
+                    ofport,
+                }) => {
+                    let in_place =
+                        s.is_network(net) && ofport.is_some_and(|p| !h.ports.contains(&p));
+                    l.master = if in_place {
+                        IfName::new(net).ok()
+                    } else {
+                        None
+                    };
+                }
+                _ => {}
+            }
+            out.push(l);
+        }
+        for (name, rec) in &s.vxlans {
+            let Ok(name) = IfName::new(name) else {
+                continue;
+            };
+            out.push(Link {
+                name,
+                kind: LinkKind::Vxlan(rec.info()),
+                mtu: rec.mtu,
+                up: rec.up,
+                master: rec
+                    .master
+                    .as_deref()
+                    .filter(|m| s.is_network(m))
+                    .and_then(|m| IfName::new(m).ok()),
+                mac: None,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The bridge that carries the node's tunnels in the userspace datapath.
+pub const UNDERLAY_BRIDGE: &str = "br-phy";
+
+/// Puts the node's tunnel interface `iface` (in `ns`) on the switch's underlay bridge
+/// [`UNDERLAY_BRIDGE`] and moves its IPv4 addresses to that bridge's own device, which is
+/// what the userspace datapath sends VXLAN from (it routes and resolves tunnel peers through
+/// an OVS bridge, never through the kernel's stack). Idempotent: an interface already there
+/// is left as it is. Returns the underlay address.
+///
+/// # Errors
+/// The switch or the kernel refused; `iface` has no IPv4 address and the bridge none.
+pub fn attach_underlay(ovs: &Ovs, ns: &Netns, iface: &IfName) -> Result<Ipv4Cidr, LinkError> {
+    let kernel = NetlinkLinks::new();
+    let bridge = IfName::new(UNDERLAY_BRIDGE).map_err(|e| LinkError::Invalid(e.to_string()))?;
+    ovs.vsctl(&[
+        "--may-exist",
+        "add-br",
+        UNDERLAY_BRIDGE,
+        "--",
+        "set",
+        "Bridge",
+        UNDERLAY_BRIDGE,
+        "datapath_type=netdev",
+        "--",
+        "--may-exist",
+        "add-port",
+        UNDERLAY_BRIDGE,
+        iface.as_str(),
+    ])
+    .map_err(ovs_err)?;
+    for a in kernel.addresses(ns, iface)? {
+        kernel.add_address(ns, &bridge, a)?;
+        kernel.del_address(ns, iface, a)?;
+    }
+    kernel.set_up(ns, iface, true)?;
+    kernel.set_up(ns, &bridge, true)?;
+    kernel
+        .addresses(ns, &bridge)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| LinkError::Invalid(format!("{iface} has no IPv4 address")))
+}
+
+/// The OpenFlow port a port object's flows are about (`in_port=N` of its first flow).
+fn port_of(text: &str) -> Option<u32> {
+    let rest = text
+        .split("in_port=")
+        .nth(1)
+        .or_else(|| text.split("reg4=").nth(1))?;
+    rest.split([' ', ',']).next()?.parse().ok()
+}
+
+impl Links for OvsLinks {
+    fn add_netns(&self, name: &Name) -> Result<(), LinkError> {
+        self.kernel.add_netns(name)
+    }
+
+    fn del_netns(&self, name: &Name) -> Result<(), LinkError> {
+        if self.netns == Netns::Named(name.clone())
+            && let Some(d) = &self.daemon
+        {
+            d.stop().map_err(ovs_err)?;
+        }
+        self.kernel.del_netns(name)
+    }
+
+    fn list_netns(&self) -> Result<BTreeSet<Name>, LinkError> {
+        self.kernel.list_netns()
+    }
+
+    fn links(&self, ns: &Netns) -> Result<Vec<Link>, LinkError> {
+        if !self.mine(ns) {
+            return self.kernel.links(ns);
+        }
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.overlay(ns)
+    }
+
+    fn link(&self, ns: &Netns, name: &IfName) -> Result<Option<Link>, LinkError> {
+        if !self.mine(ns) {
+            return self.kernel.link(ns, name);
+        }
+        Ok(self.links(ns)?.into_iter().find(|l| l.name == *name))
+    }
+
+    fn add_bridge(&self, ns: &Netns, name: &IfName) -> Result<(), LinkError> {
+        if !self.mine(ns) {
+            return self.kernel.add_bridge(ns, name);
+        }
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.state(ns)?;
+        if s.is_network(name.as_str()) {
+            return Ok(());
+        }
+        if s.vxlans.contains_key(name.as_str()) {
+            return Err(Self::conflict(ns, name, "a VXLAN device"));
+        }
+        if let Some(l) = self.kernel.link(ns, name)? {
+            return Err(Self::conflict(ns, name, &format!("{:?}", l.kind)));
+        }
+        self.ovs
+            .vsctl(&[
+                "--may-exist",
+                "add-port",
+                INTEGRATION_BRIDGE,
+                name.as_str(),
+                "--",
+                "set",
+                "Interface",
+                name.as_str(),
+                "type=internal",
+                &format!("external_ids:{ROLE}=network"),
+            ])
+            .map_err(ovs_err)?;
+        // A bridge is made down, as the kernel makes one.
+        self.kernel.set_up(ns, name, false)?;
+        self.sync(&self.read()?)
+    }
+
+    fn add_vxlan(&self, ns: &Netns, spec: &VxlanSpec) -> Result<(), LinkError> {
+        if !self.mine(ns) {
+            return self.kernel.add_vxlan(ns, spec);
+        }
+        if spec.vni >= 1 << 24 {
+            return Err(LinkError::Invalid(format!(
+                "VNI {} does not fit 24 bits",
+                spec.vni
+            )));
+        }
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.state(ns)?;
+        let name = &spec.name;
+        if let Some(rec) = s.vxlans.get(name.as_str()) {
+            let want = VxlanInfo {
+                vni: spec.vni,
+                local: Some(spec.local),
+                port: spec.port,
+                learning: false,
+            };
+            return if rec.info() == want {
+                Ok(())
+            } else {
+                Err(Self::conflict(
+                    ns,
+                    name,
+                    &format!("{:?}", LinkKind::Vxlan(rec.info())),
+                ))
+            };
+        }
+        if let Some(l) = self.kernel.link(ns, name)? {
+            let kind = if s.is_network(name.as_str()) {
+                LinkKind::Bridge
+            } else {
+                l.kind
+            };
+            return Err(Self::conflict(ns, name, &format!("{kind:?}")));
+        }
+        self.write_vxlan(
+            name.as_str(),
+            &VxlanRecord {
+                vni: spec.vni,
+                local: spec.local,
+                port: spec.port,
+                mtu: VXLAN_MTU,
+                up: false,
+                master: None,
+                fdb: Vec::new(),
+            },
+        )
+    }
+
+    fn add_veth(&self, ns: &Netns, spec: &VethSpec) -> Result<(), LinkError> {
+        self.kernel.add_veth(ns, spec)
+    }
+
+    fn del_link(&self, ns: &Netns, name: &IfName) -> Result<(), LinkError> {
+        if !self.mine(ns) {
+            return self.kernel.del_link(ns, name);
+        }
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.state(ns)?;
+        if s.vxlans.contains_key(name.as_str()) {
+            self.ovs
+                .vsctl_no_wait(&[
+                    "br-set-external-id",
+                    INTEGRATION_BRIDGE,
+                    &format!("{VXLAN_KEY}{name}"),
+                ])
+                .map_err(ovs_err)?;
+            return self.sync(&self.read()?);
+        }
+        if s.is_network(name.as_str()) {
+            // Its ports leave the switch (their devices stay, on no bridge), and VXLAN
+            // devices on it are on none.
+            let mut args: Vec<String> = Vec::new();
+            for (port, i) in &s.ifaces {
+                if i.role == Role::Port(name.to_string()) || port == name.as_str() {
+                    args.extend(
+                        ["--", "--if-exists", "del-port", INTEGRATION_BRIDGE, port]
+                            .map(String::from),
+                    );
+                }
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.ovs.vsctl(&args).map_err(ovs_err)?;
+            for (vx, rec) in &s.vxlans {
+                if rec.master.as_deref() == Some(name.as_str()) {
+                    self.write_vxlan(
+                        vx,
+                        &VxlanRecord {
+                            master: None,
+                            ..rec.clone()
+                        },
+                    )?;
+                }
+            }
+            return self.sync(&self.read()?);
+        }
+        if s.ifaces.contains_key(name.as_str()) {
+            self.ovs
+                .vsctl(&["--if-exists", "del-port", INTEGRATION_BRIDGE, name.as_str()])
+                .map_err(ovs_err)?;
+            self.sync(&self.read()?)?;
+        }
+        self.kernel.del_link(ns, name)
+    }
+
+    fn set_master(
+        &self,
+        ns: &Netns,
+        name: &IfName,
+        master: Option<&IfName>,
+    ) -> Result<(), LinkError> {
+        if !self.mine(ns) {
+            return self.kernel.set_master(ns, name, master);
+        }
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.state(ns)?;
+        if let Some(m) = master
+            && !s.is_network(m.as_str())
+        {
+            return Err(self.no_link(ns, m));
+        }
+        if s.vxlans.contains_key(name.as_str()) {
+            let master = master.map(ToString::to_string);
+            self.change_vxlan(ns, name, |r| r.master = master)?;
+            return Ok(());
+        }
+        if s.is_network(name.as_str()) {
+            return Err(LinkError::Invalid(format!(
+                "{name} is a bridge and cannot be a port of one"
+            )));
+        }
+        if self.kernel.link(ns, name)?.is_none() {
+            return Err(self.no_link(ns, name));
+        }
+        match master {
+            Some(m) => {
+                self.ovs
+                    .vsctl(&[
+                        "--may-exist",
+                        "add-port",
+                        INTEGRATION_BRIDGE,
+                        name.as_str(),
+                        "--",
+                        "set",
+                        "Interface",
+                        name.as_str(),
+                        &format!("external_ids:{ROLE}=port"),
+                        &format!("external_ids:{NETWORK}={m}"),
+                    ])
+                    .map_err(ovs_err)?;
+            }
+            None => {
+                if !s.ifaces.contains_key(name.as_str()) {
+                    return Ok(());
+                }
+                self.ovs
+                    .vsctl(&["--if-exists", "del-port", INTEGRATION_BRIDGE, name.as_str()])
+                    .map_err(ovs_err)?;
+            }
+        }
+        self.sync(&self.read()?)
+    }
+
+    fn set_up(&self, ns: &Netns, name: &IfName, up: bool) -> Result<(), LinkError> {
+        if !self.mine(ns) {
+            return self.kernel.set_up(ns, name, up);
+        }
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.change_vxlan(ns, name, |r| r.up = up)? {
+            return Ok(());
+        }
+        self.kernel.set_up(ns, name, up)?;
+        // A network read as down may be one whose flows went: write them again.
+        let s = self.read()?;
+        if s.is_network(name.as_str()) {
+            self.sync(&s)?;
+        }
+        Ok(())
+    }
+
+    fn set_mtu(&self, ns: &Netns, name: &IfName, mtu: u32) -> Result<(), LinkError> {
+        if !self.mine(ns) {
+            return self.kernel.set_mtu(ns, name, mtu);
+        }
+        if mtu == 0 {
+            return Err(LinkError::Invalid("MTU 0".into()));
+        }
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.change_vxlan(ns, name, |r| r.mtu = mtu)? {
+            return Ok(());
+        }
+        self.kernel.set_mtu(ns, name, mtu)
+    }
+
+    fn addresses(&self, ns: &Netns, name: &IfName) -> Result<BTreeSet<Ipv4Cidr>, LinkError> {
+        self.kernel.addresses(ns, name)
+    }
+
+    fn add_address(&self, ns: &Netns, name: &IfName, addr: Ipv4Cidr) -> Result<(), LinkError> {
+        self.kernel.add_address(ns, name, addr)
+    }
+
+    fn del_address(&self, ns: &Netns, name: &IfName, addr: Ipv4Cidr) -> Result<(), LinkError> {
+        self.kernel.del_address(ns, name, addr)
+    }
+
+    fn fdb(&self, ns: &Netns, vxlan: &IfName) -> Result<BTreeSet<FdbEntry>, LinkError> {
+        if !self.mine(ns) {
+            return self.kernel.fdb(ns, vxlan);
+        }
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.state(ns)?;
+        let Some(rec) = s.vxlans.get(vxlan.as_str()) else {
+            return Err(self.no_link(ns, vxlan));
+        };
+        let Some(master) = rec.master.as_deref().filter(|m| s.is_network(m)) else {
+            return Ok(rec.entries());
+        };
+        // On a network: only what forwards (its tunnel made, its network's flows in place).
+        let h = self.health(&s)?;
+        if h.base || h.networks.contains(master) {
+            return Ok(BTreeSet::new());
+        }
+        Ok(rec
+            .entries()
+            .into_iter()
+            .filter(|e| s.tunnel(e.remote, rec.local, rec.port).is_some())
+            .collect())
+    }
+
+    fn set_fdb(
+        &self,
+        ns: &Netns,
+        vxlan: &IfName,
+        entries: &BTreeSet<FdbEntry>,
+    ) -> Result<(), LinkError> {
+        if !self.mine(ns) {
+            return self.kernel.set_fdb(ns, vxlan, entries);
+        }
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let fdb: Vec<(String, Ipv4Addr)> = entries
+            .iter()
+            .map(|e| (e.mac.to_string(), e.remote))
+            .collect();
+        if !self.change_vxlan(ns, vxlan, |r| r.fdb = fdb)? {
+            return Err(self.no_link(ns, vxlan));
+        }
+        // The same entries may be asked again because a tunnel or a flow went: repair.
+        self.sync(&self.read()?)
+    }
+
+    fn set_mac(&self, ns: &Netns, name: &IfName, mac: MacAddr) -> Result<(), LinkError> {
+        self.kernel.set_mac(ns, name, mac)
+    }
+
+    fn routes(&self, ns: &Netns) -> Result<BTreeSet<RouteSpec>, LinkError> {
+        self.kernel.routes(ns)
+    }
+
+    fn add_route(&self, ns: &Netns, route: &RouteSpec) -> Result<(), LinkError> {
+        self.kernel.add_route(ns, route)
+    }
+
+    fn del_route(&self, ns: &Netns, route: &RouteSpec) -> Result<(), LinkError> {
+        self.kernel.del_route(ns, route)
+    }
+
+    fn forwarding(&self, ns: &Netns) -> Result<bool, LinkError> {
+        self.kernel.forwarding(ns)
+    }
+
+    fn set_forwarding(&self, ns: &Netns, on: bool) -> Result<(), LinkError> {
+        self.kernel.set_forwarding(ns, on)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_database_reads_as_networks_ports_tunnels_and_vxlan_devices() {
+        let rec = VxlanRecord {
+            vni: 5001,
+            local: Ipv4Addr::new(192, 0, 2, 1),
+            port: 4789,
+            mtu: 1450,
+            up: true,
+            master: Some("br-a".into()),
+            fdb: vec![("00:00:00:00:00:00".into(), Ipv4Addr::new(192, 0, 2, 2))],
+        };
+        let json = serde_json::to_string(&rec).expect("json");
+        let ifaces = serde_json::json!({"data": [
+            ["br-a", 5, ["map", []], ["map", [["stratus-role", "network"]]]],
+            ["tp-1", 6, ["map", []], ["map", [["stratus-role", "port"], ["stratus-network", "br-a"]]]],
+            ["tp-x", ["set", []], ["map", []], ["map", [["stratus-role", "port"], ["stratus-network", "br-a"]]]],
+            [tunnel_name(Ipv4Addr::new(192, 0, 2, 2), Ipv4Addr::new(192, 0, 2, 1), 4789), 7,
+             ["map", [["key", "flow"], ["local_ip", "192.0.2.1"], ["remote_ip", "192.0.2.2"], ["dst_port", "4789"]]],
+             ["map", [["stratus-role", "tunnel"]]]],
+            ["eth0", 1, ["map", []], ["map", []]],
+        ], "headings": ["name", "ofport", "options", "external_ids"]});
+        let bridges = serde_json::json!({"data": [
+            ["br-int", ["map", [["stratus-vxlan-vx-a", json]]]],
+        ], "headings": ["name", "external_ids"]});
+        let s = State::parse(&format!("{ifaces}\n{bridges}\n")).expect("parse");
+        assert!(s.bridge);
+        assert!(s.is_network("br-a") && !s.is_network("tp-1"));
+        assert!(!s.ifaces.contains_key("eth0"), "not the agent's");
+        assert_eq!(s.vxlans.get("vx-a"), Some(&rec));
+        let sw = s.switch();
+        assert_eq!(sw.networks.len(), 1);
+        let n = &sw.networks[0];
+        assert_eq!(
+            (n.id, n.ports.clone()),
+            (5, BTreeSet::from([6])),
+            "tp-x has no port yet"
+        );
+        let t = n.tunnel.as_ref().expect("tunnel");
+        assert_eq!((t.vni, t.flood.clone()), (5001, BTreeSet::from([7])));
+        assert_eq!(
+            s.needed_tunnels(),
+            BTreeSet::from([(
+                Ipv4Addr::new(192, 0, 2, 2),
+                Ipv4Addr::new(192, 0, 2, 1),
+                4789
+            )])
+        );
+    }
+
+    #[test]
+    fn tunnel_names_fit_the_kernel_and_differ_per_peer() {
+        let a = tunnel_name(
+            Ipv4Addr::new(192, 0, 2, 2),
+            Ipv4Addr::new(192, 0, 2, 1),
+            4789,
+        );
+        let b = tunnel_name(
+            Ipv4Addr::new(192, 0, 2, 3),
+            Ipv4Addr::new(192, 0, 2, 1),
+            4789,
+        );
+        assert_ne!(a, b);
+        assert!(IfName::new(&a).is_ok() && a.len() == 15);
+    }
+
+    #[test]
+    fn a_port_flow_names_its_port() {
+        assert_eq!(
+            port_of("table=0,priority=100,in_port=12 actions=x"),
+            Some(12)
+        );
+        assert_eq!(
+            port_of("table=30,priority=100,reg6=3,reg4=9 actions=output:9"),
+            Some(9)
+        );
+    }
+}

@@ -1,0 +1,427 @@
+//! The OpenFlow pipeline of a node's integration bridge, as a pure function from the
+//! switch's wiring ([`Switch`]: networks, their local ports and tunnels) to flows
+//! ([`render`]), each carrying the cookie of the object it serves, and the one atomic
+//! bundle that makes the installed flows the rendered ones ([`Bundle::between`]).
+//!
+//! # The pipeline (one bridge)
+//!
+//! Every network has a local id (the OpenFlow port number of its internal port, so two
+//! networks never share one) carried in `reg6`; `reg5` is the local port a frame came in
+//! on, `reg7` is 1 for frames that came from a tunnel, `reg4` the local port to deliver to.
+//!
+//! | table | what |
+//! |---|---|
+//! | 0 | classify: a local port's frames get its network and go to 10; a tunnel's frames with a VNI of a network whose peers include that tunnel's node get that network and go to 20; anything else is dropped |
+//! | 10 | egress filter (a firewall's flows go here); by default on to 20 |
+//! | 20 | forward: DHCP from a tunnel is dropped (each node serves its own ports); a known remote MAC (l2population) goes to its node's tunnel with the VNI; broadcast and multicast are flooded; other frames look up the MACs learned from local ports (25) and go to 26 |
+//! | 25 | MACs learned from local ports (by `learn()`, cookie [`LEARNED`]) |
+//! | 26 | unknown unicast is flooded, a learned one goes to 30 |
+//! | 30 | deliver to `reg4` if it is a port of the frame's network, else drop |
+//!
+//! Flooding goes to every local port of the network (through table 30) and, for frames from
+//! a local port only (split horizon), to each tunnel of the network's flood list.
+//!
+//! One bridge rather than Neutron's integration and tunnel bridges: a node's flows change in
+//! one OpenFlow bundle, which is per bridge, so no packet ever sees half of a change; and the
+//! userspace datapath pays for every patch-port hop.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use super::names::{IfName, MacAddr, digest_hex};
+
+/// The kind byte (a cookie's top 8 bits) of the flows every node has.
+pub const KIND_BASE: u8 = 0x51;
+/// The kind byte of a network's flows.
+pub const KIND_NETWORK: u8 = 0x52;
+/// The kind byte of a local port's flows.
+pub const KIND_PORT: u8 = 0x53;
+/// The cookie of flows learned by `learn()` (never written or removed by a reconcile).
+pub const LEARNED: u64 = 0x5f00_0000_0000_0000;
+
+/// Whether a cookie is one [`render`] makes (the flows a reconcile owns).
+pub fn owned(cookie: u64) -> bool {
+    matches!((cookie >> 56) as u8, KIND_BASE | KIND_NETWORK | KIND_PORT)
+}
+
+/// How long a learned MAC lasts without traffic from it.
+pub const LEARN_IDLE_SECS: u32 = 300;
+
+/// A network on the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkFlows {
+    /// Its bridge's name in the driver's model.
+    pub name: IfName,
+    /// Its local id (its internal port's OpenFlow port number).
+    pub id: u32,
+    /// Its local ports' OpenFlow port numbers.
+    pub ports: BTreeSet<u32>,
+    /// Its overlay: absent, or down, carries nothing.
+    pub tunnel: Option<TunnelFlows>,
+}
+
+/// A network's overlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelFlows {
+    /// The VNI.
+    pub vni: u32,
+    /// Where broadcast, multicast and unknown unicast go: the tunnels (OpenFlow port
+    /// numbers) to the nodes hosting the network; frames from them are accepted.
+    pub flood: BTreeSet<u32>,
+    /// Known remote MACs and the tunnel to their node.
+    pub macs: BTreeMap<MacAddr, u32>,
+}
+
+/// What the flows are made from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Switch {
+    /// The networks.
+    pub networks: Vec<NetworkFlows>,
+}
+
+/// One flow: its cookie and its `ovs-ofctl` text without the cookie.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Flow {
+    /// The object it serves, and a digest of all that object's flows.
+    pub cookie: u64,
+    /// `table=…,priority=…,MATCH actions=…`.
+    pub text: String,
+}
+
+/// The flows of one object: kind, a 24-bit digest of its name and a 32-bit digest of its
+/// flows, so that a change of any of them changes the cookie and the old one is stale.
+fn object(kind: u8, name: &str, texts: Vec<String>) -> Vec<Flow> {
+    let key = u64::from_str_radix(&digest_hex(name, 6), 16).unwrap_or_default();
+    let content = u64::from_str_radix(&digest_hex(&texts.join("\n"), 8), 16).unwrap_or_default();
+    let cookie = (u64::from(kind) << 56) | (key << 32) | content;
+    texts
+        .into_iter()
+        .map(|text| Flow { cookie, text })
+        .collect()
+}
+
+/// The actions that deliver to each local port of a network (through table 30).
+fn to_locals(ports: &BTreeSet<u32>) -> String {
+    ports
+        .iter()
+        .map(|p| format!("load:{p}->NXM_NX_REG4[],resubmit(,30)"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The actions that send to each tunnel of a network with its VNI.
+fn to_tunnels(t: &TunnelFlows) -> String {
+    let mut s = format!("set_field:{}->tun_id", t.vni);
+    for p in &t.flood {
+        let _ = write!(s, ",output:{p}");
+    }
+    s
+}
+
+fn join(parts: &[String]) -> String {
+    let parts: Vec<&str> = parts
+        .iter()
+        .map(String::as_str)
+        .filter(|p| !p.is_empty())
+        .collect();
+    if parts.is_empty() {
+        "drop".into()
+    } else {
+        parts.join(",")
+    }
+}
+
+/// The flows of `w`, every object's together, sorted.
+pub fn render(w: &Switch) -> Vec<Flow> {
+    let mut flows = object(
+        KIND_BASE,
+        "base",
+        vec![
+            "table=0,priority=0 actions=drop".into(),
+            "table=10,priority=0 actions=resubmit(,20)".into(),
+            // Each node's own DHCP server serves its ports: none from across a tunnel.
+            "table=20,priority=200,reg7=1,udp,tp_dst=67 actions=drop".into(),
+            "table=20,priority=200,reg7=1,udp,tp_dst=68 actions=drop".into(),
+            "table=20,priority=0 actions=drop".into(),
+            "table=25,priority=0 actions=drop".into(),
+            "table=26,priority=1 actions=resubmit(,30)".into(),
+            "table=30,priority=0 actions=drop".into(),
+        ],
+    );
+    let learn = format!(
+        "learn(table=25,idle_timeout={LEARN_IDLE_SECS},priority=10,cookie={LEARNED:#x},\
+         NXM_NX_REG6[],NXM_OF_ETH_DST[]=NXM_OF_ETH_SRC[],load:NXM_NX_REG5[]->NXM_NX_REG4[])"
+    );
+    for n in &w.networks {
+        let id = n.id;
+        for p in &n.ports {
+            flows.extend(object(
+                KIND_PORT,
+                &format!("{}/{p}", n.name),
+                vec![
+                    format!(
+                        "table=0,priority=100,in_port={p} \
+                         actions=load:{id}->NXM_NX_REG6[],load:{p}->NXM_NX_REG5[],resubmit(,10)"
+                    ),
+                    format!("table=30,priority=100,reg6={id},reg4={p} actions=output:{p}"),
+                ],
+            ));
+        }
+        let locals = to_locals(&n.ports);
+        let tunnels = n.tunnel.as_ref().map(to_tunnels).unwrap_or_default();
+        let bum = "dl_dst=01:00:00:00:00:00/01:00:00:00:00:00";
+        let mut texts = vec![
+            format!(
+                "table=20,priority=50,reg6={id},reg7=0,{bum} actions={}",
+                join(&[learn.clone(), locals.clone(), tunnels.clone()])
+            ),
+            format!(
+                "table=20,priority=50,reg6={id},reg7=1,{bum} actions={}",
+                join(std::slice::from_ref(&locals))
+            ),
+            format!(
+                "table=20,priority=10,reg6={id},reg7=0 \
+                 actions={learn},resubmit(,25),resubmit(,26)"
+            ),
+            format!("table=20,priority=10,reg6={id},reg7=1 actions=resubmit(,25),resubmit(,26)"),
+            format!(
+                "table=26,priority=10,reg6={id},reg7=0,reg4=0 actions={}",
+                join(&[locals.clone(), tunnels])
+            ),
+            format!(
+                "table=26,priority=10,reg6={id},reg7=1,reg4=0 actions={}",
+                join(&[locals])
+            ),
+        ];
+        if let Some(t) = &n.tunnel {
+            for p in &t.flood {
+                texts.push(format!(
+                    "table=0,priority=100,in_port={p},tun_id={} \
+                     actions=load:{id}->NXM_NX_REG6[],load:1->NXM_NX_REG7[],resubmit(,20)",
+                    t.vni
+                ));
+            }
+            for (mac, p) in &t.macs {
+                texts.push(format!(
+                    "table=20,priority=100,reg6={id},reg7=0,dl_dst={mac} \
+                     actions=set_field:{}->tun_id,output:{p}",
+                    t.vni
+                ));
+            }
+        }
+        flows.extend(object(KIND_NETWORK, n.name.as_str(), texts));
+    }
+    flows.sort();
+    flows
+}
+
+/// How many flows of each owned cookie are installed, from `ovs-ofctl dump-flows` output.
+pub fn installed(dump: &str) -> BTreeMap<u64, usize> {
+    let mut out = BTreeMap::new();
+    for line in dump.lines() {
+        let Some(rest) = line.trim_start().strip_prefix("cookie=0x") else {
+            continue;
+        };
+        let hex: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+        if let Ok(c) = u64::from_str_radix(&hex, 16)
+            && owned(c)
+        {
+            *out.entry(c).or_default() += 1;
+        }
+    }
+    out
+}
+
+/// Which objects' flows are not all installed (their cookies), given the rendered flows and
+/// the installed counts.
+pub fn broken(want: &[Flow], have: &BTreeMap<u64, usize>) -> BTreeSet<u64> {
+    let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+    for f in want {
+        *counts.entry(f.cookie).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .filter(|(c, n)| have.get(c) != Some(n))
+        .map(|(c, _)| c)
+        .collect()
+}
+
+/// The flow mods that make the installed flows the wanted ones, for `ovs-ofctl --bundle
+/// add-flows`: stale cookies deleted, then every flow of an object that is missing or
+/// incomplete added (an add replaces a flow of the same match and priority).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bundle {
+    /// Cookies whose flows all go.
+    pub delete: BTreeSet<u64>,
+    /// Flows to add.
+    pub add: Vec<Flow>,
+}
+
+impl Bundle {
+    /// The bundle from `have` to `want`.
+    pub fn between(want: &[Flow], have: &BTreeMap<u64, usize>) -> Self {
+        let wanted: BTreeSet<u64> = want.iter().map(|f| f.cookie).collect();
+        let broken = broken(want, have);
+        Self {
+            delete: have
+                .keys()
+                .filter(|c| !wanted.contains(c))
+                .copied()
+                .collect(),
+            add: want
+                .iter()
+                .filter(|f| broken.contains(&f.cookie))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.delete.is_empty() && self.add.is_empty()
+    }
+
+    /// Its text, one flow mod a line.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        for c in &self.delete {
+            let _ = writeln!(s, "delete cookie={c:#x}/-1");
+        }
+        for f in &self.add {
+            let _ = writeln!(s, "add cookie={:#x},{}", f.cookie, f.text);
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(name: &str, id: u32, ports: &[u32], flood: &[u32]) -> NetworkFlows {
+        NetworkFlows {
+            name: IfName::new(name).expect("name"),
+            id,
+            ports: ports.iter().copied().collect(),
+            tunnel: Some(TunnelFlows {
+                vni: 5001,
+                flood: flood.iter().copied().collect(),
+                macs: BTreeMap::from([("02:00:00:00:00:09".parse().expect("mac"), flood[0])]),
+            }),
+        }
+    }
+
+    fn dump(flows: &[Flow]) -> String {
+        flows
+            .iter()
+            .map(|f| format!(" cookie={:#x}, duration=1s, {}\n", f.cookie, f.text))
+            .collect()
+    }
+
+    #[test]
+    fn a_switch_with_every_flow_needs_no_bundle() {
+        let w = Switch {
+            networks: vec![net("br-a", 7, &[3, 4], &[1, 2])],
+        };
+        let flows = render(&w);
+        let have = installed(&dump(&flows));
+        assert!(Bundle::between(&flows, &have).is_empty());
+        assert_eq!(render(&w), flows, "rendering is deterministic");
+    }
+
+    #[test]
+    fn each_object_has_one_cookie_of_its_kind() {
+        let w = Switch {
+            networks: vec![net("br-a", 7, &[3, 4], &[1]), net("br-b", 8, &[5], &[1])],
+        };
+        let flows = render(&w);
+        let cookies: BTreeSet<u64> = flows.iter().map(|f| f.cookie).collect();
+        // base, two networks, three ports.
+        assert_eq!(cookies.len(), 6);
+        assert!(cookies.iter().all(|c| owned(*c)));
+        assert!(!owned(LEARNED) && !owned(0));
+        // Both networks share tunnel 1 and VNI 5001 here, yet classify by their own id.
+        assert!(
+            flows
+                .iter()
+                .any(|f| f.text.contains("load:7->NXM_NX_REG6[]"))
+        );
+        assert!(
+            flows
+                .iter()
+                .any(|f| f.text.contains("load:8->NXM_NX_REG6[]"))
+        );
+    }
+
+    #[test]
+    fn a_deleted_flow_brings_back_its_object_only() {
+        let w = Switch {
+            networks: vec![net("br-a", 7, &[3, 4], &[1, 2])],
+        };
+        let flows = render(&w);
+        let gone = flows
+            .iter()
+            .position(|f| f.text.starts_with("table=30") && f.text.contains("reg4=3"))
+            .expect("the delivery flow of port 3");
+        let mut rest = flows.clone();
+        let removed = rest.remove(gone);
+        let b = Bundle::between(&flows, &installed(&dump(&rest)));
+        assert!(b.delete.is_empty());
+        assert!(b.add.iter().all(|f| f.cookie == removed.cookie));
+        assert_eq!(b.add.len(), 2, "the port's two flows");
+        assert!(b.text().contains(&removed.text));
+    }
+
+    #[test]
+    fn a_change_deletes_the_stale_cookie_and_adds_the_new_one_in_one_bundle() {
+        let before = render(&Switch {
+            networks: vec![net("br-a", 7, &[3, 4], &[1, 2]), net("br-b", 8, &[5], &[1])],
+        });
+        // Port 4 leaves, node 2 leaves br-a's flood list, br-b goes.
+        let after = render(&Switch {
+            networks: vec![net("br-a", 7, &[3], &[1])],
+        });
+        let b = Bundle::between(&after, &installed(&dump(&before)));
+        let old: BTreeSet<u64> = before.iter().map(|f| f.cookie).collect();
+        let new: BTreeSet<u64> = after.iter().map(|f| f.cookie).collect();
+        assert_eq!(b.delete, old.difference(&new).copied().collect());
+        assert!(b.add.iter().all(|f| !old.contains(&f.cookie)));
+        let text = b.text();
+        let first_add = text.find("\nadd ").unwrap_or(0);
+        assert!(
+            text.rfind("delete ").is_none_or(|d| d < first_add),
+            "deletes come first: {text}"
+        );
+        // Port 3's flows and the base flows are untouched.
+        assert!(b.add.iter().all(|f| !f.text.contains("reg4=3 actions")));
+    }
+
+    #[test]
+    fn foreign_and_learned_flows_are_left_alone() {
+        let flows = render(&Switch::default());
+        let mut text = dump(&flows);
+        text.push_str(" cookie=0x5f00000000000000, table=25, priority=10,reg6=0x7 actions=x\n");
+        text.push_str(" priority=0 actions=NORMAL\n");
+        text.push_str(" cookie=0x1234, table=3, actions=drop\n");
+        assert!(Bundle::between(&flows, &installed(&text)).is_empty());
+    }
+
+    #[test]
+    fn tunnel_frames_are_never_flooded_back_to_tunnels() {
+        let flows = render(&Switch {
+            networks: vec![net("br-a", 7, &[3], &[1, 2])],
+        });
+        for f in flows.iter().filter(|f| f.text.contains("reg7=1")) {
+            assert!(
+                !f.text.contains("output:1") && !f.text.contains("output:2"),
+                "{f:?}"
+            );
+        }
+        // Only tunnels of the flood list are accepted, with the network's VNI.
+        let accepted: Vec<&Flow> = flows
+            .iter()
+            .filter(|f| f.text.contains("tun_id=5001 "))
+            .collect();
+        assert_eq!(accepted.len(), 2);
+    }
+}

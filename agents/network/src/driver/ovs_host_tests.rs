@@ -1,0 +1,381 @@
+//! The Open vSwitch driver on a real switch, as root: `ovsdb-server` and `ovs-vswitchd` run
+//! per simulated node inside its network namespace (userspace datapath), each with its files
+//! in a directory the test makes. The [`Links`] conformance suite; then the agent's converge
+//! on two OVS nodes joined by a veth underlay (192.0.2.0/24) carrying VXLAN between their
+//! integration bridges: guests (namespaces plugged in by veths named as their Ports'
+//! devices) take their leases from their node's dnsmasq and ping across the tunnel, another
+//! project's network with the same CIDR stays apart, flows deleted and a tunnel port
+//! removed by hand are repaired by the next converge, and a converge of a right switch
+//! writes nothing. Everything the tests make is removed when they end, even when they fail.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::conformance;
+use super::dnsmasq::Dnsmasq;
+use super::host_tests::{lease, ping, pings, root, run_in, unique};
+use super::netlink::NetlinkLinks;
+use super::nft::NftFirewall;
+use super::ovs::{INTEGRATION_BRIDGE, OvsLinks, attach_underlay};
+use super::ovs_daemon::{Ovs, OvsDaemon};
+use super::ovs_flows::{self, KIND_NETWORK, KIND_PORT};
+use super::{Dhcp, Links, Name, Netns, VethSpec};
+use crate::agent::tests::{group, hypervisor, network, port, subnet};
+use crate::agent::{Host, PortState, converge};
+use crate::desired::{NodeConfig, PortKey, Snapshot};
+use crate::host_tests::{guest, ifname, in_project, name, of_network, sh};
+use crate::plan::is_dhcp_name_of;
+
+/// Stops the switches, then each node's DHCP servers and namespaces, then deletes the
+/// namespaces the test made, when dropped.
+struct Cleanup {
+    daemons: Vec<OvsDaemon>,
+    dhcp: Vec<(Dnsmasq, String)>,
+    namespaces: Vec<Name>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for d in &self.daemons {
+            if let Err(e) = d.stop() {
+                eprintln!("cleanup: switch: {e}");
+            }
+        }
+        let l = NetlinkLinks::new();
+        for (d, node) in &self.dhcp {
+            for name in d.list().unwrap_or_default() {
+                if let Err(e) = d.remove(&name) {
+                    eprintln!("cleanup: dhcp {name}: {e}");
+                }
+            }
+            for ns in l.list_netns().unwrap_or_default() {
+                if is_dhcp_name_of(node, &ns)
+                    && let Err(e) = l.del_netns(&ns)
+                {
+                    eprintln!("cleanup: netns {ns}: {e}");
+                }
+            }
+        }
+        for n in &self.namespaces {
+            if let Err(e) = l.del_netns(n) {
+                eprintln!("cleanup: netns {n}: {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn ovs_links_pass_the_conformance_suite() {
+    if !root() {
+        return;
+    }
+    let prefix = unique();
+    let dir = tempfile::tempdir().expect("dir");
+    let a = name(format!("{prefix}-a"));
+    let daemon = OvsDaemon::new(Netns::Named(a.clone()), dir.path().join("ovs"));
+    let _cleanup = Cleanup {
+        daemons: vec![daemon.clone()],
+        dhcp: vec![],
+        namespaces: vec![a.clone(), name(format!("{prefix}-b"))],
+    };
+    let l = OvsLinks::with_daemon(Netns::Named(a), daemon.clone());
+    conformance::links(&l, &prefix);
+    assert!(
+        !daemon.running(),
+        "the node's switch stops with its namespace"
+    );
+}
+
+/// The flows of the switch, cookies and all, without counters.
+fn flows(ovs: &Ovs) -> String {
+    ovs.ofctl(&["--no-stats"], "dump-flows", INTEGRATION_BRIDGE, &[], None)
+        .expect("dump-flows")
+}
+
+/// How many objects of `kind` have flows on the switch.
+fn objects(ovs: &Ovs, kind: u8) -> usize {
+    ovs_flows::installed(&flows(ovs))
+        .keys()
+        .filter(|c| (*c >> 56) as u8 == kind)
+        .count()
+}
+
+/// The integration bridge's tunnel ports.
+fn tunnels(ovs: &Ovs) -> BTreeSet<String> {
+    ovs.vsctl(&["list-ports", INTEGRATION_BRIDGE])
+        .expect("list-ports")
+        .lines()
+        .filter(|p| p.starts_with("vt-"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn two_ovs_nodes_carry_a_network_over_vxlan_keep_networks_apart_and_repair_drift() {
+    if !root() {
+        return;
+    }
+    let prefix = unique();
+    let l = NetlinkLinks::new();
+    let (n1, n2) = (name(format!("{prefix}-n1")), name(format!("{prefix}-n2")));
+    let (g1, g2) = (name(format!("{prefix}-g1")), name(format!("{prefix}-g2")));
+    let (g3, g4) = (name(format!("{prefix}-g3")), name(format!("{prefix}-g4")));
+    let dir = tempfile::tempdir().expect("dir");
+    let (ns1, ns2) = (Netns::Named(n1.clone()), Netns::Named(n2.clone()));
+    let (d1, d2) = (
+        OvsDaemon::new(ns1.clone(), dir.path().join("ovs1")),
+        OvsDaemon::new(ns2.clone(), dir.path().join("ovs2")),
+    );
+    let (dns1, dns2) = (
+        Dnsmasq::new(dir.path().join("dhcp1")),
+        Dnsmasq::new(dir.path().join("dhcp2")),
+    );
+    let _cleanup = Cleanup {
+        daemons: vec![d1.clone(), d2.clone()],
+        dhcp: vec![
+            (dns1.clone(), n1.to_string()),
+            (dns2.clone(), n2.to_string()),
+        ],
+        namespaces: vec![
+            n1.clone(),
+            n2.clone(),
+            g1.clone(),
+            g2.clone(),
+            g3.clone(),
+            g4.clone(),
+        ],
+    };
+    for n in [&n1, &n2] {
+        l.add_netns(n).expect("node netns");
+    }
+    let underlay = ifname("underlay");
+    l.add_veth(
+        &ns1,
+        &VethSpec {
+            name: underlay.clone(),
+            peer: underlay.clone(),
+            peer_netns: Some(ns2.clone()),
+        },
+    )
+    .expect("underlay");
+    for (ns, d, a) in [(&ns1, &d1, "192.0.2.1/24"), (&ns2, &d2, "192.0.2.2/24")] {
+        l.add_address(ns, &underlay, a.parse().expect("cidr"))
+            .expect("address");
+        d.start().expect("start the node's switch");
+        let got = attach_underlay(&d.ovs(), ns, &underlay).expect("underlay bridge");
+        assert_eq!(got.to_string(), a);
+        attach_underlay(&d.ovs(), ns, &underlay).expect("again: nothing to do");
+    }
+    let (dev1, dev2) = (ifname("tp-guest1"), ifname("tp-guest2"));
+    let mac1 = guest(&l, &ns1, &g1, &dev1);
+    let mac2 = guest(&l, &ns2, &g2, &dev2);
+
+    let net_uid = format!("{prefix}-net");
+    let mut snap = Snapshot {
+        ports: vec![
+            of_network(
+                port(
+                    "p1",
+                    "net",
+                    n1.as_str(),
+                    &mac1,
+                    "10.50.0.11",
+                    Some("tp-guest1"),
+                ),
+                &net_uid,
+            ),
+            of_network(
+                port(
+                    "p2",
+                    "net",
+                    n2.as_str(),
+                    &mac2,
+                    "10.50.0.12",
+                    Some("tp-guest2"),
+                ),
+                &net_uid,
+            ),
+        ],
+        networks: vec![network("net", &net_uid, Some(5001))],
+        subnets: vec![of_network(subnet("sn", "net", "10.50.0.0/24"), &net_uid)],
+        hypervisors: vec![
+            hypervisor(n1.as_str(), "192.0.2.1"),
+            hypervisor(n2.as_str(), "192.0.2.2"),
+        ],
+        groups: vec![group(
+            "default",
+            json!([
+                {"direction": "ingress", "protocol": "icmp", "remoteGroup": "default"},
+                {"direction": "egress"},
+            ]),
+        )],
+        ..Snapshot::default()
+    };
+    let host = |ns: &Netns, d: &OvsDaemon, dns: &Dnsmasq| Host {
+        links: Arc::new(OvsLinks::with_daemon(ns.clone(), d.clone())),
+        firewall: Arc::new(NftFirewall::new(ns.clone())),
+        dhcp: Arc::new(dns.clone()),
+    };
+    let (h1, h2) = (host(&ns1, &d1, &dns1), host(&ns2, &d2, &dns2));
+    let cfg = |n: &Name| NodeConfig {
+        node: n.to_string(),
+        netns: Netns::Named(n.clone()),
+        underlay: None,
+        physical: Default::default(),
+    };
+    let (c1, c2) = (cfg(&n1), cfg(&n2));
+    let key = |n: &str| PortKey {
+        namespace: "demo".into(),
+        name: n.into(),
+    };
+
+    for (h, c, p) in [(&h1, &c1, "p1"), (&h2, &c2, "p2")] {
+        let r = converge(h, c, &snap).expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        assert!(
+            matches!(r.ports.get(&key(p)), Some(PortState::Wired { .. })),
+            "{p}: {:?}",
+            r.ports
+        );
+    }
+    // One tunnel port on each node, to the other; each port on the integration bridge.
+    for d in [&d1, &d2] {
+        assert_eq!(tunnels(&d.ovs()).len(), 1);
+        // The guest's port and the DHCP server's.
+        assert_eq!(objects(&d.ovs(), KIND_PORT), 2);
+        assert_eq!(objects(&d.ovs(), KIND_NETWORK), 1);
+    }
+    let leases = tempfile::tempdir().expect("dir");
+    assert_eq!(
+        lease(&g1, leases.path()),
+        Some(Ipv4Addr::new(10, 50, 0, 11))
+    );
+    assert_eq!(
+        lease(&g2, leases.path()),
+        Some(Ipv4Addr::new(10, 50, 0, 12))
+    );
+    sh(&g1, &["ip", "addr", "add", "10.50.0.11/24", "dev", "eth0"]);
+    sh(&g2, &["ip", "addr", "add", "10.50.0.12/24", "dev", "eth0"]);
+    let (ip1, ip2) = (Ipv4Addr::new(10, 50, 0, 11), Ipv4Addr::new(10, 50, 0, 12));
+    assert!(pings(&g1, ip2, 10), "guest 1 reaches guest 2 across VXLAN");
+    assert!(ping(&g2, ip1), "and back");
+
+    // A restarted agent (new drivers) finds everything right and writes no flow.
+    let before = (flows(&d1.ovs()), flows(&d2.ovs()));
+    for (ns, d, dns, c) in [(&ns1, &d1, &dns1, &c1), (&ns2, &d2, &dns2, &c2)] {
+        let r = converge(&host(ns, d, dns), c, &snap).expect("converge");
+        assert_eq!(r.steps, vec![]);
+    }
+    assert_eq!((flows(&d1.ovs()), flows(&d2.ovs())), before);
+
+    // Drift by hand: node 1 loses its delivery flows, node 2 its tunnel port.
+    d1.ovs()
+        .ofctl(&[], "del-flows", INTEGRATION_BRIDGE, &["table=30"], None)
+        .expect("del-flows");
+    let tunnel = tunnels(&d2.ovs()).into_iter().next().expect("tunnel");
+    d2.ovs()
+        .vsctl(&["del-port", INTEGRATION_BRIDGE, &tunnel])
+        .expect("del-port");
+    assert!(!ping(&g1, ip2), "the overlay is broken");
+    for (h, c) in [(&h1, &c1), (&h2, &c2)] {
+        let r = converge(h, c, &snap).expect("converge");
+        assert!(!r.steps.is_empty(), "drift seen");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+    }
+    assert_eq!(tunnels(&d2.ovs()), BTreeSet::from([tunnel]));
+    assert!(
+        pings(&g1, ip2, 10),
+        "repaired: guest 1 reaches guest 2 again"
+    );
+    for (h, c) in [(&h1, &c1), (&h2, &c2)] {
+        assert_eq!(converge(h, c, &snap).expect("converge").steps, vec![]);
+    }
+
+    // A switch restarted (its flows gone, its database kept) is rewired by the next converge.
+    d1.stop().expect("stop switch 1");
+    let r = converge(&h1, &c1, &snap).expect("converge");
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    assert!(d1.running());
+    assert!(pings(&g1, ip2, 10), "node 1 forwards again");
+
+    // Another project's network with the same CIDR and VNI-less overlap on the same nodes,
+    // its guests holding each other's addresses crosswise: guest 3 (node 1, 10.50.0.12)
+    // looking for 10.50.0.11 finds guest 4 across the tunnel, never guest 1 beside it.
+    let (dev3, dev4) = (ifname("tp-guest3"), ifname("tp-guest4"));
+    let mac3 = guest(&l, &ns1, &g3, &dev3);
+    let mac4 = guest(&l, &ns2, &g4, &dev4);
+    let net_b = format!("{prefix}-net-b");
+    snap.networks
+        .push(in_project(network("net", &net_b, Some(5002)), "other"));
+    snap.subnets.push(in_project(
+        of_network(subnet("sn", "net", "10.50.0.0/24"), &net_b),
+        "other",
+    ));
+    snap.groups.push(in_project(
+        group(
+            "default",
+            json!([{"direction": "ingress", "protocol": "icmp"}, {"direction": "egress"}]),
+        ),
+        "other",
+    ));
+    for (p, node, mac, ip, dev) in [
+        ("q3", &n1, &mac3, "10.50.0.12", "tp-guest3"),
+        ("q4", &n2, &mac4, "10.50.0.11", "tp-guest4"),
+    ] {
+        snap.ports.push(in_project(
+            of_network(port(p, "net", node.as_str(), mac, ip, Some(dev)), &net_b),
+            "other",
+        ));
+    }
+    for (h, c) in [(&h1, &c1), (&h2, &c2)] {
+        let r = converge(h, c, &snap).expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        assert_eq!(r.desired.networks.len(), 2);
+    }
+    for d in [&d1, &d2] {
+        assert_eq!(tunnels(&d.ovs()).len(), 1, "one tunnel per peer, shared");
+    }
+    assert_eq!(
+        lease(&g3, leases.path()),
+        Some(ip2),
+        "its own network's DHCP"
+    );
+    sh(&g3, &["ip", "addr", "add", "10.50.0.12/24", "dev", "eth0"]);
+    sh(&g4, &["ip", "addr", "add", "10.50.0.11/24", "dev", "eth0"]);
+    assert!(
+        pings(&g3, ip1, 10),
+        "guest 3 reaches its own network's 10.50.0.11"
+    );
+    let neighbour =
+        |ns: &Name, addr: &str| run_in(ns, &["ip", "neigh", "show", addr]).1.to_lowercase();
+    assert!(
+        neighbour(&g3, "10.50.0.11").contains(&mac4),
+        "guest 4 answered"
+    );
+    assert!(ping(&g1, ip2), "project 1 still works");
+    assert!(
+        neighbour(&g1, "10.50.0.12").contains(&mac2),
+        "guest 2 answered"
+    );
+
+    // The ports go: no network, port or tunnel of Stratus's is left on either switch.
+    snap.ports.clear();
+    for (h, c, d) in [(&h1, &c1, &d1), (&h2, &c2, &d2)] {
+        let r = converge(h, c, &snap).expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        let ovs = d.ovs();
+        assert_eq!(
+            (objects(&ovs, KIND_NETWORK), objects(&ovs, KIND_PORT)),
+            (0, 0)
+        );
+        assert_eq!(tunnels(&ovs), BTreeSet::new());
+        let ports = ovs
+            .vsctl(&["list-ports", INTEGRATION_BRIDGE])
+            .expect("list-ports");
+        assert_eq!(ports.trim(), "", "nothing on the integration bridge");
+        assert_eq!(converge(h, c, &snap).expect("converge").steps, vec![]);
+    }
+}
