@@ -11,10 +11,14 @@ if [ "${CI:-}" != "true" ] && [ "${STRATUS_CHECK_SETUP:-}" != "1" ]; then
 fi
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
+# ovs-vswitchd is in sbin.
+export PATH="$PATH:/usr/sbin:/sbin"
 scripts/setup.sh
 # qemu-utils: the package apt removed on a fresh machine; genisoimage, cpio and
-# chromium-driver (the dashboard's browser test): programs that nothing else depends on.
-for victim in qemu-utils:qemu-img genisoimage:genisoimage cpio:cpio chromium-driver:chromedriver; do
+# chromium-driver (the dashboard's browser test), openvswitch-switch (the OVS datapath's
+# tests): programs that nothing else depends on.
+for victim in qemu-utils:qemu-img genisoimage:genisoimage cpio:cpio chromium-driver:chromedriver \
+  openvswitch-switch:ovs-vswitchd; do
   pkg=${victim%%:*} prog=${victim#*:}
   $sudo dpkg --remove --force-depends "$pkg" >/dev/null 2>&1
   if command -v "$prog" >/dev/null 2>&1; then
