@@ -17,7 +17,14 @@
 //! addressed to its MAC (broadcast, multicast, flooded), but for its network's DHCP replies.
 //!
 //! The `inet` input chain keeps the node's VXLAN port to its networks' peers: a VXLAN packet
-//! is taken only from a node hosting ports of the network of its VNI.
+//! is taken only from a node hosting ports of the network of its VNI. The encapsulated
+//! packets themselves are not tracked (`notrack` at raw priority in prerouting and output):
+//! conntrack would look up every one of them for nothing, since the frames they carry are
+//! tracked in their network's zone once decapsulated.
+//!
+//! A port's addresses and a network's peers are matched as one value where there is one,
+//! not as an anonymous set: each anonymous set is a kernel object of its own, so a node of
+//! 1,000 ports loaded thousands of them in one transaction.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -607,14 +614,29 @@ impl Ruleset {
     fn chains(&self) -> Vec<(NfFamily, Chain<'static>, Vec<Vec<Statement<'static>>>)> {
         let mut pre = Vec::new();
         for z in &self.zones {
+            // Accepted here (this chain only): what follows is for the node's own traffic.
             pre.push(vec![
                 eq(meta(MetaKey::Iifname), s(z.bridge.as_str())),
                 Statement::Mangle(Mangle {
                     key: ct("zone"),
                     value: Expression::Number(u32::from(z.zone)),
                 }),
+                Statement::Accept(None),
             ]);
         }
+        // The overlay's encapsulated packets are not tracked: nothing stateful matches them
+        // (the input chain checks their source and VNI), and the frames they carry are
+        // tracked in their network's zone once decapsulated. Guests' packets never reach
+        // these rules (they came in on a bridge, above).
+        let tunnel_ports: BTreeSet<u16> = self.tunnels.iter().map(|t| t.port).collect();
+        let notrack = |port: u16| {
+            vec![
+                eq(payload("udp", "dport"), Expression::Number(u32::from(port))),
+                Statement::Notrack,
+            ]
+        };
+        pre.extend(tunnel_ports.iter().map(|p| notrack(*p)));
+        let output: Vec<_> = tunnel_ports.iter().map(|p| notrack(*p)).collect();
         let mut fwd = vec![
             vec![
                 Statement::Match(Match {
@@ -677,12 +699,7 @@ impl Ruleset {
             input.push(vec![
                 eq(
                     payload("ip", "saddr"),
-                    Expression::Named(NamedExpression::Set(
-                        t.peers
-                            .iter()
-                            .map(|a| SetItem::Element(s(a.to_string())))
-                            .collect(),
-                    )),
+                    one_or_set(t.peers.iter().map(|a| a.to_string())),
                 ),
                 eq(
                     payload("udp", "dport"),
@@ -700,10 +717,12 @@ impl Ruleset {
                 Statement::Accept(None),
             ]);
         }
-        let ports: BTreeSet<u16> = self.tunnels.iter().map(|t| t.port).collect();
-        for port in ports {
+        for port in &tunnel_ports {
             input.push(vec![
-                eq(payload("udp", "dport"), Expression::Number(u32::from(port))),
+                eq(
+                    payload("udp", "dport"),
+                    Expression::Number(u32::from(*port)),
+                ),
                 Statement::Drop(None),
             ]);
         }
@@ -712,6 +731,11 @@ impl Ruleset {
                 NfFamily::INet,
                 base(NfFamily::INet, "prerouting", NfHook::Prerouting, -300),
                 pre,
+            ),
+            (
+                NfFamily::INet,
+                base(NfFamily::INet, "output", NfHook::Output, -300),
+                output,
             ),
             (
                 NfFamily::INet,
@@ -782,17 +806,9 @@ impl Ruleset {
         let mut rules = Vec::new();
         for p in self.ports.iter().filter(|p| p.port_security) {
             let dev = || eq(meta(MetaKey::Iifname), s(p.device.as_str()));
-            let ips = |zero: bool| {
-                let mut items: Vec<SetItem<'static>> = p
-                    .ips
-                    .iter()
-                    .map(|a| SetItem::Element(s(a.to_string())))
-                    .collect();
-                if zero {
-                    items.push(SetItem::Element(s("0.0.0.0")));
-                }
-                Expression::Named(NamedExpression::Set(items))
-            };
+            // A port's one address is matched as a value, not an anonymous set: a node of
+            // 1,000 ports loads 1,000s of sets otherwise, each bound by a scan of the batch.
+            let ips = || one_or_set(p.ips.iter().map(|a| a.to_string()));
             rules.push(vec![
                 dev(),
                 ne(payload("ether", "saddr"), s(p.mac.to_string())),
@@ -800,13 +816,8 @@ impl Ruleset {
             ]);
             rules.push(vec![
                 dev(),
-                ne(
-                    payload("ether", "type"),
-                    Expression::Named(NamedExpression::Set(vec![
-                        SetItem::Element(s("ip")),
-                        SetItem::Element(s("arp")),
-                    ])),
-                ),
+                ne(payload("ether", "type"), s("ip")),
+                ne(payload("ether", "type"), s("arp")),
                 Statement::Drop(None),
             ]);
             rules.push(vec![
@@ -825,13 +836,14 @@ impl Ruleset {
             rules.push(vec![
                 dev(),
                 eq(payload("ether", "type"), s("ip")),
-                ne(payload("ip", "saddr"), ips(false)),
+                ne(payload("ip", "saddr"), ips()),
                 Statement::Drop(None),
             ]);
             rules.push(vec![
                 dev(),
                 eq(payload("ether", "type"), s("arp")),
-                ne(payload("arp", "saddr ip"), ips(true)),
+                ne(payload("arp", "saddr ip"), s("0.0.0.0")),
+                ne(payload("arp", "saddr ip"), ips()),
                 Statement::Drop(None),
             ]);
         }
@@ -1211,6 +1223,19 @@ fn ne(left: Expression<'static>, right: Expression<'static>) -> Statement<'stati
     })
 }
 
+/// One value as itself, several as an anonymous set (which the kernel makes and binds per
+/// rule: far costlier to load than a value).
+fn one_or_set(values: impl IntoIterator<Item = String>) -> Expression<'static> {
+    let mut items: Vec<SetItem<'static>> =
+        values.into_iter().map(|v| SetItem::Element(s(v))).collect();
+    if items.len() == 1
+        && let Some(SetItem::Element(one)) = items.pop()
+    {
+        return one;
+    }
+    Expression::Named(NamedExpression::Set(items))
+}
+
 /// The kernel's nftables through `nft -j`, in one network namespace (the node's own in
 /// production, a test's namespace in tests).
 ///
@@ -1356,7 +1381,7 @@ impl NftFirewall {
         what: &str,
         after: Option<Observed>,
     ) -> Result<(), FirewallError> {
-        let json = serde_json::to_vec(batch).map_err(FirewallError::Json)?;
+        let json = to_json(batch)?;
         let mut st = self.state();
         let before = self.generation(&mut st).ok();
         st.known = None;
@@ -1389,6 +1414,29 @@ impl NftFirewall {
             })
         }
     }
+}
+
+/// A batch as `nft -j` reads it. The `nftables` crate writes the `notrack` statement as the
+/// string `"notrack"`, which `nft` refuses (every statement is an object): it is written
+/// `{"notrack": null}` here. Statements are the elements of a rule's `expr` array, and no
+/// other statement is a string there.
+fn to_json(batch: &Nftables<'static>) -> Result<Vec<u8>, FirewallError> {
+    let mut v = serde_json::to_value(batch).map_err(FirewallError::Json)?;
+    let objects = v.get_mut("nftables").and_then(|o| o.as_array_mut());
+    for cmd in objects.into_iter().flatten() {
+        let Some(cmd) = cmd.as_object_mut() else {
+            continue;
+        };
+        for obj in cmd.values_mut() {
+            let expr = obj.get_mut("rule").and_then(|r| r.get_mut("expr"));
+            for st in expr.and_then(|e| e.as_array_mut()).into_iter().flatten() {
+                if st.as_str() == Some("notrack") {
+                    *st = serde_json::json!({"notrack": null});
+                }
+            }
+        }
+    }
+    serde_json::to_vec(&v).map_err(FirewallError::Json)
 }
 
 /// Runs `nft` with `args` in `ns`, `stdin` fed to it.
@@ -1445,7 +1493,7 @@ impl Firewall for NftFirewall {
     /// lists the tables and the next update repairs them.
     fn update(&self, update: &Update) -> Result<(), FirewallError> {
         let batch = update.ruleset.render_update(&update.delta)?;
-        let json = serde_json::to_vec(&batch).map_err(FirewallError::Json)?;
+        let json = to_json(&batch)?;
         let mut st = self.state();
         let read_at = st.read_at.take();
         let before = self.generation(&mut st).ok();
@@ -1503,7 +1551,7 @@ impl Firewall for NftFirewall {
     }
 
     fn apply_nat(&self, netns: &Name, nat: &Nat) -> Result<(), FirewallError> {
-        let json = serde_json::to_vec(&nat.render()?).map_err(FirewallError::Json)?;
+        let json = to_json(&nat.render()?)?;
         let ns = Netns::Named(netns.clone());
         nft_in(&ns, &["-j", "-f", "-"], Some(&json), "apply a router's NAT")?;
         Ok(())
@@ -1681,7 +1729,7 @@ mod tests {
     fn a_filtered_port_sends_ipv4_and_arp_only() {
         let rs = sample_ruleset();
         let from_port = rules(&rs, NfFamily::Bridge, "ports");
-        let only = r#"{"match":{"left":{"payload":{"protocol":"ether","field":"type"}},"right":{"set":["ip","arp"]},"op":"!="}},{"drop":null}"#;
+        let only = r#"{"match":{"left":{"payload":{"protocol":"ether","field":"type"}},"right":"ip","op":"!="}},{"match":{"left":{"payload":{"protocol":"ether","field":"type"}},"right":"arp","op":"!="}},{"drop":null}"#;
         assert!(
             from_port
                 .iter()
@@ -1779,6 +1827,77 @@ mod tests {
     }
 
     #[test]
+    fn the_overlays_packets_are_not_tracked_and_the_guests_are_in_their_zone() {
+        let mut rs = sample_ruleset();
+        let pre = rules(&rs, NfFamily::INet, "prerouting");
+        let zones = rs.zones.len();
+        assert!(zones > 0);
+        // Each bridge's frames get their zone and leave the chain before any notrack.
+        for (z, r) in rs.zones.iter().zip(&pre) {
+            assert!(
+                with_all(r, &[z.bridge.as_str(), r#""zone""#, "accept"]),
+                "{r}"
+            );
+            assert!(!r.contains("notrack"));
+        }
+        let notrack = r#""right":4789,"op":"=="}},"notrack"]"#;
+        assert_eq!(pre.len(), zones + 1, "{pre:?}");
+        assert!(pre[zones].contains(notrack), "{pre:?}");
+        let out = rules(&rs, NfFamily::INet, "output");
+        assert_eq!(out.len(), 1);
+        assert!(out[0].contains(notrack), "{out:?}");
+        // What nft is given: the statement as an object.
+        let json = String::from_utf8(to_json(&rs.render().expect("render")).expect("json"))
+            .expect("utf-8");
+        assert!(json.contains(r#"{"notrack":null}"#));
+        assert!(!json.contains(r#""notrack"]"#));
+        // No tunnel, nothing untracked.
+        rs.tunnels.clear();
+        assert!(rules(&rs, NfFamily::INet, "output").is_empty());
+        assert!(
+            !rules(&rs, NfFamily::INet, "prerouting")
+                .iter()
+                .any(|r| r.contains("notrack"))
+        );
+    }
+
+    #[test]
+    fn a_ports_addresses_are_one_value_or_a_set_of_all() {
+        let mut rs = sample_ruleset();
+        // The port's rules that drop what comes from addresses not its own.
+        let spoof = |rs: &Ruleset| -> Vec<String> {
+            rules(rs, NfFamily::Bridge, "ports")
+                .into_iter()
+                .filter(|r| {
+                    r.contains(r#""ve-c1""#)
+                        && r.contains("drop")
+                        && (r.contains(r#"{"protocol":"ip","field":"saddr"}"#)
+                            || r.contains(r#"{"protocol":"arp","field":"saddr ip"}"#))
+                })
+                .collect()
+        };
+        let ip = rs.ports[0].ips.iter().next().copied().expect("an address");
+        let one = spoof(&rs);
+        assert_eq!(one.len(), 2, "{one:?}");
+        assert!(
+            one.iter()
+                .all(|r| r.contains(&format!(r#""{ip}""#)) && !r.contains(r#""set""#))
+        );
+        assert!(
+            one[1].contains(r#""right":"0.0.0.0","op":"!="}"#),
+            "{one:?}"
+        );
+        rs.ports[0].ips.insert(Ipv4Addr::new(10, 0, 0, 99));
+        let two = spoof(&rs);
+        assert_eq!(two.len(), 2, "{two:?}");
+        assert!(
+            two.iter()
+                .all(|r| r.contains(&format!(r#"{{"set":["{ip}","10.0.0.99"]}}"#))),
+            "{two:?}"
+        );
+    }
+
+    #[test]
     fn vxlan_is_accepted_from_each_networks_peers_and_dropped_otherwise() {
         let mut rs = sample_ruleset();
         rs.tunnels.push(Tunnel {
@@ -1791,7 +1910,7 @@ mod tests {
         assert!(with_all(
             &input[0],
             &[
-                r#"{"set":["192.0.2.2"]}"#,
+                r#"{"payload":{"protocol":"ip","field":"saddr"}},"right":"192.0.2.2","op":"=="}"#,
                 r#""right":4789"#,
                 r#"{"payload":{"base":"th","offset":96,"len":24}},"right":5001,"op":"=="}"#,
                 "accept"
