@@ -695,6 +695,20 @@ async fn cleanup(router: &Router, ctx: &Ctx) -> Result<Action, RoutersError> {
     Ok(Action::requeue(Duration::from_secs(1)))
 }
 
+/// The routers a change to `node`'s agent or grants may move: those on it, which may have to
+/// leave, and those on no node yet, which may now fit there.
+fn on_or_waiting(store: &Store<Router>, node: &str) -> Vec<ObjectRef<Router>> {
+    store
+        .state()
+        .into_iter()
+        .filter(|r| {
+            let on = r.status.as_ref().and_then(|s| s.node.as_deref());
+            on.is_none() || on == Some(node)
+        })
+        .map(|r| ObjectRef::from_obj(&*r))
+        .collect()
+}
+
 /// Runs the routers controller until its watches end.
 pub async fn run(client: Client) {
     let (leases, lease_writer) = reflector::store();
@@ -733,30 +747,12 @@ pub async fn run(client: Client) {
         // An agent's Lease changing (appearing, renewed, its annotations) may move routers
         // off or onto it; an unplaced router may find a node.
         .watches_stream(lease_stream, move |l: Lease| {
-            let node = l.name_any();
-            by_node
-                .state()
-                .into_iter()
-                .filter(|r| {
-                    let on = r.status.as_ref().and_then(|s| s.node.as_deref());
-                    on.is_none() || on == Some(node.as_str())
-                })
-                .map(|r| ObjectRef::from_obj(&*r))
-                .collect::<Vec<_>>()
+            on_or_waiting(&by_node, &l.name_any())
         })
         // A node's grants changing (its Hypervisor's annotation) may move routers off it or
         // let an unplaced one onto it.
         .watches_stream(hypervisor_stream, move |h: Hypervisor| {
-            let node = h.name_any();
-            by_grant
-                .state()
-                .into_iter()
-                .filter(|r| {
-                    let on = r.status.as_ref().and_then(|s| s.node.as_deref());
-                    on.is_none() || on == Some(node.as_str())
-                })
-                .map(|r| ObjectRef::from_obj(&*r))
-                .collect::<Vec<_>>()
+            on_or_waiting(&by_grant, &h.name_any())
         })
         // A router's Port changing (its address allocated, deleted by hand).
         .owns(Api::<Port>::all(client.clone()), watcher::Config::default())
