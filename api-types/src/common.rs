@@ -74,6 +74,10 @@ pub enum ConditionType {
     FinalizersRemaining,
     /// A floating IP is associated with a port's fixed address through a router.
     Associated,
+    /// An object ring's replicas are still to move, held back by `minPartHours`.
+    Rebalancing,
+    /// An object ring's spec cannot be built; its current version stays.
+    Invalid,
 }
 
 impl ConditionType {
@@ -92,6 +96,8 @@ impl ConditionType {
             Self::ContentRemaining => "ContentRemaining",
             Self::FinalizersRemaining => "FinalizersRemaining",
             Self::Associated => "Associated",
+            Self::Rebalancing => "Rebalancing",
+            Self::Invalid => "Invalid",
         }
     }
 
@@ -327,6 +333,23 @@ reasons! {
     Translated,
     /// A floating IP's `Ready=False`: its router is not programmed on its node yet.
     RouterNotReady,
+    /// An object ring's `Ready=True`: its current version is built from the spec.
+    Built,
+    /// An object ring's `Invalid=False`: its spec can be built.
+    Valid,
+    /// An object ring's `Invalid=True`: a field of its spec is refused (the message names it).
+    InvalidSpec,
+    /// An object ring's `Invalid=True`: the ring builder cannot build its spec.
+    CannotBuild,
+    /// An object ring's `Rebalancing=False`: `spec.paused`, its change only proposed.
+    Paused,
+    /// An object ring's `Rebalancing=True`: replicas wait for `minPartHours` to move.
+    MinPartHours,
+    /// An object ring's `Rebalancing=False`: replicas above the plan cannot move in its
+    /// topology.
+    Settled,
+    /// An object ring's `Rebalancing=False`: every replica is where the plan puts it.
+    Balanced,
 }
 
 impl Reason {

@@ -23,23 +23,20 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use stratus_api_types::common::{Time, set_condition};
+use stratus_api_types::common::{ConditionType, ConditionUpdate, Reason, Time};
 use stratus_api_types::object::{
     ObjectRing, ObjectRingPhase, ObjectRingSpec, ObjectRingStatus, ObjectRingVersion,
     ObjectRingVersionSpec, RingProposal,
 };
 use stratus_ring::{BuildError, Device, RingBuilder};
+use stratus_api_types::object::{DeviceState, ObjectNode};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::WatchStreamExt as _;
 use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
 
 /// The field manager of the ring controller's writes.
 const MANAGER: &str = "stratus-ring-controller";
-/// Condition: the current ring version is built from the spec.
-const READY: &str = "Ready";
-/// Condition: replicas are still to move (held back by `minPartHours`).
-const REBALANCING: &str = "Rebalancing";
-/// Condition: the spec cannot be built; the current version stays.
-const INVALID: &str = "Invalid";
 /// Largest decompressed builder state read back (a ring at the API's cap is under 1 MiB).
 const MAX_STATE_BYTES: u64 = 8 << 20;
 
@@ -70,7 +67,7 @@ impl Classify for RingsError {
 #[derive(Debug)]
 pub(crate) enum Decision {
     /// The spec cannot be built: reason and message; nothing else changes.
-    Invalid(&'static str, String),
+    Invalid(Reason, String),
     /// Paused: what applying the spec would do.
     Proposed(RingProposal),
     /// Write the builder as the next version.
@@ -211,12 +208,12 @@ pub(crate) fn decide(spec: &ObjectRingSpec, current: Option<RingBuilder>, now: u
     let mut b = match apply_spec(spec, current) {
         Ok(b) => b,
         Err((field, message)) => {
-            return Decision::Invalid("InvalidSpec", format!("{field}: {message}"));
+            return Decision::Invalid(Reason::InvalidSpec, format!("{field}: {message}"));
         }
     };
     let pending_before = match pending_moves(&b) {
         Ok(n) => n,
-        Err(e) => return Decision::Invalid("CannotBuild", e.to_string()),
+        Err(e) => return Decision::Invalid(Reason::CannotBuild, e.to_string()),
     };
     let wait_before = if pending_before > 0 {
         b.min_part_seconds_left(now)
@@ -235,7 +232,7 @@ pub(crate) fn decide(spec: &ObjectRingSpec, current: Option<RingBuilder>, now: u
                 devices: copy.devices().count() as u32,
                 generation: None,
             }),
-            Err(e) => Decision::Invalid("CannotBuild", e.to_string()),
+            Err(e) => Decision::Invalid(Reason::CannotBuild, e.to_string()),
         };
     }
     if !changed && (pending_before == 0 || wait_before > 0) {
@@ -267,7 +264,110 @@ pub(crate) fn decide(spec: &ObjectRingSpec, current: Option<RingBuilder>, now: u
                 wait,
             }
         }
-        Err(e) => Decision::Invalid("CannotBuild", e.to_string()),
+        Err(e) => Decision::Invalid(Reason::CannotBuild, e.to_string()),
+    }
+}
+
+/// `spec` with weight 0 for each device an ObjectNode reports failed (its `spec.ip` and the
+/// device's name), so that the ring builds its replicas elsewhere; and those devices, as
+/// `IP/DEVICE`, for `status.drainedDevices`. A device reported healthy again has its weight.
+pub(crate) fn drain_failed(
+    spec: &ObjectRingSpec,
+    nodes: &[Arc<ObjectNode>],
+) -> (ObjectRingSpec, Vec<String>) {
+    let failed: std::collections::BTreeSet<(&str, &str)> = nodes
+        .iter()
+        .flat_map(|n| {
+            n.status
+                .iter()
+                .flat_map(|s| s.devices.iter())
+                .filter(|d| d.state == DeviceState::Failed)
+                .map(|d| (n.spec.ip.as_str(), d.name.as_str()))
+        })
+        .collect();
+    let mut spec = spec.clone();
+    let mut drained = Vec::new();
+    for d in &mut spec.devices {
+        if failed.contains(&(d.ip.as_str(), d.device.as_str())) {
+            d.weight = 0.0;
+            let name = format!("{}/{}", d.ip, d.device);
+            if !drained.contains(&name) {
+                drained.push(name);
+            }
+        }
+    }
+    (spec, drained)
+}
+
+/// The failed devices an ObjectNode reports (what [`drain_failed`] reads of it).
+fn failed_devices(node: &ObjectNode) -> Vec<String> {
+    node.status
+        .iter()
+        .flat_map(|s| s.devices.iter())
+        .filter(|d| d.state == DeviceState::Failed)
+        .map(|d| format!("{}/{}", node.spec.ip, d.name))
+        .collect()
+}
+
+#[cfg(test)]
+mod drain_tests {
+    use stratus_api_types::object::{
+        ObjectDeviceStatus, ObjectNodeSpec, ObjectNodeStatus, RingDevice, RingType,
+    };
+
+    use super::*;
+
+    fn node(ip: &str, devices: &[(&str, DeviceState)]) -> Arc<ObjectNode> {
+        let mut n = ObjectNode::new("n", ObjectNodeSpec { ip: ip.into() });
+        n.status = Some(ObjectNodeStatus {
+            devices: devices
+                .iter()
+                .map(|(name, state)| ObjectDeviceStatus {
+                    name: (*name).into(),
+                    state: *state,
+                    ..ObjectDeviceStatus::default()
+                })
+                .collect(),
+            ..ObjectNodeStatus::default()
+        });
+        Arc::new(n)
+    }
+
+    #[test]
+    fn a_device_its_node_reports_failed_is_built_with_weight_zero() {
+        let dev = |ip: &str, device: &str| RingDevice {
+            region: 1,
+            zone: 1,
+            ip: ip.into(),
+            port: 6200,
+            device: device.into(),
+            weight: 100.0,
+            meta: None,
+        };
+        let spec = ObjectRingSpec {
+            ring_type: RingType::Object,
+            policy_index: None,
+            part_power: 4,
+            replicas: 1,
+            min_part_hours: 1,
+            overload: None,
+            paused: false,
+            devices: vec![dev("10.0.0.1", "d1"), dev("10.0.0.1", "d2"), dev("10.0.0.2", "d1")],
+        };
+        let nodes = [
+            node("10.0.0.1", &[("d1", DeviceState::Failed), ("d2", DeviceState::Healthy)]),
+            // Another node's d1 failing says nothing of 10.0.0.2's d1.
+            node("10.0.0.3", &[("d1", DeviceState::Failed)]),
+        ];
+        let (drained, names) = drain_failed(&spec, &nodes);
+        let weights: Vec<f64> = drained.devices.iter().map(|d| d.weight).collect();
+        assert_eq!(weights, [0.0, 100.0, 100.0]);
+        assert_eq!(names, ["10.0.0.1/d1"]);
+        assert_eq!(failed_devices(&nodes[0]), ["10.0.0.1/d1"]);
+        // Healthy again: the spec's weights.
+        let (back, names) = drain_failed(&spec, &[node("10.0.0.1", &[])]);
+        assert_eq!(back, spec);
+        assert!(names.is_empty());
     }
 }
 
@@ -339,6 +439,8 @@ pub(crate) fn version_object(
 struct Ctx {
     runtime: Runtime<ObjectRing>,
     versions: Api<ObjectRingVersion>,
+    /// The ObjectNodes, whose failed devices are drained.
+    nodes: Store<ObjectNode>,
 }
 
 async fn reconcile(ring: Arc<ObjectRing>, ctx: Arc<Ctx>) -> Result<Action, RingsError> {
@@ -396,90 +498,45 @@ async fn step(ring: &ObjectRing, ctx: &Ctx) -> Result<Action, RingsError> {
         }
         _ => None,
     };
-    let spec = ring.spec.clone();
+    let (spec, drained) = drain_failed(&ring.spec, &ctx.nodes.state());
     let now = unix_now();
     let decision = stratus_runtime::blocking(move || decide(&spec, builder, now)).await?;
     let mut status = current.clone();
     status.observed_generation = generation;
-    let mut next = Action::await_change();
-    let stamp = time(now);
-    match decision {
+    status.drained_devices = drained;
+    let (conditions, next) = match decision {
         Decision::Invalid(reason, message) => {
             status.phase = ObjectRingPhase::Error;
             status.proposed = None;
-            set_condition(
-                &mut status.conditions,
-                INVALID,
-                true,
-                reason,
-                &message,
-                generation,
-                stamp.clone(),
-            );
-            let ready_msg = if status.version.is_some() {
+            let ready = if status.version.is_some() {
                 "the spec cannot be built; the current version stays"
             } else {
                 "the spec cannot be built"
             };
-            set_condition(
-                &mut status.conditions,
-                READY,
-                false,
-                reason,
-                ready_msg,
-                generation,
-                stamp,
-            );
+            let conditions = vec![
+                ConditionType::Invalid.yes(reason, message),
+                ConditionType::Ready.no(reason, ready),
+            ];
+            (conditions, Action::await_change())
         }
         Decision::Proposed(mut p) => {
             p.generation = generation;
             status.proposed = Some(p);
-            set_condition(
-                &mut status.conditions,
-                INVALID,
-                false,
-                "Valid",
-                "",
-                generation,
-                stamp.clone(),
-            );
-            set_condition(
-                &mut status.conditions,
-                REBALANCING,
-                false,
-                "Paused",
-                "spec.paused: the change is shown in status.proposed, not applied",
-                generation,
-                stamp,
-            );
+            let conditions = vec![
+                ConditionType::Invalid.no(Reason::Valid, ""),
+                ConditionType::Rebalancing.no(
+                    Reason::Paused,
+                    "spec.paused: the change is shown in status.proposed, not applied",
+                ),
+            ];
+            (conditions, Action::await_change())
         }
         Decision::Current { pending, wait } => {
-            status.proposed = None;
-            status.pending_moves = Some(pending);
-            status.next_step_at = (wait > 0).then(|| time(now + wait));
-            if status.version.is_some() {
-                status.phase = ObjectRingPhase::Ready;
-                set_condition(
-                    &mut status.conditions,
-                    READY,
-                    true,
-                    "Built",
-                    "",
-                    generation,
-                    stamp.clone(),
-                );
-            }
-            set_condition(
-                &mut status.conditions,
-                INVALID,
-                false,
-                "Valid",
-                "",
-                generation,
-                stamp.clone(),
-            );
-            rebalancing(&mut status, pending, wait, generation, stamp);
-            next = after(wait);
+            let ready = status
+                .version
+                .is_some()
+                .then(|| ConditionType::Ready.yes(Reason::Built, ""));
+            on_version(&mut status, ready, pending, now, wait)
         }
         Decision::Build {
             builder,
@@ -508,37 +565,17 @@ async fn step(ring: &ObjectRing, ctx: &Ctx) -> Result<Action, RingsError> {
                     name: name.clone(),
                     reason,
                 })?;
-            status.phase = ObjectRingPhase::Ready;
             status.version = Some(version);
             status.ring_version = Some(name.clone());
-            status.rebalanced_at = Some(stamp.clone());
+            status.rebalanced_at = Some(time(now));
             status.balance = Some(round(b.balance()));
             status.dispersion = Some(round(b.dispersion()));
             status.devices = Some(b.devices().count() as u32);
             status.moved = Some(moved);
-            status.pending_moves = Some(pending);
-            status.next_step_at = (wait > 0).then(|| time(now + wait));
-            status.proposed = None;
-            set_condition(
-                &mut status.conditions,
-                READY,
-                true,
-                "Built",
-                &format!("version {version} in ObjectRingVersion {name}"),
-                generation,
-                stamp.clone(),
+            let ready = ConditionType::Ready.yes(
+                Reason::Built,
+                format!("version {version} in ObjectRingVersion {name}"),
             );
-            set_condition(
-                &mut status.conditions,
-                INVALID,
-                false,
-                "Valid",
-                "",
-                generation,
-                stamp.clone(),
-            );
-            rebalancing(&mut status, pending, wait, generation, stamp);
-            next = after(wait);
             // Older versions than the previous one go (a node may still be installing it).
             if version > 2 {
                 let old = version_name(&ring.name_any(), version - 2);
@@ -548,7 +585,11 @@ async fn step(ring: &ObjectRing, ctx: &Ctx) -> Result<Action, RingsError> {
                     Err(e) => return Err(RingsError::Api(e)),
                 }
             }
+            on_version(&mut status, Some(ready), pending, now, wait)
         }
+    };
+    for c in &conditions {
+        c.set_at(&mut status.conditions, generation, time(now));
     }
     ctx.runtime
         .write_status(ring, &status)
@@ -557,46 +598,42 @@ async fn step(ring: &ObjectRing, ctx: &Ctx) -> Result<Action, RingsError> {
     Ok(next)
 }
 
-/// Sets `Rebalancing` for `pending` replicas that wait `wait` seconds.
-fn rebalancing(
+/// The status of a ring on a version, kept or just built (`ready` says which, when there is
+/// one): its spec valid, nothing proposed, and `pending` replicas waiting `wait` seconds from
+/// `now`. The conditions to set, and when to look again.
+fn on_version(
     status: &mut ObjectRingStatus,
+    ready: Option<ConditionUpdate>,
     pending: u64,
+    now: u64,
     wait: u64,
-    generation: Option<i64>,
-    now: Time,
-) {
+) -> (Vec<ConditionUpdate>, Action) {
+    if ready.is_some() {
+        status.phase = ObjectRingPhase::Ready;
+    }
+    status.proposed = None;
+    status.pending_moves = Some(pending);
+    status.next_step_at = (wait > 0).then(|| time(now + wait));
+    let mut conditions: Vec<ConditionUpdate> = ready.into_iter().collect();
+    conditions.push(ConditionType::Invalid.no(Reason::Valid, ""));
+    conditions.push(rebalancing(pending, wait));
+    (conditions, after(wait))
+}
+
+/// `Rebalancing` for `pending` replicas that wait `wait` seconds.
+fn rebalancing(pending: u64, wait: u64) -> ConditionUpdate {
     if pending > 0 && wait > 0 {
-        let msg = format!("{pending} replicas move in a later step, in {wait} s (minPartHours)");
-        set_condition(
-            &mut status.conditions,
-            REBALANCING,
-            true,
-            "MinPartHours",
-            &msg,
-            generation,
-            now,
-        );
+        ConditionType::Rebalancing.yes(
+            Reason::MinPartHours,
+            format!("{pending} replicas move in a later step, in {wait} s (minPartHours)"),
+        )
     } else if pending > 0 {
-        let msg = format!("{pending} replicas above the plan cannot move in this topology");
-        set_condition(
-            &mut status.conditions,
-            REBALANCING,
-            false,
-            "Settled",
-            &msg,
-            generation,
-            now,
-        );
+        ConditionType::Rebalancing.no(
+            Reason::Settled,
+            format!("{pending} replicas above the plan cannot move in this topology"),
+        )
     } else {
-        set_condition(
-            &mut status.conditions,
-            REBALANCING,
-            false,
-            "Balanced",
-            "",
-            generation,
-            now,
-        );
+        ConditionType::Rebalancing.no(Reason::Balanced, "")
     }
 }
 
@@ -611,18 +648,48 @@ fn error_policy(ring: Arc<ObjectRing>, e: &RingsError, ctx: Arc<Ctx>) -> Action 
 
 /// Runs the ring controller until its watch ends.
 pub async fn run(client: Client) {
+    let (nodes, writer) = reflector::store::<ObjectNode>();
+    // Every ring is looked at again when a node's failed devices change (not at each of its
+    // heartbeats).
+    let mut seen = std::collections::HashMap::<String, Vec<String>>::new();
+    let node_changes = reflector::reflector(
+        writer,
+        watcher(Api::<ObjectNode>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .filter(move |n| {
+        let changed = match n {
+            Ok(n) => {
+                let failed = failed_devices(n);
+                seen.insert(n.name_any(), failed.clone()).unwrap_or_default() != failed
+            }
+            Err(_) => false,
+        };
+        std::future::ready(changed)
+    });
     let ctx = Arc::new(Ctx {
         runtime: Runtime::new(client.clone(), MANAGER),
         versions: Api::all(client.clone()),
+        nodes,
     });
-    Controller::new(
+    let controller = Controller::new(
         Api::<ObjectRing>::all(client.clone()),
         watcher::Config::default(),
-    )
+    );
+    let rings = controller.store();
+    controller
     .owns(
         Api::<ObjectRingVersion>::all(client),
         watcher::Config::default(),
     )
+    .watches_stream(node_changes, move |_: ObjectNode| {
+        rings
+            .state()
+            .iter()
+            .map(|r| ObjectRef::from_obj(&**r))
+            .collect::<Vec<_>>()
+    })
     .run(reconcile, error_policy, ctx)
     .for_each(|_| async {})
     .await;
@@ -791,7 +858,7 @@ mod tests {
         s.devices.truncate(2);
         match decide(&s, None, T0) {
             Decision::Invalid(reason, msg) => {
-                assert_eq!(reason, "CannotBuild");
+                assert_eq!(reason, Reason::CannotBuild);
                 assert!(msg.contains("3 replicas"), "{msg}");
             }
             other => panic!("{other:?}"),
