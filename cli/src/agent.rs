@@ -10,6 +10,8 @@ use stratus_agents::compute::node::MAX_HEARTBEAT_SECONDS;
 use stratus_network_agent::driver::dnsmasq::Dnsmasq;
 use stratus_network_agent::driver::netlink::NetlinkLinks;
 use stratus_network_agent::driver::nft::NftFirewall;
+use stratus_network_agent::driver::ovs::{OvsLinks, attach_underlay};
+use stratus_network_agent::driver::ovs_daemon::{Ovs, OvsDaemon};
 use stratus_network_agent::driver::{IfName, Links, Name, Netns};
 
 /// What a node does.
@@ -64,6 +66,52 @@ pub struct NetworkArgs {
     /// parents must be searchable by everyone: dnsmasq rereads its hosts file as `nobody`.
     #[arg(long)]
     pub dhcp_dir: Option<std::path::PathBuf>,
+    /// Network role: what carries the node's networks: `kernel` (a Linux bridge and a VXLAN
+    /// device per network) or `ovs` (one Open vSwitch integration bridge, br-int, userspace
+    /// datapath: the system's switch when its database answers, else one the agent starts
+    /// in the node's namespace with its files in STATE_DIR/network/ovs and leaves running
+    /// for its next start). With `ovs`, --tunnel-interface is put on the switch's bridge
+    /// br-phy with its address, which is where the userspace datapath sends tunnels from.
+    /// On `ovs`, security groups and anti-spoofing are not enforced yet.
+    #[arg(long, value_enum, default_value = "kernel")]
+    pub datapath: Datapath,
+}
+
+/// What carries a node's networks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Datapath {
+    /// Linux bridges, VXLAN devices and nftables.
+    #[default]
+    Kernel,
+    /// Open vSwitch.
+    Ovs,
+}
+
+/// The node's Open vSwitch: the system's, or one of its own (started if it is not running),
+/// with `tunnel` put on its underlay bridge; and the underlay address `tunnel` then has.
+fn ovs_links(
+    netns: &Netns,
+    state_dir: &std::path::Path,
+    tunnel: Option<&IfName>,
+) -> Result<(OvsLinks, Option<Ipv4Addr>)> {
+    let system = Ovs::system();
+    let (links, ovs) = if system.answers() {
+        (OvsLinks::new(netns.clone(), system.clone()), system)
+    } else {
+        let daemon = OvsDaemon::new(netns.clone(), state_dir.join("network").join("ovs"));
+        daemon.start().context("start Open vSwitch")?;
+        let ovs = daemon.ovs();
+        (OvsLinks::with_daemon(netns.clone(), daemon), ovs)
+    };
+    let underlay = match tunnel {
+        Some(iface) => Some(
+            attach_underlay(&ovs, netns, iface)
+                .with_context(|| format!("put {iface} on the switch's underlay bridge"))?
+                .addr(),
+        ),
+        None => None,
+    };
+    Ok((links, underlay))
 }
 
 /// Parses `PHYSNET=IFACE`.
@@ -216,8 +264,24 @@ async fn network(
         Some(name) => Netns::Named(Name::new(name).context("--network-namespace")?),
         None => Netns::Host,
     };
+    let ovs = match n.datapath {
+        Datapath::Kernel => None,
+        Datapath::Ovs => {
+            let tunnel = match &n.tunnel_interface {
+                Some(t) => Some(IfName::new(t).context("--tunnel-interface")?),
+                None => None,
+            };
+            let (ns, dir) = (netns.clone(), state_dir.to_owned());
+            Some(
+                tokio::task::spawn_blocking(move || ovs_links(&ns, &dir, tunnel.as_ref()))
+                    .await
+                    .context("set up Open vSwitch")??,
+            )
+        }
+    };
     let underlay = match (n.underlay_ip, &n.tunnel_interface) {
         (Some(ip), _) => Some(ip),
+        (None, Some(_)) if ovs.is_some() => ovs.as_ref().and_then(|(_, ip)| *ip),
         (None, Some(iface)) => {
             let iface = IfName::new(iface).context("--tunnel-interface")?;
             let ns = netns.clone();
@@ -232,8 +296,12 @@ async fn network(
         }
         (None, None) => None,
     };
+    let links: Arc<dyn Links> = match ovs {
+        Some((l, _)) => Arc::new(l),
+        None => Arc::new(NetlinkLinks::new()),
+    };
     let host = stratus_network_agent::Host {
-        links: Arc::new(NetlinkLinks::new()),
+        links,
         firewall: Arc::new(NftFirewall::new(netns.clone())),
         dhcp: Arc::new(Dnsmasq::new(
             n.dhcp_dir
@@ -250,7 +318,12 @@ async fn network(
         },
         resync: std::time::Duration::from_secs(n.network_resync_seconds.max(1)),
     };
-    tracing::info!(node = %args.node, underlay = ?underlay, "network agent starting");
+    tracing::info!(
+        node = %args.node,
+        underlay = ?underlay,
+        datapath = ?n.datapath,
+        "network agent starting"
+    );
     Ok(stratus_network_agent::run(client, host, config))
 }
 
