@@ -1421,22 +1421,30 @@ impl NftFirewall {
 /// `{"notrack": null}` here. Statements are the elements of a rule's `expr` array, and no
 /// other statement is a string there.
 fn to_json(batch: &Nftables<'static>) -> Result<Vec<u8>, FirewallError> {
-    let mut v = serde_json::to_value(batch).map_err(FirewallError::Json)?;
-    let objects = v.get_mut("nftables").and_then(|o| o.as_array_mut());
-    for cmd in objects.into_iter().flatten() {
-        let Some(cmd) = cmd.as_object_mut() else {
+    let mut out = b"{\"nftables\":[".to_vec();
+    for (i, obj) in batch.objects.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let untracks = matches!(obj, NfObject::CmdObject(NfCmd::Add(NfListObject::Rule(r)))
+            if r.expr.iter().any(|st| matches!(st, Statement::Notrack)));
+        if !untracks {
+            serde_json::to_writer(&mut out, obj).map_err(FirewallError::Json)?;
             continue;
-        };
-        for obj in cmd.values_mut() {
-            let expr = obj.get_mut("rule").and_then(|r| r.get_mut("expr"));
-            for st in expr.and_then(|e| e.as_array_mut()).into_iter().flatten() {
-                if st.as_str() == Some("notrack") {
-                    *st = serde_json::json!({"notrack": null});
-                }
+        }
+        let mut v = serde_json::to_value(obj).map_err(FirewallError::Json)?;
+        let expr = v
+            .pointer_mut("/add/rule/expr")
+            .and_then(|e| e.as_array_mut());
+        for st in expr.into_iter().flatten() {
+            if st.as_str() == Some("notrack") {
+                *st = serde_json::json!({"notrack": null});
             }
         }
+        serde_json::to_writer(&mut out, &v).map_err(FirewallError::Json)?;
     }
-    serde_json::to_vec(&v).map_err(FirewallError::Json)
+    out.extend_from_slice(b"]}");
+    Ok(out)
 }
 
 /// Runs `nft` with `args` in `ns`, `stdin` fed to it.
@@ -1851,8 +1859,19 @@ mod tests {
             .expect("utf-8");
         assert!(json.contains(r#"{"notrack":null}"#));
         assert!(!json.contains(r#""notrack"]"#));
-        // No tunnel, nothing untracked.
+        let v: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+        let batch = rs.render().expect("render");
+        assert_eq!(
+            v["nftables"].as_array().map(Vec::len),
+            Some(batch.objects.len())
+        );
+        // No tunnel, nothing untracked: the batch as the crate writes it.
         rs.tunnels.clear();
+        let batch = rs.render().expect("render");
+        assert_eq!(
+            to_json(&batch).expect("json"),
+            serde_json::to_vec(&batch).expect("json")
+        );
         assert!(rules(&rs, NfFamily::INet, "output").is_empty());
         assert!(
             !rules(&rs, NfFamily::INet, "prerouting")
