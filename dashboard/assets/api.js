@@ -85,21 +85,34 @@ export function loggedIn() {
   return token !== null;
 }
 
-/**
- * A request to the API; resolves to the decoded JSON answer, or throws an ApiError carrying
- * the API's Status.
- */
-export async function request(method, path, body, signal) {
+async function call(method, path, body, contentType, signal) {
   const init = { method, headers: headers(), credentials: "omit", cache: "no-store", signal };
   if (body !== undefined) {
-    init.headers.set("Content-Type", "application/json");
-    init.body = JSON.stringify(body);
+    init.headers.set("Content-Type", contentType);
+    init.body = body;
   }
   const resp = await fetch(path, init);
   if (!resp.ok) {
     throw new ApiError(resp.status, await statusOf(resp));
   }
   return resp.json();
+}
+
+/**
+ * A request to the API; resolves to the decoded JSON answer, or throws an ApiError carrying
+ * the API's Status.
+ */
+export function request(method, path, body, signal) {
+  return call(method, path, body === undefined ? undefined : JSON.stringify(body),
+    "application/json", signal);
+}
+
+/**
+ * A write whose body is `text` of type `contentType` (a YAML manifest as shown to the user);
+ * resolves to the decoded answer, or throws an ApiError carrying the API's Status.
+ */
+export function send(method, path, text, contentType) {
+  return call(method, path, text, contentType);
 }
 
 /** A streamed GET (a watch): the Response, its body still to be read. */

@@ -1,11 +1,14 @@
-// The page: logging in and out, the project switcher, and the live list or server detail the
-// location's fragment names (`#servers`, `#servers/NAME`, `#networks`, ...).
+// The page: logging in and out, the project switcher, and the live list, server detail or
+// create form the location's fragment names (`#servers`, `#servers/NAME`, `#networks`,
+// `#create/server`, ...).
 
 import * as api from "./api.js";
 import { Informer } from "./informer.js";
 import {
-  KINDS, conditionRows, eventRows, headerRow, renderRows, replaceChildren, serverFields, el,
+  KINDS, conditionRows, eventRows, headerRow, quotaHeaderRow, renderQuota, renderRows,
+  replaceChildren, serverFields, consoleText, el,
 } from "./views.js";
+import { CreateForm, FORMS, actionPanel } from "./forms.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -14,6 +17,8 @@ const state = {
   projects: [],
   view: "servers",
   detail: null,
+  create: null,
+  form: null,
   list: null,
   listKey: "",
   events: null,
@@ -71,13 +76,14 @@ function follow() {
     return;
   }
   const kind = KINDS[state.view];
-  const listKey = `${state.project}/${state.view}`;
+  const namespace = kind.admin ? undefined : state.project;
+  const listKey = `${namespace || ""}/${state.view}`;
   if (state.listKey !== listKey) {
     if (state.list) {
       state.list.stop();
     }
     state.listKey = listKey;
-    const path = api.collection(kind.group, kind.version, kind.plural, state.project);
+    const path = api.collection(kind.group, kind.version, kind.plural, namespace);
     state.list = new Informer(path, {}, draw, onListState).start();
     replaceChildren($("list").tBodies[0], []);
   }
@@ -115,20 +121,36 @@ function drawNow() {
     a.classList.toggle("active", a.dataset.view === state.view);
   }
   const detail = Boolean(state.detail);
-  $("list-view").hidden = detail;
-  $("detail-view").hidden = !detail;
+  const creating = Boolean(state.create);
+  $("list-view").hidden = detail || creating;
+  $("detail-view").hidden = !detail || creating;
+  $("create-view").hidden = !creating;
+  if (creating) {
+    return;
+  }
   const now = Date.now();
   if (!detail) {
-    $("list-title").textContent = state.project ? `${kind.title} in ${state.project}` : kind.title;
+    $("list-title").textContent = state.project && !kind.admin ? `${kind.title} in ${state.project}` : kind.title;
+    const create = $("create-button");
+    create.hidden = !kind.create;
+    if (kind.create) {
+      create.href = `#create/${kind.create}`;
+      create.textContent = FORMS[kind.create].title;
+    }
     const thead = $("list").tHead;
     if (thead.dataset.view !== state.view) {
-      replaceChildren(thead, [headerRow(kind)]);
+      replaceChildren(thead, [kind.quota ? quotaHeaderRow() : headerRow(kind)]);
+      replaceChildren($("list").tBodies[0], []);
       thead.dataset.view = state.view;
     }
     const items = state.list ? state.list.items : new Map();
-    renderRows($("list").tBodies[0], kind, state.view, items, now);
+    if (kind.quota) {
+      renderQuota($("list").tBodies[0], items);
+    } else {
+      renderRows($("list").tBodies[0], kind, state.view, items, now);
+    }
     $("list-empty").textContent = items.size === 0 && state.list && state.list.lists > 0
-      ? `No ${kind.title.toLowerCase()} in this project yet.`
+      ? (kind.quota ? "No quota in this project: nothing is limited." : `No ${kind.title.toLowerCase()} here yet.`)
       : "";
     return;
   }
@@ -139,16 +161,87 @@ function drawNow() {
       ? "This server does not exist (or no longer exists)."
       : "loading…")]);
     replaceChildren($("conditions").tBodies[0], []);
+    $("console").textContent = "";
   } else {
     replaceChildren($("detail-fields"), serverFields(server).flatMap(([k, v]) => [
       el("dt", null, k),
       el("dd", { data: { field: k.toLowerCase().replace(/ /g, "-") } }, v),
     ]));
     replaceChildren($("conditions").tBodies[0], conditionRows((server.status || {}).conditions, now));
+    $("console").textContent = consoleText(server);
   }
   const events = state.events ? [...state.events.items.values()] : [];
   replaceChildren($("events").tBodies[0], eventRows(events, now));
   $("events-empty").textContent = events.length === 0 ? "No events." : "";
+}
+
+// ---- actions ---------------------------------------------------------------------------
+
+/** Opens the create form the fragment names (once per visit: typing is not redrawn). */
+function openForm() {
+  if (!state.create || !state.project) {
+    state.form = null;
+    replaceChildren($("create-view"), []);
+    return;
+  }
+  const key = `${state.project}/${state.create}`;
+  if (state.form && state.form.key === key) {
+    return;
+  }
+  const form = new CreateForm(state.create, state.project, $("create-view"), (def) => {
+    state.form = null;
+    location.hash = `#${def.view}`;
+  });
+  form.key = key;
+  state.form = form;
+}
+
+function closeActionPanel() {
+  replaceChildren($("action-panel"), []);
+  $("action-panel").hidden = true;
+}
+
+function onAction(ev) {
+  const button = ev.target.closest("button[data-action]");
+  if (!button || !state.detail || !state.project) {
+    return;
+  }
+  actionPanel(button.dataset.action, state.project, state.detail, $("action-panel"), (action) => {
+    if (action === "delete") {
+      location.hash = "#servers";
+    }
+  });
+}
+
+/**
+ * Shows the admin tabs this user's token may list: the API answers one LIST of each (a 403
+ * keeps its tab hidden; opening it by its fragment shows the same refusal).
+ */
+async function probeAdmin() {
+  for (const a of $("tabs").querySelectorAll("a.admin")) {
+    const kind = KINDS[a.dataset.view];
+    let allowed = "unknown";
+    try {
+      await api.request("GET", `${api.collection(kind.group, kind.version, kind.plural)}?limit=1`);
+      allowed = "yes";
+    } catch (e) {
+      if (e instanceof api.ApiError && (e.code === 403 || e.code === 401)) {
+        allowed = "no";
+      }
+    }
+    if (!api.loggedIn()) {
+      return;
+    }
+    a.dataset.allowed = allowed;
+    a.hidden = allowed !== "yes";
+  }
+}
+
+function hideAdmin() {
+  for (const a of $("tabs").querySelectorAll("a.admin")) {
+    a.hidden = true;
+    delete a.dataset.allowed;
+  }
 }
 
 // ---- the fragment ----------------------------------------------------------------------
@@ -161,8 +254,17 @@ function route() {
     // A malformed fragment shows the servers.
   }
   const [view, name] = fragment.split("/");
-  state.view = KINDS[view] ? view : "servers";
-  state.detail = KINDS[state.view].detail && name ? name : null;
+  if (view === "create" && FORMS[name]) {
+    state.create = name;
+    state.view = FORMS[name].view;
+    state.detail = null;
+  } else {
+    state.create = null;
+    state.view = KINDS[view] ? view : "servers";
+    state.detail = KINDS[state.view].detail && name ? name : null;
+  }
+  closeActionPanel();
+  openForm();
   follow();
 }
 
@@ -184,6 +286,9 @@ function switchProject(name) {
   state.project = name;
   $("project").value = name;
   stopInformers();
+  state.form = null;
+  closeActionPanel();
+  openForm();
   follow();
 }
 
@@ -240,6 +345,10 @@ function endSession(message) {
   replaceChildren($("detail-fields"), []);
   replaceChildren($("conditions").tBodies[0], []);
   replaceChildren($("events").tBodies[0], []);
+  state.form = null;
+  replaceChildren($("create-view"), []);
+  closeActionPanel();
+  hideAdmin();
   $("user").textContent = "";
   $("live").textContent = "";
   $("live").dataset.state = "";
@@ -267,6 +376,7 @@ async function onLogin(ev) {
   $("user").textContent = api.currentUser();
   showSession(true);
   state.ticker = setInterval(draw, 5000);
+  probeAdmin();
   try {
     const projects = await loadProjects();
     setProjects(projects, projects[0]);
@@ -291,6 +401,7 @@ function start() {
     $("open-project-name").value = "";
     openProject(name);
   });
+  $("actions").addEventListener("click", onAction);
   window.addEventListener("hashchange", route);
   route();
 }

@@ -66,9 +66,45 @@ function image(server) {
   return s.bootVolume ? `volume ${s.bootVolume}` : "";
 }
 
+const num = (v, otherwise) => (typeof v === "number" && Number.isFinite(v) ? v : otherwise);
+
+/** A usage bar's cell value: `used` of `total` (a <meter> and its text). */
+export function bar(used, total, unit) {
+  if (typeof total !== "number" || !Number.isFinite(total)) {
+    return { used: 0, total: 0, text: "not reported" };
+  }
+  const t = Math.floor(total);
+  return { used: num(used, 0), total: t, text: `${num(used, 0)} / ${t}${unit ? ` ${unit}` : ""}` };
+}
+
+/**
+ * What a hypervisor can hold, as the scheduler counts it: its capacity less the host's
+ * reservation, times the allocation ratio (the API's defaults where the spec is silent).
+ */
+export function allocatable(hv) {
+  const s = spec(hv);
+  const cap = status(hv).capacity;
+  if (!cap) {
+    return {};
+  }
+  const less = (a, b) => Math.max(0, num(a, 0) - num(b, 0));
+  return {
+    vcpus: less(cap.vcpus, s.reservedHostCPUs) * num(s.cpuAllocationRatio, 16),
+    ramMiB: less(cap.ramMiB, num(s.reservedHostMemoryMiB, 512)) * num(s.ramAllocationRatio, 1.5),
+    diskGiB: less(cap.diskGiB, s.reservedHostDiskGiB) * num(s.diskAllocationRatio, 1),
+  };
+}
+
+function hvBar(resource, unit) {
+  return (o) => bar((status(o).allocated || {})[resource] || 0, allocatable(o)[resource], unit);
+}
+
+const yesNo = (v) => (v ? "yes" : "no");
+
 /**
  * The lists: each kind's API group, version and plural, and its columns (a key for tests and
- * styles, a heading, and the cell's text).
+ * styles, a heading, and the cell: its text, or a `bar`). `admin` kinds are read across the
+ * cluster; their tabs show only once the API answered the user's LIST of them.
  */
 export const KINDS = {
   servers: {
@@ -77,6 +113,7 @@ export const KINDS = {
     version: "v1",
     plural: "servers",
     detail: true,
+    create: "server",
     columns: [
       ["phase", "Phase", (o) => status(o).phase || "Pending"],
       ["power", "Power", (o) => text(status(o).powerState)],
@@ -91,12 +128,28 @@ export const KINDS = {
     group: "network.stratus.dev",
     version: "v1",
     plural: "networks",
+    create: "network",
     columns: [
       ["phase", "Status", (o) => text(status(o).phase)],
       ["segmentation", "Segmentation", (o) => text(spec(o).segmentation)],
       ["vni", "VNI", (o) => text(status(o).vni)],
-      ["external", "External", (o) => (spec(o).external ? "yes" : "no")],
+      ["external", "External", (o) => yesNo(spec(o).external)],
       ["description", "Description", (o) => text(spec(o).description)],
+    ],
+  },
+  subnets: {
+    title: "Subnets",
+    group: "network.stratus.dev",
+    version: "v1",
+    plural: "subnets",
+    columns: [
+      ["phase", "Status", (o) => text(status(o).phase)],
+      ["network", "Network", (o) => text(spec(o).network)],
+      ["cidr", "CIDR", (o) => text(spec(o).cidr)],
+      ["gateway", "Gateway", (o) => text(status(o).gatewayIP || spec(o).gatewayIP)],
+      ["dhcp", "DHCP", (o) => (spec(o).enableDHCP === false ? "off" : text(status(o).dhcpIP) || "on")],
+      ["ips", "Addresses used", (o) => bar(status(o).usedIPs,
+        num(status(o).usedIPs, 0) + num(status(o).availableIPs, NaN))],
     ],
   },
   ports: {
@@ -112,15 +165,57 @@ export const KINDS = {
       ["server", "Server", (o) => text(status(o).boundTo)],
     ],
   },
+  routers: {
+    title: "Routers",
+    group: "network.stratus.dev",
+    version: "v1",
+    plural: "routers",
+    columns: [
+      ["phase", "Status", (o) => text(status(o).phase)],
+      ["gateway", "External gateway", (o) => text((spec(o).externalGateway || {}).network)],
+      ["gateway-ips", "Gateway IPs", (o) => (status(o).externalGatewayIPs || []).map(text).join(", ")],
+      ["interfaces", "Interfaces", (o) => (status(o).interfaces || spec(o).interfaces || [])
+        .map((i) => (i.ipAddress ? `${text(i.subnet)} (${text(i.ipAddress)})` : text(i.subnet))).join(", ")],
+      ["node", "Node", (o) => text(status(o).node)],
+    ],
+  },
+  floatingips: {
+    title: "Floating IPs",
+    group: "network.stratus.dev",
+    version: "v1",
+    plural: "floatingips",
+    columns: [
+      ["phase", "Status", (o) => text(status(o).phase)],
+      ["address", "Address", (o) => text(status(o).floatingIPAddress)],
+      ["network", "Network", (o) => text(spec(o).floatingNetwork)],
+      ["port", "Port", (o) => text(spec(o).port)],
+      ["fixed", "Fixed IP", (o) => text(status(o).fixedIP || spec(o).fixedIP)],
+      ["router", "Router", (o) => text(status(o).router)],
+    ],
+  },
   volumes: {
     title: "Volumes",
     group: "storage.stratus.dev",
     version: "v1",
     plural: "volumes",
+    create: "volume",
     columns: [
       ["phase", "Status", (o) => text(status(o).phase)],
       ["size", "Size GiB", (o) => text(spec(o).sizeGiB)],
       ["attached", "Attached to", (o) => text(status(o).attachedTo)],
+      ["node", "Node", (o) => text(status(o).node)],
+      ["description", "Description", (o) => text(spec(o).description)],
+    ],
+  },
+  snapshots: {
+    title: "Snapshots",
+    group: "storage.stratus.dev",
+    version: "v1",
+    plural: "volumesnapshots",
+    columns: [
+      ["phase", "Status", (o) => text(status(o).phase)],
+      ["volume", "Volume", (o) => text(spec(o).volume)],
+      ["size", "Size GiB", (o) => text(status(o).sizeGiB)],
       ["node", "Node", (o) => text(status(o).node)],
       ["description", "Description", (o) => text(spec(o).description)],
     ],
@@ -147,7 +242,116 @@ export const KINDS = {
       ["fingerprint", "Fingerprint", (o) => text(status(o).fingerprint)],
     ],
   },
+  quota: {
+    title: "Quota",
+    group: "identity.stratus.dev",
+    version: "v1",
+    plural: "quotas",
+    quota: true,
+    columns: [],
+  },
+  hypervisors: {
+    title: "Hypervisors",
+    group: "compute.stratus.dev",
+    version: "v1",
+    plural: "hypervisors",
+    admin: true,
+    columns: [
+      ["phase", "Status", (o) => text(status(o).phase)],
+      ["servers", "Servers", (o) => text(status(o).servers)],
+      ["vcpus", "vCPUs allocated", hvBar("vcpus", "")],
+      ["ram", "RAM allocated", hvBar("ramMiB", "MiB")],
+      ["disk", "Disk allocated", hvBar("diskGiB", "GiB")],
+      ["zone", "Zone", (o) => text(spec(o).availabilityZone)],
+      ["disabled", "Disabled", (o) => (spec(o).disabled ? `yes: ${text(spec(o).disabledReason)}` : "no")],
+    ],
+  },
+  storagepools: {
+    title: "Storage pools",
+    group: "storage.stratus.dev",
+    version: "v1",
+    plural: "storagepools",
+    admin: true,
+    columns: [
+      ["phase", "Status", (o) => text(status(o).phase)],
+      ["backend", "Backend", (o) => text(spec(o).backend)],
+      ["node", "Node", (o) => text(spec(o).node)],
+      ["space", "Allocated", (o) => bar(status(o).allocatedGiB, status(o).capacityGiB, "GiB")],
+      ["volumes", "Volumes", (o) => text(status(o).volumes)],
+    ],
+  },
+  projects: {
+    title: "Projects",
+    group: "identity.stratus.dev",
+    version: "v1",
+    plural: "projects",
+    admin: true,
+    columns: [
+      ["phase", "Status", (o) => text(status(o).phase)],
+      ["enabled", "Enabled", (o) => yesNo(spec(o).enabled !== false)],
+      ["description", "Description", (o) => text(spec(o).description)],
+    ],
+  },
+  users: {
+    title: "Users",
+    group: "identity.stratus.dev",
+    version: "v1",
+    plural: "users",
+    admin: true,
+    columns: [
+      ["phase", "Status", (o) => text(status(o).phase)],
+      ["display", "Display name", (o) => text(spec(o).displayName)],
+      ["project", "Default project", (o) => text(spec(o).defaultProject)],
+      ["enabled", "Enabled", (o) => yesNo(spec(o).enabled !== false)],
+    ],
+  },
+  roleassignments: {
+    title: "Role assignments",
+    group: "identity.stratus.dev",
+    version: "v1",
+    plural: "roleassignments",
+    admin: true,
+    columns: [
+      ["project", "Project", (o) => (spec(o).clusterWide ? "(every project)" : text(meta(o).namespace))],
+      ["user", "User", (o) => text(spec(o).user)],
+      ["role", "Role", (o) => text(spec(o).role)],
+      ["phase", "Status", (o) => text(status(o).phase)],
+    ],
+  },
 };
+
+/** The quota resources, in the order shown, with their headings. */
+const QUOTA = [
+  ["servers", "Servers"], ["vcpus", "vCPUs"], ["ramMiB", "RAM MiB"], ["volumes", "Volumes"],
+  ["volumeGiB", "Volume GiB"], ["snapshots", "Snapshots"], ["networks", "Networks"],
+  ["subnets", "Subnets"], ["ports", "Ports"], ["routers", "Routers"],
+  ["floatingIPs", "Floating IPs"], ["securityGroups", "Security groups"],
+];
+
+/**
+ * Brings `tbody` to the usage bars of `quotas` (a Map of Quota objects): one row per limited
+ * resource, its use against its limit.
+ */
+export function renderQuota(tbody, quotas) {
+  const rows = [];
+  const sorted = [...quotas.values()].sort((a, b) => text(meta(a).name).localeCompare(text(meta(b).name)));
+  for (const q of sorted) {
+    const limits = spec(q).limits || {};
+    const used = status(q).used || {};
+    for (const [key, heading] of QUOTA) {
+      if (typeof limits[key] !== "number") {
+        continue;
+      }
+      const tr = el("tr", { data: { key: `${text(meta(q).name)}/${key}`, name: key } },
+        el("td", { data: { col: "name" } }, heading),
+        el("td", { data: { col: "usage" } }),
+        el("td", { data: { col: "quota" } }, text(meta(q).name)));
+      setCell(tr.children[1], bar(used[key] || 0, limits[key], ""));
+      rows.push(tr);
+    }
+  }
+  replaceChildren(tbody, rows);
+}
 
 /** The header row of a kind's table. */
 export function headerRow(kind) {
@@ -157,9 +361,36 @@ export function headerRow(kind) {
     el("th", { data: { col: "age" } }, "Age"));
 }
 
-function setText(cell, value) {
-  if (cell.textContent !== value) {
-    cell.textContent = value;
+/** The header row of the quota's table. */
+export function quotaHeaderRow() {
+  return el("tr", null, el("th", null, "Resource"), el("th", { data: { col: "usage" } }, "Used"),
+    el("th", { data: { col: "quota" } }, "Quota"));
+}
+
+/** Writes a cell's text, or its bar (a <meter> and its text), only where it changed. */
+function setCell(cell, value) {
+  if (typeof value !== "object") {
+    if (cell.textContent !== value) {
+      cell.textContent = value;
+    }
+    return;
+  }
+  let meter = cell.querySelector("meter");
+  if (!meter) {
+    meter = el("meter");
+    meter.min = 0;
+    replaceChildren(cell, [meter, el("span", { className: "bar-text" })]);
+  }
+  meter.max = Math.max(value.total, 1);
+  meter.high = meter.max * 0.8;
+  meter.low = meter.max * 0.5;
+  meter.optimum = 0;
+  meter.value = value.used;
+  meter.dataset.used = String(value.used);
+  meter.dataset.total = String(value.total);
+  const label = cell.querySelector(".bar-text");
+  if (label.textContent !== value.text) {
+    label.textContent = value.text;
   }
 }
 
@@ -189,8 +420,8 @@ export function renderRows(tbody, kind, viewName, items, now) {
         ...kind.columns.map(([col]) => el("td", { data: { col } })),
         el("td", { data: { col: "age" } }));
     }
-    kind.columns.forEach(([, , cell], i) => setText(tr.children[i + 1], cell(obj)));
-    setText(tr.lastElementChild, age(meta(obj).creationTimestamp, now));
+    kind.columns.forEach(([, , cell], i) => setCell(tr.children[i + 1], cell(obj)));
+    setCell(tr.lastElementChild, age(meta(obj).creationTimestamp, now));
     if (at === tr) {
       at = tr.nextElementSibling;
     } else {
@@ -226,6 +457,20 @@ export function serverFields(server) {
     ["Created", text(meta(server).creationTimestamp)],
     ["UID", text(meta(server).uid)],
   ];
+}
+
+/**
+ * Where a server's serial console log is. The API does not serve the log itself: it is a file
+ * on the server's hypervisor (`status.console.logPath`), read there by `stratus console`.
+ */
+export function consoleText(server) {
+  const st = status(server);
+  const path = st.console && st.console.logPath;
+  if (!path) {
+    return "No console log yet: the guest has not been started on a node.";
+  }
+  return `Kept on node ${text(st.hypervisor)} at ${text(path)}; the API does not serve it. `
+    + `Read it on that node with: stratus console ${text(meta(server).name)}`;
 }
 
 /** Rows of a conditions table. */

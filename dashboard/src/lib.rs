@@ -49,6 +49,16 @@ pub const ASSETS: &[Asset] = &[
         body: include_bytes!("../assets/views.js"),
     },
     Asset {
+        name: "yaml.js",
+        content_type: JS,
+        body: include_bytes!("../assets/yaml.js"),
+    },
+    Asset {
+        name: "forms.js",
+        content_type: JS,
+        body: include_bytes!("../assets/forms.js"),
+    },
+    Asset {
         name: "app.js",
         content_type: JS,
         body: include_bytes!("../assets/app.js"),

@@ -242,6 +242,19 @@ impl Browser {
         Ok(a)
     }
 
+    /// Logs in on the open page as `user` and waits until its first list is live.
+    fn log_in(&mut self, user: &str, password: &str) -> Result<()> {
+        self.ok(json!({"cmd": "type", "css": "#login-user", "text": user}))?;
+        self.ok(json!({"cmd": "type", "css": "#login-password", "text": password}))?;
+        self.ok(json!({"cmd": "click", "css": "#login button[type=submit]"}))?;
+        self.until(
+            "return document.querySelector('#live').dataset.state === 'live'",
+            60,
+            &format!("{user}'s first list to be listed and watched"),
+        )?;
+        Ok(())
+    }
+
     /// Waits until the list shows row `name` with `col` reading `value` (any row when `col`
     /// is None); the answer, with `ms` and `cells`.
     fn row(&mut self, name: &str, col: Option<(&str, &str)>, timeout: u64) -> Result<Value> {
@@ -308,6 +321,22 @@ fn spki_hash(cert: &Path) -> Result<String> {
     Ok(base64::engine::general_purpose::STANDARD.encode(digest))
 }
 
+/// Sets `user`'s password as the cloud's system admin.
+fn set_password(cloud: &Cloud, user: &str, password: &str) -> Result<()> {
+    let set = curl(
+        &cloud.dir.path().join("pki/ca.crt"),
+        "PUT",
+        &format!(
+            "{}/apis/identity.stratus.dev/v1/users/{user}/password",
+            cloud.url
+        ),
+        Some(&admin_token(cloud)?),
+        Some(&json!({ "password": password }).to_string()),
+    )?;
+    assert_eq!(set.code, 200, "set {user}'s password: {}", set.body);
+    Ok(())
+}
+
 /// The token-file token of the cloud's system admin.
 fn admin_token(cloud: &Cloud) -> Result<String> {
     let text = std::fs::read_to_string(cloud.dir.path().join("tokens.csv"))?;
@@ -357,18 +386,7 @@ fn a_member_follows_servers_live_in_a_real_browser() -> Result<()> {
         "apiVersion: identity.stratus.dev/v1\nkind: User\nmetadata:\n  name: dana\nspec:\n  enabled: true\n  defaultProject: dash-a\n---\napiVersion: identity.stratus.dev/v1\nkind: RoleAssignment\nmetadata:\n  name: dana-member\n  namespace: dash-a\nspec:\n  user: dana\n  role: member\n---\napiVersion: identity.stratus.dev/v1\nkind: RoleAssignment\nmetadata:\n  name: dana-member\n  namespace: dash-b\nspec:\n  user: dana\n  role: member\n---\napiVersion: compute.stratus.dev/v1\nkind: Flavor\nmetadata:\n  name: dash.small\nspec:\n  vcpus: 1\n  ramMiB: 256\n  diskGiB: 1\n",
     )?;
     let password = "dana-Correct-Horse-4412";
-    let ca = cloud.dir.path().join("pki/ca.crt");
-    let set = curl(
-        &ca,
-        "PUT",
-        &format!(
-            "{}/apis/identity.stratus.dev/v1/users/dana/password",
-            cloud.url
-        ),
-        Some(&admin_token(&cloud)?),
-        Some(&json!({ "password": password }).to_string()),
-    )?;
-    assert_eq!(set.code, 200, "set dana's password: {}", set.body);
+    set_password(&cloud, "dana", password)?;
     // Another project's server, which Dana must never see.
     cloud.kubectl_in(
         &["apply", "-f", "-"],
@@ -398,14 +416,7 @@ fn a_member_follows_servers_live_in_a_real_browser() -> Result<()> {
         true
     );
 
-    b.ok(json!({"cmd": "type", "css": "#login-user", "text": "dana"}))?;
-    b.ok(json!({"cmd": "type", "css": "#login-password", "text": password}))?;
-    b.ok(json!({"cmd": "click", "css": "#login button[type=submit]"}))?;
-    b.until(
-        "return document.querySelector('#live').dataset.state === 'live'",
-        60,
-        "the servers of dash-a to be listed and watched",
-    )?;
+    b.log_in("dana", password)?;
     assert_eq!(
         b.js("return document.querySelector('#user').textContent")?,
         "dana"
@@ -650,5 +661,474 @@ fn a_member_follows_servers_live_in_a_real_browser() -> Result<()> {
         "the token's revocation to be answered 200",
     )?;
     b.ok(json!({"cmd": "screenshot", "name": "logged-out"}))?;
+    Ok(())
+}
+
+/// The text the page shows in `css` (empty if absent).
+fn text_of(b: &mut Browser, css: &str) -> Result<Value> {
+    b.js(&format!(
+        "const e = document.querySelector({}); return e ? e.textContent : ''",
+        json!(css)
+    ))
+}
+
+/// Waits until `kubectl get ARGS -o jsonpath=PATH` prints `want`.
+fn wait_jsonpath(cloud: &Cloud, args: &[&str], path: &str, want: &str) -> Result<()> {
+    let jsonpath = format!("jsonpath={path}");
+    let mut all: Vec<&str> = vec!["get"];
+    all.extend_from_slice(args);
+    all.extend(["-o", &jsonpath]);
+    wait_until(
+        Duration::from_secs(60),
+        &format!("{args:?} to have {path} = {want:?}"),
+        || cloud.kubectl_ok(&all).ok().filter(|out| out.trim() == want),
+    )?;
+    Ok(())
+}
+
+/// A user's bearer token, as the page gets it: `POST /apis/identity.stratus.dev/v1/tokens`.
+fn token_of(cloud: &Cloud, user: &str, password: &str) -> Result<String> {
+    let issued = curl(
+        &cloud.dir.path().join("pki/ca.crt"),
+        "POST",
+        &format!("{}/apis/identity.stratus.dev/v1/tokens", cloud.url),
+        None,
+        Some(&json!({ "user": user, "password": password }).to_string()),
+    )?;
+    assert_eq!(issued.code, 201, "{user}'s login: {}", issued.body);
+    let issued: Value = serde_json::from_str(&issued.body)?;
+    issued["token"]
+        .as_str()
+        .map(str::to_string)
+        .context("no token issued")
+}
+
+const ACTORS: &str = "apiVersion: identity.stratus.dev/v1
+kind: User
+metadata:
+  name: mia
+spec:
+  enabled: true
+  defaultProject: dash-m
+---
+apiVersion: identity.stratus.dev/v1
+kind: RoleAssignment
+metadata:
+  name: mia-member
+  namespace: dash-m
+spec:
+  user: mia
+  role: member
+---
+apiVersion: identity.stratus.dev/v1
+kind: User
+metadata:
+  name: ops
+spec:
+  enabled: true
+---
+apiVersion: identity.stratus.dev/v1
+kind: RoleAssignment
+metadata:
+  name: ops-admin
+  namespace: dash-m
+spec:
+  user: ops
+  role: admin
+  clusterWide: true
+---
+apiVersion: compute.stratus.dev/v1
+kind: Flavor
+metadata:
+  name: dash.small
+spec:
+  vcpus: 1
+  ramMiB: 256
+  diskGiB: 1
+---
+apiVersion: identity.stratus.dev/v1
+kind: Quota
+metadata:
+  name: limits
+  namespace: dash-m
+spec:
+  limits:
+    servers: 5
+    vcpus: 8
+    volumes: 4
+    volumeGiB: 10
+";
+
+/// What the server form's manifest must read for app-1 (`user_data` a multiple of 3 bytes
+/// long: its base64 has no `=` and is written bare).
+fn app_manifest(user_data: &str) -> String {
+    format!(
+        "apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: app-1\n  namespace: dash-m\nspec:\n  flavor: dash.small\n  image: cirros\n  userData: {}\n  description: \"made in the browser: <b>bold</b>\"\n",
+        base64::engine::general_purpose::STANDARD.encode(user_data)
+    )
+}
+
+fn power_manifest(state: &str) -> String {
+    format!(
+        "apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: app-1\n  namespace: dash-m\nspec:\n  powerState: {state}\n"
+    )
+}
+
+#[test]
+fn a_member_acts_through_manifests_and_only_an_admin_sees_the_cloud() -> Result<()> {
+    let cloud = Cloud::up()?;
+    cloud.projects(&["dash-m"])?;
+    cloud.kubectl_in(&["apply", "-f", "-"], ACTORS)?;
+    let (mia, ops) = ("mia-Correct-Horse-7781", "ops-Correct-Horse-2290");
+    set_password(&cloud, "mia", mia)?;
+    set_password(&cloud, "ops", ops)?;
+    let ca = cloud.dir.path().join("pki/ca.crt");
+    // The API refuses Mia every admin list: the page only follows that answer.
+    let mia_token = token_of(&cloud, "mia", mia)?;
+    for path in [
+        "/apis/compute.stratus.dev/v1/hypervisors",
+        "/apis/storage.stratus.dev/v1/storagepools",
+        "/apis/identity.stratus.dev/v1/projects",
+        "/apis/identity.stratus.dev/v1/users",
+        "/apis/identity.stratus.dev/v1/roleassignments",
+    ] {
+        let a = curl(
+            &ca,
+            "GET",
+            &format!("{}{path}?limit=1", cloud.url),
+            Some(&mia_token),
+            None,
+        )?;
+        assert_eq!(a.code, 403, "{path}: {}", a.body);
+    }
+
+    let artifacts = repo_root().join("target/e2e-artifacts/dashboard");
+    let mut b = Browser::start(&cloud.dir.path().join("pki/apiserver.crt"), &artifacts)?;
+    b.ok(json!({"cmd": "open", "url": format!("{}/dashboard/", cloud.url)}))?;
+    b.until(
+        "return document.querySelector('#login-user') !== null",
+        30,
+        "the login form",
+    )?;
+    b.log_in("mia", mia)?;
+
+    // No admin tab for Mia, because the API refused her their lists; opened by its fragment,
+    // a view shows the API's refusal and nothing else.
+    b.until(
+        "const tabs = [...document.querySelectorAll('#tabs a.admin')]; return tabs.length === 5 && tabs.every((a) => a.hidden && a.dataset.allowed === 'no')",
+        60,
+        "the admin tabs to stay hidden after the API's 403s",
+    )?;
+    b.js("location.hash = '#hypervisors'; return true")?;
+    b.until(
+        "return document.querySelector('#live').dataset.state === 'refused' && document.querySelector('#error').textContent.includes('forbidden')",
+        30,
+        "the hypervisors' list to be refused",
+    )?;
+    assert_eq!(
+        b.js("return document.querySelectorAll('#list tbody tr').length")?,
+        0
+    );
+    b.js("location.hash = '#servers'; return true")?;
+    b.until(
+        "return document.querySelector('#live').dataset.state === 'live'",
+        60,
+        "the servers list",
+    )?;
+
+    // The server form: what is typed is the manifest shown, and the API's refusals appear
+    // next to the fields they name.
+    b.ok(json!({"cmd": "click", "css": "#create-button"}))?;
+    b.until(
+        "return document.querySelector('form.create[data-form=server]') !== null",
+        20,
+        "the server form",
+    )?;
+    b.ok(json!({"cmd": "type", "css": "#f-server-name", "text": "Bad_Name"}))?;
+    b.ok(json!({"cmd": "type", "css": "#f-server-flavor", "text": "dash.small"}))?;
+    b.ok(json!({"cmd": "type", "css": "#f-server-image", "text": "cirros"}))?;
+    b.ok(json!({"cmd": "click", "css": "form.create button.apply"}))?;
+    let refused = b.until(
+        "return document.querySelector(\".field-error[data-for='metadata.name']\").textContent || null",
+        30,
+        "the name's error",
+    )?;
+    eprintln!("a bad name: {}", refused["value"]);
+    assert_eq!(
+        text_of(&mut b, ".field-error[data-for='spec.flavor']")?,
+        "",
+        "the flavor is not blamed for the name"
+    );
+    // A flavor that does not exist: the API names spec.flavor (the quota counts flavors).
+    b.ok(json!({"cmd": "type", "css": "#f-server-name", "text": "app-1"}))?;
+    b.ok(json!({"cmd": "type", "css": "#f-server-flavor", "text": "no-such-flavor"}))?;
+    b.ok(json!({"cmd": "click", "css": "form.create button.apply"}))?;
+    b.until(
+        "return document.querySelector(\".field-error[data-for='spec.flavor']\").textContent.includes('no-such-flavor')",
+        30,
+        "the flavor's error",
+    )?;
+    assert_eq!(
+        text_of(&mut b, ".field-error[data-for='metadata.name']")?,
+        "",
+        "the name's error went with the name"
+    );
+    assert_eq!(
+        cloud.kubectl_ok(&["-n", "dash-m", "get", "servers", "-o", "name"])?,
+        "",
+        "nothing was created by a refused form"
+    );
+    let user_data = "#cloud-config\nhostname: app-1\n";
+    b.ok(json!({"cmd": "type", "css": "#f-server-flavor", "text": "dash.small"}))?;
+    b.ok(json!({"cmd": "type", "css": "#f-server-userData", "text": user_data}))?;
+    b.ok(json!({"cmd": "type", "css": "#f-server-description", "text": "made in the browser: <b>bold</b>"}))?;
+    assert_eq!(
+        text_of(&mut b, "#create-view pre.manifest")?,
+        app_manifest(user_data),
+        "the manifest shown before applying"
+    );
+    b.ok(json!({"cmd": "screenshot", "name": "create-server"}))?;
+    b.ok(json!({"cmd": "click", "css": "form.create button.apply"}))?;
+    // Created: the list shows it through its watch (no second LIST), and its phase live.
+    let seen = b.row("app-1", None, 30)?;
+    assert_eq!(seen["cells"]["phase"], "Pending", "{seen}");
+    let stored: Value = serde_json::from_str(&cloud.kubectl_ok(&[
+        "-n",
+        "dash-m",
+        "get",
+        "server",
+        "app-1",
+        "-o",
+        "json",
+        "--show-managed-fields",
+    ])?)?;
+    assert_eq!(
+        stored["spec"]["userData"],
+        base64::engine::general_purpose::STANDARD.encode(user_data)
+    );
+    assert_eq!(
+        stored["spec"]["description"],
+        "made in the browser: <b>bold</b>"
+    );
+    assert!(
+        stored["metadata"]["managedFields"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|f| f["manager"] == "stratus-dashboard")),
+        "{stored}"
+    );
+    cloud.place("dash-m", "app-1", "hv-dash")?;
+    let placed = b.row("app-1", Some(("phase", "Scheduled")), 30)?;
+    assert_eq!(placed["cells"]["node"], "hv-dash", "{placed}");
+    assert_eq!(
+        b.js("return document.querySelector('#live').dataset.lists")?,
+        "1",
+        "the list was made once, the rest came through its watch"
+    );
+
+    // The detail: where the console log is (the API does not serve it), shown live.
+    b.ok(json!({"cmd": "click", "css": "#list tbody tr[data-name='app-1'] a"}))?;
+    b.until(
+        "return document.querySelector('#console').textContent.startsWith('No console log yet')",
+        30,
+        "the console's place",
+    )?;
+    cloud.kubectl_ok(&[
+        "-n",
+        "dash-m",
+        "patch",
+        "server",
+        "app-1",
+        "--subresource=status",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"status":{"console":{"logPath":"/var/lib/stratus/guests/app-1/console.log"}}}"#,
+    ])?;
+    b.until(
+        "const t = document.querySelector('#console').textContent; return t.includes('hv-dash') && t.includes('/var/lib/stratus/guests/app-1/console.log') && t.includes('stratus console app-1')",
+        30,
+        "the console log's place",
+    )?;
+
+    // Stop, start and reboot: each shows its manifest, then applies it.
+    for (action, shown) in [
+        ("stop", power_manifest("Stopped")),
+        ("start", power_manifest("Running")),
+    ] {
+        b.ok(json!({"cmd": "click", "css": format!("#actions button[data-action={action}]")}))?;
+        b.until(
+            &format!("return document.querySelector('#action-panel').dataset.action === '{action}' && !document.querySelector('#action-panel').hidden"),
+            20,
+            &format!("the {action} panel"),
+        )?;
+        assert_eq!(text_of(&mut b, "#action-panel pre.manifest")?, shown);
+        b.ok(json!({"cmd": "click", "css": "#action-panel button.confirm"}))?;
+        b.until(
+            "return document.querySelector('#action-panel').hidden",
+            30,
+            &format!("the {action} to be applied"),
+        )?;
+        let want = if action == "stop" {
+            "Stopped"
+        } else {
+            "Running"
+        };
+        wait_jsonpath(
+            &cloud,
+            &["-n", "dash-m", "server", "app-1"],
+            "{.spec.powerState}",
+            want,
+        )?;
+    }
+    b.ok(json!({"cmd": "click", "css": "#actions button[data-action=reboot]"}))?;
+    b.until(
+        "return document.querySelector('#action-panel pre.manifest').textContent.includes('rebootRequest: \"')",
+        20,
+        "the reboot's manifest",
+    )?;
+    b.ok(json!({"cmd": "click", "css": "#action-panel button.confirm"}))?;
+    b.until(
+        "return document.querySelector('#action-panel').hidden",
+        30,
+        "the reboot to be applied",
+    )?;
+    let rebooted: Value = serde_json::from_str(
+        &cloud.kubectl_ok(&["-n", "dash-m", "get", "server", "app-1", "-o", "json"])?,
+    )?;
+    assert!(
+        rebooted["spec"]["rebootRequest"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{rebooted}"
+    );
+    assert_eq!(
+        rebooted["spec"]["powerState"], "Running",
+        "the reboot's apply keeps the start's field"
+    );
+    // Delete asks first, then deletes.
+    b.ok(json!({"cmd": "click", "css": "#actions button[data-action=delete]"}))?;
+    b.until(
+        "return document.querySelector('#action-panel pre.manifest').textContent === 'kubectl -n dash-m delete server app-1'",
+        20,
+        "the delete's confirmation",
+    )?;
+    assert!(
+        cloud
+            .kubectl_ok(&["-n", "dash-m", "get", "server", "app-1", "-o", "name"])?
+            .contains("app-1"),
+        "nothing is deleted before the confirmation"
+    );
+    b.ok(json!({"cmd": "click", "css": "#action-panel button.confirm"}))?;
+    wait_until(Duration::from_secs(60), "app-1 to be deleted", || {
+        let out = cloud
+            .kubectl(&[
+                "-n",
+                "dash-m",
+                "get",
+                "server",
+                "app-1",
+                "-o",
+                "jsonpath={.metadata.deletionTimestamp}",
+            ])
+            .ok()?;
+        (!out.status.success() || !out.stdout.is_empty()).then_some(())
+    })?;
+
+    // A network and a volume from their forms; a bad size is the size field's.
+    b.js("location.hash = '#create/network'; return true")?;
+    b.until(
+        "return document.querySelector('form.create[data-form=network]') !== null",
+        20,
+        "the network form",
+    )?;
+    b.ok(json!({"cmd": "type", "css": "#f-network-name", "text": "net-a"}))?;
+    b.ok(json!({"cmd": "type", "css": "#f-network-description", "text": "from the page"}))?;
+    assert_eq!(
+        text_of(&mut b, "#create-view pre.manifest")?,
+        "apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: net-a\n  namespace: dash-m\nspec:\n  description: \"from the page\"\n"
+    );
+    b.ok(json!({"cmd": "click", "css": "form.create button.apply"}))?;
+    b.row("net-a", None, 30)?;
+    b.js("location.hash = '#create/volume'; return true")?;
+    b.until(
+        "return document.querySelector('form.create[data-form=volume]') !== null",
+        20,
+        "the volume form",
+    )?;
+    b.ok(json!({"cmd": "type", "css": "#f-volume-name", "text": "vol-a"}))?;
+    b.ok(json!({"cmd": "type", "css": "#f-volume-sizeGiB", "text": "0"}))?;
+    b.ok(json!({"cmd": "click", "css": "form.create button.apply"}))?;
+    b.until(
+        "return document.querySelector(\".field-error[data-for='spec.sizeGiB']\").textContent || null",
+        30,
+        "the size's error",
+    )?;
+    b.ok(json!({"cmd": "type", "css": "#f-volume-sizeGiB", "text": "2"}))?;
+    b.ok(json!({"cmd": "click", "css": "form.create button.apply"}))?;
+    b.row("vol-a", None, 30)?;
+
+    // The quota as usage bars, counted live.
+    b.ok(json!({"cmd": "click", "css": "#tabs a[data-view=quota]"}))?;
+    b.row("volumeGiB", Some(("usage", "2 / 10")), 60)?;
+    b.row("volumes", Some(("usage", "1 / 4")), 60)?;
+    assert_eq!(
+        b.js("const m = document.querySelector('#list tbody tr[data-name=volumeGiB] meter'); return [m.value, m.max]")?,
+        json!([2, 10])
+    );
+    b.ok(json!({"cmd": "screenshot", "name": "quota"}))?;
+
+    // An admin sees the cloud: hypervisors with capacity bars that follow their status.
+    b.ok(json!({"cmd": "click", "css": "#logout"}))?;
+    b.until(
+        "return !document.querySelector('#login-view').hidden && [...document.querySelectorAll('#tabs a.admin')].every((a) => a.hidden)",
+        20,
+        "the login form, admin tabs hidden",
+    )?;
+    b.log_in("ops", ops)?;
+    b.until(
+        "const tabs = [...document.querySelectorAll('#tabs a.admin')]; return tabs.length === 5 && tabs.every((a) => !a.hidden && a.dataset.allowed === 'yes')",
+        60,
+        "the admin tabs",
+    )?;
+    b.ok(json!({"cmd": "click", "css": "#tabs a[data-view=hypervisors]"}))?;
+    // 64 vCPUs x 16, (256 GiB - 512 MiB reserved) x 1.5, 4096 GiB x 1: the API's defaults.
+    let hv = b.row("hv-dash", Some(("vcpus", "0 / 1024")), 30)?;
+    assert_eq!(hv["cells"]["ram"], "0 / 392448 MiB", "{hv}");
+    assert_eq!(hv["cells"]["disk"], "0 / 4096 GiB", "{hv}");
+    cloud.kubectl_ok(&[
+        "patch",
+        "hypervisor",
+        "hv-dash",
+        "--subresource=status",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"status":{"allocated":{"vcpus":4,"ramMiB":1024,"diskGiB":20},"servers":2}}"#,
+    ])?;
+    let hv = b.row("hv-dash", Some(("vcpus", "4 / 1024")), 30)?;
+    assert_eq!(hv["cells"]["ram"], "1024 / 392448 MiB", "{hv}");
+    assert_eq!(hv["cells"]["servers"], "2", "{hv}");
+    assert_eq!(
+        b.js("const m = document.querySelector('#list tbody tr[data-name=hv-dash] td[data-col=vcpus] meter'); return [m.value, m.max]")?,
+        json!([4, 1024])
+    );
+    b.ok(json!({"cmd": "screenshot", "name": "hypervisors"}))?;
+    for (view, name) in [
+        ("projects", "dash-m"),
+        ("users", "mia"),
+        ("roleassignments", "mia-member"),
+    ] {
+        b.ok(json!({"cmd": "click", "css": format!("#tabs a[data-view={view}]")}))?;
+        b.row(name, None, 30)?;
+    }
+    let ra = b.row("ops-admin", None, 30)?;
+    assert_eq!(ra["cells"]["project"], "(every project)", "{ra}");
+    assert_eq!(ra["cells"]["role"], "admin", "{ra}");
+    b.ok(json!({"cmd": "click", "css": "#tabs a[data-view=storagepools]"}))?;
+    b.until(
+        "return document.querySelector('#list-title').textContent === 'Storage pools' && document.querySelector('#live').dataset.state === 'live'",
+        30,
+        "the storage pools",
+    )?;
     Ok(())
 }
