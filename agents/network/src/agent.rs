@@ -879,6 +879,7 @@ pub async fn run(client: Client, host: Host, config: Config) {
     let mut wired: BTreeSet<IfName> = BTreeSet::new();
     let mut first = true;
     let mut converged_once = false;
+    let mut metadata = crate::metadata::Service::new(client.clone(), node.clone());
     loop {
         if !first {
             // No settling delay: changes that come during a converge wake one more
@@ -929,6 +930,9 @@ pub async fn run(client: Client, host: Host, config: Config) {
         wired = report.wired_devices();
         write_statuses(&runtime, &config, &snap, &report).await;
         write_router_statuses(&routers_rt, &floating_rt, &snap, &report).await;
+        metadata.set_index(crate::metadata::index(&snap, &node));
+        let listeners = crate::metadata::wanted(&snap, &report.desired);
+        metadata.sync(Arc::clone(&host.links), &listeners).await;
         let tunnel = config
             .node
             .underlay

@@ -138,7 +138,7 @@ pub const NETWORK_UID: &str = "network.stratus.dev/network-uid";
 /// `net`: same namespace and name, and made in this Network,
 /// not in an earlier one of the same name (its addresses are claimed in that one's IPAM).
 /// An object without the annotation is taken by name.
-fn of_network(meta: &kube::api::ObjectMeta, network: &str, net: &Network) -> bool {
+pub(crate) fn of_network(meta: &kube::api::ObjectMeta, network: &str, net: &Network) -> bool {
     let uid = meta.annotations.as_ref().and_then(|a| a.get(NETWORK_UID));
     meta.namespace == net.metadata.namespace
         && network == net.name_any()
@@ -1041,6 +1041,12 @@ fn dhcp_for(
             subnet: cidr,
             router: gateway,
             lease_secs: LEASE_SECS,
+            // The metadata service listens in the server's namespace (Neutron's isolated
+            // metadata).
+            routes: Ipv4Cidr::new(crate::metadata::ADDRESS, 32)
+                .map(|m| RouteSpec::new(m, server))
+                .into_iter()
+                .collect(),
             leases,
         },
     })

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod desired;
 pub mod driver;
+pub mod metadata;
 pub mod plan;
 
 #[cfg(test)]

@@ -697,6 +697,7 @@ mod tests {
                     subnet: "10.0.0.0/24".parse().expect("cidr"),
                     router: Some(Ipv4Addr::new(10, 0, 0, 1)),
                     lease_secs: 3600,
+                    routes: Vec::new(),
                     leases: vec![StaticLease {
                         mac: "02:00:00:00:00:01".parse().expect("mac"),
                         ip: Ipv4Addr::new(10, 0, 0, 5),

@@ -639,6 +639,7 @@ mod tests {
                 subnet: "10.0.0.0/24".parse().expect("cidr"),
                 router: Some(Ipv4Addr::new(10, 0, 0, 1)),
                 lease_secs: 600,
+                routes: Vec::new(),
                 leases: vec![],
             },
         );

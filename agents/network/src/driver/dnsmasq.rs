@@ -21,7 +21,7 @@ use rustix::process::{Pid, Signal, kill_process};
 
 use super::names::digest_hex;
 use super::netns;
-use super::{Dhcp, IfName, Ipv4Cidr, MacAddr, Name, Netns};
+use super::{Dhcp, IfName, Ipv4Cidr, MacAddr, Name, Netns, RouteSpec};
 
 /// Failures of a [`Dhcp`] call.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +66,10 @@ pub struct DhcpSpec {
     pub router: Option<Ipv4Addr>,
     /// Lease time in seconds (at least 120).
     pub lease_secs: u32,
+    /// Classless static routes handed out (option 121; the default route through `router`
+    /// goes with them, as a client given option 121 ignores option 3), each through a host
+    /// of the subnet.
+    pub routes: Vec<RouteSpec>,
     /// The leases: nothing else is handed out.
     pub leases: Vec<StaticLease>,
 }
@@ -110,6 +114,12 @@ impl DhcpSpec {
             && !usable(r)
         {
             return bad(format!("router {r} is not a host of {}", self.subnet));
+        }
+        if let Some(r) = self.routes.iter().find(|r| !usable(r.gateway)) {
+            return bad(format!(
+                "route {r} is not through a host of {}",
+                self.subnet
+            ));
         }
         let (mut macs, mut ips) = (BTreeSet::new(), BTreeSet::new());
         for l in &self.leases {
@@ -199,7 +209,7 @@ impl Dnsmasq {
             Some(r) => format!("--dhcp-option=option:router,{r}"),
             None => "--dhcp-option=option:router".to_owned(),
         };
-        vec![
+        let mut args = vec![
             "--conf-file=/dev/null".to_owned(),
             "--no-hosts".to_owned(),
             "--no-resolv".to_owned(),
@@ -218,9 +228,10 @@ impl Dnsmasq {
             format!("--dhcp-leasefile={}", file("leases")),
             format!("--pid-file={}", file("pid")),
             format!("--log-facility={}", file("log")),
-        ]
+        ];
+        args.extend(routes_arg(spec));
+        args
     }
-
     /// The daemon serving `name` (its pid and arguments), if one runs: the pid file names a
     /// live process whose command line is dnsmasq's with this server's pid file.
     fn running(&self, name: &Name) -> Option<(u32, Vec<String>)> {
@@ -305,6 +316,22 @@ impl Dnsmasq {
         }
         Ok(())
     }
+}
+
+/// dnsmasq's option 121 for `spec.routes`, then the default route through `spec.router`
+/// (`None` without routes).
+fn routes_arg(spec: &DhcpSpec) -> Option<String> {
+    if spec.routes.is_empty() {
+        return None;
+    }
+    let mut arg = "--dhcp-option=option:classless-static-route".to_owned();
+    let default = spec
+        .router
+        .and_then(|r| Some(RouteSpec::new(Ipv4Cidr::new(Ipv4Addr::UNSPECIFIED, 0)?, r)));
+    for r in spec.routes.iter().chain(&default) {
+        arg.push_str(&format!(",{},{}", r.destination, r.gateway));
+    }
+    Some(arg)
 }
 
 /// Writes `contents` to `path` in one step (a temporary file renamed over it), mode 0644.
@@ -449,6 +476,7 @@ mod tests {
             subnet: "10.0.0.0/24".parse().expect("cidr"),
             router: Some(Ipv4Addr::new(10, 0, 0, 1)),
             lease_secs: 3600,
+            routes: Vec::new(),
             leases: vec![lease("02:00:00:00:00:01", [10, 0, 0, 2], None)],
         };
         assert!(spec.validate().is_ok());
@@ -487,6 +515,13 @@ mod tests {
                 ],
                 ..spec.clone()
             },
+            DhcpSpec {
+                routes: vec![RouteSpec::new(
+                    "169.254.169.254/32".parse().expect("cidr"),
+                    Ipv4Addr::new(10, 0, 1, 2),
+                )],
+                ..spec.clone()
+            },
         ];
         for b in broken {
             assert!(matches!(b.validate(), Err(DhcpError::Invalid(_))), "{b:?}");
@@ -503,6 +538,7 @@ mod tests {
             subnet: "10.0.0.7/24".parse().expect("cidr"),
             router: None,
             lease_secs: 600,
+            routes: Vec::new(),
             leases: vec![],
         };
         let args = d.args(&spec);
@@ -510,5 +546,40 @@ mod tests {
         assert!(args.contains(&"--dhcp-option=option:router".to_owned()));
         assert!(args.contains(&"--pid-file=/run/stratus/dhcp/net-1/pid".to_owned()));
         assert!(args.iter().all(|a| a.starts_with("--")));
+        assert!(!args.iter().any(|a| a.contains("classless")));
+    }
+
+    /// Option 121 carries the routes and then the default route, which a client given
+    /// option 121 takes from there only.
+    #[test]
+    fn routes_go_out_as_option_121_with_the_default_route() {
+        let d = Dnsmasq::new("/run/stratus/dhcp");
+        let mut spec = DhcpSpec {
+            name: Name::new("net-1").expect("name"),
+            netns: Netns::Host,
+            interface: IfName::new("vp-1").expect("if"),
+            subnet: "10.0.0.0/24".parse().expect("cidr"),
+            router: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            lease_secs: 600,
+            routes: vec![RouteSpec::new(
+                "169.254.169.254/32".parse().expect("cidr"),
+                Ipv4Addr::new(10, 0, 0, 2),
+            )],
+            leases: vec![],
+        };
+        assert!(spec.validate().is_ok());
+        let want = "--dhcp-option=option:classless-static-route,169.254.169.254/32,10.0.0.2,0.0.0.0/0,10.0.0.1";
+        assert!(
+            d.args(&spec).contains(&want.to_owned()),
+            "{:?}",
+            d.args(&spec)
+        );
+        spec.router = None;
+        let want = "--dhcp-option=option:classless-static-route,169.254.169.254/32,10.0.0.2";
+        assert!(
+            d.args(&spec).contains(&want.to_owned()),
+            "{:?}",
+            d.args(&spec)
+        );
     }
 }

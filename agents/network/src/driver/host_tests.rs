@@ -358,6 +358,7 @@ fn dnsmasq_passes_the_conformance_suite_and_is_adopted() {
         subnet: cidr("10.50.0.0/24"),
         router: Some(Ipv4Addr::new(10, 50, 0, 1)),
         lease_secs: 600,
+        routes: Vec::new(),
         leases: vec![],
     };
     conformance::dhcp(&d, &spec);
@@ -648,6 +649,7 @@ fn guests_on_two_nodes_talk_over_vxlan_through_the_firewall_and_get_dhcp_leases(
         subnet: cidr("10.50.0.0/24"),
         router: None,
         lease_secs: 600,
+        routes: Vec::new(),
         leases: vec![StaticLease {
             mac: client_mac,
             ip: Ipv4Addr::new(10, 50, 0, 30),
@@ -820,6 +822,7 @@ fn a_guest_reaches_no_port_past_its_ingress_rules_sends_no_ipv6_and_answers_no_d
         subnet: cidr("10.50.0.0/24"),
         router: None,
         lease_secs: 600,
+        routes: Vec::new(),
         leases: vec![StaticLease {
             mac: client_mac,
             ip: Ipv4Addr::from(ip),
