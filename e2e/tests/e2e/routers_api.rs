@@ -9,13 +9,16 @@
 //! IPs. Floating IPs created at once on a nearly full external subnet never share an address.
 
 use std::collections::HashSet;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
-use stratus_e2e::{Apiserver, Cloud, Etcd, wait_until};
+use stratus_e2e::{Apiserver, Cloud, Etcd, wait_until, with_stdin};
 
 /// Generous: controllers share two cores with every other test.
 const T: Duration = Duration::from_secs(90);
@@ -39,6 +42,50 @@ fn lease(node: &str, ago: i64) -> Result<String> {
     Ok(format!(
         "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: {node}\n  namespace: {AGENTS}\n  annotations:\n    network.stratus.dev/tunnel-ip: 192.0.2.1\n    network.stratus.dev/physical-networks: physnet1\nspec:\n  holderIdentity: {node}\n  leaseDurationSeconds: 20\n  renewTime: \"{renewed}\"\n"
     ))
+}
+
+/// `node`'s network agent as the controllers see it: its Lease renewed every two seconds
+/// until dropped, so that it stays fresh however long the test's steps take.
+struct Renewing {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Renewing {
+    /// Writes `node`'s fresh Lease, then keeps renewing it.
+    fn start(cloud: &Cloud, node: &str) -> Result<Self> {
+        cloud.kubectl_in(&["apply", "-f", "-"], &lease(node, 0)?)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (kubeconfig, home) = (cloud.kubeconfig(), cloud.dir.path().to_path_buf());
+        let (flag, node) = (stop.clone(), node.to_string());
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(2));
+                if let Ok(yaml) = lease(&node, 0) {
+                    let mut cmd = Command::new("kubectl");
+                    cmd.env("KUBECONFIG", &kubeconfig)
+                        .env("HOME", &home)
+                        .args(["apply", "-f", "-"]);
+                    // A renewal lost to a busy server is made up by the next one.
+                    let _ = with_stdin(cmd, &yaml);
+                }
+            }
+        });
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Renewing {
+    /// Stops renewing; once this returns the Lease is written no more.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// How many keys etcd holds under `prefix`.
@@ -106,7 +153,7 @@ fn a_router_is_placed_with_its_ports_moves_with_its_node_and_gives_everything_ba
     let before = keys_under(&cloud, &claims)?;
     // Node rn-a's agent is fresh, rn-b's expired long ago. Both declare physnet1; the
     // operator granted it to rn-b only (on its Hypervisor).
-    cloud.kubectl_in(&["apply", "-f", "-"], &lease("rn-a", 0)?)?;
+    let rn_a = Renewing::start(&cloud, "rn-a")?;
     cloud.kubectl_in(&["apply", "-f", "-"], &lease("rn-b", 600)?)?;
     cloud.kubectl_in(
         &["apply", "-f", "-"],
@@ -292,7 +339,14 @@ fn a_router_is_placed_with_its_ports_moves_with_its_node_and_gives_everything_ba
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    // But cannot move the router, nor change what the floating IP is associated with.
+    // But cannot move the router, nor change what the floating IP is associated with (to
+    // an address that is not web's, whatever IPAM gave web, so that the write changes it).
+    let elsewhere = if web_ip == "10.0.0.99" {
+        "10.0.0.98"
+    } else {
+        "10.0.0.99"
+    };
+    let moved_fip = json!({"status": {"fixedIP": elsewhere}}).to_string();
     for args in [
         vec![
             "-n",
@@ -318,7 +372,7 @@ fn a_router_is_placed_with_its_ports_moves_with_its_node_and_gives_everything_ba
             "--type",
             "merge",
             "-p",
-            r#"{"status":{"fixedIP":"10.0.0.99"}}"#,
+            &moved_fip,
         ],
     ] {
         let out = cloud.kubectl_as(&node_a, &args)?;
@@ -326,7 +380,8 @@ fn a_router_is_placed_with_its_ports_moves_with_its_node_and_gives_everything_ba
     }
 
     // rn-a's Lease expires while rn-b's agent comes back: r moves, with its ports.
-    cloud.kubectl_in(&["apply", "-f", "-"], &lease("rn-b", 0)?)?;
+    let _rn_b = Renewing::start(&cloud, "rn-b")?;
+    drop(rn_a);
     cloud.kubectl_in(&["apply", "-f", "-"], &lease("rn-a", 600)?)?;
     let (moved, _, _) =
         wait_until(T, "router r moved to rn-b", placed("rn-b")).with_context(|| cloud.log())?;
@@ -338,7 +393,7 @@ fn a_router_is_placed_with_its_ports_moves_with_its_node_and_gives_everything_ba
     // Deleting the router deletes its ports (the gateway's in ops too) and frees their
     // addresses: only the floating IP's and the external gateway's claims stay.
     cloud.kubectl_ok(&["-n", "demo", "delete", "floatingip", "f"])?;
-    cloud.kubectl_ok(&["-n", "demo", "delete", "router", "r", "--timeout=80s"])?;
+    cloud.kubectl_ok(&["-n", "demo", "delete", "router", "r", "--timeout=180s"])?;
     wait_until(T, "the router and its ports gone", || {
         let gone = get(&cloud, "demo", "router", "r").is_none()
             && get(&cloud, "demo", "port", &iface).is_none()
@@ -351,7 +406,7 @@ fn a_router_is_placed_with_its_ports_moves_with_its_node_and_gives_everything_ba
     assert_eq!(after, before, "every external address is back");
     // With its interface gone (and port web), the subnet may go.
     cloud.kubectl_ok(&["-n", "demo", "delete", "port", "web"])?;
-    cloud.kubectl_ok(&["-n", "demo", "delete", "subnet", "sub", "--timeout=60s"])?;
+    cloud.kubectl_ok(&["-n", "demo", "delete", "subnet", "sub", "--timeout=180s"])?;
     Ok(())
 }
 
