@@ -8,15 +8,25 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::coordination::v1::Lease;
 use stratus_e2e::{Apiserver, Etcd, Proc, stratus_bin, wait_until};
 
-fn controllers(server: &Apiserver, log: &std::path::Path) -> Result<Proc> {
+/// How long the leader Lease lasts unrenewed. The leader renews it a third of that before it
+/// ends: 8 s of slack, which a loaded machine does not use up (with 6 s, a renewal 2 s late
+/// handed the Lease to the standby while its holder lived).
+const LEASE: Duration = Duration::from_secs(24);
+
+/// Generous: the controllers share two cores with every other test.
+const T: Duration = Duration::from_secs(90);
+
+fn controllers(server: &Apiserver, dir: &std::path::Path, log: &str) -> Result<Proc> {
     Proc::spawn(
         "stratus controllers",
         Command::new(stratus_bin())
             .arg("controllers")
             .arg("--kubeconfig")
             .arg(server.kubeconfig())
-            .args(["--lease-seconds", "6"]),
-        log,
+            .args(["--lease-seconds", &LEASE.as_secs().to_string()])
+            .arg("--image-dir")
+            .arg(dir.join(format!("{log}-images"))),
+        &dir.join(format!("{log}.log")),
     )
 }
 
@@ -60,7 +70,7 @@ fn wait_for_lease(
     what: &str,
     held: impl Fn(&str, &str) -> bool,
 ) -> Result<(String, String)> {
-    wait_until(Duration::from_secs(30), what, || {
+    wait_until(T, what, || {
         let lease = lease(server).ok()??;
         let uid = lease.metadata.uid.clone()?;
         let holder = holder(&lease)?;
@@ -86,16 +96,12 @@ fn gc_works(server: &Apiserver, tag: &str) -> Result<()> {
     server.kubectl_ok(&["apply", "-f", path.to_str().unwrap_or_default()])?;
     let _ = std::fs::remove_file(&path);
     server.kubectl_ok(&["delete", "flavor", &owner])?;
-    wait_until(
-        Duration::from_secs(30),
-        "the dependent to be collected",
-        || {
-            server
-                .kubectl(&["-n", "demo", "get", "keypair", &format!("child-{tag}")])
-                .ok()
-                .filter(|o| !o.status.success())
-        },
-    )?;
+    wait_until(T, "the dependent to be collected", || {
+        server
+            .kubectl(&["-n", "demo", "get", "keypair", &format!("child-{tag}")])
+            .ok()
+            .filter(|o| !o.status.success())
+    })?;
     Ok(())
 }
 
@@ -105,8 +111,8 @@ fn one_leader_and_a_standby_that_takes_over() -> Result<()> {
     let server = Apiserver::start(&etcd.endpoint)?;
     server.projects(&["demo"])?;
     let dir = tempfile::tempdir()?;
-    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
-    let mut a = controllers(&server, &log_a)?;
+    let log_b = dir.path().join("b.log");
+    let mut a = controllers(&server, dir.path(), "a")?;
     // a runs alone, so the holder is a.
     let (_, first) = wait_for_lease(&server, "a to hold the Lease", |_, _| true)?;
     gc_works(&server, "a")?;
@@ -114,8 +120,8 @@ fn one_leader_and_a_standby_that_takes_over() -> Result<()> {
     let before = lease(&server)?.context("the Lease is gone")?;
 
     // b stands by for longer than the Lease lasts: a keeps renewing it and b never takes it.
-    let mut b = controllers(&server, &log_b)?;
-    std::thread::sleep(Duration::from_secs(8));
+    let mut b = controllers(&server, dir.path(), "b")?;
+    std::thread::sleep(LEASE + Duration::from_secs(4));
     let after = lease(&server)?.context("the Lease is gone")?;
     assert_eq!(
         holder(&after).as_deref(),
@@ -127,7 +133,7 @@ fn one_leader_and_a_standby_that_takes_over() -> Result<()> {
     assert!(b.running());
 
     // The leader dies without releasing its Lease: the standby takes over once it expires
-    // (6 s here; renewal every 4 s leaves room for a loaded machine).
+    // (`LEASE`).
     a.kill();
     wait_for_lease(&server, "b to take the Lease over", |_, h| h != first)
         .with_context(|| std::fs::read_to_string(&log_b).unwrap_or_default())?;
@@ -143,7 +149,7 @@ fn a_deleted_leader_lease_is_created_again_and_held() -> Result<()> {
     server.projects(&["demo"])?;
     let dir = tempfile::tempdir()?;
     let log = dir.path().join("a.log");
-    let mut a = controllers(&server, &log)?;
+    let mut a = controllers(&server, dir.path(), "a")?;
     let (old, first) = wait_for_lease(&server, "a to hold the Lease", |_, _| true)?;
     server.kubectl_ok(&[
         "-n",
