@@ -10,11 +10,12 @@ use stratus_api_types::compute::Flavor;
 use stratus_e2e::{Apiserver, Etcd};
 
 async fn collect(api: &Api<Flavor>, from: &str, n: usize) -> Result<Vec<(String, String, u32)>> {
-    let stream = api.watch(&WatchParams::default().timeout(10), from).await?;
+    // Generous: the server shares two cores with every other test.
+    let stream = api.watch(&WatchParams::default().timeout(60), from).await?;
     let mut stream = Box::pin(stream);
     let mut out = Vec::new();
     while out.len() < n {
-        let Some(ev) = tokio::time::timeout(Duration::from_secs(10), stream.try_next()).await??
+        let Some(ev) = tokio::time::timeout(Duration::from_secs(60), stream.try_next()).await??
         else {
             break;
         };
