@@ -9,6 +9,7 @@ import {
   replaceChildren, serverFields, consoleText, el,
 } from "./views.js";
 import { CreateForm, FORMS, actionPanel } from "./forms.js";
+import { Topology } from "./topology.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -19,6 +20,8 @@ const state = {
   detail: null,
   create: null,
   form: null,
+  topology: null,
+  topologyKey: "",
   list: null,
   listKey: "",
   events: null,
@@ -58,7 +61,7 @@ function onListState(s, e) {
 }
 
 function stopInformers() {
-  for (const key of ["list", "events"]) {
+  for (const key of ["list", "events", "topology"]) {
     if (state[key]) {
       state[key].stop();
       state[key] = null;
@@ -66,6 +69,7 @@ function stopInformers() {
   }
   state.listKey = "";
   state.eventsKey = "";
+  state.topologyKey = "";
 }
 
 /** Starts the informers the current view needs (and stops those it no longer needs). */
@@ -74,6 +78,15 @@ function follow() {
     stopInformers();
     draw();
     return;
+  }
+  if (state.view === "topology") {
+    followTopology();
+    return;
+  }
+  if (state.topology) {
+    state.topology.stop();
+    state.topology = null;
+    state.topologyKey = "";
   }
   const kind = KINDS[state.view];
   const namespace = kind.admin ? undefined : state.project;
@@ -103,6 +116,28 @@ function follow() {
   draw();
 }
 
+/** The topology's four lists instead of the list and events of the other views. */
+function followTopology() {
+  for (const key of ["list", "events"]) {
+    if (state[key]) {
+      state[key].stop();
+      state[key] = null;
+    }
+  }
+  state.listKey = "";
+  state.eventsKey = "";
+  if (state.topologyKey !== state.project) {
+    if (state.topology) {
+      state.topology.stop();
+    }
+    state.topologyKey = state.project;
+    state.topology = new Topology(state.project, $("topology"), onListState, (empty) => {
+      $("topology-empty").textContent = empty ? "No networks, routers or servers in this project yet." : "";
+    });
+  }
+  draw();
+}
+
 // ---- drawing ---------------------------------------------------------------------------
 
 /** Draws on the next frame: many changes at once cost one drawing. */
@@ -116,10 +151,19 @@ function draw() {
 }
 
 function drawNow() {
-  const kind = KINDS[state.view];
   for (const a of $("tabs").querySelectorAll("a")) {
     a.classList.toggle("active", a.dataset.view === state.view);
   }
+  const topology = state.view === "topology";
+  $("topology-view").hidden = !topology;
+  if (topology) {
+    $("list-view").hidden = true;
+    $("detail-view").hidden = true;
+    $("create-view").hidden = true;
+    $("topology-title").textContent = state.project ? `Topology of ${state.project}` : "Topology";
+    return;
+  }
+  const kind = KINDS[state.view];
   const detail = Boolean(state.detail);
   const creating = Boolean(state.create);
   $("list-view").hidden = detail || creating;
@@ -257,6 +301,10 @@ function route() {
   if (view === "create" && FORMS[name]) {
     state.create = name;
     state.view = FORMS[name].view;
+    state.detail = null;
+  } else if (view === "topology") {
+    state.create = null;
+    state.view = view;
     state.detail = null;
   } else {
     state.create = null;

@@ -59,6 +59,11 @@ pub const ASSETS: &[Asset] = &[
         body: include_bytes!("../assets/forms.js"),
     },
     Asset {
+        name: "topology.js",
+        content_type: JS,
+        body: include_bytes!("../assets/topology.js"),
+    },
+    Asset {
         name: "app.js",
         content_type: JS,
         body: include_bytes!("../assets/app.js"),

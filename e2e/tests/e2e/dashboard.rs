@@ -759,6 +759,28 @@ spec:
     volumeGiB: 10
 ";
 
+/// A subnet of net-a and a server on net-a, for the topology.
+const TOPOLOGY: &str = "apiVersion: network.stratus.dev/v1
+kind: Subnet
+metadata:
+  name: sub-a
+  namespace: dash-m
+spec:
+  network: net-a
+  cidr: 10.77.0.0/24
+---
+apiVersion: compute.stratus.dev/v1
+kind: Server
+metadata:
+  name: app-2
+  namespace: dash-m
+spec:
+  flavor: dash.small
+  image: cirros
+  networks:
+  - network: net-a
+";
+
 /// What the server form's manifest must read for app-1 (`user_data` a multiple of 3 bytes
 /// long: its base64 has no `=` and is written bare).
 fn app_manifest(user_data: &str) -> String {
@@ -1076,6 +1098,30 @@ fn a_member_acts_through_manifests_and_only_an_admin_sees_the_cloud() -> Result<
         json!([2, 10])
     );
     b.ok(json!({"cmd": "screenshot", "name": "quota"}))?;
+
+    // The topology: each server and router joined to its networks, drawn as they change.
+    cloud.kubectl_in(&["apply", "-f", "-"], TOPOLOGY)?;
+    b.ok(json!({"cmd": "click", "css": "#tabs a[data-view=topology]"}))?;
+    b.until(
+        "return document.querySelector(\"#topology g[data-link='server/app-2|net-a']\") !== null && document.querySelector(\"#topology g[data-network='net-a']\") !== null",
+        60,
+        "app-2 joined to net-a in the picture",
+    )?;
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: network.stratus.dev/v1\nkind: Router\nmetadata:\n  name: r1\n  namespace: dash-m\nspec:\n  interfaces:\n  - subnet: sub-a\n",
+    )?;
+    b.until(
+        "return document.querySelector(\"#topology g[data-link='router/r1|net-a']\") !== null",
+        60,
+        "r1 joined to net-a through sub-a, live",
+    )?;
+    assert_eq!(
+        b.js("return [...new Set([...document.querySelectorAll('#topology *')].map((e) => e.localName))].sort()")?,
+        json!(["circle", "g", "line", "rect", "text", "title"]),
+        "the picture is drawn of shapes and text only"
+    );
+    b.ok(json!({"cmd": "screenshot", "name": "topology"}))?;
 
     // An admin sees the cloud: hypervisors with capacity bars that follow their status.
     b.ok(json!({"cmd": "click", "css": "#logout"}))?;
