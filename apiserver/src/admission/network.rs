@@ -30,8 +30,9 @@
 //! the subnet, as its `DHCP server`) and freed with its delete. No Port gets it, asked for (409
 //! naming the field) or allocated; every node's DHCP server for the subnet answers from it. A
 //! Subnet whose pools have no free address for it is refused (409 on `spec.allocationPools`).
-//! Turning DHCP on by an update claims nothing (the network agent then picks an address no
-//! port holds, as it did before this claim existed).
+//! An update turning DHCP on for a Subnet that has no `status.dhcpIP` claims one the same way,
+//! in the update's transaction (409 on `spec.enableDHCP` when none is free); turning it off
+//! keeps the address, for the next time.
 //!
 //! # Allocation
 //! An address is found without reading a subnet's claims whole: a few random probes each read
@@ -982,6 +983,75 @@ async fn create_subnet(
     Err(too_busy(&s, w.new))
 }
 
+/// An update of a Subnet turning DHCP on: its DHCP server's address claimed as at create (the
+/// first free address of its pools), with the update, in one transaction guarded by the
+/// Subnet's revision (a concurrent writer gets 409).
+async fn enable_dhcp(
+    ctx: Ctx<'_>,
+    s: &Subject<'_>,
+    w: &Change<'_>,
+    mut new: Value,
+    mine: &Plan,
+    rev: i64,
+) -> ApiResult<Written> {
+    let Some(uid) = annotation(&new).map(str::to_owned) else {
+        return Err(invalid_field(
+            s,
+            w.new,
+            "spec.enableDHCP",
+            "Invalid value: the subnet records no network to claim an address on".into(),
+        ));
+    };
+    let claim = json!({
+        "subnet": format!("{}/{}", s.namespace.unwrap_or_default(), name_of(&new)),
+        "uid": meta::meta_str(&new, "uid").unwrap_or_default(),
+        "role": "DHCP server",
+    });
+    for _ in 0..RETRIES {
+        let Some(a) = first_free(ctx, &uid, mine, &HashSet::new()).await? else {
+            return Err(conflict_field(
+                s,
+                w.new,
+                "spec.enableDHCP",
+                format!(
+                    "no free address for the subnet's DHCP server: all {} addresses of the allocation pools are allocated",
+                    mine.size()
+                ),
+            ));
+        };
+        let key = keys::ip_claim(ctx.prefix, &uid, Ipv4Addr::from(a));
+        set_status(
+            &mut new,
+            Map::from_iter([("dhcpIP".into(), json!(show(a)))]),
+        );
+        let guards = [Guard::Revision(w.key, rev), Guard::Absent(&key)];
+        let puts = [(w.key, &new), (key.as_str(), &claim)];
+        if let Some(done) = ctx
+            .store
+            .write_many(&guards, &puts, &[])
+            .await
+            .map_err(ApiError::from)?
+        {
+            return Ok(Written {
+                write: Write::Done(done),
+                stored: Some(new),
+            });
+        }
+        // The Subnet changed meanwhile (a conflict), or a Port took the address (look again).
+        let now = ctx.store.get(w.key).await.map_err(ApiError::from)?;
+        match now.map(|n| n.mod_revision) {
+            Some(r) if r == rev => {}
+            other => {
+                return Ok(Written {
+                    write: Write::Conflict(other.unwrap_or(0)),
+                    stored: None,
+                });
+            }
+        }
+    }
+    Err(too_busy(s, w.new))
+}
+
 /// One address a Port asks for, resolved against its Network's Subnets.
 struct Wanted<'a> {
     /// The field the address comes from (`spec.fixedIPs[i]`, or `spec.fixedIPs` for the
@@ -1674,7 +1744,10 @@ async fn update(
     if s.kind == "Subnet" && old.get("spec") != new.get("spec") {
         // Pools may change, within the same rules as at create.
         let spec: SubnetSpec = spec(&s, &new)?;
-        plan(&spec).map_err(|c| invalid(&s, w.new, c))?;
+        let mine = plan(&spec).map_err(|c| invalid(&s, w.new, c))?;
+        if spec.enable_dhcp && old.pointer("/status/dhcpIP").is_none() {
+            return enable_dhcp(ctx, &s, &w, new, &mine, rev).await;
+        }
     }
     let written = ctx
         .store

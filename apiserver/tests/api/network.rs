@@ -921,3 +921,99 @@ async fn a_subnets_dhcp_address_is_claimed_and_no_port_gets_it() {
     let stored = c.create(&off).await.expect("subnet without DHCP");
     assert!(stored["status"]["dhcpIP"].is_null(), "{stored}");
 }
+
+/// The DHCP server claims of the network of uid `uid`, by address.
+async fn dhcp_claims(c: &Cloud, uid: &str) -> Vec<(String, Value)> {
+    c.api
+        .store
+        .list(&keys::ip_claims("/registry", uid), None, 0, 0)
+        .await
+        .expect("list")
+        .items
+        .into_iter()
+        .filter(|(_, claim)| claim.value["role"] == "DHCP server")
+        .map(|(k, claim)| (k, claim.value))
+        .collect()
+}
+
+/// DHCP turned on by an update claims the server's address then, as a create does: the first
+/// free address of the pools (not one a port holds), in `status.dhcpIP`; off and on again keeps
+/// it; concurrent updates claim one; no free address is 409 naming `spec.enableDHCP`, with the
+/// Subnet left as it was.
+#[tokio::test]
+async fn dhcp_enabled_by_an_update_claims_the_servers_address() {
+    let c = Cloud::with_demo().await;
+    let n = c.create(&network("n")).await.expect("n");
+    let subnet_off = |name: &str, cidr: &str, start: &str, end: &str| {
+        let mut s = subnet(name, "n", cidr);
+        s.0["spec"]["enableDHCP"] = json!(false);
+        s.0["spec"]["allocationPools"] = json!([{"start": start, "end": end}]);
+        s
+    };
+    c.create(&subnet_off("late", "10.2.0.0/24", "10.2.0.10", "10.2.0.12"))
+        .await
+        .expect("subnet");
+    c.create(&port("first", "n").spec("fixedIPs", json!([{"ipAddress": "10.2.0.10"}])))
+        .await
+        .expect("port");
+    let target = c.target("Subnet", Some("demo"), Some("late"));
+    let dhcp = |on: bool| json!({"spec": {"enableDHCP": on}});
+    let (_, stored) = c.patch(&target, MERGE, &dhcp(true), "").await.expect("on");
+    assert_eq!(stored["status"]["dhcpIP"], "10.2.0.11", "{stored}");
+    let claim = claim_of(&c, &uid(&n), "10.2.0.11").await.expect("claimed");
+    assert_eq!(
+        (&claim["subnet"], &claim["role"]),
+        (&json!("demo/late"), &json!("DHCP server"))
+    );
+    // No port gets it.
+    let e = refused(
+        c.create(&port("asks", "n").spec("fixedIPs", json!([{"ipAddress": "10.2.0.11"}])))
+            .await,
+    );
+    assert_eq!(field_of(&e), (409, "spec.fixedIPs[0].ipAddress".into()));
+    // Off and on again: the same address, still one claim.
+    c.patch(&target, MERGE, &dhcp(false), "")
+        .await
+        .expect("off");
+    let (_, stored) = c.patch(&target, MERGE, &dhcp(true), "").await.expect("on");
+    assert_eq!(stored["status"]["dhcpIP"], "10.2.0.11", "{stored}");
+    assert_eq!(dhcp_claims(&c, &uid(&n)).await.len(), 1);
+
+    // Two updates turning it on at once: one address claimed, the one the Subnet says.
+    c.create(&subnet_off("both", "10.3.0.0/24", "10.3.0.10", "10.3.0.20"))
+        .await
+        .expect("subnet");
+    let both = c.target("Subnet", Some("demo"), Some("both"));
+    let on = [
+        json!({"spec": {"enableDHCP": true}}),
+        json!({"spec": {"enableDHCP": true, "description": "dhcp"}}),
+    ];
+    let results = futures::future::join_all(on.iter().map(|p| c.patch(&both, MERGE, p, ""))).await;
+    for r in &results {
+        if let Err(e) = r {
+            assert_eq!(e.code, 409, "{e:?}");
+        }
+    }
+    let stored = c.get("Subnet", Some("demo"), "both").await.expect("get");
+    let claims: Vec<_> = dhcp_claims(&c, &uid(&n))
+        .await
+        .into_iter()
+        .filter(|(_, v)| v["subnet"] == "demo/both")
+        .collect();
+    assert_eq!(claims.len(), 1, "{claims:?}");
+    assert_eq!(stored["status"]["dhcpIP"], "10.3.0.10", "{stored}");
+
+    // A pool with no free address: 409 on the field, and nothing changed.
+    c.create(&subnet_off("full", "10.4.0.0/24", "10.4.0.10", "10.4.0.10"))
+        .await
+        .expect("subnet");
+    c.create(&port("last", "n").spec("fixedIPs", json!([{"ipAddress": "10.4.0.10"}])))
+        .await
+        .expect("port");
+    let full = c.target("Subnet", Some("demo"), Some("full"));
+    let e = refused(c.patch(&full, MERGE, &dhcp(true), "").await);
+    assert_eq!(field_of(&e), (409, "spec.enableDHCP".into()));
+    let stored = c.get("Subnet", Some("demo"), "full").await.expect("get");
+    assert_eq!(stored["spec"]["enableDHCP"], false, "{stored}");
+    assert!(stored["status"]["dhcpIP"].is_null(), "{stored}");
+}
