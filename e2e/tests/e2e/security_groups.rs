@@ -8,6 +8,9 @@ use anyhow::{Context, Result, ensure};
 use stratus_api_types::network::{Direction, EtherType, Protocol, SecurityGroup};
 use stratus_e2e::{Cloud, wait_until};
 
+/// Generous: the controllers share two cores with every other test.
+const T: Duration = Duration::from_secs(90);
+
 /// The group `default` of project `ns`, if there is one.
 fn default_group(cloud: &Cloud, ns: &str) -> Option<SecurityGroup> {
     let out = cloud
@@ -64,7 +67,7 @@ fn as_made(g: &SecurityGroup) -> Result<()> {
 #[test]
 fn a_project_gets_a_default_group_kept_as_edited_and_made_again_when_deleted() -> Result<()> {
     let cloud = Cloud::up()?;
-    let t = Duration::from_secs(15);
+    let t = T;
     cloud.projects(&["demo"])?;
     let made = wait_until(t, "the default group of demo", || {
         default_group(&cloud, "demo")
@@ -102,7 +105,7 @@ fn a_project_gets_a_default_group_kept_as_edited_and_made_again_when_deleted() -
 
     // Deleting the Project completes, its default group with it, and none is made anew.
     cloud.kubectl_ok(&["delete", "project", "demo", "--wait=false"])?;
-    wait_until(Duration::from_secs(30), "project demo to be gone", || {
+    wait_until(T, "project demo to be gone", || {
         let out = cloud.kubectl(&["get", "namespace", "demo"]).ok()?;
         (!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not found"))
             .then_some(())
@@ -135,7 +138,7 @@ fn a_project_gets_a_default_group_kept_as_edited_and_made_again_when_deleted() -
 fn a_default_group_over_quota_is_told_on_the_project_and_made_once_the_quota_allows() -> Result<()>
 {
     let cloud = Cloud::up()?;
-    let t = Duration::from_secs(15);
+    let t = T;
     cloud.projects(&["q"])?;
     let made = wait_until(t, "the default group of q", || default_group(&cloud, "q"))
         .with_context(|| cloud.log())?;
@@ -184,11 +187,9 @@ fn a_default_group_over_quota_is_told_on_the_project_and_made_once_the_quota_all
 
     // Raised, the quota lets the retry through.
     cloud.kubectl_in(&["apply", "-f", "-"], &quota(1))?;
-    let again = wait_until(
-        Duration::from_secs(30),
-        "the group once the quota allows",
-        || default_group(&cloud, "q"),
-    )
+    let again = wait_until(T, "the group once the quota allows", || {
+        default_group(&cloud, "q")
+    })
     .with_context(|| cloud.log())?;
     as_made(&again)?;
     assert_ne!(uid(&again), uid(&made));
