@@ -306,7 +306,7 @@ fn patch_status_subresource_and_wait_for_condition() -> Result<()> {
             "wait",
             "--for=condition=Ready",
             "flavor/t1.test",
-            "--timeout=30s",
+            "--timeout=90s",
         ]);
         std::thread::spawn(move || {
             let _ = tx.send(cmd.output());
@@ -327,7 +327,7 @@ fn patch_status_subresource_and_wait_for_condition() -> Result<()> {
         "-p",
         ready,
     ])?;
-    let out = rx.recv_timeout(Duration::from_secs(30))??;
+    let out = rx.recv_timeout(Duration::from_secs(90))??;
     let _ = waiter.join();
     assert!(
         out.status.success(),
@@ -365,7 +365,7 @@ fn watch_sees_updates_and_deletion_waits_for_finalizers() -> Result<()> {
     });
     let mut seen = Vec::new();
     let mut expect = |what: &dyn Fn(&str) -> bool| -> Result<()> {
-        wait_until(Duration::from_secs(20), "a watch line", || {
+        wait_until(Duration::from_secs(60), "a watch line", || {
             while let Ok(l) = rx.try_recv() {
                 seen.push(l);
             }
@@ -392,7 +392,7 @@ fn watch_sees_updates_and_deletion_waits_for_finalizers() -> Result<()> {
     // kubectl delete waits while a finalizer holds the object.
     let mut delete = cloud
         .kubectl_cmd()
-        .args(["delete", "flavor", "t1.test", "--timeout=60s"])
+        .args(["delete", "flavor", "t1.test", "--timeout=180s"])
         .stdout(Stdio::piped())
         .spawn()?;
     expect(&|l| col(l, 0) == "MODIFIED" && col(l, 1) == "t1.test")?;
@@ -423,7 +423,7 @@ fn watch_sees_updates_and_deletion_waits_for_finalizers() -> Result<()> {
         "-p",
         r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
     ])?;
-    let status = wait_until(Duration::from_secs(30), "kubectl delete to return", || {
+    let status = wait_until(Duration::from_secs(90), "kubectl delete to return", || {
         delete.try_wait().ok().flatten()
     })?;
     assert!(status.success());
@@ -593,7 +593,7 @@ fn restart_keeps_objects_and_watches_resume() -> Result<()> {
         "get",
         "--raw",
         &format!(
-            "/apis/compute.stratus.dev/v1/flavors?watch=true&resourceVersion={rv}&timeoutSeconds=2"
+            "/apis/compute.stratus.dev/v1/flavors?watch=true&resourceVersion={rv}&timeoutSeconds=10"
         ),
     ])?;
     let events: Vec<Value> = out
@@ -758,7 +758,7 @@ fn audit_log_records_who_did_what_with_which_outcome() -> Result<()> {
         .output()?;
     assert!(!out.status.success());
     let log_path = cloud.dir.path().join("audit.log");
-    let records = wait_until(Duration::from_secs(10), "the audit records", || {
+    let records = wait_until(Duration::from_secs(60), "the audit records", || {
         let text = std::fs::read_to_string(&log_path).ok()?;
         let recs: Vec<Value> = text
             .lines()
@@ -882,7 +882,7 @@ fn metrics_count_requests_as_kube_apiserver_does() -> Result<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let seen = wait_until(Duration::from_secs(10), "the watch to be counted", || {
+    let seen = wait_until(Duration::from_secs(60), "the watch to be counted", || {
         metrics()
             .ok()
             .filter(|t| value(t, open) == Some(before + 1.0))
@@ -891,7 +891,7 @@ fn metrics_count_requests_as_kube_apiserver_does() -> Result<()> {
     let _ = watch.wait();
     seen?;
     wait_until(
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         "the ended watch to be uncounted",
         || metrics().ok().filter(|t| value(t, open) == Some(before)),
     )?;
