@@ -482,7 +482,7 @@ async fn bookmarks_initial_events_and_dry_run() -> Result<()> {
         "get",
         "--raw",
         &format!(
-            "{FLAVORS}?watch=true&allowWatchBookmarks=true&resourceVersion={rv}&timeoutSeconds=4"
+            "{FLAVORS}?watch=true&allowWatchBookmarks=true&resourceVersion={rv}&timeoutSeconds=10"
         ),
     ])?;
     let events: Vec<Value> = out
@@ -490,7 +490,7 @@ async fn bookmarks_initial_events_and_dry_run() -> Result<()> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
     let bookmarks: Vec<&Value> = events.iter().filter(|e| e["type"] == "BOOKMARK").collect();
-    assert!(!bookmarks.is_empty(), "no bookmark in 4 s: {out}");
+    assert!(!bookmarks.is_empty(), "no bookmark in 10 s: {out}");
     let brv: i64 = bookmarks[0]["object"]["metadata"]["resourceVersion"]
         .as_str()
         .unwrap_or_default()
@@ -501,7 +501,7 @@ async fn bookmarks_initial_events_and_dry_run() -> Result<()> {
         "events on a quiet watch: {out}"
     );
     // sendInitialEvents: the current objects as ADDED, then a bookmark marking their end.
-    let out = cloud.kubectl_ok(&["get", "--raw", &format!("{FLAVORS}?watch=true&sendInitialEvents=true&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan&timeoutSeconds=2")])?;
+    let out = cloud.kubectl_ok(&["get", "--raw", &format!("{FLAVORS}?watch=true&sendInitialEvents=true&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan&timeoutSeconds=10")])?;
     let events: Vec<Value> = out
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
