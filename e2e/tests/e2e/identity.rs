@@ -169,10 +169,11 @@ fn roles_isolate_projects_and_tokens_can_be_revoked() -> Result<()> {
     // A member works in her project.
     assert!(alice.create("a", &network("alices-net"))?.status.success());
     alice.ok(&["-n", "a", "get", "networks", "alices-net"])?;
+    // (Long enough for the initial events on a loaded machine.)
     let watched = alice.ok(&[
         "get",
         "--raw",
-        "/apis/network.stratus.dev/v1/namespaces/a/networks?watch=true&timeoutSeconds=1",
+        "/apis/network.stratus.dev/v1/namespaces/a/networks?watch=true&timeoutSeconds=10",
     ])?;
     assert!(watched.contains("alices-net"), "{watched}");
     alice.ok(&["get", "flavors"])?;
