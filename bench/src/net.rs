@@ -718,7 +718,8 @@ struct Made {
     mtu: u32,
     veth: String,
     peer: String,
-    dhcp_addr: String,
+    /// Every IPv4 address of the DHCP server's interface (`ADDR/LEN`), as the agent gave them.
+    dhcp_addrs: Vec<String>,
     ruleset: String,
     hosts: String,
     dhcp_args: Vec<String>,
@@ -726,16 +727,20 @@ struct Made {
 
 /// Whether node `ns` has what the agent makes for `ports` taps: all on one bridge and up,
 /// the bridge's VXLAN device, the nft table, the DHCP server running.
+/// `firewall_at` and `taps_at` are set to `since.elapsed()` the first time the generation
+/// is seen moved and every tap is seen wired.
 fn converged(
     links: &NetlinkLinks,
     ns: &Netns,
     ports: usize,
     dhcp_dir: &Path,
     firewall: (&Generation, u32),
+    (since, firewall_at, taps_at): (Instant, &mut Option<Duration>, &mut Option<Duration>),
 ) -> Result<bool> {
     if firewall.0.read()? == firewall.1 {
         return Ok(false);
     }
+    firewall_at.get_or_insert_with(|| since.elapsed());
     let all = links.links(ns)?;
     let bridge = all.iter().find(|l| l.kind == LinkKind::Bridge && l.up);
     let Some(bridge) = bridge else {
@@ -753,6 +758,7 @@ fn converged(
     if taps < ports || !vxlan {
         return Ok(false);
     }
+    taps_at.get_or_insert_with(|| since.elapsed());
     // The DHCP server: a pid file naming a live process.
     let dhcp = std::fs::read_dir(dhcp_dir)
         .into_iter()
@@ -839,24 +845,33 @@ pub async fn converge(ports: usize, rounds: usize) -> Result<()> {
                     Duration::from_secs(2),
                 )?;
                 let (l2, n2, d2) = (links.clone(), named(&ns)?, dhcp_dir.clone());
-                let took = tokio::task::spawn_blocking(move || -> Result<Duration> {
-                    let deadline = Instant::now() + Duration::from_secs(600);
-                    loop {
-                        if converged(&l2, &n2, ports, &d2, (&gen_, g0))? {
-                            return Ok(t.elapsed());
+                let (took, firewall_at, taps_at) =
+                    tokio::task::spawn_blocking(move || -> Result<_> {
+                        let deadline = Instant::now() + Duration::from_secs(600);
+                        let (mut firewall_at, mut taps_at) = (None, None);
+                        loop {
+                            let milestones = (t, &mut firewall_at, &mut taps_at);
+                            if converged(&l2, &n2, ports, &d2, (&gen_, g0), milestones)? {
+                                return Ok((
+                                    t.elapsed(),
+                                    firewall_at.unwrap_or_default(),
+                                    taps_at.unwrap_or_default(),
+                                ));
+                            }
+                            ensure!(
+                                Instant::now() < deadline,
+                                "the node did not converge in 600 s"
+                            );
+                            std::thread::sleep(Duration::from_millis(20));
                         }
-                        ensure!(
-                            Instant::now() < deadline,
-                            "the node did not converge in 600 s"
-                        );
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                })
-                .await??;
+                    })
+                    .await??;
                 agent_t.push(took.as_secs_f64());
                 eprintln!(
-                    "round {round}: agent converged {ports} ports in {:.2} s (load {})",
+                    "round {round}: agent converged {ports} ports in {:.2} s: its nft tables seen live at {:.2} s, every tap on the bridge at {:.2} s (load {})",
                     took.as_secs_f64(),
+                    firewall_at.as_secs_f64(),
+                    taps_at.as_secs_f64(),
                     load()
                 );
                 ag.stop().await;
@@ -954,7 +969,20 @@ fn read_made(ns: &str, dhcp_dir: &Path) -> Result<Made> {
         .flatten()
         .find(|l| l["ifname"].as_str() != Some("lo"))
         .context("no DHCP interface")?;
-    let addr = &peer["addr_info"][0];
+    let dhcp_addrs: Vec<String> = peer["addr_info"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["family"].as_str() == Some("inet"))
+        .map(|a| {
+            format!(
+                "{}/{}",
+                a["local"].as_str().unwrap_or_default(),
+                a["prefixlen"]
+            )
+        })
+        .collect();
+    ensure!(!dhcp_addrs.is_empty(), "no address on the DHCP interface");
     Ok(Made {
         bridge: bridge["ifname"].as_str().unwrap_or_default().to_owned(),
         vxlan: vxlan["ifname"].as_str().unwrap_or_default().to_owned(),
@@ -964,11 +992,7 @@ fn read_made(ns: &str, dhcp_dir: &Path) -> Result<Made> {
         mtu: vxlan["mtu"].as_u64().unwrap_or(1450) as u32,
         veth: veth["ifname"].as_str().unwrap_or_default().to_owned(),
         peer: peer["ifname"].as_str().unwrap_or_default().to_owned(),
-        dhcp_addr: format!(
-            "{}/{}",
-            addr["local"].as_str().unwrap_or_default(),
-            addr["prefixlen"]
-        ),
+        dhcp_addrs,
         ruleset: exec_in(ns, "nft", &["list", "ruleset"])?,
         hosts: std::fs::read_to_string(server.path().join("hosts"))?,
         dhcp_args: args,
@@ -1011,10 +1035,12 @@ fn reference(
         b = m.bridge,
         mtu = m.mtu
     ));
-    let inner = format!(
-        "addr add {} dev {}\nlink set {} up\n",
-        m.dhcp_addr, m.peer, m.peer
-    );
+    let mut inner: String = m
+        .dhcp_addrs
+        .iter()
+        .map(|a| format!("addr add {a} dev {}\n", m.peer))
+        .collect();
+    inner.push_str(&format!("link set {} up\n", m.peer));
     let hosts = state.join("hosts");
     let file = |f: &str| state.join(f).to_string_lossy().into_owned();
     let args: Vec<String> = m
@@ -1099,13 +1125,29 @@ pub fn tcp_source(to: SocketAddr, seconds: f64) -> Result<()> {
     Ok(())
 }
 
-/// One measurement: a sink in `dst` on `addr`, a source in `src` for `seconds`; Gbit/s.
+/// The CPUs the source and the sink are pinned to (`taskset -c`), the same for both sides
+/// of every run, so that a run's figure does not depend on where the scheduler put them:
+/// one CPU each where there are two or more.
+fn tcp_cpus() -> (String, String) {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus >= 2 {
+        ("0".into(), "1".into())
+    } else {
+        ("0".into(), "0".into())
+    }
+}
+
+/// One measurement: a sink in `dst` on `addr`, a source in `src` for `seconds`, each
+/// pinned to its CPU of [`tcp_cpus`]; Gbit/s.
 fn tcp_once(src: &str, dst: &str, addr: Ipv4Addr, seconds: f64) -> Result<f64> {
     let exe = std::env::current_exe()?;
     let exe = exe.to_string_lossy().into_owned();
     let listen = format!("{addr}:5201");
+    let (source_cpu, sink_cpu) = tcp_cpus();
     let mut sink = Command::new("ip")
-        .args(["netns", "exec", dst, &exe, "tcp-sink", "--listen", &listen])
+        .args([
+            "netns", "exec", dst, "taskset", "-c", &sink_cpu, &exe, "tcp-sink", "--listen", &listen,
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .context("start the sink")?;
@@ -1116,8 +1158,11 @@ fn tcp_once(src: &str, dst: &str, addr: Ipv4Addr, seconds: f64) -> Result<f64> {
         ensure!(line.trim() == "ready", "sink said {line:?}");
         exec_in(
             src,
-            &exe,
+            "taskset",
             &[
+                "-c",
+                &source_cpu,
+                &exe,
                 "tcp-source",
                 "--to",
                 &listen,
@@ -1355,23 +1400,46 @@ pub async fn tcp(seconds: f64, rounds: usize) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    println!("| TCP, one stream, {seconds} s per run, MTU {mtu} | runs | median (Gbit/s) | each |");
-    println!("|---|---|---|---|");
+    // The spread: the middle half of the runs (first to third quartile) and min–max.
+    let spread = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return "- | -".to_owned();
+        }
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        format!(
+            "{:.2}–{:.2} | {:.2}–{:.2}",
+            at(0.25),
+            at(0.75),
+            v[0],
+            v[v.len() - 1]
+        )
+    };
+    let (source_cpu, sink_cpu) = tcp_cpus();
     println!(
-        "| raw: hand-built bridge + VXLAN (nolearning, one flood entry), no filter | {} | {rm:.2} | {} |",
+        "| TCP, one stream, {seconds} s per run, MTU {mtu}, source on CPU {source_cpu}, sink on CPU {sink_cpu} | runs | median (Gbit/s) | middle half | min–max | each |"
+    );
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| raw: hand-built bridge + VXLAN (nolearning, one flood entry), no filter | {} | {rm:.2} | {} | {} |",
         raw.len(),
+        spread(&raw),
         each(&raw)
     );
     println!(
-        "| Stratus: two agents' bridges, VXLAN, FDB and nft filter (conntrack zones, port chains) | {} | {om:.2} | {} |",
+        "| Stratus: two agents' bridges, VXLAN, FDB and nft filter (conntrack zones, port chains) | {} | {om:.2} | {} | {} |",
         ours.len(),
+        spread(&ours),
         each(&ours)
     );
     println!();
+    let ratios: Vec<f64> = ours.iter().zip(&raw).map(|(o, r)| o / r).collect();
     println!(
-        "Stratus/raw (medians): {:.3}x; median of each round's ratio: {:.3}x; load average at the end: {}",
+        "Stratus/raw (medians): {:.3}x; each round's ratio: median {:.3}x, middle half {}; load average at the end: {}",
         om / rm,
-        median(ours.iter().zip(&raw).map(|(o, r)| o / r).collect()),
+        median(ratios.clone()),
+        spread(&ratios).split(" | ").next().unwrap_or_default(),
         load()
     );
     Ok(())
