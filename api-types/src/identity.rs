@@ -386,3 +386,54 @@ pub struct QuotaStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }
+
+/// An S3 access key of a user in this object's project (namespace), for Swift's S3 API (Keystone's
+/// EC2 credentials). The key id and secret are made by the server: the secret is in the answer
+/// to the create only, never stored, never shown again (it is derived from a key the API server
+/// keeps outside every served object). Deleting the object revokes the key.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "identity.stratus.dev",
+    version = "v1",
+    kind = "S3Credential",
+    namespaced,
+    status = "S3CredentialStatus",
+    derive = "PartialEq",
+    shortname = "s3c",
+    category = "stratus",
+    selectable = ".spec.user",
+    doc = "An S3 access key (Keystone EC2 credential) of a user in a project.",
+    printcolumn(name = "User", type_ = "string", json_path = ".spec.user"),
+    printcolumn(
+        name = "Access Key",
+        type_ = "string",
+        json_path = ".status.accessKeyId"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct S3CredentialSpec {
+    /// Name of the User whose key this is; it acts with that user's roles in this project.
+    /// Users make keys for themselves only (cluster admins for anyone). Cannot be changed.
+    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    pub user: String,
+}
+
+/// What the server made for an S3Credential.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct S3CredentialStatus {
+    /// The access key id (the `aws_access_key_id`), made at creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub access_key_id: Option<String>,
+    /// The secret (the `aws_secret_access_key`): only in the answer to the create, never
+    /// stored nor shown again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub secret_access_key: Option<String>,
+}

@@ -27,6 +27,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         identity::User::crd(),
         identity::RoleAssignment::crd(),
         identity::Quota::crd(),
+        identity::S3Credential::crd(),
         compute::Flavor::crd(),
         compute::Hypervisor::crd(),
         compute::Server::crd(),

@@ -236,7 +236,7 @@ fn examples_decode_validate_and_match_schema() {
 #[test]
 fn every_kind_has_one_v1_version_with_status_and_category() {
     let crds = crds();
-    assert_eq!(crds.len(), 22);
+    assert_eq!(crds.len(), 23);
     let mut short_names = BTreeSet::new();
     // Short names of Kubernetes' own resources, which kubectl would resolve first.
     let builtin = [
@@ -365,6 +365,7 @@ fn selectable_fields_per_kind() {
         ("Hypervisor", vec![".spec.availabilityZone"]),
         ("Image", vec![".spec.visibility"]),
         ("RoleAssignment", vec![".spec.user"]),
+        ("S3Credential", vec![".spec.user"]),
     ]
     .into();
     for crd in crds() {

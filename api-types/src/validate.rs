@@ -16,7 +16,7 @@ use thiserror::Error;
 use crate::compute::{
     FlavorSpec, HypervisorSpec, KeypairSpec, ServerGroupPolicy, ServerGroupSpec, ServerSpec,
 };
-use crate::identity::{ProjectSpec, QuotaSpec, RoleAssignmentSpec, UserSpec};
+use crate::identity::{ProjectSpec, QuotaSpec, RoleAssignmentSpec, S3CredentialSpec, UserSpec};
 use crate::image::{ContainerFormat, DiskFormat, ImageSpec};
 use crate::network::{
     EtherType, FloatingIPSpec, NetworkSpec, PortSpec, Protocol, Route, RouterSpec,
@@ -55,6 +55,7 @@ pub fn validate(group: &str, kind: &str, obj: &Value) -> Result<(), Vec<FieldErr
         ("identity.stratus.dev", "User") => spec::<UserSpec>(obj, &mut errs),
         ("identity.stratus.dev", "RoleAssignment") => spec::<RoleAssignmentSpec>(obj, &mut errs),
         ("identity.stratus.dev", "Quota") => spec::<QuotaSpec>(obj, &mut errs),
+        ("identity.stratus.dev", "S3Credential") => spec::<S3CredentialSpec>(obj, &mut errs),
         ("compute.stratus.dev", "Flavor") => spec::<FlavorSpec>(obj, &mut errs),
         ("compute.stratus.dev", "Hypervisor") => spec::<HypervisorSpec>(obj, &mut errs),
         ("compute.stratus.dev", "Server") => spec::<ServerSpec>(obj, &mut errs),
@@ -302,6 +303,10 @@ impl Check for RoleAssignmentSpec {
 }
 
 impl Check for QuotaSpec {
+    fn check(&self, _errs: &mut Errors) {}
+}
+
+impl Check for S3CredentialSpec {
     fn check(&self, _errs: &mut Errors) {}
 }
 

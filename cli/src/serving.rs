@@ -52,6 +52,10 @@ pub struct ServingArgs {
     /// Password checks that may wait for a hashing thread; more are answered 429.
     #[arg(long, default_value_t = 16)]
     pub password_hash_queue: usize,
+    /// The Swift proxy's URL (`http://HOST:PORT`) named in the service catalog of identity
+    /// tokens (`/identity/v3`), so `swift --os-auth-url` finds its project's account.
+    #[arg(long)]
+    pub object_store_url: Option<String>,
 }
 
 impl ServingArgs {
@@ -76,6 +80,10 @@ impl ServingArgs {
             p.hash_threads = n.max(1);
         }
         p.hash_queue = self.password_hash_queue;
+        config.object_store_url = self
+            .object_store_url
+            .as_ref()
+            .map(|u| u.trim_end_matches('/').to_string());
     }
 }
 

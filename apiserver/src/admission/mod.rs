@@ -11,6 +11,7 @@
 
 pub mod attachments;
 pub mod binding;
+pub mod credentials;
 pub mod identity;
 pub mod lifecycle;
 pub mod network;
@@ -232,10 +233,12 @@ pub fn for_kind(group: &str, kind: &str) -> &'static [&'static dyn Admission] {
     static STORAGE: [&dyn Admission; 2] = [&storage::Storage, &quota::Quota];
     static ROUTERS: [&dyn Admission; 2] = [&router::Routers, &quota::Quota];
     static PROJECTS: [&dyn Admission; 1] = [&lifecycle::Projects];
+    static CREDENTIALS: [&dyn Admission; 1] = [&credentials::S3Credentials];
     match (group, kind) {
         ("identity.stratus.dev", "Project") => return &PROJECTS,
         ("identity.stratus.dev", "User") => return &USERS,
         ("identity.stratus.dev", "RoleAssignment") => return &ASSIGNMENTS,
+        ("identity.stratus.dev", "S3Credential") => return &CREDENTIALS,
         (network::GROUP, "Network" | "Subnet" | "Port" | "FloatingIP") => return &IPAM,
         (network::GROUP, "Router") => return &ROUTERS,
         (storage::GROUP, "Volume" | "VolumeSnapshot") => return &STORAGE,

@@ -13,7 +13,7 @@ use crate::base::error::{ApiError, ApiResult, Cause};
 use crate::http::response::json_response;
 use crate::http::server::AppState;
 use crate::policy::authn::Caller;
-use crate::policy::identity::Refusal;
+use crate::policy::identity::{Claims, Refusal, Scope};
 use crate::resource::outcome::Outcome;
 
 /// How a login ended, for the audit log.
@@ -61,6 +61,35 @@ async fn login(
             "expirationSeconds: must be between 1 and 86400",
         ));
     }
+    let (token, claims) = password_login(state, user, password, ttl, None, source, attempt).await?;
+    let expires = jiff::Timestamp::from_second(claims.exp)
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_default();
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({
+            "apiVersion": "identity.stratus.dev/v1", "kind": "Token", "user": user, "token": token, "expiresAt": expires,
+        }),
+        &[],
+    ))
+}
+
+/// A token for `user` if `password` is theirs, valid for `ttl` seconds (scoped to `scope`
+/// when given: the user must hold a role there), throttled and locked out as every login is.
+/// An unknown user, a wrong password, a disabled user, a locked-out user and a scope the user
+/// has no role in get the same 401; `attempt.result` says which for the audit log.
+///
+/// # Errors
+/// 401 as above; 429 for a throttled source or a full hashing queue; 503 without etcd.
+pub(crate) async fn password_login(
+    state: &AppState,
+    user: &str,
+    password: &str,
+    ttl: i64,
+    scope: Option<Scope>,
+    source: Option<IpAddr>,
+    attempt: &mut Attempt,
+) -> ApiResult<(String, Claims)> {
     let id = &state.identity;
     let unix = jiff::Timestamp::now().as_second();
     // Users and source addresses over every replica; names that are no User in this
@@ -97,9 +126,15 @@ async fn login(
         attempt.result = "failure";
         return Err(ApiError::unauthorized());
     };
-    let (token, claims) = id.signer.issue(user, &verified, ttl);
-    // A disabled user: the right password, but no token.
-    if id.token_grants(&claims).await?.is_none() {
+    let (token, claims) = id.signer.issue_scoped(user, &verified, ttl, scope);
+    // A disabled user: the right password, but no token; nor for a project it has no role in.
+    let grants = id.token_grants(&claims).await?;
+    let granted = match (grants, &claims.project) {
+        (Some(g), Some(scope)) => id.scoped(g, scope).await?.is_some(),
+        (g, None) => g.is_some(),
+        (None, Some(_)) => false,
+    };
+    if !granted {
         attempt.result = "failure";
         return Err(ApiError::unauthorized());
     }
@@ -110,16 +145,7 @@ async fn login(
     }
     id.throttle.succeeded(user);
     attempt.result = "success";
-    let expires = jiff::Timestamp::from_second(claims.exp)
-        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
-        .unwrap_or_default();
-    Ok(json_response(
-        StatusCode::CREATED,
-        &json!({
-            "apiVersion": "identity.stratus.dev/v1", "kind": "Token", "user": user, "token": token, "expiresAt": expires,
-        }),
-        &[],
-    ))
+    Ok((token, claims))
 }
 
 /// Who may set `name`'s password, and whether they must give the current one.

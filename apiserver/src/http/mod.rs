@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod dashboard;
 pub mod discovery;
+pub mod keystone;
 pub mod limits;
 pub mod login;
 pub mod metrics;

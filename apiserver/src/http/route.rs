@@ -61,7 +61,7 @@ async fn identity_call(
                     ));
                 }
                 let (allowed, reason) = match review.pointer("/spec/resourceAttributes") {
-                    Some(ra) if !caller.system || caller.node().is_some() => {
+                    Some(ra) if !matches!(caller.principal(), Principal::System(_)) => {
                         let field = |k: &str| {
                             ra.get(k)
                                 .and_then(serde_json::Value::as_str)

@@ -52,6 +52,9 @@ pub struct Config {
     pub limits: crate::http::limits::Limits,
     /// Failed-login lockout and throttling, and the password hashing threads.
     pub login: crate::policy::identity::LoginPolicy,
+    /// The Swift proxy's URL (`http://HOST:PORT`), named in identity tokens' service catalog
+    /// (`/identity/v3`); none: the catalog is empty.
+    pub object_store_url: Option<String>,
 }
 
 impl Config {
@@ -70,6 +73,7 @@ impl Config {
             auth_disabled: false,
             limits: crate::http::limits::Limits::default(),
             login: crate::policy::identity::LoginPolicy::default(),
+            object_store_url: None,
         }
     }
 }
@@ -240,6 +244,9 @@ async fn serve(
     let path = parts.uri.path().to_string();
     let method = parts.method.clone();
     let source = parts.extensions.get::<SocketAddr>().map(|a| a.ip());
+    if crate::http::keystone::is_identity(&path) {
+        return crate::http::keystone::serve(&state, &parts, body, source).await;
+    }
     if method == Method::POST && path == "/apis/identity.stratus.dev/v1/tokens" {
         let (response, attempt) = match read_body(body, 64 * 1024).await {
             Ok(bytes) => crate::http::login::issue_token(&state, &bytes, source).await,

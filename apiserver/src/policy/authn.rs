@@ -34,17 +34,27 @@ pub enum Principal<'a> {
     Node(&'a str),
     /// A user with a token this cluster issued: what its role assignments allow.
     User(&'a str),
+    /// A service's identity from the token file (`system:service:NAME`, an object store
+    /// proxy): no API request is allowed; it may only validate users' tokens at the identity
+    /// endpoints Swift's middleware calls (`/identity/v3`).
+    Service(&'a str),
 }
 
 /// The token-file user name prefix of node identities.
 pub const NODE_PREFIX: &str = "system:node:";
+
+/// The token-file user name prefix of service identities.
+pub const SERVICE_PREFIX: &str = "system:service:";
 
 impl Caller {
     /// Who the caller is.
     pub fn principal(&self) -> Principal<'_> {
         match (self.system, self.user.strip_prefix(NODE_PREFIX)) {
             (true, Some(node)) => Principal::Node(node),
-            (true, None) => Principal::System(&self.user),
+            (true, None) => match self.user.strip_prefix(SERVICE_PREFIX) {
+                Some(service) => Principal::Service(service),
+                None => Principal::System(&self.user),
+            },
             (false, _) => Principal::User(&self.user),
         }
     }
@@ -62,7 +72,7 @@ impl Caller {
     pub fn cluster_admin(&self) -> bool {
         match self.principal() {
             Principal::System(_) => true,
-            Principal::Node(_) => false,
+            Principal::Node(_) | Principal::Service(_) => false,
             Principal::User(_) => self
                 .grants
                 .iter()
@@ -111,6 +121,14 @@ pub async fn authenticate(
         .token_grants(&claims)
         .await?
         .ok_or_else(ApiError::unauthorized)?;
+    // A token scoped to a project (an identity login's) acts in that project only.
+    let grants = match &claims.project {
+        Some(scope) => id
+            .scoped(grants, scope)
+            .await?
+            .ok_or_else(ApiError::unauthorized)?,
+        None => grants,
+    };
     Ok(Caller {
         user: claims.user.clone(),
         user_agent,
@@ -155,6 +173,11 @@ mod tests {
         let user = caller("system:node:a", false, Vec::new());
         assert_eq!(user.principal(), Principal::User("system:node:a"));
         assert!(!user.cluster_admin());
+        let proxy = caller("system:service:object-proxy", true, Vec::new());
+        assert_eq!(proxy.principal(), Principal::Service("object-proxy"));
+        assert!(!proxy.cluster_admin(), "a service is no admin");
+        let user = caller("system:service:x", false, Vec::new());
+        assert_eq!(user.principal(), Principal::User("system:service:x"));
         let admin = caller(
             "root",
             false,

@@ -54,6 +54,21 @@ pub struct Claims {
     /// The user's token generation when the token was issued (see [`PasswordRecord`]).
     #[serde(rename = "g", default)]
     pub generation: u64,
+    /// The project the token is scoped to (an identity login's): it acts there only.
+    #[serde(rename = "p", default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<Scope>,
+}
+
+/// A project a token is scoped to, by name and uid: a new Project of the same name is
+/// another scope, which the token does not reach.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Scope {
+    /// The project's (and its namespace's) name.
+    #[serde(rename = "n")]
+    pub name: String,
+    /// The Project's uid when the token was issued.
+    #[serde(rename = "i")]
+    pub uid: String,
 }
 
 /// Signs and verifies tokens.
@@ -231,12 +246,24 @@ impl Identity {
 impl Signer {
     /// A token for `user`, valid for `ttl` seconds, as the password check `v` found them.
     pub fn issue(&self, user: &str, v: &Verified, ttl: i64) -> (String, Claims) {
+        self.issue_scoped(user, v, ttl, None)
+    }
+
+    /// As [`Signer::issue`], scoped to a project when `project` is given.
+    pub fn issue_scoped(
+        &self,
+        user: &str,
+        v: &Verified,
+        ttl: i64,
+        project: Option<Scope>,
+    ) -> (String, Claims) {
         let claims = Claims {
             user: user.to_string(),
             jti: uuid::Uuid::new_v4().simple().to_string(),
             exp: now() + ttl,
             uid: v.uid.clone(),
             generation: v.generation,
+            project,
         };
         let payload = B64.encode(serde_json::to_vec(&claims).unwrap_or_default());
         let signed = format!("{TOKEN_PREFIX}{payload}");
@@ -487,6 +514,70 @@ impl Identity {
             m.keep(revision_of(&marker_read), &c.jti, answer.clone());
         }
         Ok(answer)
+    }
+
+    /// `grants` narrowed to the project `scope`: its own and the cluster-wide ones, as grants
+    /// in that project; None when the Project is gone, another of the same name, or none of
+    /// the grants reaches it.
+    ///
+    /// # Errors
+    /// 503 when etcd is unreachable.
+    pub async fn scoped(
+        &self,
+        grants: Vec<Grant>,
+        scope: &Scope,
+    ) -> Result<Option<Vec<Grant>>, ApiError> {
+        let key = keys::object(
+            &self.prefix,
+            "identity.stratus.dev",
+            "projects",
+            None,
+            &scope.name,
+        );
+        let project = self.store.get(&key).await.map_err(ApiError::from)?;
+        if project.is_none_or(|p| {
+            crate::base::meta::meta_str(&p.value, "uid") != Some(scope.uid.as_str())
+                || p.value.pointer("/spec/enabled").and_then(Value::as_bool) == Some(false)
+        }) {
+            return Ok(None);
+        }
+        let narrowed: Vec<Grant> = grants
+            .into_iter()
+            .filter(|g| g.namespace.as_deref().is_none_or(|ns| ns == scope.name))
+            .map(|g| Grant {
+                namespace: Some(scope.name.clone()),
+                role: g.role,
+            })
+            .collect();
+        Ok((!narrowed.is_empty()).then_some(narrowed))
+    }
+
+    /// What the User `user` of uid `uid` is granted now (for a credential of that user's, not
+    /// a token): None when the user is gone, disabled or another of the same name. Grants in
+    /// a disabled project are left out.
+    ///
+    /// # Errors
+    /// 503 when etcd is unreachable.
+    pub async fn user_grants(&self, user: &str, uid: &str) -> Result<Option<Vec<Grant>>, ApiError> {
+        let user_key = self.user_key(user);
+        let assignments = format!("{}/identity.stratus.dev/roleassignments/", self.prefix);
+        let (read, _) = self
+            .store
+            .read_many(&[Read::Key(&user_key), Read::Prefix(&assignments)])
+            .await
+            .map_err(ApiError::from)?;
+        let [user_read, assignments_read] = <[Vec<(String, Stored)>; 2]>::try_from(read)
+            .map_err(|_| ApiError::internal("etcd answered a read of two with another count"))?;
+        let current = user_read.first().is_some_and(|(_, u)| {
+            u.value.pointer("/spec/enabled").and_then(Value::as_bool) != Some(false)
+                && crate::base::meta::meta_str(&u.value, "uid") == Some(uid)
+        });
+        if !current {
+            return Ok(None);
+        }
+        let mut grants = grants_of(user, uid, assignments_read);
+        self.drop_disabled_projects(&mut grants).await?;
+        Ok(Some(grants))
     }
 
     /// Leaves out grants in projects that are disabled (`spec.enabled: false`) or gone.
@@ -1006,6 +1097,7 @@ mod tests {
             exp: 0,
             uid: "u1".into(),
             generation,
+            project: None,
         };
         assert!(r.admits(&claims("t", 2)));
         assert!(!r.admits(&claims("t", 1)), "a token from before the change");

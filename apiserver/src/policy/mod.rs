@@ -6,6 +6,7 @@
 //! or apply is applied), whatever the request's content type. Nothing decides on body text.
 
 pub mod authn;
+pub mod credentials;
 pub mod identity;
 pub mod logins;
 pub mod node;
@@ -36,8 +37,9 @@ pub async fn authorize(
         Principal::Node(node) => node::restrict(api, info, params, node).await,
         Principal::User(_) => {
             roles::authorize_request(&api.registry, info, caller)?;
-            Ok(None)
+            credentials::restrict_read(api, info, params, caller).await
         }
+        Principal::Service(_) => Err(credentials::service_refused(caller)),
     }
 }
 
@@ -61,6 +63,7 @@ impl Policy for Decider<'_> {
             Principal::System(_) => Ok(()),
             Principal::Node(node) => node::review(node, r),
             Principal::User(_) => roles::review(self.caller, r),
+            Principal::Service(_) => Err(credentials::service_refused(self.caller)),
         }
     }
 

@@ -140,6 +140,9 @@ pub fn review(caller: &Caller, r: &Review<'_>) -> Result<(), ApiError> {
     match (r.target.rt.group.as_str(), r.target.rt.plural.as_str()) {
         ("identity.stratus.dev", "roleassignments") => role_assignment(caller, r),
         ("image.stratus.dev", "images") => image(caller, r),
+        (super::credentials::GROUP, super::credentials::PLURAL) => {
+            super::credentials::review(caller, r)
+        }
         _ => Ok(()),
     }
 }

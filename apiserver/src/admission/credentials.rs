@@ -1,0 +1,245 @@
+//! S3 credentials at admission: the access key id is made by the server and indexed, and the
+//! secret derived, in the create's transaction.
+//!
+//! # Guarantees
+//! - The secret is never stored: it is `HMAC-SHA256(credential key, access key id, uid)`, the
+//!   credential key living under `{prefix}/_system/` beside the token signing key, which no API
+//!   call reads. S3 signatures are HMACs keyed by the secret, so whoever checks one needs the
+//!   secret itself (a hash would not do); deriving it keeps nothing per credential to leak and
+//!   gives a re-created credential (new uid) a new secret. It is in the create's answer only.
+//! - The object, its index key (`{prefix}/_system/s3credentials/{access key id}`, naming the
+//!   object and its uid) and the check that its User still has the uid it is owned by are one
+//!   transaction; the index key goes in the transaction that deletes the object.
+//! - `spec.user` and `status` never change after the create.
+
+use base64::Engine;
+use futures::future::BoxFuture;
+use ring::hmac;
+use serde_json::{Value, json};
+
+use crate::admission::{Admission, Change, Ctx, Subject, Written};
+use crate::base::error::{ApiError, ApiResult, Cause};
+use crate::storage::keys;
+use crate::storage::store::{Guard, Store, Write};
+
+const GROUP: &str = "identity.stratus.dev";
+const RETRIES: usize = 16;
+/// The longest access key id looked up (ours are 32 hexadecimal digits).
+pub const MAX_ACCESS_KEY: usize = 64;
+
+/// Admission of S3Credentials: registered for `identity.stratus.dev` S3Credentials.
+#[derive(Debug)]
+pub struct S3Credentials;
+
+/// The index key of an access key id.
+pub fn index_key(prefix: &str, access: &str) -> String {
+    format!("{prefix}/_system/s3credentials/{access}")
+}
+
+/// The key every API server replica derives secrets with, made on first use.
+///
+/// # Errors
+/// 503 when etcd is unreachable.
+pub async fn derivation_key(store: &Store, prefix: &str) -> ApiResult<hmac::Key> {
+    let key = format!("{prefix}/_system/s3-credential-key");
+    let stored = match store.get(&key).await.map_err(ApiError::from)? {
+        Some(s) => s.value,
+        None => {
+            let mut bytes = [0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+                .map_err(|_| ApiError::internal("no randomness for the S3 credential key"))?;
+            let fresh = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+            store
+                .first_written(&key, &fresh)
+                .await
+                .map_err(ApiError::from)?
+        }
+    };
+    let material = stored
+        .as_str()
+        .and_then(|k| base64::engine::general_purpose::STANDARD.decode(k).ok())
+        .ok_or_else(|| ApiError::internal("the stored S3 credential key is unreadable"))?;
+    Ok(hmac::Key::new(hmac::HMAC_SHA256, &material))
+}
+
+/// The secret of the credential of access key id `access` and uid `uid`.
+pub fn secret(key: &hmac::Key, access: &str, uid: &str) -> String {
+    let tag = hmac::sign(key, format!("s3-secret\n{access}\n{uid}").as_bytes());
+    hex(&tag.as_ref()[..20])
+}
+
+/// Lower-case hexadecimal.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// The access key id of a stored credential.
+pub fn access_key(obj: &Value) -> Option<&str> {
+    obj.pointer("/status/accessKeyId").and_then(Value::as_str)
+}
+
+impl Admission for S3Credentials {
+    /// The index key of its access key id.
+    fn attached_keys(&self, prefix: &str, obj: &Value) -> Vec<String> {
+        access_key(obj)
+            .map(|a| vec![index_key(prefix, a)])
+            .unwrap_or_default()
+    }
+
+    /// Status is the server's: nobody writes it.
+    fn check_status_write(&self, s: &Subject<'_>, old: &Value, new: &Value) -> ApiResult<()> {
+        if old.get("status") == new.get("status") {
+            return Ok(());
+        }
+        Err(invalid(
+            s,
+            new,
+            "status",
+            "Forbidden: made by the server at creation",
+        ))
+    }
+
+    fn write<'a>(
+        &'a self,
+        ctx: Ctx<'a>,
+        s: Subject<'a>,
+        w: Change<'a>,
+    ) -> Option<BoxFuture<'a, ApiResult<Written>>> {
+        Some(Box::pin(write(ctx, s, w)))
+    }
+}
+
+fn invalid(s: &Subject<'_>, obj: &Value, field: &str, message: &str) -> ApiError {
+    ApiError::invalid(
+        s.kind,
+        s.group,
+        s.plural,
+        crate::base::meta::meta_str(obj, "name").unwrap_or_default(),
+        vec![Cause::invalid(field, message)],
+    )
+}
+
+fn user_of(obj: &Value) -> &str {
+    obj.pointer("/spec/user")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
+async fn write(ctx: Ctx<'_>, s: Subject<'_>, w: Change<'_>) -> ApiResult<Written> {
+    let Change {
+        key,
+        old,
+        new,
+        parent,
+    } = w;
+    if let Some((old, rev)) = old {
+        // An update: the user and what the server made stay as they were.
+        if user_of(old) != user_of(new) {
+            return Err(invalid(
+                &s,
+                new,
+                "spec.user",
+                "Invalid value: field is immutable",
+            ));
+        }
+        let mut obj = new.clone();
+        match (obj.as_object_mut(), old.get("status")) {
+            (Some(o), Some(status)) => o.insert("status".into(), status.clone()),
+            (Some(o), None) => o.remove("status"),
+            (None, _) => None,
+        };
+        let write = ctx
+            .store
+            .write_guarded(key, &obj, Some(rev), &[], None)
+            .await
+            .map_err(ApiError::from)?;
+        return Ok(Written {
+            write,
+            stored: Some(obj),
+        });
+    }
+    let user = user_of(new);
+    let uid = crate::base::meta::meta_str(new, "uid").unwrap_or_default();
+    let user_key = keys::object(ctx.prefix, GROUP, "users", None, user);
+    let derive = derivation_key(ctx.store, ctx.prefix).await?;
+    for _ in 0..RETRIES {
+        let Some(u) = ctx.store.get(&user_key).await.map_err(ApiError::from)? else {
+            return Err(ApiError::invalid(
+                s.kind,
+                s.group,
+                s.plural,
+                crate::base::meta::meta_str(new, "name").unwrap_or_default(),
+                vec![Cause {
+                    reason: "FieldValueNotFound".into(),
+                    message: format!("Not found: User \"{user}\" does not exist"),
+                    field: "spec.user".into(),
+                }],
+            ));
+        };
+        let user_uid = crate::base::meta::meta_str(&u.value, "uid").unwrap_or_default();
+        let access = uuid::Uuid::new_v4().simple().to_string();
+        let mut obj = crate::admission::identity::owned(new, user, user_uid);
+        obj["status"] = json!({ "accessKeyId": access });
+        let index = index_key(ctx.prefix, &access);
+        let record = json!({
+            "namespace": s.namespace.unwrap_or_default(),
+            "name": crate::base::meta::meta_str(new, "name").unwrap_or_default(),
+            "uid": uid,
+        });
+        let mut guards = vec![
+            Guard::Absent(key),
+            Guard::Absent(&index),
+            Guard::Revision(&user_key, u.mod_revision),
+        ];
+        if let Some((p, rev)) = parent {
+            guards.push(Guard::Revision(p, rev));
+        }
+        if let Some(rev) = ctx
+            .store
+            .write_many(&guards, &[(key, &obj), (&index, &record)], &[])
+            .await
+            .map_err(ApiError::from)?
+        {
+            // The secret is in this answer only.
+            obj["status"]["secretAccessKey"] = Value::String(secret(&derive, &access, uid));
+            return Ok(Written {
+                write: Write::Done(rev),
+                stored: Some(obj),
+            });
+        }
+        if let Some(existing) = ctx.store.get(key).await.map_err(ApiError::from)? {
+            return Ok(Write::Conflict(existing.mod_revision).into());
+        }
+        if crate::admission::parent_changed(ctx, parent).await? {
+            return Ok(Write::Conflict(0).into());
+        }
+        // The user changed meanwhile: read it again.
+    }
+    Err(ApiError::conflict(
+        s.group,
+        s.plural,
+        s.name,
+        "the user kept changing while the credential was made; retry",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_differ_per_key_and_credential_and_are_stable() {
+        let k = hmac::Key::new(hmac::HMAC_SHA256, b"k");
+        let a = secret(&k, "a1", "u1");
+        assert_eq!(a.len(), 40);
+        assert_eq!(a, secret(&k, "a1", "u1"));
+        assert_ne!(a, secret(&k, "a1", "u2"), "a re-created credential");
+        assert_ne!(a, secret(&k, "a2", "u1"));
+        let other = hmac::Key::new(hmac::HMAC_SHA256, b"other");
+        assert_ne!(a, secret(&other, "a1", "u1"));
+    }
+}

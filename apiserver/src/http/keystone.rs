@@ -1,0 +1,752 @@
+//! The Keystone v3 subset Swift's standard middleware asks of an identity service, served at
+//! `/identity`: version discovery, password logins scoped to a project (`POST
+//! /identity/v3/auth/tokens`, so `swift --os-auth-url` works), token validation for
+//! keystonemiddleware's `authtoken` (`GET /identity/v3/auth/tokens` with a service identity's
+//! `X-Auth-Token` and the user's `X-Subject-Token`), revoking one's token, and `s3tokens`
+//! (`POST /identity/v3/s3tokens`), the signature check Swift's `s3token` delegates.
+//!
+//! A project's Keystone id is its Project's uid (Swift's account `AUTH_<uid>`); Stratus roles
+//! are Keystone's implied roles (`admin` ⊃ `member` ⊃ `reader`), so `keystoneauth`'s
+//! `operator_roles = admin, member` makes admins and members operators of their project's
+//! account. Tokens are Stratus tokens (a scoped one acts in its project only, on every API).
+//!
+//! # Guarantees
+//! - Only a service identity (`system:service:NAME` in the token file) validates tokens; no
+//!   user, node or administrator token does, and a service identity makes no other request.
+//! - Tokens are read from headers only and never logged; bodies, tokens and every field are
+//!   bounded before anything is decoded or looked up.
+//! - Answers are Kubernetes `Status` objects that also carry Keystone's `error` member.
+
+use std::net::IpAddr;
+
+use axum::body::Body;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use ring::hmac;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use stratus_api_types::identity::Role;
+
+use crate::admission::credentials;
+use crate::base::error::{ApiError, ApiResult, Cause};
+use crate::http::login::Attempt;
+use crate::http::server::AppState;
+use crate::policy::authn::SERVICE_PREFIX;
+use crate::policy::identity::{Claims, Scope};
+use crate::policy::roles::Grant;
+use crate::storage::keys;
+use crate::storage::store::Read;
+
+/// Where the identity endpoints are mounted.
+pub const ROOT: &str = "/identity";
+/// The longest token read from a header.
+pub const MAX_TOKEN: usize = 4096;
+/// The largest request body read.
+pub const MAX_BODY: usize = 64 * 1024;
+/// How long a token issued here holds, in seconds.
+const TTL: i64 = 3600;
+/// The longest name, id or password field read from a login.
+const MAX_FIELD: usize = 4096;
+/// The largest S3 string to sign read (its base64 form is bounded by the body).
+const MAX_SIGNATURE: usize = 256;
+/// Keystone's one domain here.
+const DOMAIN: &str = "default";
+const DOMAIN_NAME: &str = "Default";
+
+/// Whether `path` is one of the identity endpoints.
+pub fn is_identity(path: &str) -> bool {
+    path == ROOT || path.starts_with("/identity/")
+}
+
+/// Answers a request under [`ROOT`].
+pub(crate) async fn serve(
+    state: &AppState,
+    parts: &Parts,
+    body: Body,
+    source: Option<IpAddr>,
+) -> Response {
+    let path = parts.uri.path().trim_end_matches('/');
+    let rest = path.strip_prefix(ROOT).unwrap_or_default();
+    let answer = match (&parts.method, rest) {
+        (&Method::GET, "") => Ok(versions(state, &parts.headers)),
+        (&Method::GET, "/v3") => Ok(json_ok(
+            StatusCode::OK,
+            &json!({ "version": version(state, &parts.headers) }),
+        )),
+        (&Method::POST, "/v3/auth/tokens") => match read(body).await {
+            Ok(bytes) => login(state, &bytes, source).await,
+            Err(e) => Err(e),
+        },
+        (&Method::GET | &Method::HEAD, "/v3/auth/tokens") => validate(state, &parts.headers).await,
+        (&Method::DELETE, "/v3/auth/tokens") => revoke(state, &parts.headers).await,
+        (&Method::POST, "/v3/s3tokens") => match read(body).await {
+            Ok(bytes) => s3tokens(state, &bytes).await,
+            Err(e) => Err(e),
+        },
+        _ => Err(ApiError::no_route(path)),
+    };
+    let response = answer.unwrap_or_else(|e| error(state, &parts.headers, e));
+    tracing::debug!(method = %parts.method, path, code = response.status().as_u16(), "identity request");
+    response
+}
+
+async fn read(body: Body) -> ApiResult<bytes::Bytes> {
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(body, MAX_BODY);
+    limited
+        .collect()
+        .await
+        .map(http_body_util::Collected::to_bytes)
+        .map_err(|_| ApiError::too_large(MAX_BODY))
+}
+
+fn json_ok(code: StatusCode, v: &Value) -> Response {
+    crate::http::response::json_response(code, v, &[])
+}
+
+/// A `Status` carrying Keystone's `error` member too; a 401 says where to authenticate.
+fn error(state: &AppState, headers: &HeaderMap, e: ApiError) -> Response {
+    let mut body = e.status();
+    body["error"] = json!({"code": e.code, "title": e.reason, "message": e.message});
+    let code = StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = json_ok(code, &body);
+    if code == StatusCode::UNAUTHORIZED
+        && let Ok(v) =
+            HeaderValue::from_str(&format!("Keystone uri=\"{}/v3\"", base_url(state, headers)))
+    {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    r
+}
+
+/// The identity endpoints' URL as the client reached them (its Host header, if it is a plain
+/// host and port, else the address listened on).
+fn base_url(state: &AppState, headers: &HeaderMap) -> String {
+    let scheme = if state.config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .filter(|h| {
+            h.len() <= 255
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
+        .map_or_else(|| state.config.listen.to_string(), String::from);
+    format!("{scheme}://{host}{ROOT}")
+}
+
+fn version(state: &AppState, headers: &HeaderMap) -> Value {
+    json!({
+        "id": "v3.14",
+        "status": "stable",
+        "updated": "2020-04-07T00:00:00Z",
+        "links": [{"rel": "self", "href": format!("{}/v3/", base_url(state, headers))}],
+        "media-types": [{"base": "application/json", "type": "application/vnd.openstack.identity-v3+json"}],
+    })
+}
+
+fn versions(state: &AppState, headers: &HeaderMap) -> Response {
+    json_ok(
+        StatusCode::OK,
+        &json!({"versions": {"values": [version(state, headers)]}}),
+    )
+}
+
+/// A field the client got wrong: 400 naming it.
+fn bad(field: &str, message: &str) -> ApiError {
+    ApiError::bad_request_fields(
+        format!("{field}: {message}"),
+        vec![Cause::invalid(field, message)],
+    )
+}
+
+fn bounded<'a>(field: &str, v: &'a str, max: usize) -> ApiResult<&'a str> {
+    if v.is_empty() {
+        return Err(bad(field, "Required value"));
+    }
+    if v.len() > max {
+        return Err(bad(field, &format!("must be at most {max} bytes")));
+    }
+    Ok(v)
+}
+
+/// A domain named in a request: only Keystone's default one exists here.
+#[derive(Debug, Default, Deserialize)]
+struct Domain {
+    id: Option<String>,
+    name: Option<String>,
+}
+
+impl Domain {
+    fn is_default(&self) -> bool {
+        self.id.as_deref().is_none_or(|i| i == DOMAIN)
+            && self
+                .name
+                .as_deref()
+                .is_none_or(|n| n.eq_ignore_ascii_case(DOMAIN_NAME))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct LoginRequest {
+    auth: Auth,
+}
+
+#[derive(Debug, Deserialize)]
+struct Auth {
+    identity: Identity,
+    scope: Option<ScopeRequest>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Identity {
+    methods: Vec<String>,
+    password: Option<PasswordMethod>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PasswordMethod {
+    user: UserRequest,
+}
+
+#[derive(Debug, Deserialize)]
+struct UserRequest {
+    name: Option<String>,
+    domain: Option<Domain>,
+    password: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ScopeRequest {
+    project: Option<ProjectRequest>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ProjectRequest {
+    name: Option<String>,
+    id: Option<String>,
+    domain: Option<Domain>,
+}
+
+/// `POST /identity/v3/auth/tokens` with the password method: a token (in `X-Subject-Token`)
+/// scoped to the project asked for, throttled and locked out as every login is.
+async fn login(state: &AppState, bytes: &[u8], source: Option<IpAddr>) -> ApiResult<Response> {
+    let req: LoginRequest = serde_json::from_slice(bytes)
+        .map_err(|e| bad("auth", &format!("not a password login: {e}")))?;
+    let auth = req.auth;
+    if auth.identity.methods.iter().any(|m| m != "password") || auth.identity.methods.is_empty() {
+        return Err(bad(
+            "auth.identity.methods",
+            "Unsupported value: only [\"password\"] is supported",
+        ));
+    }
+    let pw = auth
+        .identity
+        .password
+        .ok_or_else(|| bad("auth.identity.password", "Required value"))?;
+    let user = bounded(
+        "auth.identity.password.user.name",
+        pw.user.name.as_deref().unwrap_or_default(),
+        253,
+    )?;
+    let password = bounded(
+        "auth.identity.password.user.password",
+        &pw.user.password,
+        MAX_FIELD,
+    )?;
+    let mut attempt = Attempt {
+        user: user.to_string(),
+        result: "invalid",
+    };
+    if !pw.user.domain.unwrap_or_default().is_default() {
+        return Err(ApiError::unauthorized());
+    }
+    let scope = match auth.scope.and_then(|s| s.project) {
+        Some(p) => Some(project_scope(state, &p).await?),
+        None => None,
+    };
+    let (token, claims) =
+        crate::http::login::password_login(state, user, password, TTL, scope, source, &mut attempt)
+            .await?;
+    let body = token_body(state, &claims, None).await?;
+    let mut r = json_ok(StatusCode::CREATED, &body);
+    if let Ok(v) = HeaderValue::from_str(&token) {
+        r.headers_mut().insert("x-subject-token", v);
+    }
+    Ok(r)
+}
+
+/// The project a login asks for, by name or id (its uid); one that does not exist, or is in
+/// another domain, is a 401 as a wrong password is.
+async fn project_scope(state: &AppState, p: &ProjectRequest) -> ApiResult<Scope> {
+    if !p.domain.as_ref().is_none_or(Domain::is_default) {
+        return Err(ApiError::unauthorized());
+    }
+    let prefix = &state.api.prefix;
+    let found = match (&p.name, &p.id) {
+        (Some(name), _) => {
+            let name = bounded("auth.scope.project.name", name, 63)?;
+            let key = keys::object(prefix, "identity.stratus.dev", "projects", None, name);
+            state
+                .api
+                .store
+                .get(&key)
+                .await
+                .map_err(ApiError::from)?
+                .map(|s| s.value)
+        }
+        (None, Some(id)) => {
+            let id = bounded("auth.scope.project.id", id, 64)?;
+            let all = keys::collection(prefix, "identity.stratus.dev", "projects", None);
+            let (read, _) = state
+                .api
+                .store
+                .read_many(&[Read::Prefix(&all)])
+                .await
+                .map_err(ApiError::from)?;
+            read.into_iter()
+                .flatten()
+                .map(|(_, s)| s.value)
+                .find(|v| crate::base::meta::meta_str(v, "uid") == Some(id))
+        }
+        (None, None) => return Err(bad("auth.scope.project", "Required value: name or id")),
+    };
+    let project = found.ok_or_else(ApiError::unauthorized)?;
+    let meta = |f| crate::base::meta::meta_str(&project, f).map(String::from);
+    match (meta("name"), meta("uid")) {
+        (Some(name), Some(uid)) => Ok(Scope { name, uid }),
+        _ => Err(ApiError::unauthorized()),
+    }
+}
+
+/// A header's value, bounded.
+fn header_token<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && t.len() <= MAX_TOKEN)
+}
+
+/// The caller of a validation must be a service identity.
+fn service(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    let token = header_token(headers, "x-auth-token").ok_or_else(ApiError::unauthorized)?;
+    match state.config.tokens.get(token) {
+        Some(user) if user.starts_with(SERVICE_PREFIX) => Ok(()),
+        Some(_) => Err(ApiError::forbidden(
+            "only a service identity (system:service:NAME) validates tokens",
+        )),
+        None if state.identity.signer.verify(token).is_some() => Err(ApiError::forbidden(
+            "only a service identity (system:service:NAME) validates tokens",
+        )),
+        None => Err(ApiError::unauthorized()),
+    }
+}
+
+fn token_not_found() -> ApiError {
+    ApiError::not_found("identity.stratus.dev", "tokens", "").about(
+        "identity.stratus.dev",
+        "tokens",
+        "subject",
+    )
+}
+
+/// The subject token's claims and its grants now (in its project, for a scoped one); 404 for a
+/// token that is forged, expired, revoked, of a changed or disabled user, or whose project
+/// is gone or no longer grants its user a role.
+async fn subject(state: &AppState, headers: &HeaderMap) -> ApiResult<(Claims, Vec<Grant>)> {
+    let token = header_token(headers, "x-subject-token").ok_or_else(token_not_found)?;
+    let id = &state.identity;
+    let claims = id.signer.verify(token).ok_or_else(token_not_found)?;
+    let grants = id
+        .token_grants(&claims)
+        .await?
+        .ok_or_else(token_not_found)?;
+    let grants = match &claims.project {
+        Some(scope) => id
+            .scoped(grants, scope)
+            .await?
+            .ok_or_else(token_not_found)?,
+        None => grants,
+    };
+    Ok((claims, grants))
+}
+
+/// `GET /identity/v3/auth/tokens`: what `authtoken` asks about a user's token.
+async fn validate(state: &AppState, headers: &HeaderMap) -> ApiResult<Response> {
+    service(state, headers)?;
+    let (claims, grants) = subject(state, headers).await?;
+    let body = token_body(state, &claims, Some(&grants)).await?;
+    let mut r = json_ok(StatusCode::OK, &body);
+    if let Some(v) = headers.get("x-subject-token") {
+        r.headers_mut().insert("x-subject-token", v.clone());
+    }
+    Ok(r)
+}
+
+/// `DELETE /identity/v3/auth/tokens`: a user revokes their own token (`X-Auth-Token` and
+/// `X-Subject-Token` the same), or a service identity any.
+async fn revoke(state: &AppState, headers: &HeaderMap) -> ApiResult<Response> {
+    let own = header_token(headers, "x-auth-token").is_some()
+        && header_token(headers, "x-auth-token") == header_token(headers, "x-subject-token");
+    if !own {
+        service(state, headers)?;
+    }
+    let (claims, _) = subject(state, headers).await?;
+    state.identity.revoke(&claims).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Keystone's names of a Stratus role and the roles it implies.
+fn role_names(role: Role) -> &'static [&'static str] {
+    match role {
+        Role::Admin => &["admin", "member", "reader"],
+        Role::Member => &["member", "reader"],
+        Role::Reader => &["reader"],
+    }
+}
+
+fn roles_json(grants: &[Grant]) -> Value {
+    let mut names: Vec<&str> = grants
+        .iter()
+        .flat_map(|g| role_names(g.role))
+        .copied()
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    Value::Array(
+        names
+            .into_iter()
+            .map(|n| json!({"id": n, "name": n}))
+            .collect(),
+    )
+}
+
+fn timestamp(unix: i64) -> String {
+    jiff::Timestamp::from_second(unix)
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%S.000000Z").to_string())
+        .unwrap_or_default()
+}
+
+/// The catalog: the object store's endpoints for the project, when the proxy's URL is known.
+fn catalog(state: &AppState, project_uid: Option<&str>) -> Value {
+    let (Some(url), Some(uid)) = (&state.config.object_store_url, project_uid) else {
+        return json!([]);
+    };
+    let url = format!("{url}/v1/AUTH_{uid}");
+    let endpoints: Vec<Value> = ["public", "internal", "admin"]
+        .iter()
+        .map(|i| {
+            json!({"id": format!("object-store-{i}"), "interface": i, "url": url, "region": "RegionOne", "region_id": "RegionOne"})
+        })
+        .collect();
+    json!([{"id": "object-store", "type": "object-store", "name": "swift", "endpoints": endpoints}])
+}
+
+/// A Keystone v3 token body for `claims`; `grants` its grants now (read afresh when None).
+async fn token_body(
+    state: &AppState,
+    claims: &Claims,
+    grants: Option<&[Grant]>,
+) -> ApiResult<Value> {
+    let read;
+    let grants = match grants {
+        Some(g) => g,
+        None => {
+            let g = state
+                .identity
+                .token_grants(claims)
+                .await?
+                .ok_or_else(ApiError::unauthorized)?;
+            read = match &claims.project {
+                Some(scope) => state
+                    .identity
+                    .scoped(g, scope)
+                    .await?
+                    .ok_or_else(ApiError::unauthorized)?,
+                None => g,
+            };
+            &read
+        }
+    };
+    let issued = claims.exp - TTL;
+    let mut token = json!({
+        "methods": ["password"],
+        "audit_ids": [claims.jti],
+        "expires_at": timestamp(claims.exp),
+        "issued_at": timestamp(issued),
+        "user": {
+            "id": claims.uid, "name": claims.user,
+            "domain": {"id": DOMAIN, "name": DOMAIN_NAME}, "password_expires_at": null,
+        },
+        "is_domain": false,
+    });
+    if let Some(scope) = &claims.project {
+        token["project"] = json!({
+            "id": scope.uid, "name": scope.name, "domain": {"id": DOMAIN, "name": DOMAIN_NAME},
+        });
+        token["roles"] = roles_json(grants);
+        token["catalog"] = catalog(state, Some(&scope.uid));
+    }
+    Ok(json!({ "token": token }))
+}
+
+#[derive(Debug, Deserialize)]
+struct S3Request {
+    credentials: S3Credentials,
+}
+
+#[derive(Debug, Deserialize)]
+struct S3Credentials {
+    access: String,
+    token: String,
+    signature: String,
+}
+
+/// Whether `signature` is `secret`'s over `string_to_sign`: AWS signature version 4 when the
+/// string says `AWS4-HMAC-SHA256` (the signing key derived from its credential scope line),
+/// else version 2 (base64 HMAC-SHA1).
+pub fn signature_matches(secret: &str, string_to_sign: &[u8], signature: &str) -> bool {
+    if let Some(rest) = string_to_sign.strip_prefix(b"AWS4-HMAC-SHA256\n") {
+        let mut lines = rest.split(|b| *b == b'\n');
+        let (_, Some(scope)) = (lines.next(), lines.next()) else {
+            return false;
+        };
+        let Ok(scope) = std::str::from_utf8(scope) else {
+            return false;
+        };
+        let parts: Vec<&str> = scope.split('/').collect();
+        let [date, region, service, "aws4_request"] = parts.as_slice() else {
+            return false;
+        };
+        let mut key = format!("AWS4{secret}").into_bytes();
+        for part in [*date, *region, *service, "aws4_request"] {
+            key = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &key), part.as_bytes())
+                .as_ref()
+                .to_vec();
+        }
+        let Some(want) = unhex(signature) else {
+            return false;
+        };
+        hmac::verify(
+            &hmac::Key::new(hmac::HMAC_SHA256, &key),
+            string_to_sign,
+            &want,
+        )
+        .is_ok()
+    } else {
+        let Ok(want) = base64::engine::general_purpose::STANDARD.decode(signature) else {
+            return false;
+        };
+        hmac::verify(
+            &hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret.as_bytes()),
+            string_to_sign,
+            &want,
+        )
+        .is_ok()
+    }
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn s3_refused() -> ApiError {
+    ApiError::unauthorized()
+}
+
+/// `POST /identity/v3/s3tokens`: whether an S3 request was signed with the secret of the
+/// access key it names; the key's user, project and roles when it was.
+async fn s3tokens(state: &AppState, bytes: &[u8]) -> ApiResult<Response> {
+    let req: S3Request = serde_json::from_slice(bytes)
+        .map_err(|e| bad("credentials", &format!("not an S3 credential check: {e}")))?;
+    let c = req.credentials;
+    let access = bounded("credentials.access", &c.access, credentials::MAX_ACCESS_KEY)?;
+    if !access.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(s3_refused());
+    }
+    bounded("credentials.signature", &c.signature, MAX_SIGNATURE)?;
+    bounded("credentials.token", &c.token, MAX_BODY)?;
+    let string_to_sign = base64::engine::general_purpose::URL_SAFE
+        .decode(c.token.trim())
+        .or_else(|_| base64::engine::general_purpose::STANDARD.decode(c.token.trim()))
+        .map_err(|_| {
+            bad(
+                "credentials.token",
+                "must be the base64 of the string to sign",
+            )
+        })?;
+    let api = &state.api;
+    let Some(record) = api
+        .store
+        .get(&credentials::index_key(&api.prefix, access))
+        .await
+        .map_err(ApiError::from)?
+    else {
+        return Err(s3_refused());
+    };
+    let field = |k: &str| {
+        record
+            .value
+            .get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    };
+    let (namespace, name, uid) = (field("namespace"), field("name"), field("uid"));
+    let key = keys::object(
+        &api.prefix,
+        "identity.stratus.dev",
+        "s3credentials",
+        Some(namespace),
+        name,
+    );
+    let Some(obj) = api.store.get(&key).await.map_err(ApiError::from)? else {
+        return Err(s3_refused());
+    };
+    let obj = obj.value;
+    if crate::base::meta::meta_str(&obj, "uid") != Some(uid)
+        || credentials::access_key(&obj) != Some(access)
+        || obj.pointer("/metadata/deletionTimestamp").is_some()
+    {
+        return Err(s3_refused());
+    }
+    let derive = credentials::derivation_key(&api.store, &api.prefix).await?;
+    if !signature_matches(
+        &credentials::secret(&derive, access, uid),
+        &string_to_sign,
+        &c.signature,
+    ) {
+        return Err(s3_refused());
+    }
+    let user = obj
+        .pointer("/spec/user")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let user_uid = obj
+        .pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .and_then(|refs| {
+            refs.iter()
+                .find(|r| r.get("kind").and_then(Value::as_str) == Some("User"))
+        })
+        .and_then(|r| r.get("uid").and_then(Value::as_str))
+        .unwrap_or_default();
+    let grants = state
+        .identity
+        .user_grants(user, user_uid)
+        .await?
+        .ok_or_else(s3_refused)?;
+    let project_key = keys::object(
+        &api.prefix,
+        "identity.stratus.dev",
+        "projects",
+        None,
+        namespace,
+    );
+    let project_uid = api
+        .store
+        .get(&project_key)
+        .await
+        .map_err(ApiError::from)?
+        .and_then(|p| crate::base::meta::meta_str(&p.value, "uid").map(String::from))
+        .ok_or_else(s3_refused)?;
+    let claims = Claims {
+        user: user.to_string(),
+        jti: uid.to_string(),
+        exp: jiff::Timestamp::now().as_second() + TTL,
+        uid: user_uid.to_string(),
+        generation: 0,
+        project: Some(Scope {
+            name: namespace.to_string(),
+            uid: project_uid,
+        }),
+    };
+    let grants = state
+        .identity
+        .scoped(grants, claims.project.as_ref().ok_or_else(s3_refused)?)
+        .await?
+        .ok_or_else(s3_refused)?;
+    let mut body = token_body(state, &claims, Some(&grants)).await?;
+    body["token"]["methods"] = json!(["ec2credential"]);
+    Ok(json_ok(StatusCode::OK, &body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// AWS's published examples of both signature versions.
+    #[test]
+    fn aws_signatures_of_both_versions_verify() {
+        let v2 = b"GET\n\n\nTue, 27 Mar 2007 19:36:42 +0000\n/johnsmith/photos/puppy.jpg";
+        let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
+        assert!(signature_matches(
+            secret,
+            v2,
+            "bWq2s1WEIj+Ydj0vQ697zp+IXMU="
+        ));
+        assert!(!signature_matches(
+            secret,
+            v2,
+            "bWq2s1WEIj+Ydj0vQ697zp+IXMV="
+        ));
+        assert!(!signature_matches(
+            "other",
+            v2,
+            "bWq2s1WEIj+Ydj0vQ697zp+IXMU="
+        ));
+        let v4 = b"AWS4-HMAC-SHA256\n20150830T123600Z\n20150830/us-east-1/iam/aws4_request\nf536975d06c0309214f805bb90ccff089219ecd68b2577efef23edd43b7e1a59";
+        let secret = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
+        let sig = "5d672d79c15b13162d9279b0855cfba6789a8edb4c82c400e06b5924a6f2b5d7";
+        assert!(signature_matches(secret, v4, sig));
+        assert!(!signature_matches(secret, v4, &sig.replace('5', "6")));
+        assert!(!signature_matches("wrong", v4, sig));
+        assert!(!signature_matches(secret, v4, "zz"), "not hexadecimal");
+        assert!(!signature_matches(
+            secret,
+            b"AWS4-HMAC-SHA256\n20150830T123600Z\nnot-a-scope\nx",
+            sig
+        ));
+    }
+
+    #[test]
+    fn roles_are_keystones_implied_roles() {
+        let g = |role| Grant {
+            namespace: Some("p".into()),
+            role,
+        };
+        assert_eq!(
+            roles_json(&[g(Role::Member), g(Role::Reader)]),
+            json!([{"id": "member", "name": "member"}, {"id": "reader", "name": "reader"}])
+        );
+        assert_eq!(
+            roles_json(&[g(Role::Admin)]).as_array().map(Vec::len),
+            Some(3)
+        );
+        assert_eq!(roles_json(&[]), json!([]));
+    }
+
+    #[test]
+    fn only_the_default_domain_exists() {
+        assert!(Domain::default().is_default());
+        let d = |id: Option<&str>, name: Option<&str>| Domain {
+            id: id.map(String::from),
+            name: name.map(String::from),
+        };
+        assert!(d(Some("default"), Some("Default")).is_default());
+        assert!(!d(Some("other"), None).is_default());
+        assert!(!d(None, Some("Other")).is_default());
+    }
+}

@@ -1,0 +1,714 @@
+//! The identity endpoints Swift's middleware calls (`/identity/v3`), over HTTP against a real
+//! etcd: password logins scoped to a project, token validation for a service identity only,
+//! revoked and expired tokens, S3 credentials (made by the server, seen only by their user,
+//! their secret stored nowhere) and `s3tokens`' signature check, every input bounded.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine;
+use ring::hmac;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ADMIN: &str = "admin-token-0123456789";
+const PROXY: &str = "proxy-token-0123456789";
+const NODE: &str = "node-token-0123456789";
+const PREFIX: &str = "/stratus";
+
+/// An etcd of the test's own, ended with the test.
+struct Etcd {
+    child: Child,
+    _dir: tempfile::TempDir,
+    endpoint: String,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A plain-HTTP API server (with an admin, a service and a node identity) over a new etcd.
+struct Server {
+    _etcd: Etcd,
+    server: stratus_apiserver::http::server::Server,
+    addr: std::net::SocketAddr,
+    store: stratus_apiserver::storage::store::Store,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn server() -> Server {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let endpoint = format!("http://127.0.0.1:{}", free_port());
+    let peer = format!("http://127.0.0.1:{}", free_port());
+    let child = Command::new("etcd")
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--listen-client-urls", &endpoint])
+        .args(["--advertise-client-urls", &endpoint])
+        .args(["--listen-peer-urls", &peer])
+        .args(["--initial-advertise-peer-urls", &peer])
+        .args(["--initial-cluster", &format!("default={peer}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start etcd (is it installed?)");
+    let etcd = Etcd {
+        child,
+        _dir: dir,
+        endpoint: endpoint.clone(),
+    };
+    let mut store = None;
+    for _ in 0..400 {
+        if let Ok(s) =
+            stratus_apiserver::storage::store::Store::connect(std::slice::from_ref(&etcd.endpoint))
+                .await
+            && s.revision().await.is_ok()
+        {
+            store = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let store = store.expect("etcd did not start");
+    let mut config = stratus_apiserver::Config::new(vec![endpoint]);
+    config.listen = ([127, 0, 0, 1], 0).into();
+    config.prefix = PREFIX.into();
+    config.tokens = HashMap::from([
+        (ADMIN.to_string(), "admin".to_string()),
+        (PROXY.to_string(), "system:service:object-proxy".to_string()),
+        (NODE.to_string(), "system:node:n1".to_string()),
+    ]);
+    config.object_store_url = Some("http://127.0.0.1:8080".into());
+    // Fast hashing threads: logins are what these tests do.
+    config.login.hash_threads = 2;
+    let server = stratus_apiserver::start(config)
+        .await
+        .expect("start the API server");
+    let addr = server.local_addr;
+    Server {
+        _etcd: etcd,
+        server,
+        addr,
+        store,
+    }
+}
+
+/// An answer: status code, lower-case headers, body.
+struct Answer {
+    code: u16,
+    headers: HashMap<String, String>,
+    body: Value,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+impl Server {
+    /// One HTTP/1.1 request on its own connection.
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Answer {
+        let mut s = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .expect("connect");
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            self.addr,
+            body.len()
+        );
+        if !body.is_empty() {
+            req.push_str("Content-Type: application/json\r\n");
+        }
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).await.expect("send");
+        // A refused body may be cut short: the answer is what counts.
+        let _ = s.write_all(body).await;
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
+            .await
+            .expect("an answer within 30 s")
+            .expect("read the answer");
+        let text = String::from_utf8_lossy(&raw).to_string();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let mut lines = head.lines();
+        let code = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {text}"));
+        let headers: HashMap<String, String> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
+            .collect();
+        let body = if headers.get("transfer-encoding").map(String::as_str) == Some("chunked") {
+            dechunk(body)
+        } else {
+            body.to_string()
+        };
+        Answer {
+            code,
+            headers,
+            body: serde_json::from_str(&body).unwrap_or(Value::Null),
+        }
+    }
+
+    /// A Stratus API call with a bearer token.
+    async fn api(&self, token: &str, method: &str, path: &str, body: &Value) -> Answer {
+        let auth = format!("Bearer {token}");
+        let bytes = if body.is_null() {
+            Vec::new()
+        } else {
+            body.to_string().into_bytes()
+        };
+        self.call(method, path, &[("Authorization", &auth)], &bytes)
+            .await
+    }
+
+    /// An admin's call that must succeed.
+    async fn admin(&self, method: &str, path: &str, body: Value) -> Value {
+        let a = self.api(ADMIN, method, path, &body).await;
+        assert!(a.code < 300, "{method} {path}: {} {}", a.code, a.body);
+        a.body
+    }
+
+    /// Projects, users with passwords and member roles: `(user, project)` pairs.
+    async fn setup(&self, projects: &[&str], members: &[(&str, &str)]) {
+        for p in projects {
+            self.admin(
+                "POST",
+                "/apis/identity.stratus.dev/v1/projects",
+                json!({"apiVersion": "identity.stratus.dev/v1", "kind": "Project", "metadata": {"name": p}, "spec": {}}),
+            )
+            .await;
+        }
+        for (u, p) in members {
+            if self
+                .api(
+                    ADMIN,
+                    "GET",
+                    &format!("/apis/identity.stratus.dev/v1/users/{u}"),
+                    &Value::Null,
+                )
+                .await
+                .code
+                == 404
+            {
+                self.admin(
+                    "POST",
+                    "/apis/identity.stratus.dev/v1/users",
+                    json!({"apiVersion": "identity.stratus.dev/v1", "kind": "User", "metadata": {"name": u}, "spec": {}}),
+                )
+                .await;
+                self.admin(
+                    "PUT",
+                    &format!("/apis/identity.stratus.dev/v1/users/{u}/password"),
+                    json!({"password": password(u)}),
+                )
+                .await;
+            }
+            self.admin(
+                "POST",
+                &format!("/apis/identity.stratus.dev/v1/namespaces/{p}/roleassignments"),
+                json!({"apiVersion": "identity.stratus.dev/v1", "kind": "RoleAssignment",
+                       "metadata": {"name": format!("{u}-member")}, "spec": {"user": u, "role": "member"}}),
+            )
+            .await;
+        }
+    }
+
+    async fn project_uid(&self, p: &str) -> String {
+        self.admin(
+            "GET",
+            &format!("/apis/identity.stratus.dev/v1/projects/{p}"),
+            Value::Null,
+        )
+        .await["metadata"]["uid"]
+            .as_str()
+            .expect("a uid")
+            .to_string()
+    }
+
+    /// A Keystone password login scoped to `project`.
+    async fn login(&self, user: &str, pw: &str, project: &str) -> Answer {
+        let body = json!({"auth": {
+            "identity": {"methods": ["password"], "password": {"user": {"name": user, "domain": {"name": "Default"}, "password": pw}}},
+            "scope": {"project": {"name": project, "domain": {"name": "Default"}}},
+        }});
+        self.call(
+            "POST",
+            "/identity/v3/auth/tokens",
+            &[],
+            body.to_string().as_bytes(),
+        )
+        .await
+    }
+
+    /// A scoped token of `user` in `project`.
+    async fn token(&self, user: &str, project: &str) -> String {
+        let a = self.login(user, &password(user), project).await;
+        assert_eq!(a.code, 201, "login {user}: {}", a.body);
+        a.header("x-subject-token")
+            .expect("X-Subject-Token")
+            .to_string()
+    }
+
+    /// `authtoken`'s validation of `subject` with `auth` as its credential.
+    async fn validate(&self, auth: Option<&str>, subject: &str) -> Answer {
+        let mut h = vec![("X-Subject-Token", subject)];
+        if let Some(a) = auth {
+            h.push(("X-Auth-Token", a));
+        }
+        self.call("GET", "/identity/v3/auth/tokens", &h, b"").await
+    }
+
+    async fn s3tokens(&self, access: &str, string_to_sign: &str, signature: &str) -> Answer {
+        let token = base64::engine::general_purpose::URL_SAFE.encode(string_to_sign);
+        let body =
+            json!({"credentials": {"access": access, "token": token, "signature": signature}});
+        self.call(
+            "POST",
+            "/identity/v3/s3tokens",
+            &[],
+            body.to_string().as_bytes(),
+        )
+        .await
+    }
+
+    /// Every key and value stored under the prefix, as text.
+    async fn everything_stored(&self) -> String {
+        let keys = self
+            .store
+            .keys(&format!("{PREFIX}/"))
+            .await
+            .expect("read etcd");
+        let mut all = String::new();
+        for k in keys {
+            all.push_str(&k);
+            // The identity marker holds no JSON, and nothing.
+            if let Ok(Some(s)) = self.store.get(&k).await {
+                all.push_str(&s.value.to_string());
+            }
+            all.push('\n');
+        }
+        all
+    }
+}
+
+/// A chunked body's content.
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn password(user: &str) -> String {
+    format!("{user}-password-1")
+}
+
+/// An AWS signature version 4 over `string_to_sign`, as boto3 makes it.
+fn sign_v4(secret: &str, string_to_sign: &str) -> String {
+    let scope = string_to_sign.lines().nth(2).expect("a scope line");
+    let mut key = format!("AWS4{secret}").into_bytes();
+    for part in scope.split('/') {
+        key = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &key), part.as_bytes())
+            .as_ref()
+            .to_vec();
+    }
+    hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, &key),
+        string_to_sign.as_bytes(),
+    )
+    .as_ref()
+    .iter()
+    .map(|b| format!("{b:02x}"))
+    .collect()
+}
+
+const STS: &str = "AWS4-HMAC-SHA256\n20261201T120000Z\n20261201/us-east-1/s3/aws4_request\n0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_scoped_to_a_project_is_validated_for_the_proxy_only() {
+    let s = server().await;
+    s.setup(
+        &["p1", "p2"],
+        &[("alice", "p1"), ("carol", "p1"), ("carol", "p2")],
+    )
+    .await;
+    let p1 = s.project_uid("p1").await;
+
+    // Discovery, as keystoneauth reads it.
+    let v = s.call("GET", "/identity/v3", &[], b"").await;
+    assert_eq!(v.code, 200);
+    assert_eq!(v.body["version"]["id"], "v3.14");
+
+    let a = s.login("alice", &password("alice"), "p1").await;
+    assert_eq!(a.code, 201, "{}", a.body);
+    let token = a
+        .header("x-subject-token")
+        .expect("X-Subject-Token")
+        .to_string();
+    assert!(
+        !a.body.to_string().contains(&token),
+        "the token is in the header only"
+    );
+    let t = &a.body["token"];
+    assert_eq!(t["project"]["id"], json!(p1));
+    assert_eq!(t["project"]["name"], "p1");
+    assert_eq!(t["user"]["name"], "alice");
+    assert_eq!(
+        t["roles"],
+        json!([{"id": "member", "name": "member"}, {"id": "reader", "name": "reader"}])
+    );
+    assert_eq!(
+        t["catalog"][0]["endpoints"][0]["url"],
+        json!(format!("http://127.0.0.1:8080/v1/AUTH_{p1}"))
+    );
+
+    // Only the service identity validates; the answer names the project and roles.
+    let ok = s.validate(Some(PROXY), &token).await;
+    assert_eq!(ok.code, 200, "{}", ok.body);
+    assert_eq!(ok.body["token"]["project"]["id"], json!(p1));
+    assert_eq!(ok.body["token"]["roles"][0]["name"], "member");
+    assert_eq!(ok.header("x-subject-token"), Some(token.as_str()));
+    for (who, code) in [
+        (Some(ADMIN), 403),
+        (Some(NODE), 403),
+        (Some(token.as_str()), 403),
+        (Some("nope"), 401),
+        (None, 401),
+    ] {
+        let r = s.validate(who, &token).await;
+        assert_eq!(r.code, code, "validated with {who:?}: {}", r.body);
+        assert!(
+            r.body["error"]["message"].is_string(),
+            "Keystone's error member"
+        );
+        assert_eq!(r.body["kind"], "Status");
+    }
+    // The service identity makes no API request.
+    assert_eq!(
+        s.api(
+            PROXY,
+            "GET",
+            "/apis/compute.stratus.dev/v1/namespaces/p1/servers",
+            &Value::Null
+        )
+        .await
+        .code,
+        403
+    );
+
+    // Forged, tampered, oversized subject tokens: not found.
+    let tampered = format!("{}x", &token[..token.len() - 1]);
+    let huge = "a".repeat(10_000);
+    for bad in ["st1.forged.sig", tampered.as_str(), huge.as_str()] {
+        assert_eq!(s.validate(Some(PROXY), bad).await.code, 404);
+    }
+
+    // Wrong password, no role in the project, no such project, another domain: 401 alike.
+    assert_eq!(s.login("alice", "wrong-password", "p1").await.code, 401);
+    assert_eq!(s.login("alice", &password("alice"), "p2").await.code, 401);
+    assert_eq!(s.login("alice", &password("alice"), "nope").await.code, 401);
+    let other_domain = json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {"name": "alice", "domain": {"id": "other"}, "password": password("alice")}}}}});
+    assert_eq!(
+        s.call(
+            "POST",
+            "/identity/v3/auth/tokens",
+            &[],
+            other_domain.to_string().as_bytes()
+        )
+        .await
+        .code,
+        401
+    );
+
+    // A scoped token acts in its project only, on the Stratus API too.
+    let carol = s.token("carol", "p1").await;
+    let list = |ns: &'static str| format!("/apis/compute.stratus.dev/v1/namespaces/{ns}/servers");
+    assert_eq!(
+        s.api(&carol, "GET", &list("p1"), &Value::Null).await.code,
+        200
+    );
+    assert_eq!(
+        s.api(&carol, "GET", &list("p2"), &Value::Null).await.code,
+        403
+    );
+
+    // Revoked (by its holder): refused from then on.
+    let r = s
+        .call(
+            "DELETE",
+            "/identity/v3/auth/tokens",
+            &[("X-Auth-Token", &token), ("X-Subject-Token", &token)],
+            b"",
+        )
+        .await;
+    assert_eq!(r.code, 204);
+    assert_eq!(s.validate(Some(PROXY), &token).await.code, 404);
+
+    // Another user cannot revoke it.
+    let alice = s.token("alice", "p1").await;
+    let r = s
+        .call(
+            "DELETE",
+            "/identity/v3/auth/tokens",
+            &[("X-Auth-Token", &carol), ("X-Subject-Token", &alice)],
+            b"",
+        )
+        .await;
+    assert_eq!(r.code, 403);
+    assert_eq!(s.validate(Some(PROXY), &alice).await.code, 200);
+
+    // A role taken away: the token no longer reaches the project.
+    s.admin(
+        "DELETE",
+        "/apis/identity.stratus.dev/v1/namespaces/p1/roleassignments/alice-member",
+        Value::Null,
+    )
+    .await;
+    assert_eq!(s.validate(Some(PROXY), &alice).await.code, 404);
+
+    // Expired: a Stratus token of one second.
+    let short = s
+        .call(
+            "POST",
+            "/apis/identity.stratus.dev/v1/tokens",
+            &[],
+            json!({"user": "carol", "password": password("carol"), "expirationSeconds": 1})
+                .to_string()
+                .as_bytes(),
+        )
+        .await;
+    assert_eq!(short.code, 201);
+    let short = short.body["token"].as_str().expect("a token").to_string();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(s.validate(Some(PROXY), &short).await.code, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_logins_are_4xx_naming_the_field_and_bodies_are_bounded() {
+    let s = server().await;
+    let s = &s;
+    let post =
+        |body: Vec<u8>| async move { s.call("POST", "/identity/v3/auth/tokens", &[], &body).await };
+    for (body, field) in [
+        (
+            json!({"auth": {"identity": {"methods": ["token"], "token": {"id": "x"}}}}),
+            "auth.identity.methods",
+        ),
+        (
+            json!({"auth": {"identity": {"methods": ["password"]}}}),
+            "auth.identity.password",
+        ),
+        (
+            json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {"password": "x"}}}}}),
+            "auth.identity.password.user.name",
+        ),
+        (
+            json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {"name": "a", "password": "x".repeat(5000)}}}}}),
+            "auth.identity.password.user.password",
+        ),
+        (json!({"nothing": 1}), "auth"),
+    ] {
+        let a = post(body.to_string().into_bytes()).await;
+        assert_eq!(a.code, 400, "{body}: {}", a.body);
+        assert_eq!(a.body["details"]["causes"][0]["field"], field, "{}", a.body);
+    }
+    let huge = post(vec![b' '; 200 * 1024]).await;
+    assert_eq!(huge.code, 413);
+    let s3 = s
+        .call(
+            "POST",
+            "/identity/v3/s3tokens",
+            &[],
+            &vec![b' '; 200 * 1024],
+        )
+        .await;
+    assert_eq!(s3.code, 413);
+    assert_eq!(
+        s.call("GET", "/identity/v3/nothing", &[], b"").await.code,
+        404
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_credentials_are_their_users_and_sign_for_their_project() {
+    let s = server().await;
+    s.setup(
+        &["p1", "p2"],
+        &[("alice", "p1"), ("dave", "p1"), ("bob", "p2")],
+    )
+    .await;
+    let p1 = s.project_uid("p1").await;
+    let alice = s.token("alice", "p1").await;
+    let dave = s.token("dave", "p1").await;
+    let bob = s.token("bob", "p2").await;
+    let path = "/apis/identity.stratus.dev/v1/namespaces/p1/s3credentials";
+    let cred = |user: &str| json!({"apiVersion": "identity.stratus.dev/v1", "kind": "S3Credential", "metadata": {"name": format!("{user}-key")}, "spec": {"user": user}});
+
+    // Made for oneself only, in a project one has a role in.
+    let r = s.api(&alice, "POST", path, &cred("dave")).await;
+    assert_eq!(r.code, 403, "{}", r.body);
+    let r = s.api(&bob, "POST", path, &cred("bob")).await;
+    assert_eq!(r.code, 403, "{}", r.body);
+    let made = s.api(&alice, "POST", path, &cred("alice")).await;
+    assert_eq!(made.code, 201, "{}", made.body);
+    let access = made.body["status"]["accessKeyId"]
+        .as_str()
+        .expect("an access key")
+        .to_string();
+    let secret = made.body["status"]["secretAccessKey"]
+        .as_str()
+        .expect("the secret, once")
+        .to_string();
+    assert_eq!(made.body["metadata"]["ownerReferences"][0]["name"], "alice");
+
+    // The secret is shown once and stored nowhere.
+    let read = s
+        .api(&alice, "GET", &format!("{path}/alice-key"), &Value::Null)
+        .await;
+    assert_eq!(read.code, 200);
+    assert!(
+        read.body["status"].get("secretAccessKey").is_none(),
+        "{}",
+        read.body
+    );
+    assert!(
+        !s.everything_stored().await.contains(&secret),
+        "the secret is in etcd"
+    );
+
+    // Seen by its user only (and the project's admins).
+    assert_eq!(
+        s.api(&dave, "GET", &format!("{path}/alice-key"), &Value::Null)
+            .await
+            .code,
+        403
+    );
+    assert_eq!(s.api(&dave, "GET", path, &Value::Null).await.code, 403);
+    let mine = s
+        .api(
+            &alice,
+            "GET",
+            &format!("{path}?fieldSelector=spec.user%3Dalice"),
+            &Value::Null,
+        )
+        .await;
+    assert_eq!(mine.code, 200, "{}", mine.body);
+    assert_eq!(mine.body["items"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        s.api(
+            &dave,
+            "GET",
+            &format!("{path}?fieldSelector=spec.user%3Dalice"),
+            &Value::Null
+        )
+        .await
+        .code,
+        403
+    );
+    assert_eq!(
+        s.api(&dave, "DELETE", &format!("{path}/alice-key"), &Value::Null)
+            .await
+            .code,
+        403
+    );
+    let all = s.admin("GET", path, Value::Null).await;
+    assert_eq!(all["items"].as_array().map(Vec::len), Some(1));
+
+    // Its user never changes, nor what the server made.
+    let moved = s
+        .admin("GET", &format!("{path}/alice-key"), Value::Null)
+        .await;
+    let mut to_dave = moved.clone();
+    to_dave["spec"]["user"] = json!("dave");
+    let r = s
+        .api(ADMIN, "PUT", &format!("{path}/alice-key"), &to_dave)
+        .await;
+    assert_eq!(r.code, 422, "{}", r.body);
+    assert_eq!(r.body["details"]["causes"][0]["field"], "spec.user");
+
+    // s3tokens: the right signature gives the user, the project (Swift's AUTH_<uid>) and roles.
+    let ok = s.s3tokens(&access, STS, &sign_v4(&secret, STS)).await;
+    assert_eq!(ok.code, 200, "{}", ok.body);
+    assert_eq!(ok.body["token"]["project"]["id"], json!(p1));
+    assert_eq!(ok.body["token"]["user"]["name"], "alice");
+    assert_eq!(ok.body["token"]["roles"][0]["name"], "member");
+    assert_eq!(
+        s.s3tokens(&access, STS, &sign_v4("not-the-secret", STS))
+            .await
+            .code,
+        401
+    );
+    assert_eq!(
+        s.s3tokens(
+            "0123456789abcdef0123456789abcdef",
+            STS,
+            &sign_v4(&secret, STS)
+        )
+        .await
+        .code,
+        401
+    );
+    assert_eq!(
+        s.s3tokens("../../passwords/alice", STS, &sign_v4(&secret, STS))
+            .await
+            .code,
+        401
+    );
+    assert_eq!(s.s3tokens(&"a".repeat(100), STS, "x").await.code, 400);
+    let v2 = "GET\n\n\nTue, 01 Dec 2026 12:00:00 +0000\n/bucket/key";
+    let v2_sig = base64::engine::general_purpose::STANDARD.encode(
+        hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret.as_bytes()),
+            v2.as_bytes(),
+        )
+        .as_ref(),
+    );
+    assert_eq!(s.s3tokens(&access, v2, &v2_sig).await.code, 200);
+
+    // Deleted: the key stops working, and its index goes with it.
+    s.api(&alice, "DELETE", &format!("{path}/alice-key"), &Value::Null)
+        .await;
+    assert_eq!(
+        s.s3tokens(&access, STS, &sign_v4(&secret, STS)).await.code,
+        401
+    );
+    assert!(
+        !s.everything_stored().await.contains(&access),
+        "the access key's index stayed"
+    );
+}
