@@ -32,7 +32,7 @@ fn gone(cloud: &Cloud, args: &[&str]) -> bool {
 fn owner_deletion_cascades_background_foreground_and_orphan() -> Result<()> {
     let cloud = Cloud::up()?;
     cloud.projects(&["demo"])?;
-    let t = Duration::from_secs(30);
+    let t = Duration::from_secs(90);
 
     // Background: the owner goes at once, its dependents after it.
     let uid = flavor(&cloud, "bg")?;
@@ -158,7 +158,7 @@ fn owner_deletion_cascades_background_foreground_and_orphan() -> Result<()> {
 #[test]
 fn deleting_a_project_deletes_its_objects_first() -> Result<()> {
     let cloud = Cloud::up()?;
-    let t = Duration::from_secs(30);
+    let t = Duration::from_secs(90);
     let network =
         "apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: n1\nspec: {}\n";
     // No Project, no namespace: nothing can be created in it.

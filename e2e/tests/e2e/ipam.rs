@@ -444,7 +444,7 @@ fn a_network_with_a_port_stays_and_once_the_port_goes_its_vni_goes_at_once_and_i
     cloud.kubectl_ok(&["-n", "demo", "delete", "network", "blue"])?;
     assert_eq!(keys(&vni_key)?, 0, "the VNI goes in the network's delete");
     wait_until(
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         "the subnet to be collected with its network",
         || {
             cloud
@@ -462,7 +462,7 @@ fn a_network_with_a_port_stays_and_once_the_port_goes_its_vni_goes_at_once_and_i
     // A project being deleted takes its networks with their ports, in whatever order.
     cloud.projects(&["other"])?;
     wait_until(
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         "the project's cleanup finalizer",
         || {
             cloud
@@ -494,7 +494,7 @@ fn a_network_with_a_port_stays_and_once_the_port_goes_its_vni_goes_at_once_and_i
         "the gateway and DHCP server address; the port's address and MAC"
     );
     cloud.kubectl_ok(&["delete", "project", "other", "--wait=false"])?;
-    wait_until(Duration::from_secs(60), "the project to go", || {
+    wait_until(Duration::from_secs(90), "the project to go", || {
         let out = cloud.kubectl(&["get", "project", "other"]).ok()?;
         (!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not found"))
             .then_some(())

@@ -100,7 +100,7 @@ fn a_terminating_project_takes_no_new_content_and_a_deleted_one_has_no_namespace
     cloud.kubectl_in(&["create", "-f", "-"], &keypair("held", true))?;
     // The project controller adopts the Project (its cleanup finalizer) before it is deleted.
     wait_until(
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         "the project's cleanup finalizer",
         || {
             cloud
@@ -119,7 +119,7 @@ fn a_terminating_project_takes_no_new_content_and_a_deleted_one_has_no_namespace
     // The deletion begins; the finalizer on `held` keeps the Project terminating.
     cloud.kubectl_ok(&["delete", "project", "demo", "--wait=false"])?;
     wait_until(
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         "namespace demo to be Terminating",
         || {
             let phase = cloud
@@ -198,7 +198,7 @@ fn a_terminating_project_takes_no_new_content_and_a_deleted_one_has_no_namespace
         "-p",
         r#"{"metadata":{"finalizers":null}}"#,
     ])?;
-    wait_until(Duration::from_secs(60), "project demo to be gone", || {
+    wait_until(Duration::from_secs(90), "project demo to be gone", || {
         let out = cloud.kubectl(&["get", "project", "demo"]).ok()?;
         (!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not found"))
             .then_some(())

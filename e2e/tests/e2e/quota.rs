@@ -162,7 +162,7 @@ async fn fifty_concurrent_creates_against_a_quota_of_ten_leave_ten() -> Result<(
     ])?;
     // The quota controller shows used against the limits.
     let used = stratus_e2e::wait_until(
-        std::time::Duration::from_secs(30),
+        std::time::Duration::from_secs(90),
         "status.used to count",
         || {
             let v: serde_json::Value = serde_json::from_str(
