@@ -10,7 +10,8 @@ use serde_json::Value;
 use stratus_e2e::node::{FileServer, Guest, Node};
 use stratus_e2e::{Cloud, Proc, stratus_bin, wait_until};
 
-const T: Duration = Duration::from_secs(60);
+/// Generous: TCG guests and the controllers share two cores with every other test.
+const T: Duration = Duration::from_secs(180);
 
 fn server(name: &str, flavor: &str, image: &str, extra: &str) -> String {
     format!(
@@ -155,7 +156,7 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
         "delete",
         "server",
         "elsewhere",
-        "--timeout=60s",
+        "--timeout=180s",
     ])?;
     // A third member has nowhere to go.
     cloud.kubectl_in(
@@ -395,7 +396,7 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
     wait_server(&cloud, "one", "one to run again", |s| {
         s["status"]["phase"] == "Running"
     })?;
-    cloud.kubectl_ok(&["-n", "demo", "delete", "server", "one", "--timeout=60s"])?;
+    cloud.kubectl_ok(&["-n", "demo", "delete", "server", "one", "--timeout=180s"])?;
     // Its place freed, the waiting member gets it.
     wait_server(&cloud, "three", "the third member to be placed", |s| {
         s["status"]["phase"] == "Running"
@@ -448,7 +449,7 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
         }
     }
     wait_until(
-        Duration::from_secs(90),
+        T,
         "the lost node to be NotReady",
         || {
             json(&cloud, &["get", "hypervisor", &lost])
@@ -767,7 +768,7 @@ fn real_guests_on_two_simulated_nodes() -> Result<()> {
     );
 
     // Delete: domain and disks gone, the object released.
-    cloud.kubectl_ok(&["-n", "demo", "delete", "server", "gamma", "--timeout=60s"])?;
+    cloud.kubectl_ok(&["-n", "demo", "delete", "server", "gamma", "--timeout=180s"])?;
     assert!(!gnode.domains()?.contains(&gdom));
     assert!(
         !gnode

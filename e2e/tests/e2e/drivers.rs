@@ -181,7 +181,7 @@ fn the_agent_runs_a_server_on_a_fake_host_through_failures_drift_and_deletion() 
     })?;
 
     // Deleted: the domain and its disks go, then the finalizer, then the Server.
-    cloud.kubectl_ok(&["-n", "demo", "delete", "server", "web", "--timeout=60s"])?;
+    cloud.kubectl_ok(&["-n", "demo", "delete", "server", "web", "--timeout=180s"])?;
     assert_eq!(domains.lookup(&domain)?, None);
     assert!(
         !disks.paths().iter().any(|p| p.starts_with(&guest_dir)),

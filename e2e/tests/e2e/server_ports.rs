@@ -237,7 +237,7 @@ fn a_servers_network_becomes_a_port_plugged_into_its_guest_and_goes_with_it() ->
         Some("web".into()),
         "the port stays web's"
     );
-    cloud.kubectl_ok(&["-n", "demo", "delete", "server", "db", "--timeout=60s"])?;
+    cloud.kubectl_ok(&["-n", "demo", "delete", "server", "db", "--timeout=180s"])?;
 
     // An address already taken, or a network that does not exist: the Port's create is
     // refused, and the Server says why, naming its entry.
@@ -271,12 +271,12 @@ fn a_servers_network_becomes_a_port_plugged_into_its_guest_and_goes_with_it() ->
             "{c}"
         );
         assert!(get(&cloud, "port", &format!("{server}-0")).is_none());
-        cloud.kubectl_ok(&["-n", "demo", "delete", "server", server, "--timeout=60s"])?;
+        cloud.kubectl_ok(&["-n", "demo", "delete", "server", server, "--timeout=180s"])?;
     }
 
     // Deleted: the guest goes, the Port made for it goes with it, the one it was given is
     // released, and the address is free for another Port.
-    cloud.kubectl_ok(&["-n", "demo", "delete", "server", "web", "--timeout=60s"])?;
+    cloud.kubectl_ok(&["-n", "demo", "delete", "server", "web", "--timeout=180s"])?;
     assert_eq!(libvirt.defined_xml(&format!("stratus-{uid}"))?, None);
     wait_until(T, "port web-0 deleted with its server", || {
         get(&cloud, "port", "web-0").is_none().then_some(())
@@ -455,7 +455,7 @@ fn one_node_running_compute_and_network_wires_the_tap_its_server_port_names() ->
 
     // Deleted with its server: the port goes, and the node unwires it (the tap leaves the
     // bridge, which goes).
-    cloud.kubectl_ok(&["-n", "demo", "delete", "server", "web", "--timeout=60s"])?;
+    cloud.kubectl_ok(&["-n", "demo", "delete", "server", "web", "--timeout=180s"])?;
     wait_until(T, "port web-0 deleted with its server", || {
         get(&cloud, "port", "web-0").is_none().then_some(())
     })?;
@@ -577,7 +577,7 @@ fn a_real_guest_takes_its_ports_address_by_dhcp() -> Result<()> {
         )
     })?;
 
-    cloud.kubectl_ok(&["-n", "demo", "delete", "server", "web", "--timeout=90s"])?;
+    cloud.kubectl_ok(&["-n", "demo", "delete", "server", "web", "--timeout=180s"])?;
     wait_until(T, "port web-0 deleted with its server", || {
         get(&cloud, "port", "web-0").is_none().then_some(())
     })?;

@@ -41,7 +41,7 @@ fn etcd_does_not_outlive_a_killed_stratus_up() -> Result<()> {
     // As a crash (or the OOM killer) would: no shutdown runs.
     cloud.proc.kill();
     wait_until(
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         "the etcd of a killed stratus up to stop",
         || match stat(etcd) {
             None | Some((_, _, 'Z')) => Some(()),
@@ -80,7 +80,7 @@ impl Drop for Netns {
 fn stratus_up_with_compute_runs_the_network_agent_too() -> Result<()> {
     let ns = Netns::add(&format!("stratus-up-{}", std::process::id()))?;
     let cloud = Cloud::up_with(&["--compute", "test:///default", "--network-namespace", &ns.0])?;
-    let t = Duration::from_secs(60);
+    let t = Duration::from_secs(180);
     let holder = wait_until(t, "the network agent's Lease of node-1", || {
         cloud
             .kubectl_ok(&[
@@ -243,7 +243,7 @@ fn the_demo_guest_takes_its_address_on_the_example_network_by_dhcp() -> Result<(
     // as it starts the agents.
     let link = cloud.dir.path().join("network-dhcp");
     net.dhcp_dir = Some(wait_until(
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         "the DHCP directory's link",
         || std::fs::read_link(&link).ok(),
     )?);
