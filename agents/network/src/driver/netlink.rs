@@ -372,6 +372,28 @@ async fn change(h: &Handle, what: String, msg: LinkMessage) -> Result<(), LinkEr
     h.link().change(msg).execute().await.map_err(nl(what))
 }
 
+/// Changes link `name` of `ns` in one request, addressed by its name (`RTM_NEWLINK`
+/// without create: the kernel finds the device by name and answers `ENODEV` when it is
+/// absent), instead of a lookup and then a change: a node of 1,000 ports wires each port in
+/// three requests.
+async fn change_named(
+    h: &Handle,
+    ns: &Netns,
+    name: &IfName,
+    what: String,
+    build: impl FnOnce(LinkMessageBuilder<LinkUnspec>) -> LinkMessageBuilder<LinkUnspec>,
+) -> Result<(), LinkError> {
+    let msg = build(LinkUnspec::new_with_name(name.as_str())).build();
+    match h.link().change(msg).execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if errno(&e) == Some(ENODEV) => Err(LinkError::NoLink {
+            netns: ns.clone(),
+            name: name.clone(),
+        }),
+        Err(e) => Err(nl(what)(e)),
+    }
+}
+
 fn v4(m: &AddressMessage) -> Option<Ipv4Cidr> {
     if m.header.family != AddressFamily::Inet {
         return None;
@@ -637,7 +659,8 @@ impl Links for NetlinkLinks {
         })
     }
 
-    /// Idempotent: nothing is sent when the link already has that master.
+    /// Idempotent: the kernel changes nothing when the link already has that master. One
+    /// lookup of the bridge and one change by name.
     fn set_master(
         &self,
         ns: &Netns,
@@ -646,47 +669,46 @@ impl Links for NetlinkLinks {
     ) -> Result<(), LinkError> {
         let (ns2, name, master) = (ns.clone(), name.clone(), master.cloned());
         self.exec(ns, move |h| async move {
-            let m = require(&h, &ns2, &name).await?;
             let want = match &master {
                 Some(b) => Some(require(&h, &ns2, b).await?.header.index),
                 None => None,
             };
-            if master_of(&m) == want {
-                return Ok(());
-            }
-            let msg = LinkUnspec::new_with_index(m.header.index);
-            let msg = match want {
-                Some(i) => msg.controller(i),
-                None => msg.nocontroller(),
-            };
-            change(&h, format!("set master of {name}"), msg.build()).await
+            change_named(
+                &h,
+                &ns2,
+                &name,
+                format!("set master of {name}"),
+                |m| match want {
+                    Some(i) => m.controller(i),
+                    None => m.nocontroller(),
+                },
+            )
+            .await
         })
     }
 
-    /// Idempotent: nothing is sent when the link is already so.
+    /// Idempotent: setting a link up that is up changes nothing. One change by name.
     fn set_up(&self, ns: &Netns, name: &IfName, up: bool) -> Result<(), LinkError> {
         let (ns2, name) = (ns.clone(), name.clone());
         self.exec(ns, move |h| async move {
-            let m = require(&h, &ns2, &name).await?;
-            if m.header.flags.contains(LinkFlags::Up) == up {
-                return Ok(());
-            }
-            let msg = LinkUnspec::new_with_index(m.header.index);
-            let msg = if up { msg.up() } else { msg.down() };
-            change(&h, format!("set {name} up={up}"), msg.build()).await
+            change_named(&h, &ns2, &name, format!("set {name} up={up}"), |m| {
+                if up { m.up() } else { m.down() }
+            })
+            .await
         })
     }
 
-    /// Idempotent: setting the current MTU is `Ok`. MTU 0 is invalid.
+    /// Idempotent: setting the current MTU is `Ok`. MTU 0 is invalid. One change by name.
     fn set_mtu(&self, ns: &Netns, name: &IfName, mtu: u32) -> Result<(), LinkError> {
         if mtu == 0 {
             return Err(LinkError::Invalid("MTU 0".into()));
         }
         let (ns2, name) = (ns.clone(), name.clone());
         self.exec(ns, move |h| async move {
-            let m = require(&h, &ns2, &name).await?;
-            let msg = LinkUnspec::new_with_index(m.header.index).mtu(mtu).build();
-            change(&h, format!("set mtu of {name}"), msg).await
+            change_named(&h, &ns2, &name, format!("set mtu of {name}"), |m| {
+                m.mtu(mtu)
+            })
+            .await
         })
     }
 
