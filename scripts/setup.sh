@@ -29,6 +29,7 @@ bin  qemu-system-x86_64   qemu-system-x86
 bin  qemu-img             qemu-utils
 bin  dnsmasq              dnsmasq-base
 bin  nft                  nftables
+bin  conntrack            conntrack
 bin  ovs-vswitchd         openvswitch-switch
 bin  ovs-vsctl            openvswitch-switch
 bin  ovs-ofctl            openvswitch-common

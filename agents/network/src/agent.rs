@@ -33,7 +33,7 @@ use tokio::sync::Notify;
 use crate::desired::{FloatingPlan, NodeConfig, PortKey, PortPlan, Snapshot, desired_all};
 use crate::driver::{
     Dhcp, DhcpError, Firewall, FirewallError, IfName, Link, LinkError, LinkKind, Links, Name,
-    Netns, Observed, Ruleset,
+    Netns, Observed, Ruleset, conntrack,
 };
 use crate::plan::{
     Desired, NetnsContents, ObservedHost, Op, RouterContents, Step, is_derived, is_dhcp_name_of,
@@ -880,6 +880,8 @@ pub async fn run(client: Client, host: Host, config: Config) {
     let mut first = true;
     let mut converged_once = false;
     let mut metadata = crate::metadata::Service::new(client.clone(), node.clone());
+    // The floating addresses each router translated when the node was last converged whole.
+    let mut floating = BTreeMap::new();
     loop {
         if !first {
             // No settling delay: changes that come during a converge wake one more
@@ -930,6 +932,19 @@ pub async fn run(client: Client, host: Host, config: Config) {
         wired = report.wired_devices();
         write_statuses(&runtime, &config, &snap, &report).await;
         write_router_statuses(&routers_rt, &floating_rt, &snap, &report).await;
+        if report.failures.is_empty() {
+            let now = conntrack::floating(report.desired.routers.iter().map(|r| (&r.name, &r.nat)));
+            let released = conntrack::released(&floating, &now);
+            floating = now;
+            let _ = stratus_runtime::blocking(move || {
+                for (router, ip) in released {
+                    if let Err(e) = conntrack::flush_address(&Netns::Named(router), ip) {
+                        tracing::warn!(error = %stratus_runtime::policy::chain(&e), %ip, "cannot forget a floating address's connections");
+                    }
+                }
+            })
+            .await;
+        }
         metadata.set_index(crate::metadata::index(&snap, &node));
         let listeners = crate::metadata::wanted(&snap, &report.desired);
         metadata.sync(Arc::clone(&host.links), &listeners).await;

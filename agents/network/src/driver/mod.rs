@@ -11,6 +11,7 @@ use std::net::Ipv4Addr;
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+pub mod conntrack;
 pub mod dnsmasq;
 pub mod fake;
 pub mod names;
