@@ -468,7 +468,7 @@ fn renamed(snap: &Snapshot, n1: &str, n2: &str, prefix: &str) -> Snapshot {
 }
 
 /// Installs in `ns` an input counter of ICMP echo requests from each of `sources`.
-fn count_pings_from(ns: &Name, sources: &[Ipv4Addr]) {
+pub(crate) fn count_pings_from(ns: &Name, sources: &[Ipv4Addr]) {
     sh(ns, &["nft", "add", "table", "ip", "probe"]);
     sh(
         ns,
@@ -505,7 +505,7 @@ fn count_pings_from(ns: &Name, sources: &[Ipv4Addr]) {
 }
 
 /// The echo requests counted from `source` (see [`count_pings_from`]).
-fn pings_counted(ns: &Name, source: Ipv4Addr) -> u64 {
+pub(crate) fn pings_counted(ns: &Name, source: Ipv4Addr) -> u64 {
     let (ok, out) = run_in(ns, &["nft", "list", "chain", "ip", "probe", "in"]);
     assert!(ok, "{out}");
     let line = out

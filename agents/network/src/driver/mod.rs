@@ -20,6 +20,7 @@ pub mod netns;
 pub mod nft;
 pub mod ovs;
 pub mod ovs_daemon;
+pub mod ovs_firewall;
 pub mod ovs_flows;
 
 #[cfg(test)]

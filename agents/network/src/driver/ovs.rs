@@ -32,7 +32,7 @@ use super::names::digest_hex;
 use super::netlink::NetlinkLinks;
 use super::netns;
 use super::ovs_daemon::{Ovs, OvsDaemon, OvsError};
-use super::ovs_flows::{self, Bundle, NetworkFlows, Switch, TunnelFlows};
+use super::ovs_flows::{self, Bundle, NetworkFlows, PortFilterSpec, Switch, TunnelFlows};
 use super::{
     FdbEntry, IfName, Ipv4Cidr, Link, LinkError, LinkKind, Links, MacAddr, Name, Netns, RouteSpec,
     VethSpec, VxlanInfo, VxlanSpec,
@@ -47,6 +47,82 @@ const ROLE: &str = "stratus-role";
 const NETWORK: &str = "stratus-network";
 /// The prefix of the integration bridge's `external_ids` keys holding VXLAN devices.
 const VXLAN_KEY: &str = "stratus-vxlan-";
+
+/// The integration bridge's `external_ids` key saying a firewall is applied.
+const FIREWALL_KEY: &str = "stratus-fw";
+/// The key holding the firewall's conntrack zones, by network bridge.
+const ZONES_KEY: &str = "stratus-fw-zones";
+/// The key holding the local DHCP servers' addresses, by VXLAN device.
+const DHCP_KEY: &str = "stratus-fw-dhcp";
+/// The prefix of the keys holding each filtered port's filter, by device.
+const PORT_KEY: &str = "stratus-fw-port-";
+
+/// The most bytes of values one `ovs-vsctl` call is given (the kernel limits one argument
+/// to 128 KiB and all of them to a few MiB).
+const VSCTL_BATCH_BYTES: usize = 256 * 1024;
+
+/// The node's firewall as the switch's database keeps it (each port's filter under a key
+/// of its own, so that no one value grows with the node).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FirewallState {
+    /// Conntrack zones by network bridge.
+    pub zones: BTreeMap<String, u16>,
+    /// Local DHCP servers' addresses by VXLAN device.
+    pub local_dhcp: BTreeMap<String, Ipv4Addr>,
+    /// Filters by port device (ports with port security only).
+    pub ports: BTreeMap<String, PortFilterSpec>,
+}
+
+impl FirewallState {
+    /// Its `external_ids` keys and values.
+    fn keys(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::from([
+            (FIREWALL_KEY.to_owned(), "1".to_owned()),
+            (ZONES_KEY.to_owned(), json(&self.zones)),
+            (DHCP_KEY.to_owned(), json(&self.local_dhcp)),
+        ]);
+        for (device, f) in &self.ports {
+            out.insert(format!("{PORT_KEY}{device}"), json(f));
+        }
+        out
+    }
+
+    /// Read back from `external_ids`; `None` when no firewall is applied.
+    fn parse(ext: &BTreeMap<String, String>) -> Option<Self> {
+        ext.get(FIREWALL_KEY)?;
+        let mut f = FirewallState {
+            zones: ext
+                .get(ZONES_KEY)
+                .and_then(|v| serde_json::from_str(v).ok())
+                .unwrap_or_default(),
+            local_dhcp: ext
+                .get(DHCP_KEY)
+                .and_then(|v| serde_json::from_str(v).ok())
+                .unwrap_or_default(),
+            ports: BTreeMap::new(),
+        };
+        for (k, v) in ext {
+            if let Some(device) = k.strip_prefix(PORT_KEY) {
+                // A filter that does not parse filters everything: the port keeps an
+                // empty filter rather than none.
+                let spec = serde_json::from_str(v).unwrap_or_else(|_| PortFilterSpec {
+                    mac: String::new(),
+                    ips: BTreeSet::new(),
+                    dhcp_server: None,
+                    ingress: Vec::new(),
+                    egress: Vec::new(),
+                });
+                f.ports.insert(device.to_owned(), spec);
+            }
+        }
+        Some(f)
+    }
+}
+
+/// `v` as JSON (maps of strings and the filter types always serialise).
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
 
 /// The MTU of a VXLAN device made without one (the kernel's for a VXLAN device on a 1500
 /// byte underlay).
@@ -118,6 +194,9 @@ struct State {
     bridge: bool,
     ifaces: BTreeMap<String, Iface>,
     vxlans: BTreeMap<String, VxlanRecord>,
+    /// The integration bridge's `external_ids` keys of the firewall, as stored.
+    firewall_keys: BTreeMap<String, String>,
+    firewall: Option<FirewallState>,
 }
 
 /// OVSDB's JSON for a map column, as pairs of strings.
@@ -200,7 +279,14 @@ impl State {
                 continue;
             }
             s.bridge = true;
-            for (k, v) in map(ext) {
+            let ext = map(ext);
+            s.firewall_keys = ext
+                .iter()
+                .filter(|(k, _)| k.starts_with(FIREWALL_KEY))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            s.firewall = FirewallState::parse(&s.firewall_keys);
+            for (k, v) in ext {
                 if let Some(vx) = k.strip_prefix(VXLAN_KEY)
                     && let Ok(rec) = serde_json::from_str::<VxlanRecord>(&v)
                 {
@@ -246,12 +332,27 @@ impl State {
             else {
                 continue;
             };
-            let ports = self
-                .ifaces
-                .values()
-                .filter(|p| p.role == Role::Port(name.clone()))
-                .filter_map(|p| p.ofport)
-                .collect();
+            let mut ports = BTreeSet::new();
+            let mut filters = BTreeMap::new();
+            for (device, p) in &self.ifaces {
+                let (true, Some(ofport)) = (p.role == Role::Port(name.clone()), p.ofport) else {
+                    continue;
+                };
+                ports.insert(ofport);
+                if let Some(f) = self.firewall.as_ref().and_then(|f| f.ports.get(device)) {
+                    filters.insert(ofport, f.clone());
+                }
+            }
+            let fw = self.firewall.as_ref();
+            let zone = fw
+                .and_then(|f| f.zones.get(name))
+                .copied()
+                .unwrap_or_else(|| u16::try_from(id).unwrap_or(u16::MAX));
+            let local_dhcp = self
+                .vxlans
+                .iter()
+                .filter(|(_, v)| v.master.as_deref() == Some(name.as_str()))
+                .find_map(|(vx, _)| fw.and_then(|f| f.local_dhcp.get(vx)).copied());
             let tunnel = self
                 .vxlans
                 .values()
@@ -279,6 +380,9 @@ impl State {
                 id,
                 ports,
                 tunnel,
+                zone,
+                filters,
+                local_dhcp,
             });
         }
         Switch { networks }
@@ -523,6 +627,82 @@ impl OvsLinks {
             self.sync(&self.read()?)?;
         }
         Ok(true)
+    }
+
+    /// Makes the node's firewall `firewall` (or none), then the flows: every filtered port's
+    /// filter is written with the rest of its flows, in the same bundle.
+    ///
+    /// # Errors
+    /// The switch refused.
+    pub fn set_firewall(&self, firewall: Option<&FirewallState>) -> Result<(), LinkError> {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.state(&self.netns)?;
+        let want = firewall.map(FirewallState::keys).unwrap_or_default();
+        let mut batches: Vec<Vec<String>> = vec![Vec::new()];
+        let mut size = 0;
+        let mut push = |args: Vec<String>| {
+            let n: usize = args.iter().map(String::len).sum();
+            if size + n > VSCTL_BATCH_BYTES && batches.last().is_some_and(|b| !b.is_empty()) {
+                batches.push(Vec::new());
+                size = 0;
+            }
+            size += n;
+            if let Some(b) = batches.last_mut() {
+                b.extend(args);
+            }
+        };
+        // The marker last, so that a firewall half written reads as none.
+        let mut marker = None;
+        for (k, v) in &want {
+            if s.firewall_keys.get(k) == Some(v) {
+                continue;
+            }
+            let args = vec![
+                "--".into(),
+                "br-set-external-id".into(),
+                INTEGRATION_BRIDGE.into(),
+                k.clone(),
+                v.clone(),
+            ];
+            if k == FIREWALL_KEY {
+                marker = Some(args);
+            } else {
+                push(args);
+            }
+        }
+        // Removed first of all when the firewall goes.
+        if firewall.is_none() && s.firewall_keys.contains_key(FIREWALL_KEY) {
+            self.ovs
+                .vsctl_no_wait(&["br-set-external-id", INTEGRATION_BRIDGE, FIREWALL_KEY])
+                .map_err(ovs_err)?;
+        }
+        for k in s.firewall_keys.keys().filter(|k| !want.contains_key(*k)) {
+            if k != FIREWALL_KEY {
+                push(vec![
+                    "--".into(),
+                    "br-set-external-id".into(),
+                    INTEGRATION_BRIDGE.into(),
+                    k.clone(),
+                ]);
+            }
+        }
+        if let Some(m) = marker {
+            batches.push(m);
+        }
+        for b in batches.iter().filter(|b| !b.is_empty()) {
+            let args: Vec<&str> = b.iter().map(String::as_str).collect();
+            self.ovs.vsctl_no_wait(&args).map_err(ovs_err)?;
+        }
+        self.sync(&self.read()?)
+    }
+
+    /// The firewall the switch's database holds, if one is applied.
+    ///
+    /// # Errors
+    /// The switch could not be read.
+    pub fn firewall(&self) -> Result<Option<FirewallState>, LinkError> {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(self.state(&self.netns)?.firewall)
     }
 
     fn no_link(&self, ns: &Netns, name: &IfName) -> LinkError {

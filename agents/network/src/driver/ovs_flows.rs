@@ -27,6 +27,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
 
 use super::names::{IfName, MacAddr, digest_hex};
 
@@ -58,6 +61,170 @@ pub struct NetworkFlows {
     pub ports: BTreeSet<u32>,
     /// Its overlay: absent, or down, carries nothing.
     pub tunnel: Option<TunnelFlows>,
+    /// Its conntrack zone.
+    pub zone: u16,
+    /// The filters of its ports with port security, by OpenFlow port number.
+    pub filters: BTreeMap<u32, PortFilterSpec>,
+    /// The address of its DHCP server on this node, which no frame from a tunnel reaches.
+    pub local_dhcp: Option<Ipv4Addr>,
+}
+
+/// A port's filter: anti-spoofing, and stateful security-group rules (OVS conntrack in the
+/// network's zone).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortFilterSpec {
+    /// The only source MAC it may send from.
+    pub mac: String,
+    /// The only source addresses it may send from (ARP and IPv4).
+    pub ips: BTreeSet<Ipv4Addr>,
+    /// The only source of DHCP replies it takes.
+    pub dhcp_server: Option<Ipv4Addr>,
+    /// What may reach it (all else is dropped).
+    pub ingress: Vec<RuleSpec>,
+    /// What it may send (all else is dropped).
+    pub egress: Vec<RuleSpec>,
+}
+
+/// A rule's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// Any IPv4.
+    Any,
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// ICMP.
+    Icmp,
+}
+
+/// One allowed kind of traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    /// The protocol.
+    pub protocol: Proto,
+    /// Destination ports `first..=last` (TCP and UDP).
+    pub ports: Option<(u16, u16)>,
+    /// The other end's prefixes (source for ingress, destination for egress); `None` is
+    /// anyone, an empty list no one.
+    pub remotes: Option<Vec<(Ipv4Addr, u8)>>,
+}
+
+/// `first..=last` as value/mask pairs OpenFlow matches (`tp_dst=V/M`).
+pub fn port_masks(first: u16, last: u16) -> Vec<(u16, u16)> {
+    let (mut start, end) = (u32::from(first), u32::from(last));
+    let mut out = Vec::new();
+    while start <= end {
+        let mut size = 1u32;
+        while start % (size * 2) == 0 && size * 2 <= 0x1_0000 && start + size * 2 - 1 <= end {
+            size *= 2;
+        }
+        let mask = !(size - 1) & 0xffff;
+        out.push((
+            u16::try_from(start).unwrap_or(u16::MAX),
+            u16::try_from(mask).unwrap_or(0),
+        ));
+        start += size;
+    }
+    out
+}
+
+/// The matches of one rule, `remote` naming the other end's field (`nw_src`, `nw_dst`).
+fn rule_matches(r: &RuleSpec, remote: &str) -> Vec<String> {
+    let proto = match r.protocol {
+        Proto::Any => "ip",
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+        Proto::Icmp => "icmp",
+    };
+    let ports: Vec<String> = match (r.protocol, r.ports) {
+        (Proto::Tcp | Proto::Udp, Some((a, b))) => port_masks(a, b)
+            .into_iter()
+            .map(|(v, m)| format!(",tp_dst={v:#x}/{m:#x}"))
+            .collect(),
+        _ => vec![String::new()],
+    };
+    let remotes: Vec<String> = match &r.remotes {
+        None => vec![String::new()],
+        Some(list) => list
+            .iter()
+            .map(|(ip, len)| format!(",{remote}={ip}/{len}"))
+            .collect(),
+    };
+    let mut out = Vec::new();
+    for p in &ports {
+        for m in &remotes {
+            out.push(format!("{proto}{p}{m}"));
+        }
+    }
+    out
+}
+
+/// The flows of a port with a filter: egress (tables 10, 11) and ingress (30, 31).
+fn filter_flows(p: u32, id: u32, zone: u16, f: &PortFilterSpec) -> Vec<String> {
+    let mut t = Vec::new();
+    if let Ok(mac) = f.mac.parse::<MacAddr>() {
+        for ip in &f.ips {
+            t.push(format!(
+                "table=10,priority=100,reg5={p},dl_src={mac},arp,arp_sha={mac},arp_spa={ip} \
+                 actions=resubmit(,20)"
+            ));
+            t.push(format!(
+                "table=10,priority=90,reg5={p},dl_src={mac},ip,nw_src={ip} \
+                 actions=ct(table=11,zone={zone})"
+            ));
+        }
+        t.push(format!(
+            "table=10,priority=100,reg5={p},dl_src={mac},udp,tp_src=68,tp_dst=67 \
+             actions=resubmit(,20)"
+        ));
+    }
+    t.push(format!("table=10,priority=80,reg5={p} actions=drop"));
+    for state in ["-new+est-inv+trk", "-new+rel-inv+trk"] {
+        t.push(format!(
+            "table=11,priority=100,reg5={p},ct_state={state} actions=resubmit(,20)"
+        ));
+        t.push(format!(
+            "table=31,priority=100,reg4={p},ct_state={state} actions=output:{p}"
+        ));
+    }
+    for r in &f.egress {
+        for m in rule_matches(r, "nw_dst") {
+            t.push(format!(
+                "table=11,priority=50,reg5={p},ct_state=+new-inv+trk,{m} \
+                 actions=ct(commit,zone={zone}),resubmit(,20)"
+            ));
+        }
+    }
+    t.push(format!("table=11,priority=10,reg5={p} actions=drop"));
+    t.push(format!(
+        "table=30,priority=200,reg6={id},reg4={p},arp actions=output:{p}"
+    ));
+    if let Some(server) = f.dhcp_server {
+        t.push(format!(
+            "table=30,priority=200,reg6={id},reg4={p},udp,nw_src={server},tp_src=67,tp_dst=68 \
+             actions=output:{p}"
+        ));
+    }
+    t.push(format!(
+        "table=30,priority=190,reg6={id},reg4={p},ip actions=ct(table=31,zone={zone})"
+    ));
+    t.push(format!(
+        "table=30,priority=100,reg6={id},reg4={p} actions=drop"
+    ));
+    for r in &f.ingress {
+        for m in rule_matches(r, "nw_src") {
+            t.push(format!(
+                "table=31,priority=50,reg4={p},ct_state=+new-inv+trk,{m} \
+                 actions=ct(commit,zone={zone}),output:{p}"
+            ));
+        }
+    }
+    t.push(format!("table=31,priority=10,reg4={p} actions=drop"));
+    t
 }
 
 /// A network's overlay.
@@ -139,6 +306,8 @@ pub fn render(w: &Switch) -> Vec<Flow> {
         vec![
             "table=0,priority=0 actions=drop".into(),
             "table=10,priority=0 actions=resubmit(,20)".into(),
+            "table=11,priority=0 actions=drop".into(),
+            "table=31,priority=0 actions=drop".into(),
             // Each node's own DHCP server serves its ports: none from across a tunnel.
             "table=20,priority=200,reg7=1,udp,tp_dst=67 actions=drop".into(),
             "table=20,priority=200,reg7=1,udp,tp_dst=68 actions=drop".into(),
@@ -155,17 +324,17 @@ pub fn render(w: &Switch) -> Vec<Flow> {
     for n in &w.networks {
         let id = n.id;
         for p in &n.ports {
-            flows.extend(object(
-                KIND_PORT,
-                &format!("{}/{p}", n.name),
-                vec![
-                    format!(
-                        "table=0,priority=100,in_port={p} \
-                         actions=load:{id}->NXM_NX_REG6[],load:{p}->NXM_NX_REG5[],resubmit(,10)"
-                    ),
-                    format!("table=30,priority=100,reg6={id},reg4={p} actions=output:{p}"),
-                ],
-            ));
+            let mut texts = vec![format!(
+                "table=0,priority=100,in_port={p} \
+                 actions=load:{id}->NXM_NX_REG6[],load:{p}->NXM_NX_REG5[],resubmit(,10)"
+            )];
+            match n.filters.get(p) {
+                Some(f) => texts.extend(filter_flows(*p, id, n.zone, f)),
+                None => texts.push(format!(
+                    "table=30,priority=100,reg6={id},reg4={p} actions=output:{p}"
+                )),
+            }
+            flows.extend(object(KIND_PORT, &format!("{}/{p}", n.name), texts));
         }
         let locals = to_locals(&n.ports);
         let tunnels = n.tunnel.as_ref().map(to_tunnels).unwrap_or_default();
@@ -193,6 +362,14 @@ pub fn render(w: &Switch) -> Vec<Flow> {
                 join(&[locals])
             ),
         ];
+        if let Some(server) = n.local_dhcp {
+            texts.push(format!(
+                "table=20,priority=200,reg6={id},reg7=1,arp,arp_tpa={server} actions=drop"
+            ));
+            texts.push(format!(
+                "table=20,priority=200,reg6={id},reg7=1,ip,nw_dst={server} actions=drop"
+            ));
+        }
         if let Some(t) = &n.tunnel {
             for p in &t.flood {
                 texts.push(format!(
@@ -308,6 +485,9 @@ mod tests {
                 flood: flood.iter().copied().collect(),
                 macs: BTreeMap::from([("02:00:00:00:00:09".parse().expect("mac"), flood[0])]),
             }),
+            zone: 1,
+            filters: BTreeMap::new(),
+            local_dhcp: None,
         }
     }
 
@@ -404,6 +584,87 @@ mod tests {
         text.push_str(" priority=0 actions=NORMAL\n");
         text.push_str(" cookie=0x1234, table=3, actions=drop\n");
         assert!(Bundle::between(&flows, &installed(&text)).is_empty());
+    }
+
+    #[test]
+    fn port_ranges_become_masks_covering_exactly_the_range() {
+        for (a, b) in [
+            (22, 22),
+            (1000, 2000),
+            (1, 65535),
+            (0, 65535),
+            (65535, 65535),
+            (8, 15),
+        ] {
+            let masks = port_masks(a, b);
+            let covered: Vec<u32> = (0..=65535u32)
+                .filter(|p| masks.iter().any(|(v, m)| (*p as u16) & m == *v))
+                .collect();
+            let want: Vec<u32> = (u32::from(a)..=u32::from(b)).collect();
+            assert_eq!(covered, want, "{a}-{b}: {masks:?}");
+        }
+        assert_eq!(port_masks(22, 22), vec![(22, 0xffff)]);
+        assert_eq!(port_masks(0, 65535), vec![(0, 0)]);
+    }
+
+    #[test]
+    fn a_filtered_port_is_checked_both_ways_and_its_filter_is_its_own_object() {
+        let filter = PortFilterSpec {
+            mac: "02:00:00:00:00:01".into(),
+            ips: BTreeSet::from([Ipv4Addr::new(10, 0, 0, 5)]),
+            dhcp_server: Some(Ipv4Addr::new(10, 0, 0, 254)),
+            ingress: vec![RuleSpec {
+                protocol: Proto::Tcp,
+                ports: Some((22, 22)),
+                remotes: Some(vec![(Ipv4Addr::new(10, 0, 0, 0), 24)]),
+            }],
+            egress: vec![RuleSpec {
+                protocol: Proto::Any,
+                ports: None,
+                remotes: None,
+            }],
+        };
+        let mut n = net("br-a", 7, &[3, 4], &[1]);
+        n.zone = 9;
+        let plain = render(&Switch {
+            networks: vec![n.clone()],
+        });
+        n.filters.insert(3, filter.clone());
+        let filtered = render(&Switch {
+            networks: vec![n.clone()],
+        });
+        let texts: Vec<&str> = filtered.iter().map(|f| f.text.as_str()).collect();
+        let has = |s: &str| texts.iter().any(|t| t.contains(s));
+        assert!(has(
+            "reg5=3,dl_src=02:00:00:00:00:01,ip,nw_src=10.0.0.5 actions=ct(table=11,zone=9)"
+        ));
+        assert!(has(
+            "reg5=3,dl_src=02:00:00:00:00:01,arp,arp_sha=02:00:00:00:00:01,arp_spa=10.0.0.5"
+        ));
+        assert!(
+            has("table=10,priority=80,reg5=3 actions=drop"),
+            "anything else it sends"
+        );
+        assert!(has(
+            "reg4=3,ct_state=+new-inv+trk,tcp,tp_dst=0x16/0xffff,nw_src=10.0.0.0/24"
+        ));
+        assert!(has("table=30,priority=100,reg6=7,reg4=3 actions=drop"));
+        assert!(has(
+            "nw_src=10.0.0.254,tp_src=67,tp_dst=68 actions=output:3"
+        ));
+        assert!(!has("reg4=3 actions=output:3"), "no unfiltered delivery");
+        assert!(
+            has("reg6=7,reg4=4 actions=output:4"),
+            "port 4 has no filter"
+        );
+        // Only port 3's object changed.
+        let b = Bundle::between(&filtered, &installed(&dump(&plain)));
+        assert_eq!(b.delete.len(), 1);
+        assert!(b.add.iter().all(|f| f.text.contains("=3")), "{b:?}");
+        // An empty remote list allows no one.
+        n.filters.get_mut(&3).expect("filter").ingress[0].remotes = Some(vec![]);
+        let none = render(&Switch { networks: vec![n] });
+        assert!(!none.iter().any(|f| f.text.contains("tp_dst=0x16")));
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! integration bridges: guests (namespaces plugged in by veths named as their Ports'
 //! devices) take their leases from their node's dnsmasq and ping across the tunnel, another
 //! project's network with the same CIDR stays apart, flows deleted and a tunnel port
-//! removed by hand are repaired by the next converge, and a converge of a right switch
-//! writes nothing. Everything the tests make is removed when they end, even when they fail.
+//! removed by hand are repaired by the next converge, a converge of a right switch writes
+//! nothing, security groups are enforced statefully (OVS conntrack) and spoofed sources
+//! dropped. Everything the tests make is removed when they end, even when they fail.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -21,12 +22,15 @@ use super::netlink::NetlinkLinks;
 use super::nft::NftFirewall;
 use super::ovs::{INTEGRATION_BRIDGE, OvsLinks, attach_underlay};
 use super::ovs_daemon::{Ovs, OvsDaemon};
+use super::ovs_firewall::OvsFirewall;
 use super::ovs_flows::{self, KIND_NETWORK, KIND_PORT};
 use super::{Dhcp, Links, Name, Netns, VethSpec};
 use crate::agent::tests::{group, hypervisor, network, port, subnet};
 use crate::agent::{Host, PortState, converge};
 use crate::desired::{NodeConfig, PortKey, Snapshot};
-use crate::host_tests::{guest, ifname, in_project, name, of_network, sh};
+use crate::host_tests::{
+    count_pings_from, guest, ifname, in_project, name, of_network, pings_counted, sh,
+};
 use crate::plan::is_dhcp_name_of;
 
 /// Stops the switches, then each node's DHCP servers and namespaces, then deletes the
@@ -214,10 +218,13 @@ fn two_ovs_nodes_carry_a_network_over_vxlan_keep_networks_apart_and_repair_drift
         )],
         ..Snapshot::default()
     };
-    let host = |ns: &Netns, d: &OvsDaemon, dns: &Dnsmasq| Host {
-        links: Arc::new(OvsLinks::with_daemon(ns.clone(), d.clone())),
-        firewall: Arc::new(NftFirewall::new(ns.clone())),
-        dhcp: Arc::new(dns.clone()),
+    let host = |ns: &Netns, d: &OvsDaemon, dns: &Dnsmasq| {
+        let links = Arc::new(OvsLinks::with_daemon(ns.clone(), d.clone()));
+        Host {
+            links: Arc::clone(&links) as Arc<dyn Links>,
+            firewall: Arc::new(OvsFirewall::new(NftFirewall::new(ns.clone()), links)),
+            dhcp: Arc::new(dns.clone()),
+        }
     };
     let (h1, h2) = (host(&ns1, &d1, &dns1), host(&ns2, &d2, &dns2));
     let cfg = |n: &Name| NodeConfig {
@@ -355,11 +362,51 @@ fn two_ovs_nodes_carry_a_network_over_vxlan_keep_networks_apart_and_repair_drift
         neighbour(&g3, "10.50.0.11").contains(&mac4),
         "guest 4 answered"
     );
+    // Anti-spoofing: guest 4 sending from an address not its own reaches no one (guest 3
+    // takes ICMP from anyone and counts what arrives, so only the source check keeps it
+    // out).
+    let spoof = Ipv4Addr::new(10, 50, 0, 99);
+    count_pings_from(&g3, &[spoof, ip1]);
+    sh(&g4, &["ip", "addr", "add", "10.50.0.99/24", "dev", "eth0"]);
+    let spoofed = run_in(
+        &g4,
+        &[
+            "busybox",
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "1",
+            "-I",
+            "10.50.0.99",
+            &ip2.to_string(),
+        ],
+    );
+    assert!(!spoofed.0, "a spoofed source was answered: {}", spoofed.1);
+    assert_eq!(
+        pings_counted(&g3, spoof),
+        0,
+        "nothing from the spoofed source arrived"
+    );
+    assert!(pings(&g4, ip2, 5), "its own address still works");
+    assert!(pings_counted(&g3, ip1) > 0, "and is counted");
     assert!(ping(&g1, ip2), "project 1 still works");
     assert!(
         neighbour(&g1, "10.50.0.12").contains(&mac2),
         "guest 2 answered"
     );
+
+    // Security groups: without the ICMP rule, guest 2 is not reached; it still pings out.
+    snap.groups[0] = group("default", json!([{"direction": "egress"}]));
+    for (h, c) in [(&h1, &c1), (&h2, &c2)] {
+        let r = converge(h, c, &snap).expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+    }
+    assert!(!ping(&g1, ip2), "ICMP in dropped");
+    // The DHCP server's namespace is no port: it answers, and the answer is let in as
+    // part of a connection guest 2 opened.
+    let server = Ipv4Addr::new(10, 50, 0, 254);
+    assert!(pings(&g2, server, 5), "guest 2 still pings out");
 
     // The ports go: no network, port or tunnel of Stratus's is left on either switch.
     snap.ports.clear();
