@@ -12,7 +12,8 @@ use stratus_network_agent::driver::netlink::NetlinkLinks;
 use stratus_network_agent::driver::nft::NftFirewall;
 use stratus_network_agent::driver::ovs::{OvsLinks, attach_underlay};
 use stratus_network_agent::driver::ovs_daemon::{Ovs, OvsDaemon};
-use stratus_network_agent::driver::{IfName, Links, Name, Netns};
+use stratus_network_agent::driver::ovs_firewall::OvsFirewall;
+use stratus_network_agent::driver::{Firewall, IfName, Links, Name, Netns};
 
 /// What a node does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -72,7 +73,7 @@ pub struct NetworkArgs {
     /// in the node's namespace with its files in STATE_DIR/network/ovs and leaves running
     /// for its next start). With `ovs`, --tunnel-interface is put on the switch's bridge
     /// br-phy with its address, which is where the userspace datapath sends tunnels from.
-    /// On `ovs`, security groups and anti-spoofing are not enforced yet.
+    /// Security groups and anti-spoofing are then OpenFlow flows with OVS conntrack.
     #[arg(long, value_enum, default_value = "kernel")]
     pub datapath: Datapath,
 }
@@ -296,13 +297,17 @@ async fn network(
         }
         (None, None) => None,
     };
-    let links: Arc<dyn Links> = match ovs {
-        Some((l, _)) => Arc::new(l),
-        None => Arc::new(NetlinkLinks::new()),
+    let nft = NftFirewall::new(netns.clone());
+    let (links, firewall): (Arc<dyn Links>, Arc<dyn Firewall>) = match ovs {
+        Some((l, _)) => {
+            let l = Arc::new(l);
+            (Arc::clone(&l) as _, Arc::new(OvsFirewall::new(nft, l)))
+        }
+        None => (Arc::new(NetlinkLinks::new()), Arc::new(nft)),
     };
     let host = stratus_network_agent::Host {
         links,
-        firewall: Arc::new(NftFirewall::new(netns.clone())),
+        firewall,
         dhcp: Arc::new(Dnsmasq::new(
             n.dhcp_dir
                 .clone()
