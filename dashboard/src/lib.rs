@@ -21,6 +21,17 @@ const HTML: &str = "text/html; charset=utf-8";
 const JS: &str = "text/javascript; charset=utf-8";
 const CSS: &str = "text/css; charset=utf-8";
 
+/// A script or style sheet of `assets/`, served under its own name.
+macro_rules! asset {
+    ($name:literal, $content_type:expr) => {
+        Asset {
+            name: $name,
+            content_type: $content_type,
+            body: include_bytes!(concat!("../assets/", $name)),
+        }
+    };
+}
+
 /// Every asset, the page first.
 pub const ASSETS: &[Asset] = &[
     Asset {
@@ -28,46 +39,14 @@ pub const ASSETS: &[Asset] = &[
         content_type: HTML,
         body: include_bytes!("../assets/index.html"),
     },
-    Asset {
-        name: "style.css",
-        content_type: CSS,
-        body: include_bytes!("../assets/style.css"),
-    },
-    Asset {
-        name: "api.js",
-        content_type: JS,
-        body: include_bytes!("../assets/api.js"),
-    },
-    Asset {
-        name: "informer.js",
-        content_type: JS,
-        body: include_bytes!("../assets/informer.js"),
-    },
-    Asset {
-        name: "views.js",
-        content_type: JS,
-        body: include_bytes!("../assets/views.js"),
-    },
-    Asset {
-        name: "yaml.js",
-        content_type: JS,
-        body: include_bytes!("../assets/yaml.js"),
-    },
-    Asset {
-        name: "forms.js",
-        content_type: JS,
-        body: include_bytes!("../assets/forms.js"),
-    },
-    Asset {
-        name: "topology.js",
-        content_type: JS,
-        body: include_bytes!("../assets/topology.js"),
-    },
-    Asset {
-        name: "app.js",
-        content_type: JS,
-        body: include_bytes!("../assets/app.js"),
-    },
+    asset!("style.css", CSS),
+    asset!("api.js", JS),
+    asset!("informer.js", JS),
+    asset!("views.js", JS),
+    asset!("yaml.js", JS),
+    asset!("forms.js", JS),
+    asset!("topology.js", JS),
+    asset!("app.js", JS),
 ];
 
 /// The asset at `name` (the path after `/dashboard/`; `""` and `index.html` are the page).

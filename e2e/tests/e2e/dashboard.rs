@@ -242,6 +242,69 @@ impl Browser {
         Ok(a)
     }
 
+    /// Starts the browser trusting `cloud`'s API server and opens `url` at its login form.
+    fn open_at(cloud: &Cloud, url: &str, artifacts: &Path) -> Result<Self> {
+        let mut b = Self::start(&cloud.dir.path().join("pki/apiserver.crt"), artifacts)?;
+        b.ok(json!({"cmd": "open", "url": url}))?;
+        b.until(
+            "return document.querySelector('#login-user') !== null",
+            30,
+            "the login form",
+        )?;
+        Ok(b)
+    }
+
+    /// Applies the open create form, and waits until the API's refusal is written next to the
+    /// field `path` names; that text.
+    fn refused_at(&mut self, path: &str) -> Result<String> {
+        self.ok(json!({"cmd": "click", "css": "form.create button.apply"}))?;
+        let a = self.until(
+            &format!(
+                "return document.querySelector(\"{}\").textContent || null",
+                field_error(path)
+            ),
+            30,
+            &format!("the error of {path}"),
+        )?;
+        Ok(a["value"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Opens the create form `name` by its fragment.
+    fn open_form(&mut self, name: &str) -> Result<()> {
+        self.js(&format!("location.hash = '#create/{name}'; return true"))?;
+        self.until(
+            &format!("return document.querySelector('form.create[data-form={name}]') !== null"),
+            20,
+            &format!("the {name} form"),
+        )?;
+        Ok(())
+    }
+
+    /// Opens the server action `action`'s panel; the manifest (or command) it shows.
+    fn action(&mut self, action: &str) -> Result<String> {
+        self.ok(json!({"cmd": "click", "css": format!("#actions button[data-action={action}]")}))?;
+        self.until(
+            &format!("const p = document.querySelector('#action-panel'); return p.dataset.action === '{action}' && !p.hidden"),
+            20,
+            &format!("the {action} panel"),
+        )?;
+        Ok(text_of(self, "#action-panel pre.manifest")?
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    /// Confirms the open action panel and waits until the API accepted it (the panel closes).
+    fn confirm(&mut self) -> Result<()> {
+        self.ok(json!({"cmd": "click", "css": "#action-panel button.confirm"}))?;
+        self.until(
+            "return document.querySelector('#action-panel').hidden",
+            30,
+            "the action to be applied",
+        )?;
+        Ok(())
+    }
+
     /// Logs in on the open page as `user` and waits until its first list is live.
     fn log_in(&mut self, user: &str, password: &str) -> Result<()> {
         self.ok(json!({"cmd": "type", "css": "#login-user", "text": user}))?;
@@ -394,13 +457,7 @@ fn a_member_follows_servers_live_in_a_real_browser() -> Result<()> {
     )?;
 
     let artifacts = repo_root().join("target/e2e-artifacts/dashboard");
-    let mut b = Browser::start(&cloud.dir.path().join("pki/apiserver.crt"), &artifacts)?;
-    b.ok(json!({"cmd": "open", "url": dashboard}))?;
-    b.until(
-        "return document.querySelector('#login-user') !== null",
-        30,
-        "the login form",
-    )?;
+    let mut b = Browser::open_at(&cloud, &dashboard, &artifacts)?;
 
     // A wrong password: refused on the page, nothing shown.
     b.ok(json!({"cmd": "type", "css": "#login-user", "text": "dana"}))?;
@@ -664,6 +721,11 @@ fn a_member_follows_servers_live_in_a_real_browser() -> Result<()> {
     Ok(())
 }
 
+/// The selector of the error written next to field `path` in a create form.
+fn field_error(path: &str) -> String {
+    format!(".field-error[data-for='{path}']")
+}
+
 /// The text the page shows in `css` (empty if absent).
 fn text_of(b: &mut Browser, css: &str) -> Result<Value> {
     b.js(&format!(
@@ -825,13 +887,7 @@ fn a_member_acts_through_manifests_and_only_an_admin_sees_the_cloud() -> Result<
     }
 
     let artifacts = repo_root().join("target/e2e-artifacts/dashboard");
-    let mut b = Browser::start(&cloud.dir.path().join("pki/apiserver.crt"), &artifacts)?;
-    b.ok(json!({"cmd": "open", "url": format!("{}/dashboard/", cloud.url)}))?;
-    b.until(
-        "return document.querySelector('#login-user') !== null",
-        30,
-        "the login form",
-    )?;
+    let mut b = Browser::open_at(&cloud, &format!("{}/dashboard/", cloud.url), &artifacts)?;
     b.log_in("mia", mia)?;
 
     // No admin tab for Mia, because the API refused her their lists; opened by its fragment,
@@ -869,29 +925,20 @@ fn a_member_acts_through_manifests_and_only_an_admin_sees_the_cloud() -> Result<
     b.ok(json!({"cmd": "type", "css": "#f-server-name", "text": "Bad_Name"}))?;
     b.ok(json!({"cmd": "type", "css": "#f-server-flavor", "text": "dash.small"}))?;
     b.ok(json!({"cmd": "type", "css": "#f-server-image", "text": "cirros"}))?;
-    b.ok(json!({"cmd": "click", "css": "form.create button.apply"}))?;
-    let refused = b.until(
-        "return document.querySelector(\".field-error[data-for='metadata.name']\").textContent || null",
-        30,
-        "the name's error",
-    )?;
-    eprintln!("a bad name: {}", refused["value"]);
+    let refused = b.refused_at("metadata.name")?;
+    assert!(refused.contains("Bad_Name"), "{refused}");
     assert_eq!(
-        text_of(&mut b, ".field-error[data-for='spec.flavor']")?,
+        text_of(&mut b, &field_error("spec.flavor"))?,
         "",
         "the flavor is not blamed for the name"
     );
     // A flavor that does not exist: the API names spec.flavor (the quota counts flavors).
     b.ok(json!({"cmd": "type", "css": "#f-server-name", "text": "app-1"}))?;
     b.ok(json!({"cmd": "type", "css": "#f-server-flavor", "text": "no-such-flavor"}))?;
-    b.ok(json!({"cmd": "click", "css": "form.create button.apply"}))?;
-    b.until(
-        "return document.querySelector(\".field-error[data-for='spec.flavor']\").textContent.includes('no-such-flavor')",
-        30,
-        "the flavor's error",
-    )?;
+    let refused = b.refused_at("spec.flavor")?;
+    assert!(refused.contains("no-such-flavor"), "{refused}");
     assert_eq!(
-        text_of(&mut b, ".field-error[data-for='metadata.name']")?,
+        text_of(&mut b, &field_error("metadata.name"))?,
         "",
         "the name's error went with the name"
     );
@@ -973,28 +1020,9 @@ fn a_member_acts_through_manifests_and_only_an_admin_sees_the_cloud() -> Result<
     )?;
 
     // Stop, start and reboot: each shows its manifest, then applies it.
-    for (action, shown) in [
-        ("stop", power_manifest("Stopped")),
-        ("start", power_manifest("Running")),
-    ] {
-        b.ok(json!({"cmd": "click", "css": format!("#actions button[data-action={action}]")}))?;
-        b.until(
-            &format!("return document.querySelector('#action-panel').dataset.action === '{action}' && !document.querySelector('#action-panel').hidden"),
-            20,
-            &format!("the {action} panel"),
-        )?;
-        assert_eq!(text_of(&mut b, "#action-panel pre.manifest")?, shown);
-        b.ok(json!({"cmd": "click", "css": "#action-panel button.confirm"}))?;
-        b.until(
-            "return document.querySelector('#action-panel').hidden",
-            30,
-            &format!("the {action} to be applied"),
-        )?;
-        let want = if action == "stop" {
-            "Stopped"
-        } else {
-            "Running"
-        };
+    for (action, want) in [("stop", "Stopped"), ("start", "Running")] {
+        assert_eq!(b.action(action)?, power_manifest(want));
+        b.confirm()?;
         wait_jsonpath(
             &cloud,
             &["-n", "dash-m", "server", "app-1"],
@@ -1002,18 +1030,9 @@ fn a_member_acts_through_manifests_and_only_an_admin_sees_the_cloud() -> Result<
             want,
         )?;
     }
-    b.ok(json!({"cmd": "click", "css": "#actions button[data-action=reboot]"}))?;
-    b.until(
-        "return document.querySelector('#action-panel pre.manifest').textContent.includes('rebootRequest: \"')",
-        20,
-        "the reboot's manifest",
-    )?;
-    b.ok(json!({"cmd": "click", "css": "#action-panel button.confirm"}))?;
-    b.until(
-        "return document.querySelector('#action-panel').hidden",
-        30,
-        "the reboot to be applied",
-    )?;
+    let reboot = b.action("reboot")?;
+    assert!(reboot.contains("  rebootRequest: \""), "{reboot}");
+    b.confirm()?;
     let rebooted: Value = serde_json::from_str(
         &cloud.kubectl_ok(&["-n", "dash-m", "get", "server", "app-1", "-o", "json"])?,
     )?;
@@ -1028,19 +1047,14 @@ fn a_member_acts_through_manifests_and_only_an_admin_sees_the_cloud() -> Result<
         "the reboot's apply keeps the start's field"
     );
     // Delete asks first, then deletes.
-    b.ok(json!({"cmd": "click", "css": "#actions button[data-action=delete]"}))?;
-    b.until(
-        "return document.querySelector('#action-panel pre.manifest').textContent === 'kubectl -n dash-m delete server app-1'",
-        20,
-        "the delete's confirmation",
-    )?;
+    assert_eq!(b.action("delete")?, "kubectl -n dash-m delete server app-1");
     assert!(
         cloud
             .kubectl_ok(&["-n", "dash-m", "get", "server", "app-1", "-o", "name"])?
             .contains("app-1"),
         "nothing is deleted before the confirmation"
     );
-    b.ok(json!({"cmd": "click", "css": "#action-panel button.confirm"}))?;
+    b.confirm()?;
     wait_until(Duration::from_secs(60), "app-1 to be deleted", || {
         let out = cloud
             .kubectl(&[
@@ -1057,12 +1071,7 @@ fn a_member_acts_through_manifests_and_only_an_admin_sees_the_cloud() -> Result<
     })?;
 
     // A network and a volume from their forms; a bad size is the size field's.
-    b.js("location.hash = '#create/network'; return true")?;
-    b.until(
-        "return document.querySelector('form.create[data-form=network]') !== null",
-        20,
-        "the network form",
-    )?;
+    b.open_form("network")?;
     b.ok(json!({"cmd": "type", "css": "#f-network-name", "text": "net-a"}))?;
     b.ok(json!({"cmd": "type", "css": "#f-network-description", "text": "from the page"}))?;
     assert_eq!(
@@ -1071,20 +1080,10 @@ fn a_member_acts_through_manifests_and_only_an_admin_sees_the_cloud() -> Result<
     );
     b.ok(json!({"cmd": "click", "css": "form.create button.apply"}))?;
     b.row("net-a", None, 30)?;
-    b.js("location.hash = '#create/volume'; return true")?;
-    b.until(
-        "return document.querySelector('form.create[data-form=volume]') !== null",
-        20,
-        "the volume form",
-    )?;
+    b.open_form("volume")?;
     b.ok(json!({"cmd": "type", "css": "#f-volume-name", "text": "vol-a"}))?;
     b.ok(json!({"cmd": "type", "css": "#f-volume-sizeGiB", "text": "0"}))?;
-    b.ok(json!({"cmd": "click", "css": "form.create button.apply"}))?;
-    b.until(
-        "return document.querySelector(\".field-error[data-for='spec.sizeGiB']\").textContent || null",
-        30,
-        "the size's error",
-    )?;
+    b.refused_at("spec.sizeGiB")?;
     b.ok(json!({"cmd": "type", "css": "#f-volume-sizeGiB", "text": "2"}))?;
     b.ok(json!({"cmd": "click", "css": "form.create button.apply"}))?;
     b.row("vol-a", None, 30)?;
