@@ -347,6 +347,12 @@ pub struct StoragePoolSpec {
     #[serde(default)]
     #[schemars(range(max = 100))]
     pub reserved_percentage: u32,
+    /// How many times the capacity (less the reserved part) volumes and snapshots may claim
+    /// in all (Cinder `max_over_subscription_ratio`): above 1 for a pool whose volumes are
+    /// sparse and seldom full. Absent: 1, never more than the capacity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1.0, max = 100.0))]
+    pub over_subscription_ratio: Option<f64>,
     /// A disabled pool keeps its volumes but gets no new ones.
     #[serde(default)]
     pub disabled: bool,
@@ -359,7 +365,14 @@ impl StoragePool {
     pub fn allocatable_gib(&self) -> Option<u64> {
         let capacity = u128::from(self.status.as_ref()?.capacity_gib?);
         let kept = 100 - u128::from(self.spec.reserved_percentage.min(100));
-        u64::try_from(capacity * kept / 100).ok()
+        // The ratio in hundredths, so that the arithmetic stays in integers; a ratio out of
+        // its range (an object written before it was checked) counts as the nearest bound.
+        let ratio = self
+            .spec
+            .over_subscription_ratio
+            .filter(|r| r.is_finite())
+            .map_or(100, |r| (r.clamp(1.0, 100.0) * 100.0).round() as u128);
+        Some(u64::try_from(capacity * kept * ratio / 10_000).unwrap_or(u64::MAX))
     }
 
     /// Whether its agent reports it Ready (`status.phase`).
@@ -443,6 +456,7 @@ mod tests {
                 path: None,
                 availability_zone: None,
                 reserved_percentage: reserved,
+                over_subscription_ratio: None,
                 disabled: false,
             },
         );
@@ -460,6 +474,24 @@ mod tests {
         assert_eq!(pool(Some(9), 50).allocatable_gib(), Some(4), "rounded down");
         assert_eq!(pool(Some(u64::MAX), 0).allocatable_gib(), Some(u64::MAX));
         assert_eq!(pool(None, 0).allocatable_gib(), None, "not reported yet");
+    }
+
+    #[test]
+    fn a_pool_over_subscribes_by_its_ratio_after_the_reserve() {
+        let with = |capacity, reserved, ratio| {
+            let mut p = pool(Some(capacity), reserved);
+            p.spec.over_subscription_ratio = ratio;
+            p.allocatable_gib()
+        };
+        assert_eq!(with(10, 0, None), Some(10), "absent: 1");
+        assert_eq!(with(10, 0, Some(1.0)), Some(10));
+        assert_eq!(with(10, 0, Some(2.5)), Some(25));
+        assert_eq!(with(100, 20, Some(1.5)), Some(120), "the reserve first");
+        assert_eq!(with(10, 100, Some(20.0)), Some(0), "all reserved");
+        assert_eq!(with(3, 0, Some(1.01)), Some(3), "rounded down");
+        assert_eq!(with(10, 0, Some(0.5)), Some(10), "never below 1");
+        assert_eq!(with(10, 0, Some(f64::NAN)), Some(10));
+        assert_eq!(with(u64::MAX, 0, Some(100.0)), Some(u64::MAX), "saturates");
     }
 
     #[test]

@@ -600,6 +600,7 @@ mod tests {
                 path: None,
                 availability_zone: None,
                 reserved_percentage: 0,
+                over_subscription_ratio: None,
                 disabled: false,
             },
         );
@@ -720,6 +721,25 @@ mod tests {
         );
         let err = rank(wants(1), &[], &nothing, now()).expect_err("no pools");
         assert!(err.message.contains("no storage pool is registered"));
+    }
+
+    #[test]
+    fn an_over_subscribed_pool_takes_its_ratio_of_its_capacity_after_the_reserve() {
+        let mut thin = pool("thin", 10);
+        thin.spec.over_subscription_ratio = Some(3.0);
+        thin.spec.reserved_percentage = 20;
+        let pools = all(vec![thin]);
+        // 10 GiB, 8 of them allocatable, thrice: 24 GiB of claims.
+        let used = |_: &str| 20;
+        assert!(
+            rank(wants(4), &pools, &used, now()).is_ok(),
+            "24 GiB in all"
+        );
+        let err = rank(wants(5), &pools, &used, now()).expect_err("25 GiB is over");
+        assert_eq!(
+            err.message,
+            "0/1 storage pools are available for 5 GiB: 1 insufficient capacity"
+        );
     }
 
     #[test]

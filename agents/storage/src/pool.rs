@@ -105,6 +105,7 @@ impl PoolConfig {
             path,
             availability_zone: None,
             reserved_percentage: 0,
+            over_subscription_ratio: None,
             disabled: false,
         }
     }

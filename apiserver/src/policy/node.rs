@@ -210,6 +210,8 @@ fn beyond_pool_registration(new: &Value) -> Option<String> {
         "availabilityZone"
     } else if declared.reserved_percentage != 0 {
         "reservedPercentage"
+    } else if declared.over_subscription_ratio.is_some() {
+        "overSubscriptionRatio"
     } else if declared.disabled {
         "disabled"
     } else {

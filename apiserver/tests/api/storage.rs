@@ -207,6 +207,51 @@ async fn binding_places_the_volume_and_claims_its_size() {
     assert_eq!(refused(c.api.unbind(&t, &AllowAll).await).code, 405);
 }
 
+/// An operator's over-subscription ratio lets a pool's claims reach that many times its
+/// capacity (after the reserve), no more; a ratio below 1 or above 100 is refused naming it.
+#[tokio::test]
+async fn an_over_subscribed_pool_takes_claims_up_to_its_ratio() {
+    let c = with_pool(10).await;
+    let p1 = c.target("StoragePool", None, Some("p1"));
+    for bad in [json!(0.5), json!(101), json!("2")] {
+        let e = refused(
+            c.patch(
+                &p1,
+                MERGE,
+                &json!({"spec": {"overSubscriptionRatio": bad}}),
+                "",
+            )
+            .await,
+        );
+        assert_eq!(
+            (e.code, field(&e)),
+            (422, "spec.overSubscriptionRatio"),
+            "{bad}: {e:?}"
+        );
+    }
+    c.patch(
+        &p1,
+        MERGE,
+        &json!({"spec": {"overSubscriptionRatio": 2.5, "reservedPercentage": 20}}),
+        "",
+    )
+    .await
+    .expect("the operator's ratio");
+    // 10 GiB, 8 after the reserve, 20 GiB of claims at 2.5.
+    c.create(&volume("demo", "a", json!(15))).await.expect("a");
+    c.create(&volume("demo", "b", json!(6))).await.expect("b");
+    c.create(&volume("demo", "c", json!(5))).await.expect("c");
+    assert_eq!(bind(&c, "a", "p1").await.expect("a fits"), 201);
+    let e = refused(bind(&c, "b", "p1").await);
+    assert_eq!(e.code, 409);
+    assert!(
+        e.message.contains("5 GiB free, 6 GiB asked"),
+        "{}",
+        e.message
+    );
+    assert_eq!(bind(&c, "c", "p1").await.expect("c fills it"), 201);
+}
+
 /// Binds on worker threads of their own, from two API servers (each with its own turn-taking
 /// per pool): never more than the pool holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -692,6 +737,10 @@ async fn a_node_registers_its_pool_with_its_store_alone() {
             json!({"spec.reservedPercentage": 0, "spec.disabled": true}),
             "spec.disabled",
         ),
+        (
+            json!({"spec.overSubscriptionRatio": 20.0}),
+            "spec.overSubscriptionRatio",
+        ),
     ] {
         let e = refused(n1.create(&pools, JSON, &body(extra)).await);
         assert_eq!(e.code, 403, "{field}");
@@ -705,6 +754,7 @@ async fn a_node_registers_its_pool_with_its_store_alone() {
         r#"{"metadata": {"labels": {"storage.stratus.dev/volume-type": "gold"}}}"#,
         r#"{"spec": {"availabilityZone": "az9"}}"#,
         r#"{"spec": {"reservedPercentage": 50}}"#,
+        r#"{"spec": {"overSubscriptionRatio": 20}}"#,
     ] {
         assert_eq!(
             refused(n1.patch(&mine, MERGE, patch).await).code,
