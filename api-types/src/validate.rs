@@ -22,7 +22,9 @@ use crate::network::{
     EtherType, FloatingIPSpec, NetworkSpec, PortSpec, Protocol, Route, RouterSpec,
     SecurityGroupSpec, Segmentation, SubnetSpec,
 };
-use crate::object::{MAX_RING_SLOTS, ObjectRingSpec, ObjectRingVersionSpec, RingType};
+use crate::object::{
+    MAX_RING_SLOTS, ObjectNodeSpec, ObjectRingSpec, ObjectRingVersionSpec, RingType,
+};
 use crate::storage::{StorageBackend, StoragePoolSpec, VolumeSnapshotSpec, VolumeSpec};
 
 /// One invalid field of an object, in the shape of a Kubernetes `StatusCause`.
@@ -75,6 +77,7 @@ pub fn validate(group: &str, kind: &str, obj: &Value) -> Result<(), Vec<FieldErr
         ("object.stratus.dev", "ObjectRingVersion") => {
             spec::<ObjectRingVersionSpec>(obj, &mut errs);
         }
+        ("object.stratus.dev", "ObjectNode") => spec::<ObjectNodeSpec>(obj, &mut errs),
         _ => errs.push(
             "kind",
             format!("no Stratus kind {kind} in group {group}"),
@@ -896,6 +899,10 @@ impl Check for StoragePoolSpec {
 // object
 
 impl Check for ObjectRingVersionSpec {
+    fn check(&self, _errs: &mut Errors) {}
+}
+
+impl Check for ObjectNodeSpec {
     fn check(&self, _errs: &mut Errors) {}
 }
 

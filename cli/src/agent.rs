@@ -1,4 +1,4 @@
-//! `stratus agent`: one node's agents (compute, network, storage), against an API server.
+//! `stratus agent`: one node's agents (compute, network, storage, object), against an API server.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -24,6 +24,48 @@ pub enum Role {
     Network,
     /// Serves its storage pools: the Volumes and VolumeSnapshots placed on them (LVM, files).
     Storage,
+    /// Runs Swift's account, container and object servers and their daemons on its devices,
+    /// with the rings of the ObjectRings installed (no libvirt needed).
+    Object,
+}
+
+/// Options of the object role.
+#[derive(Debug, Default, clap::Args)]
+pub struct ObjectArgs {
+    /// Object role: the address Swift's servers listen on (their devices' `ip` in the rings).
+    #[arg(long, value_name = "IP")]
+    pub object_ip: Option<Ipv4Addr>,
+    /// Object role: the directory holding one directory per device (Swift's `devices`).
+    #[arg(long, value_name = "DIR", default_value = "/srv/node")]
+    pub object_devices_dir: PathBuf,
+    /// Object role: a device, a directory under --object-devices-dir (a ring device's
+    /// `device`). Repeatable.
+    #[arg(long = "object-device", value_name = "NAME")]
+    pub object_devices: Vec<stratus_object_agent::config::DeviceName>,
+    /// Object role: devices may be plain directories; without it each must be a mount point
+    /// (Swift's `mount_check`), and one that is not is reported failed.
+    #[arg(long)]
+    pub object_unmounted_devices: bool,
+    /// Object role: the account server's port.
+    #[arg(long, default_value_t = 6202)]
+    pub account_port: u16,
+    /// Object role: the container server's port.
+    #[arg(long, default_value_t = 6201)]
+    pub container_port: u16,
+    /// Object role: the object server's port.
+    #[arg(long, default_value_t = 6200)]
+    pub object_port: u16,
+    /// Object role: seconds between the replicators' (and updaters') passes.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    pub object_replication_interval: u32,
+    /// Object role: the user Swift's servers run as; the devices and STATE_DIR/object must
+    /// be writable by it.
+    #[arg(long, default_value = "root")]
+    pub swift_user: String,
+    /// Object role: seconds between reports of the node's devices, servers and replication
+    /// (its ObjectNode's status).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub object_heartbeat_seconds: u64,
 }
 
 /// Options of the storage role.
@@ -138,7 +180,7 @@ pub struct AgentArgs {
     /// The node's name (its Hypervisor object; the agent's identity is `system:node:NAME`).
     #[arg(long)]
     pub node: String,
-    /// What this node does, comma-separated: `compute`, `network`, `storage`.
+    /// What this node does, comma-separated: `compute`, `network`, `storage`, `object`.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "compute")]
     pub roles: Vec<Role>,
     /// kubeconfig of the node's identity (defaults to the files $KUBECONFIG lists, then
@@ -174,6 +216,9 @@ pub struct AgentArgs {
     /// The storage role's options.
     #[command(flatten)]
     pub storage: StorageArgs,
+    /// The object role's options.
+    #[command(flatten)]
+    pub object: ObjectArgs,
 }
 
 /// Runs the node's agents (each role given) until Ctrl-C or SIGTERM.
@@ -219,6 +264,11 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     } else {
         None
     };
+    let object = args
+        .roles
+        .contains(&Role::Object)
+        .then(|| object(client.clone(), &args, &state_dir))
+        .transpose()?;
     let network = if args.roles.contains(&Role::Network) {
         Some(network(client, &args, &state_dir).await?)
     } else {
@@ -244,7 +294,21 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             None => std::future::pending().await,
         }
     };
+    let object = async {
+        match object {
+            Some(o) => {
+                if let Err(e) = o.await {
+                    tracing::error!(
+                        error = format!("{:#}", anyhow::Error::new(e)),
+                        "object agent stopped"
+                    );
+                }
+            }
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
+        () = object => {}
         () = compute => {}
         () = network => {}
         () = storage => {}
@@ -365,6 +429,50 @@ fn storage(
     Ok(stratus_storage_agent::agent::run(client, config, pools))
 }
 
+/// The object agent of this node, ready to run.
+fn object(
+    client: kube::Client,
+    args: &AgentArgs,
+    state_dir: &std::path::Path,
+) -> Result<
+    impl std::future::Future<Output = Result<(), stratus_object_agent::agent::ObjectError>> + use<>,
+> {
+    use stratus_object_agent::config::{NodeConfig, Ports};
+    let o = &args.object;
+    let ip = o.object_ip.context("the object role needs --object-ip")?;
+    let node = NodeConfig {
+        node: args.node.clone(),
+        ip,
+        ports: Ports {
+            account: o.account_port,
+            container: o.container_port,
+            object: o.object_port,
+        },
+        devices_dir: std::path::absolute(&o.object_devices_dir)
+            .context("resolve --object-devices-dir")?,
+        devices: o.object_devices.clone(),
+        mount_check: !o.object_unmounted_devices,
+        state_dir: state_dir.join("object"),
+        replication_interval: o.object_replication_interval,
+        user: o.swift_user.clone(),
+    };
+    node.check().context("the object role's configuration")?;
+    let config = stratus_object_agent::agent::Config {
+        node,
+        heartbeat: std::time::Duration::from_secs(o.object_heartbeat_seconds),
+        tick: std::time::Duration::from_secs(1),
+        python: "/usr/bin/python3".into(),
+        bin_dir: "/usr/bin".into(),
+        restart_delay: (
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(60),
+        ),
+    };
+    tracing::info!(node = %args.node, %ip, devices = o.object_devices.len(), "object agent starting");
+    let supervisor = Arc::new(stratus_object_agent::driver::process::Processes::new());
+    Ok(stratus_object_agent::agent::run(client, config, supervisor))
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -386,5 +494,29 @@ mod tests {
         let err = parse("11").expect_err("four 11 s heartbeats outlast the 40 s believed");
         assert!(err.to_string().contains("1..=10"), "{err}");
         assert!(parse("0").is_err());
+    }
+
+    #[test]
+    fn the_object_role_takes_device_names_and_refuses_paths() {
+        let parse = |dev: &str| {
+            Cli::try_parse_from([
+                "agent",
+                "--node",
+                "o1",
+                "--roles",
+                "object",
+                "--object-ip",
+                "127.0.0.2",
+                "--object-device",
+                dev,
+            ])
+        };
+        let ok = parse("sdb1").expect("a device name");
+        assert_eq!(ok.agent.roles, [Role::Object]);
+        assert_eq!(ok.agent.object.object_devices[0].as_str(), "sdb1");
+        assert_eq!(ok.agent.object.object_port, 6200);
+        for bad in ["../etc", "a/b", "..", ""] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 }

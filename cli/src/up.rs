@@ -522,6 +522,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
                 ..Default::default()
             },
             storage: storage_args,
+            object: Default::default(),
         }))
     });
     eprintln!("Stratus is up: export KUBECONFIG={}", kubeconfig.display());

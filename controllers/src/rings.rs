@@ -20,18 +20,18 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::runtime::WatchStreamExt as _;
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use stratus_api_types::common::{ConditionType, ConditionUpdate, Reason, Time};
+use stratus_api_types::object::{DeviceState, ObjectNode};
 use stratus_api_types::object::{
     ObjectRing, ObjectRingPhase, ObjectRingSpec, ObjectRingStatus, ObjectRingVersion,
     ObjectRingVersionSpec, RingProposal,
 };
 use stratus_ring::{BuildError, Device, RingBuilder};
-use stratus_api_types::object::{DeviceState, ObjectNode};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::WatchStreamExt as _;
 use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
 
@@ -352,10 +352,17 @@ mod drain_tests {
             min_part_hours: 1,
             overload: None,
             paused: false,
-            devices: vec![dev("10.0.0.1", "d1"), dev("10.0.0.1", "d2"), dev("10.0.0.2", "d1")],
+            devices: vec![
+                dev("10.0.0.1", "d1"),
+                dev("10.0.0.1", "d2"),
+                dev("10.0.0.2", "d1"),
+            ],
         };
         let nodes = [
-            node("10.0.0.1", &[("d1", DeviceState::Failed), ("d2", DeviceState::Healthy)]),
+            node(
+                "10.0.0.1",
+                &[("d1", DeviceState::Failed), ("d2", DeviceState::Healthy)],
+            ),
             // Another node's d1 failing says nothing of 10.0.0.2's d1.
             node("10.0.0.3", &[("d1", DeviceState::Failed)]),
         ];
@@ -654,7 +661,10 @@ pub async fn run(client: Client) {
     let mut seen = std::collections::HashMap::<String, Vec<String>>::new();
     let node_changes = reflector::reflector(
         writer,
-        watcher(Api::<ObjectNode>::all(client.clone()), watcher::Config::default()),
+        watcher(
+            Api::<ObjectNode>::all(client.clone()),
+            watcher::Config::default(),
+        ),
     )
     .default_backoff()
     .touched_objects()
@@ -662,7 +672,9 @@ pub async fn run(client: Client) {
         let changed = match n {
             Ok(n) => {
                 let failed = failed_devices(n);
-                seen.insert(n.name_any(), failed.clone()).unwrap_or_default() != failed
+                seen.insert(n.name_any(), failed.clone())
+                    .unwrap_or_default()
+                    != failed
             }
             Err(_) => false,
         };
@@ -679,20 +691,20 @@ pub async fn run(client: Client) {
     );
     let rings = controller.store();
     controller
-    .owns(
-        Api::<ObjectRingVersion>::all(client),
-        watcher::Config::default(),
-    )
-    .watches_stream(node_changes, move |_: ObjectNode| {
-        rings
-            .state()
-            .iter()
-            .map(|r| ObjectRef::from_obj(&**r))
-            .collect::<Vec<_>>()
-    })
-    .run(reconcile, error_policy, ctx)
-    .for_each(|_| async {})
-    .await;
+        .owns(
+            Api::<ObjectRingVersion>::all(client),
+            watcher::Config::default(),
+        )
+        .watches_stream(node_changes, move |_: ObjectNode| {
+            rings
+                .state()
+                .iter()
+                .map(|r| ObjectRef::from_obj(&**r))
+                .collect::<Vec<_>>()
+        })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {})
+        .await;
 }
 
 #[cfg(test)]

@@ -38,7 +38,8 @@ pub enum Seen {
 /// The next action for one process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    /// Wanted and never started: start it.
+    /// Wanted and not running (never started, or its start failed and its backoff passed):
+    /// start it.
     Start(String),
     /// It exited and no restart is scheduled yet: report it and schedule one.
     Crashed(String),
@@ -61,6 +62,8 @@ pub fn plan(
     let mut steps = Vec::new();
     for name in wanted {
         match (seen.get(name), restart_at.get(name)) {
+            // A start that failed waits as a crash does.
+            (None, Some(&at)) if at > now => steps.push(Step::Wait(name.clone(), at)),
             (None, _) => steps.push(Step::Start(name.clone())),
             (Some(Seen::Running), _) => {}
             (Some(Seen::Exited(_)), None) => steps.push(Step::Crashed(name.clone())),
@@ -217,7 +220,7 @@ mod tests {
 
     #[test]
     fn every_case_has_its_step() {
-        let w = names(&["a", "b", "c", "d", "e"]);
+        let w = names(&["a", "b", "c", "d", "e", "f"]);
         let seen: BTreeMap<String, Seen> = [
             ("b", Seen::Running),
             ("c", Seen::Exited("status 1".into())),
@@ -229,7 +232,13 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
-        let at: BTreeMap<String, u64> = [("d".to_owned(), 5_000), ("e".to_owned(), 1_000)].into();
+        // f's start failed; it waits for its backoff.
+        let at: BTreeMap<String, u64> = [
+            ("d".to_owned(), 5_000),
+            ("e".to_owned(), 1_000),
+            ("f".to_owned(), 3_000),
+        ]
+        .into();
         assert_eq!(
             plan(&w, &seen, &at, 2_000),
             vec![
@@ -237,6 +246,7 @@ mod tests {
                 Step::Crashed("c".into()),
                 Step::Wait("d".into(), 5_000),
                 Step::Restart("e".into()),
+                Step::Wait("f".into(), 3_000),
                 Step::Stop("x".into()),
                 Step::Stop("y".into()),
             ]

@@ -278,6 +278,7 @@ pub async fn restrict(
                 heartbeat_namespace(&info.namespace) && own_name(true)
             }
             ("compute.stratus.dev", "hypervisors", "" | "status") => own_name(sub.is_empty()),
+            ("object.stratus.dev", "objectnodes", "" | "status") => own_name(sub.is_empty()),
             ("storage.stratus.dev", "storagepools", "" | "status") => true,
             (_, _, "status") => matches!(verb, "update" | "patch"),
             // Releasing a finalizer of what is placed on the node (decided by `review`).
@@ -314,7 +315,7 @@ pub async fn restrict(
 /// Decides a node's write on its final objects: an event it reports (created, or changed and
 /// still its own); its own Lease (in `kube-node-lease`, named after the node in the path and in
 /// every object) and Hypervisor (created with what registration declares and nothing an
-/// operator owns, its status written; never deleted); its StoragePools (`spec.node` naming it
+/// operator owns, its status written; never deleted); its ObjectNode (the same way); its StoragePools (`spec.node` naming it
 /// before and after); the status of an object placed on it (placed there before and after,
 /// and for a Port its addresses and binding kept); its own finalizer added to or removed from
 /// an object placed on it (no other finalizer, nothing else).
@@ -379,6 +380,30 @@ pub fn review(node: &str, r: &Review<'_>) -> ApiResult<()> {
                 Some(why)
             } else if !spec_kept {
                 Some("a Hypervisor's spec and metadata are the operator's: its node writes only its status".into())
+            } else {
+                None
+            }
+        }
+        // The object agent's ObjectNode: created with its address alone, then only its status.
+        ("object.stratus.dev", "objectnodes") => {
+            let kept = match (op, sub, r.old, r.new) {
+                (Operation::Update, "", Some(old), Some(new)) => {
+                    only_own_finalizer_differs(old, new, None)
+                }
+                _ => true,
+            };
+            if !path_names_node || !both().all(named_node) || op == Operation::Connect {
+                Some("a node writes only its own ObjectNode".into())
+            } else if op == Operation::Delete {
+                Some("deleting an ObjectNode is the operator's".into())
+            } else if let Some(why) = r
+                .new
+                .filter(|_| op == Operation::Create)
+                .and_then(|n| operator_metadata(n, "ObjectNode"))
+            {
+                Some(why)
+            } else if !kept {
+                Some("an ObjectNode's spec and metadata are the operator's: its node writes only its status".into())
             } else {
                 None
             }
@@ -515,7 +540,8 @@ pub fn review(node: &str, r: &Review<'_>) -> ApiResult<()> {
 /// another project included, are in the ports' graph above); the FloatingIPs of those routers
 /// (by name, or listed in the router's project selecting `status.router=NAME`).
 ///
-/// Every Hypervisor (read-only), its own Lease, every network agent's Lease (read-only), the
+/// Every ObjectRing and ObjectRingVersion (read-only) and its own ObjectNode, for the object
+/// agent. Every Hypervisor (read-only), its own Lease, every network agent's Lease (read-only), the
 /// Events it reported (by name). Nothing else: no identity objects, no other node's objects,
 /// no networks without a port on the node, no namespaces.
 async fn node_may_read(
@@ -629,6 +655,10 @@ async fn node_may_read(
         // Every node's (read-only), as kubelets read every Node: the network agent finds its
         // peers' tunnel addresses there. A Hypervisor holds nothing of any tenant's.
         ("compute.stratus.dev", "hypervisors") => Ok(None),
+        // The object agent installs every ring (each Swift node holds them all): the rings
+        // and their versions name devices and addresses, nothing of any tenant's.
+        ("object.stratus.dev", "objectrings" | "objectringversions") => Ok(None),
+        ("object.stratus.dev", "objectnodes") if named && info.name == node => Ok(None),
         ("compute.stratus.dev", "servers") if !named => {
             if selects("status.hypervisor", node) {
                 Ok(None)

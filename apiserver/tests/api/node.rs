@@ -558,3 +558,75 @@ async fn a_node_cannot_rewrite_who_owns_the_fields_of_what_is_placed_on_it() {
     assert_eq!(owners.len(), 1, "{stored}");
     assert_eq!(owners[0]["manager"], "caller");
 }
+
+/// The object agent's edges: every ObjectRing and ObjectRingVersion read, its own ObjectNode
+/// registered with its address and nothing an operator owns, then only its status written;
+/// another node's ObjectNode neither written nor read.
+#[tokio::test]
+async fn a_node_registers_its_object_node_and_writes_only_its_status() {
+    let c = Cloud::new().await;
+    let ring = json!({
+        "apiVersion": "object.stratus.dev/v1", "kind": "ObjectRing",
+        "metadata": {"name": "object"},
+        "spec": {"ringType": "object", "partPower": 4, "replicas": 1, "devices": []},
+    });
+    c.create(&Obj(ring)).await.expect("ring");
+    let a = c.node("a");
+    let rings = a
+        .read(&c.target("ObjectRing", None, None), "")
+        .await
+        .expect("a node lists the rings");
+    assert_eq!(rings["items"].as_array().map(Vec::len), Some(1));
+    a.read(&c.target("ObjectRingVersion", None, None), "watch=false")
+        .await
+        .expect("and their versions");
+
+    let nodes = c.target("ObjectNode", None, None);
+    let object_node = |name: &str| {
+        json!({
+            "apiVersion": "object.stratus.dev/v1", "kind": "ObjectNode",
+            "metadata": {"name": name}, "spec": {"ip": "10.0.0.1"},
+        })
+    };
+    let e = refused(a.create(&nodes, JSON, &object_node("b").to_string()).await);
+    assert_eq!(e.code, 403, "{}", e.message);
+    let mut labelled = object_node("a");
+    labelled["metadata"]["labels"] = json!({"x": "y"});
+    let e = refused(a.create(&nodes, JSON, &labelled.to_string()).await);
+    assert!(
+        e.code == 403 && e.message.contains("metadata.labels"),
+        "{}",
+        e.message
+    );
+    a.create(&nodes, JSON, &object_node("a").to_string())
+        .await
+        .expect("registered");
+
+    let mine = c.target("ObjectNode", None, Some("a"));
+    let status =
+        r#"{"status": {"phase": "Degraded", "devices": [{"name": "d1", "state": "Failed"}]}}"#;
+    let written = a
+        .patch(&c.status("ObjectNode", None, "a"), MERGE, status)
+        .await
+        .expect("its status");
+    assert_eq!(written["status"]["devices"][0]["state"], "Failed");
+    // Its spec is the operator's once registered: another address would drain other
+    // nodes' devices.
+    let before = c.get("ObjectNode", None, "a").await.expect("a");
+    let e = refused(
+        a.patch(&mine, MERGE, r#"{"spec": {"ip": "10.0.0.2"}}"#)
+            .await,
+    );
+    assert_eq!(e.code, 403, "{}", e.message);
+    assert_eq!(c.get("ObjectNode", None, "a").await.expect("kept"), before);
+    let e = refused(a.delete(&mine, "").await);
+    assert_eq!(e.code, 403, "{}", e.message);
+
+    // Another node's.
+    c.create(&Obj(object_node("b"))).await.expect("b");
+    let theirs = c.status("ObjectNode", None, "b");
+    let e = refused(a.patch(&theirs, MERGE, status).await);
+    assert_eq!(e.code, 403, "{}", e.message);
+    let e = refused(a.read(&c.target("ObjectNode", None, Some("b")), "").await);
+    assert_eq!(e.code, 403, "{}", e.message);
+}
