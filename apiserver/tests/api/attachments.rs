@@ -27,6 +27,39 @@ fn field(e: &stratus_apiserver::base::error::ApiError) -> &str {
         .unwrap_or_default()
 }
 
+/// Places volume `name` of project demo on `node`, as the volume scheduler does: through its
+/// binding, on a new file pool `p1` of that node (Ready, 10 GiB).
+async fn place_volume(c: &Cloud, name: &str, node: &str) {
+    c.create(&Obj(json!({
+        "apiVersion": "storage.stratus.dev/v1", "kind": "StoragePool",
+        "metadata": {"name": "p1"},
+        "spec": {"backend": "file", "node": node, "path": "/srv/p1", "reservedPercentage": 0},
+    })))
+    .await
+    .expect("pool");
+    c.patch(
+        &c.status("StoragePool", None, "p1"),
+        MERGE,
+        &json!({"status": {"phase": "Ready", "capacityGiB": 10}}),
+        "",
+    )
+    .await
+    .expect("capacity");
+    let t = stratus_apiserver::resource::verbs::Target {
+        subresource: Some("binding".into()),
+        ..c.target("Volume", Some("demo"), Some(name))
+    };
+    c.api
+        .bind(
+            &t,
+            json!({"target": {"name": "p1"}}).to_string().as_bytes(),
+            crate::fixtures::JSON,
+            &stratus_apiserver::resource::review::AllowAll,
+        )
+        .await
+        .expect("placed");
+}
+
 async fn attached_to(c: &Cloud, ns: &str, name: &str) -> Value {
     c.get("Volume", Some(ns), name).await.expect("volume")["status"]["attachedTo"].clone()
 }
@@ -171,35 +204,8 @@ async fn a_compute_node_reads_a_volume_attached_to_a_server_placed_on_it() {
 #[tokio::test]
 async fn a_storage_node_keeps_the_attachment_it_reports_on() {
     let c = Cloud::with_demo().await;
-    c.create(&Obj(json!({
-        "apiVersion": "storage.stratus.dev/v1", "kind": "StoragePool",
-        "metadata": {"name": "p1"},
-        "spec": {"backend": "file", "node": "n1", "path": "/srv/p1", "reservedPercentage": 0},
-    })))
-    .await
-    .expect("pool");
-    c.patch(
-        &c.status("StoragePool", None, "p1"),
-        MERGE,
-        &json!({"status": {"phase": "Ready", "capacityGiB": 10}}),
-        "",
-    )
-    .await
-    .expect("capacity");
     c.create(&volume("demo", "data")).await.expect("volume");
-    let t = stratus_apiserver::resource::verbs::Target {
-        subresource: Some("binding".into()),
-        ..c.target("Volume", Some("demo"), Some("data"))
-    };
-    c.api
-        .bind(
-            &t,
-            json!({"target": {"name": "p1"}}).to_string().as_bytes(),
-            crate::fixtures::JSON,
-            &stratus_apiserver::resource::review::AllowAll,
-        )
-        .await
-        .expect("placed on n1");
+    place_volume(&c, "data", "n1").await;
     c.create(&with_volumes("demo", "web", &["data"]))
         .await
         .expect("server");
@@ -268,34 +274,7 @@ async fn a_compute_node_reads_the_images_its_boot_volume_recorded_and_no_namesak
         async move { s1.read(&t, "").await }
     };
     assert_eq!(refused(storage_read("k").await).code, 403);
-    c.create(&Obj(json!({
-        "apiVersion": "storage.stratus.dev/v1", "kind": "StoragePool",
-        "metadata": {"name": "p1"},
-        "spec": {"backend": "file", "node": "s1", "path": "/srv/p1"},
-    })))
-    .await
-    .expect("pool");
-    c.patch(
-        &c.status("StoragePool", None, "p1"),
-        MERGE,
-        &json!({"status": {"phase": "Ready", "capacityGiB": 10}}),
-        "",
-    )
-    .await
-    .expect("capacity");
-    let binding = stratus_apiserver::resource::verbs::Target {
-        subresource: Some("binding".into()),
-        ..c.target("Volume", Some("demo"), Some("root"))
-    };
-    c.api
-        .bind(
-            &binding,
-            json!({"target": {"name": "p1"}}).to_string().as_bytes(),
-            crate::fixtures::JSON,
-            &stratus_apiserver::resource::review::AllowAll,
-        )
-        .await
-        .expect("placed on s1");
+    place_volume(&c, "root", "s1").await;
     storage_read("tiny").await.expect("its volume's image");
     storage_read("k").await.expect("that image's kernel");
     // What the storage agent records when it fills the volume.

@@ -334,16 +334,16 @@ async fn no_create_lands_after_the_deletion_began() {
 /// old Project's objects at an old revision (an Exact LIST, a watch from it), which etcd still
 /// holds until it compacts; they get 410 Gone and list afresh. Reads from the new Project's
 /// revisions on are served.
-#[tokio::test]
-async fn a_recreated_project_does_not_show_the_old_ones_objects_at_old_revisions() {
-    let c = Cloud::new().await;
+/// Project demo made with keypair `old-secret`, deleted (the keypair first) and made again,
+/// empty; the revision at which the old one held its keypair.
+async fn demo_recreated(c: &Cloud) -> i64 {
     c.create(&Obj::project("demo")).await.expect("project");
     c.create(&keypair("old-secret")).await.expect("keypair");
     let old = c.revision().await;
     c.delete("Keypair", Some("demo"), "old-secret", "")
         .await
         .expect("delete keypair");
-    delete_demo(&c).await;
+    delete_demo(c).await;
     // The project controller's part: the namespace is empty, its finalizer goes.
     c.patch(
         &c.target("Project", None, Some("demo")),
@@ -357,6 +357,13 @@ async fn a_recreated_project_does_not_show_the_old_ones_objects_at_old_revisions
     c.create(&Obj::project("demo"))
         .await
         .expect("project again");
+    old
+}
+
+#[tokio::test]
+async fn a_recreated_project_does_not_show_the_old_ones_objects_at_old_revisions() {
+    let c = Cloud::new().await;
+    let old = demo_recreated(&c).await;
     c.create(&keypair("new")).await.expect("keypair");
     let new = c.revision().await;
 
@@ -399,24 +406,7 @@ async fn a_continue_token_forged_to_before_a_recreated_project_is_410() {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let c = Cloud::new().await;
-    c.create(&Obj::project("demo")).await.expect("project");
-    c.create(&keypair("old-secret")).await.expect("keypair");
-    let old = c.revision().await;
-    c.delete("Keypair", Some("demo"), "old-secret", "")
-        .await
-        .expect("delete keypair");
-    delete_demo(&c).await;
-    c.patch(
-        &c.target("Project", None, Some("demo")),
-        MERGE,
-        &json!({"metadata": {"finalizers": null}}),
-        "",
-    )
-    .await
-    .expect("release");
-    c.create(&Obj::project("demo"))
-        .await
-        .expect("project again");
+    let old = demo_recreated(&c).await;
     for name in ["new-a", "new-b"] {
         c.create(&keypair(name)).await.expect("keypair");
     }
