@@ -16,9 +16,11 @@ export PATH="$PATH:/usr/sbin:/sbin"
 scripts/setup.sh
 # qemu-utils: the package apt removed on a fresh machine; genisoimage, cpio and
 # chromium-driver (the dashboard's browser test), openvswitch-switch (the OVS datapath's
-# tests), swift-object (the object agent's): programs that nothing else depends on.
+# tests), swift-object (the object agent's), swift-proxy and python3-swiftclient (the object
+# proxy's): programs that nothing else depends on.
 for victim in qemu-utils:qemu-img genisoimage:genisoimage cpio:cpio chromium-driver:chromedriver \
-  openvswitch-switch:ovs-vswitchd swift-object:swift-object-server; do
+  openvswitch-switch:ovs-vswitchd swift-object:swift-object-server swift-proxy:swift-proxy-server \
+  python3-swiftclient:swift; do
   pkg=${victim%%:*} prog=${victim#*:}
   $sudo dpkg --remove --force-depends "$pkg" >/dev/null 2>&1
   if command -v "$prog" >/dev/null 2>&1; then

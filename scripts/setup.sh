@@ -53,6 +53,10 @@ py   swift                python3-swift
 bin  swift-object-server  swift-object
 bin  swift-container-server swift-container
 bin  swift-account-server swift-account
+bin  swift-proxy-server   swift-proxy
+py   keystonemiddleware   python3-keystonemiddleware
+bin  swift                python3-swiftclient
+py   boto3                python3-boto3
 '
 
 sudo=""

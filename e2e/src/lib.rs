@@ -715,6 +715,21 @@ impl Apiserver {
         self.dir.path().join("kubeconfig")
     }
 
+    /// Adds a system identity to its token file (`token` authenticates as `user`, e.g.
+    /// `system:service:object-proxy`) and restarts it so that the file is read again.
+    pub fn add_token(&mut self, token: &str, user: &str) -> Result<()> {
+        let tokens = self.dir.path().join("tokens.csv");
+        let mut text = std::fs::read_to_string(&tokens)?;
+        text.push_str(&format!("{token},{user}\n"));
+        std::fs::write(&tokens, text)?;
+        self.restart()
+    }
+
+    /// The CA certificate its serving certificate chains to.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("pki/ca.crt")
+    }
+
     /// Runs kubectl against this replica.
     pub fn kubectl(&self, args: &[&str]) -> Result<Output> {
         Ok(Command::new("kubectl")

@@ -18,6 +18,7 @@ mod e2e {
     mod leader;
     mod namespace_lifecycle;
     mod network_agent;
+    mod object_proxy;
     mod object_ring;
     mod quota;
     mod replicas;
