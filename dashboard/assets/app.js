@@ -22,6 +22,8 @@ const state = {
   form: null,
   topology: null,
   topologyKey: "",
+  /** Counts the logins, so that an answer to an earlier session's request is dropped. */
+  session: 0,
   list: null,
   listKey: "",
   events: null,
@@ -262,6 +264,7 @@ function onAction(ev) {
  * keeps its tab hidden; opening it by its fragment shows the same refusal).
  */
 async function probeAdmin() {
+  const session = state.session;
   for (const a of $("tabs").querySelectorAll("a.admin")) {
     const kind = KINDS[a.dataset.view];
     let allowed = "unknown";
@@ -273,7 +276,7 @@ async function probeAdmin() {
         allowed = "no";
       }
     }
-    if (!api.loggedIn()) {
+    if (!api.loggedIn() || state.session !== session) {
       return;
     }
     a.dataset.allowed = allowed;
@@ -385,6 +388,7 @@ function showSession(on) {
 }
 
 function endSession(message) {
+  state.session += 1;
   stopInformers();
   state.project = null;
   state.projects = [];

@@ -1080,6 +1080,18 @@ fn a_member_acts_through_manifests_and_only_an_admin_sees_the_cloud() -> Result<
     );
     b.ok(json!({"cmd": "click", "css": "form.create button.apply"}))?;
     b.row("net-a", None, 30)?;
+    // A name already taken is the name's error (409 AlreadyExists), and nothing is changed.
+    b.open_form("network")?;
+    b.ok(json!({"cmd": "type", "css": "#f-network-name", "text": "net-a"}))?;
+    b.ok(json!({"cmd": "type", "css": "#f-network-description", "text": "again"}))?;
+    let taken = b.refused_at("metadata.name")?;
+    assert!(taken.contains("already exists"), "{taken}");
+    wait_jsonpath(
+        &cloud,
+        &["-n", "dash-m", "network", "net-a"],
+        "{.spec.description}",
+        "from the page",
+    )?;
     b.open_form("volume")?;
     b.ok(json!({"cmd": "type", "css": "#f-volume-name", "text": "vol-a"}))?;
     b.ok(json!({"cmd": "type", "css": "#f-volume-sizeGiB", "text": "0"}))?;
