@@ -16,6 +16,7 @@ mod e2e {
     mod ipam;
     mod kubectl;
     mod leader;
+    mod metadata;
     mod namespace_lifecycle;
     mod network_agent;
     mod object_proxy;
