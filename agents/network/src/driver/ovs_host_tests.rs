@@ -39,6 +39,8 @@ struct Cleanup {
     daemons: Vec<OvsDaemon>,
     dhcp: Vec<(Dnsmasq, String)>,
     namespaces: Vec<Name>,
+    /// The switches' and DHCP servers' files, removed once they are stopped.
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Drop for Cleanup {
@@ -84,6 +86,7 @@ fn ovs_links_pass_the_conformance_suite() {
         daemons: vec![daemon.clone()],
         dhcp: vec![],
         namespaces: vec![a.clone(), name(format!("{prefix}-b"))],
+        _dir: None,
     };
     let l = OvsLinks::with_daemon(Netns::Named(a), daemon.clone());
     conformance::links(&l, &prefix);
@@ -117,11 +120,33 @@ fn tunnels(ovs: &Ovs) -> BTreeSet<String> {
         .collect()
 }
 
-#[test]
-fn two_ovs_nodes_carry_a_network_over_vxlan_keep_networks_apart_and_repair_drift() {
-    if !root() {
-        return;
+/// Two OVS nodes and four guests, each guest a namespace plugged into its node by a veth named
+/// as its Port's device (guests 1 and 3 on node 1), the nodes joined by a veth underlay
+/// (192.0.2.1 and .2); the API's objects of one network (10.50.0.0/24, VNI 5001) with a port
+/// of guest 1 (10.50.0.11) and one of guest 2 (10.50.0.12) in project `demo`.
+struct Rig {
+    l: NetlinkLinks,
+    nodes: [Name; 2],
+    guests: [Name; 4],
+    switches: [OvsDaemon; 2],
+    hosts: [Host; 2],
+    configs: [NodeConfig; 2],
+    snap: Snapshot,
+    macs: [String; 2],
+    _cleanup: Cleanup,
+}
+
+/// The drivers of a node on the switch `switch`.
+fn host(ns: &Netns, switch: &OvsDaemon, dns: &Dnsmasq) -> Host {
+    let links = Arc::new(OvsLinks::with_daemon(ns.clone(), switch.clone()));
+    Host {
+        links: Arc::clone(&links) as Arc<dyn Links>,
+        firewall: Arc::new(OvsFirewall::new(NftFirewall::new(ns.clone()), links)),
+        dhcp: Arc::new(dns.clone()),
     }
+}
+
+fn rig() -> Rig {
     let prefix = unique();
     let l = NetlinkLinks::new();
     let (n1, n2) = (name(format!("{prefix}-n1")), name(format!("{prefix}-n2")));
@@ -137,7 +162,7 @@ fn two_ovs_nodes_carry_a_network_over_vxlan_keep_networks_apart_and_repair_drift
         Dnsmasq::new(dir.path().join("dhcp1")),
         Dnsmasq::new(dir.path().join("dhcp2")),
     );
-    let _cleanup = Cleanup {
+    let mut cleanup = Cleanup {
         daemons: vec![d1.clone(), d2.clone()],
         dhcp: vec![
             (dns1.clone(), n1.to_string()),
@@ -151,6 +176,7 @@ fn two_ovs_nodes_carry_a_network_over_vxlan_keep_networks_apart_and_repair_drift
             g3.clone(),
             g4.clone(),
         ],
+        _dir: None,
     };
     for n in [&n1, &n2] {
         l.add_netns(n).expect("node netns");
@@ -178,7 +204,7 @@ fn two_ovs_nodes_carry_a_network_over_vxlan_keep_networks_apart_and_repair_drift
     let mac2 = guest(&l, &ns2, &g2, &dev2);
 
     let net_uid = format!("{prefix}-net");
-    let mut snap = Snapshot {
+    let snap = Snapshot {
         ports: vec![
             of_network(
                 port(
@@ -218,14 +244,6 @@ fn two_ovs_nodes_carry_a_network_over_vxlan_keep_networks_apart_and_repair_drift
         )],
         ..Snapshot::default()
     };
-    let host = |ns: &Netns, d: &OvsDaemon, dns: &Dnsmasq| {
-        let links = Arc::new(OvsLinks::with_daemon(ns.clone(), d.clone()));
-        Host {
-            links: Arc::clone(&links) as Arc<dyn Links>,
-            firewall: Arc::new(OvsFirewall::new(NftFirewall::new(ns.clone()), links)),
-            dhcp: Arc::new(dns.clone()),
-        }
-    };
     let (h1, h2) = (host(&ns1, &d1, &dns1), host(&ns2, &d2, &dns2));
     let cfg = |n: &Name| NodeConfig {
         node: n.to_string(),
@@ -234,11 +252,43 @@ fn two_ovs_nodes_carry_a_network_over_vxlan_keep_networks_apart_and_repair_drift
         physical: Default::default(),
     };
     let (c1, c2) = (cfg(&n1), cfg(&n2));
+    cleanup._dir = Some(dir);
+    Rig {
+        l,
+        nodes: [n1, n2],
+        guests: [g1, g2, g3, g4],
+        switches: [d1, d2],
+        hosts: [h1, h2],
+        configs: [c1, c2],
+        snap,
+        macs: [mac1, mac2],
+        _cleanup: cleanup,
+    }
+}
+
+#[test]
+fn two_ovs_nodes_carry_a_network_over_vxlan_keep_networks_apart_and_repair_drift() {
+    if !root() {
+        return;
+    }
+    let Rig {
+        l,
+        nodes: [n1, n2],
+        guests: [g1, g2, g3, g4],
+        switches: [d1, d2],
+        hosts: [h1, h2],
+        configs: [c1, c2],
+        mut snap,
+        macs: [_, mac2],
+        _cleanup,
+    } = rig();
+    let (ns1, ns2) = (Netns::Named(n1.clone()), Netns::Named(n2.clone()));
+    let dns = |n: usize| _cleanup.dhcp[n].0.clone();
+    let (dns1, dns2) = (dns(0), dns(1));
     let key = |n: &str| PortKey {
         namespace: "demo".into(),
         name: n.into(),
     };
-
     for (h, c, p) in [(&h1, &c1, "p1"), (&h2, &c2, "p2")] {
         let r = converge(h, c, &snap).expect("converge");
         assert!(r.failures.is_empty(), "{:?}", r.failures);
@@ -314,7 +364,7 @@ fn two_ovs_nodes_carry_a_network_over_vxlan_keep_networks_apart_and_repair_drift
     let (dev3, dev4) = (ifname("tp-guest3"), ifname("tp-guest4"));
     let mac3 = guest(&l, &ns1, &g3, &dev3);
     let mac4 = guest(&l, &ns2, &g4, &dev4);
-    let net_b = format!("{prefix}-net-b");
+    let net_b = format!("{n1}-net-b");
     snap.networks
         .push(in_project(network("net", &net_b, Some(5002)), "other"));
     snap.subnets.push(in_project(
