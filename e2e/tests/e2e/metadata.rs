@@ -14,44 +14,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde_json::{Value, json};
-use stratus_e2e::{Apiserver, Etcd, Proc, stratus_bin, wait_until};
+use stratus_e2e::{Apiserver, Etcd, Proc, ip, netns_exec, stratus_bin, wait_until};
 
 const NS: &str = "mdemo";
 
 /// Generous: the agent shares two cores with every other test.
 const T: Duration = Duration::from_secs(90);
-
-fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip").args(args).output().context("run ip")?;
-    if !out.status.success() {
-        bail!(
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Runs `args` in namespace `ns`: whether it succeeded, and its output.
-fn exec(ns: &str, args: &[&str]) -> (bool, String) {
-    match Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(args)
-        .output()
-    {
-        Ok(o) => (
-            o.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        ),
-        Err(e) => (false, e.to_string()),
-    }
-}
 
 /// GET `path` of the metadata service from `ns` (from `source`, if given): the HTTP status
 /// (0 when nothing answered) and the body.
@@ -62,7 +32,7 @@ fn get(ns: &str, path: &str, source: Option<&str>) -> (u16, String) {
         args.extend(["--interface", s]);
     }
     args.push(&url);
-    let (_, out) = exec(ns, &args);
+    let (_, out) = netns_exec(ns, &args);
     let (body, code) = out.rsplit_once('\n').unwrap_or(("", &out));
     (code.trim().parse().unwrap_or_default(), body.to_owned())
 }
@@ -127,7 +97,7 @@ fn lease(ns: &str, dir: &Path) -> Result<String> {
         &script,
     ];
     wait_until(T, &format!("a lease in {ns}"), || {
-        exec(ns, &args);
+        netns_exec(ns, &args);
         std::fs::read_to_string(&result).ok()
     })
     .map(|r| r.trim().to_owned())
