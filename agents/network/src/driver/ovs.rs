@@ -705,6 +705,24 @@ impl OvsLinks {
         Ok(self.state(&self.netns)?.firewall)
     }
 
+    /// Puts `name` on the integration bridge (if it is not) with its interface's columns
+    /// set to `columns` (`key=value`, as `ovs-vsctl set` takes them), in one transaction.
+    fn add_port(&self, name: &IfName, columns: &[String]) -> Result<(), LinkError> {
+        let mut args = vec![
+            "--may-exist",
+            "add-port",
+            INTEGRATION_BRIDGE,
+            name.as_str(),
+            "--",
+            "set",
+            "Interface",
+            name.as_str(),
+        ];
+        args.extend(columns.iter().map(String::as_str));
+        self.ovs.vsctl(&args).map_err(ovs_err)?;
+        Ok(())
+    }
+
     fn no_link(&self, ns: &Netns, name: &IfName) -> LinkError {
         LinkError::NoLink {
             netns: ns.clone(),
@@ -873,20 +891,13 @@ impl Links for OvsLinks {
         if let Some(l) = self.kernel.link(ns, name)? {
             return Err(Self::conflict(ns, name, &format!("{:?}", l.kind)));
         }
-        self.ovs
-            .vsctl(&[
-                "--may-exist",
-                "add-port",
-                INTEGRATION_BRIDGE,
-                name.as_str(),
-                "--",
-                "set",
-                "Interface",
-                name.as_str(),
-                "type=internal",
-                &format!("external_ids:{ROLE}=network"),
-            ])
-            .map_err(ovs_err)?;
+        self.add_port(
+            name,
+            &[
+                "type=internal".into(),
+                format!("external_ids:{ROLE}=network"),
+            ],
+        )?;
         // A bridge is made down, as the kernel makes one.
         self.kernel.set_up(ns, name, false)?;
         self.sync(&self.read()?)
@@ -1030,22 +1041,13 @@ impl Links for OvsLinks {
             return Err(self.no_link(ns, name));
         }
         match master {
-            Some(m) => {
-                self.ovs
-                    .vsctl(&[
-                        "--may-exist",
-                        "add-port",
-                        INTEGRATION_BRIDGE,
-                        name.as_str(),
-                        "--",
-                        "set",
-                        "Interface",
-                        name.as_str(),
-                        &format!("external_ids:{ROLE}=port"),
-                        &format!("external_ids:{NETWORK}={m}"),
-                    ])
-                    .map_err(ovs_err)?;
-            }
+            Some(m) => self.add_port(
+                name,
+                &[
+                    format!("external_ids:{ROLE}=port"),
+                    format!("external_ids:{NETWORK}={m}"),
+                ],
+            )?,
             None => {
                 if !s.ifaces.contains_key(name.as_str()) {
                     return Ok(());
