@@ -535,3 +535,107 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::fake::FakeSupervisor;
+
+    /// An agent over `sup` whose API server cannot be reached (its Events are dropped).
+    fn agent(sup: Arc<FakeSupervisor>) -> Agent {
+        let url = "http://127.0.0.1:9".parse().expect("url");
+        let client = Client::try_from(kube::Config::new(url)).expect("client");
+        Agent {
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: MANAGER.into(),
+                    instance: Some("o1".into()),
+                },
+            ),
+            nodes: Api::all(client.clone()),
+            versions: Api::all(client.clone()),
+            status: Runtime::new(client, MANAGER),
+            epoch: Instant::now(),
+            tracks: BTreeMap::new(),
+            installed: BTreeMap::new(),
+            ring_problems: Vec::new(),
+            supervisor: sup,
+            config: Config {
+                node: crate::config::tests::config(),
+                heartbeat: Duration::from_secs(10),
+                tick: Duration::from_secs(1),
+                python: "/usr/bin/python3".into(),
+                bin_dir: "/usr/bin".into(),
+                restart_delay: (Duration::from_secs(30), Duration::from_secs(300)),
+            },
+        }
+    }
+
+    /// Moves the agent's clock `secs` on (its restarts are scheduled on it).
+    fn later(a: &mut Agent, secs: u64) {
+        a.epoch = a
+            .epoch
+            .checked_sub(Duration::from_secs(secs))
+            .expect("an earlier instant");
+    }
+
+    fn count(starts: &[String], name: &str) -> usize {
+        starts.iter().filter(|s| *s == name).count()
+    }
+
+    #[tokio::test]
+    async fn a_crashed_server_restarts_after_its_backoff_and_daemons_follow_their_ring() {
+        let sup = Arc::new(FakeSupervisor::new());
+        let mut a = agent(Arc::clone(&sup));
+        a.supervise().await;
+        assert_eq!(sup.observe().len(), 3, "the three servers");
+
+        sup.crash("swift-object-server", "signal: 9 (SIGKILL)");
+        a.supervise().await;
+        // Not at once: after its delay.
+        a.supervise().await;
+        assert_eq!(count(&sup.starts(), "swift-object-server"), 1);
+        later(&mut a, 31);
+        a.supervise().await;
+        assert_eq!(count(&sup.starts(), "swift-object-server"), 2);
+        let t = &a.tracks["swift-object-server"];
+        assert_eq!(t.restarts, 1);
+        assert!(
+            t.last_exit
+                .as_deref()
+                .is_some_and(|m| m.contains("SIGKILL"))
+        );
+
+        // The object ring installed: its daemons start; gone: they stop.
+        let source = Source {
+            ring: "object".into(),
+            version_name: "object-v1".into(),
+            version: 1,
+        };
+        a.installed
+            .insert("object.ring.gz".into(), (source, b"ring".to_vec()));
+        a.supervise().await;
+        let running = sup.observe();
+        assert!(running.contains_key("swift-object-replicator"));
+        assert!(running.contains_key("swift-object-auditor"));
+        assert!(!running.contains_key("swift-account-replicator"));
+        a.installed.clear();
+        a.supervise().await;
+        assert_eq!(sup.observe().len(), 3);
+
+        // A program that cannot start is tried again after its delay, not at every tick.
+        sup.crash("swift-account-server", "exit status: 1");
+        sup.fail_starts("swift-account-server");
+        a.supervise().await;
+        later(&mut a, 31);
+        a.supervise().await;
+        let retry = a.tracks["swift-account-server"].restart_at;
+        a.supervise().await;
+        a.supervise().await;
+        assert!(!sup.observe().contains_key("swift-account-server"));
+        // The next attempt is the backoff's second delay (60 s) away, and stays scheduled.
+        assert!(retry.is_some_and(|at| at >= a.ms() + 50_000), "{retry:?}");
+        assert_eq!(a.tracks["swift-account-server"].restart_at, retry);
+    }
+}
