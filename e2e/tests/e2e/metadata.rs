@@ -103,6 +103,19 @@ fn lease(ns: &str, dir: &Path) -> Result<String> {
     .map(|r| r.trim().to_owned())
 }
 
+/// A field of `kind` `name` in the project, by JSONPath.
+fn field(api: &Apiserver, kind: &str, name: &str, path: &str) -> Result<String> {
+    api.kubectl_ok(&[
+        "-n",
+        NS,
+        "get",
+        kind,
+        name,
+        "-o",
+        &format!("jsonpath={path}"),
+    ])
+}
+
 /// Merge-patches the status of `kind` `name` in the project, as an admin.
 fn status(api: &Apiserver, kind: &str, name: &str, status: Value) -> Result<String> {
     api.kubectl_ok(&[
@@ -230,15 +243,7 @@ spec: {{network: net, fixedIPs: [{{ipAddress: 10.64.0.12}}]}}
         ],
         &json!({"target": {"name": node}}).to_string(),
     )?;
-    let uid = api.kubectl_ok(&[
-        "-n",
-        NS,
-        "get",
-        "server",
-        "web",
-        "-o",
-        "jsonpath={.metadata.uid}",
-    ])?;
+    let uid = field(&api, "server", "web", "{.metadata.uid}")?;
     for (i, (port, guest, bound)) in [("web-0", &g1, Some("web")), ("stray", &g2, None)]
         .into_iter()
         .enumerate()
@@ -250,15 +255,7 @@ spec: {{network: net, fixedIPs: [{{ipAddress: 10.64.0.12}}]}}
             port,
             json!({"hypervisor": node, "interfaceName": device, "boundTo": bound}),
         )?;
-        let mac = api.kubectl_ok(&[
-            "-n",
-            NS,
-            "get",
-            "port",
-            port,
-            "-o",
-            "jsonpath={.status.macAddress}",
-        ])?;
+        let mac = field(&api, "port", port, "{.status.macAddress}")?;
         ip(&[
             "link", "add", &device, "netns", &node, "type", "veth", "peer", "name", "eth0",
             "netns", guest,
@@ -300,29 +297,13 @@ spec: {{network: net, fixedIPs: [{{ipAddress: 10.64.0.12}}]}}
     let log = || std::fs::read_to_string(state.path().join("agent.log")).unwrap_or_default();
     for port in ["web-0", "stray"] {
         wait_until(T, &format!("{port} Active"), || {
-            api.kubectl_ok(&[
-                "-n",
-                NS,
-                "get",
-                "port",
-                port,
-                "-o",
-                "jsonpath={.status.phase}",
-            ])
-            .ok()
-            .filter(|p| p == "Active")
+            field(&api, "port", port, "{.status.phase}")
+                .ok()
+                .filter(|p| p == "Active")
         })
         .with_context(log)?;
     }
-    let dhcp_ip = api.kubectl_ok(&[
-        "-n",
-        NS,
-        "get",
-        "subnet",
-        "sn",
-        "-o",
-        "jsonpath={.status.dhcpIP}",
-    ])?;
+    let dhcp_ip = field(&api, "subnet", "sn", "{.status.dhcpIP}")?;
 
     // Each guest's lease carries the route to the metadata address through the DHCP server.
     for g in [&g1, &g2] {
