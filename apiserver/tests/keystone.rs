@@ -287,6 +287,14 @@ impl Server {
         self.call("GET", "/identity/v3/auth/tokens", &h, b"").await
     }
 
+    /// Revokes `subject` with `auth` as the credential: the status code.
+    async fn revoke(&self, auth: &str, subject: &str) -> u16 {
+        let h = [("X-Auth-Token", auth), ("X-Subject-Token", subject)];
+        self.call("DELETE", "/identity/v3/auth/tokens", &h, b"")
+            .await
+            .code
+    }
+
     async fn s3tokens(&self, access: &str, string_to_sign: &str, signature: &str) -> Answer {
         let token = base64::engine::general_purpose::URL_SAFE.encode(string_to_sign);
         let body =
@@ -468,28 +476,12 @@ async fn a_login_scoped_to_a_project_is_validated_for_the_proxy_only() {
     );
 
     // Revoked (by its holder): refused from then on.
-    let r = s
-        .call(
-            "DELETE",
-            "/identity/v3/auth/tokens",
-            &[("X-Auth-Token", &token), ("X-Subject-Token", &token)],
-            b"",
-        )
-        .await;
-    assert_eq!(r.code, 204);
+    assert_eq!(s.revoke(&token, &token).await, 204);
     assert_eq!(s.validate(Some(PROXY), &token).await.code, 404);
 
     // Another user cannot revoke it.
     let alice = s.token("alice", "p1").await;
-    let r = s
-        .call(
-            "DELETE",
-            "/identity/v3/auth/tokens",
-            &[("X-Auth-Token", &carol), ("X-Subject-Token", &alice)],
-            b"",
-        )
-        .await;
-    assert_eq!(r.code, 403);
+    assert_eq!(s.revoke(&carol, &alice).await, 403);
     assert_eq!(s.validate(Some(PROXY), &alice).await.code, 200);
 
     // A role taken away: the token no longer reaches the project.

@@ -368,10 +368,7 @@ impl Cloud {
     /// Adds a system identity to the API server's token file (`token` authenticates as
     /// `user`, e.g. `system:node:node-1`) and restarts the cloud so that it is read.
     pub fn add_token(&mut self, token: &str, user: &str) -> Result<()> {
-        let tokens = self.dir.path().join("tokens.csv");
-        let mut text = std::fs::read_to_string(&tokens)?;
-        text.push_str(&format!("{token},{user}\n"));
-        std::fs::write(&tokens, text)?;
+        append_token(&self.dir.path().join("tokens.csv"), token, user)?;
         self.restart()
     }
 
@@ -749,10 +746,7 @@ impl Apiserver {
     /// Adds a system identity to its token file (`token` authenticates as `user`, e.g.
     /// `system:service:object-proxy`) and restarts it so that the file is read again.
     pub fn add_token(&mut self, token: &str, user: &str) -> Result<()> {
-        let tokens = self.dir.path().join("tokens.csv");
-        let mut text = std::fs::read_to_string(&tokens)?;
-        text.push_str(&format!("{token},{user}\n"));
-        std::fs::write(&tokens, text)?;
+        append_token(&self.dir.path().join("tokens.csv"), token, user)?;
         self.restart()
     }
 
@@ -790,6 +784,14 @@ impl Apiserver {
         let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
         Ok(kube::Client::try_from(cfg)?)
     }
+}
+
+/// Appends a `token,user` line to a token file.
+fn append_token(tokens: &Path, token: &str, user: &str) -> Result<()> {
+    let mut text = std::fs::read_to_string(tokens)?;
+    text.push_str(&format!("{token},{user}\n"));
+    std::fs::write(tokens, text)?;
+    Ok(())
 }
 
 /// A YAML stream of Projects named `names`.
