@@ -1,10 +1,11 @@
 //! The `stratus` client verbs against `stratus up`.
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use stratus_e2e::{Cloud, repo_root, wait_until};
 
 fn run(cloud: &Cloud, args: &[&str], stdin: Option<&str>) -> Result<Output> {
@@ -136,7 +137,7 @@ fn client_verbs_apply_get_describe_diff_wait_delete() -> Result<()> {
             "flavor/m1.tiny",
             "--for=condition=Ready",
             "--timeout",
-            "60",
+            "180",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -157,7 +158,7 @@ fn client_verbs_apply_get_describe_diff_wait_delete() -> Result<()> {
         "-p",
         ready,
     ])?;
-    let status = wait_until(Duration::from_secs(30), "stratus wait to return", || {
+    let status = wait_until(Duration::from_secs(90), "stratus wait to return", || {
         waiter.try_wait().ok().flatten()
     })?;
     let out = waiter.wait_with_output()?;
@@ -180,11 +181,28 @@ fn client_verbs_apply_get_describe_diff_wait_delete() -> Result<()> {
     ])?;
     let mut del = cloud
         .stratus_cmd()
-        .args(["delete", "flavor", "m1.small", "--timeout", "60"])
+        .args(["delete", "flavor", "m1.small", "--timeout", "180"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    std::thread::sleep(Duration::from_millis(800));
+    // What it says, as it says it: the finalizer stays until it has said that it waits (a
+    // slow start could otherwise see the object already gone).
+    let said = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let said = Arc::clone(&said);
+        let stderr = del.stderr.take().context("stderr")?;
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut said = said.lock().unwrap_or_else(|e| e.into_inner());
+                said.push_str(&line);
+                said.push('\n');
+            }
+        })
+    };
+    let said_so = || said.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    wait_until(Duration::from_secs(90), "stratus delete to wait", || {
+        said_so().contains("waiting for finalizers").then_some(())
+    })?;
     assert!(
         del.try_wait()?.is_none(),
         "delete returned while a finalizer held the object"
@@ -198,15 +216,11 @@ fn client_verbs_apply_get_describe_diff_wait_delete() -> Result<()> {
         "-p",
         r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
     ])?;
-    wait_until(Duration::from_secs(30), "stratus delete to return", || {
+    let status = wait_until(Duration::from_secs(90), "stratus delete to return", || {
         del.try_wait().ok().flatten()
     })?;
-    let out = del.wait_with_output()?;
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("waiting for finalizers"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let _ = reader.join();
+    assert!(status.success(), "{}", said_so());
     assert!(
         cloud
             .kubectl_err(&["get", "flavor", "m1.small"])?
