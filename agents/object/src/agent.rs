@@ -143,6 +143,27 @@ fn now_time() -> Time {
 }
 
 impl Agent {
+    fn new(client: Client, config: Config, supervisor: Arc<dyn Supervisor>) -> Self {
+        Self {
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: MANAGER.into(),
+                    instance: Some(config.node.node.clone()),
+                },
+            ),
+            nodes: Api::all(client.clone()),
+            versions: Api::all(client.clone()),
+            status: Runtime::new(client, MANAGER),
+            epoch: Instant::now(),
+            tracks: BTreeMap::new(),
+            installed: BTreeMap::new(),
+            ring_problems: Vec::new(),
+            supervisor,
+            config,
+        }
+    }
+
     fn ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -496,24 +517,7 @@ pub async fn run(
             ready.store(true, std::sync::atomic::Ordering::Release);
         });
     }
-    let mut agent = Agent {
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: MANAGER.into(),
-                instance: Some(config.node.node.clone()),
-            },
-        ),
-        nodes: Api::all(client.clone()),
-        versions: Api::all(client.clone()),
-        status: Runtime::new(client, MANAGER),
-        epoch: Instant::now(),
-        tracks: BTreeMap::new(),
-        installed: BTreeMap::new(),
-        ring_problems: Vec::new(),
-        supervisor,
-        config,
-    };
+    let mut agent = Agent::new(client, config, supervisor);
     let mut tick = tokio::time::interval(agent.config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_report: Option<Instant> = None;
@@ -545,23 +549,9 @@ mod tests {
     fn agent(sup: Arc<FakeSupervisor>) -> Agent {
         let url = "http://127.0.0.1:9".parse().expect("url");
         let client = Client::try_from(kube::Config::new(url)).expect("client");
-        Agent {
-            recorder: Recorder::new(
-                client.clone(),
-                Reporter {
-                    controller: MANAGER.into(),
-                    instance: Some("o1".into()),
-                },
-            ),
-            nodes: Api::all(client.clone()),
-            versions: Api::all(client.clone()),
-            status: Runtime::new(client, MANAGER),
-            epoch: Instant::now(),
-            tracks: BTreeMap::new(),
-            installed: BTreeMap::new(),
-            ring_problems: Vec::new(),
-            supervisor: sup,
-            config: Config {
+        Agent::new(
+            client,
+            Config {
                 node: crate::config::tests::config(),
                 heartbeat: Duration::from_secs(10),
                 tick: Duration::from_secs(1),
@@ -569,7 +559,8 @@ mod tests {
                 bin_dir: "/usr/bin".into(),
                 restart_delay: (Duration::from_secs(30), Duration::from_secs(300)),
             },
-        }
+            sup,
+        )
     }
 
     /// Moves the agent's clock `secs` on (its restarts are scheduled on it).
