@@ -58,16 +58,25 @@ async fn with_subnet() -> (Cloud, Value) {
     (c, n)
 }
 
-/// How many addresses ports hold on the network of uid `uid` (not its subnets' gateways).
-async fn claimed(c: &Cloud, uid: &str) -> usize {
+/// The address claims on the network of uid `uid`.
+async fn claims(c: &Cloud, uid: &str) -> Vec<Value> {
     c.api
         .store
         .list(&keys::ip_claims("/registry", uid), None, 0, 0)
         .await
         .expect("list")
         .items
+        .into_iter()
+        .map(|(_, claim)| claim.value)
+        .collect()
+}
+
+/// How many addresses ports hold on the network of uid `uid` (not its subnets' gateways).
+async fn claimed(c: &Cloud, uid: &str) -> usize {
+    claims(c, uid)
+        .await
         .iter()
-        .filter(|(_, claim)| claim.value.get("port").is_some())
+        .filter(|claim| claim.get("port").is_some())
         .count()
 }
 
@@ -922,17 +931,12 @@ async fn a_subnets_dhcp_address_is_claimed_and_no_port_gets_it() {
     assert!(stored["status"]["dhcpIP"].is_null(), "{stored}");
 }
 
-/// The DHCP server claims of the network of uid `uid`, by address.
-async fn dhcp_claims(c: &Cloud, uid: &str) -> Vec<(String, Value)> {
-    c.api
-        .store
-        .list(&keys::ip_claims("/registry", uid), None, 0, 0)
+/// The DHCP server claims of the network of uid `uid`.
+async fn dhcp_claims(c: &Cloud, uid: &str) -> Vec<Value> {
+    claims(c, uid)
         .await
-        .expect("list")
-        .items
         .into_iter()
-        .filter(|(_, claim)| claim.value["role"] == "DHCP server")
-        .map(|(k, claim)| (k, claim.value))
+        .filter(|claim| claim["role"] == "DHCP server")
         .collect()
 }
 
@@ -998,7 +1002,7 @@ async fn dhcp_enabled_by_an_update_claims_the_servers_address() {
     let claims: Vec<_> = dhcp_claims(&c, &uid(&n))
         .await
         .into_iter()
-        .filter(|(_, v)| v["subnet"] == "demo/both")
+        .filter(|v| v["subnet"] == "demo/both")
         .collect();
     assert_eq!(claims.len(), 1, "{claims:?}");
     assert_eq!(stored["status"]["dhcpIP"], "10.3.0.10", "{stored}");
