@@ -44,6 +44,8 @@ struct Server {
     server: stratus_apiserver::http::server::Server,
     addr: std::net::SocketAddr,
     store: stratus_apiserver::storage::store::Store,
+    /// The API server's audit log.
+    audit: std::path::PathBuf,
 }
 
 impl Drop for Server {
@@ -54,6 +56,7 @@ impl Drop for Server {
 
 async fn server() -> Server {
     let dir = tempfile::tempdir().expect("temp dir");
+    let audit = dir.path().join("audit.log");
     let endpoint = format!("http://127.0.0.1:{}", free_port());
     let peer = format!("http://127.0.0.1:{}", free_port());
     let child = Command::new("etcd")
@@ -97,6 +100,7 @@ async fn server() -> Server {
     config.object_store_url = Some("http://127.0.0.1:8080".into());
     // Fast hashing threads: logins are what these tests do.
     config.login.hash_threads = 2;
+    config.audit_log = Some(audit.clone());
     let server = stratus_apiserver::start(config)
         .await
         .expect("start the API server");
@@ -106,6 +110,7 @@ async fn server() -> Server {
         server,
         addr,
         store,
+        audit,
     }
 }
 
@@ -703,4 +708,10 @@ async fn s3_credentials_are_their_users_and_sign_for_their_project() {
         !s.everything_stored().await.contains(&access),
         "the access key's index stayed"
     );
+    // No secret, token or password in the audit log (tokens travel in headers only).
+    let audit = std::fs::read_to_string(&s.audit).expect("the audit log");
+    assert!(audit.contains("s3credentials"), "nothing audited");
+    for secret in [secret.as_str(), alice.as_str(), &password("alice")] {
+        assert!(!audit.contains(secret), "a secret in the audit log");
+    }
 }
