@@ -170,6 +170,15 @@ pub struct VolumeStatus {
     /// Name of the Server the volume is attached to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attached_to: Option<String>,
+    /// The node the Server it is attached to is placed on, once it is (written by the
+    /// attachments controller): when it is not `node`, the volume's data is exported to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    pub attached_node: Option<String>,
+    /// Where the storage agent of `node` exports the volume over NBD to `attachedNode`, a node
+    /// other than its own, for as long as it is attached there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<VolumeExport>,
     /// The Image the volume was filled from (`spec.source.image` as its storage agent found
     /// it then), by uid: a Server booting from the volume boots this image's kernel, never
     /// one of an image published under that name since.
@@ -189,6 +198,25 @@ pub struct VolumeStatus {
     /// The `metadata.generation` this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// A volume's data served over NBD to the one node its Server is on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeExport {
+    /// The node the export is for (the `attachedNode` it was made for): only that node's
+    /// address reaches it, and only that node's compute agent attaches it.
+    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    pub node: String,
+    /// The storage node's address the NBD server listens on.
+    #[schemars(length(min = 2, max = 45))]
+    pub host: String,
+    /// Its TCP port.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+    /// The export's name: random, made anew for each export.
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9-]+$"))]
+    pub name: String,
 }
 
 /// One Image, exactly: where it is, its name and its uid (a new image of that name is not it).

@@ -79,6 +79,11 @@ pub struct StorageArgs {
     /// Storage role: seconds between reports of the pools' capacity (their heartbeat).
     #[arg(long, default_value_t = 5)]
     pub storage_heartbeat_seconds: u64,
+    /// Storage role: the address this node exports volumes to other nodes at (over NBD, each
+    /// export's port open to the address of the node attaching it alone). Without it, this
+    /// node's volumes attach only to servers on this node.
+    #[arg(long, value_name = "IP")]
+    pub storage_address: Option<std::net::IpAddr>,
 }
 
 /// Options of the network role.
@@ -424,6 +429,7 @@ fn storage(
         heartbeat: std::time::Duration::from_secs(args.storage.storage_heartbeat_seconds.max(1)),
         resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
         image_policy,
+        storage_address: args.storage.storage_address,
     };
     tracing::info!(node = %config.node, pools = args.storage.storage_pools.len(), "storage agent starting");
     Ok(stratus_storage_agent::agent::run(client, config, pools))

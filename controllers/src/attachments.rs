@@ -4,6 +4,10 @@
 //! down), was never placed, or no longer asks for the volume and its agent has observed the
 //! generation that dropped it (the agent detaches before it reports that generation).
 //!
+//! While the Server holds it, the controller records the node the Server is placed on in the
+//! Volume's `status.attachedNode` (a node cannot write it): the storage agent of a volume on
+//! another node exports it to that node, and to no other.
+//!
 //! A release is a status replace with the Volume's resourceVersion as precondition: a Server
 //! that adds the volume again meanwhile writes the Volume in its transaction, so the release
 //! fails and is decided again.
@@ -82,6 +86,14 @@ pub fn decide(volume: &str, server: Option<&Server>) -> Decision {
     }
 }
 
+/// The node to record as the volume's `status.attachedNode` (now `recorded`) while `server`
+/// holds it: the node it is placed on, when that is not what is recorded (a server not
+/// placed yet, or not placed any more, leaves the record as it is).
+pub fn follow(recorded: Option<&str>, server: Option<&Server>) -> Option<String> {
+    let placed = server?.status.as_ref()?.hypervisor.as_deref()?;
+    (recorded != Some(placed)).then(|| placed.to_owned())
+}
+
 struct Ctx {
     client: Client,
     runtime: Runtime<Volume>,
@@ -113,11 +125,32 @@ async fn release(vol: &Volume, ctx: &Ctx) -> Result<Action, AttachmentsError> {
         .await
         .map_err(AttachmentsError::Api)?;
     if decide(&name, server.as_ref()) == Decision::Keep {
+        let recorded = now.status.as_ref().and_then(|s| s.attached_node.as_deref());
+        if let Some(node) = follow(recorded, server.as_ref()) {
+            let mut followed = now.clone();
+            followed
+                .status
+                .get_or_insert_with(Default::default)
+                .attached_node = Some(node.clone());
+            match volumes
+                .replace_status(&name, &PostParams::default(), &followed)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(volume = %name, namespace = %ns, server = %server_name, %node, "volume follows its server's node");
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    return Ok(Action::requeue(Duration::from_secs(1)));
+                }
+                Err(e) => return Err(AttachmentsError::Api(e)),
+            }
+        }
         return Ok(Action::requeue(WAIT));
     }
     let mut released = now.clone();
     let status = released.status.get_or_insert_with(Default::default);
     status.attached_to = None;
+    status.attached_node = None;
     if status.phase == VolumePhase::InUse {
         status.phase = VolumePhase::Available;
     }
@@ -233,5 +266,29 @@ mod tests {
             k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
         );
         assert_eq!(decide("data", Some(&going)), Decision::Keep);
+    }
+
+    #[test]
+    fn the_volume_follows_the_node_its_server_is_placed_on() {
+        let asks = json!({"flavor": "m1", "image": "tiny", "volumes": [{"volume": "data"}]});
+        let on = |node: &str| server(asks.clone(), json!({"hypervisor": node}), 1);
+        assert_eq!(follow(None, Some(&on("n2"))), Some("n2".into()));
+        assert_eq!(
+            follow(Some("n2"), Some(&on("n2"))),
+            None,
+            "already recorded"
+        );
+        assert_eq!(
+            follow(Some("n1"), Some(&on("n2"))),
+            Some("n2".into()),
+            "moved"
+        );
+        let unplaced = server(asks.clone(), json!({}), 1);
+        assert_eq!(
+            follow(Some("n1"), Some(&unplaced)),
+            None,
+            "kept until placed"
+        );
+        assert_eq!(follow(None, None), None);
     }
 }

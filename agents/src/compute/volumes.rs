@@ -1,6 +1,7 @@
 //! A Server's Volumes as its guest's disks: which of them this node can attach (claimed for
-//! the server, placed on this node, made, and their data where this node's own StoragePool
-//! keeps it), and the pure [`plan`] that turns those and the disks the domain has into attach,
+//! the server, made, and either placed on this node with their data where this node's own
+//! StoragePool keeps it, or exported over NBD to this node by the storage agent of another),
+//! and the pure [`plan`] that turns those and the disks the domain has into attach,
 //! detach and resize steps.
 
 use std::os::unix::fs::FileTypeExt;
@@ -13,7 +14,7 @@ use stratus_api_types::storage::{
     StorageBackend, StoragePool, StoragePoolSpec, Volume, VolumePhase,
 };
 
-use super::driver::xml::virtio_disk_name;
+use super::driver::xml::{nbd_path, virtio_disk_name};
 use super::driver::{AttachedVolume, VolumeDisk};
 
 /// The most bytes of a serial virtio carries to the guest.
@@ -31,7 +32,8 @@ pub struct Ready {
     /// The Volume's name.
     pub volume: String,
     /// Its data on this node: the path its pool keeps it at, which `status.devicePath`
-    /// must name (see [`data_path`]).
+    /// must name (see [`data_path`]); or, for a volume of another node, its export to this
+    /// node (`nbd://HOST:PORT/NAME`, see [`remote`]).
     pub path: PathBuf,
     /// The serial the guest sees.
     pub serial: String,
@@ -304,6 +306,50 @@ fn region_of(
     ))
 }
 
+/// Where volume `name` of another node is served to `node`, from its `status`: its export
+/// (`status.export`) made for this node, to which the attachments controller attached it
+/// (`status.attachedNode`), at an IP address, on a port, under a name of the form the storage
+/// agent makes.
+///
+/// # Errors
+/// Why it is not (yet) served to this node.
+pub fn remote(
+    name: &str,
+    status: &stratus_api_types::storage::VolumeStatus,
+    node: &str,
+) -> Result<PathBuf, String> {
+    let on = status.node.as_deref().unwrap_or_default();
+    let waiting = |why: &str| format!("volume \"{name}\" is on node {on}: {why}");
+    if status.attached_node.as_deref() != Some(node) {
+        return Err(waiting("not yet attached to this node"));
+    }
+    let Some(export) = status.export.as_ref().filter(|e| e.node == node) else {
+        let said = stratus_api_types::common::ConditionType::Attached
+            .find(&status.conditions)
+            .filter(|c| c.status == "False")
+            .map(|c| c.message.clone());
+        return Err(waiting(&said.unwrap_or_else(|| {
+            format!("waiting for node {on} to export it to this node")
+        })));
+    };
+    let host: std::net::IpAddr = export
+        .host
+        .parse()
+        .map_err(|_| waiting("its export's host is not an IP address"))?;
+    let named = !export.name.is_empty()
+        && export.name.len() <= 64
+        && export
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !named || export.port == 0 {
+        return Err(waiting(
+            "its export names no port or no export of the form made",
+        ));
+    }
+    Ok(nbd_path(host, export.port, &export.name))
+}
+
 /// Whether `vol` can be given to Server `server`'s guest on `node`: claimed for the server
 /// (`status.attachedTo`, written by the API server in the Server's own transaction), placed
 /// on this node, made (a device path and a size), and its device path its data in `pool`
@@ -324,36 +370,38 @@ pub fn ready(
             "volume \"{name}\" is not attached to this server"
         )));
     }
-    match st.node.as_deref() {
-        None => {
-            return Err(NotReady::Waiting(format!(
-                "volume \"{name}\" is not placed on a storage pool yet"
-            )));
-        }
-        Some(n) if n != node => {
-            return Err(NotReady::Waiting(format!(
-                "volume \"{name}\" is on node {n}; this node ({node}) attaches only the volumes of its own pools"
-            )));
-        }
-        Some(_) => {}
+    if st.node.is_none() {
+        return Err(NotReady::Waiting(format!(
+            "volume \"{name}\" is not placed on a storage pool yet"
+        )));
     }
     let made = matches!(
         st.phase,
         VolumePhase::Available | VolumePhase::InUse | VolumePhase::Extending
     );
-    let (Some(claimed), Some(gib), true) = (st.device_path, st.size_gib, made) else {
+    let (Some(claimed), Some(gib), true) = (st.device_path.clone(), st.size_gib, made) else {
         return Err(NotReady::Waiting(format!(
             "volume \"{name}\" is {:?}, not made yet",
             st.phase
         )));
     };
+    let uid = vol.uid().unwrap_or_default();
+    if st.node.as_deref() != Some(node) {
+        // Served over NBD at the size it was exported with (what its agent provisioned).
+        let path = remote(&name, &st, node).map_err(NotReady::Waiting)?;
+        return Ok(Ready {
+            volume: name,
+            path,
+            serial: serial(&uid),
+            bytes: gib << 30,
+        });
+    }
     let Some(pool) = pool.filter(|p| Some(p.name_any()) == st.pool) else {
         return Err(NotReady::Waiting(format!(
             "volume \"{name}\": its storage pool {:?} is not readable by this node",
             st.pool.unwrap_or_default()
         )));
     };
-    let uid = vol.uid().unwrap_or_default();
     let path = data_path(&pool.spec, node, &uid, &claimed)
         .map_err(|why| NotReady::Refused(format!("volume \"{name}\" is refused: {why}")))?;
     let gib = match pool.spec.backend {
@@ -623,7 +671,10 @@ mod tests {
         );
         let mut elsewhere = good.clone();
         elsewhere["node"] = "n2".into();
-        waits(not(elsewhere, Some(&p)), "on node n2");
+        waits(
+            not(elsewhere, Some(&p)),
+            "on node n2: not yet attached to this node",
+        );
         let mut creating = good.clone();
         creating["phase"] = "Creating".into();
         waits(not(creating, Some(&p)), "not made yet");
@@ -640,6 +691,60 @@ mod tests {
         let mut other_pool = good;
         other_pool["pool"] = "q".into();
         waits(not(other_pool, Some(&p)), "storage pool \"q\"");
+    }
+
+    #[test]
+    fn a_volume_of_another_node_is_given_only_as_its_export_to_this_node() {
+        let export = json!({"node": "n1", "host": "10.0.0.2", "port": 40123, "name": "5b1fe0"});
+        let good = json!({"phase": "InUse", "node": "n2", "pool": "far", "sizeGiB": 2,
+                          "devicePath": "/dev/loop3", "attachedTo": "web",
+                          "attachedNode": "n1", "export": export});
+        // No pool of this node is read, no path of the other node is opened.
+        let r = ready(&volume(good.clone()), "web", "n1", None).expect("ready");
+        assert_eq!(r.path, PathBuf::from("nbd://10.0.0.2:40123/5b1fe0"));
+        assert_eq!(r.bytes, 2 << 30);
+        let waits =
+            |status: serde_json::Value, what: &str| match ready(&volume(status), "web", "n1", None)
+            {
+                Err(NotReady::Waiting(m)) => {
+                    assert!(
+                        m.contains("\"data\" is on node n2") && m.contains(what),
+                        "{m}"
+                    )
+                }
+                other => panic!("{other:?}"),
+            };
+        let mut unplaced = good.clone();
+        unplaced["attachedNode"] = serde_json::Value::Null;
+        waits(unplaced, "not yet attached to this node");
+        let mut moved = good.clone();
+        moved["attachedNode"] = "n3".into();
+        waits(moved, "not yet attached to this node");
+        let mut for_another = good.clone();
+        for_another["export"]["node"] = "n3".into();
+        waits(for_another, "waiting for node n2 to export it");
+        let mut failed = good.clone();
+        failed["export"] = serde_json::Value::Null;
+        failed["conditions"] = json!([{"type": "Attached", "status": "False",
+            "reason": "ExportFailed", "message": "cannot export it to node n1: no address",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}]);
+        waits(failed, "cannot export it to node n1: no address");
+        for (field, bad) in [
+            ("host", json!("storage.example")),
+            ("name", json!("../x")),
+            ("name", json!("A")),
+            ("port", json!(0)),
+        ] {
+            let mut hostile = good.clone();
+            hostile["export"][field] = bad;
+            waits(hostile, "its export");
+        }
+        let mut creating = good;
+        creating["phase"] = "Creating".into();
+        match ready(&volume(creating), "web", "n1", None) {
+            Err(NotReady::Waiting(m)) => assert!(m.contains("not made yet"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

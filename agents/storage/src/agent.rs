@@ -3,7 +3,8 @@
 //! node, whose reconcile reads the pool ([`Backend::observe`]), asks [`plan`] for the next
 //! step and carries it out through the pool's [`Backend`].
 
-use std::path::PathBuf;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use stratus_api_types::common::{ConditionType, Reason, Time};
+use stratus_api_types::compute::Hypervisor;
 use stratus_api_types::image::{DiskFormat, Image, Visibility};
 use stratus_api_types::storage::{
     ImageRef, Volume, VolumePhase, VolumeSnapshot, VolumeSnapshotPhase, VolumeSnapshotStatus,
@@ -25,6 +27,7 @@ use stratus_runtime::{Classify, Retry, Runtime, blocking};
 use tracing::Instrument;
 
 use crate::driver::{Backend, DriverError, Source, VolName};
+use crate::export::{ExportError, Exports};
 use crate::plan::{Intent, Step, plan};
 use crate::pool::{PoolConfig, Served};
 
@@ -57,6 +60,11 @@ pub mod reasons {
     pub const MISSING: &str = "DataMissing";
     /// `Ready=False`: it is deleted and waits for the Server holding it to let it go.
     pub const ATTACHED: &str = "Attached";
+    /// `Attached=True`: exported over NBD to the node its Server is on.
+    pub const EXPORTED: &str = "Exported";
+    /// `Attached=False`: it cannot be exported to the node its Server is on (the message
+    /// says why).
+    pub const EXPORT_FAILED: &str = "ExportFailed";
 }
 
 /// How the agent runs on its node.
@@ -72,6 +80,9 @@ pub struct Config {
     pub resync: Duration,
     /// What the image cache may fetch.
     pub image_policy: stratus_image_cache::Policy,
+    /// The address other nodes reach this node's volume exports at (none: its volumes are
+    /// attached only on this node).
+    pub storage_address: Option<IpAddr>,
 }
 
 /// What every reconcile shares.
@@ -92,6 +103,8 @@ pub struct Ctx {
     pub recorder: Recorder,
     /// How often a volume is read back.
     pub resync: Duration,
+    /// The volumes exported to other nodes.
+    pub exports: Arc<Exports>,
 }
 
 /// A reconcile's failure.
@@ -112,6 +125,9 @@ pub enum StorageError {
     /// A blocking task panicked (a bug).
     #[error("blocking task failed")]
     Join(#[from] tokio::task::JoinError),
+    /// A volume's export.
+    #[error("volume export")]
+    Export(#[from] ExportError),
 }
 
 impl Classify for StorageError {
@@ -120,7 +136,7 @@ impl Classify for StorageError {
             Self::Api(e) => stratus_runtime::policy::kube_retry(e),
             Self::Driver(e) if e.is_final() => Retry::Never,
             Self::Image(e) if e.is_final() => Retry::Never,
-            Self::Incomplete | Self::Join(_) => Retry::Never,
+            Self::Incomplete | Self::Join(_) | Self::Export(ExportError::NoAddress) => Retry::Never,
             _ => Retry::Backoff,
         }
     }
@@ -389,6 +405,7 @@ async fn volume_report(
     };
     status.size_gib = Some(size >> 30);
     status.device_path = Some(device.to_string_lossy().into_owned());
+    let failed = sync_export(ctx, vol, &device, &mut status).await?;
     if let Some(r) = recorded {
         status.source_image.clone_from(&r.source);
         status.kernel_image.clone_from(&r.kernel);
@@ -401,7 +418,109 @@ async fn volume_report(
             format!("{} in {}", name, backend.describe()),
         )
         .set(&mut status.conditions, vol.metadata.generation);
-    ctx.volumes.write_status(vol, &status).await?;
+    if vol.status.as_ref().is_some_and(|s| s.export.is_some()) && status.export.is_none() {
+        // An export that ended is taken out whole: a server-side apply that drops it leaves
+        // its parent (`export: {}`) behind, which is no export. A replace, guarded by the
+        // resourceVersion read, writes the status as it is.
+        let ns = vol.namespace().ok_or(StorageError::Incomplete)?;
+        let mut next = vol.clone();
+        next.status = Some(status);
+        Api::<Volume>::namespaced(ctx.client.clone(), &ns)
+            .replace_status(&vol.name_any(), &kube::api::PostParams::default(), &next)
+            .await?;
+    } else {
+        ctx.volumes.write_status(vol, &status).await?;
+    }
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+/// The node volume `status` is to be exported to: the node its Server is on
+/// (`attachedNode`), while it is attached, when that is not this node.
+pub fn export_to<'a>(status: &'a VolumeStatus, node: &str) -> Option<&'a str> {
+    status.attached_to.as_ref()?;
+    status.attached_node.as_deref().filter(|n| *n != node)
+}
+
+/// The address node `node` is reached from: its Hypervisor's `status.hostIp`.
+async fn peer_address(ctx: &Ctx, node: &str) -> Result<IpAddr, String> {
+    let hv = Api::<Hypervisor>::all(ctx.client.clone())
+        .get_opt(node)
+        .await
+        .map_err(|e| format!("cannot read node {node}'s Hypervisor: {e}"))?;
+    let ip = hv.and_then(|h| h.status?.host_ip);
+    ip.as_deref().and_then(|ip| ip.parse().ok()).ok_or_else(|| {
+        format!("node {node} reports no address (its Hypervisor's status.hostIp) to export to")
+    })
+}
+
+/// Brings the export of `vol` (its data at `device`) to what `status` asks: exported to the
+/// node its Server is on when that is another node (recorded in `status.export` and its
+/// `Attached` condition), not exported otherwise. Answers why an export asked for could not
+/// be made, once `status` says so.
+async fn sync_export(
+    ctx: &Ctx,
+    vol: &Volume,
+    device: &Path,
+    status: &mut VolumeStatus,
+) -> Result<Option<ExportError>, StorageError> {
+    let volume = uid(vol)?;
+    let Some(node) = export_to(status, &ctx.node).map(str::to_owned) else {
+        let e = Arc::clone(&ctx.exports);
+        let v = volume.clone();
+        blocking(move || e.stop(&v)).await??;
+        status.export = None;
+        return Ok(None);
+    };
+    let made = match peer_address(ctx, &node).await {
+        Ok(peer) => {
+            let (e, v, d, n) = (
+                Arc::clone(&ctx.exports),
+                volume.clone(),
+                device.to_owned(),
+                node.clone(),
+            );
+            let was = status.export.clone();
+            blocking(move || e.ensure(&v, &d, &n, peer, was.as_ref())).await?
+        }
+        Err(why) => Err(ExportError::Serve(why)),
+    };
+    match made {
+        Ok(export) => {
+            ConditionType::Attached
+                .yes(
+                    reasons::EXPORTED,
+                    format!(
+                        "exported over NBD to node {node} at {}:{}",
+                        export.host, export.port
+                    ),
+                )
+                .set(&mut status.conditions, vol.metadata.generation);
+            status.export = Some(export);
+            Ok(None)
+        }
+        Err(e) => {
+            let e2 = Arc::clone(&ctx.exports);
+            let v = volume.clone();
+            blocking(move || e2.stop(&v)).await??;
+            ConditionType::Attached
+                .no(
+                    reasons::EXPORT_FAILED,
+                    format!("cannot export it to node {node}: {e}"),
+                )
+                .set(&mut status.conditions, vol.metadata.generation);
+            status.export = None;
+            Ok(Some(e))
+        }
+    }
+}
+
+/// Ends the export of `vol`, if it has one (its data is going or gone).
+async fn end_export(ctx: &Ctx, vol: &Volume) -> Result<(), StorageError> {
+    let (e, v) = (Arc::clone(&ctx.exports), uid(vol)?);
+    blocking(move || e.stop(&v)).await??;
     Ok(())
 }
 
@@ -432,6 +551,12 @@ async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
     };
     let step = plan(intent, observed.map(|o| o.size));
     tracing::debug!(?step, "volume step");
+    if matches!(
+        step,
+        Step::Nothing | Step::Missing | Step::Delete | Step::Release
+    ) {
+        end_export(ctx, vol).await?;
+    }
     match step {
         Step::Nothing => Ok(Action::await_change()),
         Step::AddFinalizer => {
@@ -898,6 +1023,50 @@ async fn sweep_orphans(ctx: Arc<Ctx>) {
     }
 }
 
+/// Whether the volumes placed on the node were listed (within 2 s): a sweep decides nothing
+/// before.
+async fn listed(volumes: &kube::runtime::reflector::Store<Volume>) -> bool {
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        stratus_runtime::store_ready(volumes),
+    )
+    .await
+    .is_ok()
+}
+
+/// How often the exports are checked against the volumes (and the table written again).
+const EXPORT_SWEEP: Duration = Duration::from_secs(30);
+
+/// Ends, every [`EXPORT_SWEEP`], the exports of volumes gone from the node (their reconcile
+/// ends the others' when they are released; this catches a volume deleted whole while the
+/// agent was away), and writes the table again.
+async fn sweep_exports(exports: Arc<Exports>, volumes: kube::runtime::reflector::Store<Volume>) {
+    let mut tick = tokio::time::interval(EXPORT_SWEEP);
+    loop {
+        tick.tick().await;
+        if !listed(&volumes).await {
+            continue;
+        }
+        let known: std::collections::HashSet<String> =
+            volumes.state().iter().filter_map(|v| v.uid()).collect();
+        let e = Arc::clone(&exports);
+        let swept = blocking(move || {
+            for v in e.volumes() {
+                if !known.contains(&v) {
+                    e.stop(&v)?;
+                }
+            }
+            e.refresh()
+        })
+        .await;
+        match swept {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "export sweep failed"),
+            Err(e) => tracing::warn!(error = %e, "export sweep failed"),
+        }
+    }
+}
+
 /// How often cached images no volume is being made from are removed.
 const IMAGE_SWEEP: Duration = Duration::from_secs(300);
 
@@ -913,13 +1082,7 @@ async fn sweep_images(cache: Arc<ImageCache>, volumes: kube::runtime::reflector:
     let mut tick = tokio::time::interval(IMAGE_SWEEP);
     loop {
         tick.tick().await;
-        if tokio::time::timeout(
-            Duration::from_secs(2),
-            stratus_runtime::store_ready(&volumes),
-        )
-        .await
-        .is_err()
-        {
+        if !listed(&volumes).await {
             continue;
         }
         let users: std::collections::HashSet<String> = volumes
@@ -956,6 +1119,19 @@ pub async fn run(client: Client, config: Config, pools: Vec<(PoolConfig, Arc<dyn
         }
     };
     tracing::info!(node = %config.node, pools = ?served.keys().collect::<Vec<_>>(), "storage agent serving");
+    // The exports a previous run left serving guests are taken back before any reconcile, so
+    // the table keeps their ports open to their nodes alone.
+    let exports = Arc::new(Exports::new(
+        config.storage_address,
+        config.state_dir.join("exports"),
+    ));
+    let e = Arc::clone(&exports);
+    match blocking(move || e.adopt()).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::info!(exports = n, "exports taken back"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot take back the exports"),
+        Err(e) => tracing::warn!(error = %e, "cannot take back the exports"),
+    }
     let heartbeat = crate::pool::heartbeat(
         client.clone(),
         config.node.clone(),
@@ -981,6 +1157,7 @@ pub async fn run(client: Client, config: Config, pools: Vec<(PoolConfig, Arc<dyn
             },
         ),
         resync: config.resync,
+        exports: Arc::clone(&exports),
     });
     let selector = format!("status.node={}", config.node);
     let controller = Controller::new(
@@ -991,7 +1168,8 @@ pub async fn run(client: Client, config: Config, pools: Vec<(PoolConfig, Arc<dyn
     let volumes = controller
         .run(reconcile_volume, volume_error, Arc::clone(&ctx))
         .for_each(|_| async {});
-    let sweeper = sweep_images(Arc::clone(&ctx.images), store);
+    let sweeper = sweep_images(Arc::clone(&ctx.images), store.clone());
+    let exported = sweep_exports(Arc::clone(&ctx.exports), store);
     let orphans = sweep_orphans(Arc::clone(&ctx));
     let snapshots = Controller::new(
         Api::<VolumeSnapshot>::all(client.clone()),
@@ -1003,6 +1181,7 @@ pub async fn run(client: Client, config: Config, pools: Vec<(PoolConfig, Arc<dyn
         () = heartbeat => {}
         () = sweeper => {}
         () = orphans => {}
+        () = exported => {}
         () = volumes => tracing::warn!("the volume controller stopped"),
         () = snapshots => tracing::warn!("the snapshot controller stopped"),
     }

@@ -4,5 +4,6 @@
 
 pub mod agent;
 pub mod driver;
+pub mod export;
 pub mod plan;
 pub mod pool;

@@ -124,8 +124,9 @@ fn kept_status_fields(group: &str, resource: &str) -> &'static [&'static str] {
             "externalGatewayIPs",
         ],
         ("network.stratus.dev", "floatingips") => &["floatingIPAddress", "fixedIP", "router"],
-        // `attachedTo` is the API server's (a Server's write) and the attachments controller's.
-        ("storage.stratus.dev", "volumes") => &["pool", "node", "attachedTo"],
+        // `attachedTo` is the API server's (a Server's write) and the attachments controller's,
+        // as is `attachedNode` (which node a volume is exported to).
+        ("storage.stratus.dev", "volumes") => &["pool", "node", "attachedTo", "attachedNode"],
         ("storage.stratus.dev", "volumesnapshots") => &["pool", "node", "sizeGiB"],
         _ => &[],
     }

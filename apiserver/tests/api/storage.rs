@@ -635,6 +635,17 @@ async fn a_node_touches_only_the_storage_placed_on_it() {
         .await,
     );
     assert_eq!(e.code, 403, "it keeps the placement: {e:?}");
+    // Which node the volume is exported to is the attachments controller's.
+    let e = refused(
+        n1.patch(
+            &status("Volume", "mine"),
+            MERGE,
+            r#"{"status": {"attachedNode": "n9"}}"#,
+        )
+        .await,
+    );
+    assert_eq!(e.code, 403, "attachedNode: {e:?}");
+    assert!(e.message.contains("attachedNode"), "{}", e.message);
     // Its own finalizer on what is placed on it, nothing else of the spec.
     let fin = r#"{"metadata": {"finalizers": ["storage.stratus.dev/teardown"]}}"#;
     n1.patch(&one("Volume", "mine"), MERGE, fin)

@@ -164,7 +164,9 @@ pub enum DiskFormat {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeDisk {
     /// The volume's data on this node (its `status.devicePath`): a block device under
-    /// `/dev/` (`<disk type='block'>`) or a raw file (`<disk type='file'>`).
+    /// `/dev/` (`<disk type='block'>`) or a raw file (`<disk type='file'>`); or the NBD
+    /// export of a volume of another node, `nbd://HOST:PORT/NAME` (`<disk type='network'>`,
+    /// see [`xml::nbd_path`]).
     pub path: PathBuf,
     /// The guest disk name asked for (`vdc`, …); the guest names disks in the order their
     /// devices appear, so the serial, not this, is what identifies the volume inside it.

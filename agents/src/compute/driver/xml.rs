@@ -323,6 +323,28 @@ fn is_block_device(path: &Path) -> bool {
     path.starts_with("/dev/")
 }
 
+/// The scheme of a volume disk's path that names an NBD export of another node.
+const NBD_SCHEME: &str = "nbd://";
+
+/// The path a volume disk served over NBD goes by: `nbd://HOST:PORT/NAME` (an IPv6 host in
+/// brackets), written into the domain as `<disk type='network'>`.
+pub fn nbd_path(host: std::net::IpAddr, port: u16, name: &str) -> std::path::PathBuf {
+    let host = match host {
+        std::net::IpAddr::V4(a) => a.to_string(),
+        std::net::IpAddr::V6(a) => format!("[{a}]"),
+    };
+    format!("{NBD_SCHEME}{host}:{port}/{name}").into()
+}
+
+/// The host, port and export name of an [`nbd_path`].
+fn parse_nbd(path: &Path) -> Option<(String, String, String)> {
+    let rest = path.to_str()?.strip_prefix(NBD_SCHEME)?;
+    let (hostport, name) = rest.split_once('/')?;
+    let (host, port) = hostport.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Some((host.to_owned(), port.to_owned(), name.to_owned()))
+}
+
 /// The disk's type attribute and the `<source>` attribute naming `path`.
 fn source_of(path: &Path) -> (&'static str, &'static str) {
     if is_block_device(path) {
@@ -341,7 +363,11 @@ pub fn volume_disk_xml(disk: &VolumeDisk) -> String {
 }
 
 fn write_volume_disk<W: io::Write>(w: &mut Writer<W>, disk: &VolumeDisk) -> io::Result<()> {
-    let (ty, attr) = source_of(&disk.path);
+    let nbd = parse_nbd(&disk.path);
+    let (ty, attr) = match nbd {
+        Some(_) => ("network", "protocol"),
+        None => source_of(&disk.path),
+    };
     w.create_element("disk")
         .with_attribute(("type", ty))
         .with_attribute(("device", "disk"))
@@ -350,9 +376,25 @@ fn write_volume_disk<W: io::Write>(w: &mut Writer<W>, disk: &VolumeDisk) -> io::
                 .with_attribute(("name", "qemu"))
                 .with_attribute(("type", "raw"))
                 .write_empty()?;
-            w.create_element("source")
-                .with_attribute((attr, path_text(&disk.path).as_ref()))
-                .write_empty()?;
+            match &nbd {
+                Some((host, port, name)) => {
+                    w.create_element("source")
+                        .with_attribute((attr, "nbd"))
+                        .with_attribute(("name", name.as_str()))
+                        .write_inner_content(|w| {
+                            w.create_element("host")
+                                .with_attribute(("name", host.as_str()))
+                                .with_attribute(("port", port.as_str()))
+                                .write_empty()?;
+                            Ok(())
+                        })?;
+                }
+                None => {
+                    w.create_element("source")
+                        .with_attribute((attr, path_text(&disk.path).as_ref()))
+                        .write_empty()?;
+                }
+            }
             w.create_element("backingStore").write_empty()?;
             w.create_element("target")
                 .with_attribute(("dev", disk.target.as_str()))
@@ -362,6 +404,23 @@ fn write_volume_disk<W: io::Write>(w: &mut Writer<W>, disk: &VolumeDisk) -> io::
             Ok(())
         })?;
     Ok(())
+}
+
+/// The value of element `e`'s attribute `name`, if it has one.
+fn attribute(
+    e: &quick_xml::events::BytesStart<'_>,
+    name: &str,
+) -> Result<Option<String>, MetadataError> {
+    for attr in e.attributes() {
+        let attr = attr.map_err(MetadataError::Attribute)?;
+        if attr.key.local_name().as_ref() == name {
+            let value = attr
+                .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                .map_err(MetadataError::Xml)?;
+            return Ok(Some(value.into_owned()));
+        }
+    }
+    Ok(None)
 }
 
 /// The disks of a domain's XML (as libvirt writes it back) other than its root disk and
@@ -374,12 +433,28 @@ pub fn attached_volumes(xml: &str) -> Result<Vec<AttachedVolume>, MetadataError>
     let mut out = Vec::new();
     let mut in_disk = false;
     let (mut target, mut source, mut serial) = (None, None, None);
+    // An NBD disk's source: its export name, then its host's name and port.
+    let (mut nbd_name, mut nbd_host) = (None, None);
+    let mut in_backing = false;
     let mut in_serial = false;
     loop {
         match reader.read_event().map_err(MetadataError::Xml)? {
             Event::Start(e) | Event::Empty(e) if e.local_name().as_ref() == "disk" => {
                 in_disk = true;
                 (target, source, serial) = (None, None, None);
+                (nbd_name, nbd_host) = (None, None);
+            }
+            Event::Start(e) if in_disk && e.local_name().as_ref() == "backingStore" => {
+                in_backing = true;
+            }
+            Event::End(e) if e.local_name().as_ref() == "backingStore" => in_backing = false,
+            Event::Start(e) | Event::Empty(e)
+                if in_disk
+                    && !in_backing
+                    && nbd_host.is_none()
+                    && e.local_name().as_ref() == "host" =>
+            {
+                nbd_host = attribute(&e, "name")?.zip(attribute(&e, "port")?);
             }
             Event::Start(e) if in_disk && e.local_name().as_ref() == "serial" => {
                 in_serial = true;
@@ -419,13 +494,24 @@ pub fn attached_volumes(xml: &str) -> Result<Vec<AttachedVolume>, MetadataError>
                         (false, "file" | "dev") if source.is_none() => {
                             source = Some(std::path::PathBuf::from(value));
                         }
+                        (false, "name") if !in_backing && nbd_name.is_none() => {
+                            nbd_name = Some(value);
+                        }
                         _ => {}
                     }
                 }
             }
             Event::End(e) if e.local_name().as_ref() == "disk" => {
                 in_disk = false;
-                if let (Some(t), Some(path)) = (target.take(), source.take())
+                let nbd = match (nbd_name.take(), nbd_host.take()) {
+                    (Some(name), Some((host, port))) => {
+                        let host = host.parse().ok();
+                        let port = port.parse().ok();
+                        host.zip(port).map(|(h, p)| nbd_path(h, p, &name))
+                    }
+                    _ => None,
+                };
+                if let (Some(t), Some(path)) = (target.take(), source.take().or(nbd))
                     && t != "vda"
                     && t != "vdb"
                 {
@@ -1001,6 +1087,49 @@ mod tests {
             .collect();
         assert_eq!(disks, [Some("block"), Some("file")]);
         assert!(attached_volumes("<domain><devices><disk").is_err());
+    }
+
+    #[test]
+    fn a_volume_of_another_node_is_a_network_disk_over_nbd() {
+        for (host, port, text) in [
+            ("10.0.0.1", 40123, "nbd://10.0.0.1:40123/5b1fe0"),
+            ("fd00::1", 10809, "nbd://[fd00::1]:10809/5b1fe0"),
+        ] {
+            let path = nbd_path(host.parse().expect("an address"), port, "5b1fe0");
+            assert_eq!(path, PathBuf::from(text));
+            let disk = VolumeDisk {
+                path: path.clone(),
+                target: "vdc".into(),
+                serial: "abc".into(),
+            };
+            let xml = volume_disk_xml(&disk);
+            let nodes = parse(&xml);
+            assert_eq!(one(&nodes, "disk").attr("type"), Some("network"));
+            assert_eq!(one(&nodes, "disk/source").attr("protocol"), Some("nbd"));
+            assert_eq!(one(&nodes, "disk/source").attr("name"), Some("5b1fe0"));
+            assert_eq!(one(&nodes, "disk/source/host").attr("name"), Some(host));
+            assert_eq!(
+                one(&nodes, "disk/source/host").attr("port"),
+                Some(port.to_string().as_str())
+            );
+            assert_eq!(one(&nodes, "disk/driver").attr("type"), Some("raw"));
+            // Read back as libvirt writes it (a backing store, an index), as the same path.
+            let back = xml.replace(
+                "<backingStore/>",
+                "<backingStore type='network' index='1'><source protocol='nbd' name='other'><host name='192.0.2.9' port='1'/></source></backingStore>",
+            );
+            let got = attached_volumes(&format!("<domain><devices>{back}</devices></domain>"))
+                .expect("parse");
+            assert_eq!(
+                got,
+                [AttachedVolume {
+                    target: "vdc".into(),
+                    path,
+                    serial: Some("abc".into()),
+                    capacity: None,
+                }]
+            );
+        }
     }
 
     #[test]

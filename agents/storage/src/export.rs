@@ -1,0 +1,613 @@
+//! A volume's data served over NBD to the one other node its Server is on: one `qemu-nbd` per
+//! export, bound to this node's storage address on a port of its own, under a random name, and
+//! an nftables table (`inet stratus_nbd`) that lets only that node's address reach the port.
+//!
+//! # Why this is enough, and what it is not
+//! The NBD protocol lets a client list a server's exports, so the random name keeps no one out
+//! by itself: the packet filter does. A port answers only the consuming node's address (its
+//! Hypervisor's `status.hostIp`); any other address, another tenant's node included, has its
+//! packets dropped before `qemu-nbd` sees them. `qemu-nbd` serves one client at a time
+//! (`--shared=1`), so once the consuming node's QEMU is connected no second client is served
+//! even from an address that got through. The traffic itself is not encrypted: it crosses the
+//! storage network in the clear (libvirt gives a network disk TLS only through x509 settings
+//! of the whole host, not per export).
+//!
+//! # Restart
+//! Each export is recorded in `<state>/exports/volume-<uid>.json` before its process is
+//! trusted; the `qemu-nbd` processes outlive the agent (a guest keeps its disk while the
+//! agent restarts), and a restarted agent adopts those whose `/proc/<pid>/cmdline` is still
+//! the recorded command, makes the others again on the same port and name (as the Volume's
+//! `status.export` says), and rewrites the table.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::Write;
+use std::net::{IpAddr, TcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use nftables::expr::{Expression, NamedExpression, Payload, PayloadField};
+use nftables::schema::{Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
+use nftables::stmt::{Match, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use serde::{Deserialize, Serialize};
+use stratus_api_types::storage::VolumeExport;
+
+/// The table holding the exports' rules.
+pub const TABLE: &str = "stratus_nbd";
+/// How long a new `qemu-nbd` has to start listening.
+const START: Duration = Duration::from_secs(10);
+/// How much of a failed `qemu-nbd`'s log an error keeps.
+const LOG_KEEP: usize = 2048;
+
+/// Why an export could not be made or ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// The agent has no storage address to serve exports on.
+    #[error(
+        "this node has no storage address (stratus agent --storage-address) to export volumes on"
+    )]
+    NoAddress,
+    /// A file of the export's state.
+    #[error("{0}")]
+    State(String),
+    /// `qemu-nbd` could not be started, or stopped at once.
+    #[error("qemu-nbd: {0}")]
+    Serve(String),
+    /// `nft` refused the table.
+    #[error("nft: {0}")]
+    Filter(String),
+}
+
+/// One export, as recorded.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Record {
+    /// The volume's uid.
+    pub volume: String,
+    /// Its data on this node.
+    pub device: PathBuf,
+    /// The node it is exported to.
+    pub node: String,
+    /// That node's address: the only one let through.
+    pub peer: IpAddr,
+    /// The address served on.
+    pub host: IpAddr,
+    /// The port served on.
+    pub port: u16,
+    /// The export's name.
+    pub name: String,
+    /// The `qemu-nbd` serving it.
+    pub pid: u32,
+}
+
+impl Record {
+    /// What the Volume's `status.export` says of it.
+    pub fn status(&self) -> VolumeExport {
+        VolumeExport {
+            node: self.node.clone(),
+            host: self.host.to_string(),
+            port: self.port,
+            name: self.name.clone(),
+        }
+    }
+
+    /// The `qemu-nbd` command serving it: raw, one client at a time, until stopped.
+    pub fn argv(&self, pid_file: &Path) -> Vec<OsString> {
+        let mut a: Vec<OsString> = [
+            "qemu-nbd".to_string(),
+            "--persistent".into(),
+            "--shared=1".into(),
+            "--format=raw".into(),
+            format!("--bind={}", self.host),
+            format!("--port={}", self.port),
+            format!("--export-name={}", self.name),
+        ]
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+        let mut pid = OsString::from("--pid-file=");
+        pid.push(pid_file);
+        a.push(pid);
+        a.push(self.device.clone().into_os_string());
+        a
+    }
+}
+
+/// Whether a process's `/proc/<pid>/cmdline` (NUL-separated) is `argv`.
+pub fn same_command(cmdline: &[u8], argv: &[OsString]) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let got: Vec<&[u8]> = cmdline
+        .strip_suffix(b"\0")
+        .unwrap_or(cmdline)
+        .split(|b| *b == 0)
+        .collect();
+    got.len() == argv.len() && got.iter().zip(argv).all(|(g, a)| *g == a.as_bytes())
+}
+
+/// The table letting each export's peer, and no other address, reach its port: one
+/// transaction that makes it empty (add, delete, add) and fills it.
+pub fn render(records: &[&Record]) -> Nftables<'static> {
+    let table = || {
+        NfListObject::Table(Table {
+            family: NfFamily::INet,
+            name: TABLE.into(),
+            handle: None,
+        })
+    };
+    let add = |o| NfObject::CmdObject(NfCmd::Add(o));
+    let mut out = vec![
+        add(table()),
+        NfObject::CmdObject(NfCmd::Delete(table())),
+        add(table()),
+        add(NfListObject::Chain(Chain {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: "input".into(),
+            _type: Some(NfChainType::Filter),
+            hook: Some(NfHook::Input),
+            prio: Some(-10),
+            policy: Some(NfChainPolicy::Accept),
+            ..Chain::default()
+        })),
+    ];
+    let payload = |protocol: &'static str, field: &'static str| {
+        Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+            PayloadField {
+                protocol: protocol.into(),
+                field: field.into(),
+            },
+        )))
+    };
+    let eq = |left, right| {
+        Statement::Match(Match {
+            left,
+            right,
+            op: Operator::EQ,
+        })
+    };
+    for r in records {
+        let port = eq(
+            payload("tcp", "dport"),
+            Expression::Number(u32::from(r.port)),
+        );
+        let family = if r.peer.is_ipv4() { "ip" } else { "ip6" };
+        let peer = eq(
+            payload(family, "saddr"),
+            Expression::String(Cow::Owned(r.peer.to_string())),
+        );
+        for expr in [
+            vec![port.clone(), peer, Statement::Accept(None)],
+            vec![port, Statement::Drop(None)],
+        ] {
+            out.push(add(NfListObject::Rule(Rule {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                chain: "input".into(),
+                expr: Cow::Owned(expr),
+                handle: None,
+                index: None,
+                comment: Some(Cow::Owned(format!("volume-{}", r.volume))),
+            })));
+        }
+    }
+    Nftables {
+        objects: Cow::Owned(out),
+    }
+}
+
+/// An export this agent serves.
+struct Live {
+    record: Record,
+    /// The process, when this agent started it (an adopted one is not its child).
+    child: Option<Child>,
+}
+
+impl Live {
+    /// Whether its `qemu-nbd` still runs as recorded.
+    fn alive(&mut self, pid_file: &Path) -> bool {
+        if let Some(c) = self.child.as_mut()
+            && !matches!(c.try_wait(), Ok(None))
+        {
+            return false;
+        }
+        std::fs::read(format!("/proc/{}/cmdline", self.record.pid))
+            .is_ok_and(|c| same_command(&c, &self.record.argv(pid_file)))
+    }
+
+    /// Stops its `qemu-nbd` (SIGTERM, then SIGKILL), waiting for it to go.
+    fn stop(&mut self, pid_file: &Path) {
+        if !self.alive(pid_file) {
+            if let Some(c) = self.child.as_mut() {
+                let _ = c.wait();
+            }
+            return;
+        }
+        let pid = rustix::process::Pid::from_raw(i32::try_from(self.record.pid).unwrap_or(0));
+        for signal in [rustix::process::Signal::TERM, rustix::process::Signal::KILL] {
+            if let Some(pid) = pid {
+                let _ = rustix::process::kill_process(pid, signal);
+            }
+            let until = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < until {
+                let gone = match self.child.as_mut() {
+                    Some(c) => !matches!(c.try_wait(), Ok(None)),
+                    None => !Path::new(&format!("/proc/{}", self.record.pid)).exists(),
+                };
+                if gone {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// The exports of this node.
+pub struct Exports {
+    address: Option<IpAddr>,
+    dir: PathBuf,
+    live: Mutex<BTreeMap<String, Live>>,
+}
+
+impl Exports {
+    /// Exports served on `address` (none: volumes are not exported), with their records in
+    /// `dir`.
+    pub fn new(address: Option<IpAddr>, dir: PathBuf) -> Self {
+        Self {
+            address,
+            dir,
+            live: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn path(&self, volume: &str, ext: &str) -> PathBuf {
+        self.dir.join(format!("volume-{volume}.{ext}"))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Live>> {
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes back the exports a previous run recorded whose `qemu-nbd` still runs as recorded;
+    /// forgets the others (their volumes' reconciles make them again). Writes the table.
+    ///
+    /// # Errors
+    /// The records' directory or the table cannot be written.
+    pub fn adopt(&self) -> Result<usize, ExportError> {
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| ExportError::State(format!("{}: {e}", self.dir.display())))?;
+        let entries = std::fs::read_dir(&self.dir)
+            .map_err(|e| ExportError::State(format!("{}: {e}", self.dir.display())))?;
+        let mut live = self.lock();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let record = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+                .filter(|r| path == self.path(&r.volume, "json"));
+            let Some(record) = record else {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            };
+            let pid_file = self.path(&record.volume, "pid");
+            let mut l = Live {
+                record,
+                child: None,
+            };
+            if l.alive(&pid_file) {
+                tracing::info!(volume = %l.record.volume, pid = l.record.pid, "export adopted");
+                live.insert(l.record.volume.clone(), l);
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        let n = live.len();
+        self.write_table(&live)?;
+        Ok(n)
+    }
+
+    /// The uids of the volumes exported.
+    pub fn volumes(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// Exports `device` (the data of the volume of uid `volume`) to `node` at `peer`: the
+    /// running export if it is that one, else a new one, on the port and under the name of
+    /// `was` (the export the Volume's status recorded, after a restart) when it was for that
+    /// node on this address, else on a free port under a new random name.
+    ///
+    /// # Errors
+    /// No storage address, a `qemu-nbd` that does not start, a table `nft` refuses.
+    pub fn ensure(
+        &self,
+        volume: &str,
+        device: &Path,
+        node: &str,
+        peer: IpAddr,
+        was: Option<&VolumeExport>,
+    ) -> Result<VolumeExport, ExportError> {
+        let host = self.address.ok_or(ExportError::NoAddress)?;
+        let pid_file = self.path(volume, "pid");
+        let mut live = self.lock();
+        if let Some(l) = live.get_mut(volume) {
+            let same = l.record.device == device && l.record.node == node && l.record.peer == peer;
+            if same && l.alive(&pid_file) {
+                return Ok(l.record.status());
+            }
+            l.stop(&pid_file);
+            live.remove(volume);
+            self.write_table(&live)?;
+        }
+        let reuse = was.filter(|w| w.node == node && w.host == host.to_string());
+        let (port, name) = match reuse {
+            Some(w) => (w.port, w.name.clone()),
+            None => {
+                let port = TcpListener::bind((host, 0))
+                    .and_then(|l| l.local_addr())
+                    .map_err(|e| ExportError::Serve(format!("no free port on {host}: {e}")))?
+                    .port();
+                (port, uuid::Uuid::new_v4().simple().to_string())
+            }
+        };
+        let mut record = Record {
+            volume: volume.to_owned(),
+            device: device.to_owned(),
+            node: node.to_owned(),
+            peer,
+            host,
+            port,
+            name,
+            pid: 0,
+        };
+        // The filter first: the port is never open to everyone, not even while it starts.
+        let mut pending = Live {
+            record: record.clone(),
+            child: None,
+        };
+        live.insert(volume.to_owned(), pending);
+        self.write_table(&live)?;
+        live.remove(volume);
+        let child = match self.spawn(&record, &pid_file) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = self.write_table(&live);
+                return Err(e);
+            }
+        };
+        record.pid = child.id();
+        pending = Live {
+            record,
+            child: Some(child),
+        };
+        let state = self.path(volume, "json");
+        let bytes = serde_json::to_vec(&pending.record).unwrap_or_default();
+        if let Err(e) = std::fs::write(&state, bytes) {
+            pending.stop(&pid_file);
+            return Err(ExportError::State(format!("{}: {e}", state.display())));
+        }
+        let status = pending.record.status();
+        tracing::info!(volume, node, %peer, port, "volume exported");
+        live.insert(volume.to_owned(), pending);
+        self.write_table(&live)?;
+        Ok(status)
+    }
+
+    /// Starts `qemu-nbd` for `record` and waits for it to listen (its pid file is written once
+    /// it does).
+    fn spawn(&self, record: &Record, pid_file: &Path) -> Result<Child, ExportError> {
+        let _ = std::fs::remove_file(pid_file);
+        let log_path = self.path(&record.volume, "log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| ExportError::State(format!("{}: {e}", log_path.display())))?;
+        let argv = record.argv(pid_file);
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            // Its own process group: a signal to the agent's group (a terminal's ^C) leaves
+            // the guests' disks served.
+            .process_group(0);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| ExportError::Serve(format!("cannot start it: {e}")))?;
+        let until = Instant::now() + START;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let said = std::fs::read(&log_path).unwrap_or_default();
+                let said = String::from_utf8_lossy(&said[said.len().saturating_sub(LOG_KEEP)..])
+                    .trim()
+                    .to_owned();
+                return Err(ExportError::Serve(format!("{status}: {said}")));
+            }
+            if std::fs::metadata(pid_file).is_ok_and(|m| m.len() > 0) {
+                return Ok(child);
+            }
+            if Instant::now() > until {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(ExportError::Serve(format!(
+                    "not listening on {}:{} after {START:?}",
+                    record.host, record.port
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Ends the export of the volume of uid `volume`, if there is one: its port is closed
+    /// before its record goes.
+    ///
+    /// # Errors
+    /// The table cannot be written.
+    pub fn stop(&self, volume: &str) -> Result<bool, ExportError> {
+        let mut live = self.lock();
+        let Some(mut l) = live.remove(volume) else {
+            return Ok(false);
+        };
+        l.stop(&self.path(volume, "pid"));
+        for ext in ["json", "pid", "log"] {
+            let _ = std::fs::remove_file(self.path(volume, ext));
+        }
+        self.write_table(&live)?;
+        tracing::info!(volume, "export ended");
+        Ok(true)
+    }
+
+    /// Writes the table again (an operator's `nft flush ruleset` took it away).
+    ///
+    /// # Errors
+    /// `nft` refused it.
+    pub fn refresh(&self) -> Result<(), ExportError> {
+        let live = self.lock();
+        self.write_table(&live)
+    }
+
+    fn write_table(&self, live: &BTreeMap<String, Live>) -> Result<(), ExportError> {
+        if self.address.is_none() && live.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<&Record> = live.values().map(|l| &l.record).collect();
+        let json = serde_json::to_vec(&render(&records))
+            .map_err(|e| ExportError::Filter(e.to_string()))?;
+        let mut child = Command::new("nft")
+            .args(["-j", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| ExportError::Filter(format!("cannot start it: {e}")))?;
+        if let Some(mut pipe) = child.stdin.take() {
+            pipe.write_all(&json)
+                .map_err(|e| ExportError::Filter(e.to_string()))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| ExportError::Filter(e.to_string()))?;
+        if !out.status.success() {
+            return Err(ExportError::Filter(
+                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> Record {
+        Record {
+            volume: "0f9e2c1a".into(),
+            device: "/srv/pool/volume-0f9e2c1a.raw".into(),
+            node: "node-b".into(),
+            peer: "10.0.0.2".parse().expect("an address"),
+            host: "10.0.0.1".parse().expect("an address"),
+            port: 40123,
+            name: "5b1f".into(),
+            pid: 7,
+        }
+    }
+
+    #[test]
+    fn qemu_nbd_serves_one_client_raw_on_the_storage_address() {
+        let argv = record().argv(Path::new("/state/volume-0f9e2c1a.pid"));
+        let argv: Vec<&str> = argv.iter().filter_map(|a| a.to_str()).collect();
+        assert_eq!(
+            argv,
+            [
+                "qemu-nbd",
+                "--persistent",
+                "--shared=1",
+                "--format=raw",
+                "--bind=10.0.0.1",
+                "--port=40123",
+                "--export-name=5b1f",
+                "--pid-file=/state/volume-0f9e2c1a.pid",
+                "/srv/pool/volume-0f9e2c1a.raw",
+            ]
+        );
+    }
+
+    #[test]
+    fn only_the_recorded_command_is_adopted() {
+        let argv = record().argv(Path::new("/p"));
+        let line = |a: &[&str]| a.join("\0").into_bytes();
+        let mut ok: Vec<&str> = argv.iter().filter_map(|a| a.to_str()).collect();
+        assert!(same_command(&line(&ok), &argv));
+        assert!(same_command(&[line(&ok), b"\0".to_vec()].concat(), &argv));
+        ok.pop();
+        assert!(!same_command(&line(&ok), &argv), "another device");
+        assert!(!same_command(b"sleep\x00100", &argv));
+        assert!(!same_command(b"", &argv));
+    }
+
+    #[test]
+    fn only_the_peer_reaches_an_export_port() {
+        let mut v6 = record();
+        v6.volume = "second".into();
+        v6.peer = "fd00::2".parse().expect("an address");
+        v6.port = 40124;
+        let json = serde_json::to_value(render(&[&record(), &v6])).expect("json");
+        let rules: Vec<String> = json["nftables"]
+            .as_array()
+            .expect("objects")
+            .iter()
+            .filter_map(|o| o["add"].get("rule"))
+            .map(|r| {
+                let e = &r["expr"];
+                match (e[0]["match"]["right"].as_u64(), e[1].get("match")) {
+                    (Some(port), Some(m)) => format!(
+                        "{port} {} {} accept",
+                        m["left"]["payload"]["protocol"].as_str().unwrap_or(""),
+                        m["right"].as_str().unwrap_or("")
+                    ),
+                    (Some(port), None) => format!("{port} drop"),
+                    _ => "?".into(),
+                }
+            })
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                "40123 ip 10.0.0.2 accept",
+                "40123 drop",
+                "40124 ip6 fd00::2 accept",
+                "40124 drop"
+            ]
+        );
+        // The table is made empty first: no rule of an ended export survives.
+        let cmds: Vec<String> = json["nftables"]
+            .as_array()
+            .expect("objects")
+            .iter()
+            .take(3)
+            .map(|o| {
+                o.as_object()
+                    .and_then(|m| m.keys().next().cloned())
+                    .unwrap_or_default()
+            })
+            .collect();
+        assert_eq!(cmds, ["add", "delete", "add"]);
+    }
+
+    #[test]
+    fn an_export_is_told_as_its_status() {
+        let s = record().status();
+        assert_eq!(
+            (s.node.as_str(), s.host.as_str(), s.port, s.name.as_str()),
+            ("node-b", "10.0.0.1", 40123, "5b1f")
+        );
+    }
+}
