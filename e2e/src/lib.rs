@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+/// How long a process the tests start (etcd, `stratus up`, an API server, libvirtd) may take
+/// to answer: generous, as every test shares two cores with the others.
+pub const STARTUP: Duration = Duration::from_secs(90);
+
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -213,7 +217,7 @@ impl Etcd {
             _proc: proc,
             _dir: dir,
         };
-        wait_until(Duration::from_secs(20), "etcd to answer", || {
+        wait_until(STARTUP, "etcd to answer", || {
             etcd.ctl(&["endpoint", "health"])
                 .ok()
                 .filter(|o| o.status.success())
@@ -277,7 +281,7 @@ impl Cloud {
             // start that fails on its ports is tried again with new ones.
             let ports = (free_port(), free_port(), free_port());
             let proc = Self::spawn(dir.path(), ports, &extra)?;
-            let cloud = Self {
+            let mut cloud = Self {
                 url: format!("https://127.0.0.1:{}", ports.0),
                 dir,
                 proc,
@@ -382,21 +386,30 @@ impl Cloud {
         self.wait_ready()
     }
 
-    fn wait_ready(&self) -> Result<()> {
+    fn wait_ready(&mut self) -> Result<()> {
         let kubeconfig = self.kubeconfig();
-        wait_until(
-            Duration::from_secs(30),
-            "the API server to be ready",
-            || {
-                if !kubeconfig.exists() {
-                    return None;
-                }
-                self.kubectl(&["get", "--raw", "/readyz"])
-                    .ok()
-                    .filter(|o| o.status.success())
-            },
-        )
+        let (dir, proc) = (self.dir.path(), &mut self.proc);
+        // Ready, or exited (a port taken meanwhile): no use waiting longer for that.
+        let ready = wait_until(STARTUP, "the API server to be ready", || {
+            if !proc.running() {
+                return Some(false);
+            }
+            if !kubeconfig.exists() {
+                return None;
+            }
+            Command::new("kubectl")
+                .env("KUBECONFIG", &kubeconfig)
+                .env("HOME", dir)
+                .args(["get", "--raw", "/readyz"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|_| true)
+        })
         .with_context(|| format!("stratus log:\n{}", self.log()))?;
+        if !ready {
+            bail!("stratus up exited at start-up; its log:\n{}", self.log());
+        }
         Ok(())
     }
 
@@ -726,15 +739,11 @@ impl Apiserver {
     }
 
     fn wait_ready(&self) -> Result<()> {
-        wait_until(
-            Duration::from_secs(20),
-            "the API server to be ready",
-            || {
-                self.kubectl(&["get", "--raw", "/readyz"])
-                    .ok()
-                    .filter(|o| o.status.success())
-            },
-        )
+        wait_until(STARTUP, "the API server to be ready", || {
+            self.kubectl(&["get", "--raw", "/readyz"])
+                .ok()
+                .filter(|o| o.status.success())
+        })
         .map(|_| ())
     }
 

@@ -5,11 +5,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{Cloud, Proc, free_port, repo_root, stratus_bin, wait_until};
+use crate::{Cloud, Proc, STARTUP, free_port, repo_root, stratus_bin, wait_until};
 
 /// Starts libvirtd inside the namespaces: the node's directories are bound over the paths
 /// libvirt uses, so each daemon sees only its own state. Paths come in as arguments.
@@ -70,10 +69,8 @@ impl Node {
             agent: None,
         };
         let sock = node.dir.path().join("run/libvirt-sock");
-        wait_until(Duration::from_secs(30), "libvirtd's socket", || {
-            sock.exists().then_some(())
-        })?;
-        wait_until(Duration::from_secs(30), "libvirtd to answer", || {
+        wait_until(STARTUP, "libvirtd's socket", || sock.exists().then_some(()))?;
+        wait_until(STARTUP, "libvirtd to answer", || {
             node.virsh(&["version"])
                 .ok()
                 .filter(|o| o.status.success())
@@ -241,7 +238,7 @@ impl FileServer {
                 .arg(dir),
             &log,
         )?;
-        wait_until(Duration::from_secs(10), "the file server", || {
+        wait_until(STARTUP, "the file server", || {
             std::net::TcpStream::connect(("127.0.0.1", port))
                 .ok()
                 .map(|_| ())
