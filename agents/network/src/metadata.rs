@@ -353,25 +353,36 @@ pub trait Source: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Keypair>, SourceError>> + Send;
 }
 
+/// `get` of one object with the node's credentials; one the node may not read (a server
+/// moved to another node since its port was read, a keypair no server of the node names) is
+/// as absent.
+async fn read<K>(client: &Client, namespace: &str, name: &str) -> Result<Option<K>, SourceError>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+{
+    match Api::<K>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+    {
+        Ok(o) => Ok(o),
+        Err(kube::Error::Api(e)) if e.code == 403 => Ok(None),
+        Err(source) => Err(SourceError {
+            what: format!("{} {namespace}/{name}", K::kind(&())),
+            source,
+        }),
+    }
+}
+
 impl Source for Client {
     async fn server(&self, namespace: &str, name: &str) -> Result<Option<Server>, SourceError> {
-        Api::<Server>::namespaced(self.clone(), namespace)
-            .get_opt(name)
-            .await
-            .map_err(|source| SourceError {
-                what: format!("server {namespace}/{name}"),
-                source,
-            })
+        read(self, namespace, name).await
     }
 
     async fn keypair(&self, namespace: &str, name: &str) -> Result<Option<Keypair>, SourceError> {
-        Api::<Keypair>::namespaced(self.clone(), namespace)
-            .get_opt(name)
-            .await
-            .map_err(|source| SourceError {
-                what: format!("keypair {namespace}/{name}"),
-                source,
-            })
+        read(self, namespace, name).await
     }
 }
 
