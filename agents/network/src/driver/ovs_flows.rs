@@ -177,10 +177,19 @@ fn filter_flows(p: u32, id: u32, zone: u16, f: &PortFilterSpec) -> Vec<String> {
                  actions=ct(table=11,zone={zone})"
             ));
         }
-        t.push(format!(
-            "table=10,priority=100,reg5={p},dl_src={mac},udp,tp_src=68,tp_dst=67 \
-             actions=resubmit(,20)"
-        ));
+        // DHCP before the port has its address (from 0.0.0.0) or renewing from one of its
+        // own, to the broadcast address or its network's server only: a client port from a
+        // spoofed source or to another address is no DHCP and gets no pass around the
+        // groups.
+        let sources = std::iter::once(Ipv4Addr::UNSPECIFIED).chain(f.ips.iter().copied());
+        for src in sources {
+            for dst in std::iter::once(Ipv4Addr::BROADCAST).chain(f.dhcp_server) {
+                t.push(format!(
+                    "table=10,priority=100,reg5={p},dl_src={mac},udp,nw_src={src},\
+                     nw_dst={dst},tp_src=68,tp_dst=67 actions=resubmit(,20)"
+                ));
+            }
+        }
     }
     t.push(format!("table=10,priority=80,reg5={p} actions=drop"));
     for state in ["-new+est-inv+trk", "-new+rel-inv+trk"] {

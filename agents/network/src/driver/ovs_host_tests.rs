@@ -7,7 +7,9 @@
 //! project's network with the same CIDR stays apart, flows deleted and a tunnel port
 //! removed by hand are repaired by the next converge, a converge of a right switch writes
 //! nothing, security groups are enforced statefully (OVS conntrack) and spoofed sources
-//! dropped. Everything the tests make is removed when they end, even when they fail.
+//! dropped, DHCP client packets included (a release from another guest's address never
+//! reaches the DHCP server). Everything the tests make is removed when they end, even when
+//! they fail.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -558,4 +560,128 @@ fn a_network_spans_a_kernel_node_and_an_ovs_node() {
     for (h, c) in [(&h1, &c1), (&h2, &c2)] {
         assert_eq!(converge(h, c, &snap).expect("converge").steps, vec![]);
     }
+}
+
+/// Installs in `ns` a counter (before routing) of UDP to port 67 from each of `sources`,
+/// and returns a reader of the count from one of them.
+fn count_dhcp_from(ns: &Name, sources: &[Ipv4Addr]) -> impl Fn(Ipv4Addr) -> u64 + use<> {
+    sh(ns, &["nft", "add", "table", "ip", "dhcpprobe"]);
+    sh(
+        ns,
+        &[
+            "nft",
+            "add",
+            "chain",
+            "ip",
+            "dhcpprobe",
+            "pre",
+            "{ type filter hook prerouting priority -300 ; }",
+        ],
+    );
+    for s in sources {
+        let s = s.to_string();
+        let rule = ["ip", "saddr", &s, "udp", "dport", "67", "counter"];
+        let mut args = vec!["nft", "add", "rule", "ip", "dhcpprobe", "pre"];
+        args.extend(rule);
+        sh(ns, &args);
+    }
+    let ns = ns.clone();
+    move |source| {
+        let (ok, out) = run_in(&ns, &["nft", "list", "chain", "ip", "dhcpprobe", "pre"]);
+        assert!(ok, "{out}");
+        let line = out
+            .lines()
+            .find(|l| l.contains(&format!("ip saddr {source} ")))
+            .unwrap_or_else(|| panic!("no counter for {source}: {out}"));
+        line.split("packets ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no packet count in {line}"))
+    }
+}
+
+/// Sends from `ns` one UDP datagram from `src` port 68 to each of `dsts` port 67, as a
+/// DHCP client's release or inform would go.
+fn send_dhcp_client(ns: &Name, src: Ipv4Addr, dsts: &[Ipv4Addr]) {
+    let script = "import socket, sys\n\
+                  s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                  s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)\n\
+                  s.bind((sys.argv[1], 68))\n\
+                  for d in sys.argv[2:]:\n    s.sendto(b'release', (d, 67))\n";
+    let src = src.to_string();
+    let dsts: Vec<String> = dsts.iter().map(Ipv4Addr::to_string).collect();
+    let mut args = vec!["python3", "-c", script, &src];
+    args.extend(dsts.iter().map(String::as_str));
+    let (ok, out) = run_in(ns, &args);
+    assert!(ok, "send: {out}");
+}
+
+#[test]
+fn a_guest_cannot_pass_dhcp_client_packets_from_another_guests_address() {
+    if !root() {
+        return;
+    }
+    let Rig {
+        l,
+        nodes: [n1, n2],
+        guests: [g1, g2, ..],
+        switches: _,
+        hosts: [h1, h2],
+        configs: [c1, c2],
+        snap,
+        macs: _,
+        _cleanup,
+    } = rig([Datapath::Ovs, Datapath::Ovs]);
+    for (h, c) in [(&h1, &c1), (&h2, &c2)] {
+        let r = converge(h, c, &snap).expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+    }
+    let leases = tempfile::tempdir().expect("dir");
+    let (ip1, ip2) = (Ipv4Addr::new(10, 50, 0, 11), Ipv4Addr::new(10, 50, 0, 12));
+    assert_eq!(lease(&g1, leases.path()), Some(ip1), "DHCP still works");
+    assert_eq!(lease(&g2, leases.path()), Some(ip2));
+    sh(&g1, &["ip", "addr", "add", "10.50.0.11/24", "dev", "eth0"]);
+    let server = Ipv4Addr::new(10, 50, 0, 254);
+    assert!(pings(&g1, server, 10), "guest 1 reaches its DHCP server");
+    // The server's MAC, pinned, so that no ARP (from either address) decides the outcome.
+    let (_, neigh) = run_in(&g1, &["ip", "neigh", "show", "10.50.0.254"]);
+    let mac = neigh
+        .split_whitespace()
+        .skip_while(|w| *w != "lladdr")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no neighbour entry: {neigh}"))
+        .to_owned();
+    sh(
+        &g1,
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            "10.50.0.254",
+            "lladdr",
+            &mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    );
+    let dhcp_ns = l
+        .list_netns()
+        .expect("netns")
+        .into_iter()
+        .find(|ns| is_dhcp_name_of(n1.as_str(), ns))
+        .unwrap_or_else(|| panic!("no DHCP namespace of {n1} ({n2})"));
+    let counted = count_dhcp_from(&dhcp_ns, &[ip1, ip2]);
+    // Guest 1 takes guest 2's address as well and sends a release from it, to the server
+    // and broadcast; and one from its own address.
+    sh(&g1, &["ip", "addr", "add", "10.50.0.12/32", "dev", "eth0"]);
+    let broadcast = Ipv4Addr::BROADCAST;
+    for _ in 0..3 {
+        send_dhcp_client(&g1, ip2, &[server, broadcast]);
+        send_dhcp_client(&g1, ip1, &[server]);
+    }
+    assert!(counted(ip1) > 0, "a release from its own address arrives");
+    assert_eq!(counted(ip2), 0, "nothing from the spoofed address arrived");
 }
