@@ -7,7 +7,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{Condition, IPV4_PATTERN, Time};
+use crate::common::{Condition, IPV4_PATTERN, NAME_PATTERN, Time};
 
 /// A Swift ring: the devices of one ring type and how partitions map onto them.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -126,6 +126,12 @@ pub struct RingDevice {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 255))]
     pub meta: Option<String>,
+    /// The node (its ObjectNode's name) whose agent serves this device: only that node's
+    /// report of it as failed drains it. A device naming no node is never drained by a report
+    /// (an address is what a node says of itself; its name is what it authenticates as).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    pub node: Option<String>,
 }
 
 /// The effect of applying a paused ObjectRing's spec, computed on a copy of the ring.

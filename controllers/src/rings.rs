@@ -268,27 +268,35 @@ pub(crate) fn decide(spec: &ObjectRingSpec, current: Option<RingBuilder>, now: u
     }
 }
 
-/// `spec` with weight 0 for each device an ObjectNode reports failed (its `spec.ip` and the
-/// device's name), so that the ring builds its replicas elsewhere; and those devices, as
-/// `IP/DEVICE`, for `status.drainedDevices`. A device reported healthy again has its weight.
+/// `spec` with weight 0 for each device an ObjectNode reports failed, so that the ring builds
+/// its replicas elsewhere; and those devices, as `IP/DEVICE`, for `status.drainedDevices`. A
+/// device reported healthy again has its weight.
+///
+/// A report counts only for the devices whose `node` names the reporting ObjectNode (its name
+/// is its node's, which a node cannot choose) and whose `ip` is that ObjectNode's `spec.ip`:
+/// the address alone is what a node says of itself, and would let any node drain any other's.
 pub(crate) fn drain_failed(
     spec: &ObjectRingSpec,
     nodes: &[Arc<ObjectNode>],
 ) -> (ObjectRingSpec, Vec<String>) {
-    let failed: std::collections::BTreeSet<(&str, &str)> = nodes
+    let failed: std::collections::BTreeSet<(&str, &str, &str)> = nodes
         .iter()
         .flat_map(|n| {
+            let name = n.metadata.name.as_deref().unwrap_or_default();
             n.status
                 .iter()
                 .flat_map(|s| s.devices.iter())
                 .filter(|d| d.state == DeviceState::Failed)
-                .map(|d| (n.spec.ip.as_str(), d.name.as_str()))
+                .map(move |d| (name, n.spec.ip.as_str(), d.name.as_str()))
         })
         .collect();
     let mut spec = spec.clone();
     let mut drained = Vec::new();
     for d in &mut spec.devices {
-        if failed.contains(&(d.ip.as_str(), d.device.as_str())) {
+        let Some(node) = d.node.as_deref() else {
+            continue;
+        };
+        if failed.contains(&(node, d.ip.as_str(), d.device.as_str())) {
             d.weight = 0.0;
             let name = format!("{}/{}", d.ip, d.device);
             if !drained.contains(&name) {
@@ -317,8 +325,8 @@ mod drain_tests {
 
     use super::*;
 
-    fn node(ip: &str, devices: &[(&str, DeviceState)]) -> Arc<ObjectNode> {
-        let mut n = ObjectNode::new("n", ObjectNodeSpec { ip: ip.into() });
+    fn node(name: &str, ip: &str, devices: &[(&str, DeviceState)]) -> Arc<ObjectNode> {
+        let mut n = ObjectNode::new(name, ObjectNodeSpec { ip: ip.into() });
         n.status = Some(ObjectNodeStatus {
             devices: devices
                 .iter()
@@ -333,9 +341,8 @@ mod drain_tests {
         Arc::new(n)
     }
 
-    #[test]
-    fn a_device_its_node_reports_failed_is_built_with_weight_zero() {
-        let dev = |ip: &str, device: &str| RingDevice {
+    fn dev(node: Option<&str>, ip: &str, device: &str) -> RingDevice {
+        RingDevice {
             region: 1,
             zone: 1,
             ip: ip.into(),
@@ -343,8 +350,12 @@ mod drain_tests {
             device: device.into(),
             weight: 100.0,
             meta: None,
-        };
-        let spec = ObjectRingSpec {
+            node: node.map(Into::into),
+        }
+    }
+
+    fn spec(devices: Vec<RingDevice>) -> ObjectRingSpec {
+        ObjectRingSpec {
             ring_type: RingType::Object,
             policy_index: None,
             part_power: 4,
@@ -352,19 +363,25 @@ mod drain_tests {
             min_part_hours: 1,
             overload: None,
             paused: false,
-            devices: vec![
-                dev("10.0.0.1", "d1"),
-                dev("10.0.0.1", "d2"),
-                dev("10.0.0.2", "d1"),
-            ],
-        };
+            devices,
+        }
+    }
+
+    #[test]
+    fn a_device_its_node_reports_failed_is_built_with_weight_zero() {
+        let spec = spec(vec![
+            dev(Some("n1"), "10.0.0.1", "d1"),
+            dev(Some("n1"), "10.0.0.1", "d2"),
+            dev(Some("n2"), "10.0.0.2", "d1"),
+        ]);
         let nodes = [
             node(
+                "n1",
                 "10.0.0.1",
                 &[("d1", DeviceState::Failed), ("d2", DeviceState::Healthy)],
             ),
             // Another node's d1 failing says nothing of 10.0.0.2's d1.
-            node("10.0.0.3", &[("d1", DeviceState::Failed)]),
+            node("n3", "10.0.0.3", &[("d1", DeviceState::Failed)]),
         ];
         let (drained, names) = drain_failed(&spec, &nodes);
         let weights: Vec<f64> = drained.devices.iter().map(|d| d.weight).collect();
@@ -372,9 +389,38 @@ mod drain_tests {
         assert_eq!(names, ["10.0.0.1/d1"]);
         assert_eq!(failed_devices(&nodes[0]), ["10.0.0.1/d1"]);
         // Healthy again: the spec's weights.
-        let (back, names) = drain_failed(&spec, &[node("10.0.0.1", &[])]);
+        let (back, names) = drain_failed(&spec, &[node("n1", "10.0.0.1", &[])]);
         assert_eq!(back, spec);
         assert!(names.is_empty());
+    }
+
+    #[test]
+    fn a_node_claiming_another_nodes_address_drains_nothing_of_it() {
+        let spec = spec(vec![
+            dev(Some("victim"), "10.0.0.1", "d1"),
+            dev(Some("victim"), "10.0.0.1", "d2"),
+            // Named by address only: no report drains it.
+            dev(None, "10.0.0.1", "d3"),
+        ]);
+        let all_failed = [
+            ("d1", DeviceState::Failed),
+            ("d2", DeviceState::Failed),
+            ("d3", DeviceState::Failed),
+        ];
+        let evil = node("evil", "10.0.0.1", &all_failed);
+        let victim = node("victim", "10.0.0.1", &[]);
+        let (drained, names) = drain_failed(&spec, &[victim.clone(), evil]);
+        assert_eq!(drained, spec);
+        assert!(names.is_empty());
+        // The victim itself reporting them drains its own named devices, not d3.
+        let victim = node("victim", "10.0.0.1", &all_failed);
+        let (drained, names) = drain_failed(&spec, &[victim]);
+        let weights: Vec<f64> = drained.devices.iter().map(|d| d.weight).collect();
+        assert_eq!(weights, [0.0, 0.0, 100.0]);
+        assert_eq!(names, ["10.0.0.1/d1", "10.0.0.1/d2"]);
+        // The right name at another address is not the device either.
+        let moved = node("victim", "10.0.0.9", &all_failed);
+        assert!(drain_failed(&spec, &[moved]).1.is_empty());
     }
 }
 
@@ -724,6 +770,7 @@ mod tests {
             device: device.into(),
             weight,
             meta: None,
+            node: None,
         }
     }
 

@@ -53,9 +53,10 @@ fn rings_yaml() -> String {
         for i in 0..3 {
             for d in devices(i) {
                 out.push_str(&format!(
-                    "    - {{zone: {}, ip: {}, port: {port}, device: {d}, weight: 100}}\n",
+                    "    - {{zone: {}, ip: {}, port: {port}, device: {d}, weight: 100, node: {}}}\n",
                     i + 1,
-                    ip(i)
+                    ip(i),
+                    name(i)
                 ));
             }
         }
