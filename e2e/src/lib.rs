@@ -725,6 +725,25 @@ impl Apiserver {
         Ok(())
     }
 
+    /// Gives each of `nodes` its identity (`system:node:NAME`, a token of its own) and a
+    /// kubeconfig for it, `NAME.kubeconfig` in `dir`; restarts to read the tokens.
+    pub fn node_identities(&mut self, nodes: &[&str], dir: &Path) -> Result<()> {
+        let admin = self.kubeconfig();
+        let tokens = self.dir.path().join("tokens.csv");
+        let mut text = std::fs::read_to_string(&tokens)?;
+        let kubeconfig = std::fs::read_to_string(&admin)?;
+        for node in nodes {
+            let token = format!("{node}-token-0123456789abcdef");
+            text.push_str(&format!("{token},system:node:{node}\n"));
+            std::fs::write(
+                dir.join(format!("{node}.kubeconfig")),
+                kubeconfig.replace(TEST_TOKEN, &token),
+            )?;
+        }
+        std::fs::write(&tokens, text)?;
+        self.restart()
+    }
+
     /// Starts it again (same port) after a kill.
     pub fn restart(&mut self) -> Result<()> {
         self.proc.kill();

@@ -98,25 +98,6 @@ fn patch_status(api: &Apiserver, kind: &str, name: &str, status: serde_json::Val
     Ok(())
 }
 
-/// Gives each of `nodes` its identity (`system:node:NAME`, a token of its own) and a
-/// kubeconfig for it in `dir`; the API server is restarted to read the tokens.
-fn node_identities(api: &mut Apiserver, nodes: &[&str], dir: &Path) -> Result<()> {
-    let admin = api.kubeconfig();
-    let tokens = admin.with_file_name("tokens.csv");
-    let mut text = std::fs::read_to_string(&tokens)?;
-    let kubeconfig = std::fs::read_to_string(&admin)?;
-    for node in nodes {
-        let token = format!("{node}-token-0123456789abcdef");
-        text.push_str(&format!("{token},system:node:{node}\n"));
-        std::fs::write(
-            dir.join(format!("{node}.kubeconfig")),
-            kubeconfig.replace(stratus_e2e::TEST_TOKEN, &token),
-        )?;
-    }
-    std::fs::write(&tokens, text)?;
-    api.restart()
-}
-
 /// A node's network agent; `underlay` is `--underlay-ip ADDRESS` or `--tunnel-interface
 /// NAME`.
 fn agent(node: &str, underlay: [&str; 2], state: &Path, kubeconfigs: &Path) -> Result<Proc> {
@@ -292,7 +273,7 @@ spec: {{network: net}}
     }
 
     let ids = tempfile::tempdir()?;
-    node_identities(&mut api, &[&n1, &n2], ids.path())?;
+    api.node_identities(&[&n1, &n2], ids.path())?;
     let n1_underlay = ["--underlay-ip", "192.0.2.1"];
     let mut a1 = agent(&n1, n1_underlay, s1.path(), ids.path())?;
     // Node 2 finds its address on its underlay interface.

@@ -115,25 +115,6 @@ fn patch_status(api: &Apiserver, kind: &str, name: &str, status: serde_json::Val
     Ok(())
 }
 
-/// Gives each of `nodes` its identity (`system:node:NAME`) and a kubeconfig for it in
-/// `dir`; the API server is restarted to read the tokens.
-fn node_identities(api: &mut Apiserver, nodes: &[&str], dir: &Path) -> Result<()> {
-    let admin = api.kubeconfig();
-    let tokens = admin.with_file_name("tokens.csv");
-    let mut text = std::fs::read_to_string(&tokens)?;
-    let kubeconfig = std::fs::read_to_string(&admin)?;
-    for node in nodes {
-        let token = format!("{node}-token-0123456789abcdef");
-        text.push_str(&format!("{token},system:node:{node}\n"));
-        std::fs::write(
-            dir.join(format!("{node}.kubeconfig")),
-            kubeconfig.replace(stratus_e2e::TEST_TOKEN, &token),
-        )?;
-    }
-    std::fs::write(&tokens, text)?;
-    api.restart()
-}
-
 /// A node's network agent, with `physnet` as its interface for physnet1.
 fn agent(node: &str, underlay: &str, state: &Path, kubeconfigs: &Path) -> Result<Proc> {
     Proc::spawn(
@@ -353,7 +334,7 @@ spec:
     )?;
 
     let ids = tempfile::tempdir()?;
-    node_identities(&mut api, &[&n1, &n2], ids.path())?;
+    api.node_identities(&[&n1, &n2], ids.path())?;
     let mut a1 = agent(&n1, "192.0.2.1", s1.path(), ids.path())?;
     let mut a2 = agent(&n2, "192.0.2.2", s2.path(), ids.path())?;
     let states = [s1.path(), s2.path()];
