@@ -140,10 +140,13 @@ impl Server {
             .await
             .expect("connect");
         let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
-            self.addr,
+            "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
             body.len()
         );
+        // The address connected to, unless the caller names another host.
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            req.push_str(&format!("Host: {}\r\n", self.addr));
+        }
         if !body.is_empty() {
             req.push_str("Content-Type: application/json\r\n");
         }
@@ -371,6 +374,82 @@ fn sign_v4(secret: &str, string_to_sign: &str) -> String {
 }
 
 const STS: &str = "AWS4-HMAC-SHA256\n20261201T120000Z\n20261201/us-east-1/s3/aws4_request\n0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_project_is_throttled_as_a_wrong_password_and_links_name_the_server() {
+    let s = server().await;
+    s.setup(&["p1"], &[("alice", "p1"), ("bob", "p1")]).await;
+    let login_by_id = |user: &'static str, pw: String, id: &'static str| {
+        let body = json!({"auth": {
+            "identity": {"methods": ["password"], "password": {"user": {"name": user, "domain": {"id": "default"}, "password": pw}}},
+            "scope": {"project": {"id": id}},
+        }});
+        let s = &s;
+        async move {
+            s.call(
+                "POST",
+                "/identity/v3/auth/tokens",
+                &[],
+                body.to_string().as_bytes(),
+            )
+            .await
+        }
+    };
+    // Wrong passwords with a project that is not there count as failed logins (the project
+    // is looked up only after the throttle and the password check): alice is locked out.
+    for _ in 0..6 {
+        let a = login_by_id("alice", "wrong-password".into(), "no-such-project-uid").await;
+        assert_eq!(a.code, 401, "{}", a.body);
+    }
+    assert_eq!(s.login("alice", &password("alice"), "p1").await.code, 401);
+    // For the right password, an unknown project is a 401 as a wrong password is.
+    let a = login_by_id("bob", password("bob"), "no-such-project-uid").await;
+    assert_eq!(a.code, 401, "{}", a.body);
+    assert_eq!(
+        s.login("bob", &password("bob"), "no-such-project")
+            .await
+            .code,
+        401
+    );
+    assert_eq!(s.login("bob", &password("bob"), "p1").await.code, 201);
+    // For the right password it is a 401, as a wrong password is.
+    let a = login_by_id("alice", password("alice"), "no-such-project-uid").await;
+    assert_eq!(a.code, 401, "{}", a.body);
+    assert_eq!(
+        s.login("alice", &password("alice"), "no-such-project")
+            .await
+            .code,
+        401
+    );
+
+    // Version links and WWW-Authenticate name the server's address, whatever Host says.
+    let v = s
+        .call("GET", "/identity/v3", &[("Host", "evil.example:80")], b"")
+        .await;
+    assert_eq!(v.code, 200);
+    let href = v.body["version"]["links"][0]["href"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(!href.contains("evil"), "{href}");
+    // (The address configured to listen on: this test's server listens on port 0.)
+    let listen = format!("http://{}:", s.addr.ip());
+    assert!(href.starts_with(&listen), "{href}");
+    let r = s
+        .call(
+            "GET",
+            "/identity/v3/auth/tokens",
+            &[("Host", "evil.example:80")],
+            b"",
+        )
+        .await;
+    let challenge = r.header("www-authenticate").unwrap_or_default();
+    assert!(
+        challenge.starts_with(&format!("Keystone uri=\"{listen}")),
+        "{} {challenge}",
+        r.code
+    );
+    assert!(!challenge.contains("evil"), "{challenge}");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_scoped_to_a_project_is_validated_for_the_proxy_only() {

@@ -70,10 +70,10 @@ pub(crate) async fn serve(
     let path = parts.uri.path().trim_end_matches('/');
     let rest = path.strip_prefix(ROOT).unwrap_or_default();
     let answer = match (&parts.method, rest) {
-        (&Method::GET, "") => Ok(versions(state, &parts.headers)),
+        (&Method::GET, "") => Ok(versions(state)),
         (&Method::GET, "/v3") => Ok(json_ok(
             StatusCode::OK,
-            &json!({ "version": version(state, &parts.headers) }),
+            &json!({ "version": version(state) }),
         )),
         (&Method::POST, "/v3/auth/tokens") => match read(body).await {
             Ok(bytes) => login(state, &bytes, source).await,
@@ -87,7 +87,7 @@ pub(crate) async fn serve(
         },
         _ => Err(ApiError::no_route(path)),
     };
-    let response = answer.unwrap_or_else(|e| error(state, &parts.headers, e));
+    let response = answer.unwrap_or_else(|e| error(state, e));
     tracing::debug!(method = %parts.method, path, code = response.status().as_u16(), "identity request");
     response
 }
@@ -107,54 +107,44 @@ fn json_ok(code: StatusCode, v: &Value) -> Response {
 }
 
 /// A `Status` carrying Keystone's `error` member too; a 401 says where to authenticate.
-fn error(state: &AppState, headers: &HeaderMap, e: ApiError) -> Response {
+fn error(state: &AppState, e: ApiError) -> Response {
     let mut body = e.status();
     body["error"] = json!({"code": e.code, "title": e.reason, "message": e.message});
     let code = StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut r = json_ok(code, &body);
     if code == StatusCode::UNAUTHORIZED
-        && let Ok(v) =
-            HeaderValue::from_str(&format!("Keystone uri=\"{}/v3\"", base_url(state, headers)))
+        && let Ok(v) = HeaderValue::from_str(&format!("Keystone uri=\"{}/v3\"", base_url(state)))
     {
         r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
     }
     r
 }
 
-/// The identity endpoints' URL as the client reached them (its Host header, if it is a plain
-/// host and port, else the address listened on).
-fn base_url(state: &AppState, headers: &HeaderMap) -> String {
+/// The identity endpoints' URL at the address the server listens on (never the client's Host
+/// header, which a client could point anywhere).
+fn base_url(state: &AppState) -> String {
     let scheme = if state.config.tls.is_some() {
         "https"
     } else {
         "http"
     };
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .filter(|h| {
-            h.len() <= 255
-                && h.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
-        })
-        .map_or_else(|| state.config.listen.to_string(), String::from);
-    format!("{scheme}://{host}{ROOT}")
+    format!("{scheme}://{}{ROOT}", state.config.listen)
 }
 
-fn version(state: &AppState, headers: &HeaderMap) -> Value {
+fn version(state: &AppState) -> Value {
     json!({
         "id": "v3.14",
         "status": "stable",
         "updated": "2020-04-07T00:00:00Z",
-        "links": [{"rel": "self", "href": format!("{}/v3/", base_url(state, headers))}],
+        "links": [{"rel": "self", "href": format!("{}/v3/", base_url(state))}],
         "media-types": [{"base": "application/json", "type": "application/vnd.openstack.identity-v3+json"}],
     })
 }
 
-fn versions(state: &AppState, headers: &HeaderMap) -> Response {
+fn versions(state: &AppState) -> Response {
     json_ok(
         StatusCode::OK,
-        &json!({"versions": {"values": [version(state, headers)]}}),
+        &json!({"versions": {"values": [version(state)]}}),
     )
 }
 
@@ -267,9 +257,13 @@ async fn login(state: &AppState, bytes: &[u8], source: Option<IpAddr>) -> ApiRes
     if !pw.user.domain.unwrap_or_default().is_default() {
         return Err(ApiError::unauthorized());
     }
-    let scope = match auth.scope.and_then(|s| s.project) {
-        Some(p) => Some(project_scope(state, &p).await?),
-        None => None,
+    let asked = auth.scope.and_then(|s| s.project);
+    let project = asked.as_ref().map(ProjectRef::of).transpose()?;
+    // The project is looked up only once the password is right, so an unknown one costs what a
+    // wrong password costs and is answered alike (no etcd read before the throttle).
+    let scope = async || match &project {
+        Some(p) => project_scope(state, p).await.map(Some),
+        None => Ok(None),
     };
     let (token, claims) =
         crate::http::login::password_login(state, user, password, TTL, scope, source, &mut attempt)
@@ -282,16 +276,34 @@ async fn login(state: &AppState, bytes: &[u8], source: Option<IpAddr>) -> ApiRes
     Ok(r)
 }
 
+/// The project a login asks for, checked for its form only.
+enum ProjectRef<'a> {
+    /// Not in the default domain: no project can match.
+    Elsewhere,
+    Name(&'a str),
+    Id(&'a str),
+}
+
+impl<'a> ProjectRef<'a> {
+    fn of(p: &'a ProjectRequest) -> ApiResult<Self> {
+        if !p.domain.as_ref().is_none_or(Domain::is_default) {
+            return Ok(Self::Elsewhere);
+        }
+        match (&p.name, &p.id) {
+            (Some(name), _) => Ok(Self::Name(bounded("auth.scope.project.name", name, 63)?)),
+            (None, Some(id)) => Ok(Self::Id(bounded("auth.scope.project.id", id, 64)?)),
+            (None, None) => Err(bad("auth.scope.project", "Required value: name or id")),
+        }
+    }
+}
+
 /// The project a login asks for, by name or id (its uid); one that does not exist, or is in
 /// another domain, is a 401 as a wrong password is.
-async fn project_scope(state: &AppState, p: &ProjectRequest) -> ApiResult<Scope> {
-    if !p.domain.as_ref().is_none_or(Domain::is_default) {
-        return Err(ApiError::unauthorized());
-    }
+async fn project_scope(state: &AppState, p: &ProjectRef<'_>) -> ApiResult<Scope> {
     let prefix = &state.api.prefix;
-    let found = match (&p.name, &p.id) {
-        (Some(name), _) => {
-            let name = bounded("auth.scope.project.name", name, 63)?;
+    let found = match *p {
+        ProjectRef::Elsewhere => None,
+        ProjectRef::Name(name) => {
             let key = keys::object(prefix, "identity.stratus.dev", "projects", None, name);
             state
                 .api
@@ -301,8 +313,7 @@ async fn project_scope(state: &AppState, p: &ProjectRequest) -> ApiResult<Scope>
                 .map_err(ApiError::from)?
                 .map(|s| s.value)
         }
-        (None, Some(id)) => {
-            let id = bounded("auth.scope.project.id", id, 64)?;
+        ProjectRef::Id(id) => {
             let all = keys::collection(prefix, "identity.stratus.dev", "projects", None);
             let (read, _) = state
                 .api
@@ -315,7 +326,6 @@ async fn project_scope(state: &AppState, p: &ProjectRequest) -> ApiResult<Scope>
                 .map(|(_, s)| s.value)
                 .find(|v| crate::base::meta::meta_str(v, "uid") == Some(id))
         }
-        (None, None) => return Err(bad("auth.scope.project", "Required value: name or id")),
     };
     let project = found.ok_or_else(ApiError::unauthorized)?;
     let meta = |f| crate::base::meta::meta_str(&project, f).map(String::from);

@@ -61,7 +61,16 @@ async fn login(
             "expirationSeconds: must be between 1 and 86400",
         ));
     }
-    let (token, claims) = password_login(state, user, password, ttl, None, source, attempt).await?;
+    let (token, claims) = password_login(
+        state,
+        user,
+        password,
+        ttl,
+        async || Ok(None),
+        source,
+        attempt,
+    )
+    .await?;
     let expires = jiff::Timestamp::from_second(claims.exp)
         .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
         .unwrap_or_default();
@@ -74,8 +83,9 @@ async fn login(
     ))
 }
 
-/// A token for `user` if `password` is theirs, valid for `ttl` seconds (scoped to `scope`
-/// when given: the user must hold a role there), throttled and locked out as every login is.
+/// A token for `user` if `password` is theirs, valid for `ttl` seconds (scoped to what `scope`
+/// resolves to, only once the password is right: the user must hold a role there), throttled
+/// and locked out as every login is.
 /// An unknown user, a wrong password, a disabled user, a locked-out user and a scope the user
 /// has no role in get the same 401; `attempt.result` says which for the audit log.
 ///
@@ -86,7 +96,7 @@ pub(crate) async fn password_login(
     user: &str,
     password: &str,
     ttl: i64,
-    scope: Option<Scope>,
+    scope: impl AsyncFnOnce() -> ApiResult<Option<Scope>>,
     source: Option<IpAddr>,
     attempt: &mut Attempt,
 ) -> ApiResult<(String, Claims)> {
@@ -126,6 +136,10 @@ pub(crate) async fn password_login(
         attempt.result = "failure";
         return Err(ApiError::unauthorized());
     };
+    // The scope is resolved only for the right password: a project that is not there is
+    // answered as a wrong password is (401), after the same throttle.
+    attempt.result = "failure";
+    let scope = scope().await?;
     let (token, claims) = id.signer.issue_scoped(user, &verified, ttl, scope);
     // A disabled user: the right password, but no token; nor for a project it has no role in.
     let grants = id.token_grants(&claims).await?;
