@@ -92,7 +92,8 @@ impl Swift {
                  [filter:s3token]\nuse = egg:swift#s3token\nauth_uri = {identity}\ncertfile = {ca}\n\
                  reseller_prefix = AUTH_\n\n\
                  [filter:keystoneauth]\nuse = egg:swift#keystoneauth\nreseller_prefix = AUTH_\n\
-                 operator_roles = admin, member\nproject_reader_roles = reader\n",
+                 operator_roles = admin, member\nproject_reader_roles = reader\n\
+                 allow_names_in_acls = false\n",
                 swift_dir = root.display(),
                 ca = ca.display(),
             ),
