@@ -33,6 +33,7 @@ mod e2e {
     mod storage_agent;
     mod up;
     mod volume_attach;
+    mod volume_attach_remote;
     mod volumes_api;
     mod watch_feed;
 }

@@ -70,7 +70,7 @@ fn server_yaml(name: &str, spec: &str) -> String {
 
 /// A master boot record with two Linux partitions: what the guest's kernel reads from the
 /// disk and names on its console (` vdc: vdc1 vdc2`).
-fn partition_table() -> [u8; 512] {
+pub(super) fn partition_table() -> [u8; 512] {
     let mut mbr = [0u8; 512];
     for (i, start) in [2048u32, 4096].into_iter().enumerate() {
         let e = 446 + 16 * i;

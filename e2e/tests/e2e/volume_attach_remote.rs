@@ -1,0 +1,377 @@
+//! A volume of one node attached to a real guest on another, over NBD: node `nbd-a` runs the
+//! storage agent (a file pool in a directory the test makes, exports on its storage address),
+//! node `nbd-b` the compute agent, whose libvirtd (and so QEMU) lives in a network namespace of
+//! its own, joined to `nbd-a`'s by a veth pair the test makes, as two hosts on a storage
+//! network. The guest on `nbd-b` reads the partition table written into the volume on `nbd-a`;
+//! no other address reaches the export's port; the storage agent, killed and started again,
+//! takes its export back without the guest losing it; the guest writes to the disk (from the
+//! shell on its console) and, once detached, the data is in the volume on `nbd-a` and the
+//! export is gone.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+use stratus_e2e::node::{Guest, Node};
+use stratus_e2e::{Cloud, Proc, stratus_bin, wait_until};
+
+use super::volume_attach::partition_table;
+
+const NS: &str = "nbdvols";
+const STORAGE: &str = "nbd-a";
+const COMPUTE: &str = "nbd-b";
+/// The storage network: `nbd-a`'s end (the host's namespace) and `nbd-b`'s (its libvirtd's).
+const STORAGE_IP: &str = "10.251.15.1";
+const COMPUTE_IP: &str = "10.251.15.2";
+const HOST_LINK: &str = "nbd-st0";
+const NODE_LINK: &str = "nbd-cn0";
+/// Generous: builds and TCG guests of other tests share two cores.
+const WAIT: Duration = Duration::from_secs(300);
+
+fn json(cloud: &Cloud, args: &[&str]) -> Result<Value> {
+    let mut a = vec!["-n", NS];
+    a.extend_from_slice(args);
+    a.extend(["-o", "json"]);
+    Ok(serde_json::from_str(&cloud.kubectl_ok(&a)?)?)
+}
+
+fn volume(cloud: &Cloud) -> Result<Value> {
+    json(cloud, &["get", "volume", "far"])
+}
+
+fn wait_volume(cloud: &Cloud, what: &str, pred: impl Fn(&Value) -> bool) -> Result<Value> {
+    wait_until(WAIT, what, || volume(cloud).ok().filter(|v| pred(v))).with_context(|| {
+        cloud
+            .kubectl_ok(&["-n", NS, "get", "volume", "far", "-o", "yaml"])
+            .unwrap_or_default()
+    })
+}
+
+fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("run {program}"))?;
+    ensure!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The storage network and what the storage agent leaves serving: removed however the test
+/// ends (the veth pair with its host end; the exports' processes by the pids the agent
+/// recorded, and their table).
+struct Cleanup {
+    exports: std::path::PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", HOST_LINK]).status();
+        for entry in std::fs::read_dir(&self.exports)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let record = std::fs::read(entry.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+            if let Some(pid) = record.as_ref().and_then(|r| r["pid"].as_u64()) {
+                let _ = Command::new("kill").arg(pid.to_string()).status();
+            }
+        }
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", "stratus_nbd"])
+            .status();
+    }
+}
+
+/// Joins `node`'s network namespace (its libvirtd's) to the host's by a veth pair.
+fn storage_network(node: &Node) -> Result<()> {
+    let pid = std::fs::read_to_string(node.dir.path().join("libvirtd.pid"))?
+        .trim()
+        .to_string();
+    let _ = Command::new("ip").args(["link", "del", HOST_LINK]).status();
+    run(
+        "ip",
+        &[
+            "link", "add", HOST_LINK, "type", "veth", "peer", "name", NODE_LINK,
+        ],
+    )?;
+    run("ip", &["link", "set", NODE_LINK, "netns", &pid])?;
+    run(
+        "ip",
+        &["addr", "add", &format!("{STORAGE_IP}/30"), "dev", HOST_LINK],
+    )?;
+    run("ip", &["link", "set", HOST_LINK, "up"])?;
+    let inside = |args: &[&str]| {
+        let mut a = vec!["-t", pid.as_str(), "-n", "ip"];
+        a.extend_from_slice(args);
+        run("nsenter", &a)
+    };
+    inside(&["addr", "add", &format!("{COMPUTE_IP}/30"), "dev", NODE_LINK])?;
+    inside(&["link", "set", NODE_LINK, "up"])?;
+    Ok(())
+}
+
+/// Whether a TCP connection from `from` to `to` is dropped (times out) rather than answered
+/// or refused.
+fn dropped(from: &str, to: &str) -> Result<bool> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(format!("{from}:0").parse()?)?;
+        let to = to.parse()?;
+        match tokio::time::timeout(Duration::from_secs(3), socket.connect(to)).await {
+            Err(_) => Ok(true),
+            Ok(Ok(_)) => Ok(false),
+            Ok(Err(e)) => bail!("connecting to {to}: {e} (not dropped: nothing listens?)"),
+        }
+    })
+}
+
+/// The pseudo-terminal of domain `dom`'s serial console (its guest's shell), from the live XML.
+fn console_pty(node: &Node, dom: &str) -> Result<String> {
+    let out = node.virsh(&["dumpxml", dom])?;
+    let xml = String::from_utf8_lossy(&out.stdout);
+    xml.split("<serial type='pty'>")
+        .nth(1)
+        .and_then(|s| s.split("<source path='").nth(1))
+        .and_then(|s| s.split('\'').next())
+        .map(str::to_string)
+        .with_context(|| format!("no serial pty in {xml}"))
+}
+
+#[test]
+fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
+    let guest = Guest::serve()?;
+    // nbd-a runs no guests: its storage agent alone, in the host's namespace.
+    let storage = tempfile::tempdir()?;
+    let mut compute = Node::start(COMPUTE)?;
+    let _cleanup = Cleanup {
+        exports: storage.path().join("storage-state/exports"),
+    };
+    storage_network(&compute)?;
+    let cloud = Cloud::up_with(&["--nodes", &format!("{STORAGE},{COMPUTE}")])?;
+    cloud.projects(&[NS])?;
+    compute.start_agent(&cloud)?;
+    let pool = storage.path().join("pool");
+    std::fs::create_dir_all(&pool)?;
+    let storage_agent = |log: &str| {
+        Proc::spawn(
+            "storage agent",
+            Command::new(stratus_bin())
+                .args(["agent", "--roles", "storage", "--node", STORAGE])
+                .arg("--kubeconfig")
+                .arg(cloud.dir.path().join(format!("node-{STORAGE}.kubeconfig")))
+                .arg("--state-dir")
+                .arg(storage.path().join("storage-state"))
+                .args(["--storage-pool", &format!("files=file:{}", pool.display())])
+                .args(["--storage-address", STORAGE_IP])
+                .args(["--storage-heartbeat-seconds", "1", "--resync-seconds", "2"]),
+            &storage.path().join(log),
+        )
+    };
+    let mut agent = storage_agent("storage-agent.log")?;
+    let flavors = stratus_e2e::repo_root().join("examples/flavors.yaml");
+    cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
+    let images = guest.images_yaml(NS)?.replace(
+        "console=ttyS0 quiet",
+        "console=ttyS0 loglevel=7 stratus.shell",
+    );
+    cloud.kubectl_in(&["-n", NS, "apply", "-f", "-"], &images)?;
+    // nbd-b's address on the storage network, as its network agent reports it.
+    wait_until(WAIT, "nbd-b's Hypervisor", || {
+        cloud.kubectl_ok(&["get", "hypervisor", COMPUTE]).ok()
+    })?;
+    cloud.kubectl_ok(&[
+        "patch",
+        "hypervisor",
+        COMPUTE,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &format!(r#"{{"status":{{"hostIP":"{COMPUTE_IP}"}}}}"#),
+    ])?;
+
+    // A volume on nbd-a's pool (the only one) holding a partition table.
+    cloud.kubectl_in(
+        &["-n", NS, "apply", "-f", "-"],
+        "apiVersion: storage.stratus.dev/v1\nkind: Volume\nmetadata:\n  name: far\nspec:\n  sizeGiB: 1\n",
+    )?;
+    let vol = wait_volume(&cloud, "volume far Available", |v| {
+        v["status"]["phase"] == "Available" && v["status"]["devicePath"].is_string()
+    })?;
+    assert_eq!(vol["status"]["node"], STORAGE);
+    let path = vol["status"]["devicePath"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    OpenOptions::new()
+        .write(true)
+        .open(&path)?
+        .write_all_at(&partition_table(), 0)?;
+
+    // A server, placed on nbd-b (the only compute node), attaches it at its create.
+    cloud.kubectl_in(
+        &["-n", NS, "apply", "-f", "-"],
+        "apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: vm\nspec:\n  flavor: m1.nano\n  image: tiny\n  volumes:\n  - volume: far\n",
+    )?;
+    let vol = wait_volume(&cloud, "far exported to nbd-b", |v| {
+        v["status"]["attachedNode"] == COMPUTE && v["status"]["export"]["node"] == COMPUTE
+    })?;
+    let export = vol["status"]["export"].clone();
+    assert_eq!(export["host"], STORAGE_IP, "{export}");
+    let port = export["port"].as_u64().unwrap_or_default();
+    let attached = vol["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "Attached")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (&attached["status"], &attached["reason"]),
+        (&Value::from("True"), &Value::from("Exported")),
+        "{attached}"
+    );
+    let server = wait_until(WAIT, "vm Running", || {
+        json(&cloud, &["get", "server", "vm"])
+            .ok()
+            .filter(|s| s["status"]["phase"] == "Running")
+    })
+    .with_context(|| compute.agent_log())?;
+    assert_eq!(server["status"]["hypervisor"], COMPUTE);
+    let uid = server["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let dom = format!("stratus-{uid}");
+    // The guest's kernel read the partition table written on nbd-a, over the network.
+    wait_until(WAIT, "the guest's partition scan of vdc", || {
+        compute
+            .console(&uid)
+            .contains("vdc: vdc1 vdc2")
+            .then_some(())
+    })
+    .with_context(|| format!("console:\n{}", compute.console(&uid)))?;
+    let xml = String::from_utf8_lossy(&compute.virsh(&["dumpxml", &dom])?.stdout).into_owned();
+    ensure!(
+        xml.contains("protocol='nbd'")
+            && xml.contains(&format!("<host name='{STORAGE_IP}' port='{port}'/>")),
+        "{xml}"
+    );
+
+    // Only nbd-b's address reaches the export: this host's own address on the storage
+    // network, as any other, has its connection dropped.
+    ensure!(
+        dropped(STORAGE_IP, &format!("{STORAGE_IP}:{port}"))?,
+        "a connection from {STORAGE_IP} to the export was answered"
+    );
+
+    // The storage agent dies and starts again: it takes the same export back (same process,
+    // port and name), and the guest keeps its disk.
+    let record = std::fs::read_dir(storage.path().join("storage-state/exports"))?
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .context("the export's record")?
+        .path();
+    let pid_before = serde_json::from_slice::<Value>(&std::fs::read(&record)?)?["pid"].clone();
+    agent.kill();
+    agent = storage_agent("storage-agent-2.log")?;
+    wait_until(WAIT, "the export taken back", || {
+        std::fs::read_to_string(storage.path().join("storage-agent-2.log"))
+            .ok()
+            .filter(|l| l.contains("exports taken back"))
+    })?;
+    let pid_after = serde_json::from_slice::<Value>(&std::fs::read(&record)?)?["pid"].clone();
+    assert_eq!(pid_before, pid_after, "the same qemu-nbd serves it");
+    assert_eq!(volume(&cloud)?["status"]["export"], export);
+
+    // The guest writes to the disk, over NBD (its shell on the console, which the image's
+    // command line opens); the marker it prints is computed, so the echoed command is not it.
+    wait_until(WAIT, "the guest's shell", || {
+        compute
+            .console(&uid)
+            .contains("built-in shell")
+            .then_some(())
+    })
+    .with_context(|| format!("console:\n{}", compute.console(&uid)))?;
+    // QEMU reads the console only while its terminal is open: it stays open, and the command
+    // is typed again (it writes the same bytes) until its marker shows.
+    let mut pty = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(console_pty(&compute, &dom)?)?;
+    let typed = b"\necho STRATUS-NBD-DATA | dd of=/dev/vdc bs=512 seek=2048 conv=fsync && echo NBD-WRITE-$((40+2))\n";
+    let mut written = false;
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_secs(2));
+        pty.write_all(typed)?;
+        written = wait_until(Duration::from_secs(30), "the guest's write", || {
+            compute.console(&uid).contains("NBD-WRITE-42").then_some(())
+        })
+        .is_ok();
+        if written {
+            break;
+        }
+    }
+    drop(pty);
+    ensure!(written, "console:\n{}", compute.console(&uid));
+
+    // Detached: the disk leaves the guest, the export ends, the data is in the volume on nbd-a.
+    cloud.kubectl_ok(&[
+        "-n",
+        NS,
+        "patch",
+        "server",
+        "vm",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/spec/volumes"}]"#,
+    ])?;
+    let vol = wait_volume(&cloud, "far released and no longer exported", |v| {
+        v["status"]["attachedTo"].is_null()
+            && v["status"]["attachedNode"].is_null()
+            && v["status"]["export"].is_null()
+    })?;
+    assert_eq!(vol["status"]["phase"], "Available");
+    let out = compute.virsh(&["domblklist", &dom])?;
+    let disks = String::from_utf8_lossy(&out.stdout);
+    ensure!(!disks.contains("vdc"), "{disks}");
+    wait_until(WAIT, "the export's record gone", || {
+        (!record.exists()).then_some(())
+    })?;
+    let pid = pid_after.as_u64().unwrap_or_default();
+    wait_until(Duration::from_secs(30), "qemu-nbd gone", || {
+        (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+    })?;
+    let table = run("nft", &["list", "table", "inet", "stratus_nbd"])?;
+    ensure!(!table.contains(&format!("dport {port}")), "{table}");
+    let mut data = [0u8; 17];
+    std::fs::File::open(&path)?.read_exact_at(&mut data, 1 << 20)?;
+    ensure!(
+        &data == b"STRATUS-NBD-DATA\n",
+        "the guest's write is not in the volume: {:?}",
+        String::from_utf8_lossy(&data)
+    );
+    let mut mbr = [0u8; 512];
+    std::fs::File::open(&path)?.read_exact_at(&mut mbr, 0)?;
+    assert_eq!(mbr, partition_table(), "the rest is as it was");
+
+    cloud.kubectl_ok(&["-n", NS, "delete", "server", "vm", "--wait=false"])?;
+    cloud.kubectl_ok(&["-n", NS, "delete", "volume", "far", "--wait=false"])?;
+    wait_until(WAIT, "the volume gone", || {
+        (!std::path::Path::new(&path).exists()).then_some(())
+    })?;
+    drop(agent);
+    Ok(())
+}
