@@ -79,11 +79,21 @@ pub struct NetworkSpec {
     /// How the network is carried between nodes.
     #[serde(default)]
     pub segmentation: Segmentation,
-    /// For `flat` networks: the name of the host interface or bridge the network is bridged
-    /// to (Neutron `provider:physical_network`).
+    /// For `flat` and `vlan` networks: the name of the host interface or bridge the network
+    /// is bridged to (Neutron `provider:physical_network`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 15), regex(pattern = r"^[A-Za-z0-9_.-]+$"))]
     pub physical_network: Option<String>,
+    /// For `vlan` networks: the 802.1Q VLAN ID asked for (Neutron
+    /// `provider:segmentation_id`); without it one free on the physical network is allocated
+    /// (`status.segmentationID`).
+    #[serde(
+        default,
+        rename = "segmentationID",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(min = 1, max = 4094))]
+    pub segmentation_id: Option<u16>,
     /// Default for the network's Ports: whether security groups and anti-spoofing apply.
     #[serde(default = "crate::common::default_true")]
     pub port_security_enabled: bool,
@@ -106,6 +116,8 @@ pub enum Segmentation {
     Vxlan,
     /// Untagged, bridged to `physicalNetwork` on every node.
     Flat,
+    /// 802.1Q-tagged on `physicalNetwork`, one VLAN ID per network on that physical network.
+    Vlan,
 }
 
 /// Lifecycle phase of a network object.
@@ -133,6 +145,14 @@ pub struct NetworkStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 16_777_215))]
     pub vni: Option<u32>,
+    /// VLAN ID of a `vlan` network on its physical network (requested or allocated).
+    #[serde(
+        default,
+        rename = "segmentationID",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(min = 1, max = 4094))]
+    pub segmentation_id: Option<u16>,
     /// Latest observations of the network's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]

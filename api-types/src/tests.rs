@@ -656,7 +656,10 @@ fn schemas_reject_bad_values() {
 
     assert!(!check("Network", json!({"mtu": 67})));
     assert!(!check("Network", json!({"mtu": 9001})));
-    assert!(!check("Network", json!({"segmentation": "vlan"})));
+    assert!(!check("Network", json!({"segmentation": "geneve"})));
+    assert!(!check("Network", json!({"segmentationID": 4095})));
+    assert!(!check("Network", json!({"segmentationID": 0})));
+    assert!(check("Network", json!({"segmentationID": 4094})));
     assert!(check("Network", json!({"mtu": 9000})));
 
     let flavor = |vcpus: i64, ram: i64| json!({"vcpus": vcpus, "ramMiB": ram, "diskGiB": 0});

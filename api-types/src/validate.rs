@@ -530,17 +530,27 @@ impl Check for ImageSpec {
 impl Check for NetworkSpec {
     fn check(&self, errs: &mut Errors) {
         match (self.segmentation, &self.physical_network) {
-            (Segmentation::Flat, None) => errs.push(
+            (Segmentation::Flat | Segmentation::Vlan, None) => errs.push(
                 "spec.physicalNetwork",
-                "required when segmentation is flat",
+                "required when segmentation is flat or vlan",
                 None,
             ),
             (Segmentation::Vxlan, Some(p)) => errs.push(
                 "spec.physicalNetwork",
-                "only allowed when segmentation is flat",
+                "only allowed when segmentation is flat or vlan",
                 Some(p),
             ),
             _ => {}
+        }
+        if let (Some(id), false) = (
+            self.segmentation_id,
+            self.segmentation == Segmentation::Vlan,
+        ) {
+            errs.push(
+                "spec.segmentationID",
+                "only allowed when segmentation is vlan",
+                Some(&id.to_string()),
+            );
         }
     }
 }

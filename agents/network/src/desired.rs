@@ -261,6 +261,15 @@ fn local_port(
         Segmentation::Flat => {
             physical_interface(cfg, network)?;
         }
+        Segmentation::Vlan => {
+            return Err(blocked(
+                Reason::SegmentationUnsupported,
+                format!(
+                    "network {} is a vlan network, which this node's datapath does not wire yet",
+                    port.spec.network
+                ),
+            ));
+        }
     }
     let mac: MacAddr = port
         .status
@@ -513,7 +522,9 @@ pub fn desired_all(cfg: &NodeConfig, snap: &Snapshot) -> (Desired, Plans) {
             // A flat network has no VNI: a zone from its uid (above the 24-bit VNIs' range
             // modulo the zone space is not possible, so collisions are resolved by
             // `zone_for`).
-            Segmentation::Flat => u32::from_str_radix(&digest_hex(&uid, 4), 16).unwrap_or(1),
+            Segmentation::Flat | Segmentation::Vlan => {
+                u32::from_str_radix(&digest_hex(&uid, 4), 16).unwrap_or(1)
+            }
         };
         zones.push(Zone {
             bridge: bridge.clone(),
@@ -551,6 +562,8 @@ pub fn desired_all(cfg: &NodeConfig, snap: &Snapshot) -> (Desired, Plans) {
                 };
                 (Uplink::Physical(iface), BTreeSet::new())
             }
+            // Its ports are blocked above: nothing of it is wired.
+            Segmentation::Vlan => continue,
         };
         if let Some(d) = &dhcp {
             local_dhcp.push(LocalDhcp {

@@ -67,7 +67,7 @@
 //! a controller. A Port whose Network was deleted with its Project, or before deletes were
 //! checked, keeps its claims (under the gone Network's uid) until it is deleted.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 
 use futures::future::BoxFuture;
@@ -106,6 +106,8 @@ const PROBES: usize = 4;
 const WINDOW: i64 = 32;
 /// The largest VXLAN network identifier (24 bits).
 const VNI_MAX: u32 = 16_777_215;
+/// The largest 802.1Q VLAN ID (4095 is reserved).
+const VLAN_MAX: u16 = 4094;
 /// The most allocation pools a Subnet may have.
 const MAX_POOLS: usize = 64;
 /// The largest subnet (the shortest prefix) accepted: 65,534 hosts, which bounds what reading
@@ -129,7 +131,7 @@ impl Admission for Ipam {
     /// follow those fields.
     fn check_status_write(&self, s: &Subject<'_>, old: &Value, new: &Value) -> ApiResult<()> {
         let fields: &[&str] = match s.kind {
-            "Network" => &["vni"],
+            "Network" => &["vni", "segmentationID"],
             "Subnet" => &["gatewayIP", "dhcpIP"],
             "Port" => &["macAddress", "fixedIPs"],
             "FloatingIP" => &["floatingIPAddress"],
@@ -166,6 +168,15 @@ impl Admission for Ipam {
             && let Some(p) = obj.pointer("/spec/physicalNetwork").and_then(Value::as_str)
         {
             out.push(keys::physical_network_claim(prefix, p));
+        }
+        if obj.pointer("/spec/segmentation").and_then(Value::as_str) == Some("vlan")
+            && let Some(p) = obj.pointer("/spec/physicalNetwork").and_then(Value::as_str)
+            && let Some(id) = obj
+                .pointer("/status/segmentationID")
+                .and_then(Value::as_u64)
+                .and_then(|v| u16::try_from(v).ok())
+        {
+            out.push(keys::vlan_claim(prefix, p, id));
         }
         if let Some(uid) = annotation(obj) {
             // A router interface's gateway address stays the Subnet's; the Port frees its own
@@ -490,13 +501,15 @@ async fn create_network(
     let spec: NetworkSpec = spec(&s, w.new)?;
     let physical = match (spec.segmentation, spec.physical_network.as_deref()) {
         (Segmentation::Flat, Some(p)) => Some(keys::physical_network_claim(ctx.prefix, p)),
-        (Segmentation::Flat, None) => {
+        (Segmentation::Vlan, Some(_)) | (Segmentation::Vxlan, None) => None,
+        (Segmentation::Flat | Segmentation::Vlan, None) => {
             return Err(invalid(
                 &s,
                 w.new,
                 vec![Cause {
                     reason: "FieldValueRequired".into(),
-                    message: "Required value: a flat network is bridged to a physical network"
+                    message: "Required value: a flat or vlan network is bridged to a physical \
+                              network"
                         .into(),
                     field: "spec.physicalNetwork".into(),
                 }],
@@ -507,20 +520,53 @@ async fn create_network(
                 &s,
                 w.new,
                 "spec.physicalNetwork",
-                "Forbidden: only a flat network has a physical network".into(),
+                "Forbidden: only a flat or vlan network has a physical network".into(),
             ));
         }
-        (Segmentation::Vxlan, None) => None,
     };
+    if spec.segmentation != Segmentation::Vlan && spec.segmentation_id.is_some() {
+        return Err(invalid_field(
+            &s,
+            w.new,
+            "spec.segmentationID",
+            "Forbidden: only a vlan network has a segmentation ID".into(),
+        ));
+    }
     provider_by_admin(&s, w.new, None)?;
-    let reads: Vec<Read<'_>> = physical.iter().map(|k| Read::Key(k)).collect();
+    // A vlan network's tag: the one asked for, or one not claimed on its physical network.
+    let vlan_on = (spec.segmentation == Segmentation::Vlan)
+        .then(|| spec.physical_network.clone())
+        .flatten();
+    let vlan_prefix = vlan_on.as_deref().map(|p| {
+        keys::vlan_claim(ctx.prefix, p, 0)
+            .trim_end_matches("0000")
+            .to_owned()
+    });
+    let requested_vlan = vlan_on
+        .as_deref()
+        .zip(spec.segmentation_id)
+        .map(|(p, id)| keys::vlan_claim(ctx.prefix, p, id));
+    let mut reads: Vec<Read<'_>> = physical.iter().map(|k| Read::Key(k)).collect();
+    match (&requested_vlan, &vlan_prefix) {
+        (Some(k), _) => reads.push(Read::Key(k)),
+        (None, Some(p)) => reads.push(Read::Prefix(p)),
+        (None, None) => {}
+    }
     for _ in 0..RETRIES {
         let quota = quota::check(ctx, s, ns, w).await?;
         let snap = snapshot(ctx, &w, &reads).await?;
         if let Some(done) = snap.settled(&w) {
             return Ok(done);
         }
-        if let Some((_, held)) = snap.more.first().and_then(|v| v.first()) {
+        let vlan = match vlan_on.as_deref() {
+            None => None,
+            Some(p) => Some(vlan_id(&s, w.new, p, spec.segmentation_id, &snap.more[0])?),
+        };
+        if let Some((_, held)) = physical
+            .is_some()
+            .then(|| snap.more.first().and_then(|v| v.first()))
+            .flatten()
+        {
             let by = held
                 .value
                 .get("network")
@@ -547,9 +593,16 @@ async fn create_network(
         if let Some(v) = vni {
             set_status(&mut obj, Map::from_iter([("vni".into(), json!(v))]));
         }
+        let vlan_key = vlan_on.as_deref().zip(vlan).map(|(p, id)| {
+            set_status(
+                &mut obj,
+                Map::from_iter([("segmentationID".into(), json!(id))]),
+            );
+            keys::vlan_claim(ctx.prefix, p, id)
+        });
         let mut guards = create_guards(w.key, snap.parent(&w), &quota);
         let mut puts = vec![(w.key, &obj)];
-        for k in vni_key.iter().chain(&physical) {
+        for k in vni_key.iter().chain(&physical).chain(&vlan_key) {
             guards.push(Guard::Absent(k));
             puts.push((k, &claim));
         }
@@ -567,6 +620,53 @@ async fn create_network(
         // Another write got in between (a VNI taken, the quota's count moved): read again.
     }
     Err(too_busy(&s, w.new))
+}
+
+/// A vlan Network's VLAN ID on physical network `physical`: `requested` when no Network
+/// holds it, else the lowest one free. `held`: the claims read (the requested one's key, or
+/// every claim on `physical`).
+///
+/// # Errors
+/// 409 naming `spec.segmentationID` when the requested ID is held, or when every ID is.
+fn vlan_id(
+    s: &Subject<'_>,
+    new: &Value,
+    physical: &str,
+    requested: Option<u16>,
+    held: &[(String, Stored)],
+) -> ApiResult<u16> {
+    let taken: BTreeSet<u16> = held
+        .iter()
+        .filter_map(|(k, _)| k.rsplit('/').next()?.parse().ok())
+        .collect();
+    if let Some(id) = requested {
+        if let Some((_, by)) = held.first() {
+            let by = by
+                .value
+                .get("network")
+                .and_then(Value::as_str)
+                .unwrap_or("another network");
+            return Err(conflict_field(
+                s,
+                new,
+                "spec.segmentationID",
+                format!(
+                    "VLAN {id} on physical network {physical:?} is already used by network {by}"
+                ),
+            ));
+        }
+        return Ok(id);
+    }
+    (1..=VLAN_MAX)
+        .find(|id| !taken.contains(id))
+        .ok_or_else(|| {
+            conflict_field(
+                s,
+                new,
+                "spec.segmentationID",
+                format!("every VLAN ID on physical network {physical:?} is in use"),
+            )
+        })
 }
 
 /// Refuses a Network that is flat (bridged to a host interface) or external (the cloud's
@@ -589,10 +689,10 @@ fn provider_by_admin(s: &Subject<'_>, new: &Value, old: Option<&Value>) -> ApiRe
             name_of(new)
         )))
     };
-    if new.pointer("/spec/segmentation").and_then(Value::as_str) == Some("flat")
+    if let Some(seg @ ("flat" | "vlan")) = new.pointer("/spec/segmentation").and_then(Value::as_str)
         && changed("/spec/segmentation")
     {
-        return refuse("spec.segmentation", "flat (provider)");
+        return refuse("spec.segmentation", &format!("{seg} (provider)"));
     }
     if new.pointer("/spec/external").and_then(Value::as_bool) == Some(true)
         && changed("/spec/external")
@@ -1682,7 +1782,11 @@ async fn update(
     rev: i64,
 ) -> ApiResult<Written> {
     let immutable: &[&str] = match s.kind {
-        "Network" => &["/spec/segmentation", "/spec/physicalNetwork"],
+        "Network" => &[
+            "/spec/segmentation",
+            "/spec/physicalNetwork",
+            "/spec/segmentationID",
+        ],
         "Subnet" => &[
             "/spec/network",
             "/spec/cidr",

@@ -55,6 +55,11 @@ pub fn physical_network_claim(prefix: &str, physical_network: &str) -> String {
     format!("{prefix}/_claims/network/physical/{physical_network}")
 }
 
+/// The key of a claimed VLAN ID on a physical network: one `vlan` Network per tag.
+pub fn vlan_claim(prefix: &str, physical_network: &str, id: u16) -> String {
+    format!("{prefix}/_claims/network/vlan/{physical_network}/{id:04}")
+}
+
 /// The key prefix of the IPv4 addresses claimed on the Network of uid `network_uid`: one key
 /// per address under it, named by the address as 8 hex digits, so keys sort as addresses and
 /// a range of addresses is a range of keys. Keyed by uid, a re-created Network of the same

@@ -1021,3 +1021,87 @@ async fn dhcp_enabled_by_an_update_claims_the_servers_address() {
     assert_eq!(stored["spec"]["enableDHCP"], false, "{stored}");
     assert!(stored["status"]["dhcpIP"].is_null(), "{stored}");
 }
+
+#[tokio::test]
+async fn a_vlan_network_holds_a_vlan_id_of_its_physical_network() {
+    let c = Cloud::with_demo().await;
+    let vlan = |name: &str| {
+        network(name)
+            .spec("segmentation", json!("vlan"))
+            .spec("physicalNetwork", json!("physnet1"))
+    };
+    let e = refused(c.create(&vlan("t")).await);
+    assert_eq!(e.code, 403, "a tenant makes no provider network: {e:?}");
+    assert!(e.message.contains("spec.segmentation"), "{}", e.message);
+    CLUSTER_ADMIN.scope(true, vlan_networks(c, vlan)).await;
+}
+
+async fn vlan_networks(c: Cloud, vlan: impl Fn(&str) -> Obj) {
+    let vlan_id = |n: &Value| n["status"]["segmentationID"].as_u64();
+    let e = refused(
+        c.create(&network("v").spec("segmentation", json!("vlan")))
+            .await,
+    );
+    assert_eq!(field_of(&e), (422, "spec.physicalNetwork".into()));
+    for (id, why) in [(0, "below 1"), (4095, "reserved"), (5000, "above 4094")] {
+        let e = refused(c.create(&vlan("v").spec("segmentationID", json!(id))).await);
+        assert_eq!(field_of(&e), (422, "spec.segmentationID".into()), "{why}");
+    }
+    let e = refused(
+        c.create(&network("x").spec("segmentationID", json!(7)))
+            .await,
+    );
+    assert_eq!(field_of(&e), (422, "spec.segmentationID".into()), "vxlan");
+    let a = c
+        .create(&vlan("a").spec("segmentationID", json!(100)))
+        .await
+        .expect("a requested VLAN ID");
+    assert_eq!(vlan_id(&a), Some(100));
+    assert!(
+        a["status"].get("vni").is_none(),
+        "a vlan network has no VNI"
+    );
+    let e = refused(
+        c.create(&vlan("b").spec("segmentationID", json!(100)))
+            .await,
+    );
+    assert_eq!(field_of(&e), (409, "spec.segmentationID".into()));
+    assert!(
+        e.message.contains("demo/a"),
+        "names who holds it: {}",
+        e.message
+    );
+    let other = c
+        .create(
+            &vlan("o")
+                .spec("physicalNetwork", json!("physnet2"))
+                .spec("segmentationID", json!(100)),
+        )
+        .await
+        .expect("the same ID on another physical network");
+    assert_eq!(vlan_id(&other), Some(100));
+    // Allocated: the lowest free ones, never one held.
+    c.create(&vlan("r").spec("segmentationID", json!(1)))
+        .await
+        .expect("VLAN 1");
+    let b = c.create(&vlan("b")).await.expect("an allocated VLAN ID");
+    assert_eq!(vlan_id(&b), Some(2));
+    let e = refused(
+        c.patch(
+            &c.target("Network", Some("demo"), Some("a")),
+            MERGE,
+            &json!({"spec": {"segmentationID": 200}}),
+            "",
+        )
+        .await,
+    );
+    assert_eq!(field_of(&e), (422, "spec.segmentationID".into()));
+    c.delete("Network", Some("demo"), "a", "")
+        .await
+        .expect("delete");
+    let again = c
+        .create(&vlan("c").spec("segmentationID", json!(100)))
+        .await
+        .expect("the VLAN ID is free again once its network is gone");
+    assert_eq!(vlan_id(&again), Some(100));
+}
