@@ -512,7 +512,13 @@ pub(crate) fn count_pings_from(ns: &Name, sources: &[Ipv4Addr]) {
 
 /// The echo requests counted from `source` (see [`count_pings_from`]).
 pub(crate) fn pings_counted(ns: &Name, source: Ipv4Addr) -> u64 {
-    let (ok, out) = run_in(ns, &["nft", "list", "chain", "ip", "probe", "in"]);
+    counted_from(ns, "probe", "in", source)
+}
+
+/// The packets counted from `source` by the rule matching it in chain `chain` of the `ip`
+/// table `table` in `ns`.
+pub(crate) fn counted_from(ns: &Name, table: &str, chain: &str, source: Ipv4Addr) -> u64 {
+    let (ok, out) = run_in(ns, &["nft", "list", "chain", "ip", table, chain]);
     assert!(ok, "{out}");
     let line = out
         .lines()

@@ -31,7 +31,7 @@ use crate::agent::tests::{group, hypervisor, network, port, subnet};
 use crate::agent::{Host, PortState, converge};
 use crate::desired::{NodeConfig, PortKey, Snapshot};
 use crate::host_tests::{
-    count_pings_from, guest, ifname, in_project, name, of_network, pings_counted, sh,
+    count_pings_from, counted_from, guest, ifname, in_project, name, of_network, pings_counted, sh,
 };
 use crate::plan::is_dhcp_name_of;
 
@@ -586,19 +586,7 @@ fn count_dhcp_from(ns: &Name, sources: &[Ipv4Addr]) -> impl Fn(Ipv4Addr) -> u64 
         sh(ns, &args);
     }
     let ns = ns.clone();
-    move |source| {
-        let (ok, out) = run_in(&ns, &["nft", "list", "chain", "ip", "dhcpprobe", "pre"]);
-        assert!(ok, "{out}");
-        let line = out
-            .lines()
-            .find(|l| l.contains(&format!("ip saddr {source} ")))
-            .unwrap_or_else(|| panic!("no counter for {source}: {out}"));
-        line.split("packets ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no packet count in {line}"))
-    }
+    move |source| counted_from(&ns, "dhcpprobe", "pre", source)
 }
 
 /// Sends from `ns` one UDP datagram from `src` port 68 to each of `dsts` port 67, as a
