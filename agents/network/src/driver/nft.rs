@@ -688,7 +688,15 @@ impl Ruleset {
             }
             in_rules.extend(p.ingress.iter().map(|r| self.statements(r, "saddr")));
             in_rules.push(vec![Statement::Drop(None)]);
-            let mut out_rules = vec![dhcp(68, 67)];
+            // DHCP out only to the broadcast address or the network's server: a client port
+            // to anywhere else is no DHCP and gets no pass around the groups.
+            let servers = std::iter::once(Ipv4Addr::BROADCAST).chain(p.dhcp_server);
+            let mut to_server = vec![eq(
+                payload("ip", "daddr"),
+                one_or_set(servers.map(|a| a.to_string())),
+            )];
+            to_server.extend(dhcp(68, 67));
+            let mut out_rules = vec![to_server];
             out_rules.extend(p.egress.iter().map(|r| self.statements(r, "daddr")));
             out_rules.push(vec![Statement::Drop(None)]);
             port_chains.push((NfFamily::INet, regular(&inn), in_rules));
@@ -1731,6 +1739,27 @@ mod tests {
                 "drop"
             ]
         )));
+    }
+
+    #[test]
+    fn a_port_passes_dhcp_requests_only_to_broadcast_or_its_server() {
+        let mut rs = sample_ruleset();
+        let out = rules(&rs, NfFamily::INet, "p-one-out");
+        let dhcp: Vec<&String> = out.iter().filter(|r| r.contains("\"sport\"")).collect();
+        assert_eq!(dhcp.len(), 1, "{out:?}");
+        assert!(
+            with_all(
+                dhcp[0],
+                &["daddr", "255.255.255.255", "10.0.0.254", "return"]
+            ),
+            "{}",
+            dhcp[0]
+        );
+        rs.ports[0].dhcp_server = None;
+        let out = rules(&rs, NfFamily::INet, "p-one-out");
+        let dhcp: Vec<&String> = out.iter().filter(|r| r.contains("\"sport\"")).collect();
+        assert!(with_all(dhcp[0], &["daddr", "255.255.255.255", "return"]));
+        assert!(!dhcp[0].contains("10.0.0.254"), "{}", dhcp[0]);
     }
 
     #[test]
