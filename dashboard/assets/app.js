@@ -345,7 +345,9 @@ function switchProject(name) {
 
 /**
  * The projects this user can see: every Project for someone who may list them (a cluster-wide
- * role), otherwise the user's default project; more are opened by name.
+ * role), otherwise the user's default project first and the projects the API names as the
+ * user's own (the `extra` of the user's SelfSubjectReview, which names no other project);
+ * more are opened by name.
  */
 async function loadProjects() {
   try {
@@ -357,8 +359,12 @@ async function loadProjects() {
     }
   }
   const me = await api.request("GET", `${api.collection("identity.stratus.dev", "v1", "users")}/${encodeURIComponent(api.currentUser())}`);
+  const review = await api.request("POST", api.collection("authentication.k8s.io", "v1", "selfsubjectreviews"),
+    { apiVersion: "authentication.k8s.io/v1", kind: "SelfSubjectReview" });
+  const extra = (review.status && review.status.userInfo && review.status.userInfo.extra) || {};
+  const mine = extra["projects.stratus.dev/member-of"] || [];
   const fallback = me.spec && me.spec.defaultProject;
-  return fallback ? [fallback] : [];
+  return [...new Set([fallback, ...mine].filter(Boolean))];
 }
 
 async function openProject(name) {

@@ -12,3 +12,4 @@ pub mod response;
 pub mod route;
 pub mod server;
 pub mod tls;
+pub mod whoami;

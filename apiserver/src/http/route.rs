@@ -123,6 +123,15 @@ async fn identity_call(
             .await,
         ),
         (
+            &Method::POST,
+            [
+                "apis",
+                "authentication.k8s.io",
+                "v1",
+                "selfsubjectreviews",
+            ],
+        ) => Some(crate::http::whoami::review(bytes, caller)),
+        (
             &Method::PUT,
             [
                 "apis",
