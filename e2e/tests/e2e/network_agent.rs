@@ -16,24 +16,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use stratus_e2e::{Apiserver, Etcd, Proc, stratus_bin, wait_until};
+use anyhow::{Context, Result};
+use stratus_e2e::{Apiserver, Etcd, Proc, ip, stratus_bin, wait_until};
 
 const NS: &str = "netdemo";
 
 /// Generous: the agents share two cores with every other test.
 const T: Duration = Duration::from_secs(90);
-
-fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip").args(args).output().context("run ip")?;
-    if !out.status.success() {
-        bail!(
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// Runs `args` inside namespace `ns`; whether it succeeded.
 fn exec(ns: &str, args: &[&str]) -> bool {

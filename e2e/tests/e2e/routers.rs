@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use stratus_e2e::{Apiserver, Etcd, Proc, stratus_bin, wait_until};
+use anyhow::{Context, Result};
+use stratus_e2e::{Apiserver, Etcd, Proc, ip, netns_exec, stratus_bin, wait_until};
 
 const NS: &str = "rtrdemo";
 const EXT_NS: &str = "rtrext";
@@ -25,38 +25,8 @@ const EXTERNAL: &str = "203.0.113.1";
 /// Generous: the agents and controllers share two cores with every other test.
 const T: Duration = Duration::from_secs(90);
 
-fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip").args(args).output().context("run ip")?;
-    if !out.status.success() {
-        bail!(
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Runs `args` inside namespace `ns`: whether it succeeded, and what it printed.
-fn exec(ns: &str, args: &[&str]) -> (bool, String) {
-    match Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(args)
-        .output()
-    {
-        Ok(o) => (
-            o.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        ),
-        Err(e) => (false, e.to_string()),
-    }
-}
-
 fn ping(from: &str, to: &str) -> bool {
-    exec(from, &["busybox", "ping", "-c", "1", "-W", "1", to]).0
+    netns_exec(from, &["busybox", "ping", "-c", "1", "-W", "1", to]).0
 }
 
 /// Namespaces, DHCP servers and processes the test (and its agents) made, removed when
@@ -135,7 +105,7 @@ fn agent(node: &str, underlay: &str, state: &Path, kubeconfigs: &Path) -> Result
 /// Counts, in namespace `ns`, the ICMP echo requests that arrive from each of `sources`.
 fn count_pings_from(ns: &str, sources: &[&str]) -> Result<()> {
     let run = |args: &[&str]| -> Result<()> {
-        let (ok, out) = exec(ns, args);
+        let (ok, out) = netns_exec(ns, args);
         anyhow::ensure!(ok, "{args:?}: {out}");
         Ok(())
     };
@@ -171,7 +141,7 @@ fn count_pings_from(ns: &str, sources: &[&str]) -> Result<()> {
 
 /// The echo requests counted from `source` so far.
 fn pings_counted(ns: &str, source: &str) -> Result<u64> {
-    let (ok, out) = exec(ns, &["nft", "list", "chain", "ip", "probe", "in"]);
+    let (ok, out) = netns_exec(ns, &["nft", "list", "chain", "ip", "probe", "in"]);
     anyhow::ensure!(ok, "{out}");
     let line = out
         .lines()
