@@ -1517,6 +1517,12 @@ pub(crate) mod tests {
                 s.networks = vec![network("net", "uid-net", None)];
             }),
             (Reason::NetworkNotFound, |s| s.networks.clear()),
+            (Reason::SegmentationUnsupported, |s| {
+                let mut n = (*network("net", "uid-net", None)).clone();
+                n.spec.segmentation = stratus_api_types::network::Segmentation::Vlan;
+                n.spec.physical_network = Some("physnet1".into());
+                s.networks = vec![Arc::new(n)];
+            }),
             (Reason::SecurityGroupNotFound, |s| s.groups.clear()),
             (Reason::NoUnderlayAddress, |s| {
                 s.hypervisors.retain(|h| h.name_any() != "n1");
