@@ -899,6 +899,9 @@ pub async fn run(client: Client, host: Host, config: Config) {
         }
         converged_once = true;
         let snap = caches.snapshot();
+        // Who holds each address, as read now: a port re-bound or an address reused is
+        // answered for its new holder before the wiring catches up.
+        metadata.set_index(crate::metadata::index(&snap, &node));
         let (h, cfg, s) = (host.clone(), config.node.clone(), snap.clone());
         let before = digest.take();
         let span = tracing::info_span!("converge", node = %node);
@@ -945,7 +948,6 @@ pub async fn run(client: Client, host: Host, config: Config) {
             })
             .await;
         }
-        metadata.set_index(crate::metadata::index(&snap, &node));
         let listeners = crate::metadata::wanted(&snap, &report.desired);
         metadata.sync(Arc::clone(&host.links), &listeners).await;
         let tunnel = config

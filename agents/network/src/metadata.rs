@@ -8,15 +8,20 @@
 //! anti-spoofing rules keep a port to its own addresses); the Server and its Keypair are
 //! read with the node's own credentials, which reach only the servers placed on the node.
 //!
-//! Only GET is answered; a connection carries one request, whose head is bounded in size,
-//! and lives at most [`REQUEST_TIME`]; a listener holds at most [`MAX_CONNECTIONS`].
+//! Only GET is answered; a connection carries one request, whose head is bounded in size
+//! and must come within [`HEADER_TIME`], and lives at most [`REQUEST_TIME`]. A connection
+//! from an address no port of the node holds is closed as soon as accepted; one address
+//! holds at most [`PER_SOURCE`] connections at once and opens at most [`RATE`] a second, a
+//! listener at most [`MAX_CONNECTIONS`]: past those a connection is closed unanswered, so
+//! one guest cannot keep the others waiting. Servers and Keypairs are remembered for
+//! [`CACHE_TIME`]: a guest asking in a loop costs the API one read of each that long.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
@@ -26,6 +31,7 @@ use kube::api::Api;
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use stratus_api_types::compute::{Keypair, Server};
+use stratus_api_types::network::{Network, Port};
 
 use crate::desired::{Snapshot, of_network};
 use crate::driver::{IfName, Ipv4Cidr, Links, Name, Netns, netns};
@@ -40,8 +46,20 @@ pub const PORT: u16 = 80;
 /// How long one connection (its request and the answer) may take.
 pub const REQUEST_TIME: Duration = Duration::from_secs(10);
 
-/// Connections one listener holds at once; more wait in the kernel's backlog.
+/// How long the head of the request may take to come.
+pub const HEADER_TIME: Duration = Duration::from_secs(2);
+
+/// Connections one listener holds at once; more are closed unanswered.
 pub const MAX_CONNECTIONS: usize = 32;
+
+/// Connections one source address holds at once; more are closed unanswered.
+pub const PER_SOURCE: usize = 4;
+
+/// Connections one source address may open a second; more are closed unanswered.
+pub const RATE: u32 = 20;
+
+/// How long a Server or Keypair read is answered from memory.
+pub const CACHE_TIME: Duration = Duration::from_secs(5);
 
 /// A request head larger than this is refused (hyper's smallest buffer).
 const MAX_HEAD: usize = 8192;
@@ -73,8 +91,8 @@ pub struct Asker {
 /// Who is behind each address of the node's ports, per network.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Index {
-    /// By (network uid, source address).
-    by_source: BTreeMap<(String, Ipv4Addr), Asker>,
+    /// By (network uid, source address): the server and the name of its port holding it.
+    by_source: BTreeMap<(String, Ipv4Addr), (Asker, String)>,
     /// Each server's interfaces on the node, in name order.
     nics: BTreeMap<Asker, Vec<Nic>>,
 }
@@ -82,6 +100,11 @@ pub struct Index {
 impl Index {
     /// The server whose port on network `network` holds `ip`.
     pub fn asker(&self, network: &str, ip: Ipv4Addr) -> Option<&Asker> {
+        self.holder(network, ip).map(|(a, _)| a)
+    }
+
+    /// The server and the name of its port on network `network` holding `ip`.
+    fn holder(&self, network: &str, ip: Ipv4Addr) -> Option<&(Asker, String)> {
         self.by_source.get(&(network.to_owned(), ip))
     }
 
@@ -91,8 +114,38 @@ impl Index {
     }
 }
 
+/// Whether another port of the network may send from `ip`: one without port security holding
+/// it (it may send from any address, so its own are not its word either), or one whose
+/// allowed address pairs cover it (a pair not read as an IPv4 address or prefix covers all).
+fn spoofable(snap: &Snapshot, net: &Network, owner: &Port, ip: Ipv4Addr) -> bool {
+    snap.ports
+        .iter()
+        .filter(|p| of_network(&p.metadata, &p.spec.network, net))
+        .any(|p| {
+            let secured = p
+                .spec
+                .port_security_enabled
+                .unwrap_or(net.spec.port_security_enabled);
+            let holds = p.status.as_ref().is_some_and(|s| {
+                s.fixed_ips
+                    .iter()
+                    .any(|f| f.ip_address.parse::<Ipv4Addr>() == Ok(ip))
+            });
+            let covers = p.metadata.uid != owner.metadata.uid
+                && p.spec.allowed_address_pairs.iter().any(|pair| {
+                    let cidr = match pair.ip_address.parse::<Ipv4Addr>() {
+                        Ok(a) => Ipv4Cidr::new(a, 32),
+                        Err(_) => pair.ip_address.parse::<Ipv4Cidr>().ok(),
+                    };
+                    cidr.is_none_or(|c| c.contains(ip))
+                });
+            (!secured && holds) || covers
+        })
+}
+
 /// The index of the node's live ports bound to a server: each IPv4 fixed address on its
-/// network (the Network of that name in the port's project, made in it) to the server.
+/// network (the Network of that name in the port's project, made in it) to the server, but
+/// for the addresses another port may send from ([`spoofable`]), which nobody is answered at.
 pub fn index(snap: &Snapshot, node: &str) -> Index {
     let mut out = Index::default();
     for p in &snap.ports {
@@ -116,8 +169,11 @@ pub fn index(snap: &Snapshot, node: &str) -> Index {
             server,
         };
         for f in &status.fixed_ips {
-            if let Ok(ip) = f.ip_address.parse::<Ipv4Addr>() {
-                out.by_source.insert((network.clone(), ip), asker.clone());
+            if let Ok(ip) = f.ip_address.parse::<Ipv4Addr>()
+                && !spoofable(snap, net, p, ip)
+            {
+                out.by_source
+                    .insert((network.clone(), ip), (asker.clone(), p.name_any()));
             }
         }
         out.nics.entry(asker).or_default().push(Nic {
@@ -386,11 +442,160 @@ impl Source for Client {
     }
 }
 
+/// The mutex's value, even if a thread panicked holding it.
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Objects read, with when; errors are not kept.
+type Memo<K> = Mutex<BTreeMap<(String, String), (Instant, Option<K>)>>;
+
+/// A [`Source`] whose answers are kept for [`CACHE_TIME`].
+struct Cached<S> {
+    inner: S,
+    servers: Memo<Server>,
+    keypairs: Memo<Keypair>,
+}
+
+impl<S> Cached<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            servers: Mutex::default(),
+            keypairs: Mutex::default(),
+        }
+    }
+}
+
+/// The object kept in `memo` under (`namespace`, `name`) if read within [`CACHE_TIME`], else
+/// `read`'s answer, kept.
+async fn remembered<K: Clone, F>(
+    memo: &Memo<K>,
+    namespace: &str,
+    name: &str,
+    read: F,
+) -> Result<Option<K>, SourceError>
+where
+    F: Future<Output = Result<Option<K>, SourceError>>,
+{
+    let key = (namespace.to_owned(), name.to_owned());
+    if let Some((at, o)) = locked(memo).get(&key)
+        && at.elapsed() < CACHE_TIME
+    {
+        return Ok(o.clone());
+    }
+    let o = read.await?;
+    let mut m = locked(memo);
+    m.retain(|_, (at, _)| at.elapsed() < CACHE_TIME);
+    m.insert(key, (Instant::now(), o.clone()));
+    Ok(o)
+}
+
+impl<S: Source> Source for Cached<S> {
+    async fn server(&self, namespace: &str, name: &str) -> Result<Option<Server>, SourceError> {
+        let read = self.inner.server(namespace, name);
+        remembered(&self.servers, namespace, name, read).await
+    }
+
+    async fn keypair(&self, namespace: &str, name: &str) -> Result<Option<Keypair>, SourceError> {
+        let read = self.inner.keypair(namespace, name);
+        remembered(&self.keypairs, namespace, name, read).await
+    }
+}
+
+/// What each source address is using: connections open, and those opened this second.
+#[derive(Default)]
+struct Usage {
+    open: usize,
+    since: Option<Instant>,
+    opened: u32,
+}
+
+/// The connections of each source address.
+#[derive(Default)]
+struct Limits(Mutex<BTreeMap<Ipv4Addr, Usage>>);
+
+/// A connection counted against its source; uncounted when dropped.
+struct Ticket {
+    limits: Arc<Limits>,
+    ip: Ipv4Addr,
+}
+
+impl Limits {
+    /// A ticket for one more connection from `ip`, unless it holds [`PER_SOURCE`] or opened
+    /// [`RATE`] this second.
+    fn admit(self: &Arc<Self>, ip: Ipv4Addr) -> Option<Ticket> {
+        let mut all = locked(&self.0);
+        let u = all.entry(ip).or_default();
+        if u.since
+            .is_none_or(|s| s.elapsed() >= Duration::from_secs(1))
+        {
+            u.since = Some(Instant::now());
+            u.opened = 0;
+        }
+        if u.open >= PER_SOURCE || u.opened >= RATE {
+            return None;
+        }
+        u.open += 1;
+        u.opened += 1;
+        Some(Ticket {
+            limits: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut all = locked(&self.limits.0);
+        if let Some(u) = all.get_mut(&self.ip) {
+            u.open = u.open.saturating_sub(1);
+        }
+        all.retain(|_, u| {
+            u.open > 0
+                || u.since
+                    .is_some_and(|s| s.elapsed() < Duration::from_secs(1))
+        });
+    }
+}
+
 /// What every listener of the node shares.
 struct Shared<S> {
-    source: S,
+    source: Cached<S>,
     node: String,
     index: RwLock<Arc<Index>>,
+    limits: Arc<Limits>,
+}
+
+impl<S> Shared<S> {
+    fn new(source: S, node: impl Into<String>) -> Self {
+        Self {
+            source: Cached::new(source),
+            node: node.into(),
+            index: RwLock::new(Arc::new(Index::default())),
+            limits: Arc::default(),
+        }
+    }
+
+    fn index(&self) -> Arc<Index> {
+        match self.index.read() {
+            Ok(i) => Arc::clone(&i),
+            Err(p) => Arc::clone(&p.into_inner()),
+        }
+    }
+
+    /// A ticket for a connection from `peer` on network `network`: none for an address no
+    /// port of the node holds there, or one over its limits.
+    fn admit(&self, network: &str, peer: SocketAddr) -> Option<Ticket> {
+        let SocketAddr::V4(peer) = peer else {
+            return None;
+        };
+        self.index().holder(network, *peer.ip())?;
+        self.limits.admit(*peer.ip())
+    }
 }
 
 /// The answer to one request on the listener of network `network` from `peer`.
@@ -408,11 +613,8 @@ async fn respond<S: Source>(
         return Answer::not_found();
     };
     let ip = *peer.ip();
-    let index = match shared.index.read() {
-        Ok(i) => Arc::clone(&i),
-        Err(p) => Arc::clone(&p.into_inner()),
-    };
-    let Some(asker) = index.asker(network, ip) else {
+    let index = shared.index();
+    let Some((asker, port)) = index.holder(network, ip) else {
         tracing::debug!(%ip, "metadata asked from an address no port of the node holds");
         return Answer::not_found();
     };
@@ -425,9 +627,16 @@ async fn respond<S: Source>(
         Ok(None) => return Answer::not_found(),
         Err(e) => return unavailable(e),
     };
-    // The port was read before the server: a server moved away since is not answered.
+    // The port was read before the server: a server moved away since, or whose addresses
+    // no longer name this port with this address (the port re-bound, the address reused),
+    // is not answered.
     let placed = server.status.as_ref().and_then(|s| s.hypervisor.as_deref());
-    if placed != Some(shared.node.as_str()) {
+    let holds = server.status.as_ref().is_some_and(|s| {
+        s.addresses
+            .iter()
+            .any(|a| a.port.as_deref() == Some(port.as_str()) && a.ip.parse::<Ipv4Addr>() == Ok(ip))
+    });
+    if placed != Some(shared.node.as_str()) || !holds {
         return Answer::not_found();
     }
     let keypair = match &server.spec.keypair {
@@ -469,6 +678,8 @@ async fn connection<S: Source>(
         }
     });
     let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIME)
         .keep_alive(false)
         .max_buf_size(MAX_HEAD)
         .serve_connection(hyper_util::rt::TokioIo::new(sock), service);
@@ -487,9 +698,6 @@ async fn serve<S: Source>(
 ) {
     let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok(place) = Arc::clone(&places).acquire_owned().await else {
-            return;
-        };
         let (sock, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -498,10 +706,18 @@ async fn serve<S: Source>(
                 continue;
             }
         };
+        let Some(ticket) = shared.admit(&network, peer) else {
+            tracing::debug!(%peer, "metadata connection refused");
+            continue;
+        };
+        let Ok(place) = Arc::clone(&places).try_acquire_owned() else {
+            tracing::debug!(%peer, "metadata connection refused: the listener is full");
+            continue;
+        };
         let (shared, network) = (Arc::clone(&shared), Arc::clone(&network));
         tokio::spawn(async move {
             connection(shared, network, sock, peer).await;
-            drop(place);
+            drop((place, ticket));
         });
     }
 }
@@ -578,11 +794,7 @@ impl<S: Source> Service<S> {
     /// No listener yet; Servers and Keypairs are read from `source`.
     pub fn new(source: S, node: impl Into<String>) -> Self {
         Self {
-            shared: Arc::new(Shared {
-                source,
-                node: node.into(),
-                index: RwLock::new(Arc::new(Index::default())),
-            }),
+            shared: Arc::new(Shared::new(source, node)),
             listeners: BTreeMap::new(),
         }
     }
@@ -660,7 +872,8 @@ mod tests {
     use crate::driver::RouteSpec;
     use stratus_api_types::network::Port;
 
-    pub(super) fn server(name: &str, node: &str, keypair: Option<&str>) -> Server {
+    /// Server `name` on `node`, whose port `{name}-0` holds `ip`.
+    pub(super) fn server(name: &str, node: &str, keypair: Option<&str>, ip: &str) -> Server {
         serde_json::from_value(json!({
             "apiVersion": "compute.stratus.dev/v1", "kind": "Server",
             "metadata": {"name": name, "namespace": "demo", "uid": format!("uid-{name}")},
@@ -669,7 +882,9 @@ mod tests {
                 // "#cloud-config\n"
                 "userData": "I2Nsb3VkLWNvbmZpZwo=",
             },
-            "status": {"phase": "Running", "hypervisor": node},
+            "status": {"phase": "Running", "hypervisor": node, "addresses": [
+                {"network": "net", "port": format!("{name}-0"), "ip": ip},
+            ]},
         }))
         .expect("server")
     }
@@ -750,7 +965,7 @@ mod tests {
 
     #[test]
     fn the_documents_say_who_the_guest_is() {
-        let s = server("web", "n1", Some("mykey"));
+        let s = server("web", "n1", Some("mykey"), "10.9.0.11");
         let k = keypair("mykey");
         let nics = vec![Nic {
             port: "web-0".into(),
@@ -807,7 +1022,7 @@ mod tests {
             assert_eq!(get(path).status, StatusCode::NOT_FOUND, "{path}");
         }
         // Without user data or a keypair those are not found.
-        let mut bare = server("web", "n1", None);
+        let mut bare = server("web", "n1", None, "10.9.0.11");
         bare.spec.user_data = None;
         let guest = Guest {
             server: &bare,
@@ -825,6 +1040,206 @@ mod tests {
             serde_json::from_slice(&answer("/openstack/latest/meta_data.json", &guest).body)
                 .expect("json");
         assert_eq!(md["public_keys"], json!({}));
+    }
+
+    #[test]
+    fn no_address_another_port_may_send_from_is_answered() {
+        let mut snap = snapshot();
+        let mut open = (*bound("open-0", "n1", "10.9.0.12", Some("open"))).clone();
+        open.spec.port_security_enabled = Some(false);
+        let pair = |p: &mut Port, a: &str| {
+            p.spec
+                .allowed_address_pairs
+                .push(serde_json::from_value(json!({"ipAddress": a})).expect("pair"));
+        };
+        // On another node, allowed to send from web's address.
+        let mut vip = (*bound("vip-0", "n2", "10.9.0.20", Some("vip"))).clone();
+        pair(&mut vip, "10.9.0.11");
+        // A prefix covering db's; a pair of a port's own address takes nothing from it.
+        let mut wide = (*bound("wide-0", "n2", "10.9.0.21", Some("wide"))).clone();
+        pair(&mut wide, "10.9.0.12/30");
+        let mut own = (*bound("own-0", "n1", "10.9.0.17", Some("own"))).clone();
+        pair(&mut own, "10.9.0.17");
+        snap.ports = vec![
+            bound("web-0", "n1", "10.9.0.11", Some("web")),
+            Arc::new(open),
+            bound("db-0", "n1", "10.9.0.13", Some("db")),
+            bound("app-0", "n1", "10.9.0.16", Some("app")),
+            Arc::new(vip),
+            Arc::new(wide),
+            Arc::new(own),
+        ];
+        let i = index(&snap, "n1");
+        for a in ["10.9.0.11", "10.9.0.12", "10.9.0.13"] {
+            assert_eq!(i.asker("uid-net", ip(a)), None, "{a}");
+        }
+        for (a, server) in [("10.9.0.16", "app"), ("10.9.0.17", "own")] {
+            assert_eq!(
+                i.asker("uid-net", ip(a)).map(|s| s.server.as_str()),
+                Some(server),
+                "{a}"
+            );
+        }
+        // With port security back on and the pairs gone, every address is answered.
+        for p in &mut snap.ports {
+            let p = Arc::make_mut(p);
+            p.spec.port_security_enabled = None;
+            p.spec.allowed_address_pairs.clear();
+        }
+        let i = index(&snap, "n1");
+        for a in ["10.9.0.11", "10.9.0.12", "10.9.0.13"] {
+            assert!(i.asker("uid-net", ip(a)).is_some(), "{a}");
+        }
+    }
+
+    /// The shared state of node n1 answering from `servers` by the index of `ports`.
+    fn shared_of(servers: Vec<Server>, ports: Vec<Arc<Port>>) -> Shared<Fixture> {
+        let mut snap = snapshot();
+        snap.ports = ports;
+        let shared = Shared::new(
+            Fixture {
+                servers,
+                keypairs: vec![keypair("mykey")],
+                ..Fixture::default()
+            },
+            "n1",
+        );
+        *shared.index.write().expect("lock") = Arc::new(index(&snap, "n1"));
+        shared
+    }
+
+    #[tokio::test]
+    async fn a_server_that_no_longer_names_the_port_and_its_address_is_not_answered() {
+        let path = "/openstack/latest/meta_data.json";
+        let from = SocketAddr::from((ip("10.9.0.11"), 40000));
+        // The index still has web-0 at .11 for web; the server now says otherwise.
+        for (port, at) in [("web-1", "10.9.0.11"), ("web-0", "10.9.0.30")] {
+            let mut s = server("web", "n1", None, at);
+            if let Some(st) = s.status.as_mut() {
+                st.addresses[0].port = Some(port.into());
+            }
+            let shared = shared_of(
+                vec![s],
+                vec![bound("web-0", "n1", "10.9.0.11", Some("web"))],
+            );
+            let got = respond(&shared, "uid-net", from, &Method::GET, path).await;
+            assert_eq!(got.status, StatusCode::NOT_FOUND, "{port} {at}");
+        }
+        let shared = shared_of(
+            vec![server("web", "n1", None, "10.9.0.11")],
+            vec![bound("web-0", "n1", "10.9.0.11", Some("web"))],
+        );
+        let got = respond(&shared, "uid-net", from, &Method::GET, path).await;
+        assert_eq!(got.status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_guest_asking_in_a_loop_costs_one_read_of_its_server_and_keypair() {
+        let shared = shared_of(
+            vec![server("web", "n1", Some("mykey"), "10.9.0.11")],
+            vec![bound("web-0", "n1", "10.9.0.11", Some("web"))],
+        );
+        let from = SocketAddr::from((ip("10.9.0.11"), 40000));
+        for _ in 0..100 {
+            let got = respond(
+                &shared,
+                "uid-net",
+                from,
+                &Method::GET,
+                "/openstack/latest/meta_data.json",
+            )
+            .await;
+            assert_eq!(got.status, StatusCode::OK);
+        }
+        // One server read and one keypair read (twice each at most, should reading them
+        // have taken over CACHE_TIME).
+        let reads = *shared.source.inner.reads.lock().expect("lock");
+        assert!((2..=4).contains(&reads), "{reads} reads");
+    }
+
+    #[test]
+    fn one_source_holds_at_most_its_share_of_connections() {
+        let limits = Arc::new(Limits::default());
+        let (a, b) = (ip("10.9.0.11"), ip("10.9.0.12"));
+        let mut held: Vec<Ticket> = (0..PER_SOURCE)
+            .map(|_| limits.admit(a).expect("admitted"))
+            .collect();
+        assert!(limits.admit(a).is_none());
+        assert!(limits.admit(b).is_some(), "another source is admitted");
+        held.pop();
+        assert!(
+            limits.admit(a).is_some(),
+            "a connection ended frees its place"
+        );
+        drop(held);
+        // At most RATE a second.
+        let opened = (0..10 * RATE)
+            .take_while(|_| limits.admit(a).is_some())
+            .count();
+        assert!(opened < 10 * RATE as usize, "{opened} opened");
+    }
+
+    /// A connection to `to` from `from` (a loopback address).
+    async fn connect(from: &str, to: SocketAddr) -> tokio::net::TcpStream {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind(SocketAddr::from((ip(from), 0))).expect("bind");
+        sock.connect(to).await.expect("connect")
+    }
+
+    /// Whether the server closed `c` within `within`, having sent nothing.
+    async fn closed(c: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(within, c.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn idle_connections_of_one_guest_keep_no_other_guest_waiting() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Guests at 127.0.0.2 and .3 (loopback addresses stand in for the network's).
+        let shared = Arc::new(shared_of(
+            vec![
+                server("web", "n1", None, "127.0.0.2"),
+                server("db", "n1", None, "127.0.0.3"),
+            ],
+            vec![
+                bound("web-0", "n1", "127.0.0.2", Some("web")),
+                bound("db-0", "n1", "127.0.0.3", Some("db")),
+            ],
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen");
+        let to = listener.local_addr().expect("address");
+        let task = tokio::spawn(serve(Arc::clone(&shared), Arc::from("uid-net"), listener));
+        // web opens MAX_CONNECTIONS and says nothing; a stranger's connection is closed.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(connect("127.0.0.2", to).await);
+        }
+        let mut stranger = connect("127.0.0.9", to).await;
+        assert!(closed(&mut stranger, Duration::from_secs(5)).await);
+        // db is answered at once.
+        let mut c = connect("127.0.0.3", to).await;
+        c.write_all(b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_string(&mut out))
+            .await
+            .expect("answered within 5 s")
+            .expect("read");
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.ends_with("uid-db"), "{out}");
+        // web's connections past its share were closed at once, the rest once no request
+        // head came within HEADER_TIME.
+        for c in &mut idle {
+            assert!(closed(c, HEADER_TIME + Duration::from_secs(10)).await);
+        }
+        task.abort();
     }
 
     /// Servers and Keypairs from memory; counts the reads.
@@ -850,6 +1265,7 @@ mod tests {
             namespace: &str,
             name: &str,
         ) -> Result<Option<Keypair>, SourceError> {
+            *self.reads.lock().expect("lock") += 1;
             Ok(self
                 .keypairs
                 .iter()
@@ -865,26 +1281,26 @@ mod tests {
             bound("web-0", "n1", "10.9.0.11", Some("web")),
             bound("moved-0", "n1", "10.9.0.12", Some("moved")),
         ];
-        let shared = Shared {
-            source: Fixture {
+        let shared = Shared::new(
+            Fixture {
                 servers: vec![
-                    server("web", "n1", Some("mykey")),
+                    server("web", "n1", Some("mykey"), "10.9.0.11"),
                     // Its port still says n1, the server is on n2 now.
-                    server("moved", "n2", None),
+                    server("moved", "n2", None, "10.9.0.12"),
                 ],
                 keypairs: vec![keypair("mykey")],
                 ..Fixture::default()
             },
-            node: "n1".into(),
-            index: RwLock::new(Arc::new(index(&snap, "n1"))),
-        };
+            "n1",
+        );
+        *shared.index.write().expect("lock") = Arc::new(index(&snap, "n1"));
         let path = "/openstack/latest/meta_data.json";
         let from = |a: &str| SocketAddr::from((ip(a), 40000));
         let ok = respond(&shared, "uid-net", from("10.9.0.11"), &Method::GET, path).await;
         assert_eq!(ok.status, StatusCode::OK);
         let md: Value = serde_json::from_slice(&ok.body).expect("json");
         assert_eq!(md["uuid"], "uid-web");
-        let reads = *shared.source.reads.lock().expect("lock");
+        let reads = *shared.source.inner.reads.lock().expect("lock");
         for (network, a, method, want) in [
             (
                 "uid-net",
@@ -899,7 +1315,7 @@ mod tests {
             assert_eq!(got.status, want, "{network} {a} {method}");
         }
         // None of those reached the API.
-        assert_eq!(*shared.source.reads.lock().expect("lock"), reads);
+        assert_eq!(*shared.source.inner.reads.lock().expect("lock"), reads);
         let moved = respond(&shared, "uid-net", from("10.9.0.12"), &Method::GET, path).await;
         assert_eq!(moved.status, StatusCode::NOT_FOUND);
     }
@@ -1108,7 +1524,7 @@ mod host_tests {
         rt.block_on(async {
             let mut service = Service::new(
                 Fixture {
-                    servers: vec![server("web", "n1", Some("mykey"))],
+                    servers: vec![server("web", "n1", Some("mykey"), "10.61.0.5")],
                     keypairs: vec![keypair("mykey")],
                     ..Fixture::default()
                 },
@@ -1135,7 +1551,8 @@ mod host_tests {
             assert_eq!(md["uuid"], "uid-web");
             assert_eq!(md["public_keys"]["mykey"], keypair("mykey").spec.public_key);
             assert_eq!(ud, (200, "#cloud-config\n".to_owned()));
-            assert_eq!(other.0, 404, "{other:?}");
+            // An address no port of the node holds: closed unanswered.
+            assert_eq!(other.0, 0, "{other:?}");
 
             let fetch = |ns: &Name| {
                 let ns = ns.clone();
