@@ -449,6 +449,29 @@ async fn an_unknown_project_is_throttled_as_a_wrong_password_and_links_name_the_
         r.code
     );
     assert!(!challenge.contains("evil"), "{challenge}");
+
+    // Logins through /identity are audited: who tried and how it ended, never the password.
+    let audit = std::fs::read_to_string(&s.audit).expect("the audit log");
+    let logins: Vec<Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["requestURI"] == "/identity/v3/auth/tokens")
+        .collect();
+    let results = |user: &str| -> Vec<String> {
+        logins
+            .iter()
+            .filter(|e| e["annotations"]["authentication.stratus.dev/user"] == user)
+            .filter_map(|e| e["annotations"]["authentication.stratus.dev/result"].as_str())
+            .map(String::from)
+            .collect()
+    };
+    let bob = results("bob");
+    assert_eq!(bob.iter().filter(|r| *r == "success").count(), 1, "{bob:?}");
+    assert_eq!(bob.iter().filter(|r| *r == "failure").count(), 2, "{bob:?}");
+    assert!(results("alice").iter().any(|r| r == "failure"), "{audit}");
+    for pw in [password("alice"), password("bob")] {
+        assert!(!audit.contains(&pw), "a password in the audit log");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,13 +60,14 @@ pub fn is_identity(path: &str) -> bool {
     path == ROOT || path.starts_with("/identity/")
 }
 
-/// Answers a request under [`ROOT`].
+/// Answers a request under [`ROOT`], with how a login ended for the audit log (a login only).
 pub(crate) async fn serve(
     state: &AppState,
     parts: &Parts,
     body: Body,
     source: Option<IpAddr>,
-) -> Response {
+) -> (Response, Option<Attempt>) {
+    let mut attempt = None;
     let path = parts.uri.path().trim_end_matches('/');
     let rest = path.strip_prefix(ROOT).unwrap_or_default();
     let answer = match (&parts.method, rest) {
@@ -75,10 +76,16 @@ pub(crate) async fn serve(
             StatusCode::OK,
             &json!({ "version": version(state) }),
         )),
-        (&Method::POST, "/v3/auth/tokens") => match read(body).await {
-            Ok(bytes) => login(state, &bytes, source).await,
-            Err(e) => Err(e),
-        },
+        (&Method::POST, "/v3/auth/tokens") => {
+            let attempt = attempt.insert(Attempt {
+                user: String::new(),
+                result: "invalid",
+            });
+            match read(body).await {
+                Ok(bytes) => login(state, &bytes, source, attempt).await,
+                Err(e) => Err(e),
+            }
+        }
         (&Method::GET | &Method::HEAD, "/v3/auth/tokens") => validate(state, &parts.headers).await,
         (&Method::DELETE, "/v3/auth/tokens") => revoke(state, &parts.headers).await,
         (&Method::POST, "/v3/s3tokens") => match read(body).await {
@@ -89,7 +96,7 @@ pub(crate) async fn serve(
     };
     let response = answer.unwrap_or_else(|e| error(state, e));
     tracing::debug!(method = %parts.method, path, code = response.status().as_u16(), "identity request");
-    response
+    (response, attempt)
 }
 
 async fn read(body: Body) -> ApiResult<bytes::Bytes> {
@@ -226,7 +233,12 @@ struct ProjectRequest {
 
 /// `POST /identity/v3/auth/tokens` with the password method: a token (in `X-Subject-Token`)
 /// scoped to the project asked for, throttled and locked out as every login is.
-async fn login(state: &AppState, bytes: &[u8], source: Option<IpAddr>) -> ApiResult<Response> {
+async fn login(
+    state: &AppState,
+    bytes: &[u8],
+    source: Option<IpAddr>,
+    attempt: &mut Attempt,
+) -> ApiResult<Response> {
     let req: LoginRequest = serde_json::from_slice(bytes)
         .map_err(|e| bad("auth", &format!("not a password login: {e}")))?;
     let auth = req.auth;
@@ -250,10 +262,7 @@ async fn login(state: &AppState, bytes: &[u8], source: Option<IpAddr>) -> ApiRes
         &pw.user.password,
         MAX_FIELD,
     )?;
-    let mut attempt = Attempt {
-        user: user.to_string(),
-        result: "invalid",
-    };
+    attempt.user = user.to_string();
     if !pw.user.domain.unwrap_or_default().is_default() {
         return Err(ApiError::unauthorized());
     }
@@ -266,7 +275,7 @@ async fn login(state: &AppState, bytes: &[u8], source: Option<IpAddr>) -> ApiRes
         None => Ok(None),
     };
     let (token, claims) =
-        crate::http::login::password_login(state, user, password, TTL, scope, source, &mut attempt)
+        crate::http::login::password_login(state, user, password, TTL, scope, source, attempt)
             .await?;
     let body = token_body(state, &claims, None).await?;
     let mut r = json_ok(StatusCode::CREATED, &body);

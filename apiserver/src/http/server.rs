@@ -244,19 +244,25 @@ async fn serve(
     let path = parts.uri.path().to_string();
     let method = parts.method.clone();
     let source = parts.extensions.get::<SocketAddr>().map(|a| a.ip());
-    if crate::http::keystone::is_identity(&path) {
-        return crate::http::keystone::serve(&state, &parts, body, source).await;
-    }
-    if method == Method::POST && path == "/apis/identity.stratus.dev/v1/tokens" {
-        let (response, attempt) = match read_body(body, 64 * 1024).await {
-            Ok(bytes) => crate::http::login::issue_token(&state, &bytes, source).await,
-            Err(_) => (
-                ApiError::too_large(64 * 1024).into_response(),
-                crate::http::login::Attempt {
-                    user: String::new(),
-                    result: "invalid",
-                },
-            ),
+    let identity = crate::http::keystone::is_identity(&path);
+    // Logins, Stratus's own and Keystone's, are audited with who tried and how it ended.
+    if identity || (method == Method::POST && path == "/apis/identity.stratus.dev/v1/tokens") {
+        let (response, attempt) = if identity {
+            match crate::http::keystone::serve(&state, &parts, body, source).await {
+                (response, Some(attempt)) => (response, attempt),
+                (response, None) => return response,
+            }
+        } else {
+            match read_body(body, 64 * 1024).await {
+                Ok(bytes) => crate::http::login::issue_token(&state, &bytes, source).await,
+                Err(_) => (
+                    ApiError::too_large(64 * 1024).into_response(),
+                    crate::http::login::Attempt {
+                        user: String::new(),
+                        result: "invalid",
+                    },
+                ),
+            }
         };
         if let (Some(audit), Some(received)) = (&state.audit, &received) {
             let user = (attempt.result == "success").then_some(attempt.user.as_str());
