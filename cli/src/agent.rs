@@ -66,6 +66,10 @@ pub struct ObjectArgs {
     /// (its ObjectNode's status).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub object_heartbeat_seconds: u64,
+    /// Object role: the address of a Swift proxy, which with the rings' nodes is all that may
+    /// reach the servers' ports (an nftables table drops the rest). Repeatable.
+    #[arg(long = "object-proxy", value_name = "IP")]
+    pub object_proxies: Vec<Ipv4Addr>,
 }
 
 /// Options of the storage role.
@@ -473,6 +477,7 @@ fn object(
             std::time::Duration::from_secs(1),
             std::time::Duration::from_secs(60),
         ),
+        proxies: o.object_proxies.clone(),
     };
     tracing::info!(node = %args.node, %ip, devices = o.object_devices.len(), "object agent starting");
     let supervisor = Arc::new(stratus_object_agent::driver::process::Processes::new());

@@ -25,6 +25,7 @@ use stratus_runtime::{Runtime, blocking};
 
 use crate::config::{ConfigError, KINDS, NodeConfig, kind_name};
 use crate::driver::{DriverError, ProcessSpec, Supervisor, disk};
+use crate::filter;
 use crate::plan::{self, Seen, Source, Step};
 use crate::recon;
 
@@ -52,6 +53,9 @@ pub struct Config {
     pub bin_dir: PathBuf,
     /// The first and the longest delay before a crashed process starts again.
     pub restart_delay: (Duration, Duration),
+    /// The proxies' addresses: with the rings' nodes, the only sources the servers' ports
+    /// accept (Swift's storage servers have no authentication of their own).
+    pub proxies: Vec<std::net::Ipv4Addr>,
 }
 
 /// The agent's failure to start.
@@ -69,6 +73,9 @@ pub enum ObjectError {
     /// A blocking task panicked (a bug).
     #[error("blocking task failed")]
     Join(#[from] tokio::task::JoinError),
+    /// The servers' allow-list cannot be written: they are not started unguarded.
+    #[error("the Swift servers' allow-list")]
+    Filter(#[from] crate::filter::FilterError),
 }
 
 /// A process's restart bookkeeping.
@@ -497,6 +504,10 @@ pub async fn run(
 ) -> Result<(), ObjectError> {
     let node_config = config.node.clone();
     blocking(move || prepare(&node_config)).await??;
+    // Before any server listens, only the node itself and the proxies may reach them.
+    let mut allowed = filter::peers(&[], config.node.ip, &config.proxies);
+    let table = filter::render(&config.node, &allowed);
+    blocking(move || filter::apply(&table)).await??;
     let (store, writer) = reflector::store::<ObjectRing>();
     let rings = reflector(
         writer,
@@ -527,6 +538,19 @@ pub async fn run(
         if ready.load(std::sync::atomic::Ordering::Acquire) {
             let rings: Vec<ObjectRing> = store.state().iter().map(|r| (**r).clone()).collect();
             agent.install_rings(&rings).await;
+            let peers = filter::peers(&rings, agent.config.node.ip, &agent.config.proxies);
+            if peers != allowed {
+                let table = filter::render(&agent.config.node, &peers);
+                match blocking(move || filter::apply(&table)).await {
+                    Ok(Ok(())) => allowed = peers,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %stratus_runtime::policy::chain(&e), "cannot update the Swift servers' allow-list")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot update the Swift servers' allow-list")
+                    }
+                }
+            }
         }
         agent.supervise().await;
         if last_report.is_none_or(|t| t.elapsed() >= agent.config.heartbeat) {
@@ -558,6 +582,7 @@ mod tests {
                 python: "/usr/bin/python3".into(),
                 bin_dir: "/usr/bin".into(),
                 restart_delay: (Duration::from_secs(30), Duration::from_secs(300)),
+                proxies: Vec::new(),
             },
             sup,
         )

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod config;
 pub mod driver;
+pub mod filter;
 pub mod ini;
 pub mod plan;
 pub mod recon;

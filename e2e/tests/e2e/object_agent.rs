@@ -92,6 +92,10 @@ impl Node {
             .arg("--object-devices-dir")
             .arg(self.devices_dir())
             .arg("--object-unmounted-devices")
+            // On loopback every connection comes from 127.0.0.1 (the nodes' replicators and
+            // this test's client alike), so the allow-list must admit it here; what it drops
+            // is tested on the host in the agent's crate (filter.rs).
+            .args(["--object-proxy", "127.0.0.1"])
             .args(["--object-replication-interval", "2"])
             .args(["--object-heartbeat-seconds", "2"]);
         for (kind, port) in PORTS {
@@ -137,6 +141,18 @@ impl Node {
             );
         }
         out
+    }
+}
+
+impl Drop for Node {
+    /// The agent stopped, its allow-list goes too (it outlives the agent on purpose).
+    fn drop(&mut self) {
+        drop(self.agent.take());
+        let table = format!("stratus_swift_{}", ip(self.i).replace('.', "_"));
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &table])
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 

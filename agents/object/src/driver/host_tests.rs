@@ -91,6 +91,7 @@ fn swift_servers_run_store_an_object_and_stop_under_the_real_supervisor() {
         python: "/usr/bin/python3".into(),
         bin_dir: "/usr/bin".into(),
         restart_delay: (Duration::from_secs(1), Duration::from_secs(30)),
+        proxies: Vec::new(),
     };
     agent::prepare(&config.node).expect("prepare");
     let sup = Processes::new();
