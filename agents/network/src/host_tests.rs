@@ -475,38 +475,32 @@ fn renamed(snap: &Snapshot, n1: &str, n2: &str, prefix: &str) -> Snapshot {
 
 /// Installs in `ns` an input counter of ICMP echo requests from each of `sources`.
 pub(crate) fn count_pings_from(ns: &Name, sources: &[Ipv4Addr]) {
-    sh(ns, &["nft", "add", "table", "ip", "probe"]);
-    sh(
+    count_from(
         ns,
-        &[
-            "nft",
-            "add",
-            "chain",
-            "ip",
-            "probe",
-            "in",
-            "{ type filter hook input priority 0 ; }",
-        ],
+        ("probe", "in", "input priority 0"),
+        sources,
+        &["icmp", "type", "echo-request"],
     );
+}
+
+/// Installs in `ns` table `table` (`ip`) with a chain `chain` at `hook` (as "input priority
+/// 0") counting the packets from each of `sources` that match `matches` too (see
+/// [`counted_from`]).
+pub(crate) fn count_from(
+    ns: &Name,
+    (table, chain, hook): (&str, &str, &str),
+    sources: &[Ipv4Addr],
+    matches: &[&str],
+) {
+    sh(ns, &["nft", "add", "table", "ip", table]);
+    let spec = format!("{{ type filter hook {hook} ; }}");
+    sh(ns, &["nft", "add", "chain", "ip", table, chain, &spec]);
     for s in sources {
-        sh(
-            ns,
-            &[
-                "nft",
-                "add",
-                "rule",
-                "ip",
-                "probe",
-                "in",
-                "ip",
-                "saddr",
-                &s.to_string(),
-                "icmp",
-                "type",
-                "echo-request",
-                "counter",
-            ],
-        );
+        let s = s.to_string();
+        let mut args = vec!["nft", "add", "rule", "ip", table, chain, "ip", "saddr", &s];
+        args.extend(matches);
+        args.push("counter");
+        sh(ns, &args);
     }
 }
 

@@ -31,7 +31,8 @@ use crate::agent::tests::{group, hypervisor, network, port, subnet};
 use crate::agent::{Host, PortState, converge};
 use crate::desired::{NodeConfig, PortKey, Snapshot};
 use crate::host_tests::{
-    count_pings_from, counted_from, guest, ifname, in_project, name, of_network, pings_counted, sh,
+    count_from, count_pings_from, counted_from, guest, ifname, in_project, name, of_network,
+    pings_counted, sh,
 };
 use crate::plan::is_dhcp_name_of;
 
@@ -565,26 +566,12 @@ fn a_network_spans_a_kernel_node_and_an_ovs_node() {
 /// Installs in `ns` a counter (before routing) of UDP to port 67 from each of `sources`,
 /// and returns a reader of the count from one of them.
 fn count_dhcp_from(ns: &Name, sources: &[Ipv4Addr]) -> impl Fn(Ipv4Addr) -> u64 + use<> {
-    sh(ns, &["nft", "add", "table", "ip", "dhcpprobe"]);
-    sh(
+    count_from(
         ns,
-        &[
-            "nft",
-            "add",
-            "chain",
-            "ip",
-            "dhcpprobe",
-            "pre",
-            "{ type filter hook prerouting priority -300 ; }",
-        ],
+        ("dhcpprobe", "pre", "prerouting priority -300"),
+        sources,
+        &["udp", "dport", "67"],
     );
-    for s in sources {
-        let s = s.to_string();
-        let rule = ["ip", "saddr", &s, "udp", "dport", "67", "counter"];
-        let mut args = vec!["nft", "add", "rule", "ip", "dhcpprobe", "pre"];
-        args.extend(rule);
-        sh(ns, &args);
-    }
     let ns = ns.clone();
     move |source| counted_from(&ns, "dhcpprobe", "pre", source)
 }
