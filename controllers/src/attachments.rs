@@ -86,12 +86,14 @@ pub fn decide(volume: &str, server: Option<&Server>) -> Decision {
     }
 }
 
-/// The node to record as the volume's `status.attachedNode` (now `recorded`) while `server`
-/// holds it: the node it is placed on, when that is not what is recorded (a server not
-/// placed yet, or not placed any more, leaves the record as it is).
-pub fn follow(recorded: Option<&str>, server: Option<&Server>) -> Option<String> {
-    let placed = server?.status.as_ref()?.hypervisor.as_deref()?;
-    (recorded != Some(placed)).then(|| placed.to_owned())
+/// What to record as the volume's `status.attachedNode` (now `recorded`) while `server`
+/// holds it, when that is not what is recorded: the node the server is placed on, or none
+/// while it is on no node (an evacuated server's old node keeps no export open to it).
+pub fn follow(recorded: Option<&str>, server: Option<&Server>) -> Option<Option<String>> {
+    let placed = server
+        .and_then(|s| s.status.as_ref())
+        .and_then(|s| s.hypervisor.as_deref());
+    (recorded != placed).then(|| placed.map(str::to_owned))
 }
 
 struct Ctx {
@@ -131,13 +133,13 @@ async fn release(vol: &Volume, ctx: &Ctx) -> Result<Action, AttachmentsError> {
             followed
                 .status
                 .get_or_insert_with(Default::default)
-                .attached_node = Some(node.clone());
+                .attached_node = node.clone();
             match volumes
                 .replace_status(&name, &PostParams::default(), &followed)
                 .await
             {
                 Ok(_) => {
-                    tracing::info!(volume = %name, namespace = %ns, server = %server_name, %node, "volume follows its server's node");
+                    tracing::info!(volume = %name, namespace = %ns, server = %server_name, node = ?node, "volume follows its server's node");
                 }
                 Err(kube::Error::Api(e)) if e.code == 409 => {
                     return Ok(Action::requeue(Duration::from_secs(1)));
@@ -272,7 +274,7 @@ mod tests {
     fn the_volume_follows_the_node_its_server_is_placed_on() {
         let asks = json!({"flavor": "m1", "image": "tiny", "volumes": [{"volume": "data"}]});
         let on = |node: &str| server(asks.clone(), json!({"hypervisor": node}), 1);
-        assert_eq!(follow(None, Some(&on("n2"))), Some("n2".into()));
+        assert_eq!(follow(None, Some(&on("n2"))), Some(Some("n2".into())));
         assert_eq!(
             follow(Some("n2"), Some(&on("n2"))),
             None,
@@ -280,15 +282,16 @@ mod tests {
         );
         assert_eq!(
             follow(Some("n1"), Some(&on("n2"))),
-            Some("n2".into()),
+            Some(Some("n2".into())),
             "moved"
         );
         let unplaced = server(asks.clone(), json!({}), 1);
         assert_eq!(
             follow(Some("n1"), Some(&unplaced)),
-            None,
-            "kept until placed"
+            Some(None),
+            "an unplaced server (evacuated) leaves its old node"
         );
+        assert_eq!(follow(None, Some(&unplaced)), None);
         assert_eq!(follow(None, None), None);
     }
 }
