@@ -444,16 +444,35 @@ pub fn export_to<'a>(status: &'a VolumeStatus, node: &str) -> Option<&'a str> {
     status.attached_node.as_deref().filter(|n| *n != node)
 }
 
+/// Why the address of the node an export is for is not known.
+#[derive(Debug)]
+enum Peer {
+    /// Its Hypervisor could not be read (the API did not answer): it may be known again soon.
+    Unreadable(String),
+    /// Its Hypervisor reports no address.
+    NoAddress(String),
+}
+
 /// The address node `node` is reached from: its Hypervisor's `status.hostIp`.
-async fn peer_address(ctx: &Ctx, node: &str) -> Result<IpAddr, String> {
+async fn peer_address(ctx: &Ctx, node: &str) -> Result<IpAddr, Peer> {
     let hv = Api::<Hypervisor>::all(ctx.client.clone())
         .get_opt(node)
         .await
-        .map_err(|e| format!("cannot read node {node}'s Hypervisor: {e}"))?;
+        .map_err(|e| Peer::Unreadable(format!("cannot read node {node}'s Hypervisor: {e}")))?;
     let ip = hv.and_then(|h| h.status?.host_ip);
     ip.as_deref().and_then(|ip| ip.parse().ok()).ok_or_else(|| {
-        format!("node {node} reports no address (its Hypervisor's status.hostIp) to export to")
+        Peer::NoAddress(format!(
+            "node {node} reports no address (its Hypervisor's status.hostIp) to export to"
+        ))
     })
+}
+
+/// Whether the running export of a volume (`running`: this agent serves one) is kept while
+/// the address of `node`, the node it is to be exported to, cannot be read: when the
+/// volume's status records it exported to that very node. A guest may be using it; only a
+/// change of `attachedNode` or `attachedTo` ends it, never an API that does not answer.
+fn keeps_export(status: &VolumeStatus, node: &str, running: bool) -> bool {
+    running && status.export.as_ref().is_some_and(|e| e.node == node)
 }
 
 /// Brings the export of `vol` (its data at `device`) to what `status` asks: exported to the
@@ -485,7 +504,15 @@ async fn sync_export(
             let was = status.export.clone();
             blocking(move || e.ensure(&v, &d, &n, peer, was.as_ref())).await?
         }
-        Err(why) => Err(ExportError::Serve(why)),
+        Err(Peer::Unreadable(why)) => {
+            let running = ctx.exports.volumes().contains(&volume);
+            if keeps_export(status, &node, running) {
+                // Kept as it is, status and all; the reconcile is retried.
+                return Ok(Some(ExportError::Serve(why)));
+            }
+            Err(ExportError::Serve(why))
+        }
+        Err(Peer::NoAddress(why)) => Err(ExportError::Serve(why)),
     };
     match made {
         Ok(export) => {
@@ -1230,6 +1257,29 @@ mod tests {
         );
         assert!(orphans(&stored[..1], &["a".into()], &[]).is_empty());
         assert!(orphans(&[], &[], &[]).is_empty());
+    }
+
+    #[test]
+    fn a_running_export_outlives_an_unreadable_peer() {
+        let exported = |node: &str| {
+            serde_json::from_value::<VolumeStatus>(json!({
+                "attachedTo": "s", "attachedNode": node,
+                "export": {"node": node, "host": "10.0.0.1", "port": 10809, "name": "x1"},
+            }))
+            .expect("a status")
+        };
+        assert!(keeps_export(&exported("n2"), "n2", true));
+        assert!(
+            !keeps_export(&exported("n2"), "n2", false),
+            "no export is running: nothing to keep"
+        );
+        assert!(
+            !keeps_export(&exported("n2"), "n3", true),
+            "made for another node than the one asked for now"
+        );
+        let none =
+            serde_json::from_value::<VolumeStatus>(json!({"attachedTo": "s"})).expect("a status");
+        assert!(!keeps_export(&none, "n2", true));
     }
 
     #[test]
