@@ -132,6 +132,22 @@ fn kept_status_fields(group: &str, resource: &str) -> &'static [&'static str] {
     }
 }
 
+/// Why the export a storage node records in a Volume's status (`status.export`) is not for
+/// the node the volume is attached to, if it is not: a node exports a volume only to the
+/// node the attachments controller recorded (`status.attachedNode`), and an export it
+/// already recorded is kept or taken out whole, never sent elsewhere.
+fn misdirected_export(old: &Value, new: &Value) -> Option<String> {
+    let export = new.pointer("/status/export").filter(|e| !e.is_null())?;
+    if old.pointer("/status/export") == Some(export) {
+        return None;
+    }
+    let attached = new.pointer("/status/attachedNode").and_then(Value::as_str);
+    let to = export.get("node").and_then(Value::as_str);
+    (attached.is_none() || to != attached).then(|| {
+        "status.export.node: a node exports a volume only to the node it is attached to (status.attachedNode)".into()
+    })
+}
+
 /// Why a Hypervisor a node creates for itself is more than its registration, if it is: the
 /// node declares where it is and what it runs (`spec.availabilityZone`, `spec.hypervisorType`,
 /// as a kubelet declares its topology labels) and nothing an operator owns: every other spec
@@ -463,12 +479,14 @@ pub fn review(node: &str, r: &Review<'_>) -> ApiResult<()> {
                         "a node writes the status only of what is placed on it, and keeps it there"
                             .into(),
                     )
+                } else if let Some(f) = changed {
+                    Some(format!(
+                        "status.{f}: set by the placement and address management, not by a node"
+                    ))
+                } else if resource == "volumes" {
+                    misdirected_export(old, new)
                 } else {
-                    changed.map(|f| {
-                        format!(
-                            "status.{f}: set by the placement and address management, not by a node"
-                        )
-                    })
+                    None
                 }
             }
             (Operation::Update, "", Some(old), Some(new)) => {

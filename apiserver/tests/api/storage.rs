@@ -646,6 +646,34 @@ async fn a_node_touches_only_the_storage_placed_on_it() {
     );
     assert_eq!(e.code, 403, "attachedNode: {e:?}");
     assert!(e.message.contains("attachedNode"), "{}", e.message);
+    // It exports a volume only to the node it is attached to.
+    let export = |to: &str| {
+        format!(
+            r#"{{"status": {{"export": {{"node": "{to}", "host": "10.0.0.1", "port": 10809, "name": "x1"}}}}}}"#
+        )
+    };
+    let e = refused(
+        n1.patch(&status("Volume", "mine"), MERGE, &export("n2"))
+            .await,
+    );
+    assert_eq!(e.code, 403, "attached to no node: {e:?}");
+    assert!(e.message.contains("status.export.node"), "{}", e.message);
+    c.patch(
+        &status("Volume", "mine"),
+        MERGE,
+        &json!({"status": {"attachedNode": "n2"}}),
+        "",
+    )
+    .await
+    .expect("the attachments controller's record");
+    let e = refused(
+        n1.patch(&status("Volume", "mine"), MERGE, &export("n9"))
+            .await,
+    );
+    assert_eq!(e.code, 403, "another node than the attached one: {e:?}");
+    n1.patch(&status("Volume", "mine"), MERGE, &export("n2"))
+        .await
+        .expect("an export to the node it is attached to");
     // Its own finalizer on what is placed on it, nothing else of the spec.
     let fin = r#"{"metadata": {"finalizers": ["storage.stratus.dev/teardown"]}}"#;
     n1.patch(&one("Volume", "mine"), MERGE, fin)
