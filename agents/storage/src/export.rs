@@ -180,8 +180,14 @@ pub fn render(records: &[&Record]) -> Nftables<'static> {
             payload(family, "saddr"),
             Expression::String(Cow::Owned(r.peer.to_string())),
         );
+        // To the storage address alone: the port on the node's other addresses is closed.
+        let host_family = if r.host.is_ipv4() { "ip" } else { "ip6" };
+        let host = eq(
+            payload(host_family, "daddr"),
+            Expression::String(Cow::Owned(r.host.to_string())),
+        );
         for expr in [
-            vec![port.clone(), peer, Statement::Accept(None)],
+            vec![port.clone(), peer, host, Statement::Accept(None)],
             vec![port, Statement::Drop(None)],
         ] {
             out.push(add(NfListObject::Rule(Rule {
@@ -247,6 +253,43 @@ impl Live {
     }
 }
 
+/// Makes `dir` (the exports' records, pid files and logs: export names and ports) a
+/// directory only its owner reads.
+fn private_dir(dir: &Path) -> Result<(), ExportError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let fail = |e: std::io::Error| ExportError::State(format!("{}: {e}", dir.display()));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(fail)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(fail)
+}
+
+/// Opens `path` anew (truncated) for writing, readable by its owner alone.
+fn private_open(path: &Path) -> Result<std::fs::File, ExportError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let fail = |e: std::io::Error| ExportError::State(format!("{}: {e}", path.display()));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(fail)?;
+    // A file left by an older run keeps its mode through `open`.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(fail)?;
+    Ok(file)
+}
+
+/// Writes `bytes` to `path`, readable by its owner alone.
+fn private_file(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
+    private_open(path)?
+        .write_all(bytes)
+        .map_err(|e| ExportError::State(format!("{}: {e}", path.display())))
+}
+
 /// The exports of this node.
 pub struct Exports {
     address: Option<IpAddr>,
@@ -281,8 +324,7 @@ impl Exports {
     /// # Errors
     /// The records' directory or the table cannot be written.
     pub fn adopt(&self) -> Result<usize, ExportError> {
-        std::fs::create_dir_all(&self.dir)
-            .map_err(|e| ExportError::State(format!("{}: {e}", self.dir.display())))?;
+        private_dir(&self.dir)?;
         let entries = std::fs::read_dir(&self.dir)
             .map_err(|e| ExportError::State(format!("{}: {e}", self.dir.display())))?;
         let mut live = self.lock();
@@ -391,9 +433,11 @@ impl Exports {
         };
         let state = self.path(volume, "json");
         let bytes = serde_json::to_vec(&pending.record).unwrap_or_default();
-        if let Err(e) = std::fs::write(&state, bytes) {
+        if let Err(e) = private_file(&state, &bytes) {
+            // Unrecorded, it would outlive a restart unknown: it ends, and its rule goes.
             pending.stop(&pid_file);
-            return Err(ExportError::State(format!("{}: {e}", state.display())));
+            let _ = self.write_table(&live);
+            return Err(e);
         }
         let status = pending.record.status();
         tracing::info!(volume, node, %peer, port, "volume exported");
@@ -407,8 +451,8 @@ impl Exports {
     fn spawn(&self, record: &Record, pid_file: &Path) -> Result<Child, ExportError> {
         let _ = std::fs::remove_file(pid_file);
         let log_path = self.path(&record.volume, "log");
-        let log = std::fs::File::create(&log_path)
-            .map_err(|e| ExportError::State(format!("{}: {e}", log_path.display())))?;
+        private_dir(&self.dir)?;
+        let log = private_open(&log_path)?;
         let argv = record.argv(pid_file);
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
@@ -558,6 +602,7 @@ mod tests {
         let mut v6 = record();
         v6.volume = "second".into();
         v6.peer = "fd00::2".parse().expect("an address");
+        v6.host = "fd00::1".parse().expect("an address");
         v6.port = 40124;
         let json = serde_json::to_value(render(&[&record(), &v6])).expect("json");
         let rules: Vec<String> = json["nftables"]
@@ -567,11 +612,22 @@ mod tests {
             .filter_map(|o| o["add"].get("rule"))
             .map(|r| {
                 let e = &r["expr"];
+                let said = |m: &serde_json::Value| {
+                    format!(
+                        "{} {} {}",
+                        m["left"]["payload"]["protocol"].as_str().unwrap_or(""),
+                        m["left"]["payload"]["field"].as_str().unwrap_or(""),
+                        m["right"].as_str().unwrap_or("")
+                    )
+                };
                 match (e[0]["match"]["right"].as_u64(), e[1].get("match")) {
                     (Some(port), Some(m)) => format!(
-                        "{port} {} {} accept",
-                        m["left"]["payload"]["protocol"].as_str().unwrap_or(""),
-                        m["right"].as_str().unwrap_or("")
+                        "{port} {} {} {}",
+                        said(m),
+                        said(&e[2]["match"]),
+                        e[3].as_object()
+                            .and_then(|o| o.keys().next().cloned())
+                            .unwrap_or_default()
                     ),
                     (Some(port), None) => format!("{port} drop"),
                     _ => "?".into(),
@@ -581,9 +637,9 @@ mod tests {
         assert_eq!(
             rules,
             [
-                "40123 ip 10.0.0.2 accept",
+                "40123 ip saddr 10.0.0.2 ip daddr 10.0.0.1 accept",
                 "40123 drop",
-                "40124 ip6 fd00::2 accept",
+                "40124 ip6 saddr fd00::2 ip6 daddr fd00::1 accept",
                 "40124 drop"
             ]
         );
@@ -600,6 +656,27 @@ mod tests {
             })
             .collect();
         assert_eq!(cmds, ["add", "delete", "add"]);
+    }
+
+    #[test]
+    fn records_and_logs_are_the_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("a directory");
+        let dir = tmp.path().join("exports");
+        std::fs::create_dir(&dir).expect("made");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("opened");
+        private_dir(&dir).expect("made private");
+        let mode = |p: &Path| std::fs::metadata(p).expect("there").permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700, "an older open directory is closed");
+        let file = dir.join("volume-u1.json");
+        std::fs::write(&file, b"old").expect("written");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("opened");
+        private_file(&file, b"{}").expect("written");
+        assert_eq!(mode(&file), 0o600, "an older readable file is closed");
+        assert_eq!(std::fs::read(&file).expect("read"), b"{}");
+        let fresh = dir.join("volume-u2.log");
+        private_open(&fresh).expect("made");
+        assert_eq!(mode(&fresh), 0o600);
     }
 
     #[test]
