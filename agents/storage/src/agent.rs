@@ -519,10 +519,9 @@ async fn sync_export(
             ConditionType::Attached
                 .yes(
                     reasons::EXPORTED,
-                    format!(
-                        "exported over NBD to node {node} at {}:{}",
-                        export.host, export.port
-                    ),
+                    // Where it is served (status.export) is the nodes' business, not the
+                    // message's: a condition is read by every reader of the Volume.
+                    format!("exported over NBD to node {node}"),
                 )
                 .set(&mut status.conditions, vol.metadata.generation);
             status.export = Some(export);
