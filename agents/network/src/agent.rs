@@ -260,6 +260,7 @@ pub fn execute(host: &Host, op: &Op) -> Result<(), SyncError> {
         Op::DelNetns(n) => l.del_netns(n)?,
         Op::AddBridge(ns, n) => l.add_bridge(ns, n)?,
         Op::AddVxlan(ns, spec) => l.add_vxlan(ns, spec)?,
+        Op::AddVlan(ns, spec) => l.add_vlan(ns, spec)?,
         Op::AddVeth(ns, spec) => l.add_veth(ns, spec)?,
         Op::DelLink(ns, n) => l.del_link(ns, n)?,
         Op::SetMaster(ns, n, m) => l.set_master(ns, n, m.as_ref())?,
@@ -292,6 +293,10 @@ pub fn describe(op: &Op) -> String {
         Op::DelNetns(n) => format!("deleted namespace {n}"),
         Op::AddBridge(_, n) => format!("created bridge {n}"),
         Op::AddVxlan(_, s) => format!("created VXLAN device {} (VNI {})", s.name, s.vni),
+        Op::AddVlan(_, s) => format!(
+            "created VLAN sub-interface {} (VLAN {} on {})",
+            s.name, s.id, s.parent
+        ),
         Op::AddVeth(_, s) => format!("created veth {}", s.name),
         Op::DelLink(_, n) => format!("deleted {n}"),
         Op::SetMaster(_, n, Some(m)) => format!("put {n} on {m}"),
@@ -1501,6 +1506,78 @@ pub(crate) mod tests {
         assert_eq!(f.dhcp.reloads(), 0);
     }
 
+    /// Network `net` as a vlan network on physnet1 with VLAN ID `id`.
+    fn vlan_network(id: Option<u16>) -> Arc<Network> {
+        let mut n = (*network("net", "uid-net", None)).clone();
+        n.spec.segmentation = stratus_api_types::network::Segmentation::Vlan;
+        n.spec.physical_network = Some("physnet1".into());
+        n.status
+            .get_or_insert_with(Default::default)
+            .segmentation_id = id;
+        Arc::new(n)
+    }
+
+    #[test]
+    fn a_vlan_network_is_wired_through_a_sub_interface_made_again_when_deleted() {
+        let f = fakes();
+        plug(&f.links, "tp-p1");
+        plug(&f.links, "eth1");
+        let cfg = NodeConfig {
+            physical: BTreeMap::from([("physnet1".to_owned(), ifname("eth1"))]),
+            ..config()
+        };
+        let mut snap = snapshot();
+        // No VLAN ID yet: nothing wired.
+        snap.networks = vec![vlan_network(None)];
+        let r = converge(&f.host, &cfg, &snap).expect("converge");
+        assert_eq!(not_wired(&r, "p1"), Reason::VniPending);
+        snap.networks = vec![vlan_network(Some(100))];
+        let r = converge(&f.host, &cfg, &snap).expect("converge");
+        let bridge = IfName::derived(Role::Bridge, "uid-net");
+        let vl = IfName::derived(Role::Vlan, "uid-net");
+        assert!(matches!(state(&r, "p1"), PortState::Wired { .. }));
+        let got = f
+            .links
+            .link(&Netns::Host, &vl)
+            .expect("link")
+            .expect("vlan");
+        assert_eq!(
+            (got.kind, got.up, got.master),
+            (LinkKind::Vlan(100), true, Some(bridge.clone()))
+        );
+        // The physical interface is no port of the bridge, and no VXLAN device is made.
+        let eth1 = f.links.link(&Netns::Host, &ifname("eth1")).expect("link");
+        assert_eq!(eth1.and_then(|l| l.master), None);
+        let links = f.links.links(&Netns::Host).expect("links");
+        assert!(!links.iter().any(|l| matches!(l.kind, LinkKind::Vxlan(_))));
+        // A second converge changes nothing; one after the sub-interface was deleted by
+        // hand makes it again.
+        assert!(
+            converge(&f.host, &cfg, &snap)
+                .expect("converge")
+                .steps
+                .is_empty()
+        );
+        f.links.del_link(&Netns::Host, &vl).expect("delete by hand");
+        let r = converge(&f.host, &cfg, &snap).expect("converge");
+        assert!(
+            r.steps
+                .iter()
+                .any(|s| matches!(&s.op, Op::AddVlan(_, v) if v.name == vl && v.id == 100))
+        );
+        assert!(matches!(state(&r, "p1"), PortState::Wired { .. }));
+        // The network gone from the node: the sub-interface goes, the interface stays.
+        let r = converge(&f.host, &cfg, &Snapshot::default()).expect("converge");
+        assert!(r.desired.networks.is_empty());
+        assert_eq!(f.links.link(&Netns::Host, &vl).expect("link"), None);
+        assert!(
+            f.links
+                .link(&Netns::Host, &ifname("eth1"))
+                .expect("link")
+                .is_some()
+        );
+    }
+
     #[test]
     fn a_port_whose_device_is_not_there_yet_waits_for_it() {
         let f = fakes();
@@ -1519,11 +1596,9 @@ pub(crate) mod tests {
                 s.networks = vec![network("net", "uid-net", None)];
             }),
             (Reason::NetworkNotFound, |s| s.networks.clear()),
-            (Reason::SegmentationUnsupported, |s| {
-                let mut n = (*network("net", "uid-net", None)).clone();
-                n.spec.segmentation = stratus_api_types::network::Segmentation::Vlan;
-                n.spec.physical_network = Some("physnet1".into());
-                s.networks = vec![Arc::new(n)];
+            // A vlan network on a physical network this node has no interface for.
+            (Reason::PhysicalNetworkUnmapped, |s| {
+                s.networks = vec![vlan_network(Some(100))];
             }),
             (Reason::SecurityGroupNotFound, |s| s.groups.clear()),
             (Reason::NoUnderlayAddress, |s| {

@@ -25,7 +25,7 @@ use crate::driver::nft::{
 };
 use crate::driver::{
     DhcpSpec, FdbEntry, IfName, Ipv4Cidr, MacAddr, Name, Nat, Netns, Role, RouteSpec, Ruleset,
-    StaticLease, VXLAN_PORT, VxlanSpec,
+    StaticLease, VXLAN_PORT, VlanSpec, VxlanSpec,
 };
 use crate::plan::{
     Desired, DhcpWiring, NetworkWiring, RouterInterfaceWiring, RouterWiring, Uplink, dhcp_name,
@@ -262,13 +262,13 @@ fn local_port(
             physical_interface(cfg, network)?;
         }
         Segmentation::Vlan => {
-            return Err(blocked(
-                Reason::SegmentationUnsupported,
-                format!(
-                    "network {} is a vlan network, which this node's datapath does not wire yet",
-                    port.spec.network
-                ),
-            ));
+            physical_interface(cfg, network)?;
+            if vlan_id(network).is_none() {
+                return Err(blocked(
+                    Reason::VniPending,
+                    format!("network {} has no VLAN ID yet", port.spec.network),
+                ));
+            }
         }
     }
     let mac: MacAddr = port
@@ -291,7 +291,7 @@ fn local_port(
         // A port's device is attached to a bridge: never one of the agent's own devices,
         // a physical uplink or the loopback.
         if device.as_str() == "lo"
-            || ["br", "vx", "ve", "vp"]
+            || ["br", "vx", "vl", "ve", "vp"]
                 .iter()
                 .any(|p| crate::plan::is_derived(&device, p))
             || cfg.physical.values().any(|i| *i == device)
@@ -362,7 +362,13 @@ fn local_port(
     })
 }
 
-/// The node's interface for a flat network's physical network.
+/// A vlan network's VLAN ID (`status.segmentationID`), when it has a valid one.
+fn vlan_id(network: &Network) -> Option<u16> {
+    let id = network.status.as_ref()?.segmentation_id?;
+    (1..=4094).contains(&id).then_some(id)
+}
+
+/// The node's interface for a provider (flat or vlan) network's physical network.
 fn physical_interface(cfg: &NodeConfig, network: &Network) -> Result<IfName, PortPlan> {
     let name = network.spec.physical_network.as_deref().unwrap_or_default();
     cfg.physical.get(name).cloned().ok_or_else(|| {
@@ -562,8 +568,17 @@ pub fn desired_all(cfg: &NodeConfig, snap: &Snapshot) -> (Desired, Plans) {
                 };
                 (Uplink::Physical(iface), BTreeSet::new())
             }
-            // Its ports are blocked above: nothing of it is wired.
-            Segmentation::Vlan => continue,
+            Segmentation::Vlan => {
+                let (Ok(parent), Some(id)) = (physical_interface(cfg, &net), vlan_id(&net)) else {
+                    continue;
+                };
+                let spec = VlanSpec {
+                    name: IfName::derived(Role::Vlan, &uid),
+                    parent,
+                    id,
+                };
+                (Uplink::Vlan(spec), BTreeSet::new())
+            }
         };
         if let Some(d) = &dhcp {
             local_dhcp.push(LocalDhcp {

@@ -9,7 +9,7 @@ use crate::driver::names::{IFNAME_MAX, digest_hex};
 use crate::driver::nft::{Delta, FirewallError};
 use crate::driver::{
     DhcpSpec, DhcpStatus, FdbEntry, IfName, Ipv4Cidr, Link, LinkKind, MacAddr, Name, Nat, Netns,
-    Observed, RouteSpec, Ruleset, Update, VethSpec, VxlanInfo, VxlanSpec,
+    Observed, RouteSpec, Ruleset, Update, VethSpec, VlanSpec, VxlanInfo, VxlanSpec,
 };
 
 /// The prefix of DHCP servers' names, which also name their namespaces.
@@ -42,6 +42,10 @@ pub enum Uplink {
     /// A physical interface of the node, mapped to the network's `physicalNetwork` (a flat
     /// provider network): enslaved to the bridge, never created or deleted by the agent.
     Physical(IfName),
+    /// A VLAN sub-interface of the node's physical interface for the network's
+    /// `physicalNetwork`, tagged with its `status.segmentationID` (a vlan provider network):
+    /// created and deleted by the agent, the physical interface itself never touched.
+    Vlan(VlanSpec),
 }
 
 impl Uplink {
@@ -50,6 +54,7 @@ impl Uplink {
         match self {
             Uplink::Vxlan(v) => &v.name,
             Uplink::Physical(n) => n,
+            Uplink::Vlan(v) => &v.name,
         }
     }
 }
@@ -188,6 +193,8 @@ pub enum Op {
     AddBridge(Netns, IfName),
     /// Create a VXLAN device.
     AddVxlan(Netns, VxlanSpec),
+    /// Create a VLAN sub-interface.
+    AddVlan(Netns, VlanSpec),
     /// Create a veth pair.
     AddVeth(Netns, VethSpec),
     /// Delete a link.
@@ -416,6 +423,27 @@ pub fn plan_with(
                     p.attributes(ns, iface, Some(l), None, Some(&n.bridge));
                 }
             }
+            // Made on the operator's interface (one of another VLAN ID made anew), which is
+            // set up and otherwise left alone; its MTU is the interface's. No interface, no
+            // step (the ports say it is missing).
+            Uplink::Vlan(spec) => {
+                if let Some(parent) = observed.links.get(&spec.parent) {
+                    // Tagged frames pass only an interface that is up.
+                    p.attributes(ns, &spec.parent, Some(parent), None, None);
+                    let vlan = match observed.links.get(&spec.name) {
+                        Some(l) if l.kind == LinkKind::Vlan(spec.id) => Some(l),
+                        Some(_) => {
+                            p.push(Op::DelLink(ns.clone(), spec.name.clone()));
+                            None
+                        }
+                        None => None,
+                    };
+                    if vlan.is_none() {
+                        p.push(Op::AddVlan(ns.clone(), spec.clone()));
+                    }
+                    p.attributes(ns, &spec.name, vlan, None, Some(&n.bridge));
+                }
+            }
         }
 
         if let Some(d) = &n.dhcp {
@@ -470,8 +498,9 @@ pub fn plan_with(
             p.push(Op::DelNetns(name.clone()));
         }
     }
-    // Left-over links: VXLAN devices and veths before the bridges they are on.
-    for prefix in ["vx", "ve", "br"] {
+    // Left-over links: VXLAN devices, VLAN sub-interfaces and veths before the bridges
+    // they are on.
+    for prefix in ["vx", "vl", "ve", "br"] {
         for name in observed.links.keys() {
             if is_derived(name, prefix) && !wanted_links.contains(name) {
                 p.push(Op::DelLink(ns.clone(), name.clone()));
@@ -662,7 +691,7 @@ mod tests {
     fn vx(n: &NetworkWiring) -> &VxlanSpec {
         match &n.uplink {
             Uplink::Vxlan(v) => v,
-            Uplink::Physical(_) => panic!("a flat network"),
+            Uplink::Physical(_) | Uplink::Vlan(_) => panic!("a provider network"),
         }
     }
 
@@ -820,6 +849,16 @@ mod tests {
                 Uplink::Physical(i) => {
                     o.links
                         .insert(i.clone(), link(i, LinkKind::Veth, 9000, Some(&n.bridge)));
+                }
+                Uplink::Vlan(v) => {
+                    o.links.insert(
+                        v.parent.clone(),
+                        link(&v.parent, LinkKind::Veth, 9000, None),
+                    );
+                    o.links.insert(
+                        v.name.clone(),
+                        link(&v.name, LinkKind::Vlan(v.id), 9000, Some(&n.bridge)),
+                    );
                 }
             }
             for p in &n.ports {
@@ -1247,6 +1286,20 @@ mod tests {
         }
     }
 
+    /// A vlan network on `eth1` with VLAN ID `id`.
+    fn vlan(uid: &str, id: u16) -> NetworkWiring {
+        NetworkWiring {
+            uplink: Uplink::Vlan(VlanSpec {
+                name: IfName::derived(Role::Vlan, uid),
+                parent: ifname("eth1"),
+                id,
+            }),
+            fdb: BTreeSet::new(),
+            mtu: 1500,
+            ..network(uid, &[], false)
+        }
+    }
+
     fn with_router() -> (Desired, RouterWiring) {
         let (n, ext) = (network("net-a", &["tp-a1"], true), flat("ext"));
         let r = router(&n, &ext);
@@ -1450,6 +1503,107 @@ mod tests {
             !ops.iter()
                 .any(|op| matches!(op, Op::DelLink(_, n) if *n == eth1))
         );
+    }
+
+    #[test]
+    fn a_vlan_network_makes_its_sub_interface_on_the_physical_one_and_repairs_it() {
+        let n = vlan("net-v", 100);
+        let Uplink::Vlan(spec) = n.uplink.clone() else {
+            unreachable!()
+        };
+        let d = desired(vec![n.clone()]);
+        let eth1 = ifname("eth1");
+        let down_eth1 = |o: &mut ObservedHost| {
+            o.links.insert(
+                eth1.clone(),
+                Link {
+                    up: false,
+                    ..link(&eth1, LinkKind::Veth, 1500, None)
+                },
+            );
+        };
+        // (what the host has, the uplink steps wanted)
+        type Case = (&'static str, fn(&mut ObservedHost), Vec<Op>);
+        let make = vec![
+            Op::AddVlan(node(), spec.clone()),
+            Op::SetMaster(node(), spec.name.clone(), Some(n.bridge.clone())),
+            Op::SetUp(node(), spec.name.clone()),
+        ];
+        let cases: Vec<Case> = vec![
+            ("right", |_| {}, vec![]),
+            (
+                "deleted by hand",
+                |o| {
+                    o.links.retain(|k, _| !is_derived(k, "vl"));
+                },
+                make.clone(),
+            ),
+            (
+                "another VLAN ID under its name",
+                |o| {
+                    for l in o.links.values_mut() {
+                        if is_derived(&l.name, "vl") {
+                            l.kind = LinkKind::Vlan(200);
+                        }
+                    }
+                },
+                [vec![Op::DelLink(node(), spec.name.clone())], make.clone()].concat(),
+            ),
+            (
+                "taken off the bridge",
+                |o| {
+                    for l in o.links.values_mut() {
+                        if is_derived(&l.name, "vl") {
+                            l.master = None;
+                        }
+                    }
+                },
+                vec![Op::SetMaster(
+                    node(),
+                    spec.name.clone(),
+                    Some(n.bridge.clone()),
+                )],
+            ),
+            (
+                "no physical interface: nothing made",
+                |o| {
+                    o.links
+                        .retain(|k, _| k.as_str() != "eth1" && !is_derived(k, "vl"));
+                },
+                vec![],
+            ),
+        ];
+        for (what, change, want) in cases {
+            let mut o = right(&d);
+            change(&mut o);
+            assert_eq!(ops(&plan(&d, &o)), want, "{what}");
+        }
+        // A physical interface that is down is set up, and otherwise left alone.
+        let mut o = right(&d);
+        down_eth1(&mut o);
+        assert_eq!(ops(&plan(&d, &o)), vec![Op::SetUp(node(), eth1.clone())]);
+        // The network gone: its sub-interface is deleted, the physical interface is not.
+        let gone = ops(&plan(&desired(vec![]), &right(&d)));
+        assert!(
+            gone.contains(&Op::DelLink(node(), spec.name.clone())),
+            "{gone:?}"
+        );
+        assert!(
+            !gone.iter()
+                .any(|op| matches!(op, Op::DelLink(_, l) if *l == eth1)),
+            "{gone:?}"
+        );
+        // Two networks of two VLANs on one interface: one sub-interface each.
+        let m = vlan("net-w", 200);
+        let d2 = desired(vec![n.clone(), m.clone()]);
+        let mut o = right(&d2);
+        o.links.retain(|k, _| !is_derived(k, "vl"));
+        let adds: Vec<Op> = ops(&plan(&d2, &o))
+            .into_iter()
+            .filter(|op| matches!(op, Op::AddVlan(..)))
+            .collect();
+        assert_eq!(adds.len(), 2, "{adds:?}");
+        assert_ne!(m.uplink.name(), n.uplink.name());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use super::nft::{
 use super::{
     Dhcp, DhcpError, DhcpSpec, FdbEntry, Firewall, FirewallError, IfName, Ipv4Cidr, LinkError,
     LinkKind, Links, MacAddr, Name, Nat, Netns, RouteSpec, Ruleset, StaticLease, VXLAN_PORT,
-    VethSpec, VxlanInfo, VxlanSpec,
+    VethSpec, VlanSpec, VxlanInfo, VxlanSpec,
 };
 
 fn ifname(s: &str) -> IfName {
@@ -608,6 +608,62 @@ pub fn dhcp(d: &dyn Dhcp, spec: &DhcpSpec) {
     d.remove(name).expect("remove again");
 }
 
+/// Checks [`Links::add_vlan`] in a namespace it makes and deletes, `<prefix>-v`: a VLAN
+/// sub-interface of a bridge standing in for the physical interface, made once, down, with
+/// its ID; the same name with another ID, or of another kind, is a conflict; an ID out of
+/// 1-4094 is invalid; an absent parent is named; deleting it leaves the parent.
+pub fn vlans(l: &dyn Links, prefix: &str) {
+    let n = Name::new(&format!("{prefix}-v")).expect("netns name");
+    let ns = Netns::Named(n.clone());
+    let (parent, vl) = (ifname("phys-c"), ifname("vl-c"));
+    l.add_netns(&n).expect("add netns");
+    l.add_bridge(&ns, &parent).expect("add parent");
+    let spec = VlanSpec {
+        name: vl.clone(),
+        parent: parent.clone(),
+        id: 100,
+    };
+    l.add_vlan(&ns, &spec).expect("add vlan");
+    l.add_vlan(&ns, &spec)
+        .expect("add of a present, identical vlan");
+    let got = l.link(&ns, &vl).expect("link").expect("vlan present");
+    assert_eq!((got.kind, got.up), (LinkKind::Vlan(100), false));
+    let other = VlanSpec {
+        id: 200,
+        ..spec.clone()
+    };
+    assert!(matches!(
+        l.add_vlan(&ns, &other),
+        Err(LinkError::Conflict { .. })
+    ));
+    assert!(matches!(
+        l.add_bridge(&ns, &vl),
+        Err(LinkError::Conflict { .. })
+    ));
+    for id in [0, 4095] {
+        let bad = VlanSpec {
+            name: ifname("vl-bad"),
+            id,
+            ..spec.clone()
+        };
+        assert!(matches!(l.add_vlan(&ns, &bad), Err(LinkError::Invalid(_))));
+    }
+    let orphan = VlanSpec {
+        name: ifname("vl-orphan"),
+        parent: ifname("absent-c"),
+        id: 100,
+    };
+    assert!(matches!(
+        l.add_vlan(&ns, &orphan),
+        Err(LinkError::NoLink { ref name, .. }) if name.as_str() == "absent-c"
+    ));
+    assert_eq!(l.link(&ns, &orphan.name).expect("link"), None);
+    l.del_link(&ns, &vl).expect("delete vlan");
+    assert_eq!(l.link(&ns, &vl).expect("link"), None);
+    assert!(l.link(&ns, &parent).expect("link").is_some());
+    l.del_netns(&n).expect("delete netns");
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::fake::{FakeDhcp, FakeFirewall, FakeLinks};
@@ -616,6 +672,11 @@ mod tests {
     #[test]
     fn fake_links_pass() {
         links(&FakeLinks::new(), "conformance");
+    }
+
+    #[test]
+    fn fake_vlans_pass() {
+        vlans(&FakeLinks::new(), "conformance");
     }
 
     #[test]

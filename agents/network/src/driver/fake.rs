@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use super::{
     Dhcp, DhcpError, DhcpSpec, DhcpStatus, FdbEntry, Firewall, FirewallError, IfName, Ipv4Cidr,
     Link, LinkError, LinkKind, Links, MacAddr, Name, Nat, Netns, Observed, RouteSpec, Ruleset,
-    Update, VethSpec, VxlanInfo, VxlanSpec,
+    Update, VethSpec, VlanSpec, VxlanInfo, VxlanSpec,
 };
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -293,6 +293,19 @@ impl Links for FakeLinks {
             learning: false,
         });
         self.create("add_vxlan", ns, &spec.name, kind, 1450)
+    }
+
+    fn add_vlan(&self, ns: &Netns, spec: &VlanSpec) -> Result<(), LinkError> {
+        if !(1..=4094).contains(&spec.id) {
+            return Err(LinkError::Invalid(format!("VLAN ID {}", spec.id)));
+        }
+        if self.link(ns, &spec.parent)?.is_none() {
+            return Err(LinkError::NoLink {
+                netns: ns.clone(),
+                name: spec.parent.clone(),
+            });
+        }
+        self.create("add_vlan", ns, &spec.name, LinkKind::Vlan(spec.id), 1500)
     }
 
     fn add_veth(&self, ns: &Netns, spec: &VethSpec) -> Result<(), LinkError> {

@@ -42,6 +42,8 @@ pub enum LinkKind {
     Bridge,
     /// A VXLAN device.
     Vxlan(VxlanInfo),
+    /// A VLAN sub-interface (802.1Q) with its VLAN ID.
+    Vlan(u16),
     /// One end of a veth pair.
     Veth,
     /// A tun/tap device.
@@ -91,6 +93,18 @@ pub struct VxlanSpec {
     pub local: Ipv4Addr,
     /// The UDP destination port, [`VXLAN_PORT`] unless a test needs another.
     pub port: u16,
+}
+
+/// A VLAN sub-interface to create: frames it sends leave `parent` tagged with `id` (802.1Q),
+/// and frames `parent` receives with that tag arrive on it. Down, attached to nothing yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VlanSpec {
+    /// Its name.
+    pub name: IfName,
+    /// The interface it is a sub-interface of (in the same namespace).
+    pub parent: IfName,
+    /// The VLAN ID (1-4094).
+    pub id: u16,
 }
 
 /// A veth pair to create: `name` in the namespace the call names, `peer` in `peer_netns`.
@@ -234,6 +248,16 @@ pub trait Links: Send + Sync + 'static {
     fn add_bridge(&self, ns: &Netns, name: &IfName) -> Result<(), LinkError>;
     /// Creates a VXLAN device (down, no learning).
     fn add_vxlan(&self, ns: &Netns, spec: &VxlanSpec) -> Result<(), LinkError>;
+    /// Creates a VLAN sub-interface of an existing link (down). Idempotent: one of that name
+    /// with the same VLAN ID is `Ok`; anything else of that name is a conflict. A driver
+    /// without VLAN sub-interfaces refuses it as invalid.
+    fn add_vlan(&self, ns: &Netns, spec: &VlanSpec) -> Result<(), LinkError> {
+        let _ = ns;
+        Err(LinkError::Invalid(format!(
+            "VLAN sub-interface {}: not supported by this datapath",
+            spec.name
+        )))
+    }
     /// Creates a veth pair (both ends down), the peer in its namespace.
     fn add_veth(&self, ns: &Netns, spec: &VethSpec) -> Result<(), LinkError>;
     /// Deletes a link (a veth's peer goes with it).

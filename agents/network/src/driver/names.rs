@@ -33,6 +33,8 @@ pub enum Role {
     Bridge,
     /// A network's VXLAN device (`vx-…`).
     Vxlan,
+    /// A vlan network's VLAN sub-interface of the node's physical interface (`vl-…`).
+    Vlan,
     /// The bridge end of a veth pair (`ve-…`).
     Veth,
     /// The far end of a veth pair (`vp-…`).
@@ -50,6 +52,7 @@ impl Role {
         match self {
             Role::Bridge => "br",
             Role::Vxlan => "vx",
+            Role::Vlan => "vl",
             Role::Veth => "ve",
             Role::VethPeer => "vp",
             Role::Tap => "tp",

@@ -19,7 +19,8 @@ use rtnetlink::packet_core::{
 };
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
-    InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoData, InfoKind, InfoVeth, InfoVlan, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo,
+    LinkMessage,
 };
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -27,13 +28,14 @@ use rtnetlink::packet_route::neighbour::{
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{
-    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
+    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVlan, LinkVxlan,
+    RouteMessageBuilder,
 };
 
 use super::netns::{self, EnterError};
 use super::{
     FdbEntry, IfName, Ipv4Cidr, Link, LinkError, LinkKind, Links, MacAddr, Name, Netns, RouteSpec,
-    VethSpec, VxlanInfo, VxlanSpec,
+    VethSpec, VlanSpec, VxlanInfo, VxlanSpec,
 };
 
 const ENOENT: i32 = 2;
@@ -296,6 +298,20 @@ fn kind_of(m: &LinkMessage) -> LinkKind {
             }
             LinkKind::Vxlan(info)
         }
+        Some(InfoKind::Vlan) => LinkKind::Vlan(
+            infos
+                .iter()
+                .filter_map(|i| match i {
+                    LinkInfo::Data(InfoData::Vlan(attrs)) => Some(attrs),
+                    _ => None,
+                })
+                .flatten()
+                .find_map(|a| match a {
+                    InfoVlan::Id(id) => Some(*id),
+                    _ => None,
+                })
+                .unwrap_or(0),
+        ),
         Some(other) => LinkKind::Other(Some(other.to_string())),
         None => LinkKind::Other(None),
     }
@@ -605,6 +621,22 @@ impl Links for NetlinkLinks {
                 learning: false,
             };
             create(&h, &ns2, &spec.name, msg, |k| *k == LinkKind::Vxlan(want)).await
+        })
+    }
+
+    /// Idempotent: a VLAN sub-interface of that name with the same ID is `Ok`; anything else
+    /// of that name is a conflict; an absent parent is [`LinkError::NoLink`].
+    fn add_vlan(&self, ns: &Netns, spec: &VlanSpec) -> Result<(), LinkError> {
+        if !(1..=4094).contains(&spec.id) {
+            return Err(LinkError::Invalid(format!("VLAN ID {}", spec.id)));
+        }
+        let (ns2, spec) = (ns.clone(), spec.clone());
+        self.exec(ns, move |h| async move {
+            let parent = require(&h, &ns2, &spec.parent).await?.header.index;
+            let msg = LinkVlan::new(spec.name.as_str(), parent, spec.id)
+                .down()
+                .build();
+            create(&h, &ns2, &spec.name, msg, |k| *k == LinkKind::Vlan(spec.id)).await
         })
     }
 
