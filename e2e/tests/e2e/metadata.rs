@@ -244,6 +244,13 @@ spec: {{network: net, fixedIPs: [{{ipAddress: 10.64.0.12}}]}}
         &json!({"target": {"name": node}}).to_string(),
     )?;
     let uid = field(&api, "server", "web", "{.metadata.uid}")?;
+    // What the ports controller would write: web's addresses name its port.
+    status(
+        &api,
+        "server",
+        "web",
+        json!({"addresses": [{"network": "net", "port": "web-0", "ip": "10.64.0.11"}]}),
+    )?;
     for (i, (port, guest, bound)) in [("web-0", &g1, Some("web")), ("stray", &g2, None)]
         .into_iter()
         .enumerate()
