@@ -885,8 +885,10 @@ pub async fn run(client: Client, host: Host, config: Config) {
     let mut first = true;
     let mut converged_once = false;
     let mut metadata = crate::metadata::Service::new(client.clone(), node.clone());
-    // The floating addresses each router translated when the node was last converged whole.
-    let mut floating = BTreeMap::new();
+    // The floating addresses each router translated when the node was last converged whole;
+    // at start, what the routers' tables translate (the agent may have been down when some
+    // were taken away).
+    let mut floating = None;
     loop {
         if !first {
             // No settling delay: changes that come during a converge wake one more
@@ -907,6 +909,17 @@ pub async fn run(client: Client, host: Host, config: Config) {
         // Who holds each address, as read now: a port re-bound or an address reused is
         // answered for its new holder before the wiring catches up.
         metadata.set_index(crate::metadata::index(&snap, &node));
+        if floating.is_none() {
+            let routers: Vec<Name> = snap
+                .routers
+                .iter()
+                .filter_map(|r| r.uid())
+                .map(|u| crate::plan::router_name(&node, &u))
+                .collect();
+            floating = stratus_runtime::blocking(move || conntrack::translated(routers))
+                .await
+                .ok();
+        }
         let (h, cfg, s) = (host.clone(), config.node.clone(), snap.clone());
         let before = digest.take();
         let span = tracing::info_span!("converge", node = %node);
@@ -942,8 +955,8 @@ pub async fn run(client: Client, host: Host, config: Config) {
         write_router_statuses(&routers_rt, &floating_rt, &snap, &report).await;
         if report.failures.is_empty() {
             let now = conntrack::floating(report.desired.routers.iter().map(|r| (&r.name, &r.nat)));
-            let released = conntrack::released(&floating, &now);
-            floating = now;
+            let released = conntrack::released(&floating.take().unwrap_or_default(), &now);
+            floating = Some(now);
             let _ = stratus_runtime::blocking(move || {
                 for (router, ip) in released {
                     if let Err(e) = conntrack::flush_address(&Netns::Named(router), ip) {

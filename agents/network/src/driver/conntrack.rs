@@ -1,13 +1,15 @@
 //! Connection tracking state of a router's namespace: a floating address taken away (its
 //! FloatingIP disassociated, moved to another port or deleted) keeps no established
 //! connection to the guest it led to, as the translation was fixed when the connection began.
-//! `conntrack -D` as an argument vector, in the router's namespace.
+//! `conntrack -D` as an argument vector, in the router's namespace. What a router translated
+//! is read back from its NAT table when the agent starts ([`translated`]), so that an address
+//! taken away while the agent was down is forgotten too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use super::netns;
-use super::nft::{FloatingNat, Nat};
+use super::nft::{FloatingNat, Nat, TABLE};
 use super::{Name, Netns};
 
 /// Why the connections could not be forgotten.
@@ -54,6 +56,59 @@ pub fn floating<'a>(
     routers
         .into_iter()
         .map(|(name, nat)| (name.clone(), nat.floating.iter().copied().collect()))
+        .collect()
+}
+
+/// The floating addresses the NAT of each router namespace of `routers` translates now (its
+/// table's `ip daddr FLOATING dnat to FIXED` rules); a namespace or table not there
+/// translates none.
+pub fn translated(
+    routers: impl IntoIterator<Item = Name>,
+) -> BTreeMap<Name, BTreeSet<FloatingNat>> {
+    routers
+        .into_iter()
+        .map(|name| {
+            let out = netns::command(&Netns::Named(name.clone()), "nft")
+                .args(["-j", "list", "chain", "ip", TABLE, "prerouting"])
+                .output();
+            let found = match out {
+                Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout)
+                    .map(|v| parse_translated(&v))
+                    .unwrap_or_default(),
+                _ => BTreeSet::new(),
+            };
+            (name, found)
+        })
+        .collect()
+}
+
+/// The floating addresses in `nft -j list chain` output: each rule matching only `ip daddr`
+/// to one address and translating it by `dnat to` one address.
+fn parse_translated(v: &serde_json::Value) -> BTreeSet<FloatingNat> {
+    let rules = v
+        .get("nftables")
+        .and_then(|n| n.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.get("rule")?.get("expr")?.as_array());
+    rules
+        .filter_map(|expr| {
+            let addr = |v: Option<&serde_json::Value>| v?.as_str()?.parse::<Ipv4Addr>().ok();
+            let (mut floating, mut fixed) = (None, None);
+            for e in expr {
+                if let Some(m) = e.get("match")
+                    && m.pointer("/left/payload/field").and_then(|f| f.as_str()) == Some("daddr")
+                {
+                    floating = addr(m.get("right"));
+                } else if let Some(d) = e.get("dnat") {
+                    fixed = addr(d.get("addr"));
+                }
+            }
+            Some(FloatingNat {
+                floating: floating?,
+                fixed: fixed?,
+            })
+        })
         .collect()
 }
 
@@ -128,9 +183,11 @@ mod tests {
 #[cfg(test)]
 mod host_tests {
     use super::*;
+    use crate::driver::Firewall;
     use crate::driver::Links;
     use crate::driver::host_tests::{root, run_in, unique};
     use crate::driver::netlink::NetlinkLinks;
+    use crate::driver::nft::NftFirewall;
 
     struct Gone(Name);
 
@@ -147,6 +204,47 @@ mod host_tests {
         let (ok, out) = run_in(ns, &["conntrack", "-L"]);
         assert!(ok, "{out}");
         out
+    }
+
+    #[test]
+    fn what_a_router_translates_is_read_back_from_its_table() {
+        if !root() {
+            return;
+        }
+        let ns = Name::new(&unique()).expect("name");
+        let absent = Name::new(&unique()).expect("name");
+        NetlinkLinks::new().add_netns(&ns).expect("netns");
+        let _gone = Gone(ns.clone());
+        // No table yet, no namespace: nothing translated.
+        let read = || translated([ns.clone(), absent.clone()]);
+        let none = BTreeMap::from([
+            (ns.clone(), BTreeSet::new()),
+            (absent.clone(), BTreeSet::new()),
+        ]);
+        assert_eq!(read(), none);
+        let nat = crate::driver::conformance::sample_nat();
+        let fw = NftFirewall::new(Netns::Host);
+        fw.apply_nat(&ns, &nat).expect("nat");
+        let want: BTreeSet<FloatingNat> = nat.floating.iter().copied().collect();
+        assert_eq!(want.len(), 2);
+        assert_eq!(
+            read(),
+            BTreeMap::from([(ns.clone(), want), (absent.clone(), BTreeSet::new())])
+        );
+        // One taken away (as by an agent that is not running to flush it).
+        let one = Nat {
+            floating: nat.floating[..1].to_vec(),
+            ..nat.clone()
+        };
+        fw.apply_nat(&ns, &one).expect("nat");
+        let now = translated([ns.clone()]);
+        assert_eq!(now[&ns], one.floating.iter().copied().collect());
+        // What the restarted agent compares with its first converge: the other is released.
+        let before = BTreeMap::from([(ns.clone(), nat.floating.iter().copied().collect())]);
+        assert_eq!(
+            released(&before, &now),
+            vec![(ns.clone(), nat.floating[1].floating)]
+        );
     }
 
     #[test]
