@@ -336,6 +336,29 @@ pub fn remote(
         .host
         .parse()
         .map_err(|_| waiting("its export's host is not an IP address"))?;
+    // Never this node's own services, nor everyone's: another node's storage address is a
+    // unicast address off this host.
+    let local = match host {
+        std::net::IpAddr::V4(a) => {
+            a.is_loopback()
+                || a.is_unspecified()
+                || a.is_link_local()
+                || a.is_multicast()
+                || a.is_broadcast()
+        }
+        std::net::IpAddr::V6(a) => {
+            a.is_loopback()
+                || a.is_unspecified()
+                || a.is_multicast()
+                || a.is_unicast_link_local()
+                || a.to_ipv4_mapped().is_some()
+        }
+    };
+    if local {
+        return Err(waiting(
+            "its export's host is not another node's address (loopback, link-local, multicast or unspecified)",
+        ));
+    }
     let named = !export.name.is_empty()
         && export.name.len() <= 64
         && export
@@ -731,6 +754,14 @@ mod tests {
         waits(failed, "cannot export it to node n1: no address");
         for (field, bad) in [
             ("host", json!("storage.example")),
+            ("host", json!("127.0.0.1")),
+            ("host", json!("127.1.2.3")),
+            ("host", json!("0.0.0.0")),
+            ("host", json!("169.254.169.254")),
+            ("host", json!("::1")),
+            ("host", json!("::ffff:127.0.0.1")),
+            ("host", json!("fe80::1")),
+            ("host", json!("224.0.0.1")),
             ("name", json!("../x")),
             ("name", json!("A")),
             ("port", json!(0)),
