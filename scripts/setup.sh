@@ -53,6 +53,7 @@ py   swift                python3-swift
 bin  swift-object-server  swift-object
 bin  swift-container-server swift-container
 bin  swift-account-server swift-account
+bin  rsync                rsync
 bin  swift-proxy-server   swift-proxy
 py   keystonemiddleware   python3-keystonemiddleware
 bin  swift                python3-swiftclient

@@ -123,11 +123,27 @@ pub fn prepare(config: &NodeConfig) -> Result<(), ObjectError> {
         std::fs::write(&path, text)
             .map_err(|e| DriverError::io(format!("write {}", path.display()), e))?;
     }
+    let path = config.rsyncd_path();
+    std::fs::write(&path, config.rsyncd_conf()?)
+        .map_err(|e| DriverError::io(format!("write {}", path.display()), e))?;
     Ok(())
 }
 
-/// The process the node runs as `name` (`swift-object-replicator`).
+/// The process the node runs as `name` (`swift-object-replicator`, `rsync`).
 pub fn process_spec(config: &Config, name: &str) -> ProcessSpec {
+    if name == crate::config::RSYNC {
+        return ProcessSpec {
+            name: name.to_owned(),
+            program: config.bin_dir.join(name),
+            args: vec![
+                "--daemon".into(),
+                "--no-detach".into(),
+                "--config".into(),
+                config.node.rsyncd_path().into_os_string(),
+            ],
+            log: config.node.log_dir().join("rsync.log"),
+        };
+    }
     let kind = KINDS
         .into_iter()
         .find(|k| name.starts_with(&format!("swift-{}-", kind_name(*k))))
@@ -605,7 +621,7 @@ mod tests {
         let sup = Arc::new(FakeSupervisor::new());
         let mut a = agent(Arc::clone(&sup));
         a.supervise().await;
-        assert_eq!(sup.observe().len(), 3, "the three servers");
+        assert_eq!(sup.observe().len(), 4, "the three servers and rsync");
 
         sup.crash("swift-object-server", "signal: 9 (SIGKILL)");
         a.supervise().await;
@@ -638,7 +654,7 @@ mod tests {
         assert!(!running.contains_key("swift-account-replicator"));
         a.installed.clear();
         a.supervise().await;
-        assert_eq!(sup.observe().len(), 3);
+        assert_eq!(sup.observe().len(), 4);
 
         // A program that cannot start is tried again after its delay, not at every tick.
         sup.crash("swift-account-server", "exit status: 1");

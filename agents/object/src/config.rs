@@ -108,6 +108,12 @@ pub struct NodeConfig {
     pub user: String,
 }
 
+/// The rsync daemon's process name (and program).
+pub const RSYNC: &str = "rsync";
+
+/// The port of the rsync daemon (Swift's replicators name no other: `{replication_ip}::account`).
+pub const RSYNC_PORT: u16 = 873;
+
 /// The server types, in the order they are started.
 pub const KINDS: [RingType; 3] = [RingType::Account, RingType::Container, RingType::Object];
 
@@ -200,6 +206,41 @@ impl NodeConfig {
             .join(format!("{}-server.conf", kind_name(kind)))
     }
 
+    /// The rsync daemon's configuration file.
+    pub fn rsyncd_path(&self) -> PathBuf {
+        self.state_dir.join("rsyncd.conf")
+    }
+
+    /// The rsync daemon's configuration (Swift's documented `rsyncd.conf`): on the node's
+    /// address, modules `account` and `container` writing into the devices root, through
+    /// which the account and container replicators copy a whole database to a node that lacks
+    /// it. The object replicators use `ssync` and need none.
+    ///
+    /// # Errors
+    /// A path or value that cannot be written.
+    pub fn rsyncd_conf(&self) -> Result<String, ConfigError> {
+        // Global parameters come before any section; rsync ignores blanks in a parameter's
+        // name (`read only` is `readonly`), which keeps each key a plain name.
+        let mut ini = Ini::new();
+        ini.set("address", self.ip)?
+            .set("port", RSYNC_PORT)?
+            .set("uid", &self.user)?
+            .set("usechroot", "no")?
+            .set("logfile", path_str(&self.log_dir().join("rsyncd.log"))?)?;
+        for kind in [RingType::Account, RingType::Container] {
+            let name = kind_name(kind);
+            ini.section(name)?
+                .set("path", path_str(&self.devices_dir)?)?
+                .set("readonly", "false")?
+                .set("maxconnections", 8)?
+                .set(
+                    "lockfile",
+                    path_str(&self.state_dir.join(format!("rsync-{name}.lock")))?,
+                )?;
+        }
+        Ok(ini.finish())
+    }
+
     /// The configuration file of `kind`'s server and its daemons.
     ///
     /// # Errors
@@ -281,6 +322,25 @@ pub(crate) mod tests {
         assert!(account.contains("bind_port = 6202\n"));
         assert!(account.contains("[account-reaper]\n"));
         assert!(!account.contains("sync_method"));
+    }
+
+    #[test]
+    fn the_rsyncd_conf_serves_account_and_container_modules_on_the_node_address() {
+        let text = config().rsyncd_conf().expect("conf");
+        assert!(
+            text.starts_with("address = 127.0.0.2\nport = 873\nuid = root\n"),
+            "{text}"
+        );
+        for module in ["account", "container"] {
+            let section = format!(
+                "[{module}]\npath = /srv/node\nreadonly = false\nmaxconnections = 8\nlockfile = /var/lib/stratus/object/rsync-{module}.lock\n"
+            );
+            assert!(text.contains(&section), "{section:?} not in\n{text}");
+        }
+        assert!(!text.contains("[object]"));
+        let mut c = config();
+        c.devices_dir = "/srv/node\n[account]\npath = /".into();
+        assert!(c.rsyncd_conf().is_err());
     }
 
     #[test]

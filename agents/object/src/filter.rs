@@ -1,6 +1,6 @@
 //! The node's Swift allow-list: an nftables table that lets only the rings' nodes and the
-//! configured proxies reach the account, container and object servers, which have no
-//! authentication of their own.
+//! configured proxies reach the account, container and object servers and the rsync daemon,
+//! which have no authentication of their own.
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
@@ -14,7 +14,7 @@ use nftables::stmt::{Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use stratus_api_types::object::ObjectRing;
 
-use crate::config::{KINDS, NodeConfig};
+use crate::config::{KINDS, NodeConfig, RSYNC_PORT};
 
 /// `nft` refused the table, or could not be run.
 #[derive(Debug, thiserror::Error)]
@@ -82,13 +82,14 @@ pub fn render(config: &NodeConfig, peers: &BTreeSet<Ipv4Addr>) -> Nftables<'stat
         })
     };
     let address = |a: Ipv4Addr| Expression::String(Cow::Owned(a.to_string()));
-    for kind in KINDS {
+    let ports = KINDS
+        .into_iter()
+        .map(|k| config.ports.of(k))
+        .chain([RSYNC_PORT]);
+    for port in ports {
         let to_server = [
             eq(payload("ip", "daddr"), address(config.ip)),
-            eq(
-                payload("tcp", "dport"),
-                Expression::Number(u32::from(config.ports.of(kind))),
-            ),
+            eq(payload("tcp", "dport"), Expression::Number(u32::from(port))),
         ];
         let mut rules: Vec<Vec<Statement>> = peers
             .iter()
@@ -207,6 +208,8 @@ mod tests {
                 "127.0.0.2 6201 drop",
                 "127.0.0.2 6200 10.0.0.5 accept",
                 "127.0.0.2 6200 drop",
+                "127.0.0.2 873 10.0.0.5 accept",
+                "127.0.0.2 873 drop",
             ]
         );
         assert_eq!(table_name(config.ip), "stratus_swift_127_0_0_2");

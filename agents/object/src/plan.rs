@@ -9,13 +9,14 @@ use stratus_api_types::object::{
     DeviceState, ObjectDeviceStatus, ObjectNodePhase, ObjectProcessStatus, ObjectRing, RingType,
 };
 
-use crate::config::{KINDS, daemons, kind_name};
+use crate::config::{KINDS, RSYNC, daemons, kind_name};
 
 /// The program names the node runs when the rings of `installed` types are in place: every
-/// server, and the daemons of the types whose ring is installed (a replicator without its
-/// ring would exit at once).
+/// server and the rsync daemon (through which the account and container replicators recreate
+/// a database a node lacks), and the daemons of the types whose ring is installed (a
+/// replicator without its ring would exit at once).
 pub fn wanted(installed: &BTreeSet<&'static str>) -> Vec<String> {
-    let mut out = Vec::new();
+    let mut out = vec![RSYNC.to_owned()];
     for kind in KINDS {
         let name = kind_name(kind);
         out.push(format!("swift-{name}-server"));
@@ -205,6 +206,7 @@ mod tests {
         assert_eq!(
             wanted(&BTreeSet::new()),
             names(&[
+                "rsync",
                 "swift-account-server",
                 "swift-container-server",
                 "swift-object-server"
@@ -215,7 +217,7 @@ mod tests {
         assert!(w.contains(&"swift-object-updater".to_owned()));
         assert!(w.contains(&"swift-object-auditor".to_owned()));
         assert!(!w.iter().any(|n| n.starts_with("swift-account-r")));
-        assert_eq!(wanted(&["account", "container", "object"].into()).len(), 12);
+        assert_eq!(wanted(&["account", "container", "object"].into()).len(), 13);
     }
 
     #[test]

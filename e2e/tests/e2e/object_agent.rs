@@ -129,14 +129,16 @@ impl Node {
 
     /// The `.data` files of the object under partition `part` on this node's devices.
     fn replicas(&self, part: u32) -> Vec<PathBuf> {
+        self.files("objects", part, "data")
+    }
+
+    /// The files ending in `.ext` under `dir`'s partition `part` on this node's devices.
+    fn files(&self, dir: &str, part: u32, ext: &str) -> Vec<PathBuf> {
         let mut out = Vec::new();
         for d in devices(self.i) {
-            find_data(
-                &self
-                    .devices_dir()
-                    .join(d)
-                    .join("objects")
-                    .join(part.to_string()),
+            find_files(
+                &self.devices_dir().join(d).join(dir).join(part.to_string()),
+                ext,
                 &mut out,
             );
         }
@@ -156,15 +158,15 @@ impl Drop for Node {
     }
 }
 
-fn find_data(dir: &Path, out: &mut Vec<PathBuf>) {
+fn find_files(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for e in entries.flatten() {
         let p = e.path();
         if p.is_dir() {
-            find_data(&p, out);
-        } else if p.extension().is_some_and(|x| x == "data") {
+            find_files(&p, ext, out);
+        } else if p.extension().is_some_and(|x| x == ext) {
             out.push(p);
         }
     }
@@ -199,30 +201,47 @@ fn ring(cloud: &Cloud, name: &str) -> Option<ObjectRing> {
 fn ready(cloud: &Cloud, i: usize) -> Option<ObjectNode> {
     let n = object_node(cloud, &name(i))?;
     let s = n.status.as_ref()?;
-    (s.phase == ObjectNodePhase::Ready && s.rings.len() == 3 && s.processes.len() == 12)
+    (s.phase == ObjectNodePhase::Ready && s.rings.len() == 3 && s.processes.len() == 13)
         .then_some(n)
 }
 
 /// Writes the object through Swift's `direct_client` to the primaries the ring at
 /// `swift_dir` names; its partition.
 fn put_object(swift_dir: &Path) -> Result<u32> {
+    direct_put(
+        swift_dir,
+        "ring = Ring(sys.argv[1], ring_name='object')\n\
+         part, nodes = ring.get_nodes('AUTH_oa', 'c', 'o')\n\
+         for n in nodes:\n\
+         \x20   direct_client.direct_put_object(n, part, 'AUTH_oa', 'c', 'o', b'hello stratus', content_length=13)\n",
+    )
+}
+
+/// Creates container `db` of account `AUTH_oa` through Swift's `direct_client` on the
+/// primaries of the container ring at `swift_dir`; its partition.
+fn put_container(swift_dir: &Path) -> Result<u32> {
+    direct_put(
+        swift_dir,
+        "ring = Ring(sys.argv[1], ring_name='container')\n\
+         part, nodes = ring.get_nodes('AUTH_oa', 'db')\n\
+         for n in nodes:\n\
+         \x20   direct_client.direct_put_container(n, part, 'AUTH_oa', 'db')\n",
+    )
+}
+
+/// Runs `script` (which sets `part`) with Swift's `Ring` and `direct_client` imported and the
+/// ring directory as its argument; the partition it printed.
+fn direct_put(swift_dir: &Path, script: &str) -> Result<u32> {
     let out = Command::new("/usr/bin/python3")
         .arg("-c")
-        .arg(
-            "import sys\n\
-             from swift.common.ring import Ring\n\
-             from swift.common import direct_client\n\
-             ring = Ring(sys.argv[1], ring_name='object')\n\
-             part, nodes = ring.get_nodes('AUTH_oa', 'c', 'o')\n\
-             for n in nodes:\n\
-             \x20   direct_client.direct_put_object(n, part, 'AUTH_oa', 'c', 'o', b'hello stratus', content_length=13)\n\
-             print(part)",
-        )
+        .arg(format!(
+            "import sys\nfrom swift.common.ring import Ring\nfrom swift.common import direct_client\n{script}print(part)"
+        ))
         .arg(swift_dir)
         .output()?;
     ensure!(
         out.status.success(),
-        "python3 direct_put_object: {}",
+        "python3 direct_client: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
@@ -295,6 +314,21 @@ fn three_nodes_serve_rings_restart_and_repair_replicas() -> Result<()> {
             name(n.i)
         );
     }
+
+    // A container database taken away from node 1 is put back whole by the other nodes'
+    // replicators, over node 1's rsync daemon.
+    let container_part = put_container(&nodes[0].swift_dir())?;
+    let dbs = nodes[0].files("containers", container_part, "db");
+    ensure!(dbs.len() == 1, "node 1 holds {dbs:?} of the container");
+    for n in &nodes[1..] {
+        ensure!(n.files("containers", container_part, "db").len() == 1);
+    }
+    let hash_dir = dbs[0].parent().context("the database's directory")?;
+    std::fs::remove_dir_all(hash_dir)?;
+    wait_until(WAIT, "the container database back on node 1", || {
+        (nodes[0].files("containers", container_part, "db").len() == 1).then_some(())
+    })
+    .with_context(|| nodes[1].log())?;
 
     // Node 1's agent killed: its servers stop with it.
     nodes[0].agent.as_mut().context("agent")?.kill();
