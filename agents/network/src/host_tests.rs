@@ -12,6 +12,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use serde_json::json;
+use stratus_api_types::common::Reason;
 
 use crate::agent::tests::{group, hypervisor, network, port, subnet};
 use crate::agent::{Host, PortState, converge};
@@ -20,7 +21,7 @@ use crate::driver::dnsmasq::Dnsmasq;
 use crate::driver::host_tests::{lease, ping, pings, root, run_in, unique};
 use crate::driver::netlink::NetlinkLinks;
 use crate::driver::nft::NftFirewall;
-use crate::driver::{Dhcp, IfName, Links, Name, Netns, Role, VethSpec};
+use crate::driver::{Dhcp, IfName, LinkKind, Links, Name, Netns, Role, VethSpec};
 use crate::plan::{is_derived, is_dhcp_name_of};
 
 /// Removes, when dropped, each node's DHCP servers and namespaces, then the namespaces the
@@ -903,4 +904,350 @@ fn an_agent_started_again_on_a_fresh_node_wires_every_port_at_once() {
     l.add_netns(&b).expect("netns");
     taps(&b, PORTS);
     all_wired(&b, &host(&b, &dns2), "new agent, new namespace");
+}
+
+#[test]
+fn netlink_links_pass_the_vlan_conformance_suite() {
+    if !root() {
+        return;
+    }
+    let prefix = unique();
+    let _cleanup = Cleanup {
+        dhcp: vec![],
+        namespaces: vec![name(format!("{prefix}-v"))],
+        _dirs: vec![],
+    };
+    let l = NetlinkLinks::new();
+    if kernel_has_vlans(&l, &prefix) {
+        crate::driver::conformance::vlans(&l, &prefix);
+    }
+}
+
+/// Whether this kernel makes VLAN sub-interfaces (CONFIG_VLAN_8021Q), tried in a namespace
+/// `<prefix>-v` made and deleted here. Without it, the refusal says so by name.
+fn kernel_has_vlans(l: &NetlinkLinks, prefix: &str) -> bool {
+    let n = name(format!("{prefix}-v"));
+    let ns = Netns::Named(n.clone());
+    l.add_netns(&n).expect("netns");
+    l.add_bridge(&ns, &ifname("probe")).expect("bridge");
+    let made = l.add_vlan(
+        &ns,
+        &crate::driver::VlanSpec {
+            name: ifname("probe.100"),
+            parent: ifname("probe"),
+            id: 100,
+        },
+    );
+    l.del_netns(&n).expect("delete netns");
+    match made {
+        Ok(()) => true,
+        Err(e) => {
+            let msg = stratus_runtime::policy::chain(&e);
+            assert!(msg.contains("no 802.1Q VLAN support"), "{msg}");
+            false
+        }
+    }
+}
+
+/// The packets `device` in `ns` has received (`ip -s -j link`).
+fn rx_packets(ns: &Name, device: &IfName) -> u64 {
+    let (ok, out) = run_in(
+        ns,
+        &["ip", "-s", "-j", "link", "show", "dev", device.as_str()],
+    );
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("ip -j output");
+    v[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .expect("rx packets")
+}
+
+/// Two vlan networks (IDs 100 and 200, both 10.9.0.0/24, in two projects) on physical
+/// network physnet1, which is a veth pair `phys` between two nodes; a guest of each network
+/// on each node, with its port's MAC and address. Guests of one VLAN ping each other, those
+/// of the other VLAN are not reached; the frames cross `phys` tagged (the receiving node's
+/// sub-interface of the VLAN counts them, the other VLAN's does not); a sub-interface
+/// deleted by hand is made again; with the networks gone no sub-interface is left and
+/// `phys` is. On a kernel without 802.1Q (CONFIG_VLAN_8021Q unset) every port says so
+/// instead (WiringFailed) and no sub-interface is made.
+#[test]
+fn vlan_networks_on_a_physical_link_carry_their_tags_and_stay_apart() {
+    if !root() {
+        return;
+    }
+    let prefix = unique();
+    let l = NetlinkLinks::new();
+    let (na, nb) = (name(format!("{prefix}-a")), name(format!("{prefix}-b")));
+    let guests: Vec<Name> = ["a1", "b1", "a2", "b2"]
+        .iter()
+        .map(|g| name(format!("{prefix}-{g}")))
+        .collect();
+    let (da, db) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let (dnsa, dnsb) = (
+        Dnsmasq::new(da.path().join("dhcp")),
+        Dnsmasq::new(db.path().join("dhcp")),
+    );
+    let _cleanup = Cleanup {
+        dhcp: vec![
+            (dnsa.clone(), na.to_string()),
+            (dnsb.clone(), nb.to_string()),
+        ],
+        namespaces: [na.clone(), nb.clone(), name(format!("{prefix}-v"))]
+            .into_iter()
+            .chain(guests.iter().cloned())
+            .collect(),
+        _dirs: vec![],
+    };
+    let (nsa, nsb) = (Netns::Named(na.clone()), Netns::Named(nb.clone()));
+    for n in [&na, &nb] {
+        l.add_netns(n).expect("netns");
+    }
+    // The physical link: `phys` on each node, up, no address.
+    let phys = ifname("phys");
+    l.add_veth(
+        &nsa,
+        &VethSpec {
+            name: phys.clone(),
+            peer: phys.clone(),
+            peer_netns: Some(nsb.clone()),
+        },
+    )
+    .expect("physical link");
+    for ns in [&nsa, &nsb] {
+        l.set_up(ns, &phys, true).expect("up");
+    }
+
+    // (guest, node, port, device, MAC, address, project)
+    let plan = [
+        (
+            &guests[0],
+            &nsa,
+            "pa1",
+            "tp-pa1",
+            "02:00:00:00:01:01",
+            "10.9.0.11",
+            "demo",
+        ),
+        (
+            &guests[1],
+            &nsb,
+            "pb1",
+            "tp-pb1",
+            "02:00:00:00:01:02",
+            "10.9.0.12",
+            "demo",
+        ),
+        (
+            &guests[2],
+            &nsa,
+            "pa2",
+            "tp-pa2",
+            "02:00:00:00:02:01",
+            "10.9.0.14",
+            "other",
+        ),
+        (
+            &guests[3],
+            &nsb,
+            "pb2",
+            "tp-pb2",
+            "02:00:00:00:02:02",
+            "10.9.0.13",
+            "other",
+        ),
+    ];
+    let mut base = crate::agent::tests::snapshot();
+    let vlan = |id: u16| {
+        let mut n = (*network("net", &format!("uid-net{id}"), None)).clone();
+        n.spec.segmentation = stratus_api_types::network::Segmentation::Vlan;
+        n.spec.physical_network = Some("physnet1".into());
+        n.spec.mtu = 1450;
+        n.status
+            .get_or_insert_with(Default::default)
+            .segmentation_id = Some(id);
+        Arc::new(n)
+    };
+    base.networks = vec![vlan(100), in_project(vlan(200), "other")];
+    base.subnets = vec![
+        of_network(subnet("sn", "net", "10.9.0.0/24"), "uid-net100"),
+        in_project(
+            of_network(subnet("sn", "net", "10.9.0.0/24"), "uid-net200"),
+            "other",
+        ),
+    ];
+    base.groups
+        .push(in_project(base.groups[0].clone(), "other"));
+    base.ports = plan
+        .iter()
+        .map(|(_, ns, p, dev, mac, ip, project)| {
+            let node = if *ns == &nsa { "n1" } else { "n2" };
+            let id = if *project == "demo" { 100 } else { 200 };
+            let port = of_network(
+                port(p, "net", node, mac, ip, Some(dev)),
+                &format!("uid-net{id}"),
+            );
+            if *project == "demo" {
+                port
+            } else {
+                in_project(port, project)
+            }
+        })
+        .collect();
+    let snap = renamed(&base, na.as_str(), nb.as_str(), &prefix);
+    let eth0 = ifname("eth0");
+    for (g, ns, _, dev, mac, ip, _) in &plan {
+        guest(&l, ns, g, &ifname(dev));
+        // No IPv6 chatter: the only traffic is the test's.
+        sh(g, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+        l.set_mac(
+            &Netns::Named((*g).clone()),
+            &eth0,
+            mac.parse().expect("mac"),
+        )
+        .expect("mac");
+        sh(
+            g,
+            &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+        );
+    }
+
+    let host = |ns: &Netns, d: &Dnsmasq| Host {
+        links: Arc::new(NetlinkLinks::new()),
+        firewall: Arc::new(NftFirewall::new(ns.clone())),
+        dhcp: Arc::new(d.clone()),
+    };
+    let (ha, hb) = (host(&nsa, &dnsa), host(&nsb, &dnsb));
+    let cfg = |n: &Name, ns: &Netns| NodeConfig {
+        node: n.to_string(),
+        netns: ns.clone(),
+        underlay: None,
+        physical: [("physnet1".to_owned(), phys.clone())].into(),
+    };
+    let (ca, cb) = (cfg(&na, &nsa), cfg(&nb, &nsb));
+    if !kernel_has_vlans(&l, &prefix) {
+        // A kernel without 802.1Q: each port says why it is not wired, and no sub-interface
+        // is left half-made.
+        for (h, c) in [(&ha, &ca), (&hb, &cb)] {
+            let r = converge(h, c, &snap).expect("converge");
+            for p in snap.ports.iter().filter(|p| {
+                p.status.as_ref().and_then(|s| s.hypervisor.as_deref()) == Some(&c.node)
+            }) {
+                match r.ports.get(&PortKey::of(p)) {
+                    Some(PortState::NotWired { reason, message }) => {
+                        assert_eq!(*reason, Reason::WiringFailed);
+                        assert!(message.contains("no 802.1Q VLAN support"), "{message}");
+                    }
+                    s => panic!("{s:?}"),
+                }
+            }
+            let links = l.links(&c.netns).expect("links");
+            assert!(
+                !links.iter().any(|k| is_derived(&k.name, "vl")),
+                "{links:?}"
+            );
+        }
+        return;
+    }
+    let converge_both = |snap: &Snapshot| {
+        for (h, c) in [(&ha, &ca), (&hb, &cb)] {
+            let r = converge(h, c, snap).expect("converge");
+            assert!(r.failures.is_empty(), "{}: {:?}", c.node, r.failures);
+            for p in &snap.ports {
+                if p.status.as_ref().and_then(|s| s.hypervisor.as_deref()) == Some(&c.node) {
+                    assert!(
+                        matches!(r.ports.get(&PortKey::of(p)), Some(PortState::Wired { .. })),
+                        "{:?}",
+                        r.ports.get(&PortKey::of(p))
+                    );
+                }
+            }
+        }
+    };
+    converge_both(&snap);
+    for (h, c) in [(&ha, &ca), (&hb, &cb)] {
+        assert_eq!(converge(h, c, &snap).expect("converge").steps, vec![]);
+    }
+    let sub = |id: u16| {
+        let uid = snap
+            .networks
+            .iter()
+            .find(|n| n.status.as_ref().and_then(|s| s.segmentation_id) == Some(id))
+            .and_then(|n| n.metadata.uid.clone())
+            .expect("network");
+        IfName::derived(Role::Vlan, &uid)
+    };
+    let (vl100, vl200) = (sub(100), sub(200));
+    for ns in [&nsa, &nsb] {
+        for (vl, id) in [(&vl100, 100), (&vl200, 200)] {
+            let link = l.link(ns, vl).expect("link").expect("sub-interface");
+            assert_eq!((link.kind, link.up), (LinkKind::Vlan(id), true));
+        }
+        assert_eq!(
+            l.link(ns, &phys).expect("link").and_then(|k| k.master),
+            None,
+            "the physical interface is on no bridge"
+        );
+    }
+
+    let ip = |s: &str| -> Ipv4Addr { s.parse().expect("ip") };
+    // Same VLAN: reached; the other VLAN's guest with an address of the same subnet: not.
+    assert!(
+        pings(&guests[0], ip("10.9.0.12"), 10),
+        "VLAN 100 across nodes"
+    );
+    assert!(
+        pings(&guests[2], ip("10.9.0.13"), 10),
+        "VLAN 200 across nodes"
+    );
+    assert!(!pings(&guests[0], ip("10.9.0.13"), 3), "VLAN 100 to 200");
+    assert!(!pings(&guests[2], ip("10.9.0.12"), 3), "VLAN 200 to 100");
+    assert!(
+        !pings(&guests[0], ip("10.9.0.14"), 3),
+        "VLAN 100 to 200 on one node"
+    );
+
+    // Tagged on the wire: node b's sub-interface of VLAN 100 receives each echo request
+    // and reply's frames, VLAN 200's none of them.
+    let (before100, before200) = (rx_packets(&nb, &vl100), rx_packets(&nb, &vl200));
+    let count = 20;
+    for _ in 0..count {
+        assert!(ping(&guests[0], ip("10.9.0.12")));
+    }
+    let (after100, after200) = (rx_packets(&nb, &vl100), rx_packets(&nb, &vl200));
+    assert!(after100 - before100 >= count, "{before100} → {after100}");
+    assert!(after200 - before200 < count, "{before200} → {after200}");
+
+    // Deleted by hand: made again.
+    l.del_link(&nsa, &vl100).expect("delete by hand");
+    assert!(!pings(&guests[0], ip("10.9.0.12"), 2));
+    let r = converge(&ha, &ca, &snap).expect("converge");
+    assert!(
+        r.steps.iter().any(
+            |s| matches!(&s.op, crate::plan::Op::AddVlan(_, v) if v.name == vl100 && v.id == 100)
+        ),
+        "{:?}",
+        r.steps
+    );
+    assert!(pings(&guests[0], ip("10.9.0.12"), 10), "repaired");
+
+    // The networks gone: no sub-interface or bridge left; the physical link stays.
+    converge_both(&Snapshot::default());
+    for ns in [&nsa, &nsb] {
+        let left: Vec<String> = l
+            .links(ns)
+            .expect("links")
+            .into_iter()
+            .filter(|k| {
+                ["br", "vx", "vl", "ve"]
+                    .iter()
+                    .any(|p| is_derived(&k.name, p))
+            })
+            .map(|k| k.name.to_string())
+            .collect();
+        assert_eq!(left, Vec::<String>::new());
+        assert!(l.link(ns, &phys).expect("link").is_some(), "left alone");
+    }
 }

@@ -43,6 +43,7 @@ const ENODEV: i32 = 19;
 const EEXIST: i32 = 17;
 const EADDRNOTAVAIL: i32 = 99;
 const ESRCH: i32 = 3;
+const EOPNOTSUPP: i32 = 95;
 
 /// A main-table IPv4 route through a gateway, as [`RouteSpec`]; `None` for any other.
 fn route_of(m: &RouteMessage) -> Option<RouteSpec> {
@@ -636,7 +637,20 @@ impl Links for NetlinkLinks {
             let msg = LinkVlan::new(spec.name.as_str(), parent, spec.id)
                 .down()
                 .build();
-            create(&h, &ns2, &spec.name, msg, |k| *k == LinkKind::Vlan(spec.id)).await
+            create(&h, &ns2, &spec.name, msg, |k| *k == LinkKind::Vlan(spec.id))
+                .await
+                .map_err(|e| match e {
+                    LinkError::Netlink { what, source } if errno(&source) == Some(EOPNOTSUPP) => {
+                        LinkError::Netlink {
+                            what: format!(
+                                "{what}: this kernel has no 802.1Q VLAN support \
+                                 (CONFIG_VLAN_8021Q)"
+                            ),
+                            source,
+                        }
+                    }
+                    e => e,
+                })
         })
     }
 
