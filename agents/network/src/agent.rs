@@ -884,7 +884,8 @@ pub async fn run(client: Client, host: Host, config: Config) {
     let mut wired: BTreeSet<IfName> = BTreeSet::new();
     let mut first = true;
     let mut converged_once = false;
-    let mut metadata = crate::metadata::Service::new(client.clone(), node.clone());
+    let servers = crate::metadata::Watched::new(client.clone(), &node);
+    let mut metadata = crate::metadata::Service::new(servers, node.clone());
     // The floating addresses each router translated when the node was last converged whole;
     // at start, what the routers' tables translate (the agent may have been down when some
     // were taken away).

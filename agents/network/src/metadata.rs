@@ -13,8 +13,9 @@
 //! from an address no port of the node holds is closed as soon as accepted; one address
 //! holds at most [`PER_SOURCE`] connections at once and opens at most [`RATE`] a second, a
 //! listener at most [`MAX_CONNECTIONS`]: past those a connection is closed unanswered, so
-//! one guest cannot keep the others waiting. Servers and Keypairs are remembered for
-//! [`CACHE_TIME`]: a guest asking in a loop costs the API one read of each that long.
+//! one guest cannot keep the others waiting. The node's Servers come from a watch
+//! ([`Watched`]); Servers and Keypairs are remembered for [`CACHE_TIME`]: a guest asking in a
+//! loop costs the API at most one read of its Keypair that long.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -25,9 +26,12 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
+use futures::StreamExt;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use kube::api::Api;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use stratus_api_types::compute::{Keypair, Server};
@@ -559,6 +563,51 @@ impl Drop for Ticket {
                 || u.since
                     .is_some_and(|s| s.elapsed() < Duration::from_secs(1))
         });
+    }
+}
+
+/// The node's Servers from a watch of those placed on it (`status.hypervisor=NODE`, as the
+/// node may read them), so that answering costs no API call; Keypairs, which a node cannot
+/// watch, read by name. A Server is read from the API only until the watch has listed.
+pub struct Watched {
+    client: Client,
+    servers: Store<Server>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Watched {
+    /// Starts the watch of `node`'s Servers.
+    pub fn new(client: Client, node: &str) -> Self {
+        let (servers, writer) = reflector::store();
+        let cfg = watcher::Config::default().fields(&format!("status.hypervisor={node}"));
+        let events = watcher(Api::<Server>::all(client.clone()), cfg).default_backoff();
+        let task = tokio::spawn(reflector::reflector(writer, events).for_each(|_| async {}));
+        Self {
+            client,
+            servers,
+            task: task.abort_handle(),
+        }
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Source for Watched {
+    async fn server(&self, namespace: &str, name: &str) -> Result<Option<Server>, SourceError> {
+        let listed = futures::FutureExt::now_or_never(self.servers.wait_until_ready());
+        if matches!(listed, Some(Ok(()))) {
+            let key = reflector::ObjectRef::new(name).within(namespace);
+            return Ok(self.servers.get(&key).map(|s| (*s).clone()));
+        }
+        read(&self.client, namespace, name).await
+    }
+
+    async fn keypair(&self, namespace: &str, name: &str) -> Result<Option<Keypair>, SourceError> {
+        read(&self.client, namespace, name).await
     }
 }
 
