@@ -448,15 +448,11 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
             agent.kill();
         }
     }
-    wait_until(
-        T,
-        "the lost node to be NotReady",
-        || {
-            json(&cloud, &["get", "hypervisor", &lost])
-                .ok()
-                .filter(|h| h["status"]["phase"] == "NotReady")
-        },
-    )
+    wait_until(T, "the lost node to be NotReady", || {
+        json(&cloud, &["get", "hypervisor", &lost])
+            .ok()
+            .filter(|h| h["status"]["phase"] == "NotReady")
+    })
     .with_context(|| {
         let log = cloud.log();
         let tail: Vec<&str> = log
