@@ -1589,7 +1589,8 @@ mod tests {
             "{gone:?}"
         );
         assert!(
-            !gone.iter()
+            !gone
+                .iter()
                 .any(|op| matches!(op, Op::DelLink(_, l) if *l == eth1)),
             "{gone:?}"
         );
