@@ -57,6 +57,32 @@ impl Drop for Cleanup {
     }
 }
 
+/// Nodes `a` and `b` with a DHCP server directory each (removed with the [`Cleanup`],
+/// which also removes their servers and `namespaces`), and each node's [`Host`] of real
+/// drivers.
+fn two_hosts(a: &Name, b: &Name, namespaces: Vec<Name>) -> (Cleanup, Host, Host) {
+    let (da, db) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let (dnsa, dnsb) = (
+        Dnsmasq::new(da.path().join("dhcp")),
+        Dnsmasq::new(db.path().join("dhcp")),
+    );
+    let host = |n: &Name, d: &Dnsmasq| Host {
+        links: Arc::new(NetlinkLinks::new()),
+        firewall: Arc::new(NftFirewall::new(Netns::Named(n.clone()))),
+        dhcp: Arc::new(d.clone()),
+    };
+    let (ha, hb) = (host(a, &dnsa), host(b, &dnsb));
+    let cleanup = Cleanup {
+        dhcp: vec![(dnsa, a.to_string()), (dnsb, b.to_string())],
+        namespaces,
+        _dirs: vec![da, db],
+    };
+    (cleanup, ha, hb)
+}
+
 /// Waits for `f` to hold: up to 60 s, for a loaded machine (it holds within a second here).
 fn wait(f: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -535,29 +561,18 @@ fn a_router_on_a_network_node_translates_floating_ips_and_snat_for_a_guest_on_an
     let l = NetlinkLinks::new();
     let (na, nb) = (name(format!("{prefix}-a")), name(format!("{prefix}-b")));
     let (g1, ext) = (name(format!("{prefix}-g1")), name(format!("{prefix}-ext")));
-    let (da, db) = (
-        tempfile::tempdir().expect("dir"),
-        tempfile::tempdir().expect("dir"),
-    );
-    let (dnsa, dnsb) = (
-        Dnsmasq::new(da.path().join("dhcp")),
-        Dnsmasq::new(db.path().join("dhcp")),
-    );
     let router_ns = crate::plan::router_name(nb.as_str(), &format!("{prefix}-uid-r1"));
-    let _cleanup = Cleanup {
-        dhcp: vec![
-            (dnsa.clone(), na.to_string()),
-            (dnsb.clone(), nb.to_string()),
-        ],
-        namespaces: vec![
+    let (_cleanup, ha, hb) = two_hosts(
+        &na,
+        &nb,
+        vec![
             na.clone(),
             nb.clone(),
             g1.clone(),
             ext.clone(),
             router_ns.clone(),
         ],
-        _dirs: vec![],
-    };
+    );
     let (nsa, nsb) = (Netns::Named(na.clone()), Netns::Named(nb.clone()));
     for n in [&na, &nb, &ext] {
         l.add_netns(n).expect("netns");
@@ -634,12 +649,6 @@ fn a_router_on_a_network_node_translates_floating_ips_and_snat_for_a_guest_on_an
     };
     move_router(&mut base, "n2");
     let mut snap = renamed(&base, na.as_str(), nb.as_str(), &prefix);
-    let host = |ns: &Netns, d: &Dnsmasq| Host {
-        links: Arc::new(NetlinkLinks::new()),
-        firewall: Arc::new(NftFirewall::new(ns.clone())),
-        dhcp: Arc::new(d.clone()),
-    };
-    let (ha, hb) = (host(&nsa, &dnsa), host(&nsb, &dnsb));
     let ca = NodeConfig {
         node: na.to_string(),
         netns: nsa.clone(),
@@ -982,25 +991,14 @@ fn vlan_networks_on_a_physical_link_carry_their_tags_and_stay_apart() {
         .iter()
         .map(|g| name(format!("{prefix}-{g}")))
         .collect();
-    let (da, db) = (
-        tempfile::tempdir().expect("dir"),
-        tempfile::tempdir().expect("dir"),
-    );
-    let (dnsa, dnsb) = (
-        Dnsmasq::new(da.path().join("dhcp")),
-        Dnsmasq::new(db.path().join("dhcp")),
-    );
-    let _cleanup = Cleanup {
-        dhcp: vec![
-            (dnsa.clone(), na.to_string()),
-            (dnsb.clone(), nb.to_string()),
-        ],
-        namespaces: [na.clone(), nb.clone(), name(format!("{prefix}-v"))]
+    let (_cleanup, ha, hb) = two_hosts(
+        &na,
+        &nb,
+        [na.clone(), nb.clone(), name(format!("{prefix}-v"))]
             .into_iter()
             .chain(guests.iter().cloned())
             .collect(),
-        _dirs: vec![],
-    };
+    );
     let (nsa, nsb) = (Netns::Named(na.clone()), Netns::Named(nb.clone()));
     for n in [&na, &nb] {
         l.add_netns(n).expect("netns");
@@ -1114,12 +1112,6 @@ fn vlan_networks_on_a_physical_link_carry_their_tags_and_stay_apart() {
         );
     }
 
-    let host = |ns: &Netns, d: &Dnsmasq| Host {
-        links: Arc::new(NetlinkLinks::new()),
-        firewall: Arc::new(NftFirewall::new(ns.clone())),
-        dhcp: Arc::new(d.clone()),
-    };
-    let (ha, hb) = (host(&nsa, &dnsa), host(&nsb, &dnsb));
     let cfg = |n: &Name, ns: &Netns| NodeConfig {
         node: n.to_string(),
         netns: ns.clone(),
