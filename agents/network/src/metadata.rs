@@ -1487,6 +1487,9 @@ mod host_tests {
         let l = NetlinkLinks::new();
         let name = |s: &str| Name::new(&format!("{u}-{s}")).expect("name");
         let (dh, g1, g2) = (name("dh"), name("g1"), name("g2"));
+        // Made before the cleanup, so dropped after it: dnsmasq is stopped by the pid file
+        // kept here.
+        let state = tempfile::tempdir().expect("dir");
         let mut c = Cleanup {
             dhcp: None,
             namespaces: vec![],
@@ -1523,7 +1526,6 @@ mod host_tests {
             .expect("mac");
 
         // The DHCP server of the namespace hands g1 its address and the route.
-        let state = tempfile::tempdir().expect("dir");
         let d = Dnsmasq::new(state.path().join("dhcp"));
         let spec = DhcpSpec {
             name: dh.clone(),
