@@ -4,11 +4,10 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
-use nftables::expr::{Expression, NamedExpression, Payload, PayloadField};
+use nftables::expr::{CT, Expression, NamedExpression, Payload, PayloadField};
 use nftables::schema::{Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
 use nftables::stmt::{Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
@@ -102,7 +101,17 @@ pub fn render(config: &NodeConfig, peers: &BTreeSet<Ipv4Addr>) -> Nftables<'stat
                 r
             })
             .collect();
-        let mut drop = to_server.to_vec();
+        // Only connections made to the servers are dropped: a server's port may also be the
+        // source port of one of this host's own connections, whose replies must pass.
+        let mut drop = vec![eq(
+            Expression::Named(NamedExpression::CT(CT {
+                key: "direction".into(),
+                family: None,
+                dir: None,
+            })),
+            Expression::String(Cow::Borrowed("original")),
+        )];
+        drop.extend(to_server.iter().cloned());
         drop.push(Statement::Drop(None));
         rules.push(drop);
         for expr in rules {
@@ -127,27 +136,7 @@ pub fn render(config: &NodeConfig, peers: &BTreeSet<Ipv4Addr>) -> Nftables<'stat
 /// # Errors
 /// `nft` cannot be run or refuses it.
 pub fn apply(table: &Nftables<'_>) -> Result<(), FilterError> {
-    let json = serde_json::to_vec(table).map_err(|e| FilterError(e.to_string()))?;
-    let mut child = Command::new("nft")
-        .args(["-j", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| FilterError(format!("cannot start it: {e}")))?;
-    if let Some(mut pipe) = child.stdin.take() {
-        pipe.write_all(&json)
-            .map_err(|e| FilterError(e.to_string()))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| FilterError(e.to_string()))?;
-    if !out.status.success() {
-        return Err(FilterError(
-            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        ));
-    }
-    Ok(())
+    nftables::helper::apply_ruleset(table).map_err(|e| FilterError(e.to_string()))
 }
 
 /// Takes the node's table away (the agent stops serving on `ip`).
@@ -203,13 +192,13 @@ mod tests {
             rules,
             [
                 "127.0.0.2 6202 10.0.0.5 accept",
-                "127.0.0.2 6202 drop",
+                "original 127.0.0.2 6202 drop",
                 "127.0.0.2 6201 10.0.0.5 accept",
-                "127.0.0.2 6201 drop",
+                "original 127.0.0.2 6201 drop",
                 "127.0.0.2 6200 10.0.0.5 accept",
-                "127.0.0.2 6200 drop",
+                "original 127.0.0.2 6200 drop",
                 "127.0.0.2 873 10.0.0.5 accept",
-                "127.0.0.2 873 drop",
+                "original 127.0.0.2 873 drop",
             ]
         );
         assert_eq!(table_name(config.ip), "stratus_swift_127_0_0_2");
@@ -237,17 +226,34 @@ mod tests {
         let mut config = crate::config::tests::config();
         config.ip = Ipv4Addr::new(127, 0, 79, 1);
         config.ports.object = port;
+        // A connection of this host from the node's address whose source port is also a
+        // server's port: the replies to it are no connection made to the server.
+        let elsewhere = std::net::TcpListener::bind("127.0.79.4:0").expect("listen");
+        let client = tokio::net::TcpSocket::new_v4().expect("socket");
+        client
+            .bind(std::net::SocketAddrV4::new(config.ip, 0).into())
+            .expect("bind");
+        config.ports.account = client.local_addr().expect("address").port();
         let peer = Ipv4Addr::new(127, 0, 79, 2);
         apply(&render(&config, &[peer].into())).expect("apply");
         let to = std::net::SocketAddrV4::new(config.ip, port);
         let stranger = connects(Ipv4Addr::new(127, 0, 79, 3), to).await;
         let from_peer = connects(peer, to).await;
+        let own = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            client.connect(elsewhere.local_addr().expect("address")),
+        )
+        .await;
         remove(config.ip).expect("remove");
         assert!(
             !stranger,
             "a source that is no peer reached the object server's port"
         );
         assert!(from_peer, "the peer was refused");
+        assert!(
+            matches!(own, Ok(Ok(_))),
+            "a reply to the node's own connection was dropped"
+        );
         // Without the table the stranger gets through: it was the table that dropped it.
         assert!(connects(Ipv4Addr::new(127, 0, 79, 3), to).await);
     }

@@ -1,6 +1,7 @@
 //! A volume's data served over NBD to the one other node its Server is on: one `qemu-nbd` per
 //! export, bound to this node's storage address on a port of its own, under a random name, and
-//! an nftables table (`inet stratus_nbd`) that lets only that node's address reach the port.
+//! an nftables table (`inet stratus_nbd_<address>`, one per storage address so that several agents on
+//! one host keep their own) that lets only that node's address reach the port.
 //!
 //! # Why this is enough, and what it is not
 //! The NBD protocol lets a client list a server's exports, so the random name keeps no one out
@@ -30,15 +31,18 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use nftables::expr::{Expression, NamedExpression, Payload, PayloadField};
+use nftables::expr::{CT, Expression, NamedExpression, Payload, PayloadField};
 use nftables::schema::{Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
 use nftables::stmt::{Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde::{Deserialize, Serialize};
 use stratus_api_types::storage::VolumeExport;
 
-/// The table holding the exports' rules.
-pub const TABLE: &str = "stratus_nbd";
+/// The table holding the exports' rules of the agent serving on `host`.
+pub fn table_name(host: IpAddr) -> String {
+    format!("stratus_nbd_{}", host.to_string().replace(['.', ':'], "_"))
+}
+
 /// How long a new `qemu-nbd` has to start listening.
 const START: Duration = Duration::from_secs(10);
 /// How much of a failed `qemu-nbd`'s log an error keeps.
@@ -131,11 +135,11 @@ pub fn same_command(cmdline: &[u8], argv: &[OsString]) -> bool {
 
 /// The table letting each export's peer, and no other address, reach its port: one
 /// transaction that makes it empty (add, delete, add) and fills it.
-pub fn render(records: &[&Record]) -> Nftables<'static> {
+pub fn render(table_name: &str, records: &[&Record]) -> Nftables<'static> {
     let table = || {
         NfListObject::Table(Table {
             family: NfFamily::INet,
-            name: TABLE.into(),
+            name: Cow::Owned(table_name.to_owned()),
             handle: None,
         })
     };
@@ -146,7 +150,7 @@ pub fn render(records: &[&Record]) -> Nftables<'static> {
         add(table()),
         add(NfListObject::Chain(Chain {
             family: NfFamily::INet,
-            table: TABLE.into(),
+            table: Cow::Owned(table_name.to_owned()),
             name: "input".into(),
             _type: Some(NfChainType::Filter),
             hook: Some(NfHook::Input),
@@ -186,13 +190,24 @@ pub fn render(records: &[&Record]) -> Nftables<'static> {
             payload(host_family, "daddr"),
             Expression::String(Cow::Owned(r.host.to_string())),
         );
+        // Only packets of connections made to the port are dropped: the same port number is
+        // also a source port the kernel gives this host's own outgoing connections (to the
+        // API server, to etcd), whose replies must pass.
+        let inbound = eq(
+            Expression::Named(NamedExpression::CT(CT {
+                key: "direction".into(),
+                family: None,
+                dir: None,
+            })),
+            Expression::String(Cow::Borrowed("original")),
+        );
         for expr in [
             vec![port.clone(), peer, host, Statement::Accept(None)],
-            vec![port, Statement::Drop(None)],
+            vec![inbound, port, Statement::Drop(None)],
         ] {
             out.push(add(NfListObject::Rule(Rule {
                 family: NfFamily::INet,
-                table: TABLE.into(),
+                table: Cow::Owned(table_name.to_owned()),
                 chain: "input".into(),
                 expr: Cow::Owned(expr),
                 handle: None,
@@ -518,33 +533,17 @@ impl Exports {
     }
 
     fn write_table(&self, live: &BTreeMap<String, Live>) -> Result<(), ExportError> {
-        if self.address.is_none() && live.is_empty() {
-            return Ok(());
-        }
         let records: Vec<&Record> = live.values().map(|l| &l.record).collect();
-        let json = serde_json::to_vec(&render(&records))
-            .map_err(|e| ExportError::Filter(e.to_string()))?;
-        let mut child = Command::new("nft")
-            .args(["-j", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| ExportError::Filter(format!("cannot start it: {e}")))?;
-        if let Some(mut pipe) = child.stdin.take() {
-            pipe.write_all(&json)
-                .map_err(|e| ExportError::Filter(e.to_string()))?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| ExportError::Filter(e.to_string()))?;
-        if !out.status.success() {
-            return Err(ExportError::Filter(
-                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            ));
-        }
-        Ok(())
+        let Some(host) = self.address.or_else(|| records.first().map(|r| r.host)) else {
+            return Ok(());
+        };
+        install(&render(&table_name(host), &records))
     }
+}
+
+/// Writes `table` with `nft`.
+fn install(table: &Nftables<'_>) -> Result<(), ExportError> {
+    nftables::helper::apply_ruleset(table).map_err(|e| ExportError::Filter(e.to_string()))
 }
 
 #[cfg(test)]
@@ -604,43 +603,50 @@ mod tests {
         v6.peer = "fd00::2".parse().expect("an address");
         v6.host = "fd00::1".parse().expect("an address");
         v6.port = 40124;
-        let json = serde_json::to_value(render(&[&record(), &v6])).expect("json");
+        let json = serde_json::to_value(render("t", &[&record(), &v6])).expect("json");
         let rules: Vec<String> = json["nftables"]
             .as_array()
             .expect("objects")
             .iter()
             .filter_map(|o| o["add"].get("rule"))
             .map(|r| {
-                let e = &r["expr"];
-                let said = |m: &serde_json::Value| {
-                    format!(
-                        "{} {} {}",
-                        m["left"]["payload"]["protocol"].as_str().unwrap_or(""),
-                        m["left"]["payload"]["field"].as_str().unwrap_or(""),
-                        m["right"].as_str().unwrap_or("")
-                    )
+                let said = |s: &serde_json::Value| match s.get("match") {
+                    Some(m) => {
+                        let left = &m["left"];
+                        let what = match (left.get("payload"), left.get("ct")) {
+                            (Some(p), _) => format!(
+                                "{} {}",
+                                p["protocol"].as_str().unwrap_or(""),
+                                p["field"].as_str().unwrap_or("")
+                            ),
+                            (None, Some(ct)) => {
+                                format!("ct {}", ct["key"].as_str().unwrap_or(""))
+                            }
+                            _ => "?".into(),
+                        };
+                        format!("{what} {}", m["right"].to_string().trim_matches('"'))
+                    }
+                    None => s
+                        .as_object()
+                        .and_then(|o| o.keys().next().cloned())
+                        .unwrap_or_default(),
                 };
-                match (e[0]["match"]["right"].as_u64(), e[1].get("match")) {
-                    (Some(port), Some(m)) => format!(
-                        "{port} {} {} {}",
-                        said(m),
-                        said(&e[2]["match"]),
-                        e[3].as_object()
-                            .and_then(|o| o.keys().next().cloned())
-                            .unwrap_or_default()
-                    ),
-                    (Some(port), None) => format!("{port} drop"),
-                    _ => "?".into(),
-                }
+                r["expr"]
+                    .as_array()
+                    .expect("statements")
+                    .iter()
+                    .map(said)
+                    .collect::<Vec<_>>()
+                    .join(" ")
             })
             .collect();
         assert_eq!(
             rules,
             [
-                "40123 ip saddr 10.0.0.2 ip daddr 10.0.0.1 accept",
-                "40123 drop",
-                "40124 ip6 saddr fd00::2 ip6 daddr fd00::1 accept",
-                "40124 drop"
+                "tcp dport 40123 ip saddr 10.0.0.2 ip daddr 10.0.0.1 accept",
+                "ct direction original tcp dport 40123 drop",
+                "tcp dport 40124 ip6 saddr fd00::2 ip6 daddr fd00::1 accept",
+                "ct direction original tcp dport 40124 drop"
             ]
         );
         // The table is made empty first: no rule of an ended export survives.
@@ -685,6 +691,123 @@ mod tests {
         assert_eq!(
             (s.node.as_str(), s.host.as_str(), s.port, s.name.as_str()),
             ("node-b", "10.0.0.1", 40123, "5b1f")
+        );
+    }
+}
+
+/// The table on the real host (root, `nft`): connections made to an export's port from any
+/// address but its peer's are dropped, and this host's own outgoing connections whose source
+/// port happens to be an export's port keep working (their replies are addressed to it).
+#[cfg(test)]
+mod host_tests {
+    use std::io::Write;
+    use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+    use std::time::Duration;
+
+    use tokio::io::AsyncReadExt;
+
+    use super::{Record, install, render};
+
+    const HOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
+    const PEER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+    const OTHER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+
+    /// Removes the test's table however the test ends.
+    struct Table(String);
+
+    impl Drop for Table {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("nft")
+                .args(["delete", "table", "inet", &self.0])
+                .status();
+        }
+    }
+
+    fn export(volume: &str, port: u16) -> Record {
+        Record {
+            volume: volume.into(),
+            device: "/dev/null".into(),
+            node: "peer".into(),
+            peer: PEER.into(),
+            host: HOST.into(),
+            port,
+            name: volume.into(),
+            pid: 0,
+        }
+    }
+
+    /// A socket of `from` bound before connecting, so its port is known first.
+    fn bound(from: Ipv4Addr) -> tokio::net::TcpSocket {
+        let s = tokio::net::TcpSocket::new_v4().expect("a socket");
+        s.bind(SocketAddr::from((from, 0))).expect("bind");
+        s
+    }
+
+    fn port(s: &tokio::net::TcpSocket) -> u16 {
+        s.local_addr().expect("an address").port()
+    }
+
+    /// Connects `s` to `to` and reads the byte the server sends; `None` when nothing answered
+    /// within the time (the packets were dropped).
+    fn exchange(s: tokio::net::TcpSocket, to: &TcpListener) -> Option<u8> {
+        let to = to.local_addr().expect("an address");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async {
+            let limit = Duration::from_secs(3);
+            let mut stream = tokio::time::timeout(limit, s.connect(to))
+                .await
+                .ok()?
+                .ok()?;
+            let mut b = [0u8];
+            tokio::time::timeout(limit, stream.read_exact(&mut b))
+                .await
+                .ok()?
+                .ok()?;
+            Some(b[0])
+        })
+    }
+
+    fn serve(l: &TcpListener) {
+        let l = l.try_clone().expect("listener");
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                let _ = c.write_all(b"!");
+            }
+        });
+    }
+
+    #[test]
+    fn an_export_port_is_closed_to_all_but_its_peer_and_not_to_this_hosts_replies() {
+        let table = Table(format!("stratus_nbd_test_{}", std::process::id()));
+        let exported = TcpListener::bind((HOST, 0)).expect("the export's listener");
+        let elsewhere = TcpListener::bind((HOST, 0)).expect("another server");
+        serve(&exported);
+        serve(&elsewhere);
+        // A client of this host whose source port is also an export's port.
+        let client = bound(HOST);
+        let records = [
+            export("a", exported.local_addr().expect("addr").port()),
+            export("b", port(&client)),
+        ];
+        install(&render(&table.0, &records.iter().collect::<Vec<_>>())).expect("nft");
+
+        assert_eq!(
+            exchange(client, &elsewhere),
+            Some(b'!'),
+            "a reply to this host's own connection was dropped"
+        );
+        assert_eq!(
+            exchange(bound(PEER), &exported),
+            Some(b'!'),
+            "the peer is kept out"
+        );
+        assert_eq!(
+            exchange(bound(OTHER), &exported),
+            None,
+            "another address reached the export"
         );
     }
 }

@@ -29,6 +29,8 @@ const STORAGE_IP: &str = "10.251.15.1";
 const COMPUTE_IP: &str = "10.251.15.2";
 const HOST_LINK: &str = "nbd-st0";
 const NODE_LINK: &str = "nbd-cn0";
+/// The storage agent's nftables table on [`STORAGE_IP`].
+const TABLE: &str = "stratus_nbd_10_251_15_1";
 /// Generous: builds and TCG guests of other tests share two cores.
 const WAIT: Duration = Duration::from_secs(300);
 
@@ -87,7 +89,7 @@ impl Drop for Cleanup {
             }
         }
         let _ = Command::new("nft")
-            .args(["delete", "table", "inet", "stratus_nbd"])
+            .args(["delete", "table", "inet", TABLE])
             .status();
     }
 }
@@ -354,7 +356,7 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
     wait_until(Duration::from_secs(30), "qemu-nbd gone", || {
         (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
     })?;
-    let table = run("nft", &["list", "table", "inet", "stratus_nbd"])?;
+    let table = run("nft", &["list", "table", "inet", TABLE])?;
     ensure!(!table.contains(&format!("dport {port}")), "{table}");
     let mut data = [0u8; 17];
     std::fs::File::open(&path)?.read_exact_at(&mut data, 1 << 20)?;
