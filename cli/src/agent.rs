@@ -88,6 +88,11 @@ pub struct StorageArgs {
     /// node's volumes attach only to servers on this node.
     #[arg(long, value_name = "IP")]
     pub storage_address: Option<std::net::IpAddr>,
+    /// Storage role: the TCP ports volume exports are served on, outside the kernel's
+    /// ephemeral range (net.ipv4.ip_local_port_range), so no outgoing connection of the host
+    /// is given one.
+    #[arg(long, value_name = "FIRST-LAST", default_value_t)]
+    pub export_ports: stratus_storage_agent::export::PortRange,
 }
 
 /// Options of the network role.
@@ -434,7 +439,13 @@ fn storage(
         resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
         image_policy,
         storage_address: args.storage.storage_address,
+        export_ports: args.storage.export_ports,
     };
+    if let Some(why) = stratus_storage_agent::export::ephemeral_ports()
+        .and_then(|e| args.storage.export_ports.overlaps(e))
+    {
+        bail!("--export-ports: {why}");
+    }
     tracing::info!(node = %config.node, pools = args.storage.storage_pools.len(), "storage agent starting");
     Ok(stratus_storage_agent::agent::run(client, config, pools))
 }

@@ -83,6 +83,8 @@ pub struct Config {
     /// The address other nodes reach this node's volume exports at (none: its volumes are
     /// attached only on this node).
     pub storage_address: Option<IpAddr>,
+    /// The ports volume exports are served on.
+    pub export_ports: crate::export::PortRange,
 }
 
 /// What every reconcile shares.
@@ -1149,6 +1151,7 @@ pub async fn run(client: Client, config: Config, pools: Vec<(PoolConfig, Arc<dyn
     // the table keeps their ports open to their nodes alone.
     let exports = Arc::new(Exports::new(
         config.storage_address,
+        config.export_ports,
         config.state_dir.join("exports"),
     ));
     let e = Arc::clone(&exports);

@@ -3,6 +3,14 @@
 //! an nftables table (`inet stratus_nbd_<address>`, one per storage address so that several agents on
 //! one host keep their own) that lets only that node's address reach the port.
 //!
+//! # Ports
+//! Export ports come from a range of their own ([`PortRange`], `--export-ports`, by default
+//! 10809-10999: NBD's port and up), outside the kernel's ephemeral range, so no outgoing
+//! connection of the host is ever given an export's port as its source port. A port is chosen
+//! against the exports recorded and checked free by binding it on the storage address; the
+//! table's rules match that address, so agents serving other addresses on one host use the
+//! same ports without touching each other's connections.
+//!
 //! # Why this is enough, and what it is not
 //! The NBD protocol lets a client list a server's exports, so the random name keeps no one out
 //! by itself: the packet filter does. A port answers only the consuming node's address (its
@@ -21,7 +29,7 @@
 //! `status.export` says), and rewrites the table.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::io::Write;
 use std::net::{IpAddr, TcpListener};
@@ -41,6 +49,95 @@ use stratus_api_types::storage::VolumeExport;
 /// The table holding the exports' rules of the agent serving on `host`.
 pub fn table_name(host: IpAddr) -> String {
     format!("stratus_nbd_{}", host.to_string().replace(['.', ':'], "_"))
+}
+
+/// The TCP ports exports are served on, `FIRST-LAST` (both included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    first: u16,
+    last: u16,
+}
+
+impl PortRange {
+    /// NBD's own port (10809) and up, below every kernel's ephemeral range.
+    pub const DEFAULT: Self = Self {
+        first: 10809,
+        last: 10999,
+    };
+
+    /// `first` to `last`, both included.
+    ///
+    /// # Errors
+    /// An empty range, or one reaching below 1024 (ports other services are given).
+    pub fn new(first: u16, last: u16) -> Result<Self, String> {
+        if first < 1024 {
+            return Err(format!(
+                "{first}-{last}: export ports start at 1024 or above"
+            ));
+        }
+        if first > last {
+            return Err(format!("{first}-{last}: the first port is above the last"));
+        }
+        Ok(Self { first, last })
+    }
+
+    /// Whether `port` is in the range.
+    pub fn contains(self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+
+    /// Why the range shares ports with the kernel's ephemeral range `ephemeral` (its first
+    /// and last port), if it does: a port of both could be an outgoing connection's source
+    /// port, and an export's filter would then see that connection's replies.
+    pub fn overlaps(self, ephemeral: (u16, u16)) -> Option<String> {
+        let (lo, hi) = ephemeral;
+        (self.first <= hi && lo <= self.last).then(|| {
+            format!(
+                "export ports {self} overlap the kernel's ephemeral ports {lo}-{hi} (net.ipv4.ip_local_port_range): choose a range outside it"
+            )
+        })
+    }
+
+    /// The first port of the range that no export in `used` holds and `free` finds free.
+    fn pick(self, used: &BTreeSet<u16>, mut free: impl FnMut(u16) -> bool) -> Option<u16> {
+        (self.first..=self.last).find(|p| !used.contains(p) && free(*p))
+    }
+}
+
+impl Default for PortRange {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    /// `FIRST-LAST`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?}: expected FIRST-LAST"))?;
+        let port = |p: &str| {
+            p.parse::<u16>()
+                .map_err(|_| format!("{s:?}: {p:?} is not a port"))
+        };
+        Self::new(port(a)?, port(b)?)
+    }
+}
+
+/// The kernel's ephemeral port range in this network namespace
+/// (`net.ipv4.ip_local_port_range`), if it can be read.
+pub fn ephemeral_ports() -> Option<(u16, u16)> {
+    let s = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = s.split_whitespace().map(|p| p.parse::<u16>().ok());
+    Some((it.next()??, it.next()??))
 }
 
 /// How long a new `qemu-nbd` has to start listening.
@@ -65,6 +162,33 @@ pub enum ExportError {
     /// `nft` refused the table.
     #[error("nft: {0}")]
     Filter(String),
+    /// The node's pool records no storage address yet (its heartbeat records the agent's).
+    #[error("storage pool {0} records no storage address (status.storageAddress) yet")]
+    Unrecorded(String),
+    /// The node's pool records another storage address than the agent serves on.
+    #[error(
+        "storage pool {pool} records {recorded} as this node's storage address (status.storageAddress), and the agent serves on {serving}: an operator moves the recorded address, or the agent is started with --storage-address {recorded}"
+    )]
+    Moved {
+        /// The pool.
+        pool: String,
+        /// What it records.
+        recorded: String,
+        /// What the agent serves on.
+        serving: IpAddr,
+    },
+    /// Every port of the export range is held, by this node's exports or other programs.
+    #[error(
+        "no free export port on {host} in {range} (stratus agent --export-ports): {exports} of them serve this node's exports, the others are taken by other programs"
+    )]
+    NoPort {
+        /// The storage address.
+        host: IpAddr,
+        /// The range.
+        range: PortRange,
+        /// How many exports of this node hold ports of it.
+        exports: usize,
+    },
 }
 
 /// One export, as recorded.
@@ -201,9 +325,11 @@ pub fn render(table_name: &str, records: &[&Record]) -> Nftables<'static> {
             })),
             Expression::String(Cow::Borrowed("original")),
         );
+        // Connections to the port at the storage address alone are dropped: another agent of
+        // this host serving another address may use the same port.
         for expr in [
-            vec![port.clone(), peer, host, Statement::Accept(None)],
-            vec![inbound, port, Statement::Drop(None)],
+            vec![port.clone(), peer, host.clone(), Statement::Accept(None)],
+            vec![inbound, host, port, Statement::Drop(None)],
         ] {
             out.push(add(NfListObject::Rule(Rule {
                 family: NfFamily::INet,
@@ -308,19 +434,26 @@ fn private_file(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
 /// The exports of this node.
 pub struct Exports {
     address: Option<IpAddr>,
+    ports: PortRange,
     dir: PathBuf,
     live: Mutex<BTreeMap<String, Live>>,
 }
 
 impl Exports {
-    /// Exports served on `address` (none: volumes are not exported), with their records in
-    /// `dir`.
-    pub fn new(address: Option<IpAddr>, dir: PathBuf) -> Self {
+    /// Exports served on `address` (none: volumes are not exported) on ports of `ports`, with
+    /// their records in `dir`.
+    pub fn new(address: Option<IpAddr>, ports: PortRange, dir: PathBuf) -> Self {
         Self {
             address,
+            ports,
             dir,
             live: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The address exports are served on.
+    pub fn address(&self) -> Option<IpAddr> {
+        self.address
     }
 
     fn path(&self, volume: &str, ext: &str) -> PathBuf {
@@ -381,10 +514,12 @@ impl Exports {
     /// Exports `device` (the data of the volume of uid `volume`) to `node` at `peer`: the
     /// running export if it is that one, else a new one, on the port and under the name of
     /// `was` (the export the Volume's status recorded, after a restart) when it was for that
-    /// node on this address, else on a free port under a new random name.
+    /// node on this address on a port of the range, else on the range's first port that no
+    /// export holds and that binds, under a new random name.
     ///
     /// # Errors
-    /// No storage address, a `qemu-nbd` that does not start, a table `nft` refuses.
+    /// No storage address, no free port in the range, a `qemu-nbd` that does not start, a
+    /// table `nft` refuses.
     pub fn ensure(
         &self,
         volume: &str,
@@ -405,14 +540,23 @@ impl Exports {
             live.remove(volume);
             self.write_table(&live)?;
         }
-        let reuse = was.filter(|w| w.node == node && w.host == host.to_string());
+        // The port and name recorded, when that export was for this node on this address and
+        // its port is still one of the range.
+        let reuse = was.filter(|w| {
+            w.node == node && w.host == host.to_string() && self.ports.contains(w.port)
+        });
         let (port, name) = match reuse {
             Some(w) => (w.port, w.name.clone()),
             None => {
-                let port = TcpListener::bind((host, 0))
-                    .and_then(|l| l.local_addr())
-                    .map_err(|e| ExportError::Serve(format!("no free port on {host}: {e}")))?
-                    .port();
+                let used: BTreeSet<u16> = live.values().map(|l| l.record.port).collect();
+                let port = self
+                    .ports
+                    .pick(&used, |p| TcpListener::bind((host, p)).is_ok())
+                    .ok_or(ExportError::NoPort {
+                        host,
+                        range: self.ports,
+                        exports: used.iter().filter(|p| self.ports.contains(**p)).count(),
+                    })?;
                 (port, uuid::Uuid::new_v4().simple().to_string())
             }
         };
@@ -644,9 +788,9 @@ mod tests {
             rules,
             [
                 "tcp dport 40123 ip saddr 10.0.0.2 ip daddr 10.0.0.1 accept",
-                "ct direction original tcp dport 40123 drop",
+                "ct direction original ip daddr 10.0.0.1 tcp dport 40123 drop",
                 "tcp dport 40124 ip6 saddr fd00::2 ip6 daddr fd00::1 accept",
-                "ct direction original tcp dport 40124 drop"
+                "ct direction original ip6 daddr fd00::1 tcp dport 40124 drop"
             ]
         );
         // The table is made empty first: no rule of an ended export survives.
@@ -683,6 +827,57 @@ mod tests {
         let fresh = dir.join("volume-u2.log");
         private_open(&fresh).expect("made");
         assert_eq!(mode(&fresh), 0o600);
+    }
+
+    #[test]
+    fn export_ports_are_a_range_of_their_own() {
+        let r: PortRange = "10809-10999".parse().expect("a range");
+        assert_eq!(r, PortRange::DEFAULT);
+        assert_eq!(PortRange::default().to_string(), "10809-10999");
+        assert!(r.contains(10809) && r.contains(10999));
+        assert!(!r.contains(10808) && !r.contains(11000));
+        for bad in [
+            "10999-10809",
+            "80-90",
+            "10809",
+            "a-b",
+            "10809-70000",
+            "-1-5",
+        ] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad:?} accepted");
+        }
+        // The kernel's ephemeral range is refused, in part or whole.
+        assert_eq!(r.overlaps((32768, 60999)), None);
+        let e = PortRange::new(32000, 33000)
+            .expect("a range")
+            .overlaps((32768, 60999))
+            .expect("an overlap");
+        assert!(
+            e.contains("32000-33000") && e.contains("32768-60999"),
+            "{e}"
+        );
+        assert!(r.overlaps((10999, 20000)).is_some());
+        assert!(r.overlaps((1024, 10809)).is_some());
+    }
+
+    #[test]
+    fn a_port_is_one_no_export_holds_and_that_binds() {
+        let r = PortRange::new(5000, 5003).expect("a range");
+        let used = BTreeSet::from([5000, 5002]);
+        assert_eq!(r.pick(&used, |_| true), Some(5001));
+        assert_eq!(r.pick(&used, |p| p != 5001), Some(5003), "5001 is taken");
+        assert_eq!(r.pick(&used, |p| p == 5000), None, "held by an export");
+        assert_eq!(r.pick(&BTreeSet::new(), |_| false), None);
+        let mut asked = Vec::new();
+        r.pick(&used, |p| {
+            asked.push(p);
+            false
+        });
+        assert_eq!(
+            asked,
+            [5001, 5003],
+            "an export's port is never bound to check it"
+        );
     }
 
     #[test]
@@ -809,5 +1004,58 @@ mod host_tests {
             None,
             "another address reached the export"
         );
+    }
+
+    /// Ends the test's exports, then removes their table, however the test ends.
+    struct Served<'a>(&'a super::Exports, &'a [&'a str], String);
+
+    impl Drop for Served<'_> {
+        fn drop(&mut self) {
+            for v in self.1 {
+                let _ = self.0.stop(v);
+            }
+            drop(Table(std::mem::take(&mut self.2)));
+        }
+    }
+
+    #[test]
+    fn exports_take_free_ports_of_their_range_and_say_when_none_is_left() {
+        use super::{ExportError, Exports, PortRange};
+        // An address and ports of this test alone: the table drops connections to them only.
+        const STORAGE: Ipv4Addr = Ipv4Addr::new(127, 88, 15, 1);
+        const NODE: Ipv4Addr = Ipv4Addr::new(127, 88, 15, 2);
+        let dir = tempfile::tempdir().expect("a directory");
+        let device = dir.path().join("volume.raw");
+        std::fs::write(&device, vec![0u8; 1 << 20]).expect("a volume");
+        let range = PortRange::new(10901, 10902).expect("a range");
+        let exports = Exports::new(Some(STORAGE.into()), range, dir.path().join("exports"));
+        let _served = Served(&exports, &["a", "b"], super::table_name(STORAGE.into()));
+        // Another program holds the range's first port.
+        let other = TcpListener::bind((STORAGE, 10901)).expect("the first port is free");
+        let a = exports
+            .ensure("a", &device, "n2", NODE.into(), None)
+            .expect("exported");
+        assert_eq!((a.host.as_str(), a.port), ("127.88.15.1", 10902));
+        let none = exports
+            .ensure("b", &device, "n2", NODE.into(), None)
+            .expect_err("no port left");
+        assert!(
+            matches!(none, ExportError::NoPort { exports: 1, .. }),
+            "{none:?}"
+        );
+        assert!(none.to_string().contains("10901-10902"), "{none}");
+        drop(other);
+        let b = exports
+            .ensure("b", &device, "n2", NODE.into(), None)
+            .expect("exported once the port is freed");
+        assert_eq!(b.port, 10901);
+        // A recorded export outside the range is not made again on its old port.
+        assert!(exports.stop("b").expect("ended"));
+        let mut was = b.clone();
+        was.port = 40000;
+        let again = exports
+            .ensure("b", &device, "n2", NODE.into(), Some(&was))
+            .expect("exported");
+        assert_eq!(again.port, 10901);
     }
 }
