@@ -2,6 +2,7 @@
 
 pub mod driver;
 pub mod images;
+pub mod interfaces;
 pub mod node;
 pub mod server;
 pub mod volumes;

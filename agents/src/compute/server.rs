@@ -32,6 +32,7 @@ use super::driver::{
     Backing, ConfigDrive, DiskFormat, DiskSpec, Disks, DomainDriver, DomainInfo, DomainSpec,
     DomainState, DriverError, InterfaceSpec, KernelBoot, Owner, VolumeDisk,
 };
+use super::interfaces as ifaces;
 use super::volumes as vols;
 use stratus_api_types::storage::{ImageRef, StoragePool, Volume};
 use stratus_image_cache::{Format, ImageCache, ImageError, Request};
@@ -504,28 +505,38 @@ where
     }
 }
 
-/// The interfaces of `server`'s guest, one per Port in guest order, once every Port is placed
-/// on this node ([`NotBuilt::Waiting`] naming the first that is not).
-async fn nics(ctx: &Ctx, server: &Server, ns: &str) -> Result<Vec<Nic>, NotBuilt> {
+/// The Ports of `server` as this node can plug them into its guest: the interfaces of those
+/// ready here (each with its addresses, in guest order) and what the others wait for.
+async fn resolve_ports(
+    ctx: &Ctx,
+    server: &Server,
+    ns: &str,
+) -> Result<(Vec<Nic>, ifaces::Resolved), ServerError> {
     let ports = Api::<Port>::namespaced(ctx.client.clone(), ns);
     let networks = Api::<Network>::namespaced(ctx.client.clone(), ns);
     let subnets = Api::<Subnet>::namespaced(ctx.client.clone(), ns);
     let node = ctx.config.node.as_str();
     let server_name = server.name_any();
     let mut out = Vec::new();
+    let mut resolved = ifaces::Resolved::default();
     for name in server_port_names(server) {
-        let waiting = |message: String| {
-            NotBuilt::Waiting(Blocked {
-                reason: Reason::PortNotPlaced,
-                message,
-            })
-        };
         let Some(port) = get_related(&ports, &name).await? else {
-            return Err(waiting(format!(
+            resolved.unknown = true;
+            resolved.waiting.push(format!(
                 "waiting for port \"{name}\" to be placed on node {node}"
-            )));
+            ));
+            continue;
         };
-        let (mac, tap) = port_ready(&port, &server_name, node).map_err(waiting)?;
+        let (mac, tap) = match port_ready(&port, &server_name, node) {
+            Ok(got) => got,
+            Err(why) => {
+                resolved
+                    .keep
+                    .extend(port.status.as_ref().and_then(|s| s.mac_address.clone()));
+                resolved.waiting.push(why);
+                continue;
+            }
+        };
         let mtu = get_related(&networks, &port.spec.network)
             .await?
             .map(|n| n.spec.mtu);
@@ -548,12 +559,30 @@ async fn nics(ctx: &Ctx, server: &Server, ns: &str) -> Result<Vec<Nic>, NotBuilt
                 .filter(|_| !subnet.spec.disable_gateway);
             addresses.push((format!("{}/{len}", ip.ip_address), gateway));
         }
+        let interface = InterfaceSpec { mac, tap, mtu };
+        resolved.ready.push(ifaces::Wanted {
+            port: name,
+            nic: interface.clone(),
+        });
         out.push(Nic {
-            interface: InterfaceSpec { mac, tap, mtu },
+            interface,
             addresses,
         });
     }
-    Ok(out)
+    Ok((out, resolved))
+}
+
+/// The interfaces of `server`'s guest, one per Port in guest order, once every Port is placed
+/// on this node ([`NotBuilt::Waiting`] naming the first that is not).
+async fn nics(ctx: &Ctx, server: &Server, ns: &str) -> Result<Vec<Nic>, NotBuilt> {
+    let (nics, resolved) = resolve_ports(ctx, server, ns).await?;
+    match resolved.waiting.into_iter().next() {
+        Some(message) => Err(NotBuilt::Waiting(Blocked {
+            reason: Reason::PortNotPlaced,
+            message,
+        })),
+        None => Ok(nics),
+    }
 }
 
 async fn resolve(ctx: &Ctx, server: &Server) -> Result<Plan, NotBuilt> {
@@ -1088,7 +1117,10 @@ async fn sync(server: &Server, ctx: &Ctx) -> Result<Action, ServerError> {
     }
     let info = lookup(ctx, &name).await?;
     let settled = match &info {
-        Some(d) => sync_volumes(ctx, server, d, &mut status).await?,
+        Some(d) => {
+            let volumes = sync_volumes(ctx, server, d, &mut status).await?;
+            sync_interfaces(ctx, server, d).await? && volumes
+        }
         None => true,
     };
     let mut server_now = server.clone();
@@ -1193,6 +1225,65 @@ async fn sync_volumes(
     Ok(resolved.waiting.is_empty()
         && resolved.refused.is_empty()
         && resolved.holds_only_ready(&left))
+}
+
+/// Brings a defined guest's network interfaces to the Server's Ports (see [`ifaces::plan`]):
+/// plugs in those ready here that it lacks (live, while it runs), unplugs those no Port of
+/// the Server's is, each with an Event. Returns whether the guest has exactly the interfaces
+/// asked for (none waited for, none still being unplugged).
+async fn sync_interfaces(
+    ctx: &Ctx,
+    server: &Server,
+    domain: &DomainInfo,
+) -> Result<bool, ServerError> {
+    let ns = server.namespace().ok_or(ServerError::Incomplete)?;
+    let (_, resolved) = resolve_ports(ctx, server, &ns).await?;
+    let name = domain.name.clone();
+    let driver = Arc::clone(&ctx.driver);
+    let wanted = resolved.clone();
+    let (before, done, left) = blocking(move || -> Result<_, DriverError> {
+        let before = driver.interfaces(&name)?;
+        let steps = ifaces::plan(&wanted, &before);
+        for step in &steps {
+            match step {
+                ifaces::Step::Attach(w) => driver.attach_interface(&name, &w.nic)?,
+                ifaces::Step::Detach(mac) => driver.detach_interface(&name, mac)?,
+            }
+        }
+        let left = if steps.is_empty() {
+            Vec::new()
+        } else {
+            ifaces::plan(&wanted, &driver.interfaces(&name)?)
+        };
+        Ok((before, steps, left))
+    })
+    .await??;
+    for step in done {
+        let (reason, note) = match step {
+            ifaces::Step::Attach(w) => (
+                "InterfaceAttached",
+                format!(
+                    "plugged in port \"{}\" (MAC {}, tap {})",
+                    w.port, w.nic.mac, w.nic.tap
+                ),
+            ),
+            ifaces::Step::Detach(mac) => {
+                let tap = before
+                    .iter()
+                    .find(|i| i.mac == mac)
+                    .and_then(|i| i.tap.clone())
+                    .unwrap_or_default();
+                (
+                    "InterfaceDetached",
+                    format!(
+                        "unplugged the interface of MAC {mac} (tap {tap}): no port of this server's is it"
+                    ),
+                )
+            }
+        };
+        publish(ctx, server, EventType::Normal, reason, note).await;
+    }
+    Ok(resolved.waiting.is_empty() && left.is_empty())
 }
 
 async fn lookup(ctx: &Ctx, name: &str) -> Result<Option<DomainInfo>, ServerError> {

@@ -227,6 +227,77 @@ pub fn volumes(d: &dyn DomainDriver, spec: &DomainSpec, volume: &Path) {
     ));
 }
 
+/// Checks the interface verbs of [`DomainDriver`] on a fresh, stopped domain built by `spec`:
+/// the interfaces it is defined with are listed (MAC, tap, MTU); one attached is listed after
+/// them, attaching it again (its MAC in another case too) adds nothing; an interface that
+/// fails [`InterfaceSpec::check`] is refused and nothing attached; a detached one is gone
+/// (named by its MAC in any case), detaching it again is `Ok(())`; every verb on a missing
+/// domain is [`DriverError::NoDomain`]. The domain is undefined at the end.
+pub fn interfaces(d: &dyn DomainDriver, spec: &DomainSpec) {
+    d.define(spec).expect("define");
+    let name = spec.name.as_str();
+    let listed = d.interfaces(name).expect("interfaces");
+    assert_eq!(listed.len(), spec.interfaces.len(), "{listed:?}");
+    for (got, want) in listed.iter().zip(&spec.interfaces) {
+        assert!(got.is(want) && got.mtu == want.mtu, "{got:?} is {want:?}");
+    }
+    let nic = InterfaceSpec {
+        mac: "fa:16:3e:ab:cd:ef".into(),
+        tap: "taphotplug01".into(),
+        mtu: Some(1400),
+    };
+    d.attach_interface(name, &nic).expect("attach");
+    d.attach_interface(name, &nic).expect("attach again");
+    let upper = InterfaceSpec {
+        mac: nic.mac.to_ascii_uppercase(),
+        ..nic.clone()
+    };
+    d.attach_interface(name, &upper)
+        .expect("attach again, the MAC in capitals");
+    let listed = d.interfaces(name).expect("interfaces");
+    assert_eq!(listed.len(), spec.interfaces.len() + 1, "{listed:?}");
+    assert!(
+        listed
+            .last()
+            .is_some_and(|i| i.is(&nic) && i.mtu == nic.mtu),
+        "{listed:?}"
+    );
+    for (tap, mac) in [
+        ("tap; rm -rf /", "fa:16:3e:00:00:09"),
+        ("tapok", "01:00:5e:00:00:01"),
+    ] {
+        let bad = InterfaceSpec {
+            mac: mac.into(),
+            tap: tap.into(),
+            mtu: None,
+        };
+        assert!(
+            matches!(
+                d.attach_interface(name, &bad),
+                Err(DriverError::InvalidSpec(_))
+            ),
+            "interface {tap:?} {mac:?} is refused"
+        );
+    }
+    assert_eq!(d.interfaces(name).expect("interfaces"), listed);
+    d.detach_interface(name, &nic.mac.to_ascii_uppercase())
+        .expect("detach");
+    d.detach_interface(name, &nic.mac).expect("detach again");
+    let left = d.interfaces(name).expect("interfaces");
+    assert_eq!(left.len(), spec.interfaces.len(), "detached: {left:?}");
+    assert!(!left.iter().any(|i| i.mac == nic.mac));
+    d.undefine(name).expect("undefine");
+    assert!(matches!(d.interfaces(name), Err(DriverError::NoDomain(_))));
+    assert!(matches!(
+        d.attach_interface(name, &nic),
+        Err(DriverError::NoDomain(_))
+    ));
+    assert!(matches!(
+        d.detach_interface(name, &nic.mac),
+        Err(DriverError::NoDomain(_))
+    ));
+}
+
 /// Checks every guarantee of [`Disks`] in `dir` (empty, writable), over the image `base`.
 pub fn disks(d: &dyn Disks, base: &Path, base_format: DiskFormat, dir: &Path) {
     let guest = dir.join("guest");

@@ -1,6 +1,7 @@
-//! libvirt domain lifecycle events (defined, started, stopped, crashed, undefined …), delivered
-//! to the agent as the names of the domains they concern, so that a guest changed behind
-//! Stratus's back is looked at at once instead of at the next periodic pass.
+//! libvirt domain lifecycle events (defined, started, stopped, crashed, undefined …) and device
+//! events (a device plugged into or unplugged from a running guest), delivered to the agent as
+//! the names of the domains they concern, so that a guest changed behind Stratus's back is
+//! looked at at once instead of at the next periodic pass.
 //!
 //! The `virt` crate runs libvirt's default event loop but does not wrap domain event
 //! callbacks, so this module calls `virConnectDomainEventRegisterAny` itself. It is the only
@@ -8,7 +9,7 @@
 //! below.
 #![allow(unsafe_code)]
 
-use std::ffi::{CStr, c_int, c_void};
+use std::ffi::{CStr, c_char, c_int, c_void};
 use std::sync::Once;
 use std::time::Duration;
 
@@ -42,23 +43,25 @@ pub fn ensure_event_loop() {
     });
 }
 
-/// Lifecycle events of every domain of one connection, sent as domain names; deregistered
-/// when dropped.
+/// Lifecycle and device events of every domain of one connection, sent as domain names;
+/// deregistered when dropped.
 pub struct Subscription {
     conn: Connect,
-    id: c_int,
+    ids: Vec<c_int>,
 }
 
 impl std::fmt::Debug for Subscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Subscription")
-            .field("id", &self.id)
+            .field("ids", &self.ids)
             .finish()
     }
 }
 
 type Lifecycle =
     unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void) -> c_int;
+type Device =
+    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *const c_char, *mut c_void);
 type Generic = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void);
 
 /// Called by libvirt on its event thread for each lifecycle event.
@@ -69,7 +72,28 @@ unsafe extern "C" fn lifecycle(
     _detail: c_int,
     opaque: *mut c_void,
 ) -> c_int {
-    // SAFETY: `opaque` is the `Box<UnboundedSender<String>>` leaked by `subscribe`; libvirt
+    // SAFETY: as `send_name` requires: libvirt's own arguments to this callback.
+    unsafe { send_name(dom, opaque) };
+    0
+}
+
+/// Called by libvirt on its event thread for each device added to or removed from a guest.
+unsafe extern "C" fn device(
+    _conn: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    _alias: *const c_char,
+    opaque: *mut c_void,
+) {
+    // SAFETY: as `send_name` requires: libvirt's own arguments to this callback.
+    unsafe { send_name(dom, opaque) };
+}
+
+/// Sends the name of `dom` through the sender `opaque` points to.
+///
+/// # Safety
+/// `dom` and `opaque` are what libvirt passes an event callback registered by `subscribe`.
+unsafe fn send_name(dom: sys::virDomainPtr, opaque: *mut c_void) {
+    // SAFETY: `opaque` is the `Box<UnboundedSender<String>>` leaked by `register`; libvirt
     // passes it to every callback until it hands it to `free_sender`, after the last one.
     let tx = unsafe { &*(opaque as *const UnboundedSender<String>) };
     // SAFETY: `dom` is valid for the duration of the callback; the name it returns lives as
@@ -83,7 +107,6 @@ unsafe extern "C" fn lifecycle(
         // A closed receiver means the agent stopped listening; nothing to do.
         let _ = tx.send(name);
     }
-    0
 }
 
 /// Called by libvirt once the registration is gone.
@@ -92,27 +115,60 @@ unsafe extern "C" fn free_sender(opaque: *mut c_void) {
     drop(unsafe { Box::from_raw(opaque as *mut UnboundedSender<String>) });
 }
 
-/// Sends the name of every domain of `conn` whose lifecycle changes to `tx`.
+/// Sends the name of every domain of `conn` whose lifecycle changes, or that gains or loses
+/// a device while it runs, to `tx`.
 ///
 /// # Errors
 ///
-/// libvirt's error when the connection cannot deliver events.
+/// libvirt's error when the connection cannot deliver lifecycle events. Device events a
+/// driver cannot deliver are only logged: lifecycle events and the periodic pass still come.
 pub fn subscribe(
     conn: &Connect,
     tx: UnboundedSender<String>,
 ) -> Result<Subscription, virt::error::Error> {
-    let opaque = Box::into_raw(Box::new(tx)).cast::<c_void>();
     // SAFETY: libvirt calls a lifecycle callback with the lifecycle signature; its API takes
     // every callback as the generic type and expects the caller to cast (its own
     // VIR_DOMAIN_EVENT_CALLBACK macro does the same). Both are `extern "C"` function pointers.
-    let callback = unsafe { std::mem::transmute::<Lifecycle, Generic>(lifecycle) };
+    let lifecycle = unsafe { std::mem::transmute::<Lifecycle, Generic>(lifecycle) };
+    // SAFETY: likewise for the device callbacks' signature.
+    let device = unsafe { std::mem::transmute::<Device, Generic>(device) };
+    let mut sub = Subscription {
+        conn: conn.clone(),
+        ids: vec![register(
+            conn,
+            sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+            lifecycle,
+            tx.clone(),
+        )?],
+    };
+    for event in [
+        sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
+        sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
+    ] {
+        match register(conn, event, device, tx.clone()) {
+            Ok(id) => sub.ids.push(id),
+            Err(e) => tracing::debug!(event, error = %e, "libvirt device events unavailable"),
+        }
+    }
+    Ok(sub)
+}
+
+/// Registers `callback` for `event` on every domain of `conn`, sending through `tx`.
+fn register(
+    conn: &Connect,
+    event: sys::virDomainEventID,
+    callback: Generic,
+    tx: UnboundedSender<String>,
+) -> Result<c_int, virt::error::Error> {
+    let opaque = Box::into_raw(Box::new(tx)).cast::<c_void>();
     // SAFETY: `conn` is an open connection for the duration of the call; a null domain means
-    // every domain; `opaque` stays valid until libvirt calls `free_sender`.
+    // every domain; `callback` has the signature libvirt calls for `event`; `opaque` stays
+    // valid until libvirt calls `free_sender`.
     let id = unsafe {
         sys::virConnectDomainEventRegisterAny(
             conn.as_ptr(),
             std::ptr::null_mut(),
-            sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE as c_int,
+            event as c_int,
             Some(callback),
             opaque,
             Some(free_sender),
@@ -124,19 +180,18 @@ pub fn subscribe(
         unsafe { free_sender(opaque) };
         return Err(e);
     }
-    Ok(Subscription {
-        conn: conn.clone(),
-        id,
-    })
+    Ok(id)
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        // SAFETY: `self.conn` keeps the connection open; `id` came from a successful
-        // registration on it and is deregistered only here.
-        let rc = unsafe { sys::virConnectDomainEventDeregisterAny(self.conn.as_ptr(), self.id) };
-        if rc < 0 {
-            tracing::debug!(id = self.id, "libvirt event deregistration failed");
+        for &id in &self.ids {
+            // SAFETY: `self.conn` keeps the connection open; `id` came from a successful
+            // registration on it and is deregistered only here.
+            let rc = unsafe { sys::virConnectDomainEventDeregisterAny(self.conn.as_ptr(), id) };
+            if rc < 0 {
+                tracing::debug!(id, "libvirt event deregistration failed");
+            }
         }
     }
 }

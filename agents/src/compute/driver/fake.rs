@@ -14,8 +14,9 @@ use stratus_api_types::compute::HypervisorType;
 
 use super::libvirt::NAME_PREFIX;
 use super::{
-    AttachedVolume, ConfigDrive, DiskError, DiskFormat, DiskInfo, Disks, DomainDriver, DomainInfo,
-    DomainSpec, DomainState, DriverError, NodeInfo, VolumeDisk,
+    AttachedInterface, AttachedVolume, ConfigDrive, DiskError, DiskFormat, DiskInfo, Disks,
+    DomainDriver, DomainInfo, DomainSpec, DomainState, DriverError, InterfaceSpec, NodeInfo,
+    VolumeDisk,
 };
 
 /// The verbs of [`DomainDriver`] and [`Disks`], to name the one a failure is injected into.
@@ -40,6 +41,8 @@ pub enum Verb {
     /// [`DomainDriver::attach_volume`], [`DomainDriver::detach_volume`] and
     /// [`DomainDriver::resize_volume`].
     Volume,
+    /// [`DomainDriver::attach_interface`] and [`DomainDriver::detach_interface`].
+    Interface,
     /// [`Disks::root_disk`].
     RootDisk,
     /// [`Disks::config_drive`].
@@ -92,6 +95,16 @@ struct Domain {
     /// Volumes attached, with the size the guest sees (the file's size at attach, for a path
     /// that is a file; 0 otherwise) until a resize.
     volumes: Vec<AttachedVolume>,
+    /// Network interfaces, in guest order (the guest and its definition alike).
+    interfaces: Vec<AttachedInterface>,
+}
+
+fn attached(nic: &InterfaceSpec) -> AttachedInterface {
+    AttachedInterface {
+        mac: nic.mac.to_ascii_lowercase(),
+        tap: Some(nic.tap.clone()),
+        mtu: nic.mtu,
+    }
 }
 
 /// A hypervisor in memory: domains are records, power verbs change their state at once (a
@@ -145,6 +158,23 @@ impl FakeDomains {
     pub fn set_state(&self, name: &str, state: DomainState) {
         if let Some(d) = self.lock().get_mut(name) {
             d.state = state;
+        }
+        self.announce(name);
+    }
+
+    /// Plugs an interface into a domain behind the driver's back (`virsh attach-interface`).
+    pub fn plug(&self, name: &str, nic: AttachedInterface) {
+        if let Some(d) = self.lock().get_mut(name) {
+            d.interfaces.push(nic);
+        }
+        self.announce(name);
+    }
+
+    /// Unplugs the interface of MAC `mac` behind the driver's back (`virsh
+    /// detach-interface`).
+    pub fn unplug(&self, name: &str, mac: &str) {
+        if let Some(d) = self.lock().get_mut(name) {
+            d.interfaces.retain(|i| !i.mac.eq_ignore_ascii_case(mac));
         }
         self.announce(name);
     }
@@ -252,11 +282,13 @@ impl DomainDriver for FakeDomains {
             .and_modify(|d| {
                 d.spec = spec.clone();
                 d.volumes.clear();
+                d.interfaces = spec.interfaces.iter().map(attached).collect();
             })
             .or_insert_with(|| Domain {
                 spec: spec.clone(),
                 state: DomainState::Shutoff,
                 volumes: Vec::new(),
+                interfaces: spec.interfaces.iter().map(attached).collect(),
             });
         self.announce(&spec.name);
         Ok(())
@@ -376,6 +408,40 @@ impl DomainDriver for FakeDomains {
             .find(|v| v.target == target)
             .ok_or_else(|| DriverError::Libvirt(format!("no disk {target}")))?;
         v.capacity = Some(bytes);
+        Ok(())
+    }
+
+    fn interfaces(&self, name: &str) -> Result<Vec<AttachedInterface>, DriverError> {
+        self.lock()
+            .get(name)
+            .map(|d| d.interfaces.clone())
+            .ok_or_else(|| DriverError::NoDomain(name.to_owned()))
+    }
+
+    fn attach_interface(&self, name: &str, nic: &InterfaceSpec) -> Result<(), DriverError> {
+        self.injected(Verb::Interface)?;
+        nic.check()?;
+        let mut domains = self.lock();
+        let d = domains
+            .get_mut(name)
+            .ok_or_else(|| DriverError::NoDomain(name.to_owned()))?;
+        if !d
+            .interfaces
+            .iter()
+            .any(|i| i.mac.eq_ignore_ascii_case(&nic.mac))
+        {
+            d.interfaces.push(attached(nic));
+        }
+        Ok(())
+    }
+
+    fn detach_interface(&self, name: &str, mac: &str) -> Result<(), DriverError> {
+        self.injected(Verb::Interface)?;
+        let mut domains = self.lock();
+        let d = domains
+            .get_mut(name)
+            .ok_or_else(|| DriverError::NoDomain(name.to_owned()))?;
+        d.interfaces.retain(|i| !i.mac.eq_ignore_ascii_case(mac));
         Ok(())
     }
 
@@ -555,6 +621,19 @@ mod tests {
                 dir,
             ),
             &dir.join("volume-x"),
+        );
+    }
+
+    #[test]
+    fn fake_domains_pass_the_interfaces_suite() {
+        let d = FakeDomains::default();
+        conformance::interfaces(
+            &d,
+            &conformance::spec(
+                "stratus-fake-3",
+                "0b2f0c4e-0000-4000-8000-000000000003",
+                Path::new("/nonexistent/fake"),
+            ),
         );
     }
 

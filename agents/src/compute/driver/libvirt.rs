@@ -26,8 +26,8 @@ use virt::sys;
 use super::events;
 use super::xml::{self, DomainKind, METADATA_NS};
 use super::{
-    AttachedVolume, DomainDriver, DomainInfo, DomainSpec, DomainState, DriverError, NodeInfo,
-    VolumeDisk,
+    AttachedInterface, AttachedVolume, DomainDriver, DomainInfo, DomainSpec, DomainState,
+    DriverError, InterfaceSpec, NodeInfo, VolumeDisk,
 };
 use stratus_api_types::compute::HypervisorType;
 
@@ -195,6 +195,36 @@ impl Libvirt {
             } else {
                 0
             })
+    }
+
+    /// The interfaces of `domain` as it runs (`live`) or as it is defined.
+    fn interfaces_of(
+        &self,
+        domain: &Domain,
+        name: &str,
+        live: bool,
+    ) -> Result<Vec<AttachedInterface>, DriverError> {
+        let flags = if live {
+            0
+        } else {
+            sys::VIR_DOMAIN_XML_INACTIVE
+        };
+        let text = domain.xml_desc(flags).map_err(libvirt)?;
+        xml::attached_interfaces(&text)
+            .map_err(|e| DriverError::Libvirt(format!("domain {name}'s XML: {e}")))
+    }
+
+    /// The views of `domain` a device change goes to, one at a time: the running guest (when
+    /// it runs), then the definition. Each is changed on its own, so that a guest and a
+    /// definition that differ (a device unplugged from one behind Stratus's back) are each
+    /// brought to the goal.
+    fn device_views(&self, domain: &Domain) -> Result<Vec<(u32, bool)>, DriverError> {
+        let mut views = Vec::new();
+        if domain.is_active().map_err(libvirt)? {
+            views.push((sys::VIR_DOMAIN_AFFECT_LIVE, true));
+        }
+        views.push((sys::VIR_DOMAIN_AFFECT_CONFIG, false));
+        Ok(views)
     }
 
     /// The ACPI flag for shutdown; the test driver rejects any flag there.
@@ -399,6 +429,53 @@ impl DomainDriver for Libvirt {
         domain
             .block_resize(target, bytes, sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES)
             .map_err(|e| self.refused(&domain, name, e))
+    }
+
+    fn interfaces(&self, name: &str) -> Result<Vec<AttachedInterface>, DriverError> {
+        let domain = self.require(name)?;
+        let running = domain.is_active().map_err(libvirt)?;
+        self.interfaces_of(&domain, name, running)
+    }
+
+    fn attach_interface(&self, name: &str, nic: &InterfaceSpec) -> Result<(), DriverError> {
+        nic.check()?;
+        let domain = self.require(name)?;
+        let element = xml::interface_xml(nic);
+        for (flags, live) in self.device_views(&domain)? {
+            let there = self.interfaces_of(&domain, name, live)?;
+            if there.iter().any(|i| i.mac.eq_ignore_ascii_case(&nic.mac)) {
+                continue;
+            }
+            domain
+                .attach_device_flags(&element, flags)
+                .map_err(libvirt)?;
+        }
+        Ok(())
+    }
+
+    fn detach_interface(&self, name: &str, mac: &str) -> Result<(), DriverError> {
+        let domain = self.require(name)?;
+        for (flags, live) in self.device_views(&domain)? {
+            let there = self.interfaces_of(&domain, name, live)?;
+            // libvirt finds the interface by the MAC it writes back, so that spelling is used.
+            let Some(found) = there.iter().find(|i| i.mac.eq_ignore_ascii_case(mac)) else {
+                continue;
+            };
+            if let Err(e) =
+                domain.detach_device_flags(&xml::interface_by_mac_xml(&found.mac), flags)
+            {
+                // The guest may have completed an unplug asked for earlier meanwhile.
+                let gone = live
+                    && !self
+                        .interfaces_of(&domain, name, true)?
+                        .iter()
+                        .any(|i| i.mac == found.mac);
+                if !gone {
+                    return Err(libvirt(e));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn subscribe(&self, tx: tokio::sync::mpsc::UnboundedSender<String>) -> Result<(), DriverError> {
@@ -884,5 +961,7 @@ mod tests {
         std::fs::write(&volume, vec![0u8; 1 << 20]).expect("write volume");
         super::super::conformance::volumes(&lv, &spec, &volume);
         super::super::conformance::volumes(&lv, &spec, Path::new("/dev/null"));
+        // ... and our interfaces, one plugged into the definition and taken out again.
+        super::super::conformance::interfaces(&lv, &spec);
     }
 }

@@ -189,6 +189,25 @@ pub struct AttachedVolume {
     pub capacity: Option<u64>,
 }
 
+/// A network interface of a domain, as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedInterface {
+    /// Its MAC address, as libvirt writes it (lower-case).
+    pub mac: String,
+    /// Its host device (`<target dev=…>`), when one is named.
+    pub tap: Option<String>,
+    /// Its MTU, when one is set.
+    pub mtu: Option<u32>,
+}
+
+impl AttachedInterface {
+    /// Whether this is the interface `nic` asks for: the same MAC (in any case) and tap
+    /// device. (The MTU is the network's, fixed while the guest runs.)
+    pub fn is(&self, nic: &InterfaceSpec) -> bool {
+        self.mac.eq_ignore_ascii_case(&nic.mac) && self.tap.as_deref() == Some(nic.tap.as_str())
+    }
+}
+
 /// The Server a domain belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
@@ -308,8 +327,21 @@ pub trait DomainDriver: Send + Sync + 'static {
     /// Tells the running guest that the disk at `target` is now `bytes` long (after its
     /// volume grew). [`DriverError::NotRunning`] for a domain that is off.
     fn resize_volume(&self, name: &str, target: &str, bytes: u64) -> Result<(), DriverError>;
+    /// The network interfaces of a domain, in guest order: as the running guest has them; as
+    /// defined, for a domain that is off.
+    fn interfaces(&self, name: &str) -> Result<Vec<AttachedInterface>, DriverError>;
+    /// Attaches interface `nic` (checked with [`InterfaceSpec::check`]): to the definition,
+    /// and to the running guest when it runs (hot-plug), each where no interface of its MAC
+    /// is yet, so an interface already there is `Ok(())`.
+    fn attach_interface(&self, name: &str, nic: &InterfaceSpec) -> Result<(), DriverError>;
+    /// Detaches the interface of MAC `mac` (in any case): from the definition, and from the
+    /// running guest (an unplug request the guest completes; [`DomainDriver::interfaces`]
+    /// shows it until then). A MAC with no interface is `Ok(())`.
+    fn detach_interface(&self, name: &str, mac: &str) -> Result<(), DriverError>;
     /// From now on, sends the name of every domain whose lifecycle changes (defined,
-    /// started, stopped, crashed, undefined …) to `tx`, until the driver is dropped.
+    /// started, stopped, crashed, undefined …) or that gains or loses a device while it runs
+    /// (a hot-plug, an unplug completed, one done behind Stratus's back) to `tx`, until the
+    /// driver is dropped.
     fn subscribe(&self, tx: tokio::sync::mpsc::UnboundedSender<String>) -> Result<(), DriverError>;
 }
 

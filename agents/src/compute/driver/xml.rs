@@ -14,7 +14,10 @@ use quick_xml::Writer;
 use quick_xml::events::{BytesText, Event};
 use quick_xml::reader::Reader;
 
-use super::{AttachedVolume, Backing, DiskFormat, DomainSpec, InterfaceSpec, Owner, VolumeDisk};
+use super::{
+    AttachedInterface, AttachedVolume, Backing, DiskFormat, DomainSpec, InterfaceSpec, Owner,
+    VolumeDisk,
+};
 
 /// XML namespace of the Stratus metadata element in a domain's `<metadata>`.
 pub const METADATA_NS: &str = "https://stratus.dev/xmlns/libvirt/server/v1";
@@ -314,6 +317,74 @@ fn write_interface<W: io::Write>(w: &mut Writer<W>, nic: &InterfaceSpec) -> io::
             Ok(())
         })?;
     Ok(())
+}
+
+/// The `<interface>` element of a Port on its own, as libvirt's attach-device takes it (the
+/// same element the domain is defined with).
+pub fn interface_xml(nic: &InterfaceSpec) -> String {
+    let mut writer = Writer::new_with_indent(Vec::new(), b' ', 2);
+    write_interface(&mut writer, nic).expect("writing XML into a Vec<u8> cannot fail");
+    String::from_utf8_lossy(&writer.into_inner()).into_owned()
+}
+
+/// The `<interface>` element that names the interface of MAC `mac` to libvirt's
+/// detach-device (which finds a network interface by its MAC).
+pub fn interface_by_mac_xml(mac: &str) -> String {
+    let mut writer = Writer::new_with_indent(Vec::new(), b' ', 2);
+    writer
+        .create_element("interface")
+        .with_attribute(("type", "ethernet"))
+        .write_inner_content(|w| {
+            w.create_element("mac")
+                .with_attribute(("address", mac))
+                .write_empty()?;
+            Ok(())
+        })
+        .expect("writing XML into a Vec<u8> cannot fail");
+    String::from_utf8_lossy(&writer.into_inner()).into_owned()
+}
+
+/// The network interfaces of a domain's XML (as libvirt writes it back), in document order:
+/// every `<interface>` with a MAC address, whatever its type.
+///
+/// # Errors
+/// [`MetadataError::Xml`] or [`MetadataError::Attribute`] for XML that does not parse.
+pub fn attached_interfaces(xml: &str) -> Result<Vec<AttachedInterface>, MetadataError> {
+    let mut reader = Reader::from_str(xml);
+    let mut out = Vec::new();
+    let mut current: Option<AttachedInterface> = None;
+    let mut depth = 0usize;
+    loop {
+        match reader.read_event().map_err(MetadataError::Xml)? {
+            Event::Start(e) if current.is_none() && e.local_name().as_ref() == "interface" => {
+                current = Some(AttachedInterface {
+                    mac: String::new(),
+                    tap: None,
+                    mtu: None,
+                });
+                depth = 0;
+            }
+            Event::Start(_) if current.is_some() => depth += 1,
+            Event::Empty(e) if depth == 0 => {
+                if let Some(nic) = current.as_mut() {
+                    match e.local_name().as_ref() {
+                        "mac" => nic.mac = attribute(&e, "address")?.unwrap_or_default(),
+                        "target" => nic.tap = attribute(&e, "dev")?,
+                        "mtu" => nic.mtu = attribute(&e, "size")?.and_then(|s| s.parse().ok()),
+                        _ => {}
+                    }
+                }
+            }
+            Event::End(e) if depth == 0 && e.local_name().as_ref() == "interface" => {
+                if let Some(nic) = current.take().filter(|n| !n.mac.is_empty()) {
+                    out.push(nic);
+                }
+            }
+            Event::End(_) if current.is_some() => depth = depth.saturating_sub(1),
+            Event::Eof => return Ok(out),
+            _ => {}
+        }
+    }
 }
 
 /// Whether `path` names a host block device (under `/dev/`: a volume's logical volume or
@@ -1010,6 +1081,69 @@ mod tests {
             of("domain/devices/interface/rom", "enabled"),
             [Some("no".into()), Some("no".into())]
         );
+    }
+
+    #[test]
+    fn interfaces_read_back_as_written_and_as_libvirt_writes_them() {
+        let mut spec = spec();
+        let nics = [
+            InterfaceSpec {
+                mac: "fa:16:3e:00:00:01".into(),
+                tap: "tap0f9e2c1a77b".into(),
+                mtu: Some(1450),
+            },
+            InterfaceSpec {
+                mac: "fa:16:3e:00:00:02".into(),
+                tap: "tap1a2b3c4d5e6".into(),
+                mtu: None,
+            },
+        ];
+        spec.interfaces = nics.to_vec();
+        let got = attached_interfaces(&domain_xml(&spec, DomainKind::Qemu)).expect("parse");
+        assert_eq!(got.len(), 2);
+        assert!(
+            got.iter()
+                .zip(&nics)
+                .all(|(g, n)| g.is(n) && g.mtu == n.mtu)
+        );
+        // One element on its own, as attach-device takes it, reads back the same.
+        let alone = attached_interfaces(&interface_xml(&nics[0])).expect("parse");
+        assert!(alone.len() == 1 && alone[0].is(&nics[0]), "{alone:?}");
+        // libvirt's live XML: an alias, an address and a model inside, an interface of
+        // another type (no tap named), and one without a MAC, which is not listed.
+        let live = "<domain><devices>\
+            <interface type='ethernet'><mac address='fa:16:3e:00:00:01'/>\
+              <target dev='tap0f9e2c1a77b' managed='yes'/><model type='virtio'/>\
+              <mtu size='1450'/><alias name='net0'/><rom enabled='no'/>\
+              <address type='pci' domain='0x0000' bus='0x01' slot='0x00' function='0x0'/>\
+            </interface>\
+            <interface type='network'><mac address='52:54:00:aa:bb:cc'/>\
+              <source network='default'><extra/></source></interface>\
+            <interface type='user'></interface>\
+            </devices></domain>";
+        let got = attached_interfaces(live).expect("parse");
+        assert_eq!(
+            got,
+            [
+                AttachedInterface {
+                    mac: "fa:16:3e:00:00:01".into(),
+                    tap: Some("tap0f9e2c1a77b".into()),
+                    mtu: Some(1450),
+                },
+                AttachedInterface {
+                    mac: "52:54:00:aa:bb:cc".into(),
+                    tap: None,
+                    mtu: None,
+                },
+            ]
+        );
+        // Detach names the interface by its MAC alone.
+        let by_mac = parse(&interface_by_mac_xml("fa:16:3e:00:00:01"));
+        assert_eq!(
+            one(&by_mac, "interface/mac").attr("address"),
+            Some("fa:16:3e:00:00:01")
+        );
+        assert!(attached_interfaces("<domain><devices><interface").is_err());
     }
 
     #[test]
