@@ -457,6 +457,13 @@ pub struct StoragePoolStatus {
     /// Number of volumes in the pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volumes: Option<u32>,
+    /// The address the pool's node serves volume exports at (its agent's
+    /// `--storage-address`): recorded by the node once and then kept (only an operator moves
+    /// it). A Volume of the pool is exported at this address and no other
+    /// (`status.export.host`), and compute nodes connect to no other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 45))]
+    pub storage_address: Option<String>,
     /// When the agent last reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat_time: Option<Time>,

@@ -18,8 +18,8 @@ use stratus_api_types::common::{ConditionType, Reason, Time};
 use stratus_api_types::compute::Hypervisor;
 use stratus_api_types::image::{DiskFormat, Image, Visibility};
 use stratus_api_types::storage::{
-    ImageRef, Volume, VolumePhase, VolumeSnapshot, VolumeSnapshotPhase, VolumeSnapshotStatus,
-    VolumeStatus,
+    ImageRef, StoragePool, Volume, VolumePhase, VolumeSnapshot, VolumeSnapshotPhase,
+    VolumeSnapshotStatus, VolumeStatus,
 };
 use stratus_image_cache::{Format, ImageCache, ImageError, Request};
 use stratus_runtime::finalizer;
@@ -469,6 +469,33 @@ async fn peer_address(ctx: &Ctx, node: &str) -> Result<IpAddr, Peer> {
     })
 }
 
+/// Whether the pool of the volume of `status` records the address exports are served on as
+/// its node's storage address (`status.storageAddress`, written by the pools' heartbeat and
+/// then kept): the API refuses an export at any other host, and compute nodes connect to no
+/// other.
+async fn recorded_address(
+    ctx: &Ctx,
+    status: &VolumeStatus,
+) -> Result<Result<(), ExportError>, StorageError> {
+    let Some(serving) = ctx.exports.address() else {
+        return Ok(Err(ExportError::NoAddress));
+    };
+    let pool = status.pool.clone().unwrap_or_default();
+    let recorded = Api::<StoragePool>::all(ctx.client.clone())
+        .get_opt(&pool)
+        .await?
+        .and_then(|p| p.status?.storage_address);
+    Ok(match recorded {
+        None => Err(ExportError::Unrecorded(pool)),
+        Some(r) if r.parse::<IpAddr>().ok() == Some(serving) => Ok(()),
+        Some(recorded) => Err(ExportError::Moved {
+            pool,
+            recorded,
+            serving,
+        }),
+    })
+}
+
 /// Whether the running export of a volume (`running`: this agent serves one) is kept while
 /// the address of `node`, the node it is to be exported to, cannot be read: when the
 /// volume's status records it exported to that very node. A guest may be using it; only a
@@ -495,26 +522,29 @@ async fn sync_export(
         status.export = None;
         return Ok(None);
     };
-    let made = match peer_address(ctx, &node).await {
-        Ok(peer) => {
-            let (e, v, d, n) = (
-                Arc::clone(&ctx.exports),
-                volume.clone(),
-                device.to_owned(),
-                node.clone(),
-            );
-            let was = status.export.clone();
-            blocking(move || e.ensure(&v, &d, &n, peer, was.as_ref())).await?
-        }
-        Err(Peer::Unreadable(why)) => {
-            let running = ctx.exports.volumes().contains(&volume);
-            if keeps_export(status, &node, running) {
-                // Kept as it is, status and all; the reconcile is retried.
-                return Ok(Some(ExportError::Serve(why)));
+    let made = match recorded_address(ctx, status).await? {
+        Err(e) => Err(e),
+        Ok(()) => match peer_address(ctx, &node).await {
+            Ok(peer) => {
+                let (e, v, d, n) = (
+                    Arc::clone(&ctx.exports),
+                    volume.clone(),
+                    device.to_owned(),
+                    node.clone(),
+                );
+                let was = status.export.clone();
+                blocking(move || e.ensure(&v, &d, &n, peer, was.as_ref())).await?
             }
-            Err(ExportError::Serve(why))
-        }
-        Err(Peer::NoAddress(why)) => Err(ExportError::Serve(why)),
+            Err(Peer::Unreadable(why)) => {
+                let running = ctx.exports.volumes().contains(&volume);
+                if keeps_export(status, &node, running) {
+                    // Kept as it is, status and all; the reconcile is retried.
+                    return Ok(Some(ExportError::Serve(why)));
+                }
+                Err(ExportError::Serve(why))
+            }
+            Err(Peer::NoAddress(why)) => Err(ExportError::Serve(why)),
+        },
     };
     match made {
         Ok(export) => {
@@ -1167,6 +1197,7 @@ pub async fn run(client: Client, config: Config, pools: Vec<(PoolConfig, Arc<dyn
         pools,
         Arc::clone(&served),
         config.heartbeat,
+        config.storage_address,
     );
     let ctx = Arc::new(Ctx {
         client: client.clone(),

@@ -5,6 +5,7 @@
 //! touched.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -190,14 +191,20 @@ pub async fn register(
 }
 
 /// The status of `pool` as the agent reports it: its capacity from `backend` (`None`: the
-/// node does not serve it, for `unserved`).
+/// node does not serve it, for `unserved`), and the storage address `address` the node
+/// serves exports at, recorded once (an address recorded before is kept: only an operator
+/// moves it).
 pub fn status(
     pool: &StoragePool,
     backend: Option<Result<u64, DriverError>>,
     unserved: &str,
+    address: Option<IpAddr>,
 ) -> StoragePoolStatus {
     let mut status = pool.status.clone().unwrap_or_default();
     let generation = pool.metadata.generation;
+    if backend.is_some() && status.storage_address.is_none() {
+        status.storage_address = address.map(|a| a.to_string());
+    }
     match backend {
         Some(Ok(bytes)) => {
             status.phase = StoragePoolPhase::Ready;
@@ -236,6 +243,7 @@ async fn beat(
     node: &str,
     configured: &[(PoolConfig, Arc<dyn Backend>)],
     served: &Served,
+    address: Option<IpAddr>,
 ) -> Result<(), kube::Error> {
     let api: Api<StoragePool> = Api::all(client.clone());
     let pools = api
@@ -266,7 +274,7 @@ async fn beat(
             ),
             (_, None) => (None, "not configured on this node".into()),
         };
-        let next = status(&pool, backend, &why);
+        let next = status(&pool, backend, &why, address);
         if let Err(e) = runtime.write_status(&pool, &next).await {
             tracing::warn!(pool = %name, error = %e, "cannot report the pool's status");
         }
@@ -274,19 +282,21 @@ async fn beat(
     Ok(())
 }
 
-/// Heartbeats the node's pools every `every` until dropped.
+/// Heartbeats the node's pools every `every` until dropped, recording `address` as their
+/// storage address.
 pub async fn heartbeat(
     client: Client,
     node: String,
     configured: Vec<(PoolConfig, Arc<dyn Backend>)>,
     served: Arc<Served>,
     every: Duration,
+    address: Option<IpAddr>,
 ) {
     let runtime = Runtime::new(client.clone(), crate::agent::MANAGER);
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        if let Err(e) = beat(&client, &runtime, &node, &configured, &served).await {
+        if let Err(e) = beat(&client, &runtime, &node, &configured, &served, address).await {
             tracing::warn!(error = %e, "storage pool heartbeat failed");
         }
     }
@@ -336,7 +346,7 @@ mod tests {
 
     #[test]
     fn status_says_ready_with_the_capacity_or_why_not() {
-        let s = status(&pool(), Some(Ok((10 << 30) + 5)), "");
+        let s = status(&pool(), Some(Ok((10 << 30) + 5)), "", None);
         assert_eq!(s.phase, StoragePoolPhase::Ready);
         assert_eq!(s.capacity_gib, Some(10));
         assert!(s.last_heartbeat_time.is_some());
@@ -346,17 +356,43 @@ mod tests {
             &pool(),
             Some(Err(DriverError::Unavailable("no volume group vg0".into()))),
             "",
+            None,
         );
         assert_eq!(s.phase, StoragePoolPhase::NotReady);
         let c = ConditionType::Ready.find(&s.conditions).expect("Ready");
         assert_eq!(c.reason, reasons::UNAVAILABLE);
         assert!(c.message.contains("no volume group vg0"));
 
-        let s = status(&pool(), None, "not configured on this node");
+        let s = status(&pool(), None, "not configured on this node", None);
         let c = ConditionType::Ready.find(&s.conditions).expect("Ready");
         assert_eq!(
             (c.status.as_str(), c.reason.as_str()),
             ("False", reasons::NOT_CONFIGURED)
+        );
+    }
+
+    #[test]
+    fn a_storage_address_is_recorded_once_and_kept() {
+        let a: IpAddr = "10.0.0.1".parse().expect("an address");
+        let b: IpAddr = "10.0.0.9".parse().expect("an address");
+        let mut p = pool();
+        let s = status(&p, Some(Ok(10 << 30)), "", Some(a));
+        assert_eq!(s.storage_address.as_deref(), Some("10.0.0.1"));
+        p.status = Some(s);
+        // Another address given later (the agent started with another flag) moves nothing.
+        let s = status(&p, Some(Ok(10 << 30)), "", Some(b));
+        assert_eq!(s.storage_address.as_deref(), Some("10.0.0.1"));
+        assert_eq!(
+            status(&p, Some(Ok(10 << 30)), "", None)
+                .storage_address
+                .as_deref(),
+            Some("10.0.0.1"),
+            "nor does none"
+        );
+        // A pool the node does not serve gets none.
+        assert_eq!(
+            status(&pool(), None, "not configured", Some(a)).storage_address,
+            None
         );
     }
 }

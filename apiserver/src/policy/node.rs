@@ -148,6 +148,30 @@ fn misdirected_export(old: &Value, new: &Value) -> Option<String> {
     })
 }
 
+/// Why a node's write of its StoragePool changes the storage address recorded
+/// (`status.storageAddress`), if it does: a node records an IP address once, and then keeps
+/// it (a stolen node identity cannot point the compute nodes' NBD connections elsewhere); an
+/// operator moves it.
+fn moved_storage_address(old: Option<&Value>, new: Option<&Value>) -> Option<String> {
+    fn address(v: Option<&Value>) -> Option<&Value> {
+        v.and_then(|v| v.pointer("/status/storageAddress"))
+            .filter(|a| !a.is_null())
+    }
+    let (was, now) = (address(old), address(new));
+    match (was, now) {
+        (Some(a), b) if b != Some(a) => Some(format!(
+            "status.storageAddress: recorded as {a}; a node does not move or remove it (an operator does)"
+        )),
+        (None, Some(b))
+            if b.as_str()
+                .is_none_or(|b| b.parse::<std::net::IpAddr>().is_err()) =>
+        {
+            Some(format!("status.storageAddress: {b} is not an IP address"))
+        }
+        _ => None,
+    }
+}
+
 /// Why a Hypervisor a node creates for itself is more than its registration, if it is: the
 /// node declares where it is and what it runs (`spec.availabilityZone`, `spec.hypervisorType`,
 /// as a kubelet declares its topology labels) and nothing an operator owns: every other spec
@@ -447,7 +471,7 @@ pub fn review(node: &str, r: &Review<'_>) -> ApiResult<()> {
             } else if !kept {
                 Some("a StoragePool's spec and metadata are the operator's: its node writes only its status".into())
             } else {
-                None
+                moved_storage_address(r.old, r.new)
             }
         }
         ("network.stratus.dev", "floatingips") => match (op, sub, r.old, r.new) {
@@ -550,7 +574,8 @@ pub fn review(node: &str, r: &Review<'_>) -> ApiResult<()> {
 /// SecurityGroups those ports name (`default` for a port naming none). A Network, Subnet or
 /// SecurityGroup may also be watched alone, with `metadata.name=NAME` in its project.
 ///
-/// The storage agent's graph: its StoragePools (`spec.node=NODE`), the Volumes and
+/// The storage agent's graph: its StoragePools (`spec.node=NODE`; any pool by name,
+/// read-only, for the storage address a remote volume's export is checked against), the Volumes and
 /// VolumeSnapshots placed on it (`status.node=NODE`; the source a volume is made from is on
 /// the same pool), and a private Image a volume placed on it is made from.
 ///
@@ -940,11 +965,10 @@ async fn node_may_read(
                 )))
             }
         }
+        // Any pool by name, as every Hypervisor: a compute node checks a remote volume's
+        // export against the address its pool's node recorded (`status.storageAddress`).
         ("storage.stratus.dev", "storagepools") => {
-            check_named("StoragePool", "storage.stratus.dev", |p, node| {
-                p.pointer("/spec/node").and_then(Value::as_str) == Some(node)
-            })
-            .await
+            check_named("StoragePool", "storage.stratus.dev", |_, _| true).await
         }
         ("storage.stratus.dev", "volumes") if !named => {
             if selects("status.node", node) {

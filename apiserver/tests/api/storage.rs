@@ -671,6 +671,13 @@ async fn a_node_touches_only_the_storage_placed_on_it() {
             .await,
     );
     assert_eq!(e.code, 403, "another node than the attached one: {e:?}");
+    n1.patch(
+        &c.status("StoragePool", None, "p1"),
+        MERGE,
+        r#"{"status": {"storageAddress": "10.0.0.1"}}"#,
+    )
+    .await
+    .expect("its storage address");
     n1.patch(&status("Volume", "mine"), MERGE, &export("n2"))
         .await
         .expect("an export to the node it is attached to");
@@ -703,8 +710,16 @@ async fn a_node_touches_only_the_storage_placed_on_it() {
             .await,
     );
     assert_eq!(e.code, 403);
-    let pools = c.target("StoragePool", None, Some("p2"));
+    // Another node's pool is read by name alone (its storage address), never listed.
+    n1.read(&c.target("StoragePool", None, Some("p2")), "")
+        .await
+        .expect("a pool by name");
+    let pools = c.target("StoragePool", None, None);
     assert_eq!(refused(n1.read(&pools, "").await).code, 403);
+    assert_eq!(
+        refused(n1.read(&pools, "fieldSelector=spec.node%3Dn2").await).code,
+        403
+    );
     let e = refused(
         n1.patch(
             &c.status("StoragePool", None, "p2"),
@@ -714,6 +729,100 @@ async fn a_node_touches_only_the_storage_placed_on_it() {
         .await,
     );
     assert_eq!(e.code, 403);
+}
+
+/// A Volume is exported at the storage address its pool's node recorded
+/// (`status.storageAddress`), which compute nodes connect to: an export at another host, or
+/// before any is recorded, is 422 on `status.export.host`, whoever writes it. The node records
+/// an IP address once and cannot move or remove it (403); an operator moves it, after which
+/// an export recorded before stays and a new one goes to the new address.
+#[tokio::test]
+async fn an_export_is_served_at_the_address_its_pool_records() {
+    let c = with_pool(10).await;
+    c.create(&volume("demo", "v", json!(1))).await.expect("v");
+    bind(&c, "v", "p1").await.expect("on n1");
+    let n1 = c.node("n1");
+    let vol = c.status("Volume", Some("demo"), "v");
+    c.patch(
+        &vol,
+        MERGE,
+        &json!({"status": {"attachedTo": "web", "attachedNode": "n2"}}),
+        "",
+    )
+    .await
+    .expect("attached on n2");
+    let export = |host: &str, name: &str| {
+        format!(
+            r#"{{"status": {{"export": {{"node": "n2", "host": "{host}", "port": 10809, "name": "{name}"}}}}}}"#
+        )
+    };
+    let e = refused(n1.patch(&vol, MERGE, &export("10.0.0.1", "x1")).await);
+    assert_eq!((e.code, field(&e)), (422, "status.export.host"), "{e:?}");
+    assert!(
+        e.message.contains("records no storage address"),
+        "{}",
+        e.message
+    );
+    let pool = c.status("StoragePool", None, "p1");
+    let e = refused(
+        n1.patch(
+            &pool,
+            MERGE,
+            r#"{"status": {"storageAddress": "storage.example"}}"#,
+        )
+        .await,
+    );
+    assert_eq!(e.code, 403, "not an address: {e:?}");
+    n1.patch(
+        &pool,
+        MERGE,
+        r#"{"status": {"storageAddress": "10.0.0.1"}}"#,
+    )
+    .await
+    .expect("recorded once");
+    let e = refused(n1.patch(&vol, MERGE, &export("10.0.0.9", "x1")).await);
+    assert_eq!((e.code, field(&e)), (422, "status.export.host"), "{e:?}");
+    assert!(e.message.contains("not 10.0.0.1"), "{}", e.message);
+    let e = refused(
+        c.patch(
+            &vol,
+            MERGE,
+            &serde_json::from_str::<Value>(&export("10.0.0.9", "x1")).expect("JSON"),
+            "",
+        )
+        .await,
+    );
+    assert_eq!(field(&e), "status.export.host", "an admin's write too");
+    n1.patch(&vol, MERGE, &export("10.0.0.1", "x1"))
+        .await
+        .expect("at the address recorded");
+    for patch in [
+        r#"{"status": {"storageAddress": "10.0.0.9"}}"#,
+        r#"{"status": {"storageAddress": null}}"#,
+    ] {
+        let e = refused(n1.patch(&pool, MERGE, patch).await);
+        assert_eq!(e.code, 403, "{patch}");
+        assert!(e.message.contains("status.storageAddress"), "{}", e.message);
+    }
+    n1.patch(&pool, MERGE, r#"{"status": {"capacityGiB": 11}}"#)
+        .await
+        .expect("a heartbeat keeping it");
+    c.patch(
+        &pool,
+        MERGE,
+        &json!({"status": {"storageAddress": "10.0.0.9"}}),
+        "",
+    )
+    .await
+    .expect("moved by an operator");
+    n1.patch(&vol, MERGE, r#"{"status": {"phase": "InUse"}}"#)
+        .await
+        .expect("the export recorded before stays");
+    let e = refused(n1.patch(&vol, MERGE, &export("10.0.0.1", "x2")).await);
+    assert_eq!(field(&e), "status.export.host");
+    n1.patch(&vol, MERGE, &export("10.0.0.9", "x2"))
+        .await
+        .expect("a new export at the new address");
 }
 
 #[tokio::test]
