@@ -125,11 +125,12 @@ pub struct NetworkArgs {
     pub dhcp_dir: Option<std::path::PathBuf>,
     /// Network role: what carries the node's networks: `kernel` (a Linux bridge and a VXLAN
     /// device per network) or `ovs` (one Open vSwitch integration bridge, br-int, userspace
-    /// datapath: the system's switch when its database answers, else one the agent starts
-    /// in the node's namespace with its files in STATE_DIR/network/ovs and leaves running
-    /// for its next start). With `ovs`, --tunnel-interface is put on the switch's bridge
-    /// br-phy with its address, which is where the userspace datapath sends tunnels from.
-    /// Security groups and anti-spoofing are then OpenFlow flows with OVS conntrack.
+    /// datapath: the system's switch when its database answers and no --network-namespace
+    /// is given, else one the agent starts in the node's namespace with its files in
+    /// STATE_DIR/network/ovs and leaves running for its next start). With `ovs`,
+    /// --tunnel-interface is put on the switch's bridge br-phy with its address, which is
+    /// where the userspace datapath sends tunnels from. Security groups and anti-spoofing
+    /// are then OpenFlow flows with OVS conntrack.
     #[arg(long, value_enum, default_value = "kernel")]
     pub datapath: Datapath,
 }
@@ -151,8 +152,10 @@ fn ovs_links(
     state_dir: &std::path::Path,
     tunnel: Option<&IfName>,
 ) -> Result<(OvsLinks, Option<Ipv4Addr>)> {
+    // The system's switch runs in the host's namespace: a simulated node (a namespace of
+    // its own) has a switch of its own, or two such nodes would share one bridge.
     let system = Ovs::system();
-    let (links, ovs) = if system.answers() {
+    let (links, ovs) = if *netns == Netns::Host && system.answers() {
         (OvsLinks::new(netns.clone(), system.clone()), system)
     } else {
         let daemon = OvsDaemon::new(netns.clone(), state_dir.join("network").join("ovs"));

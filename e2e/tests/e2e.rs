@@ -19,6 +19,7 @@ mod e2e {
     mod metadata;
     mod namespace_lifecycle;
     mod network_agent;
+    mod network_agent_ovs;
     mod object_agent;
     mod object_proxy;
     mod object_ring;

@@ -19,13 +19,13 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use stratus_e2e::{Apiserver, Etcd, Proc, ip, stratus_bin, wait_until};
 
-const NS: &str = "netdemo";
+pub(super) const NS: &str = "netdemo";
 
 /// Generous: the agents share two cores with every other test.
 const T: Duration = Duration::from_secs(90);
 
 /// Runs `args` inside namespace `ns`; whether it succeeded.
-fn exec(ns: &str, args: &[&str]) -> bool {
+pub(super) fn exec(ns: &str, args: &[&str]) -> bool {
     Command::new("ip")
         .args(["netns", "exec", ns])
         .args(args)
@@ -33,15 +33,15 @@ fn exec(ns: &str, args: &[&str]) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-fn ping(from: &str, to: &str) -> bool {
+pub(super) fn ping(from: &str, to: &str) -> bool {
     exec(from, &["busybox", "ping", "-c", "1", "-W", "1", to])
 }
 
 /// Namespaces and DHCP servers the test (and its agents) made, removed when dropped.
-struct Host {
-    namespaces: Vec<String>,
+pub(super) struct Host {
+    pub(super) namespaces: Vec<String>,
     /// The agents' DHCP state directories: one directory per server, named as its namespace.
-    dhcp_dirs: Vec<PathBuf>,
+    pub(super) dhcp_dirs: Vec<PathBuf>,
 }
 
 impl Drop for Host {
@@ -60,17 +60,17 @@ impl Drop for Host {
     }
 }
 
-fn kubectl(api: &Apiserver, args: &[&str]) -> Result<String> {
+pub(super) fn kubectl(api: &Apiserver, args: &[&str]) -> Result<String> {
     let mut full = vec!["-n", NS];
     full.extend_from_slice(args);
     api.kubectl_ok(&full)
 }
 
-fn jsonpath(api: &Apiserver, kind: &str, name: &str, path: &str) -> Result<String> {
+pub(super) fn jsonpath(api: &Apiserver, kind: &str, name: &str, path: &str) -> Result<String> {
     kubectl(api, &["get", kind, name, "-o", &format!("jsonpath={path}")])
 }
 
-fn patch_status(api: &Apiserver, kind: &str, name: &str, status: serde_json::Value) -> Result<()> {
+pub(super) fn patch_status(api: &Apiserver, kind: &str, name: &str, status: serde_json::Value) -> Result<()> {
     let body = serde_json::json!({ "status": status }).to_string();
     kubectl(
         api,
@@ -105,7 +105,7 @@ fn agent(node: &str, underlay: [&str; 2], state: &Path, kubeconfigs: &Path) -> R
 }
 
 /// Runs busybox's DHCP client once in `ns`; the address it was offered.
-fn lease(ns: &str, dir: &Path) -> Option<String> {
+pub(super) fn lease(ns: &str, dir: &Path) -> Option<String> {
     let script = dir.join("udhcpc.sh");
     let result = dir.join("lease");
     let _ = std::fs::remove_file(&result);
@@ -130,7 +130,7 @@ fn lease(ns: &str, dir: &Path) -> Option<String> {
 }
 
 /// The names of the links of `kind` in namespace `ns`.
-fn links_of_kind(ns: &str, kind: &str) -> Result<Vec<String>> {
+pub(super) fn links_of_kind(ns: &str, kind: &str) -> Result<Vec<String>> {
     let out = ip(&["-n", ns, "-j", "link", "show", "type", kind])?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
     Ok(v.as_array()
