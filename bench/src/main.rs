@@ -19,6 +19,7 @@ mod boot;
 mod list;
 mod memory;
 mod net;
+mod ovs;
 mod sched;
 mod storage;
 mod tcg;
@@ -197,6 +198,17 @@ enum What {
         seconds: f64,
         /// Runs of each, alternating which goes first.
         #[arg(long, default_value_t = 6)]
+        rounds: usize,
+    },
+    /// The network agent's Open vSwitch driver wiring a fresh node of many ports, and putting
+    /// back every flow deleted, vs `ovs-vsctl`, `ovs-ofctl --bundle add-flows` and `nft -f` of
+    /// the same state (needs root; starts a switch per side in namespaces of its own).
+    NetOvs {
+        /// Ports on the node.
+        #[arg(long, default_value_t = 1000)]
+        ports: usize,
+        /// Runs of each, alternating which goes first.
+        #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
     /// Receives one TCP stream (`net-tcp`'s receiver, run inside a guest namespace).
@@ -1061,6 +1073,9 @@ async fn main() -> Result<()> {
         } => net::sg(ports, rules, changes, rounds).await,
         What::NetConverge { ports, rounds } => net::converge(ports, rounds).await,
         What::NetTcp { seconds, rounds } => net::tcp(seconds, rounds).await,
+        What::NetOvs { ports, rounds } => {
+            tokio::task::spawn_blocking(move || ovs::converge_ports(ports, rounds)).await?
+        }
         What::TcpSink { listen } => net::tcp_sink(listen),
         What::TcpSource { to, seconds } => net::tcp_source(to, seconds),
     }
