@@ -37,14 +37,18 @@ pub fn groups(reg: &Registry) -> Value {
         .filter(|(g, _)| !g.is_empty())
         .map(|(g, vs)| group_doc(&g, &vs))
         .collect();
-    groups.push(group_doc(AUTHZ_GROUP, &["v1".to_string()]));
+    groups.extend(
+        REVIEWS
+            .iter()
+            .map(|r| group_doc(r.group, &["v1".to_string()])),
+    );
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
 /// `/apis/{group}`.
 pub fn group(reg: &Registry, group: &str) -> Option<Value> {
-    if group == AUTHZ_GROUP {
-        return Some(group_doc(AUTHZ_GROUP, &["v1".to_string()]));
+    if let Some(r) = REVIEWS.iter().find(|r| r.group == group) {
+        return Some(group_doc(r.group, &["v1".to_string()]));
     }
     reg.groups()
         .into_iter()
@@ -52,18 +56,40 @@ pub fn group(reg: &Registry, group: &str) -> Option<Value> {
         .map(|(g, vs)| group_doc(&g, &vs))
 }
 
-/// `/apis/{group}/{version}` or `/api/v1`.
-/// The group of SelfSubjectAccessReview (`kubectl auth can-i`), served beside the kinds.
-pub const AUTHZ_GROUP: &str = "authorization.k8s.io";
+/// A review the API answers beside the kinds (`route.rs`): a create-only, cluster-scoped
+/// resource of a Kubernetes group, listed in discovery as kube-apiserver lists it, so that
+/// `kubectl api-resources` names it.
+struct Review {
+    group: &'static str,
+    plural: &'static str,
+    singular: &'static str,
+    kind: &'static str,
+}
+
+/// SelfSubjectAccessReview (`kubectl auth can-i`) and SelfSubjectReview (`kubectl auth whoami`).
+const REVIEWS: [Review; 2] = [
+    Review {
+        group: "authorization.k8s.io",
+        plural: "selfsubjectaccessreviews",
+        singular: "selfsubjectaccessreview",
+        kind: "SelfSubjectAccessReview",
+    },
+    Review {
+        group: "authentication.k8s.io",
+        plural: "selfsubjectreviews",
+        singular: "selfsubjectreview",
+        kind: "SelfSubjectReview",
+    },
+];
 
 /// `/apis/{group}/{version}` or `/api/v1`.
 pub fn resources(reg: &Registry, group: &str, version: &str) -> Option<Value> {
-    if group == AUTHZ_GROUP && version == "v1" {
-        return Some(
-            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "authorization.k8s.io/v1", "resources": [
-                {"name": "selfsubjectaccessreviews", "singularName": "selfsubjectaccessreview", "namespaced": false, "kind": "SelfSubjectAccessReview", "verbs": ["create"]},
-            ]}),
-        );
+    if let Some(r) = REVIEWS.iter().find(|r| r.group == group) {
+        return (version == "v1").then(|| {
+            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": format!("{}/v1", r.group), "resources": [
+                {"name": r.plural, "singularName": r.singular, "namespaced": false, "kind": r.kind, "verbs": ["create"]},
+            ]})
+        });
     }
     let types: Vec<&std::sync::Arc<ResourceType>> = reg
         .all()
@@ -368,5 +394,53 @@ fn to_swagger(v: &Value) -> Value {
         ),
         Value::Array(a) => Value::Array(a.iter().map(to_swagger).collect()),
         other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `kubectl api-resources` reads `/apis`, then each group version's resource list: each
+    /// review is found that way, as the one create-only, cluster-scoped resource of its group.
+    #[test]
+    fn the_reviews_are_discovered_as_kubectl_walks_discovery() {
+        let reg = Registry::stratus().expect("the registry");
+        let all = groups(&reg);
+        for (group, plural, kind) in [
+            (
+                "authorization.k8s.io",
+                "selfsubjectaccessreviews",
+                "SelfSubjectAccessReview",
+            ),
+            (
+                "authentication.k8s.io",
+                "selfsubjectreviews",
+                "SelfSubjectReview",
+            ),
+        ] {
+            let listed = all["groups"]
+                .as_array()
+                .expect("groups")
+                .iter()
+                .find(|g| g["name"] == group)
+                .unwrap_or_else(|| panic!("{group} in /apis: {all}"));
+            assert_eq!(
+                listed["preferredVersion"]["groupVersion"],
+                format!("{group}/v1")
+            );
+            assert_eq!(group_doc_of(&reg, group), *listed);
+            let list = resources(&reg, group, "v1").expect("its resource list");
+            assert_eq!(list["groupVersion"], format!("{group}/v1"));
+            assert_eq!(
+                list["resources"],
+                json!([{"name": plural, "singularName": plural.trim_end_matches('s'), "namespaced": false, "kind": kind, "verbs": ["create"]}])
+            );
+            assert_eq!(resources(&reg, group, "v1beta1"), None, "{group}");
+        }
+    }
+
+    fn group_doc_of(reg: &Registry, group: &str) -> Value {
+        super::group(reg, group).expect("the group")
     }
 }
