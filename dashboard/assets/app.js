@@ -6,7 +6,7 @@ import * as api from "./api.js";
 import { Informer } from "./informer.js";
 import {
   KINDS, conditionRows, eventRows, headerRow, quotaHeaderRow, renderQuota, renderRows,
-  replaceChildren, serverFields, consoleText, el,
+  replaceChildren, serverFields, consoleText, el, FEED_ROWS,
 } from "./views.js";
 import { CreateForm, FORMS, actionPanel } from "./forms.js";
 import { Topology } from "./topology.js";
@@ -197,7 +197,7 @@ function drawNow() {
     }
     $("list-empty").textContent = items.size === 0 && state.list && state.list.lists > 0
       ? (kind.quota ? "No quota in this project: nothing is limited." : `No ${kind.title.toLowerCase()} here yet.`)
-      : "";
+      : kind.feed && items.size > FEED_ROWS ? `The ${FEED_ROWS} newest of ${items.size} are shown.` : "";
     return;
   }
   $("detail-title").textContent = `Server ${state.detail}`;

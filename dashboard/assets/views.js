@@ -242,6 +242,21 @@ export const KINDS = {
       ["fingerprint", "Fingerprint", (o) => text(status(o).fingerprint)],
     ],
   },
+  events: {
+    title: "Events",
+    group: "",
+    version: "v1",
+    plural: "events",
+    feed: true,
+    columns: [
+      ["last-seen", "Last seen", (o, now) => age(eventTime(o), now)],
+      ["type", "Type", (o) => text(o.type)],
+      ["reason", "Reason", (o) => text(o.reason)],
+      ["object", "Object", eventObject],
+      ["message", "Message", (o) => text(o.message || o.note)],
+      ["count", "Count", (o) => text(o.count || (o.series && o.series.count) || 1)],
+    ],
+  },
   quota: {
     title: "Quota",
     group: "identity.stratus.dev",
@@ -353,8 +368,11 @@ export function renderQuota(tbody, quotas) {
   replaceChildren(tbody, rows);
 }
 
-/** The header row of a kind's table. */
+/** The header row of a kind's table (a feed has no name or age column of its own). */
 export function headerRow(kind) {
+  if (kind.feed) {
+    return el("tr", null, ...kind.columns.map(([key, heading]) => el("th", { data: { col: key } }, heading)));
+  }
   return el("tr", null,
     el("th", null, "Name"),
     ...kind.columns.map(([key, heading]) => el("th", { data: { col: key } }, heading)),
@@ -367,11 +385,18 @@ export function quotaHeaderRow() {
     el("th", { data: { col: "quota" } }, "Quota"));
 }
 
-/** Writes a cell's text, or its bar (a <meter> and its text), only where it changed. */
+/** Writes a cell's text, its link or its bar (a <meter> and its text), only where it changed. */
 function setCell(cell, value) {
   if (typeof value !== "object") {
     if (cell.textContent !== value) {
       cell.textContent = value;
+    }
+    return;
+  }
+  if ("href" in value) {
+    const a = cell.querySelector("a");
+    if (!a || a.getAttribute("href") !== value.href || a.textContent !== value.text) {
+      replaceChildren(cell, [el("a", { href: value.href }, value.text)]);
     }
     return;
   }
@@ -394,16 +419,34 @@ function setCell(cell, value) {
   }
 }
 
+/** The most rows a feed shows: its newest, however many objects its list holds. */
+export const FEED_ROWS = 200;
+
+const byName = (a, b) => text(meta(a).name).localeCompare(text(meta(b).name));
+
+/** Newest first (by when each Event last happened), then by name. */
+function newestFirst(a, b) {
+  const t = (e) => {
+    const ms = Date.parse(eventTime(e));
+    return Number.isNaN(ms) ? 0 : ms;
+  };
+  return t(b) - t(a) || byName(a, b);
+}
+
 /**
- * Brings `tbody` to `items` (a Map of objects), sorted by name: rows are kept per object and
- * only the cells whose text changed are written.
+ * Brings `tbody` to `items` (a Map of objects), sorted by name (a feed: its newest
+ * `FEED_ROWS`, newest first): rows are kept per object and only the cells whose text changed
+ * are written.
  */
 export function renderRows(tbody, kind, viewName, items, now) {
   const rows = new Map();
   for (const tr of tbody.children) {
     rows.set(tr.dataset.key, tr);
   }
-  const objs = [...items.values()].sort((a, b) => text(meta(a).name).localeCompare(text(meta(b).name)));
+  const objs = kind.feed
+    ? [...items.values()].sort(newestFirst).slice(0, FEED_ROWS)
+    : [...items.values()].sort(byName);
+  const first = kind.feed ? 0 : 1;
   let at = tbody.firstElementChild;
   for (const obj of objs) {
     const name = text(meta(obj).name);
@@ -415,13 +458,17 @@ export function renderRows(tbody, kind, viewName, items, now) {
       const nameCell = kind.detail
         ? el("td", { data: { col: "name" } }, el("a", { href: `#${viewName}/${encodeURIComponent(name)}` }, name))
         : el("td", { data: { col: "name" } }, name);
-      tr = el("tr", { data: { key, name } },
-        nameCell,
-        ...kind.columns.map(([col]) => el("td", { data: { col } })),
-        el("td", { data: { col: "age" } }));
+      const cells = kind.columns.map(([col]) => el("td", { data: { col } }));
+      tr = kind.feed
+        ? el("tr", { data: { key, name } }, ...cells)
+        : el("tr", { data: { key, name } }, nameCell, ...cells, el("td", { data: { col: "age" } }));
     }
-    kind.columns.forEach(([, , cell], i) => setCell(tr.children[i + 1], cell(obj)));
-    setCell(tr.lastElementChild, age(meta(obj).creationTimestamp, now));
+    kind.columns.forEach(([, , cell], i) => setCell(tr.children[i + first], cell(obj, now)));
+    if (kind.feed) {
+      tr.dataset.type = text(obj.type);
+    } else {
+      setCell(tr.lastElementChild, age(meta(obj).creationTimestamp, now));
+    }
     if (at === tr) {
       at = tr.nextElementSibling;
     } else {
@@ -489,10 +536,21 @@ export function eventTime(e) {
     || e.firstTimestamp || meta(e).creationTimestamp || "";
 }
 
+/**
+ * What an Event is about, as `kubectl get events` writes it (`server/web-1`): a link to the
+ * object's page where the dashboard has one.
+ */
+export function eventObject(e) {
+  const o = e.involvedObject || e.regarding || {};
+  const label = `${text(o.kind).toLowerCase()}/${text(o.name)}`;
+  const view = Object.keys(KINDS).find((v) => KINDS[v].detail && KINDS[v].plural === `${text(o.kind).toLowerCase()}s`);
+  return view && o.name ? { href: `#${view}/${encodeURIComponent(text(o.name))}`, text: label } : label;
+}
+
 /** Rows of an Events table, newest first. */
 export function eventRows(events, now) {
   return [...events]
-    .sort((a, b) => text(eventTime(b)).localeCompare(text(eventTime(a))))
+    .sort(newestFirst)
     .map((e) => el("tr", { data: { reason: text(e.reason) } },
       el("td", null, text(e.type)),
       el("td", null, text(e.reason)),

@@ -1,5 +1,6 @@
 //! Helpers for end-to-end tests: a real etcd, the real `stratus` binary, the real kubectl.
 
+pub mod browser;
 pub mod node;
 
 use std::net::TcpListener;

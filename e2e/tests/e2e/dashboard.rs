@@ -4,15 +4,14 @@
 //! the server detail, hostile text shown as text, the project switcher, a watch resumed
 //! after the cloud restarts, and logging out.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use base64::Engine;
 use serde_json::{Value, json};
+use stratus_e2e::browser::{Browser, field_error, text_of};
 use stratus_e2e::{Apiserver, Cloud, Etcd, repo_root, wait_until};
 
 const POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
@@ -153,237 +152,6 @@ fn assets_are_served_to_anyone_under_a_strict_policy_and_nothing_else_is() -> Re
     Ok(())
 }
 
-/// Headless Chromium, worked by `e2e/python/dashboard.py` one command at a time.
-struct Browser {
-    child: Child,
-    stdin: ChildStdin,
-    answers: Receiver<String>,
-    _profile: tempfile::TempDir,
-}
-
-impl Browser {
-    /// Starts Chromium trusting only the API server's key (`cert`, PEM).
-    fn start(cert: &Path, artifacts: &Path) -> Result<Self> {
-        let profile = tempfile::tempdir()?;
-        let mut child = Command::new("/usr/bin/python3")
-            .arg(repo_root().join("e2e/python/dashboard.py"))
-            .arg("--spki-hash")
-            .arg(spki_hash(cert)?)
-            .arg("--artifacts")
-            .arg(artifacts)
-            .arg("--profile")
-            .arg(profile.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("run e2e/python/dashboard.py")?;
-        let stdin = child.stdin.take().context("stdin")?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let (tx, answers) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut b = Self {
-            child,
-            stdin,
-            answers,
-            _profile: profile,
-        };
-        let ready = b.answer(Duration::from_secs(120))?;
-        if ready["ok"] != true {
-            bail!("the browser did not start: {ready}");
-        }
-        Ok(b)
-    }
-
-    fn answer(&mut self, within: Duration) -> Result<Value> {
-        let line = self
-            .answers
-            .recv_timeout(within)
-            .with_context(|| format!("no answer from the browser within {within:?}"))?;
-        serde_json::from_str(&line).with_context(|| format!("the browser's answer {line:?}"))
-    }
-
-    /// Sends one command; its answer (bounded by the command's own timeout, plus a minute).
-    fn send(&mut self, cmd: Value) -> Result<Value> {
-        writeln!(self.stdin, "{cmd}")?;
-        self.stdin.flush()?;
-        let within = Duration::from_secs(cmd["timeout"].as_u64().unwrap_or(30) + 60);
-        self.answer(within)
-    }
-
-    /// Sends one command that must succeed.
-    fn ok(&mut self, cmd: Value) -> Result<Value> {
-        let a = self.send(cmd.clone())?;
-        if a["ok"] != true {
-            let _ = self.send(json!({"cmd": "screenshot", "name": "failed"}));
-            bail!("browser command {cmd} failed: {a}");
-        }
-        Ok(a)
-    }
-
-    /// Runs a script in the page; its value.
-    fn js(&mut self, script: &str) -> Result<Value> {
-        Ok(self.ok(json!({"cmd": "js", "js": script}))?["value"].take())
-    }
-
-    /// Waits (up to `timeout` s) until the script returns something other than null or false.
-    fn until(&mut self, script: &str, timeout: u64, what: &str) -> Result<Value> {
-        let a = self.send(json!({"cmd": "wait_js", "js": script, "timeout": timeout}))?;
-        if a["ok"] != true {
-            let _ = self.send(json!({"cmd": "screenshot", "name": "failed"}));
-            bail!("timed out after {timeout} s waiting for {what}: {a}");
-        }
-        Ok(a)
-    }
-
-    /// Starts the browser trusting `cloud`'s API server and opens `url` at its login form.
-    fn open_at(cloud: &Cloud, url: &str, artifacts: &Path) -> Result<Self> {
-        let mut b = Self::start(&cloud.dir.path().join("pki/apiserver.crt"), artifacts)?;
-        b.ok(json!({"cmd": "open", "url": url}))?;
-        b.until(
-            "return document.querySelector('#login-user') !== null",
-            30,
-            "the login form",
-        )?;
-        Ok(b)
-    }
-
-    /// Applies the open create form, and waits until the API's refusal is written next to the
-    /// field `path` names; that text.
-    fn refused_at(&mut self, path: &str) -> Result<String> {
-        self.ok(json!({"cmd": "click", "css": "form.create button.apply"}))?;
-        let a = self.until(
-            &format!(
-                "return document.querySelector(\"{}\").textContent || null",
-                field_error(path)
-            ),
-            30,
-            &format!("the error of {path}"),
-        )?;
-        Ok(a["value"].as_str().unwrap_or_default().to_string())
-    }
-
-    /// Opens the create form `name` by its fragment.
-    fn open_form(&mut self, name: &str) -> Result<()> {
-        self.js(&format!("location.hash = '#create/{name}'; return true"))?;
-        self.until(
-            &format!("return document.querySelector('form.create[data-form={name}]') !== null"),
-            20,
-            &format!("the {name} form"),
-        )?;
-        Ok(())
-    }
-
-    /// Opens the server action `action`'s panel; the manifest (or command) it shows.
-    fn action(&mut self, action: &str) -> Result<String> {
-        self.ok(json!({"cmd": "click", "css": format!("#actions button[data-action={action}]")}))?;
-        self.until(
-            &format!("const p = document.querySelector('#action-panel'); return p.dataset.action === '{action}' && !p.hidden"),
-            20,
-            &format!("the {action} panel"),
-        )?;
-        Ok(text_of(self, "#action-panel pre.manifest")?
-            .as_str()
-            .unwrap_or_default()
-            .to_string())
-    }
-
-    /// Confirms the open action panel and waits until the API accepted it (the panel closes).
-    fn confirm(&mut self) -> Result<()> {
-        self.ok(json!({"cmd": "click", "css": "#action-panel button.confirm"}))?;
-        self.until(
-            "return document.querySelector('#action-panel').hidden",
-            30,
-            "the action to be applied",
-        )?;
-        Ok(())
-    }
-
-    /// Logs in on the open page as `user` and waits until its first list is live.
-    fn log_in(&mut self, user: &str, password: &str) -> Result<()> {
-        self.ok(json!({"cmd": "type", "css": "#login-user", "text": user}))?;
-        self.ok(json!({"cmd": "type", "css": "#login-password", "text": password}))?;
-        self.ok(json!({"cmd": "click", "css": "#login button[type=submit]"}))?;
-        self.until(
-            "return document.querySelector('#live').dataset.state === 'live'",
-            60,
-            &format!("{user}'s first list to be listed and watched"),
-        )?;
-        Ok(())
-    }
-
-    /// Waits until the list shows row `name` with `col` reading `value` (any row when `col`
-    /// is None); the answer, with `ms` and `cells`.
-    fn row(&mut self, name: &str, col: Option<(&str, &str)>, timeout: u64) -> Result<Value> {
-        let (c, v) = col.unzip();
-        let a = self.send(
-            json!({"cmd": "wait_row", "name": name, "col": c, "value": v, "timeout": timeout}),
-        )?;
-        if a["ok"] != true {
-            let _ = self.send(json!({"cmd": "screenshot", "name": "failed"}));
-            bail!("timed out after {timeout} s waiting for the row {name} with {col:?}: {a}");
-        }
-        Ok(a)
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = writeln!(self.stdin, "{}", json!({"cmd": "quit"}));
-        let _ = self.stdin.flush();
-        for _ in 0..200 {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The base64 SHA-256 of a certificate's public key, as Chromium's
-/// `--ignore-certificate-errors-spki-list` takes it.
-fn spki_hash(cert: &Path) -> Result<String> {
-    let dir = tempfile::tempdir()?;
-    let (public, der) = (dir.path().join("key.pem"), dir.path().join("key.der"));
-    let run = |args: &[&std::ffi::OsStr]| -> Result<Vec<u8>> {
-        let out = Command::new("openssl").args(args).output()?;
-        if !out.status.success() {
-            bail!("openssl: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(out.stdout)
-    };
-    let os = |s: &'static str| std::ffi::OsStr::new(s);
-    run(&[
-        os("x509"),
-        os("-in"),
-        cert.as_os_str(),
-        os("-pubkey"),
-        os("-noout"),
-        os("-out"),
-        public.as_os_str(),
-    ])?;
-    run(&[
-        os("pkey"),
-        os("-pubin"),
-        os("-in"),
-        public.as_os_str(),
-        os("-outform"),
-        os("der"),
-        os("-out"),
-        der.as_os_str(),
-    ])?;
-    let digest = run(&[os("dgst"), os("-sha256"), os("-binary"), der.as_os_str()])?;
-    Ok(base64::engine::general_purpose::STANDARD.encode(digest))
-}
-
 /// Sets `user`'s password as the cloud's system admin.
 fn set_password(cloud: &Cloud, user: &str, password: &str) -> Result<()> {
     let set = curl(
@@ -474,6 +242,23 @@ fn a_member_follows_servers_live_in_a_real_browser() -> Result<()> {
             .lines()
             .any(|l| l.split_whitespace().eq(["Username", "dana"])),
         "{table}"
+    );
+    // `kubectl api-resources` names the review whoami asks, as kube-apiserver's discovery does.
+    let reviews = cloud.kubectl_ok(&[
+        "api-resources",
+        "--api-group=authentication.k8s.io",
+        "-o",
+        "wide",
+    ])?;
+    assert!(
+        reviews.lines().any(|l| l.split_whitespace().eq([
+            "selfsubjectreviews",
+            "authentication.k8s.io/v1",
+            "false",
+            "SelfSubjectReview",
+            "create"
+        ])),
+        "{reviews}"
     );
     // Another project's server, which Dana must never see.
     cloud.kubectl_in(
@@ -597,6 +382,78 @@ fn a_member_follows_servers_live_in_a_real_browser() -> Result<()> {
         0
     );
     b.ok(json!({"cmd": "screenshot", "name": "server-detail"}))?;
+    b.ok(json!({"cmd": "click", "css": "#detail-view a[href='#servers']"}))?;
+    b.row("web-1", Some(("phase", "Scheduled")), 20)?;
+
+    // The project's Events feed, as `kubectl get events` shows it: open, it gets a server's
+    // failure from the scheduler through its watch, newest first, with the object it is about.
+    b.ok(json!({"cmd": "click", "css": "#tabs a[data-view=events]"}))?;
+    b.until(
+        "return document.querySelector('#list-title').textContent === 'Events in dash-a' && document.querySelector('#live').dataset.state === 'live' && [...document.querySelectorAll('#list tbody tr')].some((r) => r.dataset.name === 'other.probe')",
+        30,
+        "dash-a's events",
+    )?;
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        &server("doomed", "dash-a", "its flavor does not exist")
+            .replace("flavor: dash.small", "flavor: dash.none"),
+    )?;
+    let failed = b.until(
+        "const r = [...document.querySelectorAll('#list tbody tr')].find((r) => r.querySelector('[data-col=object]').textContent === 'server/doomed'); if (!r) return null; const c = {}; for (const td of r.children) c[td.dataset.col] = td.textContent; return c",
+        60,
+        "the scheduler's Event about doomed",
+    )?["value"]
+        .take();
+    assert_eq!(failed["type"], "Warning", "{failed}");
+    assert_eq!(failed["reason"], "FailedScheduling", "{failed}");
+    assert_eq!(
+        failed["message"], "flavor \"dash.none\" not found",
+        "the scheduler's reason reaches the page: {failed}"
+    );
+    assert_eq!(
+        b.js("return document.querySelector('#list tbody tr td[data-col=object]').textContent")?,
+        "server/doomed",
+        "the newest first"
+    );
+    assert_eq!(
+        b.js("return document.querySelector('#live').dataset.lists")?,
+        "1",
+        "the feed is one LIST, then its watch"
+    );
+    // The same Events as kubectl lists them, and none of another project.
+    wait_until(
+        Duration::from_secs(30),
+        "the feed to list what kubectl lists",
+        || {
+            let listed: Value = serde_json::from_str(
+                &cloud
+                    .kubectl_ok(&["-n", "dash-a", "get", "events", "-o", "json"])
+                    .ok()?,
+            )
+            .ok()?;
+            let mut want: Vec<String> = listed["items"]
+                .as_array()?
+                .iter()
+                .filter_map(|e| e["metadata"]["name"].as_str().map(str::to_string))
+                .collect();
+            let mut shown: Vec<String> = serde_json::from_value(
+                b.js("return [...document.querySelectorAll('#list tbody tr')].map((r) => r.dataset.name)")
+                    .ok()?,
+            )
+            .ok()?;
+            want.sort();
+            shown.sort();
+            (want == shown && shown.iter().any(|n| n == "web-1.probe")).then_some(())
+        },
+    )?;
+    b.ok(json!({"cmd": "screenshot", "name": "events"}))?;
+    // The object's name leads to its page.
+    b.ok(json!({"cmd": "click", "css": "#list tbody tr td[data-col=object] a"}))?;
+    b.until(
+        "return location.hash === '#servers/doomed' && document.querySelector('#detail-title').textContent === 'Server doomed'",
+        20,
+        "doomed's page",
+    )?;
     b.ok(json!({"cmd": "click", "css": "#detail-view a[href='#servers']"}))?;
     b.row("web-1", Some(("phase", "Scheduled")), 20)?;
 
@@ -753,19 +610,6 @@ fn a_member_follows_servers_live_in_a_real_browser() -> Result<()> {
     )?;
     b.ok(json!({"cmd": "screenshot", "name": "logged-out"}))?;
     Ok(())
-}
-
-/// The selector of the error written next to field `path` in a create form.
-fn field_error(path: &str) -> String {
-    format!(".field-error[data-for='{path}']")
-}
-
-/// The text the page shows in `css` (empty if absent).
-fn text_of(b: &mut Browser, css: &str) -> Result<Value> {
-    b.js(&format!(
-        "const e = document.querySelector({}); return e ? e.textContent : ''",
-        json!(css)
-    ))
 }
 
 /// Waits until `kubectl get ARGS -o jsonpath=PATH` prints `want`.
