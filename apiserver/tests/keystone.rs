@@ -1,7 +1,9 @@
 //! The identity endpoints Swift's middleware calls (`/identity/v3`), over HTTP against a real
 //! etcd: password logins scoped to a project, token validation for a service identity only,
 //! revoked and expired tokens, S3 credentials (made by the server, seen only by their user,
-//! their secret stored nowhere) and `s3tokens`' signature check, every input bounded.
+//! their secret stored nowhere) and `s3tokens`' signature check, every input bounded, the
+//! uncredentialed endpoints rate limited per source, an unknown access key answered as a wrong
+//! signature, and a key of a deleted Project refused even while its index record stays.
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -55,6 +57,11 @@ impl Drop for Server {
 }
 
 async fn server() -> Server {
+    server_with(|_| {}).await
+}
+
+/// [`server`], its configuration changed by `tune` first.
+async fn server_with(tune: impl FnOnce(&mut stratus_apiserver::Config)) -> Server {
     let dir = tempfile::tempdir().expect("temp dir");
     let audit = dir.path().join("audit.log");
     let endpoint = format!("http://127.0.0.1:{}", free_port());
@@ -101,6 +108,7 @@ async fn server() -> Server {
     // Fast hashing threads: logins are what these tests do.
     config.login.hash_threads = 2;
     config.audit_log = Some(audit.clone());
+    tune(&mut config);
     let server = stratus_apiserver::start(config)
         .await
         .expect("start the API server");
@@ -807,4 +815,178 @@ async fn s3_credentials_are_their_users_and_sign_for_their_project() {
     for secret in [secret.as_str(), alice.as_str(), &password("alice")] {
         assert!(!audit.contains(secret), "a secret in the audit log");
     }
+}
+
+/// An S3 credential `name` of `user` in `project`: its access key and secret.
+async fn s3_key(s: &Server, user: &str, project: &str, name: &str) -> (String, String) {
+    let token = s.token(user, project).await;
+    let made = s
+        .api(
+            &token,
+            "POST",
+            &format!("/apis/identity.stratus.dev/v1/namespaces/{project}/s3credentials"),
+            &json!({"apiVersion": "identity.stratus.dev/v1", "kind": "S3Credential",
+                    "metadata": {"name": name}, "spec": {"user": user}}),
+        )
+        .await;
+    assert_eq!(made.code, 201, "{}", made.body);
+    let field = |f: &str| {
+        made.body["status"][f]
+            .as_str()
+            .expect("made by the server")
+            .to_string()
+    };
+    (field("accessKeyId"), field("secretAccessKey"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3tokens_and_logins_are_rate_limited_per_source_address() {
+    let s = server_with(|c| {
+        c.identity_rate = stratus_apiserver::http::keystone::SourceRate {
+            per_second: 0.5,
+            burst: 3,
+        };
+    })
+    .await;
+    let unknown = "0123456789abcdef0123456789abcdef";
+    for i in 0..3 {
+        let a = s.s3tokens(unknown, STS, "00").await;
+        assert_eq!(a.code, 401, "request {i} within the burst: {}", a.body);
+    }
+    let over = s.s3tokens(unknown, STS, "00").await;
+    assert_eq!(over.code, 429, "{}", over.body);
+    let after: u64 = over
+        .header("retry-after")
+        .and_then(|r| r.parse().ok())
+        .expect("Retry-After in seconds");
+    assert!((1..=2).contains(&after), "Retry-After: {after}");
+    assert_eq!(over.body["kind"], "Status");
+    assert_eq!(over.body["details"]["retryAfterSeconds"], json!(after));
+    // Password logins from the same address share the limit, and are audited as throttled.
+    let login = s.login("nobody", "x", "p1").await;
+    assert_eq!(login.code, 429, "{}", login.body);
+    assert!(login.header("retry-after").is_some());
+    // Once Retry-After has passed, the address is answered again.
+    tokio::time::sleep(Duration::from_secs(after)).await;
+    assert_eq!(s.s3tokens(unknown, STS, "00").await.code, 401);
+    let audit = std::fs::read_to_string(&s.audit).expect("the audit log");
+    assert!(
+        audit.contains("\"authentication.stratus.dev/result\":\"throttled\""),
+        "{audit}"
+    );
+
+    // The limit is per source address: a server with the default limit answers a burst of
+    // a hundred from one address.
+    let s = server().await;
+    for _ in 0..100 {
+        assert_eq!(s.s3tokens(unknown, STS, "00").await.code, 401);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_access_key_is_answered_as_a_wrong_signature() {
+    let s = server().await;
+    s.setup(&["p1"], &[("alice", "p1")]).await;
+    let (access, secret) = s3_key(&s, "alice", "p1", "alice-key").await;
+    assert_eq!(
+        s.s3tokens(&access, STS, &sign_v4(&secret, STS)).await.code,
+        200
+    );
+    let wrong = s
+        .s3tokens(&access, STS, &sign_v4("not-the-secret", STS))
+        .await;
+    let unknown = s
+        .s3tokens(
+            "0123456789abcdef0123456789abcdef",
+            STS,
+            &sign_v4(&secret, STS),
+        )
+        .await;
+    let malformed = s.s3tokens("not/a/key", STS, &sign_v4(&secret, STS)).await;
+    for other in [&unknown, &malformed] {
+        assert_eq!(wrong.code, 401);
+        assert_eq!(other.code, wrong.code);
+        assert_eq!(other.body, wrong.body, "the bodies tell the cases apart");
+        assert_eq!(
+            other.header("www-authenticate"),
+            wrong.header("www-authenticate")
+        );
+    }
+    // A deleted credential's key is unknown alike.
+    s.admin(
+        "DELETE",
+        "/apis/identity.stratus.dev/v1/namespaces/p1/s3credentials/alice-key",
+        Value::Null,
+    )
+    .await;
+    let deleted = s.s3tokens(&access, STS, &sign_v4(&secret, STS)).await;
+    assert_eq!((deleted.code, &deleted.body), (401, &wrong.body));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_projects_s3_key_signs_for_nobody_even_through_its_index() {
+    let s = server().await;
+    s.setup(&["p1"], &[("alice", "p1")]).await;
+    let (access, secret) = s3_key(&s, "alice", "p1", "alice-key").await;
+    let signature = sign_v4(&secret, STS);
+    let check = || s.s3tokens(&access, STS, &signature);
+    assert_eq!(check().await.code, 200);
+    let index = format!("{PREFIX}/_system/s3credentials/{access}");
+
+    // The project's deletion begins (no controller here empties it): the key is refused at once.
+    s.admin(
+        "DELETE",
+        "/apis/identity.stratus.dev/v1/projects/p1",
+        Value::Null,
+    )
+    .await;
+    assert_eq!(check().await.code, 401, "a terminating project's key");
+
+    // Its finalizer taken away by hand, the Project goes with its namespace still full: the
+    // credential and its index record are left behind, and sign for nothing.
+    let project = s
+        .admin(
+            "GET",
+            "/apis/identity.stratus.dev/v1/projects/p1",
+            Value::Null,
+        )
+        .await;
+    let mut forced = project.clone();
+    forced["metadata"]["finalizers"] = json!([]);
+    s.admin("PUT", "/apis/identity.stratus.dev/v1/projects/p1", forced)
+        .await;
+    assert_eq!(
+        s.api(
+            ADMIN,
+            "GET",
+            "/apis/identity.stratus.dev/v1/projects/p1",
+            &Value::Null
+        )
+        .await
+        .code,
+        404
+    );
+    assert!(
+        s.store.get(&index).await.expect("read etcd").is_some(),
+        "the index record is what this test is about"
+    );
+    assert_eq!(check().await.code, 401, "a deleted project's key");
+
+    // A new project of the same name, alice a member again: the old key is still nobody's.
+    s.setup(&["p1"], &[]).await;
+    s.admin(
+        "POST",
+        "/apis/identity.stratus.dev/v1/namespaces/p1/roleassignments",
+        json!({"apiVersion": "identity.stratus.dev/v1", "kind": "RoleAssignment",
+               "metadata": {"name": "alice-member-again"}, "spec": {"user": "alice", "role": "member"}}),
+    )
+    .await;
+    assert_eq!(check().await.code, 401, "the old key in a new project p1");
+    let (access2, secret2) = s3_key(&s, "alice", "p1", "alice-key-2").await;
+    let fresh = s.s3tokens(&access2, STS, &sign_v4(&secret2, STS)).await;
+    assert_eq!(fresh.code, 200, "{}", fresh.body);
+    assert_eq!(
+        fresh.body["token"]["project"]["id"],
+        json!(s.project_uid("p1").await)
+    );
 }

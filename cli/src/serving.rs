@@ -56,6 +56,12 @@ pub struct ServingArgs {
     /// tokens (`/identity/v3`), so `swift --os-auth-url` finds its project's account.
     #[arg(long)]
     pub object_store_url: Option<String>,
+    /// Requests a second one source address (an IPv4 address or an IPv6 /64) may make to the
+    /// identity endpoints that take no credential (Keystone password logins and `s3tokens`,
+    /// which a Swift proxy calls for each S3 request), in bursts of twice as many; more are
+    /// answered 429 (0: no limit).
+    #[arg(long, default_value_t = 100)]
+    pub identity_requests_per_second: u32,
 }
 
 impl ServingArgs {
@@ -84,6 +90,10 @@ impl ServingArgs {
             .object_store_url
             .as_ref()
             .map(|u| u.trim_end_matches('/').to_string());
+        config.identity_rate = stratus_apiserver::http::keystone::SourceRate {
+            per_second: f64::from(self.identity_requests_per_second),
+            burst: self.identity_requests_per_second.saturating_mul(2),
+        };
     }
 }
 
@@ -107,6 +117,7 @@ mod tests {
         let defaults = Config::new(Vec::new());
         assert_eq!(config.limits, defaults.limits);
         assert_eq!(config.login, defaults.login);
+        assert_eq!(config.identity_rate, defaults.identity_rate);
         let cli = Cli::try_parse_from([
             "x",
             "--lockout-failure-attempts",

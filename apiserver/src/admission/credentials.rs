@@ -8,8 +8,11 @@
 //!   secret itself (a hash would not do); deriving it keeps nothing per credential to leak and
 //!   gives a re-created credential (new uid) a new secret. It is in the create's answer only.
 //! - The object, its index key (`{prefix}/_system/s3credentials/{access key id}`, naming the
-//!   object and its uid) and the check that its User still has the uid it is owned by are one
-//!   transaction; the index key goes in the transaction that deletes the object.
+//!   object, its uid and its Project's uid) and the check that its User still has the uid it
+//!   is owned by are one transaction; the index key goes in the transaction that deletes the
+//!   object. A key signs only while that very Project lives (`s3tokens` compares its uid and
+//!   refuses a Project being deleted), so an index record left by a Project removed before
+//!   its namespace was emptied gives nothing to a new Project of the same name.
 //! - `spec.user` and `status` never change after the create.
 
 use base64::Engine;
@@ -26,6 +29,13 @@ const GROUP: &str = "identity.stratus.dev";
 const RETRIES: usize = 16;
 /// The longest access key id looked up (ours are 32 hexadecimal digits).
 pub const MAX_ACCESS_KEY: usize = 64;
+
+/// The index record's field naming the uid of the credential's Project.
+pub const PROJECT_UID: &str = "projectUid";
+
+/// What an unknown access key's signature is checked against in place of a credential's uid
+/// (no uid is empty), so that it costs what a known key's does.
+pub const NO_CREDENTIAL: &str = "";
 
 /// Admission of S3Credentials: registered for `identity.stratus.dev` S3Credentials.
 #[derive(Debug)]
@@ -181,6 +191,16 @@ async fn write(ctx: Ctx<'_>, s: Subject<'_>, w: Change<'_>) -> ApiResult<Written
             ));
         };
         let user_uid = crate::base::meta::meta_str(&u.value, "uid").unwrap_or_default();
+        // The Project at the revision the create holds it at (read again if it changed).
+        let project_uid = match parent {
+            Some((p, rev)) => match ctx.store.get(p).await.map_err(ApiError::from)? {
+                Some(found) if found.mod_revision == rev => {
+                    crate::base::meta::meta_str(&found.value, "uid").map(String::from)
+                }
+                _ => return Ok(Write::Conflict(0).into()),
+            },
+            None => None,
+        };
         let access = uuid::Uuid::new_v4().simple().to_string();
         let mut obj = crate::admission::identity::owned(new, user, user_uid);
         obj["status"] = json!({ "accessKeyId": access });
@@ -189,6 +209,7 @@ async fn write(ctx: Ctx<'_>, s: Subject<'_>, w: Change<'_>) -> ApiResult<Written
             "namespace": s.namespace.unwrap_or_default(),
             "name": crate::base::meta::meta_str(new, "name").unwrap_or_default(),
             "uid": uid,
+            PROJECT_UID: project_uid,
         });
         let mut guards = vec![
             Guard::Absent(key),

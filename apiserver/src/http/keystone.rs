@@ -16,8 +16,18 @@
 //! - Tokens are read from headers only and never logged; bodies, tokens and every field are
 //!   bounded before anything is decoded or looked up.
 //! - Answers are Kubernetes `Status` objects that also carry Keystone's `error` member.
+//! - The two endpoints that take no credential of their caller (password logins and
+//!   `s3tokens`, which Swift's `s3token` calls with none) are rate limited per source address
+//!   ([`SourceLimit`]): past the limit they answer 429 with `Retry-After`, before the body is
+//!   read or anything is looked up.
+//! - `s3tokens` costs the same and answers the same (401, one body) whether the access key
+//!   exists or not: an unknown key's signature is checked against a secret derived as a real
+//!   one is, after the same reads, so neither the answer nor its time tells which keys exist.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::http::request::Parts;
@@ -55,6 +65,95 @@ const MAX_SIGNATURE: usize = 256;
 const DOMAIN: &str = "default";
 const DOMAIN_NAME: &str = "Default";
 
+/// How many requests one source may make to the uncredentialed identity endpoints.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SourceRate {
+    /// Requests a second one source bucket (an IPv4 address, an IPv6 /64) may make
+    /// sustained; 0: no limit.
+    pub per_second: f64,
+    /// Requests it may make at once after a quiet time.
+    pub burst: u32,
+}
+
+impl Default for SourceRate {
+    /// 100 a second with bursts of 200: far above what one client logs in, and what a Swift
+    /// proxy serving S3 at a few hundred requests a second asks, yet a bound on what one
+    /// address makes the API server read from etcd.
+    fn default() -> Self {
+        Self {
+            per_second: 100.0,
+            burst: 200,
+        }
+    }
+}
+
+/// The most source buckets remembered; past it, full ones are forgotten first.
+const SOURCES: usize = 100_000;
+
+/// A token bucket per source bucket, in this replica's memory (each replica bounds what it is
+/// asked; the failed-login counts shared over replicas stay in [`crate::policy::logins`]).
+#[derive(Debug)]
+pub struct SourceLimit {
+    rate: SourceRate,
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+impl SourceLimit {
+    /// A limit of `rate` with every bucket full.
+    pub fn new(rate: SourceRate) -> Self {
+        Self {
+            rate,
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// Takes one request of `source` at `now`.
+    ///
+    /// # Errors
+    /// The seconds (at least 1) after which one more is allowed, when it is over the limit.
+    pub fn take(&self, source: Option<IpAddr>, now: Instant) -> Result<(), u32> {
+        let SourceRate { per_second, burst } = self.rate;
+        let Some(ip) = source.map(crate::policy::logins::bucket) else {
+            return Ok(());
+        };
+        if per_second <= 0.0 || !per_second.is_finite() {
+            return Ok(());
+        }
+        let burst = f64::from(burst.max(1));
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return Ok(());
+        };
+        let refill = |(tokens, at): (f64, Instant)| {
+            (tokens + now.saturating_duration_since(at).as_secs_f64() * per_second).min(burst)
+        };
+        if buckets.len() >= SOURCES && !buckets.contains_key(&ip) {
+            buckets.retain(|_, b| refill(*b) < burst);
+            if buckets.len() >= SOURCES {
+                buckets.clear();
+            }
+        }
+        let b = buckets.entry(ip).or_insert((burst, now));
+        let tokens = refill(*b);
+        if tokens < 1.0 {
+            *b = (tokens, now);
+            let wait = ((1.0 - tokens) / per_second).ceil();
+            return Err((wait as u32).max(1));
+        }
+        *b = (tokens - 1.0, now);
+        Ok(())
+    }
+
+    /// 429 past the limit.
+    fn admit(&self, source: Option<IpAddr>) -> ApiResult<()> {
+        self.take(source, Instant::now()).map_err(|after| {
+            ApiError::too_many_requests(
+                "too many identity requests from this address; retry later",
+                after,
+            )
+        })
+    }
+}
+
 /// Whether `path` is one of the identity endpoints.
 pub fn is_identity(path: &str) -> bool {
     path == ROOT || path.starts_with("/identity/")
@@ -81,15 +180,23 @@ pub(crate) async fn serve(
                 user: String::new(),
                 result: "invalid",
             });
-            match read(body).await {
-                Ok(bytes) => login(state, &bytes, source, attempt).await,
-                Err(e) => Err(e),
+            if let Err(e) = state.identity_limit.admit(source) {
+                attempt.result = "throttled";
+                Err(e)
+            } else {
+                match read(body).await {
+                    Ok(bytes) => login(state, &bytes, source, attempt).await,
+                    Err(e) => Err(e),
+                }
             }
         }
         (&Method::GET | &Method::HEAD, "/v3/auth/tokens") => validate(state, &parts.headers).await,
         (&Method::DELETE, "/v3/auth/tokens") => revoke(state, &parts.headers).await,
-        (&Method::POST, "/v3/s3tokens") => match read(body).await {
-            Ok(bytes) => s3tokens(state, &bytes).await,
+        (&Method::POST, "/v3/s3tokens") => match state.identity_limit.admit(source) {
+            Ok(()) => match read(body).await {
+                Ok(bytes) => s3tokens(state, &bytes).await,
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         },
         _ => Err(ApiError::no_route(path)),
@@ -113,12 +220,17 @@ fn json_ok(code: StatusCode, v: &Value) -> Response {
     crate::http::response::json_response(code, v, &[])
 }
 
-/// A `Status` carrying Keystone's `error` member too; a 401 says where to authenticate.
+/// A `Status` carrying Keystone's `error` member too; a 401 says where to authenticate, a
+/// 429 or 503 when to retry.
 fn error(state: &AppState, e: ApiError) -> Response {
     let mut body = e.status();
     body["error"] = json!({"code": e.code, "title": e.reason, "message": e.message});
     let code = StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut r = json_ok(code, &body);
+    if let Some(after) = e.details.retry_after {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(after));
+    }
     if code == StatusCode::UNAUTHORIZED
         && let Ok(v) = HeaderValue::from_str(&format!("Keystone uri=\"{}/v3\"", base_url(state)))
     {
@@ -608,18 +720,19 @@ async fn s3tokens(state: &AppState, bytes: &[u8]) -> ApiResult<Response> {
             )
         })?;
     let api = &state.api;
-    let Some(record) = api
+    // Every key, known or not, costs the same three reads and one signature check: an unknown
+    // key reads a credential that cannot exist and is checked against a secret derived for
+    // no credential, so that neither the answer nor its time says which keys exist.
+    let record = api
         .store
         .get(&credentials::index_key(&api.prefix, access))
         .await
         .map_err(ApiError::from)?
-    else {
-        return Err(s3_refused());
-    };
+        .map(|r| r.value);
     let field = |k: &str| {
         record
-            .value
-            .get(k)
+            .as_ref()
+            .and_then(|r| r.get(k))
             .and_then(Value::as_str)
             .unwrap_or_default()
     };
@@ -631,24 +744,28 @@ async fn s3tokens(state: &AppState, bytes: &[u8]) -> ApiResult<Response> {
         Some(namespace),
         name,
     );
-    let Some(obj) = api.store.get(&key).await.map_err(ApiError::from)? else {
-        return Err(s3_refused());
-    };
-    let obj = obj.value;
-    if crate::base::meta::meta_str(&obj, "uid") != Some(uid)
-        || credentials::access_key(&obj) != Some(access)
-        || obj.pointer("/metadata/deletionTimestamp").is_some()
-    {
-        return Err(s3_refused());
-    }
+    let obj = api
+        .store
+        .get(&key)
+        .await
+        .map_err(ApiError::from)?
+        .map(|o| o.value);
     let derive = credentials::derivation_key(&api.store, &api.prefix).await?;
-    if !signature_matches(
-        &credentials::secret(&derive, access, uid),
+    let obj = obj.filter(|o| {
+        !uid.is_empty()
+            && crate::base::meta::meta_str(o, "uid") == Some(uid)
+            && credentials::access_key(o) == Some(access)
+            && o.pointer("/metadata/deletionTimestamp").is_none()
+    });
+    let signed_by = obj.as_ref().map_or(credentials::NO_CREDENTIAL, |_| uid);
+    let signed = signature_matches(
+        &credentials::secret(&derive, access, signed_by),
         &string_to_sign,
         &c.signature,
-    ) {
+    );
+    let (Some(obj), true) = (obj, signed) else {
         return Err(s3_refused());
-    }
+    };
     let user = obj
         .pointer("/spec/user")
         .and_then(Value::as_str)
@@ -674,12 +791,16 @@ async fn s3tokens(state: &AppState, bytes: &[u8]) -> ApiResult<Response> {
         None,
         namespace,
     );
+    // The project the credential was made in, and not one made since under its name: the
+    // index names the project's uid; a project being deleted signs for nobody.
     let project_uid = api
         .store
         .get(&project_key)
         .await
         .map_err(ApiError::from)?
+        .filter(|p| p.value.pointer("/metadata/deletionTimestamp").is_none())
         .and_then(|p| crate::base::meta::meta_str(&p.value, "uid").map(String::from))
+        .filter(|p| !p.is_empty() && p == field(credentials::PROJECT_UID))
         .ok_or_else(s3_refused)?;
     let claims = Claims {
         user: user.to_string(),
@@ -738,6 +859,46 @@ mod tests {
             b"AWS4-HMAC-SHA256\n20150830T123600Z\nnot-a-scope\nx",
             sig
         ));
+    }
+
+    #[test]
+    fn each_source_has_its_burst_and_refills_at_its_rate() {
+        use std::time::Duration;
+        let limit = SourceLimit::new(SourceRate {
+            per_second: 2.0,
+            burst: 3,
+        });
+        let t0 = Instant::now();
+        let a = Some(IpAddr::from([10, 0, 0, 1]));
+        let b = Some(IpAddr::from([10, 0, 0, 2]));
+        for _ in 0..3 {
+            assert_eq!(limit.take(a, t0), Ok(()));
+        }
+        assert_eq!(limit.take(a, t0), Err(1), "over the burst");
+        assert_eq!(limit.take(b, t0), Ok(()), "another address has its own");
+        // Half a second gives one more request at two a second, and no second one.
+        let later = t0 + Duration::from_millis(500);
+        assert_eq!(limit.take(a, later), Ok(()));
+        assert_eq!(limit.take(a, later), Err(1));
+        // Addresses of one IPv6 /64 share one bucket.
+        let v6 = |last: u16| Some(IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, last]));
+        for i in 0..3 {
+            assert_eq!(limit.take(v6(i), t0), Ok(()));
+        }
+        assert!(limit.take(v6(99), t0).is_err());
+        // A slow rate says how long to wait; no rate, or no known source, is no limit.
+        let slow = SourceLimit::new(SourceRate {
+            per_second: 0.1,
+            burst: 1,
+        });
+        assert_eq!(slow.take(a, t0), Ok(()));
+        assert_eq!(slow.take(a, t0), Err(10));
+        let off = SourceLimit::new(SourceRate {
+            per_second: 0.0,
+            burst: 1,
+        });
+        assert!((0..10).all(|_| off.take(a, t0).is_ok()));
+        assert!((0..10).all(|_| slow.take(None, t0).is_ok()));
     }
 
     #[test]

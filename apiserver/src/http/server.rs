@@ -55,6 +55,9 @@ pub struct Config {
     /// The Swift proxy's URL (`http://HOST:PORT`), named in identity tokens' service catalog
     /// (`/identity/v3`); none: the catalog is empty.
     pub object_store_url: Option<String>,
+    /// Requests per source address to the identity endpoints that take no credential
+    /// (Keystone password logins and `s3tokens`).
+    pub identity_rate: crate::http::keystone::SourceRate,
 }
 
 impl Config {
@@ -74,6 +77,7 @@ impl Config {
             limits: crate::http::limits::Limits::default(),
             login: crate::policy::identity::LoginPolicy::default(),
             object_store_url: None,
+            identity_rate: crate::http::keystone::SourceRate::default(),
         }
     }
 }
@@ -100,6 +104,7 @@ pub(crate) struct AppState {
     pub(crate) metrics: crate::http::metrics::Metrics,
     inflight: crate::http::limits::Inflight,
     watches: crate::http::limits::Watches,
+    pub(crate) identity_limit: crate::http::keystone::SourceLimit,
 }
 
 /// The router of every API path.
@@ -462,6 +467,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
             config.limits.max_mutating_requests_inflight,
         ),
         watches: crate::http::limits::Watches::default(),
+        identity_limit: crate::http::keystone::SourceLimit::new(config.identity_rate),
         api,
         config,
         audit,
