@@ -126,6 +126,7 @@ fn decode_typed(kind: &str, doc: &Value) -> Result<bool, String> {
         "Project" => de::<identity::Project>(doc).map(|()| false),
         "User" => de::<identity::User>(doc).map(|()| false),
         "RoleAssignment" => de::<identity::RoleAssignment>(doc).map(|()| true),
+        "S3Credential" => de::<identity::S3Credential>(doc).map(|()| true),
         "Quota" => de::<identity::Quota>(doc).map(|()| true),
         "Flavor" => de::<compute::Flavor>(doc).map(|()| false),
         "Hypervisor" => de::<compute::Hypervisor>(doc).map(|()| false),

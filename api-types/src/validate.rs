@@ -946,8 +946,23 @@ impl Check for ObjectRingSpec {
             );
         }
         let mut seen = BTreeSet::new();
+        // One address is one node: Swift names a server by its address.
+        let mut nodes: std::collections::BTreeMap<&str, &str> = std::collections::BTreeMap::new();
         for (i, d) in self.devices.iter().enumerate() {
             let field = format!("spec.devices[{i}]");
+            if let Some(node) = d.node.as_deref()
+                && let Some(other) = nodes.insert(d.ip.as_str(), node)
+                && other != node
+            {
+                errs.push(
+                    format!("{field}.node"),
+                    format!(
+                        "address {} is node {other:?}'s in another device: one address, one node",
+                        d.ip
+                    ),
+                    Some(node),
+                );
+            }
             match d.ip.parse::<IpAddr>() {
                 Ok(IpAddr::V4(_)) => {}
                 _ => errs.push(format!("{field}.ip"), "not an IPv4 address", Some(&d.ip)),

@@ -11,6 +11,7 @@ mod api {
     pub mod lists;
     pub mod network;
     pub mod node;
+    pub mod object;
     pub mod policy;
     pub mod routers;
     pub mod storage;

@@ -1,6 +1,8 @@
 //! `stratus up`: a whole single-node cloud (etcd, API server, controllers and, with
 //! `--compute`, the node's compute, network and storage agents; with `--storage`, its storage
-//! agent alone) in one process tree.
+//! agent alone; with `--object-store`, a one-node Swift with its proxy) in one process tree.
+
+mod object_store;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -67,6 +69,9 @@ pub struct UpArgs {
     /// The API server's limits and login throttling.
     #[command(flatten)]
     pub serving: crate::serving::ServingArgs,
+    /// The one-node object store.
+    #[command(flatten)]
+    pub object_store: object_store::ObjectStoreArgs,
 }
 
 /// The etcd child process.
@@ -158,7 +163,7 @@ impl Etcd {
 /// is, by [`run`] on the main thread (the future `#[tokio::main]` blocks on, never a worker
 /// or a blocking-pool thread, which may end while the process lives).
 #[allow(unsafe_code)]
-fn stop_with_parent(cmd: &mut Command) {
+pub(crate) fn stop_with_parent(cmd: &mut Command) {
     let parent = rustix::process::getpid();
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
     // work is allowed: it makes two system calls (prctl, getppid) through rustix's raw
@@ -420,7 +425,13 @@ pub async fn run(args: UpArgs) -> Result<()> {
     )
     .context("make the CA and serving certificate")?;
     let mut nodes = args.nodes.clone();
-    if (args.compute.is_some() || storage) && !nodes.contains(&args.node_name) {
+    let objects = &args.object_store;
+    if objects.object_store {
+        objects.check()?;
+    }
+    if (args.compute.is_some() || storage || objects.object_store)
+        && !nodes.contains(&args.node_name)
+    {
         nodes.insert(0, args.node_name.clone());
     }
     for n in &nodes {
@@ -430,6 +441,10 @@ pub async fn run(args: UpArgs) -> Result<()> {
     }
     let mut identities = vec![ADMIN_IDENTITY.to_string(), CONTROLLERS_IDENTITY.to_string()];
     identities.extend(nodes.iter().map(|n| format!("system:node:{n}")));
+    // The Swift proxy's, last: it validates tokens and makes no other request.
+    if objects.object_store {
+        identities.push(object_store::PROXY_IDENTITY.to_string());
+    }
     let (token_file, tokens) = ensure_tokens(dir, &identities)?;
     let (token, controllers_token) = (tokens[0].clone(), tokens[1].clone());
     let mut config = stratus_apiserver::Config::new(vec![endpoint]);
@@ -441,6 +456,10 @@ pub async fn run(args: UpArgs) -> Result<()> {
     config.bookmark_interval = Duration::from_secs(args.bookmark_seconds.max(1));
     config.audit_log = Some(dir.join("audit.log"));
     args.serving.apply(&mut config);
+    if objects.object_store && config.object_store_url.is_none() {
+        // Tokens' catalogs lead Swift's clients to their project's account on the proxy.
+        config.object_store_url = Some(objects.url());
+    }
     let server = match stratus_apiserver::start(config).await {
         Ok(s) => s,
         Err(e) => {
@@ -492,6 +511,11 @@ pub async fn run(args: UpArgs) -> Result<()> {
         // One node: its guests' networks are served here, by the network role.
         roles.extend([crate::agent::Role::Compute, crate::agent::Role::Network]);
     }
+    let mut object_args = crate::agent::ObjectArgs::default();
+    if objects.object_store {
+        roles.push(crate::agent::Role::Object);
+        object_args = objects.object_args(dir)?;
+    }
     let mut storage_args = crate::agent::StorageArgs::default();
     if let Some(pool) = file_pool {
         roles.push(crate::agent::Role::Storage);
@@ -522,24 +546,92 @@ pub async fn run(args: UpArgs) -> Result<()> {
                 ..Default::default()
             },
             storage: storage_args,
-            object: Default::default(),
+            object: object_args,
         }))
     });
+    // The object store's proxy is started here, on the thread `stratus up` runs on, so that it
+    // gets its parent-death signal only when `stratus up` ends.
+    let mut proxy = None;
+    if objects.object_store {
+        let start = async {
+            let client = crate::kubeconfig::Kubeconfig::file(&kubeconfig)
+                .client()
+                .await?;
+            objects.apply_rings(client, &args.node_name).await?;
+            let swift_dir = object_store::swift_dir(&dir.join("compute"))?;
+            object_store::wait_for_rings(&swift_dir).await?;
+            let ca = std::path::absolute(&pki.ca_cert).context("resolve the CA's path")?;
+            let identity = object_store::Identity {
+                url: format!("{url}/identity/v3"),
+                ca: &ca,
+                token: tokens.last().map(String::as_str).unwrap_or_default(),
+            };
+            let mut p = object_store::Proxy::start(objects, dir, &swift_dir, &identity)?;
+            let ready = p.wait_ready(objects).await;
+            proxy = Some(p);
+            ready
+        };
+        let started = tokio::select! {
+            r = start => Some(r),
+            _ = int.recv() => None,
+            _ = term.recv() => None,
+        };
+        match started {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                stop(agent, controllers, server, etcd, proxy, objects).await;
+                return Err(e.context("start the object store"));
+            }
+            None => {
+                tracing::info!("stopped while starting");
+                stop(agent, controllers, server, etcd, proxy, objects).await;
+                return Ok(());
+            }
+        }
+    }
     eprintln!("Stratus is up: export KUBECONFIG={}", kubeconfig.display());
     eprintln!("Dashboard: {url}/dashboard/ (log in with a Stratus user's name and password)");
+    if objects.object_store {
+        eprintln!(
+            "Object store (Swift API and S3): {} (identity: {url}/identity/v3)",
+            objects.url()
+        );
+    }
 
     tokio::select! {
         _ = int.recv() => tracing::info!("interrupted"),
         _ = term.recv() => tracing::info!("terminated"),
     }
+    stop(agent, controllers, server, etcd, proxy, objects).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Stops what `stratus up` started: the Swift proxy, the node's agents (the Swift servers and
+/// daemons stop with the object agent's supervisor) and the servers' allow-list, the
+/// controllers, the API server and etcd.
+async fn stop(
+    agent: Option<tokio::task::JoinHandle<Result<()>>>,
+    controllers: tokio::task::JoinHandle<Result<()>>,
+    server: stratus_apiserver::Server,
+    etcd: Etcd,
+    proxy: Option<object_store::Proxy>,
+    objects: &object_store::ObjectStoreArgs,
+) {
+    if let Some(p) = proxy {
+        p.stop().await;
+    }
     if let Some(a) = agent {
         a.abort();
+        // Done once the agents' futures are dropped, with the processes they own.
+        let _ = tokio::time::timeout(Duration::from_secs(60), a).await;
+    }
+    if objects.object_store {
+        object_store::remove_allow_list(objects);
     }
     controllers.abort();
     server.abort();
     etcd.stop().await;
-    tracing::info!("stopped");
-    Ok(())
 }
 
 #[cfg(test)]

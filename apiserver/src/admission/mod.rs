@@ -15,6 +15,7 @@ pub mod credentials;
 pub mod identity;
 pub mod lifecycle;
 pub mod network;
+pub mod object;
 pub mod quota;
 pub mod router;
 pub mod storage;
@@ -234,11 +235,15 @@ pub fn for_kind(group: &str, kind: &str) -> &'static [&'static dyn Admission] {
     static ROUTERS: [&dyn Admission; 2] = [&router::Routers, &quota::Quota];
     static PROJECTS: [&dyn Admission; 1] = [&lifecycle::Projects];
     static CREDENTIALS: [&dyn Admission; 1] = [&credentials::S3Credentials];
+    static OBJECT_NODES: [&dyn Admission; 1] = [&object::ObjectNodes];
+    static OBJECT_RINGS: [&dyn Admission; 1] = [&object::ObjectRings];
     match (group, kind) {
         ("identity.stratus.dev", "Project") => return &PROJECTS,
         ("identity.stratus.dev", "User") => return &USERS,
         ("identity.stratus.dev", "RoleAssignment") => return &ASSIGNMENTS,
         ("identity.stratus.dev", "S3Credential") => return &CREDENTIALS,
+        ("object.stratus.dev", "ObjectNode") => return &OBJECT_NODES,
+        ("object.stratus.dev", "ObjectRing") => return &OBJECT_RINGS,
         (network::GROUP, "Network" | "Subnet" | "Port" | "FloatingIP") => return &IPAM,
         (network::GROUP, "Router") => return &ROUTERS,
         (storage::GROUP, "Volume" | "VolumeSnapshot") => return &STORAGE,

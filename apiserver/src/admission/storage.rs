@@ -17,10 +17,11 @@
 //!   (422 on `spec.sizeGiB`). Its source is exactly one of an image (of the project, or a
 //!   public one), a snapshot or a volume of its namespace, which must exist (422) and not be
 //!   larger than it; the source and where the volume may go are immutable.
-//! - A VolumeSnapshot's volume must exist in its namespace (422 on `spec.volume`) and be
-//!   placed; the snapshot is placed on its volume's pool and node at create, with the
-//!   volume's size, phase `Creating` and its claim. An attached volume is snapshotted only
-//!   with `spec.force`, as Cinder.
+//! - A VolumeSnapshot's volume must exist in its namespace (422 on `spec.volume`); the
+//!   snapshot is placed on its volume's pool and node, with the volume's size, phase
+//!   `Creating` and its claim: at its create when the volume is placed, else by the volume's
+//!   binding (it waits `Pending`, `Ready=False` `SourceNotReady`, and says so when it does not
+//!   fit). An attached volume is snapshotted only with `spec.force`, as Cinder.
 //! - A Volume that is attached, or has snapshots, is not deleted (409), as Cinder refuses;
 //!   the snapshots check holds until the delete is written (a snapshot's create holds the
 //!   volume as it read it).
@@ -645,6 +646,107 @@ fn set_volume_uid(obj: &mut Value, uid: &str) {
     }
 }
 
+/// Where a snapshot of the stored Volume `vol` goes: its pool and node, and the GiB it
+/// claims there (the volume's size); `None` while the volume is placed nowhere.
+fn snapshot_target(vol: &Value) -> Option<(&str, &str, u64)> {
+    let pool = vol.pointer("/status/pool").and_then(Value::as_str)?;
+    let node = vol.pointer("/status/node").and_then(Value::as_str)?;
+    let size = vol
+        .pointer("/spec/sizeGiB")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    Some((pool, node, size))
+}
+
+/// A snapshot placed on its volume's pool, ready to be written with its claim.
+struct SnapshotPlaced {
+    /// The snapshot with its placement (`status.pool`, `node`, `sizeGiB`, phase `Creating`).
+    obj: Value,
+    /// Its claim's key and value.
+    claim: (String, Value),
+    /// The pool's key and the revision it was read at.
+    pool: (String, i64),
+    /// The pool's claims' prefix and the revision they were read at.
+    claims: (String, i64),
+}
+
+/// Places snapshot `obj` (of namespace `ns`) on the pool of its volume `volume`, as stored
+/// (`vol`, placed): reads the pool and its claims; `Err` says why the snapshot does not fit.
+async fn place_snapshot(
+    ctx: Ctx<'_>,
+    ns: &str,
+    obj: &Value,
+    volume: &str,
+    vol: &Value,
+) -> ApiResult<Result<SnapshotPlaced, String>> {
+    let Some((pool, node, size)) = snapshot_target(vol) else {
+        return Ok(Err(format!(
+            "volume {volume:?} is not placed on a storage pool yet"
+        )));
+    };
+    let pool_key = keys::object(ctx.prefix, GROUP, "storagepools", None, pool);
+    let on = claims(ctx.prefix, pool);
+    let uid = meta::meta_str(obj, "uid").unwrap_or_default();
+    let mine = on.key(uid);
+    let (got, at) = ctx
+        .store
+        .read_many(&[Read::Key(&pool_key), Read::Prefix(on.prefix())])
+        .await
+        .map_err(ApiError::from)?;
+    let Some((_, pool_obj)) = got[0].first() else {
+        return Ok(Err(format!(
+            "the storage pool {pool} of volume {volume:?} is gone"
+        )));
+    };
+    let others = claimed_gib(
+        got[1]
+            .iter()
+            .filter(|(k, _)| *k != mine)
+            .map(|(_, c)| &c.value),
+    );
+    if let Err(why) = fits(pool, &pool_obj.value, others, size) {
+        return Ok(Err(format!(
+            "no room for a snapshot of volume {volume:?}: {why}"
+        )));
+    }
+    let mut placed = obj.clone();
+    let generation = obj.pointer("/metadata/generation").and_then(Value::as_i64);
+    let status = binding::status_mut(&mut placed)?;
+    status.extend(Map::from_iter([
+        ("phase".into(), json!("Creating")),
+        ("pool".into(), json!(pool)),
+        ("node".into(), json!(node)),
+        ("sizeGiB".into(), json!(size)),
+    ]));
+    if status.contains_key("conditions") {
+        // It waited for its volume's placement: it now waits for its node's copy.
+        binding::set_condition(
+            status,
+            &ConditionType::Ready.no(
+                Reason::SourceNotReady,
+                format!(
+                    "volume {volume:?} is placed on storage pool {pool} (node {node}); the copy is taken once it is made"
+                ),
+            ),
+            generation,
+        );
+    }
+    let claim = json!({
+        "snapshot": format!("{ns}/{}", name_of(obj)),
+        "sizeGiB": size,
+    });
+    Ok(Ok(SnapshotPlaced {
+        obj: placed,
+        claim: (mine, claim),
+        pool: (pool_key, pool_obj.mod_revision),
+        claims: (on.prefix().to_owned(), at),
+    }))
+}
+
+/// A VolumeSnapshot's create: of a Volume of its namespace (422 when there is none), recorded
+/// by uid; placed on the volume's pool with its claim when the volume is placed (409 when it
+/// does not fit), else stored `Pending` (`Ready=False`, `SourceNotReady`) without a claim,
+/// placed by the volume's binding ([`place_pending_snapshots`]).
 async fn create_snapshot(
     ctx: Ctx<'_>,
     s: Subject<'_>,
@@ -672,14 +774,6 @@ async fn create_snapshot(
         if going(&vol.value) {
             return refuse(format!("volume {volume:?} is being deleted"));
         }
-        let (Some(pool), Some(node)) = (
-            vol.value.pointer("/status/pool").and_then(Value::as_str),
-            vol.value.pointer("/status/node").and_then(Value::as_str),
-        ) else {
-            return refuse(format!(
-                "volume {volume:?} is not placed on a storage pool yet; snapshot it once it is"
-            ));
-        };
         if let Some(server) = vol
             .value
             .pointer("/status/attachedTo")
@@ -690,61 +784,52 @@ async fn create_snapshot(
                 "volume {volume:?} is attached to server {server:?}; set spec.force to snapshot it attached (crash-consistent)"
             ));
         }
-        let size = vol
-            .value
-            .pointer("/spec/sizeGiB")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        let pool_key = keys::object(ctx.prefix, GROUP, "storagepools", None, pool);
-        let on = claims(ctx.prefix, pool);
-        let uid = meta::meta_str(w.new, "uid").unwrap_or_default();
-        let mine = on.key(uid);
-        let (got, at) = ctx
-            .store
-            .read_many(&[Read::Key(&pool_key), Read::Prefix(on.prefix())])
-            .await
-            .map_err(ApiError::from)?;
-        let Some((_, pool_obj)) = got[0].first() else {
-            return refuse(format!(
-                "the storage pool {pool} of volume {volume:?} is gone"
-            ));
-        };
-        let others = claimed_gib(got[1].iter().map(|(_, c)| &c.value));
-        if let Err(why) = fits(pool, &pool_obj.value, others, size) {
-            return refuse(format!(
-                "no room for a snapshot of volume {volume:?}: {why}"
-            ));
-        }
         let mut obj = w.new.clone();
         set_volume_uid(
             &mut obj,
             meta::meta_str(&vol.value, "uid").unwrap_or_default(),
         );
-        let status = binding::status_mut(&mut obj)?;
-        status.extend(Map::from_iter([
-            ("phase".into(), json!("Creating")),
-            ("pool".into(), json!(pool)),
-            ("node".into(), json!(node)),
-            ("sizeGiB".into(), json!(size)),
-        ]));
-        let claim = json!({
-            "snapshot": format!("{ns}/{}", name_of(w.new)),
-            "sizeGiB": size,
-        });
+        // The volume as read holds: a binding meanwhile makes this create read it again.
+        let mut guards = vec![Guard::Revision(&volume_key, vol.mod_revision)];
+        let placed = if snapshot_target(&vol.value).is_some() {
+            match place_snapshot(ctx, ns, &obj, volume, &vol.value).await? {
+                Ok(p) => Some(p),
+                Err(why) => return refuse(why),
+            }
+        } else {
+            let generation = obj.pointer("/metadata/generation").and_then(Value::as_i64);
+            let status = binding::status_mut(&mut obj)?;
+            status.insert("phase".into(), json!("Pending"));
+            binding::set_condition(
+                status,
+                &ConditionType::Ready.no(
+                    Reason::SourceNotReady,
+                    format!(
+                        "volume {volume:?} is not placed on a storage pool yet; the snapshot is placed with it and taken once it is made"
+                    ),
+                ),
+                generation,
+            );
+            None
+        };
+        let obj = placed.as_ref().map_or(&obj, |p| &p.obj);
+        if let Some(p) = &placed {
+            guards.extend([
+                Guard::Revision(&p.pool.0, p.pool.1),
+                Guard::Unchanged(&p.claims.0, p.claims.1),
+                Guard::Absent(&p.claim.0),
+            ]);
+        }
         // Its GiB count in the project's volumeGiB (as Cinder's gigabytes), checked on the
         // snapshot as stored, in the same transaction.
-        let quota = quota::check(ctx, s, ns, Change { new: &obj, ..w }).await?;
-        let mut guards = create_guards(&w, &quota);
-        guards.extend([
-            Guard::Revision(&volume_key, vol.mod_revision),
-            Guard::Revision(&pool_key, pool_obj.mod_revision),
-            Guard::Unchanged(on.prefix(), at),
-            Guard::Absent(&mine),
-        ]);
-        if let Some(rev) = write(ctx, &guards, &[(w.key, &obj), (&mine, &claim)]).await? {
+        let quota = quota::check(ctx, s, ns, Change { new: obj, ..w }).await?;
+        guards.extend(create_guards(&w, &quota));
+        let mut puts = vec![(w.key, obj)];
+        puts.extend(placed.as_ref().map(|p| (p.claim.0.as_str(), &p.claim.1)));
+        if let Some(rev) = write(ctx, &guards, &puts).await? {
             return Ok(Written {
                 write: Write::Done(rev),
-                stored: Some(obj),
+                stored: Some(obj.clone()),
             });
         }
         if let Some(done) = settled(ctx, &w).await? {
@@ -752,6 +837,111 @@ async fn create_snapshot(
         }
     }
     Err(too_busy(&s, w.new))
+}
+
+/// Records why snapshot `snap` (at `key`) is not placed with its volume: it stays `Pending`,
+/// `Ready=False` with reason `SourceNotReady` and `why`.
+async fn still_pending(ctx: Ctx<'_>, key: &str, snap: &Stored, why: String) -> ApiResult<()> {
+    let mut told = snap.value.clone();
+    let generation = told.pointer("/metadata/generation").and_then(Value::as_i64);
+    binding::set_condition(
+        binding::status_mut(&mut told)?,
+        &ConditionType::Ready.no(Reason::SourceNotReady, why),
+        generation,
+    );
+    if told != snap.value {
+        // Lost to another write: the next binding tells it again.
+        ctx.store
+            .write_guarded(key, &told, Some(snap.mod_revision), &[], None)
+            .await
+            .map_err(ApiError::from)?;
+    }
+    Ok(())
+}
+
+/// Places the snapshots of the Volume of `uid` (`volume` in `ns`) that wait for its placement
+/// (stored without `status.pool`), once its binding is written: each on the volume's pool,
+/// with its claim and its `volumeGiB`, in a transaction of its own that holds the volume, the
+/// pool, its claims and the project's quota as read. One that does not fit stays `Pending`
+/// and says why. A snapshot created while the binding is written read the volume before it
+/// and is refused by its guard on the volume, so it is read again and placed at its create:
+/// none is left waiting.
+async fn place_pending_snapshots(ctx: Ctx<'_>, ns: &str, volume: &str, uid: &str) -> ApiResult<()> {
+    let rt = Subject {
+        group: GROUP,
+        kind: "VolumeSnapshot",
+        plural: "volumesnapshots",
+        namespaced: true,
+        namespace: Some(ns),
+        name: "",
+    };
+    let volume_key = keys::object(ctx.prefix, GROUP, "volumes", Some(ns), volume);
+    let all = keys::collection(ctx.prefix, GROUP, "volumesnapshots", Some(ns));
+    let page = ctx
+        .store
+        .list(&all, None, 0, 0)
+        .await
+        .map_err(ApiError::from)?;
+    let waiting = page.items.into_iter().filter(|(_, x)| {
+        volume_uid(&x.value) == Some(uid)
+            && x.value.pointer("/status/pool").is_none()
+            && !going(&x.value)
+    });
+    for (key, mut snap) in waiting {
+        let name = name_of(&snap.value).to_owned();
+        let s = Subject { name: &name, ..rt };
+        for _ in 0..RETRIES {
+            let Some(vol) = ctx.store.get(&volume_key).await.map_err(ApiError::from)? else {
+                return Ok(());
+            };
+            if meta::meta_str(&vol.value, "uid") != Some(uid) {
+                return Ok(());
+            }
+            let p = match place_snapshot(ctx, ns, &snap.value, volume, &vol.value).await? {
+                Ok(p) => p,
+                Err(why) => {
+                    still_pending(ctx, &key, &snap, why).await?;
+                    break;
+                }
+            };
+            let change = Change {
+                key: &key,
+                old: Some((&snap.value, snap.mod_revision)),
+                new: &p.obj,
+                parent: None,
+            };
+            let quota = match quota::check(ctx, s, ns, change).await {
+                Ok(q) => q,
+                Err(e) if e.code == 403 => {
+                    still_pending(ctx, &key, &snap, e.message).await?;
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            let mut guards = vec![
+                Guard::Revision(&key, snap.mod_revision),
+                Guard::Revision(&volume_key, vol.mod_revision),
+                Guard::Revision(&p.pool.0, p.pool.1),
+                Guard::Unchanged(&p.claims.0, p.claims.1),
+                Guard::Absent(&p.claim.0),
+            ];
+            guards.extend(quota.iter().map(|(q, at)| Guard::Unchanged(q, *at)));
+            if write(ctx, &guards, &[(&key, &p.obj), (&p.claim.0, &p.claim.1)])
+                .await?
+                .is_some()
+            {
+                break;
+            }
+            // Something read changed: the snapshot is read again (gone or placed: done).
+            match ctx.store.get(&key).await.map_err(ApiError::from)? {
+                Some(now) if now.value.pointer("/status/pool").is_none() && !going(&now.value) => {
+                    snap = now;
+                }
+                _ => break,
+            }
+        }
+    }
+    Ok(())
 }
 
 /// An update of a VolumeSnapshot: only its description (and metadata) changes; the Volume uid
@@ -967,6 +1157,12 @@ pub async fn bind(
             |seen| place_volume(seen, ns, &target, &invalid, &conflict),
         )
         .await?;
+    // The volume is placed: the snapshots asked of it before are placed with it. One left
+    // unplaced (this server stopped, the quota changed) is placed by the next binding the
+    // volume scheduler sends for it.
+    if let Err(e) = place_pending_snapshots(ctx, ns, t.name, uid).await {
+        tracing::warn!(volume = t.name, namespace = ns, error = %e.message, "cannot place the snapshots waiting for the volume");
+    }
     Ok(201)
 }
 

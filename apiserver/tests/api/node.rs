@@ -622,8 +622,10 @@ async fn a_node_registers_its_object_node_and_writes_only_its_status() {
     let e = refused(a.delete(&mine, "").await);
     assert_eq!(e.code, 403, "{}", e.message);
 
-    // Another node's.
-    c.create(&Obj(object_node("b"))).await.expect("b");
+    // Another node's (at an address of its own: one address is one node).
+    let mut b = object_node("b");
+    b["spec"]["ip"] = json!("10.0.0.3");
+    c.create(&Obj(b)).await.expect("b");
     let theirs = c.status("ObjectNode", None, "b");
     let e = refused(a.patch(&theirs, MERGE, status).await);
     assert_eq!(e.code, 403, "{}", e.message);

@@ -343,3 +343,281 @@ fn the_demo_guest_takes_its_address_on_the_example_network_by_dhcp() -> Result<(
     drop(net);
     Ok(())
 }
+
+/// The object store of a `stratus up --object-store` on `ip`: its servers' allow-list (an
+/// nftables table the object agent leaves on purpose, which `stratus up` takes away when it
+/// stops) is taken away when this is dropped, should the cloud have died without stopping.
+struct ObjectStoreAllowList(&'static str);
+
+impl ObjectStoreAllowList {
+    fn table(&self) -> String {
+        format!("stratus_swift_{}", self.0.replace('.', "_"))
+    }
+
+    fn present(&self) -> bool {
+        std::process::Command::new("nft")
+            .args(["list", "table", "inet", &self.table()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for ObjectStoreAllowList {
+    fn drop(&mut self) {
+        if self.present() {
+            let _ = std::process::Command::new("nft")
+                .args(["delete", "table", "inet", &self.table()])
+                .status();
+        }
+    }
+}
+
+/// Runs a command; its standard output, or an error with its output.
+fn output(cmd: &mut std::process::Command, what: &str) -> Result<Vec<u8>> {
+    let out = cmd.output().with_context(|| format!("run {what}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{what} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out.stdout)
+}
+
+/// The `.data` files under `dir`.
+fn data_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "data") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// `stratus up --object-store` runs a one-node Swift as a newcomer uses it: a Stratus user's
+/// Keystone login gets a token whose catalog names the proxy and the user's project's account;
+/// with that token an object is put and read back through the proxy (and lands on the
+/// store's device in the data directory), Swift's own client reads it with the user's
+/// password, boto3 with an S3 key issued through the API; another project's user is refused.
+/// Stopped, `stratus up` leaves none of its processes (proxy, servers, daemons, rsync) and
+/// no allow-list behind.
+#[test]
+fn stratus_up_runs_an_object_store_with_stratus_identity() -> Result<()> {
+    // An address of this test's own (the servers' ports and rsync's 873 are fixed).
+    let allow_list = ObjectStoreAllowList("127.0.87.1");
+    let ip = allow_list.0;
+    let port = stratus_e2e::free_port();
+    let mut cloud = Cloud::up_with(&[
+        "--object-store",
+        "--object-store-ip",
+        ip,
+        "--object-store-port",
+        &port.to_string(),
+    ])?;
+    let t = Duration::from_secs(300);
+    wait_until(t, "stratus up to show the object store", || {
+        cloud
+            .log()
+            .contains(&format!(
+                "Object store (Swift API and S3): http://{ip}:{port}"
+            ))
+            .then_some(())
+    })
+    .with_context(|| cloud.log())?;
+    let proxy_log = || {
+        std::fs::read_to_string(cloud.dir.path().join("object-proxy/proxy.log")).unwrap_or_default()
+    };
+
+    cloud.projects(&["store1", "store2"])?;
+    let password = "object-store-pw-1";
+    for (user, project) in [("olga", "store1"), ("otto", "store2")] {
+        cloud.kubectl_in(
+            &["apply", "-f", "-"],
+            &format!(
+                "apiVersion: identity.stratus.dev/v1\nkind: User\nmetadata:\n  name: {user}\nspec: {{}}\n---\n\
+                 apiVersion: identity.stratus.dev/v1\nkind: RoleAssignment\nmetadata:\n  name: {user}-member\n  namespace: {project}\nspec:\n  user: {user}\n  role: member\n"
+            ),
+        )?;
+        cloud.kubectl_in(
+            &[
+                "replace",
+                "--raw",
+                &format!("/apis/identity.stratus.dev/v1/users/{user}/password"),
+                "-f",
+                "-",
+            ],
+            &serde_json::json!({ "password": password }).to_string(),
+        )?;
+    }
+    let ca = cloud.dir.path().join("pki/ca.crt");
+    let identity = format!("{}/identity/v3", cloud.url);
+    // A Keystone password login scoped to the project: the token and the catalog's endpoint.
+    let login = |user: &str, project: &str| -> Result<(String, String)> {
+        let body = serde_json::json!({"auth": {
+            "identity": {"methods": ["password"], "password": {"user": {"name": user, "domain": {"id": "default"}, "password": password}}},
+            "scope": {"project": {"name": project, "domain": {"id": "default"}}},
+        }});
+        let out = output(
+            std::process::Command::new("curl")
+                .args(["-sS", "-i", "--fail", "--cacert"])
+                .arg(&ca)
+                .args(["-H", "Content-Type: application/json", "--data-binary"])
+                .arg(body.to_string())
+                .arg(format!("{identity}/auth/tokens")),
+            "a Keystone login",
+        )?;
+        let text = String::from_utf8_lossy(&out).replace("\r\n", "\n");
+        let (head, body) = text.split_once("\n\n").context("no body")?;
+        let token = head
+            .lines()
+            .find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("x-subject-token"))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .context("no X-Subject-Token")?;
+        let body: serde_json::Value = serde_json::from_str(body)?;
+        let endpoint = body["token"]["catalog"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["type"] == "object-store")
+            .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
+            .find(|e| e["interface"] == "public")
+            .and_then(|e| e["url"].as_str())
+            .with_context(|| format!("no object-store endpoint in {body}"))?
+            .to_string();
+        Ok((token, endpoint))
+    };
+    let (token, account) = login("olga", "store1")?;
+    let uid = cloud.kubectl_ok(&["get", "project", "store1", "-o", "jsonpath={.metadata.uid}"])?;
+    anyhow::ensure!(
+        account == format!("http://{ip}:{port}/v1/AUTH_{uid}"),
+        "the catalog names {account}"
+    );
+    // curl with the token: a container, an object put, read back.
+    let curl = |args: &[&str], token: &str| {
+        let mut c = std::process::Command::new("curl");
+        c.args(["-sS", "--fail", "-H", &format!("X-Auth-Token: {token}")])
+            .args(args);
+        c
+    };
+    let data = b"hello from the object store\n";
+    let file = cloud.dir.path().join("hello.txt");
+    std::fs::write(&file, data)?;
+    output(
+        &mut curl(&["-X", "PUT", &format!("{account}/bucket1")], &token),
+        "PUT a container",
+    )
+    .with_context(proxy_log)?;
+    output(
+        curl(&["-T"], &token)
+            .arg(&file)
+            .arg(format!("{account}/bucket1/hello.txt")),
+        "PUT an object",
+    )
+    .with_context(proxy_log)?;
+    let got = output(
+        &mut curl(&[&format!("{account}/bucket1/hello.txt")], &token),
+        "GET the object",
+    )?;
+    anyhow::ensure!(got == data, "read back {:?}", String::from_utf8_lossy(&got));
+    let stored = data_files(&cloud.dir.path().join("object-devices/d1/objects"));
+    anyhow::ensure!(stored.len() == 1, "on the device: {stored:?}");
+
+    // Swift's client, with olga's password, finds the account through the catalog.
+    let swift = output(
+        std::process::Command::new("swift")
+            .args(["--auth-version", "3", "--os-auth-url", &identity])
+            .arg("--os-cacert")
+            .arg(&ca)
+            .args(["--os-username", "olga", "--os-password", password])
+            .args(["--os-project-name", "store1"])
+            .args(["--os-user-domain-name", "Default"])
+            .args(["--os-project-domain-name", "Default"])
+            .args(["download", "bucket1", "hello.txt", "-o", "-"]),
+        "swift download",
+    )?;
+    anyhow::ensure!(swift == data, "swift read {swift:?}");
+
+    // Another project's user is refused on store1's account.
+    let (otto, _) = login("otto", "store2")?;
+    let code = output(
+        std::process::Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(["-H", &format!("X-Auth-Token: {otto}")])
+            .arg(format!("{account}/bucket1/hello.txt")),
+        "GET as otto",
+    )?;
+    anyhow::ensure!(
+        code == b"403",
+        "otto got {:?}",
+        String::from_utf8_lossy(&code)
+    );
+
+    // S3 with a key issued through the Stratus API: the container is the bucket (whose name
+    // S3 wants 3 to 63 characters long).
+    let made: serde_json::Value = serde_json::from_str(&cloud.kubectl_in(
+        &["create", "-f", "-", "-o", "json"],
+        "apiVersion: identity.stratus.dev/v1\nkind: S3Credential\nmetadata:\n  name: olga-s3\n  namespace: store1\nspec:\n  user: olga\n",
+    )?)?;
+    let key = |f: &str| made["status"][f].as_str().unwrap_or_default().to_string();
+    let s3 = output(
+        std::process::Command::new("/usr/bin/python3").args([
+            "-c",
+            "import sys, boto3\nfrom botocore.config import Config\n\
+             s3 = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id=sys.argv[2], \
+             aws_secret_access_key=sys.argv[3], region_name='us-east-1', \
+             config=Config(s3={'addressing_style': 'path'}, signature_version='s3v4'))\n\
+             sys.stdout.buffer.write(s3.get_object(Bucket='bucket1', Key='hello.txt')['Body'].read())",
+            &format!("http://{ip}:{port}"),
+            &key("accessKeyId"),
+            &key("secretAccessKey"),
+        ]),
+        "boto3",
+    )
+    .with_context(proxy_log)?;
+    anyhow::ensure!(s3 == data, "S3 read {s3:?}");
+
+    // Stopped, nothing of the store is left: no process of stratus up's, no allow-list.
+    let up = cloud.proc.pid();
+    let kids = children(up);
+    let swift_processes = kids.iter().filter(|(_, comm, _)| comm == "python3").count();
+    // The proxy, the three servers and, their rings installed, their daemons.
+    anyhow::ensure!(swift_processes >= 5, "children of stratus up: {kids:?}");
+    anyhow::ensure!(
+        kids.iter().any(|(_, comm, _)| comm == "rsync"),
+        "no rsync among {kids:?}"
+    );
+    anyhow::ensure!(allow_list.present(), "no allow-list while the store runs");
+    output(
+        std::process::Command::new("kill").args(["-TERM", &up.to_string()]),
+        "kill -TERM stratus up",
+    )?;
+    wait_until(t, "stratus up to stop", || {
+        (!cloud.proc.running()).then_some(())
+    })
+    .with_context(|| cloud.log())?;
+    let left = |kids: &[(u32, String, char)]| -> Vec<(u32, String)> {
+        kids.iter()
+            .filter(
+                |(pid, comm, _)| matches!(stat(*pid), Some((c, _, s)) if s != 'Z' && c == *comm),
+            )
+            .map(|(pid, comm, _)| (*pid, comm.clone()))
+            .collect()
+    };
+    let still = left(&kids);
+    anyhow::ensure!(still.is_empty(), "left running: {still:?}\n{}", cloud.log());
+    anyhow::ensure!(!allow_list.present(), "the allow-list outlived stratus up");
+    Ok(())
+}
