@@ -16,6 +16,7 @@ use stratus_e2e::Etcd;
 
 mod auth;
 mod boot;
+mod dashboard;
 mod list;
 mod memory;
 mod net;
@@ -79,6 +80,20 @@ enum What {
         /// Hypervisors to place them on.
         #[arg(long, default_value_t = 1000)]
         hypervisors: usize,
+    },
+    /// The dashboard in headless Chromium vs kubectl, as the same project member: a
+    /// project's servers listed and fully rendered vs `kubectl get servers`, and a new
+    /// server seen in the page vs by `kubectl get servers -w`.
+    Dashboard {
+        /// Servers in the project.
+        #[arg(long, default_value_t = 1000)]
+        servers: usize,
+        /// First renders measured (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Servers created one at a time while the list is open.
+        #[arg(long, default_value_t = 50)]
+        changes: usize,
     },
     /// Volumes on `stratus up --storage`'s file pool (create → Available, delete → gone, a
     /// clone's data copy) vs the `qemu-img create`, `rm`, `qemu-img convert` and `dd` it wraps,
@@ -1038,6 +1053,11 @@ async fn main() -> Result<()> {
             servers,
             hypervisors,
         } => sched::bench(servers, hypervisors).await,
+        What::Dashboard {
+            servers,
+            rounds,
+            changes,
+        } => dashboard::bench(servers, rounds, changes).await,
         What::Storage {
             volumes,
             copy_mib,
