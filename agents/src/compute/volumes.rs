@@ -308,8 +308,9 @@ fn region_of(
 
 /// Where volume `name` of another node is served to `node`, from its `status`: its export
 /// (`status.export`) made for this node, to which the attachments controller attached it
-/// (`status.attachedNode`), at an IP address, on a port, under a name of the form the storage
-/// agent makes.
+/// (`status.attachedNode`), at the storage address its pool's node recorded (`recorded`, the
+/// pool's `status.storageAddress`), on a port, under a name of the form the storage agent
+/// makes.
 ///
 /// # Errors
 /// Why it is not (yet) served to this node.
@@ -317,6 +318,7 @@ pub fn remote(
     name: &str,
     status: &stratus_api_types::storage::VolumeStatus,
     node: &str,
+    recorded: Option<&str>,
 ) -> Result<PathBuf, String> {
     let on = status.node.as_deref().unwrap_or_default();
     let waiting = |why: &str| format!("volume \"{name}\" is on node {on}: {why}");
@@ -358,6 +360,21 @@ pub fn remote(
         return Err(waiting(
             "its export's host is not another node's address (loopback, link-local, multicast or unspecified)",
         ));
+    }
+    // Only the address the storage node recorded for its pool, which it cannot move later:
+    // a volume's status does not send this node's QEMU anywhere else.
+    match recorded.and_then(|r| r.parse::<std::net::IpAddr>().ok()) {
+        Some(a) if a == host => {}
+        Some(a) => {
+            return Err(waiting(&format!(
+                "its export's host {host} is not {a}, the storage address its pool records"
+            )));
+        }
+        None => {
+            return Err(waiting(
+                "its pool records no storage address (status.storageAddress) to connect to",
+            ));
+        }
     }
     let named = !export.name.is_empty()
         && export.name.len() <= 64
@@ -411,7 +428,10 @@ pub fn ready(
     let uid = vol.uid().unwrap_or_default();
     if st.node.as_deref() != Some(node) {
         // Served over NBD at the size it was exported with (what its agent provisioned).
-        let path = remote(&name, &st, node).map_err(NotReady::Waiting)?;
+        let recorded = pool
+            .filter(|p| Some(p.name_any()) == st.pool)
+            .and_then(|p| p.status.as_ref()?.storage_address.as_deref());
+        let path = remote(&name, &st, node, recorded).map_err(NotReady::Waiting)?;
         return Ok(Ready {
             volume: name,
             path,
@@ -719,16 +739,27 @@ mod tests {
     #[test]
     fn a_volume_of_another_node_is_given_only_as_its_export_to_this_node() {
         let export = json!({"node": "n1", "host": "10.0.0.2", "port": 40123, "name": "5b1fe0"});
-        let good = json!({"phase": "InUse", "node": "n2", "pool": "far", "sizeGiB": 2,
+        let good = json!({"phase": "InUse", "node": "n2", "pool": "p", "sizeGiB": 2,
                           "devicePath": "/dev/loop3", "attachedTo": "web",
                           "attachedNode": "n1", "export": export});
-        // No pool of this node is read, no path of the other node is opened.
-        let r = ready(&volume(good.clone()), "web", "n1", None).expect("ready");
+        // The other node's pool, with the address it recorded; no path of it is opened.
+        let at = |address: &str| {
+            let mut far = pool(json!({"backend": "lvm", "node": "n2", "vgName": "vg"}));
+            far.status =
+                Some(serde_json::from_value(json!({"storageAddress": address})).expect("a status"));
+            far
+        };
+        let far = at("10.0.0.2");
+        let r = ready(&volume(good.clone()), "web", "n1", Some(&far)).expect("ready");
         assert_eq!(r.path, PathBuf::from("nbd://10.0.0.2:40123/5b1fe0"));
         assert_eq!(r.bytes, 2 << 30);
-        let waits =
-            |status: serde_json::Value, what: &str| match ready(&volume(status), "web", "n1", None)
-            {
+        let waits_with =
+            |status: serde_json::Value, pool: Option<&StoragePool>, what: &str| match ready(
+                &volume(status),
+                "web",
+                "n1",
+                pool,
+            ) {
                 Err(NotReady::Waiting(m)) => {
                     assert!(
                         m.contains("\"data\" is on node n2") && m.contains(what),
@@ -737,6 +768,34 @@ mod tests {
                 }
                 other => panic!("{other:?}"),
             };
+        // Only at the address its pool records.
+        waits_with(good.clone(), None, "records no storage address");
+        waits_with(
+            good.clone(),
+            Some(&pool(
+                json!({"backend": "lvm", "node": "n2", "vgName": "vg"}),
+            )),
+            "records no storage address",
+        );
+        waits_with(
+            good.clone(),
+            Some(&at("10.0.0.9")),
+            "10.0.0.2 is not 10.0.0.9",
+        );
+        let waits = |status: serde_json::Value, what: &str| match ready(
+            &volume(status),
+            "web",
+            "n1",
+            Some(&far),
+        ) {
+            Err(NotReady::Waiting(m)) => {
+                assert!(
+                    m.contains("\"data\" is on node n2") && m.contains(what),
+                    "{m}"
+                )
+            }
+            other => panic!("{other:?}"),
+        };
         let mut unplaced = good.clone();
         unplaced["attachedNode"] = serde_json::Value::Null;
         waits(unplaced, "not yet attached to this node");
