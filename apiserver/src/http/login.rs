@@ -127,7 +127,7 @@ pub(crate) async fn password_login(
         }
     }
     attempt.result = "error";
-    let (verified, known) = id.verify_password(user, password).await?;
+    let (verified, known) = id.verify_password(user, password, source).await?;
     let Some(verified) = verified else {
         if !known {
             id.throttle.failed(user, None, Instant::now());
@@ -247,7 +247,7 @@ pub(crate) async fn change_password(
             if shared.refusal.is_some() || id.throttle.check(name, None, Instant::now()).is_err() {
                 return Err(wrong());
             }
-            let (verified, known) = id.verify_password(name, current).await?;
+            let (verified, known) = id.verify_password(name, current, None).await?;
             if verified.is_none() {
                 if known {
                     id.logins.failed(Some(name), None, unix).await;

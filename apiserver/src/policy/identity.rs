@@ -232,8 +232,12 @@ impl Identity {
                 pending: Arc::default(),
             },
             dummy_hash,
-            hasher: Hasher::new(policy.hash_threads, policy.hash_queue)
-                .map_err(|_| StoreError::Poisoned)?,
+            hasher: Hasher::new(
+                policy.hash_threads,
+                policy.hash_queue,
+                policy.source_failure_attempts > 0,
+            )
+            .map_err(|_| StoreError::Poisoned)?,
             throttle: Throttle::new(policy),
             logins,
             signer: Signer {
@@ -394,18 +398,24 @@ impl Identity {
         user: &str,
         password: &str,
     ) -> Result<Option<Verified>, ApiError> {
-        self.verify_password(user, password).await.map(|(v, _)| v)
+        self.verify_password(user, password, None)
+            .await
+            .map(|(v, _)| v)
     }
 
     /// As [`Identity::check_password`], also saying whether `user` is a User (for counting
-    /// its failures; the client is never told).
+    /// its failures; the client is never told), for a login from `source`: one source bucket
+    /// (an IPv4 address, an IPv6 /64) holds at most a quarter of the hashing queue's places,
+    /// so that one address's burst leaves room for everyone else's logins (unless the policy
+    /// limits no source: `source_failure_attempts` 0).
     ///
     /// # Errors
-    /// As [`Identity::check_password`].
+    /// As [`Identity::check_password`]; 429 also when `source` holds its share of the queue.
     pub async fn verify_password(
         &self,
         user: &str,
         password: &str,
+        source: Option<IpAddr>,
     ) -> Result<(Option<Verified>, bool), ApiError> {
         let (user_key, key) = (self.user_key(user), self.password_key(user));
         let (read, _) = self
@@ -429,7 +439,7 @@ impl Identity {
         let password = password.to_string();
         let ok = self
             .hasher
-            .run(move || {
+            .run_for(source.map(super::logins::bucket), move || {
                 Argon2::default()
                     .verify_password(password.as_bytes(), hash.as_str())
                     .is_ok()
@@ -743,13 +753,14 @@ pub struct LoginPolicy {
     /// `lockout_duration`).
     pub lockout_duration: Duration,
     /// Failed logins one source bucket (an IPv4 address, an IPv6 /64) may make per
-    /// `source_window`; 0: no limit.
+    /// `source_window`; 0: no limit (then neither is its share of the hashing queue limited).
     pub source_failure_attempts: u32,
     /// The window of `source_failure_attempts`.
     pub source_window: Duration,
     /// Threads that hash and verify passwords.
     pub hash_threads: usize,
     /// Password checks that may wait for a hashing thread; past it, logins are answered 429.
+    /// One source bucket holds at most a quarter of it.
     pub hash_queue: usize,
 }
 
@@ -771,16 +782,49 @@ impl Default for LoginPolicy {
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// A few threads of their own for argon2, fed through a bounded queue.
+/// How much nicer the hashing threads are than the threads that serve requests, so that a
+/// burst of logins keeping them busy takes the CPU only when serving has none to spend (on a
+/// machine of 2 cores, one hashing thread at full speed otherwise doubles every request's
+/// latency).
+const HASH_NICE: i32 = 10;
+
+/// A few threads of their own for argon2, fed through a bounded queue, below the serving
+/// threads' priority.
 #[derive(Debug)]
 struct Hasher {
     jobs: std::sync::mpsc::SyncSender<Job>,
+    /// Jobs queued or running per source bucket.
+    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// The most jobs one source bucket may have queued or running, if sources are limited.
+    source_share: Option<usize>,
+}
+
+/// A source bucket's place among the hashing jobs, given back when the job has run (or was
+/// never run).
+struct SourcePlace {
+    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    source: IpAddr,
+}
+
+impl Drop for SourcePlace {
+    fn drop(&mut self) {
+        if let Ok(mut sources) = self.sources.lock()
+            && let Some(n) = sources.get_mut(&self.source)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                sources.remove(&self.source);
+            }
+        }
+    }
 }
 
 impl Hasher {
-    /// `threads` threads (at least one), with room for `queue` waiting jobs. The threads end
-    /// when the hasher is dropped.
-    fn new(threads: usize, queue: usize) -> std::io::Result<Self> {
+    /// `threads` threads (at least one) [`HASH_NICE`] nicer than the caller, with room for
+    /// `queue` waiting jobs; `per_source`: a quarter of the places (at least one) at most for
+    /// one source bucket (off where sources are not limited: the addresses are not the
+    /// clients', as behind a proxy). The threads end when the hasher is dropped.
+    fn new(threads: usize, queue: usize, per_source: bool) -> std::io::Result<Self> {
         let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(queue);
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..threads.max(1) {
@@ -788,6 +832,16 @@ impl Hasher {
             std::thread::Builder::new()
                 .name(format!("argon2-{i}"))
                 .spawn(move || {
+                    // On Linux a nice value is the calling thread's own (`who` 0 is this
+                    // thread, not the process), inherited from the thread that made it.
+                    // Raising it needs no privilege; a failure only leaves the thread at the
+                    // serving threads' priority.
+                    let lowered = rustix::process::getpriority_process(None).and_then(|own| {
+                        rustix::process::setpriority_process(None, (own + HASH_NICE).min(19))
+                    });
+                    if let Err(e) = lowered {
+                        tracing::warn!(error = %e, "lowering the password hashing thread's priority");
+                    }
                     loop {
                         let job = match rx.lock() {
                             Ok(rx) => rx.recv(),
@@ -800,7 +854,11 @@ impl Hasher {
                     }
                 })?;
         }
-        Ok(Self { jobs })
+        Ok(Self {
+            jobs,
+            sources: Arc::default(),
+            source_share: per_source.then_some((queue.max(1) / 4).max(1)),
+        })
     }
 
     /// Runs `f` on a hashing thread.
@@ -811,23 +869,60 @@ impl Hasher {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, ApiError> {
-        self.submit(f)?
+        self.run_for(None, f).await
+    }
+
+    /// Runs `f` on a hashing thread for a request from `source` (a bucket).
+    ///
+    /// # Errors
+    /// 429 when the queue is full or `source` has its share of it.
+    async fn run_for<T: Send + 'static>(
+        &self,
+        source: Option<IpAddr>,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        self.submit_for(source, f)?
             .await
             .map_err(|_| ApiError::internal("the password hashing threads stopped"))
     }
 
-    /// Queues `f`; its answer comes on the receiver.
+    /// Queues `f` for a request from `source` (a bucket); its answer comes on the receiver.
     ///
     /// # Errors
-    /// 429 when the queue is full.
-    fn submit<T: Send + 'static>(
+    /// 429 when the queue is full or `source` has its share of it.
+    fn submit_for<T: Send + 'static>(
         &self,
+        source: Option<IpAddr>,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<oneshot::Receiver<T>, ApiError> {
+        let place = match source.zip(self.source_share) {
+            None => None,
+            Some((source, share)) => {
+                let mut sources = self
+                    .sources
+                    .lock()
+                    .map_err(|_| ApiError::internal("the password hashing queue is poisoned"))?;
+                let n = sources.entry(source).or_insert(0);
+                if *n >= share {
+                    return Err(ApiError::too_many_requests(
+                        "too many password checks from this address at once; retry",
+                        1,
+                    ));
+                }
+                *n += 1;
+                Some(SourcePlace {
+                    sources: Arc::clone(&self.sources),
+                    source,
+                })
+            }
+        };
         let (done, answer) = oneshot::channel();
         self.jobs
             .try_send(Box::new(move || {
-                let _ = done.send(f());
+                let answer = f();
+                // The place is given back before the caller hears the answer.
+                drop(place);
+                let _ = done.send(answer);
             }))
             .map_err(|_| {
                 ApiError::too_many_requests("too many password checks at once; retry", 1)
@@ -1123,27 +1218,123 @@ mod tests {
 
     #[tokio::test]
     async fn hashing_runs_off_the_async_workers_and_a_full_queue_is_a_429() {
-        let h = Hasher::new(1, 1).expect("threads");
+        let h = Hasher::new(1, 1, true).expect("threads");
         let name = h
             .run(|| std::thread::current().name().map(String::from))
             .await
             .expect("ran");
         assert_eq!(name.as_deref(), Some("argon2-0"));
+        // Below the caller's priority (on Linux, a thread's own nice value).
+        let serving = rustix::process::getpriority_process(None).expect("own nice value");
+        let hashing = h
+            .run(|| rustix::process::getpriority_process(None).expect("hashing thread's nice"))
+            .await
+            .expect("ran");
+        assert_eq!(
+            hashing,
+            (serving + HASH_NICE).min(19),
+            "serving at {serving}"
+        );
         // One job running, one waiting: the next is refused at once.
         let (release, wait) = std::sync::mpsc::channel::<()>();
         let (started_tx, started) = std::sync::mpsc::channel::<()>();
         let running = h
-            .submit(move || {
+            .submit_for(None, move || {
                 let _ = started_tx.send(());
                 let _ = wait.recv();
             })
             .expect("queued");
         started.recv().expect("the first job started");
-        let queued = h.submit(|| ()).expect("room for one waiting");
-        let refused = h.submit(|| ()).expect_err("a full queue");
+        let queued = h.submit_for(None, || ()).expect("room for one waiting");
+        let refused = h.submit_for(None, || ()).expect_err("a full queue");
         assert_eq!(refused.code, 429);
         let _ = release.send(());
         running.await.expect("the first job ran");
         queued.await.expect("the queued job ran");
+    }
+
+    #[tokio::test]
+    async fn one_source_holds_at_most_a_quarter_of_the_hashing_queue() {
+        let h = Hasher::new(1, 8, true).expect("threads");
+        let (attacker, other) = (
+            "192.0.2.1".parse::<IpAddr>().expect("address"),
+            "198.51.100.7".parse::<IpAddr>().expect("address"),
+        );
+        // The thread held by a job of no source, so that everything after it waits.
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        let running = h
+            .submit_for(None, move || {
+                let _ = started_tx.send(());
+                let _ = wait.recv();
+            })
+            .expect("queued");
+        started.recv().expect("the first job started");
+        let first = h
+            .submit_for(Some(attacker), || 1)
+            .expect("the attacker's first");
+        let second = h
+            .submit_for(Some(attacker), || 2)
+            .expect("the attacker's second");
+        let third = h
+            .submit_for(Some(attacker), || 3)
+            .expect_err("a quarter of 8 places is 2");
+        assert_eq!(third.code, 429);
+        assert!(
+            third.message.contains("from this address"),
+            "{}",
+            third.message
+        );
+        let others = h
+            .submit_for(Some(other), || 4)
+            .expect("another address still gets in");
+        let _ = release.send(());
+        running.await.expect("ran");
+        assert_eq!(first.await.expect("ran"), 1);
+        assert_eq!(second.await.expect("ran"), 2);
+        assert_eq!(others.await.expect("ran"), 4);
+        // Its places given back once its jobs ran, the address gets in again; nothing is
+        // kept for an address with none.
+        assert_eq!(h.run_for(Some(attacker), || 5).await.expect("again"), 5);
+        assert!(h.sources.lock().expect("lock").is_empty());
+        // Where sources are not limited, one address may take every place.
+        let open = Hasher::new(1, 8, false).expect("threads");
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        let running = open
+            .submit_for(None, move || {
+                let _ = started_tx.send(());
+                let _ = wait.recv();
+            })
+            .expect("queued");
+        started.recv().expect("started");
+        let all: Vec<_> = (0..8)
+            .map(|i| open.submit_for(Some(attacker), move || i).expect("a place"))
+            .collect();
+        let _ = release.send(());
+        running.await.expect("ran");
+        for (i, job) in all.into_iter().enumerate() {
+            assert_eq!(job.await.expect("ran"), i);
+        }
+        // A job refused by a full queue gives its place back too.
+        let h = Hasher::new(1, 1, true).expect("threads");
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        let running = h
+            .submit_for(None, move || {
+                let _ = started_tx.send(());
+                let _ = wait.recv();
+            })
+            .expect("queued");
+        started.recv().expect("started");
+        let waiting = h.submit_for(None, || ()).expect("the one waiting place");
+        let full = h
+            .submit_for(Some(other), || ())
+            .expect_err("the queue is full");
+        assert_eq!(full.code, 429);
+        assert!(h.sources.lock().expect("lock").is_empty());
+        let _ = release.send(());
+        running.await.expect("ran");
+        waiting.await.expect("ran");
     }
 }
