@@ -404,6 +404,61 @@ fn data_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// `stratus up --object-store` on `ip`:`port`, once it shows the store.
+fn object_store_up(ip: &str, port: u16) -> Result<Cloud> {
+    let cloud = Cloud::up_with(&[
+        "--object-store",
+        "--object-store-ip",
+        ip,
+        "--object-store-port",
+        &port.to_string(),
+    ])?;
+    wait_until(
+        Duration::from_secs(300),
+        "stratus up to show the object store",
+        || {
+            cloud
+                .log()
+                .contains(&format!(
+                    "Object store (Swift API and S3): http://{ip}:{port}"
+                ))
+                .then_some(())
+        },
+    )
+    .with_context(|| cloud.log())?;
+    Ok(cloud)
+}
+
+/// A killed `stratus up --object-store` (no shutdown runs, as after a crash or the OOM killer)
+/// leaves no process of its store running: the proxy, the servers, their daemons and rsync
+/// each get SIGTERM when it dies.
+#[test]
+fn the_object_store_does_not_outlive_a_killed_stratus_up() -> Result<()> {
+    let allow_list = ObjectStoreAllowList("127.0.87.2");
+    let mut cloud = object_store_up(allow_list.0, stratus_e2e::free_port())?;
+    let kids: Vec<(u32, String, char)> = children(cloud.proc.pid())
+        .into_iter()
+        .filter(|(_, comm, _)| comm == "python3" || comm == "rsync")
+        .collect();
+    anyhow::ensure!(kids.len() >= 5, "the store's processes: {kids:?}");
+    cloud.proc.kill();
+    let running = || -> Vec<(u32, String)> {
+        kids.iter()
+            .filter(
+                |(pid, comm, _)| matches!(stat(*pid), Some((c, _, s)) if s != 'Z' && c == *comm),
+            )
+            .map(|(pid, comm, _)| (*pid, comm.clone()))
+            .collect()
+    };
+    wait_until(
+        Duration::from_secs(120),
+        "the store's processes to stop",
+        || running().is_empty().then_some(()),
+    )
+    .with_context(|| format!("still running: {:?}", running()))?;
+    Ok(())
+}
+
 /// `stratus up --object-store` runs a one-node Swift as a newcomer uses it: a Stratus user's
 /// Keystone login gets a token whose catalog names the proxy and the user's project's account;
 /// with that token an object is put and read back through the proxy (and lands on the
@@ -417,23 +472,8 @@ fn stratus_up_runs_an_object_store_with_stratus_identity() -> Result<()> {
     let allow_list = ObjectStoreAllowList("127.0.87.1");
     let ip = allow_list.0;
     let port = stratus_e2e::free_port();
-    let mut cloud = Cloud::up_with(&[
-        "--object-store",
-        "--object-store-ip",
-        ip,
-        "--object-store-port",
-        &port.to_string(),
-    ])?;
+    let mut cloud = object_store_up(ip, port)?;
     let t = Duration::from_secs(300);
-    wait_until(t, "stratus up to show the object store", || {
-        cloud
-            .log()
-            .contains(&format!(
-                "Object store (Swift API and S3): http://{ip}:{port}"
-            ))
-            .then_some(())
-    })
-    .with_context(|| cloud.log())?;
     let proxy_log = || {
         std::fs::read_to_string(cloud.dir.path().join("object-proxy/proxy.log")).unwrap_or_default()
     };
