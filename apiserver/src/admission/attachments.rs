@@ -10,6 +10,13 @@
 //! - A Volume attached to another Server is refused: 409 naming the field and that server.
 //! - A boot volume must be `spec.bootable` (422), and `spec.bootVolume` cannot change (422).
 //!
+//! # Ports
+//! A write that adds a Port to `spec.networks` (`spec.networks[i].port`: `openstack server
+//! add port`) is checked in the same transaction, guarded by the Port's revision: a Port bound
+//! to another Server (its `status.boundTo`) or being deleted is refused, 409 naming the field
+//! and that server. The ports controller binds it; a Port not made yet is waited for there
+//! (the Server says so), as Kubernetes objects may name what is created after them.
+//!
 //! # Release
 //! The attachment outlives the Server's spec: a Volume removed from `spec.volumes`, or whose
 //! Server is deleted, keeps `status.attachedTo` until the Server's guest no longer has it
@@ -34,6 +41,8 @@ use crate::storage::store::{Guard, Read, Write};
 
 /// The API group of Volumes.
 const STORAGE: &str = "storage.stratus.dev";
+/// The API group of Ports.
+const NETWORK: &str = "network.stratus.dev";
 /// How many times a write is tried again when another got in between.
 const RETRIES: usize = 48;
 
@@ -58,7 +67,12 @@ impl Admission for Attachments {
         let old = w.old.map(|(o, _)| volumes_of(o)).unwrap_or_default();
         let boot_changed = w.old.is_some_and(|(o, _)| boot_of(o) != boot_of(w.new));
         let added = new.iter().any(|(_, v)| !old.iter().any(|(_, o)| o == v));
-        (added || boot_changed).then(|| Box::pin(attach(ctx, s, ns, w)) as BoxFuture<'a, _>)
+        let old_ports = w.old.map(|(o, _)| ports_of(o)).unwrap_or_default();
+        let ports_added = ports_of(w.new)
+            .iter()
+            .any(|(_, p)| !old_ports.iter().any(|(_, o)| o == p));
+        (added || boot_changed || ports_added)
+            .then(|| Box::pin(attach(ctx, s, ns, w)) as BoxFuture<'a, _>)
     }
 }
 
@@ -84,6 +98,52 @@ fn volumes_of(obj: &Value) -> Vec<(String, String)> {
                 .map(|(i, v)| (format!("spec.volumes[{i}].volume"), v.volume)),
         )
         .collect()
+}
+
+/// The existing Ports a Server names, with the field naming each: `spec.networks[i].port`.
+fn ports_of(obj: &Value) -> Vec<(String, String)> {
+    let Ok(spec) =
+        serde_json::from_value::<ServerSpec>(obj.get("spec").cloned().unwrap_or(Value::Null))
+    else {
+        return Vec::new();
+    };
+    spec.networks
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, n)| Some((format!("spec.networks[{i}].port"), n.port?)))
+        .collect()
+}
+
+/// Whether the Server `obj` may name `port` (the Port `name` at `field`, if it exists yet):
+/// it is not being deleted, and it is free or already the server's.
+fn port_usable(
+    s: &Subject<'_>,
+    obj: &Value,
+    field: &str,
+    name: &str,
+    port: &Value,
+) -> ApiResult<()> {
+    if port.pointer("/metadata/deletionTimestamp").is_some() {
+        return Err(conflict(
+            s,
+            obj,
+            field,
+            format!("port {name:?} is being deleted"),
+        ));
+    }
+    match port
+        .pointer("/status/boundTo")
+        .and_then(Value::as_str)
+        .filter(|o| *o != name_of(obj))
+    {
+        Some(other) => Err(conflict(
+            s,
+            obj,
+            field,
+            format!("port {name:?} is bound to server {other:?}; remove it from that server first"),
+        )),
+        None => Ok(()),
+    }
 }
 
 fn name_of(obj: &Value) -> &str {
@@ -208,10 +268,24 @@ async fn attach(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> ApiRes
         .iter()
         .map(|(_, v)| keys::object(ctx.prefix, STORAGE, "volumes", Some(ns), v))
         .collect();
+    let ports_before = w.old.map(|(o, _)| ports_of(o)).unwrap_or_default();
+    let added_ports: Vec<(String, String)> = ports_of(w.new)
+        .into_iter()
+        .filter(|(_, p)| !ports_before.iter().any(|(_, b)| b == p))
+        .collect();
+    let port_keys: Vec<String> = added_ports
+        .iter()
+        .map(|(_, p)| keys::object(ctx.prefix, NETWORK, "ports", Some(ns), p))
+        .collect();
     for _ in 0..RETRIES {
         let held = quota::check(ctx, s, ns, w).await?;
-        let reads: Vec<Read<'_>> = keys.iter().map(|k| Read::Key(k)).collect();
-        let (got, _) = ctx.store.read_many(&reads).await.map_err(ApiError::from)?;
+        let reads: Vec<Read<'_>> = keys
+            .iter()
+            .chain(&port_keys)
+            .map(|k| Read::Key(k))
+            .collect();
+        let (mut got, _) = ctx.store.read_many(&reads).await.map_err(ApiError::from)?;
+        let ports_got = got.split_off(keys.len());
         let mut guards = match w.old {
             Some((_, rev)) => vec![Guard::Revision(w.key, rev)],
             None => vec![Guard::Absent(w.key)],
@@ -232,6 +306,12 @@ async fn attach(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> ApiRes
             if let Some(v) = vol {
                 guards.push(Guard::Revision(key, v.mod_revision));
                 writes.push((key.as_str(), claimed(&v.value, server)?));
+            }
+        }
+        for (((field, name), key), found) in added_ports.iter().zip(&port_keys).zip(&ports_got) {
+            if let Some((_, p)) = found.first() {
+                port_usable(&s, w.new, field, name, &p.value)?;
+                guards.push(Guard::Revision(key, p.mod_revision));
             }
         }
         let mut puts: Vec<(&str, &Value)> = vec![(w.key, w.new)];
@@ -320,6 +400,30 @@ mod tests {
             (e.code, e.details.causes[0].field.as_str()),
             (422, "spec.bootVolume")
         );
+    }
+
+    #[test]
+    fn a_port_is_named_only_when_free_or_already_ours() {
+        let server = json!({"metadata": {"name": "web"},
+                            "spec": {"flavor": "m1", "networks": [{"network": "blue"}, {"port": "mine"}]}});
+        assert_eq!(
+            ports_of(&server),
+            [("spec.networks[1].port".to_string(), "mine".to_string())]
+        );
+        let s = subject();
+        let f = "spec.networks[1].port";
+        let free = json!({"spec": {"network": "blue"}, "status": {"phase": "Down"}});
+        assert!(port_usable(&s, &server, f, "mine", &free).is_ok());
+        let ours = json!({"spec": {"network": "blue"}, "status": {"boundTo": "web"}});
+        assert!(port_usable(&s, &server, f, "mine", &ours).is_ok());
+        let theirs = json!({"spec": {"network": "blue"}, "status": {"boundTo": "db"}});
+        let e = port_usable(&s, &server, f, "mine", &theirs).expect_err("bound elsewhere");
+        assert_eq!((e.code, e.details.causes[0].field.as_str()), (409, f));
+        assert!(e.message.contains("\"db\""), "{}", e.message);
+        let going = json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"},
+                           "spec": {"network": "blue"}});
+        let e = port_usable(&s, &server, f, "mine", &going).expect_err("going");
+        assert_eq!((e.code, e.details.causes[0].field.as_str()), (409, f));
     }
 
     #[test]

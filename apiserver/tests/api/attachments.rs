@@ -1,6 +1,7 @@
 //! Volumes attached to Servers at admission: the claim in the Server's own transaction, the
 //! refusals (a volume of another project, one held by another server, one not bootable), the
-//! race for one volume, and what a compute node may read of an attached volume.
+//! race for one volume, and what a compute node may read of an attached volume. Ports named
+//! by a Server: one bound to another server refused.
 
 use serde_json::{Value, json};
 
@@ -105,6 +106,71 @@ async fn a_server_claims_its_volumes_in_its_own_write() {
         refused(c.delete("Volume", Some("demo"), "data", "").await).code,
         409
     );
+}
+
+#[tokio::test]
+async fn a_port_bound_to_another_server_is_refused_naming_the_field() {
+    let c = Cloud::with_demo().await;
+    c.create(&Obj(
+        json!({"apiVersion": "network.stratus.dev/v1", "kind": "Network",
+        "metadata": {"name": "blue", "namespace": "demo"}, "spec": {}}),
+    ))
+    .await
+    .expect("network");
+    c.create(&Obj(
+        json!({"apiVersion": "network.stratus.dev/v1", "kind": "Port",
+        "metadata": {"name": "mine", "namespace": "demo"}, "spec": {"network": "blue"}}),
+    ))
+    .await
+    .expect("port");
+    c.create(&Obj::server("demo", "web")).await.expect("web");
+    c.create(&Obj::server("demo", "db")).await.expect("db");
+    let add = json!({"spec": {"networks": [{"network": "blue"}, {"port": "mine"}]}});
+    let server = |name: &str| c.target("Server", Some("demo"), Some(name));
+    // Free: web names it (`openstack server add port web mine`); bound to web (as the ports
+    // controller binds it), web keeps it through its other writes.
+    c.patch(&server("web"), MERGE, &add, "")
+        .await
+        .expect("a free port is added");
+    c.patch(
+        &c.status("Port", Some("demo"), "mine"),
+        MERGE,
+        &json!({"status": {"boundTo": "web"}}),
+        "",
+    )
+    .await
+    .expect("bound");
+    c.patch(
+        &server("web"),
+        MERGE,
+        &json!({"spec": {"hostname": "web"}}),
+        "",
+    )
+    .await
+    .expect("web keeps its port");
+    // db asking for it is refused, naming the field and the holder; nothing is written.
+    let before = c.revision().await;
+    let e = refused(c.patch(&server("db"), MERGE, &add, "").await);
+    assert_eq!((e.code, field(&e)), (409, "spec.networks[1].port"), "{e:?}");
+    assert!(e.message.contains("\"web\""), "{}", e.message);
+    assert_eq!(c.revision().await, before);
+    let e = refused(
+        c.create(&Obj::server("demo", "cache").spec("networks", json!([{"port": "mine"}])))
+            .await,
+    );
+    assert_eq!((e.code, field(&e)), (409, "spec.networks[0].port"), "{e:?}");
+    // Released (taken out of web, unbound by the ports controller): db may have it.
+    c.patch(
+        &c.status("Port", Some("demo"), "mine"),
+        MERGE,
+        &json!({"status": {"boundTo": null}}),
+        "",
+    )
+    .await
+    .expect("released");
+    c.patch(&server("db"), MERGE, &add, "")
+        .await
+        .expect("a released port is added");
 }
 
 #[tokio::test]
