@@ -23,6 +23,7 @@ mod e2e {
     mod object_agent;
     mod object_proxy;
     mod object_ring;
+    mod port_hotplug;
     mod quota;
     mod replicas;
     mod routers;
