@@ -9,8 +9,16 @@
 #   STRATUS-GUEST-READY hostname=<hostname> instance-id=<id>
 # (or "STRATUS-GUEST-READY hostname=none" when no drive shows up), then runs DHCP
 # on the first NIC in the background and prints "STRATUS-GUEST-DHCP <iface> <ip>"
-# once it has a lease. An ACPI power-button press (virsh shutdown, QEMU's
-# system_powerdown) prints "STRATUS-GUEST-POWEROFF" and powers the guest off.
+# once it has a lease. The lease's classless static routes (option 121, which
+# Stratus's DHCP servers send with the route to 169.254.169.254) are installed, and
+# the guest then reads its metadata as cloud-init's OpenStack datasource does (GET
+# http://169.254.169.254/openstack/latest/meta_data.json, retried while nothing
+# answers) and prints what it was told:
+#   STRATUS-GUEST-METADATA uuid=<uuid> name=<name> hostname=<hostname>
+#   STRATUS-GUEST-METADATA-KEY <keypair name> <public key>   (one line a key)
+# or "STRATUS-GUEST-METADATA none" when the service never answered. An ACPI
+# power-button press (virsh shutdown, QEMU's system_powerdown) prints
+# "STRATUS-GUEST-POWEROFF" and powers the guest off.
 # Tests wait for these lines instead of for a full distribution to boot, which
 # keeps a VM test to seconds even under TCG.
 #
@@ -283,10 +291,10 @@ fi
 if [ -n "$iface" ]; then
   ip link set "$iface" up
   if [ "$hn" = none ]; then
-    udhcpc -f -R -i "$iface" -s /etc/udhcpc.script -p /run/udhcpc.pid >/dev/null 2>&1 &
+    udhcpc -f -R -i "$iface" -O staticroutes -s /etc/udhcpc.script -p /run/udhcpc.pid >/dev/null 2>&1 &
   else
     # Send the hostname so the DHCP server can register it in DNS.
-    udhcpc -f -R -i "$iface" -s /etc/udhcpc.script -p /run/udhcpc.pid -x "hostname:$hn" >/dev/null 2>&1 &
+    udhcpc -f -R -i "$iface" -O staticroutes -s /etc/udhcpc.script -p /run/udhcpc.pid -x "hostname:$hn" >/dev/null 2>&1 &
   fi
 fi
 
@@ -300,24 +308,104 @@ INIT
 cat >"$stage/etc/udhcpc.script" <<'DHCP'
 #!/bin/sh
 # udhcpc event hook: configure the interface and announce the lease once.
-case $1 in
+event=$1
+case $event in
   deconfig)
     ip -4 addr flush dev "$interface"
     ;;
   bound|renew)
     ip -4 addr flush dev "$interface"
     ifconfig "$interface" "$ip" netmask "${subnet:-255.255.255.0}" ${broadcast:+broadcast "$broadcast"}
-    for r in $router; do
-      ip route replace default via "$r" dev "$interface"
-      break
-    done
+    if [ -n "$staticroutes" ]; then
+      # RFC 3442: a client given classless static routes ignores the router option;
+      # the routes carry the default route themselves. A gateway of 0.0.0.0 is on-link.
+      set -- $staticroutes
+      while [ $# -ge 2 ]; do
+        if [ "$2" = 0.0.0.0 ]; then
+          ip route replace "$1" dev "$interface"
+        else
+          ip route replace "$1" via "$2" dev "$interface"
+        fi
+        shift 2
+      done
+    else
+      for r in $router; do
+        ip route replace default via "$r" dev "$interface"
+        break
+      done
+    fi
     : >/etc/resolv.conf
     for d in $dns; do echo "nameserver $d" >>/etc/resolv.conf; done
-    [ "$1" = renew ] || printf 'STRATUS-GUEST-DHCP %s %s\n' "$interface" "$ip" >/dev/console
+    if [ "$event" = bound ]; then
+      printf 'STRATUS-GUEST-DHCP %s %s\n' "$interface" "$ip" >/dev/console
+      # Once per boot, however often the lease is taken anew.
+      if mkdir /run/metadata 2>/dev/null; then
+        /etc/metadata.sh </dev/null >/dev/console 2>&1 &
+      fi
+    fi
     ;;
 esac
 exit 0
 DHCP
+
+cat >"$stage/etc/metadata.sh" <<'META'
+#!/bin/sh
+# Reads the metadata service once and prints what it says of this guest. busybox's
+# wget with a numeric address needs neither DNS nor NSS, which a static build lacks;
+# its -T crashes in Debian's static build (a write through a null pointer once
+# connected), so the applet timeout bounds each try instead.
+url=http://169.254.169.254/openstack/latest/meta_data.json
+out=/run/metadata/meta_data.json
+tries=90
+while ! timeout 10 wget -q -O "$out" "$url" 2>/dev/null; do
+  tries=$((tries - 1))
+  if [ "$tries" -le 0 ]; then
+    echo 'STRATUS-GUEST-METADATA none'
+    exit 0
+  fi
+  sleep 2
+done
+# A small JSON walk (busybox has no JSON tool): the top-level string members and the
+# members of public_keys. Whatever the service sent, each printed value is one line of
+# harmless characters.
+tr -d '\r' <"$out" | tr '\n' ' ' | awk '
+function clean(v) { gsub(/[^A-Za-z0-9+\/=@._: -]/, "_", v); return substr(v, 1, 1024) }
+{
+  s = $0; n = length(s); depth = 0; key = ""; top = ""
+  for (i = 1; i <= n; i++) {
+    c = substr(s, i, 1)
+    if (c == "\"") {
+      v = ""
+      for (i++; i <= n; i++) {
+        c = substr(s, i, 1)
+        if (c == "\\") { i++; v = v substr(s, i, 1); continue }
+        if (c == "\"") break
+        v = v c
+      }
+      j = i + 1
+      while (j <= n && substr(s, j, 1) == " ") j++
+      if (substr(s, j, 1) == ":") {
+        key = v
+        if (depth == 1) top = v
+        i = j
+      } else if (depth == 1) {
+        md[key] = clean(v)
+      } else if (depth == 2 && top == "public_keys") {
+        nkeys++
+        keys[nkeys] = clean(key) " " clean(v)
+      }
+    } else if (c == "{" || c == "[") {
+      depth++
+    } else if (c == "}" || c == "]") {
+      depth--
+    }
+  }
+}
+END {
+  printf "STRATUS-GUEST-METADATA uuid=%s name=%s hostname=%s\n", md["uuid"], md["name"], md["hostname"]
+  for (k = 1; k <= nkeys; k++) printf "STRATUS-GUEST-METADATA-KEY %s\n", keys[k]
+}'
+META
 
 cat >"$stage/etc/acpi/PWRF/00000080" <<'PWR'
 #!/bin/sh
@@ -329,16 +417,19 @@ umount /mnt/cidata 2>/dev/null
 sync
 poweroff -f
 PWR
-chmod 0755 "$stage/init" "$stage/etc/udhcpc.script" "$stage/etc/acpi/PWRF/00000080"
+chmod 0755 "$stage/init" "$stage/etc/udhcpc.script" "$stage/etc/metadata.sh" "$stage/etc/acpi/PWRF/00000080"
 
 # newc + gzip is what every kernel can unpack (CONFIG_RD_GZIP=y). Sorted so the
-# archive layout does not depend on readdir order.
+# archive layout does not depend on readdir order; with one fixed time on every file
+# and no inode or device numbers (--reproducible), the same packages give the same
+# bytes.
+find "$stage" -exec touch -h -d @0 {} +
 mkdir -p -- "$outdir"
 tmp_initrd=$(mktemp "$outdir/.initrd.img.XXXXXX")
 tmp_kernel=$(mktemp "$outdir/.vmlinuz.XXXXXX")
 trap 'rm -rf "$work"; rm -f "$tmp_initrd" "$tmp_kernel"' EXIT
 (cd "$stage" && find . -mindepth 1 -print0 | LC_ALL=C sort -z \
-  | cpio --null --create --format=newc --owner=0:0 --quiet) \
+  | cpio --null --create --format=newc --owner=0:0 --reproducible --quiet) \
   | gzip -9 -n >"$tmp_initrd"
 cp "$work/kernel/boot/vmlinuz-$kver" "$tmp_kernel"
 chmod 0644 "$tmp_initrd" "$tmp_kernel"

@@ -7,8 +7,12 @@
 //! data and public key, the other guest's connections are closed unanswered, and an address
 //! the port does not hold is dropped by anti-spoofing before it reaches the service.
 //!
-//! The guests are namespaces, not QEMU guests: what is tested is the wire a guest uses (DHCP,
-//! the route, HTTP from the port's address), with curl as the guest's client.
+//! There the guests are namespaces, with curl as the guest's client: what is tested is the
+//! wire a guest uses (DHCP, the route, HTTP from the port's address). Then real TCG guests on
+//! a simulated node running `stratus agent --roles compute,network`: two Servers on one
+//! tenant Network, each with a Keypair of its own, take their leases with option 121, read
+//! `meta_data.json` through the route it gave, and print on their consoles what they were
+//! told: each its own uuid, name and public key, never the other's.
 
 use std::path::Path;
 use std::process::Command;
@@ -16,7 +20,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
-use stratus_e2e::{Apiserver, Etcd, Proc, ip, netns_exec, stratus_bin, wait_until};
+use stratus_e2e::node::{Guest, Node};
+use stratus_e2e::{
+    Apiserver, Cloud, Etcd, Proc, ip, netns_exec, repo_root, stratus_bin, wait_until,
+};
 
 const NS: &str = "mdemo";
 
@@ -37,14 +44,19 @@ fn get(ns: &str, path: &str, source: Option<&str>) -> (u16, String) {
     (code.trim().parse().unwrap_or_default(), body.to_owned())
 }
 
-/// Namespaces, and the agent's DHCP servers and their namespaces, removed when dropped.
+/// Namespaces, and the agent's DHCP servers and their namespaces, removed when dropped; a
+/// simulated node's agent is stopped first, so that it makes none of them again.
 struct Host {
     namespaces: Vec<String>,
     dhcp_dir: std::path::PathBuf,
+    node: Option<Node>,
 }
 
 impl Drop for Host {
     fn drop(&mut self) {
+        if let Some(node) = &mut self.node {
+            node.kill_agent();
+        }
         for e in std::fs::read_dir(&self.dhcp_dir)
             .into_iter()
             .flatten()
@@ -143,6 +155,7 @@ fn a_guest_reads_its_own_metadata_and_no_one_elses() -> Result<()> {
     let _host = Host {
         namespaces: vec![node.clone(), g1.clone(), g2.clone()],
         dhcp_dir: state.path().join("network/dhcp"),
+        node: None,
     };
     for n in [&node, &g1, &g2] {
         ip(&["netns", "add", n])?;
@@ -222,7 +235,7 @@ spec: {{network: net, fixedIPs: [{{ipAddress: 10.64.0.12}}]}}
     )?;
     // What the scheduler and the compute agent would write: web placed on the node, its
     // port bound to it there with the device the hypervisor made.
-    let flavors = stratus_e2e::repo_root().join("examples/flavors.yaml");
+    let flavors = repo_root().join("examples/flavors.yaml");
     api.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
     api.kubectl_ok(&[
         "patch",
@@ -359,5 +372,177 @@ spec: {{network: net, fixedIPs: [{{ipAddress: 10.64.0.12}}]}}
     wait_until(T, "no answer once web's port is unbound", || {
         Some(get(&g1, "/openstack/latest/meta_data.json", None)).filter(|(c, _)| *c == 0)
     })?;
+    Ok(())
+}
+
+/// The Server `name` in the project, as JSON.
+fn server(cloud: &Cloud, name: &str) -> Option<Value> {
+    let out = cloud
+        .kubectl_ok(&["-n", NS, "get", "server", name, "-o", "json"])
+        .ok()?;
+    serde_json::from_str(&out).ok()
+}
+
+#[test]
+fn real_guests_print_the_metadata_they_read_each_their_own() -> Result<()> {
+    let guest = Guest::serve()?;
+    let name = format!("mdg-{}", std::process::id());
+    let node = Node::start(&name)?;
+    let cloud = Cloud::up_with(&["--nodes", &name])?;
+    cloud.projects(&[NS])?;
+    let flavors = repo_root().join("examples/flavors.yaml");
+    cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
+    cloud.kubectl_in(&["apply", "-f", "-"], &guest.images_yaml(NS)?)?;
+    let keys = [
+        (
+            "webkey",
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE7lgKJV2y1kDKnzKNiF3cXeqj0OcEXiLdmJaAga9+6Y web@e2e",
+        ),
+        (
+            "dbkey",
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINxEXTSzYv/iwq47g2A1XVi8B+zkXayw8vC1JeOqWl1Q db@e2e",
+        ),
+    ];
+    cloud.kubectl_in(
+        &["-n", NS, "apply", "-f", "-"],
+        &format!(
+            r#"
+apiVersion: network.stratus.dev/v1
+kind: Network
+metadata: {{name: blue}}
+spec: {{}}
+---
+apiVersion: network.stratus.dev/v1
+kind: Subnet
+metadata: {{name: blue-v4}}
+spec: {{network: blue, cidr: 10.76.0.0/24}}
+---
+apiVersion: network.stratus.dev/v1
+kind: SecurityGroup
+metadata: {{name: default}}
+spec:
+  rules:
+  - {{direction: egress}}
+---
+apiVersion: compute.stratus.dev/v1
+kind: Keypair
+metadata: {{name: {k0}}}
+spec: {{publicKey: "{v0}"}}
+---
+apiVersion: compute.stratus.dev/v1
+kind: Keypair
+metadata: {{name: {k1}}}
+spec: {{publicKey: "{v1}"}}
+"#,
+            k0 = keys[0].0,
+            v0 = keys[0].1,
+            k1 = keys[1].0,
+            v1 = keys[1].1,
+        ),
+    )?;
+
+    // The node's namespace (libvirtd's, where QEMU's taps appear), named for the network
+    // agent, with a tunnel address.
+    let pid = std::fs::read_to_string(node.dir.path().join("libvirtd.pid"))?;
+    let state = node.dir.path().join("state");
+    let mut host = Host {
+        namespaces: vec![name.clone()],
+        dhcp_dir: state.join("network/dhcp"),
+        node: Some(node),
+    };
+    ip(&["netns", "attach", &name, pid.trim()])?;
+    ip(&[
+        "-n",
+        &name,
+        "link",
+        "add",
+        "underlay",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "underlay-peer",
+    ])?;
+    ip(&["-n", &name, "link", "set", "underlay-peer", "up"])?;
+    ip(&[
+        "-n",
+        &name,
+        "addr",
+        "add",
+        "192.0.2.1/24",
+        "dev",
+        "underlay",
+    ])?;
+    ip(&["-n", &name, "link", "set", "underlay", "up"])?;
+    let node = host.node.as_mut().context("the node")?;
+    let kubeconfig = cloud.dir.path().join(format!("node-{name}.kubeconfig"));
+    node.agent = Some(Proc::spawn(
+        &format!("agent of {name}"),
+        Command::new(stratus_bin())
+            .args(["agent", "--node", &name, "--roles", "compute,network"])
+            .args(["--libvirt-uri", &node.uri(), "--heartbeat-seconds", "2"])
+            .arg("--image-url-allow-loopback")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--network-namespace", &name, "--underlay-ip", "192.0.2.1"])
+            .args(["--network-resync-seconds", "1"]),
+        &node.dir.path().join("agent.log"),
+    )?);
+    let node = &*node;
+
+    let servers = ["web", "db"];
+    for (server, (key, _)) in servers.iter().zip(keys) {
+        cloud.kubectl_in(
+            &["-n", NS, "apply", "-f", "-"],
+            &format!(
+                "apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: {server}\nspec:\n  flavor: m1.nano\n  image: tiny\n  keypair: {key}\n  networks:\n  - network: blue\n"
+            ),
+        )?;
+    }
+    let mut uids = Vec::new();
+    for s in servers {
+        let running = wait_until(T, &format!("{s} running"), || {
+            server(&cloud, s).filter(|v| v["status"]["phase"] == "Running")
+        })
+        .with_context(|| node.agent_log())?;
+        uids.push(
+            running["metadata"]["uid"]
+                .as_str()
+                .context("a uid")?
+                .to_owned(),
+        );
+    }
+
+    // Each guest's DHCP client asked for option 121 and installed the route to the metadata
+    // address it carries; the guest then read meta_data.json and printed what it says. A TCG
+    // guest on a loaded machine is slow to boot: the wait is long, and ends on the lines.
+    for (i, s) in servers.iter().enumerate() {
+        let (uid, (key_name, key)) = (&uids[i], keys[i]);
+        let (other_uid, (_, other_key)) = (&uids[1 - i], keys[1 - i]);
+        let told = format!("STRATUS-GUEST-METADATA uuid={uid} name={s} hostname={s}\n");
+        let key_line = format!("STRATUS-GUEST-METADATA-KEY {key_name} {key}\n");
+        let console = wait_until(Duration::from_secs(240), &format!("{s}'s metadata"), || {
+            // Done once the guest has given up or printed a whole key line, whose ever.
+            let c = node.console(uid);
+            let done = c.contains("STRATUS-GUEST-METADATA none")
+                || c.split_inclusive('\n')
+                    .any(|l| l.contains("STRATUS-GUEST-METADATA-KEY ") && l.ends_with('\n'));
+            done.then_some(c)
+        })
+        .with_context(|| {
+            format!(
+                "console:\n{}\nagent:\n{}",
+                node.console(uid),
+                node.agent_log()
+            )
+        })?;
+        assert!(console.contains(&told), "{console}");
+        assert!(console.contains(&key_line), "{console}");
+        assert!(!console.contains(other_uid.as_str()), "{console}");
+        assert!(!console.contains(other_key), "{console}");
+    }
+    drop(host);
     Ok(())
 }
