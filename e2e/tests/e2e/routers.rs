@@ -438,8 +438,10 @@ spec:
         ping(&guest, EXTERNAL).then_some(())
     })?;
 
-    // Another floating IP, then the router's node dies: its agent is killed and its router
-    // namespace is gone. The controller moves the router; the other node programs it.
+    // Another floating IP, then the router's node dies: its agent is killed and it drops off
+    // both networks (its underlay and physnet links down), its router namespace left as it
+    // was, as on a node cut off rather than powered off. The controller moves the router;
+    // the other node programs it.
     api.kubectl_in(&["apply", "-f", "-"], &fip_yaml("f2"))?;
     let fip = wait_until(T, "a floating address", || {
         jsonpath(&api, NS, "floatingip", "f2", "{.status.floatingIPAddress}")
@@ -450,13 +452,16 @@ spec:
         ping(&ext, &fip).then_some(())
     })
     .with_context(|| logs(&states))?;
-    if node == n1 {
+    let (dead_underlay, dead_state) = if node == n1 {
         a1.kill();
+        ("192.0.2.1", s1.path())
     } else {
         a2.kill();
+        ("192.0.2.2", s2.path())
+    };
+    for link in ["underlay", "physnet"] {
+        ip(&["-n", &node, "link", "set", link, "down"])?;
     }
-    ip(&["netns", "del", &first[0]])?;
-    // The kernel takes a moment to tear down a deleted namespace's devices.
     wait_until(T, "no router, no floating IP", || {
         (!ping(&ext, &fip)).then_some(())
     })?;
@@ -486,10 +491,48 @@ spec:
     })?;
     let now = router_namespaces(&gateway_mac);
     host.namespaces.extend(now.iter().cloned());
-    assert!(
-        now.len() == 1 && now != first,
-        "one router namespace, the new node's: {now:?}"
+    assert_eq!(
+        now.len(),
+        2,
+        "the new node's router and the stale one: {now:?}"
     );
+    assert!(now.contains(&first[0]), "{now:?}");
+
+    // The dead node comes back (its links up, its agent started again) with the stale router
+    // namespace, which holds the gateway's MAC and the floating address: its agent sees the
+    // router placed on the other node and removes it, and the floating IP and SNAT go on
+    // through the other node.
+    for link in ["underlay", "physnet"] {
+        ip(&["-n", &node, "link", "set", link, "up"])?;
+    }
+    let back = agent(&node, dead_underlay, dead_state, ids.path())?;
+    if node == n1 {
+        a1 = back;
+    } else {
+        a2 = back;
+    }
+    wait_until(T, "the stale router namespace removed", || {
+        let left = router_namespaces(&gateway_mac);
+        (left.len() == 1 && !left.contains(&first[0])).then_some(())
+    })
+    .with_context(|| logs(&states))?;
+    wait_until(
+        T,
+        "the floating IP reaches the guest through the new node",
+        || ping(&ext, &fip).then_some(()),
+    )
+    .with_context(|| logs(&states))?;
+    wait_until(
+        T,
+        "the guest reaches the outside through the new node",
+        || ping(&guest, EXTERNAL).then_some(()),
+    )?;
+    assert_eq!(
+        jsonpath(&api, NS, "router", "r1", "{.status.node}")?,
+        other,
+        "the router stays where it moved"
+    );
+    drop((a1, a2));
     drop(controllers);
     Ok(())
 }
