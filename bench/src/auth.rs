@@ -238,9 +238,14 @@ fn own_client(
     )
 }
 
+/// Rounds of each kind of burst: the GETs alone and in the burst are measured by turns.
+const ROUNDS: usize = 5;
+
 /// The latency of an authorised user's `GET` alone and while `clients` tasks post wrong
 /// passwords in a loop (pausing `pause_ms` after each answer; 0: none), for each kind of
-/// burst, each on a fresh API server (fresh lockouts and per-address counts) on one etcd.
+/// burst, each on a fresh API server (fresh lockouts and per-address counts) on one etcd:
+/// [`ROUNDS`] measurements alone and as many in the burst, by turns, `requests` GETs in all
+/// for each.
 pub async fn login_burst(requests: usize, clients: usize, pause_ms: u64) -> Result<()> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -286,7 +291,7 @@ pub async fn login_burst(requests: usize, clients: usize, pause_ms: u64) -> Resu
         .to_string();
     let policy = stratus_apiserver::policy::identity::LoginPolicy::default();
     println!(
-        "Login policy: lockout after {} failures, {} failures per address per {} s, {} hashing thread(s), a queue of {}; {clients} wrong-password clients (each pausing {pause_ms} ms after each answer), {requests} GETs of one Network by a member (one client, one at a time) per measurement.",
+        "Login policy: lockout after {} failures, {} failures per address per {} s, {} hashing thread(s), a queue of {}; {clients} wrong-password clients (each pausing {pause_ms} ms after each answer), {requests} GETs of one Network by a member (one client, one at a time) alone and as many in the burst, by turns in {ROUNDS} rounds.",
         policy.lockout_failure_attempts,
         policy.source_failure_attempts,
         policy.source_window.as_secs(),
@@ -338,71 +343,87 @@ pub async fn login_burst(requests: usize, clients: usize, pause_ms: u64) -> Resu
             })
         };
         measure(200).await?;
-        let (lat, wall) = measure(requests).await?;
-        let alone = stats(lat, wall);
-
-        let stop = Arc::new(AtomicBool::new(false));
+        // Alone and in the burst by turns, ROUNDS times each, so that what else the machine
+        // runs meanwhile weighs on both alike.
+        let per_round = requests.div_ceil(ROUNDS);
+        let (mut lat_alone, mut wall_alone) = (Vec::new(), std::time::Duration::ZERO);
+        let (mut lat_burst, mut wall_burst) = (Vec::new(), std::time::Duration::ZERO);
         let counts = Arc::new([
             AtomicUsize::new(0),
             AtomicUsize::new(0),
             AtomicUsize::new(0),
         ]);
         let attempts = Arc::new(AtomicUsize::new(0));
-        let mut tasks = Vec::new();
-        for c in 0..clients {
-            let (stop, counts, attempts) = (stop.clone(), counts.clone(), attempts.clone());
-            let client = own_client(&s.ca)?;
-            let burst = *burst;
-            tasks.push(tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    let n = attempts.fetch_add(1, Ordering::Relaxed);
-                    let name = match burst.names {
-                        Names::OneUser => "victim".to_string(),
-                        Names::PerClient => format!("burst-{k}-{c}"),
-                        Names::New => format!("burst-{k}-{n}"),
-                        Names::Readyz => String::new(),
-                    };
-                    let request = if burst.names == Names::Readyz {
-                        http::Request::builder()
-                            .uri(format!("https://{addr}/readyz"))
-                            .body(http_body_util::Full::new(bytes::Bytes::new()))?
-                    } else {
-                        let body =
-                            json!({"user": name, "password": "not-the-password"}).to_string();
-                        http::Request::builder()
-                            .method("POST")
-                            .uri(format!("https://{addr}{TOKENS}"))
-                            .header("Content-Type", "application/json")
-                            .body(http_body_util::Full::new(bytes::Bytes::from(body)))?
-                    };
-                    let answer = client.request(request).await?;
-                    let slot = match answer.status().as_u16() {
-                        401 => 0,
-                        429 => 1,
-                        200 if burst.names == Names::Readyz => 0,
-                        _ => 2,
-                    };
-                    counts[slot].fetch_add(1, Ordering::Relaxed);
-                    http_body_util::BodyExt::collect(answer.into_body()).await?;
-                    if pause_ms > 0 {
-                        tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
+        let (mut during, mut burst_time) = (0, std::time::Duration::ZERO);
+        for _ in 0..ROUNDS {
+            let (lat, wall) = measure(per_round).await?;
+            lat_alone.extend(lat);
+            wall_alone += wall;
+
+            let stop = Arc::new(AtomicBool::new(false));
+            let mut tasks = Vec::new();
+            for c in 0..clients {
+                let (stop, counts, attempts) = (stop.clone(), counts.clone(), attempts.clone());
+                let client = own_client(&s.ca)?;
+                let burst = *burst;
+                tasks.push(tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let n = attempts.fetch_add(1, Ordering::Relaxed);
+                        let name = match burst.names {
+                            Names::OneUser => "victim".to_string(),
+                            Names::PerClient => format!("burst-{k}-{c}"),
+                            Names::New => format!("burst-{k}-{n}"),
+                            Names::Readyz => String::new(),
+                        };
+                        let request = if burst.names == Names::Readyz {
+                            http::Request::builder()
+                                .uri(format!("https://{addr}/readyz"))
+                                .body(http_body_util::Full::new(bytes::Bytes::new()))?
+                        } else {
+                            let body =
+                                json!({"user": name, "password": "not-the-password"}).to_string();
+                            http::Request::builder()
+                                .method("POST")
+                                .uri(format!("https://{addr}{TOKENS}"))
+                                .header("Content-Type", "application/json")
+                                .body(http_body_util::Full::new(bytes::Bytes::from(body)))?
+                        };
+                        let answer = client.request(request).await?;
+                        let slot = match answer.status().as_u16() {
+                            401 => 0,
+                            429 => 1,
+                            200 if burst.names == Names::Readyz => 0,
+                            _ => 2,
+                        };
+                        counts[slot].fetch_add(1, Ordering::Relaxed);
+                        http_body_util::BodyExt::collect(answer.into_body()).await?;
+                        if pause_ms > 0 {
+                            tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
+                        }
                     }
-                }
-                Ok::<_, anyhow::Error>(())
-            }));
+                    Ok::<_, anyhow::Error>(())
+                }));
+            }
+            // The burst under way (the first failures, lockouts and per-address counts
+            // included).
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let started = std::time::Instant::now();
+            let before = attempts.load(Ordering::Relaxed);
+            let (lat, wall) = measure(per_round).await?;
+            during += attempts.load(Ordering::Relaxed) - before;
+            burst_time += started.elapsed();
+            lat_burst.extend(lat);
+            wall_burst += wall;
+            // Every client's last login answered: nothing of the burst is left queued when
+            // the next round measures alone.
+            stop.store(true, Ordering::Relaxed);
+            for t in tasks {
+                t.await??;
+            }
         }
-        // The burst under way (the first failures, lockouts and per-address counts included).
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        let started = std::time::Instant::now();
-        let before = attempts.load(Ordering::Relaxed);
-        let (lat, wall) = measure(requests).await?;
-        let during = attempts.load(Ordering::Relaxed) - before;
-        let rate = during as f64 / started.elapsed().as_secs_f64();
-        stop.store(true, Ordering::Relaxed);
-        for t in tasks {
-            t.await??;
-        }
-        let inburst = stats(lat, wall);
+        let rate = during as f64 / burst_time.as_secs_f64();
+        let alone = stats(lat_alone, wall_alone);
+        let inburst = stats(lat_burst, wall_burst);
         let ratio = inburst.p99.as_secs_f64() / alone.p99.as_secs_f64().max(1e-9);
         let [unauthorized, throttled, other] = counts.as_ref();
         anyhow::ensure!(
