@@ -70,6 +70,12 @@ pub struct ObjectArgs {
     /// reach the servers' ports (an nftables table drops the rest). Repeatable.
     #[arg(long = "object-proxy", value_name = "IP")]
     pub object_proxies: Vec<Ipv4Addr>,
+    /// Object role: the cluster's Swift hash path prefix and suffix (Swift's `[swift-hash]`
+    /// lines), a file only its owner reads (0600), the same on every node and proxy of the
+    /// cluster; made with random values at the first start when it is not there (default
+    /// STATE_DIR/object/swift-hash). The node's Swift processes read it as their swift.conf.
+    #[arg(long, value_name = "FILE")]
+    pub swift_hash_file: Option<PathBuf>,
 }
 
 /// Options of the storage role.
@@ -479,6 +485,10 @@ fn object(
         state_dir: state_dir.join("object"),
         replication_interval: o.object_replication_interval,
         user: o.swift_user.clone(),
+        hash_file: match &o.swift_hash_file {
+            Some(f) => std::path::absolute(f).context("resolve --swift-hash-file")?,
+            None => state_dir.join("object").join("swift-hash"),
+        },
     };
     node.check().context("the object role's configuration")?;
     let config = stratus_object_agent::agent::Config {

@@ -76,6 +76,9 @@ pub enum ObjectError {
     /// The servers' allow-list cannot be written: they are not started unguarded.
     #[error("the Swift servers' allow-list")]
     Filter(#[from] crate::filter::FilterError),
+    /// The cluster's hash file, or the node's `swift.conf`.
+    #[error("the Swift hash path prefix and suffix")]
+    Hash(#[from] crate::hash::HashError),
 }
 
 /// A process's restart bookkeeping.
@@ -102,10 +105,12 @@ struct Agent {
     ring_problems: Vec<String>,
 }
 
-/// Writes the servers' configuration files and makes the agent's directories.
+/// Writes the servers' configuration files (`swift.conf` from the cluster's hash file, made
+/// first if there is none) and makes the agent's directories.
 ///
 /// # Errors
-/// A value the configuration cannot hold, or a directory that cannot be written.
+/// A value the configuration cannot hold, a directory that cannot be written, or a hash file
+/// that cannot be used.
 pub fn prepare(config: &NodeConfig) -> Result<(), ObjectError> {
     config.check()?;
     for dir in [
@@ -126,6 +131,10 @@ pub fn prepare(config: &NodeConfig) -> Result<(), ObjectError> {
     let path = config.rsyncd_path();
     std::fs::write(&path, config.rsyncd_conf()?)
         .map_err(|e| DriverError::io(format!("write {}", path.display()), e))?;
+    let (hash, created) = crate::hash::SwiftHash::load_or_create(&config.hash_file)?;
+    hash.write_swift_conf(&config.swift_conf_path())?;
+    // Where, never what.
+    tracing::info!(file = %config.hash_file.display(), created, "swift hash path prefix and suffix ready");
     Ok(())
 }
 
@@ -142,6 +151,7 @@ pub fn process_spec(config: &Config, name: &str) -> ProcessSpec {
                 config.node.rsyncd_path().into_os_string(),
             ],
             log: config.node.log_dir().join("rsync.log"),
+            swift_conf: None,
         };
     }
     let kind = KINDS
@@ -158,6 +168,7 @@ pub fn process_spec(config: &Config, name: &str) -> ProcessSpec {
             "--verbose".into(),
         ],
         log: config.node.log_dir().join(format!("{name}.log")),
+        swift_conf: Some(config.node.swift_conf_path()),
     }
 }
 

@@ -106,6 +106,9 @@ pub struct NodeConfig {
     /// The user the servers run as (Swift's `user`): the devices and the state directory
     /// must be writable by it.
     pub user: String,
+    /// The cluster's hash path prefix and suffix ([`crate::hash`]): the same file on every
+    /// node of the cluster, made here at the first start when there is none.
+    pub hash_file: PathBuf,
 }
 
 /// The rsync daemon's process name (and program).
@@ -169,6 +172,7 @@ impl NodeConfig {
     pub fn check(&self) -> Result<(), ConfigError> {
         path_str(&self.devices_dir)?;
         path_str(&self.state_dir)?;
+        path_str(&self.hash_file)?;
         if self.devices.is_empty() {
             return Err(ConfigError::NoDevice);
         }
@@ -188,6 +192,11 @@ impl NodeConfig {
     /// Where the ring files go (Swift's `swift_dir`).
     pub fn swift_dir(&self) -> PathBuf {
         self.state_dir.join("swift")
+    }
+
+    /// The node's `swift.conf` (its servers see it at Swift's fixed path).
+    pub fn swift_conf_path(&self) -> PathBuf {
+        self.swift_dir().join("swift.conf")
     }
 
     /// Where the replicators' progress is kept (Swift's `recon_cache_path`).
@@ -301,6 +310,7 @@ pub(crate) mod tests {
             state_dir: "/var/lib/stratus/object".into(),
             replication_interval: 30,
             user: "root".into(),
+            hash_file: "/etc/stratus/swift-hash".into(),
         }
     }
 

@@ -3,8 +3,9 @@
 //! directory devices, against `stratus up`: account, container and object rings applied from
 //! YAML are built by the ring controller and installed by every agent, which runs Debian's
 //! Swift servers and their replicators, updaters and auditors and reports them Ready on its
-//! ObjectNode. An object written to its three primaries (Swift's `direct_client`, through the
-//! installed ring) is on each node's device; one agent killed, its servers stop; its replica
+//! ObjectNode, all three with the cluster's hash file (made by the first, 0600) as their
+//! servers' swift.conf (0640) and never in their logs. An object written to its three
+//! primaries (Swift's `direct_client`, through the installed ring) is on each node's device; one agent killed, its servers stop; its replica
 //! removed meanwhile and the agent started again, its servers come back and the other nodes'
 //! replicators put the replica back (found by scanning the device). A device taken away is
 //! reported Failed and drained: the object ring's next version holds nothing on it.
@@ -69,6 +70,8 @@ struct Node {
     i: usize,
     dir: PathBuf,
     kubeconfig: PathBuf,
+    /// The cluster's hash file, one for the three nodes.
+    hash_file: PathBuf,
     agent: Option<Proc>,
 }
 
@@ -92,6 +95,8 @@ impl Node {
             .arg("--object-devices-dir")
             .arg(self.devices_dir())
             .arg("--object-unmounted-devices")
+            .arg("--swift-hash-file")
+            .arg(&self.hash_file)
             // On loopback every connection comes from 127.0.0.1 (the nodes' replicators and
             // this test's client alike), so the allow-list must admit it here; what it drops
             // is tested on the host in the agent's crate (filter.rs).
@@ -156,6 +161,11 @@ impl Drop for Node {
             .stderr(std::process::Stdio::null())
             .status();
     }
+}
+
+fn mode(path: &Path) -> Result<u32> {
+    use std::os::unix::fs::PermissionsExt as _;
+    Ok(std::fs::metadata(path)?.permissions().mode() & 0o777)
 }
 
 fn find_files(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) {
@@ -230,12 +240,13 @@ fn put_container(swift_dir: &Path) -> Result<u32> {
 }
 
 /// Runs `script` (which sets `part`) with Swift's `Ring` and `direct_client` imported and the
-/// ring directory as its argument; the partition it printed.
+/// ring directory as its argument, whose `swift.conf` (the cluster's hash) it reads as the
+/// servers do; the partition it printed.
 fn direct_put(swift_dir: &Path, script: &str) -> Result<u32> {
     let out = Command::new("/usr/bin/python3")
         .arg("-c")
         .arg(format!(
-            "import sys\nfrom swift.common.ring import Ring\nfrom swift.common import direct_client\n{script}print(part)"
+            "import sys\nfrom swift.common.utils import set_swift_dir\nset_swift_dir(sys.argv[1])\nfrom swift.common.ring import Ring\nfrom swift.common import direct_client\n{script}print(part)"
         ))
         .arg(swift_dir)
         .output()?;
@@ -265,6 +276,7 @@ fn three_nodes_serve_rings_restart_and_repair_replicas() -> Result<()> {
             i,
             kubeconfig: cloud.kubeconfig_with(&name(i), Some(&token))?,
             dir,
+            hash_file: tmp.path().join("cluster").join("swift-hash"),
             agent: None,
         });
     }
@@ -305,6 +317,39 @@ fn three_nodes_serve_rings_restart_and_repair_replicas() -> Result<()> {
         })?;
     }
 
+    // The three nodes share the cluster's hash: the first to start made the file (0600), and
+    // each wrote it as its servers' swift.conf (0640), never into its log.
+    let hash = std::fs::read_to_string(&nodes[0].hash_file)?;
+    ensure!(mode(&nodes[0].hash_file)? == 0o600, "the hash file's mode");
+    let values: Vec<&str> = hash
+        .lines()
+        .filter_map(|l| l.split_once(" = ").map(|(_, v)| v))
+        .collect();
+    ensure!(values.len() == 2 && values.iter().all(|v| v.len() >= 32));
+    let conf = std::fs::read_to_string(nodes[0].swift_dir().join("swift.conf"))?;
+    for n in &nodes {
+        let path = n.swift_dir().join("swift.conf");
+        ensure!(
+            std::fs::read_to_string(&path)? == conf,
+            "{} differs",
+            path.display()
+        );
+        ensure!(
+            mode(&path)? == 0o640,
+            "{} is readable by others",
+            path.display()
+        );
+        let log = n.log();
+        ensure!(
+            values.iter().all(|v| !log.contains(v)),
+            "a hash value in the log"
+        );
+    }
+    ensure!(
+        values.iter().all(|v| conf.contains(&format!(" = {v}\n"))),
+        "swift.conf holds other values than the hash file"
+    );
+
     // An object on its three primaries, one on each node.
     let part = put_object(&nodes[0].swift_dir())?;
     for n in &nodes {
@@ -318,11 +363,17 @@ fn three_nodes_serve_rings_restart_and_repair_replicas() -> Result<()> {
     // A container database taken away from node 1 is put back whole by the other nodes'
     // replicators, over node 1's rsync daemon.
     let container_part = put_container(&nodes[0].swift_dir())?;
+    // Each node's replicator may be a ring version behind node 1's for a moment (and move
+    // the database where that version says): every node holds it once they agree.
+    wait_until(WAIT, "the container database on every node", || {
+        nodes
+            .iter()
+            .all(|n| n.files("containers", container_part, "db").len() == 1)
+            .then_some(())
+    })
+    .with_context(|| nodes[2].log())?;
     let dbs = nodes[0].files("containers", container_part, "db");
     ensure!(dbs.len() == 1, "node 1 holds {dbs:?} of the container");
-    for n in &nodes[1..] {
-        ensure!(n.files("containers", container_part, "db").len() == 1);
-    }
     let hash_dir = dbs[0].parent().context("the database's directory")?;
     std::fs::remove_dir_all(hash_dir)?;
     wait_until(WAIT, "the container database back on node 1", || {

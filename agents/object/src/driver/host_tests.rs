@@ -1,7 +1,8 @@
 //! The real supervisor running Debian's Swift servers (scripts/setup.sh installs
 //! swift-account, swift-container and swift-object) from the generated configuration, on an
 //! address of the test's own (127.0.77.1) with a directory device: each answers its
-//! healthcheck, the object server stores an object on the device, a stopped server no longer
+//! healthcheck, the object server stores an object on the device under the hash of the node's
+//! own swift.conf (the host's left as it was), a stopped server no longer
 //! answers, a process that exits is seen exited, and dropping the supervisor stops the rest.
 
 use std::io::{Read as _, Write as _};
@@ -85,6 +86,7 @@ fn swift_servers_run_store_an_object_and_stop_under_the_real_supervisor() {
             state_dir: dir.path().join("state"),
             replication_interval: 30,
             user: "root".into(),
+            hash_file: dir.path().join("swift-hash"),
         },
         heartbeat: Duration::from_secs(5),
         tick: Duration::from_secs(1),
@@ -93,6 +95,21 @@ fn swift_servers_run_store_an_object_and_stop_under_the_real_supervisor() {
         restart_delay: (Duration::from_secs(1), Duration::from_secs(30)),
         proxies: Vec::new(),
     };
+    // The cluster's hash, as an operator provides it (0600).
+    let (prefix, suffix) = ("host-test-prefix-0123456789", "host-test-suffix-0123456789");
+    std::fs::write(
+        &config.node.hash_file,
+        format!(
+            "[swift-hash]\nswift_hash_path_prefix = {prefix}\nswift_hash_path_suffix = {suffix}\n"
+        ),
+    )
+    .expect("hash file");
+    std::fs::set_permissions(
+        &config.node.hash_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    let host_conf = std::fs::read(crate::hash::SWIFT_CONF).expect("Debian's swift.conf");
     agent::prepare(&config.node).expect("prepare");
     let sup = Processes::new();
     for kind in ["account", "container", "object"] {
@@ -124,6 +141,27 @@ fn swift_servers_run_store_an_object_and_stop_under_the_real_supervisor() {
     assert_eq!(code, 201);
     let data = files_under(&devices.join("d1").join("objects"), ".data");
     assert_eq!(data.len(), 1, "{data:?}");
+    // Its directory is named by Swift's hash of its path salted with the node's prefix and
+    // suffix (md5 of PREFIX/AUTH_t/c/oSUFFIX), not with the host's swift.conf, which is as
+    // it was.
+    let md5 = std::process::Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import hashlib, sys; print(hashlib.md5(sys.argv[1].encode()).hexdigest())",
+            &format!("{prefix}/AUTH_t/c/o{suffix}"),
+        ])
+        .output()
+        .expect("python3");
+    let want = String::from_utf8_lossy(&md5.stdout).trim().to_owned();
+    let dir_name = data[0]
+        .parent()
+        .and_then(Path::file_name)
+        .map(|n| n.to_string_lossy().into_owned());
+    assert_eq!(dir_name.as_deref(), Some(want.as_str()), "{data:?}");
+    assert_eq!(
+        std::fs::read(crate::hash::SWIFT_CONF).expect("read"),
+        host_conf
+    );
     assert_eq!(std::fs::read(&data[0]).expect("read"), b"hello");
     let (code, body) = http(ports.object, "GET /d1/0/AUTH_t/c/o HTTP/1.0\r\n\r\n").expect("GET");
     assert_eq!((code, body.as_str()), (200, "hello"));
@@ -139,6 +177,7 @@ fn swift_servers_run_store_an_object_and_stop_under_the_real_supervisor() {
         program: "/bin/false".into(),
         args: vec![],
         log: dir.path().join("false.log"),
+        swift_conf: None,
     })
     .expect("start false");
     wait_for(

@@ -27,6 +27,10 @@ pub struct ProcessSpec {
     pub args: Vec<OsString>,
     /// Where its standard output and error go (appended).
     pub log: PathBuf,
+    /// The node's `swift.conf`, which the process sees at Swift's fixed path
+    /// ([`crate::hash::SWIFT_CONF`]) in a mount namespace of its own; none for a program
+    /// that reads no `swift.conf`.
+    pub swift_conf: Option<PathBuf>,
 }
 
 /// A supervisor's failure.

@@ -3,8 +3,11 @@
 //! runs its program) fires when the agent dies and not when some worker thread ends.
 
 use std::collections::BTreeMap;
+use std::ffi::CString;
 use std::fs::OpenOptions;
+use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::CommandExt as _;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::sync::mpsc;
@@ -135,6 +138,50 @@ fn stop_with_parent(cmd: &mut Command) {
     }
 }
 
+/// Makes `cmd`'s process see `swift_conf` at Swift's fixed path ([`crate::hash::SWIFT_CONF`])
+/// and nothing else of the host changed: it runs in a mount namespace of its own (made
+/// private, so nothing propagates back to the host's), with the file bound over Swift's.
+/// Several nodes, or clusters, on one host so each read their own hash and policies. Needs
+/// root (`CAP_SYS_ADMIN`), as the servers' `user` setting does.
+///
+/// # Errors
+/// `swift_conf` or Swift's own file (which Debian's `swift` package installs, and which the
+/// binding needs as its mount point) is missing, or a path holds a NUL byte.
+#[allow(unsafe_code)]
+pub fn bind_swift_conf(cmd: &mut Command, swift_conf: &Path) -> std::io::Result<()> {
+    use rustix::mount::{MountPropagationFlags, mount_bind, mount_change};
+    let target = Path::new(crate::hash::SWIFT_CONF);
+    for p in [swift_conf, target] {
+        if !p.is_file() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "{} is not there (Swift's is installed by Debian's swift package)",
+                    p.display()
+                ),
+            ));
+        }
+    }
+    let source = CString::new(swift_conf.as_os_str().as_bytes())?;
+    let target = CString::new(target.as_os_str().as_bytes())?;
+    // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
+    // work is allowed: three system calls (unshare, two mounts) through rustix's raw syscall
+    // backend on C strings made before the fork, no allocation (an error is an errno).
+    // Unsharing the mount namespace affects only this single-threaded child, about to exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS)?;
+            mount_change(
+                c"/",
+                MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+            )?;
+            mount_bind(source.as_c_str(), target.as_c_str())?;
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 fn spawn(spec: &ProcessSpec) -> Result<Child, DriverError> {
     let what = || format!("start {} ({})", spec.name, spec.program.display());
     let log = OpenOptions::new()
@@ -152,6 +199,9 @@ fn spawn(spec: &ProcessSpec) -> Result<Child, DriverError> {
         // handle, not each server's.
         .process_group(0);
     stop_with_parent(&mut cmd);
+    if let Some(conf) = &spec.swift_conf {
+        bind_swift_conf(&mut cmd, conf).map_err(|e| DriverError::io(what(), e))?;
+    }
     cmd.spawn().map_err(|e| DriverError::io(what(), e))
 }
 

@@ -1,0 +1,441 @@
+//! The cluster's hash path prefix and suffix (Swift's `[swift-hash]`, which salts where every
+//! account, container and object is placed), kept in a file only its owner reads
+//! (`--swift-hash-file`) and written for the node's Swift processes as their `swift.conf`.
+//!
+//! # Guarantees
+//! - The values are never logged nor put in an error: `Debug` shows neither, and a file
+//!   whose values cannot be used is refused naming the key and the reason, not the value.
+//! - A hash file is made at most once: an agent that finds none writes a new one whole (0600,
+//!   64 random bytes as hexadecimal) under a temporary name and links it into place, so that
+//!   agents started at once with one path all read the same values; afterwards it is only read.
+//! - A hash file that is not a regular file of the agent's own user, or that another user may
+//!   read or write, is refused (as ssh refuses such a key), and so is a guessable one (both
+//!   values shorter than 16 characters, or Debian's `changeme`).
+//! - `swift.conf` is written whole (temporary file, fsync, rename), mode 0640.
+
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use crate::ini::Ini;
+
+/// The largest hash file read.
+pub const MAX_FILE: u64 = 4096;
+/// The longest value.
+const MAX_VALUE: usize = 256;
+/// The shortest the longer of the two values may be.
+const MIN_SECRET: usize = 16;
+/// Swift's keys.
+const PREFIX_KEY: &str = "swift_hash_path_prefix";
+const SUFFIX_KEY: &str = "swift_hash_path_suffix";
+/// Numbers this process's temporary hash files apart.
+static TMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Where Swift's programs read it (a fixed path in Swift 2.30).
+pub const SWIFT_CONF: &str = "/etc/swift/swift.conf";
+
+/// The hash path prefix and suffix.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SwiftHash {
+    prefix: String,
+    suffix: String,
+}
+
+impl std::fmt::Debug for SwiftHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SwiftHash { .. }")
+    }
+}
+
+/// Why the hash file or `swift.conf` cannot be used; never holds a value.
+#[derive(Debug, thiserror::Error)]
+pub enum HashError {
+    /// A file could not be read or written.
+    #[error("{what} {}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The hash file may be read or changed by someone else.
+    #[error("{}: {reason}", path.display())]
+    Exposed {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The hash file's content cannot be used.
+    #[error("{}: {reason}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Why (naming a line or a key, never a value).
+        reason: String,
+    },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> HashError {
+    let path = path.to_owned();
+    move |source| HashError::Io { what, path, source }
+}
+
+/// Whether `v` may be a value: printable ASCII that Python's `ConfigParser` reads back as it
+/// is (no blank, no interpolation, no comment or section character, no quote).
+fn check_value(key: &str, v: &str) -> Result<(), String> {
+    if v.len() > MAX_VALUE {
+        return Err(format!("{key}: longer than {MAX_VALUE} characters"));
+    }
+    let ok = v.bytes().all(|b| {
+        b.is_ascii_graphic() && !matches!(b, b'%' | b'#' | b';' | b'[' | b']' | b'"' | b'\'')
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{key}: only printable ASCII without blanks, '%', '#', ';', brackets or quotes"
+        ))
+    }
+}
+
+impl SwiftHash {
+    /// Reads Swift's own form (what `swift.conf` holds): an optional `[swift-hash]` line, then
+    /// `swift_hash_path_prefix = VALUE` and/or `swift_hash_path_suffix = VALUE`; blank lines
+    /// and `#` or `;` comments are skipped.
+    ///
+    /// # Errors
+    /// Why it cannot be used (naming the line or key, never a value).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (mut prefix, mut suffix) = (None, None);
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with(['#', ';']) || line == "[swift-hash]" {
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                return Err(format!(
+                    "line {}: neither [swift-hash] nor KEY = VALUE",
+                    n + 1
+                ));
+            };
+            let (key, value) = (key.trim(), value.trim());
+            let slot = match key {
+                PREFIX_KEY => &mut prefix,
+                SUFFIX_KEY => &mut suffix,
+                _ => {
+                    return Err(format!(
+                        "line {}: only {PREFIX_KEY} and {SUFFIX_KEY} may be set",
+                        n + 1
+                    ));
+                }
+            };
+            if slot.is_some() {
+                return Err(format!("{key} is set twice"));
+            }
+            check_value(key, value)?;
+            *slot = Some(value.to_owned());
+        }
+        let hash = Self {
+            prefix: prefix.unwrap_or_default(),
+            suffix: suffix.unwrap_or_default(),
+        };
+        let longer = hash.prefix.len().max(hash.suffix.len());
+        if longer < MIN_SECRET
+            || [&hash.prefix, &hash.suffix]
+                .iter()
+                .any(|v| *v == "changeme")
+        {
+            return Err(format!(
+                "guessable: {PREFIX_KEY} or {SUFFIX_KEY} must have at least {MIN_SECRET} \
+                 random characters (and neither be Debian's placeholder)"
+            ));
+        }
+        Ok(hash)
+    }
+
+    /// New random values: 32 bytes of the kernel's randomness each, as hexadecimal.
+    ///
+    /// # Errors
+    /// No randomness could be read.
+    pub fn generate() -> std::io::Result<Self> {
+        let mut bytes = [0u8; 64];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        let (p, s) = bytes.split_at(32);
+        Ok(Self {
+            prefix: hex(p),
+            suffix: hex(s),
+        })
+    }
+
+    /// The hash file's text.
+    fn file_text(&self) -> String {
+        format!(
+            "[swift-hash]\n{PREFIX_KEY} = {}\n{SUFFIX_KEY} = {}\n",
+            self.prefix, self.suffix
+        )
+    }
+
+    /// `swift.conf`: these values and the one storage policy (Swift's default, `Policy-0`).
+    ///
+    /// # Errors
+    /// A value the ini writer refuses (none that [`SwiftHash::parse`] accepts).
+    pub fn swift_conf(&self) -> Result<String, String> {
+        let mut ini = Ini::new();
+        let refused = |_| "a hash value cannot be written to swift.conf".to_owned();
+        ini.section("swift-hash")
+            .and_then(|i| i.set(PREFIX_KEY, &self.prefix))
+            .and_then(|i| i.set(SUFFIX_KEY, &self.suffix))
+            .and_then(|i| i.section("storage-policy:0"))
+            .and_then(|i| i.set("name", "Policy-0"))
+            .and_then(|i| i.set("default", "yes"))
+            .map_err(refused)?;
+        Ok(ini.finish())
+    }
+
+    /// The values at `path`, made there first if there is no file (`true` then).
+    ///
+    /// # Errors
+    /// The file cannot be read or made, is exposed to other users, or holds no usable values.
+    pub fn load_or_create(path: &Path) -> Result<(Self, bool), HashError> {
+        match Self::load(path) {
+            Err(HashError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+            other => return other.map(|h| (h, false)),
+        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(io("create the directory of", path))?;
+        let hash = Self::generate().map_err(io("read randomness for", path))?;
+        let tmp = dir.join(format!(
+            ".{}.{}.{}.tmp",
+            path.file_name()
+                .map_or_else(|| "swift-hash".into(), |n| n.to_string_lossy().into_owned()),
+            std::process::id(),
+            TMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&tmp);
+        let written = (|| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(hash.file_text().as_bytes())?;
+            f.sync_all()
+        })()
+        .map_err(io("write", &tmp));
+        // Linked, not renamed: an agent that made one meanwhile keeps its own, and this one
+        // reads it.
+        let linked = written.and_then(|()| match std::fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(io("link", path)(e)),
+        });
+        let _ = std::fs::remove_file(&tmp);
+        if linked? {
+            Ok((hash, true))
+        } else {
+            Self::load(path).map(|h| (h, false))
+        }
+    }
+
+    /// The values of the hash file at `path`.
+    ///
+    /// # Errors
+    /// As [`SwiftHash::load_or_create`]; a missing file is an I/O error of kind `NotFound`.
+    pub fn load(path: &Path) -> Result<Self, HashError> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(path)
+            .map_err(io("open", path))?;
+        let meta = f.metadata().map_err(io("read", path))?;
+        let exposed = |reason: String| HashError::Exposed {
+            path: path.to_owned(),
+            reason,
+        };
+        if !meta.is_file() {
+            return Err(exposed("not a regular file".into()));
+        }
+        if meta.uid() != rustix::process::geteuid().as_raw() {
+            return Err(exposed(format!(
+                "owned by uid {}, not by the agent's user",
+                meta.uid()
+            )));
+        }
+        if meta.mode() & 0o077 != 0 {
+            return Err(exposed(format!(
+                "mode {:o}: other users may read or change it (chmod 600 it)",
+                meta.mode() & 0o777
+            )));
+        }
+        if meta.len() > MAX_FILE {
+            return Err(HashError::Invalid {
+                path: path.to_owned(),
+                reason: format!("larger than {MAX_FILE} bytes"),
+            });
+        }
+        let mut text = String::new();
+        f.take(MAX_FILE)
+            .read_to_string(&mut text)
+            .map_err(io("read", path))?;
+        Self::parse(&text).map_err(|reason| HashError::Invalid {
+            path: path.to_owned(),
+            reason,
+        })
+    }
+
+    /// Writes `swift.conf` at `path` whole, mode 0640.
+    ///
+    /// # Errors
+    /// It cannot be written.
+    pub fn write_swift_conf(&self, path: &Path) -> Result<(), HashError> {
+        let text = self.swift_conf().map_err(|reason| HashError::Invalid {
+            path: path.to_owned(),
+            reason,
+        })?;
+        let tmp = path.with_extension("conf.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let written = (|| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o640)
+                .open(&tmp)?;
+            // The mode asked for, whatever the umask.
+            f.set_permissions(std::fs::Permissions::from_mode(0o640))?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.map_err(io("write", path))
+    }
+}
+
+/// Lower-case hexadecimal.
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).expect("metadata").mode() & 0o777
+    }
+
+    #[test]
+    fn a_hash_file_is_made_once_private_and_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keys").join("swift-hash");
+        let (made, created) = SwiftHash::load_or_create(&path).expect("made");
+        assert!(created);
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(made.prefix.len(), 64);
+        assert_ne!(made.prefix, made.suffix);
+        // Kept: a second start (another node given the same file) reads the same values.
+        let (again, created) = SwiftHash::load_or_create(&path).expect("read");
+        assert!(!created);
+        assert_eq!(again, made);
+        // No temporary file is left beside it.
+        let names: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
+            .expect("list")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, ["swift-hash"]);
+        // Another path: other values.
+        let (other, _) = SwiftHash::load_or_create(&dir.path().join("other")).expect("made");
+        assert_ne!(other, made);
+    }
+
+    #[test]
+    fn agents_starting_at_once_share_one_hash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("swift-hash");
+        let all: Vec<(SwiftHash, bool)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| SwiftHash::load_or_create(&path).expect("hash")))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("thread"))
+                .collect()
+        });
+        assert!(all.iter().all(|(h, _)| *h == all[0].0));
+        assert!(all.iter().filter(|(_, created)| *created).count() <= 1);
+    }
+
+    #[test]
+    fn an_exposed_or_guessable_hash_file_is_refused_without_its_values() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("swift-hash");
+        let secret = "0123456789abcdef0123456789abcdef";
+        std::fs::write(
+            &path,
+            format!("# ours\n[swift-hash]\nswift_hash_path_suffix = {secret}\n"),
+        )
+        .expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let e = SwiftHash::load(&path).expect_err("world-readable");
+        assert!(matches!(e, HashError::Exposed { .. }), "{e}");
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let ok = SwiftHash::load(&path).expect("a suffix alone is Swift's minimum");
+        assert_eq!((ok.prefix.as_str(), ok.suffix.as_str()), ("", secret));
+        assert_eq!(format!("{ok:?}"), "SwiftHash { .. }");
+        // A link is not followed.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).expect("symlink");
+        assert!(SwiftHash::load(&link).is_err());
+
+        for bad in [
+            "swift_hash_path_suffix = changeme\nswift_hash_path_prefix = short\n".to_owned(),
+            format!("swift_hash_path_prefix = {secret}\nswift_hash_path_prefix = {secret}\n"),
+            format!("swift_hash_path_prefix = {secret}%(here)s\n"),
+            format!("swift_hash_path_prefix = {secret} x\n"),
+            format!("user = {secret}\n"),
+            format!("{secret}\n"),
+            format!("[DEFAULT]\nswift_hash_path_prefix = {secret}\n"),
+            format!("swift_hash_path_prefix = {}\n", "a".repeat(300)),
+        ] {
+            let e = SwiftHash::parse(&bad).expect_err(&bad);
+            assert!(!e.contains(secret), "{e}");
+        }
+    }
+
+    #[test]
+    fn swift_conf_holds_the_values_and_the_default_policy_and_is_0640() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hash = SwiftHash {
+            prefix: "p".repeat(20),
+            suffix: "s".repeat(20),
+        };
+        let path = dir.path().join("swift.conf");
+        std::fs::write(&path, "old").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        hash.write_swift_conf(&path).expect("written");
+        assert_eq!(mode(&path), 0o640);
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            format!(
+                "[swift-hash]\nswift_hash_path_prefix = {}\nswift_hash_path_suffix = {}\n\n\
+                 [storage-policy:0]\nname = Policy-0\ndefault = yes\n",
+                hash.prefix, hash.suffix
+            )
+        );
+        // What swift.conf says reads back as the same hash.
+        let text = std::fs::read_to_string(&path).expect("read");
+        let section = text.split("\n\n").next().expect("section");
+        assert_eq!(SwiftHash::parse(section).expect("parse"), hash);
+    }
+}
