@@ -115,6 +115,17 @@ export function send(method, path, text, contentType) {
   return call(method, path, text, contentType);
 }
 
+/** A GET of a text resource (a server's console log): its text, or an ApiError. */
+export async function text(path) {
+  const init = { headers: headers(), credentials: "omit", cache: "no-store" };
+  init.headers.set("Accept", "text/plain");
+  const resp = await fetch(path, init);
+  if (!resp.ok) {
+    throw new ApiError(resp.status, await statusOf(resp));
+  }
+  return resp.text();
+}
+
 /** A streamed GET (a watch): the Response, its body still to be read. */
 export async function stream(path, signal) {
   const resp = await fetch(path, { headers: headers(), credentials: "omit", cache: "no-store", signal });

@@ -6,7 +6,7 @@ import * as api from "./api.js";
 import { Informer } from "./informer.js";
 import {
   KINDS, conditionRows, eventRows, headerRow, quotaHeaderRow, renderQuota, renderRows,
-  replaceChildren, serverFields, consoleText, el, FEED_ROWS,
+  replaceChildren, serverFields, consoleNote, el, FEED_ROWS,
 } from "./views.js";
 import { CreateForm, FORMS, actionPanel } from "./forms.js";
 import { Topology } from "./topology.js";
@@ -30,7 +30,12 @@ const state = {
   eventsKey: "",
   drawing: 0,
   ticker: 0,
+  /** The console log of the open server: its key, text (null until read) and error. */
+  console: { key: "", log: null, error: null, timer: 0 },
 };
+
+/** How often an open server's console log is read again (the API serves it; no watch). */
+const CONSOLE_MS = 5000;
 
 function showError(message) {
   $("error").textContent = message || "";
@@ -62,6 +67,41 @@ function onListState(s, e) {
   }
 }
 
+/** Reads the open server's console log now and every CONSOLE_MS while its page is open. */
+function followConsole() {
+  const key = state.detail && state.view === "servers" && api.loggedIn() && state.project
+    ? `${state.project}/${state.detail}`
+    : "";
+  const c = state.console;
+  if (c.key === key) {
+    return;
+  }
+  clearTimeout(c.timer);
+  state.console = { key, log: null, error: null, timer: 0 };
+  if (key === "") {
+    return;
+  }
+  const [project, name] = [state.project, state.detail];
+  const path = `${api.collection("compute.stratus.dev", "v1", "servers", project)}/${encodeURIComponent(name)}/console`;
+  const read = async () => {
+    let log = null;
+    let error = null;
+    try {
+      log = await api.text(path);
+    } catch (e) {
+      error = e;
+    }
+    if (state.console.key !== key) {
+      return;
+    }
+    state.console.log = log;
+    state.console.error = error;
+    state.console.timer = setTimeout(read, CONSOLE_MS);
+    draw();
+  };
+  read();
+}
+
 function stopInformers() {
   for (const key of ["list", "events", "topology"]) {
     if (state[key]) {
@@ -72,6 +112,8 @@ function stopInformers() {
   state.listKey = "";
   state.eventsKey = "";
   state.topologyKey = "";
+  clearTimeout(state.console.timer);
+  state.console = { key: "", log: null, error: null, timer: 0 };
 }
 
 /** Starts the informers the current view needs (and stops those it no longer needs). */
@@ -115,6 +157,7 @@ function follow() {
       state.events = new Informer(path, query, draw, () => {}).start();
     }
   }
+  followConsole();
   draw();
 }
 
@@ -128,6 +171,7 @@ function followTopology() {
   }
   state.listKey = "";
   state.eventsKey = "";
+  followConsole();
   if (state.topologyKey !== state.project) {
     if (state.topology) {
       state.topology.stop();
@@ -207,15 +251,19 @@ function drawNow() {
       ? "This server does not exist (or no longer exists)."
       : "loading…")]);
     replaceChildren($("conditions").tBodies[0], []);
-    $("console").textContent = "";
   } else {
     replaceChildren($("detail-fields"), serverFields(server).flatMap(([k, v]) => [
       el("dt", null, k),
       el("dd", { data: { field: k.toLowerCase().replace(/ /g, "-") } }, v),
     ]));
     replaceChildren($("conditions").tBodies[0], conditionRows((server.status || {}).conditions, now));
-    $("console").textContent = consoleText(server);
   }
+  const c = state.console;
+  $("console-note").textContent = consoleNote(c.log, c.error);
+  if ($("console").textContent !== (c.log || "")) {
+    $("console").textContent = c.log || "";
+  }
+  $("console").hidden = !c.log;
   const events = state.events ? [...state.events.items.values()] : [];
   replaceChildren($("events").tBodies[0], eventRows(events, now));
   $("events-empty").textContent = events.length === 0 ? "No events." : "";

@@ -506,18 +506,19 @@ export function serverFields(server) {
   ];
 }
 
-/**
- * Where a server's serial console log is. The API does not serve the log itself: it is a file
- * on the server's hypervisor (`status.console.logPath`), read there by `stratus console`.
- */
-export function consoleText(server) {
-  const st = status(server);
-  const path = st.console && st.console.logPath;
-  if (!path) {
-    return "No console log yet: the guest has not been started on a node.";
+/** What the console section says beside the log (or instead of it). */
+export function consoleNote(log, error) {
+  if (error) {
+    return error.code === 403
+      ? "Your role in this project does not let you read this server's console (403)."
+      : `The console log cannot be read: ${error.message}`;
   }
-  return `Kept on node ${text(st.hypervisor)} at ${text(path)}; the API does not serve it. `
-    + `Read it on that node with: stratus console ${text(meta(server).name)}`;
+  if (log === null) {
+    return "loading…";
+  }
+  return log === ""
+    ? "No console output yet: the node running the server has sent none."
+    : "The last 64 KiB of the serial console, as the server's node last sent it (read every 5 s).";
 }
 
 /** Rows of a conditions table. */

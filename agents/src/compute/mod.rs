@@ -1,5 +1,6 @@
 //! The compute agent: the node's Hypervisor object and the libvirt guests of its Servers.
 
+pub mod console;
 pub mod driver;
 pub mod images;
 pub mod interfaces;
@@ -93,6 +94,12 @@ pub async fn run_with(
     }
     let (servers, reconcile) = server::controller(Arc::clone(&ctx), events);
     let placed = servers.clone();
+    let consoles = console::run(
+        client.clone(),
+        servers.clone(),
+        config.node.clone(),
+        config.state_dir.clone(),
+    );
     let heartbeat = node::run(client, hypervisor, config, servers);
     let sweeper = async {
         let mut tick = tokio::time::interval(SWEEP);
@@ -114,5 +121,6 @@ pub async fn run_with(
         () = reconcile => tracing::warn!("the server controller stopped"),
         () = heartbeat => {}
         () = sweeper => {}
+        () = consoles => {}
     }
 }

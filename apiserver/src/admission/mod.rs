@@ -11,6 +11,7 @@
 
 pub mod attachments;
 pub mod binding;
+pub mod console;
 pub mod credentials;
 pub mod identity;
 pub mod lifecycle;
@@ -224,9 +225,17 @@ pub(crate) async fn parent_changed(ctx: Ctx<'_>, parent: Option<(&str, i64)>) ->
 
 /// The admissions of a resource type, in the order they apply.
 pub fn for_kind(group: &str, kind: &str) -> &'static [&'static dyn Admission] {
-    static BOTH: [&dyn Admission; 3] =
-        [&binding::Binding, &attachments::Attachments, &quota::Quota];
-    static BINDING: [&dyn Admission; 2] = [&binding::Binding, &attachments::Attachments];
+    static BOTH: [&dyn Admission; 4] = [
+        &binding::Binding,
+        &attachments::Attachments,
+        &quota::Quota,
+        &console::Console,
+    ];
+    static BINDING: [&dyn Admission; 3] = [
+        &binding::Binding,
+        &attachments::Attachments,
+        &console::Console,
+    ];
     static QUOTA: [&dyn Admission; 1] = [&quota::Quota];
     static USERS: [&dyn Admission; 1] = [&identity::Users];
     static IPAM: [&dyn Admission; 2] = [&network::Ipam, &quota::Quota];

@@ -1,6 +1,7 @@
 //! The HTTP(S) front: serving, TLS, routing, discovery, OpenAPI, metrics, audit.
 
 pub mod audit;
+pub mod console;
 pub mod dashboard;
 pub mod discovery;
 pub mod keystone;

@@ -872,30 +872,41 @@ fn a_member_acts_through_manifests_and_only_an_admin_sees_the_cloud() -> Result<
         "the list was made once, the rest came through its watch"
     );
 
-    // The detail: where the console log is (the API does not serve it), shown live.
+    // The detail: the server's console log as its node sends it (here the cloud's admin
+    // writes it, as a system identity may), read every few seconds and shown as text.
     b.ok(json!({"cmd": "click", "css": "#list tbody tr[data-name='app-1'] a"}))?;
     b.until(
-        "return document.querySelector('#console').textContent.startsWith('No console log yet')",
+        "return document.querySelector('#console-note').textContent.startsWith('No console output yet') && document.querySelector('#console').hidden",
         30,
-        "the console's place",
+        "no console output yet",
     )?;
-    cloud.kubectl_ok(&[
-        "-n",
-        "dash-m",
-        "patch",
-        "server",
-        "app-1",
-        "--subresource=status",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"status":{"console":{"logPath":"/var/lib/stratus/guests/app-1/console.log"}}}"#,
-    ])?;
+    let log = "Booting <script>window.__xss=4</script>\nweb-1 login: ";
+    let put = curl(
+        &ca,
+        "PUT",
+        &format!(
+            "{}/apis/compute.stratus.dev/v1/namespaces/dash-m/servers/app-1/console",
+            cloud.url
+        ),
+        Some(&admin_token(&cloud)?),
+        Some(log),
+    )?;
+    assert_eq!(put.code, 200, "{}", put.body);
     b.until(
-        "const t = document.querySelector('#console').textContent; return t.includes('hv-dash') && t.includes('/var/lib/stratus/guests/app-1/console.log') && t.includes('stratus console app-1')",
+        &format!(
+            "const c = document.querySelector('#console'); return !c.hidden && c.textContent === {}",
+            json!(log)
+        ),
         30,
-        "the console log's place",
+        "the console log",
     )?;
+    assert_eq!(
+        b.js("return document.querySelectorAll('main script').length === 0 && window.__xss === undefined")?,
+        true,
+        "the log is text"
+    );
+    b.js("document.querySelector('#console').scrollIntoView(); return true")?;
+    b.ok(json!({"cmd": "screenshot", "name": "server-console"}))?;
 
     // Stop, start and reboot: each shows its manifest, then applies it.
     for (action, want) in [("stop", "Stopped"), ("start", "Running")] {
@@ -1065,5 +1076,249 @@ fn a_member_acts_through_manifests_and_only_an_admin_sees_the_cloud() -> Result<
         30,
         "the storage pools",
     )?;
+    Ok(())
+}
+
+/// Who asks for a console, and with which token.
+const CONSOLE: &str = "/apis/compute.stratus.dev/v1/namespaces/con-a/servers/web-1/console";
+
+const CONSOLE_SETUP: &str = "apiVersion: compute.stratus.dev/v1
+kind: Flavor
+metadata:
+  name: con.small
+spec:
+  vcpus: 1
+  ramMiB: 256
+  diskGiB: 1
+---
+apiVersion: compute.stratus.dev/v1
+kind: Hypervisor
+metadata:
+  name: n1
+spec: {}
+---
+apiVersion: identity.stratus.dev/v1
+kind: User
+metadata:
+  name: mia
+spec:
+  enabled: true
+---
+apiVersion: identity.stratus.dev/v1
+kind: User
+metadata:
+  name: rita
+spec:
+  enabled: true
+---
+apiVersion: identity.stratus.dev/v1
+kind: User
+metadata:
+  name: bo
+spec:
+  enabled: true
+---
+apiVersion: identity.stratus.dev/v1
+kind: RoleAssignment
+metadata:
+  name: mia-member
+  namespace: con-a
+spec:
+  user: mia
+  role: member
+---
+apiVersion: identity.stratus.dev/v1
+kind: RoleAssignment
+metadata:
+  name: rita-reader
+  namespace: con-a
+spec:
+  user: rita
+  role: reader
+---
+apiVersion: identity.stratus.dev/v1
+kind: RoleAssignment
+metadata:
+  name: bo-member
+  namespace: con-b
+spec:
+  user: bo
+  role: member
+";
+
+fn console_server() -> &'static str {
+    "apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: web-1\n  namespace: con-a\nspec:\n  flavor: con.small\n  image: cirros\n"
+}
+
+#[test]
+fn a_servers_console_is_written_by_its_node_and_read_by_its_projects_members() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let mut api = Apiserver::start_on(&etcd)?;
+    let nodes = tempfile::tempdir()?;
+    api.node_identities(&["n1", "n2"], nodes.path())?;
+    api.projects(&["con-a", "con-b"])?;
+    api.kubectl_in(&["apply", "-f", "-"], CONSOLE_SETUP)?;
+    api.kubectl_in(&["apply", "-f", "-"], console_server())?;
+    api.kubectl_ok(&[
+        "patch",
+        "hypervisor",
+        "n1",
+        "--subresource=status",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"status":{"capacity":{"vcpus":8,"ramMiB":8192,"diskGiB":100}}}"#,
+    ])?;
+    api.kubectl_in(
+        &[
+            "create",
+            "--raw",
+            "/apis/compute.stratus.dev/v1/namespaces/con-a/servers/web-1/binding",
+            "-f",
+            "-",
+        ],
+        &json!({"target": {"name": "n1"}}).to_string(),
+    )?;
+    let ca = api.ca_file();
+    let admin = stratus_e2e::TEST_TOKEN;
+    let call = |method: &str, token: &str, body: Option<&str>| {
+        curl(
+            &ca,
+            method,
+            &format!("{}{CONSOLE}", api.url),
+            Some(token),
+            body,
+        )
+    };
+    let mut tokens = std::collections::HashMap::new();
+    for user in ["mia", "rita", "bo"] {
+        let password = format!("{user}-Correct-Horse-9133");
+        let set = curl(
+            &ca,
+            "PUT",
+            &format!(
+                "{}/apis/identity.stratus.dev/v1/users/{user}/password",
+                api.url
+            ),
+            Some(admin),
+            Some(&json!({ "password": password }).to_string()),
+        )?;
+        assert_eq!(set.code, 200, "{}", set.body);
+        let issued = wait_until(Duration::from_secs(30), "a login", || {
+            let a = curl(
+                &ca,
+                "POST",
+                &format!("{}/apis/identity.stratus.dev/v1/tokens", api.url),
+                None,
+                Some(&json!({ "user": user, "password": password }).to_string()),
+            )
+            .ok()?;
+            (a.code == 201).then_some(a)
+        })?;
+        let issued: Value = serde_json::from_str(&issued.body)?;
+        tokens.insert(
+            user,
+            issued["token"].as_str().context("a token")?.to_string(),
+        );
+    }
+    let (n1, n2) = ("n1-token-0123456789abcdef", "n2-token-0123456789abcdef");
+
+    // The node running the server writes its console; the log is whatever the guest printed.
+    let log = "Booting <script>window.__xss=3</script>\r\nweb-1 login: ";
+    let put = call("PUT", n1, Some(log))?;
+    assert_eq!(put.code, 200, "{}", put.body);
+    // Its project's member reads it back as text; kubectl's raw GET as the admin too.
+    let read = wait_until(Duration::from_secs(30), "mia's read", || {
+        call("GET", &tokens["mia"], None)
+            .ok()
+            .filter(|a| a.code == 200 && !a.body.is_empty())
+    })?;
+    assert_eq!(read.body, log);
+    assert!(
+        read.header("content-type")
+            .is_some_and(|t| t.starts_with("text/plain")),
+        "{:?}",
+        read.header("content-type")
+    );
+    assert_eq!(read.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(api.kubectl_ok(&["get", "--raw", CONSOLE])?, log);
+
+    // Another node may not write it, nor any node read it; a reader, another project's
+    // member and a member writing are refused: each a Status naming why.
+    for (who, method, token, code, says) in [
+        ("n2", "PUT", n2, 403, "not placed on it"),
+        ("n1", "GET", n1, 403, "only writes"),
+        (
+            "rita (reader)",
+            "GET",
+            tokens["rita"].as_str(),
+            403,
+            "members",
+        ),
+        ("bo (con-b)", "GET", tokens["bo"].as_str(), 403, "members"),
+        ("mia", "PUT", tokens["mia"].as_str(), 403, "only the node"),
+    ] {
+        let a = call(method, token, (method == "PUT").then_some("forged"))?;
+        assert_eq!(a.code, code, "{who} {method}: {}", a.body);
+        let status: Value = serde_json::from_str(&a.body).context("a Status")?;
+        assert_eq!(status["kind"], "Status", "{who}");
+        assert!(
+            status["message"].as_str().is_some_and(|m| m.contains(says)),
+            "{who}: {status}"
+        );
+    }
+    // Bounded: more than 64 KiB is refused whole, the log kept as it was.
+    let big = "x".repeat(64 * 1024 + 1);
+    let a = call("PUT", n1, Some(&big))?;
+    assert_eq!(a.code, 413, "{}", a.body);
+    assert!(a.body.contains("65536"), "{}", a.body);
+    assert_eq!(
+        call("PUT", n1, Some(&big[1..]))?.code,
+        200,
+        "exactly 64 KiB"
+    );
+    assert_eq!(call("GET", &tokens["mia"], None)?.body.len(), 64 * 1024);
+    // Another verb, a bad name: 4xx Statuses.
+    assert_eq!(call("DELETE", admin, None)?.code, 405);
+    let bad = curl(
+        &ca,
+        "GET",
+        &format!(
+            "{}/apis/compute.stratus.dev/v1/namespaces/con-a/servers/Bad_Name/console",
+            api.url
+        ),
+        Some(admin),
+        None,
+    )?;
+    assert_eq!(bad.code, 400, "{}", bad.body);
+    assert!(bad.body.contains("Bad_Name"), "{}", bad.body);
+
+    // The console goes with its server: a new web-1 has none, and etcd keeps no console key.
+    api.kubectl_ok(&["-n", "con-a", "delete", "server", "web-1", "--wait=false"])?;
+    let _ = api.kubectl(&[
+        "-n",
+        "con-a",
+        "patch",
+        "server",
+        "web-1",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ])?;
+    wait_until(Duration::from_secs(60), "web-1 to be gone", || {
+        let a = call("GET", admin, None).ok()?;
+        (a.code == 404).then_some(())
+    })?;
+    let keys = etcd.ctl(&["get", "", "--prefix", "--keys-only"])?;
+    let keys = String::from_utf8_lossy(&keys.stdout);
+    assert!(!keys.contains("_system/console/con-a/web-1"), "{keys}");
+    api.kubectl_in(&["apply", "-f", "-"], console_server())?;
+    let fresh = call("GET", &tokens["mia"], None)?;
+    assert_eq!(
+        (fresh.code, fresh.body.as_str()),
+        (200, ""),
+        "a new web-1 has no console"
+    );
     Ok(())
 }
