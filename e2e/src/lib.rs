@@ -848,3 +848,35 @@ pub fn with_stdin(mut cmd: Command, stdin: &str) -> Result<Output> {
         .write_all(stdin.as_bytes())?;
     Ok(child.wait_with_output()?)
 }
+
+/// Runs `cmd`; its standard output, or an error naming `what` with everything it printed.
+pub fn output_of(cmd: &mut Command, what: &str) -> Result<Vec<u8>> {
+    let out = cmd.output().with_context(|| format!("run {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out.stdout)
+}
+
+/// The files under `dir` (at any depth) whose names end in `.ext`, such as the `.data` files
+/// of the objects on a Swift device.
+pub fn files_ending(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == ext) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use stratus_e2e::{Cloud, wait_until};
+use stratus_e2e::{Cloud, files_ending, output_of, wait_until};
 
 /// The (pid, command name, state) of every process whose parent is `parent`.
 fn children(parent: u32) -> Vec<(u32, String, char)> {
@@ -374,36 +374,6 @@ impl Drop for ObjectStoreAllowList {
     }
 }
 
-/// Runs a command; its standard output, or an error with its output.
-fn output(cmd: &mut std::process::Command, what: &str) -> Result<Vec<u8>> {
-    let out = cmd.output().with_context(|| format!("run {what}"))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{what} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(out.stdout)
-}
-
-/// The `.data` files under `dir`.
-fn data_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "data") {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 /// `stratus up --object-store` on `ip`:`port`, once it shows the store.
 fn object_store_up(ip: &str, port: u16) -> Result<Cloud> {
     let cloud = Cloud::up_with(&[
@@ -507,7 +477,7 @@ fn stratus_up_runs_an_object_store_with_stratus_identity() -> Result<()> {
             "identity": {"methods": ["password"], "password": {"user": {"name": user, "domain": {"id": "default"}, "password": password}}},
             "scope": {"project": {"name": project, "domain": {"id": "default"}}},
         }});
-        let out = output(
+        let out = output_of(
             std::process::Command::new("curl")
                 .args(["-sS", "-i", "--fail", "--cacert"])
                 .arg(&ca)
@@ -555,28 +525,28 @@ fn stratus_up_runs_an_object_store_with_stratus_identity() -> Result<()> {
     let data = b"hello from the object store\n";
     let file = cloud.dir.path().join("hello.txt");
     std::fs::write(&file, data)?;
-    output(
+    output_of(
         &mut curl(&["-X", "PUT", &format!("{account}/bucket1")], &token),
         "PUT a container",
     )
     .with_context(proxy_log)?;
-    output(
+    output_of(
         curl(&["-T"], &token)
             .arg(&file)
             .arg(format!("{account}/bucket1/hello.txt")),
         "PUT an object",
     )
     .with_context(proxy_log)?;
-    let got = output(
+    let got = output_of(
         &mut curl(&[&format!("{account}/bucket1/hello.txt")], &token),
         "GET the object",
     )?;
     anyhow::ensure!(got == data, "read back {:?}", String::from_utf8_lossy(&got));
-    let stored = data_files(&cloud.dir.path().join("object-devices/d1/objects"));
+    let stored = files_ending(&cloud.dir.path().join("object-devices/d1/objects"), "data");
     anyhow::ensure!(stored.len() == 1, "on the device: {stored:?}");
 
     // Swift's client, with olga's password, finds the account through the catalog.
-    let swift = output(
+    let swift = output_of(
         std::process::Command::new("swift")
             .args(["--auth-version", "3", "--os-auth-url", &identity])
             .arg("--os-cacert")
@@ -592,7 +562,7 @@ fn stratus_up_runs_an_object_store_with_stratus_identity() -> Result<()> {
 
     // Another project's user is refused on store1's account.
     let (otto, _) = login("otto", "store2")?;
-    let code = output(
+    let code = output_of(
         std::process::Command::new("curl")
             .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
             .args(["-H", &format!("X-Auth-Token: {otto}")])
@@ -612,7 +582,7 @@ fn stratus_up_runs_an_object_store_with_stratus_identity() -> Result<()> {
         "apiVersion: identity.stratus.dev/v1\nkind: S3Credential\nmetadata:\n  name: olga-s3\n  namespace: store1\nspec:\n  user: olga\n",
     )?)?;
     let key = |f: &str| made["status"][f].as_str().unwrap_or_default().to_string();
-    let s3 = output(
+    let s3 = output_of(
         std::process::Command::new("/usr/bin/python3").args([
             "-c",
             "import sys, boto3\nfrom botocore.config import Config\n\
@@ -640,7 +610,7 @@ fn stratus_up_runs_an_object_store_with_stratus_identity() -> Result<()> {
         "no rsync among {kids:?}"
     );
     anyhow::ensure!(allow_list.present(), "no allow-list while the store runs");
-    output(
+    output_of(
         std::process::Command::new("kill").args(["-TERM", &up.to_string()]),
         "kill -TERM stratus up",
     )?;
