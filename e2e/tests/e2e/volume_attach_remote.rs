@@ -233,6 +233,17 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
     let export = vol["status"]["export"].clone();
     assert_eq!(export["host"], STORAGE_IP, "{export}");
     let port = export["port"].as_u64().unwrap_or_default();
+    // On a port of the exports' own range, outside the kernel's ephemeral ports, at the
+    // address nbd-a recorded for its pool (which the API and nbd-b hold the export to).
+    ensure!((10809..=10999).contains(&port), "port {port}");
+    let recorded = cloud.kubectl_ok(&[
+        "get",
+        "storagepool",
+        "files",
+        "-o",
+        "jsonpath={.status.storageAddress}",
+    ])?;
+    assert_eq!(recorded.trim(), STORAGE_IP);
     let attached = vol["status"]["conditions"]
         .as_array()
         .into_iter()
