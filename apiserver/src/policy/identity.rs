@@ -1216,6 +1216,21 @@ mod tests {
         assert!(owned_by(&serde_json::json!({"metadata": {}}), "u1"));
     }
 
+    /// A job of no source that holds `h`'s one thread until the sender is used, started:
+    /// everything queued after it waits.
+    fn hold(h: &Hasher) -> (std::sync::mpsc::Sender<()>, oneshot::Receiver<()>) {
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        let running = h
+            .submit_for(None, move || {
+                let _ = started_tx.send(());
+                let _ = wait.recv();
+            })
+            .expect("queued");
+        started.recv().expect("the held job started");
+        (release, running)
+    }
+
     #[tokio::test]
     async fn hashing_runs_off_the_async_workers_and_a_full_queue_is_a_429() {
         let h = Hasher::new(1, 1, true).expect("threads");
@@ -1236,15 +1251,7 @@ mod tests {
             "serving at {serving}"
         );
         // One job running, one waiting: the next is refused at once.
-        let (release, wait) = std::sync::mpsc::channel::<()>();
-        let (started_tx, started) = std::sync::mpsc::channel::<()>();
-        let running = h
-            .submit_for(None, move || {
-                let _ = started_tx.send(());
-                let _ = wait.recv();
-            })
-            .expect("queued");
-        started.recv().expect("the first job started");
+        let (release, running) = hold(&h);
         let queued = h.submit_for(None, || ()).expect("room for one waiting");
         let refused = h.submit_for(None, || ()).expect_err("a full queue");
         assert_eq!(refused.code, 429);
@@ -1261,15 +1268,7 @@ mod tests {
             "198.51.100.7".parse::<IpAddr>().expect("address"),
         );
         // The thread held by a job of no source, so that everything after it waits.
-        let (release, wait) = std::sync::mpsc::channel::<()>();
-        let (started_tx, started) = std::sync::mpsc::channel::<()>();
-        let running = h
-            .submit_for(None, move || {
-                let _ = started_tx.send(());
-                let _ = wait.recv();
-            })
-            .expect("queued");
-        started.recv().expect("the first job started");
+        let (release, running) = hold(&h);
         let first = h
             .submit_for(Some(attacker), || 1)
             .expect("the attacker's first");
@@ -1299,15 +1298,7 @@ mod tests {
         assert!(h.sources.lock().expect("lock").is_empty());
         // Where sources are not limited, one address may take every place.
         let open = Hasher::new(1, 8, false).expect("threads");
-        let (release, wait) = std::sync::mpsc::channel::<()>();
-        let (started_tx, started) = std::sync::mpsc::channel::<()>();
-        let running = open
-            .submit_for(None, move || {
-                let _ = started_tx.send(());
-                let _ = wait.recv();
-            })
-            .expect("queued");
-        started.recv().expect("started");
+        let (release, running) = hold(&open);
         let all: Vec<_> = (0..8)
             .map(|i| open.submit_for(Some(attacker), move || i).expect("a place"))
             .collect();
@@ -1318,15 +1309,7 @@ mod tests {
         }
         // A job refused by a full queue gives its place back too.
         let h = Hasher::new(1, 1, true).expect("threads");
-        let (release, wait) = std::sync::mpsc::channel::<()>();
-        let (started_tx, started) = std::sync::mpsc::channel::<()>();
-        let running = h
-            .submit_for(None, move || {
-                let _ = started_tx.send(());
-                let _ = wait.recv();
-            })
-            .expect("queued");
-        started.recv().expect("started");
+        let (release, running) = hold(&h);
         let waiting = h.submit_for(None, || ()).expect("the one waiting place");
         let full = h
             .submit_for(Some(other), || ())
