@@ -182,6 +182,97 @@ impl Drop for Node {
     }
 }
 
+/// A simulated node's libvirtd network namespace given the node's name, so that the node's
+/// network agent works where QEMU's taps appear, with an underlay veth at an address the test
+/// chooses. Dropped: the name goes, and so do the DHCP namespaces (and their dnsmasq) the
+/// network agent left in the node's state directory.
+pub struct NodeNetns {
+    name: String,
+    dhcp_dir: PathBuf,
+}
+
+impl Node {
+    /// Names this node's libvirtd network namespace after the node and gives it the underlay
+    /// `underlay` (`192.0.2.1/24`: an address of the test's own).
+    pub fn netns(&self, underlay: &str) -> Result<NodeNetns> {
+        let pid = std::fs::read_to_string(self.dir.path().join("libvirtd.pid"))?;
+        crate::ip(&["netns", "attach", &self.name, pid.trim()])?;
+        let ns = NodeNetns {
+            name: self.name.clone(),
+            dhcp_dir: self.dir.path().join("state/network/dhcp"),
+        };
+        let n = self.name.as_str();
+        let veth = [
+            "link",
+            "add",
+            "underlay",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "underlay-peer",
+        ];
+        crate::ip(&[&["-n", n][..], &veth[..]].concat())?;
+        crate::ip(&["-n", n, "link", "set", "underlay-peer", "up"])?;
+        crate::ip(&["-n", n, "addr", "add", underlay, "dev", "underlay"])?;
+        crate::ip(&["-n", n, "link", "set", "underlay", "up"])?;
+        Ok(ns)
+    }
+
+    /// Starts (or restarts) the node's agent with the compute and network roles, the network
+    /// role in the namespace of [`Node::netns`] with tunnel address `tunnel`, and `extra`
+    /// arguments (which may override the defaults: the network resyncs every second).
+    pub fn start_compute_network_agent(
+        &mut self,
+        cloud: &Cloud,
+        tunnel: &str,
+        extra: &[&str],
+    ) -> Result<()> {
+        self.kill_agent();
+        let kubeconfig = cloud
+            .dir
+            .path()
+            .join(format!("node-{}.kubeconfig", self.name));
+        self.agent = Some(Proc::spawn(
+            &format!("agent of {}", self.name),
+            Command::new(stratus_bin())
+                .args(["agent", "--node", &self.name, "--roles", "compute,network"])
+                .args(["--libvirt-uri", &self.uri(), "--heartbeat-seconds", "2"])
+                .arg("--image-url-allow-loopback")
+                .arg("--kubeconfig")
+                .arg(kubeconfig)
+                .arg("--state-dir")
+                .arg(self.dir.path().join("state"))
+                .args(["--network-namespace", &self.name, "--underlay-ip", tunnel])
+                .args(["--network-resync-seconds", "1"])
+                .args(extra)
+                .env("STRATUS_LOG", "info,stratus_agents=debug"),
+            &self.dir.path().join("agent.log"),
+        )?);
+        Ok(())
+    }
+}
+
+impl Drop for NodeNetns {
+    fn drop(&mut self) {
+        for e in std::fs::read_dir(&self.dhcp_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(pid) = std::fs::read_to_string(e.path().join("pid")) {
+                let _ = Command::new("kill").arg(pid.trim()).status();
+            }
+            let _ = Command::new("ip")
+                .args(["netns", "del", &e.file_name().to_string_lossy()])
+                .output();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
 fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     let status = Command::new("cp")
         .arg("-a")

@@ -7,14 +7,13 @@
 //! names goes; the Port taken out of the spec is unplugged live and from the definition, its
 //! tap is gone and the Port no longer names the server. A stale concurrent edit is a 409.
 
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::Value;
 use stratus_agents::compute::driver::{InterfaceSpec, xml};
 use stratus_e2e::node::{Guest, Node};
-use stratus_e2e::{Cloud, Proc, ip, repo_root, stratus_bin, wait_until};
+use stratus_e2e::{Cloud, ip, repo_root, wait_until};
 
 /// Generous: guests run under TCG on a loaded 2-core machine.
 const T: Duration = Duration::from_secs(180);
@@ -68,33 +67,6 @@ fn virsh_device(node: &Node, verb: &str, domain: &str, element: &str) -> Result<
     Ok(())
 }
 
-/// A namespace name given to the node's libvirtd's network namespace, and what the network
-/// agent left in its DHCP directory: both removed when dropped.
-struct Attached {
-    name: String,
-    dhcp_dir: std::path::PathBuf,
-}
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        for e in std::fs::read_dir(&self.dhcp_dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Ok(pid) = std::fs::read_to_string(e.path().join("pid")) {
-                let _ = Command::new("kill").arg(pid.trim()).status();
-            }
-            let _ = Command::new("ip")
-                .args(["netns", "del", &e.file_name().to_string_lossy()])
-                .output();
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
-
 #[test]
 fn a_port_added_to_a_running_server_is_plugged_in_live_and_out_again() -> Result<()> {
     let guest = Guest::serve()?;
@@ -122,54 +94,9 @@ fn a_port_added_to_a_running_server_is_plugged_in_live_and_out_again() -> Result
 
     // The node's namespace (libvirtd's, where QEMU's taps appear), named for the network
     // agent, with a tunnel address of the test's own.
-    let pid = std::fs::read_to_string(node.dir.path().join("libvirtd.pid"))?;
-    let state = node.dir.path().join("state");
-    ip(&["netns", "attach", &name, pid.trim()])?;
-    let _attached = Attached {
-        name: name.clone(),
-        dhcp_dir: state.join("network/dhcp"),
-    };
-    ip(&[
-        "-n",
-        &name,
-        "link",
-        "add",
-        "underlay",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "underlay-peer",
-    ])?;
-    ip(&["-n", &name, "link", "set", "underlay-peer", "up"])?;
-    ip(&[
-        "-n",
-        &name,
-        "addr",
-        "add",
-        "192.0.2.1/24",
-        "dev",
-        "underlay",
-    ])?;
-    ip(&["-n", &name, "link", "set", "underlay", "up"])?;
-    let kubeconfig = cloud.dir.path().join(format!("node-{name}.kubeconfig"));
-    node.agent = Some(Proc::spawn(
-        &format!("agent of {name}"),
-        Command::new(stratus_bin())
-            .args(["agent", "--node", &name, "--roles", "compute,network"])
-            .args(["--libvirt-uri", &node.uri(), "--heartbeat-seconds", "2"])
-            .arg("--image-url-allow-loopback")
-            // Long: what the test sees of drift is repaired on libvirt's device events.
-            .args(["--resync-seconds", "600"])
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--network-namespace", &name, "--underlay-ip", "192.0.2.1"])
-            .args(["--network-resync-seconds", "1"])
-            .env("STRATUS_LOG", "info,stratus_agents=debug"),
-        &node.dir.path().join("agent.log"),
-    )?);
+    let _netns = node.netns("192.0.2.1/24")?;
+    // Long resync: what the test sees of drift is repaired on libvirt's device events.
+    node.start_compute_network_agent(&cloud, "192.0.2.1", &["--resync-seconds", "600"])?;
     let log = |node: &Node, uid: &str| {
         let alive = node
             .agent
