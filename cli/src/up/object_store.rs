@@ -296,6 +296,13 @@ impl Proxy {
             .stderr(err)
             .kill_on_drop(true);
         super::stop_with_parent(&mut cmd);
+        // The node's swift.conf (the cluster's hash path prefix and suffix), as its servers
+        // read it: a proxy hashing paths otherwise than they do would misplace every name.
+        stratus_object_agent::driver::process::bind_swift_conf(
+            cmd.as_std_mut(),
+            &swift_dir.join("swift.conf"),
+        )
+        .context("give the proxy the node's swift.conf")?;
         let child = cmd
             .spawn()
             .context("start swift-proxy-server (is Debian's swift-proxy installed?)")?;
