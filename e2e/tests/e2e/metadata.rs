@@ -73,6 +73,26 @@ impl Drop for Host {
     }
 }
 
+/// Gives the node's namespace `ns` its tunnel address, 192.0.2.1, on a veth of its own.
+fn underlay(ns: &str) -> Result<()> {
+    ip(&[
+        "-n",
+        ns,
+        "link",
+        "add",
+        "underlay",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "underlay-peer",
+    ])?;
+    ip(&["-n", ns, "link", "set", "underlay-peer", "up"])?;
+    ip(&["-n", ns, "addr", "add", "192.0.2.1/24", "dev", "underlay"])?;
+    ip(&["-n", ns, "link", "set", "underlay", "up"])?;
+    Ok(())
+}
+
 /// Takes a lease in `ns` with busybox's udhcpc asking for option 121 and applying the
 /// address and routes as a guest's client does; the routes it was given.
 fn lease(ns: &str, dir: &Path) -> Result<String> {
@@ -160,29 +180,7 @@ fn a_guest_reads_its_own_metadata_and_no_one_elses() -> Result<()> {
     for n in [&node, &g1, &g2] {
         ip(&["netns", "add", n])?;
     }
-    ip(&[
-        "-n",
-        &node,
-        "link",
-        "add",
-        "underlay",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "underlay-peer",
-    ])?;
-    ip(&["-n", &node, "link", "set", "underlay-peer", "up"])?;
-    ip(&[
-        "-n",
-        &node,
-        "addr",
-        "add",
-        "192.0.2.1/24",
-        "dev",
-        "underlay",
-    ])?;
-    ip(&["-n", &node, "link", "set", "underlay", "up"])?;
+    underlay(&node)?;
 
     let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBn0cLb3k3Cg4Qm0metadata e2e";
     api.kubectl_in(
@@ -451,29 +449,7 @@ spec: {{publicKey: "{v1}"}}
         node: Some(node),
     };
     ip(&["netns", "attach", &name, pid.trim()])?;
-    ip(&[
-        "-n",
-        &name,
-        "link",
-        "add",
-        "underlay",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "underlay-peer",
-    ])?;
-    ip(&["-n", &name, "link", "set", "underlay-peer", "up"])?;
-    ip(&[
-        "-n",
-        &name,
-        "addr",
-        "add",
-        "192.0.2.1/24",
-        "dev",
-        "underlay",
-    ])?;
-    ip(&["-n", &name, "link", "set", "underlay", "up"])?;
+    underlay(&name)?;
     let node = host.node.as_mut().context("the node")?;
     let kubeconfig = cloud.dir.path().join(format!("node-{name}.kubeconfig"));
     node.agent = Some(Proc::spawn(
