@@ -1041,6 +1041,16 @@ impl Links for OvsLinks {
             return Err(self.no_link(ns, name));
         }
         match master {
+            // Already a port of that network (its flows missing, as after a restarted switch
+            // or a del-flows by hand): only the flows are written, from what was just read,
+            // without a switch reconfiguration that changes nothing.
+            Some(m)
+                if s.ifaces
+                    .get(name.as_str())
+                    .is_some_and(|i| i.ofport.is_some() && i.role == Role::Port(m.to_string())) =>
+            {
+                return self.sync(&s);
+            }
             Some(m) => self.add_port(
                 name,
                 &[
