@@ -215,16 +215,7 @@ impl SwiftHash {
             TMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let _ = std::fs::remove_file(&tmp);
-        let written = (|| {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(hash.file_text().as_bytes())?;
-            f.sync_all()
-        })()
-        .map_err(io("write", &tmp));
+        let written = write_new(&tmp, 0o600, &hash.file_text()).map_err(io("write", &tmp));
         // Linked, not renamed: an agent that made one meanwhile keeps its own, and this one
         // reads it.
         let linked = written.and_then(|()| match std::fs::hard_link(&tmp, path) {
@@ -297,23 +288,24 @@ impl SwiftHash {
         })?;
         let tmp = path.with_extension("conf.tmp");
         let _ = std::fs::remove_file(&tmp);
-        let written = (|| {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o640)
-                .open(&tmp)?;
-            // The mode asked for, whatever the umask.
-            f.set_permissions(std::fs::Permissions::from_mode(0o640))?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
-        })();
+        let written = write_new(&tmp, 0o640, &text).and_then(|()| std::fs::rename(&tmp, path));
         if written.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
         written.map_err(io("write", path))
     }
+}
+
+/// Writes `text` to a new file at `path` of `mode` (whatever the umask), synced.
+fn write_new(path: &Path, mode: u32, text: &str) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
 }
 
 /// Lower-case hexadecimal.
