@@ -422,7 +422,16 @@ function setCell(cell, value) {
 /** The most rows a feed shows: its newest, however many objects its list holds. */
 export const FEED_ROWS = 200;
 
-const byName = (a, b) => text(meta(a).name).localeCompare(text(meta(b).name));
+/**
+ * By name, in code-unit order: names are DNS-1123 (lower-case ASCII), where that is the
+ * alphabet's order, and it costs far less than a locale's comparison on every drawing of a
+ * thousand rows.
+ */
+function byName(a, b) {
+  const x = text(meta(a).name);
+  const y = text(meta(b).name);
+  return x < y ? -1 : (x > y ? 1 : 0);
+}
 
 /** Newest first (by when each Event last happened), then by name. */
 function newestFirst(a, b) {
