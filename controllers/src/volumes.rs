@@ -28,7 +28,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use stratus_api_types::common::{Blocked, ConditionType, Reason};
 use stratus_api_types::storage::{
-    StoragePool, TEARDOWN_FINALIZER, VOLUME_TYPE_LABEL, Volume, VolumeSnapshot,
+    StoragePool, TEARDOWN_FINALIZER, VOLUME_TYPE_LABEL, VOLUME_UID, Volume, VolumeSnapshot,
 };
 use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
@@ -380,13 +380,22 @@ async fn place(v: &Volume, ctx: &Ctx) -> Result<Action, VolumesError> {
     if v.metadata.deletion_timestamp.is_some() {
         return let_go(v, ctx).await;
     }
-    if v.status.as_ref().is_some_and(|s| s.pool.is_some()) {
-        return Ok(Action::await_change());
+    let ns = v.namespace().ok_or(VolumesError::NoNamespace)?;
+    let name = v.name_any();
+    if let Some(pool) = v.status.as_ref().and_then(|s| s.pool.clone()) {
+        stratus_runtime::store_ready(&ctx.snapshots).await;
+        if !snapshots_waiting(&ctx.snapshots.state(), v) {
+            return Ok(Action::await_change());
+        }
+        // Snapshots asked before it was placed that its binding could not place (no room
+        // then): bound again to its pool, which places them once there is room.
+        crate::binding::bind::<Volume>(&ctx.client, &ns, &name, &pool)
+            .await
+            .map_err(VolumesError::Api)?;
+        return Ok(Action::requeue(RETRY_PENDING));
     }
     stratus_runtime::store_ready(&ctx.pools).await;
     stratus_runtime::store_ready(&ctx.snapshots).await;
-    let ns = v.namespace().ok_or(VolumesError::NoNamespace)?;
-    let name = v.name_any();
     let key = volume_key(v);
     let source_pool = match ctx.source_pool(v, &ns) {
         Ok(p) => p,
@@ -439,6 +448,17 @@ async fn place(v: &Volume, ctx: &Ctx) -> Result<Action, VolumesError> {
     }
     // Every candidate filled up meanwhile: look again with a fresher view.
     Ok(Action::requeue(Duration::from_millis(200)))
+}
+
+/// Whether a snapshot of `v` (by its uid) waits for its placement: not placed, not deleted.
+fn snapshots_waiting(snapshots: &[Arc<VolumeSnapshot>], v: &Volume) -> bool {
+    let uid = v.uid();
+    snapshots.iter().any(|s| {
+        s.namespace() == v.namespace()
+            && s.annotations().get(VOLUME_UID) == uid.as_ref()
+            && s.metadata.deletion_timestamp.is_none()
+            && s.status.as_ref().is_none_or(|st| st.pool.is_none())
+    })
 }
 
 fn error_policy(v: Arc<Volume>, e: &VolumesError, ctx: Arc<Ctx>) -> Action {
@@ -799,6 +819,55 @@ mod tests {
             "{}",
             err.message
         );
+    }
+
+    #[test]
+    fn a_placed_volume_is_bound_again_only_for_its_waiting_snapshots() {
+        let v: Volume = serde_json::from_value(json!({
+            "apiVersion": "storage.stratus.dev/v1", "kind": "Volume",
+            "metadata": {"name": "v", "namespace": "demo", "uid": "u1"},
+            "spec": {"sizeGiB": 1},
+            "status": {"pool": "p", "node": "n"},
+        }))
+        .expect("a volume");
+        let snap = |ns: &str, of: &str, status: serde_json::Value, deleted: bool| {
+            let mut s: VolumeSnapshot = serde_json::from_value(json!({
+                "apiVersion": "storage.stratus.dev/v1", "kind": "VolumeSnapshot",
+                "metadata": {"name": "s", "namespace": ns,
+                             "annotations": {VOLUME_UID: of}},
+                "spec": {"volume": "v"},
+                "status": status,
+            }))
+            .expect("a snapshot");
+            if deleted {
+                s.metadata.deletion_timestamp = Some(
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(heartbeat()),
+                );
+            }
+            Arc::new(s)
+        };
+        let pending = json!({"phase": "Pending"});
+        assert!(snapshots_waiting(
+            &[snap("demo", "u1", pending.clone(), false)],
+            &v
+        ));
+        assert!(!snapshots_waiting(&[], &v));
+        for other in [
+            snap(
+                "demo",
+                "u1",
+                json!({"phase": "Creating", "pool": "p"}),
+                false,
+            ),
+            snap("demo", "u0", pending.clone(), false),
+            snap("other", "u1", pending.clone(), false),
+            snap("demo", "u1", pending.clone(), true),
+        ] {
+            assert!(
+                !snapshots_waiting(std::slice::from_ref(&other), &v),
+                "{other:?}"
+            );
+        }
     }
 
     #[test]

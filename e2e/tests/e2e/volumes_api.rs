@@ -462,3 +462,85 @@ async fn extends_snapshots_bad_input_and_what_a_node_may_touch() -> Result<()> {
     ensure!(!moved.status.success(), "a node moved its volume");
     Ok(())
 }
+
+/// A snapshot asked of a volume no pool can take yet is accepted and waits (`Pending`,
+/// `Ready=False` `SourceNotReady`); the volume scheduler places the volume once a pool
+/// appears, and the snapshot with it when there is room, else once room appears (the
+/// scheduler binds the volume again while a snapshot of it waits).
+#[tokio::test]
+async fn a_snapshot_of_a_volume_not_placed_yet_is_placed_with_it() -> Result<()> {
+    let cloud = Cloud::up_with(&["--nodes", "n1"])?;
+    cloud.projects(&["demo"])?;
+    let client = cloud.client().await?;
+    let pools: Api<StoragePool> = Api::all(client.clone());
+    let vols: Api<Volume> = Api::namespaced(client.clone(), "demo");
+    let snaps: Api<VolumeSnapshot> = Api::namespaced(client.clone(), "demo");
+    vols.create(&PostParams::default(), &volume("v", 3)?)
+        .await?;
+    let early: VolumeSnapshot = serde_json::from_value(json!({
+        "apiVersion": "storage.stratus.dev/v1", "kind": "VolumeSnapshot",
+        "metadata": {"name": "early"},
+        "spec": {"volume": "v"},
+    }))?;
+    let made = snaps.create(&PostParams::default(), &early).await?;
+    let ready = |s: &VolumeSnapshot| {
+        s.status
+            .as_ref()
+            .and_then(|st| st.conditions.iter().find(|c| c.type_ == "Ready").cloned())
+    };
+    let st = made.status.clone().context("its status")?;
+    ensure!(st.pool.is_none() && st.size_gib.is_none(), "{st:?}");
+    let waits = ready(&made).context("its Ready condition")?;
+    ensure!(
+        (waits.status.as_str(), waits.reason.as_str()) == ("False", "SourceNotReady"),
+        "{waits:?}"
+    );
+    // A pool with room for the volume alone.
+    pool(&pools, "p1", "n1", 4).await?;
+    wait_volumes(&vols, "v placed", |l| {
+        l.iter().any(|v| placed_on(v) == Some("p1"))
+    })
+    .await
+    .with_context(|| cloud.log())?;
+    let told = wait_snapshot(&snaps, "the snapshot saying why it waits", |s| {
+        ready(s).is_some_and(|c| c.message.contains("1 GiB free, 3 GiB asked"))
+    })
+    .await
+    .with_context(|| cloud.log())?;
+    ensure!(
+        told.status.as_ref().is_some_and(|s| s.pool.is_none()),
+        "{told:?}"
+    );
+    // Room appears (the pool grows): the snapshot is placed with its volume.
+    let grown = json!({"status": {"capacityGiB": 10}});
+    pools
+        .patch_status("p1", &PatchParams::default(), &Patch::Merge(&grown))
+        .await?;
+    wait_snapshot(&snaps, "the snapshot placed", |s| {
+        s.status
+            .as_ref()
+            .is_some_and(|st| st.pool.as_deref() == Some("p1") && st.size_gib == Some(3))
+    })
+    .await
+    .with_context(|| cloud.log())?;
+    Ok(())
+}
+
+/// Waits until `ok` holds of snapshot `early`; the snapshot then.
+async fn wait_snapshot(
+    snaps: &Api<VolumeSnapshot>,
+    what: &str,
+    ok: impl Fn(&VolumeSnapshot) -> bool,
+) -> Result<VolumeSnapshot> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = snaps.get("early").await?;
+        if ok(&s) {
+            return Ok(s);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{what}: not within {WAIT:?}; the snapshot: {:?}", s.status);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
