@@ -1278,6 +1278,43 @@ fn a_servers_console_is_written_by_its_node_and_read_by_its_projects_members() -
         "exactly 64 KiB"
     );
     assert_eq!(call("GET", &tokens["mia"], None)?.body.len(), 64 * 1024);
+    // The compute agent's sender, as node n1, sends the log file it gives the guest
+    // (STATE/servers/UID/console.log) for a server placed on n1.
+    let server: stratus_api_types::compute::Server = serde_json::from_str(
+        &api.kubectl_ok(&["-n", "con-a", "get", "server", "web-1", "-o", "json"])?,
+    )?;
+    let uid = server.metadata.uid.clone().context("web-1's uid")?;
+    let state = tempfile::tempdir()?;
+    let guest = state.path().join("servers").join(&uid);
+    std::fs::create_dir_all(&guest)?;
+    std::fs::write(
+        guest.join("console.log"),
+        "[    0.000000] Linux version\nweb-1 login: ",
+    )?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let agent = rt.block_on(async {
+        let kc = kube::config::Kubeconfig::read_from(nodes.path().join("n1.kubeconfig"))?;
+        let client = kube::Client::try_from(
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
+        )?;
+        let (reader, mut writer) = kube::runtime::reflector::store();
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(server));
+        anyhow::Ok(tokio::spawn(stratus_agents::compute::console::run(
+            client,
+            reader,
+            "n1".into(),
+            state.path().to_path_buf(),
+        )))
+    })?;
+    let sent = wait_until(Duration::from_secs(60), "the agent's console", || {
+        call("GET", &tokens["mia"], None)
+            .ok()
+            .filter(|a| a.body.ends_with("web-1 login: "))
+    });
+    agent.abort();
+    drop(rt);
+    assert_eq!(sent?.body, "[    0.000000] Linux version\nweb-1 login: ");
+
     // Another verb, a bad name: 4xx Statuses.
     assert_eq!(call("DELETE", admin, None)?.code, 405);
     let bad = curl(
