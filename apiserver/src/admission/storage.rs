@@ -502,21 +502,15 @@ async fn update_volume(
             }
             continue;
         };
-        let pool_key = keys::object(ctx.prefix, GROUP, "storagepools", None, pool);
-        let on = claims(ctx.prefix, pool);
-        let mine = on.key(uid);
-        let (got, at) = ctx
-            .store
-            .read_many(&[Read::Key(&pool_key), Read::Prefix(on.prefix())])
-            .await
-            .map_err(ApiError::from)?;
-        let others = claimed_gib(
-            got[1]
-                .iter()
-                .filter(|(k, _)| *k != mine)
-                .map(|(_, c)| &c.value),
-        );
-        let Some((_, pool_obj)) = got[0].first() else {
+        let PoolRead {
+            key: pool_key,
+            claims: on,
+            mine,
+            pool: pool_obj,
+            others,
+            at,
+        } = read_pool(ctx, pool, uid).await?;
+        let Some(pool_obj) = pool_obj else {
             return Err(conflict_field(
                 &s,
                 w.new,
@@ -616,6 +610,48 @@ async fn export_host(
     }
 }
 
+/// A pool and its claims, read at one revision.
+struct PoolRead {
+    /// The pool's key.
+    key: String,
+    /// Its claims.
+    claims: Claims,
+    /// The key of the claim of the object being written.
+    mine: String,
+    /// The pool, if it exists.
+    pool: Option<Stored>,
+    /// What every other claim on it holds, GiB.
+    others: u64,
+    /// The revision read at.
+    at: i64,
+}
+
+/// Reads pool `pool` and its claims, for the object of `uid` claiming on it.
+async fn read_pool(ctx: Ctx<'_>, pool: &str, uid: &str) -> ApiResult<PoolRead> {
+    let key = keys::object(ctx.prefix, GROUP, "storagepools", None, pool);
+    let on = claims(ctx.prefix, pool);
+    let mine = on.key(uid);
+    let (mut got, at) = ctx
+        .store
+        .read_many(&[Read::Key(&key), Read::Prefix(on.prefix())])
+        .await
+        .map_err(ApiError::from)?;
+    let others = claimed_gib(
+        got[1]
+            .iter()
+            .filter(|(k, _)| *k != mine)
+            .map(|(_, c)| &c.value),
+    );
+    Ok(PoolRead {
+        pool: got[0].pop().map(|(_, p)| p),
+        key,
+        claims: on,
+        mine,
+        others,
+        at,
+    })
+}
+
 /// One guarded transaction of puts; its revision, or `None` when a guard failed.
 async fn write(
     ctx: Ctx<'_>,
@@ -684,26 +720,20 @@ async fn place_snapshot(
             "volume {volume:?} is not placed on a storage pool yet"
         )));
     };
-    let pool_key = keys::object(ctx.prefix, GROUP, "storagepools", None, pool);
-    let on = claims(ctx.prefix, pool);
     let uid = meta::meta_str(obj, "uid").unwrap_or_default();
-    let mine = on.key(uid);
-    let (got, at) = ctx
-        .store
-        .read_many(&[Read::Key(&pool_key), Read::Prefix(on.prefix())])
-        .await
-        .map_err(ApiError::from)?;
-    let Some((_, pool_obj)) = got[0].first() else {
+    let PoolRead {
+        key: pool_key,
+        claims: on,
+        mine,
+        pool: pool_obj,
+        others,
+        at,
+    } = read_pool(ctx, pool, uid).await?;
+    let Some(pool_obj) = pool_obj else {
         return Ok(Err(format!(
             "the storage pool {pool} of volume {volume:?} is gone"
         )));
     };
-    let others = claimed_gib(
-        got[1]
-            .iter()
-            .filter(|(k, _)| *k != mine)
-            .map(|(_, c)| &c.value),
-    );
     if let Err(why) = fits(pool, &pool_obj.value, others, size) {
         return Ok(Err(format!(
             "no room for a snapshot of volume {volume:?}: {why}"

@@ -387,6 +387,22 @@ async fn a_volume_grows_within_its_pool_and_quota_and_never_shrinks() {
     assert_eq!(e.code, 403);
 }
 
+/// Checks that snapshot `s` of the 3 GiB volume on pool `p1` (node `n1`, 10 GiB) is placed
+/// there with that size, and that its claim counts: 3 + 3 of 10 leave 4 for a volume `w`.
+async fn placed_beside_its_volume(c: &Cloud, s: &Value) {
+    assert_eq!(s["status"]["pool"], "p1");
+    assert_eq!(s["status"]["node"], "n1");
+    assert_eq!(s["status"]["sizeGiB"], 3);
+    assert_eq!(s["status"]["phase"], "Creating");
+    c.create(&volume("demo", "w", json!(5))).await.expect("w");
+    let e = refused(bind(c, "w", "p1").await);
+    assert!(
+        e.message.contains("4 GiB free, 5 GiB asked"),
+        "{}",
+        e.message
+    );
+}
+
 #[tokio::test]
 async fn a_snapshot_is_placed_with_its_volume_and_holds_it() {
     let c = with_pool(10).await;
@@ -396,18 +412,7 @@ async fn a_snapshot_is_placed_with_its_volume_and_holds_it() {
     c.create(&volume("demo", "v", json!(3))).await.expect("v");
     bind(&c, "v", "p1").await.expect("v");
     let s = c.create(&snapshot("demo", "s", "v")).await.expect("s");
-    assert_eq!(s["status"]["pool"], "p1");
-    assert_eq!(s["status"]["node"], "n1");
-    assert_eq!(s["status"]["sizeGiB"], 3);
-    assert_eq!(s["status"]["phase"], "Creating");
-    // Its claim counts: 3 + 3 of 10 leave 4.
-    c.create(&volume("demo", "w", json!(5))).await.expect("w");
-    let e = refused(bind(&c, "w", "p1").await);
-    assert!(
-        e.message.contains("4 GiB free, 5 GiB asked"),
-        "{}",
-        e.message
-    );
+    placed_beside_its_volume(&c, &s).await;
     // A volume made from it goes to its pool, at least its size.
     pool(&c, "p2", "n2", 10).await;
     let small = volume("demo", "r", json!(2)).spec("source", json!({"snapshot": "s"}));
@@ -489,18 +494,7 @@ async fn a_snapshot_of_an_unplaced_volume_waits_and_is_placed_with_it() {
         .get("VolumeSnapshot", Some("demo"), "early")
         .await
         .expect("early");
-    assert_eq!(s["status"]["pool"], "p1");
-    assert_eq!(s["status"]["node"], "n1");
-    assert_eq!(s["status"]["sizeGiB"], 3);
-    assert_eq!(s["status"]["phase"], "Creating");
-    // Its claim counts: 3 + 3 of 10 leave 4.
-    c.create(&volume("demo", "w", json!(5))).await.expect("w");
-    let e = refused(bind(&c, "w", "p1").await);
-    assert!(
-        e.message.contains("4 GiB free, 5 GiB asked"),
-        "{}",
-        e.message
-    );
+    placed_beside_its_volume(&c, &s).await;
     // 3 + 3 + 3 leave no room for a snapshot of a third 3 GiB volume: it waits, saying why.
     c.create(&volume("demo", "big", json!(3)))
         .await
