@@ -4,7 +4,8 @@
 //! Stratus API server's `/identity/v3`, validating tokens as a service identity of its own.
 //! python-swiftclient logs in with a Stratus user's password and PUTs, GETs, LISTs and DELETEs;
 //! boto3 does the same with an S3 key issued through the Stratus API; another project's user,
-//! a wrong S3 secret and a revoked token are refused.
+//! a wrong S3 secret and a revoked token are refused. A project deleted on `stratus up` (its
+//! controller emptying it) takes its S3 credentials and their index records out of etcd.
 //! Needs Debian's swift-proxy, swift-account, swift-container, swift-object,
 //! python3-keystonemiddleware, python3-swiftclient and python3-boto3 (scripts/setup.sh).
 
@@ -457,5 +458,62 @@ fn swift_and_s3_with_stratus_identity() -> Result<()> {
         "a deleted key listed buckets"
     );
     drop(swift);
+    Ok(())
+}
+
+/// Every key etcd holds whose name or value mentions `needle`.
+fn etcd_mentions(cloud: &stratus_e2e::Cloud, needle: &str) -> Result<Vec<String>> {
+    let out = cloud.etcdctl(&["get", "", "--prefix"])?;
+    ensure!(
+        out.status.success(),
+        "etcdctl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(String::from)
+        .collect())
+}
+
+#[test]
+fn a_deleted_projects_s3_keys_go_with_it() -> Result<()> {
+    let cloud = stratus_e2e::Cloud::up()?;
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: identity.stratus.dev/v1\nkind: Project\nmetadata:\n  name: s3gone\nspec: {}\n---\n\
+         apiVersion: identity.stratus.dev/v1\nkind: User\nmetadata:\n  name: gail\nspec: {}\n---\n\
+         apiVersion: identity.stratus.dev/v1\nkind: RoleAssignment\nmetadata:\n  name: gail-member\n  namespace: s3gone\nspec:\n  user: gail\n  role: member\n",
+    )?;
+    let made = wait_until(WAIT, "an S3 credential in the new project", || {
+        cloud
+            .kubectl_in(
+                &["create", "-f", "-", "-o", "json"],
+                "apiVersion: identity.stratus.dev/v1\nkind: S3Credential\nmetadata:\n  name: gail-s3\n  namespace: s3gone\nspec:\n  user: gail\n",
+            )
+            .ok()
+    })?;
+    let made: Value = serde_json::from_str(&made)?;
+    let access = made["status"]["accessKeyId"]
+        .as_str()
+        .context("no access key")?
+        .to_string();
+    // The credential and its index record, as etcd holds them.
+    let before = etcd_mentions(&cloud, &access)?;
+    ensure!(
+        before.iter().any(|k| k.contains("_system/s3credentials")),
+        "no index record: {before:?}"
+    );
+
+    // The project's deletion (the project controller's cleanup) takes both away.
+    cloud.kubectl_ok(&["delete", "project", "s3gone", "--wait=false"])?;
+    wait_until(WAIT, "project s3gone gone", || {
+        cloud
+            .kubectl(&["get", "project", "s3gone"])
+            .ok()
+            .filter(|o| String::from_utf8_lossy(&o.stderr).contains("NotFound"))
+    })?;
+    let after = etcd_mentions(&cloud, &access)?;
+    ensure!(after.is_empty(), "left in etcd: {after:?}");
     Ok(())
 }
