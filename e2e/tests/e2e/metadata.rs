@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
-use stratus_e2e::node::{Guest, Node};
+use stratus_e2e::node::{Guest, Node, NodeNetns};
 use stratus_e2e::{
     Apiserver, Cloud, Etcd, Proc, ip, netns_exec, repo_root, stratus_bin, wait_until,
 };
@@ -44,19 +44,28 @@ fn get(ns: &str, path: &str, source: Option<&str>) -> (u16, String) {
     (code.trim().parse().unwrap_or_default(), body.to_owned())
 }
 
-/// Namespaces, and the agent's DHCP servers and their namespaces, removed when dropped; a
-/// simulated node's agent is stopped first, so that it makes none of them again.
+/// Namespaces, and the agent's DHCP servers and their namespaces, removed when dropped.
 struct Host {
     namespaces: Vec<String>,
     dhcp_dir: std::path::PathBuf,
-    node: Option<Node>,
+}
+
+/// A simulated node and its named network namespace. Dropped: the agent is stopped first,
+/// so that it makes no DHCP server again, then the namespace's DHCP servers go (while the
+/// node's directory that lists them is still there), then the node.
+struct NetworkNode {
+    _net: NodeNetns,
+    node: Node,
+}
+
+impl Drop for NetworkNode {
+    fn drop(&mut self) {
+        self.node.kill_agent();
+    }
 }
 
 impl Drop for Host {
     fn drop(&mut self) {
-        if let Some(node) = &mut self.node {
-            node.kill_agent();
-        }
         for e in std::fs::read_dir(&self.dhcp_dir)
             .into_iter()
             .flatten()
@@ -175,7 +184,6 @@ fn a_guest_reads_its_own_metadata_and_no_one_elses() -> Result<()> {
     let _host = Host {
         namespaces: vec![node.clone(), g1.clone(), g2.clone()],
         dhcp_dir: state.path().join("network/dhcp"),
-        node: None,
     };
     for n in [&node, &g1, &g2] {
         ip(&["netns", "add", n])?;
@@ -440,33 +448,12 @@ spec: {{publicKey: "{v1}"}}
     )?;
 
     // The node's namespace (libvirtd's, where QEMU's taps appear), named for the network
-    // agent, with a tunnel address.
-    let pid = std::fs::read_to_string(node.dir.path().join("libvirtd.pid"))?;
-    let state = node.dir.path().join("state");
-    let mut host = Host {
-        namespaces: vec![name.clone()],
-        dhcp_dir: state.join("network/dhcp"),
-        node: Some(node),
-    };
-    ip(&["netns", "attach", &name, pid.trim()])?;
-    underlay(&name)?;
-    let node = host.node.as_mut().context("the node")?;
-    let kubeconfig = cloud.dir.path().join(format!("node-{name}.kubeconfig"));
-    node.agent = Some(Proc::spawn(
-        &format!("agent of {name}"),
-        Command::new(stratus_bin())
-            .args(["agent", "--node", &name, "--roles", "compute,network"])
-            .args(["--libvirt-uri", &node.uri(), "--heartbeat-seconds", "2"])
-            .arg("--image-url-allow-loopback")
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--network-namespace", &name, "--underlay-ip", "192.0.2.1"])
-            .args(["--network-resync-seconds", "1"]),
-        &node.dir.path().join("agent.log"),
-    )?);
-    let node = &*node;
+    // agent, with a tunnel address; the agent with the compute and network roles.
+    let net = node.netns("192.0.2.1/24")?;
+    let mut rig = NetworkNode { _net: net, node };
+    rig.node
+        .start_compute_network_agent(&cloud, "192.0.2.1", &[])?;
+    let node = &rig.node;
 
     let servers = ["web", "db"];
     for (server, (key, _)) in servers.iter().zip(keys) {
@@ -519,6 +506,6 @@ spec: {{publicKey: "{v1}"}}
         assert!(!console.contains(other_uid.as_str()), "{console}");
         assert!(!console.contains(other_key), "{console}");
     }
-    drop(host);
+    drop(rig);
     Ok(())
 }
