@@ -62,6 +62,11 @@ pub struct ServingArgs {
     /// answered 429 (0: no limit).
     #[arg(long, default_value_t = 100)]
     pub identity_requests_per_second: u32,
+    /// The address a Swift proxy calls the API server from (repeatable): its `s3tokens`
+    /// calls, one for each S3 request of any client, are not limited per source address
+    /// (limit S3 clients at the proxy instead).
+    #[arg(long = "identity-proxy-address", value_name = "IP")]
+    pub identity_proxy_addresses: Vec<std::net::IpAddr>,
 }
 
 impl ServingArgs {
@@ -94,6 +99,9 @@ impl ServingArgs {
             per_second: f64::from(self.identity_requests_per_second),
             burst: self.identity_requests_per_second.saturating_mul(2),
         };
+        config
+            .identity_proxies
+            .extend(self.identity_proxy_addresses.iter().copied());
     }
 }
 

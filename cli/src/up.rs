@@ -460,6 +460,13 @@ pub async fn run(args: UpArgs) -> Result<()> {
         // Tokens' catalogs lead Swift's clients to their project's account on the proxy.
         config.object_store_url = Some(objects.url());
     }
+    if objects.object_store {
+        // The proxy calls the API server over loopback: its s3tokens calls carry every S3
+        // client's requests and are not limited as one source.
+        config
+            .identity_proxies
+            .push(std::net::Ipv4Addr::LOCALHOST.into());
+    }
     let server = match stratus_apiserver::start(config).await {
         Ok(s) => s,
         Err(e) => {

@@ -1,12 +1,13 @@
 //! The guests' serial console logs as the API serves them (`servers/NAME/console`): every few
 //! seconds, the last [`MAX_BYTES`] of the log of each Server placed on this node is sent
-//! when it changed. The file read is the one this agent gives the guest
+//! when it changed, paced per Server ([`Pace`]: a few sends at once, then one a minute), so a
+//! guest that never stops printing costs etcd one write a minute, not one every tick. The file read is the one this agent gives the guest
 //! (`STATE_DIR/servers/UID/console.log`), never a path read from the API.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
@@ -16,6 +17,46 @@ use stratus_api_types::compute::Server;
 pub const MAX_BYTES: u64 = 64 * 1024;
 /// How often the logs are looked at.
 const EVERY: Duration = Duration::from_secs(5);
+/// The sends one Server's log may make at once (a boot's output reaches the API as it comes).
+const BURST: f64 = 6.0;
+/// How often one Server's log may be sent once its burst is spent.
+const SUSTAINED: Duration = Duration::from_secs(60);
+
+/// A token bucket per Server: [`BURST`] sends at once, refilled by one every [`SUSTAINED`].
+#[derive(Debug, Default)]
+pub struct Pace {
+    buckets: HashMap<String, (f64, Instant)>,
+}
+
+impl Pace {
+    /// Takes one send of the log of the server `uid` at `now`; false when it must wait.
+    pub fn take(&mut self, uid: &str, now: Instant) -> bool {
+        let (tokens, at) = self.buckets.entry(uid.to_owned()).or_insert((BURST, now));
+        let refilled = (*tokens
+            + now.saturating_duration_since(*at).as_secs_f64() / SUSTAINED.as_secs_f64())
+        .min(BURST);
+        *at = now;
+        *tokens = refilled;
+        if refilled < 1.0 {
+            return false;
+        }
+        *tokens -= 1.0;
+        true
+    }
+
+    /// Forgets the servers `keep` does not keep.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.buckets.retain(|uid, _| keep(uid));
+    }
+}
+
+/// A digest of a log, to know whether it changed without keeping it.
+fn digest(data: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    data.hash(&mut h);
+    h.finish()
+}
 
 /// The last `max` bytes of the file at `path` (all of it when shorter); `None` when there is
 /// no such file. Reads at most `max` bytes whatever the file's size.
@@ -74,13 +115,15 @@ pub fn logs(servers: &[std::sync::Arc<Server>], node: &str, state_dir: &Path) ->
 
 /// Sends the consoles of the servers placed on `node` until dropped.
 pub async fn run(client: Client, servers: Store<Server>, node: String, state_dir: PathBuf) {
-    // What was last sent, by uid: a log is sent again only once it changed.
-    let mut sent: HashMap<String, Vec<u8>> = HashMap::new();
+    // A digest of what was last sent, by uid: a log is sent again only once it changed.
+    let mut sent: HashMap<String, u64> = HashMap::new();
+    let mut pace = Pace::default();
     let mut tick = tokio::time::interval(EVERY);
     loop {
         tick.tick().await;
         let logs = logs(&servers.state(), &node, &state_dir);
         sent.retain(|uid, _| logs.iter().any(|l| &l.uid == uid));
+        pace.retain(|uid| logs.iter().any(|l| l.uid == uid));
         for log in logs {
             let path = log.path.clone();
             let data = match tokio::task::spawn_blocking(move || tail(&path, MAX_BYTES)).await {
@@ -95,7 +138,8 @@ pub async fn run(client: Client, servers: Store<Server>, node: String, state_dir
                     continue;
                 }
             };
-            if sent.get(&log.uid) == Some(&data) {
+            let changed = digest(&data);
+            if sent.get(&log.uid) == Some(&changed) || !pace.take(&log.uid, Instant::now()) {
                 continue;
             }
             // A PUT of the raw bytes to `servers/NAME/console` (the API reads them as they are).
@@ -111,7 +155,7 @@ pub async fn run(client: Client, servers: Store<Server>, node: String, state_dir
             match request {
                 Ok(r) => match client.request_text(r).await {
                     Ok(_) => {
-                        sent.insert(log.uid, data);
+                        sent.insert(log.uid, changed);
                     }
                     // A conflict (the server changed meanwhile) or an API down: the next tick
                     // sends it again.
@@ -129,6 +173,24 @@ pub async fn run(client: Client, servers: Store<Server>, node: String, state_dir
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn a_log_that_keeps_changing_is_sent_a_few_times_then_once_a_minute() {
+        let mut pace = Pace::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // A boot's output: every 5 s tick for the first half minute, six go at once.
+        let sent = (0..6).filter(|i| pace.take("a", at(i * 5))).count();
+        assert_eq!(sent, 6);
+        // Then one a minute, however often it changes.
+        let sent = (6..30).filter(|i| pace.take("a", at(i * 5))).count();
+        assert_eq!(sent, 2, "two minutes of ticks after the burst");
+        // Another server has its own; a quiet hour refills the burst and no more.
+        assert!(pace.take("b", at(150)));
+        assert_eq!((0..10).filter(|_| pace.take("a", at(3750))).count(), 6);
+        pace.retain(|uid| uid == "b");
+        assert!(pace.take("a", at(3750)), "a forgotten server starts afresh");
+    }
 
     #[test]
     fn the_tail_is_bounded_and_a_missing_log_is_none() {

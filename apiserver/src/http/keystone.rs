@@ -96,6 +96,8 @@ const SOURCES: usize = 100_000;
 pub struct SourceLimit {
     rate: SourceRate,
     buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    /// The Swift proxies' addresses, whose `s3tokens` calls are not limited per source.
+    proxies: Vec<IpAddr>,
 }
 
 impl SourceLimit {
@@ -104,7 +106,25 @@ impl SourceLimit {
         Self {
             rate,
             buckets: Mutex::default(),
+            proxies: Vec::new(),
         }
+    }
+
+    /// The same limit, but `s3tokens` calls from `proxies` are not limited per source: a
+    /// Swift proxy makes one for every S3 request of every client, so one client over the
+    /// limit would deny S3 to all (limit S3 clients at the proxy, e.g. its `ratelimit`).
+    #[must_use]
+    pub fn with_proxies(mut self, proxies: Vec<IpAddr>) -> Self {
+        self.proxies = proxies;
+        self
+    }
+
+    /// Takes one `s3tokens` call of `source` (none from a Swift proxy).
+    fn take_s3(&self, source: Option<IpAddr>, now: Instant) -> Result<(), u32> {
+        if source.is_some_and(|s| self.proxies.contains(&s)) {
+            return Ok(());
+        }
+        self.take(source, now)
     }
 
     /// Takes one request of `source` at `now`.
@@ -145,13 +165,22 @@ impl SourceLimit {
 
     /// 429 past the limit.
     fn admit(&self, source: Option<IpAddr>) -> ApiResult<()> {
-        self.take(source, Instant::now()).map_err(|after| {
-            ApiError::too_many_requests(
-                "too many identity requests from this address; retry later",
-                after,
-            )
-        })
+        too_many(self.take(source, Instant::now()))
     }
+
+    /// 429 past the limit, for an `s3tokens` call.
+    fn admit_s3(&self, source: Option<IpAddr>) -> ApiResult<()> {
+        too_many(self.take_s3(source, Instant::now()))
+    }
+}
+
+fn too_many(taken: Result<(), u32>) -> ApiResult<()> {
+    taken.map_err(|after| {
+        ApiError::too_many_requests(
+            "too many identity requests from this address; retry later",
+            after,
+        )
+    })
 }
 
 /// Whether `path` is one of the identity endpoints.
@@ -192,7 +221,7 @@ pub(crate) async fn serve(
         }
         (&Method::GET | &Method::HEAD, "/v3/auth/tokens") => validate(state, &parts.headers).await,
         (&Method::DELETE, "/v3/auth/tokens") => revoke(state, &parts.headers).await,
-        (&Method::POST, "/v3/s3tokens") => match state.identity_limit.admit(source) {
+        (&Method::POST, "/v3/s3tokens") => match state.identity_limit.admit_s3(source) {
             Ok(()) => match read(body).await {
                 Ok(bytes) => s3tokens(state, &bytes).await,
                 Err(e) => Err(e),
@@ -899,6 +928,29 @@ mod tests {
         });
         assert!((0..10).all(|_| off.take(a, t0).is_ok()));
         assert!((0..10).all(|_| slow.take(None, t0).is_ok()));
+    }
+
+    #[test]
+    fn a_swift_proxys_s3tokens_calls_are_not_limited_but_its_logins_are() {
+        let proxy = Some(IpAddr::from([10, 0, 0, 9]));
+        let client = Some(IpAddr::from([10, 0, 0, 1]));
+        let limit = SourceLimit::new(SourceRate {
+            per_second: 1.0,
+            burst: 2,
+        })
+        .with_proxies(vec![IpAddr::from([10, 0, 0, 9])]);
+        let t0 = Instant::now();
+        assert!(
+            (0..50).all(|_| limit.take_s3(proxy, t0).is_ok()),
+            "one S3 client's burst through the proxy would deny S3 to every client"
+        );
+        assert!((0..2).all(|_| limit.take_s3(client, t0).is_ok()));
+        assert!(
+            limit.take_s3(client, t0).is_err(),
+            "a direct caller is limited"
+        );
+        assert!((0..2).all(|_| limit.take(proxy, t0).is_ok()));
+        assert!(limit.take(proxy, t0).is_err(), "logins from it are limited");
     }
 
     #[test]

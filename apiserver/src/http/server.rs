@@ -58,6 +58,9 @@ pub struct Config {
     /// Requests per source address to the identity endpoints that take no credential
     /// (Keystone password logins and `s3tokens`).
     pub identity_rate: crate::http::keystone::SourceRate,
+    /// The Swift proxies' addresses: their `s3tokens` calls (one per S3 request of any
+    /// client) are not limited per source.
+    pub identity_proxies: Vec<std::net::IpAddr>,
 }
 
 impl Config {
@@ -78,6 +81,7 @@ impl Config {
             login: crate::policy::identity::LoginPolicy::default(),
             object_store_url: None,
             identity_rate: crate::http::keystone::SourceRate::default(),
+            identity_proxies: Vec::new(),
         }
     }
 }
@@ -467,7 +471,8 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
             config.limits.max_mutating_requests_inflight,
         ),
         watches: crate::http::limits::Watches::default(),
-        identity_limit: crate::http::keystone::SourceLimit::new(config.identity_rate),
+        identity_limit: crate::http::keystone::SourceLimit::new(config.identity_rate)
+            .with_proxies(config.identity_proxies.clone()),
         api,
         config,
         audit,
