@@ -70,7 +70,12 @@ pub(super) fn jsonpath(api: &Apiserver, kind: &str, name: &str, path: &str) -> R
     kubectl(api, &["get", kind, name, "-o", &format!("jsonpath={path}")])
 }
 
-pub(super) fn patch_status(api: &Apiserver, kind: &str, name: &str, status: serde_json::Value) -> Result<()> {
+pub(super) fn patch_status(
+    api: &Apiserver,
+    kind: &str,
+    name: &str,
+    status: serde_json::Value,
+) -> Result<()> {
     let body = serde_json::json!({ "status": status }).to_string();
     kubectl(
         api,
