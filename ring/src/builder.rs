@@ -1382,6 +1382,39 @@ mod tests {
             .sum()
     }
 
+    /// Three zones, the third with twice the weight (two devices): by weight alone it would
+    /// take half the replicas, two of some partition's three; an overload of a half lets
+    /// every partition have one replica in each zone, whatever the seed.
+    #[test]
+    fn overload_disperses_replicas_over_unequal_zones() {
+        for seed in 1..20 {
+            let mut b = RingBuilder::new(4, 3.0, 0).expect("as the test set it up");
+            for (zone, dev) in [(1, "d1"), (2, "d1"), (3, "d1"), (3, "d2")] {
+                b.add_device(Device::new(
+                    1,
+                    zone,
+                    format!("127.0.78.{}", zone + 1),
+                    6200,
+                    dev,
+                    100.0,
+                ))
+                .expect("as the test set it up");
+            }
+            b.set_overload(0.5).expect("as the test set it up");
+            let done = b.rebalance(T0, seed).expect("as the test set it up");
+            assert_eq!(done.dispersion, 0.0, "seed {seed}");
+            for part in 0..b.parts() {
+                let mut zones: Vec<u32> = b
+                    .assignment()
+                    .iter()
+                    .map(|r| b.device(r[part]).expect("as the test set it up").zone)
+                    .collect();
+                zones.sort();
+                assert_eq!(zones, [1, 2, 3], "seed {seed}, partition {part}");
+            }
+        }
+    }
+
     #[test]
     fn replicas_go_to_distinct_zones_evenly() {
         let mut b = ring(10, 3.0, 3, 2);

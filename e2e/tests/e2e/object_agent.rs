@@ -40,7 +40,10 @@ fn name(i: usize) -> String {
 }
 
 /// The devices of node `i`: one each, two on the third (so that one can be drained while
-/// three zones still hold the three replicas).
+/// three zones still hold the three replicas). By weight alone the third zone would take two
+/// replicas of some partitions and the others none, and which partition an object is in
+/// depends on the cluster's hash, random per run: the rings' overload of a half lets every
+/// partition keep one replica in each zone (as Swift's operators set it for unequal zones).
 fn devices(i: usize) -> &'static [&'static str] {
     if i == 2 { &["d1", "d2"] } else { &["d1"] }
 }
@@ -49,7 +52,7 @@ fn rings_yaml() -> String {
     let mut out = String::new();
     for (kind, port) in PORTS {
         out.push_str(&format!(
-            "apiVersion: object.stratus.dev/v1\nkind: ObjectRing\nmetadata:\n  name: oa-{kind}\nspec:\n  ringType: {kind}\n  partPower: 4\n  replicas: 3\n  minPartHours: 0\n  devices:\n"
+            "apiVersion: object.stratus.dev/v1\nkind: ObjectRing\nmetadata:\n  name: oa-{kind}\nspec:\n  ringType: {kind}\n  partPower: 4\n  replicas: 3\n  minPartHours: 0\n  overload: 0.5\n  devices:\n"
         ));
         for i in 0..3 {
             for d in devices(i) {
