@@ -144,9 +144,25 @@ impl Server {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> Answer {
-        let mut s = tokio::net::TcpStream::connect(self.addr)
-            .await
-            .expect("connect");
+        self.call_from(None, method, path, headers, body).await
+    }
+
+    /// [`Server::call`] from the source address `from` (a loopback one), if given.
+    async fn call_from(
+        &self,
+        from: Option<std::net::Ipv4Addr>,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Answer {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        if let Some(ip) = from {
+            socket
+                .bind(std::net::SocketAddr::from((ip, 0)))
+                .expect("bind the source address");
+        }
+        let mut s = socket.connect(self.addr).await.expect("connect");
         let mut req = format!(
             "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
             body.len()
@@ -272,11 +288,23 @@ impl Server {
 
     /// A Keystone password login scoped to `project`.
     async fn login(&self, user: &str, pw: &str, project: &str) -> Answer {
+        self.login_from(None, user, pw, project).await
+    }
+
+    /// [`Server::login`] from the source address `from`, if given.
+    async fn login_from(
+        &self,
+        from: Option<std::net::Ipv4Addr>,
+        user: &str,
+        pw: &str,
+        project: &str,
+    ) -> Answer {
         let body = json!({"auth": {
             "identity": {"methods": ["password"], "password": {"user": {"name": user, "domain": {"name": "Default"}, "password": pw}}},
             "scope": {"project": {"name": project, "domain": {"name": "Default"}}},
         }});
-        self.call(
+        self.call_from(
+            from,
             "POST",
             "/identity/v3/auth/tokens",
             &[],
@@ -471,6 +499,44 @@ async fn an_unknown_project_is_throttled_as_a_wrong_password_and_links_name_the_
     for pw in [password("alice"), password("bob")] {
         assert!(!audit.contains(&pw), "a password in the audit log");
     }
+}
+
+/// A name that is no User locks out per source address exactly as a User's does, so trying a
+/// locked-out name from a second address does not tell whether it is a User.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_made_up_name_locks_out_per_source_as_a_users_does() {
+    let s = server_with(|c| c.login.lockout_failure_attempts = 2).await;
+    s.setup(&["p1"], &[("alice", "p1")]).await;
+    let first = Some(std::net::Ipv4Addr::new(127, 0, 0, 1));
+    let second = Some(std::net::Ipv4Addr::new(127, 0, 0, 2));
+    for user in ["alice", "nobody"] {
+        for _ in 0..2 {
+            let a = s.login_from(first, user, "wrong-password", "p1").await;
+            assert_eq!(a.code, 401, "{}", a.body);
+        }
+    }
+    for user in ["alice", "nobody"] {
+        let a = s.login_from(second, user, "wrong-password", "p1").await;
+        assert_eq!(a.code, 401, "{}", a.body);
+    }
+    let audit = std::fs::read_to_string(&s.audit).expect("the audit log");
+    let last = |user: &str| -> String {
+        audit
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["requestURI"] == "/identity/v3/auth/tokens")
+            .filter(|e| e["annotations"]["authentication.stratus.dev/user"] == user)
+            .filter_map(|e| {
+                e["annotations"]["authentication.stratus.dev/result"]
+                    .as_str()
+                    .map(String::from)
+            })
+            .last()
+            .unwrap_or_default()
+    };
+    // From the second address both were checked (a failure), neither refused as locked.
+    assert_eq!(last("alice"), "failure", "{audit}");
+    assert_eq!(last("nobody"), "failure", "{audit}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -103,7 +103,13 @@ pub(crate) async fn password_login(
     let id = &state.identity;
     let unix = jiff::Timestamp::now().as_second();
     // Users and source addresses over every replica; names that are no User in this
-    // replica's memory (so they lock out as a User's would here).
+    // replica's memory, per source bucket as a User's are (so that a made-up name locks out
+    // as a real one does here, and which of the two a name is cannot be told by trying it
+    // from a second address).
+    let unknown_key = match source {
+        Some(ip) => format!("{user}\n{}", crate::policy::logins::bucket(ip)),
+        None => user.to_owned(),
+    };
     let shared = id
         .logins
         .check(Some(user), source, unix)
@@ -111,7 +117,7 @@ pub(crate) async fn password_login(
         .map_err(ApiError::from)?;
     match shared
         .refusal
-        .or(id.throttle.check(user, None, Instant::now()).err())
+        .or(id.throttle.check(&unknown_key, None, Instant::now()).err())
     {
         None => {}
         Some(Refusal::Locked) => {
@@ -130,7 +136,7 @@ pub(crate) async fn password_login(
     let (verified, known) = id.verify_password(user, password, source).await?;
     let Some(verified) = verified else {
         if !known {
-            id.throttle.failed(user, None, Instant::now());
+            id.throttle.failed(&unknown_key, None, Instant::now());
         }
         id.logins.failed(known.then_some(user), source, unix).await;
         attempt.result = "failure";
