@@ -531,7 +531,7 @@ async fn a_made_up_name_locks_out_per_source_as_a_users_does() {
                     .as_str()
                     .map(String::from)
             })
-            .last()
+            .next_back()
             .unwrap_or_default()
     };
     // From the second address both were checked (a failure), neither refused as locked.
