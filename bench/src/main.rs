@@ -20,6 +20,7 @@ mod dashboard;
 mod list;
 mod memory;
 mod net;
+mod object;
 mod ovs;
 mod sched;
 mod storage;
@@ -224,6 +225,30 @@ enum What {
         ports: usize,
         /// Runs of each, alternating which goes first.
         #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// PUT and GET through a Swift proxy: Swift configured by hand (swift-ring-builder, no
+    /// authentication) vs `stratus up --object-store` (the object agent's servers, the proxy
+    /// validating Stratus tokens), and each store's time to serving (needs root and Debian's swift
+    /// packages; set `STRATUS_BIN` to the `stratus` binary).
+    Object {
+        /// 4 KiB objects per round and side.
+        #[arg(long, default_value_t = 2000)]
+        small: usize,
+        /// Concurrency of the 4 KiB requests.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Large objects per round and side.
+        #[arg(long, default_value_t = 40)]
+        large: usize,
+        /// MiB per large object.
+        #[arg(long, default_value_t = 4)]
+        large_mib: usize,
+        /// Concurrency of the large requests.
+        #[arg(long, default_value_t = 4)]
+        large_concurrency: usize,
+        /// Rounds, alternating which side goes first.
+        #[arg(long, default_value_t = 2)]
         rounds: usize,
     },
     /// Receives one TCP stream (`net-tcp`'s receiver, run inside a guest namespace).
@@ -1095,6 +1120,24 @@ async fn main() -> Result<()> {
         What::NetTcp { seconds, rounds } => net::tcp(seconds, rounds).await,
         What::NetOvs { ports, rounds } => {
             tokio::task::spawn_blocking(move || ovs::converge_ports(ports, rounds)).await?
+        }
+        What::Object {
+            small,
+            concurrency,
+            large,
+            large_mib,
+            large_concurrency,
+            rounds,
+        } => {
+            object::bench(
+                small,
+                concurrency,
+                large,
+                large_mib,
+                large_concurrency,
+                rounds,
+            )
+            .await
         }
         What::TcpSink { listen } => net::tcp_sink(listen),
         What::TcpSource { to, seconds } => net::tcp_source(to, seconds),

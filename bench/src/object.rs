@@ -1,0 +1,571 @@
+//! Object storage: PUT and GET through a Swift proxy, side by side in one run, of (a) Swift
+//! configured by hand (rings from `swift-ring-builder`, Debian's account, container and object
+//! servers and a proxy without authentication) and (b) `stratus up --object-store` (ObjectRings built
+//! by the ring controller and installed by the object agent, which runs the same servers, and
+//! the proxy validating every request's Stratus token through keystonemiddleware against the
+//! API server's `/identity/v3`). Also how long each takes from nothing to serving, and from
+//! the rings' apply to their ring files installed.
+//!
+//! Each side has a loopback address of its own that no test uses (the servers' ports are
+//! fixed); the object agent's allow-list (an nftables table on its address alone) is taken
+//! away at the end, as is every process started.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use stratus_e2e::{Cloud, Proc, output_of, wait_until};
+
+/// The Stratus store's address (its servers, rsync and proxy).
+const STRATUS_IP: &str = "127.0.201.2";
+/// The hand-configured Swift's address.
+const REFERENCE_IP: &str = "127.0.201.3";
+/// Both proxies' port, each on its own address.
+const PROXY_PORT: u16 = 8080;
+/// Partition power and the one device, as `stratus up --object-store` has them.
+const PART_POWER: &str = "9";
+const DEVICE: &str = "d1";
+/// The account, container and object servers' ports (the object agent's defaults).
+const SERVERS: [(&str, u16); 3] = [("account", 6202), ("container", 6201), ("object", 6200)];
+/// Python servers starting on a loaded 2-core machine.
+const WAIT: Duration = Duration::from_secs(300);
+/// The Stratus user's password, for this benchmark only.
+const PASSWORD: &str = "bench-object-pw-1";
+
+type Http = Client<HttpConnector, Full<Bytes>>;
+/// A PUT and a GET run: each request's latency and the wall time.
+type Measured = [(Vec<Duration>, Duration); 2];
+
+/// The hand-configured Swift: its directory and processes, stopped when dropped.
+struct Reference {
+    dir: tempfile::TempDir,
+    procs: Vec<Proc>,
+}
+
+impl Reference {
+    fn log(&self) -> String {
+        ["account", "container", "object", "proxy"]
+            .iter()
+            .map(|k| {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("{k}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                format!(
+                    "--- {k}\n{}\n",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect()
+    }
+}
+
+/// Runs `swift-ring-builder` with `args`; rebalance exits 1 with a warning on a ring of one
+/// device, and writes the ring.
+fn ring_builder(args: &[&str]) -> Result<()> {
+    let out = Command::new("swift-ring-builder")
+        .args(args)
+        .output()
+        .context("run swift-ring-builder (Debian's swift package)")?;
+    ensure!(
+        out.status.code().is_some_and(|c| c <= 1),
+        "swift-ring-builder {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn server_conf(root: &Path, kind: &str, port: u16) -> String {
+    format!(
+        "[DEFAULT]\nbind_ip = {REFERENCE_IP}\nbind_port = {port}\nworkers = 0\nuser = root\n\
+         devices = {devices}\nmount_check = false\nswift_dir = {swift_dir}\n\
+         log_name = {kind}-server\n\n\
+         [pipeline:main]\npipeline = healthcheck {kind}-server\n\n\
+         [app:{kind}-server]\nuse = egg:swift#{kind}\n\n\
+         [filter:healthcheck]\nuse = egg:swift#healthcheck\n",
+        devices = root.join("devices").display(),
+        swift_dir = root.display(),
+    )
+}
+
+/// The proxy as `stratus up --object-store` writes it, without keystonemiddleware's
+/// authtoken, s3token and keystoneauth: no authentication at all. (Swift's tempauth keeps its
+/// tokens in memcached, which this machine does not have; with memcached the proxy would also
+/// cache account and container lookups, which neither side then has.)
+fn proxy_conf(root: &Path) -> String {
+    format!(
+        "[DEFAULT]\nbind_ip = {REFERENCE_IP}\nbind_port = {PROXY_PORT}\nworkers = 0\nuser = root\n\
+         swift_dir = {swift_dir}\nlog_name = proxy-server\n\n\
+         [pipeline:main]\npipeline = catch_errors healthcheck proxy-logging s3api slo proxy-logging proxy-server\n\n\
+         [app:proxy-server]\nuse = egg:swift#proxy\naccount_autocreate = true\n\n\
+         [filter:catch_errors]\nuse = egg:swift#catch_errors\n\n\
+         [filter:healthcheck]\nuse = egg:swift#healthcheck\n\n\
+         [filter:proxy-logging]\nuse = egg:swift#proxy_logging\n\n\
+         [filter:s3api]\nuse = egg:swift#s3api\n\n\
+         [filter:slo]\nuse = egg:swift#slo\n",
+        swift_dir = root.display(),
+    )
+}
+
+/// Whether `ip:port` answers Swift's healthcheck.
+fn healthy(ip: &str, port: u16) -> bool {
+    Command::new("curl")
+        .args(["-sf", "-m", "5", "--noproxy", "*"])
+        .arg(format!("http://{ip}:{port}/healthcheck"))
+        .output()
+        .is_ok_and(|o| o.status.success() && o.stdout == b"OK")
+}
+
+/// Builds the reference's three rings and starts its servers and proxy: the time the rings
+/// took, and the time from the rings to every server and the proxy answering.
+fn start_reference() -> Result<(Reference, Duration, Duration)> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().to_path_buf();
+    std::fs::create_dir_all(root.join("devices").join(DEVICE))?;
+    let t = Instant::now();
+    for (kind, port) in SERVERS {
+        let builder = root.join(format!("{kind}.builder"));
+        let b = builder.to_str().context("a UTF-8 path")?;
+        ring_builder(&[b, "create", PART_POWER, "1", "1"])?;
+        ring_builder(&[
+            b,
+            "add",
+            &format!("r1z1-{REFERENCE_IP}:{port}/{DEVICE}"),
+            "100",
+        ])?;
+        ring_builder(&[b, "rebalance"])?;
+        ensure!(
+            root.join(format!("{kind}.ring.gz")).is_file(),
+            "swift-ring-builder wrote no {kind} ring"
+        );
+    }
+    let rings = t.elapsed();
+    let t = Instant::now();
+    let mut reference = Reference {
+        dir,
+        procs: Vec::new(),
+    };
+    for (kind, port) in SERVERS {
+        std::fs::write(
+            root.join(format!("{kind}-server.conf")),
+            server_conf(&root, kind, port),
+        )?;
+    }
+    std::fs::write(root.join("proxy-server.conf"), proxy_conf(&root))?;
+    for kind in ["account", "container", "object", "proxy"] {
+        reference.procs.push(Proc::spawn(
+            &format!("swift-{kind}-server"),
+            Command::new("/usr/bin/python3")
+                .arg(format!("/usr/bin/swift-{kind}-server"))
+                .arg(root.join(format!("{kind}-server.conf")))
+                .arg("--verbose"),
+            &root.join(format!("{kind}.log")),
+        )?);
+    }
+    for (kind, port) in SERVERS.into_iter().chain([("proxy", PROXY_PORT)]) {
+        wait_until(WAIT, &format!("the reference's {kind} server"), || {
+            healthy(REFERENCE_IP, port).then_some(())
+        })
+        .with_context(|| reference.log())?;
+    }
+    Ok((reference, rings, t.elapsed()))
+}
+
+/// `stratus up --object-store` on the Stratus address; the servers' allow-list (an nftables
+/// table on that address, which `stratus up` removes when it stops) is taken away when this
+/// is dropped, should the cloud have died without stopping.
+struct Store {
+    cloud: Option<Cloud>,
+}
+
+impl Store {
+    fn cloud(&self) -> &Cloud {
+        self.cloud.as_ref().expect("the cloud runs until dropped")
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        drop(self.cloud.take());
+        let table = format!("stratus_swift_{}", STRATUS_IP.replace('.', "_"));
+        let present = Command::new("nft")
+            .args(["list", "table", "inet", &table])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if present {
+            let _ = Command::new("nft")
+                .args(["delete", "table", "inet", &table])
+                .status();
+        }
+    }
+}
+
+/// Starts the Stratus store: the time to the API server answering and to the store serving.
+fn start_stratus() -> Result<(Store, Duration, Duration)> {
+    let t = Instant::now();
+    let cloud = Cloud::up_with(&[
+        "--object-store",
+        "--object-store-ip",
+        STRATUS_IP,
+        "--object-store-port",
+        &PROXY_PORT.to_string(),
+    ])?;
+    let api = t.elapsed();
+    let store = Store { cloud: Some(cloud) };
+    let line = format!("Object store (Swift API and S3): http://{STRATUS_IP}:{PROXY_PORT}");
+    wait_until(WAIT, "stratus up to show the object store", || {
+        store.cloud().log().contains(&line).then_some(())
+    })
+    .with_context(|| store.cloud().log())?;
+    Ok((store, api, t.elapsed()))
+}
+
+/// A UTC timestamp at the start of a log line (colours taken away).
+fn log_time(line: &str) -> Option<jiff::Timestamp> {
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain.split_whitespace().next()?.parse().ok()
+}
+
+/// From the rings' apply (the first ObjectRing write in the audit log) to the agent's last
+/// "ring installed" (its log).
+fn ring_apply_to_installed(cloud: &Cloud) -> Result<Duration> {
+    let audit = std::fs::read_to_string(cloud.dir.path().join("audit.log"))?;
+    let applied = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["objectRef"]["resource"] == "objectrings" && e["verb"] == "patch")
+        .filter_map(|e| e["requestReceivedTimestamp"].as_str()?.parse().ok())
+        .min()
+        .context("no ObjectRing apply in the audit log")?;
+    let log = cloud.log();
+    let installed: Vec<jiff::Timestamp> = log
+        .lines()
+        .filter(|l| l.contains("ring installed"))
+        .filter_map(log_time)
+        .collect();
+    ensure!(
+        installed.len() >= 3,
+        "the agent logged {} ring installs",
+        installed.len()
+    );
+    let last = installed.into_iter().max().unwrap_or(applied);
+    Ok(Duration::try_from(last.duration_since(applied))?)
+}
+
+/// A Stratus user, member of Project `bench`, logged in through Keystone: the token and the
+/// project's account URL on the proxy.
+fn stratus_login(cloud: &Cloud) -> Result<(String, String)> {
+    cloud.projects(&["bench"])?;
+    cloud.kubectl_in(
+        &["apply", "-f", "-"],
+        "apiVersion: identity.stratus.dev/v1\nkind: User\nmetadata:\n  name: bencher\nspec: {}\n---\n\
+         apiVersion: identity.stratus.dev/v1\nkind: RoleAssignment\nmetadata:\n  name: bencher-member\n  namespace: bench\nspec:\n  user: bencher\n  role: member\n",
+    )?;
+    cloud.kubectl_in(
+        &[
+            "replace",
+            "--raw",
+            "/apis/identity.stratus.dev/v1/users/bencher/password",
+            "-f",
+            "-",
+        ],
+        &serde_json::json!({ "password": PASSWORD }).to_string(),
+    )?;
+    let body = serde_json::json!({"auth": {
+        "identity": {"methods": ["password"], "password": {"user": {"name": "bencher", "domain": {"id": "default"}, "password": PASSWORD}}},
+        "scope": {"project": {"name": "bench", "domain": {"id": "default"}}},
+    }});
+    let out = output_of(
+        Command::new("curl")
+            .args(["-sS", "-i", "--fail", "--cacert"])
+            .arg(cloud.dir.path().join("pki/ca.crt"))
+            .args(["-H", "Content-Type: application/json", "--data-binary"])
+            .arg(body.to_string())
+            .arg(format!("{}/identity/v3/auth/tokens", cloud.url)),
+        "a Keystone login",
+    )?;
+    let token = String::from_utf8_lossy(&out)
+        .lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("x-subject-token"))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .context("no X-Subject-Token")?;
+    let uid = cloud.kubectl_ok(&["get", "project", "bench", "-o", "jsonpath={.metadata.uid}"])?;
+    Ok((
+        token,
+        format!("http://{STRATUS_IP}:{PROXY_PORT}/v1/AUTH_{}", uid.trim()),
+    ))
+}
+
+/// One side's proxy: where its account is and the token it takes.
+#[derive(Clone)]
+struct Side {
+    label: &'static str,
+    http: Http,
+    account: Arc<str>,
+    token: Arc<str>,
+}
+
+impl Side {
+    /// A request to `path` under the account; its status and body.
+    async fn call(&self, method: http::Method, path: &str, body: Bytes) -> Result<(u16, Bytes)> {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("{}/{path}", self.account))
+            .header("X-Auth-Token", &*self.token)
+            .body(Full::new(body))?;
+        let resp = self.http.request(req).await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.into_body().collect().await?.to_bytes()))
+    }
+
+    /// Makes container `bench`; every measured object goes into it.
+    async fn container(&self) -> Result<()> {
+        let (code, body) = self.call(http::Method::PUT, "bench", Bytes::new()).await?;
+        ensure!(
+            code == 201 || code == 202,
+            "{}: PUT container: {code} {}",
+            self.label,
+            String::from_utf8_lossy(&body)
+        );
+        Ok(())
+    }
+}
+
+/// PUTs `n` objects of `size` bytes (named `prefix-i`) at concurrency `c`, then GETs each
+/// back, checking its length: (PUT, GET) latencies and wall times.
+async fn put_get(side: &Side, prefix: &str, n: usize, c: usize, size: usize) -> Result<Measured> {
+    let data = Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+    let put = {
+        let (side, prefix, data) = (side.clone(), prefix.to_string(), data.clone());
+        crate::drive(n, c, move |i| {
+            let (side, path, data) = (side.clone(), format!("bench/{prefix}-{i}"), data.clone());
+            async move {
+                let (code, _) = side.call(http::Method::PUT, &path, data).await?;
+                ensure!(code == 201, "{}: PUT {path}: {code}", side.label);
+                Ok(())
+            }
+        })
+        .await?
+    };
+    let get = {
+        let (side, prefix) = (side.clone(), prefix.to_string());
+        crate::drive(n, c, move |i| {
+            let (side, path) = (side.clone(), format!("bench/{prefix}-{i}"));
+            async move {
+                let (code, body) = side.call(http::Method::GET, &path, Bytes::new()).await?;
+                ensure!(
+                    code == 200 && body.len() == size,
+                    "{}: GET {path}: {code}, {} bytes",
+                    side.label,
+                    body.len()
+                );
+                Ok(())
+            }
+        })
+        .await?
+    };
+    Ok([put, get])
+}
+
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `stratus-bench object`: both stores started (the reference first), then `rounds` rounds,
+/// each measuring both sides in an order alternating from round to round: `small` objects of
+/// 4 KiB at concurrency `concurrency`, then `large` objects of `large_mib` MiB at
+/// `large_concurrency`, each PUT, then GET back.
+pub async fn bench(
+    small: usize,
+    concurrency: usize,
+    large: usize,
+    large_mib: usize,
+    large_concurrency: usize,
+    rounds: usize,
+) -> Result<()> {
+    if rounds == 0 || small == 0 || large == 0 {
+        bail!("--rounds, --small and --large must be at least 1");
+    }
+    println!("load average at the start: {}", load());
+    let (reference, ref_rings, ref_serving) = start_reference()?;
+    let (store, api_ready, store_ready) = start_stratus()?;
+    let ring_install = ring_apply_to_installed(store.cloud())?;
+
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let http: Http = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector.clone());
+    let (stratus_token, stratus_account) = stratus_login(store.cloud())?;
+    let sides = [
+        Side {
+            label: "reference: Swift by hand, no auth",
+            http: http.clone(),
+            account: format!("http://{REFERENCE_IP}:{PROXY_PORT}/v1/AUTH_bench").into(),
+            token: "".into(),
+        },
+        Side {
+            label: "Stratus: object agent's servers, Stratus tokens",
+            http,
+            account: stratus_account.into(),
+            token: stratus_token.into(),
+        },
+    ];
+    for s in &sides {
+        // The project's account is made on its first write, unmeasured.
+        let started = Instant::now();
+        loop {
+            match s.container().await {
+                Ok(()) => break,
+                Err(_) if started.elapsed() < WAIT => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "{}
+--- stratus up
+{}",
+                            reference.log(),
+                            store.cloud().log()
+                        )
+                    });
+                }
+            }
+        }
+        put_get(s, "warm", 20, 4, 4096).await?;
+    }
+
+    let kib4 = 4096;
+    let big = large_mib << 20;
+    // (side, size) → [PUT, GET] latencies and wall times, pooled over the rounds.
+    let mut pooled: Vec<Measured> = (0..4).map(|_| Default::default()).collect();
+    let mut per_round: Vec<Vec<f64>> = vec![Vec::new(); 4];
+    for r in 0..rounds {
+        let order: Vec<usize> = if r % 2 == 0 { vec![0, 1] } else { vec![1, 0] };
+        let mut got: Vec<Option<Measured>> = vec![None, None, None, None];
+        for &s in &order {
+            got[s * 2] =
+                Some(put_get(&sides[s], &format!("small-{r}"), small, concurrency, kib4).await?);
+            got[s * 2 + 1] = Some(
+                put_get(
+                    &sides[s],
+                    &format!("large-{r}"),
+                    large,
+                    large_concurrency,
+                    big,
+                )
+                .await?,
+            );
+        }
+        let got: Vec<Measured> = got.into_iter().flatten().collect();
+        // Per round: Stratus/reference throughput for small PUT, small GET, large PUT, large GET.
+        for (k, (size, op)) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
+            let rate = |s: usize| {
+                let (lat, wall) = &got[s * 2 + size][op];
+                lat.len() as f64 / wall.as_secs_f64().max(1e-9)
+            };
+            per_round[k].push(rate(1) / rate(0).max(1e-9));
+        }
+        for (i, g) in got.into_iter().enumerate() {
+            for (op, (lat, wall)) in g.into_iter().enumerate() {
+                pooled[i][op].0.extend(lat);
+                pooled[i][op].1 += wall;
+            }
+        }
+    }
+
+    println!("load average at the end: {}", load());
+    println!();
+    println!(
+        "| {rounds} rounds, alternating | objects | concurrency | ops/s | MiB/s | p50 ms | p99 ms |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut rates = [[0.0f64; 2]; 4];
+    for (s, side) in sides.iter().enumerate() {
+        for (size_i, (n, c, size, what)) in [
+            (small, concurrency, kib4, "4 KiB"),
+            (large, large_concurrency, big, "large"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            for (op, verb) in ["PUT", "GET"].into_iter().enumerate() {
+                let (lat, wall) = pooled[s * 2 + size_i][op].clone();
+                let st = crate::stats(lat, wall);
+                rates[size_i * 2 + op][s] = st.per_sec;
+                let what = if size_i == 0 {
+                    what.to_string()
+                } else {
+                    format!("{large_mib} MiB")
+                };
+                println!(
+                    "| {} {verb} {what} | {} | {c} | {:.0} | {:.1} | {} | {} |",
+                    side.label,
+                    n * rounds,
+                    st.per_sec,
+                    st.per_sec * size as f64 / (1u64 << 20) as f64,
+                    crate::ms(st.p50),
+                    crate::ms(st.p99),
+                );
+            }
+        }
+    }
+    println!();
+    for (k, what) in [
+        "4 KiB PUT",
+        "4 KiB GET",
+        &format!("{large_mib} MiB PUT"),
+        &format!("{large_mib} MiB GET"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let rounds: Vec<String> = per_round[k].iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "{what}: Stratus/reference throughput = {:.2}x (rounds: {})",
+            rates[k][1] / rates[k][0].max(1e-9),
+            rounds.join(", ")
+        );
+    }
+    println!();
+    println!(
+        "reference: three rings by swift-ring-builder (create, add, rebalance) {:.2} s; servers and proxy started → answering {:.2} s; together {:.2} s",
+        ref_rings.as_secs_f64(),
+        ref_serving.as_secs_f64(),
+        (ref_rings + ref_serving).as_secs_f64(),
+    );
+    println!(
+        "Stratus: three ObjectRings applied → built and installed by the agent {:.2} s; `stratus up --object-store` started → API ready {:.2} s → store serving (rings, servers, proxy) {:.2} s",
+        ring_install.as_secs_f64(),
+        api_ready.as_secs_f64(),
+        store_ready.as_secs_f64(),
+    );
+    drop(store);
+    drop(reference);
+    Ok(())
+}
