@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use stratus_e2e::browser::Browser;
-use stratus_e2e::{Apiserver, Etcd, wait_until};
+use stratus_e2e::{Proc, STARTUP, TEST_TOKEN, stratus_bin, wait_until};
 
 use crate::{drive, ms, req};
 
@@ -20,24 +20,122 @@ const PROJECT: &str = "bench";
 const USER: &str = "alice";
 const PASSWORD: &str = "bench-Correct-Horse-5521";
 
+/// The loopback address the benchmark's etcd and API server listen on, with fixed ports
+/// below the ephemeral range: no test binds it, so the benchmark can run beside a test suite
+/// without taking a port a test chose.
+const HOST: &str = "127.0.201.17";
+const ETCD_CLIENT: u16 = 12379;
+const ETCD_PEER: u16 = 12380;
+const API_PORT: u16 = 16443;
+
+/// etcd and one `stratus apiserver` on [`HOST`], in a temporary directory; both stopped and
+/// the directory removed when dropped.
+struct Stack {
+    _api: Proc,
+    _etcd: Proc,
+    dir: tempfile::TempDir,
+    url: String,
+}
+
+impl Stack {
+    fn start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let (client, peer) = (
+            format!("http://{HOST}:{ETCD_CLIENT}"),
+            format!("http://{HOST}:{ETCD_PEER}"),
+        );
+        let etcd = Proc::spawn(
+            "etcd",
+            Command::new("etcd")
+                .arg("--data-dir")
+                .arg(dir.path().join("etcd"))
+                .args(["--listen-client-urls", &client])
+                .args(["--advertise-client-urls", &client])
+                .args(["--listen-peer-urls", &peer])
+                .args(["--initial-advertise-peer-urls", &peer])
+                .args(["--initial-cluster", &format!("default={peer}")]),
+            &dir.path().join("etcd.log"),
+        )?;
+        wait_until(STARTUP, "etcd to answer", || {
+            Command::new("etcdctl")
+                .args(["--endpoints", &client, "endpoint", "health"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+        })?;
+        std::fs::write(
+            dir.path().join("tokens.csv"),
+            format!("{TEST_TOKEN},admin\n"),
+        )?;
+        let pki =
+            stratus_apiserver::http::tls::ensure_pki(&dir.path().join("pki"), &[HOST.to_string()])?;
+        let url = format!("https://{HOST}:{API_PORT}");
+        std::fs::write(
+            dir.path().join("kubeconfig"),
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: s\n  cluster:\n    server: {url}\n    certificate-authority: {}\nusers:\n- name: admin\n  user:\n    token: {TEST_TOKEN}\ncontexts:\n- name: admin@s\n  context:\n    cluster: s\n    user: admin\ncurrent-context: admin@s\n",
+                pki.ca_cert.display()
+            ),
+        )?;
+        let api = Proc::spawn(
+            "stratus apiserver",
+            Command::new(stratus_bin())
+                .arg("apiserver")
+                .args(["--etcd-endpoints", &client])
+                .args(["--listen", &format!("{HOST}:{API_PORT}")])
+                .args(["--bookmark-seconds", "1"])
+                .arg("--token-file")
+                .arg(dir.path().join("tokens.csv"))
+                .arg("--tls-cert")
+                .arg(&pki.server_cert)
+                .arg("--tls-key")
+                .arg(&pki.server_key),
+            &dir.path().join("apiserver.log"),
+        )?;
+        let stack = Self {
+            _api: api,
+            _etcd: etcd,
+            dir,
+            url,
+        };
+        wait_until(STARTUP, "the API server to be ready", || {
+            Command::new("kubectl")
+                .env("KUBECONFIG", stack.kubeconfig())
+                .args(["get", "--raw", "/readyz"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+        })?;
+        Ok(stack)
+    }
+
+    fn kubeconfig(&self) -> std::path::PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    fn pki(&self, file: &str) -> std::path::PathBuf {
+        self.dir.path().join("pki").join(file)
+    }
+}
+
 fn server(name: &str) -> Value {
     json!({"apiVersion": "compute.stratus.dev/v1", "kind": "Server",
         "metadata": {"name": name, "namespace": PROJECT},
         "spec": {"flavor": "bench.small", "image": "cirros", "description": "listed by the dashboard benchmark"}})
 }
 
-fn epoch_ms() -> f64 {
+pub(crate) fn epoch_ms() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
+pub(crate) fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
-fn p99(mut v: Vec<Duration>) -> Duration {
+pub(crate) fn p99(mut v: Vec<Duration>) -> Duration {
     v.sort();
     let i = ((v.len() as f64 * 0.99).ceil() as usize).clamp(1, v.len().max(1)) - 1;
     v.get(i).copied().unwrap_or_default()
@@ -52,9 +150,14 @@ async fn client(kubeconfig: &std::path::Path) -> Result<kube::Client> {
 }
 
 /// Runs the benchmark and prints its tables.
-pub async fn bench(servers: usize, rounds: usize, changes: usize) -> Result<()> {
-    let etcd = Etcd::start()?;
-    let api = Apiserver::start_on(&etcd)?;
+pub async fn bench(
+    servers: usize,
+    rounds: usize,
+    changes: usize,
+    stream_rate: u32,
+    stream_seconds: u64,
+) -> Result<()> {
+    let api = Stack::start()?;
     let dir = tempfile::tempdir()?;
     let admin = client(&api.kubeconfig()).await?;
     let send = |method: &str, path: &str, body: Value| {
@@ -65,8 +168,11 @@ pub async fn bench(servers: usize, rounds: usize, changes: usize) -> Result<()> 
             body.to_string().into_bytes(),
         )
     };
-    api.projects(&[PROJECT])?;
     for (path, body) in [
+        (
+            "/apis/identity.stratus.dev/v1/projects".to_string(),
+            json!({"apiVersion": "identity.stratus.dev/v1", "kind": "Project", "metadata": {"name": PROJECT}, "spec": {}}),
+        ),
         (
             "/apis/identity.stratus.dev/v1/users".to_string(),
             json!({"apiVersion": "identity.stratus.dev/v1", "kind": "User", "metadata": {"name": USER}, "spec": {"enabled": true, "defaultProject": PROJECT}}),
@@ -118,7 +224,7 @@ pub async fn bench(servers: usize, rounds: usize, changes: usize) -> Result<()> 
         )?)
         .await?;
     let token = issued["token"].as_str().context("no token")?;
-    let ca = api.ca_file();
+    let ca = api.pki("ca.crt");
     let kubeconfig = dir.path().join("alice.kubeconfig");
     std::fs::write(
         &kubeconfig,
@@ -136,11 +242,7 @@ pub async fn bench(servers: usize, rounds: usize, changes: usize) -> Result<()> 
         c
     };
 
-    let cert = api
-        .kubeconfig()
-        .parent()
-        .context("the API server's directory")?
-        .join("pki/apiserver.crt");
+    let cert = api.pki("apiserver.crt");
     let url = format!("{}/dashboard/", api.url);
     let artifacts = dir.path().join("artifacts");
     let n = servers;
@@ -284,7 +386,6 @@ pub async fn bench(servers: usize, rounds: usize, changes: usize) -> Result<()> 
     }
     let _ = watch.kill();
     let _ = watch.wait();
-    tokio::task::block_in_place(|| drop(b));
     println!();
     println!(
         "A change seen, {changes} new servers one at a time while {n} are listed (from just before the POST):"
@@ -307,5 +408,20 @@ pub async fn bench(servers: usize, rounds: usize, changes: usize) -> Result<()> 
         "Dashboard / kubectl -w (p50): {:.2}×",
         median(page_lag).as_secs_f64() / median(kubectl_lag).as_secs_f64().max(1e-9)
     );
+    if stream_rate > 0 && stream_seconds > 0 {
+        crate::dashboard_stream::run(
+            crate::dashboard_stream::Stream {
+                servers_path: &servers_path,
+                servers: n,
+                rate: stream_rate,
+                seconds: stream_seconds,
+            },
+            &mut b,
+            &admin,
+            kubectl,
+        )
+        .await?;
+    }
+    tokio::task::block_in_place(|| drop(b));
     Ok(())
 }

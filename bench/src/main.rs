@@ -17,6 +17,7 @@ use stratus_e2e::Etcd;
 mod auth;
 mod boot;
 mod dashboard;
+mod dashboard_stream;
 mod list;
 mod memory;
 mod net;
@@ -83,8 +84,9 @@ enum What {
         hypervisors: usize,
     },
     /// The dashboard in headless Chromium vs kubectl, as the same project member: a
-    /// project's servers listed and fully rendered vs `kubectl get servers`, and a new
-    /// server seen in the page vs by `kubectl get servers -w`.
+    /// project's servers listed and fully rendered vs `kubectl get servers`, a new server
+    /// seen in the page vs by `kubectl get servers -w`, and a stream of status changes drawn
+    /// by the page vs printed by `kubectl get servers -w`.
     Dashboard {
         /// Servers in the project.
         #[arg(long, default_value_t = 1000)]
@@ -95,6 +97,13 @@ enum What {
         /// Servers created one at a time while the list is open.
         #[arg(long, default_value_t = 50)]
         changes: usize,
+        /// Then, changes a second streamed to the listed servers' status while the list is
+        /// open (0: none).
+        #[arg(long, default_value_t = 100)]
+        stream_rate: u32,
+        /// For how many seconds.
+        #[arg(long, default_value_t = 30)]
+        stream_seconds: u64,
     },
     /// Volumes on `stratus up --storage`'s file pool (create → Available, delete → gone, a
     /// clone's data copy) vs the `qemu-img create`, `rm`, `qemu-img convert` and `dd` it wraps,
@@ -1082,7 +1091,9 @@ async fn main() -> Result<()> {
             servers,
             rounds,
             changes,
-        } => dashboard::bench(servers, rounds, changes).await,
+            stream_rate,
+            stream_seconds,
+        } => dashboard::bench(servers, rounds, changes, stream_rate, stream_seconds).await,
         What::Storage {
             volumes,
             copy_mib,
