@@ -388,15 +388,6 @@ async fn put_get(side: &Side, prefix: &str, n: usize, c: usize, size: usize) -> 
     Ok([put, get])
 }
 
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// `stratus-bench object`: both stores started (the reference first), then `rounds` rounds,
 /// each measuring both sides in an order alternating from round to round: `small` objects of
 /// 4 KiB at concurrency `concurrency`, then `large` objects of `large_mib` MiB at
@@ -412,7 +403,7 @@ pub async fn bench(
     if rounds == 0 || small == 0 || large == 0 {
         bail!("--rounds, --small and --large must be at least 1");
     }
-    println!("load average at the start: {}", load());
+    println!("load average at the start: {}", crate::net::load());
     let (reference, ref_rings, ref_serving) = start_reference()?;
     let (store, api_ready, store_ready) = start_stratus()?;
     let ring_install = ring_apply_to_installed(store.cloud())?;
@@ -499,7 +490,7 @@ pub async fn bench(
         }
     }
 
-    println!("load average at the end: {}", load());
+    println!("load average at the end: {}", crate::net::load());
     println!();
     println!(
         "| {rounds} rounds, alternating | objects | concurrency | ops/s | MiB/s | p50 ms | p99 ms |"
