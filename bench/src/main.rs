@@ -14,6 +14,7 @@ use futures::TryStreamExt;
 use serde_json::{Value, json};
 use stratus_e2e::Etcd;
 
+mod attach;
 mod auth;
 mod boot;
 mod dashboard;
@@ -118,6 +119,18 @@ enum What {
         /// Clones made (each alternating with the references).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+    },
+    /// A 1 GiB volume of the node's file pool hot-plugged into (and out of) a running TCG
+    /// guest: Volume create → Available and Server `spec.volumes` → disk in the domain vs
+    /// `qemu-img create` and `virsh attach-device`/`detach-device` of the same disk XML (needs
+    /// root: it starts a libvirtd in namespaces of its own).
+    StorageAttach {
+        /// Volumes attached and detached (after one warm-up round) by each side.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// The volume on another node's pool, exported over NBD (a veth pair of its own).
+        #[arg(long)]
+        remote: bool,
     },
     /// Apply → Running with libvirt's test driver (scheduler + compute agent) vs defining and
     /// starting the same domains through libvirt directly.
@@ -1099,6 +1112,7 @@ async fn main() -> Result<()> {
             copy_mib,
             rounds,
         } => storage::bench(volumes, copy_mib, rounds).await,
+        What::StorageAttach { rounds, remote } => attach::bench(rounds, remote).await,
         What::Boot {
             servers,
             concurrency,

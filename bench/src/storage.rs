@@ -18,7 +18,7 @@ use stratus_e2e::Cloud;
 const WAIT: Duration = Duration::from_secs(300);
 const MIB: u64 = 1 << 20;
 
-fn median(mut v: Vec<Duration>) -> Duration {
+pub(crate) fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
@@ -44,7 +44,7 @@ fn timed(program: &str, args: &[&str]) -> Result<Duration> {
     Ok(t.elapsed())
 }
 
-fn volume(name: &str, gib: u64, clone_of: Option<&str>) -> Result<Volume> {
+pub(crate) fn volume(name: &str, gib: u64, clone_of: Option<&str>) -> Result<Volume> {
     let mut v = serde_json::json!({
         "apiVersion": "storage.stratus.dev/v1", "kind": "Volume",
         "metadata": {"name": name},
@@ -62,7 +62,7 @@ fn is_available(v: Option<&Volume>) -> bool {
 }
 
 /// Creates `v` and waits until it is Available: the time taken and its device path.
-async fn make(api: &Api<Volume>, v: &Volume) -> Result<(Duration, String)> {
+pub(crate) async fn make(api: &Api<Volume>, v: &Volume) -> Result<(Duration, String)> {
     let name = v.metadata.name.clone().unwrap_or_default();
     let t = Instant::now();
     api.create(&PostParams::default(), v).await?;
@@ -77,7 +77,7 @@ async fn make(api: &Api<Volume>, v: &Volume) -> Result<(Duration, String)> {
 }
 
 /// Deletes volume `name` and waits until it is gone (its data removed by the agent).
-async fn remove(api: &Api<Volume>, name: &str) -> Result<Duration> {
+pub(crate) async fn remove(api: &Api<Volume>, name: &str) -> Result<Duration> {
     let uid = api.get(name).await?.metadata.uid.unwrap_or_default();
     let t = Instant::now();
     api.delete(name, &DeleteParams::default()).await?;
@@ -105,7 +105,7 @@ fn fill(path: &Path, len: u64) -> Result<()> {
     Ok(())
 }
 
-fn row(label: &str, v: &[Duration]) {
+pub(crate) fn row(label: &str, v: &[Duration]) {
     println!(
         "| {label} | {} | {} | {} |",
         crate::ms(median(v.to_vec())),
@@ -114,7 +114,7 @@ fn row(label: &str, v: &[Duration]) {
     );
 }
 
-fn ratio(ours: &[Duration], theirs: &[Duration]) -> f64 {
+pub(crate) fn ratio(ours: &[Duration], theirs: &[Duration]) -> f64 {
     median(ours.to_vec()).as_secs_f64() / median(theirs.to_vec()).as_secs_f64().max(1e-9)
 }
 

@@ -29,7 +29,7 @@ fn servers(client: &kube::Client) -> Api<DynamicObject> {
     )
 }
 
-fn has_marker(path: &Path) -> bool {
+pub(crate) fn has_marker(path: &Path) -> bool {
     std::fs::read_to_string(path).is_ok_and(|t| t.contains(MARKER))
 }
 
@@ -71,11 +71,14 @@ async fn stratus_once(client: &kube::Client, node: &Node, name: &str) -> Result<
     Ok(took)
 }
 
-/// The reference: the same kind of domain, made by hand and started with `virsh create`.
-fn virsh_once(guest: &Guest, node: &Node, round: usize) -> Result<Duration> {
-    let dir = tempfile::tempdir()?;
-    let d = dir.path();
-    let uid = format!("00000000-0000-4000-8000-{round:012}");
+/// A domain of the tiny guest made by hand in `d` (its root overlay, config drive and
+/// console log), as the compute agent builds a Server's: `name` and `uid` are the domain's.
+pub(crate) fn reference_domain(
+    guest: &Guest,
+    d: &Path,
+    name: String,
+    uid: String,
+) -> Result<DomainSpec> {
     disk::create_overlay(
         &guest.dir.join("disk.qcow2"),
         DiskFormat::Qcow2,
@@ -93,7 +96,7 @@ fn virsh_once(guest: &Guest, node: &Node, round: usize) -> Result<Duration> {
         },
     )?;
     let spec = DomainSpec {
-        name: format!("stratus-ref-{round}"),
+        name,
         uuid: uid.clone(),
         vcpus: 1,
         memory_mib: 128,
@@ -127,6 +130,19 @@ fn virsh_once(guest: &Guest, node: &Node, round: usize) -> Result<Duration> {
             uid,
         },
     };
+    Ok(spec)
+}
+
+/// The reference: the same kind of domain, made by hand and started with `virsh create`.
+fn virsh_once(guest: &Guest, node: &Node, round: usize) -> Result<Duration> {
+    let dir = tempfile::tempdir()?;
+    let spec = reference_domain(
+        guest,
+        dir.path(),
+        format!("stratus-ref-{round}"),
+        format!("00000000-0000-4000-8000-{round:012}"),
+    )?;
+    let d = dir.path();
     let xml = d.join("domain.xml");
     std::fs::write(&xml, domain_xml(&spec, DomainKind::Qemu))?;
     let t = Instant::now();

@@ -1,0 +1,467 @@
+//! A volume hot-plugged into a running TCG guest: a Volume on a file pool (made by the storage
+//! agent) attached to a running Server by adding it to `spec.volumes` until the disk is in the
+//! domain as libvirt holds it, and detached until it is gone, side by side in one run with the
+//! same done by hand on the same libvirtd: `qemu-img create` of a raw file in the same pool
+//! directory and `virsh attach-device --persistent` / `detach-device` of the same disk XML the
+//! compute agent writes, into a running guest of the same kind defined by hand (the compute
+//! agent unplugs from its own domains any disk their Server does not name).
+//!
+//! Local: the pool is on the compute node. Remote (`--remote`): the pool is on a storage node
+//! whose agent exports the volume over NBD (`qemu-nbd` and its nftables rule) to the compute
+//! node, whose libvirtd lives in a network namespace of its own joined to the host's by a veth
+//! pair of the benchmark's (addresses and names no test uses); the reference serves its file
+//! with `qemu-nbd` by hand and plugs in the same `<disk type='network'>`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::discovery::ApiResource;
+use serde_json::json;
+use stratus_agents::compute::driver::VolumeDisk;
+use stratus_agents::compute::driver::xml::{DomainKind, domain_xml, nbd_path, volume_disk_xml};
+use stratus_api_types::storage::Volume;
+use stratus_e2e::node::{Guest, Node};
+use stratus_e2e::{Cloud, Proc, stratus_bin, wait_until};
+
+use crate::storage::{make, median, ratio, remove, row, volume};
+use crate::tcg::{has_marker, reference_domain};
+
+/// The benchmark's node, namespace and Server: names no test uses.
+const NODE: &str = "bench-attach";
+const NS: &str = "bench-attach";
+const SERVER: &str = "bench-vm";
+/// Generous bounds for one step: TCG guests and builds share two cores.
+const WAIT: Duration = Duration::from_secs(300);
+/// How often the domain's disks are looked at (the same for both sides).
+const POLL: Duration = Duration::from_millis(20);
+/// The hand-made guest the reference plugs its disk into.
+const REF_DOMAIN: &str = "bench-attach-ref";
+/// The volume's disk in either guest (after the root disk and the config drive).
+const TARGET: &str = "vdc";
+/// The remote case's storage node (its storage agent alone, in the host's namespace) and the
+/// storage network: its address on the host's end of the veth pair, the compute node's in
+/// its libvirtd's namespace.
+const STORAGE_NODE: &str = "bench-attach-st";
+const STORAGE_IP: &str = "10.251.201.1";
+const COMPUTE_IP: &str = "10.251.201.2";
+const HOST_LINK: &str = "bench-st0";
+const NODE_LINK: &str = "bench-cn0";
+/// The storage agent's nftables table on [`STORAGE_IP`].
+const TABLE: &str = "stratus_nbd_10_251_201_1";
+/// The reference's `qemu-nbd` port on [`STORAGE_IP`], outside the agent's export ports
+/// (10809-10999) and the kernel's ephemeral ones.
+const REF_PORT: u16 = 10700;
+/// What the tiny guest prints on its console once its init runs.
+const MARKER: &str = "STRATUS-GUEST-READY";
+
+/// The targets of the domain's disks, as `virsh domblklist` shows them.
+fn targets(node: &Node, domain: &str) -> Result<Vec<String>> {
+    let out = node.virsh(&["domblklist", domain])?;
+    ensure!(
+        out.status.success(),
+        "virsh domblklist: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .collect())
+}
+
+/// Waits until the domain holds the volume's disk (`present`) or does not (`!present`).
+async fn until_disk(node: &Node, domain: &str, present: bool) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        if targets(node, domain)?.iter().any(|s| s == TARGET) == present {
+            return Ok(());
+        }
+        ensure!(
+            t.elapsed() < WAIT,
+            "{domain}: disk {TARGET} {} after {WAIT:?}\nagent log:\n{}",
+            if present {
+                "not attached"
+            } else {
+                "still attached"
+            },
+            node.agent_log()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn servers(client: &kube::Client) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        client.clone(),
+        NS,
+        &ApiResource::erase::<stratus_api_types::compute::Server>(&()),
+    )
+}
+
+/// Sets the Server's `spec.volumes` to `volumes`.
+async fn set_volumes(api: &Api<DynamicObject>, volumes: &[&str]) -> Result<()> {
+    let list: Vec<_> = volumes.iter().map(|v| json!({"volume": v})).collect();
+    api.patch(
+        SERVER,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"volumes": list}})),
+    )
+    .await?;
+    Ok(())
+}
+
+/// `virsh attach-device` or `detach-device` of `xml`, live and in the definition, as the
+/// compute agent does for a running persistent domain.
+fn virsh_device(node: &Node, verb: &str, domain: &str, xml: &Path) -> Result<()> {
+    let xml = xml.to_str().context("a UTF-8 path")?;
+    virsh_ok(node, &[verb, domain, xml, "--persistent"])
+}
+
+fn virsh_ok(node: &Node, args: &[&str]) -> Result<()> {
+    let out = node.virsh(args)?;
+    ensure!(
+        out.status.success(),
+        "virsh {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("run {program}"))?;
+    ensure!(
+        out.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// What the remote case leaves on the host, removed however the benchmark ends: the veth
+/// pair (with its host end), the exports' `qemu-nbd` processes (by the pids the storage agent
+/// recorded, and the reference's), and the agent's nftables table.
+struct Remote {
+    exports: PathBuf,
+    reference_pid: PathBuf,
+}
+
+impl Remote {
+    /// Joins `node`'s network namespace (its libvirtd's) to the host's by a veth pair.
+    fn join(node: &Node, storage_dir: &Path) -> Result<Self> {
+        let remote = Self {
+            exports: storage_dir.join("storage-state/exports"),
+            reference_pid: storage_dir.join("reference-nbd.pid"),
+        };
+        let pid = std::fs::read_to_string(node.dir.path().join("libvirtd.pid"))?
+            .trim()
+            .to_string();
+        run(
+            "ip",
+            &[
+                "link", "add", HOST_LINK, "type", "veth", "peer", "name", NODE_LINK,
+            ],
+        )?;
+        run("ip", &["link", "set", NODE_LINK, "netns", &pid])?;
+        run(
+            "ip",
+            &["addr", "add", &format!("{STORAGE_IP}/30"), "dev", HOST_LINK],
+        )?;
+        run("ip", &["link", "set", HOST_LINK, "up"])?;
+        let inside = |args: &[&str]| {
+            let mut a = vec!["-t", pid.as_str(), "-n", "ip"];
+            a.extend_from_slice(args);
+            run("nsenter", &a)
+        };
+        inside(&["addr", "add", &format!("{COMPUTE_IP}/30"), "dev", NODE_LINK])?;
+        inside(&["link", "set", NODE_LINK, "up"])?;
+        Ok(remote)
+    }
+
+    /// Stops the reference's `qemu-nbd`, if it runs.
+    fn stop_reference(&self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.reference_pid) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+            let _ = std::fs::remove_file(&self.reference_pid);
+        }
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        self.stop_reference();
+        for entry in std::fs::read_dir(&self.exports)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let record = std::fs::read(entry.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+            if let Some(pid) = record.as_ref().and_then(|r| r["pid"].as_u64()) {
+                let _ = Command::new("kill").arg(pid.to_string()).status();
+            }
+        }
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", TABLE])
+            .status();
+        let _ = Command::new("ip").args(["link", "del", HOST_LINK]).status();
+    }
+}
+
+/// The storage agent of `node` on a file pool in `dir` (exporting on `address`, if given).
+fn storage_agent(cloud: &Cloud, node: &str, dir: &Path, address: Option<&str>) -> Result<Proc> {
+    let pool = dir.join("pool");
+    std::fs::create_dir_all(&pool)?;
+    let mut cmd = Command::new(stratus_bin());
+    cmd.args(["agent", "--roles", "storage", "--node", node])
+        .arg("--kubeconfig")
+        .arg(cloud.dir.path().join(format!("node-{node}.kubeconfig")))
+        .arg("--state-dir")
+        .arg(dir.join("storage-state"))
+        .args(["--storage-pool", &format!("files=file:{}", pool.display())])
+        .args(["--storage-heartbeat-seconds", "1"]);
+    if let Some(a) = address {
+        cmd.args(["--storage-address", a]);
+    }
+    Proc::spawn("storage agent", &mut cmd, &dir.join("storage-agent.log"))
+}
+
+/// `stratus-bench storage-attach [--remote]`: `rounds` volumes, each made, attached to the
+/// running guest, detached and deleted, alternating with the same by hand.
+pub async fn bench(rounds: usize, remote: bool) -> Result<()> {
+    let guest = Guest::serve()?;
+    let mut node = Node::start(NODE)?;
+    // The remote case's storage node: a directory of its own, no libvirtd.
+    let storage_dir = tempfile::tempdir()?;
+    let network = if remote {
+        Some(Remote::join(&node, storage_dir.path())?)
+    } else {
+        None
+    };
+    let nodes = if remote {
+        format!("{NODE},{STORAGE_NODE}")
+    } else {
+        NODE.to_string()
+    };
+    let cloud = Cloud::up_with(&["--nodes", &nodes])?;
+    cloud.projects(&[NS])?;
+    node.start_agent(&cloud)?;
+    let (pool_node, pool_dir) = if remote {
+        (STORAGE_NODE, storage_dir.path())
+    } else {
+        (NODE, node.dir.path())
+    };
+    let _storage = storage_agent(&cloud, pool_node, pool_dir, remote.then_some(STORAGE_IP))?;
+    let pool = pool_dir.join("pool");
+    let flavors = stratus_e2e::repo_root().join("examples/flavors.yaml");
+    cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
+    cloud.kubectl_in(&["apply", "-f", "-"], &guest.images_yaml(NS)?)?;
+    if remote {
+        // The compute node's address on the storage network, as its network agent reports it.
+        wait_until(WAIT, "the compute node's Hypervisor", || {
+            cloud.kubectl_ok(&["get", "hypervisor", NODE]).ok()
+        })?;
+        cloud.kubectl_ok(&[
+            "patch",
+            "hypervisor",
+            NODE,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &format!(r#"{{"status":{{"hostIP":"{COMPUTE_IP}"}}}}"#),
+        ])?;
+    }
+    cloud.kubectl_in(
+        &["-n", NS, "apply", "-f", "-"],
+        &format!(
+            "apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: {SERVER}\nspec:\n  flavor: m1.nano\n  image: tiny\n"
+        ),
+    )?;
+    let uid = wait_until(WAIT, "the server Running", || {
+        let out = cloud
+            .kubectl_ok(&["-n", NS, "get", "server", SERVER, "-o", "json"])
+            .ok()?;
+        let s: serde_json::Value = serde_json::from_str(&out).ok()?;
+        (s["status"]["phase"] == "Running")
+            .then(|| s["metadata"]["uid"].as_str().map(String::from))?
+    })?;
+    let domain = format!("stratus-{uid}");
+    // The reference's guest: the same kind of domain, defined (persistent, as the agent's
+    // are) and started by hand.
+    let ref_dir = node.dir.path().join("reference");
+    std::fs::create_dir_all(&ref_dir)?;
+    let spec = reference_domain(
+        &guest,
+        &ref_dir,
+        REF_DOMAIN.into(),
+        "00000000-0000-4000-8000-0000000a77ac".into(),
+    )?;
+    let ref_xml = ref_dir.join("domain.xml");
+    std::fs::write(&ref_xml, domain_xml(&spec, DomainKind::Qemu))?;
+    virsh_ok(
+        &node,
+        &["define", ref_xml.to_str().context("a UTF-8 path")?],
+    )?;
+    virsh_ok(&node, &["start", REF_DOMAIN])?;
+    // Both guests' kernels up, so that they answer an unplug.
+    wait_until(WAIT, "the guests' init", || {
+        (node.console(&uid).contains(MARKER) && has_marker(&spec.console_log)).then_some(())
+    })?;
+
+    let client = cloud.client().await?;
+    let vols: Api<Volume> = Api::namespaced(client.clone(), NS);
+    let srv = servers(&client);
+    let (mut ours_make, mut ours_attach, mut ours_detach) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ref_make, mut ref_attach, mut ref_detach) = (Vec::new(), Vec::new(), Vec::new());
+    // Round 0 is a warm-up (the pool's first volume, the guest's first hot-plug): not counted.
+    for r in 0..=rounds {
+        let name = format!("v-{r}");
+        let (made, _) = make(&vols, &volume(&name, 1, None)?).await?;
+        let t = Instant::now();
+        set_volumes(&srv, &[&name]).await?;
+        until_disk(&node, &domain, true).await?;
+        let attached = t.elapsed();
+        let t = Instant::now();
+        set_volumes(&srv, &[]).await?;
+        until_disk(&node, &domain, false).await?;
+        let detached = t.elapsed();
+        // Refused until the attachment is released.
+        let t = Instant::now();
+        while let Err(e) = remove(&vols, &name).await {
+            ensure!(t.elapsed() < WAIT, "volume {name} not deleted: {e:#}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
+        let file = pool.join(format!("reference-{r}.raw"));
+        let file_s = file.to_str().context("a UTF-8 path")?.to_string();
+        let xml = ref_dir.join("disk.xml");
+        let t = Instant::now();
+        run("qemu-img", &["create", "-q", "-f", "raw", &file_s, "1G"])?;
+        let disk_path = match &network {
+            None => file.clone(),
+            Some(net) => {
+                // Served as the storage agent serves an export: one client, raw, by name;
+                // `--fork` returns once it listens.
+                let export = format!("reference-{r}");
+                let pid_file = net.reference_pid.to_str().context("a UTF-8 path")?;
+                run(
+                    "qemu-nbd",
+                    &[
+                        "--fork",
+                        "--pid-file",
+                        pid_file,
+                        "--bind",
+                        STORAGE_IP,
+                        "--port",
+                        &REF_PORT.to_string(),
+                        "--export-name",
+                        &export,
+                        "--format",
+                        "raw",
+                        "--shared",
+                        "1",
+                        "--persistent",
+                        &file_s,
+                    ],
+                )?;
+                nbd_path(STORAGE_IP.parse()?, REF_PORT, &export)
+            }
+        };
+        let ref_made = t.elapsed();
+        std::fs::write(
+            &xml,
+            volume_disk_xml(&VolumeDisk {
+                path: disk_path,
+                target: TARGET.into(),
+                serial: format!("reference{r}"),
+            }),
+        )?;
+        let t = Instant::now();
+        virsh_device(&node, "attach-device", REF_DOMAIN, &xml)?;
+        until_disk(&node, REF_DOMAIN, true).await?;
+        let ref_attached = t.elapsed();
+        let t = Instant::now();
+        virsh_device(&node, "detach-device", REF_DOMAIN, &xml)?;
+        until_disk(&node, REF_DOMAIN, false).await?;
+        let ref_detached = t.elapsed();
+        if let Some(net) = &network {
+            net.stop_reference();
+        }
+        std::fs::remove_file(&file)?;
+
+        if r > 0 {
+            ours_make.push(made);
+            ours_attach.push(attached);
+            ours_detach.push(detached);
+            ref_make.push(ref_made);
+            ref_attach.push(ref_attached);
+            ref_detach.push(ref_detached);
+        }
+    }
+    let sum = |a: &[Duration], b: &[Duration]| -> Vec<Duration> {
+        a.iter().zip(b).map(|(x, y)| *x + *y).collect()
+    };
+    let (ours_total, ref_total) = (sum(&ours_make, &ours_attach), sum(&ref_make, &ref_attach));
+
+    let (case, ref_make_label) = if remote {
+        (
+            "another node's 1 GiB file-pool volume over NBD",
+            "reference: `qemu-img create -f raw` 1 GiB + `qemu-nbd --fork`",
+        )
+    } else {
+        (
+            "a 1 GiB volume of the node's file pool",
+            "reference: `qemu-img create -f raw` 1 GiB",
+        )
+    };
+    println!(
+        "| {case} hot-plugged into a running TCG guest, {rounds} rounds, alternating | median | min | max |"
+    );
+    println!("|---|---|---|---|");
+    row(ref_make_label, &ref_make);
+    row("Stratus: create Volume → Available", &ours_make);
+    row(
+        "reference: `virsh attach-device --persistent` → in the domain",
+        &ref_attach,
+    );
+    row(
+        "Stratus: Server `spec.volumes` += volume → in the domain",
+        &ours_attach,
+    );
+    row("reference: create + attach", &ref_total);
+    row("Stratus: create + attach", &ours_total);
+    row(
+        "reference: `virsh detach-device --persistent` → gone from the domain",
+        &ref_detach,
+    );
+    row(
+        "Stratus: Server `spec.volumes` -= volume → gone from the domain",
+        &ours_detach,
+    );
+    println!();
+    let plus = |a: &[Duration], b: &[Duration]| {
+        (median(a.to_vec()).as_secs_f64() - median(b.to_vec()).as_secs_f64()) * 1e3
+    };
+    println!(
+        "attach: Stratus {:.2}x the reference ({:+.0} ms); create + attach {:.2}x ({:+.0} ms); detach {:.2}x ({:+.0} ms) (medians).",
+        ratio(&ours_attach, &ref_attach),
+        plus(&ours_attach, &ref_attach),
+        ratio(&ours_total, &ref_total),
+        plus(&ours_total, &ref_total),
+        ratio(&ours_detach, &ref_detach),
+        plus(&ours_detach, &ref_detach),
+    );
+    // The guests go before the node's libvirtd.
+    srv.delete(SERVER, &Default::default()).await?;
+    virsh_ok(&node, &["destroy", REF_DOMAIN])?;
+    virsh_ok(&node, &["undefine", REF_DOMAIN])?;
+    Ok(())
+}
