@@ -26,7 +26,7 @@ use stratus_api_types::storage::Volume;
 use stratus_e2e::node::{Guest, Node};
 use stratus_e2e::{Cloud, Proc, stratus_bin, wait_until};
 
-use crate::storage::{make, median, ratio, remove, row, volume};
+use crate::storage::{make, median, ratio, remove, row, run, volume};
 use crate::tcg::{has_marker, reference_domain};
 
 /// The benchmark's node, namespace and Server: names no test uses.
@@ -131,20 +131,6 @@ fn virsh_ok(node: &Node, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn run(program: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("run {program}"))?;
-    ensure!(
-        out.status.success(),
-        "{program} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 /// What the remote case leaves on the host, removed however the benchmark ends: the veth
 /// pair (with its host end), the exports' `qemu-nbd` processes (by the pids the storage agent
 /// recorded, and the reference's), and the agent's nftables table.
@@ -216,17 +202,22 @@ impl Drop for Remote {
     }
 }
 
-/// The storage agent of `node` on a file pool in `dir` (exporting on `address`, if given).
-fn storage_agent(cloud: &Cloud, node: &str, dir: &Path, address: Option<&str>) -> Result<Proc> {
-    let pool = dir.join("pool");
-    std::fs::create_dir_all(&pool)?;
+/// The storage agent of `node` with its state in `dir`, serving `pool` (`NAME=BACKEND:WHERE`)
+/// and exporting on `address`, if given.
+fn storage_agent(
+    cloud: &Cloud,
+    node: &str,
+    dir: &Path,
+    pool: &str,
+    address: Option<&str>,
+) -> Result<Proc> {
     let mut cmd = Command::new(stratus_bin());
     cmd.args(["agent", "--roles", "storage", "--node", node])
         .arg("--kubeconfig")
         .arg(cloud.dir.path().join(format!("node-{node}.kubeconfig")))
         .arg("--state-dir")
         .arg(dir.join("storage-state"))
-        .args(["--storage-pool", &format!("files=file:{}", pool.display())])
+        .args(["--storage-pool", pool])
         .args(["--storage-heartbeat-seconds", "1"]);
     if let Some(a) = address {
         cmd.args(["--storage-address", a]);
@@ -234,9 +225,152 @@ fn storage_agent(cloud: &Cloud, node: &str, dir: &Path, address: Option<&str>) -
     Proc::spawn("storage agent", &mut cmd, &dir.join("storage-agent.log"))
 }
 
-/// `stratus-bench storage-attach [--remote]`: `rounds` volumes, each made, attached to the
+/// lvm2 without device-mapper where the kernel has none (as the storage agent runs it).
+fn lvm(program: &str, args: &[&str]) -> Result<String> {
+    let mut all = if device_mapper() {
+        vec![]
+    } else {
+        vec!["--driverloaded", "n"]
+    };
+    all.extend_from_slice(args);
+    run(program, &all)
+}
+
+fn device_mapper() -> bool {
+    std::fs::read_to_string("/proc/misc").is_ok_and(|m| m.contains("device-mapper"))
+}
+
+/// A bytes figure of an lvm2 report (`--units b --nosuffix`).
+fn report_bytes(text: &str) -> Result<u64> {
+    text.trim()
+        .parse()
+        .with_context(|| format!("lvm2 reported {text:?}"))
+}
+
+/// The LVM pool of `--lvm`: a volume group of the benchmark's own name on a loop device over
+/// a sparse file, removed (with every loop device over it) when dropped.
+struct VolumeGroup {
+    vg: String,
+    pv: String,
+}
+
+impl VolumeGroup {
+    fn new(dir: &Path) -> Result<Self> {
+        let img = dir.join("pv.img");
+        std::fs::File::create(&img)?.set_len(16 << 30)?;
+        let img = img.to_str().context("a UTF-8 path")?;
+        let group = Self {
+            vg: format!("stratus-bench-attach-{}", std::process::id()),
+            pv: run("losetup", &["--find", "--show", img])?
+                .trim()
+                .to_string(),
+        };
+        lvm("pvcreate", &["-y", &group.pv])?;
+        lvm("vgcreate", &[&group.vg, &group.pv])?;
+        Ok(group)
+    }
+
+    /// Loop devices over the group's PV (the volumes' data, without device-mapper).
+    fn loops(&self) -> Vec<String> {
+        run(
+            "losetup",
+            &["--associated", &self.pv, "--noheadings", "--output", "NAME"],
+        )
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+    }
+
+    /// The reference: `lvcreate` of a 1 GiB LV made as the storage agent makes one, and its
+    /// block device (without device-mapper, a loop device over its extents on the PV).
+    fn create(&self, name: &str) -> Result<String> {
+        if device_mapper() {
+            lvm("lvcreate", &["-y", "-L", "1G", "-n", name, &self.vg])?;
+            return Ok(format!("/dev/{}/{name}", self.vg));
+        }
+        lvm(
+            "lvcreate",
+            &[
+                "-y",
+                "--activate",
+                "n",
+                "--zero",
+                "n",
+                "--alloc",
+                "contiguous",
+                "-L",
+                "1G",
+                "-n",
+                name,
+                &self.vg,
+            ],
+        )?;
+        let field = |program: &str, field: &str, of: &str| -> Result<u64> {
+            report_bytes(&lvm(
+                program,
+                &[
+                    "--noheadings",
+                    "--units",
+                    "b",
+                    "--nosuffix",
+                    "-o",
+                    field,
+                    of,
+                ],
+            )?)
+        };
+        let lv = format!("{}/{name}", self.vg);
+        let extent = field("vgs", "vg_extent_size", &self.vg)?;
+        let start = field("pvs", "pe_start", &self.pv)?;
+        // One contiguous segment: `PV:FIRST-LAST`.
+        let ranges = lvm("lvs", &["--noheadings", "-o", "seg_pe_ranges", &lv])?;
+        let first: u64 = ranges
+            .trim()
+            .rsplit_once(':')
+            .and_then(|(_, r)| r.split_once('-'))
+            .and_then(|(first, _)| first.parse().ok())
+            .with_context(|| format!("the extents of {lv}: {ranges:?}"))?;
+        let offset = (start + first * extent).to_string();
+        let size = (1u64 << 30).to_string();
+        let args = [
+            "--find",
+            "--show",
+            "--offset",
+            &offset,
+            "--sizelimit",
+            &size,
+        ];
+        Ok(run("losetup", &[&args[..], &[self.pv.as_str()]].concat())?
+            .trim()
+            .to_string())
+    }
+
+    /// The reference's delete: the loop device (without device-mapper), then `lvremove`.
+    fn remove(&self, name: &str, device: &str) -> Result<()> {
+        if device.starts_with("/dev/loop") {
+            run("losetup", &["--detach", device])?;
+        }
+        lvm("lvremove", &["-y", &format!("{}/{name}", self.vg)])?;
+        Ok(())
+    }
+}
+
+impl Drop for VolumeGroup {
+    fn drop(&mut self) {
+        for dev in self.loops() {
+            let _ = run("losetup", &["--detach", &dev]);
+        }
+        let _ = lvm("vgremove", &["-f", &self.vg]);
+        let _ = lvm("pvremove", &["-y", &self.pv]);
+        let _ = run("losetup", &["--detach", &self.pv]);
+    }
+}
+
+/// `stratus-bench storage-attach [--remote | --lvm]`: `rounds` volumes, each made, attached to the
 /// running guest, detached and deleted, alternating with the same by hand.
-pub async fn bench(rounds: usize, remote: bool) -> Result<()> {
+pub async fn bench(rounds: usize, remote: bool, lvm_pool: bool) -> Result<()> {
     let guest = Guest::serve()?;
     let mut node = Node::start(NODE)?;
     // The remote case's storage node: a directory of its own, no libvirtd.
@@ -259,8 +393,24 @@ pub async fn bench(rounds: usize, remote: bool) -> Result<()> {
     } else {
         (NODE, node.dir.path())
     };
-    let _storage = storage_agent(&cloud, pool_node, pool_dir, remote.then_some(STORAGE_IP))?;
     let pool = pool_dir.join("pool");
+    std::fs::create_dir_all(&pool)?;
+    let group = if lvm_pool {
+        Some(VolumeGroup::new(pool_dir)?)
+    } else {
+        None
+    };
+    let pool_arg = match &group {
+        Some(g) => format!("fast=lvm:{}", g.vg),
+        None => format!("files=file:{}", pool.display()),
+    };
+    let storage = storage_agent(
+        &cloud,
+        pool_node,
+        pool_dir,
+        &pool_arg,
+        remote.then_some(STORAGE_IP),
+    )?;
     let flavors = stratus_e2e::repo_root().join("examples/flavors.yaml");
     cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
     cloud.kubectl_in(&["apply", "-f", "-"], &guest.images_yaml(NS)?)?;
@@ -321,6 +471,7 @@ pub async fn bench(rounds: usize, remote: bool) -> Result<()> {
     let srv = servers(&client);
     let (mut ours_make, mut ours_attach, mut ours_detach) = (Vec::new(), Vec::new(), Vec::new());
     let (mut ref_make, mut ref_attach, mut ref_detach) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ours_delete, mut ref_delete) = (Vec::new(), Vec::new());
     // Round 0 is a warm-up (the pool's first volume, the guest's first hot-plug): not counted.
     for r in 0..=rounds {
         let name = format!("v-{r}");
@@ -333,20 +484,32 @@ pub async fn bench(rounds: usize, remote: bool) -> Result<()> {
         set_volumes(&srv, &[]).await?;
         until_disk(&node, &domain, false).await?;
         let detached = t.elapsed();
-        // Refused until the attachment is released.
+        // Deleted once the attachment is released (refused until then, not measured).
         let t = Instant::now();
-        while let Err(e) = remove(&vols, &name).await {
-            ensure!(t.elapsed() < WAIT, "volume {name} not deleted: {e:#}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let deleted = loop {
+            match remove(&vols, &name).await {
+                Ok(took) => break took,
+                Err(e) => {
+                    ensure!(t.elapsed() < WAIT, "volume {name} not deleted: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
 
-        let file = pool.join(format!("reference-{r}.raw"));
-        let file_s = file.to_str().context("a UTF-8 path")?.to_string();
+        let ref_name = format!("reference-{r}");
+        let file = pool.join(format!("{ref_name}.raw"));
         let xml = ref_dir.join("disk.xml");
         let t = Instant::now();
-        run("qemu-img", &["create", "-q", "-f", "raw", &file_s, "1G"])?;
+        let file_s = match &group {
+            Some(g) => g.create(&ref_name)?,
+            None => {
+                let f = file.to_str().context("a UTF-8 path")?.to_string();
+                run("qemu-img", &["create", "-q", "-f", "raw", &f, "1G"])?;
+                f
+            }
+        };
         let disk_path = match &network {
-            None => file.clone(),
+            None => PathBuf::from(&file_s),
             Some(net) => {
                 // Served as the storage agent serves an export: one client, raw, by name;
                 // `--fork` returns once it listens.
@@ -392,10 +555,15 @@ pub async fn bench(rounds: usize, remote: bool) -> Result<()> {
         virsh_device(&node, "detach-device", REF_DOMAIN, &xml)?;
         until_disk(&node, REF_DOMAIN, false).await?;
         let ref_detached = t.elapsed();
+        let t = Instant::now();
         if let Some(net) = &network {
             net.stop_reference();
         }
-        std::fs::remove_file(&file)?;
+        match &group {
+            Some(g) => g.remove(&ref_name, &file_s)?,
+            None => std::fs::remove_file(&file)?,
+        }
+        let ref_deleted = t.elapsed();
 
         if r > 0 {
             ours_make.push(made);
@@ -404,6 +572,8 @@ pub async fn bench(rounds: usize, remote: bool) -> Result<()> {
             ref_make.push(ref_made);
             ref_attach.push(ref_attached);
             ref_detach.push(ref_detached);
+            ours_delete.push(deleted);
+            ref_delete.push(ref_deleted);
         }
     }
     let sum = |a: &[Duration], b: &[Duration]| -> Vec<Duration> {
@@ -411,16 +581,22 @@ pub async fn bench(rounds: usize, remote: bool) -> Result<()> {
     };
     let (ours_total, ref_total) = (sum(&ours_make, &ours_attach), sum(&ref_make, &ref_attach));
 
-    let (case, ref_make_label) = if remote {
-        (
+    let (case, ref_make_label, ref_delete_label) = match (remote, lvm_pool) {
+        (true, _) => (
             "another node's 1 GiB file-pool volume over NBD",
             "reference: `qemu-img create -f raw` 1 GiB + `qemu-nbd --fork`",
-        )
-    } else {
-        (
+            "reference: stop `qemu-nbd` + `rm`",
+        ),
+        (false, true) => (
+            "a 1 GiB volume of the node's LVM pool (loop-device VG)",
+            "reference: `lvcreate` 1 GiB (+ `losetup --offset` without device-mapper)",
+            "reference: (`losetup --detach` +) `lvremove`",
+        ),
+        (false, false) => (
             "a 1 GiB volume of the node's file pool",
             "reference: `qemu-img create -f raw` 1 GiB",
-        )
+            "reference: `rm`",
+        ),
     };
     println!(
         "| {case} hot-plugged into a running TCG guest, {rounds} rounds, alternating | median | min | max |"
@@ -446,22 +622,31 @@ pub async fn bench(rounds: usize, remote: bool) -> Result<()> {
         "Stratus: Server `spec.volumes` -= volume → gone from the domain",
         &ours_detach,
     );
+    row(ref_delete_label, &ref_delete);
+    row("Stratus: delete Volume (detached) → gone", &ours_delete);
     println!();
     let plus = |a: &[Duration], b: &[Duration]| {
         (median(a.to_vec()).as_secs_f64() - median(b.to_vec()).as_secs_f64()) * 1e3
     };
     println!(
-        "attach: Stratus {:.2}x the reference ({:+.0} ms); create + attach {:.2}x ({:+.0} ms); detach {:.2}x ({:+.0} ms) (medians).",
+        "attach: Stratus {:.2}x the reference ({:+.0} ms); create + attach {:.2}x ({:+.0} ms); detach {:.2}x ({:+.0} ms); create {:.2}x ({:+.0} ms); delete {:.2}x ({:+.0} ms) (medians).",
         ratio(&ours_attach, &ref_attach),
         plus(&ours_attach, &ref_attach),
         ratio(&ours_total, &ref_total),
         plus(&ours_total, &ref_total),
         ratio(&ours_detach, &ref_detach),
         plus(&ours_detach, &ref_detach),
+        ratio(&ours_make, &ref_make),
+        plus(&ours_make, &ref_make),
+        ratio(&ours_delete, &ref_delete),
+        plus(&ours_delete, &ref_delete),
     );
     // The guests go before the node's libvirtd.
     srv.delete(SERVER, &Default::default()).await?;
     virsh_ok(&node, &["destroy", REF_DOMAIN])?;
     virsh_ok(&node, &["undefine", REF_DOMAIN])?;
+    // The agent stops before its volume group goes.
+    drop(storage);
+    drop(group);
     Ok(())
 }

@@ -129,8 +129,12 @@ enum What {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
         /// The volume on another node's pool, exported over NBD (a veth pair of its own).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "lvm")]
         remote: bool,
+        /// The node's pool an LVM volume group of the benchmark's own (on a loop device over a
+        /// sparse file) instead of a directory; the reference `lvcreate`/`lvremove`.
+        #[arg(long)]
+        lvm: bool,
     },
     /// Apply → Running with libvirt's test driver (scheduler + compute agent) vs defining and
     /// starting the same domains through libvirt directly.
@@ -1112,7 +1116,11 @@ async fn main() -> Result<()> {
             copy_mib,
             rounds,
         } => storage::bench(volumes, copy_mib, rounds).await,
-        What::StorageAttach { rounds, remote } => attach::bench(rounds, remote).await,
+        What::StorageAttach {
+            rounds,
+            remote,
+            lvm,
+        } => attach::bench(rounds, remote, lvm).await,
         What::Boot {
             servers,
             concurrency,

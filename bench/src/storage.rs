@@ -23,7 +23,8 @@ pub(crate) fn median(mut v: Vec<Duration>) -> Duration {
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
-fn run(program: &str, args: &[&str]) -> Result<()> {
+/// Runs `program` with `args`: its standard output, or an error with its standard error.
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program)
         .args(args)
         .output()
@@ -35,7 +36,7 @@ fn run(program: &str, args: &[&str]) -> Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn timed(program: &str, args: &[&str]) -> Result<Duration> {
