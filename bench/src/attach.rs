@@ -415,7 +415,8 @@ pub async fn bench(rounds: usize, remote: bool, lvm_pool: bool) -> Result<()> {
     cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
     cloud.kubectl_in(&["apply", "-f", "-"], &guest.images_yaml(NS)?)?;
     if remote {
-        // The compute node's address on the storage network, as its network agent reports it.
+        // The compute node's address on the storage network, which its network agent would
+        // report (it runs none here): the one address the export lets in.
         wait_until(WAIT, "the compute node's Hypervisor", || {
             cloud.kubectl_ok(&["get", "hypervisor", NODE]).ok()
         })?;
