@@ -398,7 +398,9 @@ async fn extends_snapshots_bad_input_and_what_a_node_may_touch() -> Result<()> {
             r#"{"status":{"phase":"Error"}}"#,
         ],
     )?;
-    node_refused("n2", &["get", "storagepool", "p1"])?;
+    // A node reads a pool by name (the storage address of a volume it attaches from another
+    // node) but lists none of others.
+    node_refused("n2", &["get", "storagepools"])?;
     node_refused(
         "n2",
         &[
