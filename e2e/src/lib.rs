@@ -335,6 +335,22 @@ impl Cloud {
         Ok(())
     }
 
+    /// Waits for the `default` SecurityGroup the controllers make in project `ns`. A test that
+    /// edits it applies its version after this: applied before, kubectl's create races with
+    /// the controllers' and one of them gets 409 AlreadyExists.
+    pub fn default_group_made(&self, ns: &str) -> Result<()> {
+        wait_until(
+            Duration::from_secs(90),
+            &format!("the default SecurityGroup of {ns}"),
+            || {
+                self.kubectl(&["-n", ns, "get", "securitygroup", "default"])
+                    .ok()
+                    .filter(|o| o.status.success())
+            },
+        )?;
+        Ok(())
+    }
+
     /// Places a Server on hypervisor `node` through the binding subresource, as the scheduler
     /// does, making the Hypervisor (with room, but not Ready, so the scheduler itself leaves
     /// it alone) if it is absent. The Server's flavor must exist.

@@ -512,13 +512,6 @@ fn a_node_reaches_only_the_networks_of_its_own_ports() -> Result<()> {
                 ),
             ],
         ),
-        network_objects(
-            "SecurityGroup",
-            &[
-                ("demo", "default", json!({"rules": []})),
-                ("other", "default", json!({"rules": []})),
-            ],
-        ),
     ];
     let ports = [
         ("demo", "pa", "net", "a"),
@@ -533,6 +526,10 @@ fn a_node_reaches_only_the_networks_of_its_own_ports() -> Result<()> {
             .map(|(ns, p, net, _)| (*ns, *p, json!({"network": net})))
             .collect::<Vec<_>>(),
     ));
+    // Each project's `default` group is the controllers' to make.
+    for ns in ["demo", "other"] {
+        cloud.default_group_made(ns)?;
+    }
     for doc in yaml {
         cloud.kubectl_in(&["apply", "-f", "-"], &doc)?;
     }

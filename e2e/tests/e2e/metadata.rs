@@ -396,6 +396,8 @@ fn real_guests_print_the_metadata_they_read_each_their_own() -> Result<()> {
     let node = Node::start(&name)?;
     let cloud = Cloud::up_with(&["--nodes", &name])?;
     cloud.projects(&[NS])?;
+    // The group applied below edits the controllers' `default` once it is there.
+    cloud.default_group_made(NS)?;
     let flavors = repo_root().join("examples/flavors.yaml");
     cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
     cloud.kubectl_in(&["apply", "-f", "-"], &guest.images_yaml(NS)?)?;

@@ -82,6 +82,8 @@ fn a_port_added_to_a_running_server_is_plugged_in_live_and_out_again() -> Result
         .images_yaml("demo")?
         .replace("console=ttyS0 quiet", "console=ttyS0 loglevel=7");
     cloud.kubectl_in(&["apply", "-f", "-"], &images)?;
+    // The group applied here edits the controllers' `default` once it is there.
+    cloud.default_group_made("demo")?;
     cloud.kubectl_in(
         &["-n", "demo", "apply", "-f", "-"],
         "apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: blue\nspec: {}\n---\n\

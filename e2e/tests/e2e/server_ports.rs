@@ -349,6 +349,8 @@ fn one_node_running_compute_and_network_wires_the_tap_its_server_port_names() ->
             files.url
         ),
     )?;
+    // The group applied here edits the controllers' `default` once it is there.
+    cloud.default_group_made("demo")?;
     cloud.kubectl_in(
         &["-n", "demo", "apply", "-f", "-"],
         "apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: blue\nspec: {}\n---\n\
@@ -482,6 +484,8 @@ fn a_real_guest_takes_its_ports_address_by_dhcp() -> Result<()> {
     let flavors = repo_root().join("examples/flavors.yaml");
     cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
     cloud.kubectl_in(&["apply", "-f", "-"], &guest.images_yaml("demo")?)?;
+    // The group applied here edits the controllers' `default` once it is there.
+    cloud.default_group_made("demo")?;
     cloud.kubectl_in(
         &["-n", "demo", "apply", "-f", "-"],
         "apiVersion: network.stratus.dev/v1\nkind: Network\nmetadata:\n  name: blue\nspec: {}\n---\n\
