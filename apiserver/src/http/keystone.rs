@@ -87,7 +87,8 @@ impl Default for SourceRate {
     }
 }
 
-/// The most source buckets remembered; past it, full ones are forgotten first.
+/// The most source buckets remembered; past it, full ones are forgotten first, then the
+/// fullest.
 const SOURCES: usize = 100_000;
 
 /// A token bucket per source bucket, in this replica's memory (each replica bounds what it is
@@ -146,11 +147,15 @@ impl SourceLimit {
         let refill = |(tokens, at): (f64, Instant)| {
             (tokens + now.saturating_duration_since(at).as_secs_f64() * per_second).min(burst)
         };
-        if buckets.len() >= SOURCES && !buckets.contains_key(&ip) {
-            buckets.retain(|_, b| refill(*b) < burst);
-            if buckets.len() >= SOURCES {
-                buckets.clear();
-            }
+        if !buckets.contains_key(&ip) {
+            // Full buckets are worth nothing; past them, the fullest go first, so that a
+            // flood from many sources never refills the one that is being limited.
+            crate::policy::bounded::make_room(
+                &mut buckets,
+                SOURCES,
+                |b| refill(*b) >= burst,
+                |b| std::cmp::Reverse((refill(*b) * 1000.0) as u64),
+            );
         }
         let b = buckets.entry(ip).or_insert((burst, now));
         let tokens = refill(*b);
@@ -928,6 +933,34 @@ mod tests {
         });
         assert!((0..10).all(|_| off.take(a, t0).is_ok()));
         assert!((0..10).all(|_| slow.take(None, t0).is_ok()));
+    }
+
+    #[test]
+    fn a_flood_from_many_sources_does_not_refill_a_limited_one() {
+        let limit = SourceLimit::new(SourceRate {
+            per_second: 0.001,
+            burst: 3,
+        });
+        let t0 = Instant::now();
+        let a = Some(IpAddr::from([10, 0, 0, 1]));
+        assert!((0..3).all(|_| limit.take(a, t0).is_ok()));
+        assert!(limit.take(a, t0).is_err());
+        // As many other sources as the map holds, each taking one request (an attacker with
+        // many addresses); the map is trimmed, not cleared.
+        for i in 0..SOURCES as u32 {
+            assert_eq!(
+                limit.take(
+                    Some(IpAddr::from(std::net::Ipv4Addr::from(0x0b00_0000 + i))),
+                    t0
+                ),
+                Ok(())
+            );
+        }
+        assert!(
+            limit.take(a, t0).is_err(),
+            "the limited source got a fresh bucket"
+        );
+        assert!(limit.buckets.lock().map(|b| b.len()).unwrap_or(0) <= SOURCES);
     }
 
     #[test]

@@ -1002,12 +1002,26 @@ impl Throttle {
     pub fn failed(&self, user: &str, source: Option<IpAddr>, now: Instant) {
         let p = &self.policy;
         if let Ok(mut users) = self.users.lock() {
-            note(&mut users, user.to_string(), now, p.lockout_duration, false);
+            note(
+                &mut users,
+                user.to_string(),
+                now,
+                p.lockout_duration,
+                false,
+                p.lockout_failure_attempts,
+            );
         }
         if let (Some(ip), Ok(mut sources)) =
             (source.map(super::logins::bucket), self.sources.lock())
         {
-            note(&mut sources, ip, now, p.source_window, true);
+            note(
+                &mut sources,
+                ip,
+                now,
+                p.source_window,
+                true,
+                p.source_failure_attempts,
+            );
         }
     }
 
@@ -1020,24 +1034,25 @@ impl Throttle {
 }
 
 /// Counts one failure of `key` at `now`. Counts older than `expiry` (since the first failure
-/// for a window, since the last one for a lockout) start afresh.
-fn note<K: std::hash::Hash + Eq>(
+/// for a window, since the last one for a lockout) start afresh. A count of `refuses` or more
+/// refuses logins (0: none does), and such an entry is the last to be trimmed.
+fn note<K: std::hash::Hash + Eq + Clone>(
     map: &mut HashMap<K, Failures>,
     key: K,
     now: Instant,
     expiry: Duration,
     window: bool,
+    refuses: u32,
 ) {
     let stale = |f: &Failures| {
         now.saturating_duration_since(if window { f.first } else { f.last }) >= expiry
     };
-    if map.len() >= THROTTLE_CAPACITY && !map.contains_key(&key) {
-        map.retain(|_, f| !stale(f));
-        if map.len() >= THROTTLE_CAPACITY {
-            // Still full of live entries (a flood of names or addresses): start afresh rather
-            // than grow. Lockouts then lapse early; the hashing queue still bounds the work.
-            map.clear();
-        }
+    if !map.contains_key(&key) {
+        // Full of live entries (a flood of names or addresses): those that refuse no one go
+        // first, oldest first; a lockout or a throttled address is kept over them.
+        super::bounded::make_room(map, THROTTLE_CAPACITY, stale, |f| {
+            (refuses > 0 && f.count >= refuses, f.last)
+        });
     }
     let f = map.entry(key).or_insert(Failures {
         count: 0,
@@ -1156,6 +1171,35 @@ mod tests {
         t.succeeded("carol");
         t.failed("carol", None, t0);
         assert_eq!(t.check("carol", None, t0), Ok(()));
+    }
+
+    #[test]
+    fn a_flood_of_made_up_names_and_addresses_keeps_lockouts_and_throttles() {
+        let t = Throttle::new(&policy());
+        let t0 = Instant::now();
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        for i in 0..5 {
+            t.failed("alice", Some(ip), t0 + Duration::from_millis(i));
+        }
+        assert_eq!(t.check("x", Some(ip), t0), Err(Refusal::Throttled(10)));
+        assert_eq!(t.check("alice", None, t0), Err(Refusal::Locked));
+        // More made-up names, each from an address of its own, than the maps hold; all later
+        // than alice's failures, so age alone would drop hers first.
+        let later = t0 + Duration::from_secs(1);
+        for i in 0..THROTTLE_CAPACITY as u32 {
+            t.failed(
+                &format!("made-up-{i}"),
+                Some(IpAddr::from(std::net::Ipv4Addr::from(0x0b00_0000 + i))),
+                later,
+            );
+        }
+        assert_eq!(t.check("alice", None, later), Err(Refusal::Locked));
+        assert!(matches!(
+            t.check("x", Some(ip), later),
+            Err(Refusal::Throttled(_))
+        ));
+        assert!(t.users.lock().map(|m| m.len()).unwrap_or(0) <= THROTTLE_CAPACITY);
+        assert!(t.sources.lock().map(|m| m.len()).unwrap_or(0) <= THROTTLE_CAPACITY);
     }
 
     #[test]

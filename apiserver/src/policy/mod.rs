@@ -6,6 +6,7 @@
 //! or apply is applied), whatever the request's content type. Nothing decides on body text.
 
 pub mod authn;
+pub mod bounded;
 pub mod credentials;
 pub mod identity;
 pub mod logins;
