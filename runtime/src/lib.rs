@@ -2,7 +2,8 @@
 //! with per-object capped backoff driven by each error's own classification
 //! ([`policy`]), failures that retrying cannot fix reported in the object's status
 //! ([`report`]), Events ([`events`]), the release of a finalizer another component added
-//! ([`finalizer`]), and waiting for a reflector's first list ([`store_ready`]).
+//! ([`finalizer`]), waiting for a reflector's first list ([`store_ready`]), and (feature
+//! `allowlist`) the nftables table that lets only named sources reach a node's own servers.
 //!
 //! A reconciler built on it has this shape (the controllers crate and the agents each follow
 //! it):
@@ -17,6 +18,8 @@
 //! }
 //! ```
 
+#[cfg(feature = "allowlist")]
+pub mod allowlist;
 pub mod events;
 pub mod finalizer;
 pub mod policy;

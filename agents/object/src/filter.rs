@@ -2,16 +2,12 @@
 //! configured proxies reach the account, container and object servers and the rsync daemon,
 //! which have no authentication of their own.
 
-use std::borrow::Cow;
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use nftables::expr::{CT, Expression, NamedExpression, Payload, PayloadField};
-use nftables::schema::{Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
-use nftables::stmt::{Match, Operator, Statement};
-use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use nftables::schema::Nftables;
 use stratus_api_types::object::ObjectRing;
+use stratus_runtime::allowlist::{self, AllowList};
 
 use crate::config::{KINDS, NodeConfig, RSYNC_PORT};
 
@@ -39,96 +35,18 @@ pub fn peers(rings: &[ObjectRing], own: Ipv4Addr, proxies: &[Ipv4Addr]) -> BTree
 }
 
 /// The table: to `config.ip` on the servers' ports, `peers` are accepted and everything else
-/// dropped. One transaction that makes it empty (add, delete, add) and fills it.
+/// dropped.
 pub fn render(config: &NodeConfig, peers: &BTreeSet<Ipv4Addr>) -> Nftables<'static> {
-    let name = table_name(config.ip);
-    let table = || {
-        NfListObject::Table(Table {
-            family: NfFamily::INet,
-            name: Cow::Owned(name.clone()),
-            handle: None,
-        })
-    };
-    let add = |o| NfObject::CmdObject(NfCmd::Add(o));
-    let mut out = vec![
-        add(table()),
-        NfObject::CmdObject(NfCmd::Delete(table())),
-        add(table()),
-        add(NfListObject::Chain(Chain {
-            family: NfFamily::INet,
-            table: Cow::Owned(name.clone()),
-            name: "input".into(),
-            _type: Some(NfChainType::Filter),
-            hook: Some(NfHook::Input),
-            prio: Some(-10),
-            policy: Some(NfChainPolicy::Accept),
-            ..Chain::default()
-        })),
-    ];
-    let payload = |protocol: &'static str, field: &'static str| {
-        Expression::Named(NamedExpression::Payload(Payload::PayloadField(
-            PayloadField {
-                protocol: protocol.into(),
-                field: field.into(),
-            },
-        )))
-    };
-    let eq = |left, right| {
-        Statement::Match(Match {
-            left,
-            right,
-            op: Operator::EQ,
-        })
-    };
-    let address = |a: Ipv4Addr| Expression::String(Cow::Owned(a.to_string()));
+    let mut table = AllowList::new(&table_name(config.ip));
     let ports = KINDS
         .into_iter()
         .map(|k| config.ports.of(k))
         .chain([RSYNC_PORT]);
     for port in ports {
-        let to_server = [
-            eq(payload("ip", "daddr"), address(config.ip)),
-            eq(payload("tcp", "dport"), Expression::Number(u32::from(port))),
-        ];
-        let mut rules: Vec<Vec<Statement>> = peers
-            .iter()
-            .map(|p| {
-                let mut r = to_server.to_vec();
-                r.extend([
-                    eq(payload("ip", "saddr"), address(*p)),
-                    Statement::Accept(None),
-                ]);
-                r
-            })
-            .collect();
-        // Only connections made to the servers are dropped: a server's port may also be the
-        // source port of one of this host's own connections, whose replies must pass.
-        let mut drop = vec![eq(
-            Expression::Named(NamedExpression::CT(CT {
-                key: "direction".into(),
-                family: None,
-                dir: None,
-            })),
-            Expression::String(Cow::Borrowed("original")),
-        )];
-        drop.extend(to_server.iter().cloned());
-        drop.push(Statement::Drop(None));
-        rules.push(drop);
-        for expr in rules {
-            out.push(add(NfListObject::Rule(Rule {
-                family: NfFamily::INet,
-                table: Cow::Owned(name.clone()),
-                chain: "input".into(),
-                expr: Cow::Owned(expr),
-                handle: None,
-                index: None,
-                comment: None,
-            })));
-        }
+        let to = SocketAddr::from((config.ip, port));
+        table.guard(to, peers.iter().map(|p| IpAddr::V4(*p)), None);
     }
-    Nftables {
-        objects: Cow::Owned(out),
-    }
+    table.ruleset()
 }
 
 /// Writes `table` with `nft`.
@@ -144,18 +62,7 @@ pub fn apply(table: &Nftables<'_>) -> Result<(), FilterError> {
 /// # Errors
 /// `nft` cannot be run or refuses it.
 pub fn remove(ip: Ipv4Addr) -> Result<(), FilterError> {
-    let out = Command::new("nft")
-        .args(["delete", "table", "inet", &table_name(ip)])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| FilterError(format!("cannot start it: {e}")))?;
-    if !out.status.success() {
-        return Err(FilterError(
-            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        ));
-    }
-    Ok(())
+    apply(&allowlist::deletion(&table_name(ip)))
 }
 
 #[cfg(test)]
@@ -165,42 +72,13 @@ mod tests {
     #[test]
     fn only_peers_reach_the_servers_ports_on_the_node_address() {
         let config = crate::config::tests::config();
-        let peers: BTreeSet<Ipv4Addr> = [Ipv4Addr::new(10, 0, 0, 5)].into();
-        let json = serde_json::to_value(render(&config, &peers)).expect("json");
-        let rules: Vec<String> = json["nftables"]
-            .as_array()
-            .expect("objects")
-            .iter()
-            .filter_map(|o| o["add"].get("rule"))
-            .map(|r| {
-                r["expr"]
-                    .as_array()
-                    .expect("statements")
-                    .iter()
-                    .map(|s| match s.get("match") {
-                        Some(m) => m["right"].to_string().replace('"', ""),
-                        None => s
-                            .as_object()
-                            .and_then(|o| o.keys().next().cloned())
-                            .unwrap_or_default(),
-                    })
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .collect();
-        assert_eq!(
-            rules,
-            [
-                "127.0.0.2 6202 10.0.0.5 accept",
-                "original 127.0.0.2 6202 drop",
-                "127.0.0.2 6201 10.0.0.5 accept",
-                "original 127.0.0.2 6201 drop",
-                "127.0.0.2 6200 10.0.0.5 accept",
-                "original 127.0.0.2 6200 drop",
-                "127.0.0.2 873 10.0.0.5 accept",
-                "original 127.0.0.2 873 drop",
-            ]
-        );
+        let peer = Ipv4Addr::new(10, 0, 0, 5);
+        let mut want = AllowList::new("stratus_swift_127_0_0_2");
+        // The account, container and object servers, then rsync.
+        for port in [6202, 6201, 6200, 873] {
+            want.guard(SocketAddr::from((config.ip, port)), [peer.into()], None);
+        }
+        assert_eq!(render(&config, &[peer].into()), want.ruleset());
         assert_eq!(table_name(config.ip), "stratus_swift_127_0_0_2");
     }
 

@@ -28,23 +28,20 @@
 //! the recorded command, makes the others again on the same port and name (as the Volume's
 //! `status.export` says), and rewrites the table.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::io::Write;
-use std::net::{IpAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use nftables::expr::{CT, Expression, NamedExpression, Payload, PayloadField};
-use nftables::schema::{Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
-use nftables::stmt::{Match, Operator, Statement};
-use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use nftables::schema::Nftables;
 use serde::{Deserialize, Serialize};
 use stratus_api_types::storage::VolumeExport;
+use stratus_runtime::allowlist::AllowList;
 
 /// The table holding the exports' rules of the agent serving on `host`.
 pub fn table_name(host: IpAddr) -> String {
@@ -257,94 +254,16 @@ pub fn same_command(cmdline: &[u8], argv: &[OsString]) -> bool {
     got.len() == argv.len() && got.iter().zip(argv).all(|(g, a)| *g == a.as_bytes())
 }
 
-/// The table letting each export's peer, and no other address, reach its port: one
-/// transaction that makes it empty (add, delete, add) and fills it.
+/// The table letting each export's peer, and no other address, reach its port at the storage
+/// address (the port on the node's other addresses is closed; another agent of this host
+/// serving another address may use the same port).
 pub fn render(table_name: &str, records: &[&Record]) -> Nftables<'static> {
-    let table = || {
-        NfListObject::Table(Table {
-            family: NfFamily::INet,
-            name: Cow::Owned(table_name.to_owned()),
-            handle: None,
-        })
-    };
-    let add = |o| NfObject::CmdObject(NfCmd::Add(o));
-    let mut out = vec![
-        add(table()),
-        NfObject::CmdObject(NfCmd::Delete(table())),
-        add(table()),
-        add(NfListObject::Chain(Chain {
-            family: NfFamily::INet,
-            table: Cow::Owned(table_name.to_owned()),
-            name: "input".into(),
-            _type: Some(NfChainType::Filter),
-            hook: Some(NfHook::Input),
-            prio: Some(-10),
-            policy: Some(NfChainPolicy::Accept),
-            ..Chain::default()
-        })),
-    ];
-    let payload = |protocol: &'static str, field: &'static str| {
-        Expression::Named(NamedExpression::Payload(Payload::PayloadField(
-            PayloadField {
-                protocol: protocol.into(),
-                field: field.into(),
-            },
-        )))
-    };
-    let eq = |left, right| {
-        Statement::Match(Match {
-            left,
-            right,
-            op: Operator::EQ,
-        })
-    };
+    let mut table = AllowList::new(table_name);
     for r in records {
-        let port = eq(
-            payload("tcp", "dport"),
-            Expression::Number(u32::from(r.port)),
-        );
-        let family = if r.peer.is_ipv4() { "ip" } else { "ip6" };
-        let peer = eq(
-            payload(family, "saddr"),
-            Expression::String(Cow::Owned(r.peer.to_string())),
-        );
-        // To the storage address alone: the port on the node's other addresses is closed.
-        let host_family = if r.host.is_ipv4() { "ip" } else { "ip6" };
-        let host = eq(
-            payload(host_family, "daddr"),
-            Expression::String(Cow::Owned(r.host.to_string())),
-        );
-        // Only packets of connections made to the port are dropped: the same port number is
-        // also a source port the kernel gives this host's own outgoing connections (to the
-        // API server, to etcd), whose replies must pass.
-        let inbound = eq(
-            Expression::Named(NamedExpression::CT(CT {
-                key: "direction".into(),
-                family: None,
-                dir: None,
-            })),
-            Expression::String(Cow::Borrowed("original")),
-        );
-        // Connections to the port at the storage address alone are dropped: another agent of
-        // this host serving another address may use the same port.
-        for expr in [
-            vec![port.clone(), peer, host.clone(), Statement::Accept(None)],
-            vec![inbound, host, port, Statement::Drop(None)],
-        ] {
-            out.push(add(NfListObject::Rule(Rule {
-                family: NfFamily::INet,
-                table: Cow::Owned(table_name.to_owned()),
-                chain: "input".into(),
-                expr: Cow::Owned(expr),
-                handle: None,
-                index: None,
-                comment: Some(Cow::Owned(format!("volume-{}", r.volume))),
-            })));
-        }
+        let comment = format!("volume-{}", r.volume);
+        table.guard(SocketAddr::new(r.host, r.port), [r.peer], Some(&comment));
     }
-    Nftables {
-        objects: Cow::Owned(out),
-    }
+    table.ruleset()
 }
 
 /// An export this agent serves.
@@ -747,65 +666,18 @@ mod tests {
         v6.peer = "fd00::2".parse().expect("an address");
         v6.host = "fd00::1".parse().expect("an address");
         v6.port = 40124;
-        let json = serde_json::to_value(render("t", &[&record(), &v6])).expect("json");
-        let rules: Vec<String> = json["nftables"]
-            .as_array()
-            .expect("objects")
-            .iter()
-            .filter_map(|o| o["add"].get("rule"))
-            .map(|r| {
-                let said = |s: &serde_json::Value| match s.get("match") {
-                    Some(m) => {
-                        let left = &m["left"];
-                        let what = match (left.get("payload"), left.get("ct")) {
-                            (Some(p), _) => format!(
-                                "{} {}",
-                                p["protocol"].as_str().unwrap_or(""),
-                                p["field"].as_str().unwrap_or("")
-                            ),
-                            (None, Some(ct)) => {
-                                format!("ct {}", ct["key"].as_str().unwrap_or(""))
-                            }
-                            _ => "?".into(),
-                        };
-                        format!("{what} {}", m["right"].to_string().trim_matches('"'))
-                    }
-                    None => s
-                        .as_object()
-                        .and_then(|o| o.keys().next().cloned())
-                        .unwrap_or_default(),
-                };
-                r["expr"]
-                    .as_array()
-                    .expect("statements")
-                    .iter()
-                    .map(said)
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .collect();
-        assert_eq!(
-            rules,
-            [
-                "tcp dport 40123 ip saddr 10.0.0.2 ip daddr 10.0.0.1 accept",
-                "ct direction original ip daddr 10.0.0.1 tcp dport 40123 drop",
-                "tcp dport 40124 ip6 saddr fd00::2 ip6 daddr fd00::1 accept",
-                "ct direction original ip6 daddr fd00::1 tcp dport 40124 drop"
-            ]
+        let mut want = AllowList::new("t");
+        want.guard(
+            "10.0.0.1:40123".parse().expect("an address"),
+            ["10.0.0.2".parse().expect("an address")],
+            Some("volume-0f9e2c1a"),
+        )
+        .guard(
+            "[fd00::1]:40124".parse().expect("an address"),
+            ["fd00::2".parse().expect("an address")],
+            Some("volume-second"),
         );
-        // The table is made empty first: no rule of an ended export survives.
-        let cmds: Vec<String> = json["nftables"]
-            .as_array()
-            .expect("objects")
-            .iter()
-            .take(3)
-            .map(|o| {
-                o.as_object()
-                    .and_then(|m| m.keys().next().cloned())
-                    .unwrap_or_default()
-            })
-            .collect();
-        assert_eq!(cmds, ["add", "delete", "add"]);
+        assert_eq!(render("t", &[&record(), &v6]), want.ruleset());
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod keystone;
 pub mod limits;
 pub mod login;
 pub mod metrics;
+pub mod nbd_pki;
 pub mod protobuf;
 pub mod response;
 pub mod route;

@@ -22,11 +22,11 @@ pub struct Pki {
     pub server_key: PathBuf,
 }
 
-fn other(e: impl std::fmt::Display) -> io::Error {
+pub(super) fn other(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
-fn write_private(path: &Path, data: &str) -> io::Result<()> {
+pub(super) fn write_private(path: &Path, data: &str) -> io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
