@@ -22,9 +22,14 @@
 //! conntrack would look up every one of them for nothing, since the frames they carry are
 //! tracked in their network's zone once decapsulated.
 //!
-//! A port's addresses and a network's peers are matched as one value where there is one,
-//! not as an anonymous set: each anonymous set is a kernel object of its own, so a node of
-//! 1,000 ports loaded thousands of them in one transaction.
+//! What is per port lives in lookups, not in rules per port: the forward chain finds a
+//! port's chains through one verdict map a side (bridge and MAC → jump), and the `bridge`
+//! table's checks are a few rules that look the frame's device up in named sets of the
+//! filtered ports' devices, MACs, addresses and DHCP servers. A node of 1,000 ports loads
+//! its two chains each and set elements, a packet takes a hash lookup instead of a walk
+//! past every other port's rules, and a port added or gone is elements added or removed.
+//! A network's peers are matched as one value where there is one, not as an anonymous set
+//! (each is a kernel object of its own).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -34,13 +39,13 @@ use std::process::Stdio;
 
 use nftables::expr::{
     CT, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadBase, PayloadField, PayloadRaw,
-    Prefix, Range, SetItem,
+    Prefix, Range, SetItem, Verdict,
 };
 use nftables::schema::{
     Chain, Element, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Rule as NfRule, Set,
     SetType, SetTypeValue, Table,
 };
-use nftables::stmt::{JumpTarget, Mangle, Match, NAT, Operator, Statement};
+use nftables::stmt::{JumpTarget, Mangle, Match, NAT, Operator, Statement, VerdictMap};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use super::names::digest_hex;
@@ -49,6 +54,13 @@ use super::{Firewall, IfName, Ipv4Cidr, MacAddr, Name, Netns};
 
 /// The name of both of Stratus's tables.
 pub const TABLE: &str = "stratus";
+
+/// The `bridge` table's sets of filtered ports: their devices, each device with its MAC,
+/// with each of its addresses, and with its network's DHCP server.
+const PORT_DEV: &str = "port-dev";
+const PORT_MAC: &str = "port-mac";
+const PORT_IP: &str = "port-ip";
+const PORT_DHCP: &str = "port-dhcp";
 
 /// Failures of a [`Firewall`] call.
 #[derive(Debug, thiserror::Error)]
@@ -409,8 +421,12 @@ impl Ruleset {
         self.validate()?;
         let mut out = Vec::new();
         replace_table(&mut out, NfFamily::INet);
-        for g in &self.groups {
-            out.push(add(NfListObject::Set(Box::new(self.set(g)))));
+        let (inet_sets, bridge_sets): (Vec<_>, Vec<_>) = self
+            .sets()
+            .into_iter()
+            .partition(|set| set.family == NfFamily::INet);
+        for set in inet_sets {
+            out.push(add(NfListObject::Set(Box::new(set))));
         }
         let (inet, bridge): (Vec<_>, Vec<_>) = self
             .all_chains()
@@ -426,6 +442,9 @@ impl Ruleset {
             }
         }
         replace_table(&mut out, NfFamily::Bridge);
+        for set in bridge_sets {
+            out.push(add(NfListObject::Set(Box::new(set))));
+        }
         for (_, chain, rules) in bridge {
             let name = chain.name.clone();
             out.push(add(NfListObject::Chain(chain)));
@@ -449,14 +468,18 @@ impl Ruleset {
     pub fn render_update(&self, delta: &Delta) -> Result<Nftables<'static>, FirewallError> {
         self.validate()?;
         let mut out = Vec::new();
-        for g in &self.groups {
-            if delta
-                .new_sets
-                .contains(&key(NfFamily::INet, g.name.as_str()))
-            {
-                out.push(add(NfListObject::Set(Box::new(self.set(g)))));
+        let sets = self.sets();
+        for set in &sets {
+            if delta.new_sets.contains(&key(set.family, &set.name)) {
+                out.push(add(NfListObject::Set(Box::new(set.clone()))));
             }
         }
+        // Each element as written, by its text in the digest.
+        let written: BTreeMap<String, &Expression<'static>> = sets
+            .iter()
+            .flat_map(|set| set.elem.iter().flat_map(|e| e.iter()))
+            .map(|e| (element_text(e), e))
+            .collect();
         let chains: Vec<_> = self
             .all_chains()
             .into_iter()
@@ -483,7 +506,15 @@ impl Ruleset {
                     family,
                     table: TABLE.into(),
                     name: name.to_owned().into(),
-                    elem: Cow::Owned(items.iter().map(|e| s(e.clone())).collect()),
+                    elem: Cow::Owned(
+                        items
+                            .iter()
+                            .map(|e| match written.get(e) {
+                                Some(x) => (*x).clone(),
+                                None => element_of(e),
+                            })
+                            .collect(),
+                    ),
                 })
             };
             if !removed.is_empty() {
@@ -527,17 +558,72 @@ impl Ruleset {
         })
     }
 
-    /// A remote group's set, with its members.
-    fn set(&self, g: &RemoteGroup) -> Set<'static> {
-        Set {
-            family: NfFamily::INet,
+    /// The named sets of both tables, with their elements: each remote group's members
+    /// (`inet`), and for the `bridge` table's checks of filtered ports, their devices
+    /// (`port-dev`), each device with its MAC (`port-mac`), with each of its addresses
+    /// (`port-ip`) and with its network's DHCP server (`port-dhcp`). A port added or gone is
+    /// elements added or removed: the bridge chains' rules are the same for every port.
+    fn sets(&self) -> Vec<Set<'static>> {
+        let named = |family, name: &str, set_type, elems: Vec<Expression<'static>>| Set {
+            family,
             table: TABLE.into(),
-            name: g.name.as_str().to_owned().into(),
-            set_type: SetTypeValue::Single(SetType::Ipv4Addr),
-            elem: (!g.members.is_empty())
-                .then(|| Cow::Owned(g.members.iter().map(|a| s(a.to_string())).collect())),
+            name: name.to_owned().into(),
+            set_type,
+            elem: (!elems.is_empty()).then_some(Cow::Owned(elems)),
             ..Set::default()
-        }
+        };
+        let mut out: Vec<Set<'static>> = self
+            .groups
+            .iter()
+            .map(|g| {
+                named(
+                    NfFamily::INet,
+                    g.name.as_str(),
+                    SetTypeValue::Single(SetType::Ipv4Addr),
+                    g.members.iter().map(|a| s(a.to_string())).collect(),
+                )
+            })
+            .collect();
+        let filtered: Vec<&PortFilter> = self.ports.iter().filter(|p| p.port_security).collect();
+        let pair = |dev: &IfName, v: String| {
+            Expression::Named(NamedExpression::Concat(vec![s(dev.as_str()), s(v)]))
+        };
+        let by_dev =
+            |kind: SetType| SetTypeValue::Concatenated(Cow::Owned(vec![SetType::Ifname, kind]));
+        out.push(named(
+            NfFamily::Bridge,
+            PORT_DEV,
+            SetTypeValue::Single(SetType::Ifname),
+            filtered.iter().map(|p| s(p.device.as_str())).collect(),
+        ));
+        out.push(named(
+            NfFamily::Bridge,
+            PORT_MAC,
+            by_dev(SetType::EtherAddr),
+            filtered
+                .iter()
+                .map(|p| pair(&p.device, p.mac.to_string()))
+                .collect(),
+        ));
+        out.push(named(
+            NfFamily::Bridge,
+            PORT_IP,
+            by_dev(SetType::Ipv4Addr),
+            filtered
+                .iter()
+                .flat_map(|p| p.ips.iter().map(|a| pair(&p.device, a.to_string())))
+                .collect(),
+        ));
+        out.push(named(
+            NfFamily::Bridge,
+            PORT_DHCP,
+            by_dev(SetType::Ipv4Addr),
+            filtered
+                .iter()
+                .filter_map(|p| Some(pair(&p.device, p.dhcp_server?.to_string())))
+                .collect(),
+        ));
+        out
     }
 
     /// Every chain of both tables with its rules' statements: the `inet` table's, then the
@@ -593,10 +679,14 @@ impl Ruleset {
             }
         }
         let mut o = Observed::default();
-        for g in &self.groups {
+        for set in self.sets() {
             o.sets.insert(
-                key(NfFamily::INet, g.name.as_str()),
-                g.members.iter().map(|a| a.to_string()).collect(),
+                key(set.family, &set.name),
+                set.elem
+                    .iter()
+                    .flat_map(|e| e.iter())
+                    .map(element_text)
+                    .collect(),
             );
         }
         for (family, chain, rules) in self.all_chains() {
@@ -655,23 +745,41 @@ impl Ruleset {
                 Statement::Drop(None),
             ],
         ];
+        // A packet from a port (bridge and source MAC) jumps to its egress chain, then one
+        // to a port (bridge and destination MAC) to its ingress chain: one lookup each in
+        // a verdict map, however many ports the node has.
+        let filtered: Vec<&PortFilter> = self.ports.iter().filter(|p| p.port_security).collect();
+        if !filtered.is_empty() {
+            for (iface, mac, side) in [
+                (MetaKey::Iifname, "saddr", "out"),
+                (MetaKey::Oifname, "daddr", "in"),
+            ] {
+                let jumps = filtered
+                    .iter()
+                    .map(|p| {
+                        SetItem::Mapping(
+                            Expression::Named(NamedExpression::Concat(vec![
+                                s(p.bridge.as_str()),
+                                s(p.mac.to_string()),
+                            ])),
+                            Expression::Verdict(Verdict::Jump(JumpTarget {
+                                target: format!("{}-{side}", p.id).into(),
+                            })),
+                        )
+                    })
+                    .collect();
+                fwd.push(vec![Statement::VerdictMap(VerdictMap {
+                    key: Expression::Named(NamedExpression::Concat(vec![
+                        meta(iface),
+                        payload("ether", mac),
+                    ])),
+                    data: Expression::Named(NamedExpression::Set(jumps)),
+                })]);
+            }
+        }
         let mut port_chains = Vec::new();
-        for p in self.ports.iter().filter(|p| p.port_security) {
+        for p in &filtered {
             let (inn, out) = (format!("{}-in", p.id), format!("{}-out", p.id));
-            fwd.push(vec![
-                eq(meta(MetaKey::Iifname), s(p.bridge.as_str())),
-                eq(payload("ether", "saddr"), s(p.mac.to_string())),
-                Statement::Jump(JumpTarget {
-                    target: out.clone().into(),
-                }),
-            ]);
-            fwd.push(vec![
-                eq(meta(MetaKey::Oifname), s(p.bridge.as_str())),
-                eq(payload("ether", "daddr"), s(p.mac.to_string())),
-                Statement::Jump(JumpTarget {
-                    target: inn.clone().into(),
-                }),
-            ]);
             let dhcp = |sport: u32, dport: u32| {
                 vec![
                     eq(payload("udp", "sport"), Expression::Number(sport)),
@@ -689,14 +797,16 @@ impl Ruleset {
             in_rules.extend(p.ingress.iter().map(|r| self.statements(r, "saddr")));
             in_rules.push(vec![Statement::Drop(None)]);
             // DHCP out only to the broadcast address or the network's server: a client port
-            // to anywhere else is no DHCP and gets no pass around the groups.
+            // to anywhere else is no DHCP and gets no pass around the groups. A rule each,
+            // not an anonymous set of the two (a kernel object per port).
             let servers = std::iter::once(Ipv4Addr::BROADCAST).chain(p.dhcp_server);
-            let mut to_server = vec![eq(
-                payload("ip", "daddr"),
-                one_or_set(servers.map(|a| a.to_string())),
-            )];
-            to_server.extend(dhcp(68, 67));
-            let mut out_rules = vec![to_server];
+            let mut out_rules: Vec<_> = servers
+                .map(|to| {
+                    let mut r = vec![eq(payload("ip", "daddr"), s(to.to_string()))];
+                    r.extend(dhcp(68, 67));
+                    r
+                })
+                .collect();
             out_rules.extend(p.egress.iter().map(|r| self.statements(r, "daddr")));
             out_rules.push(vec![Statement::Drop(None)]);
             port_chains.push((NfFamily::INet, regular(&inn), in_rules));
@@ -812,14 +922,17 @@ impl Ruleset {
     /// server, nothing of DHCP or for the server's address comes in from the overlay.
     fn bridge_chain(&self) -> (Chain<'static>, Vec<Vec<Statement<'static>>>) {
         let mut rules = Vec::new();
-        for p in self.ports.iter().filter(|p| p.port_security) {
-            let dev = || eq(meta(MetaKey::Iifname), s(p.device.as_str()));
-            // A port's one address is matched as a value, not an anonymous set: a node of
-            // 1,000 ports loads 1,000s of sets otherwise, each bound by a scan of the batch.
-            let ips = || one_or_set(p.ips.iter().map(|a| a.to_string()));
+        if self.ports.iter().any(|p| p.port_security) {
+            // Each check looks the frame's port up in the sets of `sets()`: a rule per
+            // check, not per port and check.
+            let dev = || eq(meta(MetaKey::Iifname), s(format!("@{PORT_DEV}")));
+            let of_dev = |field: Expression<'static>| {
+                Expression::Named(NamedExpression::Concat(vec![meta(MetaKey::Iifname), field]))
+            };
+            let set = |name: &str| s(format!("@{name}"));
             rules.push(vec![
                 dev(),
-                ne(payload("ether", "saddr"), s(p.mac.to_string())),
+                ne(of_dev(payload("ether", "saddr")), set(PORT_MAC)),
                 Statement::Drop(None),
             ]);
             rules.push(vec![
@@ -844,14 +957,14 @@ impl Ruleset {
             rules.push(vec![
                 dev(),
                 eq(payload("ether", "type"), s("ip")),
-                ne(payload("ip", "saddr"), ips()),
+                ne(of_dev(payload("ip", "saddr")), set(PORT_IP)),
                 Statement::Drop(None),
             ]);
             rules.push(vec![
                 dev(),
                 eq(payload("ether", "type"), s("arp")),
                 ne(payload("arp", "saddr ip"), s("0.0.0.0")),
-                ne(payload("arp", "saddr ip"), ips()),
+                ne(of_dev(payload("arp", "saddr ip")), set(PORT_IP)),
                 Statement::Drop(None),
             ]);
         }
@@ -892,24 +1005,25 @@ impl Ruleset {
     /// them by, so it is dropped here.
     fn bridge_out_chain(&self) -> (Chain<'static>, Vec<Vec<Statement<'static>>>) {
         let mut rules = Vec::new();
-        for p in self.ports.iter().filter(|p| p.port_security) {
+        if self.ports.iter().any(|p| p.port_security) {
+            let of_dev = |field: Expression<'static>| {
+                Expression::Named(NamedExpression::Concat(vec![meta(MetaKey::Oifname), field]))
+            };
             let head = || {
                 vec![
-                    eq(meta(MetaKey::Oifname), s(p.device.as_str())),
+                    eq(meta(MetaKey::Oifname), s(format!("@{PORT_DEV}"))),
                     eq(payload("ether", "type"), s("ip")),
-                    ne(payload("ether", "daddr"), s(p.mac.to_string())),
+                    ne(of_dev(payload("ether", "daddr")), s(format!("@{PORT_MAC}"))),
                 ]
             };
-            if let Some(server) = p.dhcp_server {
-                let mut r = head();
-                r.extend([
-                    eq(payload("ip", "saddr"), s(server.to_string())),
-                    eq(payload("udp", "sport"), Expression::Number(67)),
-                    eq(payload("udp", "dport"), Expression::Number(68)),
-                    Statement::Accept(None),
-                ]);
-                rules.push(r);
-            }
+            let mut r = head();
+            r.extend([
+                eq(of_dev(payload("ip", "saddr")), s(format!("@{PORT_DHCP}"))),
+                eq(payload("udp", "sport"), Expression::Number(67)),
+                eq(payload("udp", "dport"), Expression::Number(68)),
+                Statement::Accept(None),
+            ]);
+            rules.push(r);
             let mut r = head();
             r.push(Statement::Drop(None));
             rules.push(r);
@@ -1086,10 +1200,7 @@ fn digest(batch: &Nftables<'static>) -> Observed {
                     .elem
                     .iter()
                     .flat_map(|e| e.iter())
-                    .filter_map(|e| match e {
-                        Expression::String(s) => Some(s.to_string()),
-                        _ => None,
-                    })
+                    .map(element_text)
                     .collect();
                 o.sets.insert(key(set.family, &set.name), elems);
             }
@@ -1187,6 +1298,33 @@ fn rule(family: NfFamily, chain: &str, expr: Vec<Statement<'static>>) -> NfRule<
         handle: None,
         index: None,
         comment: Some(id.into()),
+    }
+}
+
+/// A set element as the digest (and `nft -j list`) writes it: a value as itself, anything
+/// else (a concatenation) as its JSON.
+fn element_text(e: &Expression<'static>) -> String {
+    match e {
+        Expression::String(v) => v.to_string(),
+        other => serde_json::to_string(other).unwrap_or_default(),
+    }
+}
+
+/// The element that [`element_text`] wrote as `text` (read back from the kernel, to be
+/// removed): a concatenation of values or a value.
+fn element_of(text: &str) -> Expression<'static> {
+    let parts = serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| {
+            v.get("concat")?
+                .as_array()?
+                .iter()
+                .map(|p| p.as_str().map(s))
+                .collect::<Option<Vec<_>>>()
+        });
+    match parts {
+        Some(parts) => Expression::Named(NamedExpression::Concat(parts)),
+        None => s(text),
     }
 }
 
@@ -1466,20 +1604,39 @@ fn nft_in(
         what: what.to_owned(),
         source,
     };
-    let mut cmd = netns::command(ns, "nft");
-    cmd.args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(io)?;
-    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(data).map_err(io)?;
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let stdin = stdin.map(<[u8]>::to_vec);
+    // Started from a thread inside the namespace, `nft` runs there: no `ip netns exec` (a
+    // process more, which also sets up a mount namespace) before each batch.
+    let run = move || -> std::io::Result<std::process::Output> {
+        let mut child = std::process::Command::new("nft")
+            .args(&args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(&data)?;
+        }
+        child.wait_with_output()
+    };
+    let out = match ns {
+        Netns::Host => run(),
+        Netns::Named(_) => netns::run_in(ns, run)
+            .map_err(|e| {
+                let kind = match e {
+                    netns::EnterError::Missing(_) => std::io::ErrorKind::NotFound,
+                    _ => std::io::ErrorKind::Other,
+                };
+                std::io::Error::new(kind, e.to_string())
+            })
+            .and_then(|r| r),
     }
-    let out = child.wait_with_output().map_err(io)?;
+    .map_err(io)?;
     if !out.status.success() {
         return Err(FirewallError::Command {
             what: what.to_owned(),
@@ -1659,6 +1816,16 @@ mod tests {
         parts.iter().all(|p| rule.contains(p))
     }
 
+    /// The elements of the `bridge` table's set `name`, as the digest writes them.
+    fn elements(rs: &Ruleset, name: &str) -> BTreeSet<String> {
+        rs.observed().expect("observed").sets[&format!("bridge/{name}")].clone()
+    }
+
+    /// A concatenation of a device and a value, as [`elements`] gives it.
+    fn of_dev(dev: &str, v: &str) -> String {
+        format!(r#"{{"concat":["{dev}","{v}"]}}"#)
+    }
+
     #[test]
     fn a_digest_taken_from_the_one_before_is_the_digest_rendered() {
         let first = sample_ruleset();
@@ -1734,11 +1901,12 @@ mod tests {
         assert!(from_port.iter().any(|r| with_all(
             r,
             &[
-                r#""ve-c1""#,
+                r#""right":"@port-dev""#,
                 r#""field":"sport"}},"right":67,"op":"=="}"#,
                 "drop"
             ]
         )));
+        assert!(elements(&rs, "port-dev").contains("ve-c1"));
     }
 
     #[test]
@@ -1746,18 +1914,15 @@ mod tests {
         let mut rs = sample_ruleset();
         let out = rules(&rs, NfFamily::INet, "p-one-out");
         let dhcp: Vec<&String> = out.iter().filter(|r| r.contains("\"sport\"")).collect();
-        assert_eq!(dhcp.len(), 1, "{out:?}");
-        assert!(
-            with_all(
-                dhcp[0],
-                &["daddr", "255.255.255.255", "10.0.0.254", "return"]
-            ),
-            "{}",
-            dhcp[0]
-        );
+        assert_eq!(dhcp.len(), 2, "{out:?}");
+        for (r, to) in dhcp.iter().zip(["255.255.255.255", "10.0.0.254"]) {
+            assert!(with_all(r, &["daddr", to, "68", "67", "return"]), "{r}");
+        }
+        assert!(!dhcp.iter().any(|r| r.contains(r#""set""#)), "{dhcp:?}");
         rs.ports[0].dhcp_server = None;
         let out = rules(&rs, NfFamily::INet, "p-one-out");
         let dhcp: Vec<&String> = out.iter().filter(|r| r.contains("\"sport\"")).collect();
+        assert_eq!(dhcp.len(), 1, "{out:?}");
         assert!(with_all(dhcp[0], &["daddr", "255.255.255.255", "return"]));
         assert!(!dhcp[0].contains("10.0.0.254"), "{}", dhcp[0]);
     }
@@ -1770,12 +1935,22 @@ mod tests {
         assert!(
             from_port
                 .iter()
-                .any(|r| r.contains(r#""ve-c1""#) && r.contains(only)),
+                .any(|r| r.contains(r#""right":"@port-dev""#) && r.contains(only)),
             "{from_port:?}"
         );
+        assert!(elements(&rs, "port-dev").contains("ve-c1"));
         assert!(
-            !from_port.iter().any(|r| r.contains(r#""ve-c2""#)),
+            !from_port.iter().any(|r| r.contains(r#""ve-c2""#))
+                && !elements(&rs, "port-dev").contains("ve-c2"),
             "no checks for a port without port security"
+        );
+        // A node without a filtered port has no such rule.
+        let mut open = rs.clone();
+        open.ports.retain(|p| !p.port_security);
+        assert!(
+            rules(&open, NfFamily::Bridge, "ports")
+                .iter()
+                .all(|r| !r.contains("@port-dev"))
         );
     }
 
@@ -1783,20 +1958,31 @@ mod tests {
     fn ipv4_to_a_filtered_port_is_for_its_mac_or_a_reply_of_its_dhcp_server() {
         let rs = sample_ruleset();
         let out = rules(&rs, NfFamily::Bridge, "to-ports");
-        assert_eq!(out.len(), 2, "the open port has none: {out:?}");
+        assert_eq!(out.len(), 2, "{out:?}");
+        let to_other_mac = r#"{"match":{"left":{"concat":[{"meta":{"key":"oifname"}},{"payload":{"protocol":"ether","field":"daddr"}}]},"right":"@port-mac","op":"!="}}"#;
         assert!(with_all(
             &out[0],
-            &[r#""ve-c1""#, "02:00:00:00:00:01", "10.0.0.254", "accept"]
+            &[
+                r#""right":"@port-dev""#,
+                to_other_mac,
+                r#"{"match":{"left":{"concat":[{"meta":{"key":"oifname"}},{"payload":{"protocol":"ip","field":"saddr"}}]},"right":"@port-dhcp","op":"=="}}"#,
+                "accept"
+            ]
         ));
         assert!(with_all(
             &out[1],
-            &[
-                r#""ve-c1""#,
-                r#"{"left":{"payload":{"protocol":"ether","field":"daddr"}},"right":"02:00:00:00:00:01","op":"!="}"#,
-                "drop"
-            ]
+            &[r#""right":"@port-dev""#, to_other_mac, "drop"]
         ));
-        assert!(!out[1].contains("10.0.0.254"));
+        assert!(!out[1].contains("port-dhcp"));
+        // The open port is in none of the sets.
+        assert_eq!(
+            elements(&rs, "port-mac"),
+            BTreeSet::from([of_dev("ve-c1", "02:00:00:00:00:01")])
+        );
+        assert_eq!(
+            elements(&rs, "port-dhcp"),
+            BTreeSet::from([of_dev("ve-c1", "10.0.0.254")])
+        );
     }
 
     /// The rules of the router table's `chain`, each as its statements' JSON.
@@ -1910,38 +2096,122 @@ mod tests {
     }
 
     #[test]
-    fn a_ports_addresses_are_one_value_or_a_set_of_all() {
+    fn a_ports_addresses_are_elements_of_one_set_for_all_ports() {
         let mut rs = sample_ruleset();
-        // The port's rules that drop what comes from addresses not its own.
+        // The rules that drop what comes from addresses not the port's own.
         let spoof = |rs: &Ruleset| -> Vec<String> {
             rules(rs, NfFamily::Bridge, "ports")
                 .into_iter()
-                .filter(|r| {
-                    r.contains(r#""ve-c1""#)
-                        && r.contains("drop")
-                        && (r.contains(r#"{"protocol":"ip","field":"saddr"}"#)
-                            || r.contains(r#"{"protocol":"arp","field":"saddr ip"}"#))
-                })
+                .filter(|r| r.contains("drop") && r.contains("@port-ip"))
                 .collect()
         };
-        let ip = rs.ports[0].ips.iter().next().copied().expect("an address");
         let one = spoof(&rs);
         assert_eq!(one.len(), 2, "{one:?}");
+        assert!(one[0].contains(r#"{"protocol":"ip","field":"saddr"}"#));
         assert!(
-            one.iter()
-                .all(|r| r.contains(&format!(r#""{ip}""#)) && !r.contains(r#""set""#))
-        );
-        assert!(
-            one[1].contains(r#""right":"0.0.0.0","op":"!="}"#),
+            one[1].contains(r#"{"protocol":"arp","field":"saddr ip"}"#)
+                && one[1].contains(r#""right":"0.0.0.0","op":"!="}"#),
             "{one:?}"
         );
+        assert!(!one.iter().any(|r| r.contains(r#""set""#)), "{one:?}");
+        let ip = rs.ports[0].ips.iter().next().copied().expect("an address");
+        assert_eq!(
+            elements(&rs, "port-ip"),
+            BTreeSet::from([of_dev("ve-c1", &ip.to_string())])
+        );
         rs.ports[0].ips.insert(Ipv4Addr::new(10, 0, 0, 99));
-        let two = spoof(&rs);
-        assert_eq!(two.len(), 2, "{two:?}");
+        assert_eq!(spoof(&rs), one, "the rules are the same");
+        assert_eq!(
+            elements(&rs, "port-ip"),
+            BTreeSet::from([
+                of_dev("ve-c1", &ip.to_string()),
+                of_dev("ve-c1", "10.0.0.99")
+            ])
+        );
+    }
+
+    #[test]
+    fn a_port_added_is_its_two_chains_the_forward_chain_and_set_elements() {
+        let before = sample_ruleset();
+        let mut after = before.clone();
+        let mut new = after.ports[0].clone();
+        new.id = Name::new("p-new").expect("id");
+        new.device = IfName::new("ve-c3").expect("ifname");
+        new.mac = "02:00:00:00:00:03".parse().expect("mac");
+        new.ips = BTreeSet::from([Ipv4Addr::new(10, 0, 0, 4)]);
+        after.ports.push(new);
+        let d = Delta::between(
+            &after.observed().expect("observed"),
+            &before.observed().expect("observed"),
+        );
+        assert_eq!(
+            d.chains,
+            BTreeSet::from([
+                "inet/forward".to_owned(),
+                "inet/p-new-in".to_owned(),
+                "inet/p-new-out".to_owned()
+            ]),
+            "{d:?}"
+        );
+        assert!(d.del_chains.is_empty() && d.new_sets.is_empty() && d.del_sets.is_empty());
+        let added = |set: &str| d.elements[&format!("bridge/{set}")].0.clone();
+        assert_eq!(added("port-dev"), BTreeSet::from(["ve-c3".to_owned()]));
+        assert_eq!(
+            added("port-mac"),
+            BTreeSet::from([of_dev("ve-c3", "02:00:00:00:00:03")])
+        );
+        assert_eq!(
+            added("port-ip"),
+            BTreeSet::from([of_dev("ve-c3", "10.0.0.4")])
+        );
+        assert_eq!(
+            added("port-dhcp"),
+            BTreeSet::from([of_dev("ve-c3", "10.0.0.254")])
+        );
+        // The forward chain finds each port's chains through one verdict map a side.
+        let fwd = rules(&after, NfFamily::INet, "forward");
+        let maps: Vec<&String> = fwd.iter().filter(|r| r.contains("vmap")).collect();
+        assert_eq!(maps.len(), 2, "{fwd:?}");
+        assert!(with_all(
+            maps[0],
+            &[
+                "iifname",
+                "saddr",
+                r#""target":"p-new-out""#,
+                r#""target":"p-one-out""#
+            ]
+        ));
+        assert!(with_all(
+            maps[1],
+            &[
+                "oifname",
+                "daddr",
+                r#""target":"p-new-in""#,
+                r#""target":"p-one-in""#
+            ]
+        ));
+        assert!(!fwd.iter().any(|r| r.contains("p-open")), "{fwd:?}");
+        // The update batch writes those three chains and adds the elements, no more.
+        let batch = after.render_update(&d).expect("render");
+        let json = String::from_utf8(to_json(&batch).expect("json")).expect("utf-8");
         assert!(
-            two.iter()
-                .all(|r| r.contains(&format!(r#"{{"set":["{ip}","10.0.0.99"]}}"#))),
-            "{two:?}"
+            !json.contains(r#""name":"p-one-in""#) && !json.contains(r#""chain":"p-one-in""#),
+            "{json}"
+        );
+        assert!(
+            json.contains(r#"{"concat":["ve-c3","02:00:00:00:00:03"]}"#),
+            "{json}"
+        );
+        // Taken away again: the elements go, named as the kernel lists them.
+        let back = Delta::between(
+            &before.observed().expect("observed"),
+            &after.observed().expect("observed"),
+        );
+        let batch = before.render_update(&back).expect("render");
+        let json = String::from_utf8(to_json(&batch).expect("json")).expect("utf-8");
+        assert!(
+            json.contains(r#"{"delete":{"element":{"family":"bridge","table":"stratus","name":"port-mac","elem":[{"concat":["ve-c3","02:00:00:00:00:03"]}]}}}"#),
+            "{json}"
         );
     }
 
