@@ -32,8 +32,8 @@ use tokio::sync::Notify;
 
 use crate::desired::{FloatingPlan, NodeConfig, PortKey, PortPlan, Snapshot, desired_all};
 use crate::driver::{
-    Dhcp, DhcpError, Firewall, FirewallError, IfName, Link, LinkError, LinkKind, Links, Name,
-    Netns, Observed, Ruleset, conntrack,
+    Attach, Dhcp, DhcpError, Firewall, FirewallError, IfName, Link, LinkError, LinkKind, Links,
+    Name, Netns, Observed, Ruleset, conntrack,
 };
 use crate::plan::{
     Desired, NetnsContents, ObservedHost, Op, RouterContents, Step, is_derived, is_dhcp_name_of,
@@ -264,6 +264,7 @@ pub fn execute(host: &Host, op: &Op) -> Result<(), SyncError> {
         Op::AddVeth(ns, spec) => l.add_veth(ns, spec)?,
         Op::DelLink(ns, n) => l.del_link(ns, n)?,
         Op::SetMaster(ns, n, m) => l.set_master(ns, n, m.as_ref())?,
+        Op::AttachPorts(ns, bridge, links) => l.attach(ns, bridge, links)?,
         Op::SetUp(ns, n) => l.set_up(ns, n, true)?,
         Op::SetMtu(ns, n, mtu) => l.set_mtu(ns, n, *mtu)?,
         Op::AddAddress(ns, n, a) => l.add_address(ns, n, *a)?,
@@ -301,6 +302,20 @@ pub fn describe(op: &Op) -> String {
         Op::DelLink(_, n) => format!("deleted {n}"),
         Op::SetMaster(_, n, Some(m)) => format!("put {n} on {m}"),
         Op::SetMaster(_, n, None) => format!("took {n} off its bridge"),
+        Op::AttachPorts(_, bridge, links) => {
+            // An Event names a few; a node of a thousand ports says how many.
+            let names: Vec<&str> = links.iter().take(4).map(|a| a.name.as_str()).collect();
+            let more = if links.len() > names.len() {
+                ", …"
+            } else {
+                ""
+            };
+            format!(
+                "put {} port(s) on {bridge}, up ({}{more})",
+                links.len(),
+                names.join(", ")
+            )
+        }
         Op::SetUp(_, n) => format!("set {n} up"),
         Op::SetMtu(_, n, mtu) => format!("set the MTU of {n} to {mtu}"),
         Op::AddAddress(_, n, a) => format!("added {a} to {n}"),
@@ -346,6 +361,8 @@ pub fn converge_since(
     let (desired, plans) = desired_all(cfg, snap);
     // The ruleset's digest, rendered once for the plan, the read-back and every port.
     let want = desired.firewall.as_ref().map(|r| r.observed_since(before));
+    // One batch of link calls: the reads, the steps, the flush and the reads again.
+    let _batch = Batch::begin(host.links.as_ref());
     let observed = observe(host, &desired)?;
     let steps = plan_with(&desired, want.as_ref(), &observed);
     let mut failures: Vec<(Step, String)> = Vec::new();
@@ -387,6 +404,19 @@ pub fn converge_since(
             }
             failures.push((step.clone(), msg));
         }
+    }
+    // What the steps held back (an Open vSwitch node's tunnels and flows); failed, no port
+    // is known to be wired.
+    if let Err(e) = host.links.flush() {
+        let msg = format!(
+            "write the changes held back: {}",
+            stratus_runtime::policy::chain(&e)
+        );
+        tracing::warn!(error = %msg, "flush failed");
+        if let Some(first) = steps.first() {
+            failures.push((first.clone(), msg.clone()));
+        }
+        firewall_failed.get_or_insert(msg);
     }
     let after = if steps.is_empty() {
         observed
@@ -476,6 +506,22 @@ pub fn converge_since(
         routers,
         floating_ips,
     })
+}
+
+/// A batch of link calls ([`Links::begin`]), ended when dropped (also on an early return).
+struct Batch<'a>(&'a dyn Links);
+
+impl<'a> Batch<'a> {
+    fn begin(links: &'a dyn Links) -> Self {
+        links.begin();
+        Self(links)
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        self.0.end();
+    }
 }
 
 /// Whether a port is wired on the host as read after the steps.
@@ -1012,36 +1058,42 @@ async fn repaired(
         .iter()
         .flat_map(|n| n.ports.iter())
         .collect();
-    let first_time = |op: &Op| match op {
-        Op::SetMaster(_, n, _) | Op::SetUp(_, n) | Op::SetMtu(_, n, _) => {
-            ports.contains(n) && !wired_before.contains(n)
+    let first_time = |n: &IfName| ports.contains(n) && !wired_before.contains(n);
+    // What a step repaired, if anything: of the ports it attached, those wired before.
+    let repair = |op: &Op| match op {
+        Op::SetMaster(_, n, _) | Op::SetUp(_, n) | Op::SetMtu(_, n, _) if first_time(n) => None,
+        Op::AttachPorts(ns, bridge, links) => {
+            let again: Vec<Attach> = links
+                .iter()
+                .filter(|a| !first_time(&a.name))
+                .cloned()
+                .collect();
+            (!again.is_empty())
+                .then(|| describe(&Op::AttachPorts(ns.clone(), bridge.clone(), again)))
         }
-        _ => false,
+        op => Some(describe(op)),
     };
     // By network and by what was repaired: Events of one kind about one network from one
     // node are counted as one series, so each kind is an action of its own.
     let mut notes: BTreeMap<(IfName, &'static str), Vec<String>> = BTreeMap::new();
     let mut router_notes: BTreeMap<Name, Vec<String>> = BTreeMap::new();
-    for s in report.steps.iter().filter(|s| !first_time(&s.op)) {
+    for s in &report.steps {
+        let Some(what) = repair(&s.op) else {
+            continue;
+        };
         let action = repair_action(&s.op);
         if let Some(r) = &s.router {
-            router_notes
-                .entry(r.clone())
-                .or_default()
-                .push(describe(&s.op));
+            router_notes.entry(r.clone()).or_default().push(what);
             continue;
         }
         match &s.network {
-            Some(b) => notes
-                .entry((b.clone(), action))
-                .or_default()
-                .push(describe(&s.op)),
+            Some(b) => notes.entry((b.clone(), action)).or_default().push(what),
             None if matches!(s.op, Op::ApplyFirewall(_) | Op::UpdateFirewall(_)) => {
                 for n in &report.desired.networks {
                     notes
                         .entry((n.bridge.clone(), action))
                         .or_default()
-                        .push(describe(&s.op));
+                        .push(what.clone());
                 }
             }
             None => {}
@@ -1717,6 +1769,20 @@ pub(crate) mod tests {
 
         let r = converge(&f.host, &config(), &snapshot()).expect("converge");
         assert!(matches!(state(&r, "p1"), PortState::Wired { .. }));
+    }
+
+    #[test]
+    fn a_failed_flush_leaves_no_port_reported_wired_and_is_retried() {
+        let f = fakes();
+        plug(&f.links, "tp-p1");
+        f.links.failures.set("flush", 1);
+        let r = converge(&f.host, &config(), &snapshot()).expect("converge");
+        assert_eq!(not_wired(&r, "p1"), Reason::WiringFailed);
+        assert_eq!(r.failures.len(), 1);
+        assert!(r.failures[0].1.contains("flush"), "{:?}", r.failures);
+        let r = converge(&f.host, &config(), &snapshot()).expect("converge");
+        assert!(matches!(state(&r, "p1"), PortState::Wired { .. }));
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
     }
 
     #[test]

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::driver::names::{IFNAME_MAX, digest_hex};
 use crate::driver::nft::{Delta, FirewallError};
 use crate::driver::{
-    DhcpSpec, DhcpStatus, FdbEntry, IfName, Ipv4Cidr, Link, LinkKind, MacAddr, Name, Nat, Netns,
-    Observed, RouteSpec, Ruleset, Update, VethSpec, VlanSpec, VxlanInfo, VxlanSpec,
+    Attach, DhcpSpec, DhcpStatus, FdbEntry, IfName, Ipv4Cidr, Link, LinkKind, MacAddr, Name, Nat,
+    Netns, Observed, RouteSpec, Ruleset, Update, VethSpec, VlanSpec, VxlanInfo, VxlanSpec,
 };
 
 /// The prefix of DHCP servers' names, which also name their namespaces.
@@ -201,6 +201,8 @@ pub enum Op {
     DelLink(Netns, IfName),
     /// Make a link a port of a bridge, or of none.
     SetMaster(Netns, IfName, Option<IfName>),
+    /// Make links ports of a bridge, up, with their MTU ([`crate::driver::Links::attach`]).
+    AttachPorts(Netns, IfName, Vec<Attach>),
     /// Set a link up.
     SetUp(Netns, IfName),
     /// Set a link's MTU.
@@ -452,11 +454,25 @@ pub fn plan_with(
             dhcp(&mut p, ns, n, d, observed);
         }
 
+        // Every port that needs anything in one step: a driver pays its fixed cost per
+        // step (a switch reconfigured, its flows written) once for the network.
+        let mut attach = Vec::new();
         for port in &n.ports {
             wanted_links.insert(port);
             if let Some(l) = observed.links.get(port) {
-                p.attributes(ns, port, Some(l), Some(n.mtu), Some(&n.bridge));
+                let a = Attach {
+                    name: port.clone(),
+                    mtu: (l.mtu != n.mtu).then_some(n.mtu),
+                    master: l.master.as_ref() != Some(&n.bridge),
+                    up: !l.up,
+                };
+                if a.mtu.is_some() || a.master || a.up {
+                    attach.push(a);
+                }
             }
+        }
+        if !attach.is_empty() {
+            p.push(Op::AttachPorts(ns.clone(), n.bridge.clone(), attach));
         }
     }
 
@@ -941,14 +957,18 @@ mod tests {
             Some(n.bridge.clone()),
         ));
         let fdb = pos(&Op::SetFdb(ns.clone(), vx(&n).name.clone(), n.fdb.clone()));
-        let tap_on = pos(&Op::SetMaster(
+        // The tap: its MTU, its bridge and up, in the network's one step for its ports.
+        let tap_on = pos(&Op::AttachPorts(
             ns.clone(),
-            tap.clone(),
-            Some(n.bridge.clone()),
+            n.bridge.clone(),
+            vec![Attach {
+                name: tap.clone(),
+                mtu: Some(1450),
+                master: true,
+                up: true,
+            }],
         ));
         assert!(add_bridge < add_vxlan && add_vxlan < enslave && add_vxlan < fdb);
-        assert!(ops.contains(&Op::SetUp(ns.clone(), tap.clone())));
-        assert!(ops.contains(&Op::SetMtu(ns.clone(), tap.clone(), 1450)));
         let dh = n.dhcp.as_ref().expect("dhcp");
         let netns = pos(&Op::AddNetns(dh.spec.name.clone()));
         let inner = Netns::Named(dh.spec.name.clone());
@@ -1091,10 +1111,16 @@ mod tests {
                         l.up = false;
                     }
                 },
-                vec![
-                    Op::SetMaster(node(), ifname("tp-a1"), Some(n.bridge.clone())),
-                    Op::SetUp(node(), ifname("tp-a1")),
-                ],
+                vec![Op::AttachPorts(
+                    node(),
+                    n.bridge.clone(),
+                    vec![Attach {
+                        name: ifname("tp-a1"),
+                        mtu: None,
+                        master: true,
+                        up: true,
+                    }],
+                )],
             ),
             (
                 "the bridge set down",
@@ -1646,6 +1672,62 @@ mod tests {
             link(&stray, LinkKind::Tun, 1450, Some(&n.bridge)),
         );
         assert_eq!(ops(&plan(&d, &o)), vec![Op::SetMaster(node(), stray, None)]);
+    }
+
+    #[test]
+    fn a_networks_ports_are_attached_in_one_step_naming_only_what_differs() {
+        let names: Vec<String> = (0..50).map(|i| format!("tp-{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let n = network("net-a", &refs, false);
+        let d = desired(vec![n.clone()]);
+        let mut o = right(&d);
+        // Every port off its bridge (a switch that lost its flows reads so), one also down,
+        // another with the wrong MTU too.
+        for l in o.links.values_mut() {
+            if l.kind == LinkKind::Tun {
+                l.master = None;
+            }
+        }
+        if let Some(l) = o.links.get_mut(&ifname("tp-7")) {
+            l.up = false;
+        }
+        if let Some(l) = o.links.get_mut(&ifname("tp-9")) {
+            l.mtu = 1500;
+        }
+        let steps = plan(&d, &o);
+        assert_eq!(steps.len(), 1, "{steps:?}");
+        let Op::AttachPorts(ns, bridge, attach) = &steps[0].op else {
+            panic!("{steps:?}");
+        };
+        assert_eq!((ns, bridge), (&node(), &n.bridge));
+        assert_eq!(attach.len(), 50);
+        for a in attach {
+            let want = Attach {
+                name: a.name.clone(),
+                mtu: (a.name.as_str() == "tp-9").then_some(1450),
+                master: true,
+                up: a.name.as_str() == "tp-7",
+            };
+            assert_eq!(*a, want);
+        }
+        // Only the one that is down: the step names it alone.
+        let mut o = right(&d);
+        if let Some(l) = o.links.get_mut(&ifname("tp-3")) {
+            l.up = false;
+        }
+        assert_eq!(
+            ops(&plan(&d, &o)),
+            vec![Op::AttachPorts(
+                node(),
+                n.bridge.clone(),
+                vec![Attach {
+                    name: ifname("tp-3"),
+                    mtu: None,
+                    master: false,
+                    up: true,
+                }]
+            )]
+        );
     }
 
     #[test]

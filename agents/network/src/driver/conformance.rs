@@ -12,9 +12,9 @@ use super::nft::{
     Rule, Snat, Tunnel, Update, Zone,
 };
 use super::{
-    Dhcp, DhcpError, DhcpSpec, FdbEntry, Firewall, FirewallError, IfName, Ipv4Cidr, LinkError,
-    LinkKind, Links, MacAddr, Name, Nat, Netns, RouteSpec, Ruleset, StaticLease, VXLAN_PORT,
-    VethSpec, VlanSpec, VxlanInfo, VxlanSpec,
+    Attach, Dhcp, DhcpError, DhcpSpec, FdbEntry, Firewall, FirewallError, IfName, Ipv4Cidr,
+    LinkError, LinkKind, Links, MacAddr, Name, Nat, Netns, RouteSpec, Ruleset, StaticLease,
+    VXLAN_PORT, VethSpec, VlanSpec, VxlanInfo, VxlanSpec,
 };
 
 fn ifname(s: &str) -> IfName {
@@ -260,6 +260,67 @@ pub fn links(l: &dyn Links, prefix: &str) {
     );
     l.set_fdb(&na, &vx, &BTreeSet::new()).expect("empty fdb");
     assert_eq!(l.fdb(&na, &vx).expect("fdb"), BTreeSet::new());
+
+    // Many links attached in one call: each up on the bridge with its MTU; the same again
+    // changes nothing; an absent link or bridge is named.
+    let pairs = [("ve-c2", "vp-c2"), ("ve-c3", "vp-c3")];
+    for (name, peer) in pairs {
+        let spec = VethSpec {
+            name: ifname(name),
+            peer: ifname(peer),
+            peer_netns: Some(nb.clone()),
+        };
+        l.add_veth(&na, &spec).expect("add veth");
+    }
+    let attach = [
+        Attach {
+            name: ifname("ve-c2"),
+            mtu: Some(1400),
+            master: true,
+            up: true,
+        },
+        Attach {
+            name: ifname("ve-c3"),
+            mtu: None,
+            master: true,
+            up: true,
+        },
+    ];
+    l.set_up(&na, &br, true).expect("bridge up");
+    for _ in 0..2 {
+        l.attach(&na, &br, &attach).expect("attach");
+        for a in &attach {
+            let got = l.link(&na, &a.name).expect("link").expect("veth present");
+            assert_eq!(
+                (got.master, got.up),
+                (Some(br.clone()), true),
+                "{} attached",
+                a.name
+            );
+        }
+        assert_eq!(
+            l.link(&na, &ifname("ve-c2")).expect("link").map(|k| k.mtu),
+            Some(1400)
+        );
+    }
+    let absent = Attach {
+        name: missing.clone(),
+        mtu: None,
+        master: true,
+        up: true,
+    };
+    assert!(matches!(
+        l.attach(&na, &br, &[absent]),
+        Err(LinkError::NoLink { ref name, .. }) if *name == missing
+    ));
+    assert!(matches!(
+        l.attach(&na, &missing, &attach[1..]),
+        Err(LinkError::NoLink { .. })
+    ));
+    for (name, _) in pairs {
+        l.del_link(&na, &ifname(name)).expect("delete veth");
+    }
+    l.set_up(&na, &br, false).expect("bridge down");
 
     // Absent links.
     assert_eq!(l.link(&na, &missing).expect("link"), None);

@@ -228,6 +228,11 @@ fn get<'a>(
 }
 
 impl Links for FakeLinks {
+    /// Holds nothing back; fails when told to (`flush`).
+    fn flush(&self) -> Result<(), LinkError> {
+        self.check("flush")
+    }
+
     fn add_netns(&self, name: &Name) -> Result<(), LinkError> {
         self.check("add_netns")?;
         lock(&self.state)

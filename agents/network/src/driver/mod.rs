@@ -118,6 +118,20 @@ pub struct VethSpec {
     pub peer_netns: Option<Netns>,
 }
 
+/// A link to make a port of a bridge, up, with what of it differs now (see
+/// [`Links::attach`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attach {
+    /// The link.
+    pub name: IfName,
+    /// The MTU to set, when it differs.
+    pub mtu: Option<u32>,
+    /// Whether it is on another bridge or none.
+    pub master: bool,
+    /// Whether it is down.
+    pub up: bool,
+}
+
 /// A static FDB entry of a VXLAN device: frames for `mac` go to the VTEP at `remote`.
 /// With [`MacAddr::ZERO`], broadcast, unknown unicast and multicast frames go to `remote`
 /// (one entry per remote: head-end replication).
@@ -224,7 +238,8 @@ pub enum LinkError {
 ///   [`LinkError::NoNetns`]; every verb naming an absent link but `link` (which says
 ///   `Ok(None)`) and `del_link` is [`LinkError::NoLink`].
 /// - Reads say what the kernel has now (nothing is remembered between calls), so they show
-///   drift made behind the driver's back.
+///   drift made behind the driver's back; only within a batch ([`Links::begin`]) may a read
+///   be answered from what the batch read or wrote before.
 /// - `set_fdb` makes a VXLAN device's static remote entries exactly the given set: missing
 ///   ones are added, others removed, the rest untouched (no gap in forwarding).
 /// - `routes` lists the namespace's IPv4 routes through a gateway in its main table (the
@@ -269,6 +284,39 @@ pub trait Links: Send + Sync + 'static {
         name: &IfName,
         master: Option<&IfName>,
     ) -> Result<(), LinkError>;
+    /// Starts a batch of calls (a converge: its reads, its steps, its reads again), which
+    /// ends with [`end`](Self::end). Until then a driver may answer a read from what it
+    /// read or wrote earlier in the batch, and hold back work its changes share (an Open
+    /// vSwitch driver writes its tunnels and flows once) until [`flush`](Self::flush).
+    /// Outside a batch every read is the host's now. By default, nothing.
+    fn begin(&self) {}
+    /// Does what the batch held back; a change held back that fails fails here.
+    fn flush(&self) -> Result<(), LinkError> {
+        Ok(())
+    }
+    /// Ends the batch (what is still held back is dropped: the next converge finds it
+    /// missing).
+    fn end(&self) {}
+    /// Makes each of `links` a port of the bridge `bridge`, up, with its MTU: for each, in
+    /// order, `set_mtu` (when [`Attach::mtu`] says), `set_master` (when [`Attach::master`])
+    /// and `set_up` (when [`Attach::up`]), as those verbs would, stopping at the first
+    /// failure. One call for many links, so that a driver whose every change has a fixed
+    /// cost (a switch reconfigured, flows written) pays it once for all of them; a link
+    /// already as asked is left alone.
+    fn attach(&self, ns: &Netns, bridge: &IfName, links: &[Attach]) -> Result<(), LinkError> {
+        for a in links {
+            if let Some(mtu) = a.mtu {
+                self.set_mtu(ns, &a.name, mtu)?;
+            }
+            if a.master {
+                self.set_master(ns, &a.name, Some(bridge))?;
+            }
+            if a.up {
+                self.set_up(ns, &a.name, true)?;
+            }
+        }
+        Ok(())
+    }
     /// Sets the link administratively up or down.
     fn set_up(&self, ns: &Netns, name: &IfName, up: bool) -> Result<(), LinkError>;
     /// Sets the MTU.

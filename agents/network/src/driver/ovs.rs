@@ -23,7 +23,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -34,8 +34,8 @@ use super::netns;
 use super::ovs_daemon::{Ovs, OvsDaemon, OvsError};
 use super::ovs_flows::{self, Bundle, NetworkFlows, PortFilterSpec, Switch, TunnelFlows};
 use super::{
-    FdbEntry, IfName, Ipv4Cidr, Link, LinkError, LinkKind, Links, MacAddr, Name, Netns, RouteSpec,
-    VethSpec, VxlanInfo, VxlanSpec,
+    Attach, FdbEntry, IfName, Ipv4Cidr, Link, LinkError, LinkKind, Links, MacAddr, Name, Netns,
+    RouteSpec, VethSpec, VxlanInfo, VxlanSpec,
 };
 
 /// The integration bridge every network's ports are on.
@@ -405,6 +405,17 @@ struct Health {
     ports: BTreeSet<u32>,
 }
 
+/// What a batch ([`Links::begin`] to [`Links::end`]) knows of the switch.
+#[derive(Debug, Default)]
+struct Batch {
+    /// The database as last read in the batch; dropped by every write to it.
+    state: Option<Arc<State>>,
+    /// The owned flows installed, as last dumped in the batch or as its bundle left them.
+    flows: Option<Arc<BTreeMap<u64, usize>>>,
+    /// A change waits for its tunnels and flows until the flush.
+    pending: bool,
+}
+
 /// The node's links with its networks on Open vSwitch. See the module's documentation.
 pub struct OvsLinks {
     kernel: NetlinkLinks,
@@ -412,6 +423,7 @@ pub struct OvsLinks {
     netns: Netns,
     daemon: Option<OvsDaemon>,
     lock: Mutex<()>,
+    batch: Mutex<Option<Batch>>,
 }
 
 impl OvsLinks {
@@ -424,6 +436,7 @@ impl OvsLinks {
             netns,
             daemon: None,
             lock: Mutex::new(()),
+            batch: Mutex::new(None),
         }
     }
 
@@ -443,7 +456,7 @@ impl OvsLinks {
     }
 
     /// Makes sure the switch runs and has its integration bridge, and reads it.
-    fn state(&self, ns: &Netns) -> Result<State, LinkError> {
+    fn state(&self, ns: &Netns) -> Result<Arc<State>, LinkError> {
         if !netns::exists(ns) {
             return Err(LinkError::NoNetns(ns.clone()));
         }
@@ -456,25 +469,56 @@ impl OvsLinks {
         if s.bridge {
             return Ok(s);
         }
-        self.ovs
-            .vsctl(&[
-                "--may-exist",
-                "add-br",
-                INTEGRATION_BRIDGE,
-                "--",
-                "set",
-                "Bridge",
-                INTEGRATION_BRIDGE,
-                "datapath_type=netdev",
-                "fail_mode=secure",
-            ])
-            .map_err(ovs_err)?;
+        self.write(&[
+            "--may-exist",
+            "add-br",
+            INTEGRATION_BRIDGE,
+            "--",
+            "set",
+            "Bridge",
+            INTEGRATION_BRIDGE,
+            "datapath_type=netdev",
+            "fail_mode=secure",
+        ])
+        .map_err(ovs_err)?;
         let s = self.read()?;
         self.sync(&s)?;
         Ok(s)
     }
 
-    fn read(&self) -> Result<State, LinkError> {
+    /// `f` of the batch under way, if one is.
+    fn in_batch<T>(&self, f: impl FnOnce(&mut Batch) -> T) -> Option<T> {
+        self.batch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+            .map(f)
+    }
+
+    /// `ovs-vsctl ARGS`, waiting for `ovs-vswitchd`: a change, which a batch's reads see.
+    fn write(&self, args: &[&str]) -> Result<String, OvsError> {
+        self.in_batch(|b| b.state = None);
+        self.ovs.vsctl(args)
+    }
+
+    /// `ovs-vsctl --no-wait ARGS`: a change to the database only.
+    fn write_no_wait(&self, args: &[&str]) -> Result<String, OvsError> {
+        self.in_batch(|b| b.state = None);
+        self.ovs.vsctl_no_wait(args)
+    }
+
+    /// The switch's database: read now, or in a batch as last read (nothing was written
+    /// since).
+    fn read(&self) -> Result<Arc<State>, LinkError> {
+        if let Some(s) = self.in_batch(|b| b.state.clone()).flatten() {
+            return Ok(s);
+        }
+        let s = Arc::new(self.read_now()?);
+        self.in_batch(|b| b.state = Some(Arc::clone(&s)));
+        Ok(s)
+    }
+
+    fn read_now(&self) -> Result<State, LinkError> {
         let out = self
             .ovs
             .vsctl_no_wait(&[
@@ -492,18 +536,24 @@ impl OvsLinks {
         State::parse(&out)
     }
 
-    fn dump(&self) -> Result<BTreeMap<u64, usize>, LinkError> {
+    /// The owned flows installed: dumped now, or in a batch as last dumped or written.
+    fn dump(&self) -> Result<Arc<BTreeMap<u64, usize>>, LinkError> {
+        if let Some(f) = self.in_batch(|b| b.flows.clone()).flatten() {
+            return Ok(f);
+        }
         let out = self
             .ovs
             .ofctl(&["--no-stats"], "dump-flows", INTEGRATION_BRIDGE, &[], None)
             .map_err(ovs_err)?;
-        Ok(ovs_flows::installed(&out))
+        let f = Arc::new(ovs_flows::installed(&out));
+        self.in_batch(|b| b.flows = Some(Arc::clone(&f)));
+        Ok(f)
     }
 
     /// Which objects' flows are incomplete.
     fn health(&self, s: &State) -> Result<Health, LinkError> {
         let want = ovs_flows::render(&s.switch());
-        let broken = ovs_flows::broken(&want, &self.dump()?);
+        let broken = ovs_flows::broken(&want, &*self.dump()?);
         let mut h = Health::default();
         for f in want.iter().filter(|f| broken.contains(&f.cookie)) {
             match (f.cookie >> 56) as u8 {
@@ -529,8 +579,21 @@ impl OvsLinks {
     }
 
     /// Makes the tunnel ports those the VXLAN devices need, then the flows those `s`
-    /// renders, in one bundle.
+    /// renders, in one bundle; in a batch, once at its flush.
     fn sync(&self, s: &State) -> Result<(), LinkError> {
+        if self.in_batch(|b| b.pending = true).is_some() {
+            return Ok(());
+        }
+        self.write_switch(s)
+    }
+
+    /// [`sync`](Self::sync) of the switch as read now.
+    fn resync(&self) -> Result<(), LinkError> {
+        let s = self.read()?;
+        self.sync(&s)
+    }
+
+    fn write_switch(&self, s: &State) -> Result<(), LinkError> {
         let needed = s.needed_tunnels();
         let mut args: Vec<String> = Vec::new();
         for (name, i) in &s.ifaces {
@@ -576,13 +639,14 @@ impl OvsLinks {
             s
         } else {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            self.ovs.vsctl(&args).map_err(ovs_err)?;
+            self.write(&args).map_err(ovs_err)?;
             fresh = self.read()?;
             &fresh
         };
         let want = ovs_flows::render(&s.switch());
-        let bundle = Bundle::between(&want, &self.dump()?);
+        let bundle = Bundle::between(&want, &*self.dump()?);
         if !bundle.is_empty() {
+            self.in_batch(|b| b.flows = None);
             self.ovs
                 .ofctl(
                     &["--bundle"],
@@ -592,20 +656,21 @@ impl OvsLinks {
                     Some(&bundle.text()),
                 )
                 .map_err(ovs_err)?;
+            // The bundle is atomic: the owned flows are now exactly the wanted ones.
+            self.in_batch(|b| b.flows = Some(Arc::new(ovs_flows::counts(&want))));
         }
         Ok(())
     }
 
     fn write_vxlan(&self, name: &str, rec: &VxlanRecord) -> Result<(), LinkError> {
         let json = serde_json::to_string(rec).map_err(|e| LinkError::Invalid(e.to_string()))?;
-        self.ovs
-            .vsctl_no_wait(&[
-                "br-set-external-id",
-                INTEGRATION_BRIDGE,
-                &format!("{VXLAN_KEY}{name}"),
-                &json,
-            ])
-            .map_err(ovs_err)?;
+        self.write_no_wait(&[
+            "br-set-external-id",
+            INTEGRATION_BRIDGE,
+            &format!("{VXLAN_KEY}{name}"),
+            &json,
+        ])
+        .map_err(ovs_err)?;
         Ok(())
     }
 
@@ -624,7 +689,7 @@ impl OvsLinks {
         change(&mut rec);
         if rec != before {
             self.write_vxlan(name.as_str(), &rec)?;
-            self.sync(&self.read()?)?;
+            self.resync()?;
         }
         Ok(true)
     }
@@ -638,19 +703,8 @@ impl OvsLinks {
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let s = self.state(&self.netns)?;
         let want = firewall.map(FirewallState::keys).unwrap_or_default();
-        let mut batches: Vec<Vec<String>> = vec![Vec::new()];
-        let mut size = 0;
-        let mut push = |args: Vec<String>| {
-            let n: usize = args.iter().map(String::len).sum();
-            if size + n > VSCTL_BATCH_BYTES && batches.last().is_some_and(|b| !b.is_empty()) {
-                batches.push(Vec::new());
-                size = 0;
-            }
-            size += n;
-            if let Some(b) = batches.last_mut() {
-                b.extend(args);
-            }
-        };
+        let mut commands: Vec<Vec<String>> = Vec::new();
+        let mut push = |args: Vec<String>| commands.push(args);
         // The marker last, so that a firewall half written reads as none.
         let mut marker = None;
         for (k, v) in &want {
@@ -672,8 +726,7 @@ impl OvsLinks {
         }
         // Removed first of all when the firewall goes.
         if firewall.is_none() && s.firewall_keys.contains_key(FIREWALL_KEY) {
-            self.ovs
-                .vsctl_no_wait(&["br-set-external-id", INTEGRATION_BRIDGE, FIREWALL_KEY])
+            self.write_no_wait(&["br-set-external-id", INTEGRATION_BRIDGE, FIREWALL_KEY])
                 .map_err(ovs_err)?;
         }
         for k in s.firewall_keys.keys().filter(|k| !want.contains_key(*k)) {
@@ -686,14 +739,15 @@ impl OvsLinks {
                 ]);
             }
         }
+        let mut batches = batched(commands);
         if let Some(m) = marker {
             batches.push(m);
         }
         for b in batches.iter().filter(|b| !b.is_empty()) {
             let args: Vec<&str> = b.iter().map(String::as_str).collect();
-            self.ovs.vsctl_no_wait(&args).map_err(ovs_err)?;
+            self.write_no_wait(&args).map_err(ovs_err)?;
         }
-        self.sync(&self.read()?)
+        self.resync()
     }
 
     /// The firewall the switch's database holds, if one is applied.
@@ -702,7 +756,7 @@ impl OvsLinks {
     /// The switch could not be read.
     pub fn firewall(&self) -> Result<Option<FirewallState>, LinkError> {
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(self.state(&self.netns)?.firewall)
+        Ok(self.state(&self.netns)?.firewall.clone())
     }
 
     /// Puts `name` on the integration bridge (if it is not) with its interface's columns
@@ -719,7 +773,7 @@ impl OvsLinks {
             name.as_str(),
         ];
         args.extend(columns.iter().map(String::as_str));
-        self.ovs.vsctl(&args).map_err(ovs_err)?;
+        self.write(&args).map_err(ovs_err)?;
         Ok(())
     }
 
@@ -834,6 +888,50 @@ pub fn attach_underlay(ovs: &Ovs, ns: &Netns, iface: &IfName) -> Result<Ipv4Cidr
         .ok_or_else(|| LinkError::Invalid(format!("{iface} has no IPv4 address")))
 }
 
+/// `commands` (each `--` and its arguments) cut into `ovs-vsctl` calls of at most
+/// [`VSCTL_BATCH_BYTES`] each (one command may go over it alone).
+fn batched(commands: impl IntoIterator<Item = Vec<String>>) -> Vec<Vec<String>> {
+    let mut batches: Vec<Vec<String>> = Vec::new();
+    let mut size = 0;
+    for args in commands {
+        let n: usize = args.iter().map(String::len).sum();
+        match batches.last_mut() {
+            Some(b) if size + n <= VSCTL_BATCH_BYTES => {
+                size += n;
+                b.extend(args);
+            }
+            _ => {
+                size = n;
+                batches.push(args);
+            }
+        }
+    }
+    batches
+}
+
+/// The `ovs-vsctl` commands that put `name` on the integration bridge (if it is not) as a
+/// port of the network `bridge`, one transaction's part.
+fn port_args(name: &IfName, bridge: &IfName) -> Vec<String> {
+    [
+        "--",
+        "--may-exist",
+        "add-port",
+        INTEGRATION_BRIDGE,
+        name.as_str(),
+        "--",
+        "set",
+        "Interface",
+        name.as_str(),
+    ]
+    .map(String::from)
+    .into_iter()
+    .chain([
+        format!("external_ids:{ROLE}=port"),
+        format!("external_ids:{NETWORK}={bridge}"),
+    ])
+    .collect()
+}
+
 /// The OpenFlow port a port object's flows are about (`in_port=N` of its first flow).
 fn port_of(text: &str) -> Option<u32> {
     let rest = text
@@ -900,7 +998,7 @@ impl Links for OvsLinks {
         )?;
         // A bridge is made down, as the kernel makes one.
         self.kernel.set_up(ns, name, false)?;
-        self.sync(&self.read()?)
+        self.resync()
     }
 
     fn add_vxlan(&self, ns: &Netns, spec: &VxlanSpec) -> Result<(), LinkError> {
@@ -966,14 +1064,13 @@ impl Links for OvsLinks {
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let s = self.state(ns)?;
         if s.vxlans.contains_key(name.as_str()) {
-            self.ovs
-                .vsctl_no_wait(&[
-                    "br-set-external-id",
-                    INTEGRATION_BRIDGE,
-                    &format!("{VXLAN_KEY}{name}"),
-                ])
-                .map_err(ovs_err)?;
-            return self.sync(&self.read()?);
+            self.write_no_wait(&[
+                "br-set-external-id",
+                INTEGRATION_BRIDGE,
+                &format!("{VXLAN_KEY}{name}"),
+            ])
+            .map_err(ovs_err)?;
+            return self.resync();
         }
         if s.is_network(name.as_str()) {
             // Its ports leave the switch (their devices stay, on no bridge), and VXLAN
@@ -988,7 +1085,7 @@ impl Links for OvsLinks {
                 }
             }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            self.ovs.vsctl(&args).map_err(ovs_err)?;
+            self.write(&args).map_err(ovs_err)?;
             for (vx, rec) in &s.vxlans {
                 if rec.master.as_deref() == Some(name.as_str()) {
                     self.write_vxlan(
@@ -1000,13 +1097,12 @@ impl Links for OvsLinks {
                     )?;
                 }
             }
-            return self.sync(&self.read()?);
+            return self.resync();
         }
         if s.ifaces.contains_key(name.as_str()) {
-            self.ovs
-                .vsctl(&["--if-exists", "del-port", INTEGRATION_BRIDGE, name.as_str()])
+            self.write(&["--if-exists", "del-port", INTEGRATION_BRIDGE, name.as_str()])
                 .map_err(ovs_err)?;
-            self.sync(&self.read()?)?;
+            self.resync()?;
         }
         self.kernel.del_link(ns, name)
     }
@@ -1051,23 +1147,103 @@ impl Links for OvsLinks {
             {
                 return self.sync(&s);
             }
-            Some(m) => self.add_port(
-                name,
-                &[
-                    format!("external_ids:{ROLE}=port"),
-                    format!("external_ids:{NETWORK}={m}"),
-                ],
-            )?,
+            Some(m) => {
+                let args = port_args(name, m);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                self.write(&args).map_err(ovs_err)?;
+            }
             None => {
                 if !s.ifaces.contains_key(name.as_str()) {
                     return Ok(());
                 }
-                self.ovs
-                    .vsctl(&["--if-exists", "del-port", INTEGRATION_BRIDGE, name.as_str()])
+                self.write(&["--if-exists", "del-port", INTEGRATION_BRIDGE, name.as_str()])
                     .map_err(ovs_err)?;
             }
         }
-        self.sync(&self.read()?)
+        self.resync()
+    }
+
+    /// Reads of the switch are answered from what the batch read or wrote, and the
+    /// tunnels and flows its changes need are written once, at [`Links::flush`].
+    fn begin(&self) {
+        let mut b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+        if b.is_none() {
+            *b = Some(Batch::default());
+        }
+    }
+
+    fn flush(&self) -> Result<(), LinkError> {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.in_batch(|b| std::mem::take(&mut b.pending)) == Some(true) {
+            self.write_switch(&*self.read()?)?;
+        }
+        Ok(())
+    }
+
+    fn end(&self) {
+        *self.batch.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// All the ports in one `ovs-vsctl` transaction (a few for thousands), then one read of
+    /// the switch and one bundle: a converge of a thousand ports costs what one port's does.
+    /// A VXLAN device or a network's bridge among `links` goes verb by verb.
+    fn attach(&self, ns: &Netns, bridge: &IfName, links: &[Attach]) -> Result<(), LinkError> {
+        if !self.mine(ns) {
+            return self.kernel.attach(ns, bridge, links);
+        }
+        let guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.state(ns)?;
+        if links
+            .iter()
+            .any(|a| s.vxlans.contains_key(a.name.as_str()) || s.is_network(a.name.as_str()))
+        {
+            drop(guard);
+            for a in links {
+                if let Some(mtu) = a.mtu {
+                    self.set_mtu(ns, &a.name, mtu)?;
+                }
+                if a.master {
+                    self.set_master(ns, &a.name, Some(bridge))?;
+                }
+                if a.up {
+                    self.set_up(ns, &a.name, true)?;
+                }
+            }
+            return Ok(());
+        }
+        if links.iter().any(|a| a.master) && !s.is_network(bridge.as_str()) {
+            return Err(self.no_link(ns, bridge));
+        }
+        let kernel: BTreeSet<IfName> = self.kernel.links(ns)?.into_iter().map(|l| l.name).collect();
+        if let Some(a) = links.iter().find(|a| !kernel.contains(&a.name)) {
+            return Err(self.no_link(ns, &a.name));
+        }
+        for a in links {
+            if let Some(mtu) = a.mtu {
+                if mtu == 0 {
+                    return Err(LinkError::Invalid("MTU 0".into()));
+                }
+                self.kernel.set_mtu(ns, &a.name, mtu)?;
+            }
+        }
+        // Ports already on the network (their flows missing) only get their flows back.
+        let adds = links
+            .iter()
+            .filter(|a| {
+                a.master
+                    && !s.ifaces.get(a.name.as_str()).is_some_and(|i| {
+                        i.ofport.is_some() && i.role == Role::Port(bridge.to_string())
+                    })
+            })
+            .map(|a| port_args(&a.name, bridge));
+        for b in batched(adds) {
+            let args: Vec<&str> = b.iter().map(String::as_str).collect();
+            self.write(&args).map_err(ovs_err)?;
+        }
+        for a in links.iter().filter(|a| a.up) {
+            self.kernel.set_up(ns, &a.name, true)?;
+        }
+        self.resync()
     }
 
     fn set_up(&self, ns: &Netns, name: &IfName, up: bool) -> Result<(), LinkError> {
@@ -1155,7 +1331,7 @@ impl Links for OvsLinks {
             return Err(self.no_link(ns, vxlan));
         }
         // The same entries may be asked again because a tunnel or a flow went: repair.
-        self.sync(&self.read()?)
+        self.resync()
     }
 
     fn set_mac(&self, ns: &Netns, name: &IfName, mac: MacAddr) -> Result<(), LinkError> {
@@ -1250,6 +1426,31 @@ mod tests {
         );
         assert_ne!(a, b);
         assert!(IfName::new(&a).is_ok() && a.len() == 15);
+    }
+
+    #[test]
+    fn commands_are_cut_into_calls_of_bounded_size_in_order() {
+        let port = |i: usize| {
+            port_args(
+                &IfName::new(&format!("tc{i}")).expect("name"),
+                &IfName::new("br-a").expect("name"),
+            )
+        };
+        let one: usize = port(0).iter().map(String::len).sum();
+        let n = 3 * VSCTL_BATCH_BYTES / one;
+        let batches = batched((0..n).map(port));
+        assert!(
+            batches.len() >= 3 && batches.len() <= 4,
+            "{}",
+            batches.len()
+        );
+        for b in &batches {
+            assert!(b.iter().map(String::len).sum::<usize>() <= VSCTL_BATCH_BYTES);
+            assert_eq!(b.first().map(String::as_str), Some("--"), "whole commands");
+        }
+        let all: Vec<String> = batches.into_iter().flatten().collect();
+        assert_eq!(all, (0..n).flat_map(port).collect::<Vec<_>>());
+        assert!(batched(Vec::<Vec<String>>::new()).is_empty());
     }
 
     #[test]

@@ -418,14 +418,19 @@ pub fn installed(dump: &str) -> BTreeMap<u64, usize> {
     out
 }
 
-/// Which objects' flows are not all installed (their cookies), given the rendered flows and
-/// the installed counts.
-pub fn broken(want: &[Flow], have: &BTreeMap<u64, usize>) -> BTreeSet<u64> {
+/// How many flows of each cookie `flows` has.
+pub fn counts(flows: &[Flow]) -> BTreeMap<u64, usize> {
     let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
-    for f in want {
+    for f in flows {
         *counts.entry(f.cookie).or_default() += 1;
     }
     counts
+}
+
+/// Which objects' flows are not all installed (their cookies), given the rendered flows and
+/// the installed counts.
+pub fn broken(want: &[Flow], have: &BTreeMap<u64, usize>) -> BTreeSet<u64> {
+    counts(want)
         .into_iter()
         .filter(|(c, n)| have.get(c) != Some(n))
         .map(|(c, _)| c)
