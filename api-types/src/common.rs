@@ -78,6 +78,9 @@ pub enum ConditionType {
     Rebalancing,
     /// An object ring's spec cannot be built; its current version stays.
     Invalid,
+    /// Object nodes use another cluster hash (Swift's hash path prefix and suffix) than the
+    /// ring's other nodes: they install none of its new versions.
+    HashMismatch,
 }
 
 impl ConditionType {
@@ -98,6 +101,7 @@ impl ConditionType {
             Self::Associated => "Associated",
             Self::Rebalancing => "Rebalancing",
             Self::Invalid => "Invalid",
+            Self::HashMismatch => "HashMismatch",
         }
     }
 
@@ -350,6 +354,10 @@ reasons! {
     Settled,
     /// An object ring's `Rebalancing=False`: every replica is where the plan puts it.
     Balanced,
+    /// `HashMismatch=False`: every node reports the same cluster hash fingerprint.
+    HashesAgree,
+    /// `HashMismatch=True`: a node's cluster hash fingerprint is not its ring's.
+    HashDiffers,
 }
 
 impl Reason {

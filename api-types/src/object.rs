@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{Condition, IPV4_PATTERN, NAME_PATTERN, Time};
 
+/// A cluster hash fingerprint: 16 lower-case hexadecimal digits.
+pub const HASH_FINGERPRINT_PATTERN: &str = "^[0-9a-f]{16}$";
+
 /// A Swift ring: the devices of one ring type and how partitions map onto them.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -272,6 +275,16 @@ pub struct ObjectRingStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 10000))]
     pub drained_devices: Vec<String>,
+    /// The cluster hash fingerprint most of the ring's ObjectNodes report (on a tie, that of
+    /// the node registered first): a node whose fingerprint differs installs none of the
+    /// ring's versions until it uses the cluster's hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = HASH_FINGERPRINT_PATTERN))]
+    pub hash_fingerprint: Option<String>,
+    /// The ring's ObjectNodes whose cluster hash fingerprint differs from `hashFingerprint`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub hash_mismatch: Vec<String>,
     /// Latest observations of the ring's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
@@ -447,6 +460,12 @@ pub struct ObjectNodeStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 3))]
     pub replication: Vec<ReplicationStatus>,
+    /// A fingerprint of the cluster hash (Swift's hash path prefix and suffix) the node's
+    /// servers use: the first 16 hexadecimal digits of a SHA-256 over them, never the values.
+    /// Every node of a cluster must show the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = HASH_FINGERPRINT_PATTERN))]
+    pub hash_fingerprint: Option<String>,
     /// When the agent last reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat_time: Option<Time>,

@@ -307,6 +307,55 @@ pub(crate) fn drain_failed(
     (spec, drained)
 }
 
+/// The cluster hash fingerprint most of the ring's nodes report (on a tie, that of the node
+/// registered first), and the nodes that report another, sorted. A ring's nodes are the
+/// ObjectNodes its devices name (`node`) at the device's `ip`, as for [`drain_failed`]; a
+/// node that reports no fingerprint yet has no say.
+pub(crate) fn hash_verdict(
+    spec: &ObjectRingSpec,
+    nodes: &[Arc<ObjectNode>],
+) -> (Option<String>, Vec<String>) {
+    let named = |n: &ObjectNode| {
+        spec.devices.iter().any(|d| {
+            d.node.as_deref() == n.metadata.name.as_deref() && d.node.is_some() && d.ip == n.spec.ip
+        })
+    };
+    let mut ours: Vec<(&ObjectNode, &str)> = nodes
+        .iter()
+        .filter(|n| named(n))
+        .filter_map(|n| Some((&**n, n.status.as_ref()?.hash_fingerprint.as_deref()?)))
+        .collect();
+    // First registered first; then by name, for creations within one second.
+    ours.sort_by(|(a, _), (b, _)| {
+        let key = |n: &ObjectNode| {
+            (
+                n.metadata.creation_timestamp.clone().map(|t| t.0),
+                n.metadata.name.clone(),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for (_, f) in &ours {
+        *counts.entry(f).or_default() += 1;
+    }
+    let most = counts.values().copied().max().unwrap_or(0);
+    let Some(reference) = ours
+        .iter()
+        .map(|(_, f)| *f)
+        .find(|f| counts.get(f) == Some(&most))
+    else {
+        return (None, Vec::new());
+    };
+    let mut differ: Vec<String> = ours
+        .iter()
+        .filter(|(_, f)| *f != reference)
+        .filter_map(|(n, _)| n.metadata.name.clone())
+        .collect();
+    differ.sort();
+    (Some(reference.to_owned()), differ)
+}
+
 /// The failed devices an ObjectNode reports (what [`drain_failed`] reads of it).
 fn failed_devices(node: &ObjectNode) -> Vec<String> {
     node.status
@@ -392,6 +441,68 @@ mod drain_tests {
         let (back, names) = drain_failed(&spec, &[node("n1", "10.0.0.1", &[])]);
         assert_eq!(back, spec);
         assert!(names.is_empty());
+    }
+
+    fn with_hash(name: &str, ip: &str, fingerprint: Option<&str>, created: i64) -> Arc<ObjectNode> {
+        let mut n = (*node(name, ip, &[])).clone();
+        if let Some(s) = n.status.as_mut() {
+            s.hash_fingerprint = fingerprint.map(Into::into);
+        }
+        n.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + created).expect("time"),
+        ));
+        Arc::new(n)
+    }
+
+    #[test]
+    fn nodes_of_another_cluster_hash_than_most_of_the_rings_are_named() {
+        let spec = spec(vec![
+            dev(Some("n1"), "10.0.0.1", "d1"),
+            dev(Some("n2"), "10.0.0.2", "d1"),
+            dev(Some("n3"), "10.0.0.3", "d1"),
+            dev(Some("n3"), "10.0.0.3", "d2"),
+        ]);
+        let (a, b) = ("aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb");
+        // Two against one: the one is named, whichever registered first.
+        let (hash, differ) = hash_verdict(
+            &spec,
+            &[
+                with_hash("n1", "10.0.0.1", Some(b), 0),
+                with_hash("n2", "10.0.0.2", Some(a), 1),
+                with_hash("n3", "10.0.0.3", Some(a), 2),
+            ],
+        );
+        assert_eq!((hash.as_deref(), differ), (Some(a), vec!["n1".to_owned()]));
+        // A tie: the node registered first has it; nodes without a report have no say.
+        let (hash, differ) = hash_verdict(
+            &spec,
+            &[
+                with_hash("n2", "10.0.0.2", Some(a), 5),
+                with_hash("n1", "10.0.0.1", Some(b), 3),
+                with_hash("n3", "10.0.0.3", None, 0),
+            ],
+        );
+        assert_eq!((hash.as_deref(), differ), (Some(b), vec!["n2".to_owned()]));
+        // Nodes the ring does not name, or at another address than its device's, have no say.
+        let (hash, differ) = hash_verdict(
+            &spec,
+            &[
+                with_hash("n1", "10.0.0.1", Some(a), 9),
+                with_hash("other", "10.0.0.9", Some(b), 0),
+                with_hash("n2", "10.0.0.7", Some(b), 1),
+            ],
+        );
+        assert_eq!((hash.as_deref(), differ), (Some(a), Vec::<String>::new()));
+        // Agreeing nodes: no one is named; no report yet: no verdict.
+        let (hash, differ) = hash_verdict(
+            &spec,
+            &[
+                with_hash("n1", "10.0.0.1", Some(a), 0),
+                with_hash("n2", "10.0.0.2", Some(a), 1),
+            ],
+        );
+        assert_eq!((hash.as_deref(), differ.len()), (Some(a), 0));
+        assert_eq!(hash_verdict(&spec, &[]), (None, Vec::new()));
     }
 
     #[test]
@@ -552,12 +663,28 @@ async fn step(ring: &ObjectRing, ctx: &Ctx) -> Result<Action, RingsError> {
         _ => None,
     };
     let (spec, drained) = drain_failed(&ring.spec, &ctx.nodes.state());
+    let (hash, mismatch) = hash_verdict(&ring.spec, &ctx.nodes.state());
     let now = unix_now();
     let decision = stratus_runtime::blocking(move || decide(&spec, builder, now)).await?;
     let mut status = current.clone();
     status.observed_generation = generation;
     status.drained_devices = drained;
-    let (conditions, next) = match decision {
+    let hash_condition = if mismatch.is_empty() {
+        ConditionType::HashMismatch.no(Reason::HashesAgree, "")
+    } else {
+        ConditionType::HashMismatch.yes(
+            Reason::HashDiffers,
+            format!(
+                "ObjectNodes {} use another cluster hash than the ring's other nodes ({}): \
+                 they install none of its versions until given the cluster's hash file",
+                mismatch.join(", "),
+                hash.as_deref().unwrap_or_default()
+            ),
+        )
+    };
+    status.hash_fingerprint = hash;
+    status.hash_mismatch = mismatch;
+    let (mut conditions, next) = match decision {
         Decision::Invalid(reason, message) => {
             status.phase = ObjectRingPhase::Error;
             status.proposed = None;
@@ -641,6 +768,7 @@ async fn step(ring: &ObjectRing, ctx: &Ctx) -> Result<Action, RingsError> {
             on_version(&mut status, Some(ready), pending, now, wait)
         }
     };
+    conditions.push(hash_condition);
     for c in &conditions {
         c.set_at(&mut status.conditions, generation, time(now));
     }
@@ -702,9 +830,9 @@ fn error_policy(ring: Arc<ObjectRing>, e: &RingsError, ctx: Arc<Ctx>) -> Action 
 /// Runs the ring controller until its watch ends.
 pub async fn run(client: Client) {
     let (nodes, writer) = reflector::store::<ObjectNode>();
-    // Every ring is looked at again when a node's failed devices change (not at each of its
-    // heartbeats).
-    let mut seen = std::collections::HashMap::<String, Vec<String>>::new();
+    // Every ring is looked at again when a node's failed devices or its cluster hash
+    // fingerprint change (not at each of its heartbeats).
+    let mut seen = std::collections::HashMap::<String, (Vec<String>, Option<String>)>::new();
     let node_changes = reflector::reflector(
         writer,
         watcher(
@@ -717,10 +845,11 @@ pub async fn run(client: Client) {
     .filter(move |n| {
         let changed = match n {
             Ok(n) => {
-                let failed = failed_devices(n);
-                seen.insert(n.name_any(), failed.clone())
-                    .unwrap_or_default()
-                    != failed
+                let now = (
+                    failed_devices(n),
+                    n.status.as_ref().and_then(|s| s.hash_fingerprint.clone()),
+                );
+                seen.insert(n.name_any(), now.clone()).unwrap_or_default() != now
             }
             Err(_) => false,
         };

@@ -16,7 +16,7 @@ use kube::api::{Api, PostParams};
 use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use kube::{Client, Resource as _};
-use stratus_api_types::common::{Time, set_condition};
+use stratus_api_types::common::{ConditionType, Reason, Time, set_condition};
 use stratus_api_types::object::{
     InstalledRing, ObjectNode, ObjectNodePhase, ObjectNodeSpec, ObjectNodeStatus,
     ObjectProcessStatus, ObjectRing, ObjectRingVersion,
@@ -103,15 +103,21 @@ struct Agent {
     /// Ring file → what was installed there, and its bytes.
     installed: BTreeMap<String, (Source, Vec<u8>)>,
     ring_problems: Vec<String>,
+    /// The cluster hash's fingerprint, as the node reports it.
+    fingerprint: String,
+    /// The rings whose nodes use another cluster hash (name, their fingerprint), whose
+    /// versions the node does not install.
+    foreign: Vec<(String, String)>,
 }
 
 /// Writes the servers' configuration files (`swift.conf` from the cluster's hash file, made
-/// first if there is none) and makes the agent's directories.
+/// first if there is none) and makes the agent's directories; the cluster hash's fingerprint
+/// ([`crate::hash::SwiftHash::fingerprint`]).
 ///
 /// # Errors
 /// A value the configuration cannot hold, a directory that cannot be written, or a hash file
 /// that cannot be used.
-pub fn prepare(config: &NodeConfig) -> Result<(), ObjectError> {
+pub fn prepare(config: &NodeConfig) -> Result<String, ObjectError> {
     config.check()?;
     for dir in [
         config.state_dir.clone(),
@@ -134,8 +140,9 @@ pub fn prepare(config: &NodeConfig) -> Result<(), ObjectError> {
     let (hash, created) = crate::hash::SwiftHash::load_or_create(&config.hash_file)?;
     hash.write_swift_conf(&config.swift_conf_path())?;
     // Where, never what.
-    tracing::info!(file = %config.hash_file.display(), created, "swift hash path prefix and suffix ready");
-    Ok(())
+    let fingerprint = hash.fingerprint();
+    tracing::info!(file = %config.hash_file.display(), created, %fingerprint, "swift hash path prefix and suffix ready");
+    Ok(fingerprint)
 }
 
 /// The process the node runs as `name` (`swift-object-replicator`, `rsync`).
@@ -177,7 +184,12 @@ fn now_time() -> Time {
 }
 
 impl Agent {
-    fn new(client: Client, config: Config, supervisor: Arc<dyn Supervisor>) -> Self {
+    fn new(
+        client: Client,
+        config: Config,
+        supervisor: Arc<dyn Supervisor>,
+        fingerprint: String,
+    ) -> Self {
         Self {
             recorder: Recorder::new(
                 client.clone(),
@@ -193,6 +205,8 @@ impl Agent {
             tracks: BTreeMap::new(),
             installed: BTreeMap::new(),
             ring_problems: Vec::new(),
+            fingerprint,
+            foreign: Vec::new(),
             supervisor,
             config,
         }
@@ -246,7 +260,8 @@ impl Agent {
 
     /// Installs each ring's current version that is not in place yet.
     async fn install_rings(&mut self, rings: &[ObjectRing]) {
-        let (sources, mut problems) = plan::ring_sources(rings);
+        self.check_hash(rings).await;
+        let (sources, mut problems) = plan::ring_sources(rings, &self.fingerprint);
         let dir = self.config.node.swift_dir();
         for (file, source) in sources {
             let on_disk = std::fs::read(dir.join(&file)).ok();
@@ -303,6 +318,47 @@ impl Agent {
             return Err("ringFile: not a gzipped ring file of at most 1 MiB".into());
         }
         Ok(bytes)
+    }
+
+    /// Notes the rings whose nodes use another cluster hash than this node's, with a Warning
+    /// Event when that changes to some.
+    async fn check_hash(&mut self, rings: &[ObjectRing]) {
+        let foreign: Vec<(String, String)> = rings
+            .iter()
+            .filter_map(|r| {
+                plan::foreign_hash(r, &self.fingerprint)
+                    .map(|f| (r.metadata.name.clone().unwrap_or_default(), f.to_owned()))
+            })
+            .collect();
+        if foreign == self.foreign {
+            return;
+        }
+        self.foreign = foreign;
+        if let Some(message) = self.hash_message() {
+            tracing::warn!(%message, "another cluster hash");
+            self.event(EventType::Warning, "HashMismatch", message)
+                .await;
+        } else {
+            tracing::info!("the rings' nodes use this node's cluster hash");
+        }
+    }
+
+    /// What the HashMismatch condition says while some ring's nodes use another hash.
+    fn hash_message(&self) -> Option<String> {
+        if self.foreign.is_empty() {
+            return None;
+        }
+        let rings: Vec<String> = self
+            .foreign
+            .iter()
+            .map(|(r, f)| format!("{r} ({f})"))
+            .collect();
+        Some(format!(
+            "the cluster hash of this node (fingerprint {}) is not its rings' nodes': {}; none \
+             of their versions is installed until the node is given the cluster's hash file",
+            self.fingerprint,
+            rings.join(", ")
+        ))
     }
 
     /// The ring types whose ring is installed.
@@ -453,6 +509,7 @@ impl Agent {
             rings,
             replication,
             last_heartbeat_time: Some(now_time()),
+            hash_fingerprint: Some(self.fingerprint.clone()),
             conditions: old.conditions.clone(),
             observed_generation: generation,
         };
@@ -491,6 +548,21 @@ impl Agent {
             generation,
             now_time(),
         );
+        let hash = self.hash_message();
+        let kind = ConditionType::HashMismatch.as_str();
+        let (mismatch, reason) = match hash {
+            Some(_) => (true, Reason::HashDiffers.as_str()),
+            None => (false, Reason::HashesAgree.as_str()),
+        };
+        set_condition(
+            &mut status.conditions,
+            kind,
+            mismatch,
+            reason,
+            hash.as_deref().unwrap_or_default(),
+            generation,
+            now_time(),
+        );
         status
     }
 
@@ -506,16 +578,22 @@ impl Agent {
     }
 }
 
+/// The delays between the starts of a process that keeps exiting: `first`, doubling up to
+/// `cap`, without end.
+pub fn restart_delays((first, cap): (Duration, Duration)) -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(first)
+        .with_max_delay(cap)
+        .with_factor(2.0)
+        .without_max_times()
+        .build()
+}
+
 /// The delay before `track`'s next start, from its backoff (a new one after a stable run).
 fn next_delay(track: &mut Track, (first, cap): (Duration, Duration)) -> Duration {
-    let backoff = track.backoff.get_or_insert_with(|| {
-        ExponentialBuilder::default()
-            .with_min_delay(first)
-            .with_max_delay(cap)
-            .with_factor(2.0)
-            .without_max_times()
-            .build()
-    });
+    let backoff = track
+        .backoff
+        .get_or_insert_with(|| restart_delays((first, cap)));
     backoff.next().unwrap_or(cap)
 }
 
@@ -530,7 +608,7 @@ pub async fn run(
     supervisor: Arc<dyn Supervisor>,
 ) -> Result<(), ObjectError> {
     let node_config = config.node.clone();
-    blocking(move || prepare(&node_config)).await??;
+    let fingerprint = blocking(move || prepare(&node_config)).await??;
     // Before any server listens, only the node itself and the proxies may reach them.
     let mut allowed = filter::peers(&[], config.node.ip, &config.proxies);
     let table = filter::render(&config.node, &allowed);
@@ -555,7 +633,7 @@ pub async fn run(
             ready.store(true, std::sync::atomic::Ordering::Release);
         });
     }
-    let mut agent = Agent::new(client, config, supervisor);
+    let mut agent = Agent::new(client, config, supervisor, fingerprint);
     let mut tick = tokio::time::interval(agent.config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_report: Option<Instant> = None;
@@ -612,6 +690,7 @@ mod tests {
                 proxies: Vec::new(),
             },
             sup,
+            "0123456789abcdef".into(),
         )
     }
 
@@ -625,6 +704,66 @@ mod tests {
 
     fn count(starts: &[String], name: &str) -> usize {
         starts.iter().filter(|s| *s == name).count()
+    }
+
+    /// An object ring at version 1 whose nodes mostly report `fingerprint`.
+    fn ring_of_hash(fingerprint: &str) -> ObjectRing {
+        let mut r = ObjectRing::new(
+            "object",
+            stratus_api_types::object::ObjectRingSpec {
+                ring_type: stratus_api_types::object::RingType::Object,
+                policy_index: None,
+                part_power: 4,
+                replicas: 1,
+                min_part_hours: 1,
+                overload: None,
+                paused: false,
+                devices: vec![],
+            },
+        );
+        r.status = Some(stratus_api_types::object::ObjectRingStatus {
+            version: Some(1),
+            ring_version: Some("object-v1".into()),
+            hash_fingerprint: Some(fingerprint.into()),
+            ..Default::default()
+        });
+        r
+    }
+
+    #[tokio::test]
+    async fn a_node_of_another_cluster_hash_says_so_and_installs_none_of_the_rings() {
+        let sup = Arc::new(FakeSupervisor::new());
+        let mut a = agent(sup);
+        a.install_rings(&[ring_of_hash("fedcba9876543210")]).await;
+        assert!(
+            a.installed.is_empty(),
+            "a foreign hash's ring was installed"
+        );
+        // Not fetched either: the ring is not the node's problem but its hash is.
+        assert!(a.ring_problems.is_empty(), "{:?}", a.ring_problems);
+        let status = a.observe(Some(1), &ObjectNodeStatus::default()).await;
+        assert_eq!(status.hash_fingerprint.as_deref(), Some("0123456789abcdef"));
+        let c = ConditionType::HashMismatch
+            .find(&status.conditions)
+            .expect("HashMismatch");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "HashDiffers")
+        );
+        assert!(
+            c.message.contains("0123456789abcdef")
+                && c.message.contains("object (fedcba9876543210)"),
+            "{}",
+            c.message
+        );
+
+        // Given the cluster's hash (the ring's nodes' fingerprint is its own): the ring is
+        // fetched again (here the API server cannot be reached) and the condition clears.
+        a.install_rings(&[ring_of_hash("0123456789abcdef")]).await;
+        assert!(a.foreign.is_empty());
+        assert_eq!(a.ring_problems.len(), 1, "{:?}", a.ring_problems);
+        let status = a.observe(Some(1), &status).await;
+        assert!(!ConditionType::HashMismatch.is_true(&status.conditions));
     }
 
     #[tokio::test]

@@ -170,6 +170,20 @@ impl SwiftHash {
         })
     }
 
+    /// What tells two clusters' hashes apart and nothing of the values, for the node's
+    /// status: the first 16 hexadecimal digits (64 bits) of a SHA-256 over a label of its own
+    /// and both values, each after its length. Values Stratus made are 256 random bits each,
+    /// beyond any search through the fingerprint; an operator's own must be as unguessable.
+    pub fn fingerprint(&self) -> String {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"stratus swift hash fingerprint v1\0");
+        for v in [&self.prefix, &self.suffix] {
+            ctx.update(&(v.len() as u64).to_be_bytes());
+            ctx.update(v.as_bytes());
+        }
+        hex(&ctx.finish().as_ref()[..8])
+    }
+
     /// The hash file's text.
     fn file_text(&self) -> String {
         format!(
@@ -403,6 +417,46 @@ mod tests {
             let e = SwiftHash::parse(&bad).expect_err(&bad);
             assert!(!e.contains(secret), "{e}");
         }
+    }
+
+    #[test]
+    fn the_fingerprint_tells_hashes_apart_and_shows_neither_value() {
+        let a = SwiftHash {
+            prefix: "p".repeat(20),
+            suffix: "s".repeat(20),
+        };
+        let f = a.fingerprint();
+        assert_eq!(f.len(), 16);
+        assert!(
+            f.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        assert_eq!(
+            f,
+            a.clone().fingerprint(),
+            "the same hash, the same fingerprint"
+        );
+        // Known value: a change of the function would split every cluster's nodes.
+        assert_eq!(f, "51bba871677d0d2b");
+        // Either value changed, or moved between them, changes it.
+        let other = |prefix: &str, suffix: &str| {
+            SwiftHash {
+                prefix: prefix.into(),
+                suffix: suffix.into(),
+            }
+            .fingerprint()
+        };
+        assert_ne!(other(&"p".repeat(20), &"s".repeat(21)), f);
+        assert_ne!(other(&"p".repeat(21), &"s".repeat(20)), f);
+        assert_ne!(
+            other(&format!("{}{}", "p".repeat(20), "s"), &"s".repeat(19)),
+            f,
+            "lengths keep the values apart"
+        );
+        assert!(!f.contains("pppp") && !f.contains("ssss"));
+        let made = SwiftHash::generate().expect("random");
+        assert!(!made.prefix.contains(&made.fingerprint()));
+        assert!(!made.suffix.contains(&made.fingerprint()));
     }
 
     #[test]

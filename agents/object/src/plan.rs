@@ -102,13 +102,26 @@ pub struct Source {
     pub version: u64,
 }
 
+/// The cluster hash fingerprint `ring`'s nodes mostly report (`status.hashFingerprint`), when
+/// it is not `own` (this node's): a node hashing names otherwise than the ring's other nodes
+/// would put and look for every replica where they do not.
+pub fn foreign_hash<'a>(ring: &'a ObjectRing, own: &str) -> Option<&'a str> {
+    ring.status
+        .as_ref()?
+        .hash_fingerprint
+        .as_deref()
+        .filter(|f| *f != own)
+}
+
 /// Which ring version goes to each ring file: each ObjectRing's current version
-/// (`status.ringVersion`). Two rings for one file are a conflict: neither is installed (the
-/// node keeps what it has) and the message says which.
-pub fn ring_sources(rings: &[ObjectRing]) -> (BTreeMap<String, Source>, Vec<String>) {
+/// (`status.ringVersion`), but none of a ring whose nodes use another cluster hash than this
+/// node's fingerprint `own` ([`foreign_hash`]; the node keeps what it has). Two rings for
+/// one file are a conflict: neither is installed (the node keeps what it has) and the
+/// message says which.
+pub fn ring_sources(rings: &[ObjectRing], own: &str) -> (BTreeMap<String, Source>, Vec<String>) {
     let mut by_file: BTreeMap<String, Vec<Source>> = BTreeMap::new();
     for r in rings {
-        if r.metadata.deletion_timestamp.is_some() {
+        if r.metadata.deletion_timestamp.is_some() || foreign_hash(r, own).is_some() {
             continue;
         }
         let Some(status) = &r.status else { continue };
@@ -280,8 +293,11 @@ mod tests {
         r
     }
 
+    /// This node's cluster hash fingerprint in the tests.
+    const OWN: &str = "0123456789abcdef";
+
     #[test]
-    fn each_ring_goes_to_its_file_and_two_for_one_file_to_none() {
+    fn each_ring_goes_to_its_file_but_two_for_one_file_or_of_another_hash_to_none() {
         assert_eq!(
             ring_file(&ring("a", RingType::Account, None, None)),
             "account.ring.gz"
@@ -294,12 +310,36 @@ mod tests {
             ring_file(&ring("o", RingType::Object, Some(2), None)),
             "object-2.ring.gz"
         );
-        let (files, conflicts) = ring_sources(&[
-            ring("obj", RingType::Object, None, Some(3)),
-            ring("unbuilt", RingType::Container, None, None),
-            ring("acc1", RingType::Account, None, Some(1)),
-            ring("acc2", RingType::Account, None, Some(1)),
-        ]);
+        let mut foreign = ring("foreign", RingType::Container, None, Some(2));
+        if let Some(s) = foreign.status.as_mut() {
+            s.hash_fingerprint = Some("00000000000000ff".into());
+        }
+        let mut ours = ring("obj", RingType::Object, None, Some(3));
+        if let Some(s) = ours.status.as_mut() {
+            s.hash_fingerprint = Some(OWN.into());
+        }
+        let (files, conflicts) = ring_sources(
+            &[
+                ours,
+                ring("unbuilt", RingType::Container, None, None),
+                ring("acc1", RingType::Account, None, Some(1)),
+                ring("acc2", RingType::Account, None, Some(1)),
+                // Its nodes use another cluster hash: not installed.
+                foreign.clone(),
+            ],
+            OWN,
+        );
+        assert_eq!(foreign_hash(&foreign, OWN), Some("00000000000000ff"));
+        assert_eq!(
+            foreign_hash(&foreign, "00000000000000ff"),
+            None,
+            "a node of the ring's hash installs it"
+        );
+        assert_eq!(
+            ring_sources(&[foreign], "00000000000000ff").0.len(),
+            1,
+            "installed where the hash agrees"
+        );
         assert_eq!(
             files,
             [(
