@@ -20,7 +20,7 @@ use stratus_e2e::{Apiserver, Etcd, Proc, free_port, wait_until};
 /// Generous: four Python servers start on a loaded machine.
 const WAIT: Duration = Duration::from_secs(120);
 /// The proxy's own identity in the API server's token file.
-const PROXY_TOKEN: &str = "e2e-object-proxy-token-0123456789";
+pub(super) const PROXY_TOKEN: &str = "e2e-object-proxy-token-0123456789";
 
 /// The Swift servers of one node, and the proxy, each killed when dropped.
 struct Swift {
@@ -77,27 +77,7 @@ impl Swift {
         }
         std::fs::write(
             root.join("proxy-server.conf"),
-            format!(
-                "[DEFAULT]\nbind_ip = 127.0.0.1\nbind_port = {proxy}\nworkers = 0\nuser = root\n\
-                 swift_dir = {swift_dir}\nlog_level = INFO\n\n\
-                 [pipeline:main]\npipeline = catch_errors healthcheck proxy-logging authtoken s3api s3token keystoneauth proxy-logging proxy-server\n\n\
-                 [app:proxy-server]\nuse = egg:swift#proxy\naccount_autocreate = true\n\n\
-                 [filter:catch_errors]\nuse = egg:swift#catch_errors\n\n\
-                 [filter:healthcheck]\nuse = egg:swift#healthcheck\n\n\
-                 [filter:proxy-logging]\nuse = egg:swift#proxy_logging\n\n\
-                 [filter:authtoken]\npaste.filter_factory = keystonemiddleware.auth_token:filter_factory\n\
-                 www_authenticate_uri = {identity}\nauth_type = admin_token\nendpoint = {identity}\n\
-                 token = {PROXY_TOKEN}\ncafile = {ca}\ndelay_auth_decision = True\n\
-                 token_cache_time = -1\ninclude_service_catalog = False\n\n\
-                 [filter:s3api]\nuse = egg:swift#s3api\n\n\
-                 [filter:s3token]\nuse = egg:swift#s3token\nauth_uri = {identity}\ncertfile = {ca}\n\
-                 reseller_prefix = AUTH_\n\n\
-                 [filter:keystoneauth]\nuse = egg:swift#keystoneauth\nreseller_prefix = AUTH_\n\
-                 operator_roles = admin, member\nproject_reader_roles = reader\n\
-                 allow_names_in_acls = false\n",
-                swift_dir = root.display(),
-                ca = ca.display(),
-            ),
+            proxy_conf(proxy, root, identity, ca),
         )?;
         let mut swift = Self {
             procs: Vec::new(),
@@ -161,8 +141,35 @@ impl Swift {
     }
 }
 
+/// A Swift proxy's configuration on 127.0.0.1:`port`, its rings in `swift_dir`, with
+/// keystonemiddleware's `authtoken`, `s3api`, `s3token` and `keystoneauth` pointed at the
+/// Stratus identity at `identity` (its CA `ca`), as the proxy's own service identity.
+pub(super) fn proxy_conf(port: u16, swift_dir: &Path, identity: &str, ca: &Path) -> String {
+    format!(
+        "[DEFAULT]\nbind_ip = 127.0.0.1\nbind_port = {port}\nworkers = 0\nuser = root\n\
+         swift_dir = {swift_dir}\nlog_level = INFO\n\n\
+         [pipeline:main]\npipeline = catch_errors healthcheck proxy-logging authtoken s3api s3token keystoneauth proxy-logging proxy-server\n\n\
+         [app:proxy-server]\nuse = egg:swift#proxy\naccount_autocreate = true\n\n\
+         [filter:catch_errors]\nuse = egg:swift#catch_errors\n\n\
+         [filter:healthcheck]\nuse = egg:swift#healthcheck\n\n\
+         [filter:proxy-logging]\nuse = egg:swift#proxy_logging\n\n\
+         [filter:authtoken]\npaste.filter_factory = keystonemiddleware.auth_token:filter_factory\n\
+         www_authenticate_uri = {identity}\nauth_type = admin_token\nendpoint = {identity}\n\
+         token = {PROXY_TOKEN}\ncafile = {ca}\ndelay_auth_decision = True\n\
+         token_cache_time = -1\ninclude_service_catalog = False\n\n\
+         [filter:s3api]\nuse = egg:swift#s3api\n\n\
+         [filter:s3token]\nuse = egg:swift#s3token\nauth_uri = {identity}\ncertfile = {ca}\n\
+         reseller_prefix = AUTH_\n\n\
+         [filter:keystoneauth]\nuse = egg:swift#keystoneauth\nreseller_prefix = AUTH_\n\
+         operator_roles = admin, member\nproject_reader_roles = reader\n\
+         allow_names_in_acls = false\n",
+        swift_dir = swift_dir.display(),
+        ca = ca.display(),
+    )
+}
+
 /// Runs a command; its output, or an error with its stderr.
-fn run(cmd: &mut Command, what: &str) -> Result<Output> {
+pub(super) fn run(cmd: &mut Command, what: &str) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("run {what}"))?;
     if !out.status.success() {
         bail!(
@@ -196,14 +203,24 @@ fn password(user: &str) -> String {
 
 /// Makes a User with a password and a member role in `project`.
 fn user(api: &Apiserver, name: &str, project: &str) -> Result<()> {
-    api.kubectl_in(
+    member(|args, stdin| api.kubectl_in(args, stdin), name, project)
+}
+
+/// Makes a User `name` with its password ([`password`]) and a member role in `project`,
+/// through `kubectl_in` (kubectl with standard input, of an API server or a cloud).
+pub(super) fn member(
+    kubectl_in: impl Fn(&[&str], &str) -> Result<String>,
+    name: &str,
+    project: &str,
+) -> Result<()> {
+    kubectl_in(
         &["apply", "-f", "-"],
         &format!(
             "apiVersion: identity.stratus.dev/v1\nkind: User\nmetadata:\n  name: {name}\nspec: {{}}\n---\n\
              apiVersion: identity.stratus.dev/v1\nkind: RoleAssignment\nmetadata:\n  name: {name}-member\n  namespace: {project}\nspec:\n  user: {name}\n  role: member\n"
         ),
     )?;
-    api.kubectl_in(
+    kubectl_in(
         &[
             "replace",
             "--raw",
@@ -218,6 +235,12 @@ fn user(api: &Apiserver, name: &str, project: &str) -> Result<()> {
 
 /// A token of `user` scoped to `project`, from a Keystone password login (curl).
 fn keystone_token(api: &Apiserver, user: &str, project: &str) -> Result<String> {
+    keystone_login(&api.url, &api.ca_file(), user, project)
+}
+
+/// A token of `user` (password [`password`]) scoped to `project`, from a Keystone password
+/// login (curl) to the API server at `url` (its CA `ca`).
+pub(super) fn keystone_login(url: &str, ca: &Path, user: &str, project: &str) -> Result<String> {
     let body = json!({"auth": {
         "identity": {"methods": ["password"], "password": {"user": {"name": user, "domain": {"id": "default"}, "password": password(user)}}},
         "scope": {"project": {"name": project, "domain": {"id": "default"}}},
@@ -225,10 +248,10 @@ fn keystone_token(api: &Apiserver, user: &str, project: &str) -> Result<String> 
     let out = run(
         Command::new("curl")
             .args(["-sS", "-i", "--fail", "--cacert"])
-            .arg(api.ca_file())
+            .arg(ca)
             .args(["-H", "Content-Type: application/json", "--data-binary"])
             .arg(body.to_string())
-            .arg(format!("{}/identity/v3/auth/tokens", api.url)),
+            .arg(format!("{url}/identity/v3/auth/tokens")),
         "curl a Keystone login",
     )?;
     String::from_utf8_lossy(&out.stdout)
@@ -242,7 +265,7 @@ fn keystone_token(api: &Apiserver, user: &str, project: &str) -> Result<String> 
 }
 
 /// The status code of a Swift API call with `token` (curl).
-fn swift_status(method: &str, url: &str, token: &str) -> Result<u16> {
+pub(super) fn swift_status(method: &str, url: &str, token: &str) -> Result<u16> {
     let out = run(
         Command::new("curl")
             .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", method])
