@@ -1,6 +1,7 @@
 //! Helpers for end-to-end tests: a real etcd, the real `stratus` binary, the real kubectl.
 
 pub mod browser;
+pub mod net;
 pub mod node;
 
 use std::net::TcpListener;
@@ -821,6 +822,26 @@ impl Apiserver {
             .env("HOME", self.dir.path())
             .args(args);
         ok(args, with_stdin(cmd, stdin)?)
+    }
+
+    /// A field of `kind` `name` in namespace `ns`, by JSONPath (empty when it is unset).
+    pub fn jsonpath(&self, ns: &str, kind: &str, name: &str, path: &str) -> Result<String> {
+        let path = format!("jsonpath={path}");
+        self.kubectl_ok(&["-n", ns, "get", kind, name, "-o", &path])
+    }
+
+    /// Merge-patches the status of `kind` `name` in namespace `ns`, as an admin (what a
+    /// controller or agent that the test stands in for would write).
+    pub fn patch_status(
+        &self,
+        ns: &str,
+        kind: &str,
+        name: &str,
+        status: serde_json::Value,
+    ) -> Result<String> {
+        let body = serde_json::json!({ "status": status }).to_string();
+        let patch = ["patch", kind, name, "--subresource=status", "--type=merge"];
+        self.kubectl_ok(&[&["-n", ns][..], &patch[..], &["-p", &body][..]].concat())
     }
 
     /// A kube-rs client for this replica.

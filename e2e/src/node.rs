@@ -201,21 +201,7 @@ impl Node {
             name: self.name.clone(),
             dhcp_dir: self.dir.path().join("state/network/dhcp"),
         };
-        let n = self.name.as_str();
-        let veth = [
-            "link",
-            "add",
-            "underlay",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "underlay-peer",
-        ];
-        crate::ip(&[&["-n", n][..], &veth[..]].concat())?;
-        crate::ip(&["-n", n, "link", "set", "underlay-peer", "up"])?;
-        crate::ip(&["-n", n, "addr", "add", underlay, "dev", "underlay"])?;
-        crate::ip(&["-n", n, "link", "set", "underlay", "up"])?;
+        crate::net::lone_underlay(&self.name, underlay)?;
         Ok(ns)
     }
 
@@ -255,21 +241,49 @@ impl Node {
 
 impl Drop for NodeNetns {
     fn drop(&mut self) {
-        for e in std::fs::read_dir(&self.dhcp_dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Ok(pid) = std::fs::read_to_string(e.path().join("pid")) {
-                let _ = Command::new("kill").arg(pid.trim()).status();
+        crate::net::remove_dhcp_servers(&self.dhcp_dir);
+        let _ = crate::ip(&["netns", "del", &self.name]);
+    }
+}
+
+impl Node {
+    /// Joins this node's network namespace (its libvirtd's) to the host's by a veth pair, as a
+    /// storage network: `host_link` in the host's namespace with `host_address`, `node_link`
+    /// in the node's with `node_address` (both `ADDRESS/PREFIX`), both up. A `host_link` left
+    /// by an earlier run is removed first; the caller removes `host_link` when done (its peer
+    /// goes with it).
+    pub fn join_host(
+        &self,
+        host_link: &str,
+        host_address: &str,
+        node_link: &str,
+        node_address: &str,
+    ) -> Result<()> {
+        let pid = std::fs::read_to_string(self.dir.path().join("libvirtd.pid"))?;
+        let pid = pid.trim();
+        let _ = crate::ip(&["link", "del", host_link]);
+        crate::ip(&[
+            "link", "add", host_link, "type", "veth", "peer", "name", node_link, "netns", pid,
+        ])?;
+        crate::ip(&["addr", "add", host_address, "dev", host_link])?;
+        crate::ip(&["link", "set", host_link, "up"])?;
+        let inside = |args: &[&str]| -> Result<()> {
+            let out = Command::new("nsenter")
+                .args(["-t", pid, "-n", "ip"])
+                .args(args)
+                .output()
+                .context("run nsenter")?;
+            if !out.status.success() {
+                bail!(
+                    "ip {args:?} in {}: {}",
+                    self.name,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
             }
-            let _ = Command::new("ip")
-                .args(["netns", "del", &e.file_name().to_string_lossy()])
-                .output();
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+            Ok(())
+        };
+        inside(&["addr", "add", node_address, "dev", node_link])?;
+        inside(&["link", "set", node_link, "up"])
     }
 }
 

@@ -15,15 +15,13 @@
 //! told: each its own uuid, name and public key, never the other's.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
+use stratus_e2e::net::{Namespaces, UNDERLAY, lone_underlay, network_agent, plug_port};
 use stratus_e2e::node::{Guest, Node, NodeNetns};
-use stratus_e2e::{
-    Apiserver, Cloud, Etcd, Proc, ip, netns_exec, repo_root, stratus_bin, wait_until,
-};
+use stratus_e2e::{Apiserver, Cloud, Etcd, ip, netns_exec, repo_root, wait_until};
 
 const NS: &str = "mdemo";
 
@@ -44,12 +42,6 @@ fn get(ns: &str, path: &str, source: Option<&str>) -> (u16, String) {
     (code.trim().parse().unwrap_or_default(), body.to_owned())
 }
 
-/// Namespaces, and the agent's DHCP servers and their namespaces, removed when dropped.
-struct Host {
-    namespaces: Vec<String>,
-    dhcp_dir: std::path::PathBuf,
-}
-
 /// A simulated node and its named network namespace. Dropped: the agent is stopped first,
 /// so that it makes no DHCP server again, then the namespace's DHCP servers go (while the
 /// node's directory that lists them is still there), then the node.
@@ -62,44 +54,6 @@ impl Drop for NetworkNode {
     fn drop(&mut self) {
         self.node.kill_agent();
     }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        for e in std::fs::read_dir(&self.dhcp_dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Ok(pid) = std::fs::read_to_string(e.path().join("pid")) {
-                let _ = Command::new("kill").arg(pid.trim()).status();
-            }
-            let _ = ip(&["netns", "del", &e.file_name().to_string_lossy()]);
-        }
-        for n in &self.namespaces {
-            let _ = ip(&["netns", "del", n]);
-        }
-    }
-}
-
-/// Gives the node's namespace `ns` its tunnel address, 192.0.2.1, on a veth of its own.
-fn underlay(ns: &str) -> Result<()> {
-    ip(&[
-        "-n",
-        ns,
-        "link",
-        "add",
-        "underlay",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "underlay-peer",
-    ])?;
-    ip(&["-n", ns, "link", "set", "underlay-peer", "up"])?;
-    ip(&["-n", ns, "addr", "add", "192.0.2.1/24", "dev", "underlay"])?;
-    ip(&["-n", ns, "link", "set", "underlay", "up"])?;
-    Ok(())
 }
 
 /// Takes a lease in `ns` with busybox's udhcpc asking for option 121 and applying the
@@ -146,30 +100,12 @@ fn lease(ns: &str, dir: &Path) -> Result<String> {
 
 /// A field of `kind` `name` in the project, by JSONPath.
 fn field(api: &Apiserver, kind: &str, name: &str, path: &str) -> Result<String> {
-    api.kubectl_ok(&[
-        "-n",
-        NS,
-        "get",
-        kind,
-        name,
-        "-o",
-        &format!("jsonpath={path}"),
-    ])
+    api.jsonpath(NS, kind, name, path)
 }
 
 /// Merge-patches the status of `kind` `name` in the project, as an admin.
 fn status(api: &Apiserver, kind: &str, name: &str, status: Value) -> Result<String> {
-    api.kubectl_ok(&[
-        "-n",
-        NS,
-        "patch",
-        kind,
-        name,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        &json!({ "status": status }).to_string(),
-    ])
+    api.patch_status(NS, kind, name, status)
 }
 
 #[test]
@@ -181,14 +117,8 @@ fn a_guest_reads_its_own_metadata_and_no_one_elses() -> Result<()> {
     let node = format!("md-{tag}-n1");
     let (g1, g2) = (format!("md-{tag}-g1"), format!("md-{tag}-g2"));
     let state = tempfile::tempdir()?;
-    let _host = Host {
-        namespaces: vec![node.clone(), g1.clone(), g2.clone()],
-        dhcp_dir: state.path().join("network/dhcp"),
-    };
-    for n in [&node, &g1, &g2] {
-        ip(&["netns", "add", n])?;
-    }
-    underlay(&node)?;
+    let _host = Namespaces::add(&[&node, &g1, &g2], &[state.path()])?;
+    lone_underlay(&node, &format!("{}/24", UNDERLAY[0]))?;
 
     let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBn0cLb3k3Cg4Qm0metadata e2e";
     api.kubectl_in(
@@ -274,51 +204,27 @@ spec: {{network: net, fixedIPs: [{{ipAddress: 10.64.0.12}}]}}
         .into_iter()
         .enumerate()
     {
-        let device = format!("tp-md-{}", i + 1);
-        status(
+        status(&api, "port", port, json!({ "boundTo": bound }))?;
+        plug_port(
             &api,
-            "port",
+            NS,
             port,
-            json!({"hypervisor": node, "interfaceName": device, "boundTo": bound}),
+            &node,
+            &format!("tp-md-{}", i + 1),
+            guest,
+            None,
         )?;
-        let mac = field(&api, "port", port, "{.status.macAddress}")?;
-        ip(&[
-            "link", "add", &device, "netns", &node, "type", "veth", "peer", "name", "eth0",
-            "netns", guest,
-        ])?;
-        ip(&["-n", guest, "link", "set", "eth0", "address", &mac, "up"])?;
-        ip(&["-n", guest, "link", "set", "lo", "up"])?;
     }
 
     // The agent, as its node.
-    let admin = api.kubeconfig();
-    let tokens = admin.with_file_name("tokens.csv");
-    let token = format!("{node}-token-0123456789abcdef");
-    let mut text = std::fs::read_to_string(&tokens)?;
-    text.push_str(&format!("{token},system:node:{node}\n"));
-    std::fs::write(&tokens, text)?;
-    let kubeconfig = state.path().join("node.kubeconfig");
-    std::fs::write(
+    let ids = tempfile::tempdir()?;
+    api.node_identities(&[&node], ids.path())?;
+    let kubeconfig = ids.path().join(format!("{node}.kubeconfig"));
+    let _agent = network_agent(
+        &node,
         &kubeconfig,
-        std::fs::read_to_string(&admin)?.replace(stratus_e2e::TEST_TOKEN, &token),
-    )?;
-    api.restart()?;
-    let _agent = Proc::spawn(
-        "network agent",
-        Command::new(stratus_bin())
-            .args(["agent", "--roles", "network", "--node", &node])
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--state-dir")
-            .arg(state.path())
-            .args([
-                "--network-namespace",
-                &node,
-                "--network-resync-seconds",
-                "1",
-            ])
-            .args(["--underlay-ip", "192.0.2.1"]),
-        &state.path().join("agent.log"),
+        state.path(),
+        &["--underlay-ip", UNDERLAY[0]],
     )?;
     let log = || std::fs::read_to_string(state.path().join("agent.log")).unwrap_or_default();
     for port in ["web-0", "stray"] {
@@ -451,10 +357,10 @@ spec: {{publicKey: "{v1}"}}
 
     // The node's namespace (libvirtd's, where QEMU's taps appear), named for the network
     // agent, with a tunnel address; the agent with the compute and network roles.
-    let net = node.netns("192.0.2.1/24")?;
+    let net = node.netns(&format!("{}/24", UNDERLAY[0]))?;
     let mut rig = NetworkNode { _net: net, node };
     rig.node
-        .start_compute_network_agent(&cloud, "192.0.2.1", &[])?;
+        .start_compute_network_agent(&cloud, UNDERLAY[0], &[])?;
     let node = &rig.node;
 
     let servers = ["web", "db"];

@@ -12,12 +12,16 @@
 //! Each agent runs as its node (`system:node:NAME`), so the node authorizer's rules for the
 //! network role are what it reads and writes through.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use stratus_e2e::{Apiserver, Etcd, Proc, ip, stratus_bin, wait_until};
+use stratus_e2e::net::{Namespaces, UNDERLAY, agent_logs, network_agent, plug_port, underlay};
+use stratus_e2e::{Apiserver, Etcd, Proc, ip, netns_exec, wait_until};
+
+// The OVS datapath's test shares these.
+pub(super) use stratus_e2e::net::{Namespaces as Host, links_of_kind, ping};
 
 pub(super) const NS: &str = "netdemo";
 
@@ -26,38 +30,7 @@ const T: Duration = Duration::from_secs(90);
 
 /// Runs `args` inside namespace `ns`; whether it succeeded.
 pub(super) fn exec(ns: &str, args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(args)
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-pub(super) fn ping(from: &str, to: &str) -> bool {
-    exec(from, &["busybox", "ping", "-c", "1", "-W", "1", to])
-}
-
-/// Namespaces and DHCP servers the test (and its agents) made, removed when dropped.
-pub(super) struct Host {
-    pub(super) namespaces: Vec<String>,
-    /// The agents' DHCP state directories: one directory per server, named as its namespace.
-    pub(super) dhcp_dirs: Vec<PathBuf>,
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        for dir in &self.dhcp_dirs {
-            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                if let Ok(pid) = std::fs::read_to_string(e.path().join("pid")) {
-                    let _ = Command::new("kill").arg(pid.trim()).status();
-                }
-                let _ = ip(&["netns", "del", &e.file_name().to_string_lossy()]);
-            }
-        }
-        for n in &self.namespaces {
-            let _ = ip(&["netns", "del", n]);
-        }
-    }
+    netns_exec(ns, args).0
 }
 
 pub(super) fn kubectl(api: &Apiserver, args: &[&str]) -> Result<String> {
@@ -67,7 +40,7 @@ pub(super) fn kubectl(api: &Apiserver, args: &[&str]) -> Result<String> {
 }
 
 pub(super) fn jsonpath(api: &Apiserver, kind: &str, name: &str, path: &str) -> Result<String> {
-    kubectl(api, &["get", kind, name, "-o", &format!("jsonpath={path}")])
+    api.jsonpath(NS, kind, name, path)
 }
 
 pub(super) fn patch_status(
@@ -76,37 +49,15 @@ pub(super) fn patch_status(
     name: &str,
     status: serde_json::Value,
 ) -> Result<()> {
-    let body = serde_json::json!({ "status": status }).to_string();
-    kubectl(
-        api,
-        &[
-            "patch",
-            kind,
-            name,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &body,
-        ],
-    )?;
+    api.patch_status(NS, kind, name, status)?;
     Ok(())
 }
 
 /// A node's network agent; `underlay` is `--underlay-ip ADDRESS` or `--tunnel-interface
 /// NAME`.
 fn agent(node: &str, underlay: [&str; 2], state: &Path, kubeconfigs: &Path) -> Result<Proc> {
-    Proc::spawn(
-        &format!("network agent of {node}"),
-        Command::new(stratus_bin())
-            .args(["agent", "--roles", "network", "--node", node])
-            .arg("--kubeconfig")
-            .arg(kubeconfigs.join(format!("{node}.kubeconfig")))
-            .arg("--state-dir")
-            .arg(state)
-            .args(["--network-namespace", node, "--network-resync-seconds", "1"])
-            .args(underlay),
-        &state.join("agent.log"),
-    )
+    let kubeconfig = kubeconfigs.join(format!("{node}.kubeconfig"));
+    network_agent(node, &kubeconfig, state, &underlay)
 }
 
 /// Runs busybox's DHCP client once in `ns`; the address it was offered.
@@ -134,17 +85,6 @@ pub(super) fn lease(ns: &str, dir: &Path) -> Option<String> {
     Some(std::fs::read_to_string(&result).ok()?.trim().to_owned())
 }
 
-/// The names of the links of `kind` in namespace `ns`.
-pub(super) fn links_of_kind(ns: &str, kind: &str) -> Result<Vec<String>> {
-    let out = ip(&["-n", ns, "-j", "link", "show", "type", kind])?;
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    Ok(v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|l| l.get("ifname")?.as_str().map(str::to_owned))
-        .collect())
-}
-
 fn ifindex(ns: &str, name: &str) -> Result<u64> {
     let out = ip(&["-n", ns, "-j", "link", "show", name])?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
@@ -162,27 +102,11 @@ fn two_network_agents_wire_ports_across_vxlan_and_repair_drift() -> Result<()> {
     let (n1, n2) = (format!("snet-{tag}-n1"), format!("snet-{tag}-n2"));
     let (g1, g2) = (format!("snet-{tag}-g1"), format!("snet-{tag}-g2"));
     let (s1, s2) = (tempfile::tempdir()?, tempfile::tempdir()?);
-    let _host = Host {
-        namespaces: vec![n1.clone(), n2.clone(), g1.clone(), g2.clone()],
-        dhcp_dirs: vec![
-            s1.path().join("network/dhcp"),
-            s2.path().join("network/dhcp"),
-        ],
-    };
-    for n in [&n1, &n2, &g1, &g2] {
-        ip(&["netns", "add", n])?;
-    }
-    ip(&[
-        "link", "add", "underlay", "netns", &n1, "type", "veth", "peer", "name", "underlay",
-        "netns", &n2,
-    ])?;
-    for (n, a) in [(&n1, "192.0.2.1/24"), (&n2, "192.0.2.2/24")] {
-        ip(&["-n", n, "addr", "add", a, "dev", "underlay"])?;
-        ip(&["-n", n, "link", "set", "underlay", "up"])?;
-    }
+    let _host = Namespaces::add(&[&n1, &n2, &g1, &g2], &[s1.path(), s2.path()])?;
+    underlay(&n1, &n2)?;
 
-    // The cloud's objects; what IPAM has not filled in (a VNI, MACs, addresses) is set as
-    // an admin would, and so is the placement the compute side will write.
+    // The cloud's objects (IPAM gives the VNI, MACs and addresses); the ports' placement is
+    // written as the compute side would.
     api.kubectl_in(
         &["apply", "-f", "-"],
         &format!(
@@ -227,48 +151,16 @@ spec: {{network: net}}
 "#
         ),
     )?;
-    if jsonpath(&api, "network", "net", "{.status.vni}")?.is_empty() {
-        patch_status(&api, "network", "net", serde_json::json!({"vni": 6001}))?;
-    }
     let mut guests = Vec::new();
     for (i, (port, node, guest)) in [("p1", &n1, &g1), ("p2", &n2, &g2)].into_iter().enumerate() {
-        let mut mac = jsonpath(&api, "port", port, "{.status.macAddress}")?;
-        if mac.is_empty() {
-            mac = format!("02:00:0a:3c:00:{:02x}", 11 + i);
-            patch_status(&api, "port", port, serde_json::json!({"macAddress": mac}))?;
-        }
-        let mut addr = jsonpath(&api, "port", port, "{.status.fixedIPs[0].ipAddress}")?;
-        if addr.is_empty() {
-            addr = format!("10.60.0.{}", 11 + i);
-            patch_status(
-                &api,
-                "port",
-                port,
-                serde_json::json!({"fixedIPs": [{"subnet": "sn", "ipAddress": addr}]}),
-            )?;
-        }
         let device = format!("tp-e2e-{}", i + 1);
-        patch_status(
-            &api,
-            "port",
-            port,
-            serde_json::json!({"hypervisor": node, "interfaceName": device}),
-        )?;
-        // What the hypervisor does: the port's device, the guest's NIC with its MAC.
-        ip(&[
-            "link", "add", &device, "netns", node, "type", "veth", "peer", "name", "eth0", "netns",
-            guest,
-        ])?;
-        ip(&[
-            "-n", guest, "link", "set", "eth0", "address", &mac, "mtu", "1450", "up",
-        ])?;
-        ip(&["-n", guest, "link", "set", "lo", "up"])?;
+        let addr = plug_port(&api, NS, port, node, &device, guest, Some(1450))?;
         guests.push((guest.clone(), addr));
     }
 
     let ids = tempfile::tempdir()?;
     api.node_identities(&[&n1, &n2], ids.path())?;
-    let n1_underlay = ["--underlay-ip", "192.0.2.1"];
+    let n1_underlay = ["--underlay-ip", UNDERLAY[0]];
     let mut a1 = agent(&n1, n1_underlay, s1.path(), ids.path())?;
     // Node 2 finds its address on its underlay interface.
     let _a2 = agent(
@@ -279,7 +171,7 @@ spec: {{network: net}}
     )?;
 
     // The agents tell where their tunnels end, and wire the ports.
-    for (node, want) in [(&n1, "192.0.2.1"), (&n2, "192.0.2.2")] {
+    for (node, want) in [(&n1, UNDERLAY[0]), (&n2, UNDERLAY[1])] {
         wait_until(T, "the node's hostIP", || {
             api.kubectl_ok(&["get", "hypervisor", node, "-o", "jsonpath={.status.hostIP}"])
                 .ok()
@@ -292,9 +184,7 @@ spec: {{network: net}}
                 .ok()
                 .filter(|p| p == "Active")
         })
-        .with_context(|| {
-            std::fs::read_to_string(s1.path().join("agent.log")).unwrap_or_default()
-        })?;
+        .with_context(|| agent_logs(&[s1.path(), s2.path()]))?;
         let ready = jsonpath(
             &api,
             "port",
@@ -311,15 +201,6 @@ spec: {{network: net}}
             "apiVersion: network.stratus.dev/v1\nkind: Port\nmetadata: {{name: p3, namespace: {NS}}}\nspec: {{network: net}}\n"
         ),
     )?;
-    if jsonpath(&api, "port", "p3", "{.status.macAddress}")?.is_empty() {
-        patch_status(
-            &api,
-            "port",
-            "p3",
-            serde_json::json!({"macAddress": "02:00:0a:3c:00:0d",
-                "fixedIPs": [{"subnet": "sn", "ipAddress": "10.60.0.13"}]}),
-        )?;
-    }
     patch_status(
         &api,
         "port",
@@ -394,11 +275,12 @@ spec: {{network: net}}
         ping(&g1, &ip2).then_some(())
     })?;
     // Node 2's flood entry to node 1 and node 1's nft table, deleted by hand, are back too.
+    let flood_to_n1 = format!("00:00:00:00:00:00 dst {}", UNDERLAY[0]);
     let fdb = || {
         Command::new("ip")
             .args(["netns", "exec", &n2, "bridge", "fdb", "show", "dev", &vx[0]])
             .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains("00:00:00:00:00:00 dst 192.0.2.1"))
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains(&flood_to_n1))
             .unwrap_or(false)
     };
     assert!(fdb());
@@ -412,7 +294,7 @@ spec: {{network: net}}
             "dev",
             &vx[0],
             "dst",
-            "192.0.2.1"
+            UNDERLAY[0]
         ]
     ));
     assert!(exec(&n1, &["nft", "delete", "table", "inet", "stratus"]));
@@ -431,13 +313,10 @@ spec: {{network: net}}
     })
     .with_context(|| {
         // What there is, and what the agents did, for a run that fails here.
-        let logs: String = [s1.path(), s2.path()]
-            .iter()
-            .map(|d| std::fs::read_to_string(d.join("agent.log")).unwrap_or_default())
-            .collect();
         format!(
-            "events: {}\nagent logs:\n{logs}",
-            kubectl(&api, &["get", "events", "-o", "json"]).unwrap_or_default()
+            "events: {}\nagent logs:\n{}",
+            kubectl(&api, &["get", "events", "-o", "json"]).unwrap_or_default(),
+            agent_logs(&[s1.path(), s2.path()])
         )
     })?;
     wait_until(T, "the overlay to work", || ping(&g1, &ip2).then_some(()))?;

@@ -11,11 +11,14 @@
 //!
 //! Each agent runs as its node (`system:node:NAME`), through the node authorizer.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use stratus_e2e::net::{
+    Namespaces, UNDERLAY, agent_logs as logs, network_agent, ping, plug_port, underlay,
+};
 use stratus_e2e::{Apiserver, Etcd, Proc, ip, netns_exec, stratus_bin, wait_until};
 
 const NS: &str = "rtrdemo";
@@ -25,81 +28,23 @@ const EXTERNAL: &str = "203.0.113.1";
 /// Generous: the agents and controllers share two cores with every other test.
 const T: Duration = Duration::from_secs(90);
 
-fn ping(from: &str, to: &str) -> bool {
-    netns_exec(from, &["busybox", "ping", "-c", "1", "-W", "1", to]).0
-}
-
-/// Namespaces, DHCP servers and processes the test (and its agents) made, removed when
-/// dropped.
-struct Host {
-    namespaces: Vec<String>,
-    /// The agents' DHCP state directories: one directory per server, named as its namespace.
-    dhcp_dirs: Vec<PathBuf>,
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        for dir in &self.dhcp_dirs {
-            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                if let Ok(pid) = std::fs::read_to_string(e.path().join("pid")) {
-                    let _ = Command::new("kill").arg(pid.trim()).status();
-                }
-                let _ = ip(&["netns", "del", &e.file_name().to_string_lossy()]);
-            }
-        }
-        for n in &self.namespaces {
-            let _ = ip(&["netns", "del", n]);
-        }
-    }
-}
-
 fn kubectl(api: &Apiserver, ns: &str, args: &[&str]) -> Result<String> {
     let mut full = vec!["-n", ns];
     full.extend_from_slice(args);
     api.kubectl_ok(&full)
 }
 
-fn jsonpath(api: &Apiserver, ns: &str, kind: &str, name: &str, path: &str) -> Result<String> {
-    kubectl(
-        api,
-        ns,
-        &["get", kind, name, "-o", &format!("jsonpath={path}")],
-    )
-}
-
-fn patch_status(api: &Apiserver, kind: &str, name: &str, status: serde_json::Value) -> Result<()> {
-    let body = serde_json::json!({ "status": status }).to_string();
-    kubectl(
-        api,
-        NS,
-        &[
-            "patch",
-            kind,
-            name,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &body,
-        ],
-    )?;
-    Ok(())
-}
-
-/// A node's network agent, with `physnet` as its interface for physnet1.
+/// A node's network agent, tunnel at `underlay`, with `physnet` as its interface for
+/// physnet1.
 fn agent(node: &str, underlay: &str, state: &Path, kubeconfigs: &Path) -> Result<Proc> {
-    Proc::spawn(
-        &format!("network agent of {node}"),
-        Command::new(stratus_bin())
-            .args(["agent", "--roles", "network", "--node", node])
-            .arg("--kubeconfig")
-            .arg(kubeconfigs.join(format!("{node}.kubeconfig")))
-            .arg("--state-dir")
-            .arg(state)
-            .args(["--network-namespace", node, "--network-resync-seconds", "1"])
-            .args(["--underlay-ip", underlay])
-            .args(["--physical-interface", "physnet1=physnet"]),
-        &state.join("agent.log"),
-    )
+    let kubeconfig = kubeconfigs.join(format!("{node}.kubeconfig"));
+    let args = [
+        "--underlay-ip",
+        underlay,
+        "--physical-interface",
+        "physnet1=physnet",
+    ];
+    network_agent(node, &kubeconfig, state, &args)
 }
 
 /// Counts, in namespace `ns`, the ICMP echo requests that arrive from each of `sources`.
@@ -173,14 +118,6 @@ fn router_namespaces(mac: &str) -> Vec<String> {
         .collect()
 }
 
-fn logs(states: &[&Path]) -> String {
-    states
-        .iter()
-        .map(|s| std::fs::read_to_string(s.join("agent.log")).unwrap_or_default())
-        .collect::<Vec<_>>()
-        .join("\n----\n")
-}
-
 #[test]
 fn a_floating_ip_reaches_a_guest_through_a_router_that_moves_when_its_node_dies() -> Result<()> {
     let etcd = Etcd::start()?;
@@ -190,24 +127,8 @@ fn a_floating_ip_reaches_a_guest_through_a_router_that_moves_when_its_node_dies(
     let (n1, n2) = (format!("srtr-{tag}-n1"), format!("srtr-{tag}-n2"));
     let (guest, ext) = (format!("srtr-{tag}-g"), format!("srtr-{tag}-x"));
     let (s1, s2) = (tempfile::tempdir()?, tempfile::tempdir()?);
-    let mut host = Host {
-        namespaces: vec![n1.clone(), n2.clone(), guest.clone(), ext.clone()],
-        dhcp_dirs: vec![
-            s1.path().join("network/dhcp"),
-            s2.path().join("network/dhcp"),
-        ],
-    };
-    for n in [&n1, &n2, &guest, &ext] {
-        ip(&["netns", "add", n])?;
-    }
-    ip(&[
-        "link", "add", "underlay", "netns", &n1, "type", "veth", "peer", "name", "underlay",
-        "netns", &n2,
-    ])?;
-    for (n, a) in [(&n1, "192.0.2.1/24"), (&n2, "192.0.2.2/24")] {
-        ip(&["-n", n, "addr", "add", a, "dev", "underlay"])?;
-        ip(&["-n", n, "link", "set", "underlay", "up"])?;
-    }
+    let mut host = Namespaces::add(&[&n1, &n2, &guest, &ext], &[s1.path(), s2.path()])?;
+    underlay(&n1, &n2)?;
     // The external side: a bridge with an address, each node's `physnet` plugged into it.
     ip(&["-n", &ext, "link", "add", "br-ext", "type", "bridge"])?;
     ip(&["-n", &ext, "addr", "add", "203.0.113.1/24", "dev", "br-ext"])?;
@@ -234,6 +155,14 @@ fn a_floating_ip_reaches_a_guest_through_a_router_that_moves_when_its_node_dies(
             .arg(s1.path().join("images")),
         &s1.path().join("controllers.log"),
     )?;
+
+    // The project's default SecurityGroup is the controllers' to make: the one applied below
+    // edits it once it is there (applied before, kubectl's create could race theirs).
+    wait_until(T, "the project's default SecurityGroup", || {
+        api.jsonpath(NS, "securitygroup", "default", "{.metadata.uid}")
+            .ok()
+            .filter(|uid| !uid.is_empty())
+    })?;
 
     // The operator's external network (flat on physnet1; both nodes granted physnet1 on
     // their Hypervisors), a tenant network with a guest's port, and a router between them.
@@ -305,14 +234,14 @@ spec:
 
     let ids = tempfile::tempdir()?;
     api.node_identities(&[&n1, &n2], ids.path())?;
-    let mut a1 = agent(&n1, "192.0.2.1", s1.path(), ids.path())?;
-    let mut a2 = agent(&n2, "192.0.2.2", s2.path(), ids.path())?;
+    let mut a1 = agent(&n1, UNDERLAY[0], s1.path(), ids.path())?;
+    let mut a2 = agent(&n2, UNDERLAY[1], s2.path(), ids.path())?;
     let states = [s1.path(), s2.path()];
 
     // The controller places the router on a node with a fresh Lease and physnet1; that
     // node's agent programs it.
     let node = wait_until(T, "the router to be placed", || {
-        jsonpath(&api, NS, "router", "r1", "{.status.node}")
+        api.jsonpath(NS, "router", "r1", "{.status.node}")
             .ok()
             .filter(|n| !n.is_empty())
     })
@@ -323,8 +252,7 @@ spec:
         (n1.clone(), s1.path())
     };
     wait_until(T, "the router to be Ready", || {
-        jsonpath(
-            &api,
+        api.jsonpath(
             NS,
             "router",
             "r1",
@@ -335,41 +263,22 @@ spec:
     })
     .with_context(|| logs(&states))?;
     assert_eq!(
-        jsonpath(&api, NS, "router", "r1", "{.status.phase}")?,
+        api.jsonpath(NS, "router", "r1", "{.status.phase}")?,
         "Active"
     );
-    let gateway_ip = jsonpath(&api, NS, "router", "r1", "{.status.externalGatewayIPs[0]}")?;
+    let gateway_ip = api.jsonpath(NS, "router", "r1", "{.status.externalGatewayIPs[0]}")?;
     anyhow::ensure!(!gateway_ip.is_empty(), "the router has a gateway address");
-    let gateway_port = jsonpath(&api, NS, "router", "r1", "{.status.externalGatewayPort}")?;
+    let gateway_port = api.jsonpath(NS, "router", "r1", "{.status.externalGatewayPort}")?;
     let (gw_ns, gw_name) = gateway_port
         .split_once('/')
         .with_context(|| format!("gateway port {gateway_port:?}"))?;
-    let gateway_mac = jsonpath(&api, gw_ns, "port", gw_name, "{.status.macAddress}")?;
+    let gateway_mac = api.jsonpath(gw_ns, "port", gw_name, "{.status.macAddress}")?;
     let first = router_namespaces(&gateway_mac);
     anyhow::ensure!(first.len() == 1, "one router namespace: {first:?}");
     host.namespaces.extend(first.iter().cloned());
 
     // The guest on the other node (as the compute side would place it).
-    let mac = jsonpath(&api, NS, "port", "p1", "{.status.macAddress}")?;
-    let addr = jsonpath(&api, NS, "port", "p1", "{.status.fixedIPs[0].ipAddress}")?;
-    anyhow::ensure!(
-        !mac.is_empty() && !addr.is_empty(),
-        "IPAM gave p1 {mac:?} {addr:?}"
-    );
-    patch_status(
-        &api,
-        "port",
-        "p1",
-        serde_json::json!({"hypervisor": other, "interfaceName": "tp-rtr-1"}),
-    )?;
-    ip(&[
-        "link", "add", "tp-rtr-1", "netns", &other, "type", "veth", "peer", "name", "eth0",
-        "netns", &guest,
-    ])?;
-    ip(&[
-        "-n", &guest, "link", "set", "eth0", "address", &mac, "mtu", "1450", "up",
-    ])?;
-    ip(&["-n", &guest, "link", "set", "lo", "up"])?;
+    let addr = plug_port(&api, NS, "p1", &other, "tp-rtr-1", &guest, Some(1450))?;
     ip(&[
         "-n",
         &guest,
@@ -381,7 +290,7 @@ spec:
     ])?;
     ip(&["-n", &guest, "route", "add", "default", "via", "10.70.0.1"])?;
     wait_until(T, "the guest's port to be Active", || {
-        jsonpath(&api, NS, "port", "p1", "{.status.phase}")
+        api.jsonpath(NS, "port", "p1", "{.status.phase}")
             .ok()
             .filter(|p| p == "Active")
     })
@@ -407,12 +316,12 @@ spec:
     };
     api.kubectl_in(&["apply", "-f", "-"], &fip_yaml("f1"))?;
     let fip = wait_until(T, "a floating address", || {
-        jsonpath(&api, NS, "floatingip", "f1", "{.status.floatingIPAddress}")
+        api.jsonpath(NS, "floatingip", "f1", "{.status.floatingIPAddress}")
             .ok()
             .filter(|a| !a.is_empty())
     })?;
     wait_until(T, "the floating IP to be Active", || {
-        jsonpath(&api, NS, "floatingip", "f1", "{.status.phase}")
+        api.jsonpath(NS, "floatingip", "f1", "{.status.phase}")
             .ok()
             .filter(|p| p == "Active")
     })
@@ -444,7 +353,7 @@ spec:
     // the other node programs it.
     api.kubectl_in(&["apply", "-f", "-"], &fip_yaml("f2"))?;
     let fip = wait_until(T, "a floating address", || {
-        jsonpath(&api, NS, "floatingip", "f2", "{.status.floatingIPAddress}")
+        api.jsonpath(NS, "floatingip", "f2", "{.status.floatingIPAddress}")
             .ok()
             .filter(|a| !a.is_empty())
     })?;
@@ -454,10 +363,10 @@ spec:
     .with_context(|| logs(&states))?;
     let (dead_underlay, dead_state) = if node == n1 {
         a1.kill();
-        ("192.0.2.1", s1.path())
+        (UNDERLAY[0], s1.path())
     } else {
         a2.kill();
-        ("192.0.2.2", s2.path())
+        (UNDERLAY[1], s2.path())
     };
     for link in ["underlay", "physnet"] {
         ip(&["-n", &node, "link", "set", link, "down"])?;
@@ -466,7 +375,7 @@ spec:
         (!ping(&ext, &fip)).then_some(())
     })?;
     wait_until(Duration::from_secs(120), "the router to move", || {
-        jsonpath(&api, NS, "router", "r1", "{.status.node}")
+        api.jsonpath(NS, "router", "r1", "{.status.node}")
             .ok()
             .filter(|n| *n == other)
     })
@@ -476,8 +385,7 @@ spec:
     })
     .with_context(|| logs(&[guest_agent_state]))?;
     wait_until(T, "the router's Ready to name its new node", || {
-        jsonpath(
-            &api,
+        api.jsonpath(
             NS,
             "router",
             "r1",
@@ -528,7 +436,7 @@ spec:
         || ping(&guest, EXTERNAL).then_some(()),
     )?;
     assert_eq!(
-        jsonpath(&api, NS, "router", "r1", "{.status.node}")?,
+        api.jsonpath(NS, "router", "r1", "{.status.node}")?,
         other,
         "the router stays where it moved"
     );
