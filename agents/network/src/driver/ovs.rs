@@ -32,10 +32,12 @@ use super::names::digest_hex;
 use super::netlink::NetlinkLinks;
 use super::netns;
 use super::ovs_daemon::{Ovs, OvsDaemon, OvsError};
-use super::ovs_flows::{self, Bundle, NetworkFlows, PortFilterSpec, Switch, TunnelFlows};
+use super::ovs_flows::{
+    self, Bundle, NetworkFlows, PortFilterSpec, Switch, TunnelFlows, VlanFlows,
+};
 use super::{
     Attach, FdbEntry, IfName, Ipv4Cidr, Link, LinkError, LinkKind, Links, MacAddr, Name, Netns,
-    RouteSpec, VethSpec, VxlanInfo, VxlanSpec,
+    RouteSpec, VethSpec, VlanSpec, VxlanInfo, VxlanSpec,
 };
 
 /// The integration bridge every network's ports are on.
@@ -47,6 +49,8 @@ const ROLE: &str = "stratus-role";
 const NETWORK: &str = "stratus-network";
 /// The prefix of the integration bridge's `external_ids` keys holding VXLAN devices.
 const VXLAN_KEY: &str = "stratus-vxlan-";
+/// The prefix of the keys holding VLAN sub-interfaces.
+const VLAN_KEY: &str = "stratus-vlan-";
 
 /// The integration bridge's `external_ids` key saying a firewall is applied.
 const FIREWALL_KEY: &str = "stratus-fw";
@@ -171,6 +175,18 @@ impl VxlanRecord {
     }
 }
 
+/// A VLAN sub-interface as the switch's database keeps it: no kernel device, a tag on its
+/// physical interface, which is a port of the integration bridge while a network's VLAN
+/// sub-interface on it is on the network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VlanRecord {
+    parent: String,
+    id: u16,
+    up: bool,
+    master: Option<String>,
+}
+
 /// What an interface of the integration bridge is to the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Role {
@@ -180,6 +196,8 @@ enum Role {
     Port(String),
     /// A tunnel to a peer: (remote, local, UDP port).
     Tunnel(Ipv4Addr, Ipv4Addr, u16),
+    /// A physical interface carrying vlan networks' tagged frames.
+    Physical,
 }
 
 #[derive(Debug, Clone)]
@@ -194,6 +212,7 @@ struct State {
     bridge: bool,
     ifaces: BTreeMap<String, Iface>,
     vxlans: BTreeMap<String, VxlanRecord>,
+    vlans: BTreeMap<String, VlanRecord>,
     /// The integration bridge's `external_ids` keys of the firewall, as stored.
     firewall_keys: BTreeMap<String, String>,
     firewall: Option<FirewallState>,
@@ -248,6 +267,7 @@ impl State {
             let options = map(options);
             let role = match ext.get(ROLE).map(String::as_str) {
                 Some("network") => Role::Network,
+                Some("physical") => Role::Physical,
                 Some("port") => match ext.get(NETWORK) {
                     Some(n) => Role::Port(n.clone()),
                     None => continue,
@@ -292,6 +312,11 @@ impl State {
                 {
                     s.vxlans.insert(vx.to_owned(), rec);
                 }
+                if let Some(vl) = k.strip_prefix(VLAN_KEY)
+                    && let Ok(rec) = serde_json::from_str::<VlanRecord>(&v)
+                {
+                    s.vlans.insert(vl.to_owned(), rec);
+                }
             }
         }
         Ok(s)
@@ -322,6 +347,22 @@ impl State {
                     .map(move |e| (e.remote, v.local, v.port))
             })
             .collect()
+    }
+
+    /// The physical interfaces the VLAN sub-interfaces on a network bridge need on the
+    /// switch.
+    fn needed_physicals(&self) -> BTreeSet<String> {
+        self.vlans
+            .values()
+            .filter(|v| v.master.as_deref().is_some_and(|m| self.is_network(m)))
+            .map(|v| v.parent.clone())
+            .collect()
+    }
+
+    /// Whether `name` is a device of the switch's model only (a VXLAN device or a VLAN
+    /// sub-interface).
+    fn is_record(&self, name: &str) -> bool {
+        self.vxlans.contains_key(name) || self.vlans.contains_key(name)
     }
 
     /// What the flows are made from.
@@ -375,6 +416,17 @@ impl State {
                     }
                     t
                 });
+            let vlan = self
+                .vlans
+                .values()
+                .filter(|v| v.master.as_deref() == Some(name.as_str()))
+                .find_map(|v| {
+                    let i = self.ifaces.get(&v.parent)?;
+                    (i.role == Role::Physical).then_some(VlanFlows {
+                        id: v.id,
+                        port: i.ofport?,
+                    })
+                });
             networks.push(NetworkFlows {
                 name: ifname,
                 id,
@@ -383,6 +435,7 @@ impl State {
                 zone,
                 filters,
                 local_dhcp,
+                vlan,
             });
         }
         Switch { networks }
@@ -605,6 +658,34 @@ impl OvsLinks {
                 );
             }
         }
+        let physicals = s.needed_physicals();
+        for (name, i) in &s.ifaces {
+            if i.role == Role::Physical && !physicals.contains(name) {
+                args.extend(
+                    ["--", "--if-exists", "del-port", INTEGRATION_BRIDGE, name].map(String::from),
+                );
+            }
+        }
+        for name in physicals
+            .iter()
+            .filter(|p| s.ifaces.get(*p).is_none_or(|i| i.role != Role::Physical))
+        {
+            args.extend(
+                [
+                    "--",
+                    "--may-exist",
+                    "add-port",
+                    INTEGRATION_BRIDGE,
+                    name,
+                    "--",
+                    "set",
+                    "Interface",
+                    name,
+                    &format!("external_ids:{ROLE}=physical"),
+                ]
+                .map(String::from),
+            );
+        }
         for &(r, l, p) in &needed {
             let name = tunnel_name(r, l, p);
             if s.ifaces
@@ -663,15 +744,7 @@ impl OvsLinks {
     }
 
     fn write_vxlan(&self, name: &str, rec: &VxlanRecord) -> Result<(), LinkError> {
-        let json = serde_json::to_string(rec).map_err(|e| LinkError::Invalid(e.to_string()))?;
-        self.write_no_wait(&[
-            "br-set-external-id",
-            INTEGRATION_BRIDGE,
-            &format!("{VXLAN_KEY}{name}"),
-            &json,
-        ])
-        .map_err(ovs_err)?;
-        Ok(())
+        self.write_record(VXLAN_KEY, name, Some(rec))
     }
 
     /// Changes a VXLAN device's record, then the switch.
@@ -692,6 +765,44 @@ impl OvsLinks {
             self.resync()?;
         }
         Ok(true)
+    }
+
+    /// Changes a VLAN sub-interface's record, then the switch.
+    fn change_vlan(
+        &self,
+        ns: &Netns,
+        name: &IfName,
+        change: impl FnOnce(&mut VlanRecord),
+    ) -> Result<bool, LinkError> {
+        let s = self.state(ns)?;
+        let Some(mut rec) = s.vlans.get(name.as_str()).cloned() else {
+            return Ok(false);
+        };
+        let before = rec.clone();
+        change(&mut rec);
+        if rec != before {
+            self.write_record(VLAN_KEY, name.as_str(), Some(&rec))?;
+            self.resync()?;
+        }
+        Ok(true)
+    }
+
+    /// Writes (or with `None` removes) the record `name` under `prefix`.
+    fn write_record<T: Serialize>(
+        &self,
+        prefix: &str,
+        name: &str,
+        rec: Option<&T>,
+    ) -> Result<(), LinkError> {
+        let key = format!("{prefix}{name}");
+        let mut args = vec!["br-set-external-id", INTEGRATION_BRIDGE, &key];
+        let json = rec
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| LinkError::Invalid(e.to_string()))?;
+        args.extend(json.as_deref());
+        self.write_no_wait(&args).map_err(ovs_err)?;
+        Ok(())
     }
 
     /// Makes the node's firewall `firewall` (or none), then the flows: every filtered port's
@@ -823,6 +934,29 @@ impl OvsLinks {
                 _ => {}
             }
             out.push(l);
+        }
+        for (name, rec) in &s.vlans {
+            let Ok(name) = IfName::new(name) else {
+                continue;
+            };
+            // Tagging and stripping are the network's flows.
+            let master = rec
+                .master
+                .as_deref()
+                .filter(|m| s.is_network(m) && !h.base && !h.networks.contains(*m))
+                .and_then(|m| IfName::new(m).ok());
+            let mtu = out
+                .iter()
+                .find(|l| l.name.as_str() == rec.parent)
+                .map_or(1500, |l| l.mtu);
+            out.push(Link {
+                name,
+                kind: LinkKind::Vlan(rec.id),
+                mtu,
+                up: rec.up,
+                master,
+                mac: None,
+            });
         }
         for (name, rec) in &s.vxlans {
             let Ok(name) = IfName::new(name) else {
@@ -983,8 +1117,8 @@ impl Links for OvsLinks {
         if s.is_network(name.as_str()) {
             return Ok(());
         }
-        if s.vxlans.contains_key(name.as_str()) {
-            return Err(Self::conflict(ns, name, "a VXLAN device"));
+        if s.is_record(name.as_str()) {
+            return Err(Self::conflict(ns, name, "a VXLAN or VLAN device"));
         }
         if let Some(l) = self.kernel.link(ns, name)? {
             return Err(Self::conflict(ns, name, &format!("{:?}", l.kind)));
@@ -1031,6 +1165,13 @@ impl Links for OvsLinks {
                 ))
             };
         }
+        if let Some(v) = s.vlans.get(name.as_str()) {
+            return Err(Self::conflict(
+                ns,
+                name,
+                &format!("{:?}", LinkKind::Vlan(v.id)),
+            ));
+        }
         if let Some(l) = self.kernel.link(ns, name)? {
             let kind = if s.is_network(name.as_str()) {
                 LinkKind::Bridge
@@ -1053,6 +1194,53 @@ impl Links for OvsLinks {
         )
     }
 
+    /// A record of the switch's (no kernel device: the switch tags and strips), on a
+    /// physical interface that must exist.
+    fn add_vlan(&self, ns: &Netns, spec: &VlanSpec) -> Result<(), LinkError> {
+        if !self.mine(ns) {
+            return self.kernel.add_vlan(ns, spec);
+        }
+        if !(1..=4094).contains(&spec.id) {
+            return Err(LinkError::Invalid(format!(
+                "VLAN ID {} is not in 1-4094",
+                spec.id
+            )));
+        }
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.state(ns)?;
+        let name = &spec.name;
+        if let Some(rec) = s.vlans.get(name.as_str()) {
+            return if rec.id == spec.id && rec.parent == spec.parent.as_str() {
+                Ok(())
+            } else {
+                Err(Self::conflict(
+                    ns,
+                    name,
+                    &format!("{:?} on {}", LinkKind::Vlan(rec.id), rec.parent),
+                ))
+            };
+        }
+        if s.vxlans.contains_key(name.as_str()) {
+            return Err(Self::conflict(ns, name, "a VXLAN device"));
+        }
+        if let Some(l) = self.kernel.link(ns, name)? {
+            return Err(Self::conflict(ns, name, &format!("{:?}", l.kind)));
+        }
+        if self.kernel.link(ns, &spec.parent)?.is_none() {
+            return Err(self.no_link(ns, &spec.parent));
+        }
+        self.write_record(
+            VLAN_KEY,
+            name.as_str(),
+            Some(&VlanRecord {
+                parent: spec.parent.to_string(),
+                id: spec.id,
+                up: false,
+                master: None,
+            }),
+        )
+    }
+
     fn add_veth(&self, ns: &Netns, spec: &VethSpec) -> Result<(), LinkError> {
         self.kernel.add_veth(ns, spec)
     }
@@ -1063,14 +1251,14 @@ impl Links for OvsLinks {
         }
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let s = self.state(ns)?;
-        if s.vxlans.contains_key(name.as_str()) {
-            self.write_no_wait(&[
-                "br-set-external-id",
-                INTEGRATION_BRIDGE,
-                &format!("{VXLAN_KEY}{name}"),
-            ])
-            .map_err(ovs_err)?;
-            return self.resync();
+        for (prefix, present) in [
+            (VXLAN_KEY, s.vxlans.contains_key(name.as_str())),
+            (VLAN_KEY, s.vlans.contains_key(name.as_str())),
+        ] {
+            if present {
+                self.write_record::<()>(prefix, name.as_str(), None)?;
+                return self.resync();
+            }
         }
         if s.is_network(name.as_str()) {
             // Its ports leave the switch (their devices stay, on no bridge), and VXLAN
@@ -1095,6 +1283,15 @@ impl Links for OvsLinks {
                             ..rec.clone()
                         },
                     )?;
+                }
+            }
+            for (vl, rec) in &s.vlans {
+                if rec.master.as_deref() == Some(name.as_str()) {
+                    let rec = VlanRecord {
+                        master: None,
+                        ..rec.clone()
+                    };
+                    self.write_record(VLAN_KEY, vl, Some(&rec))?;
                 }
             }
             return self.resync();
@@ -1126,6 +1323,11 @@ impl Links for OvsLinks {
         if s.vxlans.contains_key(name.as_str()) {
             let master = master.map(ToString::to_string);
             self.change_vxlan(ns, name, |r| r.master = master)?;
+            return Ok(());
+        }
+        if s.vlans.contains_key(name.as_str()) {
+            let master = master.map(ToString::to_string);
+            self.change_vlan(ns, name, |r| r.master = master)?;
             return Ok(());
         }
         if s.is_network(name.as_str()) {
@@ -1195,7 +1397,7 @@ impl Links for OvsLinks {
         let s = self.state(ns)?;
         if links
             .iter()
-            .any(|a| s.vxlans.contains_key(a.name.as_str()) || s.is_network(a.name.as_str()))
+            .any(|a| s.is_record(a.name.as_str()) || s.is_network(a.name.as_str()))
         {
             drop(guard);
             for a in links {
@@ -1251,7 +1453,9 @@ impl Links for OvsLinks {
             return self.kernel.set_up(ns, name, up);
         }
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        if self.change_vxlan(ns, name, |r| r.up = up)? {
+        if self.change_vxlan(ns, name, |r| r.up = up)?
+            || self.change_vlan(ns, name, |r| r.up = up)?
+        {
             return Ok(());
         }
         self.kernel.set_up(ns, name, up)?;
@@ -1271,7 +1475,8 @@ impl Links for OvsLinks {
             return Err(LinkError::Invalid("MTU 0".into()));
         }
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        if self.change_vxlan(ns, name, |r| r.mtu = mtu)? {
+        // A VLAN sub-interface's MTU is its physical interface's.
+        if self.change_vxlan(ns, name, |r| r.mtu = mtu)? || self.change_vlan(ns, name, |_| ())? {
             return Ok(());
         }
         self.kernel.set_mtu(ns, name, mtu)

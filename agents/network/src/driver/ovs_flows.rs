@@ -11,7 +11,7 @@
 //!
 //! | table | what |
 //! |---|---|
-//! | 0 | classify: a local port's frames get its network and go to 10; a tunnel's frames with a VNI of a network whose peers include that tunnel's node get that network and go to 20; anything else is dropped |
+//! | 0 | classify: a local port's frames get its network and go to 10; a tunnel's frames with a VNI of a network whose peers include that tunnel's node get that network and go to 20, as do a physical interface's frames tagged with a vlan network's ID (the tag stripped); anything else is dropped |
 //! | 10 | egress filter (a firewall's flows go here); by default on to 20 |
 //! | 20 | forward: DHCP from a tunnel is dropped (each node serves its own ports); a known remote MAC (l2population) goes to its node's tunnel with the VNI; broadcast and multicast are flooded; other frames look up the MACs learned from local ports (25) and go to 26 |
 //! | 25 | MACs learned from local ports (by `learn()`, cookie [`LEARNED`]) |
@@ -67,6 +67,19 @@ pub struct NetworkFlows {
     pub filters: BTreeMap<u32, PortFilterSpec>,
     /// The address of its DHCP server on this node, which no frame from a tunnel reaches.
     pub local_dhcp: Option<Ipv4Addr>,
+    /// Its VLAN on a physical interface (a vlan provider network), as Neutron's OVS agent
+    /// has it on its physical bridge: frames leave tagged, frames of the tag arrive with it
+    /// stripped and are then what a tunnel's are (`reg7=1`: never flooded back out).
+    pub vlan: Option<VlanFlows>,
+}
+
+/// A network's VLAN on a physical interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VlanFlows {
+    /// The VLAN ID (1-4094).
+    pub id: u16,
+    /// The physical interface's OpenFlow port number.
+    pub port: u32,
 }
 
 /// A port's filter: anti-spoofing, and stateful security-group rules (OVS conntrack in the
@@ -346,7 +359,16 @@ pub fn render(w: &Switch) -> Vec<Flow> {
             flows.extend(object(KIND_PORT, &format!("{}/{p}", n.name), texts));
         }
         let locals = to_locals(&n.ports);
-        let tunnels = n.tunnel.as_ref().map(to_tunnels).unwrap_or_default();
+        let mut tunnels = n.tunnel.as_ref().map(to_tunnels).unwrap_or_default();
+        // Tagged last: nothing is output after the tag is pushed.
+        if let Some(v) = n.vlan {
+            let tag = format!(
+                "push_vlan:0x8100,set_field:{}->vlan_vid,output:{}",
+                0x1000 | u32::from(v.id),
+                v.port
+            );
+            tunnels = join(&[tunnels, tag]);
+        }
         let bum = "dl_dst=01:00:00:00:00:00/01:00:00:00:00:00";
         let mut texts = vec![
             format!(
@@ -377,6 +399,13 @@ pub fn render(w: &Switch) -> Vec<Flow> {
             ));
             texts.push(format!(
                 "table=20,priority=200,reg6={id},reg7=1,ip,nw_dst={server} actions=drop"
+            ));
+        }
+        if let Some(v) = n.vlan {
+            texts.push(format!(
+                "table=0,priority=100,in_port={},dl_vlan={} \
+                 actions=pop_vlan,load:{id}->NXM_NX_REG6[],load:1->NXM_NX_REG7[],resubmit(,20)",
+                v.port, v.id
             ));
         }
         if let Some(t) = &n.tunnel {
@@ -502,6 +531,7 @@ mod tests {
             zone: 1,
             filters: BTreeMap::new(),
             local_dhcp: None,
+            vlan: None,
         }
     }
 
@@ -679,6 +709,32 @@ mod tests {
         n.filters.get_mut(&3).expect("filter").ingress[0].remotes = Some(vec![]);
         let none = render(&Switch { networks: vec![n] });
         assert!(!none.iter().any(|f| f.text.contains("tp_dst=0x16")));
+    }
+
+    #[test]
+    fn a_vlan_networks_frames_leave_tagged_last_and_arrive_untagged_as_from_outside() {
+        let mut n = net("br-a", 7, &[3], &[1]);
+        n.tunnel = None;
+        n.vlan = Some(VlanFlows { id: 100, port: 9 });
+        let flows = render(&Switch { networks: vec![n] });
+        let texts: Vec<&str> = flows.iter().map(|f| f.text.as_str()).collect();
+        assert!(texts.contains(
+            &"table=0,priority=100,in_port=9,dl_vlan=100 \
+              actions=pop_vlan,load:7->NXM_NX_REG6[],load:1->NXM_NX_REG7[],resubmit(,20)"
+        ));
+        let tag = "push_vlan:0x8100,set_field:4196->vlan_vid,output:9";
+        // Flooded from a local port (broadcast, unknown unicast): out tagged, after the
+        // local copies; never from the VLAN back to it.
+        let out: Vec<&&str> = texts.iter().filter(|t| t.contains(tag)).collect();
+        assert_eq!(out.len(), 2, "{out:?}");
+        for t in out {
+            assert!(t.contains("reg7=0") && t.ends_with(tag), "{t}");
+        }
+        assert!(
+            !texts
+                .iter()
+                .any(|t| t.contains("reg7=1") && t.contains("output:9"))
+        );
     }
 
     #[test]

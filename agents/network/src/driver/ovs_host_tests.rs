@@ -660,3 +660,132 @@ fn a_guest_cannot_pass_dhcp_client_packets_from_another_guests_address() {
     assert!(counted(ip1) > 0, "a release from its own address arrives");
     assert_eq!(counted(ip2), 0, "nothing from the spoofed address arrived");
 }
+
+#[test]
+fn ovs_links_pass_the_vlan_conformance_suite() {
+    if !root() {
+        return;
+    }
+    let prefix = unique();
+    let dir = tempfile::tempdir().expect("dir");
+    let v = name(format!("{prefix}-v"));
+    let daemon = OvsDaemon::new(Netns::Named(v.clone()), dir.path().join("ovs"));
+    let _cleanup = Cleanup {
+        daemons: vec![daemon.clone()],
+        dhcp: vec![],
+        namespaces: vec![v.clone()],
+        _dir: None,
+    };
+    conformance::vlans(&OvsLinks::with_daemon(Netns::Named(v), daemon), &prefix);
+}
+
+/// A vlan provider network on two OVS nodes joined by a veth standing in for their physical
+/// interface (the switch tags and strips, as Neutron's OVS agent does on its physical bridge;
+/// no kernel 802.1Q is needed): the guests reach each other, every frame between them
+/// crosses the wire tagged with the network's VLAN ID (the strip flow of that tag counts
+/// them), a right node gets no step, and with the network gone the physical interface
+/// leaves the switch and is left on the node.
+#[test]
+fn a_vlan_network_spans_two_ovs_nodes_tagged_on_a_physical_link() {
+    if !root() {
+        return;
+    }
+    let Rig {
+        l,
+        nodes: [n1, n2],
+        guests: [g1, g2, ..],
+        switches: [d1, d2],
+        hosts: [h1, h2],
+        configs: [mut c1, mut c2],
+        mut snap,
+        macs: _,
+        _cleanup,
+    } = rig([Datapath::Ovs, Datapath::Ovs]);
+    let (ns1, ns2) = (Netns::Named(n1.clone()), Netns::Named(n2.clone()));
+    let phys = ifname("phys");
+    l.add_veth(
+        &ns1,
+        &VethSpec {
+            name: phys.clone(),
+            peer: phys.clone(),
+            peer_netns: Some(ns2.clone()),
+        },
+    )
+    .expect("physical link");
+    for c in [&mut c1, &mut c2] {
+        c.physical = [("physnet1".to_owned(), phys.clone())].into();
+    }
+    let mut n = (*snap.networks[0]).clone();
+    n.spec.segmentation = stratus_api_types::network::Segmentation::Vlan;
+    n.spec.physical_network = Some("physnet1".into());
+    n.status
+        .get_or_insert_with(Default::default)
+        .segmentation_id = Some(100);
+    snap.networks = vec![Arc::new(n)];
+    for (h, c) in [(&h1, &c1), (&h2, &c2)] {
+        let r = converge(h, c, &snap).expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        assert!(
+            r.ports
+                .values()
+                .any(|p| matches!(p, PortState::Wired { .. })),
+            "{:?}",
+            r.ports
+        );
+    }
+    let (d1, d2) = (d1.expect("switch"), d2.expect("switch"));
+    for d in [&d1, &d2] {
+        assert!(tunnels(&d.ovs()).is_empty(), "no tunnel for a vlan network");
+        let ports = d
+            .ovs()
+            .vsctl(&["list-ports", INTEGRATION_BRIDGE])
+            .expect("list-ports");
+        assert!(ports.lines().any(|p| p == "phys"), "{ports}");
+    }
+    sh(&g1, &["ip", "addr", "add", "10.50.0.11/24", "dev", "eth0"]);
+    sh(&g2, &["ip", "addr", "add", "10.50.0.12/24", "dev", "eth0"]);
+    let (ip1, ip2) = (Ipv4Addr::new(10, 50, 0, 11), Ipv4Addr::new(10, 50, 0, 12));
+    assert!(pings(&g1, ip2, 10), "VLAN 100 across the nodes");
+    assert!(ping(&g2, ip1), "and back");
+    // Node 2's strip flow for tag 100 counted the frames node 1 sent: they were tagged.
+    let count = 10;
+    let stripped = || -> u64 {
+        let out = d2
+            .ovs()
+            .ofctl(
+                &[],
+                "dump-flows",
+                INTEGRATION_BRIDGE,
+                &["table=0,dl_vlan=100"],
+                None,
+            )
+            .expect("dump-flows");
+        out.lines()
+            .filter_map(|l| l.split("n_packets=").nth(1))
+            .filter_map(|r| r.split(',').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let before = stripped();
+    for _ in 0..count {
+        assert!(ping(&g1, ip2));
+    }
+    let after = stripped();
+    assert!(after - before >= count, "{before} → {after}");
+    for (h, c) in [(&h1, &c1), (&h2, &c2)] {
+        assert_eq!(converge(h, c, &snap).expect("converge").steps, vec![]);
+    }
+
+    // Gone: the physical interface leaves the switch and stays on the node.
+    for (h, c) in [(&h1, &c1), (&h2, &c2)] {
+        let r = converge(h, c, &Snapshot::default()).expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+    }
+    for (d, ns) in [(&d1, &ns1), (&d2, &ns2)] {
+        let ports = d
+            .ovs()
+            .vsctl(&["list-ports", INTEGRATION_BRIDGE])
+            .expect("list-ports");
+        assert!(!ports.lines().any(|p| p == "phys"), "{ports}");
+        assert!(l.link(ns, &phys).expect("link").is_some(), "left alone");
+    }
+}
