@@ -1,9 +1,10 @@
 //! [`Links`] over rtnetlink: one netlink connection per network namespace, opened inside it
 //! (on a thread that joined it, see [`netns`](super::netns)) the first time a call names it
 //! and kept for every later call while the namespace is the same one; each call drives the
-//! connection on its own thread while it sends its requests through the namespace's handle.
-//! Namespaces themselves are made and removed with `ip netns`, whose bind-mount layout other
-//! tools (and `ip netns exec`) expect.
+//! connection on its own thread while it sends its requests through the namespace's handle,
+//! and a port's link changes are one request each, many in flight at once. Namespaces
+//! themselves are made and removed with `ip netns`, whose bind-mount layout other tools (and
+//! `ip netns exec`) expect.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -35,8 +36,8 @@ use rtnetlink::{
 
 use super::netns::{self, EnterError};
 use super::{
-    FdbEntry, IfName, Ipv4Cidr, Link, LinkError, LinkKind, Links, MacAddr, Name, Netns, RouteSpec,
-    VethSpec, VlanSpec, VxlanInfo, VxlanSpec,
+    Attach, FdbEntry, IfName, Ipv4Cidr, Link, LinkError, LinkKind, Links, MacAddr, Name, Netns,
+    RouteSpec, VethSpec, VlanSpec, VxlanInfo, VxlanSpec,
 };
 
 const ENOENT: i32 = 2;
@@ -45,6 +46,10 @@ const EEXIST: i32 = 17;
 const EADDRNOTAVAIL: i32 = 99;
 const ESRCH: i32 = 3;
 const EOPNOTSUPP: i32 = 95;
+
+/// Link changes [`NetlinkLinks::attach`] keeps unanswered at once on one connection: enough
+/// to keep the kernel busy, few enough that their answers fit the socket's receive buffer.
+const PIPELINE: usize = 128;
 
 /// A main-table IPv4 route through a gateway, as [`RouteSpec`]; `None` for any other.
 fn route_of(m: &RouteMessage) -> Option<RouteSpec> {
@@ -773,6 +778,58 @@ impl Links for NetlinkLinks {
                 },
             )
             .await
+        })
+    }
+
+    /// One `RTM_NEWLINK` per link, by name, carrying its MTU, master and up together, all
+    /// sent on the namespace's connection without waiting for each answer (as `ip -batch`
+    /// streams its lines), at most [`PIPELINE`] unanswered at once: a node of 1,000 ports is
+    /// wired in 1,000 requests and one bridge lookup instead of 3,000 round trips. The first
+    /// failure in `links`' order is returned; requests already sent by then may have been
+    /// made, none is sent after it.
+    fn attach(&self, ns: &Netns, bridge: &IfName, links: &[Attach]) -> Result<(), LinkError> {
+        if let Some(a) = links.iter().find(|a| a.mtu == Some(0)) {
+            return Err(LinkError::Invalid(format!("MTU 0 for {}", a.name)));
+        }
+        let todo: Vec<Attach> = links
+            .iter()
+            .filter(|a| a.mtu.is_some() || a.master || a.up)
+            .cloned()
+            .collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let (ns2, bridge) = (ns.clone(), bridge.clone());
+        self.exec(ns, move |h| async move {
+            let master = match todo.iter().any(|a| a.master) {
+                true => Some(require(&h, &ns2, &bridge).await?.header.index),
+                false => None,
+            };
+            let (h, ns2, bridge) = (&h, &ns2, &bridge);
+            futures::stream::iter(todo.iter().map(|a| async move {
+                change_named(
+                    h,
+                    ns2,
+                    &a.name,
+                    format!("attach {} to {bridge}", a.name),
+                    |m| {
+                        let m = match a.mtu {
+                            Some(mtu) => m.mtu(mtu),
+                            None => m,
+                        };
+                        let m = match master.filter(|_| a.master) {
+                            Some(i) => m.controller(i),
+                            None => m,
+                        };
+                        if a.up { m.up() } else { m }
+                    },
+                )
+                .await
+            }))
+            .buffered(PIPELINE)
+            .try_collect::<Vec<()>>()
+            .await
+            .map(|_| ())
         })
     }
 
