@@ -360,7 +360,10 @@ fn selectable_fields_per_kind() {
         ("Subnet", vec![".spec.network"]),
         ("Router", vec![".status.node"]),
         ("FloatingIP", vec![".status.router"]),
-        ("Volume", vec![".status.node", ".status.pool"]),
+        (
+            "Volume",
+            vec![".status.node", ".status.pool", ".status.attachedNode"],
+        ),
         ("VolumeSnapshot", vec![".spec.volume", ".status.node"]),
         ("StoragePool", vec![".spec.node"]),
         ("Hypervisor", vec![".spec.availabilityZone"]),

@@ -264,6 +264,7 @@ pub async fn bench(servers: usize, concurrency: usize, nodes: usize) -> Result<(
                     allow_hosts: vec![format!("127.0.0.1:{port}").parse()?],
                     ..Default::default()
                 },
+                export_ports: Default::default(),
             },
         )));
     }

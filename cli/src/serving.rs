@@ -67,6 +67,13 @@ pub struct ServingArgs {
     /// (limit S3 clients at the proxy instead).
     #[arg(long = "identity-proxy-address", value_name = "IP")]
     pub identity_proxy_addresses: Vec<std::net::IpAddr>,
+    /// A network storage nodes may record their storage address in (a StoragePool's
+    /// `status.storageAddress`, where compute nodes' QEMU connects for a volume of another
+    /// node), repeatable; given, it replaces the default, the private networks 10.0.0.0/8,
+    /// 172.16.0.0/12, 192.168.0.0/16 and fc00::/7. Name the storage network alone; loopback
+    /// only where a test grants it.
+    #[arg(long = "storage-cidr", value_name = "CIDR")]
+    pub storage_cidrs: Vec<stratus_apiserver::admission::pools::StorageCidr>,
 }
 
 impl ServingArgs {
@@ -102,6 +109,9 @@ impl ServingArgs {
         config
             .identity_proxies
             .extend(self.identity_proxy_addresses.iter().copied());
+        if !self.storage_cidrs.is_empty() {
+            config.storage_ranges.clone_from(&self.storage_cidrs);
+        }
     }
 }
 

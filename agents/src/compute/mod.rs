@@ -36,6 +36,9 @@ pub struct Config {
     pub resync: Duration,
     /// What the node's image cache may fetch, and how much.
     pub image_policy: stratus_image_cache::Policy,
+    /// The cluster's volume export ports (`--export-ports`): a volume of another node is
+    /// attached over NBD only on one of them.
+    pub export_ports: stratus_api_types::storage::PortRange,
 }
 
 /// How often guests whose Server is gone, and cached images no guest uses, are looked for.

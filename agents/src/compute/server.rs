@@ -819,7 +819,8 @@ async fn boot_volume(ctx: &Ctx, server: &Server, ns: &str, name: &str) -> Result
     let (judged, vol) = {
         let (server, node) = (server.name_any(), ctx.config.node.clone());
         // The path check reads the disk (and, for an LVM pool, lvm2's reports).
-        blocking(move || (vols::ready(&vol, &server, &node, pool.as_ref()), vol)).await?
+        let ports = ctx.config.export_ports;
+        blocking(move || (vols::ready(&vol, &server, &node, pool.as_ref(), ports), vol)).await?
     };
     let ready = judged.map_err(|why| match why {
         vols::NotReady::Refused(message) => NotBuilt::Blocked(Blocked {
@@ -1473,6 +1474,7 @@ async fn resolve_volumes(ctx: &Ctx, server: &Server) -> Result<vols::Resolved, S
         &server.name_any(),
         &ctx.config.node,
         &names,
+        ctx.config.export_ports,
     )
     .await
     .map_err(ServerError::Api)
@@ -1609,21 +1611,27 @@ pub(crate) fn controller(
     let ports = Api::<Port>::all(ctx.client.clone());
     let ports_cfg =
         watcher::Config::default().fields(&format!("status.hypervisor={}", ctx.config.node));
-    // A Volume of this node's pools (made, grown, claimed) wakes the Server it is attached to.
+    // A Volume of this node's pools (made, grown, claimed) wakes the Server it is attached to;
+    // so does a Volume of another node attached here (its export made, moved or ended), at
+    // once rather than at the Server's next requeue.
     let volumes = Api::<Volume>::all(ctx.client.clone());
     let volumes_cfg =
         watcher::Config::default().fields(&format!("status.node={}", ctx.config.node));
+    let attached_here =
+        watcher::Config::default().fields(&format!("status.attachedNode={}", ctx.config.node));
+    let attached_to = |vol: Volume| {
+        let ns = vol.namespace()?;
+        let server = vol.status.as_ref()?.attached_to.clone()?;
+        Some(ObjectRef::<Server>::new(&server).within(&ns))
+    };
     let run = controller
         .watches(ports, ports_cfg, |port| {
             let ns = port.namespace()?;
             let server = port.status.as_ref()?.bound_to.clone()?;
             Some(ObjectRef::<Server>::new(&server).within(&ns))
         })
-        .watches(volumes, volumes_cfg, |vol| {
-            let ns = vol.namespace()?;
-            let server = vol.status.as_ref()?.attached_to.clone()?;
-            Some(ObjectRef::<Server>::new(&server).within(&ns))
-        })
+        .watches(volumes.clone(), volumes_cfg, attached_to)
+        .watches(volumes, attached_here, attached_to)
         .reconcile_on(triggers)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {});

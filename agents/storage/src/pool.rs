@@ -274,8 +274,21 @@ async fn beat(
             ),
             (_, None) => (None, "not configured on this node".into()),
         };
-        let next = status(&pool, backend, &why, address);
-        if let Err(e) = runtime.write_status(&pool, &next).await {
+        let mut next = status(&pool, backend, &why, address);
+        let mut written = runtime.write_status(&pool, &next).await;
+        if let Err(kube::Error::Api(e)) = &written
+            && e.code == 422
+            && e.message.contains("status.storageAddress")
+            && pool.status.as_ref().is_none_or(|s| s.storage_address.is_none())
+        {
+            // The API refused the address (outside the storage networks the operator
+            // granted, or another node's): the pool still serves this node's own guests, and
+            // no volume of it is exported until the address is one the API takes.
+            tracing::error!(pool = %name, error = %e.message, "the storage address is refused; volumes of the pool are not exported");
+            next.storage_address = None;
+            written = runtime.write_status(&pool, &next).await;
+        }
+        if let Err(e) = written {
             tracing::warn!(pool = %name, error = %e, "cannot report the pool's status");
         }
     }

@@ -17,6 +17,7 @@ pub mod identity;
 pub mod lifecycle;
 pub mod network;
 pub mod object;
+pub mod pools;
 pub mod quota;
 pub mod router;
 pub mod storage;
@@ -47,6 +48,8 @@ pub struct Ctx<'a> {
     pub store: &'a Store,
     /// Key prefix of every object in etcd.
     pub prefix: &'a str,
+    /// The networks a StoragePool's storage address may be in ([`pools`]).
+    pub storage_ranges: &'a [pools::StorageCidr],
 }
 
 /// The object a request addresses, as admission sees it.
@@ -246,6 +249,7 @@ pub fn for_kind(group: &str, kind: &str) -> &'static [&'static dyn Admission] {
     static CREDENTIALS: [&dyn Admission; 1] = [&credentials::S3Credentials];
     static OBJECT_NODES: [&dyn Admission; 1] = [&object::ObjectNodes];
     static OBJECT_RINGS: [&dyn Admission; 1] = [&object::ObjectRings];
+    static STORAGE_POOLS: [&dyn Admission; 1] = [&pools::StoragePools];
     match (group, kind) {
         ("identity.stratus.dev", "Project") => return &PROJECTS,
         ("identity.stratus.dev", "User") => return &USERS,
@@ -256,6 +260,7 @@ pub fn for_kind(group: &str, kind: &str) -> &'static [&'static dyn Admission] {
         (network::GROUP, "Network" | "Subnet" | "Port" | "FloatingIP") => return &IPAM,
         (network::GROUP, "Router") => return &ROUTERS,
         (storage::GROUP, "Volume" | "VolumeSnapshot") => return &STORAGE,
+        (storage::GROUP, "StoragePool") => return &STORAGE_POOLS,
         _ => {}
     }
     match (binding::is_server(group, kind), quota::counted(group, kind)) {

@@ -14,7 +14,10 @@
 //! # Checks
 //! - A Volume's size is 1 to 65,536 GiB; it grows (an extend, whose claim and quota grow in
 //!   the update's transaction, refused with 409 when its pool lacks room) and never shrinks
-//!   (422 on `spec.sizeGiB`). Its source is exactly one of an image (of the project, or a
+//!   (422 on `spec.sizeGiB`). It does not grow while attached to a server on another node
+//!   than its pool's (422 on `spec.sizeGiB`): over NBD, QEMU's client keeps the size it
+//!   connected with and `qemu-nbd` the size it opened, so the guest could be given the new
+//!   size only by taking the disk from it. Its source is exactly one of an image (of the project, or a
 //!   public one), a snapshot or a volume of its namespace, which must exist (422) and not be
 //!   larger than it; the source and where the volume may go are immutable.
 //! - A VolumeSnapshot's volume must exist in its namespace (422 on `spec.volume`); the
@@ -481,6 +484,17 @@ async fn update_volume(
             "the volume is being deleted".into(),
         ));
     }
+    if let Some(why) = remote_attached(old) {
+        return Err(invalid_field(
+            &s,
+            w.new,
+            "spec.sizeGiB",
+            format!(
+                "Invalid value: {}: cannot grow while attached over NBD ({why}): QEMU's NBD client keeps the size it connected with, and the export cannot be served again at the new size without taking the disk from the running guest; detach it (or stop the server), grow it, attach it again",
+                after.size_gib
+            ),
+        ));
+    }
     let placed = old.pointer("/status/pool").and_then(Value::as_str);
     let uid = meta::meta_str(old, "uid").unwrap_or_default();
     for _ in 0..RETRIES {
@@ -546,6 +560,17 @@ async fn update_volume(
         }
     }
     Err(too_busy(&s, w.new))
+}
+
+/// Why the stored Volume `vol` is attached to a server of another node than its pool's (so
+/// over NBD), if it is: the node it is attached to (`status.attachedNode`) is not its own
+/// (`status.node`). The update holds the volume as read, so the attachment cannot change
+/// before the grown size is written.
+fn remote_attached(vol: &Value) -> Option<String> {
+    let at = |f: &str| vol.pointer(&format!("/status/{f}")).and_then(Value::as_str);
+    let (to, on) = (at("attachedNode")?, at("node")?);
+    at("attachedTo")?;
+    (to != on).then(|| format!("its data is on node {on}, its server on node {to}"))
 }
 
 /// Checks the export a write newly records in a Volume's status (`status.export`): its host

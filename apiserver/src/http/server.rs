@@ -61,6 +61,9 @@ pub struct Config {
     /// The Swift proxies' addresses: their `s3tokens` calls (one per S3 request of any
     /// client) are not limited per source.
     pub identity_proxies: Vec<std::net::IpAddr>,
+    /// The networks a StoragePool's storage address may be in (by default the private
+    /// networks; see [`crate::admission::pools`]).
+    pub storage_ranges: Vec<crate::admission::pools::StorageCidr>,
 }
 
 impl Config {
@@ -82,6 +85,7 @@ impl Config {
             object_store_url: None,
             identity_rate: crate::http::keystone::SourceRate::default(),
             identity_proxies: Vec::new(),
+            storage_ranges: crate::admission::pools::StorageCidr::private(),
         }
     }
 }
@@ -457,7 +461,9 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         Some((cert, key)) => Some(crate::http::tls::acceptor(cert, key).map_err(StartError::Tls)?),
         None => None,
     };
-    let api = Api::open(store, registry, &config.prefix, config.bookmark_interval).await?;
+    let api = Api::open(store, registry, &config.prefix, config.bookmark_interval)
+        .await?
+        .with_storage_ranges(config.storage_ranges.clone());
     let audit = match &config.audit_log {
         Some(path) => Some(crate::http::audit::AuditLog::open(path).map_err(StartError::Audit)?),
         None => None,

@@ -970,12 +970,14 @@ async fn node_may_read(
         ("storage.stratus.dev", "storagepools") => {
             check_named("StoragePool", "storage.stratus.dev", |_, _| true).await
         }
+        // The volumes placed on it, and those attached to it (a compute node's servers' volumes
+        // of other nodes, whose exports it waits for).
         ("storage.stratus.dev", "volumes") if !named => {
-            if selects("status.node", node) {
+            if selects("status.node", node) || selects("status.attachedNode", node) {
                 Ok(None)
             } else {
                 Err(deny(&format!(
-                    "a node lists only the volumes placed on it (fieldSelector status.node={node})"
+                    "a node lists only the volumes placed on it (fieldSelector status.node={node}) or attached to it (status.attachedNode={node})"
                 )))
             }
         }

@@ -209,6 +209,8 @@ pub struct Api {
     /// Per system namespace, the uid and creation time it is shown with (see
     /// [`load_system_namespaces`]).
     pub system_namespaces: Arc<Value>,
+    /// The networks a StoragePool's storage address may be in (`--storage-cidr`).
+    pub storage_ranges: Arc<[crate::admission::pools::StorageCidr]>,
 }
 
 /// Which state a LIST shows (see [`ReadAt::parse`]).
@@ -303,13 +305,25 @@ impl Api {
             hub,
             placement_locks: Arc::default(),
             system_namespaces,
+            storage_ranges: crate::admission::pools::StorageCidr::private().into(),
         })
+    }
+
+    /// The API with `ranges` as the networks storage addresses may be in.
+    #[must_use]
+    pub fn with_storage_ranges(
+        mut self,
+        ranges: Vec<crate::admission::pools::StorageCidr>,
+    ) -> Self {
+        self.storage_ranges = ranges.into();
+        self
     }
 
     fn ctx(&self) -> Ctx<'_> {
         Ctx {
             store: &self.store,
             prefix: &self.prefix,
+            storage_ranges: &self.storage_ranges,
         }
     }
 

@@ -925,6 +925,227 @@ async fn an_export_is_served_at_the_address_its_pool_records() {
     n1.patch(&vol, MERGE, &export("10.0.0.9", "x2"))
         .await
         .expect("a new export at the new address");
+    // The node it is attached to lists it (and watches it) by `status.attachedNode`: its
+    // export becoming ready wakes the server there. No node lists another's.
+    let all = c.target("Volume", None, None);
+    let listed = c
+        .node("n2")
+        .read(&all, "fieldSelector=status.attachedNode%3Dn2")
+        .await
+        .expect("the volumes attached to n2");
+    assert_eq!(crate::fixtures::names(&listed), ["v"]);
+    let listed = c
+        .node("n3")
+        .read(&all, "fieldSelector=status.attachedNode%3Dn3")
+        .await
+        .expect("the volumes attached to n3");
+    assert!(crate::fixtures::names(&listed).is_empty(), "{listed}");
+    let e = refused(
+        c.node("n3")
+            .read(&all, "fieldSelector=status.attachedNode%3Dn2")
+            .await,
+    );
+    assert_eq!(e.code, 403, "{e:?}");
+}
+
+/// A volume attached over NBD (its server on another node than its pool's) does not grow:
+/// 422 on `spec.sizeGiB` saying why and what to do, nothing written. Attached on its own
+/// node, or detached, it grows.
+#[tokio::test]
+async fn a_volume_attached_over_nbd_does_not_grow_until_detached() {
+    let c = with_pool(10).await;
+    c.create(&volume("demo", "v", json!(1))).await.expect("v");
+    bind(&c, "v", "p1").await.expect("on n1");
+    let vol = c.target("Volume", Some("demo"), Some("v"));
+    let attach = |to: Value| {
+        let c = &c;
+        async move {
+            c.patch(
+                &c.status("Volume", Some("demo"), "v"),
+                MERGE,
+                &json!({"status": {"attachedTo": to.as_str().map(|_| "web"), "attachedNode": to}}),
+                "",
+            )
+            .await
+            .expect("the attachment recorded");
+        }
+    };
+    let grow = |gib: u64| {
+        let (c, vol) = (&c, &vol);
+        async move {
+            c.patch(vol, MERGE, &json!({"spec": {"sizeGiB": gib}}), "")
+                .await
+        }
+    };
+    attach(json!("n2")).await;
+    let before = c.revision().await;
+    let e = refused(grow(2).await);
+    assert_eq!((e.code, field(&e)), (422, "spec.sizeGiB"), "{e:?}");
+    assert!(
+        e.message.contains("over NBD") && e.message.contains("detach it"),
+        "{}",
+        e.message
+    );
+    assert_eq!(c.revision().await, before, "nothing written");
+    attach(json!("n1")).await;
+    grow(2).await.expect("grown while attached on its own node");
+    attach(json!("n2")).await;
+    assert_eq!(refused(grow(3).await).code, 422);
+    attach(Value::Null).await;
+    grow(3).await.expect("grown once detached");
+    let v = c.get("Volume", Some("demo"), "v").await.expect("v");
+    assert_eq!(v["spec"]["sizeGiB"], 3);
+}
+
+/// A storage address is one node's, and in a network the operator granted: a pool recording
+/// one outside (loopback, where etcd and the API server listen; link-local; public) is 422 on
+/// `status.storageAddress`, nothing written; the pools of one node share theirs; another
+/// node recording it is 422 naming the node that holds it, also when both write at once; the
+/// address is free again once no pool of its node records it; loopback is granted only when
+/// the operator says so (`--storage-cidr`).
+#[tokio::test]
+async fn a_storage_address_is_one_nodes_and_in_a_granted_network() {
+    let c = with_pool(10).await;
+    pool(&c, "p2", "n2", 10).await;
+    pool(&c, "p3", "n1", 10).await;
+    let record = |a: &str| json!({"status": {"storageAddress": a}}).to_string();
+    let at = |name: &str| c.status("StoragePool", None, name);
+    for outside in ["127.0.0.1", "169.254.169.254", "8.8.8.8", "::1"] {
+        let before = c.revision().await;
+        let e = refused(c.node("n1").patch(&at("p1"), MERGE, &record(outside)).await);
+        assert_eq!(
+            (e.code, field(&e)),
+            (422, "status.storageAddress"),
+            "{outside}: {e:?}"
+        );
+        assert!(e.message.contains("--storage-cidr"), "{}", e.message);
+        assert_eq!(c.revision().await, before, "nothing written for {outside}");
+    }
+    c.node("n1")
+        .patch(&at("p1"), MERGE, &record("10.0.0.1"))
+        .await
+        .expect("n1's address");
+    c.node("n1")
+        .patch(&at("p3"), MERGE, &record("10.0.0.1"))
+        .await
+        .expect("a second pool of n1 at the same address");
+    let taken = |e: stratus_apiserver::base::error::ApiError, holder: &str| {
+        assert_eq!((e.code, field(&e)), (422, "status.storageAddress"), "{e:?}");
+        assert_eq!(e.details.causes[0].reason, "FieldValueDuplicate", "{e:?}");
+        assert!(
+            e.message.contains(&format!("node \"{holder}\"")),
+            "{}",
+            e.message
+        );
+    };
+    taken(
+        refused(
+            c.node("n2")
+                .patch(&at("p2"), MERGE, &record("10.0.0.1"))
+                .await,
+        ),
+        "n1",
+    );
+    // By an operator too: the address stays n1's.
+    taken(
+        refused(
+            c.patch(
+                &at("p2"),
+                MERGE,
+                &json!({"status": {"storageAddress": "10.0.0.1"}}),
+                "",
+            )
+            .await,
+        ),
+        "n1",
+    );
+    c.node("n2")
+        .patch(&at("p2"), MERGE, &record("10.0.0.2"))
+        .await
+        .expect("n2's own address");
+    // Two nodes recording one address at once, spelt two ways: one has it.
+    pool(&c, "p4", "n4", 10).await;
+    pool(&c, "p5", "n5", 10).await;
+    let (n4, n5) = (c.node("n4"), c.node("n5"));
+    let (t4, t5) = (at("p4"), at("p5"));
+    let (r4, r5) = (record("fd00::7"), record("fd00:0:0::7"));
+    let (a, b) = futures::join!(n4.patch(&t4, MERGE, &r4), n5.patch(&t5, MERGE, &r5),);
+    let refusals: Vec<_> = [a, b].into_iter().filter_map(Result::err).collect();
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert_eq!(refusals[0].details.causes[0].reason, "FieldValueDuplicate");
+    // Free once no pool of n1 records it: p1 moved by an operator, p3 deleted.
+    c.patch(
+        &at("p1"),
+        MERGE,
+        &json!({"status": {"storageAddress": "10.0.0.3"}}),
+        "",
+    )
+    .await
+    .expect("moved by an operator");
+    taken(
+        refused(
+            c.patch(
+                &at("p2"),
+                MERGE,
+                &json!({"status": {"storageAddress": "10.0.0.1"}}),
+                "",
+            )
+            .await,
+        ),
+        "n1",
+    );
+    c.delete("StoragePool", None, "p3", "")
+        .await
+        .expect("p3 deleted");
+    c.patch(
+        &at("p2"),
+        MERGE,
+        &json!({"status": {"storageAddress": "10.0.0.1"}}),
+        "",
+    )
+    .await
+    .expect("the freed address, moved to n2 by an operator");
+    taken(
+        refused(
+            c.patch(
+                &at("p1"),
+                MERGE,
+                &json!({"status": {"storageAddress": "10.0.0.1"}}),
+                "",
+            )
+            .await,
+        ),
+        "n2",
+    );
+
+    // Loopback only where the operator grants it.
+    let granted = Cloud {
+        api: Cloud::with_demo()
+            .await
+            .api
+            .with_storage_ranges(vec!["127.0.0.0/8".parse().expect("a network")]),
+    };
+    pool(&granted, "lo", "n1", 10).await;
+    let e = refused(
+        granted
+            .node("n1")
+            .patch(
+                &granted.status("StoragePool", None, "lo"),
+                MERGE,
+                &record("10.0.0.1"),
+            )
+            .await,
+    );
+    assert!(e.message.contains("127.0.0.0/8"), "{}", e.message);
+    granted
+        .node("n1")
+        .patch(
+            &granted.status("StoragePool", None, "lo"),
+            MERGE,
+            &record("127.0.0.5"),
+        )
+        .await
+        .expect("a granted loopback address");
 }
 
 #[tokio::test]

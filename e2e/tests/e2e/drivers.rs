@@ -100,6 +100,7 @@ fn the_agent_runs_a_server_on_a_fake_host_through_failures_drift_and_deletion() 
                 allow_hosts: vec![files.url.trim_start_matches("http://").parse()?],
                 ..Default::default()
             },
+            export_ports: Default::default(),
         },
     ));
     // The node registers as what its driver runs.

@@ -97,6 +97,7 @@ fn a_servers_network_becomes_a_port_plugged_into_its_guest_and_goes_with_it() ->
                 allow_hosts: vec![files.url.trim_start_matches("http://").parse()?],
                 ..Default::default()
             },
+            export_ports: Default::default(),
         },
     ));
 
