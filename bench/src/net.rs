@@ -863,8 +863,7 @@ pub async fn converge(ports: usize, rounds: usize) -> Result<()> {
                                 "the node did not converge in 600 s"
                             );
                             // Every 20 ms until the nft tables are live, then every
-                            // 100 ms: listing 1,000 links takes the netlink worker thread
-                            // the agent uses too.
+                            // 100 ms: listing 1,000 links costs a core the agent wants.
                             let every = if firewall_at.is_some() { 100 } else { 20 };
                             std::thread::sleep(Duration::from_millis(every));
                         }
