@@ -31,6 +31,25 @@ pub fn created_port_name(server: &str, index: usize) -> String {
     format!("{base}{suffix}")
 }
 
+/// The annotation on a Port that a Server claimed: `SERVER/UID`, the Server's name and uid.
+/// Written by the API server alone, in the transaction of the Server's write that names the
+/// Port (or of the Port's create, for a Port a Server named before it existed), so two Servers
+/// never both hold one Port, and a Port made anew under an old name carries no claim. A claim
+/// whose Server is gone, is another of the same name, or no longer names the Port holds nothing.
+pub const CLAIMED_BY: &str = "network.stratus.dev/claimed-by";
+
+/// The Server name and uid of a [`CLAIMED_BY`] value.
+pub fn parse_claim(value: &str) -> Option<(&str, &str)> {
+    value
+        .split_once('/')
+        .filter(|(name, uid)| !name.is_empty() && !uid.is_empty())
+}
+
+/// The [`CLAIMED_BY`] value naming Server `name` of uid `uid`.
+pub fn claim_value(name: &str, uid: &str) -> String {
+    format!("{name}/{uid}")
+}
+
 /// The Port entry `index` of a server's `spec.networks` uses: the one it names (`port`), or
 /// the one created for it ([`created_port_name`]).
 pub fn entry_port_name(server: &str, index: usize, entry: &ServerNetwork) -> String {
@@ -101,6 +120,15 @@ mod tests {
             subnet: None,
         };
         assert_eq!(entry_port_name("web", 2, &e), "web-2");
+    }
+
+    #[test]
+    fn a_claim_names_its_server_and_uid() {
+        let v = claim_value("web", "0f9e2c1a-77b3");
+        assert_eq!(parse_claim(&v), Some(("web", "0f9e2c1a-77b3")));
+        assert_eq!(parse_claim("web"), None);
+        assert_eq!(parse_claim("/uid"), None);
+        assert_eq!(parse_claim("web/"), None);
     }
 
     #[test]

@@ -4,6 +4,9 @@
 //! Server is placed (`status.hypervisor`, `status.boundTo`, `status.interfaceName` of each
 //! Port, which the node's network agent wires), and the Server's `status.addresses` list their
 //! fixed IPs. A Port bound to a Server that is gone, or that no longer names it, is released.
+//! A Port an entry names is used only when it carries that Server's claim
+//! ([`CLAIMED_BY`], written by the API server with the Server's write), so a Port made anew
+//! under a name a Server still holds is not taken by it.
 //!
 //! Addresses are claimed by the Port's create (IPAM is an admission plug-in), so a Server's
 //! addresses are known as soon as its Ports exist, before it is placed.
@@ -22,7 +25,9 @@ use kube::{Client, Resource, ResourceExt};
 use stratus_api_types::common::{Blocked, ConditionType, Reason};
 use stratus_api_types::compute::{AddressType, Server, ServerAddress, ServerNetwork};
 use stratus_api_types::network::{FixedIP, Port, PortSpec, PortStatus, Subnet};
-use stratus_api_types::ports::{entry_port_name, server_port_names, tap_name};
+use stratus_api_types::ports::{
+    CLAIMED_BY, entry_port_name, parse_claim, server_port_names, tap_name,
+};
 use stratus_runtime::policy::{kube_retry, namespace_terminating};
 use stratus_runtime::{Classify, Retry, Runtime};
 
@@ -93,6 +98,20 @@ fn controller_uid(port: &Port) -> Option<&str> {
         .map(|o| o.uid.as_str())
 }
 
+/// The Server (name, uid) whose claim `port` carries ([`CLAIMED_BY`]).
+fn claim_of(port: &Port) -> Option<(&str, &str)> {
+    port.metadata
+        .annotations
+        .as_ref()?
+        .get(CLAIMED_BY)
+        .and_then(|v| parse_claim(v))
+}
+
+/// The Server `port` is bound to.
+fn bound_to(port: &Port) -> Option<&str> {
+    port.status.as_ref()?.bound_to.as_deref()
+}
+
 /// What entry `index` of `server`'s `spec.networks` needs, given `existing`, the Port of the
 /// name it uses (see [`entry_port_name`]) if there is one.
 pub fn plan_entry(
@@ -128,7 +147,21 @@ pub fn plan_entry(
             Reason::PortInUse,
             format!("{field}: port \"{name}\" belongs to another server"),
         )),
-        (Some(_), Some(_)) => EntryPlan::Use,
+        (Some(_), Some(p)) => match claim_of(p) {
+            Some((_, uid)) if Some(uid) == server.uid().as_deref() => EntryPlan::Use,
+            Some((other, _)) => EntryPlan::Blocked(Blocked::new(
+                Reason::PortInUse,
+                format!("{field}: port \"{name}\" is claimed by server \"{other}\""),
+            )),
+            // Bound before claims were recorded.
+            None if bound_to(p) == Some(server_name.as_str()) => EntryPlan::Use,
+            None => EntryPlan::Blocked(Blocked::new(
+                Reason::PortRefused,
+                format!(
+                    "{field}: port \"{name}\" is not claimed by this server: it was made anew since the server named it; remove the entry and add it again to claim it"
+                ),
+            )),
+        },
         (None, Some(p)) if controller_uid(p) != server.uid().as_deref() => {
             EntryPlan::Blocked(Blocked::new(
                 Reason::PortInUse,

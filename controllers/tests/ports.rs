@@ -5,6 +5,7 @@ use serde_json::json;
 use stratus_api_types::common::Reason;
 use stratus_api_types::compute::{AddressType, Server};
 use stratus_api_types::network::Port;
+use stratus_api_types::ports::CLAIMED_BY;
 use stratus_controllers::ports::{
     EntryPlan, addresses, placed_status, plan_entry, released_status, stale, subnet_refusal,
 };
@@ -37,6 +38,11 @@ fn port(name: &str, owner: Option<&str>, bound_to: Option<&str>) -> Port {
                    "boundTo": bound_to},
     }))
     .expect("a port")
+}
+
+fn claimed(mut p: Port, by: &str) -> Port {
+    p.metadata.annotations = Some([(CLAIMED_BY.to_string(), by.to_string())].into());
+    p
 }
 
 fn blocked_reason(p: EntryPlan) -> Reason {
@@ -89,14 +95,41 @@ fn an_entry_naming_a_port_uses_it_unless_another_server_has_it() {
         blocked_reason(plan_entry(&s, 0, e, None)),
         Reason::PortNotFound
     );
+    // Claimed for web (by uid) at its write: used; bound to web before claims were recorded:
+    // used; claimed by another server, or by none (made anew since web named it): not taken.
     assert_eq!(
-        plan_entry(&s, 0, e, Some(&port("mine", None, None))),
+        plan_entry(
+            &s,
+            0,
+            e,
+            Some(&claimed(port("mine", None, None), "web/s-1"))
+        ),
         EntryPlan::Use
     );
     assert_eq!(
         plan_entry(&s, 0, e, Some(&port("mine", None, Some("web")))),
         EntryPlan::Use
     );
+    assert_eq!(
+        blocked_reason(plan_entry(&s, 0, e, Some(&port("mine", None, None)))),
+        Reason::PortRefused
+    );
+    assert_eq!(
+        blocked_reason(plan_entry(
+            &s,
+            0,
+            e,
+            Some(&claimed(port("mine", None, None), "web/s-0"))
+        )),
+        Reason::PortInUse
+    );
+    let EntryPlan::Blocked(b) =
+        plan_entry(&s, 0, e, Some(&claimed(port("mine", None, None), "db/s-2")))
+    else {
+        panic!("claimed by db");
+    };
+    assert_eq!(b.reason, Reason::PortInUse);
+    assert!(b.message.contains("\"db\""), "{}", b.message);
     let EntryPlan::Blocked(b) = plan_entry(&s, 0, e, Some(&port("mine", None, Some("db")))) else {
         panic!("taken from db");
     };

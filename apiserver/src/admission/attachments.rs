@@ -11,11 +11,12 @@
 //! - A boot volume must be `spec.bootable` (422), and `spec.bootVolume` cannot change (422).
 //!
 //! # Ports
-//! A write that adds a Port to `spec.networks` (`spec.networks[i].port`: `openstack server
-//! add port`) is checked in the same transaction, guarded by the Port's revision: a Port bound
-//! to another Server (its `status.boundTo`) or being deleted is refused, 409 naming the field
-//! and that server. The ports controller binds it; a Port not made yet is waited for there
-//! (the Server says so), as Kubernetes objects may name what is created after them.
+//! The Ports a write adds to `spec.networks` (`spec.networks[i].port`: `openstack server add
+//! port`) are claimed in the same transaction, and the Networks it adds checked
+//! ([`ports`]): a Port another Server holds, or being deleted, is refused, 409 naming the
+//! field and that server; an external Network, 403 unless a cluster admin writes. The ports
+//! controller binds a claimed Port; a Port not made yet is reserved and waited for there (the
+//! Server says so), as Kubernetes objects may name what is created after them.
 //!
 //! # Release
 //! The attachment outlives the Server's spec: a Volume removed from `spec.volumes`, or whose
@@ -32,6 +33,10 @@ use stratus_api_types::common::ConditionType;
 use stratus_api_types::compute::ServerSpec;
 use stratus_api_types::storage::VolumePhase;
 
+mod ports;
+
+pub use ports::{reservation, reservations};
+
 use crate::admission::binding::{self, is_server};
 use crate::admission::{Admission, Change, Ctx, Subject, Written, quota};
 use crate::base::error::{ApiError, ApiResult, Cause};
@@ -41,8 +46,6 @@ use crate::storage::store::{Guard, Read, Write};
 
 /// The API group of Volumes.
 const STORAGE: &str = "storage.stratus.dev";
-/// The API group of Ports.
-const NETWORK: &str = "network.stratus.dev";
 /// How many times a write is tried again when another got in between.
 const RETRIES: usize = 48;
 
@@ -51,6 +54,11 @@ const RETRIES: usize = 48;
 pub struct Attachments;
 
 impl Admission for Attachments {
+    /// The reservations of the Ports a Server named before they existed.
+    fn attached_keys(&self, prefix: &str, obj: &Value) -> Vec<String> {
+        ports::attached_keys(prefix, obj)
+    }
+
     /// A Server's create or update that attaches a volume it did not have (or changes its boot
     /// volume); any other write is quota's.
     fn write<'a>(
@@ -67,11 +75,7 @@ impl Admission for Attachments {
         let old = w.old.map(|(o, _)| volumes_of(o)).unwrap_or_default();
         let boot_changed = w.old.is_some_and(|(o, _)| boot_of(o) != boot_of(w.new));
         let added = new.iter().any(|(_, v)| !old.iter().any(|(_, o)| o == v));
-        let old_ports = w.old.map(|(o, _)| ports_of(o)).unwrap_or_default();
-        let ports_added = ports_of(w.new)
-            .iter()
-            .any(|(_, p)| !old_ports.iter().any(|(_, o)| o == p));
-        (added || boot_changed || ports_added)
+        (added || boot_changed || ports::touches(&w))
             .then(|| Box::pin(attach(ctx, s, ns, w)) as BoxFuture<'a, _>)
     }
 }
@@ -98,52 +102,6 @@ fn volumes_of(obj: &Value) -> Vec<(String, String)> {
                 .map(|(i, v)| (format!("spec.volumes[{i}].volume"), v.volume)),
         )
         .collect()
-}
-
-/// The existing Ports a Server names, with the field naming each: `spec.networks[i].port`.
-fn ports_of(obj: &Value) -> Vec<(String, String)> {
-    let Ok(spec) =
-        serde_json::from_value::<ServerSpec>(obj.get("spec").cloned().unwrap_or(Value::Null))
-    else {
-        return Vec::new();
-    };
-    spec.networks
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, n)| Some((format!("spec.networks[{i}].port"), n.port?)))
-        .collect()
-}
-
-/// Whether the Server `obj` may name `port` (the Port `name` at `field`, if it exists yet):
-/// it is not being deleted, and it is free or already the server's.
-fn port_usable(
-    s: &Subject<'_>,
-    obj: &Value,
-    field: &str,
-    name: &str,
-    port: &Value,
-) -> ApiResult<()> {
-    if port.pointer("/metadata/deletionTimestamp").is_some() {
-        return Err(conflict(
-            s,
-            obj,
-            field,
-            format!("port {name:?} is being deleted"),
-        ));
-    }
-    match port
-        .pointer("/status/boundTo")
-        .and_then(Value::as_str)
-        .filter(|o| *o != name_of(obj))
-    {
-        Some(other) => Err(conflict(
-            s,
-            obj,
-            field,
-            format!("port {name:?} is bound to server {other:?}; remove it from that server first"),
-        )),
-        None => Ok(()),
-    }
 }
 
 fn name_of(obj: &Value) -> &str {
@@ -268,24 +226,11 @@ async fn attach(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> ApiRes
         .iter()
         .map(|(_, v)| keys::object(ctx.prefix, STORAGE, "volumes", Some(ns), v))
         .collect();
-    let ports_before = w.old.map(|(o, _)| ports_of(o)).unwrap_or_default();
-    let added_ports: Vec<(String, String)> = ports_of(w.new)
-        .into_iter()
-        .filter(|(_, p)| !ports_before.iter().any(|(_, b)| b == p))
-        .collect();
-    let port_keys: Vec<String> = added_ports
-        .iter()
-        .map(|(_, p)| keys::object(ctx.prefix, NETWORK, "ports", Some(ns), p))
-        .collect();
     for _ in 0..RETRIES {
         let held = quota::check(ctx, s, ns, w).await?;
-        let reads: Vec<Read<'_>> = keys
-            .iter()
-            .chain(&port_keys)
-            .map(|k| Read::Key(k))
-            .collect();
-        let (mut got, _) = ctx.store.read_many(&reads).await.map_err(ApiError::from)?;
-        let ports_got = got.split_off(keys.len());
+        let reads: Vec<Read<'_>> = keys.iter().map(|k| Read::Key(k)).collect();
+        let (got, _) = ctx.store.read_many(&reads).await.map_err(ApiError::from)?;
+        let ports = ports::plan(ctx, &s, ns, &w).await?;
         let mut guards = match w.old {
             Some((_, rev)) => vec![Guard::Revision(w.key, rev)],
             None => vec![Guard::Absent(w.key)],
@@ -308,24 +253,21 @@ async fn attach(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> ApiRes
                 writes.push((key.as_str(), claimed(&v.value, server)?));
             }
         }
-        for (((field, name), key), found) in added_ports.iter().zip(&port_keys).zip(&ports_got) {
-            if let Some((_, p)) = found.first() {
-                port_usable(&s, w.new, field, name, &p.value)?;
-                guards.push(Guard::Revision(key, p.mod_revision));
-            }
-        }
+        guards.extend(ports.guards());
         let mut puts: Vec<(&str, &Value)> = vec![(w.key, w.new)];
         puts.extend(writes.iter().map(|(k, v)| (*k, v)));
+        puts.extend(ports.puts.iter().map(|(k, v)| (k.as_str(), v)));
+        let deletes: Vec<&str> = ports.deletes.iter().map(String::as_str).collect();
         if let Some(rev) = ctx
             .store
-            .write_many(&guards, &puts, &[])
+            .write_many(&guards, &puts, &deletes)
             .await
             .map_err(ApiError::from)?
         {
             return Ok(Write::Done(rev).into());
         }
         // The Server itself changed (or exists, on create), or its Project did: answered as
-        // the store would; else a volume or quota changed under the check: look again.
+        // the store would; else a volume, a port or quota changed under the check: look again.
         let now = ctx.store.get(w.key).await.map_err(ApiError::from)?;
         match (w.old, now) {
             (None, Some(now)) => return Ok(Write::Conflict(now.mod_revision).into()),
@@ -400,30 +342,6 @@ mod tests {
             (e.code, e.details.causes[0].field.as_str()),
             (422, "spec.bootVolume")
         );
-    }
-
-    #[test]
-    fn a_port_is_named_only_when_free_or_already_ours() {
-        let server = json!({"metadata": {"name": "web"},
-                            "spec": {"flavor": "m1", "networks": [{"network": "blue"}, {"port": "mine"}]}});
-        assert_eq!(
-            ports_of(&server),
-            [("spec.networks[1].port".to_string(), "mine".to_string())]
-        );
-        let s = subject();
-        let f = "spec.networks[1].port";
-        let free = json!({"spec": {"network": "blue"}, "status": {"phase": "Down"}});
-        assert!(port_usable(&s, &server, f, "mine", &free).is_ok());
-        let ours = json!({"spec": {"network": "blue"}, "status": {"boundTo": "web"}});
-        assert!(port_usable(&s, &server, f, "mine", &ours).is_ok());
-        let theirs = json!({"spec": {"network": "blue"}, "status": {"boundTo": "db"}});
-        let e = port_usable(&s, &server, f, "mine", &theirs).expect_err("bound elsewhere");
-        assert_eq!((e.code, e.details.causes[0].field.as_str()), (409, f));
-        assert!(e.message.contains("\"db\""), "{}", e.message);
-        let going = json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"},
-                           "spec": {"network": "blue"}});
-        let e = port_usable(&s, &server, f, "mine", &going).expect_err("going");
-        assert_eq!((e.code, e.details.causes[0].field.as_str()), (409, f));
     }
 
     #[test]

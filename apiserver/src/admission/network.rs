@@ -24,6 +24,11 @@
 //! admission sets; its delete frees that claim and leaves the Subnet's. A subnet's network and
 //! broadcast addresses are no port's (422).
 //!
+//! # Servers' claims
+//! A Port's create takes the reservation a Server made on its name before it existed
+//! (`admission/attachments/ports.rs`) as its claim (the `CLAIMED_BY` annotation), in the same
+//! transaction; no write to the Port sets, changes or drops that annotation after.
+//!
 //! # DHCP servers
 //! A Subnet serving DHCP claims its DHCP server's address at its create, as Neutron's DHCP port
 //! takes one: the first free address of its pools, recorded in `status.dhcpIP` (the claim names
@@ -74,6 +79,7 @@ use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 use stratus_api_types::network::{NetworkSpec, PortSpec, Segmentation, SubnetSpec};
+use stratus_api_types::ports::{CLAIMED_BY, claim_value};
 
 use crate::admission::{Admission, Change, Ctx, Held, Subject, Written, quota};
 use crate::base::error::{ApiError, ApiResult, Cause};
@@ -1323,7 +1329,13 @@ async fn create_port(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> A
     let router = router_owner(w.new).filter(|_| super::by_cluster_admin());
     let router_key =
         router.map(|(name, _)| keys::object(ctx.prefix, GROUP, "routers", Some(ns), name));
-    let mut reads = vec![Read::Key(&net_key), Read::Prefix(&subnets)];
+    // Servers that named this Port before it existed: the one holding the name gets the claim.
+    let reserved = super::attachments::reservations(ctx.prefix, ns, name_of(w.new));
+    let mut reads = vec![
+        Read::Key(&net_key),
+        Read::Prefix(&subnets),
+        Read::Prefix(&reserved),
+    ];
     reads.extend(router_key.as_deref().map(Read::Key));
     for _ in 0..RETRIES {
         let quota = quota::check(ctx, s, ns, w).await?;
@@ -1338,7 +1350,7 @@ async fn create_port(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> A
             .collect();
         // The subnets whose gateway this Port may take: those its Router, as stored now (the
         // same uid, not being deleted), has an interface on.
-        let owner = router.zip(snap.more.get(2).and_then(|r| r.first()));
+        let owner = router.zip(snap.more.get(3).and_then(|r| r.first()));
         let interfaces: Vec<&str> = owner
             .filter(|((_, uid), (_, r))| {
                 meta::meta_str(&r.value, "uid") == Some(*uid)
@@ -1429,6 +1441,29 @@ async fn create_port(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> A
         // Set here alone: what a create asks for is dropped.
         let taken = gateway.map(show);
         set_annotation_to(&mut obj, ROUTER_GATEWAY, taken.as_deref());
+        // A Port made for a Server's entry (controlled by it) is that Server's alone.
+        let made_for_server = w
+            .new
+            .pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .any(|r| {
+                r.get("controller").and_then(Value::as_bool) == Some(true)
+                    && r.get("kind").and_then(Value::as_str) == Some("Server")
+            });
+        let reservation = snap
+            .more
+            .get(2)
+            .and_then(|r| r.first())
+            .filter(|_| !made_for_server);
+        let claim = reservation.and_then(|(_, r)| {
+            Some(claim_value(
+                r.value.get("server")?.as_str()?,
+                r.value.get("uid")?.as_str()?,
+            ))
+        });
+        set_annotation_to(&mut obj, CLAIMED_BY, claim.as_deref());
         set_status(
             &mut obj,
             Map::from_iter([
@@ -1466,6 +1501,10 @@ async fn create_port(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> A
                 .map(|(k, sn)| Guard::Revision(k, sn.mod_revision)),
         );
         guards.extend(claims.iter().map(|k| Guard::Absent(k)));
+        // No Server named it meanwhile; the reservation taken becomes the claim.
+        guards.push(Guard::Unchanged(&reserved, snap.revision));
+        let taken_reservation: Vec<&str> =
+            reservation.map(|(k, _)| k.as_str()).into_iter().collect();
         // The Router whose interface takes a gateway is as read.
         if gateway.is_some()
             && let (Some(k), Some((_, (_, r)))) = (router_key.as_deref(), owner)
@@ -1476,7 +1515,7 @@ async fn create_port(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> A
         puts.extend(claims.iter().map(|k| (k.as_str(), &holder)));
         if let Some(rev) = ctx
             .store
-            .write_many(&guards, &puts, &[])
+            .write_many(&guards, &puts, &taken_reservation)
             .await
             .map_err(ApiError::from)?
         {
@@ -1836,6 +1875,20 @@ async fn update(
         (a, b) if a != b => causes.push(Cause::invalid(
             format!("metadata.annotations[{ROUTER_GATEWAY}]"),
             "Forbidden: set by address allocation when a router interface is created",
+        )),
+        _ => {}
+    }
+    // A Server's claim is written by that Server's admission alone.
+    let claimed = |o: &Value| {
+        o.pointer("/metadata/annotations")
+            .and_then(|a| a.get(CLAIMED_BY))
+            .cloned()
+    };
+    match (claimed(old), claimed(w.new)) {
+        (Some(a), None) => set_annotation_to(&mut new, CLAIMED_BY, a.as_str()),
+        (a, b) if a != b => causes.push(Cause::invalid(
+            format!("metadata.annotations[{CLAIMED_BY}]"),
+            "Forbidden: set when a Server names the port",
         )),
         _ => {}
     }

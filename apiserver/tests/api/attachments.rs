@@ -1,9 +1,13 @@
 //! Volumes attached to Servers at admission: the claim in the Server's own transaction, the
 //! refusals (a volume of another project, one held by another server, one not bootable), the
 //! race for one volume, and what a compute node may read of an attached volume. Ports named
-//! by a Server: one bound to another server refused.
+//! by a Server: claimed in its write (of many Servers at once, one gets it), freed when it drops
+//! them or goes, bound to the Port's uid; networks a project may not use refused.
 
 use serde_json::{Value, json};
+
+use stratus_api_types::ports::CLAIMED_BY;
+use stratus_apiserver::admission::CLUSTER_ADMIN;
 
 use crate::fixtures::{Cloud, MERGE, Obj, refused};
 
@@ -159,18 +163,273 @@ async fn a_port_bound_to_another_server_is_refused_naming_the_field() {
             .await,
     );
     assert_eq!((e.code, field(&e)), (409, "spec.networks[0].port"), "{e:?}");
-    // Released (taken out of web, unbound by the ports controller): db may have it.
+    // Dropped by web: db may have it at once (the ports controller unbinds it from web).
     c.patch(
-        &c.status("Port", Some("demo"), "mine"),
+        &server("web"),
         MERGE,
-        &json!({"status": {"boundTo": null}}),
+        &json!({"spec": {"networks": [{"network": "blue"}]}}),
         "",
     )
     .await
-    .expect("released");
+    .expect("web drops its port");
     c.patch(&server("db"), MERGE, &add, "")
         .await
         .expect("a released port is added");
+    assert_eq!(claim(&c, "mine").await, "db");
+}
+
+/// The name of the Server whose claim Port `name` of project demo carries.
+async fn claim(c: &Cloud, name: &str) -> String {
+    let p = c.get("Port", Some("demo"), name).await.expect("port");
+    p["metadata"]["annotations"][CLAIMED_BY]
+        .as_str()
+        .and_then(|v| v.split_once('/'))
+        .map(|(s, _)| s.to_owned())
+        .unwrap_or_default()
+}
+
+fn network(name: &str) -> Obj {
+    Obj(
+        json!({"apiVersion": "network.stratus.dev/v1", "kind": "Network",
+               "metadata": {"name": name, "namespace": "demo"}, "spec": {}}),
+    )
+}
+
+fn port(name: &str, network: &str) -> Obj {
+    Obj(
+        json!({"apiVersion": "network.stratus.dev/v1", "kind": "Port",
+               "metadata": {"name": name, "namespace": "demo"}, "spec": {"network": network}}),
+    )
+}
+
+fn naming_port(name: &str, port: &str) -> Obj {
+    Obj::server("demo", name).spec("networks", json!([{"port": port}]))
+}
+
+#[tokio::test]
+async fn of_many_servers_naming_one_free_port_at_once_exactly_one_gets_it() {
+    let c = Cloud::with_demo().await;
+    c.create(&network("blue")).await.expect("network");
+    c.create(&port("mine", "blue")).await.expect("port");
+    // Twelve creates and twelve updates of existing servers, all at once.
+    for i in 0..12 {
+        c.create(&Obj::server("demo", &format!("old-{i}")))
+            .await
+            .expect("server");
+    }
+    let creates = (0..12).map(|i| {
+        let c = &c;
+        async move { c.create(&naming_port(&format!("new-{i}"), "mine")).await }
+    });
+    let updates = (0..12).map(|i| {
+        let c = &c;
+        async move {
+            c.patch(
+                &c.target("Server", Some("demo"), Some(&format!("old-{i}"))),
+                MERGE,
+                &json!({"spec": {"networks": [{"port": "mine"}]}}),
+                "",
+            )
+            .await
+            .map(|(_, v)| v)
+        }
+    });
+    let (created, updated) = futures::join!(
+        futures::future::join_all(creates),
+        futures::future::join_all(updates)
+    );
+    let mut winners = Vec::new();
+    for r in created.into_iter().chain(updated) {
+        match r {
+            Ok(s) => winners.push(
+                s["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ),
+            Err(e) => {
+                assert_eq!((e.code, field(&e)), (409, "spec.networks[0].port"), "{e:?}");
+                assert!(e.message.contains("is claimed by server"), "{}", e.message);
+            }
+        }
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    assert_eq!(claim(&c, "mine").await, winners[0]);
+    // Only the winner was written naming the port.
+    let list = c.list("Server", Some("demo"), "").await.expect("servers");
+    let naming: Vec<&str> = list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| {
+            s["spec"]["networks"]
+                .as_array()
+                .is_some_and(|n| !n.is_empty())
+        })
+        .filter_map(|s| s["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(naming, [winners[0].as_str()]);
+}
+
+#[tokio::test]
+async fn a_port_made_anew_under_a_claimed_name_is_free() {
+    let c = Cloud::with_demo().await;
+    c.create(&network("blue")).await.expect("network");
+    c.create(&port("mine", "blue")).await.expect("port");
+    c.create(&naming_port("web", "mine")).await.expect("web");
+    assert_eq!(claim(&c, "mine").await, "web");
+    // Deleted and made again: web still names it, but its claim went with the old Port.
+    c.delete("Port", Some("demo"), "mine", "")
+        .await
+        .expect("delete");
+    c.create(&port("mine", "blue")).await.expect("port again");
+    assert_eq!(claim(&c, "mine").await, "");
+    c.create(&naming_port("db", "mine"))
+        .await
+        .expect("the new port is free");
+    assert_eq!(claim(&c, "mine").await, "db");
+    // A write to the Port cannot set or change its claim.
+    let e = refused(
+        c.patch(
+            &c.target("Port", Some("demo"), Some("mine")),
+            MERGE,
+            &json!({"metadata": {"annotations": {CLAIMED_BY: "web/x"}}}),
+            "",
+        )
+        .await,
+    );
+    assert_eq!(e.code, 422, "{e:?}");
+    assert_eq!(claim(&c, "mine").await, "db");
+}
+
+#[tokio::test]
+async fn a_deleted_server_leaves_its_port_free() {
+    let c = Cloud::with_demo().await;
+    c.create(&network("blue")).await.expect("network");
+    c.create(&port("mine", "blue")).await.expect("port");
+    c.create(&naming_port("web", "mine")).await.expect("web");
+    let e = refused(c.create(&naming_port("db", "mine")).await);
+    assert_eq!((e.code, field(&e)), (409, "spec.networks[0].port"));
+    c.delete("Server", Some("demo"), "web", "")
+        .await
+        .expect("delete web");
+    c.create(&naming_port("db", "mine"))
+        .await
+        .expect("web's port is free once web is gone");
+    assert_eq!(claim(&c, "mine").await, "db");
+    // A Server made anew under the holder's name holds nothing of the old one's.
+    c.delete("Server", Some("demo"), "db", "")
+        .await
+        .expect("delete db");
+    c.create(&Obj::server("demo", "db"))
+        .await
+        .expect("db again");
+    c.create(&naming_port("cache", "mine"))
+        .await
+        .expect("the new db holds nothing");
+}
+
+#[tokio::test]
+async fn a_port_named_before_it_exists_is_reserved_and_claimed_at_its_create() {
+    let c = Cloud::with_demo().await;
+    c.create(&network("blue")).await.expect("network");
+    c.create(&naming_port("web", "later")).await.expect("web");
+    let e = refused(c.create(&naming_port("db", "later")).await);
+    assert_eq!((e.code, field(&e)), (409, "spec.networks[0].port"), "{e:?}");
+    assert!(e.message.contains("\"web\""), "{}", e.message);
+    c.create(&port("later", "blue")).await.expect("port");
+    assert_eq!(claim(&c, "later").await, "web");
+    let e = refused(c.create(&naming_port("db", "later")).await);
+    assert_eq!((e.code, field(&e)), (409, "spec.networks[0].port"));
+    // A reservation dropped goes with the write that drops it.
+    c.create(&naming_port("cache", "other"))
+        .await
+        .expect("cache");
+    c.patch(
+        &c.target("Server", Some("demo"), Some("cache")),
+        MERGE,
+        &json!({"spec": {"networks": []}}),
+        "",
+    )
+    .await
+    .expect("cache drops it");
+    c.create(&naming_port("db", "other"))
+        .await
+        .expect("a dropped reservation is free");
+    // And with the Server's delete.
+    c.delete("Server", Some("demo"), "db", "")
+        .await
+        .expect("delete db");
+    c.create(&naming_port("api", "other"))
+        .await
+        .expect("a deleted server's reservation is free");
+    c.create(&port("other", "blue")).await.expect("port");
+    assert_eq!(claim(&c, "other").await, "api");
+}
+
+#[tokio::test]
+async fn a_server_uses_only_networks_its_project_may_use() {
+    let c = Cloud::with_demo().await;
+    CLUSTER_ADMIN
+        .scope(
+            true,
+            c.create(&network("public").spec("external", json!(true))),
+        )
+        .await
+        .expect("the operator's uplink");
+    CLUSTER_ADMIN
+        .scope(true, c.create(&port("uplink", "public")))
+        .await
+        .expect("a port on it");
+    let before = c.revision().await;
+    let on = |net: &str| {
+        Obj::server("demo", "web").spec("networks", json!([{"network": "blue"}, {"network": net}]))
+    };
+    c.create(&network("blue")).await.expect("network");
+    let before_web = c.revision().await;
+    assert!(before_web > before);
+    // An external network, or a port on one: 403 naming the field, nothing stored.
+    let e = refused(c.create(&on("public")).await);
+    assert_eq!(
+        (e.code, field(&e)),
+        (403, "spec.networks[1].network"),
+        "{e:?}"
+    );
+    let e = refused(c.create(&naming_port("web", "uplink")).await);
+    assert_eq!((e.code, field(&e)), (403, "spec.networks[0].port"), "{e:?}");
+    assert_eq!(c.revision().await, before_web, "nothing written");
+    // Another project's network cannot even be named.
+    c.create(&Obj::project("other")).await.expect("project");
+    let e = refused(c.create(&on("other/blue")).await);
+    assert_eq!(
+        (e.code, field(&e)),
+        (422, "spec.networks[1].network"),
+        "{e:?}"
+    );
+    // A network not made yet is waited for; an admin may attach the uplink.
+    c.create(&on("later")).await.expect("a network made later");
+    CLUSTER_ADMIN
+        .scope(
+            true,
+            c.create(&Obj::server("demo", "edge").spec("networks", json!([{"network": "public"}]))),
+        )
+        .await
+        .expect("an admin attaches a server to an external network");
+    // Adding it later by an update is refused the same way.
+    let e = refused(
+        c.patch(
+            &c.target("Server", Some("demo"), Some("web")),
+            MERGE,
+            &json!({"spec": {"networks": [{"network": "blue"}, {"network": "later"}, {"network": "public"}]}}),
+            "",
+        )
+        .await,
+    );
+    assert_eq!(
+        (e.code, field(&e)),
+        (403, "spec.networks[2].network"),
+        "{e:?}"
+    );
 }
 
 #[tokio::test]
