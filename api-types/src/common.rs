@@ -196,6 +196,10 @@ reasons! {
     InspectionFailed,
     /// An image's download failed (it is tried again).
     DownloadFailed,
+    /// The object store refused an image's token for its `source.swift` object (403).
+    SourceForbidden,
+    /// An image's `source.swift` object is not in its project's account (404).
+    SourceNotFound,
     /// A hypervisor's `Ready=True`: its agent runs and heartbeats.
     AgentReady,
     /// A hypervisor's `Ready=False`: its heartbeat Lease expired.

@@ -131,13 +131,123 @@ pub enum Visibility {
     Public,
 }
 
-/// Where an Image's data comes from.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+/// Where an Image's data comes from: exactly one of `url` and `swift`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ImageSource {
     /// HTTP or HTTPS URL of the data (Glance's web-download import).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(url, length(max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
-    pub url: String,
+    pub url: Option<String>,
+    /// An object in the Image's own project's account of the cloud's object store (Glance's
+    /// Swift store). It is fetched with a short-lived read-only token of that project, so
+    /// no other project's object can be named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swift: Option<SwiftObject>,
+}
+
+/// The longest Swift container name (Swift's `MAX_CONTAINER_NAME_LENGTH`).
+pub const MAX_CONTAINER_NAME: usize = 256;
+/// The longest Swift object name (Swift's `MAX_OBJECT_NAME_LENGTH`).
+pub const MAX_OBJECT_NAME: usize = 1024;
+
+/// An object in the Image's project's Swift account.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SwiftObject {
+    /// The container: no `/`, not `.` or `..`.
+    #[schemars(length(min = 1, max = 256))]
+    pub container: String,
+    /// The object's name; `/` separates pseudo-folders, no segment is empty, `.` or `..`.
+    #[schemars(length(min = 1, max = 1024))]
+    pub object: String,
+}
+
+impl SwiftObject {
+    /// What is wrong with the names, as (field, reason): Swift refuses a container name with
+    /// `/` or longer than [`MAX_CONTAINER_NAME`] and an object name longer than
+    /// [`MAX_OBJECT_NAME`]; Stratus also refuses `.` and `..` (a path's meaning, not a name),
+    /// empty object path segments and control characters, so the URL built from them names
+    /// that object and no other.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let control = |s: &str| s.chars().any(char::is_control);
+        let c = &self.container;
+        if c.is_empty() || c.len() > MAX_CONTAINER_NAME {
+            out.push((
+                "container",
+                format!("must be 1 to {MAX_CONTAINER_NAME} bytes"),
+            ));
+        } else if c.contains('/') {
+            out.push(("container", "must not contain '/'".to_owned()));
+        } else if c == "." || c == ".." {
+            out.push(("container", "must not be '.' or '..'".to_owned()));
+        } else if control(c) {
+            out.push((
+                "container",
+                "must not contain control characters".to_owned(),
+            ));
+        }
+        let o = &self.object;
+        if o.is_empty() || o.len() > MAX_OBJECT_NAME {
+            out.push(("object", format!("must be 1 to {MAX_OBJECT_NAME} bytes")));
+        } else if o.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+            out.push((
+                "object",
+                "must not start or end with '/', hold '//', or have a '.' or '..' segment"
+                    .to_owned(),
+            ));
+        } else if control(o) {
+            out.push(("object", "must not contain control characters".to_owned()));
+        }
+        out
+    }
+}
+
+/// What `POST images/NAME/token` answers: a short-lived token that reads the Image's
+/// project's object store account and nothing else, for the component fetching the Image.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageToken {
+    /// `image.stratus.dev/v1`.
+    pub api_version: String,
+    /// `ImageToken`.
+    pub kind: String,
+    /// The token and where it applies.
+    pub status: ImageTokenStatus,
+}
+
+/// The token of an [`ImageToken`] (its `Debug` and `Display` leave the token out).
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageTokenStatus {
+    /// Sent as `X-Auth-Token` to the object store; never put in a URL or a log.
+    pub token: String,
+    /// When the token stops working (RFC 3339).
+    pub expiration_timestamp: String,
+    /// The project's account in the object store (`.../v1/AUTH_<project uid>`).
+    pub account_url: String,
+}
+
+impl std::fmt::Debug for ImageTokenStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageTokenStatus")
+            .field("token", &"<redacted>")
+            .field("expiration_timestamp", &self.expiration_timestamp)
+            .field("account_url", &self.account_url)
+            .finish()
+    }
+}
+
+impl std::fmt::Display for ImageTokenStatus {
+    /// Everything but the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "token for {} until {}",
+            self.account_url, self.expiration_timestamp
+        )
+    }
 }
 
 /// Lifecycle phase of an Image.

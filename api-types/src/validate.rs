@@ -521,6 +521,24 @@ impl Check for ImageSpec {
                 );
             }
         }
+        match (&self.source.url, &self.source.swift) {
+            (Some(_), Some(_)) => errs.push(
+                "spec.source",
+                "give exactly one of url and swift, not both",
+                None,
+            ),
+            (None, None) => errs.push(
+                "spec.source",
+                "required: exactly one of url and swift",
+                None,
+            ),
+            (None, Some(swift)) => {
+                for (field, reason) in swift.problems() {
+                    errs.push(format!("spec.source.swift.{field}"), reason, None);
+                }
+            }
+            (Some(_), None) => {}
+        }
     }
 }
 

@@ -1056,3 +1056,196 @@ async fn a_deleted_projects_s3_key_signs_for_nobody_even_through_its_index() {
         json!(s.project_uid("p1").await)
     );
 }
+
+/// An Image of project `ns` named `name` with `source`, `public` or not, made by the admin.
+async fn image(s: &Server, ns: &str, name: &str, source: Value, public: bool) -> Value {
+    let visibility = if public { "public" } else { "private" };
+    s.admin(
+        "POST",
+        &format!("/apis/image.stratus.dev/v1/namespaces/{ns}/images"),
+        json!({"apiVersion": "image.stratus.dev/v1", "kind": "Image", "metadata": {"name": name},
+               "spec": {"diskFormat": "raw", "source": source, "visibility": visibility}}),
+    )
+    .await
+}
+
+/// `POST images/NAME/token` in `ns` as `who`, with `body`.
+async fn image_token(s: &Server, who: &str, ns: &str, name: &str, body: Value) -> Answer {
+    let path = format!("/apis/image.stratus.dev/v1/namespaces/{ns}/images/{name}/token");
+    s.api(who, "POST", &path, &body).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_token_reads_its_images_project_only_for_whoever_fetches_it() {
+    let s = server().await;
+    s.setup(&["p1", "p2"], &[("alice", "p1")]).await;
+    let (p1, p2) = (s.project_uid("p1").await, s.project_uid("p2").await);
+    let swift = json!({"swift": {"container": "images", "object": "disk.raw"}});
+    image(&s, "p1", "disk", swift.clone(), false).await;
+    image(&s, "p2", "shared", swift.clone(), true).await;
+    image(
+        &s,
+        "p1",
+        "web",
+        json!({"url": "https://example.org/d.raw"}),
+        false,
+    )
+    .await;
+
+    // The controllers (a system identity) get one: the token in the body only, for the
+    // project's account.
+    let a = image_token(&s, ADMIN, "p1", "disk", json!({})).await;
+    assert_eq!(a.code, 201, "{}", a.body);
+    assert_eq!(a.body["kind"], "ImageToken");
+    let st = &a.body["status"];
+    assert_eq!(
+        st["accountUrl"],
+        json!(format!("http://127.0.0.1:8080/v1/AUTH_{p1}"))
+    );
+    let token = st["token"].as_str().expect("a token").to_string();
+    let expires: jiff::Timestamp = st["expirationTimestamp"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .expect("an RFC 3339 expiry");
+    let left = expires.as_second() - jiff::Timestamp::now().as_second();
+    assert!(
+        (590..=600).contains(&left),
+        "valid minutes, not hours: {left} s"
+    );
+
+    // The proxy sees a token of p1 with the reader role alone: keystoneauth's
+    // project_reader_roles, so it reads p1's account and writes nothing; no operator role,
+    // never ResellerAdmin (which would reach every account).
+    let v = s.validate(Some(PROXY), &token).await;
+    assert_eq!(v.code, 200, "{}", v.body);
+    assert_eq!(v.body["token"]["project"]["id"], json!(p1));
+    assert_eq!(
+        v.body["token"]["roles"],
+        json!([{"id": "reader", "name": "reader"}])
+    );
+    assert_ne!(v.body["token"]["project"]["id"], json!(p2));
+
+    // It is no credential for the Stratus API, not even for reading the Image.
+    let get = s
+        .api(
+            &token,
+            "GET",
+            "/apis/image.stratus.dev/v1/namespaces/p1/images/disk",
+            &Value::Null,
+        )
+        .await;
+    assert_eq!(get.code, 401, "{}", get.body);
+    // Nor can it ask for another token.
+    assert_eq!(
+        image_token(&s, &token, "p1", "disk", json!({})).await.code,
+        401
+    );
+
+    // Users (even the project's members), the proxy, and a node with nothing made from the
+    // Image get none; a node gets one for a public image it may read.
+    let alice = s.token("alice", "p1").await;
+    for who in [alice.as_str(), PROXY, NODE] {
+        let r = image_token(&s, who, "p1", "disk", json!({})).await;
+        assert_eq!(r.code, 403, "{who}: {}", r.body);
+        assert_eq!(r.body["kind"], "Status");
+    }
+    let public = image_token(&s, NODE, "p2", "shared", json!({})).await;
+    assert_eq!(public.code, 201, "{}", public.body);
+    let pv = s
+        .validate(
+            Some(PROXY),
+            public.body["status"]["token"].as_str().expect("token"),
+        )
+        .await;
+    assert_eq!(pv.body["token"]["project"]["id"], json!(p2));
+
+    // Bad requests: 4xx naming what is wrong.
+    let url_image = image_token(&s, ADMIN, "p1", "web", json!({})).await;
+    assert_eq!(url_image.code, 400, "{}", url_image.body);
+    assert!(
+        url_image.body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("spec.source.swift")
+    );
+    assert_eq!(
+        image_token(&s, ADMIN, "p1", "nope", json!({})).await.code,
+        404
+    );
+    for bad in [json!(0), json!(601), json!("60"), json!(-5)] {
+        let r = image_token(
+            &s,
+            ADMIN,
+            "p1",
+            "disk",
+            json!({"spec": {"expirationSeconds": bad}}),
+        )
+        .await;
+        assert_eq!(r.code, 400, "{bad}: {}", r.body);
+        assert_eq!(
+            r.body["details"]["causes"][0]["field"],
+            "spec.expirationSeconds"
+        );
+    }
+    let get_token = s
+        .api(
+            ADMIN,
+            "GET",
+            "/apis/image.stratus.dev/v1/namespaces/p1/images/disk/token",
+            &Value::Null,
+        )
+        .await;
+    assert_eq!(get_token.code, 405);
+
+    // Expired: refused by the identity endpoints.
+    let short = image_token(
+        &s,
+        ADMIN,
+        "p1",
+        "disk",
+        json!({"spec": {"expirationSeconds": 1}}),
+    )
+    .await;
+    assert_eq!(short.code, 201, "{}", short.body);
+    let short = short.body["status"]["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    assert_eq!(s.validate(Some(PROXY), &short).await.code, 200);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(s.validate(Some(PROXY), &short).await.code, 404);
+
+    // A token is bound to its Image by uid: once the Image is deleted (and another made with
+    // its name), it reads nothing.
+    s.admin(
+        "DELETE",
+        "/apis/image.stratus.dev/v1/namespaces/p1/images/disk",
+        Value::Null,
+    )
+    .await;
+    assert_eq!(s.validate(Some(PROXY), &token).await.code, 404);
+    image(&s, "p1", "disk", swift, false).await;
+    assert_eq!(s.validate(Some(PROXY), &token).await.code, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_without_an_object_store_issues_no_image_token() {
+    let s = server_with(|c| c.object_store_url = None).await;
+    s.setup(&["p1"], &[]).await;
+    image(
+        &s,
+        "p1",
+        "disk",
+        json!({"swift": {"container": "images", "object": "disk.raw"}}),
+        false,
+    )
+    .await;
+    let r = image_token(&s, ADMIN, "p1", "disk", json!({})).await;
+    assert_eq!(r.code, 503, "{}", r.body);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("object store")
+    );
+}

@@ -2,7 +2,9 @@
 //! does) under the operator's URL policy, verifies it against `spec.sha256`, inspects it
 //! (no backing file, data file or format other than declared), and reports its size and
 //! checksum in status: `Active` when verified, `Error` with a reason when not. Nodes still
-//! verify and inspect what they cache.
+//! verify and inspect what they cache. An Image kept in the object store (`source.swift`) is
+//! read with a short-lived read-only token of its project (`images/NAME/token`), so it can
+//! only name its own project's objects.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +17,9 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use stratus_api_types::common::{ConditionType, Reason};
 use stratus_api_types::image::{DiskFormat, Image, ImagePhase};
-use stratus_image_cache::{Format, ImageCache, ImageError, Policy, Request, Unsafe};
+use stratus_image_cache::{
+    CachedImage, Format, ImageCache, ImageError, Policy, Unsafe, image_origin,
+};
 use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
 
@@ -46,6 +50,7 @@ impl Classify for ImagesError {
 }
 
 struct Ctx {
+    client: Client,
     runtime: Runtime<Image>,
     cache: Arc<ImageCache>,
 }
@@ -86,20 +91,8 @@ async fn verify(image: &Image, ctx: &Ctx) -> Result<Action, ImagesError> {
             .map_err(ImagesError::Api)?;
         written.status = Some(status.clone());
     }
-    let cache = Arc::clone(&ctx.cache);
-    let uid = image.metadata.uid.clone().ok_or(ImagesError::Incomplete)?;
-    let url = image.spec.source.url.clone();
-    let sum = image.spec.sha256.clone();
     let format = cache_format(image.spec.disk_format);
-    let got = stratus_runtime::blocking(move || {
-        cache.fetch(&Request {
-            uid: &uid,
-            url: &url,
-            sha256: sum.as_deref(),
-            format,
-        })
-    })
-    .await?;
+    let got = fetch(image, ctx, format).await?;
     let mut next = Action::await_change();
     status.observed_generation = generation;
     match got {
@@ -120,7 +113,21 @@ async fn verify(image: &Image, ctx: &Ctx) -> Result<Action, ImagesError> {
                 .yes(Reason::Active, "servers can boot from it")
                 .set(&mut status.conditions, generation);
         }
-        Err(e) => {
+        Err(Fetch::Token(e)) => {
+            next = Action::requeue(Duration::from_secs(30));
+            let message = format!(
+                "no token to read the object store: {}",
+                stratus_runtime::policy::chain(&e)
+            );
+            status.phase = ImagePhase::Error;
+            ConditionType::Verified
+                .no(Reason::DownloadFailed, message.clone())
+                .set(&mut status.conditions, generation);
+            ConditionType::Ready
+                .no(Reason::DownloadFailed, message)
+                .set(&mut status.conditions, generation);
+        }
+        Err(Fetch::Image(e)) => {
             let (reason, message) = refusal(&e);
             if !e.is_final() {
                 next = Action::requeue(Duration::from_secs(30));
@@ -140,6 +147,39 @@ async fn verify(image: &Image, ctx: &Ctx) -> Result<Action, ImagesError> {
         .await
         .map_err(ImagesError::Api)?;
     Ok(next)
+}
+
+/// Why a fetch failed: no token for the object store, or the fetch itself.
+enum Fetch {
+    Token(kube::Error),
+    Image(ImageError),
+}
+
+/// The Image's data in the cache, from its URL or, with a token of its project, from the
+/// object store.
+async fn fetch(
+    image: &Image,
+    ctx: &Ctx,
+    format: Format,
+) -> Result<Result<CachedImage, Fetch>, ImagesError> {
+    let cache = Arc::clone(&ctx.cache);
+    let uid = image.metadata.uid.clone().ok_or(ImagesError::Incomplete)?;
+    let sum = image.spec.sha256.clone();
+    let source = image.spec.source.clone();
+    let token = match stratus_runtime::image_token::image_token(&ctx.client, image).await {
+        Ok(t) => t,
+        Err(e) => return Ok(Err(Fetch::Token(e))),
+    };
+    let got = stratus_runtime::blocking(move || {
+        cache.fetch_origin(
+            &uid,
+            image_origin(&source, token.as_ref()),
+            sum.as_deref(),
+            format,
+        )
+    })
+    .await?;
+    Ok(got.map_err(Fetch::Image))
 }
 
 /// Reasons of a `Verified=False` that are final until the spec changes: the data is wrong,
@@ -181,6 +221,16 @@ fn refusal(e: &ImageError) -> (Reason, String) {
         ImageError::Unsafe(u) => (unsafe_reason(u), format!("the image data is refused: {u}")),
         ImageError::Refused { .. } => (Reason::UrlRefused, stratus_runtime::policy::chain(e)),
         ImageError::Inspect(_) => (Reason::InspectionFailed, stratus_runtime::policy::chain(e)),
+        ImageError::ObjectStatus {
+            code: 401 | 403, ..
+        } => (
+            Reason::SourceForbidden,
+            format!("{e}: the object is not readable with a token of the image's project"),
+        ),
+        ImageError::ObjectStatus { code: 404, .. } => (
+            Reason::SourceNotFound,
+            format!("{e}: no such container or object in the image's project's account"),
+        ),
         _ => (Reason::DownloadFailed, stratus_runtime::policy::chain(e)),
     }
 }
@@ -204,6 +254,7 @@ fn error_policy(image: Arc<Image>, e: &ImagesError, ctx: Arc<Ctx>) -> Action {
 /// its watch ends.
 pub async fn run(client: Client, dir: PathBuf, policy: Policy) {
     let ctx = Arc::new(Ctx {
+        client: client.clone(),
         runtime: Runtime::new(client.clone(), MANAGER),
         cache: Arc::new(ImageCache::new(dir, policy)),
     });

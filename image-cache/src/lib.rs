@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ring::digest::{Context, SHA256};
+use stratus_api_types::image::{ImageSource, ImageTokenStatus};
 
 pub use inspect::{Format, InspectError, Unsafe};
 pub use policy::{AddressClass, HostRule, HostRuleError, Policy, Refusal};
@@ -102,6 +103,25 @@ pub enum ImageError {
     /// The data could not be inspected.
     #[error("inspect the image data")]
     Inspect(#[source] InspectError),
+    /// The object store answered a fetch of an object with an error status (401 or 403: the
+    /// token does not read that account; 404: no such object).
+    #[error("the object store answered {code} for {url}")]
+    ObjectStatus {
+        /// The object's URL.
+        url: String,
+        /// The HTTP status.
+        code: u16,
+    },
+    /// A `source.swift` object's names do not make an object URL.
+    #[error("object {container:?}/{object:?} under {account_url} is no object URL")]
+    ObjectName {
+        /// The account's URL.
+        account_url: String,
+        /// The container.
+        container: String,
+        /// The object.
+        object: String,
+    },
     /// The HTTP request failed (connection, TLS, status 4xx/5xx, timeout).
     #[error("download {url}")]
     Http {
@@ -192,10 +212,96 @@ pub struct ImageCache {
     policy: Policy,
 }
 
+/// An object of the cloud's own object store (an Image's `source.swift`), read with a
+/// short-lived token of the Image's project. The account's URL comes from the API server, not
+/// from a tenant, so the URL policy (which refuses the control plane's addresses) does not
+/// apply; the size limit and inspection do.
+#[derive(Clone, Copy)]
+pub struct ObjectSource<'a> {
+    /// The project's account: `<proxy>/v1/AUTH_<project>`.
+    pub account_url: &'a str,
+    /// The container.
+    pub container: &'a str,
+    /// The object's name (`/` separates pseudo-folders).
+    pub object: &'a str,
+    /// Sent as `X-Auth-Token`, never logged nor put in the URL.
+    pub token: &'a str,
+}
+
+impl std::fmt::Debug for ObjectSource<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectSource")
+            .field("account_url", &self.account_url)
+            .field("container", &self.container)
+            .field("object", &self.object)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ObjectSource<'_> {
+    /// The object's URL: the account's, then the container and each segment of the object's
+    /// name percent-encoded as one path segment, so no name reaches another account.
+    ///
+    /// # Errors
+    /// [`ImageError::ObjectName`] when the account URL does not parse, or a name is empty or
+    /// has a `.` or `..` segment.
+    pub fn url(&self) -> Result<url::Url, ImageError> {
+        let bad = || ImageError::ObjectName {
+            account_url: self.account_url.to_owned(),
+            container: self.container.to_owned(),
+            object: self.object.to_owned(),
+        };
+        let mut url = url::Url::parse(self.account_url).map_err(|_| bad())?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(bad());
+        }
+        let parts = std::iter::once(self.container).chain(self.object.split('/'));
+        {
+            let mut segments = url.path_segments_mut().map_err(|()| bad())?;
+            segments.pop_if_empty();
+            for part in parts {
+                if part.is_empty() || part == "." || part == ".." {
+                    return Err(bad());
+                }
+                segments.push(part);
+            }
+        }
+        Ok(url)
+    }
+}
+
+/// Where an Image's data is: a URL under the policy, or an object of the cloud's object store.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// A URL (`source.url`).
+    Url(&'a str),
+    /// An object read with a token (`source.swift`).
+    Object(ObjectSource<'a>),
+}
+
+/// Where the data of an Image with `source` is, given the token asked for it
+/// (`stratus_runtime::image_token`; without one, its URL).
+pub fn image_origin<'a>(
+    source: &'a ImageSource,
+    token: Option<&'a ImageTokenStatus>,
+) -> Origin<'a> {
+    match (&source.swift, token) {
+        (Some(swift), Some(token)) => Origin::Object(ObjectSource {
+            account_url: &token.account_url,
+            container: &swift.container,
+            object: &swift.object,
+            token: &token.token,
+        }),
+        _ => Origin::Url(source.url.as_deref().unwrap_or_default()),
+    }
+}
+
 /// Where an image comes from.
 enum Source {
     File(PathBuf),
     Http(url::Url),
+    /// The cloud's object store, with a token.
+    Object(url::Url, String),
 }
 
 /// A resolver that answers only the addresses the policy checked, so that what is connected
@@ -263,6 +369,61 @@ impl ImageCache {
     /// policy refuses; the other variants for bad input, transport and file errors.
     pub fn fetch(&self, req: &Request<'_>) -> Result<CachedImage, ImageError> {
         let source = self.parse_source(req.url)?;
+        self.fetch_from(req, &source)
+    }
+
+    /// As [`fetch`](Self::fetch), for an object of the cloud's object store read with
+    /// `object.token` (an Image's `source.swift`); `uid`, `sha256` and `format` as in a
+    /// [`Request`]. The entry is keyed by the checksum, or else by the object's URL.
+    ///
+    /// # Guarantees
+    /// As [`fetch`](Self::fetch)'s, but the URL policy is not consulted (the account URL is
+    /// the operator's); the token goes in a header only.
+    ///
+    /// # Errors
+    /// As [`fetch`](Self::fetch)'s; [`ImageError::ObjectStatus`] when the object store
+    /// refuses the token or has no such object.
+    pub fn fetch_object(
+        &self,
+        uid: &str,
+        object: &ObjectSource<'_>,
+        sha256: Option<&str>,
+        format: Format,
+    ) -> Result<CachedImage, ImageError> {
+        let url = object.url()?;
+        let req = Request {
+            uid,
+            url: url.as_str(),
+            sha256,
+            format,
+        };
+        let source = Source::Object(url.clone(), object.token.to_owned());
+        self.fetch_from(&req, &source)
+    }
+
+    /// [`fetch`](Self::fetch) or [`fetch_object`](Self::fetch_object), by `origin`.
+    ///
+    /// # Errors
+    /// As theirs.
+    pub fn fetch_origin(
+        &self,
+        uid: &str,
+        origin: Origin<'_>,
+        sha256: Option<&str>,
+        format: Format,
+    ) -> Result<CachedImage, ImageError> {
+        match origin {
+            Origin::Url(url) => self.fetch(&Request {
+                uid,
+                url,
+                sha256,
+                format,
+            }),
+            Origin::Object(object) => self.fetch_object(uid, &object, sha256, format),
+        }
+    }
+
+    fn fetch_from(&self, req: &Request<'_>, source: &Source) -> Result<CachedImage, ImageError> {
         let expected = req.sha256.map(normalise_checksum).transpose()?;
         check_uid(req.uid)?;
         let dir = self.dir.join(req.uid);
@@ -281,7 +442,7 @@ impl ImageCache {
             return Ok(hit);
         }
         tracing::info!(url = req.url, uid = req.uid, "downloading image");
-        let image = self.download(&dir, req, &source, expected.as_deref())?;
+        let image = self.download(&dir, req, source, expected.as_deref())?;
         if expected.is_none() {
             write_index(&dir, &key, &image.sha256)?;
         }
@@ -465,19 +626,58 @@ impl ImageCache {
                 current = next;
                 continue;
             }
-            let length = response
-                .headers()
-                .get("content-length")
-                .and_then(|l| l.to_str().ok())
-                .and_then(|l| l.parse::<u64>().ok());
-            if length.is_some_and(|l| l > self.policy.max_bytes) {
-                return Err(ImageError::TooLarge {
-                    url: current.to_string(),
-                    limit: self.policy.max_bytes,
-                });
-            }
-            return Ok(Box::new(response.into_body().into_reader()));
+            return self.body(&current, response);
         }
+    }
+
+    /// A response's body, refused early when its declared length is over the limit.
+    fn body(
+        &self,
+        url: &url::Url,
+        response: ureq::http::Response<ureq::Body>,
+    ) -> Result<Box<dyn Read>, ImageError> {
+        let length = response
+            .headers()
+            .get("content-length")
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| l.parse::<u64>().ok());
+        if length.is_some_and(|l| l > self.policy.max_bytes) {
+            return Err(ImageError::TooLarge {
+                url: url.to_string(),
+                limit: self.policy.max_bytes,
+            });
+        }
+        Ok(Box::new(response.into_body().into_reader()))
+    }
+
+    /// The body of the object at `url` of the cloud's object store, read with `token`; no
+    /// redirect is followed.
+    fn open_object(&self, url: &url::Url, token: &str) -> Result<Box<dyn Read>, ImageError> {
+        let config = ureq::Agent::config_builder()
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .timeout_recv_response(Some(CONNECT_TIMEOUT))
+            .timeout_per_read(Some(READ_TIMEOUT))
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .proxy(None)
+            .user_agent(concat!("stratus/", env!("CARGO_PKG_VERSION")))
+            .build();
+        let response = ureq::Agent::new_with_config(config)
+            .get(url.as_str())
+            .header("x-auth-token", token)
+            .call()
+            .map_err(|e| ImageError::Http {
+                url: url.to_string(),
+                source: Box::new(e),
+            })?;
+        let code = response.status().as_u16();
+        if code != 200 {
+            return Err(ImageError::ObjectStatus {
+                url: url.to_string(),
+                code,
+            });
+        }
+        self.body(url, response)
     }
 
     /// Streams the source into a temporary file while hashing it, checks the digest, inspects
@@ -498,6 +698,7 @@ impl ImageCache {
                 })?)
             }
             Source::Http(parsed) => self.open_http(parsed)?,
+            Source::Object(parsed, token) => self.open_object(parsed, token)?,
         };
 
         let mut tmp = tempfile::Builder::new()
@@ -1350,5 +1551,172 @@ mod tests {
         assert_eq!(results[0].sha256, sha256_hex(BODY));
         assert_eq!(hits.load(Ordering::SeqCst), 1);
         assert_eq!(entries(cache.dir()).len(), 2, "content and URL index");
+    }
+
+    /// An object store on 127.0.0.1 with one object, `/v1/AUTH_p/images/a%20b/disk.raw`
+    /// (`BODY`), read with token `good`; another token is 403, another path 404. Returns its
+    /// account URL and the request lines it saw (with the token header, if any, appended).
+    fn object_store() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let Ok(clone) = stream.try_clone() else {
+                    continue;
+                };
+                let mut reader = BufReader::new(clone);
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).is_err() {
+                    continue;
+                }
+                let mut token = None;
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    if let Some((k, v)) = line.split_once(':')
+                        && k.eq_ignore_ascii_case("x-auth-token")
+                    {
+                        token = Some(v.trim().to_owned());
+                    }
+                    line.clear();
+                }
+                let path = request_line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("")
+                    .to_owned();
+                log.lock().expect("log").push(format!("{path} {token:?}"));
+                let (status, body): (&str, &[u8]) = match (path.as_str(), token.as_deref()) {
+                    (_, t) if t != Some("good") => ("403 Forbidden", b""),
+                    ("/v1/AUTH_p/images/a%20b/disk.raw", _) => ("200 OK", BODY),
+                    _ => ("404 Not Found", b""),
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(body);
+            }
+        });
+        (format!("http://{addr}/v1/AUTH_p"), seen)
+    }
+
+    #[test]
+    fn an_object_is_read_with_its_token_in_a_header_and_checked_as_a_url_is() {
+        let (account, seen) = object_store();
+        let cache_dir = tempfile::tempdir().expect("tempdir");
+        // The default policy refuses loopback URLs: the object store's address is the
+        // operator's, not a tenant's, and is not checked by it.
+        let cache = ImageCache::new(cache_dir.path().to_owned(), Policy::default());
+        let object = |container, object, token| ObjectSource {
+            account_url: &account,
+            container,
+            object,
+            token,
+        };
+        let sum = sha256_hex(BODY);
+        let got = cache
+            .fetch_object(
+                UID,
+                &object("images", "a b/disk.raw", "good"),
+                Some(&sum),
+                Format::Raw,
+            )
+            .expect("fetch");
+        assert_eq!(std::fs::read(&got.path).expect("read"), BODY);
+        // A wrong token and a missing object say which.
+        let refused = cache
+            .fetch_object(
+                OTHER_UID,
+                &object("images", "a b/disk.raw", "bad"),
+                None,
+                Format::Raw,
+            )
+            .expect_err("a wrong token");
+        assert!(
+            matches!(refused, ImageError::ObjectStatus { code: 403, .. }),
+            "{refused:?}"
+        );
+        let missing = cache
+            .fetch_object(
+                OTHER_UID,
+                &object("images", "nothing", "good"),
+                None,
+                Format::Raw,
+            )
+            .expect_err("no such object");
+        assert!(
+            matches!(missing, ImageError::ObjectStatus { code: 404, .. }),
+            "{missing:?}"
+        );
+        // A checksum that does not match leaves nothing.
+        let wrong = cache
+            .fetch_object(
+                OTHER_UID,
+                &object("images", "a b/disk.raw", "good"),
+                Some(&"0".repeat(64)),
+                Format::Raw,
+            )
+            .expect_err("wrong checksum");
+        assert!(
+            matches!(wrong, ImageError::ChecksumMismatch { .. }),
+            "{wrong:?}"
+        );
+        assert!(
+            !cache
+                .dir()
+                .join(OTHER_UID)
+                .read_dir()
+                .is_ok_and(|mut d| d.any(|e| {
+                    e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("raw-sha256"))
+                }))
+        );
+        // The token went in the header only, never in a URL.
+        let seen = seen.lock().expect("log").clone();
+        assert!(
+            seen.iter()
+                .all(|l| !l.split(' ').next().unwrap_or("").contains("good"))
+        );
+        assert!(seen[0].ends_with("Some(\"good\")"), "{seen:?}");
+        // A name cannot climb out of its container, or its account.
+        for (c, o) in [
+            ("..", "x"),
+            ("images", "../../AUTH_q/c/o"),
+            ("images", "a//b"),
+        ] {
+            let e = object(c, o, "good").url().expect_err("refused");
+            assert!(matches!(e, ImageError::ObjectName { .. }), "{e:?}");
+        }
+        let url = object("a?b", "c#d/%2e%2e", "good").url().expect("escaped");
+        assert_eq!(url.path(), "/v1/AUTH_p/a%3Fb/c%23d/%252e%252e");
+    }
+
+    #[test]
+    fn an_object_over_the_size_limit_is_refused() {
+        let (account, _) = object_store();
+        let cache_dir = tempfile::tempdir().expect("tempdir");
+        let policy = Policy {
+            max_bytes: 8,
+            ..Policy::default()
+        };
+        let cache = ImageCache::new(cache_dir.path().to_owned(), policy);
+        let source = ObjectSource {
+            account_url: &account,
+            container: "images",
+            object: "a b/disk.raw",
+            token: "good",
+        };
+        let e = cache
+            .fetch_object(UID, &source, None, Format::Raw)
+            .expect_err("too large");
+        assert!(matches!(e, ImageError::TooLarge { limit: 8, .. }), "{e:?}");
+        assert!(
+            entries(cache.dir()).is_empty(),
+            "{:?}",
+            entries(cache.dir())
+        );
     }
 }

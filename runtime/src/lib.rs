@@ -22,6 +22,7 @@
 pub mod allowlist;
 pub mod events;
 pub mod finalizer;
+pub mod image_token;
 pub mod policy;
 pub mod report;
 pub mod status;

@@ -35,7 +35,7 @@ use super::driver::{
 use super::interfaces as ifaces;
 use super::volumes as vols;
 use stratus_api_types::storage::{ImageRef, StoragePool, Volume};
-use stratus_image_cache::{Format, ImageCache, ImageError, Request};
+use stratus_image_cache::{Format, ImageCache, ImageError, image_origin};
 
 pub use stratus_api_types::compute::TEARDOWN_FINALIZER;
 
@@ -351,18 +351,17 @@ fn cache_format(format: ImageFormat) -> Format {
 async fn fetch(ctx: &Ctx, user: &str, image: &Image) -> Result<PathBuf, NotBuilt> {
     let cache = Arc::clone(&ctx.images);
     let uid = image.uid().ok_or(ServerError::Incomplete)?;
-    let url = image.spec.source.url.clone();
+    let source = image.spec.source.clone();
     let sum = image.spec.sha256.clone();
     let format = cache_format(image.spec.disk_format);
     let user = user.to_owned();
+    let token = stratus_runtime::image_token::image_token(&ctx.client, image)
+        .await
+        .map_err(ServerError::Api)?;
     let got = blocking(move || {
         cache.pin(&uid, &user)?;
-        cache.fetch(&Request {
-            uid: &uid,
-            url: &url,
-            sha256: sum.as_deref(),
-            format,
-        })
+        let origin = image_origin(&source, token.as_ref());
+        cache.fetch_origin(&uid, origin, sum.as_deref(), format)
     })
     .await?;
     got.map(|c| c.path)

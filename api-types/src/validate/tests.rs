@@ -258,6 +258,62 @@ fn image_kernel_ramdisk_rules() {
 }
 
 #[test]
+fn an_image_source_is_one_url_or_one_swift_object_of_safe_names() {
+    let swift = |container: &str, object: &str| {
+        image(json!({
+            "diskFormat": "raw",
+            "source": {"swift": {"container": container, "object": object}},
+        }))
+    };
+    assert!(swift("images", "cirros.raw").is_empty());
+    assert!(swift("images", "distro/v1/disk.raw").is_empty());
+    assert!(swift(&"c".repeat(256), &"o".repeat(1024)).is_empty());
+    // Exactly one source.
+    assert_eq!(
+        image(json!({"diskFormat": "raw", "source": {}})),
+        ["spec.source"]
+    );
+    assert_eq!(
+        image(json!({
+            "diskFormat": "raw",
+            "source": {"url": "https://example.org/a", "swift": {"container": "c", "object": "o"}},
+        })),
+        ["spec.source"]
+    );
+    // Names Swift refuses, and path tricks that would name another object or account.
+    for (container, object, field) in [
+        ("", "o", "spec.source.swift.container"),
+        ("a/b", "o", "spec.source.swift.container"),
+        ("..", "o", "spec.source.swift.container"),
+        (".", "o", "spec.source.swift.container"),
+        ("c\u{7}", "o", "spec.source.swift.container"),
+        (&"c".repeat(257), "o", "spec.source.swift.container"),
+        ("c", "", "spec.source.swift.object"),
+        ("c", "../../AUTH_other/c/o", "spec.source.swift.object"),
+        ("c", "a/./b", "spec.source.swift.object"),
+        ("c", "/o", "spec.source.swift.object"),
+        ("c", "o/", "spec.source.swift.object"),
+        ("c", "a//b", "spec.source.swift.object"),
+        ("c", "o\n", "spec.source.swift.object"),
+        ("c", &"o".repeat(1025), "spec.source.swift.object"),
+    ] {
+        assert_eq!(
+            swift(container, object),
+            [field],
+            "{container:?} {object:?}"
+        );
+    }
+    // Unknown fields are refused, as everywhere.
+    assert_eq!(
+        image(json!({
+            "diskFormat": "raw",
+            "source": {"swift": {"container": "c", "object": "o", "account": "AUTH_x"}},
+        })),
+        ["spec"]
+    );
+}
+
+#[test]
 fn network_segmentation() {
     assert!(network("Network", json!({})).is_empty());
     assert!(

@@ -529,6 +529,10 @@ async fn subject(state: &AppState, headers: &HeaderMap) -> ApiResult<(Claims, Ve
     let token = header_token(headers, "x-subject-token").ok_or_else(token_not_found)?;
     let id = &state.identity;
     let claims = id.signer.verify(token).ok_or_else(token_not_found)?;
+    // An image fetcher's token: `reader` in its Image's project while the Image exists.
+    if let Some(grants) = crate::http::image_token::grants(state, &claims).await? {
+        return Ok((claims, grants.ok_or_else(token_not_found)?));
+    }
     let grants = id
         .token_grants(&claims)
         .await?

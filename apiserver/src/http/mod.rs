@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod console;
 pub mod dashboard;
+pub mod image_token;
 pub mod discovery;
 pub mod keystone;
 pub mod limits;

@@ -1,0 +1,260 @@
+//! `POST images/NAME/token`: a short-lived, read-only token of an Image's project for the
+//! component that fetches the Image's `source.swift` object from the object store (the image
+//! controller, or a node's agent filling its image cache), in the way of Kubernetes'
+//! TokenRequest.
+//!
+//! # Guarantees
+//! - Only a system identity (the controllers) or a node that may read the Image (the node
+//!   authorizer's graph: a server or volume placed on it is made from it, or it is public)
+//!   gets one; no user, no service.
+//! - The token holds for [`TTL`] seconds (or fewer, asked as TokenRequest's
+//!   `spec.expirationSeconds`) and is scoped to the Image's project, by the
+//!   Project's uid; at the identity endpoints it validates only while the Image (same uid)
+//!   and its Project (same uid, enabled) exist, and then with the `reader` role alone, which
+//!   the object store's `keystoneauth` maps to reading (`project_reader_roles`): it can
+//!   neither write nor reach another project's account, and it is no credential for the API.
+//! - The token is in the response body only: never in a URL, a header or a log.
+
+use axum::http::{Method, StatusCode};
+use axum::response::Response;
+use serde_json::Value;
+use stratus_api_types::identity::Role;
+use stratus_api_types::image::{ImageToken, ImageTokenStatus};
+
+use crate::base::error::{ApiError, ApiResult};
+use crate::base::meta;
+use crate::http::server::AppState;
+use crate::policy::authn::{Caller, Principal};
+use crate::policy::identity::{Claims, Scope, Verified};
+use crate::policy::request::RequestInfo;
+use crate::policy::roles::Grant;
+use crate::resource::verbs::Params;
+use crate::storage::keys;
+
+const GROUP: &str = "image.stratus.dev";
+/// How long a token holds, in seconds: long enough for one download of an image within the
+/// cache's size limit, short enough that a leaked one is soon worthless.
+pub const TTL: i64 = 600;
+/// The user name of an image token: `system:image:<project>:<image>` (no User can be named
+/// so, so the token never authenticates an API request).
+const USER_PREFIX: &str = "system:image:";
+
+/// Answers `…/namespaces/NS/images/NAME/token`; `None` for any other path.
+pub(crate) async fn call(
+    state: &AppState,
+    method: &Method,
+    segs: &[&str],
+    bytes: &[u8],
+    caller: &Caller,
+) -> Option<ApiResult<Response>> {
+    let [
+        "apis",
+        GROUP,
+        "v1",
+        "namespaces",
+        ns,
+        "images",
+        name,
+        "token",
+    ] = segs
+    else {
+        return None;
+    };
+    Some(issue(state, method, ns, name, bytes, caller).await)
+}
+
+async fn issue(
+    state: &AppState,
+    method: &Method,
+    ns: &str,
+    name: &str,
+    bytes: &[u8],
+    caller: &Caller,
+) -> ApiResult<Response> {
+    if *method != Method::POST {
+        return Err(ApiError::method_not_allowed(format!(
+            "{method} is not allowed on images/{name}/token: a token is made with POST"
+        )));
+    }
+    let ttl = lifetime(bytes)?;
+    if !meta::is_dns1123_label(ns) {
+        return Err(ApiError::bad_request(format!(
+            "invalid namespace \"{ns}\": must be a DNS-1123 label"
+        )));
+    }
+    if !meta::is_dns1123_subdomain(name) {
+        return Err(ApiError::bad_request(format!(
+            "invalid name \"{name}\": must be a DNS-1123 subdomain"
+        )));
+    }
+    allowed(state, caller, ns, name).await?;
+    let api = &state.api;
+    let image = api
+        .store
+        .get(&keys::object(&api.prefix, GROUP, "images", Some(ns), name))
+        .await
+        .map_err(ApiError::from)?
+        .ok_or_else(|| ApiError::not_found(GROUP, "images", name))?
+        .value;
+    if image.pointer("/spec/source/swift").is_none() {
+        return Err(ApiError::bad_request(format!(
+            "images \"{name}\" has no spec.source.swift: only an image kept in the object store is fetched with a token"
+        )));
+    }
+    let Some(base) = &state.config.object_store_url else {
+        return Err(ApiError::unavailable(
+            "this cloud has no object store (the API server's object store URL is not set)",
+        ));
+    };
+    let image_uid = meta::meta_str(&image, "uid")
+        .unwrap_or_default()
+        .to_string();
+    let project = api
+        .store
+        .get(&keys::object(
+            &api.prefix,
+            "identity.stratus.dev",
+            "projects",
+            None,
+            ns,
+        ))
+        .await
+        .map_err(ApiError::from)?
+        .map(|p| p.value)
+        .filter(|p| p.pointer("/spec/enabled").and_then(Value::as_bool) != Some(false))
+        .ok_or_else(|| {
+            ApiError::forbidden(format!(
+                "namespace \"{ns}\" is no enabled Project: only a project has an account in the object store"
+            ))
+        })?;
+    let scope = Scope {
+        name: ns.to_string(),
+        uid: meta::meta_str(&project, "uid")
+            .unwrap_or_default()
+            .to_string(),
+    };
+    let verified = Verified {
+        uid: image_uid,
+        generation: 0,
+    };
+    let user = format!("{USER_PREFIX}{ns}:{name}");
+    let (token, claims) =
+        state
+            .identity
+            .signer
+            .issue_scoped(&user, &verified, ttl, Some(scope.clone()));
+    tracing::info!(caller = %caller.user, namespace = ns, image = name, "issued an image token");
+    let body = ImageToken {
+        api_version: format!("{GROUP}/v1"),
+        kind: "ImageToken".into(),
+        status: ImageTokenStatus {
+            token,
+            expiration_timestamp: jiff::Timestamp::from_second(claims.exp)
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
+            account_url: format!("{}/v1/AUTH_{}", base.trim_end_matches('/'), scope.uid),
+        },
+    };
+    let value = serde_json::to_value(&body)
+        .map_err(|e| ApiError::internal(format!("encode the token: {e}")))?;
+    Ok(crate::http::response::json_response(
+        StatusCode::CREATED,
+        &value,
+        &[],
+    ))
+}
+
+/// The seconds the token asked for holds: `spec.expirationSeconds` of the body, 1 to [`TTL`],
+/// or [`TTL`] (an empty body, or one without it).
+fn lifetime(bytes: &[u8]) -> ApiResult<i64> {
+    const FIELD: &str = "spec.expirationSeconds";
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(TTL);
+    }
+    let body: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+    if !body.is_object() {
+        return Err(ApiError::bad_request(
+            "the body must be an object (an ImageToken request)",
+        ));
+    }
+    match body.pointer("/spec/expirationSeconds") {
+        None | Some(Value::Null) => Ok(TTL),
+        Some(v) => match v.as_i64() {
+            Some(n) if (1..=TTL).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_request_fields(
+                format!("{FIELD}: must be an integer from 1 to {TTL}"),
+                vec![crate::base::error::Cause::invalid(
+                    FIELD,
+                    format!("must be an integer from 1 to {TTL}"),
+                )],
+            )),
+        },
+    }
+}
+
+/// The controllers may fetch every Image; a node the Images it may read; nobody else.
+async fn allowed(state: &AppState, caller: &Caller, ns: &str, name: &str) -> ApiResult<()> {
+    match caller.principal() {
+        Principal::System(_) => Ok(()),
+        Principal::Node(node) => {
+            let info = RequestInfo {
+                verb: "get".into(),
+                group: Some(GROUP.into()),
+                version: "v1".into(),
+                resource: "images".into(),
+                subresource: String::new(),
+                namespace: ns.into(),
+                name: name.into(),
+            };
+            crate::policy::node::restrict(&state.api, &info, &Params::default(), node)
+                .await
+                .map(|_| ())
+                .map_err(|e| match e.code {
+                    403 => ApiError::forbidden(format!(
+                        "node \"{node}\" cannot get a token for images \"{name}\" in project \"{ns}\": no server or volume placed on it is made from it"
+                    )),
+                    _ => e,
+                })
+        }
+        Principal::User(user) => Err(ApiError::forbidden(format!(
+            "User \"{user}\" cannot get a token for images \"{name}\": image tokens are for the components that fetch images; a user logs in to the object store with their own"
+        ))),
+        Principal::Service(_) => Err(crate::policy::credentials::service_refused(caller)),
+    }
+}
+
+/// What an image token allows at the identity endpoints: `reader` in its project, while its
+/// Image (by uid) and Project (by uid, enabled) exist. `None` when `claims` are no image
+/// token's; `Some(None)` for an image token that no longer holds.
+///
+/// # Errors
+/// 503 when etcd is unreachable.
+pub(crate) async fn grants(
+    state: &AppState,
+    claims: &Claims,
+) -> ApiResult<Option<Option<Vec<Grant>>>> {
+    let Some(rest) = claims.user.strip_prefix(USER_PREFIX) else {
+        return Ok(None);
+    };
+    let Some(((ns, name), scope)) = rest.split_once(':').zip(claims.project.as_ref()) else {
+        return Ok(Some(None));
+    };
+    if scope.name != ns {
+        return Ok(Some(None));
+    }
+    let api = &state.api;
+    let image = api
+        .store
+        .get(&keys::object(&api.prefix, GROUP, "images", Some(ns), name))
+        .await
+        .map_err(ApiError::from)?;
+    if image.is_none_or(|i| meta::meta_str(&i.value, "uid") != Some(claims.uid.as_str())) {
+        return Ok(Some(None));
+    }
+    let reader = vec![Grant {
+        namespace: Some(ns.to_string()),
+        role: Role::Reader,
+    }];
+    Ok(Some(state.identity.scoped(reader, scope).await?))
+}
