@@ -1241,23 +1241,32 @@ async fn sync_interfaces(
     let name = domain.name.clone();
     let driver = Arc::clone(&ctx.driver);
     let wanted = resolved.clone();
-    let (before, done, left) = blocking(move || -> Result<_, DriverError> {
+    let uid = server.uid().ok_or(ServerError::Incomplete)?;
+    let (before, done, left, notices) = blocking(move || -> Result<_, DriverError> {
         let before = driver.interfaces(&name)?;
-        let steps = ifaces::plan(&wanted, &before);
+        let planned = ifaces::plan(&wanted, &before);
+        let asked = !planned.is_empty();
+        // An interface the guest keeps losing is plugged in again only as its backoff allows.
+        let now = std::time::Instant::now();
+        let (steps, notices) = ifaces::replugs().admit(&uid, &wanted, &before, planned, now);
         for step in &steps {
             match step {
                 ifaces::Step::Attach(w) => driver.attach_interface(&name, &w.nic)?,
                 ifaces::Step::Detach(mac) => driver.detach_interface(&name, mac)?,
             }
         }
-        let left = if steps.is_empty() {
-            Vec::new()
-        } else {
+        let left = if asked {
             ifaces::plan(&wanted, &driver.interfaces(&name)?)
+        } else {
+            Vec::new()
         };
-        Ok((before, steps, left))
+        Ok((before, steps, left, notices))
     })
     .await??;
+    for n in notices {
+        let (reason, note) = n.event();
+        publish(ctx, server, EventType::Warning, reason, note).await;
+    }
     for step in done {
         let (reason, note) = match step {
             ifaces::Step::Attach(w) => (
