@@ -112,9 +112,14 @@ impl Node {
     /// Starts (or restarts) the node's agent against `cloud`, which must have issued the
     /// node's identity (`Cloud::up_with(&["--nodes", NAME])`).
     pub fn start_agent(&mut self, cloud: &Cloud) -> Result<()> {
-        if let Some(mut a) = self.agent.take() {
-            a.kill();
-        }
+        // Long, so that what the tests see of drift comes from libvirt's events.
+        self.spawn_agent(cloud, &["--resync-seconds", "300"])
+    }
+
+    /// Starts (or restarts) the node's agent as the node, on its libvirtd, with its state
+    /// and log in the node's directory, and `args`.
+    fn spawn_agent(&mut self, cloud: &Cloud, args: &[&str]) -> Result<()> {
+        self.kill_agent();
         let kubeconfig = cloud
             .dir
             .path()
@@ -126,12 +131,11 @@ impl Node {
                 .args(["--heartbeat-seconds", "2"])
                 // Tests serve their images from loopback (`FileServer`, `Guest`).
                 .arg("--image-url-allow-loopback")
-                // Long, so that what the tests see of drift comes from libvirt's events.
-                .args(["--resync-seconds", "300"])
                 .arg("--kubeconfig")
                 .arg(kubeconfig)
                 .arg("--state-dir")
                 .arg(self.dir.path().join("state"))
+                .args(args)
                 .env("STRATUS_LOG", "info,stratus_agents=debug"),
             &self.dir.path().join("agent.log"),
         )?);
@@ -214,28 +218,19 @@ impl Node {
         tunnel: &str,
         extra: &[&str],
     ) -> Result<()> {
-        self.kill_agent();
-        let kubeconfig = cloud
-            .dir
-            .path()
-            .join(format!("node-{}.kubeconfig", self.name));
-        self.agent = Some(Proc::spawn(
-            &format!("agent of {}", self.name),
-            Command::new(stratus_bin())
-                .args(["agent", "--node", &self.name, "--roles", "compute,network"])
-                .args(["--libvirt-uri", &self.uri(), "--heartbeat-seconds", "2"])
-                .arg("--image-url-allow-loopback")
-                .arg("--kubeconfig")
-                .arg(kubeconfig)
-                .arg("--state-dir")
-                .arg(self.dir.path().join("state"))
-                .args(["--network-namespace", &self.name, "--underlay-ip", tunnel])
-                .args(["--network-resync-seconds", "1"])
-                .args(extra)
-                .env("STRATUS_LOG", "info,stratus_agents=debug"),
-            &self.dir.path().join("agent.log"),
-        )?);
-        Ok(())
+        // The namespace is named as the node.
+        let name = self.name.clone();
+        let network = [
+            "--roles",
+            "compute,network",
+            "--network-namespace",
+            &name,
+            "--underlay-ip",
+            tunnel,
+            "--network-resync-seconds",
+            "1",
+        ];
+        self.spawn_agent(cloud, &[&network[..], extra].concat())
     }
 }
 
