@@ -13,7 +13,6 @@ use kube::api::{Api, Patch, PatchParams};
 use stratus_api_types::object::{ObjectRing, ObjectRingSpec, RingDevice, RingType};
 use stratus_object_agent::config::{DeviceName, KINDS, Ports, RSYNC_PORT, kind_name};
 use stratus_object_agent::ini::Ini;
-use tokio::process::{Child, Command};
 
 /// The proxy's identity in the token file: it validates users' tokens and nothing else.
 pub const PROXY_IDENTITY: &str = "system:service:object-proxy";
@@ -256,17 +255,30 @@ fn proxy_conf(args: &ObjectStoreArgs, swift_dir: &Path, identity: &Identity<'_>)
     Ok(ini.finish())
 }
 
-/// The Swift proxy's process.
+/// The name the proxy is supervised under.
+const PROXY: &str = "swift-proxy-server";
+/// The first and the longest delay before a proxy that exited starts again.
+const RESTART_DELAY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+/// A proxy that ran this long before it exited restarts after the shortest delay again.
+const STABLE: Duration = Duration::from_secs(60);
+
+/// The Swift proxy's process, run by a supervisor thread of its own (the object agent's), so
+/// that its parent-death signal fires when `stratus up` ends and not when some worker thread
+/// does, whichever task starts it again.
 pub struct Proxy {
-    child: Child,
-    log: PathBuf,
+    processes: stratus_object_agent::driver::process::Processes,
+    spec: stratus_object_agent::driver::ProcessSpec,
+    /// Delays before the next starts, while it keeps exiting.
+    delays: Option<Box<dyn Iterator<Item = Duration> + Send>>,
+    started: tokio::time::Instant,
+    restarts: u32,
 }
 
 impl Proxy {
     /// Writes the proxy's configuration in `DATA_DIR/object-proxy` (readable by its owner
-    /// only: it holds the proxy's token) and starts `swift-proxy-server` on it, to receive
-    /// SIGTERM when `stratus up` dies (see [`super::stop_with_parent`]: called on the thread
-    /// `stratus up` runs on).
+    /// only: it holds the proxy's token) and starts `swift-proxy-server` on it, with the
+    /// node's `swift.conf` (the cluster's hash path prefix and suffix, as its servers read
+    /// it: a proxy hashing paths otherwise than they do would misplace every name).
     ///
     /// # Errors
     /// A value the configuration cannot hold, a file that cannot be written, or a proxy that
@@ -282,34 +294,43 @@ impl Proxy {
         let own = std::path::absolute(&own).context("resolve the proxy's directory")?;
         let conf = own.join("proxy-server.conf");
         super::write_private(&conf, &proxy_conf(args, swift_dir, identity)?)?;
-        let log_path = own.join("proxy.log");
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("create {}", log_path.display()))?;
-        let err = log.try_clone().context("open the proxy's log")?;
-        let mut cmd = Command::new("/usr/bin/python3");
-        cmd.arg("/usr/bin/swift-proxy-server")
-            .arg(&conf)
-            // Log to standard error (the log file) as well as syslog.
-            .arg("--verbose")
-            .stdin(std::process::Stdio::null())
-            .stdout(log)
-            .stderr(err)
-            .kill_on_drop(true);
-        super::stop_with_parent(&mut cmd);
-        // The node's swift.conf (the cluster's hash path prefix and suffix), as its servers
-        // read it: a proxy hashing paths otherwise than they do would misplace every name.
-        stratus_object_agent::driver::process::bind_swift_conf(
-            cmd.as_std_mut(),
-            &swift_dir.join("swift.conf"),
-        )
-        .context("give the proxy the node's swift.conf")?;
-        let child = cmd
-            .spawn()
-            .context("start swift-proxy-server (is Debian's swift-proxy installed?)")?;
-        Ok(Self {
-            child,
-            log: log_path,
-        })
+        let spec = stratus_object_agent::driver::ProcessSpec {
+            name: PROXY.into(),
+            program: "/usr/bin/python3".into(),
+            // Logs to standard error (the log file) as well as syslog.
+            args: vec![
+                "/usr/bin/swift-proxy-server".into(),
+                conf.into_os_string(),
+                "--verbose".into(),
+            ],
+            log: own.join("proxy.log"),
+            swift_conf: Some(swift_dir.join("swift.conf")),
+        };
+        let proxy = Self {
+            processes: stratus_object_agent::driver::process::Processes::new(),
+            spec,
+            delays: None,
+            started: tokio::time::Instant::now(),
+            restarts: 0,
+        };
+        proxy.spawn()?;
+        Ok(proxy)
+    }
+
+    fn spawn(&self) -> Result<()> {
+        use stratus_object_agent::driver::Supervisor as _;
+        self.processes
+            .start(&self.spec)
+            .context("start swift-proxy-server (is Debian's swift-proxy installed?)")
+    }
+
+    /// How the proxy exited, if it did.
+    fn exited(&self) -> Option<String> {
+        use stratus_object_agent::driver::Supervisor as _;
+        match self.processes.observe().remove(PROXY) {
+            Some(stratus_object_agent::plan::Seen::Exited(how)) => Some(how),
+            _ => None,
+        }
     }
 
     /// Waits until the proxy accepts connections.
@@ -320,10 +341,10 @@ impl Proxy {
         let addr = (args.object_store_ip, args.object_store_port);
         let deadline = tokio::time::Instant::now() + READY;
         while tokio::time::Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait()? {
+            if let Some(how) = self.exited() {
                 bail!(
-                    "the Swift proxy exited at start-up with {status}; see {}",
-                    self.log.display()
+                    "the Swift proxy exited at start-up ({how}); see {}",
+                    self.spec.log.display()
                 );
             }
             if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -336,26 +357,66 @@ impl Proxy {
             addr.0,
             addr.1,
             READY.as_secs(),
-            self.log.display()
+            self.spec.log.display()
         )
     }
 
-    /// SIGTERM, then SIGKILL after 10 s.
-    pub async fn stop(mut self) {
-        if let Some(pid) = self
-            .child
-            .id()
-            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
-        {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-            if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-                .await
-                .is_ok()
-            {
-                return;
+    /// Keeps the proxy running until `until` completes: a proxy that exits is started again
+    /// after a delay that doubles from 1 s to 60 s while it keeps exiting (and is 1 s again
+    /// after a run of a minute), each exit and start in `stratus up`'s log.
+    pub async fn supervise(&mut self, until: impl std::future::Future<Output = ()>) {
+        tokio::pin!(until);
+        loop {
+            let how = loop {
+                tokio::select! {
+                    () = &mut until => return,
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                if let Some(how) = self.exited() {
+                    break how;
+                }
+            };
+            if self.started.elapsed() >= STABLE {
+                self.delays = None;
+            }
+            loop {
+                let delay = self
+                    .delays
+                    .get_or_insert_with(|| {
+                        Box::new(stratus_object_agent::agent::restart_delays(RESTART_DELAY))
+                    })
+                    .next()
+                    .unwrap_or(RESTART_DELAY.1);
+                self.restarts += 1;
+                tracing::warn!(
+                    exit = %how,
+                    delay_ms = delay.as_millis() as u64,
+                    restart = self.restarts,
+                    log = %self.spec.log.display(),
+                    "the Swift proxy exited; starting it again"
+                );
+                tokio::select! {
+                    () = &mut until => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                match self.spawn() {
+                    Ok(()) => {
+                        self.started = tokio::time::Instant::now();
+                        tracing::info!(restart = self.restarts, "the Swift proxy started again");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = format!("{e:#}"), "cannot start the Swift proxy")
+                    }
+                }
             }
         }
-        let _ = self.child.kill().await;
+    }
+
+    /// SIGTERM, then SIGKILL after 10 s (the supervisor's thread waits).
+    pub async fn stop(self) {
+        let Self { processes, .. } = self;
+        let _ = tokio::task::spawn_blocking(move || drop(processes)).await;
     }
 }
 

@@ -631,3 +631,76 @@ fn stratus_up_runs_an_object_store_with_stratus_identity() -> Result<()> {
     anyhow::ensure!(!allow_list.present(), "the allow-list outlived stratus up");
     Ok(())
 }
+
+/// The pid of the Swift proxy among `stratus up`'s children (`up`), if it runs.
+fn proxy_pid(up: u32) -> Option<u32> {
+    children(up).into_iter().find_map(|(pid, comm, state)| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        (comm == "python3"
+            && state != 'Z'
+            && String::from_utf8_lossy(&cmdline).contains("swift-proxy-server"))
+        .then_some(pid)
+    })
+}
+
+/// The status code of a GET of `url` (curl), if it answered.
+fn http_code(url: &str) -> Option<String> {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-m",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            url,
+        ])
+        .output()
+        .ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The proxy of `stratus up --object-store` killed (as the OOM killer would) is started again
+/// by `stratus up`, which says so in its log, and serves again: its health check answers and
+/// a request without a token is refused by Stratus identity.
+#[test]
+fn stratus_up_starts_its_object_proxy_again_when_it_dies() -> Result<()> {
+    let allow_list = ObjectStoreAllowList("127.0.87.3");
+    let ip = allow_list.0;
+    let port = stratus_e2e::free_port();
+    let cloud = object_store_up(ip, port)?;
+    let t = Duration::from_secs(300);
+    let up = cloud.proc.pid();
+    let health = format!("http://{ip}:{port}/healthcheck");
+    let account = format!("http://{ip}:{port}/v1/AUTH_nobody");
+    anyhow::ensure!(
+        http_code(&health).as_deref() == Some("200"),
+        "the proxy's health"
+    );
+    let first = proxy_pid(up).with_context(|| format!("no proxy among {:?}", children(up)))?;
+    output_of(
+        std::process::Command::new("kill").args(["-KILL", &first.to_string()]),
+        "kill -KILL the proxy",
+    )?;
+    let second = wait_until(t, "a new proxy", || proxy_pid(up).filter(|p| *p != first))
+        .with_context(|| cloud.log())?;
+    wait_until(t, "the new proxy to serve", || {
+        (http_code(&health).as_deref() == Some("200")).then_some(())
+    })
+    .with_context(|| cloud.log())?;
+    anyhow::ensure!(
+        http_code(&account).as_deref() == Some("401"),
+        "a request without a token: {:?}",
+        http_code(&account)
+    );
+    anyhow::ensure!(proxy_pid(up) == Some(second), "the proxy restarted again");
+    let log = cloud.log();
+    anyhow::ensure!(
+        log.contains("the Swift proxy exited; starting it again")
+            && log.contains("the Swift proxy started again"),
+        "stratus up's log:\n{log}"
+    );
+    drop(cloud);
+    Ok(())
+}
