@@ -248,9 +248,188 @@ async fn write(ctx: Ctx<'_>, s: Subject<'_>, w: Change<'_>) -> ApiResult<Written
     ))
 }
 
+/// The index record's field saying its Project's uid was bound by [`bind_unbound`].
+pub const BOUND_BY: &str = "projectUidBoundBy";
+
+/// What [`bind_unbound`] did with the index records lacking their Project's uid.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Bound {
+    /// `namespace/name` of the credentials bound to their namespace's Project.
+    pub bound: Vec<String>,
+    /// `namespace/name` of those left unbound (refused as before), with why.
+    pub left: Vec<(String, &'static str)>,
+}
+
+/// Binds each S3 credential made before index records named their Project's uid (and so
+/// refused by `s3tokens` since) to the uid of the Project of its namespace, once: only when
+/// that Project existed before the credential (its key was created at an earlier etcd
+/// revision than the index record, which is written with the credential and never changed
+/// but by this) and is not being deleted, and the credential is still the one the record
+/// names. Each record bound says so (`projectUidBoundBy: migration`); one a Project made
+/// after the key could have inherited stays unbound. Each write is guarded by the revisions
+/// read, so a record or Project that changes meanwhile is left for the next start.
+///
+/// # Errors
+/// Backend failures.
+pub async fn bind_unbound(
+    store: &Store,
+    prefix: &str,
+) -> Result<Bound, crate::storage::store::StoreError> {
+    let mut out = Bound::default();
+    let records = store
+        .list(&format!("{prefix}/_system/s3credentials/"), None, 0, 0)
+        .await?;
+    for (index, record) in records.items {
+        let field = |f: &str| {
+            record
+                .value
+                .get(f)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+        };
+        if !field(PROJECT_UID).is_empty() {
+            continue;
+        }
+        let (namespace, name, uid) = (field("namespace"), field("name"), field("uid"));
+        let who = format!("{namespace}/{name}");
+        let credential = keys::object(prefix, GROUP, "s3credentials", Some(namespace), name);
+        let same = store.get(&credential).await?.is_some_and(|c| {
+            !uid.is_empty() && crate::base::meta::meta_str(&c.value, "uid") == Some(uid)
+        });
+        if !same {
+            out.left
+                .push((who, "its credential is gone or was made again"));
+            continue;
+        }
+        let project_key = keys::object(prefix, GROUP, "projects", None, namespace);
+        let Some(project) = store.get(&project_key).await? else {
+            out.left.push((who, "its namespace's Project is gone"));
+            continue;
+        };
+        let project_uid = crate::base::meta::meta_str(&project.value, "uid").unwrap_or_default();
+        if project
+            .value
+            .pointer("/metadata/deletionTimestamp")
+            .is_some()
+            || project_uid.is_empty()
+        {
+            out.left
+                .push((who, "its namespace's Project is being deleted"));
+            continue;
+        }
+        if store
+            .created_after(&project_key, record.mod_revision)
+            .await?
+        {
+            out.left
+                .push((who, "its namespace's Project was made after it"));
+            continue;
+        }
+        let mut bound = record.value.clone();
+        bound[PROJECT_UID] = Value::String(project_uid.to_owned());
+        bound[BOUND_BY] = Value::String("migration".into());
+        let guards = [
+            Guard::Revision(&index, record.mod_revision),
+            Guard::Revision(&project_key, project.mod_revision),
+        ];
+        match store.write_many(&guards, &[(&index, &bound)], &[]).await? {
+            Some(_) => out.bound.push(who),
+            None => out.left.push((who, "it or its Project changed meanwhile")),
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const PREFIX: &str = "/t";
+
+    fn meta(name: &str, uid: &str) -> Value {
+        json!({"metadata": {"name": name, "uid": uid}})
+    }
+
+    /// A credential `name` (uid `uid`) in `ns` and its index record of the old form, with no
+    /// Project uid; its access key id.
+    async fn old_credential(store: &Store, ns: &str, name: &str, uid: &str) -> String {
+        let access = format!("access-{name}");
+        let key = keys::object(PREFIX, GROUP, "s3credentials", Some(ns), name);
+        let record = json!({"namespace": ns, "name": name, "uid": uid, PROJECT_UID: null});
+        let written = store
+            .write_many(
+                &[],
+                &[
+                    (&key, &meta(name, uid)),
+                    (&index_key(PREFIX, &access), &record),
+                ],
+                &[],
+            )
+            .await
+            .expect("write");
+        assert!(written.is_some());
+        access
+    }
+
+    async fn project(store: &Store, name: &str, uid: &str) {
+        let key = keys::object(PREFIX, GROUP, "projects", None, name);
+        store.create(&key, &meta(name, uid)).await.expect("project");
+    }
+
+    async fn record(store: &Store, access: &str) -> Value {
+        store
+            .get(&index_key(PREFIX, access))
+            .await
+            .expect("get")
+            .expect("record")
+            .value
+    }
+
+    #[tokio::test]
+    async fn keys_made_before_the_binding_are_bound_to_a_project_older_than_they_are() {
+        let store = Store::memory();
+        project(&store, "old", "p-old").await;
+        let kept = old_credential(&store, "old", "k1", "c1").await;
+        // A Project made after its key (the key's Project deleted, a new one of the name
+        // made): not bound, as it would inherit the old key.
+        let orphan = old_credential(&store, "renamed", "k2", "c2").await;
+        project(&store, "renamed", "p-new").await;
+        // A record whose credential was made again (another uid): not bound.
+        let stale = old_credential(&store, "old", "k3", "c3").await;
+        let k3 = keys::object(PREFIX, GROUP, "s3credentials", Some("old"), "k3");
+        let rev = store.get(&k3).await.expect("get").expect("k3").mod_revision;
+        store
+            .write_guarded(&k3, &meta("k3", "c3-again"), Some(rev), &[], None)
+            .await
+            .expect("rewrite");
+        // A key made with its Project's uid stays as it is.
+        let current = "access-current";
+        let record_now =
+            json!({"namespace": "old", "name": "k4", "uid": "c4", PROJECT_UID: "p-old"});
+        store
+            .create(&index_key(PREFIX, current), &record_now)
+            .await
+            .expect("record");
+
+        let done = bind_unbound(&store, PREFIX).await.expect("bind");
+        assert_eq!(done.bound, ["old/k1"]);
+        let left: Vec<&str> = done.left.iter().map(|(w, _)| w.as_str()).collect();
+        assert_eq!(left.len(), 2, "{:?}", done.left);
+        assert!(left.contains(&"renamed/k2") && left.contains(&"old/k3"));
+        let r = record(&store, &kept).await;
+        assert_eq!(
+            (r[PROJECT_UID].as_str(), r[BOUND_BY].as_str()),
+            (Some("p-old"), Some("migration"))
+        );
+        assert!(record(&store, &orphan).await[PROJECT_UID].is_null());
+        assert!(record(&store, &stale).await[PROJECT_UID].is_null());
+        assert_eq!(record(&store, current).await, record_now);
+
+        // Once: a second run binds nothing more and changes nothing.
+        let again = bind_unbound(&store, PREFIX).await.expect("bind");
+        assert!(again.bound.is_empty());
+        assert_eq!(record(&store, &kept).await, r);
+    }
 
     #[test]
     fn secrets_differ_per_key_and_credential_and_are_stable() {

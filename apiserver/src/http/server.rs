@@ -485,6 +485,22 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         identity,
         metrics,
     });
+    // S3 keys made before their index record named their Project's uid, bound once if they
+    // can be (see `bind_unbound`).
+    let (store, prefix) = (state.api.store.clone(), state.config.prefix.clone());
+    tokio::spawn(async move {
+        match crate::admission::credentials::bind_unbound(&store, &prefix).await {
+            Ok(done) => {
+                for who in &done.bound {
+                    tracing::info!(credential = %who, "S3 credential bound to its Project's uid");
+                }
+                for (who, why) in &done.left {
+                    tracing::warn!(credential = %who, why, "S3 credential left unbound: refused");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot bind old S3 credentials to their Projects"),
+        }
+    });
     // apiserver_storage_objects, every minute while the server is up.
     let counted = Arc::downgrade(&state);
     tokio::spawn(async move {
