@@ -2172,24 +2172,19 @@ mod tests {
         let fwd = rules(&after, NfFamily::INet, "forward");
         let maps: Vec<&String> = fwd.iter().filter(|r| r.contains("vmap")).collect();
         assert_eq!(maps.len(), 2, "{fwd:?}");
-        assert!(with_all(
-            maps[0],
-            &[
-                "iifname",
-                "saddr",
-                r#""target":"p-new-out""#,
-                r#""target":"p-one-out""#
-            ]
-        ));
-        assert!(with_all(
-            maps[1],
-            &[
-                "oifname",
-                "daddr",
-                r#""target":"p-new-in""#,
-                r#""target":"p-one-in""#
-            ]
-        ));
+        for (map, (iface, mac, side)) in maps
+            .iter()
+            .zip([("iifname", "saddr", "out"), ("oifname", "daddr", "in")])
+        {
+            let targets = [
+                format!(r#""target":"p-new-{side}""#),
+                format!(r#""target":"p-one-{side}""#),
+            ];
+            assert!(
+                with_all(map, &[iface, mac, &targets[0], &targets[1]]),
+                "{map}"
+            );
+        }
         assert!(!fwd.iter().any(|r| r.contains("p-open")), "{fwd:?}");
         // The update batch writes those three chains and adds the elements, no more.
         let batch = after.render_update(&d).expect("render");
