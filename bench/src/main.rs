@@ -253,6 +253,20 @@ enum What {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// A security-group change on a node of many rules: the agent's converge of one rule
+    /// added and removed, on the Open vSwitch datapath vs the kernel's, in one run (needs
+    /// root; starts a switch in a namespace of its own).
+    NetOvsSg {
+        /// Ports on the node, each in its own security group.
+        #[arg(long, default_value_t = 100)]
+        ports: usize,
+        /// Rules per group.
+        #[arg(long, default_value_t = 100)]
+        rules: usize,
+        /// Rules added (and removed again) on each datapath.
+        #[arg(long, default_value_t = 10)]
+        changes: usize,
+    },
     /// PUT and GET through a Swift proxy: Swift configured by hand (swift-ring-builder, no
     /// authentication) vs `stratus up --object-store` (the object agent's servers, the proxy
     /// validating Stratus tokens), and each store's time to serving (needs root and Debian's swift
@@ -1154,6 +1168,11 @@ async fn main() -> Result<()> {
         What::NetOvs { ports, rounds } => {
             tokio::task::spawn_blocking(move || ovs::converge_ports(ports, rounds)).await?
         }
+        What::NetOvsSg {
+            ports,
+            rules,
+            changes,
+        } => tokio::task::spawn_blocking(move || ovs::sg_change(ports, rules, changes)).await?,
         What::Object {
             small,
             concurrency,

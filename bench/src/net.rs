@@ -268,7 +268,7 @@ impl Generation {
 }
 
 /// Percentile `q` of sorted `v`.
-fn pct(v: &[Duration], q: f64) -> Duration {
+pub(crate) fn pct(v: &[Duration], q: f64) -> Duration {
     v.get(((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1)))
         .copied()
         .unwrap_or_default()
@@ -447,7 +447,7 @@ fn mac_of(i: usize) -> String {
 // 1. A security-group change with many rules present.
 
 /// One group's rules: `rules` TCP ports, each from its own /32.
-fn group_rules(g: usize, rules: usize) -> Vec<Value> {
+pub(crate) fn group_rules(g: usize, rules: usize) -> Vec<Value> {
     (0..rules)
         .map(|j| {
             json!({"direction": "ingress", "protocol": "tcp", "portRangeMin": 1000 + j, "portRangeMax": 1000 + j,

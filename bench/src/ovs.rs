@@ -21,6 +21,7 @@ use stratus_api_types::network::Port;
 use stratus_network_agent::agent::{Host, PortState, converge};
 use stratus_network_agent::desired::{NETWORK_UID, NodeConfig, Snapshot};
 use stratus_network_agent::driver::dnsmasq::Dnsmasq;
+use stratus_network_agent::driver::netlink::NetlinkLinks;
 use stratus_network_agent::driver::nft::NftFirewall;
 use stratus_network_agent::driver::ovs::{INTEGRATION_BRIDGE, OvsLinks};
 use stratus_network_agent::driver::ovs_daemon::{Ovs, OvsDaemon};
@@ -67,6 +68,15 @@ struct Cleanup {
 impl Cleanup {
     /// A fresh node: namespace `ns` with taps `tc0…` and its own switch, started.
     fn node(&mut self, ns: &str, ports: usize, dir: &Path) -> Result<(Netns, OvsDaemon)> {
+        let netns = self.netns(ns, ports, dir)?;
+        let daemon = OvsDaemon::new(netns.clone(), dir.join(format!("{ns}-ovs")));
+        self.daemons.push(daemon.clone());
+        daemon.start().context("start the node's switch")?;
+        Ok((netns, daemon))
+    }
+
+    /// A fresh namespace `ns` with taps `tc0…` (a kernel node).
+    fn netns(&mut self, ns: &str, ports: usize, dir: &Path) -> Result<Netns> {
         run(None, "ip", &["netns", "add", ns])?;
         self.namespaces.push(ns.to_owned());
         let batch: String = (0..ports)
@@ -76,11 +86,7 @@ impl Cleanup {
         let file = dir.join(format!("{ns}.batch"));
         std::fs::write(&file, batch)?;
         run(None, "ip", &["-n", ns, "-batch", &file.to_string_lossy()])?;
-        let netns = Netns::Named(Name::new(ns)?);
-        let daemon = OvsDaemon::new(netns.clone(), dir.join(format!("{ns}-ovs")));
-        self.daemons.push(daemon.clone());
-        daemon.start().context("start the node's switch")?;
-        Ok((netns, daemon))
+        Ok(Netns::Named(Name::new(ns)?))
     }
 
     /// Stops the node's switch and deletes its namespace now.
@@ -448,6 +454,125 @@ pub fn converge_ports(ports: usize, rounds: usize) -> Result<()> {
         "Stratus/by hand (medians): wiring {:.2}x, flows put back {:.2}x; load average at the end: {}",
         median(agent_t) / median(raw_t),
         median(agent_flows_t) / median(raw_flows_t),
+        load()
+    );
+    Ok(())
+}
+
+/// [`snapshot`] with each port in a group of its own (`g0…`) of `rules` rules
+/// ([`crate::net::group_rules`], as `net-sg` has them): `ports × rules` rules on the node.
+fn sg_snapshot(node: &str, ports: usize, rules: usize) -> Result<Snapshot> {
+    let mut snap = snapshot(node, ports)?;
+    let base = snap.groups[0].clone();
+    snap.groups = (0..ports)
+        .map(|g| {
+            let mut group = (*base).clone();
+            group.metadata.name = Some(format!("g{g}"));
+            group.metadata.uid = Some(format!("ovsbench-sg{g}"));
+            group.spec.rules =
+                serde_json::from_value(Value::Array(crate::net::group_rules(g, rules)))?;
+            Ok(Arc::new(group))
+        })
+        .collect::<Result<_>>()?;
+    for (i, p) in snap.ports.iter_mut().take(ports).enumerate() {
+        let mut port = (**p).clone();
+        port.spec.security_groups = Some(vec![format!("g{i}")]);
+        *p = Arc::new(port);
+    }
+    Ok(snap)
+}
+
+/// A security-group change on a node of `ports` ports whose groups hold `rules` rules each:
+/// one rule added to one port's group, then removed, each timed as the agent's `converge()`
+/// from the Snapshot with the change to the node enforcing it, on the Open vSwitch datapath
+/// (OvsLinks + OvsFirewall: the port's filter flows rewritten in one bundle) and on the
+/// kernel's (NetlinkLinks + NftFirewall: the port's chains in one nft transaction), in the
+/// same run, alternating which goes first.
+pub fn sg_change(ports: usize, rules: usize, changes: usize) -> Result<()> {
+    let tag = std::process::id();
+    let node = format!("ob{tag}-node");
+    let dir = tempfile::tempdir()?;
+    let mut host_ = Cleanup::default();
+    let snap = sg_snapshot(&node, ports, rules)?;
+    let mut hosts = Vec::new();
+    for ovs in [true, false] {
+        let ns = format!("ob{tag}-sg{}", if ovs { "o" } else { "k" });
+        let (netns, h) = if ovs {
+            let (netns, daemon) = host_.node(&ns, ports, dir.path())?;
+            let h = host(&netns, &daemon, dir.path());
+            (netns, h)
+        } else {
+            let netns = host_.netns(&ns, ports, dir.path())?;
+            let h = Host {
+                links: Arc::new(NetlinkLinks::new()),
+                firewall: Arc::new(NftFirewall::new(netns.clone())),
+                dhcp: Arc::new(Dnsmasq::new(dir.path().join("dhcp-k"))),
+            };
+            (netns, h)
+        };
+        let cfg = NodeConfig {
+            node: node.clone(),
+            netns,
+            underlay: Some(UNDERLAY),
+            physical: Default::default(),
+        };
+        let t = agent_converge(&h, &cfg, &snap, ports)?;
+        eprintln!(
+            "{} node: {ports} ports × {rules} rules wired in {:.2} s (load {})",
+            if ovs { "OVS" } else { "kernel" },
+            t.as_secs_f64(),
+            load()
+        );
+        hosts.push((ovs, h, cfg));
+    }
+    let (mut on_ovs, mut on_kernel) = (Vec::new(), Vec::new());
+    for k in 0..changes {
+        let g = k % ports;
+        let mut changed = snap.clone();
+        let mut group = (*changed.groups[g]).clone();
+        group.spec.rules.push(serde_json::from_value(json!(
+            {"direction": "ingress", "protocol": "tcp", "portRangeMin": 40000 + k, "portRangeMax": 40000 + k, "remoteIPPrefix": "203.0.113.0/24"}
+        ))?);
+        changed.groups[g] = Arc::new(group);
+        if k % 2 == 1 {
+            hosts.reverse();
+        }
+        for (ovs, h, cfg) in &hosts {
+            for s in [&changed, &snap] {
+                let took = agent_converge(h, cfg, s, ports)?;
+                if *ovs { &mut on_ovs } else { &mut on_kernel }.push(took);
+            }
+        }
+    }
+    on_ovs.sort();
+    on_kernel.sort();
+    println!(
+        "| {ports} ports × {rules} rules ({} security-group rules) | changes | p50 (ms) | max (ms) |",
+        ports * rules
+    );
+    println!("|---|---|---|---|");
+    for (label, v) in [
+        (
+            "kernel datapath: `converge()` with NetlinkLinks + NftFirewall",
+            &on_kernel,
+        ),
+        (
+            "OVS datapath: `converge()` with OvsLinks + OvsFirewall",
+            &on_ovs,
+        ),
+    ] {
+        println!(
+            "| {label} | {} | {} | {} |",
+            v.len(),
+            crate::ms(crate::net::pct(v, 0.5)),
+            crate::ms(v.last().copied().unwrap_or_default())
+        );
+    }
+    println!();
+    println!(
+        "p50 OVS/kernel: {:.1}x; load average at the end: {}",
+        crate::net::pct(&on_ovs, 0.5).as_secs_f64()
+            / crate::net::pct(&on_kernel, 0.5).as_secs_f64(),
         load()
     );
     Ok(())
