@@ -5,8 +5,17 @@
 //! filter), and keeps the nft part that still applies on such a node: the tunnel input filter
 //! on the underlay and the routers' NAT, through [`NftFirewall`].
 //!
-//! Remote groups are one flow per member address (conjunctive flows would make a group's
-//! change one flow per member instead of members × rules; left for later).
+//! Remote groups are one flow per member address in each rule that names the group, not
+//! conjunctive flows (`conjunction(id, k/2)`), and this is a choice: a port's filter is one
+//! object of the pipeline with one cookie, written or replaced whole in the converge's one
+//! bundle, so a port is never seen with half a filter and a reconcile can tell exactly which
+//! port's flows are stale. Conjunctive flows would share each group's member flows between
+//! the ports of a network (one flow per member, not members × rules × ports), but then a
+//! port's filter would be its own flows plus flows of other objects whose conjunction ids it
+//! depends on, and every change to a group's use (a rule added to one port) would change
+//! flows other ports rely on. What a membership change costs here is measured beside the
+//! kernel's nft sets (`stratus-bench net-ovs-sg`); its flows are rewritten for the ports
+//! whose rules name the group, atomically with everything else the converge changes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

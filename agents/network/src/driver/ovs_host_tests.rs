@@ -789,3 +789,48 @@ fn a_vlan_network_spans_two_ovs_nodes_tagged_on_a_physical_link() {
         assert!(l.link(ns, &phys).expect("link").is_some(), "left alone");
     }
 }
+
+/// Remote groups on OVS: guest 1's group lets ICMP in from its own members only. Guest 2
+/// moved to another group is no member and its pings go unanswered after one converge;
+/// moved back, they are answered again (each port's filter lists the group's members, so a
+/// membership change rewrites the filters of the ports whose rules name the group, in the
+/// converge's one bundle).
+#[test]
+fn a_remote_groups_membership_change_takes_effect_on_ovs() {
+    if !root() {
+        return;
+    }
+    let Rig {
+        l: _,
+        nodes: _,
+        guests: [g1, g2, ..],
+        switches: _,
+        hosts: [h1, h2],
+        configs: [c1, c2],
+        mut snap,
+        macs: _,
+        _cleanup,
+    } = rig([Datapath::Ovs, Datapath::Ovs]);
+    snap.groups
+        .push(group("other", json!([{"direction": "egress"}])));
+    let converge_both = |snap: &Snapshot| {
+        for (h, c) in [(&h1, &c1), (&h2, &c2)] {
+            let r = converge(h, c, snap).expect("converge");
+            assert!(r.failures.is_empty(), "{:?}", r.failures);
+        }
+    };
+    converge_both(&snap);
+    sh(&g1, &["ip", "addr", "add", "10.50.0.11/24", "dev", "eth0"]);
+    sh(&g2, &["ip", "addr", "add", "10.50.0.12/24", "dev", "eth0"]);
+    let ip1 = Ipv4Addr::new(10, 50, 0, 11);
+    assert!(pings(&g2, ip1, 10), "a member of guest 1's group");
+    let member = snap.ports[1].clone();
+    let mut moved = (*member).clone();
+    moved.spec.security_groups = Some(vec!["other".into()]);
+    snap.ports[1] = Arc::new(moved);
+    converge_both(&snap);
+    assert!(!pings(&g2, ip1, 3), "no member any more");
+    snap.ports[1] = member;
+    converge_both(&snap);
+    assert!(pings(&g2, ip1, 10), "a member again");
+}
