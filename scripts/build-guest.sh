@@ -8,9 +8,10 @@
 # prints one line on the serial console,
 #   STRATUS-GUEST-READY hostname=<hostname> instance-id=<id>
 # (or "STRATUS-GUEST-READY hostname=none" when no drive shows up), then runs DHCP
-# on the first NIC in the background and prints "STRATUS-GUEST-DHCP <iface> <ip>"
-# once it has a lease. The lease's classless static routes (option 121, which
-# Stratus's DHCP servers send with the route to 169.254.169.254) are installed, and
+# on every NIC in the background, at boot and on each one plugged in later, and prints
+# "STRATUS-GUEST-DHCP <iface> <ip>" for each lease it takes. The first lease's classless
+# static routes (option 121, which Stratus's DHCP servers send with the route to
+# 169.254.169.254) are installed, and
 # the guest then reads its metadata as cloud-init's OpenStack datasource does (GET
 # http://169.254.169.254/openstack/latest/meta_data.json, retried while nothing
 # answers) and prints what it was told:
@@ -278,25 +279,39 @@ else
 fi
 
 # DHCP after the marker and in the background: a guest without a NIC or without
-# a DHCP server must still report ready promptly.
-iface=
-if [ -e /sys/class/net/eth0 ]; then
-  iface=eth0
-else
-  for n in /sys/class/net/*; do
-    n=${n##*/}
-    [ "$n" = lo ] || [ ! -e "/sys/class/net/$n" ] || { iface=$n; break; }
-  done
-fi
-if [ -n "$iface" ]; then
-  ip link set "$iface" up
+# a DHCP server must still report ready promptly. Every NIC gets its own udhcpc, at
+# boot and whenever one is plugged in (hot-plug); an interface replaced by another of
+# the same name (a new ifindex: unplugged and plugged in again) gets a new one.
+dhcp_on() {
+  ip link set "$1" up 2>/dev/null
   if [ "$hn" = none ]; then
-    udhcpc -f -R -i "$iface" -O staticroutes -s /etc/udhcpc.script -p /run/udhcpc.pid >/dev/null 2>&1 &
+    udhcpc -f -R -i "$1" -O staticroutes -s /etc/udhcpc.script >/dev/null 2>&1 &
   else
     # Send the hostname so the DHCP server can register it in DNS.
-    udhcpc -f -R -i "$iface" -O staticroutes -s /etc/udhcpc.script -p /run/udhcpc.pid -x "hostname:$hn" >/dev/null 2>&1 &
+    udhcpc -f -R -i "$1" -O staticroutes -s /etc/udhcpc.script -x "hostname:$hn" >/dev/null 2>&1 &
   fi
-fi
+  echo "$!" >"/run/dhcp.$1.pid"
+  echo "$2" >"/run/dhcp.$1.ifindex"
+}
+watch_nics() {
+  while true; do
+    for d in /sys/class/net/*; do
+      n=${d##*/}
+      [ "$n" != lo ] && [ -e "$d/ifindex" ] || continue
+      idx=$(cat "$d/ifindex" 2>/dev/null)
+      pid=$(cat "/run/dhcp.$n.pid" 2>/dev/null)
+      if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null \
+          && [ "$(cat "/run/dhcp.$n.ifindex" 2>/dev/null)" = "$idx" ]; then
+        continue
+      fi
+      [ -z "$pid" ] || kill "$pid" 2>/dev/null
+      dhcp_on "$n" "$idx"
+    done
+    sleep 1
+  done
+}
+watch_nics </dev/null >/dev/null 2>&1 &
+echo "$!" >/run/nicwatch.pid
 
 # stratus.shell on the cmdline gives a root shell on the console for debugging.
 if grep -qw stratus.shell /proc/cmdline; then
@@ -316,7 +331,12 @@ case $event in
   bound|renew)
     ip -4 addr flush dev "$interface"
     ifconfig "$interface" "$ip" netmask "${subnet:-255.255.255.0}" ${broadcast:+broadcast "$broadcast"}
-    if [ -n "$staticroutes" ]; then
+    # Routes and DNS come from the first interface to take a lease: a NIC plugged in
+    # later gets its address, not the guest's default route.
+    mkdir /run/primary 2>/dev/null && echo "$interface" >/run/primary/iface
+    if [ "$(cat /run/primary/iface 2>/dev/null)" != "$interface" ]; then
+      :
+    elif [ -n "$staticroutes" ]; then
       # RFC 3442: a client given classless static routes ignores the router option;
       # the routes carry the default route themselves. A gateway of 0.0.0.0 is on-link.
       set -- $staticroutes
@@ -334,8 +354,10 @@ case $event in
         break
       done
     fi
-    : >/etc/resolv.conf
-    for d in $dns; do echo "nameserver $d" >>/etc/resolv.conf; done
+    if [ "$(cat /run/primary/iface 2>/dev/null)" = "$interface" ]; then
+      : >/etc/resolv.conf
+      for d in $dns; do echo "nameserver $d" >>/etc/resolv.conf; done
+    fi
     if [ "$event" = bound ]; then
       printf 'STRATUS-GUEST-DHCP %s %s\n' "$interface" "$ip" >/dev/console
       # Once per boot, however often the lease is taken anew.
@@ -409,10 +431,14 @@ META
 
 cat >"$stage/etc/acpi/PWRF/00000080" <<'PWR'
 #!/bin/sh
-# Power button: stop DHCP (releasing the lease), drop the config drive, power off.
+# Power button: stop DHCP (releasing the leases), drop the config drive, power off.
 # poweroff -f because PID 1 is a plain shell that would ignore busybox poweroff's signal.
 echo STRATUS-GUEST-POWEROFF >/dev/console
-[ -f /run/udhcpc.pid ] && kill "$(cat /run/udhcpc.pid)" 2>/dev/null && sleep 0.5
+[ -f /run/nicwatch.pid ] && kill "$(cat /run/nicwatch.pid)" 2>/dev/null
+for f in /run/dhcp.*.pid; do
+  [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null
+done
+sleep 0.5
 umount /mnt/cidata 2>/dev/null
 sync
 poweroff -f

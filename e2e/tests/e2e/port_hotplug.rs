@@ -6,6 +6,9 @@
 //! an interface unplugged behind the agent's back comes back, one plugged in that no Port
 //! names goes; the Port taken out of the spec is unplugged live and from the definition, its
 //! tap is gone and the Port no longer names the server. A stale concurrent edit is a 409.
+//! The guest runs DHCP on every NIC it has, at boot and as one is plugged in: each takes its
+//! Port's address from the node's DHCP server, the hot-plugged one too, and again when it
+//! comes back after being unplugged behind the agent's back.
 
 use std::time::Duration;
 
@@ -50,6 +53,18 @@ fn event_reasons(cloud: &Cloud, name: &str) -> Vec<String> {
         .iter()
         .filter_map(|e| e["reason"].as_str().map(str::to_owned))
         .collect()
+}
+
+/// How many leases of address `ip` the guest announced on its console
+/// (`STRATUS-GUEST-DHCP <iface> <ip>`, one a lease taken).
+fn leases(console: &str, ip: &str) -> usize {
+    console
+        .lines()
+        .filter(|l| {
+            let mut words = l.split_whitespace();
+            words.next() == Some("STRATUS-GUEST-DHCP") && words.nth(1) == Some(ip)
+        })
+        .count()
 }
 
 /// `virsh VERB DOMAIN FILE --live --config` with `element` (a device's XML) in the file: a
@@ -137,8 +152,21 @@ fn a_port_added_to_a_running_server_is_plugged_in_live_and_out_again() -> Result
     .with_context(|| log(&node, &uid))?;
     let nics_at_boot = node.console(&uid).matches(NIC_FOUND).count();
     assert_eq!(nics_at_boot, 1, "{}", node.console(&uid));
+    // The NIC it booted with takes web-0's address by DHCP.
+    let address = |port: &Value| {
+        port["status"]["fixedIPs"][0]["ipAddress"]
+            .as_str()
+            .map(str::to_owned)
+            .context("the port's address")
+    };
+    let first_ip = address(&first)?;
+    wait_until(T, "the guest's lease on the NIC it booted with", || {
+        (leases(&node.console(&uid), &first_ip) >= 1).then_some(())
+    })
+    .with_context(|| log(&node, &uid))?;
 
     let extra = get(&cloud, "port", "extra").context("port extra")?;
+    let extra_ip = address(&extra)?;
     let mac = extra["status"]["macAddress"]
         .as_str()
         .context("a MAC")?
@@ -209,6 +237,11 @@ fn a_port_added_to_a_running_server_is_plugged_in_live_and_out_again() -> Result
         "{}",
         node.console(&uid)
     );
+    // The guest runs DHCP on the new NIC too, and takes the Port's address.
+    wait_until(T, "the guest's lease on the hot-plugged NIC", || {
+        (leases(&node.console(&uid), &extra_ip) >= 1).then_some(())
+    })
+    .with_context(|| log(&node, &uid))?;
     wait_until(T, "web's addresses naming both ports", || {
         get(&cloud, "server", "web").filter(|s| {
             s["status"]["addresses"]
@@ -231,6 +264,11 @@ fn a_port_added_to_a_running_server_is_plugged_in_live_and_out_again() -> Result
             && has_mac(&xml(true), &mac)
             && has_mac(&xml(false), &mac))
         .then_some(())
+    })
+    .with_context(|| log(&node, &uid))?;
+    // The NIC back in the guest takes its address again.
+    wait_until(T, "the guest's lease on the NIC plugged in again", || {
+        (leases(&node.console(&uid), &extra_ip) >= 2).then_some(())
     })
     .with_context(|| log(&node, &uid))?;
 
