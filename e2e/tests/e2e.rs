@@ -13,6 +13,7 @@ mod e2e {
     mod field_ownership;
     mod gc;
     mod identity;
+    mod images_swift;
     mod ipam;
     mod kubectl;
     mod leader;

@@ -347,14 +347,14 @@ fn the_demo_guest_takes_its_address_on_the_example_network_by_dhcp() -> Result<(
 /// The object store of a `stratus up --object-store` on `ip`: its servers' allow-list (an
 /// nftables table the object agent leaves on purpose, which `stratus up` takes away when it
 /// stops) is taken away when this is dropped, should the cloud have died without stopping.
-struct ObjectStoreAllowList(&'static str);
+pub(super) struct ObjectStoreAllowList(pub(super) &'static str);
 
 impl ObjectStoreAllowList {
     fn table(&self) -> String {
         format!("stratus_swift_{}", self.0.replace('.', "_"))
     }
 
-    fn present(&self) -> bool {
+    pub(super) fn present(&self) -> bool {
         std::process::Command::new("nft")
             .args(["list", "table", "inet", &self.table()])
             .stdout(std::process::Stdio::null())
@@ -375,7 +375,7 @@ impl Drop for ObjectStoreAllowList {
 }
 
 /// `stratus up --object-store` on `ip`:`port`, once it shows the store.
-fn object_store_up(ip: &str, port: u16) -> Result<Cloud> {
+pub(super) fn object_store_up(ip: &str, port: u16) -> Result<Cloud> {
     let cloud = Cloud::up_with(&[
         "--object-store",
         "--object-store-ip",
