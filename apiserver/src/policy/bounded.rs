@@ -11,9 +11,9 @@ use std::hash::Hash;
 
 /// Makes room in `map` for one more entry when it holds `cap` or more.
 ///
-/// Entries for which `worthless` holds (expired, refilled) are dropped first. If the map is
-/// still full, the entries ranked lowest by `rank` are dropped until a tenth of `cap` is free,
-/// so that a flood pays for one trim per tenth of the map, not one per entry.
+/// Entries for which `worthless` holds (expired, refilled) are dropped first, then the entries
+/// ranked lowest by `rank` until a tenth of `cap` is free, so that a flood pays for one trim
+/// per tenth of the map, not one per entry.
 pub fn make_room<K, V, R>(
     map: &mut HashMap<K, V>,
     cap: usize,
@@ -27,9 +27,8 @@ pub fn make_room<K, V, R>(
         return;
     }
     map.retain(|_, v| !worthless(v));
-    if map.len() < cap {
-        return;
-    }
+    // Trimmed to nine tenths whatever the sweep freed, so that a map at its bound with a
+    // few worthless entries does not cost a sweep of it on every insert.
     let keep = cap - cap / 10;
     let excess = map.len() - keep.min(map.len());
     if excess == 0 {
@@ -51,8 +50,18 @@ mod tests {
         // Values: (worthless?, rank).
         let mut m: HashMap<u32, (bool, u32)> = (0..100).map(|i| (i, (i % 2 == 0, i))).collect();
         make_room(&mut m, 100, |v| v.0, |v| v.1);
-        assert_eq!(m.len(), 50, "only the worthless half went");
+        assert_eq!(
+            m.len(),
+            50,
+            "the worthless half went, which leaves room enough"
+        );
         assert!(m.values().all(|v| !v.0));
+
+        // One worthless entry: it goes, and the lowest ranked too down to nine tenths.
+        let mut m: HashMap<u32, (bool, u32)> = (0..100).map(|i| (i, (i == 50, i))).collect();
+        make_room(&mut m, 100, |v| v.0, |v| v.1);
+        assert_eq!(m.len(), 90);
+        assert!(!m.contains_key(&50) && !m.contains_key(&0) && m.contains_key(&10));
 
         let mut m: HashMap<u32, (bool, u32)> = (0..100).map(|i| (i, (false, i))).collect();
         make_room(&mut m, 100, |v| v.0, |v| v.1);
