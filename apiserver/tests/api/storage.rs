@@ -1010,6 +1010,12 @@ async fn a_storage_address_is_one_nodes_and_in_a_granted_network() {
     pool(&c, "p3", "n1", 10).await;
     let record = |a: &str| json!({"status": {"storageAddress": a}}).to_string();
     let at = |name: &str| c.status("StoragePool", None, name);
+    // An operator's write of a pool's address.
+    let operator = |pool: &str, address: &str| {
+        let (c, t) = (&c, at(pool));
+        let patch = json!({"status": {"storageAddress": address}});
+        async move { c.patch(&t, MERGE, &patch, "").await }
+    };
     for outside in ["127.0.0.1", "169.254.169.254", "8.8.8.8", "::1"] {
         let before = c.revision().await;
         let e = refused(c.node("n1").patch(&at("p1"), MERGE, &record(outside)).await);
@@ -1047,18 +1053,7 @@ async fn a_storage_address_is_one_nodes_and_in_a_granted_network() {
         "n1",
     );
     // By an operator too: the address stays n1's.
-    taken(
-        refused(
-            c.patch(
-                &at("p2"),
-                MERGE,
-                &json!({"status": {"storageAddress": "10.0.0.1"}}),
-                "",
-            )
-            .await,
-        ),
-        "n1",
-    );
+    taken(refused(operator("p2", "10.0.0.1").await), "n1");
     c.node("n2")
         .patch(&at("p2"), MERGE, &record("10.0.0.2"))
         .await
@@ -1074,49 +1069,17 @@ async fn a_storage_address_is_one_nodes_and_in_a_granted_network() {
     assert_eq!(refusals.len(), 1, "{refusals:?}");
     assert_eq!(refusals[0].details.causes[0].reason, "FieldValueDuplicate");
     // Free once no pool of n1 records it: p1 moved by an operator, p3 deleted.
-    c.patch(
-        &at("p1"),
-        MERGE,
-        &json!({"status": {"storageAddress": "10.0.0.3"}}),
-        "",
-    )
-    .await
-    .expect("moved by an operator");
-    taken(
-        refused(
-            c.patch(
-                &at("p2"),
-                MERGE,
-                &json!({"status": {"storageAddress": "10.0.0.1"}}),
-                "",
-            )
-            .await,
-        ),
-        "n1",
-    );
+    operator("p1", "10.0.0.3")
+        .await
+        .expect("moved by an operator");
+    taken(refused(operator("p2", "10.0.0.1").await), "n1");
     c.delete("StoragePool", None, "p3", "")
         .await
         .expect("p3 deleted");
-    c.patch(
-        &at("p2"),
-        MERGE,
-        &json!({"status": {"storageAddress": "10.0.0.1"}}),
-        "",
-    )
-    .await
-    .expect("the freed address, moved to n2 by an operator");
-    taken(
-        refused(
-            c.patch(
-                &at("p1"),
-                MERGE,
-                &json!({"status": {"storageAddress": "10.0.0.1"}}),
-                "",
-            )
-            .await,
-        ),
-        "n2",
-    );
+    operator("p2", "10.0.0.1")
+        .await
+        .expect("the freed address, moved to n2 by an operator");
+    taken(refused(operator("p1", "10.0.0.1").await), "n2");
 
     // Loopback only where the operator grants it.
     let granted = Cloud {
