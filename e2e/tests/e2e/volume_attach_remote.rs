@@ -6,7 +6,7 @@
 //! no other address reaches the export's port; the storage agent, killed and started again,
 //! takes its export back without the guest losing it; the guest writes to the disk (from the
 //! shell on its console) and, once detached, the data is in the volume on `nbd-a` and the
-//! export is gone.
+//! export is gone. Attached over NBD the volume does not grow (422, nothing changed).
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -282,6 +282,24 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
             && xml.contains(&format!("<host name='{STORAGE_IP}' port='{port}'/>")),
         "{xml}"
     );
+
+    // Attached over NBD, it does not grow (QEMU's NBD client keeps the size it connected
+    // with): refused whole, the guest's disk as it was.
+    let refused = cloud.kubectl_err(&[
+        "-n",
+        NS,
+        "patch",
+        "volume",
+        "far",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"sizeGiB":2}}"#,
+    ])?;
+    ensure!(
+        refused.contains("spec.sizeGiB") && refused.contains("over NBD"),
+        "{refused}"
+    );
+    assert_eq!(volume(&cloud)?["spec"]["sizeGiB"], 1);
 
     // Only nbd-b's address reaches the export: this host's own address on the storage
     // network, as any other, has its connection dropped.
