@@ -1,9 +1,10 @@
 //! Object storage: PUT and GET through a Swift proxy, side by side in one run, of (a) Swift
 //! configured by hand (rings from `swift-ring-builder`, Debian's account, container and object
-//! servers and a proxy without authentication) and (b) `stratus up --object-store` (ObjectRings built
-//! by the ring controller and installed by the object agent, which runs the same servers, and
-//! the proxy validating every request's Stratus token through keystonemiddleware against the
-//! API server's `/identity/v3`). Also how long each takes from nothing to serving, and from
+//! servers and a proxy with keystonemiddleware, as operators run Swift with Keystone) and (b)
+//! `stratus up --object-store` (ObjectRings built by the ring controller and installed by the
+//! object agent, which runs the same servers, and its proxy). Both proxies validate every
+//! request's token afresh against the same identity, the API server's `/identity/v3`, as
+//! the same service identity, so that what differs is how the servers and rings are run. Also how long each takes from nothing to serving, and from
 //! the rings' apply to their ring files installed.
 //!
 //! Each side has a loopback address of its own that no test uses (the servers' ports are
@@ -94,23 +95,47 @@ fn server_conf(root: &Path, kind: &str, port: u16) -> String {
     )
 }
 
-/// The proxy as `stratus up --object-store` writes it, without keystonemiddleware's
-/// authtoken, s3token and keystoneauth: no authentication at all. (Swift's tempauth keeps its
-/// tokens in memcached, which this machine does not have; with memcached the proxy would also
-/// cache account and container lookups, which neither side then has.)
-fn proxy_conf(root: &Path) -> String {
-    format!(
-        "[DEFAULT]\nbind_ip = {REFERENCE_IP}\nbind_port = {PROXY_PORT}\nworkers = 0\nuser = root\n\
-         swift_dir = {swift_dir}\nlog_name = proxy-server\n\n\
-         [pipeline:main]\npipeline = catch_errors healthcheck proxy-logging s3api slo proxy-logging proxy-server\n\n\
-         [app:proxy-server]\nuse = egg:swift#proxy\naccount_autocreate = true\n\n\
-         [filter:catch_errors]\nuse = egg:swift#catch_errors\n\n\
-         [filter:healthcheck]\nuse = egg:swift#healthcheck\n\n\
-         [filter:proxy-logging]\nuse = egg:swift#proxy_logging\n\n\
-         [filter:s3api]\nuse = egg:swift#s3api\n\n\
-         [filter:slo]\nuse = egg:swift#slo\n",
-        swift_dir = root.display(),
+/// Where the reference proxy's keystonemiddleware validates tokens: the Stratus API
+/// server's identity, as the same service identity as `stratus up`'s proxy.
+struct Identity {
+    /// `https://HOST:PORT/identity/v3`.
+    url: String,
+    /// The API server's CA certificate.
+    ca: std::path::PathBuf,
+    /// The proxies' service token.
+    token: String,
+}
+
+/// The proxy as `stratus up --object-store` writes it: keystonemiddleware's `authtoken`
+/// (every token validated afresh, `token_cache_time = -1`), `s3api`, `s3token` and
+/// `keystoneauth` with the same roles, against `identity`.
+fn proxy_conf(root: &Path, identity: &Identity) -> String {
+    stratus_e2e::swift_proxy_conf(
+        REFERENCE_IP,
+        PROXY_PORT,
+        root,
+        &identity.url,
+        &identity.ca,
+        &identity.token,
     )
+}
+
+/// The identity `stratus up`'s proxy uses: its token from the cloud's token file.
+fn proxy_identity(cloud: &Cloud) -> Result<Identity> {
+    let tokens = std::fs::read_to_string(cloud.dir.path().join("tokens.csv"))?;
+    let token = tokens
+        .lines()
+        .find_map(|l| {
+            l.split_once(',')
+                .filter(|(_, user)| *user == "system:service:object-proxy")
+                .map(|(t, _)| t.to_string())
+        })
+        .context("no object proxy identity in tokens.csv")?;
+    Ok(Identity {
+        url: format!("{}/identity/v3", cloud.url),
+        ca: cloud.dir.path().join("pki/ca.crt"),
+        token,
+    })
 }
 
 /// Whether `ip:port` answers Swift's healthcheck.
@@ -122,9 +147,10 @@ fn healthy(ip: &str, port: u16) -> bool {
         .is_ok_and(|o| o.status.success() && o.stdout == b"OK")
 }
 
-/// Builds the reference's three rings and starts its servers and proxy: the time the rings
-/// took, and the time from the rings to every server and the proxy answering.
-fn start_reference() -> Result<(Reference, Duration, Duration)> {
+/// Builds the reference's three rings and starts its servers and proxy (validating tokens
+/// with `identity`): the time the rings took, and the time from the rings to every server
+/// and the proxy answering.
+fn start_reference(identity: &Identity) -> Result<(Reference, Duration, Duration)> {
     let dir = tempfile::tempdir()?;
     let root = dir.path().to_path_buf();
     std::fs::create_dir_all(root.join("devices").join(DEVICE))?;
@@ -157,7 +183,7 @@ fn start_reference() -> Result<(Reference, Duration, Duration)> {
             server_conf(&root, kind, port),
         )?;
     }
-    std::fs::write(root.join("proxy-server.conf"), proxy_conf(&root))?;
+    std::fs::write(root.join("proxy-server.conf"), proxy_conf(&root, identity))?;
     for kind in ["account", "container", "object", "proxy"] {
         reference.procs.push(Proc::spawn(
             &format!("swift-{kind}-server"),
@@ -388,7 +414,8 @@ async fn put_get(side: &Side, prefix: &str, n: usize, c: usize, size: usize) -> 
     Ok([put, get])
 }
 
-/// `stratus-bench object`: both stores started (the reference first), then `rounds` rounds,
+/// `stratus-bench object`: both stores started (Stratus first, whose identity the reference's
+/// proxy uses too), then `rounds` rounds,
 /// each measuring both sides in an order alternating from round to round: `small` objects of
 /// 4 KiB at concurrency `concurrency`, then `large` objects of `large_mib` MiB at
 /// `large_concurrency`, each PUT, then GET back.
@@ -404,20 +431,26 @@ pub async fn bench(
         bail!("--rounds, --small and --large must be at least 1");
     }
     println!("load average at the start: {}", crate::net::load());
-    let (reference, ref_rings, ref_serving) = start_reference()?;
     let (store, api_ready, store_ready) = start_stratus()?;
+    let (reference, ref_rings, ref_serving) = start_reference(&proxy_identity(store.cloud())?)?;
     let ring_install = ring_apply_to_installed(store.cloud())?;
 
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let http: Http = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector.clone());
     let (stratus_token, stratus_account) = stratus_login(store.cloud())?;
+    // The same user's token, on the same project's account, at the reference's proxy.
+    let reference_account = stratus_account.replacen(
+        &format!("http://{STRATUS_IP}:"),
+        &format!("http://{REFERENCE_IP}:"),
+        1,
+    );
     let sides = [
         Side {
-            label: "reference: Swift by hand, no auth",
+            label: "reference: Swift by hand, Stratus tokens",
             http: http.clone(),
-            account: format!("http://{REFERENCE_IP}:{PROXY_PORT}/v1/AUTH_bench").into(),
-            token: "".into(),
+            account: reference_account.into(),
+            token: stratus_token.clone().into(),
         },
         Side {
             label: "Stratus: object agent's servers, Stratus tokens",

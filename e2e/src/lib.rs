@@ -917,3 +917,39 @@ pub fn files_ending(dir: &Path, ext: &str) -> Vec<PathBuf> {
     }
     out
 }
+
+/// A Swift proxy's configuration as `stratus up --object-store` writes it: on `ip`:`port`, its
+/// rings in `swift_dir`, with keystonemiddleware's `authtoken` (every token validated afresh),
+/// `s3api`, `s3token` and `keystoneauth` against the Stratus identity at `identity`
+/// (`https://HOST:PORT/identity/v3`, its CA `ca`), as the service identity of `token`.
+pub fn swift_proxy_conf(
+    ip: &str,
+    port: u16,
+    swift_dir: &Path,
+    identity: &str,
+    ca: &Path,
+    token: &str,
+) -> String {
+    format!(
+        "[DEFAULT]\nbind_ip = {ip}\nbind_port = {port}\nworkers = 0\nuser = root\n\
+         swift_dir = {swift_dir}\nlog_name = proxy-server\nlog_level = INFO\n\n\
+         [pipeline:main]\npipeline = catch_errors healthcheck proxy-logging authtoken s3api s3token keystoneauth slo proxy-logging proxy-server\n\n\
+         [app:proxy-server]\nuse = egg:swift#proxy\naccount_autocreate = true\n\n\
+         [filter:catch_errors]\nuse = egg:swift#catch_errors\n\n\
+         [filter:healthcheck]\nuse = egg:swift#healthcheck\n\n\
+         [filter:proxy-logging]\nuse = egg:swift#proxy_logging\n\n\
+         [filter:s3api]\nuse = egg:swift#s3api\n\n\
+         [filter:slo]\nuse = egg:swift#slo\n\n\
+         [filter:authtoken]\npaste.filter_factory = keystonemiddleware.auth_token:filter_factory\n\
+         www_authenticate_uri = {identity}\nauth_type = admin_token\nendpoint = {identity}\n\
+         token = {token}\ncafile = {ca}\ndelay_auth_decision = True\n\
+         token_cache_time = -1\ninclude_service_catalog = False\n\n\
+         [filter:s3token]\nuse = egg:swift#s3token\nauth_uri = {identity}\ncertfile = {ca}\n\
+         reseller_prefix = AUTH_\n\n\
+         [filter:keystoneauth]\nuse = egg:swift#keystoneauth\nreseller_prefix = AUTH_\n\
+         operator_roles = admin, member\nproject_reader_roles = reader\n\
+         allow_names_in_acls = false\n",
+        swift_dir = swift_dir.display(),
+        ca = ca.display(),
+    )
+}

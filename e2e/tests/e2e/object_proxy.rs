@@ -145,27 +145,7 @@ impl Swift {
 /// keystonemiddleware's `authtoken`, `s3api`, `s3token` and `keystoneauth` pointed at the
 /// Stratus identity at `identity` (its CA `ca`), as the proxy's own service identity.
 pub(super) fn proxy_conf(port: u16, swift_dir: &Path, identity: &str, ca: &Path) -> String {
-    format!(
-        "[DEFAULT]\nbind_ip = 127.0.0.1\nbind_port = {port}\nworkers = 0\nuser = root\n\
-         swift_dir = {swift_dir}\nlog_level = INFO\n\n\
-         [pipeline:main]\npipeline = catch_errors healthcheck proxy-logging authtoken s3api s3token keystoneauth proxy-logging proxy-server\n\n\
-         [app:proxy-server]\nuse = egg:swift#proxy\naccount_autocreate = true\n\n\
-         [filter:catch_errors]\nuse = egg:swift#catch_errors\n\n\
-         [filter:healthcheck]\nuse = egg:swift#healthcheck\n\n\
-         [filter:proxy-logging]\nuse = egg:swift#proxy_logging\n\n\
-         [filter:authtoken]\npaste.filter_factory = keystonemiddleware.auth_token:filter_factory\n\
-         www_authenticate_uri = {identity}\nauth_type = admin_token\nendpoint = {identity}\n\
-         token = {PROXY_TOKEN}\ncafile = {ca}\ndelay_auth_decision = True\n\
-         token_cache_time = -1\ninclude_service_catalog = False\n\n\
-         [filter:s3api]\nuse = egg:swift#s3api\n\n\
-         [filter:s3token]\nuse = egg:swift#s3token\nauth_uri = {identity}\ncertfile = {ca}\n\
-         reseller_prefix = AUTH_\n\n\
-         [filter:keystoneauth]\nuse = egg:swift#keystoneauth\nreseller_prefix = AUTH_\n\
-         operator_roles = admin, member\nproject_reader_roles = reader\n\
-         allow_names_in_acls = false\n",
-        swift_dir = swift_dir.display(),
-        ca = ca.display(),
-    )
+    stratus_e2e::swift_proxy_conf("127.0.0.1", port, swift_dir, identity, ca, PROXY_TOKEN)
 }
 
 /// Runs a command; its output, or an error with its stderr.
