@@ -708,25 +708,15 @@ mod tests {
 
     /// An object ring at version 1 whose nodes mostly report `fingerprint`.
     fn ring_of_hash(fingerprint: &str) -> ObjectRing {
-        let mut r = ObjectRing::new(
+        let mut r = crate::plan::tests::ring(
             "object",
-            stratus_api_types::object::ObjectRingSpec {
-                ring_type: stratus_api_types::object::RingType::Object,
-                policy_index: None,
-                part_power: 4,
-                replicas: 1,
-                min_part_hours: 1,
-                overload: None,
-                paused: false,
-                devices: vec![],
-            },
+            stratus_api_types::object::RingType::Object,
+            None,
+            Some(1),
         );
-        r.status = Some(stratus_api_types::object::ObjectRingStatus {
-            version: Some(1),
-            ring_version: Some("object-v1".into()),
-            hash_fingerprint: Some(fingerprint.into()),
-            ..Default::default()
-        });
+        if let Some(s) = r.status.as_mut() {
+            s.hash_fingerprint = Some(fingerprint.into());
+        }
         r
     }
 

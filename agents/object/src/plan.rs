@@ -205,7 +205,7 @@ pub fn phase(devices: &[ObjectDeviceStatus], processes: &[ObjectProcessStatus]) 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use stratus_api_types::object::{ObjectRingSpec, ObjectRingStatus};
 
     use super::*;
@@ -271,7 +271,13 @@ mod tests {
         assert!(plan(&w, &all, &BTreeMap::new(), 0).is_empty());
     }
 
-    fn ring(name: &str, kind: RingType, policy: Option<u32>, version: Option<u64>) -> ObjectRing {
+    /// A ring `name` of `kind` (policy `policy`) built to `version`, named `NAME-vVERSION`.
+    pub(crate) fn ring(
+        name: &str,
+        kind: RingType,
+        policy: Option<u32>,
+        version: Option<u64>,
+    ) -> ObjectRing {
         let mut r = ObjectRing::new(
             name,
             ObjectRingSpec {
