@@ -244,6 +244,68 @@ fn an_nft_update_rewrites_only_what_differs_and_a_change_by_hand_is_read() {
 }
 
 #[test]
+fn a_port_added_and_removed_is_set_elements_and_its_own_chains_in_the_kernel() {
+    if !root() {
+        return;
+    }
+    let mut c = Cleanup::default();
+    let ns = c.netns(unique());
+    NetlinkLinks::new().add_netns(&ns).expect("add netns");
+    let f = NftFirewall::new(Netns::Named(ns.clone()));
+    let first = conformance::sample_ruleset();
+    let mut second = first.clone();
+    let mut new = second.ports[0].clone();
+    new.id = Name::new("p-new").expect("id");
+    new.device = ifname("ve-c3");
+    new.mac = "02:00:00:00:00:03".parse().expect("mac");
+    new.ips = BTreeSet::from([Ipv4Addr::new(10, 0, 0, 4), Ipv4Addr::new(10, 0, 0, 5)]);
+    second.ports.push(new);
+    f.apply(&first).expect("apply");
+    let before = rule_handles(&ns);
+    // Written as an update and read back from the kernel: nothing but the new port's
+    // chains and the forward chain got new rules (the whole ruleset written again would
+    // give every rule a new handle).
+    let step = |from: &Ruleset, to: &Ruleset| {
+        let have = f.read().expect("read").expect("tables");
+        assert_eq!(have, from.observed().expect("observed"));
+        let want = to.observed().expect("observed");
+        f.update(&super::Update {
+            ruleset: to.clone(),
+            want: want.clone(),
+            delta: super::Delta::between(&want, &have),
+        })
+        .expect("update");
+        let fresh = NftFirewall::new(Netns::Named(ns.clone()));
+        assert_eq!(fresh.read().expect("read"), Some(want));
+    };
+    step(&first, &second);
+    let kept = |h: &BTreeSet<(String, u64)>| -> BTreeSet<(String, u64)> {
+        h.iter()
+            .filter(|(c, _)| c != "inet/forward" && !c.starts_with("inet/p-new"))
+            .cloned()
+            .collect()
+    };
+    let added = rule_handles(&ns);
+    assert_eq!(kept(&before), kept(&added));
+    let (ok, set) = run_in(&ns, &["nft", "list", "set", "bridge", "stratus", "port-ip"]);
+    assert!(
+        ok && set.contains("\"ve-c3\" . 10.0.0.4") && set.contains("\"ve-c3\" . 10.0.0.5"),
+        "{set}"
+    );
+    // Removed again: its elements go as the kernel listed them, in an update.
+    step(&second, &first);
+    assert_eq!(kept(&before), kept(&rule_handles(&ns)));
+    for set in ["port-dev", "port-mac", "port-ip", "port-dhcp"] {
+        let (ok, out) = run_in(&ns, &["nft", "list", "set", "bridge", "stratus", set]);
+        assert!(
+            ok && !out.contains("ve-c3") && out.contains("ve-c1"),
+            "{set}: {out}"
+        );
+    }
+    f.clear().expect("clear");
+}
+
+#[test]
 fn an_nft_update_after_the_ruleset_was_flushed_behind_it_restores_the_whole_ruleset() {
     if !root() {
         return;
