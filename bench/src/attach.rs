@@ -220,7 +220,8 @@ fn storage_agent(
         .args(["--storage-pool", pool])
         .args(["--storage-heartbeat-seconds", "1"]);
     if let Some(a) = address {
-        cmd.args(["--storage-address", a]);
+        // Over NBD in the clear, as the reference's qemu-nbd by hand serves it.
+        cmd.args(["--storage-address", a, "--nbd-insecure"]);
     }
     Proc::spawn("storage agent", &mut cmd, &dir.join("storage-agent.log"))
 }
@@ -536,7 +537,7 @@ pub async fn bench(rounds: usize, remote: bool, lvm_pool: bool) -> Result<()> {
                         &file_s,
                     ],
                 )?;
-                nbd_path(STORAGE_IP.parse()?, REF_PORT, &export)
+                nbd_path(STORAGE_IP.parse()?, REF_PORT, &export, false)
             }
         };
         let ref_made = t.elapsed();

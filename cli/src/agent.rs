@@ -94,10 +94,18 @@ pub struct StorageArgs {
     /// node's volumes attach only to servers on this node.
     #[arg(long, value_name = "IP")]
     pub storage_address: Option<std::net::IpAddr>,
-    /// Storage and compute roles: the TCP ports volume exports are served on, outside the
-    /// kernel's ephemeral range (net.ipv4.ip_local_port_range), so no outgoing connection of
-    /// the host is given one; the cluster's one range, as a compute node attaches a volume of
-    /// another node from no other port.
+    /// Storage role: this node's NBD certificates (`stratus pki nbd-node NAME --address IP
+    /// --out DIR`): exports are served over TLS alone, each to the certificate of the node
+    /// attaching it. Required with --storage-address, unless --nbd-insecure.
+    #[arg(long, value_name = "DIR")]
+    pub nbd_tls_dir: Option<std::path::PathBuf>,
+    /// Storage role: serve exports without TLS (any process of the attaching node's address
+    /// reads the volume, and its data crosses the storage network in the clear).
+    #[arg(long, conflicts_with = "nbd_tls_dir")]
+    pub nbd_insecure: bool,
+    /// Storage role: the TCP ports volume exports are served on, outside the kernel's
+    /// ephemeral range (net.ipv4.ip_local_port_range), so no outgoing connection of the host
+    /// is given one.
     #[arg(long, value_name = "FIRST-LAST", default_value_t)]
     pub export_ports: stratus_storage_agent::export::PortRange,
 }
@@ -278,7 +286,6 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             heartbeat: std::time::Duration::from_secs(args.heartbeat_seconds.max(1)),
             resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
             image_policy,
-            export_ports: args.storage.export_ports,
         };
         tracing::info!(node = %config.node, uri = %args.libvirt_uri, "compute agent starting");
         Some(stratus_agents::compute::run(
@@ -451,7 +458,19 @@ fn storage(
         image_policy,
         storage_address: args.storage.storage_address,
         export_ports: args.storage.export_ports,
+        nbd_tls_dir: args.storage.nbd_tls_dir.clone(),
     };
+    match (&args.storage.nbd_tls_dir, args.storage.nbd_insecure) {
+        (Some(dir), _) => stratus_storage_agent::export::check_tls_dir(dir)
+            .map_err(|e| anyhow::anyhow!("--nbd-tls-dir: {e}"))?,
+        (None, true) => tracing::warn!(
+            "--nbd-insecure: volume exports are served without TLS, readable by any process of the attaching node's address and in the clear on the storage network"
+        ),
+        (None, false) if config.storage_address.is_some() => bail!(
+            "--storage-address exports volumes to other nodes: give this node's NBD certificates (--nbd-tls-dir DIR, issued by stratus pki nbd-node) or --nbd-insecure"
+        ),
+        (None, false) => {}
+    }
     if let Some(why) = stratus_storage_agent::export::ephemeral_ports()
         .and_then(|e| args.storage.export_ports.overlaps(e))
     {

@@ -5,6 +5,7 @@ mod client;
 mod controllers;
 mod image_policy;
 mod kubeconfig;
+mod pki;
 mod serving;
 mod up;
 
@@ -105,6 +106,9 @@ enum Command {
         #[command(flatten)]
         args: client::DiffArgs,
     },
+    /// Issue certificates from the cloud's CAs (on the machine `stratus up` keeps them on).
+    #[command(subcommand)]
+    Pki(pki::PkiCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -215,6 +219,7 @@ async fn main() -> Result<()> {
         Command::Login { client, args } => client::login(&client, args).await,
         Command::Console { client, args } => client::console(&client, args).await,
         Command::Evacuate { client, names } => client::evacuate(&client, &names).await,
+        Command::Pki(c) => pki::run(c),
         Command::Diff { client, args } => {
             if client::diff(&client, args).await? {
                 std::process::exit(1);

@@ -424,6 +424,10 @@ pub async fn run(args: UpArgs) -> Result<()> {
         &[host.clone(), "localhost".into(), "127.0.0.1".into()],
     )
     .context("make the CA and serving certificate")?;
+    // The NBD CA, its key kept (0600) for `stratus pki nbd-node` to issue each node's
+    // certificate for volume exports.
+    stratus_apiserver::http::nbd_pki::ensure_ca(&dir.join("pki").join("nbd"))
+        .context("make the NBD CA")?;
     let mut nodes = args.nodes.clone();
     let objects = &args.object_store;
     if objects.object_store {
@@ -556,8 +560,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
             object: object_args,
         }))
     });
-    // The object store's proxy, once the rings are installed (run by a supervisor thread of its
-    // own, so that it gets its parent-death signal only when `stratus up` ends).
+    // The object store's proxy is started here, on the thread `stratus up` runs on, so that it
+    // gets its parent-death signal only when `stratus up` ends.
     let mut proxy = None;
     if objects.object_store {
         let start = async {
@@ -605,16 +609,9 @@ pub async fn run(args: UpArgs) -> Result<()> {
         );
     }
 
-    let signal = async {
-        tokio::select! {
-            _ = int.recv() => tracing::info!("interrupted"),
-            _ = term.recv() => tracing::info!("terminated"),
-        }
-    };
-    // The proxy is started again whenever it exits, until then.
-    match proxy.as_mut() {
-        Some(p) => p.supervise(signal).await,
-        None => signal.await,
+    tokio::select! {
+        _ = int.recv() => tracing::info!("interrupted"),
+        _ = term.recv() => tracing::info!("terminated"),
     }
     stop(agent, controllers, server, etcd, proxy, objects).await;
     tracing::info!("stopped");

@@ -21,7 +21,7 @@ use stratus_api_types::storage::{
     ImageRef, StoragePool, Volume, VolumePhase, VolumeSnapshot, VolumeSnapshotPhase,
     VolumeSnapshotStatus, VolumeStatus,
 };
-use stratus_image_cache::{Format, ImageCache, ImageError, image_origin};
+use stratus_image_cache::{Format, ImageCache, ImageError, Request};
 use stratus_runtime::finalizer;
 use stratus_runtime::{Classify, Retry, Runtime, blocking};
 use tracing::Instrument;
@@ -85,6 +85,9 @@ pub struct Config {
     pub storage_address: Option<IpAddr>,
     /// The ports volume exports are served on.
     pub export_ports: crate::export::PortRange,
+    /// The node's NBD certificates, when exports are served over TLS (see
+    /// [`crate::export::check_tls_dir`]).
+    pub nbd_tls_dir: Option<PathBuf>,
 }
 
 /// What every reconcile shares.
@@ -324,15 +327,18 @@ async fn resolve(
         let image_uid = uid(&image)?;
         let recorded = record(ctx, &ns, &image).await?;
         let user = uid(vol)?;
-        let source = image.spec.source.clone();
+        let url = image.spec.source.url.clone();
         let sum = image.spec.sha256.clone();
         let format = cache_format(image.spec.disk_format);
         let cache = Arc::clone(&ctx.images);
-        let token = stratus_runtime::image_token::image_token(&ctx.client, &image).await?;
         let got = blocking(move || {
             cache.pin(&image_uid, &user)?;
-            let origin = image_origin(&source, token.as_ref());
-            cache.fetch_origin(&image_uid, origin, sum.as_deref(), format)
+            cache.fetch(&Request {
+                uid: &image_uid,
+                url: &url,
+                sha256: sum.as_deref(),
+                format,
+            })
         })
         .await?;
         return match got {
@@ -1176,11 +1182,14 @@ pub async fn run(client: Client, config: Config, pools: Vec<(PoolConfig, Arc<dyn
     tracing::info!(node = %config.node, pools = ?served.keys().collect::<Vec<_>>(), "storage agent serving");
     // The exports a previous run left serving guests are taken back before any reconcile, so
     // the table keeps their ports open to their nodes alone.
-    let exports = Arc::new(Exports::new(
-        config.storage_address,
-        config.export_ports,
-        config.state_dir.join("exports"),
-    ));
+    let exports = Arc::new(
+        Exports::new(
+            config.storage_address,
+            config.export_ports,
+            config.state_dir.join("exports"),
+        )
+        .with_tls(config.nbd_tls_dir.clone()),
+    );
     let e = Arc::clone(&exports);
     match blocking(move || e.adopt()).await {
         Ok(Ok(0)) => {}

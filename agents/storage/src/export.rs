@@ -17,9 +17,15 @@
 //! Hypervisor's `status.hostIp`); any other address, another tenant's node included, has its
 //! packets dropped before `qemu-nbd` sees them. `qemu-nbd` serves one client at a time
 //! (`--shared=1`), so once the consuming node's QEMU is connected no second client is served
-//! even from an address that got through. The traffic itself is not encrypted: it crosses the
-//! storage network in the clear (libvirt gives a network disk TLS only through x509 settings
-//! of the whole host, not per export).
+//! even from an address that got through.
+//!
+//! # TLS
+//! With the node's NBD certificates (`stratus agent --nbd-tls-dir`, issued by `stratus pki
+//! nbd-node` from the cloud's NBD CA), `qemu-nbd` serves TLS alone, checks the client's
+//! certificate against that CA (`verify-peer=on`) and serves only the client whose
+//! certificate's DN is the attaching node's ([`nbd_node_dn`], an `authz-simple` object): another
+//! node, even from the allowed address, reads nothing, and the data is encrypted on the
+//! storage network. Without them (`--nbd-insecure`) the traffic crosses it in the clear.
 //!
 //! # Restart
 //! Each export is recorded in `<state>/exports/volume-<uid>.json` before its process is
@@ -40,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use nftables::schema::Nftables;
 use serde::{Deserialize, Serialize};
-use stratus_api_types::storage::VolumeExport;
+use stratus_api_types::storage::{VolumeExport, nbd_node_dn};
 use stratus_runtime::allowlist::AllowList;
 
 /// The table holding the exports' rules of the agent serving on `host`.
@@ -48,11 +54,85 @@ pub fn table_name(host: IpAddr) -> String {
     format!("stratus_nbd_{}", host.to_string().replace(['.', ':'], "_"))
 }
 
-pub use stratus_api_types::storage::PortRange;
+/// The TCP ports exports are served on, `FIRST-LAST` (both included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    first: u16,
+    last: u16,
+}
 
-/// The first port of `range` that no export in `used` holds and `free` finds free.
-fn pick(range: PortRange, used: &BTreeSet<u16>, mut free: impl FnMut(u16) -> bool) -> Option<u16> {
-    (range.first()..=range.last()).find(|p| !used.contains(p) && free(*p))
+impl PortRange {
+    /// NBD's own port (10809) and up, below every kernel's ephemeral range.
+    pub const DEFAULT: Self = Self {
+        first: 10809,
+        last: 10999,
+    };
+
+    /// `first` to `last`, both included.
+    ///
+    /// # Errors
+    /// An empty range, or one reaching below 1024 (ports other services are given).
+    pub fn new(first: u16, last: u16) -> Result<Self, String> {
+        if first < 1024 {
+            return Err(format!(
+                "{first}-{last}: export ports start at 1024 or above"
+            ));
+        }
+        if first > last {
+            return Err(format!("{first}-{last}: the first port is above the last"));
+        }
+        Ok(Self { first, last })
+    }
+
+    /// Whether `port` is in the range.
+    pub fn contains(self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+
+    /// Why the range shares ports with the kernel's ephemeral range `ephemeral` (its first
+    /// and last port), if it does: a port of both could be an outgoing connection's source
+    /// port, and an export's filter would then see that connection's replies.
+    pub fn overlaps(self, ephemeral: (u16, u16)) -> Option<String> {
+        let (lo, hi) = ephemeral;
+        (self.first <= hi && lo <= self.last).then(|| {
+            format!(
+                "export ports {self} overlap the kernel's ephemeral ports {lo}-{hi} (net.ipv4.ip_local_port_range): choose a range outside it"
+            )
+        })
+    }
+
+    /// The first port of the range that no export in `used` holds and `free` finds free.
+    fn pick(self, used: &BTreeSet<u16>, mut free: impl FnMut(u16) -> bool) -> Option<u16> {
+        (self.first..=self.last).find(|p| !used.contains(p) && free(*p))
+    }
+}
+
+impl Default for PortRange {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    /// `FIRST-LAST`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?}: expected FIRST-LAST"))?;
+        let port = |p: &str| {
+            p.parse::<u16>()
+                .map_err(|_| format!("{s:?}: {p:?} is not a port"))
+        };
+        Self::new(port(a)?, port(b)?)
+    }
 }
 
 /// The kernel's ephemeral port range in this network namespace
@@ -79,6 +159,9 @@ pub enum ExportError {
     /// A file of the export's state.
     #[error("{0}")]
     State(String),
+    /// The node to export to has a name no certificate is issued for.
+    #[error("cannot export to node {0:?}: not a node name")]
+    Node(String),
     /// `qemu-nbd` could not be started, or stopped at once.
     #[error("qemu-nbd: {0}")]
     Serve(String),
@@ -134,6 +217,10 @@ pub struct Record {
     pub name: String,
     /// The `qemu-nbd` serving it.
     pub pid: u32,
+    /// The directory of this node's NBD certificates, when served over TLS to `node`'s
+    /// certificate alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<PathBuf>,
 }
 
 impl Record {
@@ -144,6 +231,7 @@ impl Record {
             host: self.host.to_string(),
             port: self.port,
             name: self.name.clone(),
+            tls: self.tls.is_some(),
         }
     }
 
@@ -161,12 +249,75 @@ impl Record {
         .into_iter()
         .map(OsString::from)
         .collect();
+        if let Some(dir) = &self.tls {
+            a.extend(tls_args(dir, &self.node));
+        }
         let mut pid = OsString::from("--pid-file=");
         pid.push(pid_file);
         a.push(pid);
         a.push(self.device.clone().into_os_string());
         a
     }
+}
+
+/// `value` as a QEMU option value: a comma, which would end it and start another option, is
+/// doubled.
+fn qemu_opt(value: &std::ffi::OsStr) -> OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut out = Vec::with_capacity(value.len());
+    for &b in value.as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    OsString::from_vec(out)
+}
+
+/// The `qemu-nbd` arguments serving TLS alone with the certificates in `dir` (QEMU's names:
+/// `ca-cert.pem`, `server-cert.pem`, `server-key.pem`), to a client whose certificate the CA
+/// signed and whose DN is node `node`'s.
+fn tls_args(dir: &Path, node: &str) -> Vec<OsString> {
+    let mut creds = OsString::from("tls-creds-x509,id=nbd-tls,endpoint=server,verify-peer=on,dir=");
+    creds.push(qemu_opt(dir.as_os_str()));
+    let mut authz = OsString::from("authz-simple,id=nbd-authz,identity=");
+    authz.push(qemu_opt(nbd_node_dn(node).as_ref()));
+    vec![
+        "--object".into(),
+        creds,
+        "--object".into(),
+        authz,
+        "--tls-creds=nbd-tls".into(),
+        "--tls-authz=nbd-authz".into(),
+    ]
+}
+
+/// Whether `node` is a node name (a DNS subdomain: lower-case letters, digits, `-`, `.`), as
+/// every certificate of the NBD CA names one: nothing in it needs escaping in a DN or a QEMU
+/// option.
+fn is_node_name(node: &str) -> bool {
+    !node.is_empty()
+        && node.len() <= 253
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+/// Why `dir` cannot serve exports over TLS: a file `qemu-nbd` reads from it is missing.
+///
+/// # Errors
+/// The first file missing.
+pub fn check_tls_dir(dir: &Path) -> Result<(), String> {
+    for f in ["ca-cert.pem", "server-cert.pem", "server-key.pem"] {
+        let p = dir.join(f);
+        if !p.is_file() {
+            return Err(format!(
+                "{}: missing (a node's NBD certificates are issued by stratus pki nbd-node)",
+                p.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether a process's `/proc/<pid>/cmdline` (NUL-separated) is `argv`.
@@ -279,6 +430,7 @@ fn private_file(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
 /// The exports of this node.
 pub struct Exports {
     address: Option<IpAddr>,
+    tls: Option<PathBuf>,
     ports: PortRange,
     dir: PathBuf,
     live: Mutex<BTreeMap<String, Live>>,
@@ -290,10 +442,19 @@ impl Exports {
     pub fn new(address: Option<IpAddr>, ports: PortRange, dir: PathBuf) -> Self {
         Self {
             address,
+            tls: None,
             ports,
             dir,
             live: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Exports served over TLS with the certificates in `dir` (see [`check_tls_dir`]), each to
+    /// its node's certificate alone; none: in the clear.
+    #[must_use]
+    pub fn with_tls(mut self, dir: Option<PathBuf>) -> Self {
+        self.tls = dir;
+        self
     }
 
     /// The address exports are served on.
@@ -374,10 +535,16 @@ impl Exports {
         was: Option<&VolumeExport>,
     ) -> Result<VolumeExport, ExportError> {
         let host = self.address.ok_or(ExportError::NoAddress)?;
+        if !is_node_name(node) {
+            return Err(ExportError::Node(node.to_owned()));
+        }
         let pid_file = self.path(volume, "pid");
         let mut live = self.lock();
         if let Some(l) = live.get_mut(volume) {
-            let same = l.record.device == device && l.record.node == node && l.record.peer == peer;
+            let same = l.record.device == device
+                && l.record.node == node
+                && l.record.peer == peer
+                && l.record.tls == self.tls;
             if same && l.alive(&pid_file) {
                 return Ok(l.record.status());
             }
@@ -394,7 +561,9 @@ impl Exports {
             Some(w) => (w.port, w.name.clone()),
             None => {
                 let used: BTreeSet<u16> = live.values().map(|l| l.record.port).collect();
-                let port = pick(self.ports, &used, |p| TcpListener::bind((host, p)).is_ok())
+                let port = self
+                    .ports
+                    .pick(&used, |p| TcpListener::bind((host, p)).is_ok())
                     .ok_or(ExportError::NoPort {
                         host,
                         range: self.ports,
@@ -412,6 +581,7 @@ impl Exports {
             port,
             name,
             pid: 0,
+            tls: self.tls.clone(),
         };
         // The filter first: the port is never open to everyone, not even while it starts.
         let mut pending = Live {
@@ -547,6 +717,7 @@ mod tests {
             port: 40123,
             name: "5b1f".into(),
             pid: 7,
+            tls: None,
         }
     }
 
@@ -568,6 +739,59 @@ mod tests {
                 "/srv/pool/volume-0f9e2c1a.raw",
             ]
         );
+    }
+
+    #[test]
+    fn over_tls_qemu_nbd_serves_the_attaching_nodes_certificate_alone() {
+        let mut r = record();
+        r.tls = Some("/etc/stratus/nbd,x".into());
+        let argv = r.argv(Path::new("/p"));
+        let argv: Vec<&str> = argv.iter().filter_map(|a| a.to_str()).collect();
+        assert_eq!(
+            argv[7..13],
+            [
+                "--object",
+                "tls-creds-x509,id=nbd-tls,endpoint=server,verify-peer=on,dir=/etc/stratus/nbd,,x",
+                "--object",
+                "authz-simple,id=nbd-authz,identity=CN=system:node:node-b",
+                "--tls-creds=nbd-tls",
+                "--tls-authz=nbd-authz",
+            ]
+        );
+        assert_eq!(argv.last(), Some(&"/srv/pool/volume-0f9e2c1a.raw"));
+        assert!(r.status().tls && !record().status().tls);
+        // A name that could carry QEMU options never reaches one: refused, and escaped anyway.
+        for bad in ["n1,identity=CN=x", "N1", "", "n 1", "a=b"] {
+            assert!(!is_node_name(bad), "{bad:?}");
+        }
+        assert!(is_node_name("node-b.rack1"));
+        r.node = "n,id=x".into();
+        let argv = r.argv(Path::new("/p"));
+        assert_eq!(
+            argv[10].to_str(),
+            Some("authz-simple,id=nbd-authz,identity=CN=system:node:n,,id=x")
+        );
+        // A record written before TLS reads back as in the clear.
+        let old = r#"{"volume":"v","device":"/d","node":"n","peer":"10.0.0.2","host":"10.0.0.1","port":1,"name":"x","pid":1}"#;
+        let old: Record = serde_json::from_str(old).expect("an older record");
+        assert_eq!(old.tls, None);
+    }
+
+    #[test]
+    fn a_tls_directory_without_the_servers_files_is_refused() {
+        let tmp = tempfile::tempdir().expect("a directory");
+        let e = check_tls_dir(tmp.path()).expect_err("empty");
+        assert!(
+            e.contains("ca-cert.pem") && e.contains("stratus pki nbd-node"),
+            "{e}"
+        );
+        for f in ["ca-cert.pem", "server-cert.pem"] {
+            std::fs::write(tmp.path().join(f), b"x").expect("written");
+        }
+        let e = check_tls_dir(tmp.path()).expect_err("no key");
+        assert!(e.contains("server-key.pem"), "{e}");
+        std::fs::write(tmp.path().join("server-key.pem"), b"x").expect("written");
+        check_tls_dir(tmp.path()).expect("complete");
     }
 
     #[test]
@@ -660,12 +884,12 @@ mod tests {
     fn a_port_is_one_no_export_holds_and_that_binds() {
         let r = PortRange::new(5000, 5003).expect("a range");
         let used = BTreeSet::from([5000, 5002]);
-        assert_eq!(pick(r, &used, |_| true), Some(5001));
-        assert_eq!(pick(r, &used, |p| p != 5001), Some(5003), "5001 is taken");
-        assert_eq!(pick(r, &used, |p| p == 5000), None, "held by an export");
-        assert_eq!(pick(r, &BTreeSet::new(), |_| false), None);
+        assert_eq!(r.pick(&used, |_| true), Some(5001));
+        assert_eq!(r.pick(&used, |p| p != 5001), Some(5003), "5001 is taken");
+        assert_eq!(r.pick(&used, |p| p == 5000), None, "held by an export");
+        assert_eq!(r.pick(&BTreeSet::new(), |_| false), None);
         let mut asked = Vec::new();
-        pick(r, &used, |p| {
+        r.pick(&used, |p| {
             asked.push(p);
             false
         });
@@ -724,6 +948,7 @@ mod host_tests {
             port,
             name: volume.into(),
             pid: 0,
+            tls: None,
         }
     }
 

@@ -39,7 +39,7 @@ pub fn node_identity(node: &str) -> String {
 /// The DN of node `node`'s certificate as QEMU (GnuTLS, RFC 4514) spells it in an
 /// `authz-simple` identity.
 pub fn node_dn(node: &str) -> String {
-    format!("CN={}", node_identity(node))
+    stratus_api_types::storage::nbd_node_dn(node)
 }
 
 /// Why `node` cannot be named in a certificate: node names are DNS subdomains (lower-case

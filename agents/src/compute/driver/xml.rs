@@ -396,24 +396,33 @@ fn is_block_device(path: &Path) -> bool {
 
 /// The scheme of a volume disk's path that names an NBD export of another node.
 const NBD_SCHEME: &str = "nbd://";
+/// The same, for an export served over TLS.
+const NBD_TLS_SCHEME: &str = "nbd+tls://";
 
 /// The path a volume disk served over NBD goes by: `nbd://HOST:PORT/NAME` (an IPv6 host in
-/// brackets), written into the domain as `<disk type='network'>`.
-pub fn nbd_path(host: std::net::IpAddr, port: u16, name: &str) -> std::path::PathBuf {
+/// brackets), or `nbd+tls://…` over TLS, written into the domain as `<disk type='network'>`
+/// (with `tls='yes'`: QEMU then presents the node's certificate from libvirtd's
+/// `nbd_tls_x509_cert_dir`, and checks the server's).
+pub fn nbd_path(host: std::net::IpAddr, port: u16, name: &str, tls: bool) -> std::path::PathBuf {
     let host = match host {
         std::net::IpAddr::V4(a) => a.to_string(),
         std::net::IpAddr::V6(a) => format!("[{a}]"),
     };
-    format!("{NBD_SCHEME}{host}:{port}/{name}").into()
+    let scheme = if tls { NBD_TLS_SCHEME } else { NBD_SCHEME };
+    format!("{scheme}{host}:{port}/{name}").into()
 }
 
-/// The host, port and export name of an [`nbd_path`].
-fn parse_nbd(path: &Path) -> Option<(String, String, String)> {
-    let rest = path.to_str()?.strip_prefix(NBD_SCHEME)?;
+/// The host, port, export name and TLS of an [`nbd_path`].
+fn parse_nbd(path: &Path) -> Option<(String, String, String, bool)> {
+    let path = path.to_str()?;
+    let (rest, tls) = match path.strip_prefix(NBD_TLS_SCHEME) {
+        Some(rest) => (rest, true),
+        None => (path.strip_prefix(NBD_SCHEME)?, false),
+    };
     let (hostport, name) = rest.split_once('/')?;
     let (host, port) = hostport.rsplit_once(':')?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    Some((host.to_owned(), port.to_owned(), name.to_owned()))
+    Some((host.to_owned(), port.to_owned(), name.to_owned(), tls))
 }
 
 /// The disk's type attribute and the `<source>` attribute naming `path`.
@@ -448,17 +457,21 @@ fn write_volume_disk<W: io::Write>(w: &mut Writer<W>, disk: &VolumeDisk) -> io::
                 .with_attribute(("type", "raw"))
                 .write_empty()?;
             match &nbd {
-                Some((host, port, name)) => {
-                    w.create_element("source")
+                Some((host, port, name, tls)) => {
+                    let mut source = w
+                        .create_element("source")
                         .with_attribute((attr, "nbd"))
-                        .with_attribute(("name", name.as_str()))
-                        .write_inner_content(|w| {
-                            w.create_element("host")
-                                .with_attribute(("name", host.as_str()))
-                                .with_attribute(("port", port.as_str()))
-                                .write_empty()?;
-                            Ok(())
-                        })?;
+                        .with_attribute(("name", name.as_str()));
+                    if *tls {
+                        source = source.with_attribute(("tls", "yes"));
+                    }
+                    source.write_inner_content(|w| {
+                        w.create_element("host")
+                            .with_attribute(("name", host.as_str()))
+                            .with_attribute(("port", port.as_str()))
+                            .write_empty()?;
+                        Ok(())
+                    })?;
                 }
                 None => {
                     w.create_element("source")
@@ -504,8 +517,8 @@ pub fn attached_volumes(xml: &str) -> Result<Vec<AttachedVolume>, MetadataError>
     let mut out = Vec::new();
     let mut in_disk = false;
     let (mut target, mut source, mut serial) = (None, None, None);
-    // An NBD disk's source: its export name, then its host's name and port.
-    let (mut nbd_name, mut nbd_host) = (None, None);
+    // An NBD disk's source: its export name and TLS, then its host's name and port.
+    let (mut nbd_name, mut nbd_host, mut nbd_tls) = (None, None, false);
     let mut in_backing = false;
     let mut in_serial = false;
     loop {
@@ -513,7 +526,7 @@ pub fn attached_volumes(xml: &str) -> Result<Vec<AttachedVolume>, MetadataError>
             Event::Start(e) | Event::Empty(e) if e.local_name().as_ref() == "disk" => {
                 in_disk = true;
                 (target, source, serial) = (None, None, None);
-                (nbd_name, nbd_host) = (None, None);
+                (nbd_name, nbd_host, nbd_tls) = (None, None, false);
             }
             Event::Start(e) if in_disk && e.local_name().as_ref() == "backingStore" => {
                 in_backing = true;
@@ -568,6 +581,7 @@ pub fn attached_volumes(xml: &str) -> Result<Vec<AttachedVolume>, MetadataError>
                         (false, "name") if !in_backing && nbd_name.is_none() => {
                             nbd_name = Some(value);
                         }
+                        (false, "tls") if !in_backing => nbd_tls = value == "yes",
                         _ => {}
                     }
                 }
@@ -578,7 +592,7 @@ pub fn attached_volumes(xml: &str) -> Result<Vec<AttachedVolume>, MetadataError>
                     (Some(name), Some((host, port))) => {
                         let host = host.parse().ok();
                         let port = port.parse().ok();
-                        host.zip(port).map(|(h, p)| nbd_path(h, p, &name))
+                        host.zip(port).map(|(h, p)| nbd_path(h, p, &name, nbd_tls))
                     }
                     _ => None,
                 };
@@ -1225,11 +1239,12 @@ mod tests {
 
     #[test]
     fn a_volume_of_another_node_is_a_network_disk_over_nbd() {
-        for (host, port, text) in [
-            ("10.0.0.1", 40123, "nbd://10.0.0.1:40123/5b1fe0"),
-            ("fd00::1", 10809, "nbd://[fd00::1]:10809/5b1fe0"),
+        for (host, port, tls, text) in [
+            ("10.0.0.1", 40123, false, "nbd://10.0.0.1:40123/5b1fe0"),
+            ("fd00::1", 10809, false, "nbd://[fd00::1]:10809/5b1fe0"),
+            ("10.0.0.1", 10809, true, "nbd+tls://10.0.0.1:10809/5b1fe0"),
         ] {
-            let path = nbd_path(host.parse().expect("an address"), port, "5b1fe0");
+            let path = nbd_path(host.parse().expect("an address"), port, "5b1fe0", tls);
             assert_eq!(path, PathBuf::from(text));
             let disk = VolumeDisk {
                 path: path.clone(),
@@ -1241,6 +1256,11 @@ mod tests {
             assert_eq!(one(&nodes, "disk").attr("type"), Some("network"));
             assert_eq!(one(&nodes, "disk/source").attr("protocol"), Some("nbd"));
             assert_eq!(one(&nodes, "disk/source").attr("name"), Some("5b1fe0"));
+            assert_eq!(
+                one(&nodes, "disk/source").attr("tls"),
+                tls.then_some("yes"),
+                "{xml}"
+            );
             assert_eq!(one(&nodes, "disk/source/host").attr("name"), Some(host));
             assert_eq!(
                 one(&nodes, "disk/source/host").attr("port"),
