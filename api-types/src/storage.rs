@@ -34,6 +34,7 @@ pub const VOLUME_TYPE_LABEL: &str = "storage.stratus.dev/volume-type";
     category = "stratus",
     selectable = ".status.node",
     selectable = ".status.pool",
+    selectable = ".status.attachedNode",
     doc = "A volume (Cinder volume): a persistent block device.",
     printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Size GiB", type_ = "integer", json_path = ".spec.sizeGiB"),
@@ -228,6 +229,95 @@ pub struct VolumeExport {
 /// identity: the only client a storage agent serves a volume exported to `node` to.
 pub fn nbd_node_dn(node: &str) -> String {
     format!("CN=system:node:{node}")
+}
+
+/// The TCP ports volume exports are served on, `FIRST-LAST` (both included): the same range
+/// on every node of a cluster (`stratus agent --export-ports`). Storage agents serve exports
+/// on them alone, and compute agents connect to no other port (so a `status.export` cannot
+/// aim a node's QEMU at another service of the storage address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    first: u16,
+    last: u16,
+}
+
+impl PortRange {
+    /// NBD's own port (10809) and up, below every kernel's ephemeral range.
+    pub const DEFAULT: Self = Self {
+        first: 10809,
+        last: 10999,
+    };
+
+    /// `first` to `last`, both included.
+    ///
+    /// # Errors
+    /// An empty range, or one reaching below 1024 (ports other services are given).
+    pub fn new(first: u16, last: u16) -> Result<Self, String> {
+        if first < 1024 {
+            return Err(format!(
+                "{first}-{last}: export ports start at 1024 or above"
+            ));
+        }
+        if first > last {
+            return Err(format!("{first}-{last}: the first port is above the last"));
+        }
+        Ok(Self { first, last })
+    }
+
+    /// The first port of the range.
+    pub fn first(self) -> u16 {
+        self.first
+    }
+
+    /// The last port of the range.
+    pub fn last(self) -> u16 {
+        self.last
+    }
+
+    /// Whether `port` is in the range.
+    pub fn contains(self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+
+    /// Why the range shares ports with the kernel's ephemeral range `ephemeral` (its first
+    /// and last port), if it does: a port of both could be an outgoing connection's source
+    /// port, and an export's filter would then see that connection's replies.
+    pub fn overlaps(self, ephemeral: (u16, u16)) -> Option<String> {
+        let (lo, hi) = ephemeral;
+        (self.first <= hi && lo <= self.last).then(|| {
+            format!(
+                "export ports {self} overlap the kernel's ephemeral ports {lo}-{hi} (net.ipv4.ip_local_port_range): choose a range outside it"
+            )
+        })
+    }
+}
+
+impl Default for PortRange {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    /// `FIRST-LAST`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?}: expected FIRST-LAST"))?;
+        let port = |p: &str| {
+            p.parse::<u16>()
+                .map_err(|_| format!("{s:?}: {p:?} is not a port"))
+        };
+        Self::new(port(a)?, port(b)?)
+    }
 }
 
 /// One Image, exactly: where it is, its name and its uid (a new image of that name is not it).

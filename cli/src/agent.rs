@@ -103,9 +103,10 @@ pub struct StorageArgs {
     /// reads the volume, and its data crosses the storage network in the clear).
     #[arg(long, conflicts_with = "nbd_tls_dir")]
     pub nbd_insecure: bool,
-    /// Storage role: the TCP ports volume exports are served on, outside the kernel's
-    /// ephemeral range (net.ipv4.ip_local_port_range), so no outgoing connection of the host
-    /// is given one.
+    /// Storage and compute roles: the TCP ports volume exports are served on, outside the
+    /// kernel's ephemeral range (net.ipv4.ip_local_port_range), so no outgoing connection of
+    /// the host is given one; the cluster's one range, as a compute node attaches a volume of
+    /// another node from no other port.
     #[arg(long, value_name = "FIRST-LAST", default_value_t)]
     pub export_ports: stratus_storage_agent::export::PortRange,
 }
@@ -286,6 +287,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             heartbeat: std::time::Duration::from_secs(args.heartbeat_seconds.max(1)),
             resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
             image_policy,
+            export_ports: args.storage.export_ports,
         };
         tracing::info!(node = %config.node, uri = %args.libvirt_uri, "compute agent starting");
         Some(stratus_agents::compute::run(

@@ -560,8 +560,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
             object: object_args,
         }))
     });
-    // The object store's proxy is started here, on the thread `stratus up` runs on, so that it
-    // gets its parent-death signal only when `stratus up` ends.
+    // The object store's proxy, once the rings are installed (run by a supervisor thread of its
+    // own, so that it gets its parent-death signal only when `stratus up` ends).
     let mut proxy = None;
     if objects.object_store {
         let start = async {
@@ -609,9 +609,16 @@ pub async fn run(args: UpArgs) -> Result<()> {
         );
     }
 
-    tokio::select! {
-        _ = int.recv() => tracing::info!("interrupted"),
-        _ = term.recv() => tracing::info!("terminated"),
+    let signal = async {
+        tokio::select! {
+            _ = int.recv() => tracing::info!("interrupted"),
+            _ = term.recv() => tracing::info!("terminated"),
+        }
+    };
+    // The proxy is started again whenever it exits, until then.
+    match proxy.as_mut() {
+        Some(p) => p.supervise(signal).await,
+        None => signal.await,
     }
     stop(agent, controllers, server, etcd, proxy, objects).await;
     tracing::info!("stopped");

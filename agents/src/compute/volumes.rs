@@ -11,7 +11,7 @@ use std::process::Command;
 use kube::api::Api;
 use kube::{Client, ResourceExt};
 use stratus_api_types::storage::{
-    StorageBackend, StoragePool, StoragePoolSpec, Volume, VolumePhase,
+    PortRange, StorageBackend, StoragePool, StoragePoolSpec, Volume, VolumePhase,
 };
 
 use super::driver::xml::{nbd_path, virtio_disk_name};
@@ -402,6 +402,7 @@ pub fn ready(
     server: &str,
     node: &str,
     pool: Option<&StoragePool>,
+    ports: PortRange,
 ) -> Result<Ready, NotReady> {
     let name = vol.name_any();
     let st = vol.status.clone().unwrap_or_default();
@@ -428,6 +429,16 @@ pub fn ready(
     let uid = vol.uid().unwrap_or_default();
     if st.node.as_deref() != Some(node) {
         // Served over NBD at the size it was exported with (what its agent provisioned).
+        if let Some(export) = st.export.as_ref().filter(|e| e.node == node)
+            && !ports.contains(export.port)
+        {
+            // Whatever listens there (the storage node's etcd, its API server, its SSH) is
+            // no export: this node's QEMU is never aimed at it.
+            return Err(NotReady::Refused(format!(
+                "volume \"{name}\" is refused: its export's port {} is outside the cluster's export ports {ports} (stratus agent --export-ports)",
+                export.port
+            )));
+        }
         let recorded = pool
             .filter(|p| Some(p.name_any()) == st.pool)
             .and_then(|p| p.status.as_ref()?.storage_address.as_deref());
@@ -535,6 +546,7 @@ pub async fn resolve(
     server: &str,
     node: &str,
     names: &[String],
+    ports: PortRange,
 ) -> Result<Resolved, kube::Error> {
     let api = Api::<Volume>::namespaced(client.clone(), ns);
     let pools = Api::<StoragePool>::all(client.clone());
@@ -563,9 +575,10 @@ pub async fn resolve(
         let (server, node) = (server.to_owned(), node.to_owned());
         let uid = vol.uid().unwrap_or_default();
         // The path check reads the disk (and, for an LVM pool, lvm2's reports).
-        let judged = stratus_runtime::blocking(move || ready(&vol, &server, &node, pool.as_ref()))
-            .await
-            .unwrap_or_else(|e| Err(NotReady::Waiting(format!("volume \"{name}\": {e}"))));
+        let judged =
+            stratus_runtime::blocking(move || ready(&vol, &server, &node, pool.as_ref(), ports))
+                .await
+                .unwrap_or_else(|e| Err(NotReady::Waiting(format!("volume \"{name}\": {e}"))));
         out.add(&uid, judged);
     }
     Ok(out)
@@ -689,7 +702,14 @@ mod tests {
         let (_dir, p, path) = file_pool();
         let good = json!({"phase": "InUse", "node": "n1", "pool": "p", "sizeGiB": 2,
                           "devicePath": path, "attachedTo": "web"});
-        let r = ready(&volume(good.clone()), "web", "n1", Some(&p)).expect("ready");
+        let r = ready(
+            &volume(good.clone()),
+            "web",
+            "n1",
+            Some(&p),
+            PortRange::DEFAULT,
+        )
+        .expect("ready");
         assert_eq!(r.path, PathBuf::from(&path));
         assert_eq!(r.bytes, 2 << 30);
         assert_eq!(r.serial, "0f9e2c1a77b44c1d9a34");
@@ -697,11 +717,13 @@ mod tests {
         let mut asked = volume(good.clone());
         asked.spec.size_gib = 3;
         assert_eq!(
-            ready(&asked, "web", "n1", Some(&p)).expect("ready").bytes,
+            ready(&asked, "web", "n1", Some(&p), PortRange::DEFAULT)
+                .expect("ready")
+                .bytes,
             3 << 30
         );
         let not = |status: serde_json::Value, pool: Option<&StoragePool>| {
-            ready(&volume(status), "web", "n1", pool).expect_err("not ready")
+            ready(&volume(status), "web", "n1", pool, PortRange::DEFAULT).expect_err("not ready")
         };
         let waits = |e: NotReady, what: &str| match e {
             NotReady::Waiting(m) => assert!(m.contains("\"data\"") && m.contains(what), "{m}"),
@@ -738,7 +760,7 @@ mod tests {
 
     #[test]
     fn a_volume_of_another_node_is_given_only_as_its_export_to_this_node() {
-        let export = json!({"node": "n1", "host": "10.0.0.2", "port": 40123, "name": "5b1fe0"});
+        let export = json!({"node": "n1", "host": "10.0.0.2", "port": 10809, "name": "5b1fe0"});
         let good = json!({"phase": "InUse", "node": "n2", "pool": "p", "sizeGiB": 2,
                           "devicePath": "/dev/loop3", "attachedTo": "web",
                           "attachedNode": "n1", "export": export});
@@ -750,8 +772,15 @@ mod tests {
             far
         };
         let far = at("10.0.0.2");
-        let r = ready(&volume(good.clone()), "web", "n1", Some(&far)).expect("ready");
-        assert_eq!(r.path, PathBuf::from("nbd://10.0.0.2:40123/5b1fe0"));
+        let r = ready(
+            &volume(good.clone()),
+            "web",
+            "n1",
+            Some(&far),
+            PortRange::DEFAULT,
+        )
+        .expect("ready");
+        assert_eq!(r.path, PathBuf::from("nbd://10.0.0.2:10809/5b1fe0"));
         assert_eq!(r.bytes, 2 << 30);
         let waits_with =
             |status: serde_json::Value, pool: Option<&StoragePool>, what: &str| match ready(
@@ -759,6 +788,7 @@ mod tests {
                 "web",
                 "n1",
                 pool,
+                PortRange::DEFAULT,
             ) {
                 Err(NotReady::Waiting(m)) => {
                     assert!(
@@ -787,6 +817,7 @@ mod tests {
             "web",
             "n1",
             Some(&far),
+            PortRange::DEFAULT,
         ) {
             Err(NotReady::Waiting(m)) => {
                 assert!(
@@ -823,15 +854,42 @@ mod tests {
             ("host", json!("224.0.0.1")),
             ("name", json!("../x")),
             ("name", json!("A")),
-            ("port", json!(0)),
         ] {
             let mut hostile = good.clone();
             hostile["export"][field] = bad;
             waits(hostile, "its export");
         }
+        // Only on a port of the cluster's export range: not the storage node's etcd, API
+        // server or SSH at its recorded address. Refused, said on the Server.
+        let ranged = PortRange::new(10900, 10910).expect("a range");
+        for (port, ports) in [
+            (0, PortRange::DEFAULT),
+            (2379, PortRange::DEFAULT),
+            (6443, PortRange::DEFAULT),
+            (22, PortRange::DEFAULT),
+            (10808, PortRange::DEFAULT),
+            (11000, PortRange::DEFAULT),
+            (10809, ranged),
+        ] {
+            let mut elsewhere = good.clone();
+            elsewhere["export"]["port"] = port.into();
+            match ready(&volume(elsewhere), "web", "n1", Some(&far), ports) {
+                Err(NotReady::Refused(m)) => assert!(
+                    m.contains(&format!(
+                        "port {port} is outside the cluster's export ports {ports}"
+                    )),
+                    "{m}"
+                ),
+                other => panic!("port {port}: {other:?}"),
+            }
+        }
+        let mut in_range = good.clone();
+        in_range["export"]["port"] = 10910.into();
+        let r = ready(&volume(in_range), "web", "n1", Some(&far), ranged).expect("ready");
+        assert_eq!(r.path, PathBuf::from("nbd://10.0.0.2:10910/5b1fe0"));
         let mut creating = good;
         creating["phase"] = "Creating".into();
-        match ready(&volume(creating), "web", "n1", None) {
+        match ready(&volume(creating), "web", "n1", None, PortRange::DEFAULT) {
             Err(NotReady::Waiting(m)) => assert!(m.contains("not made yet"), "{m}"),
             other => panic!("{other:?}"),
         }

@@ -21,7 +21,7 @@ use stratus_api_types::storage::{
     ImageRef, StoragePool, Volume, VolumePhase, VolumeSnapshot, VolumeSnapshotPhase,
     VolumeSnapshotStatus, VolumeStatus,
 };
-use stratus_image_cache::{Format, ImageCache, ImageError, Request};
+use stratus_image_cache::{Format, ImageCache, ImageError, image_origin};
 use stratus_runtime::finalizer;
 use stratus_runtime::{Classify, Retry, Runtime, blocking};
 use tracing::Instrument;
@@ -327,18 +327,15 @@ async fn resolve(
         let image_uid = uid(&image)?;
         let recorded = record(ctx, &ns, &image).await?;
         let user = uid(vol)?;
-        let url = image.spec.source.url.clone();
+        let source = image.spec.source.clone();
         let sum = image.spec.sha256.clone();
         let format = cache_format(image.spec.disk_format);
         let cache = Arc::clone(&ctx.images);
+        let token = stratus_runtime::image_token::image_token(&ctx.client, &image).await?;
         let got = blocking(move || {
             cache.pin(&image_uid, &user)?;
-            cache.fetch(&Request {
-                uid: &image_uid,
-                url: &url,
-                sha256: sum.as_deref(),
-                format,
-            })
+            let origin = image_origin(&source, token.as_ref());
+            cache.fetch_origin(&image_uid, origin, sum.as_deref(), format)
         })
         .await?;
         return match got {

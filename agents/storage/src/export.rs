@@ -54,85 +54,11 @@ pub fn table_name(host: IpAddr) -> String {
     format!("stratus_nbd_{}", host.to_string().replace(['.', ':'], "_"))
 }
 
-/// The TCP ports exports are served on, `FIRST-LAST` (both included).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortRange {
-    first: u16,
-    last: u16,
-}
+pub use stratus_api_types::storage::PortRange;
 
-impl PortRange {
-    /// NBD's own port (10809) and up, below every kernel's ephemeral range.
-    pub const DEFAULT: Self = Self {
-        first: 10809,
-        last: 10999,
-    };
-
-    /// `first` to `last`, both included.
-    ///
-    /// # Errors
-    /// An empty range, or one reaching below 1024 (ports other services are given).
-    pub fn new(first: u16, last: u16) -> Result<Self, String> {
-        if first < 1024 {
-            return Err(format!(
-                "{first}-{last}: export ports start at 1024 or above"
-            ));
-        }
-        if first > last {
-            return Err(format!("{first}-{last}: the first port is above the last"));
-        }
-        Ok(Self { first, last })
-    }
-
-    /// Whether `port` is in the range.
-    pub fn contains(self, port: u16) -> bool {
-        (self.first..=self.last).contains(&port)
-    }
-
-    /// Why the range shares ports with the kernel's ephemeral range `ephemeral` (its first
-    /// and last port), if it does: a port of both could be an outgoing connection's source
-    /// port, and an export's filter would then see that connection's replies.
-    pub fn overlaps(self, ephemeral: (u16, u16)) -> Option<String> {
-        let (lo, hi) = ephemeral;
-        (self.first <= hi && lo <= self.last).then(|| {
-            format!(
-                "export ports {self} overlap the kernel's ephemeral ports {lo}-{hi} (net.ipv4.ip_local_port_range): choose a range outside it"
-            )
-        })
-    }
-
-    /// The first port of the range that no export in `used` holds and `free` finds free.
-    fn pick(self, used: &BTreeSet<u16>, mut free: impl FnMut(u16) -> bool) -> Option<u16> {
-        (self.first..=self.last).find(|p| !used.contains(p) && free(*p))
-    }
-}
-
-impl Default for PortRange {
-    fn default() -> Self {
-        Self::DEFAULT
-    }
-}
-
-impl std::fmt::Display for PortRange {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.first, self.last)
-    }
-}
-
-impl std::str::FromStr for PortRange {
-    type Err = String;
-
-    /// `FIRST-LAST`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, b) = s
-            .split_once('-')
-            .ok_or_else(|| format!("{s:?}: expected FIRST-LAST"))?;
-        let port = |p: &str| {
-            p.parse::<u16>()
-                .map_err(|_| format!("{s:?}: {p:?} is not a port"))
-        };
-        Self::new(port(a)?, port(b)?)
-    }
+/// The first port of `range` that no export in `used` holds and `free` finds free.
+fn pick(range: PortRange, used: &BTreeSet<u16>, mut free: impl FnMut(u16) -> bool) -> Option<u16> {
+    (range.first()..=range.last()).find(|p| !used.contains(p) && free(*p))
 }
 
 /// The kernel's ephemeral port range in this network namespace
@@ -561,9 +487,7 @@ impl Exports {
             Some(w) => (w.port, w.name.clone()),
             None => {
                 let used: BTreeSet<u16> = live.values().map(|l| l.record.port).collect();
-                let port = self
-                    .ports
-                    .pick(&used, |p| TcpListener::bind((host, p)).is_ok())
+                let port = pick(self.ports, &used, |p| TcpListener::bind((host, p)).is_ok())
                     .ok_or(ExportError::NoPort {
                         host,
                         range: self.ports,
@@ -884,12 +808,12 @@ mod tests {
     fn a_port_is_one_no_export_holds_and_that_binds() {
         let r = PortRange::new(5000, 5003).expect("a range");
         let used = BTreeSet::from([5000, 5002]);
-        assert_eq!(r.pick(&used, |_| true), Some(5001));
-        assert_eq!(r.pick(&used, |p| p != 5001), Some(5003), "5001 is taken");
-        assert_eq!(r.pick(&used, |p| p == 5000), None, "held by an export");
-        assert_eq!(r.pick(&BTreeSet::new(), |_| false), None);
+        assert_eq!(pick(r, &used, |_| true), Some(5001));
+        assert_eq!(pick(r, &used, |p| p != 5001), Some(5003), "5001 is taken");
+        assert_eq!(pick(r, &used, |p| p == 5000), None, "held by an export");
+        assert_eq!(pick(r, &BTreeSet::new(), |_| false), None);
         let mut asked = Vec::new();
-        r.pick(&used, |p| {
+        pick(r, &used, |p| {
             asked.push(p);
             false
         });
