@@ -32,6 +32,9 @@ pub struct Node {
     pub agent: Option<Proc>,
 }
 
+/// The directory of a node's NBD certificates, in its own.
+const NBD_TLS: &str = "nbd-tls";
+
 impl Node {
     /// Starts the node's libvirtd and waits for its socket.
     pub fn start(name: &str) -> Result<Self> {
@@ -53,6 +56,14 @@ impl Node {
         let conf = d.join("etc/qemu.conf");
         let mut text = std::fs::read_to_string(&conf).unwrap_or_default();
         text.push_str("\nuser = \"root\"\ngroup = \"root\"\n");
+        // The node's NBD certificates, which its QEMU presents to another node's volume
+        // exports (see `Node::nbd_tls_dir`).
+        let nbd_tls = d.join(NBD_TLS);
+        std::fs::create_dir_all(&nbd_tls)?;
+        text.push_str(&format!(
+            "nbd_tls_x509_cert_dir = \"{}\"\n",
+            nbd_tls.display()
+        ));
         std::fs::write(&conf, text)?;
         let libvirtd = Proc::spawn(
             &format!("libvirtd of {name}"),
@@ -77,6 +88,12 @@ impl Node {
                 .map(|_| ())
         })?;
         Ok(node)
+    }
+
+    /// Where this node's libvirtd reads its NBD certificates (`nbd_tls_x509_cert_dir`):
+    /// `stratus pki nbd-node NAME --out` this.
+    pub fn nbd_tls_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join(NBD_TLS)
     }
 
     /// The libvirt URI of this node's daemon.

@@ -167,6 +167,28 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
     compute.start_agent(&cloud)?;
     let pool = storage.path().join("pool");
     std::fs::create_dir_all(&pool)?;
+    // Each node's NBD certificate from the cloud's NBD CA: nbd-a's names its storage address,
+    // nbd-b's goes where its libvirtd reads it.
+    let nbd_tls = storage.path().join("nbd-tls");
+    for (node, address, out) in [
+        (STORAGE, Some(STORAGE_IP), nbd_tls.clone()),
+        (COMPUTE, None, compute.nbd_tls_dir()),
+    ] {
+        let mut pki = Command::new(stratus_bin());
+        pki.args(["pki", "nbd-node", node, "--ca-dir"])
+            .arg(cloud.dir.path().join("pki/nbd"))
+            .arg("--out")
+            .arg(out);
+        if let Some(a) = address {
+            pki.args(["--address", a]);
+        }
+        let out = pki.output()?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let storage_agent = |log: &str| {
         Proc::spawn(
             "storage agent",
@@ -178,6 +200,8 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
                 .arg(storage.path().join("storage-state"))
                 .args(["--storage-pool", &format!("files=file:{}", pool.display())])
                 .args(["--storage-address", STORAGE_IP])
+                .arg("--nbd-tls-dir")
+                .arg(&nbd_tls)
                 .args(["--storage-heartbeat-seconds", "1", "--resync-seconds", "2"]),
             &storage.path().join(log),
         )
@@ -232,6 +256,10 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
     })?;
     let export = vol["status"]["export"].clone();
     assert_eq!(export["host"], STORAGE_IP, "{export}");
+    assert_eq!(
+        export["tls"], true,
+        "served over TLS to nbd-b's certificate: {export}"
+    );
     let port = export["port"].as_u64().unwrap_or_default();
     // On a port of the exports' own range, outside the kernel's ephemeral ports, at the
     // address nbd-a recorded for its pool (which the API and nbd-b hold the export to).
@@ -279,6 +307,7 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
     let xml = String::from_utf8_lossy(&compute.virsh(&["dumpxml", &dom])?.stdout).into_owned();
     ensure!(
         xml.contains("protocol='nbd'")
+            && xml.contains("tls='yes'")
             && xml.contains(&format!("<host name='{STORAGE_IP}' port='{port}'/>")),
         "{xml}"
     );
