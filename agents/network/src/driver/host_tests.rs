@@ -160,15 +160,21 @@ fn rule_handles(ns: &Name) -> BTreeSet<(String, u64)> {
         .collect()
 }
 
+/// A new namespace (removed with `c`) and the nft driver of it.
+fn firewall_in_new_netns(c: &mut Cleanup) -> (Name, NftFirewall) {
+    let ns = c.netns(unique());
+    NetlinkLinks::new().add_netns(&ns).expect("add netns");
+    let f = NftFirewall::new(Netns::Named(ns.clone()));
+    (ns, f)
+}
+
 #[test]
 fn an_nft_update_rewrites_only_what_differs_and_a_change_by_hand_is_read() {
     if !root() {
         return;
     }
     let mut c = Cleanup::default();
-    let ns = c.netns(unique());
-    NetlinkLinks::new().add_netns(&ns).expect("add netns");
-    let f = NftFirewall::new(Netns::Named(ns.clone()));
+    let (ns, f) = firewall_in_new_netns(&mut c);
     let first = conformance::sample_ruleset();
     f.apply(&first).expect("apply");
     let before = rule_handles(&ns);
@@ -249,9 +255,7 @@ fn a_port_added_and_removed_is_set_elements_and_its_own_chains_in_the_kernel() {
         return;
     }
     let mut c = Cleanup::default();
-    let ns = c.netns(unique());
-    NetlinkLinks::new().add_netns(&ns).expect("add netns");
-    let f = NftFirewall::new(Netns::Named(ns.clone()));
+    let (ns, f) = firewall_in_new_netns(&mut c);
     let first = conformance::sample_ruleset();
     let mut second = first.clone();
     let mut new = second.ports[0].clone();
@@ -311,9 +315,7 @@ fn an_nft_update_after_the_ruleset_was_flushed_behind_it_restores_the_whole_rule
         return;
     }
     let mut c = Cleanup::default();
-    let ns = c.netns(unique());
-    NetlinkLinks::new().add_netns(&ns).expect("add netns");
-    let f = NftFirewall::new(Netns::Named(ns.clone()));
+    let (ns, f) = firewall_in_new_netns(&mut c);
     let first = conformance::sample_ruleset();
     f.apply(&first).expect("apply");
     // One port's rule from a remote group goes: its chain then names nothing the flush
