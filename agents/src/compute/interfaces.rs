@@ -390,6 +390,15 @@ mod tests {
         assert_eq!(plan(&r, &[]), [Step::Attach(a)]);
     }
 
+    /// An interface plugged in behind the agent's back, that no Port is.
+    fn stranger() -> AttachedInterface {
+        AttachedInterface {
+            mac: "52:54:00:aa:bb:cc".into(),
+            tap: Some("vnet3".into()),
+            mtu: None,
+        }
+    }
+
     fn ms(d: Duration) -> u64 {
         u64::try_from(d.as_millis()).expect("milliseconds")
     }
@@ -499,14 +508,7 @@ mod tests {
             [Step::Attach(a.clone())]
         );
         // Detaches are never held.
-        d.plug(
-            name,
-            AttachedInterface {
-                mac: "52:54:00:aa:bb:cc".into(),
-                tap: Some("vnet3".into()),
-                mtu: None,
-            },
-        );
+        d.plug(name, stranger());
         assert_eq!(
             pass(&r, &d, name, &want, at(now + 4)).0,
             [Step::Detach("52:54:00:aa:bb:cc".into())]
@@ -539,14 +541,7 @@ mod tests {
         d.unplug(name, &b.nic.mac);
         assert_eq!(converge(&d, name, &both), [Step::Attach(b.clone())]);
         // One plugged in that no port names: unplugged.
-        d.plug(
-            name,
-            AttachedInterface {
-                mac: "52:54:00:aa:bb:cc".into(),
-                tap: Some("vnet3".into()),
-                mtu: None,
-            },
-        );
+        d.plug(name, stranger());
         assert_eq!(
             converge(&d, name, &both),
             [Step::Detach("52:54:00:aa:bb:cc".into())]

@@ -288,7 +288,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn subject() -> Subject<'static> {
+    pub(super) fn subject() -> Subject<'static> {
         Subject {
             group: "compute.stratus.dev",
             kind: "Server",

@@ -1811,6 +1811,30 @@ fn not_host(n: &str, p: &Plan, a: u32) -> String {
     )
 }
 
+/// Keeps annotation `key`, which only admission sets, as `old` has it: restored in `new` when
+/// the write dropped it (a replace), a cause (`why`) when it adds or changes it.
+fn kept_annotation(
+    new: &mut Value,
+    old: &Value,
+    asked: &Value,
+    key: &str,
+    why: &str,
+    causes: &mut Vec<Cause>,
+) {
+    let of = |o: &Value| {
+        o.pointer("/metadata/annotations")
+            .and_then(|a| a.get(key))
+            .cloned()
+    };
+    match (of(old), of(asked)) {
+        (Some(a), None) => set_annotation_to(new, key, a.as_str()),
+        (a, b) if a != b => {
+            causes.push(Cause::invalid(format!("metadata.annotations[{key}]"), why))
+        }
+        _ => {}
+    }
+}
+
 /// An update: what allocation claimed and the fields it follows stay as they are (422);
 /// the annotation of the Network's uid, dropped by a replace, is kept.
 async fn update(
@@ -1864,33 +1888,16 @@ async fn update(
         (Some(a), None) => set_annotation(&mut new, a),
         _ => {}
     }
-    // What a router interface took is its create's: never added, changed or dropped after.
-    let gateway = |o: &Value| {
-        o.pointer("/metadata/annotations")
-            .and_then(|a| a.get(ROUTER_GATEWAY))
-            .cloned()
-    };
-    match (gateway(old), gateway(w.new)) {
-        (Some(a), None) => set_annotation_to(&mut new, ROUTER_GATEWAY, a.as_str()),
-        (a, b) if a != b => causes.push(Cause::invalid(
-            format!("metadata.annotations[{ROUTER_GATEWAY}]"),
+    // What a router interface took is its create's, and a Server's claim that Server's
+    // write's: never added, changed or dropped by a write to the Port.
+    for (key, why) in [
+        (
+            ROUTER_GATEWAY,
             "Forbidden: set by address allocation when a router interface is created",
-        )),
-        _ => {}
-    }
-    // A Server's claim is written by that Server's admission alone.
-    let claimed = |o: &Value| {
-        o.pointer("/metadata/annotations")
-            .and_then(|a| a.get(CLAIMED_BY))
-            .cloned()
-    };
-    match (claimed(old), claimed(w.new)) {
-        (Some(a), None) => set_annotation_to(&mut new, CLAIMED_BY, a.as_str()),
-        (a, b) if a != b => causes.push(Cause::invalid(
-            format!("metadata.annotations[{CLAIMED_BY}]"),
-            "Forbidden: set when a Server names the port",
-        )),
-        _ => {}
+        ),
+        (CLAIMED_BY, "Forbidden: set when a Server names the port"),
+    ] {
+        kept_annotation(&mut new, old, w.new, key, why, &mut causes);
     }
     if !causes.is_empty() {
         return Err(invalid(&s, w.new, causes));

@@ -463,18 +463,8 @@ pub(super) async fn plan(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::subject;
     use super::*;
-
-    fn subject() -> Subject<'static> {
-        Subject {
-            group: COMPUTE,
-            kind: "Server",
-            plural: "servers",
-            namespaced: true,
-            namespace: Some("demo"),
-            name: "web",
-        }
-    }
 
     #[test]
     fn a_servers_ports_and_networks_are_named_by_their_fields() {
