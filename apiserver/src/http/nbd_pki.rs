@@ -158,33 +158,8 @@ pub fn issue_node(ca_dir: &Path, node: &str, addresses: &[IpAddr], out: &Path) -
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
+    use super::super::tls::check::{der, mode, verifier};
     use super::*;
-
-    fn mode(p: &Path) -> u32 {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(p).expect("stat").permissions().mode() & 0o777
-    }
-
-    fn der(p: &Path) -> rustls::pki_types::CertificateDer<'static> {
-        let pem = std::fs::read(p).expect("read");
-        rustls_pemfile::certs(&mut io::BufReader::new(&pem[..]))
-            .next()
-            .expect("a certificate")
-            .expect("pem")
-    }
-
-    fn verifier(ca: &Path) -> Arc<dyn rustls::server::danger::ClientCertVerifier> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(der(ca)).expect("root");
-        rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            Arc::new(rustls::crypto::ring::default_provider()),
-        )
-        .build()
-        .expect("verifier")
-    }
 
     #[test]
     fn the_ca_key_is_private_and_kept() {

@@ -224,14 +224,45 @@ pub fn acceptor(cert: &Path, key: &Path) -> io::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
+/// What the PKI tests (this module's and the NBD PKI's) check files and chains with.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(super) mod check {
+    use std::io;
+    use std::path::Path;
+    use std::sync::Arc;
 
-    fn mode(p: &Path) -> u32 {
+    /// The permission bits of `p`.
+    pub fn mode(p: &Path) -> u32 {
         use std::os::unix::fs::PermissionsExt;
         std::fs::metadata(p).expect("stat").permissions().mode() & 0o777
     }
+
+    /// The first certificate of PEM file `p`.
+    pub fn der(p: &Path) -> rustls::pki_types::CertificateDer<'static> {
+        let pem = std::fs::read(p).expect("read");
+        rustls_pemfile::certs(&mut io::BufReader::new(&pem[..]))
+            .next()
+            .expect("a certificate")
+            .expect("pem")
+    }
+
+    /// A verifier of client certificates trusting CA certificate file `ca` alone.
+    pub fn verifier(ca: &Path) -> Arc<dyn rustls::server::danger::ClientCertVerifier> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der(ca)).expect("root");
+        rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .expect("verifier")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check::{der, mode, verifier};
+    use super::*;
 
     #[test]
     fn etcd_keys_are_private_and_kept() {
@@ -257,23 +288,6 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let cloud = ensure_pki(&tmp.path().join("pki"), &["127.0.0.1".into()]).expect("cloud");
         let etcd = ensure_etcd_pki(&tmp.path().join("pki/etcd")).expect("etcd");
-        let pem = |p: &Path| -> Vec<u8> { std::fs::read(p).expect("read") };
-        let der = |p: &Path| {
-            rustls_pemfile::certs(&mut io::BufReader::new(&pem(p)[..]))
-                .next()
-                .expect("a certificate")
-                .expect("pem")
-        };
-        let verifier = |ca: &Path| {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add(der(ca)).expect("root");
-            rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                Arc::new(rustls::crypto::ring::default_provider()),
-            )
-            .build()
-            .expect("verifier")
-        };
         let now = rustls::pki_types::UnixTime::now();
         let client = der(&etcd.client_cert);
         assert!(
