@@ -1142,22 +1142,29 @@ async fn an_image_token_reads_its_images_project_only_for_whoever_fetches_it() {
     );
 
     // Users (even the project's members), the proxy, and a node with nothing made from the
-    // Image get none; a node gets one for a public image it may read.
+    // Image get none: not even for a public image the node may read, for the token would
+    // read the whole account of the image's project.
     let alice = s.token("alice", "p1").await;
-    for who in [alice.as_str(), PROXY, NODE] {
-        let r = image_token(&s, who, "p1", "disk", json!({})).await;
-        assert_eq!(r.code, 403, "{who}: {}", r.body);
+    for (who, ns, name) in [
+        (alice.as_str(), "p1", "disk"),
+        (PROXY, "p1", "disk"),
+        (NODE, "p1", "disk"),
+        (NODE, "p2", "shared"),
+    ] {
+        let r = image_token(&s, who, ns, name, json!({})).await;
+        assert_eq!(r.code, 403, "{who} {ns}/{name}: {}", r.body);
         assert_eq!(r.body["kind"], "Status");
     }
-    let public = image_token(&s, NODE, "p2", "shared", json!({})).await;
-    assert_eq!(public.code, 201, "{}", public.body);
-    let pv = s
-        .validate(
-            Some(PROXY),
-            public.body["status"]["token"].as_str().expect("token"),
+    // A node may read the public image all the same (the node authorizer), but no token.
+    let read = s
+        .api(
+            NODE,
+            "GET",
+            "/apis/image.stratus.dev/v1/namespaces/p2/images/shared",
+            &Value::Null,
         )
         .await;
-    assert_eq!(pv.body["token"]["project"]["id"], json!(p2));
+    assert_eq!(read.code, 200, "{}", read.body);
 
     // Bad requests: 4xx naming what is wrong.
     let url_image = image_token(&s, ADMIN, "p1", "web", json!({})).await;
@@ -1248,4 +1255,113 @@ async fn a_cloud_without_an_object_store_issues_no_image_token() {
             .unwrap_or("")
             .contains("object store")
     );
+}
+
+/// Node `n1` registered with room for a server, and flavor `small`.
+async fn hypervisor_n1(s: &Server) {
+    s.admin(
+        "POST",
+        "/apis/compute.stratus.dev/v1/flavors",
+        json!({"apiVersion": "compute.stratus.dev/v1", "kind": "Flavor", "metadata": {"name": "small"},
+               "spec": {"vcpus": 1, "ramMiB": 512, "diskGiB": 1}}),
+    )
+    .await;
+    let path = "/apis/compute.stratus.dev/v1/hypervisors/n1";
+    s.admin(
+        "POST",
+        "/apis/compute.stratus.dev/v1/hypervisors",
+        json!({"apiVersion": "compute.stratus.dev/v1", "kind": "Hypervisor", "metadata": {"name": "n1"},
+               "spec": {"cpuAllocationRatio": 1.0, "ramAllocationRatio": 1.0, "reservedHostMemoryMiB": 0}}),
+    )
+    .await;
+    let mut hv = s.admin("GET", path, Value::Null).await;
+    hv["status"] = json!({"capacity": {"vcpus": 4, "ramMiB": 4096, "diskGiB": 100}});
+    s.admin("PUT", &format!("{path}/status"), hv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_gets_an_image_token_only_while_a_server_placed_on_it_boots_the_image() {
+    let s = server().await;
+    s.setup(&["p2"], &[]).await;
+    let p2 = s.project_uid("p2").await;
+    let swift = json!({"swift": {"container": "images", "object": "disk.raw"}});
+    image(&s, "p2", "shared", swift.clone(), true).await;
+    image(&s, "p2", "other", swift, true).await;
+    hypervisor_n1(&s).await;
+    assert_eq!(
+        image_token(&s, NODE, "p2", "shared", json!({})).await.code,
+        403,
+        "public, but nothing on the node is made from it"
+    );
+    let servers = "/apis/compute.stratus.dev/v1/namespaces/p2/servers";
+    s.admin(
+        "POST",
+        servers,
+        json!({"apiVersion": "compute.stratus.dev/v1", "kind": "Server", "metadata": {"name": "web"},
+               "spec": {"flavor": "small", "image": "shared"}}),
+    )
+    .await;
+    // Made, not yet placed: still none.
+    assert_eq!(
+        image_token(&s, NODE, "p2", "shared", json!({})).await.code,
+        403
+    );
+    s.admin(
+        "POST",
+        &format!("{servers}/web/binding"),
+        json!({"target": {"name": "n1"}}),
+    )
+    .await;
+    let r = image_token(&s, NODE, "p2", "shared", json!({})).await;
+    assert_eq!(r.code, 201, "{}", r.body);
+    let token = r.body["status"]["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let v = s.validate(Some(PROXY), &token).await;
+    assert_eq!(v.code, 200, "{}", v.body);
+    assert_eq!(v.body["token"]["project"]["id"], json!(p2));
+    // Only for the image its server boots, not another public one of the same project.
+    let other = image_token(&s, NODE, "p2", "other", json!({})).await;
+    assert_eq!(other.code, 403, "{}", other.body);
+    assert!(
+        other.body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no server or volume placed on it"),
+        "{}",
+        other.body
+    );
+
+    // Revoked (by the proxy, a service identity), the token holds no more; another one does.
+    let again = image_token(&s, ADMIN, "p2", "shared", json!({})).await;
+    let again = again.body["status"]["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    assert_eq!(s.revoke(PROXY, &token).await, 204);
+    assert_eq!(s.validate(Some(PROXY), &token).await.code, 404);
+    assert_eq!(s.revoke(PROXY, &token).await, 404, "revoked already");
+    assert_eq!(s.validate(Some(PROXY), &again).await.code, 200);
+
+    // Once the server is gone from the node, the node gets no more.
+    s.admin("DELETE", &format!("{servers}/web"), Value::Null)
+        .await;
+    let mut gone = 0;
+    for _ in 0..100 {
+        gone = image_token(&s, NODE, "p2", "shared", json!({})).await.code;
+        if gone == 403 {
+            break;
+        }
+        // The compute agent's finalizer holds a deleted server until it is torn down.
+        let path = format!("{servers}/web");
+        let w = s.api(ADMIN, "GET", &path, &Value::Null).await;
+        if w.code == 200 {
+            let mut w = w.body;
+            w["metadata"]["finalizers"] = json!([]);
+            s.api(ADMIN, "PUT", &path, &w).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(gone, 403);
 }

@@ -4,13 +4,14 @@
 //! TokenRequest.
 //!
 //! # Guarantees
-//! - Only a system identity (the controllers) or a node that may read the Image (the node
-//!   authorizer's graph: a server or volume placed on it is made from it, or it is public)
-//!   gets one; no user, no service.
+//! - Only a system identity (the controllers) or a node a Server or Volume placed on which is
+//!   made from the Image (its own placement, read when asked; a public Image the node may
+//!   merely read does not count) gets one; no user, no service.
 //! - The token holds for [`TTL`] seconds (or fewer, asked as TokenRequest's
 //!   `spec.expirationSeconds`) and is scoped to the Image's project, by the
 //!   Project's uid; at the identity endpoints it validates only while the Image (same uid)
-//!   and its Project (same uid, enabled) exist, and then with the `reader` role alone, which
+//!   and its Project (same uid, enabled) exist and it is not revoked
+//!   (`DELETE /identity/v3/auth/tokens`), and then with the `reader` role alone, which
 //!   the object store's `keystoneauth` maps to reading (`project_reader_roles`): it can
 //!   neither write nor reach another project's account, and it is no credential for the API.
 //! - The token is in the response body only: never in a URL, a header or a log.
@@ -26,10 +27,9 @@ use crate::base::meta;
 use crate::http::server::AppState;
 use crate::policy::authn::{Caller, Principal};
 use crate::policy::identity::{Claims, Scope, Verified};
-use crate::policy::request::RequestInfo;
 use crate::policy::roles::Grant;
-use crate::resource::verbs::Params;
 use crate::storage::keys;
+use crate::storage::store::{Read, Stored};
 
 const GROUP: &str = "image.stratus.dev";
 /// How long a token holds, in seconds: long enough for one download of an image within the
@@ -87,15 +87,8 @@ async fn issue(
             "invalid name \"{name}\": must be a DNS-1123 subdomain"
         )));
     }
-    allowed(state, caller, ns, name).await?;
+    let image = allowed(state, caller, ns, name).await?;
     let api = &state.api;
-    let image = api
-        .store
-        .get(&keys::object(&api.prefix, GROUP, "images", Some(ns), name))
-        .await
-        .map_err(ApiError::from)?
-        .ok_or_else(|| ApiError::not_found(GROUP, "images", name))?
-        .value;
     if image.pointer("/spec/source/swift").is_none() {
         return Err(ApiError::bad_request(format!(
             "images \"{name}\" has no spec.source.swift: only an image kept in the object store is fetched with a token"
@@ -137,6 +130,10 @@ async fn issue(
         uid: image_uid,
         generation: 0,
     };
+    // Still account-wide: `reader` of the project's whole account, not of the one object, so
+    // a node hosting the project's servers could read all its containers with it while it
+    // holds. The design to follow: the API server streams `images/NAME/data` itself from the
+    // object store (as Glance serves image data), and no token leaves it.
     let user = format!("{USER_PREFIX}{ns}:{name}");
     let (token, claims) =
         state
@@ -193,40 +190,46 @@ fn lifetime(bytes: &[u8]) -> ApiResult<i64> {
     }
 }
 
-/// The controllers may fetch every Image; a node the Images it may read; nobody else.
-async fn allowed(state: &AppState, caller: &Caller, ns: &str, name: &str) -> ApiResult<()> {
-    match caller.principal() {
-        Principal::System(_) => Ok(()),
-        Principal::Node(node) => {
-            let info = RequestInfo {
-                verb: "get".into(),
-                group: Some(GROUP.into()),
-                version: "v1".into(),
-                resource: "images".into(),
-                subresource: String::new(),
-                namespace: ns.into(),
-                name: name.into(),
-            };
-            crate::policy::node::restrict(&state.api, &info, &Params::default(), node)
-                .await
-                .map(|_| ())
-                .map_err(|e| match e.code {
-                    403 => ApiError::forbidden(format!(
-                        "node \"{node}\" cannot get a token for images \"{name}\" in project \"{ns}\": no server or volume placed on it is made from it"
-                    )),
-                    _ => e,
-                })
+/// The Image a caller may get a token for: the controllers every Image; a node only one a
+/// Server or Volume placed on it is made from (its own placement, read now: that it may read
+/// a public Image is not enough, for the token reads the project's whole account); nobody
+/// else (refused before the Image is read, so its existence is not told).
+///
+/// # Errors
+/// 403 for a caller that may not; 404 for no such Image; 503 when etcd is unreachable.
+async fn allowed(state: &AppState, caller: &Caller, ns: &str, name: &str) -> ApiResult<Value> {
+    let node = match caller.principal() {
+        Principal::System(_) => None,
+        Principal::Node(node) => Some(node),
+        Principal::User(user) => {
+            return Err(ApiError::forbidden(format!(
+                "User \"{user}\" cannot get a token for images \"{name}\": image tokens are for the components that fetch images; a user logs in to the object store with their own"
+            )));
         }
-        Principal::User(user) => Err(ApiError::forbidden(format!(
-            "User \"{user}\" cannot get a token for images \"{name}\": image tokens are for the components that fetch images; a user logs in to the object store with their own"
-        ))),
-        Principal::Service(_) => Err(crate::policy::credentials::service_refused(caller)),
+        Principal::Service(_) => return Err(crate::policy::credentials::service_refused(caller)),
+    };
+    let api = &state.api;
+    let image = api
+        .store
+        .get(&keys::object(&api.prefix, GROUP, "images", Some(ns), name))
+        .await
+        .map_err(ApiError::from)?
+        .ok_or_else(|| ApiError::not_found(GROUP, "images", name))?
+        .value;
+    match node {
+        Some(node) if !crate::policy::node::image_placed(api, ns, name, &image, node).await? => {
+            Err(ApiError::forbidden(format!(
+                "node \"{node}\" cannot get a token for images \"{name}\" in project \"{ns}\": no server or volume placed on it is made from it"
+            )))
+        }
+        _ => Ok(image),
     }
 }
 
-/// What an image token allows at the identity endpoints: `reader` in its project, while its
-/// Image (by uid) and Project (by uid, enabled) exist. `None` when `claims` are no image
-/// token's; `Some(None)` for an image token that no longer holds.
+/// What an image token allows at the identity endpoints: `reader` in its project, while it is
+/// not revoked (`DELETE /v3/auth/tokens`) and its Image (by uid) and Project (by uid,
+/// enabled) exist, all read at one revision. `None` when `claims` are no image token's;
+/// `Some(None)` for an image token that no longer holds.
 ///
 /// # Errors
 /// 503 when etcd is unreachable.
@@ -244,17 +247,35 @@ pub(crate) async fn grants(
         return Ok(Some(None));
     }
     let api = &state.api;
-    let image = api
+    let revoked = state.identity.revoked_key(&claims.jti);
+    let image = keys::object(&api.prefix, GROUP, "images", Some(ns), name);
+    let project = keys::object(&api.prefix, "identity.stratus.dev", "projects", None, ns);
+    let (read, _) = api
         .store
-        .get(&keys::object(&api.prefix, GROUP, "images", Some(ns), name))
+        .read_many(&[
+            Read::Presence(&revoked),
+            Read::Key(&image),
+            Read::Key(&project),
+        ])
         .await
         .map_err(ApiError::from)?;
-    if image.is_none_or(|i| meta::meta_str(&i.value, "uid") != Some(claims.uid.as_str())) {
-        return Ok(Some(None));
-    }
-    let reader = vec![Grant {
-        namespace: Some(ns.to_string()),
-        role: Role::Reader,
-    }];
-    Ok(Some(state.identity.scoped(reader, scope).await?))
+    let [revoked, image, project] = <[Vec<_>; 3]>::try_from(read)
+        .map_err(|_| ApiError::internal("etcd answered a read of three with another count"))?;
+    let uid_is = |found: &[(String, Stored)], uid: &str| {
+        found
+            .first()
+            .is_some_and(|(_, o)| meta::meta_str(&o.value, "uid") == Some(uid))
+    };
+    let holds = revoked.is_empty()
+        && uid_is(&image, &claims.uid)
+        && uid_is(&project, &scope.uid)
+        && project.first().is_some_and(|(_, p)| {
+            p.value.pointer("/spec/enabled").and_then(Value::as_bool) != Some(false)
+        });
+    Ok(Some(holds.then(|| {
+        vec![Grant {
+            namespace: Some(ns.to_string()),
+            role: Role::Reader,
+        }]
+    })))
 }

@@ -300,7 +300,7 @@ impl Identity {
         keys::object(&self.prefix, "identity.stratus.dev", "users", None, user)
     }
 
-    fn revoked_key(&self, jti: &str) -> String {
+    pub(crate) fn revoked_key(&self, jti: &str) -> String {
         format!("{}/_system/revoked/{jti}", self.prefix)
     }
 

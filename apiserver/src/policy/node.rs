@@ -774,49 +774,8 @@ async fn node_may_read(
             if spec_str(&image, "visibility") == Some("public") {
                 return Ok(None);
             }
-            // The storage agent fills a volume placed on the node from its image, and records
-            // that image's kernel and ramdisk images.
-            let sources: BTreeSet<String> = volumes_on(api, &info.namespace, node)
-                .await?
-                .iter()
-                .filter_map(|v| v.pointer("/spec/source/image")?.as_str())
-                .map(str::to_string)
-                .collect();
-            if sources.contains(&info.name) {
+            if image_placed(api, &info.namespace, &info.name, &image, node).await? {
                 return Ok(None);
-            }
-            for source in &sources {
-                if let Some(b) = read(source).await?
-                    && (spec_str(&b, "kernelImage") == Some(info.name.as_str())
-                        || spec_str(&b, "ramdiskImage") == Some(info.name.as_str()))
-                {
-                    return Ok(None);
-                }
-            }
-            let uid = meta::meta_str(&image, "uid");
-            for server in mine(api, servers()?, Some(&info.namespace), node).await? {
-                match boot_image(api, &info.namespace, &server).await? {
-                    None => {}
-                    Some(Boot::Image(boot)) => {
-                        if boot == info.name {
-                            return Ok(None);
-                        }
-                        if let Some(b) = read(&boot).await?
-                            && (spec_str(&b, "kernelImage") == Some(info.name.as_str())
-                                || spec_str(&b, "ramdiskImage") == Some(info.name.as_str()))
-                        {
-                            return Ok(None);
-                        }
-                    }
-                    // A boot volume's images are the ones it recorded, by uid: an image
-                    // published under one of their names since is not among them.
-                    Some(Boot::Volume(uids))
-                        if uid.is_some_and(|u| uids.iter().any(|r| r == u)) =>
-                    {
-                        return Ok(None);
-                    }
-                    Some(Boot::Volume(_)) => {}
-                }
             }
             Err(deny(
                 "no server placed on this node boots from it, and no volume placed on it is made from it",
@@ -1081,6 +1040,86 @@ async fn floating_ip_of_node(
 /// `spec.FIELD` of `v` as a string.
 fn spec_str<'a>(v: &'a Value, field: &str) -> Option<&'a str> {
     v.get("spec")?.get(field)?.as_str()
+}
+
+/// Whether the Image `name` of project `ns` (its stored object `image`) is one a Server or
+/// Volume placed on `node` is made from: a volume's source (or that image's kernel or ramdisk
+/// image), a server's boot image (or its kernel or ramdisk image), or an image its boot volume
+/// recorded (by uid). Its visibility does not count: this is the node's own placement.
+///
+/// # Errors
+/// 503 when etcd is unreachable.
+pub(crate) async fn image_placed(
+    api: &Api,
+    ns: &str,
+    name: &str,
+    image: &Value,
+    node: &str,
+) -> ApiResult<bool> {
+    let kind = |g: &str, k: &str| {
+        api.registry
+            .by_kind(g, k)
+            .ok_or_else(|| ApiError::internal(format!("the {k} kind is not served")))
+    };
+    let images = kind("image.stratus.dev", "Image")?;
+    let read = |other: &str| {
+        let t = Target {
+            rt: Arc::clone(images),
+            namespace: Some(ns.to_string()),
+            name: Some(other.to_string()),
+            subresource: None,
+        };
+        async move {
+            match api.read(&t).await {
+                Ok(s) => Ok(Some(s.value)),
+                Err(e) if e.code == 404 => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
+    };
+    // The storage agent fills a volume placed on the node from its image, and records
+    // that image's kernel and ramdisk images.
+    let sources: BTreeSet<String> = volumes_on(api, ns, node)
+        .await?
+        .iter()
+        .filter_map(|v| v.pointer("/spec/source/image")?.as_str())
+        .map(str::to_string)
+        .collect();
+    if sources.contains(name) {
+        return Ok(true);
+    }
+    for source in &sources {
+        if let Some(b) = read(source).await?
+            && (spec_str(&b, "kernelImage") == Some(name)
+                || spec_str(&b, "ramdiskImage") == Some(name))
+        {
+            return Ok(true);
+        }
+    }
+    let uid = meta::meta_str(image, "uid");
+    for server in mine(api, kind("compute.stratus.dev", "Server")?, Some(ns), node).await? {
+        match boot_image(api, ns, &server).await? {
+            None => {}
+            Some(Boot::Image(boot)) => {
+                if boot == name {
+                    return Ok(true);
+                }
+                if let Some(b) = read(&boot).await?
+                    && (spec_str(&b, "kernelImage") == Some(name)
+                        || spec_str(&b, "ramdiskImage") == Some(name))
+                {
+                    return Ok(true);
+                }
+            }
+            // A boot volume's images are the ones it recorded, by uid: an image
+            // published under one of their names since is not among them.
+            Some(Boot::Volume(uids)) if uid.is_some_and(|u| uids.iter().any(|r| r == u)) => {
+                return Ok(true);
+            }
+            Some(Boot::Volume(_)) => {}
+        }
+    }
+    Ok(false)
 }
 
 /// The Servers placed on `node`: of namespace `ns`, or of every namespace. Found through the
