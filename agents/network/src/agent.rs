@@ -305,16 +305,15 @@ pub fn describe(op: &Op) -> String {
         Op::AttachPorts(_, bridge, links) => {
             // An Event names a few; a node of a thousand ports says how many.
             let names: Vec<&str> = links.iter().take(4).map(|a| a.name.as_str()).collect();
-            let more = if links.len() > names.len() {
-                ", …"
+            if links.len() > names.len() {
+                format!(
+                    "put {} ports on {bridge} ({}, …)",
+                    links.len(),
+                    names.join(", ")
+                )
             } else {
-                ""
-            };
-            format!(
-                "put {} port(s) on {bridge}, up ({}{more})",
-                links.len(),
-                names.join(", ")
-            )
+                format!("put {} on {bridge}", names.join(", "))
+            }
         }
         Op::SetUp(_, n) => format!("set {n} up"),
         Op::SetMtu(_, n, mtu) => format!("set the MTU of {n} to {mtu}"),
