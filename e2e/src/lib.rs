@@ -540,6 +540,32 @@ impl Cloud {
         ok(args, self.kubectl(args)?)
     }
 
+    /// The token of a Keystone password login of `user` scoped to `project` at this cloud's
+    /// identity endpoints (as Swift's clients log in).
+    pub fn keystone_token(&self, user: &str, password: &str, project: &str) -> Result<String> {
+        let body = serde_json::json!({"auth": {
+            "identity": {"methods": ["password"], "password": {"user": {"name": user, "domain": {"id": "default"}, "password": password}}},
+            "scope": {"project": {"name": project, "domain": {"id": "default"}}},
+        }});
+        let head = output_of(
+            Command::new("curl")
+                .args(["-sS", "--fail", "-o", "/dev/null", "-D", "-", "--cacert"])
+                .arg(self.dir.path().join("pki/ca.crt"))
+                .args(["-H", "Content-Type: application/json", "--data-binary"])
+                .arg(body.to_string())
+                .arg(format!("{}/identity/v3/auth/tokens", self.url)),
+            "a Keystone login",
+        )?;
+        String::from_utf8_lossy(&head)
+            .lines()
+            .find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("x-subject-token"))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .context("no X-Subject-Token")
+    }
+
     /// Runs kubectl and expects failure; returns stderr.
     pub fn kubectl_err(&self, args: &[&str]) -> Result<String> {
         let out = self.kubectl(args)?;

@@ -78,28 +78,7 @@ fn an_image_kept_in_swift_is_fetched_with_its_projects_read_only_token() -> Resu
     let other_account = format!("http://{ip}:{port}/v1/AUTH_{}", uid("imgswift2")?);
 
     // Ivy's own token, from a Keystone login scoped to her project.
-    let ca = cloud.dir.path().join("pki/ca.crt");
-    let login = serde_json::json!({"auth": {
-        "identity": {"methods": ["password"], "password": {"user": {"name": "ivy", "domain": {"id": "default"}, "password": password}}},
-        "scope": {"project": {"name": "imgswift1", "domain": {"id": "default"}}},
-    }});
-    let head = output_of(
-        Command::new("curl")
-            .args(["-sS", "--fail", "-o", "/dev/null", "-D", "-", "--cacert"])
-            .arg(&ca)
-            .args(["-H", "Content-Type: application/json", "--data-binary"])
-            .arg(login.to_string())
-            .arg(format!("{}/identity/v3/auth/tokens", cloud.url)),
-        "a Keystone login",
-    )?;
-    let ivy = String::from_utf8_lossy(&head)
-        .lines()
-        .find_map(|l| {
-            l.split_once(':')
-                .filter(|(k, _)| k.eq_ignore_ascii_case("x-subject-token"))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .context("no X-Subject-Token")?;
+    let ivy = cloud.keystone_token("ivy", password, "imgswift1")?;
 
     // A tiny raw disk, uploaded by ivy under a pseudo-folder.
     let disk: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
