@@ -13,7 +13,10 @@
 //!   trusted without rehashing; refused data is removed, never renamed.
 //! - `<uid>/<format>-url-<hex of sha256(url)>`: for Images without an expected checksum, the
 //!   digest of what that URL served, so the next fetch of the same URL is a hit (until the
-//!   entry is swept): pin images by checksum if their URL's contents may change.
+//!   entry is swept): pin images by checksum if their URL's contents may change. For an
+//!   object of the cloud's object store the hashed name is `swift:<container>/<object>` (its
+//!   account is always the Image's project's), so [`ImageCache::cached`] finds it without a
+//!   token.
 //! - `<uid>/.lock-<name>`: advisory locks (`flock`), one per entry, so concurrent fetches of
 //!   one image (from threads or processes) download it once while other images proceed.
 //! - `<uid>/.tmp-*`: downloads in progress, removed when they fail.
@@ -369,7 +372,34 @@ impl ImageCache {
     /// policy refuses; the other variants for bad input, transport and file errors.
     pub fn fetch(&self, req: &Request<'_>) -> Result<CachedImage, ImageError> {
         let source = self.parse_source(req.url)?;
-        self.fetch_from(req, &source)
+        self.fetch_from(req, &source, req.url)
+    }
+
+    /// The entry of Image `uid` with `source`, `sha256` and `format` that a fetch would answer
+    /// without downloading, if there is one; nothing is fetched, so nothing is asked for (an
+    /// object's token is needed only on a miss). Blocking.
+    ///
+    /// # Errors
+    /// [`ImageError::InvalidUid`], [`ImageError::InvalidChecksum`]; file errors.
+    pub fn cached(
+        &self,
+        uid: &str,
+        source: &ImageSource,
+        sha256: Option<&str>,
+        format: Format,
+    ) -> Result<Option<CachedImage>, ImageError> {
+        let expected = sha256.map(normalise_checksum).transpose()?;
+        check_uid(uid)?;
+        let index = match (&source.swift, &source.url) {
+            (Some(swift), _) => object_index(&swift.container, &swift.object),
+            (None, Some(url)) => url.clone(),
+            (None, None) => return Ok(None),
+        };
+        lookup(
+            &self.dir.join(uid),
+            format,
+            &entry_name(format, expected.as_deref(), &index),
+        )
     }
 
     /// As [`fetch`](Self::fetch), for an object of the cloud's object store read with
@@ -398,7 +428,11 @@ impl ImageCache {
             format,
         };
         let source = Source::Object(url.clone(), object.token.to_owned());
-        self.fetch_from(&req, &source)
+        self.fetch_from(
+            &req,
+            &source,
+            &object_index(object.container, object.object),
+        )
     }
 
     /// [`fetch`](Self::fetch) or [`fetch_object`](Self::fetch_object), by `origin`.
@@ -423,14 +457,17 @@ impl ImageCache {
         }
     }
 
-    fn fetch_from(&self, req: &Request<'_>, source: &Source) -> Result<CachedImage, ImageError> {
+    /// Fetches `req` from `source`; `index` names its entry when no checksum is expected.
+    fn fetch_from(
+        &self,
+        req: &Request<'_>,
+        source: &Source,
+        index: &str,
+    ) -> Result<CachedImage, ImageError> {
         let expected = req.sha256.map(normalise_checksum).transpose()?;
         check_uid(req.uid)?;
         let dir = self.dir.join(req.uid);
-        let key = match &expected {
-            Some(digest) => content_name(req.format, digest),
-            None => url_index_name(req.format, req.url),
-        };
+        let key = entry_name(req.format, expected.as_deref(), index);
         if let Some(hit) = lookup(&dir, req.format, &key)? {
             return Ok(hit);
         }
@@ -880,6 +917,21 @@ fn normalise_checksum(digest: &str) -> Result<String, ImageError> {
 
 fn content_name(format: Format, digest: &str) -> String {
     format!("{}-sha256-{digest}", format.name())
+}
+
+/// The name of an Image's entry: its content's, by the expected digest, or else the index
+/// of `index` (its URL, or [`object_index`]).
+fn entry_name(format: Format, expected: Option<&str>, index: &str) -> String {
+    match expected {
+        Some(digest) => content_name(format, digest),
+        None => url_index_name(format, index),
+    }
+}
+
+/// What names an object of the object store in the index: not its URL, which holds the
+/// account URL the token came with, so that a hit is found before any token is asked for.
+fn object_index(container: &str, object: &str) -> String {
+    format!("swift:{container}/{object}")
 }
 
 fn url_index_name(format: Format, url: &str) -> String {
@@ -1692,6 +1744,56 @@ mod tests {
         }
         let url = object("a?b", "c#d/%2e%2e", "good").url().expect("escaped");
         assert_eq!(url.path(), "/v1/AUTH_p/a%3Fb/c%23d/%252e%252e");
+    }
+
+    #[test]
+    fn a_cached_object_is_found_without_its_token_or_the_object_store() {
+        let (account, seen) = object_store();
+        let cache_dir = tempfile::tempdir().expect("tempdir");
+        let cache = ImageCache::new(cache_dir.path().to_owned(), Policy::default());
+        let source = |object: &str| ImageSource {
+            url: None,
+            swift: Some(stratus_api_types::image::SwiftObject {
+                container: "images".into(),
+                object: object.into(),
+            }),
+        };
+        let disk = source("a b/disk.raw");
+        let sum = sha256_hex(BODY);
+        for expected in [None, Some(sum.as_str())] {
+            let miss = cache.cached(UID, &disk, expected, Format::Raw);
+            assert_eq!(miss.expect("a lookup"), None, "nothing fetched yet");
+        }
+        let got = cache
+            .fetch_object(
+                UID,
+                &ObjectSource {
+                    account_url: &account,
+                    container: "images",
+                    object: "a b/disk.raw",
+                    token: "good",
+                },
+                None,
+                Format::Raw,
+            )
+            .expect("fetch");
+        // Found by the Image's source alone (with or without its checksum), as the fetch
+        // would answer it, and the object store is not asked again.
+        for expected in [None, Some(sum.as_str())] {
+            let hit = cache.cached(UID, &disk, expected, Format::Raw);
+            assert_eq!(hit.expect("a lookup").as_ref(), Some(&got));
+        }
+        assert_eq!(seen.lock().expect("log").len(), 1);
+        // Another object, another Image, another format or checksum: a miss.
+        let misses = [
+            cache.cached(UID, &source("disk.raw"), None, Format::Raw),
+            cache.cached(OTHER_UID, &disk, None, Format::Raw),
+            cache.cached(UID, &disk, None, Format::Qcow2),
+            cache.cached(UID, &disk, Some(&"0".repeat(64)), Format::Raw),
+        ];
+        for miss in misses {
+            assert_eq!(miss.expect("a lookup"), None);
+        }
     }
 
     #[test]

@@ -355,15 +355,35 @@ async fn fetch(ctx: &Ctx, user: &str, image: &Image) -> Result<PathBuf, NotBuilt
     let sum = image.spec.sha256.clone();
     let format = cache_format(image.spec.disk_format);
     let user = user.to_owned();
-    let token = stratus_runtime::image_token::image_token(&ctx.client, image)
-        .await
-        .map_err(ServerError::Api)?;
-    let got = blocking(move || {
-        cache.pin(&uid, &user)?;
-        let origin = image_origin(&source, token.as_ref());
-        cache.fetch_origin(&uid, origin, sum.as_deref(), format)
-    })
-    .await?;
+    // Pinned, then looked up: a token for the object store is asked for only on a miss, so
+    // a cached image costs none and starts servers while no token can be had.
+    let hit = {
+        let (cache, uid, source, sum) = (
+            Arc::clone(&cache),
+            uid.clone(),
+            source.clone(),
+            sum.clone(),
+        );
+        blocking(move || {
+            cache.pin(&uid, &user)?;
+            cache.cached(&uid, &source, sum.as_deref(), format)
+        })
+        .await?
+    };
+    let got = match hit {
+        Ok(Some(hit)) => Ok(hit),
+        Err(e) => Err(e),
+        Ok(None) => {
+            let token = stratus_runtime::image_token::image_token(&ctx.client, image)
+                .await
+                .map_err(ServerError::Api)?;
+            blocking(move || {
+                let origin = image_origin(&source, token.as_ref());
+                cache.fetch_origin(&uid, origin, sum.as_deref(), format)
+            })
+            .await?
+        }
+    };
     got.map(|c| c.path)
         .map_err(|e| NotBuilt::Blocked(image_blocked(&image.name_any(), &e)))
 }
