@@ -3,6 +3,8 @@
 //! a node may touch.
 
 use serde_json::{Value, json};
+use stratus_apiserver::admission::CLUSTER_ADMIN;
+use stratus_apiserver::admission::pools::{MAX_POOLS_PER_NODE, claim_key};
 use stratus_apiserver::base::error::ApiResult;
 use stratus_apiserver::resource::review::AllowAll;
 use stratus_apiserver::resource::verbs::Target;
@@ -33,14 +35,19 @@ async fn with_pool(capacity: u64) -> Cloud {
     c
 }
 
+/// Pool `name` on `node`, created by an operator, whose agent reported `capacity` GiB.
 async fn pool(c: &Cloud, name: &str, node: &str, capacity: u64) {
-    c.create(&Obj(json!({
-        "apiVersion": "storage.stratus.dev/v1", "kind": "StoragePool",
-        "metadata": {"name": name},
-        "spec": {"backend": "lvm", "node": node, "vgName": "stratus", "reservedPercentage": 0},
-    })))
-    .await
-    .expect("pool");
+    CLUSTER_ADMIN
+        .scope(
+            true,
+            Box::pin(c.create(&Obj(json!({
+                "apiVersion": "storage.stratus.dev/v1", "kind": "StoragePool",
+                "metadata": {"name": name},
+                "spec": {"backend": "lvm", "node": node, "vgName": "stratus", "reservedPercentage": 0},
+            })))),
+        )
+        .await
+        .expect("pool");
     let status = json!({"status": {"phase": "Ready", "capacityGiB": capacity}});
     c.patch(&c.status("StoragePool", None, name), MERGE, &status, "")
         .await
@@ -1014,7 +1021,7 @@ async fn a_storage_address_is_one_nodes_and_in_a_granted_network() {
     let operator = |pool: &str, address: &str| {
         let (c, t) = (&c, at(pool));
         let patch = json!({"status": {"storageAddress": address}});
-        async move { c.patch(&t, MERGE, &patch, "").await }
+        CLUSTER_ADMIN.scope(true, async move { c.patch(&t, MERGE, &patch, "").await })
     };
     for outside in ["127.0.0.1", "169.254.169.254", "8.8.8.8", "::1"] {
         let before = c.revision().await;
@@ -1109,6 +1116,291 @@ async fn a_storage_address_is_one_nodes_and_in_a_granted_network() {
         )
         .await
         .expect("a granted loopback address");
+}
+
+/// The key of StoragePool `name` in the store.
+fn pool_key(name: &str) -> String {
+    stratus_apiserver::storage::keys::object(
+        "/registry",
+        "storage.stratus.dev",
+        "storagepools",
+        None,
+        name,
+    )
+}
+
+/// The node named by the claim pool `pool` holds on `ip`, if it holds one.
+async fn claimed_by(c: &Cloud, ip: &str, pool: &str) -> Option<String> {
+    let key = claim_key("/registry", ip.parse().expect("an address"), pool);
+    let claim = c.api.store.get(&key).await.expect("read")?;
+    claim.value["node"].as_str().map(str::to_owned)
+}
+
+/// Pool `name` as a pool whose address was recorded before addresses were claimed: `address`
+/// in its status, written past admission, with no claim (`claim`: one naming that node).
+async fn recorded_unclaimed(c: &Cloud, name: &str, address: &str, claim: Option<&str>) {
+    let key = pool_key(name);
+    let mut p = c
+        .api
+        .store
+        .get(&key)
+        .await
+        .expect("read")
+        .expect("the pool");
+    let stale = p.value["status"]["storageAddress"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .map(|ip| claim_key("/registry", ip, name));
+    p.value["status"]["storageAddress"] = json!(address);
+    let claim_of = claim_key("/registry", address.parse().expect("an address"), name);
+    let holder = claim.map(|n| json!({"node": n}));
+    let mut puts = vec![(key.as_str(), &p.value)];
+    puts.extend(holder.as_ref().map(|h| (claim_of.as_str(), h)));
+    let deletes: Vec<&str> = stale
+        .as_deref()
+        .filter(|s| *s != claim_of)
+        .into_iter()
+        .collect();
+    assert!(
+        c.api
+            .store
+            .write_many(&[], &puts, &deletes)
+            .await
+            .expect("write")
+            .is_some()
+    );
+}
+
+/// A node's heartbeat: its pool's status written again (a new `lastHeartbeatTime`), the
+/// address kept.
+async fn heartbeat(c: &Cloud, node: &str, pool: &str) -> ApiResult<Value> {
+    static BEATS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let beat = BEATS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let at = format!("2026-01-01T{:02}:{:02}:00Z", beat / 60 % 24, beat % 60);
+    c.node(node)
+        .patch(
+            &c.status("StoragePool", None, pool),
+            MERGE,
+            &json!({"status": {"lastHeartbeatTime": at}}).to_string(),
+        )
+        .await
+}
+
+/// A node's pools share one storage address: a node recording a second one for another of its
+/// pools is 422 on `status.storageAddress` naming the one it has, nothing written, also when
+/// it records two at once; an operator moves it (one pool at a time). So a stolen storage
+/// node identity cannot squat on the addresses of storage nodes to come, one pool each.
+#[tokio::test]
+async fn a_node_holds_its_pools_at_one_storage_address() {
+    let c = with_pool(10).await;
+    pool(&c, "p2", "n1", 10).await;
+    let record = |a: &str| json!({"status": {"storageAddress": a}}).to_string();
+    let at = |name: &str| c.status("StoragePool", None, name);
+    let n1 = c.node("n1");
+    n1.patch(&at("p1"), MERGE, &record("10.0.0.1"))
+        .await
+        .expect("n1's address");
+    let before = c.revision().await;
+    let e = refused(n1.patch(&at("p2"), MERGE, &record("10.0.0.2")).await);
+    assert_eq!((e.code, field(&e)), (422, "status.storageAddress"), "{e:?}");
+    assert!(
+        e.message.contains("10.0.0.1") && e.message.contains("\"p1\""),
+        "{}",
+        e.message
+    );
+    assert_eq!(c.revision().await, before, "nothing written");
+    assert_eq!(claimed_by(&c, "10.0.0.2", "p2").await, None);
+    n1.patch(&at("p2"), MERGE, &record("10.0.0.1"))
+        .await
+        .expect("its second pool at its address");
+    // Two pools of one node recording two addresses at once: one has its address.
+    pool(&c, "q1", "n2", 10).await;
+    pool(&c, "q2", "n2", 10).await;
+    let n2 = c.node("n2");
+    let (t1, t2) = (at("q1"), at("q2"));
+    let (r1, r2) = (record("10.0.0.21"), record("10.0.0.22"));
+    let (a, b) = futures::join!(n2.patch(&t1, MERGE, &r1), n2.patch(&t2, MERGE, &r2));
+    let refusals: Vec<_> = [a, b].into_iter().filter_map(Result::err).collect();
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert_eq!(field(&refusals[0]), "status.storageAddress");
+    // An operator moves n1's address, one pool at a time; its heartbeats go on meanwhile.
+    let operator = |pool: &str| {
+        let (c, t) = (&c, at(pool));
+        CLUSTER_ADMIN.scope(true, async move {
+            c.patch(
+                &t,
+                MERGE,
+                &json!({"status": {"storageAddress": "10.0.0.3"}}),
+                "",
+            )
+            .await
+        })
+    };
+    operator("p1").await.expect("p1 moved by an operator");
+    heartbeat(&c, "n1", "p2").await.expect("p2's heartbeat");
+    heartbeat(&c, "n1", "p1").await.expect("p1's heartbeat");
+    operator("p2").await.expect("p2 moved by an operator");
+    assert_eq!(
+        claimed_by(&c, "10.0.0.3", "p2").await.as_deref(),
+        Some("n1")
+    );
+    assert_eq!(claimed_by(&c, "10.0.0.1", "p2").await, None, "freed");
+}
+
+/// A node creates at most [`MAX_POOLS_PER_NODE`] pools for itself, also when it creates many
+/// at once: past it, 403 saying an operator creates more, nothing written. An operator does;
+/// another node is not counted against it, and a pool deleted makes room.
+#[tokio::test]
+async fn a_node_creates_a_bounded_number_of_pools() {
+    let c = Cloud::with_demo().await;
+    let pools = c.target("StoragePool", None, None);
+    let body = |node: &str, name: &str| {
+        json!({
+            "apiVersion": "storage.stratus.dev/v1", "kind": "StoragePool",
+            "metadata": {"name": name},
+            "spec": {"backend": "lvm", "node": node, "vgName": name},
+        })
+        .to_string()
+    };
+    let n1 = c.node("n1");
+    let tries = MAX_POOLS_PER_NODE + 4;
+    let bodies: Vec<String> = (0..tries)
+        .map(|i| body("n1", &format!("evil-{i}")))
+        .collect();
+    let answers =
+        futures::future::join_all(bodies.iter().map(|b| n1.create(&pools, JSON, b))).await;
+    let refusals: Vec<_> = answers.into_iter().filter_map(Result::err).collect();
+    assert_eq!(refusals.len(), tries - MAX_POOLS_PER_NODE, "{refusals:?}");
+    for e in &refusals {
+        assert_eq!(e.code, 403, "{e:?}");
+        assert!(
+            e.message.contains("an operator creates more"),
+            "{}",
+            e.message
+        );
+    }
+    let listed = c.list("StoragePool", None, "").await.expect("list");
+    assert_eq!(crate::fixtures::names(&listed).len(), MAX_POOLS_PER_NODE);
+    let before = c.revision().await;
+    assert_eq!(
+        refused(n1.create(&pools, JSON, &body("n1", "one-more")).await).code,
+        403
+    );
+    assert_eq!(c.revision().await, before, "nothing written");
+    c.node("n2")
+        .create(&pools, JSON, &body("n2", "n2-fast"))
+        .await
+        .expect("another node's pool");
+    pool(&c, "by-operator", "n1", 10).await;
+    c.delete("StoragePool", None, "by-operator", "")
+        .await
+        .expect("deleted");
+    c.delete("StoragePool", None, "evil-0", "")
+        .await
+        .expect("deleted");
+    n1.create(&pools, JSON, &body("n1", "n1-fast"))
+        .await
+        .expect("room again");
+}
+
+/// A pool whose address was recorded before addresses were claimed (no claim, or one naming
+/// another node) claims it in its next heartbeat, checked as a new address: then no other
+/// node records it; one another node holds already, or one outside the granted networks, is
+/// 422 on `status.storageAddress`, nothing written.
+#[tokio::test]
+async fn a_heartbeat_claims_an_address_recorded_before_claims() {
+    let c = with_pool(10).await;
+    pool(&c, "p2", "n2", 10).await;
+    pool(&c, "p3", "n3", 10).await;
+    let record = |a: &str| json!({"status": {"storageAddress": a}}).to_string();
+    let at = |name: &str| c.status("StoragePool", None, name);
+    recorded_unclaimed(&c, "p1", "10.0.0.1", None).await;
+    heartbeat(&c, "n1", "p1").await.expect("p1's heartbeat");
+    assert_eq!(
+        claimed_by(&c, "10.0.0.1", "p1").await.as_deref(),
+        Some("n1")
+    );
+    let e = refused(
+        c.node("n2")
+            .patch(&at("p2"), MERGE, &record("10.0.0.1"))
+            .await,
+    );
+    assert_eq!(e.details.causes[0].reason, "FieldValueDuplicate", "{e:?}");
+    assert!(e.message.contains("node \"n1\""), "{}", e.message);
+    // A claim naming a node the pool is not on is made its node's.
+    recorded_unclaimed(&c, "p1", "10.0.0.1", Some("n9")).await;
+    heartbeat(&c, "n1", "p1").await.expect("p1's heartbeat");
+    assert_eq!(
+        claimed_by(&c, "10.0.0.1", "p1").await.as_deref(),
+        Some("n1")
+    );
+    // Held by another node since: refused, as a new address would be.
+    recorded_unclaimed(&c, "p3", "10.0.0.1", None).await;
+    let before = c.revision().await;
+    let e = refused(heartbeat(&c, "n3", "p3").await);
+    assert_eq!((e.code, field(&e)), (422, "status.storageAddress"), "{e:?}");
+    assert!(e.message.contains("node \"n1\""), "{}", e.message);
+    assert_eq!(c.revision().await, before, "nothing written");
+    // Outside the granted networks: refused until an operator records another.
+    recorded_unclaimed(&c, "p2", "127.0.0.1", None).await;
+    let e = refused(heartbeat(&c, "n2", "p2").await);
+    assert_eq!((e.code, field(&e)), (422, "status.storageAddress"), "{e:?}");
+    assert!(e.message.contains("--storage-cidr"), "{}", e.message);
+    CLUSTER_ADMIN
+        .scope(
+            true,
+            c.patch(
+                &at("p2"),
+                MERGE,
+                &json!({"status": {"storageAddress": "10.0.0.2"}}),
+                "",
+            ),
+        )
+        .await
+        .expect("moved by an operator");
+    heartbeat(&c, "n2", "p2").await.expect("p2's heartbeat");
+    assert_eq!(
+        claimed_by(&c, "10.0.0.2", "p2").await.as_deref(),
+        Some("n2")
+    );
+}
+
+/// A pool's `spec.node` is immutable, for an operator too: 422 on `spec.node`, nothing
+/// written (a pool moves by being deleted and created again), so its address's claim always
+/// names the node it is on.
+#[tokio::test]
+async fn a_pools_node_is_immutable() {
+    let c = with_pool(10).await;
+    c.node("n1")
+        .patch(
+            &c.status("StoragePool", None, "p1"),
+            MERGE,
+            r#"{"status": {"storageAddress": "10.0.0.1"}}"#,
+        )
+        .await
+        .expect("n1's address");
+    let p1 = c.target("StoragePool", None, Some("p1"));
+    let before = c.revision().await;
+    let e = refused(
+        CLUSTER_ADMIN
+            .scope(
+                true,
+                c.patch(&p1, MERGE, &json!({"spec": {"node": "n2"}}), ""),
+            )
+            .await,
+    );
+    assert_eq!((e.code, field(&e)), (422, "spec.node"), "{e:?}");
+    assert!(e.message.contains("immutable"), "{}", e.message);
+    assert_eq!(c.revision().await, before, "nothing written");
+    let p = c.get("StoragePool", None, "p1").await.expect("p1");
+    assert_eq!(p["spec"]["node"], "n1");
+    assert_eq!(
+        claimed_by(&c, "10.0.0.1", "p1").await.as_deref(),
+        Some("n1")
+    );
+    c.patch(&p1, MERGE, &json!({"spec": {"vgName": "other"}}), "")
+        .await
+        .expect("the rest of the spec is the operator's");
 }
 
 #[tokio::test]
