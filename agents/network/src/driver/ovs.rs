@@ -754,17 +754,7 @@ impl OvsLinks {
         name: &IfName,
         change: impl FnOnce(&mut VxlanRecord),
     ) -> Result<bool, LinkError> {
-        let s = self.state(ns)?;
-        let Some(mut rec) = s.vxlans.get(name.as_str()).cloned() else {
-            return Ok(false);
-        };
-        let before = rec.clone();
-        change(&mut rec);
-        if rec != before {
-            self.write_vxlan(name.as_str(), &rec)?;
-            self.resync()?;
-        }
-        Ok(true)
+        self.change_record(ns, name, VXLAN_KEY, |s| &s.vxlans, change)
     }
 
     /// Changes a VLAN sub-interface's record, then the switch.
@@ -774,14 +764,27 @@ impl OvsLinks {
         name: &IfName,
         change: impl FnOnce(&mut VlanRecord),
     ) -> Result<bool, LinkError> {
+        self.change_record(ns, name, VLAN_KEY, |s| &s.vlans, change)
+    }
+
+    /// Changes the record `name` of the kind `records` picks (stored under `prefix`), then
+    /// the switch; `false` when there is no such record.
+    fn change_record<T: Clone + PartialEq + Serialize>(
+        &self,
+        ns: &Netns,
+        name: &IfName,
+        prefix: &str,
+        records: impl FnOnce(&State) -> &BTreeMap<String, T>,
+        change: impl FnOnce(&mut T),
+    ) -> Result<bool, LinkError> {
         let s = self.state(ns)?;
-        let Some(mut rec) = s.vlans.get(name.as_str()).cloned() else {
+        let Some(mut rec) = records(&s).get(name.as_str()).cloned() else {
             return Ok(false);
         };
         let before = rec.clone();
         change(&mut rec);
         if rec != before {
-            self.write_record(VLAN_KEY, name.as_str(), Some(&rec))?;
+            self.write_record(prefix, name.as_str(), Some(&rec))?;
             self.resync()?;
         }
         Ok(true)
