@@ -346,8 +346,12 @@ pub fn render(w: &Switch) -> Vec<Flow> {
     for n in &w.networks {
         let id = n.id;
         for p in &n.ports {
+            // Untagged frames only: OVS matches `ip`/`arp` through an 802.1Q header, so a
+            // guest's tagged frame would pass its filter and leave tagged, on a VLAN network
+            // under a second tag (VLAN hopping). A tagged frame from a port is dropped, as the
+            // kernel datapath's bridge drops it.
             let mut texts = vec![format!(
-                "table=0,priority=100,in_port={p} \
+                "table=0,priority=100,in_port={p},vlan_tci=0x0000/0x1fff \
                  actions=load:{id}->NXM_NX_REG6[],load:{p}->NXM_NX_REG5[],resubmit(,10)"
             )];
             match n.filters.get(p) {
@@ -734,6 +738,30 @@ mod tests {
             !texts
                 .iter()
                 .any(|t| t.contains("reg7=1") && t.contains("output:9"))
+        );
+    }
+
+    #[test]
+    fn a_ports_frames_enter_only_untagged() {
+        let mut n = net("br-a", 7, &[3], &[1]);
+        n.vlan = Some(VlanFlows { id: 100, port: 9 });
+        let flows = render(&Switch { networks: vec![n] });
+        let entries: Vec<&str> = flows
+            .iter()
+            .map(|f| f.text.as_str())
+            .filter(|t| t.starts_with("table=0,priority=100,in_port=3"))
+            .collect();
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        assert!(
+            entries[0].contains(",vlan_tci=0x0000/0x1fff "),
+            "a tagged frame from a port must not be classified: {}",
+            entries[0]
+        );
+        // Everything else from the port falls to the table's drop.
+        assert!(
+            flows
+                .iter()
+                .any(|f| f.text == "table=0,priority=0 actions=drop")
         );
     }
 
