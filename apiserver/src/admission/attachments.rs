@@ -35,7 +35,7 @@ use stratus_api_types::storage::VolumePhase;
 
 mod ports;
 
-pub use ports::{reservation, reservations};
+pub use ports::{may_attach_external, reservation, reservations};
 
 use crate::admission::binding::{self, is_server};
 use crate::admission::{Admission, Change, Ctx, Subject, Written, quota};

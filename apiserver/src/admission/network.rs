@@ -27,7 +27,10 @@
 //! # Servers' claims
 //! A Port's create takes the reservation a Server made on its name before it existed
 //! (`admission/attachments/ports.rs`) as its claim (the `CLAIMED_BY` annotation), in the same
-//! transaction; no write to the Port sets, changes or drops that annotation after.
+//! transaction, unless the Port is on an external Network and no cluster admin wrote that
+//! Server; no write to the Port sets, changes or drops that annotation after. A Port controlled
+//! (`ownerReferences`) by a Server is the ports controller's to make alone (403 naming
+//! `metadata.ownerReferences` otherwise): another writer's would pass for the Server's own.
 //!
 //! # DHCP servers
 //! A Subnet serving DHCP claims its DHCP server's address at its create, as Neutron's DHCP port
@@ -49,7 +52,8 @@
 //!
 //! # Provider networks
 //! Only cluster admins make flat or external Networks (403 otherwise), as Neutron keeps its
-//! provider attributes to the operator.
+//! provider attributes to the operator, and only they (and the controllers) make Ports on an
+//! external Network (403 naming `spec.network`), as Neutron's policy keeps tenants off it.
 //!
 //! # Ownership
 //! A Subnet is owned (`ownerReferences`) by its Network as it is at the Subnet's create, so
@@ -323,6 +327,34 @@ pub(crate) fn conflict_field(
         field: field.into(),
     });
     e
+}
+
+/// 403 naming the field whose value the writer may not use.
+pub(crate) fn forbidden_field(
+    s: &Subject<'_>,
+    obj: &Value,
+    field: &str,
+    message: String,
+) -> ApiError {
+    let mut e = ApiError::forbidden(format!(
+        "{}.{} {:?} is forbidden: {field}: {message}",
+        s.plural,
+        s.group,
+        name_of(obj)
+    ))
+    .about(s.group, s.plural, name_of(obj));
+    e.details.causes.push(Cause {
+        reason: "FieldValueForbidden".into(),
+        message,
+        field: field.into(),
+    });
+    e
+}
+
+/// Whether Network `net` (as stored) is external: the cloud's uplink, which only cluster
+/// admins (and the controllers) attach anything to.
+pub(crate) fn is_external(net: &Value) -> bool {
+    net.pointer("/spec/external").and_then(Value::as_bool) == Some(true)
 }
 
 /// Who holds a claim, as its record says: `port NS/NAME`, `floatingip NS/NAME`, or
@@ -1323,6 +1355,26 @@ async fn create_port(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> A
     if !causes.is_empty() {
         return Err(invalid(&s, w.new, causes));
     }
+    // A Port made for a Server's entry (controlled by it) is that Server's alone, and only the
+    // controllers make one: another writer's would pass for the Server's own.
+    let made_for_server = w
+        .new
+        .pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .any(|r| {
+            r.get("controller").and_then(Value::as_bool) == Some(true)
+                && r.get("kind").and_then(Value::as_str) == Some("Server")
+        });
+    if made_for_server && !super::by_cluster_admin() {
+        return Err(forbidden_field(
+            &s,
+            w.new,
+            "metadata.ownerReferences",
+            "only the ports controller makes a port controlled by a server".into(),
+        ));
+    }
     let net_key = keys::object(ctx.prefix, GROUP, "networks", Some(ns), &spec.network);
     let subnets = keys::collection(ctx.prefix, GROUP, "subnets", Some(ns));
     // A Router's interface Port, made by a trusted identity, may take its subnet's gateway.
@@ -1344,6 +1396,21 @@ async fn create_port(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> A
             return Ok(done);
         }
         let (uid, net_rev) = network_of(&s, w.new, &spec.network, snap.more[0].first())?;
+        // The cloud's uplink is the operator's, as Neutron's policy keeps it from tenants.
+        let external = snap.more[0]
+            .first()
+            .is_some_and(|(_, n)| is_external(&n.value));
+        if external && !super::by_cluster_admin() {
+            return Err(forbidden_field(
+                &s,
+                w.new,
+                "spec.network",
+                format!(
+                    "network {:?} is external (spec.external); only cluster admins make ports on external networks",
+                    spec.network
+                ),
+            ));
+        }
         let all = &snap.more[1];
         let on_network: Vec<(&str, Plan)> = subnets_on(all, &spec.network, uid)
             .filter_map(|(n, v)| stored_plan(v).map(|p| (n, p)))
@@ -1441,22 +1508,14 @@ async fn create_port(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> A
         // Set here alone: what a create asks for is dropped.
         let taken = gateway.map(show);
         set_annotation_to(&mut obj, ROUTER_GATEWAY, taken.as_deref());
-        // A Port made for a Server's entry (controlled by it) is that Server's alone.
-        let made_for_server = w
-            .new
-            .pointer("/metadata/ownerReferences")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .any(|r| {
-                r.get("controller").and_then(Value::as_bool) == Some(true)
-                    && r.get("kind").and_then(Value::as_str) == Some("Server")
-            });
+        // A reservation becomes the claim only if its Server may use this Port's network:
+        // on an external one, only a Server a cluster admin wrote.
         let reservation = snap
             .more
             .get(2)
             .and_then(|r| r.first())
-            .filter(|_| !made_for_server);
+            .filter(|_| !made_for_server)
+            .filter(|(_, r)| !external || super::attachments::may_attach_external(&r.value));
         let claim = reservation.and_then(|(_, r)| {
             Some(claim_value(
                 r.value.get("server")?.as_str()?,

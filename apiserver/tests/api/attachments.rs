@@ -163,7 +163,8 @@ async fn a_port_bound_to_another_server_is_refused_naming_the_field() {
             .await,
     );
     assert_eq!((e.code, field(&e)), (409, "spec.networks[0].port"), "{e:?}");
-    // Dropped by web: db may have it at once (the ports controller unbinds it from web).
+    // Dropped by web: still bound to web (its guest may still have the NIC), so db waits
+    // until the ports controller unbinds it, lest two guests share one MAC and address.
     c.patch(
         &server("web"),
         MERGE,
@@ -172,6 +173,23 @@ async fn a_port_bound_to_another_server_is_refused_naming_the_field() {
     )
     .await
     .expect("web drops its port");
+    let before = c.revision().await;
+    let e = refused(c.patch(&server("db"), MERGE, &add, "").await);
+    assert_eq!((e.code, field(&e)), (409, "spec.networks[1].port"), "{e:?}");
+    assert!(
+        e.message.contains("bound to server \"web\""),
+        "{}",
+        e.message
+    );
+    assert_eq!(c.revision().await, before, "nothing written");
+    c.patch(
+        &c.status("Port", Some("demo"), "mine"),
+        MERGE,
+        &json!({"status": {"boundTo": null}}),
+        "",
+    )
+    .await
+    .expect("unbound");
     c.patch(&server("db"), MERGE, &add, "")
         .await
         .expect("a released port is added");
@@ -430,6 +448,73 @@ async fn a_server_uses_only_networks_its_project_may_use() {
         (403, "spec.networks[2].network"),
         "{e:?}"
     );
+}
+
+/// A member cannot reach the cloud's uplink through a Port either: not by making one on it
+/// (named by her Server beforehand or not), and not by one her reservation would become the
+/// claim of when the operator makes it.
+#[tokio::test]
+async fn a_member_attaches_no_server_to_an_external_network_through_a_port() {
+    let c = Cloud::with_demo().await;
+    CLUSTER_ADMIN
+        .scope(
+            true,
+            c.create(&network("public").spec("external", json!(true))),
+        )
+        .await
+        .expect("the operator's uplink");
+    c.create(&naming_port("web", "p"))
+        .await
+        .expect("a port named before it exists");
+    let before = c.revision().await;
+    for name in ["p", "other"] {
+        let e = refused(c.create(&port(name, "public")).await);
+        assert_eq!((e.code, field(&e)), (403, "spec.network"), "{e:?}");
+        assert!(e.message.contains("external"), "{}", e.message);
+    }
+    assert_eq!(c.revision().await, before, "nothing written");
+    // Made by the operator, the port is not the member's Server's for its reservation.
+    CLUSTER_ADMIN
+        .scope(true, c.create(&port("p", "public")))
+        .await
+        .expect("the operator's port");
+    assert_eq!(claim(&c, "p").await, "");
+    // A Server an admin wrote takes it so.
+    CLUSTER_ADMIN
+        .scope(true, c.create(&naming_port("edge", "q")))
+        .await
+        .expect("an admin's server");
+    CLUSTER_ADMIN
+        .scope(true, c.create(&port("q", "public")))
+        .await
+        .expect("the operator's port");
+    assert_eq!(claim(&c, "q").await, "edge");
+}
+
+/// A Port controlled by a Server (the one the ports controller makes for its entry) is made by
+/// the controllers alone: a member's would pass for the Server's own.
+#[tokio::test]
+async fn only_the_controllers_make_a_port_controlled_by_a_server() {
+    let c = Cloud::with_demo().await;
+    c.create(&network("blue")).await.expect("network");
+    let web = c.create(&Obj::server("demo", "web")).await.expect("web");
+    let mut made = port("web-0", "blue");
+    made.0["metadata"]["ownerReferences"] = json!([{
+        "apiVersion": "compute.stratus.dev/v1", "kind": "Server", "name": "web",
+        "uid": web["metadata"]["uid"], "controller": true, "blockOwnerDeletion": true,
+    }]);
+    let before = c.revision().await;
+    let e = refused(c.create(&made).await);
+    assert_eq!(
+        (e.code, field(&e)),
+        (403, "metadata.ownerReferences"),
+        "{e:?}"
+    );
+    assert_eq!(c.revision().await, before, "nothing written");
+    CLUSTER_ADMIN
+        .scope(true, c.create(&made))
+        .await
+        .expect("the controllers make it");
 }
 
 #[tokio::test]

@@ -9,7 +9,9 @@
 //! the Port object, so it goes with the Port: a Port deleted and made again under the same
 //! name is free. A claim holds while its Server exists with that uid and still names the
 //! Port; once the Server is deleted or drops the Port, the next Server's write takes it over
-//! (guarded by the old holder's revision, or its absence).
+//! (guarded by the old holder's revision, or its absence), but not while the Port is still
+//! bound (`status.boundTo`) to another Server: that Server's guest may still have the NIC, so
+//! the claim is 409 until the ports controller unbinds it.
 //!
 //! A Port named before it exists is reserved under its name ([`reservation`]): one key per
 //! Server, refused (409) while another Server holds one; the Port's create turns the
@@ -19,7 +21,9 @@
 //! # Networks the project may not use
 //! A Server attaches to an external Network (the cloud's uplink, `spec.external`), by a
 //! `network` entry or by a Port on one, only when a cluster admin writes it: 403 naming the
-//! field otherwise, as Nova's `network:attach_external_network`. A Network of another project
+//! field otherwise, as Nova's `network:attach_external_network`. A reservation records whether
+//! a cluster admin wrote its Server: only such a reservation becomes the claim of a Port made
+//! on an external Network (which only cluster admins and the controllers make). A Network of another project
 //! cannot be named at all (a name, not `NAMESPACE/NAME`: the schema refuses it). A Network that
 //! does not exist yet is waited for (the ports controller says so on the Server).
 
@@ -30,6 +34,7 @@ use stratus_api_types::compute::ServerSpec;
 use stratus_api_types::ports::{CLAIMED_BY, claim_value, parse_claim};
 
 use super::conflict;
+use crate::admission::network::{forbidden_field, is_external};
 use crate::admission::{Change, Ctx, Subject};
 use crate::base::error::{ApiError, ApiResult, Cause};
 use crate::base::meta;
@@ -50,6 +55,15 @@ pub fn reservations(prefix: &str, ns: &str, port: &str) -> String {
 /// The reservation of Server `server_uid` on Port name `port` in `ns`.
 pub fn reservation(prefix: &str, ns: &str, port: &str, server_uid: &str) -> String {
     format!("{}{server_uid}", reservations(prefix, ns, port))
+}
+
+/// The field of a reservation saying its Server was written by a cluster admin, so it may
+/// take a Port on an external Network.
+const EXTERNAL: &str = "mayAttachExternal";
+
+/// Whether the Server that made reservation `r` may be attached to an external Network.
+pub fn may_attach_external(r: &Value) -> bool {
+    r.get(EXTERNAL).and_then(Value::as_bool) == Some(true)
 }
 
 /// The Server's `spec.networks` as typed (empty when it does not parse: the schema checked it).
@@ -157,23 +171,6 @@ fn name_of(obj: &Value) -> &str {
     meta::meta_str(obj, "name").unwrap_or_default()
 }
 
-/// 403 on the Server naming the field whose Network it may not use.
-fn forbidden(s: &Subject<'_>, obj: &Value, field: &str, message: String) -> ApiError {
-    let mut e = ApiError::forbidden(format!(
-        "{}.{} {:?} is forbidden: {field}: {message}",
-        s.plural,
-        s.group,
-        name_of(obj)
-    ))
-    .about(s.group, s.plural, name_of(obj));
-    e.details.causes.push(Cause {
-        reason: "FieldValueForbidden".into(),
-        message,
-        field: field.into(),
-    });
-    e
-}
-
 /// Refuses an external Network to all but cluster admins.
 fn usable_network(
     s: &Subject<'_>,
@@ -182,12 +179,8 @@ fn usable_network(
     name: &str,
     network: Option<&Value>,
 ) -> ApiResult<()> {
-    let external = network
-        .and_then(|n| n.pointer("/spec/external"))
-        .and_then(Value::as_bool)
-        == Some(true);
-    if external && !crate::admission::by_cluster_admin() {
-        return Err(forbidden(
+    if network.is_some_and(is_external) && !crate::admission::by_cluster_admin() {
+        return Err(forbidden_field(
             s,
             obj,
             field,
@@ -200,7 +193,9 @@ fn usable_network(
 }
 
 /// Whether the Server `obj` may name `port` (the Port `name` at `field`) at all: it is not
-/// being deleted and no other Server controls it (a Port made for another Server's entry).
+/// being deleted, no other Server controls it (a Port made for another Server's entry), and it
+/// is not bound to another Server (`status.boundTo`): that Server's guest may still have its
+/// NIC, so two guests would share one MAC and address until the ports controller unbinds it.
 pub(super) fn port_usable(
     s: &Subject<'_>,
     obj: &Value,
@@ -214,6 +209,18 @@ pub(super) fn port_usable(
             obj,
             field,
             format!("port {name:?} is being deleted"),
+        ));
+    }
+    if let Some(other) = port.pointer("/status/boundTo").and_then(Value::as_str)
+        && other != name_of(obj)
+    {
+        return Err(conflict(
+            s,
+            obj,
+            field,
+            format!(
+                "port {name:?} is bound to server {other:?}; it can be named once it is unbound"
+            ),
         ));
     }
     let uid = meta::meta_str(obj, "uid");
@@ -238,31 +245,14 @@ pub(super) fn port_usable(
     Ok(())
 }
 
-/// Who holds `port`'s claim, when not the Server of uid `uid`: the holder's name and uid, or
-/// for a Port claimed before claims were recorded, the Server it is bound to.
-enum Holder<'a> {
-    /// Free, or already this Server's.
-    None,
-    /// Claimed by this Server (name, uid), live or not.
-    Claim(&'a str, &'a str),
-    /// Bound (`status.boundTo`) to this Server without a claim.
-    Bound(&'a str),
-}
-
-fn holder<'a>(port: &'a Value, server: &str, uid: &str) -> Holder<'a> {
-    let claim = port
-        .pointer("/metadata/annotations")
+/// The Server (name, uid), live or not, whose claim `port` carries, when not the Server of uid
+/// `uid`. (A Port bound to another Server without a claim is refused by [`port_usable`].)
+fn holder<'a>(port: &'a Value, uid: &str) -> Option<(&'a str, &'a str)> {
+    port.pointer("/metadata/annotations")
         .and_then(|a| a.get(CLAIMED_BY))
         .and_then(Value::as_str)
-        .and_then(parse_claim);
-    match claim {
-        Some((_, u)) if u == uid => Holder::None,
-        Some((n, u)) => Holder::Claim(n, u),
-        None => match port.pointer("/status/boundTo").and_then(Value::as_str) {
-            Some(b) if b != server => Holder::Bound(b),
-            _ => Holder::None,
-        },
-    }
+        .and_then(parse_claim)
+        .filter(|(_, u)| *u != uid)
 }
 
 /// Whether Server `holder` (as stored now, if it exists) still holds Port `port` it claimed
@@ -375,17 +365,15 @@ pub(super) async fn plan(
                 out.absent.push(key.clone());
                 out.unchanged
                     .push((reservations(ctx.prefix, ns, name), revision));
-                out.puts.push((own, json!({"server": server, "uid": uid})));
+                let admin = crate::admission::by_cluster_admin();
+                out.puts
+                    .push((own, json!({"server": server, "uid": uid, EXTERNAL: admin})));
             }
             Some((_, p)) => {
                 port_usable(s, w.new, field, name, &p.value)?;
                 let network = p.value.pointer("/spec/network").and_then(Value::as_str);
-                let holder_key = match holder(&p.value, server, uid) {
-                    Holder::Claim(h, _) | Holder::Bound(h) => {
-                        Some(keys::object(ctx.prefix, COMPUTE, "servers", Some(ns), h))
-                    }
-                    Holder::None => None,
-                };
+                let holder_key = holder(&p.value, uid)
+                    .map(|(h, _)| keys::object(ctx.prefix, COMPUTE, "servers", Some(ns), h));
                 next.push((field, name, key, p, network, holder_key));
             }
         }
@@ -422,32 +410,17 @@ pub(super) async fn plan(
                 .next()
                 .and_then(|v| v.into_iter().next())
                 .map(|(_, v)| v);
-            match holder(&p.value, server, uid) {
-                Holder::Claim(by, by_uid) if holds(h.as_ref(), by_uid, name) => {
-                    return Err(conflict(
-                        s,
-                        w.new,
-                        field,
-                        format!(
-                            "port {name:?} is claimed by server {by:?}; remove it from that server first"
-                        ),
-                    ));
-                }
-                // Bound before claims were recorded: held while that Server names it.
-                Holder::Bound(by)
-                    if h.as_ref()
-                        .is_some_and(|h| ports_of(&h.value).iter().any(|(_, p)| p == name)) =>
-                {
-                    return Err(conflict(
-                        s,
-                        w.new,
-                        field,
-                        format!(
-                            "port {name:?} is bound to server {by:?}; remove it from that server first"
-                        ),
-                    ));
-                }
-                _ => {}
+            if let Some((by, by_uid)) = holder(&p.value, uid)
+                && holds(h.as_ref(), by_uid, name)
+            {
+                return Err(conflict(
+                    s,
+                    w.new,
+                    field,
+                    format!(
+                        "port {name:?} is claimed by server {by:?}; remove it from that server first"
+                    ),
+                ));
             }
             // The holder is gone, is another of its name, or dropped the Port: held as read.
             match h {
@@ -503,22 +476,19 @@ mod tests {
         assert_eq!((e.code, e.details.causes[0].field.as_str()), (409, f));
         assert!(e.message.contains("\"db\""), "{}", e.message);
         assert!(port_usable(&s, &server, f, "web-0", &made("u-web")).is_ok());
+        // Bound to another server (its guest may still have the NIC) until it is unbound.
+        let bound = |to: &str| json!({"status": {"boundTo": to}});
+        let e = port_usable(&s, &server, f, "mine", &bound("db")).expect_err("bound to db");
+        assert_eq!((e.code, e.details.causes[0].field.as_str()), (409, f));
+        assert!(e.message.contains("\"db\""), "{}", e.message);
+        assert!(port_usable(&s, &server, f, "mine", &bound("web")).is_ok());
     }
 
     #[test]
     fn a_claim_is_held_by_its_server_while_it_names_the_port() {
         let port = json!({"metadata": {"annotations": {CLAIMED_BY: "db/u-db"}}});
-        assert!(matches!(
-            holder(&port, "web", "u-web"),
-            Holder::Claim("db", "u-db")
-        ));
-        assert!(matches!(holder(&port, "db", "u-db"), Holder::None));
-        let legacy = json!({"status": {"boundTo": "db"}});
-        assert!(matches!(
-            holder(&legacy, "web", "u-web"),
-            Holder::Bound("db")
-        ));
-        assert!(matches!(holder(&legacy, "db", "u-db2"), Holder::None));
+        assert_eq!(holder(&port, "u-web"), Some(("db", "u-db")));
+        assert_eq!(holder(&port, "u-db"), None);
         let stored = |uid: &str, ports: Value| Stored {
             value: json!({"metadata": {"name": "db", "uid": uid},
                           "spec": {"flavor": "m1", "networks": ports}}),
