@@ -6,7 +6,8 @@
 //! fixed IPs. A Port bound to a Server that is gone, or that no longer names it, is released.
 //! A Port an entry names is used only when it carries that Server's claim
 //! ([`CLAIMED_BY`], written by the API server with the Server's write), so a Port made anew
-//! under a name a Server still holds is not taken by it.
+//! under a name a Server still holds is not taken by it. A Port of an entry's created name is
+//! used only when the Server controls it and it asks for the entry's network and addresses.
 //!
 //! Addresses are claimed by the Port's create (IPAM is an admission plug-in), so a Server's
 //! addresses are known as soon as its Ports exist, before it is placed.
@@ -170,6 +171,15 @@ pub fn plan_entry(
                 ),
             ))
         }
+        // Controlled by this Server, yet asking for other than the entry does (anyone could
+        // have written its ownerReference): not the entry's port.
+        (None, Some(p)) if !made_for(p, entry) => EntryPlan::Blocked(Blocked::new(
+            Reason::PortRefused,
+            format!(
+                "{field}: port \"{name}\" (on network \"{}\") does not ask for this entry's network and addresses; delete it so that the entry's port can be made",
+                p.spec.network
+            ),
+        )),
         (None, Some(_)) => EntryPlan::Use,
         (None, None) => {
             let Some(network) = entry.network.clone() else {
@@ -195,6 +205,13 @@ pub fn plan_entry(
             EntryPlan::Create(Box::new(port))
         }
     }
+}
+
+/// Whether `port` asks for what entry `entry` would have made it ask for: the entry's network
+/// and addresses ([`entry_fixed_ips`]).
+fn made_for(port: &Port, entry: &ServerNetwork) -> bool {
+    entry.network.as_ref() == Some(&port.spec.network)
+        && port.spec.fixed_ips == entry_fixed_ips(entry)
 }
 
 /// The addresses a created Port asks for: the entry's `fixedIP`, from its `subnet` when it

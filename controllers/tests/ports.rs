@@ -69,11 +69,77 @@ fn an_entry_with_a_network_creates_a_port_owned_by_the_server() {
     assert_eq!(owners[0].kind, "Server");
     assert_eq!(owners[0].controller, Some(true));
     // Once made, it is used as it is.
-    let made = port("web-0", Some("s-1"), None);
+    let mut made = port("web-0", Some("s-1"), None);
+    made.spec = p.spec.clone();
     assert_eq!(
         plan_entry(&s, 0, &s.spec.networks[0], Some(&made)),
         EntryPlan::Use
     );
+}
+
+/// A Port of the created name controlled by the Server (an ownerReference anyone could have
+/// written) is used only when it asks for what the entry does: not one on another network (the
+/// cloud's uplink, say), nor one asking for other addresses.
+#[test]
+fn a_port_of_the_created_name_is_used_only_if_it_asks_for_the_entrys_network_and_address() {
+    let s = server(
+        json!([{"network": "private"}, {"network": "private", "subnet": "private-b", "fixedIP": "10.1.0.9"}]),
+        None,
+    );
+    let made = |name: &str, spec: serde_json::Value| {
+        let mut p = port(name, Some("s-1"), None);
+        p.spec = serde_json::from_value(spec).expect("a port spec");
+        p
+    };
+    let plain = &s.spec.networks[0];
+    assert_eq!(
+        plan_entry(
+            &s,
+            0,
+            plain,
+            Some(&made("web-0", json!({"network": "private"})))
+        ),
+        EntryPlan::Use
+    );
+    let named = &s.spec.networks[1];
+    let asked = json!({"network": "private", "fixedIPs": [{"subnet": "private-b", "ipAddress": "10.1.0.9"}]});
+    assert_eq!(
+        plan_entry(&s, 1, named, Some(&made("web-1", asked))),
+        EntryPlan::Use
+    );
+    for (i, spec) in [
+        (0, json!({"network": "public"})),
+        (
+            0,
+            json!({"network": "private", "fixedIPs": [{"ipAddress": "10.0.0.1"}]}),
+        ),
+        (
+            1,
+            json!({"network": "public", "fixedIPs": [{"subnet": "private-b", "ipAddress": "10.1.0.9"}]}),
+        ),
+        (
+            1,
+            json!({"network": "private", "fixedIPs": [{"subnet": "private-b", "ipAddress": "10.1.0.10"}]}),
+        ),
+        (
+            1,
+            json!({"network": "private", "fixedIPs": [{"subnet": "private-c", "ipAddress": "10.1.0.9"}]}),
+        ),
+        (1, json!({"network": "private"})),
+    ] {
+        let p = made(&format!("web-{i}"), spec.clone());
+        let EntryPlan::Blocked(b) = plan_entry(&s, i, &s.spec.networks[i], Some(&p)) else {
+            panic!("used: {spec}");
+        };
+        assert_eq!(b.reason, Reason::PortRefused, "{spec}");
+        assert!(
+            b.message
+                .starts_with(&format!("spec.networks[{i}]: port \"web-{i}\""))
+                && b.message.contains(&format!("{:?}", p.spec.network)),
+            "{}",
+            b.message
+        );
+    }
 }
 
 #[test]
