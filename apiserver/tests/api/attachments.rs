@@ -220,6 +220,17 @@ fn port(name: &str, network: &str) -> Obj {
     )
 }
 
+async fn as_admin<T>(f: impl std::future::Future<Output = T>) -> T {
+    CLUSTER_ADMIN.scope(true, f).await
+}
+
+/// The operator's uplink: external network `public` of project demo, made by a cluster admin.
+async fn uplink(c: &Cloud) {
+    as_admin(c.create(&network("public").spec("external", json!(true))))
+        .await
+        .expect("the operator's uplink");
+}
+
 fn naming_port(name: &str, port: &str) -> Obj {
     Obj::server("demo", name).spec("networks", json!([{"port": port}]))
 }
@@ -388,15 +399,8 @@ async fn a_port_named_before_it_exists_is_reserved_and_claimed_at_its_create() {
 #[tokio::test]
 async fn a_server_uses_only_networks_its_project_may_use() {
     let c = Cloud::with_demo().await;
-    CLUSTER_ADMIN
-        .scope(
-            true,
-            c.create(&network("public").spec("external", json!(true))),
-        )
-        .await
-        .expect("the operator's uplink");
-    CLUSTER_ADMIN
-        .scope(true, c.create(&port("uplink", "public")))
+    uplink(&c).await;
+    as_admin(c.create(&port("uplink", "public")))
         .await
         .expect("a port on it");
     let before = c.revision().await;
@@ -426,13 +430,11 @@ async fn a_server_uses_only_networks_its_project_may_use() {
     );
     // A network not made yet is waited for; an admin may attach the uplink.
     c.create(&on("later")).await.expect("a network made later");
-    CLUSTER_ADMIN
-        .scope(
-            true,
-            c.create(&Obj::server("demo", "edge").spec("networks", json!([{"network": "public"}]))),
-        )
-        .await
-        .expect("an admin attaches a server to an external network");
+    as_admin(
+        c.create(&Obj::server("demo", "edge").spec("networks", json!([{"network": "public"}]))),
+    )
+    .await
+    .expect("an admin attaches a server to an external network");
     // Adding it later by an update is refused the same way.
     let e = refused(
         c.patch(
@@ -456,13 +458,7 @@ async fn a_server_uses_only_networks_its_project_may_use() {
 #[tokio::test]
 async fn a_member_attaches_no_server_to_an_external_network_through_a_port() {
     let c = Cloud::with_demo().await;
-    CLUSTER_ADMIN
-        .scope(
-            true,
-            c.create(&network("public").spec("external", json!(true))),
-        )
-        .await
-        .expect("the operator's uplink");
+    uplink(&c).await;
     c.create(&naming_port("web", "p"))
         .await
         .expect("a port named before it exists");
@@ -474,18 +470,15 @@ async fn a_member_attaches_no_server_to_an_external_network_through_a_port() {
     }
     assert_eq!(c.revision().await, before, "nothing written");
     // Made by the operator, the port is not the member's Server's for its reservation.
-    CLUSTER_ADMIN
-        .scope(true, c.create(&port("p", "public")))
+    as_admin(c.create(&port("p", "public")))
         .await
         .expect("the operator's port");
     assert_eq!(claim(&c, "p").await, "");
     // A Server an admin wrote takes it so.
-    CLUSTER_ADMIN
-        .scope(true, c.create(&naming_port("edge", "q")))
+    as_admin(c.create(&naming_port("edge", "q")))
         .await
         .expect("an admin's server");
-    CLUSTER_ADMIN
-        .scope(true, c.create(&port("q", "public")))
+    as_admin(c.create(&port("q", "public")))
         .await
         .expect("the operator's port");
     assert_eq!(claim(&c, "q").await, "edge");
@@ -511,8 +504,7 @@ async fn only_the_controllers_make_a_port_controlled_by_a_server() {
         "{e:?}"
     );
     assert_eq!(c.revision().await, before, "nothing written");
-    CLUSTER_ADMIN
-        .scope(true, c.create(&made))
+    as_admin(c.create(&made))
         .await
         .expect("the controllers make it");
 }
