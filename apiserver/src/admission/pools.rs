@@ -312,12 +312,7 @@ fn may_claim(
 /// address was recorded before addresses were claimed: its next heartbeat claims it), checked
 /// by [`may_claim`]; the claim of an address it no longer records goes.
 async fn write_pool(ctx: Ctx<'_>, s: Subject<'_>, w: Change<'_>) -> ApiResult<Written> {
-    let Change {
-        key,
-        old,
-        new,
-        parent,
-    } = w;
+    let (key, old, new) = (w.key, w.old, w.new);
     let object_guard = match old {
         Some((_, rev)) => Guard::Revision(key, rev),
         None => Guard::Absent(key),
@@ -367,7 +362,7 @@ async fn write_pool(ctx: Ctx<'_>, s: Subject<'_>, w: Change<'_>) -> ApiResult<Wr
         }
         let (got, at) = ctx.store.read_many(&reads).await.map_err(ApiError::from)?;
         let mut guards = vec![object_guard];
-        guards.extend(parent.map(|(p, rev)| Guard::Revision(p, rev)));
+        guards.extend(w.parent.map(|(p, rev)| Guard::Revision(p, rev)));
         let mut puts = vec![(key, new)];
         if creating {
             let held = got.get(2).map_or(0, |all| {

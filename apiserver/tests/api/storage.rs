@@ -1017,12 +1017,7 @@ async fn a_storage_address_is_one_nodes_and_in_a_granted_network() {
     pool(&c, "p3", "n1", 10).await;
     let record = |a: &str| json!({"status": {"storageAddress": a}}).to_string();
     let at = |name: &str| c.status("StoragePool", None, name);
-    // An operator's write of a pool's address.
-    let operator = |pool: &str, address: &str| {
-        let (c, t) = (&c, at(pool));
-        let patch = json!({"status": {"storageAddress": address}});
-        CLUSTER_ADMIN.scope(true, async move { c.patch(&t, MERGE, &patch, "").await })
-    };
+    let operator = |pool: &'static str, address: &'static str| operator_records(&c, pool, address);
     for outside in ["127.0.0.1", "169.254.169.254", "8.8.8.8", "::1"] {
         let before = c.revision().await;
         let e = refused(c.node("n1").patch(&at("p1"), MERGE, &record(outside)).await);
@@ -1171,6 +1166,30 @@ async fn recorded_unclaimed(c: &Cloud, name: &str, address: &str, claim: Option<
     );
 }
 
+/// An operator (a cluster admin) records `address` as pool `pool`'s storage address.
+async fn operator_records(c: &Cloud, pool: &str, address: &str) -> ApiResult<(u16, Value)> {
+    let (t, patch) = (
+        c.status("StoragePool", None, pool),
+        json!({"status": {"storageAddress": address}}),
+    );
+    CLUSTER_ADMIN
+        .scope(true, Box::pin(c.patch(&t, MERGE, &patch, "")))
+        .await
+}
+
+/// The 422 on `on` that `write` gets, having written nothing.
+async fn invalid_unwritten(
+    c: &Cloud,
+    on: &str,
+    write: impl std::future::Future<Output = ApiResult<Value>>,
+) -> stratus_apiserver::base::error::ApiError {
+    let before = c.revision().await;
+    let e = refused(write.await);
+    assert_eq!((e.code, field(&e)), (422, on), "{e:?}");
+    assert_eq!(c.revision().await, before, "nothing written");
+    e
+}
+
 /// A node's heartbeat: its pool's status written again (a new `lastHeartbeatTime`), the
 /// address kept.
 async fn heartbeat(c: &Cloud, node: &str, pool: &str) -> ApiResult<Value> {
@@ -1200,15 +1219,13 @@ async fn a_node_holds_its_pools_at_one_storage_address() {
     n1.patch(&at("p1"), MERGE, &record("10.0.0.1"))
         .await
         .expect("n1's address");
-    let before = c.revision().await;
-    let e = refused(n1.patch(&at("p2"), MERGE, &record("10.0.0.2")).await);
-    assert_eq!((e.code, field(&e)), (422, "status.storageAddress"), "{e:?}");
+    let (p2, second) = (at("p2"), record("10.0.0.2"));
+    let e = invalid_unwritten(&c, "status.storageAddress", n1.patch(&p2, MERGE, &second)).await;
     assert!(
         e.message.contains("10.0.0.1") && e.message.contains("\"p1\""),
         "{}",
         e.message
     );
-    assert_eq!(c.revision().await, before, "nothing written");
     assert_eq!(claimed_by(&c, "10.0.0.2", "p2").await, None);
     n1.patch(&at("p2"), MERGE, &record("10.0.0.1"))
         .await
@@ -1224,18 +1241,7 @@ async fn a_node_holds_its_pools_at_one_storage_address() {
     assert_eq!(refusals.len(), 1, "{refusals:?}");
     assert_eq!(field(&refusals[0]), "status.storageAddress");
     // An operator moves n1's address, one pool at a time; its heartbeats go on meanwhile.
-    let operator = |pool: &str| {
-        let (c, t) = (&c, at(pool));
-        CLUSTER_ADMIN.scope(true, async move {
-            c.patch(
-                &t,
-                MERGE,
-                &json!({"status": {"storageAddress": "10.0.0.3"}}),
-                "",
-            )
-            .await
-        })
-    };
+    let operator = |pool: &'static str| operator_records(&c, pool, "10.0.0.3");
     operator("p1").await.expect("p1 moved by an operator");
     heartbeat(&c, "n1", "p2").await.expect("p2's heartbeat");
     heartbeat(&c, "n1", "p1").await.expect("p1's heartbeat");
@@ -1336,26 +1342,13 @@ async fn a_heartbeat_claims_an_address_recorded_before_claims() {
     );
     // Held by another node since: refused, as a new address would be.
     recorded_unclaimed(&c, "p3", "10.0.0.1", None).await;
-    let before = c.revision().await;
-    let e = refused(heartbeat(&c, "n3", "p3").await);
-    assert_eq!((e.code, field(&e)), (422, "status.storageAddress"), "{e:?}");
+    let e = invalid_unwritten(&c, "status.storageAddress", heartbeat(&c, "n3", "p3")).await;
     assert!(e.message.contains("node \"n1\""), "{}", e.message);
-    assert_eq!(c.revision().await, before, "nothing written");
     // Outside the granted networks: refused until an operator records another.
     recorded_unclaimed(&c, "p2", "127.0.0.1", None).await;
-    let e = refused(heartbeat(&c, "n2", "p2").await);
-    assert_eq!((e.code, field(&e)), (422, "status.storageAddress"), "{e:?}");
+    let e = invalid_unwritten(&c, "status.storageAddress", heartbeat(&c, "n2", "p2")).await;
     assert!(e.message.contains("--storage-cidr"), "{}", e.message);
-    CLUSTER_ADMIN
-        .scope(
-            true,
-            c.patch(
-                &at("p2"),
-                MERGE,
-                &json!({"status": {"storageAddress": "10.0.0.2"}}),
-                "",
-            ),
-        )
+    operator_records(&c, "p2", "10.0.0.2")
         .await
         .expect("moved by an operator");
     heartbeat(&c, "n2", "p2").await.expect("p2's heartbeat");
@@ -1380,18 +1373,10 @@ async fn a_pools_node_is_immutable() {
         .await
         .expect("n1's address");
     let p1 = c.target("StoragePool", None, Some("p1"));
-    let before = c.revision().await;
-    let e = refused(
-        CLUSTER_ADMIN
-            .scope(
-                true,
-                c.patch(&p1, MERGE, &json!({"spec": {"node": "n2"}}), ""),
-            )
-            .await,
-    );
-    assert_eq!((e.code, field(&e)), (422, "spec.node"), "{e:?}");
+    let other = json!({"spec": {"node": "n2"}});
+    let moved = CLUSTER_ADMIN.scope(true, c.patch(&p1, MERGE, &other, ""));
+    let e = invalid_unwritten(&c, "spec.node", async { moved.await.map(|(_, v)| v) }).await;
     assert!(e.message.contains("immutable"), "{}", e.message);
-    assert_eq!(c.revision().await, before, "nothing written");
     let p = c.get("StoragePool", None, "p1").await.expect("p1");
     assert_eq!(p["spec"]["node"], "n1");
     assert_eq!(
