@@ -751,30 +751,14 @@ async fn node_may_read(
             }
         }
         ("image.stratus.dev", "images") => {
-            let images = kind("image.stratus.dev", "Image")?;
-            let read = |name: &str| {
-                let t = Target {
-                    rt: Arc::clone(images),
-                    namespace: Some(info.namespace.clone()),
-                    name: Some(name.to_string()),
-                    subresource: None,
-                };
-                async move {
-                    match api.read(&t).await {
-                        Ok(s) => Ok(Some(s.value)),
-                        Err(e) if e.code == 404 => Ok(None),
-                        Err(e) => Err(e),
-                    }
-                }
-            };
-            let Some(image) = read(&info.name).await? else {
+            let Some(image) = read_image(api, &info.namespace, &info.name).await? else {
                 // Absent: the request answers 404 itself.
                 return Ok(None);
             };
             if spec_str(&image, "visibility") == Some("public") {
                 return Ok(None);
             }
-            if image_placed(api, &info.namespace, &info.name, &image, node).await? {
+            if Box::pin(image_placed(api, &info.namespace, &info.name, &image, node)).await? {
                 return Ok(None);
             }
             Err(deny(
@@ -1042,6 +1026,28 @@ fn spec_str<'a>(v: &'a Value, field: &str) -> Option<&'a str> {
     v.get("spec")?.get(field)?.as_str()
 }
 
+/// The Image `name` of project `ns`, if there is one.
+///
+/// # Errors
+/// 503 when etcd is unreachable.
+async fn read_image(api: &Api, ns: &str, name: &str) -> ApiResult<Option<Value>> {
+    let images = api
+        .registry
+        .by_kind("image.stratus.dev", "Image")
+        .ok_or_else(|| ApiError::internal("the Image kind is not served"))?;
+    let t = Target {
+        rt: Arc::clone(images),
+        namespace: Some(ns.to_string()),
+        name: Some(name.to_string()),
+        subresource: None,
+    };
+    match api.read(&t).await {
+        Ok(s) => Ok(Some(s.value)),
+        Err(e) if e.code == 404 => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether the Image `name` of project `ns` (its stored object `image`) is one a Server or
 /// Volume placed on `node` is made from: a volume's source (or that image's kernel or ramdisk
 /// image), a server's boot image (or its kernel or ramdisk image), or an image its boot volume
@@ -1056,27 +1062,6 @@ pub(crate) async fn image_placed(
     image: &Value,
     node: &str,
 ) -> ApiResult<bool> {
-    let kind = |g: &str, k: &str| {
-        api.registry
-            .by_kind(g, k)
-            .ok_or_else(|| ApiError::internal(format!("the {k} kind is not served")))
-    };
-    let images = kind("image.stratus.dev", "Image")?;
-    let read = |other: &str| {
-        let t = Target {
-            rt: Arc::clone(images),
-            namespace: Some(ns.to_string()),
-            name: Some(other.to_string()),
-            subresource: None,
-        };
-        async move {
-            match api.read(&t).await {
-                Ok(s) => Ok(Some(s.value)),
-                Err(e) if e.code == 404 => Ok(None),
-                Err(e) => Err(e),
-            }
-        }
-    };
     // The storage agent fills a volume placed on the node from its image, and records
     // that image's kernel and ramdisk images.
     let sources: BTreeSet<String> = volumes_on(api, ns, node)
@@ -1089,7 +1074,7 @@ pub(crate) async fn image_placed(
         return Ok(true);
     }
     for source in &sources {
-        if let Some(b) = read(source).await?
+        if let Some(b) = read_image(api, ns, source).await?
             && (spec_str(&b, "kernelImage") == Some(name)
                 || spec_str(&b, "ramdiskImage") == Some(name))
         {
@@ -1097,14 +1082,18 @@ pub(crate) async fn image_placed(
         }
     }
     let uid = meta::meta_str(image, "uid");
-    for server in mine(api, kind("compute.stratus.dev", "Server")?, Some(ns), node).await? {
+    let servers = api
+        .registry
+        .by_kind("compute.stratus.dev", "Server")
+        .ok_or_else(|| ApiError::internal("the Server kind is not served"))?;
+    for server in mine(api, servers, Some(ns), node).await? {
         match boot_image(api, ns, &server).await? {
             None => {}
             Some(Boot::Image(boot)) => {
                 if boot == name {
                     return Ok(true);
                 }
-                if let Some(b) = read(&boot).await?
+                if let Some(b) = read_image(api, ns, &boot).await?
                     && (spec_str(&b, "kernelImage") == Some(name)
                         || spec_str(&b, "ramdiskImage") == Some(name))
                 {
