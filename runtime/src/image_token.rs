@@ -9,7 +9,8 @@ use stratus_api_types::image::{Image, ImageToken, ImageTokenStatus};
 /// is kept in the object store; `None` for an Image with a URL source.
 ///
 /// # Errors
-/// What the API server answers: 403 for a caller that may not fetch the Image, 503 for a
+/// What the API server answers: 403 for a caller that may not fetch the Image (a node: no
+/// Server or Volume placed on it is made from it, whatever the Image's visibility), 503 for a
 /// cloud without an object store.
 pub async fn image_token(
     client: &Client,
