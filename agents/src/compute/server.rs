@@ -358,12 +358,8 @@ async fn fetch(ctx: &Ctx, user: &str, image: &Image) -> Result<PathBuf, NotBuilt
     // Pinned, then looked up: a token for the object store is asked for only on a miss, so
     // a cached image costs none and starts servers while no token can be had.
     let hit = {
-        let (cache, uid, source, sum) = (
-            Arc::clone(&cache),
-            uid.clone(),
-            source.clone(),
-            sum.clone(),
-        );
+        let (cache, uid, source, sum) =
+            (Arc::clone(&cache), uid.clone(), source.clone(), sum.clone());
         blocking(move || {
             cache.pin(&uid, &user)?;
             cache.cached(&uid, &source, sum.as_deref(), format)

@@ -279,7 +279,10 @@ async fn beat(
         if let Err(kube::Error::Api(e)) = &written
             && e.code == 422
             && e.message.contains("status.storageAddress")
-            && pool.status.as_ref().is_none_or(|s| s.storage_address.is_none())
+            && pool
+                .status
+                .as_ref()
+                .is_none_or(|s| s.storage_address.is_none())
         {
             // The API refused the address (outside the storage networks the operator
             // granted, or another node's): the pool still serves this node's own guests, and

@@ -3,8 +3,8 @@
 pub mod audit;
 pub mod console;
 pub mod dashboard;
-pub mod image_token;
 pub mod discovery;
+pub mod image_token;
 pub mod keystone;
 pub mod limits;
 pub mod login;

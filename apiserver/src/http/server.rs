@@ -498,7 +498,9 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
                     tracing::warn!(credential = %who, why, "S3 credential left unbound: refused");
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot bind old S3 credentials to their Projects"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot bind old S3 credentials to their Projects")
+            }
         }
     });
     // apiserver_storage_objects, every minute while the server is up.
