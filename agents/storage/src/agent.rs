@@ -331,13 +331,32 @@ async fn resolve(
         let sum = image.spec.sha256.clone();
         let format = cache_format(image.spec.disk_format);
         let cache = Arc::clone(&ctx.images);
-        let token = stratus_runtime::image_token::image_token(&ctx.client, &image).await?;
-        let got = blocking(move || {
-            cache.pin(&image_uid, &user)?;
-            let origin = image_origin(&source, token.as_ref());
-            cache.fetch_origin(&image_uid, origin, sum.as_deref(), format)
-        })
-        .await?;
+        // Pinned, then looked up: a token for the object store is asked for only on a miss.
+        let hit = {
+            let (cache, image_uid, source, sum) = (
+                Arc::clone(&cache),
+                image_uid.clone(),
+                source.clone(),
+                sum.clone(),
+            );
+            blocking(move || {
+                cache.pin(&image_uid, &user)?;
+                cache.cached(&image_uid, &source, sum.as_deref(), format)
+            })
+            .await?
+        };
+        let got = match hit {
+            Ok(Some(hit)) => Ok(hit),
+            Err(e) => Err(e),
+            Ok(None) => {
+                let token = stratus_runtime::image_token::image_token(&ctx.client, &image).await?;
+                blocking(move || {
+                    let origin = image_origin(&source, token.as_ref());
+                    cache.fetch_origin(&image_uid, origin, sum.as_deref(), format)
+                })
+                .await?
+            }
+        };
         return match got {
             Ok(c) => Ok(Ok(Resolved::Image(c.path, format, Box::new(recorded)))),
             Err(e) if e.is_final() => Ok(Err(Blocked {
