@@ -629,9 +629,16 @@ async fn what_a_port_was_given_cannot_be_changed_by_a_write() {
     let (c, _) = with_subnet().await;
     let p = c.create(&port("p", "n")).await.expect("p");
     let t = c.target("Port", Some("demo"), Some("p"));
+    // An address other than the one IPAM gave at random (a write of the same value would
+    // change nothing and pass).
+    let other = if ips(&p) == ["10.0.0.9"] {
+        "10.0.0.10"
+    } else {
+        "10.0.0.9"
+    };
     for (patch, field) in [
         (
-            json!({"spec": {"fixedIPs": [{"ipAddress": "10.0.0.9"}]}}),
+            json!({"spec": {"fixedIPs": [{"ipAddress": other}]}}),
             "spec.fixedIPs",
         ),
         (
@@ -650,7 +657,7 @@ async fn what_a_port_was_given_cannot_be_changed_by_a_write() {
     let status = c.status("Port", Some("demo"), "p");
     for (patch, field) in [
         (
-            json!({"status": {"fixedIPs": [{"subnet": "s", "ipAddress": "10.0.0.9"}]}}),
+            json!({"status": {"fixedIPs": [{"subnet": "s", "ipAddress": other}]}}),
             "status.fixedIPs",
         ),
         (
