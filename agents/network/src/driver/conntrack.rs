@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::process::Command;
 
 use super::netns;
 use super::nft::{FloatingNat, Nat, TABLE};
@@ -33,10 +34,9 @@ pub enum ConntrackError {
 pub fn flush_address(ns: &Netns, ip: Ipv4Addr) -> Result<(), ConntrackError> {
     for flag in ["--orig-dst", "--reply-dst"] {
         let ip = ip.to_string();
-        let out = netns::command(ns, "conntrack")
-            .args(["-D", flag, &ip])
-            .output()
-            .map_err(ConntrackError::Run)?;
+        let mut cmd = Command::new("conntrack");
+        cmd.args(["-D", flag, &ip]);
+        let out = netns::output(ns, cmd).map_err(ConntrackError::Run)?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         // It exits 1 when nothing matched, saying so.
         if !out.status.success() && !stderr.contains(" 0 flow entries have been deleted") {
@@ -68,9 +68,9 @@ pub fn translated(
     routers
         .into_iter()
         .map(|name| {
-            let out = netns::command(&Netns::Named(name.clone()), "nft")
-                .args(["-j", "list", "chain", "ip", TABLE, "prerouting"])
-                .output();
+            let mut cmd = Command::new("nft");
+            cmd.args(["-j", "list", "chain", "ip", TABLE, "prerouting"]);
+            let out = netns::output(&Netns::Named(name.clone()), cmd);
             let found = match out {
                 Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout)
                     .map(|v| parse_translated(&v))

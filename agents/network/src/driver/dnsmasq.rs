@@ -15,6 +15,7 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal, kill_process};
@@ -256,10 +257,9 @@ impl Dnsmasq {
     fn start(&self, spec: &DhcpSpec, args: &[String]) -> Result<(), DhcpError> {
         let dir = self.dir(&spec.name);
         // Replies with a bad checksum are dropped by clients when the veth offloads it.
-        let out = netns::command(&spec.netns, "ethtool")
-            .args(["-K", spec.interface.as_str(), "tx", "off"])
-            .output()
-            .map_err(io("run ethtool"))?;
+        let mut ethtool = Command::new("ethtool");
+        ethtool.args(["-K", spec.interface.as_str(), "tx", "off"]);
+        let out = netns::output(&spec.netns, ethtool).map_err(io("run ethtool"))?;
         if !out.status.success() {
             return Err(DhcpError::Command {
                 what: format!("turn tx offload off on {}", spec.interface),
@@ -272,10 +272,9 @@ impl Dnsmasq {
             Err(e) => return Err(io("remove stale pid file")(e)),
         }
         // dnsmasq forks; the parent exits once the daemon is up, with its error if not.
-        let out = netns::command(&spec.netns, "dnsmasq")
-            .args(args)
-            .output()
-            .map_err(io("run dnsmasq"))?;
+        let mut dnsmasq = Command::new("dnsmasq");
+        dnsmasq.args(args);
+        let out = netns::output(&spec.netns, dnsmasq).map_err(io("run dnsmasq"))?;
         if !out.status.success() {
             return Err(DhcpError::Command {
                 what: format!("start dnsmasq for {}", spec.name),

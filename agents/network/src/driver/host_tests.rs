@@ -168,6 +168,96 @@ fn firewall_in_new_netns(c: &mut Cleanup) -> (Name, NftFirewall) {
     (ns, f)
 }
 
+/// `nft -j list ruleset` of `ns` without rule and object handles.
+fn listing(ns: &Name) -> serde_json::Value {
+    let (ok, out) = run_in(ns, &["nft", "-j", "list", "ruleset"]);
+    assert!(ok, "{out}");
+    let mut v: serde_json::Value = serde_json::from_str(&out).expect("nft json");
+    for o in v["nftables"].as_array_mut().expect("nftables") {
+        for inner in o.as_object_mut().into_iter().flat_map(|m| m.values_mut()) {
+            if let Some(m) = inner.as_object_mut() {
+                m.remove("handle");
+            }
+        }
+    }
+    v
+}
+
+/// Loads `input` with `nft ARGS -f FILE` in `ns`.
+fn load(ns: &Name, dir: &Path, args: &[&str], input: &[u8]) {
+    let file = dir.join(format!("batch-{}", ns.as_str()));
+    std::fs::write(&file, input).expect("write batch");
+    let path = file.to_string_lossy().into_owned();
+    let mut all = vec!["nft"];
+    all.extend(args);
+    all.push(&path);
+    let (ok, out) = run_in(ns, &all);
+    assert!(
+        ok,
+        "nft {args:?} -f of {}: {out}",
+        String::from_utf8_lossy(input)
+    );
+}
+
+#[test]
+fn a_batch_written_as_nft_text_makes_in_the_kernel_what_its_json_makes() {
+    if !root() {
+        return;
+    }
+    let mut c = Cleanup::default();
+    let dir = c.dir();
+    let (by_json, _) = firewall_in_new_netns(&mut c);
+    let (by_text, _) = firewall_in_new_netns(&mut c);
+    let mut rs = conformance::sample_ruleset();
+    // Two peers are an anonymous set; one is a value.
+    rs.tunnels[0].peers.insert(Ipv4Addr::new(192, 0, 2, 3));
+    let mut grown = rs.clone();
+    let mut extra = grown.ports[0].clone();
+    extra.id = Name::new("p-two").expect("id");
+    extra.device = ifname("ve-c3");
+    extra.mac = "02:00:00:00:00:03".parse().expect("mac");
+    extra.ips = BTreeSet::from([Ipv4Addr::new(10, 0, 0, 4), Ipv4Addr::new(10, 0, 0, 5)]);
+    grown.ports.push(extra);
+    grown.groups[0].members.remove(&Ipv4Addr::new(10, 0, 0, 3));
+    grown.groups[0].members.insert(Ipv4Addr::new(10, 0, 0, 4));
+    let delta = super::Delta::between(
+        &grown.observed().expect("observed"),
+        &rs.observed().expect("observed"),
+    );
+    let nat_ns = [&by_json, &by_text].map(|_| c.netns(unique()));
+    for n in &nat_ns {
+        NetlinkLinks::new().add_netns(n).expect("add netns");
+    }
+    let batches = [
+        (
+            rs.render().expect("render"),
+            [&by_json, &by_text],
+            Vec::new(),
+        ),
+        (
+            grown.render_update(&delta).expect("update"),
+            [&by_json, &by_text],
+            grown.sets(),
+        ),
+        (
+            conformance::sample_nat().render().expect("nat"),
+            [&nat_ns[0], &nat_ns[1]],
+            Vec::new(),
+        ),
+    ];
+    for (batch, [json_ns, text_ns], sets) in batches {
+        let text = super::nft_text::write(&batch, &sets).expect("written as text");
+        load(
+            json_ns,
+            &dir,
+            &["-j", "-f"],
+            &super::nft::to_json(&batch).expect("json"),
+        );
+        load(text_ns, &dir, &["-f"], text.as_bytes());
+        assert_eq!(listing(json_ns), listing(text_ns), "{text}");
+    }
+}
+
 #[test]
 fn an_nft_update_rewrites_only_what_differs_and_a_change_by_hand_is_read() {
     if !root() {

@@ -18,6 +18,7 @@ pub mod names;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
+mod nft_text;
 pub mod ovs;
 pub mod ovs_daemon;
 pub mod ovs_firewall;

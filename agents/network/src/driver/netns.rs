@@ -1,6 +1,7 @@
 //! Entering network namespaces: work runs on a thread of its own that joins the namespace
 //! (through its `/run/netns` file, with setns) and ends with the work, so no other thread of
-//! the agent ever changes namespace; commands run under `ip netns exec` as argument vectors.
+//! the agent ever changes namespace; commands are argument vectors started from such a thread
+//! ([`output`]), so they run in the namespace without `ip netns exec` before them.
 //!
 //! rustix wraps setns(2) in a safe function (it owns the file descriptor's lifetime and the
 //! call has no memory effects), so this module needs no `unsafe`.
@@ -112,4 +113,38 @@ pub fn command(ns: &Netns, program: &str) -> Command {
             c
         }
     }
+}
+
+/// Runs `work` in `ns` ([`run_in`], on the calling thread for the host's namespace), a
+/// failure to enter it being an I/O error (`NotFound` when the namespace is absent).
+///
+/// # Errors
+/// The namespace could not be entered, or `work`'s.
+pub fn run_io<T, F>(ns: &Netns, work: F) -> std::io::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> std::io::Result<T> + Send + 'static,
+{
+    match ns {
+        Netns::Host => work(),
+        Netns::Named(_) => run_in(ns, work)
+            .map_err(|e| {
+                let kind = match e {
+                    EnterError::Missing(_) => std::io::ErrorKind::NotFound,
+                    _ => std::io::ErrorKind::Other,
+                };
+                std::io::Error::new(kind, e.to_string())
+            })
+            .and_then(|r| r),
+    }
+}
+
+/// Runs `cmd` in `ns` to its end, started from a thread inside the namespace (a process
+/// inherits its starter's network namespace): no `ip netns exec`, which is a process more
+/// and sets up a mount namespace, before each command. Its output, as [`Command::output`].
+///
+/// # Errors
+/// The namespace could not be entered (`NotFound` when it is absent), or the program run.
+pub fn output(ns: &Netns, mut cmd: Command) -> std::io::Result<std::process::Output> {
+    run_io(ns, move || cmd.output())
 }
