@@ -27,7 +27,7 @@ use serde_json::Value;
 
 use crate::base::error::{ApiError, ApiResult};
 use crate::storage::keys;
-use crate::storage::store::{Store, Write};
+use crate::storage::store::{Guard, Store, Write};
 
 tokio::task_local! {
     /// Whether the request being admitted is a cluster admin's (or a system identity's other
@@ -224,6 +224,30 @@ pub(crate) async fn parent_changed(ctx: Ctx<'_>, parent: Option<(&str, i64)>) ->
             .is_none_or(|p| p.mod_revision != rev)),
         None => Ok(false),
     }
+}
+
+/// An admission's own write in one guarded transaction: done, or the conflict of the object
+/// at `key` (its revision now, 0 when it is gone), whichever guard failed.
+///
+/// # Errors
+/// The store could not be written or read.
+pub(crate) async fn settle(
+    ctx: Ctx<'_>,
+    key: &str,
+    guards: &[Guard<'_>],
+    puts: &[(&str, &Value)],
+    deletes: &[&str],
+) -> ApiResult<Written> {
+    if let Some(rev) = ctx
+        .store
+        .write_many(guards, puts, deletes)
+        .await
+        .map_err(ApiError::from)?
+    {
+        return Ok(Write::Done(rev).into());
+    }
+    let current = ctx.store.get(key).await.map_err(ApiError::from)?;
+    Ok(Write::Conflict(current.map_or(0, |c| c.mod_revision)).into())
 }
 
 /// The admissions of a resource type, in the order they apply.

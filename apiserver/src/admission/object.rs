@@ -13,7 +13,7 @@
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
 
-use crate::admission::{Admission, Change, Ctx, Subject, Written};
+use crate::admission::{Admission, Change, Ctx, Subject, Written, settle};
 use crate::base::error::{ApiError, ApiResult, Cause};
 use crate::storage::store::{Guard, Write};
 
@@ -126,20 +126,21 @@ async fn write_node(ctx: Ctx<'_>, s: Subject<'_>, w: Change<'_>) -> ApiResult<Wr
         Guard::Absent(&claim),
     ];
     let deletes: Vec<&str> = old_claim.as_deref().into_iter().collect();
-    if let Some(rev) = ctx
-        .store
-        .write_many(&guards, &[(key, new), (&claim, &record)], &deletes)
-        .await
-        .map_err(ApiError::from)?
-    {
-        return Ok(Write::Done(rev).into());
-    }
+    let written = settle(
+        ctx,
+        key,
+        &guards,
+        &[(key, new), (&claim, &record)],
+        &deletes,
+    )
+    .await?;
     // Which guard failed: the address's holder is named; the object's own change is a 409.
-    if let Some((node, _)) = holder(ctx, &ip).await? {
+    if let Write::Conflict(_) = written.write
+        && let Some((node, _)) = holder(ctx, &ip).await?
+    {
         return Err(taken(&s, new, "spec.ip", &ip, &node));
     }
-    let current = ctx.store.get(key).await.map_err(ApiError::from)?;
-    Ok(Write::Conflict(current.map_or(0, |c| c.mod_revision)).into())
+    Ok(written)
 }
 
 impl Admission for ObjectRings {
@@ -197,18 +198,9 @@ async fn write_ring(ctx: Ctx<'_>, s: Subject<'_>, w: Change<'_>) -> ApiResult<Wr
         Some(rev) => Guard::Revision(k, *rev),
         None => Guard::Absent(k),
     }));
-    if let Some(rev) = ctx
-        .store
-        .write_many(&guards, &[(key, new)], &[])
-        .await
-        .map_err(ApiError::from)?
-    {
-        return Ok(Write::Done(rev).into());
-    }
     // The ring changed, or a claim it read did: either way the client retries and is
     // checked again.
-    let current = ctx.store.get(key).await.map_err(ApiError::from)?;
-    Ok(Write::Conflict(current.map_or(0, |c| c.mod_revision)).into())
+    settle(ctx, key, &guards, &[(key, new)], &[]).await
 }
 
 #[cfg(test)]

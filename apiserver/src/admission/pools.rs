@@ -41,7 +41,7 @@ use std::net::IpAddr;
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
 
-use crate::admission::{Admission, Change, Ctx, Subject, Written};
+use crate::admission::{Admission, Change, Ctx, Subject, Written, settle};
 use crate::base::error::{ApiError, ApiResult, Cause};
 use crate::storage::store::{Guard, Read, Stored, Write};
 
@@ -391,23 +391,11 @@ async fn write_pool(ctx: Ctx<'_>, s: Subject<'_>, w: Change<'_>) -> ApiResult<Wr
             guards.push(Guard::Unchanged(&all, at));
         }
         let deletes: Vec<&str> = old_claim.as_deref().into_iter().collect();
-        if let Some(rev) = ctx
-            .store
-            .write_many(&guards, &puts, &deletes)
-            .await
-            .map_err(ApiError::from)?
-        {
-            return Ok(Write::Done(rev).into());
-        }
+        let written = settle(ctx, key, &guards, &puts, &deletes).await?;
         // The pool changed (the writer's 409), or a claim did (read again).
-        let current = ctx.store.get(key).await.map_err(ApiError::from)?;
-        let same = match (old, &current) {
-            (Some((_, rev)), Some(c)) => c.mod_revision == rev,
-            (None, None) => true,
-            _ => false,
-        };
-        if !same {
-            return Ok(Write::Conflict(current.map_or(0, |c| c.mod_revision)).into());
+        match written.write {
+            Write::Conflict(rev) if rev == old.map_or(0, |(_, read)| read) => {}
+            _ => return Ok(written),
         }
     }
     Err(ApiError::conflict(
@@ -416,26 +404,6 @@ async fn write_pool(ctx: Ctx<'_>, s: Subject<'_>, w: Change<'_>) -> ApiResult<Wr
         name_of(new),
         "too many concurrent writes of storage pools; retry",
     ))
-}
-
-/// One guarded transaction: done, or the object's conflict.
-async fn settle(
-    ctx: Ctx<'_>,
-    key: &str,
-    guards: &[Guard<'_>],
-    puts: &[(&str, &Value)],
-    deletes: &[&str],
-) -> ApiResult<Written> {
-    if let Some(rev) = ctx
-        .store
-        .write_many(guards, puts, deletes)
-        .await
-        .map_err(ApiError::from)?
-    {
-        return Ok(Write::Done(rev).into());
-    }
-    let current = ctx.store.get(key).await.map_err(ApiError::from)?;
-    Ok(Write::Conflict(current.map_or(0, |c| c.mod_revision)).into())
 }
 
 #[cfg(test)]
