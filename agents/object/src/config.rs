@@ -139,6 +139,9 @@ pub fn daemons(kind: RingType) -> &'static [&'static str] {
     }
 }
 
+/// The background daemons' nice value (the servers keep 0).
+pub const DAEMON_NICE: i32 = 10;
+
 /// A configuration value that cannot be written.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -276,7 +279,13 @@ impl NodeConfig {
             .set("use", "egg:swift#healthcheck")?;
         ini.section("filter:recon")?.set("use", "egg:swift#recon")?;
         for daemon in daemons(kind) {
-            ini.section(&format!("{name}-{daemon}"))?;
+            // Background work yields the CPU and the disk to the servers answering requests
+            // (Swift's own `nice_priority` and `ionice_class`, read by its daemons alone):
+            // a pass that runs while clients wait takes longer instead of slowing them.
+            ini.section(&format!("{name}-{daemon}"))?
+                .set("nice_priority", DAEMON_NICE)?
+                .set("ionice_class", "IOPRIO_CLASS_BE")?
+                .set("ionice_priority", 7)?;
             match *daemon {
                 "replicator" => {
                     ini.set("interval", self.replication_interval)?;
@@ -322,9 +331,9 @@ pub(crate) mod tests {
             "recon_cache_path = /var/lib/stratus/object/recon\n",
             "[pipeline:main]\npipeline = healthcheck recon object-server\n",
             "[app:object-server]\nuse = egg:swift#object\n",
-            "[object-replicator]\ninterval = 30\nsync_method = ssync\n",
-            "[object-updater]\n",
-            "[object-auditor]\n",
+            "[object-replicator]\nnice_priority = 10\nionice_class = IOPRIO_CLASS_BE\nionice_priority = 7\ninterval = 30\nsync_method = ssync\n",
+            "[object-updater]\nnice_priority = 10\n",
+            "[object-auditor]\nnice_priority = 10\n",
         ] {
             assert!(text.contains(line), "{line:?} not in\n{text}");
         }
@@ -332,6 +341,10 @@ pub(crate) mod tests {
         assert!(account.contains("bind_port = 6202\n"));
         assert!(account.contains("[account-reaper]\n"));
         assert!(!account.contains("sync_method"));
+        assert!(account.contains("[account-reaper]\nnice_priority = 10\n"));
+        // The servers themselves run at the normal priority.
+        let default = text.split("[pipeline:main]").next().unwrap_or_default();
+        assert!(!default.contains("nice"), "{default}");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! swift-account, swift-container and swift-object) from the generated configuration, on an
 //! address of the test's own (127.0.77.1) with a directory device: each answers its
 //! healthcheck, the object server stores an object on the device under the hash of the node's
-//! own swift.conf (the host's left as it was), a stopped server no longer
+//! own swift.conf (the host's left as it was), a background daemon runs niced while the
+//! servers do not, a stopped server no longer
 //! answers, a process that exits is seen exited, and dropping the supervisor stops the rest.
 
 use std::io::{Read as _, Write as _};
@@ -15,7 +16,7 @@ use stratus_api_types::object::RingType;
 use super::process::Processes;
 use super::{ProcessSpec, Supervisor};
 use crate::agent::{self, Config, process_spec};
-use crate::config::{DeviceName, NodeConfig, Ports};
+use crate::config::{DAEMON_NICE, DeviceName, NodeConfig, Ports};
 use crate::plan::Seen;
 
 const IP: Ipv4Addr = Ipv4Addr::new(127, 0, 77, 1);
@@ -63,6 +64,30 @@ fn files_under(dir: &Path, suffix: &str) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// The nice values of the processes running `/usr/bin/{program}` on a configuration under
+/// `state` (None when there is none).
+fn nices(program: &str, state: &str) -> Option<Vec<i32>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if !cmdline.contains(&format!("/usr/bin/{program} ")) || !cmdline.contains(state) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // After "(comm)": state is the first field, nice the seventeenth.
+        // A process gone since its command line was read is skipped.
+        let nice = stat
+            .rsplit(')')
+            .next()
+            .and_then(|f| f.split_whitespace().nth(16));
+        if let Some(n) = nice.and_then(|n| n.parse().ok()) {
+            out.push(n);
+        }
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 #[test]
@@ -123,6 +148,17 @@ fn swift_servers_run_store_an_object_and_stop_under_the_real_supervisor() {
             || healthy(port),
         );
     }
+    // A background daemon runs niced, as its section asks; the servers at the normal
+    // priority.
+    sup.start(&process_spec(&config, "swift-object-auditor"))
+        .expect("start the auditor");
+    let state = config.node.state_dir.display().to_string();
+    wait_for("the object auditor to lower its priority", || {
+        nices("swift-object-auditor", &state).is_some_and(|n| n.iter().all(|n| *n == DAEMON_NICE))
+    });
+    assert_eq!(nices("swift-object-server", &state), Some(vec![0]));
+    sup.stop("swift-object-auditor").expect("stop the auditor");
+
     // Starting a running server again leaves it as it is.
     sup.start(&process_spec(&config, "swift-object-server"))
         .expect("start again");
