@@ -227,8 +227,13 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     };
     let listing = info.verb == "list";
     let timeout = state.config.limits.request_timeout;
+    // A write that failed on the server's side (a deadline, the store) may have been stored
+    // all the same: no Retry-After invites a client to send it again, as kube-apiserver's
+    // timeout answers none. A retried create would meet its own object (409), and one with
+    // `generateName` would make a second.
+    let writing = !matches!(method, Method::GET | Method::HEAD);
     let serving = serve(Arc::clone(&state), parts, body, params, info, received);
-    match tokio::time::timeout(timeout, serving).await {
+    let response = match tokio::time::timeout(timeout, serving).await {
         // A LIST streams its answer after the handler has returned: it stays in flight
         // until its last byte is sent, as in kube-apiserver.
         Ok(mut response) if listing && response.status().is_success() => {
@@ -242,7 +247,19 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
             timeout.as_secs()
         ))
         .into_response(),
+    };
+    outcome_unknown(writing, response)
+}
+
+/// `response` without its `Retry-After` when it answers a `writing` request with a server
+/// error: whether the write was stored is not known, so it is not to be sent blindly again.
+fn outcome_unknown(writing: bool, mut response: Response) -> Response {
+    if writing && response.status().is_server_error() {
+        response
+            .headers_mut()
+            .remove(axum::http::header::RETRY_AFTER);
     }
+    response
 }
 
 /// Serves a request within its limits: `params` and `info` are its query and path, read once.
@@ -658,5 +675,21 @@ mod tests {
                 .and_then(|v| v.to_str().ok()),
             Some("nosniff")
         );
+    }
+
+    /// A write that failed on the server's side carries no Retry-After (client-go would send
+    /// it again); a read, and a write refused before it was served (429), keep theirs.
+    #[test]
+    fn a_failed_write_does_not_invite_a_retry() {
+        let retry = |writing: bool, e: ApiError| {
+            outcome_unknown(writing, e.into_response())
+                .headers()
+                .contains_key(axum::http::header::RETRY_AFTER)
+        };
+        assert!(!retry(true, ApiError::timeout("deadline")));
+        assert!(!retry(true, ApiError::unavailable("etcd")));
+        assert!(retry(false, ApiError::timeout("deadline")));
+        assert!(retry(false, ApiError::unavailable("etcd")));
+        assert!(retry(true, ApiError::too_many_requests("busy", 1)));
     }
 }
