@@ -267,28 +267,26 @@ enum What {
         #[arg(long, default_value_t = 10)]
         changes: usize,
     },
-    /// PUT and GET through a Swift proxy: Swift configured by hand (swift-ring-builder, no
-    /// authentication) vs `stratus up --object-store` (the object agent's servers, the proxy
-    /// validating Stratus tokens), and each store's time to serving (needs root and Debian's swift
-    /// packages; set `STRATUS_BIN` to the `stratus` binary).
+    /// PUT and GET through a Swift proxy: Swift configured by hand (swift-ring-builder, the
+    /// same servers and proxy pipeline) vs `stratus up --object-store` (the object agent's
+    /// servers), both proxies validating Stratus tokens, measured interleaved over several
+    /// rounds (4 KiB objects at concurrency 16); and each store's time to serving (needs root
+    /// and Debian's swift packages; set `STRATUS_BIN` to the `stratus` binary).
     Object {
         /// 4 KiB objects per round and side.
-        #[arg(long, default_value_t = 2000)]
+        #[arg(long, default_value_t = 1000)]
         small: usize,
-        /// Concurrency of the 4 KiB requests.
-        #[arg(long, default_value_t = 16)]
-        concurrency: usize,
         /// Large objects per round and side.
-        #[arg(long, default_value_t = 40)]
+        #[arg(long, default_value_t = 30)]
         large: usize,
         /// MiB per large object.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 8)]
         large_mib: usize,
         /// Concurrency of the large requests.
         #[arg(long, default_value_t = 4)]
         large_concurrency: usize,
         /// Rounds, alternating which side goes first.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 6)]
         rounds: usize,
     },
     /// Receives one TCP stream (`net-tcp`'s receiver, run inside a guest namespace).
@@ -1175,7 +1173,6 @@ async fn main() -> Result<()> {
         } => tokio::task::spawn_blocking(move || ovs::sg_change(ports, rules, changes)).await?,
         What::Object {
             small,
-            concurrency,
             large,
             large_mib,
             large_concurrency,
@@ -1183,7 +1180,6 @@ async fn main() -> Result<()> {
         } => {
             object::bench(
                 small,
-                concurrency,
                 large,
                 large_mib,
                 large_concurrency,

@@ -11,6 +11,7 @@
 //! fixed); the object agent's allow-list (an nftables table on its address alone) is taken
 //! away at the end, as is every process started.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -40,9 +41,6 @@ const WAIT: Duration = Duration::from_secs(300);
 const PASSWORD: &str = "bench-object-pw-1";
 
 type Http = Client<HttpConnector, Full<Bytes>>;
-/// A PUT and a GET run: each request's latency and the wall time.
-type Measured = [(Vec<Duration>, Duration); 2];
-
 /// The hand-configured Swift: its directory and processes, stopped when dropped.
 struct Reference {
     dir: tempfile::TempDir,
@@ -378,58 +376,197 @@ impl Side {
     }
 }
 
-/// PUTs `n` objects of `size` bytes (named `prefix-i`) at concurrency `c`, then GETs each
-/// back, checking its length: (PUT, GET) latencies and wall times.
-async fn put_get(side: &Side, prefix: &str, n: usize, c: usize, size: usize) -> Result<Measured> {
-    let data = Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<_>>());
-    let put = {
-        let (side, prefix, data) = (side.clone(), prefix.to_string(), data.clone());
-        crate::drive(n, c, move |i| {
-            let (side, path, data) = (side.clone(), format!("bench/{prefix}-{i}"), data.clone());
-            async move {
-                let (code, _) = side.call(http::Method::PUT, &path, data).await?;
-                ensure!(code == 201, "{}: PUT {path}: {code}", side.label);
-                Ok(())
-            }
-        })
-        .await?
+/// One figure of one side over the rounds: each request's latency, the wall time and the CPU
+/// used (proxy, servers, Stratus daemons, `stratus up`).
+type Pooled = (Vec<Duration>, Duration, [Duration; 4]);
+
+/// The client's concurrency for the 4 KiB objects, as the issue asks.
+const CONCURRENCY: usize = 16;
+
+/// One measured stage: `n` objects of `size` bytes at concurrency `c`.
+#[derive(Clone, Copy)]
+struct Stage {
+    what: &'static str,
+    prefix: &'static str,
+    n: usize,
+    c: usize,
+    size: usize,
+}
+
+/// PUTs, GETs (each length checked) or DELETEs the objects `bench/{prefix}-{i}` for `i` below
+/// `n`, at concurrency `c`: each request's latency and the wall time.
+async fn run_op(
+    side: &Side,
+    op: Op,
+    prefix: &str,
+    n: usize,
+    c: usize,
+    size: usize,
+) -> Result<(Vec<Duration>, Duration)> {
+    let data = match op {
+        Op::Put => Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<_>>()),
+        Op::Get | Op::Delete => Bytes::new(),
     };
-    let get = {
-        let (side, prefix) = (side.clone(), prefix.to_string());
-        crate::drive(n, c, move |i| {
-            let (side, path) = (side.clone(), format!("bench/{prefix}-{i}"));
-            async move {
-                let (code, body) = side.call(http::Method::GET, &path, Bytes::new()).await?;
-                ensure!(
-                    code == 200 && body.len() == size,
-                    "{}: GET {path}: {code}, {} bytes",
-                    side.label,
-                    body.len()
-                );
-                Ok(())
-            }
-        })
-        .await?
-    };
-    Ok([put, get])
+    let (side, prefix) = (side.clone(), prefix.to_string());
+    crate::drive(n, c, move |i| {
+        let (side, path, data) = (side.clone(), format!("bench/{prefix}-{i}"), data.clone());
+        async move {
+            let (code, body) = side.call(op.method(), &path, data).await?;
+            let ok = match op {
+                Op::Put => code == 201,
+                Op::Get => code == 200 && body.len() == size,
+                // Gone already (a retried round) is as good.
+                Op::Delete => code == 204 || code == 404,
+            };
+            ensure!(
+                ok,
+                "{}: {:?} {path}: {code}, {} bytes",
+                side.label,
+                op,
+                body.len()
+            );
+            Ok(())
+        }
+    })
+    .await
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Put,
+    Get,
+    Delete,
+}
+
+impl Op {
+    fn method(self) -> http::Method {
+        match self {
+            Op::Put => http::Method::PUT,
+            Op::Get => http::Method::GET,
+            Op::Delete => http::Method::DELETE,
+        }
+    }
+}
+
+/// What the processes measured use of the CPU, by kind.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Role {
+    /// The side's `swift-proxy-server`.
+    Proxy,
+    /// Its account, container and object servers.
+    Servers,
+    /// Its replicators, updaters, auditors, reaper and rsync (the Stratus node's alone).
+    Daemons,
+}
+
+/// CPU time of `pid` so far, its reaped children's included (an updater forks a child per
+/// pass): utime, stime, cutime and cstime of `/proc/PID/stat`, in clock ticks (100 a second).
+fn cpu_with_children(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = (11..=14)
+        .filter_map(|i| rest.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
+/// CPU time so far of each side's Swift processes (those whose command line names the side's
+/// directory, `dirs[side]`) by role, and of `stratus up` (`api`: the API server, which
+/// validates both proxies' tokens, and the node's agents).
+struct CpuSample {
+    roles: BTreeMap<(usize, Role), Duration>,
+    api: Duration,
+}
+
+fn sample_cpu(dirs: &[String; 2], api: u32) -> CpuSample {
+    let mut roles = BTreeMap::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let Some(side) = dirs.iter().position(|d| cmdline.contains(d.as_str())) else {
+            continue;
+        };
+        // Swift's programs and rsync; not etcd or `stratus up`, which name the cloud's
+        // directory too.
+        let role = if !cmdline.contains("/usr/bin/swift-") && !cmdline.contains("rsync --daemon") {
+            continue;
+        } else if cmdline.contains("swift-proxy-server") {
+            Role::Proxy
+        } else if ["account", "container", "object"]
+            .iter()
+            .any(|k| cmdline.contains(&format!("swift-{k}-server ")))
+        {
+            Role::Servers
+        } else {
+            Role::Daemons
+        };
+        *roles.entry((side, role)).or_default() += cpu_with_children(pid);
+    }
+    CpuSample {
+        roles,
+        api: cpu_with_children(&api.to_string()),
+    }
+}
+
+impl CpuSample {
+    /// CPU used since `before` by `side`'s `role`, the Stratus daemons and `stratus up`.
+    fn since(&self, before: &CpuSample, side: usize) -> [Duration; 4] {
+        let of = |s: &CpuSample, k| s.roles.get(&k).copied().unwrap_or_default();
+        let d = |k| of(self, k).saturating_sub(of(before, k));
+        [
+            d((side, Role::Proxy)),
+            d((side, Role::Servers)),
+            d((1, Role::Daemons)),
+            self.api.saturating_sub(before.api),
+        ]
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// `stratus-bench object`: both stores started (Stratus first, whose identity the reference's
-/// proxy uses too), then `rounds` rounds,
-/// each measuring both sides in an order alternating from round to round: `small` objects of
-/// 4 KiB at concurrency `concurrency`, then `large` objects of `large_mib` MiB at
-/// `large_concurrency`, each PUT, then GET back.
+/// proxy uses too), then `rounds` rounds. A round measures, for 4 KiB objects (`small`, at
+/// concurrency [`CONCURRENCY`]) and then `large_mib` MiB objects (`large`, at
+/// `large_concurrency`), the PUTs on one side then the other, then the GETs likewise, the
+/// side that goes first alternating from round to round (A/B, B/A), so that the two
+/// measurements of one figure are minutes apart at most; then it deletes that round's
+/// objects (unmeasured), so the devices hold one round's objects at most.
 pub async fn bench(
     small: usize,
-    concurrency: usize,
     large: usize,
     large_mib: usize,
     large_concurrency: usize,
     rounds: usize,
 ) -> Result<()> {
-    if rounds == 0 || small == 0 || large == 0 {
-        bail!("--rounds, --small and --large must be at least 1");
+    if rounds == 0 || small == 0 || large == 0 || large_mib == 0 || large_concurrency == 0 {
+        bail!("--rounds, --small, --large, --large-mib and --large-concurrency must be at least 1");
     }
+    ensure!(
+        large_mib <= 64,
+        "--large-mib {large_mib}: at most 64 (the devices hold a round's objects)"
+    );
     println!("load average at the start: {}", crate::net::load());
     let (store, api_ready, store_ready) = start_stratus()?;
     let (reference, ref_rings, ref_serving) = start_reference(&proxy_identity(store.cloud())?)?;
@@ -437,7 +574,7 @@ pub async fn bench(
 
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    let http: Http = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector.clone());
+    let http: Http = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
     let (stratus_token, stratus_account) = stratus_login(store.cloud())?;
     // The same user's token, on the same project's account, at the reference's proxy.
     let reference_account = stratus_account.replacen(
@@ -447,13 +584,13 @@ pub async fn bench(
     );
     let sides = [
         Side {
-            label: "reference: Swift by hand, Stratus tokens",
+            label: "reference: Swift by hand",
             http: http.clone(),
             account: reference_account.into(),
             token: stratus_token.clone().into(),
         },
         Side {
-            label: "Stratus: object agent's servers, Stratus tokens",
+            label: "Stratus: object agent's servers",
             http,
             account: stratus_account.into(),
             token: stratus_token.into(),
@@ -471,9 +608,7 @@ pub async fn bench(
                 Err(e) => {
                     return Err(e).with_context(|| {
                         format!(
-                            "{}
---- stratus up
-{}",
+                            "{}\n--- stratus up\n{}",
                             reference.log(),
                             store.cloud().log()
                         )
@@ -481,99 +616,129 @@ pub async fn bench(
                 }
             }
         }
-        put_get(s, "warm", 20, 4, 4096).await?;
+        for op in [Op::Put, Op::Get, Op::Delete] {
+            run_op(s, op, "warm", 20, 4, 4096).await?;
+        }
     }
 
-    let kib4 = 4096;
-    let big = large_mib << 20;
-    // (side, size) → [PUT, GET] latencies and wall times, pooled over the rounds.
-    let mut pooled: Vec<Measured> = (0..4).map(|_| Default::default()).collect();
-    let mut per_round: Vec<Vec<f64>> = vec![Vec::new(); 4];
+    let dirs = [
+        reference.dir.path().display().to_string(),
+        store.cloud().dir.path().display().to_string(),
+    ];
+    let api_pid = store.cloud().proc.pid();
+    let stages = [
+        Stage {
+            what: "4 KiB",
+            prefix: "small",
+            n: small,
+            c: CONCURRENCY,
+            size: 4096,
+        },
+        Stage {
+            what: "large",
+            prefix: "large",
+            n: large,
+            c: large_concurrency,
+            size: large_mib << 20,
+        },
+    ];
+    let figures: Vec<(Stage, Op)> = stages
+        .iter()
+        .flat_map(|s| [(*s, Op::Put), (*s, Op::Get)])
+        .collect();
+    // (figure, side) → latencies, wall time and CPU (proxy, servers, Stratus daemons,
+    // stratus up), pooled over the rounds; and each round's ops/s.
+    let mut pooled: Vec<[Pooled; 2]> = (0..figures.len()).map(|_| Default::default()).collect();
+    let mut per_round: Vec<[Vec<f64>; 2]> = vec![Default::default(); figures.len()];
     for r in 0..rounds {
-        let order: Vec<usize> = if r % 2 == 0 { vec![0, 1] } else { vec![1, 0] };
-        let mut got: Vec<Option<Measured>> = vec![None, None, None, None];
-        for &s in &order {
-            got[s * 2] =
-                Some(put_get(&sides[s], &format!("small-{r}"), small, concurrency, kib4).await?);
-            got[s * 2 + 1] = Some(
-                put_get(
-                    &sides[s],
-                    &format!("large-{r}"),
-                    large,
-                    large_concurrency,
-                    big,
-                )
-                .await?,
-            );
-        }
-        let got: Vec<Measured> = got.into_iter().flatten().collect();
-        // Per round: Stratus/reference throughput for small PUT, small GET, large PUT, large GET.
-        for (k, (size, op)) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
-            let rate = |s: usize| {
-                let (lat, wall) = &got[s * 2 + size][op];
-                lat.len() as f64 / wall.as_secs_f64().max(1e-9)
-            };
-            per_round[k].push(rate(1) / rate(0).max(1e-9));
-        }
-        for (i, g) in got.into_iter().enumerate() {
-            for (op, (lat, wall)) in g.into_iter().enumerate() {
-                pooled[i][op].0.extend(lat);
-                pooled[i][op].1 += wall;
+        let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+        for (k, (stage, op)) in figures.iter().enumerate() {
+            for s in order {
+                let prefix = format!("{}-{r}", stage.prefix);
+                let before = sample_cpu(&dirs, api_pid);
+                let (lat, wall) =
+                    run_op(&sides[s], *op, &prefix, stage.n, stage.c, stage.size).await?;
+                let used = sample_cpu(&dirs, api_pid).since(&before, s);
+                per_round[k][s].push(lat.len() as f64 / wall.as_secs_f64().max(1e-9));
+                let p = &mut pooled[k][s];
+                p.0.extend(lat);
+                p.1 += wall;
+                for (total, d) in p.2.iter_mut().zip(used) {
+                    *total += d;
+                }
             }
         }
+        for stage in &stages {
+            for side in &sides {
+                let prefix = format!("{}-{r}", stage.prefix);
+                run_op(side, Op::Delete, &prefix, stage.n, CONCURRENCY, 0).await?;
+            }
+        }
+        println!(
+            "round {}: {} first; load average {}",
+            r + 1,
+            if order[0] == 0 {
+                "reference"
+            } else {
+                "Stratus"
+            },
+            crate::net::load()
+        );
     }
 
     println!("load average at the end: {}", crate::net::load());
     println!();
     println!(
-        "| {rounds} rounds, alternating | objects | concurrency | ops/s | MiB/s | p50 ms | p99 ms |"
+        "| {rounds} rounds, interleaved | objects | concurrency | ops/s | MiB/s | p50 ms | p99 ms | CPU ms per request: proxy | servers | Stratus node's daemons | API server (tokens) |"
     );
-    println!("|---|---|---|---|---|---|---|");
-    let mut rates = [[0.0f64; 2]; 4];
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let name = |stage: &Stage| {
+        if stage.prefix == "small" {
+            stage.what.to_string()
+        } else {
+            format!("{large_mib} MiB")
+        }
+    };
     for (s, side) in sides.iter().enumerate() {
-        for (size_i, (n, c, size, what)) in [
-            (small, concurrency, kib4, "4 KiB"),
-            (large, large_concurrency, big, "large"),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            for (op, verb) in ["PUT", "GET"].into_iter().enumerate() {
-                let (lat, wall) = pooled[s * 2 + size_i][op].clone();
-                let st = crate::stats(lat, wall);
-                rates[size_i * 2 + op][s] = st.per_sec;
-                let what = if size_i == 0 {
-                    what.to_string()
-                } else {
-                    format!("{large_mib} MiB")
-                };
-                println!(
-                    "| {} {verb} {what} | {} | {c} | {:.0} | {:.1} | {} | {} |",
-                    side.label,
-                    n * rounds,
-                    st.per_sec,
-                    st.per_sec * size as f64 / (1u64 << 20) as f64,
-                    crate::ms(st.p50),
-                    crate::ms(st.p99),
-                );
-            }
+        for (k, (stage, op)) in figures.iter().enumerate() {
+            let (lat, wall, used) = pooled[k][s].clone();
+            let n = lat.len().max(1) as f64;
+            let st = crate::stats(lat, wall);
+            let per = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e3 / n);
+            println!(
+                "| {} {op:?} {} | {} | {} | {:.0} | {:.1} | {} | {} | {} | {} | {} | {} |",
+                side.label,
+                name(stage),
+                stage.n * rounds,
+                stage.c,
+                st.per_sec,
+                st.per_sec * stage.size as f64 / (1u64 << 20) as f64,
+                crate::ms(st.p50),
+                crate::ms(st.p99),
+                per(used[0]),
+                per(used[1]),
+                per(used[2]),
+                per(used[3]),
+            );
         }
     }
     println!();
-    for (k, what) in [
-        "4 KiB PUT",
-        "4 KiB GET",
-        &format!("{large_mib} MiB PUT"),
-        &format!("{large_mib} MiB GET"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let rounds: Vec<String> = per_round[k].iter().map(|r| format!("{r:.2}")).collect();
+    for (k, (stage, op)) in figures.iter().enumerate() {
+        let ratios: Vec<f64> = per_round[k][1]
+            .iter()
+            .zip(&per_round[k][0])
+            .map(|(s, r)| s / r.max(1e-9))
+            .collect();
+        let m = median(&ratios);
+        let (lo, hi) = ratios.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), r| {
+            (lo.min(*r), hi.max(*r))
+        });
+        let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
         println!(
-            "{what}: Stratus/reference throughput = {:.2}x (rounds: {})",
-            rates[k][1] / rates[k][0].max(1e-9),
-            rounds.join(", ")
+            "{} {op:?}: Stratus/reference = {m:.2}x median of {rounds} rounds (spread {lo:.2}-{hi:.2}; rounds: {}); goal >= 0.95x {}",
+            name(stage),
+            shown.join(", "),
+            if m >= 0.95 { "met" } else { "missed" },
         );
     }
     println!();
