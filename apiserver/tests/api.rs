@@ -5,6 +5,7 @@ mod api {
     pub mod admission;
     pub mod apply;
     pub mod attachments;
+    pub mod etcd;
     pub mod fixtures;
     pub mod identity;
     pub mod lifecycle;
@@ -14,6 +15,7 @@ mod api {
     pub mod object;
     pub mod policy;
     pub mod routers;
+    pub mod server_ports;
     pub mod storage;
     pub mod verbs;
     pub mod watch;

@@ -28,9 +28,12 @@
 //! A Port's create takes the reservation a Server made on its name before it existed
 //! (`admission/attachments/ports.rs`) as its claim (the `CLAIMED_BY` annotation), in the same
 //! transaction, unless the Port is on an external Network and no cluster admin wrote that
-//! Server; no write to the Port sets, changes or drops that annotation after. A Port controlled
-//! (`ownerReferences`) by a Server is the ports controller's to make alone (403 naming
-//! `metadata.ownerReferences` otherwise): another writer's would pass for the Server's own.
+//! Server; no write to the Port sets, changes or drops that annotation after. A Port owned
+//! (`ownerReferences`, controller or not) by a Server is the ports controller's to make alone:
+//! a create or an update (a replace, either patch or an apply, decided on the object it
+//! results in) that adds or changes a reference to a Server is 403 naming
+//! `metadata.ownerReferences` for all but cluster admins and the controllers, as another
+//! writer's would pass for the Server's own.
 //!
 //! # DHCP servers
 //! A Subnet serving DHCP claims its DHCP server's address at its create, as Neutron's DHCP port
@@ -1355,26 +1358,11 @@ async fn create_port(ctx: Ctx<'_>, s: Subject<'_>, ns: &str, w: Change<'_>) -> A
     if !causes.is_empty() {
         return Err(invalid(&s, w.new, causes));
     }
-    // A Port made for a Server's entry (controlled by it) is that Server's alone, and only the
-    // controllers make one: another writer's would pass for the Server's own.
-    let made_for_server = w
-        .new
-        .pointer("/metadata/ownerReferences")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .any(|r| {
-            r.get("controller").and_then(Value::as_bool) == Some(true)
-                && r.get("kind").and_then(Value::as_str) == Some("Server")
-        });
-    if made_for_server && !super::by_cluster_admin() {
-        return Err(forbidden_field(
-            &s,
-            w.new,
-            "metadata.ownerReferences",
-            "only the ports controller makes a port controlled by a server".into(),
-        ));
-    }
+    owned_by_servers_from_controllers(&s, w.new, None)?;
+    // A Port made for a Server's entry (controlled by it) is that Server's alone.
+    let made_for_server = server_owners(w.new)
+        .iter()
+        .any(|r| r.get("controller").and_then(Value::as_bool) == Some(true));
     let net_key = keys::object(ctx.prefix, GROUP, "networks", Some(ns), &spec.network);
     let subnets = keys::collection(ctx.prefix, GROUP, "subnets", Some(ns));
     // A Router's interface Port, made by a trusted identity, may take its subnet's gateway.
@@ -1696,6 +1684,42 @@ async fn not_in_use(ctx: Ctx<'_>, s: Subject<'_>, obj: &Value) -> ApiResult<Vec<
     ))
 }
 
+/// The owner references of `port` that name a Server.
+fn server_owners(port: &Value) -> Vec<&Value> {
+    port.pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|r| r.get("kind").and_then(Value::as_str) == Some("Server"))
+        .collect()
+}
+
+/// Refuses a Port's create or update (`old`: the stored Port) that adds or changes an owner
+/// reference naming a Server, unless a cluster admin or the controllers write it: a Port
+/// controlled by a Server is that Server's alone and only the ports controller makes one
+/// (another writer's would pass for the Server's own), and any reference to a Server hands the
+/// Port to the garbage collector with it. Decided on the object as written, whatever the verb.
+///
+/// # Errors
+/// 403 naming `metadata.ownerReferences`.
+fn owned_by_servers_from_controllers(
+    s: &Subject<'_>,
+    new: &Value,
+    old: Option<&Value>,
+) -> ApiResult<()> {
+    let before = old.map(server_owners).unwrap_or_default();
+    let added = server_owners(new).into_iter().any(|r| !before.contains(&r));
+    if added && !super::by_cluster_admin() {
+        return Err(forbidden_field(
+            s,
+            new,
+            "metadata.ownerReferences",
+            "only the ports controller makes a port owned by a server".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// The Router (name, uid) a Port's controller owner reference names, if it names one.
 fn router_owner(port: &Value) -> Option<(&str, &str)> {
     port.pointer("/metadata/ownerReferences")?
@@ -1961,8 +1985,10 @@ async fn update(
     if !causes.is_empty() {
         return Err(invalid(&s, w.new, causes));
     }
-    if s.kind == "Network" {
-        provider_by_admin(&s, &new, Some(old))?;
+    match s.kind {
+        "Network" => provider_by_admin(&s, &new, Some(old))?,
+        "Port" => owned_by_servers_from_controllers(&s, &new, Some(old))?,
+        _ => {}
     }
     if s.kind == "Subnet" && old.get("spec") != new.get("spec") {
         // Pools may change, within the same rules as at create.

@@ -185,7 +185,8 @@ impl Cloud {
         Self::over(Store::memory().with_paging(paging)).await
     }
 
-    async fn over(store: Store) -> Self {
+    /// An empty cloud over `store` (a real etcd's: `api/etcd.rs`).
+    pub async fn over(store: Store) -> Self {
         let registry = Arc::new(Registry::stratus().expect("the Stratus kinds"));
         let api = Api::open(store, registry, PREFIX, Duration::from_millis(200))
             .await

@@ -10,8 +10,12 @@
 //! name is free. A claim holds while its Server exists with that uid and still names the
 //! Port; once the Server is deleted or drops the Port, the next Server's write takes it over
 //! (guarded by the old holder's revision, or its absence), but not while the Port is still
-//! bound (`status.boundTo`) to another Server: that Server's guest may still have the NIC, so
-//! the claim is 409 until the ports controller unbinds it.
+//! bound (`status.boundTo`) to another Server that exists as the one it was bound to (the uid
+//! its claim or controller reference records), deleting or not: that Server's guest may still
+//! have the NIC, so the claim is 409 until the ports controller unbinds it. A Port bound to a
+//! Server that is gone (its guest went before it: the compute agent's finalizer), or that was
+//! made anew under its name, is claimed at once, guarded by that Server's absence or revision
+//! as read; the ports controller then releases it and binds it to its new Server.
 //!
 //! A Port named before it exists is reserved under its name ([`reservation`]): one key per
 //! Server, refused (409) while another Server holds one; the Port's create turns the
@@ -157,6 +161,11 @@ pub(super) struct PortWrites {
 }
 
 impl PortWrites {
+    /// Whether the write holds `key` at a revision.
+    fn held(&self, key: &str) -> bool {
+        self.revisions.iter().any(|(k, _)| k == key)
+    }
+
     /// The guards the write carries.
     pub fn guards(&self) -> impl Iterator<Item = Guard<'_>> {
         self.revisions
@@ -193,9 +202,9 @@ fn usable_network(
 }
 
 /// Whether the Server `obj` may name `port` (the Port `name` at `field`) at all: it is not
-/// being deleted, no other Server controls it (a Port made for another Server's entry), and it
-/// is not bound to another Server (`status.boundTo`): that Server's guest may still have its
-/// NIC, so two guests would share one MAC and address until the ports controller unbinds it.
+/// being deleted, and no other Server controls it (a Port made for another Server's entry).
+/// Whether it is bound to another Server is [`bound_elsewhere`]'s, checked against that
+/// Server as it is now.
 pub(super) fn port_usable(
     s: &Subject<'_>,
     obj: &Value,
@@ -209,18 +218,6 @@ pub(super) fn port_usable(
             obj,
             field,
             format!("port {name:?} is being deleted"),
-        ));
-    }
-    if let Some(other) = port.pointer("/status/boundTo").and_then(Value::as_str)
-        && other != name_of(obj)
-    {
-        return Err(conflict(
-            s,
-            obj,
-            field,
-            format!(
-                "port {name:?} is bound to server {other:?}; it can be named once it is unbound"
-            ),
         ));
     }
     let uid = meta::meta_str(obj, "uid");
@@ -243,6 +240,44 @@ pub(super) fn port_usable(
         ));
     }
     Ok(())
+}
+
+/// The Server `port` is bound to (`status.boundTo`) when it is not `server`: its name, and the
+/// uid it was bound as when the Port records it (its claim, or its controller reference, of
+/// that name).
+fn bound_elsewhere<'a>(port: &'a Value, server: &str) -> Option<(&'a str, Option<&'a str>)> {
+    let bound = port
+        .pointer("/status/boundTo")
+        .and_then(Value::as_str)
+        .filter(|b| *b != server)?;
+    let claimed = port
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(CLAIMED_BY))
+        .and_then(Value::as_str)
+        .and_then(parse_claim)
+        .filter(|(n, _)| *n == bound)
+        .map(|(_, u)| u);
+    let controlled = || {
+        port.pointer("/metadata/ownerReferences")?
+            .as_array()?
+            .iter()
+            .find(|r| {
+                r.get("controller").and_then(Value::as_bool) == Some(true)
+                    && r.get("kind").and_then(Value::as_str) == Some("Server")
+                    && r.get("name").and_then(Value::as_str) == Some(bound)
+            })?
+            .get("uid")?
+            .as_str()
+    };
+    Some((bound, claimed.or_else(controlled)))
+}
+
+/// Whether a Port bound to Server `uid` (when known) may still be in that Server's guest,
+/// `live` being the Server of its name as stored now: it exists and is the one it was bound
+/// to (being deleted or not: its guest is torn down before it goes). A Server that is gone,
+/// or was made anew under the name, holds the NIC of no guest.
+fn still_bound(live: Option<&Stored>, uid: Option<&str>) -> bool {
+    live.is_some_and(|l| uid.is_none() || meta::meta_str(&l.value, "uid") == uid)
 }
 
 /// The Server (name, uid), live or not, whose claim `port` carries, when not the Server of uid
@@ -371,33 +406,55 @@ pub(super) async fn plan(
             }
             Some((_, p)) => {
                 port_usable(s, w.new, field, name, &p.value)?;
-                let network = p.value.pointer("/spec/network").and_then(Value::as_str);
-                let holder_key = holder(&p.value, uid)
-                    .map(|(h, _)| keys::object(ctx.prefix, COMPUTE, "servers", Some(ns), h));
-                next.push((field, name, key, p, network, holder_key));
+                next.push((field, name, key, p));
             }
         }
     }
+    // What the Ports found lead to, read at one revision: their Networks, the Servers
+    // holding their claims and the Servers they are bound to.
+    let server_key = |n: &str| keys::object(ctx.prefix, COMPUTE, "servers", Some(ns), n);
     let net_keys: Vec<Option<String>> = next
         .iter()
-        .map(|(.., n, _)| n.map(|n| keys::object(ctx.prefix, NETWORK, "networks", Some(ns), n)))
+        .map(|(.., p)| {
+            p.value
+                .pointer("/spec/network")
+                .and_then(Value::as_str)
+                .map(|n| keys::object(ctx.prefix, NETWORK, "networks", Some(ns), n))
+        })
+        .collect();
+    let holder_keys: Vec<Option<String>> = next
+        .iter()
+        .map(|(.., p)| holder(&p.value, uid).map(|(h, _)| server_key(h)))
+        .collect();
+    let bound_keys: Vec<Option<String>> = next
+        .iter()
+        .map(|(.., p)| bound_elsewhere(&p.value, server).map(|(b, _)| server_key(b)))
         .collect();
     let reads: Vec<Read<'_>> = net_keys
         .iter()
+        .chain(&holder_keys)
+        .chain(&bound_keys)
         .flatten()
-        .chain(next.iter().filter_map(|(.., h)| h.as_ref()))
         .map(|k| Read::Key(k))
         .collect();
     let (got, _) = ctx.store.read_many(&reads).await.map_err(ApiError::from)?;
     let mut got = got.into_iter();
-    let nets: Vec<Option<Stored>> = net_keys
-        .iter()
-        .map(|k| {
-            k.as_ref()
-                .and_then(|_| got.next()?.into_iter().next().map(|(_, v)| v))
-        })
-        .collect();
-    for ((field, name, key, p, network, holder_key), net) in next.into_iter().zip(nets) {
+    let mut found = |keys: &[Option<String>]| -> Vec<Option<Stored>> {
+        keys.iter()
+            .map(|k| {
+                k.as_ref()
+                    .and_then(|_| got.next()?.into_iter().next().map(|(_, v)| v))
+            })
+            .collect()
+    };
+    let (nets, holders, bound) = (found(&net_keys), found(&holder_keys), found(&bound_keys));
+    let read = nets.into_iter().zip(holder_keys).zip(holders);
+    for (((field, name, key, p), ((net, hk), h)), (bk, b)) in next
+        .into_iter()
+        .zip(read)
+        .zip(bound_keys.into_iter().zip(bound))
+    {
+        let network = p.value.pointer("/spec/network").and_then(Value::as_str);
         usable_network(
             s,
             w.new,
@@ -405,27 +462,41 @@ pub(super) async fn plan(
             network.unwrap_or_default(),
             net.as_ref().map(|n| &n.value),
         )?;
-        if let Some(hk) = holder_key {
-            let h = got
-                .next()
-                .and_then(|v| v.into_iter().next())
-                .map(|(_, v)| v);
-            if let Some((by, by_uid)) = holder(&p.value, uid)
-                && holds(h.as_ref(), by_uid, name)
-            {
-                return Err(conflict(
-                    s,
-                    w.new,
-                    field,
-                    format!(
-                        "port {name:?} is claimed by server {by:?}; remove it from that server first"
-                    ),
-                ));
-            }
-            // The holder is gone, is another of its name, or dropped the Port: held as read.
-            match h {
-                Some(h) => out.revisions.push((hk, h.mod_revision)),
-                None => out.absent.push(hk),
+        if let Some((other, bound_uid)) = bound_elsewhere(&p.value, server)
+            && still_bound(b.as_ref(), bound_uid)
+        {
+            // That Server's guest may still have the NIC: two guests would share one MAC and
+            // address until the ports controller unbinds it.
+            return Err(conflict(
+                s,
+                w.new,
+                field,
+                format!(
+                    "port {name:?} is bound to server {other:?}; it can be named once it is unbound"
+                ),
+            ));
+        }
+        if let Some((by, by_uid)) = holder(&p.value, uid)
+            && holds(h.as_ref(), by_uid, name)
+        {
+            return Err(conflict(
+                s,
+                w.new,
+                field,
+                format!(
+                    "port {name:?} is claimed by server {by:?}; remove it from that server first"
+                ),
+            ));
+        }
+        // The holder and the Server it is bound to are gone, are others of their names, or
+        // dropped the Port: held as read.
+        for (k, v) in [(hk, h), (bk, b)] {
+            let Some(k) = k.filter(|k| !out.absent.contains(k) && !out.held(k)) else {
+                continue;
+            };
+            match v {
+                Some(v) => out.revisions.push((k, v.mod_revision)),
+                None => out.absent.push(k),
             }
         }
         out.revisions.push((key.clone(), p.mod_revision));
@@ -476,12 +547,44 @@ mod tests {
         assert_eq!((e.code, e.details.causes[0].field.as_str()), (409, f));
         assert!(e.message.contains("\"db\""), "{}", e.message);
         assert!(port_usable(&s, &server, f, "web-0", &made("u-web")).is_ok());
-        // Bound to another server (its guest may still have the NIC) until it is unbound.
-        let bound = |to: &str| json!({"status": {"boundTo": to}});
-        let e = port_usable(&s, &server, f, "mine", &bound("db")).expect_err("bound to db");
-        assert_eq!((e.code, e.details.causes[0].field.as_str()), (409, f));
-        assert!(e.message.contains("\"db\""), "{}", e.message);
-        assert!(port_usable(&s, &server, f, "mine", &bound("web")).is_ok());
+    }
+
+    #[test]
+    fn a_port_is_bound_elsewhere_while_the_server_it_was_bound_to_exists() {
+        // Bound to another server: its uid as the port's claim or controller records it.
+        let bound = |to: &str, meta: Value| json!({"metadata": meta, "status": {"boundTo": to}});
+        assert_eq!(bound_elsewhere(&bound("web", json!({})), "web"), None);
+        assert_eq!(
+            bound_elsewhere(&bound("db", json!({})), "web"),
+            Some(("db", None))
+        );
+        let claimed = json!({"annotations": {CLAIMED_BY: "db/u-db"}});
+        assert_eq!(
+            bound_elsewhere(&bound("db", claimed.clone()), "web"),
+            Some(("db", Some("u-db")))
+        );
+        assert_eq!(
+            bound_elsewhere(&bound("cache", claimed), "web"),
+            Some(("cache", None)),
+            "a claim of another name says nothing of the bound server"
+        );
+        let made = json!({"ownerReferences": [{"apiVersion": "compute.stratus.dev/v1",
+            "kind": "Server", "name": "db", "uid": "u-db", "controller": true}]});
+        assert_eq!(
+            bound_elsewhere(&bound("db", made), "web"),
+            Some(("db", Some("u-db")))
+        );
+        // Still bound while that server exists as the one bound (deleting or not); not once
+        // it is gone or made anew under its name.
+        let live = |uid: &str| Stored {
+            value: json!({"metadata": {"name": "db", "uid": uid}}),
+            mod_revision: 3,
+        };
+        assert!(still_bound(Some(&live("u-db")), Some("u-db")));
+        assert!(still_bound(Some(&live("u-other")), None), "uid unknown");
+        assert!(!still_bound(Some(&live("u-db2")), Some("u-db")));
+        assert!(!still_bound(None, Some("u-db")));
+        assert!(!still_bound(None, None));
     }
 
     #[test]

@@ -1,0 +1,246 @@
+//! Ports and the Servers they belong to, on a real etcd: an owner reference to a Server is
+//! the controllers' to write, at a Port's create and at every update (a replace, a merge or
+//! JSON patch, an apply: decided on the object that results), and a Port bound to a Server
+//! that is gone is claimed at once by the next Server that names it.
+
+use serde_json::{Value, json};
+
+use stratus_api_types::ports::CLAIMED_BY;
+use stratus_apiserver::admission::CLUSTER_ADMIN;
+
+use crate::fixtures::{APPLY, Cloud, JSON_PATCH, MERGE, Obj, refused};
+
+fn network(name: &str) -> Obj {
+    Obj(
+        json!({"apiVersion": "network.stratus.dev/v1", "kind": "Network",
+               "metadata": {"name": name, "namespace": "demo"}, "spec": {}}),
+    )
+}
+
+fn port(name: &str, network: &str) -> Obj {
+    Obj(
+        json!({"apiVersion": "network.stratus.dev/v1", "kind": "Port",
+               "metadata": {"name": name, "namespace": "demo"}, "spec": {"network": network}}),
+    )
+}
+
+/// An owner reference to Server `server` (as stored), its controller or not.
+fn owner(server: &Value, controller: bool) -> Value {
+    json!({"apiVersion": "compute.stratus.dev/v1", "kind": "Server",
+           "name": server["metadata"]["name"], "uid": server["metadata"]["uid"],
+           "controller": controller})
+}
+
+fn field(e: &stratus_apiserver::base::error::ApiError) -> &str {
+    e.details
+        .causes
+        .first()
+        .map(|c| c.field.as_str())
+        .unwrap_or_default()
+}
+
+/// The owner references of Port `name` of project demo, as stored.
+async fn owners(c: &Cloud, name: &str) -> Value {
+    c.get("Port", Some("demo"), name).await.expect("port")["metadata"]["ownerReferences"].clone()
+}
+
+#[tokio::test]
+async fn an_update_giving_a_port_a_server_owner_is_the_controllers_alone() {
+    let (_etcd, c) = crate::api::etcd::cloud().await;
+    c.create(&network("blue")).await.expect("network");
+    let web = c.create(&Obj::server("demo", "web")).await.expect("web");
+    let stored = c.create(&port("mine", "blue")).await.expect("port");
+    let t = c.target("Port", Some("demo"), Some("mine"));
+    // Every way a member can write the Port's metadata, each adding a reference to web.
+    for controller in [true, false] {
+        let refs = json!([owner(&web, controller)]);
+        let mut replaced = stored.clone();
+        replaced["metadata"]["ownerReferences"] = refs.clone();
+        let writes: Vec<(&str, _)> = vec![
+            ("replace", c.put(&t, &replaced).await.map(|_| ())),
+            (
+                "merge patch",
+                c.patch(
+                    &t,
+                    MERGE,
+                    &json!({"metadata": {"ownerReferences": refs}}),
+                    "",
+                )
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "JSON patch",
+                c.patch(
+                    &t,
+                    JSON_PATCH,
+                    &json!([{"op": "add", "path": "/metadata/ownerReferences", "value": refs}]),
+                    "",
+                )
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "apply",
+                c.patch(
+                    &t,
+                    APPLY,
+                    &json!({"apiVersion": "network.stratus.dev/v1", "kind": "Port",
+                            "metadata": {"name": "mine", "namespace": "demo",
+                                         "ownerReferences": refs},
+                            "spec": {"network": "blue"}}),
+                    "fieldManager=member&force=true",
+                )
+                .await
+                .map(|_| ()),
+            ),
+        ];
+        for (how, r) in writes {
+            let e = refused(r);
+            assert_eq!(
+                (e.code, field(&e)),
+                (403, "metadata.ownerReferences"),
+                "{how}, controller {controller}: {e:?}"
+            );
+        }
+    }
+    assert_eq!(owners(&c, "mine").await, Value::Null, "nothing written");
+    // A write that leaves the Port's owners as they are is the member's to make.
+    c.patch(
+        &t,
+        MERGE,
+        &json!({"metadata": {"labels": {"tier": "web"}}}),
+        "",
+    )
+    .await
+    .expect("a label");
+    // The controllers give it an owner; the member may then write it, but not make that
+    // reference the Port's controller, nor point it at another Server.
+    CLUSTER_ADMIN
+        .scope(
+            true,
+            c.patch(
+                &t,
+                MERGE,
+                &json!({"metadata": {"ownerReferences": [owner(&web, false)]}}),
+                "",
+            ),
+        )
+        .await
+        .expect("the controllers' write");
+    c.patch(
+        &t,
+        MERGE,
+        &json!({"metadata": {"labels": {"tier": "db"}}}),
+        "",
+    )
+    .await
+    .expect("a label, the owner kept");
+    let db = c.create(&Obj::server("demo", "db")).await.expect("db");
+    for refs in [json!([owner(&web, true)]), json!([owner(&db, false)])] {
+        let e = refused(
+            c.patch(
+                &t,
+                MERGE,
+                &json!({"metadata": {"ownerReferences": refs}}),
+                "",
+            )
+            .await,
+        );
+        assert_eq!((e.code, field(&e)), (403, "metadata.ownerReferences"));
+    }
+    assert_eq!(owners(&c, "mine").await, json!([owner(&web, false)]));
+}
+
+/// The name of the Server whose claim Port `name` of project demo carries.
+async fn claim(c: &Cloud, name: &str) -> String {
+    let p = c.get("Port", Some("demo"), name).await.expect("port");
+    p["metadata"]["annotations"][CLAIMED_BY]
+        .as_str()
+        .and_then(|v| v.split_once('/'))
+        .map(|(s, _)| s.to_owned())
+        .unwrap_or_default()
+}
+
+fn naming_port(name: &str, port: &str) -> Obj {
+    Obj::server("demo", name).spec("networks", json!([{"port": port}]))
+}
+
+/// Binds Port `port` to Server `server`, as the ports controller does.
+async fn bind(c: &Cloud, port: &str, server: &str) {
+    c.patch(
+        &c.status("Port", Some("demo"), port),
+        MERGE,
+        &json!({"status": {"boundTo": server}}),
+        "",
+    )
+    .await
+    .expect("bound");
+}
+
+#[tokio::test]
+async fn a_port_bound_to_a_server_that_is_gone_is_claimed_at_once() {
+    let (_etcd, c) = crate::api::etcd::cloud().await;
+    c.create(&network("blue")).await.expect("network");
+    c.create(&port("p", "blue")).await.expect("port");
+    c.create(&naming_port("a", "p")).await.expect("server a");
+    bind(&c, "p", "a").await;
+    // While a exists the port is its guest's: b waits (409 naming the field).
+    let e = refused(c.create(&naming_port("b", "p")).await);
+    assert_eq!((e.code, field(&e)), (409, "spec.networks[0].port"), "{e:?}");
+    // a deleted: b, created at once (before the ports controller unbinds the port), gets it.
+    c.delete("Server", Some("demo"), "a", "")
+        .await
+        .expect("delete a");
+    c.create(&naming_port("b", "p"))
+        .await
+        .expect("b claims a port bound to a server that is gone");
+    assert_eq!(claim(&c, "p").await, "b");
+
+    // Made anew under the bound server's name: the new one's guest never had the NIC.
+    c.create(&port("q", "blue")).await.expect("port");
+    c.create(&naming_port("x", "q")).await.expect("server x");
+    bind(&c, "q", "x").await;
+    c.delete("Server", Some("demo"), "x", "")
+        .await
+        .expect("delete x");
+    c.create(&Obj::server("demo", "x"))
+        .await
+        .expect("another x, naming no port");
+    c.create(&naming_port("y", "q"))
+        .await
+        .expect("y claims a port bound to the old x");
+    assert_eq!(claim(&c, "q").await, "y");
+}
+
+#[tokio::test]
+async fn a_port_bound_to_a_server_being_deleted_is_not_claimed() {
+    let (_etcd, c) = crate::api::etcd::cloud().await;
+    c.create(&network("blue")).await.expect("network");
+    c.create(&port("p", "blue")).await.expect("port");
+    // A finalizer holds a (as the compute agent's holds a placed server until its guest is
+    // torn down).
+    c.create(&naming_port("a", "p").finalizer("example.com/hold"))
+        .await
+        .expect("server a");
+    bind(&c, "p", "a").await;
+    c.delete("Server", Some("demo"), "a", "")
+        .await
+        .expect("delete a");
+    let before = c.revision().await;
+    let e = refused(c.create(&naming_port("b", "p")).await);
+    assert_eq!((e.code, field(&e)), (409, "spec.networks[0].port"), "{e:?}");
+    assert!(e.message.contains("bound to server \"a\""), "{}", e.message);
+    assert_eq!(c.revision().await, before, "nothing written");
+    // Once it is gone, b gets it.
+    c.patch(
+        &c.target("Server", Some("demo"), Some("a")),
+        MERGE,
+        &json!({"metadata": {"finalizers": null}}),
+        "",
+    )
+    .await
+    .expect("a's finalizer released");
+    c.create(&naming_port("b", "p")).await.expect("b claims it");
+    assert_eq!(claim(&c, "p").await, "b");
+}
