@@ -328,8 +328,12 @@ fn stats(mut lat: Vec<Duration>, wall: Duration) -> Stats {
 
 /// CPU time (user + system) a process has used so far.
 fn cpu(pid: &str) -> Duration {
-    // /proc/PID/stat: after "(comm)", the fields from `state` on; utime and stime are the
-    // 12th and 13th of those, in clock ticks (100 per second).
+    cpu_fields(pid, 11..=12)
+}
+
+/// The sum of `fields` of /proc/PID/stat, counted from `state` (after "(comm)"), in clock
+/// ticks (100 per second): 11 and 12 are utime and stime, 13 and 14 its reaped children's.
+fn cpu_fields(pid: &str, fields: std::ops::RangeInclusive<usize>) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let rest: Vec<&str> = stat
         .rsplit(')')
@@ -337,8 +341,10 @@ fn cpu(pid: &str) -> Duration {
         .unwrap_or_default()
         .split_whitespace()
         .collect();
-    let tick = |i: usize| rest.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-    Duration::from_millis((tick(11) + tick(12)) * 10)
+    let ticks: u64 = fields
+        .filter_map(|i| rest.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    Duration::from_millis(ticks * 10)
 }
 
 /// CPU used by etcd and by this process (load generator and, for the API path, the server).
@@ -1177,16 +1183,7 @@ async fn main() -> Result<()> {
             large_mib,
             large_concurrency,
             rounds,
-        } => {
-            object::bench(
-                small,
-                large,
-                large_mib,
-                large_concurrency,
-                rounds,
-            )
-            .await
-        }
+        } => object::bench(small, large, large_mib, large_concurrency, rounds).await,
         What::TcpSink { listen } => net::tcp_sink(listen),
         What::TcpSource { to, seconds } => net::tcp_source(to, seconds),
     }

@@ -459,22 +459,6 @@ enum Role {
     Daemons,
 }
 
-/// CPU time of `pid` so far, its reaped children's included (an updater forks a child per
-/// pass): utime, stime, cutime and cstime of `/proc/PID/stat`, in clock ticks (100 a second).
-fn cpu_with_children(pid: &str) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = (11..=14)
-        .filter_map(|i| rest.get(i).and_then(|f| f.parse::<u64>().ok()))
-        .sum();
-    Duration::from_millis(ticks * 10)
-}
-
 /// CPU time so far of each side's Swift processes (those whose command line names the side's
 /// directory, `dirs[side]`) by role, and of `stratus up` (`api`: the API server, which
 /// validates both proxies' tokens, and the node's agents).
@@ -514,11 +498,11 @@ fn sample_cpu(dirs: &[String; 2], api: u32) -> CpuSample {
         } else {
             Role::Daemons
         };
-        *roles.entry((side, role)).or_default() += cpu_with_children(pid);
+        *roles.entry((side, role)).or_default() += crate::cpu_fields(pid, 11..=14);
     }
     CpuSample {
         roles,
-        api: cpu_with_children(&api.to_string()),
+        api: crate::cpu_fields(&api.to_string(), 11..=14),
     }
 }
 
