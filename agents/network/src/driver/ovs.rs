@@ -33,7 +33,7 @@ use super::netlink::NetlinkLinks;
 use super::netns;
 use super::ovs_daemon::{Ovs, OvsDaemon, OvsError};
 use super::ovs_flows::{
-    self, Bundle, NetworkFlows, PortFilterSpec, Switch, TunnelFlows, VlanFlows,
+    self, Bundle, Flow, NetworkFlows, PortFilterSpec, Switch, TunnelFlows, VlanFlows,
 };
 use super::{
     Attach, FdbEntry, IfName, Ipv4Cidr, Link, LinkError, LinkKind, Links, MacAddr, Name, Netns,
@@ -467,6 +467,13 @@ struct Batch {
     flows: Option<Arc<BTreeMap<u64, usize>>>,
     /// A change waits for its tunnels and flows until the flush.
     pending: bool,
+    /// Ports to put on the switch (`ovs-vsctl` commands), held back until the next write
+    /// to the switch or the flush, so that they share its transaction: one reconfiguration
+    /// of the switch for a network's ports and its tunnels.
+    ports: Vec<Vec<String>>,
+    /// The flows rendered from the state they were rendered from (kept alive, so that its
+    /// address names it).
+    rendered: Option<(Arc<State>, Arc<Vec<Flow>>)>,
 }
 
 /// The node's links with its networks on Open vSwitch. See the module's documentation.
@@ -549,15 +556,75 @@ impl OvsLinks {
     }
 
     /// `ovs-vsctl ARGS`, waiting for `ovs-vswitchd`: a change, which a batch's reads see.
+    /// Ports a batch holds back go first, in the same transaction when they fit in one
+    /// call with `args`.
     fn write(&self, args: &[&str]) -> Result<String, OvsError> {
-        self.in_batch(|b| b.state = None);
-        self.ovs.vsctl(args)
+        let held = self.take_held();
+        let size: usize = held.iter().flatten().map(String::len).sum::<usize>()
+            + args.iter().map(|a| a.len()).sum::<usize>();
+        if held.is_empty() || size > VSCTL_BATCH_BYTES {
+            self.write_all(held)?;
+            if args.is_empty() {
+                return Ok(String::new());
+            }
+            return self.ovs.vsctl(args);
+        }
+        let mut all: Vec<&str> = held.iter().flatten().map(String::as_str).collect();
+        if args.first().is_some_and(|a| *a != "--") {
+            all.push("--");
+        }
+        all.extend(args);
+        self.ovs.vsctl(&all)
     }
 
-    /// `ovs-vsctl --no-wait ARGS`: a change to the database only.
+    /// `ovs-vsctl --no-wait ARGS`: a change to the database only (after the ports a batch
+    /// holds back, which are waited for).
     fn write_no_wait(&self, args: &[&str]) -> Result<String, OvsError> {
-        self.in_batch(|b| b.state = None);
+        let held = self.take_held();
+        self.write_all(held)?;
         self.ovs.vsctl_no_wait(args)
+    }
+
+    /// The ports a batch holds back (`ovs-vsctl` commands, each starting with `--`), taken
+    /// from it; the batch's reads are out of date from here on.
+    fn take_held(&self) -> Vec<Vec<String>> {
+        self.in_batch(|b| {
+            b.state = None;
+            std::mem::take(&mut b.ports)
+        })
+        .unwrap_or_default()
+    }
+
+    /// `commands` in calls of bounded size, waiting for the switch.
+    fn write_all(&self, commands: Vec<Vec<String>>) -> Result<(), OvsError> {
+        for b in batched(commands) {
+            let args: Vec<&str> = b.iter().map(String::as_str).collect();
+            self.ovs.vsctl(&args)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a batch holds ports back.
+    fn holds_ports(&self) -> bool {
+        self.in_batch(|b| !b.ports.is_empty()).unwrap_or(false)
+    }
+
+    /// The flows `s` renders; in a batch rendered once per state read or written.
+    fn render(&self, s: &Arc<State>) -> Arc<Vec<Flow>> {
+        if let Some(f) = self
+            .in_batch(|b| {
+                b.rendered
+                    .as_ref()
+                    .filter(|(of, _)| Arc::ptr_eq(of, s))
+                    .map(|(_, f)| Arc::clone(f))
+            })
+            .flatten()
+        {
+            return f;
+        }
+        let f = Arc::new(ovs_flows::render(&s.switch()));
+        self.in_batch(|b| b.rendered = Some((Arc::clone(s), Arc::clone(&f))));
+        f
     }
 
     /// The switch's database: read now, or in a batch as last read (nothing was written
@@ -566,6 +633,8 @@ impl OvsLinks {
         if let Some(s) = self.in_batch(|b| b.state.clone()).flatten() {
             return Ok(s);
         }
+        let held = self.take_held();
+        self.write_all(held).map_err(ovs_err)?;
         let s = Arc::new(self.read_now()?);
         self.in_batch(|b| b.state = Some(Arc::clone(&s)));
         Ok(s)
@@ -604,10 +673,15 @@ impl OvsLinks {
     }
 
     /// Which objects' flows are incomplete.
-    fn health(&self, s: &State) -> Result<Health, LinkError> {
-        let want = ovs_flows::render(&s.switch());
+    fn health(&self, s: &Arc<State>) -> Result<Health, LinkError> {
+        let want = self.render(s);
         let broken = ovs_flows::broken(&want, &*self.dump()?);
         let mut h = Health::default();
+        let networks = if broken.is_empty() {
+            Vec::new()
+        } else {
+            s.switch().networks
+        };
         for f in want.iter().filter(|f| broken.contains(&f.cookie)) {
             match (f.cookie >> 56) as u8 {
                 ovs_flows::KIND_BASE => h.base = true,
@@ -617,9 +691,7 @@ impl OvsLinks {
                     }
                 }
                 _ => {
-                    if let Some(n) = s
-                        .switch()
-                        .networks
+                    if let Some(n) = networks
                         .iter()
                         .find(|n| f.text.contains(&format!("reg6={},", n.id)))
                     {
@@ -633,7 +705,7 @@ impl OvsLinks {
 
     /// Makes the tunnel ports those the VXLAN devices need, then the flows those `s`
     /// renders, in one bundle; in a batch, once at its flush.
-    fn sync(&self, s: &State) -> Result<(), LinkError> {
+    fn sync(&self, s: &Arc<State>) -> Result<(), LinkError> {
         if self.in_batch(|b| b.pending = true).is_some() {
             return Ok(());
         }
@@ -646,7 +718,7 @@ impl OvsLinks {
         self.sync(&s)
     }
 
-    fn write_switch(&self, s: &State) -> Result<(), LinkError> {
+    fn write_switch(&self, s: &Arc<State>) -> Result<(), LinkError> {
         let needed = s.needed_tunnels();
         let mut args: Vec<String> = Vec::new();
         for (name, i) in &s.ifaces {
@@ -716,7 +788,7 @@ impl OvsLinks {
             );
         }
         let fresh;
-        let s = if args.is_empty() {
+        let s = if args.is_empty() && !self.holds_ports() {
             s
         } else {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -724,7 +796,7 @@ impl OvsLinks {
             fresh = self.read()?;
             &fresh
         };
-        let want = ovs_flows::render(&s.switch());
+        let want = self.render(s);
         let bundle = Bundle::between(&want, &*self.dump()?);
         if !bundle.is_empty() {
             self.in_batch(|b| b.flows = None);
@@ -815,6 +887,11 @@ impl OvsLinks {
     /// The switch refused.
     pub fn set_firewall(&self, firewall: Option<&FirewallState>) -> Result<(), LinkError> {
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Ports held back are written first, so that the state read here has them.
+        if self.holds_ports() {
+            let held = self.take_held();
+            self.write_all(held).map_err(ovs_err)?;
+        }
         let s = self.state(&self.netns)?;
         let want = firewall.map(FirewallState::keys).unwrap_or_default();
         let mut commands: Vec<Vec<String>> = Vec::new();
@@ -861,7 +938,14 @@ impl OvsLinks {
             let args: Vec<&str> = b.iter().map(String::as_str).collect();
             self.write_no_wait(&args).map_err(ovs_err)?;
         }
-        self.resync()
+        // The switch as just written: only the firewall's keys changed (no second read of a
+        // database that holds every port's filter).
+        let mut written = State::clone(&s);
+        written.firewall = firewall.cloned();
+        written.firewall_keys = want;
+        let written = Arc::new(written);
+        self.in_batch(|b| b.state = Some(Arc::clone(&written)));
+        self.sync(&written)
     }
 
     /// The firewall the switch's database holds, if one is applied.
@@ -1380,7 +1464,7 @@ impl Links for OvsLinks {
     fn flush(&self) -> Result<(), LinkError> {
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         if self.in_batch(|b| std::mem::take(&mut b.pending)) == Some(true) {
-            self.write_switch(&*self.read()?)?;
+            self.write_switch(&self.read()?)?;
         }
         Ok(())
     }
@@ -1441,9 +1525,13 @@ impl Links for OvsLinks {
                     })
             })
             .map(|a| port_args(&a.name, bridge));
-        for b in batched(adds) {
-            let args: Vec<&str> = b.iter().map(String::as_str).collect();
-            self.write(&args).map_err(ovs_err)?;
+        // In a batch they wait for the flush (or the next write), to share the
+        // transaction that makes the tunnels: the switch is reconfigured once.
+        let adds: Vec<Vec<String>> = adds.collect();
+        if self.in_batch(|_| ()).is_some() {
+            self.in_batch(|b| b.ports.extend(adds));
+        } else {
+            self.write_all(adds).map_err(ovs_err)?;
         }
         for a in links.iter().filter(|a| a.up) {
             self.kernel.set_up(ns, &a.name, true)?;

@@ -13,10 +13,12 @@
 //! |---|---|
 //! | 0 | classify: a local port's frames get its network and go to 10; a tunnel's frames with a VNI of a network whose peers include that tunnel's node get that network and go to 20, as do a physical interface's frames tagged with a vlan network's ID (the tag stripped); anything else is dropped |
 //! | 10 | egress filter (a firewall's flows go here); by default on to 20 |
+//! | 11 | a filtered port's egress after conntrack: its rules commit new connections; established and related ones pass (one pair of flows for every port); the rest is dropped |
 //! | 20 | forward: DHCP from a tunnel is dropped (each node serves its own ports); a known remote MAC (l2population) goes to its node's tunnel with the VNI; broadcast and multicast are flooded; other frames look up the MACs learned from local ports (25) and go to 26 |
 //! | 25 | MACs learned from local ports (by `learn()`, cookie [`LEARNED`]) |
 //! | 26 | unknown unicast is flooded, a learned one goes to 30 |
 //! | 30 | deliver to `reg4` if it is a port of the frame's network, else drop |
+//! | 31 | a filtered port's ingress after conntrack, as 11, delivering to `reg4` |
 //!
 //! Flooding goes to every local port of the network (through table 30) and, for frames from
 //! a local port only (split horizon), to each tunnel of the network's flood list.
@@ -205,14 +207,8 @@ fn filter_flows(p: u32, id: u32, zone: u16, f: &PortFilterSpec) -> Vec<String> {
         }
     }
     t.push(format!("table=10,priority=80,reg5={p} actions=drop"));
-    for state in ["-new+est-inv+trk", "-new+rel-inv+trk"] {
-        t.push(format!(
-            "table=11,priority=100,reg5={p},ct_state={state} actions=resubmit(,20)"
-        ));
-        t.push(format!(
-            "table=31,priority=100,reg4={p},ct_state={state} actions=output:{p}"
-        ));
-    }
+    // Established and related traffic, and the drop of what no rule allows, are the base
+    // flows of tables 11 and 31, shared by every port: only the rules are the port's.
     for r in &f.egress {
         for m in rule_matches(r, "nw_dst") {
             t.push(format!(
@@ -221,7 +217,6 @@ fn filter_flows(p: u32, id: u32, zone: u16, f: &PortFilterSpec) -> Vec<String> {
             ));
         }
     }
-    t.push(format!("table=11,priority=10,reg5={p} actions=drop"));
     t.push(format!(
         "table=30,priority=200,reg6={id},reg4={p},arp actions=output:{p}"
     ));
@@ -245,7 +240,6 @@ fn filter_flows(p: u32, id: u32, zone: u16, f: &PortFilterSpec) -> Vec<String> {
             ));
         }
     }
-    t.push(format!("table=31,priority=10,reg4={p} actions=drop"));
     t
 }
 
@@ -328,7 +322,14 @@ pub fn render(w: &Switch) -> Vec<Flow> {
         vec![
             "table=0,priority=0 actions=drop".into(),
             "table=10,priority=0 actions=resubmit(,20)".into(),
+            // Tables 11 and 31 are reached only from a filtered port's flows (its egress
+            // and its ingress through conntrack): what a connection it allowed carries
+            // passes, to where the frame was going (reg4 for ingress); nothing else does.
+            "table=11,priority=100,ct_state=-new+est-inv+trk actions=resubmit(,20)".into(),
+            "table=11,priority=100,ct_state=-new+rel-inv+trk actions=resubmit(,20)".into(),
             "table=11,priority=0 actions=drop".into(),
+            "table=31,priority=100,ct_state=-new+est-inv+trk actions=output:NXM_NX_REG4[]".into(),
+            "table=31,priority=100,ct_state=-new+rel-inv+trk actions=output:NXM_NX_REG4[]".into(),
             "table=31,priority=0 actions=drop".into(),
             // Each node's own DHCP server serves its ports: none from across a tunnel.
             "table=20,priority=200,reg7=1,udp,tp_dst=67 actions=drop".into(),
@@ -705,6 +706,19 @@ mod tests {
             has("reg6=7,reg4=4 actions=output:4"),
             "port 4 has no filter"
         );
+        // Established and related traffic passes by flows every filtered port shares: a
+        // port's filter is its rules, not one more flow per connection state.
+        let port3: Vec<&Flow> = filtered
+            .iter()
+            .filter(|f| (f.cookie >> 56) as u8 == KIND_PORT && f.text.contains("=3"))
+            .collect();
+        assert!(port3.iter().all(|f| !f.text.contains("ct_state=-new")));
+        assert!(has(
+            "table=31,priority=100,ct_state=-new+est-inv+trk actions=output:NXM_NX_REG4[]"
+        ));
+        assert!(has(
+            "table=11,priority=100,ct_state=-new+est-inv+trk actions=resubmit(,20)"
+        ));
         // Only port 3's object changed.
         let b = Bundle::between(&filtered, &installed(&dump(&plain)));
         assert_eq!(b.delete.len(), 1);
