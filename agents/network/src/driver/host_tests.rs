@@ -168,6 +168,18 @@ fn firewall_in_new_netns(c: &mut Cleanup) -> (Name, NftFirewall) {
     (ns, f)
 }
 
+/// `rs` with one more port like its first, of id `id`, on device `ve-c3` with two addresses.
+fn with_port_c3(rs: &Ruleset, id: &str) -> Ruleset {
+    let mut out = rs.clone();
+    let mut new = out.ports[0].clone();
+    new.id = Name::new(id).expect("id");
+    new.device = ifname("ve-c3");
+    new.mac = "02:00:00:00:00:03".parse().expect("mac");
+    new.ips = BTreeSet::from([Ipv4Addr::new(10, 0, 0, 4), Ipv4Addr::new(10, 0, 0, 5)]);
+    out.ports.push(new);
+    out
+}
+
 /// `nft -j list ruleset` of `ns` without rule and object handles.
 fn listing(ns: &Name) -> serde_json::Value {
     let (ok, out) = run_in(ns, &["nft", "-j", "list", "ruleset"]);
@@ -211,13 +223,7 @@ fn a_batch_written_as_nft_text_makes_in_the_kernel_what_its_json_makes() {
     let mut rs = conformance::sample_ruleset();
     // Two peers are an anonymous set; one is a value.
     rs.tunnels[0].peers.insert(Ipv4Addr::new(192, 0, 2, 3));
-    let mut grown = rs.clone();
-    let mut extra = grown.ports[0].clone();
-    extra.id = Name::new("p-two").expect("id");
-    extra.device = ifname("ve-c3");
-    extra.mac = "02:00:00:00:00:03".parse().expect("mac");
-    extra.ips = BTreeSet::from([Ipv4Addr::new(10, 0, 0, 4), Ipv4Addr::new(10, 0, 0, 5)]);
-    grown.ports.push(extra);
+    let mut grown = with_port_c3(&rs, "p-two");
     grown.groups[0].members.remove(&Ipv4Addr::new(10, 0, 0, 3));
     grown.groups[0].members.insert(Ipv4Addr::new(10, 0, 0, 4));
     let delta = super::Delta::between(
@@ -347,13 +353,7 @@ fn a_port_added_and_removed_is_set_elements_and_its_own_chains_in_the_kernel() {
     let mut c = Cleanup::default();
     let (ns, f) = firewall_in_new_netns(&mut c);
     let first = conformance::sample_ruleset();
-    let mut second = first.clone();
-    let mut new = second.ports[0].clone();
-    new.id = Name::new("p-new").expect("id");
-    new.device = ifname("ve-c3");
-    new.mac = "02:00:00:00:00:03".parse().expect("mac");
-    new.ips = BTreeSet::from([Ipv4Addr::new(10, 0, 0, 4), Ipv4Addr::new(10, 0, 0, 5)]);
-    second.ports.push(new);
+    let second = with_port_c3(&first, "p-new");
     f.apply(&first).expect("apply");
     let before = rule_handles(&ns);
     // Written as an update and read back from the kernel: nothing but the new port's
