@@ -16,8 +16,9 @@ use serde_json::Value;
 use stratus_agents::compute::driver::DomainDriver;
 use stratus_agents::compute::driver::fake::{MemoryDisk, MemoryDisks};
 use stratus_agents::compute::driver::libvirt::Libvirt;
+use stratus_e2e::net::{Namespaces, lone_underlay};
 use stratus_e2e::node::FileServer;
-use stratus_e2e::{Cloud, repo_root, wait_until};
+use stratus_e2e::{Cloud, ip, repo_root, wait_until};
 
 const T: Duration = Duration::from_secs(90);
 const NODE: &str = "ports-node";
@@ -293,44 +294,6 @@ fn a_servers_network_becomes_a_port_plugged_into_its_guest_and_goes_with_it() ->
     Ok(())
 }
 
-/// A network namespace the test made (with whatever the agent left in its DHCP directory),
-/// removed when dropped.
-struct Netns {
-    name: String,
-    dhcp_dir: std::path::PathBuf,
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for e in std::fs::read_dir(&self.dhcp_dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Ok(pid) = std::fs::read_to_string(e.path().join("pid")) {
-                let _ = Command::new("kill").arg(pid.trim()).status();
-            }
-            let _ = Command::new("ip")
-                .args(["netns", "del", &e.file_name().to_string_lossy()])
-                .status();
-        }
-        // `output`: a namespace already gone is nothing to report.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
-
-fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip").args(args).output().context("run ip")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 #[test]
 fn one_node_running_compute_and_network_wires_the_tap_its_server_port_names() -> Result<()> {
     let node = format!("sp-{}", std::process::id());
@@ -361,34 +324,8 @@ fn one_node_running_compute_and_network_wires_the_tap_its_server_port_names() ->
 
     // The node's kernel side lives in a namespace of its own, with a tunnel address.
     let state = dir.path().join("node");
-    let _netns = Netns {
-        name: node.clone(),
-        dhcp_dir: state.join("network/dhcp"),
-    };
-    ip(&["netns", "add", &node])?;
-    ip(&[
-        "-n",
-        &node,
-        "link",
-        "add",
-        "underlay",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "underlay-peer",
-    ])?;
-    ip(&["-n", &node, "link", "set", "underlay-peer", "up"])?;
-    ip(&[
-        "-n",
-        &node,
-        "addr",
-        "add",
-        "192.0.2.1/24",
-        "dev",
-        "underlay",
-    ])?;
-    ip(&["-n", &node, "link", "set", "underlay", "up"])?;
+    let _netns = Namespaces::add(&[&node], &[&state])?;
+    lone_underlay(&node, "192.0.2.1/24")?;
     let mut agent = stratus_e2e::Proc::spawn(
         &format!("agent of {node}"),
         Command::new(stratus_e2e::stratus_bin())
@@ -465,16 +402,6 @@ fn one_node_running_compute_and_network_wires_the_tap_its_server_port_names() ->
     Ok(())
 }
 
-/// A name for the network namespace of a simulated node's libvirtd (which runs in an unnamed
-/// one), so that the node's network agent works in it; detached when dropped.
-struct Attached(String);
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
-
 #[test]
 fn a_real_guest_takes_its_ports_address_by_dhcp() -> Result<()> {
     let guest = stratus_e2e::node::Guest::serve()?;
@@ -496,52 +423,8 @@ fn a_real_guest_takes_its_ports_address_by_dhcp() -> Result<()> {
 
     // The node's namespace (libvirtd's, where QEMU's taps appear), named for the network
     // agent, with a tunnel address.
-    let pid = std::fs::read_to_string(node.dir.path().join("libvirtd.pid"))?;
-    let state = node.dir.path().join("state");
-    let _dhcp = Netns {
-        name: format!("{name}-unused"),
-        dhcp_dir: state.join("network/dhcp"),
-    };
-    ip(&["netns", "attach", &name, pid.trim()])?;
-    let _attached = Attached(name.clone());
-    ip(&[
-        "-n",
-        &name,
-        "link",
-        "add",
-        "underlay",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "underlay-peer",
-    ])?;
-    ip(&["-n", &name, "link", "set", "underlay-peer", "up"])?;
-    ip(&[
-        "-n",
-        &name,
-        "addr",
-        "add",
-        "192.0.2.1/24",
-        "dev",
-        "underlay",
-    ])?;
-    ip(&["-n", &name, "link", "set", "underlay", "up"])?;
-    let kubeconfig = cloud.dir.path().join(format!("node-{name}.kubeconfig"));
-    node.agent = Some(stratus_e2e::Proc::spawn(
-        &format!("agent of {name}"),
-        Command::new(stratus_e2e::stratus_bin())
-            .args(["agent", "--node", &name, "--roles", "compute,network"])
-            .args(["--libvirt-uri", &node.uri(), "--heartbeat-seconds", "2"])
-            .arg("--image-url-allow-loopback")
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--network-namespace", &name, "--underlay-ip", "192.0.2.1"])
-            .args(["--network-resync-seconds", "1"]),
-        &node.dir.path().join("agent.log"),
-    )?);
+    let _netns = node.netns("192.0.2.1/24")?;
+    node.start_compute_network_agent(&cloud, "192.0.2.1", &[])?;
 
     cloud.kubectl_in(
         &["apply", "-f", "-"],
