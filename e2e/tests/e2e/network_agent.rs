@@ -17,11 +17,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use stratus_e2e::net::{Namespaces, UNDERLAY, agent_logs, network_agent, plug_port, underlay};
+use stratus_e2e::net::{
+    Namespaces, UNDERLAY, agent_logs, links_of_kind, network_agent, ping, plug_port, underlay,
+};
 use stratus_e2e::{Apiserver, Etcd, Proc, ip, netns_exec, wait_until};
-
-// The OVS datapath's test shares these.
-pub(super) use stratus_e2e::net::{Namespaces as Host, links_of_kind, ping};
 
 pub(super) const NS: &str = "netdemo";
 

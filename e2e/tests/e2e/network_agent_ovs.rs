@@ -18,11 +18,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use stratus_e2e::{Apiserver, Etcd, Proc, ip, stratus_bin, wait_until};
-
-use super::network_agent::{
-    Host, NS, exec, jsonpath, kubectl, lease, links_of_kind, patch_status, ping,
+use stratus_e2e::net::{
+    Namespaces, UNDERLAY, agent_logs, links_of_kind, network_agent, ping, plug_port, underlay,
 };
+use stratus_e2e::{Apiserver, Etcd, Proc, ip, wait_until};
+
+use super::network_agent::{NS, exec, jsonpath, kubectl, lease, patch_status};
 
 /// Generous: the agents and the userspace switch share two cores with every other test.
 const T: Duration = Duration::from_secs(120);
@@ -162,18 +163,12 @@ fn agent(
     state: &Path,
     kubeconfigs: &Path,
 ) -> Result<Proc> {
-    Proc::spawn(
-        &format!("network agent of {node}"),
-        Command::new(stratus_bin())
-            .args(["agent", "--roles", "network", "--node", node])
-            .arg("--kubeconfig")
-            .arg(kubeconfigs.join(format!("{node}.kubeconfig")))
-            .arg("--state-dir")
-            .arg(state)
-            .args(["--network-namespace", node, "--network-resync-seconds", "1"])
-            .args(["--datapath", datapath])
-            .args(underlay),
-        &state.join("agent.log"),
+    let kubeconfig = kubeconfigs.join(format!("{node}.kubeconfig"));
+    network_agent(
+        node,
+        &kubeconfig,
+        state,
+        &[&["--datapath", datapath][..], &underlay].concat(),
     )
 }
 
@@ -193,14 +188,6 @@ fn drift_repairs(api: &Apiserver) -> u64 {
         .sum()
 }
 
-/// Both agents' logs, for a run that fails.
-fn logs(states: &[&Path]) -> String {
-    states
-        .iter()
-        .map(|d| std::fs::read_to_string(d.join("agent.log")).unwrap_or_default())
-        .collect()
-}
-
 #[test]
 fn a_network_spans_a_kernel_node_and_an_ovs_node_through_the_agents() -> Result<()> {
     let etcd = Etcd::start()?;
@@ -210,27 +197,11 @@ fn a_network_spans_a_kernel_node_and_an_ovs_node_through_the_agents() -> Result<
     let (n1, n2) = (format!("sovs-{tag}-n1"), format!("sovs-{tag}-n2"));
     let (g1, g2) = (format!("sovs-{tag}-g1"), format!("sovs-{tag}-g2"));
     let (s1, s2) = (tempfile::tempdir()?, tempfile::tempdir()?);
-    let _host = Host {
-        namespaces: vec![n1.clone(), n2.clone(), g1.clone(), g2.clone()],
-        dhcp_dirs: vec![
-            s1.path().join("network/dhcp"),
-            s2.path().join("network/dhcp"),
-        ],
-    };
+    let _host = Namespaces::add(&[&n1, &n2, &g1, &g2], &[s1.path(), s2.path()])?;
     let switch = Switch {
         dir: s2.path().join("network/ovs"),
     };
-    for n in [&n1, &n2, &g1, &g2] {
-        ip(&["netns", "add", n])?;
-    }
-    ip(&[
-        "link", "add", "underlay", "netns", &n1, "type", "veth", "peer", "name", "underlay",
-        "netns", &n2,
-    ])?;
-    for (n, a) in [(&n1, "192.0.2.1/24"), (&n2, "192.0.2.2/24")] {
-        ip(&["-n", n, "addr", "add", a, "dev", "underlay"])?;
-        ip(&["-n", n, "link", "set", "underlay", "up"])?;
-    }
+    underlay(&n1, &n2)?;
     // A NIC fills in the UDP checksums the kernel's VXLAN leaves to it; a veth hands them on
     // unfilled, and OVS's userspace datapath drops such packets.
     assert!(exec(&n1, &["ethtool", "-K", "underlay", "tx", "off"]));
@@ -284,36 +255,8 @@ spec: {{network: net}}
     }
     let mut guests = Vec::new();
     for (i, (port, node, guest)) in [("p1", &n1, &g1), ("p2", &n2, &g2)].into_iter().enumerate() {
-        let mut mac = jsonpath(&api, "port", port, "{.status.macAddress}")?;
-        if mac.is_empty() {
-            mac = format!("02:00:0a:3d:00:{:02x}", 11 + i);
-            patch_status(&api, "port", port, serde_json::json!({"macAddress": mac}))?;
-        }
-        let mut addr = jsonpath(&api, "port", port, "{.status.fixedIPs[0].ipAddress}")?;
-        if addr.is_empty() {
-            addr = format!("10.61.0.{}", 11 + i);
-            patch_status(
-                &api,
-                "port",
-                port,
-                serde_json::json!({"fixedIPs": [{"subnet": "sn", "ipAddress": addr}]}),
-            )?;
-        }
         let device = format!("tp-ovs-{}", i + 1);
-        patch_status(
-            &api,
-            "port",
-            port,
-            serde_json::json!({"hypervisor": node, "interfaceName": device}),
-        )?;
-        ip(&[
-            "link", "add", &device, "netns", node, "type", "veth", "peer", "name", "eth0", "netns",
-            guest,
-        ])?;
-        ip(&[
-            "-n", guest, "link", "set", "eth0", "address", &mac, "mtu", "1450", "up",
-        ])?;
-        ip(&["-n", guest, "link", "set", "lo", "up"])?;
+        let addr = plug_port(&api, NS, port, node, &device, guest, Some(1450))?;
         guests.push((guest.clone(), addr));
     }
 
@@ -323,7 +266,7 @@ spec: {{network: net}}
     let _a1 = agent(
         &n1,
         "kernel",
-        ["--underlay-ip", "192.0.2.1"],
+        ["--underlay-ip", UNDERLAY[0]],
         s1.path(),
         ids.path(),
     )?;
@@ -332,13 +275,13 @@ spec: {{network: net}}
     let ovs_underlay = ["--tunnel-interface", "underlay"];
     let mut a2 = agent(&n2, "ovs", ovs_underlay, s2.path(), ids.path())?;
 
-    for (node, want) in [(&n1, "192.0.2.1"), (&n2, "192.0.2.2")] {
+    for (node, want) in [(&n1, UNDERLAY[0]), (&n2, UNDERLAY[1])] {
         wait_until(T, "the node's hostIP", || {
             api.kubectl_ok(&["get", "hypervisor", node, "-o", "jsonpath={.status.hostIP}"])
                 .ok()
                 .filter(|ip| ip == want)
         })
-        .with_context(|| logs(&states))?;
+        .with_context(|| agent_logs(&states))?;
     }
     for port in ["p1", "p2"] {
         wait_until(T, "the port to be Active", || {
@@ -346,7 +289,7 @@ spec: {{network: net}}
                 .ok()
                 .filter(|p| p == "Active")
         })
-        .with_context(|| logs(&states))?;
+        .with_context(|| agent_logs(&states))?;
         let ready = jsonpath(
             &api,
             "port",
@@ -367,7 +310,7 @@ spec: {{network: net}}
         tunnels.first().map_or("", String::as_str),
         "options:remote_ip",
     ])?;
-    assert_eq!(options.trim().trim_matches('"'), "192.0.2.1");
+    assert_eq!(options.trim().trim_matches('"'), UNDERLAY[0]);
     // The guest's port and the DHCP server's; one network.
     assert_eq!(switch.objects(KIND_PORT)?, 2);
     assert_eq!(switch.objects(KIND_NETWORK)?, 1);
@@ -376,7 +319,7 @@ spec: {{network: net}}
     let dir = tempfile::tempdir()?;
     for (guest, addr) in &guests {
         let offered = wait_until(T, "a DHCP offer", || lease(guest, dir.path()))
-            .with_context(|| logs(&states))?;
+            .with_context(|| agent_logs(&states))?;
         assert_eq!(&offered, addr, "{guest}");
         ip(&[
             "-n",
@@ -402,13 +345,13 @@ spec: {{network: net}}
     // A repair counted by the Events, and said in the OVS agent's log with `what`.
     let repaired = |before: u64, what: &str| {
         wait_until(T, what, || {
-            (drift_repairs(&api) > before && logs(&[s2.path()]).contains(what)).then_some(())
+            (drift_repairs(&api) > before && agent_logs(&[s2.path()]).contains(what)).then_some(())
         })
         .with_context(|| {
             format!(
                 "events: {}\nagent logs:\n{}",
                 kubectl(&api, &["get", "events", "-o", "json"]).unwrap_or_default(),
-                logs(&states)
+                agent_logs(&states)
             )
         })
     };
@@ -454,7 +397,7 @@ spec: {{network: net}}
     );
     // Two resyncs of the restarted agent at least.
     std::thread::sleep(Duration::from_secs(3));
-    assert!(a2.running(), "{}", logs(&states));
+    assert!(a2.running(), "{}", agent_logs(&states));
     assert_eq!(switch.owned_flows()?, before, "a restart changed flows");
 
     // Security groups on the OVS node: without the ICMP rule, its guest is not reached
@@ -522,6 +465,6 @@ spec: {{network: net}}
             .collect();
         assert!(left.is_empty(), "DHCP servers left: {left:?}");
     }
-    assert!(a2.running(), "{}", logs(&states));
+    assert!(a2.running(), "{}", agent_logs(&states));
     Ok(())
 }
