@@ -267,6 +267,17 @@ enum What {
         #[arg(long, default_value_t = 10)]
         changes: usize,
     },
+    /// TCP throughput between guests on two nodes across the overlay: the Open vSwitch
+    /// datapath vs the kernel's, each wired by the agent's `converge()` and by hand, in one
+    /// run (needs root; starts a switch per OVS node in namespaces of its own).
+    NetOvsTcp {
+        /// Seconds per run.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Runs of each, rotating which goes first.
+        #[arg(long, default_value_t = 4)]
+        rounds: usize,
+    },
     /// PUT and GET through a Swift proxy: Swift configured by hand (swift-ring-builder, the
     /// same servers and proxy pipeline) vs `stratus up --object-store` (the object agent's
     /// servers), both proxies validating Stratus tokens, measured interleaved over several
@@ -1177,6 +1188,9 @@ async fn main() -> Result<()> {
             rules,
             changes,
         } => tokio::task::spawn_blocking(move || ovs::sg_change(ports, rules, changes)).await?,
+        What::NetOvsTcp { seconds, rounds } => {
+            tokio::task::spawn_blocking(move || ovs::tcp(seconds, rounds)).await?
+        }
         What::Object {
             small,
             large,

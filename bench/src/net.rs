@@ -1131,7 +1131,7 @@ pub fn tcp_source(to: SocketAddr, seconds: f64) -> Result<()> {
 /// The CPUs the source and the sink are pinned to (`taskset -c`), the same for both sides
 /// of every run, so that a run's figure does not depend on where the scheduler put them:
 /// one CPU each where there are two or more.
-fn tcp_cpus() -> (String, String) {
+pub(crate) fn tcp_cpus() -> (String, String) {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     if cpus >= 2 {
         ("0".into(), "1".into())
@@ -1142,7 +1142,7 @@ fn tcp_cpus() -> (String, String) {
 
 /// One measurement: a sink in `dst` on `addr`, a source in `src` for `seconds`, each
 /// pinned to its CPU of [`tcp_cpus`]; Gbit/s.
-fn tcp_once(src: &str, dst: &str, addr: Ipv4Addr, seconds: f64) -> Result<f64> {
+pub(crate) fn tcp_once(src: &str, dst: &str, addr: Ipv4Addr, seconds: f64) -> Result<f64> {
     let exe = std::env::current_exe()?;
     let exe = exe.to_string_lossy().into_owned();
     let listen = format!("{addr}:5201");

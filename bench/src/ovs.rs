@@ -23,10 +23,10 @@ use stratus_network_agent::desired::{NETWORK_UID, NodeConfig, Snapshot};
 use stratus_network_agent::driver::dnsmasq::Dnsmasq;
 use stratus_network_agent::driver::netlink::NetlinkLinks;
 use stratus_network_agent::driver::nft::NftFirewall;
-use stratus_network_agent::driver::ovs::{INTEGRATION_BRIDGE, OvsLinks};
+use stratus_network_agent::driver::ovs::{INTEGRATION_BRIDGE, OvsLinks, attach_underlay};
 use stratus_network_agent::driver::ovs_daemon::{Ovs, OvsDaemon};
 use stratus_network_agent::driver::ovs_firewall::OvsFirewall;
-use stratus_network_agent::driver::{Name, Netns, ovs_flows};
+use stratus_network_agent::driver::{IfName, Name, Netns, ovs_flows};
 
 use crate::net::{load, median};
 
@@ -262,7 +262,9 @@ fn reference(m: &Made, ns: &str, ovs: &Ovs, dir: &Path) -> Result<(Duration, Dur
     ]
     .map(String::from)
     .to_vec();
-    let mut internal = Vec::new();
+    // Every interface up, as the agent leaves them (the taps too: an up port costs the
+    // switch more to poll).
+    let mut up = Vec::new();
     for (name, ofport, kind, options) in &m.interfaces {
         args.extend(
             [
@@ -281,8 +283,8 @@ fn reference(m: &Made, ns: &str, ovs: &Ovs, dir: &Path) -> Result<(Duration, Dur
         if !kind.is_empty() {
             args.push(format!("type={kind}"));
         }
-        if kind == "internal" {
-            internal.push(name.clone());
+        if kind.is_empty() || kind == "internal" {
+            up.push(format!("link set {name} up\n"));
         }
         args.extend(options.iter().map(|o| format!("options:{o}")));
     }
@@ -290,12 +292,12 @@ fn reference(m: &Made, ns: &str, ovs: &Ovs, dir: &Path) -> Result<(Duration, Dur
     std::fs::write(&flows, m.flows.join("\n") + "\n")?;
     let rules = dir.join(format!("{ns}.nft"));
     std::fs::write(&rules, &m.ruleset)?;
+    let links = dir.join(format!("{ns}.up"));
+    std::fs::write(&links, up.concat())?;
     let t = Instant::now();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     ovs.vsctl(&args)?;
-    for name in &internal {
-        run(None, "ip", &["-n", ns, "link", "set", name, "up"])?;
-    }
+    run(None, "ip", &["-n", ns, "-batch", &links.to_string_lossy()])?;
     let f = Instant::now();
     ovs.ofctl(
         &["--bundle"],
@@ -573,6 +575,378 @@ pub fn sg_change(ports: usize, rules: usize, changes: usize) -> Result<()> {
         "p50 OVS/kernel: {:.1}x; load average at the end: {}",
         crate::net::pct(&on_ovs, 0.5).as_secs_f64()
             / crate::net::pct(&on_kernel, 0.5).as_secs_f64(),
+        load()
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// TCP across the overlay: the Open vSwitch datapath vs the kernel's, each wired by the
+// agent and by hand.
+
+/// The two guests' addresses and MACs, the network's VNI and MTU.
+const TCP_IPS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 83, 0, 11), Ipv4Addr::new(10, 83, 0, 12)];
+const TCP_MACS: [&str; 2] = ["02:5c:83:00:00:0b", "02:5c:83:00:00:0c"];
+const TCP_VNI: u32 = 7102;
+const TCP_MTU: u32 = 1450;
+
+/// What carries the guests' traffic between the two nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carrier {
+    KernelByHand,
+    KernelAgent,
+    OvsByHand,
+    OvsAgent,
+}
+
+impl Carrier {
+    const ALL: [Carrier; 4] = [
+        Carrier::KernelByHand,
+        Carrier::KernelAgent,
+        Carrier::OvsByHand,
+        Carrier::OvsAgent,
+    ];
+
+    fn ovs(self) -> bool {
+        matches!(self, Carrier::OvsByHand | Carrier::OvsAgent)
+    }
+
+    /// Its part of the namespaces' names.
+    fn tag(self) -> &'static str {
+        match self {
+            Carrier::KernelByHand => "kh",
+            Carrier::KernelAgent => "ka",
+            Carrier::OvsByHand => "oh",
+            Carrier::OvsAgent => "oa",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Carrier::KernelByHand => {
+                "kernel by hand: bridge + VXLAN (nolearning, one flood entry), no filter"
+            }
+            Carrier::KernelAgent => {
+                "kernel, the agent: `converge()` with NetlinkLinks + NftFirewall (bridge, VXLAN, FDB, nft filter with conntrack)"
+            }
+            Carrier::OvsByHand => {
+                "OVS by hand: one netdev bridge, `NORMAL` (MAC learning), a VXLAN port, no filter"
+            }
+            Carrier::OvsAgent => {
+                "OVS, the agent: `converge()` with OvsLinks + OvsFirewall (br-int pipeline, filter with OVS conntrack)"
+            }
+        }
+    }
+}
+
+/// The objects the agents of nodes `n` see: one network (VNI [`TCP_VNI`], no DHCP) with a
+/// port on each node (device `tport`), in a group allowing TCP 5201 in and all out.
+fn tcp_snapshot(n: &[String; 2]) -> Result<Snapshot> {
+    let net_uid = "ovstcp-net";
+    let meta = |name: &str| {
+        json!({"name": name, "namespace": "ovstcp", "uid": format!("ovstcp-{name}"),
+               "annotations": {NETWORK_UID: net_uid}})
+    };
+    let mut ports = Vec::new();
+    let mut hypervisors = Vec::new();
+    for i in 0..2 {
+        ports.push(Arc::new(serde_json::from_value(json!({
+            "apiVersion": "network.stratus.dev/v1", "kind": "Port", "metadata": meta(&format!("p{i}")),
+            "spec": {"network": "net", "securityGroups": ["default"]},
+            "status": {"phase": "Pending", "hypervisor": n[i], "macAddress": TCP_MACS[i],
+                       "interfaceName": "tport",
+                       "fixedIPs": [{"subnet": "sn", "ipAddress": TCP_IPS[i].to_string()}]},
+        }))?));
+        hypervisors.push(Arc::new(serde_json::from_value(json!({
+            "apiVersion": "compute.stratus.dev/v1", "kind": "Hypervisor",
+            "metadata": {"name": n[i], "uid": format!("ovstcp-hv{i}")},
+            "spec": {"hypervisorType": "qemu"},
+            "status": {"hostIP": format!("192.0.2.{}", i + 1)},
+        }))?));
+    }
+    Ok(Snapshot {
+        ports,
+        hypervisors,
+        networks: vec![Arc::new(serde_json::from_value(json!({
+            "apiVersion": "network.stratus.dev/v1", "kind": "Network",
+            "metadata": {"name": "net", "namespace": "ovstcp", "uid": net_uid},
+            "spec": {"mtu": TCP_MTU}, "status": {"phase": "Active", "vni": TCP_VNI},
+        }))?)],
+        subnets: vec![Arc::new(serde_json::from_value(json!({
+            "apiVersion": "network.stratus.dev/v1", "kind": "Subnet", "metadata": meta("sn"),
+            "spec": {"network": "net", "cidr": "10.83.0.0/24", "gatewayIP": "10.83.0.1", "enableDHCP": false},
+        }))?)],
+        groups: vec![Arc::new(serde_json::from_value(json!({
+            "apiVersion": "network.stratus.dev/v1", "kind": "SecurityGroup",
+            "metadata": {"name": "default", "namespace": "ovstcp", "uid": "ovstcp-sg"},
+            "spec": {"rules": [
+                {"direction": "ingress", "protocol": "tcp", "portRangeMin": 5201, "portRangeMax": 5201},
+                {"direction": "egress"},
+            ]},
+        }))?)],
+        ..Snapshot::default()
+    })
+}
+
+/// Two nodes carried by `c` (namespaces joined by a veth underlay, 192.0.2.1 and .2; on
+/// Open vSwitch the underlay on the switch's `br-phy`, as the agent's nodes have it), each
+/// with a guest namespace whose `eth0` (the port's MAC and address, MTU [`TCP_MTU`]) is the
+/// peer of device `tport` on its node; wired. The guests' namespaces, and the agents' drivers
+/// (which must live while the nodes are measured).
+fn tcp_pair(
+    host: &mut Cleanup,
+    prefix: &str,
+    c: Carrier,
+    dir: &Path,
+) -> Result<([String; 2], Vec<Host>)> {
+    let n = [1, 2].map(|i| format!("{prefix}-{}n{i}", c.tag()));
+    let g = [1, 2].map(|i| format!("{prefix}-{}g{i}", c.tag()));
+    for x in n.iter().chain(&g) {
+        run(None, "ip", &["netns", "add", x])?;
+        host.namespaces.push(x.clone());
+        run(None, "ip", &["-n", x, "link", "set", "lo", "up"])?;
+    }
+    run(
+        None,
+        "ip",
+        &[
+            "link", "add", "underlay", "netns", &n[0], "type", "veth", "peer", "name", "underlay",
+            "netns", &n[1],
+        ],
+    )?;
+    let mtu = TCP_MTU.to_string();
+    for i in 0..2 {
+        let local = format!("192.0.2.{}", i + 1);
+        run(
+            None,
+            "ip",
+            &[
+                "-n",
+                &n[i],
+                "addr",
+                "add",
+                &format!("{local}/24"),
+                "dev",
+                "underlay",
+            ],
+        )?;
+        run(None, "ip", &["-n", &n[i], "link", "set", "underlay", "up"])?;
+        run(
+            None,
+            "ip",
+            &[
+                "link", "add", "tport", "netns", &n[i], "type", "veth", "peer", "name", "eth0",
+                "netns", &g[i],
+            ],
+        )?;
+        let ip_ = format!("{}/24", TCP_IPS[i]);
+        run(
+            None,
+            "ip",
+            &[
+                "-n",
+                &g[i],
+                "link",
+                "set",
+                "eth0",
+                "address",
+                TCP_MACS[i],
+                "mtu",
+                &mtu,
+                "up",
+            ],
+        )?;
+        run(
+            None,
+            "ip",
+            &["-n", &g[i], "addr", "add", &ip_, "dev", "eth0"],
+        )?;
+    }
+    let mut hosts = Vec::new();
+    for i in 0..2 {
+        let netns = Netns::Named(Name::new(&n[i])?);
+        let (local, peer) = (format!("192.0.2.{}", i + 1), format!("192.0.2.{}", 2 - i));
+        let daemon = if c.ovs() {
+            let d = OvsDaemon::new(netns.clone(), dir.join(format!("{}-ovs", n[i])));
+            host.daemons.push(d.clone());
+            d.start().context("start the node's switch")?;
+            attach_underlay(&d.ovs(), &netns, &IfName::new("underlay")?)?;
+            Some(d)
+        } else {
+            None
+        };
+        match (c, &daemon) {
+            (Carrier::KernelByHand, _) => {
+                let ns = Some(n[i].as_str());
+                run(
+                    ns,
+                    "ip",
+                    &["link", "add", "br0", "mtu", &mtu, "type", "bridge"],
+                )?;
+                run(
+                    ns,
+                    "ip",
+                    &[
+                        "link",
+                        "add",
+                        "vx0",
+                        "mtu",
+                        &mtu,
+                        "type",
+                        "vxlan",
+                        "id",
+                        &TCP_VNI.to_string(),
+                        "local",
+                        &local,
+                        "dstport",
+                        "4789",
+                        "nolearning",
+                    ],
+                )?;
+                run(ns, "ip", &["link", "set", "vx0", "master", "br0", "up"])?;
+                run(
+                    ns,
+                    "ip",
+                    &["link", "set", "tport", "mtu", &mtu, "master", "br0", "up"],
+                )?;
+                run(ns, "ip", &["link", "set", "br0", "up"])?;
+                run(
+                    ns,
+                    "bridge",
+                    &[
+                        "fdb",
+                        "append",
+                        "00:00:00:00:00:00",
+                        "dev",
+                        "vx0",
+                        "dst",
+                        &peer,
+                    ],
+                )?;
+            }
+            (Carrier::OvsByHand, Some(d)) => {
+                d.ovs().vsctl(&[
+                    "add-br",
+                    "br0",
+                    "--",
+                    "set",
+                    "Bridge",
+                    "br0",
+                    "datapath_type=netdev",
+                    "--",
+                    "add-port",
+                    "br0",
+                    "tport",
+                    "--",
+                    "add-port",
+                    "br0",
+                    "vx0",
+                    "--",
+                    "set",
+                    "Interface",
+                    "vx0",
+                    "type=vxlan",
+                    &format!("options:remote_ip={peer}"),
+                    &format!("options:local_ip={local}"),
+                    &format!("options:key={TCP_VNI}"),
+                ])?;
+                run(
+                    Some(n[i].as_str()),
+                    "ip",
+                    &["link", "set", "tport", "mtu", &mtu, "up"],
+                )?;
+            }
+            (Carrier::KernelAgent | Carrier::OvsAgent, _) => {
+                let h = match &daemon {
+                    Some(d) => self::host(&netns, d, &dir.join(format!("{}-dhcp", n[i]))),
+                    None => Host {
+                        links: Arc::new(NetlinkLinks::new()),
+                        firewall: Arc::new(NftFirewall::new(netns.clone())),
+                        dhcp: Arc::new(Dnsmasq::new(dir.join(format!("{}-dhcp", n[i])))),
+                    },
+                };
+                let cfg = NodeConfig {
+                    node: n[i].clone(),
+                    netns,
+                    underlay: Some(local.parse()?),
+                    physical: Default::default(),
+                };
+                agent_converge(&h, &cfg, &tcp_snapshot(&n)?, 1)?;
+                hosts.push(h);
+            }
+            (Carrier::OvsByHand, None) => unreachable!("an OVS node has its switch"),
+        }
+    }
+    Ok((g, hosts))
+}
+
+/// TCP throughput, one stream from guest 1 to guest 2 across the overlay, on the kernel's
+/// datapath and on Open vSwitch's (userspace `netdev`), each wired by the agent and by hand,
+/// all four side by side in one run, rotating which goes first each round.
+pub fn tcp(seconds: f64, rounds: usize) -> Result<()> {
+    let prefix = format!("ot{}", std::process::id());
+    let dir = tempfile::tempdir()?;
+    let mut host_ = Cleanup::default();
+    let mut pairs = Vec::new();
+    for c in Carrier::ALL {
+        let t = Instant::now();
+        let (g, hosts) =
+            tcp_pair(&mut host_, &prefix, c, dir.path()).with_context(|| format!("wire {c:?}"))?;
+        eprintln!("{c:?}: wired in {:.2} s", t.elapsed().as_secs_f64());
+        pairs.push((c, g, hosts));
+    }
+    // Each path carries a short run before the measured ones (ARP, conntrack, MACs learnt).
+    for (c, g, _) in &pairs {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            match crate::net::tcp_once(&g[0], &g[1], TCP_IPS[1], 0.5) {
+                Ok(_) => break,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("{c:?}: not through yet: {e:#}");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e.context(format!("{c:?}: no TCP through in 90 s"))),
+            }
+        }
+    }
+    let mut results: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    for round in 0..rounds {
+        for k in 0..pairs.len() {
+            let i = (k + round) % pairs.len();
+            let (c, g, _) = &pairs[i];
+            let gbps = crate::net::tcp_once(&g[0], &g[1], TCP_IPS[1], seconds)?;
+            eprintln!("round {round}: {c:?} {gbps:.3} Gbit/s (load {})", load());
+            results.entry(i).or_default().push(gbps);
+        }
+    }
+    let (source_cpu, sink_cpu) = crate::net::tcp_cpus();
+    println!(
+        "| TCP, one stream, {seconds} s per run, MTU {TCP_MTU}, source on CPU {source_cpu}, sink on CPU {sink_cpu} | runs | median (Gbit/s) | min–max | each |"
+    );
+    println!("|---|---|---|---|---|");
+    let mut medians = BTreeMap::new();
+    for (i, (c, _, _)) in pairs.iter().enumerate() {
+        let v = results.remove(&i).unwrap_or_default();
+        let m = median(v.clone());
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+        println!(
+            "| {} | {} | {m:.3} | {lo:.3}–{hi:.3} | {} |",
+            c.label(),
+            v.len(),
+            each(&v)
+        );
+        medians.insert(c.tag(), m);
+    }
+    let r = |a: &str, b: &str| medians[a] / medians[b];
+    println!();
+    println!(
+        "medians: OVS/kernel, the agents {:.3}x, by hand {:.3}x; the agent/by hand, kernel {:.3}x, OVS {:.3}x; load average at the end: {}",
+        r("oa", "ka"),
+        r("oh", "kh"),
+        r("ka", "kh"),
+        r("oa", "oh"),
         load()
     );
     Ok(())
