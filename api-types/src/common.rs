@@ -200,6 +200,10 @@ reasons! {
     SourceForbidden,
     /// An image's `source.swift` object is not in its project's account (404).
     SourceNotFound,
+    /// An image's `Ready=False`: its data is being uploaded (`PUT images/NAME/data`).
+    Uploading,
+    /// An image's `Ready=False`: it waits for its data to be uploaded.
+    AwaitingUpload,
     /// A hypervisor's `Ready=True`: its agent runs and heartbeats.
     AgentReady,
     /// A hypervisor's `Ready=False`: its heartbeat Lease expired.

@@ -131,7 +131,7 @@ pub enum Visibility {
     Public,
 }
 
-/// Where an Image's data comes from: exactly one of `url` and `swift`.
+/// Where an Image's data comes from: exactly one of `url`, `swift` and `upload`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ImageSource {
@@ -144,6 +144,32 @@ pub struct ImageSource {
     /// no other project's object can be named.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub swift: Option<SwiftObject>,
+    /// The data is uploaded through the API (`PUT images/NAME/data`, as Glance's image
+    /// upload) and kept in the cloud's object store under an account no tenant reaches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<ImageUpload>,
+}
+
+/// An Image whose data is uploaded through the API (`upload: {}`): once, by a member who may
+/// update the Image; an Active image's data never changes.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageUpload {}
+
+/// The container uploaded images are kept in, in the image store's own account.
+pub const UPLOAD_CONTAINER: &str = "stratus-images";
+
+/// Where an uploaded Image's data is kept: an object of the image store's own account of the
+/// cloud's object store, which only the API server reads and writes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StoredObject {
+    /// The container ([`UPLOAD_CONTAINER`]).
+    #[schemars(length(min = 1, max = 256))]
+    pub container: String,
+    /// The object: the Image's uid, so a new Image of the same name has none of its data.
+    #[schemars(length(min = 1, max = 1024))]
+    pub object: String,
 }
 
 /// The longest Swift container name (Swift's `MAX_CONTAINER_NAME_LENGTH`).
@@ -253,9 +279,11 @@ impl std::fmt::Display for ImageTokenStatus {
 /// Lifecycle phase of an Image.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum ImagePhase {
-    /// Waiting to be downloaded.
+    /// Waiting to be downloaded (or, for `source.upload`, uploaded).
     #[default]
     Pending,
+    /// Its data is being uploaded through the API.
+    Uploading,
     /// The data is being downloaded and hashed.
     Downloading,
     /// The data is stored and verified; Servers can boot from it.
@@ -283,7 +311,13 @@ pub struct ImageStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = SHA256_PATTERN))]
     pub sha256: Option<String>,
-    /// Latest observations of the image's state (`Verified`, `Ready`).
+    /// Where an uploaded image's data is kept (set once, by the upload that made it Active).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored: Option<StoredObject>,
+    /// The format the data was inspected as (`qemu-img info`), for an uploaded image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
+    /// Latest observations of the image's state (`Verified`, `Ready`, `Uploaded`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]

@@ -521,23 +521,31 @@ impl Check for ImageSpec {
                 );
             }
         }
-        match (&self.source.url, &self.source.swift) {
-            (Some(_), Some(_)) => errs.push(
+        let given = [
+            self.source.url.is_some(),
+            self.source.swift.is_some(),
+            self.source.upload.is_some(),
+        ]
+        .into_iter()
+        .filter(|g| *g)
+        .count();
+        match given {
+            0 => errs.push(
                 "spec.source",
-                "give exactly one of url and swift, not both",
+                "required: exactly one of url, swift and upload",
                 None,
             ),
-            (None, None) => errs.push(
+            1 => {}
+            _ => errs.push(
                 "spec.source",
-                "required: exactly one of url and swift",
+                "give exactly one of url, swift and upload, not several",
                 None,
             ),
-            (None, Some(swift)) => {
-                for (field, reason) in swift.problems() {
-                    errs.push(format!("spec.source.swift.{field}"), reason, None);
-                }
+        }
+        if let Some(swift) = &self.source.swift {
+            for (field, reason) in swift.problems() {
+                errs.push(format!("spec.source.swift.{field}"), reason, None);
             }
-            (Some(_), None) => {}
         }
     }
 }

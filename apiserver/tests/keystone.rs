@@ -42,7 +42,7 @@ fn free_port() -> u16 {
 
 /// A plain-HTTP API server (with an admin, a service and a node identity) over a new etcd.
 struct Server {
-    _etcd: Etcd,
+    etcd: std::sync::Arc<Etcd>,
     server: stratus_apiserver::http::server::Server,
     addr: std::net::SocketAddr,
     store: stratus_apiserver::storage::store::Store,
@@ -63,7 +63,6 @@ async fn server() -> Server {
 /// [`server`], its configuration changed by `tune` first.
 async fn server_with(tune: impl FnOnce(&mut stratus_apiserver::Config)) -> Server {
     let dir = tempfile::tempdir().expect("temp dir");
-    let audit = dir.path().join("audit.log");
     let endpoint = format!("http://127.0.0.1:{}", free_port());
     let peer = format!("http://127.0.0.1:{}", free_port());
     let child = Command::new("etcd")
@@ -96,7 +95,18 @@ async fn server_with(tune: impl FnOnce(&mut stratus_apiserver::Config)) -> Serve
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let store = store.expect("etcd did not start");
-    let mut config = stratus_apiserver::Config::new(vec![endpoint]);
+    serve(std::sync::Arc::new(etcd), store, "audit.log", tune).await
+}
+
+/// An API server over `etcd` (`store`), auditing to `audit` in its directory.
+async fn serve(
+    etcd: std::sync::Arc<Etcd>,
+    store: stratus_apiserver::storage::store::Store,
+    audit: &str,
+    tune: impl FnOnce(&mut stratus_apiserver::Config),
+) -> Server {
+    let audit = etcd._dir.path().join(audit);
+    let mut config = stratus_apiserver::Config::new(vec![etcd.endpoint.clone()]);
     config.listen = ([127, 0, 0, 1], 0).into();
     config.prefix = PREFIX.into();
     config.tokens = HashMap::from([
@@ -114,11 +124,24 @@ async fn server_with(tune: impl FnOnce(&mut stratus_apiserver::Config)) -> Serve
         .expect("start the API server");
     let addr = server.local_addr;
     Server {
-        _etcd: etcd,
+        etcd,
         server,
         addr,
         store,
         audit,
+    }
+}
+
+impl Server {
+    /// A second API server (a replica) on this one's etcd, tuned as `tune` says.
+    async fn replica(&self, tune: impl FnOnce(&mut stratus_apiserver::Config)) -> Server {
+        serve(
+            std::sync::Arc::clone(&self.etcd),
+            self.store.clone(),
+            "audit-replica.log",
+            tune,
+        )
+        .await
     }
 }
 
@@ -171,7 +194,11 @@ impl Server {
         if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
             req.push_str(&format!("Host: {}\r\n", self.addr));
         }
-        if !body.is_empty() {
+        if !body.is_empty()
+            && !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
             req.push_str("Content-Type: application/json\r\n");
         }
         for (k, v) in headers {
@@ -181,35 +208,42 @@ impl Server {
         s.write_all(req.as_bytes()).await.expect("send");
         // A refused body may be cut short: the answer is what counts.
         let _ = s.write_all(body).await;
-        let mut raw = Vec::new();
-        tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
-            .await
-            .expect("an answer within 30 s")
-            .expect("read the answer");
-        let text = String::from_utf8_lossy(&raw).to_string();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let mut lines = head.lines();
-        let code = lines
-            .next()
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| panic!("no status line in {text}"));
-        let headers: HashMap<String, String> = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
-            .collect();
-        let body = if headers.get("transfer-encoding").map(String::as_str) == Some("chunked") {
-            dechunk(body)
-        } else {
-            body.to_string()
-        };
-        Answer {
-            code,
-            headers,
-            body: serde_json::from_str(&body).unwrap_or(Value::Null),
-        }
+        answer(&mut s).await
     }
+}
 
+/// The answer read off `s` until the server closes it.
+async fn answer(s: &mut tokio::net::TcpStream) -> Answer {
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
+        .await
+        .expect("an answer within 30 s")
+        .expect("read the answer");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let code = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text}"));
+    let headers: HashMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
+        .collect();
+    let body = if headers.get("transfer-encoding").map(String::as_str) == Some("chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Answer {
+        code,
+        headers,
+        body: serde_json::from_str(&body).unwrap_or(Value::Null),
+    }
+}
+
+impl Server {
     /// A Stratus API call with a bearer token.
     async fn api(&self, token: &str, method: &str, path: &str, body: &Value) -> Answer {
         let auth = format!("Bearer {token}");
@@ -537,6 +571,70 @@ async fn a_made_up_name_locks_out_per_source_as_a_users_does() {
     // From the second address both were checked (a failure), neither refused as locked.
     assert_eq!(last("alice"), "failure", "{audit}");
     assert_eq!(last("nobody"), "failure", "{audit}");
+}
+
+/// The audited results of `user`'s Keystone logins in the audit log at `path`, once there are
+/// `n` (waiting up to 30 s for the log to be written).
+async fn results(path: &std::path::Path, user: &str, n: usize) -> Vec<String> {
+    let read = || -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["requestURI"] == "/identity/v3/auth/tokens")
+            .filter(|e| e["annotations"]["authentication.stratus.dev/user"] == user)
+            .filter_map(|e| {
+                e["annotations"]["authentication.stratus.dev/result"]
+                    .as_str()
+                    .map(String::from)
+            })
+            .collect()
+    };
+    for _ in 0..300 {
+        let r = read();
+        if r.len() >= n {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    read()
+}
+
+/// Two API servers on one etcd: a made-up name's failures are counted for both, so it is
+/// locked out after as many tries in all as a User (and as on one server), not that many on
+/// each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_made_up_name_locks_out_over_every_replica_as_a_users_does() {
+    let a = server_with(|c| c.login.lockout_failure_attempts = 3).await;
+    let b = a
+        .replica(|c| {
+            c.login.lockout_failure_attempts = 3;
+            c.login.hash_threads = 2;
+        })
+        .await;
+    a.setup(&["p1"], &[("alice", "p1")]).await;
+    let from = Some(std::net::Ipv4Addr::new(127, 0, 0, 1));
+    for user in ["alice", "nobody"] {
+        // Three failures in all, alternating A, B, A; then B and A refuse at once.
+        for s in [&a, &b, &a, &b, &a] {
+            let got = s.login_from(from, user, "wrong-password", "p1").await;
+            assert_eq!(got.code, 401, "{}", got.body);
+        }
+        let on_a = results(&a.audit, user, 3).await;
+        let on_b = results(&b.audit, user, 2).await;
+        assert_eq!(on_a, ["failure", "failure", "locked"], "{user} on A");
+        assert_eq!(on_b, ["failure", "locked"], "{user} on B");
+    }
+    // Many made-up names share few counts in etcd, however many are tried.
+    let keys = a
+        .store
+        .keys(&format!("{PREFIX}/_system/logins/made-up/"))
+        .await
+        .expect("keys");
+    assert!(
+        (1..=2).contains(&keys.len()),
+        "one count per replica for one name: {keys:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1364,4 +1462,347 @@ async fn a_node_gets_an_image_token_only_while_a_server_placed_on_it_boots_the_i
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(gone, 403);
+}
+
+// ---------------------------------------------------------------------------------------------
+// images/NAME/data
+
+/// `PUT images/NAME/data` of `ns` as `who` with `body` sent as `content_type`.
+async fn put_data(
+    s: &Server,
+    who: &str,
+    ns: &str,
+    name: &str,
+    content_type: &str,
+    body: &[u8],
+) -> Answer {
+    let path = format!("/apis/image.stratus.dev/v1/namespaces/{ns}/images/{name}/data");
+    let auth = format!("Bearer {who}");
+    let headers = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", content_type),
+    ];
+    s.call("PUT", &path, &headers, body).await
+}
+
+/// `GET images/NAME/data` of `ns` as `who`.
+async fn get_data(s: &Server, who: &str, ns: &str, name: &str) -> Answer {
+    let path = format!("/apis/image.stratus.dev/v1/namespaces/{ns}/images/{name}/data");
+    s.api(who, "GET", &path, &Value::Null).await
+}
+
+/// A connection with an upload's head sent (`length` bytes announced, or chunked without) and
+/// no body yet.
+async fn start_upload(
+    s: &Server,
+    who: &str,
+    ns: &str,
+    name: &str,
+    length: Option<usize>,
+) -> tokio::net::TcpStream {
+    let mut c = tokio::net::TcpStream::connect(s.addr)
+        .await
+        .expect("connect");
+    let framing = match length {
+        Some(n) => format!("Content-Length: {n}"),
+        None => "Transfer-Encoding: chunked".to_string(),
+    };
+    let head = format!(
+        "PUT /apis/image.stratus.dev/v1/namespaces/{ns}/images/{name}/data HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAuthorization: Bearer {who}\r\nContent-Type: application/octet-stream\r\n{framing}\r\n\r\n",
+        s.addr
+    );
+    c.write_all(head.as_bytes()).await.expect("send the head");
+    c
+}
+
+/// The Image `ns/name` as the admin reads it.
+async fn read_image(s: &Server, ns: &str, name: &str) -> Value {
+    s.admin(
+        "GET",
+        &format!("/apis/image.stratus.dev/v1/namespaces/{ns}/images/{name}"),
+        Value::Null,
+    )
+    .await
+}
+
+/// The reason of the Image's condition `kind`.
+fn reason(image: &Value, kind: &str) -> Value {
+    image["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == kind))
+        .map(|c| c["reason"].clone())
+        .unwrap_or(Value::Null)
+}
+
+/// An Image of `ns` taking its data by upload, in `format`, with `extra` spec fields.
+async fn upload_image(s: &Server, ns: &str, name: &str, format: &str, extra: Value) {
+    let mut spec = json!({"diskFormat": format, "source": {"upload": {}}});
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    s.admin(
+        "POST",
+        &format!("/apis/image.stratus.dev/v1/namespaces/{ns}/images"),
+        json!({"apiVersion": "image.stratus.dev/v1", "kind": "Image", "metadata": {"name": name},
+               "spec": spec}),
+    )
+    .await;
+}
+
+/// Image data goes in only through a member who may update the Image, as octet-stream, for an
+/// Image with `source.upload`; it comes out only to who may read it (a node: only for what is
+/// placed on it); an Image of another source is neither uploaded to nor served here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_data_is_uploaded_and_read_only_by_whoever_may() {
+    let s = server().await;
+    s.setup(&["p1", "p2"], &[("alice", "p1"), ("bob", "p2")])
+        .await;
+    upload_image(&s, "p1", "up", "raw", json!({})).await;
+    image(
+        &s,
+        "p1",
+        "web",
+        json!({"url": "https://example.org/d.raw"}),
+        false,
+    )
+    .await;
+    let (alice, bob) = (s.token("alice", "p1").await, s.token("bob", "p2").await);
+    let data = vec![7u8; 4096];
+    let octets = "application/octet-stream";
+
+    // Another project's member, a node and the proxy's service identity upload nothing.
+    for who in [bob.as_str(), NODE, PROXY] {
+        let r = put_data(&s, who, "p1", "up", octets, &data).await;
+        assert_eq!(r.code, 403, "{who}: {}", r.body);
+    }
+    // Data is octets: a JSON body is refused before anything is read.
+    let r = put_data(&s, &alice, "p1", "up", "application/json", b"{}").await;
+    assert_eq!(r.code, 415, "{}", r.body);
+    // An Image of a URL is not uploaded to, and says which field.
+    let r = put_data(&s, &alice, "p1", "web", octets, &data).await;
+    assert_eq!(r.code, 400, "{}", r.body);
+    assert_eq!(r.body["details"]["causes"][0]["field"], "spec.source");
+    // No such Image.
+    let r = put_data(&s, &alice, "p1", "nope", octets, &data).await;
+    assert_eq!(r.code, 404, "{}", r.body);
+    // Nothing was recorded by any of them.
+    let up = read_image(&s, "p1", "up").await;
+    assert_eq!(up["status"]["phase"], Value::Null, "{}", up["status"]);
+
+    // Reading: not before it is Active; never another project's member or a node with
+    // nothing placed on it; never an Image of a URL.
+    let r = get_data(&s, &alice, "p1", "up").await;
+    assert_eq!(r.code, 409, "{}", r.body);
+    for who in [bob.as_str(), NODE] {
+        let r = get_data(&s, who, "p1", "up").await;
+        assert_eq!(r.code, 403, "{who}: {}", r.body);
+    }
+    let r = get_data(&s, &alice, "p1", "web").await;
+    assert_eq!(r.code, 400, "{}", r.body);
+    assert_eq!(r.body["details"]["causes"][0]["field"], "spec.source");
+    let r = s
+        .api(
+            &alice,
+            "DELETE",
+            "/apis/image.stratus.dev/v1/namespaces/p1/images/up/data",
+            &Value::Null,
+        )
+        .await;
+    assert_eq!(r.code, 405, "{}", r.body);
+}
+
+/// Data that is too large, is not what the Image declares, names a backing file or does not
+/// match `spec.sha256` is refused with a 4xx naming why, and the Image says so in its
+/// conditions with no size, checksum or location recorded; good data the object store does
+/// not take leaves the Image waiting for an upload. Each such refusal leaves the Image open
+/// to the next upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_image_data_is_refused_and_recorded_as_refused() {
+    // An object store that is not there: the data's checks come first.
+    let s = server_with(|c| {
+        c.image_max_bytes = 512 * 1024;
+        c.object_store_url = Some(format!("http://127.0.0.1:{}", free_port()));
+    })
+    .await;
+    s.setup(&["p1"], &[("alice", "p1")]).await;
+    let alice = s.token("alice", "p1").await;
+    let octets = "application/octet-stream";
+    let unrecorded = |image: &Value| {
+        let st = &image["status"];
+        assert_eq!(st["sha256"], Value::Null, "{st}");
+        assert_eq!(st["sizeBytes"], Value::Null, "{st}");
+        assert_eq!(st["stored"], Value::Null, "{st}");
+        assert_ne!(st["phase"], "Active", "{st}");
+    };
+
+    // Too large, said up front: refused before the body is read.
+    upload_image(&s, "p1", "big", "raw", json!({})).await;
+    let r = put_data(&s, &alice, "p1", "big", octets, &vec![0u8; 512 * 1024 + 1]).await;
+    assert_eq!(r.code, 413, "{}", r.body);
+    // Too large, found while streaming (chunked, no length): cut, refused, recorded.
+    let mut c = start_upload(&s, &alice, "p1", "big", None).await;
+    let chunk = vec![1u8; 128 * 1024];
+    for _ in 0..5 {
+        let mut piece = format!("{:x}\r\n", chunk.len()).into_bytes();
+        piece.extend_from_slice(&chunk);
+        piece.extend_from_slice(b"\r\n");
+        if c.write_all(&piece).await.is_err() {
+            break;
+        }
+    }
+    let _ = c.write_all(b"0\r\n\r\n").await;
+    let r = answer(&mut c).await;
+    assert_eq!(r.code, 413, "{}", r.body);
+    let big = read_image(&s, "p1", "big").await;
+    assert_eq!(
+        reason(&big, "Verified"),
+        "DownloadTooLarge",
+        "{}",
+        big["status"]
+    );
+    unrecorded(&big);
+
+    // A qcow2 naming a backing file.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backed = dir.path().join("backed.qcow2");
+    let ok = Command::new("qemu-img")
+        .args(["create", "-f", "qcow2", "-b", "/etc/hostname", "-F", "raw"])
+        .arg(&backed)
+        .arg("1M")
+        .stdout(Stdio::null())
+        .status()
+        .expect("run qemu-img");
+    assert!(ok.success());
+    upload_image(&s, "p1", "backed", "qcow2", json!({})).await;
+    let bytes = std::fs::read(&backed).expect("read the image");
+    let r = put_data(&s, &alice, "p1", "backed", octets, &bytes).await;
+    assert_eq!(r.code, 400, "{}", r.body);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("backing")),
+        "{}",
+        r.body
+    );
+    let backed = read_image(&s, "p1", "backed").await;
+    assert_eq!(
+        reason(&backed, "Verified"),
+        "BackingFile",
+        "{}",
+        backed["status"]
+    );
+    unrecorded(&backed);
+
+    // Raw bytes for an Image declared qcow2.
+    upload_image(&s, "p1", "wrong", "qcow2", json!({})).await;
+    let r = put_data(&s, &alice, "p1", "wrong", octets, &vec![0u8; 4096]).await;
+    assert_eq!(r.code, 400, "{}", r.body);
+    let wrong = read_image(&s, "p1", "wrong").await;
+    assert!(
+        matches!(
+            reason(&wrong, "Verified").as_str(),
+            Some("FormatMismatch" | "Unreadable")
+        ),
+        "{}",
+        wrong["status"]
+    );
+    unrecorded(&wrong);
+
+    // Data that is not what spec.sha256 says.
+    upload_image(&s, "p1", "pinned", "raw", json!({"sha256": "0".repeat(64)})).await;
+    let r = put_data(&s, &alice, "p1", "pinned", octets, &vec![0u8; 4096]).await;
+    assert_eq!(r.code, 400, "{}", r.body);
+    let pinned = read_image(&s, "p1", "pinned").await;
+    assert_eq!(
+        reason(&pinned, "Verified"),
+        "ChecksumMismatch",
+        "{}",
+        pinned["status"]
+    );
+    unrecorded(&pinned);
+
+    // Good data the object store does not take: 503, and the Image waits for its data.
+    upload_image(&s, "p1", "good", "raw", json!({})).await;
+    let r = put_data(&s, &alice, "p1", "good", octets, &vec![0u8; 4096]).await;
+    assert_eq!(r.code, 503, "{}", r.body);
+    let good = read_image(&s, "p1", "good").await;
+    assert_eq!(
+        reason(&good, "Ready"),
+        "AwaitingUpload",
+        "{}",
+        good["status"]
+    );
+    unrecorded(&good);
+    // The refused ones can be uploaded again (refused again here, not held).
+    let r = put_data(&s, &alice, "p1", "big", octets, &vec![0u8; 4096]).await;
+    assert_eq!(r.code, 503, "{}", r.body);
+}
+
+/// One upload of an Image at a time: while one streams, a second is 409 and the Image shows
+/// `Uploading`; once it ends, the next may start. An Active Image's data never changes (409).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_upload_of_an_image_is_a_conflict() {
+    let s = server_with(|c| c.object_store_url = Some(format!("http://127.0.0.1:{}", free_port())))
+        .await;
+    s.setup(&["p1"], &[("alice", "p1")]).await;
+    let alice = s.token("alice", "p1").await;
+    let octets = "application/octet-stream";
+    upload_image(&s, "p1", "disk", "raw", json!({})).await;
+    let data = vec![3u8; 8192];
+    let mut first = start_upload(&s, &alice, "p1", "disk", Some(data.len())).await;
+    first.write_all(&data[..1024]).await.expect("send a part");
+    let mut uploading = Value::Null;
+    for _ in 0..300 {
+        uploading = read_image(&s, "p1", "disk").await;
+        if uploading["status"]["phase"] == "Uploading" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        uploading["status"]["phase"], "Uploading",
+        "{}",
+        uploading["status"]
+    );
+    assert_eq!(reason(&uploading, "Ready"), "Uploading");
+    let second = put_data(&s, &alice, "p1", "disk", octets, &data).await;
+    assert_eq!(second.code, 409, "{}", second.body);
+    assert!(
+        second.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("under way")),
+        "{}",
+        second.body
+    );
+    // The first ends (the object store is not there: 503), and frees the image.
+    first.write_all(&data[1024..]).await.expect("send the rest");
+    assert_eq!(answer(&mut first).await.code, 503);
+    let next = put_data(&s, &alice, "p1", "disk", octets, &data).await;
+    assert_eq!(next.code, 503, "{}", next.body);
+
+    // An Active image (as an upload leaves it) takes no new data.
+    let path = "/apis/image.stratus.dev/v1/namespaces/p1/images/disk/status";
+    let r = s
+        .call(
+            "PATCH",
+            path,
+            &[
+                ("Authorization", &format!("Bearer {ADMIN}")),
+                ("Content-Type", "application/merge-patch+json"),
+            ],
+            json!({"status": {"phase": "Active"}})
+                .to_string()
+                .as_bytes(),
+        )
+        .await;
+    assert_eq!(r.code, 200, "{}", r.body);
+    let again = put_data(&s, &alice, "p1", "disk", octets, &data).await;
+    assert_eq!(again.code, 409, "{}", again.body);
+    assert!(
+        again.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Active")),
+        "{}",
+        again.body
+    );
 }

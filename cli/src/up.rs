@@ -460,6 +460,9 @@ pub async fn run(args: UpArgs) -> Result<()> {
     config.bookmark_interval = Duration::from_secs(args.bookmark_seconds.max(1));
     config.audit_log = Some(dir.join("audit.log"));
     args.serving.apply(&mut config);
+    // An uploaded image is held to the limits a downloaded one is.
+    config.image_max_bytes = args.images.image_max_download_mib << 20;
+    config.image_max_virtual_size = args.images.image_max_virtual_size_gib << 30;
     if objects.object_store && config.object_store_url.is_none() {
         // Tokens' catalogs lead Swift's clients to their project's account on the proxy.
         config.object_store_url = Some(objects.url());

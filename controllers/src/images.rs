@@ -3,8 +3,9 @@
 //! (no backing file, data file or format other than declared), and reports its size and
 //! checksum in status: `Active` when verified, `Error` with a reason when not. Nodes still
 //! verify and inspect what they cache. An Image kept in the object store (`source.swift`) is
-//! read with a short-lived read-only token of its project (`images/NAME/token`), so it can
-//! only name its own project's objects.
+//! read through the API server (`images/NAME/data`), which reads it with a short-lived
+//! read-only token of the Image's project, so it can only name its own project's objects.
+//! An uploaded Image (`source.upload`) is the API server's: its upload verifies it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,9 +18,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use stratus_api_types::common::{ConditionType, Reason};
 use stratus_api_types::image::{DiskFormat, Image, ImagePhase};
-use stratus_image_cache::{
-    CachedImage, Format, ImageCache, ImageError, Policy, Unsafe, image_origin,
-};
+use stratus_image_cache::{CachedImage, Format, ImageCache, ImageError, Policy, Unsafe};
 use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
 
@@ -71,7 +70,9 @@ async fn verify(image: &Image, ctx: &Ctx) -> Result<Action, ImagesError> {
         .is_some_and(|r| FINAL_REASONS.contains(&r));
     let settled =
         current.phase == ImagePhase::Active || (current.phase == ImagePhase::Error && wrong_data);
+    // An uploaded image's status is its upload's (`PUT images/NAME/data`, in the API server).
     if image.metadata.deletion_timestamp.is_some()
+        || image.spec.source.upload.is_some()
         || (settled && current.observed_generation == generation)
     {
         return Ok(Action::await_change());
@@ -113,18 +114,23 @@ async fn verify(image: &Image, ctx: &Ctx) -> Result<Action, ImagesError> {
                 .yes(Reason::Active, "servers can boot from it")
                 .set(&mut status.conditions, generation);
         }
-        Err(Fetch::Token(e)) => {
+        Err(Fetch::Served(e)) => {
             next = Action::requeue(Duration::from_secs(30));
             let message = format!(
-                "no token to read the object store: {}",
+                "the API server did not serve the object: {}",
                 stratus_runtime::policy::chain(&e)
             );
+            let reason = match &e {
+                kube::Error::Api(s) if s.code == 404 => Reason::SourceNotFound,
+                kube::Error::Api(s) if s.code == 403 => Reason::SourceForbidden,
+                _ => Reason::DownloadFailed,
+            };
             status.phase = ImagePhase::Error;
             ConditionType::Verified
-                .no(Reason::DownloadFailed, message.clone())
+                .no(reason, message.clone())
                 .set(&mut status.conditions, generation);
             ConditionType::Ready
-                .no(Reason::DownloadFailed, message)
+                .no(reason, message)
                 .set(&mut status.conditions, generation);
         }
         Err(Fetch::Image(e)) => {
@@ -149,14 +155,15 @@ async fn verify(image: &Image, ctx: &Ctx) -> Result<Action, ImagesError> {
     Ok(next)
 }
 
-/// Why a fetch failed: no token for the object store, or the fetch itself.
+/// Why a fetch failed: the API server did not serve an object's data, or the fetch itself.
 enum Fetch {
-    Token(kube::Error),
+    Served(kube::Error),
     Image(ImageError),
 }
 
-/// The Image's data in the cache, from its URL or, with a token of its project, from the
-/// object store.
+/// The Image's data in the cache, from its URL or, through the API server
+/// (`images/NAME/data`, which reads it with a token of the Image's project), from the object
+/// store.
 async fn fetch(
     image: &Image,
     ctx: &Ctx,
@@ -166,17 +173,12 @@ async fn fetch(
     let uid = image.metadata.uid.clone().ok_or(ImagesError::Incomplete)?;
     let sum = image.spec.sha256.clone();
     let source = image.spec.source.clone();
-    let token = match stratus_runtime::image_token::image_token(&ctx.client, image).await {
-        Ok(t) => t,
-        Err(e) => return Ok(Err(Fetch::Token(e))),
+    let data = match stratus_runtime::image_token::served_data(&ctx.client, image).await {
+        Ok(d) => d,
+        Err(e) => return Ok(Err(Fetch::Served(e))),
     };
     let got = stratus_runtime::blocking(move || {
-        cache.fetch_origin(
-            &uid,
-            image_origin(&source, token.as_ref()),
-            sum.as_deref(),
-            format,
-        )
+        cache.fetch_source(&uid, &source, sum.as_deref(), format, data)
     })
     .await?;
     Ok(got.map_err(Fetch::Image))

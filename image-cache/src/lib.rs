@@ -29,6 +29,7 @@
 
 pub mod inspect;
 pub mod policy;
+pub mod store;
 
 use std::fs::{File, OpenOptions, Permissions};
 use std::io::{self, Read, Write};
@@ -390,10 +391,8 @@ impl ImageCache {
     ) -> Result<Option<CachedImage>, ImageError> {
         let expected = sha256.map(normalise_checksum).transpose()?;
         check_uid(uid)?;
-        let index = match (&source.swift, &source.url) {
-            (Some(swift), _) => object_index(&swift.container, &swift.object),
-            (None, Some(url)) => url.clone(),
-            (None, None) => return Ok(None),
+        let Some(index) = source_index(uid, source) else {
+            return Ok(None);
         };
         lookup(
             &self.dir.join(uid),
@@ -464,6 +463,69 @@ impl ImageCache {
         source: &Source,
         index: &str,
     ) -> Result<CachedImage, ImageError> {
+        self.fetch_opened(req, index, || self.open(req.url, source))
+    }
+
+    /// The data of Image `uid` read from what `open` answers (called only on a miss, e.g. a
+    /// stream of `images/NAME/data` from the API server), cached under `index` as a URL's
+    /// data is (or under `sha256`, which it must match); `url` names it in errors and logs.
+    ///
+    /// # Guarantees
+    /// As [`fetch`](Self::fetch)'s: the size limit, the checksum and the inspection hold
+    /// whatever `open` reads from.
+    ///
+    /// # Errors
+    /// As [`fetch`](Self::fetch)'s, and what `open` answers.
+    pub fn fetch_reader(
+        &self,
+        req: &Request<'_>,
+        index: &str,
+        open: impl FnOnce() -> Result<Box<dyn Read>, ImageError>,
+    ) -> Result<CachedImage, ImageError> {
+        self.fetch_opened(req, index, open)
+    }
+
+    /// The data of Image `uid` with `source` on a miss of [`cached`](Self::cached): read from
+    /// `served` (the API server's stream of `images/NAME/data`, for an uploaded image or an
+    /// object of the object store) when given, else fetched from the source's URL.
+    ///
+    /// # Errors
+    /// As [`fetch`](Self::fetch)'s.
+    pub fn fetch_source<R: Read + 'static>(
+        &self,
+        uid: &str,
+        source: &ImageSource,
+        sha256: Option<&str>,
+        format: Format,
+        served: Option<(String, R)>,
+    ) -> Result<CachedImage, ImageError> {
+        let url = source.url.as_deref().unwrap_or_default();
+        match served {
+            Some((label, data)) => {
+                let index = source_index(uid, source).unwrap_or_default();
+                let req = Request {
+                    uid,
+                    url: &label,
+                    sha256,
+                    format,
+                };
+                self.fetch_opened(&req, &index, || Ok(Box::new(data)))
+            }
+            None => self.fetch(&Request {
+                uid,
+                url,
+                sha256,
+                format,
+            }),
+        }
+    }
+
+    fn fetch_opened(
+        &self,
+        req: &Request<'_>,
+        index: &str,
+        open: impl FnOnce() -> Result<Box<dyn Read>, ImageError>,
+    ) -> Result<CachedImage, ImageError> {
         let expected = req.sha256.map(normalise_checksum).transpose()?;
         check_uid(req.uid)?;
         let dir = self.dir.join(req.uid);
@@ -479,7 +541,7 @@ impl ImageCache {
             return Ok(hit);
         }
         tracing::info!(url = req.url, uid = req.uid, "downloading image");
-        let image = self.download(&dir, req, source, expected.as_deref())?;
+        let image = self.download(&dir, req, open()?, expected.as_deref())?;
         if expected.is_none() {
             write_index(&dir, &key, &image.sha256)?;
         }
@@ -690,16 +752,7 @@ impl ImageCache {
     /// The body of the object at `url` of the cloud's object store, read with `token`; no
     /// redirect is followed.
     fn open_object(&self, url: &url::Url, token: &str) -> Result<Box<dyn Read>, ImageError> {
-        let config = ureq::Agent::config_builder()
-            .timeout_connect(Some(CONNECT_TIMEOUT))
-            .timeout_recv_response(Some(CONNECT_TIMEOUT))
-            .timeout_per_read(Some(READ_TIMEOUT))
-            .max_redirects(0)
-            .http_status_as_error(false)
-            .proxy(None)
-            .user_agent(concat!("stratus/", env!("CARGO_PKG_VERSION")))
-            .build();
-        let response = ureq::Agent::new_with_config(config)
+        let response = store::agent()
             .get(url.as_str())
             .header("x-auth-token", token)
             .call()
@@ -717,17 +770,9 @@ impl ImageCache {
         self.body(url, response)
     }
 
-    /// Streams the source into a temporary file while hashing it, checks the digest, inspects
-    /// the data and renames the file to its content name.
-    fn download(
-        &self,
-        dir: &Path,
-        req: &Request<'_>,
-        source: &Source,
-        expected: Option<&str>,
-    ) -> Result<CachedImage, ImageError> {
-        let url = req.url;
-        let mut reader: Box<dyn Read> = match source {
+    /// The data at `source` (named `url`).
+    fn open(&self, url: &str, source: &Source) -> Result<Box<dyn Read>, ImageError> {
+        Ok(match source {
             Source::File(path) => {
                 Box::new(File::open(path).map_err(|source| ImageError::Read {
                     url: url.to_owned(),
@@ -736,7 +781,19 @@ impl ImageCache {
             }
             Source::Http(parsed) => self.open_http(parsed)?,
             Source::Object(parsed, token) => self.open_object(parsed, token)?,
-        };
+        })
+    }
+
+    /// Streams the source into a temporary file while hashing it, checks the digest, inspects
+    /// the data and renames the file to its content name.
+    fn download(
+        &self,
+        dir: &Path,
+        req: &Request<'_>,
+        mut reader: Box<dyn Read>,
+        expected: Option<&str>,
+    ) -> Result<CachedImage, ImageError> {
+        let url = req.url;
 
         let mut tmp = tempfile::Builder::new()
             .prefix(".tmp-")
@@ -925,6 +982,18 @@ fn entry_name(format: Format, expected: Option<&str>, index: &str) -> String {
     match expected {
         Some(digest) => content_name(format, digest),
         None => url_index_name(format, index),
+    }
+}
+
+/// The name the data of Image `uid` with `source` is indexed under when it has no expected
+/// checksum: its URL, its object (see [`object_index`]), or for an uploaded image its uid
+/// (such an Image is fetched with the checksum its upload recorded, so this is a fallback).
+pub fn source_index(uid: &str, source: &ImageSource) -> Option<String> {
+    match (&source.swift, &source.url, &source.upload) {
+        (Some(swift), _, _) => Some(object_index(&swift.container, &swift.object)),
+        (None, Some(url), _) => Some(url.clone()),
+        (None, None, Some(_)) => Some(format!("upload:{uid}")),
+        (None, None, None) => None,
     }
 }
 
@@ -1757,6 +1826,7 @@ mod tests {
                 container: "images".into(),
                 object: object.into(),
             }),
+            upload: None,
         };
         let disk = source("a b/disk.raw");
         let sum = sha256_hex(BODY);

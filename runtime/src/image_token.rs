@@ -1,5 +1,8 @@
-//! The token an Image's `source.swift` object is read with: asked of the API server
-//! (`POST images/NAME/token`) by the component about to fetch it.
+//! An Image's data as the API server serves it (`GET images/NAME/data`: an uploaded image, or
+//! a `source.swift` object, read from the object store by the API server), and the token an
+//! Image's `source.swift` object was read with before (`POST images/NAME/token`).
+
+use std::io;
 
 use kube::Client;
 use kube::api::{Api, PostParams};
@@ -30,4 +33,117 @@ pub async fn image_token(
         )
         .await?;
     Ok(Some(token.status))
+}
+
+/// Chunks of `images/NAME/data` in flight between the API server's stream and the blocking
+/// reader.
+const CHUNKS: usize = 4;
+/// The largest chunk read at once.
+const CHUNK: usize = 256 * 1024;
+
+/// Whether `image`'s data is served by the API server (`images/NAME/data`): an uploaded
+/// image's, or an object of the object store's (`source.swift`); an Image with a URL source
+/// is fetched from its URL.
+pub fn served(image: &Image) -> bool {
+    image.spec.source.upload.is_some() || image.spec.source.swift.is_some()
+}
+
+/// The SHA-256 `image`'s data must have: `spec.sha256`, or for an uploaded image the one its
+/// upload recorded (so a node checks what it is served against what was uploaded).
+pub fn checksum(image: &Image) -> Option<String> {
+    image.spec.sha256.clone().or_else(|| {
+        image
+            .spec
+            .source
+            .upload
+            .as_ref()
+            .and(image.status.as_ref())
+            .and_then(|s| s.sha256.clone())
+    })
+}
+
+/// `image`'s data from the API server (`GET images/NAME/data`), as a blocking reader for the
+/// image cache: read it on a blocking thread. The stream is read by a task of its own, a few
+/// chunks ahead.
+///
+/// # Errors
+/// What the API server answers: 403 for a caller that may not read the data (a node: no
+/// Server or Volume placed on it is made from it), 409 for an uploaded Image that is not
+/// Active, 503 for a cloud without an object store.
+pub async fn image_data(client: &Client, image: &Image) -> Result<ImageData, kube::Error> {
+    use futures::AsyncReadExt as _;
+    let ns = image.metadata.namespace.as_deref().unwrap_or_default();
+    let name = image.metadata.name.as_deref().unwrap_or_default();
+    let path = format!("/apis/image.stratus.dev/v1/namespaces/{ns}/images/{name}/data");
+    let request = http::Request::get(path)
+        .body(Vec::new())
+        .map_err(kube::Error::HttpError)?;
+    let stream = client.request_stream(request).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(CHUNKS);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            let mut buf = vec![0u8; CHUNK];
+            let sent = match stream.read(&mut buf).await {
+                Ok(0) => return,
+                Ok(n) => {
+                    buf.truncate(n);
+                    tx.send(Ok(buf)).await
+                }
+                Err(e) => tx.send(Err(e)).await,
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(ImageData {
+        rx,
+        chunk: Vec::new(),
+        at: 0,
+    })
+}
+
+/// `image`'s data from the API server when it serves it ([`served`]), named for errors and
+/// logs; `None` for an Image fetched from its URL.
+///
+/// # Errors
+/// As [`image_data`]'s.
+pub async fn served_data(
+    client: &Client,
+    image: &Image,
+) -> Result<Option<(String, ImageData)>, kube::Error> {
+    if !served(image) {
+        return Ok(None);
+    }
+    let data = image_data(client, image).await?;
+    let name = image.metadata.name.as_deref().unwrap_or_default();
+    Ok(Some((format!("images/{name}/data"), data)))
+}
+
+/// A blocking reader of an Image's data streamed from the API server ([`image_data`]).
+#[derive(Debug)]
+pub struct ImageData {
+    rx: tokio::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl io::Read for ImageData {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.chunk.len() {
+            match self.rx.blocking_recv() {
+                None => return Ok(0),
+                Some(Err(e)) => return Err(e),
+                Some(Ok(chunk)) => {
+                    self.chunk = chunk;
+                    self.at = 0;
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.at);
+        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
 }

@@ -34,8 +34,8 @@ use super::driver::{
 };
 use super::interfaces as ifaces;
 use super::volumes as vols;
-use stratus_api_types::storage::{ImageRef, StoragePool, Volume};
-use stratus_image_cache::{Format, ImageCache, ImageError, image_origin};
+use stratus_api_types::storage::{ImageRef, StoragePool, Volume, VolumeAttachment};
+use stratus_image_cache::{Format, ImageCache, ImageError};
 
 pub use stratus_api_types::compute::TEARDOWN_FINALIZER;
 
@@ -352,11 +352,11 @@ async fn fetch(ctx: &Ctx, user: &str, image: &Image) -> Result<PathBuf, NotBuilt
     let cache = Arc::clone(&ctx.images);
     let uid = image.uid().ok_or(ServerError::Incomplete)?;
     let source = image.spec.source.clone();
-    let sum = image.spec.sha256.clone();
+    let sum = stratus_runtime::image_token::checksum(image);
     let format = cache_format(image.spec.disk_format);
     let user = user.to_owned();
-    // Pinned, then looked up: a token for the object store is asked for only on a miss, so
-    // a cached image costs none and starts servers while no token can be had.
+    // Pinned, then looked up: the API server is asked for the data only on a miss, so a
+    // cached image starts servers while it cannot be had.
     let hit = {
         let (cache, uid, source, sum) =
             (Arc::clone(&cache), uid.clone(), source.clone(), sum.clone());
@@ -370,14 +370,11 @@ async fn fetch(ctx: &Ctx, user: &str, image: &Image) -> Result<PathBuf, NotBuilt
         Ok(Some(hit)) => Ok(hit),
         Err(e) => Err(e),
         Ok(None) => {
-            let token = stratus_runtime::image_token::image_token(&ctx.client, image)
+            let data = stratus_runtime::image_token::served_data(&ctx.client, image)
                 .await
                 .map_err(ServerError::Api)?;
-            blocking(move || {
-                let origin = image_origin(&source, token.as_ref());
-                cache.fetch_origin(&uid, origin, sum.as_deref(), format)
-            })
-            .await?
+            blocking(move || cache.fetch_source(&uid, &source, sum.as_deref(), format, data))
+                .await?
         }
     };
     got.map(|c| c.path)
@@ -831,11 +828,26 @@ async fn boot_volume(ctx: &Ctx, server: &Server, ns: &str, name: &str) -> Result
         Some(p) => get_related(&Api::<StoragePool>::all(ctx.client.clone()), p).await?,
         None => None,
     };
+    let server_uid = server.uid().ok_or(ServerError::Incomplete)?;
+    let attachment = vols::attachment_of(&ctx.client, &vol, &server_uid, &ctx.config.node)
+        .await
+        .map_err(ServerError::Api)?;
     let (judged, vol) = {
         let (server, node) = (server.name_any(), ctx.config.node.clone());
         // The path check reads the disk (and, for an LVM pool, lvm2's reports).
         let ports = ctx.config.export_ports;
-        blocking(move || (vols::ready(&vol, &server, &node, pool.as_ref(), ports), vol)).await?
+        blocking(move || {
+            let judged = vols::ready(
+                &vol,
+                &server,
+                &node,
+                pool.as_ref(),
+                ports,
+                attachment.as_ref(),
+            );
+            (judged, vol)
+        })
+        .await?
     };
     let ready = judged.map_err(|why| match why {
         vols::NotReady::Refused(message) => NotBuilt::Blocked(Blocked {
@@ -1492,10 +1504,11 @@ async fn resolve_volumes(ctx: &Ctx, server: &Server) -> Result<vols::Resolved, S
         .iter()
         .map(|v| v.volume.clone())
         .collect();
+    let uid = server.uid().ok_or(ServerError::Incomplete)?;
     vols::resolve(
         &ctx.client,
         &ns,
-        &server.name_any(),
+        (&server.name_any(), &uid),
         &ctx.config.node,
         &names,
         ctx.config.export_ports,
@@ -1635,18 +1648,32 @@ pub(crate) fn controller(
     let ports = Api::<Port>::all(ctx.client.clone());
     let ports_cfg =
         watcher::Config::default().fields(&format!("status.hypervisor={}", ctx.config.node));
-    // A Volume of this node's pools (made, grown, claimed) wakes the Server it is attached to;
-    // so does a Volume of another node attached here (its export made, moved or ended), at
-    // once rather than at the Server's next requeue.
+    // A Volume of this node's pools (made, grown, claimed) wakes the Servers it is attached
+    // to; so does an attachment to this node of a Volume of another node (its export made,
+    // moved or ended), at once rather than at the Server's next requeue.
     let volumes = Api::<Volume>::all(ctx.client.clone());
     let volumes_cfg =
         watcher::Config::default().fields(&format!("status.node={}", ctx.config.node));
+    let attachments = Api::<VolumeAttachment>::all(ctx.client.clone());
     let attached_here =
-        watcher::Config::default().fields(&format!("status.attachedNode={}", ctx.config.node));
+        watcher::Config::default().fields(&format!("spec.node={}", ctx.config.node));
     let attached_to = |vol: Volume| {
-        let ns = vol.namespace()?;
-        let server = vol.status.as_ref()?.attached_to.clone()?;
-        Some(ObjectRef::<Server>::new(&server).within(&ns))
+        let ns = vol.namespace();
+        let held = vol
+            .status
+            .as_ref()
+            .map(|s| s.attached())
+            .unwrap_or_default();
+        ns.map(|ns| {
+            held.into_iter()
+                .map(|a| ObjectRef::<Server>::new(&a.server).within(&ns))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+    };
+    let attached_by = |va: VolumeAttachment| {
+        let ns = va.spec.volume.namespace.clone()?;
+        Some(ObjectRef::<Server>::new(&va.spec.server.name).within(&ns))
     };
     let run = controller
         .watches(ports, ports_cfg, |port| {
@@ -1654,8 +1681,8 @@ pub(crate) fn controller(
             let server = port.status.as_ref()?.bound_to.clone()?;
             Some(ObjectRef::<Server>::new(&server).within(&ns))
         })
-        .watches(volumes.clone(), volumes_cfg, attached_to)
-        .watches(volumes, attached_here, attached_to)
+        .watches(volumes, volumes_cfg, attached_to)
+        .watches(attachments, attached_here, attached_by)
         .reconcile_on(triggers)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {});

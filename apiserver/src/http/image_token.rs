@@ -88,7 +88,6 @@ async fn issue(
         )));
     }
     let image = allowed(state, caller, ns, name).await?;
-    let api = &state.api;
     if image.pointer("/spec/source/swift").is_none() {
         return Err(ApiError::bad_request(format!(
             "images \"{name}\" has no spec.source.swift: only an image kept in the object store is fetched with a token"
@@ -99,9 +98,43 @@ async fn issue(
             "this cloud has no object store (the API server's object store URL is not set)",
         ));
     };
-    let image_uid = meta::meta_str(&image, "uid")
-        .unwrap_or_default()
-        .to_string();
+    let (token, claims, account_url) = reader_token(state, ns, name, &image, base, ttl).await?;
+    tracing::info!(caller = %caller.user, namespace = ns, image = name, "issued an image token");
+    let body = ImageToken {
+        api_version: format!("{GROUP}/v1"),
+        kind: "ImageToken".into(),
+        status: ImageTokenStatus {
+            token,
+            expiration_timestamp: jiff::Timestamp::from_second(claims.exp)
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
+            account_url,
+        },
+    };
+    let value = serde_json::to_value(&body)
+        .map_err(|e| ApiError::internal(format!("encode the token: {e}")))?;
+    Ok(crate::http::response::json_response(
+        StatusCode::CREATED,
+        &value,
+        &[],
+    ))
+}
+
+/// A `reader` token of the Image's project (Image `ns/name`, stored as `image`) holding `ttl`
+/// seconds, its claims, and the project's account under the object store at `base`.
+///
+/// # Errors
+/// 403 when `ns` is no enabled Project; 503 when etcd is unreachable.
+async fn reader_token(
+    state: &AppState,
+    ns: &str,
+    name: &str,
+    image: &Value,
+    base: &str,
+    ttl: i64,
+) -> ApiResult<(String, Claims, String)> {
+    let api = &state.api;
+    let image_uid = meta::meta_str(image, "uid").unwrap_or_default().to_string();
     let project = api
         .store
         .get(&keys::object(
@@ -130,35 +163,32 @@ async fn issue(
         uid: image_uid,
         generation: 0,
     };
-    // Still account-wide: `reader` of the project's whole account, not of the one object, so
-    // a node hosting the project's servers could read all its containers with it while it
-    // holds. The design to follow: the API server streams `images/NAME/data` itself from the
-    // object store (as Glance serves image data), and no token leaves it.
     let user = format!("{USER_PREFIX}{ns}:{name}");
-    let (token, claims) =
-        state
-            .identity
-            .signer
-            .issue_scoped(&user, &verified, ttl, Some(scope.clone()));
-    tracing::info!(caller = %caller.user, namespace = ns, image = name, "issued an image token");
-    let body = ImageToken {
-        api_version: format!("{GROUP}/v1"),
-        kind: "ImageToken".into(),
-        status: ImageTokenStatus {
-            token,
-            expiration_timestamp: jiff::Timestamp::from_second(claims.exp)
-                .map(|t| t.to_string())
-                .unwrap_or_default(),
-            account_url: format!("{}/v1/AUTH_{}", base.trim_end_matches('/'), scope.uid),
-        },
-    };
-    let value = serde_json::to_value(&body)
-        .map_err(|e| ApiError::internal(format!("encode the token: {e}")))?;
-    Ok(crate::http::response::json_response(
-        StatusCode::CREATED,
-        &value,
-        &[],
-    ))
+    let account = format!("{}/v1/AUTH_{}", base.trim_end_matches('/'), scope.uid);
+    let (token, claims) = state
+        .identity
+        .signer
+        .issue_scoped(&user, &verified, ttl, Some(scope));
+    Ok((token, claims, account))
+}
+
+/// A short-lived `reader` token of the project of Image `image` (in `ns`) and the project's
+/// account, for the API server itself to read the Image's `source.swift` object with
+/// (`images/NAME/data`); it never leaves the API server.
+///
+/// # Errors
+/// As [`reader_token`]'s.
+pub(crate) async fn project_reader(
+    state: &AppState,
+    ns: &str,
+    image: &stratus_api_types::image::Image,
+) -> ApiResult<(String, String)> {
+    let base = state.config.object_store_url.as_deref().unwrap_or_default();
+    let name = image.metadata.name.as_deref().unwrap_or_default();
+    let value = serde_json::to_value(image)
+        .map_err(|e| ApiError::internal(format!("encode an Image: {e}")))?;
+    let (token, _, account) = reader_token(state, ns, name, &value, base, TTL).await?;
+    Ok((token, account))
 }
 
 /// The seconds the token asked for holds: `spec.expirationSeconds` of the body, 1 to [`TTL`],

@@ -530,6 +530,10 @@ async fn subject(state: &AppState, headers: &HeaderMap) -> ApiResult<(Claims, Ve
     let id = &state.identity;
     let claims = id.signer.verify(token).ok_or_else(token_not_found)?;
     // An image fetcher's token: `reader` in its Image's project while the Image exists.
+    // The API server's own token of the image store's account.
+    if let Some(grants) = crate::http::image_data::grants(&claims) {
+        return Ok((claims, grants));
+    }
     if let Some(grants) = crate::http::image_token::grants(state, &claims).await? {
         return Ok((claims, grants.ok_or_else(token_not_found)?));
     }

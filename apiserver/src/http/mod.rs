@@ -4,6 +4,7 @@ pub mod audit;
 pub mod console;
 pub mod dashboard;
 pub mod discovery;
+pub mod image_data;
 pub mod image_token;
 pub mod keystone;
 pub mod limits;

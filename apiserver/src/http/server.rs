@@ -61,6 +61,11 @@ pub struct Config {
     /// The Swift proxies' addresses: their `s3tokens` calls (one per S3 request of any
     /// client) are not limited per source.
     pub identity_proxies: Vec<std::net::IpAddr>,
+    /// The largest image upload (`PUT images/NAME/data`), in bytes: the image URL policy's
+    /// download limit.
+    pub image_max_bytes: u64,
+    /// The largest virtual disk size an uploaded image may describe, in bytes.
+    pub image_max_virtual_size: u64,
     /// The networks a StoragePool's storage address may be in (by default the private
     /// networks; see [`crate::admission::pools`]).
     pub storage_ranges: Vec<crate::admission::pools::StorageCidr>,
@@ -86,6 +91,8 @@ impl Config {
             identity_rate: crate::http::keystone::SourceRate::default(),
             identity_proxies: Vec::new(),
             storage_ranges: crate::admission::pools::StorageCidr::private(),
+            image_max_bytes: stratus_image_cache::policy::DEFAULT_MAX_BYTES,
+            image_max_virtual_size: stratus_image_cache::policy::DEFAULT_MAX_VIRTUAL_SIZE,
         }
     }
 }
@@ -226,7 +233,12 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
         Err(e) => return e.into_response(),
     };
     let listing = info.verb == "list";
-    let timeout = state.config.limits.request_timeout;
+    // An image upload bounds its own time (each silence, and the whole).
+    let timeout = if crate::http::image_data::is_upload(&method, &path) {
+        crate::http::image_data::UPLOAD_DEADLINE + Duration::from_secs(60)
+    } else {
+        state.config.limits.request_timeout
+    };
     // A write that failed on the server's side (a deadline, the store) may have been stored
     // all the same: no Retry-After invites a client to send it again, as kube-apiserver's
     // timeout answers none. A retried create would meet its own object (409), and one with
@@ -342,7 +354,14 @@ async fn serve(
         },
         _ => None,
     };
+    let data = crate::http::image_data::target(&path);
     let response = match (&caller, &params) {
+        // An image's data streams; it is not read into memory as a request body.
+        (Ok(caller), Ok(_)) if data.is_some() => {
+            let target = data.unwrap_or_default();
+            crate::http::image_data::serve(&state, &method, target, &parts.headers, body, caller)
+                .await
+        }
         (Ok(caller), Ok(params)) => match read_body(body, state.config.max_body_bytes).await {
             Ok(bytes) => {
                 // Admission's view of who is asking (a non-public flavor is a cluster admin's).
