@@ -34,7 +34,7 @@ use super::driver::{
 };
 use super::interfaces as ifaces;
 use super::volumes as vols;
-use stratus_api_types::storage::{ImageRef, StoragePool, Volume, VolumeAttachment};
+use stratus_api_types::storage::{ImageRef, StoragePool, Volume};
 use stratus_image_cache::{Format, ImageCache, ImageError};
 
 pub use stratus_api_types::compute::TEARDOWN_FINALIZER;
@@ -828,26 +828,11 @@ async fn boot_volume(ctx: &Ctx, server: &Server, ns: &str, name: &str) -> Result
         Some(p) => get_related(&Api::<StoragePool>::all(ctx.client.clone()), p).await?,
         None => None,
     };
-    let server_uid = server.uid().ok_or(ServerError::Incomplete)?;
-    let attachment = vols::attachment_of(&ctx.client, &vol, &server_uid, &ctx.config.node)
-        .await
-        .map_err(ServerError::Api)?;
     let (judged, vol) = {
         let (server, node) = (server.name_any(), ctx.config.node.clone());
         // The path check reads the disk (and, for an LVM pool, lvm2's reports).
         let ports = ctx.config.export_ports;
-        blocking(move || {
-            let judged = vols::ready(
-                &vol,
-                &server,
-                &node,
-                pool.as_ref(),
-                ports,
-                attachment.as_ref(),
-            );
-            (judged, vol)
-        })
-        .await?
+        blocking(move || (vols::ready(&vol, &server, &node, pool.as_ref(), ports), vol)).await?
     };
     let ready = judged.map_err(|why| match why {
         vols::NotReady::Refused(message) => NotBuilt::Blocked(Blocked {
@@ -1504,11 +1489,10 @@ async fn resolve_volumes(ctx: &Ctx, server: &Server) -> Result<vols::Resolved, S
         .iter()
         .map(|v| v.volume.clone())
         .collect();
-    let uid = server.uid().ok_or(ServerError::Incomplete)?;
     vols::resolve(
         &ctx.client,
         &ns,
-        (&server.name_any(), &uid),
+        &server.name_any(),
         &ctx.config.node,
         &names,
         ctx.config.export_ports,
@@ -1648,32 +1632,18 @@ pub(crate) fn controller(
     let ports = Api::<Port>::all(ctx.client.clone());
     let ports_cfg =
         watcher::Config::default().fields(&format!("status.hypervisor={}", ctx.config.node));
-    // A Volume of this node's pools (made, grown, claimed) wakes the Servers it is attached
-    // to; so does an attachment to this node of a Volume of another node (its export made,
-    // moved or ended), at once rather than at the Server's next requeue.
+    // A Volume of this node's pools (made, grown, claimed) wakes the Server it is attached to;
+    // so does a Volume of another node attached here (its export made, moved or ended), at
+    // once rather than at the Server's next requeue.
     let volumes = Api::<Volume>::all(ctx.client.clone());
     let volumes_cfg =
         watcher::Config::default().fields(&format!("status.node={}", ctx.config.node));
-    let attachments = Api::<VolumeAttachment>::all(ctx.client.clone());
     let attached_here =
-        watcher::Config::default().fields(&format!("spec.node={}", ctx.config.node));
+        watcher::Config::default().fields(&format!("status.attachedNode={}", ctx.config.node));
     let attached_to = |vol: Volume| {
-        let ns = vol.namespace();
-        let held = vol
-            .status
-            .as_ref()
-            .map(|s| s.attached())
-            .unwrap_or_default();
-        ns.map(|ns| {
-            held.into_iter()
-                .map(|a| ObjectRef::<Server>::new(&a.server).within(&ns))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default()
-    };
-    let attached_by = |va: VolumeAttachment| {
-        let ns = va.spec.volume.namespace.clone()?;
-        Some(ObjectRef::<Server>::new(&va.spec.server.name).within(&ns))
+        let ns = vol.namespace()?;
+        let server = vol.status.as_ref()?.attached_to.clone()?;
+        Some(ObjectRef::<Server>::new(&server).within(&ns))
     };
     let run = controller
         .watches(ports, ports_cfg, |port| {
@@ -1681,8 +1651,8 @@ pub(crate) fn controller(
             let server = port.status.as_ref()?.bound_to.clone()?;
             Some(ObjectRef::<Server>::new(&server).within(&ns))
         })
-        .watches(volumes, volumes_cfg, attached_to)
-        .watches(attachments, attached_here, attached_by)
+        .watches(volumes.clone(), volumes_cfg, attached_to)
+        .watches(volumes, attached_here, attached_to)
         .reconcile_on(triggers)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {});

@@ -12,15 +12,14 @@ use futures::StreamExt;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use stratus_api_types::common::{ConditionType, Reason, Time};
 use stratus_api_types::compute::Hypervisor;
 use stratus_api_types::image::{DiskFormat, Image, Visibility};
 use stratus_api_types::storage::{
-    ImageRef, StoragePool, Volume, VolumeAttachment, VolumeExport, VolumePhase, VolumeSnapshot,
-    VolumeSnapshotPhase, VolumeSnapshotStatus, VolumeStatus,
+    ImageRef, StoragePool, Volume, VolumePhase, VolumeSnapshot, VolumeSnapshotPhase,
+    VolumeSnapshotStatus, VolumeStatus,
 };
 use stratus_image_cache::{Format, ImageCache, ImageError};
 use stratus_runtime::finalizer;
@@ -419,13 +418,14 @@ async fn volume_report(
     let n = name.clone();
     let device = blocking(move || b.device(&n)).await??;
     let mut status: VolumeStatus = vol.status.clone().unwrap_or_default();
-    status.phase = if status.is_attached() {
+    status.phase = if status.attached_to.is_some() {
         VolumePhase::InUse
     } else {
         VolumePhase::Available
     };
     status.size_gib = Some(size >> 30);
     status.device_path = Some(device.to_string_lossy().into_owned());
+    let failed = sync_export(ctx, vol, &device, &mut status).await?;
     if let Some(r) = recorded {
         status.source_image.clone_from(&r.source);
         status.kernel_image.clone_from(&r.kernel);
@@ -438,11 +438,30 @@ async fn volume_report(
             format!("{} in {}", name, backend.describe()),
         )
         .set(&mut status.conditions, vol.metadata.generation);
-    ctx.volumes.write_status(vol, &status).await?;
-    match sync_exports(ctx, vol, &device, &status).await? {
+    if vol.status.as_ref().is_some_and(|s| s.export.is_some()) && status.export.is_none() {
+        // An export that ended is taken out whole: a server-side apply that drops it leaves
+        // its parent (`export: {}`) behind, which is no export. A replace, guarded by the
+        // resourceVersion read, writes the status as it is.
+        let ns = vol.namespace().ok_or(StorageError::Incomplete)?;
+        let mut next = vol.clone();
+        next.status = Some(status);
+        Api::<Volume>::namespaced(ctx.client.clone(), &ns)
+            .replace_status(&vol.name_any(), &kube::api::PostParams::default(), &next)
+            .await?;
+    } else {
+        ctx.volumes.write_status(vol, &status).await?;
+    }
+    match failed {
         Some(e) => Err(e.into()),
         None => Ok(()),
     }
+}
+
+/// The node volume `status` is to be exported to: the node its Server is on
+/// (`attachedNode`), while it is attached, when that is not this node.
+pub fn export_to<'a>(status: &'a VolumeStatus, node: &str) -> Option<&'a str> {
+    status.attached_to.as_ref()?;
+    status.attached_node.as_deref().filter(|n| *n != node)
 }
 
 /// Why the address of the node an export is for is not known.
@@ -495,99 +514,48 @@ async fn recorded_address(
     })
 }
 
-/// Whether the running export of a volume to an attachment's node (`running`: this agent
-/// serves one) is kept while the address of that node cannot be read: when the attachment
-/// (`recorded`, its `status.export`) records it exported to that very node. A guest may be
-/// using it; only the attachment's end ends it, never an API that does not answer.
-fn keeps_export(recorded: Option<&VolumeExport>, node: &str, running: bool) -> bool {
-    running && recorded.is_some_and(|e| e.node == node)
+/// Whether the running export of a volume (`running`: this agent serves one) is kept while
+/// the address of `node`, the node it is to be exported to, cannot be read: when the
+/// volume's status records it exported to that very node. A guest may be using it; only a
+/// change of `attachedNode` or `attachedTo` ends it, never an API that does not answer.
+fn keeps_export(status: &VolumeStatus, node: &str, running: bool) -> bool {
+    running && status.export.as_ref().is_some_and(|e| e.node == node)
 }
 
-/// The VolumeAttachments of volume `vol` (its data on this node) the agent serves: those of
-/// this node's volumes naming it by uid, for another node, of a server the volume is still
-/// attached to (`status`), not being deleted.
-fn served<'a>(
-    attachments: &'a [VolumeAttachment],
-    uid: &str,
-    node: &str,
-    status: &VolumeStatus,
-) -> Vec<&'a VolumeAttachment> {
-    attachments
-        .iter()
-        .filter(|va| {
-            va.spec.volume.uid == uid
-                && va.spec.storage_node == node
-                && va.spec.node != node
-                && va.metadata.deletion_timestamp.is_none()
-                && status.is_attached_to(&va.spec.server.name)
-        })
-        .collect()
-}
-
-/// Brings the exports of `vol` (its data at `device`) to its VolumeAttachments: exported to
-/// each node an attachment is for (recorded in the attachment's `status.export` and its
-/// `Attached` condition), to no other. Answers why an export asked for could not be made,
-/// once its attachment says so.
-async fn sync_exports(
-    ctx: &Ctx,
-    vol: &Volume,
-    device: &Path,
-    status: &VolumeStatus,
-) -> Result<Option<ExportError>, StorageError> {
-    let volume = uid(vol)?;
-    let all = if status.is_attached() {
-        let params = kube::api::ListParams::default()
-            .fields(&format!("spec.storageNode={}", ctx.node))
-            .labels(&format!("{VOLUME_UID}={volume}"));
-        Api::<VolumeAttachment>::all(ctx.client.clone())
-            .list(&params)
-            .await?
-            .items
-    } else {
-        Vec::new()
-    };
-    let wanted = served(&all, &volume, &ctx.node, status);
-    let nodes: std::collections::BTreeSet<String> =
-        wanted.iter().map(|va| va.spec.node.clone()).collect();
-    let (e, v) = (Arc::clone(&ctx.exports), volume.clone());
-    blocking(move || e.stop_where(&v, |n| !nodes.contains(n))).await??;
-    let mut failed = None;
-    for va in wanted {
-        if let Some(e) = sync_export(ctx, vol, &volume, device, va).await? {
-            failed.get_or_insert(e);
-        }
-    }
-    Ok(failed)
-}
-
-/// Exports the volume of uid `volume` (its data at `device`) to the node of attachment `va`,
-/// and records where (or why not) in the attachment's status. Answers why it could not be.
+/// Brings the export of `vol` (its data at `device`) to what `status` asks: exported to the
+/// node its Server is on when that is another node (recorded in `status.export` and its
+/// `Attached` condition), not exported otherwise. Answers why an export asked for could not
+/// be made, once `status` says so.
 async fn sync_export(
     ctx: &Ctx,
     vol: &Volume,
-    volume: &str,
     device: &Path,
-    va: &VolumeAttachment,
+    status: &mut VolumeStatus,
 ) -> Result<Option<ExportError>, StorageError> {
-    let node = va.spec.node.clone();
-    let recorded = va.status.as_ref().and_then(|s| s.export.clone());
-    let status = vol.status.clone().unwrap_or_default();
-    let made = match recorded_address(ctx, &status).await? {
+    let volume = uid(vol)?;
+    let Some(node) = export_to(status, &ctx.node).map(str::to_owned) else {
+        let e = Arc::clone(&ctx.exports);
+        let v = volume.clone();
+        blocking(move || e.stop(&v)).await??;
+        status.export = None;
+        return Ok(None);
+    };
+    let made = match recorded_address(ctx, status).await? {
         Err(e) => Err(e),
         Ok(()) => match peer_address(ctx, &node).await {
             Ok(peer) => {
                 let (e, v, d, n) = (
                     Arc::clone(&ctx.exports),
-                    volume.to_owned(),
+                    volume.clone(),
                     device.to_owned(),
                     node.clone(),
                 );
-                let was = recorded.clone();
+                let was = status.export.clone();
                 blocking(move || e.ensure(&v, &d, &n, peer, was.as_ref())).await?
             }
             Err(Peer::Unreadable(why)) => {
-                let running = ctx.exports.serves(volume, &node);
-                if keeps_export(recorded.as_ref(), &node, running) {
+                let running = ctx.exports.volumes().contains(&volume);
+                if keeps_export(status, &node, running) {
                     // Kept as it is, status and all; the reconcile is retried.
                     return Ok(Some(ExportError::Serve(why)));
                 }
@@ -596,49 +564,39 @@ async fn sync_export(
             Err(Peer::NoAddress(why)) => Err(ExportError::Serve(why)),
         },
     };
-    let mut next = va.status.clone().unwrap_or_default();
-    let failed = match made {
+    match made {
         Ok(export) => {
             ConditionType::Attached
                 .yes(
                     reasons::EXPORTED,
+                    // Where it is served (status.export) is the nodes' business, not the
+                    // message's: a condition is read by every reader of the Volume.
                     format!("exported over NBD to node {node}"),
                 )
-                .set(&mut next.conditions, va.metadata.generation);
-            next.export = Some(export);
-            None
+                .set(&mut status.conditions, vol.metadata.generation);
+            status.export = Some(export);
+            Ok(None)
         }
         Err(e) => {
-            let (ex, v, n) = (Arc::clone(&ctx.exports), volume.to_owned(), node.clone());
-            blocking(move || ex.stop(&v, &n)).await??;
+            let e2 = Arc::clone(&ctx.exports);
+            let v = volume.clone();
+            blocking(move || e2.stop(&v)).await??;
             ConditionType::Attached
                 .no(
                     reasons::EXPORT_FAILED,
                     format!("cannot export it to node {node}: {e}"),
                 )
-                .set(&mut next.conditions, va.metadata.generation);
-            next.export = None;
-            Some(e)
+                .set(&mut status.conditions, vol.metadata.generation);
+            status.export = None;
+            Ok(Some(e))
         }
-    };
-    next.observed_generation = va.metadata.generation;
-    if va.status.as_ref() != Some(&next) {
-        // A replace, guarded by the resourceVersion read, writes the status as it is: an
-        // export that ended is taken out whole.
-        let mut written = va.clone();
-        written.status = Some(next);
-        written.metadata.managed_fields = None;
-        Api::<VolumeAttachment>::all(ctx.client.clone())
-            .replace_status(&va.name_any(), &kube::api::PostParams::default(), &written)
-            .await?;
     }
-    Ok(failed)
 }
 
-/// Ends every export of `vol` (its data is going or gone).
+/// Ends the export of `vol`, if it has one (its data is going or gone).
 async fn end_export(ctx: &Ctx, vol: &Volume) -> Result<(), StorageError> {
     let (e, v) = (Arc::clone(&ctx.exports), uid(vol)?);
-    blocking(move || e.stop_all(&v)).await??;
+    blocking(move || e.stop(&v)).await??;
     Ok(())
 }
 
@@ -665,7 +623,7 @@ async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
         stage: finalizer::stage(vol, FINALIZER),
         size: Some(vol.spec.size_gib << 30),
         made: status.size_gib.is_some(),
-        attached: status.is_attached(),
+        attached: status.attached_to.is_some(),
     };
     let step = plan(intent, observed.map(|o| o.size));
     tracing::debug!(?step, "volume step");
@@ -807,17 +765,13 @@ async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
             Ok(Action::requeue(ctx.resync))
         }
         Step::WaitDetach => {
-            let to: Vec<String> = status
-                .attached()
-                .iter()
-                .map(|a| format!("{:?}", a.server))
-                .collect();
+            let to = status.attached_to.clone().unwrap_or_default();
             volume_blocked(
                 ctx,
                 vol,
                 VolumePhase::Deleting,
                 reasons::ATTACHED,
-                &format!("deleted; waits for server {} to detach it", to.join(", ")),
+                &format!("deleted; waits for server {to:?} to detach it"),
             )
             .await?;
             Ok(Action::requeue(Duration::from_secs(10)))
@@ -1173,9 +1127,9 @@ async fn sweep_exports(exports: Arc<Exports>, volumes: kube::runtime::reflector:
             volumes.state().iter().filter_map(|v| v.uid()).collect();
         let e = Arc::clone(&exports);
         let swept = blocking(move || {
-            for (v, _) in e.exported() {
+            for v in e.volumes() {
                 if !known.contains(&v) {
-                    e.stop_all(&v)?;
+                    e.stop(&v)?;
                 }
             }
             e.refresh()
@@ -1292,18 +1246,7 @@ pub async fn run(client: Client, config: Config, pools: Vec<(PoolConfig, Arc<dyn
         watcher::Config::default().fields(&selector),
     );
     let store = controller.store();
-    // An attachment of a volume of this node (made, or gone) wakes the volume at once.
-    let attachments =
-        watcher::Config::default().fields(&format!("spec.storageNode={}", config.node));
     let volumes = controller
-        .watches(
-            Api::<VolumeAttachment>::all(client.clone()),
-            attachments,
-            |va: VolumeAttachment| {
-                let v = &va.spec.volume;
-                Some(ObjectRef::<Volume>::new(&v.name).within(v.namespace.as_deref()?))
-            },
-        )
         .run(reconcile_volume, volume_error, Arc::clone(&ctx))
         .for_each(|_| async {});
     let sweeper = sweep_images(Arc::clone(&ctx.images), store.clone());
@@ -1373,62 +1316,24 @@ mod tests {
     #[test]
     fn a_running_export_outlives_an_unreadable_peer() {
         let exported = |node: &str| {
-            serde_json::from_value::<VolumeExport>(
-                json!({"node": node, "host": "10.0.0.1", "port": 10809, "name": "x1"}),
-            )
-            .expect("an export")
+            serde_json::from_value::<VolumeStatus>(json!({
+                "attachedTo": "s", "attachedNode": node,
+                "export": {"node": node, "host": "10.0.0.1", "port": 10809, "name": "x1"},
+            }))
+            .expect("a status")
         };
-        assert!(keeps_export(Some(&exported("n2")), "n2", true));
+        assert!(keeps_export(&exported("n2"), "n2", true));
         assert!(
-            !keeps_export(Some(&exported("n2")), "n2", false),
+            !keeps_export(&exported("n2"), "n2", false),
             "no export is running: nothing to keep"
         );
         assert!(
-            !keeps_export(Some(&exported("n2")), "n3", true),
+            !keeps_export(&exported("n2"), "n3", true),
             "made for another node than the one asked for now"
         );
-        assert!(!keeps_export(None, "n2", true));
-    }
-
-    #[test]
-    fn a_volume_is_exported_for_its_attachments_to_other_nodes_alone() {
-        let va = |name: &str, server: &str, node: &str, storage: &str, volume: &str| {
-            serde_json::from_value::<VolumeAttachment>(json!({
-                "apiVersion": "storage.stratus.dev/v1", "kind": "VolumeAttachment",
-                "metadata": {"name": name},
-                "spec": {"volume": {"namespace": "demo", "name": "v", "uid": volume},
-                         "server": {"name": server, "uid": format!("{server}-uid")},
-                         "node": node, "storageNode": storage},
-            }))
-            .expect("an attachment")
-        };
-        let status = serde_json::from_value::<VolumeStatus>(json!({
-            "attachedTo": "web",
-            "attachments": [{"server": "web", "node": "n2"}, {"server": "db", "node": "n3"},
-                            {"server": "here", "node": "n1"}],
-        }))
-        .expect("a status");
-        let all = [
-            va("a", "web", "n2", "n1", "u1"),
-            va("b", "db", "n3", "n1", "u1"),
-            // Released from the volume, not yet deleted by the controller.
-            va("c", "gone", "n4", "n1", "u1"),
-            // Another volume's, another storage node's, this node's own.
-            va("d", "web", "n2", "n1", "u2"),
-            va("e", "web", "n2", "n9", "u1"),
-            va("f", "here", "n1", "n1", "u1"),
-        ];
-        let names: Vec<String> = served(&all, "u1", "n1", &status)
-            .iter()
-            .map(|v| v.name_any())
-            .collect();
-        assert_eq!(names, ["a", "b"]);
-        let mut going = all[0].clone();
-        going.metadata.deletion_timestamp =
-            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                k8s_openapi::jiff::Timestamp::now(),
-            ));
-        assert!(served(&[going], "u1", "n1", &status).is_empty());
+        let none =
+            serde_json::from_value::<VolumeStatus>(json!({"attachedTo": "s"})).expect("a status");
+        assert!(!keeps_export(&none, "n2", true));
     }
 
     #[test]
