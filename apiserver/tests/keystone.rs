@@ -42,7 +42,7 @@ fn free_port() -> u16 {
 
 /// A plain-HTTP API server (with an admin, a service and a node identity) over a new etcd.
 struct Server {
-    _etcd: Etcd,
+    etcd: std::sync::Arc<Etcd>,
     server: stratus_apiserver::http::server::Server,
     addr: std::net::SocketAddr,
     store: stratus_apiserver::storage::store::Store,
@@ -63,7 +63,6 @@ async fn server() -> Server {
 /// [`server`], its configuration changed by `tune` first.
 async fn server_with(tune: impl FnOnce(&mut stratus_apiserver::Config)) -> Server {
     let dir = tempfile::tempdir().expect("temp dir");
-    let audit = dir.path().join("audit.log");
     let endpoint = format!("http://127.0.0.1:{}", free_port());
     let peer = format!("http://127.0.0.1:{}", free_port());
     let child = Command::new("etcd")
@@ -96,7 +95,18 @@ async fn server_with(tune: impl FnOnce(&mut stratus_apiserver::Config)) -> Serve
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let store = store.expect("etcd did not start");
-    let mut config = stratus_apiserver::Config::new(vec![endpoint]);
+    serve(std::sync::Arc::new(etcd), store, "audit.log", tune).await
+}
+
+/// An API server over `etcd` (`store`), auditing to `audit` in its directory.
+async fn serve(
+    etcd: std::sync::Arc<Etcd>,
+    store: stratus_apiserver::storage::store::Store,
+    audit: &str,
+    tune: impl FnOnce(&mut stratus_apiserver::Config),
+) -> Server {
+    let audit = etcd._dir.path().join(audit);
+    let mut config = stratus_apiserver::Config::new(vec![etcd.endpoint.clone()]);
     config.listen = ([127, 0, 0, 1], 0).into();
     config.prefix = PREFIX.into();
     config.tokens = HashMap::from([
@@ -114,11 +124,24 @@ async fn server_with(tune: impl FnOnce(&mut stratus_apiserver::Config)) -> Serve
         .expect("start the API server");
     let addr = server.local_addr;
     Server {
-        _etcd: etcd,
+        etcd,
         server,
         addr,
         store,
         audit,
+    }
+}
+
+impl Server {
+    /// A second API server (a replica) on this one's etcd, tuned as `tune` says.
+    async fn replica(&self, tune: impl FnOnce(&mut stratus_apiserver::Config)) -> Server {
+        serve(
+            std::sync::Arc::clone(&self.etcd),
+            self.store.clone(),
+            "audit-replica.log",
+            tune,
+        )
+        .await
     }
 }
 
@@ -548,6 +571,70 @@ async fn a_made_up_name_locks_out_per_source_as_a_users_does() {
     // From the second address both were checked (a failure), neither refused as locked.
     assert_eq!(last("alice"), "failure", "{audit}");
     assert_eq!(last("nobody"), "failure", "{audit}");
+}
+
+/// The audited results of `user`'s Keystone logins in the audit log at `path`, once there are
+/// `n` (waiting up to 30 s for the log to be written).
+async fn results(path: &std::path::Path, user: &str, n: usize) -> Vec<String> {
+    let read = || -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["requestURI"] == "/identity/v3/auth/tokens")
+            .filter(|e| e["annotations"]["authentication.stratus.dev/user"] == user)
+            .filter_map(|e| {
+                e["annotations"]["authentication.stratus.dev/result"]
+                    .as_str()
+                    .map(String::from)
+            })
+            .collect()
+    };
+    for _ in 0..300 {
+        let r = read();
+        if r.len() >= n {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    read()
+}
+
+/// Two API servers on one etcd: a made-up name's failures are counted for both, so it is
+/// locked out after as many tries in all as a User (and as on one server), not that many on
+/// each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_made_up_name_locks_out_over_every_replica_as_a_users_does() {
+    let a = server_with(|c| c.login.lockout_failure_attempts = 3).await;
+    let b = a
+        .replica(|c| {
+            c.login.lockout_failure_attempts = 3;
+            c.login.hash_threads = 2;
+        })
+        .await;
+    a.setup(&["p1"], &[("alice", "p1")]).await;
+    let from = Some(std::net::Ipv4Addr::new(127, 0, 0, 1));
+    for user in ["alice", "nobody"] {
+        // Three failures in all, alternating A, B, A; then B and A refuse at once.
+        for s in [&a, &b, &a, &b, &a] {
+            let got = s.login_from(from, user, "wrong-password", "p1").await;
+            assert_eq!(got.code, 401, "{}", got.body);
+        }
+        let on_a = results(&a.audit, user, 3).await;
+        let on_b = results(&b.audit, user, 2).await;
+        assert_eq!(on_a, ["failure", "failure", "locked"], "{user} on A");
+        assert_eq!(on_b, ["failure", "locked"], "{user} on B");
+    }
+    // Many made-up names share few counts in etcd, however many are tried.
+    let keys = a
+        .store
+        .keys(&format!("{PREFIX}/_system/logins/made-up/"))
+        .await
+        .expect("keys");
+    assert!(
+        (1..=2).contains(&keys.len()),
+        "one count per replica for one name: {keys:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

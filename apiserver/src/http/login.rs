@@ -102,23 +102,13 @@ pub(crate) async fn password_login(
 ) -> ApiResult<(String, Claims)> {
     let id = &state.identity;
     let unix = jiff::Timestamp::now().as_second();
-    // Users and source addresses over every replica; names that are no User in this
-    // replica's memory, per source bucket as a User's are (so that a made-up name locks out
-    // as a real one does here, and which of the two a name is cannot be told by trying it
-    // from a second address).
-    let unknown_key = match source {
-        Some(ip) => format!("{user}\n{}", crate::policy::logins::bucket(ip)),
-        None => user.to_owned(),
-    };
+    // Users, names that are no User and source addresses, over every replica.
     let shared = id
         .logins
         .check(Some(user), source, unix)
         .await
         .map_err(ApiError::from)?;
-    match shared
-        .refusal
-        .or(id.throttle.check(&unknown_key, None, Instant::now()).err())
-    {
+    match shared.refusal {
         None => {}
         Some(Refusal::Locked) => {
             attempt.result = "locked";
@@ -135,10 +125,11 @@ pub(crate) async fn password_login(
     attempt.result = "error";
     let (verified, known) = id.verify_password(user, password, source).await?;
     let Some(verified) = verified else {
-        if !known {
-            id.throttle.failed(&unknown_key, None, Instant::now());
+        if known {
+            id.logins.failed(Some(user), source, unix).await;
+        } else {
+            id.logins.failed_made_up(user, source, unix).await;
         }
-        id.logins.failed(known.then_some(user), source, unix).await;
         attempt.result = "failure";
         return Err(ApiError::unauthorized());
     };

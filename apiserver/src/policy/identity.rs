@@ -91,9 +91,11 @@ pub struct Identity {
     dummy_hash: String,
     /// Where argon2 runs.
     hasher: Hasher,
-    /// Failed logins of user names that are no User, in this replica's memory.
+    /// Failed password checks of a password change by a user whose User is gone, in this
+    /// replica's memory.
     pub throttle: Throttle,
-    /// Failed logins of Users and per source address, shared by every replica (etcd).
+    /// Failed logins of Users, of names that are no User and per source address, shared by
+    /// every replica (etcd).
     pub logins: super::logins::Logins,
     /// The token signer every replica shares.
     pub signer: Signer,
@@ -221,7 +223,17 @@ impl Identity {
             .hash_password(uuid::Uuid::new_v4().to_string().as_bytes())
             .map(|h| h.to_string())
             .map_err(|_| StoreError::Poisoned)?;
-        let logins = super::logins::Logins::new(store.clone(), prefix, policy);
+        // The key that picks a made-up login name's count: every replica's, no client's.
+        let made_up = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, &material),
+            super::logins::MADE_UP_LABEL,
+        );
+        let logins = super::logins::Logins::new(
+            store.clone(),
+            prefix,
+            policy,
+            hmac::Key::new(hmac::HMAC_SHA256, made_up.as_ref()),
+        );
         Ok(Self {
             store: store.clone(),
             prefix: prefix.to_string(),

@@ -29,11 +29,24 @@
 //!   next one), at most one batch per [`FLUSH_INTERVAL`] and [`BATCH_KEYS`] keys per batch.
 //!   A failed-login storm is at most 10 etcd transactions a second per replica, whatever its
 //!   rate; a failure is also a password hash, so a replica makes only tens a second anyway.
-//! - Bounded keys: user counts are kept only for users that exist (an unknown name is
-//!   counted against its source address, and in the replica's memory); every key is bound to
-//!   a lease that outlives its count's expiry by at most [`LEASE_ROTATION`], so etcd forgets
+//! - Bounded keys: user counts are kept only for users that exist; every key is bound to a
+//!   lease that outlives its count's expiry by at most [`LEASE_ROTATION`], so etcd forgets
 //!   counts that no longer matter. One lease per kind per replica per rotation.
 //! - A successful login removes every replica's count of its user.
+//!
+//! # Names that are no User
+//! A made-up name's failures are counted over every replica too, as a User's are (so that it
+//! locks out after as many tries in all, and which of the two a name is cannot be told by
+//! trying it on another replica or from another address), without a key per name: in one of
+//! [`MADE_UP_BUCKETS`] shared counts, chosen by an HMAC-SHA256 of the source bucket and the
+//! name under a key derived from the cluster's token signing key (in etcd, outside every
+//! served resource), so a client can neither aim two names at one count nor know which names
+//! share one. A made-up name's count is its bucket's: the failures in a row of every
+//! (name, source bucket) pair hashed there, so it locks out after at most as many tries as a
+//! User's, sooner when other made-up names failed in its bucket lately. Users never share a
+//! count. At most [`MADE_UP_BUCKETS`] keys per replica, whatever the names; filling them all
+//! takes `lockout_failure_attempts` times that many failures within `lockout_duration`, more
+//! than the replicas' hashing threads verify in that time.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -67,6 +80,12 @@ pub const REFUSAL_MEMORY: Duration = Duration::from_secs(1);
 
 /// The most refusals remembered; past it, they are forgotten.
 const REFUSALS: usize = 10_000;
+
+/// How many counts names that are no User share (see the module's documentation).
+pub const MADE_UP_BUCKETS: u32 = 65_536;
+
+/// What the key that picks a made-up name's count is derived with, from the token key.
+pub const MADE_UP_LABEL: &[u8] = b"stratus made-up login names v1";
 
 /// What a count is of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,7 +169,8 @@ pub fn bucket(ip: IpAddr) -> IpAddr {
 pub struct Checked {
     /// Why the login is refused before its password is looked at.
     pub refusal: Option<Refusal>,
-    /// The user's fresh failures from this source's bucket over every replica.
+    /// The user's fresh failures from this source's bucket over every replica (for a name
+    /// that is no User, its bucket's).
     pub user_failures: u32,
 }
 
@@ -158,7 +178,11 @@ pub struct Checked {
 #[derive(Debug)]
 pub struct Logins {
     store: Store,
+    /// The key prefix of every object.
+    prefix: String,
     root: String,
+    /// Picks a made-up name's count ([`MADE_UP_BUCKETS`]).
+    made_up: ring::hmac::Key,
     replica: String,
     policy: LoginPolicy,
     state: Mutex<State>,
@@ -174,11 +198,15 @@ fn secs(d: Duration) -> i64 {
 }
 
 impl Logins {
-    /// The counts of this replica (a new id each start) under `{prefix}/_system/logins/`.
-    pub fn new(store: Store, prefix: &str, policy: &LoginPolicy) -> Self {
+    /// The counts of this replica (a new id each start) under `{prefix}/_system/logins/`;
+    /// `made_up` picks the count of a name that is no User (every replica must have the same,
+    /// and no client: derived from the token signing key with [`MADE_UP_LABEL`]).
+    pub fn new(store: Store, prefix: &str, policy: &LoginPolicy, made_up: ring::hmac::Key) -> Self {
         Self {
             store,
+            prefix: prefix.to_owned(),
             root: format!("{prefix}/_system/logins/"),
+            made_up,
             replica: uuid::Uuid::new_v4().simple().to_string(),
             policy: policy.clone(),
             state: Mutex::default(),
@@ -193,6 +221,21 @@ impl Logins {
         let digest = ring::digest::digest(&ring::digest::SHA256, user.as_bytes());
         let from = source.map_or_else(|| "unknown".to_string(), |ip| bucket(ip).to_string());
         format!("{}users/{}/{from}/", self.root, B64.encode(digest.as_ref()))
+    }
+
+    /// The prefix of every replica's count of the made-up names that share `user`'s bucket
+    /// from `source`'s bucket.
+    fn made_up_prefix(&self, user: &str, source: Option<IpAddr>) -> String {
+        let from = source.map_or_else(|| "unknown".to_string(), |ip| bucket(ip).to_string());
+        let mut ctx = ring::hmac::Context::with_key(&self.made_up);
+        ctx.update(&(from.len() as u64).to_be_bytes());
+        ctx.update(from.as_bytes());
+        ctx.update(user.as_bytes());
+        let tag = ctx.sign();
+        let mut first = [0u8; 4];
+        first.copy_from_slice(&tag.as_ref()[..4]);
+        let index = u32::from_be_bytes(first) % MADE_UP_BUCKETS;
+        format!("{}made-up/{index:05}/", self.root)
     }
 
     fn source_prefix(&self, ip: IpAddr) -> String {
@@ -222,16 +265,22 @@ impl Logins {
         now: i64,
     ) -> Result<Checked, StoreError> {
         let p = &self.policy;
-        let user_prefix = user
-            .filter(|_| p.lockout_failure_attempts > 0)
-            .map(|u| self.user_prefix(u, source));
+        let user = user.filter(|_| p.lockout_failure_attempts > 0);
+        let user_prefix = user.map(|u| self.user_prefix(u, source));
         let source_prefix = source
             .filter(|_| p.source_failure_attempts > 0)
             .map(|ip| self.source_prefix(ip));
+        // Whether the name is a User, and the count of its bucket if it is not.
+        let made_up_prefix = user.map(|u| self.made_up_prefix(u, source));
+        let user_key = user.map(|u| {
+            crate::storage::keys::object(&self.prefix, "identity.stratus.dev", "users", None, u)
+        });
         let reads: Vec<Read<'_>> = user_prefix
             .iter()
             .chain(source_prefix.iter())
+            .chain(made_up_prefix.iter())
             .map(|k| Read::Prefix(k))
+            .chain(user_key.iter().map(|k| Read::Presence(k)))
             .collect();
         if reads.is_empty() {
             return Ok(Checked {
@@ -256,6 +305,9 @@ impl Logins {
         };
         let users = sum(Kind::User, &user_prefix);
         let sources = sum(Kind::Source, &source_prefix);
+        let made_up = sum(Kind::User, &made_up_prefix);
+        let known = read.next().is_some_and(|r| !r.is_empty());
+        let users = if known { users } else { made_up };
         let user_failures = users
             .iter()
             .map(|c| c.count)
@@ -348,20 +400,28 @@ impl Logins {
         out
     }
 
-    /// Counts a failed login at `now` (unix seconds): of `user` (only for a user that exists)
-    /// and from `source`; returns once the failure is written to etcd (or writing it failed,
-    /// which is logged: the failure is then counted by this replica alone until a later batch
-    /// writes it).
+    /// Counts a failed login at `now` (unix seconds): of `user` (a user that exists) and from
+    /// `source`; returns once the failure is written to etcd (or writing it failed, which is
+    /// logged: the failure is then counted by this replica alone until a later batch writes
+    /// it).
     pub async fn failed(&self, user: Option<&str>, source: Option<IpAddr>, now: i64) {
+        let key = user.map(|u| self.user_prefix(u, source));
+        self.count(key, source, now).await;
+    }
+
+    /// As [`Logins::failed`], for `name`, which is no User: counted in its bucket.
+    pub async fn failed_made_up(&self, name: &str, source: Option<IpAddr>, now: i64) {
+        self.count(Some(self.made_up_prefix(name, source)), source, now)
+            .await;
+    }
+
+    /// Counts a failure under `user` (the prefix of a user's or a bucket's count) and from
+    /// `source`.
+    async fn count(&self, user: Option<String>, source: Option<IpAddr>, now: i64) {
         let p = &self.policy;
         let keys: Vec<(Kind, String)> = user
             .filter(|_| p.lockout_failure_attempts > 0)
-            .map(|u| {
-                (
-                    Kind::User,
-                    format!("{}{}", self.user_prefix(u, source), self.replica),
-                )
-            })
+            .map(|u| (Kind::User, format!("{u}{}", self.replica)))
             .into_iter()
             .chain(source.filter(|_| p.source_failure_attempts > 0).map(|ip| {
                 (
@@ -576,9 +636,24 @@ mod tests {
     /// Two replicas on one store.
     fn replicas() -> (Store, Logins, Logins) {
         let store = Store::memory();
-        let a = Logins::new(store.clone(), "/p", &policy());
-        let b = Logins::new(store.clone(), "/p", &policy());
+        let key = || ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"cluster");
+        let a = Logins::new(store.clone(), "/p", &policy(), key());
+        let b = Logins::new(store.clone(), "/p", &policy(), key());
         (store, a, b)
+    }
+
+    /// Makes Users `names` (the counts of other names are their buckets').
+    async fn users(store: &Store, names: &[&str]) {
+        for n in names {
+            let key = crate::storage::keys::object("/p", "identity.stratus.dev", "users", None, n);
+            store
+                .create(
+                    &key,
+                    &json!({"metadata": {"name": n, "uid": format!("u-{n}")}}),
+                )
+                .await
+                .expect("a user");
+        }
     }
 
     async fn refusal(l: &Logins, user: &str, ip: Option<IpAddr>, now: i64) -> Option<Refusal> {
@@ -587,7 +662,8 @@ mod tests {
 
     #[tokio::test]
     async fn failures_on_one_replica_lock_the_user_out_on_another_until_a_success() {
-        let (_, a, b) = replicas();
+        let (store, a, b) = replicas();
+        users(&store, &["alice", "bob", "carol"]).await;
         let t0 = 1_000_000;
         // Two failures on A, one on B: three in all.
         a.failed(Some("alice"), None, t0).await;
@@ -635,6 +711,66 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_made_up_name_locks_out_over_every_replica_in_a_bucket_of_few() {
+        let (store, a, b) = replicas();
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        let t0 = 6_000_000;
+        for l in [&a, &b] {
+            l.failed_made_up("ghost", Some(ip), t0).await;
+        }
+        assert_eq!(refusal(&a, "ghost", Some(ip), t0).await, None);
+        b.failed_made_up("ghost", Some(ip), t0).await;
+        for l in [&a, &b] {
+            assert_eq!(
+                refusal(l, "ghost", Some(ip), t0).await,
+                Some(Refusal::Locked)
+            );
+        }
+        assert_eq!(
+            refusal(&a, "ghost", Some([10, 0, 0, 2].into()), t0).await,
+            None,
+            "another address's bucket"
+        );
+        // A User of that name does not share the made-up name's count.
+        users(&store, &["ghost"]).await;
+        assert_eq!(refusal(&a, "ghost", Some(ip), t0 + 1).await, None);
+        // A bucket is picked by the cluster's key: the same on every replica, another
+        // with another key; many names, few keys.
+        assert_eq!(
+            a.made_up_prefix("ghost", Some(ip)),
+            b.made_up_prefix("ghost", Some(ip))
+        );
+        let other = Logins::new(
+            store.clone(),
+            "/p",
+            &policy(),
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"another cluster"),
+        );
+        let names: Vec<String> = (0..64).map(|i| format!("n{i}")).collect();
+        let differ = names
+            .iter()
+            .filter(|n| a.made_up_prefix(n, Some(ip)) != other.made_up_prefix(n, Some(ip)))
+            .count();
+        assert!(differ > 60, "{differ} of 64 names differ");
+        for n in &names {
+            a.failed_made_up(n, Some(ip), t0).await;
+        }
+        let keys = store
+            .keys("/p/_system/logins/made-up/")
+            .await
+            .expect("keys");
+        // One key per bucket and replica (64 names and ghost on A, ghost on B), each a
+        // bucket of the fixed few.
+        assert!(keys.len() <= 66, "{} keys", keys.len());
+        assert!(keys.iter().all(|k| {
+            k.split('/')
+                .nth(5)
+                .and_then(|i| i.parse::<u32>().ok())
+                .is_some_and(|i| i < MADE_UP_BUCKETS)
+        }));
+    }
+
+    #[tokio::test]
     async fn a_source_address_is_throttled_over_every_replica_whatever_the_names() {
         let (_, a, b) = replicas();
         let ip: IpAddr = [10, 0, 0, 1].into();
@@ -670,6 +806,7 @@ mod tests {
     #[tokio::test]
     async fn a_storm_of_failures_is_a_few_etcd_writes() {
         let (store, a, b) = replicas();
+        users(&store, &["victim"]).await;
         let a = std::sync::Arc::new(a);
         let t0 = 3_000_000;
         // Warm the leases, so what is counted is the failures' writes.
@@ -725,7 +862,8 @@ mod tests {
 
     #[tokio::test]
     async fn failures_from_one_source_lock_the_user_out_for_that_source_only() {
-        let (_, a, b) = replicas();
+        let (store, a, b) = replicas();
+        users(&store, &["admin"]).await;
         let attacker: IpAddr = [203, 0, 113, 7].into();
         let owner: IpAddr = [198, 51, 100, 2].into();
         let t0 = 4_000_000;
@@ -762,7 +900,8 @@ mod tests {
 
     #[tokio::test]
     async fn ipv6_addresses_of_one_64_share_one_budget() {
-        let (_, a, b) = replicas();
+        let (store, a, b) = replicas();
+        users(&store, &["admin"]).await;
         let t0 = 5_000_000;
         let ip = |s: &str| -> IpAddr { s.parse().expect("address") };
         // Three addresses of 2001:db8:1:2::/64 lock the user out for all of it.
