@@ -30,6 +30,12 @@ const PREFIX_KEY: &str = "swift_hash_path_prefix";
 const SUFFIX_KEY: &str = "swift_hash_path_suffix";
 /// Numbers this process's temporary hash files apart.
 static TMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// PBKDF2 rounds of a fingerprint ([`SwiftHash::fingerprint`]): OWASP's figure for
+/// PBKDF2-HMAC-SHA256 password storage.
+pub const FINGERPRINT_ROUNDS: std::num::NonZeroU32 = match std::num::NonZeroU32::new(600_000) {
+    Some(n) => n,
+    None => panic!("rounds are not zero"),
+};
 /// Where Swift's programs read it (a fixed path in Swift 2.30).
 pub const SWIFT_CONF: &str = "/etc/swift/swift.conf";
 
@@ -171,17 +177,36 @@ impl SwiftHash {
     }
 
     /// What tells two clusters' hashes apart and nothing of the values, for the node's
-    /// status: the first 16 hexadecimal digits (64 bits) of a SHA-256 over a label of its own
-    /// and both values, each after its length. Values Stratus made are 256 random bits each,
-    /// beyond any search through the fingerprint; an operator's own must be as unguessable.
+    /// status: the first 16 hexadecimal digits (64 bits) of PBKDF2-HMAC-SHA256 keyed with both
+    /// values (each after its length), over a label of its own as the salt, in
+    /// [`FINGERPRINT_ROUNDS`] rounds.
+    ///
+    /// # Guarantees
+    /// Two nodes show the same fingerprint exactly when their values are the same (save a
+    /// 2^-64 chance). Whoever reads it (cluster admins and nodes) can check a guess of the
+    /// values offline only by computing it: [`FINGERPRINT_ROUNDS`] HMAC-SHA256s (2.4 million
+    /// SHA-256 blocks) per guess, with no shortcut PBKDF2 is known to have, so finding values
+    /// of `k` bits of entropy takes 2^(k-1) such computations on average; the 64 bits shown
+    /// pin no value of more entropy than that. Values Stratus made are 256 random bits each,
+    /// beyond any search; an operator's own (at least 16 characters) are as safe as they are
+    /// unguessable, and each guess now costs as much as a password hash. The salt is fixed
+    /// (the node computes it before it reaches the API), so one table of guesses serves every
+    /// cluster: it costs the same per guess to build.
     pub fn fingerprint(&self) -> String {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        ctx.update(b"stratus swift hash fingerprint v1\0");
+        let mut key = Vec::with_capacity(16 + self.prefix.len() + self.suffix.len());
         for v in [&self.prefix, &self.suffix] {
-            ctx.update(&(v.len() as u64).to_be_bytes());
-            ctx.update(v.as_bytes());
+            key.extend_from_slice(&(v.len() as u64).to_be_bytes());
+            key.extend_from_slice(v.as_bytes());
         }
-        hex(&ctx.finish().as_ref()[..8])
+        let mut out = [0u8; 8];
+        ring::pbkdf2::derive(
+            ring::pbkdf2::PBKDF2_HMAC_SHA256,
+            FINGERPRINT_ROUNDS,
+            b"stratus swift hash fingerprint v2",
+            &key,
+            &mut out,
+        );
+        hex(&out)
     }
 
     /// The hash file's text.
@@ -436,8 +461,10 @@ mod tests {
             a.clone().fingerprint(),
             "the same hash, the same fingerprint"
         );
-        // Known value: a change of the function would split every cluster's nodes.
-        assert_eq!(f, "51bba871677d0d2b");
+        // Known value (Python's hashlib.pbkdf2_hmac("sha256", len+prefix+len+suffix,
+        // label, 600000)[:8], computed apart): a check of a guess costs every round, and a
+        // change of the function would split every cluster's nodes.
+        assert_eq!(f, "8f9a2a4c49d7c060");
         // Either value changed, or moved between them, changes it.
         let other = |prefix: &str, suffix: &str| {
             SwiftHash {
