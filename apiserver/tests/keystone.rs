@@ -1806,3 +1806,77 @@ async fn a_second_upload_of_an_image_is_a_conflict() {
         again.body
     );
 }
+
+/// An upload under way until its Image shows `Uploading`: its head and the first KiB of
+/// `data` sent.
+async fn upload_under_way(
+    s: &Server,
+    who: &str,
+    ns: &str,
+    name: &str,
+    data: &[u8],
+) -> tokio::net::TcpStream {
+    let mut c = start_upload(s, who, ns, name, Some(data.len())).await;
+    c.write_all(&data[..1024]).await.expect("send a part");
+    for _ in 0..600 {
+        if read_image(s, ns, name).await["status"]["phase"] == "Uploading" {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the upload of {ns}/{name} did not start within 30 s");
+}
+
+/// An upload whose Image goes Active while it streams writes nothing of its own (409): the
+/// Active status stays as it was written; an upload whose Image is deleted and made anew
+/// under its name while it streams (409) leaves the new Image untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_never_overwrites_an_active_or_recreated_image() {
+    let s = server_with(|c| c.object_store_url = Some(format!("http://127.0.0.1:{}", free_port())))
+        .await;
+    s.setup(&["p1"], &[("alice", "p1")]).await;
+    let alice = s.token("alice", "p1").await;
+    let data = vec![5u8; 8192];
+
+    upload_image(&s, "p1", "disk", "raw", json!({})).await;
+    let mut c = upload_under_way(&s, &alice, "p1", "disk", &data).await;
+    let active = json!({"phase": "Active", "sizeBytes": 1234, "sha256": "a".repeat(64),
+                        "stored": {"container": "elsewhere", "object": "kept"}});
+    let r = s
+        .call(
+            "PATCH",
+            "/apis/image.stratus.dev/v1/namespaces/p1/images/disk/status",
+            &[
+                ("Authorization", &format!("Bearer {ADMIN}")),
+                ("Content-Type", "application/merge-patch+json"),
+            ],
+            json!({ "status": active }).to_string().as_bytes(),
+        )
+        .await;
+    assert_eq!(r.code, 200, "{}", r.body);
+    c.write_all(&data[1024..]).await.expect("send the rest");
+    let r = answer(&mut c).await;
+    assert_eq!(r.code, 409, "{}", r.body);
+    let disk = read_image(&s, "p1", "disk").await;
+    for f in ["phase", "sizeBytes", "sha256", "stored"] {
+        assert_eq!(disk["status"][f], active[f], "{}", disk["status"]);
+    }
+
+    upload_image(&s, "p1", "again", "raw", json!({})).await;
+    let mut c = upload_under_way(&s, &alice, "p1", "again", &data).await;
+    let path = "/apis/image.stratus.dev/v1/namespaces/p1/images/again";
+    let old = read_image(&s, "p1", "again").await["metadata"]["uid"].clone();
+    s.admin("DELETE", path, Value::Null).await;
+    upload_image(&s, "p1", "again", "raw", json!({})).await;
+    let fresh = read_image(&s, "p1", "again").await;
+    assert_ne!(fresh["metadata"]["uid"], old, "{fresh}");
+    c.write_all(&data[1024..]).await.expect("send the rest");
+    let r = answer(&mut c).await;
+    assert_eq!(r.code, 409, "{}", r.body);
+    let now = read_image(&s, "p1", "again").await;
+    assert_eq!(now["status"], fresh["status"], "{now}");
+    assert_eq!(
+        now["metadata"]["resourceVersion"], fresh["metadata"]["resourceVersion"],
+        "{now}"
+    );
+}

@@ -343,7 +343,10 @@ async fn receive(
     caller: &Caller,
 ) -> ApiResult<Response> {
     let limit = state.config.image_max_bytes;
+    // Read again now the claim is held: the Image may have gone Active, or been deleted and
+    // made anew under its name, since `upload` looked.
     let (image, _) = read_image(state, ns, name).await?;
+    still_open(&image, uid, name)?;
     let format = cache_format(image.spec.disk_format);
     let mut status = ImageStatus {
         phase: ImagePhase::Uploading,
@@ -356,16 +359,16 @@ async fn receive(
             format!("data being uploaded by {}", caller.user),
         )
         .set(&mut status.conditions, generation);
-    write_status(state, ns, name, &status).await?;
+    write_status(state, ns, name, uid, &status).await?;
     tracing::info!(caller = %caller.user, namespace = ns, image = name, "image upload started");
 
     let staged = match stage(body, limit, image.spec.sha256.as_deref()).await {
         Ok(s) => s,
         Err(Staging::Client(e)) => {
-            restore(state, ns, name, &image, None).await;
+            restore(state, ns, name, uid, &image, None).await;
             return Err(e);
         }
-        Err(Staging::Data(e)) => return Err(refused(state, ns, name, &image, &e).await),
+        Err(Staging::Data(e)) => return Err(refused(state, ns, name, uid, &image, &e).await),
     };
     let path = staged.file.path().to_owned();
     let max_virtual = state.config.image_max_virtual_size;
@@ -376,8 +379,11 @@ async fn receive(
     .map_err(|e| ApiError::internal(format!("the inspection failed: {e}")))?;
     if let Err(v) = inspected {
         let e = ImageError::from(v);
-        return Err(refused(state, ns, name, &image, &e).await);
+        return Err(refused(state, ns, name, uid, &image, &e).await);
     }
+    // Nothing reaches the object store for an Image that is no longer this upload's.
+    let (now, _) = read_image(state, ns, name).await?;
+    still_open(&now, uid, name)?;
 
     let (token, account) = store_account(state, base);
     let object = uid.to_owned();
@@ -395,7 +401,7 @@ async fn receive(
     .await
     .map_err(|e| ApiError::internal(format!("the write to the object store failed: {e}")))?;
     if let Err(e) = put {
-        restore(state, ns, name, &image, None).await;
+        restore(state, ns, name, uid, &image, None).await;
         tracing::warn!(error = %stratus_error_chain(&e), namespace = ns, image = name, "image upload: the object store refused the data");
         return Err(ApiError::unavailable(format!(
             "the object store did not take the data: {}",
@@ -427,7 +433,7 @@ async fn receive(
     ConditionType::Ready
         .yes(Reason::Active, "servers can boot from it")
         .set(&mut done.conditions, generation);
-    let written = write_status(state, ns, name, &done).await?;
+    let written = write_status(state, ns, name, uid, &done).await?;
     tracing::info!(caller = %caller.user, namespace = ns, image = name, size = staged.size, "image uploaded");
     Ok(written.into_response())
 }
@@ -448,6 +454,7 @@ async fn refused(
     state: &AppState,
     ns: &str,
     name: &str,
+    uid: &str,
     image: &Image,
     e: &ImageError,
 ) -> ApiError {
@@ -456,6 +463,7 @@ async fn refused(
         state,
         ns,
         name,
+        uid,
         image,
         refusal(e).map(|r| (r, message.clone())),
     )
@@ -475,6 +483,7 @@ async fn restore(
     state: &AppState,
     ns: &str,
     name: &str,
+    uid: &str,
     image: &Image,
     why: Option<(Reason, String)>,
 ) {
@@ -502,16 +511,73 @@ async fn restore(
                 .set(&mut status.conditions, generation);
         }
     }
-    if let Err(e) = write_status(state, ns, name, &status).await {
+    if let Err(e) = write_status(state, ns, name, uid, &status).await {
         tracing::warn!(error = %e.message, namespace = ns, image = name, "record a failed image upload");
     }
 }
 
-/// Writes the Image's whole status under the upload's field manager.
+/// Whether the upload holding the claim of the Image whose uid is `uid` may still write
+/// `image` (409 when it went Active or is another Image of the same name).
+fn still_open(image: &Image, uid: &str, name: &str) -> ApiResult<()> {
+    if image.metadata.uid.as_deref() != Some(uid) {
+        return Err(ApiError::conflict(
+            GROUP,
+            "images",
+            name,
+            "the image was deleted during the upload (one of its name now is another image)",
+        ));
+    }
+    if image
+        .status
+        .as_ref()
+        .is_some_and(|s| s.phase == ImagePhase::Active)
+    {
+        return Err(ApiError::conflict(
+            GROUP,
+            "images",
+            name,
+            "the image went Active during the upload and its data cannot change",
+        ));
+    }
+    Ok(())
+}
+
+/// How many times a status write is tried again when another writer changed the Image first.
+const STATUS_RETRIES: usize = 8;
+
+/// Writes the Image's whole status under the upload's field manager, only while the Image is
+/// the one whose uid is `uid` and not Active: each try reads it, checks that and writes with
+/// its `resourceVersion` as precondition, so nothing written in between is overwritten.
 async fn write_status(
     state: &AppState,
     ns: &str,
     name: &str,
+    uid: &str,
+    status: &ImageStatus,
+) -> ApiResult<Outcome> {
+    for _ in 0..STATUS_RETRIES {
+        let (image, revision) = read_image(state, ns, name).await?;
+        still_open(&image, uid, name)?;
+        match patch_status(state, ns, name, uid, revision, status).await {
+            Err(e) if e.code == 409 && e.details.causes.is_empty() => continue,
+            other => return other,
+        }
+    }
+    Err(ApiError::conflict(
+        GROUP,
+        "images",
+        name,
+        "the image kept changing during the upload's status write",
+    ))
+}
+
+/// One status write of [`write_status`], at `revision` of the Image whose uid is `uid`.
+async fn patch_status(
+    state: &AppState,
+    ns: &str,
+    name: &str,
+    uid: &str,
+    revision: i64,
     status: &ImageStatus,
 ) -> ApiResult<Outcome> {
     let rt = state
@@ -527,7 +593,10 @@ async fn write_status(
     };
     let status = serde_json::to_value(status)
         .map_err(|e| ApiError::internal(format!("encode an Image's status: {e}")))?;
-    let patch = json!({ "status": status });
+    let patch = json!({
+        "metadata": {"uid": uid, "resourceVersion": revision.to_string()},
+        "status": status,
+    });
     let params = Params::parse(Some(&format!("fieldManager={MANAGER}")))?;
     state
         .api
