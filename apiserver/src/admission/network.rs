@@ -1694,11 +1694,13 @@ fn server_owners(port: &Value) -> Vec<&Value> {
         .collect()
 }
 
-/// Refuses a Port's create or update (`old`: the stored Port) that adds or changes an owner
-/// reference naming a Server, unless a cluster admin or the controllers write it: a Port
+/// Refuses a Port's create or update (`old`: the stored Port) that adds, changes or removes an
+/// owner reference naming a Server, unless a cluster admin or the controllers write it: a Port
 /// controlled by a Server is that Server's alone and only the ports controller makes one
-/// (another writer's would pass for the Server's own), and any reference to a Server hands the
-/// Port to the garbage collector with it. Decided on the object as written, whatever the verb.
+/// (another writer's would pass for the Server's own), any reference to a Server hands the
+/// Port to the garbage collector with it, and a reference taken off a Port made for a Server
+/// (which carries no claim until it is bound) would let another Server claim it. Decided on the
+/// object as written, whatever the verb.
 ///
 /// # Errors
 /// 403 naming `metadata.ownerReferences`.
@@ -1708,13 +1710,20 @@ fn owned_by_servers_from_controllers(
     old: Option<&Value>,
 ) -> ApiResult<()> {
     let before = old.map(server_owners).unwrap_or_default();
-    let added = server_owners(new).into_iter().any(|r| !before.contains(&r));
-    if added && !super::by_cluster_admin() {
+    let after = server_owners(new);
+    let added = after.iter().any(|r| !before.contains(r));
+    let removed = before.iter().any(|r| !after.contains(r));
+    if (added || removed) && !super::by_cluster_admin() {
+        let why = if added {
+            "only the ports controller makes a port owned by a server"
+        } else {
+            "only the ports controller takes a server's owner reference off a port"
+        };
         return Err(forbidden_field(
             s,
             new,
             "metadata.ownerReferences",
-            "only the ports controller makes a port owned by a server".into(),
+            why.into(),
         ));
     }
     Ok(())

@@ -152,6 +152,107 @@ async fn an_update_giving_a_port_a_server_owner_is_the_controllers_alone() {
     assert_eq!(owners(&c, "mine").await, json!([owner(&web, false)]));
 }
 
+#[tokio::test]
+async fn taking_a_servers_owner_reference_off_a_port_is_the_controllers_alone() {
+    let (_etcd, c) = crate::api::etcd::cloud().await;
+    c.create(&network("blue")).await.expect("network");
+    let web = c.create(&Obj::server("demo", "web")).await.expect("web");
+    // The ports controller makes a Port for web: its controller reference and no claim yet.
+    let mut made = port("web-0", "blue");
+    made.0["metadata"]["ownerReferences"] = json!([owner(&web, true)]);
+    let stored = CLUSTER_ADMIN
+        .scope(true, c.create(&made))
+        .await
+        .expect("the controllers' port");
+    let t = c.target("Port", Some("demo"), Some("web-0"));
+    // Every way a member can write the Port's metadata, each taking web's reference off or
+    // making it no longer the controller.
+    let mut bare = stored.clone();
+    bare["metadata"]
+        .as_object_mut()
+        .expect("metadata")
+        .remove("ownerReferences");
+    let mut emptied = stored.clone();
+    emptied["metadata"]["ownerReferences"] = json!([]);
+    let writes: Vec<(&str, _)> = vec![
+        ("replace without it", c.put(&t, &bare).await.map(|_| ())),
+        ("replace with none", c.put(&t, &emptied).await.map(|_| ())),
+        (
+            "merge patch to null",
+            c.patch(
+                &t,
+                MERGE,
+                &json!({"metadata": {"ownerReferences": null}}),
+                "",
+            )
+            .await
+            .map(|_| ()),
+        ),
+        (
+            "merge patch, not the controller",
+            c.patch(
+                &t,
+                MERGE,
+                &json!({"metadata": {"ownerReferences": [owner(&web, false)]}}),
+                "",
+            )
+            .await
+            .map(|_| ()),
+        ),
+        (
+            "JSON patch remove",
+            c.patch(
+                &t,
+                JSON_PATCH,
+                &json!([{"op": "remove", "path": "/metadata/ownerReferences"}]),
+                "",
+            )
+            .await
+            .map(|_| ()),
+        ),
+        (
+            "apply, not the controller",
+            c.patch(
+                &t,
+                APPLY,
+                &json!({"apiVersion": "network.stratus.dev/v1", "kind": "Port",
+                        "metadata": {"name": "web-0", "namespace": "demo",
+                                     "ownerReferences": [owner(&web, false)]},
+                        "spec": {"network": "blue"}}),
+                "fieldManager=member&force=true",
+            )
+            .await
+            .map(|_| ()),
+        ),
+    ];
+    for (how, r) in writes {
+        let e = refused(r);
+        assert_eq!(
+            (e.code, field(&e)),
+            (403, "metadata.ownerReferences"),
+            "{how}: {e:?}"
+        );
+    }
+    assert_eq!(owners(&c, "web-0").await, json!([owner(&web, true)]));
+    // So no other Server can take the Port made for web.
+    let e = refused(c.create(&naming_port("other", "web-0")).await);
+    assert_eq!(e.code, 409, "{e:?}");
+    // The controllers may take it off (the ports controller orphaning it).
+    CLUSTER_ADMIN
+        .scope(
+            true,
+            c.patch(
+                &t,
+                MERGE,
+                &json!({"metadata": {"ownerReferences": null}}),
+                "",
+            ),
+        )
+        .await
+        .expect("the controllers' write");
+    assert_eq!(owners(&c, "web-0").await, Value::Null);
+}
+
 /// The name of the Server whose claim Port `name` of project demo carries.
 async fn claim(c: &Cloud, name: &str) -> String {
     let p = c.get("Port", Some("demo"), name).await.expect("port");
