@@ -14,6 +14,7 @@ mod e2e {
     mod gc;
     mod identity;
     mod images_swift;
+    mod images_upload;
     mod ipam;
     mod kubectl;
     mod leader;
