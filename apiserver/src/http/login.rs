@@ -3,7 +3,6 @@
 //! ([`crate::policy::logins`]), hashed off the async workers, audited.
 
 use std::net::IpAddr;
-use std::time::Instant;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -154,7 +153,6 @@ pub(crate) async fn password_login(
     {
         tracing::warn!(error = %e, "failed logins: forget a user's count after its login");
     }
-    id.throttle.succeeded(user);
     attempt.result = "success";
     Ok((token, claims))
 }
@@ -235,22 +233,7 @@ pub(crate) async fn change_password(
                     "Forbidden: not the current password",
                 )
             };
-            let unix = jiff::Timestamp::now().as_second();
-            let shared = id
-                .logins
-                .check(Some(name), None, unix)
-                .await
-                .map_err(ApiError::from)?;
-            if shared.refusal.is_some() || id.throttle.check(name, None, Instant::now()).is_err() {
-                return Err(wrong());
-            }
-            let (verified, known) = id.verify_password(name, current, None).await?;
-            if verified.is_none() {
-                if known {
-                    id.logins.failed(Some(name), None, unix).await;
-                } else {
-                    id.throttle.failed(name, None, Instant::now());
-                }
+            if !id.check_current_password(name, current).await? {
                 return Err(wrong());
             }
             caller.claims.as_ref().map(|c| c.jti.as_str())

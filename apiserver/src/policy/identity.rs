@@ -26,7 +26,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::oneshot;
 
 use crate::base::error::ApiError;
@@ -91,9 +91,6 @@ pub struct Identity {
     dummy_hash: String,
     /// Where argon2 runs.
     hasher: Hasher,
-    /// Failed password checks of a password change by a user whose User is gone, in this
-    /// replica's memory.
-    pub throttle: Throttle,
     /// Failed logins of Users, of names that are no User and per source address, shared by
     /// every replica (etcd).
     pub logins: super::logins::Logins,
@@ -250,7 +247,6 @@ impl Identity {
                 policy.source_failure_attempts > 0,
             )
             .map_err(|_| StoreError::Poisoned)?,
-            throttle: Throttle::new(policy),
             logins,
             signer: Signer {
                 key: hmac::Key::new(hmac::HMAC_SHA256, &material),
@@ -468,6 +464,39 @@ impl Identity {
             },
             known,
         ))
+    }
+
+    /// Whether `current` is `name`'s password, for a change of one's own password: refused
+    /// (false) while `name` is locked out, and a wrong one counted as a failed login is, over
+    /// every replica: a User's failures under its name, a name that is no User's (a User gone
+    /// since its token was issued) in its made-up-name bucket, the same counts a login reads.
+    ///
+    /// # Errors
+    /// 429 when the hashing queue is full; 503 when etcd is unreachable.
+    pub async fn check_current_password(
+        &self,
+        name: &str,
+        current: &str,
+    ) -> Result<bool, ApiError> {
+        let unix = jiff::Timestamp::now().as_second();
+        let shared = self
+            .logins
+            .check(Some(name), None, unix)
+            .await
+            .map_err(ApiError::from)?;
+        if shared.refusal.is_some() {
+            return Ok(false);
+        }
+        let (verified, known) = self.verify_password(name, current, None).await?;
+        if verified.is_some() {
+            return Ok(true);
+        }
+        if known {
+            self.logins.failed(Some(name), None, unix).await;
+        } else {
+            self.logins.failed_made_up(name, None, unix).await;
+        }
+        Ok(false)
     }
 
     /// Revokes a token until it would have expired anyway.
@@ -952,136 +981,6 @@ pub enum Refusal {
     Throttled(u32),
 }
 
-/// Failures of one user or address.
-#[derive(Debug, Clone, Copy)]
-struct Failures {
-    count: u32,
-    first: Instant,
-    last: Instant,
-}
-
-/// The most users and addresses whose failures are remembered (each), so that a flood of
-/// made-up names cannot grow memory without bound.
-const THROTTLE_CAPACITY: usize = 100_000;
-
-/// Failed logins per user and per source address, in this replica's memory.
-#[derive(Debug)]
-pub struct Throttle {
-    policy: LoginPolicy,
-    users: Mutex<HashMap<String, Failures>>,
-    sources: Mutex<HashMap<IpAddr, Failures>>,
-}
-
-impl Throttle {
-    fn new(policy: &LoginPolicy) -> Self {
-        Self {
-            policy: policy.clone(),
-            users: Mutex::default(),
-            sources: Mutex::default(),
-        }
-    }
-
-    /// Whether a login of `user` from `source` may be tried at `now`.
-    ///
-    /// # Errors
-    /// The refusal, when it may not.
-    pub fn check(&self, user: &str, source: Option<IpAddr>, now: Instant) -> Result<(), Refusal> {
-        let p = &self.policy;
-        if let (Some(ip), true) = (
-            source.map(super::logins::bucket),
-            p.source_failure_attempts > 0,
-        ) && let Ok(sources) = self.sources.lock()
-            && let Some(f) = sources.get(&ip)
-        {
-            let age = now.saturating_duration_since(f.first);
-            if age < p.source_window && f.count >= p.source_failure_attempts {
-                let left = p.source_window.saturating_sub(age).as_secs_f64().ceil();
-                return Err(Refusal::Throttled((left as u32).max(1)));
-            }
-        }
-        if p.lockout_failure_attempts > 0
-            && let Ok(users) = self.users.lock()
-            && let Some(f) = users.get(user)
-            && f.count >= p.lockout_failure_attempts
-            && now.saturating_duration_since(f.last) < p.lockout_duration
-        {
-            return Err(Refusal::Locked);
-        }
-        Ok(())
-    }
-
-    /// Records a failed login.
-    pub fn failed(&self, user: &str, source: Option<IpAddr>, now: Instant) {
-        let p = &self.policy;
-        if let Ok(mut users) = self.users.lock() {
-            note(
-                &mut users,
-                user.to_string(),
-                now,
-                p.lockout_duration,
-                false,
-                p.lockout_failure_attempts,
-            );
-        }
-        if let (Some(ip), Ok(mut sources)) =
-            (source.map(super::logins::bucket), self.sources.lock())
-        {
-            note(
-                &mut sources,
-                ip,
-                now,
-                p.source_window,
-                true,
-                p.source_failure_attempts,
-            );
-        }
-    }
-
-    /// Records a successful login: the user's failures are forgotten.
-    pub fn succeeded(&self, user: &str) {
-        if let Ok(mut users) = self.users.lock() {
-            users.remove(user);
-        }
-    }
-}
-
-/// Counts one failure of `key` at `now`. Counts older than `expiry` (since the first failure
-/// for a window, since the last one for a lockout) start afresh. A count of `refuses` or more
-/// refuses logins (0: none does), and such an entry is the last to be trimmed.
-fn note<K: std::hash::Hash + Eq + Clone>(
-    map: &mut HashMap<K, Failures>,
-    key: K,
-    now: Instant,
-    expiry: Duration,
-    window: bool,
-    refuses: u32,
-) {
-    let stale = |f: &Failures| {
-        now.saturating_duration_since(if window { f.first } else { f.last }) >= expiry
-    };
-    if !map.contains_key(&key) {
-        // Full of live entries (a flood of names or addresses): those that refuse no one go
-        // first, oldest first; a lockout or a throttled address is kept over them.
-        super::bounded::make_room(map, THROTTLE_CAPACITY, stale, |f| {
-            (refuses > 0 && f.count >= refuses, f.last)
-        });
-    }
-    let f = map.entry(key).or_insert(Failures {
-        count: 0,
-        first: now,
-        last: now,
-    });
-    if stale(f) {
-        *f = Failures {
-            count: 0,
-            first: now,
-            last: now,
-        };
-    }
-    f.count += 1;
-    f.last = now;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1152,86 +1051,43 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_user_is_locked_out_after_failures_in_a_row_until_the_lockout_ends() {
-        let t = Throttle::new(&policy());
-        let t0 = Instant::now();
+    #[tokio::test]
+    async fn a_wrong_current_password_of_a_name_that_is_no_user_locks_it_on_every_replica() {
+        let store = Store::memory();
+        let a = Identity::load(store.clone(), "/p", &policy())
+            .await
+            .expect("replica a");
+        let b = Identity::load(store.clone(), "/p", &policy())
+            .await
+            .expect("replica b");
+        // A User gone since its token was issued: its name is a made-up one now.
         for i in 0..3 {
-            assert_eq!(t.check("alice", None, t0), Ok(()), "attempt {i}");
-            t.failed("alice", None, t0);
-        }
-        assert_eq!(t.check("alice", None, t0), Err(Refusal::Locked));
-        assert_eq!(
-            t.check("bob", None, t0),
-            Ok(()),
-            "another user is not locked"
-        );
-        // Locked from the last failure for the lockout's duration, then free again.
-        let later = t0 + Duration::from_secs(59);
-        assert_eq!(t.check("alice", None, later), Err(Refusal::Locked));
-        let after = t0 + Duration::from_secs(60);
-        assert_eq!(t.check("alice", None, after), Ok(()));
-        t.failed("alice", None, after);
-        assert_eq!(
-            t.check("alice", None, after),
-            Ok(()),
-            "a failure after the lockout starts a new count"
-        );
-        // A success forgets the failures.
-        t.failed("carol", None, t0);
-        t.failed("carol", None, t0);
-        t.succeeded("carol");
-        t.failed("carol", None, t0);
-        assert_eq!(t.check("carol", None, t0), Ok(()));
-    }
-
-    #[test]
-    fn a_flood_of_made_up_names_and_addresses_keeps_lockouts_and_throttles() {
-        let t = Throttle::new(&policy());
-        let t0 = Instant::now();
-        let ip: IpAddr = [10, 0, 0, 1].into();
-        for i in 0..5 {
-            t.failed("alice", Some(ip), t0 + Duration::from_millis(i));
-        }
-        assert_eq!(t.check("x", Some(ip), t0), Err(Refusal::Throttled(10)));
-        assert_eq!(t.check("alice", None, t0), Err(Refusal::Locked));
-        // More made-up names, each from an address of its own, than the maps hold; all later
-        // than alice's failures, so age alone would drop hers first.
-        let later = t0 + Duration::from_secs(1);
-        for i in 0..THROTTLE_CAPACITY as u32 {
-            t.failed(
-                &format!("made-up-{i}"),
-                Some(IpAddr::from(std::net::Ipv4Addr::from(0x0b00_0000 + i))),
-                later,
+            assert!(
+                !a.check_current_password("ghost", "guess")
+                    .await
+                    .expect("check"),
+                "guess {i}"
             );
         }
-        assert_eq!(t.check("alice", None, later), Err(Refusal::Locked));
-        assert!(matches!(
-            t.check("x", Some(ip), later),
-            Err(Refusal::Throttled(_))
-        ));
-        assert!(t.users.lock().map(|m| m.len()).unwrap_or(0) <= THROTTLE_CAPACITY);
-        assert!(t.sources.lock().map(|m| m.len()).unwrap_or(0) <= THROTTLE_CAPACITY);
-    }
-
-    #[test]
-    fn a_source_address_is_throttled_over_its_window() {
-        let t = Throttle::new(&policy());
-        let ip: IpAddr = [10, 0, 0, 1].into();
-        let t0 = Instant::now();
-        for i in 0..5 {
-            // A different user each time: no lockout, only the address counts.
-            t.failed(&format!("u{i}"), Some(ip), t0);
-        }
-        assert_eq!(
-            t.check("new", Some(ip), t0 + Duration::from_secs(4)),
-            Err(Refusal::Throttled(6))
+        let now = jiff::Timestamp::now().as_second();
+        let read = b
+            .logins
+            .check(Some("ghost"), None, now)
+            .await
+            .expect("read");
+        assert_eq!(read.refusal, Some(Refusal::Locked));
+        assert!(
+            !b.check_current_password("ghost", "guess")
+                .await
+                .expect("check"),
+            "locked on the other replica"
         );
-        assert_eq!(t.check("new", Some([10, 0, 0, 2].into()), t0), Ok(()));
-        assert_eq!(
-            t.check("new", Some(ip), t0 + Duration::from_secs(10)),
-            Ok(())
-        );
+        let other = b
+            .logins
+            .check(Some("alice"), None, now)
+            .await
+            .expect("read");
+        assert_eq!(other.refusal, None, "another name");
     }
 
     #[test]
