@@ -1880,3 +1880,47 @@ async fn an_upload_never_overwrites_an_active_or_recreated_image() {
         "{now}"
     );
 }
+
+/// How many leases `s`'s etcd holds.
+async fn leases(s: &Server) -> usize {
+    let mut c = etcd_client::Client::connect([s.etcd.endpoint.as_str()], None)
+        .await
+        .expect("connect to etcd");
+    c.leases().await.expect("list the leases").leases().len()
+}
+
+/// Waits (at most 30 s) until `s`'s etcd holds at most `most` leases.
+async fn leases_at_most(s: &Server, most: usize) {
+    let mut n = 0;
+    for _ in 0..300 {
+        n = leases(s).await;
+        if n <= most {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("etcd holds {n} leases, more than {most}");
+}
+
+/// An upload's lease in etcd ends with it: uploads refused while another holds the Image
+/// leave no lease behind, and the one that held it leaves none once it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_uploads_leave_no_lease_behind() {
+    let s = server_with(|c| c.object_store_url = Some(format!("http://127.0.0.1:{}", free_port())))
+        .await;
+    s.setup(&["p1"], &[("alice", "p1")]).await;
+    let alice = s.token("alice", "p1").await;
+    upload_image(&s, "p1", "disk", "raw", json!({})).await;
+    let data = vec![9u8; 8192];
+    let before = leases(&s).await;
+
+    let mut held = upload_under_way(&s, &alice, "p1", "disk", &data).await;
+    for _ in 0..5 {
+        let r = put_data(&s, &alice, "p1", "disk", "application/octet-stream", &data).await;
+        assert_eq!(r.code, 409, "{}", r.body);
+    }
+    leases_at_most(&s, before + 1).await;
+    held.write_all(&data[1024..]).await.expect("send the rest");
+    assert_eq!(answer(&mut held).await.code, 503);
+    leases_at_most(&s, before).await;
+}

@@ -267,20 +267,22 @@ async fn upload(
         .grant_lease(UPLOAD_DEADLINE.as_secs() as i64 + 60)
         .await
         .map_err(ApiError::from)?;
+    // Ended on every way out of here, a dropped request's too.
+    let _lease = Lease(store.clone(), lease);
     let owner = json!({"by": caller.user});
     let claimed = store
         .write_leased(&[Guard::Absent(&claim)], &[(&claim, &owner, lease)])
         .await
         .map_err(ApiError::from)?;
-    let Some(claimed_at) = claimed else {
+    if claimed.is_none() {
         return Err(ApiError::conflict(
             GROUP,
             "images",
             name,
             "another upload of this image is under way",
         ));
-    };
-    let result = tokio::time::timeout(
+    }
+    tokio::time::timeout(
         UPLOAD_DEADLINE,
         receive(state, ns, name, &uid, &base, body, caller),
     )
@@ -290,11 +292,22 @@ async fn upload(
             "the upload did not complete within {} s",
             UPLOAD_DEADLINE.as_secs()
         )))
-    });
-    if let Err(e) = store.delete(&claim, claimed_at, &[]).await {
-        tracing::warn!(error = %e, namespace = ns, image = name, "release an image upload's claim (it expires with its lease)");
+    })
+}
+
+/// An upload's lease, ended (and so its claim released) when dropped, rather than left to
+/// expire hours later.
+struct Lease(crate::storage::store::Store, i64);
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let (store, id) = (self.0.clone(), self.1);
+        tokio::spawn(async move {
+            if let Err(e) = store.revoke_lease(id).await {
+                tracing::warn!(error = %e, lease = id, "end an image upload's lease (it expires by itself)");
+            }
+        });
     }
-    result
 }
 
 fn too_large(limit: u64) -> ApiError {

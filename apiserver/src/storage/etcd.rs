@@ -232,6 +232,11 @@ impl Kv for Etcd {
     async fn grant_lease(&self, ttl: i64) -> Result<i64, StoreError> {
         Ok(self.client.lease_client().grant(ttl, None).await?.id())
     }
+
+    async fn revoke_lease(&self, id: i64) -> Result<(), StoreError> {
+        self.client.lease_client().revoke(id).await?;
+        Ok(())
+    }
 }
 
 /// An etcd watch.

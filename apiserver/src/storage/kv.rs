@@ -253,4 +253,10 @@ pub trait Kv: Send + Sync {
     /// # Errors
     /// Backend failures.
     fn grant_lease(&self, ttl: i64) -> impl Future<Output = Result<i64, StoreError>> + Send;
+
+    /// Ends lease `id` now, deleting the keys put with it.
+    ///
+    /// # Errors
+    /// Backend failures (an unknown or expired lease among them, on etcd).
+    fn revoke_lease(&self, id: i64) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

@@ -431,6 +431,11 @@ impl Kv for Memory {
         });
         Ok(id)
     }
+
+    async fn revoke_lease(&self, id: i64) -> Result<(), StoreError> {
+        Memory::expire(&Arc::downgrade(&self.state), id);
+        Ok(())
+    }
 }
 
 /// A watch on a [`Memory`] store.

@@ -437,6 +437,13 @@ impl Kv for Backend {
             Self::Memory(kv) => kv.grant_lease(ttl).await,
         }
     }
+
+    async fn revoke_lease(&self, id: i64) -> Result<(), StoreError> {
+        match self {
+            Self::Etcd(kv) => kv.revoke_lease(id).await,
+            Self::Memory(kv) => kv.revoke_lease(id).await,
+        }
+    }
 }
 
 /// What an etcd request is timed under (kube-apiserver's `etcd_request_duration_seconds`).
@@ -948,6 +955,14 @@ impl Store {
     /// Backend failures.
     pub async fn grant_lease(&self, ttl: i64) -> Result<i64, StoreError> {
         self.kv.grant_lease(ttl).await
+    }
+
+    /// Ends a lease of [`Store::grant_lease`] now, deleting the keys put with it.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub async fn revoke_lease(&self, id: i64) -> Result<(), StoreError> {
+        self.kv.revoke_lease(id).await
     }
 
     /// Puts each `(key, value, lease)` (lease 0: none) in one transaction if every guard
