@@ -566,6 +566,28 @@ impl Cloud {
             .context("no X-Subject-Token")
     }
 
+    /// Makes the User `user`, a member of project `project`, with `password`.
+    pub fn member(&self, user: &str, project: &str, password: &str) -> Result<()> {
+        self.kubectl_in(
+            &["apply", "-f", "-"],
+            &format!(
+                "apiVersion: identity.stratus.dev/v1\nkind: User\nmetadata:\n  name: {user}\nspec: {{}}\n---\n\
+                 apiVersion: identity.stratus.dev/v1\nkind: RoleAssignment\nmetadata:\n  name: {user}-member\n  namespace: {project}\nspec:\n  user: {user}\n  role: member\n"
+            ),
+        )?;
+        self.kubectl_in(
+            &[
+                "replace",
+                "--raw",
+                &format!("/apis/identity.stratus.dev/v1/users/{user}/password"),
+                "-f",
+                "-",
+            ],
+            &serde_json::json!({ "password": password }).to_string(),
+        )?;
+        Ok(())
+    }
+
     /// Runs kubectl and expects failure; returns stderr.
     pub fn kubectl_err(&self, args: &[&str]) -> Result<String> {
         let out = self.kubectl(args)?;

@@ -19,28 +19,6 @@ use super::up::ObjectStoreAllowList;
 /// Generous: TCG guests, Swift and the controllers share two cores with every other test.
 const T: Duration = Duration::from_secs(300);
 
-/// A member `user` of project `ns` with `password`.
-fn member(cloud: &Cloud, user: &str, ns: &str, password: &str) -> Result<()> {
-    cloud.kubectl_in(
-        &["apply", "-f", "-"],
-        &format!(
-            "apiVersion: identity.stratus.dev/v1\nkind: User\nmetadata:\n  name: {user}\nspec: {{}}\n---\n\
-             apiVersion: identity.stratus.dev/v1\nkind: RoleAssignment\nmetadata:\n  name: {user}-member\n  namespace: {ns}\nspec:\n  user: {user}\n  role: member\n"
-        ),
-    )?;
-    cloud.kubectl_in(
-        &[
-            "replace",
-            "--raw",
-            &format!("/apis/identity.stratus.dev/v1/users/{user}/password"),
-            "-f",
-            "-",
-        ],
-        &serde_json::json!({ "password": password }).to_string(),
-    )?;
-    Ok(())
-}
-
 /// curl against the API server with `token` as a bearer token; the HTTP status it got.
 fn curl(cloud: &Cloud, token: &str, args: &[&str]) -> Result<String> {
     let out = output_of(
@@ -90,8 +68,8 @@ fn an_image_uploaded_through_stratus_boots_a_server_from_the_object_store() -> R
     node.start_agent(&cloud)?;
     let flavors = stratus_e2e::repo_root().join("examples/flavors.yaml");
     cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
-    member(&cloud, "uma", "upload1", "upload-pw-uma")?;
-    member(&cloud, "otto", "upload2", "upload-pw-otto")?;
+    cloud.member("uma", "upload1", "upload-pw-uma")?;
+    cloud.member("otto", "upload2", "upload-pw-otto")?;
     let uma = cloud.keystone_token("uma", "upload-pw-uma", "upload1")?;
     let otto = cloud.keystone_token("otto", "upload-pw-otto", "upload2")?;
 

@@ -451,23 +451,7 @@ fn stratus_up_runs_an_object_store_with_stratus_identity() -> Result<()> {
     cloud.projects(&["store1", "store2"])?;
     let password = "object-store-pw-1";
     for (user, project) in [("olga", "store1"), ("otto", "store2")] {
-        cloud.kubectl_in(
-            &["apply", "-f", "-"],
-            &format!(
-                "apiVersion: identity.stratus.dev/v1\nkind: User\nmetadata:\n  name: {user}\nspec: {{}}\n---\n\
-                 apiVersion: identity.stratus.dev/v1\nkind: RoleAssignment\nmetadata:\n  name: {user}-member\n  namespace: {project}\nspec:\n  user: {user}\n  role: member\n"
-            ),
-        )?;
-        cloud.kubectl_in(
-            &[
-                "replace",
-                "--raw",
-                &format!("/apis/identity.stratus.dev/v1/users/{user}/password"),
-                "-f",
-                "-",
-            ],
-            &serde_json::json!({ "password": password }).to_string(),
-        )?;
+        cloud.member(user, project, password)?;
     }
     let ca = cloud.dir.path().join("pki/ca.crt");
     let identity = format!("{}/identity/v3", cloud.url);
