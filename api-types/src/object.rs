@@ -461,7 +461,8 @@ pub struct ObjectNodeStatus {
     #[schemars(length(max = 3))]
     pub replication: Vec<ReplicationStatus>,
     /// A fingerprint of the cluster hash (Swift's hash path prefix and suffix) the node's
-    /// servers use: the first 16 hexadecimal digits of a SHA-256 over them, never the values.
+    /// servers use: the first 16 hexadecimal digits of PBKDF2-HMAC-SHA256 keyed with them
+    /// (600,000 rounds), never the values.
     /// Every node of a cluster must show the same.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = HASH_FINGERPRINT_PATTERN))]
