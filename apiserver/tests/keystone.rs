@@ -1742,10 +1742,7 @@ async fn bad_image_data_is_refused_and_recorded_as_refused() {
 /// `Uploading`; once it ends, the next may start. An Active Image's data never changes (409).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_upload_of_an_image_is_a_conflict() {
-    let s = server_with(|c| c.object_store_url = Some(format!("http://127.0.0.1:{}", free_port())))
-        .await;
-    s.setup(&["p1"], &[("alice", "p1")]).await;
-    let alice = s.token("alice", "p1").await;
+    let (s, alice) = unstored().await;
     let octets = "application/octet-stream";
     upload_image(&s, "p1", "disk", "raw", json!({})).await;
     let data = vec![3u8; 8192];
@@ -1807,6 +1804,16 @@ async fn a_second_upload_of_an_image_is_a_conflict() {
     );
 }
 
+/// An API server whose object store is not there, with project p1 and its member alice
+/// (whose token comes with it).
+async fn unstored() -> (Server, String) {
+    let s = server_with(|c| c.object_store_url = Some(format!("http://127.0.0.1:{}", free_port())))
+        .await;
+    s.setup(&["p1"], &[("alice", "p1")]).await;
+    let alice = s.token("alice", "p1").await;
+    (s, alice)
+}
+
 /// An upload under way until its Image shows `Uploading`: its head and the first KiB of
 /// `data` sent.
 async fn upload_under_way(
@@ -1832,10 +1839,7 @@ async fn upload_under_way(
 /// under its name while it streams (409) leaves the new Image untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_never_overwrites_an_active_or_recreated_image() {
-    let s = server_with(|c| c.object_store_url = Some(format!("http://127.0.0.1:{}", free_port())))
-        .await;
-    s.setup(&["p1"], &[("alice", "p1")]).await;
-    let alice = s.token("alice", "p1").await;
+    let (s, alice) = unstored().await;
     let data = vec![5u8; 8192];
 
     upload_image(&s, "p1", "disk", "raw", json!({})).await;
@@ -1906,10 +1910,7 @@ async fn leases_at_most(s: &Server, most: usize) {
 /// leave no lease behind, and the one that held it leaves none once it ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_uploads_leave_no_lease_behind() {
-    let s = server_with(|c| c.object_store_url = Some(format!("http://127.0.0.1:{}", free_port())))
-        .await;
-    s.setup(&["p1"], &[("alice", "p1")]).await;
-    let alice = s.token("alice", "p1").await;
+    let (s, alice) = unstored().await;
     upload_image(&s, "p1", "disk", "raw", json!({})).await;
     let data = vec![9u8; 8192];
     let before = leases(&s).await;
