@@ -7,6 +7,8 @@ use serde_json::{Value, json};
 
 use stratus_api_types::ports::CLAIMED_BY;
 use stratus_apiserver::admission::CLUSTER_ADMIN;
+use stratus_apiserver::base::error::ApiResult;
+use stratus_apiserver::resource::verbs::Target;
 
 use crate::fixtures::{APPLY, Cloud, JSON_PATCH, MERGE, Obj, refused};
 
@@ -42,6 +44,32 @@ fn field(e: &stratus_apiserver::base::error::ApiError) -> &str {
 /// The owner references of Port `name` of project demo, as stored.
 async fn owners(c: &Cloud, name: &str) -> Value {
     c.get("Port", Some("demo"), name).await.expect("port")["metadata"]["ownerReferences"].clone()
+}
+
+/// A member's server-side apply of Port `name` (on network blue) with owner references `refs`.
+async fn apply_owners(c: &Cloud, t: &Target, name: &str, refs: &Value) -> ApiResult<()> {
+    c.patch(
+        t,
+        APPLY,
+        &json!({"apiVersion": "network.stratus.dev/v1", "kind": "Port",
+                "metadata": {"name": name, "namespace": "demo", "ownerReferences": refs},
+                "spec": {"network": "blue"}}),
+        "fieldManager=member&force=true",
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Asserts every write (how, result) was refused 403 naming metadata.ownerReferences.
+fn all_refused_naming_owners(writes: Vec<(&str, ApiResult<()>)>, context: &str) {
+    for (how, r) in writes {
+        let e = refused(r);
+        assert_eq!(
+            (e.code, field(&e)),
+            (403, "metadata.ownerReferences"),
+            "{how}{context}: {e:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -80,29 +108,9 @@ async fn an_update_giving_a_port_a_server_owner_is_the_controllers_alone() {
                 .await
                 .map(|_| ()),
             ),
-            (
-                "apply",
-                c.patch(
-                    &t,
-                    APPLY,
-                    &json!({"apiVersion": "network.stratus.dev/v1", "kind": "Port",
-                            "metadata": {"name": "mine", "namespace": "demo",
-                                         "ownerReferences": refs},
-                            "spec": {"network": "blue"}}),
-                    "fieldManager=member&force=true",
-                )
-                .await
-                .map(|_| ()),
-            ),
+            ("apply", apply_owners(&c, &t, "mine", &refs).await),
         ];
-        for (how, r) in writes {
-            let e = refused(r);
-            assert_eq!(
-                (e.code, field(&e)),
-                (403, "metadata.ownerReferences"),
-                "{how}, controller {controller}: {e:?}"
-            );
-        }
+        all_refused_naming_owners(writes, &format!(", controller {controller}"));
     }
     assert_eq!(owners(&c, "mine").await, Value::Null, "nothing written");
     // A write that leaves the Port's owners as they are is the member's to make.
@@ -212,27 +220,10 @@ async fn taking_a_servers_owner_reference_off_a_port_is_the_controllers_alone() 
         ),
         (
             "apply, not the controller",
-            c.patch(
-                &t,
-                APPLY,
-                &json!({"apiVersion": "network.stratus.dev/v1", "kind": "Port",
-                        "metadata": {"name": "web-0", "namespace": "demo",
-                                     "ownerReferences": [owner(&web, false)]},
-                        "spec": {"network": "blue"}}),
-                "fieldManager=member&force=true",
-            )
-            .await
-            .map(|_| ()),
+            apply_owners(&c, &t, "web-0", &json!([owner(&web, false)])).await,
         ),
     ];
-    for (how, r) in writes {
-        let e = refused(r);
-        assert_eq!(
-            (e.code, field(&e)),
-            (403, "metadata.ownerReferences"),
-            "{how}: {e:?}"
-        );
-    }
+    all_refused_naming_owners(writes, "");
     assert_eq!(owners(&c, "web-0").await, json!([owner(&web, true)]));
     // So no other Server can take the Port made for web.
     let e = refused(c.create(&naming_port("other", "web-0")).await);
