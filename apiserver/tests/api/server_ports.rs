@@ -46,6 +46,11 @@ async fn owners(c: &Cloud, name: &str) -> Value {
     c.get("Port", Some("demo"), name).await.expect("port")["metadata"]["ownerReferences"].clone()
 }
 
+/// A patch of `t` (its answer dropped).
+async fn patch(c: &Cloud, t: &Target, content_type: &str, body: &Value) -> ApiResult<()> {
+    c.patch(t, content_type, body, "").await.map(|_| ())
+}
+
 /// A member's server-side apply of Port `name` (on network blue) with owner references `refs`.
 async fn apply_owners(c: &Cloud, t: &Target, name: &str, refs: &Value) -> ApiResult<()> {
     c.patch(
@@ -88,25 +93,23 @@ async fn an_update_giving_a_port_a_server_owner_is_the_controllers_alone() {
             ("replace", c.put(&t, &replaced).await.map(|_| ())),
             (
                 "merge patch",
-                c.patch(
+                patch(
+                    &c,
                     &t,
                     MERGE,
                     &json!({"metadata": {"ownerReferences": refs}}),
-                    "",
                 )
-                .await
-                .map(|_| ()),
+                .await,
             ),
             (
                 "JSON patch",
-                c.patch(
+                patch(
+                    &c,
                     &t,
                     JSON_PATCH,
                     &json!([{"op": "add", "path": "/metadata/ownerReferences", "value": refs}]),
-                    "",
                 )
-                .await
-                .map(|_| ()),
+                .await,
             ),
             ("apply", apply_owners(&c, &t, "mine", &refs).await),
         ];
@@ -187,36 +190,33 @@ async fn taking_a_servers_owner_reference_off_a_port_is_the_controllers_alone() 
         ("replace with none", c.put(&t, &emptied).await.map(|_| ())),
         (
             "merge patch to null",
-            c.patch(
+            patch(
+                &c,
                 &t,
                 MERGE,
                 &json!({"metadata": {"ownerReferences": null}}),
-                "",
             )
-            .await
-            .map(|_| ()),
+            .await,
         ),
         (
             "merge patch, not the controller",
-            c.patch(
+            patch(
+                &c,
                 &t,
                 MERGE,
                 &json!({"metadata": {"ownerReferences": [owner(&web, false)]}}),
-                "",
             )
-            .await
-            .map(|_| ()),
+            .await,
         ),
         (
             "JSON patch remove",
-            c.patch(
+            patch(
+                &c,
                 &t,
                 JSON_PATCH,
                 &json!([{"op": "remove", "path": "/metadata/ownerReferences"}]),
-                "",
             )
-            .await
-            .map(|_| ()),
+            .await,
         ),
         (
             "apply, not the controller",
