@@ -9,8 +9,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{Condition, IPV4_PATTERN, NAME_PATTERN, Time};
 
-/// A cluster hash fingerprint: 16 lower-case hexadecimal digits.
-pub const HASH_FINGERPRINT_PATTERN: &str = "^[0-9a-f]{16}$";
+/// A cluster hash fingerprint: v1, 16 lower-case hexadecimal digits (a fixed salt, what
+/// agents before per-cluster salts show), or v2, `v2:` the first 8 hexadecimal digits of the
+/// cluster's salt `:` 16 hexadecimal digits.
+pub const HASH_FINGERPRINT_PATTERN: &str = "^([0-9a-f]{16}|v2:[0-9a-f]{8}:[0-9a-f]{16})$";
+
+/// The version of a cluster hash fingerprint: 2 for `v2:…`, 1 otherwise. Only fingerprints
+/// of one version can be compared: a v1 and a v2 fingerprint of one hash differ.
+pub fn hash_fingerprint_version(fingerprint: &str) -> u32 {
+    if fingerprint.starts_with("v2:") { 2 } else { 1 }
+}
 
 /// A Swift ring: the devices of one ring type and how partitions map onto them.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -276,12 +284,14 @@ pub struct ObjectRingStatus {
     #[schemars(length(max = 10000))]
     pub drained_devices: Vec<String>,
     /// The cluster hash fingerprint most of the ring's ObjectNodes report (on a tie, that of
-    /// the node registered first): a node whose fingerprint differs installs none of the
-    /// ring's versions until it uses the cluster's hash.
+    /// the node registered first), of the newest fingerprint version any of them reports: a
+    /// node whose fingerprint of that version differs installs none of the ring's versions
+    /// until it uses the cluster's hash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = HASH_FINGERPRINT_PATTERN))]
     pub hash_fingerprint: Option<String>,
-    /// The ring's ObjectNodes whose cluster hash fingerprint differs from `hashFingerprint`.
+    /// The ring's ObjectNodes whose cluster hash fingerprint differs from `hashFingerprint`
+    /// (nodes reporting an older fingerprint version are not compared).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000))]
     pub hash_mismatch: Vec<String>,
@@ -462,8 +472,10 @@ pub struct ObjectNodeStatus {
     pub replication: Vec<ReplicationStatus>,
     /// A fingerprint of the cluster hash (Swift's hash path prefix and suffix) the node's
     /// servers use: the first 16 hexadecimal digits of PBKDF2-HMAC-SHA256 keyed with them
-    /// (600,000 rounds), never the values.
-    /// Every node of a cluster must show the same.
+    /// (600,000 rounds), never the values; `v2:SALTID:HEX` when salted with the cluster's own
+    /// salt, the bare digits (v1) when salted with a fixed label.
+    /// Every node of a cluster must show the same; a v1 and a v2 fingerprint are not compared
+    /// (a rolling upgrade shows both).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = HASH_FINGERPRINT_PATTERN))]
     pub hash_fingerprint: Option<String>,

@@ -26,7 +26,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use stratus_api_types::common::{ConditionType, ConditionUpdate, Reason, Time};
-use stratus_api_types::object::{DeviceState, ObjectNode};
+use stratus_api_types::object::{DeviceState, ObjectNode, hash_fingerprint_version};
 use stratus_api_types::object::{
     ObjectRing, ObjectRingPhase, ObjectRingSpec, ObjectRingStatus, ObjectRingVersion,
     ObjectRingVersionSpec, RingProposal,
@@ -310,7 +310,9 @@ pub(crate) fn drain_failed(
 /// The cluster hash fingerprint most of the ring's nodes report (on a tie, that of the node
 /// registered first), and the nodes that report another, sorted. A ring's nodes are the
 /// ObjectNodes its devices name (`node`) at the device's `ip`, as for [`drain_failed`]; a
-/// node that reports no fingerprint yet has no say.
+/// node that reports no fingerprint yet has no say, nor does one that reports an older
+/// fingerprint version than another node (an agent not yet upgraded: its fingerprint cannot
+/// be compared, so it is neither the reference nor a mismatch).
 pub(crate) fn hash_verdict(
     spec: &ObjectRingSpec,
     nodes: &[Arc<ObjectNode>],
@@ -325,6 +327,12 @@ pub(crate) fn hash_verdict(
         .filter(|n| named(n))
         .filter_map(|n| Some((&**n, n.status.as_ref()?.hash_fingerprint.as_deref()?)))
         .collect();
+    let newest = ours
+        .iter()
+        .map(|(_, f)| hash_fingerprint_version(f))
+        .max()
+        .unwrap_or_default();
+    ours.retain(|(_, f)| hash_fingerprint_version(f) == newest);
     // First registered first; then by name, for creations within one second.
     ours.sort_by(|(a, _), (b, _)| {
         let key = |n: &ObjectNode| {
@@ -503,6 +511,41 @@ mod drain_tests {
         );
         assert_eq!((hash.as_deref(), differ.len()), (Some(a), 0));
         assert_eq!(hash_verdict(&spec, &[]), (None, Vec::new()));
+    }
+
+    #[test]
+    fn a_rolling_upgrade_of_the_fingerprint_names_no_node() {
+        let spec = spec(vec![
+            dev(Some("n1"), "10.0.0.1", "d1"),
+            dev(Some("n2"), "10.0.0.2", "d1"),
+            dev(Some("n3"), "10.0.0.3", "d1"),
+        ]);
+        let v1 = "aaaaaaaaaaaaaaaa";
+        let (v2, other_v2) = (
+            "v2:0123abcd:bbbbbbbbbbbbbbbb",
+            "v2:0123abcd:cccccccccccccccc",
+        );
+        // Two agents not yet upgraded show v1, one upgraded shows v2 of the same hash: the
+        // v1 nodes are not compared with it (not a mismatch), though they are more.
+        let (hash, differ) = hash_verdict(
+            &spec,
+            &[
+                with_hash("n1", "10.0.0.1", Some(v1), 0),
+                with_hash("n2", "10.0.0.2", Some(v1), 1),
+                with_hash("n3", "10.0.0.3", Some(v2), 2),
+            ],
+        );
+        assert_eq!((hash.as_deref(), differ), (Some(v2), Vec::<String>::new()));
+        // Among v2 fingerprints, a different one is still named.
+        let (hash, differ) = hash_verdict(
+            &spec,
+            &[
+                with_hash("n1", "10.0.0.1", Some(v1), 0),
+                with_hash("n2", "10.0.0.2", Some(v2), 1),
+                with_hash("n3", "10.0.0.3", Some(other_v2), 2),
+            ],
+        );
+        assert_eq!((hash.as_deref(), differ), (Some(v2), vec!["n3".to_owned()]));
     }
 
     #[test]

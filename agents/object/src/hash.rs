@@ -6,8 +6,9 @@
 //! - The values are never logged nor put in an error: `Debug` shows neither, and a file
 //!   whose values cannot be used is refused naming the key and the reason, not the value.
 //! - A hash file is made at most once: an agent that finds none writes a new one whole (0600,
-//!   64 random bytes as hexadecimal) under a temporary name and links it into place, so that
-//!   agents started at once with one path all read the same values; afterwards it is only read.
+//!   64 random bytes as hexadecimal, and a random fingerprint salt of its own) under a
+//!   temporary name and links it into place, so that agents started at once with one path all
+//!   read the same values; afterwards it is only read.
 //! - A hash file that is not a regular file of the agent's own user, or that another user may
 //!   read or write, is refused (as ssh refuses such a key), and so is a guessable one (both
 //!   values shorter than 16 characters, or Debian's `changeme`).
@@ -28,6 +29,15 @@ const MIN_SECRET: usize = 16;
 /// Swift's keys.
 const PREFIX_KEY: &str = "swift_hash_path_prefix";
 const SUFFIX_KEY: &str = "swift_hash_path_suffix";
+/// The cluster's fingerprint salt, Stratus's own key (never written to `swift.conf`).
+const SALT_KEY: &str = "stratus_fingerprint_salt";
+/// Hexadecimal digits of a fingerprint salt (16 random bytes).
+const SALT_HEX: usize = 32;
+/// Hexadecimal digits of a salt's id in a v2 fingerprint.
+const SALT_ID_HEX: usize = 8;
+/// The PBKDF2 salt of a v1 fingerprint (a hash file without [`SALT_KEY`]), and the label
+/// a v2 fingerprint's salt starts with.
+const FINGERPRINT_LABEL: &[u8] = b"stratus swift hash fingerprint v2";
 /// Numbers this process's temporary hash files apart.
 static TMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// PBKDF2 rounds of a fingerprint ([`SwiftHash::fingerprint`]): OWASP's figure for
@@ -39,11 +49,14 @@ pub const FINGERPRINT_ROUNDS: std::num::NonZeroU32 = match std::num::NonZeroU32:
 /// Where Swift's programs read it (a fixed path in Swift 2.30).
 pub const SWIFT_CONF: &str = "/etc/swift/swift.conf";
 
-/// The hash path prefix and suffix.
+/// The hash path prefix and suffix, and the cluster's fingerprint salt.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SwiftHash {
     prefix: String,
     suffix: String,
+    /// [`SALT_HEX`] lower-case hexadecimal digits; `None` in a hash file made before salts
+    /// (or by an operator without one): the fingerprint is then v1.
+    salt: Option<String>,
 }
 
 impl std::fmt::Debug for SwiftHash {
@@ -109,13 +122,14 @@ fn check_value(key: &str, v: &str) -> Result<(), String> {
 
 impl SwiftHash {
     /// Reads Swift's own form (what `swift.conf` holds): an optional `[swift-hash]` line, then
-    /// `swift_hash_path_prefix = VALUE` and/or `swift_hash_path_suffix = VALUE`; blank lines
-    /// and `#` or `;` comments are skipped.
+    /// `swift_hash_path_prefix = VALUE` and/or `swift_hash_path_suffix = VALUE`, and
+    /// optionally Stratus's `stratus_fingerprint_salt = HEX` (32 lower-case hexadecimal
+    /// digits, the same on every node); blank lines and `#` or `;` comments are skipped.
     ///
     /// # Errors
     /// Why it cannot be used (naming the line or key, never a value).
     pub fn parse(text: &str) -> Result<Self, String> {
-        let (mut prefix, mut suffix) = (None, None);
+        let (mut prefix, mut suffix, mut salt) = (None, None, None);
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with(['#', ';']) || line == "[swift-hash]" {
@@ -131,9 +145,10 @@ impl SwiftHash {
             let slot = match key {
                 PREFIX_KEY => &mut prefix,
                 SUFFIX_KEY => &mut suffix,
+                SALT_KEY => &mut salt,
                 _ => {
                     return Err(format!(
-                        "line {}: only {PREFIX_KEY} and {SUFFIX_KEY} may be set",
+                        "line {}: only {PREFIX_KEY}, {SUFFIX_KEY} and {SALT_KEY} may be set",
                         n + 1
                     ));
                 }
@@ -142,11 +157,22 @@ impl SwiftHash {
                 return Err(format!("{key} is set twice"));
             }
             check_value(key, value)?;
+            if key == SALT_KEY
+                && (value.len() != SALT_HEX
+                    || !value
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+            {
+                return Err(format!(
+                    "{SALT_KEY}: must be {SALT_HEX} lower-case hexadecimal digits"
+                ));
+            }
             *slot = Some(value.to_owned());
         }
         let hash = Self {
             prefix: prefix.unwrap_or_default(),
             suffix: suffix.unwrap_or_default(),
+            salt,
         };
         let longer = hash.prefix.len().max(hash.suffix.len());
         if longer < MIN_SECRET
@@ -162,62 +188,86 @@ impl SwiftHash {
         Ok(hash)
     }
 
-    /// New random values: 32 bytes of the kernel's randomness each, as hexadecimal.
+    /// New random values: 32 bytes of the kernel's randomness each, as hexadecimal, and a
+    /// fingerprint salt of 16.
     ///
     /// # Errors
     /// No randomness could be read.
     pub fn generate() -> std::io::Result<Self> {
-        let mut bytes = [0u8; 64];
+        let mut bytes = [0u8; 64 + SALT_HEX / 2];
         std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-        let (p, s) = bytes.split_at(32);
+        let (p, rest) = bytes.split_at(32);
+        let (s, salt) = rest.split_at(32);
         Ok(Self {
             prefix: hex(p),
             suffix: hex(s),
+            salt: Some(hex(salt)),
         })
     }
 
     /// What tells two clusters' hashes apart and nothing of the values, for the node's
     /// status: the first 16 hexadecimal digits (64 bits) of PBKDF2-HMAC-SHA256 keyed with both
-    /// values (each after its length), over a label of its own as the salt, in
-    /// [`FINGERPRINT_ROUNDS`] rounds.
+    /// values (each after its length), in [`FINGERPRINT_ROUNDS`] rounds, over a salt:
+    /// - v2 (`v2:SALTID:HEX`), for a hash file with a fingerprint salt: the salt is a label of
+    ///   its own followed by the cluster's random salt, whose first 8 hexadecimal digits are
+    ///   `SALTID`;
+    /// - v1 (`HEX` alone, what agents before salts show), for a hash file without one: the
+    ///   label alone, the same in every cluster.
+    ///
+    /// Fingerprints of two versions cannot be compared ([`stratus_api_types::object::
+    /// hash_fingerprint_version`]): during a rolling upgrade an agent of before salts shows v1
+    /// for the hash file a newer agent shows v2 for.
     ///
     /// # Guarantees
-    /// Two nodes show the same fingerprint exactly when their values are the same (save a
-    /// 2^-64 chance). Whoever reads it (cluster admins and nodes) can check a guess of the
-    /// values offline only by computing it: [`FINGERPRINT_ROUNDS`] HMAC-SHA256s (2.4 million
-    /// SHA-256 blocks) per guess, with no shortcut PBKDF2 is known to have, so finding values
-    /// of `k` bits of entropy takes 2^(k-1) such computations on average; the 64 bits shown
-    /// pin no value of more entropy than that. Values Stratus made are 256 random bits each,
-    /// beyond any search; an operator's own (at least 16 characters) are as safe as they are
-    /// unguessable, and each guess now costs as much as a password hash. The salt is fixed
-    /// (the node computes it before it reaches the API), so one table of guesses serves every
-    /// cluster: it costs the same per guess to build.
+    /// Two nodes show the same fingerprint exactly when their values and salts are the same
+    /// (save a 2^-64 chance). Whoever reads it (cluster admins and nodes) can check a guess
+    /// of the values offline only by computing it: [`FINGERPRINT_ROUNDS`] HMAC-SHA256s (2.4
+    /// million SHA-256 blocks) per guess, with no shortcut PBKDF2 is known to have, so
+    /// finding values of `k` bits of entropy takes 2^(k-1) such computations on average; the
+    /// 64 bits shown pin no value of more entropy than that. Values Stratus made are 256
+    /// random bits each, beyond any search; an operator's own (at least 16 characters) are as
+    /// safe as they are unguessable. A v2 salt is the cluster's own, so a table of guesses
+    /// serves one cluster only; a v1 fingerprint's fixed salt lets one table serve every
+    /// cluster still on v1.
     pub fn fingerprint(&self) -> String {
         let mut key = Vec::with_capacity(16 + self.prefix.len() + self.suffix.len());
         for v in [&self.prefix, &self.suffix] {
             key.extend_from_slice(&(v.len() as u64).to_be_bytes());
             key.extend_from_slice(v.as_bytes());
         }
+        let mut salt = FINGERPRINT_LABEL.to_vec();
+        if let Some(own) = &self.salt {
+            salt.push(0);
+            salt.extend_from_slice(own.as_bytes());
+        }
         let mut out = [0u8; 8];
         ring::pbkdf2::derive(
             ring::pbkdf2::PBKDF2_HMAC_SHA256,
             FINGERPRINT_ROUNDS,
-            b"stratus swift hash fingerprint v2",
+            &salt,
             &key,
             &mut out,
         );
-        hex(&out)
+        match &self.salt {
+            Some(own) => format!("v2:{}:{}", &own[..SALT_ID_HEX], hex(&out)),
+            None => hex(&out),
+        }
     }
 
     /// The hash file's text.
     fn file_text(&self) -> String {
-        format!(
+        let mut text = format!(
             "[swift-hash]\n{PREFIX_KEY} = {}\n{SUFFIX_KEY} = {}\n",
             self.prefix, self.suffix
-        )
+        );
+        if let Some(salt) = &self.salt {
+            text.push_str(&format!("{SALT_KEY} = {salt}\n"));
+        }
+        text
     }
 
-    /// `swift.conf`: these values and the one storage policy (Swift's default, `Policy-0`).
+    /// `swift.conf`: these values (not the fingerprint salt, which is Stratus's) and the one
+    /// storage policy (Swift's default, `Policy-0`).
     ///
     /// # Errors
     /// A value the ini writer refuses (none that [`SwiftHash::parse`] accepts).
@@ -449,6 +499,7 @@ mod tests {
         let a = SwiftHash {
             prefix: "p".repeat(20),
             suffix: "s".repeat(20),
+            salt: None,
         };
         let f = a.fingerprint();
         assert_eq!(f.len(), 16);
@@ -470,6 +521,7 @@ mod tests {
             SwiftHash {
                 prefix: prefix.into(),
                 suffix: suffix.into(),
+                salt: None,
             }
             .fingerprint()
         };
@@ -487,11 +539,95 @@ mod tests {
     }
 
     #[test]
+    fn a_salted_fingerprint_is_v2_names_its_salt_and_differs_per_cluster() {
+        let salted = |salt: &str| SwiftHash {
+            prefix: "p".repeat(20),
+            suffix: "s".repeat(20),
+            salt: Some(salt.into()),
+        };
+        let salt = "0123456789abcdef0123456789abcdef";
+        let f = salted(salt).fingerprint();
+        // Known value (Python's hashlib.pbkdf2_hmac("sha256", len+prefix+len+suffix,
+        // label + b"\0" + salt, 600000)[:8], computed apart).
+        assert_eq!(f, "v2:01234567:50ec5e4690f880ef");
+        assert!(
+            regex_lite_match(&f),
+            "{f} matches the API's fingerprint pattern"
+        );
+        assert_eq!(stratus_api_types::object::hash_fingerprint_version(&f), 2);
+        // The same values under another cluster's salt: another fingerprint, and not the v1
+        // one (a table of guesses made for one salt serves no other).
+        let other = salted("fedcba9876543210fedcba9876543210").fingerprint();
+        assert_ne!(other, f);
+        assert_ne!(&other[12..], &f[12..]);
+        let v1 = SwiftHash {
+            salt: None,
+            ..salted(salt)
+        }
+        .fingerprint();
+        assert_eq!(v1, "8f9a2a4c49d7c060");
+        assert_eq!(stratus_api_types::object::hash_fingerprint_version(&v1), 1);
+        assert!(regex_lite_match(&v1));
+    }
+
+    /// Whether `f` has the form `HASH_FINGERPRINT_PATTERN` describes.
+    fn regex_lite_match(f: &str) -> bool {
+        let hex = |s: &str, n: usize| {
+            s.len() == n
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        match f
+            .strip_prefix("v2:")
+            .map(|r| r.split(':').collect::<Vec<_>>())
+        {
+            Some(parts) => parts.len() == 2 && hex(parts[0], 8) && hex(parts[1], 16),
+            None => hex(f, 16),
+        }
+    }
+
+    #[test]
+    fn a_new_hash_file_has_a_salt_and_an_old_one_reads_without() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("swift-hash");
+        let (made, _) = SwiftHash::load_or_create(&path).expect("made");
+        let salt = made.salt.clone().expect("a new file is salted");
+        assert_eq!(salt.len(), SALT_HEX);
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.contains(&format!("{SALT_KEY} = {salt}\n")), "{text}");
+        assert_eq!(SwiftHash::load(&path).expect("read back"), made);
+        assert!(
+            made.fingerprint()
+                .starts_with(&format!("v2:{}:", &salt[..8]))
+        );
+        // Two clusters' new files: two salts.
+        let (other, _) = SwiftHash::load_or_create(&dir.path().join("other")).expect("made");
+        assert_ne!(other.salt, made.salt);
+        // A file of before salts (or an operator's) reads, and keeps its v1 fingerprint.
+        let secret = "0123456789abcdef0123456789abcdef";
+        let old = SwiftHash::parse(&format!(
+            "[swift-hash]\nswift_hash_path_prefix = {secret}\nswift_hash_path_suffix = {secret}\n"
+        ))
+        .expect("old");
+        assert_eq!(old.salt, None);
+        assert_eq!(old.fingerprint().len(), 16);
+        // A salt that is not 32 lower-case hexadecimal digits is refused, naming the key.
+        for bad in ["0123", "0123456789ABCDEF0123456789ABCDEF", &"g".repeat(32)] {
+            let e = SwiftHash::parse(&format!(
+                "swift_hash_path_prefix = {secret}\n{SALT_KEY} = {bad}\n"
+            ))
+            .expect_err(bad);
+            assert!(e.contains(SALT_KEY), "{e}");
+        }
+    }
+
+    #[test]
     fn swift_conf_holds_the_values_and_the_default_policy_and_is_0640() {
         let dir = tempfile::tempdir().expect("tempdir");
         let hash = SwiftHash {
             prefix: "p".repeat(20),
             suffix: "s".repeat(20),
+            salt: Some("0123456789abcdef0123456789abcdef".into()),
         };
         let path = dir.path().join("swift.conf");
         std::fs::write(&path, "old").expect("write");
@@ -506,9 +642,11 @@ mod tests {
                 hash.prefix, hash.suffix
             )
         );
-        // What swift.conf says reads back as the same hash.
+        // What swift.conf says reads back as the same values (the salt is not Swift's).
         let text = std::fs::read_to_string(&path).expect("read");
         let section = text.split("\n\n").next().expect("section");
-        assert_eq!(SwiftHash::parse(section).expect("parse"), hash);
+        let read = SwiftHash::parse(section).expect("parse");
+        assert_eq!((&read.prefix, &read.suffix), (&hash.prefix, &hash.suffix));
+        assert!(!text.contains(SALT_KEY));
     }
 }

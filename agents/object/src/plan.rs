@@ -104,13 +104,15 @@ pub struct Source {
 
 /// The cluster hash fingerprint `ring`'s nodes mostly report (`status.hashFingerprint`), when
 /// it is not `own` (this node's): a node hashing names otherwise than the ring's other nodes
-/// would put and look for every replica where they do not.
+/// would put and look for every replica where they do not. A fingerprint of another version
+/// than `own`'s cannot be compared with it (a rolling upgrade of the agents): not foreign.
 pub fn foreign_hash<'a>(ring: &'a ObjectRing, own: &str) -> Option<&'a str> {
+    use stratus_api_types::object::hash_fingerprint_version as version;
     ring.status
         .as_ref()?
         .hash_fingerprint
         .as_deref()
-        .filter(|f| *f != own)
+        .filter(|f| *f != own && version(f) == version(own))
 }
 
 /// Which ring version goes to each ring file: each ObjectRing's current version
@@ -342,9 +344,23 @@ pub(crate) mod tests {
             "a node of the ring's hash installs it"
         );
         assert_eq!(
-            ring_sources(&[foreign], "00000000000000ff").0.len(),
+            ring_sources(&[foreign.clone()], "00000000000000ff").0.len(),
             1,
             "installed where the hash agrees"
+        );
+        // A node showing a v2 fingerprint, of a ring whose nodes mostly show v1 (or the
+        // other way round): a rolling upgrade, not another hash.
+        let own_v2 = "v2:0123abcd:0123456789abcdef";
+        assert_eq!(foreign_hash(&foreign, own_v2), None);
+        let mut foreign_v2 = foreign.clone();
+        if let Some(s) = foreign_v2.status.as_mut() {
+            s.hash_fingerprint = Some("v2:0123abcd:00000000000000ff".into());
+        }
+        assert_eq!(foreign_hash(&foreign_v2, OWN), None);
+        assert_eq!(
+            foreign_hash(&foreign_v2, own_v2),
+            Some("v2:0123abcd:00000000000000ff"),
+            "two v2 fingerprints are compared"
         );
         assert_eq!(
             files,
