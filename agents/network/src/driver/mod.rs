@@ -305,18 +305,7 @@ pub trait Links: Send + Sync + 'static {
     /// cost (a switch reconfigured, flows written) pays it once for all of them; a link
     /// already as asked is left alone.
     fn attach(&self, ns: &Netns, bridge: &IfName, links: &[Attach]) -> Result<(), LinkError> {
-        for a in links {
-            if let Some(mtu) = a.mtu {
-                self.set_mtu(ns, &a.name, mtu)?;
-            }
-            if a.master {
-                self.set_master(ns, &a.name, Some(bridge))?;
-            }
-            if a.up {
-                self.set_up(ns, &a.name, true)?;
-            }
-        }
-        Ok(())
+        attach_each(self, ns, bridge, links)
     }
     /// Sets the link administratively up or down.
     fn set_up(&self, ns: &Netns, name: &IfName, up: bool) -> Result<(), LinkError>;
@@ -349,6 +338,29 @@ pub trait Links: Send + Sync + 'static {
     fn forwarding(&self, ns: &Netns) -> Result<bool, LinkError>;
     /// Turns IPv4 forwarding in the namespace on or off.
     fn set_forwarding(&self, ns: &Netns, on: bool) -> Result<(), LinkError>;
+}
+
+/// [`Links::attach`] verb by verb: for each of `links`, in order, `set_mtu`, `set_master`
+/// and `set_up` as it asks, stopping at the first failure. What `attach` does by default,
+/// and what a batching driver does with links it cannot batch.
+pub fn attach_each<L: Links + ?Sized>(
+    l: &L,
+    ns: &Netns,
+    bridge: &IfName,
+    links: &[Attach],
+) -> Result<(), LinkError> {
+    for a in links {
+        if let Some(mtu) = a.mtu {
+            l.set_mtu(ns, &a.name, mtu)?;
+        }
+        if a.master {
+            l.set_master(ns, &a.name, Some(bridge))?;
+        }
+        if a.up {
+            l.set_up(ns, &a.name, true)?;
+        }
+    }
+    Ok(())
 }
 
 /// The node's packet filter: one ruleset (security groups, anti-spoofing, conntrack zones)

@@ -982,12 +982,25 @@ impl OvsLinks {
         }
     }
 
-    fn conflict(ns: &Netns, name: &IfName, found: &str) -> LinkError {
-        LinkError::Conflict {
+    /// `Ok` when nothing in the node's model is named `name` (no VXLAN or VLAN record of
+    /// the switch's, no network, no kernel device), else the conflict naming what is.
+    fn free(&self, s: &State, ns: &Netns, name: &IfName) -> Result<(), LinkError> {
+        let found = if let Some(r) = s.vxlans.get(name.as_str()) {
+            format!("{:?}", LinkKind::Vxlan(r.info()))
+        } else if let Some(r) = s.vlans.get(name.as_str()) {
+            format!("{:?} on {}", LinkKind::Vlan(r.id), r.parent)
+        } else if s.is_network(name.as_str()) {
+            format!("{:?}", LinkKind::Bridge)
+        } else if let Some(l) = self.kernel.link(ns, name)? {
+            format!("{:?}", l.kind)
+        } else {
+            return Ok(());
+        };
+        Err(LinkError::Conflict {
             netns: ns.clone(),
             name: name.clone(),
-            found: found.into(),
-        }
+            found,
+        })
     }
 
     /// The node's links: the kernel's, with the switch's view laid over them.
@@ -1204,12 +1217,7 @@ impl Links for OvsLinks {
         if s.is_network(name.as_str()) {
             return Ok(());
         }
-        if s.is_record(name.as_str()) {
-            return Err(Self::conflict(ns, name, "a VXLAN or VLAN device"));
-        }
-        if let Some(l) = self.kernel.link(ns, name)? {
-            return Err(Self::conflict(ns, name, &format!("{:?}", l.kind)));
-        }
+        self.free(&s, ns, name)?;
         self.add_port(
             name,
             &[
@@ -1235,38 +1243,19 @@ impl Links for OvsLinks {
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let s = self.state(ns)?;
         let name = &spec.name;
-        if let Some(rec) = s.vxlans.get(name.as_str()) {
-            let want = VxlanInfo {
-                vni: spec.vni,
-                local: Some(spec.local),
-                port: spec.port,
-                learning: false,
-            };
-            return if rec.info() == want {
-                Ok(())
-            } else {
-                Err(Self::conflict(
-                    ns,
-                    name,
-                    &format!("{:?}", LinkKind::Vxlan(rec.info())),
-                ))
-            };
+        let want = VxlanInfo {
+            vni: spec.vni,
+            local: Some(spec.local),
+            port: spec.port,
+            learning: false,
+        };
+        if s.vxlans
+            .get(name.as_str())
+            .is_some_and(|r| r.info() == want)
+        {
+            return Ok(());
         }
-        if let Some(v) = s.vlans.get(name.as_str()) {
-            return Err(Self::conflict(
-                ns,
-                name,
-                &format!("{:?}", LinkKind::Vlan(v.id)),
-            ));
-        }
-        if let Some(l) = self.kernel.link(ns, name)? {
-            let kind = if s.is_network(name.as_str()) {
-                LinkKind::Bridge
-            } else {
-                l.kind
-            };
-            return Err(Self::conflict(ns, name, &format!("{kind:?}")));
-        }
+        self.free(&s, ns, name)?;
         self.write_vxlan(
             name.as_str(),
             &VxlanRecord {
@@ -1296,23 +1285,13 @@ impl Links for OvsLinks {
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let s = self.state(ns)?;
         let name = &spec.name;
-        if let Some(rec) = s.vlans.get(name.as_str()) {
-            return if rec.id == spec.id && rec.parent == spec.parent.as_str() {
-                Ok(())
-            } else {
-                Err(Self::conflict(
-                    ns,
-                    name,
-                    &format!("{:?} on {}", LinkKind::Vlan(rec.id), rec.parent),
-                ))
-            };
+        if s.vlans
+            .get(name.as_str())
+            .is_some_and(|r| r.id == spec.id && r.parent == spec.parent.as_str())
+        {
+            return Ok(());
         }
-        if s.vxlans.contains_key(name.as_str()) {
-            return Err(Self::conflict(ns, name, "a VXLAN device"));
-        }
-        if let Some(l) = self.kernel.link(ns, name)? {
-            return Err(Self::conflict(ns, name, &format!("{:?}", l.kind)));
-        }
+        self.free(&s, ns, name)?;
         if self.kernel.link(ns, &spec.parent)?.is_none() {
             return Err(self.no_link(ns, &spec.parent));
         }
@@ -1487,18 +1466,7 @@ impl Links for OvsLinks {
             .any(|a| s.is_record(a.name.as_str()) || s.is_network(a.name.as_str()))
         {
             drop(guard);
-            for a in links {
-                if let Some(mtu) = a.mtu {
-                    self.set_mtu(ns, &a.name, mtu)?;
-                }
-                if a.master {
-                    self.set_master(ns, &a.name, Some(bridge))?;
-                }
-                if a.up {
-                    self.set_up(ns, &a.name, true)?;
-                }
-            }
-            return Ok(());
+            return super::attach_each(self, ns, bridge, links);
         }
         if links.iter().any(|a| a.master) && !s.is_network(bridge.as_str()) {
             return Err(self.no_link(ns, bridge));
