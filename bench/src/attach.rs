@@ -388,7 +388,9 @@ pub async fn bench(rounds: usize, remote: bool, lvm_pool: bool) -> Result<()> {
     };
     let cloud = Cloud::up_with(&["--nodes", &nodes])?;
     cloud.projects(&[NS])?;
-    node.start_agent(&cloud)?;
+    // The storage node serves without TLS (as the reference's qemu-nbd does): the compute
+    // node takes its exports in the clear.
+    node.start_agent_with(&cloud, if remote { &["--nbd-insecure"] } else { &[] })?;
     let (pool_node, pool_dir) = if remote {
         (STORAGE_NODE, storage_dir.path())
     } else {

@@ -265,6 +265,7 @@ pub async fn bench(servers: usize, concurrency: usize, nodes: usize) -> Result<(
                     ..Default::default()
                 },
                 export_ports: Default::default(),
+                nbd_insecure: false,
             },
         )));
     }

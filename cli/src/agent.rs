@@ -99,8 +99,11 @@ pub struct StorageArgs {
     /// attaching it. Required with --storage-address, unless --nbd-insecure.
     #[arg(long, value_name = "DIR")]
     pub nbd_tls_dir: Option<std::path::PathBuf>,
-    /// Storage role: serve exports without TLS (any process of the attaching node's address
-    /// reads the volume, and its data crosses the storage network in the clear).
+    /// Storage and compute roles: volumes cross the storage network over NBD without TLS.
+    /// A storage node serves its exports without it (any process of the attaching node's
+    /// address reads the volume, and its data crosses the network in the clear); a compute
+    /// node attaches exports served without it, which it otherwise refuses (the Server's
+    /// `Attached` condition says `VolumeRefused`).
     #[arg(long, conflicts_with = "nbd_tls_dir")]
     pub nbd_insecure: bool,
     /// Storage and compute roles: the TCP ports volume exports are served on, outside the
@@ -288,7 +291,13 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
             image_policy,
             export_ports: args.storage.export_ports,
+            nbd_insecure: args.storage.nbd_insecure,
         };
+        if config.nbd_insecure {
+            tracing::warn!(
+                "--nbd-insecure: volumes of other nodes are attached from exports served without TLS, in the clear on the storage network"
+            );
+        }
         tracing::info!(node = %config.node, uri = %args.libvirt_uri, "compute agent starting");
         Some(stratus_agents::compute::run(
             client.clone(),

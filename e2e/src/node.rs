@@ -129,8 +129,14 @@ impl Node {
     /// Starts (or restarts) the node's agent against `cloud`, which must have issued the
     /// node's identity (`Cloud::up_with(&["--nodes", NAME])`).
     pub fn start_agent(&mut self, cloud: &Cloud) -> Result<()> {
+        self.start_agent_with(cloud, &[])
+    }
+
+    /// Starts (or restarts) the node's agent as [`Node::start_agent`] does, with `extra`
+    /// arguments.
+    pub fn start_agent_with(&mut self, cloud: &Cloud, extra: &[&str]) -> Result<()> {
         // Long, so that what the tests see of drift comes from libvirt's events.
-        self.spawn_agent(cloud, &["--resync-seconds", "300"])
+        self.spawn_agent(cloud, &[&["--resync-seconds", "300"][..], extra].concat())
     }
 
     /// Starts (or restarts) the node's agent as the node, on its libvirtd, with its state

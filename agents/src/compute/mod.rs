@@ -39,6 +39,19 @@ pub struct Config {
     /// The cluster's volume export ports (`--export-ports`): a volume of another node is
     /// attached over NBD only on one of them.
     pub export_ports: stratus_api_types::storage::PortRange,
+    /// Whether a volume of another node is attached from an export served without TLS
+    /// (`stratus agent --nbd-insecure`); by default only from one served over TLS.
+    pub nbd_insecure: bool,
+}
+
+impl Config {
+    /// What this node accepts of a volume another node serves it over NBD.
+    pub fn nbd(&self) -> volumes::NbdPolicy {
+        volumes::NbdPolicy {
+            ports: self.export_ports,
+            insecure: self.nbd_insecure,
+        }
+    }
 }
 
 /// How often guests whose Server is gone, and cached images no guest uses, are looked for.

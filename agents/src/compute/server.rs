@@ -831,8 +831,8 @@ async fn boot_volume(ctx: &Ctx, server: &Server, ns: &str, name: &str) -> Result
     let (judged, vol) = {
         let (server, node) = (server.name_any(), ctx.config.node.clone());
         // The path check reads the disk (and, for an LVM pool, lvm2's reports).
-        let ports = ctx.config.export_ports;
-        blocking(move || (vols::ready(&vol, &server, &node, pool.as_ref(), ports), vol)).await?
+        let nbd = ctx.config.nbd();
+        blocking(move || (vols::ready(&vol, &server, &node, pool.as_ref(), nbd), vol)).await?
     };
     let ready = judged.map_err(|why| match why {
         vols::NotReady::Refused(message) => NotBuilt::Blocked(Blocked {
@@ -846,6 +846,13 @@ async fn boot_volume(ctx: &Ctx, server: &Server, ns: &str, name: &str) -> Result
             })
         }
     })?;
+    if let Some(why) = ready.growing {
+        // Booted at its old size, the guest would see its root disk grow under it.
+        return Err(NotBuilt::Waiting(Blocked {
+            reason: Reason::VolumesUnavailable,
+            message: format!("waiting for its boot volume: {why}"),
+        }));
+    }
     let uid = server.uid().ok_or(ServerError::Incomplete)?;
     let st = vol.status.clone().unwrap_or_default();
     let kernel = match vol.spec.source.as_ref().and_then(|s| s.image.as_deref()) {
@@ -1495,7 +1502,7 @@ async fn resolve_volumes(ctx: &Ctx, server: &Server) -> Result<vols::Resolved, S
         &server.name_any(),
         &ctx.config.node,
         &names,
-        ctx.config.export_ports,
+        ctx.config.nbd(),
     )
     .await
     .map_err(ServerError::Api)

@@ -42,6 +42,45 @@ pub struct Ready {
     /// which QEMU's resize grows the file to while the guest holds it (as Nova extends a
     /// file-backed volume in use: the storage agent cannot resize a file QEMU has locked).
     pub bytes: u64,
+    /// Why it is not plugged into a guest that lacks it yet, though made: it is growing (see
+    /// [`growing`]). A disk of it already plugged in stays, and is resized as it grows.
+    pub growing: Option<String>,
+}
+
+/// What this node accepts of a volume another node serves it over NBD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NbdPolicy {
+    /// The cluster's export ports (`stratus agent --export-ports`): no other port is
+    /// connected to.
+    pub ports: PortRange,
+    /// Whether an export served without TLS is attached (`stratus agent --nbd-insecure`). By
+    /// default only one served over TLS is: a volume's data then never crosses the storage
+    /// network in the clear, and no other node reads it.
+    pub insecure: bool,
+}
+
+impl From<PortRange> for NbdPolicy {
+    /// Exports on `ports`, over TLS alone.
+    fn from(ports: PortRange) -> Self {
+        Self {
+            ports,
+            insecure: false,
+        }
+    }
+}
+
+/// Why volume `vol` (made, at `status.sizeGiB` `gib`) is growing, if it is: its size asked
+/// (`spec.sizeGiB`) is above what its storage agent provisioned, or the agent is growing it
+/// (phase `Extending`). A guest given it now would see it at its old size and then grow, or
+/// (over NBD) be served the old size by an export made before the extend.
+fn growing(vol: &Volume, gib: u64, phase: VolumePhase) -> Option<String> {
+    let want = vol.spec.size_gib;
+    (want > gib || phase == VolumePhase::Extending).then(|| {
+        format!(
+            "volume \"{}\" is growing from {gib} to {want} GiB: plugged in once its storage agent has grown it",
+            vol.name_any()
+        )
+    })
 }
 
 /// Why a volume a Server names is not given to its guest now.
@@ -402,8 +441,9 @@ pub fn ready(
     server: &str,
     node: &str,
     pool: Option<&StoragePool>,
-    ports: PortRange,
+    nbd: impl Into<NbdPolicy>,
 ) -> Result<Ready, NotReady> {
+    let nbd = nbd.into();
     let name = vol.name_any();
     let st = vol.status.clone().unwrap_or_default();
     if st.attached_to.as_deref() != Some(server) {
@@ -427,17 +467,23 @@ pub fn ready(
         )));
     };
     let uid = vol.uid().unwrap_or_default();
+    let growing = growing(vol, gib, st.phase);
     if st.node.as_deref() != Some(node) {
         // Served over NBD at the size it was exported with (what its agent provisioned).
-        if let Some(export) = st.export.as_ref().filter(|e| e.node == node)
-            && !ports.contains(export.port)
-        {
-            // Whatever listens there (the storage node's etcd, its API server, its SSH) is
-            // no export: this node's QEMU is never aimed at it.
-            return Err(NotReady::Refused(format!(
-                "volume \"{name}\" is refused: its export's port {} is outside the cluster's export ports {ports} (stratus agent --export-ports)",
-                export.port
-            )));
+        if let Some(export) = st.export.as_ref().filter(|e| e.node == node) {
+            if !nbd.ports.contains(export.port) {
+                // Whatever listens there (the storage node's etcd, its API server, its SSH)
+                // is no export: this node's QEMU is never aimed at it.
+                return Err(NotReady::Refused(format!(
+                    "volume \"{name}\" is refused: its export's port {} is outside the cluster's export ports {} (stratus agent --export-ports)",
+                    export.port, nbd.ports
+                )));
+            }
+            if !export.tls && !nbd.insecure {
+                return Err(NotReady::Refused(format!(
+                    "volume \"{name}\" is refused: its export is served without TLS, and this node attaches volumes of other nodes over TLS alone (their storage agents serve over TLS with --nbd-tls-dir; stratus agent --nbd-insecure on this node takes exports in the clear)"
+                )));
+            }
         }
         let recorded = pool
             .filter(|p| Some(p.name_any()) == st.pool)
@@ -448,6 +494,7 @@ pub fn ready(
             path,
             serial: serial(&uid),
             bytes: gib << 30,
+            growing,
         });
     }
     let Some(pool) = pool.filter(|p| Some(p.name_any()) == st.pool) else {
@@ -467,6 +514,7 @@ pub fn ready(
         path,
         serial: serial(&uid),
         bytes: gib << 30,
+        growing,
     })
 }
 
@@ -493,7 +541,10 @@ impl Resolved {
     /// Files `vol` (of uid `uid`) as [`ready`] judged it.
     fn add(&mut self, uid: &str, judged: Result<Ready, NotReady>) {
         match judged {
-            Ok(r) => self.ready.push(r),
+            Ok(r) => {
+                self.waiting.extend(r.growing.clone());
+                self.ready.push(r);
+            }
             Err(NotReady::Waiting(why)) => {
                 self.keep.push(serial(uid));
                 self.waiting.push(why);
@@ -546,7 +597,7 @@ pub async fn resolve(
     server: &str,
     node: &str,
     names: &[String],
-    ports: PortRange,
+    nbd: NbdPolicy,
 ) -> Result<Resolved, kube::Error> {
     let api = Api::<Volume>::namespaced(client.clone(), ns);
     let pools = Api::<StoragePool>::all(client.clone());
@@ -576,7 +627,7 @@ pub async fn resolve(
         let uid = vol.uid().unwrap_or_default();
         // The path check reads the disk (and, for an LVM pool, lvm2's reports).
         let judged =
-            stratus_runtime::blocking(move || ready(&vol, &server, &node, pool.as_ref(), ports))
+            stratus_runtime::blocking(move || ready(&vol, &server, &node, pool.as_ref(), nbd))
                 .await
                 .unwrap_or_else(|e| Err(NotReady::Waiting(format!("volume \"{name}\": {e}"))));
         out.add(&uid, judged);
@@ -599,8 +650,8 @@ pub enum Step {
 /// detached only when it is a released volume's or no named volume's (never for a volume
 /// that could not be read, is in error or whose path is refused: that is said on the
 /// Server, the disk stays); every ready volume not attached is attached at the first guest
-/// name free (not one a disk still being unplugged holds); a running guest that sees an
-/// attached volume smaller than it now is is told its size.
+/// name free (not one a disk still being unplugged holds), unless it is growing; a running
+/// guest that sees an attached volume smaller than it now is is told its size.
 pub fn plan(resolved: &Resolved, attached: &[AttachedVolume], running: bool) -> Vec<Step> {
     let mut steps: Vec<Step> = attached
         .iter()
@@ -616,6 +667,8 @@ pub fn plan(resolved: &Resolved, attached: &[AttachedVolume], running: bool) -> 
                     steps.push(Step::Resize(a.target.clone(), w.bytes));
                 }
             }
+            // Not given to the guest before it is grown (its waiting says why).
+            None if w.growing.is_some() => {}
             None => {
                 let target = loop {
                     let t = virtio_disk_name(next);
@@ -678,6 +731,7 @@ mod tests {
             path: path.into(),
             serial: format!("s{path}"),
             bytes: gib << 30,
+            growing: None,
         }
     }
 
@@ -760,7 +814,8 @@ mod tests {
 
     #[test]
     fn a_volume_of_another_node_is_given_only_as_its_export_to_this_node() {
-        let export = json!({"node": "n1", "host": "10.0.0.2", "port": 10809, "name": "5b1fe0"});
+        let export = json!({"node": "n1", "host": "10.0.0.2", "port": 10809, "name": "5b1fe0",
+                            "tls": true});
         let good = json!({"phase": "InUse", "node": "n2", "pool": "p", "sizeGiB": 2,
                           "devicePath": "/dev/loop3", "attachedTo": "web",
                           "attachedNode": "n1", "export": export});
@@ -780,7 +835,7 @@ mod tests {
             PortRange::DEFAULT,
         )
         .expect("ready");
-        assert_eq!(r.path, PathBuf::from("nbd://10.0.0.2:10809/5b1fe0"));
+        assert_eq!(r.path, PathBuf::from("nbd+tls://10.0.0.2:10809/5b1fe0"));
         assert_eq!(r.bytes, 2 << 30);
         let waits_with =
             |status: serde_json::Value, pool: Option<&StoragePool>, what: &str| match ready(
@@ -886,7 +941,7 @@ mod tests {
         let mut in_range = good.clone();
         in_range["export"]["port"] = 10910.into();
         let r = ready(&volume(in_range), "web", "n1", Some(&far), ranged).expect("ready");
-        assert_eq!(r.path, PathBuf::from("nbd://10.0.0.2:10910/5b1fe0"));
+        assert_eq!(r.path, PathBuf::from("nbd+tls://10.0.0.2:10910/5b1fe0"));
         let mut creating = good;
         creating["phase"] = "Creating".into();
         match ready(&volume(creating), "web", "n1", None, PortRange::DEFAULT) {
@@ -1090,5 +1145,128 @@ mod tests {
         assert_eq!(r.keep, [serial(UID)]);
         r.add(UID, Err(NotReady::Released("gone".into())));
         assert_eq!(r.released, [serial(UID)]);
+    }
+
+    /// The other node's pool, recording the address its exports are served at.
+    fn far_pool() -> StoragePool {
+        let mut far = pool(json!({"backend": "lvm", "node": "n2", "vgName": "vg"}));
+        far.status =
+            Some(serde_json::from_value(json!({"storageAddress": "10.0.0.2"})).expect("a status"));
+        far
+    }
+
+    /// A volume of node n2 attached to web on n1 over NBD, at `gib` GiB, its export `tls` or not.
+    fn exported(gib: u64, tls: bool) -> serde_json::Value {
+        json!({"phase": "InUse", "node": "n2", "pool": "p", "sizeGiB": gib,
+               "devicePath": "/dev/loop3", "attachedTo": "web", "attachedNode": "n1",
+               "export": {"node": "n1", "host": "10.0.0.2", "port": 10809, "name": "5b1fe0",
+                          "tls": tls}})
+    }
+
+    #[test]
+    fn an_export_in_the_clear_is_attached_only_where_the_node_allows_it() {
+        let far = far_pool();
+        let judge = |tls: bool, nbd: NbdPolicy| {
+            ready(&volume(exported(1, tls)), "web", "n1", Some(&far), nbd)
+        };
+        let (secure, insecure) = (
+            NbdPolicy::from(PortRange::DEFAULT),
+            NbdPolicy {
+                ports: PortRange::DEFAULT,
+                insecure: true,
+            },
+        );
+        // By default, over TLS alone: one served in the clear is refused, said on the Server.
+        match judge(false, secure) {
+            Err(NotReady::Refused(m)) => assert!(
+                m.contains("\"data\" is refused: its export is served without TLS")
+                    && m.contains("--nbd-insecure"),
+                "{m}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        let tls = judge(true, secure).expect("ready").path;
+        assert_eq!(tls, PathBuf::from("nbd+tls://10.0.0.2:10809/5b1fe0"));
+        // With --nbd-insecure, either, each as it is served.
+        let plain = judge(false, insecure).expect("ready").path;
+        assert_eq!(plain, PathBuf::from("nbd://10.0.0.2:10809/5b1fe0"));
+        assert_eq!(judge(true, insecure).map(|r| r.path), Ok(tls));
+        // Refused, a disk of it already plugged in stays (a node restarted without
+        // --nbd-insecure does not pull it from the guest); none is plugged in.
+        let mut r = Resolved::default();
+        r.add(UID, judge(false, secure));
+        assert_eq!((r.keep.len(), r.refused.len()), (1, 1));
+        let disk = AttachedVolume {
+            target: "vdc".into(),
+            path: plain,
+            serial: Some(serial(UID)),
+            capacity: Some(1 << 30),
+        };
+        assert!(plan(&r, &[disk], true).is_empty());
+        assert!(plan(&r, &[], true).is_empty());
+    }
+
+    #[test]
+    fn a_growing_volume_is_plugged_in_only_once_grown() {
+        let (_dir, p, path) = file_pool();
+        let local = |want: u64, gib: u64, phase: &str| {
+            let status = json!({"phase": phase, "node": "n1", "pool": "p", "sizeGiB": gib,
+                                "devicePath": path, "attachedTo": "web"});
+            let mut v = volume(status);
+            v.spec.size_gib = want;
+            ready(&v, "web", "n1", Some(&p), PortRange::DEFAULT).expect("ready")
+        };
+        let far = far_pool();
+        let remote = |want: u64, gib: u64| {
+            let mut v = volume(exported(gib, true));
+            v.spec.size_gib = want;
+            ready(&v, "web", "n1", Some(&far), PortRange::DEFAULT).expect("ready")
+        };
+        assert_eq!(local(1, 1, "InUse").growing, None);
+        assert_eq!(remote(1, 1).growing, None);
+        // Extended while detached and attached at once: its agent has not grown it yet (or is
+        // growing it). A guest given it now would see it grow, or be served the old size.
+        for (r, grown_to) in [
+            (local(2, 1, "InUse"), 2),
+            (local(2, 1, "Extending"), 2),
+            (local(2, 2, "Extending"), 2),
+            (remote(2, 1), 1),
+        ] {
+            let why = r.growing.clone().expect("growing");
+            assert!(
+                why.contains("volume \"data\" is growing from") && why.contains("to 2 GiB"),
+                "{why}"
+            );
+            let mut resolved = Resolved::default();
+            resolved.add(UID, Ok(r.clone()));
+            // Said on the Server, and not plugged into a guest that lacks it.
+            assert_eq!(resolved.waiting, [why]);
+            assert!(plan(&resolved, &[], true).is_empty(), "{r:?}");
+            // A disk of it already plugged in stays; a file QEMU holds is grown by QEMU, a
+            // device as far as its agent has grown it.
+            let disk = AttachedVolume {
+                target: "vdc".into(),
+                path: r.path.clone(),
+                serial: Some(serial(UID)),
+                capacity: Some(1 << 30),
+            };
+            let resized: Vec<Step> = (grown_to > 1)
+                .then(|| Step::Resize("vdc".into(), grown_to << 30))
+                .into_iter()
+                .collect();
+            assert_eq!(plan(&resolved, &[disk], true), resized, "{r:?}");
+        }
+        // Grown: plugged in at its new size.
+        for r in [local(2, 2, "InUse"), remote(2, 2)] {
+            assert_eq!(r.growing, None);
+            let mut resolved = Resolved::default();
+            resolved.add(UID, Ok(r.clone()));
+            assert!(resolved.waiting.is_empty());
+            match plan(&resolved, &[], true).as_slice() {
+                [Step::Attach(d)] => assert_eq!((&d.path, &d.target), (&r.path, &"vdc".into())),
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(r.bytes, 2 << 30);
+        }
     }
 }

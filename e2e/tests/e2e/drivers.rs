@@ -101,6 +101,7 @@ fn the_agent_runs_a_server_on_a_fake_host_through_failures_drift_and_deletion() 
                 ..Default::default()
             },
             export_ports: Default::default(),
+            nbd_insecure: false,
         },
     ));
     // The node registers as what its driver runs.

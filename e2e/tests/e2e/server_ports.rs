@@ -99,6 +99,7 @@ fn a_servers_network_becomes_a_port_plugged_into_its_guest_and_goes_with_it() ->
                 ..Default::default()
             },
             export_ports: Default::default(),
+            nbd_insecure: false,
         },
     ));
 
