@@ -16,8 +16,10 @@
 //!   the update's transaction, refused with 409 when its pool lacks room) and never shrinks
 //!   (422 on `spec.sizeGiB`). It does not grow while attached to a server on another node
 //!   than its pool's (422 on `spec.sizeGiB`): over NBD, QEMU's client keeps the size it
-//!   connected with and `qemu-nbd` the size it opened, so the guest could be given the new
-//!   size only by taking the disk from it. Its source is exactly one of an image (of the project, or a
+//!   connected with (its resize refuses to grow the disk) and `qemu-nbd` the size it opened;
+//!   the client learns a new size only by connecting again to an export served anew, and
+//!   the guest's I/O in flight then fails unless QEMU's NBD `reconnect-delay` is set, which
+//!   libvirt 9.0's domain XML cannot. Its source is exactly one of an image (of the project, or a
 //!   public one), a snapshot or a volume of its namespace, which must exist (422) and not be
 //!   larger than it; the source and where the volume may go are immutable.
 //! - A VolumeSnapshot's volume must exist in its namespace (422 on `spec.volume`); the
@@ -490,7 +492,7 @@ async fn update_volume(
             w.new,
             "spec.sizeGiB",
             format!(
-                "Invalid value: {}: cannot grow while attached over NBD ({why}): QEMU's NBD client keeps the size it connected with, and the export cannot be served again at the new size without taking the disk from the running guest; detach it (or stop the server), grow it, attach it again",
+                "Invalid value: {}: cannot grow while attached over NBD ({why}): QEMU's NBD client keeps the size it connected with, and learns a new one only by connecting again to an export served anew, which fails the guest's I/O in flight; detach it (or stop the server), grow it, attach it again",
                 after.size_gib
             ),
         ));
