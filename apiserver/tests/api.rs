@@ -1,6 +1,9 @@
 //! The API server's verbs and admission, driven as the HTTP layer drives them, over the
 //! in-memory store (`tests/store.rs` holds it to etcd's guarantees).
 
+#[allow(dead_code)]
+mod common;
+
 mod api {
     pub mod admission;
     pub mod apply;

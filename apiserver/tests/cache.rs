@@ -3,19 +3,20 @@
 //! etcd's unless `resourceVersion=0` allows it, and continue tokens that keep their list at
 //! one revision.
 
+#[allow(dead_code)]
+mod common;
 #[allow(dead_code, unused_imports)]
 #[path = "api/fixtures.rs"]
 mod fixtures;
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use stratus_apiserver::resource::verbs::{Params, Selectors};
 use stratus_apiserver::storage::hub::Hub;
-use stratus_apiserver::storage::store::Store;
 
+use common::Etcd;
 use fixtures::{Cloud, MERGE, Obj, names, rv};
 
 fn name(i: usize) -> String {
@@ -313,62 +314,9 @@ async fn a_selected_watch_starts_from_the_cache_without_a_gap_or_a_repeat() {
     );
 }
 
-/// An etcd of the test's own (the `etcd` binary must be installed), ended with the test.
-struct Etcd {
-    child: Child,
-    endpoint: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-async fn etcd() -> (Etcd, Store) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let endpoint = format!("http://127.0.0.1:{}", free_port());
-    let peer = format!("http://127.0.0.1:{}", free_port());
-    let child = Command::new("etcd")
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args(["--listen-client-urls", &endpoint])
-        .args(["--advertise-client-urls", &endpoint])
-        .args(["--listen-peer-urls", &peer])
-        .args(["--initial-advertise-peer-urls", &peer])
-        .args(["--initial-cluster", &format!("default={peer}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start etcd (is it installed?)");
-    let etcd = Etcd {
-        child,
-        endpoint,
-        _dir: dir,
-    };
-    for _ in 0..200 {
-        if let Ok(s) = Store::connect(std::slice::from_ref(&etcd.endpoint)).await
-            && s.revision().await.is_ok()
-        {
-            return (etcd, s);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("etcd did not start");
-}
-
 #[tokio::test]
 async fn on_etcd_a_quiet_type_catches_up_by_a_progress_report_not_a_timeout() {
-    let (_etcd, store) = etcd().await;
+    let (_etcd, store) = Etcd::start().await;
     let obj =
         |name: &str, tier: &str| json!({"metadata": {"name": name, "labels": {"tier": tier}}});
     for n in ["a", "b"] {

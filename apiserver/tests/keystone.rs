@@ -5,8 +5,11 @@
 //! uncredentialed endpoints rate limited per source, an unknown access key answered as a wrong
 //! signature, and a key of a deleted Project refused even while its index record stays.
 
+#[allow(dead_code)]
+mod common;
+
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine;
@@ -14,31 +17,12 @@ use ring::hmac;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use common::{Etcd, free_port};
+
 const ADMIN: &str = "admin-token-0123456789";
 const PROXY: &str = "proxy-token-0123456789";
 const NODE: &str = "node-token-0123456789";
 const PREFIX: &str = "/stratus";
-
-/// An etcd of the test's own, ended with the test.
-struct Etcd {
-    child: Child,
-    _dir: tempfile::TempDir,
-    endpoint: String,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 /// A plain-HTTP API server (with an admin, a service and a node identity) over a new etcd.
 struct Server {
@@ -62,39 +46,7 @@ async fn server() -> Server {
 
 /// [`server`], its configuration changed by `tune` first.
 async fn server_with(tune: impl FnOnce(&mut stratus_apiserver::Config)) -> Server {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let endpoint = format!("http://127.0.0.1:{}", free_port());
-    let peer = format!("http://127.0.0.1:{}", free_port());
-    let child = Command::new("etcd")
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args(["--listen-client-urls", &endpoint])
-        .args(["--advertise-client-urls", &endpoint])
-        .args(["--listen-peer-urls", &peer])
-        .args(["--initial-advertise-peer-urls", &peer])
-        .args(["--initial-cluster", &format!("default={peer}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start etcd (is it installed?)");
-    let etcd = Etcd {
-        child,
-        _dir: dir,
-        endpoint: endpoint.clone(),
-    };
-    let mut store = None;
-    for _ in 0..400 {
-        if let Ok(s) =
-            stratus_apiserver::storage::store::Store::connect(std::slice::from_ref(&etcd.endpoint))
-                .await
-            && s.revision().await.is_ok()
-        {
-            store = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let store = store.expect("etcd did not start");
+    let (etcd, store) = Etcd::start().await;
     serve(std::sync::Arc::new(etcd), store, "audit.log", tune).await
 }
 
@@ -105,8 +57,8 @@ async fn serve(
     audit: &str,
     tune: impl FnOnce(&mut stratus_apiserver::Config),
 ) -> Server {
-    let audit = etcd._dir.path().join(audit);
-    let mut config = stratus_apiserver::Config::new(vec![etcd.endpoint.clone()]);
+    let audit = etcd.dir().join(audit);
+    let mut config = stratus_apiserver::Config::new(vec![etcd.endpoint().to_string()]);
     config.listen = ([127, 0, 0, 1], 0).into();
     config.prefix = PREFIX.into();
     config.tokens = HashMap::from([
@@ -1887,7 +1839,7 @@ async fn an_upload_never_overwrites_an_active_or_recreated_image() {
 
 /// How many leases `s`'s etcd holds.
 async fn leases(s: &Server) -> usize {
-    let mut c = etcd_client::Client::connect([s.etcd.endpoint.as_str()], None)
+    let mut c = etcd_client::Client::connect([s.etcd.endpoint()], None)
         .await
         .expect("connect to etcd");
     c.leases().await.expect("list the leases").leases().len()

@@ -3,11 +3,12 @@
 //! `NotOlderThan` a state at least that new, a bare revision `NotOlderThan` (a first page of
 //! one: `Exact`), and every combination Kubernetes refuses a 400 naming the parameter.
 
+#[allow(dead_code)]
+mod common;
 #[allow(dead_code, unused_imports)]
 #[path = "api/fixtures.rs"]
 mod fixtures;
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,61 +16,18 @@ use serde_json::Value;
 use stratus_apiserver::base::error::ApiError;
 use stratus_apiserver::resource::registry::Registry;
 use stratus_apiserver::resource::verbs::Api;
-use stratus_apiserver::storage::store::Store;
 
+use common::Etcd;
 use fixtures::{Cloud, Obj, names};
-
-/// An etcd of the test's own (the `etcd` binary must be installed), ended with the test.
-struct Etcd {
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 /// An API server over a new etcd.
 async fn cloud() -> (Etcd, Cloud) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let endpoint = format!("http://127.0.0.1:{}", free_port());
-    let peer = format!("http://127.0.0.1:{}", free_port());
-    let child = Command::new("etcd")
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args(["--listen-client-urls", &endpoint])
-        .args(["--advertise-client-urls", &endpoint])
-        .args(["--listen-peer-urls", &peer])
-        .args(["--initial-advertise-peer-urls", &peer])
-        .args(["--initial-cluster", &format!("default={peer}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start etcd (is it installed?)");
-    let etcd = Etcd { child, _dir: dir };
-    for _ in 0..200 {
-        if let Ok(store) = Store::connect(std::slice::from_ref(&endpoint)).await
-            && store.revision().await.is_ok()
-        {
-            let registry = Arc::new(Registry::stratus().expect("the Stratus kinds"));
-            let api = Api::open(store, registry, "/registry", Duration::from_millis(200))
-                .await
-                .expect("open the API");
-            return (etcd, Cloud { api });
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("etcd did not start");
+    let (etcd, store) = Etcd::start().await;
+    let registry = Arc::new(Registry::stratus().expect("the Stratus kinds"));
+    let api = Api::open(store, registry, "/registry", Duration::from_millis(200))
+        .await
+        .expect("open the API");
+    (etcd, Cloud { api })
 }
 
 /// The list's own `metadata.resourceVersion`.

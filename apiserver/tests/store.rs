@@ -2,12 +2,16 @@
 //! etcd (started here; the `etcd` binary must be installed): what the verbs' unit tests
 //! assume of the in-memory store is what etcd does.
 
-use std::process::{Child, Command, Stdio};
+#[allow(dead_code)]
+mod common;
+
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use stratus_apiserver::storage::kv::{WatchFeed, WatchMsg};
 use stratus_apiserver::storage::store::{Guard, Read, Store, StoreError, Write};
+
+use common::Etcd;
 
 /// Every check, each on keys of its own.
 async fn suite(s: &Store) {
@@ -410,62 +414,8 @@ async fn the_memory_store_keeps_the_guarantees() {
     suite(&Store::memory()).await;
 }
 
-/// An etcd of the test's own, killed when dropped.
-struct Etcd {
-    child: Child,
-    endpoint: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-fn etcd() -> Etcd {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let endpoint = format!("http://127.0.0.1:{}", free_port());
-    let peer = format!("http://127.0.0.1:{}", free_port());
-    let child = Command::new("etcd")
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args(["--listen-client-urls", &endpoint])
-        .args(["--advertise-client-urls", &endpoint])
-        .args(["--listen-peer-urls", &peer])
-        .args(["--initial-advertise-peer-urls", &peer])
-        .args(["--initial-cluster", &format!("default={peer}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start etcd (is it installed?)");
-    Etcd {
-        child,
-        endpoint,
-        _dir: dir,
-    }
-}
-
 #[tokio::test]
 async fn etcd_keeps_the_guarantees() {
-    let etcd = etcd();
-    let mut store = None;
-    for _ in 0..200 {
-        if let Ok(s) = Store::connect(std::slice::from_ref(&etcd.endpoint)).await
-            && s.revision().await.is_ok()
-        {
-            store = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    suite(&store.expect("etcd answers within 20 s")).await;
+    let (_etcd, store) = Etcd::start().await;
+    suite(&store).await;
 }
