@@ -7,6 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use stratus_api_types::identity::Role;
+use stratus_api_types::ports::CLAIMED_BY;
 use stratus_apiserver::base::error::{ApiError, ApiResult};
 use stratus_apiserver::policy::authn::Caller;
 use stratus_apiserver::policy::request::RequestInfo;
@@ -64,6 +65,33 @@ impl Obj {
             Some(ns),
             name,
             json!({"flavor": "small", "image": "cirros"}),
+        )
+    }
+
+    /// A Server of flavor `small`, booting image `cirros`, on Port `port` alone.
+    pub fn server_on_port(ns: &str, name: &str, port: &str) -> Self {
+        Self::server(ns, name).spec("networks", json!([{"port": port}]))
+    }
+
+    /// A Network.
+    pub fn network(ns: &str, name: &str) -> Self {
+        Self::new(
+            "network.stratus.dev/v1",
+            "Network",
+            Some(ns),
+            name,
+            json!({}),
+        )
+    }
+
+    /// A Port on Network `network`.
+    pub fn port(ns: &str, name: &str, network: &str) -> Self {
+        Self::new(
+            "network.stratus.dev/v1",
+            "Port",
+            Some(ns),
+            name,
+            json!({"network": network}),
         )
     }
 
@@ -158,11 +186,30 @@ pub fn names(list: &Value) -> Vec<String> {
 }
 
 /// The error of a verb that should have failed.
+#[track_caller]
 pub fn refused<T: std::fmt::Debug>(r: ApiResult<T>) -> ApiError {
     match r {
         Ok(v) => panic!("accepted: {v:?}"),
         Err(e) => e,
     }
+}
+
+/// The field the first cause of `e` names ("" when it names none).
+pub fn field(e: &ApiError) -> &str {
+    e.details
+        .causes
+        .first()
+        .map(|c| c.field.as_str())
+        .unwrap_or_default()
+}
+
+/// Asserts a verb was refused with `code`, its first cause naming `on`; the error, for more
+/// checks.
+#[track_caller]
+pub fn refused_naming<T: std::fmt::Debug>(r: ApiResult<T>, code: u16, on: &str) -> ApiError {
+    let e = refused(r);
+    assert_eq!((e.code, field(&e)), (code, on), "{e:?}");
+    e
 }
 
 fn params(query: &str) -> Params {
@@ -365,6 +412,16 @@ impl Cloud {
         self.patch(&self.status("Hypervisor", None, name), MERGE, &capacity, "")
             .await
             .expect("report capacity");
+    }
+
+    /// The name of the Server whose claim Port `name` of project `ns` carries ("" when none).
+    pub async fn port_claim(&self, ns: &str, name: &str) -> String {
+        let p = self.get("Port", Some(ns), name).await.expect("port");
+        p["metadata"]["annotations"][CLAIMED_BY]
+            .as_str()
+            .and_then(|v| v.split_once('/'))
+            .map(|(s, _)| s.to_owned())
+            .unwrap_or_default()
     }
 
     /// `POST servers/{name}/binding` onto `hypervisor`.

@@ -19,25 +19,11 @@ fn keypair(name: &str) -> Obj {
     )
 }
 
-fn network(name: &str) -> Obj {
-    Obj(
-        json!({"apiVersion": "network.stratus.dev/v1", "kind": "Network",
-        "metadata": {"name": name, "namespace": "demo"}, "spec": {}}),
-    )
-}
-
 fn subnet(name: &str, cidr: &str) -> Obj {
     Obj(
         json!({"apiVersion": "network.stratus.dev/v1", "kind": "Subnet",
         "metadata": {"name": name, "namespace": "demo"},
         "spec": {"network": "n", "cidr": cidr}}),
-    )
-}
-
-fn port(name: &str) -> Obj {
-    Obj(
-        json!({"apiVersion": "network.stratus.dev/v1", "kind": "Port",
-        "metadata": {"name": name, "namespace": "demo"}, "spec": {"network": "n"}}),
     )
 }
 
@@ -72,7 +58,7 @@ async fn demo_with_content() -> Cloud {
     c.create(&Obj::quota("demo", "q", json!({"servers": 100_000})))
         .await
         .expect("quota");
-    c.create(&network("n")).await.expect("network");
+    c.create(&Obj::network("demo", "n")).await.expect("network");
     c.create(&subnet("s", "10.0.0.0/16")).await.expect("subnet");
     c.create(&Obj::server("demo", "kept"))
         .await
@@ -114,7 +100,7 @@ async fn every_create_in_a_terminating_namespace_is_403_and_nothing_is_written()
         "web-1",
     );
     assert_terminating(
-        &refused(c.create(&network("n2")).await),
+        &refused(c.create(&Obj::network("demo", "n2")).await),
         "networks.network.stratus.dev",
         "n2",
     );
@@ -124,7 +110,7 @@ async fn every_create_in_a_terminating_namespace_is_403_and_nothing_is_written()
         "s2",
     );
     assert_terminating(
-        &refused(c.create(&port("p1")).await),
+        &refused(c.create(&Obj::port("demo", "p1", "n")).await),
         "ports.network.stratus.dev",
         "p1",
     );
@@ -239,7 +225,7 @@ async fn a_project_that_only_changed_since_its_check_admits_the_create() {
         c.create(&keypair(&format!("k{}", i + 1)))
             .await
             .expect("a create in an active project");
-        c.create(&port(&format!("p{i}")))
+        c.create(&Obj::port("demo", &format!("p{i}"), "n"))
             .await
             .expect("a port in an active project");
     }
@@ -266,7 +252,7 @@ async fn no_create_lands_after_the_deletion_began() {
                     }
                     1 => {
                         let n = format!("p-{w}-{i}");
-                        (port(&n), n)
+                        (Obj::port("demo", &n, "n"), n)
                     }
                     _ => {
                         let n = format!("s-{w}-{i}");

@@ -5,40 +5,17 @@
 
 use serde_json::{Value, json};
 
-use stratus_api_types::ports::CLAIMED_BY;
 use stratus_apiserver::admission::CLUSTER_ADMIN;
 use stratus_apiserver::base::error::ApiResult;
 use stratus_apiserver::resource::verbs::Target;
 
-use crate::fixtures::{APPLY, Cloud, JSON_PATCH, MERGE, Obj, refused};
-
-fn network(name: &str) -> Obj {
-    Obj(
-        json!({"apiVersion": "network.stratus.dev/v1", "kind": "Network",
-               "metadata": {"name": name, "namespace": "demo"}, "spec": {}}),
-    )
-}
-
-fn port(name: &str, network: &str) -> Obj {
-    Obj(
-        json!({"apiVersion": "network.stratus.dev/v1", "kind": "Port",
-               "metadata": {"name": name, "namespace": "demo"}, "spec": {"network": network}}),
-    )
-}
+use crate::fixtures::{APPLY, Cloud, JSON_PATCH, MERGE, Obj, field, refused, refused_naming};
 
 /// An owner reference to Server `server` (as stored), its controller or not.
 fn owner(server: &Value, controller: bool) -> Value {
     json!({"apiVersion": "compute.stratus.dev/v1", "kind": "Server",
            "name": server["metadata"]["name"], "uid": server["metadata"]["uid"],
            "controller": controller})
-}
-
-fn field(e: &stratus_apiserver::base::error::ApiError) -> &str {
-    e.details
-        .causes
-        .first()
-        .map(|c| c.field.as_str())
-        .unwrap_or_default()
 }
 
 /// The owner references of Port `name` of project demo, as stored.
@@ -80,9 +57,14 @@ fn all_refused_naming_owners(writes: Vec<(&str, ApiResult<()>)>, context: &str) 
 #[tokio::test]
 async fn an_update_giving_a_port_a_server_owner_is_the_controllers_alone() {
     let (_etcd, c) = crate::api::etcd::cloud().await;
-    c.create(&network("blue")).await.expect("network");
+    c.create(&Obj::network("demo", "blue"))
+        .await
+        .expect("network");
     let web = c.create(&Obj::server("demo", "web")).await.expect("web");
-    let stored = c.create(&port("mine", "blue")).await.expect("port");
+    let stored = c
+        .create(&Obj::port("demo", "mine", "blue"))
+        .await
+        .expect("port");
     let t = c.target("Port", Some("demo"), Some("mine"));
     // Every way a member can write the Port's metadata, each adding a reference to web.
     for controller in [true, false] {
@@ -149,7 +131,7 @@ async fn an_update_giving_a_port_a_server_owner_is_the_controllers_alone() {
     .expect("a label, the owner kept");
     let db = c.create(&Obj::server("demo", "db")).await.expect("db");
     for refs in [json!([owner(&web, true)]), json!([owner(&db, false)])] {
-        let e = refused(
+        refused_naming(
             c.patch(
                 &t,
                 MERGE,
@@ -157,8 +139,9 @@ async fn an_update_giving_a_port_a_server_owner_is_the_controllers_alone() {
                 "",
             )
             .await,
+            403,
+            "metadata.ownerReferences",
         );
-        assert_eq!((e.code, field(&e)), (403, "metadata.ownerReferences"));
     }
     assert_eq!(owners(&c, "mine").await, json!([owner(&web, false)]));
 }
@@ -166,10 +149,12 @@ async fn an_update_giving_a_port_a_server_owner_is_the_controllers_alone() {
 #[tokio::test]
 async fn taking_a_servers_owner_reference_off_a_port_is_the_controllers_alone() {
     let (_etcd, c) = crate::api::etcd::cloud().await;
-    c.create(&network("blue")).await.expect("network");
+    c.create(&Obj::network("demo", "blue"))
+        .await
+        .expect("network");
     let web = c.create(&Obj::server("demo", "web")).await.expect("web");
     // The ports controller makes a Port for web: its controller reference and no claim yet.
-    let mut made = port("web-0", "blue");
+    let mut made = Obj::port("demo", "web-0", "blue");
     made.0["metadata"]["ownerReferences"] = json!([owner(&web, true)]);
     let stored = CLUSTER_ADMIN
         .scope(true, c.create(&made))
@@ -226,7 +211,10 @@ async fn taking_a_servers_owner_reference_off_a_port_is_the_controllers_alone() 
     all_refused_naming_owners(writes, "");
     assert_eq!(owners(&c, "web-0").await, json!([owner(&web, true)]));
     // So no other Server can take the Port made for web.
-    let e = refused(c.create(&naming_port("other", "web-0")).await);
+    let e = refused(
+        c.create(&Obj::server_on_port("demo", "other", "web-0"))
+            .await,
+    );
     assert_eq!(e.code, 409, "{e:?}");
     // The controllers may take it off (the ports controller orphaning it).
     CLUSTER_ADMIN
@@ -244,20 +232,6 @@ async fn taking_a_servers_owner_reference_off_a_port_is_the_controllers_alone() 
     assert_eq!(owners(&c, "web-0").await, Value::Null);
 }
 
-/// The name of the Server whose claim Port `name` of project demo carries.
-async fn claim(c: &Cloud, name: &str) -> String {
-    let p = c.get("Port", Some("demo"), name).await.expect("port");
-    p["metadata"]["annotations"][CLAIMED_BY]
-        .as_str()
-        .and_then(|v| v.split_once('/'))
-        .map(|(s, _)| s.to_owned())
-        .unwrap_or_default()
-}
-
-fn naming_port(name: &str, port: &str) -> Obj {
-    Obj::server("demo", name).spec("networks", json!([{"port": port}]))
-}
-
 /// Binds Port `port` to Server `server`, as the ports controller does.
 async fn bind(c: &Cloud, port: &str, server: &str) {
     c.patch(
@@ -273,25 +247,38 @@ async fn bind(c: &Cloud, port: &str, server: &str) {
 #[tokio::test]
 async fn a_port_bound_to_a_server_that_is_gone_is_claimed_at_once() {
     let (_etcd, c) = crate::api::etcd::cloud().await;
-    c.create(&network("blue")).await.expect("network");
-    c.create(&port("p", "blue")).await.expect("port");
-    c.create(&naming_port("a", "p")).await.expect("server a");
+    c.create(&Obj::network("demo", "blue"))
+        .await
+        .expect("network");
+    c.create(&Obj::port("demo", "p", "blue"))
+        .await
+        .expect("port");
+    c.create(&Obj::server_on_port("demo", "a", "p"))
+        .await
+        .expect("server a");
     bind(&c, "p", "a").await;
     // While a exists the port is its guest's: b waits (409 naming the field).
-    let e = refused(c.create(&naming_port("b", "p")).await);
-    assert_eq!((e.code, field(&e)), (409, "spec.networks[0].port"), "{e:?}");
+    refused_naming(
+        c.create(&Obj::server_on_port("demo", "b", "p")).await,
+        409,
+        "spec.networks[0].port",
+    );
     // a deleted: b, created at once (before the ports controller unbinds the port), gets it.
     c.delete("Server", Some("demo"), "a", "")
         .await
         .expect("delete a");
-    c.create(&naming_port("b", "p"))
+    c.create(&Obj::server_on_port("demo", "b", "p"))
         .await
         .expect("b claims a port bound to a server that is gone");
-    assert_eq!(claim(&c, "p").await, "b");
+    assert_eq!(c.port_claim("demo", "p").await, "b");
 
     // Made anew under the bound server's name: the new one's guest never had the NIC.
-    c.create(&port("q", "blue")).await.expect("port");
-    c.create(&naming_port("x", "q")).await.expect("server x");
+    c.create(&Obj::port("demo", "q", "blue"))
+        .await
+        .expect("port");
+    c.create(&Obj::server_on_port("demo", "x", "q"))
+        .await
+        .expect("server x");
     bind(&c, "q", "x").await;
     c.delete("Server", Some("demo"), "x", "")
         .await
@@ -299,20 +286,24 @@ async fn a_port_bound_to_a_server_that_is_gone_is_claimed_at_once() {
     c.create(&Obj::server("demo", "x"))
         .await
         .expect("another x, naming no port");
-    c.create(&naming_port("y", "q"))
+    c.create(&Obj::server_on_port("demo", "y", "q"))
         .await
         .expect("y claims a port bound to the old x");
-    assert_eq!(claim(&c, "q").await, "y");
+    assert_eq!(c.port_claim("demo", "q").await, "y");
 }
 
 #[tokio::test]
 async fn a_port_bound_to_a_server_being_deleted_is_not_claimed() {
     let (_etcd, c) = crate::api::etcd::cloud().await;
-    c.create(&network("blue")).await.expect("network");
-    c.create(&port("p", "blue")).await.expect("port");
+    c.create(&Obj::network("demo", "blue"))
+        .await
+        .expect("network");
+    c.create(&Obj::port("demo", "p", "blue"))
+        .await
+        .expect("port");
     // A finalizer holds a (as the compute agent's holds a placed server until its guest is
     // torn down).
-    c.create(&naming_port("a", "p").finalizer("example.com/hold"))
+    c.create(&Obj::server_on_port("demo", "a", "p").finalizer("example.com/hold"))
         .await
         .expect("server a");
     bind(&c, "p", "a").await;
@@ -320,8 +311,11 @@ async fn a_port_bound_to_a_server_being_deleted_is_not_claimed() {
         .await
         .expect("delete a");
     let before = c.revision().await;
-    let e = refused(c.create(&naming_port("b", "p")).await);
-    assert_eq!((e.code, field(&e)), (409, "spec.networks[0].port"), "{e:?}");
+    let e = refused_naming(
+        c.create(&Obj::server_on_port("demo", "b", "p")).await,
+        409,
+        "spec.networks[0].port",
+    );
     assert!(e.message.contains("bound to server \"a\""), "{}", e.message);
     assert_eq!(c.revision().await, before, "nothing written");
     // Once it is gone, b gets it.
@@ -333,6 +327,8 @@ async fn a_port_bound_to_a_server_being_deleted_is_not_claimed() {
     )
     .await
     .expect("a's finalizer released");
-    c.create(&naming_port("b", "p")).await.expect("b claims it");
-    assert_eq!(claim(&c, "p").await, "b");
+    c.create(&Obj::server_on_port("demo", "b", "p"))
+        .await
+        .expect("b claims it");
+    assert_eq!(c.port_claim("demo", "p").await, "b");
 }

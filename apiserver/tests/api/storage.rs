@@ -9,7 +9,7 @@ use stratus_apiserver::base::error::ApiResult;
 use stratus_apiserver::resource::review::AllowAll;
 use stratus_apiserver::resource::verbs::Target;
 
-use crate::fixtures::{Cloud, JSON, MERGE, Obj, answer, refused};
+use crate::fixtures::{Cloud, JSON, MERGE, Obj, answer, field, refused, refused_naming};
 
 fn volume(ns: &str, name: &str, size: Value) -> Obj {
     Obj(json!({
@@ -66,14 +66,6 @@ async fn bind(c: &Cloud, name: &str, pool: &str) -> ApiResult<u16> {
         .map(|o| answer(o).0)
 }
 
-fn field(e: &stratus_apiserver::base::error::ApiError) -> &str {
-    e.details
-        .causes
-        .first()
-        .map(|c| c.field.as_str())
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn a_volume_has_a_size_of_at_least_one_gib_and_a_bounded_one() {
     let c = with_pool(10).await;
@@ -115,8 +107,7 @@ async fn a_source_is_exactly_one_thing_that_exists_in_the_namespace() {
     let c = with_pool(10).await;
     let two =
         volume("demo", "v", json!(1)).spec("source", json!({"image": "cirros", "volume": "other"}));
-    let e = refused(c.create(&two).await);
-    assert_eq!((e.code, field(&e)), (422, "spec.source"), "{e:?}");
+    refused_naming(c.create(&two).await, 422, "spec.source");
     let none = volume("demo", "v", json!(1)).spec("source", json!({}));
     assert_eq!(field(&refused(c.create(&none).await)), "spec.source");
     for (f, what) in [
@@ -150,8 +141,7 @@ async fn a_source_is_exactly_one_thing_that_exists_in_the_namespace() {
         .await
         .expect("big");
     let small = volume("demo", "small", json!(2)).spec("source", json!({"volume": "big"}));
-    let e = refused(c.create(&small).await);
-    assert_eq!((e.code, field(&e)), (422, "spec.sizeGiB"), "{e:?}");
+    refused_naming(c.create(&small).await, 422, "spec.sizeGiB");
     let clone = volume("demo", "clone", json!(5)).spec("source", json!({"volume": "big"}));
     c.create(&clone).await.expect("a clone of the same size");
 }
@@ -190,22 +180,23 @@ async fn binding_places_the_volume_and_claims_its_size() {
     );
     let e = refused(bind(&c, "missing", "p1").await);
     assert_eq!(e.code, 404);
-    let e = refused(bind(&c, "b", "nowhere").await);
-    assert_eq!((e.code, field(&e)), (422, "target.name"));
+    refused_naming(bind(&c, "b", "nowhere").await, 422, "target.name");
     // Placed: not moved by another binding, nor by a status write.
     pool(&c, "p2", "n2", 10).await;
     assert_eq!(refused(bind(&c, "a", "p2").await).code, 409);
     let status = c.status("Volume", Some("demo"), "a");
-    let e = refused(
+    refused_naming(
         c.patch(&status, MERGE, &json!({"status": {"pool": "p2"}}), "")
             .await,
+        422,
+        "status.pool",
     );
-    assert_eq!((e.code, field(&e)), (422, "status.pool"));
-    let e = refused(
+    refused_naming(
         c.patch(&status, MERGE, &json!({"status": {"node": "n2"}}), "")
             .await,
+        422,
+        "status.node",
     );
-    assert_eq!((e.code, field(&e)), (422, "status.node"));
     // Unbinding is not a thing a volume does.
     let t = Target {
         subresource: Some("binding".into()),
@@ -370,11 +361,12 @@ async fn a_volume_grows_within_its_pool_and_quota_and_never_shrinks() {
     c.create(&volume("demo", "x", json!(1))).await.expect("x");
     assert_eq!(refused(bind(&c, "x", "p1").await).code, 409);
     // The source and where it may go do not change.
-    let e = refused(
+    refused_naming(
         c.patch(&t, MERGE, &json!({"spec": {"storagePool": "p9"}}), "")
             .await,
+        422,
+        "spec.storagePool",
     );
-    assert_eq!((e.code, field(&e)), (422, "spec.storagePool"));
     // Quota counts the GiB of an extend as of a create.
     c.create(&Obj::quota("demo", "q", json!({"volumeGiB": 12})))
         .await
@@ -413,8 +405,11 @@ async fn placed_beside_its_volume(c: &Cloud, s: &Value) {
 #[tokio::test]
 async fn a_snapshot_is_placed_with_its_volume_and_holds_it() {
     let c = with_pool(10).await;
-    let e = refused(c.create(&snapshot("demo", "s", "missing")).await);
-    assert_eq!((e.code, field(&e)), (422, "spec.volume"));
+    let e = refused_naming(
+        c.create(&snapshot("demo", "s", "missing")).await,
+        422,
+        "spec.volume",
+    );
     assert!(e.message.contains("does not exist"), "{}", e.message);
     c.create(&volume("demo", "v", json!(3))).await.expect("v");
     bind(&c, "v", "p1").await.expect("v");
@@ -433,17 +428,19 @@ async fn a_snapshot_is_placed_with_its_volume_and_holds_it() {
     assert_eq!(e.code, 409);
     assert!(e.message.contains("1 snapshot(s) (s)"), "{}", e.message);
     let st = c.status("VolumeSnapshot", Some("demo"), "s");
-    let e = refused(
+    refused_naming(
         c.patch(&st, MERGE, &json!({"status": {"sizeGiB": 1}}), "")
             .await,
+        422,
+        "status.sizeGiB",
     );
-    assert_eq!((e.code, field(&e)), (422, "status.sizeGiB"));
     let t = c.target("VolumeSnapshot", Some("demo"), Some("s"));
-    let e = refused(
+    refused_naming(
         c.patch(&t, MERGE, &json!({"spec": {"volume": "w"}}), "")
             .await,
+        422,
+        "spec.volume",
     );
-    assert_eq!((e.code, field(&e)), (422, "spec.volume"));
     // Nor is the snapshot deleted while a volume made from it is still Pending.
     let e = refused(c.delete("VolumeSnapshot", Some("demo"), "s", "").await);
     assert_eq!(e.code, 409, "{e:?}");
@@ -626,8 +623,11 @@ async fn an_attached_volume_is_not_deleted_nor_snapshotted_without_force() {
         c.get("Volume", Some("demo"), "v").await.is_ok(),
         "still there"
     );
-    let e = refused(c.create(&snapshot("demo", "s", "v")).await);
-    assert_eq!((e.code, field(&e)), (409, "spec.volume"));
+    refused_naming(
+        c.create(&snapshot("demo", "s", "v")).await,
+        409,
+        "spec.volume",
+    );
     let forced = snapshot("demo", "s", "v").spec("force", json!(true));
     c.create(&forced).await.expect("with force");
 }
@@ -865,8 +865,11 @@ async fn an_export_is_served_at_the_address_its_pool_records() {
             r#"{{"status": {{"export": {{"node": "n2", "host": "{host}", "port": 10809, "name": "{name}"}}}}}}"#
         )
     };
-    let e = refused(n1.patch(&vol, MERGE, &export("10.0.0.1", "x1")).await);
-    assert_eq!((e.code, field(&e)), (422, "status.export.host"), "{e:?}");
+    let e = refused_naming(
+        n1.patch(&vol, MERGE, &export("10.0.0.1", "x1")).await,
+        422,
+        "status.export.host",
+    );
     assert!(
         e.message.contains("records no storage address"),
         "{}",
@@ -889,8 +892,11 @@ async fn an_export_is_served_at_the_address_its_pool_records() {
     )
     .await
     .expect("recorded once");
-    let e = refused(n1.patch(&vol, MERGE, &export("10.0.0.9", "x1")).await);
-    assert_eq!((e.code, field(&e)), (422, "status.export.host"), "{e:?}");
+    let e = refused_naming(
+        n1.patch(&vol, MERGE, &export("10.0.0.9", "x1")).await,
+        422,
+        "status.export.host",
+    );
     assert!(e.message.contains("not 10.0.0.1"), "{}", e.message);
     let e = refused(
         c.patch(
@@ -986,8 +992,7 @@ async fn a_volume_attached_over_nbd_does_not_grow_until_detached() {
     };
     attach(json!("n2")).await;
     let before = c.revision().await;
-    let e = refused(grow(2).await);
-    assert_eq!((e.code, field(&e)), (422, "spec.sizeGiB"), "{e:?}");
+    let e = refused_naming(grow(2).await, 422, "spec.sizeGiB");
     assert!(
         e.message.contains("over NBD") && e.message.contains("detach it"),
         "{}",
