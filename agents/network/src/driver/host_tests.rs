@@ -460,6 +460,93 @@ fn an_nft_update_after_the_ruleset_was_flushed_behind_it_restores_the_whole_rule
     f.clear().expect("clear");
 }
 
+/// A batch through the nftables library commits in the namespace the session was opened in,
+/// all or nothing: a refused batch says why in nft's words and leaves nothing of itself.
+#[test]
+fn the_nftables_library_commits_a_batch_whole_in_its_namespace_or_nothing() {
+    if !root() {
+        return;
+    }
+    assert!(
+        super::libnft::available(),
+        "libnftables.so.1 (Debian's libnftables1, which nftables depends on) is not loadable"
+    );
+    let mut c = Cleanup::default();
+    let (ns, _) = firewall_in_new_netns(&mut c);
+    let host_tables = || {
+        let out = Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+            .expect("nft list tables");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // A table name no other run uses (`stratus-test-` and hex).
+    let marker = format!("t{}", unique().trim_start_matches("stratus-test-"));
+    let (first, second, refused) = {
+        let marker = marker.clone();
+        super::netns::run_in(&Netns::Named(ns.clone()), move || {
+            let mut s = super::libnft::Session::open().expect("a library session");
+            let first = s.run(
+                format!("add table inet {marker}\nadd chain inet {marker} c\nadd rule inet {marker} c counter accept\n")
+                    .as_bytes(),
+            );
+            // The same session, a second batch.
+            let second = s.run(format!("add rule inet {marker} c drop\n").as_bytes());
+            let refused = s.run(
+                format!("add table inet {marker}x\nadd rule inet {marker}x nochain accept\n")
+                    .as_bytes(),
+            );
+            (first, second, refused)
+        })
+        .expect("run in the namespace")
+    };
+    first.expect("first batch");
+    second.expect("second batch");
+    let why = refused
+        .expect_err("a rule into a chain that does not exist")
+        .0;
+    assert!(why.contains("Could not process rule"), "{why}");
+    let (ok, listed) = run_in(&ns, &["nft", "list", "tables"]);
+    assert!(ok, "{listed}");
+    assert!(
+        listed.contains(&format!("table inet {marker}\n")),
+        "{listed}"
+    );
+    assert!(
+        !listed.contains(&format!("{marker}x")),
+        "half a refused batch: {listed}"
+    );
+    let (ok, rules) = run_in(&ns, &["nft", "list", "chain", "inet", &marker, "c"]);
+    assert!(
+        ok && rules.contains("accept") && rules.contains("drop"),
+        "{rules}"
+    );
+    assert!(
+        !host_tables().contains(&marker),
+        "the batch reached the host's namespace"
+    );
+}
+
+/// The driver's library session follows its namespace: deleted and made again under the
+/// same name, the next batch lands in the new one.
+#[test]
+fn the_nft_driver_writes_into_a_namespace_made_again_under_its_name() {
+    if !root() {
+        return;
+    }
+    let mut c = Cleanup::default();
+    let (ns, f) = firewall_in_new_netns(&mut c);
+    let rs = conformance::sample_ruleset();
+    f.apply(&rs).expect("apply");
+    let l = NetlinkLinks::new();
+    l.del_netns(&ns).expect("del netns");
+    l.add_netns(&ns).expect("add netns again");
+    f.apply(&rs).expect("apply in the new namespace");
+    let (ok, out) = run_in(&ns, &["nft", "list", "chain", "inet", "stratus", "forward"]);
+    assert!(ok && out.contains("hook forward"), "{out}");
+    f.clear().expect("clear");
+}
+
 #[test]
 fn nft_router_nat_passes_the_conformance_suite() {
     if !root() {

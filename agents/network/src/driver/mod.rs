@@ -14,6 +14,7 @@ pub mod conformance;
 pub mod conntrack;
 pub mod dnsmasq;
 pub mod fake;
+pub mod libnft;
 pub mod names;
 pub mod netlink;
 pub mod netns;

@@ -1,8 +1,9 @@
 //! The node's packet filter as a typed model ([`Ruleset`]: conntrack zones per network,
 //! security-group rules per port, remote groups as sets, anti-spoofing) rendered to nftables
 //! objects of the `nftables` crate, and [`NftFirewall`], which makes Stratus's tables hold it
-//! in one `nft -f -` transaction (the batch in nft's own syntax, as `nft_text` writes it, or
-//! JSON) — writing only the chains and set elements that differ ([`Delta`]), or the tables
+//! in one nft transaction (the batch in nft's own syntax, as `nft_text` writes it, run by
+//! the nftables library in the agent's process ([`super::libnft`]) or by `nft -f -`, or JSON
+//! to `nft -j -f -`) — writing only the chains and set elements that differ ([`Delta`]), or the tables
 //! whole when they are absent — and reads them back for drift.
 //!
 //! Two tables, replaced together: `inet stratus` holds what needs conntrack (zones at raw
@@ -51,7 +52,7 @@ use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use super::names::digest_hex;
 use super::{Firewall, IfName, Ipv4Cidr, MacAddr, Name, Netns};
-use super::{netns, nft_text};
+use super::{libnft, netns, nft_text};
 
 /// The name of both of Stratus's tables.
 pub const TABLE: &str = "stratus";
@@ -1405,6 +1406,8 @@ struct State {
     /// The generation the last `read` answered for: an update's delta was taken from the
     /// tables as they were then, and holds only while nothing has been committed since.
     read_at: Option<u32>,
+    /// The nftables library's context in the namespace, while it is the same namespace.
+    session: Option<libnft::Session>,
 }
 
 /// A NETLINK_NETFILTER socket in one namespace, for its nf_tables generation.
@@ -1505,6 +1508,7 @@ impl NftFirewall {
             st.socket = None;
             st.known = None;
             st.read_at = None;
+            st.session = None;
             st.socket = Some(Generation::open(&self.netns)?);
         }
         match st.socket.as_ref().map(Generation::read) {
@@ -1533,7 +1537,7 @@ impl NftFirewall {
         let before = self.generation(&mut st).ok();
         st.known = None;
         st.read_at = None;
-        self.nft(args, Some(&input), what)?;
+        self.batch(&mut st, args, &input, what)?;
         let now = self.generation(&mut st).ok();
         if let (Some(b), Some(n)) = (before, now)
             && n == b.wrapping_add(1)
@@ -1541,6 +1545,45 @@ impl NftFirewall {
             st.known = Some((n, after));
         }
         Ok(())
+    }
+
+    /// Runs one batch (`input`, which `args` tell `nft` how to read) as one transaction:
+    /// through the nftables library in the agent's process when the batch is nft's text and
+    /// the host has the library ([`libnft`]), its context kept open in the namespace from one
+    /// batch to the next; else as an `nft` process.
+    fn batch(
+        &self,
+        st: &mut State,
+        args: &[&str],
+        input: &[u8],
+        what: &str,
+    ) -> Result<(), FirewallError> {
+        if args != ["-f", "-"] || !libnft::available() {
+            return self.nft(args, Some(input), what).map(|_| ());
+        }
+        let session = st.session.take();
+        let owned = input.to_vec();
+        let ran = netns::run_io(&self.netns, move || {
+            Ok(session.or_else(libnft::Session::open).map(|mut s| {
+                let r = s.run(&owned);
+                (s, r)
+            }))
+        })
+        .map_err(|source| FirewallError::Io {
+            what: what.to_owned(),
+            source,
+        })?;
+        match ran {
+            Some((session, r)) => {
+                st.session = Some(session);
+                r.map(|_| ())
+                    .map_err(|libnft::Refused(stderr)| FirewallError::Command {
+                        what: what.to_owned(),
+                        stderr,
+                    })
+            }
+            None => self.nft(args, Some(input), what).map(|_| ()),
+        }
     }
 
     /// Bridged IPv4 must pass the `inet` hooks for security groups to see it: turns on
@@ -1682,7 +1725,7 @@ impl Firewall for NftFirewall {
             tracing::info!(netns = %self.netns, "nft tables changed since they were read; writing the whole ruleset");
             return self.apply(&update.ruleset);
         }
-        if let Err(e) = self.nft(args, Some(&input), "update nft ruleset") {
+        if let Err(e) = self.batch(&mut st, args, &input, "update nft ruleset") {
             drop(st);
             tracing::info!(netns = %self.netns, error = %e, "nft update refused; writing the whole ruleset");
             return self.apply(&update.ruleset);
