@@ -519,6 +519,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
         controllers_kubeconfig,
         dir.join("images"),
         images.clone(),
+        // With an object store, URL sources' data is kept there, as uploads' is.
+        objects.object_store,
     ));
     let mut roles = Vec::new();
     if args.compute.is_some() {
@@ -605,6 +607,13 @@ pub async fn run(args: UpArgs) -> Result<()> {
     }
     eprintln!("Stratus is up: export KUBECONFIG={}", kubeconfig.display());
     eprintln!("Dashboard: {url}/dashboard/ (log in with a Stratus user's name and password)");
+    if nodes.iter().any(|n| *n != args.node_name) {
+        // A volume of one node reaches another's guests over NBD, with TLS by default.
+        eprintln!(
+            "Node certificates for volumes served to other nodes (NBD over TLS): stratus pki nbd-node NAME [--address STORAGE-IP] --ca-dir {} --out DIR",
+            dir.join("pki").join("nbd").display()
+        );
+    }
     if objects.object_store {
         eprintln!(
             "Object store (Swift API and S3): {} (identity: {url}/identity/v3)",
