@@ -4,9 +4,10 @@
 //! at the server's create, and the guest's kernel reads it (its partitions on the console);
 //! a second server asking for it is refused (409 naming the field and the holder), and of two
 //! servers racing for one volume exactly one gets it; the volume grows while attached and the
-//! guest sees the new size; it is detached (data kept, `attachedTo` released) and plugged in
-//! again while the guest runs; deleting it attached is refused, detached it goes. A volume made
-//! from the tiny image boots a server to its init.
+//! guest sees the new size; it is detached (data kept, `attachedTo` released), grown and at
+//! once plugged in again while the guest runs, which sees it at its new size from the start
+//! (never at the old one, then growing); deleting it attached is refused, detached it goes. A
+//! volume made from the tiny image boots a server to its init.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -303,22 +304,30 @@ fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
     std::fs::File::open(&path)?.read_exact_at(&mut head, 0)?;
     assert_eq!(head, partition_table(), "the data outlives the attachment");
 
-    // Plugged in again while the guest runs: its kernel reads the partitions again.
-    cloud.kubectl_ok(&[
-        "-n",
-        NS,
-        "patch",
+    // Grown while detached and at once plugged in again while the guest runs: the compute
+    // agent waits for the storage agent's extend, so the guest's kernel finds the disk at
+    // 3 GiB (6291456 sectors) and reads the partitions again, and never sees it grow.
+    let patch = |kind: &str, name: &str, body: &str| {
+        cloud.kubectl_ok(&["-n", NS, "patch", kind, name, "--type=merge", "-p", body])
+    };
+    patch("volume", "data", r#"{"spec":{"sizeGiB":3}}"#)?;
+    patch(
         "server",
         "vm1",
-        "--type=merge",
-        "-p",
         r#"{"spec":{"volumes":[{"volume":"data"}]}}"#,
-    ])?;
+    )?;
     wait_until(WAIT, "the partitions read again", || {
         (partition_scans(&node.console(&uid1)) >= 2).then_some(())
     })
     .with_context(|| format!("console of {uid1}:\n{}", node.console(&uid1)))?;
     ensure!(blklist(&node, &dom1)?.iter().any(|(_, s)| *s == path));
+    assert_eq!(capacity(&node, &dom1, "vdc"), Some(3 * GIB));
+    console(&uid1, "] 6291456 512-byte logical blocks", 1)?;
+    let seen = node.console(&uid1);
+    ensure!(
+        !seen.contains("new size: 6291456"),
+        "the guest saw the disk grow after it was plugged in:\n{seen}"
+    );
     assert_eq!(
         json(&cloud, &["get", "volume", "data"])?["status"]["attachedTo"],
         "vm1"
