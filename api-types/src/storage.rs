@@ -41,7 +41,13 @@ pub const VOLUME_TYPE_LABEL: &str = "storage.stratus.dev/volume-type";
     printcolumn(
         name = "Attached To",
         type_ = "string",
-        json_path = ".status.attachedTo"
+        json_path = ".status.attachments[*].server"
+    ),
+    printcolumn(
+        name = "Multi-Attach",
+        type_ = "boolean",
+        json_path = ".spec.multiAttach",
+        priority = 1
     ),
     printcolumn(
         name = "Bootable",
@@ -91,11 +97,20 @@ pub struct VolumeSpec {
     /// Whether Servers may boot from the volume.
     #[serde(default)]
     pub bootable: bool,
+    /// Whether several Servers of the project may hold the volume at once (at most 16,
+    /// `MAX_ATTACHMENTS`), as Cinder's `multiattach` volume type: each guest sees it as a
+    /// shareable disk, and keeping their writes apart (a cluster file system) is theirs.
+    /// Set at create, or changed while no Server holds the volume.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub multi_attach: bool,
     /// Free-form description.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 255))]
     pub description: Option<String>,
 }
+
+/// The most Servers a multi-attach Volume is attached to at once.
+pub const MAX_ATTACHMENTS: usize = 16;
 
 /// Initial contents of a Volume: exactly one of the fields.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -168,11 +183,20 @@ pub struct VolumeStatus {
     /// Path of the block device on `node` (e.g. `/dev/stratus/volume-<uid>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_path: Option<String>,
-    /// Name of the Server the volume is attached to.
+    /// Name of the Server the volume is attached to: the first of `attachments`, kept for
+    /// clients that know one attachment only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attached_to: Option<String>,
-    /// The node the Server it is attached to is placed on, once it is (written by the
-    /// attachments controller): when it is not `node`, the volume's data is exported to it.
+    /// Every Server the volume is attached to, in the order they took it (one at most unless
+    /// `spec.multiAttach`), with the node each is placed on: written by the API server in the
+    /// Server's own transaction and by the attachments controller.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["server"]))]
+    pub attachments: Vec<VolumeAttachment>,
+    /// The node the Server it is attached to (`attachedTo`) is placed on, once it is (written
+    /// by the attachments controller): when it is not `node`, the volume's data is exported
+    /// to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
     pub attached_node: Option<String>,
@@ -199,6 +223,36 @@ pub struct VolumeStatus {
     /// The `metadata.generation` this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+impl VolumeStatus {
+    /// The Servers holding the volume: `attachments`, or `attachedTo` alone for a status
+    /// written before there were `attachments`.
+    pub fn attached_servers(&self) -> Vec<&str> {
+        if self.attachments.is_empty() {
+            self.attached_to.as_deref().into_iter().collect()
+        } else {
+            self.attachments.iter().map(|a| a.server.as_str()).collect()
+        }
+    }
+
+    /// Whether Server `server` holds the volume.
+    pub fn is_attached_to(&self, server: &str) -> bool {
+        self.attached_servers().contains(&server)
+    }
+}
+
+/// One Server a Volume is attached to.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeAttachment {
+    /// The Server's name (in the volume's namespace).
+    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    pub server: String,
+    /// The node the Server is placed on, once it is (written by the attachments controller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    pub node: Option<String>,
 }
 
 /// A volume's data served over NBD to the one node its Server is on.

@@ -13,6 +13,7 @@ mod api {
     pub mod identity;
     pub mod lifecycle;
     pub mod lists;
+    pub mod multi_attach;
     pub mod network;
     pub mod node;
     pub mod object;

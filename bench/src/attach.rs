@@ -549,6 +549,7 @@ pub async fn bench(rounds: usize, remote: bool, lvm_pool: bool) -> Result<()> {
                 path: disk_path,
                 target: TARGET.into(),
                 serial: format!("reference{r}"),
+                shareable: false,
             }),
         )?;
         let t = Instant::now();

@@ -1,12 +1,15 @@
-//! The attachments controller: releases a Volume's attachment (`status.attachedTo`, which the
-//! API server writes in a Server's own transaction when the Server adds the volume) once the
-//! Server's guest no longer has it: the Server is gone (deleted after its agent tore the guest
+//! The attachments controller: releases each of a Volume's attachments (`status.attachments`,
+//! which the API server writes in a Server's own transaction when the Server adds the volume;
+//! the first is also `status.attachedTo`) once that Server's guest no longer has it, keeping
+//! the others: the Server is gone (deleted after its agent tore the guest
 //! down), was never placed, or no longer asks for the volume and its agent has observed the
 //! generation that dropped it (the agent detaches before it reports that generation).
 //!
-//! While the Server holds it, the controller records the node the Server is placed on in the
-//! Volume's `status.attachedNode` (a node cannot write it): the storage agent of a volume on
-//! another node exports it to that node, and to no other.
+//! While a Server holds it, the controller records the node the Server is placed on in its
+//! attachment (`status.attachments[].node`, and the first's in `status.attachedNode`; a node
+//! cannot write them), and in `status.attachedNode` the one node the volume is exported to:
+//! the first attachment's node other than the volume's own. The storage agent exports it to
+//! that node, and to no other.
 //!
 //! A release is a status replace with the Volume's resourceVersion as precondition: a Server
 //! that adds the volume again meanwhile writes the Volume in its transaction, so the release
@@ -23,7 +26,7 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use stratus_api_types::common::ConditionType;
 use stratus_api_types::compute::Server;
-use stratus_api_types::storage::{Volume, VolumePhase};
+use stratus_api_types::storage::{Volume, VolumeAttachment, VolumePhase, VolumeStatus};
 use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
 
@@ -90,10 +93,96 @@ pub fn decide(volume: &str, server: Option<&Server>) -> Decision {
 /// holds it, when that is not what is recorded: the node the server is placed on, or none
 /// while it is on no node (an evacuated server's old node keeps no export open to it).
 pub fn follow(recorded: Option<&str>, server: Option<&Server>) -> Option<Option<String>> {
-    let placed = server
+    let placed = placed_on(server);
+    (recorded != placed.as_deref()).then_some(placed)
+}
+
+/// The node `server` is placed on.
+fn placed_on(server: Option<&Server>) -> Option<String> {
+    server
         .and_then(|s| s.status.as_ref())
-        .and_then(|s| s.hypervisor.as_deref());
-    (recorded != placed).then(|| placed.map(str::to_owned))
+        .and_then(|s| s.hypervisor.clone())
+}
+
+/// The attachments of `volume` that stay, each with the node its server is placed on now,
+/// given what is recorded (`held`) and each holder's Server as read (`None`: gone).
+pub fn settle(volume: &str, held: &[(VolumeAttachment, Option<Server>)]) -> Vec<VolumeAttachment> {
+    held.iter()
+        .filter(|(_, server)| decide(volume, server.as_ref()) == Decision::Keep)
+        .map(|(a, server)| {
+            let mut kept = a.clone();
+            if let Some(node) = follow(a.node.as_deref(), server.as_ref()) {
+                kept.node = node;
+            }
+            kept
+        })
+        .collect()
+}
+
+/// The attachments `status` records: `attachments`, or `attachedTo` (with `attachedNode`) for
+/// a status written before there were attachments.
+fn recorded(status: &VolumeStatus) -> Vec<VolumeAttachment> {
+    if !status.attachments.is_empty() {
+        return status.attachments.clone();
+    }
+    status
+        .attached_to
+        .clone()
+        .map(|server| VolumeAttachment {
+            server,
+            node: status.attached_node.clone(),
+        })
+        .into_iter()
+        .collect()
+}
+
+/// The node a volume whose data is on `own` is exported to (its `status.attachedNode`): the
+/// node of its first attachment on another node, else the first attachment's. One node at
+/// most is served over NBD; a multi-attach volume's servers on a second other node wait.
+fn export_node(attachments: &[VolumeAttachment], own: Option<&str>) -> Option<String> {
+    let nodes = || attachments.iter().filter_map(|a| a.node.as_deref());
+    nodes()
+        .find(|n| Some(*n) != own)
+        .or_else(|| attachments.first()?.node.as_deref())
+        .map(str::to_owned)
+}
+
+/// `status` with attachments `now`: `attachedTo` is the first's, `attachedNode` the node it is
+/// exported to ([`export_node`]), the phase
+/// `Available` once none is left, and the `Attached` condition says who holds it.
+fn record(
+    status: &mut VolumeStatus,
+    now: Vec<VolumeAttachment>,
+    released: &[String],
+    generation: Option<i64>,
+) {
+    status.attached_to = now.first().map(|a| a.server.clone());
+    status.attached_node = export_node(&now, status.node.as_deref());
+    if released.is_empty() {
+        status.attachments = now;
+        return;
+    }
+    let condition = if now.is_empty() {
+        if status.phase == VolumePhase::InUse {
+            status.phase = VolumePhase::Available;
+        }
+        ConditionType::Attached.no(
+            "Detached",
+            format!("detached from server {}", released.join(", ")),
+        )
+    } else {
+        let held: Vec<&str> = now.iter().map(|a| a.server.as_str()).collect();
+        ConditionType::Attached.yes(
+            "Attached",
+            format!(
+                "attached to server {}; detached from server {}",
+                held.join(", "),
+                released.join(", ")
+            ),
+        )
+    };
+    condition.set(&mut status.conditions, generation);
+    status.attachments = now;
 }
 
 struct Ctx {
@@ -110,8 +199,8 @@ async fn release(vol: &Volume, ctx: &Ctx) -> Result<Action, AttachmentsError> {
     let ns = vol.namespace().ok_or(AttachmentsError::NoNamespace)?;
     let volumes = Api::<Volume>::namespaced(ctx.client.clone(), &ns);
     let name = vol.name_any();
-    // Read afresh, the Volume before the Server: a Server that adds it after this read moves
-    // its resourceVersion, so the release below fails.
+    // Read afresh, the Volume before its Servers: a Server that adds it after this read moves
+    // its resourceVersion, so the write below fails.
     let Some(now) = volumes
         .get_opt(&name)
         .await
@@ -119,55 +208,56 @@ async fn release(vol: &Volume, ctx: &Ctx) -> Result<Action, AttachmentsError> {
     else {
         return Ok(Action::await_change());
     };
-    let Some(server_name) = now.status.as_ref().and_then(|s| s.attached_to.clone()) else {
+    let status = now.status.clone().unwrap_or_default();
+    let held = recorded(&status);
+    if held.is_empty() {
         return Ok(Action::await_change());
+    }
+    let servers = Api::<Server>::namespaced(ctx.client.clone(), &ns);
+    let mut read = Vec::with_capacity(held.len());
+    for a in held {
+        let server = servers
+            .get_opt(&a.server)
+            .await
+            .map_err(AttachmentsError::Api)?;
+        read.push((a, server));
+    }
+    let kept = settle(&name, &read);
+    let released: Vec<String> = read
+        .iter()
+        .map(|(a, _)| a.server.clone())
+        .filter(|s| !kept.iter().any(|k| &k.server == s))
+        .collect();
+    let mut written = status.clone();
+    record(&mut written, kept, &released, now.metadata.generation);
+    let wait = if written.attachments.is_empty() {
+        Action::await_change()
+    } else {
+        Action::requeue(WAIT)
     };
-    let server = Api::<Server>::namespaced(ctx.client.clone(), &ns)
-        .get_opt(&server_name)
-        .await
-        .map_err(AttachmentsError::Api)?;
-    if decide(&name, server.as_ref()) == Decision::Keep {
-        let recorded = now.status.as_ref().and_then(|s| s.attached_node.as_deref());
-        if let Some(node) = follow(recorded, server.as_ref()) {
-            let mut followed = now.clone();
-            followed
-                .status
-                .get_or_insert_with(Default::default)
-                .attached_node = node.clone();
-            match volumes
-                .replace_status(&name, &PostParams::default(), &followed)
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(volume = %name, namespace = %ns, server = %server_name, node = ?node, "volume follows its server's node");
-                }
-                Err(kube::Error::Api(e)) if e.code == 409 => {
-                    return Ok(Action::requeue(Duration::from_secs(1)));
-                }
-                Err(e) => return Err(AttachmentsError::Api(e)),
-            }
-        }
-        return Ok(Action::requeue(WAIT));
+    if written == status {
+        return Ok(wait);
     }
-    let mut released = now.clone();
-    let status = released.status.get_or_insert_with(Default::default);
-    status.attached_to = None;
-    status.attached_node = None;
-    if status.phase == VolumePhase::InUse {
-        status.phase = VolumePhase::Available;
-    }
-    ConditionType::Attached
-        .no("Detached", format!("detached from server {server_name}"))
-        .set(&mut status.conditions, now.metadata.generation);
+    let mut next = now.clone();
+    next.status = Some(written.clone());
     match volumes
-        .replace_status(&name, &PostParams::default(), &released)
+        .replace_status(&name, &PostParams::default(), &next)
         .await
     {
         Ok(_) => {
-            tracing::info!(volume = %name, namespace = %ns, server = %server_name, "volume detached");
-            Ok(Action::await_change())
+            let held: Vec<&str> = written
+                .attachments
+                .iter()
+                .map(|a| a.server.as_str())
+                .collect();
+            if released.is_empty() {
+                tracing::info!(volume = %name, namespace = %ns, servers = ?held, "volume follows its servers' nodes");
+            } else {
+                tracing::info!(volume = %name, namespace = %ns, detached = ?released, still = ?held, "volume detached");
+            }
+            Ok(wait)
         }
-        // Changed since it was read (a server took it again, an agent reported): decide again.
+        // Changed since it was read (a server took it, an agent reported): decide again.
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(Action::requeue(Duration::from_secs(1))),
         Err(e) => Err(AttachmentsError::Api(e)),
     }
@@ -199,8 +289,7 @@ pub async fn run(client: Client, servers: &Shared<Server>) {
                 .into_iter()
                 .filter(|v| {
                     v.namespace() == ns
-                        && v.status.as_ref().and_then(|s| s.attached_to.as_deref())
-                            == Some(name.as_str())
+                        && v.status.as_ref().is_some_and(|s| s.is_attached_to(&name))
                 })
                 .map(|v| ObjectRef::from_obj(&*v))
                 .collect::<Vec<_>>()
@@ -268,6 +357,97 @@ mod tests {
             k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
         );
         assert_eq!(decide("data", Some(&going)), Decision::Keep);
+    }
+
+    #[test]
+    fn each_attachment_is_released_on_its_own_and_the_others_stay() {
+        let asks = json!({"flavor": "m1", "image": "tiny", "volumes": [{"volume": "data"}]});
+        let dropped = json!({"flavor": "m1", "image": "tiny"});
+        let named = |name: &str, spec: serde_json::Value, node: &str| {
+            let mut s = server(
+                spec,
+                json!({"hypervisor": node, "observedGeneration": 1}),
+                1,
+            );
+            s.metadata.name = Some(name.into());
+            s
+        };
+        let at = |server: &str, node: Option<&str>| VolumeAttachment {
+            server: server.into(),
+            node: node.map(Into::into),
+        };
+        let held = vec![
+            (at("a", Some("n1")), Some(named("a", dropped.clone(), "n1"))),
+            (at("b", None), Some(named("b", asks.clone(), "n2"))),
+            (at("c", Some("n1")), None),
+            (at("d", Some("n1")), Some(named("d", asks.clone(), "n1"))),
+        ];
+        assert_eq!(
+            settle("data", &held),
+            vec![at("b", Some("n2")), at("d", Some("n1"))],
+            "a (dropped, observed) and c (gone) go; b gets its node; d stays as it is"
+        );
+
+        let mut status = VolumeStatus {
+            phase: VolumePhase::InUse,
+            attached_to: Some("a".into()),
+            attached_node: Some("n1".into()),
+            ..Default::default()
+        };
+        record(
+            &mut status,
+            vec![at("b", Some("n2")), at("d", Some("n1"))],
+            &["a".into(), "c".into()],
+            Some(1),
+        );
+        assert_eq!(status.attached_to.as_deref(), Some("b"), "the first left");
+        assert_eq!(status.attached_node.as_deref(), Some("n2"));
+        // Its data on n2: exported to n1, where d is (b is on n2 with the data).
+        status.node = Some("n2".into());
+        record(
+            &mut status,
+            vec![at("b", Some("n2")), at("d", Some("n1"))],
+            &[],
+            Some(1),
+        );
+        assert_eq!(status.attached_to.as_deref(), Some("b"));
+        assert_eq!(
+            status.attached_node.as_deref(),
+            Some("n1"),
+            "the node served over NBD"
+        );
+        status.node = Some("n1".into());
+        record(
+            &mut status,
+            vec![at("b", Some("n1")), at("d", Some("n1"))],
+            &[],
+            Some(1),
+        );
+        assert_eq!(
+            status.attached_node.as_deref(),
+            Some("n1"),
+            "all local: the first's"
+        );
+        assert_eq!(status.phase, VolumePhase::InUse);
+        assert_eq!(status.attachments.len(), 2);
+        record(&mut status, vec![], &["b".into(), "d".into()], Some(1));
+        assert_eq!(status.attached_to, None);
+        assert_eq!(status.attached_node, None);
+        assert!(status.attachments.is_empty());
+        assert_eq!(status.phase, VolumePhase::Available, "the last left");
+        let c = &status.conditions[0];
+        assert_eq!(
+            (c.type_.as_str(), c.reason.as_str()),
+            ("Attached", "Detached")
+        );
+
+        // A status written before there were attachments is read as its one attachment.
+        let legacy = VolumeStatus {
+            attached_to: Some("a".into()),
+            attached_node: Some("n1".into()),
+            ..Default::default()
+        };
+        assert_eq!(recorded(&legacy), vec![at("a", Some("n1"))]);
     }
 
     #[test]

@@ -882,6 +882,7 @@ mod tests {
                     availability_zone: None,
                     source: None,
                     bootable: false,
+                    multi_attach: false,
                     description: None,
                 },
             );

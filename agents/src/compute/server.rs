@@ -1639,7 +1639,7 @@ pub(crate) fn controller(
     let ports = Api::<Port>::all(ctx.client.clone());
     let ports_cfg =
         watcher::Config::default().fields(&format!("status.hypervisor={}", ctx.config.node));
-    // A Volume of this node's pools (made, grown, claimed) wakes the Server it is attached to;
+    // A Volume of this node's pools (made, grown, claimed) wakes the Servers it is attached to;
     // so does a Volume of another node attached here (its export made, moved or ended), at
     // once rather than at the Server's next requeue.
     let volumes = Api::<Volume>::all(ctx.client.clone());
@@ -1648,9 +1648,13 @@ pub(crate) fn controller(
     let attached_here =
         watcher::Config::default().fields(&format!("status.attachedNode={}", ctx.config.node));
     let attached_to = |vol: Volume| {
-        let ns = vol.namespace()?;
-        let server = vol.status.as_ref()?.attached_to.clone()?;
-        Some(ObjectRef::<Server>::new(&server).within(&ns))
+        let ns = vol.namespace().unwrap_or_default();
+        let status = vol.status.unwrap_or_default();
+        status
+            .attached_servers()
+            .into_iter()
+            .map(|server| ObjectRef::<Server>::new(server).within(&ns))
+            .collect::<Vec<_>>()
     };
     let run = controller
         .watches(ports, ports_cfg, |port| {

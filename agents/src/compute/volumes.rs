@@ -37,6 +37,9 @@ pub struct Ready {
     pub path: PathBuf,
     /// The serial the guest sees.
     pub serial: String,
+    /// Whether it is a multi-attach volume (`spec.multiAttach`): other guests may have it
+    /// too, so it is a shareable disk.
+    pub shareable: bool,
     /// The size the guest should see, in bytes: for a block device, what the storage agent
     /// provisioned (`status.sizeGiB`); for a raw file, the size asked (`spec.sizeGiB`),
     /// which QEMU's resize grows the file to while the guest holds it (as Nova extends a
@@ -362,6 +365,12 @@ pub fn remote(
     let on = status.node.as_deref().unwrap_or_default();
     let waiting = |why: &str| format!("volume \"{name}\" is on node {on}: {why}");
     if status.attached_node.as_deref() != Some(node) {
+        if let Some(to) = status.attached_node.as_deref().filter(|n| *n != on) {
+            // A multi-attach volume is served over NBD to one node other than its own.
+            return Err(waiting(&format!(
+                "it is exported to node {to}, the one node other than its own it is served to; a server of it here waits until the servers there let it go"
+            )));
+        }
         return Err(waiting("not yet attached to this node"));
     }
     let Some(export) = status.export.as_ref().filter(|e| e.node == node) else {
@@ -446,7 +455,7 @@ pub fn ready(
     let nbd = nbd.into();
     let name = vol.name_any();
     let st = vol.status.clone().unwrap_or_default();
-    if st.attached_to.as_deref() != Some(server) {
+    if !st.is_attached_to(server) {
         return Err(NotReady::Released(format!(
             "volume \"{name}\" is not attached to this server"
         )));
@@ -493,6 +502,7 @@ pub fn ready(
             volume: name,
             path,
             serial: serial(&uid),
+            shareable: vol.spec.multi_attach,
             bytes: gib << 30,
             growing,
         });
@@ -513,6 +523,7 @@ pub fn ready(
         volume: name,
         path,
         serial: serial(&uid),
+        shareable: vol.spec.multi_attach,
         bytes: gib << 30,
         growing,
     })
@@ -682,6 +693,7 @@ pub fn plan(resolved: &Resolved, attached: &[AttachedVolume], running: bool) -> 
                     path: w.path.clone(),
                     target,
                     serial: w.serial.clone(),
+                    shareable: w.shareable,
                 }));
             }
         }
@@ -730,6 +742,7 @@ mod tests {
             volume: path.into(),
             path: path.into(),
             serial: format!("s{path}"),
+            shareable: false,
             bytes: gib << 30,
             growing: None,
         }
@@ -1056,12 +1069,14 @@ mod tests {
                 Step::Attach(VolumeDisk {
                     path: "/a".into(),
                     target: "vdc".into(),
-                    serial: "s/a".into()
+                    serial: "s/a".into(),
+                    shareable: false
                 }),
                 Step::Attach(VolumeDisk {
                     path: "/b".into(),
                     target: "vdd".into(),
-                    serial: "s/b".into()
+                    serial: "s/b".into(),
+                    shareable: false
                 }),
             ]
         );
@@ -1083,7 +1098,8 @@ mod tests {
                 Step::Attach(VolumeDisk {
                     path: "/c".into(),
                     target: "vde".into(),
-                    serial: "s/c".into()
+                    serial: "s/c".into(),
+                    shareable: false
                 }),
             ]
         );

@@ -18,8 +18,8 @@ use stratus_api_types::common::{ConditionType, Reason, Time};
 use stratus_api_types::compute::Hypervisor;
 use stratus_api_types::image::{DiskFormat, Image, Visibility};
 use stratus_api_types::storage::{
-    ImageRef, StoragePool, Volume, VolumePhase, VolumeSnapshot, VolumeSnapshotPhase,
-    VolumeSnapshotStatus, VolumeStatus,
+    ImageRef, MAX_ATTACHMENTS, StoragePool, Volume, VolumePhase, VolumeSnapshot,
+    VolumeSnapshotPhase, VolumeSnapshotStatus, VolumeStatus,
 };
 use stratus_image_cache::{Format, ImageCache, ImageError};
 use stratus_runtime::finalizer;
@@ -551,7 +551,12 @@ async fn sync_export(
                     node.clone(),
                 );
                 let was = status.export.clone();
-                blocking(move || e.ensure(&v, &d, &n, peer, was.as_ref())).await?
+                let clients = if vol.spec.multi_attach {
+                    u16::try_from(MAX_ATTACHMENTS).unwrap_or(u16::MAX)
+                } else {
+                    1
+                };
+                blocking(move || e.ensure(&v, &d, &n, peer, clients, was.as_ref())).await?
             }
             Err(Peer::Unreadable(why)) => {
                 let running = ctx.exports.volumes().contains(&volume);
@@ -623,7 +628,7 @@ async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
         stage: finalizer::stage(vol, FINALIZER),
         size: Some(vol.spec.size_gib << 30),
         made: status.size_gib.is_some(),
-        attached: status.attached_to.is_some(),
+        attached: !status.attached_servers().is_empty(),
     };
     let step = plan(intent, observed.map(|o| o.size));
     tracing::debug!(?step, "volume step");

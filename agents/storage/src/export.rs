@@ -17,7 +17,9 @@
 //! Hypervisor's `status.hostIp`); any other address, another tenant's node included, has its
 //! packets dropped before `qemu-nbd` sees them. `qemu-nbd` serves one client at a time
 //! (`--shared=1`), so once the consuming node's QEMU is connected no second client is served
-//! even from an address that got through.
+//! even from an address that got through; a multi-attach volume's export serves as many as
+//! the volume may have servers ([`MAX_ATTACHMENTS`](stratus_api_types::storage::MAX_ATTACHMENTS)),
+//! all from that one node.
 //!
 //! # TLS
 //! With the node's NBD certificates (`stratus agent --nbd-tls-dir`, issued by `stratus pki
@@ -143,10 +145,22 @@ pub struct Record {
     pub name: String,
     /// The `qemu-nbd` serving it.
     pub pid: u32,
+    /// How many clients it serves at once: 1, or for a multi-attach volume one per server
+    /// of the node (`--shared`).
+    #[serde(default = "one_client", skip_serializing_if = "is_one_client")]
+    pub clients: u16,
     /// The directory of this node's NBD certificates, when served over TLS to `node`'s
     /// certificate alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<PathBuf>,
+}
+
+fn one_client() -> u16 {
+    1
+}
+
+fn is_one_client(n: &u16) -> bool {
+    *n == 1
 }
 
 impl Record {
@@ -161,12 +175,12 @@ impl Record {
         }
     }
 
-    /// The `qemu-nbd` command serving it: raw, one client at a time, until stopped.
+    /// The `qemu-nbd` command serving it: raw, `clients` at a time, until stopped.
     pub fn argv(&self, pid_file: &Path) -> Vec<OsString> {
         let mut a: Vec<OsString> = [
             "qemu-nbd".to_string(),
             "--persistent".into(),
-            "--shared=1".into(),
+            format!("--shared={}", self.clients.max(1)),
             "--format=raw".into(),
             format!("--bind={}", self.host),
             format!("--port={}", self.port),
@@ -443,7 +457,8 @@ impl Exports {
         self.lock().keys().cloned().collect()
     }
 
-    /// Exports `device` (the data of the volume of uid `volume`) to `node` at `peer`: the
+    /// Exports `device` (the data of the volume of uid `volume`) to `node` at `peer`, to
+    /// `clients` of it at once (its servers there, for a multi-attach volume): the
     /// running export if it is that one, else a new one, on the port and under the name of
     /// `was` (the export the Volume's status recorded, after a restart) when it was for that
     /// node on this address on a port of the range, else on the range's first port that no
@@ -458,6 +473,7 @@ impl Exports {
         device: &Path,
         node: &str,
         peer: IpAddr,
+        clients: u16,
         was: Option<&VolumeExport>,
     ) -> Result<VolumeExport, ExportError> {
         let host = self.address.ok_or(ExportError::NoAddress)?;
@@ -470,6 +486,7 @@ impl Exports {
             let same = l.record.device == device
                 && l.record.node == node
                 && l.record.peer == peer
+                && l.record.clients == clients
                 && l.record.tls == self.tls;
             if same && l.alive(&pid_file) {
                 return Ok(l.record.status());
@@ -505,6 +522,7 @@ impl Exports {
             port,
             name,
             pid: 0,
+            clients,
             tls: self.tls.clone(),
         };
         // The filter first: the port is never open to everyone, not even while it starts.
@@ -641,8 +659,30 @@ mod tests {
             port: 40123,
             name: "5b1f".into(),
             pid: 7,
+            clients: 1,
             tls: None,
         }
+    }
+
+    #[test]
+    fn a_multi_attach_export_serves_its_clients_and_reads_back_as_recorded() {
+        let shared = Record {
+            clients: 16,
+            ..record()
+        };
+        let argv = shared.argv(Path::new("/p"));
+        assert!(argv.iter().any(|a| a == "--shared=16"), "{argv:?}");
+        let text = serde_json::to_string(&shared).expect("json");
+        assert_eq!(serde_json::from_str::<Record>(&text).ok(), Some(shared));
+        // A record of an older agent (no clients) is one client's.
+        let text = serde_json::to_string(&record()).expect("json");
+        assert!(!text.contains("clients"), "{text}");
+        assert_eq!(
+            serde_json::from_str::<Record>(&text)
+                .map(|r| r.clients)
+                .ok(),
+            Some(1)
+        );
     }
 
     #[test]
@@ -872,6 +912,7 @@ mod host_tests {
             port,
             name: volume.into(),
             pid: 0,
+            clients: 1,
             tls: None,
         }
     }
@@ -978,11 +1019,11 @@ mod host_tests {
         // Another program holds the range's first port.
         let other = TcpListener::bind((STORAGE, 10901)).expect("the first port is free");
         let a = exports
-            .ensure("a", &device, "n2", NODE.into(), None)
+            .ensure("a", &device, "n2", NODE.into(), 1, None)
             .expect("exported");
         assert_eq!((a.host.as_str(), a.port), ("127.88.15.1", 10902));
         let none = exports
-            .ensure("b", &device, "n2", NODE.into(), None)
+            .ensure("b", &device, "n2", NODE.into(), 1, None)
             .expect_err("no port left");
         assert!(
             matches!(none, ExportError::NoPort { exports: 1, .. }),
@@ -991,7 +1032,7 @@ mod host_tests {
         assert!(none.to_string().contains("10901-10902"), "{none}");
         drop(other);
         let b = exports
-            .ensure("b", &device, "n2", NODE.into(), None)
+            .ensure("b", &device, "n2", NODE.into(), 1, None)
             .expect("exported once the port is freed");
         assert_eq!(b.port, 10901);
         // A recorded export outside the range is not made again on its old port.
@@ -999,7 +1040,7 @@ mod host_tests {
         let mut was = b.clone();
         was.port = 40000;
         let again = exports
-            .ensure("b", &device, "n2", NODE.into(), Some(&was))
+            .ensure("b", &device, "n2", NODE.into(), 1, Some(&was))
             .expect("exported");
         assert_eq!(again.port, 10901);
     }

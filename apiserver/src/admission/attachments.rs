@@ -7,7 +7,11 @@
 //! - The Volume must exist in the Server's namespace (422 `FieldValueNotFound` on
 //!   `spec.volumes[i].volume` or `spec.bootVolume`: a Server names volumes of its own
 //!   project only), and not be being deleted (409).
-//! - A Volume attached to another Server is refused: 409 naming the field and that server.
+//! - A Volume attached to another Server is refused unless it is `spec.multiAttach`: 409
+//!   naming the field and that server. A multi-attach Volume is attached to at most
+//!   [`MAX_ATTACHMENTS`] Servers (409 for one more), all of its project (it is looked up in
+//!   the Server's namespace). Each claim adds the Server to `status.attachments`; the first
+//!   is also `status.attachedTo`.
 //! - A boot volume must be `spec.bootable` (422), and `spec.bootVolume` cannot change (422).
 //!
 //! # Ports
@@ -20,9 +24,9 @@
 //!
 //! # Release
 //! The attachment outlives the Server's spec: a Volume removed from `spec.volumes`, or whose
-//! Server is deleted, keeps `status.attachedTo` until the Server's guest no longer has it
+//! Server is deleted, keeps that Server in `status.attachments` until the Server's guest no longer has it
 //! (the compute agent observed the generation that dropped it, or the Server is gone after
-//! its teardown): the attachments controller then clears it, with the Volume's
+//! its teardown): the attachments controller then takes it out (the others stay), with the Volume's
 //! resourceVersion as precondition. A Volume added again meanwhile is written again here,
 //! which moves that resourceVersion, so the release of an attachment a Server holds again
 //! fails rather than freeing it.
@@ -31,7 +35,7 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 use stratus_api_types::common::ConditionType;
 use stratus_api_types::compute::ServerSpec;
-use stratus_api_types::storage::VolumePhase;
+use stratus_api_types::storage::{MAX_ATTACHMENTS, VolumeAttachment, VolumePhase};
 
 mod ports;
 
@@ -125,8 +129,34 @@ fn conflict(s: &Subject<'_>, obj: &Value, field: &str, message: String) -> ApiEr
     e
 }
 
+/// The Servers holding `vol` (its `status.attachments`, or `status.attachedTo` alone as a
+/// status written before there were attachments), each with its node.
+fn holders(vol: &Value) -> Vec<VolumeAttachment> {
+    let listed = vol
+        .pointer("/status/attachments")
+        .cloned()
+        .and_then(|a| serde_json::from_value::<Vec<VolumeAttachment>>(a).ok())
+        .unwrap_or_default();
+    if !listed.is_empty() {
+        return listed;
+    }
+    let st = |f: &str| {
+        vol.pointer(&format!("/status/{f}"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    st("attachedTo")
+        .map(|server| VolumeAttachment {
+            server,
+            node: st("attachedNode"),
+        })
+        .into_iter()
+        .collect()
+}
+
 /// Whether the Server `obj` may take `vol` (the volume `name` at `field`): it exists, is not
-/// being deleted, is free or already the server's, and is bootable when it is to boot from.
+/// being deleted, is free, already the server's or multi-attach with room for one more, and
+/// is bootable when it is to boot from.
 fn claimable(
     s: &Subject<'_>,
     obj: &Value,
@@ -155,17 +185,34 @@ fn claimable(
             format!("volume {name:?} is being deleted"),
         ));
     }
-    if let Some(other) = v
-        .pointer("/status/attachedTo")
-        .and_then(Value::as_str)
-        .filter(|o| *o != server)
-    {
-        return Err(conflict(
-            s,
-            obj,
-            field,
-            format!("volume {name:?} is attached to server {other:?}; detach it there first"),
-        ));
+    let held = holders(v);
+    if !held.iter().any(|h| h.server == server) {
+        let shared = v.pointer("/spec/multiAttach").and_then(Value::as_bool) == Some(true);
+        match held.first() {
+            Some(other) if !shared => {
+                return Err(conflict(
+                    s,
+                    obj,
+                    field,
+                    format!(
+                        "volume {name:?} is attached to server {:?}; detach it there first (only a volume with spec.multiAttach is attached to several servers)",
+                        other.server
+                    ),
+                ));
+            }
+            Some(_) if held.len() >= MAX_ATTACHMENTS => {
+                return Err(conflict(
+                    s,
+                    obj,
+                    field,
+                    format!(
+                        "volume {name:?} is attached to {} servers, the most a multi-attach volume is attached to; detach it from one first",
+                        held.len()
+                    ),
+                ));
+            }
+            _ => {}
+        }
     }
     if boot && v.pointer("/spec/bootable").and_then(Value::as_bool) != Some(true) {
         return Err(invalid(
@@ -180,13 +227,31 @@ fn claimable(
     Ok(())
 }
 
-/// `vol` claimed for Server `server`: `status.attachedTo`, phase `InUse` once made,
-/// `Attached=True`.
+/// `vol` claimed for Server `server`: added to `status.attachments` (and `status.attachedTo`
+/// when it is the first), phase `InUse` once made, `Attached=True`.
 fn claimed(vol: &Value, server: &str) -> ApiResult<Value> {
+    let mut held = holders(vol);
+    if !held.iter().any(|h| h.server == server) {
+        held.push(VolumeAttachment {
+            server: server.into(),
+            node: None,
+        });
+    }
     let mut v = vol.clone();
     let generation = v.pointer("/metadata/generation").and_then(Value::as_i64);
     let status = binding::status_mut(&mut v)?;
-    status.insert("attachedTo".into(), Value::from(server));
+    if let Some(first) = held.first() {
+        status.insert("attachedTo".into(), Value::from(first.server.as_str()));
+    }
+    let servers: Vec<&str> = held.iter().map(|h| h.server.as_str()).collect();
+    let message = match servers.as_slice() {
+        [one] => format!("attached to server {one}"),
+        many => format!("attached to servers {}", many.join(", ")),
+    };
+    status.insert(
+        "attachments".into(),
+        serde_json::to_value(&held).unwrap_or_default(),
+    );
     if status.get("phase").and_then(Value::as_str) == Some("Available") {
         status.insert(
             "phase".into(),
@@ -195,7 +260,7 @@ fn claimed(vol: &Value, server: &str) -> ApiResult<Value> {
     }
     binding::set_condition(
         status,
-        &ConditionType::Attached.yes("Attached", format!("attached to server {server}")),
+        &ConditionType::Attached.yes("Attached", message),
         generation,
     );
     Ok(v)
@@ -345,11 +410,64 @@ mod tests {
     }
 
     #[test]
+    fn a_multi_attach_volume_is_claimed_by_several_servers_up_to_its_bound() {
+        let server = json!({"metadata": {"name": "web"}});
+        let s = subject();
+        let f = "spec.volumes[0].volume";
+        let held_by = |n: usize, multi: bool| {
+            let attachments: Vec<Value> = (0..n)
+                .map(|i| json!({"server": format!("db-{i}"), "node": "n1"}))
+                .collect();
+            json!({"spec": {"sizeGiB": 1, "multiAttach": multi},
+                   "status": {"attachedTo": "db-0", "attachments": attachments}})
+        };
+        assert!(claimable(&s, &server, f, "data", Some(&held_by(1, true)), false).is_ok());
+        assert!(
+            claimable(&s, &server, f, "data", Some(&held_by(15, true)), false).is_ok(),
+            "the sixteenth"
+        );
+        let e = claimable(&s, &server, f, "data", Some(&held_by(16, true)), false)
+            .expect_err("a seventeenth");
+        assert_eq!((e.code, e.details.causes[0].field.as_str()), (409, f));
+        assert!(e.message.contains("16 servers"), "{}", e.message);
+        let e = claimable(&s, &server, f, "data", Some(&held_by(1, false)), false)
+            .expect_err("not multi-attach");
+        assert_eq!((e.code, e.details.causes[0].field.as_str()), (409, f));
+        assert!(e.message.contains("spec.multiAttach"), "{}", e.message);
+        // A status written before there were attachments: attachedTo is the one holder.
+        let legacy = json!({"spec": {"sizeGiB": 1, "multiAttach": true},
+                            "status": {"attachedTo": "db", "attachedNode": "n2"}});
+        assert!(claimable(&s, &server, f, "data", Some(&legacy), false).is_ok());
+        let c = claimed(&legacy, "web").expect("claimed");
+        assert_eq!(
+            c["status"]["attachments"],
+            json!([{"server": "db", "node": "n2"}, {"server": "web"}])
+        );
+        assert_eq!(
+            c["status"]["attachedTo"], "db",
+            "the first stays attachedTo"
+        );
+        assert!(
+            c["status"]["conditions"][0]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("db, web")),
+            "{}",
+            c["status"]["conditions"][0]
+        );
+        // Claimed again by a server that holds it: listed once.
+        assert_eq!(
+            claimed(&c, "web").expect("claimed")["status"]["attachments"],
+            c["status"]["attachments"]
+        );
+    }
+
+    #[test]
     fn a_claimed_volume_says_so() {
         let v = json!({"metadata": {"name": "data", "generation": 1},
                        "status": {"phase": "Available", "node": "n1"}});
         let c = claimed(&v, "web").expect("claimed");
         assert_eq!(c["status"]["attachedTo"], "web");
+        assert_eq!(c["status"]["attachments"], json!([{"server": "web"}]));
         assert_eq!(c["status"]["phase"], "InUse");
         assert_eq!(c["status"]["node"], "n1");
         assert_eq!(c["status"]["conditions"][0]["type"], "Attached");

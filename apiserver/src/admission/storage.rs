@@ -21,7 +21,8 @@
 //!   the guest's I/O in flight then fails unless QEMU's NBD `reconnect-delay` is set, which
 //!   libvirt 9.0's domain XML cannot. Its source is exactly one of an image (of the project, or a
 //!   public one), a snapshot or a volume of its namespace, which must exist (422) and not be
-//!   larger than it; the source and where the volume may go are immutable.
+//!   larger than it; the source and where the volume may go are immutable. `spec.multiAttach`
+//!   changes only while no server holds the volume (422 on `spec.multiAttach`).
 //! - A VolumeSnapshot's volume must exist in its namespace (422 on `spec.volume`); the
 //!   snapshot is placed on its volume's pool and node, with the volume's size, phase
 //!   `Creating` and its claim: at its create when the volume is placed, else by the volume's
@@ -460,6 +461,15 @@ async fn update_volume(
             ));
         }
     }
+    if before.multi_attach != after.multi_attach && attached(old) {
+        causes.push(Cause::invalid(
+            "spec.multiAttach",
+            format!(
+                "Invalid value: {}: changes only while no server holds the volume (its status.attachments)",
+                after.multi_attach
+            ),
+        ));
+    }
     if !causes.is_empty() {
         return Err(invalid(&s, w.new, causes));
     }
@@ -564,15 +574,36 @@ async fn update_volume(
     Err(too_busy(&s, w.new))
 }
 
+/// Whether a Server holds the stored Volume `vol` (`status.attachedTo`, the first of
+/// `status.attachments`). The update holds the volume as read, so no Server takes it before
+/// what is decided on this is written.
+fn attached(vol: &Value) -> bool {
+    vol.pointer("/status/attachedTo")
+        .and_then(Value::as_str)
+        .is_some()
+}
+
 /// Why the stored Volume `vol` is attached to a server of another node than its pool's (so
-/// over NBD), if it is: the node it is attached to (`status.attachedNode`) is not its own
-/// (`status.node`). The update holds the volume as read, so the attachment cannot change
-/// before the grown size is written.
+/// over NBD), if it is: a node one of its servers is on (`status.attachments[].node`, or
+/// `status.attachedNode` for the first) is not its own (`status.node`). The update holds the
+/// volume as read, so the attachments cannot change before the grown size is written.
 fn remote_attached(vol: &Value) -> Option<String> {
     let at = |f: &str| vol.pointer(&format!("/status/{f}")).and_then(Value::as_str);
-    let (to, on) = (at("attachedNode")?, at("node")?);
     at("attachedTo")?;
-    (to != on).then(|| format!("its data is on node {on}, its server on node {to}"))
+    let on = at("node")?;
+    let listed = vol
+        .pointer("/status/attachments")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.get("node").and_then(Value::as_str));
+    let to = at("attachedNode")
+        .into_iter()
+        .chain(listed)
+        .find(|to| *to != on)?;
+    Some(format!(
+        "its data is on node {on}, a server of it on node {to}"
+    ))
 }
 
 /// Checks the export a write newly records in a Volume's status (`status.export`): its host

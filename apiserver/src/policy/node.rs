@@ -124,12 +124,33 @@ fn kept_status_fields(group: &str, resource: &str) -> &'static [&'static str] {
             "externalGatewayIPs",
         ],
         ("network.stratus.dev", "floatingips") => &["floatingIPAddress", "fixedIP", "router"],
-        // `attachedTo` is the API server's (a Server's write) and the attachments controller's,
-        // as is `attachedNode` (which node a volume is exported to).
-        ("storage.stratus.dev", "volumes") => &["pool", "node", "attachedTo", "attachedNode"],
+        // `attachedTo` and `attachments` are the API server's (a Server's write) and the
+        // attachments controller's, as is `attachedNode` (which node a volume is exported to).
+        ("storage.stratus.dev", "volumes") => {
+            &["pool", "node", "attachedTo", "attachedNode", "attachments"]
+        }
         ("storage.stratus.dev", "volumesnapshots") => &["pool", "node", "sizeGiB"],
         _ => &[],
     }
+}
+
+/// The Servers holding the stored Volume `vol`: its `status.attachments`, or its
+/// `status.attachedTo` alone (a status written before there were attachments).
+fn attached_servers(vol: &Value) -> Vec<&str> {
+    let listed: Vec<&str> = vol
+        .pointer("/status/attachments")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.get("server").and_then(Value::as_str))
+        .collect();
+    if !listed.is_empty() {
+        return listed;
+    }
+    vol.pointer("/status/attachedTo")
+        .and_then(Value::as_str)
+        .into_iter()
+        .collect()
 }
 
 /// Why the export a storage node records in a Volume's status (`status.export`) is not for
@@ -928,18 +949,14 @@ async fn node_may_read(
             let Some((key, vol)) = read_named(kind("storage.stratus.dev", "Volume")?).await? else {
                 return Ok(None);
             };
-            // The compute agent reads a volume attached to a server placed on the node.
-            let attached_here = match vol
-                .value
-                .pointer("/status/attachedTo")
-                .and_then(Value::as_str)
-            {
-                Some(server) => mine(api, servers()?, Some(&info.namespace), node)
+            // The compute agent reads a volume attached to a server placed on the node (any
+            // of a multi-attach volume's servers).
+            let holders = attached_servers(&vol.value);
+            let attached_here = !holders.is_empty()
+                && mine(api, servers()?, Some(&info.namespace), node)
                     .await?
                     .iter()
-                    .any(|s| meta::meta_str(s, "name") == Some(server)),
-                None => false,
-            };
+                    .any(|s| meta::meta_str(s, "name").is_some_and(|n| holders.contains(&n)));
             if placed_on(&vol.value, "volumes", node) || attached_here {
                 Ok(Some((key, vol)))
             } else {
@@ -1180,10 +1197,8 @@ async fn boot_image(api: &Api, ns: &str, server: &Value) -> ApiResult<Option<Boo
     match api.read(&t).await {
         // Only while the volume is the server's: a volume of that name made since is not.
         Ok(v)
-            if v.value
-                .pointer("/status/attachedTo")
-                .and_then(Value::as_str)
-                == meta::meta_str(server, "name") =>
+            if meta::meta_str(server, "name")
+                .is_some_and(|n| attached_servers(&v.value).contains(&n)) =>
         {
             let uids = ["sourceImage", "kernelImage", "ramdiskImage"]
                 .iter()

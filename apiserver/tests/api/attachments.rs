@@ -26,7 +26,7 @@ fn with_volumes(ns: &str, name: &str, volumes: &[&str]) -> Obj {
 
 /// Places volume `name` of project demo on `node`, as the volume scheduler does: through its
 /// binding, on a new file pool `p1` of that node (Ready, 10 GiB).
-async fn place_volume(c: &Cloud, name: &str, node: &str) {
+pub async fn place_volume(c: &Cloud, name: &str, node: &str) {
     c.create(&Obj(json!({
         "apiVersion": "storage.stratus.dev/v1", "kind": "StoragePool",
         "metadata": {"name": "p1"},

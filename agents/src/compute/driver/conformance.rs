@@ -197,6 +197,7 @@ pub fn volumes(d: &dyn DomainDriver, spec: &DomainSpec, volume: &Path) {
         path: volume.to_path_buf(),
         target: "vdc".into(),
         serial: "0f9e2c1a77b44c1d9a34".into(),
+        shareable: false,
     };
     d.attach_volume(name, &disk).expect("attach");
     d.attach_volume(name, &disk).expect("attach again");

@@ -410,6 +410,8 @@ impl DomainDriver for Libvirt {
                 path: v.path,
                 target: v.target,
                 serial: v.serial.unwrap_or_default(),
+                // libvirt finds the disk to unplug by its target alone.
+                shareable: false,
             };
             domain
                 .detach_device_flags(&xml::volume_disk_xml(&disk), flags)

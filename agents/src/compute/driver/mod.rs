@@ -174,6 +174,10 @@ pub struct VolumeDisk {
     /// What the guest sees as the disk's serial (`/dev/disk/by-id/virtio-<serial>`): the
     /// Volume's uid, cut to the 20 bytes virtio carries.
     pub serial: String,
+    /// Whether other guests may have the volume too (a multi-attach volume): written as
+    /// `<shareable/>` with `cache='none'`, so that QEMU takes no exclusive lock of it
+    /// (`share-rw`) and caches none of its data in this host's page cache.
+    pub shareable: bool,
 }
 
 /// A disk attached to a domain other than its root disk and config drive, as read back.

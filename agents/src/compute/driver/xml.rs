@@ -452,10 +452,16 @@ fn write_volume_disk<W: io::Write>(w: &mut Writer<W>, disk: &VolumeDisk) -> io::
         .with_attribute(("type", ty))
         .with_attribute(("device", "disk"))
         .write_inner_content(|w| {
-            w.create_element("driver")
+            let mut driver = w
+                .create_element("driver")
                 .with_attribute(("name", "qemu"))
-                .with_attribute(("type", "raw"))
-                .write_empty()?;
+                .with_attribute(("type", "raw"));
+            if disk.shareable {
+                // Other guests write it too: nothing of it is kept in this host's page cache
+                // (libvirt asks this of a shareable disk).
+                driver = driver.with_attribute(("cache", "none"));
+            }
+            driver.write_empty()?;
             match &nbd {
                 Some((host, port, name, tls)) => {
                     let mut source = w
@@ -485,6 +491,9 @@ fn write_volume_disk<W: io::Write>(w: &mut Writer<W>, disk: &VolumeDisk) -> io::
                 .with_attribute(("bus", "virtio"))
                 .write_empty()?;
             text_element(w, "serial", &disk.serial)?;
+            if disk.shareable {
+                w.create_element("shareable").write_empty()?;
+            }
             Ok(())
         })?;
     Ok(())
@@ -1176,6 +1185,7 @@ mod tests {
             path: PathBuf::from(format!("/var/lib/stratus/pool/{HOSTILE}")),
             target: "vdc".into(),
             serial: format!("s{HOSTILE}"),
+            shareable: false,
         };
         let xml = volume_disk_xml(&file);
         assert!(!xml.contains(HOSTILE), "{xml}");
@@ -1187,14 +1197,26 @@ mod tests {
         assert_eq!(one(&nodes, "disk/target").attr("dev"), Some("vdc"));
         assert_eq!(one(&nodes, "disk/serial").text, file.serial);
         // A logical volume or loop device is a block disk.
+        assert_eq!(one(&nodes, "disk/driver").attr("cache"), None);
+        assert!(!nodes.iter().any(|n| n.path == "disk/shareable"));
         let block = VolumeDisk {
             path: PathBuf::from("/dev/loop7"),
             target: "vdd".into(),
             serial: "abc".into(),
+            shareable: false,
         };
         let nodes = parse(&volume_disk_xml(&block));
         assert_eq!(one(&nodes, "disk").attr("type"), Some("block"));
         assert_eq!(one(&nodes, "disk/source").attr("dev"), Some("/dev/loop7"));
+        // A multi-attach volume: shareable, uncached.
+        let shared = VolumeDisk {
+            shareable: true,
+            ..block.clone()
+        };
+        let nodes = parse(&volume_disk_xml(&shared));
+        assert!(one(&nodes, "disk/shareable").empty);
+        assert_eq!(one(&nodes, "disk/driver").attr("cache"), Some("none"));
+        assert_eq!(one(&nodes, "disk/driver").attr("type"), Some("raw"));
         // Read back from a domain holding both, after its root disk and config drive.
         let mut domain = spec();
         domain.disks[0].path = PathBuf::from("/dev/loop3");
@@ -1250,6 +1272,7 @@ mod tests {
                 path: path.clone(),
                 target: "vdc".into(),
                 serial: "abc".into(),
+                shareable: false,
             };
             let xml = volume_disk_xml(&disk);
             let nodes = parse(&xml);
