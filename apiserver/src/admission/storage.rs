@@ -502,7 +502,7 @@ async fn update_volume(
             w.new,
             "spec.sizeGiB",
             format!(
-                "Invalid value: {}: cannot grow while attached over NBD ({why}): QEMU's NBD client keeps the size it connected with, and learns a new one only by connecting again to an export served anew, which fails the guest's I/O in flight; detach it (or stop the server), grow it, attach it again",
+                "Invalid value: {}: cannot grow while attached over NBD ({why}): QEMU's NBD client keeps the size it connected with, and learns a new one only by connecting again to an export served anew, which fails the guest's I/O in flight; detach it (take it out of the server's spec.volumes: a stopped server keeps it attached), grow it, attach it again",
                 after.size_gib
             ),
         ));
