@@ -483,7 +483,7 @@ impl Ruleset {
             .map(|e| (element_text(e), e))
             .collect();
         let chains: Vec<_> = self
-            .all_chains()
+            .chains_where(&|k| delta.chains.contains(k))
             .into_iter()
             .filter(|(family, chain, _)| delta.chains.contains(&key(*family, &chain.name)))
             .collect();
@@ -631,7 +631,17 @@ impl Ruleset {
     /// Every chain of both tables with its rules' statements: the `inet` table's, then the
     /// `bridge` table's.
     fn all_chains(&self) -> Vec<(NfFamily, Chain<'static>, Vec<Vec<Statement<'static>>>)> {
-        let mut all = self.chains();
+        self.chains_where(&|_| true)
+    }
+
+    /// [`Ruleset::all_chains`] but the ports' chains whose key `wanted` refuses, which are
+    /// not built at all: a change of one port's filter on a node of 100 ports of 100 rules
+    /// builds that port's chains, not the 20,000 rules of all of them.
+    fn chains_where(
+        &self,
+        wanted: &dyn Fn(&str) -> bool,
+    ) -> Vec<(NfFamily, Chain<'static>, Vec<Vec<Statement<'static>>>)> {
+        let mut all = self.chains(wanted);
         for (chain, rules) in [self.bridge_chain(), self.bridge_out_chain()] {
             all.push((NfFamily::Bridge, chain, rules));
         }
@@ -691,19 +701,21 @@ impl Ruleset {
                     .collect(),
             );
         }
-        for (family, chain, rules) in self.all_chains() {
+        for (family, chain, rules) in self.chains_where(&|k| !kept.contains_key(k)) {
             let k = key(family, &chain.name);
-            let ids = match kept.remove(&k) {
-                Some(ids) => ids,
-                None => rules.iter().map(|r| rule_id(r)).collect(),
-            };
+            let ids = rules.iter().map(|r| rule_id(r)).collect();
             o.chains.insert(k, ids);
         }
+        o.chains.extend(kept);
         Ok(o)
     }
 
-    /// The `inet` table's chains with their rules' statements.
-    fn chains(&self) -> Vec<(NfFamily, Chain<'static>, Vec<Vec<Statement<'static>>>)> {
+    /// The `inet` table's chains with their rules' statements, but the ports' chains whose
+    /// key `wanted` refuses.
+    fn chains(
+        &self,
+        wanted: &dyn Fn(&str) -> bool,
+    ) -> Vec<(NfFamily, Chain<'static>, Vec<Vec<Statement<'static>>>)> {
         let mut pre = Vec::new();
         for z in &self.zones {
             // Accepted here (this chain only): what follows is for the node's own traffic.
@@ -782,6 +794,10 @@ impl Ruleset {
         let mut port_chains = Vec::new();
         for p in &filtered {
             let (inn, out) = (format!("{}-in", p.id), format!("{}-out", p.id));
+            let (want_in, want_out) = (
+                wanted(&key(NfFamily::INet, &inn)),
+                wanted(&key(NfFamily::INet, &out)),
+            );
             let dhcp = |sport: u32, dport: u32| {
                 vec![
                     eq(payload("udp", "sport"), Expression::Number(sport)),
@@ -796,8 +812,14 @@ impl Ruleset {
                 r.extend(dhcp(67, 68));
                 in_rules.push(r);
             }
-            in_rules.extend(p.ingress.iter().map(|r| self.statements(r, "saddr")));
-            in_rules.push(vec![Statement::Drop(None)]);
+            if want_in {
+                in_rules.extend(p.ingress.iter().map(|r| self.statements(r, "saddr")));
+                in_rules.push(vec![Statement::Drop(None)]);
+                port_chains.push((NfFamily::INet, regular(&inn), in_rules));
+            }
+            if !want_out {
+                continue;
+            }
             // DHCP out only to the broadcast address or the network's server: a client port
             // to anywhere else is no DHCP and gets no pass around the groups. A rule each,
             // not an anonymous set of the two (a kernel object per port).
@@ -811,7 +833,6 @@ impl Ruleset {
                 .collect();
             out_rules.extend(p.egress.iter().map(|r| self.statements(r, "daddr")));
             out_rules.push(vec![Statement::Drop(None)]);
-            port_chains.push((NfFamily::INet, regular(&inn), in_rules));
             port_chains.push((NfFamily::INet, regular(&out), out_rules));
         }
         let mut input = Vec::new();
