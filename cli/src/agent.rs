@@ -135,7 +135,8 @@ pub struct NetworkArgs {
     #[arg(long, default_value_t = 2)]
     pub network_resync_seconds: u64,
     /// Network role: `PHYSNET=IFACE`, the node's interface for a physical network (flat
-    /// provider networks naming PHYSNET are bridged to IFACE). Repeatable.
+    /// provider networks naming PHYSNET are bridged to IFACE, vlan ones tagged on it).
+    /// Repeatable.
     #[arg(long = "physical-interface", value_name = "PHYSNET=IFACE", value_parser = physical_interface)]
     pub physical_interfaces: Vec<(String, IfName)>,
     /// Network role: where the DHCP servers' files go (default `STATE_DIR/network/dhcp`). Its
@@ -407,7 +408,8 @@ async fn network(
     let nft = NftFirewall::new(netns.clone());
     let (links, firewall): (Arc<dyn Links>, Arc<dyn Firewall>) = match ovs {
         Some((l, _)) => {
-            let l = Arc::new(l);
+            let physical = n.physical_interfaces.iter().map(|(_, i)| i.clone());
+            let l = Arc::new(l.with_physical(physical));
             (Arc::clone(&l) as _, Arc::new(OvsFirewall::new(nft, l)))
         }
         None => (Arc::new(NetlinkLinks::new()), Arc::new(nft)),

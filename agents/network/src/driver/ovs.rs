@@ -13,6 +13,10 @@
 //!   address, UDP port, MTU, up, bridge, FDB); its FDB's remotes become one VXLAN tunnel
 //!   port per peer node (`options:key=flow`), made only while some network's FDB names that
 //!   peer;
+//! - a VLAN sub-interface is a record too (ID, physical interface), and a flat network's
+//!   physical interface (one [`OvsLinks::with_physical`] names) put on its bridge is marked
+//!   with that network: the physical interface is a port of the integration bridge, the
+//!   uplink to the wire (tagged or untagged), while some network uses it;
 //! - forwarding and isolation are OpenFlow flows ([`super::ovs_flows`]), written in one
 //!   `--bundle` after every change and checked on every read: an object whose flows are not
 //!   all installed (a flow deleted by hand, a switch restarted) reads as not in place (its
@@ -196,8 +200,9 @@ enum Role {
     Port(String),
     /// A tunnel to a peer: (remote, local, UDP port).
     Tunnel(Ipv4Addr, Ipv4Addr, u16),
-    /// A physical interface carrying vlan networks' tagged frames.
-    Physical,
+    /// A physical interface carrying vlan networks' tagged frames, and the untagged frames
+    /// of the flat network (bridge name) named.
+    Physical(Option<String>),
 }
 
 #[derive(Debug, Clone)]
@@ -267,7 +272,7 @@ impl State {
             let options = map(options);
             let role = match ext.get(ROLE).map(String::as_str) {
                 Some("network") => Role::Network,
-                Some("physical") => Role::Physical,
+                Some("physical") => Role::Physical(ext.get(NETWORK).cloned()),
                 Some("port") => match ext.get(NETWORK) {
                     Some(n) => Role::Port(n.clone()),
                     None => continue,
@@ -349,14 +354,23 @@ impl State {
             .collect()
     }
 
-    /// The physical interfaces the VLAN sub-interfaces on a network bridge need on the
-    /// switch.
+    /// The physical interfaces the VLAN sub-interfaces on a network bridge and the flat
+    /// networks need on the switch.
     fn needed_physicals(&self) -> BTreeSet<String> {
         self.vlans
             .values()
             .filter(|v| v.master.as_deref().is_some_and(|m| self.is_network(m)))
             .map(|v| v.parent.clone())
+            .chain(self.flat_uplinks().map(|(name, _)| name.clone()))
             .collect()
+    }
+
+    /// The physical interfaces carrying a flat network, with its bridge.
+    fn flat_uplinks(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.ifaces.iter().filter_map(|(name, i)| match &i.role {
+            Role::Physical(Some(net)) if self.is_network(net) => Some((name, net)),
+            _ => None,
+        })
     }
 
     /// Whether `name` is a device of the switch's model only (a VXLAN device or a VLAN
@@ -389,11 +403,23 @@ impl State {
                 .and_then(|f| f.zones.get(name))
                 .copied()
                 .unwrap_or_else(|| u16::try_from(id).unwrap_or(u16::MAX));
+            // Keyed by the network's uplink: its VXLAN device, its VLAN sub-interface or its
+            // flat network's physical interface.
+            let on_network = |master: &Option<String>| master.as_deref() == Some(name.as_str());
+            let flat = self.flat_uplinks().find(|(_, net)| *net == name);
             let local_dhcp = self
                 .vxlans
                 .iter()
-                .filter(|(_, v)| v.master.as_deref() == Some(name.as_str()))
-                .find_map(|(vx, _)| fw.and_then(|f| f.local_dhcp.get(vx)).copied());
+                .filter(|(_, v)| on_network(&v.master))
+                .map(|(n, _)| n)
+                .chain(
+                    self.vlans
+                        .iter()
+                        .filter(|(_, v)| on_network(&v.master))
+                        .map(|(n, _)| n),
+                )
+                .chain(flat.map(|(n, _)| n))
+                .find_map(|up| fw.and_then(|f| f.local_dhcp.get(up)).copied());
             let tunnel = self
                 .vxlans
                 .values()
@@ -422,7 +448,7 @@ impl State {
                 .filter(|v| v.master.as_deref() == Some(name.as_str()))
                 .find_map(|v| {
                     let i = self.ifaces.get(&v.parent)?;
-                    (i.role == Role::Physical).then_some(VlanFlows {
+                    matches!(i.role, Role::Physical(_)).then_some(VlanFlows {
                         id: v.id,
                         port: i.ofport?,
                     })
@@ -436,6 +462,7 @@ impl State {
                 filters,
                 local_dhcp,
                 vlan,
+                flat: flat.and_then(|(phys, _)| self.ifaces.get(phys)?.ofport),
             });
         }
         Switch { networks }
@@ -482,6 +509,9 @@ pub struct OvsLinks {
     ovs: Ovs,
     netns: Netns,
     daemon: Option<OvsDaemon>,
+    /// The node's physical interfaces (of its physical networks): a flat network's is put
+    /// on the switch as an uplink, not as a port.
+    physical: BTreeSet<String>,
     lock: Mutex<()>,
     batch: Mutex<Option<Batch>>,
 }
@@ -495,6 +525,7 @@ impl OvsLinks {
             ovs,
             netns,
             daemon: None,
+            physical: BTreeSet::new(),
             lock: Mutex::new(()),
             batch: Mutex::new(None),
         }
@@ -509,6 +540,15 @@ impl OvsLinks {
             daemon: Some(daemon),
             ..Self::new(netns, Ovs::system())
         }
+    }
+
+    /// With `ifaces` as the node's physical interfaces: the flat networks bridged to one
+    /// carry its untagged frames from and to the wire (never flooded back to it, no DHCP
+    /// from it, the node's DHCP server out of its reach), as a VLAN carries its tag's.
+    #[must_use]
+    pub fn with_physical(mut self, ifaces: impl IntoIterator<Item = IfName>) -> Self {
+        self.physical = ifaces.into_iter().map(|i| i.to_string()).collect();
+        self
     }
 
     fn mine(&self, ns: &Netns) -> bool {
@@ -732,16 +772,17 @@ impl OvsLinks {
         }
         let physicals = s.needed_physicals();
         for (name, i) in &s.ifaces {
-            if i.role == Role::Physical && !physicals.contains(name) {
+            if matches!(i.role, Role::Physical(_)) && !physicals.contains(name) {
                 args.extend(
                     ["--", "--if-exists", "del-port", INTEGRATION_BRIDGE, name].map(String::from),
                 );
             }
         }
-        for name in physicals
-            .iter()
-            .filter(|p| s.ifaces.get(*p).is_none_or(|i| i.role != Role::Physical))
-        {
+        for name in physicals.iter().filter(|p| {
+            s.ifaces
+                .get(*p)
+                .is_none_or(|i| !matches!(i.role, Role::Physical(_)))
+        }) {
             args.extend(
                 [
                     "--",
@@ -1031,6 +1072,13 @@ impl OvsLinks {
                         None
                     };
                 }
+                // A flat network's uplink, while its network's flows are in place.
+                Some(Iface {
+                    role: Role::Physical(Some(net)),
+                    ..
+                }) if s.is_network(net) && !h.base && !h.networks.contains(net) => {
+                    l.master = IfName::new(net).ok();
+                }
                 _ => {}
             }
             out.push(l);
@@ -1164,6 +1212,40 @@ fn port_args(name: &IfName, bridge: &IfName) -> Vec<String> {
         format!("external_ids:{NETWORK}={bridge}"),
     ])
     .collect()
+}
+
+/// The `ovs-vsctl` commands that make the physical interface `name` the uplink of the flat
+/// network `bridge` (on the integration bridge, if it is not), or of none (the switch then
+/// keeps it only while a vlan network needs it).
+fn flat_args(name: &str, bridge: Option<&str>) -> Vec<String> {
+    match bridge {
+        Some(b) => [
+            "--",
+            "--may-exist",
+            "add-port",
+            INTEGRATION_BRIDGE,
+            name,
+            "--",
+            "set",
+            "Interface",
+            name,
+            &format!("external_ids:{ROLE}=physical"),
+            &format!("external_ids:{NETWORK}={b}"),
+        ]
+        .map(String::from)
+        .to_vec(),
+        None => [
+            "--",
+            "--if-exists",
+            "remove",
+            "Interface",
+            name,
+            "external_ids",
+            NETWORK,
+        ]
+        .map(String::from)
+        .to_vec(),
+    }
 }
 
 /// The OpenFlow port a port object's flows are about (`in_port=N` of its first flow).
@@ -1337,6 +1419,9 @@ impl Links for OvsLinks {
                             .map(String::from),
                     );
                 }
+                if i.role == Role::Physical(Some(name.to_string())) {
+                    args.extend(flat_args(port, None));
+                }
             }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             self.write(&args).map_err(ovs_err)?;
@@ -1404,6 +1489,23 @@ impl Links for OvsLinks {
         if self.kernel.link(ns, name)?.is_none() {
             return Err(self.no_link(ns, name));
         }
+        if self.physical.contains(name.as_str()) {
+            let flat = match s.ifaces.get(name.as_str()) {
+                Some(Iface {
+                    role: Role::Physical(net),
+                    ofport: Some(_),
+                }) => net.as_deref(),
+                _ => None,
+            };
+            if flat == master.map(IfName::as_str) {
+                // Only its flows missing, if anything.
+                return self.sync(&s);
+            }
+            let args = flat_args(name.as_str(), master.map(IfName::as_str));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.write(&args).map_err(ovs_err)?;
+            return self.resync();
+        }
         match master {
             // Already a port of that network (its flows missing, as after a restarted switch
             // or a del-flows by hand): only the flows are written, from what was just read,
@@ -1461,10 +1563,10 @@ impl Links for OvsLinks {
         }
         let guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let s = self.state(ns)?;
-        if links
-            .iter()
-            .any(|a| s.is_record(a.name.as_str()) || s.is_network(a.name.as_str()))
-        {
+        if links.iter().any(|a| {
+            let n = a.name.as_str();
+            s.is_record(n) || s.is_network(n) || self.physical.contains(n)
+        }) {
             drop(guard);
             return super::attach_each(self, ns, bridge, links);
         }
@@ -1674,6 +1776,62 @@ mod tests {
                 4789
             )])
         );
+    }
+
+    #[test]
+    fn a_vlan_network_keeps_its_dhcp_server_local_and_tags_on_its_physical_interface() {
+        let vlan = serde_json::to_string(&VlanRecord {
+            parent: "phys".into(),
+            id: 617,
+            up: true,
+            master: Some("br-a".into()),
+        })
+        .expect("json");
+        let fw = FirewallState {
+            local_dhcp: BTreeMap::from([("vl-a".to_owned(), Ipv4Addr::new(10, 61, 0, 2))]),
+            ..FirewallState::default()
+        };
+        let mut ext: Vec<(String, String)> = fw.keys().into_iter().collect();
+        ext.push(("stratus-vlan-vl-a".into(), vlan));
+        let ifaces = serde_json::json!({"data": [
+            ["br-a", 5, ["map", []], ["map", [["stratus-role", "network"]]]],
+            ["phys", 8, ["map", []], ["map", [["stratus-role", "physical"]]]],
+        ], "headings": ["name", "ofport", "options", "external_ids"]});
+        let bridges = serde_json::json!({"data": [["br-int", ["map", ext]]],
+                                         "headings": ["name", "external_ids"]});
+        let s = State::parse(&format!("{ifaces}\n{bridges}\n")).expect("parse");
+        assert_eq!(s.needed_physicals(), BTreeSet::from(["phys".to_owned()]));
+        let sw = s.switch();
+        let n = &sw.networks[0];
+        assert_eq!(n.vlan, Some(VlanFlows { id: 617, port: 8 }));
+        assert_eq!(
+            n.local_dhcp,
+            Some(Ipv4Addr::new(10, 61, 0, 2)),
+            "no frame from the wire reaches this node's DHCP server"
+        );
+    }
+
+    #[test]
+    fn a_flat_networks_physical_interface_is_its_uplink_not_a_port() {
+        let fw = FirewallState {
+            local_dhcp: BTreeMap::from([("phys".to_owned(), Ipv4Addr::new(10, 61, 0, 2))]),
+            ..FirewallState::default()
+        };
+        let ext: Vec<(String, String)> = fw.keys().into_iter().collect();
+        let ifaces = serde_json::json!({"data": [
+            ["br-f", 5, ["map", []], ["map", [["stratus-role", "network"]]]],
+            ["phys", 8, ["map", []],
+             ["map", [["stratus-role", "physical"], ["stratus-network", "br-f"]]]],
+            ["tp-1", 9, ["map", []], ["map", [["stratus-role", "port"], ["stratus-network", "br-f"]]]],
+        ], "headings": ["name", "ofport", "options", "external_ids"]});
+        let bridges = serde_json::json!({"data": [["br-int", ["map", ext]]],
+                                         "headings": ["name", "external_ids"]});
+        let s = State::parse(&format!("{ifaces}\n{bridges}\n")).expect("parse");
+        assert_eq!(s.needed_physicals(), BTreeSet::from(["phys".to_owned()]));
+        let n = &s.switch().networks[0];
+        assert_eq!((n.flat, n.vlan), (Some(8), None));
+        assert_eq!(n.ports, BTreeSet::from([9]), "the uplink is no port");
+        assert_eq!(n.local_dhcp, Some(Ipv4Addr::new(10, 61, 0, 2)));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //!
 //! | table | what |
 //! |---|---|
-//! | 0 | classify: a local port's frames get its network and go to 10; a tunnel's frames with a VNI of a network whose peers include that tunnel's node get that network and go to 20, as do a physical interface's frames tagged with a vlan network's ID (the tag stripped); anything else is dropped |
+//! | 0 | classify: a local port's frames get its network and go to 10; a tunnel's frames with a VNI of a network whose peers include that tunnel's node get that network and go to 20, as do a physical interface's frames tagged with a vlan network's ID (the tag stripped) and its untagged frames for the flat network on it; anything else is dropped |
 //! | 10 | egress filter (a firewall's flows go here); by default on to 20 |
 //! | 11 | a filtered port's egress after conntrack: its rules commit new connections; established and related ones pass (one pair of flows for every port); the rest is dropped |
 //! | 20 | forward: DHCP from a tunnel is dropped (each node serves its own ports); a known remote MAC (l2population) goes to its node's tunnel with the VNI; broadcast and multicast are flooded; other frames look up the MACs learned from local ports (25) and go to 26 |
@@ -73,6 +73,9 @@ pub struct NetworkFlows {
     /// has it on its physical bridge: frames leave tagged, frames of the tag arrive with it
     /// stripped and are then what a tunnel's are (`reg7=1`: never flooded back out).
     pub vlan: Option<VlanFlows>,
+    /// The physical interface (OpenFlow port number) of a flat provider network: its
+    /// untagged frames are the network's, from outside (`reg7=1`), as a VLAN's tagged ones.
+    pub flat: Option<u32>,
 }
 
 /// A network's VLAN on a physical interface.
@@ -365,6 +368,9 @@ pub fn render(w: &Switch) -> Vec<Flow> {
         }
         let locals = to_locals(&n.ports);
         let mut tunnels = n.tunnel.as_ref().map(to_tunnels).unwrap_or_default();
+        if let Some(p) = n.flat {
+            tunnels = join(&[tunnels, format!("output:{p}")]);
+        }
         // Tagged last: nothing is output after the tag is pushed.
         if let Some(v) = n.vlan {
             let tag = format!(
@@ -411,6 +417,12 @@ pub fn render(w: &Switch) -> Vec<Flow> {
                 "table=0,priority=100,in_port={},dl_vlan={} \
                  actions=pop_vlan,load:{id}->NXM_NX_REG6[],load:1->NXM_NX_REG7[],resubmit(,20)",
                 v.port, v.id
+            ));
+        }
+        if let Some(p) = n.flat {
+            texts.push(format!(
+                "table=0,priority=100,in_port={p},vlan_tci=0x0000/0x1fff \
+                 actions=load:{id}->NXM_NX_REG6[],load:1->NXM_NX_REG7[],resubmit(,20)"
             ));
         }
         if let Some(t) = &n.tunnel {
@@ -537,6 +549,7 @@ mod tests {
             filters: BTreeMap::new(),
             local_dhcp: None,
             vlan: None,
+            flat: None,
         }
     }
 
@@ -752,6 +765,37 @@ mod tests {
             !texts
                 .iter()
                 .any(|t| t.contains("reg7=1") && t.contains("output:9"))
+        );
+    }
+
+    #[test]
+    fn a_flat_networks_frames_leave_untagged_before_any_tag_and_arrive_as_from_outside() {
+        let mut n = net("br-a", 7, &[3], &[1]);
+        n.tunnel = None;
+        n.flat = Some(8);
+        n.vlan = Some(VlanFlows { id: 100, port: 8 });
+        n.local_dhcp = Some(Ipv4Addr::new(10, 0, 0, 2));
+        let flows = render(&Switch { networks: vec![n] });
+        let texts: Vec<&str> = flows.iter().map(|f| f.text.as_str()).collect();
+        // Untagged frames from the wire are the network's, from outside; tagged ones of the
+        // VLAN are too (one interface may carry both), and other tags are nobody's.
+        assert!(texts.contains(
+            &"table=0,priority=100,in_port=8,vlan_tci=0x0000/0x1fff \
+              actions=load:7->NXM_NX_REG6[],load:1->NXM_NX_REG7[],resubmit(,20)"
+        ));
+        assert!(texts.iter().any(|t| t.contains("in_port=8,dl_vlan=100 ")));
+        // Flooded from a local port: out untagged, then tagged.
+        let out: Vec<&&str> = texts.iter().filter(|t| t.contains("output:8")).collect();
+        assert_eq!(out.len(), 2, "{out:?}");
+        for t in out {
+            assert!(t.contains("reg7=0"), "never from the wire back to it: {t}");
+            let (untagged, tagged) = (t.find(",output:8,push_vlan"), t.find("push_vlan"));
+            assert!(untagged.is_some() && untagged < tagged, "{t}");
+        }
+        // No frame from the wire reaches this node's DHCP server.
+        assert!(
+            texts
+                .contains(&"table=20,priority=200,reg6=7,reg7=1,arp,arp_tpa=10.0.0.2 actions=drop")
         );
     }
 

@@ -8,14 +8,16 @@
 //! removed by hand are repaired by the next converge, a converge of a right switch writes
 //! nothing, security groups are enforced statefully (OVS conntrack) and spoofed sources
 //! dropped, DHCP client packets included (a release from another guest's address never
-//! reaches the DHCP server). Everything the tests make is removed when they end, even when
-//! they fail.
+//! reaches the DHCP server). Provider networks on a veth standing in for the nodes' physical
+//! interface: vlan between two OVS nodes (tagged on the wire), flat between a kernel node
+//! and an OVS node. Everything the tests make is removed when they end, even when they fail.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use serde_json::json;
+use stratus_api_types::network::Segmentation;
 
 use super::conformance;
 use super::dnsmasq::Dnsmasq;
@@ -26,7 +28,7 @@ use super::ovs::{INTEGRATION_BRIDGE, OvsLinks, attach_underlay};
 use super::ovs_daemon::{Ovs, OvsDaemon};
 use super::ovs_firewall::OvsFirewall;
 use super::ovs_flows::{self, KIND_NETWORK, KIND_PORT};
-use super::{Dhcp, Firewall, Links, Name, Netns, VethSpec};
+use super::{Dhcp, Firewall, IfName, Links, Name, Netns, VethSpec};
 use crate::agent::tests::{group, hypervisor, network, port, subnet};
 use crate::agent::{Host, PortState, converge};
 use crate::desired::{NodeConfig, PortKey, Snapshot};
@@ -151,7 +153,8 @@ fn host(ns: &Netns, switch: Option<&OvsDaemon>, dns: &Dnsmasq) -> Host {
     let nft = NftFirewall::new(ns.clone());
     let (links, firewall): (Arc<dyn Links>, Arc<dyn Firewall>) = match switch {
         Some(d) => {
-            let links = Arc::new(OvsLinks::with_daemon(ns.clone(), d.clone()));
+            let links =
+                Arc::new(OvsLinks::with_daemon(ns.clone(), d.clone()).with_physical([phys()]));
             (
                 Arc::clone(&links) as Arc<dyn Links>,
                 Arc::new(OvsFirewall::new(nft, links)),
@@ -164,6 +167,38 @@ fn host(ns: &Netns, switch: Option<&OvsDaemon>, dns: &Dnsmasq) -> Host {
         firewall,
         dhcp: Arc::new(dns.clone()),
     }
+}
+
+/// The nodes' physical interface, of physical network `physnet1` (on [`on_the_wire`]).
+fn phys() -> IfName {
+    ifname("phys")
+}
+
+/// Joins the rig's two nodes by a veth `phys` standing in for their physical interface,
+/// maps `physnet1` to it on both, and makes the network a provider network of
+/// `segmentation` on it (with VLAN ID `vlan`).
+fn on_the_wire(rig: &mut Rig, segmentation: Segmentation, vlan: Option<u16>) {
+    let [ns1, ns2] = rig.nodes.clone().map(Netns::Named);
+    rig.l
+        .add_veth(
+            &ns1,
+            &VethSpec {
+                name: phys(),
+                peer: phys(),
+                peer_netns: Some(ns2),
+            },
+        )
+        .expect("physical link");
+    for c in &mut rig.configs {
+        c.physical = [("physnet1".to_owned(), phys())].into();
+    }
+    let mut n = (*rig.snap.networks[0]).clone();
+    n.spec.segmentation = segmentation;
+    n.spec.physical_network = Some("physnet1".into());
+    n.status
+        .get_or_insert_with(Default::default)
+        .segmentation_id = vlan;
+    rig.snap.networks = vec![Arc::new(n)];
 }
 
 fn rig(kinds: [Datapath; 2]) -> Rig {
@@ -690,38 +725,21 @@ fn a_vlan_network_spans_two_ovs_nodes_tagged_on_a_physical_link() {
     if !root() {
         return;
     }
+    let mut rig = rig([Datapath::Ovs, Datapath::Ovs]);
+    on_the_wire(&mut rig, Segmentation::Vlan, Some(100));
     let Rig {
         l,
         nodes: [n1, n2],
         guests: [g1, g2, ..],
         switches: [d1, d2],
         hosts: [h1, h2],
-        configs: [mut c1, mut c2],
-        mut snap,
+        configs: [c1, c2],
+        snap,
         macs: _,
         _cleanup,
-    } = rig([Datapath::Ovs, Datapath::Ovs]);
+    } = rig;
     let (ns1, ns2) = (Netns::Named(n1.clone()), Netns::Named(n2.clone()));
-    let phys = ifname("phys");
-    l.add_veth(
-        &ns1,
-        &VethSpec {
-            name: phys.clone(),
-            peer: phys.clone(),
-            peer_netns: Some(ns2.clone()),
-        },
-    )
-    .expect("physical link");
-    for c in [&mut c1, &mut c2] {
-        c.physical = [("physnet1".to_owned(), phys.clone())].into();
-    }
-    let mut n = (*snap.networks[0]).clone();
-    n.spec.segmentation = stratus_api_types::network::Segmentation::Vlan;
-    n.spec.physical_network = Some("physnet1".into());
-    n.status
-        .get_or_insert_with(Default::default)
-        .segmentation_id = Some(100);
-    snap.networks = vec![Arc::new(n)];
+    let phys = phys();
     for (h, c) in [(&h1, &c1), (&h2, &c2)] {
         let r = converge(h, c, &snap).expect("converge");
         assert!(r.failures.is_empty(), "{:?}", r.failures);
@@ -793,6 +811,112 @@ fn a_vlan_network_spans_two_ovs_nodes_tagged_on_a_physical_link() {
             .expect("list-ports");
         assert!(!ports.lines().any(|p| p == "phys"), "{ports}");
         assert!(l.link(ns, &phys).expect("link").is_some(), "left alone");
+    }
+}
+
+/// A flat provider network across a kernel node and an OVS node on a veth standing in for
+/// their physical interface: on the OVS node `phys` is the network's uplink on the switch
+/// (untagged, its frames from outside: no DHCP or DHCP server reached from the wire), on the
+/// kernel node a port of the network's bridge. Each guest takes its lease from its own node
+/// and they ping each other; a right node gets no step; the uplink's flows deleted by hand
+/// are repaired by the next converge; with the network gone `phys` leaves both bridges and
+/// stays on the nodes.
+#[test]
+fn a_flat_network_spans_a_kernel_node_and_an_ovs_node_on_a_physical_link() {
+    if !root() {
+        return;
+    }
+    let mut rig = rig([Datapath::Kernel, Datapath::Ovs]);
+    on_the_wire(&mut rig, Segmentation::Flat, None);
+    let Rig {
+        l,
+        nodes: [n1, n2],
+        guests: [g1, g2, ..],
+        switches: [_, d2],
+        hosts: [h1, h2],
+        configs: [c1, c2],
+        snap,
+        macs: _,
+        _cleanup,
+    } = rig;
+    let (ns1, ns2) = (Netns::Named(n1.clone()), Netns::Named(n2.clone()));
+    let d2 = d2.expect("switch");
+    for (h, c) in [(&h1, &c1), (&h2, &c2)] {
+        let r = converge(h, c, &snap).expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+    }
+    let uplink = || {
+        d2.ovs()
+            .ofctl(
+                &["--no-stats"],
+                "dump-flows",
+                INTEGRATION_BRIDGE,
+                &["table=0,in_port=phys"],
+                None,
+            )
+            .expect("dump-flows")
+            .lines()
+            .filter(|f| f.contains("vlan_tci=0x0000/0x1fff") && f.contains("reg7"))
+            .count()
+    };
+    assert_eq!(
+        uplink(),
+        1,
+        "phys's untagged frames are the network's, from outside"
+    );
+    assert!(
+        tunnels(&d2.ovs()).is_empty(),
+        "no tunnel for a flat network"
+    );
+    let leases = tempfile::tempdir().expect("dir");
+    let (ip1, ip2) = (Ipv4Addr::new(10, 50, 0, 11), Ipv4Addr::new(10, 50, 0, 12));
+    assert_eq!(
+        lease(&g1, leases.path()),
+        Some(ip1),
+        "the kernel node's DHCP"
+    );
+    assert_eq!(lease(&g2, leases.path()), Some(ip2), "the OVS node's DHCP");
+    sh(&g1, &["ip", "addr", "add", "10.50.0.11/24", "dev", "eth0"]);
+    sh(&g2, &["ip", "addr", "add", "10.50.0.12/24", "dev", "eth0"]);
+    assert!(pings(&g1, ip2, 10), "flat across the nodes");
+    assert!(ping(&g2, ip1), "and back");
+    for (h, c) in [(&h1, &c1), (&h2, &c2)] {
+        assert_eq!(converge(h, c, &snap).expect("converge").steps, vec![]);
+    }
+    // The uplink's flow deleted by hand: the next converge puts it back.
+    d2.ovs()
+        .ofctl(
+            &[],
+            "del-flows",
+            INTEGRATION_BRIDGE,
+            &["table=0,in_port=phys"],
+            None,
+        )
+        .expect("del-flows");
+    assert_eq!(uplink(), 0);
+    let r = converge(&h2, &c2, &snap).expect("converge");
+    assert!(
+        r.failures.is_empty() && !r.steps.is_empty(),
+        "{:?} {:?}",
+        r.failures,
+        r.steps
+    );
+    assert_eq!(uplink(), 1);
+    assert!(pings(&g1, ip2, 10), "flat again");
+
+    // Gone: phys leaves both bridges and stays on the nodes.
+    for (h, c) in [(&h1, &c1), (&h2, &c2)] {
+        let r = converge(h, c, &Snapshot::default()).expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+    }
+    let ports = d2
+        .ovs()
+        .vsctl(&["list-ports", INTEGRATION_BRIDGE])
+        .expect("list-ports");
+    assert!(!ports.lines().any(|p| p == "phys"), "{ports}");
+    for ns in [&ns1, &ns2] {
+        let link = l.link(ns, &phys()).expect("link").expect("left alone");
+        assert_eq!(link.master, None, "{ns}");
     }
 }
 
