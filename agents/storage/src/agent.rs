@@ -629,6 +629,7 @@ async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
         size: Some(vol.spec.size_gib << 30),
         made: status.size_gib.is_some(),
         attached: !status.attached_servers().is_empty(),
+        grows_in_use: backend.grows_in_use(),
     };
     let step = plan(intent, observed.map(|o| o.size));
     tracing::debug!(?step, "volume step");
@@ -695,6 +696,20 @@ async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
                     Err(e.into())
                 }
             }
+        }
+        Step::GrowWhenDetached => {
+            let message = format!(
+                "asks for {} GiB while a server holds it: {} cannot grow a volume a guest holds (without device-mapper its grown data is a new loop device the guest would not see); it grows once detached",
+                vol.spec.size_gib,
+                backend.describe()
+            );
+            let told = ConditionType::Ready
+                .find(&status.conditions)
+                .is_some_and(|c| c.message == message);
+            if !told {
+                volume_blocked(ctx, vol, status.phase, reasons::EXTENDING, &message).await?;
+            }
+            Ok(Action::requeue(ctx.resync))
         }
         Step::Extend(to) => {
             if status.phase != VolumePhase::Extending {
@@ -878,6 +893,7 @@ async fn sync_snapshot(snap: &VolumeSnapshot, ctx: &Ctx) -> Result<Action, Stora
         size: None,
         made: status.created_at.is_some(),
         attached: false,
+        grows_in_use: true,
     };
     let report = |size: u64| {
         let mut next: VolumeSnapshotStatus = status.clone();
@@ -937,7 +953,8 @@ async fn sync_snapshot(snap: &VolumeSnapshot, ctx: &Ctx) -> Result<Action, Stora
                 }
             }
         }
-        Step::Extend(_) | Step::Report => {
+        // A snapshot is never held by a guest nor grown.
+        Step::Extend(_) | Step::GrowWhenDetached | Step::Report => {
             let size = observed.map(|o| o.size).unwrap_or_default();
             ctx.snapshots.write_status(snap, &report(size)).await?;
             Ok(Action::requeue(ctx.resync))

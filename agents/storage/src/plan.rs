@@ -16,6 +16,8 @@ pub struct Intent {
     pub made: bool,
     /// Whether a Server holds it (`status.attachedTo`).
     pub attached: bool,
+    /// Whether its store grows a volume a guest holds ([`crate::driver::Backend::grows_in_use`]).
+    pub grows_in_use: bool,
 }
 
 /// The next step.
@@ -29,6 +31,9 @@ pub enum Step {
     Create,
     /// Grow it to this many bytes.
     Extend(u64),
+    /// It asks for more than it has while a Server holds it, and its store cannot grow it
+    /// under a guest: it grows once detached.
+    GrowWhenDetached,
     /// It is as asked: report it (its device path, size, Available).
     Report,
     /// It was made and its data is gone from the pool (removed behind the agent's back):
@@ -53,6 +58,9 @@ pub fn plan(intent: Intent, observed: Option<u64>) -> Step {
         Stage::Live => match (observed, intent.size) {
             (None, _) if intent.made => Step::Missing,
             (None, _) => Step::Create,
+            (Some(have), Some(want)) if have < want && intent.attached && !intent.grows_in_use => {
+                Step::GrowWhenDetached
+            }
             (Some(have), Some(want)) if have < want => Step::Extend(want),
             (Some(_), _) => Step::Report,
         },
@@ -71,6 +79,7 @@ mod tests {
             size,
             made,
             attached,
+            grows_in_use: true,
         }
     }
 
@@ -112,5 +121,20 @@ mod tests {
                 "{stage:?} size {size:?} made {made} attached {attached}, observed {observed:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_store_that_cannot_grow_a_held_volume_grows_it_once_detached() {
+        let held = |attached: bool| Intent {
+            grows_in_use: false,
+            ..intent(Stage::Live, Some(2 * GIB), true, attached)
+        };
+        // Without device-mapper: a guest holding the old loop device would not see the
+        // grown data, and would write to extents the volume may no longer own.
+        assert_eq!(plan(held(true), Some(GIB)), Step::GrowWhenDetached);
+        assert_eq!(plan(held(false), Some(GIB)), Step::Extend(2 * GIB));
+        // Nothing else changes: as asked, it is reported; gone, it is missing.
+        assert_eq!(plan(held(true), Some(2 * GIB)), Step::Report);
+        assert_eq!(plan(held(true), None), Step::Missing);
     }
 }

@@ -469,6 +469,10 @@ impl Backend for Lvm {
         format!("lvm:{}", self.vg)
     }
 
+    fn grows_in_use(&self) -> bool {
+        self.dm
+    }
+
     /// The group's free extents plus the pool's own LVs (partial and grown copies included);
     /// LVs others made in the same group are not the pool's. The LVs are listed before the
     /// free space is read, so a create in between understates, never overstates, it.

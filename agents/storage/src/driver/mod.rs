@@ -280,6 +280,14 @@ pub trait Backend: Send + Sync + Debug {
     /// [`DriverError::NotFound`] when `name` does not exist; [`DriverError::NoSpace`].
     fn extend(&self, name: &VolName, size: u64) -> Result<Observed, DriverError>;
 
+    /// Whether a volume grows while a guest holds its device: a file, or an active LV, keeps
+    /// its path as it grows. Without device-mapper an LV's grown data is reached through a
+    /// new loop device, or is a grown copy: a guest holding the old device would not see it,
+    /// and would go on writing to extents the volume may no longer own.
+    fn grows_in_use(&self) -> bool {
+        true
+    }
+
     /// Removes `name` and its data (and its device). Idempotent: a missing one is `Ok`.
     ///
     /// # Errors
