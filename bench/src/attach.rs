@@ -146,28 +146,12 @@ impl Remote {
             exports: storage_dir.join("storage-state/exports"),
             reference_pid: storage_dir.join("reference-nbd.pid"),
         };
-        let pid = std::fs::read_to_string(node.dir.path().join("libvirtd.pid"))?
-            .trim()
-            .to_string();
-        run(
-            "ip",
-            &[
-                "link", "add", HOST_LINK, "type", "veth", "peer", "name", NODE_LINK,
-            ],
+        node.join_host(
+            HOST_LINK,
+            &format!("{STORAGE_IP}/30"),
+            NODE_LINK,
+            &format!("{COMPUTE_IP}/30"),
         )?;
-        run("ip", &["link", "set", NODE_LINK, "netns", &pid])?;
-        run(
-            "ip",
-            &["addr", "add", &format!("{STORAGE_IP}/30"), "dev", HOST_LINK],
-        )?;
-        run("ip", &["link", "set", HOST_LINK, "up"])?;
-        let inside = |args: &[&str]| {
-            let mut a = vec!["-t", pid.as_str(), "-n", "ip"];
-            a.extend_from_slice(args);
-            run("nsenter", &a)
-        };
-        inside(&["addr", "add", &format!("{COMPUTE_IP}/30"), "dev", NODE_LINK])?;
-        inside(&["link", "set", NODE_LINK, "up"])?;
         Ok(remote)
     }
 

@@ -94,34 +94,6 @@ impl Drop for Cleanup {
     }
 }
 
-/// Joins `node`'s network namespace (its libvirtd's) to the host's by a veth pair.
-fn storage_network(node: &Node) -> Result<()> {
-    let pid = std::fs::read_to_string(node.dir.path().join("libvirtd.pid"))?
-        .trim()
-        .to_string();
-    let _ = Command::new("ip").args(["link", "del", HOST_LINK]).status();
-    run(
-        "ip",
-        &[
-            "link", "add", HOST_LINK, "type", "veth", "peer", "name", NODE_LINK,
-        ],
-    )?;
-    run("ip", &["link", "set", NODE_LINK, "netns", &pid])?;
-    run(
-        "ip",
-        &["addr", "add", &format!("{STORAGE_IP}/30"), "dev", HOST_LINK],
-    )?;
-    run("ip", &["link", "set", HOST_LINK, "up"])?;
-    let inside = |args: &[&str]| {
-        let mut a = vec!["-t", pid.as_str(), "-n", "ip"];
-        a.extend_from_slice(args);
-        run("nsenter", &a)
-    };
-    inside(&["addr", "add", &format!("{COMPUTE_IP}/30"), "dev", NODE_LINK])?;
-    inside(&["link", "set", NODE_LINK, "up"])?;
-    Ok(())
-}
-
 /// Whether a TCP connection from `from` to `to` is dropped (times out) rather than answered
 /// or refused.
 fn dropped(from: &str, to: &str) -> Result<bool> {
@@ -161,7 +133,12 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
     let _cleanup = Cleanup {
         exports: storage.path().join("storage-state/exports"),
     };
-    storage_network(&compute)?;
+    compute.join_host(
+        HOST_LINK,
+        &format!("{STORAGE_IP}/30"),
+        NODE_LINK,
+        &format!("{COMPUTE_IP}/30"),
+    )?;
     let cloud = Cloud::up_with(&["--nodes", &format!("{STORAGE},{COMPUTE}")])?;
     cloud.projects(&[NS])?;
     compute.start_agent(&cloud)?;
