@@ -783,21 +783,7 @@ impl OvsLinks {
                 .get(*p)
                 .is_none_or(|i| !matches!(i.role, Role::Physical(_)))
         }) {
-            args.extend(
-                [
-                    "--",
-                    "--may-exist",
-                    "add-port",
-                    INTEGRATION_BRIDGE,
-                    name,
-                    "--",
-                    "set",
-                    "Interface",
-                    name,
-                    &format!("external_ids:{ROLE}=physical"),
-                ]
-                .map(String::from),
-            );
+            args.extend(physical_args(name, None));
         }
         for &(r, l, p) in &needed {
             let name = tunnel_name(r, l, p);
@@ -1214,26 +1200,33 @@ fn port_args(name: &IfName, bridge: &IfName) -> Vec<String> {
     .collect()
 }
 
+/// The `ovs-vsctl` commands that put the physical interface `name` on the integration
+/// bridge (if it is not) as an uplink, and of the flat network `flat` if given.
+fn physical_args(name: &str, flat: Option<&str>) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--",
+        "--may-exist",
+        "add-port",
+        INTEGRATION_BRIDGE,
+        name,
+        "--",
+        "set",
+        "Interface",
+        name,
+    ]
+    .map(String::from)
+    .to_vec();
+    args.push(format!("external_ids:{ROLE}=physical"));
+    args.extend(flat.map(|b| format!("external_ids:{NETWORK}={b}")));
+    args
+}
+
 /// The `ovs-vsctl` commands that make the physical interface `name` the uplink of the flat
-/// network `bridge` (on the integration bridge, if it is not), or of none (the switch then
-/// keeps it only while a vlan network needs it).
+/// network `bridge`, or of none (the switch then keeps it only while a vlan network needs
+/// it).
 fn flat_args(name: &str, bridge: Option<&str>) -> Vec<String> {
     match bridge {
-        Some(b) => [
-            "--",
-            "--may-exist",
-            "add-port",
-            INTEGRATION_BRIDGE,
-            name,
-            "--",
-            "set",
-            "Interface",
-            name,
-            &format!("external_ids:{ROLE}=physical"),
-            &format!("external_ids:{NETWORK}={b}"),
-        ]
-        .map(String::from)
-        .to_vec(),
+        Some(_) => physical_args(name, bridge),
         None => [
             "--",
             "--if-exists",

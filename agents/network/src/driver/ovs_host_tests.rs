@@ -578,16 +578,7 @@ fn a_network_spans_a_kernel_node_and_an_ovs_node() {
         1,
         "the OVS node tunnels to the kernel node"
     );
-    let leases = tempfile::tempdir().expect("dir");
-    let (ip1, ip2) = (Ipv4Addr::new(10, 50, 0, 11), Ipv4Addr::new(10, 50, 0, 12));
-    assert_eq!(
-        lease(&g1, leases.path()),
-        Some(ip1),
-        "the kernel node's DHCP"
-    );
-    assert_eq!(lease(&g2, leases.path()), Some(ip2), "the OVS node's DHCP");
-    sh(&g1, &["ip", "addr", "add", "10.50.0.11/24", "dev", "eth0"]);
-    sh(&g2, &["ip", "addr", "add", "10.50.0.12/24", "dev", "eth0"]);
+    let (ip1, ip2) = leases(&g1, &g2);
     assert!(
         pings(&g1, ip2, 10),
         "the kernel node's guest reaches the OVS node's ({n1} to {n2})"
@@ -596,6 +587,18 @@ fn a_network_spans_a_kernel_node_and_an_ovs_node() {
     for (h, c) in [(&h1, &c1), (&h2, &c2)] {
         assert_eq!(converge(h, c, &snap).expect("converge").steps, vec![]);
     }
+}
+
+/// Guest 1 (on the kernel node) and guest 2 (on the OVS node) take their leases from their
+/// own nodes' DHCP servers and their addresses; those addresses.
+fn leases(g1: &Name, g2: &Name) -> (Ipv4Addr, Ipv4Addr) {
+    let dir = tempfile::tempdir().expect("dir");
+    let (ip1, ip2) = (Ipv4Addr::new(10, 50, 0, 11), Ipv4Addr::new(10, 50, 0, 12));
+    assert_eq!(lease(g1, dir.path()), Some(ip1), "the kernel node's DHCP");
+    assert_eq!(lease(g2, dir.path()), Some(ip2), "the OVS node's DHCP");
+    sh(g1, &["ip", "addr", "add", "10.50.0.11/24", "dev", "eth0"]);
+    sh(g2, &["ip", "addr", "add", "10.50.0.12/24", "dev", "eth0"]);
+    (ip1, ip2)
 }
 
 /// Installs in `ns` a counter (before routing) of UDP to port 67 from each of `sources`,
@@ -868,16 +871,7 @@ fn a_flat_network_spans_a_kernel_node_and_an_ovs_node_on_a_physical_link() {
         tunnels(&d2.ovs()).is_empty(),
         "no tunnel for a flat network"
     );
-    let leases = tempfile::tempdir().expect("dir");
-    let (ip1, ip2) = (Ipv4Addr::new(10, 50, 0, 11), Ipv4Addr::new(10, 50, 0, 12));
-    assert_eq!(
-        lease(&g1, leases.path()),
-        Some(ip1),
-        "the kernel node's DHCP"
-    );
-    assert_eq!(lease(&g2, leases.path()), Some(ip2), "the OVS node's DHCP");
-    sh(&g1, &["ip", "addr", "add", "10.50.0.11/24", "dev", "eth0"]);
-    sh(&g2, &["ip", "addr", "add", "10.50.0.12/24", "dev", "eth0"]);
+    let (ip1, ip2) = leases(&g1, &g2);
     assert!(pings(&g1, ip2, 10), "flat across the nodes");
     assert!(ping(&g2, ip1), "and back");
     for (h, c) in [(&h1, &c1), (&h2, &c2)] {
