@@ -4,7 +4,6 @@ pub mod browser;
 pub mod net;
 pub mod node;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -15,13 +14,8 @@ use anyhow::{Context, Result, bail};
 /// to answer: generous, as every test shares two cores with the others.
 pub const STARTUP: Duration = Duration::from_secs(90);
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
-}
+/// A free TCP port on 127.0.0.1, outside the kernel's ephemeral range (bound and released).
+pub use stratus_test_ports::free_port;
 
 /// The `stratus` binary built with the tests (`STRATUS_BIN` overrides).
 pub fn stratus_bin() -> PathBuf {
