@@ -136,13 +136,21 @@ fn recorded(status: &VolumeStatus) -> Vec<VolumeAttachment> {
         .collect()
 }
 
-/// The node a volume whose data is on `own` is exported to (its `status.attachedNode`): the
-/// node of its first attachment on another node, else the first attachment's. One node at
-/// most is served over NBD; a multi-attach volume's servers on a second other node wait.
-fn export_node(attachments: &[VolumeAttachment], own: Option<&str>) -> Option<String> {
+/// The node a volume whose data is on `own` is exported to (its `status.attachedNode`, now
+/// `recorded`): the recorded node while one of its attachments is still on it and it is
+/// another node than `own`, else the node of its first attachment on another node, else the
+/// first attachment's. One node at most is served over NBD, and the export never leaves a
+/// node whose guests still have it plugged in (moving it would end their disk); a
+/// multi-attach volume's servers on a second other node wait, saying so on their Server,
+/// until no server of it is left on the node served.
+fn export_node(
+    attachments: &[VolumeAttachment],
+    own: Option<&str>,
+    recorded: Option<&str>,
+) -> Option<String> {
     let nodes = || attachments.iter().filter_map(|a| a.node.as_deref());
-    nodes()
-        .find(|n| Some(*n) != own)
+    let kept = recorded.filter(|r| Some(*r) != own && nodes().any(|n| n == *r));
+    kept.or_else(|| nodes().find(|n| Some(*n) != own))
         .or_else(|| attachments.first()?.node.as_deref())
         .map(str::to_owned)
 }
@@ -157,7 +165,11 @@ fn record(
     generation: Option<i64>,
 ) {
     status.attached_to = now.first().map(|a| a.server.clone());
-    status.attached_node = export_node(&now, status.node.as_deref());
+    status.attached_node = export_node(
+        &now,
+        status.node.as_deref(),
+        status.attached_node.as_deref(),
+    );
     if released.is_empty() {
         status.attachments = now;
         return;
@@ -401,7 +413,11 @@ mod tests {
             Some(1),
         );
         assert_eq!(status.attached_to.as_deref(), Some("b"), "the first left");
-        assert_eq!(status.attached_node.as_deref(), Some("n2"));
+        assert_eq!(
+            status.attached_node.as_deref(),
+            Some("n1"),
+            "d on n1 still has it: the export stays there"
+        );
         // Its data on n2: exported to n1, where d is (b is on n2 with the data).
         status.node = Some("n2".into());
         record(
@@ -448,6 +464,54 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(recorded(&legacy), vec![at("a", Some("n1"))]);
+    }
+
+    #[test]
+    fn the_export_stays_on_a_node_while_a_server_there_holds_the_volume() {
+        let at = |server: &str, node: &str| VolumeAttachment {
+            server: server.into(),
+            node: Some(node.into()),
+        };
+        // Its data on n0; a on n1 first, so n1 is served; b on n2 waits.
+        let mut status = VolumeStatus {
+            phase: VolumePhase::InUse,
+            node: Some("n0".into()),
+            ..Default::default()
+        };
+        record(
+            &mut status,
+            vec![at("a", "n1"), at("b", "n2"), at("c", "n1")],
+            &[],
+            Some(1),
+        );
+        assert_eq!(status.attached_node.as_deref(), Some("n1"));
+        // a goes: c on n1 still has the disk plugged in, so n1 stays served, not n2.
+        record(
+            &mut status,
+            vec![at("b", "n2"), at("c", "n1")],
+            &["a".into()],
+            Some(1),
+        );
+        assert_eq!(
+            status.attached_node.as_deref(),
+            Some("n1"),
+            "the export does not leave c's node"
+        );
+        assert_eq!(status.attached_to.as_deref(), Some("b"));
+        // c goes too: nothing is left on n1, so b's node is served.
+        record(&mut status, vec![at("b", "n2")], &["c".into()], Some(1));
+        assert_eq!(status.attached_node.as_deref(), Some("n2"));
+        // A server of it on its own node joins: the node served stays n2.
+        record(
+            &mut status,
+            vec![at("d", "n0"), at("b", "n2")],
+            &[],
+            Some(1),
+        );
+        assert_eq!(status.attached_node.as_deref(), Some("n2"));
+        // A single server moving from n2 to n3 takes its export along.
+        record(&mut status, vec![at("b", "n3")], &["d".into()], Some(1));
+        assert_eq!(status.attached_node.as_deref(), Some("n3"));
     }
 
     #[test]
