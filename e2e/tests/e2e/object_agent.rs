@@ -370,10 +370,16 @@ fn three_nodes_serve_rings_restart_and_repair_replicas() -> Result<()> {
     ensure!(mode(&nodes[0].hash_file)? == 0o600, "the hash file's mode");
     let values: Vec<&str> = hash
         .lines()
+        .filter(|l| l.starts_with("swift_hash_path_"))
         .filter_map(|l| l.split_once(" = ").map(|(_, v)| v))
         .collect();
-    // The prefix, the suffix and the cluster's fingerprint salt.
-    ensure!(values.len() == 3 && values.iter().all(|v| v.len() >= 32));
+    ensure!(values.len() == 2 && values.iter().all(|v| v.len() >= 32));
+    // And the cluster's fingerprint salt, Stratus's own: not Swift's to read.
+    ensure!(
+        hash.lines()
+            .any(|l| l.starts_with("stratus_fingerprint_salt = ")),
+        "the hash file has no fingerprint salt"
+    );
     let conf = std::fs::read_to_string(nodes[0].swift_dir().join("swift.conf"))?;
     for n in &nodes {
         let path = n.swift_dir().join("swift.conf");
@@ -396,6 +402,10 @@ fn three_nodes_serve_rings_restart_and_repair_replicas() -> Result<()> {
     ensure!(
         values.iter().all(|v| conf.contains(&format!(" = {v}\n"))),
         "swift.conf holds other values than the hash file"
+    );
+    ensure!(
+        !conf.contains("stratus_fingerprint_salt"),
+        "swift.conf holds the fingerprint salt"
     );
 
     // An object on its three primaries, one on each node.
