@@ -177,6 +177,56 @@ impl Node {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
 
+    /// The pty of domain `domain`'s serial console, as its live XML names it.
+    pub fn console_pty(&self, domain: &str) -> Result<String> {
+        let out = self.virsh(&["dumpxml", domain])?;
+        let xml = String::from_utf8_lossy(&out.stdout);
+        xml.split("<serial type='pty'>")
+            .nth(1)
+            .and_then(|s| s.split("<source path='").nth(1))
+            .and_then(|s| s.split('\'').next())
+            .map(str::to_string)
+            .with_context(|| format!("no serial pty in {xml}"))
+    }
+
+    /// Types `command` (one line, safe to run again) on the shell of the test guest of
+    /// server `uid` (domain `domain`) until `marker` shows on its console, at most `tries`
+    /// times. QEMU reads the console only while its terminal is open: it stays open, and the
+    /// command is typed again until its marker shows. Let the marker be computed by the
+    /// command (`$((40+2))`), so that the echoed command is not it.
+    pub fn type_until(
+        &self,
+        uid: &str,
+        domain: &str,
+        command: &str,
+        marker: &str,
+        tries: usize,
+    ) -> Result<()> {
+        use std::io::Write;
+        wait_until(
+            std::time::Duration::from_secs(240),
+            "the guest's shell",
+            || self.console(uid).contains("built-in shell").then_some(()),
+        )
+        .with_context(|| format!("console:\n{}", self.console(uid)))?;
+        let mut pty = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.console_pty(domain)?)?;
+        let typed = format!("\n{command}\n");
+        for _ in 0..tries {
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            pty.write_all(typed.as_bytes())?;
+            let shown = wait_until(std::time::Duration::from_secs(30), marker, || {
+                self.console(uid).contains(marker).then_some(())
+            });
+            if shown.is_ok() {
+                return Ok(());
+            }
+        }
+        bail!("{marker} never showed; console:\n{}", self.console(uid))
+    }
+
     /// The serial console log of a domain, stripped of carriage returns.
     pub fn console(&self, uid: &str) -> String {
         std::fs::read_to_string(

@@ -38,6 +38,7 @@ mod e2e {
     mod up;
     mod volume_attach;
     mod volume_attach_remote;
+    mod volume_multi_attach;
     mod volumes_api;
     mod watch_feed;
 }

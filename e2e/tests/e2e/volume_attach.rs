@@ -11,6 +11,7 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -57,13 +58,13 @@ fn wait_for(
     })
 }
 
-fn volume_yaml(name: &str, extra: &str) -> String {
+pub(super) fn volume_yaml(name: &str, extra: &str) -> String {
     format!(
         "---\napiVersion: storage.stratus.dev/v1\nkind: Volume\nmetadata:\n  name: {name}\nspec:\n  sizeGiB: 1\n{extra}"
     )
 }
 
-fn server_yaml(name: &str, spec: &str) -> String {
+pub(super) fn server_yaml(name: &str, spec: &str) -> String {
     format!(
         "---\napiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: {name}\nspec:\n  flavor: m1.nano\n{spec}"
     )
@@ -86,7 +87,7 @@ pub(super) fn partition_table() -> [u8; 512] {
 
 /// How many times the guest's kernel listed a disk's two partitions on the console
 /// (`[ 1.2] vdc: vdc1 vdc2`; a disk plugged in again may get another name).
-fn partition_scans(console: &str) -> usize {
+pub(super) fn partition_scans(console: &str) -> usize {
     console
         .lines()
         .filter(|l| {
@@ -103,7 +104,7 @@ fn partition_scans(console: &str) -> usize {
 }
 
 /// The disks of a domain as `virsh domblklist` shows them: (target, source).
-fn blklist(node: &Node, domain: &str) -> Result<Vec<(String, String)>> {
+pub(super) fn blklist(node: &Node, domain: &str) -> Result<Vec<(String, String)>> {
     let out = node.virsh(&["domblklist", domain])?;
     ensure!(
         out.status.success(),
@@ -129,21 +130,21 @@ fn capacity(node: &Node, domain: &str, target: &str) -> Option<u64> {
     })
 }
 
-#[test]
-fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
-    let guest = Guest::serve()?;
-    let mut node = Node::start(NODE)?;
-    let cloud = Cloud::up_with(&["--nodes", NODE])?;
-    cloud.projects(&[NS])?;
-    node.start_agent(&cloud)?;
+/// Runs the storage agent of node `name` (`node`) with a file pool `files` in a directory of
+/// the node's: the agent, and the pool's directory.
+pub(super) fn file_storage_agent(
+    cloud: &Cloud,
+    node: &Node,
+    name: &str,
+) -> Result<(Proc, PathBuf)> {
     let pool = node.dir.path().join("pool");
     std::fs::create_dir_all(&pool)?;
-    let _storage = Proc::spawn(
+    let agent = Proc::spawn(
         "storage agent",
         Command::new(stratus_bin())
-            .args(["agent", "--roles", "storage", "--node", NODE])
+            .args(["agent", "--roles", "storage", "--node", name])
             .arg("--kubeconfig")
-            .arg(cloud.dir.path().join(format!("node-{NODE}.kubeconfig")))
+            .arg(cloud.dir.path().join(format!("node-{name}.kubeconfig")))
             .arg("--state-dir")
             .arg(node.dir.path().join("storage-state"))
             .args(["--storage-pool", &format!("files=file:{}", pool.display())])
@@ -151,6 +152,17 @@ fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
             .arg("--image-url-allow-loopback"),
         &node.dir.path().join("storage-agent.log"),
     )?;
+    Ok((agent, pool))
+}
+
+#[test]
+fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
+    let guest = Guest::serve()?;
+    let mut node = Node::start(NODE)?;
+    let cloud = Cloud::up_with(&["--nodes", NODE])?;
+    cloud.projects(&[NS])?;
+    node.start_agent(&cloud)?;
+    let (_storage, pool) = file_storage_agent(&cloud, &node, NODE)?;
     let flavors = stratus_e2e::repo_root().join("examples/flavors.yaml");
     cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
     // The tiny guest with the kernel's messages on the console: it names the disks it finds.
