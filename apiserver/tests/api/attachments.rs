@@ -209,12 +209,11 @@ async fn uplink(c: &Cloud) {
 #[tokio::test]
 async fn of_many_servers_naming_one_free_port_at_once_exactly_one_gets_it() {
     let c = Cloud::with_demo().await;
-    c.create(&Obj::network("demo", "blue"))
-        .await
-        .expect("network");
-    c.create(&Obj::port("demo", "mine", "blue"))
-        .await
-        .expect("port");
+    c.create_all(&[
+        Obj::network("demo", "blue"),
+        Obj::port("demo", "mine", "blue"),
+    ])
+    .await;
     // Twelve creates and twelve updates of existing servers, all at once.
     for i in 0..12 {
         c.create(&Obj::server("demo", &format!("old-{i}")))
@@ -281,15 +280,12 @@ async fn of_many_servers_naming_one_free_port_at_once_exactly_one_gets_it() {
 #[tokio::test]
 async fn a_port_made_anew_under_a_claimed_name_is_free() {
     let c = Cloud::with_demo().await;
-    c.create(&Obj::network("demo", "blue"))
-        .await
-        .expect("network");
-    c.create(&Obj::port("demo", "mine", "blue"))
-        .await
-        .expect("port");
-    c.create(&Obj::server_on_port("demo", "web", "mine"))
-        .await
-        .expect("web");
+    c.create_all(&[
+        Obj::network("demo", "blue"),
+        Obj::port("demo", "mine", "blue"),
+        Obj::server_on_port("demo", "web", "mine"),
+    ])
+    .await;
     assert_eq!(c.port_claim("demo", "mine").await, "web");
     // Deleted and made again: web still names it, but its claim went with the old Port.
     c.delete("Port", Some("demo"), "mine", "")
@@ -320,15 +316,12 @@ async fn a_port_made_anew_under_a_claimed_name_is_free() {
 #[tokio::test]
 async fn a_deleted_server_leaves_its_port_free() {
     let c = Cloud::with_demo().await;
-    c.create(&Obj::network("demo", "blue"))
-        .await
-        .expect("network");
-    c.create(&Obj::port("demo", "mine", "blue"))
-        .await
-        .expect("port");
-    c.create(&Obj::server_on_port("demo", "web", "mine"))
-        .await
-        .expect("web");
+    c.create_all(&[
+        Obj::network("demo", "blue"),
+        Obj::port("demo", "mine", "blue"),
+        Obj::server_on_port("demo", "web", "mine"),
+    ])
+    .await;
     refused_naming(
         c.create(&Obj::server_on_port("demo", "db", "mine")).await,
         409,
@@ -356,12 +349,11 @@ async fn a_deleted_server_leaves_its_port_free() {
 #[tokio::test]
 async fn a_port_named_before_it_exists_is_reserved_and_claimed_at_its_create() {
     let c = Cloud::with_demo().await;
-    c.create(&Obj::network("demo", "blue"))
-        .await
-        .expect("network");
-    c.create(&Obj::server_on_port("demo", "web", "later"))
-        .await
-        .expect("web");
+    c.create_all(&[
+        Obj::network("demo", "blue"),
+        Obj::server_on_port("demo", "web", "later"),
+    ])
+    .await;
     let e = refused_naming(
         c.create(&Obj::server_on_port("demo", "db", "later")).await,
         409,

@@ -414,6 +414,15 @@ impl Cloud {
             .expect("report capacity");
     }
 
+    /// Creates each object in turn; panics on the first refused, naming it.
+    pub async fn create_all(&self, objs: &[Obj]) {
+        for o in objs {
+            if let Err(e) = self.create(o).await {
+                panic!("create {} {}: {e:?}", o.kind(), o.0["metadata"]["name"]);
+            }
+        }
+    }
+
     /// The name of the Server whose claim Port `name` of project `ns` carries ("" when none).
     pub async fn port_claim(&self, ns: &str, name: &str) -> String {
         let p = self.get("Port", Some(ns), name).await.expect("port");

@@ -247,15 +247,12 @@ async fn bind(c: &Cloud, port: &str, server: &str) {
 #[tokio::test]
 async fn a_port_bound_to_a_server_that_is_gone_is_claimed_at_once() {
     let (_etcd, c) = crate::api::etcd::cloud().await;
-    c.create(&Obj::network("demo", "blue"))
-        .await
-        .expect("network");
-    c.create(&Obj::port("demo", "p", "blue"))
-        .await
-        .expect("port");
-    c.create(&Obj::server_on_port("demo", "a", "p"))
-        .await
-        .expect("server a");
+    c.create_all(&[
+        Obj::network("demo", "blue"),
+        Obj::port("demo", "p", "blue"),
+        Obj::server_on_port("demo", "a", "p"),
+    ])
+    .await;
     bind(&c, "p", "a").await;
     // While a exists the port is its guest's: b waits (409 naming the field).
     refused_naming(
@@ -295,12 +292,8 @@ async fn a_port_bound_to_a_server_that_is_gone_is_claimed_at_once() {
 #[tokio::test]
 async fn a_port_bound_to_a_server_being_deleted_is_not_claimed() {
     let (_etcd, c) = crate::api::etcd::cloud().await;
-    c.create(&Obj::network("demo", "blue"))
-        .await
-        .expect("network");
-    c.create(&Obj::port("demo", "p", "blue"))
-        .await
-        .expect("port");
+    c.create_all(&[Obj::network("demo", "blue"), Obj::port("demo", "p", "blue")])
+        .await;
     // A finalizer holds a (as the compute agent's holds a placed server until its guest is
     // torn down).
     c.create(&Obj::server_on_port("demo", "a", "p").finalizer("example.com/hold"))
