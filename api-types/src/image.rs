@@ -159,6 +159,11 @@ pub struct ImageUpload {}
 /// The container uploaded images are kept in, in the image store's own account.
 pub const UPLOAD_CONTAINER: &str = "stratus-images";
 
+/// The finalizer of an Image whose data the API server keeps in the object store: set before
+/// the data is written there, removed (`DELETE images/NAME/data`, by the image controller)
+/// once the deleted Image's object is gone, so that no object outlives its Image.
+pub const DATA_FINALIZER: &str = "image.stratus.dev/stored-data";
+
 /// Where an uploaded Image's data is kept: an object of the image store's own account of the
 /// cloud's object store, which only the API server reads and writes.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -227,52 +232,6 @@ impl SwiftObject {
             out.push(("object", "must not contain control characters".to_owned()));
         }
         out
-    }
-}
-
-/// What `POST images/NAME/token` answers: a short-lived token that reads the Image's
-/// project's object store account and nothing else, for the component fetching the Image.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct ImageToken {
-    /// `image.stratus.dev/v1`.
-    pub api_version: String,
-    /// `ImageToken`.
-    pub kind: String,
-    /// The token and where it applies.
-    pub status: ImageTokenStatus,
-}
-
-/// The token of an [`ImageToken`] (its `Debug` and `Display` leave the token out).
-#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct ImageTokenStatus {
-    /// Sent as `X-Auth-Token` to the object store; never put in a URL or a log.
-    pub token: String,
-    /// When the token stops working (RFC 3339).
-    pub expiration_timestamp: String,
-    /// The project's account in the object store (`.../v1/AUTH_<project uid>`).
-    pub account_url: String,
-}
-
-impl std::fmt::Debug for ImageTokenStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ImageTokenStatus")
-            .field("token", &"<redacted>")
-            .field("expiration_timestamp", &self.expiration_timestamp)
-            .field("account_url", &self.account_url)
-            .finish()
-    }
-}
-
-impl std::fmt::Display for ImageTokenStatus {
-    /// Everything but the token.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "token for {} until {}",
-            self.account_url, self.expiration_timestamp
-        )
     }
 }
 

@@ -1119,303 +1119,6 @@ async fn image(s: &Server, ns: &str, name: &str, source: Value, public: bool) ->
     .await
 }
 
-/// `POST images/NAME/token` in `ns` as `who`, with `body`.
-async fn image_token(s: &Server, who: &str, ns: &str, name: &str, body: Value) -> Answer {
-    let path = format!("/apis/image.stratus.dev/v1/namespaces/{ns}/images/{name}/token");
-    s.api(who, "POST", &path, &body).await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_image_token_reads_its_images_project_only_for_whoever_fetches_it() {
-    let s = server().await;
-    s.setup(&["p1", "p2"], &[("alice", "p1")]).await;
-    let (p1, p2) = (s.project_uid("p1").await, s.project_uid("p2").await);
-    let swift = json!({"swift": {"container": "images", "object": "disk.raw"}});
-    image(&s, "p1", "disk", swift.clone(), false).await;
-    image(&s, "p2", "shared", swift.clone(), true).await;
-    image(
-        &s,
-        "p1",
-        "web",
-        json!({"url": "https://example.org/d.raw"}),
-        false,
-    )
-    .await;
-
-    // The controllers (a system identity) get one: the token in the body only, for the
-    // project's account.
-    let a = image_token(&s, ADMIN, "p1", "disk", json!({})).await;
-    assert_eq!(a.code, 201, "{}", a.body);
-    assert_eq!(a.body["kind"], "ImageToken");
-    let st = &a.body["status"];
-    assert_eq!(
-        st["accountUrl"],
-        json!(format!("http://127.0.0.1:8080/v1/AUTH_{p1}"))
-    );
-    let token = st["token"].as_str().expect("a token").to_string();
-    let expires: jiff::Timestamp = st["expirationTimestamp"]
-        .as_str()
-        .and_then(|t| t.parse().ok())
-        .expect("an RFC 3339 expiry");
-    let left = expires.as_second() - jiff::Timestamp::now().as_second();
-    assert!(
-        (590..=600).contains(&left),
-        "valid minutes, not hours: {left} s"
-    );
-
-    // The proxy sees a token of p1 with the reader role alone: keystoneauth's
-    // project_reader_roles, so it reads p1's account and writes nothing; no operator role,
-    // never ResellerAdmin (which would reach every account).
-    let v = s.validate(Some(PROXY), &token).await;
-    assert_eq!(v.code, 200, "{}", v.body);
-    assert_eq!(v.body["token"]["project"]["id"], json!(p1));
-    assert_eq!(
-        v.body["token"]["roles"],
-        json!([{"id": "reader", "name": "reader"}])
-    );
-    assert_ne!(v.body["token"]["project"]["id"], json!(p2));
-
-    // It is no credential for the Stratus API, not even for reading the Image.
-    let get = s
-        .api(
-            &token,
-            "GET",
-            "/apis/image.stratus.dev/v1/namespaces/p1/images/disk",
-            &Value::Null,
-        )
-        .await;
-    assert_eq!(get.code, 401, "{}", get.body);
-    // Nor can it ask for another token.
-    assert_eq!(
-        image_token(&s, &token, "p1", "disk", json!({})).await.code,
-        401
-    );
-
-    // Users (even the project's members), the proxy, and a node with nothing made from the
-    // Image get none: not even for a public image the node may read, for the token would
-    // read the whole account of the image's project.
-    let alice = s.token("alice", "p1").await;
-    for (who, ns, name) in [
-        (alice.as_str(), "p1", "disk"),
-        (PROXY, "p1", "disk"),
-        (NODE, "p1", "disk"),
-        (NODE, "p2", "shared"),
-    ] {
-        let r = image_token(&s, who, ns, name, json!({})).await;
-        assert_eq!(r.code, 403, "{who} {ns}/{name}: {}", r.body);
-        assert_eq!(r.body["kind"], "Status");
-    }
-    // A node may read the public image all the same (the node authorizer), but no token.
-    let read = s
-        .api(
-            NODE,
-            "GET",
-            "/apis/image.stratus.dev/v1/namespaces/p2/images/shared",
-            &Value::Null,
-        )
-        .await;
-    assert_eq!(read.code, 200, "{}", read.body);
-
-    // Bad requests: 4xx naming what is wrong.
-    let url_image = image_token(&s, ADMIN, "p1", "web", json!({})).await;
-    assert_eq!(url_image.code, 400, "{}", url_image.body);
-    assert!(
-        url_image.body["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("spec.source.swift")
-    );
-    assert_eq!(
-        image_token(&s, ADMIN, "p1", "nope", json!({})).await.code,
-        404
-    );
-    for bad in [json!(0), json!(601), json!("60"), json!(-5)] {
-        let r = image_token(
-            &s,
-            ADMIN,
-            "p1",
-            "disk",
-            json!({"spec": {"expirationSeconds": bad}}),
-        )
-        .await;
-        assert_eq!(r.code, 400, "{bad}: {}", r.body);
-        assert_eq!(
-            r.body["details"]["causes"][0]["field"],
-            "spec.expirationSeconds"
-        );
-    }
-    let get_token = s
-        .api(
-            ADMIN,
-            "GET",
-            "/apis/image.stratus.dev/v1/namespaces/p1/images/disk/token",
-            &Value::Null,
-        )
-        .await;
-    assert_eq!(get_token.code, 405);
-
-    // Expired: refused by the identity endpoints.
-    let short = image_token(
-        &s,
-        ADMIN,
-        "p1",
-        "disk",
-        json!({"spec": {"expirationSeconds": 1}}),
-    )
-    .await;
-    assert_eq!(short.code, 201, "{}", short.body);
-    let short = short.body["status"]["token"]
-        .as_str()
-        .expect("token")
-        .to_string();
-    assert_eq!(s.validate(Some(PROXY), &short).await.code, 200);
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    assert_eq!(s.validate(Some(PROXY), &short).await.code, 404);
-
-    // A token is bound to its Image by uid: once the Image is deleted (and another made with
-    // its name), it reads nothing.
-    s.admin(
-        "DELETE",
-        "/apis/image.stratus.dev/v1/namespaces/p1/images/disk",
-        Value::Null,
-    )
-    .await;
-    assert_eq!(s.validate(Some(PROXY), &token).await.code, 404);
-    image(&s, "p1", "disk", swift, false).await;
-    assert_eq!(s.validate(Some(PROXY), &token).await.code, 404);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cloud_without_an_object_store_issues_no_image_token() {
-    let s = server_with(|c| c.object_store_url = None).await;
-    s.setup(&["p1"], &[]).await;
-    image(
-        &s,
-        "p1",
-        "disk",
-        json!({"swift": {"container": "images", "object": "disk.raw"}}),
-        false,
-    )
-    .await;
-    let r = image_token(&s, ADMIN, "p1", "disk", json!({})).await;
-    assert_eq!(r.code, 503, "{}", r.body);
-    assert!(
-        r.body["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("object store")
-    );
-}
-
-/// Node `n1` registered with room for a server, and flavor `small`.
-async fn hypervisor_n1(s: &Server) {
-    s.admin(
-        "POST",
-        "/apis/compute.stratus.dev/v1/flavors",
-        json!({"apiVersion": "compute.stratus.dev/v1", "kind": "Flavor", "metadata": {"name": "small"},
-               "spec": {"vcpus": 1, "ramMiB": 512, "diskGiB": 1}}),
-    )
-    .await;
-    let path = "/apis/compute.stratus.dev/v1/hypervisors/n1";
-    s.admin(
-        "POST",
-        "/apis/compute.stratus.dev/v1/hypervisors",
-        json!({"apiVersion": "compute.stratus.dev/v1", "kind": "Hypervisor", "metadata": {"name": "n1"},
-               "spec": {"cpuAllocationRatio": 1.0, "ramAllocationRatio": 1.0, "reservedHostMemoryMiB": 0}}),
-    )
-    .await;
-    let mut hv = s.admin("GET", path, Value::Null).await;
-    hv["status"] = json!({"capacity": {"vcpus": 4, "ramMiB": 4096, "diskGiB": 100}});
-    s.admin("PUT", &format!("{path}/status"), hv).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_gets_an_image_token_only_while_a_server_placed_on_it_boots_the_image() {
-    let s = server().await;
-    s.setup(&["p2"], &[]).await;
-    let p2 = s.project_uid("p2").await;
-    let swift = json!({"swift": {"container": "images", "object": "disk.raw"}});
-    image(&s, "p2", "shared", swift.clone(), true).await;
-    image(&s, "p2", "other", swift, true).await;
-    hypervisor_n1(&s).await;
-    assert_eq!(
-        image_token(&s, NODE, "p2", "shared", json!({})).await.code,
-        403,
-        "public, but nothing on the node is made from it"
-    );
-    let servers = "/apis/compute.stratus.dev/v1/namespaces/p2/servers";
-    s.admin(
-        "POST",
-        servers,
-        json!({"apiVersion": "compute.stratus.dev/v1", "kind": "Server", "metadata": {"name": "web"},
-               "spec": {"flavor": "small", "image": "shared"}}),
-    )
-    .await;
-    // Made, not yet placed: still none.
-    assert_eq!(
-        image_token(&s, NODE, "p2", "shared", json!({})).await.code,
-        403
-    );
-    s.admin(
-        "POST",
-        &format!("{servers}/web/binding"),
-        json!({"target": {"name": "n1"}}),
-    )
-    .await;
-    let r = image_token(&s, NODE, "p2", "shared", json!({})).await;
-    assert_eq!(r.code, 201, "{}", r.body);
-    let token = r.body["status"]["token"]
-        .as_str()
-        .expect("token")
-        .to_string();
-    let v = s.validate(Some(PROXY), &token).await;
-    assert_eq!(v.code, 200, "{}", v.body);
-    assert_eq!(v.body["token"]["project"]["id"], json!(p2));
-    // Only for the image its server boots, not another public one of the same project.
-    let other = image_token(&s, NODE, "p2", "other", json!({})).await;
-    assert_eq!(other.code, 403, "{}", other.body);
-    assert!(
-        other.body["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("no server or volume placed on it"),
-        "{}",
-        other.body
-    );
-
-    // Revoked (by the proxy, a service identity), the token holds no more; another one does.
-    let again = image_token(&s, ADMIN, "p2", "shared", json!({})).await;
-    let again = again.body["status"]["token"]
-        .as_str()
-        .expect("token")
-        .to_string();
-    assert_eq!(s.revoke(PROXY, &token).await, 204);
-    assert_eq!(s.validate(Some(PROXY), &token).await.code, 404);
-    assert_eq!(s.revoke(PROXY, &token).await, 404, "revoked already");
-    assert_eq!(s.validate(Some(PROXY), &again).await.code, 200);
-
-    // Once the server is gone from the node, the node gets no more.
-    s.admin("DELETE", &format!("{servers}/web"), Value::Null)
-        .await;
-    let mut gone = 0;
-    for _ in 0..100 {
-        gone = image_token(&s, NODE, "p2", "shared", json!({})).await.code;
-        if gone == 403 {
-            break;
-        }
-        // The compute agent's finalizer holds a deleted server until it is torn down.
-        let path = format!("{servers}/web");
-        let w = s.api(ADMIN, "GET", &path, &Value::Null).await;
-        if w.code == 200 {
-            let mut w = w.body;
-            w["metadata"]["finalizers"] = json!([]);
-            s.api(ADMIN, "PUT", &path, &w).await;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(gone, 403);
-}
-
 // ---------------------------------------------------------------------------------------------
 // images/NAME/data
 
@@ -1552,6 +1255,7 @@ async fn image_data_is_uploaded_and_read_only_by_whoever_may() {
     let r = get_data(&s, &alice, "p1", "web").await;
     assert_eq!(r.code, 400, "{}", r.body);
     assert_eq!(r.body["details"]["causes"][0]["field"], "spec.source");
+    // An image's data goes with the image, removed for it by the system alone.
     let r = s
         .api(
             &alice,
@@ -1560,7 +1264,7 @@ async fn image_data_is_uploaded_and_read_only_by_whoever_may() {
             &Value::Null,
         )
         .await;
-    assert_eq!(r.code, 405, "{}", r.body);
+    assert_eq!(r.code, 403, "{}", r.body);
 }
 
 /// Data that is too large, is not what the Image declares, names a backing file or does not
@@ -1731,19 +1435,7 @@ async fn a_second_upload_of_an_image_is_a_conflict() {
 
     // An Active image (as an upload leaves it) takes no new data.
     let path = "/apis/image.stratus.dev/v1/namespaces/p1/images/disk/status";
-    let r = s
-        .call(
-            "PATCH",
-            path,
-            &[
-                ("Authorization", &format!("Bearer {ADMIN}")),
-                ("Content-Type", "application/merge-patch+json"),
-            ],
-            json!({"status": {"phase": "Active"}})
-                .to_string()
-                .as_bytes(),
-        )
-        .await;
+    let r = merge_patch(&s, path, json!({"status": {"phase": "Active"}})).await;
     assert_eq!(r.code, 200, "{}", r.body);
     let again = put_data(&s, &alice, "p1", "disk", octets, &data).await;
     assert_eq!(again.code, 409, "{}", again.body);
@@ -1756,11 +1448,30 @@ async fn a_second_upload_of_an_image_is_a_conflict() {
     );
 }
 
+/// A merge patch of `path` by the admin.
+async fn merge_patch(s: &Server, path: &str, body: Value) -> Answer {
+    let auth = format!("Bearer {ADMIN}");
+    let headers = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "application/merge-patch+json"),
+    ];
+    s.call("PATCH", path, &headers, body.to_string().as_bytes())
+        .await
+}
+
 /// An API server whose object store is not there, with project p1 and its member alice
 /// (whose token comes with it).
 async fn unstored() -> (Server, String) {
-    let s = server_with(|c| c.object_store_url = Some(format!("http://127.0.0.1:{}", free_port())))
-        .await;
+    unstored_with(|_| {}).await
+}
+
+/// [`unstored`], its configuration changed by `tune` first.
+async fn unstored_with(tune: impl FnOnce(&mut stratus_apiserver::Config)) -> (Server, String) {
+    let s = server_with(|c| {
+        c.object_store_url = Some(format!("http://127.0.0.1:{}", free_port()));
+        tune(c);
+    })
+    .await;
     s.setup(&["p1"], &[("alice", "p1")]).await;
     let alice = s.token("alice", "p1").await;
     (s, alice)
@@ -1798,17 +1509,12 @@ async fn an_upload_never_overwrites_an_active_or_recreated_image() {
     let mut c = upload_under_way(&s, &alice, "p1", "disk", &data).await;
     let active = json!({"phase": "Active", "sizeBytes": 1234, "sha256": "a".repeat(64),
                         "stored": {"container": "elsewhere", "object": "kept"}});
-    let r = s
-        .call(
-            "PATCH",
-            "/apis/image.stratus.dev/v1/namespaces/p1/images/disk/status",
-            &[
-                ("Authorization", &format!("Bearer {ADMIN}")),
-                ("Content-Type", "application/merge-patch+json"),
-            ],
-            json!({ "status": active }).to_string().as_bytes(),
-        )
-        .await;
+    let r = merge_patch(
+        &s,
+        "/apis/image.stratus.dev/v1/namespaces/p1/images/disk/status",
+        json!({ "status": active }),
+    )
+    .await;
     assert_eq!(r.code, 200, "{}", r.body);
     c.write_all(&data[1024..]).await.expect("send the rest");
     let r = answer(&mut c).await;
@@ -1876,4 +1582,178 @@ async fn image_uploads_leave_no_lease_behind() {
     held.write_all(&data[1024..]).await.expect("send the rest");
     assert_eq!(answer(&mut held).await.code, 503);
     leases_at_most(&s, before).await;
+}
+
+/// Image uploads and downloads have places of their own: a slow upload holds none of the
+/// writes' (a create goes through with one mutating place), and past the transfers' limit
+/// another upload is 429 with Retry-After. An upload slower than the minimum rate is cut off
+/// with 408 within a couple of windows, not after the minute of silence an upload may keep,
+/// and its place is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_transfers_have_their_own_places_and_a_minimum_rate() {
+    let window = Duration::from_secs(4);
+    let (s, alice) = unstored_with(|c| {
+        c.limits.max_mutating_requests_inflight = 1;
+        c.limits.max_image_transfers = 1;
+        c.limits.image_min_rate = stratus_apiserver::http::limits::MinRate {
+            bytes_per_second: 64 * 1024,
+            window,
+        };
+    })
+    .await;
+    upload_image(&s, "p1", "slow", "raw", json!({})).await;
+    upload_image(&s, "p1", "other", "raw", json!({})).await;
+    let data = vec![1u8; 512 * 1024];
+    let started = std::time::Instant::now();
+    let mut slow = upload_under_way(&s, &alice, "p1", "slow", &data).await;
+
+    // The only mutating place is free for writes.
+    let r = s
+        .api(
+            ADMIN,
+            "POST",
+            "/apis/image.stratus.dev/v1/namespaces/p1/images",
+            &json!({"apiVersion": "image.stratus.dev/v1", "kind": "Image", "metadata": {"name": "made"},
+                    "spec": {"diskFormat": "raw", "source": {"upload": {}}}}),
+        )
+        .await;
+    assert_eq!(r.code, 201, "{}", r.body);
+    // The only transfer place is not.
+    let r = put_data(&s, &alice, "p1", "other", "application/octet-stream", &data).await;
+    assert_eq!(r.code, 429, "{}", r.body);
+    assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
+
+    // 1 KiB in a window that needs 256: cut off.
+    let r = answer(&mut slow).await;
+    assert_eq!(r.code, 408, "{}", r.body);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("too slow")),
+        "{}",
+        r.body
+    );
+    let took = started.elapsed();
+    assert!(took < window * 4, "cut off after {took:?}");
+    let image = read_image(&s, "p1", "slow").await;
+    assert_eq!(
+        reason(&image, "Ready"),
+        "AwaitingUpload",
+        "{}",
+        image["status"]
+    );
+    // Its place is free: the next upload is served (and meets the missing object store).
+    let r = put_data(&s, &alice, "p1", "other", "application/octet-stream", &data).await;
+    assert_eq!(r.code, 503, "{}", r.body);
+}
+
+/// What uploads stage on disk is bounded in all: an upload that could never fit is 507 before
+/// anything is read; one that does not fit beside another under way is 429 with Retry-After,
+/// and fits once the other is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_uploads_are_bounded_in_all() {
+    let (s, alice) = unstored_with(|c| c.image_staging_max_bytes = 64 * 1024).await;
+    let octets = "application/octet-stream";
+    for name in ["a", "b", "huge"] {
+        upload_image(&s, "p1", name, "raw", json!({})).await;
+    }
+    let r = put_data(&s, &alice, "p1", "huge", octets, &vec![0u8; 65 * 1024]).await;
+    assert_eq!(r.code, 507, "{}", r.body);
+    let huge = read_image(&s, "p1", "huge").await;
+    assert_eq!(huge["status"]["phase"], Value::Null, "{}", huge["status"]);
+
+    let data = vec![2u8; 40 * 1024];
+    let mut a = upload_under_way(&s, &alice, "p1", "a", &data).await;
+    let r = put_data(&s, &alice, "p1", "b", octets, &data).await;
+    assert_eq!(r.code, 429, "{}", r.body);
+    assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
+    a.write_all(&data[1024..]).await.expect("send the rest");
+    assert_eq!(answer(&mut a).await.code, 503);
+    // The room is given back: b is staged (and meets the missing object store).
+    let r = put_data(&s, &alice, "p1", "b", octets, &data).await;
+    assert_eq!(r.code, 503, "{}", r.body);
+}
+
+/// Once Active, what an Image's data is cannot change: its source, format and checksum are
+/// 422 naming the field; its visibility may change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_images_data_fields_are_immutable() {
+    let (s, _) = unstored().await;
+    upload_image(&s, "p1", "disk", "raw", json!({})).await;
+    let path = "/apis/image.stratus.dev/v1/namespaces/p1/images/disk";
+    // Before it is Active, the format may still be corrected.
+    let r = merge_patch(&s, path, json!({"spec": {"diskFormat": "qcow2"}})).await;
+    assert_eq!(r.code, 200, "{}", r.body);
+    let r = merge_patch(
+        &s,
+        &format!("{path}/status"),
+        json!({"status": {"phase": "Active"}}),
+    )
+    .await;
+    assert_eq!(r.code, 200, "{}", r.body);
+    for (spec, field) in [
+        (json!({"diskFormat": "raw"}), "spec.diskFormat"),
+        (json!({"sha256": "a".repeat(64)}), "spec.sha256"),
+        (
+            json!({"source": {"upload": null, "url": "https://example.org/d.raw"}}),
+            "spec.source",
+        ),
+        (json!({"containerFormat": "aki"}), "spec.containerFormat"),
+    ] {
+        let r = merge_patch(&s, path, json!({ "spec": spec })).await;
+        assert_eq!(r.code, 422, "{spec}: {}", r.body);
+        assert_eq!(r.body["details"]["causes"][0]["field"], field, "{}", r.body);
+    }
+    let r = merge_patch(&s, path, json!({"spec": {"visibility": "public"}})).await;
+    assert_eq!(r.code, 200, "{}", r.body);
+    let disk = read_image(&s, "p1", "disk").await;
+    assert_eq!(disk["spec"]["diskFormat"], "qcow2", "{}", disk["spec"]);
+}
+
+/// The data of a deleted Image is removed for it by the system alone, never while the Image
+/// lives or an upload is under way, and its finalizer stays until the object store has
+/// removed it; a deleting Image takes no upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_images_data_finalizer_stays_until_its_data_is_removed() {
+    let (s, alice) = unstored().await;
+    let octets = "application/octet-stream";
+    upload_image(&s, "p1", "disk", "raw", json!({})).await;
+    let path = "/apis/image.stratus.dev/v1/namespaces/p1/images/disk";
+    let data_path = format!("{path}/data");
+    let mut disk = read_image(&s, "p1", "disk").await;
+    disk["metadata"]["finalizers"] = json!(["image.stratus.dev/stored-data"]);
+    s.admin("PUT", path, disk).await;
+
+    // A live Image's data is not removed.
+    let r = s.api(ADMIN, "DELETE", &data_path, &Value::Null).await;
+    assert_eq!(r.code, 409, "{}", r.body);
+
+    // While an upload is under way, not even a deleting Image's.
+    let data = vec![4u8; 8192];
+    let mut c = upload_under_way(&s, &alice, "p1", "disk", &data).await;
+    s.admin("DELETE", path, Value::Null).await;
+    let r = s.api(ADMIN, "DELETE", &data_path, &Value::Null).await;
+    assert_eq!(r.code, 409, "{}", r.body);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("upload")),
+        "{}",
+        r.body
+    );
+    // That upload ends refused (the image is going), and no new one starts.
+    c.write_all(&data[1024..]).await.expect("send the rest");
+    assert_eq!(answer(&mut c).await.code, 409);
+    let r = put_data(&s, &alice, "p1", "disk", octets, &data).await;
+    assert_eq!(r.code, 409, "{}", r.body);
+
+    // The object store is not there: the finalizer stays, and the Image with it.
+    let r = s.api(ADMIN, "DELETE", &data_path, &Value::Null).await;
+    assert_eq!(r.code, 503, "{}", r.body);
+    let disk = read_image(&s, "p1", "disk").await;
+    assert_eq!(
+        disk["metadata"]["finalizers"],
+        json!(["image.stratus.dev/stored-data"]),
+        "{disk}"
+    );
 }

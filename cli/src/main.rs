@@ -3,6 +3,7 @@
 mod agent;
 mod client;
 mod controllers;
+mod image;
 mod image_policy;
 mod kubeconfig;
 mod pki;
@@ -106,6 +107,9 @@ enum Command {
         #[command(flatten)]
         args: client::DiffArgs,
     },
+    /// Image data: `stratus image upload NAME FILE` sends a disk image's data.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// Issue certificates from the cloud's CAs (on the machine `stratus up` keeps them on).
     #[command(subcommand)]
     Pki(pki::PkiCommand),
@@ -220,6 +224,7 @@ async fn main() -> Result<()> {
         Command::Console { client, args } => client::console(&client, args).await,
         Command::Evacuate { client, names } => client::evacuate(&client, &names).await,
         Command::Pki(c) => pki::run(c),
+        Command::Image(c) => image::run(c).await,
         Command::Diff { client, args } => {
             if client::diff(&client, args).await? {
                 std::process::exit(1);

@@ -32,6 +32,22 @@ pub struct ServingArgs {
     /// Seconds a connection may stay open with no request.
     #[arg(long, default_value_t = 90)]
     pub idle_timeout_seconds: u64,
+    /// Image data uploads and downloads (`images/NAME/data`) served at once, apart from the
+    /// in-flight limits; more are answered 429.
+    #[arg(long, default_value_t = 16)]
+    pub max_image_transfers: usize,
+    /// The slowest an image upload or download may be, in KiB/s averaged over
+    /// `--image-transfer-window-seconds`; a slower one is cut off (0: no minimum).
+    #[arg(long, default_value_t = 32)]
+    pub image_min_transfer_kib_per_second: u64,
+    /// The window `--image-min-transfer-kib-per-second` is averaged over, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub image_transfer_window_seconds: u64,
+    /// MiB of image uploads staged on the server's disk at once, in all (each is kept whole
+    /// until inspected and stored); past it, uploads are answered 429, and one larger than it
+    /// 507.
+    #[arg(long, default_value_t = 16384)]
+    pub image_staging_max_mib: u64,
     /// Failed logins in a row from one source (an IPv4 address or an IPv6 /64) after which a
     /// user is locked out for that source (0: never), as Keystone's `lockout_failure_attempts`.
     #[arg(long, default_value_t = 6)]
@@ -89,6 +105,12 @@ impl ServingArgs {
         l.header_read_timeout = s(self.header_read_timeout_seconds.max(1));
         l.tls_handshake_timeout = s(self.tls_handshake_timeout_seconds.max(1));
         l.idle_timeout = s(self.idle_timeout_seconds.max(1));
+        l.max_image_transfers = self.max_image_transfers.max(1);
+        l.image_min_rate = stratus_apiserver::http::limits::MinRate {
+            bytes_per_second: self.image_min_transfer_kib_per_second.saturating_mul(1024),
+            window: s(self.image_transfer_window_seconds.max(1)),
+        };
+        config.image_staging_max_bytes = self.image_staging_max_mib.saturating_mul(1 << 20);
         let p = &mut config.login;
         p.lockout_failure_attempts = self.lockout_failure_attempts;
         p.lockout_duration = s(self.lockout_duration_seconds);
@@ -136,6 +158,10 @@ mod tests {
         assert_eq!(config.limits, defaults.limits);
         assert_eq!(config.login, defaults.login);
         assert_eq!(config.identity_rate, defaults.identity_rate);
+        assert_eq!(
+            config.image_staging_max_bytes,
+            defaults.image_staging_max_bytes
+        );
         let cli = Cli::try_parse_from([
             "x",
             "--lockout-failure-attempts",

@@ -5,7 +5,10 @@
 //! verify and inspect what they cache. An Image kept in the object store (`source.swift`) is
 //! read through the API server (`images/NAME/data`), which reads it with a short-lived
 //! read-only token of the Image's project, so it can only name its own project's objects.
-//! An uploaded Image (`source.upload`) is the API server's: its upload verifies it.
+//! An uploaded Image (`source.upload`) is the API server's: its upload verifies it and keeps
+//! its data in the object store; once such an Image is deleted, the controller has the API
+//! server remove that data (`DELETE images/NAME/data`), which releases the Image's
+//! [`DATA_FINALIZER`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,7 +20,7 @@ use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use stratus_api_types::common::{ConditionType, Reason};
-use stratus_api_types::image::{DiskFormat, Image, ImagePhase};
+use stratus_api_types::image::{DATA_FINALIZER, DiskFormat, Image, ImagePhase};
 use stratus_image_cache::{CachedImage, Format, ImageCache, ImageError, Policy, Unsafe};
 use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
@@ -60,6 +63,16 @@ async fn reconcile(image: Arc<Image>, ctx: Arc<Ctx>) -> Result<Action, ImagesErr
 }
 
 async fn verify(image: &Image, ctx: &Ctx) -> Result<Action, ImagesError> {
+    // The data the API server keeps goes with its Image; the finalizer is the API server's
+    // to drop once the data is gone (an upload under way is a 409: tried again).
+    if stratus_runtime::finalizer::stage(image, DATA_FINALIZER)
+        == stratus_runtime::finalizer::Stage::Cleanup
+    {
+        stratus_runtime::image_token::remove_data(&ctx.client, image)
+            .await
+            .map_err(ImagesError::Api)?;
+        return Ok(Action::await_change());
+    }
     let generation = image.metadata.generation;
     let current = image.status.clone().unwrap_or_default();
     // A verified image, or one whose data is wrong, is done until its spec changes; a failed

@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ring::digest::{Context, SHA256};
-use stratus_api_types::image::{ImageSource, ImageTokenStatus};
+use stratus_api_types::image::ImageSource;
 
 pub use inspect::{Format, InspectError, Unsafe};
 pub use policy::{AddressClass, HostRule, HostRuleError, Policy, Refusal};
@@ -274,32 +274,6 @@ impl ObjectSource<'_> {
     }
 }
 
-/// Where an Image's data is: a URL under the policy, or an object of the cloud's object store.
-#[derive(Debug, Clone, Copy)]
-pub enum Origin<'a> {
-    /// A URL (`source.url`).
-    Url(&'a str),
-    /// An object read with a token (`source.swift`).
-    Object(ObjectSource<'a>),
-}
-
-/// Where the data of an Image with `source` is, given the token asked for it
-/// (`stratus_runtime::image_token`; without one, its URL).
-pub fn image_origin<'a>(
-    source: &'a ImageSource,
-    token: Option<&'a ImageTokenStatus>,
-) -> Origin<'a> {
-    match (&source.swift, token) {
-        (Some(swift), Some(token)) => Origin::Object(ObjectSource {
-            account_url: &token.account_url,
-            container: &swift.container,
-            object: &swift.object,
-            token: &token.token,
-        }),
-        _ => Origin::Url(source.url.as_deref().unwrap_or_default()),
-    }
-}
-
 /// Where an image comes from.
 enum Source {
     File(PathBuf),
@@ -432,28 +406,6 @@ impl ImageCache {
             &source,
             &object_index(object.container, object.object),
         )
-    }
-
-    /// [`fetch`](Self::fetch) or [`fetch_object`](Self::fetch_object), by `origin`.
-    ///
-    /// # Errors
-    /// As theirs.
-    pub fn fetch_origin(
-        &self,
-        uid: &str,
-        origin: Origin<'_>,
-        sha256: Option<&str>,
-        format: Format,
-    ) -> Result<CachedImage, ImageError> {
-        match origin {
-            Origin::Url(url) => self.fetch(&Request {
-                uid,
-                url,
-                sha256,
-                format,
-            }),
-            Origin::Object(object) => self.fetch_object(uid, &object, sha256, format),
-        }
     }
 
     /// Fetches `req` from `source`; `index` names its entry when no checksum is expected.

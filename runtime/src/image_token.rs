@@ -1,38 +1,33 @@
 //! An Image's data as the API server serves it (`GET images/NAME/data`: an uploaded image, or
-//! a `source.swift` object, read from the object store by the API server), and the token an
-//! Image's `source.swift` object was read with before (`POST images/NAME/token`).
+//! a `source.swift` object, read from the object store by the API server), and its removal
+//! with its Image (`DELETE images/NAME/data`).
 
 use std::io;
 
 use kube::Client;
-use kube::api::{Api, PostParams};
-use stratus_api_types::image::{Image, ImageToken, ImageTokenStatus};
+use stratus_api_types::image::Image;
 
-/// A short-lived read-only token of `image`'s project and its account's URL, when the Image
-/// is kept in the object store; `None` for an Image with a URL source.
+/// Removes the data the API server keeps of the deleted Image `image` from the object store,
+/// then the Image's data finalizer (`DELETE images/NAME/data`, for the controllers' identity).
+///
+/// # Guarantees
+/// Idempotent: an Image without the finalizer, or gone, is answered `Ok`.
 ///
 /// # Errors
-/// What the API server answers: 403 for a caller that may not fetch the Image (a node: no
-/// Server or Volume placed on it is made from it, whatever the Image's visibility), 503 for a
-/// cloud without an object store.
-pub async fn image_token(
-    client: &Client,
-    image: &Image,
-) -> Result<Option<ImageTokenStatus>, kube::Error> {
-    if image.spec.source.swift.is_none() {
-        return Ok(None);
-    }
+/// What the API server answers: 409 while an upload of the Image is under way (retry), 503
+/// when the object store does not delete.
+pub async fn remove_data(client: &Client, image: &Image) -> Result<(), kube::Error> {
     let ns = image.metadata.namespace.as_deref().unwrap_or_default();
     let name = image.metadata.name.as_deref().unwrap_or_default();
-    let token: ImageToken = Api::<Image>::namespaced(client.clone(), ns)
-        .create_subresource(
-            "token",
-            name,
-            &PostParams::default(),
-            &serde_json::Map::new(),
-        )
-        .await?;
-    Ok(Some(token.status))
+    let path = format!("/apis/image.stratus.dev/v1/namespaces/{ns}/images/{name}/data");
+    let request = http::Request::delete(path)
+        .body(Vec::new())
+        .map_err(kube::Error::HttpError)?;
+    match client.request_text(request).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Chunks of `images/NAME/data` in flight between the API server's stream and the blocking

@@ -14,6 +14,7 @@ pub mod binding;
 pub mod console;
 pub mod credentials;
 pub mod identity;
+pub mod images;
 pub mod lifecycle;
 pub mod network;
 pub mod object;
@@ -274,6 +275,7 @@ pub fn for_kind(group: &str, kind: &str) -> &'static [&'static dyn Admission] {
     static OBJECT_NODES: [&dyn Admission; 1] = [&object::ObjectNodes];
     static OBJECT_RINGS: [&dyn Admission; 1] = [&object::ObjectRings];
     static STORAGE_POOLS: [&dyn Admission; 1] = [&pools::StoragePools];
+    static IMAGES: [&dyn Admission; 1] = [&images::Images];
     match (group, kind) {
         ("identity.stratus.dev", "Project") => return &PROJECTS,
         ("identity.stratus.dev", "User") => return &USERS,
@@ -285,6 +287,7 @@ pub fn for_kind(group: &str, kind: &str) -> &'static [&'static dyn Admission] {
         (network::GROUP, "Router") => return &ROUTERS,
         (storage::GROUP, "Volume" | "VolumeSnapshot") => return &STORAGE,
         (storage::GROUP, "StoragePool") => return &STORAGE_POOLS,
+        ("image.stratus.dev", "Image") => return &IMAGES,
         _ => {}
     }
     match (binding::is_server(group, kind), quota::counted(group, kind)) {

@@ -234,6 +234,17 @@ impl ApiError {
         e
     }
 
+    /// 408: the client sent or read too slowly, and was cut off.
+    pub fn request_timeout(message: impl Into<String>) -> Self {
+        Self::new(408, "Timeout", message)
+    }
+
+    /// 507: the request needs more room than the server has for it at all (a retry cannot
+    /// help; a 429 says when one can).
+    pub fn insufficient_storage(message: impl Into<String>) -> Self {
+        Self::new(507, "InsufficientStorage", message)
+    }
+
     /// 503: the store cannot be reached; the client may retry.
     pub fn unavailable(message: impl Into<String>) -> Self {
         let mut e = Self::new(503, "ServiceUnavailable", message);

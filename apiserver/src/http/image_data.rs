@@ -18,11 +18,23 @@
 //!   with where it is, its checksum, size and format. A refused upload sets `Ready=False` and
 //!   `Verified=False` with the reason, and nothing else.
 //! - A download is for a caller who may read the Image (roles), a node a Server or Volume
-//!   placed on which is made from it, or a system identity.
+//!   placed on which is made from it, or a system identity. It is read from the object store
+//!   a chunk at a time on a blocking thread and handed on without one: a client that stops
+//!   reading holds no thread, and is cut off (its connection closed) once a window of the
+//!   transfer's minimum rate passes with too little read.
+//! - Uploads and downloads count against their own limit, not the in-flight ones
+//!   ([`crate::http::limits`]); each must keep the minimum rate (an upload is answered 408
+//!   otherwise). What uploads stage on disk is bounded in all ([`StagingRoom`]): past it, 429
+//!   while others hold the room, 507 for an upload that could never fit.
+//! - The object of an upload is written only once the Image carries [`DATA_FINALIZER`]; the
+//!   finalizer is removed (`DELETE images/NAME/data`, a system identity's, asked by the image
+//!   controller) only once its deleted Image's object is gone from the object store, and
+//!   never while an upload of the Image is under way. A deleted Image takes no upload.
 
 use std::io::Read as _;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, StatusCode, header};
@@ -30,13 +42,14 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use stratus_api_types::common::{ConditionType, Reason};
 use stratus_api_types::image::{
-    DiskFormat, Image, ImagePhase, ImageStatus, StoredObject, UPLOAD_CONTAINER,
+    DATA_FINALIZER, DiskFormat, Image, ImagePhase, ImageStatus, StoredObject, UPLOAD_CONTAINER,
 };
 use stratus_image_cache::store;
 use stratus_image_cache::{Format, ImageError, ObjectSource, Unsafe};
 
 use crate::base::error::{ApiError, ApiResult, Cause};
 use crate::base::meta;
+use crate::http::limits::{Cutoff, Pace};
 use crate::http::server::AppState;
 use crate::policy::authn::{Caller, Principal};
 use crate::policy::identity::{Claims, Scope, Verified};
@@ -106,15 +119,98 @@ pub(crate) fn is_upload(method: &Method, path: &str) -> bool {
     *method == Method::PUT && target(path).is_some()
 }
 
+/// What `images/NAME/data` is asked with.
+pub(crate) struct Request<'a> {
+    pub(crate) method: &'a Method,
+    pub(crate) headers: &'a HeaderMap,
+    /// Closes the request's connection (a download whose client stopped reading).
+    pub(crate) cutoff: Cutoff,
+}
+
+/// The room uploads are staged in: at most so many bytes at once, in all.
+#[derive(Debug)]
+pub(crate) struct StagingRoom {
+    max: u64,
+    used: Arc<AtomicU64>,
+}
+
+/// Bytes of the [`StagingRoom`] one upload holds, given back when dropped.
+#[derive(Debug)]
+struct Reservation {
+    used: Arc<AtomicU64>,
+    max: u64,
+    held: u64,
+}
+
+impl StagingRoom {
+    pub(crate) fn new(max: u64) -> Self {
+        Self {
+            max,
+            used: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Room for `bytes` of one upload.
+    ///
+    /// # Errors
+    /// 507 when `bytes` exceed the whole room; 429 when others hold what is missing.
+    fn reserve(&self, bytes: u64) -> ApiResult<Reservation> {
+        let mut r = Reservation {
+            used: Arc::clone(&self.used),
+            max: self.max,
+            held: 0,
+        };
+        r.grow_to(bytes)?;
+        Ok(r)
+    }
+}
+
+impl Reservation {
+    /// Holds room for `bytes` in all (more than held, or nothing).
+    fn grow_to(&mut self, bytes: u64) -> ApiResult<()> {
+        if bytes <= self.held {
+            return Ok(());
+        }
+        if bytes > self.max {
+            return Err(ApiError::insufficient_storage(format!(
+                "the image data ({bytes} bytes) is larger than the room this server stages uploads in ({} bytes)",
+                self.max
+            )));
+        }
+        let more = bytes - self.held;
+        let max = self.max;
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(more).filter(|u| *u <= max)
+            })
+            .map_err(|_| {
+                ApiError::too_many_requests(
+                    format!(
+                        "other uploads fill the room this server stages uploads in ({max} bytes): try again later"
+                    ),
+                    30,
+                )
+            })?;
+        self.held = bytes;
+        Ok(())
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.used.fetch_sub(self.held, Ordering::AcqRel);
+    }
+}
+
 /// Answers `images/NAME/data`.
 pub(crate) async fn serve(
     state: &AppState,
-    method: &Method,
+    request: &Request<'_>,
     (ns, name): (String, String),
-    headers: &HeaderMap,
     body: Body,
     caller: &Caller,
 ) -> ApiResult<Response> {
+    let (method, headers) = (request.method, request.headers);
     if !meta::is_dns1123_label(&ns) {
         return Err(ApiError::bad_request(format!(
             "invalid namespace \"{ns}\": must be a DNS-1123 label"
@@ -127,7 +223,8 @@ pub(crate) async fn serve(
     }
     match *method {
         Method::PUT => upload(state, &ns, &name, headers, body, caller).await,
-        Method::GET => download(state, &ns, &name, caller).await,
+        Method::GET => download(state, &ns, &name, caller, request.cutoff.clone()).await,
+        Method::DELETE => remove(state, &ns, &name, caller).await,
         ref m => Err(ApiError::method_not_allowed(format!(
             "{m} is not allowed on images/{name}/data: PUT uploads, GET downloads"
         ))),
@@ -238,7 +335,13 @@ async fn upload(
     }
     let base = object_store(state)?.to_owned();
     let (image, _) = read_image(state, ns, name).await?;
-    if image.spec.source.upload.is_none() {
+    if image.metadata.deletion_timestamp.is_some() {
+        return Err(deleting(name));
+    }
+    // The image controller stores a URL source's data it downloaded and verified.
+    let stores_url =
+        image.spec.source.url.is_some() && matches!(caller.principal(), Principal::System(_));
+    if image.spec.source.upload.is_none() && !stores_url {
         return Err(field(
             "spec.source",
             format!(
@@ -260,8 +363,10 @@ async fn upload(
         .uid
         .clone()
         .ok_or_else(|| ApiError::internal("a stored Image has no uid"))?;
+    // Room for what it says it sends, before anything is claimed or read.
+    let room = state.staging.reserve(declared.unwrap_or(0))?;
     // One upload at a time: a claim that goes with its lease if this server does.
-    let claim = format!("{}/_uploads/images/{uid}", state.api.prefix);
+    let claim = upload_claim(state, &uid);
     let store = &state.api.store;
     let lease = store
         .grant_lease(UPLOAD_DEADLINE.as_secs() as i64 + 60)
@@ -284,7 +389,7 @@ async fn upload(
     }
     tokio::time::timeout(
         UPLOAD_DEADLINE,
-        receive(state, ns, name, &uid, &base, body, caller),
+        receive(state, (ns, name, &uid), &base, body, room, caller),
     )
     .await
     .unwrap_or_else(|_| {
@@ -293,6 +398,20 @@ async fn upload(
             UPLOAD_DEADLINE.as_secs()
         )))
     })
+}
+
+/// The key of the claim an upload of the Image whose uid is `uid` holds.
+fn upload_claim(state: &AppState, uid: &str) -> String {
+    format!("{}/_uploads/images/{uid}", state.api.prefix)
+}
+
+fn deleting(name: &str) -> ApiError {
+    ApiError::conflict(
+        GROUP,
+        "images",
+        name,
+        "the image is being deleted and takes no data",
+    )
 }
 
 /// An upload's lease, ended (and so its claim released) when dropped, rather than left to
@@ -348,11 +467,10 @@ fn cache_format(format: DiskFormat) -> Format {
 /// writes it to the object store and records it: the upload once claimed.
 async fn receive(
     state: &AppState,
-    ns: &str,
-    name: &str,
-    uid: &str,
+    (ns, name, uid): (&str, &str, &str),
     base: &str,
     body: Body,
+    room: Reservation,
     caller: &Caller,
 ) -> ApiResult<Response> {
     let limit = state.config.image_max_bytes;
@@ -375,7 +493,11 @@ async fn receive(
     write_status(state, ns, name, uid, &status).await?;
     tracing::info!(caller = %caller.user, namespace = ns, image = name, "image upload started");
 
-    let staged = match stage(body, limit, image.spec.sha256.as_deref()).await {
+    let bounds = Bounds {
+        limit,
+        rate: state.config.limits.image_min_rate,
+    };
+    let staged = match stage(body, bounds, room, image.spec.sha256.as_deref()).await {
         Ok(s) => s,
         Err(Staging::Client(e)) => {
             restore(state, ns, name, uid, &image, None).await;
@@ -394,9 +516,9 @@ async fn receive(
         let e = ImageError::from(v);
         return Err(refused(state, ns, name, uid, &image, &e).await);
     }
-    // Nothing reaches the object store for an Image that is no longer this upload's.
-    let (now, _) = read_image(state, ns, name).await?;
-    still_open(&now, uid, name)?;
+    // Nothing reaches the object store for an Image that is no longer this upload's, nor
+    // before the Image holds the finalizer that removes it with the Image.
+    hold_data(state, ns, name, uid).await?;
 
     let (token, account) = store_account(state, base);
     let object = uid.to_owned();
@@ -540,6 +662,9 @@ fn still_open(image: &Image, uid: &str, name: &str) -> ApiResult<()> {
             "the image was deleted during the upload (one of its name now is another image)",
         ));
     }
+    if image.metadata.deletion_timestamp.is_some() {
+        return Err(deleting(name));
+    }
     if image
         .status
         .as_ref()
@@ -553,6 +678,128 @@ fn still_open(image: &Image, uid: &str, name: &str) -> ApiResult<()> {
         ));
     }
     Ok(())
+}
+
+/// Puts [`DATA_FINALIZER`] on the Image whose uid is `uid` while it is open to this upload
+/// (at its `resourceVersion`, tried again when another writer changed it first).
+async fn hold_data(state: &AppState, ns: &str, name: &str, uid: &str) -> ApiResult<()> {
+    for _ in 0..STATUS_RETRIES {
+        let (image, revision) = read_image(state, ns, name).await?;
+        still_open(&image, uid, name)?;
+        let mut finalizers = image.metadata.finalizers.clone().unwrap_or_default();
+        if finalizers.iter().any(|f| f == DATA_FINALIZER) {
+            return Ok(());
+        }
+        finalizers.push(DATA_FINALIZER.into());
+        match patch_finalizers(state, ns, name, uid, revision, &finalizers).await {
+            Err(e) if e.code == 409 && e.details.causes.is_empty() => continue,
+            other => return other.map(|_| ()),
+        }
+    }
+    Err(ApiError::conflict(
+        GROUP,
+        "images",
+        name,
+        "the image kept changing while the upload marked it as holding data",
+    ))
+}
+
+/// Writes `finalizers` as the Image's, at `revision` of the Image whose uid is `uid`.
+async fn patch_finalizers(
+    state: &AppState,
+    ns: &str,
+    name: &str,
+    uid: &str,
+    revision: i64,
+    finalizers: &[String],
+) -> ApiResult<Outcome> {
+    let patch = json!({
+        "metadata": {"uid": uid, "resourceVersion": revision.to_string(), "finalizers": finalizers},
+    });
+    patch_image(state, ns, name, None, &patch).await
+}
+
+/// `DELETE images/NAME/data`: a deleted Image's object removed from the object store, then
+/// its [`DATA_FINALIZER`]; for a system identity (the image controller) only.
+async fn remove(state: &AppState, ns: &str, name: &str, caller: &Caller) -> ApiResult<Response> {
+    if !matches!(caller.principal(), Principal::System(_)) {
+        return Err(ApiError::forbidden(format!(
+            "{} cannot delete images \"{name}\" data: it goes with its image (delete the image)",
+            caller.user
+        )));
+    }
+    let base = object_store(state)?.to_owned();
+    for _ in 0..STATUS_RETRIES {
+        let (image, revision) = read_image(state, ns, name).await?;
+        let finalizers = image.metadata.finalizers.clone().unwrap_or_default();
+        if !finalizers.iter().any(|f| f == DATA_FINALIZER) {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        if image.metadata.deletion_timestamp.is_none() {
+            return Err(ApiError::conflict(
+                GROUP,
+                "images",
+                name,
+                "the image is not being deleted: its data goes with it",
+            ));
+        }
+        let uid = image
+            .metadata
+            .uid
+            .clone()
+            .ok_or_else(|| ApiError::internal("a stored Image has no uid"))?;
+        if state
+            .api
+            .store
+            .get(&upload_claim(state, &uid))
+            .await
+            .map_err(ApiError::from)?
+            .is_some()
+        {
+            return Err(ApiError::conflict(
+                GROUP,
+                "images",
+                name,
+                "an upload of the image is under way: its data is removed once it ends",
+            ));
+        }
+        // Where the upload writes, whether or not its status says it wrote.
+        let (token, account) = store_account(state, &base);
+        let object = uid.clone();
+        let gone = tokio::task::spawn_blocking(move || {
+            store::delete(&ObjectSource {
+                account_url: &account,
+                container: UPLOAD_CONTAINER,
+                object: &object,
+                token: &token,
+            })
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("the delete in the object store failed: {e}")))?;
+        if let Err(e) = gone {
+            return Err(ApiError::unavailable(format!(
+                "the object store did not delete the image's data: {}",
+                stratus_error_chain(&e)
+            )));
+        }
+        tracing::info!(caller = %caller.user, namespace = ns, image = name, "deleted image's data removed from the object store");
+        let rest: Vec<String> = finalizers
+            .into_iter()
+            .filter(|f| f != DATA_FINALIZER)
+            .collect();
+        match patch_finalizers(state, ns, name, &uid, revision, &rest).await {
+            Err(e) if e.code == 409 && e.details.causes.is_empty() => continue,
+            Err(e) if e.code == 404 => return Ok(StatusCode::NO_CONTENT.into_response()),
+            Err(e) => return Err(e),
+            Ok(_) => return Ok(StatusCode::NO_CONTENT.into_response()),
+        }
+    }
+    Err(ApiError::conflict(
+        GROUP,
+        "images",
+        name,
+        "the image kept changing while its data was removed",
+    ))
 }
 
 /// How many times a status write is tried again when another writer changed the Image first.
@@ -593,6 +840,23 @@ async fn patch_status(
     revision: i64,
     status: &ImageStatus,
 ) -> ApiResult<Outcome> {
+    let status = serde_json::to_value(status)
+        .map_err(|e| ApiError::internal(format!("encode an Image's status: {e}")))?;
+    let patch = json!({
+        "metadata": {"uid": uid, "resourceVersion": revision.to_string()},
+        "status": status,
+    });
+    patch_image(state, ns, name, Some("status"), &patch).await
+}
+
+/// A merge patch of the Image (or its `subresource`) under the upload's field manager.
+async fn patch_image(
+    state: &AppState,
+    ns: &str,
+    name: &str,
+    subresource: Option<&str>,
+    patch: &serde_json::Value,
+) -> ApiResult<Outcome> {
     let rt = state
         .api
         .registry
@@ -602,14 +866,8 @@ async fn patch_status(
         rt: Arc::clone(rt),
         namespace: Some(ns.into()),
         name: Some(name.into()),
-        subresource: Some("status".into()),
+        subresource: subresource.map(Into::into),
     };
-    let status = serde_json::to_value(status)
-        .map_err(|e| ApiError::internal(format!("encode an Image's status: {e}")))?;
-    let patch = json!({
-        "metadata": {"uid": uid, "resourceVersion": revision.to_string()},
-        "status": status,
-    });
     let params = Params::parse(Some(&format!("fieldManager={MANAGER}")))?;
     state
         .api
@@ -624,23 +882,37 @@ async fn patch_status(
         .await
 }
 
-/// An upload's data in a private temporary file.
+/// An upload's data in a private temporary file, and the room it holds.
 struct Staged {
     file: tempfile::NamedTempFile,
     sha256: String,
     size: u64,
+    _room: Reservation,
 }
 
 enum Staging {
-    /// The client's fault, not the data's (it stalled, went away).
+    /// The client's fault, not the data's (it stalled, was too slow, went away), or no room.
     Client(ApiError),
     /// The data is refused.
     Data(ImageError),
 }
 
-/// Reads `body` into a temporary file, hashing it, at most `limit` bytes with at most
-/// [`STALL`] between its pieces; checks it against `expected`.
-async fn stage(body: Body, limit: u64, expected: Option<&str>) -> Result<Staged, Staging> {
+/// How much an upload may send, and how slowly.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    limit: u64,
+    rate: crate::http::limits::MinRate,
+}
+
+/// Reads `body` into a temporary file, hashing it, at most `bounds.limit` bytes at no less
+/// than `bounds.rate` and with at most [`STALL`] between its pieces, in `room` grown as it
+/// comes; checks it against `expected`.
+async fn stage(
+    body: Body,
+    bounds: Bounds,
+    mut room: Reservation,
+    expected: Option<&str>,
+) -> Result<Staged, Staging> {
     use http_body_util::BodyExt;
     use tokio::io::AsyncWriteExt;
     let internal = |what: &str, e: std::io::Error| {
@@ -654,13 +926,26 @@ async fn stage(body: Body, limit: u64, expected: Option<&str>) -> Result<Staged,
     let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
     let mut size = 0u64;
     let mut body = body;
+    let mut pace = Pace::new(bounds.rate, Instant::now());
+    let mut last = Instant::now();
+    let too_slow = |e: crate::http::limits::TooSlow| {
+        Staging::Client(ApiError::request_timeout(format!(
+            "the upload was too slow and is cut off: {e}"
+        )))
+    };
     loop {
-        let frame = match tokio::time::timeout(STALL, body.frame()).await {
+        let until = pace.deadline().min(last + STALL);
+        let frame = match tokio::time::timeout_at(until.into(), body.frame()).await {
             Err(_) => {
-                return Err(Staging::Client(ApiError::timeout(format!(
-                    "the upload sent nothing for {} s",
-                    STALL.as_secs()
-                ))));
+                let now = Instant::now();
+                pace.check(now).map_err(too_slow)?;
+                if now >= last + STALL {
+                    return Err(Staging::Client(ApiError::request_timeout(format!(
+                        "the upload sent nothing for {} s",
+                        STALL.as_secs()
+                    ))));
+                }
+                continue;
             }
             Ok(None) => break,
             Ok(Some(Err(e))) => {
@@ -673,13 +958,16 @@ async fn stage(body: Body, limit: u64, expected: Option<&str>) -> Result<Staged,
         let Ok(data) = frame.into_data() else {
             continue;
         };
+        last = Instant::now();
+        pace.moved(data.len() as u64, last).map_err(too_slow)?;
         size += data.len() as u64;
-        if size > limit {
+        if size > bounds.limit {
             return Err(Staging::Data(ImageError::TooLarge {
                 url: "the upload".into(),
-                limit,
+                limit: bounds.limit,
             }));
         }
+        room.grow_to(size).map_err(Staging::Client)?;
         hash.update(&data);
         out.write_all(&data)
             .await
@@ -701,11 +989,82 @@ async fn stage(body: Body, limit: u64, expected: Option<&str>) -> Result<Staged,
             actual: sha256,
         }));
     }
-    Ok(Staged { file, sha256, size })
+    Ok(Staged {
+        file,
+        sha256,
+        size,
+        _room: room,
+    })
+}
+
+/// Chunks of a download read ahead of its client.
+const CHUNKS: usize = 4;
+/// The largest chunk read from the object store at once.
+const CHUNK: usize = 256 * 1024;
+
+/// Hands `reader`'s data to `tx` a chunk at a time: each read on a blocking thread (bounded by
+/// the object store client's read timeout), each hand-off awaited without one, so a client
+/// that stops reading holds no thread. Ends at the data's end, on a read error (sent on), or
+/// when the client is gone.
+///
+/// # Errors
+/// A window of `rate` in which the client took too little.
+async fn relay(
+    mut reader: Box<dyn std::io::Read + Send>,
+    tx: tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+    rate: crate::http::limits::MinRate,
+) -> Result<(), crate::http::limits::TooSlow> {
+    use tokio::sync::mpsc::error::SendTimeoutError;
+    let mut pace = Pace::new(rate, Instant::now());
+    loop {
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; CHUNK];
+            let n = reader.read(&mut buf);
+            (
+                reader,
+                n.map(|n| {
+                    buf.truncate(n);
+                    bytes::Bytes::from(buf)
+                }),
+            )
+        })
+        .await;
+        let Ok((back, chunk)) = read else {
+            return Ok(());
+        };
+        reader = back;
+        let mut item = match chunk {
+            Ok(chunk) if chunk.is_empty() => return Ok(()),
+            Ok(chunk) => Ok(chunk),
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return Ok(());
+            }
+        };
+        let n = item.as_ref().map_or(0, |c| c.len() as u64);
+        loop {
+            let wait = pace.deadline().saturating_duration_since(Instant::now());
+            match tx.send_timeout(item, wait).await {
+                Ok(()) => break,
+                Err(SendTimeoutError::Closed(_)) => return Ok(()),
+                Err(SendTimeoutError::Timeout(back)) => {
+                    pace.check(Instant::now())?;
+                    item = back;
+                }
+            }
+        }
+        pace.moved(n, Instant::now())?;
+    }
 }
 
 /// `GET images/NAME/data`.
-async fn download(state: &AppState, ns: &str, name: &str, caller: &Caller) -> ApiResult<Response> {
+async fn download(
+    state: &AppState,
+    ns: &str,
+    name: &str,
+    caller: &Caller,
+    cutoff: Cutoff,
+) -> ApiResult<Response> {
     match caller.principal() {
         Principal::System(_) => {}
         Principal::Node(node) => {
@@ -770,61 +1129,42 @@ async fn download(state: &AppState, ns: &str, name: &str, caller: &Caller) -> Ap
             }
         },
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
-    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
-    tokio::task::spawn_blocking(move || {
-        let source = ObjectSource {
+    let opened = tokio::task::spawn_blocking(move || {
+        store::get(&ObjectSource {
             account_url: &account,
             container: &container,
             object: &object,
             token: &token,
-        };
-        let (length, mut reader) = match store::get(&source) {
-            Ok(opened) => opened,
-            Err(e) => {
-                let _ = first_tx.send(Err(e));
-                return;
-            }
-        };
-        if first_tx.send(Ok(length)).is_err() {
-            return;
-        }
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            match reader.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => {
-                    if tx
-                        .blocking_send(Ok(bytes::Bytes::copy_from_slice(&buf[..n])))
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
-                }
-            }
-        }
-    });
-    let length = match first_rx.await {
-        Ok(Ok(length)) => length,
-        Ok(Err(ImageError::ObjectStatus { code: 404, .. })) => {
+        })
+        .map(|(length, reader)| (length, Box::new(reader) as Box<dyn std::io::Read + Send>))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("the image's reader stopped: {e}")))?;
+    let (length, reader) = match opened {
+        Ok(opened) => opened,
+        Err(ImageError::ObjectStatus { code: 404, .. }) => {
             let mut e = ApiError::not_found(GROUP, "images", name);
             e.message = format!(
                 "images \"{name}\" data: the object store has no such object (404) in its account"
             );
             return Err(e);
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             return Err(ApiError::unavailable(format!(
                 "the object store did not answer the image's data: {}",
                 stratus_error_chain(&e)
             )));
         }
-        Err(_) => return Err(ApiError::internal("the image's reader stopped")),
     };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(CHUNKS);
+    let rate = state.config.limits.image_min_rate;
+    let image = format!("{ns}/{name}");
+    tokio::spawn(async move {
+        if let Err(slow) = relay(reader, tx, rate).await {
+            tracing::info!(image, %slow, "image download cut off: its client reads too slowly");
+            cutoff.cut();
+        }
+    });
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
     let mut response = Response::new(Body::from_stream(stream));
     *response.status_mut() = StatusCode::OK;
@@ -847,6 +1187,41 @@ async fn download(state: &AppState, ns: &str, name: &str, caller: &Caller) -> Ap
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reader of the object store that never ends.
+    struct Endless;
+
+    impl std::io::Read for Endless {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            buf.fill(7);
+            Ok(buf.len())
+        }
+    }
+
+    /// A download whose client stops reading is given up after a window with too little
+    /// read, holding no thread meanwhile; one whose client reads on is not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_download_whose_client_stops_reading_is_given_up() {
+        let rate = crate::http::limits::MinRate {
+            bytes_per_second: 1024 * 1024,
+            window: Duration::from_millis(300),
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(CHUNKS);
+        let started = Instant::now();
+        let relayed = tokio::spawn(relay(Box::new(Endless), tx, rate));
+        // The client reads for a while, then stops.
+        let until = Instant::now() + Duration::from_millis(700);
+        while Instant::now() < until {
+            rx.recv().await.expect("a chunk").expect("data");
+        }
+        let slow = tokio::time::timeout(Duration::from_secs(10), relayed)
+            .await
+            .expect("given up in time")
+            .expect("the relay ran")
+            .expect_err("too slow");
+        assert_eq!(slow.moved, 0, "{slow}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    }
 
     #[test]
     fn only_the_data_path_of_an_image_is_its_data() {

@@ -4,7 +4,11 @@
 //! # Guarantees
 //! - A request (other than a watch) past the in-flight limits is answered 429 at once, with
 //!   `Retry-After`, as kube-apiserver's `--max-requests-inflight` does; watches count only
-//!   against their identity's watch limit.
+//!   against their identity's watch limit. Image data transfers (`images/NAME/data`) count
+//!   only against their own limit ([`Limits::max_image_transfers`]), held until the last byte
+//!   is sent, so slow uploads or downloads never take the places of other writes and reads.
+//! - A transfer moving fewer than [`MinRate`]'s bytes in any of its windows is cut off
+//!   ([`Pace`]): an upload is answered 408, a download's connection is closed ([`Cutoff`]).
 //! - A connection with no request in flight is closed once it has been idle for the idle
 //!   timeout, or once it has spent the header-read timeout sending the bytes of a request
 //!   that has not begun (a slow-header client): what a client holds without asking anything
@@ -40,6 +44,11 @@ pub struct Limits {
     pub tls_handshake_timeout: Duration,
     /// How long a connection may stay open with no request in flight.
     pub idle_timeout: Duration,
+    /// Image data transfers (uploads and downloads of `images/NAME/data`) served at once;
+    /// 429 past it.
+    pub max_image_transfers: usize,
+    /// The slowest an image data transfer may be.
+    pub image_min_rate: MinRate,
 }
 
 impl Default for Limits {
@@ -55,6 +64,11 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             tls_handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
+            max_image_transfers: 16,
+            image_min_rate: MinRate {
+                bytes_per_second: 32 * 1024,
+                window: Duration::from_secs(60),
+            },
         }
     }
 }
@@ -64,15 +78,35 @@ impl Default for Limits {
 pub struct Inflight {
     read_only: Arc<Semaphore>,
     mutating: Arc<Semaphore>,
+    transfers: Arc<Semaphore>,
+    max_transfers: usize,
 }
 
 impl Inflight {
-    /// Limits of `read_only` and `mutating` requests at once.
-    pub fn new(read_only: usize, mutating: usize) -> Self {
+    /// Limits of `read_only` and `mutating` requests and image data `transfers` at once.
+    pub fn new(read_only: usize, mutating: usize, transfers: usize) -> Self {
         Self {
             read_only: Arc::new(Semaphore::new(read_only)),
             mutating: Arc::new(Semaphore::new(mutating)),
+            transfers: Arc::new(Semaphore::new(transfers)),
+            max_transfers: transfers,
         }
+    }
+
+    /// A place for one image data transfer, held until it is dropped.
+    ///
+    /// # Errors
+    /// 429 with `Retry-After` when every place for transfers is taken.
+    pub fn admit_transfer(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        Arc::clone(&self.transfers).try_acquire_owned().map_err(|_| {
+            ApiError::too_many_requests(
+                format!(
+                    "too many image uploads and downloads at once (this server serves {}): try again later",
+                    self.max_transfers
+                ),
+                5,
+            )
+        })
     }
 
     /// A place for one request, held until it is dropped.
@@ -88,6 +122,121 @@ impl Inflight {
         Arc::clone(s).try_acquire_owned().map_err(|_| {
             ApiError::too_many_requests("too many requests, please try again later", 1)
         })
+    }
+}
+
+/// The slowest a transfer may be: at least `bytes_per_second` × `window` bytes in each
+/// `window` (0 bytes per second: no minimum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MinRate {
+    /// The average rate a window must reach.
+    pub bytes_per_second: u64,
+    /// How long a rate is averaged over.
+    pub window: Duration,
+}
+
+impl MinRate {
+    /// The fewest bytes a window must see.
+    fn min_bytes(&self) -> u64 {
+        let ms = u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX);
+        self.bytes_per_second.saturating_mul(ms) / 1000
+    }
+}
+
+/// A transfer's progress against its [`MinRate`], window by window.
+#[derive(Debug)]
+pub struct Pace {
+    rate: MinRate,
+    window_start: Instant,
+    in_window: u64,
+}
+
+/// A window of a transfer that moved too few bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooSlow {
+    /// The bytes the window moved.
+    pub moved: u64,
+    /// The fewest it had to.
+    pub min: u64,
+    /// The window.
+    pub window: Duration,
+}
+
+impl std::fmt::Display for TooSlow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} bytes moved in {} s, fewer than this server's minimum of {} bytes",
+            self.moved,
+            self.window.as_secs_f64(),
+            self.min
+        )
+    }
+}
+
+impl Pace {
+    /// A transfer begun at `now`.
+    pub fn new(rate: MinRate, now: Instant) -> Self {
+        Self {
+            rate: MinRate {
+                window: rate.window.max(Duration::from_millis(100)),
+                ..rate
+            },
+            window_start: now,
+            in_window: 0,
+        }
+    }
+
+    /// When the current window ends (and the transfer is next checked, if nothing moves).
+    pub fn deadline(&self) -> Instant {
+        self.window_start + self.rate.window
+    }
+
+    /// Checks every window that ended by `now`.
+    ///
+    /// # Errors
+    /// The first of them that moved fewer bytes than the minimum.
+    pub fn check(&mut self, now: Instant) -> Result<(), TooSlow> {
+        let min = self.rate.min_bytes();
+        while now >= self.deadline() {
+            if self.in_window < min {
+                return Err(TooSlow {
+                    moved: self.in_window,
+                    min,
+                    window: self.rate.window,
+                });
+            }
+            self.window_start += self.rate.window;
+            self.in_window = 0;
+        }
+        Ok(())
+    }
+
+    /// Records `n` bytes moved at `now`, after checking the windows that ended before.
+    ///
+    /// # Errors
+    /// As [`Pace::check`].
+    pub fn moved(&mut self, n: u64, now: Instant) -> Result<(), TooSlow> {
+        self.check(now)?;
+        self.in_window = self.in_window.saturating_add(n);
+        Ok(())
+    }
+}
+
+/// Closes a connection from within a request it carries: for a transfer whose client
+/// stopped reading, which a handler cannot answer any more (its response is under way).
+#[derive(Debug, Clone, Default)]
+pub struct Cutoff(Arc<tokio::sync::Notify>);
+
+impl Cutoff {
+    /// Asks for the connection to be closed (at once, or as soon as it is served).
+    pub fn cut(&self) {
+        self.0.notify_one();
+    }
+
+    /// Completes once the connection is to be closed.
+    pub async fn cut_off(&self) {
+        self.0.notified().await;
     }
 }
 
@@ -415,11 +564,56 @@ mod tests {
 
     #[test]
     fn in_flight_limits_are_per_kind() {
-        let i = Inflight::new(1, 1);
+        let i = Inflight::new(1, 1, 1);
         let r = i.admit(false).expect("read");
         assert_eq!(i.admit(false).expect_err("second read").code, 429);
         let _m = i.admit(true).expect("a mutation has its own places");
+        let t = i.admit_transfer().expect("a transfer has its own places");
+        let e = i.admit_transfer().expect_err("second transfer");
+        assert_eq!((e.code, e.details.retry_after), (429, Some(5)));
         drop(r);
         assert!(i.admit(false).is_ok());
+        drop(t);
+        assert!(i.admit_transfer().is_ok());
+    }
+
+    #[test]
+    fn a_transfer_is_too_slow_once_a_window_moves_too_little() {
+        let rate = MinRate {
+            bytes_per_second: 1000,
+            window: Duration::from_secs(2),
+        };
+        let t0 = Instant::now();
+        let mut p = Pace::new(rate, t0);
+        assert_eq!(p.deadline(), t0 + Duration::from_secs(2));
+        p.moved(1500, t0 + Duration::from_secs(1))
+            .expect("within the window");
+        p.moved(500, t0 + Duration::from_millis(1999))
+            .expect("within the window");
+        // The first window moved 2000 bytes: enough; the next starts at 2 s.
+        p.check(t0 + Duration::from_secs(2))
+            .expect("the first window was fast enough");
+        assert_eq!(p.deadline(), t0 + Duration::from_secs(4));
+        p.moved(1999, t0 + Duration::from_secs(3))
+            .expect("within the window");
+        let slow = p
+            .check(t0 + Duration::from_secs(4))
+            .expect_err("1999 < 2000");
+        assert_eq!((slow.moved, slow.min), (1999, 2000));
+        // A silence of several windows is caught at the first one, whatever comes after.
+        let mut p = Pace::new(rate, t0);
+        let e = p
+            .moved(1 << 30, t0 + Duration::from_secs(10))
+            .expect_err("the first window moved nothing");
+        assert_eq!(e.moved, 0);
+        // No minimum: never too slow.
+        let mut p = Pace::new(
+            MinRate {
+                bytes_per_second: 0,
+                ..rate
+            },
+            t0,
+        );
+        p.check(t0 + Duration::from_secs(3600)).expect("no minimum");
     }
 }

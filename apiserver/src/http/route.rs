@@ -168,9 +168,6 @@ pub(crate) async fn route(
     if let Some(r) = crate::http::console::call(state, method, &segs, bytes, caller).await {
         return r;
     }
-    if let Some(r) = crate::http::image_token::call(state, method, &segs, bytes, caller).await {
-        return r;
-    }
     let read = crate::policy::authorize(&state.api, info, params, caller).await?;
     let ok = |v: serde_json::Value| Ok(json_response(StatusCode::OK, &v, &[]));
     let none = || ApiError::no_route(path);

@@ -66,6 +66,10 @@ pub struct Config {
     pub image_max_bytes: u64,
     /// The largest virtual disk size an uploaded image may describe, in bytes.
     pub image_max_virtual_size: u64,
+    /// The most bytes of image uploads staged on this server's disk at once (each upload is
+    /// kept whole until it is inspected and stored): 429 past it while others are staged, 507
+    /// for an upload that could never fit.
+    pub image_staging_max_bytes: u64,
     /// The networks a StoragePool's storage address may be in (by default the private
     /// networks; see [`crate::admission::pools`]).
     pub storage_ranges: Vec<crate::admission::pools::StorageCidr>,
@@ -93,6 +97,7 @@ impl Config {
             storage_ranges: crate::admission::pools::StorageCidr::private(),
             image_max_bytes: stratus_image_cache::policy::DEFAULT_MAX_BYTES,
             image_max_virtual_size: stratus_image_cache::policy::DEFAULT_MAX_VIRTUAL_SIZE,
+            image_staging_max_bytes: 2 * stratus_image_cache::policy::DEFAULT_MAX_BYTES,
         }
     }
 }
@@ -119,6 +124,8 @@ pub(crate) struct AppState {
     pub(crate) metrics: crate::http::metrics::Metrics,
     inflight: crate::http::limits::Inflight,
     watches: crate::http::limits::Watches,
+    /// The room uploads are staged in.
+    pub(crate) staging: crate::http::image_data::StagingRoom,
     pub(crate) identity_limit: crate::http::keystone::SourceLimit,
 }
 
@@ -224,11 +231,17 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     if info.verb == "watch" {
         return serve(state, parts, body, params, info, received).await;
     }
-    // Watches are long-running: neither counted in flight nor given a deadline.
-    let place = match state
-        .inflight
-        .admit(!matches!(method, Method::GET | Method::HEAD))
-    {
+    // Watches are long-running: neither counted in flight nor given a deadline. Image data
+    // transfers have places of their own, so that slow ones hold no other request's.
+    let transfer = crate::http::image_data::target(&path).is_some();
+    let admitted = if transfer {
+        state.inflight.admit_transfer()
+    } else {
+        state
+            .inflight
+            .admit(!matches!(method, Method::GET | Method::HEAD))
+    };
+    let place = match admitted {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
@@ -246,9 +259,9 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let writing = !matches!(method, Method::GET | Method::HEAD);
     let serving = serve(Arc::clone(&state), parts, body, params, info, received);
     let response = match tokio::time::timeout(timeout, serving).await {
-        // A LIST streams its answer after the handler has returned: it stays in flight
-        // until its last byte is sent, as in kube-apiserver.
-        Ok(mut response) if listing && response.status().is_success() => {
+        // A LIST (or an image's data) streams its answer after the handler has returned: it
+        // stays in flight until its last byte is sent, as in kube-apiserver.
+        Ok(mut response) if (listing || transfer) && response.status().is_success() => {
             let body = std::mem::replace(response.body_mut(), Body::empty());
             *response.body_mut() = Body::new(crate::http::limits::Holding::new(body, place));
             response
@@ -359,8 +372,17 @@ async fn serve(
         // An image's data streams; it is not read into memory as a request body.
         (Ok(caller), Ok(_)) if data.is_some() => {
             let target = data.unwrap_or_default();
-            crate::http::image_data::serve(&state, &method, target, &parts.headers, body, caller)
-                .await
+            let cutoff = parts
+                .extensions
+                .get::<crate::http::limits::Cutoff>()
+                .cloned()
+                .unwrap_or_default();
+            let request = crate::http::image_data::Request {
+                method: &method,
+                headers: &parts.headers,
+                cutoff,
+            };
+            crate::http::image_data::serve(&state, &request, target, body, caller).await
         }
         (Ok(caller), Ok(params)) => match read_body(body, state.config.max_body_bytes).await {
             Ok(bytes) => {
@@ -511,7 +533,9 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         inflight: crate::http::limits::Inflight::new(
             config.limits.max_requests_inflight,
             config.limits.max_mutating_requests_inflight,
+            config.limits.max_image_transfers,
         ),
+        staging: crate::http::image_data::StagingRoom::new(config.image_staging_max_bytes),
         watches: crate::http::limits::Watches::default(),
         identity_limit: crate::http::keystone::SourceLimit::new(config.identity_rate)
             .with_proxies(config.identity_proxies.clone()),
@@ -591,13 +615,16 @@ async fn serve_connection(
     limits: crate::http::limits::Limits,
     _place: tokio::sync::OwnedSemaphorePermit,
 ) {
-    use crate::http::limits::{Activity, Holding, Watched};
+    use crate::http::limits::{Activity, Cutoff, Holding, Watched};
     let activity = Activity::new();
     let sock = Watched::new(sock, Arc::clone(&activity));
     let requests = Arc::clone(&activity);
+    let cutoff = Cutoff::default();
+    let cut = cutoff.clone();
     let service =
         hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(peer);
+            req.extensions_mut().insert(cut.clone());
             let app = app.clone();
             // In flight (the connection is not idle) until the response's body is done.
             let busy = requests.begin();
@@ -650,6 +677,10 @@ async fn serve_connection(
                     tracing::debug!(?why, %peer, "closing the connection");
                     return;
                 }
+                () = cutoff.cut_off() => {
+                    tracing::debug!(%peer, "closing the connection: its transfer stalled");
+                    return;
+                }
             }
         }
         None => {
@@ -658,6 +689,10 @@ async fn serve_connection(
                 r = conn => r,
                 why = watchdog(true) => {
                     tracing::debug!(?why, %peer, "closing the connection");
+                    return;
+                }
+                () = cutoff.cut_off() => {
+                    tracing::debug!(%peer, "closing the connection: its transfer stalled");
                     return;
                 }
             }

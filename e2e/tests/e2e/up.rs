@@ -376,13 +376,21 @@ impl Drop for ObjectStoreAllowList {
 
 /// `stratus up --object-store` on `ip`:`port`, once it shows the store.
 pub(super) fn object_store_up(ip: &str, port: u16) -> Result<Cloud> {
-    let cloud = Cloud::up_with(&[
+    object_store_up_with(ip, port, &[])
+}
+
+/// [`object_store_up`] with `extra` arguments of `stratus up`.
+pub(super) fn object_store_up_with(ip: &str, port: u16, extra: &[&str]) -> Result<Cloud> {
+    let port_arg = port.to_string();
+    let mut args = vec![
         "--object-store",
         "--object-store-ip",
         ip,
         "--object-store-port",
-        &port.to_string(),
-    ])?;
+        &port_arg,
+    ];
+    args.extend_from_slice(extra);
+    let cloud = Cloud::up_with(&args)?;
     wait_until(
         Duration::from_secs(300),
         "stratus up to show the object store",
