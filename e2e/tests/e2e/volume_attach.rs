@@ -130,50 +130,71 @@ fn capacity(node: &Node, domain: &str, target: &str) -> Option<u64> {
     })
 }
 
-/// Runs the storage agent of node `name` (`node`) with a file pool `files` in a directory of
-/// the node's: the agent, and the pool's directory.
-pub(super) fn file_storage_agent(
-    cloud: &Cloud,
-    node: &Node,
-    name: &str,
-) -> Result<(Proc, PathBuf)> {
-    let pool = node.dir.path().join("pool");
-    std::fs::create_dir_all(&pool)?;
-    let agent = Proc::spawn(
-        "storage agent",
-        Command::new(stratus_bin())
-            .args(["agent", "--roles", "storage", "--node", name])
-            .arg("--kubeconfig")
-            .arg(cloud.dir.path().join(format!("node-{name}.kubeconfig")))
-            .arg("--state-dir")
-            .arg(node.dir.path().join("storage-state"))
-            .args(["--storage-pool", &format!("files=file:{}", pool.display())])
-            .args(["--storage-heartbeat-seconds", "1", "--resync-seconds", "2"])
-            .arg("--image-url-allow-loopback"),
-        &node.dir.path().join("storage-agent.log"),
-    )?;
-    Ok((agent, pool))
+/// One simulated node running the compute agent and the storage agent (a file pool in a
+/// directory of the node's), a cloud that knows it, project `ns`, the flavors, and the test
+/// guest's Images with the kernel's messages on the console (it names the disks it finds),
+/// and `cmdline` after them. Dropped in the order of the fields.
+pub(super) struct OneNode {
+    /// The storage agent.
+    _storage: Proc,
+    /// The cloud.
+    pub cloud: Cloud,
+    /// The node.
+    pub node: Node,
+    /// The test guest's file server.
+    _guest: Guest,
+    /// The pool's directory.
+    pub pool: PathBuf,
+}
+
+impl OneNode {
+    /// Starts node `name` for project `ns`.
+    pub(super) fn start(name: &str, ns: &str, cmdline: &str) -> Result<Self> {
+        let guest = Guest::serve()?;
+        let mut node = Node::start(name)?;
+        let cloud = Cloud::up_with(&["--nodes", name])?;
+        cloud.projects(&[ns])?;
+        node.start_agent(&cloud)?;
+        let pool = node.dir.path().join("pool");
+        std::fs::create_dir_all(&pool)?;
+        let storage = Proc::spawn(
+            "storage agent",
+            Command::new(stratus_bin())
+                .args(["agent", "--roles", "storage", "--node", name])
+                .arg("--kubeconfig")
+                .arg(cloud.dir.path().join(format!("node-{name}.kubeconfig")))
+                .arg("--state-dir")
+                .arg(node.dir.path().join("storage-state"))
+                .args(["--storage-pool", &format!("files=file:{}", pool.display())])
+                .args(["--storage-heartbeat-seconds", "1", "--resync-seconds", "2"])
+                .arg("--image-url-allow-loopback"),
+            &node.dir.path().join("storage-agent.log"),
+        )?;
+        let flavors = stratus_e2e::repo_root().join("examples/flavors.yaml");
+        cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
+        let images = guest.images_yaml(ns)?.replace(
+            "console=ttyS0 quiet",
+            &format!("console=ttyS0 loglevel=7{cmdline}"),
+        );
+        cloud.kubectl_in(&["-n", ns, "apply", "-f", "-"], &images)?;
+        Ok(Self {
+            _storage: storage,
+            cloud,
+            node,
+            _guest: guest,
+            pool,
+        })
+    }
 }
 
 #[test]
 fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
-    let guest = Guest::serve()?;
-    let mut node = Node::start(NODE)?;
-    let cloud = Cloud::up_with(&["--nodes", NODE])?;
-    cloud.projects(&[NS])?;
-    node.start_agent(&cloud)?;
-    let (_storage, pool) = file_storage_agent(&cloud, &node, NODE)?;
-    let flavors = stratus_e2e::repo_root().join("examples/flavors.yaml");
-    cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
-    // The tiny guest with the kernel's messages on the console: it names the disks it finds.
-    let images = guest
-        .images_yaml(NS)?
-        .replace("console=ttyS0 quiet", "console=ttyS0 loglevel=7");
-    apply(&cloud, &images)?;
+    let one = OneNode::start(NODE, NS, "")?;
+    let (cloud, node, pool) = (&one.cloud, &one.node, &one.pool);
 
     // A volume holding a partition table.
-    apply(&cloud, &volume_yaml("data", ""))?;
-    let vol = wait_for(&cloud, "volume", "data", "volume data Available", |v| {
+    apply(cloud, &volume_yaml("data", ""))?;
+    let vol = wait_for(cloud, "volume", "data", "volume data Available", |v| {
         v["status"]["phase"] == "Available" && v["status"]["devicePath"].is_string()
     })?;
     let path = vol["status"]["devicePath"]
@@ -187,10 +208,10 @@ fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
 
     // Attached at create: the guest's kernel reads its partitions.
     apply(
-        &cloud,
+        cloud,
         &server_yaml("vm1", "  image: tiny\n  volumes:\n  - volume: data\n"),
     )?;
-    let vm1 = wait_for(&cloud, "server", "vm1", "vm1 Running", |s| {
+    let vm1 = wait_for(cloud, "server", "vm1", "vm1 Running", |s| {
         s["status"]["phase"] == "Running"
     })?;
     let uid1 = vm1["metadata"]["uid"]
@@ -207,11 +228,11 @@ fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
     console(&uid1, "vdc: vdc1 vdc2", 1)?;
     assert_eq!(partition_scans(&node.console(&uid1)), 1);
     ensure!(
-        blklist(&node, &dom1)?.contains(&("vdc".into(), path.clone())),
+        blklist(node, &dom1)?.contains(&("vdc".into(), path.clone())),
         "{:?}",
-        blklist(&node, &dom1)
+        blklist(node, &dom1)
     );
-    let vol = json(&cloud, &["get", "volume", "data"])?;
+    let vol = json(cloud, &["get", "volume", "data"])?;
     assert_eq!(vol["status"]["attachedTo"], "vm1", "{vol}");
     assert_eq!(vol["status"]["phase"], "InUse", "{vol}");
 
@@ -239,7 +260,7 @@ fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
     assert!(err.contains("attached"), "{err}");
 
     // Two servers racing for one volume: exactly one gets it.
-    apply(&cloud, &volume_yaml("contested", ""))?;
+    apply(cloud, &volume_yaml("contested", ""))?;
     let racers: Vec<_> = ["r1", "r2"]
         .into_iter()
         .map(|name| {
@@ -267,7 +288,7 @@ fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
         }
     }
     assert_eq!(won.len(), 1, "exactly one racer wins: {won:?}");
-    let holder = json(&cloud, &["get", "volume", "contested"])?;
+    let holder = json(cloud, &["get", "volume", "contested"])?;
     assert_eq!(holder["status"]["attachedTo"], won[0], "{holder}");
     cloud.kubectl_ok(&["-n", NS, "delete", "server", won[0], "--wait=false"])?;
 
@@ -283,11 +304,11 @@ fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
         r#"{"spec":{"sizeGiB":2}}"#,
     ])?;
     wait_until(WAIT, "the guest's disk at 2 GiB", || {
-        (capacity(&node, &dom1, "vdc") == Some(2 * GIB)).then_some(())
+        (capacity(node, &dom1, "vdc") == Some(2 * GIB)).then_some(())
     })
     .with_context(|| format!("agent log:\n{}", node.agent_log()))?;
     console(&uid1, "new size: 4194304", 1)?;
-    wait_for(&cloud, "volume", "data", "volume data at 2 GiB", |v| {
+    wait_for(cloud, "volume", "data", "volume data at 2 GiB", |v| {
         v["status"]["sizeGiB"] == 2 && v["status"]["phase"] == "InUse"
     })?;
 
@@ -303,13 +324,13 @@ fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
         r#"{"spec":{"volumes":[]}}"#,
     ])?;
     wait_until(WAIT, "vdc unplugged", || {
-        blklist(&node, &dom1)
+        blklist(node, &dom1)
             .ok()
             .filter(|l| !l.iter().any(|(t, _)| t == "vdc"))
             .map(|_| ())
     })
     .with_context(|| format!("agent log:\n{}", node.agent_log()))?;
-    wait_for(&cloud, "volume", "data", "volume data released", |v| {
+    wait_for(cloud, "volume", "data", "volume data released", |v| {
         v["status"].get("attachedTo").is_none() && v["status"]["phase"] == "Available"
     })?;
     let mut head = [0u8; 512];
@@ -332,8 +353,8 @@ fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
         (partition_scans(&node.console(&uid1)) >= 2).then_some(())
     })
     .with_context(|| format!("console of {uid1}:\n{}", node.console(&uid1)))?;
-    ensure!(blklist(&node, &dom1)?.iter().any(|(_, s)| *s == path));
-    assert_eq!(capacity(&node, &dom1, "vdc"), Some(3 * GIB));
+    ensure!(blklist(node, &dom1)?.iter().any(|(_, s)| *s == path));
+    assert_eq!(capacity(node, &dom1, "vdc"), Some(3 * GIB));
     console(&uid1, "] 6291456 512-byte logical blocks", 1)?;
     let seen = node.console(&uid1);
     ensure!(
@@ -341,20 +362,20 @@ fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
         "the guest saw the disk grow after it was plugged in:\n{seen}"
     );
     assert_eq!(
-        json(&cloud, &["get", "volume", "data"])?["status"]["attachedTo"],
+        json(cloud, &["get", "volume", "data"])?["status"]["attachedTo"],
         "vm1"
     );
 
     // Boot from a volume made from the tiny image.
     apply(
-        &cloud,
+        cloud,
         &volume_yaml("root", "  bootable: true\n  source:\n    image: tiny\n"),
     )?;
-    wait_for(&cloud, "volume", "root", "volume root Available", |v| {
+    wait_for(cloud, "volume", "root", "volume root Available", |v| {
         v["status"]["phase"] == "Available"
     })?;
-    apply(&cloud, &server_yaml("vm3", "  bootVolume: root\n"))?;
-    let vm3 = wait_for(&cloud, "server", "vm3", "vm3 Running", |s| {
+    apply(cloud, &server_yaml("vm3", "  bootVolume: root\n"))?;
+    let vm3 = wait_for(cloud, "server", "vm3", "vm3 Running", |s| {
         s["status"]["phase"] == "Running"
     })?;
     let uid3 = vm3["metadata"]["uid"]
@@ -362,12 +383,12 @@ fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
         .unwrap_or_default()
         .to_string();
     console(&uid3, "STRATUS-GUEST-READY hostname=vm3", 1)?;
-    let root_path = json(&cloud, &["get", "volume", "root"])?["status"]["devicePath"]
+    let root_path = json(cloud, &["get", "volume", "root"])?["status"]["devicePath"]
         .as_str()
         .unwrap_or_default()
         .to_string();
     ensure!(
-        blklist(&node, &format!("stratus-{uid3}"))?.contains(&("vda".into(), root_path)),
+        blklist(node, &format!("stratus-{uid3}"))?.contains(&("vda".into(), root_path)),
         "the volume is the root disk"
     );
 
@@ -383,7 +404,7 @@ fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
         "--timeout=240s",
     ])?;
     for v in ["data", "root", "contested"] {
-        wait_for(&cloud, "volume", v, "released", |v| {
+        wait_for(cloud, "volume", v, "released", |v| {
             v["status"].get("attachedTo").is_none()
         })?;
         cloud.kubectl_ok(&[
@@ -397,7 +418,7 @@ fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
         ])?;
     }
     ensure!(
-        std::fs::read_dir(&pool)?
+        std::fs::read_dir(pool)?
             .flatten()
             .all(|e| !e.file_name().to_string_lossy().starts_with("volume-")),
         "the pool is empty"

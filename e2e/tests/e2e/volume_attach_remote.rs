@@ -9,7 +9,6 @@
 //! export is gone. Attached over NBD the volume does not grow (422, nothing changed).
 
 use std::fs::OpenOptions;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::time::Duration;
@@ -110,18 +109,6 @@ fn dropped(from: &str, to: &str) -> Result<bool> {
             Ok(Err(e)) => bail!("connecting to {to}: {e} (not dropped: nothing listens?)"),
         }
     })
-}
-
-/// The pseudo-terminal of domain `dom`'s serial console (its guest's shell), from the live XML.
-fn console_pty(node: &Node, dom: &str) -> Result<String> {
-    let out = node.virsh(&["dumpxml", dom])?;
-    let xml = String::from_utf8_lossy(&out.stdout);
-    xml.split("<serial type='pty'>")
-        .nth(1)
-        .and_then(|s| s.split("<source path='").nth(1))
-        .and_then(|s| s.split('\'').next())
-        .map(str::to_string)
-        .with_context(|| format!("no serial pty in {xml}"))
 }
 
 #[test]
@@ -335,34 +322,13 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
 
     // The guest writes to the disk, over NBD (its shell on the console, which the image's
     // command line opens); the marker it prints is computed, so the echoed command is not it.
-    wait_until(WAIT, "the guest's shell", || {
-        compute
-            .console(&uid)
-            .contains("built-in shell")
-            .then_some(())
-    })
-    .with_context(|| format!("console:\n{}", compute.console(&uid)))?;
-    // QEMU reads the console only while its terminal is open: it stays open, and the command
-    // is typed again (it writes the same bytes) until its marker shows.
-    let mut pty = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(console_pty(&compute, &dom)?)?;
-    let typed = b"\necho STRATUS-NBD-DATA | dd of=/dev/vdc bs=512 seek=2048 conv=fsync && echo NBD-WRITE-$((40+2))\n";
-    let mut written = false;
-    for _ in 0..10 {
-        std::thread::sleep(Duration::from_secs(2));
-        pty.write_all(typed)?;
-        written = wait_until(Duration::from_secs(30), "the guest's write", || {
-            compute.console(&uid).contains("NBD-WRITE-42").then_some(())
-        })
-        .is_ok();
-        if written {
-            break;
-        }
-    }
-    drop(pty);
-    ensure!(written, "console:\n{}", compute.console(&uid));
+    compute.type_until(
+        &uid,
+        &dom,
+        "echo STRATUS-NBD-DATA | dd of=/dev/vdc bs=512 seek=2048 conv=fsync && echo NBD-WRITE-$((40+2))",
+        "NBD-WRITE-42",
+        10,
+    )?;
 
     // Detached: the disk leaves the guest, the export ends, the data is in the volume on nbd-a.
     cloud.kubectl_ok(&[

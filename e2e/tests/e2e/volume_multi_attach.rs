@@ -11,11 +11,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use stratus_e2e::node::{Guest, Node};
 use stratus_e2e::{Cloud, wait_until};
 
 use super::volume_attach::{
-    blklist, file_storage_agent, partition_scans, partition_table, server_yaml, volume_yaml,
+    OneNode, blklist, partition_scans, partition_table, server_yaml, volume_yaml,
 };
 
 const NS: &str = "mavols";
@@ -52,25 +51,13 @@ fn attachments(vol: &Value) -> Vec<&str> {
 
 #[test]
 fn a_multi_attach_volume_is_shared_by_two_real_guests() -> Result<()> {
-    let guest = Guest::serve()?;
-    let mut node = Node::start(NODE)?;
-    let cloud = Cloud::up_with(&["--nodes", NODE])?;
-    cloud.projects(&[NS])?;
-    node.start_agent(&cloud)?;
-    let (_storage, _pool) = file_storage_agent(&cloud, &node, NODE)?;
-    let flavors = stratus_e2e::repo_root().join("examples/flavors.yaml");
-    cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
-    // The tiny guest with the kernel's messages on the console (it names the disks it finds)
-    // and a shell there.
-    let images = guest.images_yaml(NS)?.replace(
-        "console=ttyS0 quiet",
-        "console=ttyS0 loglevel=7 stratus.shell",
-    );
+    // The test guest with a shell on its console.
+    let one = OneNode::start(NODE, NS, " stratus.shell")?;
+    let (cloud, node) = (&one.cloud, &one.node);
     let apply = |yaml: &str| cloud.kubectl_in(&["-n", NS, "apply", "-f", "-"], yaml);
-    apply(&images)?;
 
     apply(&volume_yaml("shared", "  multiAttach: true\n"))?;
-    let vol = until(&cloud, "volume", "shared", |v| {
+    let vol = until(cloud, "volume", "shared", |v| {
         v["status"]["phase"] == "Available" && v["status"]["devicePath"].is_string()
     })?;
     let path = vol["status"]["devicePath"]
@@ -91,7 +78,7 @@ fn a_multi_attach_volume_is_shared_by_two_real_guests() -> Result<()> {
     }
     let mut domains = Vec::new();
     for s in both {
-        let server = until(&cloud, "server", s, |v| v["status"]["phase"] == "Running")?;
+        let server = until(cloud, "server", s, |v| v["status"]["phase"] == "Running")?;
         let uid = server["metadata"]["uid"]
             .as_str()
             .unwrap_or_default()
@@ -105,9 +92,9 @@ fn a_multi_attach_volume_is_shared_by_two_real_guests() -> Result<()> {
         })
         .with_context(|| format!("console of {uid}:\n{}", node.console(uid)))?;
         ensure!(
-            blklist(&node, dom)?.contains(&("vdc".into(), path.clone())),
+            blklist(node, dom)?.contains(&("vdc".into(), path.clone())),
             "{dom}: {:?}",
-            blklist(&node, dom)
+            blklist(node, dom)
         );
         let xml = String::from_utf8_lossy(&node.virsh(&["dumpxml", dom])?.stdout).into_owned();
         let disk = xml
@@ -119,7 +106,7 @@ fn a_multi_attach_volume_is_shared_by_two_real_guests() -> Result<()> {
             "{dom}: {disk}"
         );
     }
-    let vol = until(&cloud, "volume", "shared", |v| {
+    let vol = until(cloud, "volume", "shared", |v| {
         v["status"]["phase"] == "InUse"
     })?;
     assert_eq!(attachments(&vol), both, "{vol}");
@@ -166,16 +153,16 @@ fn a_multi_attach_volume_is_shared_by_two_real_guests() -> Result<()> {
         r#"[{"op":"remove","path":"/spec/volumes"}]"#,
     ])?;
     wait_until(WAIT, "vdc unplugged from ma1", || {
-        blklist(&node, &domains[0].1)
+        blklist(node, &domains[0].1)
             .ok()
             .filter(|l| !l.iter().any(|(_, s)| *s == path))
             .map(|_| ())
     })
     .with_context(|| format!("agent log:\n{}", node.agent_log()))?;
-    let vol = until(&cloud, "volume", "shared", |v| attachments(v) == ["ma2"])?;
+    let vol = until(cloud, "volume", "shared", |v| attachments(v) == ["ma2"])?;
     assert_eq!(vol["status"]["attachedTo"], "ma2", "{vol}");
     assert_eq!(vol["status"]["phase"], "InUse", "{vol}");
-    ensure!(blklist(&node, &domains[1].1)?.contains(&("vdc".into(), path.clone())));
+    ensure!(blklist(node, &domains[1].1)?.contains(&("vdc".into(), path.clone())));
     let err = cloud.kubectl_err(&["-n", NS, "delete", "volume", "shared", "--wait=false"])?;
     ensure!(err.contains("attached"), "{err}");
 
@@ -190,7 +177,7 @@ fn a_multi_attach_volume_is_shared_by_two_real_guests() -> Result<()> {
         "--wait=true",
         "--timeout=300s",
     ])?;
-    until(&cloud, "volume", "shared", |v| {
+    until(cloud, "volume", "shared", |v| {
         v["status"].get("attachedTo").is_none() && attachments(v).is_empty()
     })?;
     cloud.kubectl_ok(&[
