@@ -263,6 +263,10 @@ reasons! {
     BootVolumeUnsupported,
     /// A volume's `Scheduled=False`: no storage pool can take it now.
     NoPoolAvailable,
+    /// A volume's `Ready=False`: it asks for more than it has while a server holds it, and
+    /// its pool cannot grow a volume in use; it is served at its size meanwhile (guests are
+    /// given it as it is) and grows once detached.
+    GrowsWhenDetached,
     /// A volume's `Scheduled=False`: the snapshot or volume it is made from is missing or not
     /// placed yet.
     SourceNotReady,

@@ -10,6 +10,7 @@ use std::process::Command;
 
 use kube::api::Api;
 use kube::{Client, ResourceExt};
+use stratus_api_types::common::{ConditionType, Reason};
 use stratus_api_types::storage::{
     PortRange, StorageBackend, StoragePool, StoragePoolSpec, Volume, VolumePhase,
 };
@@ -75,9 +76,22 @@ impl From<PortRange> for NbdPolicy {
 /// Why volume `vol` (made, at `status.sizeGiB` `gib`) is growing, if it is: its size asked
 /// (`spec.sizeGiB`) is above what its storage agent provisioned, or the agent is growing it
 /// (phase `Extending`). A guest given it now would see it at its old size and then grow, or
-/// (over NBD) be served the old size by an export made before the extend.
+/// (over NBD) be served the old size by an export made before the extend. Not when its agent
+/// said, for the size asked now, that it grows only once detached (`Ready=False`,
+/// `GrowsWhenDetached`): it is served at its size until then, and a server waiting for it
+/// would wait for good (a boot volume is never detached from its server).
 fn growing(vol: &Volume, gib: u64, phase: VolumePhase) -> Option<String> {
     let want = vol.spec.size_gib;
+    let held = vol.status.as_ref().is_some_and(|st| {
+        ConditionType::Ready.find(&st.conditions).is_some_and(|c| {
+            c.reason == Reason::GrowsWhenDetached.as_str()
+                && c.observed_generation.is_some()
+                && c.observed_generation == vol.metadata.generation
+        })
+    });
+    if held && phase != VolumePhase::Extending {
+        return None;
+    }
     (want > gib || phase == VolumePhase::Extending).then(|| {
         format!(
             "volume \"{}\" is growing from {gib} to {want} GiB: plugged in once its storage agent has grown it",
@@ -1284,5 +1298,37 @@ mod tests {
             }
             assert_eq!(r.bytes, 2 << 30);
         }
+    }
+
+    #[test]
+    fn a_volume_that_grows_once_detached_is_given_at_its_size_meanwhile() {
+        let (_dir, p, path) = file_pool();
+        let held = |seen: i64, phase: &str| {
+            let status = json!({"phase": phase, "node": "n1", "pool": "p", "sizeGiB": 1,
+                                "devicePath": path, "attachedTo": "web",
+                                "conditions": [{"type": "Ready", "status": "False",
+                                    "reason": "GrowsWhenDetached", "message": "grows once detached",
+                                    "observedGeneration": seen,
+                                    "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
+            let mut v = volume(status);
+            v.spec.size_gib = 2;
+            v.metadata.generation = Some(2);
+            ready(&v, "web", "n1", Some(&p), PortRange::DEFAULT).expect("ready")
+        };
+        // Its agent said, for the size asked now, that it grows once detached: a server
+        // (booting from it, or rebuilt while holding it) is not kept waiting for good.
+        let r = held(2, "InUse");
+        assert_eq!(r.growing, None);
+        let mut resolved = Resolved::default();
+        resolved.add(UID, Ok(r.clone()));
+        assert!(resolved.waiting.is_empty());
+        assert!(matches!(
+            plan(&resolved, &[], true).as_slice(),
+            [Step::Attach(_)]
+        ));
+        // Said of an earlier size: not yet known, it waits.
+        assert!(held(1, "InUse").growing.is_some());
+        // Being grown: it waits.
+        assert!(held(2, "Extending").growing.is_some());
     }
 }

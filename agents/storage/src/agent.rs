@@ -405,7 +405,10 @@ async fn volume_blocked(
     Ok(())
 }
 
-/// Reports `vol` made: its device, its size, Available (InUse while attached).
+/// Reports `vol` made: its device, its size, Available (InUse while attached), and brings its
+/// export to what its status asks. `held`: why it is not at the size asked while a server
+/// holds it (it grows once detached), said on `Ready=False` (`GrowsWhenDetached`) instead of
+/// `Ready=True`.
 async fn volume_report(
     ctx: &Ctx,
     vol: &Volume,
@@ -413,6 +416,7 @@ async fn volume_report(
     name: &VolName,
     size: u64,
     recorded: Option<&Recorded>,
+    held: Option<&str>,
 ) -> Result<(), StorageError> {
     let b = Arc::clone(backend);
     let n = name.clone();
@@ -432,12 +436,14 @@ async fn volume_report(
         status.ramdisk_image.clone_from(&r.ramdisk);
     }
     status.observed_generation = vol.metadata.generation;
-    ConditionType::Ready
-        .yes(
+    let ready = match held {
+        Some(why) => ConditionType::Ready.no(Reason::GrowsWhenDetached.as_str(), why),
+        None => ConditionType::Ready.yes(
             reasons::AVAILABLE,
             format!("{} in {}", name, backend.describe()),
-        )
-        .set(&mut status.conditions, vol.metadata.generation);
+        ),
+    };
+    ready.set(&mut status.conditions, vol.metadata.generation);
     if vol.status.as_ref().is_some_and(|s| s.export.is_some()) && status.export.is_none() {
         // An export that ended is taken out whole: a server-side apply that drops it leaves
         // its parent (`export: {}`) behind, which is no export. A replace, guarded by the
@@ -514,6 +520,28 @@ async fn recorded_address(
     })
 }
 
+/// Whether the export this agent runs for a volume, to node `served_to`, is one its `status`
+/// no longer asks for (it is to be exported to another node, or to none): it ends at once,
+/// whatever else the pass does.
+fn stale_export(served_to: Option<&str>, status: &VolumeStatus, node: &str) -> bool {
+    served_to.is_some_and(|to| export_to(status, node) != Some(to))
+}
+
+/// How many clients the export of a volume to `node` serves at once: one per server of it on
+/// that node (`status.attachments[].node`) for a multi-attach volume, else one.
+fn export_clients(status: &VolumeStatus, node: &str, multi_attach: bool) -> u16 {
+    let there = status
+        .attachments
+        .iter()
+        .filter(|a| a.node.as_deref() == Some(node))
+        .count();
+    if multi_attach {
+        u16::try_from(there.clamp(1, MAX_ATTACHMENTS)).unwrap_or(1)
+    } else {
+        1
+    }
+}
+
 /// Whether the running export of a volume (`running`: this agent serves one) is kept while
 /// the address of `node`, the node it is to be exported to, cannot be read: when the
 /// volume's status records it exported to that very node. A guest may be using it; only a
@@ -551,11 +579,7 @@ async fn sync_export(
                     node.clone(),
                 );
                 let was = status.export.clone();
-                let clients = if vol.spec.multi_attach {
-                    u16::try_from(MAX_ATTACHMENTS).unwrap_or(u16::MAX)
-                } else {
-                    1
-                };
+                let clients = export_clients(status, &node, vol.spec.multi_attach);
                 blocking(move || e.ensure(&v, &d, &n, peer, clients, was.as_ref())).await?
             }
             Err(Peer::Unreadable(why)) => {
@@ -633,10 +657,14 @@ async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
     };
     let step = plan(intent, observed.map(|o| o.size));
     tracing::debug!(?step, "volume step");
+    let served_to = ctx.exports.served_to(&uid(vol)?);
     if matches!(
         step,
         Step::Nothing | Step::Missing | Step::Delete | Step::Release
-    ) {
+    ) || stale_export(served_to.as_deref(), status, &ctx.node)
+    {
+        // Whatever else this pass does or fails to do, a node that no longer holds the
+        // volume keeps no access to it.
         end_export(ctx, vol).await?;
     }
     match step {
@@ -682,7 +710,8 @@ async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
             .await?;
             match made {
                 Ok(o) => {
-                    volume_report(ctx, vol, &backend, &name, o.size, recorded.as_ref()).await?;
+                    volume_report(ctx, vol, &backend, &name, o.size, recorded.as_ref(), None)
+                        .await?;
                     Ok(Action::requeue(ctx.resync))
                 }
                 Err(e) => {
@@ -698,17 +727,16 @@ async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
             }
         }
         Step::GrowWhenDetached => {
+            // Served as it is meanwhile, its export kept to what its status asks: the guests
+            // holding it keep it at its size, and a server may still be built with it.
+            let size = observed.map(|o| o.size).unwrap_or_default();
             let message = format!(
-                "asks for {} GiB while a server holds it: {} cannot grow a volume a guest holds (without device-mapper its grown data is a new loop device the guest would not see); it grows once detached",
+                "asks for {} GiB while a server holds it: {} cannot grow a volume a guest holds (without device-mapper its grown data is a new loop device the guest would not see); it is served at {} GiB and grows once detached",
                 vol.spec.size_gib,
-                backend.describe()
+                backend.describe(),
+                size >> 30
             );
-            let told = ConditionType::Ready
-                .find(&status.conditions)
-                .is_some_and(|c| c.message == message);
-            if !told {
-                volume_blocked(ctx, vol, status.phase, reasons::EXTENDING, &message).await?;
-            }
+            volume_report(ctx, vol, &backend, &name, size, None, Some(&message)).await?;
             Ok(Action::requeue(ctx.resync))
         }
         Step::Extend(to) => {
@@ -725,7 +753,7 @@ async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
             let (b, n) = (Arc::clone(&backend), name.clone());
             match blocking(move || b.extend(&n, to)).await? {
                 Ok(o) => {
-                    volume_report(ctx, vol, &backend, &name, o.size, None).await?;
+                    volume_report(ctx, vol, &backend, &name, o.size, None, None).await?;
                     event(
                         ctx,
                         vol,
@@ -752,7 +780,7 @@ async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
         }
         Step::Report => {
             let size = observed.map(|o| o.size).unwrap_or_default();
-            volume_report(ctx, vol, &backend, &name, size, None).await?;
+            volume_report(ctx, vol, &backend, &name, size, None, None).await?;
             Ok(Action::requeue(ctx.resync))
         }
         Step::Missing => {
@@ -1356,6 +1384,39 @@ mod tests {
         let none =
             serde_json::from_value::<VolumeStatus>(json!({"attachedTo": "s"})).expect("a status");
         assert!(!keeps_export(&none, "n2", true));
+    }
+
+    #[test]
+    fn an_export_to_a_node_that_no_longer_holds_the_volume_ends_whatever_the_step() {
+        let status =
+            |v: serde_json::Value| serde_json::from_value::<VolumeStatus>(v).expect("a status");
+        // Served to n1; its server there detached, one on its own node n0 still holds it
+        // (so it is not grown, nor reported, this pass): n1's export ends all the same.
+        let local = status(json!({"attachedTo": "b", "attachedNode": "n0", "node": "n0"}));
+        assert!(stale_export(Some("n1"), &local, "n0"));
+        let gone = status(json!({"node": "n0"}));
+        assert!(stale_export(Some("n1"), &gone, "n0"), "detached");
+        let moved = status(json!({"attachedTo": "b", "attachedNode": "n2"}));
+        assert!(stale_export(Some("n1"), &moved, "n0"), "another node");
+        let kept = status(json!({"attachedTo": "b", "attachedNode": "n1"}));
+        assert!(!stale_export(Some("n1"), &kept, "n0"), "still n1's");
+        assert!(!stale_export(None, &local, "n0"), "nothing served");
+    }
+
+    #[test]
+    fn an_export_serves_as_many_clients_as_servers_on_its_node() {
+        let status = serde_json::from_value::<VolumeStatus>(json!({
+            "attachedTo": "a", "attachedNode": "n1",
+            "attachments": [
+                {"server": "a", "node": "n1"}, {"server": "b", "node": "n2"},
+                {"server": "c", "node": "n1"}, {"server": "d"},
+            ],
+        }))
+        .expect("a status");
+        assert_eq!(export_clients(&status, "n1", true), 2);
+        assert_eq!(export_clients(&status, "n2", true), 1);
+        assert_eq!(export_clients(&status, "n3", true), 1, "at least one");
+        assert_eq!(export_clients(&status, "n1", false), 1, "a plain volume");
     }
 
     #[test]

@@ -15,11 +15,13 @@
 //! The NBD protocol lets a client list a server's exports, so the random name keeps no one out
 //! by itself: the packet filter does. A port answers only the consuming node's address (its
 //! Hypervisor's `status.hostIp`); any other address, another tenant's node included, has its
-//! packets dropped before `qemu-nbd` sees them. `qemu-nbd` serves one client at a time
-//! (`--shared=1`), so once the consuming node's QEMU is connected no second client is served
-//! even from an address that got through; a multi-attach volume's export serves as many as
-//! the volume may have servers ([`MAX_ATTACHMENTS`](stratus_api_types::storage::MAX_ATTACHMENTS)),
-//! all from that one node.
+//! packets dropped before `qemu-nbd` sees them. `qemu-nbd` serves as many clients at a time
+//! (`--shared`) as the volume has servers on the consuming node: one for a plain volume, so
+//! once that node's QEMU is connected no second client is served even from an address that
+//! got through; for a multi-attach volume one per server of it there
+//! (`status.attachments[].node`). A new server there makes the export again with one more;
+//! one leaving keeps it as it is (making it again would cut the others' disks) until the
+//! export is made anew.
 //!
 //! # TLS
 //! With the node's NBD certificates (`stratus agent --nbd-tls-dir`, issued by `stratus pki
@@ -173,6 +175,24 @@ impl Record {
             name: self.name.clone(),
             tls: self.tls.is_some(),
         }
+    }
+
+    /// Whether this export serves what is asked: `device` to `node` at `peer`, with `tls`,
+    /// to at least `clients` at once. One serving more clients than asked is kept: making it
+    /// again to serve fewer would cut the disks of the guests connected.
+    pub fn serves(
+        &self,
+        device: &Path,
+        node: &str,
+        peer: IpAddr,
+        clients: u16,
+        tls: Option<&Path>,
+    ) -> bool {
+        self.device == device
+            && self.node == node
+            && self.peer == peer
+            && self.clients >= clients
+            && self.tls.as_deref() == tls
     }
 
     /// The `qemu-nbd` command serving it: raw, `clients` at a time, until stopped.
@@ -457,6 +477,11 @@ impl Exports {
         self.lock().keys().cloned().collect()
     }
 
+    /// The node the volume of uid `volume` is exported to, if it is.
+    pub fn served_to(&self, volume: &str) -> Option<String> {
+        self.lock().get(volume).map(|l| l.record.node.clone())
+    }
+
     /// Exports `device` (the data of the volume of uid `volume`) to `node` at `peer`, to
     /// `clients` of it at once (its servers there, for a multi-attach volume): the
     /// running export if it is that one, else a new one, on the port and under the name of
@@ -483,12 +508,10 @@ impl Exports {
         let pid_file = self.path(volume, "pid");
         let mut live = self.lock();
         if let Some(l) = live.get_mut(volume) {
-            let same = l.record.device == device
-                && l.record.node == node
-                && l.record.peer == peer
-                && l.record.clients == clients
-                && l.record.tls == self.tls;
-            if same && l.alive(&pid_file) {
+            if l.record
+                .serves(device, node, peer, clients, self.tls.as_deref())
+                && l.alive(&pid_file)
+            {
                 return Ok(l.record.status());
             }
             l.stop(&pid_file);
@@ -682,6 +705,27 @@ mod tests {
                 .map(|r| r.clients)
                 .ok(),
             Some(1)
+        );
+    }
+
+    #[test]
+    fn an_export_is_made_again_only_for_more_clients() {
+        let two = Record {
+            clients: 2,
+            ..record()
+        };
+        let (device, peer) = (two.device.clone(), two.peer);
+        let asks = |clients: u16| two.serves(&device, "node-b", peer, clients, None);
+        assert!(asks(2));
+        assert!(asks(1), "a server there left: the others keep their disk");
+        assert!(!asks(3), "a third server there: served anew to three");
+        assert!(
+            !two.serves(&device, "node-c", peer, 1, None),
+            "another node"
+        );
+        assert!(
+            !two.serves(&device, "node-b", peer, 1, Some(Path::new("/tls"))),
+            "TLS asked"
         );
     }
 
