@@ -204,6 +204,9 @@ reasons! {
     Uploading,
     /// An image's `Ready=False`: it waits for its data to be uploaded.
     AwaitingUpload,
+    /// An image's data, downloaded and verified, could not be stored in the cloud's object
+    /// store (it is tried again).
+    StoreFailed,
     /// A hypervisor's `Ready=True`: its agent runs and heartbeats.
     AgentReady,
     /// A hypervisor's `Ready=False`: its heartbeat Lease expired.

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use stratus_controllers::image_store::DataWriter;
 use stratus_controllers::scheduler::Weigher;
 
 use crate::image_policy::{ImagePolicyArgs, api_server_addrs};
@@ -27,6 +28,11 @@ pub struct ControllersArgs {
     /// What the image controller may fetch.
     #[command(flatten)]
     pub images: ImagePolicyArgs,
+    /// Keep the data of each Image with a URL source, once downloaded and verified, in the
+    /// cloud's object store (the API server's --object-store-url): nodes then read it from the
+    /// API server, and the URL is fetched once.
+    #[arg(long)]
+    pub store_url_images: bool,
 }
 
 /// `--weigher`: the scheduler's [`Weigher`], named on the command line.
@@ -53,29 +59,34 @@ pub async fn run(args: ControllersArgs) -> Result<()> {
         .config()
         .await?;
     let policy = args.images.policy(api_server_addrs(&config).await);
+    let store = args
+        .store_url_images
+        .then(|| DataWriter::new(config.clone()));
     let client = kube::Client::try_from(config).context("build the API client")?;
     run_with_client(
         client,
         args.lease_seconds,
         args.weigher.into(),
-        args.image_dir,
-        policy,
+        (args.image_dir, policy, store),
     )
     .await
 }
 
-/// Runs every controller with the credentials of a kubeconfig file.
+/// Runs every controller with the credentials of a kubeconfig file (keeping URL sources'
+/// image data in the object store with `store_url_images`).
 /// (`stratus up` is the only candidate for the Lease, so a short one lets a restarted cloud
 /// take its controllers back quickly.)
 pub async fn run_with_kubeconfig(
     path: PathBuf,
     image_dir: PathBuf,
     images: ImagePolicyArgs,
+    store_url_images: bool,
 ) -> Result<()> {
     let config = Kubeconfig::file(&path).config().await?;
     let policy = images.policy(api_server_addrs(&config).await);
+    let store = store_url_images.then(|| DataWriter::new(config.clone()));
     let client = kube::Client::try_from(config).context("build the API client")?;
-    run_with_client(client, 4, Weigher::Spread, image_dir, policy).await
+    run_with_client(client, 4, Weigher::Spread, (image_dir, policy, store)).await
 }
 
 /// Runs the controllers, starting them again (after a growing pause) whenever they stop with
@@ -85,13 +96,17 @@ async fn run_with_client(
     client: kube::Client,
     lease_seconds: u64,
     weigher: Weigher,
-    image_dir: PathBuf,
-    image_policy: stratus_image_cache::Policy,
+    (image_dir, image_policy, image_store): (
+        PathBuf,
+        stratus_image_cache::Policy,
+        Option<DataWriter>,
+    ),
 ) -> Result<()> {
     let mut election = stratus_controllers::Election::new(lease_seconds);
     election.weigher = weigher;
     election.image_dir = image_dir;
     election.image_policy = image_policy;
+    election.image_store = image_store;
     let mut pause = std::time::Duration::from_millis(200);
     loop {
         match stratus_controllers::run(client.clone(), election.clone()).await {

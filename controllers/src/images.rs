@@ -5,7 +5,10 @@
 //! verify and inspect what they cache. An Image kept in the object store (`source.swift`) is
 //! read through the API server (`images/NAME/data`), which reads it with a short-lived
 //! read-only token of the Image's project, so it can only name its own project's objects.
-//! An uploaded Image (`source.upload`) is the API server's: its upload verifies it and keeps
+//! With an object store (`stratus controllers --store-url-images`), a URL source's verified
+//! data is then kept there through the API server ([`crate::image_store`]), which makes the
+//! Image Active with `status.stored`: nodes read it from the API server, and the URL is
+//! fetched once. An uploaded Image (`source.upload`) is the API server's: its upload verifies it and keeps
 //! its data in the object store; once such an Image is deleted, the controller has the API
 //! server remove that data (`DELETE images/NAME/data`), which releases the Image's
 //! [`DATA_FINALIZER`].
@@ -20,10 +23,12 @@ use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use stratus_api_types::common::{ConditionType, Reason};
-use stratus_api_types::image::{DATA_FINALIZER, DiskFormat, Image, ImagePhase};
+use stratus_api_types::image::{DATA_FINALIZER, DiskFormat, Image, ImagePhase, ImageStatus};
 use stratus_image_cache::{CachedImage, Format, ImageCache, ImageError, Policy, Unsafe};
 use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
+
+use crate::image_store::DataWriter;
 
 /// The field manager of the image controller's status writes.
 const MANAGER: &str = "stratus-image-controller";
@@ -55,6 +60,8 @@ struct Ctx {
     client: Client,
     runtime: Runtime<Image>,
     cache: Arc<ImageCache>,
+    /// Where URL sources' verified data is kept, when the cloud has an object store.
+    store: Option<DataWriter>,
 }
 
 async fn reconcile(image: Arc<Image>, ctx: Arc<Ctx>) -> Result<Action, ImagesError> {
@@ -110,6 +117,30 @@ async fn verify(image: &Image, ctx: &Ctx) -> Result<Action, ImagesError> {
     let mut next = Action::await_change();
     status.observed_generation = generation;
     match got {
+        Ok(c) if stores(ctx.store.is_some(), image, &current) => {
+            match ctx.store.as_ref().map(|w| w.put(image, &c.path, c.size)) {
+                // The API server checked the data again, kept it and made the Image Active
+                // with where it is.
+                Some(put) => match put.await {
+                    Ok(()) => {
+                        tracing::info!(size = c.size, "image data stored in the object store");
+                        return Ok(Action::await_change());
+                    }
+                    Err(e) => {
+                        next = Action::requeue(Duration::from_secs(30));
+                        let message = format!(
+                            "the data was verified but not stored in the object store (tried again): {}",
+                            stratus_runtime::policy::chain(&e)
+                        );
+                        status.phase = ImagePhase::Error;
+                        ConditionType::Ready
+                            .no(Reason::StoreFailed, message)
+                            .set(&mut status.conditions, generation);
+                    }
+                },
+                None => return Ok(Action::await_change()),
+            }
+        }
         Ok(c) => {
             let how = if image.spec.sha256.is_some() {
                 "the data matches spec.sha256"
@@ -166,6 +197,16 @@ async fn verify(image: &Image, ctx: &Ctx) -> Result<Action, ImagesError> {
         .await
         .map_err(ImagesError::Api)?;
     Ok(next)
+}
+
+/// Whether `image`'s verified data is to be kept in the object store: a URL source's, with a
+/// store, not kept yet, and not already Active (an Image verified before without the store
+/// keeps being fetched from its URL: its data cannot change once Active).
+fn stores(has_store: bool, image: &Image, current: &ImageStatus) -> bool {
+    has_store
+        && image.spec.source.url.is_some()
+        && current.stored.is_none()
+        && current.phase != ImagePhase::Active
 }
 
 /// Why a fetch failed: the API server did not serve an object's data, or the fetch itself.
@@ -265,16 +306,65 @@ fn error_policy(image: Arc<Image>, e: &ImagesError, ctx: Arc<Ctx>) -> Action {
     ctx.runtime.error_policy(&image, e)
 }
 
-/// Runs the image controller, caching image data under `dir` fetched under `policy`, until
-/// its watch ends.
-pub async fn run(client: Client, dir: PathBuf, policy: Policy) {
+/// Runs the image controller, caching image data under `dir` fetched under `policy` (and
+/// keeping URL sources' data in the object store through `store`, when given), until its
+/// watch ends.
+pub async fn run(client: Client, dir: PathBuf, policy: Policy, store: Option<DataWriter>) {
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         runtime: Runtime::new(client.clone(), MANAGER),
         cache: Arc::new(ImageCache::new(dir, policy)),
+        store,
     });
     Controller::new(Api::<Image>::all(client), watcher::Config::default())
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use stratus_api_types::image::{ImageSource, ImageUpload, StoredObject};
+
+    use super::*;
+
+    #[test]
+    fn only_a_url_sources_data_not_kept_yet_is_stored() {
+        let image = |source: ImageSource| {
+            let spec = serde_json::json!({"diskFormat": "qcow2", "source": source});
+            Image::new("disk", serde_json::from_value(spec).expect("an ImageSpec"))
+        };
+        let url = image(ImageSource {
+            url: Some("http://images.example/disk.qcow2".into()),
+            ..ImageSource::default()
+        });
+        let upload = image(ImageSource {
+            upload: Some(ImageUpload {}),
+            ..ImageSource::default()
+        });
+        let downloading = ImageStatus {
+            phase: ImagePhase::Downloading,
+            ..ImageStatus::default()
+        };
+        let kept = ImageStatus {
+            stored: Some(StoredObject {
+                container: "stratus-images".into(),
+                object: "uid".into(),
+            }),
+            ..downloading.clone()
+        };
+        let active = ImageStatus {
+            phase: ImagePhase::Active,
+            ..ImageStatus::default()
+        };
+        assert!(stores(true, &url, &downloading));
+        assert!(stores(true, &url, &ImageStatus::default()));
+        // No object store: fetched from its URL, as before.
+        assert!(!stores(false, &url, &downloading));
+        // Kept already, or Active without it (its data cannot change): not again.
+        assert!(!stores(true, &url, &kept));
+        assert!(!stores(true, &url, &active));
+        // Not a URL source.
+        assert!(!stores(true, &upload, &downloading));
+    }
 }

@@ -6,6 +6,7 @@ mod binding;
 pub mod cache;
 pub mod floating_ips;
 pub mod gc;
+pub mod image_store;
 pub mod images;
 pub mod nodes;
 pub mod ports;
@@ -62,6 +63,9 @@ pub struct Election {
     pub image_dir: std::path::PathBuf,
     /// What the image controller may fetch, and how much.
     pub image_policy: stratus_image_cache::Policy,
+    /// Where the image controller keeps URL sources' verified data (the object store,
+    /// through the API server); `None`: nodes fetch them from their URLs.
+    pub image_store: Option<image_store::DataWriter>,
 }
 
 impl Election {
@@ -75,6 +79,7 @@ impl Election {
             weigher: scheduler::Weigher::Spread,
             image_dir: std::env::temp_dir().join("stratus-images"),
             image_policy: stratus_image_cache::Policy::default(),
+            image_store: None,
         }
     }
 }
@@ -142,6 +147,7 @@ async fn elect_and_run(client: &kube::Client, election: &Election) -> Result<(),
                 election.weigher,
                 election.image_dir.clone(),
                 election.image_policy.clone(),
+                election.image_store.clone(),
             )));
         tokio::select! {
             done = &mut controllers => {
@@ -181,6 +187,7 @@ async fn every_controller(
     weigher: scheduler::Weigher,
     image_dir: std::path::PathBuf,
     image_policy: stratus_image_cache::Policy,
+    image_store: Option<image_store::DataWriter>,
 ) -> Result<(), gc::GcError> {
     let (servers, server_watch) = cache::servers(&client);
     let (flavors, flavor_watch) = cache::flavors(&client);
@@ -202,7 +209,7 @@ async fn every_controller(
         () = volumes::run(client.clone()) => { stopped("volume scheduler"); Ok(()) }
         () = attachments::run(client.clone(), &servers) => { stopped("volume attachments"); Ok(()) }
         () = rings::run(client.clone()) => { stopped("object rings"); Ok(()) }
-        () = images::run(client, image_dir, image_policy) => { stopped("images"); Ok(()) }
+        () = images::run(client, image_dir, image_policy, image_store) => { stopped("images"); Ok(()) }
     }
 }
 

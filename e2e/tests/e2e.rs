@@ -15,6 +15,7 @@ mod e2e {
     mod identity;
     mod images_swift;
     mod images_upload;
+    mod images_url_store;
     mod ipam;
     mod kubectl;
     mod leader;

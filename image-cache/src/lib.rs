@@ -52,8 +52,11 @@ const MAX_UID_LEN: usize = 128;
 const CHUNK: usize = 256 * 1024;
 /// Time allowed to connect, and for the server to start answering.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest silence tolerated while a response streams in; the size limit bounds the rest.
+/// Longest silence tolerated while a response streams in.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest one request of a download may take, its body's reading included (as long as an
+/// upload may take through the API server): a server that sends a byte a minute is cut off.
+const DOWNLOAD_DEADLINE: Duration = Duration::from_secs(3 * 3600);
 
 /// Failures fetching an image.
 #[derive(Debug, thiserror::Error)]
@@ -797,6 +800,7 @@ fn agent(addrs: Vec<SocketAddr>) -> ureq::Agent {
         .timeout_connect(Some(CONNECT_TIMEOUT))
         .timeout_recv_response(Some(CONNECT_TIMEOUT))
         .timeout_per_read(Some(READ_TIMEOUT))
+        .timeout_global(Some(DOWNLOAD_DEADLINE))
         .max_redirects(0)
         .proxy(None)
         .user_agent(concat!("stratus/", env!("CARGO_PKG_VERSION")))

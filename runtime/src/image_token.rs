@@ -37,22 +37,27 @@ const CHUNKS: usize = 4;
 const CHUNK: usize = 256 * 1024;
 
 /// Whether `image`'s data is served by the API server (`images/NAME/data`): an uploaded
-/// image's, or an object of the object store's (`source.swift`); an Image with a URL source
-/// is fetched from its URL.
+/// image's, an object of the object store's (`source.swift`), or a URL source's the image
+/// controller stored in the object store (`status.stored`); any other Image with a URL
+/// source is fetched from its URL.
 pub fn served(image: &Image) -> bool {
-    image.spec.source.upload.is_some() || image.spec.source.swift.is_some()
+    image.spec.source.upload.is_some() || image.spec.source.swift.is_some() || stored(image)
 }
 
-/// The SHA-256 `image`'s data must have: `spec.sha256`, or for an uploaded image the one its
-/// upload recorded (so a node checks what it is served against what was uploaded).
+/// Whether `image`'s data is kept in the image store (`status.stored`, written only by the
+/// API server once the data is verified): an uploaded image's, or a URL source's.
+fn stored(image: &Image) -> bool {
+    image.status.as_ref().is_some_and(|s| s.stored.is_some())
+}
+
+/// The SHA-256 `image`'s data must have: `spec.sha256`, or for data kept in the image store
+/// (an uploaded image, a stored URL source) the one recorded when it was stored (so a node
+/// checks what it is served against what was stored).
 pub fn checksum(image: &Image) -> Option<String> {
     image.spec.sha256.clone().or_else(|| {
-        image
-            .spec
-            .source
-            .upload
-            .as_ref()
-            .and(image.status.as_ref())
+        (image.spec.source.upload.is_some() || stored(image))
+            .then_some(image.status.as_ref())
+            .flatten()
             .and_then(|s| s.sha256.clone())
     })
 }
@@ -140,5 +145,52 @@ impl io::Read for ImageData {
         buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
         self.at += n;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use stratus_api_types::image::{ImagePhase, ImageStatus, StoredObject};
+
+    use super::*;
+
+    fn url_image(sha256: Option<&str>, status: Option<ImageStatus>) -> Image {
+        let url = "http://images.example/disk.qcow2";
+        let spec =
+            serde_json::json!({"diskFormat": "qcow2", "source": {"url": url}, "sha256": sha256});
+        let mut image = Image::new("disk", serde_json::from_value(spec).expect("an ImageSpec"));
+        image.status = status;
+        image
+    }
+
+    #[test]
+    fn a_stored_url_source_is_served_and_checked_against_its_recorded_checksum() {
+        let recorded = "a".repeat(64);
+        let active = ImageStatus {
+            phase: ImagePhase::Active,
+            sha256: Some(recorded.clone()),
+            ..ImageStatus::default()
+        };
+        let stored = ImageStatus {
+            stored: Some(StoredObject {
+                container: "stratus-images".into(),
+                object: "uid".into(),
+            }),
+            ..active.clone()
+        };
+        // Not kept: fetched from the URL, checked against spec.sha256 alone.
+        let fetched = url_image(None, Some(active));
+        assert!(!served(&fetched));
+        assert_eq!(checksum(&fetched), None);
+        // Kept: read from the API server, checked against what was recorded when stored.
+        let kept = url_image(None, Some(stored.clone()));
+        assert!(served(&kept));
+        assert_eq!(checksum(&kept), Some(recorded));
+        // spec.sha256 still wins.
+        let given = "b".repeat(64);
+        assert_eq!(
+            checksum(&url_image(Some(&given), Some(stored))),
+            Some(given)
+        );
     }
 }

@@ -9,7 +9,9 @@
 //!   answered, logged or written; no tenant's token reaches that account, and no Project can
 //!   have its id.
 //! - An upload is for a caller who may update the Image (roles; no node, no service), of an
-//!   Image with `spec.source.upload` that is not Active; one upload of an Image at a time
+//!   Image with `spec.source.upload` that is not Active (or, from a system identity, the image
+//!   controller, of one with `spec.source.url`: the data it downloaded and verified, kept
+//!   alike so that nodes read it here rather than from the URL); one upload of an Image at a time
 //!   (a claim in etcd that expires with its lease, so a crashed server's upload frees it):
 //!   the second is 409. The body is `application/octet-stream`, at most the image size limit,
 //!   read with a bound on each silence and on the whole; its SHA-256 must match `spec.sha256`
@@ -554,10 +556,13 @@ async fn receive(
         object: uid.into(),
     });
     done.observed_generation = generation;
-    let how = if image.spec.sha256.is_some() {
-        "uploaded; the data matches spec.sha256"
-    } else {
-        "uploaded; the data's checksum is recorded"
+    let how = match (image.spec.source.url.is_some(), image.spec.sha256.is_some()) {
+        (false, true) => "uploaded; the data matches spec.sha256",
+        (false, false) => "uploaded; the data's checksum is recorded",
+        (true, true) => "downloaded from spec.source.url and stored; the data matches spec.sha256",
+        (true, false) => {
+            "downloaded from spec.source.url and stored; the data's checksum is recorded"
+        }
     };
     ConditionType::Verified
         .yes(
@@ -1091,7 +1096,10 @@ async fn download(
     let (image, _) = read_image(state, ns, name).await?;
     let status = image.status.clone().unwrap_or_default();
     let (token, account, container, object) = match (&image.spec.source, &status.stored) {
-        (s, Some(stored)) if s.upload.is_some() && status.phase == ImagePhase::Active => {
+        // Uploaded, or a URL source's data the image controller stored.
+        (s, Some(stored))
+            if (s.upload.is_some() || s.url.is_some()) && status.phase == ImagePhase::Active =>
+        {
             let (token, account) = store_account(state, &base);
             (
                 token,
