@@ -957,8 +957,10 @@ async fn node_may_read(
                     .await?
                     .iter()
                     .any(|s| meta::meta_str(s, "name").is_some_and(|n| holders.contains(&n)));
-            if placed_on(&vol.value, "volumes", node) || attached_here {
+            if placed_on(&vol.value, "volumes", node) {
                 Ok(Some((key, vol)))
+            } else if attached_here {
+                Ok(Some((key, export_kept_from(vol, node))))
             } else {
                 Err(deny(
                     "it is neither placed on this node nor attached to a server placed on it",
@@ -982,6 +984,27 @@ async fn node_may_read(
         }
         _ => Err(deny("it is not related to anything placed on this node")),
     }
+}
+
+/// Volume `vol` as a node that is not its own reads it by name: without its export
+/// (`status.export`) unless the node is the one it is exported to (`status.attachedNode`). A
+/// node holding one of a multi-attach volume's servers is not told where and under what name
+/// another node is served. (A list or watch of a node selects its own volumes or those
+/// attached to it, whose export is its own.)
+fn export_kept_from(mut vol: Stored, node: &str) -> Stored {
+    let to = vol
+        .value
+        .pointer("/status/attachedNode")
+        .and_then(Value::as_str);
+    if to != Some(node)
+        && let Some(status) = vol
+            .value
+            .pointer_mut("/status")
+            .and_then(Value::as_object_mut)
+    {
+        status.remove("export");
+    }
+    vol
 }
 
 /// Whether Router `name` of namespace `ns` is placed on `node`.
@@ -1345,5 +1368,28 @@ mod tests {
                 .expect("refused")
                 .starts_with("metadata.labels")
         );
+    }
+
+    #[test]
+    fn a_node_reads_a_volumes_export_only_when_it_is_exported_to_it() {
+        let vol = Stored {
+            value: json!({"metadata": {"name": "shared"}, "status": {
+                "node": "n0", "attachedTo": "a", "attachedNode": "n1",
+                "attachments": [{"server": "a", "node": "n1"}, {"server": "b", "node": "n2"}],
+                "export": {"node": "n1", "host": "10.0.0.1", "port": 10809, "name": "x1"},
+            }}),
+            mod_revision: 7,
+        };
+        let served = export_kept_from(vol.clone(), "n1");
+        assert_eq!(served.value, vol.value, "n1's own export");
+        // b's node n2 reads the volume, but not where and under what name n1 is served.
+        let other = export_kept_from(vol.clone(), "n2");
+        assert_eq!(other.value.pointer("/status/export"), None);
+        assert_eq!(
+            other.value.pointer("/status/attachments"),
+            vol.value.pointer("/status/attachments"),
+            "the rest is read as it is"
+        );
+        assert_eq!(other.mod_revision, 7);
     }
 }
