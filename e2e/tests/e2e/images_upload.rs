@@ -147,33 +147,7 @@ fn an_image_uploaded_through_stratus_boots_a_server_from_the_object_store() -> R
     );
 
     // A Server made from it boots the guest.
-    cloud.kubectl_in(
-        &["apply", "-f", "-"],
-        "apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: from-upload\n  namespace: upload1\nspec:\n  flavor: m1.nano\n  image: uploaded\n",
-    )?;
-    let server = wait_until(T, "the server to run", || {
-        get_json(&cloud, "upload1", "server", "from-upload")
-            .filter(|s| s["status"]["phase"] == "Running")
-    })
-    .with_context(|| {
-        format!(
-            "{}\nagent:\n{}\n{}",
-            cloud
-                .kubectl_ok(&["-n", "upload1", "get", "server,image", "-o", "yaml"])
-                .unwrap_or_default(),
-            node.agent_log(),
-            cloud.log()
-        )
-    })?;
-    let uid = server["metadata"]["uid"]
-        .as_str()
-        .context("the server's uid")?
-        .to_string();
-    let marker = format!("STRATUS-GUEST-READY hostname=from-upload instance-id={uid}");
-    wait_until(T, "the guest's marker", || {
-        node.console(&uid).contains(&marker).then_some(())
-    })
-    .with_context(|| format!("console of {uid}:\n{}", node.console(&uid)))?;
+    super::images_url_store::server_boots(&cloud, &node, "upload1", "from-upload", "uploaded")?;
 
     drop(cloud);
     drop(node);
