@@ -373,6 +373,10 @@ reasons! {
     HashesAgree,
     /// `HashMismatch=True`: a node's cluster hash fingerprint is not its ring's.
     HashDiffers,
+    /// `HashMismatch=True`: a node's cluster hash fingerprint is of another version than its
+    /// ring's (a hash file without the cluster's fingerprint salt, or with one the ring's
+    /// nodes lack): the hashes cannot be shown alike, so they are taken to differ.
+    HashFingerprintVersion,
 }
 
 impl Reason {

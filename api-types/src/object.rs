@@ -14,8 +14,9 @@ use crate::common::{Condition, IPV4_PATTERN, NAME_PATTERN, Time};
 /// cluster's salt `:` 16 hexadecimal digits.
 pub const HASH_FINGERPRINT_PATTERN: &str = "^([0-9a-f]{16}|v2:[0-9a-f]{8}:[0-9a-f]{16})$";
 
-/// The version of a cluster hash fingerprint: 2 for `v2:…`, 1 otherwise. Only fingerprints
-/// of one version can be compared: a v1 and a v2 fingerprint of one hash differ.
+/// The version of a cluster hash fingerprint: 2 for `v2:…`, 1 otherwise. A v1 and a v2
+/// fingerprint differ even for one hash, and cannot show it is one: nodes showing two
+/// versions are taken to use two hashes.
 pub fn hash_fingerprint_version(fingerprint: &str) -> u32 {
     if fingerprint.starts_with("v2:") { 2 } else { 1 }
 }
@@ -474,8 +475,8 @@ pub struct ObjectNodeStatus {
     /// servers use: the first 16 hexadecimal digits of PBKDF2-HMAC-SHA256 keyed with them
     /// (600,000 rounds), never the values; `v2:SALTID:HEX` when salted with the cluster's own
     /// salt, the bare digits (v1) when salted with a fixed label.
-    /// Every node of a cluster must show the same; a v1 and a v2 fingerprint are not compared
-    /// (a rolling upgrade shows both).
+    /// Every node of a cluster must show the same; a v1 and a v2 fingerprint differ (the
+    /// node of the other version is named and installs no ring).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = HASH_FINGERPRINT_PATTERN))]
     pub hash_fingerprint: Option<String>,

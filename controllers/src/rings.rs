@@ -307,16 +307,25 @@ pub(crate) fn drain_failed(
     (spec, drained)
 }
 
-/// The cluster hash fingerprint most of the ring's nodes report (on a tie, that of the node
-/// registered first), and the nodes that report another, sorted. A ring's nodes are the
-/// ObjectNodes its devices name (`node`) at the device's `ip`, as for [`drain_failed`]; a
-/// node that reports no fingerprint yet has no say, nor does one that reports an older
-/// fingerprint version than another node (an agent not yet upgraded: its fingerprint cannot
-/// be compared, so it is neither the reference nor a mismatch).
-pub(crate) fn hash_verdict(
-    spec: &ObjectRingSpec,
-    nodes: &[Arc<ObjectNode>],
-) -> (Option<String>, Vec<String>) {
+/// What a ring's nodes report of the cluster hash ([`hash_verdict`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct HashVerdict {
+    /// The fingerprint most of the ring's nodes report (on a tie, that of the node
+    /// registered first).
+    pub reference: Option<String>,
+    /// The nodes that report another fingerprint, sorted.
+    pub differ: Vec<String>,
+    /// Those of `differ` whose fingerprint is of another version than `reference`, sorted.
+    pub other_version: Vec<String>,
+}
+
+/// The cluster hash fingerprint most of the ring's nodes report, and the nodes that report
+/// another. A ring's nodes are the ObjectNodes its devices name (`node`) at the device's
+/// `ip`, as for [`drain_failed`]; a node that reports no fingerprint yet has no say. A
+/// fingerprint of another version than the reference's is another fingerprint: an agent
+/// never rewrites an existing hash file, so a node showing another version was given
+/// another file (a fresh one of its own, or one without the cluster's salt).
+pub(crate) fn hash_verdict(spec: &ObjectRingSpec, nodes: &[Arc<ObjectNode>]) -> HashVerdict {
     let named = |n: &ObjectNode| {
         spec.devices.iter().any(|d| {
             d.node.as_deref() == n.metadata.name.as_deref() && d.node.is_some() && d.ip == n.spec.ip
@@ -327,12 +336,6 @@ pub(crate) fn hash_verdict(
         .filter(|n| named(n))
         .filter_map(|n| Some((&**n, n.status.as_ref()?.hash_fingerprint.as_deref()?)))
         .collect();
-    let newest = ours
-        .iter()
-        .map(|(_, f)| hash_fingerprint_version(f))
-        .max()
-        .unwrap_or_default();
-    ours.retain(|(_, f)| hash_fingerprint_version(f) == newest);
     // First registered first; then by name, for creations within one second.
     ours.sort_by(|(a, _), (b, _)| {
         let key = |n: &ObjectNode| {
@@ -353,15 +356,23 @@ pub(crate) fn hash_verdict(
         .map(|(_, f)| *f)
         .find(|f| counts.get(f) == Some(&most))
     else {
-        return (None, Vec::new());
+        return HashVerdict::default();
     };
-    let mut differ: Vec<String> = ours
-        .iter()
-        .filter(|(_, f)| *f != reference)
-        .filter_map(|(n, _)| n.metadata.name.clone())
-        .collect();
-    differ.sort();
-    (Some(reference.to_owned()), differ)
+    let names = |keep: &dyn Fn(&str) -> bool| {
+        let mut names: Vec<String> = ours
+            .iter()
+            .filter(|(_, f)| keep(f))
+            .filter_map(|(n, _)| n.metadata.name.clone())
+            .collect();
+        names.sort();
+        names
+    };
+    let version = hash_fingerprint_version(reference);
+    HashVerdict {
+        reference: Some(reference.to_owned()),
+        differ: names(&|f| f != reference),
+        other_version: names(&|f| hash_fingerprint_version(f) != version),
+    }
 }
 
 /// The failed devices an ObjectNode reports (what [`drain_failed`] reads of it).
@@ -472,7 +483,11 @@ mod drain_tests {
         ]);
         let (a, b) = ("aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb");
         // Two against one: the one is named, whichever registered first.
-        let (hash, differ) = hash_verdict(
+        let HashVerdict {
+            reference: hash,
+            differ,
+            ..
+        } = hash_verdict(
             &spec,
             &[
                 with_hash("n1", "10.0.0.1", Some(b), 0),
@@ -482,7 +497,11 @@ mod drain_tests {
         );
         assert_eq!((hash.as_deref(), differ), (Some(a), vec!["n1".to_owned()]));
         // A tie: the node registered first has it; nodes without a report have no say.
-        let (hash, differ) = hash_verdict(
+        let HashVerdict {
+            reference: hash,
+            differ,
+            ..
+        } = hash_verdict(
             &spec,
             &[
                 with_hash("n2", "10.0.0.2", Some(a), 5),
@@ -492,7 +511,11 @@ mod drain_tests {
         );
         assert_eq!((hash.as_deref(), differ), (Some(b), vec!["n2".to_owned()]));
         // Nodes the ring does not name, or at another address than its device's, have no say.
-        let (hash, differ) = hash_verdict(
+        let HashVerdict {
+            reference: hash,
+            differ,
+            ..
+        } = hash_verdict(
             &spec,
             &[
                 with_hash("n1", "10.0.0.1", Some(a), 9),
@@ -502,7 +525,11 @@ mod drain_tests {
         );
         assert_eq!((hash.as_deref(), differ), (Some(a), Vec::<String>::new()));
         // Agreeing nodes: no one is named; no report yet: no verdict.
-        let (hash, differ) = hash_verdict(
+        let HashVerdict {
+            reference: hash,
+            differ,
+            ..
+        } = hash_verdict(
             &spec,
             &[
                 with_hash("n1", "10.0.0.1", Some(a), 0),
@@ -510,11 +537,11 @@ mod drain_tests {
             ],
         );
         assert_eq!((hash.as_deref(), differ.len()), (Some(a), 0));
-        assert_eq!(hash_verdict(&spec, &[]), (None, Vec::new()));
+        assert_eq!(hash_verdict(&spec, &[]), HashVerdict::default());
     }
 
     #[test]
-    fn a_rolling_upgrade_of_the_fingerprint_names_no_node() {
+    fn a_node_of_another_fingerprint_version_is_named() {
         let spec = spec(vec![
             dev(Some("n1"), "10.0.0.1", "d1"),
             dev(Some("n2"), "10.0.0.2", "d1"),
@@ -525,19 +552,41 @@ mod drain_tests {
             "v2:0123abcd:bbbbbbbbbbbbbbbb",
             "v2:0123abcd:cccccccccccccccc",
         );
-        // Two agents not yet upgraded show v1, one upgraded shows v2 of the same hash: the
-        // v1 nodes are not compared with it (not a mismatch), though they are more.
-        let (hash, differ) = hash_verdict(
+        // A v1 cluster and a node started with a fresh hash file of its own (v2, salted): it
+        // is named for its version, whichever registered first, and is not the reference.
+        for created in [(0, 1, 2), (1, 2, 0)] {
+            let v = hash_verdict(
+                &spec,
+                &[
+                    with_hash("n1", "10.0.0.1", Some(v1), created.0),
+                    with_hash("n2", "10.0.0.2", Some(v1), created.1),
+                    with_hash("n3", "10.0.0.3", Some(v2), created.2),
+                ],
+            );
+            assert_eq!(
+                v,
+                HashVerdict {
+                    reference: Some(v1.into()),
+                    differ: vec!["n3".into()],
+                    other_version: vec!["n3".into()],
+                }
+            );
+        }
+        // A v2 cluster and a node reporting v1: named the same way.
+        let v = hash_verdict(
             &spec,
             &[
                 with_hash("n1", "10.0.0.1", Some(v1), 0),
-                with_hash("n2", "10.0.0.2", Some(v1), 1),
+                with_hash("n2", "10.0.0.2", Some(v2), 1),
                 with_hash("n3", "10.0.0.3", Some(v2), 2),
             ],
         );
-        assert_eq!((hash.as_deref(), differ), (Some(v2), Vec::<String>::new()));
-        // Among v2 fingerprints, a different one is still named.
-        let (hash, differ) = hash_verdict(
+        assert_eq!(
+            (v.reference.as_deref(), v.differ, v.other_version),
+            (Some(v2), vec!["n1".to_owned()], vec!["n1".to_owned()])
+        );
+        // Among v2 fingerprints, a different one is named for its hash, not its version.
+        let v = hash_verdict(
             &spec,
             &[
                 with_hash("n1", "10.0.0.1", Some(v1), 0),
@@ -545,7 +594,26 @@ mod drain_tests {
                 with_hash("n3", "10.0.0.3", Some(other_v2), 2),
             ],
         );
-        assert_eq!((hash.as_deref(), differ), (Some(v2), vec!["n3".to_owned()]));
+        assert_eq!(
+            (v.reference.as_deref(), v.differ, v.other_version),
+            (
+                Some(v1),
+                vec!["n2".to_owned(), "n3".to_owned()],
+                vec!["n2".to_owned(), "n3".to_owned()]
+            )
+        );
+        let v = hash_verdict(
+            &spec,
+            &[
+                with_hash("n1", "10.0.0.1", Some(v2), 0),
+                with_hash("n2", "10.0.0.2", Some(v2), 1),
+                with_hash("n3", "10.0.0.3", Some(other_v2), 2),
+            ],
+        );
+        assert_eq!(
+            (v.differ, v.other_version),
+            (vec!["n3".to_owned()], Vec::<String>::new())
+        );
     }
 
     #[test]
@@ -706,7 +774,11 @@ async fn step(ring: &ObjectRing, ctx: &Ctx) -> Result<Action, RingsError> {
         _ => None,
     };
     let (spec, drained) = drain_failed(&ring.spec, &ctx.nodes.state());
-    let (hash, mismatch) = hash_verdict(&ring.spec, &ctx.nodes.state());
+    let HashVerdict {
+        reference: hash,
+        differ: mismatch,
+        other_version,
+    } = hash_verdict(&ring.spec, &ctx.nodes.state());
     let now = unix_now();
     let decision = stratus_runtime::blocking(move || decide(&spec, builder, now)).await?;
     let mut status = current.clone();
@@ -715,10 +787,22 @@ async fn step(ring: &ObjectRing, ctx: &Ctx) -> Result<Action, RingsError> {
     let hash_condition = if mismatch.is_empty() {
         ConditionType::HashMismatch.no(Reason::HashesAgree, "")
     } else {
+        let (reason, version) = if other_version.is_empty() {
+            (Reason::HashDiffers, String::new())
+        } else {
+            (
+                Reason::HashFingerprintVersion,
+                format!(
+                    "; {} show a fingerprint of another version (their hash file is not \
+                     the cluster's)",
+                    other_version.join(", ")
+                ),
+            )
+        };
         ConditionType::HashMismatch.yes(
-            Reason::HashDiffers,
+            reason,
             format!(
-                "ObjectNodes {} use another cluster hash than the ring's other nodes ({}): \
+                "ObjectNodes {} use another cluster hash than the ring's other nodes ({}){version}: \
                  they install none of its versions until given the cluster's hash file",
                 mismatch.join(", "),
                 hash.as_deref().unwrap_or_default()

@@ -343,6 +343,13 @@ impl Agent {
         }
     }
 
+    /// Whether some ring's nodes show a fingerprint of another version than this node's.
+    fn foreign_version(&self) -> bool {
+        use stratus_api_types::object::hash_fingerprint_version as version;
+        let own = version(&self.fingerprint);
+        self.foreign.iter().any(|(_, f)| version(f) != own)
+    }
+
     /// What the HashMismatch condition says while some ring's nodes use another hash.
     fn hash_message(&self) -> Option<String> {
         if self.foreign.is_empty() {
@@ -551,6 +558,7 @@ impl Agent {
         let hash = self.hash_message();
         let kind = ConditionType::HashMismatch.as_str();
         let (mismatch, reason) = match hash {
+            Some(_) if self.foreign_version() => (true, Reason::HashFingerprintVersion.as_str()),
             Some(_) => (true, Reason::HashDiffers.as_str()),
             None => (false, Reason::HashesAgree.as_str()),
         };
@@ -754,6 +762,27 @@ mod tests {
         assert_eq!(a.ring_problems.len(), 1, "{:?}", a.ring_problems);
         let status = a.observe(Some(1), &status).await;
         assert!(!ConditionType::HashMismatch.is_true(&status.conditions));
+    }
+
+    #[tokio::test]
+    async fn a_node_of_another_fingerprint_version_installs_none_of_the_rings() {
+        let sup = Arc::new(FakeSupervisor::new());
+        let mut a = agent(sup);
+        // This node shows v1; its ring's nodes show v2 (a hash file with the cluster's salt).
+        a.install_rings(&[ring_of_hash("v2:0123abcd:0123456789abcdef")])
+            .await;
+        assert!(
+            a.installed.is_empty(),
+            "a ring of another version was installed"
+        );
+        let status = a.observe(Some(1), &ObjectNodeStatus::default()).await;
+        let c = ConditionType::HashMismatch
+            .find(&status.conditions)
+            .expect("HashMismatch");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "HashFingerprintVersion")
+        );
     }
 
     #[tokio::test]

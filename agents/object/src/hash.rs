@@ -214,9 +214,10 @@ impl SwiftHash {
     /// - v1 (`HEX` alone, what agents before salts show), for a hash file without one: the
     ///   label alone, the same in every cluster.
     ///
-    /// Fingerprints of two versions cannot be compared ([`stratus_api_types::object::
-    /// hash_fingerprint_version`]): during a rolling upgrade an agent of before salts shows v1
-    /// for the hash file a newer agent shows v2 for.
+    /// Fingerprints of two versions differ even for one hash ([`stratus_api_types::object::
+    /// hash_fingerprint_version`]), and nodes showing two versions are taken to use two
+    /// hashes: an agent never rewrites an existing file, so a node of another version than
+    /// its ring's others was given another file.
     ///
     /// # Guarantees
     /// Two nodes show the same fingerprint exactly when their values and salts are the same

@@ -105,14 +105,14 @@ pub struct Source {
 /// The cluster hash fingerprint `ring`'s nodes mostly report (`status.hashFingerprint`), when
 /// it is not `own` (this node's): a node hashing names otherwise than the ring's other nodes
 /// would put and look for every replica where they do not. A fingerprint of another version
-/// than `own`'s cannot be compared with it (a rolling upgrade of the agents): not foreign.
+/// than `own`'s is foreign too: the node's hash file is not the one its ring's nodes have
+/// (an agent never rewrites an existing file), so nothing shows the hashes are alike.
 pub fn foreign_hash<'a>(ring: &'a ObjectRing, own: &str) -> Option<&'a str> {
-    use stratus_api_types::object::hash_fingerprint_version as version;
     ring.status
         .as_ref()?
         .hash_fingerprint
         .as_deref()
-        .filter(|f| *f != own && version(f) == version(own))
+        .filter(|f| *f != own)
 }
 
 /// Which ring version goes to each ring file: each ObjectRing's current version
@@ -348,15 +348,24 @@ pub(crate) mod tests {
             1,
             "installed where the hash agrees"
         );
-        // A node showing a v2 fingerprint, of a ring whose nodes mostly show v1 (or the
-        // other way round): a rolling upgrade, not another hash.
+        // A v1 cluster and a node started with a fresh hash file of its own (v2): it
+        // installs none of the ring's versions; nor does a v1 node of a v2 ring.
         let own_v2 = "v2:0123abcd:0123456789abcdef";
-        assert_eq!(foreign_hash(&foreign, own_v2), None);
+        assert_eq!(foreign_hash(&foreign, own_v2), Some("00000000000000ff"));
+        assert!(ring_sources(&[foreign.clone()], own_v2).0.is_empty());
         let mut foreign_v2 = foreign.clone();
         if let Some(s) = foreign_v2.status.as_mut() {
             s.hash_fingerprint = Some("v2:0123abcd:00000000000000ff".into());
         }
-        assert_eq!(foreign_hash(&foreign_v2, OWN), None);
+        assert_eq!(
+            foreign_hash(&foreign_v2, "00000000000000ff"),
+            Some("v2:0123abcd:00000000000000ff")
+        );
+        assert!(
+            ring_sources(&[foreign_v2.clone()], "00000000000000ff")
+                .0
+                .is_empty()
+        );
         assert_eq!(
             foreign_hash(&foreign_v2, own_v2),
             Some("v2:0123abcd:00000000000000ff"),
