@@ -153,6 +153,7 @@ mod host_tests {
             port,
             name: "vol".into(),
             pid: 0,
+            clients: 1,
             tls: Some(d.join("n1")),
         };
         let pid_file = d.join("qemu-nbd.pid");
