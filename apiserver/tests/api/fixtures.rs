@@ -18,6 +18,7 @@ use stratus_apiserver::resource::registry::Registry;
 use stratus_apiserver::resource::review::AllowAll;
 use stratus_apiserver::resource::table::Rendering;
 use stratus_apiserver::resource::verbs::{Api, Params, Target};
+use stratus_apiserver::storage::store::Stored;
 use stratus_apiserver::storage::store::{Paging, Store};
 
 const PREFIX: &str = "/registry";
@@ -548,11 +549,14 @@ fn path_of(t: &Target) -> String {
 }
 
 impl As<'_> {
-    async fn authorized(&self, method: &str, t: &Target, p: &Params) -> ApiResult<()> {
+    async fn authorized(
+        &self,
+        method: &str,
+        t: &Target,
+        p: &Params,
+    ) -> ApiResult<Option<(String, Stored)>> {
         let info = RequestInfo::parse(method, &path_of(t), p.flag("watch"));
-        authorize(&self.cloud.api, &info, p, &self.caller)
-            .await
-            .map(|_| ())
+        authorize(&self.cloud.api, &info, p, &self.caller).await
     }
 
     /// `POST` of `body` (of `content_type`) to `t`'s collection.
@@ -656,9 +660,14 @@ impl As<'_> {
     /// `GET` of `t` (one object), or a list of `t`'s collection with `query`.
     pub async fn read(&self, t: &Target, query: &str) -> ApiResult<Value> {
         let p = params(query);
-        self.authorized("GET", t, &p).await?;
+        let read = self.authorized("GET", t, &p).await?;
         let o = match t.name {
-            Some(_) => self.cloud.api.get(t, Rendering::Full, &p, None).await?,
+            Some(_) => {
+                // Answered with what authorising it read (the object it names), as the HTTP
+                // layer does.
+                let read = read.map(|(_, s)| s);
+                self.cloud.api.get(t, Rendering::Full, &p, read).await?
+            }
             None => {
                 self.cloud
                     .api

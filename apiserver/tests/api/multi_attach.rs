@@ -194,3 +194,54 @@ async fn a_node_reads_a_multi_attach_volume_through_any_of_its_servers_and_keeps
     }
     assert_eq!(holders(&c, "shared").await.0, ["web", "db"]);
 }
+
+/// A node holding one of a multi-attach volume's servers reads the volume, but its export
+/// (`status.export`) only when the volume is exported to that node (`status.attachedNode`):
+/// where and under what name another node is served is that node's alone.
+#[tokio::test]
+async fn a_node_reads_a_multi_attach_volumes_export_only_when_it_is_served_to_it() {
+    let c = Cloud::with_demo().await;
+    c.hypervisor("n1", 4, 4096).await;
+    c.hypervisor("n2", 4, 4096).await;
+    c.create(&volume("shared", true)).await.expect("volume");
+    for (server, node) in [("web", "n1"), ("db", "n2")] {
+        c.create(&holding("demo", server, "shared"))
+            .await
+            .expect("server");
+        c.bind("demo", server, node).await.expect("placed");
+    }
+    crate::api::attachments::place_volume(&c, "shared", "s1").await;
+    c.node("s1")
+        .patch(
+            &c.status("StoragePool", None, "p1"),
+            MERGE,
+            r#"{"status": {"storageAddress": "10.0.0.1"}}"#,
+        )
+        .await
+        .expect("its storage address");
+    let status = c.status("Volume", Some("demo"), "shared");
+    c.patch(
+        &status,
+        MERGE,
+        &json!({"status": {"attachedNode": "n1"}}),
+        "",
+    )
+    .await
+    .expect("the attachments controller's record");
+    c.node("s1")
+        .patch(
+            &status,
+            MERGE,
+            r#"{"status": {"export": {"node": "n1", "host": "10.0.0.1", "port": 10809, "name": "x1"}}}"#,
+        )
+        .await
+        .expect("exported to n1");
+    let t = c.target("Volume", Some("demo"), Some("shared"));
+    let served = c.node("n1").read(&t, "").await.expect("web's node");
+    assert_eq!(served["status"]["export"]["name"], "x1");
+    let other = c.node("n2").read(&t, "").await.expect("db's node");
+    assert_eq!(other["status"].get("export"), None, "{other:?}");
+    assert_eq!(other["status"]["attachedNode"], "n1");
+    let own = c.node("s1").read(&t, "").await.expect("its storage node");
+    assert_eq!(own["status"]["export"]["name"], "x1");
+}
