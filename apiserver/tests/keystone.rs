@@ -1648,8 +1648,9 @@ async fn image_transfers_have_their_own_places_and_a_minimum_rate() {
 }
 
 /// What uploads stage on disk is bounded in all: an upload that could never fit is 507 before
-/// anything is read; one that does not fit beside another under way is 429 with Retry-After,
-/// and fits once the other is done.
+/// anything is read; one whose bytes do not fit beside those of another under way is 429 with
+/// Retry-After, and fits once the other is done: an upload holds room for the bytes it sent,
+/// not for those it announced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staged_uploads_are_bounded_in_all() {
     let (s, alice) = unstored_with(|c| c.image_staging_max_bytes = 64 * 1024).await;
@@ -1664,7 +1665,8 @@ async fn staged_uploads_are_bounded_in_all() {
 
     let data = vec![2u8; 40 * 1024];
     let mut a = upload_under_way(&s, &alice, "p1", "a", &data).await;
-    let r = put_data(&s, &alice, "p1", "b", octets, &data).await;
+    // The whole room, beside a's first KiB.
+    let r = put_data(&s, &alice, "p1", "b", octets, &vec![2u8; 64 * 1024]).await;
     assert_eq!(r.code, 429, "{}", r.body);
     assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
     a.write_all(&data[1024..]).await.expect("send the rest");

@@ -23,11 +23,14 @@
 //!   placed on which is made from it, or a system identity. It is read from the object store
 //!   a chunk at a time on a blocking thread and handed on without one: a client that stops
 //!   reading holds no thread, and is cut off (its connection closed) once a window of the
-//!   transfer's minimum rate passes with too little read.
-//! - Uploads and downloads count against their own limit, not the in-flight ones
-//!   ([`crate::http::limits`]); each must keep the minimum rate (an upload is answered 408
-//!   otherwise). What uploads stage on disk is bounded in all ([`StagingRoom`]): past it, 429
-//!   while others hold the room, 507 for an upload that could never fit.
+//!   transfer's minimum rate passes with too little read, or once its deadline passes
+//!   (twice what its size takes at the minimum rate, at most 3 h).
+//! - Uploads and downloads count against their own limit, not the in-flight ones, shared out
+//!   by identity with places kept for nodes and system identities
+//!   ([`crate::http::limits::Transfers`]); each must keep the minimum rate (an upload is
+//!   answered 408 otherwise). What uploads stage on disk is bounded in all ([`StagingRoom`]),
+//!   each holding room for the bytes it sent, not those it announced: past it, 429 while
+//!   others hold the room, 507 for an upload that could never fit.
 //! - The object of an upload is written only once the Image carries [`DATA_FINALIZER`]; the
 //!   finalizer is removed (`DELETE images/NAME/data`, a system identity's, asked by the image
 //!   controller) only once its deleted Image's object is gone from the object store, and
@@ -152,6 +155,20 @@ impl StagingRoom {
         }
     }
 
+    /// Room for one upload that says it sends `declared` bytes: none held yet, as it grows
+    /// with the bytes that arrive ([`Reservation::grow_to`]), so that an upload holds no room
+    /// for what it only announced.
+    ///
+    /// # Errors
+    /// 507 when `declared` exceeds the whole room.
+    fn admit(&self, declared: Option<u64>) -> ApiResult<Reservation> {
+        let room = self.reserve(0)?;
+        match declared {
+            Some(bytes) if bytes > self.max => Err(room.too_large(bytes)),
+            _ => Ok(room),
+        }
+    }
+
     /// Room for `bytes` of one upload.
     ///
     /// # Errors
@@ -168,16 +185,21 @@ impl StagingRoom {
 }
 
 impl Reservation {
+    /// 507: `bytes` do not fit in the whole room.
+    fn too_large(&self, bytes: u64) -> ApiError {
+        ApiError::insufficient_storage(format!(
+            "the image data ({bytes} bytes) is larger than the room this server stages uploads in ({} bytes)",
+            self.max
+        ))
+    }
+
     /// Holds room for `bytes` in all (more than held, or nothing).
     fn grow_to(&mut self, bytes: u64) -> ApiResult<()> {
         if bytes <= self.held {
             return Ok(());
         }
         if bytes > self.max {
-            return Err(ApiError::insufficient_storage(format!(
-                "the image data ({bytes} bytes) is larger than the room this server stages uploads in ({} bytes)",
-                self.max
-            )));
+            return Err(self.too_large(bytes));
         }
         let more = bytes - self.held;
         let max = self.max;
@@ -365,8 +387,8 @@ async fn upload(
         .uid
         .clone()
         .ok_or_else(|| ApiError::internal("a stored Image has no uid"))?;
-    // Room for what it says it sends, before anything is claimed or read.
-    let room = state.staging.reserve(declared.unwrap_or(0))?;
+    // What it says it sends must fit; room is held as its bytes arrive.
+    let room = state.staging.admit(declared)?;
     // One upload at a time: a claim that goes with its lease if this server does.
     let claim = upload_claim(state, &uid);
     let store = &state.api.store;
@@ -1007,21 +1029,63 @@ const CHUNKS: usize = 4;
 /// The largest chunk read from the object store at once.
 const CHUNK: usize = 256 * 1024;
 
+/// The longest a download may take, whatever its size.
+const DOWNLOAD_DEADLINE: Duration = UPLOAD_DEADLINE;
+
+/// How long a download of `length` bytes may take in all: twice what the minimum `rate`
+/// needs for them, and a window, within [`DOWNLOAD_DEADLINE`] (all of it when the length is
+/// not known or no minimum is set). A client reading just above the minimum rate holds its
+/// transfer place no longer than that.
+fn download_deadline(length: Option<u64>, rate: crate::http::limits::MinRate) -> Duration {
+    match length {
+        Some(l) if rate.bytes_per_second > 0 => {
+            Duration::from_secs((l / rate.bytes_per_second).saturating_mul(2))
+                .saturating_add(rate.window)
+                .min(DOWNLOAD_DEADLINE)
+        }
+        _ => DOWNLOAD_DEADLINE,
+    }
+}
+
+/// Why a download was cut off.
+#[derive(Debug)]
+enum Cut {
+    /// A window in which the client took too little.
+    Slow(crate::http::limits::TooSlow),
+    /// Its deadline passed.
+    Deadline(Duration),
+}
+
+impl std::fmt::Display for Cut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Slow(slow) => write!(f, "its client reads too slowly: {slow}"),
+            Self::Deadline(d) => write!(f, "it did not end within {} s", d.as_secs()),
+        }
+    }
+}
+
 /// Hands `reader`'s data to `tx` a chunk at a time: each read on a blocking thread (bounded by
 /// the object store client's read timeout), each hand-off awaited without one, so a client
 /// that stops reading holds no thread. Ends at the data's end, on a read error (sent on), or
 /// when the client is gone.
 ///
 /// # Errors
-/// A window of `rate` in which the client took too little.
+/// A window of `rate` in which the client took too little, or `deadline` passed.
 async fn relay(
     mut reader: Box<dyn std::io::Read + Send>,
     tx: tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
     rate: crate::http::limits::MinRate,
-) -> Result<(), crate::http::limits::TooSlow> {
+    deadline: Duration,
+) -> Result<(), Cut> {
     use tokio::sync::mpsc::error::SendTimeoutError;
-    let mut pace = Pace::new(rate, Instant::now());
+    let started = Instant::now();
+    let until = started + deadline;
+    let mut pace = Pace::new(rate, started);
     loop {
+        if Instant::now() >= until {
+            return Err(Cut::Deadline(deadline));
+        }
         let read = tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; CHUNK];
             let n = reader.read(&mut buf);
@@ -1048,17 +1112,24 @@ async fn relay(
         };
         let n = item.as_ref().map_or(0, |c| c.len() as u64);
         loop {
-            let wait = pace.deadline().saturating_duration_since(Instant::now());
+            let wait = pace
+                .deadline()
+                .min(until)
+                .saturating_duration_since(Instant::now());
             match tx.send_timeout(item, wait).await {
                 Ok(()) => break,
                 Err(SendTimeoutError::Closed(_)) => return Ok(()),
                 Err(SendTimeoutError::Timeout(back)) => {
-                    pace.check(Instant::now())?;
+                    let now = Instant::now();
+                    pace.check(now).map_err(Cut::Slow)?;
+                    if now >= until {
+                        return Err(Cut::Deadline(deadline));
+                    }
                     item = back;
                 }
             }
         }
-        pace.moved(n, Instant::now())?;
+        pace.moved(n, Instant::now()).map_err(Cut::Slow)?;
     }
 }
 
@@ -1166,10 +1237,11 @@ async fn download(
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(CHUNKS);
     let rate = state.config.limits.image_min_rate;
+    let deadline = download_deadline(length, rate);
     let image = format!("{ns}/{name}");
     tokio::spawn(async move {
-        if let Err(slow) = relay(reader, tx, rate).await {
-            tracing::info!(image, %slow, "image download cut off: its client reads too slowly");
+        if let Err(cut) = relay(reader, tx, rate, deadline).await {
+            tracing::info!(image, %cut, "image download cut off");
             cutoff.cut();
         }
     });
@@ -1216,7 +1288,7 @@ mod tests {
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel(CHUNKS);
         let started = Instant::now();
-        let relayed = tokio::spawn(relay(Box::new(Endless), tx, rate));
+        let relayed = tokio::spawn(relay(Box::new(Endless), tx, rate, DOWNLOAD_DEADLINE));
         // The client reads for a while, then stops.
         let until = Instant::now() + Duration::from_millis(700);
         while Instant::now() < until {
@@ -1227,8 +1299,71 @@ mod tests {
             .expect("given up in time")
             .expect("the relay ran")
             .expect_err("too slow");
+        let Cut::Slow(slow) = slow else {
+            panic!("cut off for {slow}, not for reading too slowly");
+        };
         assert_eq!(slow.moved, 0, "{slow}");
-        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    /// A client reading above the minimum rate is cut off once its deadline passes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_download_ends_at_its_deadline_however_its_client_reads() {
+        let rate = crate::http::limits::MinRate {
+            bytes_per_second: 1024,
+            window: Duration::from_millis(300),
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(CHUNKS);
+        let started = Instant::now();
+        let relayed = tokio::spawn(relay(
+            Box::new(Endless),
+            tx,
+            rate,
+            Duration::from_millis(800),
+        ));
+        // The client reads on (well above the minimum) until the relay gives up.
+        while let Some(chunk) = rx.recv().await {
+            chunk.expect("data");
+        }
+        let cut = relayed.await.expect("the relay ran").expect_err("cut off");
+        assert!(matches!(cut, Cut::Deadline(_)), "{cut}");
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+
+    #[test]
+    fn a_downloads_deadline_follows_its_size_within_bounds() {
+        let rate = crate::http::limits::MinRate {
+            bytes_per_second: 32 * 1024,
+            window: Duration::from_secs(60),
+        };
+        // 32 MiB: 1024 s at the minimum rate, given twice that and a window.
+        assert_eq!(
+            download_deadline(Some(32 << 20), rate),
+            Duration::from_secs(2 * 1024 + 60)
+        );
+        // 8 GiB (73 h at the minimum rate) or an unknown length: at most the cap.
+        assert_eq!(download_deadline(Some(8 << 30), rate), DOWNLOAD_DEADLINE);
+        assert_eq!(download_deadline(None, rate), DOWNLOAD_DEADLINE);
+        assert_eq!(download_deadline(Some(0), rate), rate.window);
+    }
+
+    /// An upload holds room only for the bytes it sent, not for those it announced.
+    #[test]
+    fn staging_room_is_held_as_bytes_arrive() {
+        let room = StagingRoom::new(100);
+        let mut a = room.admit(Some(100)).expect("fits");
+        let mut b = room.admit(Some(100)).expect("announcing holds nothing");
+        a.grow_to(60).expect("a's bytes");
+        assert_eq!(b.grow_to(50).expect_err("a holds 60").code, 429);
+        b.grow_to(40).expect("what is left");
+        assert_eq!(room.admit(Some(101)).expect_err("too large").code, 507);
+        drop(a);
+        b.grow_to(100).expect("a gave its room back");
     }
 
     #[test]

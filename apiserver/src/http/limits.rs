@@ -6,7 +6,9 @@
 //!   `Retry-After`, as kube-apiserver's `--max-requests-inflight` does; watches count only
 //!   against their identity's watch limit. Image data transfers (`images/NAME/data`) count
 //!   only against their own limit ([`Limits::max_image_transfers`]), held until the last byte
-//!   is sent, so slow uploads or downloads never take the places of other writes and reads.
+//!   is sent, so slow uploads or downloads never take the places of other writes and reads;
+//!   a user holds at most a quarter of them, and users together leave a quarter to nodes and
+//!   system identities ([`Transfers`]), so no tenant keeps others or the nodes from images.
 //! - A transfer moving fewer than [`MinRate`]'s bytes in any of its windows is cut off
 //!   ([`Pace`]): an upload is answered 408, a download's connection is closed ([`Cutoff`]).
 //! - A connection with no request in flight is closed once it has been idle for the idle
@@ -73,13 +75,13 @@ impl Default for Limits {
     }
 }
 
-/// The in-flight limits: one semaphore per kind of request.
+/// The in-flight limits: one semaphore per kind of request, and image data transfers'
+/// places ([`Transfers`]).
 #[derive(Debug)]
 pub struct Inflight {
     read_only: Arc<Semaphore>,
     mutating: Arc<Semaphore>,
-    transfers: Arc<Semaphore>,
-    max_transfers: usize,
+    transfers: Transfers,
 }
 
 impl Inflight {
@@ -88,25 +90,17 @@ impl Inflight {
         Self {
             read_only: Arc::new(Semaphore::new(read_only)),
             mutating: Arc::new(Semaphore::new(mutating)),
-            transfers: Arc::new(Semaphore::new(transfers)),
-            max_transfers: transfers,
+            transfers: Transfers::new(transfers),
         }
     }
 
-    /// A place for one image data transfer, held until it is dropped.
+    /// A place for one image data transfer of `identity`, held until it is dropped
+    /// ([`Transfers::admit`]).
     ///
     /// # Errors
-    /// 429 with `Retry-After` when every place for transfers is taken.
-    pub fn admit_transfer(&self) -> Result<OwnedSemaphorePermit, ApiError> {
-        Arc::clone(&self.transfers).try_acquire_owned().map_err(|_| {
-            ApiError::too_many_requests(
-                format!(
-                    "too many image uploads and downloads at once (this server serves {}): try again later",
-                    self.max_transfers
-                ),
-                5,
-            )
-        })
+    /// 429 with `Retry-After` when no place is left for it.
+    pub fn admit_transfer(&self, identity: &str, trusted: bool) -> Result<TransferPlace, ApiError> {
+        self.transfers.admit(identity, trusted)
     }
 
     /// A place for one request, held until it is dropped.
@@ -122,6 +116,105 @@ impl Inflight {
         Arc::clone(s).try_acquire_owned().map_err(|_| {
             ApiError::too_many_requests("too many requests, please try again later", 1)
         })
+    }
+}
+
+/// Image data transfers at once: `max` in all; of them, an identity other than a node's or
+/// a system one (a user, a service) holds at most a quarter (at least 1), and such
+/// identities together leave a quarter to nodes and system identities, so that no tenant,
+/// nor all of them, keeps nodes and controllers from images.
+#[derive(Debug)]
+pub struct Transfers {
+    max: usize,
+    per_identity: usize,
+    reserved: usize,
+    open: Arc<Mutex<TransferCounts>>,
+}
+
+#[derive(Debug, Default)]
+struct TransferCounts {
+    all: usize,
+    untrusted: usize,
+    by_identity: HashMap<String, usize>,
+}
+
+/// One transfer's place, given back when dropped.
+#[derive(Debug)]
+pub struct TransferPlace {
+    open: Arc<Mutex<TransferCounts>>,
+    identity: String,
+    trusted: bool,
+}
+
+impl Transfers {
+    /// `max` transfers at once.
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            per_identity: (max / 4).max(1),
+            reserved: max / 4,
+            open: Arc::default(),
+        }
+    }
+
+    /// A place for one transfer of `identity`; `trusted` for a node's or a system identity.
+    ///
+    /// # Errors
+    /// 429 with `Retry-After` when every place is taken, when `identity` (not `trusted`)
+    /// holds its share, or when such identities hold all but the places kept for nodes and
+    /// system identities.
+    pub fn admit(&self, identity: &str, trusted: bool) -> Result<TransferPlace, ApiError> {
+        let mut open = self
+            .open
+            .lock()
+            .map_err(|_| ApiError::internal("the transfer counts are poisoned"))?;
+        let busy = |why: String| ApiError::too_many_requests(why, 5);
+        if open.all >= self.max {
+            return Err(busy(format!(
+                "too many image uploads and downloads at once (this server serves {}): try again later",
+                self.max
+            )));
+        }
+        if !trusted {
+            let mine = open.by_identity.get(identity).copied().unwrap_or(0);
+            if mine >= self.per_identity {
+                return Err(busy(format!(
+                    "too many image uploads and downloads of \"{identity}\" at once (at most {} per user): try again later",
+                    self.per_identity
+                )));
+            }
+            if open.untrusted >= self.max - self.reserved {
+                return Err(busy(format!(
+                    "too many image uploads and downloads of users at once (this server serves {} of theirs): try again later",
+                    self.max - self.reserved
+                )));
+            }
+            open.untrusted += 1;
+        }
+        open.all += 1;
+        *open.by_identity.entry(identity.to_owned()).or_default() += 1;
+        Ok(TransferPlace {
+            open: Arc::clone(&self.open),
+            identity: identity.to_owned(),
+            trusted,
+        })
+    }
+}
+
+impl Drop for TransferPlace {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.open.lock() {
+            open.all = open.all.saturating_sub(1);
+            if !self.trusted {
+                open.untrusted = open.untrusted.saturating_sub(1);
+            }
+            if let Some(n) = open.by_identity.get_mut(&self.identity) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    open.by_identity.remove(&self.identity);
+                }
+            }
+        }
     }
 }
 
@@ -568,13 +661,50 @@ mod tests {
         let r = i.admit(false).expect("read");
         assert_eq!(i.admit(false).expect_err("second read").code, 429);
         let _m = i.admit(true).expect("a mutation has its own places");
-        let t = i.admit_transfer().expect("a transfer has its own places");
-        let e = i.admit_transfer().expect_err("second transfer");
+        let t = i
+            .admit_transfer("alice", false)
+            .expect("a transfer has its own places");
+        let e = i.admit_transfer("bob", false).expect_err("second transfer");
         assert_eq!((e.code, e.details.retry_after), (429, Some(5)));
         drop(r);
         assert!(i.admit(false).is_ok());
         drop(t);
-        assert!(i.admit_transfer().is_ok());
+        assert!(i.admit_transfer("bob", false).is_ok());
+    }
+
+    #[test]
+    fn no_user_takes_the_transfers_of_others_nor_of_nodes() {
+        let t = Transfers::new(16);
+        // A user holds at most a quarter.
+        let alice: Vec<_> = (0..4)
+            .map(|_| t.admit("alice", false).expect("alice's share"))
+            .collect();
+        let e = t.admit("alice", false).expect_err("past alice's share");
+        assert_eq!((e.code, e.details.retry_after), (429, Some(5)));
+        assert!(e.message.contains("per user"), "{}", e.message);
+        // Users together leave a quarter to nodes and system identities.
+        let others: Vec<_> = ["bob", "carol"]
+            .iter()
+            .flat_map(|u| (0..4).map(|_| t.admit(u, false).expect("another user's share")))
+            .collect();
+        let e = t
+            .admit("dave", false)
+            .expect_err("the users' places are taken");
+        assert_eq!(e.code, 429);
+        let nodes: Vec<_> = (0..4)
+            .map(|i| {
+                t.admit(&format!("system:node:n{i}"), true)
+                    .expect("a node's place is kept")
+            })
+            .collect();
+        // Every place taken: even a node waits.
+        assert_eq!(t.admit("system:node:n9", true).expect_err("full").code, 429);
+        // A place given back serves again.
+        drop(nodes);
+        drop(alice);
+        assert!(t.admit("alice", false).is_ok());
+        assert!(t.admit("dave", false).is_ok());
+        drop(others);
     }
 
     #[test]

@@ -232,18 +232,19 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
         return serve(state, parts, body, params, info, received).await;
     }
     // Watches are long-running: neither counted in flight nor given a deadline. Image data
-    // transfers have places of their own, so that slow ones hold no other request's.
+    // transfers have places of their own, so that slow ones hold no other request's: taken
+    // once the caller is known ([`serve`]), as they are shared out by identity.
     let transfer = crate::http::image_data::target(&path).is_some();
-    let admitted = if transfer {
-        state.inflight.admit_transfer()
+    let place = if transfer {
+        None
     } else {
-        state
+        match state
             .inflight
             .admit(!matches!(method, Method::GET | Method::HEAD))
-    };
-    let place = match admitted {
-        Ok(p) => p,
-        Err(e) => return e.into_response(),
+        {
+            Ok(p) => Some(p),
+            Err(e) => return e.into_response(),
+        }
     };
     let listing = info.verb == "list";
     // An image upload bounds its own time (each silence, and the whole).
@@ -261,7 +262,7 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let response = match tokio::time::timeout(timeout, serving).await {
         // A LIST (or an image's data) streams its answer after the handler has returned: it
         // stays in flight until its last byte is sent, as in kube-apiserver.
-        Ok(mut response) if (listing || transfer) && response.status().is_success() => {
+        Ok(mut response) if listing && response.status().is_success() => {
             let body = std::mem::replace(response.body_mut(), Body::empty());
             *response.body_mut() = Body::new(crate::http::limits::Holding::new(body, place));
             response
@@ -382,7 +383,24 @@ async fn serve(
                 headers: &parts.headers,
                 cutoff,
             };
-            crate::http::image_data::serve(&state, &request, target, body, caller).await
+            // Nodes' and system identities' transfers have places kept for them.
+            let trusted = matches!(
+                caller.principal(),
+                crate::policy::authn::Principal::Node(_)
+                    | crate::policy::authn::Principal::System(_)
+            );
+            match state.inflight.admit_transfer(&caller.user, trusted) {
+                Err(e) => Err(e),
+                // Held until the data's last byte is sent.
+                Ok(place) => crate::http::image_data::serve(&state, &request, target, body, caller)
+                    .await
+                    .map(|mut response| {
+                        let body = std::mem::replace(response.body_mut(), Body::empty());
+                        *response.body_mut() =
+                            Body::new(crate::http::limits::Holding::new(body, place));
+                        response
+                    }),
+            }
         }
         (Ok(caller), Ok(params)) => match read_body(body, state.config.max_body_bytes).await {
             Ok(bytes) => {
