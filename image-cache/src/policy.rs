@@ -2,7 +2,7 @@
 //! schemes, hosts, ports and addresses may be fetched from, and how much may be fetched.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::str::FromStr;
 
 /// Redirects followed for one download, by default.
@@ -188,8 +188,12 @@ pub enum AddressClass {
     Loopback,
     /// `169.254.0.0/16`, `fe80::/10`.
     LinkLocal,
-    /// `10.0.0.0/8`, `172.16.0.0/12`, `192.168.0.0/16`, `100.64.0.0/10`, `fc00::/7`.
+    /// `10.0.0.0/8`, `172.16.0.0/12`, `192.168.0.0/16`, `100.64.0.0/10`, `fc00::/7`, the
+    /// deprecated site-local `fec0::/10`, and the local-use NAT64 prefix `64:ff9b:1::/48`.
     Private,
+    /// Special-purpose ranges no image is served from: `192.0.0.0/24`, `198.18.0.0/15`,
+    /// `240.0.0.0/4`, the discard prefix `100::/64` and Teredo tunnels `2001::/32`.
+    Reserved,
     /// `0.0.0.0/8`, `::`: on Linux these reach the host itself.
     Unspecified,
     /// Multicast and broadcast.
@@ -204,6 +208,7 @@ impl fmt::Display for AddressClass {
             Self::Loopback => "loopback",
             Self::LinkLocal => "link-local",
             Self::Private => "private",
+            Self::Reserved => "reserved",
             Self::Unspecified => "unspecified",
             Self::Multicast => "multicast",
             Self::ControlPlane => "control-plane",
@@ -211,11 +216,14 @@ impl fmt::Display for AddressClass {
     }
 }
 
-/// The class of `ip` if the policy refuses it by default.
+/// The class of `ip` if the policy refuses it by default. An IPv6 address that carries an
+/// IPv4 one a translator or tunnel reaches (IPv4-mapped `::ffff:0:0/96`, IPv4-compatible
+/// `::/96`, NAT64 `64:ff9b::/96`, 6to4 `2002::/16`) is of the class of the IPv4 address.
 fn refused_class(ip: IpAddr) -> Option<AddressClass> {
     match ip.to_canonical() {
         IpAddr::V4(v4) => {
-            if v4.octets()[0] == 0 {
+            let [a, b, c, _] = v4.octets();
+            if a == 0 {
                 Some(AddressClass::Unspecified)
             } else if v4.is_loopback() {
                 Some(AddressClass::Loopback)
@@ -225,12 +233,17 @@ fn refused_class(ip: IpAddr) -> Option<AddressClass> {
                 Some(AddressClass::Multicast)
             } else if v4.is_private() || is_shared(v4) {
                 Some(AddressClass::Private)
+            } else if (a, b, c) == (192, 0, 0) || (a == 198 && b & 0xfe == 18) || a >= 240 {
+                Some(AddressClass::Reserved)
             } else {
                 None
             }
         }
         IpAddr::V6(v6) => {
-            if v6.is_unspecified() {
+            let s = v6.segments();
+            if let Some(v4) = embedded_ipv4(v6) {
+                refused_class(IpAddr::V4(v4))
+            } else if v6.is_unspecified() {
                 Some(AddressClass::Unspecified)
             } else if v6.is_loopback() {
                 Some(AddressClass::Loopback)
@@ -238,12 +251,31 @@ fn refused_class(ip: IpAddr) -> Option<AddressClass> {
                 Some(AddressClass::LinkLocal)
             } else if v6.is_multicast() {
                 Some(AddressClass::Multicast)
-            } else if v6.is_unique_local() {
+            } else if v6.is_unique_local() || s[0] & 0xffc0 == 0xfec0 || s[..3] == [0x64, 0xff9b, 1]
+            {
                 Some(AddressClass::Private)
+            } else if s[..4] == [0x100, 0, 0, 0] || s[..2] == [0x2001, 0] {
+                Some(AddressClass::Reserved)
             } else {
                 None
             }
         }
+    }
+}
+
+/// The IPv4 address an IPv6 one carries for a translator or tunnel to reach: IPv4-compatible
+/// `::a.b.c.d` (not `::` nor `::1`), NAT64's well-known `64:ff9b::a.b.c.d`, 6to4's
+/// `2002:AABB:CCDD::/48`. IPv4-mapped addresses are mapped by [`IpAddr::to_canonical`].
+fn embedded_ipv4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    let (s, o) = (v6.segments(), v6.octets());
+    let low = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    let compatible = s[..6] == [0; 6] && !(s[6] == 0 && s[7] <= 1);
+    if compatible || s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        Some(low)
+    } else if s[0] == 0x2002 {
+        Some(Ipv4Addr::new(o[2], o[3], o[4], o[5]))
+    } else {
+        None
     }
 }
 
@@ -492,6 +524,88 @@ mod tests {
         };
         assert!(mirror.check_http(&url("http://10.0.0.7:8080/x")).is_ok());
         assert!(mirror.check_http(&url("http://10.0.0.7:8081/x")).is_err());
+    }
+
+    /// IPv4 addresses behind IPv6 translation and tunnel prefixes are judged as the IPv4
+    /// address; special-purpose ranges are refused.
+    #[test]
+    fn translated_and_special_purpose_addresses_are_refused() {
+        let p = Policy::default();
+        for (u, class) in [
+            // NAT64, well-known prefix.
+            ("http://[64:ff9b::7f00:1]/x", AddressClass::Loopback),
+            ("http://[64:ff9b::10.0.0.1]/x", AddressClass::Private),
+            (
+                "http://[64:ff9b::169.254.169.254]/x",
+                AddressClass::LinkLocal,
+            ),
+            // NAT64, local-use prefix: local by definition.
+            ("http://[64:ff9b:1::c000:20a]/x", AddressClass::Private),
+            ("http://[64:ff9b:1:ffff::1]/x", AddressClass::Private),
+            // 6to4.
+            ("http://[2002:7f00:1::1]/x", AddressClass::Loopback),
+            ("http://[2002:a9fe:a9fe::]/x", AddressClass::LinkLocal),
+            ("http://[2002:c0a8:101::1]/x", AddressClass::Private),
+            // IPv4-compatible.
+            ("http://[::127.0.0.1]/x", AddressClass::Loopback),
+            ("http://[::10.1.2.3]/x", AddressClass::Private),
+            ("http://[::0.0.0.2]/x", AddressClass::Unspecified),
+            // Site-local.
+            ("http://[fec0::1]/x", AddressClass::Private),
+            ("http://[feff::1]/x", AddressClass::Private),
+            // Teredo, discard.
+            (
+                "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/x",
+                AddressClass::Reserved,
+            ),
+            ("http://[100::1]/x", AddressClass::Reserved),
+            // IPv4 special-purpose ranges.
+            ("http://192.0.0.1/x", AddressClass::Reserved),
+            ("http://192.0.0.255/x", AddressClass::Reserved),
+            ("http://198.18.0.1/x", AddressClass::Reserved),
+            ("http://198.19.255.254/x", AddressClass::Reserved),
+            ("http://240.0.0.1/x", AddressClass::Reserved),
+            ("http://254.255.255.255/x", AddressClass::Reserved),
+            ("http://100.64.0.1/x", AddressClass::Private),
+            ("http://0.0.0.1/x", AddressClass::Unspecified),
+            ("http://239.255.255.250/x", AddressClass::Multicast),
+            ("http://[ff02::1]/x", AddressClass::Multicast),
+        ] {
+            match refused(&p, u) {
+                Refusal::Address { class: c, .. } => assert_eq!(c, class, "{u}"),
+                other => panic!("{u}: {other:?}"),
+            }
+        }
+        // Public IPv4 addresses behind the same prefixes, and the ranges' neighbours, pass.
+        for u in [
+            "http://[64:ff9b::c633:6401]/x",
+            "http://[2002:c633:6401::1]/x",
+            "http://[64:ff9b:2::1]/x",
+            "http://192.0.1.1/x",
+            "http://198.17.255.255/x",
+            "http://198.20.0.1/x",
+            "http://223.255.255.254/x",
+            "http://[2001:1::1]/x",
+            "http://[fe00::1]/x",
+        ] {
+            assert!(p.check_http(&url(u)).is_ok(), "{u}");
+        }
+        // An operator's allowance of private ranges opens none of the reserved ones.
+        let allowed = Policy {
+            allow_private: true,
+            ..Policy::default()
+        };
+        assert!(
+            allowed
+                .check_http(&url("http://[64:ff9b::10.0.0.1]/x"))
+                .is_ok()
+        );
+        assert!(allowed.check_http(&url("http://198.18.0.1/x")).is_err());
+        assert!(
+            allowed
+                .check_http(&url("http://[64:ff9b::7f00:1]/x"))
+                .is_err()
+        );
     }
 
     #[test]
