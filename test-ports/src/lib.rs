@@ -17,21 +17,25 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// (32768-60999) and clear of the ports Stratus itself listens on.
 pub const TEST_PORTS: std::ops::Range<u16> = 20000..30000;
 
-/// The ports of [`TEST_PORTS`] outside the kernel's ephemeral range (all of them, should that
-/// range cover them all: binding first and retrying still keep tests apart).
+/// The ports of [`TEST_PORTS`] outside the kernel's ephemeral range ([`outside`]).
 fn candidates() -> &'static [u16] {
     static PORTS: OnceLock<Vec<u16>> = OnceLock::new();
-    PORTS.get_or_init(|| {
-        let ephemeral = ephemeral_range();
-        let outside: Vec<u16> = TEST_PORTS
-            .filter(|p| ephemeral.is_none_or(|(lo, hi)| *p < lo || *p > hi))
-            .collect();
-        if outside.is_empty() {
-            TEST_PORTS.collect()
-        } else {
-            outside
-        }
-    })
+    PORTS.get_or_init(|| outside(TEST_PORTS, ephemeral_range()))
+}
+
+/// The ports of `range` outside `ephemeral` (first, last, inclusive; all of `range` when it is
+/// not known, or should it cover them all: binding first and retrying still keep tests
+/// apart).
+pub fn outside(range: std::ops::Range<u16>, ephemeral: Option<(u16, u16)>) -> Vec<u16> {
+    let ports: Vec<u16> = range
+        .clone()
+        .filter(|p| ephemeral.is_none_or(|(lo, hi)| *p < lo || *p > hi))
+        .collect();
+    if ports.is_empty() {
+        range.collect()
+    } else {
+        ports
+    }
 }
 
 /// The kernel's ephemeral port range (first, last), when it can be read.
@@ -71,15 +75,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_ephemeral_range_is_left_out_of_the_test_ports() {
+        // Overlapping the start, the end, the middle; covering all; apart; unknown.
+        assert_eq!(
+            outside(100..110, Some((105, 200))),
+            (100..105).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            outside(100..110, Some((50, 103))),
+            (104..110).collect::<Vec<_>>()
+        );
+        assert_eq!(outside(100..110, Some((102, 107))), [100, 101, 108, 109]);
+        assert_eq!(
+            outside(100..110, Some((100, 109))),
+            (100..110).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            outside(100..110, Some((110, 200))),
+            (100..110).collect::<Vec<_>>()
+        );
+        assert_eq!(outside(100..110, None), (100..110).collect::<Vec<_>>());
+        // Ports past u16's half and at its end.
+        assert_eq!(outside(65530..65535, Some((32768, 65533))), [65534]);
+    }
+
+    #[test]
     fn ports_are_outside_the_ephemeral_range_and_never_handed_out_twice_while_held() {
-        let (lo, hi) = ephemeral_range().expect("the kernel's ephemeral range");
+        let ephemeral = ephemeral_range().expect("the kernel's ephemeral range");
         let held: Vec<(u16, TcpListener)> = (0..64).map(|_| reserve_port()).collect();
         let mut ports: Vec<u16> = held.iter().map(|(p, _)| *p).collect();
+        let allowed = outside(TEST_PORTS, Some(ephemeral));
         for p in &ports {
-            assert!(TEST_PORTS.contains(p), "{p}");
-            if TEST_PORTS.start > hi || TEST_PORTS.end <= lo {
-                assert!(*p < lo || *p > hi, "{p} in the ephemeral range {lo}-{hi}");
-            }
+            assert!(
+                allowed.contains(p),
+                "{p} not of {TEST_PORTS:?} less {ephemeral:?}"
+            );
         }
         ports.sort_unstable();
         ports.dedup();
