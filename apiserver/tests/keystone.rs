@@ -1647,6 +1647,32 @@ async fn image_transfers_have_their_own_places_and_a_minimum_rate() {
     assert_eq!(r.code, 503, "{}", r.body);
 }
 
+/// No user holds more than a quarter of the transfer places: past its share, a user's next
+/// upload is 429 naming the limit, while a system identity's is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_holds_at_most_its_share_of_the_transfers() {
+    let (s, alice) = unstored_with(|c| c.limits.max_image_transfers = 8).await;
+    for name in ["a", "b", "c", "d"] {
+        upload_image(&s, "p1", name, "raw", json!({})).await;
+    }
+    let data = vec![3u8; 8 * 1024];
+    let _a = upload_under_way(&s, &alice, "p1", "a", &data).await;
+    let _b = upload_under_way(&s, &alice, "p1", "b", &data).await;
+    let r = put_data(&s, &alice, "p1", "c", "application/octet-stream", &data).await;
+    assert_eq!(r.code, 429, "{}", r.body);
+    assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("at most 2 per user")),
+        "{}",
+        r.body
+    );
+    // Served past the transfer places (and meets the missing object store).
+    let r = put_data(&s, ADMIN, "p1", "d", "application/octet-stream", &data).await;
+    assert_eq!(r.code, 503, "{}", r.body);
+}
+
 /// What uploads stage on disk is bounded in all: an upload that could never fit is 507 before
 /// anything is read; one whose bytes do not fit beside those of another under way is 429 with
 /// Retry-After, and fits once the other is done: an upload holds room for the bytes it sent,
