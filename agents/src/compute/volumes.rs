@@ -914,7 +914,8 @@ mod tests {
         waits(unplaced, "not yet attached to this node");
         let mut moved = good.clone();
         moved["attachedNode"] = "n3".into();
-        waits(moved, "not yet attached to this node");
+        // A multi-attach volume is served to one other node at a time: this one waits.
+        waits(moved, "it is exported to node n3");
         let mut for_another = good.clone();
         for_another["export"]["node"] = "n3".into();
         waits(for_another, "waiting for node n2 to export it");
