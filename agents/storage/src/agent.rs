@@ -527,19 +527,26 @@ fn stale_export(served_to: Option<&str>, status: &VolumeStatus, node: &str) -> b
     served_to.is_some_and(|to| export_to(status, node) != Some(to))
 }
 
-/// How many clients the export of a volume to `node` serves at once: one per server of it on
-/// that node (`status.attachments[].node`) for a multi-attach volume, else one.
-fn export_clients(status: &VolumeStatus, node: &str, multi_attach: bool) -> u16 {
-    let there = status
-        .attachments
-        .iter()
-        .filter(|a| a.node.as_deref() == Some(node))
-        .count();
-    if multi_attach {
-        u16::try_from(there.clamp(1, MAX_ATTACHMENTS)).unwrap_or(1)
-    } else {
-        1
+/// How many clients the export of a volume to `node` serves at once: one for a plain volume.
+/// For a multi-attach volume over TLS (`tls`), every server it may have (16): only the
+/// consuming node's certificate gets a session, and serving them all from the start means a
+/// server joining there never makes the export again, which would cut the disks of the guests
+/// already using it. In the clear, one per server of it on that node
+/// (`status.attachments[].node`), so that no other process of that address gets a session.
+fn export_clients(status: &VolumeStatus, node: &str, multi_attach: bool, tls: bool) -> u16 {
+    if !multi_attach {
+        return 1;
     }
+    let there = if tls {
+        MAX_ATTACHMENTS
+    } else {
+        status
+            .attachments
+            .iter()
+            .filter(|a| a.node.as_deref() == Some(node))
+            .count()
+    };
+    u16::try_from(there.clamp(1, MAX_ATTACHMENTS)).unwrap_or(1)
 }
 
 /// Whether the running export of a volume (`running`: this agent serves one) is kept while
@@ -579,7 +586,8 @@ async fn sync_export(
                     node.clone(),
                 );
                 let was = status.export.clone();
-                let clients = export_clients(status, &node, vol.spec.multi_attach);
+                let clients =
+                    export_clients(status, &node, vol.spec.multi_attach, ctx.exports.tls());
                 blocking(move || e.ensure(&v, &d, &n, peer, clients, was.as_ref())).await?
             }
             Err(Peer::Unreadable(why)) => {
@@ -1413,10 +1421,27 @@ mod tests {
             ],
         }))
         .expect("a status");
-        assert_eq!(export_clients(&status, "n1", true), 2);
-        assert_eq!(export_clients(&status, "n2", true), 1);
-        assert_eq!(export_clients(&status, "n3", true), 1, "at least one");
-        assert_eq!(export_clients(&status, "n1", false), 1, "a plain volume");
+        assert_eq!(export_clients(&status, "n1", true, false), 2);
+        assert_eq!(export_clients(&status, "n2", true, false), 1);
+        assert_eq!(
+            export_clients(&status, "n3", true, false),
+            1,
+            "at least one"
+        );
+        assert_eq!(
+            export_clients(&status, "n1", false, false),
+            1,
+            "a plain volume"
+        );
+        // Over TLS a multi-attach export serves every server it may have from the start, so
+        // one joining never makes it again; a plain volume still one.
+        let all = u16::try_from(MAX_ATTACHMENTS).expect("a small bound");
+        assert_eq!(export_clients(&status, "n2", true, true), all);
+        assert_eq!(
+            export_clients(&status, "n1", false, true),
+            1,
+            "a plain volume"
+        );
     }
 
     #[test]

@@ -18,10 +18,12 @@
 //! packets dropped before `qemu-nbd` sees them. `qemu-nbd` serves as many clients at a time
 //! (`--shared`) as the volume has servers on the consuming node: one for a plain volume, so
 //! once that node's QEMU is connected no second client is served even from an address that
-//! got through; for a multi-attach volume one per server of it there
-//! (`status.attachments[].node`). A new server there makes the export again with one more;
-//! one leaving keeps it as it is (making it again would cut the others' disks) until the
-//! export is made anew.
+//! got through. A multi-attach volume's export over TLS serves up to 16 clients from the
+//! start (only the consuming node's certificate gets a session, and a server joining there
+//! never makes the export again, which would cut the disks of the guests already using it);
+//! in the clear, one per server of it there (`status.attachments[].node`): a new server there
+//! makes the export again with one more (its guests' disks are cut while it restarts), one
+//! leaving keeps it as it is until the export is made anew.
 //!
 //! # TLS
 //! With the node's NBD certificates (`stratus agent --nbd-tls-dir`, issued by `stratus pki
@@ -407,6 +409,12 @@ impl Exports {
             dir,
             live: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Whether exports are served over TLS.
+    #[must_use]
+    pub fn tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// Exports served over TLS with the certificates in `dir` (see [`check_tls_dir`]), each to
