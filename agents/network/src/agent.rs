@@ -145,6 +145,9 @@ pub struct Report {
     pub routers: BTreeMap<PortKey, Programmed>,
     /// Each FloatingIP of those routers, by namespace and name.
     pub floating_ips: BTreeMap<PortKey, Programmed>,
+    /// The host after the steps: read again, or (a change of the firewall alone, see
+    /// [`converge_after`]) the last converge's reading with the firewall read again.
+    pub observed: ObservedHost,
 }
 
 impl Report {
@@ -357,13 +360,47 @@ pub fn converge_since(
     snap: &Snapshot,
     before: Option<(&Ruleset, &Observed)>,
 ) -> Result<Report, SyncError> {
+    converge_after(host, cfg, snap, before, None)
+}
+
+/// [`converge_since`], given also what the last converge without failures aimed at and
+/// its [`Report::observed`]: when the state aimed at differs from it in the firewall alone
+/// (a security group or its rules changed), the host's links, DHCP servers and namespaces
+/// are taken as that converge left them and only the firewall is read, planned and read
+/// back. Drift of the rest is not seen then: the caller converges without `seen` on its
+/// resync, which reads the whole host. Should the plan want any step beyond the firewall,
+/// the host is read whole after all.
+///
+/// # Errors
+/// The host could not be read, before or after.
+pub fn converge_after(
+    host: &Host,
+    cfg: &NodeConfig,
+    snap: &Snapshot,
+    before: Option<(&Ruleset, &Observed)>,
+    seen: Option<(&Desired, &ObservedHost)>,
+) -> Result<Report, SyncError> {
     let (desired, plans) = desired_all(cfg, snap);
     // The ruleset's digest, rendered once for the plan, the read-back and every port.
     let want = desired.firewall.as_ref().map(|r| r.observed_since(before));
     // One batch of link calls: the reads, the steps, the flush and the reads again.
     let _batch = Batch::begin(host.links.as_ref());
-    let observed = observe(host, &desired)?;
-    let steps = plan_with(&desired, want.as_ref(), &observed);
+    let mut known = seen
+        .filter(|(d, _)| firewall_alone(d, &desired))
+        .map(|(_, o)| o);
+    let mut observed = match known {
+        Some(o) => ObservedHost {
+            firewall: host.firewall.read()?,
+            ..o.clone()
+        },
+        None => observe(host, &desired)?,
+    };
+    let mut steps = plan_with(&desired, want.as_ref(), &observed);
+    if known.is_some() && !steps.iter().all(|s| is_firewall(&s.op)) {
+        known = None;
+        observed = observe(host, &desired)?;
+        steps = plan_with(&desired, want.as_ref(), &observed);
+    }
     let mut failures: Vec<(Step, String)> = Vec::new();
     let mut firewall_failed = None;
     let mut failed_networks: BTreeMap<IfName, String> = BTreeMap::new();
@@ -419,6 +456,11 @@ pub fn converge_since(
     }
     let after = if steps.is_empty() {
         observed
+    } else if known.is_some() {
+        ObservedHost {
+            firewall: host.firewall.read()?,
+            ..observed
+        }
     } else {
         observe(host, &desired)?
     };
@@ -504,7 +546,25 @@ pub fn converge_since(
         ports,
         routers,
         floating_ips,
+        observed: after,
     })
+}
+
+/// Whether `want` differs from `had` in the firewall alone (both have one).
+fn firewall_alone(had: &Desired, want: &Desired) -> bool {
+    had.firewall.is_some()
+        && want.firewall.is_some()
+        && had.node == want.node
+        && had.netns == want.netns
+        && had.networks == want.networks
+        && had.routers == want.routers
+}
+
+fn is_firewall(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::ApplyFirewall(_) | Op::UpdateFirewall(_) | Op::ClearFirewall
+    )
 }
 
 /// A batch of link calls ([`Links::begin`]), ended when dropped (also on an early return).
@@ -926,6 +986,9 @@ pub async fn run(client: Client, host: Host, config: Config) {
     // The last ruleset aimed at and its digest, so that the next converge renders only the
     // chains of ports whose filter changed.
     let mut digest: Option<(Ruleset, Observed)> = None;
+    // What the last converge without failures aimed at and the host it left: a change of
+    // the firewall alone reads only the firewall (the resync reads the whole host).
+    let mut seen: Option<(Desired, ObservedHost)> = None;
     let mut wired: BTreeSet<IfName> = BTreeSet::new();
     let mut first = true;
     let mut converged_once = false;
@@ -936,12 +999,13 @@ pub async fn run(client: Client, host: Host, config: Config) {
     // were taken away).
     let mut floating = None;
     loop {
+        let mut resync = first;
         if !first {
             // No settling delay: changes that come during a converge wake one more
             // converge, which takes them all.
             tokio::select! {
                 () = notify.notified() => {}
-                _ = tick.tick() => {}
+                _ = tick.tick() => resync = true,
             }
         }
         first = false;
@@ -968,10 +1032,17 @@ pub async fn run(client: Client, host: Host, config: Config) {
         }
         let (h, cfg, s) = (host.clone(), config.node.clone(), snap.clone());
         let before = digest.take();
+        let last = seen.take().filter(|_| !resync);
         let span = tracing::info_span!("converge", node = %node);
-        let report = match stratus_runtime::blocking(move || {
+        let mut report = match stratus_runtime::blocking(move || {
             let _g = span.enter();
-            converge_since(&h, &cfg, &s, before.as_ref().map(|(r, o)| (r, o)))
+            converge_after(
+                &h,
+                &cfg,
+                &s,
+                before.as_ref().map(|(r, o)| (r, o)),
+                last.as_ref().map(|(d, o)| (d, o)),
+            )
         })
         .await
         .map_err(SyncError::from)
@@ -995,6 +1066,10 @@ pub async fn run(client: Client, host: Host, config: Config) {
             repaired(&recorder, &config, &snap, &report, &wired).await;
         }
         converged = report.failures.is_empty().then(|| report.desired.clone());
+        seen = report
+            .failures
+            .is_empty()
+            .then(|| (report.desired.clone(), std::mem::take(&mut report.observed)));
         digest = report.desired.firewall.clone().zip(report.firewall.clone());
         wired = report.wired_devices();
         write_statuses(&runtime, &config, &snap, &report).await;
@@ -1754,6 +1829,84 @@ pub(crate) mod tests {
             converge(&f.host, &config(), &snap).expect("converge").steps,
             vec![]
         );
+    }
+
+    #[test]
+    fn a_change_of_the_firewall_alone_reads_only_the_firewall_and_the_resync_reads_the_rest() {
+        let f = fakes();
+        plug(&f.links, "tp-p1");
+        let snap = snapshot();
+        let first = converge(&f.host, &config(), &snap).expect("converge");
+        assert!(first.failures.is_empty(), "{:?}", first.failures);
+        let seen = (first.desired.clone(), first.observed.clone());
+        let ns = Netns::Host;
+        let vx = IfName::derived(Role::Vxlan, "uid-net");
+        // Drift the firewall-only converge does not look for.
+        f.links.remove_behind(&ns, &vx);
+
+        let mut changed = snapshot();
+        changed.groups = vec![group(
+            "default",
+            json!([
+                {"direction": "ingress", "protocol": "tcp", "portRangeMin": 22, "portRangeMax": 22},
+                {"direction": "egress"},
+            ]),
+        )];
+        let r = converge_after(&f.host, &config(), &changed, None, Some((&seen.0, &seen.1)))
+            .expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        assert!(
+            !r.steps.is_empty() && r.steps.iter().all(|s| is_firewall(&s.op)),
+            "{:?}",
+            r.steps
+        );
+        let want = r
+            .desired
+            .firewall
+            .as_ref()
+            .expect("ruleset")
+            .observed()
+            .expect("observed");
+        assert_ne!(Some(&want), first.firewall.as_ref(), "the rules changed");
+        assert_eq!(f.firewall.read().expect("read"), Some(want));
+        assert_eq!(
+            f.links.link(&ns, &vx).expect("link"),
+            None,
+            "links not read"
+        );
+        assert!(matches!(state(&r, "p1"), PortState::Wired { .. }));
+
+        // The resync reads the whole host and repairs the drift.
+        let r = converge_after(&f.host, &config(), &changed, None, None).expect("converge");
+        assert!(
+            r.steps.iter().any(|s| matches!(s.op, Op::AddVxlan(..))),
+            "{:?}",
+            r.steps
+        );
+        assert!(f.links.link(&ns, &vx).expect("link").is_some());
+
+        // A change of more than the firewall (another port on the node) reads the host.
+        f.links.remove_behind(&ns, &vx);
+        let seen = (r.desired.clone(), r.observed.clone());
+        plug(&f.links, "tp-p3");
+        let mut more = changed.clone();
+        more.ports.push(port(
+            "p3",
+            "net",
+            "n1",
+            "02:00:00:00:00:03",
+            "10.9.0.13",
+            Some("tp-p3"),
+        ));
+        let r = converge_after(&f.host, &config(), &more, None, Some((&seen.0, &seen.1)))
+            .expect("converge");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        assert!(
+            r.steps.iter().any(|s| matches!(s.op, Op::AddVxlan(..))),
+            "{:?}",
+            r.steps
+        );
+        assert!(matches!(state(&r, "p3"), PortState::Wired { .. }));
     }
 
     #[test]
