@@ -695,7 +695,9 @@ fn condition(
 /// Two object nodes given different hash files: the second to register (a tie goes to the
 /// first) is named by its ring's status, gets `HashMismatch=True` and a Warning Event, and
 /// installs none of the ring's versions while the first does; given the cluster's hash file,
-/// it installs the ring and the mismatch clears. Neither fingerprint is a hash value.
+/// it installs the ring and the mismatch clears. Neither fingerprint is a hash value. Given
+/// the cluster's file without its fingerprint salt (a v1 fingerprint of the same hash), it is
+/// named again, for its fingerprint's version.
 #[test]
 fn a_node_given_another_hash_file_is_named_and_installs_no_ring() -> Result<()> {
     let mut cloud = Cloud::up()?;
@@ -825,6 +827,60 @@ fn a_node_given_another_hash_file_is_named_and_installs_no_ring() -> Result<()> 
             && condition(&ring.conditions, "HashMismatch")?.0 == "False")
             .then_some(())
     })?;
+
+    // The cluster's hash file without its fingerprint salt (the same hash, a v1 fingerprint):
+    // a fingerprint of another version is another hash to the ring and to the node.
+    nodes[1].agent.take();
+    nodes[1].wait_serving(false)?;
+    let unsalted = tmp.path().join("hash-unsalted");
+    let text: String = std::fs::read_to_string(&nodes[0].hash_file)?
+        .lines()
+        .filter(|l| !l.starts_with("stratus_fingerprint_salt"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&unsalted)?
+            .write_all(text.as_bytes())?;
+    }
+    nodes[1].hash_file = unsalted;
+    nodes[1].start()?;
+    let reason = |conditions: &[stratus_api_types::common::Condition]| {
+        conditions
+            .iter()
+            .find(|c| c.type_ == "HashMismatch" && c.status == "True")
+            .map(|c| c.reason.clone())
+    };
+    wait_until(
+        WAIT,
+        "the ring to name oa-2 for its fingerprint version",
+        || {
+            let s = ring(&cloud, "oh-object")?.status?;
+            (s.hash_mismatch == [name(1)]
+                && s.hash_fingerprint.as_ref() == Some(&first)
+                && reason(&s.conditions)? == "HashFingerprintVersion")
+                .then_some(())
+        },
+    )
+    .with_context(|| nodes[1].log())?;
+    wait_until(
+        WAIT,
+        "oa-2's HashMismatch for its fingerprint version",
+        || {
+            let s = object_node(&cloud, &name(1))?.status?;
+            (s.hash_fingerprint
+                .as_deref()
+                .is_some_and(|f| !f.starts_with("v2:"))
+                && reason(&s.conditions)? == "HashFingerprintVersion")
+                .then_some(())
+        },
+    )
+    .with_context(|| nodes[1].log())?;
     drop(nodes);
     Ok(())
 }
