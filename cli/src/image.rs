@@ -215,7 +215,9 @@ async fn send(
         .rustls_https_connector()
         .context("set up TLS to the API server")?;
     let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build::<_, http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>>(connector);
+        .build::<_, http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>>(
+        connector,
+    );
     type BoxError = Box<dyn std::error::Error + Send + Sync>;
     let service = tower::ServiceBuilder::new()
         .layer(config.base_uri_layer())
