@@ -90,9 +90,14 @@ async fn verify(image: &Image, ctx: &Ctx) -> Result<Action, ImagesError> {
         .is_some_and(|r| FINAL_REASONS.contains(&r));
     let settled =
         current.phase == ImagePhase::Active || (current.phase == ImagePhase::Error && wrong_data);
-    // An uploaded image's status is its upload's (`PUT images/NAME/data`, in the API server).
+    // An uploaded image's status is its upload's (`PUT images/NAME/data`, in the API server),
+    // and so is a URL source's once its data is handed to the API server (`Uploading`, then
+    // `status.stored`): a reconcile of an older copy must not write over what the API server
+    // wrote since.
     if image.metadata.deletion_timestamp.is_some()
         || image.spec.source.upload.is_some()
+        || current.phase == ImagePhase::Uploading
+        || current.stored.is_some()
         || (settled && current.observed_generation == generation)
     {
         return Ok(Action::await_change());
@@ -125,6 +130,11 @@ async fn verify(image: &Image, ctx: &Ctx) -> Result<Action, ImagesError> {
                     Ok(()) => {
                         tracing::info!(size = c.size, "image data stored in the object store");
                         return Ok(Action::await_change());
+                    }
+                    // The Image went Active, or its upload is under way, since this copy
+                    // of it was read: the API server's status stands; look again.
+                    Err(crate::image_store::StoreError::Refused { code: 409, .. }) => {
+                        return Ok(Action::requeue(Duration::from_secs(5)));
                     }
                     Err(e) => {
                         next = Action::requeue(Duration::from_secs(30));
