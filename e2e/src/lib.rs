@@ -109,8 +109,10 @@ impl Proc {
 }
 
 impl Drop for Proc {
-    /// SIGTERM first, so that it stops what it started itself (`stratus up` its etcd); SIGKILL
-    /// if it is still running 3 s later.
+    /// SIGTERM first, so that it stops what it started itself (`stratus up` its etcd, its
+    /// Swift servers and their allow-list); SIGKILL if it is still running 10 s later (on two
+    /// cores shared by parallel tests, a clean stop of `stratus up --object-store` can take
+    /// more than 3 s).
     fn drop(&mut self) {
         if self.running() {
             let _ = Command::new("kill")
@@ -118,7 +120,7 @@ impl Drop for Proc {
                 .arg(self.child.id().to_string())
                 .status();
             let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(3) {
+            while start.elapsed() < Duration::from_secs(10) {
                 if !self.running() {
                     return;
                 }

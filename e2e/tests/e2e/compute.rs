@@ -352,6 +352,14 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
         err.is_some_and(|e| e.to_string().contains("insufficient ram")),
         "an overcommitting binding was accepted"
     );
+    // To the node `one` is not on (anti-affinity put it on either): a write of the node it
+    // is on would change nothing, and succeed.
+    let one = json(&cloud, &["-n", "demo", "get", "server", "one"])?;
+    let elsewhere = if one["status"]["hypervisor"] == "node-b" {
+        "node-a"
+    } else {
+        "node-b"
+    };
     let err = cloud.kubectl_err(&[
         "-n",
         "demo",
@@ -363,7 +371,7 @@ fn scheduler_and_agents_with_the_test_driver() -> Result<()> {
         "--type",
         "merge",
         "-p",
-        r#"{"status":{"hypervisor":"node-b"}}"#,
+        &format!(r#"{{"status":{{"hypervisor":"{elsewhere}"}}}}"#),
     ])?;
     assert!(err.contains("status.hypervisor"), "{err}");
 
