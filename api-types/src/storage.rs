@@ -588,6 +588,24 @@ pub enum StoragePoolPhase {
     NotReady,
 }
 
+/// Whether a StoragePool grows a volume while a server holds it (`status.growsInUse`), so
+/// that the guest sees the new size at once.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum InUseGrowth {
+    /// Always: its volumes keep their device as they grow (a file, an LV with
+    /// device-mapper). The extend is at once.
+    Always,
+    /// When the space right after the volume is free: without device-mapper an LV is one
+    /// run of extents reached through a loop device, which grows in place over the free
+    /// extents that follow it, and nowhere else while a guest holds it. Only the pool's agent
+    /// knows what follows a volume, so the API accepts the grow; one that cannot grow in place
+    /// says so (`Ready=False`, `GrowsWhenDetached`) and grows once detached.
+    WhenSpaceFollows,
+    /// Never: an attached volume is grown only once detached, so the API refuses to grow it
+    /// while attached (422 on `spec.sizeGiB`).
+    Never,
+}
+
 /// Observed state of a StoragePool.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -619,6 +637,11 @@ pub struct StoragePoolStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 2, max = 45))]
     pub storage_address: Option<String>,
+    /// Whether the pool grows a volume a server holds, as its agent reports it. Absent (an
+    /// agent that does not report it): a grow of an attached volume is accepted, and the
+    /// agent grows it when it can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grows_in_use: Option<InUseGrowth>,
     /// When the agent last reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat_time: Option<Time>,

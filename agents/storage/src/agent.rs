@@ -26,7 +26,7 @@ use stratus_runtime::finalizer;
 use stratus_runtime::{Classify, Retry, Runtime, blocking};
 use tracing::Instrument;
 
-use crate::driver::{Backend, DriverError, Source, VolName};
+use crate::driver::{Backend, DriverError, InUseGrowth, Source, VolName};
 use crate::export::{ExportError, Exports};
 use crate::plan::{Intent, Step, plan};
 use crate::pool::{PoolConfig, Served};
@@ -405,6 +405,27 @@ async fn volume_blocked(
     Ok(())
 }
 
+/// Reports `vol`, held by a server, at the `size` it has rather than the one it asks for,
+/// saying `why` its store does not grow it now: it grows once detached. Served as it is
+/// meanwhile, its export kept to what its status asks: the guests holding it keep it at its
+/// size, and a server may still be built with it.
+async fn grow_when_detached(
+    ctx: &Ctx,
+    vol: &Volume,
+    backend: &Arc<dyn Backend>,
+    name: &VolName,
+    size: u64,
+    why: &str,
+) -> Result<Action, StorageError> {
+    let message = format!(
+        "asks for {} GiB while a server holds it: {why}; it is served at {} GiB and grows once detached",
+        vol.spec.size_gib,
+        size >> 30
+    );
+    volume_report(ctx, vol, backend, name, size, None, Some(&message)).await?;
+    Ok(Action::requeue(ctx.resync))
+}
+
 /// Reports `vol` made: its device, its size, Available (InUse while attached), and brings its
 /// export to what its status asks. `held`: why it is not at the size asked while a server
 /// holds it (it grows once detached), said on `Ready=False` (`GrowsWhenDetached`) instead of
@@ -735,20 +756,19 @@ async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
             }
         }
         Step::GrowWhenDetached => {
-            // Served as it is meanwhile, its export kept to what its status asks: the guests
-            // holding it keep it at its size, and a server may still be built with it.
             let size = observed.map(|o| o.size).unwrap_or_default();
-            let message = format!(
-                "asks for {} GiB while a server holds it: {} cannot grow a volume a guest holds (without device-mapper its grown data is a new loop device the guest would not see); it is served at {} GiB and grows once detached",
-                vol.spec.size_gib,
-                backend.describe(),
-                size >> 30
-            );
-            volume_report(ctx, vol, &backend, &name, size, None, Some(&message)).await?;
-            Ok(Action::requeue(ctx.resync))
+            let why = format!("{} cannot grow a volume a guest holds", backend.describe());
+            grow_when_detached(ctx, vol, &backend, &name, size, &why).await
         }
-        Step::Extend(to) => {
-            if status.phase != VolumePhase::Extending {
+        Step::Extend(to) | Step::ExtendInPlace(to) => {
+            let held = matches!(step, Step::ExtendInPlace(_));
+            // Tried before and waiting for the space after it or a detach: tried again at
+            // each pass, without saying Extending each time.
+            let waiting = held
+                && ConditionType::Ready
+                    .find(&status.conditions)
+                    .is_some_and(|c| c.reason == Reason::GrowsWhenDetached.as_str());
+            if status.phase != VolumePhase::Extending && !waiting {
                 volume_blocked(
                     ctx,
                     vol,
@@ -759,7 +779,19 @@ async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
                 .await?;
             }
             let (b, n) = (Arc::clone(&backend), name.clone());
-            match blocking(move || b.extend(&n, to)).await? {
+            let grown = blocking(move || {
+                if held {
+                    b.extend_held(&n, to)
+                } else {
+                    b.extend(&n, to)
+                }
+            })
+            .await?;
+            match grown {
+                Err(DriverError::NotInPlace(why)) => {
+                    let size = observed.map(|o| o.size).unwrap_or_default();
+                    grow_when_detached(ctx, vol, &backend, &name, size, &why).await
+                }
                 Ok(o) => {
                     volume_report(ctx, vol, &backend, &name, o.size, None, None).await?;
                     event(
@@ -929,7 +961,7 @@ async fn sync_snapshot(snap: &VolumeSnapshot, ctx: &Ctx) -> Result<Action, Stora
         size: None,
         made: status.created_at.is_some(),
         attached: false,
-        grows_in_use: true,
+        grows_in_use: InUseGrowth::Always,
     };
     let report = |size: u64| {
         let mut next: VolumeSnapshotStatus = status.clone();
@@ -990,7 +1022,7 @@ async fn sync_snapshot(snap: &VolumeSnapshot, ctx: &Ctx) -> Result<Action, Stora
             }
         }
         // A snapshot is never held by a guest nor grown.
-        Step::Extend(_) | Step::GrowWhenDetached | Step::Report => {
+        Step::Extend(_) | Step::ExtendInPlace(_) | Step::GrowWhenDetached | Step::Report => {
             let size = observed.map(|o| o.size).unwrap_or_default();
             ctx.snapshots.write_status(snap, &report(size)).await?;
             Ok(Action::requeue(ctx.resync))

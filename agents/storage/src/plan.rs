@@ -4,6 +4,8 @@
 
 use stratus_runtime::finalizer::Stage;
 
+use crate::driver::InUseGrowth;
+
 /// What the agent needs to know of a Volume or VolumeSnapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Intent {
@@ -17,7 +19,7 @@ pub struct Intent {
     /// Whether a Server holds it (`status.attachedTo`).
     pub attached: bool,
     /// Whether its store grows a volume a guest holds ([`crate::driver::Backend::grows_in_use`]).
-    pub grows_in_use: bool,
+    pub grows_in_use: InUseGrowth,
 }
 
 /// The next step.
@@ -31,6 +33,10 @@ pub enum Step {
     Create,
     /// Grow it to this many bytes.
     Extend(u64),
+    /// Grow it to this many bytes while a Server holds it, where it is
+    /// ([`crate::driver::Backend::extend_held`]): a store that could grow it only by moving
+    /// it refuses, and it grows once detached.
+    ExtendInPlace(u64),
     /// It asks for more than it has while a Server holds it, and its store cannot grow it
     /// under a guest: it grows once detached.
     GrowWhenDetached,
@@ -58,8 +64,12 @@ pub fn plan(intent: Intent, observed: Option<u64>) -> Step {
         Stage::Live => match (observed, intent.size) {
             (None, _) if intent.made => Step::Missing,
             (None, _) => Step::Create,
-            (Some(have), Some(want)) if have < want && intent.attached && !intent.grows_in_use => {
-                Step::GrowWhenDetached
+            (Some(have), Some(want)) if have < want && intent.attached => {
+                match intent.grows_in_use {
+                    InUseGrowth::Always => Step::Extend(want),
+                    InUseGrowth::WhenSpaceFollows => Step::ExtendInPlace(want),
+                    InUseGrowth::Never => Step::GrowWhenDetached,
+                }
             }
             (Some(have), Some(want)) if have < want => Step::Extend(want),
             (Some(_), _) => Step::Report,
@@ -79,7 +89,7 @@ mod tests {
             size,
             made,
             attached,
-            grows_in_use: true,
+            grows_in_use: InUseGrowth::Always,
         }
     }
 
@@ -126,15 +136,33 @@ mod tests {
     #[test]
     fn a_store_that_cannot_grow_a_held_volume_grows_it_once_detached() {
         let held = |attached: bool| Intent {
-            grows_in_use: false,
+            grows_in_use: InUseGrowth::Never,
             ..intent(Stage::Live, Some(2 * GIB), true, attached)
         };
-        // Without device-mapper: a guest holding the old loop device would not see the
-        // grown data, and would write to extents the volume may no longer own.
         assert_eq!(plan(held(true), Some(GIB)), Step::GrowWhenDetached);
         assert_eq!(plan(held(false), Some(GIB)), Step::Extend(2 * GIB));
         // Nothing else changes: as asked, it is reported; gone, it is missing.
         assert_eq!(plan(held(true), Some(2 * GIB)), Step::Report);
         assert_eq!(plan(held(true), None), Step::Missing);
+    }
+
+    #[test]
+    fn a_store_that_grows_in_place_grows_a_held_volume_only_there() {
+        let of = |attached: bool| Intent {
+            grows_in_use: InUseGrowth::WhenSpaceFollows,
+            ..intent(Stage::Live, Some(2 * GIB), true, attached)
+        };
+        // Held: grown where it is, or not at all (never moved under the guest).
+        assert_eq!(plan(of(true), Some(GIB)), Step::ExtendInPlace(2 * GIB));
+        // Detached: it may move.
+        assert_eq!(plan(of(false), Some(GIB)), Step::Extend(2 * GIB));
+        assert_eq!(plan(of(true), Some(2 * GIB)), Step::Report);
+        assert_eq!(plan(of(true), None), Step::Missing);
+        // Being deleted while held: it waits for the detach, whatever the store.
+        let going = Intent {
+            stage: Stage::Cleanup,
+            ..of(true)
+        };
+        assert_eq!(plan(going, Some(GIB)), Step::WaitDetach);
     }
 }

@@ -1,6 +1,7 @@
 //! The node's StoragePools: each pool configured on the node (`--storage-pool
 //! NAME=lvm:VG|NAME=file:DIR`) created if absent and served only while its API object names
-//! the node and the same backing store; a heartbeat writes each pool's capacity and Ready.
+//! the node and the same backing store; a heartbeat writes each pool's capacity, whether it
+//! grows volumes in use, and Ready.
 //! A pool naming the node that the node does not configure is reported NotReady and never
 //! touched.
 
@@ -15,7 +16,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use stratus_api_types::common::{ConditionType, Time};
 use stratus_api_types::storage::{
-    StorageBackend, StoragePool, StoragePoolPhase, StoragePoolSpec, StoragePoolStatus,
+    InUseGrowth, StorageBackend, StoragePool, StoragePoolPhase, StoragePoolSpec, StoragePoolStatus,
 };
 use stratus_runtime::Runtime;
 
@@ -190,13 +191,17 @@ pub async fn register(
     Ok(served)
 }
 
-/// The status of `pool` as the agent reports it: its capacity from `backend` (`None`: the
+/// What the agent found of a pool it serves: its capacity in bytes (or why it could not
+/// read it) and whether it grows volumes in use ([`Backend::grows_in_use`]).
+pub type Found = (Result<u64, DriverError>, InUseGrowth);
+
+/// The status of `pool` as the agent reports it: what it found of its store (`None`: the
 /// node does not serve it, for `unserved`), and the storage address `address` the node
 /// serves exports at, recorded once (an address recorded before is kept: only an operator
 /// moves it).
 pub fn status(
     pool: &StoragePool,
-    backend: Option<Result<u64, DriverError>>,
+    backend: Option<Found>,
     unserved: &str,
     address: Option<IpAddr>,
 ) -> StoragePoolStatus {
@@ -205,6 +210,10 @@ pub fn status(
     if backend.is_some() && status.storage_address.is_none() {
         status.storage_address = address.map(|a| a.to_string());
     }
+    let backend = backend.map(|(capacity, growth)| {
+        status.grows_in_use = Some(growth);
+        capacity
+    });
     match backend {
         Some(Ok(bytes)) => {
             status.phase = StoragePoolPhase::Ready;
@@ -256,14 +265,18 @@ async fn beat(
             (Some(b), Some((c, _))) => match c.mismatch(node, &pool.spec) {
                 None => {
                     let b = Arc::clone(b);
-                    let cap = stratus_runtime::blocking(move || b.capacity())
+                    let store = Arc::clone(&b);
+                    let cap = stratus_runtime::blocking(move || store.capacity())
                         .await
                         .unwrap_or_else(|e| {
                             Err(DriverError::Unavailable(format!(
                                 "capacity check failed: {e}"
                             )))
                         });
-                    (Some(cap.map(|c| c.total)), String::new())
+                    (
+                        Some((cap.map(|c| c.total), b.grows_in_use())),
+                        String::new(),
+                    )
                 }
                 Some(why) => (None, why),
             },
@@ -362,15 +375,24 @@ mod tests {
 
     #[test]
     fn status_says_ready_with_the_capacity_or_why_not() {
-        let s = status(&pool(), Some(Ok((10 << 30) + 5)), "", None);
+        let s = status(
+            &pool(),
+            Some((Ok((10 << 30) + 5), InUseGrowth::Always)),
+            "",
+            None,
+        );
         assert_eq!(s.phase, StoragePoolPhase::Ready);
         assert_eq!(s.capacity_gib, Some(10));
         assert!(s.last_heartbeat_time.is_some());
         assert!(ConditionType::Ready.is_true(&s.conditions));
+        assert_eq!(s.grows_in_use, Some(InUseGrowth::Always));
 
         let s = status(
             &pool(),
-            Some(Err(DriverError::Unavailable("no volume group vg0".into()))),
+            Some((
+                Err(DriverError::Unavailable("no volume group vg0".into())),
+                InUseGrowth::WhenSpaceFollows,
+            )),
             "",
             None,
         );
@@ -378,6 +400,8 @@ mod tests {
         let c = ConditionType::Ready.find(&s.conditions).expect("Ready");
         assert_eq!(c.reason, reasons::UNAVAILABLE);
         assert!(c.message.contains("no volume group vg0"));
+        // What the store can do is known without reading it.
+        assert_eq!(s.grows_in_use, Some(InUseGrowth::WhenSpaceFollows));
 
         let s = status(&pool(), None, "not configured on this node", None);
         let c = ConditionType::Ready.find(&s.conditions).expect("Ready");
@@ -385,6 +409,8 @@ mod tests {
             (c.status.as_str(), c.reason.as_str()),
             ("False", reasons::NOT_CONFIGURED)
         );
+        // A pool the node does not serve: nothing said of a store it does not know.
+        assert_eq!(s.grows_in_use, None);
     }
 
     #[test]
@@ -392,14 +418,14 @@ mod tests {
         let a: IpAddr = "10.0.0.1".parse().expect("an address");
         let b: IpAddr = "10.0.0.9".parse().expect("an address");
         let mut p = pool();
-        let s = status(&p, Some(Ok(10 << 30)), "", Some(a));
+        let s = status(&p, Some((Ok(10 << 30), InUseGrowth::Always)), "", Some(a));
         assert_eq!(s.storage_address.as_deref(), Some("10.0.0.1"));
         p.status = Some(s);
         // Another address given later (the agent started with another flag) moves nothing.
-        let s = status(&p, Some(Ok(10 << 30)), "", Some(b));
+        let s = status(&p, Some((Ok(10 << 30), InUseGrowth::Always)), "", Some(b));
         assert_eq!(s.storage_address.as_deref(), Some("10.0.0.1"));
         assert_eq!(
-            status(&p, Some(Ok(10 << 30)), "", None)
+            status(&p, Some((Ok(10 << 30), InUseGrowth::Always)), "", None)
                 .storage_address
                 .as_deref(),
             Some("10.0.0.1"),

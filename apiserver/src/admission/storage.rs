@@ -19,7 +19,12 @@
 //!   connected with (its resize refuses to grow the disk) and `qemu-nbd` the size it opened;
 //!   the client learns a new size only by connecting again to an export served anew, and
 //!   the guest's I/O in flight then fails unless QEMU's NBD `reconnect-delay` is set, which
-//!   libvirt 9.0's domain XML cannot. Its source is exactly one of an image (of the project, or a
+//!   libvirt 9.0's domain XML cannot. Nor while attached (to any server) on a pool whose agent
+//!   reports it grows no volume a server holds (`status.growsInUse` `Never`; 422 on
+//!   `spec.sizeGiB`): it would wait until detached, for a boot volume for good. A pool that
+//!   grows one only where the space after it is free (`WhenSpaceFollows`), or that reports
+//!   nothing (an older agent), takes the grow: only its agent knows, and says on the volume
+//!   why it waits. Its source is exactly one of an image (of the project, or a
 //!   public one), a snapshot or a volume of its namespace, which must exist (422) and not be
 //!   larger than it; the source and where the volume may go are immutable. `spec.multiAttach`
 //!   changes only while no server holds the volume (422 on `spec.multiAttach`).
@@ -50,7 +55,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 use stratus_api_types::common::{ConditionType, Reason};
 use stratus_api_types::storage::{
-    StoragePool, TEARDOWN_FINALIZER, VOLUME_UID, VolumePhase, VolumeSpec,
+    InUseGrowth, StoragePool, TEARDOWN_FINALIZER, VOLUME_UID, VolumePhase, VolumeSpec,
 };
 
 use crate::admission::binding::{self, Claims, Placed, Placement, PlacementLocks, Seen};
@@ -544,6 +549,18 @@ async fn update_volume(
                 format!("cannot extend: storage pool {pool} is gone"),
             ));
         };
+        if attached(old) && grows_in_use(&pool_obj.value) == Some(InUseGrowth::Never) {
+            // Decided on the pool as read: the write holds its revision.
+            return Err(invalid_field(
+                &s,
+                w.new,
+                "spec.sizeGiB",
+                format!(
+                    "Invalid value: {}: cannot grow while attached: storage pool {pool} grows no volume a server holds (its status.growsInUse is Never); detach it (take it out of the server's spec.volumes: a stopped server keeps it attached), grow it, attach it again",
+                    after.size_gib
+                ),
+            ));
+        }
         let (from, to) = (before.size_gib, after.size_gib);
         let refuse = |why: String| {
             conflict_field(
@@ -581,6 +598,12 @@ fn attached(vol: &Value) -> bool {
     vol.pointer("/status/attachedTo")
         .and_then(Value::as_str)
         .is_some()
+}
+
+/// What the stored StoragePool `pool` reports of growing volumes in use (`status.growsInUse`;
+/// `None`: nothing, or nothing this API server knows).
+fn grows_in_use(pool: &Value) -> Option<InUseGrowth> {
+    serde_json::from_value(pool.pointer("/status/growsInUse")?.clone()).ok()
 }
 
 /// Why the stored Volume `vol` is attached to a server of another node than its pool's (so
@@ -1376,6 +1399,27 @@ mod tests {
         let pending =
             json!({"metadata": {"name": "v", "uid": "u1"}, "status": {"phase": "Pending"}});
         assert!(Storage.attached_keys("/r", &pending).is_empty());
+    }
+
+    #[test]
+    fn what_a_pool_says_of_growing_volumes_in_use_is_read_from_its_status() {
+        let said = |v: Value| grows_in_use(&json!({"status": v}));
+        assert_eq!(
+            said(json!({"growsInUse": "Never"})),
+            Some(InUseGrowth::Never)
+        );
+        assert_eq!(
+            said(json!({"growsInUse": "WhenSpaceFollows"})),
+            Some(InUseGrowth::WhenSpaceFollows)
+        );
+        assert_eq!(
+            said(json!({"growsInUse": "Always"})),
+            Some(InUseGrowth::Always)
+        );
+        // An agent that says nothing (or something this server does not know) is not Never.
+        assert_eq!(said(json!({})), None);
+        assert_eq!(said(json!({"growsInUse": "Sometimes"})), None);
+        assert_eq!(grows_in_use(&json!({})), None);
     }
 
     #[test]

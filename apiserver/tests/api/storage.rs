@@ -1009,6 +1009,104 @@ async fn a_volume_attached_over_nbd_does_not_grow_until_detached() {
     assert_eq!(v["spec"]["sizeGiB"], 3);
 }
 
+/// A volume attached (on its own node, or to any of its servers) on a pool whose agent says
+/// it grows no volume in use does not grow: 422 on `spec.sizeGiB` naming the pool and the
+/// reason, nothing written. On a pool that grows one in place, or that says nothing (an
+/// older agent), or detached, it grows; the pool's answer is the one read with the write.
+#[tokio::test]
+async fn a_volume_attached_on_a_pool_that_cannot_grow_it_in_use_does_not_grow() {
+    let c = with_pool(10).await;
+    c.create(&volume("demo", "v", json!(1))).await.expect("v");
+    bind(&c, "v", "p1").await.expect("on n1");
+    let vol = c.target("Volume", Some("demo"), Some("v"));
+    let says = |growth: Value| {
+        let c = &c;
+        async move {
+            c.patch(
+                &c.status("StoragePool", None, "p1"),
+                MERGE,
+                &json!({"status": {"growsInUse": growth}}),
+                "",
+            )
+            .await
+            .expect("the pool's report");
+        }
+    };
+    let attach = |to: Value| {
+        let c = &c;
+        async move {
+            c.patch(
+                &c.status("Volume", Some("demo"), "v"),
+                MERGE,
+                &json!({"status": {
+                    "attachedTo": to.as_str().map(|_| "web"),
+                    "attachedNode": to,
+                    "attachments": to.as_str().map(|n| json!([
+                        {"server": "web", "node": n},
+                        {"server": "db", "node": n},
+                    ])),
+                }}),
+                "",
+            )
+            .await
+            .expect("the attachment recorded");
+        }
+    };
+    let grow = |gib: u64| {
+        let (c, vol) = (&c, &vol);
+        async move {
+            c.patch(vol, MERGE, &json!({"spec": {"sizeGiB": gib}}), "")
+                .await
+        }
+    };
+    says(json!("Never")).await;
+    attach(json!("n1")).await;
+    let before = c.revision().await;
+    let e = refused_naming(grow(2).await, 422, "spec.sizeGiB");
+    assert!(
+        e.message
+            .contains("storage pool p1 grows no volume a server holds")
+            && e.message.contains("detach it"),
+        "{}",
+        e.message
+    );
+    assert_eq!(c.revision().await, before, "nothing written");
+    let v = c.get("Volume", Some("demo"), "v").await.expect("v");
+    assert_eq!(v["spec"]["sizeGiB"], 1);
+    // A shrink or an unchanged size is judged as ever: only a grow is refused for this.
+    grow(1).await.expect("the same size");
+
+    // In place when the space after it is free: only the agent knows; the API lets it by.
+    says(json!("WhenSpaceFollows")).await;
+    grow(2).await.expect("grown on a pool growing in place");
+    // An agent that says nothing: as before the pools said anything.
+    c.patch(
+        &c.status("StoragePool", None, "p1"),
+        MERGE,
+        &json!({"status": {"growsInUse": null}}),
+        "",
+    )
+    .await
+    .expect("the field gone");
+    grow(3).await.expect("grown on a pool that says nothing");
+    says(json!("Never")).await;
+    assert_eq!(refused(grow(4).await).code, 422);
+    attach(Value::Null).await;
+    grow(4).await.expect("grown once detached");
+    let v = c.get("Volume", Some("demo"), "v").await.expect("v");
+    assert_eq!(v["spec"]["sizeGiB"], 4);
+    // An unknown answer is refused at the pool's status write.
+    let bad = c
+        .patch(
+            &c.status("StoragePool", None, "p1"),
+            MERGE,
+            &json!({"status": {"growsInUse": "Sometimes"}}),
+            "",
+        )
+        .await;
+    refused_naming(bad, 422, "status.growsInUse");
+}
+
 /// A storage address is one node's, and in a network the operator granted: a pool recording
 /// one outside (loopback, where etcd and the API server listen; link-local; public) is 422 on
 /// `status.storageAddress`, nothing written; the pools of one node share theirs; another

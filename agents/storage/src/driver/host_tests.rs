@@ -418,3 +418,131 @@ fn an_lvm_pools_capacity_leaves_out_other_lvs() {
     assert_eq!(used.free, shared.free - 16 * MIB, "{used:?}");
     lvm.delete(&v).expect("delete");
 }
+
+/// The size of the block device open as `f`.
+fn size_of(f: &mut std::fs::File) -> u64 {
+    std::io::Seek::seek(f, std::io::SeekFrom::End(0)).expect("seek to the end")
+}
+
+/// A volume a guest holds (its device open, as QEMU keeps it) grows in place over the free
+/// extents after it: the same device, at the new size for its holder, its data kept and
+/// the new part zeroed (the freed extents held another volume's data). With the space after
+/// it taken, it is not moved under its holder: nothing changes until it is let go.
+#[test]
+fn lvm_grows_a_held_volume_in_place_and_its_device_with_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vg = TestVg::new(tmp.path(), "stratus-conf-held", 64 * MIB);
+    let lvm = Lvm::new(&vg.vg).expect("a name");
+    let dm = super::lvm::has_device_mapper();
+    assert_eq!(
+        lvm.grows_in_use(),
+        if dm {
+            super::InUseGrowth::Always
+        } else {
+            super::InUseGrowth::WhenSpaceFollows
+        }
+    );
+    let a = VolName::volume("held-a").expect("uid");
+    let b = VolName::volume("held-b").expect("uid");
+    lvm.create(&a, 4 * MIB, Source::Empty).expect("create");
+    conformance::write(&lvm, &a, 0, b"guest data");
+    // The extents after it held another volume's data, and are free again.
+    lvm.create(&b, 4 * MIB, Source::Empty).expect("create");
+    conformance::write(&lvm, &b, 0, &vec![0xa5; 4096]);
+    lvm.delete(&b).expect("delete");
+
+    let dev = lvm.device(&a).expect("device");
+    let mut held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dev)
+        .expect("open the volume's device");
+    assert_eq!(size_of(&mut held), 4 * MIB);
+    let grown = lvm.extend_held(&a, 8 * MIB).expect("grown in place");
+    assert_eq!(grown.size, 8 * MIB);
+    assert_eq!(lvm.device(&a).expect("device"), dev, "the same device");
+    assert_eq!(size_of(&mut held), 8 * MIB, "its holder sees the new size");
+    assert_eq!(conformance::read(&lvm, &a, 0, 10), b"guest data");
+    assert!(
+        conformance::read(&lvm, &a, 4 * MIB, 4096)
+            .iter()
+            .all(|&x| x == 0),
+        "the grown part shows another volume's old data"
+    );
+    // Its holder writes past the old end: it lands in the volume.
+    std::os::unix::fs::FileExt::write_all_at(&held, b"past the old end", 6 * MIB).expect("write");
+    held.sync_all().expect("sync");
+    assert_eq!(
+        conformance::read(&lvm, &a, 6 * MIB, 16),
+        b"past the old end"
+    );
+    // Again: idempotent.
+    assert_eq!(lvm.extend_held(&a, 8 * MIB).expect("again").size, 8 * MIB);
+
+    if !dm {
+        // The space after it taken: a held volume is not moved.
+        lvm.create(&b, 4 * MIB, Source::Empty).expect("create");
+        let err = lvm
+            .extend_held(&a, 16 * MIB)
+            .expect_err("cannot grow in place");
+        assert!(
+            matches!(err, super::DriverError::NotInPlace(_)) && !err.is_final(),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("not free"), "{err}");
+        assert_eq!(
+            lvm.observe(&a).expect("observe").map(|o| o.size),
+            Some(8 * MIB)
+        );
+        assert_eq!(lvm.device(&a).expect("device"), dev);
+        assert_eq!(size_of(&mut held), 8 * MIB);
+        // Let go, it moves.
+        drop(held);
+        assert_eq!(lvm.extend(&a, 16 * MIB).expect("moved").size, 16 * MIB);
+        assert_eq!(conformance::read(&lvm, &a, 0, 10), b"guest data");
+        assert_eq!(
+            conformance::read(&lvm, &a, 6 * MIB, 16),
+            b"past the old end"
+        );
+        lvm.delete(&b).expect("delete");
+    }
+    lvm.delete(&a).expect("delete");
+    assert_eq!(loops_over(&vg.pv), 0);
+}
+
+/// The agent dies after the LV grew and before its device did: its next start grows the
+/// device a guest may hold, rather than dropping it as stale.
+#[test]
+fn lvm_recovery_grows_a_device_left_at_the_old_size() {
+    if super::lvm::has_device_mapper() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vg = TestVg::new(tmp.path(), "stratus-conf-regrow", 64 * MIB);
+    let lvm = Lvm::new(&vg.vg).expect("a name");
+    let a = VolName::volume("regrow").expect("uid");
+    lvm.create(&a, 4 * MIB, Source::Empty).expect("create");
+    let dev = lvm.device(&a).expect("device");
+    let mut held = std::fs::File::open(&dev).expect("open");
+    cmd::run(
+        "lvextend",
+        [
+            "--driverloaded",
+            "n",
+            "--alloc",
+            "contiguous",
+            "-L",
+            "8m",
+            &format!("{}/{a}", vg.vg),
+        ],
+    )
+    .expect("lvextend");
+    assert_eq!(size_of(&mut held), 4 * MIB);
+    let done = lvm.recover().expect("recover");
+    assert!(done.is_empty(), "nothing removed: {done:?}");
+    assert_eq!(size_of(&mut held), 8 * MIB);
+    assert_eq!(lvm.device(&a).expect("device"), dev);
+    drop(held);
+    lvm.delete(&a).expect("delete");
+    assert_eq!(loops_over(&vg.pv), 0);
+}

@@ -142,6 +142,107 @@ pub fn attach(region: &Region) -> Result<PathBuf, DriverError> {
     Ok(PathBuf::from(String::from_utf8_lossy(&out).trim()))
 }
 
+/// Grows every loop device that starts where `region` does and covers less of it (set up
+/// over a volume before it grew) to the whole region, in place: a guest holding one keeps
+/// it and finds the new size. Answers them. Idempotent.
+///
+/// # Errors
+/// losetup failed, or a device could not be resized.
+pub fn grow_over(region: &Region) -> Result<Vec<PathBuf>, DriverError> {
+    let mut grown = Vec::new();
+    for dev in list()?.into_iter().filter(|d| {
+        d.offset == region.offset
+            && d.size_limit > 0
+            && d.size_limit < region.len
+            && same_file(&d.backing, &region.path)
+    }) {
+        set_size_limit(&dev.name, region.len)?;
+        grown.push(dev.name);
+    }
+    Ok(grown)
+}
+
+/// Sets the size limit of bound loop device `dev` to `len` bytes; the kernel makes it the
+/// device's size at once (and tells its holders), with no detach.
+///
+/// # Errors
+/// `dev` cannot be opened, or the kernel refused (it retries a few times while pages of
+/// the device are dirtied under it).
+pub fn set_size_limit(dev: &Path, len: u64) -> Result<(), DriverError> {
+    let fd = std::fs::OpenOptions::new()
+        .read(true)
+        .open(dev)
+        .map_err(super::io("open", dev))?;
+    let mut info =
+        ioctl::status(&fd).map_err(|e| super::io("read the status of", dev)(e.into()))?;
+    info.lo_sizelimit = len;
+    let mut tries = 0;
+    loop {
+        match ioctl::set_status(&fd, info) {
+            Ok(()) => return Ok(()),
+            // Pages written through the device's cache while it was being resized.
+            Err(e) if e == rustix::io::Errno::AGAIN && tries < 10 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => return Err(super::io("set the size limit of", dev)(e.into())),
+        }
+    }
+}
+
+/// The loop driver's status ioctls (`LOOP_GET_STATUS64`, `LOOP_SET_STATUS64`): losetup can
+/// set a device's capacity from its backing file's size, never a new size limit.
+#[allow(unsafe_code)]
+mod ioctl {
+    use std::os::fd::AsFd;
+
+    use rustix::ioctl::{Getter, Setter, ioctl};
+
+    /// `struct loop_info64` of `<linux/loop.h>`.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct LoopInfo64 {
+        pub lo_device: u64,
+        pub lo_inode: u64,
+        pub lo_rdevice: u64,
+        pub lo_offset: u64,
+        pub lo_sizelimit: u64,
+        pub lo_number: u32,
+        pub lo_encrypt_type: u32,
+        pub lo_encrypt_key_size: u32,
+        pub lo_flags: u32,
+        pub lo_file_name: [u8; 64],
+        pub lo_crypt_name: [u8; 64],
+        pub lo_encrypt_key: [u8; 32],
+        pub lo_init: [u64; 2],
+    }
+
+    const LOOP_SET_STATUS64: rustix::ioctl::Opcode = 0x4C04;
+    const LOOP_GET_STATUS64: rustix::ioctl::Opcode = 0x4C05;
+
+    /// The status of the loop device open as `fd`.
+    pub fn status(fd: impl AsFd) -> rustix::io::Result<LoopInfo64> {
+        // SAFETY: LOOP_GET_STATUS64 writes one `struct loop_info64`, which `LoopInfo64`
+        // lays out exactly (232 bytes, checked by a test), into the buffer Getter owns.
+        unsafe { ioctl(fd, Getter::<LOOP_GET_STATUS64, LoopInfo64>::new()) }
+    }
+
+    /// Sets the status of the loop device open as `fd` to `info` (as read, with changes).
+    pub fn set_status(fd: impl AsFd, info: LoopInfo64) -> rustix::io::Result<()> {
+        // SAFETY: LOOP_SET_STATUS64 reads one `struct loop_info64` from the pointer Setter
+        // passes to its owned copy of `info`, and keeps no reference to it.
+        unsafe { ioctl(fd, Setter::<LOOP_SET_STATUS64, LoopInfo64>::new(info)) }
+    }
+
+    #[cfg(test)]
+    #[test]
+    fn the_status_is_the_kernels_size() {
+        assert_eq!(std::mem::size_of::<LoopInfo64>(), 232);
+        assert_eq!(std::mem::offset_of!(LoopInfo64, lo_sizelimit), 32);
+        assert_eq!(std::mem::offset_of!(LoopInfo64, lo_file_name), 56);
+    }
+}
+
 /// Detaches every loop device over any byte of `region`; answers them. Idempotent.
 ///
 /// # Errors

@@ -15,7 +15,14 @@
 //! A volume is built as `NAME.partial` and renamed (`lvrename`) once its data is complete.
 //! Without device-mapper a volume grows into the free extents right after it, or else into a
 //! copy (`NAME.grown`) swapped in for it by two renames that [`Backend::recover`] completes
-//! or undoes after a crash.
+//! or undoes after a crash. Grown in place, the loop devices over it are not set up again
+//! but grow with it (their size limit raised through the loop driver's ioctl): a guest
+//! holding one keeps it and sees the new size once told (libvirt's `blockresize`). A volume
+//! a guest holds is never moved ([`Backend::extend_held`]): its writes during the copy would
+//! be lost, and it would go on writing to extents the volume no longer owns. So such a pool
+//! grows a volume in use only when the space after it is free
+//! ([`InUseGrowth::WhenSpaceFollows`]), which only the driver knows at the time: the API
+//! lets the grow through, and the agent says why a volume waits to be detached.
 //!
 //! Without device-mapper the driver itself reads and writes a volume's extents by their
 //! offset on the PV, so every verb that allocates, frees or reads extents (create, and with
@@ -33,7 +40,10 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use serde::Deserialize;
 
 use super::loopdev::{self, Region};
-use super::{Backend, Capacity, DriverError, Observed, PARTIAL_SUFFIX, Source, VolName, cmd, data};
+use super::{
+    Backend, Capacity, DriverError, InUseGrowth, Observed, PARTIAL_SUFFIX, Source, VolName, cmd,
+    data,
+};
 
 /// The logical volumes of one volume group.
 #[derive(Debug, Clone)]
@@ -469,8 +479,12 @@ impl Backend for Lvm {
         format!("lvm:{}", self.vg)
     }
 
-    fn grows_in_use(&self) -> bool {
-        self.dm
+    fn grows_in_use(&self) -> InUseGrowth {
+        if self.dm {
+            InUseGrowth::Always
+        } else {
+            InUseGrowth::WhenSpaceFollows
+        }
     }
 
     /// The group's free extents plus the pool's own LVs (partial and grown copies included);
@@ -534,7 +548,10 @@ impl Backend for Lvm {
         let mut regions = Vec::new();
         for (name, lv) in self.lvs()? {
             if lv.segments.len() == 1 {
-                regions.push(self.region(&name, &lv)?);
+                let region = self.region(&name, &lv)?;
+                // A volume grown in place before its devices were: a guest may hold one.
+                loopdev::grow_over(&region)?;
+                regions.push(region);
             }
         }
         for dev in loopdev::list()? {
@@ -605,58 +622,11 @@ impl Backend for Lvm {
     }
 
     fn extend(&self, name: &VolName, size: u64) -> Result<Observed, DriverError> {
-        // Held from the check that the extents after the volume are free to the lvextend
-        // that gives them to it, and through a grown copy.
-        let _pool = self.pool_lock();
-        let lv = self
-            .lvs()?
-            .remove(name.as_str())
-            .ok_or_else(|| DriverError::NotFound(name.to_string()))?;
-        if lv.size >= size {
-            return Ok(Observed { size: lv.size });
-        }
-        let old = self.region(name.as_str(), &lv)?;
-        if !self.dm {
-            // The extents after the LV are zeroed while free (so a crash after the lvextend
-            // shows no old data); a device over the LV has its old size and is set up again.
-            let (extent, _) = self.layout()?;
-            let grow = (size - old.len).div_ceil(extent) * extent;
-            if !self.free_after(&lv, grow / extent)? {
-                // The space after it is taken: a grown copy takes its place.
-                return self.relocate(name, &old, size);
-            }
-            let tail = Region {
-                path: old.path.clone(),
-                offset: old.offset + old.len,
-                len: grow,
-            };
-            data::zero(&tail)?;
-            loopdev::detach_overlapping(&old)?;
-        }
-        let size_arg = format!("{size}b");
-        self.lvm(
-            "lvextend",
-            [
-                OsStr::new("--alloc"),
-                OsStr::new("contiguous"),
-                OsStr::new("-L"),
-                OsStr::new(&size_arg),
-                OsStr::new(&format!("{}/{name}", self.vg)),
-            ],
-        )?;
-        let lv = self
-            .lvs()?
-            .remove(name.as_str())
-            .ok_or_else(|| DriverError::NotFound(name.to_string()))?;
-        if self.dm {
-            let now = self.region(name.as_str(), &lv)?;
-            data::zero(&Region {
-                offset: old.len,
-                len: now.len - old.len,
-                ..now
-            })?;
-        }
-        Ok(Observed { size: lv.size })
+        self.grow(name, size, true)
+    }
+
+    fn extend_held(&self, name: &VolName, size: u64) -> Result<Observed, DriverError> {
+        self.grow(name, size, false)
     }
 
     fn delete(&self, name: &VolName) -> Result<(), DriverError> {
@@ -684,6 +654,76 @@ impl Backend for Lvm {
 }
 
 impl Lvm {
+    /// Grows `name` to `size` bytes ([`Backend::extend`]); without device-mapper, by a copy
+    /// when the extents after it are taken only if `may_move` (else
+    /// [`DriverError::NotInPlace`], nothing changed).
+    fn grow(&self, name: &VolName, size: u64, may_move: bool) -> Result<Observed, DriverError> {
+        // Held from the check that the extents after the volume are free to the lvextend
+        // that gives them to it, and through a grown copy.
+        let _pool = self.pool_lock();
+        let lv = self
+            .lvs()?
+            .remove(name.as_str())
+            .ok_or_else(|| DriverError::NotFound(name.to_string()))?;
+        if lv.size >= size {
+            if !self.dm && lv.segments.len() == 1 {
+                // Grown before its devices were (the process died in between).
+                loopdev::grow_over(&self.region(name.as_str(), &lv)?)?;
+            }
+            return Ok(Observed { size: lv.size });
+        }
+        let old = self.region(name.as_str(), &lv)?;
+        if !self.dm {
+            // The extents after the LV are zeroed while free (so a crash after the lvextend
+            // shows no old data); the devices over the LV then grow over them.
+            let (extent, _) = self.layout()?;
+            let grow = (size - old.len).div_ceil(extent) * extent;
+            if !self.free_after(&lv, grow / extent)? {
+                if !may_move {
+                    return Err(DriverError::NotInPlace(format!(
+                        "the {} MiB after {name} in volume group {} are not free, and a volume a guest holds is not moved",
+                        grow >> 20,
+                        self.vg
+                    )));
+                }
+                // The space after it is taken: a grown copy takes its place.
+                return self.relocate(name, &old, size);
+            }
+            let tail = Region {
+                path: old.path.clone(),
+                offset: old.offset + old.len,
+                len: grow,
+            };
+            data::zero(&tail)?;
+        }
+        let size_arg = format!("{size}b");
+        self.lvm(
+            "lvextend",
+            [
+                OsStr::new("--alloc"),
+                OsStr::new("contiguous"),
+                OsStr::new("-L"),
+                OsStr::new(&size_arg),
+                OsStr::new(&format!("{}/{name}", self.vg)),
+            ],
+        )?;
+        let lv = self
+            .lvs()?
+            .remove(name.as_str())
+            .ok_or_else(|| DriverError::NotFound(name.to_string()))?;
+        let now = self.region(name.as_str(), &lv)?;
+        if self.dm {
+            data::zero(&Region {
+                offset: old.len,
+                len: now.len - old.len,
+                ..now
+            })?;
+        } else {
+            loopdev::grow_over(&now)?;
+        }
+        Ok(Observed { size: lv.size })
+    }
+
     /// Grows `name` (whose data is at `old`) to `size` bytes by a copy: built complete as
     /// `NAME.grown` (from `NAME.grown.partial`), then swapped in (`NAME` → `NAME.old`,
     /// `NAME.grown` → `NAME`, `NAME.old` removed). A process killed at any point leaves

@@ -23,6 +23,7 @@ mod host_tests;
 pub mod loopdev;
 pub mod lvm;
 
+pub use stratus_api_types::storage::InUseGrowth;
 pub use stratus_image_cache::Format;
 
 /// The longest uid a name is made from.
@@ -143,6 +144,10 @@ pub enum DriverError {
     /// The store is not usable (its volume group or directory is missing).
     #[error("the store is unavailable: {0}")]
     Unavailable(String),
+    /// A volume a guest holds cannot grow where it is (the space after it is taken), and
+    /// moving it would lose the guest's writes: it grows once detached.
+    #[error("cannot grow in place: {0}")]
+    NotInPlace(String),
     /// The store holds something the driver cannot use (a logical volume of several
     /// segments without device-mapper).
     #[error("unsupported: {0}")]
@@ -280,12 +285,24 @@ pub trait Backend: Send + Sync + Debug {
     /// [`DriverError::NotFound`] when `name` does not exist; [`DriverError::NoSpace`].
     fn extend(&self, name: &VolName, size: u64) -> Result<Observed, DriverError>;
 
-    /// Whether a volume grows while a guest holds its device: a file, or an active LV, keeps
-    /// its path as it grows. Without device-mapper an LV's grown data is reached through a
-    /// new loop device, or is a grown copy: a guest holding the old device would not see it,
-    /// and would go on writing to extents the volume may no longer own.
-    fn grows_in_use(&self) -> bool {
-        true
+    /// Grows `name` to `size` bytes while a guest holds its device: as [`Backend::extend`],
+    /// keeping the device the guest has (at its new size), or refusing.
+    ///
+    /// # Errors
+    /// As [`Backend::extend`]; [`DriverError::NotInPlace`] when it can grow only by moving
+    /// (nothing changed then).
+    fn extend_held(&self, name: &VolName, size: u64) -> Result<Observed, DriverError> {
+        self.extend(name, size)
+    }
+
+    /// Whether a volume grows while a guest holds its device ([`Backend::extend_held`]): a
+    /// file, or an active LV, keeps its path as it grows. Without device-mapper an LV is
+    /// reached through a loop device over its extents, which grows with it only over the
+    /// free extents right after it; elsewhere its grown data is a copy that a guest holding
+    /// the old device would not see (and would go on writing to extents the volume no longer
+    /// owns).
+    fn grows_in_use(&self) -> InUseGrowth {
+        InUseGrowth::Always
     }
 
     /// Removes `name` and its data (and its device). Idempotent: a missing one is `Ok`.
