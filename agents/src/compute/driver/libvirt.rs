@@ -862,6 +862,17 @@ mod tests {
             std::thread::spawn(|| while virt::event::event_run_default_impl().is_ok() {});
         });
         let root = tempfile::tempdir().expect("tempdir");
+        // QEMU runs as root, as scripts/libvirtd.sh and the e2e nodes have it. Under another
+        // user libvirt's QEMU driver finds no access to a root-only /dev/kvm, takes every
+        // capabilities probe made with KVM for outdated and probes again at each call (a
+        // few hundred QEMU starts, minutes, for this test).
+        let etc = root.path().join("etc");
+        std::fs::create_dir_all(&etc).expect("create the embed root's etc");
+        std::fs::write(etc.join("qemu.conf"), "user = \"root\"\ngroup = \"root\"\n")
+            .expect("write qemu.conf");
+        let caps = root.path().join("cache/qemu/capabilities");
+        let kept = kept_qemu_capabilities();
+        copy_xml_files(&kept, &caps);
         let mut uri = url::Url::parse("qemu:///embed").expect("static URI");
         uri.query_pairs_mut()
             .append_pair("root", &root.path().to_string_lossy());
@@ -965,5 +976,49 @@ mod tests {
         super::super::conformance::volumes(&lv, &spec, Path::new("/dev/null"));
         // ... and our interfaces, one plugged into the definition and taken out again.
         super::super::conformance::interfaces(&lv, &spec);
+        copy_xml_files(&caps, &kept);
+    }
+
+    /// Where the QEMU capabilities that libvirt probed in an earlier run are kept: beside this
+    /// test binary (`target/<profile>/`), one folder a user. A probe starts QEMU twice per
+    /// emulator (seconds each here); libvirt checks every cached file itself (QEMU's and its
+    /// own build, /dev/kvm, the host CPU and kernel) and probes again when one is out of date,
+    /// so a kept file is at worst a probe that was needed anyway.
+    fn kept_qemu_capabilities() -> PathBuf {
+        use std::os::unix::fs::MetadataExt;
+        let uid = std::fs::metadata("/proc/self")
+            .expect("stat /proc/self")
+            .uid();
+        let exe = std::env::current_exe().expect("this test binary's path");
+        let profile = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("a test binary lives in target/<profile>/deps");
+        profile.join(format!("qemu-embed-capabilities-{uid}"))
+    }
+
+    /// Copies the `.xml` files of `from` (if it exists) into `to`, each through a temporary
+    /// file and a rename, so that a run reading `to` at the same time sees whole files only.
+    fn copy_xml_files(from: &Path, to: &Path) {
+        let Ok(entries) = std::fs::read_dir(from) else {
+            return;
+        };
+        std::fs::create_dir_all(to).expect("create the capabilities folder");
+        for entry in entries {
+            let path = entry.expect("read the capabilities folder").path();
+            let Some(name) = path
+                .file_name()
+                .filter(|_| path.extension() == Some("xml".as_ref()))
+            else {
+                continue;
+            };
+            let partial = to.join(format!(
+                ".{}.{}",
+                name.to_string_lossy(),
+                std::process::id()
+            ));
+            std::fs::copy(&path, &partial).expect("copy cached capabilities");
+            std::fs::rename(&partial, to.join(name)).expect("rename cached capabilities");
+        }
     }
 }
