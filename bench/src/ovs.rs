@@ -23,7 +23,9 @@ use stratus_network_agent::desired::{NETWORK_UID, NodeConfig, Snapshot};
 use stratus_network_agent::driver::dnsmasq::Dnsmasq;
 use stratus_network_agent::driver::netlink::NetlinkLinks;
 use stratus_network_agent::driver::nft::NftFirewall;
-use stratus_network_agent::driver::ovs::{INTEGRATION_BRIDGE, OvsLinks, attach_underlay};
+use stratus_network_agent::driver::ovs::{
+    INTEGRATION_BRIDGE, OvsLinks, add_port_args, attach_underlay,
+};
 use stratus_network_agent::driver::ovs_daemon::{Ovs, OvsDaemon};
 use stratus_network_agent::driver::ovs_firewall::OvsFirewall;
 use stratus_network_agent::driver::{IfName, Name, Netns, ovs_flows};
@@ -266,27 +268,15 @@ fn reference(m: &Made, ns: &str, ovs: &Ovs, dir: &Path) -> Result<(Duration, Dur
     // switch more to poll).
     let mut up = Vec::new();
     for (name, ofport, kind, options) in &m.interfaces {
-        args.extend(
-            [
-                "--",
-                "add-port",
-                INTEGRATION_BRIDGE,
-                name,
-                "--",
-                "set",
-                "Interface",
-                name,
-            ]
-            .map(String::from),
-        );
-        args.push(format!("ofport_request={ofport}"));
-        if !kind.is_empty() {
-            args.push(format!("type={kind}"));
-        }
+        args.extend(add_port_args(
+            name,
+            std::iter::once(format!("ofport_request={ofport}"))
+                .chain((!kind.is_empty()).then(|| format!("type={kind}")))
+                .chain(options.iter().map(|o| format!("options:{o}"))),
+        ));
         if kind.is_empty() || kind == "internal" {
             up.push(format!("link set {name} up\n"));
         }
-        args.extend(options.iter().map(|o| format!("options:{o}")));
     }
     let flows = dir.join(format!("{ns}.flows"));
     std::fs::write(&flows, m.flows.join("\n") + "\n")?;

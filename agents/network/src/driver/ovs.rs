@@ -793,26 +793,17 @@ impl OvsLinks {
             {
                 continue;
             }
-            args.extend(
+            args.extend(add_port_args(
+                &name,
                 [
-                    "--",
-                    "--may-exist",
-                    "add-port",
-                    INTEGRATION_BRIDGE,
-                    &name,
-                    "--",
-                    "set",
-                    "Interface",
-                    &name,
-                    "type=vxlan",
-                    "options:key=flow",
-                    &format!("options:remote_ip={r}"),
-                    &format!("options:local_ip={l}"),
-                    &format!("options:dst_port={p}"),
-                    &format!("external_ids:{ROLE}=tunnel"),
-                ]
-                .map(String::from),
-            );
+                    "type=vxlan".to_owned(),
+                    "options:key=flow".to_owned(),
+                    format!("options:remote_ip={r}"),
+                    format!("options:local_ip={l}"),
+                    format!("options:dst_port={p}"),
+                    format!("external_ids:{ROLE}=tunnel"),
+                ],
+            ));
         }
         let fresh;
         let s = if args.is_empty() && !self.holds_ports() {
@@ -987,17 +978,8 @@ impl OvsLinks {
     /// Puts `name` on the integration bridge (if it is not) with its interface's columns
     /// set to `columns` (`key=value`, as `ovs-vsctl set` takes them), in one transaction.
     fn add_port(&self, name: &IfName, columns: &[String]) -> Result<(), LinkError> {
-        let mut args = vec![
-            "--may-exist",
-            "add-port",
-            INTEGRATION_BRIDGE,
-            name.as_str(),
-            "--",
-            "set",
-            "Interface",
-            name.as_str(),
-        ];
-        args.extend(columns.iter().map(String::as_str));
+        let args = add_port_args(name.as_str(), columns.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.write(&args).map_err(ovs_err)?;
         Ok(())
     }
@@ -1180,29 +1162,29 @@ fn batched(commands: impl IntoIterator<Item = Vec<String>>) -> Vec<Vec<String>> 
 /// The `ovs-vsctl` commands that put `name` on the integration bridge (if it is not) as a
 /// port of the network `bridge`, one transaction's part.
 fn port_args(name: &IfName, bridge: &IfName) -> Vec<String> {
-    [
-        "--",
-        "--may-exist",
-        "add-port",
-        INTEGRATION_BRIDGE,
+    add_port_args(
         name.as_str(),
-        "--",
-        "set",
-        "Interface",
-        name.as_str(),
-    ]
-    .map(String::from)
-    .into_iter()
-    .chain([
-        format!("external_ids:{ROLE}=port"),
-        format!("external_ids:{NETWORK}={bridge}"),
-    ])
-    .collect()
+        [
+            format!("external_ids:{ROLE}=port"),
+            format!("external_ids:{NETWORK}={bridge}"),
+        ],
+    )
 }
 
 /// The `ovs-vsctl` commands that put the physical interface `name` on the integration
 /// bridge (if it is not) as an uplink, and of the flat network `flat` if given.
 fn physical_args(name: &str, flat: Option<&str>) -> Vec<String> {
+    add_port_args(
+        name,
+        std::iter::once(format!("external_ids:{ROLE}=physical"))
+            .chain(flat.map(|b| format!("external_ids:{NETWORK}={b}"))),
+    )
+}
+
+/// The `ovs-vsctl` commands that put the interface `name` on the integration bridge (if it
+/// is not) with its `columns` set (`key=value`, as `ovs-vsctl set Interface` takes them), one
+/// transaction's part.
+pub fn add_port_args(name: &str, columns: impl IntoIterator<Item = String>) -> Vec<String> {
     let mut args: Vec<String> = [
         "--",
         "--may-exist",
@@ -1216,8 +1198,7 @@ fn physical_args(name: &str, flat: Option<&str>) -> Vec<String> {
     ]
     .map(String::from)
     .to_vec();
-    args.push(format!("external_ids:{ROLE}=physical"));
-    args.extend(flat.map(|b| format!("external_ids:{NETWORK}={b}")));
+    args.extend(columns);
     args
 }
 
