@@ -168,6 +168,19 @@ impl Report {
 /// # Errors
 /// A driver could not read the host.
 pub fn observe(host: &Host, desired: &Desired) -> Result<ObservedHost, SyncError> {
+    observe_unless(host, desired, &AtomicBool::new(false)).map(Option::unwrap_or_default)
+}
+
+/// [`observe`], given up between two reads once `stop` is set: `None` then.
+///
+/// # Errors
+/// A driver could not read the host.
+pub fn observe_unless(
+    host: &Host,
+    desired: &Desired,
+    stop: &AtomicBool,
+) -> Result<Option<ObservedHost>, SyncError> {
+    let stopped = || stop.load(Ordering::Relaxed);
     let ns = &desired.netns;
     let links: BTreeMap<IfName, Link> = host
         .links
@@ -181,11 +194,17 @@ pub fn observe(host: &Host, desired: &Desired) -> Result<ObservedHost, SyncError
             fdb.insert(l.name.clone(), host.links.fdb(ns, &l.name)?);
         }
     }
+    if stopped() {
+        return Ok(None);
+    }
     let mut dhcp = BTreeMap::new();
     for name in host.dhcp.list()? {
         if let Some(status) = host.dhcp.status(&name)? {
             dhcp.insert(name, status);
         }
+    }
+    if stopped() {
+        return Ok(None);
     }
     let present = host.links.list_netns()?;
     let mut candidates: BTreeSet<_> = dhcp.keys().cloned().collect();
@@ -225,6 +244,9 @@ pub fn observe(host: &Host, desired: &Desired) -> Result<ObservedHost, SyncError
             .cloned(),
     );
     for name in candidates.into_iter().filter(|n| present.contains(n)) {
+        if stopped() {
+            return Ok(None);
+        }
         let inner = Netns::Named(name.clone());
         let mut c = RouterContents::default();
         for l in host.links.links(&inner)? {
@@ -239,14 +261,17 @@ pub fn observe(host: &Host, desired: &Desired) -> Result<ObservedHost, SyncError
         c.nat = host.firewall.read_nat(&name)?;
         routers.insert(name, c);
     }
-    Ok(ObservedHost {
+    if stopped() {
+        return Ok(None);
+    }
+    Ok(Some(ObservedHost {
         links,
         fdb,
         firewall: host.firewall.read()?,
         dhcp,
         dhcp_netns,
         routers,
-    })
+    }))
 }
 
 /// Carries out one step.
@@ -380,9 +405,32 @@ pub fn converge_after(
     before: Option<(&Ruleset, &Observed)>,
     seen: Option<(&Desired, &ObservedHost)>,
 ) -> Result<Report, SyncError> {
+    converge_unless(host, cfg, snap, before, seen, &AtomicBool::new(false))
+        .map(|r| r.unwrap_or_else(|| unreachable!("nothing sets the stop")))
+}
+
+/// [`converge_after`], given up once `stop` is set while it still reads (the host, the
+/// ruleset's digest): `None` then, and nothing on the host changed. Once its first step
+/// runs, it runs to the end. The agent's resync reads the whole host; a change from the API
+/// that comes meanwhile stops it, is converged first, and the resync runs after it.
+///
+/// # Errors
+/// The host could not be read, before or after.
+pub fn converge_unless(
+    host: &Host,
+    cfg: &NodeConfig,
+    snap: &Snapshot,
+    before: Option<(&Ruleset, &Observed)>,
+    seen: Option<(&Desired, &ObservedHost)>,
+    stop: &AtomicBool,
+) -> Result<Option<Report>, SyncError> {
+    let stopped = || stop.load(Ordering::Relaxed);
     let (desired, plans) = desired_all(cfg, snap);
     // The ruleset's digest, rendered once for the plan, the read-back and every port.
     let want = desired.firewall.as_ref().map(|r| r.observed_since(before));
+    if stopped() {
+        return Ok(None);
+    }
     // One batch of link calls: the reads, the steps, the flush and the reads again.
     let _batch = Batch::begin(host.links.as_ref());
     let mut known = seen
@@ -393,13 +441,22 @@ pub fn converge_after(
             firewall: host.firewall.read()?,
             ..o.clone()
         },
-        None => observe(host, &desired)?,
+        None => match observe_unless(host, &desired, stop)? {
+            Some(o) => o,
+            None => return Ok(None),
+        },
     };
     let mut steps = plan_with(&desired, want.as_ref(), &observed);
     if known.is_some() && !steps.iter().all(|s| is_firewall(&s.op)) {
         known = None;
-        observed = observe(host, &desired)?;
+        observed = match observe_unless(host, &desired, stop)? {
+            Some(o) => o,
+            None => return Ok(None),
+        };
         steps = plan_with(&desired, want.as_ref(), &observed);
+    }
+    if stopped() {
+        return Ok(None);
     }
     let mut failures: Vec<(Step, String)> = Vec::new();
     let mut firewall_failed = None;
@@ -538,7 +595,7 @@ pub fn converge_after(
         Some(Ok(w)) => Some(w),
         _ => None,
     };
-    Ok(Report {
+    Ok(Some(Report {
         desired,
         firewall,
         steps,
@@ -547,7 +604,7 @@ pub fn converge_after(
         routers,
         floating_ips,
         observed: after,
-    })
+    }))
 }
 
 /// Whether `want` differs from `had` in the firewall alone (both have one).
@@ -998,17 +1055,31 @@ pub async fn run(client: Client, host: Host, config: Config) {
     // at start, what the routers' tables translate (the agent may have been down when some
     // were taken away).
     let mut floating = None;
+    // A resync that gave way to a change from the API (see below) runs right after that
+    // change's converge; after four in a row it runs to the end whatever comes meanwhile, so
+    // that a stream of changes does not put drift repair off for ever.
+    let mut resync_due = false;
+    let mut gave_way = false;
+    let mut yielded = 0u32;
     loop {
         let mut resync = first;
         if !first {
-            // No settling delay: changes that come during a converge wake one more
-            // converge, which takes them all.
-            tokio::select! {
-                () = notify.notified() => {}
-                _ = tick.tick() => resync = true,
+            if resync_due && !gave_way {
+                resync = true;
+            } else {
+                // No settling delay: changes that come during a converge wake one more
+                // converge, which takes them all.
+                tokio::select! {
+                    () = notify.notified() => {}
+                    _ = tick.tick() => resync = true,
+                }
             }
         }
         first = false;
+        gave_way = false;
+        if resync {
+            resync_due = false;
+        }
         // After a restart the node is converged only once every network's watch has listed:
         // a network read as absent would have its wiring torn down.
         if !caches.follow(&client, &node, &notify, converged_once) {
@@ -1032,28 +1103,68 @@ pub async fn run(client: Client, host: Host, config: Config) {
         }
         let (h, cfg, s) = (host.clone(), config.node.clone(), snap.clone());
         let before = digest.take();
-        let last = seen.take().filter(|_| !resync);
-        let span = tracing::info_span!("converge", node = %node);
-        let mut report = match stratus_runtime::blocking(move || {
+        // A resync reads the whole host; what the last converge left is kept should it
+        // give way to a change.
+        let last = if resync { None } else { seen.take() };
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = Arc::clone(&stop);
+        let span = tracing::info_span!("converge", node = %node, resync);
+        let mut job = tokio::task::spawn_blocking(move || {
             let _g = span.enter();
-            converge_after(
+            let r = converge_unless(
                 &h,
                 &cfg,
                 &s,
                 before.as_ref().map(|(r, o)| (r, o)),
                 last.as_ref().map(|(d, o)| (d, o)),
-            )
-        })
-        .await
-        .map_err(SyncError::from)
-        .and_then(|r| r)
-        {
-            Ok(r) => r,
+                &stop2,
+            );
+            (r, before, last)
+        });
+        // A change from the API that comes while a resync reads the host does not wait
+        // for it: the resync stops, the change's converge (which reads only the firewall
+        // when that is all it changed) runs first, and the resync after it.
+        let done = if resync && seen.is_some() && yielded < 4 {
+            tokio::select! {
+                done = &mut job => done,
+                () = notify.notified() => {
+                    // A change from the API: the resync gives way if it still reads. The
+                    // wake-up is kept for the loop either way.
+                    stop.store(true, Ordering::Relaxed);
+                    notify.notify_one();
+                    (&mut job).await
+                }
+            }
+        } else {
+            job.await
+        };
+        let (result, before, last) = match done {
+            Ok(d) => d,
+            Err(e) => {
+                let e = SyncError::from(e);
+                tracing::warn!(error = %stratus_runtime::policy::chain(&e), "cannot converge the node");
+                continue;
+            }
+        };
+        let mut report = match result {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                tracing::debug!("the resync gave way to a change");
+                digest = before;
+                seen = last.or(seen);
+                resync_due = true;
+                gave_way = true;
+                yielded += 1;
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(error = %stratus_runtime::policy::chain(&e), "cannot converge the node");
                 continue;
             }
         };
+        if resync {
+            yielded = 0;
+        }
         if !report.steps.is_empty() {
             tracing::info!(
                 steps = report.steps.len(),
@@ -1829,6 +1940,38 @@ pub(crate) mod tests {
             converge(&f.host, &config(), &snap).expect("converge").steps,
             vec![]
         );
+    }
+
+    #[test]
+    fn a_resync_told_to_stop_while_it_reads_changes_nothing_and_says_so() {
+        let f = fakes();
+        plug(&f.links, "tp-p1");
+        let snap = snapshot();
+        let first = converge(&f.host, &config(), &snap).expect("converge");
+        assert!(first.failures.is_empty(), "{:?}", first.failures);
+        let ns = Netns::Host;
+        let vx = IfName::derived(Role::Vxlan, "uid-net");
+        f.links.remove_behind(&ns, &vx);
+        let applied = f.firewall.applied();
+
+        // Stopped (a change from the API came): no report, no step, the drift still there.
+        let stop = AtomicBool::new(true);
+        let r = converge_unless(&f.host, &config(), &snap, None, None, &stop).expect("converge");
+        assert!(r.is_none(), "{r:?}");
+        assert_eq!(f.links.link(&ns, &vx).expect("link"), None);
+        assert_eq!(f.firewall.applied(), applied);
+
+        // Run again without the stop, the resync repairs it.
+        stop.store(false, Ordering::Relaxed);
+        let r = converge_unless(&f.host, &config(), &snap, None, None, &stop)
+            .expect("converge")
+            .expect("not stopped");
+        assert!(
+            r.steps.iter().any(|s| matches!(s.op, Op::AddVxlan(..))),
+            "{:?}",
+            r.steps
+        );
+        assert!(f.links.link(&ns, &vx).expect("link").is_some());
     }
 
     #[test]
