@@ -1189,6 +1189,31 @@ fn reason(image: &Value, kind: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// The upload Image `name` of p1 made (see [`upload_image`]) and `data` put to it by `who`:
+/// the answer, and the Image as it is then.
+async fn upload_new(
+    s: &Server,
+    who: &str,
+    name: &str,
+    format: &str,
+    extra: Value,
+    data: &[u8],
+) -> (Answer, Value) {
+    upload_image(s, "p1", name, format, extra).await;
+    let r = put_data(s, who, "p1", name, "application/octet-stream", data).await;
+    (r, read_image(s, "p1", name).await)
+}
+
+/// `r` is refused with `code` and a message that says `says`.
+fn assert_refused(r: &Answer, code: u16, says: &str) {
+    assert_eq!(r.code, code, "{}", r.body);
+    assert!(
+        r.body["message"].as_str().is_some_and(|m| m.contains(says)),
+        "{}",
+        r.body
+    );
+}
+
 /// An Image of `ns` taking its data by upload, in `format`, with `extra` spec fields.
 async fn upload_image(s: &Server, ns: &str, name: &str, format: &str, extra: Value) {
     let mut spec = json!({"diskFormat": format, "source": {"upload": {}}});
@@ -1329,18 +1354,9 @@ async fn bad_image_data_is_refused_and_recorded_as_refused() {
         .status()
         .expect("run qemu-img");
     assert!(ok.success());
-    upload_image(&s, "p1", "backed", "qcow2", json!({})).await;
     let bytes = std::fs::read(&backed).expect("read the image");
-    let r = put_data(&s, &alice, "p1", "backed", octets, &bytes).await;
-    assert_eq!(r.code, 400, "{}", r.body);
-    assert!(
-        r.body["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("backing")),
-        "{}",
-        r.body
-    );
-    let backed = read_image(&s, "p1", "backed").await;
+    let (r, backed) = upload_new(&s, &alice, "backed", "qcow2", json!({}), &bytes).await;
+    assert_refused(&r, 400, "backing");
     assert_eq!(
         reason(&backed, "Verified"),
         "BackingFile",
@@ -1350,10 +1366,8 @@ async fn bad_image_data_is_refused_and_recorded_as_refused() {
     unrecorded(&backed);
 
     // Raw bytes for an Image declared qcow2.
-    upload_image(&s, "p1", "wrong", "qcow2", json!({})).await;
-    let r = put_data(&s, &alice, "p1", "wrong", octets, &vec![0u8; 4096]).await;
+    let (r, wrong) = upload_new(&s, &alice, "wrong", "qcow2", json!({}), &vec![0u8; 4096]).await;
     assert_eq!(r.code, 400, "{}", r.body);
-    let wrong = read_image(&s, "p1", "wrong").await;
     assert!(
         matches!(
             reason(&wrong, "Verified").as_str(),
@@ -1365,10 +1379,16 @@ async fn bad_image_data_is_refused_and_recorded_as_refused() {
     unrecorded(&wrong);
 
     // Data that is not what spec.sha256 says.
-    upload_image(&s, "p1", "pinned", "raw", json!({"sha256": "0".repeat(64)})).await;
-    let r = put_data(&s, &alice, "p1", "pinned", octets, &vec![0u8; 4096]).await;
+    let (r, pinned) = upload_new(
+        &s,
+        &alice,
+        "pinned",
+        "raw",
+        json!({"sha256": "0".repeat(64)}),
+        &vec![0u8; 4096],
+    )
+    .await;
     assert_eq!(r.code, 400, "{}", r.body);
-    let pinned = read_image(&s, "p1", "pinned").await;
     assert_eq!(
         reason(&pinned, "Verified"),
         "ChecksumMismatch",
@@ -1378,10 +1398,8 @@ async fn bad_image_data_is_refused_and_recorded_as_refused() {
     unrecorded(&pinned);
 
     // Good data the object store does not take: 503, and the Image waits for its data.
-    upload_image(&s, "p1", "good", "raw", json!({})).await;
-    let r = put_data(&s, &alice, "p1", "good", octets, &vec![0u8; 4096]).await;
+    let (r, good) = upload_new(&s, &alice, "good", "raw", json!({}), &vec![0u8; 4096]).await;
     assert_eq!(r.code, 503, "{}", r.body);
-    let good = read_image(&s, "p1", "good").await;
     assert_eq!(
         reason(&good, "Ready"),
         "AwaitingUpload",
@@ -1402,31 +1420,11 @@ async fn a_second_upload_of_an_image_is_a_conflict() {
     let octets = "application/octet-stream";
     upload_image(&s, "p1", "disk", "raw", json!({})).await;
     let data = vec![3u8; 8192];
-    let mut first = start_upload(&s, &alice, "p1", "disk", Some(data.len())).await;
-    first.write_all(&data[..1024]).await.expect("send a part");
-    let mut uploading = Value::Null;
-    for _ in 0..300 {
-        uploading = read_image(&s, "p1", "disk").await;
-        if uploading["status"]["phase"] == "Uploading" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        uploading["status"]["phase"], "Uploading",
-        "{}",
-        uploading["status"]
-    );
+    let mut first = upload_under_way(&s, &alice, "p1", "disk", &data).await;
+    let uploading = read_image(&s, "p1", "disk").await;
     assert_eq!(reason(&uploading, "Ready"), "Uploading");
     let second = put_data(&s, &alice, "p1", "disk", octets, &data).await;
-    assert_eq!(second.code, 409, "{}", second.body);
-    assert!(
-        second.body["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("under way")),
-        "{}",
-        second.body
-    );
+    assert_refused(&second, 409, "under way");
     // The first ends (the object store is not there: 503), and frees the image.
     first.write_all(&data[1024..]).await.expect("send the rest");
     assert_eq!(answer(&mut first).await.code, 503);
@@ -1438,14 +1436,7 @@ async fn a_second_upload_of_an_image_is_a_conflict() {
     let r = merge_patch(&s, path, json!({"status": {"phase": "Active"}})).await;
     assert_eq!(r.code, 200, "{}", r.body);
     let again = put_data(&s, &alice, "p1", "disk", octets, &data).await;
-    assert_eq!(again.code, 409, "{}", again.body);
-    assert!(
-        again.body["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("Active")),
-        "{}",
-        again.body
-    );
+    assert_refused(&again, 409, "Active");
 }
 
 /// A merge patch of `path` by the admin.
@@ -1625,14 +1616,7 @@ async fn image_transfers_have_their_own_places_and_a_minimum_rate() {
 
     // 1 KiB in a window that needs 256: cut off.
     let r = answer(&mut slow).await;
-    assert_eq!(r.code, 408, "{}", r.body);
-    assert!(
-        r.body["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("too slow")),
-        "{}",
-        r.body
-    );
+    assert_refused(&r, 408, "too slow");
     let took = started.elapsed();
     assert!(took < window * 4, "cut off after {took:?}");
     let image = read_image(&s, "p1", "slow").await;
@@ -1659,15 +1643,8 @@ async fn a_user_holds_at_most_its_share_of_the_transfers() {
     let _a = upload_under_way(&s, &alice, "p1", "a", &data).await;
     let _b = upload_under_way(&s, &alice, "p1", "b", &data).await;
     let r = put_data(&s, &alice, "p1", "c", "application/octet-stream", &data).await;
-    assert_eq!(r.code, 429, "{}", r.body);
+    assert_refused(&r, 429, "at most 2 per user");
     assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
-    assert!(
-        r.body["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("at most 2 per user")),
-        "{}",
-        r.body
-    );
     // Served past the transfer places (and meets the missing object store).
     let r = put_data(&s, ADMIN, "p1", "d", "application/octet-stream", &data).await;
     assert_eq!(r.code, 503, "{}", r.body);
@@ -1761,14 +1738,7 @@ async fn a_deleted_images_data_finalizer_stays_until_its_data_is_removed() {
     let mut c = upload_under_way(&s, &alice, "p1", "disk", &data).await;
     s.admin("DELETE", path, Value::Null).await;
     let r = s.api(ADMIN, "DELETE", &data_path, &Value::Null).await;
-    assert_eq!(r.code, 409, "{}", r.body);
-    assert!(
-        r.body["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("upload")),
-        "{}",
-        r.body
-    );
+    assert_refused(&r, 409, "upload");
     // That upload ends refused (the image is going), and no new one starts.
     c.write_all(&data[1024..]).await.expect("send the rest");
     assert_eq!(answer(&mut c).await.code, 409);
