@@ -2,6 +2,7 @@
 //! underlay between nodes, a guest plugged in as a Port's device, a node's network agent, and
 //! the removal of all of it (the agents' DHCP servers included) however a test ends.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -188,4 +189,350 @@ pub fn links_of_kind(ns: &str, kind: &str) -> Result<Vec<String>> {
         .flatten()
         .filter_map(|l| l.get("ifname")?.as_str().map(str::to_owned))
         .collect())
+}
+
+/// A node's network datapath: `stratus agent --datapath kernel|ovs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Datapath {
+    /// Linux bridges, VXLAN devices and nftables.
+    Kernel,
+    /// Open vSwitch (the agent starts its own userspace switch under its state directory).
+    Ovs,
+}
+
+impl Datapath {
+    /// Its name, as `--datapath` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::Ovs => "ovs",
+        }
+    }
+}
+
+/// The network agent of node `node` as [`network_agent`] starts it, on datapath `datapath`,
+/// its tunnel on the node's `underlay` interface: a kernel node's by `--underlay-ip
+/// ADDRESS` (its address there), an OVS node's by `--tunnel-interface underlay` (put on its
+/// switch's underlay bridge, which the userspace datapath sends VXLAN from); with `args`.
+pub fn network_agent_on(
+    node: &str,
+    datapath: Datapath,
+    underlay_ip: &str,
+    kubeconfig: &Path,
+    state: &Path,
+    args: &[&str],
+) -> Result<Proc> {
+    let tunnel = match datapath {
+        Datapath::Kernel => ["--underlay-ip", underlay_ip],
+        Datapath::Ovs => ["--tunnel-interface", "underlay"],
+    };
+    network_agent(
+        node,
+        kubeconfig,
+        state,
+        &[&["--datapath", datapath.name()][..], &tunnel[..], args].concat(),
+    )
+}
+
+/// Makes a kernel node's `underlay` veth fill in the UDP checksums of its VXLAN packets
+/// (`ethtool -K underlay tx off`): a NIC fills them in, a veth hands them on unfilled, and
+/// an OVS peer's userspace datapath drops such packets.
+pub fn checksum_underlay(node: &str) -> Result<()> {
+    let (ok, out) = netns_exec(node, &["ethtool", "-K", "underlay", "tx", "off"]);
+    anyhow::ensure!(ok, "ethtool -K underlay tx off in {node}: {out}");
+    Ok(())
+}
+
+/// The cookie kinds (a cookie's top byte) of a network's and a port's flows on an OVS
+/// node's integration bridge, and of what `learn()` adds (no object's).
+pub const KIND_NETWORK: u64 = 0x52;
+/// See [`KIND_NETWORK`].
+pub const KIND_PORT: u64 = 0x53;
+/// See [`KIND_NETWORK`].
+pub const LEARNED: u64 = 0x5f;
+
+/// An OVS node's switch: its tools pointed at the daemons its agent started under its state
+/// directory, which are stopped when this is dropped (drop it after the agents, before the
+/// namespaces go).
+pub struct Switch {
+    /// The switch's files (`STATE/network/ovs`).
+    pub dir: PathBuf,
+}
+
+impl Switch {
+    /// The switch of the agent whose state directory is `state`.
+    pub fn of_state(state: &Path) -> Self {
+        Self {
+            dir: state.join("network/ovs"),
+        }
+    }
+
+    /// Runs `ovs-vsctl` on this switch's database; its output.
+    pub fn vsctl(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("ovs-vsctl")
+            .arg(format!("--db=unix:{}", self.dir.join("db.sock").display()))
+            .arg("--timeout=30")
+            .args(args)
+            .output()
+            .context("run ovs-vsctl")?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "ovs-vsctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `ovs-ofctl COMMAND` on the integration bridge; its output.
+    pub fn ofctl(&self, command: &str, args: &[&str]) -> Result<String> {
+        let out = Command::new("ovs-ofctl")
+            .args(["-O", "OpenFlow15", command])
+            .arg(format!("unix:{}", self.dir.join("br-int.mgmt").display()))
+            .args(args)
+            .output()
+            .context("run ovs-ofctl")?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "ovs-ofctl {command} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The integration bridge's flows the agent owns (everything but learned MACs), without
+    /// counters.
+    pub fn owned_flows(&self) -> Result<BTreeSet<String>> {
+        Ok(self
+            .ofctl("dump-flows", &["--no-stats"])?
+            .lines()
+            .filter(|l| flow_cookie(l).is_some_and(|c| c >> 56 != LEARNED && c != 0))
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// How many distinct objects of `kind` ([`KIND_NETWORK`], [`KIND_PORT`]) have flows.
+    pub fn objects(&self, kind: u64) -> Result<usize> {
+        Ok(self
+            .ofctl("dump-flows", &["--no-stats"])?
+            .lines()
+            .filter_map(flow_cookie)
+            .filter(|c| c >> 56 == kind)
+            .collect::<BTreeSet<_>>()
+            .len())
+    }
+
+    /// The integration bridge's ports.
+    pub fn ports(&self) -> Result<BTreeSet<String>> {
+        Ok(self
+            .vsctl(&["list-ports", "br-int"])?
+            .lines()
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// The tunnel ports (VXLAN interfaces) of the integration bridge.
+    pub fn tunnels(&self) -> Result<BTreeSet<String>> {
+        let out = self.vsctl(&[
+            "--format=csv",
+            "--no-headings",
+            "--columns=name",
+            "find",
+            "Interface",
+            "type=vxlan",
+        ])?;
+        Ok(out
+            .lines()
+            .map(|l| l.trim_matches('"').to_owned())
+            .collect())
+    }
+
+    /// The pid a daemon's pid file names, while that process is the daemon.
+    pub fn pid(&self, daemon: &str) -> Option<String> {
+        let pid = std::fs::read_to_string(self.dir.join(format!("{daemon}.pid"))).ok()?;
+        let pid = pid.trim().to_owned();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == daemon).then_some(pid)
+    }
+}
+
+impl Drop for Switch {
+    fn drop(&mut self) {
+        for daemon in ["ovs-vswitchd", "ovsdb-server"] {
+            let Some(pid) = self.pid(daemon) else {
+                continue;
+            };
+            let _ = Command::new("kill").arg(&pid).status();
+            let stopped = crate::wait_until(std::time::Duration::from_secs(10), daemon, || {
+                self.pid(daemon).is_none().then_some(())
+            });
+            if stopped.is_err() {
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            }
+        }
+    }
+}
+
+/// The cookie of one line of `ovs-ofctl dump-flows`.
+pub fn flow_cookie(line: &str) -> Option<u64> {
+    let hex = line.trim().strip_prefix("cookie=0x")?;
+    let hex = hex.split(',').next()?;
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// Counts, in namespace `ns`, the ICMP echo requests that arrive from each of `sources`
+/// (an nft table `ip probe` of the namespace's own, read by [`pings_counted`]).
+pub fn count_pings_from(ns: &str, sources: &[&str]) -> Result<()> {
+    let run = |args: &[&str]| -> Result<()> {
+        let (ok, out) = netns_exec(ns, args);
+        anyhow::ensure!(ok, "{args:?}: {out}");
+        Ok(())
+    };
+    run(&["nft", "add", "table", "ip", "probe"])?;
+    run(&[
+        "nft",
+        "add",
+        "chain",
+        "ip",
+        "probe",
+        "in",
+        "{ type filter hook input priority 0 ; }",
+    ])?;
+    for s in sources {
+        run(&[
+            "nft",
+            "add",
+            "rule",
+            "ip",
+            "probe",
+            "in",
+            "ip",
+            "saddr",
+            s,
+            "icmp",
+            "type",
+            "echo-request",
+            "counter",
+        ])?;
+    }
+    Ok(())
+}
+
+/// The echo requests [`count_pings_from`] counted in `ns` from `source` so far.
+pub fn pings_counted(ns: &str, source: &str) -> Result<u64> {
+    let (ok, out) = netns_exec(ns, &["nft", "list", "chain", "ip", "probe", "in"]);
+    anyhow::ensure!(ok, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains(&format!("ip saddr {source} ")))
+        .with_context(|| format!("no counter for {source}: {out}"))?;
+    line.split("packets ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no packet count in {line}"))
+}
+
+/// How long after an API write each `(from, to)` of `pairs` first gets through: per pair a
+/// ping every 50 ms (one ICMP id throughout: what a filter dropped leaves no connection
+/// behind), started before `write` (which returns once the API answered it, the instant
+/// measured from), its first echo reply timed as it arrives. Fails after `limit`.
+pub fn reached_after(
+    pairs: &[(&str, &str)],
+    limit: std::time::Duration,
+    write: impl FnOnce() -> Result<()>,
+) -> Result<Vec<std::time::Duration>> {
+    use std::io::BufRead;
+    let secs = limit.as_secs().max(1).to_string();
+    let mut pingers = Vec::new();
+    for (from, to) in pairs {
+        let child = Command::new("ip")
+            .args([
+                "netns", "exec", from, "busybox", "ping", "-i", "0.05", "-W", "1", "-w", &secs, to,
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("run ping");
+        match child {
+            Ok(c) => pingers.push(c),
+            Err(e) => {
+                for mut p in pingers {
+                    let _ = p.kill();
+                    let _ = p.wait();
+                }
+                return Err(e);
+            }
+        }
+    }
+    let outputs: Vec<_> = pingers.iter_mut().map(|p| p.stdout.take()).collect();
+    let result = (|| {
+        // Let the pingers start sending before the write.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        write()?;
+        let since = std::time::Instant::now();
+        std::thread::scope(|scope| {
+            let readers: Vec<_> = outputs
+                .into_iter()
+                .zip(pairs)
+                .map(|(out, (from, to))| {
+                    scope.spawn(move || -> Result<std::time::Duration> {
+                        let out = out.context("ping's output")?;
+                        for line in std::io::BufReader::new(out).lines() {
+                            if line?.contains("bytes from") {
+                                return Ok(since.elapsed());
+                            }
+                        }
+                        anyhow::bail!("{from} did not reach {to} within {limit:?}")
+                    })
+                })
+                .collect();
+            readers
+                .into_iter()
+                .map(|r| r.join().map_err(|_| anyhow::anyhow!("a reader panicked"))?)
+                .collect()
+        })
+    })();
+    for mut p in pingers {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    result
+}
+
+/// How long after `since` (the instant an API write was answered) each `(from, to)` of
+/// `pairs` stops getting through: per pair, one-echo pings one after another (a new ICMP id
+/// each, so no connection of an earlier one carries it), the first unanswered one's start
+/// timed; `confirm` more must go unanswered too (not an echo lost by chance). Fails after
+/// `limit`.
+pub fn unreached_after(
+    pairs: &[(&str, &str)],
+    since: std::time::Instant,
+    limit: std::time::Duration,
+    confirm: usize,
+) -> Result<Vec<std::time::Duration>> {
+    std::thread::scope(|scope| {
+        let probes: Vec<_> = pairs
+            .iter()
+            .map(|&(from, to)| {
+                scope.spawn(move || -> Result<std::time::Duration> {
+                    loop {
+                        let sent = since.elapsed();
+                        anyhow::ensure!(sent < limit, "{from} still reaches {to} after {limit:?}");
+                        if !ping(from, to) {
+                            for _ in 0..confirm {
+                                anyhow::ensure!(!ping(from, to), "{from} reached {to} again");
+                            }
+                            return Ok(sent);
+                        }
+                    }
+                })
+            })
+            .collect();
+        probes
+            .into_iter()
+            .map(|p| p.join().map_err(|_| anyhow::anyhow!("a probe panicked"))?)
+            .collect()
+    })
 }

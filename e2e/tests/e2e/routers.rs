@@ -9,94 +9,36 @@
 //! node dies (its agent killed, its router namespace gone) the router moves to the other
 //! node and the floating IP reaches the guest again.
 //!
+//! It runs on each pairing of datapaths that matters: both nodes on the kernel datapath, the
+//! router's first node on Open vSwitch with the guest's on the kernel one (the router then
+//! moves to the guest's node), and both on Open vSwitch (each OVS node's agent starts its own
+//! userspace switch, on whose integration bridge the router's ports and the external
+//! `physnet` go). The router's first node is the one whose agent starts first; the guest's
+//! node's agent starts once the router is placed.
+//!
 //! Each agent runs as its node (`system:node:NAME`), through the node authorizer.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use stratus_e2e::net::{
-    Namespaces, UNDERLAY, agent_logs as logs, network_agent, ping, plug_port, underlay,
+    Datapath, Namespaces, Switch, UNDERLAY, agent_logs as logs, checksum_underlay,
+    count_pings_from, network_agent_on, ping, pings_counted, plug_port, underlay,
 };
-use stratus_e2e::{Apiserver, Etcd, Proc, ip, netns_exec, stratus_bin, wait_until};
+use stratus_e2e::{Apiserver, Etcd, Proc, ip, stratus_bin, wait_until};
 
 const NS: &str = "rtrdemo";
 const EXT_NS: &str = "rtrext";
 const EXTERNAL: &str = "203.0.113.1";
 
 /// Generous: the agents and controllers share two cores with every other test.
-const T: Duration = Duration::from_secs(90);
+const T: Duration = Duration::from_secs(120);
 
 fn kubectl(api: &Apiserver, ns: &str, args: &[&str]) -> Result<String> {
     let mut full = vec!["-n", ns];
     full.extend_from_slice(args);
     api.kubectl_ok(&full)
-}
-
-/// A node's network agent, tunnel at `underlay`, with `physnet` as its interface for
-/// physnet1.
-fn agent(node: &str, underlay: &str, state: &Path, kubeconfigs: &Path) -> Result<Proc> {
-    let kubeconfig = kubeconfigs.join(format!("{node}.kubeconfig"));
-    let args = [
-        "--underlay-ip",
-        underlay,
-        "--physical-interface",
-        "physnet1=physnet",
-    ];
-    network_agent(node, &kubeconfig, state, &args)
-}
-
-/// Counts, in namespace `ns`, the ICMP echo requests that arrive from each of `sources`.
-fn count_pings_from(ns: &str, sources: &[&str]) -> Result<()> {
-    let run = |args: &[&str]| -> Result<()> {
-        let (ok, out) = netns_exec(ns, args);
-        anyhow::ensure!(ok, "{args:?}: {out}");
-        Ok(())
-    };
-    run(&["nft", "add", "table", "ip", "probe"])?;
-    run(&[
-        "nft",
-        "add",
-        "chain",
-        "ip",
-        "probe",
-        "in",
-        "{ type filter hook input priority 0 ; }",
-    ])?;
-    for s in sources {
-        run(&[
-            "nft",
-            "add",
-            "rule",
-            "ip",
-            "probe",
-            "in",
-            "ip",
-            "saddr",
-            s,
-            "icmp",
-            "type",
-            "echo-request",
-            "counter",
-        ])?;
-    }
-    Ok(())
-}
-
-/// The echo requests counted from `source` so far.
-fn pings_counted(ns: &str, source: &str) -> Result<u64> {
-    let (ok, out) = netns_exec(ns, &["nft", "list", "chain", "ip", "probe", "in"]);
-    anyhow::ensure!(ok, "{out}");
-    let line = out
-        .lines()
-        .find(|l| l.contains(&format!("ip saddr {source} ")))
-        .with_context(|| format!("no counter for {source}: {out}"))?;
-    line.split("packets ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .with_context(|| format!("no packet count in {line}"))
 }
 
 /// The router namespaces (`qrouter-…`) holding a link with MAC `mac`.
@@ -120,15 +62,45 @@ fn router_namespaces(mac: &str) -> Vec<String> {
 
 #[test]
 fn a_floating_ip_reaches_a_guest_through_a_router_that_moves_when_its_node_dies() -> Result<()> {
+    routed("srtr", [Datapath::Kernel, Datapath::Kernel])
+}
+
+#[test]
+fn a_router_on_an_ovs_node_serves_a_guest_on_a_kernel_node_and_moves_to_it() -> Result<()> {
+    routed("srok", [Datapath::Ovs, Datapath::Kernel])
+}
+
+#[test]
+fn a_router_serves_a_guest_and_moves_between_ovs_nodes() -> Result<()> {
+    routed("sroo", [Datapath::Ovs, Datapath::Ovs])
+}
+
+/// The test on nodes of `datapaths` (the router's first node, the guest's), its namespaces
+/// named after `prefix`.
+fn routed(prefix: &str, datapaths: [Datapath; 2]) -> Result<()> {
     let etcd = Etcd::start()?;
     let mut api = Apiserver::start_on(&etcd)?;
     api.projects(&[NS, EXT_NS])?;
     let tag = std::process::id();
-    let (n1, n2) = (format!("srtr-{tag}-n1"), format!("srtr-{tag}-n2"));
-    let (guest, ext) = (format!("srtr-{tag}-g"), format!("srtr-{tag}-x"));
+    let (n1, n2) = (format!("{prefix}-{tag}-n1"), format!("{prefix}-{tag}-n2"));
+    let (guest, ext) = (format!("{prefix}-{tag}-g"), format!("{prefix}-{tag}-x"));
     let (s1, s2) = (tempfile::tempdir()?, tempfile::tempdir()?);
     let mut host = Namespaces::add(&[&n1, &n2, &guest, &ext], &[s1.path(), s2.path()])?;
+    // The OVS nodes' switches, stopped after the agents and before the namespaces go.
+    let _switches: Vec<Switch> = [s1.path(), s2.path()]
+        .into_iter()
+        .zip(datapaths)
+        .filter(|(_, d)| *d == Datapath::Ovs)
+        .map(|(s, _)| Switch::of_state(s))
+        .collect();
     underlay(&n1, &n2)?;
+    if datapaths.contains(&Datapath::Ovs) {
+        for (n, d) in [&n1, &n2].into_iter().zip(datapaths) {
+            if d == Datapath::Kernel {
+                checksum_underlay(n)?;
+            }
+        }
+    }
     // The external side: a bridge with an address, each node's `physnet` plugged into it.
     ip(&["-n", &ext, "link", "add", "br-ext", "type", "bridge"])?;
     ip(&["-n", &ext, "addr", "add", "203.0.113.1/24", "dev", "br-ext"])?;
@@ -234,23 +206,28 @@ spec:
 
     let ids = tempfile::tempdir()?;
     api.node_identities(&[&n1, &n2], ids.path())?;
-    let mut a1 = agent(&n1, UNDERLAY[0], s1.path(), ids.path())?;
-    let mut a2 = agent(&n2, UNDERLAY[1], s2.path(), ids.path())?;
+    // A node's network agent, with `physnet` as its interface for physnet1.
+    let agent = |i: usize| {
+        let (node, state) = [(&n1, s1.path()), (&n2, s2.path())][i];
+        let kubeconfig = ids.path().join(format!("{node}.kubeconfig"));
+        let args = ["--physical-interface", "physnet1=physnet"];
+        network_agent_on(node, datapaths[i], UNDERLAY[i], &kubeconfig, state, &args)
+    };
     let states = [s1.path(), s2.path()];
 
-    // The controller places the router on a node with a fresh Lease and physnet1; that
-    // node's agent programs it.
+    // The controller places the router on a node with a fresh Lease and physnet1: node 1,
+    // whose agent is the only one yet; that agent programs it.
+    let a1 = agent(0)?;
     let node = wait_until(T, "the router to be placed", || {
         api.jsonpath(NS, "router", "r1", "{.status.node}")
             .ok()
             .filter(|n| !n.is_empty())
     })
     .with_context(|| logs(&states))?;
-    let (other, guest_agent_state) = if node == n1 {
-        (n2.clone(), s2.path())
-    } else {
-        (n1.clone(), s1.path())
-    };
+    assert_eq!(node, n1, "the only node with an agent");
+    let a2 = agent(1)?;
+    let mut agents = [a1, a2];
+    let (other, guest_agent_state) = (n2.clone(), s2.path());
     wait_until(T, "the router to be Ready", || {
         api.jsonpath(
             NS,
@@ -361,13 +338,7 @@ spec:
         ping(&ext, &fip).then_some(())
     })
     .with_context(|| logs(&states))?;
-    let (dead_underlay, dead_state) = if node == n1 {
-        a1.kill();
-        (UNDERLAY[0], s1.path())
-    } else {
-        a2.kill();
-        (UNDERLAY[1], s2.path())
-    };
+    agents[0].kill();
     for link in ["underlay", "physnet"] {
         ip(&["-n", &node, "link", "set", link, "down"])?;
     }
@@ -413,12 +384,7 @@ spec:
     for link in ["underlay", "physnet"] {
         ip(&["-n", &node, "link", "set", link, "up"])?;
     }
-    let back = agent(&node, dead_underlay, dead_state, ids.path())?;
-    if node == n1 {
-        a1 = back;
-    } else {
-        a2 = back;
-    }
+    agents[0] = agent(0)?;
     wait_until(T, "the stale router namespace removed", || {
         let left = router_namespaces(&gateway_mac);
         (left.len() == 1 && !left.contains(&first[0])).then_some(())
@@ -440,7 +406,7 @@ spec:
         other,
         "the router stays where it moved"
     );
-    drop((a1, a2));
+    drop(agents);
     drop(controllers);
     Ok(())
 }
