@@ -8,7 +8,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use crate::{Apiserver, Proc, ip, netns_exec, stratus_bin};
+use crate::{Apiserver, Cloud, Proc, ip, netns_exec, stratus_bin};
 
 /// The tunnel addresses [`underlay`] gives two nodes, on 192.0.2.0/24 (TEST-NET-1: nothing
 /// of the host's is there).
@@ -120,18 +120,72 @@ pub fn plug_port(
     guest: &str,
     mtu: Option<u32>,
 ) -> Result<String> {
-    let mac = api.jsonpath(ns, "port", port, "{.status.macAddress}")?;
-    let addr = api.jsonpath(ns, "port", port, "{.status.fixedIPs[0].ipAddress}")?;
+    plug(
+        |path| api.jsonpath(ns, "port", port, path),
+        |status| api.patch_status(ns, "port", port, status).map(drop),
+        port,
+        [node, device, guest],
+        mtu,
+    )
+}
+
+/// [`plug_port`] in a whole cloud (`stratus up`), as its admin: the Port `port` of project
+/// `ns` bound on node namespace `node` to device `device`, the other end `eth0` of guest
+/// namespace `guest`. The Port's first fixed address.
+pub fn plug_cloud_port(
+    cloud: &Cloud,
+    ns: &str,
+    port: &str,
+    node: &str,
+    device: &str,
+    guest: &str,
+) -> Result<String> {
+    let get = |path: &str| {
+        cloud.kubectl_ok(&[
+            "-n",
+            ns,
+            "get",
+            "port",
+            port,
+            "-o",
+            &format!("jsonpath={path}"),
+        ])
+    };
+    let patch = |status: serde_json::Value| {
+        let body = serde_json::json!({ "status": status }).to_string();
+        cloud
+            .kubectl_ok(&[
+                "-n",
+                ns,
+                "patch",
+                "port",
+                port,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &body,
+            ])
+            .map(drop)
+    };
+    plug(get, patch, port, [node, device, guest], None)
+}
+
+/// What [`plug_port`] does, reading the Port's fields with `jsonpath` and writing its status
+/// with `patch_status`; `[node, device, guest]`.
+fn plug(
+    jsonpath: impl Fn(&str) -> Result<String>,
+    patch_status: impl FnOnce(serde_json::Value) -> Result<()>,
+    port: &str,
+    [node, device, guest]: [&str; 3],
+    mtu: Option<u32>,
+) -> Result<String> {
+    let mac = jsonpath("{.status.macAddress}")?;
+    let addr = jsonpath("{.status.fixedIPs[0].ipAddress}")?;
     anyhow::ensure!(
         !mac.is_empty() && !addr.is_empty(),
         "IPAM gave {port} {mac:?} {addr:?}"
     );
-    api.patch_status(
-        ns,
-        "port",
-        port,
-        serde_json::json!({"hypervisor": node, "interfaceName": device}),
-    )?;
+    patch_status(serde_json::json!({"hypervisor": node, "interfaceName": device}))?;
     ip(&[
         "link", "add", device, "netns", node, "type", "veth", "peer", "name", "eth0", "netns",
         guest,

@@ -272,14 +272,20 @@ impl Node {
     /// Names this node's libvirtd network namespace after the node and gives it the underlay
     /// `underlay` (`192.0.2.1/24`: an address of the test's own).
     pub fn netns(&self, underlay: &str) -> Result<NodeNetns> {
-        let pid = std::fs::read_to_string(self.dir.path().join("libvirtd.pid"))?;
-        crate::ip(&["netns", "attach", &self.name, pid.trim()])?;
-        let ns = NodeNetns {
-            name: self.name.clone(),
-            dhcp_dir: self.dir.path().join("state/network/dhcp"),
-        };
+        let ns = self.named_netns()?;
         crate::net::lone_underlay(&self.name, underlay)?;
         Ok(ns)
+    }
+
+    /// Names this node's libvirtd network namespace after the node, without an underlay (the
+    /// test joins it to another node's, e.g. with [`crate::net::underlay`]).
+    pub fn named_netns(&self) -> Result<NodeNetns> {
+        let pid = std::fs::read_to_string(self.dir.path().join("libvirtd.pid"))?;
+        crate::ip(&["netns", "attach", &self.name, pid.trim()])?;
+        Ok(NodeNetns {
+            name: self.name.clone(),
+            dhcp_dir: self.dir.path().join("state/network/dhcp"),
+        })
     }
 
     /// Starts (or restarts) the node's agent with the compute and network roles, the network
@@ -291,8 +297,21 @@ impl Node {
         tunnel: &str,
         extra: &[&str],
     ) -> Result<()> {
+        self.start_compute_network_agent_resyncing(cloud, tunnel, 1, extra)
+    }
+
+    /// Starts (or restarts) the node's agent as [`Node::start_compute_network_agent`] does,
+    /// the network role reading the whole host every `resync` seconds.
+    pub fn start_compute_network_agent_resyncing(
+        &mut self,
+        cloud: &Cloud,
+        tunnel: &str,
+        resync: u64,
+        extra: &[&str],
+    ) -> Result<()> {
         // The namespace is named as the node.
         let name = self.name.clone();
+        let resync = resync.to_string();
         let network = [
             "--roles",
             "compute,network",
@@ -301,7 +320,7 @@ impl Node {
             "--underlay-ip",
             tunnel,
             "--network-resync-seconds",
-            "1",
+            &resync,
         ];
         self.spawn_agent(cloud, &[&network[..], extra].concat())
     }
