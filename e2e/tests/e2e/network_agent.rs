@@ -118,18 +118,20 @@ pub(super) fn drift_repairs(api: &Apiserver) -> u64 {
         .sum()
 }
 
-/// One node of the rig.
+/// One node of the rig. Its switch is stopped when it is dropped (by the pid files in its
+/// state directory, which must still be there).
 struct Node {
-    name: String,
-    datapath: Datapath,
-    state: tempfile::TempDir,
     /// Its switch, on an OVS node.
     switch: Option<Switch>,
+    /// Its agent's state directory.
+    state: std::path::PathBuf,
+    name: String,
+    datapath: Datapath,
 }
 
 impl Node {
     fn log(&self) -> String {
-        agent_logs(&[self.state.path()])
+        agent_logs(&[&self.state])
     }
 
     /// How often its agent's log says `what`.
@@ -273,18 +275,19 @@ fn two_nodes(prefix: &str, datapaths: [Datapath; 2]) -> Result<()> {
         &[&n1, &n2, &g1, &g2, &g3, &g4],
         &[states[0].path(), states[1].path()],
     )?;
-    let [s1, s2] = states;
+    // Dropped before the namespaces (and the DHCP servers listed in the state directories)
+    // go, and those before the state directories.
     let nodes = [
-        (n1.clone(), datapaths[0], s1),
-        (n2.clone(), datapaths[1], s2),
+        (n1.clone(), datapaths[0], states[0].path()),
+        (n2.clone(), datapaths[1], states[1].path()),
     ]
     .map(|(name, datapath, state)| Node {
-        switch: (datapath == Datapath::Ovs).then(|| Switch::of_state(state.path())),
+        switch: (datapath == Datapath::Ovs).then(|| Switch::of_state(state)),
+        state: state.to_owned(),
         name,
         datapath,
-        state,
     });
-    let state_paths = [nodes[0].state.path(), nodes[1].state.path()];
+    let state_paths = [states[0].path(), states[1].path()];
     let logs = || agent_logs(&state_paths);
     underlay(&n1, &n2)?;
     if datapaths.contains(&Datapath::Ovs) {
@@ -377,14 +380,7 @@ spec: {{network: net}}
     let agent = |i: usize| -> Result<Proc> {
         let n = &nodes[i];
         let kubeconfig = ids.path().join(format!("{}.kubeconfig", n.name));
-        network_agent_on(
-            &n.name,
-            n.datapath,
-            UNDERLAY[i],
-            &kubeconfig,
-            n.state.path(),
-            &[],
-        )
+        network_agent_on(&n.name, n.datapath, UNDERLAY[i], &kubeconfig, &n.state, &[])
     };
     let mut agents = [agent(0)?, agent(1)?];
 
@@ -533,7 +529,7 @@ spec: {{network: net}}
     // each node's in turn.
     for i in 0..2 {
         let node = &nodes[i];
-        let dhcp = std::fs::read_dir(node.state.path().join("network/dhcp"))?
+        let dhcp = std::fs::read_dir(node.state.join("network/dhcp"))?
             .flatten()
             .map(|e| e.path())
             .collect::<Vec<_>>();
@@ -616,7 +612,7 @@ spec: {{network: net}}
     api.kubectl_ok(&["-n", OTHER, "delete", "port", "q1", "q2"])?;
     let mut servers = Vec::new();
     for node in &nodes {
-        for e in std::fs::read_dir(node.state.path().join("network/dhcp"))?.flatten() {
+        for e in std::fs::read_dir(node.state.join("network/dhcp"))?.flatten() {
             servers.push(e.file_name().to_string_lossy().into_owned());
         }
     }
@@ -631,7 +627,7 @@ spec: {{network: net}}
                 .map(|s| s.ofctl("dump-flows", &[]).unwrap_or_default());
             format!("{}: {flows:?}\n{}", node.name, node.log())
         })?;
-        let left: Vec<_> = std::fs::read_dir(node.state.path().join("network/dhcp"))?
+        let left: Vec<_> = std::fs::read_dir(node.state.join("network/dhcp"))?
             .flatten()
             .collect();
         assert!(left.is_empty(), "DHCP servers left: {left:?}");
@@ -641,10 +637,11 @@ spec: {{network: net}}
         assert!(!namespaces.contains(s.as_str()), "{s} left: {namespaces}");
     }
     assert!(agents.iter_mut().all(Proc::running), "{}", logs());
-    // In order: the agents, the switches, the namespaces.
+    // In order: the agents, the switches, the namespaces, the state directories.
     drop(agents);
     drop(nodes);
     drop(host);
+    drop(states);
     Ok(())
 }
 
