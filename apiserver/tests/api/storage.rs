@@ -961,6 +961,25 @@ async fn an_export_is_served_at_the_address_its_pool_records() {
     assert_eq!(e.code, 403, "{e:?}");
 }
 
+/// Records `status` (its attachments) on volume `demo/v`, as the attachments controller does.
+async fn record_attachment(c: &Cloud, status: Value) {
+    c.patch(
+        &c.status("Volume", Some("demo"), "v"),
+        MERGE,
+        &json!({ "status": status }),
+        "",
+    )
+    .await
+    .expect("the attachment recorded");
+}
+
+/// Grows volume `demo/v` to `gib` GiB.
+async fn grow_v(c: &Cloud, gib: u64) -> ApiResult<(u16, Value)> {
+    let vol = c.target("Volume", Some("demo"), Some("v"));
+    c.patch(&vol, MERGE, &json!({"spec": {"sizeGiB": gib}}), "")
+        .await
+}
+
 /// A volume attached over NBD (its server on another node than its pool's) does not grow:
 /// 422 on `spec.sizeGiB` saying why and what to do, nothing written. Attached on its own
 /// node, or detached, it grows.
@@ -969,27 +988,11 @@ async fn a_volume_attached_over_nbd_does_not_grow_until_detached() {
     let c = with_pool(10).await;
     c.create(&volume("demo", "v", json!(1))).await.expect("v");
     bind(&c, "v", "p1").await.expect("on n1");
-    let vol = c.target("Volume", Some("demo"), Some("v"));
     let attach = |to: Value| {
-        let c = &c;
-        async move {
-            c.patch(
-                &c.status("Volume", Some("demo"), "v"),
-                MERGE,
-                &json!({"status": {"attachedTo": to.as_str().map(|_| "web"), "attachedNode": to}}),
-                "",
-            )
-            .await
-            .expect("the attachment recorded");
-        }
+        let status = json!({"attachedTo": to.as_str().map(|_| "web"), "attachedNode": to});
+        record_attachment(&c, status)
     };
-    let grow = |gib: u64| {
-        let (c, vol) = (&c, &vol);
-        async move {
-            c.patch(vol, MERGE, &json!({"spec": {"sizeGiB": gib}}), "")
-                .await
-        }
-    };
+    let grow = |gib| grow_v(&c, gib);
     attach(json!("n2")).await;
     let before = c.revision().await;
     let e = refused_naming(grow(2).await, 422, "spec.sizeGiB");
@@ -1018,7 +1021,6 @@ async fn a_volume_attached_on_a_pool_that_cannot_grow_it_in_use_does_not_grow() 
     let c = with_pool(10).await;
     c.create(&volume("demo", "v", json!(1))).await.expect("v");
     bind(&c, "v", "p1").await.expect("on n1");
-    let vol = c.target("Volume", Some("demo"), Some("v"));
     let says = |growth: Value| {
         let c = &c;
         async move {
@@ -1033,32 +1035,17 @@ async fn a_volume_attached_on_a_pool_that_cannot_grow_it_in_use_does_not_grow() 
         }
     };
     let attach = |to: Value| {
-        let c = &c;
-        async move {
-            c.patch(
-                &c.status("Volume", Some("demo"), "v"),
-                MERGE,
-                &json!({"status": {
-                    "attachedTo": to.as_str().map(|_| "web"),
-                    "attachedNode": to,
-                    "attachments": to.as_str().map(|n| json!([
-                        {"server": "web", "node": n},
-                        {"server": "db", "node": n},
-                    ])),
-                }}),
-                "",
-            )
-            .await
-            .expect("the attachment recorded");
-        }
+        let status = json!({
+            "attachedTo": to.as_str().map(|_| "web"),
+            "attachedNode": to,
+            "attachments": to.as_str().map(|n| json!([
+                {"server": "web", "node": n},
+                {"server": "db", "node": n},
+            ])),
+        });
+        record_attachment(&c, status)
     };
-    let grow = |gib: u64| {
-        let (c, vol) = (&c, &vol);
-        async move {
-            c.patch(vol, MERGE, &json!({"spec": {"sizeGiB": gib}}), "")
-                .await
-        }
-    };
+    let grow = |gib| grow_v(&c, gib);
     says(json!("Never")).await;
     attach(json!("n1")).await;
     let before = c.revision().await;

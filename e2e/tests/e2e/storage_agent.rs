@@ -28,7 +28,7 @@ const GIB: u64 = 1 << 30;
 /// Generous: builds and guests of other tests share two cores.
 const WAIT: Duration = Duration::from_secs(240);
 
-fn run(program: &str, args: &[&str]) -> Result<String> {
+pub(super) fn run(program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program)
         .args(args)
         .env("LVM_SUPPRESS_FD_WARNINGS", "1")
@@ -44,7 +44,7 @@ fn run(program: &str, args: &[&str]) -> Result<String> {
 }
 
 /// lvm2 without device-mapper where the kernel has none.
-fn lvm(program: &str, args: &[&str]) -> Result<String> {
+pub(super) fn lvm(program: &str, args: &[&str]) -> Result<String> {
     let dm = std::fs::read_to_string("/proc/misc").is_ok_and(|m| m.contains("device-mapper"));
     let mut all: Vec<&str> = if dm {
         vec![]
@@ -56,7 +56,7 @@ fn lvm(program: &str, args: &[&str]) -> Result<String> {
 }
 
 /// The names of the LVs of `vg`.
-fn lvs(vg: &str) -> Result<Vec<String>> {
+pub(super) fn lvs(vg: &str) -> Result<Vec<String>> {
     Ok(lvm("lvs", &["--noheadings", "-o", "lv_name", vg])?
         .lines()
         .map(|l| l.trim().to_owned())
@@ -65,7 +65,7 @@ fn lvs(vg: &str) -> Result<Vec<String>> {
 }
 
 /// Loop devices over `backing`.
-fn loops_over(backing: &Path) -> Result<Vec<String>> {
+pub(super) fn loops_over(backing: &Path) -> Result<Vec<String>> {
     let out = run(
         "losetup",
         &["--noheadings", "--list", "--output", "NAME,BACK-FILE"],

@@ -7,7 +7,9 @@
 //! guest sees the new size; it is detached (data kept, `attachedTo` released), grown and at
 //! once plugged in again while the guest runs, which sees it at its new size from the start
 //! (never at the old one, then growing); deleting it attached is refused, detached it goes. A
-//! volume made from the tiny image boots a server to its init.
+//! volume made from the tiny image boots a server to its init. On an LVM pool without
+//! device-mapper, an attached volume grows under its running guest when the extents after it
+//! are free, and waits to be detached, saying why, when they are not.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -150,6 +152,16 @@ pub(super) struct OneNode {
 impl OneNode {
     /// Starts node `name` for project `ns`.
     pub(super) fn start(name: &str, ns: &str, cmdline: &str) -> Result<Self> {
+        Self::start_with(name, ns, cmdline, &[])
+    }
+
+    /// As [`OneNode::start`], the storage agent also serving `pools` (`NAME=lvm:VG`, …).
+    pub(super) fn start_with(
+        name: &str,
+        ns: &str,
+        cmdline: &str,
+        pools: &[String],
+    ) -> Result<Self> {
         let guest = Guest::serve()?;
         let mut node = Node::start(name)?;
         let cloud = Cloud::up_with(&["--nodes", name])?;
@@ -166,6 +178,7 @@ impl OneNode {
                 .arg("--state-dir")
                 .arg(node.dir.path().join("storage-state"))
                 .args(["--storage-pool", &format!("files=file:{}", pool.display())])
+                .args(pools.iter().flat_map(|p| ["--storage-pool", p.as_str()]))
                 .args(["--storage-heartbeat-seconds", "1", "--resync-seconds", "2"])
                 .arg("--image-url-allow-loopback"),
             &node.dir.path().join("storage-agent.log"),
@@ -425,4 +438,226 @@ fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
     );
     ensure!(node.domains()?.is_empty(), "{:?}", node.domains());
     Ok(())
+}
+
+/// A volume group on a loop device over a sparse file of the test's, removed with every loop
+/// device over it when dropped.
+struct Vg {
+    _dir: tempfile::TempDir,
+    name: String,
+    pv: PathBuf,
+}
+
+impl Vg {
+    fn new(name: &str, size: u64) -> Result<Self> {
+        use super::storage_agent::{lvm, run};
+        let dir = tempfile::tempdir()?;
+        let img = dir.path().join("pv.img");
+        std::fs::File::create(&img)?.set_len(size)?;
+        let pv =
+            PathBuf::from(run("losetup", &["--find", "--show", &img.to_string_lossy()])?.trim());
+        let vg = Self {
+            _dir: dir,
+            name: name.into(),
+            pv,
+        };
+        lvm("pvcreate", &["-y", &vg.pv.to_string_lossy()])?;
+        lvm("vgcreate", &[&vg.name, &vg.pv.to_string_lossy()])?;
+        Ok(vg)
+    }
+}
+
+impl Drop for Vg {
+    fn drop(&mut self) {
+        use super::storage_agent::{loops_over, lvm, run};
+        for dev in loops_over(&self.pv).unwrap_or_default() {
+            let _ = run("losetup", &["--detach", &dev]);
+        }
+        let _ = lvm("vgremove", &["-f", &self.name]);
+        let _ = lvm("pvremove", &["-y", &self.pv.to_string_lossy()]);
+        let _ = run("losetup", &["--detach", &self.pv.to_string_lossy()]);
+    }
+}
+
+/// An LVM pool without device-mapper (a volume is a loop device over its extents) says it
+/// grows a volume in use where the space after it is free: an attached volume grows under
+/// its running guest, which sees the new size on the same device; with the extents after it
+/// taken, the API takes the grow and the volume says why it waits (served at its size), and
+/// it grows once detached, its data kept.
+#[test]
+fn an_lvm_volume_grows_under_its_guest_where_the_space_follows() -> Result<()> {
+    const NS: &str = "lvmvols";
+    let dm = std::fs::read_to_string("/proc/misc").is_ok_and(|m| m.contains("device-mapper"));
+    let vg = Vg::new(&format!("stratus-e2e-held-{}", std::process::id()), 8 * GIB)?;
+    let one = OneNode::start_with("vl", NS, "", &[format!("fast=lvm:{}", vg.name)])?;
+    let (cloud, node) = (&one.cloud, &one.node);
+    let json = |args: &[&str]| -> Result<Value> {
+        let mut a = vec!["-n", NS];
+        a.extend_from_slice(args);
+        a.extend(["-o", "json"]);
+        Ok(serde_json::from_str(&cloud.kubectl_ok(&a)?)?)
+    };
+    let wait_vol = |name: &str, what: &str, ok: &dyn Fn(&Value) -> bool| -> Result<Value> {
+        wait_until(WAIT, what, || {
+            json(&["get", "volume", name]).ok().filter(|v| ok(v))
+        })
+        .with_context(|| format!("storage agent log:\n{}", storage_log(node)))
+    };
+    let patch = |kind: &str, name: &str, body: &str| {
+        cloud.kubectl_ok(&["-n", NS, "patch", kind, name, "--type=merge", "-p", body])
+    };
+    let said = wait_until(
+        WAIT,
+        "pool fast reports how it grows volumes in use",
+        || {
+            let p: Value = serde_json::from_str(
+                &cloud
+                    .kubectl_ok(&["get", "storagepool", "fast", "-o", "json"])
+                    .ok()?,
+            )
+            .ok()?;
+            p["status"]["growsInUse"].as_str().map(str::to_owned)
+        },
+    )?;
+    assert_eq!(said, if dm { "Always" } else { "WhenSpaceFollows" });
+
+    let on_fast = "  storagePool: fast\n";
+    cloud.kubectl_in(
+        &["-n", NS, "apply", "-f", "-"],
+        &volume_yaml("held", on_fast),
+    )?;
+    let vol = wait_vol("held", "volume held Available", &|v| {
+        v["status"]["phase"] == "Available" && v["status"]["devicePath"].is_string()
+    })?;
+    let device = vol["status"]["devicePath"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    OpenOptions::new()
+        .write(true)
+        .open(&device)?
+        .write_all_at(b"held volume data", 0)?;
+    cloud.kubectl_in(
+        &["-n", NS, "apply", "-f", "-"],
+        &server_yaml("vm", "  image: tiny\n  volumes:\n  - volume: held\n"),
+    )?;
+    let vm = wait_until(WAIT, "vm Running", || {
+        json(&["get", "server", "vm"])
+            .ok()
+            .filter(|s| s["status"]["phase"] == "Running")
+    })?;
+    let uid = vm["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let dom = format!("stratus-{uid}");
+    let console = |what: &str| {
+        wait_until(WAIT, what, || {
+            node.console(&uid).contains(what).then_some(())
+        })
+        .with_context(|| format!("console of {uid}:\n{}", node.console(&uid)))
+    };
+    console("[vdc] 2097152 512-byte logical blocks")?;
+
+    // The extents after it are free: it grows where it is, on the device the guest holds.
+    patch("volume", "held", r#"{"spec":{"sizeGiB":2}}"#)?;
+    wait_until(WAIT, "the guest's disk at 2 GiB", || {
+        (capacity(node, &dom, "vdc") == Some(2 * GIB)).then_some(())
+    })
+    .with_context(|| format!("agent logs:\n{}\n{}", node.agent_log(), storage_log(node)))?;
+    console("new size: 4194304")?;
+    let vol = wait_vol("held", "volume held at 2 GiB", &|v| {
+        v["status"]["sizeGiB"] == 2 && v["status"]["phase"] == "InUse"
+    })?;
+    assert_eq!(
+        vol["status"]["devicePath"],
+        device.as_str(),
+        "the same device"
+    );
+    ensure!(blklist(node, &dom)?.contains(&("vdc".into(), device.clone())));
+
+    if !dm {
+        // Another volume takes the extents right after it: it cannot grow in place, and is
+        // not moved under its guest.
+        cloud.kubectl_in(
+            &["-n", NS, "apply", "-f", "-"],
+            &volume_yaml("next", on_fast),
+        )?;
+        wait_vol("next", "volume next Available", &|v| {
+            v["status"]["phase"] == "Available"
+        })?;
+        patch("volume", "held", r#"{"spec":{"sizeGiB":3}}"#)?;
+        // Extending while its agent tries, then InUse at its size, saying why.
+        let vol = wait_vol("held", "volume held waiting to be detached", &|v| {
+            v["status"]["phase"] == "InUse"
+                && v["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Ready" && c["reason"] == "GrowsWhenDetached")
+        })?;
+        let ready = vol["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "Ready")
+            .cloned()
+            .unwrap_or_default();
+        let message = ready["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("are not free") && message.contains("grows once detached"),
+            "{ready}"
+        );
+        assert_eq!(vol["status"]["sizeGiB"], 2, "{vol}");
+        assert_eq!(capacity(node, &dom, "vdc"), Some(2 * GIB));
+
+        // Detached, it moves and grows, its data kept.
+        patch("server", "vm", r#"{"spec":{"volumes":[]}}"#)?;
+        let vol = wait_vol("held", "volume held detached and at 3 GiB", &|v| {
+            v["status"]["sizeGiB"] == 3 && v["status"]["phase"] == "Available"
+        })?;
+        let path = vol["status"]["devicePath"].as_str().unwrap_or_default();
+        let mut head = [0u8; 16];
+        std::fs::File::open(path)?.read_exact_at(&mut head, 0)?;
+        assert_eq!(&head, b"held volume data");
+    }
+
+    cloud.kubectl_ok(&[
+        "-n",
+        NS,
+        "delete",
+        "server",
+        "vm",
+        "--wait=true",
+        "--timeout=240s",
+    ])?;
+    let made: &[&str] = if dm { &["held"] } else { &["held", "next"] };
+    for v in made {
+        wait_until(WAIT, "released", || {
+            json(&["get", "volume", v])
+                .ok()
+                .filter(|v| v["status"].get("attachedTo").is_none())
+                .map(drop)
+        })?;
+        cloud.kubectl_ok(&[
+            "-n",
+            NS,
+            "delete",
+            "volume",
+            v,
+            "--wait=true",
+            "--timeout=240s",
+        ])?;
+    }
+    ensure!(
+        super::storage_agent::lvs(&vg.name)?.is_empty(),
+        "the volumes' LVs are gone"
+    );
+    drop(one);
+    Ok(())
+}
+
+/// The storage agent's log of `node`.
+fn storage_log(node: &Node) -> String {
+    std::fs::read_to_string(node.dir.path().join("storage-agent.log")).unwrap_or_default()
 }
