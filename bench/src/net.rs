@@ -267,6 +267,60 @@ impl Generation {
     }
 }
 
+/// One link of a namespace read by name over rtnetlink (`RTM_GETLINK` with `IFLA_IFNAME`):
+/// one small request and answer, where a listing of every link takes the kernel's RTNL
+/// lock, which the agent's link changes wait for, for as long as it dumps 1,000 links.
+struct LinkProbe(rtnetlink::sys::Socket);
+
+impl LinkProbe {
+    fn open(ns: &str) -> Result<Self> {
+        let sock = netns::run_in(&named(ns)?, || {
+            rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_ROUTE)
+        })??;
+        Ok(Self(sock))
+    }
+
+    /// Whether link `name` is up and has a master (is on a bridge).
+    fn up_on_a_bridge(&self, name: &str) -> Result<bool> {
+        // IFLA_IFNAME (3): the name and its NUL, padded to 4 bytes.
+        let attr_len = 4 + name.len() + 1;
+        let len = 16 + 16 + attr_len.div_ceil(4) * 4;
+        let mut req = Vec::with_capacity(len);
+        // nlmsghdr: len, RTM_GETLINK (18), NLM_F_REQUEST, seq, pid.
+        req.extend_from_slice(&u32::try_from(len)?.to_ne_bytes());
+        req.extend_from_slice(&18u16.to_ne_bytes());
+        req.extend_from_slice(&1u16.to_ne_bytes());
+        req.extend_from_slice(&[0; 8]);
+        // ifinfomsg: family, type, index, flags, change: all 0.
+        req.extend_from_slice(&[0; 16]);
+        req.extend_from_slice(&u16::try_from(attr_len)?.to_ne_bytes());
+        req.extend_from_slice(&3u16.to_ne_bytes());
+        req.extend_from_slice(name.as_bytes());
+        req.resize(len, 0);
+        self.0.send(&req, 0)?;
+        let (buf, _) = self.0.recv_from_full()?;
+        // RTM_NEWLINK (16) answers; anything else (an error: no such link) is "no".
+        if buf.len() < 32 || u16::from_ne_bytes([buf[4], buf[5]]) != 16 {
+            return Ok(false);
+        }
+        // IFF_UP is bit 0 of ifinfomsg's flags; IFLA_MASTER (10) says it has a master.
+        let up = u32::from_ne_bytes([buf[24], buf[25], buf[26], buf[27]]) & 1 == 1;
+        let mut at = 32;
+        while at + 4 <= buf.len() {
+            let len = usize::from(u16::from_ne_bytes([buf[at], buf[at + 1]]));
+            let kind = u16::from_ne_bytes([buf[at + 2], buf[at + 3]]) & 0x3fff;
+            if len < 4 {
+                break;
+            }
+            if kind == 10 {
+                return Ok(up);
+            }
+            at += (len + 3) & !3;
+        }
+        Ok(false)
+    }
+}
+
 /// Percentile `q` of sorted `v`.
 pub(crate) fn pct(v: &[Duration], q: f64) -> Duration {
     v.get(((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1)))
@@ -845,13 +899,25 @@ pub async fn converge(ports: usize, rounds: usize) -> Result<()> {
                     Duration::from_secs(2),
                 )?;
                 let (l2, n2, d2) = (links.clone(), named(&ns)?, dhcp_dir.clone());
+                let probe = LinkProbe::open(&ns)?;
+                let last = (0..ports)
+                    .map(|i| format!("tc{i}"))
+                    .max()
+                    .unwrap_or_default();
                 let (took, firewall_at, taps_at) =
                     tokio::task::spawn_blocking(move || -> Result<_> {
                         let deadline = Instant::now() + Duration::from_secs(600);
                         let (mut firewall_at, mut taps_at) = (None, None);
                         loop {
+                            // The namespace's links are listed (a dump) only once the nft
+                            // tables are live and the probe finds the tap the agent wires
+                            // last (its plan takes them in name order) on a bridge and up.
+                            let ready = gen_.read()? != g0 && {
+                                firewall_at.get_or_insert_with(|| t.elapsed());
+                                probe.up_on_a_bridge(&last)?
+                            };
                             let milestones = (t, &mut firewall_at, &mut taps_at);
-                            if converged(&l2, &n2, ports, &d2, (&gen_, g0), milestones)? {
+                            if ready && converged(&l2, &n2, ports, &d2, (&gen_, g0), milestones)? {
                                 return Ok((
                                     t.elapsed(),
                                     firewall_at.unwrap_or_default(),
@@ -862,10 +928,7 @@ pub async fn converge(ports: usize, rounds: usize) -> Result<()> {
                                 Instant::now() < deadline,
                                 "the node did not converge in 600 s"
                             );
-                            // Every 20 ms until the nft tables are live, then every
-                            // 100 ms: listing 1,000 links costs a core the agent wants.
-                            let every = if firewall_at.is_some() { 100 } else { 20 };
-                            std::thread::sleep(Duration::from_millis(every));
+                            std::thread::sleep(Duration::from_millis(20));
                         }
                     })
                     .await??;
