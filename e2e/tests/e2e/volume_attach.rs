@@ -416,20 +416,7 @@ fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
         "--wait=true",
         "--timeout=240s",
     ])?;
-    for v in ["data", "root", "contested"] {
-        wait_for(cloud, "volume", v, "released", |v| {
-            v["status"].get("attachedTo").is_none()
-        })?;
-        cloud.kubectl_ok(&[
-            "-n",
-            NS,
-            "delete",
-            "volume",
-            v,
-            "--wait=true",
-            "--timeout=240s",
-        ])?;
-    }
+    delete_once_released(cloud, NS, &["data", "root", "contested"])?;
     ensure!(
         std::fs::read_dir(pool)?
             .flatten()
@@ -631,29 +618,36 @@ fn an_lvm_volume_grows_under_its_guest_where_the_space_follows() -> Result<()> {
         "--wait=true",
         "--timeout=240s",
     ])?;
-    let made: &[&str] = if dm { &["held"] } else { &["held", "next"] };
-    for v in made {
-        wait_until(WAIT, "released", || {
-            json(&["get", "volume", v])
-                .ok()
-                .filter(|v| v["status"].get("attachedTo").is_none())
-                .map(drop)
-        })?;
-        cloud.kubectl_ok(&[
-            "-n",
-            NS,
-            "delete",
-            "volume",
-            v,
-            "--wait=true",
-            "--timeout=240s",
-        ])?;
-    }
+    delete_once_released(cloud, NS, if dm { &["held"] } else { &["held", "next"] })?;
     ensure!(
         super::storage_agent::lvs(&vg.name)?.is_empty(),
         "the volumes' LVs are gone"
     );
     drop(one);
+    Ok(())
+}
+
+/// Deletes `volumes` of project `ns` once no server holds them (their servers deleted, the
+/// guests gone), and waits for them to go.
+fn delete_once_released(cloud: &Cloud, ns: &str, volumes: &[&str]) -> Result<()> {
+    for name in volumes {
+        wait_until(WAIT, &format!("volume {name} released"), || {
+            let got = cloud
+                .kubectl_ok(&["-n", ns, "get", "volume", name, "-o", "json"])
+                .ok()?;
+            let v: Value = serde_json::from_str(&got).ok()?;
+            v["status"].get("attachedTo").is_none().then_some(())
+        })?;
+        cloud.kubectl_ok(&[
+            "-n",
+            ns,
+            "delete",
+            "volume",
+            name,
+            "--wait=true",
+            "--timeout=240s",
+        ])?;
+    }
     Ok(())
 }
 
