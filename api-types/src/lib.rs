@@ -43,6 +43,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         storage::Volume::crd(),
         storage::VolumeSnapshot::crd(),
         storage::StoragePool::crd(),
+        storage::VolumeExport::crd(),
         object::ObjectRing::crd(),
         object::ObjectRingVersion::crd(),
         object::ObjectNode::crd(),

@@ -9,6 +9,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{Condition, LABEL_PATTERN, NAME_PATTERN, Time};
 
+mod export;
+pub use export::{
+    ExportedVolume, VolumeExport, VolumeExportSpec, VolumeExportStatus, volume_export_name,
+};
+
 /// The finalizer the storage agent of a volume's (or snapshot's) node adds when it starts
 /// working on it and removes once its data is gone.
 pub const TEARDOWN_FINALIZER: &str = "storage.stratus.dev/teardown";
@@ -194,16 +199,19 @@ pub struct VolumeStatus {
     #[schemars(length(max = 16))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["server"]))]
     pub attachments: Vec<VolumeAttachment>,
-    /// The node the Server it is attached to (`attachedTo`) is placed on, once it is (written
-    /// by the attachments controller): when it is not `node`, the volume's data is exported
-    /// to it.
+    /// The node the Server it is attached to (`attachedTo`, the first of `attachments`) is
+    /// placed on, once it is (written by the attachments controller). Each node other than
+    /// `node` holding a Server of it is served its data over NBD by a cluster-scoped
+    /// [`VolumeExport`], which only that node, the storage node and operators read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
     pub attached_node: Option<String>,
-    /// Where the storage agent of `node` exports the volume over NBD to `attachedNode`, a node
-    /// other than its own, for as long as it is attached there.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub export: Option<VolumeExport>,
+    /// `status.export` of a Volume stored before exports were [`VolumeExport`]s: read and
+    /// dropped (never written, never in the schema), so such a Volume still decodes; its
+    /// storage agent's next status write takes it out of the stored object.
+    #[serde(default, rename = "export", skip_serializing)]
+    #[schemars(skip)]
+    pub dropped_export: Option<serde::de::IgnoredAny>,
     /// The Image the volume was filled from (`spec.source.image` as its storage agent found
     /// it then), by uid: a Server booting from the volume boots this image's kernel, never
     /// one of an image published under that name since.
@@ -255,40 +263,17 @@ pub struct VolumeAttachment {
     pub node: Option<String>,
 }
 
-/// A volume's data served over NBD to the one node its Server is on.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct VolumeExport {
-    /// The node the export is for (the `attachedNode` it was made for): only that node's
-    /// address reaches it, and only that node's compute agent attaches it.
-    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
-    pub node: String,
-    /// The storage node's address the NBD server listens on.
-    #[schemars(length(min = 2, max = 45))]
-    pub host: String,
-    /// Its TCP port.
-    #[schemars(range(min = 1, max = 65535))]
-    pub port: u16,
-    /// The export's name: random, made anew for each export.
-    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9-]+$"))]
-    pub name: String,
-    /// Served over TLS with the cloud's NBD certificates, to `node`'s certificate alone (subject
-    /// `CN=system:node:<node>`): the node's QEMU connects with TLS.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub tls: bool,
-}
-
 /// The subject DN of node `node`'s NBD certificate (its CN `system:node:NAME`, as a node's
 /// identity is spelled to the API), as QEMU spells a client's DN in an `authz-simple`
-/// identity: the only client a storage agent serves a volume exported to `node` to.
+/// identity: the only client a storage agent serves a [`VolumeExport`] to `node` to.
 pub fn nbd_node_dn(node: &str) -> String {
     format!("CN=system:node:{node}")
 }
 
 /// The TCP ports volume exports are served on, `FIRST-LAST` (both included): the same range
 /// on every node of a cluster (`stratus agent --export-ports`). Storage agents serve exports
-/// on them alone, and compute agents connect to no other port (so a `status.export` cannot
-/// aim a node's QEMU at another service of the storage address).
+/// on them alone, and compute agents connect to no other port (so a VolumeExport's status
+/// cannot aim a node's QEMU at another service of the storage address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortRange {
     first: u16,
@@ -632,8 +617,8 @@ pub struct StoragePoolStatus {
     pub volumes: Option<u32>,
     /// The address the pool's node serves volume exports at (its agent's
     /// `--storage-address`): recorded by the node once and then kept (only an operator moves
-    /// it). A Volume of the pool is exported at this address and no other
-    /// (`status.export.host`), and compute nodes connect to no other.
+    /// it). A Volume of the pool is exported at this address and no other (a
+    /// VolumeExport's `status.host`), and compute nodes connect to no other.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 2, max = 45))]
     pub storage_address: Option<String>,

@@ -143,6 +143,7 @@ fn decode_typed(kind: &str, doc: &Value) -> Result<bool, String> {
         "Volume" => de::<storage::Volume>(doc).map(|()| true),
         "VolumeSnapshot" => de::<storage::VolumeSnapshot>(doc).map(|()| true),
         "StoragePool" => de::<storage::StoragePool>(doc).map(|()| false),
+        "VolumeExport" => de::<storage::VolumeExport>(doc).map(|()| false),
         "ObjectRing" => de::<object::ObjectRing>(doc).map(|()| false),
         "ObjectRingVersion" => de::<object::ObjectRingVersion>(doc).map(|()| false),
         "ObjectNode" => de::<object::ObjectNode>(doc).map(|()| false),
@@ -237,7 +238,7 @@ fn examples_decode_validate_and_match_schema() {
 #[test]
 fn every_kind_has_one_v1_version_with_status_and_category() {
     let crds = crds();
-    assert_eq!(crds.len(), 23);
+    assert_eq!(crds.len(), 24);
     let mut short_names = BTreeSet::new();
     // Short names of Kubernetes' own resources, which kubectl would resolve first.
     let builtin = [
@@ -287,6 +288,7 @@ fn scopes_match_the_design() {
         "Flavor",
         "Hypervisor",
         "StoragePool",
+        "VolumeExport",
         "ObjectRing",
         "ObjectRingVersion",
         "ObjectNode",
@@ -366,6 +368,7 @@ fn selectable_fields_per_kind() {
         ),
         ("VolumeSnapshot", vec![".spec.volume", ".status.node"]),
         ("StoragePool", vec![".spec.node"]),
+        ("VolumeExport", vec![".spec.node", ".spec.storageNode"]),
         ("Hypervisor", vec![".spec.availabilityZone"]),
         ("Image", vec![".spec.visibility"]),
         ("RoleAssignment", vec![".spec.user"]),

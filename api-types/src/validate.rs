@@ -25,7 +25,9 @@ use crate::network::{
 use crate::object::{
     MAX_RING_SLOTS, ObjectNodeSpec, ObjectRingSpec, ObjectRingVersionSpec, RingType,
 };
-use crate::storage::{StorageBackend, StoragePoolSpec, VolumeSnapshotSpec, VolumeSpec};
+use crate::storage::{
+    StorageBackend, StoragePoolSpec, VolumeExportSpec, VolumeSnapshotSpec, VolumeSpec,
+};
 
 /// One invalid field of an object, in the shape of a Kubernetes `StatusCause`.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -73,6 +75,7 @@ pub fn validate(group: &str, kind: &str, obj: &Value) -> Result<(), Vec<FieldErr
         ("storage.stratus.dev", "Volume") => spec::<VolumeSpec>(obj, &mut errs),
         ("storage.stratus.dev", "VolumeSnapshot") => spec::<VolumeSnapshotSpec>(obj, &mut errs),
         ("storage.stratus.dev", "StoragePool") => spec::<StoragePoolSpec>(obj, &mut errs),
+        ("storage.stratus.dev", "VolumeExport") => spec::<VolumeExportSpec>(obj, &mut errs),
         ("object.stratus.dev", "ObjectRing") => spec::<ObjectRingSpec>(obj, &mut errs),
         ("object.stratus.dev", "ObjectRingVersion") => {
             spec::<ObjectRingVersionSpec>(obj, &mut errs);
@@ -899,6 +902,18 @@ impl Check for VolumeSpec {
 
 impl Check for VolumeSnapshotSpec {
     fn check(&self, _errs: &mut Errors) {}
+}
+
+impl Check for VolumeExportSpec {
+    fn check(&self, errs: &mut Errors) {
+        if self.node == self.storage_node {
+            errs.push(
+                "spec.node",
+                "must be another node than spec.storageNode: a volume's own node reads its data directly",
+                Some(&self.node),
+            );
+        }
+    }
 }
 
 impl Check for StoragePoolSpec {

@@ -9,6 +9,7 @@ mod api {
     pub mod apply;
     pub mod attachments;
     pub mod etcd;
+    pub mod exports;
     pub mod fixtures;
     pub mod identity;
     pub mod lifecycle;

@@ -145,6 +145,7 @@ mod host_tests {
             .expect("a free port")
             .port();
         let record = Record {
+            export: "v.n2".into(),
             volume: "v".into(),
             device,
             node: "n2".into(),

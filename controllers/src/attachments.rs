@@ -7,9 +7,12 @@
 //!
 //! While a Server holds it, the controller records the node the Server is placed on in its
 //! attachment (`status.attachments[].node`, and the first's in `status.attachedNode`; a node
-//! cannot write them), and in `status.attachedNode` the one node the volume is exported to:
-//! the first attachment's node other than the volume's own. The storage agent exports it to
-//! that node, and to no other.
+//! cannot write them), and keeps one cluster-scoped [`VolumeExport`] per node other than the
+//! volume's own that an attachment is on: the storage agent of the volume's node serves it
+//! over NBD to that node, and to no other. An export goes only once no attachment is on its
+//! node any more, which is once every guest there let the disk go (an attachment is released
+//! only then, see above): an export never leaves a node whose guests still have it plugged
+//! in. An export whose Volume is gone (or is another volume of that name) goes too.
 //!
 //! A release is a status replace with the Volume's resourceVersion as precondition: a Server
 //! that adds the volume again meanwhile writes the Volume in its transaction, so the release
@@ -18,15 +21,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::BTreeSet;
+
 use futures::StreamExt;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, DeleteParams, PostParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use stratus_api_types::common::ConditionType;
 use stratus_api_types::compute::Server;
-use stratus_api_types::storage::{Volume, VolumeAttachment, VolumePhase, VolumeStatus};
+use stratus_api_types::storage::{
+    ExportedVolume, Volume, VolumeAttachment, VolumeExport, VolumeExportSpec, VolumePhase,
+    VolumeStatus, volume_export_name,
+};
 use stratus_runtime::policy::kube_retry;
 use stratus_runtime::{Classify, Retry, Runtime};
 
@@ -136,27 +145,53 @@ fn recorded(status: &VolumeStatus) -> Vec<VolumeAttachment> {
         .collect()
 }
 
-/// The node a volume whose data is on `own` is exported to (its `status.attachedNode`, now
-/// `recorded`): the recorded node while one of its attachments is still on it and it is
-/// another node than `own`, else the node of its first attachment on another node, else the
-/// first attachment's. One node at most is served over NBD, and the export never leaves a
-/// node whose guests still have it plugged in (moving it would end their disk); a
-/// multi-attach volume's servers on a second other node wait, saying so on their Server,
-/// until no server of it is left on the node served.
-fn export_node(
-    attachments: &[VolumeAttachment],
-    own: Option<&str>,
-    recorded: Option<&str>,
-) -> Option<String> {
-    let nodes = || attachments.iter().filter_map(|a| a.node.as_deref());
-    let kept = recorded.filter(|r| Some(*r) != own && nodes().any(|n| n == *r));
-    kept.or_else(|| nodes().find(|n| Some(*n) != own))
-        .or_else(|| attachments.first()?.node.as_deref())
+/// The nodes volume `status` is to be exported to: each node an attachment of it is on that
+/// is not its own (`status.node`; none while it is on no node). An attachment stays while its
+/// guest may still have the disk, so a node keeps its export while any guest there uses it.
+pub fn export_nodes(status: &VolumeStatus) -> BTreeSet<String> {
+    let Some(own) = status.node.as_deref() else {
+        return BTreeSet::new();
+    };
+    status
+        .attachments
+        .iter()
+        .filter_map(|a| a.node.as_deref())
+        .filter(|n| *n != own)
         .map(str::to_owned)
+        .collect()
+}
+
+/// What to do about the VolumeExports of a volume.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ExportPlan {
+    /// The nodes to make an export for.
+    pub create: Vec<String>,
+    /// The exports (by name) to delete.
+    pub delete: Vec<String>,
+}
+
+/// The exports to make and to end for the Volume of uid `uid` exported to `want`, given the
+/// exports `have` (every VolumeExport naming that volume uid, each as (name, node)).
+pub fn plan_exports(uid: &str, want: &BTreeSet<String>, have: &[(String, String)]) -> ExportPlan {
+    let create = want
+        .iter()
+        .filter(|n| {
+            !have
+                .iter()
+                .any(|(name, node)| node == *n && *name == volume_export_name(uid, n))
+        })
+        .cloned()
+        .collect();
+    let delete = have
+        .iter()
+        .filter(|(name, node)| !want.contains(node) || *name != volume_export_name(uid, node))
+        .map(|(name, _)| name.clone())
+        .collect();
+    ExportPlan { create, delete }
 }
 
 /// `status` with attachments `now`: `attachedTo` is the first's, `attachedNode` the node it is
-/// exported to ([`export_node`]), the phase
+/// on, the phase
 /// `Available` once none is left, and the `Attached` condition says who holds it.
 fn record(
     status: &mut VolumeStatus,
@@ -165,11 +200,7 @@ fn record(
     generation: Option<i64>,
 ) {
     status.attached_to = now.first().map(|a| a.server.clone());
-    status.attached_node = export_node(
-        &now,
-        status.node.as_deref(),
-        status.attached_node.as_deref(),
-    );
+    status.attached_node = now.first().and_then(|a| a.node.clone());
     if released.is_empty() {
         status.attachments = now;
         return;
@@ -200,11 +231,93 @@ fn record(
 struct Ctx {
     client: Client,
     runtime: Runtime<Volume>,
+    exports: Store<VolumeExport>,
 }
 
 async fn reconcile(vol: Arc<Volume>, ctx: Arc<Ctx>) -> Result<Action, AttachmentsError> {
     let result = release(&vol, &ctx).await;
     ctx.runtime.finish(&vol, result).await
+}
+
+/// The exports of the Volume of uid `uid` the cache holds, as (name, node).
+fn exports_of(ctx: &Ctx, uid: &str) -> Vec<(String, String)> {
+    ctx.exports
+        .state()
+        .into_iter()
+        .filter(|x| x.spec.volume.uid == uid)
+        .map(|x| (x.name_any(), x.spec.node.clone()))
+        .collect()
+}
+
+/// Brings the VolumeExports of `vol` (as just read, its status `status` as written) to
+/// [`export_nodes`]: creates are idempotent (the name is the pair's), deletes carry the uid
+/// of the export read, so an export made anew meanwhile is not touched.
+async fn sync_exports(
+    ctx: &Ctx,
+    vol: &Volume,
+    ns: &str,
+    status: &VolumeStatus,
+) -> Result<(), AttachmentsError> {
+    let Some(uid) = vol.metadata.uid.clone() else {
+        return Ok(());
+    };
+    let want = export_nodes(status);
+    let plan = plan_exports(&uid, &want, &exports_of(ctx, &uid));
+    let api = Api::<VolumeExport>::all(ctx.client.clone());
+    for node in plan.create {
+        let Some(storage_node) = status.node.clone() else {
+            continue;
+        };
+        let name = volume_export_name(&uid, &node);
+        let x = VolumeExport::new(
+            &name,
+            VolumeExportSpec {
+                volume: ExportedVolume {
+                    namespace: ns.to_owned(),
+                    name: vol.name_any(),
+                    uid: uid.clone(),
+                },
+                storage_node,
+                node: node.clone(),
+            },
+        );
+        match api.create(&PostParams::default(), &x).await {
+            Ok(_) => {
+                tracing::info!(volume = %vol.name_any(), namespace = %ns, %node, export = %name, "volume export made");
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(AttachmentsError::Api(e)),
+        }
+    }
+    for name in plan.delete {
+        end_export(ctx, &name).await?;
+    }
+    Ok(())
+}
+
+/// Deletes VolumeExport `name` as the cache holds it (its uid as precondition).
+async fn end_export(ctx: &Ctx, name: &str) -> Result<(), AttachmentsError> {
+    let held = ctx.exports.get(&ObjectRef::<VolumeExport>::new(name));
+    let dp = DeleteParams {
+        preconditions: held
+            .and_then(|x| x.metadata.uid.clone())
+            .map(|uid| Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            }),
+        ..DeleteParams::default()
+    };
+    match Api::<VolumeExport>::all(ctx.client.clone())
+        .delete(name, &dp)
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(export = %name, "volume export ended");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(AttachmentsError::Api(e)),
+    }
 }
 
 async fn release(vol: &Volume, ctx: &Ctx) -> Result<Action, AttachmentsError> {
@@ -222,7 +335,8 @@ async fn release(vol: &Volume, ctx: &Ctx) -> Result<Action, AttachmentsError> {
     };
     let status = now.status.clone().unwrap_or_default();
     let held = recorded(&status);
-    if held.is_empty() {
+    if held.is_empty() && status.dropped_export.is_none() {
+        sync_exports(ctx, &now, &ns, &status).await?;
         return Ok(Action::await_change());
     }
     let servers = Api::<Server>::namespaced(ctx.client.clone(), &ns);
@@ -247,7 +361,10 @@ async fn release(vol: &Volume, ctx: &Ctx) -> Result<Action, AttachmentsError> {
     } else {
         Action::requeue(WAIT)
     };
-    if written == status {
+    // A status stored with an export of its own (before exports were VolumeExports) is
+    // written again without it, once.
+    if written == status && status.dropped_export.is_none() {
+        sync_exports(ctx, &now, &ns, &written).await?;
         return Ok(wait);
     }
     let mut next = now.clone();
@@ -257,6 +374,7 @@ async fn release(vol: &Volume, ctx: &Ctx) -> Result<Action, AttachmentsError> {
         .await
     {
         Ok(_) => {
+            sync_exports(ctx, &now, &ns, &written).await?;
             let held: Vec<&str> = written
                 .attachments
                 .iter()
@@ -283,16 +401,21 @@ fn error_policy(vol: Arc<Volume>, e: &AttachmentsError, ctx: Arc<Ctx>) -> Action
 /// change to the Server it is attached to, told by the controllers' shared Server watch
 /// (no watch of its own: each Server is decoded once, for every controller).
 pub async fn run(client: Client, servers: &Shared<Server>) {
+    let exports = Controller::new(
+        Api::<VolumeExport>::all(client.clone()),
+        watcher::Config::default(),
+    );
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         runtime: Runtime::new(client.clone(), MANAGER),
+        exports: exports.store(),
     });
     let controller = Controller::new(
         Api::<Volume>::all(client.clone()),
         watcher::Config::default(),
     );
     let store = controller.store();
-    controller
+    let volumes = controller
         .watches_shared_stream(servers.touched(), move |server: Arc<Server>| {
             let ns = server.namespace();
             let name = server.name_any();
@@ -306,9 +429,43 @@ pub async fn run(client: Client, servers: &Shared<Server>) {
                 .map(|v| ObjectRef::from_obj(&*v))
                 .collect::<Vec<_>>()
         })
-        .run(reconcile, error_policy, ctx)
-        .for_each(|_| async {})
-        .await;
+        .run(reconcile, error_policy, Arc::clone(&ctx))
+        .for_each(|_| async {});
+    let ended = exports
+        .run(check_export, export_error_policy, ctx)
+        .for_each(|_| async {});
+    futures::future::join(volumes, ended).await;
+}
+
+/// How often an export is checked against its Volume when nothing changes.
+const EXPORT_CHECK: Duration = Duration::from_secs(300);
+
+/// Ends export `x` when its Volume no longer asks for it: the Volume is gone (or is another
+/// volume of that name), or no attachment of it is on the export's node any more
+/// ([`export_nodes`]). What a Volume reconcile that failed halfway, or a Volume deleted, would
+/// otherwise leave behind.
+async fn check_export(x: Arc<VolumeExport>, ctx: Arc<Ctx>) -> Result<Action, AttachmentsError> {
+    let v = &x.spec.volume;
+    let vol = Api::<Volume>::namespaced(ctx.client.clone(), &v.namespace)
+        .get_opt(&v.name)
+        .await
+        .map_err(AttachmentsError::Api)?;
+    let wanted = vol
+        .filter(|vol| vol.metadata.uid.as_deref() == Some(v.uid.as_str()))
+        .is_some_and(|vol| {
+            export_nodes(&vol.status.unwrap_or_default()).contains(&x.spec.node)
+                && x.name_any() == volume_export_name(&v.uid, &x.spec.node)
+        });
+    if wanted || x.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::requeue(EXPORT_CHECK));
+    }
+    end_export(&ctx, &x.name_any()).await?;
+    Ok(Action::await_change())
+}
+
+fn export_error_policy(x: Arc<VolumeExport>, e: &AttachmentsError, _: Arc<Ctx>) -> Action {
+    tracing::warn!(export = %x.name_any(), error = %e, "volume export check failed");
+    Action::requeue(Duration::from_secs(10))
 }
 
 #[cfg(test)]
@@ -415,35 +572,22 @@ mod tests {
         assert_eq!(status.attached_to.as_deref(), Some("b"), "the first left");
         assert_eq!(
             status.attached_node.as_deref(),
-            Some("n1"),
-            "d on n1 still has it: the export stays there"
+            Some("n2"),
+            "the first's node"
         );
-        // Its data on n2: exported to n1, where d is (b is on n2 with the data).
-        status.node = Some("n2".into());
-        record(
-            &mut status,
-            vec![at("b", Some("n2")), at("d", Some("n1"))],
-            &[],
-            Some(1),
-        );
-        assert_eq!(status.attached_to.as_deref(), Some("b"));
-        assert_eq!(
-            status.attached_node.as_deref(),
-            Some("n1"),
-            "the node served over NBD"
-        );
+        // Its data on n1: exported to n2 alone, where b is (d is on n1 with the data).
         status.node = Some("n1".into());
+        assert_eq!(export_nodes(&status), ["n2".to_string()].into());
+        status.node = Some("n2".into());
+        assert_eq!(export_nodes(&status), ["n1".to_string()].into());
         record(
             &mut status,
             vec![at("b", Some("n1")), at("d", Some("n1"))],
             &[],
             Some(1),
         );
-        assert_eq!(
-            status.attached_node.as_deref(),
-            Some("n1"),
-            "all local: the first's"
-        );
+        status.node = Some("n1".into());
+        assert!(export_nodes(&status).is_empty(), "all local: no export");
         assert_eq!(status.phase, VolumePhase::InUse);
         assert_eq!(status.attachments.len(), 2);
         record(&mut status, vec![], &["b".into(), "d".into()], Some(1));
@@ -467,12 +611,17 @@ mod tests {
     }
 
     #[test]
-    fn the_export_stays_on_a_node_while_a_server_there_holds_the_volume() {
+    fn each_other_node_gets_an_export_while_a_server_there_holds_the_volume() {
         let at = |server: &str, node: &str| VolumeAttachment {
             server: server.into(),
             node: Some(node.into()),
         };
-        // Its data on n0; a on n1 first, so n1 is served; b on n2 waits.
+        let nodes = |list: &[&str]| {
+            list.iter()
+                .map(|n| (*n).to_owned())
+                .collect::<BTreeSet<_>>()
+        };
+        // Its data on n0; servers on n1 (two) and n2: both other nodes are served at once.
         let mut status = VolumeStatus {
             phase: VolumePhase::InUse,
             node: Some("n0".into()),
@@ -480,38 +629,51 @@ mod tests {
         };
         record(
             &mut status,
-            vec![at("a", "n1"), at("b", "n2"), at("c", "n1")],
+            vec![at("a", "n1"), at("b", "n2"), at("c", "n1"), at("d", "n0")],
             &[],
             Some(1),
         );
-        assert_eq!(status.attached_node.as_deref(), Some("n1"));
-        // a goes: c on n1 still has the disk plugged in, so n1 stays served, not n2.
+        assert_eq!(export_nodes(&status), nodes(&["n1", "n2"]));
+        // a goes: c on n1 still has the disk plugged in, so n1 keeps its export.
         record(
             &mut status,
-            vec![at("b", "n2"), at("c", "n1")],
+            vec![at("b", "n2"), at("c", "n1"), at("d", "n0")],
             &["a".into()],
             Some(1),
         );
-        assert_eq!(
-            status.attached_node.as_deref(),
-            Some("n1"),
-            "the export does not leave c's node"
-        );
-        assert_eq!(status.attached_to.as_deref(), Some("b"));
-        // c goes too: nothing is left on n1, so b's node is served.
-        record(&mut status, vec![at("b", "n2")], &["c".into()], Some(1));
-        assert_eq!(status.attached_node.as_deref(), Some("n2"));
-        // A server of it on its own node joins: the node served stays n2.
+        assert_eq!(export_nodes(&status), nodes(&["n1", "n2"]));
+        // c goes too: nothing is left on n1, so its export goes; n2's stays.
         record(
             &mut status,
-            vec![at("d", "n0"), at("b", "n2")],
-            &[],
+            vec![at("b", "n2"), at("d", "n0")],
+            &["c".into()],
             Some(1),
         );
-        assert_eq!(status.attached_node.as_deref(), Some("n2"));
-        // A single server moving from n2 to n3 takes its export along.
-        record(&mut status, vec![at("b", "n3")], &["d".into()], Some(1));
-        assert_eq!(status.attached_node.as_deref(), Some("n3"));
+        assert_eq!(export_nodes(&status), nodes(&["n2"]));
+        // Not placed on a node: nothing is exported.
+        status.node = None;
+        assert!(export_nodes(&status).is_empty());
+
+        let uid = "u1";
+        let name = |n: &str| volume_export_name(uid, n);
+        let have = vec![
+            (name("n1"), "n1".to_string()),
+            (name("n3"), "n3".to_string()),
+            ("u1.forged".to_string(), "n2".to_string()),
+        ];
+        assert_eq!(
+            plan_exports(uid, &nodes(&["n1", "n2"]), &have),
+            ExportPlan {
+                create: vec!["n2".into()],
+                delete: vec![name("n3"), "u1.forged".into()],
+            },
+            "n1's kept, n2's made, n3's (no server left there) and one not named for its pair end"
+        );
+        assert_eq!(
+            plan_exports(uid, &nodes(&["n1"]), &have[..1]),
+            ExportPlan::default(),
+            "an export made already is not made again"
+        );
     }
 
     #[test]

@@ -34,7 +34,7 @@ use super::driver::{
 };
 use super::interfaces as ifaces;
 use super::volumes as vols;
-use stratus_api_types::storage::{ImageRef, StoragePool, Volume};
+use stratus_api_types::storage::{ImageRef, StoragePool, Volume, VolumeExport};
 use stratus_image_cache::{Format, ImageCache, ImageError};
 
 pub use stratus_api_types::compute::TEARDOWN_FINALIZER;
@@ -828,11 +828,18 @@ async fn boot_volume(ctx: &Ctx, server: &Server, ns: &str, name: &str) -> Result
         Some(p) => get_related(&Api::<StoragePool>::all(ctx.client.clone()), p).await?,
         None => None,
     };
+    let export = vols::export_to(&ctx.client, &vol, &ctx.config.node)
+        .await
+        .map_err(ServerError::Api)?;
     let (judged, vol) = {
         let (server, node) = (server.name_any(), ctx.config.node.clone());
         // The path check reads the disk (and, for an LVM pool, lvm2's reports).
         let nbd = ctx.config.nbd();
-        blocking(move || (vols::ready(&vol, &server, &node, pool.as_ref(), nbd), vol)).await?
+        blocking(move || {
+            let judged = vols::ready(&vol, &server, &node, pool.as_ref(), export.as_ref(), nbd);
+            (judged, vol)
+        })
+        .await?
     };
     let ready = judged.map_err(|why| match why {
         vols::NotReady::Refused(message) => NotBuilt::Blocked(Blocked {
@@ -1624,6 +1631,7 @@ pub(crate) fn controller(
         .with_config(kube::runtime::controller::Config::default().concurrency(64));
     let store = controller.store();
     let servers = store.clone();
+    let holders = store.clone();
     let triggers = futures::stream::unfold(domain_events, |mut rx| async move {
         rx.recv().await.map(|name| (name, rx))
     })
@@ -1656,7 +1664,25 @@ pub(crate) fn controller(
             .map(|server| ObjectRef::<Server>::new(server).within(&ns))
             .collect::<Vec<_>>()
     };
+    // A VolumeExport to this node (made, served, ended) wakes the Servers here naming its
+    // volume.
+    let exports = Api::<VolumeExport>::all(ctx.client.clone());
+    let exports_cfg = watcher::Config::default().fields(&format!("spec.node={}", ctx.config.node));
+    let naming = move |x: VolumeExport| {
+        let v = x.spec.volume;
+        holders
+            .state()
+            .into_iter()
+            .filter(|s| {
+                s.namespace().as_deref() == Some(v.namespace.as_str())
+                    && (s.spec.boot_volume.as_deref() == Some(v.name.as_str())
+                        || s.spec.volumes.iter().any(|sv| sv.volume == v.name))
+            })
+            .map(|s| ObjectRef::from_obj(&*s))
+            .collect::<Vec<_>>()
+    };
     let run = controller
+        .watches(exports, exports_cfg, naming)
         .watches(ports, ports_cfg, |port| {
             let ns = port.namespace()?;
             let server = port.status.as_ref()?.bound_to.clone()?;

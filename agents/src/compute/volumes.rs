@@ -12,7 +12,8 @@ use kube::api::Api;
 use kube::{Client, ResourceExt};
 use stratus_api_types::common::{ConditionType, Reason};
 use stratus_api_types::storage::{
-    PortRange, StorageBackend, StoragePool, StoragePoolSpec, Volume, VolumePhase,
+    PortRange, StorageBackend, StoragePool, StoragePoolSpec, Volume, VolumeExport, VolumePhase,
+    volume_export_name,
 };
 
 use super::driver::xml::{nbd_path, virtio_disk_name};
@@ -362,42 +363,39 @@ fn region_of(
     ))
 }
 
-/// Where volume `name` of another node is served to `node`, from its `status`: its export
-/// (`status.export`) made for this node, to which the attachments controller attached it
-/// (`status.attachedNode`), at the storage address its pool's node recorded (`recorded`, the
-/// pool's `status.storageAddress`), on a port, under a name of the form the storage agent
-/// makes.
+/// Where volume `name` (of uid `uid`) of another node is served to `node`, from its
+/// `status` and its export to this node (`export`, the VolumeExport the attachments controller
+/// made for this node and the storage node's agent serves): at the storage address its pool's
+/// node recorded (`recorded`, the pool's `status.storageAddress`), on a port, under a name of
+/// the form the storage agent makes.
 ///
 /// # Errors
 /// Why it is not (yet) served to this node.
 pub fn remote(
     name: &str,
     status: &stratus_api_types::storage::VolumeStatus,
+    export: Option<&VolumeExport>,
+    uid: &str,
     node: &str,
     recorded: Option<&str>,
 ) -> Result<PathBuf, String> {
     let on = status.node.as_deref().unwrap_or_default();
     let waiting = |why: &str| format!("volume \"{name}\" is on node {on}: {why}");
-    if status.attached_node.as_deref() != Some(node) {
-        if let Some(to) = status.attached_node.as_deref().filter(|n| *n != on) {
-            // A multi-attach volume is served over NBD to one node other than its own.
-            return Err(waiting(&format!(
-                "it is exported to node {to}, the one node other than its own it is served to; a server of it here waits until the servers there let it go"
-            )));
-        }
-        return Err(waiting("not yet attached to this node"));
-    }
-    let Some(export) = status.export.as_ref().filter(|e| e.node == node) else {
-        let said = stratus_api_types::common::ConditionType::Attached
-            .find(&status.conditions)
+    let Some(x) = export.filter(|x| x.spec.node == node && x.spec.volume.uid == uid) else {
+        return Err(waiting("not yet exported to this node"));
+    };
+    let Some((host, port, export_name, tls)) = x.served() else {
+        let said = x
+            .status
+            .as_ref()
+            .and_then(|s| stratus_api_types::common::ConditionType::Ready.find(&s.conditions))
             .filter(|c| c.status == "False")
             .map(|c| c.message.clone());
         return Err(waiting(&said.unwrap_or_else(|| {
             format!("waiting for node {on} to export it to this node")
         })));
     };
-    let host: std::net::IpAddr = export
-        .host
+    let host: std::net::IpAddr = host
         .parse()
         .map_err(|_| waiting("its export's host is not an IP address"))?;
     // Never this node's own services, nor everyone's: another node's storage address is a
@@ -438,24 +436,24 @@ pub fn remote(
             ));
         }
     }
-    let named = !export.name.is_empty()
-        && export.name.len() <= 64
-        && export
-            .name
+    let named = !export_name.is_empty()
+        && export_name.len() <= 64
+        && export_name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if !named || export.port == 0 {
+    if !named || port == 0 {
         return Err(waiting(
             "its export names no port or no export of the form made",
         ));
     }
-    Ok(nbd_path(host, export.port, &export.name, export.tls))
+    Ok(nbd_path(host, port, export_name, tls))
 }
 
 /// Whether `vol` can be given to Server `server`'s guest on `node`: claimed for the server
 /// (`status.attachedTo`, written by the API server in the Server's own transaction), placed
 /// on this node, made (a device path and a size), and its device path its data in `pool`
-/// (its `status.pool`, as this node reads it) on this node ([`data_path`]).
+/// (its `status.pool`, as this node reads it) on this node ([`data_path`]); or, placed on
+/// another node, served to this one by `export` ([`remote`]).
 ///
 /// # Errors
 /// Why not (yet).
@@ -464,6 +462,7 @@ pub fn ready(
     server: &str,
     node: &str,
     pool: Option<&StoragePool>,
+    export: Option<&VolumeExport>,
     nbd: impl Into<NbdPolicy>,
 ) -> Result<Ready, NotReady> {
     let nbd = nbd.into();
@@ -493,16 +492,17 @@ pub fn ready(
     let growing = growing(vol, gib, st.phase);
     if st.node.as_deref() != Some(node) {
         // Served over NBD at the size it was exported with (what its agent provisioned).
-        if let Some(export) = st.export.as_ref().filter(|e| e.node == node) {
-            if !nbd.ports.contains(export.port) {
+        let mine = export.filter(|x| x.spec.node == node && x.spec.volume.uid == uid);
+        if let Some((_, port, _, tls)) = mine.and_then(VolumeExport::served) {
+            if !nbd.ports.contains(port) {
                 // Whatever listens there (the storage node's etcd, its API server, its SSH)
                 // is no export: this node's QEMU is never aimed at it.
                 return Err(NotReady::Refused(format!(
-                    "volume \"{name}\" is refused: its export's port {} is outside the cluster's export ports {} (stratus agent --export-ports)",
-                    export.port, nbd.ports
+                    "volume \"{name}\" is refused: its export's port {port} is outside the cluster's export ports {} (stratus agent --export-ports)",
+                    nbd.ports
                 )));
             }
-            if !export.tls && !nbd.insecure {
+            if !tls && !nbd.insecure {
                 return Err(NotReady::Refused(format!(
                     "volume \"{name}\" is refused: its export is served without TLS, and this node attaches volumes of other nodes over TLS alone (their storage agents serve over TLS with --nbd-tls-dir; stratus agent --nbd-insecure on this node takes exports in the clear)"
                 )));
@@ -511,7 +511,7 @@ pub fn ready(
         let recorded = pool
             .filter(|p| Some(p.name_any()) == st.pool)
             .and_then(|p| p.status.as_ref()?.storage_address.as_deref());
-        let path = remote(&name, &st, node, recorded).map_err(NotReady::Waiting)?;
+        let path = remote(&name, &st, mine, &uid, node, recorded).map_err(NotReady::Waiting)?;
         return Ok(Ready {
             volume: name,
             path,
@@ -648,16 +648,45 @@ pub async fn resolve(
             },
             None => None,
         };
+        let export = export_to(client, &vol, node).await?;
         let (server, node) = (server.to_owned(), node.to_owned());
         let uid = vol.uid().unwrap_or_default();
         // The path check reads the disk (and, for an LVM pool, lvm2's reports).
-        let judged =
-            stratus_runtime::blocking(move || ready(&vol, &server, &node, pool.as_ref(), nbd))
-                .await
-                .unwrap_or_else(|e| Err(NotReady::Waiting(format!("volume \"{name}\": {e}"))));
+        let judged = stratus_runtime::blocking(move || {
+            ready(&vol, &server, &node, pool.as_ref(), export.as_ref(), nbd)
+        })
+        .await
+        .unwrap_or_else(|e| Err(NotReady::Waiting(format!("volume \"{name}\": {e}"))));
         out.add(&uid, judged);
     }
     Ok(out)
+}
+
+/// The VolumeExport serving `vol` to `node`, when its data is on another node and the export
+/// is there (read by its name, the one the attachments controller gives the pair).
+///
+/// # Errors
+/// The API server did not answer (a 403 or 404 is no export yet).
+pub async fn export_to(
+    client: &Client,
+    vol: &Volume,
+    node: &str,
+) -> Result<Option<VolumeExport>, kube::Error> {
+    let on = vol.status.as_ref().and_then(|s| s.node.as_deref());
+    let (Some(on), Some(uid)) = (on, vol.uid()) else {
+        return Ok(None);
+    };
+    if on == node {
+        return Ok(None);
+    }
+    match Api::<VolumeExport>::all(client.clone())
+        .get_opt(&volume_export_name(&uid, node))
+        .await
+    {
+        Ok(x) => Ok(x),
+        Err(kube::Error::Api(e)) if e.code == 403 => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// One change to a guest's volumes.
@@ -722,14 +751,59 @@ mod tests {
 
     const UID: &str = "0f9e2c1a-77b4-4c1d-9a34-0f6b1d2c3e4f";
 
-    fn volume(status: serde_json::Value) -> Volume {
-        serde_json::from_value(json!({
+    /// The annotation a test volume carries its export in (see [`volume`]).
+    const TEST_EXPORT: &str = "test.stratus.dev/export";
+
+    /// A volume of `status`; its `export` (`{node, host, port, name, tls, conditions}`), if
+    /// given, is the VolumeExport serving it to that node, which [`ready`] here hands on.
+    fn volume(mut status: serde_json::Value) -> Volume {
+        let export = status
+            .as_object_mut()
+            .and_then(|s| s.remove("export"))
+            .filter(|e| !e.is_null());
+        let mut v: Volume = serde_json::from_value(json!({
             "apiVersion": "storage.stratus.dev/v1", "kind": "Volume",
             "metadata": {"name": "data", "namespace": "demo", "uid": UID},
             "spec": {"sizeGiB": 1},
             "status": status,
         }))
-        .expect("a volume")
+        .expect("a volume");
+        if let Some(e) = export {
+            v.metadata.annotations = Some([(TEST_EXPORT.to_owned(), e.to_string())].into());
+        }
+        v
+    }
+
+    /// The VolumeExport a test volume carries (see [`volume`]).
+    fn export_of(v: &Volume) -> Option<VolumeExport> {
+        let e: serde_json::Value = serde_json::from_str(v.annotations().get(TEST_EXPORT)?).ok()?;
+        let node = e["node"].as_str().unwrap_or_default();
+        let mut status = json!({"host": e["host"], "port": e["port"], "exportName": e["name"],
+                                "tls": e["tls"].as_bool().unwrap_or_default(),
+                                "conditions": e.get("conditions").cloned().unwrap_or(json!([]))});
+        let st = status.as_object_mut().expect("an object");
+        st.retain(|_, v| !v.is_null());
+        Some(
+            serde_json::from_value(json!({
+                "apiVersion": "storage.stratus.dev/v1", "kind": "VolumeExport",
+                "metadata": {"name": volume_export_name(UID, node)},
+                "spec": {"volume": {"namespace": "demo", "name": "data", "uid": UID},
+                         "storageNode": "n2", "node": node},
+                "status": status,
+            }))
+            .expect("an export"),
+        )
+    }
+
+    /// [`super::ready`] with the export the test volume carries.
+    fn ready(
+        v: &Volume,
+        server: &str,
+        node: &str,
+        pool: Option<&StoragePool>,
+        nbd: impl Into<NbdPolicy>,
+    ) -> Result<Ready, NotReady> {
+        super::ready(v, server, node, pool, export_of(v).as_ref(), nbd)
     }
 
     fn pool(spec: serde_json::Value) -> StoragePool {
@@ -819,7 +893,7 @@ mod tests {
         elsewhere["node"] = "n2".into();
         waits(
             not(elsewhere, Some(&p)),
-            "on node n2: not yet attached to this node",
+            "on node n2: not yet exported to this node",
         );
         let mut creating = good.clone();
         creating["phase"] = "Creating".into();
@@ -909,22 +983,25 @@ mod tests {
             }
             other => panic!("{other:?}"),
         };
-        let mut unplaced = good.clone();
-        unplaced["attachedNode"] = serde_json::Value::Null;
-        waits(unplaced, "not yet attached to this node");
-        let mut moved = good.clone();
-        moved["attachedNode"] = "n3".into();
-        // A multi-attach volume is served to one other node at a time: this one waits.
-        waits(moved, "it is exported to node n3");
+        let mut unexported = good.clone();
+        unexported["export"] = serde_json::Value::Null;
+        waits(unexported, "not yet exported to this node");
+        // Its first server's node is another (a multi-attach volume): served here all the same.
+        let mut shared = good.clone();
+        shared["attachedNode"] = "n3".into();
+        assert!(ready(&volume(shared), "web", "n1", Some(&far), PortRange::DEFAULT).is_ok());
         let mut for_another = good.clone();
         for_another["export"]["node"] = "n3".into();
-        waits(for_another, "waiting for node n2 to export it");
+        waits(for_another, "not yet exported to this node");
+        let mut unserved = good.clone();
+        unserved["export"] = json!({"node": "n1"});
+        waits(unserved, "waiting for node n2 to export it");
         let mut failed = good.clone();
-        failed["export"] = serde_json::Value::Null;
-        failed["conditions"] = json!([{"type": "Attached", "status": "False",
-            "reason": "ExportFailed", "message": "cannot export it to node n1: no address",
-            "lastTransitionTime": "2026-01-01T00:00:00Z"}]);
-        waits(failed, "cannot export it to node n1: no address");
+        failed["export"] = json!({"node": "n1", "conditions": [{"type": "Ready",
+            "status": "False", "reason": "ExportFailed",
+            "message": "cannot serve it to node n1: no address",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
+        waits(failed, "cannot serve it to node n1: no address");
         for (field, bad) in [
             ("host", json!("storage.example")),
             ("host", json!("127.0.0.1")),

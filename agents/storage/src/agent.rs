@@ -1,25 +1,27 @@
 //! The storage agent's loops: the node's pools registered and heartbeated ([`crate::pool`]),
-//! and one kube-runtime controller each for the Volumes and VolumeSnapshots placed on the
+//! one kube-runtime controller each for the Volumes and VolumeSnapshots placed on the
 //! node, whose reconcile reads the pool ([`Backend::observe`]), asks [`plan`] for the next
-//! step and carries it out through the pool's [`Backend`].
+//! step and carries it out through the pool's [`Backend`], and one for the VolumeExports the
+//! node serves (`spec.storageNode`), each served over NBD to its node ([`crate::export`]).
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use kube::api::Api;
+use kube::api::{Api, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use stratus_api_types::common::{ConditionType, Reason, Time};
 use stratus_api_types::compute::Hypervisor;
 use stratus_api_types::image::{DiskFormat, Image, Visibility};
 use stratus_api_types::storage::{
-    ImageRef, MAX_ATTACHMENTS, StoragePool, Volume, VolumePhase, VolumeSnapshot,
-    VolumeSnapshotPhase, VolumeSnapshotStatus, VolumeStatus,
+    ImageRef, MAX_ATTACHMENTS, StoragePool, Volume, VolumeExport, VolumeExportStatus, VolumePhase,
+    VolumeSnapshot, VolumeSnapshotPhase, VolumeSnapshotStatus, VolumeStatus,
 };
 use stratus_image_cache::{Format, ImageCache, ImageError};
 use stratus_runtime::finalizer;
@@ -27,7 +29,7 @@ use stratus_runtime::{Classify, Retry, Runtime, blocking};
 use tracing::Instrument;
 
 use crate::driver::{Backend, DriverError, InUseGrowth, Source, VolName};
-use crate::export::{ExportError, Exports};
+use crate::export::{ExportError, Exports, Served as ServedAt};
 use crate::plan::{Intent, Step, plan};
 use crate::pool::{PoolConfig, Served};
 
@@ -60,11 +62,12 @@ pub mod reasons {
     pub const MISSING: &str = "DataMissing";
     /// `Ready=False`: it is deleted and waits for the Server holding it to let it go.
     pub const ATTACHED: &str = "Attached";
-    /// `Attached=True`: exported over NBD to the node its Server is on.
+    /// A VolumeExport's `Ready=True`: served over NBD to its node.
     pub const EXPORTED: &str = "Exported";
-    /// `Attached=False`: it cannot be exported to the node its Server is on (the message
-    /// says why).
+    /// A VolumeExport's `Ready=False`: it cannot be served to its node (the message says why).
     pub const EXPORT_FAILED: &str = "ExportFailed";
+    /// A VolumeExport's `Ready=False`: its volume is not made yet.
+    pub const VOLUME_NOT_READY: &str = "VolumeNotReady";
 }
 
 /// How the agent runs on its node.
@@ -426,8 +429,7 @@ async fn grow_when_detached(
     Ok(Action::requeue(ctx.resync))
 }
 
-/// Reports `vol` made: its device, its size, Available (InUse while attached), and brings its
-/// export to what its status asks. `held`: why it is not at the size asked while a server
+/// Reports `vol` made: its device, its size, Available (InUse while attached). `held`: why it is not at the size asked while a server
 /// holds it (it grows once detached), said on `Ready=False` (`GrowsWhenDetached`) instead of
 /// `Ready=True`.
 async fn volume_report(
@@ -450,7 +452,6 @@ async fn volume_report(
     };
     status.size_gib = Some(size >> 30);
     status.device_path = Some(device.to_string_lossy().into_owned());
-    let failed = sync_export(ctx, vol, &device, &mut status).await?;
     if let Some(r) = recorded {
         status.source_image.clone_from(&r.source);
         status.kernel_image.clone_from(&r.kernel);
@@ -465,10 +466,10 @@ async fn volume_report(
         ),
     };
     ready.set(&mut status.conditions, vol.metadata.generation);
-    if vol.status.as_ref().is_some_and(|s| s.export.is_some()) && status.export.is_none() {
-        // An export that ended is taken out whole: a server-side apply that drops it leaves
-        // its parent (`export: {}`) behind, which is no export. A replace, guarded by the
-        // resourceVersion read, writes the status as it is.
+    if status.dropped_export.is_some() {
+        // A status stored with an export of its own (before exports were VolumeExports) is
+        // written whole without it: a server-side apply would leave it behind. A replace,
+        // guarded by the resourceVersion read, writes the status as it is.
         let ns = vol.namespace().ok_or(StorageError::Incomplete)?;
         let mut next = vol.clone();
         next.status = Some(status);
@@ -478,17 +479,7 @@ async fn volume_report(
     } else {
         ctx.volumes.write_status(vol, &status).await?;
     }
-    match failed {
-        Some(e) => Err(e.into()),
-        None => Ok(()),
-    }
-}
-
-/// The node volume `status` is to be exported to: the node its Server is on
-/// (`attachedNode`), while it is attached, when that is not this node.
-pub fn export_to<'a>(status: &'a VolumeStatus, node: &str) -> Option<&'a str> {
-    status.attached_to.as_ref()?;
-    status.attached_node.as_deref().filter(|n| *n != node)
+    Ok(())
 }
 
 /// Why the address of the node an export is for is not known.
@@ -541,13 +532,6 @@ async fn recorded_address(
     })
 }
 
-/// Whether the export this agent runs for a volume, to node `served_to`, is one its `status`
-/// no longer asks for (it is to be exported to another node, or to none): it ends at once,
-/// whatever else the pass does.
-fn stale_export(served_to: Option<&str>, status: &VolumeStatus, node: &str) -> bool {
-    served_to.is_some_and(|to| export_to(status, node) != Some(to))
-}
-
 /// How many clients the export of a volume to `node` serves at once: one for a plain volume.
 /// For a multi-attach volume over TLS (`tls`), every server it may have (16): only the
 /// consuming node's certificate gets a session, and serving them all from the start means a
@@ -570,52 +554,148 @@ fn export_clients(status: &VolumeStatus, node: &str, multi_attach: bool, tls: bo
     u16::try_from(there.clamp(1, MAX_ATTACHMENTS)).unwrap_or(1)
 }
 
-/// Whether the running export of a volume (`running`: this agent serves one) is kept while
-/// the address of `node`, the node it is to be exported to, cannot be read: when the
-/// volume's status records it exported to that very node. A guest may be using it; only a
-/// change of `attachedNode` or `attachedTo` ends it, never an API that does not answer.
-fn keeps_export(status: &VolumeStatus, node: &str, running: bool) -> bool {
-    running && status.export.as_ref().is_some_and(|e| e.node == node)
+/// Ends every export of `vol` (its data is going or gone, or no longer this node's to serve).
+async fn end_export(ctx: &Ctx, vol: &Volume) -> Result<(), StorageError> {
+    let (e, v) = (Arc::clone(&ctx.exports), uid(vol)?);
+    blocking(move || e.stop_volume(&v)).await??;
+    Ok(())
 }
 
-/// Brings the export of `vol` (its data at `device`) to what `status` asks: exported to the
-/// node its Server is on when that is another node (recorded in `status.export` and its
-/// `Attached` condition), not exported otherwise. Answers why an export asked for could not
-/// be made, once `status` says so.
-async fn sync_export(
-    ctx: &Ctx,
-    vol: &Volume,
-    device: &Path,
-    status: &mut VolumeStatus,
-) -> Result<Option<ExportError>, StorageError> {
-    let volume = uid(vol)?;
-    let Some(node) = export_to(status, &ctx.node).map(str::to_owned) else {
-        let e = Arc::clone(&ctx.exports);
-        let v = volume.clone();
-        blocking(move || e.stop(&v)).await??;
-        status.export = None;
-        return Ok(None);
+/// Where export `x` is served, as its status records it (a restarted agent serves it again
+/// there).
+fn recorded_served(x: &VolumeExport) -> Option<ServedAt> {
+    let (host, port, name, tls) = x.served()?;
+    Some(ServedAt {
+        host: host.to_owned(),
+        port,
+        name: name.to_owned(),
+        tls,
+    })
+}
+
+/// `x`'s status after a pass: where it is served (`served`), or why it is not (`why`, with
+/// its reason), its `Ready` condition saying so.
+fn export_status(
+    x: &VolumeExport,
+    served: Option<&ServedAt>,
+    why: Option<(&'static str, String)>,
+) -> VolumeExportStatus {
+    let mut status = x.status.clone().unwrap_or_default();
+    status.host = served.map(|s| s.host.clone());
+    status.port = served.map(|s| s.port);
+    status.export_name = served.map(|s| s.name.clone());
+    status.tls = served.is_some_and(|s| s.tls);
+    let ready = match (served, why) {
+        (_, Some((reason, message))) => ConditionType::Ready.no(reason, message),
+        (Some(_), None) => ConditionType::Ready.yes(
+            reasons::EXPORTED,
+            format!("served over NBD to node {}", x.spec.node),
+        ),
+        (None, None) => ConditionType::Ready.no(reasons::EXPORT_FAILED, "not served"),
     };
-    let made = match recorded_address(ctx, status).await? {
+    ready.set(&mut status.conditions, x.metadata.generation);
+    status.observed_generation = x.metadata.generation;
+    status
+}
+
+/// Writes `status` as `x`'s when it differs (a replace guarded by the resourceVersion read:
+/// fields it no longer has go).
+async fn write_export_status(
+    ctx: &Ctx,
+    x: &VolumeExport,
+    status: VolumeExportStatus,
+) -> Result<(), StorageError> {
+    if x.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let mut next = x.clone();
+    next.status = Some(status);
+    Api::<VolumeExport>::all(ctx.client.clone())
+        .replace_status(&x.name_any(), &PostParams::default(), &next)
+        .await?;
+    Ok(())
+}
+
+/// Whether a running export is kept while the address of its node cannot be read: when its
+/// status records it served (a guest there may be using it; only the export's deletion, or
+/// its volume's, ends it, never an API that does not answer).
+fn keeps_export(x: &VolumeExport, running: bool) -> bool {
+    running && x.served().is_some()
+}
+
+/// One pass over a VolumeExport this node serves: its volume's data served over NBD to
+/// `spec.node` (recorded in its status, `Ready=True`), or not served, saying why.
+async fn serve_export(x: &VolumeExport, ctx: &Ctx) -> Result<Action, StorageError> {
+    let key = x.name_any();
+    let stop = || {
+        let (e, k) = (Arc::clone(&ctx.exports), key.clone());
+        blocking(move || e.stop(&k))
+    };
+    if x.spec.storage_node != ctx.node || x.metadata.deletion_timestamp.is_some() {
+        stop().await??;
+        return Ok(Action::await_change());
+    }
+    let v = &x.spec.volume;
+    let vol = Api::<Volume>::namespaced(ctx.client.clone(), &v.namespace)
+        .get_opt(&v.name)
+        .await?
+        .filter(|vol| vol.uid().as_deref() == Some(v.uid.as_str()));
+    let status = vol
+        .as_ref()
+        .and_then(|vol| vol.status.clone())
+        .unwrap_or_default();
+    let Some(vol) = vol.filter(|_| status.node.as_deref() == Some(ctx.node.as_str())) else {
+        // The volume is gone, or not this node's: the attachments controller deletes the
+        // export; nothing of it is served meanwhile.
+        stop().await??;
+        return Ok(Action::await_change());
+    };
+    let made = status.size_gib.is_some()
+        && matches!(
+            status.phase,
+            VolumePhase::Available | VolumePhase::InUse | VolumePhase::Extending
+        );
+    let backend = status
+        .pool
+        .as_deref()
+        .and_then(|p| Some(Arc::clone(ctx.served.get(p)?)));
+    let (true, Some(backend)) = (made, backend) else {
+        let why = format!(
+            "volume {}/{} is {:?}, not made yet",
+            v.namespace, v.name, status.phase
+        );
+        if !ctx.exports.runs(&key) {
+            write_export_status(
+                ctx,
+                x,
+                export_status(x, None, Some((reasons::VOLUME_NOT_READY, why))),
+            )
+            .await?;
+        }
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    };
+    let name = VolName::volume(&v.uid)?;
+    let device = blocking(move || backend.device(&name)).await??;
+    let node = x.spec.node.clone();
+    let made = match recorded_address(ctx, &status).await? {
         Err(e) => Err(e),
         Ok(()) => match peer_address(ctx, &node).await {
             Ok(peer) => {
-                let (e, v, d, n) = (
-                    Arc::clone(&ctx.exports),
-                    volume.clone(),
-                    device.to_owned(),
-                    node.clone(),
-                );
-                let was = status.export.clone();
                 let clients =
-                    export_clients(status, &node, vol.spec.multi_attach, ctx.exports.tls());
-                blocking(move || e.ensure(&v, &d, &n, peer, clients, was.as_ref())).await?
+                    export_clients(&status, &node, vol.spec.multi_attach, ctx.exports.tls());
+                let (e, k, u, was) = (
+                    Arc::clone(&ctx.exports),
+                    key.clone(),
+                    v.uid.clone(),
+                    recorded_served(x),
+                );
+                blocking(move || e.ensure(&k, &u, &device, &node, peer, clients, was.as_ref()))
+                    .await?
             }
             Err(Peer::Unreadable(why)) => {
-                let running = ctx.exports.volumes().contains(&volume);
-                if keeps_export(status, &node, running) {
-                    // Kept as it is, status and all; the reconcile is retried.
-                    return Ok(Some(ExportError::Serve(why)));
+                if keeps_export(x, ctx.exports.runs(&key)) {
+                    // Kept as it is, status and all; the pass is tried again.
+                    return Err(ExportError::Serve(why).into());
                 }
                 Err(ExportError::Serve(why))
             }
@@ -623,39 +703,35 @@ async fn sync_export(
         },
     };
     match made {
-        Ok(export) => {
-            ConditionType::Attached
-                .yes(
-                    reasons::EXPORTED,
-                    // Where it is served (status.export) is the nodes' business, not the
-                    // message's: a condition is read by every reader of the Volume.
-                    format!("exported over NBD to node {node}"),
-                )
-                .set(&mut status.conditions, vol.metadata.generation);
-            status.export = Some(export);
-            Ok(None)
+        Ok(served) => {
+            write_export_status(ctx, x, export_status(x, Some(&served), None)).await?;
+            Ok(Action::requeue(ctx.resync))
         }
         Err(e) => {
-            let e2 = Arc::clone(&ctx.exports);
-            let v = volume.clone();
-            blocking(move || e2.stop(&v)).await??;
-            ConditionType::Attached
-                .no(
-                    reasons::EXPORT_FAILED,
-                    format!("cannot export it to node {node}: {e}"),
-                )
-                .set(&mut status.conditions, vol.metadata.generation);
-            status.export = None;
-            Ok(Some(e))
+            stop().await??;
+            let why = format!("cannot serve it to node {}: {e}", x.spec.node);
+            write_export_status(
+                ctx,
+                x,
+                export_status(x, None, Some((reasons::EXPORT_FAILED, why))),
+            )
+            .await?;
+            Err(e.into())
         }
     }
 }
 
-/// Ends the export of `vol`, if it has one (its data is going or gone).
-async fn end_export(ctx: &Ctx, vol: &Volume) -> Result<(), StorageError> {
-    let (e, v) = (Arc::clone(&ctx.exports), uid(vol)?);
-    blocking(move || e.stop(&v)).await??;
-    Ok(())
+async fn reconcile_export(x: Arc<VolumeExport>, ctx: Arc<Ctx>) -> Result<Action, StorageError> {
+    let span = tracing::info_span!("export", name = %x.name_any(), node = %x.spec.node);
+    serve_export(&x, &ctx).instrument(span).await
+}
+
+fn export_error(x: Arc<VolumeExport>, e: &StorageError, _: Arc<Ctx>) -> Action {
+    tracing::warn!(export = %x.name_any(), error = %stratus_runtime::policy::chain(e), "volume export pass failed");
+    match e.retry() {
+        Retry::Never => Action::requeue(Duration::from_secs(60)),
+        _ => Action::requeue(Duration::from_secs(5)),
+    }
 }
 
 /// One pass over a Volume.
@@ -686,12 +762,10 @@ async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
     };
     let step = plan(intent, observed.map(|o| o.size));
     tracing::debug!(?step, "volume step");
-    let served_to = ctx.exports.served_to(&uid(vol)?);
     if matches!(
         step,
         Step::Nothing | Step::Missing | Step::Delete | Step::Release
-    ) || stale_export(served_to.as_deref(), status, &ctx.node)
-    {
+    ) {
         // Whatever else this pass does or fails to do, a node that no longer holds the
         // volume keeps no access to it.
         end_export(ctx, vol).await?;
@@ -1189,37 +1263,36 @@ async fn sweep_orphans(ctx: Arc<Ctx>) {
     }
 }
 
-/// Whether the volumes placed on the node were listed (within 2 s): a sweep decides nothing
-/// before.
-async fn listed(volumes: &kube::runtime::reflector::Store<Volume>) -> bool {
-    tokio::time::timeout(
-        Duration::from_secs(2),
-        stratus_runtime::store_ready(volumes),
-    )
-    .await
-    .is_ok()
+/// Whether the objects of `store` were listed (within 2 s): a sweep decides nothing before.
+async fn listed<K>(store: &Store<K>) -> bool
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    tokio::time::timeout(Duration::from_secs(2), stratus_runtime::store_ready(store))
+        .await
+        .is_ok()
 }
 
-/// How often the exports are checked against the volumes (and the table written again).
+/// How often the exports are checked against the VolumeExports (and the table written again).
 const EXPORT_SWEEP: Duration = Duration::from_secs(30);
 
-/// Ends, every [`EXPORT_SWEEP`], the exports of volumes gone from the node (their reconcile
-/// ends the others' when they are released; this catches a volume deleted whole while the
-/// agent was away), and writes the table again.
-async fn sweep_exports(exports: Arc<Exports>, volumes: kube::runtime::reflector::Store<Volume>) {
+/// Ends, every [`EXPORT_SWEEP`], the exports whose VolumeExport is gone (deleted while the
+/// agent was away, or between two passes), and writes the table again.
+async fn sweep_exports(exports: Arc<Exports>, objects: Store<VolumeExport>) {
     let mut tick = tokio::time::interval(EXPORT_SWEEP);
     loop {
         tick.tick().await;
-        if !listed(&volumes).await {
+        if !listed(&objects).await {
             continue;
         }
         let known: std::collections::HashSet<String> =
-            volumes.state().iter().filter_map(|v| v.uid()).collect();
+            objects.state().iter().map(|x| x.name_any()).collect();
         let e = Arc::clone(&exports);
         let swept = blocking(move || {
-            for v in e.volumes() {
-                if !known.contains(&v) {
-                    e.stop(&v)?;
+            for (x, _) in e.served() {
+                if !known.contains(&x) {
+                    e.stop(&x)?;
                 }
             }
             e.refresh()
@@ -1339,8 +1412,31 @@ pub async fn run(client: Client, config: Config, pools: Vec<(PoolConfig, Arc<dyn
     let volumes = controller
         .run(reconcile_volume, volume_error, Arc::clone(&ctx))
         .for_each(|_| async {});
-    let sweeper = sweep_images(Arc::clone(&ctx.images), store.clone());
-    let exported = sweep_exports(Arc::clone(&ctx.exports), store);
+    let sweeper = sweep_images(Arc::clone(&ctx.images), store);
+    // The exports this node serves, each woken again by a change of its volume.
+    let served = Controller::new(
+        Api::<VolumeExport>::all(client.clone()),
+        watcher::Config::default().fields(&format!("spec.storageNode={}", config.node)),
+    );
+    let objects = served.store();
+    let of_volume = objects.clone();
+    let served = served
+        .watches(
+            Api::<Volume>::all(client.clone()),
+            watcher::Config::default().fields(&selector),
+            move |vol: Volume| {
+                let uid = vol.uid();
+                of_volume
+                    .state()
+                    .into_iter()
+                    .filter(|x| Some(&x.spec.volume.uid) == uid.as_ref())
+                    .map(|x| ObjectRef::from_obj(&*x))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .run(reconcile_export, export_error, Arc::clone(&ctx))
+        .for_each(|_| async {});
+    let exported = sweep_exports(Arc::clone(&ctx.exports), objects);
     let orphans = sweep_orphans(Arc::clone(&ctx));
     let snapshots = Controller::new(
         Api::<VolumeSnapshot>::all(client.clone()),
@@ -1354,6 +1450,7 @@ pub async fn run(client: Client, config: Config, pools: Vec<(PoolConfig, Arc<dyn
         () = orphans => {}
         () = exported => {}
         () = volumes => tracing::warn!("the volume controller stopped"),
+        () = served => tracing::warn!("the volume export controller stopped"),
         () = snapshots => tracing::warn!("the snapshot controller stopped"),
     }
 }
@@ -1403,44 +1500,75 @@ mod tests {
         assert!(orphans(&[], &[], &[]).is_empty());
     }
 
-    #[test]
-    fn a_running_export_outlives_an_unreadable_peer() {
-        let exported = |node: &str| {
-            serde_json::from_value::<VolumeStatus>(json!({
-                "attachedTo": "s", "attachedNode": node,
-                "export": {"node": node, "host": "10.0.0.1", "port": 10809, "name": "x1"},
-            }))
-            .expect("a status")
-        };
-        assert!(keeps_export(&exported("n2"), "n2", true));
-        assert!(
-            !keeps_export(&exported("n2"), "n2", false),
-            "no export is running: nothing to keep"
-        );
-        assert!(
-            !keeps_export(&exported("n2"), "n3", true),
-            "made for another node than the one asked for now"
-        );
-        let none =
-            serde_json::from_value::<VolumeStatus>(json!({"attachedTo": "s"})).expect("a status");
-        assert!(!keeps_export(&none, "n2", true));
+    fn export(status: serde_json::Value) -> VolumeExport {
+        serde_json::from_value(json!({
+            "apiVersion": "storage.stratus.dev/v1", "kind": "VolumeExport",
+            "metadata": {"name": "u1.n2", "generation": 1},
+            "spec": {"volume": {"namespace": "demo", "name": "v", "uid": "u1"},
+                     "storageNode": "n0", "node": "n2"},
+            "status": status,
+        }))
+        .expect("an export")
     }
 
     #[test]
-    fn an_export_to_a_node_that_no_longer_holds_the_volume_ends_whatever_the_step() {
-        let status =
-            |v: serde_json::Value| serde_json::from_value::<VolumeStatus>(v).expect("a status");
-        // Served to n1; its server there detached, one on its own node n0 still holds it
-        // (so it is not grown, nor reported, this pass): n1's export ends all the same.
-        let local = status(json!({"attachedTo": "b", "attachedNode": "n0", "node": "n0"}));
-        assert!(stale_export(Some("n1"), &local, "n0"));
-        let gone = status(json!({"node": "n0"}));
-        assert!(stale_export(Some("n1"), &gone, "n0"), "detached");
-        let moved = status(json!({"attachedTo": "b", "attachedNode": "n2"}));
-        assert!(stale_export(Some("n1"), &moved, "n0"), "another node");
-        let kept = status(json!({"attachedTo": "b", "attachedNode": "n1"}));
-        assert!(!stale_export(Some("n1"), &kept, "n0"), "still n1's");
-        assert!(!stale_export(None, &local, "n0"), "nothing served");
+    fn a_running_export_outlives_an_unreadable_peer() {
+        let served = export(json!({"host": "10.0.0.1", "port": 10809, "exportName": "x1"}));
+        assert!(keeps_export(&served, true));
+        assert!(
+            !keeps_export(&served, false),
+            "no export is running: nothing to keep"
+        );
+        assert!(
+            !keeps_export(&export(json!({})), true),
+            "its status records it served nowhere"
+        );
+    }
+
+    #[test]
+    fn an_exports_status_says_where_it_is_served_or_why_not() {
+        let x = export(json!({}));
+        let at = ServedAt {
+            host: "10.0.0.1".into(),
+            port: 10809,
+            name: "x1".into(),
+            tls: true,
+        };
+        let s = export_status(&x, Some(&at), None);
+        assert_eq!(
+            (s.host.as_deref(), s.port, s.export_name.as_deref(), s.tls),
+            (Some("10.0.0.1"), Some(10809), Some("x1"), true)
+        );
+        let ready = ConditionType::Ready.find(&s.conditions).expect("Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "Exported")
+        );
+        assert_eq!(
+            recorded_served(&export(serde_json::to_value(&s).expect("json"))),
+            Some(at)
+        );
+        // Not served: where it was is taken out, and the condition says why.
+        let mut was = x.clone();
+        was.status = Some(s);
+        let s = export_status(
+            &was,
+            None,
+            Some((
+                reasons::EXPORT_FAILED,
+                "cannot serve it to node n2: no address".into(),
+            )),
+        );
+        assert_eq!(
+            (s.host, s.port, s.export_name, s.tls),
+            (None, None, None, false)
+        );
+        let ready = ConditionType::Ready.find(&s.conditions).expect("Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "ExportFailed")
+        );
+        assert!(ready.message.contains("no address"), "{}", ready.message);
     }
 
     #[test]

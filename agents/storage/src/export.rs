@@ -1,5 +1,6 @@
-//! A volume's data served over NBD to the one other node its Server is on: one `qemu-nbd` per
-//! export, bound to this node's storage address on a port of its own, under a random name, and
+//! A volume's data served over NBD to another node a Server of it is on: one `qemu-nbd` per
+//! export (per VolumeExport object: one volume, one consuming node), bound to this node's
+//! storage address on a port of its own, under a random name, and
 //! an nftables table (`inet stratus_nbd_<address>`, one per storage address so that several agents on
 //! one host keep their own) that lets only that node's address reach the port.
 //!
@@ -34,11 +35,13 @@
 //! storage network. Without them (`--nbd-insecure`) the traffic crosses it in the clear.
 //!
 //! # Restart
-//! Each export is recorded in `<state>/exports/volume-<uid>.json` before its process is
-//! trusted; the `qemu-nbd` processes outlive the agent (a guest keeps its disk while the
-//! agent restarts), and a restarted agent adopts those whose `/proc/<pid>/cmdline` is still
-//! the recorded command, makes the others again on the same port and name (as the Volume's
-//! `status.export` says), and rewrites the table.
+//! Each export is recorded in `<state>/exports/export-<VolumeExport name>.json` before its
+//! process is trusted; the `qemu-nbd` processes outlive the agent (a guest keeps its disk
+//! while the agent restarts), and a restarted agent adopts those whose `/proc/<pid>/cmdline`
+//! is still the recorded command, makes the others again on the same port and name (as the
+//! VolumeExport's status says), and rewrites the table. A record of an agent that kept one
+//! export per volume (`volume-<uid>.json`) is ended when it is found: the VolumeExport that
+//! replaces it is served anew.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -52,7 +55,7 @@ use std::time::{Duration, Instant};
 
 use nftables::schema::Nftables;
 use serde::{Deserialize, Serialize};
-use stratus_api_types::storage::{VolumeExport, nbd_node_dn};
+use stratus_api_types::storage::nbd_node_dn;
 use stratus_runtime::allowlist::AllowList;
 
 /// The table holding the exports' rules of the agent serving on `host`.
@@ -129,10 +132,27 @@ pub enum ExportError {
     },
 }
 
+/// Where an export is served, as its VolumeExport's status tells it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// The storage address.
+    pub host: String,
+    /// The port.
+    pub port: u16,
+    /// The export's name.
+    pub name: String,
+    /// Whether it is served over TLS.
+    pub tls: bool,
+}
+
 /// One export, as recorded.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Record {
+    /// The VolumeExport served (its name): the export's key. Empty in a record of an agent
+    /// that kept one export per volume.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub export: String,
     /// The volume's uid.
     pub volume: String,
     /// Its data on this node.
@@ -168,10 +188,9 @@ fn is_one_client(n: &u16) -> bool {
 }
 
 impl Record {
-    /// What the Volume's `status.export` says of it.
-    pub fn status(&self) -> VolumeExport {
-        VolumeExport {
-            node: self.node.clone(),
+    /// What its VolumeExport's status says of it.
+    pub fn status(&self) -> Served {
+        Served {
             host: self.host.to_string(),
             port: self.port,
             name: self.name.clone(),
@@ -299,7 +318,7 @@ pub fn same_command(cmdline: &[u8], argv: &[OsString]) -> bool {
 pub fn render(table_name: &str, records: &[&Record]) -> Nftables<'static> {
     let mut table = AllowList::new(table_name);
     for r in records {
-        let comment = format!("volume-{}", r.volume);
+        let comment = format!("export-{}", r.export);
         table.guard(SocketAddr::new(r.host, r.port), [r.peer], Some(&comment));
     }
     table.ruleset()
@@ -430,8 +449,8 @@ impl Exports {
         self.address
     }
 
-    fn path(&self, volume: &str, ext: &str) -> PathBuf {
-        self.dir.join(format!("volume-{volume}.{ext}"))
+    fn path(&self, export: &str, ext: &str) -> PathBuf {
+        self.dir.join(format!("export-{export}.{ext}"))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Live>> {
@@ -457,20 +476,33 @@ impl Exports {
             }
             let record = std::fs::read(&path)
                 .ok()
-                .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
-                .filter(|r| path == self.path(&r.volume, "json"));
+                .and_then(|b| serde_json::from_slice::<Record>(&b).ok());
             let Some(record) = record else {
                 let _ = std::fs::remove_file(&path);
                 continue;
             };
-            let pid_file = self.path(&record.volume, "pid");
+            if record.export.is_empty() || path != self.path(&record.export, "json") {
+                // An export of an older agent (one per volume), or a file not of this name:
+                // its process ends, its VolumeExport is served anew.
+                let pid_file = path.with_extension("pid");
+                let mut l = Live {
+                    record,
+                    child: None,
+                };
+                l.stop(&pid_file);
+                for ext in ["json", "pid", "log"] {
+                    let _ = std::fs::remove_file(path.with_extension(ext));
+                }
+                continue;
+            }
+            let pid_file = self.path(&record.export, "pid");
             let mut l = Live {
                 record,
                 child: None,
             };
             if l.alive(&pid_file) {
-                tracing::info!(volume = %l.record.volume, pid = l.record.pid, "export adopted");
-                live.insert(l.record.volume.clone(), l);
+                tracing::info!(export = %l.record.export, pid = l.record.pid, "export adopted");
+                live.insert(l.record.export.clone(), l);
             } else {
                 let _ = std::fs::remove_file(&path);
             }
@@ -480,42 +512,47 @@ impl Exports {
         Ok(n)
     }
 
-    /// The uids of the volumes exported.
-    pub fn volumes(&self) -> Vec<String> {
-        self.lock().keys().cloned().collect()
+    /// The exports served, each as (VolumeExport name, volume uid).
+    pub fn served(&self) -> Vec<(String, String)> {
+        self.lock()
+            .iter()
+            .map(|(k, l)| (k.clone(), l.record.volume.clone()))
+            .collect()
     }
 
-    /// The node the volume of uid `volume` is exported to, if it is.
-    pub fn served_to(&self, volume: &str) -> Option<String> {
-        self.lock().get(volume).map(|l| l.record.node.clone())
+    /// Whether export `export` runs.
+    pub fn runs(&self, export: &str) -> bool {
+        self.lock().contains_key(export)
     }
 
-    /// Exports `device` (the data of the volume of uid `volume`) to `node` at `peer`, to
-    /// `clients` of it at once (its servers there, for a multi-attach volume): the
-    /// running export if it is that one, else a new one, on the port and under the name of
-    /// `was` (the export the Volume's status recorded, after a restart) when it was for that
-    /// node on this address on a port of the range, else on the range's first port that no
-    /// export holds and that binds, under a new random name.
+    /// Serves export `export` (a VolumeExport's name): `device` (the data of the volume of uid
+    /// `volume`) to `node` at `peer`, to `clients` of it at once (its servers there, for a
+    /// multi-attach volume): the running export if it is that one, else a new one, on the
+    /// port and under the name of `was` (what the VolumeExport's status recorded, after a
+    /// restart) when it was on this address on a port of the range, else on the range's first
+    /// port that no export holds and that binds, under a new random name.
     ///
     /// # Errors
     /// No storage address, no free port in the range, a `qemu-nbd` that does not start, a
     /// table `nft` refuses.
+    #[allow(clippy::too_many_arguments)]
     pub fn ensure(
         &self,
+        export: &str,
         volume: &str,
         device: &Path,
         node: &str,
         peer: IpAddr,
         clients: u16,
-        was: Option<&VolumeExport>,
-    ) -> Result<VolumeExport, ExportError> {
+        was: Option<&Served>,
+    ) -> Result<Served, ExportError> {
         let host = self.address.ok_or(ExportError::NoAddress)?;
         if !is_node_name(node) {
             return Err(ExportError::Node(node.to_owned()));
         }
-        let pid_file = self.path(volume, "pid");
+        let pid_file = self.path(export, "pid");
         let mut live = self.lock();
-        if let Some(l) = live.get_mut(volume) {
+        if let Some(l) = live.get_mut(export) {
             if l.record
                 .serves(device, node, peer, clients, self.tls.as_deref())
                 && l.alive(&pid_file)
@@ -523,14 +560,12 @@ impl Exports {
                 return Ok(l.record.status());
             }
             l.stop(&pid_file);
-            live.remove(volume);
+            live.remove(export);
             self.write_table(&live)?;
         }
-        // The port and name recorded, when that export was for this node on this address and
-        // its port is still one of the range.
-        let reuse = was.filter(|w| {
-            w.node == node && w.host == host.to_string() && self.ports.contains(w.port)
-        });
+        // The port and name recorded, when that export was on this address and its port is
+        // still one of the range.
+        let reuse = was.filter(|w| w.host == host.to_string() && self.ports.contains(w.port));
         let (port, name) = match reuse {
             Some(w) => (w.port, w.name.clone()),
             None => {
@@ -545,6 +580,7 @@ impl Exports {
             }
         };
         let mut record = Record {
+            export: export.to_owned(),
             volume: volume.to_owned(),
             device: device.to_owned(),
             node: node.to_owned(),
@@ -561,9 +597,9 @@ impl Exports {
             record: record.clone(),
             child: None,
         };
-        live.insert(volume.to_owned(), pending);
+        live.insert(export.to_owned(), pending);
         self.write_table(&live)?;
-        live.remove(volume);
+        live.remove(export);
         let child = match self.spawn(&record, &pid_file) {
             Ok(c) => c,
             Err(e) => {
@@ -576,7 +612,7 @@ impl Exports {
             record,
             child: Some(child),
         };
-        let state = self.path(volume, "json");
+        let state = self.path(export, "json");
         let bytes = serde_json::to_vec(&pending.record).unwrap_or_default();
         if let Err(e) = private_file(&state, &bytes) {
             // Unrecorded, it would outlive a restart unknown: it ends, and its rule goes.
@@ -585,8 +621,8 @@ impl Exports {
             return Err(e);
         }
         let status = pending.record.status();
-        tracing::info!(volume, node, %peer, port, "volume exported");
-        live.insert(volume.to_owned(), pending);
+        tracing::info!(export, volume, node, %peer, port, "volume exported");
+        live.insert(export.to_owned(), pending);
         self.write_table(&live)?;
         Ok(status)
     }
@@ -595,7 +631,7 @@ impl Exports {
     /// it does).
     fn spawn(&self, record: &Record, pid_file: &Path) -> Result<Child, ExportError> {
         let _ = std::fs::remove_file(pid_file);
-        let log_path = self.path(&record.volume, "log");
+        let log_path = self.path(&record.export, "log");
         private_dir(&self.dir)?;
         let log = private_open(&log_path)?;
         let argv = record.argv(pid_file);
@@ -634,23 +670,37 @@ impl Exports {
         }
     }
 
-    /// Ends the export of the volume of uid `volume`, if there is one: its port is closed
-    /// before its record goes.
+    /// Ends export `export`, if it runs: its port is closed before its record goes.
     ///
     /// # Errors
     /// The table cannot be written.
-    pub fn stop(&self, volume: &str) -> Result<bool, ExportError> {
+    pub fn stop(&self, export: &str) -> Result<bool, ExportError> {
         let mut live = self.lock();
-        let Some(mut l) = live.remove(volume) else {
+        let Some(mut l) = live.remove(export) else {
             return Ok(false);
         };
-        l.stop(&self.path(volume, "pid"));
+        l.stop(&self.path(export, "pid"));
         for ext in ["json", "pid", "log"] {
-            let _ = std::fs::remove_file(self.path(volume, ext));
+            let _ = std::fs::remove_file(self.path(export, ext));
         }
         self.write_table(&live)?;
-        tracing::info!(volume, "export ended");
+        tracing::info!(export, volume = %l.record.volume, "export ended");
         Ok(true)
+    }
+
+    /// Ends every export of the volume of uid `volume` (its data is going, or no longer
+    /// served by this node).
+    ///
+    /// # Errors
+    /// The table cannot be written.
+    pub fn stop_volume(&self, volume: &str) -> Result<usize, ExportError> {
+        let mut n = 0;
+        for (export, v) in self.served() {
+            if v == volume && self.stop(&export)? {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Writes the table again (an operator's `nft flush ruleset` took it away).
@@ -682,6 +732,7 @@ mod tests {
 
     fn record() -> Record {
         Record {
+            export: "0f9e2c1a.node-b".into(),
             volume: "0f9e2c1a".into(),
             device: "/srv/pool/volume-0f9e2c1a.raw".into(),
             node: "node-b".into(),
@@ -826,7 +877,7 @@ mod tests {
     #[test]
     fn only_the_peer_reaches_an_export_port() {
         let mut v6 = record();
-        v6.volume = "second".into();
+        v6.export = "second".into();
         v6.peer = "fd00::2".parse().expect("an address");
         v6.host = "fd00::1".parse().expect("an address");
         v6.port = 40124;
@@ -834,12 +885,12 @@ mod tests {
         want.guard(
             "10.0.0.1:40123".parse().expect("an address"),
             ["10.0.0.2".parse().expect("an address")],
-            Some("volume-0f9e2c1a"),
+            Some("export-0f9e2c1a.node-b"),
         )
         .guard(
             "[fd00::1]:40124".parse().expect("an address"),
             ["fd00::2".parse().expect("an address")],
-            Some("volume-second"),
+            Some("export-second"),
         );
         assert_eq!(render("t", &[&record(), &v6]), want.ruleset());
     }
@@ -920,8 +971,8 @@ mod tests {
     fn an_export_is_told_as_its_status() {
         let s = record().status();
         assert_eq!(
-            (s.node.as_str(), s.host.as_str(), s.port, s.name.as_str()),
-            ("node-b", "10.0.0.1", 40123, "5b1f")
+            (s.host.as_str(), s.port, s.name.as_str(), s.tls),
+            ("10.0.0.1", 40123, "5b1f", false)
         );
     }
 }
@@ -956,6 +1007,7 @@ mod host_tests {
 
     fn export(volume: &str, port: u16) -> Record {
         Record {
+            export: volume.into(),
             volume: volume.into(),
             device: "/dev/null".into(),
             node: "peer".into(),
@@ -1071,11 +1123,11 @@ mod host_tests {
         // Another program holds the range's first port.
         let other = TcpListener::bind((STORAGE, 10901)).expect("the first port is free");
         let a = exports
-            .ensure("a", &device, "n2", NODE.into(), 1, None)
+            .ensure("a", "v", &device, "n2", NODE.into(), 1, None)
             .expect("exported");
         assert_eq!((a.host.as_str(), a.port), ("127.88.15.1", 10902));
         let none = exports
-            .ensure("b", &device, "n2", NODE.into(), 1, None)
+            .ensure("b", "v", &device, "n3", NODE.into(), 1, None)
             .expect_err("no port left");
         assert!(
             matches!(none, ExportError::NoPort { exports: 1, .. }),
@@ -1084,7 +1136,7 @@ mod host_tests {
         assert!(none.to_string().contains("10901-10902"), "{none}");
         drop(other);
         let b = exports
-            .ensure("b", &device, "n2", NODE.into(), 1, None)
+            .ensure("b", "v", &device, "n3", NODE.into(), 1, None)
             .expect("exported once the port is freed");
         assert_eq!(b.port, 10901);
         // A recorded export outside the range is not made again on its old port.
@@ -1092,8 +1144,15 @@ mod host_tests {
         let mut was = b.clone();
         was.port = 40000;
         let again = exports
-            .ensure("b", &device, "n2", NODE.into(), 1, Some(&was))
+            .ensure("b", "v", &device, "n3", NODE.into(), 1, Some(&was))
             .expect("exported");
         assert_eq!(again.port, 10901);
+        // One volume served to two nodes: two exports, each to its node, ended together.
+        assert_eq!(
+            exports.served(),
+            [("a".to_string(), "v".to_string()), ("b".into(), "v".into())]
+        );
+        assert_eq!(exports.stop_volume("v").expect("ended"), 2);
+        assert!(exports.served().is_empty());
     }
 }

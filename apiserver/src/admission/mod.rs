@@ -13,6 +13,7 @@ pub mod attachments;
 pub mod binding;
 pub mod console;
 pub mod credentials;
+pub mod exports;
 pub mod identity;
 pub mod images;
 pub mod lifecycle;
@@ -275,6 +276,7 @@ pub fn for_kind(group: &str, kind: &str) -> &'static [&'static dyn Admission] {
     static OBJECT_NODES: [&dyn Admission; 1] = [&object::ObjectNodes];
     static OBJECT_RINGS: [&dyn Admission; 1] = [&object::ObjectRings];
     static STORAGE_POOLS: [&dyn Admission; 1] = [&pools::StoragePools];
+    static VOLUME_EXPORTS: [&dyn Admission; 1] = [&exports::VolumeExports];
     static IMAGES: [&dyn Admission; 1] = [&images::Images];
     match (group, kind) {
         ("identity.stratus.dev", "Project") => return &PROJECTS,
@@ -287,6 +289,7 @@ pub fn for_kind(group: &str, kind: &str) -> &'static [&'static dyn Admission] {
         (network::GROUP, "Router") => return &ROUTERS,
         (storage::GROUP, "Volume" | "VolumeSnapshot") => return &STORAGE,
         (storage::GROUP, "StoragePool") => return &STORAGE_POOLS,
+        (storage::GROUP, "VolumeExport") => return &VOLUME_EXPORTS,
         ("image.stratus.dev", "Image") => return &IMAGES,
         _ => {}
     }

@@ -41,9 +41,6 @@
 //!   copying it. The check holds until the delete is written.
 //! - `status.pool` and `status.node` are set only by the placement (and a snapshot's
 //!   `status.sizeGiB` only at its create): a status write changing them is 422.
-//! - A Volume's export (`status.export`) is served at the storage address its pool's node
-//!   recorded (the pool's `status.storageAddress`): a write recording one at another host is
-//!   422 on `status.export.host`.
 //!
 //! # Quota
 //! Volumes, their GiB and snapshots count against quotas, a snapshot's GiB (its volume's size
@@ -478,17 +475,10 @@ async fn update_volume(
     if !causes.is_empty() {
         return Err(invalid(&s, w.new, causes));
     }
-    let exported_at = export_host(ctx, &s, old, w.new).await?;
     if after.size_gib == before.size_gib {
         return Ok(ctx
             .store
-            .write_guarded(
-                w.key,
-                w.new,
-                Some(rev),
-                &[],
-                exported_at.as_ref().map(|(k, r)| (k.as_str(), *r)),
-            )
+            .write_guarded(w.key, w.new, Some(rev), &[], None)
             .await
             .map_err(ApiError::from)?
             .into());
@@ -518,7 +508,6 @@ async fn update_volume(
         let quota = quota::check(ctx, s, ns, w).await?;
         let mut guards = vec![Guard::Revision(w.key, rev)];
         guards.extend(quota.iter().map(|(p, at)| Guard::Unchanged(p, *at)));
-        guards.extend(exported_at.iter().map(|(k, r)| Guard::Revision(k, *r)));
         let claim = json!({
             "volume": format!("{ns}/{}", name_of(w.new)),
             "sizeGiB": after.size_gib,
@@ -627,68 +616,6 @@ fn remote_attached(vol: &Value) -> Option<String> {
     Some(format!(
         "its data is on node {on}, a server of it on node {to}"
     ))
-}
-
-/// Checks the export a write newly records in a Volume's status (`status.export`): its host
-/// is the storage address the node of the volume's pool recorded (the pool's
-/// `status.storageAddress`), the one address compute nodes connect to. Answers the pool's
-/// key and the revision it was read at, which the write holds.
-///
-/// # Errors
-/// 422 on `status.export.host` when it is another address, or the pool records none.
-async fn export_host(
-    ctx: Ctx<'_>,
-    s: &Subject<'_>,
-    old: &Value,
-    new: &Value,
-) -> ApiResult<Option<(String, i64)>> {
-    let Some(export) = new.pointer("/status/export").filter(|e| !e.is_null()) else {
-        return Ok(None);
-    };
-    if old.pointer("/status/export") == Some(export) {
-        return Ok(None);
-    }
-    let field = "status.export.host";
-    let host = export
-        .get("host")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let Some(pool) = new.pointer("/status/pool").and_then(Value::as_str) else {
-        return Err(invalid_field(
-            s,
-            new,
-            field,
-            format!(
-                "Invalid value: {host:?}: the volume is in no storage pool to be exported from"
-            ),
-        ));
-    };
-    let key = keys::object(ctx.prefix, GROUP, "storagepools", None, pool);
-    let stored = ctx.store.get(&key).await.map_err(ApiError::from)?;
-    let recorded = stored
-        .as_ref()
-        .and_then(|p| p.value.pointer("/status/storageAddress"))
-        .and_then(Value::as_str);
-    let ip = |a: &str| a.parse::<std::net::IpAddr>().ok();
-    match (recorded, stored.as_ref().map(|p| p.mod_revision)) {
-        (Some(a), Some(rev)) if ip(a).is_some() && ip(a) == ip(host) => Ok(Some((key, rev))),
-        (Some(a), _) => Err(invalid_field(
-            s,
-            new,
-            field,
-            format!(
-                "Invalid value: {host:?}: not {a}, the storage address storage pool {pool} records (status.storageAddress)"
-            ),
-        )),
-        (None, _) => Err(invalid_field(
-            s,
-            new,
-            field,
-            format!(
-                "Invalid value: {host:?}: storage pool {pool} records no storage address (status.storageAddress) to export at"
-            ),
-        )),
-    }
 }
 
 /// A pool and its claims, read at one revision.

@@ -10,7 +10,8 @@
 //! read every Node: peers' tunnel addresses); its own Leases (every network agent's Lease
 //! read-only: liveness and tunnel addresses) and StoragePools; the Volumes and
 //! VolumeSnapshots placed on it (`status.node=NAME`), and the Images those volumes are made
-//! from; the Events it reports. Nothing else is readable or writable, so a compromised node can neither read other
+//! from; the VolumeExports naming it (as the node served, `spec.node`, or the storage node
+//! serving them, `spec.storageNode`, which alone writes their status); the Events it reports. Nothing else is readable or writable, so a compromised node can neither read other
 //! tenants' objects nor touch another node's.
 //!
 //! Two steps, as in Kubernetes (authorizer, then the NodeRestriction admission): [`restrict`]
@@ -65,6 +66,8 @@ fn reported_by(event: &Value, node: &str) -> bool {
 fn placement_field(resource: &str) -> &'static str {
     match resource {
         "volumes" | "volumesnapshots" | "routers" => "/status/node",
+        // A volume's export is the storage node's to serve and report.
+        "volumeexports" => "/spec/storageNode",
         _ => "/status/hypervisor",
     }
 }
@@ -151,22 +154,6 @@ fn attached_servers(vol: &Value) -> Vec<&str> {
         .and_then(Value::as_str)
         .into_iter()
         .collect()
-}
-
-/// Why the export a storage node records in a Volume's status (`status.export`) is not for
-/// the node the volume is attached to, if it is not: a node exports a volume only to the
-/// node the attachments controller recorded (`status.attachedNode`), and an export it
-/// already recorded is kept or taken out whole, never sent elsewhere.
-fn misdirected_export(old: &Value, new: &Value) -> Option<String> {
-    let export = new.pointer("/status/export").filter(|e| !e.is_null())?;
-    if old.pointer("/status/export") == Some(export) {
-        return None;
-    }
-    let attached = new.pointer("/status/attachedNode").and_then(Value::as_str);
-    let to = export.get("node").and_then(Value::as_str);
-    (attached.is_none() || to != attached).then(|| {
-        "status.export.node: a node exports a volume only to the node it is attached to (status.attachedNode)".into()
-    })
 }
 
 /// Why a node's write of its StoragePool changes the storage address recorded
@@ -524,14 +511,12 @@ pub fn review(node: &str, r: &Review<'_>) -> ApiResult<()> {
                         "a node writes the status only of what is placed on it, and keeps it there"
                             .into(),
                     )
-                } else if let Some(f) = changed {
-                    Some(format!(
-                        "status.{f}: set by the placement and address management, not by a node"
-                    ))
-                } else if resource == "volumes" {
-                    misdirected_export(old, new)
                 } else {
-                    None
+                    changed.map(|f| {
+                        format!(
+                            "status.{f}: set by the placement and address management, not by a node"
+                        )
+                    })
                 }
             }
             (Operation::Update, "", Some(old), Some(new)) => {
@@ -952,20 +937,40 @@ async fn node_may_read(
             // The compute agent reads a volume attached to a server placed on the node (any
             // of a multi-attach volume's servers).
             let holders = attached_servers(&vol.value);
-            let attached_here = !holders.is_empty()
-                && mine(api, servers()?, Some(&info.namespace), node)
-                    .await?
-                    .iter()
-                    .any(|s| meta::meta_str(s, "name").is_some_and(|n| holders.contains(&n)));
-            if placed_on(&vol.value, "volumes", node) {
+            let related = placed_on(&vol.value, "volumes", node)
+                || (!holders.is_empty()
+                    && mine(api, servers()?, Some(&info.namespace), node)
+                        .await?
+                        .iter()
+                        .any(|s| meta::meta_str(s, "name").is_some_and(|n| holders.contains(&n))));
+            if related {
                 Ok(Some((key, vol)))
-            } else if attached_here {
-                Ok(Some((key, export_kept_from(vol, node))))
             } else {
                 Err(deny(
                     "it is neither placed on this node nor attached to a server placed on it",
                 ))
             }
+        }
+        // A volume's exports: the node served reads those naming it (`spec.node`), the storage
+        // node those it serves (`spec.storageNode`); where another node is served is neither's.
+        ("storage.stratus.dev", "volumeexports") if !named => {
+            if selects("spec.node", node) || selects("spec.storageNode", node) {
+                Ok(None)
+            } else {
+                Err(deny(&format!(
+                    "a node lists only the volume exports to it (fieldSelector spec.node={node}) or served by it (spec.storageNode={node})"
+                )))
+            }
+        }
+        ("storage.stratus.dev", "volumeexports") => {
+            check_named("VolumeExport", "storage.stratus.dev", |x, node| {
+                [
+                    x.pointer("/spec/node").and_then(Value::as_str),
+                    x.pointer("/spec/storageNode").and_then(Value::as_str),
+                ]
+                .contains(&Some(node))
+            })
+            .await
         }
         ("storage.stratus.dev", "volumesnapshots") if !named => {
             if selects("status.node", node) {
@@ -984,27 +989,6 @@ async fn node_may_read(
         }
         _ => Err(deny("it is not related to anything placed on this node")),
     }
-}
-
-/// Volume `vol` as a node that is not its own reads it by name: without its export
-/// (`status.export`) unless the node is the one it is exported to (`status.attachedNode`). A
-/// node holding one of a multi-attach volume's servers is not told where and under what name
-/// another node is served. (A list or watch of a node selects its own volumes or those
-/// attached to it, whose export is its own.)
-fn export_kept_from(mut vol: Stored, node: &str) -> Stored {
-    let to = vol
-        .value
-        .pointer("/status/attachedNode")
-        .and_then(Value::as_str);
-    if to != Some(node)
-        && let Some(status) = vol
-            .value
-            .pointer_mut("/status")
-            .and_then(Value::as_object_mut)
-    {
-        status.remove("export");
-    }
-    vol
 }
 
 /// Whether Router `name` of namespace `ns` is placed on `node`.
@@ -1368,28 +1352,5 @@ mod tests {
                 .expect("refused")
                 .starts_with("metadata.labels")
         );
-    }
-
-    #[test]
-    fn a_node_reads_a_volumes_export_only_when_it_is_exported_to_it() {
-        let vol = Stored {
-            value: json!({"metadata": {"name": "shared"}, "status": {
-                "node": "n0", "attachedTo": "a", "attachedNode": "n1",
-                "attachments": [{"server": "a", "node": "n1"}, {"server": "b", "node": "n2"}],
-                "export": {"node": "n1", "host": "10.0.0.1", "port": 10809, "name": "x1"},
-            }}),
-            mod_revision: 7,
-        };
-        let served = export_kept_from(vol.clone(), "n1");
-        assert_eq!(served.value, vol.value, "n1's own export");
-        // b's node n2 reads the volume, but not where and under what name n1 is served.
-        let other = export_kept_from(vol.clone(), "n2");
-        assert_eq!(other.value.pointer("/status/export"), None);
-        assert_eq!(
-            other.value.pointer("/status/attachments"),
-            vol.value.pointer("/status/attachments"),
-            "the rest is read as it is"
-        );
-        assert_eq!(other.mod_revision, 7);
     }
 }

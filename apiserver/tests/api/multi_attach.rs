@@ -195,11 +195,12 @@ async fn a_node_reads_a_multi_attach_volume_through_any_of_its_servers_and_keeps
     assert_eq!(holders(&c, "shared").await.0, ["web", "db"]);
 }
 
-/// A node holding one of a multi-attach volume's servers reads the volume, but its export
-/// (`status.export`) only when the volume is exported to that node (`status.attachedNode`):
-/// where and under what name another node is served is that node's alone.
+/// A multi-attach volume whose servers sit on two nodes other than its own is served to each
+/// by an export of its own (what the attachments controller makes): each node reads the volume
+/// and its own export, never where and under what name the other node is served; the storage
+/// node reads and reports both.
 #[tokio::test]
-async fn a_node_reads_a_multi_attach_volumes_export_only_when_it_is_served_to_it() {
+async fn each_node_of_a_multi_attach_volume_reads_its_own_export_alone() {
     let c = Cloud::with_demo().await;
     c.hypervisor("n1", 4, 4096).await;
     c.hypervisor("n2", 4, 4096).await;
@@ -219,29 +220,50 @@ async fn a_node_reads_a_multi_attach_volumes_export_only_when_it_is_served_to_it
         )
         .await
         .expect("its storage address");
-    let status = c.status("Volume", Some("demo"), "shared");
-    c.patch(
-        &status,
-        MERGE,
-        &json!({"status": {"attachedNode": "n1"}}),
-        "",
-    )
-    .await
-    .expect("the attachments controller's record");
-    c.node("s1")
-        .patch(
-            &status,
-            MERGE,
-            r#"{"status": {"export": {"node": "n1", "host": "10.0.0.1", "port": 10809, "name": "x1"}}}"#,
+    let vol = c
+        .get("Volume", Some("demo"), "shared")
+        .await
+        .expect("volume");
+    let uid = vol["metadata"]["uid"].as_str().expect("a uid");
+    for (node, name) in [("n1", "x1"), ("n2", "x2")] {
+        let export = format!("{uid}.{node}");
+        c.create(&Obj(json!({
+            "apiVersion": "storage.stratus.dev/v1", "kind": "VolumeExport",
+            "metadata": {"name": export},
+            "spec": {"volume": {"namespace": "demo", "name": "shared", "uid": uid},
+                     "storageNode": "s1", "node": node},
+        })))
+        .await
+        .expect("an export per node");
+        c.node("s1")
+            .patch(
+                &c.status("VolumeExport", None, &export),
+                MERGE,
+                &json!({"status": {"host": "10.0.0.1", "port": 10809, "exportName": name}})
+                    .to_string(),
+            )
+            .await
+            .expect("served by its storage node");
+    }
+    let t = c.target("Volume", Some("demo"), Some("shared"));
+    let x = |node: &str| c.target("VolumeExport", None, Some(&format!("{uid}.{node}")));
+    for (node, other) in [("n1", "n2"), ("n2", "n1")] {
+        c.node(node).read(&t, "").await.expect("the volume");
+        let own = c.node(node).read(&x(node), "").await.expect("its export");
+        assert_eq!(own["spec"]["node"], node);
+        assert_eq!(
+            refused(c.node(node).read(&x(other), "").await).code,
+            403,
+            "{node} reads {other}'s export"
+        );
+    }
+    let served = c
+        .node("s1")
+        .read(
+            &c.target("VolumeExport", None, None),
+            "fieldSelector=spec.storageNode%3Ds1",
         )
         .await
-        .expect("exported to n1");
-    let t = c.target("Volume", Some("demo"), Some("shared"));
-    let served = c.node("n1").read(&t, "").await.expect("web's node");
-    assert_eq!(served["status"]["export"]["name"], "x1");
-    let other = c.node("n2").read(&t, "").await.expect("db's node");
-    assert_eq!(other["status"].get("export"), None, "{other:?}");
-    assert_eq!(other["status"]["attachedNode"], "n1");
-    let own = c.node("s1").read(&t, "").await.expect("its storage node");
-    assert_eq!(own["status"]["export"]["name"], "x1");
+        .expect("those s1 serves");
+    assert_eq!(crate::fixtures::names(&served).len(), 2);
 }

@@ -215,10 +215,27 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
         &["-n", NS, "apply", "-f", "-"],
         "apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: vm\nspec:\n  flavor: m1.nano\n  image: tiny\n  volumes:\n  - volume: far\n",
     )?;
-    let vol = wait_volume(&cloud, "far exported to nbd-b", |v| {
-        v["status"]["attachedNode"] == COMPUTE && v["status"]["export"]["node"] == COMPUTE
+    let vol = wait_volume(&cloud, "far attached on nbd-b", |v| {
+        v["status"]["attachedNode"] == COMPUTE
     })?;
-    let export = vol["status"]["export"].clone();
+    // Its export to nbd-b: a cluster-scoped VolumeExport named for (volume uid, node), which
+    // the project's members do not read (the Volume carries no export).
+    ensure!(vol["status"].get("export").is_none(), "{vol}");
+    let export_name = format!(
+        "{}.{COMPUTE}",
+        vol["metadata"]["uid"].as_str().unwrap_or_default()
+    );
+    let exported = wait_until(WAIT, "far's VolumeExport to nbd-b served", || {
+        json(&cloud, &["get", "volumeexport", &export_name])
+            .ok()
+            .filter(|x| x["status"]["port"].is_u64())
+    })
+    .with_context(|| {
+        std::fs::read_to_string(storage.path().join("storage-agent.log")).unwrap_or_default()
+    })?;
+    assert_eq!(exported["spec"]["storageNode"], STORAGE);
+    assert_eq!(exported["spec"]["node"], COMPUTE);
+    let export = exported["status"].clone();
     assert_eq!(export["host"], STORAGE_IP, "{export}");
     assert_eq!(
         export["tls"], true,
@@ -236,17 +253,17 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
         "jsonpath={.status.storageAddress}",
     ])?;
     assert_eq!(recorded.trim(), STORAGE_IP);
-    let attached = vol["status"]["conditions"]
+    let ready = export["conditions"]
         .as_array()
         .into_iter()
         .flatten()
-        .find(|c| c["type"] == "Attached")
+        .find(|c| c["type"] == "Ready")
         .cloned()
         .unwrap_or_default();
     assert_eq!(
-        (&attached["status"], &attached["reason"]),
+        (&ready["status"], &ready["reason"]),
         (&Value::from("True"), &Value::from("Exported")),
-        "{attached}"
+        "{ready}"
     );
     let server = wait_until(WAIT, "vm Running", || {
         json(&cloud, &["get", "server", "vm"])
@@ -318,7 +335,12 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
     })?;
     let pid_after = serde_json::from_slice::<Value>(&std::fs::read(&record)?)?["pid"].clone();
     assert_eq!(pid_before, pid_after, "the same qemu-nbd serves it");
-    assert_eq!(volume(&cloud)?["status"]["export"], export);
+    let again = json(&cloud, &["get", "volumeexport", &export_name])?;
+    assert_eq!(
+        (&again["status"]["port"], &again["status"]["exportName"]),
+        (&export["port"], &export["exportName"]),
+        "served again at the same port and name"
+    );
 
     // The guest writes to the disk, over NBD (its shell on the console, which the image's
     // command line opens); the marker it prints is computed, so the echoed command is not it.
@@ -341,10 +363,13 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
         "-p",
         r#"[{"op":"remove","path":"/spec/volumes"}]"#,
     ])?;
-    let vol = wait_volume(&cloud, "far released and no longer exported", |v| {
-        v["status"]["attachedTo"].is_null()
-            && v["status"]["attachedNode"].is_null()
-            && v["status"]["export"].is_null()
+    let vol = wait_volume(&cloud, "far released", |v| {
+        v["status"]["attachedTo"].is_null() && v["status"]["attachedNode"].is_null()
+    })?;
+    wait_until(WAIT, "far's VolumeExport gone", || {
+        json(&cloud, &["get", "volumeexport", &export_name])
+            .is_err()
+            .then_some(())
     })?;
     assert_eq!(vol["status"]["phase"], "Available");
     let out = compute.virsh(&["domblklist", &dom])?;

@@ -1,0 +1,262 @@
+//! VolumeExports: made for a volume and a node exactly, read by the two nodes they name and by
+//! no tenant, their status written by their storage node alone, at the address its pool
+//! records.
+
+use serde_json::{Value, json};
+use stratus_api_types::identity::Role;
+use stratus_apiserver::admission::CLUSTER_ADMIN;
+
+use crate::fixtures::{Cloud, JSON, MERGE, Obj, field, refused, refused_naming};
+
+/// A cloud with project demo, pool p1 on node n1, and volume v placed on it: its uid.
+async fn placed() -> (Cloud, String) {
+    let c = Cloud::with_demo().await;
+    CLUSTER_ADMIN
+        .scope(
+            true,
+            Box::pin(c.create(&Obj(json!({
+                "apiVersion": "storage.stratus.dev/v1", "kind": "StoragePool",
+                "metadata": {"name": "p1"},
+                "spec": {"backend": "lvm", "node": "n1", "vgName": "stratus", "reservedPercentage": 0},
+            })))),
+        )
+        .await
+        .expect("pool");
+    c.patch(
+        &c.status("StoragePool", None, "p1"),
+        MERGE,
+        &json!({"status": {"phase": "Ready", "capacityGiB": 10}}),
+        "",
+    )
+    .await
+    .expect("capacity");
+    c.create(&Obj(json!({
+        "apiVersion": "storage.stratus.dev/v1", "kind": "Volume",
+        "metadata": {"name": "v", "namespace": "demo"},
+        "spec": {"sizeGiB": 1, "multiAttach": true},
+    })))
+    .await
+    .expect("v");
+    let t = stratus_apiserver::resource::verbs::Target {
+        subresource: Some("binding".into()),
+        ..c.target("Volume", Some("demo"), Some("v"))
+    };
+    c.api
+        .bind(
+            &t,
+            json!({"target": {"name": "p1"}}).to_string().as_bytes(),
+            JSON,
+            &stratus_apiserver::resource::review::AllowAll,
+        )
+        .await
+        .expect("placed on p1");
+    let v = c.get("Volume", Some("demo"), "v").await.expect("v");
+    let uid = v["metadata"]["uid"].as_str().expect("a uid").to_owned();
+    (c, uid)
+}
+
+/// The export of volume v (of `uid`, on n1) to `node`, named `name`.
+fn export(name: &str, uid: &str, storage: &str, node: &str) -> Obj {
+    Obj(json!({
+        "apiVersion": "storage.stratus.dev/v1", "kind": "VolumeExport",
+        "metadata": {"name": name},
+        "spec": {"volume": {"namespace": "demo", "name": "v", "uid": uid},
+                 "storageNode": storage, "node": node},
+    }))
+}
+
+/// One export per (volume, node), under the name of the pair, for the volume that exists with
+/// that uid and on the node its data is on: anything else is 422 naming the field, a second
+/// create 409, a change of its spec 422.
+#[tokio::test]
+async fn an_export_is_made_only_for_its_volume_and_node_exactly() {
+    let (c, uid) = placed().await;
+    let name = format!("{uid}.n2");
+    let e = refused_naming(
+        c.create(&export("v.n2", &uid, "n1", "n2")).await,
+        422,
+        "metadata.name",
+    );
+    assert!(e.message.contains(&name), "{}", e.message);
+    refused_naming(
+        c.create(&export("other.n2", "other", "n1", "n2")).await,
+        422,
+        "spec.volume.uid",
+    );
+    let e = refused_naming(
+        c.create(&export(&name, &uid, "n9", "n2")).await,
+        422,
+        "spec.storageNode",
+    );
+    assert!(e.message.contains("on n1"), "{}", e.message);
+    let e = refused(
+        c.create(&export(&format!("{uid}.n1"), &uid, "n1", "n1"))
+            .await,
+    );
+    assert_eq!((e.code, field(&e)), (422, "spec.node"), "{e:?}");
+    c.create(&export(&name, &uid, "n1", "n2"))
+        .await
+        .expect("the export to n2");
+    let again = refused(c.create(&export(&name, &uid, "n1", "n2")).await);
+    assert_eq!(again.code, 409, "{again:?}");
+    let x = c.target("VolumeExport", None, Some(&name));
+    refused_naming(
+        c.patch(&x, MERGE, &json!({"spec": {"node": "n3"}}), "")
+            .await,
+        422,
+        "spec",
+    );
+}
+
+/// The node served and the storage node read an export naming them (by name, or listed by
+/// their field); another node, and a project's members (even its admin), read none. Only the
+/// storage node writes its status, at the address its pool records; no node creates or
+/// deletes one.
+#[tokio::test]
+async fn only_the_nodes_an_export_names_read_it_and_only_its_storage_node_reports_it() {
+    let (c, uid) = placed().await;
+    let name = format!("{uid}.n2");
+    c.create(&export(&name, &uid, "n1", "n2"))
+        .await
+        .expect("the export to n2");
+    let x = c.target("VolumeExport", None, Some(&name));
+    let all = c.target("VolumeExport", None, None);
+    for node in ["n1", "n2"] {
+        c.node(node).read(&x, "").await.expect("named in it");
+    }
+    let listed = c
+        .node("n2")
+        .read(&all, "fieldSelector=spec.node%3Dn2")
+        .await
+        .expect("those to n2");
+    assert_eq!(crate::fixtures::names(&listed), std::slice::from_ref(&name));
+    let listed = c
+        .node("n1")
+        .read(&all, "fieldSelector=spec.storageNode%3Dn1")
+        .await
+        .expect("those n1 serves");
+    assert_eq!(crate::fixtures::names(&listed), std::slice::from_ref(&name));
+    let n3 = c.node("n3");
+    assert_eq!(refused(n3.read(&x, "").await).code, 403);
+    for query in [
+        "",
+        "fieldSelector=spec.node%3Dn2",
+        "fieldSelector=spec.storageNode%3Dn1",
+    ] {
+        assert_eq!(refused(n3.read(&all, query).await).code, 403, "{query}");
+    }
+    // Where a project's volume is served is not the project's to read, nor its admin's.
+    for (user, grants) in [
+        ("dev", vec![(Some("demo"), Role::Member)]),
+        ("boss", vec![(Some("demo"), Role::Admin)]),
+    ] {
+        let u = c.user(user, &grants);
+        assert_eq!(refused(u.read(&x, "").await).code, 403, "{user}");
+        assert_eq!(refused(u.read(&all, "").await).code, 403, "{user}");
+    }
+    // Status: the storage node's, at its pool's storage address.
+    let status = c.status("VolumeExport", None, &name);
+    let served = |host: &str, port: u16| {
+        json!({"status": {"host": host, "port": port, "exportName": "x1", "tls": true}}).to_string()
+    };
+    let e = refused(
+        c.node("n2")
+            .patch(&status, MERGE, &served("10.0.0.1", 10809))
+            .await,
+    );
+    assert_eq!(e.code, 403, "the node served does not report it: {e:?}");
+    let e = refused_naming(
+        c.node("n1")
+            .patch(&status, MERGE, &served("10.0.0.1", 10809))
+            .await,
+        422,
+        "status.host",
+    );
+    assert!(
+        e.message.contains("records no storage address"),
+        "{}",
+        e.message
+    );
+    c.node("n1")
+        .patch(
+            &c.status("StoragePool", None, "p1"),
+            MERGE,
+            r#"{"status": {"storageAddress": "10.0.0.1"}}"#,
+        )
+        .await
+        .expect("its storage address");
+    let e = refused_naming(
+        c.node("n1")
+            .patch(&status, MERGE, &served("10.0.0.9", 10809))
+            .await,
+        422,
+        "status.host",
+    );
+    assert!(e.message.contains("not 10.0.0.1"), "{}", e.message);
+    let e = refused(
+        c.patch(
+            &status,
+            MERGE,
+            &serde_json::from_str::<Value>(&served("10.0.0.9", 10809)).expect("JSON"),
+            "",
+        )
+        .await,
+    );
+    assert_eq!(field(&e), "status.host", "an admin's write too");
+    let e = refused(
+        c.node("n1")
+            .patch(&status, MERGE, &served("10.0.0.1", 22))
+            .await,
+    );
+    assert_eq!(e.code, 422, "a port below the export ports: {e:?}");
+    c.node("n1")
+        .patch(&status, MERGE, &served("10.0.0.1", 10809))
+        .await
+        .expect("served at its pool's address");
+    let got = c.node("n2").read(&x, "").await.expect("read by n2");
+    assert_eq!(got["status"]["port"], 10809);
+    // No node makes or ends one: the attachments controller does.
+    let body =
+        serde_json::to_string(&export(&format!("{uid}.n3"), &uid, "n1", "n3").0).expect("JSON");
+    for node in ["n1", "n3"] {
+        assert_eq!(
+            refused(c.node(node).create(&all, JSON, &body).await).code,
+            403
+        );
+        assert_eq!(refused(c.node(node).delete(&x, "").await).code, 403);
+    }
+    let e = refused(
+        c.node("n1")
+            .patch(&x, MERGE, r#"{"metadata": {"labels": {"a": "b"}}}"#)
+            .await,
+    );
+    assert_eq!(e.code, 403, "{e:?}");
+}
+
+/// A Volume stored with an export in its status (before exports were VolumeExports) still
+/// decodes, without it; a Volume's status cannot record one any more.
+#[tokio::test]
+async fn a_volumes_status_records_no_export() {
+    let (c, _) = placed().await;
+    let vol = c.status("Volume", Some("demo"), "v");
+    let e = refused(
+        c.patch(
+            &vol,
+            MERGE,
+            &json!({"status": {"export": {"node": "n2", "host": "10.0.0.1", "port": 10809, "name": "x1"}}}),
+            "",
+        )
+        .await,
+    );
+    assert_eq!((e.code, field(&e)), (400, "status.export"), "{e:?}");
+    let stored = json!({"apiVersion": "storage.stratus.dev/v1", "kind": "Volume",
+        "metadata": {"name": "v", "namespace": "demo"}, "spec": {"sizeGiB": 1},
+        "status": {"phase": "InUse", "node": "n1", "attachedTo": "web",
+                   "export": {"node": "n2", "host": "10.0.0.1", "port": 10809, "name": "x1"}}});
+    let v: stratus_api_types::storage::Volume =
+        serde_json::from_value(stored).expect("an older stored volume decodes");
+    let st = v.status.expect("a status");
+    assert!(st.dropped_export.is_some());
+    let written = serde_json::to_value(&st).expect("JSON");
+    assert_eq!(written.get("export"), None, "never written again");
+}
