@@ -511,6 +511,19 @@ pub fn converge_unless(
         }
         firewall_failed.get_or_insert(msg);
     }
+    // With the new filter in place, the connections only the old one allowed go (the filter
+    // accepts established traffic before any rule).
+    if firewall_failed.is_none()
+        && let (Some((old, _)), Some(new)) = (before, &desired.firewall)
+    {
+        let gone = conntrack::revoked(old, new);
+        if !gone.is_empty()
+            && let Err(e) = host.firewall.forget(&gone)
+        {
+            let msg = stratus_runtime::policy::chain(&e);
+            tracing::warn!(error = %msg, "cannot forget the connections removed rules allowed");
+        }
+    }
     let after = if steps.is_empty() {
         observed
     } else if known.is_some() {
@@ -1755,6 +1768,51 @@ pub(crate) mod tests {
         assert_eq!(again.steps, vec![]);
         assert_eq!(f.firewall.applied(), applied);
         assert_eq!(f.dhcp.reloads(), 0);
+    }
+
+    /// A rule removed: once the new filter is in place, the connections only it allowed
+    /// are forgotten (ICMP to port p1 from each member of its group), and only then.
+    #[test]
+    fn a_removed_rule_forgets_the_connections_it_allowed_after_the_new_filter() {
+        use crate::driver::conntrack::Direction;
+        let f = fakes();
+        plug(&f.links, "tp-p1");
+        let mut snap = snapshot();
+        let r = converge(&f.host, &config(), &snap).expect("converge");
+        let mut before = r.desired.firewall.zip(r.firewall).expect("a filter");
+        assert_eq!(f.firewall.forgotten(), vec![]);
+        let zone = before.0.zones[0].zone;
+
+        snap.groups[0] = group("default", json!([{"direction": "egress"}]));
+        // The new filter fails to go in: nothing is forgotten yet.
+        f.firewall.failures.set("update", 1);
+        f.firewall.failures.set("apply", 1);
+        let since = |b: &(Ruleset, Observed)| {
+            converge_since(&f.host, &config(), &snap, Some((&b.0, &b.1))).expect("converge")
+        };
+        let r = since(&before);
+        assert!(!r.failures.is_empty());
+        assert_eq!(f.firewall.forgotten(), vec![]);
+        let r = since(&before);
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        let gone = f.firewall.forgotten();
+        // ICMP (1) in to p1, in its network's zone, from each member.
+        let p1 = Ipv4Addr::new(10, 9, 0, 11);
+        let what: BTreeSet<_> = gone
+            .iter()
+            .map(|g| (g.zone, g.direction, g.address, g.protocol, g.port))
+            .collect();
+        assert_eq!(
+            what,
+            BTreeSet::from([(zone, Direction::Ingress, p1, Some(1), None)])
+        );
+        let from = |ip: &str| Some(format!("{ip}/32").parse().expect("cidr"));
+        let remotes: Vec<_> = gone.iter().map(|g| g.remote).collect();
+        assert_eq!(remotes, [from("10.9.0.11"), from("10.9.0.12")]);
+        // Converged again from there: nothing more.
+        before = r.desired.firewall.zip(r.firewall).expect("a filter");
+        since(&before);
+        assert_eq!(f.firewall.forgotten(), vec![]);
     }
 
     /// Network `net` as a vlan network on physnet1 with VLAN ID `id`.

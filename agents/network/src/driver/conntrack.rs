@@ -1,17 +1,20 @@
-//! Connection tracking state of a router's namespace: a floating address taken away (its
-//! FloatingIP disassociated, moved to another port or deleted) keeps no established
-//! connection to the guest it led to, as the translation was fixed when the connection began.
-//! `conntrack -D` as an argument vector, in the router's namespace. What a router translated
-//! is read back from its NAT table when the agent starts ([`translated`]), so that an address
-//! taken away while the agent was down is forgotten too.
+//! Connection tracking state that outlives what allowed it: a floating address taken away
+//! (its FloatingIP disassociated, moved to another port or deleted) keeps no established
+//! connection to the guest it led to, as the translation was fixed when the connection began;
+//! and a port whose security-group rules lose something keeps none of the connections only
+//! the lost part allowed ([`revoked`]), since the filter accepts established traffic before
+//! any rule. `conntrack -D` as an argument vector, in the router's or the node's namespace
+//! (an Open vSwitch node's switch forgets its own: [`OvsConnection`]). What a router
+//! translated is read back from its NAT table when the agent starts ([`translated`]), so that
+//! an address taken away while the agent was down is forgotten too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::process::Command;
 
 use super::netns;
-use super::nft::{FloatingNat, Nat, TABLE};
-use super::{Name, Netns};
+use super::nft::{FloatingNat, GroupRef, Nat, PortFilter, Protocol, Remote, Rule, Ruleset, TABLE};
+use super::{Ipv4Cidr, Name, Netns};
 
 /// Why the connections could not be forgotten.
 #[derive(Debug, thiserror::Error)]
@@ -34,19 +37,321 @@ pub enum ConntrackError {
 pub fn flush_address(ns: &Netns, ip: Ipv4Addr) -> Result<(), ConntrackError> {
     for flag in ["--orig-dst", "--reply-dst"] {
         let ip = ip.to_string();
-        let mut cmd = Command::new("conntrack");
-        cmd.args(["-D", flag, &ip]);
-        let out = netns::output(ns, cmd).map_err(ConntrackError::Run)?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        // It exits 1 when nothing matched, saying so.
-        if !out.status.success() && !stderr.contains(" 0 flow entries have been deleted") {
-            return Err(ConntrackError::Failed {
-                what: format!("-D {flag} {ip}"),
-                stderr: stderr.trim().to_owned(),
-            });
-        }
+        delete(ns, &["-D".to_owned(), flag.to_owned(), ip])?;
     }
     Ok(())
+}
+
+/// Forgets the connections `f` names in `ns` (the node's namespace). Idempotent: none is
+/// `Ok`.
+pub fn forget(ns: &Netns, f: &Forget) -> Result<(), ConntrackError> {
+    delete(ns, &f.conntrack_args())
+}
+
+/// `conntrack ARGS` (a deletion) in `ns`; nothing matched is no failure.
+fn delete(ns: &Netns, args: &[String]) -> Result<(), ConntrackError> {
+    let mut cmd = Command::new("conntrack");
+    cmd.args(args);
+    let out = netns::output(ns, cmd).map_err(ConntrackError::Run)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // It exits 1 when nothing matched, saying so.
+    if !out.status.success() && !stderr.contains(" 0 flow entries have been deleted") {
+        return Err(ConntrackError::Failed {
+            what: args.join(" "),
+            stderr: stderr.trim().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Which end of its connections a port is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    /// The connection was opened to the port (its ingress rules allowed it).
+    Ingress,
+    /// The port opened it (its egress rules allowed it).
+    Egress,
+}
+
+/// Connections of one port's address in its network's conntrack zone to forget: those opened
+/// in `direction` with the given protocol, destination port and other end, each `None`
+/// meaning any. What a rule the port lost had allowed ([`revoked`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Forget {
+    /// The network's conntrack zone.
+    pub zone: u16,
+    /// Which end the port is.
+    pub direction: Direction,
+    /// The port's address: the connection's original destination (ingress) or source
+    /// (egress).
+    pub address: Ipv4Addr,
+    /// The IP protocol number (ICMP 1, TCP 6, UDP 17).
+    pub protocol: Option<u8>,
+    /// The original destination port (TCP and UDP only).
+    pub port: Option<u16>,
+    /// The other end: the original source (ingress) or destination (egress).
+    pub remote: Option<Ipv4Cidr>,
+}
+
+impl Forget {
+    /// `conntrack -D …` arguments deleting these connections.
+    pub fn conntrack_args(&self) -> Vec<String> {
+        let mut a: Vec<String> = ["-D", "-f", "ipv4", "-w"]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        a.push(self.zone.to_string());
+        if let Some(p) = self.protocol {
+            // By name: `--dport` is an option of the tcp and udp modules it selects.
+            let name = match p {
+                1 => "icmp".to_owned(),
+                6 => "tcp".to_owned(),
+                17 => "udp".to_owned(),
+                p => p.to_string(),
+            };
+            a.extend(["-p".to_owned(), name]);
+        }
+        let (mine, theirs, mask) = match self.direction {
+            Direction::Ingress => ("--orig-dst", "--orig-src", "--mask-src"),
+            Direction::Egress => ("--orig-src", "--orig-dst", "--mask-dst"),
+        };
+        a.extend([mine.to_owned(), self.address.to_string()]);
+        if let Some(r) = self.remote {
+            a.extend([theirs.to_owned(), r.network().to_string()]);
+            if r.prefix() < 32 {
+                let bits = u32::MAX
+                    .checked_shl(32 - u32::from(r.prefix()))
+                    .unwrap_or(0);
+                a.extend([mask.to_owned(), Ipv4Addr::from(bits).to_string()]);
+            }
+        }
+        if let Some(p) = self.port {
+            a.extend(["--dport".to_owned(), p.to_string()]);
+        }
+        a
+    }
+
+    /// Whether `c` is one of the connections to forget (its zone aside).
+    pub fn matches(&self, c: &OvsConnection) -> bool {
+        let (mine, theirs) = match self.direction {
+            Direction::Ingress => (c.dst, c.src),
+            Direction::Egress => (c.src, c.dst),
+        };
+        mine == self.address
+            && self.remote.is_none_or(|r| r.contains(theirs))
+            && self.protocol.is_none_or(|p| p == c.protocol)
+            && self
+                .port
+                .is_none_or(|p| c.ports.is_some_and(|(_, dport)| dport == p))
+    }
+}
+
+/// A connection of Open vSwitch's userspace tracker, by its original direction, as
+/// `ovs-appctl dpctl/dump-conntrack` prints it. Open vSwitch 3.1 forgets a connection only
+/// by its whole origin tuple ([`OvsConnection::tuple`]), so the connections to forget are
+/// read, matched ([`Forget::matches`]) and forgotten one by one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OvsConnection {
+    /// The IP protocol number.
+    pub protocol: u8,
+    /// The original source.
+    pub src: Ipv4Addr,
+    /// The original destination.
+    pub dst: Ipv4Addr,
+    /// TCP and UDP: the source and destination ports.
+    pub ports: Option<(u16, u16)>,
+    /// ICMP: the id, type and code.
+    pub icmp: Option<(u16, u8, u8)>,
+}
+
+impl OvsConnection {
+    /// The IPv4 connections of a `dpctl/dump-conntrack` listing, one a line, such as
+    /// `icmp,orig=(src=10.0.0.1,dst=10.0.0.2,id=7,type=8,code=0),reply=(…),zone=9`; a line
+    /// it cannot read (IPv6, another protocol) is left out.
+    pub fn parse_dump(text: &str) -> Vec<OvsConnection> {
+        text.lines().filter_map(Self::parse_line).collect()
+    }
+
+    fn parse_line(line: &str) -> Option<OvsConnection> {
+        let (proto, rest) = line.trim().split_once(',')?;
+        let orig = rest.strip_prefix("orig=(")?.split_once(')')?.0;
+        let fields: BTreeMap<&str, &str> =
+            orig.split(',').filter_map(|f| f.split_once('=')).collect();
+        let get = |k: &str| fields.get(k).copied();
+        let num = |k: &str| get(k)?.parse::<u16>().ok();
+        let protocol = match proto {
+            "icmp" => 1,
+            "tcp" => 6,
+            "udp" => 17,
+            _ => return None,
+        };
+        Some(OvsConnection {
+            protocol,
+            src: get("src")?.parse().ok()?,
+            dst: get("dst")?.parse().ok()?,
+            ports: (protocol != 1)
+                .then(|| Some((num("sport")?, num("dport")?)))
+                .flatten(),
+            icmp: (protocol == 1)
+                .then(|| {
+                    let small = |k: &str| get(k)?.parse::<u8>().ok();
+                    Some((num("id")?, small("type")?, small("code")?))
+                })
+                .flatten(),
+        })
+    }
+
+    /// Its whole origin tuple, as `dpctl/flush-conntrack zone=N TUPLE` takes it.
+    pub fn tuple(&self) -> String {
+        let mut t = format!(
+            "ct_nw_src={},ct_nw_dst={},ct_nw_proto={}",
+            self.src, self.dst, self.protocol
+        );
+        if let Some((sport, dport)) = self.ports {
+            t.push_str(&format!(",ct_tp_src={sport},ct_tp_dst={dport}"));
+        }
+        if let Some((id, kind, code)) = self.icmp {
+            t.push_str(&format!(",icmp_id={id},icmp_type={kind},icmp_code={code}"));
+        }
+        t
+    }
+}
+
+/// One thing a port's filter allows: connections opened in `direction` with a protocol,
+/// destination ports and other end (each `None`: any).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Allow {
+    direction: Direction,
+    protocol: Option<u8>,
+    ports: Option<(u16, u16)>,
+    remote: Option<Ipv4Cidr>,
+}
+
+impl Allow {
+    /// Whether everything `o` allows, this allows too.
+    fn covers(&self, o: &Allow) -> bool {
+        let protocol = match self.protocol {
+            None => true,
+            Some(p) => {
+                o.protocol == Some(p)
+                    && match self.ports {
+                        None => true,
+                        Some((a, b)) => o.ports.is_some_and(|(c, d)| a <= c && d <= b),
+                    }
+            }
+        };
+        let remote = match self.remote {
+            None => true,
+            Some(r) => o
+                .remote
+                .is_some_and(|q| q.prefix() >= r.prefix() && r.contains(q.network())),
+        };
+        self.direction == o.direction && protocol && remote
+    }
+}
+
+/// What a port's filter in `rs` allows: each rule, a remote group's as one per member; with
+/// port security off, everything.
+fn allows(rs: &Ruleset, p: &PortFilter) -> Vec<Allow> {
+    if !p.port_security {
+        return [Direction::Ingress, Direction::Egress]
+            .into_iter()
+            .map(|direction| Allow {
+                direction,
+                protocol: None,
+                ports: None,
+                remote: None,
+            })
+            .collect();
+    }
+    let mut out = Vec::new();
+    let sides = [
+        (Direction::Ingress, &p.ingress),
+        (Direction::Egress, &p.egress),
+    ];
+    for (direction, rules) in sides {
+        for r in rules.iter() {
+            let Rule {
+                protocol,
+                ports,
+                remote,
+            } = *r;
+            let (protocol, ports) = match protocol {
+                Protocol::Any => (None, None),
+                Protocol::Icmp => (Some(1), None),
+                Protocol::Tcp => (Some(6), ports.map(|p| (p.first, p.last))),
+                Protocol::Udp => (Some(17), ports.map(|p| (p.first, p.last))),
+            };
+            let allow = |remote| Allow {
+                direction,
+                protocol,
+                ports,
+                remote,
+            };
+            match remote {
+                Remote::Any => out.push(allow(None)),
+                Remote::Cidr(c) => out.push(allow(Some(c))),
+                Remote::Group(GroupRef(i)) => out.extend(
+                    rs.groups
+                        .get(i)
+                        .into_iter()
+                        .flat_map(|g| g.members.iter())
+                        .filter_map(|m| Ipv4Cidr::new(*m, 32))
+                        .map(|c| allow(Some(c))),
+                ),
+            }
+        }
+    }
+    out
+}
+
+/// The connections to forget once the node's filter goes from `before` to `after`: for each
+/// port in both whose filter in `after` no longer allows something `before` did (a rule
+/// removed or narrowed, a remote group's member gone, the port's groups changed, port
+/// security turned on), the connections of each of its addresses in its network's zone that
+/// the lost rule matches, as Neutron's firewall drivers delete them. A rule still covered by
+/// one of `after` (same side; any or the same protocol; a port range and remote prefix that
+/// hold it) loses nothing.
+///
+/// The tracker is asked by protocol, the port's address, the other end and one destination
+/// port: a lost rule of a port range forgets every connection of its protocol, side and
+/// other end, some of which the rules in `after` may still allow. Those survive: the next packet of such a TCP connection is
+/// picked up again mid-stream as a new one (the kernel's `nf_conntrack_tcp_loose`, on by
+/// default, and Open vSwitch's userspace tracker alike), goes through the rules, which
+/// accept it, and the connection is tracked again; a UDP or ICMP flow is a new one at its
+/// next packet anyway. Neutron forgets as widely (it never names a destination port).
+///
+/// It is meant to run right after `after` is in place: run before, a packet allowed by the
+/// old rules meanwhile would make its connection again.
+pub fn revoked(before: &Ruleset, after: &Ruleset) -> Vec<Forget> {
+    let previous: BTreeMap<&Name, &PortFilter> = before.ports.iter().map(|p| (&p.id, p)).collect();
+    let mut out = BTreeSet::new();
+    for p in after.ports.iter().filter(|p| p.port_security) {
+        let Some(q) = previous.get(&p.id) else {
+            continue;
+        };
+        let Some(zone) = after.zones.iter().find(|z| z.bridge == p.bridge) else {
+            continue;
+        };
+        let now = allows(after, p);
+        for lost in allows(before, q)
+            .into_iter()
+            .filter(|a| !now.iter().any(|n| n.covers(a)))
+        {
+            let port = lost.ports.filter(|(a, b)| a == b).map(|(a, _)| a);
+            for address in &q.ips {
+                out.insert(Forget {
+                    zone: zone.zone,
+                    direction: lost.direction,
+                    address: *address,
+                    protocol: lost.protocol,
+                    port,
+                    remote: lost.remote,
+                });
+            }
+        }
+    }
+    out.into_iter().collect()
 }
 
 /// The floating addresses each router namespace translates.
@@ -131,6 +436,236 @@ pub fn released(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::driver::nft::{PortRange, RemoteGroup, Zone};
+    use crate::driver::{IfName, MacAddr};
+
+    fn cidr(s: &str) -> Ipv4Cidr {
+        s.parse().expect("cidr")
+    }
+
+    fn rule(protocol: Protocol, ports: Option<(u16, u16)>, remote: Remote) -> Rule {
+        Rule {
+            protocol,
+            ports: ports.map(|(first, last)| PortRange { first, last }),
+            remote,
+        }
+    }
+
+    fn icmp_subnet() -> Rule {
+        rule(Protocol::Icmp, None, Remote::Cidr(cidr("10.0.0.0/24")))
+    }
+
+    fn ssh() -> Rule {
+        rule(Protocol::Tcp, Some((22, 22)), Remote::Any)
+    }
+
+    const ALL: Rule = Rule {
+        protocol: Protocol::Any,
+        ports: None,
+        remote: Remote::Any,
+    };
+
+    /// One port (10.0.0.5, zone 9) with these rules, and group 0 of `members`.
+    fn rs(ingress: Vec<Rule>, egress: Vec<Rule>, members: &[[u8; 4]]) -> Ruleset {
+        let bridge = IfName::new("brq1").expect("name");
+        Ruleset {
+            zones: vec![Zone {
+                bridge: bridge.clone(),
+                zone: 9,
+            }],
+            ports: vec![PortFilter {
+                id: Name::new("p1").expect("name"),
+                bridge,
+                device: IfName::new("tap1").expect("name"),
+                mac: MacAddr::ZERO,
+                ips: BTreeSet::from([Ipv4Addr::new(10, 0, 0, 5)]),
+                dhcp_server: None,
+                port_security: true,
+                ingress,
+                egress,
+            }],
+            groups: vec![RemoteGroup {
+                name: Name::new("g1").expect("name"),
+                members: members.iter().map(|m| Ipv4Addr::from(*m)).collect(),
+            }],
+            local_dhcp: vec![],
+            tunnels: vec![],
+        }
+    }
+
+    fn forget(
+        direction: Direction,
+        protocol: Option<u8>,
+        port: Option<u16>,
+        remote: Option<&str>,
+    ) -> Forget {
+        Forget {
+            zone: 9,
+            direction,
+            address: Ipv4Addr::new(10, 0, 0, 5),
+            protocol,
+            port,
+            remote: remote.map(cidr),
+        }
+    }
+
+    #[test]
+    fn a_removed_rule_forgets_its_protocol_port_and_remote_and_nothing_else() {
+        let before = rs(vec![ssh(), icmp_subnet()], vec![ALL], &[]);
+        let after = rs(vec![ssh()], vec![ALL], &[]);
+        let gone = revoked(&before, &after);
+        assert_eq!(
+            gone,
+            vec![forget(
+                Direction::Ingress,
+                Some(1),
+                None,
+                Some("10.0.0.0/24")
+            )]
+        );
+        assert_eq!(
+            gone[0].conntrack_args(),
+            [
+                "-D",
+                "-f",
+                "ipv4",
+                "-w",
+                "9",
+                "-p",
+                "icmp",
+                "--orig-dst",
+                "10.0.0.5",
+                "--orig-src",
+                "10.0.0.0",
+                "--mask-src",
+                "255.255.255.0"
+            ]
+        );
+        // The SSH rule gone: TCP to port 22 from anyone.
+        let ssh = revoked(&before, &rs(vec![icmp_subnet()], vec![ALL], &[]));
+        assert_eq!(
+            ssh,
+            vec![forget(Direction::Ingress, Some(6), Some(22), None)]
+        );
+        // Nothing changed, or only added: nothing forgotten.
+        assert!(revoked(&before, &before).is_empty());
+        assert!(revoked(&after, &before).is_empty());
+    }
+
+    #[test]
+    fn a_rule_still_covered_by_another_forgets_nothing_and_a_narrowed_one_forgets_its_range() {
+        let wide = rule(Protocol::Tcp, Some((1000, 2000)), Remote::Any);
+        let before = rs(vec![ssh(), wide], vec![ALL], &[]);
+        // SSH removed while all TCP from anyone is allowed: nothing to forget.
+        let all_tcp = rule(Protocol::Tcp, None, Remote::Any);
+        assert!(revoked(&before, &rs(vec![all_tcp], vec![ALL], &[])).is_empty());
+        // The range narrowed: every TCP connection to the port is forgotten (no range in the
+        // tracker's filter); SSH stays.
+        let narrow = rule(Protocol::Tcp, Some((1000, 1001)), Remote::Any);
+        assert_eq!(
+            revoked(&before, &rs(vec![ssh(), narrow], vec![ALL], &[])),
+            vec![forget(Direction::Ingress, Some(6), None, None)]
+        );
+        // A remote prefix narrowed.
+        let from_net = |c: &str| rule(Protocol::Icmp, None, Remote::Cidr(cidr(c)));
+        let b = rs(vec![from_net("10.0.0.0/16")], vec![ALL], &[]);
+        assert!(revoked(&b, &rs(vec![from_net("10.0.0.0/8")], vec![ALL], &[])).is_empty());
+        assert_eq!(
+            revoked(&b, &rs(vec![from_net("10.0.1.0/24")], vec![ALL], &[])),
+            vec![forget(
+                Direction::Ingress,
+                Some(1),
+                None,
+                Some("10.0.0.0/16")
+            )]
+        );
+        // Egress narrowed to TCP: the rest of what the port opened goes, by its source.
+        let tcp_out = rule(Protocol::Tcp, None, Remote::Any);
+        let gone = revoked(&b, &rs(vec![from_net("10.0.0.0/16")], vec![tcp_out], &[]));
+        assert_eq!(gone, vec![forget(Direction::Egress, None, None, None)]);
+        assert_eq!(
+            gone[0].conntrack_args(),
+            ["-D", "-f", "ipv4", "-w", "9", "--orig-src", "10.0.0.5"]
+        );
+    }
+
+    #[test]
+    fn the_switchs_connections_are_read_matched_and_named_by_their_whole_origin_tuple() {
+        let dump = "\
+icmp,orig=(src=10.0.0.7,dst=10.0.0.5,id=4660,type=8,code=0),reply=(src=10.0.0.5,dst=10.0.0.7,id=4660,type=0,code=0),zone=9
+tcp,orig=(src=10.0.0.7,dst=10.0.0.5,sport=40000,dport=22),reply=(src=10.0.0.5,dst=10.0.0.7,sport=22,dport=40000),zone=9,protoinfo=(state=ESTABLISHED)
+udp,orig=(src=10.0.0.5,dst=10.0.1.1,sport=5353,dport=53),reply=(src=10.0.1.1,dst=10.0.0.5,sport=53,dport=5353),zone=9
+icmpv6,orig=(src=fd00::1,dst=fd00::2,id=1,type=128,code=0),reply=(src=fd00::2,dst=fd00::1,id=1,type=129,code=0),zone=9
+";
+        let conns = OvsConnection::parse_dump(dump);
+        assert_eq!(conns.len(), 3, "{conns:?}");
+        assert_eq!(
+            conns[0].tuple(),
+            "ct_nw_src=10.0.0.7,ct_nw_dst=10.0.0.5,ct_nw_proto=1,icmp_id=4660,icmp_type=8,icmp_code=0"
+        );
+        assert_eq!(
+            conns[1].tuple(),
+            "ct_nw_src=10.0.0.7,ct_nw_dst=10.0.0.5,ct_nw_proto=6,ct_tp_src=40000,ct_tp_dst=22"
+        );
+        let icmp_in = forget(Direction::Ingress, Some(1), None, Some("10.0.0.0/24"));
+        let ssh_in = forget(Direction::Ingress, Some(6), Some(22), None);
+        let out_to = forget(Direction::Egress, None, None, Some("10.0.1.0/24"));
+        let matched = |f: &Forget| conns.iter().map(|c| f.matches(c)).collect::<Vec<_>>();
+        assert_eq!(matched(&icmp_in), [true, false, false]);
+        assert_eq!(matched(&ssh_in), [false, true, false]);
+        assert_eq!(matched(&out_to), [false, false, true]);
+        let other_remote = forget(Direction::Ingress, Some(1), None, Some("10.0.2.0/24"));
+        let other_port = forget(Direction::Ingress, Some(6), Some(80), None);
+        assert_eq!(matched(&other_remote), [false, false, false]);
+        assert_eq!(matched(&other_port), [false, false, false]);
+    }
+
+    #[test]
+    fn a_remote_groups_member_gone_forgets_its_connections_only() {
+        let from_group = rule(Protocol::Any, None, Remote::Group(GroupRef(0)));
+        let before = rs(vec![from_group], vec![ALL], &[[10, 0, 0, 7], [10, 0, 0, 8]]);
+        let after = rs(vec![from_group], vec![ALL], &[[10, 0, 0, 8]]);
+        let gone = revoked(&before, &after);
+        assert_eq!(
+            gone,
+            vec![forget(Direction::Ingress, None, None, Some("10.0.0.7/32"))]
+        );
+        assert_eq!(
+            gone[0].conntrack_args(),
+            [
+                "-D",
+                "-f",
+                "ipv4",
+                "-w",
+                "9",
+                "--orig-dst",
+                "10.0.0.5",
+                "--orig-src",
+                "10.0.0.7"
+            ]
+        );
+        // A member that joins forgets nothing.
+        assert!(revoked(&after, &before).is_empty());
+    }
+
+    #[test]
+    fn port_security_turned_on_forgets_what_the_rules_do_not_allow_and_a_new_or_gone_port_nothing()
+    {
+        let mut open = rs(vec![], vec![], &[]);
+        open.ports[0].port_security = false;
+        let filtered = rs(vec![ssh()], vec![ALL], &[]);
+        assert_eq!(
+            revoked(&open, &filtered),
+            vec![forget(Direction::Ingress, None, None, None)]
+        );
+        // Turned off: nothing (it allows everything).
+        assert!(revoked(&filtered, &open).is_empty());
+        // A port that was not there before, or is gone now: nothing of it.
+        let mut other = rs(vec![], vec![], &[]);
+        other.ports[0].id = Name::new("p2").expect("name");
+        assert!(revoked(&other, &filtered).is_empty());
+        assert!(revoked(&filtered, &Ruleset::default()).is_empty());
+    }
 
     fn f(floating: [u8; 4], fixed: [u8; 4]) -> FloatingNat {
         FloatingNat {
@@ -204,6 +739,99 @@ mod host_tests {
         let (ok, out) = run_in(ns, &["conntrack", "-L"]);
         assert!(ok, "{out}");
         out
+    }
+
+    #[test]
+    fn what_a_lost_rule_allowed_is_forgotten_in_its_zone_and_nothing_else() {
+        if !root() {
+            return;
+        }
+        let ns = Name::new(&unique()).expect("name");
+        NetlinkLinks::new().add_netns(&ns).expect("netns");
+        let _gone = Gone(ns.clone());
+        let insert = |args: &[&str]| {
+            let mut all = vec!["conntrack", "-I", "--timeout", "300"];
+            all.extend(args);
+            let (ok, out) = run_in(&ns, &all);
+            assert!(ok, "{out}");
+        };
+        let icmp = |src: &str, zone: &str| {
+            insert(&[
+                "-p",
+                "icmp",
+                "-s",
+                src,
+                "-d",
+                "10.0.0.5",
+                "--icmp-type",
+                "8",
+                "--icmp-code",
+                "0",
+                "--icmp-id",
+                "7",
+                "-w",
+                zone,
+            ]);
+        };
+        let tcp = |dport: &str| {
+            insert(&[
+                "-p",
+                "tcp",
+                "-s",
+                "10.0.0.7",
+                "-d",
+                "10.0.0.5",
+                "--sport",
+                "40000",
+                "--dport",
+                dport,
+                "--state",
+                "ESTABLISHED",
+                "-w",
+                "9",
+            ]);
+        };
+        // ICMP in from the subnet and from outside it, and in another zone; TCP to 22 and 80.
+        icmp("10.0.0.7", "9");
+        icmp("10.1.0.7", "9");
+        icmp("10.0.0.7", "10");
+        tcp("22");
+        tcp("80");
+        let netns = Netns::Named(ns.clone());
+        let f = Forget {
+            zone: 9,
+            direction: Direction::Ingress,
+            address: Ipv4Addr::new(10, 0, 0, 5),
+            protocol: Some(1),
+            port: None,
+            remote: Some("10.0.0.0/24".parse().expect("cidr")),
+        };
+        forget(&netns, &f).expect("forget");
+        let ssh = Forget {
+            protocol: Some(6),
+            port: Some(22),
+            remote: None,
+            ..f
+        };
+        forget(&netns, &ssh).expect("forget");
+        let left = connections(&ns);
+        let lines: Vec<&str> = left.lines().filter(|l| l.contains("src=")).collect();
+        assert_eq!(lines.len(), 3, "{left}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("src=10.1.0.7") && l.contains("zone=9")),
+            "{left}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("src=10.0.0.7") && l.contains("zone=10")),
+            "{left}"
+        );
+        assert!(lines.iter().any(|l| l.contains("dport=80")), "{left}");
+        // Nothing left to forget is not a failure.
+        forget(&netns, &f).expect("forget again");
     }
 
     #[test]

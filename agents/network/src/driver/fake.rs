@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use super::conntrack::Forget;
 use super::{
     Dhcp, DhcpError, DhcpSpec, DhcpStatus, FdbEntry, Firewall, FirewallError, IfName, Ipv4Cidr,
     Link, LinkError, LinkKind, Links, MacAddr, Name, Nat, Netns, Observed, RouteSpec, Ruleset,
@@ -486,6 +487,7 @@ pub struct FakeFirewall {
     tables: Mutex<Option<Observed>>,
     nat: Mutex<BTreeMap<Name, Observed>>,
     applied: Mutex<u64>,
+    forgotten: Mutex<Vec<Forget>>,
     /// Failure injection, by [`Firewall`] method name.
     pub failures: Failures,
 }
@@ -499,6 +501,11 @@ impl FakeFirewall {
     /// How many times a ruleset was applied.
     pub fn applied(&self) -> u64 {
         *lock(&self.applied)
+    }
+
+    /// The connections asked to be forgotten, in order, since the last call.
+    pub fn forgotten(&self) -> Vec<Forget> {
+        std::mem::take(&mut *lock(&self.forgotten))
     }
 
     /// Changes a router's NAT table behind the driver's back (`None`: deleted).
@@ -572,6 +579,12 @@ impl Firewall for FakeFirewall {
     fn read_nat(&self, netns: &Name) -> Result<Option<Observed>, FirewallError> {
         self.check("read_nat")?;
         Ok(lock(&self.nat).get(netns).cloned())
+    }
+
+    fn forget(&self, connections: &[Forget]) -> Result<(), FirewallError> {
+        self.check("forget")?;
+        lock(&self.forgotten).extend_from_slice(connections);
+        Ok(())
     }
 }
 

@@ -1846,6 +1846,17 @@ impl Firewall for NftFirewall {
         let v: serde_json::Value = serde_json::from_slice(&out).map_err(FirewallError::Json)?;
         Ok(parse_tables(&v, &["ip"]))
     }
+
+    /// `conntrack -D` in the node's namespace, one per [`Forget`](super::conntrack::Forget).
+    fn forget(&self, connections: &[super::conntrack::Forget]) -> Result<(), FirewallError> {
+        for f in connections {
+            super::conntrack::forget(&self.netns, f).map_err(|e| FirewallError::Command {
+                what: "forget the connections a removed rule allowed".into(),
+                stderr: stratus_runtime::policy::chain(&e),
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// Stratus's tables in `nft -j list ruleset` output; `None` when neither is there.

@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::conntrack::{Forget, OvsConnection};
 use super::names::digest_hex;
 use super::netlink::NetlinkLinks;
 use super::netns;
@@ -549,6 +550,48 @@ impl OvsLinks {
     pub fn with_physical(mut self, ifaces: impl IntoIterator<Item = IfName>) -> Self {
         self.physical = ifaces.into_iter().map(|i| i.to_string()).collect();
         self
+    }
+
+    /// Forgets the connections `forget` names in the switch's connection tracker (the
+    /// userspace datapath's): each zone's are listed once and those that match are
+    /// flushed by their origin tuple. None is `Ok(())`.
+    ///
+    /// # Errors
+    /// `ovs-appctl` failed.
+    pub fn forget(&self, forget: &[Forget]) -> Result<(), LinkError> {
+        let failed = |what: String| {
+            move |e: OvsError| LinkError::Io {
+                what: format!("{what}: {e}"),
+                source: std::io::Error::other(e),
+            }
+        };
+        let zones: BTreeSet<u16> = forget.iter().map(|f| f.zone).collect();
+        for zone in zones {
+            let zone_arg = format!("zone={zone}");
+            let dump = self
+                .ovs
+                .appctl(&["dpctl/dump-conntrack", &zone_arg])
+                .map_err(failed(format!("dump-conntrack {zone_arg}")))?;
+            let of_zone: Vec<&Forget> = forget.iter().filter(|f| f.zone == zone).collect();
+            for c in OvsConnection::parse_dump(&dump) {
+                if !of_zone.iter().any(|f| f.matches(&c)) {
+                    continue;
+                }
+                let tuple = c.tuple();
+                match self
+                    .ovs
+                    .appctl(&["dpctl/flush-conntrack", &zone_arg, &tuple])
+                {
+                    // Gone since the listing (it says so with ENOENT).
+                    Err(OvsError::Command { stderr, .. })
+                        if stderr.contains("(No such file or directory)") => {}
+                    r => {
+                        r.map_err(failed(format!("flush-conntrack {zone_arg} {tuple}")))?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn mine(&self, ns: &Netns) -> bool {

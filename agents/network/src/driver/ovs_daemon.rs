@@ -155,6 +155,25 @@ impl Ovs {
         run(c, "ovs-vsctl", None)
     }
 
+    /// `ovs-appctl -t <ovs-vswitchd's control socket> ARGS`: the one in the run directory
+    /// (a switch of Stratus's own, [`OvsDaemon`]), else the one its pid file names (the
+    /// system's).
+    ///
+    /// # Errors
+    /// It could not run, or failed.
+    pub fn appctl(&self, args: &[&str]) -> Result<String, OvsError> {
+        let ctl = self.rundir.join("ovs-vswitchd.ctl");
+        let mut c = Command::new("ovs-appctl");
+        c.env("OVS_RUNDIR", &self.rundir).arg("-t");
+        if ctl.exists() {
+            c.arg(ctl);
+        } else {
+            c.arg("ovs-vswitchd");
+        }
+        c.args(args);
+        run(c, "ovs-appctl", None)
+    }
+
     /// `ovs-ofctl -O OpenFlow15 COMMAND <bridge's management socket> ARGS`, with `stdin`
     /// given for a `-` argument.
     ///

@@ -139,4 +139,10 @@ impl Firewall for OvsFirewall {
     fn read_nat(&self, netns: &Name) -> Result<Option<Observed>, FirewallError> {
         self.nft.read_nat(netns)
     }
+
+    /// The switch's tracker holds the ports' connections (the kernel's sees none of them):
+    /// [`OvsLinks::forget`].
+    fn forget(&self, connections: &[super::conntrack::Forget]) -> Result<(), FirewallError> {
+        self.links.forget(connections).map_err(switch_err)
+    }
 }

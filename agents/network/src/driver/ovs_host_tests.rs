@@ -10,7 +10,9 @@
 //! dropped, DHCP client packets included (a release from another guest's address never
 //! reaches the DHCP server). Provider networks on a veth standing in for the nodes' physical
 //! interface: vlan between two OVS nodes (tagged on the wire), flat between a kernel node
-//! and an OVS node. Everything the tests make is removed when they end, even when they fail.
+//! and an OVS node. A security-group rule removed ends the continuous ping it allowed on
+//! either datapath, and only it. Everything the tests make is removed when they end, even
+//! when they fail.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -957,4 +959,172 @@ fn a_remote_groups_membership_change_takes_effect_on_ovs() {
     snap.ports[1] = member;
     converge_both(&snap);
     assert!(pings(&g2, ip1, 10), "a member again");
+}
+
+/// A continuous ping (one ICMP id) from guest 1 to guest 2 and a TCP connection between
+/// them run; the group's ICMP rule is removed: the ping goes unanswered within a second of
+/// the converge that removes it (its connection forgotten on guest 2's node, not left to
+/// the tracker's 30 s), while the TCP connection, which a rule still allows, keeps working.
+fn a_removed_rule_ends_the_ping_it_allowed_and_no_other_connection(kinds: [Datapath; 2]) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::{Duration, Instant};
+
+    let Rig {
+        guests: [g1, g2, ..],
+        hosts: [h1, h2],
+        configs: [c1, c2],
+        mut snap,
+        _cleanup,
+        ..
+    } = rig(kinds);
+    let rules_with = |icmp: bool, tcp: (u16, u16)| {
+        let mut r = vec![
+            json!({"direction": "ingress", "protocol": "tcp", "portRangeMin": tcp.0, "portRangeMax": tcp.1}),
+            json!({"direction": "egress"}),
+        ];
+        if icmp {
+            r.push(json!({"direction": "ingress", "protocol": "icmp", "remoteGroup": "default"}));
+        }
+        group("default", serde_json::Value::Array(r))
+    };
+    let rules = |icmp: bool| rules_with(icmp, (5000, 5000));
+    snap.groups[0] = rules(true);
+    // Each node converges from what its last converge left, as the agent does; what the
+    // change had it forget.
+    let mut before = [None, None];
+    let mut converge_both = |snap: &Snapshot| {
+        let mut forgot = Vec::new();
+        for (i, (h, c)) in [(&h1, &c1), (&h2, &c2)].into_iter().enumerate() {
+            let last: &Option<(super::Ruleset, super::Observed)> = &before[i];
+            let r = crate::agent::converge_since(h, c, snap, last.as_ref().map(|(r, o)| (r, o)))
+                .expect("converge");
+            assert!(r.failures.is_empty(), "{:?}", r.failures);
+            if let (Some((old, _)), Some(new)) = (last, &r.desired.firewall) {
+                forgot.extend(super::conntrack::revoked(old, new));
+            }
+            before[i] = r.desired.firewall.clone().zip(r.firewall.clone());
+        }
+        forgot
+    };
+    converge_both(&snap);
+    sh(&g1, &["ip", "addr", "add", "10.50.0.11/24", "dev", "eth0"]);
+    sh(&g2, &["ip", "addr", "add", "10.50.0.12/24", "dev", "eth0"]);
+    // A veth hands TCP on with its checksum left to a NIC, which the userspace datapath's
+    // tracker takes as invalid: the guests fill it in, as a NIC would.
+    for g in [&g1, &g2] {
+        sh(g, &["ethtool", "-K", "eth0", "tx", "off"]);
+    }
+    let ip2 = Ipv4Addr::new(10, 50, 0, 12);
+    assert!(pings(&g1, ip2, 10), "guest 1 pings guest 2");
+
+    // The TCP connection: guest 2 listens, guest 1 connects (sockets stay in the namespace
+    // they were made in).
+    let listener = super::netns::run_io(&Netns::Named(g2.clone()), || {
+        TcpListener::bind("0.0.0.0:5000")
+    })
+    .expect("listen in guest 2");
+    let mut client = super::netns::run_io(&Netns::Named(g1.clone()), move || {
+        TcpStream::connect_timeout(&(ip2, 5000).into(), Duration::from_secs(10))
+    })
+    .expect("connect from guest 1");
+    let (mut server, _) = listener.accept().expect("accept");
+    for s in [&client, &server] {
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+    }
+    let mut exchange = |n: u8| -> std::io::Result<()> {
+        let mut b = [0u8; 1];
+        client.write_all(&[n])?;
+        server.read_exact(&mut b)?;
+        server.write_all(&b)?;
+        client.read_exact(&mut b)?;
+        assert_eq!(b, [n]);
+        Ok(())
+    };
+    exchange(1).expect("TCP between the guests");
+
+    // The continuous ping: every answer's arrival, as it comes.
+    let mut pinger = std::process::Command::new("ip")
+        .args(["netns", "exec", g1.as_str()])
+        .args(["busybox", "ping", "-i", "0.1", &ip2.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ping");
+    let stdout = pinger.stdout.take().expect("ping's output");
+    let answers = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let seen = Arc::clone(&answers);
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("bytes from") {
+                seen.lock().expect("answers").push(Instant::now());
+            }
+        }
+    });
+    let count = || answers.lock().expect("answers").len();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count() < 10 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(count() >= 10, "the ping is answered ({} answers)", count());
+
+    // The ICMP rule goes.
+    snap.groups[0] = rules(false);
+    let written = Instant::now();
+    converge_both(&snap);
+    let converged = written.elapsed();
+    std::thread::sleep(Duration::from_secs(3));
+    let late: Vec<Duration> = answers
+        .lock()
+        .expect("answers")
+        .iter()
+        .filter(|t| **t > written)
+        .map(|t| t.duration_since(written))
+        .collect();
+    // Stop the ping (ours) before asserting, so that a failure leaves nothing running.
+    let _ = pinger.kill();
+    let _ = pinger.wait();
+    let _ = reader.join();
+    eprintln!("converged in {converged:?}; answers after the change at {late:?}");
+    assert!(
+        late.iter().all(|d| *d < Duration::from_secs(1)),
+        "the ping is answered after the rule went: {late:?} after the change"
+    );
+    assert!(!ping(&g1, ip2), "a new ping is not answered either");
+    exchange(2).expect("the TCP connection still allowed keeps working");
+
+    // A port range narrowed to the connection's port: every TCP connection to guest 2 is
+    // forgotten (the tracker takes no range), and this one, still allowed, is picked up
+    // again mid-stream and goes on.
+    snap.groups[0] = rules_with(false, (4000, 6000));
+    converge_both(&snap);
+    exchange(3).expect("TCP under the wider range");
+    snap.groups[0] = rules(false);
+    let forgot = converge_both(&snap);
+    assert!(
+        forgot
+            .iter()
+            .any(|f| f.address == ip2 && f.protocol == Some(6) && f.port.is_none()),
+        "{forgot:?}"
+    );
+    exchange(4).expect("the TCP connection forgotten and still allowed goes on");
+}
+
+#[test]
+fn a_removed_rule_ends_the_ping_it_allowed_on_the_kernel_datapath() {
+    if !root() {
+        return;
+    }
+    a_removed_rule_ends_the_ping_it_allowed_and_no_other_connection([
+        Datapath::Kernel,
+        Datapath::Kernel,
+    ]);
+}
+
+#[test]
+fn a_removed_rule_ends_the_ping_it_allowed_on_the_ovs_datapath() {
+    if !root() {
+        return;
+    }
+    a_removed_rule_ends_the_ping_it_allowed_and_no_other_connection([Datapath::Ovs, Datapath::Ovs]);
 }
