@@ -214,10 +214,10 @@ struct Generation(rtnetlink::sys::Socket);
 
 impl Generation {
     fn open(ns: &str) -> Result<Self> {
-        let sock = netns::run_in(&named(ns)?, || {
-            rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_NETFILTER)
-        })??;
-        Ok(Self(sock))
+        Ok(Self(socket_in(
+            ns,
+            rtnetlink::sys::protocols::NETLINK_NETFILTER,
+        )?))
     }
 
     fn read(&self) -> Result<u32> {
@@ -233,24 +233,10 @@ impl Generation {
         let (buf, _) = self.0.recv_from_full()?;
         // NFT_MSG_NEWGEN's attributes after the 16-byte header and 4-byte nfgenmsg;
         // NFTA_GEN_ID (1) is a big-endian u32.
-        let mut at = 20;
-        while at + 4 <= buf.len() {
-            let len = usize::from(u16::from_ne_bytes([buf[at], buf[at + 1]]));
-            let kind = u16::from_ne_bytes([buf[at + 2], buf[at + 3]]) & 0x3fff;
-            if len < 4 {
-                break;
-            }
-            if kind == 1 && len >= 8 && at + 8 <= buf.len() {
-                return Ok(u32::from_be_bytes([
-                    buf[at + 4],
-                    buf[at + 5],
-                    buf[at + 6],
-                    buf[at + 7],
-                ]));
-            }
-            at += (len + 3) & !3;
+        match attribute(&buf, 20, 1) {
+            Some(&[a, b, c, d, ..]) => Ok(u32::from_be_bytes([a, b, c, d])),
+            _ => bail!("no generation in the kernel's answer ({} bytes)", buf.len()),
         }
-        bail!("no generation in the kernel's answer ({} bytes)", buf.len())
     }
 
     /// Polls every `every` until the generation differs from `from`; the new one.
@@ -274,10 +260,10 @@ struct LinkProbe(rtnetlink::sys::Socket);
 
 impl LinkProbe {
     fn open(ns: &str) -> Result<Self> {
-        let sock = netns::run_in(&named(ns)?, || {
-            rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_ROUTE)
-        })??;
-        Ok(Self(sock))
+        Ok(Self(socket_in(
+            ns,
+            rtnetlink::sys::protocols::NETLINK_ROUTE,
+        )?))
     }
 
     /// Whether link `name` is up and has a master (is on a bridge).
@@ -305,20 +291,31 @@ impl LinkProbe {
         }
         // IFF_UP is bit 0 of ifinfomsg's flags; IFLA_MASTER (10) says it has a master.
         let up = u32::from_ne_bytes([buf[24], buf[25], buf[26], buf[27]]) & 1 == 1;
-        let mut at = 32;
-        while at + 4 <= buf.len() {
-            let len = usize::from(u16::from_ne_bytes([buf[at], buf[at + 1]]));
-            let kind = u16::from_ne_bytes([buf[at + 2], buf[at + 3]]) & 0x3fff;
-            if len < 4 {
-                break;
-            }
-            if kind == 10 {
-                return Ok(up);
-            }
-            at += (len + 3) & !3;
-        }
-        Ok(false)
+        Ok(up && attribute(&buf, 32, 10).is_some())
     }
+}
+
+/// A netlink socket of `protocol` in namespace `ns`.
+fn socket_in(ns: &str, protocol: isize) -> Result<rtnetlink::sys::Socket> {
+    Ok(netns::run_in(&named(ns)?, move || {
+        rtnetlink::sys::Socket::new(protocol)
+    })??)
+}
+
+/// The payload of the first netlink attribute of type `kind` in `buf` from offset `at`.
+fn attribute(buf: &[u8], mut at: usize, kind: u16) -> Option<&[u8]> {
+    while at + 4 <= buf.len() {
+        let len = usize::from(u16::from_ne_bytes([buf[at], buf[at + 1]]));
+        let k = u16::from_ne_bytes([buf[at + 2], buf[at + 3]]) & 0x3fff;
+        if len < 4 || at + len > buf.len() {
+            return None;
+        }
+        if k == kind {
+            return Some(&buf[at + 4..at + len]);
+        }
+        at += (len + 3) & !3;
+    }
+    None
 }
 
 /// Percentile `q` of sorted `v`.
