@@ -5,8 +5,8 @@
 //! integration bridges: guests (namespaces plugged in by veths named as their Ports'
 //! devices) take their leases from their node's dnsmasq and ping across the tunnel, another
 //! project's network with the same CIDR stays apart, flows deleted and a tunnel port
-//! removed by hand are repaired by the next converge, a converge of a right switch writes
-//! nothing, security groups are enforced statefully (OVS conntrack) and spoofed sources
+//! removed by hand are repaired by the next converge, a restarted agent (its start and its
+//! first converge) changes nothing on a right switch, security groups are enforced statefully (OVS conntrack) and spoofed sources
 //! dropped, DHCP client packets included (a release from another guest's address never
 //! reaches the DHCP server). Provider networks on a veth standing in for the nodes' physical
 //! interface: vlan between two OVS nodes (tagged on the wire), flat between a kernel node
@@ -107,6 +107,28 @@ fn ovs_links_pass_the_conformance_suite() {
 fn flows(ovs: &Ovs) -> String {
     ovs.ofctl(&["--no-stats"], "dump-flows", INTEGRATION_BRIDGE, &[], None)
         .expect("dump-flows")
+}
+
+/// What a write to the switch's database would change: its interfaces (a port re-created
+/// is a new row, maybe on a new OpenFlow port) and its reconfiguration count (`next_cfg`,
+/// raised by every change `ovs-vswitchd` is made to apply).
+fn database(ovs: &Ovs) -> (BTreeSet<String>, String) {
+    let ifaces = ovs
+        .vsctl_no_wait(&[
+            "--format=csv",
+            "--no-headings",
+            "--columns=_uuid,name,ofport",
+            "list",
+            "Interface",
+        ])
+        .expect("list Interface");
+    let next_cfg = ovs
+        .vsctl_no_wait(&["get", "Open_vSwitch", ".", "next_cfg"])
+        .expect("next_cfg");
+    (
+        ifaces.lines().map(str::to_owned).collect(),
+        next_cfg.trim().to_owned(),
+    )
 }
 
 /// How many objects of `kind` have flows on the switch.
@@ -397,13 +419,19 @@ fn two_ovs_nodes_carry_a_network_over_vxlan_keep_networks_apart_and_repair_drift
     assert!(pings(&g1, ip2, 10), "guest 1 reaches guest 2 across VXLAN");
     assert!(ping(&g2, ip1), "and back");
 
-    // A restarted agent (new drivers) finds everything right and writes no flow.
-    let before = (flows(&d1.ovs()), flows(&d2.ovs()));
+    // A restarted agent finds everything right and changes nothing: its start (the switch
+    // it left running adopted, its tunnel interface put on the underlay bridge again) and
+    // its first converge with new drivers leave every flow, every interface and the
+    // switch's reconfiguration count as they were.
+    let state = || [&d1, &d2].map(|d| (flows(&d.ovs()), database(&d.ovs())));
+    let before = state();
     for (ns, d, dns, c) in [(&ns1, &d1, &dns1, &c1), (&ns2, &d2, &dns2, &c2)] {
+        d.start().expect("adopt the switch");
+        attach_underlay(&d.ovs(), ns, &ifname("underlay")).expect("underlay bridge");
         let r = converge(&host(ns, Some(d), dns), c, &snap).expect("converge");
         assert_eq!(r.steps, vec![]);
     }
-    assert_eq!((flows(&d1.ovs()), flows(&d2.ovs())), before);
+    assert_eq!(state(), before);
 
     // Drift by hand: node 1 loses its delivery flows, node 2 its tunnel port.
     d1.ovs()
