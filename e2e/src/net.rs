@@ -488,105 +488,128 @@ pub fn pings_counted(ns: &str, source: &str) -> Result<u64> {
         .with_context(|| format!("no packet count in {line}"))
 }
 
-/// How long after an API write each `(from, to)` of `pairs` first gets through: per pair a
-/// ping every 50 ms (one ICMP id throughout: what a filter dropped leaves no connection
-/// behind), started before `write` (which returns once the API answered it, the instant
-/// measured from), its first echo reply timed as it arrives. Fails after `limit`.
-pub fn reached_after(
-    pairs: &[(&str, &str)],
-    limit: std::time::Duration,
-    write: impl FnOnce() -> Result<()>,
-) -> Result<Vec<std::time::Duration>> {
-    use std::io::BufRead;
-    let secs = limit.as_secs().max(1).to_string();
-    let mut pingers = Vec::new();
-    for (from, to) in pairs {
-        let child = Command::new("ip")
+/// A ping running from namespace `from` to `to`, an echo every 50 ms, all of one ICMP id: one
+/// connection to conntrack, as a user's `ping` is (a filter must end it when the rule that
+/// allowed it goes, not only refuse new ones). Each reply is timed as it arrives. Stopped
+/// when dropped, or after `limit`.
+pub struct ContinuousPing {
+    child: std::process::Child,
+    replies: std::sync::Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ContinuousPing {
+    /// Starts pinging.
+    pub fn start(from: &str, to: &str, limit: std::time::Duration) -> Result<Self> {
+        use std::io::BufRead;
+        let secs = limit.as_secs().max(1).to_string();
+        let mut child = Command::new("ip")
             .args([
                 "netns", "exec", from, "busybox", "ping", "-i", "0.05", "-W", "1", "-w", &secs, to,
             ])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .context("run ping");
-        match child {
-            Ok(c) => pingers.push(c),
-            Err(e) => {
-                for mut p in pingers {
-                    let _ = p.kill();
-                    let _ = p.wait();
+            .context("run ping")?;
+        let out = child.stdout.take().context("ping's output")?;
+        let replies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = std::sync::Arc::clone(&replies);
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if line.contains("bytes from") {
+                    let now = std::time::Instant::now();
+                    seen.lock().unwrap_or_else(|e| e.into_inner()).push(now);
                 }
-                return Err(e);
             }
-        }
-    }
-    let outputs: Vec<_> = pingers.iter_mut().map(|p| p.stdout.take()).collect();
-    let result = (|| {
-        // Let the pingers start sending before the write.
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        write()?;
-        let since = std::time::Instant::now();
-        std::thread::scope(|scope| {
-            let readers: Vec<_> = outputs
-                .into_iter()
-                .zip(pairs)
-                .map(|(out, (from, to))| {
-                    scope.spawn(move || -> Result<std::time::Duration> {
-                        let out = out.context("ping's output")?;
-                        for line in std::io::BufReader::new(out).lines() {
-                            if line?.contains("bytes from") {
-                                return Ok(since.elapsed());
-                            }
-                        }
-                        anyhow::bail!("{from} did not reach {to} within {limit:?}")
-                    })
-                })
-                .collect();
-            readers
-                .into_iter()
-                .map(|r| r.join().map_err(|_| anyhow::anyhow!("a reader panicked"))?)
-                .collect()
+        });
+        Ok(Self {
+            child,
+            replies,
+            reader: Some(reader),
         })
-    })();
-    for mut p in pingers {
-        let _ = p.kill();
-        let _ = p.wait();
     }
-    result
+
+    /// When each reply arrived after `since`, in order.
+    pub fn replies_after(&self, since: std::time::Instant) -> Vec<std::time::Instant> {
+        let all = self.replies.lock().unwrap_or_else(|e| e.into_inner());
+        all.iter().copied().filter(|t| *t > since).collect()
+    }
 }
 
-/// How long after `since` (the instant an API write was answered) each `(from, to)` of
-/// `pairs` stops getting through: per pair, one-echo pings one after another (a new ICMP id
-/// each, so no connection of an earlier one carries it), the first unanswered one's start
-/// timed; `confirm` more must go unanswered too (not an echo lost by chance). Fails after
+impl Drop for ContinuousPing {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+/// How long after an API write each `(from, to)` of `pairs` first gets through: per pair a
+/// [`ContinuousPing`] started before `write` (which returns once the API answered it, the
+/// instant measured from), its first reply after it timed as it arrives. Fails after
 /// `limit`.
+pub fn reached_after(
+    pairs: &[(&str, &str)],
+    limit: std::time::Duration,
+    write: impl FnOnce() -> Result<()>,
+) -> Result<Vec<std::time::Duration>> {
+    let pingers = pairs
+        .iter()
+        .map(|(from, to)| ContinuousPing::start(from, to, limit + limit))
+        .collect::<Result<Vec<_>>>()?;
+    // Let the pingers start sending before the write.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    write()?;
+    let since = std::time::Instant::now();
+    pingers
+        .iter()
+        .zip(pairs)
+        .map(|(p, (from, to))| {
+            crate::wait_until(limit, &format!("{from} to reach {to}"), || {
+                p.replies_after(since)
+                    .first()
+                    .map(|t| t.duration_since(since))
+            })
+        })
+        .collect()
+}
+
+/// How long after an API write each `(from, to)` of `pairs` stops getting through, as a
+/// user's running ping sees it: per pair a [`ContinuousPing`], answered before `write`
+/// (which returns once the API answered it, the instant measured from); once `quiet` has
+/// passed without a reply, when its last reply after the write arrived (zero: none did).
+/// Fails after `limit`.
 pub fn unreached_after(
     pairs: &[(&str, &str)],
-    since: std::time::Instant,
     limit: std::time::Duration,
-    confirm: usize,
+    quiet: std::time::Duration,
+    write: impl FnOnce() -> Result<()>,
 ) -> Result<Vec<std::time::Duration>> {
-    std::thread::scope(|scope| {
-        let probes: Vec<_> = pairs
-            .iter()
-            .map(|&(from, to)| {
-                scope.spawn(move || -> Result<std::time::Duration> {
-                    loop {
-                        let sent = since.elapsed();
-                        anyhow::ensure!(sent < limit, "{from} still reaches {to} after {limit:?}");
-                        if !ping(from, to) {
-                            for _ in 0..confirm {
-                                anyhow::ensure!(!ping(from, to), "{from} reached {to} again");
-                            }
-                            return Ok(sent);
-                        }
-                    }
-                })
+    let start = std::time::Instant::now();
+    let pingers = pairs
+        .iter()
+        .map(|(from, to)| ContinuousPing::start(from, to, limit + limit))
+        .collect::<Result<Vec<_>>>()?;
+    for (p, (from, to)) in pingers.iter().zip(pairs) {
+        crate::wait_until(
+            limit,
+            &format!("{from} to reach {to} before the write"),
+            || p.replies_after(start).first().map(drop),
+        )?;
+    }
+    write()?;
+    let since = std::time::Instant::now();
+    pingers
+        .iter()
+        .zip(pairs)
+        .map(|(p, (from, to))| {
+            crate::wait_until(limit, &format!("{from} to stop reaching {to}"), || {
+                let last = p.replies_after(since).last().copied();
+                (last.unwrap_or(since).elapsed() >= quiet)
+                    .then(|| last.map_or(std::time::Duration::ZERO, |t| t.duration_since(since)))
             })
-            .collect();
-        probes
-            .into_iter()
-            .map(|p| p.join().map_err(|_| anyhow::anyhow!("a probe panicked"))?)
-            .collect()
-    })
+        })
+        .collect()
 }

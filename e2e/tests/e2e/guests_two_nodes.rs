@@ -12,21 +12,20 @@
 //! ping each other from their shells (markers on their consoles); `c` reaches its own DHCP
 //! server but neither `a` nor the probe, and the probe's ingress counter of `c`'s MAC stays
 //! at zero while the same counter of `a`'s MAC counts `a`'s pings (so the zero is not the
-//! counter's); the ICMP rule of `rg-one`'s group removed stops the probe's pings to `b`
-//! within a second of the API write, and added back lets them through within a second.
+//! counter's); the ICMP rule of `rg-one`'s group removed stops the probe's running ping to
+//! `b` (one ICMP id) within a second of the API write, and added back lets it through within
+//! a second.
 //!
 //! One test per pair of datapaths: kernel + kernel, OVS + OVS, kernel + OVS.
 
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use serde_json::{Value, json};
 use stratus_e2e::net::{
-    Datapath, Namespaces, Switch, UNDERLAY, checksum_underlay, plug_cloud_port, underlay,
+    ContinuousPing, Datapath, Namespaces, Switch, UNDERLAY, checksum_underlay, plug_cloud_port,
+    underlay,
 };
 use stratus_e2e::node::{Guest, Node, NodeNetns};
 use stratus_e2e::{Cloud, netns_exec, repo_root, wait_until};
@@ -167,50 +166,6 @@ fn frames_from(probe: &str, mac: &str) -> Result<u64> {
         }
     }
     bail!("no counter of {mac}: {out}")
-}
-
-/// One echo a probe sent: when its ping started, when it ended, and whether it was answered.
-/// The echo went out and its answer came back somewhere between the two.
-type Echo = (Instant, Instant, bool);
-
-/// Pings `to` from namespace `from` every 100 ms, each echo a ping of its own (a new ICMP id,
-/// so a new connection to conntrack: a connection already allowed would outlive a rule's
-/// removal), while `run` holds; the echoes, as they end.
-fn pinger(
-    from: String,
-    to: String,
-    run: Arc<AtomicBool>,
-) -> (Arc<Mutex<Vec<Echo>>>, std::thread::JoinHandle<()>) {
-    let echoes = Arc::new(Mutex::new(Vec::new()));
-    let out = Arc::clone(&echoes);
-    let handle = std::thread::spawn(move || {
-        let mut waiting = Vec::new();
-        while run.load(Ordering::SeqCst) {
-            let started = Instant::now();
-            if let Ok(mut child) = Command::new("ip")
-                .args([
-                    "netns", "exec", &from, "busybox", "ping", "-c", "1", "-W", "1",
-                ])
-                .arg(&to)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-            {
-                let out = Arc::clone(&out);
-                waiting.push(std::thread::spawn(move || {
-                    if let Ok(status) = child.wait() {
-                        let echo = (started, Instant::now(), status.success());
-                        out.lock().expect("lock").push(echo);
-                    }
-                }));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        for w in waiting {
-            let _ = w.join();
-        }
-    });
-    (echoes, handle)
 }
 
 /// Writes the rules of project [`P1`]'s `default` group in one merge patch, straight to the
@@ -431,23 +386,16 @@ fn guests_across_two_nodes(variant: &str, datapaths: [Datapath; 2]) -> Result<()
     )?;
     assert_eq!(frames_from(&probe, &c.mac)?, 0, "a frame of c's crossed");
 
-    // The probe pings b without pause: the ICMP rule removed stops it within a second of
-    // the write, added back lets it through within a second. Timed from just before the
-    // write's request to when the ping that was (last, first) answered ended.
+    // The probe pings b without pause, one ICMP id throughout (one connection, as a user's
+    // ping): the ICMP rule removed stops it within a second of the write (the connection the
+    // rule allowed is forgotten), added back lets it through within a second. Timed from
+    // just before the write's request to the arrival of the (last, first) reply.
     let writer = GroupWriter::new(&cloud)?;
-    let run = Arc::new(AtomicBool::new(true));
-    let (echoes, pings) = pinger(probe.clone(), b.ip.clone(), Arc::clone(&run));
-    let first_answered = |since: Instant| {
-        echoes
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter(|(started, _, ok)| *ok && *started >= since)
-            .map(|(_, ended, _)| *ended)
-            .min()
-    };
     let t0 = Instant::now();
-    let waited = wait_until(BOOT, "the probe's pings to b", || first_answered(t0));
+    let pings = ContinuousPing::start(&probe, &b.ip, BOOT + Duration::from_secs(60))?;
+    let waited = wait_until(BOOT, "the probe's pings to b", || {
+        pings.replies_after(t0).first().copied()
+    });
     let removed = Instant::now();
     let result = waited.and_then(|_| writer.write(false));
     std::thread::sleep(AT_ONCE + Duration::from_secs(3));
@@ -456,20 +404,18 @@ fn guests_across_two_nodes(variant: &str, datapaths: [Datapath; 2]) -> Result<()
         wait_until(
             Duration::from_secs(30),
             "the probe's pings to b again",
-            || first_answered(added),
+            || pings.replies_after(added).first().copied(),
         )
     });
-    run.store(false, Ordering::SeqCst);
-    let _ = pings.join();
-    let first = result.with_context(|| rig.logs())?;
-    // The last echo answered that was begun after the removal's write.
-    let stopped = echoes
-        .lock()
-        .expect("lock")
-        .iter()
-        .filter(|(started, _, ok)| *ok && *started >= removed && *started < added)
-        .map(|(_, ended, _)| ended.duration_since(removed))
+    // The last reply that arrived after the removal's write.
+    let stopped = pings
+        .replies_after(removed)
+        .into_iter()
+        .filter(|t| *t < added)
+        .map(|t| t.duration_since(removed))
         .max();
+    drop(pings);
+    let first = result.with_context(|| rig.logs())?;
     let resumed = first.duration_since(added);
     eprintln!(
         "{variant}: guests booted with leases in {booted:?}; ICMP rule removed: last echo answered {stopped:?} after the write; added: first answered {resumed:?} after"
