@@ -8,6 +8,10 @@
 //!   the name [`volume_export_name`] gives its (volume uid, node) pair (422 on
 //!   `metadata.name`): one export per pair, and a second create of it is 409. The create holds
 //!   the Volume as read.
+//! - It is created only to a node (`spec.node`) an attachment of the volume is on (one of its
+//!   `status.attachments[].node`, as read in that same revision; 422 on `spec.node`
+//!   otherwise): whoever may create exports cannot have a volume's data served to a node no
+//!   Server holding it is placed on.
 //! - Its spec never changes (422 on `spec`): the storage node serves and the node connects to
 //!   what it was made for.
 //! - A status recording where it is served (`status.host`, newly or moved) records the
@@ -118,6 +122,24 @@ async fn create(ctx: Ctx<'_>, s: &Subject<'_>, w: Change<'_>) -> ApiResult<Writt
                 "Invalid value: {:?}: the volume's data is on {} (its status.node)",
                 spec.storage_node,
                 on.unwrap_or("no node yet")
+            ),
+        ));
+    }
+    let attached = vol
+        .pointer("/status/attachments")
+        .and_then(Value::as_array)
+        .is_some_and(|all| {
+            all.iter()
+                .any(|a| a.get("node").and_then(Value::as_str) == Some(spec.node.as_str()))
+        });
+    if !attached {
+        return Err(invalid(
+            s,
+            w.new,
+            "spec.node",
+            format!(
+                "Invalid value: {:?}: no attachment of volume {}/{} is on this node (its status.attachments[].node)",
+                spec.node, spec.volume.namespace, spec.volume.name
             ),
         ));
     }

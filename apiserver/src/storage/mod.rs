@@ -7,4 +7,5 @@ pub mod hub;
 pub mod keys;
 pub mod kv;
 pub mod memory;
+pub mod migrate;
 pub mod store;

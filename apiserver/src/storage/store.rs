@@ -15,6 +15,7 @@ use crate::storage::kv::{
     WatchMsg,
 };
 use crate::storage::memory::{Memory, MemoryWatch};
+use crate::storage::migrate;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -386,10 +387,14 @@ pub enum Watch {
 
 impl WatchFeed for Watch {
     async fn message(&mut self) -> Result<Option<WatchMsg>, StoreError> {
-        match self {
+        let mut msg = match self {
             Self::Etcd(w) => w.message().await,
             Self::Memory(w) => w.message().await,
+        }?;
+        if let Some(m) = &mut msg {
+            migrate::watch(m);
         }
+        Ok(msg)
     }
 
     async fn request_progress(&mut self) -> Result<(), StoreError> {
@@ -404,17 +409,21 @@ impl Kv for Backend {
     type Watch = Watch;
 
     async fn range(&self, r: Range) -> Result<RangeResp, StoreError> {
-        match self {
+        let mut resp = match self {
             Self::Etcd(kv) => kv.range(r).await,
             Self::Memory(kv) => kv.range(r).await,
-        }
+        }?;
+        migrate::range(&mut resp);
+        Ok(resp)
     }
 
     async fn txn(&self, t: Txn) -> Result<TxnResp, StoreError> {
-        match self {
+        let mut resp = match self {
             Self::Etcd(kv) => kv.txn(t).await,
             Self::Memory(kv) => kv.txn(t).await,
-        }
+        }?;
+        resp.gets.iter_mut().for_each(migrate::range);
+        Ok(resp)
     }
 
     async fn watch(&self, key: &str, end: Vec<u8>, start: i64) -> Result<Watch, StoreError> {

@@ -8,9 +8,17 @@ use stratus_apiserver::admission::CLUSTER_ADMIN;
 
 use crate::fixtures::{Cloud, JSON, MERGE, Obj, field, refused, refused_naming};
 
-/// A cloud with project demo, pool p1 on node n1, and volume v placed on it: its uid.
+/// A cloud with project demo, pool p1 on node n1, and volume v placed on it and attached to
+/// server web on node n2: its uid.
 async fn placed() -> (Cloud, String) {
     let c = Cloud::with_demo().await;
+    let uid = place(&c).await;
+    (c, uid)
+}
+
+/// Pool p1 on node n1 and volume v placed on it and attached to server web on node n2, in
+/// cloud `c` (with project demo): v's uid.
+async fn place(c: &Cloud) -> String {
     CLUSTER_ADMIN
         .scope(
             true,
@@ -50,9 +58,18 @@ async fn placed() -> (Cloud, String) {
         )
         .await
         .expect("placed on p1");
+    // As the API server and the attachments controller record a Server holding it.
+    c.patch(
+        &c.status("Volume", Some("demo"), "v"),
+        MERGE,
+        &json!({"status": {"phase": "InUse", "attachedTo": "web",
+                           "attachments": [{"server": "web", "node": "n2"}]}}),
+        "",
+    )
+    .await
+    .expect("attached on n2");
     let v = c.get("Volume", Some("demo"), "v").await.expect("v");
-    let uid = v["metadata"]["uid"].as_str().expect("a uid").to_owned();
-    (c, uid)
+    v["metadata"]["uid"].as_str().expect("a uid").to_owned()
 }
 
 /// The export of volume v (of `uid`, on n1) to `node`, named `name`.
@@ -66,7 +83,7 @@ fn export(name: &str, uid: &str, storage: &str, node: &str) -> Obj {
 }
 
 /// One export per (volume, node), under the name of the pair, for the volume that exists with
-/// that uid and on the node its data is on: anything else is 422 naming the field, a second
+/// that uid, on the node its data is on, to a node one of its attachments is on: anything else is 422 naming the field, a second
 /// create 409, a change of its spec 422.
 #[tokio::test]
 async fn an_export_is_made_only_for_its_volume_and_node_exactly() {
@@ -94,6 +111,14 @@ async fn an_export_is_made_only_for_its_volume_and_node_exactly() {
             .await,
     );
     assert_eq!((e.code, field(&e)), (422, "spec.node"), "{e:?}");
+    // Only to a node an attachment of the volume is on: n3 holds none.
+    let e = refused_naming(
+        c.create(&export(&format!("{uid}.n3"), &uid, "n1", "n3"))
+            .await,
+        422,
+        "spec.node",
+    );
+    assert!(e.message.contains("no attachment"), "{}", e.message);
     c.create(&export(&name, &uid, "n1", "n2"))
         .await
         .expect("the export to n2");
@@ -259,4 +284,60 @@ async fn a_volumes_status_records_no_export() {
     assert!(st.dropped_export.is_some());
     let written = serde_json::to_value(&st).expect("JSON");
     assert_eq!(written.get("export"), None, "never written again");
+}
+
+/// A Volume stored with `status.export` by older code (written straight to etcd, as it was)
+/// is never served with it: not to a project member's GET or LIST, nor in a watch event; the
+/// rest of its status is served as stored.
+#[tokio::test]
+async fn a_volumes_export_stored_by_older_code_is_never_served() {
+    let (_etcd, c) = crate::api::etcd::cloud().await;
+    place(&c).await;
+    let key = "/registry/storage.stratus.dev/volumes/demo/v";
+    let stored = c.api.store.get(key).await.expect("read").expect("stored");
+    let mut older = stored.value.clone();
+    older["status"]["export"] =
+        json!({"node": "n2", "host": "10.0.0.1", "port": 10809, "name": "x1"});
+    let mut events = c
+        .watch(
+            "Volume",
+            Some("demo"),
+            &format!("resourceVersion={}", stored.mod_revision),
+        )
+        .await
+        .expect("a watch");
+    c.api
+        .store
+        .update(key, &older, stored.mod_revision)
+        .await
+        .expect("written as older code did");
+    let (kind, got) = events.next().await;
+    assert_eq!(kind, "MODIFIED");
+    assert_eq!(got["status"].get("export"), None, "watched: {got}");
+    assert_eq!(got["status"]["attachedTo"], "web", "{got}");
+    let dev = c.user("dev", &[(Some("demo"), Role::Member)]);
+    let t = c.target("Volume", Some("demo"), Some("v"));
+    let got = dev.read(&t, "").await.expect("a member's GET");
+    assert_eq!(got["status"].get("export"), None, "read: {got}");
+    assert_eq!(got["status"]["attachments"][0]["node"], "n2", "{got}");
+    let all = c.target("Volume", Some("demo"), None);
+    for query in ["", "resourceVersion=0", "limit=1"] {
+        let list = dev.read(&all, query).await.expect("a member's LIST");
+        let item = &list["items"][0];
+        assert_eq!(item["metadata"]["name"], "v", "{list}");
+        assert_eq!(
+            item["status"].get("export"),
+            None,
+            "listed ({query}): {list}"
+        );
+    }
+    // A fresh watch's first event is the stored object, without it too.
+    let mut events = c.watch("Volume", Some("demo"), "").await.expect("a watch");
+    let (kind, got) = events.next().await;
+    assert_eq!(kind, "ADDED");
+    assert_eq!(
+        got["status"].get("export"),
+        None,
+        "watched from the start: {got}"
+    );
 }

@@ -212,6 +212,16 @@ async fn each_node_of_a_multi_attach_volume_reads_its_own_export_alone() {
         c.bind("demo", server, node).await.expect("placed");
     }
     crate::api::attachments::place_volume(&c, "shared", "s1").await;
+    // The nodes the attachments controller records each server on.
+    c.patch(
+        &c.status("Volume", Some("demo"), "shared"),
+        MERGE,
+        &json!({"status": {"attachments": [{"server": "web", "node": "n1"},
+                                           {"server": "db", "node": "n2"}]}}),
+        "",
+    )
+    .await
+    .expect("attached on n1 and n2");
     c.node("s1")
         .patch(
             &c.status("StoragePool", None, "p1"),
