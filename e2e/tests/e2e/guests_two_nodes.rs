@@ -316,8 +316,12 @@ fn guests_across_two_nodes(variant: &str, datapaths: [Datapath; 2]) -> Result<()
         let node = &rig.nodes[vm.node];
         let line = format!("STRATUS-GUEST-DHCP eth0 {}\n", vm.ip);
         wait_until(BOOT, &format!("{}'s lease", vm.name), || {
+            // The whole line: a console read while the guest writes it ends mid-line.
             let console = node.console(&vm.uid);
-            console.contains("STRATUS-GUEST-DHCP ").then_some(console)
+            let line_done = console
+                .split_once("STRATUS-GUEST-DHCP ")
+                .is_some_and(|(_, rest)| rest.contains('\n'));
+            line_done.then_some(console)
         })
         .with_context(|| format!("console:\n{}\n{}", node.console(&vm.uid), rig.logs()))
         .and_then(|console| {
