@@ -148,6 +148,8 @@ pub struct Report {
     /// The host after the steps: read again, or (a change of the firewall alone, see
     /// [`converge_after`]) the last converge's reading with the firewall read again.
     pub observed: ObservedHost,
+    /// The filter aimed at went in and was read back ([`forget_revoked`] may go on).
+    pub firewall_in_place: bool,
 }
 
 impl Report {
@@ -511,19 +513,6 @@ pub fn converge_unless(
         }
         firewall_failed.get_or_insert(msg);
     }
-    // With the new filter in place, the connections only the old one allowed go (the filter
-    // accepts established traffic before any rule).
-    if firewall_failed.is_none()
-        && let (Some((old, _)), Some(new)) = (before, &desired.firewall)
-    {
-        let gone = conntrack::revoked(old, new);
-        if !gone.is_empty()
-            && let Err(e) = host.firewall.forget(&gone)
-        {
-            let msg = stratus_runtime::policy::chain(&e);
-            tracing::warn!(error = %msg, "cannot forget the connections removed rules allowed");
-        }
-    }
     let after = if steps.is_empty() {
         observed
     } else if known.is_some() {
@@ -604,6 +593,7 @@ pub fn converge_unless(
         };
         floating_ips.insert(key, state);
     }
+    let firewall_in_place = firewall_failed.is_none() && firewall_ok.is_ok();
     let firewall = match want {
         Some(Ok(w)) => Some(w),
         _ => None,
@@ -617,7 +607,41 @@ pub fn converge_unless(
         routers,
         floating_ips,
         observed: after,
+        firewall_in_place,
     }))
+}
+
+/// Once a converge put its filter in place, forgets the tracked connections it no longer
+/// allows (the filter accepts established traffic before any rule): those of the ports that
+/// lost something since `enforced`, the last filter whose connections were forgotten, or of
+/// every port when there is none (at start: the agent may have been down when rules went).
+/// `enforced` moves on only once the filter read back is the one aimed at and every
+/// connection to forget went, so a converge or a forgetting that failed is tried again from
+/// the same filter by the next call.
+///
+/// # Errors
+/// The tracker could not be listed or a connection deleted (every one is tried).
+pub fn forget_revoked(
+    host: &Host,
+    report: &Report,
+    enforced: &mut Option<Ruleset>,
+) -> Result<(), FirewallError> {
+    if !report.firewall_in_place {
+        return Ok(());
+    }
+    let Some(new) = &report.desired.firewall else {
+        *enforced = None;
+        return Ok(());
+    };
+    if enforced.as_ref() == Some(new) {
+        return Ok(());
+    }
+    let keep = conntrack::Keep::new(new, enforced.as_ref());
+    if !keep.is_empty() {
+        host.firewall.forget(&keep)?;
+    }
+    *enforced = Some(new.clone());
+    Ok(())
 }
 
 /// Whether `want` differs from `had` in the firewall alone (both have one).
@@ -1056,6 +1080,9 @@ pub async fn run(client: Client, host: Host, config: Config) {
     // The last ruleset aimed at and its digest, so that the next converge renders only the
     // chains of ports whose filter changed.
     let mut digest: Option<(Ruleset, Observed)> = None;
+    // The last filter whose connections were forgotten (see `forget_revoked`): not the one
+    // aimed at, which a failed converge or forgetting would have skipped past.
+    let mut enforced: Option<Ruleset> = None;
     // What the last converge without failures aimed at and the host it left: a change of
     // the firewall alone reads only the firewall (the resync reads the whole host).
     let mut seen: Option<(Desired, ObservedHost)> = None;
@@ -1122,6 +1149,7 @@ pub async fn run(client: Client, host: Host, config: Config) {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = Arc::clone(&stop);
         let span = tracing::info_span!("converge", node = %node, resync);
+        let mut enf = enforced.take();
         let mut job = tokio::task::spawn_blocking(move || {
             let _g = span.enter();
             let r = converge_unless(
@@ -1132,7 +1160,13 @@ pub async fn run(client: Client, host: Host, config: Config) {
                 last.as_ref().map(|(d, o)| (d, o)),
                 &stop2,
             );
-            (r, before, last)
+            // With the new filter in place, the connections it no longer allows go.
+            let forgot = match &r {
+                Ok(Some(report)) => forget_revoked(&h, report, &mut enf)
+                    .map_err(|e| stratus_runtime::policy::chain(&e)),
+                _ => Ok(()),
+            };
+            ((r, forgot, enf), before, last)
         });
         // A change from the API that comes while a resync reads the host does not wait
         // for it: the resync stops, the change's converge (which reads only the firewall
@@ -1151,7 +1185,7 @@ pub async fn run(client: Client, host: Host, config: Config) {
         } else {
             job.await
         };
-        let (result, before, last) = match done {
+        let ((result, forgot, enf), before, last) = match done {
             Ok(d) => d,
             Err(e) => {
                 let e = SyncError::from(e);
@@ -1159,6 +1193,16 @@ pub async fn run(client: Client, host: Host, config: Config) {
                 continue;
             }
         };
+        enforced = enf;
+        if let Err(msg) = forgot {
+            // Tried again from the same filter until every connection went.
+            tracing::warn!(error = %msg, "cannot forget the connections the filter no longer allows");
+            let n = Arc::clone(&notify);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                n.notify_one();
+            });
+        }
         let mut report = match result {
             Ok(Some(r)) => r,
             Ok(None) => {
@@ -1770,49 +1814,95 @@ pub(crate) mod tests {
         assert_eq!(f.dhcp.reloads(), 0);
     }
 
-    /// A rule removed: once the new filter is in place, the connections only it allowed
-    /// are forgotten (ICMP to port p1 from each member of its group), and only then.
+    /// The converge loop's state across converges, as `run` keeps it: the digest moves on
+    /// to whatever was aimed at, `enforced` only through `forget_revoked`.
+    #[derive(Default)]
+    struct Loop {
+        digest: Option<(Ruleset, Observed)>,
+        enforced: Option<Ruleset>,
+    }
+
+    impl Loop {
+        fn converge(&mut self, f: &Fakes, snap: &Snapshot) -> (Report, Result<(), FirewallError>) {
+            let before = self.digest.take();
+            let r = converge_since(
+                &f.host,
+                &config(),
+                snap,
+                before.as_ref().map(|(r, o)| (r, o)),
+            );
+            let Ok(r) = r else {
+                // `run` logs it and goes on: the digest is gone, `enforced` stays.
+                panic!("converge: {r:?}");
+            };
+            let forgot = forget_revoked(&f.host, &r, &mut self.enforced);
+            self.digest = r.desired.firewall.clone().zip(r.firewall.clone());
+            (r, forgot)
+        }
+    }
+
+    /// A rule removed: the connections only it allowed are forgotten once the new filter is
+    /// in place, also when that took a converge that failed first, when the first try to
+    /// forget failed, and at start (the agent may have been down when the rule went).
     #[test]
-    fn a_removed_rule_forgets_the_connections_it_allowed_after_the_new_filter() {
-        use crate::driver::conntrack::Direction;
+    fn a_removed_rule_forgets_its_connections_once_in_place_whatever_failed_before() {
+        use crate::driver::conntrack::Connection;
         let f = fakes();
         plug(&f.links, "tp-p1");
         let mut snap = snapshot();
-        let r = converge(&f.host, &config(), &snap).expect("converge");
-        let mut before = r.desired.firewall.zip(r.firewall).expect("a filter");
-        assert_eq!(f.firewall.forgotten(), vec![]);
-        let zone = before.0.zones[0].zone;
+        let zone = desired_all(&config(), &snap)
+            .0
+            .firewall
+            .expect("a filter")
+            .zones[0]
+            .zone;
+        let c = |protocol: u8, src: [u8; 4], dst: [u8; 4]| Connection {
+            protocol,
+            src: src.into(),
+            dst: dst.into(),
+            ports: (protocol != 1).then_some((40000, 80)),
+            icmp: (protocol == 1).then_some((7, 8, 0)),
+        };
+        // A ping from p2 (a member: allowed), one from an address no rule allows (it came
+        // while the agent was down, before the rule went), and p1's own web request.
+        let ping = c(1, [10, 9, 0, 12], [10, 9, 0, 11]);
+        let stranger = c(1, [10, 9, 0, 99], [10, 9, 0, 11]);
+        let web = c(6, [10, 9, 0, 11], [192, 0, 2, 80]);
+        for x in [ping, stranger, web] {
+            f.firewall.track(zone, x);
+        }
+        let mut l = Loop::default();
+        // At start: the zone is listed once and what no rule allows goes.
+        let (r, forgot) = l.converge(&f, &snap);
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        forgot.expect("forget");
+        assert_eq!(f.firewall.tracked(zone), vec![ping, web]);
+        assert_eq!(f.firewall.commands().len(), 2, "one listing, one deletion");
+        l.converge(&f, &snap).1.expect("forget");
+        assert_eq!(f.firewall.commands(), Vec::<String>::new());
 
+        // ICMP in removed; the new filter fails to go in: nothing is forgotten.
         snap.groups[0] = group("default", json!([{"direction": "egress"}]));
-        // The new filter fails to go in: nothing is forgotten yet.
         f.firewall.failures.set("update", 1);
         f.firewall.failures.set("apply", 1);
-        let since = |b: &(Ruleset, Observed)| {
-            converge_since(&f.host, &config(), &snap, Some((&b.0, &b.1))).expect("converge")
-        };
-        let r = since(&before);
+        let (r, forgot) = l.converge(&f, &snap);
         assert!(!r.failures.is_empty());
-        assert_eq!(f.firewall.forgotten(), vec![]);
-        let r = since(&before);
+        forgot.expect("nothing tried");
+        assert_eq!(f.firewall.tracked(zone), vec![ping, web]);
+        // The retry puts it in, though the digest is already the new filter's; the first
+        // deletion fails and is tried again by the next converge, which changes nothing else.
+        f.firewall.failures.set("forget_delete", 1);
+        let (r, forgot) = l.converge(&f, &snap);
         assert!(r.failures.is_empty(), "{:?}", r.failures);
-        let gone = f.firewall.forgotten();
-        // ICMP (1) in to p1, in its network's zone, from each member.
-        let p1 = Ipv4Addr::new(10, 9, 0, 11);
-        let what: BTreeSet<_> = gone
-            .iter()
-            .map(|g| (g.zone, g.direction, g.address, g.protocol, g.port))
-            .collect();
-        assert_eq!(
-            what,
-            BTreeSet::from([(zone, Direction::Ingress, p1, Some(1), None)])
-        );
-        let from = |ip: &str| Some(format!("{ip}/32").parse().expect("cidr"));
-        let remotes: Vec<_> = gone.iter().map(|g| g.remote).collect();
-        assert_eq!(remotes, [from("10.9.0.11"), from("10.9.0.12")]);
-        // Converged again from there: nothing more.
-        before = r.desired.firewall.zip(r.firewall).expect("a filter");
-        since(&before);
-        assert_eq!(f.firewall.forgotten(), vec![]);
+        assert!(forgot.is_err());
+        assert_eq!(f.firewall.tracked(zone), vec![ping, web]);
+        let (r, forgot) = l.converge(&f, &snap);
+        assert_eq!(r.steps, vec![]);
+        forgot.expect("forget");
+        assert_eq!(f.firewall.tracked(zone), vec![web]);
+        f.firewall.commands();
+        l.converge(&f, &snap).1.expect("forget");
+        assert_eq!(f.firewall.commands(), Vec::<String>::new());
     }
 
     /// Network `net` as a vlan network on physnet1 with VLAN ID `id`.

@@ -4,7 +4,7 @@
 //! and a port whose security-group rules lose something keeps none of the connections only
 //! the lost part allowed ([`revoked`]), since the filter accepts established traffic before
 //! any rule. `conntrack -D` as an argument vector, in the router's or the node's namespace
-//! (an Open vSwitch node's switch forgets its own: [`OvsConnection`]). What a router
+//! (an Open vSwitch node's switch forgets its own: [`Connection`]). What a router
 //! translated is read back from its NAT table when the agent starts ([`translated`]), so that
 //! an address taken away while the agent was down is forgotten too.
 
@@ -40,12 +40,6 @@ pub fn flush_address(ns: &Netns, ip: Ipv4Addr) -> Result<(), ConntrackError> {
         delete(ns, &["-D".to_owned(), flag.to_owned(), ip])?;
     }
     Ok(())
-}
-
-/// Forgets the connections `f` names in `ns` (the node's namespace). Idempotent: none is
-/// `Ok`.
-pub fn forget(ns: &Netns, f: &Forget) -> Result<(), ConntrackError> {
-    delete(ns, &f.conntrack_args())
 }
 
 /// `conntrack ARGS` (a deletion) in `ns`; nothing matched is no failure.
@@ -132,7 +126,7 @@ impl Forget {
     }
 
     /// Whether `c` is one of the connections to forget (its zone aside).
-    pub fn matches(&self, c: &OvsConnection) -> bool {
+    pub fn matches(&self, c: &Connection) -> bool {
         let (mine, theirs) = match self.direction {
             Direction::Ingress => (c.dst, c.src),
             Direction::Egress => (c.src, c.dst),
@@ -146,12 +140,13 @@ impl Forget {
     }
 }
 
-/// A connection of Open vSwitch's userspace tracker, by its original direction, as
-/// `ovs-appctl dpctl/dump-conntrack` prints it. Open vSwitch 3.1 forgets a connection only
-/// by its whole origin tuple ([`OvsConnection::tuple`]), so the connections to forget are
-/// read, matched ([`Forget::matches`]) and forgotten one by one.
+/// A tracked connection by its original direction: as `ovs-appctl dpctl/dump-conntrack`
+/// prints one of Open vSwitch's userspace tracker ([`Connection::parse_dump`]), or
+/// `conntrack -L` one of the kernel's ([`Connection::parse_list`]). Each zone's are listed
+/// once, matched in-process ([`Keep::stale`]) and the stale ones deleted by their whole
+/// origin tuple (Open vSwitch 3.1 takes nothing else).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OvsConnection {
+pub struct Connection {
     /// The IP protocol number.
     pub protocol: u8,
     /// The original source.
@@ -164,19 +159,41 @@ pub struct OvsConnection {
     pub icmp: Option<(u16, u8, u8)>,
 }
 
-impl OvsConnection {
+impl Connection {
     /// The IPv4 connections of a `dpctl/dump-conntrack` listing, one a line, such as
     /// `icmp,orig=(src=10.0.0.1,dst=10.0.0.2,id=7,type=8,code=0),reply=(…),zone=9`; a line
     /// it cannot read (IPv6, another protocol) is left out.
-    pub fn parse_dump(text: &str) -> Vec<OvsConnection> {
+    pub fn parse_dump(text: &str) -> Vec<Connection> {
         text.lines().filter_map(Self::parse_line).collect()
     }
 
-    fn parse_line(line: &str) -> Option<OvsConnection> {
+    /// The IPv4 connections of a `conntrack -L -f ipv4` listing, one a line, such as
+    /// `icmp     1 29 src=10.0.0.1 dst=10.0.0.2 type=8 code=0 id=7 src=… zone=9 use=1` (the
+    /// first `src`, `dst`, ports or ICMP fields are the original direction's); a line it
+    /// cannot read is left out.
+    pub fn parse_list(text: &str) -> Vec<Connection> {
+        text.lines()
+            .filter_map(|line| {
+                let mut words = line.split_whitespace();
+                let proto = words.next()?;
+                let mut fields: BTreeMap<&str, &str> = BTreeMap::new();
+                for (k, v) in words.filter_map(|w| w.split_once('=')) {
+                    fields.entry(k).or_insert(v);
+                }
+                Self::from_fields(proto, &fields)
+            })
+            .collect()
+    }
+
+    fn parse_line(line: &str) -> Option<Connection> {
         let (proto, rest) = line.trim().split_once(',')?;
         let orig = rest.strip_prefix("orig=(")?.split_once(')')?.0;
         let fields: BTreeMap<&str, &str> =
             orig.split(',').filter_map(|f| f.split_once('=')).collect();
+        Self::from_fields(proto, &fields)
+    }
+
+    fn from_fields(proto: &str, fields: &BTreeMap<&str, &str>) -> Option<Connection> {
         let get = |k: &str| fields.get(k).copied();
         let num = |k: &str| get(k)?.parse::<u16>().ok();
         let protocol = match proto {
@@ -185,7 +202,7 @@ impl OvsConnection {
             "udp" => 17,
             _ => return None,
         };
-        Some(OvsConnection {
+        Some(Connection {
             protocol,
             src: get("src")?.parse().ok()?,
             dst: get("dst")?.parse().ok()?,
@@ -354,6 +371,168 @@ pub fn revoked(before: &Ruleset, after: &Ruleset) -> Vec<Forget> {
     out.into_iter().collect()
 }
 
+/// What the filter in place allows each port whose connections are to be looked through,
+/// by zone: every port with port security at start (nothing is known of the filter before),
+/// afterwards the ports that lost something since the last filter whose connections were
+/// looked through ([`revoked`]). A tracked connection of such a port (its address the
+/// original destination, or source) that its allows no longer cover is stale
+/// ([`Keep::stale`]); DHCP (UDP to port 67 or 68), which the filter passes whatever the rules,
+/// never is. Each zone's connections are listed once and matched in-process ([`prune`]),
+/// so the cost is that of the zone's connections, whatever the number of rules or remote
+/// group members lost.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Keep {
+    zones: BTreeMap<u16, BTreeMap<Ipv4Addr, Vec<Allow>>>,
+}
+
+impl Keep {
+    /// What to look through once `after` is in place, `before` the last filter whose
+    /// connections were (`None`: at start, or never yet).
+    pub fn new(after: &Ruleset, before: Option<&Ruleset>) -> Keep {
+        let lost: Option<BTreeSet<(u16, Ipv4Addr)>> = before.map(|b| {
+            revoked(b, after)
+                .iter()
+                .map(|f| (f.zone, f.address))
+                .collect()
+        });
+        let mut zones: BTreeMap<u16, BTreeMap<Ipv4Addr, Vec<Allow>>> = BTreeMap::new();
+        for p in after.ports.iter().filter(|p| p.port_security) {
+            let Some(zone) = after.zones.iter().find(|z| z.bridge == p.bridge) else {
+                continue;
+            };
+            let now = allows(after, p);
+            for ip in &p.ips {
+                if lost.as_ref().is_none_or(|l| l.contains(&(zone.zone, *ip))) {
+                    zones.entry(zone.zone).or_default().insert(*ip, now.clone());
+                }
+            }
+        }
+        Keep { zones }
+    }
+
+    /// Nothing to look through.
+    pub fn is_empty(&self) -> bool {
+        self.zones.is_empty()
+    }
+
+    /// The zones to list.
+    pub fn zones(&self) -> impl Iterator<Item = u16> + '_ {
+        self.zones.keys().copied()
+    }
+
+    /// Whether `c`, tracked in `zone`, is one the filter in place no longer allows.
+    pub fn stale(&self, zone: u16, c: &Connection) -> bool {
+        let Some(ports) = self.zones.get(&zone) else {
+            return false;
+        };
+        if c.protocol == 17 && matches!(c.ports, Some((_, 67 | 68))) {
+            return false;
+        }
+        let lost = |mine: Ipv4Addr, direction, theirs: Ipv4Addr| {
+            ports.get(&mine).is_some_and(|now| {
+                let point = Allow {
+                    direction,
+                    protocol: Some(c.protocol),
+                    ports: c.ports.map(|(_, d)| (d, d)),
+                    remote: Ipv4Cidr::new(theirs, 32),
+                };
+                !now.iter().any(|a| a.covers(&point))
+            })
+        };
+        lost(c.dst, Direction::Ingress, c.src) || lost(c.src, Direction::Egress, c.dst)
+    }
+}
+
+/// Deletes the stale connections of each zone `keep` names: `list` reads a zone once,
+/// `delete` removes one connection. Every zone and connection is tried whatever failed
+/// before it; the failures are said together (the first few, and how many).
+///
+/// # Errors
+/// A zone could not be listed or a connection deleted.
+pub fn prune<E: std::fmt::Display>(
+    keep: &Keep,
+    mut list: impl FnMut(u16) -> Result<Vec<Connection>, E>,
+    mut delete: impl FnMut(u16, &Connection) -> Result<(), E>,
+) -> Result<(), String> {
+    let mut errors = Vec::new();
+    for zone in keep.zones() {
+        match list(zone) {
+            Err(e) => errors.push(format!("list zone {zone}: {e}")),
+            Ok(cs) => {
+                for c in cs.iter().filter(|c| keep.stale(zone, c)) {
+                    if let Err(e) = delete(zone, c) {
+                        errors.push(format!("delete {} in zone {zone}: {e}", c.tuple()));
+                    }
+                }
+            }
+        }
+    }
+    match errors.len() {
+        0 => Ok(()),
+        n if n <= 3 => Err(errors.join("; ")),
+        n => Err(format!("{}; and {} more", errors[..3].join("; "), n - 3)),
+    }
+}
+
+/// [`prune`] on the kernel's tracker in `ns` (the node's namespace): `conntrack -L` once per
+/// zone, `conntrack -D` of each stale connection's origin tuple.
+///
+/// # Errors
+/// A zone could not be listed or a connection deleted.
+pub fn prune_kernel(ns: &Netns, keep: &Keep) -> Result<(), String> {
+    let list = |zone: u16| -> Result<Vec<Connection>, ConntrackError> {
+        let mut cmd = Command::new("conntrack");
+        cmd.args(["-L", "-f", "ipv4", "-w", &zone.to_string()]);
+        let out = netns::output(ns, cmd).map_err(ConntrackError::Run)?;
+        if !out.status.success() {
+            return Err(ConntrackError::Failed {
+                what: format!("-L -w {zone}"),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(Connection::parse_list(&String::from_utf8_lossy(
+            &out.stdout,
+        )))
+    };
+    let delete = |zone: u16, c: &Connection| delete(ns, &c.conntrack_delete(zone));
+    prune(keep, list, delete)
+}
+
+impl Connection {
+    /// `conntrack -D …` arguments deleting exactly this connection in `zone`.
+    pub fn conntrack_delete(&self, zone: u16) -> Vec<String> {
+        let name = match self.protocol {
+            1 => "icmp".to_owned(),
+            6 => "tcp".to_owned(),
+            17 => "udp".to_owned(),
+            p => p.to_string(),
+        };
+        let mut a: Vec<String> = vec![
+            "-D".into(),
+            "-f".into(),
+            "ipv4".into(),
+            "-w".into(),
+            zone.to_string(),
+            "-p".into(),
+            name,
+            "-s".into(),
+            self.src.to_string(),
+            "-d".into(),
+            self.dst.to_string(),
+        ];
+        if let Some((sport, dport)) = self.ports {
+            a.extend(["--sport".into(), sport.to_string()]);
+            a.extend(["--dport".into(), dport.to_string()]);
+        }
+        if let Some((id, kind, code)) = self.icmp {
+            a.extend(["--icmp-type".into(), kind.to_string()]);
+            a.extend(["--icmp-code".into(), code.to_string()]);
+            a.extend(["--icmp-id".into(), id.to_string()]);
+        }
+        a
+    }
+}
+
 /// The floating addresses each router namespace translates.
 pub fn floating<'a>(
     routers: impl IntoIterator<Item = (&'a Name, &'a Nat)>,
@@ -443,7 +622,7 @@ mod tests {
         s.parse().expect("cidr")
     }
 
-    fn rule(protocol: Protocol, ports: Option<(u16, u16)>, remote: Remote) -> Rule {
+    pub(super) fn rule(protocol: Protocol, ports: Option<(u16, u16)>, remote: Remote) -> Rule {
         Rule {
             protocol,
             ports: ports.map(|(first, last)| PortRange { first, last }),
@@ -451,22 +630,22 @@ mod tests {
         }
     }
 
-    fn icmp_subnet() -> Rule {
+    pub(super) fn icmp_subnet() -> Rule {
         rule(Protocol::Icmp, None, Remote::Cidr(cidr("10.0.0.0/24")))
     }
 
-    fn ssh() -> Rule {
+    pub(super) fn ssh() -> Rule {
         rule(Protocol::Tcp, Some((22, 22)), Remote::Any)
     }
 
-    const ALL: Rule = Rule {
+    pub(super) const ALL: Rule = Rule {
         protocol: Protocol::Any,
         ports: None,
         remote: Remote::Any,
     };
 
     /// One port (10.0.0.5, zone 9) with these rules, and group 0 of `members`.
-    fn rs(ingress: Vec<Rule>, egress: Vec<Rule>, members: &[[u8; 4]]) -> Ruleset {
+    pub(super) fn rs(ingress: Vec<Rule>, egress: Vec<Rule>, members: &[[u8; 4]]) -> Ruleset {
         let bridge = IfName::new("brq1").expect("name");
         Ruleset {
             zones: vec![Zone {
@@ -597,7 +776,7 @@ tcp,orig=(src=10.0.0.7,dst=10.0.0.5,sport=40000,dport=22),reply=(src=10.0.0.5,ds
 udp,orig=(src=10.0.0.5,dst=10.0.1.1,sport=5353,dport=53),reply=(src=10.0.1.1,dst=10.0.0.5,sport=53,dport=5353),zone=9
 icmpv6,orig=(src=fd00::1,dst=fd00::2,id=1,type=128,code=0),reply=(src=fd00::2,dst=fd00::1,id=1,type=129,code=0),zone=9
 ";
-        let conns = OvsConnection::parse_dump(dump);
+        let conns = Connection::parse_dump(dump);
         assert_eq!(conns.len(), 3, "{conns:?}");
         assert_eq!(
             conns[0].tuple(),
@@ -646,6 +825,127 @@ icmpv6,orig=(src=fd00::1,dst=fd00::2,id=1,type=128,code=0),reply=(src=fd00::2,ds
         );
         // A member that joins forgets nothing.
         assert!(revoked(&after, &before).is_empty());
+    }
+
+    fn conn(protocol: u8, src: [u8; 4], dst: [u8; 4], dport: u16) -> Connection {
+        Connection {
+            protocol,
+            src: Ipv4Addr::from(src),
+            dst: Ipv4Addr::from(dst),
+            ports: (protocol != 1).then_some((40000, dport)),
+            icmp: (protocol == 1).then_some((7, 8, 0)),
+        }
+    }
+
+    #[test]
+    fn a_remote_group_rule_lost_by_many_ports_lists_each_zone_once_and_deletes_only_the_stale() {
+        // 50 ports in one zone, a remote group of 1,000 members: the rule removed used to
+        // be 50,000 deletions; now it is one listing and one deletion per stale connection.
+        let members: Vec<[u8; 4]> = (0..1000u16)
+            .map(|i| [10, 1, (i >> 8) as u8, (i & 0xff) as u8])
+            .collect();
+        let from_group = rule(Protocol::Any, None, Remote::Group(GroupRef(0)));
+        let many = |ingress: Vec<Rule>| {
+            let mut r = rs(ingress, vec![ALL], &members);
+            let p = r.ports[0].clone();
+            r.ports = (0..50u8)
+                .map(|i| PortFilter {
+                    id: Name::new(&format!("p{i}")).expect("name"),
+                    ips: BTreeSet::from([Ipv4Addr::new(10, 0, 1, i)]),
+                    ..p.clone()
+                })
+                .collect();
+            r
+        };
+        let (before, after) = (many(vec![from_group, ssh()]), many(vec![ssh()]));
+        assert_eq!(revoked(&before, &after).len(), 50 * 1000);
+        let keep = Keep::new(&after, Some(&before));
+        // Tracked: a ping from a member to each of 10 ports (stale), SSH from a member
+        // (still allowed), DHCP, and a connection of an address no port has.
+        let mut tracked: Vec<Connection> = (0..10u8)
+            .map(|i| conn(1, [10, 1, 0, i], [10, 0, 1, i], 0))
+            .collect();
+        tracked.push(conn(6, [10, 1, 0, 1], [10, 0, 1, 3], 22));
+        tracked.push(conn(17, [10, 0, 1, 4], [255, 255, 255, 255], 67));
+        tracked.push(conn(1, [10, 1, 0, 1], [10, 0, 9, 9], 0));
+        let commands = std::cell::RefCell::new(Vec::new());
+        let run = prune(
+            &keep,
+            |zone| -> Result<_, String> {
+                commands.borrow_mut().push(format!("list {zone}"));
+                Ok(tracked.clone())
+            },
+            |zone, c| {
+                commands
+                    .borrow_mut()
+                    .push(format!("delete {zone} {} {}", c.src, c.dst));
+                Ok(())
+            },
+        );
+        assert_eq!(run, Ok(()));
+        let mut want = vec!["list 9".to_owned()];
+        want.extend((0..10).map(|i| format!("delete 9 10.1.0.{i} 10.0.1.{i}")));
+        assert_eq!(commands.into_inner(), want);
+        // At start every port's connections are looked through, still one listing a zone.
+        assert_eq!(Keep::new(&after, None).zones().collect::<Vec<_>>(), [9]);
+        // Nothing lost: nothing to list.
+        assert!(Keep::new(&after, Some(&after)).is_empty());
+    }
+
+    #[test]
+    fn every_stale_connection_is_tried_whatever_failed_before_and_all_failures_are_said() {
+        let before = rs(vec![icmp_subnet()], vec![ALL], &[]);
+        let after = rs(vec![], vec![ALL], &[]);
+        let keep = Keep::new(&after, Some(&before));
+        let tracked: Vec<Connection> = (1..=5u8)
+            .map(|i| conn(1, [10, 0, 0, i + 10], [10, 0, 0, 5], 0))
+            .collect();
+        let mut tried = 0;
+        let r = prune(
+            &keep,
+            |_| -> Result<_, String> { Ok(tracked.clone()) },
+            |_, c| {
+                tried += 1;
+                if c.src.octets()[3] % 2 == 1 {
+                    Err("busy".to_owned())
+                } else {
+                    Ok(())
+                }
+            },
+        );
+        assert_eq!(tried, 5);
+        let e = r.expect_err("three failed");
+        assert!(e.contains("10.0.0.11") && e.contains("10.0.0.15"), "{e}");
+    }
+
+    #[test]
+    fn the_kernels_listing_is_read_by_its_original_direction() {
+        let text = "tcp      6 99 ESTABLISHED src=10.0.0.1 dst=10.0.0.2 sport=1000 dport=22 [UNREPLIED] src=10.0.0.2 dst=10.0.0.1 sport=22 dport=1000 [ASSURED] mark=0 zone=7 use=1\n\
+            icmp     1 99 src=10.0.0.1 dst=10.0.0.2 type=8 code=0 id=5 [UNREPLIED] src=10.0.0.2 dst=10.0.0.1 type=0 code=0 id=5 mark=0 zone=7 use=1\n";
+        let cs = Connection::parse_list(text);
+        assert_eq!(
+            cs,
+            vec![
+                Connection {
+                    protocol: 6,
+                    src: Ipv4Addr::new(10, 0, 0, 1),
+                    dst: Ipv4Addr::new(10, 0, 0, 2),
+                    ports: Some((1000, 22)),
+                    icmp: None,
+                },
+                Connection {
+                    protocol: 1,
+                    src: Ipv4Addr::new(10, 0, 0, 1),
+                    dst: Ipv4Addr::new(10, 0, 0, 2),
+                    ports: None,
+                    icmp: Some((5, 8, 0)),
+                },
+            ]
+        );
+        assert_eq!(
+            cs[1].conntrack_delete(7).join(" "),
+            "-D -f ipv4 -w 7 -p icmp -s 10.0.0.1 -d 10.0.0.2 --icmp-type 8 --icmp-code 0 --icmp-id 5"
+        );
     }
 
     #[test]
@@ -717,6 +1017,7 @@ icmpv6,orig=(src=fd00::1,dst=fd00::2,id=1,type=128,code=0),reply=(src=fd00::2,ds
 /// On the real kernel, as root, in a namespace of its own.
 #[cfg(test)]
 mod host_tests {
+    use super::tests::{ALL, icmp_subnet, rs, rule, ssh};
     use super::*;
     use crate::driver::Firewall;
     use crate::driver::Links;
@@ -742,7 +1043,7 @@ mod host_tests {
     }
 
     #[test]
-    fn what_a_lost_rule_allowed_is_forgotten_in_its_zone_and_nothing_else() {
+    fn what_the_filter_no_longer_allows_is_forgotten_in_its_zone_and_nothing_else() {
         if !root() {
             return;
         }
@@ -798,31 +1099,15 @@ mod host_tests {
         tcp("22");
         tcp("80");
         let netns = Netns::Named(ns.clone());
-        let f = Forget {
-            zone: 9,
-            direction: Direction::Ingress,
-            address: Ipv4Addr::new(10, 0, 0, 5),
-            protocol: Some(1),
-            port: None,
-            remote: Some("10.0.0.0/24".parse().expect("cidr")),
-        };
-        forget(&netns, &f).expect("forget");
-        let ssh = Forget {
-            protocol: Some(6),
-            port: Some(22),
-            remote: None,
-            ..f
-        };
-        forget(&netns, &ssh).expect("forget");
+        // ICMP from the subnet and SSH lost; TCP 80 still allowed.
+        let web = rule(Protocol::Tcp, Some((80, 80)), Remote::Any);
+        let before = rs(vec![icmp_subnet(), ssh(), web], vec![ALL], &[]);
+        let after = rs(vec![web], vec![ALL], &[]);
+        let keep = Keep::new(&after, Some(&before));
+        prune_kernel(&netns, &keep).expect("forget");
         let left = connections(&ns);
         let lines: Vec<&str> = left.lines().filter(|l| l.contains("src=")).collect();
-        assert_eq!(lines.len(), 3, "{left}");
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.contains("src=10.1.0.7") && l.contains("zone=9")),
-            "{left}"
-        );
+        assert_eq!(lines.len(), 2, "{left}");
         assert!(
             lines
                 .iter()
@@ -831,7 +1116,7 @@ mod host_tests {
         );
         assert!(lines.iter().any(|l| l.contains("dport=80")), "{left}");
         // Nothing left to forget is not a failure.
-        forget(&netns, &f).expect("forget again");
+        prune_kernel(&netns, &keep).expect("forget again");
     }
 
     #[test]

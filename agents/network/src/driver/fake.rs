@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use super::conntrack::Forget;
+use super::conntrack::{self, Connection, Keep};
 use super::{
     Dhcp, DhcpError, DhcpSpec, DhcpStatus, FdbEntry, Firewall, FirewallError, IfName, Ipv4Cidr,
     Link, LinkError, LinkKind, Links, MacAddr, Name, Nat, Netns, Observed, RouteSpec, Ruleset,
@@ -487,7 +487,8 @@ pub struct FakeFirewall {
     tables: Mutex<Option<Observed>>,
     nat: Mutex<BTreeMap<Name, Observed>>,
     applied: Mutex<u64>,
-    forgotten: Mutex<Vec<Forget>>,
+    tracked: Mutex<BTreeMap<u16, Vec<Connection>>>,
+    commands: Mutex<Vec<String>>,
     /// Failure injection, by [`Firewall`] method name.
     pub failures: Failures,
 }
@@ -503,9 +504,20 @@ impl FakeFirewall {
         *lock(&self.applied)
     }
 
-    /// The connections asked to be forgotten, in order, since the last call.
-    pub fn forgotten(&self) -> Vec<Forget> {
-        std::mem::take(&mut *lock(&self.forgotten))
+    /// Tracks `c` in `zone`, as a packet the filter passed would.
+    pub fn track(&self, zone: u16, c: Connection) {
+        lock(&self.tracked).entry(zone).or_default().push(c);
+    }
+
+    /// The connections tracked in `zone`.
+    pub fn tracked(&self, zone: u16) -> Vec<Connection> {
+        lock(&self.tracked).get(&zone).cloned().unwrap_or_default()
+    }
+
+    /// The tracker commands `forget` ran (`list ZONE`, `delete ZONE TUPLE`), in order,
+    /// since the last call.
+    pub fn commands(&self) -> Vec<String> {
+        std::mem::take(&mut *lock(&self.commands))
     }
 
     /// Changes a router's NAT table behind the driver's back (`None`: deleted).
@@ -581,10 +593,26 @@ impl Firewall for FakeFirewall {
         Ok(lock(&self.nat).get(netns).cloned())
     }
 
-    fn forget(&self, connections: &[Forget]) -> Result<(), FirewallError> {
+    /// Lists each zone once and deletes its stale connections, as the drivers do; a
+    /// `forget_delete` failure fails one deletion and the others still run.
+    fn forget(&self, keep: &Keep) -> Result<(), FirewallError> {
         self.check("forget")?;
-        lock(&self.forgotten).extend_from_slice(connections);
-        Ok(())
+        let list = |zone: u16| -> Result<Vec<Connection>, FirewallError> {
+            lock(&self.commands).push(format!("list {zone}"));
+            Ok(self.tracked(zone))
+        };
+        let delete = |zone: u16, c: &Connection| -> Result<(), FirewallError> {
+            lock(&self.commands).push(format!("delete {zone} {}", c.tuple()));
+            self.check("forget_delete")?;
+            if let Some(cs) = lock(&self.tracked).get_mut(&zone) {
+                cs.retain(|t| t != c);
+            }
+            Ok(())
+        };
+        conntrack::prune(keep, list, delete).map_err(|stderr| FirewallError::Command {
+            what: "forget connections".into(),
+            stderr,
+        })
     }
 }
 

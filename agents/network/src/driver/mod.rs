@@ -384,10 +384,10 @@ pub fn attach_each<L: Links + ?Sized>(
 /// - `apply_nat` replaces a router namespace's NAT table ([`Nat`]) in one transaction, as
 ///   `apply` does the node's; `read_nat` reads it back as [`Nat::observed`] digests it
 ///   (`None` when absent). A router's table goes with its namespace.
-/// - `forget` deletes the tracked connections each [`conntrack::Forget`] names, in the
-///   datapath's connection tracker (established traffic is accepted before any rule, so a
-///   connection a removed rule allowed lives on until it is forgotten); none to delete is
-///   `Ok(())`.
+/// - `forget` lists each zone a [`conntrack::Keep`] names once in the datapath's connection
+///   tracker and deletes the connections the filter no longer allows (established traffic
+///   is accepted before any rule, so a connection a removed rule allowed lives on until it
+///   is forgotten); every one is tried whatever failed before, none to delete is `Ok(())`.
 pub trait Firewall: Send + Sync + 'static {
     /// Replaces the node's tables by `ruleset`.
     fn apply(&self, ruleset: &Ruleset) -> Result<(), FirewallError>;
@@ -401,8 +401,8 @@ pub trait Firewall: Send + Sync + 'static {
     fn apply_nat(&self, netns: &Name, nat: &Nat) -> Result<(), FirewallError>;
     /// The NAT table of the router namespace `netns`.
     fn read_nat(&self, netns: &Name) -> Result<Option<Observed>, FirewallError>;
-    /// Forgets the ports' tracked connections `connections` name ([`conntrack::revoked`]).
-    fn forget(&self, connections: &[conntrack::Forget]) -> Result<(), FirewallError>;
+    /// Forgets the tracked connections of the ports `keep` names that it no longer allows.
+    fn forget(&self, keep: &conntrack::Keep) -> Result<(), FirewallError>;
 }
 
 /// DHCP servers handing out static leases only, one per network: [`dnsmasq::Dnsmasq`] or

@@ -1847,15 +1847,13 @@ impl Firewall for NftFirewall {
         Ok(parse_tables(&v, &["ip"]))
     }
 
-    /// `conntrack -D` in the node's namespace, one per [`Forget`](super::conntrack::Forget).
-    fn forget(&self, connections: &[super::conntrack::Forget]) -> Result<(), FirewallError> {
-        for f in connections {
-            super::conntrack::forget(&self.netns, f).map_err(|e| FirewallError::Command {
-                what: "forget the connections a removed rule allowed".into(),
-                stderr: stratus_runtime::policy::chain(&e),
-            })?;
-        }
-        Ok(())
+    /// `conntrack -L` once per zone in the node's namespace, `conntrack -D` of each stale
+    /// connection ([`conntrack::prune_kernel`](super::conntrack::prune_kernel)).
+    fn forget(&self, keep: &super::conntrack::Keep) -> Result<(), FirewallError> {
+        super::conntrack::prune_kernel(&self.netns, keep).map_err(|stderr| FirewallError::Command {
+            what: "forget the connections the filter no longer allows".into(),
+            stderr,
+        })
     }
 }
 

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::conntrack::{Forget, OvsConnection};
+use super::conntrack::{self, Connection, Keep};
 use super::names::digest_hex;
 use super::netlink::NetlinkLinks;
 use super::netns;
@@ -552,46 +552,37 @@ impl OvsLinks {
         self
     }
 
-    /// Forgets the connections `forget` names in the switch's connection tracker (the
-    /// userspace datapath's): each zone's are listed once and those that match are
-    /// flushed by their origin tuple. None is `Ok(())`.
+    /// Deletes the stale connections `keep` names ([`conntrack::prune`]) in the switch's
+    /// connection tracker (the userspace datapath's): each zone's are listed once and the
+    /// stale ones flushed by their origin tuple; every one is tried.
     ///
     /// # Errors
     /// `ovs-appctl` failed.
-    pub fn forget(&self, forget: &[Forget]) -> Result<(), LinkError> {
-        let failed = |what: String| {
-            move |e: OvsError| LinkError::Io {
-                what: format!("{what}: {e}"),
-                source: std::io::Error::other(e),
-            }
-        };
-        let zones: BTreeSet<u16> = forget.iter().map(|f| f.zone).collect();
-        for zone in zones {
-            let zone_arg = format!("zone={zone}");
+    pub fn forget(&self, keep: &Keep) -> Result<(), LinkError> {
+        let list = |zone: u16| -> Result<Vec<Connection>, OvsError> {
             let dump = self
                 .ovs
-                .appctl(&["dpctl/dump-conntrack", &zone_arg])
-                .map_err(failed(format!("dump-conntrack {zone_arg}")))?;
-            let of_zone: Vec<&Forget> = forget.iter().filter(|f| f.zone == zone).collect();
-            for c in OvsConnection::parse_dump(&dump) {
-                if !of_zone.iter().any(|f| f.matches(&c)) {
-                    continue;
-                }
-                let tuple = c.tuple();
-                match self
-                    .ovs
-                    .appctl(&["dpctl/flush-conntrack", &zone_arg, &tuple])
+                .appctl(&["dpctl/dump-conntrack", &format!("zone={zone}")])?;
+            Ok(Connection::parse_dump(&dump))
+        };
+        let delete = |zone: u16, c: &Connection| -> Result<(), OvsError> {
+            match self
+                .ovs
+                .appctl(&["dpctl/flush-conntrack", &format!("zone={zone}"), &c.tuple()])
+            {
+                // Gone since the listing (it says so with ENOENT).
+                Err(OvsError::Command { stderr, .. })
+                    if stderr.contains("(No such file or directory)") =>
                 {
-                    // Gone since the listing (it says so with ENOENT).
-                    Err(OvsError::Command { stderr, .. })
-                        if stderr.contains("(No such file or directory)") => {}
-                    r => {
-                        r.map_err(failed(format!("flush-conntrack {zone_arg} {tuple}")))?;
-                    }
+                    Ok(())
                 }
+                r => r.map(|_| ()),
             }
-        }
-        Ok(())
+        };
+        conntrack::prune(keep, list, delete).map_err(|what| LinkError::Io {
+            source: std::io::Error::other(what.clone()),
+            what: format!("forget connections: {what}"),
+        })
     }
 
     fn mine(&self, ns: &Netns) -> bool {

@@ -142,7 +142,7 @@ impl Firewall for OvsFirewall {
 
     /// The switch's tracker holds the ports' connections (the kernel's sees none of them):
     /// [`OvsLinks::forget`].
-    fn forget(&self, connections: &[super::conntrack::Forget]) -> Result<(), FirewallError> {
-        self.links.forget(connections).map_err(switch_err)
+    fn forget(&self, keep: &super::conntrack::Keep) -> Result<(), FirewallError> {
+        self.links.forget(keep).map_err(switch_err)
     }
 }
