@@ -524,6 +524,26 @@ fn lvm_recovery_grows_a_device_left_at_the_old_size() {
     lvm.create(&a, 4 * MIB, Source::Empty).expect("create");
     let dev = lvm.device(&a).expect("device");
     let mut held = std::fs::File::open(&dev).expect("open");
+    interrupted_grow(&vg.vg, &a, 4 * MIB, "8m");
+    assert_eq!(size_of(&mut held), 4 * MIB);
+    let done = lvm.recover().expect("recover");
+    assert!(done.is_empty(), "nothing removed: {done:?}");
+    assert_eq!(size_of(&mut held), 8 * MIB);
+    assert_eq!(lvm.device(&a).expect("device"), dev);
+    assert_eq!(tags(&vg.vg, &a), "", "the tag goes once its devices grew");
+    drop(held);
+    lvm.delete(&a).expect("delete");
+    assert_eq!(loops_over(&vg.pv), 0);
+}
+
+/// What a grow in place of LV `name` of `vg` from `from` bytes to `to` (an lvextend size)
+/// leaves when the process dies before the devices grew: the tag the driver records first,
+/// then the lvextend.
+fn interrupted_grow(vg: &str, name: &VolName, from: u64, to: &str) {
+    let lv = format!("{vg}/{name}");
+    let tag = format!("stratus-growing-from-{from}");
+    cmd::run("lvchange", ["--driverloaded", "n", "--addtag", &tag, &lv])
+        .expect("lvchange --addtag");
     cmd::run(
         "lvextend",
         [
@@ -532,17 +552,167 @@ fn lvm_recovery_grows_a_device_left_at_the_old_size() {
             "--alloc",
             "contiguous",
             "-L",
-            "8m",
-            &format!("{}/{a}", vg.vg),
+            to,
+            &lv,
         ],
     )
     .expect("lvextend");
-    assert_eq!(size_of(&mut held), 4 * MIB);
-    let done = lvm.recover().expect("recover");
-    assert!(done.is_empty(), "nothing removed: {done:?}");
-    assert_eq!(size_of(&mut held), 8 * MIB);
-    assert_eq!(lvm.device(&a).expect("device"), dev);
+}
+
+/// The tags of LV `name` of `vg`.
+fn tags(vg: &str, name: &VolName) -> String {
+    let out = cmd::run(
+        "lvs",
+        [
+            "--driverloaded",
+            "n",
+            "--noheadings",
+            "-o",
+            "lv_tags",
+            &format!("{vg}/{name}"),
+        ],
+    )
+    .expect("lvs");
+    String::from_utf8_lossy(&out).trim().to_owned()
+}
+
+/// The loop device `dev` as the kernel lists it (`None`: gone).
+fn listed(dev: &Path) -> Option<loopdev::LoopDevice> {
+    loopdev::list()
+        .expect("losetup")
+        .into_iter()
+        .find(|d| d.name == dev)
+}
+
+/// A volume deleted while its device was held leaves that device lazily detached (AUTOCLEAR)
+/// over extents a later volume takes. Growing the later volume in place, and recovering after
+/// a grow interrupted, grow its own device alone: never the stale one (its holder would see
+/// the grown part), nor another device at its offset over another length (recovery detaches
+/// that one).
+#[test]
+fn lvm_grows_only_its_own_devices_never_a_stale_one_at_the_same_offset() {
+    if super::lvm::has_device_mapper() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vg = TestVg::new(tmp.path(), "stratus-conf-stale", 64 * MIB);
+    let lvm = Lvm::new(&vg.vg).expect("a name");
+    // A 4 MiB volume whose device a process holds, deleted.
+    let old = VolName::volume("stale-old").expect("uid");
+    lvm.create(&old, 4 * MIB, Source::Empty).expect("create");
+    let stale = lvm.device(&old).expect("device");
+    let mut stale_holder = std::fs::File::open(&stale).expect("hold the device");
+    lvm.delete(&old).expect("delete");
+    let left = listed(&stale).expect("held, it stays");
+    assert!(left.autoclear, "{left:?}");
+
+    let new = VolName::volume("stale-new").expect("uid");
+    lvm.create(&new, 4 * MIB, Source::Empty).expect("create");
+    let dev = lvm.device(&new).expect("device");
+    assert_ne!(dev, stale, "a detached device is not handed out again");
+    let own = listed(&dev).expect("listed");
+    assert_eq!(
+        own.offset, left.offset,
+        "the new volume took the old one's extents"
+    );
+    let mut held = std::fs::File::open(&dev).expect("hold the new volume's device");
+    // Another device at its offset over another length (not the volume's).
+    let out = cmd::run(
+        "losetup",
+        [
+            "--find",
+            "--show",
+            "--offset",
+            &own.offset.to_string(),
+            "--sizelimit",
+            &(2 * MIB).to_string(),
+            &own.backing.to_string_lossy(),
+        ],
+    )
+    .expect("losetup");
+    let other = PathBuf::from(String::from_utf8_lossy(&out).trim());
+
+    lvm.extend_held(&new, 8 * MIB).expect("grown in place");
+    assert_eq!(size_of(&mut held), 8 * MIB, "its own device grows");
+    assert_eq!(
+        size_of(&mut stale_holder),
+        4 * MIB,
+        "the stale one does not"
+    );
+    assert_eq!(listed(&other).expect("left").size_limit, 2 * MIB);
+    assert_eq!(tags(&vg.vg, &new), "");
+
+    // Interrupted after the lvextend: recovery grows its device from the length recorded.
+    interrupted_grow(&vg.vg, &new, 8 * MIB, "12m");
+    let removed = lvm.recover().expect("recover");
+    assert_eq!(size_of(&mut held), 12 * MIB, "its own device grows");
+    assert_eq!(
+        size_of(&mut stale_holder),
+        4 * MIB,
+        "the stale one does not"
+    );
+    assert!(listed(&other).is_none(), "detached: {removed:?}");
+    assert!(
+        removed.contains(&other.display().to_string()),
+        "{removed:?}"
+    );
+    assert_eq!(tags(&vg.vg, &new), "");
+
     drop(held);
-    lvm.delete(&a).expect("delete");
-    assert_eq!(loops_over(&vg.pv), 0);
+    drop(stale_holder);
+    lvm.delete(&new).expect("delete");
+    // The stale device goes with its last holder (the kernel may take a moment).
+    let gone = (0..50).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        loops_over(&vg.pv) == 0
+    });
+    assert!(gone, "{:?}", loopdev::list());
+}
+
+/// A loop device is resized only while it is over what it was listed over: a listing gone
+/// stale (the device detached and set up again over another offset, length or file) is
+/// refused, the device left as it is.
+#[test]
+fn a_loop_device_is_resized_only_while_over_what_was_listed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (tmp.path().join("a.img"), tmp.path().join("b.img"));
+    for f in [&a, &b] {
+        std::fs::File::create(f)
+            .and_then(|f| f.set_len(8 * MIB))
+            .expect("a backing file");
+    }
+    let region = loopdev::Region {
+        path: a.clone(),
+        offset: MIB,
+        len: 2 * MIB,
+    };
+    let name = loopdev::attach(&region).expect("attach");
+    let dev = listed(&name).expect("listed");
+    let size = || {
+        std::fs::File::open(&name)
+            .map(|mut f| size_of(&mut f))
+            .expect("open")
+    };
+    let stale = [
+        loopdev::LoopDevice {
+            offset: 0,
+            ..dev.clone()
+        },
+        loopdev::LoopDevice {
+            size_limit: MIB,
+            ..dev.clone()
+        },
+        loopdev::LoopDevice {
+            backing: b.clone(),
+            ..dev.clone()
+        },
+    ];
+    for listed in &stale {
+        let e = loopdev::set_size_limit(listed, 4 * MIB).expect_err("a stale listing");
+        assert!(e.to_string().contains("no longer over"), "{e}");
+        assert_eq!(size(), 2 * MIB, "{listed:?}");
+    }
+    loopdev::set_size_limit(&dev, 4 * MIB).expect("as listed");
+    assert_eq!(size(), 4 * MIB);
+    loopdev::detach(&name).expect("detach");
 }
