@@ -1098,13 +1098,11 @@ pub async fn run(client: Client, host: Host, config: Config) {
     // A resync that gave way to a change from the API (see below) runs right after that
     // change's converge; after four in a row it runs to the end whatever comes meanwhile, so
     // that a stream of changes does not put drift repair off for ever.
-    let mut resync_due = false;
-    let mut gave_way = false;
-    let mut yielded = 0u32;
+    let mut give_way = GiveWay::default();
     loop {
         let mut resync = first;
         if !first {
-            if resync_due && !gave_way {
+            if give_way.resync_now() {
                 resync = true;
             } else {
                 // No settling delay: changes that come during a converge wake one more
@@ -1116,10 +1114,7 @@ pub async fn run(client: Client, host: Host, config: Config) {
             }
         }
         first = false;
-        gave_way = false;
-        if resync {
-            resync_due = false;
-        }
+        give_way.start(resync);
         // After a restart the node is converged only once every network's watch has listed:
         // a network read as absent would have its wiring torn down.
         if !caches.follow(&client, &node, &notify, converged_once) {
@@ -1171,7 +1166,7 @@ pub async fn run(client: Client, host: Host, config: Config) {
         // A change from the API that comes while a resync reads the host does not wait
         // for it: the resync stops, the change's converge (which reads only the firewall
         // when that is all it changed) runs first, and the resync after it.
-        let done = if resync && seen.is_some() && yielded < 4 {
+        let done = if give_way.may_yield(resync, seen.is_some()) {
             tokio::select! {
                 done = &mut job => done,
                 () = notify.notified() => {
@@ -1209,9 +1204,7 @@ pub async fn run(client: Client, host: Host, config: Config) {
                 tracing::debug!("the resync gave way to a change");
                 digest = before;
                 seen = last.or(seen);
-                resync_due = true;
-                gave_way = true;
-                yielded += 1;
+                give_way.gave_way();
                 continue;
             }
             Err(e) => {
@@ -1219,9 +1212,7 @@ pub async fn run(client: Client, host: Host, config: Config) {
                 continue;
             }
         };
-        if resync {
-            yielded = 0;
-        }
+        give_way.done(resync);
         if !report.steps.is_empty() {
             tracing::info!(
                 steps = report.steps.len(),
@@ -1268,6 +1259,57 @@ pub async fn run(client: Client, host: Host, config: Config) {
         });
         if let Some(ip) = config.node.underlay {
             report_host_ip(&client, &node, ip, &snap).await;
+        }
+    }
+}
+
+/// When the agent's resync runs and whether it may give way to a change from the API: a
+/// resync that gave way runs right after that change's converge (without waiting for a
+/// wake-up); after [`GiveWay::CAP`] in a row it runs to the end whatever comes meanwhile, so
+/// that a stream of changes does not put drift repair off for ever.
+#[derive(Debug, Default)]
+struct GiveWay {
+    /// A resync gave way and is still to run.
+    due: bool,
+    /// The converge just ended was a resync that gave way (the change runs first).
+    just: bool,
+    /// Resyncs given way in a row.
+    yielded: u32,
+}
+
+impl GiveWay {
+    const CAP: u32 = 4;
+
+    /// Whether the next converge is the resync put off, run without waiting.
+    fn resync_now(&self) -> bool {
+        self.due && !self.just
+    }
+
+    /// A converge (a resync or not) starts.
+    fn start(&mut self, resync: bool) {
+        self.just = false;
+        if resync {
+            self.due = false;
+        }
+    }
+
+    /// Whether this converge may give way to a change that comes while it reads the host
+    /// (a resync with a last host reading to fall back on).
+    fn may_yield(&self, resync: bool, seen: bool) -> bool {
+        resync && seen && self.yielded < Self::CAP
+    }
+
+    /// The resync gave way.
+    fn gave_way(&mut self) {
+        self.due = true;
+        self.just = true;
+        self.yielded += 1;
+    }
+
+    /// A converge ended with a report.
+    fn done(&mut self, resync: bool) {
+        if resync {
+            self.yielded = 0;
         }
     }
 }
@@ -2120,6 +2162,79 @@ pub(crate) mod tests {
             r.steps
         );
         assert!(f.links.link(&ns, &vx).expect("link").is_some());
+    }
+
+    /// Stopped while it reads the host (a change comes between two reads), a resync gives
+    /// up before any step: nothing changed, and the change's converge finds the drift still
+    /// to repair.
+    #[test]
+    fn a_resync_stopped_in_the_middle_of_its_reads_gives_up_before_any_step() {
+        let f = fakes();
+        plug(&f.links, "tp-p1");
+        let snap = snapshot();
+        let first = converge(&f.host, &config(), &snap).expect("converge");
+        assert!(first.failures.is_empty(), "{:?}", first.failures);
+        let ns = Netns::Host;
+        let vx = IfName::derived(Role::Vxlan, "uid-net");
+        f.links.remove_behind(&ns, &vx);
+        let applied = f.firewall.applied();
+        // The change comes while the DHCP servers are listed, after the links were read.
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, listed) = (Arc::clone(&stop), Arc::new(AtomicBool::new(false)));
+        let l2 = Arc::clone(&listed);
+        f.dhcp.on_list(move || {
+            l2.store(true, Ordering::Relaxed);
+            s2.store(true, Ordering::Relaxed);
+        });
+        let r = converge_unless(&f.host, &config(), &snap, None, None, &stop).expect("converge");
+        assert!(r.is_none(), "{r:?}");
+        assert!(listed.load(Ordering::Relaxed), "stopped only once it read");
+        assert_eq!(f.links.link(&ns, &vx).expect("link"), None);
+        assert_eq!(f.firewall.applied(), applied);
+        f.dhcp.on_list(|| {});
+        stop.store(false, Ordering::Relaxed);
+        let r = converge_unless(&f.host, &config(), &snap, None, None, &stop)
+            .expect("converge")
+            .expect("not stopped");
+        assert!(r.steps.iter().any(|s| matches!(s.op, Op::AddVxlan(..))));
+    }
+
+    /// Under a stream of changes, each arriving while the resync reads, the resync gives
+    /// way four times in a row, each time running right after the change's converge, and
+    /// the fifth runs to the end; then it may give way again.
+    #[test]
+    fn a_resync_gives_way_four_times_in_a_row_then_runs_to_the_end() {
+        let mut g = GiveWay::default();
+        // The timer's resync, with a last reading to fall back on.
+        let mut log = Vec::new();
+        let mut resync = true;
+        for _ in 0..12 {
+            g.start(resync);
+            if g.may_yield(resync, true) {
+                // A change came while it read: it gave way.
+                g.gave_way();
+                log.push("yield");
+            } else {
+                g.done(resync);
+                log.push(if resync { "resync" } else { "change" });
+            }
+            // Next: the resync put off runs at once, else a change's wake-up.
+            resync = g.resync_now();
+            if log.len() >= 10 {
+                break;
+            }
+        }
+        assert_eq!(
+            log,
+            [
+                "yield", "change", "yield", "change", "yield", "change", "yield", "change",
+                "resync", "change"
+            ]
+        );
+        // Ran to the end: the next resync may give way again.
+        assert!(g.may_yield(true, true));
+        // Without a last reading (after a failure) it never gives way.
+        assert!(!g.may_yield(true, false));
     }
 
     #[test]

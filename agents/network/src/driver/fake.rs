@@ -624,13 +624,25 @@ struct Server {
 
 /// DHCP servers in memory: a "process" is a pid, restarted when the spec changes other than
 /// in its leases.
-#[derive(Debug)]
 pub struct FakeDhcp {
     servers: Mutex<BTreeMap<Name, Server>>,
     next_pid: Mutex<u32>,
     reloads: Mutex<u64>,
+    on_list: Mutex<Option<ListHook>>,
     /// Failure injection, by [`Dhcp`] method name.
     pub failures: Failures,
+}
+
+/// What runs at each [`FakeDhcp`] `list`, as something else happens while the host is read.
+type ListHook = Box<dyn Fn() + Send + Sync>;
+
+impl std::fmt::Debug for FakeDhcp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeDhcp")
+            .field("servers", &self.servers)
+            .field("reloads", &self.reloads)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for FakeDhcp {
@@ -639,6 +651,7 @@ impl Default for FakeDhcp {
             servers: Mutex::default(),
             next_pid: Mutex::new(1000),
             reloads: Mutex::default(),
+            on_list: Mutex::default(),
             failures: Failures::default(),
         }
     }
@@ -655,6 +668,12 @@ impl FakeDhcp {
         if let Some(s) = lock(&self.servers).get_mut(name) {
             s.pid = None;
         }
+    }
+
+    /// Runs `hook` at each `list` from now on (the servers are listed while the host is
+    /// read).
+    pub fn on_list(&self, hook: impl Fn() + Send + Sync + 'static) {
+        *lock(&self.on_list) = Some(Box::new(hook));
     }
 
     /// How many times a running server was told to reload.
@@ -709,6 +728,9 @@ impl Dhcp for FakeDhcp {
     }
 
     fn list(&self) -> Result<BTreeSet<Name>, DhcpError> {
+        if let Some(hook) = lock(&self.on_list).as_ref() {
+            hook();
+        }
         if self.failures.take("list") {
             return Err(DhcpError::Injected("list"));
         }
