@@ -2132,38 +2132,6 @@ pub(crate) mod tests {
         );
     }
 
-    #[test]
-    fn a_resync_told_to_stop_while_it_reads_changes_nothing_and_says_so() {
-        let f = fakes();
-        plug(&f.links, "tp-p1");
-        let snap = snapshot();
-        let first = converge(&f.host, &config(), &snap).expect("converge");
-        assert!(first.failures.is_empty(), "{:?}", first.failures);
-        let ns = Netns::Host;
-        let vx = IfName::derived(Role::Vxlan, "uid-net");
-        f.links.remove_behind(&ns, &vx);
-        let applied = f.firewall.applied();
-
-        // Stopped (a change from the API came): no report, no step, the drift still there.
-        let stop = AtomicBool::new(true);
-        let r = converge_unless(&f.host, &config(), &snap, None, None, &stop).expect("converge");
-        assert!(r.is_none(), "{r:?}");
-        assert_eq!(f.links.link(&ns, &vx).expect("link"), None);
-        assert_eq!(f.firewall.applied(), applied);
-
-        // Run again without the stop, the resync repairs it.
-        stop.store(false, Ordering::Relaxed);
-        let r = converge_unless(&f.host, &config(), &snap, None, None, &stop)
-            .expect("converge")
-            .expect("not stopped");
-        assert!(
-            r.steps.iter().any(|s| matches!(s.op, Op::AddVxlan(..))),
-            "{:?}",
-            r.steps
-        );
-        assert!(f.links.link(&ns, &vx).expect("link").is_some());
-    }
-
     /// Stopped while it reads the host (a change comes between two reads), a resync gives
     /// up before any step: nothing changed, and the change's converge finds the drift still
     /// to repair.
