@@ -12,6 +12,9 @@
 //!   `status.attachments[].node`, as read in that same revision; 422 on `spec.node`
 //!   otherwise): whoever may create exports cannot have a volume's data served to a node no
 //!   Server holding it is placed on.
+//! - One project has at most [`EXPORTS_PER_PROJECT_AND_STORAGE_NODE`] exports from one
+//!   storage node (403 beyond it), counted at a revision the create holds (concurrent creates
+//!   are checked again): no project takes every export port of a storage address.
 //! - Its spec never changes (422 on `spec`): the storage node serves and the node connects to
 //!   what it was made for.
 //! - A status recording where it is served (`status.host`, newly or moved) records the
@@ -29,9 +32,26 @@ use crate::admission::{Admission, Change, Ctx, Subject, Written};
 use crate::base::error::{ApiError, ApiResult, Cause};
 use crate::base::meta;
 use crate::storage::keys;
+use crate::storage::store::Write;
 
 /// The group of the kind.
 const GROUP: &str = "storage.stratus.dev";
+
+/// How often a create is checked again when what it read changed before its write.
+const RETRIES: usize = 5;
+
+/// The most VolumeExports one project may have from one storage node.
+///
+/// Each export is one `qemu-nbd` on a port of its own of the storage node's storage address,
+/// from a range of 191 by default (`--export-ports 10809-10999`), shared by every project.
+/// Without a bound one project takes them all: 16 servers on other nodes, each holding 12
+/// multi-attach volumes of one pool, are 192 exports, and every other project's remote
+/// attachment on that node then waits for a port. 48 (a quarter of the default range) is
+/// 16 servers with 3 remote volumes each, or 3 servers with all 16 of theirs, on top of
+/// any number of local attachments (which need no export); the range holds four such
+/// projects at once. Refused with 403 (a limit, as an exceeded quota is), the attachments
+/// controller tries again and the attachment waits until an export of the project ends.
+pub const EXPORTS_PER_PROJECT_AND_STORAGE_NODE: usize = 48;
 
 /// Admission of VolumeExports.
 pub struct VolumeExports;
@@ -101,7 +121,30 @@ async fn create(ctx: Ctx<'_>, s: &Subject<'_>, w: Change<'_>) -> ApiResult<Writt
             ),
         ));
     }
-    let Some((key, vol, rev)) = volume(ctx, &spec).await? else {
+    for _ in 0..RETRIES {
+        let written = create_once(ctx, s, w, &spec).await?;
+        // Absent, so what changed is the volume or the exports counted: checked again.
+        if !matches!(written.write, Write::Conflict(0)) {
+            return Ok(written);
+        }
+    }
+    Err(ApiError::conflict(
+        GROUP,
+        s.plural,
+        meta::meta_str(w.new, "name").unwrap_or_default(),
+        "the volume or its project's exports kept changing while the export was created; retry",
+    ))
+}
+
+/// One try of [`create`] past its name check: `Conflict(0)` when the volume, or an export,
+/// changed between the read and the write.
+async fn create_once(
+    ctx: Ctx<'_>,
+    s: &Subject<'_>,
+    w: Change<'_>,
+    spec: &VolumeExportSpec,
+) -> ApiResult<Written> {
+    let Some((key, vol, rev)) = volume(ctx, spec).await? else {
         return Err(invalid(
             s,
             w.new,
@@ -143,9 +186,43 @@ async fn create(ctx: Ctx<'_>, s: &Subject<'_>, w: Change<'_>) -> ApiResult<Writt
             ),
         ));
     }
+    // The exports one project has from this storage node, read at one revision the write
+    // holds: no two creates both take the last one.
+    let prefix = keys::collection(ctx.prefix, GROUP, "volumeexports", None);
+    let all = ctx
+        .store
+        .list(&prefix, None, 0, 0)
+        .await
+        .map_err(ApiError::from)?;
+    let ns = spec.volume.namespace.as_str();
+    let held = all
+        .items
+        .iter()
+        .filter(|(_, x)| {
+            x.value
+                .pointer("/spec/volume/namespace")
+                .and_then(Value::as_str)
+                == Some(ns)
+                && x.value.pointer("/spec/storageNode").and_then(Value::as_str)
+                    == Some(spec.storage_node.as_str())
+        })
+        .count();
+    if held >= EXPORTS_PER_PROJECT_AND_STORAGE_NODE {
+        return Err(ApiError::forbidden(format!(
+            "volumeexports \"{}\" is forbidden: project {ns} has {held} exports from storage node {}, the most one project may have from one storage node ({EXPORTS_PER_PROJECT_AND_STORAGE_NODE}); detach volumes of servers on other nodes first",
+            meta::meta_str(w.new, "name").unwrap_or_default(),
+            spec.storage_node
+        )));
+    }
     Ok(ctx
         .store
-        .write_guarded(w.key, w.new, None, &[], Some((&key, rev)))
+        .write_guarded(
+            w.key,
+            w.new,
+            None,
+            &[(prefix.as_str(), all.revision)],
+            Some((&key, rev)),
+        )
         .await
         .map_err(ApiError::from)?
         .into())

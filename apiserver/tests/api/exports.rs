@@ -4,7 +4,9 @@
 
 use serde_json::{Value, json};
 use stratus_api_types::identity::Role;
+use stratus_api_types::storage::volume_export_name;
 use stratus_apiserver::admission::CLUSTER_ADMIN;
+use stratus_apiserver::admission::exports::EXPORTS_PER_PROJECT_AND_STORAGE_NODE;
 
 use crate::fixtures::{Cloud, JSON, MERGE, Obj, field, refused, refused_naming};
 
@@ -340,4 +342,93 @@ async fn a_volumes_export_stored_by_older_code_is_never_served() {
         None,
         "watched from the start: {got}"
     );
+}
+
+/// Volume `name` of project `ns` (multi-attach, 1 GiB) placed on pool p1 and attached to a
+/// server on each of `nodes`: its uid.
+async fn attached_on(c: &Cloud, ns: &str, name: &str, nodes: &[String]) -> String {
+    c.create(&Obj(json!({
+        "apiVersion": "storage.stratus.dev/v1", "kind": "Volume",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"sizeGiB": 1, "multiAttach": true},
+    })))
+    .await
+    .expect("a volume");
+    let t = stratus_apiserver::resource::verbs::Target {
+        subresource: Some("binding".into()),
+        ..c.target("Volume", Some(ns), Some(name))
+    };
+    c.api
+        .bind(
+            &t,
+            json!({"target": {"name": "p1"}}).to_string().as_bytes(),
+            JSON,
+            &stratus_apiserver::resource::review::AllowAll,
+        )
+        .await
+        .expect("placed on p1");
+    let attachments: Vec<Value> = nodes
+        .iter()
+        .map(|n| json!({"server": format!("s-{n}"), "node": n}))
+        .collect();
+    c.patch(
+        &c.status("Volume", Some(ns), name),
+        MERGE,
+        &json!({"status": {"phase": "InUse", "attachments": attachments}}),
+        "",
+    )
+    .await
+    .expect("attached");
+    let v = c.get("Volume", Some(ns), name).await.expect("the volume");
+    v["metadata"]["uid"].as_str().expect("a uid").to_owned()
+}
+
+/// The export of volume `name` of `ns` (of `uid`, on n1) to `node`.
+fn export_of(ns: &str, name: &str, uid: &str, node: &str) -> Obj {
+    Obj(json!({
+        "apiVersion": "storage.stratus.dev/v1", "kind": "VolumeExport",
+        "metadata": {"name": volume_export_name(uid, node)},
+        "spec": {"volume": {"namespace": ns, "name": name, "uid": uid},
+                 "storageNode": "n1", "node": node},
+    }))
+}
+
+/// One project has at most EXPORTS_PER_PROJECT_AND_STORAGE_NODE exports from one storage
+/// node (each takes a port of its storage address): beyond it 403 saying why, while another
+/// project still gets one.
+#[tokio::test]
+async fn a_project_takes_a_bounded_number_of_a_storage_nodes_exports() {
+    let (c, _) = placed().await;
+    let max = EXPORTS_PER_PROJECT_AND_STORAGE_NODE;
+    let nodes: Vec<String> = (1..=16).map(|i| format!("m{i}")).collect();
+    let mut made = 0;
+    let mut vols = 0;
+    while made < max {
+        vols += 1;
+        let name = format!("w{vols}");
+        let uid = attached_on(&c, "demo", &name, &nodes).await;
+        for node in nodes.iter().take(max - made) {
+            c.create(&export_of("demo", &name, &uid, node))
+                .await
+                .expect("within the bound");
+            made += 1;
+        }
+    }
+    let uid = attached_on(&c, "demo", "last", &nodes).await;
+    let e = refused(c.create(&export_of("demo", "last", &uid, "m1")).await);
+    assert_eq!(e.code, 403, "{e:?}");
+    assert!(
+        e.message.contains(&format!(
+            "project demo has {max} exports from storage node n1"
+        )),
+        "{}",
+        e.message
+    );
+    c.create(&Obj::project("other"))
+        .await
+        .expect("project other");
+    let uid = attached_on(&c, "other", "x", &nodes[..1]).await;
+    c.create(&export_of("other", "x", &uid, "m1"))
+        .await
+        .expect("another project's export");
 }
