@@ -68,6 +68,9 @@ pub mod reasons {
     pub const EXPORT_FAILED: &str = "ExportFailed";
     /// A VolumeExport's `Ready=False`: its volume is not made yet.
     pub const VOLUME_NOT_READY: &str = "VolumeNotReady";
+    /// A VolumeExport's `Ready=False`: no attachment of its volume is on its node, so
+    /// nothing is served to it.
+    pub const NOT_ATTACHED: &str = "NotAttached";
 }
 
 /// How the agent runs on its node.
@@ -623,6 +626,15 @@ fn keeps_export(x: &VolumeExport, running: bool) -> bool {
     running && x.served().is_some()
 }
 
+/// Whether an attachment of the volume of `status` is on `node` (`status.attachments[].node`):
+/// the only nodes its data is served to.
+fn attached_on(status: &VolumeStatus, node: &str) -> bool {
+    status
+        .attachments
+        .iter()
+        .any(|a| a.node.as_deref() == Some(node))
+}
+
 /// One pass over a VolumeExport this node serves: its volume's data served over NBD to
 /// `spec.node` (recorded in its status, `Ready=True`), or not served, saying why.
 async fn serve_export(x: &VolumeExport, ctx: &Ctx) -> Result<Action, StorageError> {
@@ -650,6 +662,22 @@ async fn serve_export(x: &VolumeExport, ctx: &Ctx) -> Result<Action, StorageErro
         stop().await??;
         return Ok(Action::await_change());
     };
+    if !attached_on(&status, &x.spec.node) {
+        // The API server makes an export only to a node holding the volume; one whose node
+        // holds it no more (or never did, in an older store) serves nothing until it does.
+        stop().await??;
+        let why = format!(
+            "no attachment of volume {}/{} is on node {}",
+            v.namespace, v.name, x.spec.node
+        );
+        write_export_status(
+            ctx,
+            x,
+            export_status(x, None, Some((reasons::NOT_ATTACHED, why))),
+        )
+        .await?;
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
     let made = status.size_gib.is_some()
         && matches!(
             status.phase,
@@ -1509,6 +1537,21 @@ mod tests {
             "status": status,
         }))
         .expect("an export")
+    }
+
+    #[test]
+    fn an_export_is_served_only_to_a_node_an_attachment_is_on() {
+        let v = volume(json!({"phase": "InUse", "node": "n0", "attachedTo": "web",
+            "attachments": [{"server": "web", "node": "n2"}, {"server": "db"}]}));
+        let status = v.status.expect("a status");
+        assert!(attached_on(&status, "n2"));
+        assert!(!attached_on(&status, "n3"), "no attachment there");
+        assert!(!attached_on(&status, "n0"), "the storage node holds none");
+        let legacy = volume(json!({"phase": "InUse", "attachedTo": "web", "attachedNode": "n2"}));
+        assert!(
+            !attached_on(&legacy.status.expect("a status"), "n2"),
+            "the controller records attachments[] before it makes an export"
+        );
     }
 
     #[test]

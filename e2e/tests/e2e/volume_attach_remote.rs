@@ -366,10 +366,14 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
     let vol = wait_volume(&cloud, "far released", |v| {
         v["status"]["attachedTo"].is_null() && v["status"]["attachedNode"].is_null()
     })?;
-    wait_until(WAIT, "far's VolumeExport gone", || {
-        json(&cloud, &["get", "volumeexport", &export_name])
-            .is_err()
-            .then_some(())
+    // Gone is NotFound: a server error or an unreachable API keeps the wait going (and fails it).
+    wait_until(WAIT, "far's VolumeExport gone (NotFound)", || {
+        cloud
+            .kubectl(&["get", "volumeexport", &export_name, "-o", "name"])
+            .ok()
+            .filter(|o| !o.status.success())
+            .filter(|o| String::from_utf8_lossy(&o.stderr).contains("(NotFound)"))
+            .map(|_| ())
     })?;
     assert_eq!(vol["status"]["phase"], "Available");
     let out = compute.virsh(&["domblklist", &dom])?;

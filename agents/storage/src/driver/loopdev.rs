@@ -18,6 +18,9 @@ pub struct LoopDevice {
     pub offset: u64,
     /// How much of the backing it covers (0: to the end).
     pub size_limit: u64,
+    /// Detached while held (`LO_FLAGS_AUTOCLEAR`, what `losetup -d` sets on a busy device):
+    /// it goes once its last holder closes it, and is never reused, grown or handed out.
+    pub autoclear: bool,
 }
 
 /// A region of a file or block device.
@@ -77,6 +80,25 @@ struct Entry {
     offset: u64,
     #[serde(default)]
     sizelimit: u64,
+    #[serde(default, deserialize_with = "flag")]
+    autoclear: bool,
+}
+
+/// A losetup flag column: a JSON boolean, or `"0"`/`"1"` (older util-linux).
+fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Flag {
+        Bool(bool),
+        Number(u8),
+        Text(String),
+    }
+    Ok(match Option::<Flag>::deserialize(d)? {
+        None => false,
+        Some(Flag::Bool(b)) => b,
+        Some(Flag::Number(n)) => n != 0,
+        Some(Flag::Text(t)) => t == "1",
+    })
 }
 
 /// Parses `losetup --json --list` (an empty output: no loop devices).
@@ -97,6 +119,7 @@ fn parse(out: &[u8]) -> Result<Vec<LoopDevice>, DriverError> {
                 backing,
                 offset: e.offset,
                 size_limit: e.sizelimit,
+                autoclear: e.autoclear,
             })
         })
         .collect())
@@ -113,18 +136,19 @@ pub fn list() -> Result<Vec<LoopDevice>, DriverError> {
             "--json",
             "--list",
             "--output",
-            "NAME,BACK-FILE,OFFSET,SIZELIMIT",
+            "NAME,BACK-FILE,OFFSET,SIZELIMIT,AUTOCLEAR",
         ],
     )?;
     parse(&out)
 }
 
-/// The loop device over exactly `region`, attached if there is none. Idempotent.
+/// The loop device over exactly `region`, attached if there is none (one detached while held
+/// is not: it goes with its holder). Idempotent.
 ///
 /// # Errors
 /// losetup failed.
 pub fn attach(region: &Region) -> Result<PathBuf, DriverError> {
-    if let Some(dev) = list()?.into_iter().find(|d| region.is(d)) {
+    if let Some(dev) = list()?.into_iter().find(|d| !d.autoclear && region.is(d)) {
         return Ok(dev.name);
     }
     let out = cmd::run(
@@ -142,39 +166,73 @@ pub fn attach(region: &Region) -> Result<PathBuf, DriverError> {
     Ok(PathBuf::from(String::from_utf8_lossy(&out).trim()))
 }
 
-/// Grows every loop device that starts where `region` does and covers less of it (set up
-/// over a volume before it grew) to the whole region, in place: a guest holding one keeps
-/// it and finds the new size. Answers them. Idempotent.
+/// Whether `dev` is to grow to `region` when the region was `was` bytes long: it starts where
+/// the region does, covers exactly what the region covered (a device over less is not the
+/// volume's: a lazily detached one of a volume deleted before, whose extents it shares), and
+/// is not detached.
+fn grows(dev: &LoopDevice, region: &Region, was: u64) -> bool {
+    !dev.autoclear
+        && dev.offset == region.offset
+        && dev.size_limit > 0
+        && dev.size_limit == was
+        && was < region.len
+        && same_file(&dev.backing, &region.path)
+}
+
+/// Grows every loop device over exactly the `was` bytes `region` started with (set up over a
+/// volume before it grew) to the whole region, in place: a guest holding one keeps it and
+/// finds the new size. Devices over any other length, or detached while held, are left as
+/// they are. Answers the devices grown. Idempotent.
 ///
 /// # Errors
 /// losetup failed, or a device could not be resized.
-pub fn grow_over(region: &Region) -> Result<Vec<PathBuf>, DriverError> {
+pub fn grow_over(region: &Region, was: u64) -> Result<Vec<PathBuf>, DriverError> {
     let mut grown = Vec::new();
-    for dev in list()?.into_iter().filter(|d| {
-        d.offset == region.offset
-            && d.size_limit > 0
-            && d.size_limit < region.len
-            && same_file(&d.backing, &region.path)
-    }) {
-        set_size_limit(&dev.name, region.len)?;
+    for dev in list()?.into_iter().filter(|d| grows(d, region, was)) {
+        set_size_limit(&dev, region.len)?;
         grown.push(dev.name);
     }
     Ok(grown)
 }
 
-/// Sets the size limit of bound loop device `dev` to `len` bytes; the kernel makes it the
-/// device's size at once (and tells its holders), with no detach.
+/// Whether the status of an open loop device (`info`) is over what `listed` (as the list
+/// found it) is over, with `backing` the (device, inode) of its backing file: what is resized
+/// is the device that was checked, not one detached and set up again over something else
+/// in between.
+fn same_device(info: &ioctl::LoopInfo64, listed: &LoopDevice, backing: (u64, u64)) -> bool {
+    info.lo_offset == listed.offset
+        && info.lo_sizelimit == listed.size_limit
+        && (info.lo_device, info.lo_inode) == backing
+        && info.lo_flags & ioctl::LO_FLAGS_AUTOCLEAR == 0
+}
+
+/// Sets the size limit of bound loop device `dev` (as [`list`] found it) to `len` bytes; the
+/// kernel makes it the device's size at once (and tells its holders), with no detach.
 ///
 /// # Errors
-/// `dev` cannot be opened, or the kernel refused (it retries a few times while pages of
-/// the device are dirtied under it).
-pub fn set_size_limit(dev: &Path, len: u64) -> Result<(), DriverError> {
+/// `dev` cannot be opened; it is no longer over what it was listed over (its offset, size
+/// limit or backing file changed, or it was detached: [`DriverError::Unavailable`], nothing
+/// changed, a later pass lists it again); or the kernel refused (it retries a few times while pages of the device are
+/// dirtied under it).
+pub fn set_size_limit(dev: &LoopDevice, len: u64) -> Result<(), DriverError> {
+    use std::os::unix::fs::MetadataExt;
+    let name = dev.name.as_path();
     let fd = std::fs::OpenOptions::new()
         .read(true)
-        .open(dev)
-        .map_err(super::io("open", dev))?;
+        .open(name)
+        .map_err(super::io("open", name))?;
     let mut info =
-        ioctl::status(&fd).map_err(|e| super::io("read the status of", dev)(e.into()))?;
+        ioctl::status(&fd).map_err(|e| super::io("read the status of", name)(e.into()))?;
+    let backing = std::fs::metadata(&dev.backing).map_err(super::io("stat", &dev.backing))?;
+    if !same_device(&info, dev, (backing.dev(), backing.ino())) {
+        return Err(DriverError::Unavailable(format!(
+            "{} is no longer over {} bytes of {} at {}: not resized",
+            name.display(),
+            dev.size_limit,
+            dev.backing.display(),
+            dev.offset
+        )));
+    }
     info.lo_sizelimit = len;
     let mut tries = 0;
     loop {
@@ -185,7 +243,7 @@ pub fn set_size_limit(dev: &Path, len: u64) -> Result<(), DriverError> {
                 tries += 1;
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
-            Err(e) => return Err(super::io("set the size limit of", dev)(e.into())),
+            Err(e) => return Err(super::io("set the size limit of", name)(e.into())),
         }
     }
 }
@@ -216,6 +274,31 @@ mod ioctl {
         pub lo_encrypt_key: [u8; 32],
         pub lo_init: [u64; 2],
     }
+
+    #[cfg(test)]
+    impl LoopInfo64 {
+        /// All fields zero.
+        pub fn zeroed() -> Self {
+            Self {
+                lo_device: 0,
+                lo_inode: 0,
+                lo_rdevice: 0,
+                lo_offset: 0,
+                lo_sizelimit: 0,
+                lo_number: 0,
+                lo_encrypt_type: 0,
+                lo_encrypt_key_size: 0,
+                lo_flags: 0,
+                lo_file_name: [0; 64],
+                lo_crypt_name: [0; 64],
+                lo_encrypt_key: [0; 32],
+                lo_init: [0; 2],
+            }
+        }
+    }
+
+    /// `LO_FLAGS_AUTOCLEAR`: detached, gone once its last holder closes it.
+    pub const LO_FLAGS_AUTOCLEAR: u32 = 4;
 
     const LOOP_SET_STATUS64: rustix::ioctl::Opcode = 0x4C04;
     const LOOP_GET_STATUS64: rustix::ioctl::Opcode = 0x4C05;
@@ -283,14 +366,75 @@ mod tests {
            "loopdevices": [
               {"name": "/dev/loop1", "back-file": "/dev/loop0", "offset": 8388608, "sizelimit": 12582912},
               {"name": "/dev/loop0", "back-file": "/tmp/pv.img", "offset": 0, "sizelimit": 0},
-              {"name": "/dev/loop2", "back-file": null}
+              {"name": "/dev/loop2", "back-file": null},
+              {"name": "/dev/loop3", "back-file": "/tmp/pv.img", "offset": 0, "sizelimit": 4096, "autoclear": true},
+              {"name": "/dev/loop4", "back-file": "/tmp/pv.img", "offset": 0, "sizelimit": 4096, "autoclear": "1"}
            ]
         }"#;
         let devs = parse(out).expect("parses");
-        assert_eq!(devs.len(), 2);
+        assert_eq!(devs.len(), 4);
         assert_eq!(devs[0].offset, 8_388_608);
         assert_eq!(devs[0].size_limit, 12_582_912);
+        let cleared: Vec<bool> = devs.iter().map(|d| d.autoclear).collect();
+        assert_eq!(cleared, [false, false, true, true]);
         assert!(parse(b"").expect("empty").is_empty());
+    }
+
+    fn dev(backing: &str, offset: u64, size_limit: u64) -> LoopDevice {
+        LoopDevice {
+            name: "/dev/loop9".into(),
+            backing: backing.into(),
+            offset,
+            size_limit,
+            autoclear: false,
+        }
+    }
+
+    #[test]
+    fn only_a_device_over_the_length_a_volume_had_grows_with_it() {
+        let r = Region {
+            path: "/nonexistent/pv".into(),
+            offset: 100,
+            len: 80,
+        };
+        assert!(grows(&dev("/nonexistent/pv", 100, 50), &r, 50));
+        // Over another length: a stale device of an earlier volume at the same extents.
+        assert!(!grows(&dev("/nonexistent/pv", 100, 40), &r, 50));
+        assert!(!grows(&dev("/nonexistent/pv", 100, 0), &r, 0));
+        assert!(!grows(&dev("/nonexistent/pv", 100, 80), &r, 80));
+        assert!(!grows(&dev("/nonexistent/pv", 90, 50), &r, 50));
+        assert!(!grows(&dev("/nonexistent/other", 100, 50), &r, 50));
+        let detached = LoopDevice {
+            autoclear: true,
+            ..dev("/nonexistent/pv", 100, 50)
+        };
+        assert!(!grows(&detached, &r, 50));
+    }
+
+    #[test]
+    fn a_device_is_resized_only_while_its_status_is_what_was_listed() {
+        let info = ioctl::LoopInfo64 {
+            lo_device: 7,
+            lo_inode: 11,
+            lo_offset: 100,
+            lo_sizelimit: 50,
+            ..ioctl::LoopInfo64::zeroed()
+        };
+        let listed = dev("/nonexistent/pv", 100, 50);
+        assert!(same_device(&info, &listed, (7, 11)));
+        assert!(!same_device(&info, &listed, (7, 12)), "another file");
+        assert!(!same_device(&info, &listed, (8, 11)), "another file system");
+        assert!(!same_device(&info, &dev("/nonexistent/pv", 0, 50), (7, 11)));
+        assert!(!same_device(
+            &info,
+            &dev("/nonexistent/pv", 100, 49),
+            (7, 11)
+        ));
+        let cleared = ioctl::LoopInfo64 {
+            lo_flags: ioctl::LO_FLAGS_AUTOCLEAR,
+            ..info
+        };
+        assert!(!same_device(&cleared, &listed, (7, 11)), "detached");
     }
 
     #[test]
@@ -299,12 +443,6 @@ mod tests {
             path: "/nonexistent/pv".into(),
             offset: 100,
             len: 50,
-        };
-        let dev = |backing: &str, offset, size_limit| LoopDevice {
-            name: "/dev/loop9".into(),
-            backing: backing.into(),
-            offset,
-            size_limit,
         };
         assert!(r.is(&dev("/nonexistent/pv", 100, 50)));
         assert!(!r.is(&dev("/nonexistent/pv", 100, 49)));

@@ -17,7 +17,11 @@
 //! copy (`NAME.grown`) swapped in for it by two renames that [`Backend::recover`] completes
 //! or undoes after a crash. Grown in place, the loop devices over it are not set up again
 //! but grow with it (their size limit raised through the loop driver's ioctl): a guest
-//! holding one keeps it and sees the new size once told (libvirt's `blockresize`). A volume
+//! holding one keeps it and sees the new size once told (libvirt's `blockresize`). Only
+//! devices over exactly the length the volume had grow (that length is an LV tag from before
+//! the `lvextend` until its devices grew, so recovery after a crash knows it too); one at the
+//! same offset over another length, or detached while held (`AUTOCLEAR`: a deleted volume's,
+//! over extents this one took since), never does, and recovery detaches the former. A volume
 //! a guest holds is never moved ([`Backend::extend_held`]): its writes during the copy would
 //! be lost, and it would go on writing to extents the volume no longer owns. So such a pool
 //! grows a volume in use only when the space after it is free
@@ -100,6 +104,9 @@ fn ours(name: &str) -> bool {
 #[derive(Debug, Clone)]
 struct Lv {
     size: u64,
+    /// The length in bytes it had before a grow in place whose loop devices may not have
+    /// grown yet (its [`GROWING`] tag).
+    growing_from: Option<u64>,
     /// Its segments: the PV, the first extent and the extent count of each.
     segments: Vec<(PathBuf, u64, u64)>,
 }
@@ -120,6 +127,20 @@ struct SegRow {
     lv_name: String,
     lv_size: String,
     seg_pe_ranges: String,
+    #[serde(default)]
+    lv_tags: String,
+}
+
+/// The tag prefix of an LV grown in place whose loop devices may not have grown with it,
+/// followed by the length in bytes it had before: only devices over exactly that length are
+/// its own to grow (any other one at its offset, e.g. one lazily detached from a volume
+/// deleted before it, is detached instead).
+const GROWING: &str = "stratus-growing-from-";
+
+/// The length a [`GROWING`] tag of `tags` (lvs's comma-separated `lv_tags`) records.
+fn growing_from(tags: &str) -> Option<u64> {
+    tags.split(',')
+        .find_map(|t| t.strip_prefix(GROWING)?.parse().ok())
 }
 
 #[derive(Deserialize)]
@@ -267,7 +288,7 @@ impl Lvm {
                 "--nosuffix",
                 "--segments",
                 "-o",
-                "lv_name,lv_size,seg_pe_ranges",
+                "lv_name,lv_size,seg_pe_ranges,lv_tags",
                 &self.vg,
             ]
             .map(OsStr::new),
@@ -278,6 +299,7 @@ impl Lvm {
                 let size = number("lv_size", &row.lv_size)?;
                 let lv = lvs.entry(row.lv_name).or_insert(Lv {
                     size,
+                    growing_from: growing_from(&row.lv_tags),
                     segments: Vec::new(),
                 });
                 match pe_range(&row.seg_pe_ranges) {
@@ -550,7 +572,9 @@ impl Backend for Lvm {
             if lv.segments.len() == 1 {
                 let region = self.region(&name, &lv)?;
                 // A volume grown in place before its devices were: a guest may hold one.
-                loopdev::grow_over(&region)?;
+                // Only the devices over the length it had are its own; the sweep below
+                // detaches any other.
+                self.grown_over(&name, &lv, &region)?;
                 regions.push(region);
             }
         }
@@ -668,12 +692,16 @@ impl Lvm {
         if lv.size >= size {
             if !self.dm && lv.segments.len() == 1 {
                 // Grown before its devices were (the process died in between).
-                loopdev::grow_over(&self.region(name.as_str(), &lv)?)?;
+                let region = self.region(name.as_str(), &lv)?;
+                self.grown_over(name.as_str(), &lv, &region)?;
             }
             return Ok(Observed { size: lv.size });
         }
         let old = self.region(name.as_str(), &lv)?;
         if !self.dm {
+            // An earlier grow's devices first (the process died before they grew): one tag
+            // at a time.
+            self.grown_over(name.as_str(), &lv, &old)?;
             // The extents after the LV are zeroed while free (so a crash after the lvextend
             // shows no old data); the devices over the LV then grow over them.
             let (extent, _) = self.layout()?;
@@ -695,6 +723,9 @@ impl Lvm {
                 len: grow,
             };
             data::zero(&tail)?;
+            // Recorded before the LV grows: a process dying after the lvextend leaves what
+            // its devices are to grow from (none of another length is grown).
+            self.tag(name.as_str(), "--addtag", old.len)?;
         }
         let size_arg = format!("{size}b");
         self.lvm(
@@ -719,9 +750,34 @@ impl Lvm {
                 ..now
             })?;
         } else {
-            loopdev::grow_over(&now)?;
+            self.grown_over(name.as_str(), &lv, &now)?;
         }
         Ok(Observed { size: lv.size })
+    }
+
+    /// Adds (`--addtag`) or removes (`--deltag`) the [`GROWING`] tag of LV `name` recording
+    /// `from` bytes.
+    fn tag(&self, name: &str, op: &str, from: u64) -> Result<(), DriverError> {
+        self.lvm(
+            "lvchange",
+            [
+                OsStr::new(op),
+                OsStr::new(&format!("{GROWING}{from}")),
+                OsStr::new(&format!("{}/{name}", self.vg)),
+            ],
+        )
+        .map(drop)
+    }
+
+    /// Grows the loop devices over LV `name` (`lv`, its data at `region`) that are over the
+    /// length its [`GROWING`] tag records to the whole region, then drops the tag. An LV
+    /// without the tag has no device to grow.
+    fn grown_over(&self, name: &str, lv: &Lv, region: &Region) -> Result<(), DriverError> {
+        let Some(from) = lv.growing_from else {
+            return Ok(());
+        };
+        loopdev::grow_over(region, from)?;
+        self.tag(name, "--deltag", from)
     }
 
     /// Grows `name` (whose data is at `old`) to `size` bytes by a copy: built complete as
