@@ -11,14 +11,14 @@ use stratus_apiserver::admission::exports::EXPORTS_PER_PROJECT_AND_STORAGE_NODE;
 use crate::fixtures::{Cloud, JSON, MERGE, Obj, field, refused, refused_naming};
 
 /// A cloud with project demo, pool p1 on node n1, and volume v placed on it and attached to
-/// server web on node n2: its uid.
+/// server s-n2 on node n2: its uid.
 async fn placed() -> (Cloud, String) {
     let c = Cloud::with_demo().await;
     let uid = place(&c).await;
     (c, uid)
 }
 
-/// Pool p1 on node n1 and volume v placed on it and attached to server web on node n2, in
+/// Pool p1 on node n1 and volume v placed on it and attached to server s-n2 on node n2, in
 /// cloud `c` (with project demo): v's uid.
 async fn place(c: &Cloud) -> String {
     CLUSTER_ADMIN
@@ -40,38 +40,7 @@ async fn place(c: &Cloud) -> String {
     )
     .await
     .expect("capacity");
-    c.create(&Obj(json!({
-        "apiVersion": "storage.stratus.dev/v1", "kind": "Volume",
-        "metadata": {"name": "v", "namespace": "demo"},
-        "spec": {"sizeGiB": 1, "multiAttach": true},
-    })))
-    .await
-    .expect("v");
-    let t = stratus_apiserver::resource::verbs::Target {
-        subresource: Some("binding".into()),
-        ..c.target("Volume", Some("demo"), Some("v"))
-    };
-    c.api
-        .bind(
-            &t,
-            json!({"target": {"name": "p1"}}).to_string().as_bytes(),
-            JSON,
-            &stratus_apiserver::resource::review::AllowAll,
-        )
-        .await
-        .expect("placed on p1");
-    // As the API server and the attachments controller record a Server holding it.
-    c.patch(
-        &c.status("Volume", Some("demo"), "v"),
-        MERGE,
-        &json!({"status": {"phase": "InUse", "attachedTo": "web",
-                           "attachments": [{"server": "web", "node": "n2"}]}}),
-        "",
-    )
-    .await
-    .expect("attached on n2");
-    let v = c.get("Volume", Some("demo"), "v").await.expect("v");
-    v["metadata"]["uid"].as_str().expect("a uid").to_owned()
+    attached_on(c, "demo", "v", &["n2".to_owned()]).await
 }
 
 /// The export of volume v (of `uid`, on n1) to `node`, named `name`.
@@ -316,7 +285,7 @@ async fn a_volumes_export_stored_by_older_code_is_never_served() {
     let (kind, got) = events.next().await;
     assert_eq!(kind, "MODIFIED");
     assert_eq!(got["status"].get("export"), None, "watched: {got}");
-    assert_eq!(got["status"]["attachedTo"], "web", "{got}");
+    assert_eq!(got["status"]["attachments"][0]["server"], "s-n2", "{got}");
     let dev = c.user("dev", &[(Some("demo"), Role::Member)]);
     let t = c.target("Volume", Some("demo"), Some("v"));
     let got = dev.read(&t, "").await.expect("a member's GET");
