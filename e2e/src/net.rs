@@ -555,23 +555,40 @@ pub fn reached_after(
     limit: std::time::Duration,
     write: impl FnOnce() -> Result<()>,
 ) -> Result<Vec<std::time::Duration>> {
-    let pingers = pairs
-        .iter()
-        .map(|(from, to)| ContinuousPing::start(from, to, limit + limit))
-        .collect::<Result<Vec<_>>>()?;
+    let pingers = start_pings(pairs, limit)?;
     // Let the pingers start sending before the write.
     std::thread::sleep(std::time::Duration::from_millis(300));
     write()?;
     let since = std::time::Instant::now();
+    per_pair(&pingers, pairs, limit, "reach", |p| {
+        p.replies_after(since)
+            .first()
+            .map(|t| t.duration_since(since))
+    })
+}
+
+/// A [`ContinuousPing`] per pair, each stopped after twice `limit` at the latest.
+fn start_pings(pairs: &[(&str, &str)], limit: std::time::Duration) -> Result<Vec<ContinuousPing>> {
+    pairs
+        .iter()
+        .map(|(from, to)| ContinuousPing::start(from, to, limit + limit))
+        .collect()
+}
+
+/// Per pair, what `measure` says of its ping once it says something; each pair fails after
+/// `limit` as "`from` to `what` `to`".
+fn per_pair<T>(
+    pingers: &[ContinuousPing],
+    pairs: &[(&str, &str)],
+    limit: std::time::Duration,
+    what: &str,
+    measure: impl Fn(&ContinuousPing) -> Option<T>,
+) -> Result<Vec<T>> {
     pingers
         .iter()
         .zip(pairs)
         .map(|(p, (from, to))| {
-            crate::wait_until(limit, &format!("{from} to reach {to}"), || {
-                p.replies_after(since)
-                    .first()
-                    .map(|t| t.duration_since(since))
-            })
+            crate::wait_until(limit, &format!("{from} to {what} {to}"), || measure(p))
         })
         .collect()
 }
@@ -588,28 +605,15 @@ pub fn unreached_after(
     write: impl FnOnce() -> Result<()>,
 ) -> Result<Vec<std::time::Duration>> {
     let start = std::time::Instant::now();
-    let pingers = pairs
-        .iter()
-        .map(|(from, to)| ContinuousPing::start(from, to, limit + limit))
-        .collect::<Result<Vec<_>>>()?;
-    for (p, (from, to)) in pingers.iter().zip(pairs) {
-        crate::wait_until(
-            limit,
-            &format!("{from} to reach {to} before the write"),
-            || p.replies_after(start).first().map(drop),
-        )?;
-    }
+    let pingers = start_pings(pairs, limit)?;
+    per_pair(&pingers, pairs, limit, "reach (before the write)", |p| {
+        p.replies_after(start).first().map(drop)
+    })?;
     write()?;
     let since = std::time::Instant::now();
-    pingers
-        .iter()
-        .zip(pairs)
-        .map(|(p, (from, to))| {
-            crate::wait_until(limit, &format!("{from} to stop reaching {to}"), || {
-                let last = p.replies_after(since).last().copied();
-                (last.unwrap_or(since).elapsed() >= quiet)
-                    .then(|| last.map_or(std::time::Duration::ZERO, |t| t.duration_since(since)))
-            })
-        })
-        .collect()
+    per_pair(&pingers, pairs, limit, "stop reaching", |p| {
+        let last = p.replies_after(since).last().copied();
+        (last.unwrap_or(since).elapsed() >= quiet)
+            .then(|| last.map_or(std::time::Duration::ZERO, |t| t.duration_since(since)))
+    })
 }
