@@ -87,59 +87,6 @@ pub struct Forget {
     pub remote: Option<Ipv4Cidr>,
 }
 
-impl Forget {
-    /// `conntrack -D …` arguments deleting these connections.
-    pub fn conntrack_args(&self) -> Vec<String> {
-        let mut a: Vec<String> = ["-D", "-f", "ipv4", "-w"]
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
-        a.push(self.zone.to_string());
-        if let Some(p) = self.protocol {
-            // By name: `--dport` is an option of the tcp and udp modules it selects.
-            let name = match p {
-                1 => "icmp".to_owned(),
-                6 => "tcp".to_owned(),
-                17 => "udp".to_owned(),
-                p => p.to_string(),
-            };
-            a.extend(["-p".to_owned(), name]);
-        }
-        let (mine, theirs, mask) = match self.direction {
-            Direction::Ingress => ("--orig-dst", "--orig-src", "--mask-src"),
-            Direction::Egress => ("--orig-src", "--orig-dst", "--mask-dst"),
-        };
-        a.extend([mine.to_owned(), self.address.to_string()]);
-        if let Some(r) = self.remote {
-            a.extend([theirs.to_owned(), r.network().to_string()]);
-            if r.prefix() < 32 {
-                let bits = u32::MAX
-                    .checked_shl(32 - u32::from(r.prefix()))
-                    .unwrap_or(0);
-                a.extend([mask.to_owned(), Ipv4Addr::from(bits).to_string()]);
-            }
-        }
-        if let Some(p) = self.port {
-            a.extend(["--dport".to_owned(), p.to_string()]);
-        }
-        a
-    }
-
-    /// Whether `c` is one of the connections to forget (its zone aside).
-    pub fn matches(&self, c: &Connection) -> bool {
-        let (mine, theirs) = match self.direction {
-            Direction::Ingress => (c.dst, c.src),
-            Direction::Egress => (c.src, c.dst),
-        };
-        mine == self.address
-            && self.remote.is_none_or(|r| r.contains(theirs))
-            && self.protocol.is_none_or(|p| p == c.protocol)
-            && self
-                .port
-                .is_none_or(|p| c.ports.is_some_and(|(_, dport)| dport == p))
-    }
-}
-
 /// A tracked connection by its original direction: as `ovs-appctl dpctl/dump-conntrack`
 /// prints one of Open vSwitch's userspace tracker ([`Connection::parse_dump`]), or
 /// `conntrack -L` one of the kernel's ([`Connection::parse_list`]). Each zone's are listed
@@ -702,24 +649,6 @@ mod tests {
                 Some("10.0.0.0/24")
             )]
         );
-        assert_eq!(
-            gone[0].conntrack_args(),
-            [
-                "-D",
-                "-f",
-                "ipv4",
-                "-w",
-                "9",
-                "-p",
-                "icmp",
-                "--orig-dst",
-                "10.0.0.5",
-                "--orig-src",
-                "10.0.0.0",
-                "--mask-src",
-                "255.255.255.0"
-            ]
-        );
         // The SSH rule gone: TCP to port 22 from anyone.
         let ssh = revoked(&before, &rs(vec![icmp_subnet()], vec![ALL], &[]));
         assert_eq!(
@@ -762,10 +691,6 @@ mod tests {
         let tcp_out = rule(Protocol::Tcp, None, Remote::Any);
         let gone = revoked(&b, &rs(vec![from_net("10.0.0.0/16")], vec![tcp_out], &[]));
         assert_eq!(gone, vec![forget(Direction::Egress, None, None, None)]);
-        assert_eq!(
-            gone[0].conntrack_args(),
-            ["-D", "-f", "ipv4", "-w", "9", "--orig-src", "10.0.0.5"]
-        );
     }
 
     #[test]
@@ -786,17 +711,28 @@ icmpv6,orig=(src=fd00::1,dst=fd00::2,id=1,type=128,code=0),reply=(src=fd00::2,ds
             conns[1].tuple(),
             "ct_nw_src=10.0.0.7,ct_nw_dst=10.0.0.5,ct_nw_proto=6,ct_tp_src=40000,ct_tp_dst=22"
         );
-        let icmp_in = forget(Direction::Ingress, Some(1), None, Some("10.0.0.0/24"));
-        let ssh_in = forget(Direction::Ingress, Some(6), Some(22), None);
-        let out_to = forget(Direction::Egress, None, None, Some("10.0.1.0/24"));
-        let matched = |f: &Forget| conns.iter().map(|c| f.matches(c)).collect::<Vec<_>>();
-        assert_eq!(matched(&icmp_in), [true, false, false]);
-        assert_eq!(matched(&ssh_in), [false, true, false]);
-        assert_eq!(matched(&out_to), [false, false, true]);
-        let other_remote = forget(Direction::Ingress, Some(1), None, Some("10.0.2.0/24"));
-        let other_port = forget(Direction::Ingress, Some(6), Some(80), None);
-        assert_eq!(matched(&other_remote), [false, false, false]);
-        assert_eq!(matched(&other_port), [false, false, false]);
+        // What the filter no longer allows 10.0.0.5 is stale: ICMP in from the subnet, SSH
+        // in, or everything out.
+        let before = rs(vec![icmp_subnet(), ssh()], vec![ALL], &[]);
+        let stale = |after: &Ruleset| {
+            let keep = Keep::new(after, Some(&before));
+            conns.iter().map(|c| keep.stale(9, c)).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            stale(&rs(vec![ssh()], vec![ALL], &[])),
+            [true, false, false]
+        );
+        assert_eq!(
+            stale(&rs(vec![icmp_subnet()], vec![ALL], &[])),
+            [false, true, false]
+        );
+        assert_eq!(
+            stale(&rs(vec![icmp_subnet(), ssh()], vec![], &[])),
+            [false, false, true]
+        );
+        // Another zone's are none of its business.
+        let keep = Keep::new(&rs(vec![], vec![], &[]), Some(&before));
+        assert!(!conns.iter().any(|c| keep.stale(10, c)));
     }
 
     #[test]
@@ -808,20 +744,6 @@ icmpv6,orig=(src=fd00::1,dst=fd00::2,id=1,type=128,code=0),reply=(src=fd00::2,ds
         assert_eq!(
             gone,
             vec![forget(Direction::Ingress, None, None, Some("10.0.0.7/32"))]
-        );
-        assert_eq!(
-            gone[0].conntrack_args(),
-            [
-                "-D",
-                "-f",
-                "ipv4",
-                "-w",
-                "9",
-                "--orig-dst",
-                "10.0.0.5",
-                "--orig-src",
-                "10.0.0.7"
-            ]
         );
         // A member that joins forgets nothing.
         assert!(revoked(&after, &before).is_empty());
