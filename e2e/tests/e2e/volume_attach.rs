@@ -429,14 +429,14 @@ fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
 
 /// A volume group on a loop device over a sparse file of the test's, removed with every loop
 /// device over it when dropped.
-struct Vg {
+pub(super) struct Vg {
     _dir: tempfile::TempDir,
-    name: String,
+    pub(super) name: String,
     pv: PathBuf,
 }
 
 impl Vg {
-    fn new(name: &str, size: u64) -> Result<Self> {
+    pub(super) fn new(name: &str, size: u64) -> Result<Self> {
         use super::storage_agent::{lvm, run};
         let dir = tempfile::tempdir()?;
         let img = dir.path().join("pv.img");
@@ -629,7 +629,7 @@ fn an_lvm_volume_grows_under_its_guest_where_the_space_follows() -> Result<()> {
 
 /// Deletes `volumes` of project `ns` once no server holds them (their servers deleted, the
 /// guests gone), and waits for them to go.
-fn delete_once_released(cloud: &Cloud, ns: &str, volumes: &[&str]) -> Result<()> {
+pub(super) fn delete_once_released(cloud: &Cloud, ns: &str, volumes: &[&str]) -> Result<()> {
     for name in volumes {
         wait_until(WAIT, &format!("volume {name} released"), || {
             let got = cloud

@@ -1,12 +1,16 @@
-//! A volume of one node attached to a real guest on another, over NBD: node `nbd-a` runs the
-//! storage agent (a file pool in a directory the test makes, exports on its storage address),
-//! node `nbd-b` the compute agent, whose libvirtd (and so QEMU) lives in a network namespace of
-//! its own, joined to `nbd-a`'s by a veth pair the test makes, as two hosts on a storage
-//! network. The guest on `nbd-b` reads the partition table written into the volume on `nbd-a`;
-//! no other address reaches the export's port; the storage agent, killed and started again,
-//! takes its export back without the guest losing it; the guest writes to the disk (from the
-//! shell on its console) and, once detached, the data is in the volume on `nbd-a` and the
-//! export is gone. Attached over NBD the volume does not grow (422, nothing changed).
+//! A volume of one node attached to a real guest on another, over NBD, once for each pool
+//! backend: a file pool in a directory the test makes, and an LVM pool on a loop-backed volume
+//! group the test makes and removes. The storage node runs the storage agent (exports on its
+//! storage address), the compute node the compute agent, whose libvirtd (and so QEMU) lives in
+//! a network namespace of its own, joined to the storage node's by a veth pair the test makes,
+//! as two hosts on a storage network. The guest on the compute node reads the partition table
+//! written into the volume on the storage node; no other address reaches the export's port;
+//! the storage agent, killed and started again, takes its export back without the guest losing
+//! it; the guest writes to the disk (from the shell on its console) and, once detached, the
+//! data is in the volume on the storage node and the export is gone; attached to a second
+//! server on the compute node, its guest reads back what the first wrote. Attached over NBD
+//! the volume does not grow (422, nothing changed). Each backend's run has names and addresses
+//! of its own, so both run at once.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -18,36 +22,100 @@ use serde_json::Value;
 use stratus_e2e::node::{Guest, Node};
 use stratus_e2e::{Cloud, Proc, stratus_bin, wait_until};
 
-use super::volume_attach::partition_table;
+use super::volume_attach::{Vg, delete_once_released, partition_table};
 
-const NS: &str = "nbdvols";
-const STORAGE: &str = "nbd-a";
-const COMPUTE: &str = "nbd-b";
-/// The storage network: `nbd-a`'s end (the host's namespace) and `nbd-b`'s (its libvirtd's).
-const STORAGE_IP: &str = "10.251.15.1";
-const COMPUTE_IP: &str = "10.251.15.2";
-const HOST_LINK: &str = "nbd-st0";
-const NODE_LINK: &str = "nbd-cn0";
-/// The storage agent's nftables table on [`STORAGE_IP`].
-const TABLE: &str = "stratus_nbd_10_251_15_1";
 /// Generous: builds and TCG guests of other tests share two cores.
 const WAIT: Duration = Duration::from_secs(300);
 
-fn json(cloud: &Cloud, args: &[&str]) -> Result<Value> {
-    let mut a = vec!["-n", NS];
+/// One run's project, nodes and storage network.
+struct Site {
+    ns: &'static str,
+    /// The storage node (the host's namespace) and the compute node (its libvirtd's).
+    storage: &'static str,
+    compute: &'static str,
+    /// The storage network: the storage node's end and the compute node's.
+    storage_ip: &'static str,
+    compute_ip: &'static str,
+    host_link: &'static str,
+    node_link: &'static str,
+    /// The storage agent's nftables table on `storage_ip`.
+    table: &'static str,
+}
+
+const FILE_SITE: Site = Site {
+    ns: "nbdvols",
+    storage: "nbd-a",
+    compute: "nbd-b",
+    storage_ip: "10.251.15.1",
+    compute_ip: "10.251.15.2",
+    host_link: "nbd-st0",
+    node_link: "nbd-cn0",
+    table: "stratus_nbd_10_251_15_1",
+};
+
+const LVM_SITE: Site = Site {
+    ns: "nbdlvm",
+    storage: "nbd-la",
+    compute: "nbd-lb",
+    storage_ip: "10.251.15.5",
+    compute_ip: "10.251.15.6",
+    host_link: "nbd-st1",
+    node_link: "nbd-cn1",
+    table: "stratus_nbd_10_251_15_5",
+};
+
+/// The storage node's pool: a directory, or a volume group on a loop device.
+enum Pool {
+    File(std::path::PathBuf),
+    Lvm(Vg),
+}
+
+impl Pool {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::File(_) => "files",
+            Self::Lvm(_) => "fast",
+        }
+    }
+
+    /// `--storage-pool`'s value.
+    fn arg(&self) -> String {
+        match self {
+            Self::File(dir) => format!("files=file:{}", dir.display()),
+            Self::Lvm(vg) => format!("fast=lvm:{}", vg.name),
+        }
+    }
+
+    /// Whether the volume at `path` is gone from the pool.
+    fn gone(&self, path: &str) -> bool {
+        match self {
+            Self::File(_) => !std::path::Path::new(path).exists(),
+            // A loop device's node outlives it: the LV is what goes.
+            Self::Lvm(vg) => super::storage_agent::lvs(&vg.name).is_ok_and(|l| l.is_empty()),
+        }
+    }
+}
+
+fn json(cloud: &Cloud, ns: &str, args: &[&str]) -> Result<Value> {
+    let mut a = vec!["-n", ns];
     a.extend_from_slice(args);
     a.extend(["-o", "json"]);
     Ok(serde_json::from_str(&cloud.kubectl_ok(&a)?)?)
 }
 
-fn volume(cloud: &Cloud) -> Result<Value> {
-    json(cloud, &["get", "volume", "far"])
+fn volume(cloud: &Cloud, ns: &str) -> Result<Value> {
+    json(cloud, ns, &["get", "volume", "far"])
 }
 
-fn wait_volume(cloud: &Cloud, what: &str, pred: impl Fn(&Value) -> bool) -> Result<Value> {
-    wait_until(WAIT, what, || volume(cloud).ok().filter(|v| pred(v))).with_context(|| {
+fn wait_volume(
+    cloud: &Cloud,
+    ns: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    wait_until(WAIT, what, || volume(cloud, ns).ok().filter(|v| pred(v))).with_context(|| {
         cloud
-            .kubectl_ok(&["-n", NS, "get", "volume", "far", "-o", "yaml"])
+            .kubectl_ok(&["-n", ns, "get", "volume", "far", "-o", "yaml"])
             .unwrap_or_default()
     })
 }
@@ -70,11 +138,15 @@ fn run(program: &str, args: &[&str]) -> Result<String> {
 /// recorded, and their table).
 struct Cleanup {
     exports: std::path::PathBuf,
+    host_link: &'static str,
+    table: &'static str,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", HOST_LINK]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", self.host_link])
+            .status();
         for entry in std::fs::read_dir(&self.exports)
             .into_iter()
             .flatten()
@@ -88,9 +160,34 @@ impl Drop for Cleanup {
             }
         }
         let _ = Command::new("nft")
-            .args(["delete", "table", "inet", TABLE])
+            .args(["delete", "table", "inet", self.table])
             .status();
     }
+}
+
+/// Server `name` of project `ns` Running on `compute` (the only compute node), and its guest's
+/// kernel having read the partition table of its volume (`vdc`): its uid and domain.
+fn scanned_by(cloud: &Cloud, ns: &str, compute: &Node, name: &str) -> Result<(String, String)> {
+    let server = wait_until(WAIT, &format!("{name} Running"), || {
+        json(cloud, ns, &["get", "server", name])
+            .ok()
+            .filter(|s| s["status"]["phase"] == "Running")
+    })
+    .with_context(|| compute.agent_log())?;
+    assert_eq!(server["status"]["hypervisor"], compute.name.as_str());
+    let uid = server["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    wait_until(WAIT, &format!("{name}'s partition scan of vdc"), || {
+        compute
+            .console(&uid)
+            .contains("vdc: vdc1 vdc2")
+            .then_some(())
+    })
+    .with_context(|| format!("console:\n{}", compute.console(&uid)))?;
+    let dom = format!("stratus-{uid}");
+    Ok((uid, dom))
 }
 
 /// Whether a TCP connection from `from` to `to` is dropped (times out) rather than answered
@@ -113,30 +210,51 @@ fn dropped(from: &str, to: &str) -> Result<bool> {
 
 #[test]
 fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
-    let guest = Guest::serve()?;
-    // nbd-a runs no guests: its storage agent alone, in the host's namespace.
     let storage = tempfile::tempdir()?;
-    let mut compute = Node::start(COMPUTE)?;
-    let _cleanup = Cleanup {
-        exports: storage.path().join("storage-state/exports"),
-    };
-    compute.join_host(
-        HOST_LINK,
-        &format!("{STORAGE_IP}/30"),
-        NODE_LINK,
-        &format!("{COMPUTE_IP}/30"),
-    )?;
-    let cloud = Cloud::up_with(&["--nodes", &format!("{STORAGE},{COMPUTE}")])?;
-    cloud.projects(&[NS])?;
-    compute.start_agent(&cloud)?;
     let pool = storage.path().join("pool");
     std::fs::create_dir_all(&pool)?;
-    // Each node's NBD certificate from the cloud's NBD CA: nbd-a's names its storage address,
-    // nbd-b's goes where its libvirtd reads it.
+    attaches_over_nbd(&FILE_SITE, storage, Pool::File(pool))
+}
+
+#[test]
+fn a_volume_of_another_nodes_lvm_pool_attaches_over_nbd_to_a_real_guest() -> Result<()> {
+    let vg = Vg::new(&format!("stratus-e2e-nbd-{}", std::process::id()), 4 << 30)?;
+    attaches_over_nbd(&LVM_SITE, tempfile::tempdir()?, Pool::Lvm(vg))
+}
+
+/// The run on `site`, the storage node's agent (its state in `storage`) serving `pool`.
+fn attaches_over_nbd(site: &Site, storage: tempfile::TempDir, pool: Pool) -> Result<()> {
+    let Site {
+        ns,
+        storage: storage_node,
+        compute: compute_node,
+        storage_ip,
+        compute_ip,
+        ..
+    } = *site;
+    let guest = Guest::serve()?;
+    // The storage node runs no guests: its storage agent alone, in the host's namespace.
+    let mut compute = Node::start(compute_node)?;
+    let _cleanup = Cleanup {
+        exports: storage.path().join("storage-state/exports"),
+        host_link: site.host_link,
+        table: site.table,
+    };
+    compute.join_host(
+        site.host_link,
+        &format!("{storage_ip}/30"),
+        site.node_link,
+        &format!("{compute_ip}/30"),
+    )?;
+    let cloud = Cloud::up_with(&["--nodes", &format!("{storage_node},{compute_node}")])?;
+    cloud.projects(&[ns])?;
+    compute.start_agent(&cloud)?;
+    // Each node's NBD certificate from the cloud's NBD CA: the storage node's names its storage address,
+    // the compute node's goes where its libvirtd reads it.
     let nbd_tls = storage.path().join("nbd-tls");
     for (node, address, out) in [
-        (STORAGE, Some(STORAGE_IP), nbd_tls.clone()),
-        (COMPUTE, None, compute.nbd_tls_dir()),
+        (storage_node, Some(storage_ip), nbd_tls.clone()),
+        (compute_node, None, compute.nbd_tls_dir()),
     ] {
         let mut pki = Command::new(stratus_bin());
         pki.args(["pki", "nbd-node", node, "--ca-dir"])
@@ -157,13 +275,18 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
         Proc::spawn(
             "storage agent",
             Command::new(stratus_bin())
-                .args(["agent", "--roles", "storage", "--node", STORAGE])
+                .args(["agent", "--roles", "storage", "--node", storage_node])
                 .arg("--kubeconfig")
-                .arg(cloud.dir.path().join(format!("node-{STORAGE}.kubeconfig")))
+                .arg(
+                    cloud
+                        .dir
+                        .path()
+                        .join(format!("node-{storage_node}.kubeconfig")),
+                )
                 .arg("--state-dir")
                 .arg(storage.path().join("storage-state"))
-                .args(["--storage-pool", &format!("files=file:{}", pool.display())])
-                .args(["--storage-address", STORAGE_IP])
+                .args(["--storage-pool", &pool.arg()])
+                .args(["--storage-address", storage_ip])
                 .arg("--nbd-tls-dir")
                 .arg(&nbd_tls)
                 .args(["--storage-heartbeat-seconds", "1", "--resync-seconds", "2"]),
@@ -173,34 +296,34 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
     let mut agent = storage_agent("storage-agent.log")?;
     let flavors = stratus_e2e::repo_root().join("examples/flavors.yaml");
     cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
-    let images = guest.images_yaml(NS)?.replace(
+    let images = guest.images_yaml(ns)?.replace(
         "console=ttyS0 quiet",
         "console=ttyS0 loglevel=7 stratus.shell",
     );
-    cloud.kubectl_in(&["-n", NS, "apply", "-f", "-"], &images)?;
-    // nbd-b's address on the storage network, as its network agent reports it.
-    wait_until(WAIT, "nbd-b's Hypervisor", || {
-        cloud.kubectl_ok(&["get", "hypervisor", COMPUTE]).ok()
+    cloud.kubectl_in(&["-n", ns, "apply", "-f", "-"], &images)?;
+    // the compute node's address on the storage network, as its network agent reports it.
+    wait_until(WAIT, "the compute node's Hypervisor", || {
+        cloud.kubectl_ok(&["get", "hypervisor", compute_node]).ok()
     })?;
     cloud.kubectl_ok(&[
         "patch",
         "hypervisor",
-        COMPUTE,
+        compute_node,
         "--subresource=status",
         "--type=merge",
         "-p",
-        &format!(r#"{{"status":{{"hostIP":"{COMPUTE_IP}"}}}}"#),
+        &format!(r#"{{"status":{{"hostIP":"{compute_ip}"}}}}"#),
     ])?;
 
-    // A volume on nbd-a's pool (the only one) holding a partition table.
+    // A volume on the storage node's pool (the only one) holding a partition table.
     cloud.kubectl_in(
-        &["-n", NS, "apply", "-f", "-"],
+        &["-n", ns, "apply", "-f", "-"],
         "apiVersion: storage.stratus.dev/v1\nkind: Volume\nmetadata:\n  name: far\nspec:\n  sizeGiB: 1\n",
     )?;
-    let vol = wait_volume(&cloud, "volume far Available", |v| {
+    let vol = wait_volume(&cloud, ns, "volume far Available", |v| {
         v["status"]["phase"] == "Available" && v["status"]["devicePath"].is_string()
     })?;
-    assert_eq!(vol["status"]["node"], STORAGE);
+    assert_eq!(vol["status"]["node"], storage_node);
     let path = vol["status"]["devicePath"]
         .as_str()
         .unwrap_or_default()
@@ -210,49 +333,53 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
         .open(&path)?
         .write_all_at(&partition_table(), 0)?;
 
-    // A server, placed on nbd-b (the only compute node), attaches it at its create.
+    // A server, placed on the compute node (the only compute node), attaches it at its create.
     cloud.kubectl_in(
-        &["-n", NS, "apply", "-f", "-"],
+        &["-n", ns, "apply", "-f", "-"],
         "apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: vm\nspec:\n  flavor: m1.nano\n  image: tiny\n  volumes:\n  - volume: far\n",
     )?;
-    let vol = wait_volume(&cloud, "far attached on nbd-b", |v| {
-        v["status"]["attachedNode"] == COMPUTE
+    let vol = wait_volume(&cloud, ns, "far attached on the compute node", |v| {
+        v["status"]["attachedNode"] == compute_node
     })?;
-    // Its export to nbd-b: a cluster-scoped VolumeExport named for (volume uid, node), which
+    // Its export to the compute node: a cluster-scoped VolumeExport named for (volume uid, node), which
     // the project's members do not read (the Volume carries no export).
     ensure!(vol["status"].get("export").is_none(), "{vol}");
     let export_name = format!(
-        "{}.{COMPUTE}",
+        "{}.{compute_node}",
         vol["metadata"]["uid"].as_str().unwrap_or_default()
     );
-    let exported = wait_until(WAIT, "far's VolumeExport to nbd-b served", || {
-        json(&cloud, &["get", "volumeexport", &export_name])
-            .ok()
-            .filter(|x| x["status"]["port"].is_u64())
-    })
+    let exported = wait_until(
+        WAIT,
+        "far's VolumeExport to the compute node served",
+        || {
+            json(&cloud, ns, &["get", "volumeexport", &export_name])
+                .ok()
+                .filter(|x| x["status"]["port"].is_u64())
+        },
+    )
     .with_context(|| {
         std::fs::read_to_string(storage.path().join("storage-agent.log")).unwrap_or_default()
     })?;
-    assert_eq!(exported["spec"]["storageNode"], STORAGE);
-    assert_eq!(exported["spec"]["node"], COMPUTE);
+    assert_eq!(exported["spec"]["storageNode"], storage_node);
+    assert_eq!(exported["spec"]["node"], compute_node);
     let export = exported["status"].clone();
-    assert_eq!(export["host"], STORAGE_IP, "{export}");
+    assert_eq!(export["host"], storage_ip, "{export}");
     assert_eq!(
         export["tls"], true,
-        "served over TLS to nbd-b's certificate: {export}"
+        "served over TLS to the compute node's certificate: {export}"
     );
     let port = export["port"].as_u64().unwrap_or_default();
     // On a port of the exports' own range, outside the kernel's ephemeral ports, at the
-    // address nbd-a recorded for its pool (which the API and nbd-b hold the export to).
+    // address the storage node recorded for its pool (which the API and the compute node hold the export to).
     ensure!((10809..=10999).contains(&port), "port {port}");
     let recorded = cloud.kubectl_ok(&[
         "get",
         "storagepool",
-        "files",
+        pool.name(),
         "-o",
         "jsonpath={.status.storageAddress}",
     ])?;
-    assert_eq!(recorded.trim(), STORAGE_IP);
+    assert_eq!(recorded.trim(), storage_ip);
     let ready = export["conditions"]
         .as_array()
         .into_iter()
@@ -265,31 +392,13 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
         (&Value::from("True"), &Value::from("Exported")),
         "{ready}"
     );
-    let server = wait_until(WAIT, "vm Running", || {
-        json(&cloud, &["get", "server", "vm"])
-            .ok()
-            .filter(|s| s["status"]["phase"] == "Running")
-    })
-    .with_context(|| compute.agent_log())?;
-    assert_eq!(server["status"]["hypervisor"], COMPUTE);
-    let uid = server["metadata"]["uid"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let dom = format!("stratus-{uid}");
-    // The guest's kernel read the partition table written on nbd-a, over the network.
-    wait_until(WAIT, "the guest's partition scan of vdc", || {
-        compute
-            .console(&uid)
-            .contains("vdc: vdc1 vdc2")
-            .then_some(())
-    })
-    .with_context(|| format!("console:\n{}", compute.console(&uid)))?;
+    // The guest's kernel read the partition table written on the storage node, over the network.
+    let (uid, dom) = scanned_by(&cloud, ns, &compute, "vm")?;
     let xml = String::from_utf8_lossy(&compute.virsh(&["dumpxml", &dom])?.stdout).into_owned();
     ensure!(
         xml.contains("protocol='nbd'")
             && xml.contains("tls='yes'")
-            && xml.contains(&format!("<host name='{STORAGE_IP}' port='{port}'/>")),
+            && xml.contains(&format!("<host name='{storage_ip}' port='{port}'/>")),
         "{xml}"
     );
 
@@ -297,7 +406,7 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
     // with): refused whole, the guest's disk as it was.
     let refused = cloud.kubectl_err(&[
         "-n",
-        NS,
+        ns,
         "patch",
         "volume",
         "far",
@@ -309,13 +418,13 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
         refused.contains("spec.sizeGiB") && refused.contains("over NBD"),
         "{refused}"
     );
-    assert_eq!(volume(&cloud)?["spec"]["sizeGiB"], 1);
+    assert_eq!(volume(&cloud, ns)?["spec"]["sizeGiB"], 1);
 
-    // Only nbd-b's address reaches the export: this host's own address on the storage
+    // Only the compute node's address reaches the export: this host's own address on the storage
     // network, as any other, has its connection dropped.
     ensure!(
-        dropped(STORAGE_IP, &format!("{STORAGE_IP}:{port}"))?,
-        "a connection from {STORAGE_IP} to the export was answered"
+        dropped(storage_ip, &format!("{storage_ip}:{port}"))?,
+        "a connection from {storage_ip} to the export was answered"
     );
 
     // The storage agent dies and starts again: it takes the same export back (same process,
@@ -335,7 +444,7 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
     })?;
     let pid_after = serde_json::from_slice::<Value>(&std::fs::read(&record)?)?["pid"].clone();
     assert_eq!(pid_before, pid_after, "the same qemu-nbd serves it");
-    let again = json(&cloud, &["get", "volumeexport", &export_name])?;
+    let again = json(&cloud, ns, &["get", "volumeexport", &export_name])?;
     assert_eq!(
         (&again["status"]["port"], &again["status"]["exportName"]),
         (&export["port"], &export["exportName"]),
@@ -352,10 +461,11 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
         10,
     )?;
 
-    // Detached: the disk leaves the guest, the export ends, the data is in the volume on nbd-a.
+    // Detached: the disk leaves the guest, the export ends, the data is in the volume on the
+    // storage node.
     cloud.kubectl_ok(&[
         "-n",
-        NS,
+        ns,
         "patch",
         "server",
         "vm",
@@ -363,7 +473,7 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
         "-p",
         r#"[{"op":"remove","path":"/spec/volumes"}]"#,
     ])?;
-    let vol = wait_volume(&cloud, "far released", |v| {
+    let vol = wait_volume(&cloud, ns, "far released", |v| {
         v["status"]["attachedTo"].is_null() && v["status"]["attachedNode"].is_null()
     })?;
     // Gone is NotFound: a server error or an unreachable API keeps the wait going (and fails it).
@@ -386,8 +496,13 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
     wait_until(Duration::from_secs(30), "qemu-nbd gone", || {
         (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
     })?;
-    let table = run("nft", &["list", "table", "inet", TABLE])?;
+    let table = run("nft", &["list", "table", "inet", site.table])?;
     ensure!(!table.contains(&format!("dport {port}")), "{table}");
+    // Where the volume is now (an LV's loop device may be another once released).
+    let path = vol["status"]["devicePath"]
+        .as_str()
+        .context("far's device path")?
+        .to_string();
     let mut data = [0u8; 17];
     std::fs::File::open(&path)?.read_exact_at(&mut data, 1 << 20)?;
     ensure!(
@@ -399,11 +514,31 @@ fn a_volume_of_another_node_attaches_over_nbd_to_a_real_guest() -> Result<()> {
     std::fs::File::open(&path)?.read_exact_at(&mut mbr, 0)?;
     assert_eq!(mbr, partition_table(), "the rest is as it was");
 
-    cloud.kubectl_ok(&["-n", NS, "delete", "server", "vm", "--wait=false"])?;
-    cloud.kubectl_ok(&["-n", NS, "delete", "volume", "far", "--wait=false"])?;
-    wait_until(WAIT, "the volume gone", || {
-        (!std::path::Path::new(&path).exists()).then_some(())
-    })?;
+    // A second server on the compute node, attached the volume at its create: its guest reads
+    // back, over a new export, what the first wrote (lowercased, so the echoed command is not
+    // what it prints).
+    cloud.kubectl_ok(&["-n", ns, "delete", "server", "vm", "--wait=false"])?;
+    cloud.kubectl_in(
+        &["-n", ns, "apply", "-f", "-"],
+        "apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: vm2\nspec:\n  flavor: m1.nano\n  image: tiny\n  volumes:\n  - volume: far\n",
+    )?;
+    let (uid2, dom2) = scanned_by(&cloud, ns, &compute, "vm2")?;
+    let xml = String::from_utf8_lossy(&compute.virsh(&["dumpxml", &dom2])?.stdout).into_owned();
+    ensure!(
+        xml.contains("protocol='nbd'") && xml.contains(&format!("<host name='{storage_ip}'")),
+        "{xml}"
+    );
+    compute.type_until(
+        &uid2,
+        &dom2,
+        "dd if=/dev/vdc bs=16 skip=65536 count=1 2>/dev/null | tr A-Z a-z",
+        "stratus-nbd-data",
+        10,
+    )?;
+
+    cloud.kubectl_ok(&["-n", ns, "delete", "server", "vm2", "--wait=false"])?;
+    delete_once_released(&cloud, ns, &["far"])?;
+    wait_until(WAIT, "the volume gone", || pool.gone(&path).then_some(()))?;
     drop(agent);
     Ok(())
 }
