@@ -96,6 +96,11 @@ impl Node {
         self.dir.path().join(NBD_TLS)
     }
 
+    /// The state directory its agent is given (`--state-dir`).
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("state")
+    }
+
     /// The libvirt URI of this node's daemon.
     pub fn uri(&self) -> String {
         format!(
