@@ -947,7 +947,23 @@ mod host_tests {
     use crate::driver::netlink::NetlinkLinks;
     use crate::driver::nft::NftFirewall;
 
+    /// A namespace of the test's own, removed when this is dropped.
     struct Gone(Name);
+
+    impl Gone {
+        fn made() -> Self {
+            let ns = Name::new(&unique()).expect("name");
+            NetlinkLinks::new().add_netns(&ns).expect("netns");
+            Gone(ns)
+        }
+    }
+
+    /// Puts a connection in `ns`'s tracker for five minutes: `conntrack -I` with `args`.
+    fn insert(ns: &Name, args: &[&str]) {
+        let all = [&["conntrack", "-I", "--timeout", "300"], args].concat();
+        let (ok, out) = run_in(ns, &all);
+        assert!(ok, "{out}");
+    }
 
     impl Drop for Gone {
         fn drop(&mut self) {
@@ -969,15 +985,9 @@ mod host_tests {
         if !root() {
             return;
         }
-        let ns = Name::new(&unique()).expect("name");
-        NetlinkLinks::new().add_netns(&ns).expect("netns");
-        let _gone = Gone(ns.clone());
-        let insert = |args: &[&str]| {
-            let mut all = vec!["conntrack", "-I", "--timeout", "300"];
-            all.extend(args);
-            let (ok, out) = run_in(&ns, &all);
-            assert!(ok, "{out}");
-        };
+        let gone = Gone::made();
+        let ns = gone.0.clone();
+        let insert = |args: &[&str]| insert(&ns, args);
         let icmp = |src: &str, zone: &str| {
             insert(&[
                 "-p",
@@ -1046,10 +1056,9 @@ mod host_tests {
         if !root() {
             return;
         }
-        let ns = Name::new(&unique()).expect("name");
+        let gone = Gone::made();
+        let ns = gone.0.clone();
         let absent = Name::new(&unique()).expect("name");
-        NetlinkLinks::new().add_netns(&ns).expect("netns");
-        let _gone = Gone(ns.clone());
         // No table yet, no namespace: nothing translated.
         let read = || translated([ns.clone(), absent.clone()]);
         let none = BTreeMap::from([
@@ -1087,15 +1096,9 @@ mod host_tests {
         if !root() {
             return;
         }
-        let ns = Name::new(&unique()).expect("name");
-        NetlinkLinks::new().add_netns(&ns).expect("netns");
-        let _gone = Gone(ns.clone());
-        let insert = |args: &[&str]| {
-            let mut all = vec!["conntrack", "-I", "-p", "udp", "--timeout", "300"];
-            all.extend(args);
-            let (ok, out) = run_in(&ns, &all);
-            assert!(ok, "{out}");
-        };
+        let gone = Gone::made();
+        let ns = gone.0.clone();
+        let insert = |args: &[&str]| insert(&ns, &[&["-p", "udp"], args].concat());
         // In through floating 203.0.113.10; out of its guest, translated to it; another
         // floating address's.
         insert(&[
