@@ -584,11 +584,12 @@ fn listed(dev: &Path) -> Option<loopdev::LoopDevice> {
         .find(|d| d.name == dev)
 }
 
-/// A volume deleted while its device was held leaves that device lazily detached (AUTOCLEAR)
-/// over extents a later volume takes. Growing the later volume in place, and recovering after
-/// a grow interrupted, grow its own device alone: never the stale one (its holder would see
-/// the grown part), nor another device at its offset over another length (recovery detaches
-/// that one).
+/// A volume's device detached by hand while held stays, lazily detached (AUTOCLEAR), over the
+/// volume's extents at the length it had. Growing the volume in place, and recovering after
+/// a grow interrupted, grow its own device alone: never the detached one (its holder would
+/// see the grown part, and go on using it after the volume is gone), nor another device at
+/// its offset over another length; recovery takes both, over another length than the
+/// volume's by then, off it.
 #[test]
 fn lvm_grows_only_its_own_devices_never_a_stale_one_at_the_same_offset() {
     if super::lvm::has_device_mapper() {
@@ -597,24 +598,19 @@ fn lvm_grows_only_its_own_devices_never_a_stale_one_at_the_same_offset() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let vg = TestVg::new(tmp.path(), "stratus-conf-stale", 64 * MIB);
     let lvm = Lvm::new(&vg.vg).expect("a name");
-    // A 4 MiB volume whose device a process holds, deleted.
-    let old = VolName::volume("stale-old").expect("uid");
-    lvm.create(&old, 4 * MIB, Source::Empty).expect("create");
-    let stale = lvm.device(&old).expect("device");
+    // A 4 MiB volume whose device a process holds, detached by hand.
+    let new = VolName::volume("stale-new").expect("uid");
+    lvm.create(&new, 4 * MIB, Source::Empty).expect("create");
+    let stale = lvm.device(&new).expect("device");
     let mut stale_holder = std::fs::File::open(&stale).expect("hold the device");
-    lvm.delete(&old).expect("delete");
+    loopdev::detach(&stale).expect("losetup -d");
     let left = listed(&stale).expect("held, it stays");
     assert!(left.autoclear, "{left:?}");
 
-    let new = VolName::volume("stale-new").expect("uid");
-    lvm.create(&new, 4 * MIB, Source::Empty).expect("create");
     let dev = lvm.device(&new).expect("device");
     assert_ne!(dev, stale, "a detached device is not handed out again");
     let own = listed(&dev).expect("listed");
-    assert_eq!(
-        own.offset, left.offset,
-        "the new volume took the old one's extents"
-    );
+    assert_eq!(own.offset, left.offset, "over the same extents");
     let mut held = std::fs::File::open(&dev).expect("hold the new volume's device");
     // Another device at its offset over another length (not the volume's).
     let out = cmd::run(
@@ -648,8 +644,8 @@ fn lvm_grows_only_its_own_devices_never_a_stale_one_at_the_same_offset() {
     assert_eq!(size_of(&mut held), 12 * MIB, "its own device grows");
     assert_eq!(
         size_of(&mut stale_holder),
-        4 * MIB,
-        "the stale one does not"
+        0,
+        "the stale one does not, and is taken off the volume"
     );
     assert!(listed(&other).is_none(), "detached: {removed:?}");
     assert!(
@@ -715,4 +711,105 @@ fn a_loop_device_is_resized_only_while_over_what_was_listed() {
     loopdev::set_size_limit(&dev, 4 * MIB).expect("as listed");
     assert_eq!(size(), 4 * MIB);
     loopdev::detach(&name).expect("detach");
+}
+
+/// Bytes `len` at `offset` of `file`, read from the file itself (what reached the disk).
+fn on_disk(file: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0; len];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(file).expect("open the PV's file"),
+        &mut buf,
+        offset,
+    )
+    .expect("read the PV's file");
+    buf
+}
+
+/// What a process holding the loop device of a volume deleted under it can still do to the
+/// volume that takes its extents next: it writes at its start and reads its size.
+fn stale_holder_against_the_next_volume(
+    lvm: &Lvm,
+    vg: &TestVg,
+    holder: &mut std::fs::File,
+    offset: u64,
+    next: &VolName,
+) {
+    lvm.create(next, 4 * MIB, Source::Empty).expect("create");
+    let dev = lvm.device(next).expect("device");
+    assert_eq!(
+        listed(&dev).expect("listed").offset,
+        offset,
+        "the next volume took the deleted one's extents"
+    );
+    conformance::write(lvm, next, 0, b"the next tenant!");
+    // Whatever the holder writes and flushes (refused, as it reaches nothing) never lands in
+    // the next volume.
+    let _ = std::os::unix::fs::FileExt::write_all_at(&*holder, b"a stale holder!!", 0);
+    let _ = holder.sync_all();
+    assert_eq!(on_disk(&vg.pv, offset, 16), b"the next tenant!");
+    assert_eq!(conformance::read(lvm, next, 0, 16), b"the next tenant!");
+    assert_eq!(
+        size_of(holder),
+        0,
+        "the deleted volume's device still reaches {} MiB of the PV",
+        size_of(holder) >> 20
+    );
+}
+
+/// A volume deleted while a process still holds its loop device (`losetup -d` then only marks
+/// a busy device to go with its last holder) leaves no device over its extents: the holder
+/// reaches none of the volume that takes them next. A device an older agent left so over
+/// free extents is taken off them before a new volume uses them.
+#[test]
+fn lvm_a_deleted_volumes_held_device_never_reaches_the_next_volume() {
+    if super::lvm::has_device_mapper() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vg = TestVg::new(tmp.path(), "stratus-conf-fence", 64 * MIB);
+    let lvm = Lvm::new(&vg.vg).expect("a name");
+    let open = |dev: &Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dev)
+            .expect("hold the device")
+    };
+
+    // Deleted through the driver while held.
+    let old = VolName::volume("fence-old").expect("uid");
+    lvm.create(&old, 4 * MIB, Source::Empty).expect("create");
+    let dev = lvm.device(&old).expect("device");
+    let offset = listed(&dev).expect("listed").offset;
+    let mut holder = open(&dev);
+    lvm.delete(&old).expect("delete");
+    assert!(lvm.observe(&old).expect("observe").is_none());
+    let next = VolName::volume("fence-next").expect("uid");
+    stale_holder_against_the_next_volume(&lvm, &vg, &mut holder, offset, &next);
+    drop(holder);
+    lvm.delete(&next).expect("delete");
+
+    // Left by an older agent: detached while held, its LV removed, the device still over the
+    // free extents.
+    let older = VolName::volume("fence-older").expect("uid");
+    lvm.create(&older, 4 * MIB, Source::Empty).expect("create");
+    let dev = lvm.device(&older).expect("device");
+    let offset = listed(&dev).expect("listed").offset;
+    let mut holder = open(&dev);
+    loopdev::detach(&dev).expect("losetup -d");
+    assert!(listed(&dev).expect("held, it stays").autoclear);
+    cmd::run(
+        "lvremove",
+        ["--driverloaded", "n", "-y", &format!("{}/{older}", vg.vg)],
+    )
+    .expect("lvremove");
+    let after = VolName::volume("fence-after").expect("uid");
+    stale_holder_against_the_next_volume(&lvm, &vg, &mut holder, offset, &after);
+    drop(holder);
+    lvm.delete(&after).expect("delete");
+    let gone = (0..50).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        loops_over(&vg.pv) == 0
+    });
+    assert!(gone, "{:?}", loopdev::list());
 }

@@ -200,10 +200,15 @@ pub fn grow_over(region: &Region, was: u64) -> Result<Vec<PathBuf>, DriverError>
 /// is the device that was checked, not one detached and set up again over something else
 /// in between.
 fn same_device(info: &ioctl::LoopInfo64, listed: &LoopDevice, backing: (u64, u64)) -> bool {
+    over_the_same(info, listed, backing) && info.lo_flags & ioctl::LO_FLAGS_AUTOCLEAR == 0
+}
+
+/// Whether the status of an open loop device (`info`) is over what `listed` is over, detached
+/// while held or not.
+fn over_the_same(info: &ioctl::LoopInfo64, listed: &LoopDevice, backing: (u64, u64)) -> bool {
     info.lo_offset == listed.offset
         && info.lo_sizelimit == listed.size_limit
         && (info.lo_device, info.lo_inode) == backing
-        && info.lo_flags & ioctl::LO_FLAGS_AUTOCLEAR == 0
 }
 
 /// Sets the size limit of bound loop device `dev` (as [`list`] found it) to `len` bytes; the
@@ -234,17 +239,71 @@ pub fn set_size_limit(dev: &LoopDevice, len: u64) -> Result<(), DriverError> {
         )));
     }
     info.lo_sizelimit = len;
+    set_status(&fd, info).map_err(|e| super::io("set the size limit of", name)(e.into()))
+}
+
+/// Sets the status of the loop device open as `fd`, a few times while the kernel refuses
+/// because pages of the device were dirtied under it.
+fn set_status(fd: &std::fs::File, info: ioctl::LoopInfo64) -> rustix::io::Result<()> {
     let mut tries = 0;
     loop {
-        match ioctl::set_status(&fd, info) {
-            Ok(()) => return Ok(()),
-            // Pages written through the device's cache while it was being resized.
+        match ioctl::set_status(fd, info) {
             Err(e) if e == rustix::io::Errno::AGAIN && tries < 10 => {
                 tries += 1;
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
-            Err(e) => return Err(super::io("set the size limit of", name)(e.into())),
+            done => return done,
         }
+    }
+}
+
+/// Where a fenced device starts: past the end of any file or device (the largest offset the
+/// kernel takes, kept block-aligned), so that it is empty.
+const FENCED: u64 = i64::MAX as u64 & !4095;
+
+/// Takes loop device `dev` (as [`list`] found it) off what it is over, so that nothing
+/// reaches that region through it any more: detached, and, when it is still there (a busy
+/// device is only marked to go with its last holder, `AUTOCLEAR`), fenced: its offset set
+/// past the end of its backing and its size limit dropped, so that it is empty and its
+/// holders read and write nothing (their I/O fails). A device gone meanwhile, or set up over
+/// something else since it was listed, is left alone. Idempotent.
+///
+/// # Errors
+/// losetup failed, or a held device could not be fenced: it may still be over the region,
+/// which must then be neither freed nor reused.
+pub fn release(dev: &LoopDevice) -> Result<(), DriverError> {
+    use std::os::unix::fs::MetadataExt;
+    detach(&dev.name)?;
+    if !list()?
+        .iter()
+        .any(|d| d.name == dev.name && d.offset == dev.offset)
+    {
+        return Ok(());
+    }
+    let name = dev.name.as_path();
+    let fd = match std::fs::OpenOptions::new().read(true).open(name) {
+        Ok(fd) => fd,
+        // Gone since it was listed.
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) => {
+            return Ok(());
+        }
+        Err(e) => return Err(super::io("open", name)(e)),
+    };
+    let mut info = match ioctl::status(&fd) {
+        Ok(info) => info,
+        Err(e) if e == rustix::io::Errno::NXIO => return Ok(()),
+        Err(e) => return Err(super::io("read the status of", name)(e.into())),
+    };
+    let backing = std::fs::metadata(&dev.backing).map_err(super::io("stat", &dev.backing))?;
+    if !over_the_same(&info, dev, (backing.dev(), backing.ino())) {
+        return Ok(());
+    }
+    info.lo_offset = FENCED;
+    info.lo_sizelimit = 0;
+    match set_status(&fd, info) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::NXIO => Ok(()),
+        Err(e) => Err(super::io("fence", name)(e.into())),
     }
 }
 
@@ -326,14 +385,15 @@ mod ioctl {
     }
 }
 
-/// Detaches every loop device over any byte of `region`; answers them. Idempotent.
+/// Takes every loop device over any byte of `region` off it ([`release`]); answers them.
+/// Once it returns, nothing reaches the region through a loop device. Idempotent.
 ///
 /// # Errors
-/// losetup failed.
-pub fn detach_overlapping(region: &Region) -> Result<Vec<PathBuf>, DriverError> {
+/// As [`release`]: a device may then still be over the region.
+pub fn release_overlapping(region: &Region) -> Result<Vec<PathBuf>, DriverError> {
     let mut gone = Vec::new();
     for dev in list()?.into_iter().filter(|d| region.overlaps(d)) {
-        detach(&dev.name)?;
+        release(&dev)?;
         gone.push(dev.name);
     }
     Ok(gone)

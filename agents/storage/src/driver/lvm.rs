@@ -20,8 +20,13 @@
 //! holding one keeps it and sees the new size once told (libvirt's `blockresize`). Only
 //! devices over exactly the length the volume had grow (that length is an LV tag from before
 //! the `lvextend` until its devices grew, so recovery after a crash knows it too); one at the
-//! same offset over another length, or detached while held (`AUTOCLEAR`: a deleted volume's,
-//! over extents this one took since), never does, and recovery detaches the former. A volume
+//! same offset over another length, or detached while held (`AUTOCLEAR`), never does, and
+//! recovery takes those over another length off the volume. No loop device outlives the extents it is over:
+//! `losetup -d` only marks a device some process holds to go with its last holder, so such a
+//! device of a volume being removed is fenced (its offset moved past the end of the PV: empty,
+//! its holder reads and writes nothing) before the LV goes, and any device found over a new
+//! volume's extents, or over free extents a volume grows into, is taken off them before they
+//! are zeroed (one left by an older agent, or by hand). A volume
 //! a guest holds is never moved ([`Backend::extend_held`]): its writes during the copy would
 //! be lost, and it would go on writing to extents the volume no longer owns. So such a pool
 //! grows a volume in use only when the space after it is free
@@ -393,13 +398,15 @@ impl Lvm {
     }
 
     /// Removes LV `name` and every loop device over it (answered). A missing one is `Ok`.
+    /// A device some process still holds is fenced rather than left over the extents (they
+    /// are free for the next volume once the LV goes); one that cannot be keeps the LV.
     fn remove(&self, name: &str, lv: Option<&Lv>) -> Result<Vec<PathBuf>, DriverError> {
         let Some(lv) = lv else {
             return Ok(Vec::new());
         };
         let mut detached = Vec::new();
         if !self.dm && lv.segments.len() == 1 {
-            detached = loopdev::detach_overlapping(&self.region(name, lv)?)?;
+            detached = loopdev::release_overlapping(&self.region(name, lv)?)?;
         }
         self.lvm(
             "lvremove",
@@ -443,6 +450,11 @@ impl Lvm {
             .remove(partial)
             .ok_or_else(|| DriverError::NotFound(format!("{}/{partial}", self.vg)))?;
         let region = self.region(partial, &lv)?;
+        // The extents were free: a device still over them (left by an older agent, or by
+        // hand) is not this volume's, and its holder must reach none of it.
+        if !self.dm {
+            loopdev::release_overlapping(&region)?;
+        }
         // The extents may hold a deleted volume's data: none of it may show.
         data::zero(&region)?;
         match source {
@@ -565,7 +577,8 @@ impl Backend for Lvm {
             return Ok(removed);
         }
         // Loop devices over a region of one of the group's PVs that no LV of the group has
-        // now: left by a volume deleted, or a build interrupted, before they were detached.
+        // now: left by a volume deleted, or a build interrupted, before they were detached;
+        // one still held is fenced.
         let (_, starts) = self.layout()?;
         let mut regions = Vec::new();
         for (name, lv) in self.lvs()? {
@@ -581,7 +594,7 @@ impl Backend for Lvm {
         for dev in loopdev::list()? {
             let on_pv = starts.keys().any(|pv| loopdev::same_file(&dev.backing, pv));
             if on_pv && dev.size_limit > 0 && !regions.iter().any(|r| r.is(&dev)) {
-                loopdev::detach(&dev.name)?;
+                loopdev::release(&dev)?;
                 removed.push(dev.name.display().to_string());
             }
         }
@@ -722,6 +735,8 @@ impl Lvm {
                 offset: old.offset + old.len,
                 len: grow,
             };
+            // As a new volume's extents: no stale device may reach them once they are its.
+            loopdev::release_overlapping(&tail)?;
             data::zero(&tail)?;
             // Recorded before the LV grows: a process dying after the lvextend leaves what
             // its devices are to grow from (none of another length is grown).
@@ -800,7 +815,7 @@ impl Lvm {
             }
             return Err(e);
         }
-        loopdev::detach_overlapping(old)?;
+        loopdev::release_overlapping(old)?;
         let aside = format!("{name}{OLD}");
         {
             let _swap = self.swap.write().unwrap_or_else(PoisonError::into_inner);
