@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use stratus_agents::compute::driver::TxChecksums;
 use stratus_agents::compute::driver::libvirt::Libvirt;
 use stratus_agents::compute::node::MAX_HEARTBEAT_SECONDS;
 use stratus_network_agent::driver::dnsmasq::Dnsmasq;
@@ -150,7 +151,9 @@ pub struct NetworkArgs {
     /// STATE_DIR/network/ovs and leaves running for its next start). With `ovs`,
     /// --tunnel-interface is put on the switch's bridge br-phy with its address, which is
     /// where the userspace datapath sends tunnels from. Security groups and anti-spoofing
-    /// are then OpenFlow flows with OVS conntrack.
+    /// are then OpenFlow flows with OVS conntrack. The compute role's guests then fill in
+    /// the checksums of what they send (no virtio-net offloads to the host), which the
+    /// userspace datapath cannot send through its tunnels.
     #[arg(long, value_enum, default_value = "kernel")]
     pub datapath: Datapath,
 }
@@ -284,6 +287,12 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             .await
             .context("connect to libvirt")?
             .with_context(|| format!("connect to libvirt at {}", args.libvirt_uri))?;
+        // Open vSwitch's userspace datapath drops a tunneled frame whose checksum the guest
+        // left to the host (see `TxChecksums`): on such a node guests fill them in.
+        let libvirt = match args.network.datapath {
+            Datapath::Kernel => libvirt,
+            Datapath::Ovs => libvirt.with_tx_checksums(TxChecksums::Guest),
+        };
         let config = stratus_agents::compute::Config {
             node: args.node.clone(),
             state_dir: state_dir.clone(),

@@ -997,3 +997,47 @@ pub fn swift_proxy_conf(
         ca = ca.display(),
     )
 }
+
+/// Merge patches to objects of one kind in one namespace of a [`Cloud`], sent straight to the
+/// API as its admin (no kubectl to start, the connection made beforehand): what a test times
+/// an effect from.
+pub struct MergePatcher {
+    rt: tokio::runtime::Runtime,
+    api: kube::Api<kube::api::DynamicObject>,
+}
+
+impl MergePatcher {
+    /// For `kind` (`plural`) of API group `group`, version v1, in namespace `ns`; connected by
+    /// reading `name`, which must exist.
+    pub fn new(
+        cloud: &Cloud,
+        group: &str,
+        kind: &str,
+        plural: &str,
+        ns: &str,
+        name: &str,
+    ) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let api = rt.block_on(async {
+            let client = cloud.client().await?;
+            let gvk = kube::api::GroupVersionKind::gvk(group, "v1", kind);
+            let resource = kube::api::ApiResource::from_gvk_with_plural(&gvk, plural);
+            let api = kube::Api::namespaced_with(client, ns, &resource);
+            api.get(name).await?;
+            anyhow::Ok(api)
+        })?;
+        Ok(Self { rt, api })
+    }
+
+    /// Merge-patches `name` with `patch`, returning once the API answered.
+    pub fn patch(&self, name: &str, patch: serde_json::Value) -> Result<()> {
+        let patch = kube::api::Patch::Merge(patch);
+        self.rt.block_on(
+            self.api
+                .patch(name, &kube::api::PatchParams::default(), &patch),
+        )?;
+        Ok(())
+    }
+}

@@ -617,3 +617,62 @@ pub fn unreached_after(
             .then(|| last.map_or(std::time::Duration::ZERO, |t| t.duration_since(since)))
     })
 }
+
+/// The external side of a routed test: in namespace `ext` a bridge `br-ext` with `address`
+/// (`203.0.113.1/24`: an address of the test's own), and per node namespace of `nodes` a
+/// veth pair, `physnet` in the node (what its agent's `--physical-interface PHYSNET=physnet`
+/// names) and `e-nI` on the bridge (I from 1), all up. Each `e-nI` fills in the checksums
+/// of what it sends (`ethtool -K e-nI tx off`), as the wire hands a node only whole frames: a
+/// veth hands them on unfilled, and an OVS node's userspace datapath drops a frame left so
+/// on its way into a tunnel.
+pub fn external_bridge(ext: &str, nodes: &[&str], address: &str) -> Result<()> {
+    ip(&["-n", ext, "link", "add", "br-ext", "type", "bridge"])?;
+    ip(&["-n", ext, "addr", "add", address, "dev", "br-ext"])?;
+    ip(&["-n", ext, "link", "set", "br-ext", "up"])?;
+    ip(&["-n", ext, "link", "set", "lo", "up"])?;
+    for (i, n) in nodes.iter().enumerate() {
+        let end = format!("e-n{}", i + 1);
+        ip(&[
+            "link", "add", "physnet", "netns", n, "type", "veth", "peer", "name", &end, "netns",
+            ext,
+        ])?;
+        ip(&["-n", ext, "link", "set", &end, "master", "br-ext", "up"])?;
+        ip(&["-n", n, "link", "set", "physnet", "up"])?;
+        let (ok, out) = netns_exec(ext, &["ethtool", "-K", &end, "tx", "off"]);
+        anyhow::ensure!(ok, "ethtool -K {end} tx off in {ext}: {out}");
+    }
+    Ok(())
+}
+
+/// The namespaces whose names start with `prefix` (`qrouter-`: the routers') that hold a
+/// link with MAC `mac` (a router's gateway port's): where a router runs, and where it ran on
+/// a node that died.
+pub fn namespaces_with_mac(prefix: &str, mac: &str) -> Vec<String> {
+    let list = ip(&["netns", "list"]).unwrap_or_default();
+    list.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(prefix))
+        .filter(|n| {
+            ip(&["-n", n, "-j", "link", "show"])
+                .ok()
+                .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
+                .and_then(|v| v.as_array().cloned())
+                .into_iter()
+                .flatten()
+                .any(|l| l.get("address").and_then(|a| a.as_str()) == Some(mac))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The source of the reply to one ping from namespace `from` to `to` answered within two
+/// seconds, as busybox's ping prints it (`64 bytes from ADDRESS: …`); `None` unanswered.
+pub fn ping_reply_source(from: &str, to: &str) -> Option<String> {
+    let (ok, out) = netns_exec(from, &["busybox", "ping", "-c", "1", "-W", "2", to]);
+    if !ok {
+        return None;
+    }
+    out.lines()
+        .find_map(|l| l.split_once(" bytes from ")?.1.split(':').next())
+        .map(str::to_owned)
+}

@@ -246,6 +246,33 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Waits up to `timeout` for the test guest of server `uid` to print the whole line of
+    /// its lease on `iface` (`STRATUS-GUEST-DHCP IFACE IP`), and checks that it took `ip`.
+    pub fn wait_lease(
+        &self,
+        uid: &str,
+        iface: &str,
+        ip: &str,
+        timeout: std::time::Duration,
+    ) -> Result<()> {
+        let prefix = format!("STRATUS-GUEST-DHCP {iface} ");
+        let console = wait_until(timeout, &format!("the lease of {iface}"), || {
+            // The whole line: a console read while the guest writes it ends mid-line.
+            let console = self.console(uid);
+            let done = console
+                .split_once(&prefix)
+                .is_some_and(|(_, rest)| rest.contains('\n'));
+            done.then_some(console)
+        })
+        .with_context(|| format!("console:\n{}", self.console(uid)))?;
+        if !console.contains(&format!("{prefix}{ip}\n")) {
+            bail!("the guest did not take {ip} on {iface}: {console}");
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill_agent();

@@ -12,6 +12,7 @@ mod e2e {
     mod etcd;
     mod field_ownership;
     mod gc;
+    mod guests_routers;
     mod guests_two_nodes;
     mod identity;
     mod images_swift;

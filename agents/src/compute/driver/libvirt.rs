@@ -27,7 +27,7 @@ use super::events;
 use super::xml::{self, DomainKind, METADATA_NS};
 use super::{
     AttachedInterface, AttachedVolume, DomainDriver, DomainInfo, DomainSpec, DomainState,
-    DriverError, InterfaceSpec, NodeInfo, VolumeDisk,
+    DriverError, InterfaceSpec, NodeInfo, TxChecksums, VolumeDisk,
 };
 use stratus_api_types::compute::HypervisorType;
 
@@ -42,6 +42,7 @@ pub const NAME_PREFIX: &str = "stratus-";
 pub struct Libvirt {
     conn: Connect,
     kind: DomainKind,
+    tx_checksums: TxChecksums,
     events: std::sync::Mutex<Vec<events::Subscription>>,
 }
 
@@ -65,6 +66,7 @@ impl Libvirt {
         Ok(Self {
             conn,
             kind,
+            tx_checksums: TxChecksums::default(),
             events: std::sync::Mutex::default(),
         })
     }
@@ -79,8 +81,16 @@ impl Libvirt {
         Ok(Self {
             conn: open(uri)?,
             kind,
+            tx_checksums: TxChecksums::default(),
             events: std::sync::Mutex::default(),
         })
+    }
+
+    /// Who fills in the checksums of what the guests defined or given an interface from now
+    /// on send ([`TxChecksums`]: the guests themselves on an Open vSwitch node).
+    pub fn with_tx_checksums(mut self, tx: TxChecksums) -> Self {
+        self.tx_checksums = tx;
+        self
     }
 
     /// The domain type this connection defines.
@@ -290,7 +300,7 @@ impl DomainDriver for Libvirt {
 
     fn define(&self, spec: &DomainSpec) -> Result<(), DriverError> {
         validate(spec)?;
-        let xml = xml::domain_xml(spec, self.kind);
+        let xml = xml::domain_xml_with(spec, self.kind, self.tx_checksums);
         self.conn.define_domain_xml(&xml).map_err(libvirt)?;
         Ok(())
     }
@@ -442,7 +452,7 @@ impl DomainDriver for Libvirt {
     fn attach_interface(&self, name: &str, nic: &InterfaceSpec) -> Result<(), DriverError> {
         nic.check()?;
         let domain = self.require(name)?;
-        let element = xml::interface_xml(nic);
+        let element = xml::interface_xml_with(nic, self.tx_checksums);
         for (flags, live) in self.device_views(&domain)? {
             let there = self.interfaces_of(&domain, name, live)?;
             if there.iter().any(|i| i.mac.eq_ignore_ascii_case(&nic.mac)) {

@@ -42,6 +42,23 @@ pub struct DomainSpec {
     pub owner: Owner,
 }
 
+/// Who fills in the checksums of what a guest sends: QEMU's virtio-net offers the guest its
+/// checksum and segmentation offloads (the host, the default), or not (the guest itself).
+///
+/// On a node whose networks are Open vSwitch's userspace datapath (`--datapath ovs`) the
+/// guest fills them in: that switch (3.1) reads a tap's frames with their virtio-net
+/// header, and drops each one that leaves its checksum to the host on the way into a
+/// VXLAN tunnel ("Tunneling packets with HW offload flags is not supported"), so a guest's
+/// TCP to another node or through a router on another node would never arrive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TxChecksums {
+    /// The guest leaves them to the host (virtio-net's `csum`, TSO and the rest on).
+    #[default]
+    Host,
+    /// The guest computes them (`<driver><host csum='off' …/></driver>`).
+    Guest,
+}
+
 /// One network interface of a guest: a Port, plugged in as a tap device on the host that the
 /// node's network agent puts on its network's bridge.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,7 +16,7 @@ use quick_xml::reader::Reader;
 
 use super::{
     AttachedInterface, AttachedVolume, Backing, DiskFormat, DomainSpec, InterfaceSpec, Owner,
-    VolumeDisk,
+    TxChecksums, VolumeDisk,
 };
 
 /// XML namespace of the Stratus metadata element in a domain's `<metadata>`.
@@ -89,9 +89,14 @@ pub enum MetadataError {
 /// Paths that are not UTF-8 are written lossily; callers that take paths from outside should
 /// reject those first (the libvirt driver's `define` does).
 pub fn domain_xml(spec: &DomainSpec, kind: DomainKind) -> String {
+    domain_xml_with(spec, kind, TxChecksums::Host)
+}
+
+/// [`domain_xml`], its interfaces' checksums filled in by `tx`.
+pub fn domain_xml_with(spec: &DomainSpec, kind: DomainKind, tx: TxChecksums) -> String {
     let mut writer = Writer::new_with_indent(Vec::new(), b' ', 2);
     // Writing into a Vec<u8> has no I/O that could fail.
-    write_domain(&mut writer, spec, kind).expect("writing XML into a Vec<u8> cannot fail");
+    write_domain(&mut writer, spec, kind, tx).expect("writing XML into a Vec<u8> cannot fail");
     // Every piece written came from a &str, so the buffer is UTF-8.
     String::from_utf8_lossy(&writer.into_inner()).into_owned()
 }
@@ -184,6 +189,7 @@ fn write_domain<W: io::Write>(
     w: &mut Writer<W>,
     spec: &DomainSpec,
     kind: DomainKind,
+    tx: TxChecksums,
 ) -> io::Result<()> {
     w.create_element("domain")
         .with_attribute(("type", kind.domain_type()))
@@ -222,7 +228,7 @@ fn write_domain<W: io::Write>(
             text_element(w, "on_poweroff", "destroy")?;
             text_element(w, "on_reboot", "restart")?;
             text_element(w, "on_crash", "destroy")?;
-            write_devices(w, spec, kind)
+            write_devices(w, spec, kind, tx)
         })?;
     Ok(())
 }
@@ -292,8 +298,14 @@ fn write_backing<W: io::Write>(w: &mut Writer<W>, backing: Option<&Backing>) -> 
 
 /// A Port as a tap device the hypervisor makes (`<target dev=…/>`, libvirt's default
 /// `managed` creates it) and the node's network agent puts on its network's bridge; virtio,
-/// with no option ROM (iPXE is of no use to a guest booted from disk or kernel).
-fn write_interface<W: io::Write>(w: &mut Writer<W>, nic: &InterfaceSpec) -> io::Result<()> {
+/// with no option ROM (iPXE is of no use to a guest booted from disk or kernel); with
+/// [`TxChecksums::Guest`], none of virtio-net's offloads of what the guest sends (the
+/// segmentation ones need the checksum one).
+fn write_interface<W: io::Write>(
+    w: &mut Writer<W>,
+    nic: &InterfaceSpec,
+    tx: TxChecksums,
+) -> io::Result<()> {
     w.create_element("interface")
         .with_attribute(("type", "ethernet"))
         .write_inner_content(|w| {
@@ -306,6 +318,16 @@ fn write_interface<W: io::Write>(w: &mut Writer<W>, nic: &InterfaceSpec) -> io::
             w.create_element("model")
                 .with_attribute(("type", "virtio"))
                 .write_empty()?;
+            if tx == TxChecksums::Guest {
+                w.create_element("driver").write_inner_content(|w| {
+                    let mut host = w.create_element("host");
+                    for offload in ["csum", "gso", "tso4", "tso6", "ecn", "ufo"] {
+                        host = host.with_attribute((offload, "off"));
+                    }
+                    host.write_empty()?;
+                    Ok(())
+                })?;
+            }
             if let Some(mtu) = nic.mtu {
                 w.create_element("mtu")
                     .with_attribute(("size", mtu.to_string().as_str()))
@@ -322,8 +344,13 @@ fn write_interface<W: io::Write>(w: &mut Writer<W>, nic: &InterfaceSpec) -> io::
 /// The `<interface>` element of a Port on its own, as libvirt's attach-device takes it (the
 /// same element the domain is defined with).
 pub fn interface_xml(nic: &InterfaceSpec) -> String {
+    interface_xml_with(nic, TxChecksums::Host)
+}
+
+/// [`interface_xml`], its checksums filled in by `tx`.
+pub fn interface_xml_with(nic: &InterfaceSpec, tx: TxChecksums) -> String {
     let mut writer = Writer::new_with_indent(Vec::new(), b' ', 2);
-    write_interface(&mut writer, nic).expect("writing XML into a Vec<u8> cannot fail");
+    write_interface(&mut writer, nic, tx).expect("writing XML into a Vec<u8> cannot fail");
     String::from_utf8_lossy(&writer.into_inner()).into_owned()
 }
 
@@ -631,6 +658,7 @@ fn write_devices<W: io::Write>(
     w: &mut Writer<W>,
     spec: &DomainSpec,
     kind: DomainKind,
+    tx: TxChecksums,
 ) -> io::Result<()> {
     w.create_element("devices").write_inner_content(|w| {
         if kind != DomainKind::Test {
@@ -672,7 +700,7 @@ fn write_devices<W: io::Write>(
                 })?;
         }
         for nic in &spec.interfaces {
-            write_interface(w, nic)?;
+            write_interface(w, nic, tx)?;
         }
         let log = path_text(&spec.console_log);
         w.create_element("serial")
@@ -1104,6 +1132,57 @@ mod tests {
             of("domain/devices/interface/rom", "enabled"),
             [Some("no".into()), Some("no".into())]
         );
+    }
+
+    #[test]
+    fn guests_that_fill_in_their_checksums_are_offered_no_offload_of_what_they_send() {
+        let mut spec = spec();
+        let nic = InterfaceSpec {
+            mac: "fa:16:3e:00:00:01".into(),
+            tap: "tap0f9e2c1a77b".into(),
+            mtu: Some(1450),
+        };
+        spec.interfaces = vec![nic.clone()];
+        let offloads = ["csum", "gso", "tso4", "tso6", "ecn", "ufo"];
+        for nodes in [
+            parse(&domain_xml_with(
+                &spec,
+                DomainKind::Qemu,
+                TxChecksums::Guest,
+            )),
+            // Hot-plugged, the same.
+            parse(&interface_xml_with(&nic, TxChecksums::Guest))
+                .into_iter()
+                .map(|mut n| {
+                    n.path = format!("domain/devices/{}", n.path);
+                    n
+                })
+                .collect(),
+        ] {
+            let host = one(&nodes, "domain/devices/interface/driver/host");
+            for o in offloads {
+                assert_eq!(host.attr(o), Some("off"), "{o}");
+            }
+            // What the guest receives keeps its offloads.
+            assert!(
+                !nodes
+                    .iter()
+                    .any(|n| n.path == "domain/devices/interface/driver/guest")
+            );
+        }
+        // By default the host fills them in: no driver element at all.
+        for xml in [
+            domain_xml(&spec, DomainKind::Qemu),
+            domain_xml_with(&spec, DomainKind::Qemu, TxChecksums::Host),
+            interface_xml(&nic),
+        ] {
+            assert!(
+                !parse(&xml)
+                    .iter()
+                    .any(|n| n.path.ends_with("interface/driver")),
+                "{xml}"
+            );
+        }
     }
 
     #[test]
