@@ -469,14 +469,46 @@ pub fn volume_disk_xml(disk: &VolumeDisk) -> String {
     String::from_utf8_lossy(&writer.into_inner()).into_owned()
 }
 
+/// The `type` of the `<disk>` whose data is at `path`: an NBD export of another node
+/// ([`nbd_path`]), a block device or a file.
+fn disk_type(path: &Path) -> &'static str {
+    match parse_nbd(path) {
+        Some(_) => "network",
+        None => source_of(path).0,
+    }
+}
+
+/// The `<source>` of a disk whose data is at `path` (of [`disk_type`]).
+fn write_source<W: io::Write>(w: &mut Writer<W>, path: &Path) -> io::Result<()> {
+    match parse_nbd(path) {
+        Some((host, port, name, tls)) => {
+            let mut source = w
+                .create_element("source")
+                .with_attribute(("protocol", "nbd"))
+                .with_attribute(("name", name.as_str()));
+            if tls {
+                source = source.with_attribute(("tls", "yes"));
+            }
+            source.write_inner_content(|w| {
+                w.create_element("host")
+                    .with_attribute(("name", host.as_str()))
+                    .with_attribute(("port", port.as_str()))
+                    .write_empty()?;
+                Ok(())
+            })?;
+        }
+        None => {
+            w.create_element("source")
+                .with_attribute((source_of(path).1, path_text(path).as_ref()))
+                .write_empty()?;
+        }
+    }
+    Ok(())
+}
+
 fn write_volume_disk<W: io::Write>(w: &mut Writer<W>, disk: &VolumeDisk) -> io::Result<()> {
-    let nbd = parse_nbd(&disk.path);
-    let (ty, attr) = match nbd {
-        Some(_) => ("network", "protocol"),
-        None => source_of(&disk.path),
-    };
     w.create_element("disk")
-        .with_attribute(("type", ty))
+        .with_attribute(("type", disk_type(&disk.path)))
         .with_attribute(("device", "disk"))
         .write_inner_content(|w| {
             let mut driver = w
@@ -489,29 +521,7 @@ fn write_volume_disk<W: io::Write>(w: &mut Writer<W>, disk: &VolumeDisk) -> io::
                 driver = driver.with_attribute(("cache", "none"));
             }
             driver.write_empty()?;
-            match &nbd {
-                Some((host, port, name, tls)) => {
-                    let mut source = w
-                        .create_element("source")
-                        .with_attribute((attr, "nbd"))
-                        .with_attribute(("name", name.as_str()));
-                    if *tls {
-                        source = source.with_attribute(("tls", "yes"));
-                    }
-                    source.write_inner_content(|w| {
-                        w.create_element("host")
-                            .with_attribute(("name", host.as_str()))
-                            .with_attribute(("port", port.as_str()))
-                            .write_empty()?;
-                        Ok(())
-                    })?;
-                }
-                None => {
-                    w.create_element("source")
-                        .with_attribute((attr, path_text(&disk.path).as_ref()))
-                        .write_empty()?;
-                }
-            }
+            write_source(w, &disk.path)?;
             w.create_element("backingStore").write_empty()?;
             w.create_element("target")
                 .with_attribute(("dev", disk.target.as_str()))
@@ -676,18 +686,16 @@ fn write_devices<W: io::Write>(
         }
         for (index, disk) in spec.disks.iter().enumerate() {
             let target = virtio_disk_name(index);
-            let (ty, attr) = source_of(&disk.path);
+            // A boot volume of another node's pool is its NBD export.
             w.create_element("disk")
-                .with_attribute(("type", ty))
+                .with_attribute(("type", disk_type(&disk.path)))
                 .with_attribute(("device", "disk"))
                 .write_inner_content(|w| {
                     w.create_element("driver")
                         .with_attribute(("name", "qemu"))
                         .with_attribute(("type", format_name(disk.format)))
                         .write_empty()?;
-                    w.create_element("source")
-                        .with_attribute((attr, path_text(&disk.path).as_ref()))
-                        .write_empty()?;
+                    write_source(w, &disk.path)?;
                     write_backing(w, disk.backing.as_ref())?;
                     w.create_element("target")
                         .with_attribute(("dev", target.as_str()))
@@ -1380,11 +1388,30 @@ mod tests {
                 got,
                 [AttachedVolume {
                     target: "vdc".into(),
-                    path,
+                    path: path.clone(),
                     serial: Some("abc".into()),
                     capacity: None,
                 }]
             );
+            // A boot volume of another node is the root disk over NBD, as a volume is.
+            let mut domain = spec();
+            domain.disks[0].path = path;
+            domain.disks[0].format = DiskFormat::Raw;
+            domain.disks[0].backing = None;
+            let nodes = parse(&domain_xml(&domain, DomainKind::Qemu));
+            let root = |p: &str| {
+                nodes
+                    .iter()
+                    .find(|n| n.path == format!("domain/devices/disk{p}"))
+                    .expect("the root disk")
+            };
+            assert_eq!(root("").attr("type"), Some("network"));
+            assert_eq!(root("/source").attr("protocol"), Some("nbd"));
+            assert_eq!(root("/source").attr("name"), Some("5b1fe0"));
+            assert_eq!(root("/source").attr("tls"), tls.then_some("yes"));
+            assert_eq!(root("/source").attr("file"), None);
+            assert_eq!(root("/source/host").attr("name"), Some(host));
+            assert_eq!(root("/target").attr("dev"), Some("vda"));
         }
     }
 
