@@ -676,3 +676,28 @@ pub fn ping_reply_source(from: &str, to: &str) -> Option<String> {
         .find_map(|l| l.split_once(" bytes from ")?.1.split(':').next())
         .map(str::to_owned)
 }
+
+/// An admin's flat external Network `ext` in project `ns` on physical network `physnet`,
+/// with Subnet `ext-sn` of 203.0.113.0/24 (gateway 203.0.113.1, no DHCP, floating and
+/// gateway addresses from .10 to .50): what a routed test's Routers and FloatingIPs name as
+/// `NS/ext`.
+pub fn external_network_yaml(ns: &str, physnet: &str) -> String {
+    format!(
+        r#"
+apiVersion: network.stratus.dev/v1
+kind: Network
+metadata: {{name: ext, namespace: {ns}}}
+spec: {{external: true, segmentation: flat, physicalNetwork: {physnet}, mtu: 1500}}
+---
+apiVersion: network.stratus.dev/v1
+kind: Subnet
+metadata: {{name: ext-sn, namespace: {ns}}}
+spec:
+  network: ext
+  cidr: 203.0.113.0/24
+  gatewayIP: 203.0.113.1
+  enableDHCP: false
+  allocationPools: [{{start: 203.0.113.10, end: 203.0.113.50}}]
+"#
+    )
+}

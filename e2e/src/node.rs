@@ -541,3 +541,40 @@ impl Guest {
         .concat())
     }
 }
+
+impl Guest {
+    /// [`Guest::images_yaml`], the guest giving a root shell on its console (for
+    /// [`Node::type_until`]) and not checking its timer interrupt (a TCG guest starved of the
+    /// CPU can miss that check and panic: "IO-APIC + timer doesn't work").
+    pub fn shell_images_yaml(&self, namespace: &str) -> Result<String> {
+        Ok(self.images_yaml(namespace)?.replace(
+            "console=ttyS0 quiet",
+            "console=ttyS0 quiet no_timer_check stratus.shell",
+        ))
+    }
+}
+
+impl Node {
+    /// Starts (or restarts) the node's agent with the compute and network roles as
+    /// [`Node::start_compute_network_agent_resyncing`] does (resyncing every 2 s, as a node
+    /// runs it), on `datapath` with tunnel address `tunnel`, and `extra` arguments. On Open
+    /// vSwitch the tunnel is put on the switch's underlay bridge (`--tunnel-interface
+    /// underlay`: the userspace datapath sends VXLAN from there), and the node's switch is
+    /// returned, to be dropped after the agent and before the node's namespace goes.
+    pub fn start_agent_on(
+        &mut self,
+        cloud: &Cloud,
+        datapath: crate::net::Datapath,
+        tunnel: &str,
+        extra: &[&str],
+    ) -> Result<Option<crate::net::Switch>> {
+        let ovs = datapath == crate::net::Datapath::Ovs;
+        let mut args = vec!["--datapath", datapath.name()];
+        if ovs {
+            args.extend(["--tunnel-interface", "underlay"]);
+        }
+        args.extend_from_slice(extra);
+        self.start_compute_network_agent_resyncing(cloud, tunnel, 2, &args)?;
+        Ok(ovs.then(|| crate::net::Switch::of_state(&self.state_dir())))
+    }
+}

@@ -35,8 +35,8 @@ use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use stratus_e2e::net::{
     ContinuousPing, Datapath, Namespaces, Switch, UNDERLAY, checksum_underlay, count_pings_from,
-    external_bridge, namespaces_with_mac, ping_reply_source, pings_counted, plug_cloud_port,
-    underlay,
+    external_bridge, external_network_yaml, namespaces_with_mac, ping_reply_source, pings_counted,
+    plug_cloud_port, underlay,
 };
 use stratus_e2e::node::{Guest, Node, NodeNetns};
 use stratus_e2e::{Cloud, MergePatcher, Proc, ip, netns_exec, repo_root, wait_until};
@@ -92,23 +92,9 @@ impl Rig {
 /// The external network (project [`EXT_NS`]), project [`P`]'s network, groups, Ports and
 /// Router, and its two Servers on node `b`.
 fn objects_yaml(b: &str) -> String {
+    let external = external_network_yaml(EXT_NS, "physnet1");
     format!(
-        r#"
-apiVersion: network.stratus.dev/v1
-kind: Network
-metadata: {{name: ext, namespace: {EXT_NS}}}
-spec: {{external: true, segmentation: flat, physicalNetwork: physnet1, mtu: 1500}}
----
-apiVersion: network.stratus.dev/v1
-kind: Subnet
-metadata: {{name: ext-sn, namespace: {EXT_NS}}}
-spec:
-  network: ext
-  cidr: 203.0.113.0/24
-  gatewayIP: {EXTERNAL}
-  enableDHCP: false
-  allocationPools: [{{start: 203.0.113.10, end: 203.0.113.50}}]
----
+        r#"{external}---
 apiVersion: network.stratus.dev/v1
 kind: Network
 metadata: {{name: net, namespace: {P}}}
@@ -328,36 +314,21 @@ fn routed_guests(variant: &str, datapaths: [Datapath; 2]) -> Result<()> {
     }
     external_bridge(&ext, &[&names[a], &names[b]], &format!("{EXTERNAL}/24"))?;
     for (i, node) in rig.nodes.iter_mut().enumerate() {
-        let mut extra = vec![
+        let extra = [
             "--zone",
             &names[i],
-            "--datapath",
-            datapaths[i].name(),
             "--physical-interface",
             "physnet1=physnet",
         ];
-        if datapaths[i] == Datapath::Ovs {
-            rig.switches
-                .push(Switch::of_state(&node.dir.path().join("state")));
-            // Put on the switch's underlay bridge, which the userspace datapath sends VXLAN
-            // from.
-            extra.extend(["--tunnel-interface", "underlay"]);
-        }
-        // The network role's resync at its default, as a node runs it.
-        node.start_compute_network_agent_resyncing(&cloud, UNDERLAY[i], 2, &extra)?;
+        let switch = node.start_agent_on(&cloud, datapaths[i], UNDERLAY[i], &extra)?;
+        rig.switches.extend(switch);
     }
 
     // The guest with a shell on its console, and the objects; node A alone granted physnet1,
     // so that the router goes there.
     let flavors = repo_root().join("examples/flavors.yaml");
     cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
-    // no_timer_check: a TCG guest starved of the CPU can miss the kernel's check of its
-    // timer interrupt and panic ("IO-APIC + timer doesn't work").
-    let images = guest.images_yaml(P)?.replace(
-        "console=ttyS0 quiet",
-        "console=ttyS0 quiet no_timer_check stratus.shell",
-    );
-    cloud.kubectl_in(&["apply", "-f", "-"], &images)?;
+    cloud.kubectl_in(&["apply", "-f", "-"], &guest.shell_images_yaml(P)?)?;
     let grant = |node: &str| -> Result<()> {
         wait_until(T, &format!("Hypervisor {node}"), || {
             get(&cloud, "default", "hypervisor", node)
