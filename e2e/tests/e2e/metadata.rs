@@ -316,9 +316,10 @@ fn real_guests_print_the_metadata_they_read_each_their_own() -> Result<()> {
     real_guests_read_their_own("mdg", Datapath::Kernel)
 }
 
-/// On OVS a guest's virtio-net leaves its TCP checksums to the host ("partial") through its
-/// tap, as it does on a kernel node: the switch takes them as good, with nothing set in the
-/// guest.
+/// On OVS the guest's TCP reaches the DHCP namespace's veth through the switch, whose
+/// connection tracking takes it as good, with nothing set in the guest (its NIC, defined
+/// with no checksum offload on an OVS node, fills in its own checksums; the reply from the
+/// veth leaves them to the switch, which reads them from its virtio-net header).
 #[test]
 fn real_guests_print_the_metadata_they_read_each_their_own_on_ovs() -> Result<()> {
     real_guests_read_their_own("mdgo", Datapath::Ovs)
