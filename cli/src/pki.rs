@@ -156,6 +156,8 @@ mod host_tests {
             pid: 0,
             clients: 1,
             tls: Some(d.join("n1")),
+            size: 1 << 20,
+            grown: false,
         };
         let pid_file = d.join("qemu-nbd.pid");
         let argv = record.argv(&pid_file);

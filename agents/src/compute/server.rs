@@ -1193,6 +1193,7 @@ async fn sync_volumes(
                 vols::Step::Resize(target, bytes) => {
                     driver.resize_volume(&name, target, *bytes)?;
                 }
+                vols::Step::Move(disk) => driver.move_volume(&name, disk)?,
             }
         }
         let after = if steps.is_empty() {
@@ -1213,6 +1214,13 @@ async fn sync_volumes(
             vols::Step::Resize(t, bytes) => (
                 "VolumeResized",
                 format!("the disk at {t} is now {bytes} bytes"),
+            ),
+            vols::Step::Move(d) => (
+                "VolumeResized",
+                format!(
+                    "the disk at {} now reads its volume's export at its new size",
+                    d.target
+                ),
             ),
         };
         publish(ctx, server, EventType::Normal, reason, note).await;

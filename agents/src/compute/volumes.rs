@@ -698,6 +698,16 @@ pub enum Step {
     Detach(String),
     /// The volume at this guest name grew: tell the running guest its new size in bytes.
     Resize(String, u64),
+    /// The running guest's NBD disk at this disk's guest name reads an earlier export of its
+    /// volume: move it to this export (the volume grew, and its storage node serves it anew
+    /// at its size, the earlier export until the guest leaves it).
+    Move(VolumeDisk),
+}
+
+/// Whether `path` is a volume's export over NBD (see [`remote`]).
+fn is_nbd(path: &Path) -> bool {
+    path.to_str()
+        .is_some_and(|p| p.starts_with("nbd://") || p.starts_with("nbd+tls://"))
 }
 
 /// The changes that bring a guest's `attached` disks to the volumes `resolved`: a disk is
@@ -707,20 +717,47 @@ pub enum Step {
 /// name free (not one a disk still being unplugged holds), unless it is growing; a running
 /// guest that sees an attached volume smaller than it now is is told its size.
 pub fn plan(resolved: &Resolved, attached: &[AttachedVolume], running: bool) -> Vec<Step> {
+    // A running guest's NBD disk of a ready volume that reads another export of it (of the
+    // same serial) than the one served now moves to that one, rather than being unplugged
+    // and plugged in again: the guest keeps its disk.
+    let moves: Vec<(&AttachedVolume, &Ready)> = attached
+        .iter()
+        .filter(|_| running)
+        .filter(|a| is_nbd(&a.path) && !resolved.ready.iter().any(|w| w.path == a.path))
+        .filter_map(|a| {
+            let w = resolved
+                .ready
+                .iter()
+                .find(|w| is_nbd(&w.path) && a.serial.as_deref() == Some(w.serial.as_str()))?;
+            (!attached.iter().any(|b| b.path == w.path)).then_some((a, w))
+        })
+        .collect();
     let mut steps: Vec<Step> = attached
         .iter()
-        .filter(|a| resolved.unplugs(a))
+        .filter(|a| resolved.unplugs(a) && !moves.iter().any(|(m, _)| m.target == a.target))
         .map(|a| Step::Detach(a.target.clone()))
         .collect();
+    for (a, w) in &moves {
+        steps.push(Step::Move(VolumeDisk {
+            path: w.path.clone(),
+            target: a.target.clone(),
+            serial: w.serial.clone(),
+            shareable: w.shareable,
+        }));
+    }
     let mut used: Vec<String> = attached.iter().map(|a| a.target.clone()).collect();
     let mut next = FIRST_VOLUME_DISK;
     for w in &resolved.ready {
         match attached.iter().find(|a| a.path == w.path) {
             Some(a) => {
-                if running && a.capacity.is_some_and(|c| c < w.bytes) {
+                // An NBD disk grows by a move to the export serving its new size: QEMU's NBD
+                // client does not grow past the size its export was opened with.
+                if running && !is_nbd(&a.path) && a.capacity.is_some_and(|c| c < w.bytes) {
                     steps.push(Step::Resize(a.target.clone(), w.bytes));
                 }
             }
+            // Moved to it (above).
+            None if moves.iter().any(|(_, m)| m.path == w.path) => {}
             // Not given to the guest before it is grown (its waiting says why).
             None if w.growing.is_some() => {}
             None => {
@@ -1215,6 +1252,71 @@ mod tests {
                 true
             )
             .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_running_guests_nbd_disk_moves_to_its_volumes_grown_export() {
+        let old = "nbd+tls://10.0.0.2:10809/first";
+        let new = "nbd+tls://10.0.0.2:10810/grown";
+        let grown = Ready {
+            serial: "s1".into(),
+            ..wanted(new, 2)
+        };
+        let on_old = AttachedVolume {
+            serial: Some("s1".into()),
+            ..attached("vdc", old, Some(1 << 30))
+        };
+        let moved = Step::Move(VolumeDisk {
+            path: new.into(),
+            target: "vdc".into(),
+            serial: "s1".into(),
+            shareable: false,
+        });
+        let r = ready_only(vec![grown.clone()]);
+        assert_eq!(plan(&r, std::slice::from_ref(&on_old), true), [moved]);
+        assert!(!r.holds_only_ready(std::slice::from_ref(&on_old)));
+        // Grown before its export is: the disk waits for the export, never a resize QEMU's
+        // NBD client refuses.
+        let same = Ready {
+            path: old.into(),
+            ..grown.clone()
+        };
+        assert!(plan(&ready_only(vec![same]), std::slice::from_ref(&on_old), true).is_empty());
+        // Moved: the guest reads the grown export at its size; nothing left to do.
+        let on_new = AttachedVolume {
+            path: new.into(),
+            capacity: Some(2 << 30),
+            ..on_old.clone()
+        };
+        assert!(plan(&r, std::slice::from_ref(&on_new), true).is_empty());
+        // A guest that is off has its definition name the export served now.
+        let off = AttachedVolume {
+            capacity: None,
+            ..on_old.clone()
+        };
+        let steps = plan(&r, &[off], false);
+        assert_eq!(steps.len(), 2, "{steps:?}");
+        assert_eq!(steps[0], Step::Detach("vdc".into()));
+        assert!(matches!(&steps[1], Step::Attach(d) if d.path == std::path::Path::new(new)));
+        // Another volume's export (another serial), or a local disk, is not moved.
+        let stranger = AttachedVolume {
+            serial: Some("s2".into()),
+            ..on_old.clone()
+        };
+        assert!(
+            plan(&r, &[stranger], true)
+                .iter()
+                .all(|s| !matches!(s, Step::Move(_)))
+        );
+        let local = AttachedVolume {
+            path: "/dev/loop7".into(),
+            ..on_old
+        };
+        assert!(
+            plan(&r, &[local], true)
+                .iter()
+                .all(|s| !matches!(s, Step::Move(_)))
         );
     }
 

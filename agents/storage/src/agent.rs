@@ -557,6 +557,18 @@ fn export_clients(status: &VolumeStatus, node: &str, multi_attach: bool, tls: bo
     u16::try_from(there.clamp(1, MAX_ATTACHMENTS)).unwrap_or(1)
 }
 
+/// Whether a server of the volume of `status` is on another node than its data
+/// (`status.attachments[].node`, `status.attachedNode`): it holds the volume over NBD.
+fn over_nbd(status: &VolumeStatus) -> bool {
+    let on = status.node.as_deref();
+    status
+        .attachments
+        .iter()
+        .filter_map(|a| a.node.as_deref())
+        .chain(status.attached_node.as_deref())
+        .any(|n| Some(n) != on)
+}
+
 /// Ends every export of `vol` (its data is going or gone, or no longer this node's to serve).
 async fn end_export(ctx: &Ctx, vol: &Volume) -> Result<(), StorageError> {
     let (e, v) = (Arc::clone(&ctx.exports), uid(vol)?);
@@ -717,8 +729,13 @@ async fn serve_export(x: &VolumeExport, ctx: &Ctx) -> Result<Action, StorageErro
                     v.uid.clone(),
                     recorded_served(x),
                 );
-                blocking(move || e.ensure(&k, &u, &device, &node, peer, clients, was.as_ref()))
-                    .await?
+                // Served at the size its agent made it (an export keeps the size it opened
+                // with: a volume grown since gets an export of its own beside it).
+                let size = status.size_gib.unwrap_or_default() << 30;
+                blocking(move || {
+                    e.ensure(&k, &u, &device, &node, peer, clients, size, was.as_ref())
+                })
+                .await?
             }
             Err(Peer::Unreadable(why)) => {
                 if keeps_export(x, ctx.exports.runs(&key)) {
@@ -732,8 +749,28 @@ async fn serve_export(x: &VolumeExport, ctx: &Ctx) -> Result<Action, StorageErro
     };
     match made {
         Ok(served) => {
-            write_export_status(ctx, x, export_status(x, Some(&served), None)).await?;
-            Ok(Action::requeue(ctx.resync))
+            // The exports made before the volume grew end once the node's QEMU has left them
+            // for this one (or holds none: its guest connects to this one when it starts).
+            let (e, k) = (Arc::clone(&ctx.exports), key.clone());
+            let held = blocking(move || e.end_left(&k)).await??;
+            let mut next = export_status(x, Some(&served), None);
+            if held > 0 {
+                ConditionType::Ready
+                    .yes(
+                        reasons::EXPORTED,
+                        format!(
+                            "served over NBD to node {} at its new size; {held} earlier export(s) at its smaller size serve it until that node's QEMU leaves them",
+                            x.spec.node
+                        ),
+                    )
+                    .set(&mut next.conditions, x.metadata.generation);
+            }
+            write_export_status(ctx, x, next).await?;
+            Ok(Action::requeue(if held > 0 {
+                Duration::from_secs(2)
+            } else {
+                ctx.resync
+            }))
         }
         Err(e) => {
             stop().await??;
@@ -881,8 +918,11 @@ async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
                 .await?;
             }
             let (b, n) = (Arc::clone(&backend), name.clone());
+            // A volume a guest of another node holds through an export grows where it is
+            // (a file pool's QEMU here grows the file it holds itself, with the guest's disk).
+            let in_use = held || (intent.attached && over_nbd(status));
             let grown = blocking(move || {
-                if held {
+                if in_use {
                     b.extend_held(&n, to)
                 } else {
                     b.extend(&n, to)
@@ -1497,6 +1537,22 @@ mod tests {
             "status": status,
         }))
         .expect("a volume")
+    }
+
+    #[test]
+    fn a_volume_is_held_over_nbd_when_a_server_of_it_is_on_another_node() {
+        let held = |status| over_nbd(&volume(status).status.unwrap_or_default());
+        assert!(!held(json!({"node": "a"})), "detached");
+        assert!(!held(
+            json!({"node": "a", "attachedTo": "web", "attachedNode": "a", "attachments": [{"server": "web", "node": "a"}]})
+        ));
+        assert!(held(
+            json!({"node": "a", "attachedTo": "web", "attachedNode": "b"})
+        ));
+        assert!(held(
+            json!({"node": "a", "attachedTo": "web", "attachedNode": "a",
+            "attachments": [{"server": "web", "node": "a"}, {"server": "db", "node": "b"}]})
+        ));
     }
 
     #[test]

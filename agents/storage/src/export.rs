@@ -177,6 +177,20 @@ pub struct Record {
     /// certificate alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<PathBuf>,
+    /// The volume's size when its `qemu-nbd` started, in bytes: what the export serves (an NBD
+    /// export keeps the size it opened with). 0 in a record of an agent that did not record
+    /// it: such an export is never grown.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub size: u64,
+    /// Whether it is an export made for the volume grown (its port in its key, see
+    /// [`Record::key`]): the VolumeExport's earlier exports are served until the consuming
+    /// node's QEMU leaves them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub grown: bool,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn one_client() -> u16 {
@@ -188,6 +202,16 @@ fn is_one_client(n: &u16) -> bool {
 }
 
 impl Record {
+    /// The name of its files: the VolumeExport's name for its first export, with `@<port>`
+    /// for one made as the volume grew (a VolumeExport's name has no `@`).
+    pub fn key(&self) -> String {
+        if self.grown {
+            format!("{}@{}", self.export, self.port)
+        } else {
+            self.export.clone()
+        }
+    }
+
     /// What its VolumeExport's status says of it.
     pub fn status(&self) -> Served {
         Served {
@@ -481,7 +505,8 @@ impl Exports {
                 let _ = std::fs::remove_file(&path);
                 continue;
             };
-            if record.export.is_empty() || path != self.path(&record.export, "json") {
+            let key = record.key();
+            if record.export.is_empty() || path != self.path(&key, "json") {
                 // An export of an older agent (one per volume), or a file not of this name:
                 // its process ends, its VolumeExport is served anew.
                 let pid_file = path.with_extension("pid");
@@ -495,14 +520,14 @@ impl Exports {
                 }
                 continue;
             }
-            let pid_file = self.path(&record.export, "pid");
+            let pid_file = self.path(&key, "pid");
             let mut l = Live {
                 record,
                 child: None,
             };
             if l.alive(&pid_file) {
                 tracing::info!(export = %l.record.export, pid = l.record.pid, "export adopted");
-                live.insert(l.record.export.clone(), l);
+                live.insert(key, l);
             } else {
                 let _ = std::fs::remove_file(&path);
             }
@@ -514,23 +539,29 @@ impl Exports {
 
     /// The exports served, each as (VolumeExport name, volume uid).
     pub fn served(&self) -> Vec<(String, String)> {
-        self.lock()
-            .iter()
-            .map(|(k, l)| (k.clone(), l.record.volume.clone()))
-            .collect()
+        let served: BTreeSet<(String, String)> = self
+            .lock()
+            .values()
+            .map(|l| (l.record.export.clone(), l.record.volume.clone()))
+            .collect();
+        served.into_iter().collect()
     }
 
     /// Whether export `export` runs.
     pub fn runs(&self, export: &str) -> bool {
-        self.lock().contains_key(export)
+        self.lock().values().any(|l| l.record.export == export)
     }
 
     /// Serves export `export` (a VolumeExport's name): `device` (the data of the volume of uid
-    /// `volume`) to `node` at `peer`, to `clients` of it at once (its servers there, for a
-    /// multi-attach volume): the running export if it is that one, else a new one, on the
-    /// port and under the name of `was` (what the VolumeExport's status recorded, after a
-    /// restart) when it was on this address on a port of the range, else on the range's first
-    /// port that no export holds and that binds, under a new random name.
+    /// `volume`, `size` bytes) to `node` at `peer`, to `clients` of it at once (its servers
+    /// there, for a multi-attach volume): the running export if it is that one at that size;
+    /// beside it, a new one (twice the clients, so that a guest's QEMU can hold both while it
+    /// moves to it) when the volume grew past the size it serves (an NBD export keeps the
+    /// size it opened with; the earlier one is served until [`Exports::end_left`] finds it
+    /// left); else a new one, on the port and under the name of `was` (what the
+    /// VolumeExport's status recorded, after a restart) when it was on this address on a port
+    /// of the range, else on the range's first port that no export holds and that binds,
+    /// under a new random name.
     ///
     /// # Errors
     /// No storage address, no free port in the range, a `qemu-nbd` that does not start, a
@@ -544,28 +575,40 @@ impl Exports {
         node: &str,
         peer: IpAddr,
         clients: u16,
+        size: u64,
         was: Option<&Served>,
     ) -> Result<Served, ExportError> {
         let host = self.address.ok_or(ExportError::NoAddress)?;
         if !is_node_name(node) {
             return Err(ExportError::Node(node.to_owned()));
         }
-        let pid_file = self.path(export, "pid");
         let mut live = self.lock();
-        if let Some(l) = live.get_mut(export) {
-            if l.record
-                .serves(device, node, peer, clients, self.tls.as_deref())
+        let keys = group(&live, export);
+        let mut grown = false;
+        if let Some(current) = keys.last() {
+            let pid_file = self.path(current, "pid");
+            if let Some(l) = live.get_mut(current)
+                && l.record
+                    .serves(device, node, peer, clients, self.tls.as_deref())
                 && l.alive(&pid_file)
             {
-                return Ok(l.record.status());
+                if l.record.size == 0 || size <= l.record.size {
+                    return Ok(l.record.status());
+                }
+                grown = true;
+            } else {
+                for key in &keys {
+                    if let Some(mut l) = live.remove(key) {
+                        l.stop(&self.path(key, "pid"));
+                    }
+                }
+                self.write_table(&live)?;
             }
-            l.stop(&pid_file);
-            live.remove(export);
-            self.write_table(&live)?;
         }
         // The port and name recorded, when that export was on this address and its port is
-        // still one of the range.
-        let reuse = was.filter(|w| w.host == host.to_string() && self.ports.contains(w.port));
+        // still one of the range (an export made anew; one beside a running one is new).
+        let reuse =
+            was.filter(|w| !grown && w.host == host.to_string() && self.ports.contains(w.port));
         let (port, name) = match reuse {
             Some(w) => (w.port, w.name.clone()),
             None => {
@@ -589,17 +632,25 @@ impl Exports {
             port,
             name,
             pid: 0,
-            clients,
+            clients: if grown {
+                clients.saturating_mul(2)
+            } else {
+                clients
+            },
             tls: self.tls.clone(),
+            size,
+            grown,
         };
+        let key = record.key();
+        let pid_file = self.path(&key, "pid");
         // The filter first: the port is never open to everyone, not even while it starts.
         let mut pending = Live {
             record: record.clone(),
             child: None,
         };
-        live.insert(export.to_owned(), pending);
+        live.insert(key.clone(), pending);
         self.write_table(&live)?;
-        live.remove(export);
+        live.remove(&key);
         let child = match self.spawn(&record, &pid_file) {
             Ok(c) => c,
             Err(e) => {
@@ -612,7 +663,7 @@ impl Exports {
             record,
             child: Some(child),
         };
-        let state = self.path(export, "json");
+        let state = self.path(&key, "json");
         let bytes = serde_json::to_vec(&pending.record).unwrap_or_default();
         if let Err(e) = private_file(&state, &bytes) {
             // Unrecorded, it would outlive a restart unknown: it ends, and its rule goes.
@@ -621,17 +672,56 @@ impl Exports {
             return Err(e);
         }
         let status = pending.record.status();
-        tracing::info!(export, volume, node, %peer, port, "volume exported");
-        live.insert(export.to_owned(), pending);
+        tracing::info!(export, volume, node, %peer, port, size, grown, "volume exported");
+        live.insert(key, pending);
         self.write_table(&live)?;
         Ok(status)
+    }
+
+    /// Ends the earlier exports of export `export` (those made before its volume grew) that
+    /// no client holds any more (no TCP connection to their port is open or opening): the
+    /// consuming node's QEMU moved to the one serving the volume's size, or its guest is off
+    /// and connects to that one when it starts. How many are still held.
+    ///
+    /// # Errors
+    /// The table cannot be written.
+    pub fn end_left(&self, export: &str) -> Result<usize, ExportError> {
+        let mut live = self.lock();
+        let keys = group(&live, export);
+        let Some((_, earlier)) = keys.split_last() else {
+            return Ok(0);
+        };
+        let (mut held, mut ended) = (0, false);
+        for key in earlier {
+            let Some(l) = live.get(key) else { continue };
+            if connected(l.record.host, l.record.port) {
+                held += 1;
+                continue;
+            }
+            if let Some(mut l) = live.remove(key) {
+                l.stop(&self.path(key, "pid"));
+                for ext in ["json", "pid", "log"] {
+                    let _ = std::fs::remove_file(self.path(key, ext));
+                }
+                tracing::info!(
+                    export,
+                    port = l.record.port,
+                    "earlier export ended: its client left it"
+                );
+                ended = true;
+            }
+        }
+        if ended {
+            self.write_table(&live)?;
+        }
+        Ok(held)
     }
 
     /// Starts `qemu-nbd` for `record` and waits for it to listen (its pid file is written once
     /// it does).
     fn spawn(&self, record: &Record, pid_file: &Path) -> Result<Child, ExportError> {
         let _ = std::fs::remove_file(pid_file);
-        let log_path = self.path(&record.export, "log");
+        let log_path = self.path(&record.key(), "log");
         private_dir(&self.dir)?;
         let log = private_open(&log_path)?;
         let argv = record.argv(pid_file);
@@ -670,21 +760,30 @@ impl Exports {
         }
     }
 
-    /// Ends export `export`, if it runs: its port is closed before its record goes.
+    /// Ends export `export` (every `qemu-nbd` of it), if it runs: its ports are closed before
+    /// its records go.
     ///
     /// # Errors
     /// The table cannot be written.
     pub fn stop(&self, export: &str) -> Result<bool, ExportError> {
         let mut live = self.lock();
-        let Some(mut l) = live.remove(export) else {
+        let keys = group(&live, export);
+        let mut volume = None;
+        for key in &keys {
+            let Some(mut l) = live.remove(key) else {
+                continue;
+            };
+            l.stop(&self.path(key, "pid"));
+            for ext in ["json", "pid", "log"] {
+                let _ = std::fs::remove_file(self.path(key, ext));
+            }
+            volume = Some(l.record.volume);
+        }
+        let Some(volume) = volume else {
             return Ok(false);
         };
-        l.stop(&self.path(export, "pid"));
-        for ext in ["json", "pid", "log"] {
-            let _ = std::fs::remove_file(self.path(export, ext));
-        }
         self.write_table(&live)?;
-        tracing::info!(export, volume = %l.record.volume, "export ended");
+        tracing::info!(export, %volume, "export ended");
         Ok(true)
     }
 
@@ -721,6 +820,69 @@ impl Exports {
     }
 }
 
+/// The keys of export `export`'s processes in `live`: its first, and those made as its volume
+/// grew, by the size they serve (the one serving the volume's size last).
+fn group(live: &BTreeMap<String, Live>, export: &str) -> Vec<String> {
+    let mut keys: Vec<(u64, u16, &String)> = live
+        .iter()
+        .filter(|(_, l)| l.record.export == export)
+        .map(|(k, l)| (l.record.size, u16::from(l.record.grown), k))
+        .collect();
+    keys.sort();
+    keys.into_iter().map(|(_, _, k)| k.clone()).collect()
+}
+
+/// Whether a TCP connection to `host`:`port` is open or opening in this network namespace
+/// (`/proc/net/tcp`, `/proc/net/tcp6`): an export's client still holds it. Unreadable tables
+/// count as held (an export is never ended on a guess).
+fn connected(host: IpAddr, port: u16) -> bool {
+    let table = match host {
+        IpAddr::V4(_) => "/proc/net/tcp",
+        IpAddr::V6(_) => "/proc/net/tcp6",
+    };
+    match std::fs::read_to_string(table) {
+        Ok(text) => holds(&text, host, port),
+        Err(_) => true,
+    }
+}
+
+/// Whether the kernel's TCP table `text` (the format of `/proc/net/tcp{,6}`) has a connection
+/// established or being established (`01`, `03`) whose local end is `host`:`port`.
+fn holds(text: &str, host: IpAddr, port: u16) -> bool {
+    text.lines().skip(1).any(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        let (Some(local), Some(_remote), Some(state)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            return false;
+        };
+        matches!(state, "01" | "03") && local_end(local) == Some((host, port))
+    })
+}
+
+/// A `/proc/net/tcp{,6}` address (`0100007F:2A3A`: the address's 32-bit words in this host's
+/// byte order, in hex, then the port).
+fn local_end(field: &str) -> Option<(IpAddr, u16)> {
+    let (addr, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let hex = addr.get(i * 8..i * 8 + 8)?;
+        Some(u32::from_str_radix(hex, 16).ok()?.to_ne_bytes())
+    };
+    let ip = match addr.len() {
+        8 => IpAddr::from(word(0)?),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            IpAddr::from(b)
+        }
+        _ => return None,
+    };
+    Some((ip, port))
+}
+
 /// Writes `table` with `nft`.
 fn install(table: &Nftables<'_>) -> Result<(), ExportError> {
     nftables::helper::apply_ruleset(table).map_err(|e| ExportError::Filter(e.to_string()))
@@ -743,6 +905,8 @@ mod tests {
             pid: 7,
             clients: 1,
             tls: None,
+            size: 0,
+            grown: false,
         }
     }
 
@@ -968,6 +1132,60 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_holds_an_export_only_while_open_to_its_own_address_and_port() {
+        // /proc/net/tcp as Linux writes it on this (little-endian) host: 10.0.0.1:10810
+        // listening, one connection to it established, one closing, one to another address.
+        let v4 = "  sl  local_address rem_address   st tx_queue rx_queue\n\
+            0: 0100000A:2A3A 00000000:0000 0A 00000000:00000000\n\
+            1: 0100000A:2A3A 0200000A:B1C2 01 00000000:00000000\n\
+            2: 0100000A:2A3B 0200000A:B1C3 08 00000000:00000000\n\
+            3: 0500000A:2A3C 0200000A:B1C4 01 00000000:00000000\n";
+        let at = |a: &str, p: u16| holds(v4, a.parse().expect("an address"), p);
+        if cfg!(target_endian = "little") {
+            assert!(at("10.0.0.1", 10810), "an established connection");
+            assert!(!at("10.0.0.1", 10811), "a client that left (CLOSE_WAIT)");
+            assert!(!at("10.0.0.1", 10812), "that port on another address");
+            assert!(at("10.0.0.5", 10812));
+        }
+        assert!(!at("10.0.0.1", 10813), "nothing there");
+        assert_eq!(local_end("zz:1"), None);
+        assert_eq!(local_end("0100000A"), None);
+        assert_eq!(
+            local_end("000000000000000000000000000000001:0050"),
+            None,
+            "33 digits are no address"
+        );
+        if cfg!(target_endian = "little") {
+            assert_eq!(
+                local_end("00000000000000000000000001000000:0050"),
+                Some(("::1".parse().expect("an address"), 80))
+            );
+        }
+    }
+
+    #[test]
+    fn a_grown_export_has_a_name_of_its_own_and_reads_back_as_recorded() {
+        let first = Record {
+            size: 1 << 30,
+            ..record()
+        };
+        assert_eq!(first.key(), "0f9e2c1a.node-b");
+        let grown = Record {
+            size: 2 << 30,
+            grown: true,
+            port: 40124,
+            clients: 2,
+            ..record()
+        };
+        assert_eq!(grown.key(), "0f9e2c1a.node-b@40124");
+        let text = serde_json::to_string(&grown).expect("json");
+        assert_eq!(serde_json::from_str::<Record>(&text).ok(), Some(grown));
+        // A record of an agent that did not record sizes is never grown.
+        let text = serde_json::to_string(&record()).expect("json");
+        assert!(!text.contains("size") && !text.contains("grown"), "{text}");
+    }
+
+    #[test]
     fn an_export_is_told_as_its_status() {
         let s = record().status();
         assert_eq!(
@@ -1018,6 +1236,8 @@ mod host_tests {
             pid: 0,
             clients: 1,
             tls: None,
+            size: 0,
+            grown: false,
         }
     }
 
@@ -1123,11 +1343,11 @@ mod host_tests {
         // Another program holds the range's first port.
         let other = TcpListener::bind((STORAGE, 10901)).expect("the first port is free");
         let a = exports
-            .ensure("a", "v", &device, "n2", NODE.into(), 1, None)
+            .ensure("a", "v", &device, "n2", NODE.into(), 1, 1 << 20, None)
             .expect("exported");
         assert_eq!((a.host.as_str(), a.port), ("127.88.15.1", 10902));
         let none = exports
-            .ensure("b", "v", &device, "n3", NODE.into(), 1, None)
+            .ensure("b", "v", &device, "n3", NODE.into(), 1, 1 << 20, None)
             .expect_err("no port left");
         assert!(
             matches!(none, ExportError::NoPort { exports: 1, .. }),
@@ -1136,7 +1356,7 @@ mod host_tests {
         assert!(none.to_string().contains("10901-10902"), "{none}");
         drop(other);
         let b = exports
-            .ensure("b", "v", &device, "n3", NODE.into(), 1, None)
+            .ensure("b", "v", &device, "n3", NODE.into(), 1, 1 << 20, None)
             .expect("exported once the port is freed");
         assert_eq!(b.port, 10901);
         // A recorded export outside the range is not made again on its old port.
@@ -1144,7 +1364,7 @@ mod host_tests {
         let mut was = b.clone();
         was.port = 40000;
         let again = exports
-            .ensure("b", "v", &device, "n3", NODE.into(), 1, Some(&was))
+            .ensure("b", "v", &device, "n3", NODE.into(), 1, 1 << 20, Some(&was))
             .expect("exported");
         assert_eq!(again.port, 10901);
         // One volume served to two nodes: two exports, each to its node, ended together.
@@ -1154,5 +1374,102 @@ mod host_tests {
         );
         assert_eq!(exports.stop_volume("v").expect("ended"), 2);
         assert!(exports.served().is_empty());
+    }
+
+    #[test]
+    fn a_grown_volume_gets_a_second_export_and_the_first_ends_once_left() {
+        use super::{Exports, PortRange};
+        use std::net::TcpStream;
+        // An address and ports of this test alone.
+        const STORAGE: Ipv4Addr = Ipv4Addr::new(127, 88, 16, 1);
+        const NODE: Ipv4Addr = Ipv4Addr::new(127, 88, 16, 2);
+        let dir = tempfile::tempdir().expect("a directory");
+        let device = dir.path().join("volume.raw");
+        std::fs::write(&device, vec![0u8; 1 << 20]).expect("a volume");
+        let range = PortRange::new(10903, 10905).expect("a range");
+        let exports = Exports::new(Some(STORAGE.into()), range, dir.path().join("exports"));
+        let _served = Served(&exports, &["g"], super::table_name(STORAGE.into()));
+        let first = exports
+            .ensure("g", "v", &device, "n2", NODE.into(), 1, 1 << 20, None)
+            .expect("exported");
+        // The consuming node's QEMU holds it.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let client: TcpStream = rt.block_on(async {
+            let to = SocketAddr::from((STORAGE, first.port));
+            tokio::time::timeout(Duration::from_secs(3), bound(NODE).connect(to))
+                .await
+                .expect("the peer reaches the export")
+                .expect("connected")
+                .into_std()
+                .expect("a socket")
+        });
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&device)
+            .and_then(|f| f.set_len(2 << 20))
+            .expect("grown");
+        let grown = exports
+            .ensure("g", "v", &device, "n2", NODE.into(), 1, 2 << 20, None)
+            .expect("exported at its new size");
+        assert_ne!(
+            (grown.port, &grown.name),
+            (first.port, &first.name),
+            "a new export beside the first"
+        );
+        let again = exports
+            .ensure(
+                "g",
+                "v",
+                &device,
+                "n2",
+                NODE.into(),
+                1,
+                2 << 20,
+                Some(&grown),
+            )
+            .expect("exported");
+        assert_eq!(again, grown, "served as it is");
+        assert_eq!(exports.end_left("g").expect("checked"), 1, "still held");
+        let records = || {
+            std::fs::read_dir(dir.path().join("exports"))
+                .expect("the records")
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count()
+        };
+        assert_eq!(records(), 2);
+        // Adopted as they are by an agent started again.
+        let restarted = Exports::new(Some(STORAGE.into()), range, dir.path().join("exports"));
+        assert_eq!(restarted.adopt().expect("adopted"), 2);
+        let kept = restarted
+            .ensure(
+                "g",
+                "v",
+                &device,
+                "n2",
+                NODE.into(),
+                1,
+                2 << 20,
+                Some(&grown),
+            )
+            .expect("exported");
+        assert_eq!(kept, grown, "the grown export is the one served");
+        drop(client);
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while exports.end_left("g").expect("checked") > 0 {
+            assert!(
+                std::time::Instant::now() < until,
+                "the first export is never left"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(records(), 1, "the first export's record is gone");
+        assert!(exports.runs("g"));
+        assert_eq!(exports.served(), [("g".to_string(), "v".to_string())]);
+        assert!(exports.stop("g").expect("ended"));
+        assert_eq!(records(), 0);
     }
 }

@@ -14,12 +14,10 @@
 //! # Checks
 //! - A Volume's size is 1 to 65,536 GiB; it grows (an extend, whose claim and quota grow in
 //!   the update's transaction, refused with 409 when its pool lacks room) and never shrinks
-//!   (422 on `spec.sizeGiB`). It does not grow while attached to a server on another node
-//!   than its pool's (422 on `spec.sizeGiB`): over NBD, QEMU's client keeps the size it
-//!   connected with (its resize refuses to grow the disk) and `qemu-nbd` the size it opened;
-//!   the client learns a new size only by connecting again to an export served anew, and
-//!   the guest's I/O in flight then fails unless QEMU's NBD `reconnect-delay` is set, which
-//!   libvirt 9.0's domain XML cannot. Nor while attached (to any server) on a pool whose agent
+//!   (422 on `spec.sizeGiB`). Attached over NBD (to a server on another node than its
+//!   pool's) it grows as on its own node: its storage node serves it anew at its size beside
+//!   the export the guest holds, and the consuming node moves the guest's disk to it. It does
+//!   not grow while attached (to any server) on a pool whose agent
 //!   reports it grows no volume a server holds (`status.growsInUse` `Never`; 422 on
 //!   `spec.sizeGiB`): it would wait until detached, for a boot volume for good. A pool that
 //!   grows one only where the space after it is free (`WhenSpaceFollows`), or that reports
@@ -491,17 +489,6 @@ async fn update_volume(
             "the volume is being deleted".into(),
         ));
     }
-    if let Some(why) = remote_attached(old) {
-        return Err(invalid_field(
-            &s,
-            w.new,
-            "spec.sizeGiB",
-            format!(
-                "Invalid value: {}: cannot grow while attached over NBD ({why}): QEMU's NBD client keeps the size it connected with, and learns a new one only by connecting again to an export served anew, which fails the guest's I/O in flight; detach it (take it out of the server's spec.volumes: a stopped server keeps it attached), grow it, attach it again",
-                after.size_gib
-            ),
-        ));
-    }
     let placed = old.pointer("/status/pool").and_then(Value::as_str);
     let uid = meta::meta_str(old, "uid").unwrap_or_default();
     for _ in 0..RETRIES {
@@ -593,29 +580,6 @@ fn attached(vol: &Value) -> bool {
 /// `None`: nothing, or nothing this API server knows).
 fn grows_in_use(pool: &Value) -> Option<InUseGrowth> {
     serde_json::from_value(pool.pointer("/status/growsInUse")?.clone()).ok()
-}
-
-/// Why the stored Volume `vol` is attached to a server of another node than its pool's (so
-/// over NBD), if it is: a node one of its servers is on (`status.attachments[].node`, or
-/// `status.attachedNode` for the first) is not its own (`status.node`). The update holds the
-/// volume as read, so the attachments cannot change before the grown size is written.
-fn remote_attached(vol: &Value) -> Option<String> {
-    let at = |f: &str| vol.pointer(&format!("/status/{f}")).and_then(Value::as_str);
-    at("attachedTo")?;
-    let on = at("node")?;
-    let listed = vol
-        .pointer("/status/attachments")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|a| a.get("node").and_then(Value::as_str));
-    let to = at("attachedNode")
-        .into_iter()
-        .chain(listed)
-        .find(|to| *to != on)?;
-    Some(format!(
-        "its data is on node {on}, a server of it on node {to}"
-    ))
 }
 
 /// A pool and its claims, read at one revision.

@@ -8,9 +8,11 @@
 //! the storage agent, killed and started again, takes its export back without the guest losing
 //! it; the guest writes to the disk (from the shell on its console) and, once detached, the
 //! data is in the volume on the storage node and the export is gone; attached to a second
-//! server on the compute node, its guest reads back what the first wrote. Attached over NBD
-//! the volume does not grow (422, nothing changed). Each backend's run has names and addresses
-//! of its own, so both run at once.
+//! server on the compute node, its guest reads back what the first wrote. Grown while
+//! attached over NBD, the guest sees the new size without losing its disk (the storage node
+//! serves the volume anew at its size and the compute node moves the disk to that export),
+//! reads its data back and writes past the old end; the first export ends once left. Each
+//! backend's run has names and addresses of its own, so both run at once.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -402,24 +404,6 @@ fn attaches_over_nbd(site: &Site, storage: tempfile::TempDir, pool: Pool) -> Res
         "{xml}"
     );
 
-    // Attached over NBD, it does not grow (QEMU's NBD client keeps the size it connected
-    // with): refused whole, the guest's disk as it was.
-    let refused = cloud.kubectl_err(&[
-        "-n",
-        ns,
-        "patch",
-        "volume",
-        "far",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"sizeGiB":2}}"#,
-    ])?;
-    ensure!(
-        refused.contains("spec.sizeGiB") && refused.contains("over NBD"),
-        "{refused}"
-    );
-    assert_eq!(volume(&cloud, ns)?["spec"]["sizeGiB"], 1);
-
     // Only the compute node's address reaches the export: this host's own address on the storage
     // network, as any other, has its connection dropped.
     ensure!(
@@ -460,6 +444,23 @@ fn attaches_over_nbd(site: &Site, storage: tempfile::TempDir, pool: Pool) -> Res
         "NBD-WRITE-42",
         10,
     )?;
+
+    // Grown while the guest holds it: the storage node serves it anew at 2 GiB beside the
+    // export the guest reads, the compute node moves the guest's disk to that one (QEMU's
+    // NBD client keeps the size it connected with), and the guest sees the new size with
+    // its data; the first export ends once left, and the domain's definition names the new.
+    let (record, pid_after, port) = grown_over_nbd(
+        &cloud,
+        ns,
+        &mut compute,
+        (&uid, &dom),
+        &export_name,
+        (&record, port),
+    )
+    .with_context(|| {
+        std::fs::read_to_string(storage.path().join("storage-agent-2.log")).unwrap_or_default()
+    })
+    .with_context(|| compute.agent_log())?;
 
     // Detached: the disk leaves the guest, the export ends, the data is in the volume on the
     // storage node.
@@ -513,6 +514,13 @@ fn attaches_over_nbd(site: &Site, storage: tempfile::TempDir, pool: Pool) -> Res
     let mut mbr = [0u8; 512];
     std::fs::File::open(&path)?.read_exact_at(&mut mbr, 0)?;
     assert_eq!(mbr, partition_table(), "the rest is as it was");
+    let mut grown = [0u8; 14];
+    std::fs::File::open(&path)?.read_exact_at(&mut grown, GROWN_AT)?;
+    ensure!(
+        &grown == b"STRATUS-GROWN\n",
+        "the guest's write past the old end is not in the volume: {:?}",
+        String::from_utf8_lossy(&grown)
+    );
 
     // A second server on the compute node, attached the volume at its create: its guest reads
     // back, over a new export, what the first wrote (lowercased, so the echoed command is not
@@ -541,4 +549,163 @@ fn attaches_over_nbd(site: &Site, storage: tempfile::TempDir, pool: Pool) -> Res
     wait_until(WAIT, "the volume gone", || pool.gone(&path).then_some(()))?;
     drop(agent);
     Ok(())
+}
+
+/// Where the guest writes past its volume's first size once grown: 1 GiB and 1 MiB.
+const GROWN_AT: u64 = (1 << 30) + (1 << 20);
+
+/// Grows volume `far` of project `ns` from 1 to 2 GiB while the guest of server `uid`
+/// (domain `dom`) on `compute` holds it over NBD, through the VolumeExport `export_name`
+/// first served as recorded in `first` (its record, its port), and checks what the guest
+/// and the storage node see. The compute agent is down meanwhile, its move of the disk cut
+/// short after its first step; started again, it finishes it. The grown export's record,
+/// `qemu-nbd` pid and port.
+fn grown_over_nbd(
+    cloud: &Cloud,
+    ns: &str,
+    compute: &mut Node,
+    (uid, dom): (&str, &str),
+    export_name: &str,
+    (first, first_port): (&std::path::Path, u64),
+) -> Result<(std::path::PathBuf, Value, u64)> {
+    let first_pid = serde_json::from_slice::<Value>(&std::fs::read(first)?)?["pid"]
+        .as_u64()
+        .unwrap_or_default();
+    compute.kill_agent();
+    cloud.kubectl_ok(&[
+        "-n",
+        ns,
+        "patch",
+        "volume",
+        "far",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"sizeGiB":2}}"#,
+    ])?;
+    wait_volume(cloud, ns, "far grown to 2 GiB", |v| {
+        v["status"]["sizeGiB"] == 2 && v["status"]["phase"] == "InUse"
+    })?;
+    let grown = wait_until(WAIT, "far's export served anew at 2 GiB", || {
+        json(cloud, ns, &["get", "volumeexport", export_name])
+            .ok()
+            .filter(|x| {
+                x["status"]["port"]
+                    .as_u64()
+                    .is_some_and(|p| p != first_port)
+            })
+    })?;
+    let port = grown["status"]["port"].as_u64().unwrap_or_default();
+    ensure!((10809..=10999).contains(&port), "port {port}");
+    assert_eq!(grown["status"]["tls"], true, "{grown}");
+    let name = grown["status"]["exportName"].as_str().unwrap_or_default();
+    let host = grown["status"]["host"].as_str().unwrap_or_default();
+    // The move's first step, as an agent killed after it leaves it: a node on the grown
+    // export (with the TLS credentials libvirt made for the disk) under the disk's raw node,
+    // the first export's node still there.
+    let live = compute.virsh(&["dumpxml", dom])?;
+    let live = String::from_utf8_lossy(&live.stdout).into_owned();
+    let index = live
+        .split("protocol='nbd'")
+        .nth(1)
+        .and_then(|s| s.split("index='").nth(1))
+        .and_then(|s| s.split('\'').next())
+        .context("the NBD disk's source index")?
+        .to_owned();
+    let qmp = |cmd: Value| -> Result<String> {
+        let out = compute.virsh(&["qemu-monitor-command", dom, &cmd.to_string()])?;
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(
+            out.status.success() && said.contains("\"return\""),
+            "{cmd}: {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(said)
+    };
+    let tls = format!("objlibvirt-{index}-storage_tls0");
+    let objects =
+        qmp(serde_json::json!({"execute": "qom-list", "arguments": {"path": "/objects"}}))?;
+    ensure!(objects.contains(&tls), "{objects}");
+    let moving = format!("stratus-{index}-moving");
+    qmp(serde_json::json!({"execute": "blockdev-add", "arguments": {
+        "driver": "nbd", "node-name": moving, "export": name, "tls-creds": tls,
+        "server": {"type": "inet", "host": host, "port": port.to_string()},
+    }}))?;
+    qmp(
+        serde_json::json!({"execute": "blockdev-reopen", "arguments": {"options": [{
+            "node-name": format!("libvirt-{index}-format"), "driver": "raw", "file": moving,
+            "read-only": false,
+        }]}}),
+    )?;
+    compute.start_agent(cloud)?;
+    // The guest sees 2 GiB (in 512-byte sectors) on the disk it had, without a reboot; the
+    // marker is computed, so the echoed command is not it.
+    compute.type_until(
+        uid,
+        dom,
+        "echo VDC-SECTORS-$(cat /sys/block/vdc/size)",
+        "VDC-SECTORS-4194304",
+        20,
+    )?;
+    let console = compute.console(uid);
+    ensure!(
+        console.contains("vdc: detected capacity change from 2097152 to 4194304"),
+        "the guest's kernel was not told: {console}"
+    );
+    // Its data read back through the grown export, and a write past the old end.
+    compute.type_until(
+        uid,
+        dom,
+        "dd if=/dev/vdc bs=16 skip=65536 count=1 2>/dev/null | tr A-Z a-z | tr -d '\\n'; echo -grown",
+        "stratus-nbd-data-grown",
+        10,
+    )?;
+    compute.type_until(
+        uid,
+        dom,
+        &format!(
+            "echo STRATUS-GROWN | dd of=/dev/vdc bs=512 seek={} conv=fsync && echo GROWN-WRITE-$((40+2))",
+            GROWN_AT / 512
+        ),
+        "GROWN-WRITE-42",
+        10,
+    )?;
+    // The first export ends once the guest left it: its record and its qemu-nbd go, one
+    // export (the grown one) is left.
+    let dir = first.parent().context("the records' directory")?;
+    let records = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect()
+    };
+    wait_until(WAIT, "the first export ended", || {
+        (!first.exists() && !std::path::Path::new(&format!("/proc/{first_pid}")).exists())
+            .then_some(())
+    })?;
+    let left = records();
+    ensure!(left.len() == 1, "{left:?}");
+    let record = left[0].clone();
+    let pid = serde_json::from_slice::<Value>(&std::fs::read(&record)?)?["pid"].clone();
+    // Started again, the domain connects to the export served now.
+    let defined = compute.virsh(&["dumpxml", "--inactive", dom])?;
+    let defined = String::from_utf8_lossy(&defined.stdout);
+    ensure!(
+        defined.contains(&format!("port='{port}'")) && defined.contains(name),
+        "{defined}"
+    );
+    // No libvirt node was left behind: QEMU's disk reads the grown export alone.
+    let nodes = compute.virsh(&[
+        "qemu-monitor-command",
+        dom,
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+    ])?;
+    let nodes = String::from_utf8_lossy(&nodes.stdout);
+    ensure!(
+        !nodes.contains("-moving\"") && !nodes.contains(&format!(":{first_port}/")),
+        "{nodes}"
+    );
+    Ok((record, pid, port))
 }

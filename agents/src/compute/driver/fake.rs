@@ -411,6 +411,24 @@ impl DomainDriver for FakeDomains {
         Ok(())
     }
 
+    fn move_volume(&self, name: &str, disk: &VolumeDisk) -> Result<(), DriverError> {
+        self.injected(Verb::Volume)?;
+        let mut domains = self.lock();
+        let d = domains
+            .get_mut(name)
+            .ok_or_else(|| DriverError::NoDomain(name.to_owned()))?;
+        if d.state != DomainState::Running {
+            return Err(DriverError::NotRunning(name.to_owned()));
+        }
+        let v = d
+            .volumes
+            .iter_mut()
+            .find(|v| v.target == disk.target)
+            .ok_or_else(|| DriverError::Libvirt(format!("no disk {}", disk.target)))?;
+        v.path = disk.path.clone();
+        Ok(())
+    }
+
     fn interfaces(&self, name: &str) -> Result<Vec<AttachedInterface>, DriverError> {
         self.lock()
             .get(name)

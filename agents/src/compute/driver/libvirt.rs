@@ -24,6 +24,7 @@ use virt::error::ErrorNumber;
 use virt::sys;
 
 use super::events;
+use super::qmp;
 use super::xml::{self, DomainKind, METADATA_NS};
 use super::{
     AttachedInterface, AttachedVolume, DomainDriver, DomainInfo, DomainSpec, DomainState,
@@ -194,6 +195,44 @@ impl Libvirt {
                     | sys::VIR_DOMAIN_UNDEFINE_NVRAM
             }
         }
+    }
+
+    /// Makes the definition of the running `domain` (a persistent one) name `disk` at its
+    /// target, once its guest reads it ([`DomainDriver::move_volume`]): started again, it
+    /// connects to the export served now, not to the one its storage node ended.
+    fn define_moved(
+        &self,
+        domain: &Domain,
+        name: &str,
+        disk: &VolumeDisk,
+    ) -> Result<(), DriverError> {
+        if !domain.is_persistent().map_err(libvirt)? {
+            return Ok(());
+        }
+        let text = domain
+            .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+            .map_err(libvirt)?;
+        let defined = xml::attached_volumes(&text)
+            .map_err(|e| DriverError::Libvirt(format!("domain {name}'s XML: {e}")))?
+            .into_iter()
+            .find(|v| v.target == disk.target);
+        if let Some(v) = &defined {
+            if v.path == disk.path {
+                return Ok(());
+            }
+            let old = VolumeDisk {
+                path: v.path.clone(),
+                target: v.target.clone(),
+                serial: v.serial.clone().unwrap_or_default(),
+                shareable: false,
+            };
+            domain
+                .detach_device_flags(&xml::volume_disk_xml(&old), sys::VIR_DOMAIN_AFFECT_CONFIG)
+                .map_err(libvirt)?;
+        }
+        domain
+            .attach_device_flags(&xml::volume_disk_xml(disk), sys::VIR_DOMAIN_AFFECT_CONFIG)
+            .map_err(libvirt)
     }
 
     /// Where a device change goes: the definition, and the running guest when it runs.
@@ -377,6 +416,7 @@ impl DomainDriver for Libvirt {
                 // A disk being unplugged may be gone by now: its size is then unknown.
                 v.capacity = domain.block_info(&v.target, 0).ok().map(|b| b.capacity);
             }
+            moved_exports(&domain, &text, &mut volumes);
         }
         Ok(volumes)
     }
@@ -441,6 +481,116 @@ impl DomainDriver for Libvirt {
         domain
             .block_resize(target, bytes, sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES)
             .map_err(|e| self.refused(&domain, name, e))
+    }
+
+    fn move_volume(&self, name: &str, disk: &VolumeDisk) -> Result<(), DriverError> {
+        let domain = self.require(name)?;
+        if !domain
+            .is_active()
+            .map_err(|e| self.refused(&domain, name, e))?
+        {
+            return Err(DriverError::NotRunning(name.to_owned()));
+        }
+        let target = &disk.target;
+        let (Some(host), Some(want), Some(tls)) = (
+            disk.path
+                .to_str()
+                .and_then(|p| p.split_once("://"))
+                .and_then(|(_, rest)| rest.rsplit_once(':'))
+                .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_owned()),
+            nbd_export(&disk.path),
+            disk.path.to_str().map(|p| p.starts_with("nbd+tls://")),
+        ) else {
+            return Err(DriverError::Libvirt(format!(
+                "{} is no NBD export to move the disk at {target} to",
+                disk.path.display()
+            )));
+        };
+        let live = domain.xml_desc(0).map_err(libvirt)?;
+        let index = qmp::disk_index(&live, target).ok_or_else(|| {
+            DriverError::Libvirt(format!(
+                "domain {name} has no disk at {target} with a source index"
+            ))
+        })?;
+        let monitor = |cmd: serde_json::Value| -> Result<serde_json::Value, DriverError> {
+            let reply = domain
+                .qemu_monitor_command(&cmd.to_string(), 0)
+                .map_err(libvirt)?;
+            qmp::returned(&reply).map_err(|e| {
+                DriverError::Libvirt(format!("domain {name}'s QEMU: {}: {e}", cmd["execute"]))
+            })
+        };
+        let format = qmp::format(index);
+        // At most the steps of one move, from wherever one was cut short.
+        for _ in 0..8 {
+            let named = monitor(
+                serde_json::json!({"execute": "query-named-block-nodes", "arguments": {"flat": true}}),
+            )?;
+            let graph = monitor(serde_json::json!({"execute": "x-debug-query-block-graph"}))?;
+            let seen = qmp::seen(&named, &graph, &format);
+            let entry = named
+                .as_array()
+                .and_then(|a| a.iter().find(|n| n["node-name"] == format.as_str()))
+                .cloned()
+                .unwrap_or_default();
+            let act = qmp::next(&seen, index, &want)
+                .map_err(|e| DriverError::Libvirt(format!("domain {name}: {e}")))?;
+            tracing::info!(
+                domain = name,
+                target,
+                ?act,
+                "moving a disk to its grown export"
+            );
+            match act {
+                qmp::Act::Add(node) => {
+                    let creds = if tls {
+                        let objects = monitor(
+                            serde_json::json!({"execute": "qom-list", "arguments": {"path": "/objects"}}),
+                        )?;
+                        let storage = qmp::storage(index);
+                        Some(qmp::tls_object(&objects, &storage).ok_or_else(|| {
+                            DriverError::Libvirt(format!(
+                                "domain {name}'s QEMU has no TLS credentials of {storage}"
+                            ))
+                        })?)
+                    } else {
+                        None
+                    };
+                    monitor(qmp::add_command(
+                        &node,
+                        &host,
+                        &want,
+                        creds.as_deref(),
+                        &entry["cache"],
+                    ))?;
+                }
+                qmp::Act::Reopen(node) => {
+                    monitor(qmp::reopen_command(&format, &node, &entry))?;
+                }
+                qmp::Act::Delete(node) => {
+                    monitor(
+                        serde_json::json!({"execute": "blockdev-del", "arguments": {"node-name": node}}),
+                    )?;
+                }
+                qmp::Act::Leave(bytes, node) => {
+                    monitor(
+                        serde_json::json!({"execute": "block_resize", "arguments": {"node-name": format, "size": bytes}}),
+                    )?;
+                    monitor(
+                        serde_json::json!({"execute": "blockdev-del", "arguments": {"node-name": node}}),
+                    )?;
+                }
+                qmp::Act::Resize(bytes) => {
+                    monitor(
+                        serde_json::json!({"execute": "block_resize", "arguments": {"node-name": format, "size": bytes}}),
+                    )?;
+                }
+                qmp::Act::Done => return self.define_moved(&domain, name, disk),
+            }
+        }
+        Err(DriverError::Libvirt(format!(
+            "domain {name}: the disk at {target} did not settle on its new export"
+        )))
     }
 
     fn interfaces(&self, name: &str) -> Result<Vec<AttachedInterface>, DriverError> {
@@ -513,6 +663,59 @@ fn open(uri: &str) -> Result<Connect, DriverError> {
     // Before the connection: only then does it deliver domain events.
     events::ensure_event_loop();
     Connect::open(Some(uri)).map_err(libvirt)
+}
+
+/// The (port, export name) of an NBD disk's path (`nbd[+tls]://HOST:PORT/NAME`).
+fn nbd_export(path: &Path) -> Option<(u16, String)> {
+    let p = path.to_str()?;
+    if !p.starts_with("nbd://") && !p.starts_with("nbd+tls://") {
+        return None;
+    }
+    let (_, rest) = p.split_once("://")?;
+    let (hostport, name) = rest.split_once('/')?;
+    let (_, port) = hostport.rsplit_once(':')?;
+    Some((port.parse().ok()?, name.to_owned()))
+}
+
+/// Gives each NBD disk of the running `domain` (its live XML `live`) the export its QEMU
+/// reads: another than the XML names once the disk was moved to its volume's grown export
+/// ([`DomainDriver::move_volume`]; libvirt is not told). A move not finished (its temporary
+/// node still there), or a monitor that does not answer, leaves the XML's.
+fn moved_exports(domain: &Domain, live: &str, volumes: &mut [AttachedVolume]) {
+    if !volumes.iter().any(|v| nbd_export(&v.path).is_some()) {
+        return;
+    }
+    let cmd = r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#;
+    let Some(named) = domain
+        .qemu_monitor_command(cmd, 0)
+        .ok()
+        .and_then(|r| qmp::returned(&r).ok())
+    else {
+        return;
+    };
+    for v in volumes.iter_mut() {
+        if nbd_export(&v.path).is_none() {
+            continue;
+        }
+        let Some(index) = qmp::disk_index(live, &v.target) else {
+            continue;
+        };
+        let (format, moving) = (qmp::format(index), qmp::moving(index));
+        let nodes = named.as_array().map(Vec::as_slice).unwrap_or_default();
+        if nodes.iter().any(|n| n["node-name"] == moving.as_str()) {
+            // A move cut short: the disk is told as the XML names it, so that the move is
+            // taken up again and finished.
+            continue;
+        }
+        let reads = nodes
+            .iter()
+            .find(|n| n["node-name"] == format.as_str())
+            .and_then(|n| n["file"].as_str())
+            .and_then(qmp::export_of);
+        if let Some(path) = reads.and_then(|e| qmp::moved_path(&v.path, &e)) {
+            v.path = path;
+        }
+    }
 }
 
 fn libvirt(e: virt::error::Error) -> DriverError {

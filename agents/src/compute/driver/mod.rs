@@ -11,6 +11,7 @@ pub mod disk;
 pub mod events;
 pub mod fake;
 pub mod libvirt;
+pub mod qmp;
 pub mod xml;
 
 use std::path::Path;
@@ -348,6 +349,12 @@ pub trait DomainDriver: Send + Sync + 'static {
     /// Tells the running guest that the disk at `target` is now `bytes` long (after its
     /// volume grew). [`DriverError::NotRunning`] for a domain that is off.
     fn resize_volume(&self, name: &str, target: &str, bytes: u64) -> Result<(), DriverError>;
+    /// Moves the running guest's NBD disk at `disk.target` to the export `disk.path` names
+    /// (its volume served anew by its storage node, at the size it grew to: an export keeps
+    /// the size it opened with) and tells the guest the new size; the domain's definition
+    /// then names that export. A move cut short is finished; one done is `Ok(())`.
+    /// [`DriverError::NotRunning`] for a domain that is off.
+    fn move_volume(&self, name: &str, disk: &VolumeDisk) -> Result<(), DriverError>;
     /// The network interfaces of a domain, in guest order: as the running guest has them; as
     /// defined, for a domain that is off.
     fn interfaces(&self, name: &str) -> Result<Vec<AttachedInterface>, DriverError>;

@@ -282,6 +282,28 @@ impl Backend for FilePool {
             .ok_or_else(|| DriverError::NotFound(name.to_string()))
     }
 
+    /// Grows the raw file as `qemu-img resize` of a raw file does (sparse, its data kept),
+    /// without the resize lock `qemu-img` asks for: the QEMU or `qemu-nbd` that holds the
+    /// file open (and that lock) sees the file grow, and tells its guest or serves the new
+    /// size anew.
+    fn extend_held(&self, name: &VolName, size: u64) -> Result<Observed, DriverError> {
+        let have = self
+            .observe(name)?
+            .ok_or_else(|| DriverError::NotFound(name.to_string()))?;
+        if have.size >= size {
+            return Ok(have);
+        }
+        let path = self.path(name);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io("open", &path))?;
+        file.set_len(size).map_err(io("grow", &path))?;
+        file.sync_all().map_err(io("sync", &path))?;
+        self.observe(name)?
+            .ok_or_else(|| DriverError::NotFound(name.to_string()))
+    }
+
     fn delete(&self, name: &VolName) -> Result<(), DriverError> {
         Self::remove(&self.partial(name))?;
         Self::remove(&self.path(name))?;

@@ -248,6 +248,55 @@ fn a_file_pool_passes() {
     ));
 }
 
+/// A file `qemu-nbd` serves (and holds qemu's resize lock of, which `qemu-img resize` asks
+/// for) grows while held, its data kept: a volume of a file pool exported over NBD grows.
+#[test]
+fn a_file_pool_grows_a_volume_qemu_nbd_holds() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pool = FilePool::new(tmp.path()).expect("absolute");
+    let v = VolName::volume("held").expect("a name");
+    pool.create(&v, MIB, Source::Empty).expect("create");
+    let path = pool.device(&v).expect("its file");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, b"kept", MIB - 4))
+        .expect("written");
+    let socket = tmp.path().join("nbd.sock");
+    let mut nbd = std::process::Command::new("qemu-nbd")
+        .args(["--persistent", "--format=raw", "--socket"])
+        .arg(&socket)
+        .arg(&path)
+        .spawn()
+        .expect("qemu-nbd");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !socket.exists() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let locked = pool.extend(&v, 2 * MIB);
+    let grown = pool.extend_held(&v, 3 * MIB);
+    let _ = nbd.kill();
+    let _ = nbd.wait();
+    assert!(
+        socket.exists() || locked.is_ok(),
+        "qemu-nbd never served it"
+    );
+    assert_eq!(grown.expect("grown while held").size, 3 * MIB);
+    assert_eq!(
+        pool.extend_held(&v, MIB).expect("never shrinks").size,
+        3 * MIB
+    );
+    let mut tail = [0u8; 4];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(&path).expect("open"),
+        &mut tail,
+        MIB - 4,
+    )
+    .expect("read");
+    assert_eq!(&tail, b"kept");
+    pool.delete(&v).expect("delete");
+}
+
 #[test]
 fn lvm_finishes_or_undoes_a_swap_killed_midway() {
     let tmp = tempfile::tempdir().expect("tempdir");
