@@ -1328,17 +1328,27 @@ mod host_tests {
         }
     }
 
-    #[test]
-    fn exports_take_free_ports_of_their_range_and_say_when_none_is_left() {
-        use super::{ExportError, Exports, PortRange};
-        // An address and ports of this test alone: the table drops connections to them only.
-        const STORAGE: Ipv4Addr = Ipv4Addr::new(127, 88, 15, 1);
-        const NODE: Ipv4Addr = Ipv4Addr::new(127, 88, 15, 2);
+    /// A test's directory with a 1 MiB volume in it, and the exports on `storage` with ports
+    /// `first`-`last` (an address and ports of that test alone: the table drops
+    /// connections to them only).
+    fn exports_of(
+        storage: Ipv4Addr,
+        (first, last): (u16, u16),
+    ) -> (tempfile::TempDir, std::path::PathBuf, super::Exports) {
         let dir = tempfile::tempdir().expect("a directory");
         let device = dir.path().join("volume.raw");
         std::fs::write(&device, vec![0u8; 1 << 20]).expect("a volume");
-        let range = PortRange::new(10901, 10902).expect("a range");
-        let exports = Exports::new(Some(STORAGE.into()), range, dir.path().join("exports"));
+        let range = super::PortRange::new(first, last).expect("a range");
+        let exports = super::Exports::new(Some(storage.into()), range, dir.path().join("exports"));
+        (dir, device, exports)
+    }
+
+    #[test]
+    fn exports_take_free_ports_of_their_range_and_say_when_none_is_left() {
+        use super::ExportError;
+        const STORAGE: Ipv4Addr = Ipv4Addr::new(127, 88, 15, 1);
+        const NODE: Ipv4Addr = Ipv4Addr::new(127, 88, 15, 2);
+        let (_dir, device, exports) = exports_of(STORAGE, (10901, 10902));
         let _served = Served(&exports, &["a", "b"], super::table_name(STORAGE.into()));
         // Another program holds the range's first port.
         let other = TcpListener::bind((STORAGE, 10901)).expect("the first port is free");
@@ -1378,16 +1388,12 @@ mod host_tests {
 
     #[test]
     fn a_grown_volume_gets_a_second_export_and_the_first_ends_once_left() {
-        use super::{Exports, PortRange};
+        use super::Exports;
         use std::net::TcpStream;
-        // An address and ports of this test alone.
         const STORAGE: Ipv4Addr = Ipv4Addr::new(127, 88, 16, 1);
         const NODE: Ipv4Addr = Ipv4Addr::new(127, 88, 16, 2);
-        let dir = tempfile::tempdir().expect("a directory");
-        let device = dir.path().join("volume.raw");
-        std::fs::write(&device, vec![0u8; 1 << 20]).expect("a volume");
-        let range = PortRange::new(10903, 10905).expect("a range");
-        let exports = Exports::new(Some(STORAGE.into()), range, dir.path().join("exports"));
+        let (dir, device, exports) = exports_of(STORAGE, (10903, 10905));
+        let range = super::PortRange::new(10903, 10905).expect("a range");
         let _served = Served(&exports, &["g"], super::table_name(STORAGE.into()));
         let first = exports
             .ensure("g", "v", &device, "n2", NODE.into(), 1, 1 << 20, None)

@@ -241,6 +241,32 @@ impl FakeDomains {
     }
 }
 
+impl FakeDomains {
+    /// Changes the disk at `target` of running domain `name` with `change`.
+    fn running_disk(
+        &self,
+        name: &str,
+        target: &str,
+        change: impl FnOnce(&mut AttachedVolume),
+    ) -> Result<(), DriverError> {
+        self.injected(Verb::Volume)?;
+        let mut domains = self.lock();
+        let d = domains
+            .get_mut(name)
+            .ok_or_else(|| DriverError::NoDomain(name.to_owned()))?;
+        if d.state != DomainState::Running {
+            return Err(DriverError::NotRunning(name.to_owned()));
+        }
+        let v = d
+            .volumes
+            .iter_mut()
+            .find(|v| v.target == target)
+            .ok_or_else(|| DriverError::Libvirt(format!("no disk {target}")))?;
+        change(v);
+        Ok(())
+    }
+}
+
 impl DomainDriver for FakeDomains {
     fn hypervisor_type(&self) -> HypervisorType {
         HypervisorType::Test
@@ -394,39 +420,11 @@ impl DomainDriver for FakeDomains {
     }
 
     fn resize_volume(&self, name: &str, target: &str, bytes: u64) -> Result<(), DriverError> {
-        self.injected(Verb::Volume)?;
-        let mut domains = self.lock();
-        let d = domains
-            .get_mut(name)
-            .ok_or_else(|| DriverError::NoDomain(name.to_owned()))?;
-        if d.state != DomainState::Running {
-            return Err(DriverError::NotRunning(name.to_owned()));
-        }
-        let v = d
-            .volumes
-            .iter_mut()
-            .find(|v| v.target == target)
-            .ok_or_else(|| DriverError::Libvirt(format!("no disk {target}")))?;
-        v.capacity = Some(bytes);
-        Ok(())
+        self.running_disk(name, target, |v| v.capacity = Some(bytes))
     }
 
     fn move_volume(&self, name: &str, disk: &VolumeDisk) -> Result<(), DriverError> {
-        self.injected(Verb::Volume)?;
-        let mut domains = self.lock();
-        let d = domains
-            .get_mut(name)
-            .ok_or_else(|| DriverError::NoDomain(name.to_owned()))?;
-        if d.state != DomainState::Running {
-            return Err(DriverError::NotRunning(name.to_owned()));
-        }
-        let v = d
-            .volumes
-            .iter_mut()
-            .find(|v| v.target == disk.target)
-            .ok_or_else(|| DriverError::Libvirt(format!("no disk {}", disk.target)))?;
-        v.path = disk.path.clone();
-        Ok(())
+        self.running_disk(name, &disk.target, |v| v.path = disk.path.clone())
     }
 
     fn interfaces(&self, name: &str) -> Result<Vec<AttachedInterface>, DriverError> {

@@ -67,6 +67,25 @@ impl FilePool {
             .map_err(io("sync", &self.dir))
     }
 
+    /// Grows `name` to `size` bytes with `how` (given its path) when it is smaller; never
+    /// shrinks it.
+    fn grow(
+        &self,
+        name: &VolName,
+        size: u64,
+        how: impl FnOnce(&Path) -> Result<(), DriverError>,
+    ) -> Result<Observed, DriverError> {
+        let have = self
+            .observe(name)?
+            .ok_or_else(|| DriverError::NotFound(name.to_string()))?;
+        if have.size >= size {
+            return Ok(have);
+        }
+        how(&self.path(name))?;
+        self.observe(name)?
+            .ok_or_else(|| DriverError::NotFound(name.to_string()))
+    }
+
     fn size_of(path: &Path) -> Result<Option<u64>, DriverError> {
         match std::fs::metadata(path) {
             Ok(m) => Ok(Some(m.len())),
@@ -271,15 +290,9 @@ impl Backend for FilePool {
     }
 
     fn extend(&self, name: &VolName, size: u64) -> Result<Observed, DriverError> {
-        let have = self
-            .observe(name)?
-            .ok_or_else(|| DriverError::NotFound(name.to_string()))?;
-        if have.size >= size {
-            return Ok(have);
-        }
-        qemu_img(["resize", "-q", "-f", "raw"], &self.path(name), Some(size))?;
-        self.observe(name)?
-            .ok_or_else(|| DriverError::NotFound(name.to_string()))
+        self.grow(name, size, |path| {
+            qemu_img(["resize", "-q", "-f", "raw"], path, Some(size))
+        })
     }
 
     /// Grows the raw file as `qemu-img resize` of a raw file does (sparse, its data kept),
@@ -287,21 +300,14 @@ impl Backend for FilePool {
     /// file open (and that lock) sees the file grow, and tells its guest or serves the new
     /// size anew.
     fn extend_held(&self, name: &VolName, size: u64) -> Result<Observed, DriverError> {
-        let have = self
-            .observe(name)?
-            .ok_or_else(|| DriverError::NotFound(name.to_string()))?;
-        if have.size >= size {
-            return Ok(have);
-        }
-        let path = self.path(name);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(io("open", &path))?;
-        file.set_len(size).map_err(io("grow", &path))?;
-        file.sync_all().map_err(io("sync", &path))?;
-        self.observe(name)?
-            .ok_or_else(|| DriverError::NotFound(name.to_string()))
+        self.grow(name, size, |path| {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(io("open", path))?;
+            file.set_len(size).map_err(io("grow", path))?;
+            file.sync_all().map_err(io("sync", path))
+        })
     }
 
     fn delete(&self, name: &VolName) -> Result<(), DriverError> {
