@@ -34,6 +34,16 @@
 //! node, even from the allowed address, reads nothing, and the data is encrypted on the
 //! storage network. Without them (`--nbd-insecure`) the traffic crosses it in the clear.
 //!
+//! # Growth
+//! An NBD export keeps the size `qemu-nbd` opened the volume with, and QEMU's NBD client the
+//! size it connected with. A volume grown while exported is served anew at its size by a
+//! second `qemu-nbd` on a port and under a name of its own ([`Exports::ensure`]; its record
+//! `export-<VolumeExport name>@<port>.json`), which the VolumeExport's status then names, to
+//! twice the clients (the consuming node's QEMU holds two connections to it for a moment while
+//! it moves its disk there). The earlier export is served until no TCP connection to its port
+//! is left ([`Exports::end_left`]): the guests moved, or are off (they connect to the new one
+//! when they start).
+//!
 //! # Restart
 //! Each export is recorded in `<state>/exports/export-<VolumeExport name>.json` before its
 //! process is trusted; the `qemu-nbd` processes outlive the agent (a guest keeps its disk
