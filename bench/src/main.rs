@@ -241,6 +241,10 @@ enum What {
         /// Runs of each, alternating which goes first.
         #[arg(long, default_value_t = 6)]
         rounds: usize,
+        /// Networks on each of the agents' nodes, each with a port on both (the stream runs
+        /// on the first); the reference keeps its one bridge.
+        #[arg(long, default_value_t = 1)]
+        networks: usize,
     },
     /// The network agent's Open vSwitch driver wiring a fresh node of many ports, and putting
     /// back every flow deleted, vs `ovs-vsctl`, `ovs-ofctl --bundle add-flows` and `nft -f` of
@@ -545,7 +549,7 @@ async fn stack_with(etcd_tls: bool) -> Result<Stack> {
     let path = dir.path().join("kubeconfig");
     std::fs::write(&path, kubeconfig)?;
     let kc = kube::config::Kubeconfig::read_from(&path)?;
-    let client = kube::Client::try_from(
+    let client = stratus_runtime::client::client(
         kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
     )?;
     let h2 = H2::new(format!("https://{}", server.local_addr), &pki.ca_cert)?;
@@ -1179,7 +1183,11 @@ async fn main() -> Result<()> {
             rounds,
         } => net::sg(ports, rules, changes, rounds).await,
         What::NetConverge { ports, rounds } => net::converge(ports, rounds).await,
-        What::NetTcp { seconds, rounds } => net::tcp(seconds, rounds).await,
+        What::NetTcp {
+            seconds,
+            rounds,
+            networks,
+        } => net::tcp(seconds, rounds, networks).await,
         What::NetOvs { ports, rounds } => {
             tokio::task::spawn_blocking(move || ovs::converge_ports(ports, rounds)).await?
         }

@@ -402,9 +402,23 @@ async fn port(
     device: &str,
     fallback: (String, Ipv4Addr),
 ) -> Result<(String, Ipv4Addr)> {
+    port_on(a, ("net", "sn"), name, groups, node, device, fallback).await
+}
+
+/// [`port`] on network and subnet `on`.
+async fn port_on(
+    a: &Apis,
+    on: (&str, &str),
+    name: &str,
+    groups: &[&str],
+    node: &str,
+    device: &str,
+    fallback: (String, Ipv4Addr),
+) -> Result<(String, Ipv4Addr)> {
+    let (net, subnet) = on;
     let p = a
         .ports
-        .create(&PostParams::default(), &serde_json::from_value(json!({"apiVersion": "network.stratus.dev/v1", "kind": "Port", "metadata": {"name": name}, "spec": {"network": "net", "securityGroups": groups}}))?)
+        .create(&PostParams::default(), &serde_json::from_value(json!({"apiVersion": "network.stratus.dev/v1", "kind": "Port", "metadata": {"name": name}, "spec": {"network": net, "securityGroups": groups}}))?)
         .await
         .with_context(|| format!("create port {name}"))?;
     let st = p.status.unwrap_or_default();
@@ -419,7 +433,7 @@ async fn port(
     let addr = match st.fixed_ips.first() {
         Some(f) => f.ip_address.parse()?,
         None => {
-            status["fixedIPs"] = json!([{"subnet": "sn", "ipAddress": fallback.1.to_string()}]);
+            status["fixedIPs"] = json!([{"subnet": subnet, "ipAddress": fallback.1.to_string()}]);
             fallback.1
         }
     };
@@ -1296,9 +1310,67 @@ fn two_nodes(
     Ok(())
 }
 
+/// Networks `net-1` to `net-{n}` beside `net`, each with a port on both nodes `nodes` (the
+/// port's device one end of a veth pair the node keeps both ends of): what a node that
+/// hosts many projects carries, every network its own bridge, VXLAN device, zone, peers
+/// and DHCP server.
+async fn other_networks(a: &Apis, nodes: &[String; 2], n: usize) -> Result<()> {
+    let pp = PostParams::default();
+    for i in 1..=n {
+        let (net, sn) = (format!("net-{i}"), format!("sn-{i}"));
+        let cidr = format!("10.{}.{}.0/24", 100 + i / 250, i % 250);
+        let gateway = format!("10.{}.{}.1", 100 + i / 250, i % 250);
+        a.nets
+            .create(&pp, &serde_json::from_value(json!({"apiVersion": "network.stratus.dev/v1", "kind": "Network", "metadata": {"name": net}, "spec": {}}))?)
+            .await?;
+        a.subnets
+            .create(&pp, &serde_json::from_value(json!({"apiVersion": "network.stratus.dev/v1", "kind": "Subnet", "metadata": {"name": sn}, "spec": {"network": net, "cidr": cidr, "gatewayIP": gateway}}))?)
+            .await?;
+        if a.nets.get(&net).await?.status.and_then(|s| s.vni).is_none() {
+            a.nets
+                .patch_status(
+                    &net,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": {"vni": 7001 + i}})),
+                )
+                .await?;
+        }
+        for (j, node) in nodes.iter().enumerate() {
+            let device = format!("xa{i}");
+            ip(&[
+                "-n",
+                node,
+                "link",
+                "add",
+                &device,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &format!("xb{i}"),
+            ])?;
+            let addr = Ipv4Addr::new(10, (100 + i / 250) as u8, (i % 250) as u8, 11 + j as u8);
+            port_on(
+                a,
+                (&net, &sn),
+                &format!("x{i}-{j}"),
+                &["default"],
+                node,
+                &device,
+                (
+                    format!("fa:16:3e:{:02x}:{:02x}:{:02x}", j, i / 256, i % 256),
+                    addr,
+                ),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
 /// TCP throughput between guests on two nodes across the agent's overlay vs a hand-built
-/// bridge + VXLAN pair.
-pub async fn tcp(seconds: f64, rounds: usize) -> Result<()> {
+/// bridge + VXLAN pair; the agents' nodes carry `networks - 1` other networks.
+pub async fn tcp(seconds: f64, rounds: usize, networks: usize) -> Result<()> {
     let s = stack().await?;
     let tag = std::process::id();
     let n = [format!("nb{tag}-t1"), format!("nb{tag}-t2")];
@@ -1345,6 +1417,7 @@ pub async fn tcp(seconds: f64, rounds: usize) -> Result<()> {
         [&macs[0], &macs[1]],
         mtu,
     )?;
+    other_networks(&a, &n, networks.saturating_sub(1)).await?;
     let _agents = [
         Agent::start(
             &s.client,
@@ -1363,7 +1436,7 @@ pub async fn tcp(seconds: f64, rounds: usize) -> Result<()> {
             Duration::from_secs(2),
         )?,
     ];
-    all_active(&a, 2, Duration::from_secs(120)).await?;
+    all_active(&a, 2 * networks.max(1), Duration::from_secs(300)).await?;
     // The reference: the same namespaces and devices, a bridge and VXLAN device by hand.
     two_nodes(
         &mut host,
@@ -1490,8 +1563,13 @@ pub async fn tcp(seconds: f64, rounds: usize) -> Result<()> {
         spread(&raw),
         each(&raw)
     );
+    let busy = if networks > 1 {
+        format!("; {networks} networks with a port each on both nodes")
+    } else {
+        String::new()
+    };
     println!(
-        "| Stratus: two agents' bridges, VXLAN, FDB and nft filter (conntrack zones, port chains) | {} | {om:.2} | {} | {} |",
+        "| Stratus: two agents' bridges, VXLAN, FDB and nft filter (conntrack zones, port chains{busy}) | {} | {om:.2} | {} | {} |",
         ours.len(),
         spread(&ours),
         each(&ours)

@@ -272,7 +272,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let image_policy = args
         .images
         .policy(crate::image_policy::api_server_addrs(&kube_config).await);
-    let client = kube::Client::try_from(kube_config).context("build the API client")?;
+    let client = stratus_runtime::client::client(kube_config).context("build the API client")?;
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("create {}", args.state_dir.display()))?;
     let state_dir = std::path::absolute(&args.state_dir).context("resolve the state directory")?;

@@ -62,7 +62,7 @@ pub async fn run(args: ControllersArgs) -> Result<()> {
     let store = args
         .store_url_images
         .then(|| DataWriter::new(config.clone()));
-    let client = kube::Client::try_from(config).context("build the API client")?;
+    let client = stratus_runtime::client::client(config).context("build the API client")?;
     run_with_client(
         client,
         args.lease_seconds,
@@ -85,7 +85,7 @@ pub async fn run_with_kubeconfig(
     let config = Kubeconfig::file(&path).config().await?;
     let policy = images.policy(api_server_addrs(&config).await);
     let store = store_url_images.then(|| DataWriter::new(config.clone()));
-    let client = kube::Client::try_from(config).context("build the API client")?;
+    let client = stratus_runtime::client::client(config).context("build the API client")?;
     run_with_client(client, 4, Weigher::Spread, (image_dir, policy, store)).await
 }
 

@@ -20,6 +20,7 @@
 
 #[cfg(feature = "allowlist")]
 pub mod allowlist;
+pub mod client;
 pub mod events;
 pub mod finalizer;
 pub mod image_token;

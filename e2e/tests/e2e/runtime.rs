@@ -224,3 +224,78 @@ async fn unfixable_failures_are_reported_in_status_and_others_back_off() -> Resu
     controller.abort();
     Ok(())
 }
+
+/// Client sockets of this process's namespace connected to `port` on loopback (IPv4).
+fn connections_to(port: u16) -> Result<usize> {
+    let table = std::fs::read_to_string("/proc/self/net/tcp")?;
+    let want = format!("0100007F:{port:04X}");
+    // Columns: slot, local address, remote address, state (01: established).
+    Ok(table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[2] == want && f[3] == "01"
+        })
+        .count())
+}
+
+/// Starts `n` watches of Hypervisors by name through `client`; returned once each listed.
+async fn watches(client: &kube::Client, n: usize) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    use stratus_api_types::compute::Hypervisor;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(n);
+    let tasks = (0..n)
+        .map(|i| {
+            let api: Api<Hypervisor> = Api::all(client.clone());
+            let cfg = watcher::Config::default().fields(&format!("metadata.name=h{i}"));
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut events = std::pin::pin!(watcher(api, cfg));
+                let mut told = false;
+                while let Some(ev) = events.next().await {
+                    if !told && matches!(ev, Ok(watcher::Event::InitDone)) {
+                        told = tx.send(()).await.is_ok();
+                    }
+                }
+            })
+        })
+        .collect();
+    for _ in 0..n {
+        tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("a watch ended"))?;
+    }
+    Ok(tasks)
+}
+
+/// An agent watches each network, subnet list, port list and security group of its node one
+/// by one, as the node authorizer lets it: the shared runtime's client carries all of a
+/// process's watches over one HTTP/2 connection, where kube's own (HTTP/1.1) holds one
+/// connection a watch (hundreds for a node of a hundred networks).
+#[tokio::test]
+async fn a_processs_watches_share_one_connection_to_the_api_server() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let api = Apiserver::start(&etcd.endpoint)?;
+    let port: u16 = api.url.rsplit(':').next().unwrap_or_default().parse()?;
+    let kc = kube::config::Kubeconfig::read_from(api.kubeconfig())?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    let n = 40;
+    let h2 = stratus_runtime::client::client(cfg.clone())?;
+    let tasks = watches(&h2, n).await?;
+    let by_h2 = connections_to(port)?;
+    // And requests go over the same connection while the watches run.
+    let hvs: Api<stratus_api_types::compute::Hypervisor> = Api::all(h2.clone());
+    hvs.list(&Default::default()).await?;
+    assert_eq!(
+        (by_h2, connections_to(port)?),
+        (1, 1),
+        "{n} watches and a list"
+    );
+    // kube's client, for contrast (what this test rests on): a connection a watch.
+    let h1 = kube::Client::try_from(cfg)?;
+    let more = watches(&h1, n).await?;
+    let by_h1 = connections_to(port)? - 1;
+    assert!(by_h1 >= n, "HTTP/1.1: {by_h1} connections for {n} watches");
+    tasks.iter().chain(&more).for_each(|t| t.abort());
+    Ok(())
+}

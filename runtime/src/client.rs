@@ -1,0 +1,54 @@
+//! The API client of Stratus's agents and controllers: kube's client over one HTTP/2
+//! connection.
+//!
+//! kube's own client speaks HTTP/1.1, where every watch holds a connection of its own. A
+//! network agent watches its networks, their subnets and ports and its security groups one
+//! by one (what the node authorizer lets a node read), so a node of a hundred networks held
+//! hundreds of connections to the API server — and a process whose descriptors pass 1,024
+//! aborts in the nftables library, which waits on its netlink socket with `select`. Over
+//! HTTP/2 (the API server offers it by ALPN) every request and watch of the process shares
+//! one connection, as client-go's do; keep-alive pings find a dead connection, which the
+//! watches then open again.
+
+use std::time::Duration;
+
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use kube::client::ConfigExt;
+use tower::ServiceBuilder;
+
+/// How often an idle connection is pinged, and how long an answer may take.
+const KEEP_ALIVE: (Duration, Duration) = (Duration::from_secs(20), Duration::from_secs(20));
+
+/// A client of the API server `config` names, multiplexing every request over one HTTP/2
+/// connection where the server offers HTTP/2 (HTTP/1.1 otherwise).
+///
+/// # Errors
+/// The configuration's TLS material or credentials cannot be used.
+pub fn client(config: kube::Config) -> Result<kube::Client, kube::Error> {
+    // ALPN offers `h2` and `http/1.1`, as the connector sets from the protocols enabled.
+    let tls = config.rustls_client_config()?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(config.connect_timeout);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    let (interval, timeout) = KEEP_ALIVE;
+    let hyper = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .http2_keep_alive_interval(interval)
+        .http2_keep_alive_timeout(timeout)
+        .http2_keep_alive_while_idle(true)
+        .build(https);
+    let service = ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .map_err(tower::BoxError::from)
+        .service(hyper);
+    Ok(kube::Client::new(service, config.default_namespace))
+}
