@@ -332,6 +332,28 @@ impl Cloud {
         Ok(())
     }
 
+    /// Issues node `node`'s NBD certificate from the cloud's NBD CA into `out` (`stratus pki
+    /// nbd-node`): a storage node's names its storage `address`; a compute node's goes where
+    /// its libvirtd reads it ([`node::Node::nbd_tls_dir`]).
+    pub fn nbd_certificate(&self, node: &str, address: Option<&str>, out: &Path) -> Result<()> {
+        let mut pki = Command::new(stratus_bin());
+        pki.args(["pki", "nbd-node", node, "--ca-dir"])
+            .arg(self.dir.path().join("pki/nbd"))
+            .arg("--out")
+            .arg(out);
+        if let Some(a) = address {
+            pki.args(["--address", a]);
+        }
+        let done = pki.output().context("run stratus pki nbd-node")?;
+        if !done.status.success() {
+            bail!(
+                "stratus pki nbd-node {node}: {}",
+                String::from_utf8_lossy(&done.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// Waits for the `default` SecurityGroup the controllers make in project `ns`. A test that
     /// edits it applies its version after this: applied before, kubectl's create races with
     /// the controllers' and one of them gets 409 AlreadyExists.

@@ -386,23 +386,26 @@ impl Node {
         ])?;
         crate::ip(&["addr", "add", host_address, "dev", host_link])?;
         crate::ip(&["link", "set", host_link, "up"])?;
-        let inside = |args: &[&str]| -> Result<()> {
-            let out = Command::new("nsenter")
-                .args(["-t", pid, "-n", "ip"])
-                .args(args)
-                .output()
-                .context("run nsenter")?;
-            if !out.status.success() {
-                bail!(
-                    "ip {args:?} in {}: {}",
-                    self.name,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-            Ok(())
-        };
-        inside(&["addr", "add", node_address, "dev", node_link])?;
-        inside(&["link", "set", node_link, "up"])
+        self.ip(&["addr", "add", node_address, "dev", node_link])?;
+        self.ip(&["link", "set", node_link, "up"])
+    }
+
+    /// Runs `ip ARGS` in this node's network namespace (its libvirtd's).
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let pid = std::fs::read_to_string(self.dir.path().join("libvirtd.pid"))?;
+        let out = Command::new("nsenter")
+            .args(["-t", pid.trim(), "-n", "ip"])
+            .args(args)
+            .output()
+            .context("run nsenter")?;
+        if !out.status.success() {
+            bail!(
+                "ip {args:?} in {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
     }
 }
 

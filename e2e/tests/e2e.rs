@@ -43,5 +43,6 @@ mod e2e {
     mod volume_attach_remote;
     mod volume_multi_attach;
     mod volumes_api;
+    mod volumes_two_nodes;
     mod watch_feed;
 }

@@ -67,13 +67,13 @@ const LVM_SITE: Site = Site {
 };
 
 /// The storage node's pool: a directory, or a volume group on a loop device.
-enum Pool {
+pub(super) enum Pool {
     File(std::path::PathBuf),
     Lvm(Vg),
 }
 
 impl Pool {
-    fn name(&self) -> &'static str {
+    pub(super) fn name(&self) -> &'static str {
         match self {
             Self::File(_) => "files",
             Self::Lvm(_) => "fast",
@@ -81,7 +81,7 @@ impl Pool {
     }
 
     /// `--storage-pool`'s value.
-    fn arg(&self) -> String {
+    pub(super) fn arg(&self) -> String {
         match self {
             Self::File(dir) => format!("files=file:{}", dir.display()),
             Self::Lvm(vg) => format!("fast=lvm:{}", vg.name),
@@ -89,7 +89,7 @@ impl Pool {
     }
 
     /// Whether the volume at `path` is gone from the pool.
-    fn gone(&self, path: &str) -> bool {
+    pub(super) fn gone(&self, path: &str) -> bool {
         match self {
             Self::File(_) => !std::path::Path::new(path).exists(),
             // A loop device's node outlives it: the LV is what goes.
@@ -98,7 +98,7 @@ impl Pool {
     }
 }
 
-fn json(cloud: &Cloud, ns: &str, args: &[&str]) -> Result<Value> {
+pub(super) fn json(cloud: &Cloud, ns: &str, args: &[&str]) -> Result<Value> {
     let mut a = vec!["-n", ns];
     a.extend_from_slice(args);
     a.extend(["-o", "json"]);
@@ -138,10 +138,10 @@ fn run(program: &str, args: &[&str]) -> Result<String> {
 /// The storage network and what the storage agent leaves serving: removed however the test
 /// ends (the veth pair with its host end; the exports' processes by the pids the agent
 /// recorded, and their table).
-struct Cleanup {
-    exports: std::path::PathBuf,
-    host_link: &'static str,
-    table: &'static str,
+pub(super) struct Cleanup {
+    pub(super) exports: std::path::PathBuf,
+    pub(super) host_link: &'static str,
+    pub(super) table: &'static str,
 }
 
 impl Drop for Cleanup {
@@ -161,8 +161,10 @@ impl Drop for Cleanup {
                 let _ = Command::new("kill").arg(pid.to_string()).status();
             }
         }
+        // Gone already when another link's cleanup took it.
         let _ = Command::new("nft")
             .args(["delete", "table", "inet", self.table])
+            .stderr(std::process::Stdio::null())
             .status();
     }
 }
@@ -254,25 +256,8 @@ fn attaches_over_nbd(site: &Site, storage: tempfile::TempDir, pool: Pool) -> Res
     // Each node's NBD certificate from the cloud's NBD CA: the storage node's names its storage address,
     // the compute node's goes where its libvirtd reads it.
     let nbd_tls = storage.path().join("nbd-tls");
-    for (node, address, out) in [
-        (storage_node, Some(storage_ip), nbd_tls.clone()),
-        (compute_node, None, compute.nbd_tls_dir()),
-    ] {
-        let mut pki = Command::new(stratus_bin());
-        pki.args(["pki", "nbd-node", node, "--ca-dir"])
-            .arg(cloud.dir.path().join("pki/nbd"))
-            .arg("--out")
-            .arg(out);
-        if let Some(a) = address {
-            pki.args(["--address", a]);
-        }
-        let out = pki.output()?;
-        ensure!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    cloud.nbd_certificate(storage_node, Some(storage_ip), &nbd_tls)?;
+    cloud.nbd_certificate(compute_node, None, &compute.nbd_tls_dir())?;
     let storage_agent = |log: &str| {
         Proc::spawn(
             "storage agent",
