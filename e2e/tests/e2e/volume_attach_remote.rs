@@ -543,8 +543,8 @@ const GROWN_AT: u64 = (1 << 30) + (1 << 20);
 /// (domain `dom`) on `compute` holds it over NBD, through the VolumeExport `export_name`
 /// first served as recorded in `first` (its record, its port), and checks what the guest
 /// and the storage node see. The compute agent is down meanwhile, its move of the disk cut
-/// short after its first step; started again, it finishes it. The grown export's record,
-/// `qemu-nbd` pid and port.
+/// short after its first step; started again, it finishes it. Stopped and started, the
+/// server's guest has the grown volume. The grown export's record, `qemu-nbd` pid and port.
 fn grown_over_nbd(
     cloud: &Cloud,
     ns: &str,
@@ -692,5 +692,42 @@ fn grown_over_nbd(
         !nodes.contains("-moving\"") && !nodes.contains(&format!(":{first_port}/")),
         "{nodes}"
     );
+    // Stopped and started again (a new QEMU, from the definition): the guest has the disk
+    // from the grown export, at its size, with what it wrote before and after the grow; the
+    // computed marker is not the echoed command.
+    let shells = || compute.console(uid).matches("built-in shell").count();
+    let booted = shells();
+    for (power, phase) in [("Stopped", "Stopped"), ("Running", "Running")] {
+        cloud.kubectl_ok(&[
+            "-n",
+            ns,
+            "patch",
+            "server",
+            "vm",
+            "--type=merge",
+            "-p",
+            &format!(r#"{{"spec":{{"powerState":"{power}"}}}}"#),
+        ])?;
+        wait_until(WAIT, &format!("vm {phase}"), || {
+            json(cloud, ns, &["get", "server", "vm"])
+                .ok()
+                .filter(|s| s["status"]["phase"] == phase)
+        })?;
+    }
+    // Typed into only once booted (its console, appended to, holds the first boot's shell
+    // too): a terminal held open and not read while the kernel writes to it stalls the boot.
+    wait_until(WAIT, "the guest's shell after its start", || {
+        (shells() > booted).then_some(())
+    })?;
+    compute.type_until(
+        uid,
+        dom,
+        &format!(
+            "echo R-$(dd if=/dev/vdc bs=512 skip={} count=1 2>/dev/null | head -c 13 | tr A-Z a-z)-$(dd if=/dev/vdc bs=16 skip=65536 count=1 2>/dev/null | head -c 16 | tr A-Z a-z)-$(cat /sys/block/vdc/size)",
+            GROWN_AT / 512
+        ),
+        "R-stratus-grown-stratus-nbd-data-4194304",
+        20,
+    )?;
     Ok((record, pid, port))
 }

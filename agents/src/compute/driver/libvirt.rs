@@ -678,11 +678,27 @@ fn nbd_export(path: &Path) -> Option<(u16, String)> {
 }
 
 /// Gives each NBD disk of the running `domain` (its live XML `live`) the export its QEMU
-/// reads: another than the XML names once the disk was moved to its volume's grown export
-/// ([`DomainDriver::move_volume`]; libvirt is not told). A move not finished (its temporary
-/// node still there), or a monitor that does not answer, leaves the XML's.
+/// reads: another than the live XML names once the disk was moved to its volume's grown
+/// export ([`DomainDriver::move_volume`]; libvirt is not told, the definition is rewritten).
+/// A move not finished (its temporary node still there, or the definition not rewritten
+/// yet), or a monitor that does not answer, leaves the live XML's: the move is taken up
+/// again.
 fn moved_exports(domain: &Domain, live: &str, volumes: &mut [AttachedVolume]) {
-    if !volumes.iter().any(|v| nbd_export(&v.path).is_some()) {
+    // Only a disk whose definition names another export than the live XML was moved (the
+    // move rewrites the definition last): QEMU's monitor is asked of no other (libvirt
+    // marks a domain whose monitor is used directly as tainted).
+    let defined = domain
+        .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+        .ok()
+        .and_then(|x| xml::attached_volumes(&x).ok())
+        .unwrap_or_default();
+    let moved = |v: &AttachedVolume| {
+        nbd_export(&v.path).is_some()
+            && defined
+                .iter()
+                .any(|d| d.target == v.target && d.path != v.path)
+    };
+    if !volumes.iter().any(moved) {
         return;
     }
     let cmd = r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#;
@@ -694,7 +710,7 @@ fn moved_exports(domain: &Domain, live: &str, volumes: &mut [AttachedVolume]) {
         return;
     };
     for v in volumes.iter_mut() {
-        if nbd_export(&v.path).is_none() {
+        if !moved(v) {
             continue;
         }
         let Some(index) = qmp::disk_index(live, &v.target) else {
