@@ -536,6 +536,11 @@ fn attaches_over_nbd(site: &Site, storage: tempfile::TempDir, pool: Pool) -> Res
     Ok(())
 }
 
+/// Merges `body` into object `what` (`kind/name`) of project `ns`.
+fn merge(cloud: &Cloud, ns: &str, what: &str, body: &str) -> Result<String> {
+    cloud.kubectl_ok(&["-n", ns, "patch", what, "--type=merge", "-p", body])
+}
+
 /// Where the guest writes past its volume's first size once grown: 1 GiB and 1 MiB.
 const GROWN_AT: u64 = (1 << 30) + (1 << 20);
 
@@ -557,16 +562,7 @@ fn grown_over_nbd(
         .as_u64()
         .unwrap_or_default();
     compute.kill_agent();
-    cloud.kubectl_ok(&[
-        "-n",
-        ns,
-        "patch",
-        "volume",
-        "far",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"sizeGiB":2}}"#,
-    ])?;
+    merge(cloud, ns, "volume/far", r#"{"spec":{"sizeGiB":2}}"#)?;
     wait_volume(cloud, ns, "far grown to 2 GiB", |v| {
         v["status"]["sizeGiB"] == 2 && v["status"]["phase"] == "InUse"
     })?;
@@ -698,16 +694,8 @@ fn grown_over_nbd(
     let shells = || compute.console(uid).matches("built-in shell").count();
     let booted = shells();
     for (power, phase) in [("Stopped", "Stopped"), ("Running", "Running")] {
-        cloud.kubectl_ok(&[
-            "-n",
-            ns,
-            "patch",
-            "server",
-            "vm",
-            "--type=merge",
-            "-p",
-            &format!(r#"{{"spec":{{"powerState":"{power}"}}}}"#),
-        ])?;
+        let body = format!(r#"{{"spec":{{"powerState":"{power}"}}}}"#);
+        merge(cloud, ns, "server/vm", &body)?;
         wait_until(WAIT, &format!("vm {phase}"), || {
             json(cloud, ns, &["get", "server", "vm"])
                 .ok()
