@@ -16,7 +16,9 @@
 //!   the update's transaction, refused with 409 when its pool lacks room) and never shrinks
 //!   (422 on `spec.sizeGiB`). Attached over NBD (to a server on another node than its
 //!   pool's) it grows as on its own node: its storage node serves it anew at its size beside
-//!   the export the guest holds, and the consuming node moves the guest's disk to it. It does
+//!   the export the guest holds, and the consuming node moves the guest's disk to it; not a
+//!   server's boot volume, whose root disk is not moved (422 on `spec.sizeGiB` while a server
+//!   on another node boots from it). It does
 //!   not grow while attached (to any server) on a pool whose agent
 //!   reports it grows no volume a server holds (`status.growsInUse` `Never`; 422 on
 //!   `spec.sizeGiB`): it would wait until detached, for a boot volume for good. A pool that
@@ -489,6 +491,17 @@ async fn update_volume(
             "the volume is being deleted".into(),
         ));
     }
+    if let Some(server) = booted_over_nbd(ctx, ns, old).await? {
+        return Err(invalid_field(
+            &s,
+            w.new,
+            "spec.sizeGiB",
+            format!(
+                "Invalid value: {}: cannot grow while server {server} boots from it over NBD (placed on another node than the volume): its root disk stays on the export it was started with; grow it while no server holds it (a stopped server keeps it)",
+                after.size_gib
+            ),
+        ));
+    }
     let placed = old.pointer("/status/pool").and_then(Value::as_str);
     let uid = meta::meta_str(old, "uid").unwrap_or_default();
     for _ in 0..RETRIES {
@@ -574,6 +587,59 @@ fn attached(vol: &Value) -> bool {
     vol.pointer("/status/attachedTo")
         .and_then(Value::as_str)
         .is_some()
+}
+
+/// The Server that boots from the stored Volume `vol` (its `spec.bootVolume`) over NBD: one
+/// of the volume's attachments placed on another node than the volume's. Its root disk is not
+/// moved to the export of a grown volume, so such a grow would leave the guest on the first
+/// export and, once it stops, with a definition naming an ended one. A Server's
+/// `spec.bootVolume` is immutable and its holding of the volume is written on the volume, so
+/// the update's guard on the volume's revision keeps this true until the grow is written.
+async fn booted_over_nbd(ctx: Ctx<'_>, ns: &str, vol: &Value) -> ApiResult<Option<String>> {
+    let st = |p: &str| vol.pointer(&format!("/status/{p}")).and_then(Value::as_str);
+    let Some(home) = st("node") else {
+        return Ok(None);
+    };
+    let listed = vol.pointer("/status/attachments").and_then(Value::as_array);
+    // `attachments`, or `attachedTo` alone for a status written before there were any.
+    let remote: Vec<&str> = match listed.filter(|a| !a.is_empty()) {
+        Some(all) => all
+            .iter()
+            .filter(|a| {
+                a.get("node")
+                    .and_then(Value::as_str)
+                    .is_some_and(|n| n != home)
+            })
+            .filter_map(|a| a.get("server").and_then(Value::as_str))
+            .collect(),
+        None => st("attachedTo")
+            .filter(|_| st("attachedNode").is_some_and(|n| n != home))
+            .into_iter()
+            .collect(),
+    };
+    let name = name_of(vol);
+    for server in remote {
+        let key = keys::object(
+            ctx.prefix,
+            "compute.stratus.dev",
+            "servers",
+            Some(ns),
+            server,
+        );
+        let (got, _) = ctx
+            .store
+            .read_many(&[Read::Key(&key)])
+            .await
+            .map_err(ApiError::from)?;
+        let boots = got[0]
+            .first()
+            .and_then(|(_, s)| s.value.pointer("/spec/bootVolume"))
+            .and_then(Value::as_str);
+        if boots == Some(name) {
+            return Ok(Some(server.to_owned()));
+        }
+    }
+    Ok(None)
 }
 
 /// What the stored StoragePool `pool` reports of growing volumes in use (`status.growsInUse`;

@@ -860,6 +860,41 @@ async fn a_volume_attached_over_nbd_grows_as_a_local_one() {
     assert_eq!(v["spec"]["sizeGiB"], 3);
 }
 
+/// A volume a server boots from over NBD (the server placed on another node than the
+/// volume's) does not grow while it holds it: 422 on `spec.sizeGiB` naming the server and
+/// the reason, nothing written (the root disk is not moved to a grown volume's new export,
+/// so the guest would keep the old one and, once stopped, not start). Booted on its own
+/// node, the same volume grows.
+#[tokio::test]
+async fn a_boot_volume_attached_over_nbd_does_not_grow() {
+    let c = with_pool(10).await;
+    c.create(&volume("demo", "v", json!(1)).spec("bootable", json!(true)))
+        .await
+        .expect("v");
+    bind(&c, "v", "p1").await.expect("on n1");
+    let mut s = Obj::server("demo", "web").spec("bootVolume", json!("v"));
+    s.0["spec"].as_object_mut().map(|m| m.remove("image"));
+    c.create(&s).await.expect("web boots from v");
+    let on = |node: &'static str| {
+        let status = json!({"attachedTo": "web", "attachedNode": node,
+                            "attachments": [{"server": "web", "node": node}]});
+        record_attachment(&c, status)
+    };
+    on("n1").await;
+    grow_v(&c, 2).await.expect("grown: booted on its own node");
+    on("n2").await;
+    let before = c.revision().await;
+    let e = refused_naming(grow_v(&c, 3).await, 422, "spec.sizeGiB");
+    assert!(
+        e.message.contains("server web boots from it over NBD"),
+        "{}",
+        e.message
+    );
+    assert_eq!(c.revision().await, before, "nothing written");
+    let v = c.get("Volume", Some("demo"), "v").await.expect("v");
+    assert_eq!(v["spec"]["sizeGiB"], 2);
+}
+
 /// A volume attached (on its own node, or to any of its servers) on a pool whose agent says
 /// it grows no volume in use does not grow: 422 on `spec.sizeGiB` naming the pool and the
 /// reason, nothing written. On a pool that grows one in place, or that says nothing (an
