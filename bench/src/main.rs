@@ -540,6 +540,9 @@ async fn stack_with(etcd_tls: bool) -> Result<Stack> {
     cfg.listen = "127.0.0.1:0".parse()?;
     cfg.tls = Some((pki.server_cert.clone(), pki.server_key.clone()));
     cfg.tokens = [("bench-token".to_string(), "admin".to_string())].into();
+    // The benchmarks' agents all run as this one identity: a node's watches for many (each
+    // network of its ports, its subnets and ports) and as many for every node of the run.
+    cfg.limits.max_watches_per_user = 100_000;
     let server = stratus_apiserver::start(cfg).await?;
     let kubeconfig = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: b\n  cluster:\n    server: https://{}\n    certificate-authority: {}\nusers:\n- name: a\n  user:\n    token: bench-token\ncontexts:\n- name: a@b\n  context:\n    cluster: b\n    user: a\ncurrent-context: a@b\n",

@@ -32,8 +32,11 @@
 //! here, on both nodes of a flow, so each lookup a frame is spared counts). A node of 1,000 ports loads
 //! its two chains each and set elements, a packet takes a hash lookup instead of a walk
 //! past every other port's rules, and a port added or gone is elements added or removed.
-//! A network's peers are matched as one value where there is one, not as an anonymous set
-//! (each is a kernel object of its own).
+//! What is per network is looked up too: a frame's zone by its bridge in one map, a VXLAN
+//! packet's port, VNI and source in one set of every network's peers, a frame from the
+//! overlay against the networks' own DHCP servers in one set — so a packet passes as many
+//! rules on a node of hundreds of networks as on a node of one (rules per network, which
+//! every packet walked, cut a stream to 0.4 of a one-network node's at 200 networks).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -42,8 +45,8 @@ use std::net::Ipv4Addr;
 use std::process::Stdio;
 
 use nftables::expr::{
-    CT, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadBase, PayloadField, PayloadRaw,
-    Prefix, Range, SetItem, Verdict,
+    CT, Expression, Map, Meta, MetaKey, NamedExpression, Payload, PayloadBase, PayloadField,
+    PayloadRaw, Prefix, Range, SetItem, Verdict,
 };
 use nftables::schema::{
     Chain, Element, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Rule as NfRule, Set,
@@ -733,13 +736,25 @@ impl Ruleset {
         wanted: &dyn Fn(&str) -> bool,
     ) -> Vec<(NfFamily, Chain<'static>, Vec<Vec<Statement<'static>>>)> {
         let mut pre = Vec::new();
-        for z in &self.zones {
-            // Accepted here (this chain only): what follows is for the node's own traffic.
+        if !self.zones.is_empty() {
+            // One lookup of the bridge a frame came in on, however many networks the node
+            // has: every packet of every guest passes here, and so does every packet of the
+            // underlay (a miss ends the rule, and the rules below follow). Accepted here
+            // (this chain only): what follows is for the node's own traffic.
+            let zones = self
+                .zones
+                .iter()
+                .map(|z| {
+                    SetItem::Mapping(s(z.bridge.as_str()), Expression::Number(u32::from(z.zone)))
+                })
+                .collect();
             pre.push(vec![
-                eq(meta(MetaKey::Iifname), s(z.bridge.as_str())),
                 Statement::Mangle(Mangle {
                     key: ct("zone"),
-                    value: Expression::Number(u32::from(z.zone)),
+                    value: Expression::Named(NamedExpression::Map(Box::new(Map {
+                        key: meta(MetaKey::Iifname),
+                        data: Expression::Named(NamedExpression::Set(zones)),
+                    }))),
                 }),
                 Statement::Accept(None),
             ]);
@@ -852,24 +867,38 @@ impl Ruleset {
             port_chains.push((NfFamily::INet, regular(&out), out_rules));
         }
         let mut input = Vec::new();
-        for t in self.tunnels.iter().filter(|t| !t.peers.is_empty()) {
+        // Port, VNI and source of every network's peers in one anonymous set: one lookup a
+        // packet of the underlay, however many networks the node has.
+        let peers: Vec<SetItem<'static>> = self
+            .tunnels
+            .iter()
+            .flat_map(|t| {
+                t.peers.iter().map(|peer| {
+                    SetItem::Element(Expression::Named(NamedExpression::Concat(vec![
+                        Expression::Number(u32::from(t.port)),
+                        Expression::Number(t.vni),
+                        s(peer.to_string()),
+                    ])))
+                })
+            })
+            .collect();
+        if !peers.is_empty() {
             input.push(vec![
                 eq(
-                    payload("ip", "saddr"),
-                    one_or_set(t.peers.iter().map(|a| a.to_string())),
-                ),
-                eq(
-                    payload("udp", "dport"),
-                    Expression::Number(u32::from(t.port)),
-                ),
-                // The VNI: bytes 4 to 6 of the VXLAN header after the 8-byte UDP header.
-                eq(
-                    Expression::Named(NamedExpression::Payload(Payload::PayloadRaw(PayloadRaw {
-                        base: PayloadBase::TH,
-                        offset: 96,
-                        len: 24,
-                    }))),
-                    Expression::Number(t.vni),
+                    Expression::Named(NamedExpression::Concat(vec![
+                        payload("udp", "dport"),
+                        // The VNI: bytes 4 to 6 of the VXLAN header after the 8-byte UDP
+                        // header.
+                        Expression::Named(NamedExpression::Payload(Payload::PayloadRaw(
+                            PayloadRaw {
+                                base: PayloadBase::TH,
+                                offset: 96,
+                                len: 24,
+                            },
+                        ))),
+                        payload("ip", "saddr"),
+                    ])),
+                    Expression::Named(NamedExpression::Set(peers)),
                 ),
                 Statement::Accept(None),
             ]);
@@ -1016,29 +1045,51 @@ impl Ruleset {
                 }),
             ]);
         }
-        for d in &self.local_dhcp {
-            let dev = || eq(meta(MetaKey::Iifname), s(d.vxlan.as_str()));
-            let server = || s(d.server.to_string());
-            for port in [67, 68] {
+        if !self.local_dhcp.is_empty() {
+            // Three rules for all networks with a DHCP server of their own on this node,
+            // each one lookup: every frame from the overlay passes them.
+            let devices = one_or_set(self.local_dhcp.iter().map(|d| d.vxlan.to_string()));
+            rules.push(vec![
+                eq(meta(MetaKey::Iifname), devices),
+                eq(payload("ether", "type"), s("ip")),
+                eq(
+                    payload("udp", "dport"),
+                    Expression::Named(NamedExpression::Set(vec![
+                        SetItem::Element(Expression::Number(67)),
+                        SetItem::Element(Expression::Number(68)),
+                    ])),
+                ),
+                Statement::Drop(None),
+            ]);
+            let servers = || {
+                Expression::Named(NamedExpression::Set(
+                    self.local_dhcp
+                        .iter()
+                        .map(|d| {
+                            SetItem::Element(Expression::Named(NamedExpression::Concat(vec![
+                                s(d.vxlan.as_str()),
+                                s(d.server.to_string()),
+                            ])))
+                        })
+                        .collect(),
+                ))
+            };
+            for (ether_type, field) in [
+                ("ip", payload("ip", "daddr")),
+                ("arp", payload("arp", "daddr ip")),
+            ] {
                 rules.push(vec![
-                    dev(),
-                    eq(payload("ether", "type"), s("ip")),
-                    eq(payload("udp", "dport"), Expression::Number(port)),
+                    eq(payload("ether", "type"), s(ether_type)),
+                    eq(
+                        Expression::Named(NamedExpression::Concat(vec![
+                            meta(MetaKey::Iifname),
+                            field,
+                        ])),
+                        servers(),
+                    ),
                     Statement::Drop(None),
                 ]);
             }
-            rules.push(vec![
-                dev(),
-                eq(payload("ether", "type"), s("ip")),
-                eq(payload("ip", "daddr"), server()),
-                Statement::Drop(None),
-            ]);
-            rules.push(vec![
-                dev(),
-                eq(payload("ether", "type"), s("arp")),
-                eq(payload("arp", "daddr ip"), server()),
-                Statement::Drop(None),
-            ]);
         }
         chains.push((
             base(NfFamily::Bridge, "ports", NfHook::Prerouting, -200),
@@ -2193,17 +2244,24 @@ mod tests {
         let pre = rules(&rs, NfFamily::INet, "prerouting");
         let zones = rs.zones.len();
         assert!(zones > 0);
-        // Each bridge's frames get their zone and leave the chain before any notrack.
-        for (z, r) in rs.zones.iter().zip(&pre) {
-            assert!(
-                with_all(r, &[z.bridge.as_str(), r#""zone""#, "accept"]),
-                "{r}"
-            );
-            assert!(!r.contains("notrack"));
+        // Each bridge's frames get their zone, by one lookup of the bridge, and leave the
+        // chain before any notrack.
+        assert!(with_all(
+            &pre[0],
+            &[
+                r#""zone""#,
+                r#"{"map":{"key":{"meta":{"key":"iifname"}}"#,
+                "accept"
+            ]
+        ));
+        for z in &rs.zones {
+            let entry = format!(r#"["{}",{}]"#, z.bridge.as_str(), z.zone);
+            assert!(pre[0].contains(&entry), "{entry} in {}", pre[0]);
         }
+        assert!(!pre[0].contains("notrack"));
         let notrack = r#""right":4789,"op":"=="}},"notrack"]"#;
-        assert_eq!(pre.len(), zones + 1, "{pre:?}");
-        assert!(pre[zones].contains(notrack), "{pre:?}");
+        assert_eq!(pre.len(), 2, "{pre:?}");
+        assert!(pre[1].contains(notrack), "{pre:?}");
         let out = rules(&rs, NfFamily::INet, "output");
         assert_eq!(out.len(), 1);
         assert!(out[0].contains(notrack), "{out:?}");
@@ -2358,15 +2416,19 @@ mod tests {
         });
         let input = rules(&rs, NfFamily::INet, "input");
         assert_eq!(input.len(), 2, "{input:?}");
-        assert!(with_all(
-            &input[0],
-            &[
-                r#"{"payload":{"protocol":"ip","field":"saddr"}},"right":"192.0.2.2","op":"=="}"#,
-                r#""right":4789"#,
-                r#"{"payload":{"base":"th","offset":96,"len":24}},"right":5001,"op":"=="}"#,
-                "accept"
-            ]
-        ));
+        // Port, VNI and source looked up together; a network without peers adds nothing.
+        assert!(
+            with_all(
+                &input[0],
+                &[
+                    r#"{"concat":[{"payload":{"protocol":"udp","field":"dport"}},{"payload":{"base":"th","offset":96,"len":24}},{"payload":{"protocol":"ip","field":"saddr"}}]}"#,
+                    r#""right":{"set":[{"concat":[4789,5001,"192.0.2.2"]}]}"#,
+                    "accept"
+                ]
+            ),
+            "{}",
+            input[0]
+        );
         assert!(with_all(&input[1], &[r#""right":4789"#, "drop"]));
         assert!(!input[1].contains("saddr"));
         rs.tunnels.clear();
@@ -2382,5 +2444,49 @@ mod tests {
                 "{vni}"
             );
         }
+    }
+
+    /// Every packet of every guest, and of the underlay, passes the zone, VXLAN and overlay
+    /// DHCP checks: a node of many networks must not make each packet walk a rule per
+    /// network (200 networks of linear rules cut a stream to 0.4 of a node of one).
+    #[test]
+    fn a_packet_passes_as_many_rules_on_a_node_of_two_hundred_networks_as_of_one() {
+        let one = sample_ruleset();
+        let mut many = one.clone();
+        for n in 0..200u16 {
+            many.zones.push(Zone {
+                bridge: IfName::new(&format!("br-n{n}")).expect("name"),
+                zone: 1000 + n,
+            });
+            many.tunnels.push(Tunnel {
+                vni: 9000 + u32::from(n),
+                port: 4789,
+                peers: [Ipv4Addr::new(192, 0, 2, 10), Ipv4Addr::new(192, 0, 2, 11)].into(),
+            });
+            many.local_dhcp.push(LocalDhcp {
+                vxlan: IfName::new(&format!("vx-n{n}")).expect("name"),
+                server: Ipv4Addr::new(10, 1, (n % 250) as u8, 2),
+            });
+        }
+        for (family, chain) in [
+            (NfFamily::INet, "prerouting"),
+            (NfFamily::INet, "input"),
+            (NfFamily::INet, "output"),
+            (NfFamily::Bridge, "ports"),
+        ] {
+            assert_eq!(
+                rules(&many, family, chain).len(),
+                rules(&one, family, chain).len(),
+                "{chain}"
+            );
+        }
+        // And what they look up holds every network.
+        let ports = rules(&many, NfFamily::Bridge, "ports").join("\n");
+        assert!(
+            ports.contains(r#"{"concat":["vx-n199","10.1.199.2"]}"#),
+            "{ports}"
+        );
+        let input = rules(&many, NfFamily::INet, "input").join("\n");
+        assert!(input.contains(r#"{"concat":[4789,9199,"192.0.2.11"]}"#));
     }
 }

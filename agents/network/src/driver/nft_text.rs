@@ -304,23 +304,21 @@ fn statement(st: &Statement<'static>) -> Result<String, Unsupported> {
         }
         Statement::Mangle(m) => {
             let (key, kinds) = selector(&m.key)?;
-            format!("{key} set {}", value(&m.value, &kinds)?)
+            match &m.value {
+                // `ct zone set iifname map { "br-a" : 7, ... }`: the value looked up by a key.
+                Expression::Named(NamedExpression::Map(map)) => {
+                    let (by, by_kinds) = selector(&map.key)?;
+                    format!(
+                        "{key} set {by} map {}",
+                        mapping(&map.data, &by_kinds, &kinds)?
+                    )
+                }
+                v => format!("{key} set {}", value(v, &kinds)?),
+            }
         }
         Statement::VerdictMap(v) => {
             let (key, kinds) = selector(&v.key)?;
-            let Expression::Named(NamedExpression::Set(items)) = &v.data else {
-                return no("a verdict map that is not an anonymous map");
-            };
-            let items = items
-                .iter()
-                .map(|i| match i {
-                    SetItem::Mapping(k, Expression::Verdict(to)) => {
-                        Ok(format!("{} : {}", value(k, &kinds)?, verdict(to)?))
-                    }
-                    _ => no("a verdict map item that is not a key and a verdict"),
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            format!("{key} vmap {{ {} }}", items.join(", "))
+            format!("{key} vmap {}", mapping(&v.data, &kinds, &[])?)
         }
         Statement::SNAT(Some(n)) => format!("snat to {}", nat(n)?),
         Statement::DNAT(Some(n)) => format!("dnat to {}", nat(n)?),
@@ -351,6 +349,26 @@ fn verdict(v: &Verdict<'static>) -> Result<String, Unsupported> {
         Verdict::Jump(t) => format!("jump {}", ident(&t.target)?),
         _ => return no("a verdict other than accept, drop, return and jump"),
     })
+}
+
+/// An anonymous map from keys written as `keys` says to values written as `values` says
+/// (none: verdicts).
+fn mapping(
+    data: &Expression<'static>,
+    keys: &[Kind],
+    values: &[Kind],
+) -> Result<String, Unsupported> {
+    let Expression::Named(NamedExpression::Set(items)) = data else {
+        return no("a map that is not an anonymous map");
+    };
+    let items = items
+        .iter()
+        .map(|i| match i {
+            SetItem::Mapping(k, v) => Ok(format!("{} : {}", value(k, keys)?, value(v, values)?)),
+            _ => no("a map item that is not a key and a value"),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(format!("{{ {} }}", items.join(", ")))
 }
 
 /// A match's left side (or a map's key), with how each of its values is written.
@@ -420,6 +438,8 @@ fn value(e: &Expression<'static>, kinds: &[Kind]) -> Result<String, Unsupported>
             None => one(s),
         },
         Expression::Number(n) if kinds == [Kind::Bare] => Ok(n.to_string()),
+        // A verdict map's values (no kinds: nothing else is written there).
+        Expression::Verdict(v) if kinds.is_empty() => verdict(v),
         Expression::Range(r) => Ok(format!(
             "{}-{}",
             value(&r.range[0], kinds)?,
@@ -468,7 +488,12 @@ mod tests {
         assert!(text.contains(
             "add chain inet stratus forward { type filter hook forward priority 0; policy accept; }\n"
         ));
-        assert!(text.contains("meta iifname \"br-c1\" ct zone set 1 accept comment \""));
+        assert!(
+            text.contains(
+                "ct zone set meta iifname map { \"br-c1\" : 1, \"br-c2\" : 2 } accept comment \""
+            ),
+            "{text}"
+        );
         assert!(text.contains("ct state established,related accept"));
         assert!(text.contains(
             "meta iifname . ether saddr vmap { \"br-c1\" . 02:00:00:00:00:01 : jump p-one-out }"
