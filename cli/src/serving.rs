@@ -20,6 +20,11 @@ pub struct ServingArgs {
     /// Watches one identity may hold open at once; more are answered 429.
     #[arg(long, default_value_t = 200)]
     pub max_watches_per_user: usize,
+    /// Watches one node identity (`system:node:NAME`) may hold open at once; more are
+    /// answered 429. A node's agents watch each network, subnet list, port list and
+    /// security group of its ports one by one.
+    #[arg(long, default_value_t = 2000)]
+    pub max_watches_per_node: usize,
     /// Connections held open at once; more wait in the listen backlog.
     #[arg(long, default_value_t = 2048)]
     pub max_connections: usize,
@@ -101,6 +106,7 @@ impl ServingArgs {
         l.max_requests_inflight = self.max_requests_inflight.max(1);
         l.max_mutating_requests_inflight = self.max_mutating_requests_inflight.max(1);
         l.max_watches_per_user = self.max_watches_per_user;
+        l.max_watches_per_node = self.max_watches_per_node;
         l.max_connections = self.max_connections.max(1);
         l.header_read_timeout = s(self.header_read_timeout_seconds.max(1));
         l.tls_handshake_timeout = s(self.tls_handshake_timeout_seconds.max(1));

@@ -7,8 +7,9 @@
 //! hundreds of connections to the API server — and a process whose descriptors pass 1,024
 //! aborts in the nftables library, which waits on its netlink socket with `select`. Over
 //! HTTP/2 (the API server offers it by ALPN) every request and watch of the process shares
-//! one connection, as client-go's do; keep-alive pings find a dead connection, which the
-//! watches then open again.
+//! one connection, as client-go's do (the API server lets a connection carry twice the
+//! watches an identity may hold, so requests never wait behind watches); keep-alive pings
+//! find a dead connection, which the watches then open again.
 
 use std::time::Duration;
 
@@ -26,17 +27,24 @@ const KEEP_ALIVE: (Duration, Duration) = (Duration::from_secs(20), Duration::fro
 /// # Errors
 /// The configuration's TLS material or credentials cannot be used.
 pub fn client(config: kube::Config) -> Result<kube::Client, kube::Error> {
+    if config.proxy_url.is_some() {
+        // Through a proxy: kube's own client, which knows them.
+        return kube::Client::try_from(config);
+    }
     // ALPN offers `h2` and `http/1.1`, as the connector sets from the protocols enabled.
     let tls = config.rustls_client_config()?;
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(config.connect_timeout);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    let mut https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
+        .https_or_http();
+    if let Some(name) = &config.tls_server_name {
+        let name = rustls::pki_types::ServerName::try_from(name.clone())
+            .map_err(|e| kube::Error::Service(format!("tls-server-name {name:?}: {e}").into()))?;
+        https = https.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name));
+    }
+    let https = https.enable_http1().enable_http2().wrap_connector(http);
     let (interval, timeout) = KEEP_ALIVE;
     let hyper = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -45,8 +53,13 @@ pub fn client(config: kube::Config) -> Result<kube::Client, kube::Error> {
         .http2_keep_alive_timeout(timeout)
         .http2_keep_alive_while_idle(true)
         .build(https);
+    // As kube's own stack: 429, 503 and 504 are tried again with a growing pause.
+    let retry = config
+        .default_retry
+        .then(|| tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry()));
     let service = ServiceBuilder::new()
         .layer(config.base_uri_layer())
+        .option_layer(retry)
         .option_layer(config.auth_layer()?)
         .map_err(tower::BoxError::from)
         .service(hyper);

@@ -38,6 +38,11 @@ pub struct Limits {
     pub max_mutating_requests_inflight: usize,
     /// Watches one identity may hold open at once; 429 past it.
     pub max_watches_per_user: usize,
+    /// Watches one node identity (`system:node:NAME`) may hold open at once; 429 past it.
+    /// A node's agents watch what the node authorizer lets them read object by object
+    /// (each network of the node's ports, its subnets and ports, each security group), so
+    /// a node hosting many projects holds far more watches than a user.
+    pub max_watches_per_node: usize,
     /// Connections held open at once; further ones wait in the listen backlog.
     pub max_connections: usize,
     /// How long a client may take to send a request's headers once it has begun.
@@ -53,6 +58,16 @@ pub struct Limits {
     pub image_min_rate: MinRate,
 }
 
+impl Limits {
+    /// The watches `caller` may hold open at once.
+    pub fn watches_for(&self, caller: &crate::policy::authn::Caller) -> usize {
+        match caller.principal() {
+            crate::policy::authn::Principal::Node(_) => self.max_watches_per_node,
+            _ => self.max_watches_per_user,
+        }
+    }
+}
+
 impl Default for Limits {
     /// kube-apiserver's in-flight defaults (400 read-only, 200 mutating) and request timeout
     /// (60 s); Go's and nginx's orders of magnitude for the connection timeouts.
@@ -62,6 +77,7 @@ impl Default for Limits {
             max_requests_inflight: 400,
             max_mutating_requests_inflight: 200,
             max_watches_per_user: 200,
+            max_watches_per_node: 2000,
             max_connections: 2048,
             header_read_timeout: Duration::from_secs(10),
             tls_handshake_timeout: Duration::from_secs(10),
@@ -653,6 +669,24 @@ mod tests {
         let _c = w.open("alice", 2).expect("a slot came free");
         drop(b);
         assert_eq!(w.count("alice"), 1);
+    }
+
+    #[test]
+    fn a_node_identity_may_hold_more_watches_than_a_user() {
+        use crate::policy::authn::Caller;
+        let caller = |user: &str, system: bool| Caller {
+            user: user.into(),
+            user_agent: String::new(),
+            system,
+            grants: vec![],
+            claims: None,
+        };
+        let l = Limits::default();
+        assert_eq!(l.watches_for(&caller("system:node:n1", true)), 2000);
+        // A user named like a node is not one (a node identity comes from the token file).
+        assert_eq!(l.watches_for(&caller("system:node:n1", false)), 200);
+        assert_eq!(l.watches_for(&caller("alice", false)), 200);
+        assert_eq!(l.watches_for(&caller("system:admin", true)), 200);
     }
 
     #[test]

@@ -361,7 +361,7 @@ async fn serve(
     let watch_slot = match (&caller, info.verb.as_str()) {
         (Ok(c), "watch") => match state
             .watches
-            .open(&c.user, state.config.limits.max_watches_per_user)
+            .open(&c.user, state.config.limits.watches_for(c))
         {
             Ok(slot) => Some(slot),
             Err(e) => return e.into_response(),
@@ -623,6 +623,13 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     Ok(Server { local_addr, task })
 }
 
+/// The streams one HTTP/2 connection may carry at once: twice the watches one identity may
+/// hold (at least 400).
+fn h2_streams(limits: &crate::http::limits::Limits) -> u32 {
+    let watches = limits.max_watches_per_node.max(limits.max_watches_per_user);
+    u32::try_from(watches.saturating_mul(2).max(400)).unwrap_or(u32::MAX)
+}
+
 /// Serves one connection until it ends, its client has been idle or slow for too long, or its
 /// TLS handshake takes too long; `_place` is its place among the open connections.
 async fn serve_connection(
@@ -652,8 +659,13 @@ async fn serve_connection(
                 response.map(|r| r.map(|b| Body::new(Holding::new(b, busy))))
             }
         });
-    let builder =
+    let mut builder =
         hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    // Over HTTP/2 every request and watch of an agent shares one connection: room for all
+    // the watches one identity may hold and as many requests again besides, so a node's
+    // status writes and Lease renewals never wait behind its watches (hyper's default is
+    // 200 streams a connection).
+    builder.http2().max_concurrent_streams(h2_streams(&limits));
     let watchdog = |headers_count: bool| {
         let activity = Arc::clone(&activity);
         let (header_read, idle) = (limits.header_read_timeout, limits.idle_timeout);
