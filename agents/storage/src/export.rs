@@ -571,7 +571,9 @@ impl Exports {
     /// left); else a new one, on the port and under the name of `was` (what the
     /// VolumeExport's status recorded, after a restart) when it was on this address on a port
     /// of the range, else on the range's first port that no export holds and that binds,
-    /// under a new random name.
+    /// under a new random name. A newest export whose `qemu-nbd` died or serves otherwise is
+    /// made again alone: an earlier one a client still holds (a guest not yet moved off it)
+    /// is kept beside it for [`Exports::end_left`].
     ///
     /// # Errors
     /// No storage address, no free port in the range, a `qemu-nbd` that does not start, a
@@ -607,18 +609,32 @@ impl Exports {
                 }
                 grown = true;
             } else {
-                for key in &keys {
-                    if let Some(mut l) = live.remove(key) {
+                // Only the newest is made again: an earlier one a guest still reads (it has
+                // not moved off it yet) is kept, for `end_left` to end once left.
+                if let Some(mut l) = live.remove(current) {
+                    l.stop(&pid_file);
+                }
+                for key in &keys[..keys.len() - 1] {
+                    let held = live
+                        .get(key)
+                        .is_some_and(|l| connected(l.record.host, l.record.port));
+                    if held {
+                        grown = true;
+                    } else if let Some(mut l) = live.remove(key) {
                         l.stop(&self.path(key, "pid"));
                     }
                 }
                 self.write_table(&live)?;
             }
         }
-        // The port and name recorded, when that export was on this address and its port is
-        // still one of the range (an export made anew; one beside a running one is new).
-        let reuse =
-            was.filter(|w| !grown && w.host == host.to_string() && self.ports.contains(w.port));
+        // The port and name recorded, when that export was on this address, its port is still
+        // one of the range and no export kept holds it (an export made anew; one beside a
+        // running one is new).
+        let reuse = was.filter(|w| {
+            w.host == host.to_string()
+                && self.ports.contains(w.port)
+                && !live.values().any(|l| l.record.port == w.port)
+        });
         let (port, name) = match reuse {
             Some(w) => (w.port, w.name.clone()),
             None => {
@@ -1452,6 +1468,33 @@ mod host_tests {
         let again = at_2mib(&exports);
         assert_eq!(again, grown, "served as it is");
         assert_eq!(exports.end_left("g").expect("checked"), 1, "still held");
+        // The grown export's qemu-nbd dies: it alone is served again; the first, which the
+        // guest still reads, stays.
+        let port = format!("--port={}", grown.port);
+        let pids: Vec<String> = std::fs::read_dir(dir.path().join("exports"))
+            .expect("the records")
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .map(|p| p.trim().to_owned())
+            .filter(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == port.as_bytes()))
+            })
+            .collect();
+        assert_eq!(pids.len(), 1, "one qemu-nbd serves the grown export");
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", &pids[0]])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        let served_again = at_2mib(&exports);
+        assert_eq!(served_again.port, grown.port, "on its port again");
+        assert_eq!(
+            exports.end_left("g").expect("checked"),
+            1,
+            "the first export is still served"
+        );
         let records = || {
             std::fs::read_dir(dir.path().join("exports"))
                 .expect("the records")
