@@ -17,8 +17,9 @@
 //!   (422 on `spec.sizeGiB`). Attached over NBD (to a server on another node than its
 //!   pool's) it grows as on its own node: its storage node serves it anew at its size beside
 //!   the export the guest holds, and the consuming node moves the guest's disk to it; not a
-//!   server's boot volume, whose root disk is not moved (422 on `spec.sizeGiB` while a server
-//!   on another node boots from it). It does
+//!   volume a server on another node boots from (its root disk is not moved), nor one whose
+//!   export is served without TLS (a grown export lets in a second client of the node's
+//!   address): 422 on `spec.sizeGiB`. It does
 //!   not grow while attached (to any server) on a pool whose agent
 //!   reports it grows no volume a server holds (`status.growsInUse` `Never`; 422 on
 //!   `spec.sizeGiB`): it would wait until detached, for a boot volume for good. A pool that
@@ -53,6 +54,7 @@ use serde_json::{Map, Value, json};
 use stratus_api_types::common::{ConditionType, Reason};
 use stratus_api_types::storage::{
     InUseGrowth, StoragePool, TEARDOWN_FINALIZER, VOLUME_UID, VolumePhase, VolumeSpec,
+    volume_export_name,
 };
 
 use crate::admission::binding::{self, Claims, Placed, Placement, PlacementLocks, Seen};
@@ -491,15 +493,12 @@ async fn update_volume(
             "the volume is being deleted".into(),
         ));
     }
-    if let Some(server) = booted_over_nbd(ctx, ns, old).await? {
+    if let Some(why) = not_grown_over_nbd(ctx, ns, old).await? {
         return Err(invalid_field(
             &s,
             w.new,
             "spec.sizeGiB",
-            format!(
-                "Invalid value: {}: cannot grow while server {server} boots from it over NBD (placed on another node than the volume): its root disk stays on the export it was started with; grow it while no server holds it (a stopped server keeps it)",
-                after.size_gib
-            ),
+            format!("Invalid value: {}: cannot grow while {why}", after.size_gib),
         ));
     }
     let placed = old.pointer("/status/pool").and_then(Value::as_str);
@@ -589,54 +588,72 @@ fn attached(vol: &Value) -> bool {
         .is_some()
 }
 
-/// The Server that boots from the stored Volume `vol` (its `spec.bootVolume`) over NBD: one
-/// of the volume's attachments placed on another node than the volume's. Its root disk is not
-/// moved to the export of a grown volume, so such a grow would leave the guest on the first
-/// export and, once it stops, with a definition naming an ended one. A Server's
-/// `spec.bootVolume` is immutable and its holding of the volume is written on the volume, so
-/// the update's guard on the volume's revision keeps this true until the grow is written.
-async fn booted_over_nbd(ctx: Ctx<'_>, ns: &str, vol: &Value) -> ApiResult<Option<String>> {
+/// Why the stored Volume `vol`, attached over NBD (to a server placed on another node than
+/// the volume's), cannot grow there, if it cannot:
+/// - a Server boots from it (its `spec.bootVolume`): its root disk is not moved to the export
+///   of a grown volume, so the guest would stay on the first export and, once it stops, keep
+///   a definition naming an ended one;
+/// - its export is served without TLS (its VolumeExport's `status.tls` false: the storage
+///   agent runs with `--nbd-insecure`): a grown export lets in a second client of the
+///   consuming node's address for the guest's move, and without TLS a host that spoofs that
+///   address could take it.
+///
+/// A Server's `spec.bootVolume` is immutable and its holding of the volume is written on the
+/// volume, so the update's guard on the volume's revision keeps the first true until the
+/// grow is written. An export not served yet (no `status.port`) is made at the grown size.
+async fn not_grown_over_nbd(ctx: Ctx<'_>, ns: &str, vol: &Value) -> ApiResult<Option<String>> {
     let st = |p: &str| vol.pointer(&format!("/status/{p}")).and_then(Value::as_str);
-    let Some(home) = st("node") else {
+    let (Some(home), Some(uid)) = (st("node"), meta::meta_str(vol, "uid")) else {
         return Ok(None);
     };
     let listed = vol.pointer("/status/attachments").and_then(Value::as_array);
     // `attachments`, or `attachedTo` alone for a status written before there were any.
-    let remote: Vec<&str> = match listed.filter(|a| !a.is_empty()) {
+    let remote: Vec<(&str, &str)> = match listed.filter(|a| !a.is_empty()) {
         Some(all) => all
             .iter()
-            .filter(|a| {
-                a.get("node")
-                    .and_then(Value::as_str)
-                    .is_some_and(|n| n != home)
+            .filter_map(|a| {
+                let server = a.get("server").and_then(Value::as_str)?;
+                let node = a.get("node").and_then(Value::as_str)?;
+                (node != home).then_some((server, node))
             })
-            .filter_map(|a| a.get("server").and_then(Value::as_str))
             .collect(),
         None => st("attachedTo")
-            .filter(|_| st("attachedNode").is_some_and(|n| n != home))
+            .zip(st("attachedNode").filter(|n| *n != home))
             .into_iter()
             .collect(),
     };
     let name = name_of(vol);
-    for server in remote {
-        let key = keys::object(
+    for (server, node) in remote {
+        let server_key = keys::object(
             ctx.prefix,
             "compute.stratus.dev",
             "servers",
             Some(ns),
             server,
         );
+        let export_key = keys::object(
+            ctx.prefix,
+            GROUP,
+            "volumeexports",
+            None,
+            &volume_export_name(uid, node),
+        );
         let (got, _) = ctx
             .store
-            .read_many(&[Read::Key(&key)])
+            .read_many(&[Read::Key(&server_key), Read::Key(&export_key)])
             .await
             .map_err(ApiError::from)?;
-        let boots = got[0]
-            .first()
-            .and_then(|(_, s)| s.value.pointer("/spec/bootVolume"))
-            .and_then(Value::as_str);
-        if boots == Some(name) {
-            return Ok(Some(server.to_owned()));
+        let field = |i: usize, p: &str| got[i].first().and_then(|(_, o)| o.value.pointer(p));
+        if field(0, "/spec/bootVolume").and_then(Value::as_str) == Some(name) {
+            return Ok(Some(format!(
+                "server {server} boots from it over NBD (placed on node {node}, the volume on {home}): its root disk stays on the export it was started with; grow it while no server holds it (a stopped server keeps it)"
+            )));
+        }
+        let served = field(1, "/status/port").is_some();
+        if served && field(1, "/status/tls").and_then(Value::as_bool) != Some(true) {
+            return Ok(Some(format!(
+                "attached over NBD to server {server} on node {node} and served without TLS (the storage agent of {home} runs with --nbd-insecure): a grown export would take a second client of that node's address; serve exports over TLS (--nbd-tls-dir), or detach it, grow it, attach it again"
+            )));
         }
     }
     Ok(None)

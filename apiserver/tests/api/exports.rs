@@ -401,3 +401,47 @@ async fn a_project_takes_a_bounded_number_of_a_storage_nodes_exports() {
         .await
         .expect("another project's export");
 }
+
+/// A volume attached over NBD whose export is served without TLS (the storage agent runs
+/// with `--nbd-insecure`) does not grow: 422 on `spec.sizeGiB` naming the reason, nothing
+/// written (a grown export lets in a second client of the consuming node's address, which
+/// without TLS any host spoofing it could take). Served over TLS, it grows.
+#[tokio::test]
+async fn a_volume_exported_without_tls_does_not_grow_while_attached() {
+    let (c, uid) = placed().await;
+    let name = volume_export_name(&uid, "n2");
+    c.create(&export(&name, &uid, "n1", "n2"))
+        .await
+        .expect("the export to n2");
+    c.node("n1")
+        .patch(
+            &c.status("StoragePool", None, "p1"),
+            MERGE,
+            r#"{"status": {"storageAddress": "10.0.0.1"}}"#,
+        )
+        .await
+        .expect("its storage address");
+    let status = c.status("VolumeExport", None, &name);
+    let n1 = c.node("n1");
+    let serve = |tls: bool| {
+        let body = json!({"status": {"host": "10.0.0.1", "port": 10809, "exportName": "x1",
+                                     "tls": tls}});
+        let (n1, status) = (&n1, &status);
+        async move { n1.patch(status, MERGE, &body.to_string()).await }
+    };
+    let vol = c.target("Volume", Some("demo"), Some("v"));
+    let grow = |gib: u64| {
+        let body = json!({"spec": {"sizeGiB": gib}});
+        let (c, vol) = (&c, &vol);
+        async move { c.patch(vol, MERGE, &body, "").await }
+    };
+    serve(false).await.expect("served in the clear");
+    let before = c.revision().await;
+    let e = refused_naming(grow(2).await, 422, "spec.sizeGiB");
+    assert!(e.message.contains("without TLS"), "{}", e.message);
+    assert_eq!(c.revision().await, before, "nothing written");
+    serve(true).await.expect("served over TLS");
+    grow(2).await.expect("grown: served over TLS");
+    let v = c.get("Volume", Some("demo"), "v").await.expect("v");
+    assert_eq!(v["spec"]["sizeGiB"], 2);
+}
