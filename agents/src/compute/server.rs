@@ -1540,6 +1540,11 @@ async fn power_on(
     name: &str,
     status: &mut ServerStatus,
 ) -> Result<After, ServerError> {
+    if root_moved(ctx, server, name).await? {
+        // Its definition's root disk names another export than the boot volume's now (one
+        // ended since): defined anew from the Server, then started.
+        return make(ctx, server, Step::Build { recreate: false }, name, status).await;
+    }
     domain_verb(ctx, name, |d, n| d.start(n)).await?;
     status.launched_at = Some(now());
     let went_down = status.power_state == Some(ObservedPowerState::Running);
@@ -1558,6 +1563,24 @@ async fn power_on(
     };
     publish(ctx, server, kind, reason, note).await;
     Ok(After::Observe)
+}
+
+/// Whether a Server booting from a volume has its domain's root disk defined on another path
+/// than the boot volume resolves to here now (its export served anew, the one defined ended).
+/// A boot volume not resolved now says no: the start then fails or succeeds as defined.
+async fn root_moved(ctx: &Ctx, server: &Server, name: &str) -> Result<bool, ServerError> {
+    let (Some(volume), Some(ns)) = (server.spec.boot_volume.as_deref(), server.namespace()) else {
+        return Ok(false);
+    };
+    let wanted = match boot_volume(ctx, server, &ns, volume).await {
+        Ok(boot) => boot.root.path,
+        Err(NotBuilt::Failed(e)) => return Err(e),
+        Err(NotBuilt::Blocked(_) | NotBuilt::Waiting(_)) => return Ok(false),
+    };
+    let driver = Arc::clone(&ctx.driver);
+    let name = name.to_owned();
+    let defined = blocking(move || driver.defined_root(&name)).await??;
+    Ok(defined.is_some_and(|d| d != wanted))
 }
 
 /// Asks the guest to shut down, and notes when, for the power-off after the grace period.

@@ -126,6 +126,11 @@ pub fn domain_driver(d: &dyn DomainDriver, spec: &DomainSpec) {
         (name, spec.uuid.as_str(), DomainState::Shutoff)
     );
     assert_eq!(info.owner.as_ref(), Some(&spec.owner));
+    // Its root disk as defined: what a start compares with the boot volume's path.
+    assert_eq!(
+        d.defined_root(name).expect("the defined root disk"),
+        spec.disks.first().map(|r| r.path.clone())
+    );
     d.define(spec).expect("redefine while off");
 
     d.start(name).expect("start");

@@ -370,6 +370,14 @@ impl DomainDriver for FakeDomains {
         self.power(Verb::Reboot, name, None)
     }
 
+    fn defined_root(&self, name: &str) -> Result<Option<std::path::PathBuf>, DriverError> {
+        let domains = self.lock();
+        let d = domains
+            .get(name)
+            .ok_or_else(|| DriverError::NoDomain(name.to_owned()))?;
+        Ok(d.spec.disks.first().map(|r| r.path.clone()))
+    }
+
     fn volumes(&self, name: &str) -> Result<Vec<AttachedVolume>, DriverError> {
         let domains = self.lock();
         let d = domains

@@ -400,6 +400,15 @@ impl DomainDriver for Libvirt {
         domain.reset().map_err(|e| self.refused(&domain, name, e))
     }
 
+    fn defined_root(&self, name: &str) -> Result<Option<std::path::PathBuf>, DriverError> {
+        let domain = self.require(name)?;
+        let text = domain
+            .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+            .map_err(libvirt)?;
+        xml::root_source(&text)
+            .map_err(|e| DriverError::Libvirt(format!("domain {name}'s XML: {e}")))
+    }
+
     fn volumes(&self, name: &str) -> Result<Vec<AttachedVolume>, DriverError> {
         let domain = self.require(name)?;
         let running = domain.is_active().map_err(libvirt)?;

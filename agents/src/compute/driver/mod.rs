@@ -336,6 +336,10 @@ pub trait DomainDriver: Send + Sync + 'static {
     fn reboot(&self, name: &str) -> Result<(), DriverError>;
     /// Resets the domain (power cycle without asking the guest).
     fn reset(&self, name: &str) -> Result<(), DriverError>;
+    /// Where the domain's definition (not the running guest) has its root disk (`vda`) read
+    /// its data: a file, or an NBD export (see [`crate::compute::volumes`]); `None` for a
+    /// definition without one.
+    fn defined_root(&self, name: &str) -> Result<Option<std::path::PathBuf>, DriverError>;
     /// The volumes attached to a domain (every disk but `vda` and `vdb`): as the running
     /// guest has them, with the size it sees; as defined, for a domain that is off.
     fn volumes(&self, name: &str) -> Result<Vec<AttachedVolume>, DriverError>;

@@ -559,6 +559,25 @@ fn attribute(
 /// # Errors
 /// [`MetadataError::Xml`] or [`MetadataError::Attribute`] for XML that does not parse.
 pub fn attached_volumes(xml: &str) -> Result<Vec<AttachedVolume>, MetadataError> {
+    let mut all = disks(xml)?;
+    all.retain(|d| d.target != "vda" && d.target != "vdb");
+    Ok(all)
+}
+
+/// Where the root disk (`vda`) of a domain's XML reads its data: a file, or an NBD export as
+/// [`nbd_path`] spells it.
+///
+/// # Errors
+/// As [`attached_volumes`].
+pub fn root_source(xml: &str) -> Result<Option<std::path::PathBuf>, MetadataError> {
+    Ok(disks(xml)?
+        .into_iter()
+        .find(|d| d.target == "vda")
+        .map(|d| d.path))
+}
+
+/// Every disk of a domain's XML with a target and a source, in document order.
+fn disks(xml: &str) -> Result<Vec<AttachedVolume>, MetadataError> {
     let mut reader = Reader::from_str(xml);
     let mut out = Vec::new();
     let mut in_disk = false;
@@ -642,10 +661,7 @@ pub fn attached_volumes(xml: &str) -> Result<Vec<AttachedVolume>, MetadataError>
                     }
                     _ => None,
                 };
-                if let (Some(t), Some(path)) = (target.take(), source.take().or(nbd))
-                    && t != "vda"
-                    && t != "vdb"
-                {
+                if let (Some(t), Some(path)) = (target.take(), source.take().or(nbd)) {
                     out.push(AttachedVolume {
                         target: t,
                         path,
@@ -1395,10 +1411,14 @@ mod tests {
             );
             // A boot volume of another node is the root disk over NBD, as a volume is.
             let mut domain = spec();
-            domain.disks[0].path = path;
+            domain.disks[0].path = path.clone();
             domain.disks[0].format = DiskFormat::Raw;
             domain.disks[0].backing = None;
-            let nodes = parse(&domain_xml(&domain, DomainKind::Qemu));
+            let whole = domain_xml(&domain, DomainKind::Qemu);
+            // Read back as the root disk's source (what a start checks), never as a volume.
+            assert_eq!(root_source(&whole).expect("parse"), Some(path));
+            assert!(attached_volumes(&whole).expect("parse").is_empty());
+            let nodes = parse(&whole);
             let root = |p: &str| {
                 nodes
                     .iter()
