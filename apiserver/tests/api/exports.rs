@@ -173,14 +173,7 @@ async fn only_the_nodes_an_export_names_read_it_and_only_its_storage_node_report
         "{}",
         e.message
     );
-    c.node("n1")
-        .patch(
-            &c.status("StoragePool", None, "p1"),
-            MERGE,
-            r#"{"status": {"storageAddress": "10.0.0.1"}}"#,
-        )
-        .await
-        .expect("its storage address");
+    c.storage_address("n1", "p1", "10.0.0.1").await;
     let e = refused_naming(
         c.node("n1")
             .patch(&status, MERGE, &served("10.0.0.9", 10809))
@@ -413,14 +406,7 @@ async fn a_volume_exported_without_tls_does_not_grow_while_attached() {
     c.create(&export(&name, &uid, "n1", "n2"))
         .await
         .expect("the export to n2");
-    c.node("n1")
-        .patch(
-            &c.status("StoragePool", None, "p1"),
-            MERGE,
-            r#"{"status": {"storageAddress": "10.0.0.1"}}"#,
-        )
-        .await
-        .expect("its storage address");
+    c.storage_address("n1", "p1", "10.0.0.1").await;
     let status = c.status("VolumeExport", None, &name);
     let n1 = c.node("n1");
     let serve = |tls: bool| {

@@ -290,6 +290,18 @@ impl Cloud {
         }
     }
 
+    /// Node `node`'s storage agent records `address` as pool `pool`'s storage address.
+    pub async fn storage_address(&self, node: &str, pool: &str, address: &str) {
+        self.node(node)
+            .patch(
+                &self.status("StoragePool", None, pool),
+                MERGE,
+                &json!({"status": {"storageAddress": address}}).to_string(),
+            )
+            .await
+            .expect("the pool's storage address");
+    }
+
     fn target_of(&self, o: &Obj) -> Target {
         self.target(o.kind(), o.namespace(), None)
     }

@@ -222,14 +222,7 @@ async fn each_node_of_a_multi_attach_volume_reads_its_own_export_alone() {
     )
     .await
     .expect("attached on n1 and n2");
-    c.node("s1")
-        .patch(
-            &c.status("StoragePool", None, "p1"),
-            MERGE,
-            r#"{"status": {"storageAddress": "10.0.0.1"}}"#,
-        )
-        .await
-        .expect("its storage address");
+    c.storage_address("s1", "p1", "10.0.0.1").await;
     let vol = c
         .get("Volume", Some("demo"), "shared")
         .await

@@ -1337,14 +1337,7 @@ async fn a_heartbeat_claims_an_address_recorded_before_claims() {
 #[tokio::test]
 async fn a_pools_node_is_immutable() {
     let c = with_pool(10).await;
-    c.node("n1")
-        .patch(
-            &c.status("StoragePool", None, "p1"),
-            MERGE,
-            r#"{"status": {"storageAddress": "10.0.0.1"}}"#,
-        )
-        .await
-        .expect("n1's address");
+    c.storage_address("n1", "p1", "10.0.0.1").await;
     let p1 = c.target("StoragePool", None, Some("p1"));
     let other = json!({"spec": {"node": "n2"}});
     let moved = CLUSTER_ADMIN.scope(true, c.patch(&p1, MERGE, &other, ""));
