@@ -36,6 +36,9 @@ pub fn client(config: kube::Config) -> Result<kube::Client, kube::Error> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(config.connect_timeout);
+    // An HTTP/2 request is several frames written one after another: with Nagle's
+    // algorithm the later ones waited for the server's delayed ACK (40 ms a request).
+    http.set_nodelay(true);
     let mut https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http();
