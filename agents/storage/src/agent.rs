@@ -30,7 +30,7 @@ use tracing::Instrument;
 
 use crate::driver::{Backend, DriverError, InUseGrowth, Source, VolName};
 use crate::export::{ExportError, Exports, Served as ServedAt};
-use crate::plan::{Intent, Step, plan};
+use crate::plan::{Intent, Step, needs_observed, plan};
 use crate::pool::{PoolConfig, Served};
 
 /// The agent's name in Events and as field manager.
@@ -816,14 +816,18 @@ async fn sync_volume(vol: &Volume, ctx: &Ctx) -> Result<Action, StorageError> {
         return Ok(Action::await_change());
     };
     let name = VolName::volume(&uid(vol)?)?;
-    let (b, n) = (Arc::clone(&backend), name.clone());
-    let observed = blocking(move || b.observe(&n)).await??;
     let intent = Intent {
         stage: finalizer::stage(vol, FINALIZER),
         size: Some(vol.spec.size_gib << 30),
         made: status.size_gib.is_some(),
         attached: !status.attached_servers().is_empty(),
         grows_in_use: backend.grows_in_use(),
+    };
+    let observed = if needs_observed(intent.stage) {
+        let (b, n) = (Arc::clone(&backend), name.clone());
+        blocking(move || b.observe(&n)).await??
+    } else {
+        None
     };
     let step = plan(intent, observed.map(|o| o.size));
     tracing::debug!(?step, "volume step");
@@ -1096,14 +1100,18 @@ async fn sync_snapshot(snap: &VolumeSnapshot, ctx: &Ctx) -> Result<Action, Stora
         return Ok(Action::await_change());
     };
     let name = VolName::snapshot(&uid(snap)?)?;
-    let (b, n) = (Arc::clone(&backend), name.clone());
-    let observed = blocking(move || b.observe(&n)).await??;
     let intent = Intent {
         stage: finalizer::stage(snap, FINALIZER),
         size: None,
         made: status.created_at.is_some(),
         attached: false,
         grows_in_use: InUseGrowth::Always,
+    };
+    let observed = if needs_observed(intent.stage) {
+        let (b, n) = (Arc::clone(&backend), name.clone());
+        blocking(move || b.observe(&n)).await??
+    } else {
+        None
     };
     let report = |size: u64| {
         let mut next: VolumeSnapshotStatus = status.clone();
