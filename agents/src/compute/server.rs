@@ -1181,11 +1181,25 @@ async fn sync_volumes(
     let resolved = resolve_volumes(ctx, server).await?;
     let name = domain.name.clone();
     let running = domain.state == DomainState::Running;
+    // A running guest's root disk follows its boot volume as it grows.
+    let boot = match (&server.spec.boot_volume, running) {
+        (Some(volume), true) => resolve_named(ctx, server, std::slice::from_ref(volume))
+            .await?
+            .ready
+            .into_iter()
+            .next(),
+        _ => None,
+    };
     let driver = Arc::clone(&ctx.driver);
     let plan_of = resolved.clone();
     let (done, left) = blocking(move || -> Result<_, DriverError> {
         let before = driver.volumes(&name)?;
-        let steps = vols::plan(&plan_of, &before, running);
+        let mut steps = vols::plan(&plan_of, &before, running);
+        if let Some(want) = &boot
+            && let Some(root) = driver.root_volume(&name)?
+        {
+            steps.extend(vols::plan_root(want, &root));
+        }
         for step in &steps {
             match step {
                 vols::Step::Attach(disk) => driver.attach_volume(&name, disk)?,
@@ -1504,19 +1518,28 @@ async fn report_drift(
 
 /// The volumes `server` names (`spec.volumes`), as this node can give them to its guest.
 async fn resolve_volumes(ctx: &Ctx, server: &Server) -> Result<vols::Resolved, ServerError> {
-    let ns = server.namespace().ok_or(ServerError::Incomplete)?;
     let names: Vec<String> = server
         .spec
         .volumes
         .iter()
         .map(|v| v.volume.clone())
         .collect();
+    resolve_named(ctx, server, &names).await
+}
+
+/// The volumes `names` of `server`'s namespace as this node can give them to its guest.
+async fn resolve_named(
+    ctx: &Ctx,
+    server: &Server,
+    names: &[String],
+) -> Result<vols::Resolved, ServerError> {
+    let ns = server.namespace().ok_or(ServerError::Incomplete)?;
     vols::resolve(
         &ctx.client,
         &ns,
         &server.name_any(),
         &ctx.config.node,
-        &names,
+        names,
         ctx.config.nbd(),
     )
     .await

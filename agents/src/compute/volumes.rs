@@ -17,7 +17,7 @@ use stratus_api_types::storage::{
 };
 
 use super::driver::xml::{nbd_path, virtio_disk_name};
-use super::driver::{AttachedVolume, VolumeDisk};
+use super::driver::{AttachedVolume, ROOT_DISK, VolumeDisk};
 
 /// The most bytes of a serial virtio carries to the guest.
 const SERIAL_LEN: usize = 20;
@@ -781,6 +781,31 @@ pub fn plan(resolved: &Resolved, attached: &[AttachedVolume], running: bool) -> 
     steps
 }
 
+/// The change that brings a running guest's root disk `root` to its boot volume `want` (as
+/// it resolves now), if one does: a root disk read over NBD from another export than the one
+/// serving the volume now moves to that one (the volume grew, and its storage node serves it
+/// anew at its size), as [`plan`] moves a volume's disk; a local one the guest sees smaller
+/// than the volume is told its size. Nothing while the volume grows (it is moved or resized
+/// once grown), and a root disk is never plugged in or out.
+pub fn plan_root(want: &Ready, root: &AttachedVolume) -> Option<Step> {
+    if want.growing.is_some() {
+        return None;
+    }
+    if is_nbd(&root.path) || is_nbd(&want.path) {
+        return (is_nbd(&root.path) && is_nbd(&want.path) && root.path != want.path).then(|| {
+            Step::Move(VolumeDisk {
+                path: want.path.clone(),
+                target: ROOT_DISK.into(),
+                // As the domain is defined with it: no serial.
+                serial: String::new(),
+                shareable: want.shareable,
+            })
+        });
+    }
+    (root.path == want.path && root.capacity.is_some_and(|c| c < want.bytes))
+        .then(|| Step::Resize(ROOT_DISK.into(), want.bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1317,6 +1342,59 @@ mod tests {
             plan(&r, &[local], true)
                 .iter()
                 .all(|s| !matches!(s, Step::Move(_)))
+        );
+    }
+
+    #[test]
+    fn a_running_guests_root_disk_follows_its_boot_volume_as_it_grows() {
+        let old = "nbd+tls://10.0.0.2:10809/first";
+        let new = "nbd+tls://10.0.0.2:10810/grown";
+        let root = |path: &str, gib: u64| AttachedVolume {
+            serial: None,
+            ..attached(ROOT_DISK, path, Some(gib << 30))
+        };
+        // Over NBD: moved to the export serving the grown volume, without a serial (as the
+        // root disk is defined).
+        assert_eq!(
+            plan_root(&wanted(new, 2), &root(old, 1)),
+            Some(Step::Move(VolumeDisk {
+                path: new.into(),
+                target: ROOT_DISK.into(),
+                serial: String::new(),
+                shareable: false,
+            }))
+        );
+        // Moved, or not grown yet: nothing.
+        assert_eq!(plan_root(&wanted(new, 2), &root(new, 2)), None);
+        assert_eq!(plan_root(&wanted(old, 1), &root(old, 1)), None);
+        // Still growing on its storage node: nothing until it is served at its size.
+        let growing = Ready {
+            growing: Some("growing".into()),
+            ..wanted(new, 2)
+        };
+        assert_eq!(plan_root(&growing, &root(old, 1)), None);
+        // On this node: the guest is told the new size; never shrunk.
+        assert_eq!(
+            plan_root(&wanted("/dev/loop3", 2), &root("/dev/loop3", 1)),
+            Some(Step::Resize(ROOT_DISK.into(), 2 << 30))
+        );
+        assert_eq!(
+            plan_root(&wanted("/dev/loop3", 1), &root("/dev/loop3", 2)),
+            None
+        );
+        // Size unknown (a guest whose disk cannot be asked): nothing.
+        let unknown = AttachedVolume {
+            capacity: None,
+            ..root("/dev/loop3", 1)
+        };
+        assert_eq!(plan_root(&wanted("/dev/loop3", 2), &unknown), None);
+        // A root disk on another path than the volume's (a local one against an export, or
+        // another file) is never moved or resized here.
+        assert_eq!(plan_root(&wanted(new, 2), &root("/dev/loop3", 1)), None);
+        assert_eq!(plan_root(&wanted("/dev/loop3", 2), &root(old, 1)), None);
+        assert_eq!(
+            plan_root(&wanted("/dev/loop4", 2), &root("/dev/loop3", 1)),
+            None
         );
     }
 

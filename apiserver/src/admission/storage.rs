@@ -16,10 +16,10 @@
 //!   the update's transaction, refused with 409 when its pool lacks room) and never shrinks
 //!   (422 on `spec.sizeGiB`). Attached over NBD (to a server on another node than its
 //!   pool's) it grows as on its own node: its storage node serves it anew at its size beside
-//!   the export the guest holds, and the consuming node moves the guest's disk to it; not a
-//!   volume a server on another node boots from (its root disk is not moved), nor one whose
-//!   export is served without TLS (a grown export lets in a second client of the node's
-//!   address): 422 on `spec.sizeGiB`. It does
+//!   the export the guest holds, and the consuming node moves the guest's disk (a volume's,
+//!   or the root disk of a server booting from it) to it; not one whose export is served
+//!   without TLS (a grown export lets in a second client of the node's address): 422 on
+//!   `spec.sizeGiB`. It does
 //!   not grow while attached (to any server) on a pool whose agent
 //!   reports it grows no volume a server holds (`status.growsInUse` `Never`; 422 on
 //!   `spec.sizeGiB`): it would wait until detached, for a boot volume for good. A pool that
@@ -493,7 +493,7 @@ async fn update_volume(
             "the volume is being deleted".into(),
         ));
     }
-    if let Some(why) = not_grown_over_nbd(ctx, ns, old).await? {
+    if let Some(why) = not_grown_over_nbd(ctx, old).await? {
         return Err(invalid_field(
             &s,
             w.new,
@@ -589,19 +589,13 @@ fn attached(vol: &Value) -> bool {
 }
 
 /// Why the stored Volume `vol`, attached over NBD (to a server placed on another node than
-/// the volume's), cannot grow there, if it cannot:
-/// - a Server boots from it (its `spec.bootVolume`): its root disk is not moved to the export
-///   of a grown volume, so the guest would stay on the first export and, once it stops, keep
-///   a definition naming an ended one;
-/// - its export is served without TLS (its VolumeExport's `status.tls` false: the storage
-///   agent runs with `--nbd-insecure`): a grown export lets in a second client of the
-///   consuming node's address for the guest's move, and without TLS a host that spoofs that
-///   address could take it.
-///
-/// A Server's `spec.bootVolume` is immutable and its holding of the volume is written on the
-/// volume, so the update's guard on the volume's revision keeps the first true until the
-/// grow is written. An export not served yet (no `status.port`) is made at the grown size.
-async fn not_grown_over_nbd(ctx: Ctx<'_>, ns: &str, vol: &Value) -> ApiResult<Option<String>> {
+/// the volume's), cannot grow there, if it cannot: its export is served without TLS (its
+/// VolumeExport's `status.tls` false: the storage agent runs with `--nbd-insecure`), and a
+/// grown export lets in a second client of the consuming node's address for the guest's
+/// move (of a volume's disk, or of the root disk of a server booting from it), which a host
+/// that spoofs that address could take without TLS. An export not served yet (no
+/// `status.port`) is made at the grown size.
+async fn not_grown_over_nbd(ctx: Ctx<'_>, vol: &Value) -> ApiResult<Option<String>> {
     let st = |p: &str| vol.pointer(&format!("/status/{p}")).and_then(Value::as_str);
     let (Some(home), Some(uid)) = (st("node"), meta::meta_str(vol, "uid")) else {
         return Ok(None);
@@ -622,15 +616,7 @@ async fn not_grown_over_nbd(ctx: Ctx<'_>, ns: &str, vol: &Value) -> ApiResult<Op
             .into_iter()
             .collect(),
     };
-    let name = name_of(vol);
     for (server, node) in remote {
-        let server_key = keys::object(
-            ctx.prefix,
-            "compute.stratus.dev",
-            "servers",
-            Some(ns),
-            server,
-        );
         let export_key = keys::object(
             ctx.prefix,
             GROUP,
@@ -640,17 +626,12 @@ async fn not_grown_over_nbd(ctx: Ctx<'_>, ns: &str, vol: &Value) -> ApiResult<Op
         );
         let (got, _) = ctx
             .store
-            .read_many(&[Read::Key(&server_key), Read::Key(&export_key)])
+            .read_many(&[Read::Key(&export_key)])
             .await
             .map_err(ApiError::from)?;
-        let field = |i: usize, p: &str| got[i].first().and_then(|(_, o)| o.value.pointer(p));
-        if field(0, "/spec/bootVolume").and_then(Value::as_str) == Some(name) {
-            return Ok(Some(format!(
-                "server {server} boots from it over NBD (placed on node {node}, the volume on {home}): its root disk stays on the export it was started with; grow it while no server holds it (a stopped server keeps it)"
-            )));
-        }
-        let served = field(1, "/status/port").is_some();
-        if served && field(1, "/status/tls").and_then(Value::as_bool) != Some(true) {
+        let field = |p: &str| got[0].first().and_then(|(_, o)| o.value.pointer(p));
+        let served = field("/status/port").is_some();
+        if served && field("/status/tls").and_then(Value::as_bool) != Some(true) {
             return Ok(Some(format!(
                 "attached over NBD to server {server} on node {node} and served without TLS (the storage agent of {home} runs with --nbd-insecure): a grown export would take a second client of that node's address; serve exports over TLS (--nbd-tls-dir), or detach it, grow it, attach it again"
             )));

@@ -7,7 +7,9 @@
 //! a volume is made from the snapshot and another cloned from it, and it is grown; all three
 //! are plugged into the running guest, which reads what it wrote from each and finds the
 //! grown one at its new size. Meanwhile a server on B boots from a volume of A's pool made
-//! from the test guest's image, and deleting it keeps the volume. On three nodes, a
+//! from the test guest's image; the volume grows while the guest runs (its root disk moves
+//! to the grown volume's export) and while it is off (started again, it is defined on the
+//! export served then), the guest seeing each new size; deleting the server keeps the volume. On three nodes, a
 //! multi-attach volume of A is held by a guest on B and one on C at once, each node through
 //! an export of its own: one writes, the other reads. Each run has names and addresses of its
 //! own, so all of them run at once.
@@ -379,7 +381,7 @@ fn the_file_pool_passes_the_suite_across_nodes() -> Result<()> {
 fn the_lvm_pool_passes_the_suite_across_nodes() -> Result<()> {
     let vg = Vg::new(
         &format!("stratus-e2e-suite-{}", std::process::id()),
-        8 << 30,
+        12 << 30,
     )?;
     suite(&LVM_SUITE, Pool::Lvm(vg))
 }
@@ -411,6 +413,49 @@ fn suite(layout: &'static Layout, pool: Pool) -> Result<()> {
     // Booted from the volume over NBD: its init reports on the console.
     rig.console(0, &boot_uid, "STRATUS-GUEST-READY hostname=boot")?;
     rig.over_nbd(0, &boot_dom, "<target dev='vda'")?;
+    // Grown while it runs: the root disk moves to the export serving the grown volume, and
+    // the guest sees 2 GiB (4194304 sectors; the marker it prints is not the command).
+    let root_sectors = |gib: u64| format!("ROOT-{}", gib << 21);
+    let root_size = "echo ROOT-$(cat /sys/block/vda/size)";
+    patch(&rig, "volume", "root", r#"{"spec":{"sizeGiB":2}}"#)?;
+    rig.wait("volume", "root", "the boot volume grown to 2 GiB", |v| {
+        v["status"]["sizeGiB"] == 2
+    })?;
+    b.type_until(&boot_uid, &boot_dom, root_size, &root_sectors(2), 10)
+        .with_context(|| rig.storage_log())?;
+    // Grown while its server is off: started again, its domain is defined anew on the
+    // export serving the volume now (the one it was defined with ended), and the guest sees
+    // 3 GiB.
+    let shells = || b.console(&boot_uid).matches("built-in shell").count();
+    let booted = shells();
+    patch(
+        &rig,
+        "server",
+        "boot",
+        r#"{"spec":{"powerState":"Stopped"}}"#,
+    )?;
+    rig.wait("server", "boot", "Stopped", |s| {
+        s["status"]["phase"] == "Stopped"
+    })?;
+    patch(&rig, "volume", "root", r#"{"spec":{"sizeGiB":3}}"#)?;
+    rig.wait("volume", "root", "the boot volume grown to 3 GiB", |v| {
+        v["status"]["sizeGiB"] == 3
+    })?;
+    patch(
+        &rig,
+        "server",
+        "boot",
+        r#"{"spec":{"powerState":"Running"}}"#,
+    )?;
+    rig.wait("server", "boot", "Running", |s| {
+        s["status"]["phase"] == "Running"
+    })?;
+    // Typed into only once booted again (its console, appended to, holds the first boot's
+    // shell too).
+    wait_until(WAIT, "the boot server's shell after its start", || {
+        (shells() > booted).then_some(())
+    })?;
+    b.type_until(&boot_uid, &boot_dom, root_size, &root_sectors(3), 10)?;
     // Deleting its server keeps the volume.
     rig.kubectl(&["delete", "server", "boot", "--wait=false"])?;
 

@@ -131,6 +131,15 @@ pub fn domain_driver(d: &dyn DomainDriver, spec: &DomainSpec) {
         d.defined_root(name).expect("the defined root disk"),
         spec.disks.first().map(|r| r.path.clone())
     );
+    // The same, as a volume's disk is told: at vda, no size while off.
+    let root = d.root_volume(name).expect("the root disk");
+    assert_eq!(
+        root.as_ref()
+            .map(|r| (r.target.as_str(), r.path.as_path(), r.capacity)),
+        spec.disks
+            .first()
+            .map(|r| (super::ROOT_DISK, r.path.as_path(), None))
+    );
     d.define(spec).expect("redefine while off");
 
     d.start(name).expect("start");

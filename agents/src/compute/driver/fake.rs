@@ -16,7 +16,7 @@ use super::libvirt::NAME_PREFIX;
 use super::{
     AttachedInterface, AttachedVolume, ConfigDrive, DiskError, DiskFormat, DiskInfo, Disks,
     DomainDriver, DomainInfo, DomainSpec, DomainState, DriverError, InterfaceSpec, NodeInfo,
-    VolumeDisk,
+    ROOT_DISK, VolumeDisk,
 };
 
 /// The verbs of [`DomainDriver`] and [`Disks`], to name the one a failure is injected into.
@@ -97,6 +97,8 @@ struct Domain {
     volumes: Vec<AttachedVolume>,
     /// Network interfaces, in guest order (the guest and its definition alike).
     interfaces: Vec<AttachedInterface>,
+    /// The size the running guest sees of its root disk, once told by a resize or a move.
+    root_capacity: Option<u64>,
 }
 
 fn attached(nic: &InterfaceSpec) -> AttachedInterface {
@@ -257,6 +259,25 @@ impl FakeDomains {
         if d.state != DomainState::Running {
             return Err(DriverError::NotRunning(name.to_owned()));
         }
+        if target == ROOT_DISK {
+            // The root disk is the definition's first: changed there, as libvirt's
+            // definition follows a move.
+            let root = d
+                .spec
+                .disks
+                .first_mut()
+                .ok_or_else(|| DriverError::Libvirt(format!("no disk {target}")))?;
+            let mut v = AttachedVolume {
+                target: ROOT_DISK.into(),
+                path: root.path.clone(),
+                serial: None,
+                capacity: d.root_capacity,
+            };
+            change(&mut v);
+            root.path = v.path;
+            d.root_capacity = v.capacity;
+            return Ok(());
+        }
         let v = d
             .volumes
             .iter_mut()
@@ -309,12 +330,14 @@ impl DomainDriver for FakeDomains {
                 d.spec = spec.clone();
                 d.volumes.clear();
                 d.interfaces = spec.interfaces.iter().map(attached).collect();
+                d.root_capacity = None;
             })
             .or_insert_with(|| Domain {
                 spec: spec.clone(),
                 state: DomainState::Shutoff,
                 volumes: Vec::new(),
                 interfaces: spec.interfaces.iter().map(attached).collect(),
+                root_capacity: None,
             });
         self.announce(&spec.name);
         Ok(())
@@ -391,6 +414,20 @@ impl DomainDriver for FakeDomains {
                 ..v.clone()
             })
             .collect())
+    }
+
+    fn root_volume(&self, name: &str) -> Result<Option<AttachedVolume>, DriverError> {
+        let domains = self.lock();
+        let d = domains
+            .get(name)
+            .ok_or_else(|| DriverError::NoDomain(name.to_owned()))?;
+        let running = d.state == DomainState::Running;
+        Ok(d.spec.disks.first().map(|r| AttachedVolume {
+            target: ROOT_DISK.into(),
+            path: r.path.clone(),
+            serial: None,
+            capacity: d.root_capacity.filter(|_| running),
+        }))
     }
 
     fn attach_volume(&self, name: &str, disk: &VolumeDisk) -> Result<(), DriverError> {

@@ -212,27 +212,23 @@ impl Libvirt {
         let text = domain
             .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
             .map_err(libvirt)?;
-        let defined = xml::attached_volumes(&text)
+        let defined = xml::all_disks(&text)
             .map_err(|e| DriverError::Libvirt(format!("domain {name}'s XML: {e}")))?
             .into_iter()
             .find(|v| v.target == disk.target);
-        if let Some(v) = &defined {
-            if v.path == disk.path {
-                return Ok(());
-            }
-            let old = VolumeDisk {
-                path: v.path.clone(),
-                target: v.target.clone(),
-                serial: v.serial.clone().unwrap_or_default(),
-                shareable: false,
-            };
-            domain
-                .detach_device_flags(&xml::volume_disk_xml(&old), sys::VIR_DOMAIN_AFFECT_CONFIG)
-                .map_err(libvirt)?;
+        let element = xml::volume_disk_xml(disk);
+        match defined {
+            Some(v) if v.path == disk.path => Ok(()),
+            // The defined disk is given its new source in place: it keeps its PCI address,
+            // so the guest finds its disks in the same order at its next boot (the root disk
+            // first).
+            Some(_) => domain
+                .update_device_flags(&element, sys::VIR_DOMAIN_AFFECT_CONFIG)
+                .map_err(libvirt),
+            None => domain
+                .attach_device_flags(&element, sys::VIR_DOMAIN_AFFECT_CONFIG)
+                .map_err(libvirt),
         }
-        domain
-            .attach_device_flags(&xml::volume_disk_xml(disk), sys::VIR_DOMAIN_AFFECT_CONFIG)
-            .map_err(libvirt)
     }
 
     /// Where a device change goes: the definition, and the running guest when it runs.
@@ -428,6 +424,27 @@ impl DomainDriver for Libvirt {
             moved_exports(&domain, &text, &mut volumes);
         }
         Ok(volumes)
+    }
+
+    fn root_volume(&self, name: &str) -> Result<Option<AttachedVolume>, DriverError> {
+        let domain = self.require(name)?;
+        let running = domain.is_active().map_err(libvirt)?;
+        let flags = if running {
+            0
+        } else {
+            sys::VIR_DOMAIN_XML_INACTIVE
+        };
+        let text = domain.xml_desc(flags).map_err(libvirt)?;
+        let Some(mut root) = xml::root_disk(&text)
+            .map_err(|e| DriverError::Libvirt(format!("domain {name}'s XML: {e}")))?
+        else {
+            return Ok(None);
+        };
+        if running {
+            root.capacity = domain.block_info(&root.target, 0).ok().map(|b| b.capacity);
+            moved_exports(&domain, &text, std::slice::from_mut(&mut root));
+        }
+        Ok(Some(root))
     }
 
     fn attach_volume(&self, name: &str, disk: &VolumeDisk) -> Result<(), DriverError> {
@@ -699,7 +716,7 @@ fn moved_exports(domain: &Domain, live: &str, volumes: &mut [AttachedVolume]) {
     let defined = domain
         .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
         .ok()
-        .and_then(|x| xml::attached_volumes(&x).ok())
+        .and_then(|x| xml::all_disks(&x).ok())
         .unwrap_or_default();
     let moved = |v: &AttachedVolume| {
         nbd_export(&v.path).is_some()

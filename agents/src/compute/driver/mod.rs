@@ -302,6 +302,9 @@ pub enum DriverError {
     InvalidSpec(String),
 }
 
+/// The guest name of a domain's root disk (its first).
+pub const ROOT_DISK: &str = "vda";
+
 /// A hypervisor's domains: libvirt (QEMU or the `test:///` driver), or [`fake::FakeDomains`].
 ///
 /// # Guarantees (every implementation; [`conformance::domain_driver`] checks them)
@@ -343,6 +346,11 @@ pub trait DomainDriver: Send + Sync + 'static {
     /// The volumes attached to a domain (every disk but `vda` and `vdb`): as the running
     /// guest has them, with the size it sees; as defined, for a domain that is off.
     fn volumes(&self, name: &str) -> Result<Vec<AttachedVolume>, DriverError>;
+    /// The domain's root disk (`vda`), as [`DomainDriver::volumes`] tells a volume: where
+    /// the running guest reads it (the export its disk was moved to, for one moved by
+    /// [`DomainDriver::move_volume`]) and the size it sees; as defined, for a domain that is
+    /// off. `None` for a domain without one.
+    fn root_volume(&self, name: &str) -> Result<Option<AttachedVolume>, DriverError>;
     /// Attaches a volume: to the definition, and to the running guest when it runs (hot-plug).
     /// A disk of the same path already attached is `Ok(())`.
     fn attach_volume(&self, name: &str, disk: &VolumeDisk) -> Result<(), DriverError>;

@@ -527,7 +527,10 @@ fn write_volume_disk<W: io::Write>(w: &mut Writer<W>, disk: &VolumeDisk) -> io::
                 .with_attribute(("dev", disk.target.as_str()))
                 .with_attribute(("bus", "virtio"))
                 .write_empty()?;
-            text_element(w, "serial", &disk.serial)?;
+            // A root disk has none (as the domain is defined with it).
+            if !disk.serial.is_empty() {
+                text_element(w, "serial", &disk.serial)?;
+            }
             if disk.shareable {
                 w.create_element("shareable").write_empty()?;
             }
@@ -560,7 +563,7 @@ fn attribute(
 /// [`MetadataError::Xml`] or [`MetadataError::Attribute`] for XML that does not parse.
 pub fn attached_volumes(xml: &str) -> Result<Vec<AttachedVolume>, MetadataError> {
     let mut all = disks(xml)?;
-    all.retain(|d| d.target != "vda" && d.target != "vdb");
+    all.retain(|d| d.target != super::ROOT_DISK && d.target != "vdb");
     Ok(all)
 }
 
@@ -572,8 +575,27 @@ pub fn attached_volumes(xml: &str) -> Result<Vec<AttachedVolume>, MetadataError>
 pub fn root_source(xml: &str) -> Result<Option<std::path::PathBuf>, MetadataError> {
     Ok(disks(xml)?
         .into_iter()
-        .find(|d| d.target == "vda")
+        .find(|d| d.target == super::ROOT_DISK)
         .map(|d| d.path))
+}
+
+/// Every disk of a domain's XML, the root disk and the config drive too, as
+/// [`attached_volumes`] reads a volume's.
+///
+/// # Errors
+/// As [`attached_volumes`].
+pub fn all_disks(xml: &str) -> Result<Vec<AttachedVolume>, MetadataError> {
+    disks(xml)
+}
+
+/// The root disk (`vda`) of a domain's XML, as [`attached_volumes`] reads a volume's disk.
+///
+/// # Errors
+/// As [`attached_volumes`].
+pub fn root_disk(xml: &str) -> Result<Option<AttachedVolume>, MetadataError> {
+    Ok(disks(xml)?
+        .into_iter()
+        .find(|d| d.target == super::ROOT_DISK))
 }
 
 /// Every disk of a domain's XML with a target and a source, in document order.
