@@ -21,6 +21,13 @@ use tower::ServiceBuilder;
 /// How often an idle connection is pinged, and how long an answer may take.
 const KEEP_ALIVE: (Duration, Duration) = (Duration::from_secs(20), Duration::from_secs(20));
 
+/// How long a request waits for its response to begin (its status and headers; a watch's
+/// events come after, for as long as it runs) unless the configuration's `read_timeout`
+/// says otherwise. Keep-alive pings find a dead connection, not a live one on which a
+/// request is never answered: without this, a reconcile waiting on such a request would
+/// wait for good.
+const ANSWER_WITHIN: Duration = Duration::from_secs(60);
+
 /// A client of the API server `config` names, multiplexing every request over one HTTP/2
 /// connection where the server offers HTTP/2 (HTTP/1.1 otherwise).
 ///
@@ -64,7 +71,46 @@ pub fn client(config: kube::Config) -> Result<kube::Client, kube::Error> {
         .layer(config.base_uri_layer())
         .option_layer(retry)
         .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        // Each try timed on its own; one that runs out fails the request.
+        .timeout(config.read_timeout.unwrap_or(ANSWER_WITHIN))
         .map_err(tower::BoxError::from)
         .service(hyper);
     Ok(kube::Client::new(service, config.default_namespace))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that takes the connection and never answers makes a request fail once its
+    /// time is up (here the configuration's `read_timeout`), not wait for good.
+    #[tokio::test]
+    async fn a_request_never_answered_fails_in_its_time() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        // Accepts and holds every connection, reading nothing and writing nothing.
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                open.push(conn);
+            }
+        });
+        let mut config = kube::Config::new(format!("http://{addr}").parse().expect("url"));
+        config.read_timeout = Some(Duration::from_secs(1));
+        let client = client(config).expect("client");
+        let started = std::time::Instant::now();
+        let answer = tokio::time::timeout(Duration::from_secs(20), client.apiserver_version())
+            .await
+            .expect("the request ended by itself");
+        let took = started.elapsed();
+        assert!(answer.is_err(), "{answer:?}");
+        assert!(
+            took >= Duration::from_secs(1) && took < Duration::from_secs(10),
+            "{took:?}"
+        );
+        held.abort();
+    }
 }
