@@ -29,29 +29,45 @@ use stratus_e2e::{Cloud, Proc, stratus_bin, wait_until};
 use crate::storage::{make, median, ratio, remove, row, run, volume};
 use crate::tcg::{has_marker, reference_domain};
 
-/// The benchmark's node, namespace and Server: names no test uses.
-const NODE: &str = "bench-attach";
-const NS: &str = "bench-attach";
-const SERVER: &str = "bench-vm";
+/// Names and addresses of one benchmark's cloud: its compute node, project and Server, and
+/// its storage network (none a test uses; each benchmark has its own, so two can run at once).
+pub(crate) struct Site {
+    /// The compute node (its libvirtd in namespaces of its own), and the project and Server.
+    pub(crate) node: &'static str,
+    pub(crate) ns: &'static str,
+    pub(crate) server: &'static str,
+    /// The storage node (its storage agent alone, in the host's namespace) and the storage
+    /// network: its address on the host's end of the veth pair, the compute node's in its
+    /// libvirtd's namespace.
+    pub(crate) storage_node: &'static str,
+    pub(crate) storage_ip: &'static str,
+    pub(crate) compute_ip: &'static str,
+    pub(crate) host_link: &'static str,
+    pub(crate) node_link: &'static str,
+    /// The storage agent's nftables table on `storage_ip`.
+    pub(crate) table: &'static str,
+}
+
+const SITE: Site = Site {
+    node: "bench-attach",
+    ns: "bench-attach",
+    server: "bench-vm",
+    storage_node: "bench-attach-st",
+    storage_ip: "10.251.201.1",
+    compute_ip: "10.251.201.2",
+    host_link: "bench-st0",
+    node_link: "bench-cn0",
+    table: "stratus_nbd_10_251_201_1",
+};
 /// Generous bounds for one step: TCG guests and builds share two cores.
-const WAIT: Duration = Duration::from_secs(300);
+pub(crate) const WAIT: Duration = Duration::from_secs(300);
 /// How often the domain's disks are looked at (the same for both sides).
 const POLL: Duration = Duration::from_millis(20);
 /// The hand-made guest the reference plugs its disk into.
 const REF_DOMAIN: &str = "bench-attach-ref";
 /// The volume's disk in either guest (after the root disk and the config drive).
 const TARGET: &str = "vdc";
-/// The remote case's storage node (its storage agent alone, in the host's namespace) and the
-/// storage network: its address on the host's end of the veth pair, the compute node's in
-/// its libvirtd's namespace.
-const STORAGE_NODE: &str = "bench-attach-st";
-const STORAGE_IP: &str = "10.251.201.1";
-const COMPUTE_IP: &str = "10.251.201.2";
-const HOST_LINK: &str = "bench-st0";
-const NODE_LINK: &str = "bench-cn0";
-/// The storage agent's nftables table on [`STORAGE_IP`].
-const TABLE: &str = "stratus_nbd_10_251_201_1";
-/// The reference's `qemu-nbd` port on [`STORAGE_IP`], outside the agent's export ports
+/// The reference's `qemu-nbd` port on the storage address, outside the agent's export ports
 /// (10809-10999) and the kernel's ephemeral ones.
 const REF_PORT: u16 = 10700;
 /// What the tiny guest prints on its console once its init runs.
@@ -93,19 +109,24 @@ async fn until_disk(node: &Node, domain: &str, present: bool) -> Result<()> {
     }
 }
 
-fn servers(client: &kube::Client) -> Api<DynamicObject> {
+/// The Servers of `ns`.
+pub(crate) fn servers(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
     Api::namespaced_with(
         client.clone(),
-        NS,
+        ns,
         &ApiResource::erase::<stratus_api_types::compute::Server>(&()),
     )
 }
 
-/// Sets the Server's `spec.volumes` to `volumes`.
-async fn set_volumes(api: &Api<DynamicObject>, volumes: &[&str]) -> Result<()> {
+/// Sets Server `server`'s `spec.volumes` to `volumes`.
+pub(crate) async fn set_volumes(
+    api: &Api<DynamicObject>,
+    server: &str,
+    volumes: &[&str],
+) -> Result<()> {
     let list: Vec<_> = volumes.iter().map(|v| json!({"volume": v})).collect();
     api.patch(
-        SERVER,
+        server,
         &PatchParams::default(),
         &Patch::Merge(json!({"spec": {"volumes": list}})),
     )
@@ -134,23 +155,27 @@ fn virsh_ok(node: &Node, args: &[&str]) -> Result<()> {
 /// What the remote case leaves on the host, removed however the benchmark ends: the veth
 /// pair (with its host end), the exports' `qemu-nbd` processes (by the pids the storage agent
 /// recorded, and the reference's), and the agent's nftables table.
-struct Remote {
+pub(crate) struct Remote {
     exports: PathBuf,
     reference_pid: PathBuf,
+    host_link: &'static str,
+    table: &'static str,
 }
 
 impl Remote {
-    /// Joins `node`'s network namespace (its libvirtd's) to the host's by a veth pair.
-    fn join(node: &Node, storage_dir: &Path) -> Result<Self> {
+    /// Joins `node`'s network namespace (its libvirtd's) to the host's by `site`'s veth pair.
+    fn join(node: &Node, storage_dir: &Path, site: &Site) -> Result<Self> {
         let remote = Self {
             exports: storage_dir.join("storage-state/exports"),
             reference_pid: storage_dir.join("reference-nbd.pid"),
+            host_link: site.host_link,
+            table: site.table,
         };
         node.join_host(
-            HOST_LINK,
-            &format!("{STORAGE_IP}/30"),
-            NODE_LINK,
-            &format!("{COMPUTE_IP}/30"),
+            site.host_link,
+            &format!("{}/30", site.storage_ip),
+            site.node_link,
+            &format!("{}/30", site.compute_ip),
         )?;
         Ok(remote)
     }
@@ -180,34 +205,187 @@ impl Drop for Remote {
             }
         }
         let _ = Command::new("nft")
-            .args(["delete", "table", "inet", TABLE])
+            .args(["delete", "table", "inet", self.table])
             .status();
-        let _ = Command::new("ip").args(["link", "del", HOST_LINK]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", self.host_link])
+            .status();
     }
 }
 
-/// The storage agent of `node` with its state in `dir`, serving `pool` (`NAME=BACKEND:WHERE`)
-/// and exporting on `address`, if given.
-fn storage_agent(
-    cloud: &Cloud,
-    node: &str,
-    dir: &Path,
-    pool: &str,
-    address: Option<&str>,
-) -> Result<Proc> {
-    let mut cmd = Command::new(stratus_bin());
-    cmd.args(["agent", "--roles", "storage", "--node", node])
-        .arg("--kubeconfig")
-        .arg(cloud.dir.path().join(format!("node-{node}.kubeconfig")))
-        .arg("--state-dir")
-        .arg(dir.join("storage-state"))
-        .args(["--storage-pool", pool])
-        .args(["--storage-heartbeat-seconds", "1"]);
-    if let Some(a) = address {
-        // Over NBD in the clear, as the reference's qemu-nbd by hand serves it.
-        cmd.args(["--storage-address", a, "--nbd-insecure"]);
+/// How the compute node takes the storage node's volumes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Nbd {
+    /// No storage node: the compute node's own pool alone.
+    None,
+    /// Over NBD in the clear (`--nbd-insecure` on both nodes).
+    Insecure,
+    /// Over NBD with TLS: each node's certificate from the cloud's NBD CA.
+    Tls,
+}
+
+/// One benchmark's cloud, as `stratus-bench storage-attach` and `storage-write` run it: a
+/// compute node (its own libvirtd in namespaces of its own, as the e2e tests' nodes) running
+/// the compute agent, and `stratus up` for it (and for the storage node, when there is one,
+/// reached over the storage network of [`Remote`]), with a Server of the tiny test guest
+/// running. The storage agents, which the caller starts ([`Bed::storage_agent`]), go before
+/// it. Dropped, everything goes in this order: the cloud, the storage network and what it
+/// served, the storage node's directory, the compute node (its guests and libvirtd), the
+/// guest's file server.
+pub(crate) struct Bed {
+    pub(crate) cloud: Cloud,
+    pub(crate) network: Option<Remote>,
+    /// The storage node's directory: its agent's state and log (and its pool, the caller's).
+    pub(crate) storage_dir: tempfile::TempDir,
+    pub(crate) node: Node,
+    pub(crate) guest: Guest,
+    /// The running Server's uid.
+    pub(crate) uid: String,
+    pub(crate) site: &'static Site,
+    nbd: Nbd,
+}
+
+impl Bed {
+    /// Starts it all and waits for the Server to be Running; with `shell`, its guest gives a
+    /// root shell on its console ([`Guest::shell_images_yaml`]).
+    pub(crate) fn up(site: &'static Site, nbd: Nbd, shell: bool) -> Result<Self> {
+        let guest = Guest::serve()?;
+        let mut node = Node::start(site.node)?;
+        // The storage node: a directory of its own, no libvirtd.
+        let storage_dir = tempfile::tempdir()?;
+        let remote = nbd != Nbd::None;
+        let network = if remote {
+            Some(Remote::join(&node, storage_dir.path(), site)?)
+        } else {
+            None
+        };
+        let nodes = if remote {
+            format!("{},{}", site.node, site.storage_node)
+        } else {
+            site.node.to_string()
+        };
+        let cloud = Cloud::up_with(&["--nodes", &nodes])?;
+        cloud.projects(&[site.ns])?;
+        if nbd == Nbd::Tls {
+            // The storage node's certificate names its storage address; the compute node's
+            // goes where its libvirtd reads it.
+            cloud.nbd_certificate(
+                site.storage_node,
+                Some(site.storage_ip),
+                &storage_dir.path().join("nbd-tls"),
+            )?;
+            cloud.nbd_certificate(site.node, None, &node.nbd_tls_dir())?;
+        }
+        node.start_agent_with(
+            &cloud,
+            if nbd == Nbd::Insecure {
+                &["--nbd-insecure"]
+            } else {
+                &[]
+            },
+        )?;
+        let flavors = stratus_e2e::repo_root().join("examples/flavors.yaml");
+        cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
+        let images = if shell {
+            guest.shell_images_yaml(site.ns)?
+        } else {
+            guest.images_yaml(site.ns)?
+        };
+        cloud.kubectl_in(&["apply", "-f", "-"], &images)?;
+        if remote {
+            // The compute node's address on the storage network, which its network agent
+            // would report (it runs none here): the one address the export lets in.
+            wait_until(WAIT, "the compute node's Hypervisor", || {
+                cloud.kubectl_ok(&["get", "hypervisor", site.node]).ok()
+            })?;
+            cloud.kubectl_ok(&[
+                "patch",
+                "hypervisor",
+                site.node,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &format!(r#"{{"status":{{"hostIP":"{}"}}}}"#, site.compute_ip),
+            ])?;
+        }
+        cloud.kubectl_in(
+            &["-n", site.ns, "apply", "-f", "-"],
+            &format!(
+                "apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: {}\nspec:\n  flavor: m1.nano\n  image: tiny\n",
+                site.server
+            ),
+        )?;
+        let uid = wait_until(WAIT, "the server Running", || {
+            let out = cloud
+                .kubectl_ok(&["-n", site.ns, "get", "server", site.server, "-o", "json"])
+                .ok()?;
+            let s: serde_json::Value = serde_json::from_str(&out).ok()?;
+            (s["status"]["phase"] == "Running")
+                .then(|| s["metadata"]["uid"].as_str().map(String::from))?
+        })?;
+        Ok(Self {
+            cloud,
+            network,
+            storage_dir,
+            node,
+            guest,
+            uid,
+            site,
+            nbd,
+        })
     }
-    Proc::spawn("storage agent", &mut cmd, &dir.join("storage-agent.log"))
+
+    /// The Server's domain.
+    pub(crate) fn domain(&self) -> String {
+        format!("stratus-{}", self.uid)
+    }
+
+    /// The directory of the storage node's pool (`remote`) or of the compute node's.
+    pub(crate) fn pool_dir(&self, remote: bool) -> &Path {
+        if remote {
+            self.storage_dir.path()
+        } else {
+            self.node.dir.path()
+        }
+    }
+
+    /// A storage agent serving `pool` (`NAME=BACKEND:WHERE`), its state and log in
+    /// [`Bed::pool_dir`]: the storage node's (`remote`: exporting on the storage address, in
+    /// the clear or over TLS as the compute node takes them), or the compute node's own.
+    pub(crate) fn storage_agent(&self, remote: bool, pool: &str) -> Result<Proc> {
+        let (node, dir) = if remote {
+            (self.site.storage_node, self.storage_dir.path())
+        } else {
+            (self.site.node, self.node.dir.path())
+        };
+        let mut cmd = Command::new(stratus_bin());
+        cmd.args(["agent", "--roles", "storage", "--node", node])
+            .arg("--kubeconfig")
+            .arg(
+                self.cloud
+                    .dir
+                    .path()
+                    .join(format!("node-{node}.kubeconfig")),
+            )
+            .arg("--state-dir")
+            .arg(dir.join("storage-state"))
+            .args(["--storage-pool", pool])
+            .args(["--storage-heartbeat-seconds", "1"]);
+        if remote {
+            cmd.args(["--storage-address", self.site.storage_ip]);
+            match self.nbd {
+                // Over NBD in the clear, as the reference's qemu-nbd by hand serves it.
+                Nbd::Insecure => {
+                    cmd.arg("--nbd-insecure");
+                }
+                Nbd::Tls => {
+                    cmd.arg("--nbd-tls-dir").arg(dir.join("nbd-tls"));
+                }
+                Nbd::None => anyhow::bail!("no storage node without a storage network"),
+            }
+        }
+        Proc::spawn("storage agent", &mut cmd, &dir.join("storage-agent.log"))
+    }
 }
 
 /// lvm2 without device-mapper where the kernel has none (as the storage agent runs it).
@@ -356,30 +534,9 @@ impl Drop for VolumeGroup {
 /// `stratus-bench storage-attach [--remote | --lvm]`: `rounds` volumes, each made, attached to the
 /// running guest, detached and deleted, alternating with the same by hand.
 pub async fn bench(rounds: usize, remote: bool, lvm_pool: bool) -> Result<()> {
-    let guest = Guest::serve()?;
-    let mut node = Node::start(NODE)?;
-    // The remote case's storage node: a directory of its own, no libvirtd.
-    let storage_dir = tempfile::tempdir()?;
-    let network = if remote {
-        Some(Remote::join(&node, storage_dir.path())?)
-    } else {
-        None
-    };
-    let nodes = if remote {
-        format!("{NODE},{STORAGE_NODE}")
-    } else {
-        NODE.to_string()
-    };
-    let cloud = Cloud::up_with(&["--nodes", &nodes])?;
-    cloud.projects(&[NS])?;
-    // The storage node serves without TLS (as the reference's qemu-nbd does): the compute
-    // node takes its exports in the clear.
-    node.start_agent_with(&cloud, if remote { &["--nbd-insecure"] } else { &[] })?;
-    let (pool_node, pool_dir) = if remote {
-        (STORAGE_NODE, storage_dir.path())
-    } else {
-        (NODE, node.dir.path())
-    };
+    let bed = Bed::up(&SITE, if remote { Nbd::Insecure } else { Nbd::None }, false)?;
+    let (node, guest, uid) = (&bed.node, &bed.guest, &bed.uid);
+    let pool_dir = bed.pool_dir(remote);
     let pool = pool_dir.join("pool");
     std::fs::create_dir_all(&pool)?;
     let group = if lvm_pool {
@@ -391,72 +548,30 @@ pub async fn bench(rounds: usize, remote: bool, lvm_pool: bool) -> Result<()> {
         Some(g) => format!("fast=lvm:{}", g.vg),
         None => format!("files=file:{}", pool.display()),
     };
-    let storage = storage_agent(
-        &cloud,
-        pool_node,
-        pool_dir,
-        &pool_arg,
-        remote.then_some(STORAGE_IP),
-    )?;
-    let flavors = stratus_e2e::repo_root().join("examples/flavors.yaml");
-    cloud.kubectl_ok(&["apply", "-f", flavors.to_str().unwrap_or_default()])?;
-    cloud.kubectl_in(&["apply", "-f", "-"], &guest.images_yaml(NS)?)?;
-    if remote {
-        // The compute node's address on the storage network, which its network agent would
-        // report (it runs none here): the one address the export lets in.
-        wait_until(WAIT, "the compute node's Hypervisor", || {
-            cloud.kubectl_ok(&["get", "hypervisor", NODE]).ok()
-        })?;
-        cloud.kubectl_ok(&[
-            "patch",
-            "hypervisor",
-            NODE,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &format!(r#"{{"status":{{"hostIP":"{COMPUTE_IP}"}}}}"#),
-        ])?;
-    }
-    cloud.kubectl_in(
-        &["-n", NS, "apply", "-f", "-"],
-        &format!(
-            "apiVersion: compute.stratus.dev/v1\nkind: Server\nmetadata:\n  name: {SERVER}\nspec:\n  flavor: m1.nano\n  image: tiny\n"
-        ),
-    )?;
-    let uid = wait_until(WAIT, "the server Running", || {
-        let out = cloud
-            .kubectl_ok(&["-n", NS, "get", "server", SERVER, "-o", "json"])
-            .ok()?;
-        let s: serde_json::Value = serde_json::from_str(&out).ok()?;
-        (s["status"]["phase"] == "Running")
-            .then(|| s["metadata"]["uid"].as_str().map(String::from))?
-    })?;
-    let domain = format!("stratus-{uid}");
+    let storage = bed.storage_agent(remote, &pool_arg)?;
+    let domain = bed.domain();
     // The reference's guest: the same kind of domain, defined (persistent, as the agent's
     // are) and started by hand.
     let ref_dir = node.dir.path().join("reference");
     std::fs::create_dir_all(&ref_dir)?;
     let spec = reference_domain(
-        &guest,
+        guest,
         &ref_dir,
         REF_DOMAIN.into(),
         "00000000-0000-4000-8000-0000000a77ac".into(),
     )?;
     let ref_xml = ref_dir.join("domain.xml");
     std::fs::write(&ref_xml, domain_xml(&spec, DomainKind::Qemu))?;
-    virsh_ok(
-        &node,
-        &["define", ref_xml.to_str().context("a UTF-8 path")?],
-    )?;
-    virsh_ok(&node, &["start", REF_DOMAIN])?;
+    virsh_ok(node, &["define", ref_xml.to_str().context("a UTF-8 path")?])?;
+    virsh_ok(node, &["start", REF_DOMAIN])?;
     // Both guests' kernels up, so that they answer an unplug.
     wait_until(WAIT, "the guests' init", || {
-        (node.console(&uid).contains(MARKER) && has_marker(&spec.console_log)).then_some(())
+        (node.console(uid).contains(MARKER) && has_marker(&spec.console_log)).then_some(())
     })?;
 
-    let client = cloud.client().await?;
-    let vols: Api<Volume> = Api::namespaced(client.clone(), NS);
-    let srv = servers(&client);
+    let client = bed.cloud.client().await?;
+    let vols: Api<Volume> = Api::namespaced(client.clone(), SITE.ns);
+    let srv = servers(&client, SITE.ns);
     let (mut ours_make, mut ours_attach, mut ours_detach) = (Vec::new(), Vec::new(), Vec::new());
     let (mut ref_make, mut ref_attach, mut ref_detach) = (Vec::new(), Vec::new(), Vec::new());
     let (mut ours_delete, mut ref_delete) = (Vec::new(), Vec::new());
@@ -465,12 +580,12 @@ pub async fn bench(rounds: usize, remote: bool, lvm_pool: bool) -> Result<()> {
         let name = format!("v-{r}");
         let (made, _) = make(&vols, &volume(&name, 1, None)?).await?;
         let t = Instant::now();
-        set_volumes(&srv, &[&name]).await?;
-        until_disk(&node, &domain, true).await?;
+        set_volumes(&srv, SITE.server, &[&name]).await?;
+        until_disk(node, &domain, true).await?;
         let attached = t.elapsed();
         let t = Instant::now();
-        set_volumes(&srv, &[]).await?;
-        until_disk(&node, &domain, false).await?;
+        set_volumes(&srv, SITE.server, &[]).await?;
+        until_disk(node, &domain, false).await?;
         let detached = t.elapsed();
         // Deleted once the attachment is released (refused until then, not measured).
         let t = Instant::now();
@@ -496,7 +611,7 @@ pub async fn bench(rounds: usize, remote: bool, lvm_pool: bool) -> Result<()> {
                 f
             }
         };
-        let disk_path = match &network {
+        let disk_path = match &bed.network {
             None => PathBuf::from(&file_s),
             Some(net) => {
                 // Served as the storage agent serves an export: one client, raw, by name;
@@ -510,7 +625,7 @@ pub async fn bench(rounds: usize, remote: bool, lvm_pool: bool) -> Result<()> {
                         "--pid-file",
                         pid_file,
                         "--bind",
-                        STORAGE_IP,
+                        SITE.storage_ip,
                         "--port",
                         &REF_PORT.to_string(),
                         "--export-name",
@@ -523,7 +638,7 @@ pub async fn bench(rounds: usize, remote: bool, lvm_pool: bool) -> Result<()> {
                         &file_s,
                     ],
                 )?;
-                nbd_path(STORAGE_IP.parse()?, REF_PORT, &export, false)
+                nbd_path(SITE.storage_ip.parse()?, REF_PORT, &export, false)
             }
         };
         let ref_made = t.elapsed();
@@ -537,15 +652,15 @@ pub async fn bench(rounds: usize, remote: bool, lvm_pool: bool) -> Result<()> {
             }),
         )?;
         let t = Instant::now();
-        virsh_device(&node, "attach-device", REF_DOMAIN, &xml)?;
-        until_disk(&node, REF_DOMAIN, true).await?;
+        virsh_device(node, "attach-device", REF_DOMAIN, &xml)?;
+        until_disk(node, REF_DOMAIN, true).await?;
         let ref_attached = t.elapsed();
         let t = Instant::now();
-        virsh_device(&node, "detach-device", REF_DOMAIN, &xml)?;
-        until_disk(&node, REF_DOMAIN, false).await?;
+        virsh_device(node, "detach-device", REF_DOMAIN, &xml)?;
+        until_disk(node, REF_DOMAIN, false).await?;
         let ref_detached = t.elapsed();
         let t = Instant::now();
-        if let Some(net) = &network {
+        if let Some(net) = &bed.network {
             net.stop_reference();
         }
         match &group {
@@ -631,9 +746,9 @@ pub async fn bench(rounds: usize, remote: bool, lvm_pool: bool) -> Result<()> {
         plus(&ours_delete, &ref_delete),
     );
     // The guests go before the node's libvirtd.
-    srv.delete(SERVER, &Default::default()).await?;
-    virsh_ok(&node, &["destroy", REF_DOMAIN])?;
-    virsh_ok(&node, &["undefine", REF_DOMAIN])?;
+    srv.delete(SITE.server, &Default::default()).await?;
+    virsh_ok(node, &["destroy", REF_DOMAIN])?;
+    virsh_ok(node, &["undefine", REF_DOMAIN])?;
     // The agent stops before its volume group goes.
     drop(storage);
     drop(group);

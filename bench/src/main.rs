@@ -19,6 +19,7 @@ mod auth;
 mod boot;
 mod dashboard;
 mod dashboard_stream;
+mod guest_write;
 mod list;
 mod memory;
 mod net;
@@ -135,6 +136,18 @@ enum What {
         /// sparse file) instead of a directory; the reference `lvcreate`/`lvremove`.
         #[arg(long)]
         lvm: bool,
+    },
+    /// Sequential writes inside a running TCG guest to two volumes of file pools: the compute
+    /// node's own (a local file) vs another node's over NBD with TLS (a veth pair of its own),
+    /// alternating, in MiB/s (needs root: it starts a libvirtd in namespaces of its own).
+    StorageWrite {
+        /// MiB each write is (`dd bs=1M count=MIB` in the guest).
+        #[arg(long, default_value_t = 256,
+              value_parser = clap::value_parser!(u64).range(1..=guest_write::MAX_MIB))]
+        mib: u64,
+        /// Rounds counted (after one warm-up), each writing to both volumes.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        rounds: u64,
     },
     /// Apply → Running with libvirt's test driver (scheduler + compute agent) vs defining and
     /// starting the same domains through libvirt directly.
@@ -1157,6 +1170,7 @@ async fn main() -> Result<()> {
             remote,
             lvm,
         } => attach::bench(rounds, remote, lvm).await,
+        What::StorageWrite { mib, rounds } => guest_write::bench(mib, rounds).await,
         What::Boot {
             servers,
             concurrency,
