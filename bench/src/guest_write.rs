@@ -1,10 +1,10 @@
 //! Sequential write throughput inside a running TCG guest to two volumes of the same size on
 //! file pools, side by side in one run: one of the compute node's own pool (attached locally:
 //! QEMU opens its file) and one of another node's, attached over NBD with TLS (the storage
-//! node's `qemu-nbd` across a veth pair). Each round the guest writes the same amount to each
-//! disk with `dd ... oflag=direct conv=fsync`, alternating which goes first, timed by the
-//! guest's own clock (`/proc/uptime`) and, as a cross-check, on the host from the keystroke to
-//! the result line on the console.
+//! node's `qemu-nbd` across a veth pair; in the clear with `--nbd-insecure`). Each round the
+//! guest writes the same amount to each disk with `dd ... oflag=direct conv=fsync`,
+//! alternating which goes first, timed by the guest's own clock (`/proc/uptime`) and, as a
+//! cross-check, on the host from the keystroke to the result line on the console.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -213,10 +213,11 @@ fn row(label: &str, v: &[f64]) {
     println!("| {label} | {:.2} | {min:.2} | {max:.2} |", median(v));
 }
 
-/// `stratus-bench storage-write`: `rounds` rounds (after one warm-up) of `mib` MiB written
-/// by the guest to each of its two volumes, alternating which goes first.
-pub async fn bench(mib: u64, rounds: u64) -> Result<()> {
-    let bed = Bed::up(&SITE, Nbd::Tls, true)?;
+/// `stratus-bench storage-write [--nbd-insecure]`: `rounds` rounds (after one warm-up) of
+/// `mib` MiB written by the guest to each of its two volumes, alternating which goes first;
+/// the NBD volume over TLS, or (`insecure`) in the clear.
+pub async fn bench(mib: u64, rounds: u64, insecure: bool) -> Result<()> {
+    let bed = Bed::up(&SITE, if insecure { Nbd::Insecure } else { Nbd::Tls }, true)?;
     let (node, uid, domain) = (&bed.node, &bed.uid, bed.domain());
     let mut agents = Vec::new();
     for side in [Side::Local, Side::Nbd] {
@@ -276,7 +277,8 @@ pub async fn bench(mib: u64, rounds: u64) -> Result<()> {
             node.console(uid)
         );
     }
-    // Attached as the benchmark says: a file, and the storage node's export over TLS.
+    // Attached as the benchmark says: a file, and the storage node's export (over TLS unless
+    // told otherwise).
     let xml = String::from_utf8_lossy(&node.virsh(&["dumpxml", &domain])?.stdout).into_owned();
     let local = disk_of(&xml, near).context("no disk of the local volume")?;
     ensure!(local.starts_with("type='file'"), "local disk: {local}");
@@ -284,7 +286,7 @@ pub async fn bench(mib: u64, rounds: u64) -> Result<()> {
     ensure!(
         nbd.starts_with("type='network'")
             && nbd.contains("protocol='nbd'")
-            && nbd.contains("tls='yes'")
+            && nbd.contains("tls='yes'") != insecure
             && nbd.contains(&format!("<host name='{}'", SITE.storage_ip)),
         "NBD disk: {nbd}"
     );
@@ -334,10 +336,11 @@ pub async fn bench(mib: u64, rounds: u64) -> Result<()> {
         "local: the compute node's own volume (QEMU opens the file)",
         &guest_clock[0],
     );
-    row(
-        "NBD: the storage node's volume (`qemu-nbd`, TLS, over a veth pair)",
-        &guest_clock[1],
+    let nbd = format!(
+        "NBD: the storage node's volume (`qemu-nbd`, {}, over a veth pair)",
+        if insecure { "in the clear" } else { "TLS" }
     );
+    row(&nbd, &guest_clock[1]);
     row("NBD / local, each round", &ratios);
     row(
         "local, timed on the host (keystroke → result line)",

@@ -148,6 +148,9 @@ enum What {
         /// Rounds counted (after one warm-up), each writing to both volumes.
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
         rounds: u64,
+        /// The NBD volume served in the clear (`--nbd-insecure` on both nodes), not over TLS.
+        #[arg(long)]
+        nbd_insecure: bool,
     },
     /// Apply → Running with libvirt's test driver (scheduler + compute agent) vs defining and
     /// starting the same domains through libvirt directly.
@@ -1170,7 +1173,11 @@ async fn main() -> Result<()> {
             remote,
             lvm,
         } => attach::bench(rounds, remote, lvm).await,
-        What::StorageWrite { mib, rounds } => guest_write::bench(mib, rounds).await,
+        What::StorageWrite {
+            mib,
+            rounds,
+            nbd_insecure,
+        } => guest_write::bench(mib, rounds, nbd_insecure).await,
         What::Boot {
             servers,
             concurrency,
