@@ -24,7 +24,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use stratus_e2e::net::{
     Datapath, Namespaces, Switch, UNDERLAY, agent_logs as logs, checksum_underlay,
-    count_pings_from, network_agent_on, ping, pings_counted, plug_port, underlay,
+    count_pings_from, namespaces_with_mac, network_agent_on, ping, pings_counted, plug_port,
+    underlay,
 };
 use stratus_e2e::{Apiserver, Etcd, Proc, ip, stratus_bin, wait_until};
 
@@ -39,25 +40,6 @@ fn kubectl(api: &Apiserver, ns: &str, args: &[&str]) -> Result<String> {
     let mut full = vec!["-n", ns];
     full.extend_from_slice(args);
     api.kubectl_ok(&full)
-}
-
-/// The router namespaces (`qrouter-…`) holding a link with MAC `mac`.
-fn router_namespaces(mac: &str) -> Vec<String> {
-    let list = ip(&["netns", "list"]).unwrap_or_default();
-    list.lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with("qrouter-"))
-        .filter(|n| {
-            ip(&["-n", n, "-j", "link", "show"])
-                .ok()
-                .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
-                .and_then(|v| v.as_array().cloned())
-                .into_iter()
-                .flatten()
-                .any(|l| l.get("address").and_then(|a| a.as_str()) == Some(mac))
-        })
-        .map(str::to_owned)
-        .collect()
 }
 
 #[test]
@@ -250,7 +232,7 @@ spec:
         .split_once('/')
         .with_context(|| format!("gateway port {gateway_port:?}"))?;
     let gateway_mac = api.jsonpath(gw_ns, "port", gw_name, "{.status.macAddress}")?;
-    let first = router_namespaces(&gateway_mac);
+    let first = namespaces_with_mac("qrouter-", &gateway_mac);
     anyhow::ensure!(first.len() == 1, "one router namespace: {first:?}");
     host.namespaces.extend(first.iter().cloned());
 
@@ -368,7 +350,7 @@ spec:
     wait_until(T, "the guest reaches the outside again", || {
         ping(&guest, EXTERNAL).then_some(())
     })?;
-    let now = router_namespaces(&gateway_mac);
+    let now = namespaces_with_mac("qrouter-", &gateway_mac);
     host.namespaces.extend(now.iter().cloned());
     assert_eq!(
         now.len(),
@@ -386,7 +368,7 @@ spec:
     }
     agents[0] = agent(0)?;
     wait_until(T, "the stale router namespace removed", || {
-        let left = router_namespaces(&gateway_mac);
+        let left = namespaces_with_mac("qrouter-", &gateway_mac);
         (left.len() == 1 && !left.contains(&first[0])).then_some(())
     })
     .with_context(|| logs(&states))?;
