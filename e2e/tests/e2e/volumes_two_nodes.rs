@@ -428,28 +428,18 @@ fn suite(layout: &'static Layout, pool: Pool) -> Result<()> {
     // 3 GiB.
     let shells = || b.console(&boot_uid).matches("built-in shell").count();
     let booted = shells();
-    patch(
-        &rig,
-        "server",
-        "boot",
-        r#"{"spec":{"powerState":"Stopped"}}"#,
-    )?;
-    rig.wait("server", "boot", "Stopped", |s| {
-        s["status"]["phase"] == "Stopped"
-    })?;
+    // The server powered to `state`, and its phase says so.
+    let power = |state: &str| -> Result<Value> {
+        let body = format!(r#"{{"spec":{{"powerState":"{state}"}}}}"#);
+        patch(&rig, "server", "boot", &body)?;
+        rig.wait("server", "boot", state, |s| s["status"]["phase"] == state)
+    };
+    power("Stopped")?;
     patch(&rig, "volume", "root", r#"{"spec":{"sizeGiB":3}}"#)?;
     rig.wait("volume", "root", "the boot volume grown to 3 GiB", |v| {
         v["status"]["sizeGiB"] == 3
     })?;
-    patch(
-        &rig,
-        "server",
-        "boot",
-        r#"{"spec":{"powerState":"Running"}}"#,
-    )?;
-    rig.wait("server", "boot", "Running", |s| {
-        s["status"]["phase"] == "Running"
-    })?;
+    power("Running")?;
     // Typed into only once booted again (its console, appended to, holds the first boot's
     // shell too).
     wait_until(WAIT, "the boot server's shell after its start", || {

@@ -231,6 +231,19 @@ impl Libvirt {
         }
     }
 
+    /// Domain `name`, whether it runs, and its XML: as it runs, or as defined when it is off.
+    fn xml_now(&self, name: &str) -> Result<(Domain, bool, String), DriverError> {
+        let domain = self.require(name)?;
+        let running = domain.is_active().map_err(libvirt)?;
+        let flags = if running {
+            0
+        } else {
+            sys::VIR_DOMAIN_XML_INACTIVE
+        };
+        let text = domain.xml_desc(flags).map_err(libvirt)?;
+        Ok((domain, running, text))
+    }
+
     /// Where a device change goes: the definition, and the running guest when it runs.
     fn device_flags(&self, domain: &Domain) -> Result<u32, DriverError> {
         let running = domain.is_active().map_err(libvirt)?;
@@ -406,14 +419,7 @@ impl DomainDriver for Libvirt {
     }
 
     fn volumes(&self, name: &str) -> Result<Vec<AttachedVolume>, DriverError> {
-        let domain = self.require(name)?;
-        let running = domain.is_active().map_err(libvirt)?;
-        let flags = if running {
-            0
-        } else {
-            sys::VIR_DOMAIN_XML_INACTIVE
-        };
-        let text = domain.xml_desc(flags).map_err(libvirt)?;
+        let (domain, running, text) = self.xml_now(name)?;
         let mut volumes = xml::attached_volumes(&text)
             .map_err(|e| DriverError::Libvirt(format!("domain {name}'s XML: {e}")))?;
         if running {
@@ -427,14 +433,7 @@ impl DomainDriver for Libvirt {
     }
 
     fn root_volume(&self, name: &str) -> Result<Option<AttachedVolume>, DriverError> {
-        let domain = self.require(name)?;
-        let running = domain.is_active().map_err(libvirt)?;
-        let flags = if running {
-            0
-        } else {
-            sys::VIR_DOMAIN_XML_INACTIVE
-        };
-        let text = domain.xml_desc(flags).map_err(libvirt)?;
+        let (domain, running, text) = self.xml_now(name)?;
         let Some(mut root) = xml::root_disk(&text)
             .map_err(|e| DriverError::Libvirt(format!("domain {name}'s XML: {e}")))?
         else {
