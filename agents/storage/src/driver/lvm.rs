@@ -198,6 +198,8 @@ struct PvSegRow {
     pvseg_start: String,
     pvseg_size: String,
     vg_name: String,
+    #[serde(default)]
+    vg_uuid: String,
     vg_extent_size: String,
     lv_name: String,
     lv_size: String,
@@ -372,16 +374,38 @@ impl Lvm {
                 "--nosuffix",
                 "--segments",
                 "-o",
-                "pv_name,pe_start,pvseg_start,pvseg_size,vg_name,vg_extent_size,lv_name,lv_size,lv_tags",
+                "pv_name,pe_start,pvseg_start,pvseg_size,vg_name,vg_uuid,vg_extent_size,lv_name,lv_size,lv_tags",
             ]
             .map(OsStr::new),
         )?;
+        self.segments_of(&out)
+    }
+
+    /// The group's LVs in a `pvs --segments` report `out` (see [`Lvm::pv_segments`]). The
+    /// report lists every volume group of the host: two of the group's name (a copy of its
+    /// disk attached, say) would mix another group's LVs and extents with its own, which
+    /// `lvs` refuses by name too.
+    fn segments_of(&self, out: &[u8]) -> Result<BTreeMap<String, Lv>, DriverError> {
+        let mut uuid: Option<String> = None;
         let mut lvs: BTreeMap<String, Lv> = BTreeMap::new();
-        for row in rows::<PvSegReport>("pvs", &out)?
+        for row in rows::<PvSegReport>("pvs", out)?
             .into_iter()
             .flat_map(|r| r.pvseg)
         {
-            if row.vg_name != self.vg || row.lv_name.is_empty() || row.lv_name.starts_with('[') {
+            if row.vg_name != self.vg {
+                continue;
+            }
+            match &uuid {
+                Some(u) if *u != row.vg_uuid => {
+                    return Err(DriverError::Unavailable(format!(
+                        "several volume groups are named {} ({u} and {}): rename all but one (vgrename by UUID)",
+                        self.vg, row.vg_uuid
+                    )));
+                }
+                Some(_) => {}
+                None => uuid = Some(row.vg_uuid.clone()),
+            }
+            if row.lv_name.is_empty() || row.lv_name.starts_with('[') {
                 continue;
             }
             let place = Place {
@@ -448,7 +472,7 @@ impl Lvm {
                 len: lv.size,
             });
         }
-        let [(pv, first, _)] = lv.segments.as_slice() else {
+        let [(pv, first, count)] = lv.segments.as_slice() else {
             return Err(DriverError::Unsupported(format!(
                 "logical volume {}/{name} has {} segments; without device-mapper only one contiguous segment can be used",
                 self.vg,
@@ -465,6 +489,18 @@ impl Lvm {
                 Place { pe_start, extent }
             }
         };
+        // The region is the LV's data only if its one run of extents is all of it: an LV
+        // with a segment on no PV (`zero`, `error`, thin) is listed with that run alone, and
+        // its size would reach into the extents after it.
+        if count.checked_mul(place.extent) != Some(lv.size) {
+            return Err(DriverError::Unsupported(format!(
+                "logical volume {}/{name} is {} bytes and its extents on {} hold {}; without device-mapper only an LV of one contiguous segment can be used",
+                self.vg,
+                lv.size,
+                pv.display(),
+                count.saturating_mul(place.extent)
+            )));
+        }
         Ok(Region {
             path: pv.clone(),
             offset: place.pe_start + first * place.extent,
@@ -660,7 +696,11 @@ impl Backend for Lvm {
         let mut regions = Vec::new();
         for (name, lv) in self.lvs()? {
             if lv.segments.len() == 1 {
-                let region = self.region(&name, &lv)?;
+                // One with no region (not all of it on its run of extents) is no volume of
+                // the pool's, and is passed over as one of several segments is.
+                let Ok(region) = self.region(&name, &lv) else {
+                    continue;
+                };
                 // A volume grown in place before its devices were: a guest may hold one.
                 // Only the devices over the length it had are its own; the sweep below
                 // detaches any other.
@@ -1008,6 +1048,75 @@ mod tests {
         assert_eq!(pe_range("/dev/a:0-1 /dev/b:0-1"), None);
         assert_eq!(pe_range("/dev/a:4-1"), None);
         assert_eq!(pe_range(""), None);
+    }
+
+    /// One row of a `pvs --segments` report as [`Lvm::pv_segments`] asks for it (4 MiB
+    /// extents, the PV's first extent at 1 MiB).
+    fn pvseg(
+        pv: &str,
+        vg: &str,
+        uuid: &str,
+        start: u64,
+        count: u64,
+        lv: &str,
+        size: u64,
+    ) -> String {
+        format!(
+            r#"{{"pv_name":"{pv}","pe_start":"1048576","pvseg_start":"{start}","pvseg_size":"{count}","vg_name":"{vg}","vg_uuid":"{uuid}","vg_extent_size":"4194304","lv_name":"{lv}","lv_size":"{size}","lv_tags":""}}"#
+        )
+    }
+
+    fn report(rows: &[String]) -> Vec<u8> {
+        format!(r#"{{"report":[{{"pvseg":[{}]}}]}}"#, rows.join(",")).into_bytes()
+    }
+
+    const MIB4: u64 = 4 << 20;
+
+    #[test]
+    fn a_volumes_region_is_exactly_its_extents_on_its_own_pv() {
+        let lvm = Lvm::with_device_mapper("pool", false).expect("name");
+        let lvs = lvm
+            .segments_of(&report(&[
+                pvseg("/dev/loop1", "pool", "U1", 0, 2, "volume-a", 2 * MIB4),
+                pvseg("/dev/loop1", "pool", "U1", 2, 3, "", 0),
+                pvseg("/dev/loop1", "pool", "U1", 5, 1, "[lvol0_pmspare]", MIB4),
+                // Another group: its LV of the same name and its PV are not the pool's.
+                pvseg("/dev/loop2", "other", "U2", 7, 2, "volume-a", 2 * MIB4),
+                pvseg("/dev/loop2", "other", "U2", 9, 1, "volume-b", MIB4),
+                // An LV of two runs, and one with a segment on no PV (a `zero` one): its
+                // run on the PV is not all of it.
+                pvseg("/dev/loop1", "pool", "U1", 6, 1, "volume-c", 2 * MIB4),
+                pvseg("/dev/loop1", "pool", "U1", 8, 1, "volume-c", 2 * MIB4),
+                pvseg("/dev/loop1", "pool", "U1", 10, 1, "volume-d", 3 * MIB4),
+            ]))
+            .expect("report");
+        assert_eq!(
+            lvs.keys().collect::<Vec<_>>(),
+            ["volume-a", "volume-c", "volume-d"]
+        );
+        let region = lvm.region("volume-a", &lvs["volume-a"]).expect("region");
+        assert_eq!(region.path, PathBuf::from("/dev/loop1"));
+        assert_eq!((region.offset, region.len), (1 << 20, 2 * MIB4));
+        for refused in ["volume-c", "volume-d"] {
+            let e = lvm.region(refused, &lvs[refused]).expect_err(refused);
+            assert!(matches!(e, DriverError::Unsupported(_)), "{refused}: {e}");
+        }
+    }
+
+    #[test]
+    fn two_volume_groups_of_the_pools_name_are_refused() {
+        let lvm = Lvm::with_device_mapper("pool", false).expect("name");
+        // A copy of the pool's disk attached: the same group name, another UUID.
+        let e = lvm
+            .segments_of(&report(&[
+                pvseg("/dev/loop1", "pool", "U1", 0, 2, "volume-a", 2 * MIB4),
+                pvseg("/dev/loop3", "pool", "U3", 0, 2, "volume-b", 2 * MIB4),
+            ]))
+            .expect_err("two groups of one name");
+        assert!(
+            matches!(&e, DriverError::Unavailable(m) if m.contains("several volume groups are named pool")),
+            "{e}"
+        );
     }
 
     #[test]
