@@ -782,15 +782,13 @@ pub fn plan(resolved: &Resolved, attached: &[AttachedVolume], running: bool) -> 
 }
 
 /// The change that brings a running guest's root disk `root` to its boot volume `want` (as
-/// it resolves now), if one does: a root disk read over NBD from another export than the one
-/// serving the volume now moves to that one (the volume grew, and its storage node serves it
-/// anew at its size), as [`plan`] moves a volume's disk; a local one the guest sees smaller
-/// than the volume is told its size. Nothing while the volume grows (it is moved or resized
-/// once grown), and a root disk is never plugged in or out.
+/// it resolves now), if one does, as [`plan`] changes a volume's disk already plugged in: a
+/// root disk read over NBD from another export than the one serving the volume now moves to
+/// that one (the volume grew, and its storage node serves it anew at its size); a local one
+/// the guest sees smaller than the volume is told its size, while the volume grows too (a
+/// file QEMU holds is grown by QEMU's resize, which its storage agent waits for). A root disk
+/// is never plugged in or out.
 pub fn plan_root(want: &Ready, root: &AttachedVolume) -> Option<Step> {
-    if want.growing.is_some() {
-        return None;
-    }
     if is_nbd(&root.path) || is_nbd(&want.path) {
         return (is_nbd(&root.path) && is_nbd(&want.path) && root.path != want.path).then(|| {
             Step::Move(VolumeDisk {
@@ -1367,17 +1365,21 @@ mod tests {
         // Moved, or not grown yet: nothing.
         assert_eq!(plan_root(&wanted(new, 2), &root(new, 2)), None);
         assert_eq!(plan_root(&wanted(old, 1), &root(old, 1)), None);
-        // Still growing on its storage node: nothing until it is served at its size.
-        let growing = Ready {
+        // Still growing on its storage node: served at its old size by the export the guest
+        // reads, so nothing until the grown one is served.
+        let growing = |path: &str| Ready {
             growing: Some("growing".into()),
-            ..wanted(new, 2)
+            ..wanted(path, 2)
         };
-        assert_eq!(plan_root(&growing, &root(old, 1)), None);
-        // On this node: the guest is told the new size; never shrunk.
-        assert_eq!(
-            plan_root(&wanted("/dev/loop3", 2), &root("/dev/loop3", 1)),
-            Some(Step::Resize(ROOT_DISK.into(), 2 << 30))
-        );
+        assert_eq!(plan_root(&growing(old), &root(old, 1)), None);
+        // On this node: the guest is told the new size, while the volume is still growing
+        // too (QEMU's resize grows a file it holds); never shrunk.
+        for want in [wanted("/dev/loop3", 2), growing("/dev/loop3")] {
+            assert_eq!(
+                plan_root(&want, &root("/dev/loop3", 1)),
+                Some(Step::Resize(ROOT_DISK.into(), 2 << 30))
+            );
+        }
         assert_eq!(
             plan_root(&wanted("/dev/loop3", 1), &root("/dev/loop3", 2)),
             None

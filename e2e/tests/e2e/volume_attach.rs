@@ -404,6 +404,13 @@ fn volumes_attach_to_real_guests_and_boot_them() -> Result<()> {
         blklist(node, &format!("stratus-{uid3}"))?.contains(&("vda".into(), root_path)),
         "the volume is the root disk"
     );
+    // Grown while its guest runs: the file QEMU holds grows by QEMU's resize, the guest's
+    // kernel sees its root disk at 2 GiB, and the volume says so.
+    patch("volume", "root", r#"{"spec":{"sizeGiB":2}}"#)?;
+    console(&uid3, "new size: 4194304", 1)?;
+    wait_for(cloud, "volume", "root", "volume root at 2 GiB", |v| {
+        v["status"]["sizeGiB"] == 2 && v["status"]["phase"] == "InUse"
+    })?;
 
     // Servers deleted: their volumes are released once their guests are gone, and then go.
     cloud.kubectl_ok(&[
