@@ -7,7 +7,8 @@
 //! guest sees the new size; it is detached (data kept, `attachedTo` released), grown and at
 //! once plugged in again while the guest runs, which sees it at its new size from the start
 //! (never at the old one, then growing); deleting it attached is refused, detached it goes. A
-//! volume made from the tiny image boots a server to its init. On an LVM pool without
+//! volume made from the tiny image boots a server to its init, and grows while the guest
+//! runs (its kernel sees the root disk's new size). On an LVM pool without
 //! device-mapper, an attached volume grows under its running guest when the extents after it
 //! are free, and waits to be detached, saying why, when they are not.
 
