@@ -794,9 +794,11 @@ pub fn plan_root(want: &Ready, root: &AttachedVolume) -> Option<Step> {
             Step::Move(VolumeDisk {
                 path: want.path.clone(),
                 target: ROOT_DISK.into(),
-                // As the domain is defined with it: no serial.
+                // As the domain is defined with it (the definition keeps this disk, and
+                // a fresh one is not written while its path stays): no serial, and not
+                // shareable, whatever the volume's multiAttach.
                 serial: String::new(),
-                shareable: want.shareable,
+                shareable: false,
             })
         });
     }
@@ -1361,6 +1363,16 @@ mod tests {
                 serial: String::new(),
                 shareable: false,
             }))
+        );
+        // A multi-attach boot volume's root disk too: defined as a fresh build defines it.
+        let shared = Ready {
+            shareable: true,
+            ..wanted(new, 2)
+        };
+        assert!(
+            matches!(plan_root(&shared, &root(old, 1)), Some(Step::Move(d)) if !d.shareable && d.serial.is_empty()),
+            "{:?}",
+            plan_root(&shared, &root(old, 1))
         );
         // Moved, or not grown yet: nothing.
         assert_eq!(plan_root(&wanted(new, 2), &root(new, 2)), None);
