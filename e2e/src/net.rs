@@ -215,6 +215,8 @@ pub fn network_agent(node: &str, kubeconfig: &Path, state: &Path, args: &[&str])
             .arg("--state-dir")
             .arg(state)
             .args(["--network-namespace", node, "--network-resync-seconds", "1"])
+            // Every converge's duration and every change watched, for a failure's context.
+            .env("STRATUS_LOG", "info,stratus_network_agent=debug")
             .args(args),
         &state.join("agent.log"),
     )
@@ -319,6 +321,23 @@ impl Switch {
         Self {
             dir: state.join("network/ovs"),
         }
+    }
+
+    /// The last `lines` lines of each of the switch's daemons' logs (what they said of
+    /// stalls: "Unreasonably long … poll interval", revalidator warnings), for a failure's
+    /// context.
+    pub fn daemon_logs(&self, lines: usize) -> String {
+        ["ovs-vswitchd", "ovsdb-server"]
+            .iter()
+            .map(|d| {
+                let text =
+                    std::fs::read_to_string(self.dir.join(format!("{d}.log"))).unwrap_or_default();
+                let all: Vec<&str> = text.lines().collect();
+                let tail = all[all.len().saturating_sub(lines)..].join("\n");
+                format!("{d}.log (last {lines} lines):\n{tail}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Runs `ovs-vsctl` on this switch's database; its output.

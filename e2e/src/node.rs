@@ -164,7 +164,10 @@ impl Node {
                 .arg("--state-dir")
                 .arg(self.dir.path().join("state"))
                 .args(args)
-                .env("STRATUS_LOG", "info,stratus_agents=debug"),
+                .env(
+                    "STRATUS_LOG",
+                    "info,stratus_agents=debug,stratus_network_agent=debug",
+                ),
             &self.dir.path().join("agent.log"),
         )?);
         Ok(())

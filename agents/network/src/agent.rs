@@ -758,6 +758,14 @@ where
             reflector::reflector(writer, watcher(api, cfg).default_backoff()).for_each(move |ev| {
                 match ev {
                     Ok(watcher::Event::InitDone) => flag.store(true, Ordering::Release),
+                    Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => {
+                        tracing::debug!(
+                            kind = %K::kind(&()),
+                            name = o.meta().name.as_deref().unwrap_or_default(),
+                            version = o.meta().resource_version.as_deref().unwrap_or_default(),
+                            "watched a change"
+                        );
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         tracing::debug!(kind = %K::kind(&()), error = %e, "watch failed; retrying");
@@ -1144,6 +1152,7 @@ pub async fn run(client: Client, host: Host, config: Config) {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = Arc::clone(&stop);
         let span = tracing::info_span!("converge", node = %node, resync);
+        let began = std::time::Instant::now();
         let mut enf = enforced.take();
         let mut job = tokio::task::spawn_blocking(move || {
             let _g = span.enter();
@@ -1213,6 +1222,7 @@ pub async fn run(client: Client, host: Host, config: Config) {
             }
         };
         give_way.done(resync);
+        tracing::debug!(resync, took = ?began.elapsed(), steps = report.steps.len(), "converge ended");
         if !report.steps.is_empty() {
             tracing::info!(
                 steps = report.steps.len(),

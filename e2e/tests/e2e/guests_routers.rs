@@ -84,6 +84,7 @@ impl Rig {
         self.nodes
             .iter()
             .map(|n| format!("agent of {}:\n{}", n.name, n.agent_log()))
+            .chain(self.switches.iter().map(|s| s.daemon_logs(60)))
             .collect::<Vec<_>>()
             .join("\n----\n")
     }
@@ -489,8 +490,16 @@ fn routed_guests(variant: &str, datapaths: [Datapath; 2]) -> Result<()> {
     eprintln!(
         "{variant}: the probe joined clients: first echo answered {let_in:?} after the write; left: last answered {cut:?} after"
     );
-    ensure!(let_in <= AT_ONCE, "let in {let_in:?} after joining");
-    ensure!(cut <= AT_ONCE, "still answered {cut:?} after leaving");
+    ensure!(
+        let_in <= AT_ONCE,
+        "let in {let_in:?} after joining\n{}",
+        rig.logs()
+    );
+    ensure!(
+        cut <= AT_ONCE,
+        "still answered {cut:?} after leaving\n{}",
+        rig.logs()
+    );
 
     // The real guest s: kept out, let in as a member, kept out again once it leaves.
     let s_node = &rig.nodes[b];

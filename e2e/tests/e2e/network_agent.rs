@@ -667,9 +667,26 @@ spec: {{network: net}}
     );
     for (what, took) in [("removed", &stopped), ("added", &started)] {
         for (t, (from, to)) in took.iter().zip(&pairs) {
+            // What the agents (every converge's duration, every change they watched) and the
+            // switches said, to tell a late agent from a late datapath.
+            let context = || {
+                let switches = nodes
+                    .iter()
+                    .filter_map(|n| {
+                        Some(format!(
+                            "{}: {}",
+                            n.name,
+                            n.switch.as_ref()?.daemon_logs(60)
+                        ))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                format!("{}\n{switches}", logs())
+            };
             assert!(
                 *t <= WITHIN,
-                "{datapaths:?}: the rule {what}, {from} to {to} changed after {t:?}"
+                "{datapaths:?}: the rule {what}, {from} to {to} changed after {t:?}\n{}",
+                context()
             );
         }
     }

@@ -95,6 +95,54 @@ fn run(mut cmd: Command, what: &str, stdin: Option<&str>) -> Result<String, OvsE
     })
 }
 
+/// How long one command on a daemon's control socket may take.
+const UNIXCTL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Command `method` with `params` on the control socket `ctl` of an OVS daemon, as
+/// `ovs-appctl` sends it (one JSON-RPC request; the reply's `result` is what `ovs-appctl`
+/// prints, its `error` what it says on failure).
+///
+/// # Errors
+/// The socket could not be reached or did not answer within [`UNIXCTL_TIMEOUT`], the
+/// daemon said the command failed (`Command`), or its reply was not JSON-RPC.
+pub fn unixctl(ctl: &Path, method: &str, params: &[&str]) -> Result<String, OvsError> {
+    use std::os::unix::net::UnixStream;
+    let what = format!("{method} on {}", ctl.display());
+    let mut stream = UnixStream::connect(ctl).map_err(io(format!("connect for {what}")))?;
+    stream
+        .set_read_timeout(Some(UNIXCTL_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(UNIXCTL_TIMEOUT)))
+        .map_err(io(format!("time out {what}")))?;
+    let request = serde_json::json!({"method": method, "params": params, "id": 0});
+    serde_json::to_writer(&mut stream, &request)
+        .map_err(|e| io(format!("send {what}"))(std::io::Error::from(e)))?;
+    let reply: serde_json::Value =
+        serde_json::Deserializer::from_reader(std::io::BufReader::new(&stream))
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| {
+                Err(serde_json::Error::io(
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ))
+            })
+            .map_err(|e| io(format!("read the reply to {what}"))(std::io::Error::from(e)))?;
+    match (reply.get("error"), reply.get("result")) {
+        (Some(e), _) if !e.is_null() => Err(OvsError::Command {
+            what,
+            stderr: e
+                .as_str()
+                .map_or_else(|| e.to_string(), str::to_owned)
+                .trim()
+                .to_owned(),
+        }),
+        (_, Some(serde_json::Value::String(r))) => Ok(r.clone()),
+        _ => Err(OvsError::Parse {
+            what,
+            detail: format!("not a JSON-RPC reply: {reply}"),
+        }),
+    }
+}
+
 /// The command-line tools of one switch: its database socket and the directory holding its
 /// bridges' management sockets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,22 +207,25 @@ impl Ovs {
         run(c, "ovs-vsctl", None)
     }
 
-    /// `ovs-appctl -t <ovs-vswitchd's control socket> ARGS`: the one in the run directory
-    /// (a switch of Stratus's own, [`OvsDaemon`]), else the one its pid file names (the
-    /// system's).
+    /// What `ovs-appctl -t <ovs-vswitchd's control socket> ARGS` prints. A switch of
+    /// Stratus's own ([`OvsDaemon`]) has its socket in the run directory and is asked on it
+    /// directly ([`unixctl`]: no process per call, which the agent's forgetting of
+    /// connections makes one per connection); the system's, whose socket its pid file
+    /// names, through `ovs-appctl`.
     ///
     /// # Errors
     /// It could not run, or failed.
     pub fn appctl(&self, args: &[&str]) -> Result<String, OvsError> {
         let ctl = self.rundir.join("ovs-vswitchd.ctl");
-        let mut c = Command::new("ovs-appctl");
-        c.env("OVS_RUNDIR", &self.rundir).arg("-t");
-        if ctl.exists() {
-            c.arg(ctl);
-        } else {
-            c.arg("ovs-vswitchd");
+        if ctl.exists()
+            && let Some((method, params)) = args.split_first()
+        {
+            return unixctl(&ctl, method, params);
         }
-        c.args(args);
+        let mut c = Command::new("ovs-appctl");
+        c.env("OVS_RUNDIR", &self.rundir)
+            .args(["-t", "ovs-vswitchd"])
+            .args(args);
         run(c, "ovs-appctl", None)
     }
 

@@ -27,7 +27,7 @@ use super::host_tests::{lease, ping, pings, root, run_in, unique};
 use super::netlink::NetlinkLinks;
 use super::nft::NftFirewall;
 use super::ovs::{INTEGRATION_BRIDGE, OvsLinks, attach_underlay};
-use super::ovs_daemon::{Ovs, OvsDaemon};
+use super::ovs_daemon::{Ovs, OvsDaemon, OvsError};
 use super::ovs_firewall::OvsFirewall;
 use super::ovs_flows::{self, KIND_NETWORK, KIND_PORT};
 use super::{Dhcp, Firewall, IfName, Links, Name, Netns, VethSpec};
@@ -101,6 +101,101 @@ fn ovs_links_pass_the_conformance_suite() {
         !daemon.running(),
         "the node's switch stops with its namespace"
     );
+}
+
+/// Commands on the switch's control socket answer as `ovs-appctl` prints them, a failed
+/// one says why as `ovs-appctl` does (the "no such connection" that forgetting a connection
+/// already gone relies on), and a socket nobody serves is an error, not a hang.
+#[test]
+fn the_switchs_control_socket_answers_as_ovs_appctl_does() {
+    if !root() {
+        return;
+    }
+    let prefix = unique();
+    let dir = tempfile::tempdir().expect("dir");
+    let a = name(format!("{prefix}-a"));
+    let daemon = OvsDaemon::new(Netns::Named(a.clone()), dir.path().join("ovs"));
+    let _cleanup = Cleanup {
+        daemons: vec![daemon.clone()],
+        dhcp: vec![],
+        namespaces: vec![a.clone()],
+        _dir: None,
+    };
+    NetlinkLinks::new().add_netns(&a).expect("netns");
+    daemon.start().expect("switch");
+    // A bridge, so that the userspace datapath (whose connections dpctl reads) exists.
+    daemon
+        .ovs()
+        .vsctl(&[
+            "add-br",
+            INTEGRATION_BRIDGE,
+            "--",
+            "set",
+            "Bridge",
+            INTEGRATION_BRIDGE,
+            "datapath_type=netdev",
+        ])
+        .expect("bridge");
+    let ctl = dir.path().join("ovs/ovs-vswitchd.ctl");
+    let appctl = |args: &[&str]| {
+        let out = std::process::Command::new("ovs-appctl")
+            .arg("-t")
+            .arg(&ctl)
+            .args(args)
+            .output()
+            .expect("ovs-appctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for args in [
+        &["version"][..],
+        &["dpctl/dump-conntrack", "zone=7"],
+        &["dpctl/dump-flows"],
+    ] {
+        let (ok, printed, _) = appctl(args);
+        assert!(ok, "ovs-appctl {args:?}");
+        assert_eq!(
+            daemon.ovs().appctl(args).expect("answer"),
+            printed,
+            "{args:?}"
+        );
+    }
+    let gone = [
+        "dpctl/flush-conntrack",
+        "zone=7",
+        "ct_nw_src=10.9.9.9,ct_nw_dst=10.9.9.8,ct_nw_proto=1,icmp_id=7,icmp_type=8,icmp_code=0",
+    ];
+    let (ok, _, said) = appctl(&gone);
+    assert!(
+        !ok && said.contains("(No such file or directory)"),
+        "{said}"
+    );
+    match daemon.ovs().appctl(&gone) {
+        Err(OvsError::Command { stderr, .. }) => {
+            assert!(
+                said.contains(&stderr),
+                "{stderr:?} is not what ovs-appctl said: {said}"
+            );
+            assert!(stderr.contains("(No such file or directory)"), "{stderr}");
+        }
+        other => panic!("flushing a connection that is not there: {other:?}"),
+    }
+    match daemon.ovs().appctl(&["no-such-command"]) {
+        Err(OvsError::Command { stderr, .. }) => {
+            assert!(stderr.contains("is not a valid command"), "{stderr}");
+        }
+        other => panic!("an unknown command: {other:?}"),
+    }
+    // A socket file left by a daemon that is gone.
+    let stale = dir.path().join("stale.ctl");
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+    assert!(matches!(
+        super::ovs_daemon::unixctl(&stale, "version", &[]),
+        Err(OvsError::Io { .. })
+    ));
 }
 
 /// The flows of the switch, cookies and all, without counters.
