@@ -242,12 +242,13 @@ fn map(v: &Value) -> BTreeMap<String, String> {
 
 fn parse_error(detail: impl Into<String>) -> LinkError {
     ovs_err(OvsError::Parse {
-        what: "ovs-vsctl list".into(),
+        what: "the switch's database".into(),
         detail: detail.into(),
     })
 }
 
 /// The rows of one table of `ovs-vsctl --format=json list` output.
+#[cfg(test)]
 fn rows(line: &str) -> Result<Vec<Vec<Value>>, LinkError> {
     let v: Value = serde_json::from_str(line).map_err(|e| parse_error(e.to_string()))?;
     let data = v
@@ -257,14 +258,46 @@ fn rows(line: &str) -> Result<Vec<Vec<Value>>, LinkError> {
     Ok(data.iter().filter_map(|r| r.as_array().cloned()).collect())
 }
 
+/// The columns of the database that the switch's state is read from, per table.
+const IFACE_COLUMNS: [&str; 4] = ["name", "ofport", "options", "external_ids"];
+/// See [`IFACE_COLUMNS`].
+const BRIDGE_COLUMNS: [&str; 2] = ["name", "external_ids"];
+
+/// The rows of a `select` operation's result, each its `columns` in that order.
+fn selected(result: &Value, columns: &[&str]) -> Result<Vec<Vec<Value>>, LinkError> {
+    let rows = result
+        .get("rows")
+        .and_then(Value::as_array)
+        .ok_or_else(|| parse_error("no rows"))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            columns
+                .iter()
+                .map(|c| r.get(*c).cloned().unwrap_or(Value::Null))
+                .collect()
+        })
+        .collect())
+}
+
 impl State {
+    /// From `ovs-vsctl --format=json` listing [`IFACE_COLUMNS`] of `Interface`, then
+    /// [`BRIDGE_COLUMNS`] of `Bridge`.
+    #[cfg(test)]
     fn parse(out: &str) -> Result<Self, LinkError> {
         let mut lines = out.lines().filter(|l| !l.trim().is_empty());
         let (Some(ifaces), Some(bridges)) = (lines.next(), lines.next()) else {
             return Err(parse_error("expected two tables"));
         };
+        Self::of_rows(rows(ifaces)?, rows(bridges)?)
+    }
+
+    /// From the rows of `Interface` ([`IFACE_COLUMNS`]) and `Bridge` ([`BRIDGE_COLUMNS`]),
+    /// values in OVSDB's JSON (a map as `["map", [[k, v], …]]`, an empty optional value as
+    /// `["set", []]`).
+    fn of_rows(ifaces: Vec<Vec<Value>>, bridges: Vec<Vec<Value>>) -> Result<Self, LinkError> {
         let mut s = State::default();
-        for r in rows(ifaces)? {
+        for r in ifaces {
             let [name, ofport, options, ext] = r.as_slice() else {
                 return Err(parse_error("interface row"));
             };
@@ -297,7 +330,7 @@ impl State {
                 .filter(|p| *p > 0 && *p < 0xff00);
             s.ifaces.insert(name.to_owned(), Iface { role, ofport });
         }
-        for r in rows(bridges)? {
+        for r in bridges {
             let [name, ext] = r.as_slice() else {
                 return Err(parse_error("bridge row"));
             };
@@ -714,22 +747,21 @@ impl OvsLinks {
         Ok(s)
     }
 
+    /// The database read on its socket (no process per read: the agent reads it every
+    /// converge).
     fn read_now(&self) -> Result<State, LinkError> {
-        let out = self
+        let select = |table: &str, columns: &[&str]| serde_json::json!({"op": "select", "table": table, "where": [], "columns": columns});
+        let results = self
             .ovs
-            .vsctl_no_wait(&[
-                "--format=json",
-                "--",
-                "--columns=name,ofport,options,external_ids",
-                "list",
-                "Interface",
-                "--",
-                "--columns=name,external_ids",
-                "list",
-                "Bridge",
+            .transact(vec![
+                select("Interface", &IFACE_COLUMNS),
+                select("Bridge", &BRIDGE_COLUMNS),
             ])
             .map_err(ovs_err)?;
-        State::parse(&out)
+        State::of_rows(
+            selected(&results[0], &IFACE_COLUMNS)?,
+            selected(&results[1], &BRIDGE_COLUMNS)?,
+        )
     }
 
     /// The owned flows installed: dumped now, or in a batch as last dumped or written.
@@ -946,49 +978,36 @@ impl OvsLinks {
         }
         let s = self.state(&self.netns)?;
         let want = firewall.map(FirewallState::keys).unwrap_or_default();
-        let mut commands: Vec<Vec<String>> = Vec::new();
-        let mut push = |args: Vec<String>| commands.push(args);
-        // The marker last, so that a firewall half written reads as none.
-        let mut marker = None;
-        for (k, v) in &want {
-            if s.firewall_keys.get(k) == Some(v) {
-                continue;
+        // The keys that change or go are deleted and the changed ones inserted again, in one
+        // transaction on the database's socket: a firewall is never read half written.
+        let stale: Vec<&String> = s
+            .firewall_keys
+            .iter()
+            .filter(|(k, v)| want.get(*k) != Some(*v))
+            .map(|(k, _)| k)
+            .collect();
+        let fresh: Vec<[&String; 2]> = want
+            .iter()
+            .filter(|(k, v)| s.firewall_keys.get(*k) != Some(*v))
+            .map(|(k, v)| [k, v])
+            .collect();
+        if !stale.is_empty() || !fresh.is_empty() {
+            let op = serde_json::json!({
+                "op": "mutate",
+                "table": "Bridge",
+                "where": [["name", "==", INTEGRATION_BRIDGE]],
+                "mutations": [
+                    ["external_ids", "delete", ["set", stale]],
+                    ["external_ids", "insert", ["map", fresh]],
+                ],
+            });
+            let done = self.ovs.transact(vec![op]).map_err(ovs_err)?;
+            if done[0].get("count").and_then(Value::as_u64) != Some(1) {
+                return Err(ovs_err(OvsError::Command {
+                    what: "write the firewall".into(),
+                    stderr: format!("no bridge {INTEGRATION_BRIDGE}"),
+                }));
             }
-            let args = vec![
-                "--".into(),
-                "br-set-external-id".into(),
-                INTEGRATION_BRIDGE.into(),
-                k.clone(),
-                v.clone(),
-            ];
-            if k == FIREWALL_KEY {
-                marker = Some(args);
-            } else {
-                push(args);
-            }
-        }
-        // Removed first of all when the firewall goes.
-        if firewall.is_none() && s.firewall_keys.contains_key(FIREWALL_KEY) {
-            self.write_no_wait(&["br-set-external-id", INTEGRATION_BRIDGE, FIREWALL_KEY])
-                .map_err(ovs_err)?;
-        }
-        for k in s.firewall_keys.keys().filter(|k| !want.contains_key(*k)) {
-            if k != FIREWALL_KEY {
-                push(vec![
-                    "--".into(),
-                    "br-set-external-id".into(),
-                    INTEGRATION_BRIDGE.into(),
-                    k.clone(),
-                ]);
-            }
-        }
-        let mut batches = batched(commands);
-        if let Some(m) = marker {
-            batches.push(m);
-        }
-        for b in batches.iter().filter(|b| !b.is_empty()) {
-            let args: Vec<&str> = b.iter().map(String::as_str).collect();
-            self.write_no_wait(&args).map_err(ovs_err)?;
         }
         // The switch as just written: only the firewall's keys changed (no second read of a
         // database that holds every port's filter).

@@ -3,7 +3,9 @@
 //! sockets, pid files and logs of their own in one directory (so several simulated nodes
 //! share a host), adopts the ones a previous agent left running, and stops them; [`Ovs`]
 //! runs `ovs-vsctl` and `ovs-ofctl` against one such switch (or the system's) as argument
-//! vectors.
+//! vectors, and speaks JSON-RPC on its sockets for what the agent does on every converge
+//! (reading the database, writing the firewall's keys, `ovs-appctl`'s commands), so that
+//! those cost no process each.
 //!
 //! Bridges are made with the userspace `netdev` datapath, which needs no kernel module.
 
@@ -98,25 +100,32 @@ fn run(mut cmd: Command, what: &str, stdin: Option<&str>) -> Result<String, OvsE
 /// How long one command on a daemon's control socket may take.
 const UNIXCTL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Command `method` with `params` on the control socket `ctl` of an OVS daemon, as
-/// `ovs-appctl` sends it (one JSON-RPC request; the reply's `result` is what `ovs-appctl`
-/// prints, its `error` what it says on failure).
+/// One JSON-RPC request `method` with `params` on the unix socket `path` (a daemon's control
+/// socket, or the database's), as OVS's own tools send it: the reply's `result`, or its
+/// `error` as `Command` (what the tools say on failure).
 ///
 /// # Errors
 /// The socket could not be reached or did not answer within [`UNIXCTL_TIMEOUT`], the
-/// daemon said the command failed (`Command`), or its reply was not JSON-RPC.
-pub fn unixctl(ctl: &Path, method: &str, params: &[&str]) -> Result<String, OvsError> {
+/// daemon said the request failed (`Command`), or its reply was not JSON-RPC.
+fn json_rpc(
+    path: &Path,
+    method: &str,
+    params: serde_json::Value,
+) -> Result<serde_json::Value, OvsError> {
     use std::os::unix::net::UnixStream;
-    let what = format!("{method} on {}", ctl.display());
-    let mut stream = UnixStream::connect(ctl).map_err(io(format!("connect for {what}")))?;
+    let what = format!("{method} on {}", path.display());
+    let json_err = |doing: &str| {
+        let f = io(format!("{doing} {what}"));
+        move |e: serde_json::Error| f(std::io::Error::from(e))
+    };
+    let mut stream = UnixStream::connect(path).map_err(io(format!("connect for {what}")))?;
     stream
         .set_read_timeout(Some(UNIXCTL_TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(UNIXCTL_TIMEOUT)))
         .map_err(io(format!("time out {what}")))?;
     let request = serde_json::json!({"method": method, "params": params, "id": 0});
-    serde_json::to_writer(&mut stream, &request)
-        .map_err(|e| io(format!("send {what}"))(std::io::Error::from(e)))?;
-    let reply: serde_json::Value =
+    serde_json::to_writer(&mut stream, &request).map_err(json_err("send"))?;
+    let mut reply: serde_json::Value =
         serde_json::Deserializer::from_reader(std::io::BufReader::new(&stream))
             .into_iter()
             .next()
@@ -125,9 +134,9 @@ pub fn unixctl(ctl: &Path, method: &str, params: &[&str]) -> Result<String, OvsE
                     std::io::ErrorKind::UnexpectedEof.into(),
                 ))
             })
-            .map_err(|e| io(format!("read the reply to {what}"))(std::io::Error::from(e)))?;
-    match (reply.get("error"), reply.get("result")) {
-        (Some(e), _) if !e.is_null() => Err(OvsError::Command {
+            .map_err(json_err("read the reply to"))?;
+    match reply.get("error") {
+        Some(e) if !e.is_null() => Err(OvsError::Command {
             what,
             stderr: e
                 .as_str()
@@ -135,10 +144,27 @@ pub fn unixctl(ctl: &Path, method: &str, params: &[&str]) -> Result<String, OvsE
                 .trim()
                 .to_owned(),
         }),
-        (_, Some(serde_json::Value::String(r))) => Ok(r.clone()),
-        _ => Err(OvsError::Parse {
-            what,
-            detail: format!("not a JSON-RPC reply: {reply}"),
+        _ => match reply.get_mut("result") {
+            Some(r) => Ok(r.take()),
+            None => Err(OvsError::Parse {
+                what,
+                detail: format!("not a JSON-RPC reply: {reply}"),
+            }),
+        },
+    }
+}
+
+/// Command `method` with `params` on the control socket `ctl` of an OVS daemon, as
+/// `ovs-appctl` sends it: what `ovs-appctl` prints, or on failure (`Command`) what it says.
+///
+/// # Errors
+/// See [`json_rpc`]; a result that is not text is `Parse`.
+pub fn unixctl(ctl: &Path, method: &str, params: &[&str]) -> Result<String, OvsError> {
+    match json_rpc(ctl, method, serde_json::json!(params))? {
+        serde_json::Value::String(r) => Ok(r),
+        other => Err(OvsError::Parse {
+            what: format!("{method} on {}", ctl.display()),
+            detail: format!("a result that is not text: {other}"),
         }),
     }
 }
@@ -166,6 +192,52 @@ impl Ovs {
     /// Its run directory.
     pub fn rundir(&self) -> &Path {
         &self.rundir
+    }
+
+    /// The operations `ops` (OVSDB's `select`, `mutate`, …) on its `Open_vSwitch` database
+    /// in one transaction over the database's socket, as `ovs-vsctl --no-wait` makes them
+    /// (no process per call): each operation's result, in order.
+    ///
+    /// # Errors
+    /// The database could not be reached, refused the transaction (`Command`, with its
+    /// error and details), or answered what is not a transaction's result.
+    pub fn transact(
+        &self,
+        ops: Vec<serde_json::Value>,
+    ) -> Result<Vec<serde_json::Value>, OvsError> {
+        let sock = self.rundir.join("db.sock");
+        let n = ops.len();
+        let mut params = vec![serde_json::json!("Open_vSwitch")];
+        params.extend(ops);
+        let what = format!("transact on {}", sock.display());
+        let results = match json_rpc(&sock, "transact", serde_json::Value::Array(params))? {
+            serde_json::Value::Array(r) => r,
+            other => {
+                return Err(OvsError::Parse {
+                    what,
+                    detail: format!("not a transaction's result: {other}"),
+                });
+            }
+        };
+        // A failed operation is an object with `error` among the results (and the ones
+        // after it are left out or null); the transaction then changed nothing.
+        if let Some(e) = results.iter().find_map(|r| r.get("error")) {
+            let details = results
+                .iter()
+                .find_map(|r| r.get("details").and_then(serde_json::Value::as_str))
+                .unwrap_or_default();
+            return Err(OvsError::Command {
+                what,
+                stderr: format!("{}: {details}", e.as_str().unwrap_or_default()),
+            });
+        }
+        if results.len() < n {
+            return Err(OvsError::Parse {
+                what,
+                detail: format!("{} results for {n} operations", results.len()),
+            });
+        }
+        Ok(results)
     }
 
     /// Whether its database answers.

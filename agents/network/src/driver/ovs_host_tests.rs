@@ -189,6 +189,23 @@ fn the_switchs_control_socket_answers_as_ovs_appctl_does() {
         }
         other => panic!("an unknown command: {other:?}"),
     }
+    // The database on its socket: what `ovs-vsctl` lists, and a refused transaction is an
+    // error that says why.
+    let rows = daemon
+        .ovs()
+        .transact(vec![
+            json!({"op": "select", "table": "Bridge", "where": [], "columns": ["name"]}),
+        ])
+        .expect("select");
+    assert_eq!(rows[0]["rows"], json!([{"name": INTEGRATION_BRIDGE}]));
+    match daemon.ovs().transact(vec![
+        json!({"op": "select", "table": "NoSuchTable", "where": []}),
+    ]) {
+        Err(OvsError::Command { stderr, .. }) => {
+            assert!(stderr.contains("NoSuchTable"), "{stderr}")
+        }
+        other => panic!("a select of a table that is not there: {other:?}"),
+    }
     // A socket file left by a daemon that is gone.
     let stale = dir.path().join("stale.ctl");
     drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
