@@ -80,21 +80,32 @@ impl Drop for Cleanup {
     }
 }
 
+/// The switch of node namespace `ns` (made by the caller or the suite), its files in a
+/// directory of its own; the guard stops it, deletes `ns` and the namespaces `also`, then
+/// removes the directory.
+fn lone_switch(ns: &Name, also: &[Name]) -> (OvsDaemon, Cleanup) {
+    let dir = tempfile::tempdir().expect("dir");
+    let daemon = OvsDaemon::new(Netns::Named(ns.clone()), dir.path().join("ovs"));
+    let cleanup = Cleanup {
+        daemons: vec![daemon.clone()],
+        dhcp: vec![],
+        namespaces: [ns.clone()]
+            .into_iter()
+            .chain(also.iter().cloned())
+            .collect(),
+        _dir: Some(dir),
+    };
+    (daemon, cleanup)
+}
+
 #[test]
 fn ovs_links_pass_the_conformance_suite() {
     if !root() {
         return;
     }
     let prefix = unique();
-    let dir = tempfile::tempdir().expect("dir");
     let a = name(format!("{prefix}-a"));
-    let daemon = OvsDaemon::new(Netns::Named(a.clone()), dir.path().join("ovs"));
-    let _cleanup = Cleanup {
-        daemons: vec![daemon.clone()],
-        dhcp: vec![],
-        namespaces: vec![a.clone(), name(format!("{prefix}-b"))],
-        _dir: None,
-    };
+    let (daemon, _cleanup) = lone_switch(&a, &[name(format!("{prefix}-b"))]);
     let l = OvsLinks::with_daemon(Netns::Named(a), daemon.clone());
     conformance::links(&l, &prefix);
     assert!(
@@ -111,32 +122,14 @@ fn the_switchs_control_socket_answers_as_ovs_appctl_does() {
     if !root() {
         return;
     }
-    let prefix = unique();
-    let dir = tempfile::tempdir().expect("dir");
-    let a = name(format!("{prefix}-a"));
-    let daemon = OvsDaemon::new(Netns::Named(a.clone()), dir.path().join("ovs"));
-    let _cleanup = Cleanup {
-        daemons: vec![daemon.clone()],
-        dhcp: vec![],
-        namespaces: vec![a.clone()],
-        _dir: None,
-    };
+    let a = name(format!("{}-a", unique()));
+    let (daemon, _cleanup) = lone_switch(&a, &[]);
     NetlinkLinks::new().add_netns(&a).expect("netns");
-    daemon.start().expect("switch");
-    // A bridge, so that the userspace datapath (whose connections dpctl reads) exists.
-    daemon
-        .ovs()
-        .vsctl(&[
-            "add-br",
-            INTEGRATION_BRIDGE,
-            "--",
-            "set",
-            "Bridge",
-            INTEGRATION_BRIDGE,
-            "datapath_type=netdev",
-        ])
-        .expect("bridge");
-    let ctl = dir.path().join("ovs/ovs-vswitchd.ctl");
+    // The switch started with its bridge (so that the userspace datapath, whose connections
+    // dpctl reads, exists), as the agent's first read of it does.
+    let links = OvsLinks::with_daemon(Netns::Named(a.clone()), daemon.clone());
+    assert_eq!(links.firewall().expect("switch"), None);
+    let ctl = daemon.ovs().rundir().join("ovs-vswitchd.ctl");
     let appctl = |args: &[&str]| {
         let out = std::process::Command::new("ovs-appctl")
             .arg("-t")
@@ -207,7 +200,7 @@ fn the_switchs_control_socket_answers_as_ovs_appctl_does() {
         other => panic!("a select of a table that is not there: {other:?}"),
     }
     // A socket file left by a daemon that is gone.
-    let stale = dir.path().join("stale.ctl");
+    let stale = daemon.ovs().rundir().join("stale.ctl");
     drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
     assert!(matches!(
         super::ovs_daemon::unixctl(&stale, "version", &[]),
@@ -847,15 +840,8 @@ fn ovs_links_pass_the_vlan_conformance_suite() {
         return;
     }
     let prefix = unique();
-    let dir = tempfile::tempdir().expect("dir");
     let v = name(format!("{prefix}-v"));
-    let daemon = OvsDaemon::new(Netns::Named(v.clone()), dir.path().join("ovs"));
-    let _cleanup = Cleanup {
-        daemons: vec![daemon.clone()],
-        dhcp: vec![],
-        namespaces: vec![v.clone()],
-        _dir: None,
-    };
+    let (daemon, _cleanup) = lone_switch(&v, &[]);
     conformance::vlans(&OvsLinks::with_daemon(Netns::Named(v), daemon), &prefix);
 }
 
