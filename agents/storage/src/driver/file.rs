@@ -280,6 +280,13 @@ impl Backend for FilePool {
             if let Err(clean) = Self::remove(&partial) {
                 tracing::warn!(volume = %name, error = %clean, "cannot remove a partial volume; the next start removes it");
             }
+            // A source deleted between the check above and the copy's opening it: the copy
+            // failed because the source is gone, which is what the caller is told.
+            if let Source::Copy(from) = source
+                && Self::size_of(&self.path(from))?.is_none()
+            {
+                return Err(DriverError::NotFound(from.to_string()));
+            }
             return Err(e);
         }
         let path = self.path(name);
