@@ -854,6 +854,33 @@ where
     }
 }
 
+/// The (project, network) and (project, security group) pairs the ports of `node` name, in
+/// either of the views of them: `local` (the node's own watch) and `networks` (its networks'
+/// watches, which may deliver a port's change first, or last).
+fn followed(
+    local: &[Arc<Port>],
+    networks: &[Arc<Port>],
+    node: &str,
+) -> (BTreeSet<(String, String)>, BTreeSet<(String, String)>) {
+    let (mut nets, mut groups) = (BTreeSet::new(), BTreeSet::new());
+    for p in local.iter().chain(networks) {
+        if p.status.as_ref().and_then(|s| s.hypervisor.as_deref()) != Some(node) {
+            continue;
+        }
+        let ns = p.namespace().unwrap_or_default();
+        nets.insert((ns.clone(), p.spec.network.clone()));
+        let named = p
+            .spec
+            .security_groups
+            .clone()
+            .unwrap_or_else(|| vec![crate::desired::DEFAULT_GROUP.to_owned()]);
+        for g in named {
+            groups.insert((ns.clone(), g));
+        }
+    }
+    (nets, groups)
+}
+
 /// The node's view of the API: its own ports and every Hypervisor, watched all the time; per
 /// network of its ports, that network, its subnets and its ports; per security group its
 /// ports name, that group.
@@ -905,23 +932,13 @@ impl Caches {
 
     /// Starts and stops the per-network and per-group watches for the node's ports now;
     /// whether every one of them has listed (or, when `patient`, been given up on).
+    ///
+    /// The node's ports are read from both watches that see them, its own and its networks'
+    /// (whichever delivered a change first), as [`snapshot`](Self::snapshot) merges them: a
+    /// port's new group seen first by its network's watch is waited for too, not read as a
+    /// group that does not exist (which would unwire the port until its own watch caught up).
     fn follow(&mut self, client: &Client, node: &str, notify: &Arc<Notify>, patient: bool) -> bool {
-        let (mut nets, mut groups) = (BTreeSet::new(), BTreeSet::new());
-        for p in self.local.store.state() {
-            if p.status.as_ref().and_then(|s| s.hypervisor.as_deref()) != Some(node) {
-                continue;
-            }
-            let ns = p.namespace().unwrap_or_default();
-            nets.insert((ns.clone(), p.spec.network.clone()));
-            let named = p
-                .spec
-                .security_groups
-                .clone()
-                .unwrap_or_else(|| vec![crate::desired::DEFAULT_GROUP.to_owned()]);
-            for g in named {
-                groups.insert((ns.clone(), g));
-            }
-        }
+        let (nets, groups) = followed(&self.local.store.state(), &self.ports.state(), node);
         let routers: BTreeSet<(String, String)> = self
             .routers
             .store
@@ -1653,6 +1670,38 @@ pub(crate) mod tests {
             }))
             .expect("port"),
         )
+    }
+
+    /// A port's new security group, seen first by its network's watch while the node's own
+    /// still holds the port as it was, is followed (its watch started and waited for)
+    /// before the node is converged: not read as a group that does not exist, which
+    /// unwired the port until the node's own watch caught up.
+    #[test]
+    fn a_group_a_port_names_in_either_view_of_it_is_followed() {
+        let before = port("p", "net", "n1", "", "10.0.0.5", None);
+        let mut after = Port::clone(&before);
+        after.spec.security_groups = Some(vec!["quiet".into(), "clients".into()]);
+        let elsewhere = port("q", "net", "n2", "", "10.0.0.6", None);
+        let (nets, groups) =
+            super::followed(&[Arc::clone(&before)], &[Arc::new(after), elsewhere], "n1");
+        let pair = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+        assert_eq!(nets, [pair("demo", "net")].into());
+        assert_eq!(
+            groups,
+            [
+                pair("demo", "clients"),
+                pair("demo", "default"),
+                pair("demo", "quiet")
+            ]
+            .into(),
+            "the group named by either view, and the default the other names"
+        );
+        // The other way round (the node's own watch first): the same.
+        let mut first = Port::clone(&before);
+        first.spec.security_groups = Some(vec!["clients".into()]);
+        let (_, groups) = super::followed(&[Arc::new(first)], &[before], "n1");
+        assert!(groups.contains(&pair("demo", "clients")));
+        assert!(groups.contains(&pair("demo", "default")));
     }
 
     pub(crate) fn hypervisor(name: &str, ip: &str) -> Arc<Hypervisor> {
