@@ -854,15 +854,14 @@ where
     }
 }
 
+/// (project, name) pairs: the networks or security groups a node's ports name.
+type Named = BTreeSet<(String, String)>;
+
 /// The (project, network) and (project, security group) pairs the ports of `node` name, in
 /// either of the views of them: `local` (the node's own watch) and `networks` (its networks'
 /// watches, which may deliver a port's change first, or last).
-fn followed(
-    local: &[Arc<Port>],
-    networks: &[Arc<Port>],
-    node: &str,
-) -> (BTreeSet<(String, String)>, BTreeSet<(String, String)>) {
-    let (mut nets, mut groups) = (BTreeSet::new(), BTreeSet::new());
+fn followed(local: &[Arc<Port>], networks: &[Arc<Port>], node: &str) -> (Named, Named) {
+    let (mut nets, mut groups) = (Named::new(), Named::new());
     for p in local.iter().chain(networks) {
         if p.status.as_ref().and_then(|s| s.hypervisor.as_deref()) != Some(node) {
             continue;
