@@ -1377,6 +1377,8 @@ pub async fn tcp(seconds: f64, rounds: usize, networks: usize) -> Result<()> {
     let g = [format!("nb{tag}-tg1"), format!("nb{tag}-tg2")];
     let rn = [format!("nb{tag}-r1"), format!("nb{tag}-r2")];
     let rg = [format!("nb{tag}-rg1"), format!("nb{tag}-rg2")];
+    let fln = [format!("nb{tag}-f1"), format!("nb{tag}-f2")];
+    let flg = [format!("nb{tag}-fg1"), format!("nb{tag}-fg2")];
     let dir = tempfile::tempdir()?;
     let dhcp = [dir.path().join("dhcp1"), dir.path().join("dhcp2")];
     let mut host = Cleanup::default();
@@ -1437,46 +1439,20 @@ pub async fn tcp(seconds: f64, rounds: usize, networks: usize) -> Result<()> {
         )?,
     ];
     all_active(&a, 2 * networks.max(1), Duration::from_secs(300)).await?;
-    // The reference: the same namespaces and devices, a bridge and VXLAN device by hand.
-    two_nodes(
-        &mut host,
-        [&rn[0], &rn[1]],
-        [&rg[0], &rg[1]],
-        "tport",
-        [&macs[0], &macs[1]],
-        mtu,
-    )?;
-    for (i, node) in rn.iter().enumerate() {
-        let peer = format!("192.0.2.{}", 2 - i);
-        ip_batch(
-            Some(node),
-            &format!(
-                "link add br0 mtu {mtu} type bridge\nlink add vx0 mtu {mtu} type vxlan id 7001 local 192.0.2.{} dstport 4789 nolearning\nlink set vx0 master br0 up\nlink set tport mtu {mtu} master br0 up\nlink set br0 up\n",
-                i + 1
-            ),
-            dir.path(),
+    // The references: the same namespaces and devices, a bridge and VXLAN device by hand;
+    // the second pair also carries the least filter that is stateful on both nodes.
+    for (nodes, guests, filter) in [(&rn, &rg, false), (&fln, &flg, true)] {
+        two_nodes(
+            &mut host,
+            [&nodes[0], &nodes[1]],
+            [&guests[0], &guests[1]],
+            "tport",
+            [&macs[0], &macs[1]],
+            mtu,
         )?;
-        let out = Command::new("bridge")
-            .args([
-                "-n",
-                node,
-                "fdb",
-                "append",
-                "00:00:00:00:00:00",
-                "dev",
-                "vx0",
-                "dst",
-                &peer,
-            ])
-            .output()
-            .context("run bridge")?;
-        ensure!(
-            out.status.success(),
-            "bridge fdb append: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        hand_built_overlay(nodes, mtu, filter, dir.path())?;
     }
-    for (i, guest) in g.iter().chain(rg.iter()).enumerate() {
+    for (i, guest) in g.iter().chain(&rg).chain(&flg).enumerate() {
         ip(&[
             "-n",
             guest,
@@ -1487,9 +1463,32 @@ pub async fn tcp(seconds: f64, rounds: usize, networks: usize) -> Result<()> {
             "eth0",
         ])?;
     }
-    // Both paths carry a short run before the measured ones (ARP, conntrack, FDB learnt).
+    let setups = [
+        (
+            "raw: hand-built bridge + VXLAN (nolearning, one flood entry), no filter".to_owned(),
+            &rg,
+        ),
+        (
+            format!(
+                "stateful floor: the same by hand + `nft -f` of only what a stateful filter needs on each node ({FLOOR_WHAT})"
+            ),
+            &flg,
+        ),
+        (
+            format!(
+                "Stratus: two agents' bridges, VXLAN, FDB and nft filter (conntrack zones, port chains{})",
+                if networks > 1 {
+                    format!("; {networks} networks with a port each on both nodes")
+                } else {
+                    String::new()
+                }
+            ),
+            &g,
+        ),
+    ];
+    // Every path carries a short run before the measured ones (ARP, conntrack, FDB learnt).
     let deadline = Instant::now() + Duration::from_secs(60);
-    for (src, dst) in [(&g[0], &g[1]), (&rg[0], &rg[1])] {
+    for (_, [src, dst]) in &setups {
         loop {
             match tcp_once(src, dst, addrs[1], 0.5) {
                 Ok(_) => break,
@@ -1501,35 +1500,24 @@ pub async fn tcp(seconds: f64, rounds: usize, networks: usize) -> Result<()> {
             }
         }
     }
-    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    // Each round runs the setups in another order (rotated), so that none is always first
+    // or last when the machine's load drifts.
+    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
     for round in 0..rounds {
-        let order = if round % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for stratus in order {
-            let (src, dst) = if stratus {
-                (&g[0], &g[1])
-            } else {
-                (&rg[0], &rg[1])
-            };
-            let (src, dst, to) = (src.clone(), dst.clone(), addrs[1]);
+        for k in 0..setups.len() {
+            let at = (k + round) % setups.len();
+            let [src, dst] = setups[at].1.clone();
+            let to = addrs[1];
             let gbps =
                 tokio::task::spawn_blocking(move || tcp_once(&src, &dst, to, seconds)).await??;
             eprintln!(
                 "round {round}: {} {gbps:.2} Gbit/s (load {})",
-                if stratus { "Stratus" } else { "raw" },
+                setups[at].0.split(':').next().unwrap_or_default(),
                 load()
             );
-            if stratus {
-                ours.push(gbps)
-            } else {
-                raw.push(gbps)
-            }
+            runs[at].push(gbps);
         }
     }
-    let (om, rm) = (median(ours.clone()), median(raw.clone()));
     let each = |v: &[f64]| {
         v.iter()
             .map(|x| format!("{x:.2}"))
@@ -1557,31 +1545,96 @@ pub async fn tcp(seconds: f64, rounds: usize, networks: usize) -> Result<()> {
         "| TCP, one stream, {seconds} s per run, MTU {mtu}, source on CPU {source_cpu}, sink on CPU {sink_cpu} | runs | median (Gbit/s) | middle half | min–max | each |"
     );
     println!("|---|---|---|---|---|---|");
-    println!(
-        "| raw: hand-built bridge + VXLAN (nolearning, one flood entry), no filter | {} | {rm:.2} | {} | {} |",
-        raw.len(),
-        spread(&raw),
-        each(&raw)
-    );
-    let busy = if networks > 1 {
-        format!("; {networks} networks with a port each on both nodes")
-    } else {
-        String::new()
-    };
-    println!(
-        "| Stratus: two agents' bridges, VXLAN, FDB and nft filter (conntrack zones, port chains{busy}) | {} | {om:.2} | {} | {} |",
-        ours.len(),
-        spread(&ours),
-        each(&ours)
-    );
+    for ((label, _), v) in setups.iter().zip(&runs) {
+        println!(
+            "| {label} | {} | {:.2} | {} | {} |",
+            v.len(),
+            median(v.clone()),
+            spread(v),
+            each(v)
+        );
+    }
     println!();
-    let ratios: Vec<f64> = ours.iter().zip(&raw).map(|(o, r)| o / r).collect();
-    println!(
-        "Stratus/raw (medians): {:.3}x; each round's ratio: median {:.3}x, middle half {}; load average at the end: {}",
-        om / rm,
-        median(ratios.clone()),
-        spread(&ratios).split(" | ").next().unwrap_or_default(),
-        load()
-    );
+    let (raw, floor, ours) = (&runs[0], &runs[1], &runs[2]);
+    for (what, a, b) in [
+        ("Stratus/raw", ours, raw),
+        ("floor/raw", floor, raw),
+        ("Stratus/floor", ours, floor),
+    ] {
+        let ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+        println!(
+            "{what} (medians): {:.3}x; each round's ratio: median {:.3}x, middle half {}",
+            median(a.clone()) / median(b.clone()),
+            median(ratios.clone()),
+            spread(&ratios).split(" | ").next().unwrap_or_default(),
+        );
+    }
+    println!("load average at the end: {}", load());
+    Ok(())
+}
+
+/// What the stateful floor's filter holds, for the report.
+const FLOOR_WHAT: &str = "a conntrack zone by bridge, the underlay's VXLAN untracked, `ct state established,related accept` and `ct state invalid drop` first in forward";
+
+/// The least filter that is stateful on a node of the hand-built overlay, as the agent's
+/// would be without its per-port rules and anti-spoofing: the frames of the bridge in a
+/// conntrack zone (raw priority, as the agent's), the underlay's VXLAN packets untracked,
+/// and replies accepted by their connection's state.
+const FLOOR_RULESET: &str = "table inet floor {
+  chain prerouting {
+    type filter hook prerouting priority raw; policy accept;
+    iifname \"br0\" ct zone set 1 accept
+    udp dport 4789 notrack
+  }
+  chain output {
+    type filter hook output priority raw; policy accept;
+    udp dport 4789 notrack
+  }
+  chain forward {
+    type filter hook forward priority filter; policy accept;
+    ct state established,related accept
+    ct state invalid drop
+  }
+}
+";
+
+/// A bridge `br0` and VXLAN device `vx0` on each of the two `nodes` of [`two_nodes`], by
+/// hand, with one flood entry to the other node; with `filter`, [`FLOOR_RULESET`] on both.
+fn hand_built_overlay(nodes: &[String; 2], mtu: u32, filter: bool, dir: &Path) -> Result<()> {
+    for (i, node) in nodes.iter().enumerate() {
+        let peer = format!("192.0.2.{}", 2 - i);
+        ip_batch(
+            Some(node),
+            &format!(
+                "link add br0 mtu {mtu} type bridge\nlink add vx0 mtu {mtu} type vxlan id 7001 local 192.0.2.{} dstport 4789 nolearning\nlink set vx0 master br0 up\nlink set tport mtu {mtu} master br0 up\nlink set br0 up\n",
+                i + 1
+            ),
+            dir,
+        )?;
+        let out = Command::new("bridge")
+            .args([
+                "-n",
+                node,
+                "fdb",
+                "append",
+                "00:00:00:00:00:00",
+                "dev",
+                "vx0",
+                "dst",
+                &peer,
+            ])
+            .output()
+            .context("run bridge")?;
+        ensure!(
+            out.status.success(),
+            "bridge fdb append: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        if filter {
+            let file = dir.join(format!("floor-{i}.nft"));
+            std::fs::write(&file, FLOOR_RULESET)?;
+            exec_in(node, "nft", &["-f", &file.to_string_lossy()])?;
+        }
+    }
     Ok(())
 }
